@@ -1,0 +1,1 @@
+"""Thin Temporal activities over the adapters; retry policies live in workflows/retry.py."""

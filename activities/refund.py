@@ -1,0 +1,159 @@
+"""Activities of the refund workflow.
+
+Each activity is idempotent: a retry after a crash finds what the first attempt wrote
+(reservation, decision, submission intent, ledger posting key) instead of acting twice.
+"""
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from adapters.providers.base import ProviderAdapter, ProviderDeclined, ProviderOutcomeUnknown
+from adapters.store import Store
+from domain.models import (
+    CaseEventInput,
+    LedgerInput,
+    LedgerResult,
+    PolicyDecision,
+    PolicyInput,
+    ProviderRefund,
+    SubmitInput,
+    ValidateInput,
+    ValidationResult,
+    VerifyInput,
+    VerifyResult,
+)
+from domain.policy import PolicyContext, RefundPolicy, decide
+
+log = logging.getLogger(__name__)
+
+DECLINED = "ProviderDeclined"
+OUTCOME_UNKNOWN = "ProviderOutcomeUnknown"
+
+
+class RefundActivities:
+    """Holds the process-wide store and provider clients the activities share."""
+
+    def __init__(self, store: Store, providers: Mapping[str, ProviderAdapter],
+                 policy: RefundPolicy) -> None:
+        self._store = store
+        self._providers = providers
+        self._policy = policy
+
+    def _provider(self, name: str) -> ProviderAdapter:
+        try:
+            return self._providers[name]
+        except KeyError:
+            raise ApplicationError(f"unknown provider {name!r}", type="UnknownProvider",
+                                   non_retryable=True) from None
+
+    @activity.defn(name="validate_refund")
+    async def validate_refund(self, inp: ValidateInput) -> ValidationResult:
+        """Checks the charge at the provider and takes the reservation in PostgreSQL.
+
+        Idempotent: a retry finds the reservation it already holds.
+        """
+        request = inp.request
+        if request.provider not in self._providers:
+            reason = f"unknown provider {request.provider!r}"
+            await self._store.reject_case(request.refund_request_id, reason)
+            return ValidationResult(ok=False, reason=reason)
+        charge = await self._provider(request.provider).get_charge(request.charge_id)
+        problem = None
+        if charge is None:
+            problem = f"charge {request.charge_id} not found at {request.provider}"
+        elif not charge.captured or charge.amount_captured <= 0:
+            problem = "charge is not captured"
+        elif charge.currency != request.currency:
+            problem = f"currency {request.currency} does not match the charge's {charge.currency}"
+        elif charge.merchant_account != request.merchant_account:
+            problem = "merchant account does not match the charge"
+        if problem is not None or charge is None:
+            reason = problem or "charge not found"
+            await self._store.reject_case(request.refund_request_id, reason)
+            return ValidationResult(ok=False, reason=reason)
+        return await self._store.reserve(request, charge)
+
+    @activity.defn(name="decide_policy")
+    async def decide_policy(self, inp: PolicyInput) -> PolicyDecision:
+        """Evaluates the deterministic policy and stores the decision with its rules."""
+        request = inp.request
+        prior = await self._store.prior_refunds(request.provider, request.charge_id,
+                                                request.refund_request_id)
+        captured = inp.validation.amount_captured or request.amount
+        context = PolicyContext(
+            prior_refund_count=len(prior),
+            prior_partial_refund=any(int(p["amount"]) < captured for p in prior),
+            is_partial=request.amount < captured,
+        )
+        decision = decide(self._policy, request, context)
+        await self._store.record_decision(request.refund_request_id, decision.model_dump(mode="json"))
+        return decision
+
+    @activity.defn(name="record_case_event")
+    async def record_case_event(self, inp: CaseEventInput) -> None:
+        """Moves the case's status and appends the audit row in one transaction."""
+        await self._store.record_case_event(inp)
+
+    @activity.defn(name="submit_provider_refund")
+    async def submit_provider_refund(self, inp: SubmitInput) -> ProviderRefund:
+        """Calls the provider once. If any earlier attempt started (a crash, a timeout),
+        it looks the refund up first and returns it instead of calling again."""
+        request = inp.request
+        provider = self._provider(request.provider)
+        case_id = request.refund_request_id
+        if await self._store.begin_submission(case_id, inp.idempotency_key):
+            found = await self._lookup(provider, inp)
+            if found is not None:
+                return found
+        try:
+            refund = await provider.create_refund(request, inp.idempotency_key)
+        except ProviderDeclined as exc:
+            await self._store.append_audit(case_id, f"provider:{provider.name}",
+                                           "provider_refund_declined", {"error": str(exc)})
+            raise ApplicationError(str(exc), type=DECLINED, non_retryable=True) from exc
+        except ProviderOutcomeUnknown as exc:
+            await self._store.append_audit(case_id, f"provider:{provider.name}",
+                                           "provider_outcome_unknown", {"error": str(exc)})
+            raise ApplicationError(str(exc), type=OUTCOME_UNKNOWN) from exc
+        await self._store.record_provider_refund(
+            case_id, refund, "provider_refund_created", {"idempotency_key": inp.idempotency_key})
+        return refund
+
+    async def _lookup(self, provider: ProviderAdapter, inp: SubmitInput) -> ProviderRefund | None:
+        try:
+            found = await provider.find_refund(inp.request)
+        except ProviderOutcomeUnknown as exc:
+            raise ApplicationError(f"lookup before resubmit failed: {exc}",
+                                   type=OUTCOME_UNKNOWN) from exc
+        if found is not None:
+            await self._store.record_provider_refund(
+                inp.request.refund_request_id, found, "provider_refund_found_before_resubmit")
+        return found
+
+    @activity.defn(name="verify_provider_refund")
+    async def verify_provider_refund(self, inp: VerifyInput) -> VerifyResult:
+        """Asks the provider whether our refund exists (the verify-state step)."""
+        request = inp.request
+        provider = self._provider(request.provider)
+        found = await provider.find_refund(request)
+        if found is None:
+            await self._store.append_audit(request.refund_request_id, "system", "verify_state",
+                                           {"found": False, "reason": inp.reason})
+        else:
+            await self._store.record_provider_refund(request.refund_request_id, found, "verify_state",
+                                                     {"found": True, "reason": inp.reason})
+        return VerifyResult(refund=found)
+
+    @activity.defn(name="post_ledger")
+    async def post_ledger(self, inp: LedgerInput) -> LedgerResult:
+        """Posts one balanced journal entry per posting key; retries find the first one."""
+        return await self._store.post_ledger(inp)
+
+    def all(self) -> list[Callable[..., Any]]:
+        """Every activity, for worker registration."""
+        return [self.validate_refund, self.decide_policy, self.record_case_event,
+                self.submit_provider_refund, self.verify_provider_refund, self.post_ledger]

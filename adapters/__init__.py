@@ -1,0 +1,1 @@
+"""I/O clients: PostgreSQL store, providers, settings. Imports only `domain` of ours."""

@@ -1,0 +1,69 @@
+"""Settings from the environment (`REFUNDS_*`, plus Temporal's own `TEMPORAL_*`).
+
+Only addresses, credentials and durations change between the embedded default and
+production; nothing here has a secret as its default.
+"""
+
+from datetime import timedelta
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from domain.models import RefundTimings
+
+
+class Settings(BaseSettings):
+    """Every knob of the product; unset addresses mean 'start the embedded one'."""
+
+    model_config = SettingsConfigDict(env_prefix="REFUNDS_", extra="ignore")
+
+    data_dir: Path = Path(".data")
+    bind_host: str = "127.0.0.1"
+    relay_port: int = 8000
+    sandbox_port: int = 8010
+    temporal_port: int = 7233
+    temporal_ui_port: int = 8233
+
+    temporal_address: str | None = Field(
+        default=None, validation_alias=AliasChoices("TEMPORAL_ADDRESS", "REFUNDS_TEMPORAL_ADDRESS")
+    )
+    temporal_namespace: str = Field(
+        default="default",
+        validation_alias=AliasChoices("TEMPORAL_NAMESPACE", "REFUNDS_TEMPORAL_NAMESPACE"),
+    )
+    temporal_ui_url: str | None = None
+    task_queue: str = "refunds"
+    database_url: SecretStr | None = None
+
+    relay_url: str | None = None
+    sandbox_api_base: str | None = None
+    sandbox_webhook_secret: SecretStr | None = None
+    sandbox_api_key: SecretStr | None = None
+
+    webhook_max_body_bytes: int = 256 * 1024
+    webhook_tolerance_seconds: int = 300
+
+    approval_timeout_seconds: float = 3 * 24 * 3600
+    submit_timeout_seconds: float = 30
+    status_poll_interval_seconds: float = 3600
+    late_failure_window_seconds: float = 10 * 24 * 3600
+    provider_http_timeout_seconds: float = 10
+
+    def timings(self) -> RefundTimings:
+        """The workflow's waits, handed to each new workflow in its input."""
+        return RefundTimings(
+            approval_timeout=timedelta(seconds=self.approval_timeout_seconds),
+            submit_timeout=timedelta(seconds=self.submit_timeout_seconds),
+            status_poll_interval=timedelta(seconds=self.status_poll_interval_seconds),
+            late_failure_window=timedelta(seconds=self.late_failure_window_seconds),
+        )
+
+    def relay_base_url(self) -> str:
+        return self.relay_url or f"http://{self.bind_host}:{self.relay_port}"
+
+    def sandbox_base_url(self) -> str:
+        return self.sandbox_api_base or f"http://{self.bind_host}:{self.sandbox_port}"
+
+    def temporal_target(self) -> str:
+        return self.temporal_address or f"{self.bind_host}:{self.temporal_port}"

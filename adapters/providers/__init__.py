@@ -1,0 +1,1 @@
+"""Payment provider adapters: API calls with idempotency keys, lookups, webhook parsing."""

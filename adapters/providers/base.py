@@ -1,0 +1,52 @@
+"""The provider adapter interface every provider implements, and its error vocabulary.
+
+Errors say what we know about the money: `ProviderOutcomeUnknown` means the refund may or
+may not exist (verify before retrying); `ProviderDeclined` means it certainly does not.
+"""
+
+from collections.abc import Mapping
+from typing import Protocol
+
+from domain.models import ChargeSnapshot, ProviderEvent, ProviderRefund, RefundRequest
+
+
+class ProviderError(Exception):
+    """Base of the errors adapters raise."""
+
+
+class ProviderOutcomeUnknown(ProviderError):
+    """Timeout, 5xx or dropped connection: the provider may have acted."""
+
+
+class ProviderDeclined(ProviderError):
+    """A definitive refusal (4xx): nothing was created."""
+
+
+class WebhookRejected(ProviderError):
+    """A delivery that must not act; `verdict` is the receipt verdict to store."""
+
+    def __init__(self, verdict: str, message: str, *, event_id: str | None = None,
+                 event_type: str | None = None) -> None:
+        super().__init__(message)
+        self.verdict = verdict
+        self.message = message
+        self.event_id = event_id
+        self.event_type = event_type
+
+
+class ProviderAdapter(Protocol):
+    """What the activities and the relay need from a provider."""
+
+    name: str
+
+    async def get_charge(self, charge_id: str) -> ChargeSnapshot | None:
+        """The charge as the provider sees it, or None when it does not exist."""
+
+    async def create_refund(self, request: RefundRequest, idempotency_key: str) -> ProviderRefund:
+        """Asks for the refund, carrying our idempotency key and our request id as reference."""
+
+    async def find_refund(self, request: RefundRequest) -> ProviderRefund | None:
+        """Looks the request's refund up by our reference (the verify-state step)."""
+
+    def parse_webhook(self, headers: Mapping[str, str], body: bytes, now: float) -> ProviderEvent:
+        """Verifies the signature and normalises the event; raises WebhookRejected."""

@@ -1,0 +1,424 @@
+"""PostgreSQL store: cases and reservations, receipts, ledger, audit, API tokens.
+
+Audit rows are written in the same transaction as the business rows they describe, so
+the trail can never disagree with the state (rocket-rides' pattern).
+"""
+
+import hashlib
+import json
+import secrets
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from importlib import resources
+from typing import Any
+
+from psycopg import AsyncConnection
+from psycopg.rows import DictRow, dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from domain.models import (
+    CaseEventInput,
+    CaseStatus,
+    ChargeSnapshot,
+    LedgerInput,
+    LedgerKind,
+    LedgerResult,
+    ProviderRefund,
+    RefundRequest,
+    ValidationResult,
+)
+
+Conn = AsyncConnection[DictRow]
+
+# Accounts per template: (debit account, credit account). Refunds reduce revenue and
+# the cash held at the provider; a reversal puts both back.
+LEDGER_TEMPLATES: dict[LedgerKind, tuple[str, str]] = {
+    LedgerKind.REFUND_SETTLED: ("refunds_contra_revenue", "provider_clearing"),
+    LedgerKind.REFUND_REVERSED: ("provider_clearing", "refunds_contra_revenue"),
+}
+
+
+class CaseCreation(StrEnum):
+    CREATED = "created"
+    IDENTICAL = "identical"
+    CONFLICT = "conflict"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller of the relay."""
+
+    user: str
+    roles: frozenset[str]
+
+
+@dataclass(frozen=True)
+class StoredReceipt:
+    """Where a delivery landed; a duplicate of an unprocessed first receipt must re-drive it."""
+
+    receipt_id: int
+    verdict: str
+    first_receipt_id: int | None
+    first_processed: bool = True
+
+
+def hash_token(token: str) -> str:
+    """Tokens are stored only as SHA-256: a leaked table grants nothing."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _json(value: Any) -> Jsonb:
+    return Jsonb(json.loads(json.dumps(value, default=str)))
+
+
+class Store:
+    """All SQL of the product; one instance per process, backed by a connection pool."""
+
+    def __init__(self, pool: AsyncConnectionPool[Conn]) -> None:
+        self._pool = pool
+
+    @classmethod
+    async def open(cls, dsn: str, *, min_size: int = 1, max_size: int = 10) -> "Store":
+        pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
+            dsn, min_size=min_size, max_size=max_size, open=False,
+            kwargs={"row_factory": dict_row, "autocommit": True},
+        )
+        await pool.open(wait=True, timeout=30)
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Conn]:
+        async with self._pool.connection() as conn, conn.transaction():
+            yield conn
+
+    # -- migrations -----------------------------------------------------------------
+
+    async def migrate(self) -> list[str]:
+        """Applies the packaged SQL files in name order, each once, under an advisory lock."""
+        files = sorted(
+            (f for f in resources.files("adapters.migrations").iterdir() if f.name.endswith(".sql")),
+            key=lambda f: f.name,
+        )
+        applied: list[str] = []
+        async with self.transaction() as conn:
+            await conn.execute("SELECT pg_advisory_xact_lock(727274)")
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version TEXT PRIMARY KEY,"
+                " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+            )
+            done = {r["version"] for r in await (await conn.execute(
+                "SELECT version FROM schema_migrations")).fetchall()}
+            for f in files:
+                version = f.name.removesuffix(".sql")
+                if version in done:
+                    continue
+                await conn.execute(f.read_text())
+                await conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
+                applied.append(version)
+        return applied
+
+    # -- audit ----------------------------------------------------------------------
+
+    @staticmethod
+    async def _audit(conn: Conn, case_id: str | None, actor: str, action: str,
+                     detail: dict[str, Any]) -> None:
+        await conn.execute(
+            "INSERT INTO audit_events (refund_request_id, actor, action, detail)"
+            " VALUES (%s, %s, %s, %s)",
+            (case_id, actor, action, _json(detail)),
+        )
+
+    async def append_audit(self, case_id: str | None, actor: str, action: str,
+                           detail: dict[str, Any]) -> None:
+        async with self.transaction() as conn:
+            await self._audit(conn, case_id, actor, action, detail)
+
+    async def audit_trail(self, case_id: str) -> list[dict[str, Any]]:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT id, occurred_at, actor, action, detail FROM audit_events"
+                " WHERE refund_request_id = %s ORDER BY id", (case_id,))
+            return list(await cur.fetchall())
+
+    # -- cases ----------------------------------------------------------------------
+
+    async def create_case(self, request: RefundRequest,
+                          requester: str) -> tuple[CaseCreation, dict[str, Any]]:
+        """Inserts the case once; a repeat is identical or a conflict, decided by params hash."""
+        params = request.params_hash()
+        async with self.transaction() as conn:
+            cur = await conn.execute(
+                "INSERT INTO refund_cases (refund_request_id, provider, charge_id, amount, currency,"
+                " merchant_account, reason, evidence, source, requester, params_hash, status)"
+                " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+                " ON CONFLICT (refund_request_id) DO NOTHING RETURNING *",
+                (request.refund_request_id, request.provider, request.charge_id, request.amount,
+                 request.currency, request.merchant_account, request.reason.value,
+                 _json(request.evidence), request.source.value, requester, params,
+                 CaseStatus.REQUESTED.value),
+            )
+            row = await cur.fetchone()
+            if row is not None:
+                await self._audit(conn, request.refund_request_id, requester, "request_received",
+                                  {"source": request.source.value, "params_hash": params,
+                                   "amount": request.amount, "currency": request.currency})
+                return CaseCreation.CREATED, row
+            cur = await conn.execute(
+                "SELECT * FROM refund_cases WHERE refund_request_id = %s", (request.refund_request_id,))
+            existing = await cur.fetchone()
+            assert existing is not None
+            same = existing["params_hash"] == params
+            await self._audit(conn, request.refund_request_id, requester,
+                              "request_repeated" if same else "request_conflict",
+                              {"source": request.source.value, "params_hash": params})
+            return (CaseCreation.IDENTICAL if same else CaseCreation.CONFLICT), existing
+
+    async def get_case(self, case_id: str) -> dict[str, Any] | None:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute("SELECT * FROM refund_cases WHERE refund_request_id = %s", (case_id,))
+            return await cur.fetchone()
+
+    async def case_by_provider_refund(self, provider: str, refund_id: str) -> dict[str, Any] | None:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT * FROM refund_cases WHERE provider = %s AND provider_refund_id = %s",
+                (provider, refund_id))
+            return await cur.fetchone()
+
+    async def reserve(self, request: RefundRequest, charge: ChargeSnapshot) -> ValidationResult:
+        """Takes the case's reservation against the charge, atomically with every other
+        entry point: remaining = captured - all reservations held on the charge."""
+        case_id = request.refund_request_id
+        async with self.transaction() as conn:
+            await conn.execute(
+                "INSERT INTO charges (provider, charge_id, currency, amount_captured)"
+                " VALUES (%s,%s,%s,%s) ON CONFLICT (provider, charge_id) DO UPDATE"
+                " SET amount_captured = EXCLUDED.amount_captured, updated_at = now()",
+                (charge.provider, charge.charge_id, charge.currency, charge.amount_captured))
+            await conn.execute(
+                "SELECT 1 FROM charges WHERE provider = %s AND charge_id = %s FOR UPDATE",
+                (charge.provider, charge.charge_id))
+            cur = await conn.execute(
+                "SELECT refund_request_id, reserved_amount FROM refund_cases"
+                " WHERE provider = %s AND charge_id = %s AND reserved_amount > 0",
+                (charge.provider, charge.charge_id))
+            holds = {r["refund_request_id"]: int(r["reserved_amount"]) for r in await cur.fetchall()}
+            prior = len([k for k in holds if k != case_id])
+            if case_id in holds:  # a retried activity: the reservation is already ours
+                remaining = charge.amount_captured - sum(holds.values()) + holds[case_id]
+                return ValidationResult(ok=True, remaining_before=remaining, prior_refund_count=prior,
+                                        amount_captured=charge.amount_captured)
+            remaining = charge.amount_captured - sum(holds.values())
+            if request.amount > remaining:
+                result = ValidationResult(
+                    ok=False, remaining_before=remaining, prior_refund_count=prior,
+                    amount_captured=charge.amount_captured,
+                    reason=f"amount {request.amount} exceeds remaining refundable {remaining}")
+                await self._set_status(conn, case_id, CaseStatus.REJECTED)
+                await self._audit(conn, case_id, "system", "validation_rejected", result.model_dump())
+                return result
+            await conn.execute(
+                "UPDATE refund_cases SET reserved_amount = %s, status = %s, updated_at = now()"
+                " WHERE refund_request_id = %s",
+                (request.amount, CaseStatus.VALIDATING.value, case_id))
+            result = ValidationResult(ok=True, remaining_before=remaining, prior_refund_count=prior,
+                                      amount_captured=charge.amount_captured)
+            await self._audit(conn, case_id, "system", "validation_passed",
+                              {**result.model_dump(), "reserved": request.amount})
+            return result
+
+    async def reject_case(self, case_id: str, reason: str) -> None:
+        async with self.transaction() as conn:
+            await self._set_status(conn, case_id, CaseStatus.REJECTED, release=True)
+            await self._audit(conn, case_id, "system", "validation_rejected", {"reason": reason})
+
+    async def prior_refunds(self, provider: str, charge_id: str, exclude: str) -> list[dict[str, Any]]:
+        """Refunds on the charge that hold money (reserved, pending or succeeded)."""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT refund_request_id, amount, status FROM refund_cases"
+                " WHERE provider = %s AND charge_id = %s AND refund_request_id <> %s"
+                " AND reserved_amount > 0", (provider, charge_id, exclude))
+            return list(await cur.fetchall())
+
+    @staticmethod
+    async def _set_status(conn: Conn, case_id: str, status: CaseStatus,
+                          release: bool = False) -> None:
+        await conn.execute(
+            "UPDATE refund_cases SET status = %s, updated_at = now(),"
+            " reserved_amount = CASE WHEN %s THEN 0 ELSE reserved_amount END"
+            " WHERE refund_request_id = %s", (status.value, release, case_id))
+
+    async def record_case_event(self, event: CaseEventInput) -> None:
+        async with self.transaction() as conn:
+            refund = event.provider_refund
+            if refund is not None:
+                await conn.execute(
+                    "UPDATE refund_cases SET provider_refund_id = %s, provider_status = %s,"
+                    " failure_reason = %s, updated_at = now() WHERE refund_request_id = %s",
+                    (refund.refund_id, refund.status.value, refund.failure_reason,
+                     event.refund_request_id))
+            if event.status is not None:
+                await self._set_status(conn, event.refund_request_id, event.status,
+                                       event.release_reservation)
+            await self._audit(conn, event.refund_request_id, event.actor, event.action,
+                              {**event.detail, **({"status": event.status.value} if event.status else {}),
+                               **({"reservation_released": True} if event.release_reservation else {})})
+
+    async def record_decision(self, case_id: str, decision: dict[str, Any]) -> None:
+        async with self.transaction() as conn:
+            await conn.execute(
+                "UPDATE refund_cases SET decision = %s, updated_at = now() WHERE refund_request_id = %s",
+                (_json(decision), case_id))
+            await self._audit(conn, case_id, "policy", "policy_decision", decision)
+
+    async def begin_submission(self, case_id: str, idempotency_key: str) -> bool:
+        """Records the intent to call the provider before the call; returns True when an
+        earlier attempt already started, so the caller must look before it leaps."""
+        async with self.transaction() as conn:
+            cur = await conn.execute(
+                "SELECT submission_started_at FROM refund_cases WHERE refund_request_id = %s FOR UPDATE",
+                (case_id,))
+            row = await cur.fetchone()
+            started = row is not None and row["submission_started_at"] is not None
+            if not started:
+                await conn.execute(
+                    "UPDATE refund_cases SET submission_started_at = now(), status = %s,"
+                    " updated_at = now() WHERE refund_request_id = %s",
+                    (CaseStatus.EXECUTING.value, case_id))
+            await self._audit(conn, case_id, "system", "provider_submit_started",
+                              {"idempotency_key": idempotency_key, "earlier_attempt": started})
+            return started
+
+    async def record_provider_refund(self, case_id: str, refund: ProviderRefund, action: str,
+                                     detail: dict[str, Any] | None = None) -> None:
+        """Stores what the provider reported for the case's refund, with its audit row."""
+        async with self.transaction() as conn:
+            await conn.execute(
+                "UPDATE refund_cases SET provider_refund_id = %s, provider_status = %s,"
+                " failure_reason = %s, updated_at = now() WHERE refund_request_id = %s",
+                (refund.refund_id, refund.status.value, refund.failure_reason, case_id))
+            await self._audit(conn, case_id, f"provider:{refund.provider}", action,
+                              {**refund.model_dump(mode="json"), **(detail or {})})
+
+    # -- ledger ---------------------------------------------------------------------
+
+    async def post_ledger(self, posting: LedgerInput) -> LedgerResult:
+        """Posts a balanced two-line entry once per posting key."""
+        key = posting.posting_key()
+        debit_account, credit_account = LEDGER_TEMPLATES[posting.kind]
+        async with self.transaction() as conn:
+            cur = await conn.execute(
+                "INSERT INTO ledger_entries (posting_key, refund_request_id, template)"
+                " VALUES (%s,%s,%s) ON CONFLICT (posting_key) DO NOTHING RETURNING id",
+                (key, posting.refund_request_id, posting.kind.value))
+            row = await cur.fetchone()
+            if row is None:
+                cur = await conn.execute("SELECT id FROM ledger_entries WHERE posting_key = %s", (key,))
+                existing = await cur.fetchone()
+                assert existing is not None
+                return LedgerResult(posting_key=key, entry_id=existing["id"], newly_posted=False)
+            entry_id = int(row["id"])
+            await conn.cursor().executemany(
+                "INSERT INTO ledger_lines (entry_id, account, debit, credit, currency)"
+                " VALUES (%s,%s,%s,%s,%s)",
+                [(entry_id, debit_account, posting.amount, 0, posting.currency),
+                 (entry_id, credit_account, 0, posting.amount, posting.currency)])
+            await self._audit(conn, posting.refund_request_id, "ledger", "ledger_posted",
+                              {"posting_key": key, "entry_id": entry_id,
+                               "template": posting.kind.value, "amount": posting.amount,
+                               "currency": posting.currency,
+                               "provider_refund_id": posting.provider_refund_id})
+            return LedgerResult(posting_key=key, entry_id=entry_id, newly_posted=True)
+
+    async def ledger_entries(self, case_id: str) -> list[dict[str, Any]]:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT e.posting_key, e.template, l.account, l.debit, l.credit, l.currency"
+                " FROM ledger_entries e JOIN ledger_lines l ON l.entry_id = e.id"
+                " WHERE e.refund_request_id = %s ORDER BY e.id, l.id", (case_id,))
+            return list(await cur.fetchall())
+
+    # -- webhook receipts -------------------------------------------------------------
+
+    async def store_receipt(self, *, provider: str, event_id: str | None, event_type: str | None,
+                            body: bytes | None, body_sha256: str, headers: dict[str, str],
+                            verdict: str, error: str | None) -> StoredReceipt:
+        """Stores every delivery; an accepted one passes the (provider, event_id) gate once,
+        later ones are recorded as duplicates of the first."""
+        async with self.transaction() as conn:
+            cur = await conn.execute(
+                "INSERT INTO webhook_receipts (provider, event_id, event_type, body, body_sha256,"
+                " headers, verdict, error) VALUES (%s,%s,%s,%s,%s,%s,%s,%s) RETURNING id",
+                (provider, event_id, event_type, body, body_sha256, _json(headers), verdict, error))
+            row = await cur.fetchone()
+            assert row is not None
+            receipt_id = int(row["id"])
+            if verdict != "accepted" or event_id is None:
+                return StoredReceipt(receipt_id, verdict, None)
+            cur = await conn.execute(
+                "INSERT INTO webhook_events (provider, event_id, first_receipt_id) VALUES (%s,%s,%s)"
+                " ON CONFLICT DO NOTHING RETURNING first_receipt_id", (provider, event_id, receipt_id))
+            if await cur.fetchone() is not None:
+                return StoredReceipt(receipt_id, "accepted", receipt_id)
+            cur = await conn.execute(
+                "SELECT r.id, r.processed_at FROM webhook_events e"
+                " JOIN webhook_receipts r ON r.id = e.first_receipt_id"
+                " WHERE e.provider = %s AND e.event_id = %s", (provider, event_id))
+            first = await cur.fetchone()
+            assert first is not None
+            await conn.execute(
+                "UPDATE webhook_receipts SET verdict = 'duplicate', processed_at = now() WHERE id = %s",
+                (receipt_id,))
+            return StoredReceipt(receipt_id, "duplicate", int(first["id"]),
+                                 first_processed=first["processed_at"] is not None)
+
+    async def mark_receipt_processed(self, receipt_id: int, workflow_id: str | None) -> None:
+        async with self.transaction() as conn:
+            await conn.execute(
+                "UPDATE webhook_receipts SET processed_at = now(), workflow_id = %s WHERE id = %s",
+                (workflow_id, receipt_id))
+
+    async def receipts(self, provider: str, event_id: str | None = None) -> list[dict[str, Any]]:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT id, provider, event_id, event_type, verdict, error, workflow_id, processed_at"
+                " FROM webhook_receipts WHERE provider = %s AND (%s::text IS NULL OR event_id = %s)"
+                " ORDER BY id", (provider, event_id, event_id))
+            return list(await cur.fetchall())
+
+    # -- tokens -----------------------------------------------------------------------
+
+    async def create_token(self, user: str, roles: Sequence[str], token: str | None = None) -> str:
+        """Makes a bearer token; only its hash is stored, the plaintext is shown once."""
+        plaintext = token or f"rfo_{secrets.token_urlsafe(32)}"
+        async with self.transaction() as conn:
+            await conn.execute(
+                "INSERT INTO api_tokens (user_name, roles, token_hash) VALUES (%s,%s,%s)"
+                " ON CONFLICT (token_hash) DO NOTHING",
+                (user, sorted(set(roles)), hash_token(plaintext)))
+            await self._audit(conn, None, "admin", "token_created",
+                              {"user": user, "roles": sorted(set(roles))})
+        return plaintext
+
+    async def authenticate(self, token: str) -> Principal | None:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT user_name, roles FROM api_tokens WHERE token_hash = %s AND revoked_at IS NULL",
+                (hash_token(token),))
+            row = await cur.fetchone()
+        return Principal(row["user_name"], frozenset(row["roles"])) if row else None
+
+    async def now(self) -> datetime:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute("SELECT now() AS now")
+            row = await cur.fetchone()
+            assert row is not None
+            return row["now"]  # type: ignore[no-any-return]

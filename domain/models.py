@@ -1,0 +1,337 @@
+"""The request, event and result models that cross workflow and activity boundaries.
+
+One input model and one result model per call, so fields can be added later without
+breaking running workflows (new fields always get defaults).
+"""
+
+import hashlib
+import json
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from domain.money import normalise_currency
+
+Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
+
+
+class Frozen(BaseModel):
+    """Immutable, strict-about-unknown-fields base for everything we pass around."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class RequestSource(StrEnum):
+    """Where a refund request entered the system (all entry points share one path)."""
+
+    API = "api"
+    CLI = "cli"
+    CONSOLE = "console"
+    TICKET = "ticket"
+    WEBHOOK = "webhook"
+
+
+class RefundReason(StrEnum):
+    """Reason codes; policy treats some as high risk."""
+
+    REQUESTED_BY_CUSTOMER = "requested_by_customer"
+    DUPLICATE = "duplicate"
+    FRAUDULENT = "fraudulent"
+    ITEM_NOT_RECEIVED = "item_not_received"
+    ITEM_DAMAGED = "item_damaged"
+    SERVICE_ISSUE = "service_issue"
+    OTHER = "other"
+
+
+class RefundRequest(Frozen):
+    """What a caller asks for. The requester is never part of it: it comes from auth."""
+
+    refund_request_id: Identifier
+    provider: Identifier
+    charge_id: Identifier
+    amount: int = Field(gt=0, description="integer minor units of `currency`")
+    currency: str = Field(min_length=3, max_length=3)
+    merchant_account: Identifier
+    reason: RefundReason
+    evidence: dict[str, str] = Field(default_factory=dict)
+    source: RequestSource = RequestSource.API
+
+    @field_validator("currency")
+    @classmethod
+    def _known_currency(cls, value: str) -> str:
+        return normalise_currency(value)
+
+    @field_validator("evidence")
+    @classmethod
+    def _bounded_evidence(cls, value: dict[str, str]) -> dict[str, str]:
+        if len(value) > 32 or any(len(k) > 64 or len(v) > 2000 for k, v in value.items()):
+            raise ValueError("evidence allows at most 32 fields, keys <= 64 and values <= 2000 chars")
+        return value
+
+    def params_hash(self) -> str:
+        """Binds the request id to its parameters: a repeat with other values is a conflict."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def idempotency_key(self) -> str:
+        """The provider idempotency key: derived from our id, never random, never reused."""
+        digest = hashlib.sha256(f"refund:{self.refund_request_id}".encode()).hexdigest()
+        return f"rfo_{digest[:40]}"
+
+
+class RefundTimings(Frozen):
+    """Durations the workflow waits for; settings, so tests can use seconds."""
+
+    approval_timeout: timedelta = timedelta(days=3)
+    submit_timeout: timedelta = timedelta(seconds=30)
+    status_poll_interval: timedelta = timedelta(hours=1)
+    late_failure_window: timedelta = timedelta(days=10)
+
+
+class CaseStatus(StrEnum):
+    """The refund case state machine (see the architecture notes)."""
+
+    REQUESTED = "requested"
+    VALIDATING = "validating"
+    REJECTED = "rejected"
+    AWAITING_APPROVAL = "awaiting_approval"
+    DENIED = "denied"
+    EXPIRED = "expired"
+    EXECUTING = "executing"
+    VERIFYING = "verifying"
+    PENDING = "pending"
+    REQUIRES_ACTION = "requires_action"
+    IN_REVIEW = "in_review"
+    SUCCEEDED = "succeeded"
+    REFUND_FAILED = "refund_failed"
+    REFUND_CANCELED = "refund_canceled"
+    TRACKING = "tracking"
+
+
+CLOSED_STATUSES = frozenset(
+    {CaseStatus.REJECTED, CaseStatus.DENIED, CaseStatus.EXPIRED, CaseStatus.REFUND_FAILED,
+     CaseStatus.REFUND_CANCELED}
+)
+
+
+class ProviderRefundStatus(StrEnum):
+    """Every provider's refund states map onto these six."""
+
+    PENDING = "pending"
+    REQUIRES_ACTION = "requires_action"
+    IN_REVIEW = "in_review"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+class ProviderRefund(Frozen):
+    """A refund as the provider reports it."""
+
+    provider: str
+    refund_id: str
+    charge_id: str
+    amount: int
+    currency: str
+    status: ProviderRefundStatus
+    raw_status: str
+    failure_reason: str | None = None
+    reference: str | None = Field(default=None, description="our refund_request_id, if set")
+
+
+class ChargeSnapshot(Frozen):
+    """What the provider says about a charge, for eligibility."""
+
+    provider: str
+    charge_id: str
+    currency: str
+    merchant_account: str
+    amount: int
+    amount_captured: int
+    captured: bool
+
+
+class EventKind(StrEnum):
+    """What a verified webhook means to us, whatever the provider called it."""
+
+    REFUND_REQUESTED = "refund_requested"
+    REFUND_STATUS = "refund_status"
+
+
+class ProviderEvent(Frozen):
+    """A verified, normalised webhook event (the canonical event model)."""
+
+    provider: str
+    event_id: str
+    event_type: str
+    kind: EventKind
+    body_sha256: str
+    occurred_at: datetime
+    refund_id: str | None = None
+    charge_id: str | None = None
+    refund_request_id: str | None = None
+    amount: int | None = None
+    currency: str | None = None
+    status: ProviderRefundStatus | None = None
+    raw_status: str | None = None
+    failure_reason: str | None = None
+    merchant_account: str | None = None
+    reason: RefundReason | None = None
+    request_object_id: str | None = Field(
+        default=None, description="the provider's id of a refund request object (kind=refund_requested)"
+    )
+    evidence: dict[str, str] = Field(default_factory=dict)
+
+    def as_refund(self) -> ProviderRefund | None:
+        """The refund this event reports, if it reports one completely."""
+        if self.kind is not EventKind.REFUND_STATUS or self.status is None:
+            return None
+        if self.refund_id is None or self.charge_id is None or self.amount is None:
+            return None
+        return ProviderRefund(
+            provider=self.provider, refund_id=self.refund_id, charge_id=self.charge_id,
+            amount=self.amount, currency=self.currency or "", status=self.status,
+            raw_status=self.raw_status or self.status.value, failure_reason=self.failure_reason,
+            reference=self.refund_request_id,
+        )
+
+
+class Decision(StrEnum):
+    APPROVE = "approve"
+    DENY = "deny"
+
+
+class ApprovalSignal(Frozen):
+    """An approver's verdict; identity and roles come from the relay's authentication."""
+
+    approver: str
+    roles: tuple[str, ...]
+    decision: Decision
+    reason: str = ""
+
+
+class RefundWorkflowInput(Frozen):
+    """Start input of RefundWorkflow (workflow id == request.refund_request_id)."""
+
+    request: RefundRequest
+    requester: str
+    timings: RefundTimings = RefundTimings()
+    task_queue: str | None = None
+
+
+class ValidateInput(Frozen):
+    request: RefundRequest
+
+
+class ValidationResult(Frozen):
+    ok: bool
+    reason: str = ""
+    remaining_before: int | None = None
+    prior_refund_count: int = 0
+    amount_captured: int | None = None
+
+
+class PolicyInput(Frozen):
+    request: RefundRequest
+    validation: ValidationResult
+
+
+class PolicyDecision(Frozen):
+    """Deterministic verdict with the rules that fired, so it can be explained later."""
+
+    auto_approve: bool
+    rules_fired: tuple[str, ...]
+    required_approvals: int
+    policy_version: str
+
+
+class ApprovalRecord(Frozen):
+    approver: str
+    decision: Decision
+    reason: str
+    at: datetime
+
+
+class CaseState(Frozen):
+    """The workflow's view of its case, returned by the `state` query."""
+
+    refund_request_id: str
+    status: CaseStatus
+    amount: int
+    currency: str
+    provider_refund_id: str | None = None
+    provider_status: ProviderRefundStatus | None = None
+    failure_reason: str | None = None
+    decision: PolicyDecision | None = None
+    approvals: tuple[ApprovalRecord, ...] = ()
+    refused_approvals: tuple[ApprovalRecord, ...] = ()
+    ledger_postings: tuple[str, ...] = ()
+    events_seen: int = 0
+
+
+class CaseEventInput(Frozen):
+    """One step of a case for the audit trail, optionally moving its status."""
+
+    refund_request_id: str
+    action: str
+    actor: str
+    status: CaseStatus | None = None
+    release_reservation: bool = False
+    provider_refund: ProviderRefund | None = None
+    detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class SubmitInput(Frozen):
+    request: RefundRequest
+    idempotency_key: str
+
+
+class VerifyInput(Frozen):
+    request: RefundRequest
+    reason: str
+
+
+class VerifyResult(Frozen):
+    refund: ProviderRefund | None
+
+
+class LedgerKind(StrEnum):
+    """Which journal template to post."""
+
+    REFUND_SETTLED = "refund_settled"
+    REFUND_REVERSED = "refund_reversed"
+
+
+class LedgerInput(Frozen):
+    refund_request_id: str
+    kind: LedgerKind
+    amount: int
+    currency: str
+    provider_refund_id: str
+
+    def posting_key(self) -> str:
+        """Posting is idempotent by this key: one entry per case and template."""
+        return f"{self.refund_request_id}:{self.kind.value}"
+
+
+class LedgerResult(Frozen):
+    posting_key: str
+    entry_id: int
+    newly_posted: bool
+
+
+class RefundOutcome(Frozen):
+    """The workflow's result: its final case state."""
+
+    state: CaseState
+
+
+class ApprovalVerdict(Frozen):
+    """Why an approval was refused, or `None` reason when it counts."""
+
+    accepted: bool
+    reason: str = ""
+
+

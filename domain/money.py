@@ -1,0 +1,51 @@
+"""Money as integer minor units plus an ISO 4217 code; never floats.
+
+The exponent (0 for JPY, 2 for USD, 3 for KWD) comes from the `iso4217` data package, so
+formatting and parsing of major-unit strings are exact for every currency.
+"""
+
+from decimal import Decimal, InvalidOperation
+
+from iso4217 import Currency
+
+
+class UnknownCurrencyError(ValueError):
+    """The code is not an ISO 4217 currency that has minor units."""
+
+
+def currency_exponent(code: str) -> int:
+    """Number of minor-unit digits, e.g. 2 for USD; raises for unknown or unit-less codes."""
+    try:
+        exponent = Currency(code).exponent
+    except ValueError as exc:
+        raise UnknownCurrencyError(f"unknown ISO 4217 currency {code!r}") from exc
+    if exponent is None:  # XAU, XDR and friends are not money we refund
+        raise UnknownCurrencyError(f"currency {code!r} has no minor unit")
+    return int(exponent)
+
+
+def normalise_currency(code: str) -> str:
+    """Upper-cases and validates a currency code."""
+    upper = code.strip().upper()
+    currency_exponent(upper)
+    return upper
+
+
+def format_minor(amount_minor: int, currency: str) -> str:
+    """`format_minor(3000, "USD") == "30.00 USD"`; exact for every exponent."""
+    exponent = currency_exponent(currency)
+    major = Decimal(amount_minor).scaleb(-exponent)
+    return f"{major:.{exponent}f} {currency}"
+
+
+def parse_major(text: str, currency: str) -> int:
+    """Parses "30.00" into minor units of `currency`; refuses more digits than it has."""
+    exponent = currency_exponent(currency)
+    try:
+        value = Decimal(text.strip())
+    except InvalidOperation as exc:
+        raise ValueError(f"not an amount: {text!r}") from exc
+    minor = value.scaleb(exponent)
+    if minor != minor.to_integral_value():
+        raise ValueError(f"{text!r} has more than {exponent} decimals for {currency}")
+    return int(minor)

@@ -1,0 +1,1 @@
+"""Entry points: the relay, the CLI, the dev stack, the sandbox provider and the demo."""

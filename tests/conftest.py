@@ -1,0 +1,51 @@
+"""Session-wide real Temporal dev server and PostgreSQL (both from wheels); each test
+gets its own task queue, sandbox provider, relay and worker through `stack`."""
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from temporalio.client import Client
+
+from adapters.store import Store
+from starters.stack import EmbeddedPostgres, TemporalDevServer, free_port
+from tests.harness import Stack, open_stack
+
+
+@pytest.fixture(scope="session")
+async def temporal_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[TemporalDevServer]:
+    folder: Path = tmp_path_factory.mktemp("temporal")
+    server = TemporalDevServer(folder / "temporal.db", port=free_port(), ui_port=None)
+    await server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+async def client(temporal_server: TemporalDevServer) -> Client:
+    from temporalio.contrib.pydantic import pydantic_data_converter
+
+    return await Client.connect(temporal_server.address, data_converter=pydantic_data_converter)
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    pg = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data", delete_on_stop=True)
+    dsn = pg.start()
+    yield dsn
+    pg.stop()
+
+
+@pytest.fixture(scope="session")
+async def store(postgres_dsn: str) -> AsyncIterator[Store]:
+    opened = await Store.open(postgres_dsn, max_size=20)
+    await opened.migrate()
+    yield opened
+    await opened.close()
+
+
+@pytest.fixture
+async def stack(store: Store, client: Client, temporal_server: TemporalDevServer) -> AsyncIterator[Stack]:
+    opened = await open_stack(store, client, temporal_server.address)
+    yield opened
+    await opened.close()

@@ -1,0 +1,135 @@
+"""A per-test stack on the session's real Temporal and PostgreSQL: its own task queue,
+sandbox provider, relay and in-process worker, plus helpers to drive and inspect them."""
+
+import asyncio
+import secrets
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from adapters.config import Settings
+from adapters.providers.base import ProviderAdapter
+from adapters.providers.registry import build_providers, close_providers
+from adapters.store import Store
+from starters import relay, sandbox_provider
+from starters.stack import AppServer, free_port
+from workers.main import build_worker
+
+
+@dataclass
+class Stack:
+    """Everything one test talks to."""
+
+    settings: Settings
+    store: Store
+    client: Client
+    relay_url: str
+    sandbox_url: str
+    tokens: dict[str, str]
+    providers: dict[str, ProviderAdapter]
+    _cleanup: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    worker: Worker | None = None
+
+    def api(self, user: str) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.relay_url, timeout=30,
+                                 headers={"Authorization": f"Bearer {self.tokens[user]}"})
+
+    def sandbox(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.sandbox_url, timeout=60)
+
+    def new_id(self, prefix: str = "rr") -> str:
+        return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+    async def charge(self, amount: int, currency: str = "USD", merchant: str = "acct_1") -> str:
+        async with self.sandbox() as sb:
+            response = await sb.post("/v1/charges", json={"amount": amount, "currency": currency,
+                                                          "merchant_account": merchant})
+            response.raise_for_status()
+            return str(response.json()["id"])
+
+    async def provider_refunds(self, charge_id: str) -> list[dict[str, Any]]:
+        async with self.sandbox() as sb:
+            response = await sb.get("/v1/refunds", params={"charge": charge_id})
+            return list(response.json()["data"])
+
+    def refund_body(self, charge_id: str, amount: int, **overrides: Any) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "refund_request_id": self.new_id(), "provider": "sandbox", "charge_id": charge_id,
+            "amount": amount, "currency": "USD", "merchant_account": "acct_1",
+            "reason": "requested_by_customer", "evidence": {"order_id": "ord-1"}, "source": "api"}
+        body.update(overrides)
+        return body
+
+    async def wait_for_status(self, case_id: str, *statuses: str, timeout: float = 60) -> dict[str, Any]:
+        """Polls the case row (what every API reader sees) until it reaches a status."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            row = await self.store.get_case(case_id)
+            if row is not None and row["status"] in statuses:
+                return row
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"{case_id} stuck in {row['status'] if row else None}, "
+                                     f"wanted {statuses}")
+            await asyncio.sleep(0.1)
+
+    async def start_worker(self) -> Worker:
+        worker = build_worker(self.client, self.settings.task_queue, self.store, self.providers)
+        self.worker = worker
+        task = asyncio.create_task(worker.run())
+
+        async def stop() -> None:
+            if not task.done():
+                await worker.shutdown()
+            await task
+
+        self._cleanup.append(stop)
+        return worker
+
+    async def close(self) -> None:
+        for step in reversed(self._cleanup):
+            await step()
+
+
+async def open_stack(store: Store, client: Client, temporal_address: str, *, worker: bool = True,
+                     **overrides: Any) -> Stack:
+    """Starts sandbox + relay on free loopback ports and, unless told not to, a worker."""
+    secret = secrets.token_hex(16)
+    relay_port, sandbox_port = free_port(), free_port()
+    values: dict[str, Any] = {
+        "task_queue": f"tq-{uuid.uuid4().hex[:10]}", "relay_port": relay_port,
+        "sandbox_port": sandbox_port, "sandbox_webhook_secret": secret,
+        "temporal_address": temporal_address, "approval_timeout_seconds": 60,
+        "submit_timeout_seconds": 5, "status_poll_interval_seconds": 2,
+        "late_failure_window_seconds": 2, "provider_http_timeout_seconds": 2,
+    }
+    values.update(overrides)
+    settings = Settings(**values)
+    providers = build_providers(settings)
+    sandbox_app = sandbox_provider.create_app(
+        webhook_url=f"{settings.relay_base_url()}/webhooks/sandbox", webhook_secret=secret)
+    relay_app = relay.create_app(store, client, providers, settings)
+    sandbox_server = AppServer(sandbox_app, settings.bind_host, sandbox_port)
+    relay_server = AppServer(relay_app, settings.bind_host, relay_port)
+    await sandbox_server.start()
+    await relay_server.start()
+    tokens = {}
+    for user, roles in {"alice": ["requester"], "bob": ["approver"], "carol": ["approver"],
+                        "dave": ["auditor"], "admin": ["admin"]}.items():
+        tokens[user] = await store.create_token(user, roles, token=f"t-{user}-{uuid.uuid4().hex}")
+    stack = Stack(settings=settings, store=store, client=client, relay_url=relay_server.url,
+                  sandbox_url=sandbox_server.url, tokens=tokens, providers=providers)
+
+    async def close_servers() -> None:
+        await relay_server.stop()
+        await sandbox_server.stop()
+        await close_providers(providers)
+
+    stack._cleanup.append(close_servers)
+    if worker:
+        await stack.start_worker()
+    return stack

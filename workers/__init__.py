@@ -1,0 +1,1 @@
+"""Wiring: registers workflows and activities with the data converter and sandbox."""

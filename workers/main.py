@@ -1,0 +1,60 @@
+"""The refund worker: workflows plus activities on one task queue.
+
+Pure modules (`domain`, pydantic, iso4217) are passed through Temporal's sandbox so a
+workflow's first activation does not re-import them (slow enough, on a loaded 2-core
+machine, to trip the 2 s deadlock detector).
+"""
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from datetime import timedelta
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
+
+from activities.refund import RefundActivities
+from adapters.config import Settings
+from adapters.providers.base import ProviderAdapter
+from adapters.providers.registry import build_providers, close_providers
+from adapters.store import Store
+from adapters.temporal_client import connect
+from domain.policy import RefundPolicy
+from workflows.refund import RefundWorkflow
+
+log = logging.getLogger(__name__)
+
+PASSTHROUGH_MODULES = ("domain", "pydantic", "pydantic_core", "annotated_types", "iso4217")
+WORKFLOWS: Sequence[type] = (RefundWorkflow,)
+
+
+def workflow_runner() -> SandboxedWorkflowRunner:
+    return SandboxedWorkflowRunner(
+        restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH_MODULES))
+
+
+def build_worker(client: Client, task_queue: str, store: Store,
+                 providers: dict[str, ProviderAdapter], *,
+                 graceful_shutdown: timedelta = timedelta(seconds=10)) -> Worker:
+    """A worker with every workflow and activity of the product."""
+    activities = RefundActivities(store, providers, RefundPolicy())
+    return Worker(
+        client, task_queue=task_queue, workflows=list(WORKFLOWS), activities=activities.all(),
+        workflow_runner=workflow_runner(), graceful_shutdown_timeout=graceful_shutdown,
+    )
+
+
+async def run_worker(settings: Settings, dsn: str, stop: asyncio.Event) -> None:
+    """Runs until `stop` is set, then shuts down gracefully."""
+    client = await connect(settings)
+    store = await Store.open(dsn)
+    providers = build_providers(settings)
+    worker = build_worker(client, settings.task_queue, store, providers)
+    try:
+        async with worker:
+            log.info("worker polling task queue %s", settings.task_queue)
+            await stop.wait()
+    finally:
+        await close_providers(providers)
+        await store.close()

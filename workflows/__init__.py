@@ -1,0 +1,1 @@
+"""Deterministic orchestration only: standard library, temporalio and `domain`."""

@@ -1,0 +1,31 @@
+"""Every activity's timeouts and retry policy, in one place.
+
+The provider submit is never retried by Temporal: an unknown outcome goes to the
+verify-state step first, and only the workflow decides to submit again.
+"""
+
+from datetime import timedelta
+from typing import Any
+
+from temporalio.common import RetryPolicy
+
+_PATIENT = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
+                       maximum_interval=timedelta(minutes=1))
+
+VALIDATE: dict[str, Any] = {
+    "start_to_close_timeout": timedelta(seconds=30),
+    "retry_policy": RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
+                                maximum_interval=timedelta(minutes=1),
+                                non_retryable_error_types=["UnknownProvider"]),
+}
+POLICY: dict[str, Any] = {"start_to_close_timeout": timedelta(seconds=10), "retry_policy": _PATIENT}
+CASE_EVENT: dict[str, Any] = {"start_to_close_timeout": timedelta(seconds=10), "retry_policy": _PATIENT}
+VERIFY: dict[str, Any] = {"start_to_close_timeout": timedelta(seconds=30), "retry_policy": _PATIENT}
+LEDGER: dict[str, Any] = {
+    "start_to_close_timeout": timedelta(seconds=30),
+    "retry_policy": RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
+                                maximum_interval=timedelta(minutes=5)),
+}
+SUBMIT_RETRY = RetryPolicy(maximum_attempts=1)
+
+RESUBMIT_BACKOFF_CAP = timedelta(minutes=10)
