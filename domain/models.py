@@ -51,7 +51,7 @@ class RefundRequest(Frozen):
     refund_request_id: Identifier
     provider: Identifier
     charge_id: Identifier
-    amount: int = Field(gt=0, description="integer minor units of `currency`")
+    amount: int = Field(gt=0, strict=True, description="integer minor units of `currency`")
     currency: str = Field(min_length=3, max_length=3)
     merchant_account: Identifier
     reason: RefundReason

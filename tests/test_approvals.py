@@ -1,0 +1,164 @@
+"""Approval paths through the relay: who may approve, what approve, deny and expiry do to
+the case, its reservation and the money at the provider."""
+
+from typing import Any
+
+import httpx
+from temporalio.client import Client
+
+from adapters.store import Store
+from starters.stack import TemporalDevServer
+from tests.harness import Stack, open_stack
+from workflows.refund import RefundWorkflow
+
+
+async def request_refund(stack: Stack, charge: str, amount: int, **overrides: Any) -> str:
+    body = stack.refund_body(charge, amount, **overrides)
+    async with stack.api("alice") as api:
+        response = await api.post("/v1/refund-requests", json=body)
+    assert response.status_code == 202, response.text
+    return str(body["refund_request_id"])
+
+
+async def decide(stack: Stack, user: str, case_id: str, decision: str, reason: str = "",
+                 token: str | None = None) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {token or stack.tokens[user]}"}
+    async with httpx.AsyncClient(base_url=stack.relay_url, timeout=30, headers=headers) as http:
+        return await http.post(f"/v1/refund-requests/{case_id}/approvals",
+                               json={"decision": decision, "reason": reason})
+
+
+async def case_view(stack: Stack, case_id: str, user: str = "dave") -> dict[str, Any]:
+    async with stack.api(user) as api:
+        response = await api.get(f"/v1/refund-requests/{case_id}")
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+async def test_refund_above_threshold_waits_for_an_approver(stack: Stack) -> None:
+    charge = await stack.charge(20_000)
+    case_id = await request_refund(stack, charge, 9_000)
+    row = await stack.wait_for_status(case_id, "awaiting_approval")
+    assert row["reserved_amount"] == 9_000
+    assert row["decision"]["rules_fired"] == ["amount_above_threshold"]
+    assert await stack.provider_refunds(charge) == []
+
+    response = await decide(stack, "bob", case_id, "approve", "customer called")
+    assert response.status_code == 202, response.text
+    assert response.json()["decision"] == "approve"
+    row = await stack.wait_for_status(case_id, "succeeded")
+    assert row["reserved_amount"] == 9_000
+    refunds = await stack.provider_refunds(charge)
+    assert [(r["amount"], r["status"]) for r in refunds] == [(9_000, "succeeded")]
+    assert row["provider_refund_id"] == refunds[0]["id"]
+
+    view = await case_view(stack, case_id)
+    assert [(a["approver"], a["action"], a["reason"]) for a in view["approvals"]] == [
+        ("bob", "approval_granted", "customer called")]
+
+    late = await decide(stack, "carol", case_id, "approve")
+    assert late.status_code == 409, late.text
+    assert "succeeded" in late.json()["detail"]
+    assert len(await stack.provider_refunds(charge)) == 1
+
+
+async def test_requester_cannot_approve_their_own_refund(stack: Stack) -> None:
+    charge = await stack.charge(20_000)
+    case_id = await request_refund(stack, charge, 9_000)
+    await stack.wait_for_status(case_id, "awaiting_approval")
+
+    # alice's own token has no approver role: refused before any self-approval check.
+    response = await decide(stack, "alice", case_id, "approve")
+    assert response.status_code == 403, response.text
+    # even holding the approver role, alice may not approve what she requested.
+    dual = await stack.store.create_token("alice", ["requester", "approver"])
+    response = await decide(stack, "alice", case_id, "approve", token=dual)
+    assert response.status_code == 403, response.text
+    assert "own refund" in response.json()["detail"]
+
+    trail = await stack.store.audit_trail(case_id)
+    refusals = [(e["actor"], e["action"]) for e in trail if e["actor"] == "alice"
+                and e["action"] in ("access_refused", "approval_refused")]
+    assert refusals == [("alice", "access_refused"), ("alice", "approval_refused")]
+    state = await stack.client.get_workflow_handle(case_id).query(RefundWorkflow.state)
+    assert state.approvals == () and state.status == "awaiting_approval"
+    row = await stack.store.get_case(case_id)
+    assert row is not None and row["status"] == "awaiting_approval" and row["reserved_amount"] == 9_000
+    assert await stack.provider_refunds(charge) == []
+    view = await case_view(stack, case_id, user="bob")
+    assert [(a["approver"], a["action"]) for a in view["approvals"]] == [("alice", "approval_refused")]
+
+
+async def test_denial_releases_the_reservation_and_moves_no_money(stack: Stack) -> None:
+    charge = await stack.charge(20_000)
+    case_id = await request_refund(stack, charge, 9_000)
+    await stack.wait_for_status(case_id, "awaiting_approval")
+
+    response = await decide(stack, "bob", case_id, "deny", "no proof of return")
+    assert response.status_code == 202, response.text
+    row = await stack.wait_for_status(case_id, "denied")
+    assert row["reserved_amount"] == 0 and row["provider_refund_id"] is None
+    assert await stack.provider_refunds(charge) == []
+    assert await stack.store.ledger_entries(case_id) == []
+    view = await case_view(stack, case_id)
+    assert [(a["approver"], a["action"], a["reason"]) for a in view["approvals"]] == [
+        ("bob", "approval_denied", "no proof of return")]
+
+    late = await decide(stack, "carol", case_id, "approve")
+    assert late.status_code == 409, late.text
+    after = await stack.store.get_case(case_id)
+    assert after is not None and after["status"] == "denied"
+    assert await stack.provider_refunds(charge) == []
+
+
+async def test_unanswered_approval_expires_and_releases_the_reservation(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    stack = await open_stack(store, client, temporal_server.address, approval_timeout_seconds=2)
+    try:
+        charge = await stack.charge(20_000)
+        case_id = await request_refund(stack, charge, 9_000)
+        row = await stack.wait_for_status(case_id, "expired")
+        assert row["reserved_amount"] == 0 and row["provider_refund_id"] is None
+        actions = [e["action"] for e in await stack.store.audit_trail(case_id)]
+        assert "approval_requested" in actions and "approval_expired" in actions
+        assert "provider_submit_started" not in actions
+        late = await decide(stack, "bob", case_id, "approve")
+        assert late.status_code == 409, late.text
+        assert await stack.provider_refunds(charge) == []
+    finally:
+        await stack.close()
+
+
+async def test_small_refund_without_order_id_needs_approval(stack: Stack) -> None:
+    charge = await stack.charge(20_000)
+    case_id = await request_refund(stack, charge, 1_000, evidence={})
+    row = await stack.wait_for_status(case_id, "awaiting_approval")
+    assert row["decision"]["rules_fired"] == ["missing_evidence:order_id"]
+    assert row["decision"]["auto_approve"] is False
+    assert await stack.provider_refunds(charge) == []
+
+    assert (await decide(stack, "carol", case_id, "approve")).status_code == 202
+    await stack.wait_for_status(case_id, "succeeded")
+    refunds = await stack.provider_refunds(charge)
+    assert [r["amount"] for r in refunds] == [1_000]
+    view = await case_view(stack, case_id, user="alice")
+    assert [(a["approver"], a["action"]) for a in view["approvals"]] == [("carol", "approval_granted")]
+
+
+async def test_approval_of_unknown_case_is_404(stack: Stack) -> None:
+    response = await decide(stack, "bob", stack.new_id(), "approve")
+    assert response.status_code == 404, response.text
+
+
+async def test_approver_identity_cannot_come_from_the_body(stack: Stack) -> None:
+    charge = await stack.charge(20_000)
+    case_id = await request_refund(stack, charge, 9_000)
+    await stack.wait_for_status(case_id, "awaiting_approval")
+    async with stack.api("carol") as api:
+        response = await api.post(f"/v1/refund-requests/{case_id}/approvals",
+                                  json={"decision": "approve", "approver": "bob"})
+    assert response.status_code == 422, response.text
+    assert any(e["loc"][-1] == "approver" for e in response.json()["detail"])
+    state = await stack.client.get_workflow_handle(case_id).query(RefundWorkflow.state)
+    assert state.approvals == () and state.status == "awaiting_approval"
+    assert await stack.provider_refunds(charge) == []

@@ -1,0 +1,66 @@
+"""A refund_request_id is bound to its parameters, and survives a worker killed mid-call."""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.harness import Stack, open_stack
+
+
+async def test_same_id_with_other_parameters_is_409_and_changes_nothing(stack: Stack) -> None:
+    charge = await stack.charge(10_000)
+    body = stack.refund_body(charge, 2_000)
+    async with stack.api("alice") as api:
+        assert (await api.post("/v1/refund-requests", json=body)).status_code == 202
+        conflict = await api.post("/v1/refund-requests", json={**body, "amount": 2_500})
+        assert conflict.status_code == 409
+        assert "different parameters" in conflict.json()["detail"]
+        repeat = await api.post("/v1/refund-requests", json=body)
+        assert repeat.status_code == 200
+        assert repeat.json()["amount"] == 2_000
+    await stack.wait_for_status(body["refund_request_id"], "succeeded")
+    assert [r["amount"] for r in await stack.provider_refunds(charge)] == [2_000]
+    trail = [e["action"] for e in await stack.store.audit_trail(body["refund_request_id"])]
+    assert trail.count("request_conflict") == 1 and trail.count("request_repeated") == 1
+
+
+async def test_worker_killed_after_provider_accepted_still_one_refund(
+        store, client, temporal_server, postgres_dsn: str) -> None:  # type: ignore[no-untyped-def]
+    stack = await open_stack(store, client, temporal_server.address, worker=False)
+    worker = None
+    try:
+        env = {**os.environ, "REFUNDS_DATABASE_URL": postgres_dsn,
+               "TEMPORAL_ADDRESS": temporal_server.address,
+               "REFUNDS_TASK_QUEUE": stack.settings.task_queue,
+               "REFUNDS_SANDBOX_API_BASE": stack.sandbox_url,
+               "REFUNDS_SANDBOX_WEBHOOK_SECRET": stack.settings.sandbox_webhook_secret.get_secret_value(),  # type: ignore[union-attr]
+               "REFUNDS_PROVIDER_HTTP_TIMEOUT_SECONDS": "120"}
+        worker = subprocess.Popen([str(Path(sys.executable).parent / "refunds"), "worker"], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        charge = await stack.charge(10_000)
+        async with stack.sandbox() as sb:  # the provider makes the refund, then never answers
+            await sb.post("/_sandbox/faults", json={"mode": "timeout_after_success", "seconds": 120})
+        body = stack.refund_body(charge, 4_000)
+        async with stack.api("alice") as api:
+            assert (await api.post("/v1/refund-requests", json=body)).status_code == 202
+        for _ in range(600):
+            if await stack.provider_refunds(charge):
+                break
+            await asyncio.sleep(0.1)
+        assert len(await stack.provider_refunds(charge)) == 1
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+
+        await stack.start_worker()  # a fresh worker picks the case up after the activity timeout
+        row = await stack.wait_for_status(body["refund_request_id"], "succeeded", timeout=90)
+        refunds = await stack.provider_refunds(charge)
+        assert [r["id"] for r in refunds] == [row["provider_refund_id"]]
+        lines = await store.ledger_entries(body["refund_request_id"])
+        assert len({line["posting_key"] for line in lines}) == 1
+    finally:
+        if worker is not None and worker.poll() is None:
+            worker.kill()
+        await stack.close()
