@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from temporalio.client import Client
+
+from adapters.store import Store
+from starters.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
 
 
@@ -28,15 +32,17 @@ async def test_same_id_with_other_parameters_is_409_and_changes_nothing(stack: S
 
 
 async def test_worker_killed_after_provider_accepted_still_one_refund(
-        store, client, temporal_server, postgres_dsn: str) -> None:  # type: ignore[no-untyped-def]
+        store: Store, client: Client, temporal_server: TemporalDevServer, postgres_dsn: str) -> None:
     stack = await open_stack(store, client, temporal_server.address, worker=False)
+    secret = stack.settings.sandbox_webhook_secret
+    assert secret is not None
     worker = None
     try:
         env = {**os.environ, "REFUNDS_DATABASE_URL": postgres_dsn,
                "TEMPORAL_ADDRESS": temporal_server.address,
                "REFUNDS_TASK_QUEUE": stack.settings.task_queue,
                "REFUNDS_SANDBOX_API_BASE": stack.sandbox_url,
-               "REFUNDS_SANDBOX_WEBHOOK_SECRET": stack.settings.sandbox_webhook_secret.get_secret_value(),  # type: ignore[union-attr]
+               "REFUNDS_SANDBOX_WEBHOOK_SECRET": secret.get_secret_value(),
                "REFUNDS_PROVIDER_HTTP_TIMEOUT_SECONDS": "120"}
         worker = subprocess.Popen([str(Path(sys.executable).parent / "refunds"), "worker"], env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

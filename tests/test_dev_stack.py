@@ -1,0 +1,95 @@
+"""`refunds dev` (what `make run` starts) as a user runs it: the demo plays, Ctrl-C stops
+everything with exit code 0, and a restart keeps data and in-flight workflows."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from starters.stack import free_port
+
+REFUNDS = str(Path(sys.executable).parent / "refunds")
+
+
+def _start(env: dict[str, str], log: Path, *args: str) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen([REFUNDS, "dev", *args], env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def _wait_for(log: Path, text: str, process: subprocess.Popen[bytes], timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"never saw {text!r}:\n{log.read_text()[-4000:]}")
+        time.sleep(0.5)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> int:
+    process.send_signal(signal.SIGINT)
+    return process.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_dev_stack_plays_demo_stops_cleanly_and_resumes_after_restart(tmp_path: Path) -> None:
+    ports = {"REFUNDS_RELAY_PORT": free_port(), "REFUNDS_SANDBOX_PORT": free_port(),
+             "REFUNDS_TEMPORAL_PORT": free_port(), "REFUNDS_TEMPORAL_UI_PORT": free_port()}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("REFUNDS_", "TEMPORAL_"))},
+           **{k: str(v) for k, v in ports.items()}, "REFUNDS_DATA_DIR": str(tmp_path / "data"),
+           "REFUNDS_PROVIDER_HTTP_TIMEOUT_SECONDS": "2"}
+    log = tmp_path / "dev-first.log"
+    relay = f"http://127.0.0.1:{ports['REFUNDS_RELAY_PORT']}"
+
+    first = _start(env, log)
+    try:
+        _wait_for(log, "The stack is running", first)
+        output = log.read_text()
+        assert f"Temporal UI      http://127.0.0.1:{ports['REFUNDS_TEMPORAL_UI_PORT']}" in output
+        assert "duplicate delivery: stored, executed nothing" in output
+        assert output.count("refunds at the provider: 1") == 2
+        admin = json.loads((tmp_path / "data" / "dev-secrets.json").read_text())["admin_token"]
+        approver = subprocess.run([REFUNDS, "token", "create", "--user", "erin", "--roles", "approver"],
+                                  env=env, capture_output=True, text=True, timeout=60)
+        assert approver.returncode == 0, approver.stderr
+        sandbox = f"http://127.0.0.1:{ports['REFUNDS_SANDBOX_PORT']}"
+        charge = httpx.post(f"{sandbox}/v1/charges", json={"amount": 90_000, "currency": "USD",
+                                                           "merchant_account": "acct_demo"}).json()["id"]
+        requested = subprocess.run(
+            [REFUNDS, "request", "--id", "restart-1", "--charge", charge, "--amount", "800.00",
+             "--currency", "USD", "--merchant", "acct_demo", "--evidence", "order_id=o-9"],
+            env=env, capture_output=True, text=True, timeout=60)
+        assert requested.returncode == 0, requested.stdout + requested.stderr
+        headers = {"Authorization": f"Bearer {admin}"}
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{relay}/v1/refund-requests/restart-1", headers=headers).json()["status"] \
+                != "awaiting_approval":
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+    finally:
+        assert _stop(first) == 0
+
+    log = tmp_path / "dev-second.log"
+    second = _start(env, log, "--no-demo")
+    try:
+        _wait_for(log, "The stack is running", second)
+        approved = subprocess.run([REFUNDS, "--token", approver.stdout.strip(), "approve", "restart-1",
+                                   "--reason", "checked"], env=env, capture_output=True, text=True,
+                                  timeout=60)
+        assert approved.returncode == 0, approved.stdout + approved.stderr
+        deadline = time.monotonic() + 60
+        while True:
+            status = subprocess.run([REFUNDS, "status", "restart-1"], env=env, capture_output=True,
+                                    text=True, timeout=60)
+            assert status.returncode == 0, status.stderr
+            if json.loads(status.stdout)["status"] == "succeeded":
+                break
+            assert time.monotonic() < deadline, status.stdout
+            time.sleep(0.5)
+        assert json.loads(status.stdout)["approvals"][0]["approver"] == "erin"
+    finally:
+        assert _stop(second) == 0
