@@ -11,37 +11,54 @@ from typing import Any
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from adapters.providers.base import ProviderAdapter, ProviderDeclined, ProviderOutcomeUnknown
+from adapters.providers.base import (
+    ProviderAdapter,
+    ProviderDeclined,
+    ProviderOutcomeUnknown,
+    RefundExecutor,
+    UnexpectedProviderStatus,
+)
+from adapters.providers.manual import ManualRefunds
 from adapters.store import Store
 from domain.models import (
     CaseEventInput,
     LedgerInput,
     LedgerResult,
+    NoticeInput,
+    PolicyContext,
     PolicyDecision,
     PolicyInput,
     ProviderRefund,
+    RefundMethod,
+    RefundRequest,
     SubmitInput,
     ValidateInput,
     ValidationResult,
     VerifyInput,
     VerifyResult,
 )
-from domain.policy import PolicyContext, RefundPolicy, decide
+from domain.policy import Policy, decide
 
 log = logging.getLogger(__name__)
 
 DECLINED = "ProviderDeclined"
 OUTCOME_UNKNOWN = "ProviderOutcomeUnknown"
+UNEXPECTED_STATUS = "UnexpectedProviderStatus"
+
+
+def _unexpected(exc: UnexpectedProviderStatus) -> ApplicationError:
+    return ApplicationError(str(exc), type=UNEXPECTED_STATUS, non_retryable=True)
 
 
 class RefundActivities:
     """Holds the process-wide store and provider clients the activities share."""
 
     def __init__(self, store: Store, providers: Mapping[str, ProviderAdapter],
-                 policy: RefundPolicy) -> None:
+                 policy: Policy) -> None:
         self._store = store
         self._providers = providers
         self._policy = policy
+        self._manual = ManualRefunds(store)
 
     def _provider(self, name: str) -> ProviderAdapter:
         try:
@@ -49,6 +66,12 @@ class RefundActivities:
         except KeyError:
             raise ApplicationError(f"unknown provider {name!r}", type="UnknownProvider",
                                    non_retryable=True) from None
+
+    def _executor(self, request: RefundRequest) -> RefundExecutor:
+        """Where the money moves: the provider, or a manual instruction for ops."""
+        if request.method is RefundMethod.PROVIDER:
+            return self._provider(request.provider)
+        return self._manual
 
     @activity.defn(name="validate_refund")
     async def validate_refund(self, inp: ValidateInput) -> ValidationResult:
@@ -88,6 +111,7 @@ class RefundActivities:
             prior_refund_count=len(prior),
             prior_partial_refund=any(int(p["amount"]) < captured for p in prior),
             is_partial=request.amount < captured,
+            prior_dispute_count=inp.validation.dispute_count,
         )
         decision = decide(self._policy, request, context)
         await self._store.record_decision(request.refund_request_id, decision.model_dump(mode="json"))
@@ -103,14 +127,16 @@ class RefundActivities:
         """Calls the provider once. If any earlier attempt started (a crash, a timeout),
         it looks the refund up first and returns it instead of calling again."""
         request = inp.request
-        provider = self._provider(request.provider)
+        provider = self._executor(request)
         case_id = request.refund_request_id
-        if await self._store.begin_submission(case_id, inp.idempotency_key):
-            found = await self._lookup(provider, inp)
-            if found is not None:
-                return found
         try:
+            if await self._store.begin_submission(case_id, inp.idempotency_key):
+                found = await self._lookup(provider, inp)
+                if found is not None:
+                    return found
             refund = await provider.create_refund(request, inp.idempotency_key)
+        except UnexpectedProviderStatus as exc:
+            raise _unexpected(exc) from exc
         except ProviderDeclined as exc:
             await self._store.append_audit(case_id, f"provider:{provider.name}",
                                            "provider_refund_declined", {"error": str(exc)})
@@ -123,7 +149,7 @@ class RefundActivities:
             case_id, refund, "provider_refund_created", {"idempotency_key": inp.idempotency_key})
         return refund
 
-    async def _lookup(self, provider: ProviderAdapter, inp: SubmitInput) -> ProviderRefund | None:
+    async def _lookup(self, provider: RefundExecutor, inp: SubmitInput) -> ProviderRefund | None:
         try:
             found = await provider.find_refund(inp.request)
         except ProviderOutcomeUnknown as exc:
@@ -138,8 +164,12 @@ class RefundActivities:
     async def verify_provider_refund(self, inp: VerifyInput) -> VerifyResult:
         """Asks the provider whether our refund exists (the verify-state step)."""
         request = inp.request
-        provider = self._provider(request.provider)
-        found = await provider.find_refund(request)
+        try:
+            found = await self._executor(request).find_refund(request)
+        except UnexpectedProviderStatus as exc:
+            await self._store.append_audit(request.refund_request_id, "system", "verify_state",
+                                           {"error": str(exc), "reason": inp.reason})
+            raise _unexpected(exc) from exc
         if found is None:
             await self._store.append_audit(request.refund_request_id, "system", "verify_state",
                                            {"found": False, "reason": inp.reason})
@@ -153,7 +183,13 @@ class RefundActivities:
         """Posts one balanced journal entry per posting key; retries find the first one."""
         return await self._store.post_ledger(inp)
 
+    @activity.defn(name="queue_notice")
+    async def queue_notice(self, inp: NoticeInput) -> None:
+        """Writes the notice to the outbox once per dedup key (delivery is the integrations')."""
+        await self._store.queue_notice(inp)
+
     def all(self) -> list[Callable[..., Any]]:
         """Every activity, for worker registration."""
         return [self.validate_refund, self.decide_policy, self.record_case_event,
-                self.submit_provider_refund, self.verify_provider_refund, self.post_ledger]
+                self.submit_provider_refund, self.verify_provider_refund, self.post_ledger,
+                self.queue_notice]

@@ -13,6 +13,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from domain.models import RefundTimings
 
 
+def _seconds(value: float | None) -> timedelta | None:
+    return None if value is None else timedelta(seconds=value)
+
+
 class Settings(BaseSettings):
     """Every knob of the product; unset addresses mean 'start the embedded one'."""
 
@@ -41,10 +45,15 @@ class Settings(BaseSettings):
     sandbox_webhook_secret: SecretStr | None = None
     sandbox_api_key: SecretStr | None = None
 
+    policy_file: Path | None = None
+
     webhook_max_body_bytes: int = 256 * 1024
     webhook_tolerance_seconds: int = 300
 
     approval_timeout_seconds: float = 3 * 24 * 3600
+    approval_reminder_seconds: float | None = 24 * 3600
+    approval_escalation_seconds: float | None = 2 * 24 * 3600
+    ledger_pending_after_seconds: float = 120
     submit_timeout_seconds: float = 30
     status_poll_interval_seconds: float = 3600
     late_failure_window_seconds: float = 10 * 24 * 3600
@@ -57,6 +66,9 @@ class Settings(BaseSettings):
             submit_timeout=timedelta(seconds=self.submit_timeout_seconds),
             status_poll_interval=timedelta(seconds=self.status_poll_interval_seconds),
             late_failure_window=timedelta(seconds=self.late_failure_window_seconds),
+            approval_reminder=_seconds(self.approval_reminder_seconds),
+            approval_escalation=_seconds(self.approval_escalation_seconds),
+            ledger_pending_after=timedelta(seconds=self.ledger_pending_after_seconds),
         )
 
     def relay_base_url(self) -> str:

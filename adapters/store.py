@@ -10,7 +10,7 @@ import secrets
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from importlib import resources
 from typing import Any
@@ -20,6 +20,7 @@ from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+from domain.audit import GENESIS, canonical_detail, chain_hash
 from domain.models import (
     CaseEventInput,
     CaseStatus,
@@ -27,6 +28,7 @@ from domain.models import (
     LedgerInput,
     LedgerKind,
     LedgerResult,
+    NoticeInput,
     ProviderRefund,
     RefundRequest,
     ValidationResult,
@@ -72,7 +74,7 @@ def hash_token(token: str) -> str:
 
 
 def _json(value: Any) -> Jsonb:
-    return Jsonb(json.loads(json.dumps(value, default=str)))
+    return Jsonb(canonical_detail(value) if isinstance(value, dict) else json.loads(json.dumps(value)))
 
 
 class Store:
@@ -129,11 +131,55 @@ class Store:
     @staticmethod
     async def _audit(conn: Conn, case_id: str | None, actor: str, action: str,
                      detail: dict[str, Any]) -> None:
+        """Appends to the case's hash chain; the head row lock serialises one chain only."""
+        chain = case_id or ""
+        await conn.execute("INSERT INTO audit_heads (chain, seq, hash) VALUES (%s, 0, %s)"
+                           " ON CONFLICT DO NOTHING", (chain, GENESIS))
+        cur = await conn.execute("SELECT seq, hash FROM audit_heads WHERE chain = %s FOR UPDATE",
+                                 (chain,))
+        head = await cur.fetchone()
+        assert head is not None
+        seq, occurred_at, stored = int(head["seq"]) + 1, datetime.now(UTC), canonical_detail(detail)
+        digest = chain_hash(head["hash"], chain=chain, seq=seq, refund_request_id=case_id,
+                            occurred_at=occurred_at, actor=actor, action=action, detail=stored)
         await conn.execute(
-            "INSERT INTO audit_events (refund_request_id, actor, action, detail)"
-            " VALUES (%s, %s, %s, %s)",
-            (case_id, actor, action, _json(detail)),
-        )
+            "INSERT INTO audit_events (chain, seq, refund_request_id, occurred_at, actor, action,"
+            " detail, prev_hash, hash) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+            (chain, seq, case_id, occurred_at, actor, action, Jsonb(stored), head["hash"], digest))
+        await conn.execute("UPDATE audit_heads SET seq = %s, hash = %s WHERE chain = %s",
+                           (seq, digest, chain))
+
+    async def verify_audit(self) -> tuple[int, list[str]]:
+        """Recomputes every chain; returns rows checked and the problems found."""
+        problems: list[str] = []
+        checked = 0
+        async with self._pool.connection() as conn:
+            heads = {r["chain"]: (int(r["seq"]), r["hash"]) for r in await (await conn.execute(
+                "SELECT chain, seq, hash FROM audit_heads")).fetchall()}
+            last: dict[str, tuple[int, str]] = {}
+            async with conn.transaction(), conn.cursor(name="audit_verify") as cur:
+                await cur.execute("SELECT * FROM audit_events ORDER BY chain, seq")
+                async for row in cur:
+                    checked += 1
+                    chain = row["chain"]
+                    seq, prev = last.get(chain, (0, GENESIS))
+                    where = f"chain {chain or '(global)'} row {row['id']} (seq {row['seq']})"
+                    if row["seq"] != seq + 1:
+                        problems.append(f"{where}: expected seq {seq + 1}: a row is missing")
+                    if row["prev_hash"] != prev:
+                        problems.append(f"{where}: prev_hash does not match the row before")
+                    expected = chain_hash(row["prev_hash"], chain=chain, seq=row["seq"],
+                                          refund_request_id=row["refund_request_id"],
+                                          occurred_at=row["occurred_at"], actor=row["actor"],
+                                          action=row["action"], detail=row["detail"])
+                    if row["hash"] != expected:
+                        problems.append(f"{where}: content does not match its hash (edited)")
+                    last[chain] = (int(row["seq"]), row["hash"])
+        for chain, head in heads.items():
+            if last.get(chain, (0, GENESIS)) != head:
+                problems.append(f"chain {chain or '(global)'}: head is seq {head[0]} but the rows "
+                                f"end at seq {last.get(chain, (0, GENESIS))[0]}: rows were deleted")
+        return checked, problems
 
     async def append_audit(self, case_id: str | None, actor: str, action: str,
                            detail: dict[str, Any]) -> None:
@@ -143,8 +189,8 @@ class Store:
     async def audit_trail(self, case_id: str) -> list[dict[str, Any]]:
         async with self._pool.connection() as conn:
             cur = await conn.execute(
-                "SELECT id, occurred_at, actor, action, detail FROM audit_events"
-                " WHERE refund_request_id = %s ORDER BY id", (case_id,))
+                "SELECT id, seq, occurred_at, actor, action, detail, hash FROM audit_events"
+                " WHERE chain = %s ORDER BY seq", (case_id,))
             return list(await cur.fetchall())
 
     # -- cases ----------------------------------------------------------------------
@@ -156,13 +202,14 @@ class Store:
         async with self.transaction() as conn:
             cur = await conn.execute(
                 "INSERT INTO refund_cases (refund_request_id, provider, charge_id, amount, currency,"
-                " merchant_account, reason, evidence, source, requester, params_hash, status)"
-                " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+                " merchant_account, reason, evidence, source, requester, params_hash, status,"
+                " method, parent_refund_request_id)"
+                " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
                 " ON CONFLICT (refund_request_id) DO NOTHING RETURNING *",
                 (request.refund_request_id, request.provider, request.charge_id, request.amount,
                  request.currency, request.merchant_account, request.reason.value,
                  _json(request.evidence), request.source.value, requester, params,
-                 CaseStatus.REQUESTED.value),
+                 CaseStatus.REQUESTED.value, request.method.value, request.parent_refund_request_id),
             )
             row = await cur.fetchone()
             if row is not None:
@@ -214,7 +261,8 @@ class Store:
             if case_id in holds:  # a retried activity: the reservation is already ours
                 remaining = charge.amount_captured - sum(holds.values()) + holds[case_id]
                 return ValidationResult(ok=True, remaining_before=remaining, prior_refund_count=prior,
-                                        amount_captured=charge.amount_captured)
+                                        amount_captured=charge.amount_captured,
+                                        dispute_count=charge.dispute_count)
             remaining = charge.amount_captured - sum(holds.values())
             if request.amount > remaining:
                 result = ValidationResult(
@@ -229,7 +277,8 @@ class Store:
                 " WHERE refund_request_id = %s",
                 (request.amount, CaseStatus.VALIDATING.value, case_id))
             result = ValidationResult(ok=True, remaining_before=remaining, prior_refund_count=prior,
-                                      amount_captured=charge.amount_captured)
+                                      amount_captured=charge.amount_captured,
+                                      dispute_count=charge.dispute_count)
             await self._audit(conn, case_id, "system", "validation_passed",
                               {**result.model_dump(), "reserved": request.amount})
             return result
@@ -416,9 +465,72 @@ class Store:
             row = await cur.fetchone()
         return Principal(row["user_name"], frozenset(row["roles"])) if row else None
 
-    async def now(self) -> datetime:
+    # -- notices and manual refunds -----------------------------------------------------
+
+    async def queue_notice(self, notice: NoticeInput) -> bool:
+        """Puts a notice in the outbox once per dedup key; returns whether it is new."""
+        async with self.transaction() as conn:
+            cur = await conn.execute(
+                "INSERT INTO notices (dedup_key, refund_request_id, kind, audience, detail)"
+                " VALUES (%s,%s,%s,%s,%s) ON CONFLICT (dedup_key) DO NOTHING RETURNING id",
+                (notice.dedup_key, notice.refund_request_id, notice.kind, notice.audience,
+                 _json(notice.detail)))
+            if await cur.fetchone() is None:
+                return False
+            await self._audit(conn, notice.refund_request_id, "system", "notice_queued",
+                              {"kind": notice.kind, "audience": notice.audience})
+            return True
+
+    async def notices(self, case_id: str) -> list[dict[str, Any]]:
         async with self._pool.connection() as conn:
-            cur = await conn.execute("SELECT now() AS now")
+            cur = await conn.execute(
+                "SELECT kind, audience, detail, delivered_at FROM notices"
+                " WHERE refund_request_id = %s ORDER BY id", (case_id,))
+            return list(await cur.fetchall())
+
+    async def create_manual_refund(self, request: RefundRequest) -> dict[str, Any]:
+        """The instruction ops carry out; one per request, whatever the retries."""
+        async with self.transaction() as conn:
+            cur = await conn.execute(
+                "INSERT INTO manual_refunds (id, refund_request_id, charge_id, amount, currency,"
+                " method, status) VALUES (%s,%s,%s,%s,%s,%s,'pending')"
+                " ON CONFLICT (refund_request_id) DO NOTHING RETURNING *",
+                (f"man_{request.refund_request_id}", request.refund_request_id, request.charge_id,
+                 request.amount, request.currency, request.method.value))
             row = await cur.fetchone()
-            assert row is not None
-            return row["now"]  # type: ignore[no-any-return]
+            if row is not None:
+                await self._audit(conn, request.refund_request_id, "system", "manual_refund_instructed",
+                                  {"method": request.method.value, "amount": request.amount,
+                                   "currency": request.currency})
+                return row
+        found = await self.manual_refund(request.refund_request_id)
+        assert found is not None
+        return found
+
+    async def manual_refund(self, case_id: str) -> dict[str, Any] | None:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute("SELECT * FROM manual_refunds WHERE refund_request_id = %s",
+                                     (case_id,))
+            return await cur.fetchone()
+
+    async def confirm_manual_refund(self, case_id: str, *, succeeded: bool, by: str,
+                                    reason: str) -> dict[str, Any] | None:
+        """Ops confirm they paid (or could not); only a pending instruction moves."""
+        async with self.transaction() as conn:
+            cur = await conn.execute(
+                "UPDATE manual_refunds SET status = %s, failure_reason = %s, confirmed_by = %s,"
+                " confirmed_at = now() WHERE refund_request_id = %s AND status = 'pending'"
+                " RETURNING *",
+                ("succeeded" if succeeded else "failed", None if succeeded else reason, by, case_id))
+            row = await cur.fetchone()
+            if row is not None:
+                await self._audit(conn, case_id, by, "manual_refund_confirmed",
+                                  {"status": row["status"], "reason": reason})
+            return row
+
+    async def children(self, case_id: str) -> list[dict[str, Any]]:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT * FROM refund_cases WHERE parent_refund_request_id = %s ORDER BY created_at",
+                (case_id,))
+            return list(await cur.fetchall())

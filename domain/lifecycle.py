@@ -12,9 +12,8 @@ from domain.models import (
     CaseStatus,
     Decision,
     ProviderRefundStatus,
+    RoleRequirement,
 )
-
-APPROVER_ROLES = frozenset({"approver", "admin"})
 
 _RANK = {
     ProviderRefundStatus.PENDING: 1,
@@ -70,15 +69,50 @@ def case_status_for(provider_status: ProviderRefundStatus) -> CaseStatus:
     }[provider_status]
 
 
-def check_approval(
-    signal: ApprovalSignal, requester: str, already_approved: frozenset[str]
-) -> ApprovalVerdict:
-    """Segregation of duties: approvers need a role, never approve their own request,
-    and count once."""
-    if not APPROVER_ROLES.intersection(signal.roles):
-        return ApprovalVerdict(accepted=False, reason="approver role required")
+def unfilled(requirements: tuple[RoleRequirement, ...],
+             approvals: list[tuple[str, frozenset[str]]]) -> list[str]:
+    """The roles still missing after matching distinct approvers to the tier's slots
+    (each person fills at most one slot; a maximum bipartite matching, so the order in
+    which approvals arrive never matters)."""
+    slots = [r.role for r in requirements for _ in range(r.count)]
+    owner: dict[int, int] = {}
+
+    def place(person: int, seen: set[int]) -> bool:
+        for slot, role in enumerate(slots):
+            if role in approvals[person][1] and slot not in seen:
+                seen.add(slot)
+                if slot not in owner or place(owner[slot], seen):
+                    owner[slot] = person
+                    return True
+        return False
+
+    for person in range(len(approvals)):
+        place(person, set())
+    return [role for slot, role in enumerate(slots) if slot not in owner]
+
+
+def check_approval(signal: ApprovalSignal, *, requester: str, conflicted: frozenset[str],
+                   requirements: tuple[RoleRequirement, ...],
+                   approved: list[tuple[str, frozenset[str]]]) -> ApprovalVerdict:
+    """Segregation of duties and tier rules: who may decide, and whether an approval
+    adds anything the tier still needs."""
+    needed_roles = {r.role for r in requirements}
+    roles = frozenset(signal.roles)
+    if needed_roles.isdisjoint(roles):
+        return ApprovalVerdict(accepted=False,
+                               reason=f"needs one of the roles {sorted(needed_roles)}")
     if signal.approver == requester:
         return ApprovalVerdict(accepted=False, reason="the requester cannot approve their own refund")
-    if signal.decision is Decision.APPROVE and signal.approver in already_approved:
+    if signal.approver in conflicted:
+        return ApprovalVerdict(accepted=False,
+                               reason="an identity behind the triggering event cannot approve")
+    if signal.decision is Decision.DENY:
+        return ApprovalVerdict(accepted=True)
+    if any(person == signal.approver for person, _ in approved):
         return ApprovalVerdict(accepted=False, reason="this approver has already approved")
+    before = len(unfilled(requirements, approved))
+    after = len(unfilled(requirements, [*approved, (signal.approver, roles)]))
+    if after == before:
+        return ApprovalVerdict(accepted=False,
+                               reason="the tier's slots for these roles are already filled")
     return ApprovalVerdict(accepted=True)

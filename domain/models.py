@@ -45,6 +45,13 @@ class RefundReason(StrEnum):
     OTHER = "other"
 
 
+class RefundMethod(StrEnum):
+    """How the money goes back: through the provider, or paid out by ops by hand."""
+
+    PROVIDER = "provider"
+    BANK_TRANSFER = "bank_transfer"
+
+
 class RefundRequest(Frozen):
     """What a caller asks for. The requester is never part of it: it comes from auth."""
 
@@ -57,6 +64,12 @@ class RefundRequest(Frozen):
     reason: RefundReason
     evidence: dict[str, str] = Field(default_factory=dict)
     source: RequestSource = RequestSource.API
+    method: RefundMethod = RefundMethod.PROVIDER
+    parent_refund_request_id: Identifier | None = Field(
+        default=None, description="set on a reissue: the failed request it replaces")
+    trigger_identities: tuple[str, ...] = Field(
+        default=(), max_length=10,
+        description="people behind the triggering event (e.g. the ticket's opener): they cannot approve")
 
     @field_validator("currency")
     @classmethod
@@ -88,6 +101,9 @@ class RefundTimings(Frozen):
     submit_timeout: timedelta = timedelta(seconds=30)
     status_poll_interval: timedelta = timedelta(hours=1)
     late_failure_window: timedelta = timedelta(days=10)
+    approval_reminder: timedelta | None = timedelta(days=1)
+    approval_escalation: timedelta | None = timedelta(days=2)
+    ledger_pending_after: timedelta = timedelta(minutes=2)
 
 
 class CaseStatus(StrEnum):
@@ -107,7 +123,8 @@ class CaseStatus(StrEnum):
     SUCCEEDED = "succeeded"
     REFUND_FAILED = "refund_failed"
     REFUND_CANCELED = "refund_canceled"
-    TRACKING = "tracking"
+    EXECUTED_LEDGER_PENDING = "executed_ledger_pending"
+    OPS_REVIEW = "ops_review"
 
 
 CLOSED_STATUSES = frozenset(
@@ -151,6 +168,7 @@ class ChargeSnapshot(Frozen):
     amount: int
     amount_captured: int
     captured: bool
+    dispute_count: int = 0
 
 
 class EventKind(StrEnum):
@@ -231,6 +249,7 @@ class ValidationResult(Frozen):
     remaining_before: int | None = None
     prior_refund_count: int = 0
     amount_captured: int | None = None
+    dispute_count: int = 0
 
 
 class PolicyInput(Frozen):
@@ -238,13 +257,33 @@ class PolicyInput(Frozen):
     validation: ValidationResult
 
 
+class RoleRequirement(Frozen):
+    """`count` distinct people holding `role` must approve."""
+
+    role: str = Field(min_length=1)
+    count: int = Field(default=1, ge=1, le=10)
+
+
+class PolicyContext(Frozen):
+    """Facts about the charge that the rules read, gathered by the policy activity."""
+
+    prior_refund_count: int = 0
+    prior_partial_refund: bool = False
+    is_partial: bool = False
+    prior_dispute_count: int = 0
+
+
 class PolicyDecision(Frozen):
-    """Deterministic verdict with the rules that fired, so it can be explained later."""
+    """Deterministic verdict with the rules that fired and the policy that decided, so
+    it can be explained (and re-simulated) later."""
 
     auto_approve: bool
     rules_fired: tuple[str, ...]
-    required_approvals: int
     policy_version: str
+    policy_hash: str = ""
+    tier: str | None = None
+    requirements: tuple[RoleRequirement, ...] = ()
+    context: PolicyContext = PolicyContext()
 
 
 class ApprovalRecord(Frozen):
@@ -326,6 +365,25 @@ class RefundOutcome(Frozen):
     """The workflow's result: its final case state."""
 
     state: CaseState
+
+
+class ApprovalProgress(Frozen):
+    """The answer to an approval update: did it count, and what is still missing."""
+
+    accepted: bool
+    reason: str = ""
+    status: CaseStatus
+    missing_roles: tuple[str, ...] = ()
+
+
+class NoticeInput(Frozen):
+    """A notice for the outbox; `dedup_key` makes it at most once per event and audience."""
+
+    refund_request_id: str
+    kind: str
+    audience: str
+    dedup_key: str
+    detail: dict[str, Any] = Field(default_factory=dict)
 
 
 class ApprovalVerdict(Frozen):

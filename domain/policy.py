@@ -1,42 +1,97 @@
-"""Deterministic refund approval rules; AI advice never reaches this module.
+"""Deterministic approval rules, versioned and explainable; AI advice never reaches here.
 
-The built-in rules follow the refund-orchestration pattern: auto-approve small, first,
-well-evidenced refunds; ask people for everything else.
+A policy is data (a TOML file validated by these models, see adapters/policy_file.py):
+thresholds per currency, required evidence, high-risk reason codes, and approval tiers
+that say how many distinct people of which roles must approve. Payout-reversal tiers
+live in the same file.
 """
 
-from pydantic import Field
+import hashlib
+import json
 
-from domain.models import Frozen, PolicyDecision, RefundReason, RefundRequest
+from pydantic import Field, model_validator
 
-BUILTIN_POLICY_VERSION = "builtin-1"
-
-
-class RefundPolicy(Frozen):
-    """Thresholds per currency in minor units; a currency without one always needs a person."""
-
-    version: str = BUILTIN_POLICY_VERSION
-    auto_approve_max: dict[str, int] = Field(
-        default_factory=lambda: {"USD": 5_000, "EUR": 5_000, "GBP": 4_000, "JPY": 7_000,
-                                 "KWD": 15_000, "INR": 400_000}
-    )
-    required_evidence: tuple[str, ...] = ("order_id",)
-    high_risk_reasons: tuple[RefundReason, ...] = (RefundReason.ITEM_NOT_RECEIVED,
-                                                  RefundReason.FRAUDULENT)
-    approvals_needed: int = 1
+from domain.models import (
+    Frozen,
+    PolicyContext,
+    PolicyDecision,
+    RefundReason,
+    RefundRequest,
+    RoleRequirement,
+)
 
 
-class PolicyContext(Frozen):
-    """Facts about the charge that the rules read, gathered by the activity."""
+class ApprovalTier(Frozen):
+    """Applies up to `max_amount` (minor units per currency; none = every amount)."""
 
-    prior_refund_count: int
-    prior_partial_refund: bool
-    is_partial: bool
+    name: str
+    max_amount: dict[str, int] | None = None
+    approvals: tuple[RoleRequirement, ...] = Field(min_length=1)
+
+    def covers(self, amount: int, currency: str) -> bool:
+        if self.max_amount is None:
+            return True
+        limit = self.max_amount.get(currency)
+        return limit is not None and amount <= limit
 
 
-def decide(policy: RefundPolicy, request: RefundRequest, context: PolicyContext) -> PolicyDecision:
-    """Evaluates every rule and lists the ones that require a person."""
+class HighRiskRule(Frozen):
+    """A reason code that always needs a person, optionally only after prior disputes."""
+
+    reason: RefundReason
+    with_prior_disputes: bool = False
+
+
+def _has_catch_all(tiers: tuple[ApprovalTier, ...], what: str) -> tuple[ApprovalTier, ...]:
+    if tiers and tiers[-1].max_amount is not None:
+        raise ValueError(f"the last {what} tier must have no max_amount (it catches the rest)")
+    return tiers
+
+
+class RefundRules(Frozen):
+    auto_approve_max: dict[str, int] = Field(default_factory=dict)
+    required_evidence: tuple[str, ...] = ()
+    high_risk: tuple[HighRiskRule, ...] = ()
+    tiers: tuple[ApprovalTier, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _tiers_end_with_catch_all(self) -> "RefundRules":
+        _has_catch_all(self.tiers, "refund")
+        return self
+
+
+class PayoutReversalRules(Frozen):
+    tiers: tuple[ApprovalTier, ...] = ()
+
+    @model_validator(mode="after")
+    def _tiers_end_with_catch_all(self) -> "PayoutReversalRules":
+        _has_catch_all(self.tiers, "payout reversal")
+        return self
+
+
+class Policy(Frozen):
+    """A complete, versioned policy."""
+
+    version: str = Field(min_length=1)
+    refunds: RefundRules
+    payout_reversal: PayoutReversalRules = PayoutReversalRules()
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the validated content: formatting changes do not change it."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def tier_for(tiers: tuple[ApprovalTier, ...], amount: int, currency: str) -> ApprovalTier:
+    """The first tier that covers the amount (the last one covers everything)."""
+    return next(t for t in tiers if t.covers(amount, currency))
+
+
+def decide(policy: Policy, request: RefundRequest, context: PolicyContext) -> PolicyDecision:
+    """Evaluates every rule; any rule that fires sends the refund to people."""
+    rules = policy.refunds
     fired: list[str] = []
-    threshold = policy.auto_approve_max.get(request.currency)
+    threshold = rules.auto_approve_max.get(request.currency)
     if threshold is None:
         fired.append("no_threshold_for_currency")
     elif request.amount > threshold:
@@ -45,15 +100,17 @@ def decide(policy: RefundPolicy, request: RefundRequest, context: PolicyContext)
         fired.append("prior_refunds_on_charge")
     if context.is_partial and context.prior_partial_refund:
         fired.append("repeat_partial_refund")
-    missing = [name for name in policy.required_evidence if not request.evidence.get(name)]
+    missing = [name for name in rules.required_evidence if not request.evidence.get(name)]
     if missing:
         fired.append("missing_evidence:" + ",".join(missing))
-    if request.reason in policy.high_risk_reasons:
-        fired.append(f"high_risk_reason:{request.reason.value}")
-    auto = not fired
-    return PolicyDecision(
-        auto_approve=auto,
-        rules_fired=tuple(fired) if fired else ("auto_approve",),
-        required_approvals=0 if auto else policy.approvals_needed,
-        policy_version=policy.version,
-    )
+    for rule in rules.high_risk:
+        if request.reason is rule.reason and (not rule.with_prior_disputes
+                                              or context.prior_dispute_count > 0):
+            fired.append(f"high_risk_reason:{rule.reason.value}")
+    common = {"policy_version": policy.version, "policy_hash": policy.fingerprint(),
+              "context": context}
+    if not fired:
+        return PolicyDecision(auto_approve=True, rules_fired=("auto_approve",), **common)
+    tier = tier_for(rules.tiers, request.amount, request.currency)
+    return PolicyDecision(auto_approve=False, rules_fired=tuple(fired), tier=tier.name,
+                          requirements=tier.approvals, **common)

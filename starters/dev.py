@@ -20,6 +20,7 @@ from pydantic import SecretStr
 from temporalio.client import Client
 
 from adapters.config import Settings
+from adapters.policy_file import load_policy
 from adapters.providers.registry import build_providers, close_providers
 from adapters.store import Store
 from adapters.temporal_client import connect
@@ -107,7 +108,8 @@ async def run_dev(settings: Settings, *, play_demo: bool = True) -> None:
             settings.bind_host, settings.sandbox_port)
         front = AppServer(relay.create_app(store, client, providers, settings),
                           settings.bind_host, settings.relay_port)
-        worker = build_worker(client, settings.task_queue, store, providers)
+        worker = build_worker(client, settings.task_queue, store, providers,
+                              load_policy(settings.policy_file))
         worker_task = asyncio.create_task(worker.run())
         try:
             await sandbox.start()

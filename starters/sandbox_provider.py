@@ -34,6 +34,7 @@ class ChargeIn(BaseModel):
     merchant_account: str = "acct_default"
     capture: bool = True
     id: str | None = None
+    disputes: int = Field(default=0, ge=0)
 
 
 class CaptureIn(BaseModel):
@@ -55,7 +56,7 @@ class FaultIn(BaseModel):
 
 
 class StatusIn(BaseModel):
-    status: Literal["pending", "requires_action", "in_review", "succeeded", "failed", "canceled"]
+    status: str = Field(description="any string: a status we do not know tests our loud branch")
     failure_reason: str | None = None
     send_webhook: bool = True
 
@@ -193,7 +194,8 @@ def create_app(*, db_path: str = ":memory:", webhook_url: str | None = None,
         authorise(authorization)
         charge = {"id": body.id or _new_id("ch"), "object": "charge", "amount": body.amount,
                   "currency": body.currency.lower(), "merchant_account": body.merchant_account,
-                  "captured": body.capture, "amount_captured": body.amount if body.capture else 0}
+                  "captured": body.capture, "amount_captured": body.amount if body.capture else 0,
+                  "disputes": body.disputes}
         bank.put("charges", charge)
         return charge
 

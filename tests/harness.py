@@ -13,6 +13,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from adapters.config import Settings
+from adapters.policy_file import load_policy
 from adapters.providers.base import ProviderAdapter
 from adapters.providers.registry import build_providers, close_providers
 from adapters.store import Store
@@ -78,7 +79,8 @@ class Stack:
             await asyncio.sleep(0.1)
 
     async def start_worker(self) -> Worker:
-        worker = build_worker(self.client, self.settings.task_queue, self.store, self.providers)
+        worker = build_worker(self.client, self.settings.task_queue, self.store, self.providers,
+                              load_policy(self.settings.policy_file))
         self.worker = worker
         task = asyncio.create_task(worker.run())
 

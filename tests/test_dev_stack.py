@@ -60,7 +60,7 @@ def test_dev_stack_plays_demo_stops_cleanly_and_resumes_after_restart(tmp_path: 
         charge = httpx.post(f"{sandbox}/v1/charges", json={"amount": 90_000, "currency": "USD",
                                                            "merchant_account": "acct_demo"}).json()["id"]
         requested = subprocess.run(
-            [REFUNDS, "request", "--id", "restart-1", "--charge", charge, "--amount", "800.00",
+            [REFUNDS, "request", "--id", "restart-1", "--charge", charge, "--amount", "300.00",
              "--currency", "USD", "--merchant", "acct_demo", "--evidence", "order_id=o-9"],
             env=env, capture_output=True, text=True, timeout=60)
         assert requested.returncode == 0, requested.stdout + requested.stderr

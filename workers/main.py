@@ -16,11 +16,12 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 
 from activities.refund import RefundActivities
 from adapters.config import Settings
+from adapters.policy_file import load_policy
 from adapters.providers.base import ProviderAdapter
 from adapters.providers.registry import build_providers, close_providers
 from adapters.store import Store
 from adapters.temporal_client import connect
-from domain.policy import RefundPolicy
+from domain.policy import Policy
 from workflows.refund import RefundWorkflow
 
 log = logging.getLogger(__name__)
@@ -35,10 +36,10 @@ def workflow_runner() -> SandboxedWorkflowRunner:
 
 
 def build_worker(client: Client, task_queue: str, store: Store,
-                 providers: dict[str, ProviderAdapter], *,
+                 providers: dict[str, ProviderAdapter], policy: Policy, *,
                  graceful_shutdown: timedelta = timedelta(seconds=10)) -> Worker:
     """A worker with every workflow and activity of the product."""
-    activities = RefundActivities(store, providers, RefundPolicy())
+    activities = RefundActivities(store, providers, policy)
     return Worker(
         client, task_queue=task_queue, workflows=list(WORKFLOWS), activities=activities.all(),
         workflow_runner=workflow_runner(), graceful_shutdown_timeout=graceful_shutdown,
@@ -50,7 +51,8 @@ async def run_worker(settings: Settings, dsn: str, stop: asyncio.Event) -> None:
     client = await connect(settings)
     store = await Store.open(dsn)
     providers = build_providers(settings)
-    worker = build_worker(client, settings.task_queue, store, providers)
+    worker = build_worker(client, settings.task_queue, store, providers,
+                          load_policy(settings.policy_file))
     try:
         async with worker:
             log.info("worker polling task queue %s", settings.task_queue)

@@ -3,10 +3,11 @@
 Workflow id == refund_request_id, so every entry point that asks for the same refund
 reaches this one execution. Money moves at most once: the provider submit is attempted
 only after validation, policy and approval, and an ambiguous answer is verified at the
-provider before any second submit.
+provider before any second submit. Idempotency of each step lives in its activity.
 """
 
 from datetime import datetime, timedelta
+from typing import Any
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
@@ -18,8 +19,10 @@ with workflow.unsafe.imports_passed_through():
         case_status_for,
         check_approval,
         classify_status_change,
+        unfilled,
     )
     from domain.models import (
+        ApprovalProgress,
         ApprovalRecord,
         ApprovalSignal,
         CaseEventInput,
@@ -30,6 +33,7 @@ with workflow.unsafe.imports_passed_through():
         LedgerInput,
         LedgerKind,
         LedgerResult,
+        NoticeInput,
         PolicyDecision,
         PolicyInput,
         ProviderEvent,
@@ -37,6 +41,7 @@ with workflow.unsafe.imports_passed_through():
         ProviderRefundStatus,
         RefundOutcome,
         RefundRequest,
+        RefundTimings,
         RefundWorkflowInput,
         SubmitInput,
         ValidateInput,
@@ -46,6 +51,9 @@ with workflow.unsafe.imports_passed_through():
     )
     from workflows import retry
 
+DECLINED = "ProviderDeclined"
+UNEXPECTED_STATUS = "UnexpectedProviderStatus"
+
 
 @workflow.defn
 class RefundWorkflow:
@@ -54,11 +62,15 @@ class RefundWorkflow:
     def __init__(self) -> None:
         self._request: RefundRequest | None = None
         self._requester = ""
+        self._timings = RefundTimings()
         self._status = CaseStatus.REQUESTED
         self._decision: PolicyDecision | None = None
         self._approvals: list[ApprovalRecord] = []
+        self._approver_roles: list[tuple[str, frozenset[str]]] = []
         self._refused: list[ApprovalRecord] = []
-        self._approval_inbox: list[ApprovalSignal] = []
+        self._approval_inbox: list[tuple[int, ApprovalSignal]] = []
+        self._approvals_received = 0
+        self._approval_verdicts: dict[int, tuple[bool, str]] = {}
         self._event_inbox: list[ProviderEvent] = []
         self._event_ids: set[str] = set()
         self._refund: ProviderRefund | None = None
@@ -71,8 +83,31 @@ class RefundWorkflow:
 
     @workflow.signal
     def approve(self, signal: ApprovalSignal) -> None:
-        """An approver's verdict; checked for segregation of duties before it counts."""
-        self._approval_inbox.append(signal)
+        """An approver's verdict from a channel that cannot wait for an answer (tickets,
+        chat buttons); checked like an update before it counts."""
+        self._approvals_received += 1
+        self._approval_inbox.append((self._approvals_received, signal))
+
+    @workflow.update
+    async def submit_approval(self, signal: ApprovalSignal) -> ApprovalProgress:
+        """An approver's verdict with an immediate answer: refused ones never get here
+        (see the validator); accepted ones return once the workflow has recorded them."""
+        self._approvals_received += 1
+        position = self._approvals_received
+        self._approval_inbox.append((position, signal))
+        await workflow.wait_condition(lambda: position in self._approval_verdicts)
+        accepted, reason = self._approval_verdicts.pop(position)
+        return ApprovalProgress(accepted=accepted, reason=reason, status=self._status,
+                                missing_roles=tuple(self._missing_roles()))
+
+    @submit_approval.validator
+    def _validate_approval(self, signal: ApprovalSignal) -> None:
+        if self._status is not CaseStatus.AWAITING_APPROVAL:
+            raise ApplicationError(f"case is {self._status.value}, not awaiting approval",
+                                   type="NotAwaitingApproval")
+        verdict = self._check(signal)
+        if not verdict[0]:
+            raise ApplicationError(verdict[1], type="ApprovalRefused")
 
     @workflow.signal
     def provider_event(self, event: ProviderEvent) -> None:
@@ -102,6 +137,7 @@ class RefundWorkflow:
     async def run(self, inp: RefundWorkflowInput) -> RefundOutcome:
         self._request = request = inp.request
         self._requester = inp.requester
+        self._timings = inp.timings
         self._status = CaseStatus.VALIDATING
         for trigger in [e for e in self._event_inbox if e.kind is EventKind.REFUND_REQUESTED]:
             await self._record("trigger_received", actor=f"provider:{trigger.provider}",
@@ -117,83 +153,112 @@ class RefundWorkflow:
         self._decision = await workflow.execute_activity(
             "decide_policy", PolicyInput(request=request, validation=validation),
             result_type=PolicyDecision, **retry.POLICY)
-        if not self._decision.auto_approve:
-            approved = await self._collect_approvals(
-                self._decision.required_approvals, inp.timings.approval_timeout)
-            if not approved:
-                return await self._finish()
+        if not self._decision.auto_approve and not await self._collect_approvals():
+            return await self._finish()
         await self._record("execution_started", CaseStatus.EXECUTING)
-        refund = await self._submit_exactly_once(request, inp.timings.submit_timeout,
-                                                 inp.timings.status_poll_interval)
+        refund = await self._submit_exactly_once(request)
         if refund is None:
             await self._record("refund_declined", CaseStatus.REFUND_FAILED, release=True,
                                detail={"reason": self._failure_reason})
+            await self._notify("refund_failed", "operator", {"reason": self._failure_reason})
             return await self._finish()
-        await self._follow_provider(refund, inp.timings.status_poll_interval,
-                                    inp.timings.late_failure_window)
+        await self._follow_provider(refund)
         return await self._finish()
 
-    # -- steps -------------------------------------------------------------------------
+    # -- approvals ---------------------------------------------------------------------
 
-    async def _finish(self) -> RefundOutcome:
-        await workflow.wait_condition(workflow.all_handlers_finished)
-        return RefundOutcome(state=self.state())
+    def _missing_roles(self) -> list[str]:
+        requirements = self._decision.requirements if self._decision else ()
+        return unfilled(requirements, self._approver_roles)
 
-    async def _record(self, action: str, status: CaseStatus | None = None, *,
-                      actor: str = "workflow", release: bool = False,
-                      refund: ProviderRefund | None = None,
-                      detail: dict[str, object] | None = None) -> None:
-        if status is not None:
-            self._status = status
+    def _check(self, signal: ApprovalSignal) -> tuple[bool, str]:
         assert self._request is not None
-        await workflow.execute_activity(
-            "record_case_event",
-            CaseEventInput(refund_request_id=self._request.refund_request_id, action=action,
-                           actor=actor, status=status, release_reservation=release,
-                           provider_refund=refund, detail=detail or {}),
-            **retry.CASE_EVENT)
+        verdict = check_approval(
+            signal, requester=self._requester,
+            conflicted=frozenset(self._request.trigger_identities),
+            requirements=self._decision.requirements if self._decision else (),
+            approved=self._approver_roles)
+        return verdict.accepted, verdict.reason
 
-    async def _collect_approvals(self, needed: int, timeout: timedelta) -> bool:
-        """Waits durably for enough distinct, authorised approvals, a denial, or expiry."""
+    async def _collect_approvals(self) -> bool:
+        """Waits durably for the tier's distinct, authorised approvals, a denial, or expiry;
+        reminds and escalates on the way."""
+        timings = self._timings
         await self._record("approval_requested", CaseStatus.AWAITING_APPROVAL,
-                           detail={"required_approvals": needed,
-                                   "rules_fired": list(self._decision.rules_fired
-                                                       if self._decision else ())})
-        deadline = workflow.now() + timeout
-        while True:
-            while self._approval_inbox:
-                signal = self._approval_inbox.pop(0)
-                record = ApprovalRecord(approver=signal.approver, decision=signal.decision,
-                                        reason=signal.reason, at=workflow.now())
-                verdict = check_approval(signal, self._requester,
-                                         frozenset(a.approver for a in self._approvals))
-                if not verdict.accepted:
-                    self._refused.append(record)
-                    await self._record("approval_refused", actor=signal.approver,
-                                       detail={"decision": signal.decision.value,
-                                               "refusal": verdict.reason})
-                    continue
-                if signal.decision is Decision.DENY:
-                    self._approvals.append(record)
-                    await self._record("approval_denied", CaseStatus.DENIED, actor=signal.approver,
-                                       release=True, detail={"reason": signal.reason})
-                    return False
-                self._approvals.append(record)
-                await self._record("approval_granted", actor=signal.approver,
-                                   detail={"reason": signal.reason, "roles": list(signal.roles)})
-                if len(self._approvals) >= needed:
-                    return True
-            remaining = deadline - workflow.now()
-            if remaining <= timedelta(0):
+                           detail={"tier": self._decision.tier if self._decision else None,
+                                   "missing_roles": self._missing_roles()})
+        await self._notify("approval_needed", "approvers", {"missing_roles": self._missing_roles()})
+        started = workflow.now()
+        deadline = started + timings.approval_timeout
+        nudges = [(started + after, kind) for after, kind in
+                  ((timings.approval_reminder, "approval_reminder"),
+                   (timings.approval_escalation, "approval_escalated")) if after is not None]
+        outcome: bool | None = None
+        while outcome is None:
+            outcome = await self._handle_approval_inbox()
+            if outcome is not None:
+                break
+            now = workflow.now()
+            for due, kind in [n for n in nudges if n[0] <= now]:
+                nudges.remove((due, kind))
+                await self._record(kind, detail={"missing_roles": self._missing_roles()})
+                await self._notify(kind, "escalation" if kind == "approval_escalated" else "approvers",
+                                   {"missing_roles": self._missing_roles()})
+            if now >= deadline:
                 await self._record("approval_expired", CaseStatus.EXPIRED, release=True)
-                return False
+                outcome = False
+                break
+            wake = min([deadline, *(due for due, _ in nudges)])
             try:
-                await workflow.wait_condition(lambda: bool(self._approval_inbox), timeout=remaining)
+                await workflow.wait_condition(lambda: bool(self._approval_inbox), timeout=wake - now)
             except TimeoutError:
                 continue
+        await self._refuse_leftover_approvals()
+        return outcome
 
-    async def _submit_exactly_once(self, request: RefundRequest, submit_timeout: timedelta,
-                                   backoff_cap: timedelta) -> ProviderRefund | None:
+    async def _handle_approval_inbox(self) -> bool | None:
+        """Records each queued verdict; True when the tier is satisfied, False on denial."""
+        while self._approval_inbox:
+            position, signal = self._approval_inbox.pop(0)
+            record = ApprovalRecord(approver=signal.approver, decision=signal.decision,
+                                    reason=signal.reason, at=workflow.now())
+            accepted, refusal = self._check(signal)
+            if not accepted:
+                self._refused.append(record)
+                await self._record("approval_refused", actor=signal.approver,
+                                   detail={"decision": signal.decision.value, "refusal": refusal})
+                self._approval_verdicts[position] = (False, refusal)
+                continue
+            self._approvals.append(record)
+            if signal.decision is Decision.DENY:
+                await self._record("approval_denied", CaseStatus.DENIED, actor=signal.approver,
+                                   release=True, detail={"reason": signal.reason})
+                await self._notify("approval_denied", "requester", {"by": signal.approver})
+                self._approval_verdicts[position] = (True, "")
+                return False
+            self._approver_roles.append((signal.approver, frozenset(signal.roles)))
+            missing = self._missing_roles()
+            await self._record("approval_granted", actor=signal.approver,
+                               detail={"reason": signal.reason, "roles": list(signal.roles),
+                                       "missing_roles": missing})
+            self._approval_verdicts[position] = (True, "")
+            if not missing:
+                return True
+        return None
+
+    async def _refuse_leftover_approvals(self) -> None:
+        """Verdicts that arrive after the decision are recorded, never counted."""
+        while self._approval_inbox:
+            position, signal = self._approval_inbox.pop(0)
+            refusal = f"case is already {self._status.value}"
+            self._refused.append(ApprovalRecord(approver=signal.approver, decision=signal.decision,
+                                                reason=signal.reason, at=workflow.now()))
+            await self._record("approval_refused", actor=signal.approver, detail={"refusal": refusal})
+            self._approval_verdicts[position] = (False, refusal)
+
+    # -- execution ---------------------------------------------------------------------
+
+    async def _submit_exactly_once(self, request: RefundRequest) -> ProviderRefund | None:
         """Submits; on an unknown outcome verifies at the provider before submitting again."""
         key = request.idempotency_key()
         attempt = 0
@@ -202,29 +267,46 @@ class RefundWorkflow:
             try:
                 submitted: ProviderRefund = await workflow.execute_activity(
                     "submit_provider_refund", SubmitInput(request=request, idempotency_key=key),
-                    result_type=ProviderRefund, start_to_close_timeout=submit_timeout,
+                    result_type=ProviderRefund, start_to_close_timeout=self._timings.submit_timeout,
                     retry_policy=retry.SUBMIT_RETRY)
                 return submitted
             except ActivityError as err:
                 cause = err.cause
-                if isinstance(cause, ApplicationError) and cause.type == "ProviderDeclined":
+                if isinstance(cause, ApplicationError) and cause.type == DECLINED:
                     self._failure_reason = cause.message
                     return None
                 workflow.logger.warning("submit attempt %d outcome unknown: %s", attempt, cause)
             self._status = CaseStatus.VERIFYING
-            verified: VerifyResult = await workflow.execute_activity(
-                "verify_provider_refund",
-                VerifyInput(request=request, reason=f"submit attempt {attempt} outcome unknown"),
-                result_type=VerifyResult, **retry.VERIFY)
-            if verified.refund is not None:
-                return verified.refund
-            pause = min(timedelta(seconds=2 ** min(attempt, 12)), backoff_cap,
+            found = await self._verify(f"submit attempt {attempt} outcome unknown")
+            if found is not None:
+                return found
+            pause = min(timedelta(seconds=2 ** min(attempt, 12)), self._timings.status_poll_interval,
                         retry.RESUBMIT_BACKOFF_CAP)
             await workflow.sleep(pause)
             self._status = CaseStatus.EXECUTING
 
-    async def _follow_provider(self, refund: ProviderRefund, poll: timedelta,
-                               late_failure_window: timedelta) -> None:
+    async def _verify(self, reason: str) -> ProviderRefund | None:
+        """The verify-state step; a status we cannot map sends the case to ops review and
+        keeps asking, never assuming success."""
+        assert self._request is not None
+        while True:
+            try:
+                verified: VerifyResult = await workflow.execute_activity(
+                    "verify_provider_refund", VerifyInput(request=self._request, reason=reason),
+                    result_type=VerifyResult, **retry.VERIFY)
+                return verified.refund
+            except ActivityError as err:
+                cause = err.cause
+                if not (isinstance(cause, ApplicationError) and cause.type == UNEXPECTED_STATUS):
+                    raise
+                if self._status is not CaseStatus.OPS_REVIEW:
+                    await self._record("unexpected_provider_status", CaseStatus.OPS_REVIEW,
+                                       detail={"error": cause.message})
+                    await self._notify("unexpected_provider_status", "operator",
+                                       {"error": cause.message})
+                await workflow.sleep(self._timings.status_poll_interval)
+
+    async def _follow_provider(self, refund: ProviderRefund) -> None:
         """Applies provider states until final, then watches for a late failure."""
         await self._observe(refund, "provider_status")
         while True:
@@ -245,60 +327,102 @@ class RefundWorkflow:
                 return
             if status is ProviderRefundStatus.SUCCEEDED:
                 assert self._succeeded_at is not None
-                wait = self._succeeded_at + late_failure_window - workflow.now()
+                wait = self._succeeded_at + self._timings.late_failure_window - workflow.now()
                 if wait <= timedelta(0):
                     return
             else:
-                wait = poll
+                wait = self._timings.status_poll_interval
             try:
                 await workflow.wait_condition(lambda: bool(self._event_inbox), timeout=wait)
             except TimeoutError:
                 if status is ProviderRefundStatus.SUCCEEDED:
                     return
-                assert self._request is not None
-                verified = await workflow.execute_activity(
-                    "verify_provider_refund",
-                    VerifyInput(request=self._request, reason=f"no terminal event within {wait}"),
-                    result_type=VerifyResult, **retry.VERIFY)
-                if verified.refund is not None:
-                    await self._observe(verified.refund, "verify_state")
+                found = await self._verify(f"no terminal event within {wait}")
+                if found is not None:
+                    await self._observe(found, "verify_state")
 
     async def _observe(self, reported: ProviderRefund, source: str) -> None:
         """Moves the case forward for a reported status; never backwards."""
-        change = classify_status_change(self._refund.status if self._refund else None,
-                                        reported.status)
+        held = self._refund.status if self._refund else None
+        change = classify_status_change(held, reported.status)
         if change in (StatusChange.SAME, StatusChange.STALE, StatusChange.IMPOSSIBLE):
             if change is not StatusChange.SAME:
                 await self._record(f"provider_status_{change.value}_ignored",
                                    detail={"reported": reported.status.value, "source": source,
-                                           "held": self._refund.status.value if self._refund else None})
+                                           "held": held.value if held else None})
             return
         self._refund = reported
         self._failure_reason = reported.failure_reason
         status = case_status_for(reported.status)
+        detail = {"source": source, "failure_reason": reported.failure_reason}
         if reported.status is ProviderRefundStatus.SUCCEEDED:
             self._succeeded_at = workflow.now()
             await self._post(LedgerKind.REFUND_SETTLED, reported)
-            await self._record("refund_succeeded", status, refund=reported, detail={"source": source})
+            await self._record("refund_succeeded", status, refund=reported, detail=detail)
         elif change is StatusChange.LATE_FAILURE:
             await self._post(LedgerKind.REFUND_REVERSED, reported)
             await self._record("refund_failed_after_success", status, release=True, refund=reported,
-                               detail={"source": source, "failure_reason": reported.failure_reason})
-        elif reported.status in FINAL_PROVIDER_STATUSES:
-            await self._record(f"refund_{reported.status.value}", status, release=True,
-                               refund=reported, detail={"source": source,
-                                                        "failure_reason": reported.failure_reason})
+                               detail=detail)
+            await self._notify("refund_failed", "operator", detail)
+            await self._notify("refund_could_not_be_processed", "customer", detail)
+        elif reported.status is ProviderRefundStatus.FAILED:
+            await self._record("refund_failed", status, release=True, refund=reported, detail=detail)
+            await self._notify("refund_failed", "operator", detail)
+            await self._notify("refund_could_not_be_processed", "customer", detail)
+        elif reported.status is ProviderRefundStatus.CANCELED:
+            await self._record("refund_canceled", status, release=True, refund=reported, detail=detail)
+            await self._notify("refund_canceled", "operator", detail)
         else:
-            await self._record("provider_status_changed", status, refund=reported,
-                               detail={"source": source})
+            await self._record("provider_status_changed", status, refund=reported, detail=detail)
 
     async def _post(self, kind: LedgerKind, refund: ProviderRefund) -> None:
+        """Posts once the provider confirmed. If the ledger stays down, the case shows
+        'executed, ledger pending', an incident is raised, and posting goes on until it
+        lands; the provider is never called again for it."""
         assert self._request is not None
-        result = await workflow.execute_activity(
-            "post_ledger",
-            LedgerInput(refund_request_id=self._request.refund_request_id, kind=kind,
-                        amount=refund.amount, currency=self._request.currency,
-                        provider_refund_id=refund.refund_id),
-            result_type=LedgerResult, **retry.LEDGER)
+        posting = LedgerInput(refund_request_id=self._request.refund_request_id, kind=kind,
+                              amount=refund.amount, currency=self._request.currency,
+                              provider_refund_id=refund.refund_id)
+        try:
+            result: LedgerResult = await workflow.execute_activity(
+                "post_ledger", posting, result_type=LedgerResult,
+                schedule_to_close_timeout=self._timings.ledger_pending_after, **retry.LEDGER)
+        except ActivityError as err:
+            await self._record("ledger_pending", CaseStatus.EXECUTED_LEDGER_PENDING, refund=refund,
+                               detail={"template": kind.value, "error": str(err.cause)})
+            await self._notify("incident_ledger_pending", "finance_ops", {"template": kind.value})
+            result = await workflow.execute_activity(
+                "post_ledger", posting, result_type=LedgerResult, **retry.LEDGER)
+            await self._record("ledger_recovered", detail={"posting_key": result.posting_key})
         self._postings.append(result.posting_key)
 
+    # -- bookkeeping -------------------------------------------------------------------
+
+    async def _finish(self) -> RefundOutcome:
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        return RefundOutcome(state=self.state())
+
+    async def _record(self, action: str, status: CaseStatus | None = None, *,
+                      actor: str = "workflow", release: bool = False,
+                      refund: ProviderRefund | None = None,
+                      detail: dict[str, Any] | None = None) -> None:
+        if status is not None:
+            self._status = status
+        assert self._request is not None
+        await workflow.execute_activity(
+            "record_case_event",
+            CaseEventInput(refund_request_id=self._request.refund_request_id, action=action,
+                           actor=actor, status=status, release_reservation=release,
+                           provider_refund=refund, detail=detail or {}),
+            **retry.CASE_EVENT)
+
+    async def _notify(self, kind: str, audience: str, detail: dict[str, Any]) -> None:
+        """Queues a notice in the outbox once per case, kind, audience and occasion."""
+        assert self._request is not None
+        case_id = self._request.refund_request_id
+        occasion = self._refund.status.value if self._refund else self._status.value
+        await workflow.execute_activity(
+            "queue_notice",
+            NoticeInput(refund_request_id=case_id, kind=kind, audience=audience,
+                        dedup_key=f"{case_id}:{kind}:{audience}:{occasion}", detail=detail),
+            **retry.CASE_EVENT)

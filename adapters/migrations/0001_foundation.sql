@@ -101,16 +101,29 @@ CREATE CONSTRAINT TRIGGER ledger_lines_balance
     DEFERRABLE INITIALLY DEFERRED
     FOR EACH ROW EXECUTE FUNCTION ledger_entry_balances();
 
--- Audit trail: append-only, enforced by the database, not by discipline.
+-- Audit trail: append-only (enforced by the database, not by discipline) and
+-- hash-chained: one chain per case (chain '' for events of no case); each row carries
+-- the previous row's hash, and the chain's head is kept in audit_heads.
 CREATE TABLE audit_events (
     id                 BIGSERIAL PRIMARY KEY,
+    chain              TEXT NOT NULL,
+    seq                BIGINT NOT NULL,
     refund_request_id  TEXT,
-    occurred_at        TIMESTAMPTZ NOT NULL DEFAULT now(),
+    occurred_at        TIMESTAMPTZ NOT NULL,
     actor              TEXT NOT NULL,
     action             TEXT NOT NULL,
-    detail             JSONB NOT NULL DEFAULT '{}'::jsonb
+    detail             JSONB NOT NULL DEFAULT '{}'::jsonb,
+    prev_hash          TEXT NOT NULL,
+    hash               TEXT NOT NULL,
+    UNIQUE (chain, seq)
 );
 CREATE INDEX audit_events_case ON audit_events (refund_request_id, id);
+
+CREATE TABLE audit_heads (
+    chain  TEXT PRIMARY KEY,
+    seq    BIGINT NOT NULL,
+    hash   TEXT NOT NULL
+);
 
 CREATE FUNCTION audit_events_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN

@@ -34,19 +34,27 @@ class WebhookRejected(ProviderError):
         self.event_type = event_type
 
 
-class ProviderAdapter(Protocol):
-    """What the activities and the relay need from a provider."""
+class UnexpectedProviderStatus(ProviderError, ValueError):
+    """A status we have no branch for: a loud error and a case for ops, never a default."""
+
+
+class RefundExecutor(Protocol):
+    """Whatever moves the money back: a provider's refund API or a manual instruction."""
 
     name: str
-
-    async def get_charge(self, charge_id: str) -> ChargeSnapshot | None:
-        """The charge as the provider sees it, or None when it does not exist."""
 
     async def create_refund(self, request: RefundRequest, idempotency_key: str) -> ProviderRefund:
         """Asks for the refund, carrying our idempotency key and our request id as reference."""
 
     async def find_refund(self, request: RefundRequest) -> ProviderRefund | None:
         """Looks the request's refund up by our reference (the verify-state step)."""
+
+
+class ProviderAdapter(RefundExecutor, Protocol):
+    """What the activities and the relay need from a payment provider."""
+
+    async def get_charge(self, charge_id: str) -> ChargeSnapshot | None:
+        """The charge as the provider sees it, or None when it does not exist."""
 
     def parse_webhook(self, headers: Mapping[str, str], body: bytes, now: float) -> ProviderEvent:
         """Verifies the signature and normalises the event; raises WebhookRejected."""

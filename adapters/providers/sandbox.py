@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from adapters.providers.base import (
     ProviderDeclined,
     ProviderOutcomeUnknown,
+    UnexpectedProviderStatus,
     WebhookRejected,
 )
 from domain.models import (
@@ -76,7 +77,7 @@ def refund_from_object(provider: str, obj: Mapping[str, Any]) -> ProviderRefund:
     """Maps a sandbox refund object; an unexpected status is an error, never a default."""
     raw = str(obj["status"])
     if raw not in _STATUSES:
-        raise ValueError(f"unexpected refund status {raw!r}")
+        raise UnexpectedProviderStatus(f"unexpected refund status {raw!r} for refund {obj.get('id')}")
     metadata = obj.get("metadata") or {}
     return ProviderRefund(
         provider=provider, refund_id=str(obj["id"]), charge_id=str(obj["charge"]),
@@ -122,6 +123,7 @@ class SandboxProvider:
             provider=self.name, charge_id=obj["id"], currency=obj["currency"].upper(),
             merchant_account=obj["merchant_account"], amount=obj["amount"],
             amount_captured=obj["amount_captured"], captured=obj["captured"],
+            dispute_count=int(obj.get("disputes", 0)),
         )
 
     async def create_refund(self, request: RefundRequest, idempotency_key: str) -> ProviderRefund:

@@ -1,0 +1,26 @@
+"""The audit trail's hash chain: each row's hash covers its content and the previous
+row's hash, so an edited, inserted or deleted row breaks every hash after it."""
+
+import hashlib
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+GENESIS = "0" * 64
+
+
+def canonical_detail(detail: dict[str, Any]) -> dict[str, Any]:
+    """The JSON form that is both stored and hashed (dates and enums become strings)."""
+    result: dict[str, Any] = json.loads(json.dumps(detail, default=str))
+    return result
+
+
+def chain_hash(prev_hash: str, *, chain: str, seq: int, refund_request_id: str | None,
+               occurred_at: datetime, actor: str, action: str, detail: dict[str, Any]) -> str:
+    """SHA-256 over the previous hash and a canonical encoding of the row."""
+    body = json.dumps(
+        {"chain": chain, "seq": seq, "case": refund_request_id,
+         "at": occurred_at.astimezone(UTC).isoformat(), "actor": actor, "action": action,
+         "detail": detail},
+        sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256((prev_hash + body).encode()).hexdigest()
