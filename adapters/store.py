@@ -22,6 +22,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from domain.audit import GENESIS, canonical_detail, chain_hash
 from domain.models import (
+    ROLES,
     CaseEventInput,
     CaseStatus,
     ChargeSnapshot,
@@ -364,6 +365,7 @@ class Store:
         key = posting.posting_key()
         debit_account, credit_account = LEDGER_TEMPLATES[posting.kind]
         async with self.transaction() as conn:
+            await conn.execute("SET LOCAL lock_timeout = '5s'")  # fail fast, let Temporal retry
             cur = await conn.execute(
                 "INSERT INTO ledger_entries (posting_key, refund_request_id, template)"
                 " VALUES (%s,%s,%s) ON CONFLICT (posting_key) DO NOTHING RETURNING id",
@@ -447,6 +449,9 @@ class Store:
 
     async def create_token(self, user: str, roles: Sequence[str], token: str | None = None) -> str:
         """Makes a bearer token; only its hash is stored, the plaintext is shown once."""
+        unknown = set(roles) - ROLES
+        if unknown or not roles:
+            raise ValueError(f"unknown roles {sorted(unknown)}; known: {sorted(ROLES)}")
         plaintext = token or f"rfo_{secrets.token_urlsafe(32)}"
         async with self.transaction() as conn:
             await conn.execute(

@@ -23,6 +23,12 @@ class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+ROLES = frozenset({"requester", "approver", "payments_ops_lead", "finance_manager", "compliance",
+                   "treasury", "ops", "auditor", "admin"})
+APPROVER_ROLES = frozenset({"approver", "payments_ops_lead", "finance_manager", "compliance",
+                            "treasury"})
+
+
 class RequestSource(StrEnum):
     """Where a refund request entered the system (all entry points share one path)."""
 

@@ -15,30 +15,36 @@ from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
-from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from adapters.config import Settings
 from adapters.providers.base import ProviderAdapter, WebhookRejected
+from adapters.providers.manual import manual_refund
 from adapters.store import CaseCreation, Principal, Store
+from domain.lifecycle import unfilled
 from domain.models import (
+    APPROVER_ROLES,
     ApprovalSignal,
     Decision,
     EventKind,
     ProviderEvent,
+    RefundMethod,
     RefundReason,
     RefundRequest,
     RefundWorkflowInput,
     RequestSource,
+    RoleRequirement,
 )
 from workflows.refund import RefundWorkflow
 
 log = logging.getLogger("relay")
 
 REQUEST_ROLES = frozenset({"requester", "admin"})
-APPROVAL_ROLES = frozenset({"approver", "admin"})
+APPROVAL_ROLES = APPROVER_ROLES
+REISSUABLE = frozenset({"refund_failed", "refund_canceled"})
 READ_ROLES = frozenset({"requester", "approver", "auditor", "ops", "admin"})
 OPS_ROLES = frozenset({"auditor", "ops", "admin"})
 
@@ -46,6 +52,18 @@ OPS_ROLES = frozenset({"auditor", "ops", "admin"})
 class ApprovalBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     decision: Decision
+    reason: str = Field(default="", max_length=2000)
+
+
+class ReissueBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    method: RefundMethod = RefundMethod.PROVIDER
+    reason: str = Field(default="", max_length=2000)
+
+
+class ManualConfirmationBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    paid: bool
     reason: str = Field(default="", max_length=2000)
 
 
@@ -62,8 +80,14 @@ def case_view(row: Mapping[str, Any], trail: list[dict[str, Any]]) -> dict[str, 
          "reason": e["detail"].get("reason") or e["detail"].get("refusal", "")}
         for e in trail if e["action"].startswith("approval_") and e["action"] != "approval_requested"
     ]
+    granted = [(e["actor"], frozenset(e["detail"].get("roles", []))) for e in trail
+               if e["action"] == "approval_granted"]
+    requirements = tuple(RoleRequirement.model_validate(r)
+                         for r in (row["decision"] or {}).get("requirements", []))
     return {
         "refund_request_id": row["refund_request_id"], "status": row["status"],
+        "missing_roles": unfilled(requirements, granted) if row["status"] == "awaiting_approval" else [],
+        "parent_refund_request_id": row["parent_refund_request_id"], "method": row["method"],
         "provider": row["provider"], "charge_id": row["charge_id"], "amount": row["amount"],
         "currency": row["currency"], "merchant_account": row["merchant_account"],
         "reason": row["reason"], "source": row["source"], "requester": row["requester"],
@@ -165,23 +189,88 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
 
     @app.post("/v1/refund-requests/{refund_request_id}/approvals", status_code=202)
     async def approve(refund_request_id: str, body: ApprovalBody, caller: Caller) -> dict[str, Any]:
-        """Signals the workflow; the approver is the token's user. Refusals are audited."""
+        """Asks the workflow (an update with a validator) so the approver gets the verdict
+        at once; the approver is the token's user. Refusals are audited."""
         await require(caller, APPROVAL_ROLES, "approving a refund", refund_request_id)
         row = await store.get_case(refund_request_id)
         if row is None:
             raise HTTPException(404, f"no refund request {refund_request_id!r}")
-        if row["requester"] == caller.user:
-            await store.append_audit(refund_request_id, caller.user, "approval_refused",
-                                     {"decision": body.decision.value,
-                                      "refusal": "the requester cannot approve their own refund"})
-            raise HTTPException(403, "the requester cannot approve their own refund")
         if row["status"] != "awaiting_approval":
             raise HTTPException(409, f"case is {row['status']}, not awaiting approval")
         signal = ApprovalSignal(approver=caller.user, roles=tuple(sorted(caller.roles)),
                                 decision=body.decision, reason=body.reason)
-        await client.get_workflow_handle(refund_request_id).signal(RefundWorkflow.approve, signal)
-        return {"refund_request_id": refund_request_id, "accepted_for_review": True,
-                "decision": body.decision.value}
+        handle = client.get_workflow_handle(refund_request_id)
+        try:
+            progress = await handle.execute_update(RefundWorkflow.submit_approval, signal)
+        except WorkflowUpdateFailedError as exc:
+            cause = exc.cause
+            reason = cause.message if isinstance(cause, ApplicationError) else str(cause)
+            if isinstance(cause, ApplicationError) and cause.type == "NotAwaitingApproval":
+                raise HTTPException(409, reason) from None
+            await store.append_audit(refund_request_id, caller.user, "approval_refused",
+                                     {"decision": body.decision.value, "refusal": reason})
+            raise HTTPException(403, reason) from None
+        if not progress.accepted:
+            raise HTTPException(403, progress.reason)
+        return {"refund_request_id": refund_request_id, "decision": body.decision.value,
+                "status": progress.status.value, "missing_roles": list(progress.missing_roles)}
+
+    @app.post("/v1/refund-requests/{refund_request_id}/reissue", status_code=202)
+    async def reissue(refund_request_id: str, body: ReissueBody, caller: Caller,
+                      response: Response) -> dict[str, Any]:
+        """A failed or canceled refund is reissued as a new linked request (another method
+        if need be) that passes the same gates; it never exceeds the original amount."""
+        await require(caller, OPS_ROLES - {"auditor"}, "reissuing a refund", refund_request_id)
+        parent = await store.get_case(refund_request_id)
+        if parent is None:
+            raise HTTPException(404, f"no refund request {refund_request_id!r}")
+        if parent["status"] not in REISSUABLE:
+            raise HTTPException(409, f"case is {parent['status']}; only {sorted(REISSUABLE)} "
+                                     "refunds can be reissued")
+        children = await store.children(refund_request_id)
+        open_child = next((c for c in children if c["status"] not in REISSUABLE), None)
+        if open_child is not None:
+            response.status_code = 200
+            return case_view(open_child, await store.audit_trail(open_child["refund_request_id"]))
+        request = reissue_request(parent, body, attempt=len(children) + 1)
+        outcome, row = await store.create_case(request, caller.user)
+        if outcome is CaseCreation.CONFLICT:
+            raise HTTPException(409, f"{request.refund_request_id} exists with other parameters")
+        await store.append_audit(refund_request_id, caller.user, "reissue_requested",
+                                 {"child": request.refund_request_id, "method": body.method.value})
+        await start_refund(client, settings, request, row["requester"])
+        fresh = await store.get_case(request.refund_request_id)
+        assert fresh is not None
+        return case_view(fresh, await store.audit_trail(request.refund_request_id))
+
+    @app.post("/v1/manual-refunds/{refund_request_id}/confirmation")
+    async def confirm_manual(refund_request_id: str, body: ManualConfirmationBody,
+                             caller: Caller) -> dict[str, Any]:
+        """Ops confirm a bank transfer they made (or could not make); the case follows."""
+        await require(caller, OPS_ROLES - {"auditor"}, "confirming a manual refund", refund_request_id)
+        case = await store.get_case(refund_request_id)
+        if case is None:
+            raise HTTPException(404, f"no refund request {refund_request_id!r}")
+        if case["requester"] == caller.user:
+            await store.append_audit(refund_request_id, caller.user, "access_refused",
+                                     {"action": "confirming a manual refund",
+                                      "refusal": "the requester cannot confirm their own refund"})
+            raise HTTPException(403, "the requester cannot confirm their own refund")
+        row = await store.confirm_manual_refund(refund_request_id, succeeded=body.paid,
+                                                by=caller.user, reason=body.reason)
+        if row is None:
+            raise HTTPException(409, "no pending manual refund for this case")
+        refund = manual_refund(row)
+        event = ProviderEvent(
+            provider=refund.provider, event_id=f"{row['id']}:{row['status']}",
+            event_type=f"manual_refund.{row['status']}", kind=EventKind.REFUND_STATUS,
+            body_sha256=hashlib.sha256(body.model_dump_json().encode()).hexdigest(),
+            occurred_at=row["confirmed_at"], refund_id=refund.refund_id, charge_id=refund.charge_id,
+            refund_request_id=refund_request_id, amount=refund.amount, currency=refund.currency,
+            status=refund.status, raw_status=refund.raw_status, failure_reason=refund.failure_reason)
+        await client.get_workflow_handle(refund_request_id).signal(RefundWorkflow.provider_event, event)
+        return {"refund_request_id": refund_request_id, "manual_refund": row["id"],
+                "status": row["status"]}
 
     async def read_limited(request: Request) -> bytes | None:
         """Reads the body while counting, so a chunked body cannot bypass the limit."""
@@ -279,6 +368,18 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
                                        workflow_id=workflow_id).model_dump())
 
     return app
+
+
+def reissue_request(parent: Mapping[str, Any], body: ReissueBody, attempt: int) -> RefundRequest:
+    """The child request: same charge and amount, its own id, linked to its parent."""
+    return RefundRequest(
+        refund_request_id=f"{parent['refund_request_id']}-r{attempt}", provider=parent["provider"],
+        charge_id=parent["charge_id"], amount=parent["amount"], currency=parent["currency"],
+        merchant_account=parent["merchant_account"], reason=parent["reason"],
+        evidence={**parent["evidence"], "reissue_reason": body.reason}, source=RequestSource.CONSOLE,
+        method=body.method, parent_refund_request_id=parent["refund_request_id"],
+        trigger_identities=(parent["requester"],),
+    )
 
 
 def request_from_event(event: ProviderEvent) -> RefundRequest:
