@@ -66,6 +66,26 @@ class Stack:
         body.update(overrides)
         return body
 
+    async def set_provider_status(self, refund_id: str, status: str, *, failure_reason: str | None = None,
+                                  send_webhook: bool = True) -> None:
+        """Moves a refund at the sandbox provider, as the provider would on its own."""
+        async with self.sandbox() as sb:
+            response = await sb.post(f"/_sandbox/refunds/{refund_id}/status",
+                                     json={"status": status, "failure_reason": failure_reason,
+                                           "send_webhook": send_webhook})
+            response.raise_for_status()
+
+    async def request_refund(self, user: str, charge_id: str, amount: int, **overrides: Any) -> str:
+        """Posts a refund request and returns its id (asserting the 202)."""
+        body = self.refund_body(charge_id, amount, **overrides)
+        async with self.api(user) as api:
+            response = await api.post("/v1/refund-requests", json=body)
+        assert response.status_code == 202, response.text
+        return str(body["refund_request_id"])
+
+    async def actions(self, case_id: str) -> list[str]:
+        return [e["action"] for e in await self.store.audit_trail(case_id)]
+
     async def wait_for_status(self, case_id: str, *statuses: str, timeout: float = 60) -> dict[str, Any]:
         """Polls the case row (what every API reader sees) until it reaches a status."""
         deadline = asyncio.get_running_loop().time() + timeout
@@ -121,7 +141,8 @@ async def open_stack(store: Store, client: Client, temporal_address: str, *, wor
     await relay_server.start()
     tokens = {}
     for user, roles in {"alice": ["requester"], "bob": ["approver"], "carol": ["approver"],
-                        "dave": ["auditor"], "admin": ["admin"]}.items():
+                        "dave": ["auditor"], "admin": ["admin"], "frank": ["finance_manager"],
+                        "olga": ["ops"]}.items():
         tokens[user] = await store.create_token(user, roles, token=f"t-{user}-{uuid.uuid4().hex}")
     stack = Stack(settings=settings, store=store, client=client, relay_url=relay_server.url,
                   sandbox_url=sandbox_server.url, tokens=tokens, providers=providers)

@@ -300,10 +300,10 @@ class RefundWorkflow:
                 if not (isinstance(cause, ApplicationError) and cause.type == UNEXPECTED_STATUS):
                     raise
                 if self._status is not CaseStatus.OPS_REVIEW:
-                    await self._record("unexpected_provider_status", CaseStatus.OPS_REVIEW,
-                                       detail={"error": cause.message})
                     await self._notify("unexpected_provider_status", "operator",
                                        {"error": cause.message})
+                    await self._record("unexpected_provider_status", CaseStatus.OPS_REVIEW,
+                                       detail={"error": cause.message})
                 await workflow.sleep(self._timings.status_poll_interval)
 
     async def _follow_provider(self, refund: ProviderRefund) -> None:
@@ -359,19 +359,17 @@ class RefundWorkflow:
             self._succeeded_at = workflow.now()
             await self._post(LedgerKind.REFUND_SETTLED, reported)
             await self._record("refund_succeeded", status, refund=reported, detail=detail)
-        elif change is StatusChange.LATE_FAILURE:
-            await self._post(LedgerKind.REFUND_REVERSED, reported)
-            await self._record("refund_failed_after_success", status, release=True, refund=reported,
-                               detail=detail)
-            await self._notify("refund_failed", "operator", detail)
-            await self._notify("refund_could_not_be_processed", "customer", detail)
         elif reported.status is ProviderRefundStatus.FAILED:
-            await self._record("refund_failed", status, release=True, refund=reported, detail=detail)
+            late = change is StatusChange.LATE_FAILURE
+            if late:
+                await self._post(LedgerKind.REFUND_REVERSED, reported)
             await self._notify("refund_failed", "operator", detail)
             await self._notify("refund_could_not_be_processed", "customer", detail)
+            await self._record("refund_failed_after_success" if late else "refund_failed", status,
+                               release=True, refund=reported, detail=detail)
         elif reported.status is ProviderRefundStatus.CANCELED:
-            await self._record("refund_canceled", status, release=True, refund=reported, detail=detail)
             await self._notify("refund_canceled", "operator", detail)
+            await self._record("refund_canceled", status, release=True, refund=reported, detail=detail)
         else:
             await self._record("provider_status_changed", status, refund=reported, detail=detail)
 
@@ -388,9 +386,9 @@ class RefundWorkflow:
                 "post_ledger", posting, result_type=LedgerResult,
                 schedule_to_close_timeout=self._timings.ledger_pending_after, **retry.LEDGER)
         except ActivityError as err:
+            await self._notify("incident_ledger_pending", "finance_ops", {"template": kind.value})
             await self._record("ledger_pending", CaseStatus.EXECUTED_LEDGER_PENDING, refund=refund,
                                detail={"template": kind.value, "error": str(err.cause)})
-            await self._notify("incident_ledger_pending", "finance_ops", {"template": kind.value})
             result = await workflow.execute_activity(
                 "post_ledger", posting, result_type=LedgerResult, **retry.LEDGER)
             await self._record("ledger_recovered", detail={"posting_key": result.posting_key})

@@ -1,0 +1,97 @@
+"""The deterministic policy: every rule, tier selection, files, and approval matching."""
+
+from pathlib import Path
+
+import pytest
+
+from adapters.policy_file import PolicyFileError, load_policy
+from domain.lifecycle import unfilled
+from domain.models import PolicyContext, RefundReason, RefundRequest, RoleRequirement
+from domain.policy import decide
+
+POLICY = load_policy()
+
+
+def request(amount: int, currency: str = "USD", reason: RefundReason = RefundReason.ITEM_DAMAGED,
+            evidence: dict[str, str] | None = None) -> RefundRequest:
+    return RefundRequest(refund_request_id="r-1", provider="sandbox", charge_id="ch_1", amount=amount,
+                         currency=currency, merchant_account="acct_1", reason=reason,
+                         evidence={"order_id": "o-1"} if evidence is None else evidence)
+
+
+def test_small_first_evidenced_refund_is_auto_approved_with_version_and_hash() -> None:
+    decision = decide(POLICY, request(5_000), PolicyContext())
+    assert decision.auto_approve and decision.rules_fired == ("auto_approve",)
+    assert decision.policy_version == POLICY.version
+    assert decision.policy_hash == POLICY.fingerprint() and len(decision.policy_hash) == 64
+    assert decision.requirements == ()
+
+
+@pytest.mark.parametrize(("req", "context", "rule"), [
+    (request(5_001), PolicyContext(), "amount_above_threshold"),
+    (request(100, currency="CHF"), PolicyContext(), "no_threshold_for_currency"),
+    (request(1_000), PolicyContext(prior_refund_count=1), "prior_refunds_on_charge"),
+    (request(1_000), PolicyContext(prior_refund_count=1, prior_partial_refund=True, is_partial=True),
+     "repeat_partial_refund"),
+    (request(1_000, evidence={}), PolicyContext(), "missing_evidence:order_id"),
+    (request(1_000, reason=RefundReason.FRAUDULENT), PolicyContext(), "high_risk_reason:fraudulent"),
+    (request(1_000, reason=RefundReason.ITEM_NOT_RECEIVED), PolicyContext(prior_dispute_count=2),
+     "high_risk_reason:item_not_received"),
+], ids=["threshold", "no-threshold", "prior", "repeat-partial", "evidence", "fraud", "inr-disputes"])
+def test_each_rule_sends_the_refund_to_people(req: RefundRequest, context: PolicyContext,
+                                              rule: str) -> None:
+    decision = decide(POLICY, req, context)
+    assert not decision.auto_approve
+    assert rule in decision.rules_fired
+    if req.currency == "CHF":  # no amounts configured: the catch-all tier decides
+        assert decision.tier == "large"
+    else:
+        assert decision.tier == "standard"
+        assert decision.requirements == (RoleRequirement(role="approver", count=1),)
+
+
+def test_item_not_received_without_prior_disputes_is_not_high_risk() -> None:
+    decision = decide(POLICY, request(1_000, reason=RefundReason.ITEM_NOT_RECEIVED), PolicyContext())
+    assert decision.auto_approve
+
+
+def test_zero_and_three_decimal_currencies_use_their_own_thresholds() -> None:
+    assert decide(POLICY, request(7_000, currency="JPY"), PolicyContext()).auto_approve
+    assert not decide(POLICY, request(7_001, currency="JPY"), PolicyContext()).auto_approve
+    assert decide(POLICY, request(15_000, currency="KWD"), PolicyContext()).auto_approve
+
+
+def test_large_refunds_need_an_approver_and_a_finance_manager() -> None:
+    decision = decide(POLICY, request(50_001), PolicyContext())
+    assert decision.tier == "large"
+    assert {r.role for r in decision.requirements} == {"approver", "finance_manager"}
+
+
+def test_matching_counts_each_person_once_whatever_the_order() -> None:
+    needs = (RoleRequirement(role="approver"), RoleRequirement(role="finance_manager"))
+    both = frozenset({"approver", "finance_manager"})
+    assert unfilled(needs, [("ann", both)]) == ["finance_manager"]
+    assert unfilled(needs, [("ann", both), ("bo", frozenset({"approver"}))]) == []
+    assert unfilled(needs, [("bo", frozenset({"approver"})), ("ann", both)]) == []
+    assert unfilled(needs, [("bo", frozenset({"approver"})), ("cy", frozenset({"approver"}))]) == [
+        "finance_manager"]
+
+
+def test_a_policy_file_without_a_catch_all_tier_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('version = "x"\n[refunds]\n[[refunds.tiers]]\nname = "only"\n'
+                   'max_amount = { USD = 100 }\napprovals = [{ role = "approver" }]\n')
+    with pytest.raises(PolicyFileError, match="catches the rest"):
+        load_policy(bad)
+
+
+def test_reformatting_a_policy_keeps_its_hash(tmp_path: Path) -> None:
+    from importlib import resources
+
+    text = resources.files("adapters.policies").joinpath("default.toml").read_text()
+    copy = tmp_path / "same.toml"
+    copy.write_text("# reformatted\n\n" + text.replace(" = ", "="))
+    assert load_policy(copy).fingerprint() == POLICY.fingerprint()
+    changed = tmp_path / "changed.toml"
+    changed.write_text(text.replace("USD = 5000", "USD = 6000"))
+    assert load_policy(changed).fingerprint() != POLICY.fingerprint()
