@@ -45,6 +45,16 @@ LEDGER_TEMPLATES: dict[LedgerKind, tuple[str, str]] = {
 }
 
 
+def request_from_row(row: dict[str, Any]) -> RefundRequest:
+    """The request a stored case was made from."""
+    return RefundRequest(
+        refund_request_id=row["refund_request_id"], provider=row["provider"],
+        charge_id=row["charge_id"], amount=int(row["amount"]), currency=row["currency"],
+        merchant_account=row["merchant_account"], reason=row["reason"], evidence=row["evidence"],
+        source=row["source"], method=row["method"],
+        parent_refund_request_id=row["parent_refund_request_id"])
+
+
 class CaseCreation(StrEnum):
     CREATED = "created"
     IDENTICAL = "identical"
@@ -532,6 +542,14 @@ class Store:
                 await self._audit(conn, case_id, by, "manual_refund_confirmed",
                                   {"status": row["status"], "reason": reason})
             return row
+
+    async def decisions_since(self, since: datetime) -> list[dict[str, Any]]:
+        """Cases with a stored policy decision, newest last (for policy simulation)."""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT * FROM refund_cases WHERE decision IS NOT NULL AND created_at >= %s"
+                " ORDER BY created_at", (since,))
+            return list(await cur.fetchall())
 
     async def children(self, case_id: str) -> list[dict[str, Any]]:
         async with self._pool.connection() as conn:

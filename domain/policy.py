@@ -15,6 +15,7 @@ from domain.models import (
     Frozen,
     PolicyContext,
     PolicyDecision,
+    RefundMethod,
     RefundReason,
     RefundRequest,
     RoleRequirement,
@@ -52,6 +53,8 @@ class RefundRules(Frozen):
     auto_approve_max: dict[str, int] = Field(default_factory=dict)
     required_evidence: tuple[str, ...] = ()
     high_risk: tuple[HighRiskRule, ...] = ()
+    review_methods: tuple[RefundMethod, ...] = (RefundMethod.BANK_TRANSFER,)
+    review_reissues: bool = False
     tiers: tuple[ApprovalTier, ...] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -103,6 +106,10 @@ def decide(policy: Policy, request: RefundRequest, context: PolicyContext) -> Po
     missing = [name for name in rules.required_evidence if not request.evidence.get(name)]
     if missing:
         fired.append("missing_evidence:" + ",".join(missing))
+    if request.method in rules.review_methods:
+        fired.append(f"method_needs_review:{request.method.value}")
+    if rules.review_reissues and request.parent_refund_request_id is not None:
+        fired.append("reissue_needs_review")
     for rule in rules.high_risk:
         if request.reason is rule.reason and (not rule.with_prior_disputes
                                               or context.prior_dispute_count > 0):

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +177,89 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         return _show(await api.get(f"/v1/refund-requests/{args.id}"))
 
 
+async def cmd_audit_show(args: argparse.Namespace, settings: Settings) -> int:
+    async with _api(args, settings) as api:
+        response = await api.get(f"/v1/refund-requests/{args.id}/audit")
+    if not response.is_success:
+        return _show(response)
+    for entry in response.json():
+        detail = json.dumps(entry["detail"], sort_keys=True)
+        print(f"{entry['seq']:>4}  {entry['occurred_at'][:23]}  {entry['actor']:<20} "
+              f"{entry['action']:<32} {detail[:120]}")
+    return 0
+
+
+async def cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
+    from adapters.store import Store
+
+    dsn, pg = await _database(settings)
+    try:
+        store = await Store.open(dsn)
+        checked, problems = await store.verify_audit()
+        await store.close()
+    finally:
+        if pg is not None:
+            pg.stop()
+    for problem in problems:
+        print(f"TAMPERED: {problem}")
+    print(f"{checked} audit rows checked, {len(problems)} problems")
+    return 1 if problems else 0
+
+
+async def cmd_policy_check(args: argparse.Namespace, settings: Settings) -> int:
+    from adapters.policy_file import load_policy
+
+    policy = load_policy(Path(args.file))
+    print(f"{args.file}: valid, version {policy.version}, hash {policy.fingerprint()}")
+    for tier in policy.refunds.tiers:
+        needs = ", ".join(f"{r.count}x {r.role}" for r in tier.approvals)
+        print(f"  refund tier {tier.name}: up to {tier.max_amount or 'any amount'}: {needs}")
+    return 0
+
+
+def parse_age(text: str) -> timedelta:
+    """'90d', '12h' or '30m' as a duration."""
+    units = {"d": "days", "h": "hours", "m": "minutes"}
+    if len(text) < 2 or text[-1] not in units or not text[:-1].isdigit():
+        raise ValueError(f"not a duration like 90d, 12h or 30m: {text!r}")
+    return timedelta(**{units[text[-1]]: int(text[:-1])})
+
+
+async def cmd_policy_simulate(args: argparse.Namespace, settings: Settings) -> int:
+    from adapters.policy_file import load_policy
+    from adapters.store import Store, request_from_row
+    from domain.models import PolicyDecision
+    from domain.policy import decide
+
+    candidate = load_policy(Path(args.file))
+    since = datetime.now(UTC) - parse_age(args.since)
+    dsn, pg = await _database(settings)
+    try:
+        store = await Store.open(dsn)
+        rows = await store.decisions_since(since)
+        await store.close()
+    finally:
+        if pg is not None:
+            pg.stop()
+    changed = 0
+    for row in rows:
+        before = PolicyDecision.model_validate(row["decision"])
+        after = decide(candidate, request_from_row(row), before.context)
+        if (before.auto_approve, before.tier) != (after.auto_approve, after.tier):
+            changed += 1
+            print(f"{row['refund_request_id']}: {before.tier or 'auto'} -> {after.tier or 'auto'}"
+                  f"  ({', '.join(after.rules_fired)})")
+    print(f"{len(rows)} decisions since {since:%Y-%m-%d %H:%M}, {changed} would change "
+          f"under version {candidate.version}")
+    return 0
+
+
+async def cmd_reissue(args: argparse.Namespace, settings: Settings) -> int:
+    async with _api(args, settings) as api:
+        return _show(await api.post(f"/v1/refund-requests/{args.id}/reissue",
+                                    json={"method": args.method, "reason": args.reason}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="refunds", description="Refund Orchestrator")
     parser.add_argument("--token", help="API token (default: $REFUNDS_TOKEN, then the dev admin token)")
@@ -216,6 +300,30 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show a refund case")
     status.add_argument("id")
     status.set_defaults(run=cmd_status)
+
+    reissue = sub.add_parser("reissue", help="reissue a failed or canceled refund (ops)")
+    reissue.add_argument("id")
+    reissue.add_argument("--method", choices=["provider", "bank_transfer"], default="provider")
+    reissue.add_argument("--reason", default="")
+    reissue.set_defaults(run=cmd_reissue)
+
+    audit = sub.add_parser("audit", help="the audit trail").add_subparsers(dest="audit_command",
+                                                                          required=True)
+    show = audit.add_parser("show", help="a case's timeline")
+    show.add_argument("id")
+    show.set_defaults(run=cmd_audit_show)
+    audit.add_parser("verify", help="recompute every hash chain; exit 1 on tampering").set_defaults(
+        run=cmd_audit_verify)
+
+    policy = sub.add_parser("policy", help="policy files").add_subparsers(dest="policy_command",
+                                                                         required=True)
+    check = policy.add_parser("check", help="validate a policy file")
+    check.add_argument("file")
+    check.set_defaults(run=cmd_policy_check)
+    simulate = policy.add_parser("simulate", help="re-decide past cases under a candidate policy")
+    simulate.add_argument("file")
+    simulate.add_argument("--since", default="90d", help="how far back, e.g. 90d, 12h")
+    simulate.set_defaults(run=cmd_policy_simulate)
     return parser
 
 
@@ -226,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = asyncio.run(args.run(args, Settings()))
     except KeyboardInterrupt:
         code = 130
-    except (httpx.HTTPError, ValueError, SystemExit) as exc:
+    except (httpx.HTTPError, ValueError, OSError, SystemExit) as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = 2
     finally:

@@ -23,7 +23,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from adapters.config import Settings
 from adapters.providers.base import ProviderAdapter, WebhookRejected
 from adapters.providers.manual import manual_refund
-from adapters.store import CaseCreation, Principal, Store
+from adapters.store import CaseCreation, Principal, Store, request_from_row
 from domain.lifecycle import unfilled
 from domain.models import (
     APPROVER_ROLES,
@@ -370,16 +370,16 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
     return app
 
 
-def reissue_request(parent: Mapping[str, Any], body: ReissueBody, attempt: int) -> RefundRequest:
-    """The child request: same charge and amount, its own id, linked to its parent."""
-    return RefundRequest(
-        refund_request_id=f"{parent['refund_request_id']}-r{attempt}", provider=parent["provider"],
-        charge_id=parent["charge_id"], amount=parent["amount"], currency=parent["currency"],
-        merchant_account=parent["merchant_account"], reason=parent["reason"],
-        evidence={**parent["evidence"], "reissue_reason": body.reason}, source=RequestSource.CONSOLE,
-        method=body.method, parent_refund_request_id=parent["refund_request_id"],
-        trigger_identities=(parent["requester"],),
-    )
+def reissue_request(parent: dict[str, Any], body: ReissueBody, attempt: int) -> RefundRequest:
+    """The child request: same charge and amount, its own id, linked to its parent; the
+    parent's requester is behind it, so cannot approve it."""
+    original = request_from_row(parent)
+    return original.model_copy(update={
+        "refund_request_id": f"{original.refund_request_id}-r{attempt}",
+        "evidence": {**original.evidence, "reissue_reason": body.reason},
+        "source": RequestSource.CONSOLE, "method": body.method,
+        "parent_refund_request_id": original.refund_request_id,
+        "trigger_identities": (parent["requester"],)})
 
 
 def request_from_event(event: ProviderEvent) -> RefundRequest:

@@ -1,0 +1,75 @@
+"""A failed refund is reissued as a new linked request through the same gates."""
+
+from tests.harness import Stack
+
+
+async def failed_case(stack: Stack, amount: int = 2_500) -> tuple[str, str]:
+    charge = await stack.charge(10_000)
+    async with stack.sandbox() as sb:
+        await sb.post("/_sandbox/config", json={"refund_initial_status": "pending"})
+    case_id = await stack.request_refund("alice", charge, amount)
+    row = await stack.wait_for_status(case_id, "pending")
+    await stack.set_provider_status(row["provider_refund_id"], "failed",
+                                    failure_reason="card_account_closed")
+    await stack.wait_for_status(case_id, "refund_failed")
+    async with stack.sandbox() as sb:
+        await sb.post("/_sandbox/config", json={"refund_initial_status": "succeeded"})
+    return case_id, charge
+
+
+async def reissue(stack: Stack, user: str, case_id: str, method: str = "provider") -> tuple[int, dict]:  # type: ignore[type-arg]
+    async with stack.api(user) as api:
+        response = await api.post(f"/v1/refund-requests/{case_id}/reissue",
+                                  json={"method": method, "reason": "customer has a new card"})
+    return response.status_code, response.json()
+
+
+async def test_reissue_through_the_provider_is_linked_and_succeeds_once(stack: Stack) -> None:
+    case_id, charge = await failed_case(stack)
+    assert (await reissue(stack, "alice", case_id))[0] == 403  # requesters cannot reissue
+    status, child = await reissue(stack, "olga", case_id)
+    assert status == 202
+    assert child["parent_refund_request_id"] == case_id and child["amount"] == 2_500
+    again_status, again = await reissue(stack, "olga", case_id)  # a double click
+    assert again_status == 200 and again["refund_request_id"] == child["refund_request_id"]
+    await stack.wait_for_status(child["refund_request_id"], "succeeded")
+    statuses = sorted(r["status"] for r in await stack.provider_refunds(charge))
+    assert statuses == ["failed", "succeeded"]
+    assert "reissue_requested" in await stack.actions(case_id)
+
+
+async def test_reissue_cannot_exceed_what_is_left_on_the_charge(stack: Stack) -> None:
+    case_id, charge = await failed_case(stack, amount=4_000)
+    settled = await stack.request_refund("alice", charge, 5_000)
+    await stack.wait_for_status(settled, "succeeded")
+    held = await stack.request_refund("alice", charge, 1_500)  # a prior refund: needs a person
+    await stack.wait_for_status(held, "awaiting_approval")
+    status, child = await reissue(stack, "olga", case_id)  # 40.00 does not fit in 35.00 left
+    assert status == 202
+    row = await stack.wait_for_status(child["refund_request_id"], "rejected")
+    assert row["reserved_amount"] == 0
+    assert sum(r["amount"] for r in await stack.provider_refunds(charge)
+               if r["status"] != "failed") == 5_000
+
+
+async def test_reissue_by_bank_transfer_waits_for_ops_to_confirm(stack: Stack) -> None:
+    case_id, charge = await failed_case(stack)
+    status, child = await reissue(stack, "olga", case_id, method="bank_transfer")
+    assert status == 202 and child["method"] == "bank_transfer"
+    child_id = child["refund_request_id"]
+    await stack.wait_for_status(child_id, "awaiting_approval")  # a reissue needs a person
+    async with stack.api("bob") as api:
+        assert (await api.post(f"/v1/refund-requests/{child_id}/approvals",
+                               json={"decision": "approve"})).status_code == 202
+    await stack.wait_for_status(child_id, "pending")
+    async with stack.api("olga") as api:  # olga requested the reissue: she cannot confirm it
+        refused = await api.post(f"/v1/manual-refunds/{child_id}/confirmation", json={"paid": True})
+        assert refused.status_code == 403
+    async with stack.api("admin") as api:
+        confirmed = await api.post(f"/v1/manual-refunds/{child_id}/confirmation",
+                                   json={"paid": True, "reason": "SEPA ref 123"})
+        assert confirmed.status_code == 200, confirmed.text
+    await stack.wait_for_status(child_id, "succeeded")
+    assert len(await stack.provider_refunds(charge)) == 1  # the provider was not asked again
+    assert {e["posting_key"] for e in await stack.store.ledger_entries(child_id)} == {
+        f"{child_id}:refund_settled"}
