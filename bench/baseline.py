@@ -1,0 +1,24 @@
+"""The baseline workflow: the same number of activities as a refund, doing nothing."""
+
+from datetime import timedelta
+
+from temporalio import activity, workflow
+
+
+@activity.defn(name="bench_noop")
+async def noop(step: int) -> int:
+    """Costs only what Temporal costs: schedule, dispatch, complete."""
+    return step
+
+
+@workflow.defn
+class BareWorkflow:
+    """Runs `steps` no-op activities in sequence, like a refund's happy path."""
+
+    @workflow.run
+    async def run(self, steps: int) -> int:
+        done = 0
+        for step in range(steps):
+            done += await workflow.execute_activity(
+                noop, step, start_to_close_timeout=timedelta(seconds=30))
+        return done

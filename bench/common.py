@@ -1,0 +1,79 @@
+"""Shared bench plumbing: the embedded stack in a temporary folder, timing, results."""
+
+import json
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+
+from adapters.store import Store
+from starters.stack import EmbeddedPostgres, TemporalDevServer, free_port
+
+RESULTS = Path(__file__).parent / "results"
+
+
+@dataclass
+class Embedded:
+    """A private Temporal dev server and PostgreSQL for one bench run."""
+
+    temporal: TemporalDevServer
+    client: Client
+    store: Store
+    dsn: str
+
+
+@asynccontextmanager
+async def embedded_stack() -> AsyncIterator[Embedded]:
+    with tempfile.TemporaryDirectory(prefix="refunds-bench-") as folder:
+        pg = EmbeddedPostgres(Path(folder) / "pg", delete_on_stop=True)
+        dsn = pg.start()
+        temporal = TemporalDevServer(Path(folder) / "temporal.db", port=free_port(), ui_port=None)
+        await temporal.start()
+        store = await Store.open(dsn, max_size=20)
+        await store.migrate()
+        client = await Client.connect(temporal.address, data_converter=pydantic_data_converter)
+        try:
+            yield Embedded(temporal, client, store, dsn)
+        finally:
+            await store.close()
+            temporal.stop()
+            pg.stop()
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100) of a non-empty list."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"p50_ms": percentile(values, 50) * 1000, "p99_ms": percentile(values, 99) * 1000,
+            "mean_ms": statistics.fmean(values) * 1000}
+
+
+def report(name: str, rows: list[dict[str, Any]], extra: dict[str, Any]) -> Path:
+    """Prints a table and writes bench/results/<name>.json (measurements, machine, time)."""
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    widths = {k: max(len(k), *(len(_fmt(r.get(k))) for r in rows)) for k in keys}
+    print("  ".join(k.ljust(widths[k]) for k in keys))
+    for row in rows:
+        print("  ".join(_fmt(row.get(k)).ljust(widths[k]) for k in keys))
+    for key, value in extra.items():
+        print(f"{key}: {_fmt(value)}")
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"benchmark": name, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                "machine": platform.platform(), "rows": rows, **extra}, indent=2))
+    return path
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value if value is not None else "")
