@@ -9,9 +9,11 @@ import hashlib
 import logging
 import time
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -20,9 +22,12 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from adapters import metrics
 from adapters.config import Settings
+from adapters.health import readiness
 from adapters.providers.base import ProviderAdapter, WebhookRejected
 from adapters.store import CaseCreation, Principal, Store
+from adapters.telemetry import TracingMiddleware, bind_case
 from domain.models import (
     ApprovalSignal,
     Decision,
@@ -33,6 +38,7 @@ from domain.models import (
     RefundWorkflowInput,
     RequestSource,
 )
+from starters.codec_endpoint import CodecRequestError, Direction, transcode
 from workflows.refund import RefundWorkflow
 
 log = logging.getLogger("relay")
@@ -97,6 +103,11 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
     """The relay application; `refunds dev`, `refunds relay` and the tests build it here."""
     app = FastAPI(title="Refund Orchestrator relay", version="0.1.0",
                   description="Refund requests, approvals and provider webhooks.")
+    app.add_middleware(TracingMiddleware)
+    if settings.codec_cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.codec_cors_origins,
+                           allow_credentials=True, allow_methods=["POST"],
+                           allow_headers=["Authorization", "Content-Type", "X-Namespace"])
     bearer = HTTPBearer(auto_error=False)
 
     async def principal(
@@ -121,11 +132,36 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
         return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        """Readiness: PostgreSQL (with migrations) and Temporal (with the namespace) answer."""
+        return await readiness(client, store)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        await metrics.refresh_case_gauges(store)
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
+    @app.post("/codec/{direction}")
+    async def codec(direction: Direction, body: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        """Temporal's remote codec protocol, for the UI and `temporal --codec-endpoint`."""
+        await require(caller, OPS_ROLES, "using the payload codec")
+        codec = client.data_converter.payload_codec
+        if codec is None:
+            raise HTTPException(404, "this relay has no payload codec")
+        try:
+            return await transcode(codec, direction, body)
+        except CodecRequestError as exc:
+            raise HTTPException(400, str(exc)) from None
 
     @app.post("/v1/refund-requests", status_code=202)
     async def request_refund(body: RefundRequest, caller: Caller, response: Response) -> dict[str, Any]:
         """Accepts a refund request once: 202 new, 200 identical repeat, 409 same id other values."""
+        bind_case(body.refund_request_id)
         await require(caller, REQUEST_ROLES, "requesting a refund", body.refund_request_id)
         outcome, row = await store.create_case(body, caller.user)
         if outcome is CaseCreation.CONFLICT:
@@ -166,6 +202,7 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
     @app.post("/v1/refund-requests/{refund_request_id}/approvals", status_code=202)
     async def approve(refund_request_id: str, body: ApprovalBody, caller: Caller) -> dict[str, Any]:
         """Signals the workflow; the approver is the token's user. Refusals are audited."""
+        bind_case(refund_request_id)
         await require(caller, APPROVAL_ROLES, "approving a refund", refund_request_id)
         row = await store.get_case(refund_request_id)
         if row is None:
@@ -180,6 +217,7 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
         signal = ApprovalSignal(approver=caller.user, roles=tuple(sorted(caller.roles)),
                                 decision=body.decision, reason=body.reason)
         await client.get_workflow_handle(refund_request_id).signal(RefundWorkflow.approve, signal)
+        observe_approval_wait(await store.audit_trail(refund_request_id), body.decision)
         return {"refund_request_id": refund_request_id, "accepted_for_review": True,
                 "decision": body.decision.value}
 
@@ -201,6 +239,7 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
         """Starts or signals the event's workflow; returns its id (None when unmatched)."""
         if event.kind is EventKind.REFUND_REQUESTED:
             request = request_from_event(event)
+            bind_case(request.refund_request_id)
             requester = f"provider:{event.provider}"
             outcome, _ = await store.create_case(request, requester)
             if outcome is CaseCreation.CONFLICT:
@@ -217,6 +256,7 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
                       event.provider, event.event_type, event.refund_id)
             return None
         case_id = str(row["refund_request_id"])
+        bind_case(case_id)
         try:
             await client.get_workflow_handle(case_id).signal(RefundWorkflow.provider_event, event)
         except RPCError as exc:
@@ -234,6 +274,7 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
         kept_headers = {k: v for k, v in headers.items() if k != "authorization"}
         body = await read_limited(request)
         provider = providers.get(provider_name)
+        label = provider_name if provider is not None else "unknown"
         event: ProviderEvent | None = None
         rejection: WebhookRejected | None = None
         if body is None:
@@ -256,6 +297,9 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
                 provider=provider_name, event_id=rejection.event_id, event_type=rejection.event_type,
                 body=body, body_sha256=digest, headers=kept_headers, verdict=rejection.verdict,
                 error=rejection.message)
+            metrics.RECEIPTS.labels(label, rejection.verdict).inc()
+            if rejection.verdict == "unknown_type":
+                metrics.UNKNOWN_EVENT_TYPES.labels(label, (rejection.event_type or "")[:64]).inc()
             level = logging.ERROR if rejection.verdict == "unknown_type" else logging.WARNING
             log.log(level, "webhook %s rejected (%s): %s", provider_name, rejection.verdict,
                     rejection.message)
@@ -267,7 +311,9 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
         stored = await store.store_receipt(
             provider=provider_name, event_id=event.event_id, event_type=event.event_type, body=body,
             body_sha256=digest, headers=kept_headers, verdict="accepted", error=None)
+        metrics.RECEIPTS.labels(label, stored.verdict).inc()
         if stored.verdict == "duplicate":
+            metrics.DUPLICATES.labels(label).inc()
             log.info("duplicate delivery of %s %s (first receipt %s)", provider_name,
                      event.event_id, stored.first_receipt_id)
             if stored.first_processed:
@@ -279,6 +325,14 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
                                        workflow_id=workflow_id).model_dump())
 
     return app
+
+
+def observe_approval_wait(trail: list[dict[str, Any]], decision: Decision) -> None:
+    """Time since the case started waiting for approval, sampled at each decision."""
+    asked = [e["occurred_at"] for e in trail if e["action"] == "approval_requested"]
+    if asked:
+        waited = (datetime.now(UTC) - asked[-1]).total_seconds()
+        metrics.APPROVAL_WAIT.labels(decision.value).observe(max(waited, 0.0))
 
 
 def request_from_event(event: ProviderEvent) -> RefundRequest:
