@@ -5,7 +5,15 @@ gauges are read from PostgreSQL when scraped, so every relay reports the same nu
 Labels stay low-cardinality: provider names we configured, verdicts, operations.
 """
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 from adapters.store import Store
 from domain.models import CaseStatus, LedgerKind
@@ -25,9 +33,12 @@ PROVIDER_CALL_ERRORS = Counter("refunds_provider_call_errors", "Provider API cal
                                ["provider", "operation", "error"])
 VERIFY_OUTCOMES = Counter("refunds_verify_state", "Verify-state lookups at the provider, by outcome",
                           ["provider", "outcome"])
-CASES = Gauge("refunds_cases", "Refund cases by state", ["state"])
+# Read from the database by the relay only, so a worker never reports a stale 0.
+CASE_REGISTRY = CollectorRegistry()
+CASES = Gauge("refunds_cases", "Refund cases by state", ["state"], registry=CASE_REGISTRY)
 LEDGER_PENDING = Gauge("refunds_ledger_pending",
-                       "Refunds the provider reports succeeded that have no settled ledger entry yet")
+                       "Refunds the provider reports succeeded that have no settled ledger entry yet",
+                       registry=CASE_REGISTRY)
 
 
 async def refresh_case_gauges(store: Store) -> None:
@@ -47,6 +58,6 @@ async def refresh_case_gauges(store: Store) -> None:
     LEDGER_PENDING.set(int(pending["n"]) if pending else 0)
 
 
-def exposition() -> tuple[bytes, str]:
-    """The process's metrics in Prometheus text format, with its content type."""
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+def exposition(*extra: CollectorRegistry) -> tuple[bytes, str]:
+    """The process's metrics (and `extra` registries) in Prometheus text format."""
+    return b"".join(generate_latest(r) for r in (REGISTRY, *extra)), CONTENT_TYPE_LATEST

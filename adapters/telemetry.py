@@ -1,6 +1,7 @@
 """Tracing, structured logs and the Temporal SDK's own metrics, set up once per process.
 
-One trace per case: the relay's request span is the root, Temporal's TracingInterceptor
+One trace per case: the relay's request span (FastAPI's native OpenTelemetry server span,
+which continues an incoming `traceparent`) is the root, Temporal's TracingInterceptor
 carries it through the workflow into every activity, and provider calls get their own
 spans. Spans go over OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` (or the traces-specific
 variable) is set, and to the log (logger `refunds.spans`, DEBUG) otherwise. Every log line
@@ -14,12 +15,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from pythonjsonlogger.json import JsonFormatter
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from temporalio import activity
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 
@@ -27,7 +27,6 @@ from adapters.config import Settings
 
 _CASE: contextvars.ContextVar[str | None] = contextvars.ContextVar("refund_request_id", default=None)
 span_log = logging.getLogger("refunds.spans")
-_tracer = trace.get_tracer(__name__)
 
 
 def bind_case(refund_request_id: str) -> None:
@@ -134,30 +133,3 @@ def sdk_runtime(settings: Settings) -> Runtime | None:
     address = f"{settings.bind_host}:{settings.temporal_metrics_port}"
     return Runtime(telemetry=TelemetryConfig(metrics=PrometheusConfig(bind_address=address)))
 
-
-class TracingMiddleware:
-    """ASGI middleware: one server span per HTTP request, continuing an incoming
-    `traceparent` (opentelemetry-instrumentation-asgi is not installable here)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        method = scope["method"]
-        with _tracer.start_as_current_span(
-                f"relay {method}", context=propagate.extract(headers), kind=trace.SpanKind.SERVER,
-                attributes={"http.request.method": method, "url.path": scope["path"]}) as span:
-
-            async def send_observed(message: Message) -> None:
-                if message["type"] == "http.response.start":
-                    span.set_attribute("http.response.status_code", message["status"])
-                await send(message)
-
-            await self.app(scope, receive, send_observed)
-            route = scope.get("route")
-            if route is not None and hasattr(route, "path"):
-                span.update_name(f"relay {method} {route.path}")

@@ -27,7 +27,7 @@ from adapters.config import Settings
 from adapters.health import readiness
 from adapters.providers.base import ProviderAdapter, WebhookRejected
 from adapters.store import CaseCreation, Principal, Store
-from adapters.telemetry import TracingMiddleware, bind_case
+from adapters.telemetry import bind_case
 from domain.models import (
     ApprovalSignal,
     Decision,
@@ -103,7 +103,6 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
     """The relay application; `refunds dev`, `refunds relay` and the tests build it here."""
     app = FastAPI(title="Refund Orchestrator relay", version="0.1.0",
                   description="Refund requests, approvals and provider webhooks.")
-    app.add_middleware(TracingMiddleware)
     if settings.codec_cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.codec_cors_origins,
                            allow_credentials=True, allow_methods=["POST"],
@@ -143,7 +142,7 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
         await metrics.refresh_case_gauges(store)
-        body, content_type = metrics.exposition()
+        body, content_type = metrics.exposition(metrics.CASE_REGISTRY)
         return Response(body, media_type=content_type)
 
     @app.post("/codec/{direction}")
