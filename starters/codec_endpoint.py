@@ -12,19 +12,18 @@ from google.protobuf import json_format
 from temporalio.api.common.v1 import Payloads
 from temporalio.converter import PayloadCodec
 
+from adapters.codec import CodecError
+
 Direction = Literal["encode", "decode"]
 
 
-class CodecRequestError(ValueError):
-    """The body is not a protobuf-JSON Payloads message."""
-
-
 async def transcode(codec: PayloadCodec, direction: Direction, body: dict[str, Any]) -> dict[str, Any]:
-    """Encodes or decodes every payload of a protobuf-JSON `Payloads` body."""
+    """Encodes or decodes every payload of a protobuf-JSON `Payloads` body; CodecError names
+    a body that is not one, or a payload that cannot be opened."""
     try:
         payloads = json_format.ParseDict(body, Payloads())
     except json_format.ParseError as exc:
-        raise CodecRequestError(f"not a Payloads message: {exc}") from None
+        raise CodecError(f"not a Payloads message: {exc}") from None
     run = codec.encode if direction == "encode" else codec.decode
     result = Payloads(payloads=await run(payloads.payloads))
     return json_format.MessageToDict(result)

@@ -23,6 +23,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from adapters import metrics
+from adapters.codec import CodecError
 from adapters.config import Settings
 from adapters.health import readiness
 from adapters.providers.base import ProviderAdapter, WebhookRejected
@@ -38,7 +39,7 @@ from domain.models import (
     RefundWorkflowInput,
     RequestSource,
 )
-from starters.codec_endpoint import CodecRequestError, Direction, transcode
+from starters.codec_endpoint import Direction, transcode
 from workflows.refund import RefundWorkflow
 
 log = logging.getLogger("relay")
@@ -154,7 +155,7 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
             raise HTTPException(404, "this relay has no payload codec")
         try:
             return await transcode(codec, direction, body)
-        except CodecRequestError as exc:
+        except CodecError as exc:  # not a Payloads body, or sealed with a key we do not hold
             raise HTTPException(400, str(exc)) from None
 
     @app.post("/v1/refund-requests", status_code=202)

@@ -98,6 +98,11 @@ async def test_history_holds_no_canary_in_clear_and_decodes_with_the_codec(
         assert response.status_code == 200, response.text
         opened = json_format.ParseDict(response.json(), Payloads()).payloads[0]
         assert CANARIES["card"].encode() in opened.data
+        foreign = await EncryptionCodec(parse_keys(generate_key_spec("elsewhere"))).encode([_payload("x")])
+        async with stack.api("dave") as auditor:
+            refused = await auditor.post("/codec/decode", json=json_format.MessageToDict(
+                Payloads(payloads=foreign)))
+        assert refused.status_code == 400 and "'elsewhere'" in refused.json()["detail"]
         async with stack.api("alice") as requester:
             assert (await requester.post("/codec/decode", json=wire)).status_code == 403
         async with httpx.AsyncClient(base_url=stack.relay_url) as anonymous:
