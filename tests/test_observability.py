@@ -84,3 +84,19 @@ async def test_metrics_count_receipts_duplicates_unknown_types_provider_calls_an
     assert moved("refunds_provider_call_seconds_count", provider="sandbox", operation="create_refund") == 1
     assert _value(after, "refunds_cases", state="succeeded") >= 1
     assert ("refunds_ledger_pending", frozenset()) in after
+
+
+async def test_approval_wait_is_observed_when_an_approver_decides(stack: Stack) -> None:
+    before = await _scrape(stack)
+    body = stack.refund_body(await stack.charge(20_000), 9_000)
+    case_id = body["refund_request_id"]
+    async with stack.api("alice") as api:
+        assert (await api.post("/v1/refund-requests", json=body)).status_code == 202
+    await stack.wait_for_status(case_id, "awaiting_approval")
+    async with stack.api("bob") as api:
+        response = await api.post(f"/v1/refund-requests/{case_id}/approvals", json={"decision": "approve"})
+    assert response.status_code == 202, response.text
+    after = await _scrape(stack)
+    name = "refunds_approval_wait_seconds_count"
+    assert _value(after, name, decision="approve") - _value(before, name, decision="approve") == 1
+    await stack.wait_for_status(case_id, "succeeded")
