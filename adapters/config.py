@@ -6,6 +6,7 @@ production; nothing here has a secret as its default.
 
 from datetime import timedelta
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -46,6 +47,17 @@ class Settings(BaseSettings):
     sandbox_api_key: SecretStr | None = None
 
     policy_file: Path | None = None
+
+    payload_keys: SecretStr | None = Field(
+        default=None, description="'kid:base64key,…' for the payload codec; the first seals, all open")
+    codec_cors_origins: list[str] = Field(
+        default_factory=list, description="browser origins (the Temporal UI) allowed to call /codec")
+
+    graceful_shutdown_seconds: float = 30
+    worker_health_port: int = Field(default=8001, description="worker /healthz, /readyz, /metrics; 0: off")
+    temporal_metrics_port: int = Field(default=8002, description="worker's Temporal SDK metrics; 0: off")
+    log_format: Literal["json", "text"] = "json"
+    log_level: str = "INFO"
 
     webhook_max_body_bytes: int = 256 * 1024
     webhook_tolerance_seconds: int = 300

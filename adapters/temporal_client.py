@@ -1,16 +1,51 @@
-"""Connecting to Temporal with the product's data converter.
+"""Connecting to Temporal: where (envconfig profile or settings), how (TLS, mTLS, API key),
+and with which data converter (pydantic payloads, AES-GCM codec, encoded failures).
 
-`TEMPORAL_ADDRESS` / `TEMPORAL_NAMESPACE` (via Settings) point at a real cluster; unset,
-the embedded dev server started by `refunds dev` is used.
+Connection settings follow Temporal's own environment configuration
+(`temporalio.envconfig`): a TOML profile (`TEMPORAL_CONFIG_FILE`, `TEMPORAL_PROFILE`) and
+`TEMPORAL_*` variables such as `TEMPORAL_API_KEY`, `TEMPORAL_TLS_CLIENT_CERT_PATH`,
+`TEMPORAL_TLS_CLIENT_KEY_PATH`, `TEMPORAL_TLS_SERVER_CA_CERT_PATH`. An address or namespace
+given to Settings explicitly wins; with no address anywhere, the embedded dev server is used.
 """
 
-from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
+from datetime import timedelta
+from typing import Any
 
+from temporalio.client import Client
+from temporalio.contrib.opentelemetry import TracingInterceptor
+from temporalio.envconfig import ClientConfigProfile
+from temporalio.runtime import Runtime
+
+from adapters.codec import CodecError, EncryptionCodec, data_converter, parse_keys
 from adapters.config import Settings
 
 
-async def connect(settings: Settings) -> Client:
-    """A client whose payloads are pydantic models (typed on both sides)."""
-    return await Client.connect(settings.temporal_target(), namespace=settings.temporal_namespace,
-                                data_converter=pydantic_data_converter)
+def payload_codec(settings: Settings) -> EncryptionCodec:
+    """The codec every client and worker of the product uses; refuses to run without keys."""
+    if settings.payload_keys is None:
+        raise CodecError("REFUNDS_PAYLOAD_KEYS is not set: payloads must be encrypted "
+                         "(generate a key: python -c \"import base64,os;"
+                         "print('k1:'+base64.b64encode(os.urandom(32)).decode())\")")
+    return EncryptionCodec(parse_keys(settings.payload_keys.get_secret_value()))
+
+
+def connect_options(settings: Settings) -> dict[str, Any]:
+    """Client.connect arguments: envconfig's profile, then explicit Settings on top.
+
+    Reads certificate and key files named by the profile, so a missing file fails here.
+    """
+    options: dict[str, Any] = dict(ClientConfigProfile.load().to_client_connect_config())
+    options["target_host"] = (settings.temporal_address or options.get("target_host")
+                              or settings.temporal_target())
+    if "temporal_namespace" in settings.model_fields_set or "namespace" not in options:
+        options["namespace"] = settings.temporal_namespace
+    return options
+
+
+async def connect(settings: Settings, *, runtime: Runtime | None = None,
+                  connect_timeout: timedelta | None = None) -> Client:
+    """A client with the product's converter and tracing; workers built on it inherit both."""
+    return await Client.connect(**connect_options(settings),
+                                data_converter=data_converter(payload_codec(settings)),
+                                interceptors=[TracingInterceptor()], runtime=runtime,
+                                connect_timeout=connect_timeout)

@@ -1,6 +1,7 @@
 """`refunds`: the command line. Request, approve and status go through the relay's
 HTTP API (same auth, same checks as every other entry point); dev, worker, relay and
-sandbox start servers; migrate and token talk to PostgreSQL directly.
+sandbox start servers; migrate and token talk to PostgreSQL directly; doctor checks
+the configuration and every dependency.
 
 Every command ends with os._exit after flushing, because temporalio's native runtime can
 crash at interpreter exit in short-lived processes (sdk-python #300).
@@ -57,11 +58,22 @@ async def _database(settings: Settings) -> tuple[str, Any]:
     return await asyncio.to_thread(pg.start), pg
 
 
-async def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
-    from starters.dev import enable_logging, run_dev
+def _observability(settings: Settings, service: str, *, text_logs: bool = False) -> None:
+    from adapters.telemetry import configure_logging, configure_tracing
 
-    enable_logging()
-    await run_dev(settings, play_demo=not args.no_demo)
+    configure_logging(settings, text=text_logs or None)
+    configure_tracing(service)
+
+
+async def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
+    from adapters.telemetry import shutdown_tracing
+    from starters.dev import run_dev
+
+    _observability(settings, "refunds-dev", text_logs="log_format" not in settings.model_fields_set)
+    try:
+        await run_dev(settings, play_demo=not args.no_demo)
+    finally:
+        shutdown_tracing()
     return 0
 
 
@@ -76,10 +88,10 @@ async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     import signal
 
-    from starters.dev import enable_logging
+    from adapters.telemetry import shutdown_tracing
     from workers.main import run_worker
 
-    enable_logging()
+    _observability(settings, "refunds-worker")
     dsn, pg = await _database(settings)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -87,6 +99,7 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     try:
         await run_worker(settings, dsn, stop)
     finally:
+        shutdown_tracing()
         if pg is not None:
             pg.stop()
     return 0
@@ -95,14 +108,14 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 async def cmd_relay(args: argparse.Namespace, settings: Settings) -> int:
     import signal
 
+    from adapters.http_server import AppServer
     from adapters.providers.registry import build_providers, close_providers
     from adapters.store import Store
+    from adapters.telemetry import shutdown_tracing
     from adapters.temporal_client import connect
-    from starters.dev import enable_logging
     from starters.relay import create_app
-    from starters.stack import AppServer
 
-    enable_logging()
+    _observability(settings, "refunds-relay")
     dsn, pg = await _database(settings)
     store = await Store.open(dsn)
     providers = build_providers(settings)
@@ -119,9 +132,19 @@ async def cmd_relay(args: argparse.Namespace, settings: Settings) -> int:
         await server.stop()
         await close_providers(providers)
         await store.close()
+        shutdown_tracing()
         if pg is not None:
             pg.stop()
     return 0
+
+
+async def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
+    from starters.doctor import run_doctor
+
+    findings = await run_doctor(settings)
+    for finding in findings:
+        print(finding.line())
+    return 0 if all(f.ok for f in findings) else 1
 
 
 async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
@@ -273,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("worker", help="run a worker (production)").set_defaults(run=cmd_worker)
     sub.add_parser("relay", help="run the relay (production)").set_defaults(run=cmd_relay)
     sub.add_parser("migrate", help="apply schema migrations").set_defaults(run=cmd_migrate)
+    sub.add_parser("doctor", help="check configuration and connectivity; exit 0 when healthy").set_defaults(
+        run=cmd_doctor)
 
     token = sub.add_parser("token", help="API tokens").add_subparsers(dest="token_command", required=True)
     create = token.add_parser("create", help="create a token (printed once; stored hashed)")

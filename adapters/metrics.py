@@ -1,0 +1,63 @@
+"""Prometheus metrics of the product (served at the relay's and the worker's /metrics).
+
+Counters move where things happen (relay: receipts; worker: provider calls); the case
+gauges are read from PostgreSQL when scraped, so every relay reports the same numbers.
+Labels stay low-cardinality: provider names we configured, verdicts, operations.
+"""
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from adapters.store import Store
+from domain.models import CaseStatus, LedgerKind
+
+RECEIPTS = Counter("refunds_webhook_receipts", "Webhook deliveries stored, by provider and verdict",
+                   ["provider", "verdict"])
+DUPLICATES = Counter("refunds_webhook_duplicates", "Deliveries of an event already received",
+                     ["provider"])
+UNKNOWN_EVENT_TYPES = Counter("refunds_webhook_unknown_event_types",
+                              "Signed events of a type we have no handler for", ["provider", "event_type"])
+APPROVAL_WAIT = Histogram("refunds_approval_wait_seconds",
+                          "From approval requested to an approver's decision", ["decision"],
+                          buckets=(60, 300, 900, 3600, 4 * 3600, 86400, 3 * 86400, 7 * 86400))
+PROVIDER_CALL_SECONDS = Histogram("refunds_provider_call_seconds", "Provider API call latency",
+                                  ["provider", "operation"])
+PROVIDER_CALL_ERRORS = Counter("refunds_provider_call_errors", "Provider API calls that raised",
+                               ["provider", "operation", "error"])
+VERIFY_OUTCOMES = Counter("refunds_verify_state", "Verify-state lookups at the provider, by outcome",
+                          ["provider", "outcome"])
+# Read from the database by the relay only, so a worker never reports a stale 0.
+CASE_REGISTRY = CollectorRegistry()
+CASES = Gauge("refunds_cases", "Refund cases by state", ["state"], registry=CASE_REGISTRY)
+LEDGER_PENDING = Gauge("refunds_ledger_pending",
+                       "Refunds the provider reports succeeded that have no settled ledger entry yet",
+                       registry=CASE_REGISTRY)
+
+
+async def refresh_case_gauges(store: Store) -> None:
+    """Reads cases by state and the ledger backlog; states without cases report 0."""
+    async with store.transaction() as conn:
+        rows = await (await conn.execute(
+            "SELECT status, count(*) AS n FROM refund_cases GROUP BY status")).fetchall()
+        pending = await (await conn.execute(
+            "SELECT count(*) AS n FROM refund_cases c WHERE c.provider_status = 'succeeded'"
+            " AND NOT EXISTS (SELECT 1 FROM ledger_entries e WHERE e.refund_request_id ="
+            " c.refund_request_id AND e.template = %s)", (LedgerKind.REFUND_SETTLED.value,))).fetchone()
+    counts = {str(r["status"]): int(r["n"]) for r in rows}
+    for known in CaseStatus:
+        CASES.labels(known.value).set(counts.pop(known.value, 0))
+    for other, n in counts.items():  # a status this build does not know still shows up
+        CASES.labels(other).set(n)
+    LEDGER_PENDING.set(int(pending["n"]) if pending else 0)
+
+
+def exposition(*extra: CollectorRegistry) -> tuple[bytes, str]:
+    """The process's metrics (and `extra` registries) in Prometheus text format."""
+    return b"".join(generate_latest(r) for r in (REGISTRY, *extra)), CONTENT_TYPE_LATEST

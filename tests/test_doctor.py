@@ -1,0 +1,94 @@
+"""`refunds doctor` and the Temporal connection settings it checks: envconfig profiles and
+TEMPORAL_* variables (mTLS, API key), with explicit settings on top."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from temporalio.service import TLSConfig
+
+from adapters.config import Settings
+from adapters.store import Store
+from adapters.temporal_client import connect_options
+from starters.doctor import run_doctor
+from starters.stack import TemporalDevServer, free_port
+from tests.harness import PAYLOAD_KEYS
+
+REFUNDS = str(Path(sys.executable).parent / "refunds")
+
+
+def _env(temporal_address: str, dsn: str) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("REFUNDS_", "TEMPORAL_"))}
+    return {**clean, "TEMPORAL_ADDRESS": temporal_address, "REFUNDS_DATABASE_URL": dsn,
+            "REFUNDS_PAYLOAD_KEYS": PAYLOAD_KEYS, "REFUNDS_SANDBOX_WEBHOOK_SECRET": "whsec-doctor"}
+
+
+def test_doctor_exits_0_on_a_healthy_stack_and_1_naming_an_unreachable_temporal(
+        temporal_server: TemporalDevServer, postgres_dsn: str, store: Store) -> None:
+    healthy = subprocess.run([REFUNDS, "doctor"], env=_env(temporal_server.address, postgres_dsn),
+                             capture_output=True, text=True, timeout=60)
+    assert healthy.returncode == 0, healthy.stdout + healthy.stderr
+    assert [line.split()[:2] for line in healthy.stdout.splitlines()] == [
+        ["ok", "payloads"], ["ok", "temporal"], ["ok", "postgres"], ["ok", "providers"]]
+
+    nowhere = f"127.0.0.1:{free_port()}"
+    broken = subprocess.run([REFUNDS, "doctor"], env=_env(nowhere, postgres_dsn),
+                            capture_output=True, text=True, timeout=60)
+    assert broken.returncode == 1, broken.stdout + broken.stderr
+    assert f"FAIL  temporal   cannot reach Temporal at {nowhere}" in broken.stdout
+    assert "ok    postgres" in broken.stdout
+
+
+async def test_doctor_names_a_missing_namespace_keys_database_and_provider(
+        temporal_server: TemporalDevServer) -> None:
+    findings = await run_doctor(Settings(temporal_address=temporal_server.address,
+                                         temporal_namespace="no-such-namespace"))
+    detail = {f.check: (f.ok, f.detail) for f in findings}
+    assert detail["payloads"] == (False, detail["payloads"][1])
+    assert "REFUNDS_PAYLOAD_KEYS is not set" in detail["payloads"][1]
+    assert detail["postgres"] == (False, "REFUNDS_DATABASE_URL is not set")
+    assert detail["providers"][0] is False
+
+    findings = await run_doctor(Settings(temporal_address=temporal_server.address, payload_keys=PAYLOAD_KEYS,
+                                         temporal_namespace="no-such-namespace"))
+    [temporal] = [f for f in findings if f.check == "temporal"]
+    assert not temporal.ok
+    assert temporal.detail == (f"namespace 'no-such-namespace' does not exist at Temporal "
+                               f"{temporal_server.address}")
+
+
+def test_connection_comes_from_envconfig_with_mtls_and_api_key(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, content in {"ca.pem": b"CA", "client.pem": b"CERT", "client.key": b"KEY"}.items():
+        (tmp_path / name).write_bytes(content)
+    profile = tmp_path / "temporal.toml"
+    profile.write_text(f"""
+[profile.cloud]
+address = "payments.a1b2c.tmprl.cloud:7233"
+namespace = "payments.a1b2c"
+[profile.cloud.tls]
+server_ca_cert_path = "{tmp_path / 'ca.pem'}"
+client_cert_path = "{tmp_path / 'client.pem'}"
+client_key_path = "{tmp_path / 'client.key'}"
+""")
+    for var in [v for v in os.environ if v.startswith("TEMPORAL_")]:
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("TEMPORAL_CONFIG_FILE", str(profile))
+    monkeypatch.setenv("TEMPORAL_PROFILE", "cloud")
+    options = connect_options(Settings())
+    assert options["target_host"] == "payments.a1b2c.tmprl.cloud:7233"
+    assert options["namespace"] == "payments.a1b2c"
+    tls = options["tls"]
+    assert isinstance(tls, TLSConfig)
+    assert (tls.server_root_ca_cert, tls.client_cert, tls.client_private_key) == (b"CA", b"CERT", b"KEY")
+
+    monkeypatch.setenv("TEMPORAL_API_KEY", "key-from-env")
+    explicit = connect_options(Settings(temporal_address="other:7233", temporal_namespace="refunds"))
+    assert (explicit["target_host"], explicit["namespace"]) == ("other:7233", "refunds")
+    assert explicit["api_key"] == "key-from-env"
+
+    monkeypatch.setenv("TEMPORAL_TLS_CLIENT_CERT_PATH", str(tmp_path / "missing.pem"))
+    with pytest.raises(FileNotFoundError):
+        connect_options(Settings())

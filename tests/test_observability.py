@@ -1,0 +1,102 @@
+"""One trace per case, from the relay through the workflow to every activity and provider
+call; Prometheus counters that move when receipts arrive and refunds run."""
+
+import uuid
+
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.harness import Stack
+
+
+def _flushed(spans: InMemorySpanExporter) -> tuple[ReadableSpan, ...]:
+    provider = trace.get_tracer_provider()
+    assert isinstance(provider, TracerProvider)
+    provider.force_flush()
+    return spans.get_finished_spans()
+
+
+async def _scrape(stack: Stack) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    async with stack.api("dave") as api:
+        response = await api.get("/metrics")
+    assert response.status_code == 200
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(response.text) for s in family.samples}
+
+
+def _value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+async def test_one_trace_from_relay_request_through_workflow_activities_and_provider(
+        stack: Stack, spans: InMemorySpanExporter) -> None:
+    charge = await stack.charge(10_000)
+    body = stack.refund_body(charge, 2_500)
+    case_id = body["refund_request_id"]
+    async with stack.api("alice") as api:
+        assert (await api.post("/v1/refund-requests", json=body)).status_code == 202
+    await stack.wait_for_status(case_id, "succeeded")
+
+    finished = _flushed(spans)
+    [endpoint] = [s for s in finished if s.name == "fastapi.endpoint"
+                  and (s.attributes or {}).get("refund_request_id") == case_id
+                  and str((s.attributes or {}).get("code.function.name")).endswith("request_refund")]
+    assert endpoint.context is not None
+    in_trace = [s for s in finished if s.context is not None
+                and s.context.trace_id == endpoint.context.trace_id]
+    [root] = [s for s in in_trace if s.parent is None]
+    assert root.name == "POST /v1/refund-requests"
+    names = {s.name for s in in_trace}
+    assert {"StartWorkflow:RefundWorkflow", "RunWorkflow:RefundWorkflow"} <= names
+    for activity in ("validate_refund", "decide_policy", "record_case_event", "submit_provider_refund",
+                     "post_ledger"):
+        assert f"RunActivity:{activity}" in names, activity
+    assert {"provider.get_charge", "provider.create_refund"} <= names
+    [create] = [s for s in in_trace if s.name == "provider.create_refund"]
+    assert (create.attributes or {})["refund_request_id"] == case_id
+
+
+async def test_metrics_count_receipts_duplicates_unknown_types_provider_calls_and_cases(
+        stack: Stack) -> None:
+    before = await _scrape(stack)
+    charge = await stack.charge(5_000)
+    request_id, event_id = f"rrq_{uuid.uuid4().hex[:10]}", f"evt_{uuid.uuid4().hex[:10]}"
+    obj = {"id": request_id, "object": "refund_request", "charge": charge, "amount": 1_000,
+           "currency": "usd", "merchant_account": "acct_1", "reason": "duplicate",
+           "evidence": {"order_id": "ord-3"}}
+    async with stack.sandbox() as sb:
+        await sb.post("/_sandbox/events", json={"type": "refund.requested", "object": obj, "copies": 2,
+                                                "event_id": event_id})
+        await sb.post("/_sandbox/events", json={"type": "refund.mystery", "object": {"id": "x"}})
+    await stack.wait_for_status(f"sandbox-{request_id}", "succeeded")
+    after = await _scrape(stack)
+
+    def moved(name: str, **labels: str) -> float:
+        return _value(after, name, **labels) - _value(before, name, **labels)
+
+    assert moved("refunds_webhook_receipts_total", provider="sandbox", verdict="accepted") >= 1
+    assert moved("refunds_webhook_receipts_total", provider="sandbox", verdict="duplicate") == 1
+    assert moved("refunds_webhook_duplicates_total", provider="sandbox") == 1
+    assert moved("refunds_webhook_unknown_event_types_total", provider="sandbox",
+                 event_type="refund.mystery") == 1
+    assert moved("refunds_provider_call_seconds_count", provider="sandbox", operation="create_refund") == 1
+    assert _value(after, "refunds_cases", state="succeeded") >= 1
+    assert ("refunds_ledger_pending", frozenset()) in after
+
+
+async def test_approval_wait_is_observed_when_an_approver_decides(stack: Stack) -> None:
+    before = await _scrape(stack)
+    body = stack.refund_body(await stack.charge(20_000), 9_000)
+    case_id = body["refund_request_id"]
+    async with stack.api("alice") as api:
+        assert (await api.post("/v1/refund-requests", json=body)).status_code == 202
+    await stack.wait_for_status(case_id, "awaiting_approval")
+    async with stack.api("bob") as api:
+        response = await api.post(f"/v1/refund-requests/{case_id}/approvals", json={"decision": "approve"})
+    assert response.status_code == 202, response.text
+    after = await _scrape(stack)
+    name = "refunds_approval_wait_seconds_count"
+    assert _value(after, name, decision="approve") - _value(before, name, decision="approve") == 1
+    await stack.wait_for_status(case_id, "succeeded")

@@ -1,0 +1,88 @@
+"""`refunds worker` as production runs it: probes, metrics (its own and the Temporal SDK's),
+JSON logs carrying the case id, and a clean exit 0 on SIGTERM within the grace period."""
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+from temporalio.client import Client
+
+from adapters.store import Store
+from starters.stack import TemporalDevServer, free_port
+from tests.harness import PAYLOAD_KEYS, open_stack
+
+GRACE_SECONDS = 3
+
+
+async def _until_ready(url: str, worker: subprocess.Popen[bytes]) -> None:
+    async with httpx.AsyncClient() as http:
+        for _ in range(600):
+            assert worker.poll() is None, "worker exited while starting"
+            try:
+                if (await http.get(f"{url}/readyz")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError("worker never became ready")
+
+
+async def test_worker_serves_probes_and_metrics_logs_json_and_exits_0_on_sigterm(
+        store: Store, client: Client, temporal_server: TemporalDevServer, postgres_dsn: str,
+        tmp_path: Path) -> None:
+    stack = await open_stack(store, client, temporal_server.address, worker=False)
+    secret = stack.settings.sandbox_webhook_secret
+    assert secret is not None
+    health_port, sdk_port = free_port(), free_port()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("REFUNDS_", "TEMPORAL_"))},
+           "REFUNDS_DATABASE_URL": postgres_dsn, "TEMPORAL_ADDRESS": temporal_server.address,
+           "REFUNDS_PAYLOAD_KEYS": PAYLOAD_KEYS, "REFUNDS_TASK_QUEUE": stack.settings.task_queue,
+           "REFUNDS_SANDBOX_API_BASE": stack.sandbox_url,
+           "REFUNDS_SANDBOX_WEBHOOK_SECRET": secret.get_secret_value(),
+           "REFUNDS_WORKER_HEALTH_PORT": str(health_port), "REFUNDS_TEMPORAL_METRICS_PORT": str(sdk_port),
+           "REFUNDS_GRACEFUL_SHUTDOWN_SECONDS": str(GRACE_SECONDS)}
+    log_file = tmp_path / "worker.log"
+    with log_file.open("wb") as log:
+        worker = subprocess.Popen([str(Path(sys.executable).parent / "refunds"), "worker"], env=env,
+                                  stdout=log, stderr=subprocess.STDOUT)
+    health = f"http://127.0.0.1:{health_port}"
+    try:
+        await _until_ready(health, worker)
+        charge = await stack.charge(10_000)
+        async with stack.sandbox() as sb:  # one unknown outcome makes the workflow log a warning
+            await sb.post("/_sandbox/faults", json={"mode": "error_before"})
+        body = stack.refund_body(charge, 1_500)
+        async with stack.api("alice") as api:
+            assert (await api.post("/v1/refund-requests", json=body)).status_code == 202
+        await stack.wait_for_status(body["refund_request_id"], "succeeded")
+
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(f"{health}/healthz")).status_code == 200
+            own = (await http.get(f"{health}/metrics")).text
+            sdk = (await http.get(f"http://127.0.0.1:{sdk_port}/metrics")).text
+        assert 'refunds_provider_call_seconds_count{operation="create_refund",provider="sandbox"} 2.0' in own
+        assert 'refunds_provider_call_errors_total{error="ProviderOutcomeUnknown",operation="create_refund"' \
+               ',provider="sandbox"} 1.0' in own
+        # verify-state after the unknown outcome, then the submit's look-before-resubmit
+        assert 'refunds_verify_state_total{outcome="not_found",provider="sandbox"} 2.0' in own
+        assert "temporal_worker_task_slots_available" in sdk
+        assert "refunds_ledger_pending" not in own  # the relay reports database gauges
+
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=GRACE_SECONDS + 30) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        await stack.close()
+
+    lines = [json.loads(line) for line in log_file.read_text().splitlines() if line.startswith("{")]
+    about_case = [r for r in lines if r.get("refund_request_id") == body["refund_request_id"]]
+    [from_workflow] = [r for r in about_case if r["logger"] == "temporalio.workflow"]
+    assert "submit attempt 1 outcome unknown" in from_workflow["message"]
+    [from_activity] = [r for r in about_case if r["logger"] == "temporalio.activity"]
+    assert from_activity["level"] == "WARNING"
