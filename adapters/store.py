@@ -350,14 +350,16 @@ class Store:
 
     async def store_receipt(self, *, provider: str, event_id: str | None, event_type: str | None,
                             body: bytes | None, body_sha256: str, headers: dict[str, str],
-                            verdict: str, error: str | None) -> StoredReceipt:
-        """Stores every delivery; an accepted one passes the (provider, event_id) gate once,
-        later ones are recorded as duplicates of the first."""
+                            verdict: str, error: str | None,
+                            replay_of: int | None = None) -> StoredReceipt:
+        """Stores every delivery (and every replay of a stored one); an accepted one passes
+        the (provider, event_id) gate once, later ones are recorded as duplicates of the first."""
         async with self.transaction() as conn:
             cur = await conn.execute(
                 "INSERT INTO webhook_receipts (provider, event_id, event_type, body, body_sha256,"
-                " headers, verdict, error) VALUES (%s,%s,%s,%s,%s,%s,%s,%s) RETURNING id",
-                (provider, event_id, event_type, body, body_sha256, _json(headers), verdict, error))
+                " headers, verdict, error, replay_of) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s) RETURNING id",
+                (provider, event_id, event_type, body, body_sha256, _json(headers), verdict, error,
+                 replay_of))
             row = await cur.fetchone()
             assert row is not None
             receipt_id = int(row["id"])

@@ -105,13 +105,14 @@ async def run_dev(settings: Settings, *, play_demo: bool = True) -> None:
                 webhook_url=f"{settings.relay_base_url()}/webhooks/sandbox",
                 webhook_secret=settings.sandbox_webhook_secret.get_secret_value().split(",")[0]),
             settings.bind_host, settings.sandbox_port)
-        front = AppServer(relay.create_app(store, client, providers, settings),
-                          settings.bind_host, settings.relay_port)
+        relay_app = relay.create_app(store, client, providers, settings)
+        front = AppServer(relay_app, settings.bind_host, settings.relay_port)
         worker = build_worker(client, settings.task_queue, store, providers)
         worker_task = asyncio.create_task(worker.run())
         try:
             await sandbox.start()
             await front.start()
+            await relay_app.state.webhooks.redrive()
             print_banner(settings, front.url, sandbox.url, ui_url, dev.admin_token)
             if play_demo:
                 try:
