@@ -49,3 +49,33 @@ async def stack(store: Store, client: Client, temporal_server: TemporalDevServer
     opened = await open_stack(store, client, temporal_server.address)
     yield opened
     await opened.close()
+
+
+@pytest.fixture(scope="session")
+def localstripe() -> Iterator[str]:
+    """The third-party localstripe server (a Stripe API fake) on a loopback port."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "tests.localstripe_server", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            if process.poll() is not None:
+                raise RuntimeError("localstripe exited at start")
+            try:
+                httpx.get(f"{url}/v1/charges", auth=("sk_test_fixture", ""), timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        else:
+            raise RuntimeError("localstripe did not answer within 30 s")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
