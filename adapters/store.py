@@ -192,6 +192,26 @@ class Store:
                 (provider, refund_id))
             return await cur.fetchone()
 
+    async def open_tracking_case(self, case_id: str, refund: ProviderRefund,
+                                 merchant_account: str | None, event_type: str) -> bool:
+        """Records a refund the provider made without us as a `tracking` case that holds its
+        amount against the charge (so later requests see less refundable). Once per id."""
+        async with self.transaction() as conn:
+            cur = await conn.execute(
+                "INSERT INTO refund_cases (refund_request_id, provider, charge_id, amount, currency,"
+                " merchant_account, reason, evidence, source, requester, params_hash, status,"
+                " reserved_amount, provider_refund_id, provider_status)"
+                " VALUES (%s,%s,%s,%s,%s,%s,'other','{}','webhook',%s,'',%s,%s,%s,%s)"
+                " ON CONFLICT (refund_request_id) DO NOTHING RETURNING refund_request_id",
+                (case_id, refund.provider, refund.charge_id, refund.amount, refund.currency,
+                 merchant_account or "", f"provider:{refund.provider}", CaseStatus.TRACKING.value,
+                 refund.amount, refund.refund_id, refund.status.value))
+            if await cur.fetchone() is None:
+                return False
+            await self._audit(conn, case_id, f"provider:{refund.provider}", "tracking_opened",
+                              {**refund.model_dump(mode="json"), "event_type": event_type})
+            return True
+
     async def reserve(self, request: RefundRequest, charge: ChargeSnapshot) -> ValidationResult:
         """Takes the case's reservation against the charge, atomically with every other
         entry point: remaining = captured - all reservations held on the charge."""

@@ -7,6 +7,7 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from adapters.config import Settings
+from domain.events import TrackingInput
 from domain.models import (
     ProviderEvent,
     RefundReason,
@@ -15,6 +16,7 @@ from domain.models import (
     RequestSource,
 )
 from workflows.refund import RefundWorkflow
+from workflows.tracking import RefundTrackingWorkflow
 
 
 async def start_refund(client: Client, settings: Settings, request: RefundRequest, requester: str,
@@ -33,6 +35,23 @@ async def start_refund(client: Client, settings: Settings, request: RefundReques
         return await client.start_workflow(RefundWorkflow.run, inp, **options)
     except WorkflowAlreadyStartedError:
         return client.get_workflow_handle(request.refund_request_id)
+
+
+async def track_refund(client: Client, settings: Settings, case_id: str,
+                       event: ProviderEvent) -> WorkflowHandle[Any, Any] | None:
+    """Signal-with-start of the tracking workflow; None when it already finished."""
+    refund = event.as_refund()
+    assert refund is not None
+    inp = TrackingInput(case_id=case_id, provider=refund.provider, refund_id=refund.refund_id,
+                        currency=refund.currency, timings=settings.timings())
+    try:
+        return await client.start_workflow(
+            RefundTrackingWorkflow.run, inp, id=case_id, task_queue=settings.task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            start_signal="provider_event", start_signal_args=[event])
+    except WorkflowAlreadyStartedError:
+        return None
 
 
 def request_from_event(event: ProviderEvent) -> RefundRequest:

@@ -24,8 +24,9 @@ from adapters import receipts
 from adapters.config import Settings
 from adapters.providers.base import ProviderAdapter, WebhookRejected
 from adapters.store import CaseCreation, Store
+from domain.events import tracking_case_id
 from domain.models import EventKind, ProviderEvent
-from starters.cases import request_from_event, start_refund
+from starters.cases import request_from_event, start_refund, track_refund
 from workflows.refund import RefundWorkflow
 
 log = logging.getLogger("relay")
@@ -150,9 +151,7 @@ class WebhookDesk:
         if row is None:
             row = await self._store.case_by_provider_refund(event.provider, event.refund_id)
         if row is None:
-            log.error("NO CASE for %s %s (refund %s): provider-originated or unknown refund",
-                      event.provider, event.event_type, event.refund_id)
-            return None
+            return await self._track(event)
         case_id = str(row["refund_request_id"])
         try:
             await self._client.get_workflow_handle(case_id).signal(RefundWorkflow.provider_event, event)
@@ -160,6 +159,24 @@ class WebhookDesk:
             if exc.status != RPCStatusCode.NOT_FOUND:
                 raise
             log.error("case %s is closed; event %s left for reconciliation", case_id, event.event_id)
+            await self._store.append_audit(case_id, f"provider:{event.provider}", "event_after_close",
+                                           {"event_id": event.event_id, "event_type": event.event_type})
+        return case_id
+
+    async def _track(self, event: ProviderEvent) -> str | None:
+        """A refund no case of ours made: open a tracking case and follow it to the ledger."""
+        refund = event.as_refund()
+        if refund is None or event.refund_id is None:
+            log.error("NO CASE for %s %s (refund %s) and too little to track it",
+                      event.provider, event.event_type, event.refund_id)
+            return None
+        case_id = tracking_case_id(event.provider, event.refund_id)
+        if await self._store.open_tracking_case(case_id, refund, event.merchant_account, event.event_type):
+            log.warning("provider-originated refund %s %s: tracking as case %s", event.provider,
+                        event.refund_id, case_id)
+        if await track_refund(self._client, self._settings, case_id, event) is None:
+            log.error("tracking case %s is closed; event %s left for reconciliation", case_id,
+                      event.event_id)
             await self._store.append_audit(case_id, f"provider:{event.provider}", "event_after_close",
                                            {"event_id": event.event_id, "event_type": event.event_type})
         return case_id
