@@ -51,9 +51,12 @@ class IngestResult:
     verdict: str
     workflow_id: str | None = None
     detail: str | None = None
+    replay_of: int | None = None
 
     def body(self) -> dict[str, Any]:
         answer: dict[str, Any] = {"receipt_id": self.receipt_id, "verdict": self.verdict}
+        if self.replay_of is not None:
+            answer["replay_of"] = self.replay_of
         if self.detail is not None:
             answer["detail"] = self.detail
         else:
@@ -116,7 +119,7 @@ class WebhookDesk:
             log.log(level, "webhook %s rejected (%s, receipt %s): %s", provider_name, rejection.verdict,
                     stored.receipt_id, rejection.message)
             return IngestResult(REJECTION_STATUS[rejection.verdict], stored.receipt_id,
-                                rejection.verdict, detail=rejection.message)
+                                rejection.verdict, detail=rejection.message, replay_of=replay_of)
         stored = await self._store.store_receipt(
             provider=provider_name, event_id=event.event_id, event_type=event.event_type, body=body,
             body_sha256=digest, headers=kept_headers, verdict="accepted", error=None,
@@ -125,11 +128,12 @@ class WebhookDesk:
             log.info("duplicate delivery of %s %s (first receipt %s)", provider_name,
                      event.event_id, stored.first_receipt_id)
             if stored.first_processed:
-                return IngestResult(200, stored.receipt_id, "duplicate")
+                return IngestResult(200, stored.receipt_id, "duplicate", replay_of=replay_of)
         workflow_id = await self.route(event)
         await self._store.mark_receipt_processed(stored.first_receipt_id or stored.receipt_id,
                                                  workflow_id)
-        return IngestResult(200, stored.receipt_id, stored.verdict, workflow_id=workflow_id)
+        return IngestResult(200, stored.receipt_id, stored.verdict, workflow_id=workflow_id,
+                            replay_of=replay_of)
 
     async def route(self, event: ProviderEvent) -> str | None:
         """Starts or signals the event's workflow; returns its id (None when unmatched)."""

@@ -5,6 +5,8 @@ timestamp, wrong secret, missing header and oversize body is refused with a clea
 a receipt, and no case or workflow is touched."""
 
 import base64
+import hashlib
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -17,10 +19,13 @@ import pytest
 from svix.webhooks import Webhook as SvixWebhook
 from temporalio.client import Client
 
+from adapters import receipts
+from adapters.config import Settings
 from adapters.providers import cashfree
 from adapters.providers.base import WebhookRejected
 from adapters.store import Store
 from domain.events import tracking_case_id
+from starters.cli import build_parser
 from starters.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
 from tests.test_bad_input import receipt, workflow_exists
@@ -209,3 +214,73 @@ def test_cashfree_amount_with_more_decimals_than_the_currency_is_malformed() -> 
     with pytest.raises(WebhookRejected) as refused:
         adapter.parse_webhook(sign_cashfree(body), body, time.time())
     assert refused.value.verdict == "malformed" and "decimals" in refused.value.message
+
+
+# -- coverage, replay, re-drive ------------------------------------------------------------
+
+async def cli(hooks: Stack, capsys: pytest.CaptureFixture[str], *argv: str) -> Any:
+    """Runs a `refunds` command in-process against the stack's relay; returns its JSON."""
+    args = build_parser().parse_args(["--token", hooks.tokens["admin"], *argv])
+    capsys.readouterr()
+    assert await args.run(args, Settings(relay_url=hooks.relay_url)) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+async def test_coverage_lists_arrived_handled_unknown_and_refused(
+        hooks: Stack, capsys: pytest.CaptureFixture[str]) -> None:
+    body, _ = recorded("cashfree")
+    assert (await post(hooks, "cashfree", body, sign_cashfree(body))).status_code == 200
+    unknown = body.replace(b"AUTO_REFUND_STATUS_WEBHOOK", b"REFUND_TELEPORTED_WEBHOOK")
+    response = await post(hooks, "cashfree", unknown, sign_cashfree(unknown))
+    assert (response.status_code, response.json()["verdict"]) == (202, "unknown_type")
+    forged = await post(hooks, "cashfree", body, sign_cashfree(body, secret="forger"))
+    report = await cli(hooks, capsys, "webhooks", "coverage")
+    async with hooks.api("dave") as api:  # auditors read it over the API too
+        over_api = (await api.get("/v1/webhooks/coverage")).json()
+    assert over_api["providers"].keys() == report["providers"].keys()
+    entry = report["providers"]["cashfree"]
+    assert entry["handled"] == ["AUTO_REFUND_STATUS_WEBHOOK", "REFUND_STATUS_WEBHOOK"]
+    assert entry["arrived"]["AUTO_REFUND_STATUS_WEBHOOK"]["accepted"] >= 1
+    assert entry["unknown_types"] == ["REFUND_TELEPORTED_WEBHOOK"]
+    assert entry["rejected"]["unknown_type"] >= 1 and entry["rejected"]["bad_signature"] >= 1
+    assert forged.json()["receipt_id"] in [r["id"] for r in report["recent_rejections"]]
+    assert "refund.in_review" in report["providers"]["rainforest"]["handled"]
+
+
+async def test_replay_goes_through_the_same_path_and_acts_once(
+        hooks: Stack, capsys: pytest.CaptureFixture[str]) -> None:
+    body, refund_id = recorded("cashfree")
+    first = (await post(hooks, "cashfree", body, sign_cashfree(body))).json()
+    case_id = tracking_case_id("cashfree", refund_id)
+    await hooks.wait_for_status(case_id, "succeeded")
+    forged = (await post(hooks, "cashfree", body, sign_cashfree(body, secret="forger"))).json()
+
+    [again] = await cli(hooks, capsys, "webhooks", "replay", "--receipt", str(first["receipt_id"]))
+    assert (again["verdict"], again["replay_of"]) == ("duplicate", first["receipt_id"])
+    stored = await receipts.delivery(hooks.store, first["receipt_id"])
+    assert stored is not None
+    replayed = await cli(hooks, capsys, "webhooks", "replay", "--since", stored.received_at.isoformat())
+    by_origin = {r["replay_of"]: r["verdict"] for r in replayed}
+    assert by_origin[first["receipt_id"]] == "duplicate"
+    assert by_origin[forged["receipt_id"]] == "bad_signature"  # the signature is checked again
+    assert again["receipt_id"] not in by_origin  # replays are not replayed
+    assert len(await hooks.store.ledger_entries(case_id)) == 2
+
+
+async def test_redrive_heals_a_receipt_stored_but_never_routed(
+        hooks: Stack, capsys: pytest.CaptureFixture[str]) -> None:
+    body, refund_id = recorded("cashfree")
+    event_id = f"AUTO_REFUND_STATUS_WEBHOOK:{refund_id}:SUCCESS"
+    crashed = await hooks.store.store_receipt(  # what the relay wrote before a crash
+        provider="cashfree", event_id=event_id, event_type="AUTO_REFUND_STATUS_WEBHOOK", body=body,
+        body_sha256=hashlib.sha256(body).hexdigest(), headers=sign_cashfree(body), verdict="accepted",
+        error=None)
+    case_id = tracking_case_id("cashfree", refund_id)
+    assert await hooks.store.get_case(case_id) is None
+    healed = await cli(hooks, capsys, "webhooks", "redrive")
+    assert {"replay_of": crashed.receipt_id, "verdict": "duplicate", "workflow_id": case_id,
+            "receipt_id": healed[-1]["receipt_id"], "status_code": 200} in healed
+    await hooks.wait_for_status(case_id, "succeeded")
+    row = await receipt(hooks, "cashfree", crashed.receipt_id)
+    assert row["processed_at"] is not None and row["workflow_id"] == case_id
+    assert crashed.receipt_id not in [r["replay_of"] for r in await cli(hooks, capsys, "webhooks", "redrive")]
