@@ -22,6 +22,7 @@ from adapters.providers.normalise import (
     map_status,
     normalising,
     refund_event,
+    require_known,
 )
 from adapters.providers.signing import WebhookVerifier, check_window, require_header
 from domain.models import (
@@ -96,9 +97,7 @@ class CashfreeProvider(WebhooksOnly):
         payload = load_json(body, exact_decimals=True)
         with normalising(None, None):
             event_type = str(payload["type"])
-        if event_type not in KNOWN_EVENT_TYPES:
-            raise WebhookRejected("unknown_type", f"no handler for event type {event_type!r}",
-                                  event_type=event_type)
+        require_known(event_type, KNOWN_EVENT_TYPES, None)
         with normalising(None, event_type):
             obj = payload["data"][PAYLOAD_KEYS[event_type]]
             event_id = f"{event_type}:{obj['cf_refund_id']}:{obj['refund_status']}"

@@ -5,10 +5,12 @@ the incident this product exists to prevent was a refund state falling into a si
 default branch.
 """
 
+import hashlib
 import json
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -75,6 +77,38 @@ def load_json(body: bytes, *, exact_decimals: bool = False) -> Any:
         return json.loads(body, parse_float=Decimal) if exact_decimals else json.loads(body)
     except ValueError as exc:
         raise WebhookRejected("malformed", f"body is not JSON: {exc}") from None
+
+
+def require_known(event_type: str, known: frozenset[str], event_id: str | None) -> None:
+    """An event type without a handler is stored and reported, never silently acknowledged."""
+    if event_type not in known:
+        raise WebhookRejected("unknown_type", f"no handler for event type {event_type!r}",
+                              event_id=event_id, event_type=event_type)
+
+
+@dataclass(frozen=True)
+class StripeEnvelope:
+    """A Stripe-shaped event (`{id, type, created, data: {object}}`; Stripe's and the sandbox's)."""
+
+    event_id: str
+    event_type: str
+    occurred_at: datetime
+    obj: dict[str, Any]
+    payload: dict[str, Any]
+    body_sha256: str
+
+
+def stripe_envelope(body: bytes, known: frozenset[str]) -> StripeEnvelope:
+    """Reads the envelope of a verified body; malformed or unknown types are refused."""
+    payload = load_json(body)
+    with normalising(None, None):
+        envelope = StripeEnvelope(
+            event_id=str(payload["id"]), event_type=str(payload["type"]),
+            occurred_at=datetime.fromtimestamp(int(payload["created"]), UTC),
+            obj=dict(payload["data"]["object"]), payload=payload,
+            body_sha256=hashlib.sha256(body).hexdigest())
+    require_known(envelope.event_type, known, envelope.event_id)
+    return envelope
 
 
 @contextmanager

@@ -23,6 +23,7 @@ from adapters.providers.normalise import (
     minor_units,
     normalising,
     refund_event,
+    require_known,
 )
 from adapters.providers.signing import WebhookVerifier, check_window, require_header
 from domain.models import (
@@ -104,9 +105,7 @@ class RainforestProvider(WebhooksOnly):
         payload = load_json(body)
         with normalising(event_id, None):
             event_type, data = str(payload["event_type"]), payload["data"]
-        if event_type not in KNOWN_EVENT_TYPES:
-            raise WebhookRejected("unknown_type", f"no handler for event type {event_type!r}",
-                                  event_id=event_id, event_type=event_type)
+        require_known(event_type, KNOWN_EVENT_TYPES, event_id)
         with normalising(event_id, event_type):
             stamp = data.get("updated_at") or data.get("created_at")
             occurred = (datetime.fromisoformat(stamp) if stamp

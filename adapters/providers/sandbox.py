@@ -7,7 +7,6 @@ v1 = HMAC-SHA256(secret, "<t>.<raw body>"); several secrets are accepted during 
 import hashlib
 import hmac
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -15,14 +14,13 @@ import httpx
 from adapters.providers.base import (
     ProviderDeclined,
     ProviderOutcomeUnknown,
-    WebhookRejected,
 )
 from adapters.providers.normalise import (
     IDENTITY_STATUSES,
-    load_json,
     minor_units,
     normalising,
     refund_event,
+    stripe_envelope,
     stripe_shaped_refund,
 )
 from adapters.providers.signing import StripeSchemeVerifier
@@ -113,25 +111,19 @@ class SandboxProvider:
 
     def parse_webhook(self, headers: Mapping[str, str], body: bytes, now: float) -> ProviderEvent:
         self._verifier.verify(headers, body, now)
-        body_sha256 = hashlib.sha256(body).hexdigest()
-        payload = load_json(body)
-        with normalising(None, None):
-            event_id, event_type = str(payload["id"]), str(payload["type"])
-            obj = payload["data"]["object"]
-            occurred = datetime.fromtimestamp(int(payload["created"]), UTC)
-        if event_type not in KNOWN_EVENT_TYPES:
-            raise WebhookRejected("unknown_type", f"no handler for event type {event_type!r}",
-                                  event_id=event_id, event_type=event_type)
-        with normalising(event_id, event_type):
-            if event_type in REQUEST_EVENTS:
+        env = stripe_envelope(body, KNOWN_EVENT_TYPES)
+        obj = env.obj
+        with normalising(env.event_id, env.event_type):
+            if env.event_type in REQUEST_EVENTS:
                 return ProviderEvent(
-                    provider=self.name, event_id=event_id, event_type=event_type,
-                    kind=EventKind.REFUND_REQUESTED, body_sha256=body_sha256, occurred_at=occurred,
-                    request_object_id=str(obj["id"]), charge_id=str(obj["charge"]),
-                    amount=minor_units(obj["amount"]), currency=str(obj["currency"]).upper(),
-                    merchant_account=str(obj["merchant_account"]),
+                    provider=self.name, event_id=env.event_id, event_type=env.event_type,
+                    kind=EventKind.REFUND_REQUESTED, body_sha256=env.body_sha256,
+                    occurred_at=env.occurred_at, request_object_id=str(obj["id"]),
+                    charge_id=str(obj["charge"]), amount=minor_units(obj["amount"]),
+                    currency=str(obj["currency"]).upper(), merchant_account=str(obj["merchant_account"]),
                     reason=RefundReason(obj.get("reason") or "requested_by_customer"),
                     evidence={str(k): str(v) for k, v in (obj.get("evidence") or {}).items()},
                 )
-            return refund_event(refund_from_object(self.name, obj), event_id=event_id,
-                                event_type=event_type, body_sha256=body_sha256, occurred_at=occurred)
+            return refund_event(refund_from_object(self.name, obj), event_id=env.event_id,
+                                event_type=env.event_type, body_sha256=env.body_sha256,
+                                occurred_at=env.occurred_at)

@@ -8,20 +8,18 @@ The client never retries on its own (`max_network_retries=0`): after an unknown 
 only the workflow decides, and it verifies state first.
 """
 
-import hashlib
 import logging
 from collections.abc import Awaitable, Mapping, Sequence
-from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import stripe
 
-from adapters.providers.base import ProviderDeclined, ProviderOutcomeUnknown, WebhookRejected
+from adapters.providers.base import ProviderDeclined, ProviderOutcomeUnknown
 from adapters.providers.normalise import (
     REFERENCE_KEY,
-    load_json,
     normalising,
     refund_event,
+    stripe_envelope,
     stripe_shaped_refund,
 )
 from adapters.providers.signing import StripeSchemeVerifier, WebhookVerifier
@@ -149,22 +147,15 @@ class StripeProvider:
 
     def parse_webhook(self, headers: Mapping[str, str], body: bytes, now: float) -> ProviderEvent:
         self._verifier.verify(headers, body, now)
-        body_sha256 = hashlib.sha256(body).hexdigest()
-        payload = load_json(body)
-        with normalising(None, None):
-            event_id, event_type = str(payload["id"]), str(payload["type"])
-            obj = payload["data"]["object"]
-            occurred = datetime.fromtimestamp(int(payload["created"]), UTC)
-        if event_type not in KNOWN_EVENT_TYPES:
-            raise WebhookRejected("unknown_type", f"no handler for event type {event_type!r}",
-                                  event_id=event_id, event_type=event_type)
-        with normalising(event_id, event_type):
-            if event_type in CHARGE_EVENTS:
+        env = stripe_envelope(body, KNOWN_EVENT_TYPES)
+        account = env.payload.get("account")
+        with normalising(env.event_id, env.event_type):
+            if env.event_type in CHARGE_EVENTS:
                 return ProviderEvent(
-                    provider=self.name, event_id=event_id, event_type=event_type,
-                    kind=EventKind.REFUND_STATUS, body_sha256=body_sha256, occurred_at=occurred,
-                    charge_id=str(obj["id"]), currency=normalise_currency(str(obj["currency"])),
-                    merchant_account=payload.get("account"))
-            return refund_event(self._refund(obj), event_id=event_id, event_type=event_type,
-                                body_sha256=body_sha256, occurred_at=occurred,
-                                merchant_account=payload.get("account"))
+                    provider=self.name, event_id=env.event_id, event_type=env.event_type,
+                    kind=EventKind.REFUND_STATUS, body_sha256=env.body_sha256,
+                    occurred_at=env.occurred_at, charge_id=str(env.obj["id"]),
+                    currency=normalise_currency(str(env.obj["currency"])), merchant_account=account)
+            return refund_event(self._refund(env.obj), event_id=env.event_id, event_type=env.event_type,
+                                body_sha256=env.body_sha256, occurred_at=env.occurred_at,
+                                merchant_account=account)
