@@ -87,8 +87,8 @@ class StripeProvider:
             status = exc.http_status
             # 409: the same idempotency key is in flight; 429: rate limited. Neither is a no.
             if status is None or status >= 500 or status in (409, 429):
-                raise ProviderOutcomeUnknown(f"{what}: HTTP {status} {exc.user_message}") from exc
-            raise ProviderDeclined(f"{what}: HTTP {status} {exc.user_message}") from exc
+                raise ProviderOutcomeUnknown(f"{what}: HTTP {status} {exc.user_message or exc}") from exc
+            raise ProviderDeclined(f"{what}: HTTP {status} {exc.user_message or exc}") from exc
 
     def _refund(self, obj: Any) -> ProviderRefund:
         return stripe_shaped_refund(self.name, _stripe_dict(obj), STATUSES)
