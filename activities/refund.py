@@ -22,6 +22,7 @@ from adapters.providers.manual import ManualRefunds
 from adapters.store import Store
 from domain.models import (
     CaseEventInput,
+    ChargeSnapshot,
     LedgerInput,
     LedgerResult,
     NoticeInput,
@@ -48,6 +49,19 @@ UNEXPECTED_STATUS = "UnexpectedProviderStatus"
 
 def _unexpected(exc: UnexpectedProviderStatus) -> ApplicationError:
     return ApplicationError(str(exc), type=UNEXPECTED_STATUS, non_retryable=True)
+
+
+def charge_problem(request: RefundRequest, charge: ChargeSnapshot | None) -> str | None:
+    """Why the charge cannot take this refund, or None when it can."""
+    if charge is None:
+        return f"charge {request.charge_id} not found at {request.provider}"
+    if not charge.captured or charge.amount_captured <= 0:
+        return "charge is not captured"
+    if charge.currency != request.currency:
+        return f"currency {request.currency} does not match the charge's {charge.currency}"
+    if charge.merchant_account != request.merchant_account:
+        return "merchant account does not match the charge"
+    return None
 
 
 class RefundActivities:
@@ -84,16 +98,11 @@ class RefundActivities:
             reason = f"unknown provider {request.provider!r}"
             await self._store.reject_case(request.refund_request_id, reason)
             return ValidationResult(ok=False, reason=reason)
-        charge = await self._provider(request.provider).get_charge(request.charge_id)
-        problem = None
-        if charge is None:
-            problem = f"charge {request.charge_id} not found at {request.provider}"
-        elif not charge.captured or charge.amount_captured <= 0:
-            problem = "charge is not captured"
-        elif charge.currency != request.currency:
-            problem = f"currency {request.currency} does not match the charge's {charge.currency}"
-        elif charge.merchant_account != request.merchant_account:
-            problem = "merchant account does not match the charge"
+        try:
+            charge = await self._provider(request.provider).get_charge(request.charge_id)
+            problem = charge_problem(request, charge)
+        except ProviderDeclined as exc:  # refused for good (e.g. a webhooks-only provider)
+            charge, problem = None, str(exc)
         if problem is not None or charge is None:
             reason = problem or "charge not found"
             await self._store.reject_case(request.refund_request_id, reason)

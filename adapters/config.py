@@ -8,7 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, IPvAnyNetwork, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from domain.models import RefundTimings
@@ -59,8 +59,28 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
 
+    # Stripe takes Stripe's own variable names too; the secret may list several (rotation).
+    stripe_api_base: str | None = Field(
+        default=None, validation_alias=AliasChoices("STRIPE_API_BASE", "REFUNDS_STRIPE_API_BASE"))
+    stripe_api_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("STRIPE_API_KEY", "REFUNDS_STRIPE_API_KEY"))
+    stripe_webhook_secret: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("STRIPE_WEBHOOK_SECRET", "REFUNDS_STRIPE_WEBHOOK_SECRET"))
+    stripe_merchant_account: str | None = Field(
+        default=None, description="the merchant account our charges belong to; default: GET /v1/account")
+    rainforest_webhook_secret: SecretStr | None = Field(
+        default=None, description="Svix-style `whsec_…` signing secret(s), comma-separated")
+    cashfree_webhook_secret: SecretStr | None = Field(
+        default=None, description="Cashfree client secret(s) that sign webhooks, comma-separated")
+
     webhook_max_body_bytes: int = 256 * 1024
     webhook_tolerance_seconds: int = 300
+    webhook_allowed_sources: dict[str, list[IPvAnyNetwork]] = Field(
+        default_factory=dict,
+        description='optional per-provider source allowlist, JSON: {"stripe": ["3.18.12.63/32"]}')
+    webhook_redrive_after_seconds: float = Field(
+        default=60, description="an accepted receipt still unprocessed this long is re-driven")
 
     approval_timeout_seconds: float = 3 * 24 * 3600
     approval_reminder_seconds: float | None = 24 * 3600

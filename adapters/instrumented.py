@@ -24,6 +24,7 @@ class InstrumentedProvider:
     def __init__(self, inner: ProviderAdapter) -> None:
         self._inner = inner
         self.name = inner.name
+        self.event_types = inner.event_types
 
     async def _observe(self, operation: str, call: Awaitable[T], case_id: str | None = None) -> T:
         attributes = {"provider": self.name, "operation": operation}

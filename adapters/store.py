@@ -250,6 +250,26 @@ class Store:
                 (provider, refund_id))
             return await cur.fetchone()
 
+    async def open_tracking_case(self, case_id: str, refund: ProviderRefund,
+                                 merchant_account: str | None, event_type: str) -> bool:
+        """Records a refund the provider made without us as a `tracking` case that holds its
+        amount against the charge (so later requests see less refundable). Once per id."""
+        async with self.transaction() as conn:
+            cur = await conn.execute(
+                "INSERT INTO refund_cases (refund_request_id, provider, charge_id, amount, currency,"
+                " merchant_account, reason, evidence, source, requester, params_hash, status,"
+                " reserved_amount, provider_refund_id, provider_status)"
+                " VALUES (%s,%s,%s,%s,%s,%s,'other','{}','webhook',%s,'',%s,%s,%s,%s)"
+                " ON CONFLICT (refund_request_id) DO NOTHING RETURNING refund_request_id",
+                (case_id, refund.provider, refund.charge_id, refund.amount, refund.currency,
+                 merchant_account or "", f"provider:{refund.provider}", CaseStatus.TRACKING.value,
+                 refund.amount, refund.refund_id, refund.status.value))
+            if await cur.fetchone() is None:
+                return False
+            await self._audit(conn, case_id, f"provider:{refund.provider}", "tracking_opened",
+                              {**refund.model_dump(mode="json"), "event_type": event_type})
+            return True
+
     async def reserve(self, request: RefundRequest, charge: ChargeSnapshot) -> ValidationResult:
         """Takes the case's reservation against the charge, atomically with every other
         entry point: remaining = captured - all reservations held on the charge."""
@@ -411,14 +431,16 @@ class Store:
 
     async def store_receipt(self, *, provider: str, event_id: str | None, event_type: str | None,
                             body: bytes | None, body_sha256: str, headers: dict[str, str],
-                            verdict: str, error: str | None) -> StoredReceipt:
-        """Stores every delivery; an accepted one passes the (provider, event_id) gate once,
-        later ones are recorded as duplicates of the first."""
+                            verdict: str, error: str | None,
+                            replay_of: int | None = None) -> StoredReceipt:
+        """Stores every delivery (and every replay of a stored one); an accepted one passes
+        the (provider, event_id) gate once, later ones are recorded as duplicates of the first."""
         async with self.transaction() as conn:
             cur = await conn.execute(
                 "INSERT INTO webhook_receipts (provider, event_id, event_type, body, body_sha256,"
-                " headers, verdict, error) VALUES (%s,%s,%s,%s,%s,%s,%s,%s) RETURNING id",
-                (provider, event_id, event_type, body, body_sha256, _json(headers), verdict, error))
+                " headers, verdict, error, replay_of) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s) RETURNING id",
+                (provider, event_id, event_type, body, body_sha256, _json(headers), verdict, error,
+                 replay_of))
             row = await cur.fetchone()
             assert row is not None
             receipt_id = int(row["id"])

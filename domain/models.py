@@ -131,6 +131,7 @@ class CaseStatus(StrEnum):
     REFUND_CANCELED = "refund_canceled"
     EXECUTED_LEDGER_PENDING = "executed_ledger_pending"
     OPS_REVIEW = "ops_review"
+    TRACKING = "tracking"
 
 
 CLOSED_STATUSES = frozenset(

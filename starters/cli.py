@@ -119,13 +119,14 @@ async def cmd_relay(args: argparse.Namespace, settings: Settings) -> int:
     dsn, pg = await _database(settings)
     store = await Store.open(dsn)
     providers = build_providers(settings)
-    server = AppServer(create_app(store, await connect(settings), providers, settings),
-                       settings.bind_host, settings.relay_port)
+    app = create_app(store, await connect(settings), providers, settings)
+    server = AppServer(app, settings.bind_host, settings.relay_port)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     await server.start()
     print(f"relay on {server.url}", flush=True)
+    await app.state.webhooks.redrive()  # heal receipts a crash left between receipt and signal
     try:
         await stop.wait()
     finally:
@@ -145,6 +146,22 @@ async def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
     for finding in findings:
         print(finding.line())
     return 0 if all(f.ok for f in findings) else 1
+
+
+async def cmd_webhooks_coverage(args: argparse.Namespace, settings: Settings) -> int:
+    async with _api(args, settings) as api:
+        return _show(await api.get("/v1/webhooks/coverage"))
+
+
+async def cmd_webhooks_replay(args: argparse.Namespace, settings: Settings) -> int:
+    body = {"receipt_id": args.receipt} if args.receipt is not None else {"since": args.since}
+    async with _api(args, settings) as api:
+        return _show(await api.post("/v1/webhook-receipts/replay", json=body))
+
+
+async def cmd_webhooks_redrive(args: argparse.Namespace, settings: Settings) -> int:
+    async with _api(args, settings) as api:
+        return _show(await api.post("/v1/webhook-receipts/redrive"))
 
 
 async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
@@ -321,6 +338,18 @@ def build_parser() -> argparse.ArgumentParser:
     approve.add_argument("--decision", choices=["approve", "deny"], default="approve")
     approve.add_argument("--reason", default="")
     approve.set_defaults(run=cmd_approve)
+
+    hooks = sub.add_parser("webhooks", help="webhook receipts: coverage, replay, re-drive").add_subparsers(
+        dest="webhooks_command", required=True)
+    hooks.add_parser("coverage", help="event types per provider: arrived, handled, unknown, refused"
+                     ).set_defaults(run=cmd_webhooks_coverage)
+    replay = hooks.add_parser("replay", help="re-feed stored receipts through the webhook path")
+    which = replay.add_mutually_exclusive_group(required=True)
+    which.add_argument("--receipt", type=int, help="one receipt id")
+    which.add_argument("--since", help="every delivery received since, ISO 8601 with offset")
+    replay.set_defaults(run=cmd_webhooks_replay)
+    hooks.add_parser("redrive", help="re-drive accepted receipts that never reached their workflow"
+                     ).set_defaults(run=cmd_webhooks_redrive)
 
     status = sub.add_parser("status", help="show a refund case")
     status.add_argument("id")

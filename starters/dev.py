@@ -120,8 +120,8 @@ async def run_dev(settings: Settings, *, play_demo: bool = True) -> None:
                 webhook_url=f"{settings.relay_base_url()}/webhooks/sandbox",
                 webhook_secret=settings.sandbox_webhook_secret.get_secret_value().split(",")[0]),
             settings.bind_host, settings.sandbox_port)
-        front = AppServer(relay.create_app(store, client, providers, settings),
-                          settings.bind_host, settings.relay_port)
+        relay_app = relay.create_app(store, client, providers, settings)
+        front = AppServer(relay_app, settings.bind_host, settings.relay_port)
         worker = build_worker(client, settings.task_queue, store, providers,
                               load_policy(settings.policy_file),
                               graceful_shutdown=timedelta(seconds=settings.graceful_shutdown_seconds))
@@ -129,6 +129,7 @@ async def run_dev(settings: Settings, *, play_demo: bool = True) -> None:
         try:
             await sandbox.start()
             await front.start()
+            await relay_app.state.webhooks.redrive()
             print_banner(settings, front.url, sandbox.url, ui_url, dev.admin_token)
             if play_demo:
                 try:

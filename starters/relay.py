@@ -16,17 +16,15 @@ from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
-from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
-from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
-from temporalio.service import RPCError, RPCStatusCode
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.exceptions import ApplicationError
 
 from adapters import metrics
 from adapters.codec import CodecError
 from adapters.config import Settings
 from adapters.health import readiness
-from adapters.providers.base import ProviderAdapter, WebhookRejected
+from adapters.providers.base import ProviderAdapter
 from adapters.providers.manual import manual_refund
 from adapters.store import CaseCreation, Principal, Store, request_from_row
 from adapters.telemetry import bind_case
@@ -38,13 +36,13 @@ from domain.models import (
     EventKind,
     ProviderEvent,
     RefundMethod,
-    RefundReason,
     RefundRequest,
-    RefundWorkflowInput,
     RequestSource,
     RoleRequirement,
 )
+from starters.cases import start_refund
 from starters.codec_endpoint import Direction, transcode
+from starters.webhooks import WebhookDesk
 from workflows.refund import RefundWorkflow
 
 log = logging.getLogger("relay")
@@ -54,6 +52,7 @@ APPROVAL_ROLES = APPROVER_ROLES
 REISSUABLE = frozenset({"refund_failed", "refund_canceled"})
 READ_ROLES = frozenset({"requester", "approver", "auditor", "ops", "admin"})
 OPS_ROLES = frozenset({"auditor", "ops", "admin"})
+REPLAY_ROLES = frozenset({"ops", "admin"})
 
 
 class ApprovalBody(BaseModel):
@@ -72,6 +71,12 @@ class ManualConfirmationBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     paid: bool
     reason: str = Field(default="", max_length=2000)
+
+
+class ReplayBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    receipt_id: int | None = None
+    since: AwareDatetime | None = None
 
 
 class WebhookAck(BaseModel):
@@ -105,24 +110,6 @@ def case_view(row: Mapping[str, Any], trail: list[dict[str, Any]]) -> dict[str, 
     }
 
 
-async def start_refund(client: Client, settings: Settings, request: RefundRequest, requester: str,
-                       trigger: ProviderEvent | None = None) -> WorkflowHandle[Any, Any]:
-    """Starts the case's workflow, or attaches to the one already running or finished."""
-    inp = RefundWorkflowInput(request=request, requester=requester, timings=settings.timings())
-    options: dict[str, Any] = {
-        "id": request.refund_request_id, "task_queue": settings.task_queue,
-        "id_conflict_policy": WorkflowIDConflictPolicy.USE_EXISTING,
-        "id_reuse_policy": WorkflowIDReusePolicy.REJECT_DUPLICATE,
-    }
-    if trigger is not None:
-        options["start_signal"] = "provider_event"
-        options["start_signal_args"] = [trigger]
-    try:
-        return await client.start_workflow(RefundWorkflow.run, inp, **options)
-    except WorkflowAlreadyStartedError:
-        return client.get_workflow_handle(request.refund_request_id)
-
-
 def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAdapter],
                settings: Settings) -> FastAPI:
     """The relay application; `refunds dev`, `refunds relay` and the tests build it here."""
@@ -132,6 +119,8 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
         app.add_middleware(CORSMiddleware, allow_origins=settings.codec_cors_origins,
                            allow_credentials=True, allow_methods=["POST"],
                            allow_headers=["Authorization", "Content-Type", "X-Namespace"])
+    desk = WebhookDesk(store, client, providers, settings)
+    app.state.webhooks = desk
     bearer = HTTPBearer(auto_error=False)
 
     async def principal(
@@ -324,97 +313,46 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def route(event: ProviderEvent) -> str | None:
-        """Starts or signals the event's workflow; returns its id (None when unmatched)."""
-        if event.kind is EventKind.REFUND_REQUESTED:
-            request = request_from_event(event)
-            bind_case(request.refund_request_id)
-            requester = f"provider:{event.provider}"
-            outcome, _ = await store.create_case(request, requester)
-            if outcome is CaseCreation.CONFLICT:
-                log.error("provider request %s conflicts with an existing case", request.refund_request_id)
-                return None
-            handle = await start_refund(client, settings, request, requester, trigger=event)
-            return handle.id
-        case_id = event.refund_request_id
-        row = await store.get_case(case_id) if case_id else None
-        if row is None and event.refund_id:
-            row = await store.case_by_provider_refund(event.provider, event.refund_id)
-        if row is None:
-            log.error("NO CASE for %s %s (refund %s): provider-originated or unknown refund",
-                      event.provider, event.event_type, event.refund_id)
-            return None
-        case_id = str(row["refund_request_id"])
-        bind_case(case_id)
-        try:
-            await client.get_workflow_handle(case_id).signal(RefundWorkflow.provider_event, event)
-        except RPCError as exc:
-            if exc.status != RPCStatusCode.NOT_FOUND:
-                raise
-            log.error("case %s is closed; event %s left for reconciliation", case_id, event.event_id)
-            await store.append_audit(case_id, f"provider:{event.provider}", "event_after_close",
-                                     {"event_id": event.event_id, "event_type": event.event_type})
-        return case_id
-
     @app.post("/webhooks/{provider_name}", response_model=WebhookAck)
     async def webhook(provider_name: str, request: Request) -> Response:
         """Verify, store the receipt, dedup, then start or signal; 2xx only after that."""
         headers = {k.lower(): v for k, v in request.headers.items()}
-        kept_headers = {k: v for k, v in headers.items() if k != "authorization"}
-        body = await read_limited(request)
-        provider = providers.get(provider_name)
-        label = provider_name if provider is not None else "unknown"
-        event: ProviderEvent | None = None
-        rejection: WebhookRejected | None = None
-        if body is None:
-            rejection = WebhookRejected(
-                "too_large", f"body exceeds {settings.webhook_max_body_bytes} bytes")
-        elif provider is None:
-            rejection = WebhookRejected("unknown_provider", f"no provider {provider_name!r}")
+        result = await desk.ingest(provider_name, headers, await read_limited(request), now=time.time(),
+                                   peer=request.client.host if request.client else "")
+        return JSONResponse(result.body(), status_code=result.status_code)
+
+    @app.get("/v1/webhooks/coverage")
+    async def coverage(caller: Caller) -> dict[str, Any]:
+        """Which event types arrived per provider, which have a handler, what was refused."""
+        await require(caller, OPS_ROLES, "reading webhook coverage")
+        return await desk.coverage()
+
+    @app.post("/v1/webhook-receipts/replay")
+    async def replay(body: ReplayBody, caller: Caller) -> list[dict[str, Any]]:
+        """Re-feeds stored receipts through the webhook path (idempotent: events act once)."""
+        await require(caller, REPLAY_ROLES, "replaying webhook receipts")
+        if (body.receipt_id is None) == (body.since is None):
+            raise HTTPException(422, "give exactly one of receipt_id and since")
+        if body.receipt_id is not None:
+            one = await desk.replay(body.receipt_id)
+            if one is None:
+                raise HTTPException(404, f"no receipt {body.receipt_id}")
+            results = [one]
         else:
-            try:
-                event = provider.parse_webhook(headers, body, time.time())
-                if event.kind is EventKind.REFUND_REQUESTED:
-                    request_from_event(event)
-            except WebhookRejected as exc:
-                rejection = exc
-            except ValidationError as exc:
-                rejection = WebhookRejected("malformed", f"invalid refund request: {exc.errors()[0]['msg']}")
-        digest = hashlib.sha256(body or b"").hexdigest()
-        if rejection is not None:
-            stored = await store.store_receipt(
-                provider=provider_name, event_id=rejection.event_id, event_type=rejection.event_type,
-                body=body, body_sha256=digest, headers=kept_headers, verdict=rejection.verdict,
-                error=rejection.message)
-            metrics.RECEIPTS.labels(label, rejection.verdict).inc()
-            if rejection.verdict == "unknown_type":
-                metrics.UNKNOWN_EVENT_TYPES.labels(label, (rejection.event_type or "")[:64]).inc()
-            level = logging.ERROR if rejection.verdict == "unknown_type" else logging.WARNING
-            log.log(level, "webhook %s rejected (%s): %s", provider_name, rejection.verdict,
-                    rejection.message)
-            status = {"too_large": 413, "unknown_provider": 404, "unknown_type": 202,
-                      "malformed": 400}.get(rejection.verdict, 401)
-            return JSONResponse({"receipt_id": stored.receipt_id, "verdict": rejection.verdict,
-                                 "detail": rejection.message}, status_code=status)
-        assert event is not None
-        stored = await store.store_receipt(
-            provider=provider_name, event_id=event.event_id, event_type=event.event_type, body=body,
-            body_sha256=digest, headers=kept_headers, verdict="accepted", error=None)
-        metrics.RECEIPTS.labels(label, stored.verdict).inc()
-        if stored.verdict == "duplicate":
-            metrics.DUPLICATES.labels(label).inc()
-            log.info("duplicate delivery of %s %s (first receipt %s)", provider_name,
-                     event.event_id, stored.first_receipt_id)
-            if stored.first_processed:
-                return JSONResponse(WebhookAck(receipt_id=stored.receipt_id,
-                                               verdict="duplicate").model_dump())
-        workflow_id = await route(event)
-        await store.mark_receipt_processed(stored.first_receipt_id or stored.receipt_id, workflow_id)
-        return JSONResponse(WebhookAck(receipt_id=stored.receipt_id, verdict=stored.verdict,
-                                       workflow_id=workflow_id).model_dump())
+            assert body.since is not None
+            results = await desk.replay_since(body.since)
+        await store.append_audit(None, caller.user, "webhooks_replayed",
+                                 {**body.model_dump(mode="json"),
+                                  "receipts": [r.receipt_id for r in results]})
+        return [{**r.body(), "status_code": r.status_code} for r in results]
+
+    @app.post("/v1/webhook-receipts/redrive")
+    async def redrive(caller: Caller) -> list[dict[str, Any]]:
+        """Re-drives accepted receipts whose workflow was never reached."""
+        await require(caller, REPLAY_ROLES, "re-driving webhook receipts")
+        return [{**r.body(), "status_code": r.status_code} for r in await desk.redrive()]
 
     return app
-
 
 def reissue_request(parent: dict[str, Any], body: ReissueBody, attempt: int) -> RefundRequest:
     """The child request: same charge and amount, its own id, linked to its parent; the
@@ -426,21 +364,13 @@ def reissue_request(parent: dict[str, Any], body: ReissueBody, attempt: int) -> 
         "source": RequestSource.CONSOLE, "method": body.method,
         "parent_refund_request_id": original.refund_request_id,
         "trigger_identities": (parent["requester"],)})
+
+
 def observe_approval_wait(trail: list[dict[str, Any]], decision: Decision) -> None:
     """Time since the case started waiting for approval, sampled at each decision."""
     asked = [e["occurred_at"] for e in trail if e["action"] == "approval_requested"]
     if asked:
         waited = (datetime.now(UTC) - asked[-1]).total_seconds()
         metrics.APPROVAL_WAIT.labels(decision.value).observe(max(waited, 0.0))
-
-
-def request_from_event(event: ProviderEvent) -> RefundRequest:
-    """A provider-originated refund request becomes an ordinary request with a derived id."""
-    return RefundRequest(
-        refund_request_id=f"{event.provider}-{event.request_object_id}", provider=event.provider,
-        charge_id=event.charge_id or "", amount=event.amount or 0, currency=event.currency or "",
-        merchant_account=event.merchant_account or "", reason=event.reason or RefundReason.OTHER,
-        evidence=event.evidence, source=RequestSource.WEBHOOK,
-    )
 
 

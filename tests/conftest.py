@@ -60,3 +60,41 @@ async def stack(store: Store, client: Client, temporal_server: TemporalDevServer
     opened = await open_stack(store, client, temporal_server.address)
     yield opened
     await opened.close()
+
+
+@pytest.fixture(scope="session")
+def localstripe(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The third-party localstripe server (a Stripe API fake) on a loopback port; a start that
+    loses its port to another process is retried on a fresh one."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    log = tmp_path_factory.mktemp("localstripe") / "localstripe.log"
+    for _ in range(3):
+        port = free_port()
+        with log.open("ab") as out:
+            process = subprocess.Popen([sys.executable, "-m", "tests.localstripe_server", str(port)],
+                                       stdout=out, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while process.poll() is None and time.monotonic() < deadline:
+            try:
+                httpx.get(f"{url}/v1/charges", auth=("sk_test_fixture", ""), timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        else:  # exited (its port was taken) or never answered: try a fresh port
+            process.kill()
+            process.wait()
+            continue
+        break
+    else:
+        raise RuntimeError(f"localstripe did not start:\n{log.read_text()[-2000:]}")
+    try:
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

@@ -104,6 +104,17 @@ class Stack:
                                      f"wanted {statuses}")
             await asyncio.sleep(0.1)
 
+    async def wait_for_audit(self, case_id: str, action: str, timeout: float = 60) -> list[str]:
+        """Polls the case's audit trail until `action` appears; returns the trail's actions."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            actions = [e["action"] for e in await self.store.audit_trail(case_id)]
+            if action in actions:
+                return actions
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"{case_id} never recorded {action}: {actions}")
+            await asyncio.sleep(0.1)
+
     async def start_worker(self) -> Worker:
         worker = build_worker(self.client, self.settings.task_queue, self.store, self.providers,
                               load_policy(self.settings.policy_file))

@@ -29,11 +29,12 @@ from adapters.temporal_client import connect
 from domain.policy import Policy
 from workers.health import health_app
 from workflows.refund import RefundWorkflow
+from workflows.tracking import RefundTrackingWorkflow
 
 log = logging.getLogger(__name__)
 
 PASSTHROUGH_MODULES = ("domain", "pydantic", "pydantic_core", "annotated_types", "iso4217")
-WORKFLOWS: Sequence[type] = (RefundWorkflow,)
+WORKFLOWS: Sequence[type] = (RefundWorkflow, RefundTrackingWorkflow)
 
 
 def workflow_runner() -> SandboxedWorkflowRunner:

@@ -22,6 +22,10 @@ class ProviderDeclined(ProviderError):
     """A definitive refusal (4xx): nothing was created."""
 
 
+class ProviderUnsupported(ProviderDeclined):
+    """The adapter cannot do this call honestly (e.g. webhooks-only providers): nothing moved."""
+
+
 class WebhookRejected(ProviderError):
     """A delivery that must not act; `verdict` is the receipt verdict to store."""
 
@@ -53,8 +57,30 @@ class RefundExecutor(Protocol):
 class ProviderAdapter(RefundExecutor, Protocol):
     """What the activities and the relay need from a payment provider."""
 
+    event_types: frozenset[str]
+    """The webhook event types this adapter has a handler for (coverage reports the rest)."""
+
     async def get_charge(self, charge_id: str) -> ChargeSnapshot | None:
         """The charge as the provider sees it, or None when it does not exist."""
 
     def parse_webhook(self, headers: Mapping[str, str], body: bytes, now: float) -> ProviderEvent:
         """Verifies the signature and normalises the event; raises WebhookRejected."""
+
+
+class WebhooksOnly:
+    """Base of adapters whose provider API is not reachable here: every API call is refused
+    as unsupported (the case is rejected, nothing moves) instead of being guessed."""
+
+    name: str
+
+    def _unsupported(self, call: str) -> ProviderUnsupported:
+        return ProviderUnsupported(f"{self.name}: {call} is not supported (webhooks only)")
+
+    async def get_charge(self, charge_id: str) -> ChargeSnapshot | None:
+        raise self._unsupported("reading a charge")
+
+    async def create_refund(self, request: RefundRequest, idempotency_key: str) -> ProviderRefund:
+        raise self._unsupported("creating a refund")
+
+    async def find_refund(self, request: RefundRequest) -> ProviderRefund | None:
+        raise self._unsupported("looking a refund up")

@@ -2,20 +2,37 @@
 
 from adapters.config import Settings
 from adapters.providers.base import ProviderAdapter
+from adapters.providers.cashfree import CashfreeProvider
+from adapters.providers.rainforest import RainforestProvider
 from adapters.providers.sandbox import SandboxProvider
+from adapters.providers.signing import secret_list
+from adapters.providers.stripe import StripeProvider
 
 
 def build_providers(settings: Settings) -> dict[str, ProviderAdapter]:
-    """Every provider with credentials in the environment; the sandbox needs its secret."""
+    """Every provider with credentials in the environment; each needs its webhook secret."""
     providers: dict[str, ProviderAdapter] = {}
+    tolerance = settings.webhook_tolerance_seconds
     if settings.sandbox_webhook_secret is not None:
         providers["sandbox"] = SandboxProvider(
             settings.sandbox_base_url(),
-            webhook_secrets=settings.sandbox_webhook_secret.get_secret_value().split(","),
+            webhook_secrets=secret_list(settings.sandbox_webhook_secret),
             api_key=settings.sandbox_api_key.get_secret_value() if settings.sandbox_api_key else None,
-            timeout_seconds=settings.provider_http_timeout_seconds,
-            tolerance_seconds=settings.webhook_tolerance_seconds,
+            timeout_seconds=settings.provider_http_timeout_seconds, tolerance_seconds=tolerance,
         )
+    if settings.stripe_api_key is not None and settings.stripe_webhook_secret is not None:
+        providers["stripe"] = StripeProvider(
+            settings.stripe_api_key.get_secret_value(),
+            webhook_secrets=secret_list(settings.stripe_webhook_secret),
+            api_base=settings.stripe_api_base, merchant_account=settings.stripe_merchant_account,
+            timeout_seconds=settings.provider_http_timeout_seconds, tolerance_seconds=tolerance,
+        )
+    if settings.rainforest_webhook_secret is not None:
+        providers["rainforest"] = RainforestProvider(
+            webhook_secrets=secret_list(settings.rainforest_webhook_secret), tolerance_seconds=tolerance)
+    if settings.cashfree_webhook_secret is not None:
+        providers["cashfree"] = CashfreeProvider(
+            webhook_secrets=secret_list(settings.cashfree_webhook_secret), tolerance_seconds=tolerance)
     return providers
 
 

@@ -1,0 +1,138 @@
+"""Turning provider payloads into canonical values: amounts, statuses, refunds.
+
+An unexpected status is an error that names itself (`UnexpectedStatus`), never a default:
+the incident this product exists to prevent was a refund state falling into a silent
+default branch.
+"""
+
+import hashlib
+import json
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from pydantic import ValidationError
+
+from adapters.providers.base import UnexpectedProviderStatus, WebhookRejected
+from domain.models import EventKind, ProviderEvent, ProviderRefund, ProviderRefundStatus
+from domain.money import currency_exponent, normalise_currency
+
+REFERENCE_KEY = "refund_request_id"
+"""The metadata key that carries our refund_request_id on a provider's refund."""
+
+IDENTITY_STATUSES = {s.value: s for s in ProviderRefundStatus}
+
+
+class UnexpectedStatus(UnexpectedProviderStatus):
+    """The provider reported a refund status we have no branch for (on the API path the
+    activities turn it into an ops-review case; on a webhook, a refused delivery)."""
+
+    def __init__(self, provider: str, raw: str) -> None:
+        super().__init__(f"{provider}: unexpected refund status {raw!r}")
+        self.raw = raw
+
+
+def map_status(provider: str, table: Mapping[str, ProviderRefundStatus], raw: object) -> ProviderRefundStatus:
+    """The canonical status for a provider's raw one; raises UnexpectedStatus otherwise."""
+    try:
+        return table[str(raw)]
+    except KeyError:
+        raise UnexpectedStatus(provider, str(raw)) from None
+
+
+def minor_units(value: object) -> int:
+    """Amounts that arrive as JSON integers of minor units; anything else is malformed."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"amount must be an integer of minor units, got {value!r}")
+    return value
+
+
+def major_to_minor(value: object, currency: str) -> int:
+    """Amounts that arrive as major units (parsed with Decimal, never float), exactly."""
+    if isinstance(value, bool) or not isinstance(value, int | Decimal):
+        raise ValueError(f"amount must be a JSON number, got {value!r}")
+    minor = Decimal(value).scaleb(currency_exponent(currency))
+    if minor != minor.to_integral_value():
+        raise ValueError(f"{value} has more decimals than {currency} allows")
+    return int(minor)
+
+
+def stripe_shaped_refund(provider: str, obj: Mapping[str, Any],
+                         statuses: Mapping[str, ProviderRefundStatus]) -> ProviderRefund:
+    """Maps a Stripe-shaped refund object (Stripe's own and the sandbox's)."""
+    metadata = obj.get("metadata") or {}
+    return ProviderRefund(
+        provider=provider, refund_id=str(obj["id"]), charge_id=str(obj["charge"]),
+        amount=minor_units(obj["amount"]), currency=normalise_currency(str(obj["currency"])),
+        status=map_status(provider, statuses, obj["status"]), raw_status=str(obj["status"]),
+        failure_reason=obj.get("failure_reason"), reference=metadata.get(REFERENCE_KEY),
+    )
+
+
+def load_json(body: bytes, *, exact_decimals: bool = False) -> Any:
+    """The body as JSON; decimals as Decimal when the provider sends major units."""
+    try:
+        return json.loads(body, parse_float=Decimal) if exact_decimals else json.loads(body)
+    except ValueError as exc:
+        raise WebhookRejected("malformed", f"body is not JSON: {exc}") from None
+
+
+def require_known(event_type: str, known: frozenset[str], event_id: str | None) -> None:
+    """An event type without a handler is stored and reported, never silently acknowledged."""
+    if event_type not in known:
+        raise WebhookRejected("unknown_type", f"no handler for event type {event_type!r}",
+                              event_id=event_id, event_type=event_type)
+
+
+@dataclass(frozen=True)
+class StripeEnvelope:
+    """A Stripe-shaped event (`{id, type, created, data: {object}}`; Stripe's and the sandbox's)."""
+
+    event_id: str
+    event_type: str
+    occurred_at: datetime
+    obj: dict[str, Any]
+    payload: dict[str, Any]
+    body_sha256: str
+
+
+def stripe_envelope(body: bytes, known: frozenset[str]) -> StripeEnvelope:
+    """Reads the envelope of a verified body; malformed or unknown types are refused."""
+    payload = load_json(body)
+    with normalising(None, None):
+        envelope = StripeEnvelope(
+            event_id=str(payload["id"]), event_type=str(payload["type"]),
+            occurred_at=datetime.fromtimestamp(int(payload["created"]), UTC),
+            obj=dict(payload["data"]["object"]), payload=payload,
+            body_sha256=hashlib.sha256(body).hexdigest())
+    require_known(envelope.event_type, known, envelope.event_id)
+    return envelope
+
+
+@contextmanager
+def normalising(event_id: str | None, event_type: str | None) -> Iterator[None]:
+    """Turns a payload that does not fit into a refused delivery that names the problem."""
+    try:
+        yield
+    except UnexpectedStatus as exc:
+        raise WebhookRejected("unexpected_status", str(exc), event_id=event_id,
+                              event_type=event_type) from None
+    except (ValueError, KeyError, TypeError, IndexError, ValidationError) as exc:
+        raise WebhookRejected("malformed", f"{event_type}: {type(exc).__name__}: {exc!s}"[:500],
+                              event_id=event_id, event_type=event_type) from None
+
+
+def refund_event(refund: ProviderRefund, *, event_id: str, event_type: str, body_sha256: str,
+                 occurred_at: datetime, merchant_account: str | None = None) -> ProviderEvent:
+    """The canonical status event for a refund a webhook reported."""
+    return ProviderEvent(
+        provider=refund.provider, event_id=event_id, event_type=event_type,
+        kind=EventKind.REFUND_STATUS, body_sha256=body_sha256, occurred_at=occurred_at,
+        refund_id=refund.refund_id, charge_id=refund.charge_id, amount=refund.amount,
+        currency=refund.currency, status=refund.status, raw_status=refund.raw_status,
+        failure_reason=refund.failure_reason, refund_request_id=refund.reference,
+        merchant_account=merchant_account,
+    )

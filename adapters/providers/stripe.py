@@ -1,0 +1,161 @@
+"""Stripe adapter: refunds through the `stripe` package, webhooks verified with its signature
+check, everything normalised into the canonical models.
+
+Our refund_request_id rides in the refund's metadata, so `find_refund` can look the refund
+up by our reference: Stripe may prune idempotency keys after 24 h, and some Stripe-alikes
+(localstripe) ignore them, so lookup-before-resend is what keeps a refund single.
+The client never retries on its own (`max_network_retries=0`): after an unknown outcome
+only the workflow decides, and it verifies state first.
+"""
+
+import logging
+from collections.abc import Awaitable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import stripe
+
+from adapters.providers.base import ProviderDeclined, ProviderOutcomeUnknown
+from adapters.providers.normalise import (
+    REFERENCE_KEY,
+    normalising,
+    refund_event,
+    stripe_envelope,
+    stripe_shaped_refund,
+)
+from adapters.providers.signing import StripeSchemeVerifier, WebhookVerifier
+from domain.models import (
+    ChargeSnapshot,
+    EventKind,
+    ProviderEvent,
+    ProviderRefund,
+    ProviderRefundStatus,
+    RefundRequest,
+)
+from domain.money import normalise_currency
+
+log = logging.getLogger(__name__)
+
+STATUSES = {
+    "pending": ProviderRefundStatus.PENDING,
+    "requires_action": ProviderRefundStatus.REQUIRES_ACTION,
+    "succeeded": ProviderRefundStatus.SUCCEEDED,
+    "failed": ProviderRefundStatus.FAILED,
+    "canceled": ProviderRefundStatus.CANCELED,
+}
+REFUND_EVENTS = frozenset({"refund.created", "refund.updated", "refund.failed", "charge.refund.updated"})
+CHARGE_EVENTS = frozenset({"charge.refunded"})
+"""Charge-level notices: current API versions carry no refund list, so the refund.* events
+that accompany them are what moves a case."""
+KNOWN_EVENT_TYPES = REFUND_EVENTS | CHARGE_EVENTS
+
+T = TypeVar("T")
+
+
+def _stripe_dict(obj: Any) -> dict[str, Any]:
+    """A StripeObject (or a webhook's plain dict) as plain JSON values."""
+    return obj.to_dict() if hasattr(obj, "to_dict") else dict(obj)
+
+
+class StripeProvider:
+    """Stripe's refund and charge API, and its webhooks."""
+
+    event_types = KNOWN_EVENT_TYPES
+
+    def __init__(self, api_key: str, *, webhook_secrets: Sequence[str], api_base: str | None = None,
+                 merchant_account: str | None = None, timeout_seconds: float = 10.0,
+                 tolerance_seconds: int = 300, verifier: WebhookVerifier | None = None,
+                 name: str = "stripe") -> None:
+        self.name = name
+        self._merchant_account = merchant_account
+        self._http = stripe.HTTPXClient(timeout=timeout_seconds)
+        self._client = stripe.StripeClient(
+            api_key, base_addresses={"api": api_base} if api_base else None,
+            http_client=self._http, max_network_retries=0)
+        self._verifier = verifier or StripeSchemeVerifier(webhook_secrets,
+                                                          tolerance_seconds=tolerance_seconds)
+
+    async def aclose(self) -> None:
+        await self._http.close_async()  # type: ignore[no-untyped-call]  # untyped in stripe 16
+
+    async def _call(self, what: str, call: Awaitable[T]) -> T:
+        """Sorts Stripe's errors by what they say about the money."""
+        try:
+            return await call
+        except stripe.APIConnectionError as exc:
+            raise ProviderOutcomeUnknown(f"{what}: connection failed or timed out") from exc
+        except stripe.StripeError as exc:
+            status = exc.http_status
+            # 409: the same idempotency key is in flight; 429: rate limited. Neither is a no.
+            if status is None or status >= 500 or status in (409, 429):
+                raise ProviderOutcomeUnknown(f"{what}: HTTP {status} {exc.user_message or exc}") from exc
+            raise ProviderDeclined(f"{what}: HTTP {status} {exc.user_message or exc}") from exc
+
+    def _refund(self, obj: Any) -> ProviderRefund:
+        return stripe_shaped_refund(self.name, _stripe_dict(obj), STATUSES)
+
+    async def _account_id(self) -> str:
+        if self._merchant_account is None:
+            account = await self._call("GET /v1/account",
+                                       self._client.v1.accounts.retrieve_current_async())
+            self._merchant_account = str(account["id"])
+        return self._merchant_account
+
+    async def get_charge(self, charge_id: str) -> ChargeSnapshot | None:
+        try:
+            charge = _stripe_dict(await self._call(
+                f"GET /v1/charges/{charge_id}", self._client.v1.charges.retrieve_async(charge_id)))
+        except ProviderDeclined as exc:
+            if isinstance(exc.__cause__, stripe.StripeError) and exc.__cause__.http_status == 404:
+                return None
+            raise
+        captured = bool(charge.get("captured"))
+        # amount_captured exists since API version 2020-08-27; older shapes imply it.
+        amount_captured = charge.get("amount_captured")
+        if amount_captured is None:
+            amount_captured = charge["amount"] if captured else 0
+        return ChargeSnapshot(
+            provider=self.name, charge_id=str(charge["id"]),
+            currency=normalise_currency(str(charge["currency"])),
+            merchant_account=str(charge.get("on_behalf_of") or await self._account_id()),
+            amount=int(charge["amount"]), amount_captured=int(amount_captured), captured=captured,
+        )
+
+    async def create_refund(self, request: RefundRequest, idempotency_key: str) -> ProviderRefund:
+        # Our reason codes are richer than Stripe's three, so they travel in metadata.
+        refund = await self._call("POST /v1/refunds", self._client.v1.refunds.create_async(
+            {"charge": request.charge_id, "amount": request.amount,
+             "metadata": {REFERENCE_KEY: request.refund_request_id, "reason": request.reason.value}},
+            {"idempotency_key": idempotency_key}))
+        return self._refund(refund)
+
+    async def find_refund(self, request: RefundRequest) -> ProviderRefund | None:
+        page = await self._call("GET /v1/refunds", self._client.v1.refunds.list_async(
+            {"charge": request.charge_id, "limit": 100}))
+        found: list[ProviderRefund] = []
+        while True:
+            refunds = [_stripe_dict(r) for r in page.data]
+            found += [self._refund(r) for r in refunds
+                      if (r.get("metadata") or {}).get(REFERENCE_KEY) == request.refund_request_id]
+            if not page.has_more:
+                break
+            page = await self._call("GET /v1/refunds", self._client.v1.refunds.list_async(
+                {"charge": request.charge_id, "limit": 100, "starting_after": refunds[-1]["id"]}))
+        if len(found) > 1:
+            log.error("%s: %d refunds carry reference %s: %s", self.name, len(found),
+                      request.refund_request_id, [r.refund_id for r in found])
+        return found[-1] if found else None
+
+    def parse_webhook(self, headers: Mapping[str, str], body: bytes, now: float) -> ProviderEvent:
+        self._verifier.verify(headers, body, now)
+        env = stripe_envelope(body, KNOWN_EVENT_TYPES)
+        account = env.payload.get("account")
+        with normalising(env.event_id, env.event_type):
+            if env.event_type in CHARGE_EVENTS:
+                return ProviderEvent(
+                    provider=self.name, event_id=env.event_id, event_type=env.event_type,
+                    kind=EventKind.REFUND_STATUS, body_sha256=env.body_sha256,
+                    occurred_at=env.occurred_at, charge_id=str(env.obj["id"]),
+                    currency=normalise_currency(str(env.obj["currency"])), merchant_account=account)
+            return refund_event(self._refund(env.obj), event_id=env.event_id, event_type=env.event_type,
+                                body_sha256=env.body_sha256, occurred_at=env.occurred_at,
+                                merchant_account=account)

@@ -1,0 +1,75 @@
+"""Read side of the webhook receipts: coverage, replay and re-drive selections.
+
+Kept apart from `store.py` (the write path) because ops tooling grows here; every query
+only reads `webhook_receipts`, which nothing ever deletes from.
+"""
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from adapters.store import Store
+
+
+@dataclass(frozen=True)
+class StoredDelivery:
+    """What a replay needs of a stored receipt: who sent what, with which headers, when."""
+
+    receipt_id: int
+    provider: str
+    headers: dict[str, str]
+    body: bytes | None
+    received_at: datetime
+    verdict: str
+
+
+async def delivery(store: Store, receipt_id: int) -> StoredDelivery | None:
+    async with store.transaction() as conn:
+        cur = await conn.execute(
+            "SELECT id, provider, headers, body, received_at, verdict FROM webhook_receipts"
+            " WHERE id = %s", (receipt_id,))
+        row = await cur.fetchone()
+    if row is None:
+        return None
+    return StoredDelivery(receipt_id=int(row["id"]), provider=row["provider"], headers=row["headers"],
+                          body=bytes(row["body"]) if row["body"] is not None else None,
+                          received_at=row["received_at"], verdict=row["verdict"])
+
+
+async def deliveries_since(store: Store, since: datetime) -> list[int]:
+    """Original deliveries (not earlier replays) received at or after `since`, oldest first."""
+    async with store.transaction() as conn:
+        cur = await conn.execute(
+            "SELECT id FROM webhook_receipts WHERE received_at >= %s AND replay_of IS NULL"
+            " ORDER BY id", (since,))
+        return [int(r["id"]) for r in await cur.fetchall()]
+
+
+async def unprocessed(store: Store, older_than_seconds: float) -> list[int]:
+    """Accepted receipts whose workflow was never reached (a crash between receipt and
+    signal), older than the given age so in-flight deliveries are left alone."""
+    async with store.transaction() as conn:
+        cur = await conn.execute(
+            "SELECT id FROM webhook_receipts WHERE verdict = 'accepted' AND processed_at IS NULL"
+            " AND received_at < now() - make_interval(secs => %s) ORDER BY id",
+            (older_than_seconds,))
+        return [int(r["id"]) for r in await cur.fetchall()]
+
+
+async def type_counts(store: Store) -> list[dict[str, Any]]:
+    """Receipts per provider, event type and verdict (the raw material of coverage)."""
+    async with store.transaction() as conn:
+        cur = await conn.execute(
+            "SELECT provider, event_type, verdict, count(*) AS n, max(received_at) AS last_seen"
+            " FROM webhook_receipts WHERE replay_of IS NULL"
+            " GROUP BY provider, event_type, verdict ORDER BY provider, event_type, verdict")
+        return list(await cur.fetchall())
+
+
+async def recent_rejections(store: Store, limit: int = 20) -> list[dict[str, Any]]:
+    """The latest refused deliveries, newest first, for the coverage report."""
+    async with store.transaction() as conn:
+        cur = await conn.execute(
+            "SELECT id, provider, event_type, verdict, error, received_at FROM webhook_receipts"
+            " WHERE verdict NOT IN ('accepted', 'duplicate') ORDER BY id DESC LIMIT %s", (limit,))
+        return list(await cur.fetchall())

@@ -1,0 +1,60 @@
+"""Provider-originated refunds (dashboard refunds, auto-refunds): the tracking case's input
+and the rule that turns a reported status into a step of a case.
+
+Kept apart from `models.py` so the tracking path can grow without reshaping the refund
+request models.
+"""
+
+from domain.lifecycle import FINAL_PROVIDER_STATUSES, StatusChange, case_status_for, classify_status_change
+from domain.models import (
+    CaseStatus,
+    Frozen,
+    LedgerKind,
+    ProviderRefund,
+    ProviderRefundStatus,
+    RefundTimings,
+)
+
+
+def tracking_case_id(provider: str, refund_id: str) -> str:
+    """The derived case (and workflow) id of a refund the provider made without us."""
+    return f"{provider}-refund-{refund_id}"
+
+
+class TrackingInput(Frozen):
+    """Start input of RefundTrackingWorkflow (workflow id == case_id)."""
+
+    case_id: str
+    provider: str
+    refund_id: str
+    currency: str
+    timings: RefundTimings = RefundTimings()
+
+
+class Observation(Frozen):
+    """What one reported status does to a case: audit action, new status, ledger template,
+    and whether the reservation is released. `status` None means nothing moves."""
+
+    change: StatusChange
+    action: str
+    status: CaseStatus | None = None
+    ledger: LedgerKind | None = None
+    release: bool = False
+
+
+def observe(current: ProviderRefundStatus | None, reported: ProviderRefund) -> Observation:
+    """Never backwards; success posts the settlement, a later failure the reversal."""
+    change = classify_status_change(current, reported.status)
+    if change in (StatusChange.SAME, StatusChange.STALE, StatusChange.IMPOSSIBLE):
+        return Observation(change=change, action=f"provider_status_{change.value}_ignored")
+    status = case_status_for(reported.status)
+    if change is StatusChange.LATE_FAILURE:
+        return Observation(change=change, action="refund_failed_after_success", status=status,
+                           ledger=LedgerKind.REFUND_REVERSED, release=True)
+    if reported.status is ProviderRefundStatus.SUCCEEDED:
+        return Observation(change=change, action="refund_succeeded", status=status,
+                           ledger=LedgerKind.REFUND_SETTLED)
+    if reported.status in FINAL_PROVIDER_STATUSES:
+        return Observation(change=change, action=f"refund_{reported.status.value}", status=status,
+                           release=True)
+    return Observation(change=change, action="provider_status_changed", status=status)

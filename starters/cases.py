@@ -1,0 +1,64 @@
+"""Starting case workflows: shared by the refund-request API and the webhook path."""
+
+from typing import Any
+
+from temporalio.client import Client, WorkflowHandle
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
+
+from adapters.config import Settings
+from domain.events import TrackingInput
+from domain.models import (
+    ProviderEvent,
+    RefundReason,
+    RefundRequest,
+    RefundWorkflowInput,
+    RequestSource,
+)
+from workflows.refund import RefundWorkflow
+from workflows.tracking import RefundTrackingWorkflow
+
+
+async def start_refund(client: Client, settings: Settings, request: RefundRequest, requester: str,
+                       trigger: ProviderEvent | None = None) -> WorkflowHandle[Any, Any]:
+    """Starts the case's workflow, or attaches to the one already running or finished."""
+    inp = RefundWorkflowInput(request=request, requester=requester, timings=settings.timings())
+    options: dict[str, Any] = {
+        "id": request.refund_request_id, "task_queue": settings.task_queue,
+        "id_conflict_policy": WorkflowIDConflictPolicy.USE_EXISTING,
+        "id_reuse_policy": WorkflowIDReusePolicy.REJECT_DUPLICATE,
+    }
+    if trigger is not None:
+        options["start_signal"] = "provider_event"
+        options["start_signal_args"] = [trigger]
+    try:
+        return await client.start_workflow(RefundWorkflow.run, inp, **options)
+    except WorkflowAlreadyStartedError:
+        return client.get_workflow_handle(request.refund_request_id)
+
+
+async def track_refund(client: Client, settings: Settings, case_id: str,
+                       event: ProviderEvent) -> WorkflowHandle[Any, Any] | None:
+    """Signal-with-start of the tracking workflow; None when it already finished."""
+    refund = event.as_refund()
+    assert refund is not None
+    inp = TrackingInput(case_id=case_id, provider=refund.provider, refund_id=refund.refund_id,
+                        currency=refund.currency, timings=settings.timings())
+    try:
+        return await client.start_workflow(
+            RefundTrackingWorkflow.run, inp, id=case_id, task_queue=settings.task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            start_signal="provider_event", start_signal_args=[event])
+    except WorkflowAlreadyStartedError:
+        return None
+
+
+def request_from_event(event: ProviderEvent) -> RefundRequest:
+    """A provider-originated refund request becomes an ordinary request with a derived id."""
+    return RefundRequest(
+        refund_request_id=f"{event.provider}-{event.request_object_id}", provider=event.provider,
+        charge_id=event.charge_id or "", amount=event.amount or 0, currency=event.currency or "",
+        merchant_account=event.merchant_account or "", reason=event.reason or RefundReason.OTHER,
+        evidence=event.evidence, source=RequestSource.WEBHOOK,
+    )

@@ -1,0 +1,238 @@
+"""The webhook path of the relay: receipt first, then verify, dedup, route; plus replay,
+re-drive and coverage, which all go through that same path.
+
+A delivery is acknowledged (2xx) only after its receipt is durable and its workflow was
+started or signalled. A replay re-feeds a stored body and headers as a new receipt
+(`replay_of`) verified at the original reception time, so the signature is still checked
+and the `(provider, event_id)` gate keeps every event acting once. Re-driving an accepted
+receipt that never reached its workflow (a crash between receipt and signal) is a replay.
+"""
+
+import hashlib
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from ipaddress import ip_address
+from typing import Any
+
+from pydantic import ValidationError
+from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
+
+from adapters import metrics, receipts
+from adapters.config import Settings
+from adapters.providers.base import ProviderAdapter, WebhookRejected
+from adapters.store import CaseCreation, Store
+from adapters.telemetry import bind_case
+from domain.events import tracking_case_id
+from domain.models import EventKind, ProviderEvent
+from starters.cases import request_from_event, start_refund, track_refund
+from workflows.refund import RefundWorkflow
+
+log = logging.getLogger("relay")
+
+REJECTION_STATUS = {"too_large": 413, "unknown_provider": 404, "unknown_type": 202, "malformed": 400,
+                    "unexpected_status": 422, "forbidden_source": 403, "bad_signature": 401,
+                    "stale": 401}
+LOUD_VERDICTS = frozenset({"unknown_type", "unexpected_status"})
+
+
+def _coverage_entry(handled: frozenset[str]) -> dict[str, Any]:
+    return {"handled": sorted(handled), "arrived": {}, "unknown_types": [], "never_seen": [],
+            "rejected": {}}
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What the relay answers for one delivery (or replay)."""
+
+    status_code: int
+    receipt_id: int
+    verdict: str
+    workflow_id: str | None = None
+    detail: str | None = None
+    replay_of: int | None = None
+
+    def body(self) -> dict[str, Any]:
+        answer: dict[str, Any] = {"receipt_id": self.receipt_id, "verdict": self.verdict}
+        if self.replay_of is not None:
+            answer["replay_of"] = self.replay_of
+        if self.detail is not None:
+            answer["detail"] = self.detail
+        else:
+            answer["workflow_id"] = self.workflow_id
+        return answer
+
+
+class WebhookDesk:
+    """Ingests deliveries for the relay, the replay and re-drive commands alike."""
+
+    def __init__(self, store: Store, client: Client, providers: Mapping[str, ProviderAdapter],
+                 settings: Settings) -> None:
+        self._store = store
+        self._client = client
+        self._providers = providers
+        self._settings = settings
+
+    def _source_allowed(self, provider_name: str, peer: str) -> bool:
+        networks = self._settings.webhook_allowed_sources.get(provider_name)
+        if not networks:
+            return True
+        try:
+            address = ip_address(peer)
+        except ValueError:
+            return False
+        return any(address in network for network in networks)
+
+    def _parse(self, provider_name: str, headers: Mapping[str, str], body: bytes | None, now: float,
+               peer: str | None) -> ProviderEvent:
+        """Verifies and normalises, or raises WebhookRejected with the receipt's verdict."""
+        if body is None:
+            raise WebhookRejected("too_large", f"body exceeds {self._settings.webhook_max_body_bytes} bytes")
+        provider = self._providers.get(provider_name)
+        if provider is None:
+            raise WebhookRejected("unknown_provider", f"no provider {provider_name!r}")
+        if peer is not None and not self._source_allowed(provider_name, peer):
+            raise WebhookRejected("forbidden_source", f"{peer} is not an allowed source for {provider_name}")
+        event = provider.parse_webhook(headers, body, now)
+        if event.kind is EventKind.REFUND_REQUESTED:
+            try:
+                request_from_event(event)
+            except ValidationError as exc:
+                raise WebhookRejected("malformed", f"invalid refund request: {exc.errors()[0]['msg']}",
+                                      event_id=event.event_id, event_type=event.event_type) from None
+        return event
+
+    async def ingest(self, provider_name: str, headers: Mapping[str, str], body: bytes | None, *,
+                     now: float, peer: str | None, replay_of: int | None = None) -> IngestResult:
+        """Receipt, verdict, dedup, then start or signal; the result says what to answer."""
+        kept_headers = {k: v for k, v in headers.items() if k != "authorization"}
+        digest = hashlib.sha256(body or b"").hexdigest()
+        try:
+            event = self._parse(provider_name, headers, body, now, peer)
+        except WebhookRejected as rejection:
+            stored = await self._store.store_receipt(
+                provider=provider_name, event_id=rejection.event_id, event_type=rejection.event_type,
+                body=body, body_sha256=digest, headers=kept_headers, verdict=rejection.verdict,
+                error=rejection.message, replay_of=replay_of)
+            label = provider_name if provider_name in self._providers else "unknown"
+            metrics.RECEIPTS.labels(label, rejection.verdict).inc()
+            if rejection.verdict == "unknown_type":
+                metrics.UNKNOWN_EVENT_TYPES.labels(label, (rejection.event_type or "")[:64]).inc()
+            level = logging.ERROR if rejection.verdict in LOUD_VERDICTS else logging.WARNING
+            log.log(level, "webhook %s rejected (%s, receipt %s): %s", provider_name, rejection.verdict,
+                    stored.receipt_id, rejection.message)
+            return IngestResult(REJECTION_STATUS[rejection.verdict], stored.receipt_id,
+                                rejection.verdict, detail=rejection.message, replay_of=replay_of)
+        stored = await self._store.store_receipt(
+            provider=provider_name, event_id=event.event_id, event_type=event.event_type, body=body,
+            body_sha256=digest, headers=kept_headers, verdict="accepted", error=None,
+            replay_of=replay_of)
+        metrics.RECEIPTS.labels(provider_name, stored.verdict).inc()
+        if stored.verdict == "duplicate":
+            metrics.DUPLICATES.labels(provider_name).inc()
+            log.info("duplicate delivery of %s %s (first receipt %s)", provider_name,
+                     event.event_id, stored.first_receipt_id)
+            if stored.first_processed:
+                return IngestResult(200, stored.receipt_id, "duplicate", replay_of=replay_of)
+        workflow_id = await self.route(event)
+        await self._store.mark_receipt_processed(stored.first_receipt_id or stored.receipt_id,
+                                                 workflow_id)
+        return IngestResult(200, stored.receipt_id, stored.verdict, workflow_id=workflow_id,
+                            replay_of=replay_of)
+
+    async def route(self, event: ProviderEvent) -> str | None:
+        """Starts or signals the event's workflow; returns its id (None when unmatched)."""
+        if event.kind is EventKind.REFUND_REQUESTED:
+            request = request_from_event(event)
+            bind_case(request.refund_request_id)
+            requester = f"provider:{event.provider}"
+            outcome, _ = await self._store.create_case(request, requester)
+            if outcome is CaseCreation.CONFLICT:
+                log.error("provider request %s conflicts with an existing case", request.refund_request_id)
+                return None
+            handle = await start_refund(self._client, self._settings, request, requester, trigger=event)
+            return handle.id
+        if event.refund_id is None:
+            log.info("%s %s is a charge-level notice; refund events move the cases",
+                     event.provider, event.event_type)
+            return None
+        case_id = event.refund_request_id
+        row = await self._store.get_case(case_id) if case_id else None
+        if row is None:
+            row = await self._store.case_by_provider_refund(event.provider, event.refund_id)
+        if row is None:
+            return await self._track(event)
+        case_id = str(row["refund_request_id"])
+        bind_case(case_id)
+        try:
+            await self._client.get_workflow_handle(case_id).signal(RefundWorkflow.provider_event, event)
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:
+                raise
+            log.error("case %s is closed; event %s left for reconciliation", case_id, event.event_id)
+            await self._store.append_audit(case_id, f"provider:{event.provider}", "event_after_close",
+                                           {"event_id": event.event_id, "event_type": event.event_type})
+        return case_id
+
+    async def _track(self, event: ProviderEvent) -> str | None:
+        """A refund no case of ours made: open a tracking case and follow it to the ledger."""
+        refund = event.as_refund()
+        if refund is None or event.refund_id is None:
+            log.error("NO CASE for %s %s (refund %s) and too little to track it",
+                      event.provider, event.event_type, event.refund_id)
+            return None
+        case_id = tracking_case_id(event.provider, event.refund_id)
+        if await self._store.open_tracking_case(case_id, refund, event.merchant_account, event.event_type):
+            log.warning("provider-originated refund %s %s: tracking as case %s", event.provider,
+                        event.refund_id, case_id)
+        if await track_refund(self._client, self._settings, case_id, event) is None:
+            log.error("tracking case %s is closed; event %s left for reconciliation", case_id,
+                      event.event_id)
+            await self._store.append_audit(case_id, f"provider:{event.provider}", "event_after_close",
+                                           {"event_id": event.event_id, "event_type": event.event_type})
+        return case_id
+
+    # -- replay, re-drive, coverage ---------------------------------------------------------
+
+    async def replay(self, receipt_id: int) -> IngestResult | None:
+        """Re-feeds one stored delivery through `ingest`, as of its reception time."""
+        stored = await receipts.delivery(self._store, receipt_id)
+        if stored is None:
+            return None
+        return await self.ingest(stored.provider, stored.headers, stored.body,
+                                 now=stored.received_at.timestamp(), peer=None, replay_of=receipt_id)
+
+    async def replay_since(self, since: datetime) -> list[IngestResult]:
+        """Replays every original delivery received since `since`, oldest first."""
+        results = [await self.replay(i) for i in await receipts.deliveries_since(self._store, since)]
+        return [r for r in results if r is not None]
+
+    async def redrive(self) -> list[IngestResult]:
+        """Replays accepted receipts that never reached their workflow; run at relay start
+        and by `refunds webhooks redrive`."""
+        stale = await receipts.unprocessed(self._store, self._settings.webhook_redrive_after_seconds)
+        if stale:
+            log.warning("re-driving %d accepted but unprocessed receipts: %s", len(stale), stale)
+        results = [await self.replay(i) for i in stale]
+        return [r for r in results if r is not None]
+
+    async def coverage(self) -> dict[str, Any]:
+        """Per provider: which event types arrived, which have a handler, unknown types,
+        handled types never seen, and refusals by verdict; plus the latest refusals."""
+        report = {name: _coverage_entry(p.event_types) for name, p in self._providers.items()}
+        for row in await receipts.type_counts(self._store):
+            entry = report.setdefault(row["provider"], _coverage_entry(frozenset()))
+            if row["event_type"] is not None:
+                entry["arrived"].setdefault(row["event_type"], {})[row["verdict"]] = row["n"]
+                if row["event_type"] not in entry["handled"] and \
+                        row["event_type"] not in entry["unknown_types"]:
+                    entry["unknown_types"].append(row["event_type"])
+            if row["verdict"] not in ("accepted", "duplicate"):
+                entry["rejected"][row["verdict"]] = entry["rejected"].get(row["verdict"], 0) + row["n"]
+        for entry in report.values():
+            entry["never_seen"] = [t for t in entry["handled"] if t not in entry["arrived"]]
+        recent = [{**r, "received_at": r["received_at"].isoformat()}
+                  for r in await receipts.recent_rejections(self._store)]
+        return {"providers": report, "recent_rejections": recent}

@@ -1,0 +1,286 @@
+"""Rainforest and Cashfree webhooks through the relay, with payloads recorded in the shape
+of each provider's refund webhook documentation (tests/payloads/, ids made unique per
+test): signed ones are accepted and tracked to the ledger; every tampered byte, stale
+timestamp, wrong secret, missing header and oversize body is refused with a clear 4xx and
+a receipt, and no case or workflow is touched."""
+
+import base64
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from svix.webhooks import Webhook as SvixWebhook
+from temporalio.client import Client
+
+from adapters import receipts
+from adapters.config import Settings
+from adapters.providers import cashfree
+from adapters.providers.base import WebhookRejected
+from adapters.store import Store
+from domain.events import tracking_case_id
+from starters.cli import build_parser
+from starters.stack import TemporalDevServer
+from tests.harness import Stack, open_stack
+from tests.test_bad_input import receipt, workflow_exists
+
+PAYLOADS = Path(__file__).parent / "payloads"
+RAINFOREST_SECRET = "whsec_" + base64.b64encode(b"rainforest-test-secret-0123456789").decode()
+CASHFREE_SECRET = "cashfree-test-client-secret"
+Delivery = tuple[bytes, dict[str, str]]
+
+
+def sign_rainforest(body: bytes, secret: str = RAINFOREST_SECRET, at: float | None = None,
+                    msg_id: str | None = None) -> dict[str, str]:
+    sent = datetime.fromtimestamp(int(time.time() if at is None else at), UTC)
+    msg_id = msg_id or f"msg_{uuid.uuid4().hex}"
+    return {"svix-id": msg_id, "svix-timestamp": str(int(sent.timestamp())),
+            "svix-signature": SvixWebhook(secret).sign(msg_id, sent, body.decode()),
+            "content-type": "application/json"}
+
+
+def sign_cashfree(body: bytes, secret: str = CASHFREE_SECRET, at: float | None = None) -> dict[str, str]:
+    stamp = int((time.time() if at is None else at) * 1000)
+    return {"x-webhook-timestamp": str(stamp), "x-webhook-signature": cashfree.sign(secret, body, stamp),
+            "x-webhook-version": "2023-08-01", "content-type": "application/json"}
+
+
+SIGNERS: dict[str, Callable[..., dict[str, str]]] = {"rainforest": sign_rainforest, "cashfree": sign_cashfree}
+RECORDED = {  # provider, payload file, the refund id in it, its derived-id replacement prefix
+    "rainforest": ("rainforest_refund.processing.json", b"rfd_2sPMefai6yWsyp4MSGUkAo32pp7", b"rfd_"),
+    "cashfree": ("cashfree_auto_refund_status.json", b"1243460973", b"9"),
+}
+
+
+def recorded(provider: str) -> tuple[bytes, str]:
+    """The recorded payload with its refund id made unique; returns (body, refund id)."""
+    name, original, prefix = RECORDED[provider]
+    unique = prefix + str(uuid.uuid4().int)[:12].encode()
+    return (PAYLOADS / name).read_bytes().replace(original, unique), unique.decode()
+
+
+@pytest.fixture(scope="module")
+async def hooks(store: Store, client: Client, temporal_server: TemporalDevServer) -> AsyncIterator[Stack]:
+    stack = await open_stack(store, client, temporal_server.address,
+                             rainforest_webhook_secret=RAINFOREST_SECRET,
+                             cashfree_webhook_secret=f"{CASHFREE_SECRET},older-cashfree-secret",
+                             webhook_allowed_sources={"sandbox": ["10.0.0.0/8"]},
+                             webhook_redrive_after_seconds=0)
+    yield stack
+    await stack.close()
+
+
+async def post(stack: Stack, provider: str, body: bytes | Any, headers: dict[str, str]) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=stack.relay_url, timeout=30) as http:
+        return await http.post(f"/webhooks/{provider}", content=body, headers=headers)
+
+
+# -- accepted ------------------------------------------------------------------------------
+
+async def test_rainforest_refund_events_are_tracked_to_a_final_state(hooks: Stack) -> None:
+    body, refund_id = recorded("rainforest")
+    response = await post(hooks, "rainforest", body, sign_rainforest(body))
+    case_id = tracking_case_id("rainforest", refund_id)
+    assert response.status_code == 200, response.text
+    assert response.json()["verdict"] == "accepted" and response.json()["workflow_id"] == case_id
+    row = await hooks.wait_for_status(case_id, "pending")
+    assert (row["amount"], row["currency"], row["reserved_amount"]) == (1500, "USD", 1500)
+    assert row["merchant_account"] == "mid_2sPMdFkHyz2NsLvGB3U9DeaLdMz"
+
+    failed = (PAYLOADS / "rainforest_refund.failed.json").read_bytes().replace(
+        RECORDED["rainforest"][1], refund_id.encode())
+    assert (await post(hooks, "rainforest", failed, sign_rainforest(failed))).status_code == 200
+    row = await hooks.wait_for_status(case_id, "refund_failed")
+    assert row["failure_reason"] == "account_closed: The customer's account is closed."
+    assert row["reserved_amount"] == 0
+    assert await hooks.store.ledger_entries(case_id) == []
+
+
+async def test_cashfree_auto_refund_reaches_the_ledger_in_exact_minor_units(hooks: Stack) -> None:
+    body, refund_id = recorded("cashfree")
+    headers = sign_cashfree(body, secret="older-cashfree-secret")  # a rotated-out secret still counts
+    response = await post(hooks, "cashfree", body, headers)
+    assert response.status_code == 200, response.text
+    case_id = tracking_case_id("cashfree", refund_id)
+    row = await hooks.wait_for_status(case_id, "succeeded")
+    assert (row["amount"], row["currency"], row["charge_id"]) == (3900, "INR", "2148333968")
+    lines = await hooks.store.ledger_entries(case_id)
+    assert [(x["template"], x["debit"], x["credit"], x["currency"]) for x in lines] == [
+        ("refund_settled", 3900, 0, "INR"), ("refund_settled", 0, 3900, "INR")]
+    again = await post(hooks, "cashfree", body, sign_cashfree(body))
+    assert again.json()["verdict"] == "duplicate"
+    assert len(await hooks.store.ledger_entries(case_id)) == 2
+
+
+# -- refused -------------------------------------------------------------------------------
+
+AMOUNT_KEYS = {"rainforest": b'"amount": ', "cashfree": b'"refund_amount": '}
+
+
+def tampered(provider: str, body: bytes) -> Delivery:
+    headers = SIGNERS[provider](body)
+    at = body.index(AMOUNT_KEYS[provider]) + len(AMOUNT_KEYS[provider])
+    return body[:at] + (b"8" if body[at:at + 1] == b"9" else b"9") + body[at + 1:], headers
+
+
+def stale(provider: str, body: bytes) -> Delivery:
+    return body, SIGNERS[provider](body, at=time.time() - 600)
+
+
+def wrong_secret(provider: str, body: bytes) -> Delivery:
+    other = "whsec_" + base64.b64encode(b"not-the-rainforest-secret-000000").decode()
+    return body, SIGNERS[provider](body, secret=other if provider == "rainforest" else "not-it")
+
+
+def missing_header(provider: str, body: bytes) -> Delivery:
+    headers = SIGNERS[provider](body)
+    del headers["svix-signature" if provider == "rainforest" else "x-webhook-signature"]
+    return body, headers
+
+
+def oversize(provider: str, body: bytes) -> Delivery:
+    padded = body.rstrip()[:-1] + b', "padding": "' + b"x" * (300 * 1024) + b'"}'
+    return padded, SIGNERS[provider](padded)
+
+
+REFUSALS: dict[str, tuple[Callable[[str, bytes], Delivery], int, str]] = {
+    "tampered_byte": (tampered, 401, "bad_signature"),
+    "stale_timestamp": (stale, 401, "stale"),
+    "wrong_secret": (wrong_secret, 401, "bad_signature"),
+    "missing_header": (missing_header, 401, "bad_signature"),
+    "oversize_body": (oversize, 413, "too_large"),
+}
+
+
+@pytest.mark.parametrize("provider", ["rainforest", "cashfree"])
+@pytest.mark.parametrize("case", list(REFUSALS))
+async def test_refused_delivery_is_recorded_and_touches_nothing(hooks: Stack, provider: str,
+                                                                case: str) -> None:
+    build, status, verdict = REFUSALS[case]
+    body, refund_id = recorded(provider)
+    content, headers = build(provider, body)
+    assert content != body or case != "tampered_byte"
+    response = await post(hooks, provider, content, headers)
+    assert response.status_code == status, response.text
+    assert response.json()["verdict"] == verdict and response.json()["detail"]
+    row = await receipt(hooks, provider, response.json()["receipt_id"])
+    assert row["verdict"] == verdict and row["error"] and row["processed_at"] is None
+    case_id = tracking_case_id(provider, refund_id)
+    assert await hooks.store.get_case(case_id) is None
+    assert not await workflow_exists(hooks, case_id)
+
+
+async def test_unexpected_status_is_a_loud_422_with_a_receipt(hooks: Stack) -> None:
+    body, refund_id = recorded("cashfree")
+    body = body.replace(b'"SUCCESS"', b'"REVERSED_BY_BANK"')
+    response = await post(hooks, "cashfree", body, sign_cashfree(body))
+    assert response.status_code == 422, response.text
+    assert "REVERSED_BY_BANK" in response.json()["detail"]
+    row = await receipt(hooks, "cashfree", response.json()["receipt_id"])
+    assert (row["verdict"], row["event_type"]) == ("unexpected_status", "AUTO_REFUND_STATUS_WEBHOOK")
+    assert await hooks.store.get_case(tracking_case_id("cashfree", refund_id)) is None
+
+
+async def test_source_outside_the_allowlist_is_403(hooks: Stack) -> None:
+    response = await post(hooks, "sandbox", b"{}", {"content-type": "application/json"})
+    assert response.status_code == 403, response.text
+    row = await receipt(hooks, "sandbox", response.json()["receipt_id"])
+    assert row["verdict"] == "forbidden_source" and "127.0.0.1" in row["error"]
+
+
+# -- normalisation, without a stack --------------------------------------------------------
+
+@pytest.mark.parametrize(("raw", "status"), [
+    ("SUCCESS", "succeeded"), ("PENDING", "pending"), ("INITIATED", "pending"),
+    ("ONHOLD", "requires_action"), ("CANCELLED", "canceled"), ("FAILED", "failed")])
+def test_cashfree_refund_status_webhook_maps_every_status(raw: str, status: str) -> None:
+    body = (PAYLOADS / "cashfree_refund_status.json").read_bytes().replace(b'"SUCCESS"', f'"{raw}"'.encode())
+    adapter = cashfree.CashfreeProvider(webhook_secrets=[CASHFREE_SECRET])
+    event = adapter.parse_webhook(sign_cashfree(body), body, time.time())
+    assert (event.status, event.raw_status, event.amount, event.currency) == (status, raw, 200, "INR")
+    assert event.refund_request_id == "refund_sampleorder0413" and event.refund_id == "11325632"
+    assert (event.failure_reason is not None) == (status in ("failed", "canceled"))
+
+
+def test_cashfree_amount_with_more_decimals_than_the_currency_is_malformed() -> None:
+    body = (PAYLOADS / "cashfree_refund_status.json").read_bytes().replace(b"2.00", b"2.005")
+    adapter = cashfree.CashfreeProvider(webhook_secrets=[CASHFREE_SECRET])
+    with pytest.raises(WebhookRejected) as refused:
+        adapter.parse_webhook(sign_cashfree(body), body, time.time())
+    assert refused.value.verdict == "malformed" and "decimals" in refused.value.message
+
+
+# -- coverage, replay, re-drive ------------------------------------------------------------
+
+async def cli(hooks: Stack, capsys: pytest.CaptureFixture[str], *argv: str) -> Any:
+    """Runs a `refunds` command in-process against the stack's relay; returns its JSON."""
+    args = build_parser().parse_args(["--token", hooks.tokens["admin"], *argv])
+    capsys.readouterr()
+    assert await args.run(args, Settings(relay_url=hooks.relay_url)) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+async def test_coverage_lists_arrived_handled_unknown_and_refused(
+        hooks: Stack, capsys: pytest.CaptureFixture[str]) -> None:
+    body, _ = recorded("cashfree")
+    assert (await post(hooks, "cashfree", body, sign_cashfree(body))).status_code == 200
+    unknown = body.replace(b"AUTO_REFUND_STATUS_WEBHOOK", b"REFUND_TELEPORTED_WEBHOOK")
+    response = await post(hooks, "cashfree", unknown, sign_cashfree(unknown))
+    assert (response.status_code, response.json()["verdict"]) == (202, "unknown_type")
+    forged = await post(hooks, "cashfree", body, sign_cashfree(body, secret="forger"))
+    report = await cli(hooks, capsys, "webhooks", "coverage")
+    async with hooks.api("dave") as api:  # auditors read it over the API too
+        over_api = (await api.get("/v1/webhooks/coverage")).json()
+    assert over_api["providers"].keys() == report["providers"].keys()
+    entry = report["providers"]["cashfree"]
+    assert entry["handled"] == ["AUTO_REFUND_STATUS_WEBHOOK", "REFUND_STATUS_WEBHOOK"]
+    assert entry["arrived"]["AUTO_REFUND_STATUS_WEBHOOK"]["accepted"] >= 1
+    assert entry["unknown_types"] == ["REFUND_TELEPORTED_WEBHOOK"]
+    assert entry["rejected"]["unknown_type"] >= 1 and entry["rejected"]["bad_signature"] >= 1
+    assert forged.json()["receipt_id"] in [r["id"] for r in report["recent_rejections"]]
+    assert "refund.in_review" in report["providers"]["rainforest"]["handled"]
+
+
+async def test_replay_goes_through_the_same_path_and_acts_once(
+        hooks: Stack, capsys: pytest.CaptureFixture[str]) -> None:
+    body, refund_id = recorded("cashfree")
+    first = (await post(hooks, "cashfree", body, sign_cashfree(body))).json()
+    case_id = tracking_case_id("cashfree", refund_id)
+    await hooks.wait_for_status(case_id, "succeeded")
+    forged = (await post(hooks, "cashfree", body, sign_cashfree(body, secret="forger"))).json()
+
+    [again] = await cli(hooks, capsys, "webhooks", "replay", "--receipt", str(first["receipt_id"]))
+    assert (again["verdict"], again["replay_of"]) == ("duplicate", first["receipt_id"])
+    stored = await receipts.delivery(hooks.store, first["receipt_id"])
+    assert stored is not None
+    replayed = await cli(hooks, capsys, "webhooks", "replay", "--since", stored.received_at.isoformat())
+    by_origin = {r["replay_of"]: r["verdict"] for r in replayed}
+    assert by_origin[first["receipt_id"]] == "duplicate"
+    assert by_origin[forged["receipt_id"]] == "bad_signature"  # the signature is checked again
+    assert again["receipt_id"] not in by_origin  # replays are not replayed
+    assert len(await hooks.store.ledger_entries(case_id)) == 2
+
+
+async def test_redrive_heals_a_receipt_stored_but_never_routed(
+        hooks: Stack, capsys: pytest.CaptureFixture[str]) -> None:
+    body, refund_id = recorded("cashfree")
+    event_id = f"AUTO_REFUND_STATUS_WEBHOOK:{refund_id}:SUCCESS"
+    crashed = await hooks.store.store_receipt(  # what the relay wrote before a crash
+        provider="cashfree", event_id=event_id, event_type="AUTO_REFUND_STATUS_WEBHOOK", body=body,
+        body_sha256=hashlib.sha256(body).hexdigest(), headers=sign_cashfree(body), verdict="accepted",
+        error=None)
+    case_id = tracking_case_id("cashfree", refund_id)
+    assert await hooks.store.get_case(case_id) is None
+    healed = await cli(hooks, capsys, "webhooks", "redrive")
+    assert {"replay_of": crashed.receipt_id, "verdict": "duplicate", "workflow_id": case_id,
+            "receipt_id": healed[-1]["receipt_id"], "status_code": 200} in healed
+    await hooks.wait_for_status(case_id, "succeeded")
+    row = await receipt(hooks, "cashfree", crashed.receipt_id)
+    assert row["processed_at"] is not None and row["workflow_id"] == case_id
+    assert crashed.receipt_id not in [r["replay_of"] for r in await cli(hooks, capsys, "webhooks", "redrive")]

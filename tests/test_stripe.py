@@ -1,0 +1,179 @@
+"""Stripe end to end against the third-party localstripe server, which ignores idempotency
+keys: a refund requested through our API appears once there, through a storm of identical
+requests and when the provider's answer is lost on the way back (so verify-state, not
+Stripe's dedup, is what keeps it single). Webhooks: Stripe-signed, rotated secrets."""
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import stripe
+from temporalio.client import Client
+
+from adapters.http_server import AppServer
+from adapters.providers.base import WebhookRejected
+from adapters.providers.stripe import StripeProvider
+from adapters.store import Store
+from starters.stack import TemporalDevServer, free_port
+from tests.harness import Stack, open_stack
+from tests.lossy_proxy import LossyProxy
+
+API_KEY = "sk_test_orchestrator"
+SECRETS = ("whsec_new_test_secret", "whsec_old_test_secret")
+MERCHANT = "acct_localstripe"
+PAYLOADS = Path(__file__).parent / "payloads"
+
+
+class StripeRig:
+    """A stack whose Stripe API base is a lossy proxy in front of localstripe."""
+
+    def __init__(self, stack: Stack, proxy: LossyProxy, localstripe: str) -> None:
+        self.stack = stack
+        self.proxy = proxy
+        self.localstripe = localstripe
+
+    def http(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.localstripe, auth=(API_KEY, ""), timeout=30)
+
+    async def charge(self, amount: int) -> str:
+        async with self.http() as http:
+            response = await http.post("/v1/charges", data={"amount": amount, "currency": "usd",
+                                                             "source": "pm_card_visa"})
+        response.raise_for_status()
+        return str(response.json()["id"])
+
+    async def refunds(self, charge: str) -> list[dict[str, Any]]:
+        async with self.http() as http:
+            response = await http.get("/v1/refunds", params={"charge": charge, "limit": 100})
+        response.raise_for_status()
+        return list(response.json()["data"])
+
+    def body(self, charge: str, amount: int) -> dict[str, Any]:
+        return self.stack.refund_body(charge, amount, provider="stripe", merchant_account=MERCHANT)
+
+
+@pytest.fixture
+async def rig(store: Store, client: Client, temporal_server: TemporalDevServer,
+              localstripe: str) -> AsyncIterator[StripeRig]:
+    proxy = LossyProxy(localstripe)
+    server = AppServer(proxy, "127.0.0.1", free_port())
+    await server.start()
+    stack = await open_stack(store, client, temporal_server.address, stripe_api_base=server.url,
+                             stripe_api_key=API_KEY, stripe_webhook_secret=",".join(SECRETS),
+                             stripe_merchant_account=MERCHANT)
+    try:
+        yield StripeRig(stack, proxy, localstripe)
+    finally:
+        await stack.close()
+        await server.stop()
+
+
+async def test_storm_of_identical_requests_makes_one_stripe_refund(rig: StripeRig) -> None:
+    charge = await rig.charge(10_000)
+    body = rig.body(charge, 3_000)
+    async with rig.stack.api("alice") as api:
+        answers = await asyncio.gather(*(api.post("/v1/refund-requests", json=body) for _ in range(12)))
+    assert sorted(a.status_code for a in answers) == [200] * 11 + [202]
+    row = await rig.stack.wait_for_status(body["refund_request_id"], "succeeded")
+    [refund] = await rig.refunds(charge)
+    assert refund["id"] == row["provider_refund_id"] and refund["amount"] == 3_000
+    assert refund["metadata"]["refund_request_id"] == body["refund_request_id"]
+    lines = await rig.stack.store.ledger_entries(body["refund_request_id"])
+    assert [(x["account"], x["debit"], x["credit"]) for x in lines] == [
+        ("refunds_contra_revenue", 3_000, 0), ("provider_clearing", 0, 3_000)]
+
+
+async def test_lost_response_is_verified_at_stripe_not_resubmitted(rig: StripeRig) -> None:
+    charge = await rig.charge(10_000)
+    body = rig.body(charge, 4_000)
+    rig.proxy.lose_next("POST", "/v1/refunds")
+    async with rig.stack.api("alice") as api:
+        assert (await api.post("/v1/refund-requests", json=body)).status_code == 202
+    row = await rig.stack.wait_for_status(body["refund_request_id"], "succeeded")
+    [lost] = [json.loads(b) for b in rig.proxy.lost]
+    [refund] = await rig.refunds(charge)
+    assert refund["id"] == lost["id"] == row["provider_refund_id"]
+    trail = [e["action"] for e in await rig.stack.store.audit_trail(body["refund_request_id"])]
+    assert trail.count("provider_submit_started") == 1
+    assert "provider_outcome_unknown" in trail and "verify_state" in trail
+
+
+async def test_failure_webhook_after_success_reverses_the_ledger(rig: StripeRig) -> None:
+    charge = await rig.charge(10_000)
+    body = rig.body(charge, 2_500)
+    async with rig.stack.api("alice") as api:
+        assert (await api.post("/v1/refund-requests", json=body)).status_code == 202
+    row = await rig.stack.wait_for_status(body["refund_request_id"], "succeeded")
+    event = json.loads((PAYLOADS / "stripe_charge.refund.updated.json").read_bytes())
+    event["id"] = f"evt_{row['provider_refund_id']}"
+    event["data"]["object"].update(id=row["provider_refund_id"], charge=charge, amount=2_500,
+                                   metadata={"refund_request_id": body["refund_request_id"]})
+    raw = json.dumps(event).encode()
+    signature = stripe.WebhookSignature.generate_signature_header(raw.decode(), SECRETS[1])
+    async with httpx.AsyncClient(base_url=rig.stack.relay_url, timeout=30) as http:
+        response = await http.post("/webhooks/stripe", content=raw, headers={
+            "Stripe-Signature": signature, "Content-Type": "application/json"})
+    assert response.status_code == 200, response.text
+    assert response.json() == {"receipt_id": response.json()["receipt_id"], "verdict": "accepted",
+                               "workflow_id": body["refund_request_id"]}
+    failed = await rig.stack.wait_for_status(body["refund_request_id"], "refund_failed")
+    assert failed["failure_reason"] == "expired_or_canceled_card" and failed["reserved_amount"] == 0
+    templates = {x["template"] for x in await rig.stack.store.ledger_entries(body["refund_request_id"])}
+    assert templates == {"refund_settled", "refund_reversed"}
+
+
+# -- normalisation, without a stack ---------------------------------------------------------
+
+def _adapter() -> StripeProvider:
+    return StripeProvider(API_KEY, webhook_secrets=SECRETS, api_base="http://127.0.0.1:9")
+
+
+def _signed_event(event_type: str, **refund: Any) -> tuple[dict[str, str], bytes]:
+    event = json.loads((PAYLOADS / "stripe_charge.refund.updated.json").read_bytes())
+    event["type"] = event_type
+    event["data"]["object"].update(refund)
+    raw = json.dumps(event).encode()
+    return {"stripe-signature": stripe.WebhookSignature.generate_signature_header(
+        raw.decode(), SECRETS[0])}, raw
+
+
+@pytest.mark.parametrize("reason", ["charge_for_pending_refund_disputed", "declined",
+                                    "expired_or_canceled_card", "insufficient_funds",
+                                    "lost_or_stolen_card", "merchant_request", "unknown"])
+def test_every_documented_failure_reason_passes_through(reason: str) -> None:
+    headers, raw = _signed_event("refund.failed", status="failed", failure_reason=reason)
+    event = _adapter().parse_webhook(headers, raw, time.time())
+    assert (event.status, event.failure_reason, event.amount) == ("failed", reason, 1000)
+
+
+@pytest.mark.parametrize("event_type", ["refund.created", "refund.updated", "charge.refund.updated"])
+@pytest.mark.parametrize("status", ["pending", "requires_action", "succeeded", "canceled"])
+def test_each_stripe_status_maps_to_its_own_state(event_type: str, status: str) -> None:
+    headers, raw = _signed_event(event_type, status=status, failure_reason=None)
+    event = _adapter().parse_webhook(headers, raw, time.time())
+    assert event.status == status and event.raw_status == status and event.refund_id
+
+
+def test_unexpected_status_is_refused_loudly_not_defaulted() -> None:
+    headers, raw = _signed_event("refund.updated", status="teleported")
+    with pytest.raises(WebhookRejected) as refused:
+        _adapter().parse_webhook(headers, raw, time.time())
+    assert refused.value.verdict == "unexpected_status" and "teleported" in refused.value.message
+    assert refused.value.event_type == "refund.updated"
+
+
+def test_charge_refunded_is_a_charge_level_notice() -> None:
+    event = json.loads((PAYLOADS / "stripe_charge.refund.updated.json").read_bytes())
+    event.update(type="charge.refunded")
+    event["data"]["object"] = {"id": "ch_1", "object": "charge", "amount": 1000, "currency": "usd",
+                               "amount_refunded": 1000, "refunded": True}
+    raw = json.dumps(event).encode()
+    headers = {"stripe-signature": stripe.WebhookSignature.generate_signature_header(raw.decode(),
+                                                                                     SECRETS[1])}
+    parsed = _adapter().parse_webhook(headers, raw, time.time())
+    assert (parsed.charge_id, parsed.refund_id, parsed.status) == ("ch_1", None, None)
