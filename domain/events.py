@@ -42,6 +42,14 @@ class Observation(Frozen):
     release: bool = False
 
 
+STATUS_NOTICES: dict[ProviderRefundStatus, tuple[tuple[str, str], ...]] = {
+    ProviderRefundStatus.FAILED: (("refund_failed", "operator"),
+                                  ("refund_could_not_be_processed", "customer")),
+    ProviderRefundStatus.CANCELED: (("refund_canceled", "operator"),),
+}
+"""Who hears of a case reaching a status: (notice kind, audience)."""
+
+
 def observe(current: ProviderRefundStatus | None, reported: ProviderRefund) -> Observation:
     """Never backwards; success posts the settlement, a later failure the reversal."""
     change = classify_status_change(current, reported.status)

@@ -13,12 +13,11 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    from domain.events import STATUS_NOTICES, observe
     from domain.lifecycle import (
         FINAL_PROVIDER_STATUSES,
         StatusChange,
-        case_status_for,
         check_approval,
-        classify_status_change,
         unfilled,
     )
     from domain.models import (
@@ -342,36 +341,27 @@ class RefundWorkflow:
                     await self._observe(found, "verify_state")
 
     async def _observe(self, reported: ProviderRefund, source: str) -> None:
-        """Moves the case forward for a reported status; never backwards."""
+        """Moves the case forward for a reported status; never backwards. The ledger entry
+        and the notices come before the status that announces them."""
         held = self._refund.status if self._refund else None
-        change = classify_status_change(held, reported.status)
-        if change in (StatusChange.SAME, StatusChange.STALE, StatusChange.IMPOSSIBLE):
-            if change is not StatusChange.SAME:
-                await self._record(f"provider_status_{change.value}_ignored",
-                                   detail={"reported": reported.status.value, "source": source,
-                                           "held": held.value if held else None})
+        step = observe(held, reported)
+        if step.status is None:
+            if step.change is not StatusChange.SAME:
+                await self._record(step.action, detail={"reported": reported.status.value,
+                                                        "source": source,
+                                                        "held": held.value if held else None})
             return
         self._refund = reported
         self._failure_reason = reported.failure_reason
-        status = case_status_for(reported.status)
-        detail = {"source": source, "failure_reason": reported.failure_reason}
         if reported.status is ProviderRefundStatus.SUCCEEDED:
             self._succeeded_at = workflow.now()
-            await self._post(LedgerKind.REFUND_SETTLED, reported)
-            await self._record("refund_succeeded", status, refund=reported, detail=detail)
-        elif reported.status is ProviderRefundStatus.FAILED:
-            late = change is StatusChange.LATE_FAILURE
-            if late:
-                await self._post(LedgerKind.REFUND_REVERSED, reported)
-            await self._notify("refund_failed", "operator", detail)
-            await self._notify("refund_could_not_be_processed", "customer", detail)
-            await self._record("refund_failed_after_success" if late else "refund_failed", status,
-                               release=True, refund=reported, detail=detail)
-        elif reported.status is ProviderRefundStatus.CANCELED:
-            await self._notify("refund_canceled", "operator", detail)
-            await self._record("refund_canceled", status, release=True, refund=reported, detail=detail)
-        else:
-            await self._record("provider_status_changed", status, refund=reported, detail=detail)
+        detail = {"source": source, "failure_reason": reported.failure_reason}
+        if step.ledger is not None:
+            await self._post(step.ledger, reported)
+        for kind, audience in STATUS_NOTICES.get(reported.status, ()):
+            await self._notify(kind, audience, detail)
+        await self._record(step.action, step.status, release=step.release, refund=reported,
+                           detail=detail)
 
     async def _post(self, kind: LedgerKind, refund: ProviderRefund) -> None:
         """Posts once the provider confirmed. If the ledger stays down, the case shows
