@@ -12,17 +12,20 @@ from pathlib import Path
 from typing import Any
 
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
 
+from adapters.config import Settings
 from adapters.store import Store
+from adapters.temporal_client import connect
 from starters.stack import EmbeddedPostgres, TemporalDevServer, free_port
+from tests.harness import PAYLOAD_KEYS
 
 RESULTS = Path(__file__).parent / "results"
 
 
 @dataclass
 class Embedded:
-    """A private Temporal dev server and PostgreSQL for one bench run."""
+    """A private Temporal dev server and PostgreSQL for one bench run (the product's own
+    client: encrypting codec and tracing, as production runs it)."""
 
     temporal: TemporalDevServer
     client: Client
@@ -39,7 +42,7 @@ async def embedded_stack() -> AsyncIterator[Embedded]:
         await temporal.start()
         store = await Store.open(dsn, max_size=20)
         await store.migrate()
-        client = await Client.connect(temporal.address, data_converter=pydantic_data_converter)
+        client = await connect(Settings(temporal_address=temporal.address, payload_keys=PAYLOAD_KEYS))
         try:
             yield Embedded(temporal, client, store, dsn)
         finally:

@@ -1,0 +1,126 @@
+"""The load generator, run as its own process so it does not share the relay's CPU time
+slice or event loop: sends signed sandbox `refund.requested` webhooks, or does the bare
+signal-with-start itself, and prints one JSON line of latencies.
+
+    python -m bench.load_client relay --url URL --secret S --events N --copies C --concurrency K
+    python -m bench.load_client bare --temporal ADDR --queue Q --events N --concurrency K
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from functools import partial
+
+import httpx
+
+from adapters.providers.sandbox import sign
+
+
+def refund_requested(event_id: str, object_id: str) -> bytes:
+    return json.dumps({
+        "id": event_id, "object": "event", "type": "refund.requested", "created": int(time.time()),
+        "data": {"object": {"id": object_id, "object": "refund_request", "charge": "ch_bench",
+                            "amount": 1_000, "currency": "usd", "merchant_account": "acct_1",
+                            "reason": "duplicate", "evidence": {"order_id": "o-1"}}}}).encode()
+
+
+async def drive(jobs: list[Callable[[], Awaitable[None]]], concurrency: int) -> dict[str, object]:
+    gate = asyncio.Semaphore(concurrency)
+    latencies: list[float] = []
+
+    async def one(job: Callable[[], Awaitable[None]]) -> None:
+        async with gate:
+            started = time.perf_counter()
+            await job()
+            latencies.append(time.perf_counter() - started)
+
+    began = time.perf_counter()
+    await asyncio.gather(*(one(job) for job in jobs))
+    return {"seconds": time.perf_counter() - began, "latencies": latencies}
+
+
+async def relay_load(args: argparse.Namespace) -> dict[str, object]:
+    """Each event `copies` times, in order: first delivery, then its duplicates."""
+    tag = uuid.uuid4().hex[:8]
+    async with httpx.AsyncClient(base_url=args.url, timeout=60) as http:
+        async def deliver(body: bytes, status: list[str]) -> None:
+            response = await http.post("/webhooks/sandbox", content=body, headers={
+                "Content-Type": "application/json",
+                "Sandbox-Signature": sign(args.secret, body, int(time.time()))})
+            status.append(response.json().get("verdict", str(response.status_code)))
+
+        verdicts: list[str] = []
+        firsts = [refund_requested(f"evt_{tag}_{i}", f"rrq_{tag}_{i}") for i in range(args.events)]
+        first = await drive([partial(deliver, b, verdicts) for b in firsts], args.concurrency)
+        dup_verdicts: list[str] = []
+        dups = await drive([partial(deliver, b, dup_verdicts)
+                            for b in firsts for _ in range(args.copies - 1)], args.concurrency)
+    return {"first": first, "duplicates": dups, "verdicts": sorted(set(verdicts)),
+            "duplicate_verdicts": sorted(set(dup_verdicts))}
+
+
+async def bare_load(args: argparse.Namespace) -> dict[str, object]:
+    """The same workflow starts with the same trigger signal, straight to Temporal."""
+    from datetime import UTC, datetime
+
+    from adapters.config import Settings
+    from adapters.temporal_client import connect
+    from domain.models import (
+        EventKind,
+        ProviderEvent,
+        RefundReason,
+        RefundRequest,
+        RefundWorkflowInput,
+        RequestSource,
+    )
+    from workflows.refund import RefundWorkflow
+
+    client = await connect(Settings(temporal_address=args.temporal,
+                                    payload_keys=os.environ["REFUNDS_PAYLOAD_KEYS"]))
+    tag = uuid.uuid4().hex[:8]
+
+    def start(i: int) -> Callable[[], Awaitable[None]]:
+        request = RefundRequest(refund_request_id=f"bare-{tag}-{i}", provider="sandbox",
+                                charge_id="ch_bench", amount=1_000, currency="USD",
+                                merchant_account="acct_1", reason=RefundReason.DUPLICATE,
+                                evidence={"order_id": "o-1"}, source=RequestSource.WEBHOOK)
+
+        trigger = ProviderEvent(
+            provider="sandbox", event_id=f"evt_{tag}_{i}", event_type="refund.requested",
+            kind=EventKind.REFUND_REQUESTED, body_sha256="0" * 64, occurred_at=datetime.now(UTC),
+            request_object_id=f"{tag}_{i}", charge_id="ch_bench", amount=1_000, currency="USD",
+            merchant_account="acct_1", reason=RefundReason.DUPLICATE, evidence={"order_id": "o-1"})
+
+        async def go() -> None:
+            await client.start_workflow(
+                RefundWorkflow.run, RefundWorkflowInput(request=request, requester="bench"),
+                id=request.refund_request_id, task_queue=args.queue, start_signal="provider_event",
+                start_signal_args=[trigger])
+
+        return go
+
+    return {"first": await drive([start(i) for i in range(args.events)], args.concurrency)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=["relay", "bare"])
+    parser.add_argument("--url")
+    parser.add_argument("--secret")
+    parser.add_argument("--temporal")
+    parser.add_argument("--queue")
+    parser.add_argument("--events", type=int, default=200)
+    parser.add_argument("--copies", type=int, default=1)
+    parser.add_argument("--concurrency", type=int, default=20)
+    args = parser.parse_args()
+    result = asyncio.run(relay_load(args) if args.mode == "relay" else bare_load(args))
+    print(json.dumps(result), flush=True)
+    os._exit(0)  # temporalio's runtime may crash at interpreter exit (sdk-python #300)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Benchmarks 2 and 3, driven from a separate process over loopback:
+
+2. Webhook ingest: the relay (verify + receipt + dedup + signal-with-start) in requests per
+   second and p50/p99 acknowledgement latency, as a ratio of a bare client doing the same
+   signal-with-start straight to Temporal (target >= 0.8).
+3. Duplicate storm: the cost of the 2nd..12th delivery of an event as a ratio of the first
+   (target <= 0.3); duplicates never reach Temporal.
+
+No worker runs: this measures the front door, not the refunds behind it.
+
+    python -m bench.webhook_ingest [--events 200] [--quick]
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+from bench.common import embedded_stack, report, summary
+from tests.harness import PAYLOAD_KEYS, open_stack
+
+
+async def load(*args: str) -> dict[str, Any]:
+    env = {**os.environ, "REFUNDS_PAYLOAD_KEYS": PAYLOAD_KEYS}
+    done = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "bench.load_client", *args],
+                                   capture_output=True, text=True, env=env, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-2000:])
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+async def main(events: int, concurrency: int, copies: int) -> dict[str, float]:
+    async with embedded_stack() as env:
+        stack = await open_stack(env.store, env.client, env.temporal.address, worker=False)
+        secret = stack.settings.sandbox_webhook_secret
+        assert secret is not None
+        try:
+            common = ["--events", str(events), "--concurrency", str(concurrency)]
+            await load("bare", "--temporal", env.temporal.address, "--queue", "warm", "--events", "20")
+            bare = await load("bare", "--temporal", env.temporal.address, "--queue",
+                              stack.settings.task_queue, *common)
+            relay = await load("relay", "--url", stack.relay_url, "--secret", secret.get_secret_value(),
+                               "--copies", str(copies), *common)
+            started = await env.client.count_workflows(
+                f"TaskQueue = '{stack.settings.task_queue}' AND WorkflowId STARTS_WITH 'sandbox-'")
+        finally:
+            await stack.close()
+    bare_rate = events / bare["first"]["seconds"]
+    relay_rate = events / relay["first"]["seconds"]
+    first = summary(relay["first"]["latencies"])
+    dup = summary(relay["duplicates"]["latencies"]) if copies > 1 else first
+    rows = [{"path": "bare signal-with-start", "per_second": bare_rate,
+             **summary(bare["first"]["latencies"])},
+            {"path": "relay, first delivery", "per_second": relay_rate, **first},
+            {"path": f"relay, deliveries 2..{copies}",
+             "per_second": events * (copies - 1) / relay["duplicates"]["seconds"] if copies > 1 else 0.0,
+             **dup}]
+    result = {"ingest_ratio": relay_rate / bare_rate,
+              "duplicate_cost_ratio": dup["mean_ms"] / first["mean_ms"],
+              "workflows_started": float(started.count)}
+    report("webhook_ingest", rows, {"events": events, "copies": copies, "concurrency": concurrency,
+                                    "first_verdicts": relay["verdicts"],
+                                    "duplicate_verdicts": relay["duplicate_verdicts"],
+                                    "target_ingest_ratio": 0.8, "target_duplicate_cost_ratio": 0.3,
+                                    **result})
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events", type=int, default=200)
+    parser.add_argument("--copies", type=int, default=12)
+    parser.add_argument("--concurrency", type=int, default=20)
+    parser.add_argument("--quick", action="store_true", help="a smoke run (20 events)")
+    args = parser.parse_args()
+    asyncio.run(main(20 if args.quick else args.events, args.concurrency, args.copies))
