@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck check clean-data
+.PHONY: run test bench chaos lint typecheck check clean-data
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,14 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy .
 	$(BIN)/python -m pytest -q
+
+# Not part of `make test` (smoke versions are): each prints a table, writes bench/results/.
+bench: $(STAMP)
+	$(BIN)/python -m bench.refund_throughput
+	$(BIN)/python -m bench.webhook_ingest
+
+chaos: $(STAMP)
+	$(BIN)/python -m bench.chaos
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

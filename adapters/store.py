@@ -99,6 +99,8 @@ class Store:
         pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
             dsn, min_size=min_size, max_size=max_size, open=False,
             kwargs={"row_factory": dict_row, "autocommit": True},
+            # a connection that died with a restarted server is replaced, not handed out
+            check=AsyncConnectionPool.check_connection,
         )
         await pool.open(wait=True, timeout=30)
         return cls(pool)

@@ -1,5 +1,6 @@
 """Shared bench plumbing: the embedded stack in a temporary folder, timing, results."""
 
+import asyncio
 import json
 import platform
 import statistics
@@ -31,12 +32,19 @@ class Embedded:
     client: Client
     store: Store
     dsn: str
+    postgres: EmbeddedPostgres | None = None
+
+    async def restart_postgres(self) -> None:
+        """Stops and starts PostgreSQL on the same data; the pools reconnect by themselves."""
+        assert self.postgres is not None, "only a bench-owned PostgreSQL is restarted"
+        await asyncio.to_thread(self.postgres.stop)
+        await asyncio.to_thread(self.postgres.start)
 
 
 @asynccontextmanager
 async def embedded_stack() -> AsyncIterator[Embedded]:
     with tempfile.TemporaryDirectory(prefix="refunds-bench-") as folder:
-        pg = EmbeddedPostgres(Path(folder) / "pg", delete_on_stop=True)
+        pg = EmbeddedPostgres(Path(folder) / "pg")
         dsn = pg.start()
         temporal = TemporalDevServer(Path(folder) / "temporal.db", port=free_port(), ui_port=None)
         await temporal.start()
@@ -44,7 +52,7 @@ async def embedded_stack() -> AsyncIterator[Embedded]:
         await store.migrate()
         client = await connect(Settings(temporal_address=temporal.address, payload_keys=PAYLOAD_KEYS))
         try:
-            yield Embedded(temporal, client, store, dsn)
+            yield Embedded(temporal, client, store, dsn, pg)
         finally:
             await store.close()
             temporal.stop()

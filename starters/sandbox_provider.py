@@ -306,8 +306,15 @@ def create_app(*, db_path: str = ":memory:", webhook_url: str | None = None,
         return {"id": emit(body.type, body.object, copies=body.copies, event_id=body.event_id)}
 
     @app.get("/_sandbox/held-webhooks")
-    async def held_webhooks() -> dict[str, int]:
-        return {"held": len(state.held)}
+    async def held_webhooks() -> dict[str, Any]:
+        """The held deliveries, oldest first, so a test can send them in any order itself."""
+        return {"held": len(state.held), "bodies": [b.decode() for b in state.held]}
+
+    @app.post("/_sandbox/discard-held")
+    async def discard_held() -> dict[str, int]:
+        discarded = len(state.held)
+        state.held.clear()
+        return {"discarded": discarded}
 
     @app.post("/_sandbox/release-webhooks")
     async def release(request: Request) -> dict[str, int]:

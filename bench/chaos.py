@@ -1,0 +1,370 @@
+"""The reliability suite (`make chaos`): each scenario prints its counts; 0 violations is
+the bar. A smoke version of each runs in `make test` (tests/test_chaos_smoke.py).
+
+1. kill_worker: SIGKILL the worker at random moments of N refunds (before, during and right
+   after the provider call, during ledger posting) against a provider that ignores
+   idempotency keys: provider refunds = distinct requests, ledger balanced, every case final.
+2. restart: restart the Temporal dev server (same SQLite file) and PostgreSQL mid-run.
+3. storms: 12 identical deliveries at once, 12 spread out, 12 re-signed with fresh timestamps.
+4. order: every permutation of a refund's event sequence ends in the provider's final state.
+5. bad_input: thousands of malformed, forged, oversize and stale requests: no 5xx, no state.
+6. concurrency: 50 concurrent partial refunds on one charge from mixed entry points.
+
+    python -m bench.chaos [--scenario NAME] [--scale 1.0]
+"""
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from adapters.providers.sandbox import sign
+from bench.common import RESULTS, Embedded, embedded_stack
+from tests.harness import PAYLOAD_KEYS, Stack, open_stack
+
+FINAL = {"succeeded", "refund_failed", "refund_canceled", "rejected", "denied", "expired"}
+
+
+@dataclass
+class Outcome:
+    """What a scenario saw: how many cases it drove and which invariants broke."""
+
+    scenario: str
+    cases: int = 0
+    violations: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+async def wait_final(stack: Stack, case_ids: list[str], timeout: float) -> dict[str, dict[str, Any]]:
+    """Case rows once every case is final (or the timeout passed)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        rows = {c: await stack.store.get_case(c) for c in case_ids}
+        if all(r and r["status"] in FINAL for r in rows.values()) or \
+                asyncio.get_running_loop().time() > deadline:
+            return {c: r for c, r in rows.items() if r}
+        await asyncio.sleep(0.3)
+
+
+async def check_money(stack: Stack, outcome: Outcome, charges: dict[str, str],
+                      rows: dict[str, dict[str, Any]]) -> None:
+    """Invariants 1 and 3: one provider refund per succeeded case, a balanced ledger."""
+    for case_id, charge in charges.items():
+        row = rows.get(case_id)
+        if row is None or row["status"] not in FINAL:
+            outcome.violations.append(f"{case_id}: not final ({row['status'] if row else 'missing'})")
+            continue
+        refunds = [r for r in await stack.provider_refunds(charge)
+                   if r["metadata"].get("refund_request_id") == case_id]
+        if len(refunds) > 1:
+            outcome.violations.append(f"{case_id}: {len(refunds)} provider refunds")
+        lines = await stack.store.ledger_entries(case_id)
+        if sum(x["debit"] for x in lines) != sum(x["credit"] for x in lines):
+            outcome.violations.append(f"{case_id}: ledger unbalanced")
+        settled = [x for x in lines if x["posting_key"].endswith(":refund_settled")]
+        if row["status"] == "succeeded" and len(settled) != 2:
+            outcome.violations.append(f"{case_id}: {len(settled) // 2} settlement entries")
+    succeeded = 0
+    for charge in set(charges.values()):
+        succeeded += len([r for r in await stack.provider_refunds(charge) if r["status"] == "succeeded"])
+    outcome.counts["provider_refunds"] = succeeded
+
+
+def worker_process(stack: Stack, dsn: str, temporal: str) -> subprocess.Popen[bytes]:
+    secret = stack.settings.sandbox_webhook_secret
+    assert secret is not None
+    env = {**os.environ, "REFUNDS_DATABASE_URL": dsn, "TEMPORAL_ADDRESS": temporal,
+           "REFUNDS_PAYLOAD_KEYS": PAYLOAD_KEYS, "REFUNDS_WORKER_HEALTH_PORT": "0",
+           "REFUNDS_TEMPORAL_METRICS_PORT": "0", "REFUNDS_TASK_QUEUE": stack.settings.task_queue,
+           "REFUNDS_SANDBOX_API_BASE": stack.sandbox_url,
+           "REFUNDS_SANDBOX_WEBHOOK_SECRET": secret.get_secret_value(), "REFUNDS_LOG_LEVEL": "ERROR"}
+    return subprocess.Popen([str(Path(sys.executable).parent / "refunds"), "worker"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+async def request_many(stack: Stack, count: int, amount: int = 1_000) -> dict[str, str]:
+    """`count` refund requests through the API, each on its own charge."""
+    charges: dict[str, str] = {}
+    async with stack.api("alice") as api:
+        for _ in range(count):
+            charge = await stack.charge(10_000)
+            body = stack.refund_body(charge, amount)
+            response = await api.post("/v1/refund-requests", json=body)
+            if response.status_code == 202:
+                charges[body["refund_request_id"]] = charge
+    return charges
+
+
+async def kill_worker(env: Embedded, refunds: int) -> Outcome:
+    outcome = Outcome("kill_worker", cases=refunds)
+    stack = await open_stack(env.store, env.client, env.temporal.address, worker=False,
+                             submit_timeout_seconds=3)
+    rng = random.Random(7)
+    worker = worker_process(stack, env.dsn, env.temporal.address)
+    kills = 0
+    try:
+        charges = await request_many(stack, refunds)
+        deadline = time.monotonic() + 60 + refunds * 2
+        while time.monotonic() < deadline:
+            await asyncio.sleep(rng.uniform(0.2, 2.5))
+            worker.send_signal(signal.SIGKILL)
+            worker.wait()
+            kills += 1
+            worker = worker_process(stack, env.dsn, env.temporal.address)
+            progress = [await stack.store.get_case(c) for c in charges]
+            if all(r and r["status"] in FINAL for r in progress):
+                break
+        rows = await wait_final(stack, list(charges), timeout=120)
+        await check_money(stack, outcome, charges, rows)
+    finally:
+        worker.kill()
+        worker.wait()
+        await stack.close()
+    outcome.counts["kills"] = kills
+    return outcome
+
+
+async def restart_services(env: Embedded, refunds: int,
+                           pg_restart: Callable[[], Awaitable[None]]) -> Outcome:
+    outcome = Outcome("restart", cases=refunds)
+    stack = await open_stack(env.store, env.client, env.temporal.address)
+    try:
+        charges = await request_many(stack, refunds)
+        env.temporal.kill()
+        await env.temporal.start()
+        await pg_restart()
+        rows = await wait_final(stack, list(charges), timeout=60 + refunds * 2)
+        await check_money(stack, outcome, charges, rows)
+        unprocessed = [r for r in await stack.store.receipts("sandbox")
+                       if r["verdict"] == "accepted" and r["processed_at"] is None]
+        outcome.counts["receipts_unprocessed"] = len(unprocessed)
+    finally:
+        await stack.close()
+    return outcome
+
+
+async def storms(env: Embedded, copies: int = 12) -> Outcome:
+    outcome = Outcome("storms", cases=3)
+    stack = await open_stack(env.store, env.client, env.temporal.address)
+    secret = stack.settings.sandbox_webhook_secret
+    assert secret is not None
+    try:
+        async with httpx.AsyncClient(base_url=stack.relay_url, timeout=60) as http:
+            async def deliver(body: bytes) -> int:
+                headers = {"Sandbox-Signature": sign(secret.get_secret_value(), body, int(time.time())),
+                           "Content-Type": "application/json"}
+                return (await http.post("/webhooks/sandbox", content=body, headers=headers)).status_code
+
+            for mode in ("at_once", "spread", "resigned"):
+                charge = await stack.charge(10_000)
+                object_id = f"rrq_{stack.new_id()}"
+                event_id = f"evt_{stack.new_id()}"
+                body = json.dumps({"id": event_id, "object": "event", "type": "refund.requested",
+                                   "created": int(time.time()), "data": {"object": {
+                                       "id": object_id, "object": "refund_request", "charge": charge,
+                                       "amount": 1_000, "currency": "usd", "merchant_account": "acct_1",
+                                       "reason": "duplicate", "evidence": {"order_id": "o"}}}}).encode()
+                if mode == "at_once":
+                    codes = await asyncio.gather(*(deliver(body) for _ in range(copies)))
+                else:
+                    codes = []
+                    for _ in range(copies):
+                        codes.append(await deliver(body))
+                        await asyncio.sleep(0.05 if mode == "spread" else 1.05)
+                if any(code >= 300 for code in codes):
+                    outcome.violations.append(f"{mode}: answers {sorted(set(codes))}")
+                receipts = await stack.store.receipts("sandbox", event_id)
+                if len(receipts) != copies:
+                    outcome.violations.append(f"{mode}: {len(receipts)} receipts for {copies} deliveries")
+                case_id = f"sandbox-{object_id}"
+                rows = await wait_final(stack, [case_id], timeout=60)
+                await check_money(stack, outcome, {case_id: charge}, rows)
+                executions = (await stack.actions(case_id)).count("provider_submit_started")
+                if executions != 1:
+                    outcome.violations.append(f"{mode}: {executions} executions")
+    finally:
+        await stack.close()
+    return outcome
+
+
+async def order(env: Embedded,
+                sequence: tuple[str, ...] = ("pending", "requires_action", "succeeded")) -> Outcome:
+    """Delivers a refund's status events in every order; the case must end where the
+    provider ended (the last status of the real sequence)."""
+    permutations = list(itertools.permutations(sequence))
+    outcome = Outcome("order", cases=len(permutations))
+    stack = await open_stack(env.store, env.client, env.temporal.address, late_failure_window_seconds=5,
+                             status_poll_interval_seconds=60)
+    try:
+        async with stack.sandbox() as sb:
+            await sb.post("/_sandbox/config", json={"refund_initial_status": "pending",
+                                                    "hold_webhooks": True})
+        for perm in permutations:
+            charge = await stack.charge(10_000)
+            case_id = await stack.request_refund("alice", charge, 1_000)
+            row = await stack.wait_for_status(case_id, "pending")
+            refund_id = row["provider_refund_id"]
+            for status in sequence:  # the provider really moves in order; webhooks are held
+                await stack.set_provider_status(refund_id, status)
+            bodies = await take_held(stack)
+            for index in (sequence.index(s) for s in perm):
+                await stack_deliver(stack, bodies[index])
+            final = await wait_final(stack, [case_id], timeout=30)
+            status = final[case_id]["status"] if case_id in final else "missing"
+            if status != "succeeded":
+                outcome.violations.append(f"{'>'.join(perm)}: ended {status}")
+    finally:
+        await stack.close()
+    return outcome
+
+
+async def take_held(stack: Stack) -> list[bytes]:
+    """The status webhooks the sandbox holds, oldest first (`refund.created` left out)."""
+    async with stack.sandbox() as sb:
+        bodies = [b.encode() for b in (await sb.get("/_sandbox/held-webhooks")).json()["bodies"]]
+        await sb.post("/_sandbox/discard-held")
+    return [b for b in bodies if json.loads(b)["type"] != "refund.created"]
+
+
+async def stack_deliver(stack: Stack, body: bytes) -> None:
+    secret = stack.settings.sandbox_webhook_secret
+    assert secret is not None
+    async with httpx.AsyncClient(base_url=stack.relay_url, timeout=30) as http:
+        await http.post("/webhooks/sandbox", content=body, headers={
+            "Content-Type": "application/json",
+            "Sandbox-Signature": sign(secret.get_secret_value(), body, int(time.time()))})
+
+
+async def bad_input(env: Embedded, requests: int) -> Outcome:
+    outcome = Outcome("bad_input", cases=requests)
+    stack = await open_stack(env.store, env.client, env.temporal.address)
+    rng = random.Random(11)
+    secret = stack.settings.sandbox_webhook_secret
+    assert secret is not None
+    try:
+        before = await counts(stack)
+        async with httpx.AsyncClient(base_url=stack.relay_url, timeout=30) as http, \
+                stack.api("alice") as api:
+            statuses: dict[int, int] = {}
+            for i in range(requests):
+                kind = i % 6
+                body = json.dumps({"id": f"evt_bad_{i}", "type": "refund.requested", "created": 0,
+                                   "data": {"object": {"amount": rng.choice([-1, 0, 1.5, "x"])}}}).encode()
+                if kind == 0:  # forged
+                    response = await http.post("/webhooks/sandbox", content=body,
+                                               headers={"Sandbox-Signature": f"t={int(time.time())},v1=00"})
+                elif kind == 1:  # stale
+                    response = await http.post("/webhooks/sandbox", content=body, headers={
+                        "Sandbox-Signature": sign(secret.get_secret_value(), body, int(time.time()) - 3600)})
+                elif kind == 2:  # signed garbage
+                    garbage = bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 200)))
+                    response = await http.post("/webhooks/sandbox", content=garbage, headers={
+                        "Sandbox-Signature": sign(secret.get_secret_value(), garbage, int(time.time()))})
+                elif kind == 3:  # oversize
+                    response = await http.post("/webhooks/sandbox",
+                                               content=b"x" * (stack.settings.webhook_max_body_bytes + 1))
+                elif kind == 4:  # invalid refund request
+                    response = await api.post("/v1/refund-requests", json={
+                        "refund_request_id": f"bad-{i}", "amount": rng.choice([-5, 0, 2.5, "9", None]),
+                        "currency": rng.choice(["USD", "XYZ", "", 7])})
+                else:  # malformed JSON to the API
+                    response = await api.post("/v1/refund-requests", content=b"{not json",
+                                              headers={"Content-Type": "application/json"})
+                statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+        outcome.counts.update({f"http_{k}": v for k, v in sorted(statuses.items())})
+        if any(code >= 500 for code in statuses):
+            outcome.violations.append(f"5xx answers: {statuses}")
+        after = await counts(stack)
+        if after["cases"] != before["cases"] or after["ledger"] != before["ledger"]:
+            outcome.violations.append(f"state changed: {before} -> {after}")
+    finally:
+        await stack.close()
+    return outcome
+
+
+async def counts(stack: Stack) -> dict[str, int]:
+    async with stack.store.transaction() as conn:
+        cases = await (await conn.execute("SELECT count(*) AS n FROM refund_cases")).fetchone()
+        ledger = await (await conn.execute("SELECT count(*) AS n FROM ledger_entries")).fetchone()
+    return {"cases": int(cases["n"]) if cases else -1, "ledger": int(ledger["n"]) if ledger else -1}
+
+
+async def concurrency(env: Embedded, requests: int) -> Outcome:
+    outcome = Outcome("concurrency", cases=requests)
+    stack = await open_stack(env.store, env.client, env.temporal.address)
+    try:
+        charge = await stack.charge(10_000)
+        amounts = [700] * requests
+
+        async def by_api(i: int) -> None:
+            async with stack.api("alice") as api:
+                await api.post("/v1/refund-requests", json=stack.refund_body(charge, amounts[i]))
+
+        async def by_webhook(i: int) -> None:
+            async with stack.sandbox() as sb:
+                await sb.post("/_sandbox/events", json={"type": "refund.requested", "object": {
+                    "id": f"rrq_{stack.new_id()}", "object": "refund_request", "charge": charge,
+                    "amount": amounts[i], "currency": "usd", "merchant_account": "acct_1",
+                    "reason": "duplicate", "evidence": {"order_id": "o"}}})
+
+        await asyncio.gather(*(by_api(i) if i % 2 else by_webhook(i) for i in range(requests)))
+        await asyncio.sleep(2)
+        async with stack.store.transaction() as conn:
+            rows = await (await conn.execute(
+                "SELECT sum(reserved_amount) AS held, count(*) AS n FROM refund_cases WHERE charge_id = %s",
+                (charge,))).fetchone()
+        refunded = sum(r["amount"] for r in await stack.provider_refunds(charge)
+                       if r["status"] != "failed")
+        outcome.counts.update({"cases": int(rows["n"]) if rows else 0, "refunded": refunded,
+                               "held": int(rows["held"] or 0) if rows else 0})
+        if refunded > 10_000 or outcome.counts["held"] > 10_000:
+            outcome.violations.append(f"over-refund: refunded {refunded}, held {outcome.counts['held']}")
+    finally:
+        await stack.close()
+    return outcome
+
+
+async def main(scenario: str | None, scale: float) -> list[Outcome]:
+    outcomes: list[Outcome] = []
+    async with embedded_stack() as env:
+        runs: dict[str, Callable[[], Awaitable[Outcome]]] = {
+            "kill_worker": lambda: kill_worker(env, max(5, int(200 * scale))),
+            "storms": lambda: storms(env),
+            "order": lambda: order(env),
+            "bad_input": lambda: bad_input(env, max(60, int(10_000 * scale))),
+            "concurrency": lambda: concurrency(env, max(10, int(50 * scale))),
+            "restart": lambda: restart_services(env, max(5, int(50 * scale)), env.restart_postgres),
+        }
+        for name, run in runs.items():
+            if scenario in (None, name):
+                outcome = await run()
+                outcomes.append(outcome)
+                print(f"{outcome.scenario:<12} cases {outcome.cases:>6}  violations "
+                      f"{len(outcome.violations):>3}  {outcome.counts}", flush=True)
+                for violation in outcome.violations[:10]:
+                    print(f"    {violation}")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "chaos.json").write_text(json.dumps([o.__dict__ for o in outcomes], indent=2))
+    return outcomes
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--scenario")
+    parser.add_argument("--scale", type=float, default=1.0, help="1.0 = the issue's sizes")
+    args = parser.parse_args()
+    results = asyncio.run(main(args.scenario, args.scale))
+    sys.stdout.flush()
+    os._exit(1 if any(o.violations for o in results) else 0)
