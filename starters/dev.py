@@ -109,7 +109,7 @@ async def run_dev(settings: Settings, *, play_demo: bool = True) -> None:
         front = AppServer(relay.create_app(store, client, providers, settings),
                           settings.bind_host, settings.relay_port)
         worker = build_worker(client, settings.task_queue, store, providers,
-                              load_policy(settings.policy_file))
+                              load_policy(settings.policy_file), settings=settings)
         worker_task = asyncio.create_task(worker.run())
         try:
             await sandbox.start()

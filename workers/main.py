@@ -14,6 +14,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+from activities.integrations import IntegrationActivities
 from activities.refund import RefundActivities
 from adapters.config import Settings
 from adapters.policy_file import load_policy
@@ -37,11 +38,15 @@ def workflow_runner() -> SandboxedWorkflowRunner:
 
 def build_worker(client: Client, task_queue: str, store: Store,
                  providers: dict[str, ProviderAdapter], policy: Policy, *,
+                 settings: Settings | None = None,
                  graceful_shutdown: timedelta = timedelta(seconds=10)) -> Worker:
-    """A worker with every workflow and activity of the product."""
+    """A worker with every workflow and activity of the product; `settings` configure the
+    notice channels and the advisor (none given: the environment's)."""
     activities = RefundActivities(store, providers, policy)
+    integrations = IntegrationActivities(store, settings or Settings())
     return Worker(
-        client, task_queue=task_queue, workflows=list(WORKFLOWS), activities=activities.all(),
+        client, task_queue=task_queue, workflows=list(WORKFLOWS),
+        activities=[*activities.all(), *integrations.all()],
         workflow_runner=workflow_runner(), graceful_shutdown_timeout=graceful_shutdown,
     )
 
@@ -52,7 +57,7 @@ async def run_worker(settings: Settings, dsn: str, stop: asyncio.Event) -> None:
     store = await Store.open(dsn)
     providers = build_providers(settings)
     worker = build_worker(client, settings.task_queue, store, providers,
-                          load_policy(settings.policy_file))
+                          load_policy(settings.policy_file), settings=settings)
     try:
         async with worker:
             log.info("worker polling task queue %s", settings.task_queue)

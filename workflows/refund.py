@@ -6,6 +6,7 @@ only after validation, policy and approval, and an ambiguous answer is verified 
 provider before any second submit. Idempotency of each step lives in its activity.
 """
 
+import asyncio
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -13,6 +14,7 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    from domain.integrations import AdviceReceipt, AdviseInput, DeliverNoticeInput
     from domain.lifecycle import (
         FINAL_PROVIDER_STATUSES,
         StatusChange,
@@ -53,6 +55,8 @@ with workflow.unsafe.imports_passed_through():
 
 DECLINED = "ProviderDeclined"
 UNEXPECTED_STATUS = "UnexpectedProviderStatus"
+# Histories recorded before the advisor and notice delivery existed replay without them.
+INTEGRATIONS_PATCH = "integrations-1"
 
 
 @workflow.defn
@@ -78,6 +82,9 @@ class RefundWorkflow:
         self._postings: list[str] = []
         self._events_seen = 0
         self._succeeded_at: datetime | None = None
+        self._outbox: list[str] = []
+        self._courier: asyncio.Task[None] | None = None
+        self._closing = False
 
     # -- interface ---------------------------------------------------------------------
 
@@ -150,6 +157,8 @@ class RefundWorkflow:
             self._status = CaseStatus.REJECTED
             self._failure_reason = validation.reason
             return await self._finish()
+        if workflow.patched(INTEGRATIONS_PATCH):
+            await self._advise(validation)
         self._decision = await workflow.execute_activity(
             "decide_policy", PolicyInput(request=request, validation=validation),
             result_type=PolicyDecision, **retry.POLICY)
@@ -243,6 +252,9 @@ class RefundWorkflow:
                                        "missing_roles": missing})
             self._approval_verdicts[position] = (True, "")
             if not missing:
+                if workflow.patched(INTEGRATIONS_PATCH):
+                    await self._notify("refund_approved", "requester",
+                                       {"by": ", ".join(person for person, _ in self._approver_roles)})
                 return True
         return None
 
@@ -255,6 +267,34 @@ class RefundWorkflow:
                                                 reason=signal.reason, at=workflow.now()))
             await self._record("approval_refused", actor=signal.approver, detail={"refusal": refusal})
             self._approval_verdicts[position] = (False, refusal)
+
+    # -- advice and notices (beside the case, never in its way) --------------------------
+
+    async def _advise(self, validation: ValidationResult) -> None:
+        """Has the advisor store a suggestion for approvers. Only whether it exists comes
+        back, so nothing here can act on it; a failure or timeout means "no advice"."""
+        assert self._request is not None
+        try:
+            await workflow.execute_activity(
+                "advise_refund", AdviseInput(request=self._request, validation=validation),
+                result_type=AdviceReceipt, start_to_close_timeout=self._timings.advice_timeout,
+                retry_policy=retry.ADVISE_RETRY)
+        except ActivityError as err:
+            await self._record("advice_unavailable", detail={"error": str(err.cause)})
+
+    async def _deliver_outbox(self) -> None:
+        """Delivers queued notices one at a time and in order (a ticket sees its updates in
+        order); a failing channel delays later notices, never the case."""
+        while True:
+            await workflow.wait_condition(lambda: bool(self._outbox) or self._closing)
+            if not self._outbox:
+                return
+            key = self._outbox.pop(0)
+            try:
+                await workflow.execute_activity("deliver_notice", DeliverNoticeInput(dedup_key=key),
+                                                **retry.DELIVER)
+            except ActivityError as err:
+                workflow.logger.warning("notice %s not delivered everywhere: %s", key, err.cause)
 
     # -- execution ---------------------------------------------------------------------
 
@@ -358,6 +398,9 @@ class RefundWorkflow:
         if reported.status is ProviderRefundStatus.SUCCEEDED:
             self._succeeded_at = workflow.now()
             await self._post(LedgerKind.REFUND_SETTLED, reported)
+            if workflow.patched(INTEGRATIONS_PATCH):
+                await self._notify("refund_succeeded", "requester",
+                                   {"provider_refund_id": reported.refund_id})
             await self._record("refund_succeeded", status, refund=reported, detail=detail)
         elif reported.status is ProviderRefundStatus.FAILED:
             late = change is StatusChange.LATE_FAILURE
@@ -398,6 +441,9 @@ class RefundWorkflow:
 
     async def _finish(self) -> RefundOutcome:
         await workflow.wait_condition(workflow.all_handlers_finished)
+        if self._courier is not None:
+            self._closing = True
+            await self._courier
         return RefundOutcome(state=self.state())
 
     async def _record(self, action: str, status: CaseStatus | None = None, *,
@@ -415,12 +461,18 @@ class RefundWorkflow:
             **retry.CASE_EVENT)
 
     async def _notify(self, kind: str, audience: str, detail: dict[str, Any]) -> None:
-        """Queues a notice in the outbox once per case, kind, audience and occasion."""
+        """Queues a notice in the outbox once per case, kind, audience and occasion, and
+        hands it to the courier that delivers it beside the case."""
         assert self._request is not None
         case_id = self._request.refund_request_id
         occasion = self._refund.status.value if self._refund else self._status.value
+        dedup_key = f"{case_id}:{kind}:{audience}:{occasion}"
         await workflow.execute_activity(
             "queue_notice",
             NoticeInput(refund_request_id=case_id, kind=kind, audience=audience,
-                        dedup_key=f"{case_id}:{kind}:{audience}:{occasion}", detail=detail),
+                        dedup_key=dedup_key, detail=detail),
             **retry.CASE_EVENT)
+        if workflow.patched(INTEGRATIONS_PATCH):
+            self._outbox.append(dedup_key)
+            if self._courier is None:
+                self._courier = asyncio.create_task(self._deliver_outbox())
