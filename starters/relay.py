@@ -21,6 +21,7 @@ from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from adapters.config import Settings
+from adapters.integration_store import IntegrationStore
 from adapters.providers.base import ProviderAdapter, WebhookRejected
 from adapters.providers.manual import manual_refund
 from adapters.store import CaseCreation, Principal, Store, request_from_row
@@ -38,6 +39,8 @@ from domain.models import (
     RequestSource,
     RoleRequirement,
 )
+from starters.integrations import advice_view, integration_routes
+from starters.limits import read_limited
 from workflows.refund import RefundWorkflow
 
 log = logging.getLogger("relay")
@@ -122,6 +125,8 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
     app = FastAPI(title="Refund Orchestrator relay", version="0.1.0",
                   description="Refund requests, approvals and provider webhooks.")
     bearer = HTTPBearer(auto_error=False)
+    integrations = IntegrationStore(store)
+    app.include_router(integration_routes(store, client, settings, start=start_refund))
 
     async def principal(
         creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
@@ -164,11 +169,14 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
 
     @app.get("/v1/refund-requests/{refund_request_id}")
     async def get_refund(refund_request_id: str, caller: Caller) -> dict[str, Any]:
+        """The case, with the advisor's suggestion for approvers (labelled advisory)."""
         await require(caller, READ_ROLES, "reading a case", refund_request_id)
         row = await store.get_case(refund_request_id)
         if row is None:
             raise HTTPException(404, f"no refund request {refund_request_id!r}")
-        return case_view(row, await store.audit_trail(refund_request_id))
+        return {**case_view(row, await store.audit_trail(refund_request_id)),
+                "advice": advice_view(await integrations.advice(refund_request_id)),
+                "tickets": await integrations.tickets(refund_request_id)}
 
     @app.get("/v1/refund-requests/{refund_request_id}/audit")
     async def get_audit(refund_request_id: str, caller: Caller) -> list[dict[str, Any]]:
@@ -272,20 +280,6 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
         return {"refund_request_id": refund_request_id, "manual_refund": row["id"],
                 "status": row["status"]}
 
-    async def read_limited(request: Request) -> bytes | None:
-        """Reads the body while counting, so a chunked body cannot bypass the limit."""
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > settings.webhook_max_body_bytes:
-            return None
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > settings.webhook_max_body_bytes:
-                return None
-            chunks.append(chunk)
-        return b"".join(chunks)
-
     async def route(event: ProviderEvent) -> str | None:
         """Starts or signals the event's workflow; returns its id (None when unmatched)."""
         if event.kind is EventKind.REFUND_REQUESTED:
@@ -321,7 +315,7 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
         """Verify, store the receipt, dedup, then start or signal; 2xx only after that."""
         headers = {k.lower(): v for k, v in request.headers.items()}
         kept_headers = {k: v for k, v in headers.items() if k != "authorization"}
-        body = await read_limited(request)
+        body = await read_limited(request, settings.webhook_max_body_bytes)
         provider = providers.get(provider_name)
         event: ProviderEvent | None = None
         rejection: WebhookRejected | None = None
