@@ -58,9 +58,8 @@ class IntegrationActivities:
                          email_to=email_recipient(self._settings, notice["audience"],
                                                   case["evidence"] if case else None))
         failed: list[str] = []
-        for channel in self._channels:
-            if not channel.accepts(message):
-                continue
+        carriers = [c for c in self._channels if c.accepts(message)]
+        for channel in carriers:
             if not await self._integrations.claim_delivery(message.notice_id, case_id, channel.name):
                 continue
             try:
@@ -80,7 +79,8 @@ class IntegrationActivities:
                                                          "delivered", external_id=external_id)
         if failed:
             raise ApplicationError("; ".join(failed), type="NoticeDeliveryFailed")
-        await self._integrations.mark_notice_delivered(message.notice_id)
+        if carriers:  # with no channel for it, the notice stays undelivered in the outbox
+            await self._integrations.mark_notice_delivered(message.notice_id)
 
     async def _context(self, inp: AdviseInput) -> AdviceContext:
         request, validation = inp.request, inp.validation

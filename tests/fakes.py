@@ -224,12 +224,14 @@ async def outside_world() -> AsyncIterator[tuple[World, int]]:
 
 
 @contextlib.asynccontextmanager
-async def connected_stack(store: Store, client: Client, temporal: TemporalDevServer,
-                          **overrides: Any) -> AsyncIterator[tuple[Stack, World]]:
-    """A test stack whose integrations all point at a fresh outside world."""
+async def connected_stack(store: Store, client: Client, temporal: TemporalDevServer, *,
+                          with_llm: bool = False, **overrides: Any) -> AsyncIterator[tuple[Stack, World]]:
+    """A test stack whose integrations all point at a fresh outside world (and its model
+    endpoint, when asked: otherwise the offline advisor)."""
     async with outside_world() as (world, smtp_port):
+        llm = {"llm_url": f"{world.url}/v1"} if with_llm else {}
         stack = await open_stack(store, client, temporal.address,
-                                 **{**world.settings(smtp_port), **overrides})
+                                 **{**world.settings(smtp_port), **llm, **overrides})
         try:
             yield stack, world
         finally:
