@@ -91,6 +91,39 @@ class Settings(BaseSettings):
     late_failure_window_seconds: float = 10 * 24 * 3600
     provider_http_timeout_seconds: float = 10
 
+    # Integrations: each is optional; an unset one is skipped (and said so once in the log).
+    public_url: str | None = None  # base of links to cases in notices and tickets
+    slack_webhook_url: SecretStr | None = None
+    slack_signing_secret: SecretStr | None = None
+    teams_webhook_url: SecretStr | None = None
+    smtp_host: str | None = None
+    smtp_port: int = 25
+    smtp_from: str = "refunds@localhost"
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_starttls: bool = False
+    ops_email: str | None = None
+    approvers_email: str | None = None
+    servicenow_url: str | None = None
+    servicenow_user: str | None = None
+    servicenow_password: SecretStr | None = None
+    servicenow_request_table: str = "u_refund_request"
+    servicenow_incident_table: str = "incident"
+    servicenow_inbound_secret: SecretStr | None = None
+    jira_url: str | None = None
+    jira_email: str | None = None
+    jira_api_token: SecretStr | None = None
+    jira_project: str | None = None
+    jira_issue_type: str = "Task"
+    integration_http_timeout_seconds: float = 10
+
+    # The AI advisor: an OpenAI-compatible endpoint (base URL ending in /v1), else offline rules.
+    llm_url: str | None = None
+    llm_model: str = "gpt-4o-mini"
+    llm_api_key: SecretStr | None = None
+    llm_timeout_seconds: float = 20
+    advice_timeout_seconds: float = 30
+
     def timings(self) -> RefundTimings:
         """The workflow's waits, handed to each new workflow in its input."""
         return RefundTimings(
@@ -101,10 +134,15 @@ class Settings(BaseSettings):
             approval_reminder=_seconds(self.approval_reminder_seconds),
             approval_escalation=_seconds(self.approval_escalation_seconds),
             ledger_pending_after=timedelta(seconds=self.ledger_pending_after_seconds),
+            advice_timeout=timedelta(seconds=self.advice_timeout_seconds),
         )
 
     def relay_base_url(self) -> str:
         return self.relay_url or f"http://{self.bind_host}:{self.relay_port}"
+
+    def case_url(self, case_id: str) -> str:
+        """Where a person opens the case (notices and tickets link here)."""
+        return f"{(self.public_url or self.relay_base_url()).rstrip('/')}/v1/refund-requests/{case_id}"
 
     def sandbox_base_url(self) -> str:
         return self.sandbox_api_base or f"http://{self.bind_host}:{self.sandbox_port}"

@@ -110,6 +110,7 @@ class RefundTimings(Frozen):
     approval_reminder: timedelta | None = timedelta(days=1)
     approval_escalation: timedelta | None = timedelta(days=2)
     ledger_pending_after: timedelta = timedelta(minutes=2)
+    advice_timeout: timedelta = timedelta(seconds=30)
 
 
 class CaseStatus(StrEnum):

@@ -195,6 +195,28 @@ async def cmd_token_create(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def cmd_integrations_link(args: argparse.Namespace, settings: Settings) -> int:
+    from adapters.integration_store import IntegrationStore
+    from adapters.store import Store
+
+    links = [(system, external) for system, external in (("slack", args.slack),
+                                                         ("servicenow", args.servicenow)) if external]
+    if not links:
+        raise SystemExit("name at least one identity: --slack USER_ID or --servicenow USER_NAME")
+    dsn, pg = await _database(settings)
+    try:
+        store = await Store.open(dsn)
+        await store.migrate()
+        for system, external in links:
+            await IntegrationStore(store).link_identity(system, external, args.user)
+            print(f"{system} {external} -> {args.user}")
+        await store.close()
+    finally:
+        if pg is not None:
+            pg.stop()
+    return 0
+
+
 async def cmd_request(args: argparse.Namespace, settings: Settings) -> int:
     currency = normalise_currency(args.currency)
     evidence = dict(item.split("=", 1) for item in args.evidence)
@@ -321,6 +343,15 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--user", required=True)
     create.add_argument("--roles", required=True, help="comma-separated, e.g. requester,approver")
     create.set_defaults(run=cmd_token_create)
+
+    integrations = sub.add_parser("integrations", help="Slack and ServiceNow identities").add_subparsers(
+        dest="integrations_command", required=True)
+    link = integrations.add_parser(
+        "link", help="act as USER for approvals from Slack or ServiceNow (roles come from USER's tokens)")
+    link.add_argument("--user", required=True)
+    link.add_argument("--slack", help="Slack user id, e.g. U0123ABC")
+    link.add_argument("--servicenow", help="ServiceNow user_name")
+    link.set_defaults(run=cmd_integrations_link)
 
     request = sub.add_parser("request", help="request a refund")
     request.add_argument("--id", required=True, help="refund_request_id (your idempotency key)")

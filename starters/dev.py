@@ -123,7 +123,7 @@ async def run_dev(settings: Settings, *, play_demo: bool = True) -> None:
         relay_app = relay.create_app(store, client, providers, settings)
         front = AppServer(relay_app, settings.bind_host, settings.relay_port)
         worker = build_worker(client, settings.task_queue, store, providers,
-                              load_policy(settings.policy_file),
+                              load_policy(settings.policy_file), settings=settings,
                               graceful_shutdown=timedelta(seconds=settings.graceful_shutdown_seconds))
         worker_task = asyncio.create_task(worker.run())
         try:

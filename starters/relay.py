@@ -24,6 +24,7 @@ from adapters import metrics
 from adapters.codec import CodecError
 from adapters.config import Settings
 from adapters.health import readiness
+from adapters.integration_store import IntegrationStore
 from adapters.providers.base import ProviderAdapter
 from adapters.providers.manual import manual_refund
 from adapters.store import CaseCreation, Principal, Store, request_from_row
@@ -42,6 +43,8 @@ from domain.models import (
 )
 from starters.cases import start_refund
 from starters.codec_endpoint import Direction, transcode
+from starters.integrations import advice_view, integration_routes
+from starters.limits import read_limited
 from starters.webhooks import WebhookDesk
 from workflows.refund import RefundWorkflow
 
@@ -122,6 +125,8 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
     desk = WebhookDesk(store, client, providers, settings)
     app.state.webhooks = desk
     bearer = HTTPBearer(auto_error=False)
+    integrations = IntegrationStore(store)
+    app.include_router(integration_routes(store, client, settings, start=start_refund))
 
     async def principal(
         creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
@@ -189,11 +194,14 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
 
     @app.get("/v1/refund-requests/{refund_request_id}")
     async def get_refund(refund_request_id: str, caller: Caller) -> dict[str, Any]:
+        """The case, with the advisor's suggestion for approvers (labelled advisory)."""
         await require(caller, READ_ROLES, "reading a case", refund_request_id)
         row = await store.get_case(refund_request_id)
         if row is None:
             raise HTTPException(404, f"no refund request {refund_request_id!r}")
-        return case_view(row, await store.audit_trail(refund_request_id))
+        return {**case_view(row, await store.audit_trail(refund_request_id)),
+                "advice": advice_view(await integrations.advice(refund_request_id)),
+                "tickets": await integrations.tickets(refund_request_id)}
 
     @app.get("/v1/refund-requests/{refund_request_id}/audit")
     async def get_audit(refund_request_id: str, caller: Caller) -> list[dict[str, Any]]:
@@ -299,25 +307,13 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
         return {"refund_request_id": refund_request_id, "manual_refund": row["id"],
                 "status": row["status"]}
 
-    async def read_limited(request: Request) -> bytes | None:
-        """Reads the body while counting, so a chunked body cannot bypass the limit."""
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > settings.webhook_max_body_bytes:
-            return None
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > settings.webhook_max_body_bytes:
-                return None
-            chunks.append(chunk)
-        return b"".join(chunks)
 
     @app.post("/webhooks/{provider_name}", response_model=WebhookAck)
     async def webhook(provider_name: str, request: Request) -> Response:
         """Verify, store the receipt, dedup, then start or signal; 2xx only after that."""
         headers = {k.lower(): v for k, v in request.headers.items()}
-        result = await desk.ingest(provider_name, headers, await read_limited(request), now=time.time(),
+        body = await read_limited(request, settings.webhook_max_body_bytes)
+        result = await desk.ingest(provider_name, headers, body, now=time.time(),
                                    peer=request.client.host if request.client else "")
         return JSONResponse(result.body(), status_code=result.status_code)
 

@@ -117,7 +117,7 @@ class Stack:
 
     async def start_worker(self) -> Worker:
         worker = build_worker(self.client, self.settings.task_queue, self.store, self.providers,
-                              load_policy(self.settings.policy_file))
+                              load_policy(self.settings.policy_file), settings=self.settings)
         self.worker = worker
         task = asyncio.create_task(worker.run())
 

@@ -85,7 +85,8 @@ async def test_succeeded_then_failed_posts_a_compensating_entry_and_tells_everyo
         assert {line["posting_key"] for line in lines} == {f"{case_id}:refund_settled",
                                                            f"{case_id}:refund_reversed"}
         assert {(n["kind"], n["audience"]) for n in await store.notices(case_id)} == {
-            ("refund_failed", "operator"), ("refund_could_not_be_processed", "customer")}
+            ("refund_succeeded", "requester"), ("refund_failed", "operator"),
+            ("refund_could_not_be_processed", "customer")}
         await stack.set_provider_status(row["provider_refund_id"], "succeeded")  # never backwards
         await stack.set_provider_status(row["provider_refund_id"], "failed")
         assert (await store.get_case(case_id))["status"] == "refund_failed"  # type: ignore[index]

@@ -16,6 +16,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+from activities.integrations import IntegrationActivities
 from activities.refund import RefundActivities
 from adapters.config import Settings
 from adapters.http_server import AppServer
@@ -45,11 +46,15 @@ def workflow_runner() -> SandboxedWorkflowRunner:
 
 def build_worker(client: Client, task_queue: str, store: Store,
                  providers: dict[str, ProviderAdapter], policy: Policy, *,
+                 settings: Settings | None = None,
                  graceful_shutdown: timedelta = timedelta(seconds=10)) -> Worker:
-    """A worker with every workflow and activity of the product; provider calls observed."""
+    """A worker with every workflow and activity of the product; provider calls observed;
+    `settings` configure the notice channels and the advisor (none given: the environment's)."""
     activities = RefundActivities(store, instrument(providers), policy)
+    integrations = IntegrationActivities(store, settings or Settings())
     return Worker(
-        client, task_queue=task_queue, workflows=list(WORKFLOWS), activities=activities.all(),
+        client, task_queue=task_queue, workflows=list(WORKFLOWS),
+        activities=[*activities.all(), *integrations.all()],
         workflow_runner=workflow_runner(), graceful_shutdown_timeout=graceful_shutdown,
     )
 
@@ -62,7 +67,7 @@ async def run_worker(settings: Settings, dsn: str, stop: asyncio.Event) -> None:
     store = await Store.open(dsn)
     providers = build_providers(settings)
     worker = build_worker(client, settings.task_queue, store, providers,
-                          load_policy(settings.policy_file),
+                          load_policy(settings.policy_file), settings=settings,
                           graceful_shutdown=timedelta(seconds=settings.graceful_shutdown_seconds))
     health = (AppServer(health_app(worker, client, store), settings.bind_host, settings.worker_health_port)
               if settings.worker_health_port else None)

@@ -6,6 +6,7 @@ only after validation, policy and approval, and an ambiguous answer is verified 
 provider before any second submit. Idempotency of each step lives in its activity.
 """
 
+import asyncio
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -14,6 +15,7 @@ from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from domain.events import STATUS_NOTICES, observe
+    from domain.integrations import AdviceReceipt, AdviseInput, DeliverNoticeInput
     from domain.lifecycle import (
         FINAL_PROVIDER_STATUSES,
         StatusChange,
@@ -52,6 +54,8 @@ with workflow.unsafe.imports_passed_through():
 
 DECLINED = "ProviderDeclined"
 UNEXPECTED_STATUS = "UnexpectedProviderStatus"
+# Histories recorded before the advisor and notice delivery existed replay without them.
+INTEGRATIONS_PATCH = "integrations-1"
 
 
 @workflow.defn
@@ -77,6 +81,9 @@ class RefundWorkflow:
         self._postings: list[str] = []
         self._events_seen = 0
         self._succeeded_at: datetime | None = None
+        self._outbox: list[str] = []
+        self._courier: asyncio.Task[None] | None = None
+        self._closing = False
 
     # -- interface ---------------------------------------------------------------------
 
@@ -149,6 +156,8 @@ class RefundWorkflow:
             self._status = CaseStatus.REJECTED
             self._failure_reason = validation.reason
             return await self._finish()
+        if workflow.patched(INTEGRATIONS_PATCH):
+            await self._advise(validation)
         self._decision = await workflow.execute_activity(
             "decide_policy", PolicyInput(request=request, validation=validation),
             result_type=PolicyDecision, **retry.POLICY)
@@ -242,6 +251,9 @@ class RefundWorkflow:
                                        "missing_roles": missing})
             self._approval_verdicts[position] = (True, "")
             if not missing:
+                if workflow.patched(INTEGRATIONS_PATCH):
+                    await self._notify("refund_approved", "requester",
+                                       {"by": ", ".join(person for person, _ in self._approver_roles)})
                 return True
         return None
 
@@ -254,6 +266,34 @@ class RefundWorkflow:
                                                 reason=signal.reason, at=workflow.now()))
             await self._record("approval_refused", actor=signal.approver, detail={"refusal": refusal})
             self._approval_verdicts[position] = (False, refusal)
+
+    # -- advice and notices (beside the case, never in its way) --------------------------
+
+    async def _advise(self, validation: ValidationResult) -> None:
+        """Has the advisor store a suggestion for approvers. Only whether it exists comes
+        back, so nothing here can act on it; a failure or timeout means "no advice"."""
+        assert self._request is not None
+        try:
+            await workflow.execute_activity(
+                "advise_refund", AdviseInput(request=self._request, validation=validation),
+                result_type=AdviceReceipt, start_to_close_timeout=self._timings.advice_timeout,
+                retry_policy=retry.ADVISE_RETRY)
+        except ActivityError as err:
+            await self._record("advice_unavailable", detail={"error": str(err.cause)})
+
+    async def _deliver_outbox(self) -> None:
+        """Delivers queued notices one at a time and in order (a ticket sees its updates in
+        order); a failing channel delays later notices, never the case."""
+        while True:
+            await workflow.wait_condition(lambda: bool(self._outbox) or self._closing)
+            if not self._outbox:
+                return
+            key = self._outbox.pop(0)
+            try:
+                await workflow.execute_activity("deliver_notice", DeliverNoticeInput(dedup_key=key),
+                                                **retry.DELIVER)
+            except ActivityError as err:
+                workflow.logger.warning("notice %s not delivered everywhere: %s", key, err.cause)
 
     # -- execution ---------------------------------------------------------------------
 
@@ -355,10 +395,14 @@ class RefundWorkflow:
         self._failure_reason = reported.failure_reason
         if reported.status is ProviderRefundStatus.SUCCEEDED:
             self._succeeded_at = workflow.now()
-        detail = {"source": source, "failure_reason": reported.failure_reason}
+        detail = {"source": source, "failure_reason": reported.failure_reason,
+                  "provider_refund_id": reported.refund_id}
         if step.ledger is not None:
             await self._post(step.ledger, reported)
-        for kind, audience in STATUS_NOTICES.get(reported.status, ()):
+        notices = STATUS_NOTICES.get(reported.status, ())
+        if reported.status is ProviderRefundStatus.SUCCEEDED and workflow.patched(INTEGRATIONS_PATCH):
+            notices = (("refund_succeeded", "requester"),)
+        for kind, audience in notices:
             await self._notify(kind, audience, detail)
         await self._record(step.action, step.status, release=step.release, refund=reported,
                            detail=detail)
@@ -388,6 +432,9 @@ class RefundWorkflow:
 
     async def _finish(self) -> RefundOutcome:
         await workflow.wait_condition(workflow.all_handlers_finished)
+        if self._courier is not None:
+            self._closing = True
+            await self._courier
         return RefundOutcome(state=self.state())
 
     async def _record(self, action: str, status: CaseStatus | None = None, *,
@@ -405,12 +452,18 @@ class RefundWorkflow:
             **retry.CASE_EVENT)
 
     async def _notify(self, kind: str, audience: str, detail: dict[str, Any]) -> None:
-        """Queues a notice in the outbox once per case, kind, audience and occasion."""
+        """Queues a notice in the outbox once per case, kind, audience and occasion, and
+        hands it to the courier that delivers it beside the case."""
         assert self._request is not None
         case_id = self._request.refund_request_id
         occasion = self._refund.status.value if self._refund else self._status.value
+        dedup_key = f"{case_id}:{kind}:{audience}:{occasion}"
         await workflow.execute_activity(
             "queue_notice",
             NoticeInput(refund_request_id=case_id, kind=kind, audience=audience,
-                        dedup_key=f"{case_id}:{kind}:{audience}:{occasion}", detail=detail),
+                        dedup_key=dedup_key, detail=detail),
             **retry.CASE_EVENT)
+        if workflow.patched(INTEGRATIONS_PATCH):
+            self._outbox.append(dedup_key)
+            if self._courier is None:
+                self._courier = asyncio.create_task(self._deliver_outbox())

@@ -28,4 +28,13 @@ LEDGER: dict[str, Any] = {
 }
 SUBMIT_RETRY = RetryPolicy(maximum_attempts=1)
 
+# Notices and advice serve people, never the money path: bounded, and their failure is
+# tolerated by the workflow. A delivery retries only channels that certainly failed.
+DELIVER: dict[str, Any] = {
+    "start_to_close_timeout": timedelta(seconds=60),
+    "retry_policy": RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
+                                maximum_interval=timedelta(minutes=2), maximum_attempts=8),
+}
+ADVISE_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_attempts=2)
+
 RESUBMIT_BACKOFF_CAP = timedelta(minutes=10)

@@ -1,0 +1,124 @@
+"""Activities of the integrations: notice delivery and the advisor.
+
+Both serve people and never the money path: the workflow starts deliveries beside the
+case and tolerates their failure, and it learns from the advisor only whether advice
+exists, never what it says.
+"""
+
+import logging
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from adapters.advisor import AdvisorUnavailable, build_advisor
+from adapters.config import Settings
+from adapters.integration_store import IntegrationStore
+from adapters.notify.channels import build_channels, email_recipient
+from adapters.notify.delivery import DeliveryUncertain
+from adapters.notify.message import render
+from adapters.store import Store
+from domain.advice import AdviceContext, PriorRefund, TimelineEntry, guarded
+from domain.integrations import AdviceReceipt, AdviseInput, DeliverNoticeInput
+
+log = logging.getLogger(__name__)
+
+ADVICE_MARGIN = timedelta(seconds=1)
+
+
+def _priors(rows: Sequence[dict[str, Any]]) -> tuple[PriorRefund, ...]:
+    return tuple(PriorRefund(refund_request_id=r["refund_request_id"], amount=int(r["amount"]),
+                             status=r["status"]) for r in rows)
+
+
+class IntegrationActivities:
+    """Holds the channels and the advisor the environment configures (built once per worker)."""
+
+    def __init__(self, store: Store, settings: Settings) -> None:
+        self._store = store
+        self._integrations = IntegrationStore(store)
+        self._settings = settings
+        self._channels = build_channels(settings, self._integrations)
+        self._advisor = build_advisor(settings)
+
+    @activity.defn(name="deliver_notice")
+    async def deliver_notice(self, inp: DeliverNoticeInput) -> None:
+        """Sends an outbox notice to every channel that carries it, at most once per channel:
+        each send is claimed in `notice_deliveries` first, so a retry skips what was sent
+        (or may have been) and retries only channels that certainly failed."""
+        notice = await self._integrations.notice(inp.dedup_key)
+        if notice is None:
+            raise ApplicationError(f"no notice {inp.dedup_key!r} in the outbox", non_retryable=True)
+        case_id: str | None = notice["refund_request_id"]
+        case = await self._store.get_case(case_id) if case_id else None
+        advice = await self._integrations.advice(case_id) if case_id else None
+        message = render(notice, case, advice, case_url=self._settings.case_url(case_id) if case_id else None,
+                         email_to=email_recipient(self._settings, notice["audience"],
+                                                  case["evidence"] if case else None))
+        failed: list[str] = []
+        carriers = [c for c in self._channels if c.accepts(message)]
+        for channel in carriers:
+            if not await self._integrations.claim_delivery(message.notice_id, case_id, channel.name):
+                continue
+            try:
+                external_id = await channel.send(message)
+            except DeliveryUncertain as exc:
+                log.error("notice %s to %s may or may not have arrived; not resent: %s",
+                          message.notice_id, channel.name, exc)
+                await self._integrations.finish_delivery(message.notice_id, case_id, channel.name,
+                                                         "uncertain", error=str(exc))
+            except Exception as exc:  # one channel's failure never stops the others
+                log.warning("notice %s to %s failed: %s", message.notice_id, channel.name, exc)
+                await self._integrations.finish_delivery(message.notice_id, case_id, channel.name,
+                                                         "failed", error=str(exc)[:1000])
+                failed.append(f"{channel.name}: {exc}")
+            else:
+                await self._integrations.finish_delivery(message.notice_id, case_id, channel.name,
+                                                         "delivered", external_id=external_id)
+        if failed:
+            raise ApplicationError("; ".join(failed), type="NoticeDeliveryFailed")
+        if carriers:  # with no channel for it, the notice stays undelivered in the outbox
+            await self._integrations.mark_notice_delivered(message.notice_id)
+
+    async def _context(self, inp: AdviseInput) -> AdviceContext:
+        request, validation = inp.request, inp.validation
+        case_id = request.refund_request_id
+        charge = await self._integrations.charge_history(request.provider, request.charge_id, case_id)
+        customer_id = request.evidence.get("customer_id")
+        customer = await self._integrations.customer_history(customer_id, case_id) if customer_id else []
+        trail = await self._store.audit_trail(case_id)
+        return AdviceContext(
+            refund_request_id=case_id, provider=request.provider, charge_id=request.charge_id,
+            amount=request.amount, currency=request.currency, reason=request.reason,
+            method=request.method.value, source=request.source.value,
+            amount_captured=validation.amount_captured, remaining_before=validation.remaining_before,
+            dispute_count=validation.dispute_count, prior_refunds_on_charge=_priors(charge),
+            customer_history=_priors(customer), untrusted_text=dict(request.evidence),
+            timeline=tuple(TimelineEntry(at=e["occurred_at"], actor=e["actor"], action=e["action"])
+                           for e in trail[-50:]))
+
+    @activity.defn(name="advise_refund")
+    async def advise_refund(self, inp: AdviseInput) -> AdviceReceipt:
+        """Asks the advisor about a validated case and stores its advice (or "no advice")
+        on the case for approvers. Finishes inside its own timeout, so a slow model ends
+        as "no advice" rather than a late answer. A retry keeps the first stored result."""
+        case_id = inp.request.refund_request_id
+        stored = await self._integrations.advice(case_id)
+        if stored is None:
+            context = await self._context(inp)
+            budget = (activity.info().start_to_close_timeout or timedelta(seconds=30)) - ADVICE_MARGIN
+            try:
+                advice = guarded(await self._advisor.advise(context, budget.total_seconds()), context)
+                error = None
+            except AdvisorUnavailable as exc:
+                log.warning("no advice for %s: %s", case_id, exc)
+                advice, error = None, str(exc)
+            stored = await self._integrations.save_advice(
+                case_id, source=self._advisor.source, advice=advice, error=error,
+                context_sha256=context.fingerprint())
+        return AdviceReceipt(available=stored["advice"] is not None, source=stored["source"])
+
+    def all(self) -> list[Callable[..., Any]]:
+        return [self.deliver_notice, self.advise_refund]

@@ -1,0 +1,1 @@
+"""Notice delivery: templates, and the channels (Slack, Teams, email, tickets)."""

@@ -1,0 +1,73 @@
+"""Slack (incoming webhook, Block Kit) and Microsoft Teams (incoming webhook / Workflows,
+Adaptive Card). Approval notices carry Slack buttons whose clicks come back to the relay
+(`POST /integrations/slack/actions`), signed by Slack. Customer notices never go to chat."""
+
+from typing import Any
+
+from adapters.notify.delivery import send_http
+from adapters.notify.message import Message
+
+APPROVE_ACTION = "refund_approve"
+DENY_ACTION = "refund_deny"
+
+
+def slack_escape(text: str) -> str:
+    """Slack mrkdwn control characters; notice text may quote provider or ticket input."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def slack_payload(message: Message) -> dict[str, Any]:
+    """A Block Kit message: header, text with up to ten fact fields, and buttons."""
+    blocks: list[dict[str, Any]] = [
+        {"type": "header", "text": {"type": "plain_text", "text": message.title[:150]}},
+        {"type": "section", "text": {"type": "mrkdwn", "text": slack_escape(message.text)[:3000]},
+         "fields": [{"type": "mrkdwn", "text": f"*{slack_escape(k)}*\n{slack_escape(v)}"[:2000]}
+                    for k, v in message.facts[:10]]},
+    ]
+    buttons: list[dict[str, Any]] = []
+    if message.buttons and message.case_id:
+        buttons += [
+            {"type": "button", "action_id": APPROVE_ACTION, "style": "primary",
+             "text": {"type": "plain_text", "text": "Approve"}, "value": message.case_id},
+            {"type": "button", "action_id": DENY_ACTION, "style": "danger",
+             "text": {"type": "plain_text", "text": "Deny"}, "value": message.case_id},
+        ]
+    if message.link:
+        buttons.append({"type": "button", "action_id": "refund_open", "url": message.link,
+                        "text": {"type": "plain_text", "text": "Open case"}})
+    if buttons:
+        blocks.append({"type": "actions", "block_id": f"refund:{message.notice_id}", "elements": buttons})
+    return {"text": message.title, "blocks": blocks}
+
+
+def teams_payload(message: Message) -> dict[str, Any]:
+    """An Adaptive Card in the message envelope Teams webhooks and Workflows accept."""
+    card: dict[str, Any] = {
+        "$schema": "http://adaptivecards.io/schemas/adaptive-card.json", "type": "AdaptiveCard",
+        "version": "1.4",
+        "body": [{"type": "TextBlock", "text": message.title, "weight": "Bolder", "size": "Medium",
+                  "wrap": True},
+                 {"type": "TextBlock", "text": message.text, "wrap": True},
+                 {"type": "FactSet", "facts": [{"title": k, "value": v} for k, v in message.facts]}],
+    }
+    if message.link:
+        card["actions"] = [{"type": "Action.OpenUrl", "title": "Open case", "url": message.link}]
+    return {"type": "message", "attachments": [
+        {"contentType": "application/vnd.microsoft.card.adaptive", "contentUrl": None, "content": card}]}
+
+
+class WebhookChat:
+    """A chat channel reached by POSTing JSON to a secret webhook URL."""
+
+    def __init__(self, name: str, url: str, timeout: float) -> None:
+        self.name = name
+        self._url = url
+        self._timeout = timeout
+        self._payload = slack_payload if name == "slack" else teams_payload
+
+    def accepts(self, message: Message) -> bool:
+        return not message.customer
+
+    async def send(self, message: Message) -> str | None:
+        await send_http("POST", self._url, timeout=self._timeout, json=self._payload(message))
+        return None

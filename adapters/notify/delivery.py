@@ -1,0 +1,44 @@
+"""What a channel is, and what its failures mean for a retry.
+
+`DeliveryFailed`: the notice certainly did not arrive (no connection, an error status),
+so the next attempt may send it. `DeliveryUncertain`: it may have arrived (the answer was
+lost), so it is never sent again: at most one notice per event and channel.
+"""
+
+from typing import Any, Protocol
+
+import httpx
+
+from adapters.notify.message import Message
+
+
+class DeliveryFailed(Exception):
+    """Certainly not delivered; safe to send again."""
+
+
+class DeliveryUncertain(Exception):
+    """Possibly delivered; sending again could duplicate it."""
+
+
+class Channel(Protocol):
+    name: str
+
+    def accepts(self, message: Message) -> bool:
+        """Whether this channel carries this kind of message at all."""
+
+    async def send(self, message: Message) -> str | None:
+        """Delivers once; returns the channel's id for it (message id, ticket number)."""
+
+
+async def send_http(method: str, url: str, *, timeout: float, **kwargs: Any) -> httpx.Response:
+    """One HTTP call whose failure is classified for the retry decision."""
+    try:
+        async with httpx.AsyncClient(timeout=timeout) as http:
+            response = await http.request(method, url, **kwargs)
+    except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+        raise DeliveryFailed(f"could not connect: {exc!r}") from exc
+    except httpx.TransportError as exc:
+        raise DeliveryUncertain(f"the answer was lost: {exc!r}") from exc
+    if response.status_code >= 400:
+        raise DeliveryFailed(f"HTTP {response.status_code}: {response.text[:300]}")
+    return response

@@ -1,0 +1,61 @@
+"""Email over SMTP (standard library `smtplib`, run in a thread).
+
+The Message-ID is derived from the notice, so even a receiving system sees one message
+per notice. A server that answers with an error code certainly did not take the message
+(retry); a connection lost mid-transaction may have delivered it (never resent).
+"""
+
+import asyncio
+import smtplib
+import ssl
+from email.message import EmailMessage
+from email.utils import formatdate
+
+from adapters.notify.delivery import DeliveryFailed, DeliveryUncertain
+from adapters.notify.message import Message
+
+
+class SmtpEmail:
+    name = "email"
+
+    def __init__(self, host: str, port: int, sender: str, *, timeout: float, starttls: bool = False,
+                 username: str | None = None, password: str | None = None) -> None:
+        self._host, self._port, self._sender = host, port, sender
+        self._timeout, self._starttls = timeout, starttls
+        self._login = (username, password or "") if username else None
+
+    def accepts(self, message: Message) -> bool:
+        return message.email_to is not None
+
+    def compose(self, message: Message) -> EmailMessage:
+        assert message.email_to is not None
+        mail = EmailMessage()
+        mail["From"] = self._sender
+        mail["To"] = message.email_to
+        mail["Subject"] = message.title
+        mail["Date"] = formatdate(localtime=False, usegmt=True)
+        mail["Message-ID"] = f"<notice-{message.notice_id}@refund-orchestrator>"
+        mail.set_content(message.plain())
+        return mail
+
+    def _send(self, mail: EmailMessage) -> None:
+        handing_over = False
+        try:
+            with smtplib.SMTP(self._host, self._port, timeout=self._timeout) as smtp:
+                if self._starttls:
+                    smtp.starttls(context=ssl.create_default_context())
+                if self._login:
+                    smtp.login(*self._login)
+                handing_over = True
+                smtp.send_message(mail)
+        except (smtplib.SMTPResponseException, smtplib.SMTPRecipientsRefused) as exc:
+            raise DeliveryFailed(f"the SMTP server refused the message: {exc!r}") from exc
+        except (OSError, smtplib.SMTPException) as exc:
+            if handing_over:
+                raise DeliveryUncertain(f"the SMTP transaction broke off: {exc!r}") from exc
+            raise DeliveryFailed(f"no SMTP session with {self._host}:{self._port}: {exc!r}") from exc
+
+    async def send(self, message: Message) -> str | None:
+        mail = self.compose(message)
+        await asyncio.to_thread(self._send, mail)
+        return str(mail["Message-ID"])

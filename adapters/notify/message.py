@@ -1,0 +1,157 @@
+"""Renders an outbox notice into a channel-neutral message, from one template per kind.
+
+Templates say who may see a notice: customer-facing ones go only to the customer's
+email; internal ones to chat, the ops or approvers mailbox and, where they name one,
+the case's ticket (the refund-request ticket, or an incident per kind).
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from domain.money import format_minor
+
+TicketPurpose = Literal["request", "incident"]
+
+
+@dataclass(frozen=True)
+class Template:
+    title: str
+    text: str
+    ticket: TicketPurpose | None = None
+    buttons: bool = False
+    customer: bool = False
+
+
+TEMPLATES: dict[str, Template] = {
+    "approval_needed": Template(
+        "Refund {case} needs approval",
+        "A refund of {amount} waits for approval by: {missing_roles}. The requester and anyone "
+        "behind the request cannot approve it.", ticket="request", buttons=True),
+    "approval_reminder": Template("Reminder: refund {case} still needs approval",
+                                  "Still waiting for: {missing_roles}."),
+    "approval_escalated": Template("Escalated: refund {case} is waiting too long for approval",
+                                   "No decision yet; still missing: {missing_roles}."),
+    "refund_approved": Template("Refund {case} approved",
+                                "Approved by {by}; the refund of {amount} is being executed.",
+                                ticket="request"),
+    "approval_denied": Template("Refund {case} denied",
+                                "Denied by {by}. No money moves and the reservation was released.",
+                                ticket="request"),
+    "refund_succeeded": Template("Refund {case} succeeded",
+                                 "The provider confirmed refund {provider_refund_id} of {amount}.",
+                                 ticket="request"),
+    "refund_failed": Template(
+        "Refund {case} failed",
+        "The refund of {amount} failed at the provider ({failure}). The reservation was released; "
+        "reissue it from the case if the customer should still be paid.", ticket="request"),
+    "refund_could_not_be_processed": Template(
+        "Your refund could not be processed",
+        "We could not process your refund of {amount} (reference {case}). We are looking into it "
+        "and will contact you; you do not need to do anything now.", customer=True),
+    "refund_canceled": Template("Refund {case} canceled",
+                                "The provider canceled the refund of {amount}; the reservation was "
+                                "released.", ticket="request"),
+    "unexpected_provider_status": Template(
+        "Refund {case}: unexpected provider status",
+        "The provider reported a status we have no branch for ({error}). The case waits in ops "
+        "review and is never assumed to have succeeded.", ticket="incident"),
+    "incident_ledger_pending": Template(
+        "Incident: refund {case} executed, ledger pending",
+        "The provider confirmed the refund of {amount}, but the ledger did not take the "
+        "{template} posting in time. Posting goes on until it lands; the provider is not called "
+        "again.", ticket="incident"),
+    "payout_exception": Template(
+        "Payout exception {case}",
+        "Payout {payout_id} of {amount} came back {payout_status} after it was marked paid. "
+        "Beneficiary payouts are held until the case is decided.", ticket="incident"),
+    "reconciliation_break": Template(
+        "Reconciliation break {case}",
+        "Ledger and provider disagree: {difference}. Nothing is corrected automatically.",
+        ticket="incident"),
+}
+
+FALLBACK = Template("Refund {case}: {kind}", "Notice {kind} for {audience}.")
+
+
+class _Lenient(dict[str, str]):
+    """Fills placeholders a notice does not carry, instead of failing the delivery."""
+
+    def __missing__(self, key: str) -> str:
+        return "n/a"
+
+
+@dataclass(frozen=True)
+class Message:
+    """What every channel renders in its own format."""
+
+    notice_id: int
+    kind: str
+    audience: str
+    case_id: str | None
+    title: str
+    text: str
+    facts: tuple[tuple[str, str], ...]
+    link: str | None
+    buttons: bool
+    ticket: TicketPurpose | None
+    customer: bool
+    email_to: str | None
+
+    def plain(self) -> str:
+        """The message as plain text (email, ticket descriptions and notes)."""
+        lines = [self.text, "", *(f"{label}: {value}" for label, value in self.facts)]
+        if self.link:
+            lines.append(f"Case: {self.link}")
+        return "\n".join(lines)
+
+
+def _amount(case: Mapping[str, Any] | None, detail: Mapping[str, Any]) -> str:
+    source = case if case is not None else detail
+    amount, currency = source.get("amount"), source.get("currency")
+    if isinstance(amount, int) and isinstance(currency, str):
+        return format_minor(amount, currency)
+    return "n/a"
+
+
+def _advice_line(advice: Mapping[str, Any] | None, currency: str) -> str | None:
+    if not advice or not advice.get("advice"):
+        return None
+    body = advice["advice"]
+    flags = ", ".join(body.get("anomaly_flags") or []) or "none"
+    return (f"{body['summary']} Suggested amount {format_minor(body['suggested_amount'], currency)}; "
+            f"flags: {flags}; confidence {body['confidence']} ({advice['source']}).")
+
+
+def render(notice: Mapping[str, Any], case: Mapping[str, Any] | None,
+           advice: Mapping[str, Any] | None, *, case_url: str | None,
+           email_to: str | None) -> Message:
+    """One message for every channel; facts carry refund id, amount, status and time."""
+    kind = str(notice["kind"])
+    template = TEMPLATES.get(kind, FALLBACK)
+    detail: dict[str, Any] = dict(notice["detail"] or {})
+    case_id = notice["refund_request_id"]
+    missing = detail.get("missing_roles")
+    values = _Lenient({k: str(v) for k, v in detail.items()})
+    failure = detail.get("failure_reason") or detail.get("reason") or (case or {}).get("failure_reason")
+    values.update(case=case_id or str(detail.get("case", "n/a")), kind=kind, failure=str(failure or "n/a"),
+                  audience=str(notice["audience"]), amount=_amount(case, detail),
+                  missing_roles=", ".join(missing) if isinstance(missing, list) else "n/a")
+    created: datetime = notice["created_at"]
+    facts: list[tuple[str, str]] = [("Refund request", values["case"]), ("Amount", values["amount"])]
+    if not template.customer:
+        if case is not None:
+            facts += [("Status", str(case["status"])), ("Charge", f"{case['provider']} {case['charge_id']}"),
+                      ("Reason", str(case["reason"])), ("Requester", str(case["requester"]))]
+            if case.get("provider_refund_id"):
+                facts.append(("Provider refund", str(case["provider_refund_id"])))
+        facts.append(("At", created.isoformat(timespec="seconds")))
+        if kind == "approval_needed" and case is not None:
+            line = _advice_line(advice, case["currency"])
+            facts.append(("AI suggestion (advisory only)", line or "no advice"))
+    return Message(
+        notice_id=int(notice["id"]), kind=kind, audience=str(notice["audience"]), case_id=case_id,
+        title=template.title.format_map(values), text=template.text.format_map(values),
+        facts=tuple(facts), link=None if template.customer else case_url, buttons=template.buttons,
+        ticket=template.ticket, customer=template.customer, email_to=email_to)

@@ -1,0 +1,1 @@
+"""Ticketing systems (ServiceNow Table API, Jira Cloud REST) as notice channels."""

@@ -1,0 +1,70 @@
+"""One ticket per case and purpose, whatever the retries.
+
+The ticket's id is stored with the case (`case_tickets`). Before creating, the system is
+searched for our correlation key, so an attempt whose create succeeded but whose answer
+was lost is found by the retry instead of creating a second ticket.
+"""
+
+import hashlib
+from dataclasses import dataclass
+from typing import Protocol
+
+from adapters.integration_store import IntegrationStore
+from adapters.notify.delivery import DeliveryFailed, DeliveryUncertain
+from adapters.notify.message import Message
+
+
+@dataclass(frozen=True)
+class TicketRef:
+    external_id: str
+    number: str | None
+    url: str | None
+
+
+class TicketSystem(Protocol):
+    name: str
+
+    async def find(self, incident: bool, correlation: str) -> TicketRef | None:
+        """The ticket carrying our correlation key, if one exists."""
+
+    async def create(self, incident: bool, correlation: str, message: Message) -> TicketRef:
+        """A new ticket (refund request, or incident) from the message."""
+
+    async def note(self, incident: bool, ticket: TicketRef, message: Message) -> None:
+        """Adds the message to the ticket's history."""
+
+
+def correlation_key(case_id: str, purpose: str) -> str:
+    """Stable, short and free of characters ticket queries would need to escape."""
+    return "rfo-" + hashlib.sha256(f"{case_id}\n{purpose}".encode()).hexdigest()[:32]
+
+
+class TicketChannel:
+    """Creates the case's ticket on its first notice and adds later notices to it."""
+
+    def __init__(self, system: TicketSystem, store: IntegrationStore) -> None:
+        self.name = system.name
+        self._system = system
+        self._store = store
+
+    def accepts(self, message: Message) -> bool:
+        return message.ticket is not None and message.case_id is not None
+
+    async def send(self, message: Message) -> str | None:
+        assert message.case_id is not None and message.ticket is not None
+        incident = message.ticket == "incident"
+        purpose = f"incident:{message.kind}" if incident else "request"
+        stored = await self._store.ticket(message.case_id, self.name, purpose)
+        if stored is not None:
+            ticket = TicketRef(stored["external_id"], stored["number"], stored["url"])
+            await self._system.note(incident, ticket, message)
+            return ticket.number or ticket.external_id
+        correlation = correlation_key(message.case_id, purpose)
+        try:
+            ticket = (await self._system.find(incident, correlation)
+                      or await self._system.create(incident, correlation, message))
+        except DeliveryUncertain as exc:  # the search before the next create makes a retry safe
+            raise DeliveryFailed(str(exc)) from exc
+        await self._store.save_ticket(message.case_id, self.name, purpose, external_id=ticket.external_id,
+                                      number=ticket.number, url=ticket.url)
+        return ticket.number or ticket.external_id

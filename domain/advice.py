@@ -1,0 +1,106 @@
+"""The AI advisor's output and its input: a typed recommendation, never a command.
+
+Nothing that decides or executes reads an `Advice` (policy takes `PolicyInput`, which has
+no place for it). The deterministic offline advisor gives the same shape from rules, so
+the product works without a model endpoint.
+"""
+
+import hashlib
+import json
+from datetime import datetime
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from domain.models import Frozen, RefundReason
+from domain.money import format_minor
+
+Flag = Annotated[str, Field(min_length=1, max_length=100)]
+
+
+class Advice(BaseModel):
+    """What an approver sees as a suggestion. Unknown keys in a model's answer are dropped:
+    there is no field through which an answer could ask for an action."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    summary: str = Field(min_length=1, max_length=2000)
+    suggested_amount: int = Field(ge=0, strict=True, description="integer minor units")
+    suggested_reason: RefundReason
+    anomaly_flags: tuple[Flag, ...] = Field(default=(), max_length=20)
+    confidence: float = Field(ge=0, le=1)
+
+
+class PriorRefund(Frozen):
+    refund_request_id: str
+    amount: int
+    status: str
+
+
+class TimelineEntry(Frozen):
+    at: datetime
+    actor: str
+    action: str
+
+
+class AdviceContext(Frozen):
+    """Facts the advisor may look at. `untrusted_text` (evidence, ticket text, webhook
+    fields) is data from outside: quoted to a model as data, never as instructions."""
+
+    refund_request_id: str
+    provider: str
+    charge_id: str
+    amount: int
+    currency: str
+    reason: RefundReason
+    method: str
+    source: str
+    amount_captured: int | None = None
+    remaining_before: int | None = None
+    dispute_count: int = 0
+    prior_refunds_on_charge: tuple[PriorRefund, ...] = ()
+    customer_history: tuple[PriorRefund, ...] = ()
+    untrusted_text: dict[str, str] = Field(default_factory=dict)
+    timeline: tuple[TimelineEntry, ...] = ()
+
+    def fingerprint(self) -> str:
+        """SHA-256 of what the advisor was shown, kept beside the advice."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def guarded(advice: Advice, context: AdviceContext) -> Advice:
+    """Adds our own flags where a suggestion goes beyond the request (whatever produced it),
+    so an approver sees at a glance that the suggestion is not to be taken literally."""
+    flags = list(advice.anomaly_flags)
+    if advice.suggested_amount > context.amount:
+        flags.append("suggestion_exceeds_requested_amount")
+    if context.remaining_before is not None and advice.suggested_amount > context.remaining_before:
+        flags.append("suggestion_exceeds_remaining_refundable")
+    unique = tuple(dict.fromkeys(flags))[:20]
+    return advice if unique == advice.anomaly_flags else advice.model_copy(update={"anomaly_flags": unique})
+
+
+def offline_advice(context: AdviceContext) -> Advice:
+    """Deterministic rules over the same context a model would see."""
+    prior = context.prior_refunds_on_charge
+    flags: list[str] = []
+    if prior:
+        flags.append("prior_refunds_on_charge")
+    if context.dispute_count:
+        flags.append("disputed_charge")
+    if context.customer_history:
+        flags.append("customer_has_earlier_refund_requests")
+    if context.amount_captured and context.amount == context.amount_captured and prior:
+        flags.append("full_capture_requested_after_prior_refunds")
+    suggested = context.amount
+    if context.remaining_before is not None:
+        suggested = min(suggested, context.remaining_before)
+    summary = (
+        f"{context.reason.value} refund of {format_minor(context.amount, context.currency)} on "
+        f"{context.provider} charge {context.charge_id}: {len(prior)} prior refund(s) on the charge "
+        f"({format_minor(sum(p.amount for p in prior), context.currency)}), "
+        f"{context.dispute_count} dispute(s), {len(context.customer_history)} earlier request(s) "
+        "by this customer.")
+    return Advice(summary=summary, suggested_amount=suggested, suggested_reason=context.reason,
+                  anomaly_flags=tuple(flags), confidence=round(max(0.2, 0.9 - 0.2 * len(flags)), 2))

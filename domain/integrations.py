@@ -1,0 +1,25 @@
+"""Inputs and results of the integration activities the refund workflow calls.
+
+The advisor's result tells the workflow only whether advice exists, never what it says:
+its content cannot reach a decision by construction.
+"""
+
+from domain.models import Frozen, RefundRequest, ValidationResult
+
+
+class DeliverNoticeInput(Frozen):
+    """Deliver the outbox notice with this dedup key to every configured channel."""
+
+    dedup_key: str
+
+
+class AdviseInput(Frozen):
+    request: RefundRequest
+    validation: ValidationResult
+
+
+class AdviceReceipt(Frozen):
+    """Whether advice was stored for the case, and by which advisor."""
+
+    available: bool
+    source: str

@@ -1,0 +1,230 @@
+"""Notice delivery: every configured channel gets each notice once (Slack, Teams, real SMTP,
+ServiceNow, Jira), also when activities retry; a failing channel never holds up a case."""
+
+import logging
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from temporalio.client import Client
+
+from adapters.config import Settings
+from adapters.integration_store import IntegrationStore
+from adapters.notify.channels import build_channels
+from adapters.notify.message import TEMPLATES, render
+from adapters.store import Store
+from adapters.tickets.base import correlation_key
+from domain.models import NoticeInput
+from starters.stack import TemporalDevServer
+from tests.fakes import World, connected_stack, eventually
+from tests.harness import Stack
+
+
+async def delivered(stack: Stack, case_id: str, kind: str) -> dict[str, dict[str, Any]]:
+    """The case's deliveries of one notice kind, by channel."""
+    rows = await IntegrationStore(stack.store).deliveries(case_id)
+    return {r["channel"]: r for r in rows if r["kind"] == kind}
+
+
+def slack_titles(world: World) -> list[str]:
+    return [m["text"] for m in world.slack]
+
+
+async def test_each_notice_reaches_every_channel_once_and_tickets_follow_the_case(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    async with connected_stack(store, client, temporal_server) as (stack, world):
+        charge = await stack.charge(20_000)
+        case_id = await stack.request_refund("alice", charge, 9_000)
+        await stack.wait_for_status(case_id, "awaiting_approval")
+
+        async def needed_everywhere() -> bool:
+            rows = await delivered(stack, case_id, "approval_needed")
+            return {c for c, r in rows.items() if r["status"] == "delivered"} == {
+                "slack", "teams", "email", "servicenow", "jira"}
+
+        await eventually(needed_everywhere)
+        [slack] = world.slack
+        assert slack["text"] == f"Refund {case_id} needs approval"
+        section = slack["blocks"][1]
+        assert "90.00 USD" in section["text"]["text"]
+        assert any("AI suggestion (advisory only)" in f["text"] for f in section["fields"])
+        buttons = {e["action_id"]: e for e in slack["blocks"][2]["elements"]}
+        assert buttons["refund_approve"]["value"] == case_id == buttons["refund_deny"]["value"]
+        assert buttons["refund_open"]["url"] == stack.settings.case_url(case_id)
+        [teams] = world.teams
+        card = teams["attachments"][0]["content"]
+        assert card["type"] == "AdaptiveCard"
+        facts = {f["title"]: f["value"] for f in card["body"][2]["facts"]}
+        assert facts["Refund request"] == case_id and facts["Amount"] == "90.00 USD"
+        assert facts["Status"] == "awaiting_approval"
+        assert card["actions"][0]["url"] == stack.settings.case_url(case_id)
+        [mail] = world.mail
+        assert mail["To"] == "approvers@example.test" and mail["X-Envelope-To"] == "approvers@example.test"
+        assert mail["Subject"] == f"Refund {case_id} needs approval"
+        assert mail["Message-ID"].startswith("<notice-")
+        assert stack.settings.case_url(case_id) in mail.get_payload()
+        [ticket] = world.servicenow["u_refund_request"]
+        assert ticket["correlation_id"] == correlation_key(case_id, "request")
+        assert "90.00 USD" in ticket["description"]
+        assert stack.settings.case_url(case_id) in ticket["description"]
+        [issue] = world.jira
+        assert correlation_key(case_id, "request") in issue["fields"]["labels"]
+        assert issue["fields"]["project"] == {"key": "REF"}
+        assert issue["fields"]["description"]["type"] == "doc"
+
+        async with stack.api("bob") as api:
+            response = await api.post(f"/v1/refund-requests/{case_id}/approvals",
+                                      json={"decision": "approve", "reason": "ok"})
+        assert response.status_code == 202, response.text
+        await stack.wait_for_status(case_id, "succeeded")
+
+        async def succeeded_everywhere() -> bool:
+            rows = await delivered(stack, case_id, "refund_succeeded")
+            return len(rows) == 5 and all(r["status"] == "delivered" for r in rows.values())
+
+        await eventually(succeeded_everywhere)
+        assert slack_titles(world) == [f"Refund {case_id} needs approval", f"Refund {case_id} approved",
+                                       f"Refund {case_id} succeeded"]
+        assert len(world.teams) == 3 and len(world.mail) == 3
+        [ticket] = world.servicenow["u_refund_request"]  # still one ticket: later notices are work notes
+        assert [n.splitlines()[0] for n in ticket["work_notes_history"]] == [
+            f"Refund {case_id} approved", f"Refund {case_id} succeeded"]
+        assert len(world.jira) == 1 and len(world.jira_comments[issue["key"]]) == 2
+        view_tickets = await IntegrationStore(stack.store).tickets(case_id)
+        assert {(t["system"], t["number"]) for t in view_tickets} == {
+            ("servicenow", ticket["number"]), ("jira", issue["key"])}
+
+
+async def test_a_failing_channel_is_retried_alone_and_never_holds_up_the_case(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    async with connected_stack(store, client, temporal_server, jira_url=None,
+                               servicenow_url=None) as (stack, world):
+        world.slack_failures = 1
+        charge = await stack.charge(10_000)
+        case_id = await stack.request_refund("alice", charge, 1_500)  # auto-approved
+        await stack.wait_for_status(case_id, "succeeded")
+
+        async def slack_delivered() -> dict[str, dict[str, Any]] | None:
+            rows = await delivered(stack, case_id, "refund_succeeded")
+            return rows if rows.get("slack", {}).get("status") == "delivered" else None
+
+        rows = await eventually(slack_delivered)
+        assert rows["slack"]["attempts"] == 2
+        assert rows["teams"]["attempts"] == 1 and rows["email"]["attempts"] == 1
+        assert slack_titles(world) == [f"Refund {case_id} succeeded"]
+        assert len(world.teams) == 1 and len(world.mail) == 1
+        failures = [e for e in await stack.store.audit_trail(case_id)
+                    if e["action"] == "notice_delivery_failed"]
+        assert [e["detail"]["channel"] for e in failures] == ["slack"]
+
+        world.slack_failures = 1_000  # Slack is down for good now
+        charge = await stack.charge(10_000)
+        second = await stack.request_refund("alice", charge, 1_500)
+        await stack.wait_for_status(second, "succeeded")
+        assert [r["amount"] for r in await stack.provider_refunds(charge)] == [1_500]
+
+        async def retried() -> bool:
+            slack = (await delivered(stack, second, "refund_succeeded")).get("slack")
+            return slack is not None and slack["status"] == "failed" and slack["attempts"] >= 2
+
+        await eventually(retried)
+        rows = await delivered(stack, second, "refund_succeeded")
+        assert rows["teams"]["status"] == "delivered" and len(world.teams) == 2
+
+
+async def test_the_customer_hears_the_refund_could_not_be_processed_by_email_only(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    async with connected_stack(store, client, temporal_server, jira_url=None) as (stack, world):
+        async with stack.sandbox() as sb:
+            await sb.post("/_sandbox/config", json={"refund_initial_status": "pending"})
+        charge = await stack.charge(10_000)
+        case_id = await stack.request_refund(
+            "alice", charge, 2_000, evidence={"order_id": "o-9", "customer_email": "pat@example.test"})
+        row = await stack.wait_for_status(case_id, "pending")
+        await stack.set_provider_status(row["provider_refund_id"], "failed",
+                                        failure_reason="lost_or_stolen_card")
+        await stack.wait_for_status(case_id, "refund_failed")
+
+        async def customer_mail() -> list[Any]:
+            return [m for m in world.mail if m["To"] == "pat@example.test"]
+
+        [mail] = await eventually(customer_mail)
+        assert mail["Subject"] == "Your refund could not be processed"
+        body = mail.get_payload()
+        assert "20.00 USD" in body and case_id in body
+        assert charge not in body and "http" not in body  # nothing internal goes to a customer
+        await eventually(lambda: delivered(stack, case_id, "refund_failed"))
+
+        async def operator_told() -> bool:
+            return f"Refund {case_id} failed" in slack_titles(world)
+
+        await eventually(operator_told)
+        failed = next(m for m in world.slack if m["text"] == f"Refund {case_id} failed")
+        assert "lost_or_stolen_card" in failed["blocks"][1]["text"]["text"]
+        assert not any("could not be processed" in t for t in slack_titles(world))
+        assert set(await delivered(stack, case_id, "refund_could_not_be_processed")) == {"email"}
+        [ticket] = world.servicenow["u_refund_request"]
+        assert ticket["short_description"] == f"Refund {case_id} failed"
+
+
+async def test_a_send_that_may_have_happened_is_never_repeated(store: Store) -> None:
+    integrations = IntegrationStore(store)
+    case_id = f"rr-{uuid.uuid4().hex[:12]}"
+    await store.queue_notice(NoticeInput(refund_request_id=case_id, kind="refund_failed",
+                                         audience="operator", dedup_key=f"{case_id}:refund_failed"))
+    notice = await integrations.notice(f"{case_id}:refund_failed")
+    assert notice is not None
+    assert await integrations.claim_delivery(notice["id"], case_id, "slack")
+    assert not await integrations.claim_delivery(notice["id"], case_id, "slack")  # died mid-send
+    assert not await integrations.claim_delivery(notice["id"], case_id, "slack")
+    assert await integrations.claim_delivery(notice["id"], case_id, "teams")
+    await integrations.finish_delivery(notice["id"], case_id, "teams", "failed", error="HTTP 500")
+    assert await integrations.claim_delivery(notice["id"], case_id, "teams")  # certainly failed: again
+    await integrations.finish_delivery(notice["id"], case_id, "teams", "delivered")
+    assert not await integrations.claim_delivery(notice["id"], case_id, "teams")
+    async with store.transaction() as conn:
+        cur = await conn.execute("SELECT channel, status, attempts FROM notice_deliveries"
+                                 " WHERE notice_id = %s ORDER BY channel", (notice["id"],))
+        rows = [(r["channel"], r["status"], r["attempts"]) for r in await cur.fetchall()]
+    assert rows == [("slack", "uncertain", 1), ("teams", "delivered", 2)]
+    actions = [e["action"] for e in await store.audit_trail(case_id)]
+    assert actions == ["notice_queued", "notice_delivery_uncertain", "notice_delivery_failed",
+                       "notice_delivered"]
+
+
+def test_every_template_renders_its_facts_and_customer_notices_stay_plain() -> None:
+    case = {"refund_request_id": "rr-1", "amount": 12_345, "currency": "USD", "status": "awaiting_approval",
+            "provider": "sandbox", "charge_id": "ch_1", "reason": "duplicate", "requester": "alice",
+            "provider_refund_id": None, "evidence": {}}
+    details: dict[str, dict[str, Any]] = {
+        "payout_exception": {"payout_id": "P-10492", "payout_status": "settlement_failed"},
+        "reconciliation_break": {"difference": "ledger 120.00 USD, provider 0.00 USD"},
+        "approval_needed": {"missing_roles": ["approver"]}}
+    for kind, template in TEMPLATES.items():
+        notice = {"id": 7, "kind": kind, "audience": "operator", "refund_request_id": "rr-1",
+                  "detail": details.get(kind, {}), "created_at": datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)}
+        message = render(notice, case, None, case_url="https://refunds.test/rr-1", email_to="x@y.test")
+        assert "{" not in message.title + message.text, kind
+        if template.customer:
+            assert message.link is None and dict(message.facts) == {"Refund request": "rr-1",
+                                                                    "Amount": "123.45 USD"}
+        else:
+            facts = dict(message.facts)
+            assert facts["Amount"] == "123.45 USD" and facts["At"] == "2026-01-02T03:04:05+00:00"
+            assert "https://refunds.test/rr-1" in message.plain()
+    payout = render({"id": 1, "kind": "payout_exception", "audience": "operator", "refund_request_id": "po-1",
+                     "detail": {**details["payout_exception"], "amount": 1_250_000, "currency": "EUR"},
+                     "created_at": datetime.now(UTC)}, None, None, case_url=None, email_to=None)
+    assert payout.text.startswith("Payout P-10492 of 12500.00 EUR came back settlement_failed")
+    assert payout.ticket == "incident"
+
+
+async def test_unconfigured_channels_are_named_once_in_the_log(
+        store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="adapters.notify.channels"):
+        channels = build_channels(Settings(), IntegrationStore(store))
+    assert channels == []
+    [record] = caplog.records
+    for name in ("slack", "teams", "email", "servicenow", "jira"):
+        assert name in record.getMessage()
