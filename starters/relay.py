@@ -2,7 +2,9 @@
 
 Every webhook delivery is stored as a receipt before anything else, and acknowledged
 only after its workflow was started or signalled. Identity always comes from the bearer
-token, never from a body field.
+token, never from a body field. What a person may do to a case lives in `case_actions`,
+so other front ends share the rules; every refusal, including a missing or revoked token, is
+written to the audit trail.
 """
 
 import hashlib
@@ -14,57 +16,35 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
-from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
-from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
+from pydantic import BaseModel, ValidationError
+from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
 from adapters.config import Settings
 from adapters.providers.base import ProviderAdapter, WebhookRejected
-from adapters.providers.manual import manual_refund
-from adapters.store import CaseCreation, Principal, Store, request_from_row
-from domain.lifecycle import unfilled
+from adapters.store import CaseCreation, Principal, Store, hash_token
 from domain.models import (
-    APPROVER_ROLES,
-    ApprovalSignal,
-    Decision,
     EventKind,
     ProviderEvent,
-    RefundMethod,
     RefundReason,
     RefundRequest,
-    RefundWorkflowInput,
     RequestSource,
-    RoleRequirement,
+)
+from starters.case_actions import (
+    OPS_ROLES,
+    READ_ROLES,
+    REQUEST_ROLES,
+    ApprovalBody,
+    CaseActions,
+    ManualConfirmationBody,
+    Refused,
+    ReissueBody,
+    case_view,
+    start_refund,
 )
 from workflows.refund import RefundWorkflow
 
 log = logging.getLogger("relay")
-
-REQUEST_ROLES = frozenset({"requester", "admin"})
-APPROVAL_ROLES = APPROVER_ROLES
-REISSUABLE = frozenset({"refund_failed", "refund_canceled"})
-READ_ROLES = frozenset({"requester", "approver", "auditor", "ops", "admin"})
-OPS_ROLES = frozenset({"auditor", "ops", "admin"})
-
-
-class ApprovalBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    decision: Decision
-    reason: str = Field(default="", max_length=2000)
-
-
-class ReissueBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    method: RefundMethod = RefundMethod.PROVIDER
-    reason: str = Field(default="", max_length=2000)
-
-
-class ManualConfirmationBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    paid: bool
-    reason: str = Field(default="", max_length=2000)
 
 
 class WebhookAck(BaseModel):
@@ -73,75 +53,32 @@ class WebhookAck(BaseModel):
     workflow_id: str | None = None
 
 
-def case_view(row: Mapping[str, Any], trail: list[dict[str, Any]]) -> dict[str, Any]:
-    """The public shape of a case: amounts, state, provider refund, decision, approvals."""
-    approvals = [
-        {"approver": e["actor"], "action": e["action"], "at": e["occurred_at"].isoformat(),
-         "reason": e["detail"].get("reason") or e["detail"].get("refusal", "")}
-        for e in trail if e["action"].startswith("approval_") and e["action"] != "approval_requested"
-    ]
-    granted = [(e["actor"], frozenset(e["detail"].get("roles", []))) for e in trail
-               if e["action"] == "approval_granted"]
-    requirements = tuple(RoleRequirement.model_validate(r)
-                         for r in (row["decision"] or {}).get("requirements", []))
-    return {
-        "refund_request_id": row["refund_request_id"], "status": row["status"],
-        "missing_roles": unfilled(requirements, granted) if row["status"] == "awaiting_approval" else [],
-        "parent_refund_request_id": row["parent_refund_request_id"], "method": row["method"],
-        "provider": row["provider"], "charge_id": row["charge_id"], "amount": row["amount"],
-        "currency": row["currency"], "merchant_account": row["merchant_account"],
-        "reason": row["reason"], "source": row["source"], "requester": row["requester"],
-        "reserved_amount": row["reserved_amount"], "provider_refund_id": row["provider_refund_id"],
-        "provider_status": row["provider_status"], "failure_reason": row["failure_reason"],
-        "decision": row["decision"], "approvals": approvals,
-        "created_at": row["created_at"].isoformat(), "updated_at": row["updated_at"].isoformat(),
-    }
-
-
-async def start_refund(client: Client, settings: Settings, request: RefundRequest, requester: str,
-                       trigger: ProviderEvent | None = None) -> WorkflowHandle[Any, Any]:
-    """Starts the case's workflow, or attaches to the one already running or finished."""
-    inp = RefundWorkflowInput(request=request, requester=requester, timings=settings.timings())
-    options: dict[str, Any] = {
-        "id": request.refund_request_id, "task_queue": settings.task_queue,
-        "id_conflict_policy": WorkflowIDConflictPolicy.USE_EXISTING,
-        "id_reuse_policy": WorkflowIDReusePolicy.REJECT_DUPLICATE,
-    }
-    if trigger is not None:
-        options["start_signal"] = "provider_event"
-        options["start_signal_args"] = [trigger]
-    try:
-        return await client.start_workflow(RefundWorkflow.run, inp, **options)
-    except WorkflowAlreadyStartedError:
-        return client.get_workflow_handle(request.refund_request_id)
-
-
 def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAdapter],
                settings: Settings) -> FastAPI:
     """The relay application; `refunds dev`, `refunds relay` and the tests build it here."""
     app = FastAPI(title="Refund Orchestrator relay", version="0.1.0",
                   description="Refund requests, approvals and provider webhooks.")
+    actions = CaseActions(store, client, settings)
     bearer = HTTPBearer(auto_error=False)
 
     async def principal(
-        creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+        request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     ) -> Principal:
-        if creds is None:
-            raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
-        found = await store.authenticate(creds.credentials)
+        found = await store.authenticate(creds.credentials) if creds is not None else None
         if found is None:
-            raise HTTPException(401, "invalid or revoked token", headers={"WWW-Authenticate": "Bearer"})
+            refusal = "missing bearer token" if creds is None else "invalid or revoked token"
+            await store.append_audit(None, "anonymous", "access_refused", {
+                "action": f"{request.method} {request.url.path}", "refusal": refusal, "via": "api",
+                "token_fingerprint": hash_token(creds.credentials)[:12] if creds else None})
+            raise HTTPException(401, refusal, headers={"WWW-Authenticate": "Bearer"})
         return found
 
     Caller = Annotated[Principal, Depends(principal)]
 
-    async def require(caller: Principal, roles: frozenset[str], action: str,
-                      case_id: str | None = None) -> None:
-        if caller.roles.isdisjoint(roles):
-            await store.append_audit(case_id, caller.user, "access_refused",
-                                     {"action": action, "needs_one_of": sorted(roles),
-                                      "has": sorted(caller.roles)})
-            raise HTTPException(403, f"{action} needs one of the roles {sorted(roles)}")
+    @app.exception_handler(Refused)
+    async def refused(request: Request, exc: Refused) -> JSONResponse:
+        """A refusal from the shared case rules (already audited) as an HTTP answer."""
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -150,7 +87,8 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
     @app.post("/v1/refund-requests", status_code=202)
     async def request_refund(body: RefundRequest, caller: Caller, response: Response) -> dict[str, Any]:
         """Accepts a refund request once: 202 new, 200 identical repeat, 409 same id other values."""
-        await require(caller, REQUEST_ROLES, "requesting a refund", body.refund_request_id)
+        await actions.require(caller, REQUEST_ROLES, "requesting a refund", body.refund_request_id,
+                              via="api")
         outcome, row = await store.create_case(body, caller.user)
         if outcome is CaseCreation.CONFLICT:
             raise HTTPException(409, f"refund_request_id {body.refund_request_id!r} was already "
@@ -158,13 +96,11 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
         await start_refund(client, settings, body, row["requester"])
         if outcome is CaseCreation.IDENTICAL:
             response.status_code = 200
-        fresh = await store.get_case(body.refund_request_id)
-        assert fresh is not None
-        return case_view(fresh, await store.audit_trail(body.refund_request_id))
+        return await actions.view(body.refund_request_id)
 
     @app.get("/v1/refund-requests/{refund_request_id}")
     async def get_refund(refund_request_id: str, caller: Caller) -> dict[str, Any]:
-        await require(caller, READ_ROLES, "reading a case", refund_request_id)
+        await actions.require(caller, READ_ROLES, "reading a case", refund_request_id, via="api")
         row = await store.get_case(refund_request_id)
         if row is None:
             raise HTTPException(404, f"no refund request {refund_request_id!r}")
@@ -173,7 +109,7 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
     @app.get("/v1/refund-requests/{refund_request_id}/audit")
     async def get_audit(refund_request_id: str, caller: Caller) -> list[dict[str, Any]]:
         """The case's timeline: every decision, with who and when."""
-        await require(caller, READ_ROLES, "reading an audit trail", refund_request_id)
+        await actions.require(caller, READ_ROLES, "reading an audit trail", refund_request_id, via="api")
         if await store.get_case(refund_request_id) is None:
             raise HTTPException(404, f"no refund request {refund_request_id!r}")
         return [{**e, "occurred_at": e["occurred_at"].isoformat()}
@@ -183,94 +119,31 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
     async def list_receipts(provider: str, caller: Caller,
                             event_id: str | None = None) -> list[dict[str, Any]]:
         """Every stored delivery of a provider's event (duplicates and rejections included)."""
-        await require(caller, OPS_ROLES, "reading webhook receipts")
+        await actions.require(caller, OPS_ROLES, "reading webhook receipts", via="api")
         return [{**r, "processed_at": r["processed_at"].isoformat() if r["processed_at"] else None}
                 for r in await store.receipts(provider, event_id)]
 
     @app.post("/v1/refund-requests/{refund_request_id}/approvals", status_code=202)
     async def approve(refund_request_id: str, body: ApprovalBody, caller: Caller) -> dict[str, Any]:
-        """Asks the workflow (an update with a validator) so the approver gets the verdict
-        at once; the approver is the token's user. Refusals are audited."""
-        await require(caller, APPROVAL_ROLES, "approving a refund", refund_request_id)
-        row = await store.get_case(refund_request_id)
-        if row is None:
-            raise HTTPException(404, f"no refund request {refund_request_id!r}")
-        if row["status"] != "awaiting_approval":
-            raise HTTPException(409, f"case is {row['status']}, not awaiting approval")
-        signal = ApprovalSignal(approver=caller.user, roles=tuple(sorted(caller.roles)),
-                                decision=body.decision, reason=body.reason)
-        handle = client.get_workflow_handle(refund_request_id)
-        try:
-            progress = await handle.execute_update(RefundWorkflow.submit_approval, signal)
-        except WorkflowUpdateFailedError as exc:
-            cause = exc.cause
-            reason = cause.message if isinstance(cause, ApplicationError) else str(cause)
-            if isinstance(cause, ApplicationError) and cause.type == "NotAwaitingApproval":
-                raise HTTPException(409, reason) from None
-            await store.append_audit(refund_request_id, caller.user, "approval_refused",
-                                     {"decision": body.decision.value, "refusal": reason})
-            raise HTTPException(403, reason) from None
-        if not progress.accepted:
-            raise HTTPException(403, progress.reason)
-        return {"refund_request_id": refund_request_id, "decision": body.decision.value,
-                "status": progress.status.value, "missing_roles": list(progress.missing_roles)}
+        """The verdict comes back at once: 202 with the roles still missing, 403 refused
+        (audited), 409 when the case is not awaiting approval."""
+        return await actions.decide(caller, refund_request_id, body, via="api")
 
     @app.post("/v1/refund-requests/{refund_request_id}/reissue", status_code=202)
     async def reissue(refund_request_id: str, body: ReissueBody, caller: Caller,
                       response: Response) -> dict[str, Any]:
         """A failed or canceled refund is reissued as a new linked request (another method
         if need be) that passes the same gates; it never exceeds the original amount."""
-        await require(caller, OPS_ROLES - {"auditor"}, "reissuing a refund", refund_request_id)
-        parent = await store.get_case(refund_request_id)
-        if parent is None:
-            raise HTTPException(404, f"no refund request {refund_request_id!r}")
-        if parent["status"] not in REISSUABLE:
-            raise HTTPException(409, f"case is {parent['status']}; only {sorted(REISSUABLE)} "
-                                     "refunds can be reissued")
-        children = await store.children(refund_request_id)
-        open_child = next((c for c in children if c["status"] not in REISSUABLE), None)
-        if open_child is not None:
+        created, child = await actions.reissue(caller, refund_request_id, body, via="api")
+        if not created:
             response.status_code = 200
-            return case_view(open_child, await store.audit_trail(open_child["refund_request_id"]))
-        request = reissue_request(parent, body, attempt=len(children) + 1)
-        outcome, row = await store.create_case(request, caller.user)
-        if outcome is CaseCreation.CONFLICT:
-            raise HTTPException(409, f"{request.refund_request_id} exists with other parameters")
-        await store.append_audit(refund_request_id, caller.user, "reissue_requested",
-                                 {"child": request.refund_request_id, "method": body.method.value})
-        await start_refund(client, settings, request, row["requester"])
-        fresh = await store.get_case(request.refund_request_id)
-        assert fresh is not None
-        return case_view(fresh, await store.audit_trail(request.refund_request_id))
+        return child
 
     @app.post("/v1/manual-refunds/{refund_request_id}/confirmation")
     async def confirm_manual(refund_request_id: str, body: ManualConfirmationBody,
                              caller: Caller) -> dict[str, Any]:
         """Ops confirm a bank transfer they made (or could not make); the case follows."""
-        await require(caller, OPS_ROLES - {"auditor"}, "confirming a manual refund", refund_request_id)
-        case = await store.get_case(refund_request_id)
-        if case is None:
-            raise HTTPException(404, f"no refund request {refund_request_id!r}")
-        if case["requester"] == caller.user:
-            await store.append_audit(refund_request_id, caller.user, "access_refused",
-                                     {"action": "confirming a manual refund",
-                                      "refusal": "the requester cannot confirm their own refund"})
-            raise HTTPException(403, "the requester cannot confirm their own refund")
-        row = await store.confirm_manual_refund(refund_request_id, succeeded=body.paid,
-                                                by=caller.user, reason=body.reason)
-        if row is None:
-            raise HTTPException(409, "no pending manual refund for this case")
-        refund = manual_refund(row)
-        event = ProviderEvent(
-            provider=refund.provider, event_id=f"{row['id']}:{row['status']}",
-            event_type=f"manual_refund.{row['status']}", kind=EventKind.REFUND_STATUS,
-            body_sha256=hashlib.sha256(body.model_dump_json().encode()).hexdigest(),
-            occurred_at=row["confirmed_at"], refund_id=refund.refund_id, charge_id=refund.charge_id,
-            refund_request_id=refund_request_id, amount=refund.amount, currency=refund.currency,
-            status=refund.status, raw_status=refund.raw_status, failure_reason=refund.failure_reason)
-        await client.get_workflow_handle(refund_request_id).signal(RefundWorkflow.provider_event, event)
-        return {"refund_request_id": refund_request_id, "manual_refund": row["id"],
-                "status": row["status"]}
+        return await actions.confirm_manual(caller, refund_request_id, body, via="api")
 
     async def read_limited(request: Request) -> bytes | None:
         """Reads the body while counting, so a chunked body cannot bypass the limit."""
@@ -368,18 +241,6 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
                                        workflow_id=workflow_id).model_dump())
 
     return app
-
-
-def reissue_request(parent: dict[str, Any], body: ReissueBody, attempt: int) -> RefundRequest:
-    """The child request: same charge and amount, its own id, linked to its parent; the
-    parent's requester is behind it, so cannot approve it."""
-    original = request_from_row(parent)
-    return original.model_copy(update={
-        "refund_request_id": f"{original.refund_request_id}-r{attempt}",
-        "evidence": {**original.evidence, "reissue_reason": body.reason},
-        "source": RequestSource.CONSOLE, "method": body.method,
-        "parent_refund_request_id": original.refund_request_id,
-        "trigger_identities": (parent["requester"],)})
 
 
 def request_from_event(event: ProviderEvent) -> RefundRequest:
