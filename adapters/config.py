@@ -36,7 +36,8 @@ class Settings(BaseSettings):
         default="default",
         validation_alias=AliasChoices("TEMPORAL_NAMESPACE", "REFUNDS_TEMPORAL_NAMESPACE"),
     )
-    temporal_ui_url: str | None = None
+    temporal_ui_url: str | None = Field(
+        default=None, description="Temporal UI base the console links case histories to")
     task_queue: str = "refunds"
     database_url: SecretStr | None = None
 
@@ -46,6 +47,11 @@ class Settings(BaseSettings):
     sandbox_api_key: SecretStr | None = None
 
     policy_file: Path | None = None
+
+    console_session_hours: float = 12
+    console_secure_cookie: bool = Field(
+        default=True, description="Secure flag on the console session cookie; the loopback-only "
+                                  "dev stack and tests turn it off (plain http)")
 
     webhook_max_body_bytes: int = 256 * 1024
     webhook_tolerance_seconds: int = 300

@@ -519,9 +519,9 @@ class Store:
 
     # -- console sessions -----------------------------------------------------------------
 
-    async def open_session(self, token: str, lifetime: timedelta) -> tuple[str, ConsoleSession] | None:
+    async def open_session(self, token: str, lifetime: timedelta) -> str | None:
         """Exchanges a valid API token for a console session; returns the session id (shown
-        once, to be put in a cookie; only its hash is stored) and the session."""
+        once, to be put in a cookie; only its hash is stored), None for a bad token."""
         session_id, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
         async with self.transaction() as conn:
             cur = await conn.execute(
@@ -538,8 +538,7 @@ class Store:
             assert owner is not None
             await self._audit(conn, None, owner["user_name"], "console_signed_in",
                               {"session": int(made["id"]), "token_id": int(made["token_id"])})
-        principal = Principal(owner["user_name"], frozenset(owner["roles"]))
-        return session_id, ConsoleSession(int(made["id"]), principal, csrf)
+        return session_id
 
     async def console_session(self, session_id: str) -> ConsoleSession | None:
         """The live session behind a cookie: not ended, not expired, its token not revoked."""

@@ -51,13 +51,16 @@ def load_dev_secrets(data_dir: Path) -> DevSecrets:
 
 
 def dev_settings(settings: Settings) -> tuple[Settings, DevSecrets]:
-    """Fills in what the embedded default generates itself (sandbox secret)."""
+    """Fills in what the embedded default generates itself (sandbox secret), and lets the
+    console's session cookie travel over the dev stack's plain http."""
     data = settings.data_dir.resolve()
     data.mkdir(parents=True, exist_ok=True)
     dev = load_dev_secrets(data)
     if settings.sandbox_webhook_secret is None:
         settings = settings.model_copy(
             update={"sandbox_webhook_secret": SecretStr(dev.sandbox_webhook_secret)})
+    if "console_secure_cookie" not in settings.model_fields_set:  # plain http drops Secure cookies
+        settings = settings.model_copy(update={"console_secure_cookie": False})
     return settings.model_copy(update={"data_dir": data}), dev
 
 
@@ -94,6 +97,7 @@ async def run_dev(settings: Settings, *, play_demo: bool = True) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with embedded_services(settings) as (dsn, ui_url):
+        settings = settings.model_copy(update={"temporal_ui_url": ui_url})
         store = await Store.open(dsn)
         await store.migrate()
         await store.create_token("admin", ["admin"], token=dev.admin_token)
@@ -140,6 +144,7 @@ def print_banner(settings: Settings, relay_url: str, sandbox_url: str, ui_url: s
     print(f"""
 Refund Orchestrator is running (data in {settings.data_dir}):
   relay API        {relay_url}
+  ops console      {relay_url}/console  (sign in with a token)
   OpenAPI docs     {relay_url}/docs
   Temporal UI      {ui_url or '(external cluster)'}{f'/namespaces/{namespace}/workflows' if ui_url else ''}
   sandbox provider {sandbox_url}

@@ -3,8 +3,8 @@
 Every webhook delivery is stored as a receipt before anything else, and acknowledged
 only after its workflow was started or signalled. Identity always comes from the bearer
 token, never from a body field. What a person may do to a case lives in `case_actions`,
-so other front ends share the rules; every refusal, including a missing or revoked token, is
-written to the audit trail.
+shared with the ops console (`console`, mounted here at /console); every refusal, including
+a missing or revoked token, is written to the audit trail.
 """
 
 import hashlib
@@ -42,6 +42,7 @@ from starters.case_actions import (
     case_view,
     start_refund,
 )
+from starters.console import install_console
 from workflows.refund import RefundWorkflow
 
 log = logging.getLogger("relay")
@@ -240,6 +241,7 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
         return JSONResponse(WebhookAck(receipt_id=stored.receipt_id, verdict=stored.verdict,
                                        workflow_id=workflow_id).model_dump())
 
+    install_console(app, actions, providers)
     return app
 
 

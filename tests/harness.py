@@ -128,6 +128,7 @@ async def open_stack(store: Store, client: Client, temporal_address: str, *, wor
         "temporal_address": temporal_address, "approval_timeout_seconds": 60,
         "submit_timeout_seconds": 5, "status_poll_interval_seconds": 2,
         "late_failure_window_seconds": 2, "provider_http_timeout_seconds": 2,
+        "console_secure_cookie": False,
     }
     values.update(overrides)
     settings = Settings(**values)

@@ -53,6 +53,9 @@ class RefundExecutor(Protocol):
 class ProviderAdapter(RefundExecutor, Protocol):
     """What the activities and the relay need from a payment provider."""
 
+    event_types: frozenset[str]
+    """The webhook event types this adapter has a handler for (coverage reports the rest)."""
+
     async def get_charge(self, charge_id: str) -> ChargeSnapshot | None:
         """The charge as the provider sees it, or None when it does not exist."""
 

@@ -90,6 +90,8 @@ def refund_from_object(provider: str, obj: Mapping[str, Any]) -> ProviderRefund:
 class SandboxProvider:
     """Client of the sandbox provider's HTTP API."""
 
+    event_types = KNOWN_EVENT_TYPES
+
     def __init__(self, base_url: str, *, webhook_secrets: Sequence[str], api_key: str | None = None,
                  timeout_seconds: float = 10.0, tolerance_seconds: int = 300,
                  name: str = "sandbox") -> None:
