@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError
@@ -80,6 +82,18 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
     async def refused(request: Request, exc: Refused) -> JSONResponse:
         """A refusal from the shared case rules (already audited) as an HTTP answer."""
         return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> Response:
+        """Bad input is answered 422 as usual and recorded, under the caller's name when the
+        token is valid (FastAPI validates before our handlers run, so we look it up here)."""
+        creds = await bearer(request)
+        caller = await store.authenticate(creds.credentials) if creds else None
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid"}
+        await store.append_audit(None, caller.user if caller else "anonymous", "action_refused", {
+            "action": f"{request.method} {request.url.path}", "via": "api",
+            "refusal": f"invalid {'.'.join(str(p) for p in first['loc'])}: {first['msg']}"})
+        return await request_validation_exception_handler(request, exc)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -245,8 +245,13 @@ async def test_coverage_shows_unhandled_types_and_refused_deliveries_to_ops_only
                for r in await refusals(stack, "", "access_refused"))
 
 
-async def test_tier_approvers_can_read_cases_through_the_api(stack: Stack) -> None:
+async def test_api_tier_approvers_read_cases_and_bad_input_is_recorded(stack: Stack) -> None:
     charge = await stack.charge(10_000)
     case_id = await stack.request_refund("alice", charge, 1_000)
     async with stack.api("frank") as api:  # a finance_manager must see what they sign
         assert (await api.get(f"/v1/refund-requests/{case_id}")).status_code == 200
+        bad = await api.post(f"/v1/refund-requests/{case_id}/approvals", json={"decision": "maybe"})
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "decision"]
+    assert {"action": f"POST /v1/refund-requests/{case_id}/approvals", "via": "api",
+            "refusal": "invalid body.decision: Input should be 'approve' or 'deny'"} in [
+        r["detail"] for r in await refusals(stack, "", "action_refused") if r["actor"] == "frank"]
