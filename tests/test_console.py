@@ -9,6 +9,7 @@ import httpx
 from temporalio.client import Client
 
 from adapters.store import Store, hash_token
+from domain.models import CaseEventInput, CaseStatus, RefundRequest
 from starters.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
 from tests.test_cli import run
@@ -255,3 +256,20 @@ async def test_api_tier_approvers_read_cases_and_bad_input_is_recorded(stack: St
     assert {"action": f"POST /v1/refund-requests/{case_id}/approvals", "via": "api",
             "refusal": "invalid body.decision: Input should be 'approve' or 'deny'"} in [
         r["detail"] for r in await refusals(stack, "", "action_refused") if r["actor"] == "frank"]
+
+
+async def test_every_state_that_needs_a_person_has_a_red_banner(stack: Stack) -> None:
+    """Cases put straight into each state (no workflow): the page must say what went wrong."""
+    olga = await console(stack, "olga")
+    expected = {CaseStatus.REFUND_CANCELED: "Refund canceled",
+                CaseStatus.EXECUTED_LEDGER_PENDING: "Executed, ledger pending",
+                CaseStatus.OPS_REVIEW: "Needs ops review", CaseStatus.SUCCEEDED: None}
+    for status, title in expected.items():
+        body = stack.refund_body("ch_banner", 700)
+        await stack.store.create_case(RefundRequest.model_validate(body), "alice")
+        await stack.store.record_case_event(CaseEventInput(
+            refund_request_id=body["refund_request_id"], action="test_state", actor="test", status=status))
+        page = (await olga.get(f"/console/cases/{body['refund_request_id']}")).text
+        banner = re.search(r'data-testid="banner">\s*<strong>([^<]*)</strong>', page)
+        assert (banner.group(1) if banner else None) == title, status
+        assert "7.00 USD" in page
