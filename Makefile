@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench chaos lint typecheck check clean-data
+.PHONY: run test bench chaos lint typecheck check clean-data browser-deps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/refunds dev
 
-test: $(STAMP)
+test: $(STAMP) browser-deps
 	$(BIN)/ruff check .
 	$(BIN)/mypy .
 	$(BIN)/python -m pytest -q
@@ -28,6 +28,11 @@ bench: $(STAMP)
 
 chaos: $(STAMP)
 	$(BIN)/python -m bench.chaos
+
+# Chromium (apt) and playwright-core (npm) for the console's browser tests; without them
+# those tests skip with the reason, except in CI (CI=true), where this step fails.
+browser-deps:
+	tests/browser/install.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -37,7 +37,8 @@ class Settings(BaseSettings):
         default="default",
         validation_alias=AliasChoices("TEMPORAL_NAMESPACE", "REFUNDS_TEMPORAL_NAMESPACE"),
     )
-    temporal_ui_url: str | None = None
+    temporal_ui_url: str | None = Field(
+        default=None, description="Temporal UI base the console links case histories to")
     task_queue: str = "refunds"
     database_url: SecretStr | None = None
 
@@ -73,6 +74,11 @@ class Settings(BaseSettings):
         default=None, description="Svix-style `whsec_…` signing secret(s), comma-separated")
     cashfree_webhook_secret: SecretStr | None = Field(
         default=None, description="Cashfree client secret(s) that sign webhooks, comma-separated")
+
+    console_session_hours: float = 12
+    console_secure_cookie: bool = Field(
+        default=True, description="Secure flag on the console session cookie; the loopback-only "
+                                  "dev stack and tests turn it off (plain http)")
 
     webhook_max_body_bytes: int = 256 * 1024
     webhook_tolerance_seconds: int = 300

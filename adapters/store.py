@@ -10,7 +10,7 @@ import secrets
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from importlib import resources
 from typing import Any
@@ -67,6 +67,15 @@ class Principal:
 
     user: str
     roles: frozenset[str]
+
+
+@dataclass(frozen=True)
+class ConsoleSession:
+    """A signed-in console user; `csrf_token` must come back in every form they post."""
+
+    session_id: int
+    principal: Principal
+    csrf_token: str
 
 
 @dataclass(frozen=True)
@@ -503,6 +512,78 @@ class Store:
                 (hash_token(token),))
             row = await cur.fetchone()
         return Principal(row["user_name"], frozenset(row["roles"])) if row else None
+
+    async def list_tokens(self) -> list[dict[str, Any]]:
+        """Every token with its owner, roles and state; a short hash prefix tells tokens
+        apart (it matches `token_fingerprint` in refusals) and never the secret itself."""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT id, user_name, roles, created_at, revoked_at,"
+                " substr(token_hash, 1, 12) AS fingerprint FROM api_tokens ORDER BY id")
+            return list(await cur.fetchall())
+
+    async def revoke_tokens(self, *, by: str, token_id: int | None = None,
+                            user: str | None = None) -> list[int]:
+        """Revokes one token, or every token of a user; their console sessions end in the
+        same transaction, so nothing made from them works a moment later."""
+        if (token_id is None) == (user is None):
+            raise ValueError("revoke either one token id or one user's tokens")
+        async with self.transaction() as conn:
+            cur = await conn.execute(
+                "UPDATE api_tokens SET revoked_at = now() WHERE revoked_at IS NULL"
+                " AND (id = %s OR user_name = %s) RETURNING id, user_name", (token_id, user))
+            revoked = list(await cur.fetchall())
+            ids = [int(r["id"]) for r in revoked]
+            if ids:
+                await conn.execute("UPDATE console_sessions SET ended_at = now()"
+                                   " WHERE token_id = ANY(%s) AND ended_at IS NULL", (ids,))
+                await self._audit(conn, None, by, "token_revoked",
+                                  {"token_ids": ids, "users": sorted({r["user_name"] for r in revoked})})
+        return ids
+
+    # -- console sessions -----------------------------------------------------------------
+
+    async def open_session(self, token: str, lifetime: timedelta) -> str | None:
+        """Exchanges a valid API token for a console session; returns the session id (shown
+        once, to be put in a cookie; only its hash is stored), None for a bad token."""
+        session_id, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        async with self.transaction() as conn:
+            cur = await conn.execute(
+                "INSERT INTO console_sessions (session_hash, token_id, csrf_token, expires_at)"
+                " SELECT %s, id, %s, now() + %s FROM api_tokens"
+                " WHERE token_hash = %s AND revoked_at IS NULL RETURNING id, token_id",
+                (hash_token(session_id), csrf, lifetime, hash_token(token)))
+            made = await cur.fetchone()
+            if made is None:
+                return None
+            cur = await conn.execute("SELECT user_name, roles FROM api_tokens WHERE id = %s",
+                                     (made["token_id"],))
+            owner = await cur.fetchone()
+            assert owner is not None
+            await self._audit(conn, None, owner["user_name"], "console_signed_in",
+                              {"session": int(made["id"]), "token_id": int(made["token_id"])})
+        return session_id
+
+    async def console_session(self, session_id: str) -> ConsoleSession | None:
+        """The live session behind a cookie: not ended, not expired, its token not revoked."""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT s.id, s.csrf_token, t.user_name, t.roles FROM console_sessions s"
+                " JOIN api_tokens t ON t.id = s.token_id WHERE s.session_hash = %s"
+                " AND s.ended_at IS NULL AND s.expires_at > now() AND t.revoked_at IS NULL",
+                (hash_token(session_id),))
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        return ConsoleSession(int(row["id"]), Principal(row["user_name"], frozenset(row["roles"])),
+                              row["csrf_token"])
+
+    async def end_session(self, session: ConsoleSession) -> None:
+        async with self.transaction() as conn:
+            await conn.execute("UPDATE console_sessions SET ended_at = now()"
+                               " WHERE id = %s AND ended_at IS NULL", (session.session_id,))
+            await self._audit(conn, None, session.principal.user, "console_signed_out",
+                              {"session": session.session_id})
 
     # -- notices and manual refunds -----------------------------------------------------
 

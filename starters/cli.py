@@ -9,18 +9,23 @@ crash at interpreter exit in short-lived processes (sdk-python #300).
 
 import argparse
 import asyncio
+import contextlib
+import getpass
 import json
 import os
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from adapters.config import Settings
 from domain.money import normalise_currency, parse_major
+
+if TYPE_CHECKING:
+    from adapters.store import Store
 
 Command = Callable[[argparse.Namespace, Settings], Awaitable[int]]
 
@@ -179,18 +184,27 @@ async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-async def cmd_token_create(args: argparse.Namespace, settings: Settings) -> int:
+@contextlib.asynccontextmanager
+async def _store(settings: Settings) -> AsyncIterator["Store"]:
+    """The store, migrated, on the configured or embedded PostgreSQL (stopped afterwards)."""
     from adapters.store import Store
 
     dsn, pg = await _database(settings)
     try:
         store = await Store.open(dsn)
-        await store.migrate()
-        token = await store.create_token(args.user, [r.strip() for r in args.roles.split(",") if r.strip()])
-        await store.close()
+        try:
+            await store.migrate()
+            yield store
+        finally:
+            await store.close()
     finally:
         if pg is not None:
             pg.stop()
+
+
+async def cmd_token_create(args: argparse.Namespace, settings: Settings) -> int:
+    async with _store(settings) as store:
+        token = await store.create_token(args.user, [r.strip() for r in args.roles.split(",") if r.strip()])
     print(token)
     return 0
 
@@ -214,6 +228,32 @@ async def cmd_integrations_link(args: argparse.Namespace, settings: Settings) ->
     finally:
         if pg is not None:
             pg.stop()
+    return 0
+
+
+async def cmd_token_list(args: argparse.Namespace, settings: Settings) -> int:
+    async with _store(settings) as store:
+        tokens = await store.list_tokens()
+    print(f"{'id':>5}  {'user':<20} {'roles':<36} {'fingerprint':<12}  {'created':<16}  revoked")
+    for t in tokens:
+        if t["revoked_at"] is not None and not args.all:
+            continue
+        revoked = f"{t['revoked_at']:%Y-%m-%d %H:%M}" if t["revoked_at"] else "-"
+        print(f"{t['id']:>5}  {t['user_name']:<20} {','.join(t['roles']):<36} {t['fingerprint']:<12}  "
+              f"{t['created_at']:%Y-%m-%d %H:%M}  {revoked}")
+    return 0
+
+
+async def cmd_token_revoke(args: argparse.Namespace, settings: Settings) -> int:
+    """Revoked at once: the relay and console look every token up on every request."""
+    if (args.id is None) == (args.user is None):
+        raise ValueError("give a token id or --user, not both")
+    async with _store(settings) as store:
+        ids = await store.revoke_tokens(by=f"cli:{getpass.getuser()}", token_id=args.id, user=args.user)
+    if not ids:
+        print("no active token matched", file=sys.stderr)
+        return 1
+    print(f"revoked token{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))}")
     return 0
 
 
@@ -343,6 +383,13 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--user", required=True)
     create.add_argument("--roles", required=True, help="comma-separated, e.g. requester,approver")
     create.set_defaults(run=cmd_token_create)
+    listing = token.add_parser("list", help="list tokens (never their secrets)")
+    listing.add_argument("--all", action="store_true", help="include revoked tokens")
+    listing.set_defaults(run=cmd_token_list)
+    revoke = token.add_parser("revoke", help="revoke a token, or all of a user's; sessions end too")
+    revoke.add_argument("id", nargs="?", type=int, help="token id (see token list)")
+    revoke.add_argument("--user", help="revoke every token of this user")
+    revoke.set_defaults(run=cmd_token_revoke)
 
     integrations = sub.add_parser("integrations", help="Slack and ServiceNow identities").add_subparsers(
         dest="integrations_command", required=True)

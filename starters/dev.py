@@ -59,8 +59,9 @@ def load_dev_secrets(data_dir: Path) -> DevSecrets:
 
 
 def dev_settings(settings: Settings) -> tuple[Settings, DevSecrets]:
-    """Fills in what the embedded default generates itself (sandbox secret, payload key) and
-    lets the embedded Temporal UI call the relay's codec endpoint."""
+    """Fills in what the embedded default generates itself (sandbox secret, payload key),
+    lets the embedded Temporal UI call the relay's codec endpoint, and lets the console's
+    session cookie travel over the dev stack's plain http."""
     data = settings.data_dir.resolve()
     data.mkdir(parents=True, exist_ok=True)
     dev = load_dev_secrets(data)
@@ -71,6 +72,8 @@ def dev_settings(settings: Settings) -> tuple[Settings, DevSecrets]:
         update["payload_keys"] = SecretStr(dev.payload_keys)
     if not settings.codec_cors_origins and settings.temporal_address is None:
         update["codec_cors_origins"] = [f"http://{settings.bind_host}:{settings.temporal_ui_port}"]
+    if "console_secure_cookie" not in settings.model_fields_set:  # plain http drops Secure cookies
+        update["console_secure_cookie"] = False
     return settings.model_copy(update=update), dev
 
 
@@ -108,6 +111,7 @@ async def run_dev(settings: Settings, *, play_demo: bool = True) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with embedded_services(settings) as (dsn, ui_url):
+        settings = settings.model_copy(update={"temporal_ui_url": ui_url})
         store = await Store.open(dsn)
         await store.migrate()
         await store.create_token("admin", ["admin"], token=dev.admin_token)
@@ -156,6 +160,7 @@ def print_banner(settings: Settings, relay_url: str, sandbox_url: str, ui_url: s
     print(f"""
 Refund Orchestrator is running (data in {settings.data_dir}):
   relay API        {relay_url}
+  ops console      {relay_url}/console  (sign in with a token)
   OpenAPI docs     {relay_url}/docs
   Temporal UI      {ui_url or '(external cluster)'}{f'/namespaces/{namespace}/workflows' if ui_url else ''}
   metrics          {relay_url}/metrics

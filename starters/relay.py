@@ -1,11 +1,12 @@
 """The relay: the HTTP front door for refund requests, approvals and provider webhooks.
 
 Every webhook delivery is stored as a receipt before anything else, and acknowledged
-only after its workflow was started or signalled. Identity always comes from the bearer
-token, never from a body field.
+only after its workflow was started or signalled (`webhooks.WebhookDesk`). Identity always
+comes from the bearer token, never from a body field. What a person may do to a case lives
+in `case_actions`, shared with the ops console (`console`, mounted here at /console); every
+refusal, including a missing or revoked token, is written to the audit trail.
 """
 
-import hashlib
 import logging
 import time
 from collections.abc import Mapping
@@ -13,12 +14,13 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
-from temporalio.client import Client, WorkflowUpdateFailedError
-from temporalio.exceptions import ApplicationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict
+from temporalio.client import Client
 
 from adapters import metrics
 from adapters.codec import CodecError
@@ -26,54 +28,28 @@ from adapters.config import Settings
 from adapters.health import readiness
 from adapters.integration_store import IntegrationStore
 from adapters.providers.base import ProviderAdapter
-from adapters.providers.manual import manual_refund
-from adapters.store import CaseCreation, Principal, Store, request_from_row
+from adapters.store import CaseCreation, Principal, Store, hash_token
 from adapters.telemetry import bind_case
-from domain.lifecycle import unfilled
-from domain.models import (
-    APPROVER_ROLES,
-    ApprovalSignal,
-    Decision,
-    EventKind,
-    ProviderEvent,
-    RefundMethod,
-    RefundRequest,
-    RequestSource,
-    RoleRequirement,
+from domain.models import Decision, RefundRequest
+from starters.case_actions import (
+    ACT_ROLES,
+    OPS_ROLES,
+    READ_ROLES,
+    REQUEST_ROLES,
+    ApprovalBody,
+    CaseActions,
+    ManualConfirmationBody,
+    Refused,
+    ReissueBody,
 )
 from starters.cases import start_refund
 from starters.codec_endpoint import Direction, transcode
+from starters.console import install_console
 from starters.integrations import advice_view, integration_routes
 from starters.limits import read_limited
 from starters.webhooks import WebhookDesk
-from workflows.refund import RefundWorkflow
 
 log = logging.getLogger("relay")
-
-REQUEST_ROLES = frozenset({"requester", "admin"})
-APPROVAL_ROLES = APPROVER_ROLES
-REISSUABLE = frozenset({"refund_failed", "refund_canceled"})
-READ_ROLES = frozenset({"requester", "approver", "auditor", "ops", "admin"})
-OPS_ROLES = frozenset({"auditor", "ops", "admin"})
-REPLAY_ROLES = frozenset({"ops", "admin"})
-
-
-class ApprovalBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    decision: Decision
-    reason: str = Field(default="", max_length=2000)
-
-
-class ReissueBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    method: RefundMethod = RefundMethod.PROVIDER
-    reason: str = Field(default="", max_length=2000)
-
-
-class ManualConfirmationBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    paid: bool
-    reason: str = Field(default="", max_length=2000)
 
 
 class ReplayBody(BaseModel):
@@ -88,31 +64,6 @@ class WebhookAck(BaseModel):
     workflow_id: str | None = None
 
 
-def case_view(row: Mapping[str, Any], trail: list[dict[str, Any]]) -> dict[str, Any]:
-    """The public shape of a case: amounts, state, provider refund, decision, approvals."""
-    approvals = [
-        {"approver": e["actor"], "action": e["action"], "at": e["occurred_at"].isoformat(),
-         "reason": e["detail"].get("reason") or e["detail"].get("refusal", "")}
-        for e in trail if e["action"].startswith("approval_") and e["action"] != "approval_requested"
-    ]
-    granted = [(e["actor"], frozenset(e["detail"].get("roles", []))) for e in trail
-               if e["action"] == "approval_granted"]
-    requirements = tuple(RoleRequirement.model_validate(r)
-                         for r in (row["decision"] or {}).get("requirements", []))
-    return {
-        "refund_request_id": row["refund_request_id"], "status": row["status"],
-        "missing_roles": unfilled(requirements, granted) if row["status"] == "awaiting_approval" else [],
-        "parent_refund_request_id": row["parent_refund_request_id"], "method": row["method"],
-        "provider": row["provider"], "charge_id": row["charge_id"], "amount": row["amount"],
-        "currency": row["currency"], "merchant_account": row["merchant_account"],
-        "reason": row["reason"], "source": row["source"], "requester": row["requester"],
-        "reserved_amount": row["reserved_amount"], "provider_refund_id": row["provider_refund_id"],
-        "provider_status": row["provider_status"], "failure_reason": row["failure_reason"],
-        "decision": row["decision"], "approvals": approvals,
-        "created_at": row["created_at"].isoformat(), "updated_at": row["updated_at"].isoformat(),
-    }
-
-
 def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAdapter],
                settings: Settings) -> FastAPI:
     """The relay application; `refunds dev`, `refunds relay` and the tests build it here."""
@@ -122,31 +73,43 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
         app.add_middleware(CORSMiddleware, allow_origins=settings.codec_cors_origins,
                            allow_credentials=True, allow_methods=["POST"],
                            allow_headers=["Authorization", "Content-Type", "X-Namespace"])
+    actions = CaseActions(store, client, settings)
     desk = WebhookDesk(store, client, providers, settings)
     app.state.webhooks = desk
-    bearer = HTTPBearer(auto_error=False)
     integrations = IntegrationStore(store)
     app.include_router(integration_routes(store, client, settings, start=start_refund))
+    bearer = HTTPBearer(auto_error=False)
 
     async def principal(
-        creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+        request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     ) -> Principal:
-        if creds is None:
-            raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
-        found = await store.authenticate(creds.credentials)
+        found = await store.authenticate(creds.credentials) if creds is not None else None
         if found is None:
-            raise HTTPException(401, "invalid or revoked token", headers={"WWW-Authenticate": "Bearer"})
+            refusal = "missing bearer token" if creds is None else "invalid or revoked token"
+            await store.append_audit(None, "anonymous", "access_refused", {
+                "action": f"{request.method} {request.url.path}", "refusal": refusal, "via": "api",
+                "token_fingerprint": hash_token(creds.credentials)[:12] if creds else None})
+            raise HTTPException(401, refusal, headers={"WWW-Authenticate": "Bearer"})
         return found
 
     Caller = Annotated[Principal, Depends(principal)]
 
-    async def require(caller: Principal, roles: frozenset[str], action: str,
-                      case_id: str | None = None) -> None:
-        if caller.roles.isdisjoint(roles):
-            await store.append_audit(case_id, caller.user, "access_refused",
-                                     {"action": action, "needs_one_of": sorted(roles),
-                                      "has": sorted(caller.roles)})
-            raise HTTPException(403, f"{action} needs one of the roles {sorted(roles)}")
+    @app.exception_handler(Refused)
+    async def refused(request: Request, exc: Refused) -> JSONResponse:
+        """A refusal from the shared case rules (already audited) as an HTTP answer."""
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> Response:
+        """Bad input is answered 422 as usual and recorded, under the caller's name when the
+        token is valid (FastAPI validates before our handlers run, so we look it up here)."""
+        creds = await bearer(request)
+        caller = await store.authenticate(creds.credentials) if creds else None
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid"}
+        await store.append_audit(None, caller.user if caller else "anonymous", "action_refused", {
+            "action": f"{request.method} {request.url.path}", "via": "api",
+            "refusal": f"invalid {'.'.join(str(p) for p in first['loc'])}: {first['msg']}"})
+        return await request_validation_exception_handler(request, exc)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -167,12 +130,12 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
     @app.post("/codec/{direction}")
     async def codec(direction: Direction, body: dict[str, Any], caller: Caller) -> dict[str, Any]:
         """Temporal's remote codec protocol, for the UI and `temporal --codec-endpoint`."""
-        await require(caller, OPS_ROLES, "using the payload codec")
-        codec = client.data_converter.payload_codec
-        if codec is None:
+        await actions.require(caller, OPS_ROLES, "using the payload codec", via="api")
+        payload_codec = client.data_converter.payload_codec
+        if payload_codec is None:
             raise HTTPException(404, "this relay has no payload codec")
         try:
-            return await transcode(codec, direction, body)
+            return await transcode(payload_codec, direction, body)
         except CodecError as exc:  # not a Payloads body, or sealed with a key we do not hold
             raise HTTPException(400, str(exc)) from None
 
@@ -180,7 +143,8 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
     async def request_refund(body: RefundRequest, caller: Caller, response: Response) -> dict[str, Any]:
         """Accepts a refund request once: 202 new, 200 identical repeat, 409 same id other values."""
         bind_case(body.refund_request_id)
-        await require(caller, REQUEST_ROLES, "requesting a refund", body.refund_request_id)
+        await actions.require(caller, REQUEST_ROLES, "requesting a refund", body.refund_request_id,
+                              via="api")
         outcome, row = await store.create_case(body, caller.user)
         if outcome is CaseCreation.CONFLICT:
             raise HTTPException(409, f"refund_request_id {body.refund_request_id!r} was already "
@@ -188,25 +152,22 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
         await start_refund(client, settings, body, row["requester"])
         if outcome is CaseCreation.IDENTICAL:
             response.status_code = 200
-        fresh = await store.get_case(body.refund_request_id)
-        assert fresh is not None
-        return case_view(fresh, await store.audit_trail(body.refund_request_id))
+        return await actions.view(body.refund_request_id)
 
     @app.get("/v1/refund-requests/{refund_request_id}")
     async def get_refund(refund_request_id: str, caller: Caller) -> dict[str, Any]:
         """The case, with the advisor's suggestion for approvers (labelled advisory)."""
-        await require(caller, READ_ROLES, "reading a case", refund_request_id)
-        row = await store.get_case(refund_request_id)
-        if row is None:
+        await actions.require(caller, READ_ROLES, "reading a case", refund_request_id, via="api")
+        if await store.get_case(refund_request_id) is None:
             raise HTTPException(404, f"no refund request {refund_request_id!r}")
-        return {**case_view(row, await store.audit_trail(refund_request_id)),
+        return {**await actions.view(refund_request_id),
                 "advice": advice_view(await integrations.advice(refund_request_id)),
                 "tickets": await integrations.tickets(refund_request_id)}
 
     @app.get("/v1/refund-requests/{refund_request_id}/audit")
     async def get_audit(refund_request_id: str, caller: Caller) -> list[dict[str, Any]]:
         """The case's timeline: every decision, with who and when."""
-        await require(caller, READ_ROLES, "reading an audit trail", refund_request_id)
+        await actions.require(caller, READ_ROLES, "reading an audit trail", refund_request_id, via="api")
         if await store.get_case(refund_request_id) is None:
             raise HTTPException(404, f"no refund request {refund_request_id!r}")
         return [{**e, "occurred_at": e["occurred_at"].isoformat()}
@@ -216,97 +177,34 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
     async def list_receipts(provider: str, caller: Caller,
                             event_id: str | None = None) -> list[dict[str, Any]]:
         """Every stored delivery of a provider's event (duplicates and rejections included)."""
-        await require(caller, OPS_ROLES, "reading webhook receipts")
+        await actions.require(caller, OPS_ROLES, "reading webhook receipts", via="api")
         return [{**r, "processed_at": r["processed_at"].isoformat() if r["processed_at"] else None}
                 for r in await store.receipts(provider, event_id)]
 
     @app.post("/v1/refund-requests/{refund_request_id}/approvals", status_code=202)
     async def approve(refund_request_id: str, body: ApprovalBody, caller: Caller) -> dict[str, Any]:
-        """Asks the workflow (an update with a validator) so the approver gets the verdict
-        at once; the approver is the token's user. Refusals are audited."""
+        """The verdict comes back at once: 202 with the roles still missing, 403 refused
+        (audited), 409 when the case is not awaiting approval."""
         bind_case(refund_request_id)
-        await require(caller, APPROVAL_ROLES, "approving a refund", refund_request_id)
-        row = await store.get_case(refund_request_id)
-        if row is None:
-            raise HTTPException(404, f"no refund request {refund_request_id!r}")
-        if row["status"] != "awaiting_approval":
-            raise HTTPException(409, f"case is {row['status']}, not awaiting approval")
-        signal = ApprovalSignal(approver=caller.user, roles=tuple(sorted(caller.roles)),
-                                decision=body.decision, reason=body.reason)
-        handle = client.get_workflow_handle(refund_request_id)
-        try:
-            progress = await handle.execute_update(RefundWorkflow.submit_approval, signal)
-        except WorkflowUpdateFailedError as exc:
-            cause = exc.cause
-            reason = cause.message if isinstance(cause, ApplicationError) else str(cause)
-            if isinstance(cause, ApplicationError) and cause.type == "NotAwaitingApproval":
-                raise HTTPException(409, reason) from None
-            await store.append_audit(refund_request_id, caller.user, "approval_refused",
-                                     {"decision": body.decision.value, "refusal": reason})
-            raise HTTPException(403, reason) from None
-        if not progress.accepted:
-            raise HTTPException(403, progress.reason)
+        verdict = await actions.decide(caller, refund_request_id, body, via="api")
         observe_approval_wait(await store.audit_trail(refund_request_id), body.decision)
-        return {"refund_request_id": refund_request_id, "decision": body.decision.value,
-                "status": progress.status.value, "missing_roles": list(progress.missing_roles)}
+        return verdict
 
     @app.post("/v1/refund-requests/{refund_request_id}/reissue", status_code=202)
     async def reissue(refund_request_id: str, body: ReissueBody, caller: Caller,
                       response: Response) -> dict[str, Any]:
         """A failed or canceled refund is reissued as a new linked request (another method
         if need be) that passes the same gates; it never exceeds the original amount."""
-        await require(caller, OPS_ROLES - {"auditor"}, "reissuing a refund", refund_request_id)
-        parent = await store.get_case(refund_request_id)
-        if parent is None:
-            raise HTTPException(404, f"no refund request {refund_request_id!r}")
-        if parent["status"] not in REISSUABLE:
-            raise HTTPException(409, f"case is {parent['status']}; only {sorted(REISSUABLE)} "
-                                     "refunds can be reissued")
-        children = await store.children(refund_request_id)
-        open_child = next((c for c in children if c["status"] not in REISSUABLE), None)
-        if open_child is not None:
+        created, child = await actions.reissue(caller, refund_request_id, body, via="api")
+        if not created:
             response.status_code = 200
-            return case_view(open_child, await store.audit_trail(open_child["refund_request_id"]))
-        request = reissue_request(parent, body, attempt=len(children) + 1)
-        outcome, row = await store.create_case(request, caller.user)
-        if outcome is CaseCreation.CONFLICT:
-            raise HTTPException(409, f"{request.refund_request_id} exists with other parameters")
-        await store.append_audit(refund_request_id, caller.user, "reissue_requested",
-                                 {"child": request.refund_request_id, "method": body.method.value})
-        await start_refund(client, settings, request, row["requester"])
-        fresh = await store.get_case(request.refund_request_id)
-        assert fresh is not None
-        return case_view(fresh, await store.audit_trail(request.refund_request_id))
+        return child
 
     @app.post("/v1/manual-refunds/{refund_request_id}/confirmation")
     async def confirm_manual(refund_request_id: str, body: ManualConfirmationBody,
                              caller: Caller) -> dict[str, Any]:
         """Ops confirm a bank transfer they made (or could not make); the case follows."""
-        await require(caller, OPS_ROLES - {"auditor"}, "confirming a manual refund", refund_request_id)
-        case = await store.get_case(refund_request_id)
-        if case is None:
-            raise HTTPException(404, f"no refund request {refund_request_id!r}")
-        if case["requester"] == caller.user:
-            await store.append_audit(refund_request_id, caller.user, "access_refused",
-                                     {"action": "confirming a manual refund",
-                                      "refusal": "the requester cannot confirm their own refund"})
-            raise HTTPException(403, "the requester cannot confirm their own refund")
-        row = await store.confirm_manual_refund(refund_request_id, succeeded=body.paid,
-                                                by=caller.user, reason=body.reason)
-        if row is None:
-            raise HTTPException(409, "no pending manual refund for this case")
-        refund = manual_refund(row)
-        event = ProviderEvent(
-            provider=refund.provider, event_id=f"{row['id']}:{row['status']}",
-            event_type=f"manual_refund.{row['status']}", kind=EventKind.REFUND_STATUS,
-            body_sha256=hashlib.sha256(body.model_dump_json().encode()).hexdigest(),
-            occurred_at=row["confirmed_at"], refund_id=refund.refund_id, charge_id=refund.charge_id,
-            refund_request_id=refund_request_id, amount=refund.amount, currency=refund.currency,
-            status=refund.status, raw_status=refund.raw_status, failure_reason=refund.failure_reason)
-        await client.get_workflow_handle(refund_request_id).signal(RefundWorkflow.provider_event, event)
-        return {"refund_request_id": refund_request_id, "manual_refund": row["id"],
-                "status": row["status"]}
-
+        return await actions.confirm_manual(caller, refund_request_id, body, via="api")
 
     @app.post("/webhooks/{provider_name}", response_model=WebhookAck)
     async def webhook(provider_name: str, request: Request) -> Response:
@@ -320,13 +218,13 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
     @app.get("/v1/webhooks/coverage")
     async def coverage(caller: Caller) -> dict[str, Any]:
         """Which event types arrived per provider, which have a handler, what was refused."""
-        await require(caller, OPS_ROLES, "reading webhook coverage")
+        await actions.require(caller, OPS_ROLES, "reading webhook coverage", via="api")
         return await desk.coverage()
 
     @app.post("/v1/webhook-receipts/replay")
     async def replay(body: ReplayBody, caller: Caller) -> list[dict[str, Any]]:
         """Re-feeds stored receipts through the webhook path (idempotent: events act once)."""
-        await require(caller, REPLAY_ROLES, "replaying webhook receipts")
+        await actions.require(caller, ACT_ROLES, "replaying webhook receipts", via="api")
         if (body.receipt_id is None) == (body.since is None):
             raise HTTPException(422, "give exactly one of receipt_id and since")
         if body.receipt_id is not None:
@@ -345,21 +243,11 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
     @app.post("/v1/webhook-receipts/redrive")
     async def redrive(caller: Caller) -> list[dict[str, Any]]:
         """Re-drives accepted receipts whose workflow was never reached."""
-        await require(caller, REPLAY_ROLES, "re-driving webhook receipts")
+        await actions.require(caller, ACT_ROLES, "re-driving webhook receipts", via="api")
         return [{**r.body(), "status_code": r.status_code} for r in await desk.redrive()]
 
+    install_console(app, actions, providers)
     return app
-
-def reissue_request(parent: dict[str, Any], body: ReissueBody, attempt: int) -> RefundRequest:
-    """The child request: same charge and amount, its own id, linked to its parent; the
-    parent's requester is behind it, so cannot approve it."""
-    original = request_from_row(parent)
-    return original.model_copy(update={
-        "refund_request_id": f"{original.refund_request_id}-r{attempt}",
-        "evidence": {**original.evidence, "reissue_reason": body.reason},
-        "source": RequestSource.CONSOLE, "method": body.method,
-        "parent_refund_request_id": original.refund_request_id,
-        "trigger_identities": (parent["requester"],)})
 
 
 def observe_approval_wait(trail: list[dict[str, Any]], decision: Decision) -> None:
@@ -368,5 +256,3 @@ def observe_approval_wait(trail: list[dict[str, Any]], decision: Decision) -> No
     if asked:
         waited = (datetime.now(UTC) - asked[-1]).total_seconds()
         metrics.APPROVAL_WAIT.labels(decision.value).observe(max(waited, 0.0))
-
-

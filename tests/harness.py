@@ -146,6 +146,7 @@ async def open_stack(store: Store, client: Client, temporal_address: str, *, wor
         "submit_timeout_seconds": 5, "status_poll_interval_seconds": 2,
         "late_failure_window_seconds": 2, "provider_http_timeout_seconds": 2,
         "payload_keys": PAYLOAD_KEYS,
+        "console_secure_cookie": False,
     }
     values.update(overrides)
     settings = Settings(**values)

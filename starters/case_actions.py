@@ -1,0 +1,254 @@
+"""What a person may do to a case, and the rules for it, shared by every front end.
+
+The relay's HTTP API and the ops console call these same functions, so an approval, a
+reissue or a manual confirmation passes the same role checks, the same segregation of
+duties and the same state checks whichever door it came through. Every refusal is written
+to the audit trail here, before the caller turns it into an HTTP answer or a page.
+"""
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any, NoReturn
+
+from pydantic import BaseModel, ConfigDict, Field
+from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.exceptions import ApplicationError
+
+from adapters.config import Settings
+from adapters.providers.manual import manual_refund
+from adapters.store import CaseCreation, Principal, Store, request_from_row
+from domain.lifecycle import check_approval, unfilled
+from domain.models import (
+    APPROVER_ROLES,
+    ApprovalSignal,
+    ApprovalVerdict,
+    Decision,
+    EventKind,
+    ProviderEvent,
+    RefundMethod,
+    RefundRequest,
+    RequestSource,
+    RoleRequirement,
+)
+from starters.cases import start_refund
+from workflows.refund import RefundWorkflow
+
+REQUEST_ROLES = frozenset({"requester", "admin"})
+APPROVAL_ROLES = APPROVER_ROLES
+ACT_ROLES = frozenset({"ops", "admin"})
+"""Roles that move money by hand: reissue a failed refund, confirm a bank transfer."""
+OPS_ROLES = ACT_ROLES | {"auditor"}
+"""Roles that read operational data (receipts, coverage); the auditor only reads."""
+READ_ROLES = REQUEST_ROLES | APPROVAL_ROLES | OPS_ROLES
+"""Everyone who has a part in a refund may read its case (approvers must see what they sign)."""
+REISSUABLE = frozenset({"refund_failed", "refund_canceled"})
+
+
+class ApprovalBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    decision: Decision
+    reason: str = Field(default="", max_length=2000)
+
+
+class ReissueBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    method: RefundMethod = RefundMethod.PROVIDER
+    reason: str = Field(default="", max_length=2000)
+
+
+class ManualConfirmationBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    paid: bool
+    reason: str = Field(default="", max_length=2000)
+
+
+class Refused(Exception):
+    """An action the caller may not take or the case does not allow; already audited.
+    `status` is the HTTP status that says why (403, 404, 409, 422)."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def requirements_of(row: Mapping[str, Any]) -> tuple[RoleRequirement, ...]:
+    """The approval tier the policy decision named for a case (none before a decision)."""
+    return tuple(RoleRequirement.model_validate(r)
+                 for r in (row["decision"] or {}).get("requirements", []))
+
+
+def granted_in(trail: list[dict[str, Any]]) -> list[tuple[str, frozenset[str]]]:
+    """Approvals that counted, as (approver, roles): what fills a tier's slots."""
+    return [(e["actor"], frozenset(e["detail"].get("roles", []))) for e in trail
+            if e["action"] == "approval_granted"]
+
+
+def missing_roles(row: Mapping[str, Any], granted: list[tuple[str, frozenset[str]]]) -> list[str]:
+    if row["status"] != "awaiting_approval":
+        return []
+    return unfilled(requirements_of(row), granted)
+
+
+def approval_verdict(caller: Principal, row: Mapping[str, Any],
+                     granted: list[tuple[str, frozenset[str]]]) -> ApprovalVerdict:
+    """Would this person's approval count now? The workflow's own rule, asked in advance
+    (trigger identities live in the workflow, so it may still refuse)."""
+    signal = ApprovalSignal(approver=caller.user, roles=tuple(sorted(caller.roles)),
+                            decision=Decision.APPROVE)
+    return check_approval(signal, requester=row["requester"], conflicted=frozenset(),
+                          requirements=requirements_of(row), approved=granted)
+
+
+def case_view(row: Mapping[str, Any], trail: list[dict[str, Any]]) -> dict[str, Any]:
+    """The public shape of a case: amounts, state, provider refund, decision, approvals."""
+    approvals = [
+        {"approver": e["actor"], "action": e["action"], "at": e["occurred_at"].isoformat(),
+         "reason": e["detail"].get("reason") or e["detail"].get("refusal", "")}
+        for e in trail if e["action"].startswith("approval_") and e["action"] != "approval_requested"
+    ]
+    return {
+        "refund_request_id": row["refund_request_id"], "status": row["status"],
+        "missing_roles": missing_roles(row, granted_in(trail)),
+        "parent_refund_request_id": row["parent_refund_request_id"], "method": row["method"],
+        "provider": row["provider"], "charge_id": row["charge_id"], "amount": row["amount"],
+        "currency": row["currency"], "merchant_account": row["merchant_account"],
+        "reason": row["reason"], "source": row["source"], "requester": row["requester"],
+        "reserved_amount": row["reserved_amount"], "provider_refund_id": row["provider_refund_id"],
+        "provider_status": row["provider_status"], "failure_reason": row["failure_reason"],
+        "decision": row["decision"], "approvals": approvals,
+        "created_at": row["created_at"].isoformat(), "updated_at": row["updated_at"].isoformat(),
+    }
+
+
+def reissue_request(parent: dict[str, Any], body: ReissueBody, attempt: int) -> RefundRequest:
+    """The child request: same charge and amount, its own id, linked to its parent; the
+    parent's requester is behind it, so cannot approve it."""
+    original = request_from_row(parent)
+    return original.model_copy(update={
+        "refund_request_id": f"{original.refund_request_id}-r{attempt}",
+        "evidence": {**original.evidence, "reissue_reason": body.reason},
+        "source": RequestSource.CONSOLE, "method": body.method,
+        "parent_refund_request_id": original.refund_request_id,
+        "trigger_identities": (parent["requester"],)})
+
+
+class CaseActions:
+    """The rules behind every button and endpoint that changes a case. `via` names the
+    front end ("api", "console") in each audit row, so the trail says where a click came from."""
+
+    def __init__(self, store: Store, client: Client, settings: Settings) -> None:
+        self.store = store
+        self.client = client
+        self.settings = settings
+
+    async def refuse(self, caller: Principal, case_id: str | None, status: int, action: str,
+                     refusal: str, *, via: str, audit_action: str = "action_refused") -> NoReturn:
+        """Records the refusal in the case's trail (or the global one), then raises it."""
+        await self.store.append_audit(case_id, caller.user, audit_action,
+                                      {"action": action, "refusal": refusal, "via": via})
+        raise Refused(status, refusal)
+
+    async def require(self, caller: Principal, roles: frozenset[str], action: str,
+                      case_id: str | None = None, *, via: str) -> None:
+        """Role check; a refusal is audited as `access_refused` with what the caller has."""
+        if caller.roles.isdisjoint(roles):
+            await self.store.append_audit(case_id, caller.user, "access_refused",
+                                          {"action": action, "needs_one_of": sorted(roles),
+                                           "has": sorted(caller.roles), "via": via})
+            raise Refused(403, f"{action} needs one of the roles {sorted(roles)}")
+
+    async def _case(self, caller: Principal, case_id: str, action: str, via: str) -> dict[str, Any]:
+        row = await self.store.get_case(case_id)
+        if row is None:
+            await self.refuse(caller, None, 404, action, f"no refund request {case_id!r}", via=via)
+        return row
+
+    async def view(self, case_id: str) -> dict[str, Any]:
+        row = await self.store.get_case(case_id)
+        assert row is not None
+        return case_view(row, await self.store.audit_trail(case_id))
+
+    async def decide(self, caller: Principal, case_id: str, body: ApprovalBody, *,
+                     via: str) -> dict[str, Any]:
+        """Asks the workflow (an update with a validator) so the approver gets the verdict
+        at once; the approver is the authenticated user, never a form or body field."""
+        action = "approving a refund"
+        await self.require(caller, APPROVAL_ROLES, action, case_id, via=via)
+        row = await self._case(caller, case_id, action, via)
+        if row["status"] != "awaiting_approval":
+            await self.refuse(caller, case_id, 409, action,
+                              f"case is {row['status']}, not awaiting approval", via=via)
+        signal = ApprovalSignal(approver=caller.user, roles=tuple(sorted(caller.roles)),
+                                decision=body.decision, reason=body.reason)
+        try:
+            progress = await self.client.get_workflow_handle(case_id).execute_update(
+                RefundWorkflow.submit_approval, signal)
+        except WorkflowUpdateFailedError as exc:
+            cause = exc.cause
+            reason = cause.message if isinstance(cause, ApplicationError) else str(cause)
+            if isinstance(cause, ApplicationError) and cause.type == "NotAwaitingApproval":
+                await self.refuse(caller, case_id, 409, action, reason, via=via)
+            await self.store.append_audit(case_id, caller.user, "approval_refused",
+                                          {"decision": body.decision.value, "refusal": reason,
+                                           "via": via})
+            raise Refused(403, reason) from None
+        if not progress.accepted:  # refused inside the workflow, which audited it
+            raise Refused(403, progress.reason)
+        return {"refund_request_id": case_id, "decision": body.decision.value,
+                "status": progress.status.value, "missing_roles": list(progress.missing_roles)}
+
+    async def reissue(self, caller: Principal, case_id: str, body: ReissueBody, *,
+                      via: str) -> tuple[bool, dict[str, Any]]:
+        """A failed or canceled refund becomes a new linked request (another method if need
+        be) through the same gates. Returns (created, child view); a repeat returns the open
+        child instead of making another."""
+        action = "reissuing a refund"
+        await self.require(caller, ACT_ROLES, action, case_id, via=via)
+        parent = await self._case(caller, case_id, action, via)
+        if parent["status"] not in REISSUABLE:
+            await self.refuse(caller, case_id, 409, action,
+                              f"case is {parent['status']}; only {sorted(REISSUABLE)} refunds can "
+                              "be reissued", via=via)
+        children = await self.store.children(case_id)
+        open_child = next((c for c in children if c["status"] not in REISSUABLE), None)
+        if open_child is not None:
+            return False, case_view(open_child, await self.store.audit_trail(
+                open_child["refund_request_id"]))
+        request = reissue_request(parent, body, attempt=len(children) + 1)
+        outcome, row = await self.store.create_case(request, caller.user)
+        if outcome is CaseCreation.CONFLICT:
+            await self.refuse(caller, case_id, 409, action,
+                              f"{request.refund_request_id} exists with other parameters", via=via)
+        await self.store.append_audit(case_id, caller.user, "reissue_requested",
+                                      {"child": request.refund_request_id,
+                                       "method": body.method.value, "via": via})
+        await start_refund(self.client, self.settings, request, row["requester"])
+        return True, await self.view(request.refund_request_id)
+
+    async def confirm_manual(self, caller: Principal, case_id: str, body: ManualConfirmationBody,
+                             *, via: str) -> dict[str, Any]:
+        """Ops confirm a bank transfer they made (or could not make); the case follows.
+        Whoever requested the refund (or its reissue) cannot confirm it."""
+        action = "confirming a manual refund"
+        await self.require(caller, ACT_ROLES, action, case_id, via=via)
+        case = await self._case(caller, case_id, action, via)
+        if case["requester"] == caller.user:
+            await self.refuse(caller, case_id, 403, action,
+                              "the requester cannot confirm their own refund", via=via,
+                              audit_action="access_refused")
+        row = await self.store.confirm_manual_refund(case_id, succeeded=body.paid, by=caller.user,
+                                                     reason=body.reason)
+        if row is None:
+            await self.refuse(caller, case_id, 409, action, "no pending manual refund for this case",
+                              via=via)
+        refund = manual_refund(row)
+        event = ProviderEvent(
+            provider=refund.provider, event_id=f"{row['id']}:{row['status']}",
+            event_type=f"manual_refund.{row['status']}", kind=EventKind.REFUND_STATUS,
+            body_sha256=hashlib.sha256(body.model_dump_json().encode()).hexdigest(),
+            occurred_at=row["confirmed_at"], refund_id=refund.refund_id, charge_id=refund.charge_id,
+            refund_request_id=case_id, amount=refund.amount, currency=refund.currency,
+            status=refund.status, raw_status=refund.raw_status, failure_reason=refund.failure_reason)
+        await self.client.get_workflow_handle(case_id).signal(RefundWorkflow.provider_event, event)
+        return {"refund_request_id": case_id, "manual_refund": row["id"], "status": row["status"]}

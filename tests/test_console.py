@@ -1,0 +1,275 @@
+"""The ops console over plain HTTP: sessions, CSRF, role checks shared with the API,
+banners, filters, coverage, and token revocation reaching console sessions at once."""
+
+import html
+import re
+import uuid
+
+import httpx
+from temporalio.client import Client
+
+from adapters.store import Store, hash_token
+from domain.models import CaseEventInput, CaseStatus, RefundRequest
+from starters.stack import TemporalDevServer
+from tests.harness import Stack, open_stack
+from tests.test_cli import run
+from tests.test_reissue import failed_case
+
+
+async def console(stack: Stack, user: str) -> httpx.AsyncClient:
+    """A browser-like client signed in as `user` (cookies kept, redirects not followed)."""
+    client = httpx.AsyncClient(base_url=stack.relay_url, timeout=60)
+    form = await client.get("/console/sign-in")
+    signed = await client.post("/console/sign-in", data={"token": stack.tokens[user],
+                                                         "form_token": field(form.text, "form_token")})
+    assert signed.status_code == 303, signed.text
+    return client
+
+
+def field(page: str, name: str) -> str:
+    found = re.search(rf'name="{name}" value="([^"]*)"', page)
+    assert found is not None, f"no {name} field in the page"
+    return html.unescape(found.group(1))
+
+
+async def post_form(client: httpx.AsyncClient, path: str, data: dict[str, str],
+                    csrf: bool = True) -> httpx.Response:
+    """Posts like the page's form does: with the session's CSRF token unless told not to."""
+    if csrf:
+        data = {**data, "csrf": field((await client.get("/console/cases")).text, "csrf")}
+    return await client.post(path, data=data)
+
+
+async def refusals(stack: Stack, chain: str, action: str) -> list[dict]:  # type: ignore[type-arg]
+    async with stack.store.transaction() as conn:
+        cur = await conn.execute("SELECT actor, detail FROM audit_events WHERE chain = %s AND action = %s"
+                                 " ORDER BY id", (chain, action))
+        return list(await cur.fetchall())
+
+
+async def test_sign_in_makes_a_strict_http_only_session_and_sign_out_ends_it(stack: Stack) -> None:
+    anonymous = httpx.AsyncClient(base_url=stack.relay_url, timeout=30)
+    first = await anonymous.get("/console/cases")
+    assert first.status_code == 303 and first.headers["location"] == "/console/sign-in"
+    form = await anonymous.get("/console/sign-in")
+    wrong = f"t-wrong-{uuid.uuid4().hex}"
+    bad = await anonymous.post("/console/sign-in", data={"token": wrong,
+                                                         "form_token": field(form.text, "form_token")})
+    assert bad.status_code == 401 and "not valid" in bad.text
+    assert [r["detail"]["action"] for r in await refusals(stack, "", "access_refused")
+            if r["detail"].get("token_fingerprint") == hash_token(wrong)[:12]] == ["console sign-in"]
+    forged = httpx.AsyncClient(base_url=stack.relay_url, timeout=30)  # no form cookie: another site
+    refused = await forged.post("/console/sign-in", data={"token": stack.tokens["bob"], "form_token": "x"})
+    assert refused.status_code == 403 and "rfo_session" not in refused.headers.get("set-cookie", "")
+
+    bob = anonymous
+    signed = await bob.post("/console/sign-in", data={
+        "token": stack.tokens["bob"], "form_token": field((await bob.get("/console/sign-in")).text,
+                                                          "form_token")})
+    assert signed.status_code == 303 and signed.headers["location"] == "/console/cases"
+    header = next(h for h in signed.headers.get_list("set-cookie") if h.startswith("rfo_session="))
+    assert "HttpOnly" in header and "SameSite=strict" in header and "Path=/console" in header
+    cookie = bob.cookies["rfo_session"]
+    cases = await bob.get("/console/cases")
+    assert cases.status_code == 200 and 'data-testid="user">bob<' in cases.text
+    assert cases.headers["x-frame-options"] == "DENY"
+    assert "form-action 'self'" in cases.headers["content-security-policy"]
+    out = await post_form(bob, "/console/sign-out", {})
+    assert out.status_code == 303
+    replay = httpx.AsyncClient(base_url=stack.relay_url, timeout=30, cookies={"rfo_session": cookie})
+    assert (await replay.get("/console/cases")).status_code == 303  # dead on the server, not just forgotten
+
+
+async def test_requester_is_refused_csrf_is_checked_and_a_second_user_approves(stack: Stack) -> None:
+    stack.tokens["rita"] = await stack.store.create_token("rita", ["requester", "approver"],
+                                                          token=f"t-rita-{uuid.uuid4().hex}")
+    charge = await stack.charge(20_000)
+    case_id = await stack.request_refund("rita", charge, 9_000)  # above 50.00: one approver
+    await stack.wait_for_status(case_id, "awaiting_approval")
+    path = f"/console/cases/{case_id}"
+    rita = await console(stack, "rita")
+    page = await rita.get(path)
+    assert "Still needs approval from: <strong>approver</strong>" in page.text
+    assert "Your approval would not count: the requester cannot approve their own refund" in page.text
+    assert "90.00 USD" in page.text
+    refused = await post_form(rita, f"{path}/approval", {"decision": "approve", "reason": "mine"})
+    assert refused.status_code == 403 and "requester cannot approve their own refund" in refused.text
+    mine = await rita.get("/console/cases", params={"mine": "1"})
+    assert case_id not in mine.text
+
+    bob, dave = await console(stack, "bob"), await console(stack, "dave")
+    forged = await post_form(bob, f"{path}/approval", {"decision": "approve"}, csrf=False)
+    assert forged.status_code == 403 and "CSRF" in forged.text
+    assert [r["actor"] for r in await refusals(stack, "", "csrf_refused")
+            if r["detail"]["action"] == f"POST {path}/approval"] == ["bob"]
+    auditor = await post_form(dave, f"{path}/approval", {"decision": "approve"})
+    assert auditor.status_code == 403 and "needs one of the roles" in auditor.text
+    nonsense = await post_form(bob, f"{path}/approval", {"decision": "maybe"})
+    assert nonsense.status_code == 422 and "invalid decision" in nonsense.text
+    assert (await stack.store.get_case(case_id))["status"] == "awaiting_approval"  # type: ignore[index]
+    assert case_id in (await bob.get("/console/cases", params={"mine": "1"})).text
+
+    approved = await post_form(bob, f"{path}/approval", {"decision": "approve", "reason": "order checked"})
+    assert approved.status_code == 303 and approved.headers["location"] == f"{path}?notice=approve"
+    await stack.wait_for_status(case_id, "succeeded")
+    trail = await stack.store.audit_trail(case_id)
+    by_action = {(e["action"], e["actor"], e["detail"].get("via")) for e in trail}
+    assert ("approval_refused", "rita", "console") in by_action
+    assert ("access_refused", "dave", "console") in by_action
+    assert ("action_refused", "bob", "console") in by_action  # the invalid decision
+    assert ("approval_granted", "bob", None) in by_action
+    assert [r["amount"] for r in await stack.provider_refunds(charge)] == [9_000]
+
+
+async def test_failed_refund_banner_reissue_by_bank_transfer_and_confirmation(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    stack = await open_stack(store, client, temporal_server.address,
+                             temporal_ui_url="http://127.0.0.1:8233")
+    try:
+        case_id, charge = await failed_case(stack)
+        path = f"/console/cases/{case_id}"
+        olga, dave, bob, admin = [await console(stack, u) for u in ("olga", "dave", "bob", "admin")]
+        page = await olga.get(path)
+        assert 'data-testid="banner"' in page.text and "Refund failed" in page.text
+        assert "card_account_closed" in page.text and 'data-testid="reissue-form"' in page.text
+        assert f"http://127.0.0.1:8233/namespaces/default/workflows/{case_id}" in page.text
+        assert 'data-testid="reissue-form"' not in (await dave.get(path)).text
+        assert (await post_form(dave, f"{path}/reissue", {"method": "provider"})).status_code == 403
+        cheque = await post_form(olga, f"{path}/reissue", {"method": "cheque"})
+        assert cheque.status_code == 422 and not await stack.store.children(case_id)
+
+        made = await post_form(olga, f"{path}/reissue", {"method": "bank_transfer",
+                                                         "reason": "card closed"})
+        assert made.status_code == 303
+        child_id = f"{case_id}-r1"
+        assert made.headers["location"] == f"/console/cases/{child_id}?notice=reissued"
+        again = await post_form(olga, f"{path}/reissue", {"method": "bank_transfer"})  # double click
+        assert again.headers["location"] == f"/console/cases/{child_id}?notice=reissue_open"
+        await stack.wait_for_status(child_id, "awaiting_approval")
+        child_path = f"/console/cases/{child_id}"
+        assert (await post_form(bob, f"{child_path}/approval", {"decision": "approve"})).status_code == 303
+        await stack.wait_for_status(child_id, "pending")
+        assert 'data-testid="confirm-form"' in (await olga.get(child_path)).text
+        own = await post_form(olga, f"{child_path}/manual-confirmation", {"paid": "true"})
+        assert own.status_code == 403 and "cannot confirm their own refund" in own.text
+        paid = await post_form(admin, f"{child_path}/manual-confirmation",
+                               {"paid": "true", "reason": "SEPA ref 9"})
+        assert paid.status_code == 303
+        await stack.wait_for_status(child_id, "succeeded")
+        assert len(await stack.provider_refunds(charge)) == 1  # the provider was not asked again
+        assert 'data-testid="banner"' not in (await olga.get(child_path)).text
+    finally:
+        await stack.close()
+
+
+async def test_case_list_filters_search_and_bad_filters(stack: Stack) -> None:
+    charge = await stack.charge(50_000)
+    small = await stack.request_refund("alice", charge, 1_000)
+    row = await stack.wait_for_status(small, "succeeded")
+    large = await stack.request_refund("alice", charge, 9_000)
+    await stack.wait_for_status(large, "awaiting_approval")
+    bob = await console(stack, "bob")
+
+    async def listed(**params: str) -> set[str]:
+        response = await bob.get("/console/cases", params=params)
+        assert response.status_code == 200, response.text
+        return {c for c in (small, large) if f'data-case="{c}"' in response.text}
+
+    assert await listed(q=charge) == {small, large}
+    assert await listed(q=row["provider_refund_id"]) == {small}
+    assert await listed(q=large) == {large}
+    assert await listed(q=charge, status="awaiting_approval") == {large}
+    assert await listed(q=charge, currency="usd", min="50.00", max="100.00") == {large}
+    assert await listed(q=charge, currency="USD", max="10.00") == {small}
+    assert await listed(q=charge, newer_than="1h") == {small, large}
+    assert await listed(q=charge, older_than="1h") == set()
+    assert await listed(q=charge, provider="sandbox", mine="1") == {large}
+    for params, why in (({"min": "5"}, "choose a currency"),
+                        ({"currency": "USD", "min": "1.001"}, "decimals"),
+                        ({"status": "lost"}, "unknown status"), ({"older_than": "soon"}, "duration")):
+        response = await bob.get("/console/cases", params=params)
+        assert response.status_code == 422 and why in response.text, params
+    assert len([r for r in await refusals(stack, "", "action_refused")
+                if r["actor"] == "bob" and r["detail"]["action"] == "filtering cases"]) >= 4
+
+
+async def test_revoking_a_token_ends_its_api_access_and_console_session_at_once(
+        stack: Stack, postgres_dsn: str) -> None:
+    user = f"tess-{uuid.uuid4().hex[:6]}"
+    stack.tokens[user] = await stack.store.create_token(user, ["ops"], token=f"t-{user}-{uuid.uuid4().hex}")
+    tess = await console(stack, user)
+    assert (await tess.get("/console/cases")).status_code == 200
+    env = {"REFUNDS_DATABASE_URL": postgres_dsn}
+    listing = await run("token", "list", env=env)
+    assert listing.returncode == 0, listing.stderr
+    line = next(line for line in listing.stdout.splitlines() if f" {user} " in line)
+    assert "ops" in line and stack.tokens[user] not in listing.stdout
+    token_id = line.split()[0]
+    csrf = field((await tess.get("/console/cases")).text, "csrf")
+
+    revoked = await run("token", "revoke", token_id, env=env)
+    assert revoked.returncode == 0 and f"revoked token {token_id}" in revoked.stdout
+    async with stack.api(user) as api:
+        assert (await api.get("/v1/webhook-receipts", params={"provider": "sandbox"})).status_code == 401
+    assert (await tess.get("/console/cases")).status_code == 303
+    late = await tess.post("/console/sign-out", data={"csrf": csrf})
+    assert late.status_code == 401 and "Sign in again" in late.text
+    assert (await run("token", "revoke", token_id, env=env)).returncode == 1
+    assert f" {user} " not in (await run("token", "list", env=env)).stdout
+    assert f" {user} " in (await run("token", "list", "--all", env=env)).stdout
+    fingerprint = line.split()[3]
+    assert any(r["detail"] == {"action": "GET /v1/webhook-receipts", "refusal": "invalid or revoked token",
+                               "via": "api", "token_fingerprint": fingerprint}
+               for r in await refusals(stack, "", "access_refused"))
+
+
+async def test_coverage_shows_unhandled_types_and_refused_deliveries_to_ops_only(stack: Stack) -> None:
+    mystery = f"refund.mystery_{uuid.uuid4().hex[:6]}"
+    async with stack.sandbox() as sb:
+        await sb.post("/_sandbox/events", json={"type": mystery, "object": {"id": "re_x"}})
+    async with httpx.AsyncClient(base_url=stack.relay_url) as raw:
+        forged = await raw.post("/webhooks/sandbox", content=b'{"id": "evt_forged"}',
+                                headers={"sandbox-signature": "t=1,v1=00"})
+    assert forged.status_code == 401
+    dave, alice = await console(stack, "dave"), await console(stack, "alice")
+    page = await dave.get("/console/coverage")
+    assert page.status_code == 200
+    unhandled = re.search(r"Unhandled event types received: ([^<]*)<", page.text)
+    assert unhandled is not None and mystery in unhandled.group(1).split(", ")
+    assert re.search(rf"{re.escape(mystery)}</td>\s*<td><span class=\"pill bad\">no handler", page.text)
+    assert re.search(r'<span class="pill wait">bad signature</span></td>\s*'
+                     r"<td>No signatures found matching the expected signature", page.text)
+    assert (await alice.get("/console/coverage")).status_code == 403
+    assert (await alice.get("/console/reconciliation")).status_code == 403
+    assert "No reconciliation job exists" in (await dave.get("/console/reconciliation")).text
+    assert any(r["actor"] == "alice" and r["detail"]["action"] == "reading webhook coverage"
+               for r in await refusals(stack, "", "access_refused"))
+
+
+async def test_api_tier_approvers_read_cases_and_bad_input_is_recorded(stack: Stack) -> None:
+    charge = await stack.charge(10_000)
+    case_id = await stack.request_refund("alice", charge, 1_000)
+    async with stack.api("frank") as api:  # a finance_manager must see what they sign
+        assert (await api.get(f"/v1/refund-requests/{case_id}")).status_code == 200
+        bad = await api.post(f"/v1/refund-requests/{case_id}/approvals", json={"decision": "maybe"})
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "decision"]
+    assert {"action": f"POST /v1/refund-requests/{case_id}/approvals", "via": "api",
+            "refusal": "invalid body.decision: Input should be 'approve' or 'deny'"} in [
+        r["detail"] for r in await refusals(stack, "", "action_refused") if r["actor"] == "frank"]
+
+
+async def test_every_state_that_needs_a_person_has_a_red_banner(stack: Stack) -> None:
+    """Cases put straight into each state (no workflow): the page must say what went wrong."""
+    olga = await console(stack, "olga")
+    expected = {CaseStatus.REFUND_CANCELED: "Refund canceled",
+                CaseStatus.EXECUTED_LEDGER_PENDING: "Executed, ledger pending",
+                CaseStatus.OPS_REVIEW: "Needs ops review", CaseStatus.SUCCEEDED: None}
+    for status, title in expected.items():
+        body = stack.refund_body("ch_banner", 700)
+        await stack.store.create_case(RefundRequest.model_validate(body), "alice")
+        await stack.store.record_case_event(CaseEventInput(
+            refund_request_id=body["refund_request_id"], action="test_state", actor="test", status=status))
+        page = (await olga.get(f"/console/cases/{body['refund_request_id']}")).text
+        banner = re.search(r'data-testid="banner">\s*<strong>([^<]*)</strong>', page)
+        assert (banner.group(1) if banner else None) == title, status
+        assert "7.00 USD" in page
