@@ -379,7 +379,7 @@ class ApprovalProgress(Frozen):
 
     accepted: bool
     reason: str = ""
-    status: CaseStatus
+    status: str = Field(description="the case's status (a refund or a payout exception case)")
     missing_roles: tuple[str, ...] = ()
 
 

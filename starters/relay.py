@@ -9,7 +9,6 @@ import hashlib
 import logging
 import time
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
@@ -17,8 +16,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
-from temporalio.client import Client, WorkflowUpdateFailedError
-from temporalio.exceptions import ApplicationError
+from temporalio.client import Client
 
 from adapters import metrics
 from adapters.codec import CodecError
@@ -28,18 +26,15 @@ from adapters.providers.base import ProviderAdapter
 from adapters.providers.manual import manual_refund
 from adapters.store import CaseCreation, Principal, Store, request_from_row
 from adapters.telemetry import bind_case
-from domain.lifecycle import unfilled
 from domain.models import (
     APPROVER_ROLES,
-    ApprovalSignal,
-    Decision,
     EventKind,
     ProviderEvent,
     RefundMethod,
     RefundRequest,
     RequestSource,
-    RoleRequirement,
 )
+from starters.approving import ApprovalBody, approvals_view, ask_for_verdict
 from starters.cases import start_refund
 from starters.codec_endpoint import Direction, transcode
 from starters.webhooks import WebhookDesk
@@ -53,12 +48,6 @@ REISSUABLE = frozenset({"refund_failed", "refund_canceled"})
 READ_ROLES = frozenset({"requester", "approver", "auditor", "ops", "admin"})
 OPS_ROLES = frozenset({"auditor", "ops", "admin"})
 REPLAY_ROLES = frozenset({"ops", "admin"})
-
-
-class ApprovalBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    decision: Decision
-    reason: str = Field(default="", max_length=2000)
 
 
 class ReissueBody(BaseModel):
@@ -87,18 +76,10 @@ class WebhookAck(BaseModel):
 
 def case_view(row: Mapping[str, Any], trail: list[dict[str, Any]]) -> dict[str, Any]:
     """The public shape of a case: amounts, state, provider refund, decision, approvals."""
-    approvals = [
-        {"approver": e["actor"], "action": e["action"], "at": e["occurred_at"].isoformat(),
-         "reason": e["detail"].get("reason") or e["detail"].get("refusal", "")}
-        for e in trail if e["action"].startswith("approval_") and e["action"] != "approval_requested"
-    ]
-    granted = [(e["actor"], frozenset(e["detail"].get("roles", []))) for e in trail
-               if e["action"] == "approval_granted"]
-    requirements = tuple(RoleRequirement.model_validate(r)
-                         for r in (row["decision"] or {}).get("requirements", []))
+    approvals, missing = approvals_view(trail, (row["decision"] or {}).get("requirements", []),
+                                        row["status"] == "awaiting_approval")
     return {
-        "refund_request_id": row["refund_request_id"], "status": row["status"],
-        "missing_roles": unfilled(requirements, granted) if row["status"] == "awaiting_approval" else [],
+        "refund_request_id": row["refund_request_id"], "status": row["status"], "missing_roles": missing,
         "parent_refund_request_id": row["parent_refund_request_id"], "method": row["method"],
         "provider": row["provider"], "charge_id": row["charge_id"], "amount": row["amount"],
         "currency": row["currency"], "merchant_account": row["merchant_account"],
@@ -223,24 +204,9 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
             raise HTTPException(404, f"no refund request {refund_request_id!r}")
         if row["status"] != "awaiting_approval":
             raise HTTPException(409, f"case is {row['status']}, not awaiting approval")
-        signal = ApprovalSignal(approver=caller.user, roles=tuple(sorted(caller.roles)),
-                                decision=body.decision, reason=body.reason)
-        handle = client.get_workflow_handle(refund_request_id)
-        try:
-            progress = await handle.execute_update(RefundWorkflow.submit_approval, signal)
-        except WorkflowUpdateFailedError as exc:
-            cause = exc.cause
-            reason = cause.message if isinstance(cause, ApplicationError) else str(cause)
-            if isinstance(cause, ApplicationError) and cause.type == "NotAwaitingApproval":
-                raise HTTPException(409, reason) from None
-            await store.append_audit(refund_request_id, caller.user, "approval_refused",
-                                     {"decision": body.decision.value, "refusal": reason})
-            raise HTTPException(403, reason) from None
-        if not progress.accepted:
-            raise HTTPException(403, progress.reason)
-        observe_approval_wait(await store.audit_trail(refund_request_id), body.decision)
+        progress = await ask_for_verdict(client, store, refund_request_id, body, caller)
         return {"refund_request_id": refund_request_id, "decision": body.decision.value,
-                "status": progress.status.value, "missing_roles": list(progress.missing_roles)}
+                "status": progress.status, "missing_roles": list(progress.missing_roles)}
 
     @app.post("/v1/refund-requests/{refund_request_id}/reissue", status_code=202)
     async def reissue(refund_request_id: str, body: ReissueBody, caller: Caller,
@@ -364,13 +330,3 @@ def reissue_request(parent: dict[str, Any], body: ReissueBody, attempt: int) -> 
         "source": RequestSource.CONSOLE, "method": body.method,
         "parent_refund_request_id": original.refund_request_id,
         "trigger_identities": (parent["requester"],)})
-
-
-def observe_approval_wait(trail: list[dict[str, Any]], decision: Decision) -> None:
-    """Time since the case started waiting for approval, sampled at each decision."""
-    asked = [e["occurred_at"] for e in trail if e["action"] == "approval_requested"]
-    if asked:
-        waited = (datetime.now(UTC) - asked[-1]).total_seconds()
-        metrics.APPROVAL_WAIT.labels(decision.value).observe(max(waited, 0.0))
-
-
