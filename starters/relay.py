@@ -37,6 +37,7 @@ from domain.models import (
 from starters.approving import ApprovalBody, approvals_view, ask_for_verdict
 from starters.cases import start_refund
 from starters.codec_endpoint import Direction, transcode
+from starters.payout_routes import payout_routes
 from starters.webhooks import WebhookDesk
 from workflows.refund import RefundWorkflow
 
@@ -318,6 +319,7 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
         await require(caller, REPLAY_ROLES, "re-driving webhook receipts")
         return [{**r.body(), "status_code": r.status_code} for r in await desk.redrive()]
 
+    app.include_router(payout_routes(store, client, principal, require))
     return app
 
 def reissue_request(parent: dict[str, Any], body: ReissueBody, attempt: int) -> RefundRequest:

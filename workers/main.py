@@ -16,6 +16,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+from activities.payout import PayoutActivities
 from activities.refund import RefundActivities
 from adapters.config import Settings
 from adapters.http_server import AppServer
@@ -28,13 +29,14 @@ from adapters.telemetry import sdk_runtime
 from adapters.temporal_client import connect
 from domain.policy import Policy
 from workers.health import health_app
+from workflows.payout import PayoutReversalWorkflow
 from workflows.refund import RefundWorkflow
 from workflows.tracking import RefundTrackingWorkflow
 
 log = logging.getLogger(__name__)
 
 PASSTHROUGH_MODULES = ("domain", "pydantic", "pydantic_core", "annotated_types", "iso4217")
-WORKFLOWS: Sequence[type] = (RefundWorkflow, RefundTrackingWorkflow)
+WORKFLOWS: Sequence[type] = (RefundWorkflow, RefundTrackingWorkflow, PayoutReversalWorkflow)
 
 
 def workflow_runner() -> SandboxedWorkflowRunner:
@@ -47,9 +49,11 @@ def build_worker(client: Client, task_queue: str, store: Store,
                  providers: dict[str, ProviderAdapter], policy: Policy, *,
                  graceful_shutdown: timedelta = timedelta(seconds=10)) -> Worker:
     """A worker with every workflow and activity of the product; provider calls observed."""
-    activities = RefundActivities(store, instrument(providers), policy)
+    observed = instrument(providers)
+    activities = [*RefundActivities(store, observed, policy).all(),
+                  *PayoutActivities(store, observed, policy).all()]
     return Worker(
-        client, task_queue=task_queue, workflows=list(WORKFLOWS), activities=activities.all(),
+        client, task_queue=task_queue, workflows=list(WORKFLOWS), activities=activities,
         workflow_runner=workflow_runner(), graceful_shutdown_timeout=graceful_shutdown,
     )
 
