@@ -96,6 +96,8 @@ class Settings(BaseSettings):
     status_poll_interval_seconds: float = 3600
     late_failure_window_seconds: float = 10 * 24 * 3600
     provider_http_timeout_seconds: float = 10
+    payout_reissue_window_seconds: float = Field(
+        default=30 * 24 * 3600, description="how long a remediated payout case takes a reissue request")
 
     # Integrations: each is optional; an unset one is skipped (and said so once in the log).
     public_url: str | None = None  # base of links to cases in notices and tickets

@@ -11,8 +11,9 @@ from typing import TypeVar
 from opentelemetry import trace
 
 from adapters.metrics import PROVIDER_CALL_ERRORS, PROVIDER_CALL_SECONDS, VERIFY_OUTCOMES
-from adapters.providers.base import ProviderAdapter
+from adapters.providers.base import PayoutExecutor, ProviderAdapter, ProviderUnsupported
 from domain.models import ChargeSnapshot, ProviderEvent, ProviderRefund, RefundRequest
+from domain.payouts import PayoutEvent, PayoutOrder, ProviderPayout
 
 T = TypeVar("T")
 tracer = trace.get_tracer(__name__)
@@ -57,7 +58,19 @@ class InstrumentedProvider:
         VERIFY_OUTCOMES.labels(self.name, "found" if found is not None else "not_found").inc()
         return found
 
-    def parse_webhook(self, headers: Mapping[str, str], body: bytes, now: float) -> ProviderEvent:
+    def _payouts(self) -> PayoutExecutor:
+        if not isinstance(self._inner, PayoutExecutor):
+            raise ProviderUnsupported(f"{self.name}: making payouts is not supported")
+        return self._inner
+
+    async def create_payout(self, order: PayoutOrder, idempotency_key: str) -> ProviderPayout:
+        return await self._observe("create_payout", self._payouts().create_payout(order, idempotency_key))
+
+    async def find_payout(self, reference: str) -> ProviderPayout | None:
+        return await self._observe("find_payout", self._payouts().find_payout(reference))
+
+    def parse_webhook(self, headers: Mapping[str, str], body: bytes,
+                      now: float) -> ProviderEvent | PayoutEvent:
         return self._inner.parse_webhook(headers, body, now)
 
 

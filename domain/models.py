@@ -349,14 +349,16 @@ class LedgerKind(StrEnum):
 
     REFUND_SETTLED = "refund_settled"
     REFUND_REVERSED = "refund_reversed"
+    PAYOUT_REVERSED = "payout_reversed"
+    PAYOUT_REISSUED = "payout_reissued"
 
 
 class LedgerInput(Frozen):
-    refund_request_id: str
+    refund_request_id: str = Field(description="the case id (a refund or a payout exception case)")
     kind: LedgerKind
     amount: int
     currency: str
-    provider_refund_id: str
+    provider_refund_id: str = Field(description="the provider object the entry is about (refund or payout)")
 
     def posting_key(self) -> str:
         """Posting is idempotent by this key: one entry per case and template."""
@@ -380,7 +382,7 @@ class ApprovalProgress(Frozen):
 
     accepted: bool
     reason: str = ""
-    status: CaseStatus
+    status: str = Field(description="the case's status (a refund or a payout exception case)")
     missing_roles: tuple[str, ...] = ()
 
 

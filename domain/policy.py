@@ -64,7 +64,13 @@ class RefundRules(Frozen):
 
 
 class PayoutReversalRules(Frozen):
+    """Who approves a payout reversal, and two runbook switches: whether the beneficiary's
+    further payouts are held with the payout, and whether a hold may return to the payout's
+    previous state when the compensating ledger entry cannot be posted."""
+
     tiers: tuple[ApprovalTier, ...] = ()
+    hold_beneficiary_payouts: bool = True
+    rollback_hold_on_ledger_failure: bool = False
 
     @model_validator(mode="after")
     def _tiers_end_with_catch_all(self) -> "PayoutReversalRules":
@@ -121,3 +127,15 @@ def decide(policy: Policy, request: RefundRequest, context: PolicyContext) -> Po
     tier = tier_for(rules.tiers, request.amount, request.currency)
     return PolicyDecision(auto_approve=False, rules_fired=tuple(fired), tier=tier.name,
                           requirements=tier.approvals, **common)
+
+
+def decide_payout_reversal(policy: Policy, amount: int, currency: str) -> PolicyDecision:
+    """Every payout reversal needs people; the amount's tier says which. Only the amount
+    and currency are read: the advisor's recommendation has no way in."""
+    tiers = policy.payout_reversal.tiers
+    if not tiers:
+        raise ValueError(f"policy {policy.version} has no payout_reversal tiers")
+    tier = tier_for(tiers, amount, currency)
+    return PolicyDecision(auto_approve=False, rules_fired=(f"payout_reversal_tier:{tier.name}",),
+                          policy_version=policy.version, policy_hash=policy.fingerprint(),
+                          tier=tier.name, requirements=tier.approvals)

@@ -11,8 +11,7 @@ from collections.abc import Mapping
 from typing import Any, NoReturn
 
 from pydantic import BaseModel, ConfigDict, Field
-from temporalio.client import Client, WorkflowUpdateFailedError
-from temporalio.exceptions import ApplicationError
+from temporalio.client import Client
 
 from adapters.config import Settings
 from adapters.providers.manual import manual_refund
@@ -30,6 +29,7 @@ from domain.models import (
     RequestSource,
     RoleRequirement,
 )
+from starters.approving import ApprovalBody, Refused, approvals_view, ask_for_verdict
 from starters.cases import start_refund
 from workflows.refund import RefundWorkflow
 
@@ -44,12 +44,6 @@ READ_ROLES = REQUEST_ROLES | APPROVAL_ROLES | OPS_ROLES
 REISSUABLE = frozenset({"refund_failed", "refund_canceled"})
 
 
-class ApprovalBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    decision: Decision
-    reason: str = Field(default="", max_length=2000)
-
-
 class ReissueBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     method: RefundMethod = RefundMethod.PROVIDER
@@ -60,16 +54,6 @@ class ManualConfirmationBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     paid: bool
     reason: str = Field(default="", max_length=2000)
-
-
-class Refused(Exception):
-    """An action the caller may not take or the case does not allow; already audited.
-    `status` is the HTTP status that says why (403, 404, 409, 422)."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
 
 
 def requirements_of(row: Mapping[str, Any]) -> tuple[RoleRequirement, ...]:
@@ -102,14 +86,11 @@ def approval_verdict(caller: Principal, row: Mapping[str, Any],
 
 def case_view(row: Mapping[str, Any], trail: list[dict[str, Any]]) -> dict[str, Any]:
     """The public shape of a case: amounts, state, provider refund, decision, approvals."""
-    approvals = [
-        {"approver": e["actor"], "action": e["action"], "at": e["occurred_at"].isoformat(),
-         "reason": e["detail"].get("reason") or e["detail"].get("refusal", "")}
-        for e in trail if e["action"].startswith("approval_") and e["action"] != "approval_requested"
-    ]
+    approvals, missing = approvals_view(trail, (row["decision"] or {}).get("requirements", []),
+                                        row["status"] == "awaiting_approval")
     return {
         "refund_request_id": row["refund_request_id"], "status": row["status"],
-        "missing_roles": missing_roles(row, granted_in(trail)),
+        "missing_roles": missing,
         "parent_refund_request_id": row["parent_refund_request_id"], "method": row["method"],
         "provider": row["provider"], "charge_id": row["charge_id"], "amount": row["amount"],
         "currency": row["currency"], "merchant_account": row["merchant_account"],
@@ -179,24 +160,9 @@ class CaseActions:
         if row["status"] != "awaiting_approval":
             await self.refuse(caller, case_id, 409, action,
                               f"case is {row['status']}, not awaiting approval", via=via)
-        signal = ApprovalSignal(approver=caller.user, roles=tuple(sorted(caller.roles)),
-                                decision=body.decision, reason=body.reason)
-        try:
-            progress = await self.client.get_workflow_handle(case_id).execute_update(
-                RefundWorkflow.submit_approval, signal)
-        except WorkflowUpdateFailedError as exc:
-            cause = exc.cause
-            reason = cause.message if isinstance(cause, ApplicationError) else str(cause)
-            if isinstance(cause, ApplicationError) and cause.type == "NotAwaitingApproval":
-                await self.refuse(caller, case_id, 409, action, reason, via=via)
-            await self.store.append_audit(case_id, caller.user, "approval_refused",
-                                          {"decision": body.decision.value, "refusal": reason,
-                                           "via": via})
-            raise Refused(403, reason) from None
-        if not progress.accepted:  # refused inside the workflow, which audited it
-            raise Refused(403, progress.reason)
+        progress = await ask_for_verdict(self.client, self.store, case_id, body, caller, via=via)
         return {"refund_request_id": case_id, "decision": body.decision.value,
-                "status": progress.status.value, "missing_roles": list(progress.missing_roles)}
+                "status": progress.status, "missing_roles": list(progress.missing_roles)}
 
     async def reissue(self, caller: Principal, case_id: str, body: ReissueBody, *,
                       via: str) -> tuple[bool, dict[str, Any]]:

@@ -1,5 +1,6 @@
 """Starting case workflows: shared by the refund-request API and the webhook path."""
 
+from datetime import timedelta
 from typing import Any
 
 from temporalio.client import Client, WorkflowHandle
@@ -15,6 +16,8 @@ from domain.models import (
     RefundWorkflowInput,
     RequestSource,
 )
+from domain.payouts import PayoutCaseInput, PayoutEvent, payout_case_id
+from workflows.payout import PayoutReversalWorkflow
 from workflows.refund import RefundWorkflow
 from workflows.tracking import RefundTrackingWorkflow
 
@@ -37,6 +40,20 @@ async def start_refund(client: Client, settings: Settings, request: RefundReques
         return client.get_workflow_handle(request.refund_request_id)
 
 
+async def _signal_with_start(client: Client, settings: Settings, run: Any, inp: Any, case_id: str,
+                             signal: str, event: Any) -> WorkflowHandle[Any, Any] | None:
+    """Starts the case's workflow with the event, or signals the one running; None when the
+    case already finished (its id is never reused)."""
+    try:
+        return await client.start_workflow(
+            run, inp, id=case_id, task_queue=settings.task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            start_signal=signal, start_signal_args=[event])
+    except WorkflowAlreadyStartedError:
+        return None
+
+
 async def track_refund(client: Client, settings: Settings, case_id: str,
                        event: ProviderEvent) -> WorkflowHandle[Any, Any] | None:
     """Signal-with-start of the tracking workflow; None when it already finished."""
@@ -44,14 +61,19 @@ async def track_refund(client: Client, settings: Settings, case_id: str,
     assert refund is not None
     inp = TrackingInput(case_id=case_id, provider=refund.provider, refund_id=refund.refund_id,
                         currency=refund.currency, timings=settings.timings())
-    try:
-        return await client.start_workflow(
-            RefundTrackingWorkflow.run, inp, id=case_id, task_queue=settings.task_queue,
-            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-            start_signal="provider_event", start_signal_args=[event])
-    except WorkflowAlreadyStartedError:
-        return None
+    return await _signal_with_start(client, settings, RefundTrackingWorkflow.run, inp, case_id,
+                                    "provider_event", event)
+
+
+async def open_payout_case(client: Client, settings: Settings,
+                           event: PayoutEvent) -> WorkflowHandle[Any, Any] | None:
+    """Signal-with-start of the payout's exception case; None when it already finished."""
+    case_id = payout_case_id(event.provider, event.payout.payout_id)
+    inp = PayoutCaseInput(case_id=case_id, provider=event.provider, payout_id=event.payout.payout_id,
+                          timings=settings.timings(),
+                          reissue_window=timedelta(seconds=settings.payout_reissue_window_seconds))
+    return await _signal_with_start(client, settings, PayoutReversalWorkflow.run, inp, case_id,
+                                    "payout_event", event)
 
 
 def request_from_event(event: ProviderEvent) -> RefundRequest:

@@ -26,16 +26,15 @@ from adapters.providers.base import ProviderAdapter
 from adapters.store import ConsoleSession, Principal, hash_token
 from domain.models import CLOSED_STATUSES, CaseStatus
 from domain.money import UnknownCurrencyError, format_minor, normalise_currency, parse_major
+from starters.approving import ApprovalBody, Refused
 from starters.case_actions import (
     ACT_ROLES,
     APPROVAL_ROLES,
     OPS_ROLES,
     READ_ROLES,
     REISSUABLE,
-    ApprovalBody,
     CaseActions,
     ManualConfirmationBody,
-    Refused,
     ReissueBody,
     approval_verdict,
     case_view,

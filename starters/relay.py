@@ -10,7 +10,6 @@ refusal, including a missing or revoked token, is written to the audit trail.
 import logging
 import time
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
@@ -30,16 +29,15 @@ from adapters.integration_store import IntegrationStore
 from adapters.providers.base import ProviderAdapter
 from adapters.store import CaseCreation, Principal, Store, hash_token
 from adapters.telemetry import bind_case
-from domain.models import Decision, RefundRequest
+from domain.models import RefundRequest
+from starters.approving import ApprovalBody, Refused
 from starters.case_actions import (
     ACT_ROLES,
     OPS_ROLES,
     READ_ROLES,
     REQUEST_ROLES,
-    ApprovalBody,
     CaseActions,
     ManualConfirmationBody,
-    Refused,
     ReissueBody,
 )
 from starters.cases import start_refund
@@ -47,6 +45,7 @@ from starters.codec_endpoint import Direction, transcode
 from starters.console import install_console
 from starters.integrations import advice_view, integration_routes
 from starters.limits import read_limited
+from starters.payout_routes import payout_routes
 from starters.webhooks import WebhookDesk
 
 log = logging.getLogger("relay")
@@ -186,9 +185,7 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
         """The verdict comes back at once: 202 with the roles still missing, 403 refused
         (audited), 409 when the case is not awaiting approval."""
         bind_case(refund_request_id)
-        verdict = await actions.decide(caller, refund_request_id, body, via="api")
-        observe_approval_wait(await store.audit_trail(refund_request_id), body.decision)
-        return verdict
+        return await actions.decide(caller, refund_request_id, body, via="api")
 
     @app.post("/v1/refund-requests/{refund_request_id}/reissue", status_code=202)
     async def reissue(refund_request_id: str, body: ReissueBody, caller: Caller,
@@ -246,13 +243,11 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
         await actions.require(caller, ACT_ROLES, "re-driving webhook receipts", via="api")
         return [{**r.body(), "status_code": r.status_code} for r in await desk.redrive()]
 
+    async def require(caller: Principal, roles: frozenset[str], action: str,
+                      case_id: str | None = None) -> None:
+        await actions.require(caller, roles, action, case_id, via="api")
+
+    app.include_router(payout_routes(store, client, principal, require))
     install_console(app, actions, providers)
     return app
 
-
-def observe_approval_wait(trail: list[dict[str, Any]], decision: Decision) -> None:
-    """Time since the case started waiting for approval, sampled at each decision."""
-    asked = [e["occurred_at"] for e in trail if e["action"] == "approval_requested"]
-    if asked:
-        waited = (datetime.now(UTC) - asked[-1]).total_seconds()
-        metrics.APPROVAL_WAIT.labels(decision.value).observe(max(waited, 0.0))

@@ -3,8 +3,10 @@
 It deliberately does NOT deduplicate by idempotency key (unless configured to), so the
 orchestrator must prove its own exactly-once. Faults cover what real providers do to
 us: timeouts after success, 5xx before or after success, duplicate, delayed and
-out-of-order signed webhooks, and late failure of a refund that had succeeded.
-State lives in SQLite so a restarted dev stack still knows its refunds.
+out-of-order signed webhooks, and late failure of a refund that had succeeded. Payouts
+are made paid and can be failed, settlement-failed or reversed later (signed
+`payout.<status>` webhooks with a failure code), as many copies as a retry storm needs.
+State lives in SQLite so a restarted dev stack still knows its refunds and payouts.
 """
 
 import asyncio
@@ -68,6 +70,23 @@ class EventIn(BaseModel):
     event_id: str | None = None
 
 
+class PayoutIn(BaseModel):
+    amount: int = Field(gt=0)
+    currency: str
+    destination: str = "ba_default"
+    id: str | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class PayoutStatusIn(BaseModel):
+    status: str = Field(description="paid, failed, settlement_failed, reversed; any other string "
+                                    "tests our loud branch")
+    failure_code: str | None = Field(default=None, description="e.g. insufficient_funds, account_closed, "
+                                                               "bank_rejection, compliance_hold")
+    failure_message: str | None = None
+    copies: int = Field(default=1, ge=1, le=50, description="deliveries of the same event (a retry storm)")
+
+
 class ConfigIn(BaseModel):
     dedup_idempotency_keys: bool | None = None
     refund_initial_status: Literal["pending", "succeeded"] | None = None
@@ -92,6 +111,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS charges (id TEXT PRIMARY KEY, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS refunds (id TEXT PRIMARY KEY, charge TEXT NOT NULL,
     idempotency_key TEXT, body TEXT NOT NULL, seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS payouts (id TEXT PRIMARY KEY, body TEXT NOT NULL, seq INTEGER NOT NULL);
 """
 
 
@@ -115,6 +135,15 @@ class SandboxBank:
                 " ON CONFLICT (id) DO UPDATE SET body = excluded.body",
                 (obj["id"], obj["charge"], extra.get("idempotency_key"), json.dumps(obj),
                  time.time_ns()))
+
+    def put_payout(self, obj: dict[str, Any]) -> None:
+        self._db.execute("INSERT INTO payouts VALUES (?, ?, ?)"
+                         " ON CONFLICT (id) DO UPDATE SET body = excluded.body",
+                         (obj["id"], json.dumps(obj), time.time_ns()))
+
+    def payouts(self) -> list[dict[str, Any]]:
+        rows = self._db.execute("SELECT body FROM payouts ORDER BY seq").fetchall()
+        return [json.loads(r[0]) for r in rows]
 
     def charge(self, charge_id: str) -> dict[str, Any] | None:
         row = self._db.execute("SELECT body FROM charges WHERE id = ?", (charge_id,)).fetchone()
@@ -262,6 +291,24 @@ def create_app(*, db_path: str = ":memory:", webhook_url: str | None = None,
                  if reference is None or r["metadata"].get("refund_request_id") == reference]
         return {"object": "list", "data": found, "has_more": False}
 
+    @app.post("/v1/payouts")
+    async def create_payout(body: PayoutIn, authorization: str | None = Header(None)) -> dict[str, Any]:
+        """A payout, paid at once (like a provider that shows paid before the bank settles)."""
+        authorise(authorization)
+        payout = {"id": body.id or _new_id("po"), "object": "payout", "amount": body.amount,
+                  "currency": body.currency.lower(), "destination": body.destination, "status": "paid",
+                  "failure_code": None, "failure_message": None, "metadata": body.metadata}
+        bank.put_payout(payout)
+        return payout
+
+    @app.get("/v1/payouts")
+    async def list_payouts(reference: str | None = None,
+                           authorization: str | None = Header(None)) -> dict[str, Any]:
+        authorise(authorization)
+        found = [p for p in bank.payouts()
+                 if reference is None or p["metadata"].get("payout_reference") == reference]
+        return {"object": "list", "data": found, "has_more": False}
+
     @app.get("/v1/refunds/{refund_id}")
     async def get_refund(refund_id: str, authorization: str | None = Header(None)) -> dict[str, Any]:
         authorise(authorization)
@@ -300,6 +347,18 @@ def create_app(*, db_path: str = ":memory:", webhook_url: str | None = None,
         if body.send_webhook:
             emit("refund.updated", refund)
         return refund
+
+    @app.post("/_sandbox/payouts/{payout_id}/status")
+    async def set_payout_status(payout_id: str, body: PayoutStatusIn) -> dict[str, Any]:
+        """Moves a payout as the provider would on its own, days after it showed paid, and
+        sends `payout.<status>` (once, or `copies` times with the same event id)."""
+        payout = next((p for p in bank.payouts() if p["id"] == payout_id), None)
+        if payout is None:
+            raise HTTPException(404, f"no such payout {payout_id}")
+        payout.update(status=body.status, failure_code=body.failure_code,
+                      failure_message=body.failure_message)
+        bank.put_payout(payout)
+        return {**payout, "event_id": emit(f"payout.{body.status}", payout, copies=body.copies)}
 
     @app.post("/_sandbox/events")
     async def send_event(body: EventIn) -> dict[str, str]:

@@ -22,12 +22,15 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from adapters import metrics, receipts
 from adapters.config import Settings
+from adapters.payout_book import PayoutBook
 from adapters.providers.base import ProviderAdapter, WebhookRejected
-from adapters.store import CaseCreation, Store
+from adapters.store import CaseCreation, Store, StoredReceipt
 from adapters.telemetry import bind_case
 from domain.events import tracking_case_id
 from domain.models import EventKind, ProviderEvent
-from starters.cases import request_from_event, start_refund, track_refund
+from domain.payouts import PayoutEvent, payout_case_id
+from starters.cases import open_payout_case, request_from_event, start_refund, track_refund
+from workflows.payout import PayoutReversalWorkflow
 from workflows.refund import RefundWorkflow
 
 log = logging.getLogger("relay")
@@ -71,6 +74,7 @@ class WebhookDesk:
     def __init__(self, store: Store, client: Client, providers: Mapping[str, ProviderAdapter],
                  settings: Settings) -> None:
         self._store = store
+        self._payouts = PayoutBook(store)
         self._client = client
         self._providers = providers
         self._settings = settings
@@ -86,7 +90,7 @@ class WebhookDesk:
         return any(address in network for network in networks)
 
     def _parse(self, provider_name: str, headers: Mapping[str, str], body: bytes | None, now: float,
-               peer: str | None) -> ProviderEvent:
+               peer: str | None) -> ProviderEvent | PayoutEvent:
         """Verifies and normalises, or raises WebhookRejected with the receipt's verdict."""
         if body is None:
             raise WebhookRejected("too_large", f"body exceeds {self._settings.webhook_max_body_bytes} bytes")
@@ -96,7 +100,7 @@ class WebhookDesk:
         if peer is not None and not self._source_allowed(provider_name, peer):
             raise WebhookRejected("forbidden_source", f"{peer} is not an allowed source for {provider_name}")
         event = provider.parse_webhook(headers, body, now)
-        if event.kind is EventKind.REFUND_REQUESTED:
+        if isinstance(event, ProviderEvent) and event.kind is EventKind.REFUND_REQUESTED:
             try:
                 request_from_event(event)
             except ValidationError as exc:
@@ -130,6 +134,8 @@ class WebhookDesk:
             body_sha256=digest, headers=kept_headers, verdict="accepted", error=None,
             replay_of=replay_of)
         metrics.RECEIPTS.labels(provider_name, stored.verdict).inc()
+        if isinstance(event, PayoutEvent):
+            await self._payout_receipt(event, stored)
         if stored.verdict == "duplicate":
             metrics.DUPLICATES.labels(provider_name).inc()
             log.info("duplicate delivery of %s %s (first receipt %s)", provider_name,
@@ -142,8 +148,10 @@ class WebhookDesk:
         return IngestResult(200, stored.receipt_id, stored.verdict, workflow_id=workflow_id,
                             replay_of=replay_of)
 
-    async def route(self, event: ProviderEvent) -> str | None:
+    async def route(self, event: ProviderEvent | PayoutEvent) -> str | None:
         """Starts or signals the event's workflow; returns its id (None when unmatched)."""
+        if isinstance(event, PayoutEvent):
+            return await self._route_payout(event)
         if event.kind is EventKind.REFUND_REQUESTED:
             request = request_from_event(event)
             bind_case(request.refund_request_id)
@@ -174,6 +182,45 @@ class WebhookDesk:
             log.error("case %s is closed; event %s left for reconciliation", case_id, event.event_id)
             await self._store.append_audit(case_id, f"provider:{event.provider}", "event_after_close",
                                            {"event_id": event.event_id, "event_type": event.event_type})
+        return case_id
+
+    async def _payout_receipt(self, event: PayoutEvent, stored: StoredReceipt) -> None:
+        """Every delivery of a payout event, duplicates too, joins the case's timeline with
+        its validation: signature verified, idempotency key, first or repeated receipt."""
+        await self._store.append_audit(
+            payout_case_id(event.provider, event.payout.payout_id), f"provider:{event.provider}",
+            "payout_event_received",
+            {"receipt_id": stored.receipt_id, "verdict": stored.verdict, "signature": "verified",
+             "event_id": event.event_id, "event_type": event.event_type,
+             "idempotency_key": event.idempotency_key(), "body_sha256": event.body_sha256,
+             "first_receipt_id": stored.first_receipt_id})
+
+    async def _route_payout(self, event: PayoutEvent) -> str | None:
+        """A failure of a payout our books hold opens (or joins) its exception case; any
+        other status only reaches a case already open. An unknown payout acts on nothing."""
+        case_id = payout_case_id(event.provider, event.payout.payout_id)
+        bind_case(case_id)
+        actor = f"provider:{event.provider}"
+        detail = {"event_id": event.event_id, "event_type": event.event_type}
+        if await self._payouts.payout_at_provider(event.provider, event.payout.payout_id) is None:
+            log.error("NO INTERNAL PAYOUT for %s %s (%s): nothing acts", event.provider,
+                      event.payout.payout_id, event.event_type)
+            await self._store.append_audit(case_id, actor, "payout_unknown", detail)
+            return None
+        if event.is_exception():
+            if await open_payout_case(self._client, self._settings, event) is not None:
+                return case_id
+        else:
+            try:
+                await self._client.get_workflow_handle(case_id).signal(PayoutReversalWorkflow.payout_event,
+                                                                       event)
+                return case_id
+            except RPCError as exc:
+                if exc.status != RPCStatusCode.NOT_FOUND:
+                    raise
+        log.warning("no open exception case for payout %s; %s %s stays on its timeline only",
+                    event.payout.payout_id, event.event_type, event.event_id)
+        await self._store.append_audit(case_id, actor, "payout_event_without_open_case", detail)
         return case_id
 
     async def _track(self, event: ProviderEvent) -> str | None:

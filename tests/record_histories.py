@@ -1,6 +1,6 @@
 """Re-records tests/histories/*.json, the RefundWorkflow histories the replay test replays.
 
-    .venv/bin/python -m tests.record_histories
+    .venv/bin/python -m tests.record_histories [scenario ...]
 
 Run it after a deliberate, versioned change to a workflow (and keep the old files too when
 running workflows may still be on the old code: every file is replayed). It starts its own
@@ -11,6 +11,7 @@ payloads through on replay.
 """
 
 import asyncio
+import sys
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -20,8 +21,17 @@ from temporalio.contrib.opentelemetry import TracingInterceptor
 
 from adapters.codec import data_converter
 from adapters.store import Store
+from domain.payouts import payout_case_id
 from starters.stack import EmbeddedPostgres, TemporalDevServer, free_port
 from tests.harness import Stack, open_stack
+from tests.payouts_kit import (
+    add_payout_approvers,
+    ask_reissue,
+    decide,
+    move_payout,
+    paid_payout,
+    wait_for_case,
+)
 
 HISTORIES = Path(__file__).parent / "histories"
 
@@ -47,14 +57,31 @@ async def with_approval(stack: Stack) -> str:
     return case_id
 
 
+async def payout_reversed_and_reissued(stack: Stack) -> str:
+    """A paid payout fails at the provider: the case opens, is approved, held, reversed,
+    ticketed and announced; then a reissue request is approved and paid once."""
+    await add_payout_approvers(stack)
+    payout = await paid_payout(stack, 150_000)
+    await move_payout(stack, payout.provider_payout_id, "failed", failure_code="insufficient_funds")
+    case_id = payout_case_id("sandbox", payout.provider_payout_id)
+    await wait_for_case(stack, case_id, "awaiting_approval")
+    (await decide(stack, "lena", case_id)).raise_for_status()
+    await wait_for_case(stack, case_id, "remediated")
+    (await ask_reissue(stack, "omar", case_id)).raise_for_status()
+    (await decide(stack, "lena", case_id)).raise_for_status()
+    return case_id
+
+
 SCENARIOS: dict[str, Callable[[Stack], Awaitable[str]]] = {
     "refund_auto_approved": auto_approved,
     "refund_with_approval": with_approval,
+    "payout_reversed_and_reissued": payout_reversed_and_reissued,
 }
 
 
-async def record(folder: Path) -> list[Path]:
-    """Plays every scenario to its workflow's end and writes each history as JSON."""
+async def record(folder: Path, names: list[str]) -> list[Path]:
+    """Plays the named scenarios (all when none) to their workflow's end and writes each
+    history as JSON."""
     temporal = TemporalDevServer(folder / "temporal.db", port=free_port(), ui_port=None)
     pg = EmbeddedPostgres(folder / "pg", delete_on_stop=True)
     await temporal.start()
@@ -68,6 +95,8 @@ async def record(folder: Path) -> list[Path]:
         try:
             HISTORIES.mkdir(exist_ok=True)
             for name, play in SCENARIOS.items():
+                if names and name not in names:
+                    continue
                 handle = client.get_workflow_handle(await play(stack))
                 await handle.result()
                 path = HISTORIES / f"{name}.json"
@@ -84,5 +113,5 @@ async def record(folder: Path) -> list[Path]:
 
 if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as tmp:
-        for path in asyncio.run(record(Path(tmp))):
+        for path in asyncio.run(record(Path(tmp), sys.argv[1:])):
             print(f"wrote {path}")

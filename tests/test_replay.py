@@ -2,12 +2,14 @@
 worker's sandbox, converter and interceptors; a change that would break running workflows
 fails here. Re-record with `python -m tests.record_histories` (see that module)."""
 
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from temporalio import workflow
 from temporalio.client import WorkflowHistory
+from temporalio.common import RawValue
 from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.worker import Replayer
 
@@ -29,7 +31,8 @@ def _replayer(workflows: list[type]) -> Replayer:
 
 
 def test_histories_are_recorded() -> None:
-    assert {p.stem for p in HISTORIES} >= {"refund_auto_approved", "refund_with_approval"}
+    assert {p.stem for p in HISTORIES} >= {"refund_auto_approved", "refund_with_approval",
+                                           "payout_reversed_and_reissued"}
 
 
 @pytest.mark.parametrize("path", HISTORIES, ids=lambda p: p.stem)
@@ -38,17 +41,18 @@ async def test_recorded_history_replays_on_current_code(path: Path) -> None:
     assert result.replay_failure is None
 
 
-@workflow.defn(name="RefundWorkflow", sandboxed=False)
-class TimerFirstRefundWorkflow:
-    """A deliberately non-deterministic 'new version': it waits before validating.
-    Unsandboxed because the sandbox would re-import this test module and pytest with it."""
+@workflow.defn(dynamic=True, sandboxed=False)
+class TimerFirstWorkflow:
+    """A deliberately non-deterministic 'new version' of every workflow (dynamic, so it
+    takes any recorded type): it waits before its first activity. Unsandboxed because the
+    sandbox would re-import this test module and pytest with it."""
 
     @workflow.run
-    async def run(self, inp: object) -> None:
+    async def run(self, args: Sequence[RawValue]) -> None:
         await workflow.sleep(timedelta(seconds=1))
 
 
 @pytest.mark.parametrize("path", HISTORIES, ids=lambda p: p.stem)
 async def test_a_non_deterministic_change_fails_replay(path: Path) -> None:
     with pytest.raises(workflow.NondeterminismError):
-        await _replayer([TimerFirstRefundWorkflow]).replay_workflow(_history(path))
+        await _replayer([TimerFirstWorkflow]).replay_workflow(_history(path))

@@ -19,6 +19,7 @@ from adapters.http_server import AppServer
 from adapters.providers.base import WebhookRejected
 from adapters.providers.stripe import StripeProvider
 from adapters.store import Store
+from domain.models import ProviderEvent
 from starters.stack import TemporalDevServer, free_port
 from tests.harness import Stack, open_stack
 from tests.lossy_proxy import LossyProxy
@@ -133,6 +134,12 @@ def _adapter() -> StripeProvider:
     return StripeProvider(API_KEY, webhook_secrets=SECRETS, api_base="http://127.0.0.1:9")
 
 
+def _refund_event(headers: dict[str, str], raw: bytes) -> ProviderEvent:
+    event = _adapter().parse_webhook(headers, raw, time.time())
+    assert isinstance(event, ProviderEvent)
+    return event
+
+
 def _signed_event(event_type: str, **refund: Any) -> tuple[dict[str, str], bytes]:
     event = json.loads((PAYLOADS / "stripe_charge.refund.updated.json").read_bytes())
     event["type"] = event_type
@@ -147,7 +154,7 @@ def _signed_event(event_type: str, **refund: Any) -> tuple[dict[str, str], bytes
                                     "lost_or_stolen_card", "merchant_request", "unknown"])
 def test_every_documented_failure_reason_passes_through(reason: str) -> None:
     headers, raw = _signed_event("refund.failed", status="failed", failure_reason=reason)
-    event = _adapter().parse_webhook(headers, raw, time.time())
+    event = _refund_event(headers, raw)
     assert (event.status, event.failure_reason, event.amount) == ("failed", reason, 1000)
 
 
@@ -155,7 +162,7 @@ def test_every_documented_failure_reason_passes_through(reason: str) -> None:
 @pytest.mark.parametrize("status", ["pending", "requires_action", "succeeded", "canceled"])
 def test_each_stripe_status_maps_to_its_own_state(event_type: str, status: str) -> None:
     headers, raw = _signed_event(event_type, status=status, failure_reason=None)
-    event = _adapter().parse_webhook(headers, raw, time.time())
+    event = _refund_event(headers, raw)
     assert event.status == status and event.raw_status == status and event.refund_id
 
 
@@ -175,5 +182,5 @@ def test_charge_refunded_is_a_charge_level_notice() -> None:
     raw = json.dumps(event).encode()
     headers = {"stripe-signature": stripe.WebhookSignature.generate_signature_header(raw.decode(),
                                                                                      SECRETS[1])}
-    parsed = _adapter().parse_webhook(headers, raw, time.time())
+    parsed = _refund_event(headers, raw)
     assert (parsed.charge_id, parsed.refund_id, parsed.status) == ("ch_1", None, None)

@@ -17,6 +17,7 @@ from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.integrations import IntegrationActivities
+from activities.payout import PayoutActivities
 from activities.refund import RefundActivities
 from adapters.config import Settings
 from adapters.http_server import AppServer
@@ -29,13 +30,14 @@ from adapters.telemetry import sdk_runtime
 from adapters.temporal_client import connect
 from domain.policy import Policy
 from workers.health import health_app
+from workflows.payout import PayoutReversalWorkflow
 from workflows.refund import RefundWorkflow
 from workflows.tracking import RefundTrackingWorkflow
 
 log = logging.getLogger(__name__)
 
 PASSTHROUGH_MODULES = ("domain", "pydantic", "pydantic_core", "annotated_types", "iso4217")
-WORKFLOWS: Sequence[type] = (RefundWorkflow, RefundTrackingWorkflow)
+WORKFLOWS: Sequence[type] = (RefundWorkflow, RefundTrackingWorkflow, PayoutReversalWorkflow)
 
 
 def workflow_runner() -> SandboxedWorkflowRunner:
@@ -50,11 +52,12 @@ def build_worker(client: Client, task_queue: str, store: Store,
                  graceful_shutdown: timedelta = timedelta(seconds=10)) -> Worker:
     """A worker with every workflow and activity of the product; provider calls observed;
     `settings` configure the notice channels and the advisor (none given: the environment's)."""
-    activities = RefundActivities(store, instrument(providers), policy)
-    integrations = IntegrationActivities(store, settings or Settings())
+    observed = instrument(providers)
+    activities = [*RefundActivities(store, observed, policy).all(),
+                  *PayoutActivities(store, observed, policy).all(),
+                  *IntegrationActivities(store, settings or Settings()).all()]
     return Worker(
-        client, task_queue=task_queue, workflows=list(WORKFLOWS),
-        activities=[*activities.all(), *integrations.all()],
+        client, task_queue=task_queue, workflows=list(WORKFLOWS), activities=activities,
         workflow_runner=workflow_runner(), graceful_shutdown_timeout=graceful_shutdown,
     )
 

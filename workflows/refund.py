@@ -19,17 +19,11 @@ with workflow.unsafe.imports_passed_through():
     from domain.lifecycle import (
         FINAL_PROVIDER_STATUSES,
         StatusChange,
-        check_approval,
-        unfilled,
     )
     from domain.models import (
-        ApprovalProgress,
-        ApprovalRecord,
-        ApprovalSignal,
         CaseEventInput,
         CaseState,
         CaseStatus,
-        Decision,
         EventKind,
         LedgerInput,
         LedgerKind,
@@ -51,6 +45,7 @@ with workflow.unsafe.imports_passed_through():
         VerifyResult,
     )
     from workflows import retry
+    from workflows.approvals import ApprovalOutcome, ApprovalRound, ApprovingWorkflow
 
 DECLINED = "ProviderDeclined"
 UNEXPECTED_STATUS = "UnexpectedProviderStatus"
@@ -58,22 +53,22 @@ UNEXPECTED_STATUS = "UnexpectedProviderStatus"
 INTEGRATIONS_PATCH = "integrations-1"
 
 
+# What each approval step does to a refund case: its status, and the reservation released.
+APPROVAL_STEPS = {ApprovalOutcome.REQUESTED: (CaseStatus.AWAITING_APPROVAL, False),
+                  ApprovalOutcome.DENIED: (CaseStatus.DENIED, True),
+                  ApprovalOutcome.EXPIRED: (CaseStatus.EXPIRED, True)}
+
+
 @workflow.defn
-class RefundWorkflow:
+class RefundWorkflow(ApprovingWorkflow):
     """Validate → policy → (approvals) → submit once → verify when unsure → ledger → watch."""
 
     def __init__(self) -> None:
         self._request: RefundRequest | None = None
-        self._requester = ""
         self._timings = RefundTimings()
         self._status = CaseStatus.REQUESTED
         self._decision: PolicyDecision | None = None
-        self._approvals: list[ApprovalRecord] = []
-        self._approver_roles: list[tuple[str, frozenset[str]]] = []
-        self._refused: list[ApprovalRecord] = []
-        self._approval_inbox: list[tuple[int, ApprovalSignal]] = []
-        self._approvals_received = 0
-        self._approval_verdicts: dict[int, tuple[bool, str]] = {}
+        self._round = ApprovalRound()
         self._event_inbox: list[ProviderEvent] = []
         self._event_ids: set[str] = set()
         self._refund: ProviderRefund | None = None
@@ -86,34 +81,6 @@ class RefundWorkflow:
         self._closing = False
 
     # -- interface ---------------------------------------------------------------------
-
-    @workflow.signal
-    def approve(self, signal: ApprovalSignal) -> None:
-        """An approver's verdict from a channel that cannot wait for an answer (tickets,
-        chat buttons); checked like an update before it counts."""
-        self._approvals_received += 1
-        self._approval_inbox.append((self._approvals_received, signal))
-
-    @workflow.update
-    async def submit_approval(self, signal: ApprovalSignal) -> ApprovalProgress:
-        """An approver's verdict with an immediate answer: refused ones never get here
-        (see the validator); accepted ones return once the workflow has recorded them."""
-        self._approvals_received += 1
-        position = self._approvals_received
-        self._approval_inbox.append((position, signal))
-        await workflow.wait_condition(lambda: position in self._approval_verdicts)
-        accepted, reason = self._approval_verdicts.pop(position)
-        return ApprovalProgress(accepted=accepted, reason=reason, status=self._status,
-                                missing_roles=tuple(self._missing_roles()))
-
-    @submit_approval.validator
-    def _validate_approval(self, signal: ApprovalSignal) -> None:
-        if self._status is not CaseStatus.AWAITING_APPROVAL:
-            raise ApplicationError(f"case is {self._status.value}, not awaiting approval",
-                                   type="NotAwaitingApproval")
-        verdict = self._check(signal)
-        if not verdict[0]:
-            raise ApplicationError(verdict[1], type="ApprovalRefused")
 
     @workflow.signal
     def provider_event(self, event: ProviderEvent) -> None:
@@ -135,14 +102,15 @@ class RefundWorkflow:
             provider_refund_id=self._refund.refund_id if self._refund else None,
             provider_status=self._refund.status if self._refund else None,
             failure_reason=self._failure_reason, decision=self._decision,
-            approvals=tuple(self._approvals), refused_approvals=tuple(self._refused),
+            approvals=tuple(self._round.approvals), refused_approvals=tuple(self._round.refused),
             ledger_postings=tuple(self._postings), events_seen=self._events_seen,
         )
 
     @workflow.run
     async def run(self, inp: RefundWorkflowInput) -> RefundOutcome:
         self._request = request = inp.request
-        self._requester = inp.requester
+        self._round.requester = inp.requester
+        self._round.conflicted = frozenset(request.trigger_identities)
         self._timings = inp.timings
         self._status = CaseStatus.VALIDATING
         for trigger in [e for e in self._event_inbox if e.kind is EventKind.REFUND_REQUESTED]:
@@ -161,8 +129,13 @@ class RefundWorkflow:
         self._decision = await workflow.execute_activity(
             "decide_policy", PolicyInput(request=request, validation=validation),
             result_type=PolicyDecision, **retry.POLICY)
-        if not self._decision.auto_approve and not await self._collect_approvals():
-            return await self._finish()
+        self._round.requirements, self._round.tier = self._decision.requirements, self._decision.tier
+        if not self._decision.auto_approve:
+            if not await self._round.collect(self, self._timings):
+                return await self._finish()
+            if workflow.patched(INTEGRATIONS_PATCH):
+                await self._notify("refund_approved", "requester",
+                                   {"by": ", ".join(a.approver for a in self._round.approvals)})
         await self._record("execution_started", CaseStatus.EXECUTING)
         refund = await self._submit_exactly_once(request)
         if refund is None:
@@ -173,99 +146,18 @@ class RefundWorkflow:
         await self._follow_provider(refund)
         return await self._finish()
 
-    # -- approvals ---------------------------------------------------------------------
+    # -- approvals (the round calls back here) -------------------------------------------
 
-    def _missing_roles(self) -> list[str]:
-        requirements = self._decision.requirements if self._decision else ()
-        return unfilled(requirements, self._approver_roles)
+    def approval_status(self) -> tuple[bool, str]:
+        return self._status is CaseStatus.AWAITING_APPROVAL, self._status.value
 
-    def _check(self, signal: ApprovalSignal) -> tuple[bool, str]:
-        assert self._request is not None
-        verdict = check_approval(
-            signal, requester=self._requester,
-            conflicted=frozenset(self._request.trigger_identities),
-            requirements=self._decision.requirements if self._decision else (),
-            approved=self._approver_roles)
-        return verdict.accepted, verdict.reason
+    async def approval_step(self, action: str, outcome: ApprovalOutcome | None = None, *,
+                            actor: str = "workflow", detail: dict[str, Any] | None = None) -> None:
+        status, release = APPROVAL_STEPS[outcome] if outcome else (None, False)
+        await self._record(action, status, actor=actor, release=release, detail=detail)
 
-    async def _collect_approvals(self) -> bool:
-        """Waits durably for the tier's distinct, authorised approvals, a denial, or expiry;
-        reminds and escalates on the way."""
-        timings = self._timings
-        await self._record("approval_requested", CaseStatus.AWAITING_APPROVAL,
-                           detail={"tier": self._decision.tier if self._decision else None,
-                                   "missing_roles": self._missing_roles()})
-        await self._notify("approval_needed", "approvers", {"missing_roles": self._missing_roles()})
-        started = workflow.now()
-        deadline = started + timings.approval_timeout
-        nudges = [(started + after, kind) for after, kind in
-                  ((timings.approval_reminder, "approval_reminder"),
-                   (timings.approval_escalation, "approval_escalated")) if after is not None]
-        outcome: bool | None = None
-        while outcome is None:
-            outcome = await self._handle_approval_inbox()
-            if outcome is not None:
-                break
-            now = workflow.now()
-            for due, kind in [n for n in nudges if n[0] <= now]:
-                nudges.remove((due, kind))
-                await self._record(kind, detail={"missing_roles": self._missing_roles()})
-                await self._notify(kind, "escalation" if kind == "approval_escalated" else "approvers",
-                                   {"missing_roles": self._missing_roles()})
-            if now >= deadline:
-                await self._record("approval_expired", CaseStatus.EXPIRED, release=True)
-                outcome = False
-                break
-            wake = min([deadline, *(due for due, _ in nudges)])
-            try:
-                await workflow.wait_condition(lambda: bool(self._approval_inbox), timeout=wake - now)
-            except TimeoutError:
-                continue
-        await self._refuse_leftover_approvals()
-        return outcome
-
-    async def _handle_approval_inbox(self) -> bool | None:
-        """Records each queued verdict; True when the tier is satisfied, False on denial."""
-        while self._approval_inbox:
-            position, signal = self._approval_inbox.pop(0)
-            record = ApprovalRecord(approver=signal.approver, decision=signal.decision,
-                                    reason=signal.reason, at=workflow.now())
-            accepted, refusal = self._check(signal)
-            if not accepted:
-                self._refused.append(record)
-                await self._record("approval_refused", actor=signal.approver,
-                                   detail={"decision": signal.decision.value, "refusal": refusal})
-                self._approval_verdicts[position] = (False, refusal)
-                continue
-            self._approvals.append(record)
-            if signal.decision is Decision.DENY:
-                await self._record("approval_denied", CaseStatus.DENIED, actor=signal.approver,
-                                   release=True, detail={"reason": signal.reason})
-                await self._notify("approval_denied", "requester", {"by": signal.approver})
-                self._approval_verdicts[position] = (True, "")
-                return False
-            self._approver_roles.append((signal.approver, frozenset(signal.roles)))
-            missing = self._missing_roles()
-            await self._record("approval_granted", actor=signal.approver,
-                               detail={"reason": signal.reason, "roles": list(signal.roles),
-                                       "missing_roles": missing})
-            self._approval_verdicts[position] = (True, "")
-            if not missing:
-                if workflow.patched(INTEGRATIONS_PATCH):
-                    await self._notify("refund_approved", "requester",
-                                       {"by": ", ".join(person for person, _ in self._approver_roles)})
-                return True
-        return None
-
-    async def _refuse_leftover_approvals(self) -> None:
-        """Verdicts that arrive after the decision are recorded, never counted."""
-        while self._approval_inbox:
-            position, signal = self._approval_inbox.pop(0)
-            refusal = f"case is already {self._status.value}"
-            self._refused.append(ApprovalRecord(approver=signal.approver, decision=signal.decision,
-                                                reason=signal.reason, at=workflow.now()))
-            await self._record("approval_refused", actor=signal.approver, detail={"refusal": refusal})
-            self._approval_verdicts[position] = (False, refusal)
+    async def approval_notice(self, kind: str, audience: str, detail: dict[str, Any]) -> None:
+        await self._notify(kind, audience, detail)
 
     # -- advice and notices (beside the case, never in its way) --------------------------
 

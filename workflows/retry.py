@@ -38,3 +38,21 @@ DELIVER: dict[str, Any] = {
 ADVISE_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_attempts=2)
 
 RESUBMIT_BACKOFF_CAP = timedelta(minutes=10)
+
+# Payout reversal: each runbook step its own policy. Hold, rollback and ticket are our own
+# writes and must land; advice is optional (bounded, its failure tolerated); the
+# compensating entry uses LEDGER under the case's `ledger_pending_after` deadline, after
+# which the rollback branch runs. A reissue looks up before it creates, and its
+# start-to-close outlasts an attempt's two provider calls, so attempts never overlap.
+PAYOUT_ADMIT: dict[str, Any] = {"start_to_close_timeout": timedelta(seconds=30), "retry_policy": _PATIENT}
+PAYOUT_TRIAGE: dict[str, Any] = {
+    "start_to_close_timeout": timedelta(seconds=30),
+    "retry_policy": RetryPolicy(initial_interval=timedelta(seconds=1), maximum_attempts=3),
+}
+PAYOUT_HOLD: dict[str, Any] = {"start_to_close_timeout": timedelta(seconds=30), "retry_policy": _PATIENT}
+PAYOUT_TICKET: dict[str, Any] = {"start_to_close_timeout": timedelta(seconds=30), "retry_policy": _PATIENT}
+PAYOUT_REISSUE: dict[str, Any] = {
+    "start_to_close_timeout": timedelta(seconds=60),
+    "retry_policy": RetryPolicy(initial_interval=timedelta(seconds=2), backoff_coefficient=2.0,
+                                maximum_interval=timedelta(minutes=5)),
+}

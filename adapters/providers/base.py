@@ -5,9 +5,10 @@ may not exist (verify before retrying); `ProviderDeclined` means it certainly do
 """
 
 from collections.abc import Mapping
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from domain.models import ChargeSnapshot, ProviderEvent, ProviderRefund, RefundRequest
+from domain.payouts import PayoutEvent, PayoutOrder, ProviderPayout
 
 
 class ProviderError(Exception):
@@ -63,8 +64,22 @@ class ProviderAdapter(RefundExecutor, Protocol):
     async def get_charge(self, charge_id: str) -> ChargeSnapshot | None:
         """The charge as the provider sees it, or None when it does not exist."""
 
-    def parse_webhook(self, headers: Mapping[str, str], body: bytes, now: float) -> ProviderEvent:
+    def parse_webhook(self, headers: Mapping[str, str], body: bytes,
+                      now: float) -> ProviderEvent | PayoutEvent:
         """Verifies the signature and normalises the event; raises WebhookRejected."""
+
+
+@runtime_checkable
+class PayoutExecutor(Protocol):
+    """A provider that can make a payout (a reissue) and find one by our reference."""
+
+    name: str
+
+    async def create_payout(self, order: PayoutOrder, idempotency_key: str) -> ProviderPayout:
+        """Asks for the payout, carrying our idempotency key and our payout id as reference."""
+
+    async def find_payout(self, reference: str) -> ProviderPayout | None:
+        """Looks a payout up by our reference (the check before any create)."""
 
 
 class WebhooksOnly:

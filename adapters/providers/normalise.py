@@ -12,35 +12,39 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
 from adapters.providers.base import UnexpectedProviderStatus, WebhookRejected
 from domain.models import EventKind, ProviderEvent, ProviderRefund, ProviderRefundStatus
 from domain.money import currency_exponent, normalise_currency
+from domain.payouts import PayoutEvent, ProviderPayout, ProviderPayoutStatus
 
 REFERENCE_KEY = "refund_request_id"
 """The metadata key that carries our refund_request_id on a provider's refund."""
+PAYOUT_REFERENCE_KEY = "payout_reference"
+"""The metadata key that carries our payout id on a payout we made (a reissue)."""
 
 IDENTITY_STATUSES = {s.value: s for s in ProviderRefundStatus}
+S = TypeVar("S")
 
 
 class UnexpectedStatus(UnexpectedProviderStatus):
-    """The provider reported a refund status we have no branch for (on the API path the
-    activities turn it into an ops-review case; on a webhook, a refused delivery)."""
+    """The provider reported a refund (or payout) status we have no branch for (on the API
+    path the activities turn it into an ops-review case; on a webhook, a refused delivery)."""
 
-    def __init__(self, provider: str, raw: str) -> None:
-        super().__init__(f"{provider}: unexpected refund status {raw!r}")
+    def __init__(self, provider: str, raw: str, what: str = "refund") -> None:
+        super().__init__(f"{provider}: unexpected {what} status {raw!r}")
         self.raw = raw
 
 
-def map_status(provider: str, table: Mapping[str, ProviderRefundStatus], raw: object) -> ProviderRefundStatus:
+def map_status(provider: str, table: Mapping[str, S], raw: object, what: str = "refund") -> S:
     """The canonical status for a provider's raw one; raises UnexpectedStatus otherwise."""
     try:
         return table[str(raw)]
     except KeyError:
-        raise UnexpectedStatus(provider, str(raw)) from None
+        raise UnexpectedStatus(provider, str(raw), what) from None
 
 
 def minor_units(value: object) -> int:
@@ -70,6 +74,25 @@ def stripe_shaped_refund(provider: str, obj: Mapping[str, Any],
         status=map_status(provider, statuses, obj["status"]), raw_status=str(obj["status"]),
         failure_reason=obj.get("failure_reason"), reference=metadata.get(REFERENCE_KEY),
     )
+
+
+def stripe_shaped_payout(provider: str, obj: Mapping[str, Any],
+                         statuses: Mapping[str, ProviderPayoutStatus]) -> ProviderPayout:
+    """Maps a Stripe-shaped payout object (Stripe's own and the sandbox's)."""
+    metadata = obj.get("metadata") or {}
+    return ProviderPayout(
+        provider=provider, payout_id=str(obj["id"]), amount=minor_units(obj["amount"]),
+        currency=normalise_currency(str(obj["currency"])),
+        status=map_status(provider, statuses, obj["status"], "payout"), raw_status=str(obj["status"]),
+        failure_code=obj.get("failure_code"), failure_message=obj.get("failure_message"),
+        reference=metadata.get(PAYOUT_REFERENCE_KEY),
+    )
+
+
+def payout_event(payout: ProviderPayout, env: "StripeEnvelope") -> PayoutEvent:
+    """The canonical event for a payout a Stripe-shaped webhook reported."""
+    return PayoutEvent(provider=payout.provider, event_id=env.event_id, event_type=env.event_type,
+                       body_sha256=env.body_sha256, occurred_at=env.occurred_at, payout=payout)
 
 
 def load_json(body: bytes, *, exact_decimals: bool = False) -> Any:

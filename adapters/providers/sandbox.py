@@ -17,10 +17,13 @@ from adapters.providers.base import (
 )
 from adapters.providers.normalise import (
     IDENTITY_STATUSES,
+    PAYOUT_REFERENCE_KEY,
     minor_units,
     normalising,
+    payout_event,
     refund_event,
     stripe_envelope,
+    stripe_shaped_payout,
     stripe_shaped_refund,
 )
 from adapters.providers.signing import StripeSchemeVerifier
@@ -32,11 +35,17 @@ from domain.models import (
     RefundReason,
     RefundRequest,
 )
+from domain.payouts import PayoutEvent, PayoutOrder, ProviderPayout, ProviderPayoutStatus
 
 SIGNATURE_HEADER = "sandbox-signature"
 REFUND_STATUS_EVENTS = frozenset({"refund.created", "refund.updated", "refund.failed"})
 REQUEST_EVENTS = frozenset({"refund.requested"})
-KNOWN_EVENT_TYPES = REFUND_STATUS_EVENTS | REQUEST_EVENTS
+PAYOUT_EVENTS = frozenset({"payout.paid", "payout.failed", "payout.settlement_failed", "payout.reversed"})
+KNOWN_EVENT_TYPES = REFUND_STATUS_EVENTS | REQUEST_EVENTS | PAYOUT_EVENTS
+# A settlement failure is a failure that comes after the payout showed paid.
+PAYOUT_STATUSES = {"paid": ProviderPayoutStatus.PAID, "failed": ProviderPayoutStatus.FAILED,
+                   "settlement_failed": ProviderPayoutStatus.FAILED,
+                   "reversed": ProviderPayoutStatus.REVERSED}
 
 
 def sign(secret: str, body: bytes, timestamp: int) -> str:
@@ -110,11 +119,30 @@ class SandboxProvider:
         found = [refund_from_object(self.name, o) for o in response.json()["data"]]
         return found[0] if found else None
 
-    def parse_webhook(self, headers: Mapping[str, str], body: bytes, now: float) -> ProviderEvent:
+    async def create_payout(self, order: PayoutOrder, idempotency_key: str) -> ProviderPayout:
+        response = await self._call(
+            "POST", "/v1/payouts", headers={"Idempotency-Key": idempotency_key},
+            json={"amount": order.amount, "currency": order.currency.lower(),
+                  "destination": order.beneficiary_id,
+                  "metadata": {PAYOUT_REFERENCE_KEY: order.reference}})
+        if response.status_code >= 400:
+            raise ProviderDeclined(f"payout refused: HTTP {response.status_code} {response.text[:300]}")
+        return stripe_shaped_payout(self.name, response.json(), PAYOUT_STATUSES)
+
+    async def find_payout(self, reference: str) -> ProviderPayout | None:
+        response = await self._call("GET", "/v1/payouts", params={"reference": reference})
+        response.raise_for_status()
+        found = [stripe_shaped_payout(self.name, o, PAYOUT_STATUSES) for o in response.json()["data"]]
+        return found[0] if found else None
+
+    def parse_webhook(self, headers: Mapping[str, str], body: bytes,
+                      now: float) -> ProviderEvent | PayoutEvent:
         self._verifier.verify(headers, body, now)
         env = stripe_envelope(body, KNOWN_EVENT_TYPES)
         obj = env.obj
         with normalising(env.event_id, env.event_type):
+            if env.event_type in PAYOUT_EVENTS:
+                return payout_event(stripe_shaped_payout(self.name, obj, PAYOUT_STATUSES), env)
             if env.event_type in REQUEST_EVENTS:
                 return ProviderEvent(
                     provider=self.name, event_id=env.event_id, event_type=env.event_type,

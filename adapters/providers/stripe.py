@@ -18,8 +18,10 @@ from adapters.providers.base import ProviderDeclined, ProviderOutcomeUnknown
 from adapters.providers.normalise import (
     REFERENCE_KEY,
     normalising,
+    payout_event,
     refund_event,
     stripe_envelope,
+    stripe_shaped_payout,
     stripe_shaped_refund,
 )
 from adapters.providers.signing import StripeSchemeVerifier, WebhookVerifier
@@ -32,6 +34,7 @@ from domain.models import (
     RefundRequest,
 )
 from domain.money import normalise_currency
+from domain.payouts import PayoutEvent, ProviderPayoutStatus
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +49,16 @@ REFUND_EVENTS = frozenset({"refund.created", "refund.updated", "refund.failed", 
 CHARGE_EVENTS = frozenset({"charge.refunded"})
 """Charge-level notices: current API versions carry no refund list, so the refund.* events
 that accompany them are what moves a case."""
-KNOWN_EVENT_TYPES = REFUND_EVENTS | CHARGE_EVENTS
+PAYOUT_EVENTS = frozenset({"payout.paid", "payout.failed", "payout.canceled", "payout.updated"})
+"""A Stripe payout may show paid and turn failed up to five business days later."""
+PAYOUT_STATUSES = {
+    "pending": ProviderPayoutStatus.PENDING,
+    "in_transit": ProviderPayoutStatus.PENDING,
+    "paid": ProviderPayoutStatus.PAID,
+    "failed": ProviderPayoutStatus.FAILED,
+    "canceled": ProviderPayoutStatus.CANCELED,
+}
+KNOWN_EVENT_TYPES = REFUND_EVENTS | CHARGE_EVENTS | PAYOUT_EVENTS
 
 T = TypeVar("T")
 
@@ -145,11 +157,14 @@ class StripeProvider:
                       request.refund_request_id, [r.refund_id for r in found])
         return found[-1] if found else None
 
-    def parse_webhook(self, headers: Mapping[str, str], body: bytes, now: float) -> ProviderEvent:
+    def parse_webhook(self, headers: Mapping[str, str], body: bytes,
+                      now: float) -> ProviderEvent | PayoutEvent:
         self._verifier.verify(headers, body, now)
         env = stripe_envelope(body, KNOWN_EVENT_TYPES)
         account = env.payload.get("account")
         with normalising(env.event_id, env.event_type):
+            if env.event_type in PAYOUT_EVENTS:
+                return payout_event(stripe_shaped_payout(self.name, env.obj, PAYOUT_STATUSES), env)
             if env.event_type in CHARGE_EVENTS:
                 return ProviderEvent(
                     provider=self.name, event_id=env.event_id, event_type=env.event_type,

@@ -1,0 +1,161 @@
+"""Activities of the payout reversal workflow: the state gate, advice, policy and the
+runbook steps (hold, compensating entry, rollback, ticket, reissue).
+
+Each activity is idempotent: a retry finds what the first attempt wrote (the case row,
+the hold, the entry by its posting key, the ticket notice by its dedup key, the reissue
+by its id) instead of acting twice. Notices and the reissue's ledger entry go through
+the refund activities `queue_notice` and `post_ledger`, registered on the same worker.
+"""
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from adapters.payout_book import HoldReleased, PayoutBook
+from adapters.providers.base import (
+    PayoutExecutor,
+    ProviderAdapter,
+    ProviderDeclined,
+    ProviderOutcomeUnknown,
+)
+from adapters.store import Store
+from domain.models import LedgerResult
+from domain.payouts import (
+    AdmitInput,
+    AdmitResult,
+    HoldInput,
+    HoldResult,
+    PayoutCaseEventInput,
+    PayoutDecision,
+    PayoutOrder,
+    PayoutPolicyInput,
+    PayoutSnapshot,
+    ReissueInput,
+    ReleaseResult,
+    ReversalInput,
+    TicketInput,
+    TicketResult,
+    TriageInput,
+    TriageReceipt,
+)
+from domain.policy import Policy, decide_payout_reversal
+from domain.triage import triage_offline
+
+log = logging.getLogger(__name__)
+
+DECLINED = "ProviderDeclined"
+OUTCOME_UNKNOWN = "ProviderOutcomeUnknown"
+
+
+class PayoutActivities:
+    """Holds the process-wide store, provider clients and policy the activities share."""
+
+    def __init__(self, store: Store, providers: Mapping[str, ProviderAdapter], policy: Policy) -> None:
+        self._book = PayoutBook(store)
+        self._providers = providers
+        self._policy = policy
+
+    @activity.defn(name="admit_payout_event")
+    async def admit_payout_event(self, inp: AdmitInput) -> AdmitResult:
+        """The validation gate before any action: the payout exists internally, its status,
+        whether the case is open; the first failure of a paid payout opens the case.
+
+        Idempotent: the case row is inserted once; a retry re-reads the same state."""
+        try:
+            return await self._book.admit(inp.case_id, inp.event, case_open=inp.case_open)
+        except LookupError as exc:
+            raise ApplicationError(str(exc), type="UnknownPayout", non_retryable=True) from exc
+
+    @activity.defn(name="triage_payout_exception")
+    async def triage_payout_exception(self, inp: TriageInput) -> TriageReceipt:
+        """Advisory triage: stores a typed recommendation (root cause, next step, timeline)
+        beside the case for approvers; only whether it was stored goes back, so nothing
+        can act on it. Idempotent: a retry overwrites the field with the same rules' answer."""
+        advice = triage_offline(inp.payout, inp.events)
+        await self._book.record_case_field(inp.case_id, "recommendation", advice.model_dump(mode="json"),
+                                           "ai_recommendation_recorded", f"advisor:{advice.source}")
+        return TriageReceipt(recorded=True, source=advice.source)
+
+    @activity.defn(name="decide_payout_reversal")
+    async def decide_payout_reversal(self, inp: PayoutPolicyInput) -> PayoutDecision:
+        """The policy's approval tier for the amount, and its runbook switches, stored on
+        the case. A policy without payout tiers fails and is retried until it is fixed.
+
+        Idempotent: deterministic over the loaded policy."""
+        rules = self._policy.payout_reversal
+        decision = PayoutDecision(
+            decision=decide_payout_reversal(self._policy, inp.payout.amount, inp.payout.currency),
+            hold_beneficiary_payouts=rules.hold_beneficiary_payouts,
+            rollback_hold_on_ledger_failure=rules.rollback_hold_on_ledger_failure)
+        await self._book.record_case_field(inp.case_id, "decision", decision.model_dump(mode="json"),
+                                           "policy_decision", "policy")
+        return decision
+
+    @activity.defn(name="record_payout_case_event")
+    async def record_payout_case_event(self, inp: PayoutCaseEventInput) -> None:
+        """Moves the case's status and appends the audit row in one transaction."""
+        await self._book.record_case_event(inp)
+
+    @activity.defn(name="hold_payout")
+    async def hold_payout(self, inp: HoldInput) -> HoldResult:
+        """Runbook step A: the payout (and, per policy, the beneficiary's further payouts)
+        on hold, remembering the status to return to. Idempotent: a held payout stays held."""
+        return await self._book.hold(inp.case_id, inp.payout_id, hold_beneficiary=inp.hold_beneficiary)
+
+    @activity.defn(name="post_payout_reversal")
+    async def post_payout_reversal(self, inp: ReversalInput) -> LedgerResult:
+        """Runbook step B: the compensating entry (template `payout_reversed`), only while
+        the hold stands. Idempotent by its posting key (case + template)."""
+        try:
+            return await self._book.post_reversal(inp.case_id, inp.payout)
+        except HoldReleased as exc:
+            raise ApplicationError(str(exc), type="HoldReleased", non_retryable=True) from exc
+
+    @activity.defn(name="release_payout_hold")
+    async def release_payout_hold(self, inp: ReversalInput) -> ReleaseResult:
+        """The rollback after step B failed (where policy allows): hold → previous status.
+        Idempotent: a released hold is not released again; a late posting keeps the hold."""
+        return await self._book.release_hold(inp.case_id, inp.payout.id)
+
+    @activity.defn(name="open_payout_ticket")
+    async def open_payout_ticket(self, inp: TicketInput) -> TicketResult:
+        """Runbook step C: opens (or updates) the case's ops ticket. Until the ServiceNow /
+        Jira integration lands this stores a placeholder reference and queues a
+        `payout_exception_ticket` notice for it. Idempotent: once per case and occasion."""
+        ref, queued = await self._book.open_ticket(inp.case_id, inp.occasion, inp.priority, inp.detail)
+        return TicketResult(ticket_ref=ref, newly_queued=queued)
+
+    @activity.defn(name="reissue_payout")
+    async def reissue_payout(self, inp: ReissueInput) -> PayoutSnapshot:
+        """Pays the beneficiary again after an approved reissue request, once: our books
+        first, then the provider by our reference, and only then a create (with a derived
+        idempotency key). An attempt's provider calls end (HTTP timeout) before its
+        start-to-close timeout, so two attempts never overlap."""
+        original = inp.original
+        done = await self._book.payout(original.reissue_id())
+        if done is not None:
+            return done
+        provider = self._providers.get(original.provider)
+        if not isinstance(provider, PayoutExecutor):
+            raise ApplicationError(f"{original.provider} cannot make payouts", type=DECLINED,
+                                   non_retryable=True)
+        order = PayoutOrder(reference=original.reissue_id(), beneficiary_id=original.beneficiary_id,
+                            amount=original.amount, currency=original.currency)
+        try:
+            made = await provider.find_payout(order.reference)
+            if made is None:
+                made = await provider.create_payout(order, original.reissue_key())
+        except ProviderDeclined as exc:
+            raise ApplicationError(str(exc), type=DECLINED, non_retryable=True) from exc
+        except ProviderOutcomeUnknown as exc:
+            raise ApplicationError(str(exc), type=OUTCOME_UNKNOWN) from exc
+        return await self._book.record_reissue(inp.case_id, original, made, inp.final_status)
+
+    def all(self) -> list[Callable[..., Any]]:
+        """Every activity, for worker registration."""
+        return [self.admit_payout_event, self.triage_payout_exception, self.decide_payout_reversal,
+                self.record_payout_case_event, self.hold_payout, self.post_payout_reversal,
+                self.release_payout_hold, self.open_payout_ticket, self.reissue_payout]

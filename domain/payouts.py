@@ -1,0 +1,293 @@
+"""Payout reversals: the canonical payout event, internal payout states, the admission rule
+that says what one event does to a payout's exception case, and the case's models.
+
+A payout we hold as paid can come back failed, settlement-failed or reversed at the
+provider days later. Each payout has at most one exception case, whose id derives from
+provider + payout id; each event acts at most once, by `provider_event_id + payout_id`.
+Kept apart from `models.py` so the payout path can grow without reshaping refunds.
+"""
+
+import hashlib
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+from pydantic import Field
+
+from domain.models import (
+    ApprovalRecord,
+    Frozen,
+    Identifier,
+    PolicyDecision,
+    RefundTimings,
+)
+
+
+class ProviderPayoutStatus(StrEnum):
+    """Every provider's payout states map onto these five."""
+
+    PENDING = "pending"
+    PAID = "paid"
+    FAILED = "failed"
+    CANCELED = "canceled"
+    REVERSED = "reversed"
+
+
+EXCEPTION_STATUSES = frozenset(
+    {ProviderPayoutStatus.FAILED, ProviderPayoutStatus.CANCELED, ProviderPayoutStatus.REVERSED})
+
+
+class PayoutStatus(StrEnum):
+    """A payout's status in our own books (the `payouts` table)."""
+
+    PAID = "paid"
+    FAILED = "failed"
+    REVERSED = "reversed"
+    ON_HOLD = "on_hold"
+
+
+class ProviderPayout(Frozen):
+    """A payout as the provider reports it."""
+
+    provider: str
+    payout_id: str
+    amount: int
+    currency: str
+    status: ProviderPayoutStatus
+    raw_status: str
+    failure_code: str | None = None
+    failure_message: str | None = None
+    reference: str | None = Field(default=None, description="our payout id, on payouts we made")
+
+
+class PayoutEvent(Frozen):
+    """A verified, normalised payout webhook (the canonical payout event)."""
+
+    provider: str
+    event_id: str
+    event_type: str
+    body_sha256: str
+    occurred_at: datetime
+    payout: ProviderPayout
+
+    def idempotency_key(self) -> str:
+        """`provider_event_id + payout_id`: a retried delivery computes the same key."""
+        return f"{self.event_id}:{self.payout.payout_id}"
+
+    def is_exception(self) -> bool:
+        return self.payout.status in EXCEPTION_STATUSES
+
+
+class PayoutOrder(Frozen):
+    """A payout we ask a provider to make (a reissue); `reference` is our payout id."""
+
+    reference: str
+    beneficiary_id: str
+    amount: int = Field(gt=0, strict=True)
+    currency: str
+
+
+def payout_case_id(provider: str, payout_id: str) -> str:
+    """The exception case (and workflow) id of a payout: no personal data in it."""
+    return f"{provider}-payout-{payout_id}"
+
+
+class Admission(StrEnum):
+    """What one event does to a payout's exception case."""
+
+    OPEN = "open"
+    JOIN = "join"
+    ALREADY_HANDLED = "already_handled"
+    STALE = "stale"
+    SAME = "same"
+
+
+def admit(internal: PayoutStatus, reported: ProviderPayoutStatus, *, case_open: bool) -> Admission:
+    """The internal-state gate. A failure of a payout we hold as paid opens the case; a
+    later failure joins it; a payout already failed, reversed or held elsewhere needs no
+    second remediation; `paid` (or pending) after a failure never re-marks it paid."""
+    if reported in EXCEPTION_STATUSES:
+        if case_open:
+            return Admission.JOIN
+        return Admission.OPEN if internal is PayoutStatus.PAID else Admission.ALREADY_HANDLED
+    if case_open or internal is not PayoutStatus.PAID:
+        return Admission.STALE
+    return Admission.SAME
+
+
+def final_status(reported: ProviderPayoutStatus) -> PayoutStatus:
+    """The internal status a payout ends in once the provider's failure is settled."""
+    return PayoutStatus.REVERSED if reported is ProviderPayoutStatus.REVERSED else PayoutStatus.FAILED
+
+
+class PayoutSnapshot(Frozen):
+    """An internal payout as our books hold it."""
+
+    id: str
+    provider: str
+    provider_payout_id: str
+    beneficiary_id: str
+    amount: int = Field(gt=0, strict=True, description="integer minor units of `currency`")
+    currency: str
+    status: PayoutStatus
+    held_from_status: PayoutStatus | None = None
+    reissue_of: str | None = None
+
+    def reissue_id(self) -> str:
+        """Our id of this payout's one reissue; its uniqueness is what makes it once."""
+        return f"{self.id}-r1"
+
+    def reissue_key(self) -> str:
+        """The provider idempotency key of the reissue: derived, never random."""
+        digest = hashlib.sha256(f"payout-reissue:{self.reissue_id()}".encode()).hexdigest()
+        return f"rfo_{digest[:40]}"
+
+
+class PayoutCaseStatus(StrEnum):
+    """The payout exception case (see the architecture notes)."""
+
+    OPENING = "opening"
+    NO_ACTION = "no_action"
+    AWAITING_APPROVAL = "awaiting_approval"
+    DENIED = "denied"
+    EXPIRED = "expired"
+    EXECUTING = "executing"
+    REMEDIATED = "remediated"
+    LEDGER_FAILED = "ledger_failed"
+    ROLLED_BACK = "rolled_back"
+    AWAITING_REISSUE_APPROVAL = "awaiting_reissue_approval"
+    REISSUE_DENIED = "reissue_denied"
+    REISSUE_EXPIRED = "reissue_expired"
+    REISSUING = "reissuing"
+    REISSUED = "reissued"
+    REISSUE_FAILED = "reissue_failed"
+
+
+APPROVAL_STATUSES = frozenset(
+    {PayoutCaseStatus.AWAITING_APPROVAL, PayoutCaseStatus.AWAITING_REISSUE_APPROVAL})
+
+
+class PayoutCaseInput(Frozen):
+    """Start input of PayoutReversalWorkflow (workflow id == case_id)."""
+
+    case_id: Identifier
+    provider: str
+    payout_id: str = Field(description="the provider's payout id")
+    timings: RefundTimings = RefundTimings()
+    reissue_window: timedelta = Field(
+        default=timedelta(days=30), description="how long a remediated case accepts a reissue request")
+
+
+class AdmitInput(Frozen):
+    case_id: str
+    event: PayoutEvent
+    case_open: bool
+
+
+class AdmitResult(Frozen):
+    admission: Admission
+    payout: PayoutSnapshot | None
+
+
+class TriageInput(Frozen):
+    """What the advisor may look at: the payout and the case's events so far."""
+
+    case_id: str
+    payout: PayoutSnapshot
+    events: tuple[PayoutEvent, ...]
+
+
+class TriageReceipt(Frozen):
+    """Whether a recommendation was stored, never what it says: its content cannot reach a
+    decision by construction."""
+
+    recorded: bool
+    source: str
+
+
+class PayoutPolicyInput(Frozen):
+    case_id: str
+    payout: PayoutSnapshot
+
+
+class PayoutDecision(Frozen):
+    """The tier that must approve, and the runbook's policy switches."""
+
+    decision: PolicyDecision
+    hold_beneficiary_payouts: bool
+    rollback_hold_on_ledger_failure: bool
+
+
+class HoldInput(Frozen):
+    case_id: str
+    payout_id: str
+    hold_beneficiary: bool
+
+
+class HoldResult(Frozen):
+    held_from: PayoutStatus
+    newly_held: bool
+    beneficiary_held: bool
+
+
+class ReversalInput(Frozen):
+    case_id: str
+    payout: PayoutSnapshot
+
+
+class ReleaseResult(Frozen):
+    """`rolled_back` False with `posted` True: the reversal landed after all (the hold stays)."""
+
+    rolled_back: bool
+    posted: bool
+    restored: PayoutStatus | None = None
+
+
+class TicketInput(Frozen):
+    case_id: str
+    occasion: str
+    priority: str = Field(pattern=r"^(normal|high)$")
+    detail: dict[str, str] = Field(default_factory=dict)
+
+
+class TicketResult(Frozen):
+    ticket_ref: str
+    newly_queued: bool
+
+
+class PayoutCaseEventInput(Frozen):
+    """One step of a payout case for the audit trail, optionally moving its status."""
+
+    case_id: str
+    action: str
+    actor: str = "workflow"
+    status: PayoutCaseStatus | None = None
+    detail: dict[str, object] = Field(default_factory=dict)
+
+
+class ReissueAsk(Frozen):
+    """An explicit request to reissue the payout; identity comes from the relay's auth."""
+
+    requester: str
+    roles: tuple[str, ...]
+    reason: str = ""
+
+
+class ReissueInput(Frozen):
+    case_id: str
+    original: PayoutSnapshot
+    final_status: PayoutStatus
+
+
+class PayoutCaseState(Frozen):
+    """The workflow's view of its case, returned by the `state` query and as its result."""
+
+    case_id: str
+    status: PayoutCaseStatus
+    payout: PayoutSnapshot | None = None
+    decision: PolicyDecision | None = None
+    approvals: tuple[ApprovalRecord, ...] = ()
+    refused_approvals: tuple[ApprovalRecord, ...] = ()
+    missing_roles: tuple[str, ...] = ()
+    runbook: tuple[str, ...] = ()
+    events_seen: int = 0
+    reissue_payout_id: str | None = None

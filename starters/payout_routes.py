@@ -1,0 +1,108 @@
+"""The relay's payout exception endpoints: read a case with its timeline, approve or deny
+its current approval round, and ask for a reissue (which then needs its own approval).
+Identity comes from the bearer token, as everywhere in the relay."""
+
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException
+from pydantic import BaseModel, ConfigDict, Field
+from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from adapters.payout_book import PayoutBook
+from adapters.store import Principal, Store
+from adapters.telemetry import bind_case
+from domain.models import APPROVER_ROLES
+from domain.payouts import APPROVAL_STATUSES, ReissueAsk
+from starters.approving import ApprovalBody, approvals_view, ask_for_verdict, refusal
+from workflows.payout import PayoutReversalWorkflow
+
+READ_ROLES = APPROVER_ROLES | {"auditor", "ops", "admin"}
+REISSUE_ROLES = frozenset({"ops", "admin"})
+
+Require = Callable[[Principal, frozenset[str], str, str | None], Awaitable[None]]
+
+
+class PayoutReissueBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(min_length=1, max_length=2000)
+
+
+def payout_routes(store: Store, client: Client, principal: Callable[..., Awaitable[Principal]],
+                  require: Require) -> APIRouter:
+    """The routes, over the relay's store, Temporal client, authentication and role check."""
+    router = APIRouter()
+    book = PayoutBook(store)
+    Caller = Annotated[Principal, Depends(principal)]
+
+    async def case_row(case_id: str) -> dict[str, Any]:
+        row = await book.case(case_id)
+        if row is None:
+            raise HTTPException(404, f"no payout exception {case_id!r}")
+        return row
+
+    @router.get("/v1/payout-exceptions/{case_id}")
+    async def get_payout_exception(case_id: str, caller: Caller) -> dict[str, Any]:
+        """The case: payout, decision, approvals still missing, the advisor's
+        recommendation, ticket, beneficiary holds, reissue, and the whole timeline."""
+        await require(caller, READ_ROLES, "reading a payout exception", case_id)
+        row = await case_row(case_id)
+        payout = await book.payout(row["payout_id"])
+        assert payout is not None
+        trail = await store.audit_trail(case_id)
+        decision = row["decision"] or {}
+        approvals, missing = approvals_view(trail, (decision.get("decision") or {}).get("requirements", []),
+                                            row["status"] in APPROVAL_STATUSES)
+        reissue = await book.payout(payout.reissue_id())
+        return {
+            "case_id": case_id, "status": row["status"], "payout": payout.model_dump(mode="json"),
+            "reported_status": row["reported_status"], "failure_code": row["failure_code"],
+            "decision": row["decision"], "missing_roles": missing, "approvals": approvals,
+            "recommendation": row["recommendation"], "ticket_ref": row["ticket_ref"],
+            "reversal_entry_id": row["reversal_entry_id"],
+            "beneficiary_holds": [{**h, "placed_at": h["placed_at"].isoformat(),
+                                   "released_at": h["released_at"].isoformat() if h["released_at"] else None}
+                                  for h in await book.beneficiary_holds(payout.beneficiary_id)],
+            "reissue": reissue.model_dump(mode="json") if reissue else None,
+            "timeline": [{"at": e["occurred_at"].isoformat(), "actor": e["actor"], "action": e["action"],
+                          "detail": e["detail"]} for e in trail],
+        }
+
+    @router.post("/v1/payout-exceptions/{case_id}/approvals", status_code=202)
+    async def approve_payout_exception(case_id: str, body: ApprovalBody, caller: Caller) -> dict[str, Any]:
+        """Approves or denies the case's current round (the reversal, or a reissue); the
+        verdict comes back at once, refusals are audited."""
+        bind_case(case_id)
+        await require(caller, APPROVER_ROLES, "approving a payout exception", case_id)
+        row = await case_row(case_id)
+        if row["status"] not in APPROVAL_STATUSES:
+            raise HTTPException(409, f"case is {row['status']}, not awaiting approval")
+        progress = await ask_for_verdict(client, store, case_id, body, caller)
+        return {"case_id": case_id, "decision": body.decision.value, "status": progress.status,
+                "missing_roles": list(progress.missing_roles)}
+
+    @router.post("/v1/payout-exceptions/{case_id}/reissue", status_code=202)
+    async def reissue_payout(case_id: str, body: PayoutReissueBody, caller: Caller) -> dict[str, Any]:
+        """Asks to pay the beneficiary again: taken once per remediated case, then it waits
+        for its own approval (the requester cannot approve it); refusals are audited."""
+        bind_case(case_id)
+        await require(caller, REISSUE_ROLES, "requesting a payout reissue", case_id)
+        await case_row(case_id)
+        ask = ReissueAsk(requester=caller.user, roles=tuple(sorted(caller.roles)), reason=body.reason)
+        try:
+            progress = await client.get_workflow_handle(case_id).execute_update(
+                PayoutReversalWorkflow.request_reissue, ask)
+        except WorkflowUpdateFailedError as exc:
+            reason, _ = refusal(exc)
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:
+                raise
+            reason = "the case is closed"
+        else:
+            return {"case_id": case_id, "status": progress.status,
+                    "missing_roles": list(progress.missing_roles)}
+        await store.append_audit(case_id, caller.user, "reissue_refused", {"refusal": reason})
+        raise HTTPException(409, reason)
+
+    return router

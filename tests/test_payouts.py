@@ -1,0 +1,321 @@
+"""Payout reversals on the real stack: the two worked examples of the payout-reversal
+pattern (a settlement failure after "paid"; a retry storm of one failure), every approval
+tier, the rollback branch when the compensating entry cannot be posted, out-of-order and
+joining events, and a reissue that needs its own approval and happens once."""
+
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from temporalio.client import Client
+
+from activities.payout import PayoutActivities
+from adapters.payout_book import PayoutBook
+from adapters.policy_file import load_policy
+from adapters.store import Store
+from domain.payouts import PayoutStatus, ReissueInput, payout_case_id
+from starters.stack import TemporalDevServer
+from tests.harness import Stack, open_stack
+from tests.payouts_kit import (
+    add_payout_approvers,
+    ask_reissue,
+    decide,
+    move_payout,
+    notice_kinds,
+    paid_payout,
+    view,
+    wait_for_actions,
+    wait_for_case,
+)
+
+
+@pytest.fixture
+async def payouts(stack: Stack) -> Stack:
+    await add_payout_approvers(stack)
+    return stack
+
+
+async def ledger_stuck(store: Store, client: Client, temporal_server: TemporalDevServer,
+                       **overrides: Any) -> Stack:
+    """A stack whose compensating entry gives up after 2 s (the ledger is locked by the test)."""
+    stack = await open_stack(store, client, temporal_server.address, ledger_pending_after_seconds=2,
+                             **overrides)
+    await add_payout_approvers(stack)
+    return stack
+
+
+def balances(lines: list[dict[str, Any]]) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for line in lines:
+        totals[line["account"]] = totals.get(line["account"], 0) + line["debit"] - line["credit"]
+    return totals
+
+
+async def test_settlement_failed_after_paid_is_approved_then_held_reversed_ticketed_and_noticed(
+        payouts: Stack) -> None:
+    payout = await paid_payout(payouts, 1_250_000, payout_id="P-10492", beneficiary="ben-10492")
+    event_id = await move_payout(payouts, "P-10492", "settlement_failed", failure_code="bank_rejection")
+    case_id = payout_case_id("sandbox", "P-10492")
+    await wait_for_case(payouts, case_id, "awaiting_approval")
+
+    trail = await payouts.store.audit_trail(case_id)
+    [received] = [e["detail"] for e in trail if e["action"] == "payout_event_received"]
+    assert (received["signature"], received["verdict"], received["idempotency_key"]) == (
+        "verified", "accepted", f"{event_id}:P-10492")
+    [opened] = [e["detail"] for e in trail if e["action"] == "payout_exception_opened"]
+    assert opened["payout_exists"] and opened["internal_status"] == "paid" and not opened["open_case"]
+    assert opened["idempotency_key"] == f"{event_id}:P-10492" and opened["reported"] == "settlement_failed"
+
+    case = await view(payouts, case_id, "fiona")  # a tier approver reads the case
+    advice = case["recommendation"]
+    assert (advice["root_cause"], advice["next_step"]) == ("bank_rejection", "hold")
+    assert "do not reissue until the beneficiary's bank details are verified" in advice["advice"]
+    assert "P-10492" in advice["summary"] and "payout.settlement_failed" in advice["summary"]
+    assert case["decision"]["decision"]["tier"] == "finance_and_compliance"
+    assert sorted(case["missing_roles"]) == ["compliance", "finance_manager"]
+
+    assert (await decide(payouts, "lena", case_id)).status_code == 403  # the ops lead's tier is lower
+    first = await decide(payouts, "fiona", case_id)
+    assert first.status_code == 202 and first.json()["missing_roles"] == ["compliance"]
+    book = PayoutBook(payouts.store)
+    untouched = await book.payout(payout.id)
+    assert untouched is not None and untouched.status is PayoutStatus.PAID
+    assert await payouts.store.ledger_entries(case_id) == []
+    second = await decide(payouts, "cora", case_id)
+    assert second.status_code == 202 and second.json()["missing_roles"] == []
+    row = await wait_for_case(payouts, case_id, "remediated")
+
+    trail = await payouts.store.audit_trail(case_id)
+    actions = [e["action"] for e in trail]
+    kinds = notice_kinds(trail)
+    assert [actions.count(a) for a in ("payout_held", "ledger_posted", "ticket_opened")] == [1, 1, 1]
+    assert kinds.count("payout_exception_ticket") == kinds.count("payout_exception_remediated") == 1
+    remediated_notice = next(i for i, e in enumerate(trail) if e["action"] == "notice_queued"
+                             and e["detail"]["kind"] == "payout_exception_remediated")
+    assert actions.index("approval_granted") < actions.index("payout_held") < actions.index("ledger_posted") \
+        < actions.index("ticket_opened") < remediated_notice < actions.index("runbook_completed")
+
+    held = await book.payout(payout.id)
+    assert held is not None and (held.status, held.held_from_status) == ("on_hold", "paid")
+    [hold] = await book.beneficiary_holds("ben-10492")
+    assert hold["case_id"] == case_id and hold["released_at"] is None
+    lines = await payouts.store.ledger_entries(case_id)
+    assert {line["template"] for line in lines} == {"payout_reversed"}
+    assert [(x["account"], x["debit"], x["credit"]) for x in lines] == [
+        ("provider_clearing", 1_250_000, 0), ("beneficiary_payable", 0, 1_250_000)]
+    assert row["ticket_ref"] == f"pending:{case_id}"
+    notices = {n["kind"]: n for n in await payouts.store.notices(case_id)}
+    assert notices["payout_exception_ticket"]["detail"]["priority"] == "normal"
+    assert notices["payout_exception_remediated"]["audience"] == "stakeholders"
+    assert notices["payout_exception_remediated"]["detail"]["approved_by"] == "fiona, cora"
+
+
+async def test_a_retry_storm_of_one_failure_is_twelve_receipts_and_one_execution(payouts: Stack) -> None:
+    payout = await paid_payout(payouts, 120_000)
+    event_id = await move_payout(payouts, payout.provider_payout_id, "failed",
+                                 failure_code="insufficient_funds", copies=12)
+    case_id = payout_case_id("sandbox", payout.provider_payout_id)
+    await wait_for_actions(payouts, case_id, "payout_event_received", 12)
+    await wait_for_case(payouts, case_id, "awaiting_approval")
+    receipts = await payouts.store.receipts("sandbox", event_id)
+    assert sorted(r["verdict"] for r in receipts) == ["accepted"] + ["duplicate"] * 11
+    assert (await decide(payouts, "lena", case_id)).json()["missing_roles"] == []
+    await wait_for_case(payouts, case_id, "remediated")
+
+    trail = await payouts.store.audit_trail(case_id)
+    actions = [e["action"] for e in trail]
+    keys = {e["detail"]["idempotency_key"] for e in trail if e["action"] == "payout_event_received"}
+    assert actions.count("payout_event_received") == 12
+    assert keys == {f"{event_id}:{payout.provider_payout_id}"}
+    assert [actions.count(a) for a in ("payout_exception_opened", "payout_held", "ledger_posted",
+                                        "ticket_opened", "runbook_completed")] == [1, 1, 1, 1, 1]
+    assert len(await payouts.store.ledger_entries(case_id)) == 2  # one balanced entry
+
+
+@pytest.mark.parametrize(("amount", "tier", "refused", "approver"), [
+    (499_999, "ops_lead", "fiona", "lena"),
+    (5_000_001, "treasury", "fiona", "tess"),
+], ids=["below-5k-ops-lead", "above-50k-treasury"])
+async def test_each_tier_takes_its_own_role(payouts: Stack, amount: int, tier: str, refused: str,
+                                            approver: str) -> None:
+    payout = await paid_payout(payouts, amount)
+    await move_payout(payouts, payout.provider_payout_id, "reversed")
+    case_id = payout_case_id("sandbox", payout.provider_payout_id)
+    await wait_for_case(payouts, case_id, "awaiting_approval")
+    case = await view(payouts, case_id)
+    assert case["decision"]["decision"]["tier"] == tier
+    assert case["recommendation"]["next_step"] == "escalate"  # no failure code: no cause to name
+    no = await decide(payouts, refused, case_id)
+    assert no.status_code == 403 and "needs one of the roles" in no.json()["detail"]
+    assert (await decide(payouts, approver, case_id)).status_code == 202
+    await wait_for_case(payouts, case_id, "remediated")
+    assert (await view(payouts, case_id))["payout"]["status"] == "on_hold"
+
+
+async def test_a_denied_reversal_changes_nothing(payouts: Stack) -> None:
+    payout = await paid_payout(payouts, 90_000)
+    await move_payout(payouts, payout.provider_payout_id, "failed", failure_code="compliance_hold")
+    case_id = payout_case_id("sandbox", payout.provider_payout_id)
+    await wait_for_case(payouts, case_id, "awaiting_approval")
+    assert (await decide(payouts, "lena", case_id, "deny")).status_code == 202
+    await wait_for_case(payouts, case_id, "denied")
+    assert (await view(payouts, case_id))["payout"]["status"] == "paid"
+    assert await payouts.store.ledger_entries(case_id) == []
+    assert "payout_held" not in [e["action"] for e in await payouts.store.audit_trail(case_id)]
+
+
+async def approve_while_the_ledger_is_locked(stack: Stack, postgres_dsn: str, status: str) -> str:
+    """A failed payout's case approved while the test holds the ledger table, so step B
+    times out; returns the case id once the case shows `status` (the lock is then freed)."""
+    payout = await paid_payout(stack, 300_000)
+    await move_payout(stack, payout.provider_payout_id, "failed", failure_code="account_closed")
+    case_id = payout_case_id("sandbox", payout.provider_payout_id)
+    await wait_for_case(stack, case_id, "awaiting_approval")
+    async with await psycopg.AsyncConnection.connect(postgres_dsn) as blocker:
+        async with blocker.transaction():
+            await blocker.execute("LOCK TABLE ledger_entries IN ACCESS EXCLUSIVE MODE")
+            assert (await decide(stack, "lena", case_id)).status_code == 202
+            await wait_for_case(stack, case_id, status, timeout=90)
+    return case_id
+
+
+async def test_ledger_failure_after_the_hold_rolls_it_back_and_raises_a_high_priority_ticket(
+        store: Store, client: Client, temporal_server: TemporalDevServer, postgres_dsn: str) -> None:
+    stack = await ledger_stuck(store, client, temporal_server)
+    try:
+        case_id = await approve_while_the_ledger_is_locked(stack, postgres_dsn, "rolled_back")
+        case = await view(stack, case_id)
+        assert (case["payout"]["status"], case["payout"]["held_from_status"]) == ("paid", None)
+        assert [h["released_at"] is not None for h in case["beneficiary_holds"]] == [True]
+        assert await store.ledger_entries(case_id) == [] and case["reversal_entry_id"] is None
+        actions = [e["action"] for e in await store.audit_trail(case_id)]
+        assert actions.index("payout_held") < actions.index("payout_hold_rolled_back")
+        assert "ledger_posted" not in actions and "runbook_completed" not in actions
+        notices = [(n["kind"], n["audience"], n["detail"].get("priority"))
+                   for n in await store.notices(case_id)]
+        assert ("payout_ledger_failed", "finance", "high") in notices
+        assert ("payout_ledger_failed", "payments_ops", "high") in notices
+        assert ("payout_exception_ticket", "ticketing", "high") in notices
+        assert "payout_exception_remediated" not in [kind for kind, _, _ in notices]
+    finally:
+        await stack.close()
+
+
+async def test_ledger_failure_keeps_the_hold_where_policy_forbids_the_rollback(
+        store: Store, client: Client, temporal_server: TemporalDevServer, postgres_dsn: str,
+        tmp_path: Path) -> None:
+    text = (Path(__file__).parents[1] / "adapters/policies/default.toml").read_text()
+    strict = tmp_path / "keep-holds.toml"
+    strict.write_text(text.replace("rollback_hold_on_ledger_failure = true",
+                                   "rollback_hold_on_ledger_failure = false"))
+    assert not load_policy(strict).payout_reversal.rollback_hold_on_ledger_failure
+    stack = await ledger_stuck(store, client, temporal_server, policy_file=strict)
+    try:
+        case_id = await approve_while_the_ledger_is_locked(stack, postgres_dsn, "ledger_failed")
+        case = await view(stack, case_id)
+        assert case["payout"]["status"] == "on_hold"
+        assert [h["released_at"] for h in case["beneficiary_holds"]] == [None]
+        assert "payout_hold_rolled_back" not in [e["action"] for e in await store.audit_trail(case_id)]
+        assert ("payout_ledger_failed", "payments_ops") in {
+            (n["kind"], n["audience"]) for n in await store.notices(case_id)}
+    finally:
+        await stack.close()
+
+
+async def test_paid_after_failed_never_marks_the_payout_paid_and_a_second_failure_joins(
+        payouts: Stack) -> None:
+    payout = await paid_payout(payouts, 200_000)
+    provider_id = payout.provider_payout_id
+    case_id = payout_case_id("sandbox", provider_id)
+    async with payouts.sandbox() as sb:
+        await sb.post("/_sandbox/config", json={"hold_webhooks": True})
+        await move_payout(payouts, provider_id, "paid")
+        await move_payout(payouts, provider_id, "failed", failure_code="bank_rejection")
+        assert (await sb.post("/_sandbox/release-webhooks?reverse=1")).json() == {"released": 2}
+        await sb.post("/_sandbox/config", json={"hold_webhooks": False})
+    await wait_for_case(payouts, case_id, "awaiting_approval")
+    await wait_for_actions(payouts, case_id, "payout_status_stale_ignored")
+    assert (await view(payouts, case_id))["payout"]["status"] == "paid"  # untouched until approved
+    assert (await decide(payouts, "lena", case_id)).status_code == 202
+    await wait_for_case(payouts, case_id, "remediated")
+    await move_payout(payouts, provider_id, "reversed", failure_code="bank_rejection")
+    await move_payout(payouts, provider_id, "paid")
+    trail = await wait_for_actions(payouts, case_id, "payout_status_stale_ignored", 2)
+    trail = await wait_for_actions(payouts, case_id, "payout_event_joined")
+    actions = [e["action"] for e in trail]
+    assert actions.count("payout_exception_opened") == 1 and actions.count("payout_held") == 1
+    assert actions.count("payout_event_received") == 4
+    stale = [e["detail"] for e in trail if e["action"] == "payout_status_stale_ignored"]
+    assert [s["reported"] for s in stale] == ["paid", "paid"]
+    assert (await view(payouts, case_id))["payout"]["status"] == "on_hold"
+    assert len(await payouts.store.ledger_entries(case_id)) == 2
+
+
+async def test_an_unknown_payout_acts_on_nothing(payouts: Stack) -> None:
+    async with payouts.sandbox() as sb:
+        made = (await sb.post("/v1/payouts", json={"amount": 5_000, "currency": "USD"})).json()
+    await move_payout(payouts, made["id"], "failed", failure_code="account_closed")
+    case_id = payout_case_id("sandbox", made["id"])
+    trail = await wait_for_actions(payouts, case_id, "payout_unknown")
+    assert [e["action"] for e in trail] == ["payout_event_received", "payout_unknown"]
+    assert await PayoutBook(payouts.store).case(case_id) is None
+
+
+async def test_reissue_needs_its_own_approval_and_happens_once(payouts: Stack) -> None:
+    payout = await paid_payout(payouts, 150_000)
+    await move_payout(payouts, payout.provider_payout_id, "failed", failure_code="insufficient_funds")
+    case_id = payout_case_id("sandbox", payout.provider_payout_id)
+    await wait_for_case(payouts, case_id, "awaiting_approval")
+    assert (await ask_reissue(payouts, "omar", case_id)).status_code == 409  # not remediated yet
+    assert (await decide(payouts, "lena", case_id)).status_code == 202
+    await wait_for_case(payouts, case_id, "remediated")
+
+    async def at_provider() -> list[dict[str, Any]]:
+        async with payouts.sandbox() as sb:
+            response = await sb.get("/v1/payouts", params={"reference": payout.reissue_id()})
+        return list(response.json()["data"])
+
+    assert await at_provider() == []  # never automatic
+    assert (await ask_reissue(payouts, "fiona", case_id)).status_code == 403  # not ops
+    asked = await ask_reissue(payouts, "omar", case_id)
+    assert asked.status_code == 202, asked.text
+    assert asked.json() == {"case_id": case_id, "status": "awaiting_reissue_approval",
+                            "missing_roles": ["payments_ops_lead"]}
+    again = await ask_reissue(payouts, "olga", case_id)
+    assert again.status_code == 409 and "already requested" in again.json()["detail"]
+    assert await at_provider() == []
+    own = await decide(payouts, "omar", case_id)
+    assert own.status_code == 403 and "requester cannot approve" in own.json()["detail"]
+    assert (await decide(payouts, "lena", case_id)).status_code == 202
+    await wait_for_case(payouts, case_id, "reissued")
+
+    [made] = await at_provider()
+    case = await view(payouts, case_id)
+    assert case["reissue"]["provider_payout_id"] == made["id"] and case["reissue"]["reissue_of"] == payout.id
+    assert (case["payout"]["status"], case["payout"]["held_from_status"]) == ("failed", None)
+    assert all(h["released_at"] is not None for h in case["beneficiary_holds"])
+    assert balances(await payouts.store.ledger_entries(case_id)) == {"provider_clearing": 0,
+                                                                     "beneficiary_payable": 0}
+    assert (await ask_reissue(payouts, "olga", case_id)).status_code == 409
+
+    # The activity's own contract, as a retry would see it: the reissue exists, nothing more.
+    activities = PayoutActivities(payouts.store, payouts.providers, load_policy())
+    original = await PayoutBook(payouts.store).payout(payout.id)
+    assert original is not None
+    retried = await activities.reissue_payout(ReissueInput(case_id=case_id, original=original,
+                                                           final_status=PayoutStatus.FAILED))
+    assert retried.provider_payout_id == made["id"] and len(await at_provider()) == 1
+
+
+async def test_a_reissue_the_provider_made_before_a_crash_is_found_not_made_again(payouts: Stack) -> None:
+    payout = await paid_payout(payouts, 80_000)
+    async with payouts.sandbox() as sb:  # what the provider holds after a crash mid-activity
+        await sb.post("/v1/payouts", json={"amount": 80_000, "currency": "USD",
+                                           "metadata": {"payout_reference": payout.reissue_id()}})
+    activities = PayoutActivities(payouts.store, payouts.providers, load_policy())
+    made = await activities.reissue_payout(ReissueInput(case_id="c-crash", original=payout,
+                                                        final_status=PayoutStatus.FAILED))
+    async with payouts.sandbox() as sb:
+        found = (await sb.get("/v1/payouts", params={"reference": payout.reissue_id()})).json()["data"]
+    assert [p["id"] for p in found] == [made.provider_payout_id]

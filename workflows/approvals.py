@@ -1,0 +1,192 @@
+"""Approvals, shared by the case workflows (refunds, payout reversals).
+
+An approval round collects the tier's distinct, authorised approvals (segregation of
+duties and slot matching in `domain.lifecycle`), a denial, or expiry, waiting on durable
+timers with reminders and escalation. Verdicts arrive as a signal (channels that cannot
+wait) or an update whose validator answers at once; both are checked the same way when
+processed. The host workflow says what each step means for its case (status, reservation)
+through `ApprovalHost`. Deterministic: no I/O, activities only through the host.
+"""
+
+from enum import StrEnum
+from typing import Any, Protocol
+
+from temporalio import workflow
+from temporalio.exceptions import ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from domain.lifecycle import check_approval, unfilled
+    from domain.models import (
+        ApprovalProgress,
+        ApprovalRecord,
+        ApprovalSignal,
+        ApprovalVerdict,
+        Decision,
+        RefundTimings,
+        RoleRequirement,
+    )
+
+
+class ApprovalOutcome(StrEnum):
+    """The approval steps that move a case: it starts waiting, is denied, or expires."""
+
+    REQUESTED = "requested"
+    DENIED = "denied"
+    EXPIRED = "expired"
+
+
+class ApprovalHost(Protocol):
+    """What a round needs from its workflow: the audit step, the notice, the status."""
+
+    async def approval_step(self, action: str, outcome: ApprovalOutcome | None = None, *,
+                            actor: str = "workflow", detail: dict[str, Any] | None = None) -> None:
+        """Records one approval step; `outcome` moves the case."""
+
+    async def approval_notice(self, kind: str, audience: str, detail: dict[str, Any]) -> None:
+        """Queues a notice about the round."""
+
+    def approval_status(self) -> tuple[bool, str]:
+        """Whether the case takes approvals now, and its status (for answers)."""
+
+
+class ApprovalRound:
+    """One decision's approvals. Verdicts that arrive before the round starts wait in its
+    inbox; those that arrive after it ended are recorded as refused, never counted."""
+
+    def __init__(self) -> None:
+        self.requirements: tuple[RoleRequirement, ...] = ()
+        self.tier: str | None = None
+        self.requester = ""
+        self.conflicted: frozenset[str] = frozenset()
+        self.approvals: list[ApprovalRecord] = []
+        self.refused: list[ApprovalRecord] = []
+        self._roles: list[tuple[str, frozenset[str]]] = []
+        self._inbox: list[tuple[int, ApprovalSignal]] = []
+        self._received = 0
+        self._verdicts: dict[int, tuple[bool, str]] = {}
+
+    def receive(self, signal: ApprovalSignal) -> int:
+        """Queues a verdict; its position is how its update finds the answer."""
+        self._received += 1
+        self._inbox.append((self._received, signal))
+        return self._received
+
+    async def answer(self, position: int) -> tuple[bool, str]:
+        await workflow.wait_condition(lambda: position in self._verdicts)
+        return self._verdicts.pop(position)
+
+    def missing(self) -> list[str]:
+        return unfilled(self.requirements, self._roles)
+
+    def check(self, signal: ApprovalSignal) -> ApprovalVerdict:
+        return check_approval(signal, requester=self.requester, conflicted=self.conflicted,
+                              requirements=self.requirements, approved=self._roles)
+
+    async def collect(self, host: ApprovalHost, timings: RefundTimings) -> bool:
+        """Waits durably for the tier's distinct, authorised approvals, a denial, or expiry;
+        reminds and escalates on the way. True when approved."""
+        await host.approval_step("approval_requested", ApprovalOutcome.REQUESTED,
+                                 detail={"tier": self.tier, "missing_roles": self.missing()})
+        await host.approval_notice("approval_needed", "approvers", {"missing_roles": self.missing()})
+        started = workflow.now()
+        deadline = started + timings.approval_timeout
+        nudges = [(started + after, kind) for after, kind in
+                  ((timings.approval_reminder, "approval_reminder"),
+                   (timings.approval_escalation, "approval_escalated")) if after is not None]
+        outcome: bool | None = None
+        while outcome is None:
+            outcome = await self._handle_inbox(host)
+            if outcome is not None:
+                break
+            now = workflow.now()
+            for due, kind in [n for n in nudges if n[0] <= now]:
+                nudges.remove((due, kind))
+                await host.approval_step(kind, detail={"missing_roles": self.missing()})
+                audience = "escalation" if kind == "approval_escalated" else "approvers"
+                await host.approval_notice(kind, audience, {"missing_roles": self.missing()})
+            if now >= deadline:
+                await host.approval_step("approval_expired", ApprovalOutcome.EXPIRED)
+                outcome = False
+                break
+            wake = min([deadline, *(due for due, _ in nudges)])
+            try:
+                await workflow.wait_condition(lambda: bool(self._inbox), timeout=wake - now)
+            except TimeoutError:
+                continue
+        await self._refuse_leftovers(host)
+        return outcome
+
+    async def _handle_inbox(self, host: ApprovalHost) -> bool | None:
+        """Records each queued verdict; True when the tier is satisfied, False on denial."""
+        while self._inbox:
+            position, signal = self._inbox.pop(0)
+            record = ApprovalRecord(approver=signal.approver, decision=signal.decision,
+                                    reason=signal.reason, at=workflow.now())
+            verdict = self.check(signal)
+            if not verdict.accepted:
+                self.refused.append(record)
+                await host.approval_step("approval_refused", actor=signal.approver, detail={
+                    "decision": signal.decision.value, "refusal": verdict.reason})
+                self._verdicts[position] = (False, verdict.reason)
+                continue
+            self.approvals.append(record)
+            if signal.decision is Decision.DENY:
+                await host.approval_step("approval_denied", ApprovalOutcome.DENIED, actor=signal.approver,
+                                         detail={"reason": signal.reason})
+                await host.approval_notice("approval_denied", "requester", {"by": signal.approver})
+                self._verdicts[position] = (True, "")
+                return False
+            self._roles.append((signal.approver, frozenset(signal.roles)))
+            missing = self.missing()
+            await host.approval_step("approval_granted", actor=signal.approver,
+                                     detail={"reason": signal.reason, "roles": list(signal.roles),
+                                             "missing_roles": missing})
+            self._verdicts[position] = (True, "")
+            if not missing:
+                return True
+        return None
+
+    async def _refuse_leftovers(self, host: ApprovalHost) -> None:
+        """Verdicts that arrive after the decision are recorded, never counted."""
+        while self._inbox:
+            position, signal = self._inbox.pop(0)
+            refusal = f"case is already {host.approval_status()[1]}"
+            self.refused.append(ApprovalRecord(approver=signal.approver, decision=signal.decision,
+                                               reason=signal.reason, at=workflow.now()))
+            await host.approval_step("approval_refused", actor=signal.approver, detail={"refusal": refusal})
+            self._verdicts[position] = (False, refusal)
+
+
+class ApprovingWorkflow:
+    """The approval handlers every case workflow shares: `approve` (signal) and
+    `submit_approval` (update with a validator that answers at once). The subclass holds
+    the current round in `_round` and implements `approval_status`."""
+
+    _round: ApprovalRound
+
+    def approval_status(self) -> tuple[bool, str]:
+        raise NotImplementedError
+
+    @workflow.signal
+    def approve(self, signal: ApprovalSignal) -> None:
+        """An approver's verdict from a channel that cannot wait for an answer (tickets,
+        chat buttons); checked like an update before it counts."""
+        self._round.receive(signal)
+
+    @workflow.update
+    async def submit_approval(self, signal: ApprovalSignal) -> ApprovalProgress:
+        """An approver's verdict with an immediate answer: refused ones never get here
+        (see the validator); accepted ones return once the workflow has recorded them."""
+        current = self._round
+        accepted, reason = await current.answer(current.receive(signal))
+        return ApprovalProgress(accepted=accepted, reason=reason, status=self.approval_status()[1],
+                                missing_roles=tuple(current.missing()))
+
+    @submit_approval.validator
+    def _validate_approval(self, signal: ApprovalSignal) -> None:
+        taking, status = self.approval_status()
+        if not taking:
+            raise ApplicationError(f"case is {status}, not awaiting approval", type="NotAwaitingApproval")
+        verdict = self._round.check(signal)
+        if not verdict.accepted:
+            raise ApplicationError(verdict.reason, type="ApprovalRefused")

@@ -1,0 +1,365 @@
+"""PayoutReversalWorkflow: one governed payout exception, from the provider's late failure
+of a payout we hold as paid to a held payout, a compensating entry, a ticket and a notice;
+then, only on an approved and explicit request, one reissue.
+
+Workflow id == case id == `<provider>-payout-<payout id>`, so every event about the payout
+(each delivery, duplicate, late or out-of-order one) reaches this execution and acts at
+most once by its idempotency key (`provider_event_id + payout_id`). The advisor's
+recommendation never comes back here. Deterministic: no I/O, no clocks but workflow time;
+activities are called by name; idempotency of each step lives in its activity.
+"""
+
+from datetime import timedelta
+from typing import Any
+
+from temporalio import workflow
+from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from domain.models import (
+        ApprovalProgress,
+        LedgerInput,
+        LedgerKind,
+        LedgerResult,
+        NoticeInput,
+    )
+    from domain.payouts import (
+        APPROVAL_STATUSES,
+        Admission,
+        AdmitInput,
+        AdmitResult,
+        HoldInput,
+        HoldResult,
+        PayoutCaseEventInput,
+        PayoutCaseInput,
+        PayoutCaseState,
+        PayoutCaseStatus,
+        PayoutDecision,
+        PayoutEvent,
+        PayoutPolicyInput,
+        PayoutSnapshot,
+        ReissueAsk,
+        ReissueInput,
+        ReleaseResult,
+        ReversalInput,
+        TicketInput,
+        TicketResult,
+        TriageInput,
+        TriageReceipt,
+        final_status,
+    )
+    from workflows import retry
+    from workflows.approvals import ApprovalOutcome, ApprovalRound, ApprovingWorkflow
+
+# What each approval step does to the case, in the reversal round and the reissue round.
+REVERSAL_STEPS = {ApprovalOutcome.REQUESTED: PayoutCaseStatus.AWAITING_APPROVAL,
+                  ApprovalOutcome.DENIED: PayoutCaseStatus.DENIED,
+                  ApprovalOutcome.EXPIRED: PayoutCaseStatus.EXPIRED}
+REISSUE_STEPS = {ApprovalOutcome.REQUESTED: PayoutCaseStatus.AWAITING_REISSUE_APPROVAL,
+                 ApprovalOutcome.DENIED: PayoutCaseStatus.REISSUE_DENIED,
+                 ApprovalOutcome.EXPIRED: PayoutCaseStatus.REISSUE_EXPIRED}
+NEXT_STEPS = ("a reissue happens only on an explicit reissue request with its own approval; "
+              "see the recommendation on the case")
+
+
+@workflow.defn
+class PayoutReversalWorkflow(ApprovingWorkflow):
+    """Admit → advice → policy tier → approvals → hold → compensating entry → ticket →
+    notice; if the entry cannot be posted, a high-priority ticket, notices and (where policy
+    allows) the hold's rollback instead. A remediated case then waits `reissue_window` for
+    a reissue request, which has its own approval round and executes once."""
+
+    def __init__(self) -> None:
+        self._inp: PayoutCaseInput | None = None
+        self._status = PayoutCaseStatus.OPENING
+        self._status_recorded = PayoutCaseStatus.OPENING
+        self._inbox: list[PayoutEvent] = []
+        self._keys: set[str] = set()
+        self._timeline: list[PayoutEvent] = []
+        self._events_seen = 0
+        self._payout: PayoutSnapshot | None = None
+        self._decision: PayoutDecision | None = None
+        self._round = ApprovalRound()
+        self._steps = REVERSAL_STEPS
+        self._runbook: list[str] = []
+        self._reissue_open = False
+        self._reissue_ask: ReissueAsk | None = None
+        self._reissued: PayoutSnapshot | None = None
+
+    # -- interface ---------------------------------------------------------------------
+
+    @workflow.signal
+    def payout_event(self, event: PayoutEvent) -> None:
+        """A verified payout webhook (may be late, duplicated or out of order); a repeat of
+        an idempotency key already taken is counted and dropped."""
+        self._events_seen += 1
+        key = event.idempotency_key()
+        if key not in self._keys:
+            self._keys.add(key)
+            self._inbox.append(event)
+
+    @workflow.update
+    async def request_reissue(self, ask: ReissueAsk) -> ApprovalProgress:
+        """An explicit request to pay the beneficiary again, taken once per case; answered
+        once its own approval round is recorded (so the case row already says so), with the
+        roles it needs."""
+        if self._reissue_ask is not None:  # two requests validated in the same activation
+            raise ApplicationError("a reissue was already requested for this case", type="ReissueTaken")
+        self._reissue_ask = ask
+        await workflow.wait_condition(lambda: self._status_recorded is not PayoutCaseStatus.REMEDIATED)
+        return ApprovalProgress(accepted=True, status=self._status.value,
+                                missing_roles=tuple(self._round.missing()))
+
+    @request_reissue.validator
+    def _validate_reissue(self, ask: ReissueAsk) -> None:
+        if self._reissue_ask is not None:
+            raise ApplicationError("a reissue was already requested for this case", type="ReissueTaken")
+        if not self._reissue_open:
+            raise ApplicationError(f"case is {self._status.value}; only a remediated case takes a "
+                                   "reissue request, within its window", type="NotReissuable")
+
+    @workflow.query
+    def state(self) -> PayoutCaseState:
+        """The case as this workflow knows it."""
+        return PayoutCaseState(
+            case_id=workflow.info().workflow_id, status=self._status, payout=self._payout,
+            decision=self._decision.decision if self._decision else None,
+            approvals=tuple(self._round.approvals), refused_approvals=tuple(self._round.refused),
+            missing_roles=tuple(self._round.missing()), runbook=tuple(self._runbook),
+            events_seen=self._events_seen,
+            reissue_payout_id=self._reissued.id if self._reissued else None)
+
+    @workflow.run
+    async def run(self, inp: PayoutCaseInput) -> PayoutCaseState:
+        self._inp = inp
+        await workflow.wait_condition(lambda: bool(self._inbox))
+        first = self._inbox.pop(0)
+        admitted = await self._admit(first, case_open=False)
+        if admitted.admission is not Admission.OPEN or admitted.payout is None:
+            self._status = PayoutCaseStatus.NO_ACTION
+            return await self._finish()
+        self._payout = admitted.payout
+        self._timeline.append(first)
+        await self._take_events()
+        await self._advise()
+        self._decision = decision = await workflow.execute_activity(
+            "decide_payout_reversal", PayoutPolicyInput(case_id=inp.case_id, payout=self._payout),
+            result_type=PayoutDecision, **retry.POLICY)
+        self._open_round(REVERSAL_STEPS, requester=f"provider:{inp.provider}")
+        if not await self._round.collect(self, inp.timings):
+            return await self._finish()
+        await self._take_events()
+        if await self._remediate(decision):
+            await self._offer_reissue(decision)
+        return await self._finish()
+
+    # -- events ------------------------------------------------------------------------
+
+    async def _admit(self, event: PayoutEvent, *, case_open: bool) -> AdmitResult:
+        assert self._inp is not None
+        result: AdmitResult = await workflow.execute_activity(
+            "admit_payout_event", AdmitInput(case_id=self._inp.case_id, event=event, case_open=case_open),
+            result_type=AdmitResult, **retry.PAYOUT_ADMIT)
+        return result
+
+    async def _take_events(self) -> None:
+        """Later events go through the same gate onto the timeline; none acts again: a
+        second failure joins the case, `paid` after a failure never re-marks it paid."""
+        while self._inbox:
+            event = self._inbox.pop(0)
+            if (await self._admit(event, case_open=True)).admission is Admission.JOIN:
+                self._timeline.append(event)
+
+    async def _advise(self) -> None:
+        """Has the advisor store a recommendation for approvers. Only whether it exists
+        comes back, so nothing here can act on it; a failure means "no advice"."""
+        assert self._inp is not None and self._payout is not None
+        try:
+            await workflow.execute_activity(
+                "triage_payout_exception",
+                TriageInput(case_id=self._inp.case_id, payout=self._payout, events=tuple(self._timeline)),
+                result_type=TriageReceipt, **retry.PAYOUT_TRIAGE)
+        except ActivityError as err:
+            await self._record("recommendation_unavailable", detail={"error": str(err.cause)})
+
+    # -- approvals (the round calls back here) -------------------------------------------
+
+    def _open_round(self, steps: dict[ApprovalOutcome, PayoutCaseStatus], requester: str) -> None:
+        assert self._decision is not None
+        if steps is not self._steps:
+            self._round = ApprovalRound()
+        self._steps = steps
+        self._round.requirements = self._decision.decision.requirements
+        self._round.tier = self._decision.decision.tier
+        self._round.requester = requester
+
+    def approval_status(self) -> tuple[bool, str]:
+        return self._status in APPROVAL_STATUSES, self._status.value
+
+    async def approval_step(self, action: str, outcome: ApprovalOutcome | None = None, *,
+                            actor: str = "workflow", detail: dict[str, Any] | None = None) -> None:
+        await self._record(action, self._steps[outcome] if outcome else None, actor=actor, detail=detail)
+
+    async def approval_notice(self, kind: str, audience: str, detail: dict[str, Any]) -> None:
+        await self._notify(kind, audience, detail)
+
+    # -- the runbook -------------------------------------------------------------------
+
+    async def _remediate(self, decision: PayoutDecision) -> bool:
+        """The fixed runbook, each step once: A hold, B compensating entry, C ticket, D
+        notice. If B does not land within `ledger_pending_after`, the failure branch runs
+        instead of C and D. True when the case is remediated."""
+        assert self._inp is not None and self._payout is not None
+        case_id, payout = self._inp.case_id, self._payout
+        await self._record("runbook_started", PayoutCaseStatus.EXECUTING)
+        hold: HoldResult = await workflow.execute_activity(
+            "hold_payout", HoldInput(case_id=case_id, payout_id=payout.id,
+                                     hold_beneficiary=decision.hold_beneficiary_payouts),
+            result_type=HoldResult, **retry.PAYOUT_HOLD)
+        self._runbook.append("hold")
+        try:
+            await workflow.execute_activity(
+                "post_payout_reversal", ReversalInput(case_id=case_id, payout=payout),
+                result_type=LedgerResult, schedule_to_close_timeout=self._inp.timings.ledger_pending_after,
+                **retry.LEDGER)
+        except ActivityError as err:
+            if not await self._ledger_failed(decision, str(err.cause)):
+                return False
+        else:
+            self._runbook.append("compensating_entry")
+        approvers = ", ".join(a.approver for a in self._round.approvals)
+        ticket = await self._ticket("remediated", "normal", {
+            "summary": f"payout {payout.id} failed at {payout.provider} after it was paid; held and "
+                       "reversed in the ledger", "approved_by": approvers})
+        self._runbook.append("ticket")
+        await self._notify("payout_exception_remediated", "stakeholders", {
+            "decision": "approved", "approved_by": approvers,
+            "tier": decision.decision.tier, "held_from": hold.held_from.value,
+            "beneficiary_held": hold.beneficiary_held, "ticket_ref": ticket.ticket_ref,
+            "next_steps": NEXT_STEPS})
+        self._runbook.append("notice")
+        await self._record("runbook_completed", PayoutCaseStatus.REMEDIATED,
+                           detail={"runbook": list(self._runbook), "ticket_ref": ticket.ticket_ref})
+        return True
+
+    async def _ledger_failed(self, decision: PayoutDecision, error: str) -> bool:
+        """Step B failed after A: the hold returns to its previous state where policy
+        allows, then finance and payments ops hear of it and a high-priority ticket opens.
+        True when the entry turns out to have landed after all (the runbook goes on)."""
+        assert self._inp is not None and self._payout is not None
+        outcome = "hold_kept"
+        if decision.rollback_hold_on_ledger_failure:
+            released: ReleaseResult = await workflow.execute_activity(
+                "release_payout_hold", ReversalInput(case_id=self._inp.case_id, payout=self._payout),
+                result_type=ReleaseResult, **retry.PAYOUT_HOLD)
+            if released.posted:
+                self._runbook.append("compensating_entry")
+                return True
+            outcome = "hold_rolled_back"
+            self._runbook.append("rollback")
+        detail = {"error": error, "outcome": outcome, "priority": "high"}
+        for audience in ("finance", "payments_ops"):
+            await self._notify("payout_ledger_failed", audience, detail)
+        await self._ticket("ledger_failed", "high", {"summary": f"compensating entry for payout "
+                                                                f"{self._payout.id} failed: {outcome}"})
+        rolled_back = outcome == "hold_rolled_back"
+        await self._record("ledger_failed", PayoutCaseStatus.ROLLED_BACK if rolled_back
+                           else PayoutCaseStatus.LEDGER_FAILED, detail=detail)
+        return False
+
+    async def _ticket(self, occasion: str, priority: str, detail: dict[str, str]) -> TicketResult:
+        assert self._inp is not None
+        ticket: TicketResult = await workflow.execute_activity(
+            "open_payout_ticket", TicketInput(case_id=self._inp.case_id, occasion=occasion,
+                                              priority=priority, detail=detail),
+            result_type=TicketResult, **retry.PAYOUT_TICKET)
+        return ticket
+
+    # -- reissue -----------------------------------------------------------------------
+
+    async def _offer_reissue(self, decision: PayoutDecision) -> None:
+        """Keeps the remediated case open for `reissue_window`: later events join its
+        timeline; an explicit reissue request gets its own approval round (the requester
+        cannot approve it) and, approved, one reissue."""
+        assert self._inp is not None
+        deadline = workflow.now() + self._inp.reissue_window
+        self._reissue_open = True
+        while self._reissue_ask is None:
+            await self._take_events()
+            remaining = deadline - workflow.now()
+            if remaining <= timedelta(0):
+                break
+            try:
+                await workflow.wait_condition(
+                    lambda: bool(self._inbox) or self._reissue_ask is not None, timeout=remaining)
+            except TimeoutError:
+                break
+        self._reissue_open = False
+        ask = self._reissue_ask
+        if ask is None:
+            await self._record("reissue_window_closed")
+            return
+        await self._record("reissue_requested", actor=ask.requester,
+                           detail={"reason": ask.reason, "roles": list(ask.roles)})
+        self._open_round(REISSUE_STEPS, requester=ask.requester)
+        if await self._round.collect(self, self._inp.timings):
+            await self._reissue()
+        await self._take_events()
+
+    async def _reissue(self) -> None:
+        """Pays the beneficiary again (once: the activity's contract), posts the reissue
+        entry, updates the ticket and tells everyone."""
+        assert self._inp is not None and self._payout is not None
+        case_id = self._inp.case_id
+        await self._record("reissue_started", PayoutCaseStatus.REISSUING)
+        failure = self._timeline[0].payout.status
+        try:
+            made: PayoutSnapshot = await workflow.execute_activity(
+                "reissue_payout", ReissueInput(case_id=case_id, original=self._payout,
+                                               final_status=final_status(failure)),
+                result_type=PayoutSnapshot, **retry.PAYOUT_REISSUE)
+        except ActivityError as err:
+            await self._notify("payout_reissue_failed", "payments_ops", {"error": str(err.cause)})
+            await self._record("reissue_failed", PayoutCaseStatus.REISSUE_FAILED,
+                               detail={"error": str(err.cause)})
+            return
+        self._reissued = made
+        await workflow.execute_activity(
+            "post_ledger", LedgerInput(refund_request_id=case_id, kind=LedgerKind.PAYOUT_REISSUED,
+                                       amount=made.amount, currency=made.currency,
+                                       provider_refund_id=made.provider_payout_id),
+            result_type=LedgerResult, **retry.LEDGER)
+        await self._ticket("reissued", "normal",
+                           {"summary": f"payout {self._payout.id} reissued as {made.id}"})
+        await self._notify("payout_reissued", "stakeholders", {
+            "reissue_id": made.id, "approved_by": [a.approver for a in self._round.approvals]})
+        await self._record("reissue_completed", PayoutCaseStatus.REISSUED, detail={"reissue_id": made.id})
+
+    # -- bookkeeping -------------------------------------------------------------------
+
+    async def _finish(self) -> PayoutCaseState:
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        return self.state()
+
+    async def _record(self, action: str, status: PayoutCaseStatus | None = None, *,
+                      actor: str = "workflow", detail: dict[str, Any] | None = None) -> None:
+        if status is not None:
+            self._status = status
+        assert self._inp is not None
+        await workflow.execute_activity(
+            "record_payout_case_event",
+            PayoutCaseEventInput(case_id=self._inp.case_id, action=action, actor=actor, status=status,
+                                 detail=detail or {}),
+            **retry.CASE_EVENT)
+        if status is not None:
+            self._status_recorded = status
+
+    async def _notify(self, kind: str, audience: str, detail: dict[str, Any]) -> None:
+        """Queues a notice in the outbox once per case, kind, audience and status."""
+        assert self._inp is not None
+        case_id = self._inp.case_id
+        await workflow.execute_activity(
+            "queue_notice",
+            NoticeInput(refund_request_id=case_id, kind=kind, audience=audience,
+                        dedup_key=f"{case_id}:{kind}:{audience}:{self._status.value}", detail=detail),
+            **retry.CASE_EVENT)
