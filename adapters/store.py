@@ -57,7 +57,8 @@ def request_from_row(row: dict[str, Any]) -> RefundRequest:
         charge_id=row["charge_id"], amount=int(row["amount"]), currency=row["currency"],
         merchant_account=row["merchant_account"], reason=row["reason"], evidence=row["evidence"],
         source=row["source"], method=row["method"],
-        parent_refund_request_id=row["parent_refund_request_id"])
+        parent_refund_request_id=row["parent_refund_request_id"],
+        trigger_identities=tuple(row.get("trigger_identities") or ()))
 
 
 class CaseCreation(StrEnum):
@@ -230,13 +231,14 @@ class Store:
             cur = await conn.execute(
                 "INSERT INTO refund_cases (refund_request_id, provider, charge_id, amount, currency,"
                 " merchant_account, reason, evidence, source, requester, params_hash, status,"
-                " method, parent_refund_request_id)"
-                " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+                " method, parent_refund_request_id, trigger_identities)"
+                " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
                 " ON CONFLICT (refund_request_id) DO NOTHING RETURNING *",
                 (request.refund_request_id, request.provider, request.charge_id, request.amount,
                  request.currency, request.merchant_account, request.reason.value,
                  _json(request.evidence), request.source.value, requester, params,
-                 CaseStatus.REQUESTED.value, request.method.value, request.parent_refund_request_id),
+                 CaseStatus.REQUESTED.value, request.method.value, request.parent_refund_request_id,
+                 list(request.trigger_identities)),
             )
             row = await cur.fetchone()
             if row is not None:

@@ -111,7 +111,7 @@ def reissue_request(parent: dict[str, Any], body: ReissueBody, attempt: int) -> 
         "evidence": {**original.evidence, "reissue_reason": body.reason},
         "source": RequestSource.CONSOLE, "method": body.method,
         "parent_refund_request_id": original.refund_request_id,
-        "trigger_identities": (parent["requester"],)})
+        "trigger_identities": tuple(dict.fromkeys([*original.trigger_identities, parent["requester"]]))})
 
 
 class CaseActions:

@@ -3,11 +3,11 @@
 from tests.harness import Stack
 
 
-async def failed_case(stack: Stack, amount: int = 2_500) -> tuple[str, str]:
+async def failed_case(stack: Stack, amount: int = 2_500, **overrides: object) -> tuple[str, str]:
     charge = await stack.charge(10_000)
     async with stack.sandbox() as sb:
         await sb.post("/_sandbox/config", json={"refund_initial_status": "pending"})
-    case_id = await stack.request_refund("alice", charge, amount)
+    case_id = await stack.request_refund("alice", charge, amount, **overrides)
     row = await stack.wait_for_status(case_id, "pending")
     await stack.set_provider_status(row["provider_refund_id"], "failed",
                                     failure_reason="card_account_closed")
@@ -73,3 +73,17 @@ async def test_reissue_by_bank_transfer_waits_for_ops_to_confirm(stack: Stack) -
     assert len(await stack.provider_refunds(charge)) == 1  # the provider was not asked again
     assert {e["posting_key"] for e in await stack.store.ledger_entries(child_id)} == {
         f"{child_id}:refund_settled"}
+
+
+async def test_people_barred_from_the_original_stay_barred_from_its_reissue(stack: Stack) -> None:
+    case_id, _ = await failed_case(stack, trigger_identities=["bob"])
+    status, child = await reissue(stack, "olga", case_id, method="bank_transfer")
+    assert status == 202
+    child_id = child["refund_request_id"]
+    await stack.wait_for_status(child_id, "awaiting_approval")
+    async with stack.api("bob") as api:
+        refused = await api.post(f"/v1/refund-requests/{child_id}/approvals", json={"decision": "approve"})
+    assert refused.status_code == 403 and "triggering event" in refused.json()["detail"]
+    async with stack.api("carol") as api:
+        assert (await api.post(f"/v1/refund-requests/{child_id}/approvals",
+                               json={"decision": "approve"})).status_code == 202
