@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from adapters import casebook
 from adapters.casebook import BANNER_STATUSES, CaseFilter
+from adapters.integration_store import IntegrationStore
 from adapters.providers.base import ProviderAdapter
 from adapters.store import ConsoleSession, Principal, hash_token
 from domain.models import CLOSED_STATUSES, CaseStatus
@@ -42,6 +43,7 @@ from starters.case_actions import (
     missing_roles,
 )
 from starters.cli import parse_age
+from starters.integrations import advice_view
 
 SESSION_COOKIE = "rfo_session"
 SIGN_IN_COOKIE = "rfo_sign_in"
@@ -96,6 +98,7 @@ def install_console(app: FastAPI, actions: CaseActions,
                     providers: Mapping[str, ProviderAdapter]) -> None:
     """Mounts the console on the relay application."""
     store, settings = actions.store, actions.settings
+    integrations = IntegrationStore(store)
     templates = _templates()
     stylesheet = resources.files("starters").joinpath("static/console.css").read_bytes()
     router = APIRouter(prefix=PREFIX, include_in_schema=False)
@@ -294,6 +297,8 @@ def install_console(app: FastAPI, actions: CaseActions,
             case=case_view(row, trail), row=row, trail=trail, children=await store.children(case_id),
             manual=manual, ledger=await store.ledger_entries(case_id),
             notices=await store.notices(case_id),
+            advice=advice_view(await integrations.advice(case_id)),
+            tickets=await integrations.tickets(case_id),
             temporal_url=(f"{ui.rstrip('/')}/namespaces/{quote(settings.temporal_namespace)}"
                           f"/workflows/{quote(case_id)}") if ui else None,
             banner=row["status"] if row["status"] in BANNER_STATUSES else None,

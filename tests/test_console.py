@@ -273,3 +273,14 @@ async def test_every_state_that_needs_a_person_has_a_red_banner(stack: Stack) ->
         banner = re.search(r'data-testid="banner">\s*<strong>([^<]*)</strong>', page)
         assert (banner.group(1) if banner else None) == title, status
         assert "7.00 USD" in page
+
+
+async def test_case_page_shows_the_advice_labelled_advisory(stack: Stack) -> None:
+    charge = await stack.charge(10_000)
+    case_id = await stack.request_refund("alice", charge, 1_000)
+    await stack.wait_for_status(case_id, "succeeded")
+    dave = await console(stack, "dave")
+    page = await dave.get(f"/console/cases/{case_id}")
+    assert page.status_code == 200
+    assert 'data-testid="advice"' in page.text and "advisory only" in page.text
+    assert "10.00 USD" in page.text.split('data-testid="advice"', 1)[1]
