@@ -2,14 +2,17 @@
 
 Bodies are `{"payloads": [...]}` in protobuf JSON (metadata values and data base64), as
 the UI's "codec endpoint" setting and `temporal workflow show --codec-endpoint` send
-them. The relay mounts it behind its bearer-token auth, so only auditors, ops and admins
-see decrypted history.
+them. The relay mounts it twice: at /codec behind its bearer-token auth (CLI), and at
+/console/codec behind the console's session cookie (the UI, with "include cross-origin
+credentials" on); either way only auditors, ops and admins see decrypted history.
 """
 
 from typing import Any, Literal
 
+from fastapi import HTTPException
 from google.protobuf import json_format
 from temporalio.api.common.v1 import Payloads
+from temporalio.client import Client
 from temporalio.converter import PayloadCodec
 
 from adapters.codec import CodecError
@@ -27,3 +30,15 @@ async def transcode(codec: PayloadCodec, direction: Direction, body: dict[str, A
     run = codec.encode if direction == "encode" else codec.decode
     result = Payloads(payloads=await run(payloads.payloads))
     return json_format.MessageToDict(result)
+
+
+async def answer(client: Client, direction: Direction, body: dict[str, Any]) -> dict[str, Any]:
+    """The endpoint's answer with the client's codec: 404 without one, 400 for a body that
+    is not Payloads or a payload sealed with a key we do not hold."""
+    payload_codec = client.data_converter.payload_codec
+    if payload_codec is None:
+        raise HTTPException(404, "this relay has no payload codec")
+    try:
+        return await transcode(payload_codec, direction, body)
+    except CodecError as exc:
+        raise HTTPException(400, str(exc)) from None

@@ -43,6 +43,7 @@ from starters.case_actions import (
     missing_roles,
 )
 from starters.cli import parse_age
+from starters.codec_endpoint import Direction, answer
 from starters.integrations import advice_view
 
 SESSION_COOKIE = "rfo_session"
@@ -173,6 +174,14 @@ def install_console(app: FastAPI, actions: CaseActions,
             return page(request, "message.html", session, status=exc.status, title=title,
                         error=exc.detail)
         return None
+
+    @router.post("/codec/{direction}")
+    async def codec(request: Request, direction: Direction, body: dict[str, Any]) -> dict[str, Any]:
+        """The Temporal UI's remote codec for people signed in here: the UI sends the session
+        cookie when its codec setting includes credentials (same site, another port)."""
+        session = await current(request)
+        await actions.require(session.principal, OPS_ROLES, "using the payload codec", via="console")
+        return await answer(actions.client, direction, body)
 
     # -- sign-in ----------------------------------------------------------------------
 

@@ -92,7 +92,7 @@ async def embedded_services(settings: Settings) -> AsyncIterator[tuple[str, str 
         if settings.temporal_address is None:
             temporal = TemporalDevServer(settings.data_dir / "temporal.db", host=settings.bind_host,
                                          port=settings.temporal_port, ui_port=settings.temporal_ui_port,
-                                         codec_endpoint=f"{settings.relay_base_url()}/codec")
+                                         codec_endpoint=f"{settings.relay_base_url()}/console/codec")
             await temporal.start()
             ui_url = temporal.ui_url
         yield dsn, ui_url
@@ -170,7 +170,9 @@ Refund Orchestrator is running (data in {settings.data_dir}):
 Bootstrap admin token (also in {settings.data_dir / 'dev-secrets.json'}):
   export REFUNDS_TOKEN={admin_token}
 
-Payloads in Temporal are encrypted; decrypt a history with an auditor/ops/admin token:
+Payloads in Temporal are encrypted. In the Temporal UI they decode for people signed in to
+the console (auditor, ops, admin): its codec endpoint is {relay_url}/console/codec; turn on
+"include cross-origin credentials" in the UI's codec settings. From the CLI:
   temporal workflow show -w <id> --codec-endpoint {relay_url}/codec --codec-auth "Bearer $REFUNDS_TOKEN"
 """, flush=True)
 

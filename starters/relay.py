@@ -22,7 +22,6 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict
 from temporalio.client import Client
 
 from adapters import metrics
-from adapters.codec import CodecError
 from adapters.config import Settings
 from adapters.health import readiness
 from adapters.integration_store import IntegrationStore
@@ -41,7 +40,7 @@ from starters.case_actions import (
     ReissueBody,
 )
 from starters.cases import start_refund
-from starters.codec_endpoint import Direction, transcode
+from starters.codec_endpoint import Direction, answer
 from starters.console import install_console
 from starters.integrations import advice_view, integration_routes
 from starters.limits import read_limited
@@ -130,13 +129,7 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
     async def codec(direction: Direction, body: dict[str, Any], caller: Caller) -> dict[str, Any]:
         """Temporal's remote codec protocol, for the UI and `temporal --codec-endpoint`."""
         await actions.require(caller, OPS_ROLES, "using the payload codec", via="api")
-        payload_codec = client.data_converter.payload_codec
-        if payload_codec is None:
-            raise HTTPException(404, "this relay has no payload codec")
-        try:
-            return await transcode(payload_codec, direction, body)
-        except CodecError as exc:  # not a Payloads body, or sealed with a key we do not hold
-            raise HTTPException(400, str(exc)) from None
+        return await answer(client, direction, body)
 
     @app.post("/v1/refund-requests", status_code=202)
     async def request_refund(body: RefundRequest, caller: Caller, response: Response) -> dict[str, Any]:

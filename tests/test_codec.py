@@ -17,6 +17,7 @@ from adapters.store import Store
 from domain.models import RefundWorkflowInput
 from starters.stack import TemporalDevServer
 from tests.harness import open_stack
+from tests.test_console import console
 
 CANARIES = {
     "customer_email": "jane.canary@example.org",
@@ -114,5 +115,15 @@ async def test_history_holds_no_canary_in_clear_and_decodes_with_the_codec(
             other = await anonymous.options("/codec/decode", headers={
                 "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
             assert "access-control-allow-origin" not in other.headers
+        # the UI sends the console's session cookie instead (same site, another port)
+        auditor_ui = await console(stack, "dave")
+        via_cookie = await auditor_ui.post("/console/codec/decode", json=wire,
+                                           headers={"Origin": UI_ORIGIN})
+        assert via_cookie.status_code == 200, via_cookie.text
+        assert via_cookie.headers["access-control-allow-origin"] == UI_ORIGIN
+        assert CANARIES["card"].encode() in json_format.ParseDict(
+            via_cookie.json(), Payloads()).payloads[0].data
+        requester_ui = await console(stack, "alice")
+        assert (await requester_ui.post("/console/codec/decode", json=wire)).status_code == 403
     finally:
         await stack.close()
