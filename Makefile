@@ -25,6 +25,7 @@ test: $(STAMP) browser-deps
 bench: $(STAMP)
 	$(BIN)/python -m bench.refund_throughput
 	$(BIN)/python -m bench.webhook_ingest
+	$(BIN)/python -m bench.open_cases
 
 chaos: $(STAMP)
 	$(BIN)/python -m bench.chaos

@@ -7,7 +7,8 @@ the bar. A smoke version of each runs in `make test` (tests/test_chaos_smoke.py)
 2. restart: restart the Temporal dev server (same SQLite file) and PostgreSQL mid-run.
 3. storms: 12 identical deliveries at once, 12 spread out, 12 re-signed with fresh timestamps.
 4. order: every permutation of a refund's event sequence ends in the provider's final state.
-5. bad_input: thousands of malformed, forged, oversize and stale requests: no 5xx, no state.
+5. bad_input: thousands of malformed, forged, oversize and stale requests: no 5xx, no state;
+   schema_fuzz: schemathesis against the relay's OpenAPI document, likewise.
 6. concurrency: 50 concurrent partial refunds on one charge from mixed entry points.
 
     python -m bench.chaos [--scenario NAME] [--scale 1.0]
@@ -301,6 +302,29 @@ async def counts(stack: Stack) -> dict[str, int]:
     return {"cases": int(cases["n"]) if cases else -1, "ledger": int(ledger["n"]) if ledger else -1}
 
 
+async def schema_fuzz(env: Embedded, examples: int) -> Outcome:
+    """schemathesis against the relay's own OpenAPI document, as a read-only auditor: no
+    answer may be a 5xx, and no money state may change."""
+    outcome = Outcome("schema_fuzz", cases=examples)
+    stack = await open_stack(env.store, env.client, env.temporal.address)
+    try:
+        before = await counts(stack)
+        done = await asyncio.to_thread(subprocess.run, [
+            str(Path(sys.executable).parent / "st"), "run", f"{stack.relay_url}/openapi.json",
+            "--checks", "not_a_server_error", "--max-examples", str(examples),
+            "--header", f"Authorization: Bearer {stack.tokens['dave']}", "--no-color"],
+            capture_output=True, text=True, timeout=1800)
+        outcome.counts["exit_code"] = done.returncode
+        if done.returncode != 0:
+            outcome.violations.append("schemathesis found failures:\n" + done.stdout[-3000:])
+        after = await counts(stack)
+        if after != before:
+            outcome.violations.append(f"state changed: {before} -> {after}")
+    finally:
+        await stack.close()
+    return outcome
+
+
 async def concurrency(env: Embedded, requests: int) -> Outcome:
     outcome = Outcome("concurrency", cases=requests)
     stack = await open_stack(env.store, env.client, env.temporal.address)
@@ -345,6 +369,7 @@ async def main(scenario: str | None, scale: float) -> list[Outcome]:
             "order": lambda: order(env),
             "bad_input": lambda: bad_input(env, max(60, int(10_000 * scale))),
             "concurrency": lambda: concurrency(env, max(10, int(50 * scale))),
+            "schema_fuzz": lambda: schema_fuzz(env, max(5, int(50 * scale))),
             "restart": lambda: restart_services(env, max(5, int(50 * scale)), env.restart_postgres),
         }
         for name, run in runs.items():

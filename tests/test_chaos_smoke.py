@@ -41,3 +41,8 @@ async def test_killing_the_worker_repeatedly_keeps_one_refund_per_request(env: E
     outcome = await chaos.kill_worker(env, 3)
     assert outcome.violations == []
     assert outcome.counts["provider_refunds"] == 3 and outcome.counts["kills"] >= 1
+
+
+async def test_schemathesis_finds_no_server_error_and_changes_nothing(env: Embedded) -> None:
+    outcome = await chaos.schema_fuzz(env, 3)
+    assert outcome.violations == [] and outcome.counts["exit_code"] == 0
