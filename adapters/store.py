@@ -487,7 +487,10 @@ class Store:
                                  first_processed=first["processed_at"] is not None)
 
     async def mark_receipt_processed(self, receipt_id: int, workflow_id: str | None) -> None:
+        """Marks the receipt done without waiting for the disk: if a crash loses the mark,
+        re-drive starts or signals again, which acts once anyway (workflow id, event id)."""
         async with self.transaction() as conn:
+            await conn.execute("SET LOCAL synchronous_commit = off")
             await conn.execute(
                 "UPDATE webhook_receipts SET processed_at = now(), workflow_id = %s WHERE id = %s",
                 (workflow_id, receipt_id))
