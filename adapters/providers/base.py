@@ -4,10 +4,12 @@ Errors say what we know about the money: `ProviderOutcomeUnknown` means the refu
 may not exist (verify before retrying); `ProviderDeclined` means it certainly does not.
 """
 
-from collections.abc import Mapping
-from typing import Protocol
+from collections.abc import AsyncGenerator, Mapping
+from datetime import datetime
+from typing import Protocol, runtime_checkable
 
 from domain.models import ChargeSnapshot, ProviderEvent, ProviderRefund, RefundRequest
+from domain.reconciliation import ListedRefund
 
 
 class ProviderError(Exception):
@@ -65,6 +67,18 @@ class ProviderAdapter(RefundExecutor, Protocol):
 
     def parse_webhook(self, headers: Mapping[str, str], body: bytes, now: float) -> ProviderEvent:
         """Verifies the signature and normalises the event; raises WebhookRejected."""
+
+
+@runtime_checkable
+class RefundLister(Protocol):
+    """Providers whose refunds can be listed, for reconciliation (webhooks-only ones cannot)."""
+
+    name: str
+
+    def list_refunds(self, since: datetime, until: datetime,
+                     starting_after: str | None = None) -> AsyncGenerator[ListedRefund]:
+        """Every refund created in [since, until), newest first, page by page as the caller
+        reads; `starting_after` (an object id) resumes after that object."""
 
 
 class WebhooksOnly:

@@ -7,6 +7,7 @@ default branch.
 
 import hashlib
 import json
+import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -70,6 +71,12 @@ def stripe_shaped_refund(provider: str, obj: Mapping[str, Any],
         status=map_status(provider, statuses, obj["status"]), raw_status=str(obj["status"]),
         failure_reason=obj.get("failure_reason"), reference=metadata.get(REFERENCE_KEY),
     )
+
+
+def unix_bound(moment: datetime) -> int:
+    """A window bound as the whole second that filters integer `created` times exactly:
+    created >= t and created < t both hold iff they hold against ceil(t)."""
+    return math.ceil(moment.timestamp())
 
 
 def load_json(body: bytes, *, exact_decimals: bool = False) -> Any:
