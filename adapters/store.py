@@ -392,32 +392,38 @@ class Store:
 
     async def post_ledger(self, posting: LedgerInput) -> LedgerResult:
         """Posts a balanced two-line entry once per posting key."""
-        key = posting.posting_key()
-        debit_account, credit_account = LEDGER_TEMPLATES[posting.kind]
         async with self.transaction() as conn:
             await conn.execute("SET LOCAL lock_timeout = '5s'")  # fail fast, let Temporal retry
-            cur = await conn.execute(
-                "INSERT INTO ledger_entries (posting_key, refund_request_id, template)"
-                " VALUES (%s,%s,%s) ON CONFLICT (posting_key) DO NOTHING RETURNING id",
-                (key, posting.refund_request_id, posting.kind.value))
-            row = await cur.fetchone()
-            if row is None:
-                cur = await conn.execute("SELECT id FROM ledger_entries WHERE posting_key = %s", (key,))
-                existing = await cur.fetchone()
-                assert existing is not None
-                return LedgerResult(posting_key=key, entry_id=existing["id"], newly_posted=False)
-            entry_id = int(row["id"])
-            await conn.cursor().executemany(
-                "INSERT INTO ledger_lines (entry_id, account, debit, credit, currency)"
-                " VALUES (%s,%s,%s,%s,%s)",
-                [(entry_id, debit_account, posting.amount, 0, posting.currency),
-                 (entry_id, credit_account, 0, posting.amount, posting.currency)])
-            await self._audit(conn, posting.refund_request_id, "ledger", "ledger_posted",
-                              {"posting_key": key, "entry_id": entry_id,
-                               "template": posting.kind.value, "amount": posting.amount,
-                               "currency": posting.currency,
-                               "provider_refund_id": posting.provider_refund_id})
-            return LedgerResult(posting_key=key, entry_id=entry_id, newly_posted=True)
+            return await self.post_ledger_in(conn, posting)
+
+    @classmethod
+    async def post_ledger_in(cls, conn: Conn, posting: LedgerInput) -> LedgerResult:
+        """`post_ledger` inside the caller's transaction (a compensating entry commits with
+        the decision that approved it)."""
+        key = posting.posting_key()
+        debit_account, credit_account = LEDGER_TEMPLATES[posting.kind]
+        cur = await conn.execute(
+            "INSERT INTO ledger_entries (posting_key, refund_request_id, template)"
+            " VALUES (%s,%s,%s) ON CONFLICT (posting_key) DO NOTHING RETURNING id",
+            (key, posting.refund_request_id, posting.kind.value))
+        row = await cur.fetchone()
+        if row is None:
+            cur = await conn.execute("SELECT id FROM ledger_entries WHERE posting_key = %s", (key,))
+            existing = await cur.fetchone()
+            assert existing is not None
+            return LedgerResult(posting_key=key, entry_id=existing["id"], newly_posted=False)
+        entry_id = int(row["id"])
+        await conn.cursor().executemany(
+            "INSERT INTO ledger_lines (entry_id, account, debit, credit, currency)"
+            " VALUES (%s,%s,%s,%s,%s)",
+            [(entry_id, debit_account, posting.amount, 0, posting.currency),
+             (entry_id, credit_account, 0, posting.amount, posting.currency)])
+        await cls._audit(conn, posting.refund_request_id, "ledger", "ledger_posted",
+                         {"posting_key": key, "entry_id": entry_id,
+                          "template": posting.kind.value, "amount": posting.amount,
+                          "currency": posting.currency,
+                          "provider_refund_id": posting.provider_refund_id})
+        return LedgerResult(posting_key=key, entry_id=entry_id, newly_posted=True)
 
     async def ledger_entries(self, case_id: str) -> list[dict[str, Any]]:
         async with self._pool.connection() as conn:
@@ -507,16 +513,21 @@ class Store:
     async def queue_notice(self, notice: NoticeInput) -> bool:
         """Puts a notice in the outbox once per dedup key; returns whether it is new."""
         async with self.transaction() as conn:
-            cur = await conn.execute(
-                "INSERT INTO notices (dedup_key, refund_request_id, kind, audience, detail)"
-                " VALUES (%s,%s,%s,%s,%s) ON CONFLICT (dedup_key) DO NOTHING RETURNING id",
-                (notice.dedup_key, notice.refund_request_id, notice.kind, notice.audience,
-                 _json(notice.detail)))
-            if await cur.fetchone() is None:
-                return False
-            await self._audit(conn, notice.refund_request_id, "system", "notice_queued",
-                              {"kind": notice.kind, "audience": notice.audience})
-            return True
+            return await self.queue_notice_in(conn, notice)
+
+    @classmethod
+    async def queue_notice_in(cls, conn: Conn, notice: NoticeInput) -> bool:
+        """`queue_notice` inside the caller's transaction."""
+        cur = await conn.execute(
+            "INSERT INTO notices (dedup_key, refund_request_id, kind, audience, detail)"
+            " VALUES (%s,%s,%s,%s,%s) ON CONFLICT (dedup_key) DO NOTHING RETURNING id",
+            (notice.dedup_key, notice.refund_request_id, notice.kind, notice.audience,
+             _json(notice.detail)))
+        if await cur.fetchone() is None:
+            return False
+        await cls._audit(conn, notice.refund_request_id, "system", "notice_queued",
+                         {"kind": notice.kind, "audience": notice.audience})
+        return True
 
     async def notices(self, case_id: str) -> list[dict[str, Any]]:
         async with self._pool.connection() as conn:
