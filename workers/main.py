@@ -16,6 +16,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+from activities.reconciliation import ReconciliationActivities
 from activities.refund import RefundActivities
 from adapters.config import Settings
 from adapters.http_server import AppServer
@@ -23,18 +24,21 @@ from adapters.instrumented import instrument
 from adapters.policy_file import load_policy
 from adapters.providers.base import ProviderAdapter
 from adapters.providers.registry import build_providers, close_providers
+from adapters.schedules import ensure_reconciliation_schedules
 from adapters.store import Store
 from adapters.telemetry import sdk_runtime
 from adapters.temporal_client import connect
 from domain.policy import Policy
 from workers.health import health_app
+from workflows.reconciliation import ReconciliationBreakWorkflow, ReconciliationWorkflow
 from workflows.refund import RefundWorkflow
 from workflows.tracking import RefundTrackingWorkflow
 
 log = logging.getLogger(__name__)
 
 PASSTHROUGH_MODULES = ("domain", "pydantic", "pydantic_core", "annotated_types", "iso4217")
-WORKFLOWS: Sequence[type] = (RefundWorkflow, RefundTrackingWorkflow)
+WORKFLOWS: Sequence[type] = (RefundWorkflow, RefundTrackingWorkflow, ReconciliationWorkflow,
+                              ReconciliationBreakWorkflow)
 
 
 def workflow_runner() -> SandboxedWorkflowRunner:
@@ -45,11 +49,16 @@ def workflow_runner() -> SandboxedWorkflowRunner:
 
 def build_worker(client: Client, task_queue: str, store: Store,
                  providers: dict[str, ProviderAdapter], policy: Policy, *,
-                 graceful_shutdown: timedelta = timedelta(seconds=10)) -> Worker:
-    """A worker with every workflow and activity of the product; provider calls observed."""
+                 graceful_shutdown: timedelta = timedelta(seconds=10),
+                 settings: Settings | None = None) -> Worker:
+    """A worker with every workflow and activity of the product; refund calls observed."""
+    settings = settings or Settings()
     activities = RefundActivities(store, instrument(providers), policy)
+    reconciliation = ReconciliationActivities(store, providers, client, policy, timings=settings.timings(),
+                                              reports_dir=settings.reports_folder())
     return Worker(
-        client, task_queue=task_queue, workflows=list(WORKFLOWS), activities=activities.all(),
+        client, task_queue=task_queue, workflows=list(WORKFLOWS),
+        activities=[*activities.all(), *reconciliation.all()],
         workflow_runner=workflow_runner(), graceful_shutdown_timeout=graceful_shutdown,
     )
 
@@ -63,7 +72,10 @@ async def run_worker(settings: Settings, dsn: str, stop: asyncio.Event) -> None:
     providers = build_providers(settings)
     worker = build_worker(client, settings.task_queue, store, providers,
                           load_policy(settings.policy_file),
-                          graceful_shutdown=timedelta(seconds=settings.graceful_shutdown_seconds))
+                          graceful_shutdown=timedelta(seconds=settings.graceful_shutdown_seconds),
+                          settings=settings)
+    for schedule in await ensure_reconciliation_schedules(client, settings, providers):
+        log.info("reconciliation schedule %s is in place", schedule)
     health = (AppServer(health_app(worker, client, store), settings.bind_host, settings.worker_health_port)
               if settings.worker_health_port else None)
     try:

@@ -29,3 +29,7 @@ LEDGER: dict[str, Any] = {
 SUBMIT_RETRY = RetryPolicy(maximum_attempts=1)
 
 RESUBMIT_BACKOFF_CAP = timedelta(minutes=10)
+
+# Declines, unmapped statuses and run conflicts are raised non-retryable by the activities.
+RECONCILE_BATCH: dict[str, Any] = {"start_to_close_timeout": timedelta(minutes=5), "retry_policy": _PATIENT}
+RECONCILE_STEP: dict[str, Any] = {"start_to_close_timeout": timedelta(minutes=2), "retry_policy": _PATIENT}
