@@ -42,6 +42,7 @@ from domain.models import (
 )
 from starters.cases import start_refund
 from starters.codec_endpoint import Direction, transcode
+from starters.reconciliation_api import install_reconciliation_api
 from starters.webhooks import WebhookDesk
 from workflows.refund import RefundWorkflow
 
@@ -142,6 +143,8 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
                                      {"action": action, "needs_one_of": sorted(roles),
                                       "has": sorted(caller.roles)})
             raise HTTPException(403, f"{action} needs one of the roles {sorted(roles)}")
+
+    install_reconciliation_api(app, store, client, providers, settings, principal, require)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
