@@ -9,17 +9,28 @@ import json
 import os
 import subprocess
 import sys
+from datetime import datetime, timedelta
 from pathlib import Path
+from tempfile import mkdtemp
 from typing import Any
 
 import pytest
 from temporalio.client import Client
+from temporalio.testing import ActivityEnvironment
 
+from activities.reconciliation import ReconciliationActivities
+from adapters.policy_file import load_policy
+from adapters.providers import sandbox as sandbox_adapter
+from adapters.providers.base import RefundLister
+from adapters.reconciliation import Reconciliations
+from adapters.schedules import ensure_reconciliation_schedules, schedule_id
 from adapters.store import Store
 from domain.models import CaseStatus, ProviderRefundStatus
+from domain.reconciliation import BatchInput
 from starters.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
 from tests.reconciliation_kit import (
+    ago,
     backfill,
     history,
     move_at_provider,
@@ -266,3 +277,84 @@ async def test_an_exception_nobody_decides_expires_without_moving_money(
         assert "reconciliation_break_expired" in await stack.actions(case_id)
     finally:
         await stack.close()
+
+
+async def test_a_long_run_continues_as_new_and_a_stopped_run_resumes_at_its_cursor(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    stack = await open_stack(store, client, temporal_server.address, reconciliation_batch_size=4,
+                             reconciliation_batches_per_run=2)
+    try:
+        refunds = [history(f"ch_{i}", 1_000 + i, days_ago=1 + i) for i in range(23)]
+        await seed_provider(stack, refunds)
+        for refund in refunds:
+            await seed_case(stack, refund, settled=0 if refund is refunds[20] else 1)
+        # A backfill that stopped after one batch (its workflow gone): only its row and cursor remain.
+        run, _ = await Reconciliations(store).open_backfill(
+            "sandbox", ago(30), ago(0), "olga", stack.settings.task_queue)
+        activities = ReconciliationActivities(store, stack.providers, client, load_policy(None),
+                                              timings=stack.settings.timings(), reports_dir=Path(mkdtemp()))
+        first = await ActivityEnvironment().run(activities.reconcile_batch, BatchInput(
+            run_id=run["id"], provider="sandbox", options=stack.settings.reconcile_options()))
+        assert (first.objects, first.has_more) == (4, True)
+
+        report = await backfill(stack, since_days=30, expect_status=200)  # resumed, not restarted
+        assert report["run_id"] == run["id"]
+        assert (report["objects_seen"], report["new_breaks"]) == (23, 1)
+        assert [b["object_id"] for b in report["breaks"]] == [refunds[20]["id"]]
+        history_events = (await client.get_workflow_handle(run["id"]).fetch_history()).events
+        started = history_events[0].workflow_execution_started_event_attributes
+        assert started.continued_execution_run_id  # the last run of a chain that continued as new
+    finally:
+        await stack.close()
+
+
+async def test_the_schedule_is_ensured_once_and_its_runs_reconcile_a_trailing_window(stack: Stack) -> None:
+    refund = history("ch_sched", 1_500, days_ago=2, status="failed")
+    await seed_provider(stack, [refund])
+    await seed_case(stack, refund)
+    hourly = stack.settings.model_copy(update={"reconciliation_interval_seconds": 3600})
+    ids = await ensure_reconciliation_schedules(stack.client, hourly, stack.providers)
+    slower = hourly.model_copy(update={"reconciliation_interval_seconds": 7200})
+    assert await ensure_reconciliation_schedules(stack.client, slower, stack.providers) == ids == [
+        schedule_id(hourly, "sandbox")]
+    handle = stack.client.get_schedule_handle(ids[0])
+    try:
+        described = await handle.describe()
+        assert described.schedule.spec.intervals[0].every == timedelta(hours=2)
+        await handle.trigger()
+        [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+        run = await Reconciliations(stack.store).report(found["first_run_id"])
+        assert run is not None and (run["kind"], run["requested_by"]) == ("scheduled", "schedule")
+        since, until = (datetime.fromisoformat(run["window"][end]) for end in ("since", "until"))
+        assert until - since == timedelta(days=14)
+    finally:
+        await handle.delete()
+
+
+async def test_backfills_need_ops_and_a_provider_that_lists_refunds(stack: Stack) -> None:
+    async with stack.api("alice") as api:
+        assert (await api.get("/v1/reconciliation/runs")).status_code == 403
+        assert (await api.post("/v1/reconciliation/runs", json={
+            "provider": "sandbox", "since": ago(1).isoformat()})).status_code == 403
+    async with stack.api("olga") as api:
+        unknown = await api.post("/v1/reconciliation/runs", json={"provider": "cashfree",
+                                                                  "since": ago(1).isoformat()})
+        backwards = await api.post("/v1/reconciliation/runs", json={
+            "provider": "sandbox", "since": ago(1).isoformat(), "until": ago(2).isoformat()})
+        missing = await api.get("/v1/reconciliation/runs/reconcile-nope")
+    assert (unknown.status_code, backwards.status_code, missing.status_code) == (422, 422, 404)
+    assert "cannot list refunds" in unknown.json()["detail"]
+
+
+async def test_the_sandbox_lists_a_window_newest_first_page_by_page(
+        stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sandbox_adapter, "LIST_PAGE", 3)
+    inside = [history("ch_w", 100 + i, days_ago=1 + i) for i in range(7)]
+    await seed_provider(stack, [*inside, history("ch_w", 1, days_ago=20), history("ch_w", 2, days_ago=0.01)])
+    sandbox = stack.providers["sandbox"]
+    assert isinstance(sandbox, RefundLister)
+    listed = [r async for r in sandbox.list_refunds(ago(10), ago(0.5))]
+    assert [r.refund.refund_id for r in listed] == [r["id"] for r in inside]
+    assert [r.created for r in listed] == sorted((r.created for r in listed), reverse=True)
+    rest = [r.refund.refund_id async for r in sandbox.list_refunds(ago(10), ago(0.5), inside[3]["id"])]
+    assert rest == [r["id"] for r in inside[4:]]

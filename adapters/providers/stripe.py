@@ -51,6 +51,8 @@ CHARGE_EVENTS = frozenset({"charge.refunded"})
 """Charge-level notices: current API versions carry no refund list, so the refund.* events
 that accompany them are what moves a case."""
 KNOWN_EVENT_TYPES = REFUND_EVENTS | CHARGE_EVENTS
+LIST_PAGE = 100
+"""Stripe's largest page."""
 
 T = TypeVar("T")
 
@@ -154,7 +156,7 @@ class StripeProvider:
         """Stripe's refund list over `created` in [since, until), newest first, with the
         library's auto-paging: pages are fetched as the caller reads."""
         params: RefundListParams = {"created": {"gte": unix_bound(since), "lt": unix_bound(until)},
-                                    "limit": 100}
+                                    "limit": LIST_PAGE}
         if starting_after is not None:
             params["starting_after"] = starting_after
         first = await self._call("GET /v1/refunds", self._client.v1.refunds.list_async(params))
