@@ -8,9 +8,8 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Response
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
-from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
-from temporalio.exceptions import ApplicationError
 
 from adapters.config import Settings
 from adapters.providers.base import ProviderAdapter, RefundLister
@@ -18,6 +17,7 @@ from adapters.reconciliation import Reconciliations, break_view, run_view
 from adapters.store import Principal, Store
 from domain.models import APPROVER_ROLES, ApprovalSignal, Decision
 from domain.reconciliation import BreakState, ReconcileInput, RunKind, break_workflow_id
+from starters.approvals import ApprovalRefused, send_approval
 from workflows.reconciliation import ReconciliationBreakWorkflow, ReconciliationWorkflow
 
 READ_ROLES = frozenset({"auditor", "ops", "admin"})
@@ -109,16 +109,13 @@ def install_reconciliation_api(app: FastAPI, store: Store, client: Client,
                                 decision=body.decision, reason=body.reason)
         handle = client.get_workflow_handle(break_workflow_id(break_id))
         try:
-            progress = await handle.execute_update(ReconciliationBreakWorkflow.submit_approval, signal)
-        except WorkflowUpdateFailedError as exc:
-            cause = exc.cause
-            reason = cause.message if isinstance(cause, ApplicationError) else str(cause)
-            if isinstance(cause, ApplicationError) and cause.type == "NotAwaitingApproval":
-                raise HTTPException(409, reason) from None
-            await store.append_audit(row["chain"], caller.user, "reconciliation_approval_refused",
-                                     {"break_id": break_id, "decision": body.decision.value,
-                                      "refusal": reason})
-            raise HTTPException(403, reason) from None
+            progress = await send_approval(handle, ReconciliationBreakWorkflow.submit_approval, signal)
+        except ApprovalRefused as refused:
+            if refused.status_code == 403:
+                await store.append_audit(row["chain"], caller.user, "reconciliation_approval_refused",
+                                         {"break_id": break_id, "decision": body.decision.value,
+                                          "refusal": refused.reason})
+            raise HTTPException(refused.status_code, refused.reason) from None
         if not progress.accepted:
             raise HTTPException(403, progress.reason)
         return {"break_id": break_id, "decision": body.decision.value,

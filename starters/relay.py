@@ -17,8 +17,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
-from temporalio.client import Client, WorkflowUpdateFailedError
-from temporalio.exceptions import ApplicationError
+from temporalio.client import Client
 
 from adapters import metrics
 from adapters.codec import CodecError
@@ -40,6 +39,7 @@ from domain.models import (
     RequestSource,
     RoleRequirement,
 )
+from starters.approvals import ApprovalRefused, send_approval
 from starters.cases import start_refund
 from starters.codec_endpoint import Direction, transcode
 from starters.reconciliation_api import install_reconciliation_api
@@ -230,15 +230,12 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
                                 decision=body.decision, reason=body.reason)
         handle = client.get_workflow_handle(refund_request_id)
         try:
-            progress = await handle.execute_update(RefundWorkflow.submit_approval, signal)
-        except WorkflowUpdateFailedError as exc:
-            cause = exc.cause
-            reason = cause.message if isinstance(cause, ApplicationError) else str(cause)
-            if isinstance(cause, ApplicationError) and cause.type == "NotAwaitingApproval":
-                raise HTTPException(409, reason) from None
-            await store.append_audit(refund_request_id, caller.user, "approval_refused",
-                                     {"decision": body.decision.value, "refusal": reason})
-            raise HTTPException(403, reason) from None
+            progress = await send_approval(handle, RefundWorkflow.submit_approval, signal)
+        except ApprovalRefused as refused:
+            if refused.status_code == 403:
+                await store.append_audit(refund_request_id, caller.user, "approval_refused",
+                                         {"decision": body.decision.value, "refusal": refused.reason})
+            raise HTTPException(refused.status_code, refused.reason) from None
         if not progress.accepted:
             raise HTTPException(403, progress.reason)
         observe_approval_wait(await store.audit_trail(refund_request_id), body.decision)
