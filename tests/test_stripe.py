@@ -59,6 +59,14 @@ class StripeRig:
     def body(self, charge: str, amount: int) -> dict[str, Any]:
         return self.stack.refund_body(charge, amount, provider="stripe", merchant_account=MERCHANT)
 
+    async def refunded(self, amount: int) -> tuple[str, dict[str, Any], dict[str, Any]]:
+        """A refund requested through our API until its case succeeded: (charge, body, case)."""
+        charge = await self.charge(10_000)
+        body = self.body(charge, amount)
+        async with self.stack.api("alice") as api:
+            assert (await api.post("/v1/refund-requests", json=body)).status_code == 202
+        return charge, body, await self.stack.wait_for_status(body["refund_request_id"], "succeeded")
+
 
 @pytest.fixture
 async def rig(store: Store, client: Client, temporal_server: TemporalDevServer,
@@ -107,11 +115,7 @@ async def test_lost_response_is_verified_at_stripe_not_resubmitted(rig: StripeRi
 
 
 async def test_failure_webhook_after_success_reverses_the_ledger(rig: StripeRig) -> None:
-    charge = await rig.charge(10_000)
-    body = rig.body(charge, 2_500)
-    async with rig.stack.api("alice") as api:
-        assert (await api.post("/v1/refund-requests", json=body)).status_code == 202
-    row = await rig.stack.wait_for_status(body["refund_request_id"], "succeeded")
+    charge, body, row = await rig.refunded(2_500)
     event = json.loads((PAYLOADS / "stripe_charge.refund.updated.json").read_bytes())
     event["id"] = f"evt_{row['provider_refund_id']}"
     event["data"]["object"].update(id=row["provider_refund_id"], charge=charge, amount=2_500,
@@ -218,11 +222,7 @@ async def test_stripe_lists_a_window_newest_first_across_pages(
 
 
 async def test_a_stripe_backfill_finds_a_silent_failure_and_a_dashboard_refund(rig: StripeRig) -> None:
-    charge = await rig.charge(10_000)
-    body = rig.body(charge, 2_000)
-    async with rig.stack.api("alice") as api:
-        assert (await api.post("/v1/refund-requests", json=body)).status_code == 202
-    row = await rig.stack.wait_for_status(body["refund_request_id"], "succeeded")
+    _, body, row = await rig.refunded(2_000)
     await rig.stack.client.get_workflow_handle(body["refund_request_id"]).result()  # the case is closed
     await age_at_stripe(rig, row["provider_refund_id"], 3, status="failed")
     dashboard = await stripe_refund(rig, await rig.charge(5_000), 1_500)
