@@ -234,6 +234,10 @@ async def test_a_closed_case_is_compensated_only_after_the_tiers_approvals(stack
     assert compensated["detail"]["approvers"] == ["carol", "frank"]
     assert [e["actor"] for e in trail if e["action"] == "reconciliation_approval_refused"] == ["bob", "carol"]
     assert (await decide(stack, "carol", break_id)).status_code == 409
+    async with stack.api("dave") as api:
+        scraped = (await api.get("/metrics")).text
+    assert ('refunds_reconciliation_breaks{break_class="provider_failed_shown_refunded",'
+            'state="resolved"}') in scraped
     again = await backfill(stack, since_days=30)
     assert (again["new_breaks"], again["known_breaks"]) == (0, 0)
     assert len(await stack.store.ledger_entries(case_id)) == 4
