@@ -12,6 +12,7 @@ from pydantic import AliasChoices, Field, IPvAnyNetwork, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from domain.models import RefundTimings
+from domain.reconciliation import ReconcileOptions
 
 
 def _seconds(value: float | None) -> timedelta | None:
@@ -131,6 +132,30 @@ class Settings(BaseSettings):
     llm_api_key: SecretStr | None = None
     llm_timeout_seconds: float = 20
     advice_timeout_seconds: float = 30
+
+    reconciliation_interval_seconds: float = Field(
+        default=3600, description="a scheduled reconciliation per listable provider this often; 0: none")
+    reconciliation_window_seconds: float = Field(
+        default=14 * 24 * 3600, description="the trailing window (by refund creation) a scheduled run covers")
+    reconciliation_stuck_after_seconds: float = 3 * 24 * 3600
+    reconciliation_grace_seconds: float = Field(
+        default=900, description="objects younger than this are left to in-flight webhooks")
+    reconciliation_batch_size: int = 500
+    reconciliation_batches_per_run: int = Field(
+        default=200, description="a run continues as new after this many batches (history stays small)")
+    reports_dir: Path | None = Field(
+        default=None, description="reconciliation reports (JSON, CSV); default <data_dir>/reports")
+
+    def reconcile_options(self) -> ReconcileOptions:
+        """A reconciliation run's knobs, handed to each run in its input."""
+        return ReconcileOptions(
+            batch_size=self.reconciliation_batch_size, batches_per_run=self.reconciliation_batches_per_run,
+            window=timedelta(seconds=self.reconciliation_window_seconds),
+            stuck_after=timedelta(seconds=self.reconciliation_stuck_after_seconds),
+            grace=timedelta(seconds=self.reconciliation_grace_seconds))
+
+    def reports_folder(self) -> Path:
+        return self.reports_dir or self.data_dir / "reports"
 
     def timings(self) -> RefundTimings:
         """The workflow's waits, handed to each new workflow in its input."""

@@ -39,6 +39,8 @@ CASES = Gauge("refunds_cases", "Refund cases by state", ["state"], registry=CASE
 LEDGER_PENDING = Gauge("refunds_ledger_pending",
                        "Refunds the provider reports succeeded that have no settled ledger entry yet",
                        registry=CASE_REGISTRY)
+BREAKS = Gauge("refunds_reconciliation_breaks", "Reconciliation breaks by class and state",
+               ["break_class", "state"], registry=CASE_REGISTRY)
 
 
 async def refresh_case_gauges(store: Store) -> None:
@@ -56,6 +58,13 @@ async def refresh_case_gauges(store: Store) -> None:
     for other, n in counts.items():  # a status this build does not know still shows up
         CASES.labels(other).set(n)
     LEDGER_PENDING.set(int(pending["n"]) if pending else 0)
+    async with store.transaction() as conn:
+        breaks = await (await conn.execute(
+            "SELECT break_class, state, count(*) AS n FROM reconciliation_breaks"
+            " GROUP BY break_class, state")).fetchall()
+    BREAKS.clear()  # a class and state with no break left reports nothing, not a stale count
+    for row in breaks:
+        BREAKS.labels(row["break_class"], row["state"]).set(int(row["n"]))
 
 
 def exposition(*extra: CollectorRegistry) -> tuple[bytes, str]:

@@ -172,7 +172,7 @@ class PayoutBook:
             status = await self._status(conn, payout.id)
             if status is not PayoutStatus.ON_HOLD:
                 raise HoldReleased(f"payout {payout.id} is {status.value}, no longer on hold")
-            result = await Store._post_entry(conn, LedgerInput(
+            result = await Store.post_ledger_in(conn, LedgerInput(
                 refund_request_id=case_id, kind=LedgerKind.PAYOUT_REVERSED, amount=payout.amount,
                 currency=payout.currency, provider_refund_id=payout.provider_payout_id))
             await conn.execute("UPDATE payout_cases SET reversal_entry_id = %s, updated_at = now()"
@@ -225,7 +225,7 @@ class PayoutBook:
                 dedup_key=f"{case_id}:payout_exception_ticket:{occasion}",
                 detail={**detail, "ticket_ref": ref, "action": "open" if opening else "update",
                         "priority": priority, "occasion": occasion})
-            queued = await Store._queue_notice(conn, notice)
+            queued = await Store.queue_notice_in(conn, notice)
             if queued:
                 await Store._audit(conn, case_id, "system", "ticket_opened" if opening else "ticket_updated",
                                    {"ticket_ref": ref, "placeholder": True, "priority": priority,

@@ -412,11 +412,12 @@ class Store:
         """Posts a balanced two-line entry once per posting key."""
         async with self.transaction() as conn:
             await conn.execute("SET LOCAL lock_timeout = '5s'")  # fail fast, let Temporal retry
-            return await self._post_entry(conn, posting)
+            return await self.post_ledger_in(conn, posting)
 
     @classmethod
-    async def _post_entry(cls, conn: Conn, posting: LedgerInput) -> LedgerResult:
-        """The posting itself, inside the caller's transaction (so a caller can fence it)."""
+    async def post_ledger_in(cls, conn: Conn, posting: LedgerInput) -> LedgerResult:
+        """`post_ledger` inside the caller's transaction (a compensating entry commits with
+        the decision that approved it)."""
         key = posting.posting_key()
         debit_account, credit_account = LEDGER_TEMPLATES[posting.kind]
         cur = await conn.execute(
@@ -605,10 +606,11 @@ class Store:
     async def queue_notice(self, notice: NoticeInput) -> bool:
         """Puts a notice in the outbox once per dedup key; returns whether it is new."""
         async with self.transaction() as conn:
-            return await self._queue_notice(conn, notice)
+            return await self.queue_notice_in(conn, notice)
 
     @classmethod
-    async def _queue_notice(cls, conn: Conn, notice: NoticeInput) -> bool:
+    async def queue_notice_in(cls, conn: Conn, notice: NoticeInput) -> bool:
+        """`queue_notice` inside the caller's transaction."""
         cur = await conn.execute(
             "INSERT INTO notices (dedup_key, refund_request_id, kind, audience, detail)"
             " VALUES (%s,%s,%s,%s,%s) ON CONFLICT (dedup_key) DO NOTHING RETURNING id",

@@ -359,10 +359,14 @@ class LedgerInput(Frozen):
     amount: int
     currency: str
     provider_refund_id: str = Field(description="the provider object the entry is about (refund or payout)")
+    reference: str | None = Field(
+        default=None, description="set on a compensating entry: what it resolves (e.g. a break)")
 
     def posting_key(self) -> str:
-        """Posting is idempotent by this key: one entry per case and template."""
-        return f"{self.refund_request_id}:{self.kind.value}"
+        """Posting is idempotent by this key: one entry per case and template (and, for a
+        compensating entry, per thing it resolves)."""
+        key = f"{self.refund_request_id}:{self.kind.value}"
+        return f"{key}:{self.reference}" if self.reference else key
 
 
 class LedgerResult(Frozen):

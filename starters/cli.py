@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from adapters.config import Settings
-from domain.money import normalise_currency, parse_major
+from domain.money import format_minor, normalise_currency, parse_major
 
 if TYPE_CHECKING:
     from adapters.store import Store
@@ -362,6 +362,36 @@ async def cmd_reissue(args: argparse.Namespace, settings: Settings) -> int:
                                     json={"method": args.method, "reason": args.reason}))
 
 
+async def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
+    """Starts (or resumes) a backfill through the relay and follows it to its report."""
+    from starters.progress import follow_run
+
+    body: dict[str, Any] = {"provider": args.provider,
+                            "since": (datetime.now(UTC) - parse_age(args.since)).isoformat()}
+    if args.until:
+        body["until"] = args.until
+    async with _api(args, settings) as api:
+        started = await api.post("/v1/reconciliation/runs", json=body)
+        if not started.is_success:
+            return _show(started)
+        run = started.json()
+        print(f"{'resuming' if run['resumed'] else 'started'} {run['run_id']}: {run['provider']} refunds "
+              f"created {run['window']['since']} .. {run['window']['until']}", flush=True)
+        report = await follow_run(api, run["run_id"], show_progress=not args.no_progress)
+    print(f"{report['objects_seen']} objects, {report['new_breaks']} new breaks, "
+          f"{report['known_breaks']} already known")
+    for name, entry in sorted(report["classes"].items()):
+        amounts = ", ".join(format_minor(v, c) for c, v in sorted(entry["amounts"].items()))
+        print(f"  {name:<36} new {entry['new']:>6}  seen {entry['seen']:>6}  {amounts}")
+    oldest = report["oldest_break"]
+    if oldest:
+        print(f"oldest break: {oldest['object_id']} ({oldest['break_class']}, created "
+              f"{oldest['object_created_at']})")
+    for path in report["report_files"]:
+        print(f"report: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="refunds", description="Refund Orchestrator")
     parser.add_argument("--token", help="API token (default: $REFUNDS_TOKEN, then the dev admin token)")
@@ -438,6 +468,14 @@ def build_parser() -> argparse.ArgumentParser:
     reissue.add_argument("--method", choices=["provider", "bank_transfer"], default="provider")
     reissue.add_argument("--reason", default="")
     reissue.set_defaults(run=cmd_reissue)
+
+    reconcile = sub.add_parser("reconcile", help="backfill: cross-check a provider's refunds with cases "
+                               "and the ledger (resumes an unfinished one)")
+    reconcile.add_argument("--provider", required=True)
+    reconcile.add_argument("--since", default="90d", help="refunds created this long ago or later, e.g. 90d")
+    reconcile.add_argument("--until", help="window end, ISO 8601 with offset (default: now)")
+    reconcile.add_argument("--no-progress", action="store_true", help="no progress bar")
+    reconcile.set_defaults(run=cmd_reconcile)
 
     audit = sub.add_parser("audit", help="the audit trail").add_subparsers(dest="audit_command",
                                                                           required=True)

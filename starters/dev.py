@@ -24,6 +24,7 @@ from adapters.config import Settings
 from adapters.http_server import AppServer
 from adapters.policy_file import load_policy
 from adapters.providers.registry import build_providers, close_providers
+from adapters.schedules import ensure_reconciliation_schedules
 from adapters.store import Store
 from adapters.temporal_client import connect
 from starters import relay, sandbox_provider
@@ -127,8 +128,10 @@ async def run_dev(settings: Settings, *, play_demo: bool = True) -> None:
         relay_app = relay.create_app(store, client, providers, settings)
         front = AppServer(relay_app, settings.bind_host, settings.relay_port)
         worker = build_worker(client, settings.task_queue, store, providers,
-                              load_policy(settings.policy_file), settings=settings,
-                              graceful_shutdown=timedelta(seconds=settings.graceful_shutdown_seconds))
+                              load_policy(settings.policy_file),
+                              graceful_shutdown=timedelta(seconds=settings.graceful_shutdown_seconds),
+                              settings=settings)
+        await ensure_reconciliation_schedules(client, settings, providers)
         worker_task = asyncio.create_task(worker.run())
         try:
             await sandbox.start()

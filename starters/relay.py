@@ -45,6 +45,7 @@ from starters.console import install_console
 from starters.integrations import advice_view, integration_routes
 from starters.limits import read_limited
 from starters.payout_routes import payout_routes
+from starters.reconciliation_api import install_reconciliation_api
 from starters.webhooks import WebhookDesk
 
 log = logging.getLogger("relay")
@@ -241,6 +242,7 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
         await actions.require(caller, roles, action, case_id, via="api")
 
     app.include_router(payout_routes(store, client, principal, require))
+    install_reconciliation_api(app, store, client, providers, settings, principal, require)
     install_console(app, actions, providers)
     return app
 

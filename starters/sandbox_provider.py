@@ -17,10 +17,10 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import httpx
-from fastapi import FastAPI, Header, HTTPException, Request
+from fastapi import FastAPI, Header, HTTPException, Query, Request
 from pydantic import BaseModel, Field
 
 from adapters.providers.sandbox import sign
@@ -110,9 +110,30 @@ class SandboxState:
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS charges (id TEXT PRIMARY KEY, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS refunds (id TEXT PRIMARY KEY, charge TEXT NOT NULL,
-    idempotency_key TEXT, body TEXT NOT NULL, seq INTEGER NOT NULL);
+    idempotency_key TEXT, body TEXT NOT NULL, seq INTEGER NOT NULL, created INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS payouts (id TEXT PRIMARY KEY, body TEXT NOT NULL, seq INTEGER NOT NULL);
 """
+# Lists page newest first by creation time, as Stripe's do.
+INDEXES = "CREATE INDEX IF NOT EXISTS refunds_created ON refunds (created, seq)"
+MAX_PAGE = 100
+
+
+class ImportedRefund(BaseModel):
+    """A refund with its history already made (seeding scenarios and benchmarks)."""
+
+    id: str | None = None
+    charge: str
+    amount: int = Field(gt=0)
+    currency: str
+    status: str
+    failure_reason: str | None = None
+    created: int
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class ImportIn(BaseModel):
+    charges: list[ChargeIn] = Field(default_factory=list)
+    refunds: list[ImportedRefund] = Field(default_factory=list)
 
 
 def _new_id(prefix: str) -> str:
@@ -125,16 +146,51 @@ class SandboxBank:
     def __init__(self, path: str) -> None:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.executescript(SCHEMA)
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(refunds)")}
+        if "created" not in columns:  # a data folder from before refunds had a creation time
+            self._db.execute("ALTER TABLE refunds ADD COLUMN created INTEGER NOT NULL DEFAULT 0")
+            self._db.execute("UPDATE refunds SET created = seq / 1000000000")
+        self._db.execute(INDEXES)
 
     def put(self, table: Literal["charges", "refunds"], obj: dict[str, Any], **extra: Any) -> None:
         if table == "charges":
             self._db.execute("INSERT OR REPLACE INTO charges VALUES (?, ?)", (obj["id"], json.dumps(obj)))
         else:
-            self._db.execute(
-                "INSERT INTO refunds VALUES (?, ?, ?, ?, ?)"
-                " ON CONFLICT (id) DO UPDATE SET body = excluded.body",
-                (obj["id"], obj["charge"], extra.get("idempotency_key"), json.dumps(obj),
-                 time.time_ns()))
+            self.put_refunds([obj], idempotency_key=extra.get("idempotency_key"))
+
+    def put_refunds(self, refunds: list[dict[str, Any]], idempotency_key: str | None = None) -> None:
+        """Inserts refunds (their `created` is kept) or updates their body, in one transaction."""
+        seq = time.time_ns()
+        self._db.execute("BEGIN")
+        self._db.executemany(
+            "INSERT INTO refunds VALUES (?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (id) DO UPDATE SET body = excluded.body",
+            [(r["id"], r["charge"], idempotency_key, json.dumps(r), seq + i, r["created"])
+             for i, r in enumerate(refunds)])
+        self._db.execute("COMMIT")
+
+    def refund_page(self, *, since: int | None, until: int | None, starting_after: str | None,
+                    limit: int, charge: str | None = None) -> tuple[list[dict[str, Any]], bool]:
+        """One page, newest first, of refunds created in [since, until) after the cursor.
+        Only the filters given go into the query, so SQLite seeks the (created, seq) index
+        instead of scanning it: a page costs the same deep into a large window."""
+        where: list[str] = ["1 = 1"]
+        params: list[int | str] = []
+        if starting_after is not None:
+            found = self._db.execute("SELECT created, seq FROM refunds WHERE id = ?",
+                                     (starting_after,)).fetchone()
+            if found is None:
+                raise KeyError(starting_after)
+            where.append("(created, seq) < (?, ?)")
+            params += [int(found[0]), int(found[1])]
+        for clause, value in (("created >= ?", since), ("created < ?", until), ("charge = ?", charge)):
+            if value is not None:
+                where.append(clause)
+                params.append(value)
+        rows = self._db.execute(
+            f"SELECT body FROM refunds WHERE {' AND '.join(where)}"  # noqa: S608 (clauses are ours)
+            " ORDER BY created DESC, seq DESC LIMIT ?", (*params, limit + 1)).fetchall()
+        return [json.loads(r[0]) for r in rows[:limit]], len(rows) > limit
 
     def put_payout(self, obj: dict[str, Any]) -> None:
         self._db.execute("INSERT INTO payouts VALUES (?, ?, ?)"
@@ -218,15 +274,18 @@ def create_app(*, db_path: str = ":memory:", webhook_url: str | None = None,
             state.faults.pop(0)
         return fault
 
-    @app.post("/v1/charges")
-    async def create_charge(body: ChargeIn, authorization: str | None = Header(None)) -> dict[str, Any]:
-        authorise(authorization)
+    def new_charge(body: ChargeIn) -> dict[str, Any]:
         charge = {"id": body.id or _new_id("ch"), "object": "charge", "amount": body.amount,
                   "currency": body.currency.lower(), "merchant_account": body.merchant_account,
                   "captured": body.capture, "amount_captured": body.amount if body.capture else 0,
                   "disputes": body.disputes}
         bank.put("charges", charge)
         return charge
+
+    @app.post("/v1/charges")
+    async def create_charge(body: ChargeIn, authorization: str | None = Header(None)) -> dict[str, Any]:
+        authorise(authorization)
+        return new_charge(body)
 
     @app.post("/v1/charges/{charge_id}/capture")
     async def capture(charge_id: str, body: CaptureIn,
@@ -274,7 +333,7 @@ def create_app(*, db_path: str = ":memory:", webhook_url: str | None = None,
         refund = {"id": _new_id("re"), "object": "refund", "charge": body.charge,
                   "amount": body.amount, "currency": charge["currency"],
                   "status": state.refund_initial_status, "failure_reason": None,
-                  "reason": body.reason, "metadata": body.metadata}
+                  "reason": body.reason, "metadata": body.metadata, "created": int(time.time())}
         bank.put("refunds", refund, idempotency_key=idempotency_key)
         emit("refund.created", refund)
         if fault and fault.mode == "timeout_after_success":
@@ -284,12 +343,24 @@ def create_app(*, db_path: str = ":memory:", webhook_url: str | None = None,
         return refund
 
     @app.get("/v1/refunds")
-    async def list_refunds(charge: str | None = None, reference: str | None = None,
-                           authorization: str | None = Header(None)) -> dict[str, Any]:
+    async def list_refunds(
+            charge: str | None = None, reference: str | None = None,
+            created_gte: Annotated[int | None, Query(alias="created[gte]")] = None,
+            created_lt: Annotated[int | None, Query(alias="created[lt]")] = None,
+            starting_after: str | None = None,
+            limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = MAX_PAGE,
+            authorization: str | None = Header(None)) -> dict[str, Any]:
+        """Stripe's list shape: newest first, `created` filters, `starting_after` cursor;
+        `reference` (our request id in metadata) narrows the page for verify-state."""
         authorise(authorization)
-        found = [r for r in bank.refunds(charge=charge)
+        try:
+            page, more = bank.refund_page(since=created_gte, until=created_lt,
+                                          starting_after=starting_after, limit=limit, charge=charge)
+        except KeyError:
+            raise HTTPException(400, f"no such refund {starting_after}") from None
+        found = [r for r in page
                  if reference is None or r["metadata"].get("refund_request_id") == reference]
-        return {"object": "list", "data": found, "has_more": False}
+        return {"object": "list", "data": found, "has_more": more}
 
     @app.post("/v1/payouts")
     async def create_payout(body: PayoutIn, authorization: str | None = Header(None)) -> dict[str, Any]:
@@ -359,6 +430,15 @@ def create_app(*, db_path: str = ":memory:", webhook_url: str | None = None,
                       failure_message=body.failure_message)
         bank.put_payout(payout)
         return {**payout, "event_id": emit(f"payout.{body.status}", payout, copies=body.copies)}
+
+    @app.post("/_sandbox/import")
+    async def import_history(body: ImportIn) -> dict[str, int]:
+        """Seeds charges and refunds as if they had happened (no webhooks are sent)."""
+        for charge in body.charges:
+            new_charge(charge)
+        bank.put_refunds([{"id": r.id or _new_id("re"), "object": "refund", **r.model_dump(exclude={"id"})}
+                          for r in body.refunds])
+        return {"charges": len(body.charges), "refunds": len(body.refunds)}
 
     @app.post("/_sandbox/events")
     async def send_event(body: EventIn) -> dict[str, str]:

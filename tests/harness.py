@@ -3,6 +3,7 @@ sandbox provider, relay and in-process worker, plus helpers to drive and inspect
 
 import asyncio
 import secrets
+import tempfile
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -145,7 +146,7 @@ async def open_stack(store: Store, client: Client, temporal_address: str, *, wor
         "temporal_address": temporal_address, "approval_timeout_seconds": 60,
         "submit_timeout_seconds": 5, "status_poll_interval_seconds": 2,
         "late_failure_window_seconds": 2, "provider_http_timeout_seconds": 2,
-        "payload_keys": PAYLOAD_KEYS,
+        "payload_keys": PAYLOAD_KEYS, "reports_dir": tempfile.mkdtemp(prefix="refunds-reports-"),
         "console_secure_cookie": False,
     }
     values.update(overrides)

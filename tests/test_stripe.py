@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +17,15 @@ import stripe
 from temporalio.client import Client
 
 from adapters.http_server import AppServer
-from adapters.providers.base import WebhookRejected
+from adapters.providers import stripe as stripe_adapter
+from adapters.providers.base import RefundLister, WebhookRejected
 from adapters.providers.stripe import StripeProvider
 from adapters.store import Store
 from domain.models import ProviderEvent
 from starters.stack import TemporalDevServer, free_port
 from tests.harness import Stack, open_stack
 from tests.lossy_proxy import LossyProxy
+from tests.reconciliation_kit import backfill
 
 API_KEY = "sk_test_orchestrator"
 SECRETS = ("whsec_new_test_secret", "whsec_old_test_secret")
@@ -56,6 +59,14 @@ class StripeRig:
 
     def body(self, charge: str, amount: int) -> dict[str, Any]:
         return self.stack.refund_body(charge, amount, provider="stripe", merchant_account=MERCHANT)
+
+    async def refunded(self, amount: int) -> tuple[str, dict[str, Any], dict[str, Any]]:
+        """A refund requested through our API until its case succeeded: (charge, body, case)."""
+        charge = await self.charge(10_000)
+        body = self.body(charge, amount)
+        async with self.stack.api("alice") as api:
+            assert (await api.post("/v1/refund-requests", json=body)).status_code == 202
+        return charge, body, await self.stack.wait_for_status(body["refund_request_id"], "succeeded")
 
 
 @pytest.fixture
@@ -105,11 +116,7 @@ async def test_lost_response_is_verified_at_stripe_not_resubmitted(rig: StripeRi
 
 
 async def test_failure_webhook_after_success_reverses_the_ledger(rig: StripeRig) -> None:
-    charge = await rig.charge(10_000)
-    body = rig.body(charge, 2_500)
-    async with rig.stack.api("alice") as api:
-        assert (await api.post("/v1/refund-requests", json=body)).status_code == 202
-    row = await rig.stack.wait_for_status(body["refund_request_id"], "succeeded")
+    charge, body, row = await rig.refunded(2_500)
     event = json.loads((PAYLOADS / "stripe_charge.refund.updated.json").read_bytes())
     event["id"] = f"evt_{row['provider_refund_id']}"
     event["data"]["object"].update(id=row["provider_refund_id"], charge=charge, amount=2_500,
@@ -184,3 +191,53 @@ def test_charge_refunded_is_a_charge_level_notice() -> None:
                                                                                      SECRETS[1])}
     parsed = _refund_event(headers, raw)
     assert (parsed.charge_id, parsed.refund_id, parsed.status) == ("ch_1", None, None)
+
+
+# -- reconciliation against localstripe ------------------------------------------------------
+
+async def age_at_stripe(rig: StripeRig, refund_id: str, days: float, **changes: str) -> None:
+    """Moves a refund's creation back (and its status, say) at localstripe, with no webhook."""
+    created = str(int((datetime.now(UTC) - timedelta(days=days)).timestamp()))
+    async with rig.http() as http:
+        response = await http.post(f"/v1/refunds/{refund_id}", data={"created": created, **changes})
+    response.raise_for_status()
+
+
+async def stripe_refund(rig: StripeRig, charge: str, amount: int) -> str:
+    async with rig.http() as http:
+        response = await http.post("/v1/refunds", data={"charge": charge, "amount": amount})
+    response.raise_for_status()
+    return str(response.json()["id"])
+
+
+async def test_stripe_lists_a_window_newest_first_across_pages(
+        rig: StripeRig, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stripe_adapter, "LIST_PAGE", 4)
+    charge = await rig.charge(100_000)
+    made = [await stripe_refund(rig, charge, 100 + i) for i in range(11)]
+    for i, refund_id in enumerate(made):
+        await age_at_stripe(rig, refund_id, 60 + i / 100)
+    await age_at_stripe(rig, await stripe_refund(rig, charge, 1), 70)
+    adapter = rig.stack.providers["stripe"]
+    assert isinstance(adapter, RefundLister)
+    since, until = datetime.now(UTC) - timedelta(days=61), datetime.now(UTC) - timedelta(days=59)
+    listed = [r async for r in adapter.list_refunds(since, until)]
+    assert [r.refund.refund_id for r in listed] == made  # newest first: the least aged first
+    assert [r.refund.amount for r in listed] == list(range(100, 111))
+    rest = [r.refund.refund_id async for r in adapter.list_refunds(since, until, made[5])]
+    assert rest == made[6:]
+
+
+async def test_a_stripe_backfill_finds_a_silent_failure_and_a_dashboard_refund(rig: StripeRig) -> None:
+    _, body, row = await rig.refunded(2_000)
+    await rig.stack.client.get_workflow_handle(body["refund_request_id"]).result()  # the case is closed
+    await age_at_stripe(rig, row["provider_refund_id"], 3, status="failed")
+    dashboard = await stripe_refund(rig, await rig.charge(5_000), 1_500)
+    await age_at_stripe(rig, dashboard, 2)
+    await age_at_stripe(rig, await stripe_refund(rig, await rig.charge(5_000), 700), 40, status="failed")
+
+    report = await backfill(rig.stack, provider="stripe", since_days=10)
+    assert {(b["object_id"], b["break_class"], b["case_id"]) for b in report["breaks"]} == {
+        (row["provider_refund_id"], "provider_failed_shown_refunded", body["refund_request_id"]),
+        (dashboard, "unknown_to_us", None)}
+    assert {b["ledger_delta"] for b in report["breaks"]} == {-2_000, 1_500}

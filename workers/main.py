@@ -18,6 +18,7 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 
 from activities.integrations import IntegrationActivities
 from activities.payout import PayoutActivities
+from activities.reconciliation import ReconciliationActivities
 from activities.refund import RefundActivities
 from adapters.config import Settings
 from adapters.http_server import AppServer
@@ -25,19 +26,22 @@ from adapters.instrumented import instrument
 from adapters.policy_file import load_policy
 from adapters.providers.base import ProviderAdapter
 from adapters.providers.registry import build_providers, close_providers
+from adapters.schedules import ensure_reconciliation_schedules
 from adapters.store import Store
 from adapters.telemetry import sdk_runtime
 from adapters.temporal_client import connect
 from domain.policy import Policy
 from workers.health import health_app
 from workflows.payout import PayoutReversalWorkflow
+from workflows.reconciliation import ReconciliationBreakWorkflow, ReconciliationWorkflow
 from workflows.refund import RefundWorkflow
 from workflows.tracking import RefundTrackingWorkflow
 
 log = logging.getLogger(__name__)
 
 PASSTHROUGH_MODULES = ("domain", "pydantic", "pydantic_core", "annotated_types", "iso4217")
-WORKFLOWS: Sequence[type] = (RefundWorkflow, RefundTrackingWorkflow, PayoutReversalWorkflow)
+WORKFLOWS: Sequence[type] = (RefundWorkflow, RefundTrackingWorkflow, PayoutReversalWorkflow,
+                              ReconciliationWorkflow, ReconciliationBreakWorkflow)
 
 
 def workflow_runner() -> SandboxedWorkflowRunner:
@@ -51,11 +55,15 @@ def build_worker(client: Client, task_queue: str, store: Store,
                  settings: Settings | None = None,
                  graceful_shutdown: timedelta = timedelta(seconds=10)) -> Worker:
     """A worker with every workflow and activity of the product; provider calls observed;
-    `settings` configure the notice channels and the advisor (none given: the environment's)."""
+    `settings` configure the notice channels, the advisor and reconciliation reports (none
+    given: the environment's)."""
+    settings = settings or Settings()
     observed = instrument(providers)
     activities = [*RefundActivities(store, observed, policy).all(),
                   *PayoutActivities(store, observed, policy).all(),
-                  *IntegrationActivities(store, settings or Settings()).all()]
+                  *IntegrationActivities(store, settings).all(),
+                  *ReconciliationActivities(store, providers, client, policy, timings=settings.timings(),
+                                            reports_dir=settings.reports_folder()).all()]
     return Worker(
         client, task_queue=task_queue, workflows=list(WORKFLOWS), activities=activities,
         workflow_runner=workflow_runner(), graceful_shutdown_timeout=graceful_shutdown,
@@ -70,8 +78,11 @@ async def run_worker(settings: Settings, dsn: str, stop: asyncio.Event) -> None:
     store = await Store.open(dsn)
     providers = build_providers(settings)
     worker = build_worker(client, settings.task_queue, store, providers,
-                          load_policy(settings.policy_file), settings=settings,
-                          graceful_shutdown=timedelta(seconds=settings.graceful_shutdown_seconds))
+                          load_policy(settings.policy_file),
+                          graceful_shutdown=timedelta(seconds=settings.graceful_shutdown_seconds),
+                          settings=settings)
+    for schedule in await ensure_reconciliation_schedules(client, settings, providers):
+        log.info("reconciliation schedule %s is in place", schedule)
     health = (AppServer(health_app(worker, client, store), settings.bind_host, settings.worker_health_port)
               if settings.worker_health_port else None)
     try:

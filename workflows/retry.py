@@ -56,3 +56,7 @@ PAYOUT_REISSUE: dict[str, Any] = {
     "retry_policy": RetryPolicy(initial_interval=timedelta(seconds=2), backoff_coefficient=2.0,
                                 maximum_interval=timedelta(minutes=5)),
 }
+
+# Declines, unmapped statuses and run conflicts are raised non-retryable by the activities.
+RECONCILE_BATCH: dict[str, Any] = {"start_to_close_timeout": timedelta(minutes=5), "retry_policy": _PATIENT}
+RECONCILE_STEP: dict[str, Any] = {"start_to_close_timeout": timedelta(minutes=2), "retry_policy": _PATIENT}

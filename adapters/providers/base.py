@@ -4,11 +4,13 @@ Errors say what we know about the money: `ProviderOutcomeUnknown` means the refu
 may not exist (verify before retrying); `ProviderDeclined` means it certainly does not.
 """
 
-from collections.abc import Mapping
+from collections.abc import AsyncGenerator, Mapping
+from datetime import datetime
 from typing import Protocol, runtime_checkable
 
 from domain.models import ChargeSnapshot, ProviderEvent, ProviderRefund, RefundRequest
 from domain.payouts import PayoutEvent, PayoutOrder, ProviderPayout
+from domain.reconciliation import ListedRefund
 
 
 class ProviderError(Exception):
@@ -80,6 +82,18 @@ class PayoutExecutor(Protocol):
 
     async def find_payout(self, reference: str) -> ProviderPayout | None:
         """Looks a payout up by our reference (the check before any create)."""
+
+
+@runtime_checkable
+class RefundLister(Protocol):
+    """Providers whose refunds can be listed, for reconciliation (webhooks-only ones cannot)."""
+
+    name: str
+
+    def list_refunds(self, since: datetime, until: datetime,
+                     starting_after: str | None = None) -> AsyncGenerator[ListedRefund]:
+        """Every refund created in [since, until), newest first, page by page as the caller
+        reads; `starting_after` (an object id) resumes after that object."""
 
 
 class WebhooksOnly:

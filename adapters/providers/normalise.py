@@ -7,6 +7,7 @@ default branch.
 
 import hashlib
 import json
+import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -93,6 +94,12 @@ def payout_event(payout: ProviderPayout, env: "StripeEnvelope") -> PayoutEvent:
     """The canonical event for a payout a Stripe-shaped webhook reported."""
     return PayoutEvent(provider=payout.provider, event_id=env.event_id, event_type=env.event_type,
                        body_sha256=env.body_sha256, occurred_at=env.occurred_at, payout=payout)
+
+
+def unix_bound(moment: datetime) -> int:
+    """A window bound as the whole second that filters integer `created` times exactly:
+    created >= t and created < t both hold iff they hold against ceil(t)."""
+    return math.ceil(moment.timestamp())
 
 
 def load_json(body: bytes, *, exact_decimals: bool = False) -> Any:

@@ -6,7 +6,8 @@ v1 = HMAC-SHA256(secret, "<t>.<raw body>"); several secrets are accepted during 
 
 import hashlib
 import hmac
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -25,6 +26,7 @@ from adapters.providers.normalise import (
     stripe_envelope,
     stripe_shaped_payout,
     stripe_shaped_refund,
+    unix_bound,
 )
 from adapters.providers.signing import StripeSchemeVerifier
 from domain.models import (
@@ -36,6 +38,7 @@ from domain.models import (
     RefundRequest,
 )
 from domain.payouts import PayoutEvent, PayoutOrder, ProviderPayout, ProviderPayoutStatus
+from domain.reconciliation import ListedRefund
 
 SIGNATURE_HEADER = "sandbox-signature"
 REFUND_STATUS_EVENTS = frozenset({"refund.created", "refund.updated", "refund.failed"})
@@ -46,6 +49,7 @@ KNOWN_EVENT_TYPES = REFUND_STATUS_EVENTS | REQUEST_EVENTS | PAYOUT_EVENTS
 PAYOUT_STATUSES = {"paid": ProviderPayoutStatus.PAID, "failed": ProviderPayoutStatus.FAILED,
                    "settlement_failed": ProviderPayoutStatus.FAILED,
                    "reversed": ProviderPayoutStatus.REVERSED}
+LIST_PAGE = 100
 
 
 def sign(secret: str, body: bytes, timestamp: int) -> str:
@@ -118,6 +122,26 @@ class SandboxProvider:
         response.raise_for_status()
         found = [refund_from_object(self.name, o) for o in response.json()["data"]]
         return found[0] if found else None
+
+    async def list_refunds(self, since: datetime, until: datetime,
+                           starting_after: str | None = None) -> AsyncGenerator[ListedRefund]:
+        """Pages through GET /v1/refunds (Stripe's cursor and `created` filters), one page
+        in memory at a time."""
+        params: dict[str, Any] = {"created[gte]": unix_bound(since), "created[lt]": unix_bound(until),
+                                  "limit": LIST_PAGE}
+        cursor = starting_after
+        while True:
+            response = await self._call("GET", "/v1/refunds",
+                                        params={**params, **({"starting_after": cursor} if cursor else {})})
+            if response.status_code >= 400:
+                raise ProviderDeclined(f"listing refunds: HTTP {response.status_code} {response.text[:300]}")
+            page = response.json()
+            for obj in page["data"]:
+                yield ListedRefund(refund=refund_from_object(self.name, obj),
+                                   created=datetime.fromtimestamp(int(obj["created"]), UTC))
+            if not page["has_more"] or not page["data"]:
+                return
+            cursor = str(page["data"][-1]["id"])
 
     async def create_payout(self, order: PayoutOrder, idempotency_key: str) -> ProviderPayout:
         response = await self._call(

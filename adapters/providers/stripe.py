@@ -9,10 +9,12 @@ only the workflow decides, and it verifies state first.
 """
 
 import logging
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import stripe
+from stripe.params import RefundListParams
 
 from adapters.providers.base import ProviderDeclined, ProviderOutcomeUnknown
 from adapters.providers.normalise import (
@@ -23,6 +25,7 @@ from adapters.providers.normalise import (
     stripe_envelope,
     stripe_shaped_payout,
     stripe_shaped_refund,
+    unix_bound,
 )
 from adapters.providers.signing import StripeSchemeVerifier, WebhookVerifier
 from domain.models import (
@@ -35,6 +38,7 @@ from domain.models import (
 )
 from domain.money import normalise_currency
 from domain.payouts import PayoutEvent, ProviderPayoutStatus
+from domain.reconciliation import ListedRefund
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +63,8 @@ PAYOUT_STATUSES = {
     "canceled": ProviderPayoutStatus.CANCELED,
 }
 KNOWN_EVENT_TYPES = REFUND_EVENTS | CHARGE_EVENTS | PAYOUT_EVENTS
+LIST_PAGE = 100
+"""Stripe's largest page."""
 
 T = TypeVar("T")
 
@@ -156,6 +162,24 @@ class StripeProvider:
             log.error("%s: %d refunds carry reference %s: %s", self.name, len(found),
                       request.refund_request_id, [r.refund_id for r in found])
         return found[-1] if found else None
+
+    async def list_refunds(self, since: datetime, until: datetime,
+                           starting_after: str | None = None) -> AsyncGenerator[ListedRefund]:
+        """Stripe's refund list over `created` in [since, until), newest first, with the
+        library's auto-paging: pages are fetched as the caller reads."""
+        params: RefundListParams = {"created": {"gte": unix_bound(since), "lt": unix_bound(until)},
+                                    "limit": LIST_PAGE}
+        if starting_after is not None:
+            params["starting_after"] = starting_after
+        first = await self._call("GET /v1/refunds", self._client.v1.refunds.list_async(params))
+        refunds = first.auto_paging_iter().__aiter__()
+        while True:
+            try:
+                refund = _stripe_dict(await self._call("GET /v1/refunds (next page)", refunds.__anext__()))
+            except StopAsyncIteration:
+                return
+            yield ListedRefund(refund=self._refund(refund),
+                               created=datetime.fromtimestamp(int(refund["created"]), UTC))
 
     def parse_webhook(self, headers: Mapping[str, str], body: bytes,
                       now: float) -> ProviderEvent | PayoutEvent:

@@ -1,0 +1,486 @@
+"""Reconciliation storage: runs and their cursors, the set-based classification of each
+batch of provider objects against our cases and ledger, breaks (one per provider, object
+and class) and the governed end of each break.
+
+A batch is staged in a temporary table and joined with cases and ledger postings in one
+statement, so memory and round trips stay flat however large the window; the batch's
+breaks, their audit rows and notices, and the run's cursor commit together.
+"""
+
+import secrets
+from collections.abc import AsyncIterator, Iterable, Sequence
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from psycopg.types.json import Jsonb
+
+from adapters.store import LEDGER_TEMPLATES, Conn, Store
+from domain.events import tracking_case_id
+from domain.models import (
+    LedgerInput,
+    LedgerKind,
+    NoticeInput,
+    ProviderRefund,
+    ProviderRefundStatus,
+    RefundTimings,
+)
+from domain.reconciliation import (
+    NON_TERMINAL_PROVIDER,
+    SHOWN_FAILED,
+    SHOWN_PENDING,
+    SHOWN_REFUNDED,
+    BreakApproval,
+    BreakCase,
+    BreakClass,
+    BreakOutcome,
+    BreakSettlement,
+    BreakState,
+    ListedRefund,
+    ReconcileOptions,
+    RunWindow,
+    compensation,
+    corrected_status,
+    expected_net,
+)
+
+REFUNDED_ACCOUNT = LEDGER_TEMPLATES[LedgerKind.REFUND_SETTLED][0]
+"""The account whose debit balance per case is what our ledger says was refunded."""
+
+STAGE = """
+CREATE TEMP TABLE recon_batch (
+    object_id TEXT PRIMARY KEY, charge_id TEXT NOT NULL, amount BIGINT NOT NULL,
+    currency TEXT NOT NULL, status TEXT NOT NULL, raw_status TEXT NOT NULL, failure_reason TEXT,
+    reference TEXT, created_at TIMESTAMPTZ NOT NULL
+) ON COMMIT DROP
+"""
+
+# One statement per batch: match each provider object to its case (by the refund id the case
+# recorded, else by our reference in the provider's metadata) and to that case's ledger
+# position, flag every class of difference, insert the breaks not seen before, and link every
+# break seen to this run. Rows inserted by a CTE are invisible to the rest of the statement,
+# hence the UNION with `inserted`.
+CLASSIFY = """
+WITH matched AS (
+    SELECT b.*, c.refund_request_id AS case_id, c.status AS case_status, c.amount AS case_amount,
+           c.currency AS case_currency, c.provider_status AS case_provider_status,
+           c.requester AS case_requester,
+           coalesce(c.provider_refund_id = b.object_id, false) AS case_holds_refund,
+           coalesce(l.net, 0) AS ledger_net,
+           CASE WHEN b.status = 'succeeded' THEN b.amount ELSE 0 END AS expected_net
+    FROM recon_batch b
+    LEFT JOIN LATERAL (
+        SELECT * FROM refund_cases c
+        WHERE c.provider = %(provider)s
+          AND (c.provider_refund_id = b.object_id OR c.refund_request_id = b.reference)
+        ORDER BY c.provider_refund_id = b.object_id DESC NULLS LAST LIMIT 1) c ON true
+    LEFT JOIN LATERAL (
+        SELECT sum(li.debit - li.credit) AS net
+        FROM ledger_entries e JOIN ledger_lines li ON li.entry_id = e.id
+        WHERE e.refund_request_id = c.refund_request_id AND li.account = %(account)s) l ON true
+    WHERE b.created_at < %(judge_before)s
+), flagged AS (
+    SELECT m.*,
+           m.case_id IS NULL AS unknown,
+           CASE WHEN m.case_id IS NULL THEN NULL
+                WHEN m.status IN ('failed', 'canceled') AND m.case_status = ANY(%(shown_refunded)s)
+                    THEN 'provider_failed_shown_refunded'
+                WHEN m.status = 'succeeded' AND m.case_status = ANY(%(shown_pending)s)
+                    THEN 'provider_succeeded_shown_pending'
+                WHEN m.status = 'succeeded' AND m.case_status = ANY(%(shown_failed)s)
+                    THEN 'provider_succeeded_shown_failed' END AS status_break,
+           coalesce(m.case_amount <> m.amount, false) AS amount_break,
+           coalesce(m.case_currency <> m.currency, false) AS currency_break,
+           m.case_id IS NOT NULL AND m.created_at < %(stuck_before)s
+               AND (m.status = ANY(%(non_terminal)s)
+                    OR (m.case_status = ANY(%(shown_pending)s) AND m.status IN ('failed', 'canceled')))
+               AS stuck,
+           -- ledger breaks only where the case's status agrees with the provider's
+           m.case_id IS NOT NULL AND (
+               (m.status = 'succeeded' AND m.case_status = ANY(%(shown_refunded)s))
+               OR (m.status IN ('failed', 'canceled') AND m.case_status = ANY(%(shown_failed)s))
+               OR (m.status = ANY(%(non_terminal)s) AND m.case_status = ANY(%(shown_pending)s)))
+               AS statuses_agree
+    FROM matched m
+), classified AS (
+    SELECT f.*, k.break_class FROM flagged f CROSS JOIN LATERAL unnest(array_remove(ARRAY[
+        CASE WHEN f.unknown THEN 'unknown_to_us' END,
+        f.status_break,
+        CASE WHEN f.amount_break THEN 'amount_mismatch' END,
+        CASE WHEN f.currency_break THEN 'currency_mismatch' END,
+        CASE WHEN f.stuck THEN 'stuck_non_terminal' END,
+        CASE WHEN f.statuses_agree AND NOT f.amount_break AND NOT f.currency_break THEN
+            CASE WHEN f.ledger_net > f.amount OR f.ledger_net < 0 THEN 'ledger_doubled'
+                 WHEN f.ledger_net <> f.expected_net THEN 'ledger_missing' END END
+    ], NULL)) AS k(break_class)
+), inserted AS (
+    INSERT INTO reconciliation_breaks (
+        provider, object_id, break_class, refund_request_id, chain, charge_id, amount, currency,
+        provider_status, raw_status, failure_reason, case_status, ledger_delta, object_created_at,
+        evidence, first_run_id)
+    SELECT %(provider)s, object_id, break_class, case_id,
+           coalesce(case_id, %(tracking_prefix)s || object_id), charge_id, amount, currency, status,
+           raw_status, failure_reason, case_status,
+           CASE WHEN case_id IS NULL THEN expected_net
+                WHEN currency = case_currency THEN expected_net - ledger_net END,
+           created_at,
+           jsonb_build_object(
+               'provider', jsonb_build_object('status', status, 'raw_status', raw_status,
+                   'failure_reason', failure_reason, 'amount', amount, 'currency', currency,
+                   'charge_id', charge_id, 'created', created_at, 'reference', reference),
+               'case', CASE WHEN case_id IS NOT NULL THEN jsonb_build_object('id', case_id,
+                   'status', case_status, 'amount', case_amount, 'currency', case_currency,
+                   'provider_status', case_provider_status, 'holds_refund', case_holds_refund,
+                   'requester', case_requester) END,
+               'ledger', jsonb_build_object('net', ledger_net, 'expected', expected_net)),
+           %(run_id)s
+    FROM classified
+    ON CONFLICT (provider, object_id, break_class) DO NOTHING
+    RETURNING *
+), linked AS (
+    INSERT INTO reconciliation_run_breaks (run_id, break_id)
+    SELECT %(run_id)s, r.id FROM classified c JOIN reconciliation_breaks r
+        ON r.provider = %(provider)s AND r.object_id = c.object_id AND r.break_class = c.break_class
+    UNION ALL SELECT %(run_id)s, id FROM inserted
+    ON CONFLICT DO NOTHING
+)
+SELECT * FROM inserted ORDER BY id
+"""
+
+REPORT_COLUMNS = ("break_id", "break_class", "provider", "object_id", "case_id", "amount", "currency",
+                  "provider_status", "failure_reason", "case_status", "ledger_delta", "object_created_at",
+                  "state", "new_in_run")
+
+
+class RunConflict(Exception):
+    """Another unfinished backfill holds the provider (ask it to finish, or resume it)."""
+
+
+def _names(statuses: Iterable[StrEnum]) -> list[str]:
+    return sorted(s.value for s in statuses)
+
+
+def truth_of(row: dict[str, Any]) -> ProviderRefund:
+    """The provider's refund as a stored break recorded it."""
+    return ProviderRefund(
+        provider=row["provider"], refund_id=row["object_id"], charge_id=row["charge_id"],
+        amount=int(row["amount"]), currency=row["currency"],
+        status=ProviderRefundStatus(row["provider_status"]), raw_status=row["raw_status"],
+        failure_reason=row["failure_reason"], reference=row["evidence"]["provider"].get("reference"))
+
+
+def break_case(row: dict[str, Any], timings: RefundTimings) -> BreakCase:
+    """The exception workflow's input for a stored break."""
+    case = row["evidence"].get("case") or {}
+    held = case.get("provider_status")
+    return BreakCase(
+        break_id=int(row["id"]), break_class=BreakClass(row["break_class"]), provider=row["provider"],
+        object_id=row["object_id"], chain=row["chain"], case_id=row["refund_request_id"],
+        case_holds_refund=bool(case.get("holds_refund")),
+        case_provider_status=ProviderRefundStatus(held) if held else None, truth=truth_of(row),
+        ledger_delta=None if row["ledger_delta"] is None else int(row["ledger_delta"]),
+        conflicted=(case["requester"],) if case.get("requester") else (), timings=timings)
+
+
+def run_view(row: dict[str, Any]) -> dict[str, Any]:
+    """The public shape of a run: window, progress (the cursor's creation time moves from
+    the window's end to its start) and state."""
+    return {"run_id": row["id"], "provider": row["provider"], "kind": row["kind"], "state": row["state"],
+            "window": {"since": row["window_start"].isoformat(), "until": row["window_end"].isoformat()},
+            "requested_by": row["requested_by"], "objects_seen": row["objects_seen"],
+            "batches": row["batches"],
+            "cursor_created": row["cursor_created"].isoformat() if row["cursor_created"] else None,
+            "started_at": row["started_at"].isoformat(),
+            "finished_at": row["finished_at"].isoformat() if row["finished_at"] else None,
+            "links": {"run": f"/v1/reconciliation/runs/{row['id']}"}}
+
+
+def break_view(row: dict[str, Any]) -> dict[str, Any]:
+    """The public shape of a break, with links to its case and exception workflow."""
+    case_id = row["refund_request_id"]
+    return {
+        "break_id": row["id"], "break_class": row["break_class"], "provider": row["provider"],
+        "object_id": row["object_id"], "case_id": case_id, "amount": row["amount"],
+        "currency": row["currency"], "provider_status": row["provider_status"],
+        "failure_reason": row["failure_reason"], "case_status": row["case_status"],
+        "ledger_delta": row["ledger_delta"], "object_created_at": row["object_created_at"].isoformat(),
+        "state": row["state"], "found_at": row["found_at"].isoformat(), "evidence": row["evidence"],
+        "resolution": row["resolution"],
+        "links": {"break": f"/v1/reconciliation/breaks/{row['id']}",
+                  "case": f"/v1/refund-requests/{case_id}" if case_id else None,
+                  "workflow": f"recon-break-{row['id']}"},
+    }
+
+
+class Reconciliations:
+    """All SQL of reconciliation, on the product's store (its pool and audit chain)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    # -- runs -----------------------------------------------------------------------
+
+    async def open_run(self, window: RunWindow, task_queue: str) -> dict[str, Any]:
+        """Records the run once; a continued or retried workflow finds the row it made."""
+        async with self._store.transaction() as conn:
+            await conn.execute(
+                "INSERT INTO reconciliation_runs (id, provider, task_queue, kind, window_start, window_end,"
+                " requested_by) VALUES (%s,%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING",
+                (window.run_id, window.provider, task_queue, window.kind.value, window.since, window.until,
+                 window.requested_by))
+            row = await (await conn.execute("SELECT * FROM reconciliation_runs WHERE id = %s",
+                                            (window.run_id,))).fetchone()
+        if row is None:
+            raise RunConflict(f"another backfill of {window.provider} is unfinished")
+        return row
+
+    async def open_backfill(self, provider: str, since: datetime, until: datetime, requested_by: str,
+                            task_queue: str) -> tuple[dict[str, Any], bool]:
+        """A new backfill run, or the provider's unfinished one on this deployment (resumed:
+        True), whose cursor says where it stopped."""
+        run_id = f"reconcile-{provider}-backfill-{secrets.token_hex(6)}"
+        async with self._store.transaction() as conn:
+            cur = await conn.execute(
+                "INSERT INTO reconciliation_runs (id, provider, task_queue, kind, window_start, window_end,"
+                " requested_by) VALUES (%s,%s,%s,'backfill',%s,%s,%s)"
+                " ON CONFLICT (provider, task_queue) WHERE kind = 'backfill' AND state = 'running'"
+                " DO NOTHING RETURNING *", (run_id, provider, task_queue, since, until, requested_by))
+            created = await cur.fetchone()
+            if created is not None:
+                await Store._audit(conn, None, requested_by, "reconciliation_backfill_requested",
+                                   {"run_id": run_id, "provider": provider, "since": since,
+                                    "until": until})
+                return created, False
+            cur = await conn.execute(
+                "SELECT * FROM reconciliation_runs WHERE provider = %s AND task_queue = %s"
+                " AND kind = 'backfill' AND state = 'running'", (provider, task_queue))
+            existing = await cur.fetchone()
+        assert existing is not None
+        return existing, True
+
+    async def run(self, run_id: str) -> dict[str, Any] | None:
+        async with self._store.transaction() as conn:
+            return await (await conn.execute("SELECT * FROM reconciliation_runs WHERE id = %s",
+                                             (run_id,))).fetchone()
+
+    async def runs(self, limit: int = 50) -> list[dict[str, Any]]:
+        async with self._store.transaction() as conn:
+            cur = await conn.execute(
+                "SELECT * FROM reconciliation_runs ORDER BY started_at DESC LIMIT %s", (limit,))
+            return list(await cur.fetchall())
+
+    async def store_batch(self, run_id: str, provider: str, batch: Sequence[ListedRefund],
+                          options: ReconcileOptions, *, cursor: str | None) -> list[dict[str, Any]]:
+        """Classifies one batch and moves the run's cursor past it, in one transaction;
+        returns the breaks not seen before (each already audited and announced to ops).
+        `cursor` is the one the batch was read after: a run moved on by someone else fails."""
+        run = await self.run(run_id)
+        assert run is not None
+        until: datetime = run["window_end"]
+        unique = {listed.refund.refund_id: listed for listed in batch}
+        async with self._store.transaction() as conn:
+            await conn.execute(STAGE)
+            async with conn.cursor().copy(
+                    "COPY recon_batch (object_id, charge_id, amount, currency, status, raw_status,"
+                    " failure_reason, reference, created_at) FROM STDIN") as copy:
+                for listed in unique.values():
+                    r = listed.refund
+                    await copy.write_row((r.refund_id, r.charge_id, r.amount, r.currency, r.status.value,
+                                          r.raw_status, r.failure_reason, r.reference, listed.created))
+            cur = await conn.execute(CLASSIFY, {
+                "provider": provider, "run_id": run_id, "account": REFUNDED_ACCOUNT,
+                "judge_before": until - options.grace, "stuck_before": until - options.stuck_after,
+                "shown_refunded": _names(SHOWN_REFUNDED), "shown_pending": _names(SHOWN_PENDING),
+                "shown_failed": _names(SHOWN_FAILED), "non_terminal": _names(NON_TERMINAL_PROVIDER),
+                "tracking_prefix": tracking_case_id(provider, "")})
+            new = list(await cur.fetchall())
+            for row in new:
+                await self._announce(conn, row)
+            last = batch[-1] if batch else None
+            moved = await conn.execute(
+                "UPDATE reconciliation_runs SET cursor = %s, cursor_created = %s,"
+                " objects_seen = objects_seen + %s, batches = batches + 1, updated_at = now()"
+                " WHERE id = %s AND cursor IS NOT DISTINCT FROM %s",
+                (last.refund.refund_id if last else cursor, last.created if last else run["cursor_created"],
+                 len(unique), run_id, cursor))
+            if moved.rowcount != 1:
+                raise RunConflict(f"run {run_id} moved past {cursor} elsewhere: this batch is dropped")
+        return new
+
+    @staticmethod
+    async def _announce(conn: Conn, row: dict[str, Any]) -> None:
+        """The break's audit row on its case's chain and its notice to ops."""
+        detail = {"break_id": row["id"], "break_class": row["break_class"], "object_id": row["object_id"],
+                  "run_id": row["first_run_id"], "ledger_delta": row["ledger_delta"],
+                  "evidence": row["evidence"]}
+        await Store._audit(conn, row["chain"], "reconciliation", "reconciliation_break_found", detail)
+        await Store.queue_notice_in(conn, NoticeInput(
+            refund_request_id=row["chain"], kind="reconciliation_break", audience="ops",
+            dedup_key=f"reconciliation_break:{row['id']}", detail=detail))
+
+    async def undispatched(self, run_id: str, limit: int = 500) -> list[dict[str, Any]]:
+        """Breaks found by the run whose exception workflow was not started yet."""
+        async with self._store.transaction() as conn:
+            cur = await conn.execute(
+                "SELECT * FROM reconciliation_breaks WHERE first_run_id = %s AND dispatched_at IS NULL"
+                " ORDER BY id LIMIT %s", (run_id, limit))
+            return list(await cur.fetchall())
+
+    async def mark_dispatched(self, break_id: int) -> None:
+        async with self._store.transaction() as conn:
+            await conn.execute("UPDATE reconciliation_breaks SET dispatched_at = now() WHERE id = %s",
+                               (break_id,))
+
+    async def finish(self, run_id: str, files: Sequence[str]) -> None:
+        async with self._store.transaction() as conn:
+            await conn.execute(
+                "UPDATE reconciliation_runs SET state = 'completed', finished_at = coalesce(finished_at,"
+                " now()), report_files = %s, updated_at = now() WHERE id = %s",
+                (Jsonb(list(files)), run_id))
+
+    # -- reports --------------------------------------------------------------------
+
+    async def report(self, run_id: str) -> dict[str, Any] | None:
+        """Counts by class (new to this run, and seen again), amounts per currency, the
+        oldest break, breaks by state."""
+        run = await self.run(run_id)
+        if run is None:
+            return None
+        async with self._store.transaction() as conn:
+            rows = await (await conn.execute(
+                "SELECT b.break_class, b.currency, count(*) AS seen,"
+                " count(*) FILTER (WHERE b.first_run_id = %(run)s) AS new, sum(b.amount) AS amount,"
+                " sum(b.ledger_delta) AS ledger_delta"
+                " FROM reconciliation_run_breaks rb JOIN reconciliation_breaks b ON b.id = rb.break_id"
+                " WHERE rb.run_id = %(run)s GROUP BY b.break_class, b.currency"
+                " ORDER BY b.break_class, b.currency", {"run": run_id})).fetchall()
+            states = await (await conn.execute(
+                "SELECT b.state, count(*) AS n FROM reconciliation_run_breaks rb"
+                " JOIN reconciliation_breaks b ON b.id = rb.break_id WHERE rb.run_id = %s"
+                " GROUP BY b.state ORDER BY b.state", (run_id,))).fetchall()
+            oldest = await (await conn.execute(
+                "SELECT b.* FROM reconciliation_run_breaks rb JOIN reconciliation_breaks b"
+                " ON b.id = rb.break_id WHERE rb.run_id = %s ORDER BY b.object_created_at, b.id LIMIT 1",
+                (run_id,))).fetchone()
+        classes: dict[str, dict[str, Any]] = {}
+        for row in rows:
+            entry = classes.setdefault(row["break_class"], {"new": 0, "seen": 0, "amounts": {},
+                                                            "ledger_delta": {}})
+            entry["new"] += row["new"]
+            entry["seen"] += row["seen"]
+            entry["amounts"][row["currency"]] = int(row["amount"])
+            if row["ledger_delta"] is not None:
+                entry["ledger_delta"][row["currency"]] = int(row["ledger_delta"])
+        new = sum(c["new"] for c in classes.values())
+        return {
+            **run_view(run), "new_breaks": new,
+            "known_breaks": sum(c["seen"] for c in classes.values()) - new,
+            "classes": classes, "states": {r["state"]: r["n"] for r in states},
+            "oldest_break": break_view(oldest) if oldest else None, "report_files": run["report_files"],
+        }
+
+    async def run_breaks(self, run_id: str, limit: int | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Every break the run saw, oldest object first, streamed from a server-side cursor."""
+        async with self._store.transaction() as conn, conn.cursor(name="run_breaks") as cur:
+            await cur.execute(
+                "SELECT b.*, b.first_run_id = %(run)s AS new_in_run FROM reconciliation_run_breaks rb"
+                " JOIN reconciliation_breaks b ON b.id = rb.break_id WHERE rb.run_id = %(run)s"
+                " ORDER BY b.object_created_at, b.id LIMIT %(limit)s", {"run": run_id, "limit": limit})
+            async for row in cur:
+                yield row
+
+    async def get_break(self, break_id: int) -> dict[str, Any] | None:
+        async with self._store.transaction() as conn:
+            return await (await conn.execute("SELECT * FROM reconciliation_breaks WHERE id = %s",
+                                             (break_id,))).fetchone()
+
+    # -- the exception case -------------------------------------------------------------
+
+    async def open_exception(self, break_id: int, approval: BreakApproval) -> None:
+        """The break now waits for people: audited on its chain, approvers told once."""
+        async with self._store.transaction() as conn:
+            row = await (await conn.execute(
+                "UPDATE reconciliation_breaks SET state = 'awaiting_approval' WHERE id = %s"
+                " AND state = 'new' RETURNING *", (break_id,))).fetchone()
+            if row is None:  # a retried activity: already open
+                return
+            detail = {"break_id": break_id, "break_class": row["break_class"], "tier": approval.tier,
+                      "requirements": [r.model_dump() for r in approval.requirements],
+                      "proposed_ledger_delta": row["ledger_delta"], "currency": row["currency"]}
+            await Store._audit(conn, row["chain"], "reconciliation", "reconciliation_exception_opened",
+                               detail)
+            await Store.queue_notice_in(conn, NoticeInput(
+                refund_request_id=row["chain"], kind="reconciliation_approval_needed",
+                audience="approvers", dedup_key=f"reconciliation_approval:{break_id}", detail=detail))
+
+    async def settle(self, settlement: BreakSettlement) -> BreakOutcome:
+        """Ends the exception case once. Only an approved one touches money: it brings the
+        case's ledger position to the provider's truth (as it is now, so two breaks of one
+        refund never post twice) and sets the case's status, in one transaction."""
+        break_id = settlement.break_id
+        row = await self.get_break(break_id)
+        assert row is not None
+        if settlement.state is BreakState.RESOLVED and row["refund_request_id"] is None:
+            await self._adopt(row)
+        async with self._store.transaction() as conn:
+            row = await (await conn.execute("SELECT * FROM reconciliation_breaks WHERE id = %s FOR UPDATE",
+                                            (break_id,))).fetchone()
+            assert row is not None
+            if row["resolution"] is not None:  # a retried activity
+                return BreakOutcome.model_validate(row["resolution"]["outcome"])
+            outcome = BreakOutcome(break_id=break_id, state=settlement.state)
+            if settlement.state is BreakState.RESOLVED:
+                outcome = await self._compensate(conn, row, settlement)
+            resolution = {**settlement.model_dump(mode="json"), "outcome": outcome.model_dump(mode="json")}
+            await conn.execute(
+                "UPDATE reconciliation_breaks SET state = %s, resolved_at = now(), resolution = %s,"
+                " refund_request_id = coalesce(refund_request_id, %s) WHERE id = %s",
+                (settlement.state.value, Jsonb(resolution),
+                 row["chain"] if settlement.state is BreakState.RESOLVED else None, break_id))
+            action = f"reconciliation_break_{settlement.state}"
+            await Store._audit(conn, row["chain"], "reconciliation", action,
+                               {"break_id": break_id, **resolution})
+            return outcome
+
+    async def _adopt(self, row: dict[str, Any]) -> None:
+        """A refund unknown to us becomes a tracking case (holding its amount against the
+        charge), so the approved entry has a case to land on."""
+        await self._store.open_tracking_case(row["chain"], truth_of(row), None, "reconciliation")
+
+    @staticmethod
+    async def _compensate(conn: Conn, row: dict[str, Any], settlement: BreakSettlement) -> BreakOutcome:
+        case_id = row["chain"]
+        case = await (await conn.execute("SELECT * FROM refund_cases WHERE refund_request_id = %s FOR UPDATE",
+                                         (case_id,))).fetchone()
+        assert case is not None
+        truth = truth_of(row)
+        net = await (await conn.execute(
+            "SELECT coalesce(sum(li.debit - li.credit), 0) AS net FROM ledger_entries e"
+            " JOIN ledger_lines li ON li.entry_id = e.id WHERE e.refund_request_id = %s AND li.account = %s",
+            (case_id, REFUNDED_ACCOUNT))).fetchone()
+        assert net is not None
+        same_currency = case["currency"] == truth.currency
+        move = compensation(expected_net(truth) - int(net["net"])) if same_currency else None
+        posting_key = None
+        if move is not None:
+            kind, amount = move
+            posted = await Store.post_ledger_in(conn, LedgerInput(
+                refund_request_id=case_id, kind=kind, amount=amount, currency=case["currency"],
+                provider_refund_id=truth.refund_id, reference=f"reconciliation-{row['id']}"))
+            posting_key = posted.posting_key
+        status = corrected_status(BreakClass(row["break_class"]), truth.status)
+        if status is not None:
+            await conn.execute(
+                "UPDATE refund_cases SET status = %s, provider_status = %s, failure_reason = %s,"
+                " reserved_amount = CASE WHEN %s = 'succeeded' THEN amount"
+                " WHEN %s IN ('failed', 'canceled') THEN 0 ELSE reserved_amount END, updated_at = now()"
+                " WHERE refund_request_id = %s",
+                (status.value, truth.status.value, truth.failure_reason, truth.status.value,
+                 truth.status.value, case_id))
+        await Store._audit(conn, case_id, "reconciliation", "reconciliation_compensated",
+                           {"break_id": row["id"], "approvers": list(settlement.approvers),
+                            "posting_key": posting_key, "status": status.value if status else None,
+                            "ledger_net_before": int(net["net"]), "provider_status": truth.status.value})
+        return BreakOutcome(break_id=row["id"], state=BreakState.RESOLVED, posting_key=posting_key,
+                            case_status=status)
+

@@ -1,0 +1,239 @@
+"""Reconciliation vocabulary: the classes of difference between a provider's truth, our
+cases and our ledger, the inputs and results of a run, and the rules that decide how a
+break is resolved.
+
+The classification itself is set-based SQL (adapters/reconciliation.py); the status sets
+it reads are defined here, once, so the rule and its tests share them.
+"""
+
+import hashlib
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+from pydantic import Field
+
+from domain.lifecycle import StatusChange, case_status_for, classify_status_change
+from domain.models import (
+    CaseStatus,
+    EventKind,
+    Frozen,
+    LedgerKind,
+    ProviderEvent,
+    ProviderRefund,
+    ProviderRefundStatus,
+    RefundTimings,
+    RoleRequirement,
+)
+
+
+class BreakClass(StrEnum):
+    """One kind of difference; a break is unique per (provider, object id, class)."""
+
+    PROVIDER_FAILED_SHOWN_REFUNDED = "provider_failed_shown_refunded"
+    PROVIDER_SUCCEEDED_SHOWN_PENDING = "provider_succeeded_shown_pending"
+    PROVIDER_SUCCEEDED_SHOWN_FAILED = "provider_succeeded_shown_failed"
+    UNKNOWN_TO_US = "unknown_to_us"
+    AMOUNT_MISMATCH = "amount_mismatch"
+    CURRENCY_MISMATCH = "currency_mismatch"
+    STUCK_NON_TERMINAL = "stuck_non_terminal"
+    LEDGER_MISSING = "ledger_missing"
+    LEDGER_DOUBLED = "ledger_doubled"
+
+
+STATUS_CLASSES = frozenset({BreakClass.PROVIDER_FAILED_SHOWN_REFUNDED,
+                            BreakClass.PROVIDER_SUCCEEDED_SHOWN_PENDING,
+                            BreakClass.PROVIDER_SUCCEEDED_SHOWN_FAILED,
+                            BreakClass.STUCK_NON_TERMINAL, BreakClass.UNKNOWN_TO_US})
+"""Breaks fixed by taking the provider's state: the case's status follows it."""
+
+SHOWN_REFUNDED = frozenset({CaseStatus.SUCCEEDED, CaseStatus.EXECUTED_LEDGER_PENDING})
+SHOWN_FAILED = frozenset({CaseStatus.REFUND_FAILED, CaseStatus.REFUND_CANCELED, CaseStatus.REJECTED,
+                          CaseStatus.DENIED, CaseStatus.EXPIRED})
+SHOWN_PENDING = frozenset(CaseStatus) - SHOWN_REFUNDED - SHOWN_FAILED
+NON_TERMINAL_PROVIDER = frozenset({ProviderRefundStatus.PENDING, ProviderRefundStatus.REQUIRES_ACTION,
+                                   ProviderRefundStatus.IN_REVIEW})
+
+
+class RunKind(StrEnum):
+    SCHEDULED = "scheduled"
+    BACKFILL = "backfill"
+
+
+class BreakState(StrEnum):
+    """Where an exception case stands. Only `resolved` moved money, and only after approval."""
+
+    NEW = "new"
+    HANDED_TO_CASE = "handed_to_case"
+    AWAITING_APPROVAL = "awaiting_approval"
+    RESOLVED = "resolved"
+    DISMISSED = "dismissed"
+    EXPIRED = "expired"
+
+
+class ListedRefund(Frozen):
+    """A refund from a provider's list call, with the creation time the window filters on."""
+
+    refund: ProviderRefund
+    created: datetime
+
+
+class ReconcileOptions(Frozen):
+    """Knobs of a run, from the settings of whoever started it (schedule or backfill)."""
+
+    batch_size: int = Field(default=500, ge=1, le=10_000)
+    batches_per_run: int = Field(default=200, ge=1, description="continue-as-new after this many batches")
+    window: timedelta = Field(default=timedelta(days=14), description="a scheduled run's trailing window")
+    stuck_after: timedelta = Field(default=timedelta(days=3),
+                                   description="a refund non-terminal for longer is stuck")
+    grace: timedelta = Field(default=timedelta(minutes=15),
+                             description="objects younger than this are left to in-flight webhooks")
+
+
+class ReconcileInput(Frozen):
+    """Start input of ReconciliationWorkflow. A schedule leaves run_id and the window unset
+    (the run is the workflow id, the window trails workflow time); a backfill sets them.
+    Continue-as-new passes the completed input on, so every run of the chain is one run."""
+
+    provider: str
+    kind: RunKind = RunKind.SCHEDULED
+    run_id: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    requested_by: str = "schedule"
+    options: ReconcileOptions = ReconcileOptions()
+
+
+class RunWindow(Frozen):
+    """What the run row records; opening it twice is a no-op."""
+
+    run_id: str
+    provider: str
+    kind: RunKind
+    since: datetime
+    until: datetime
+    requested_by: str
+
+
+class BatchInput(Frozen):
+    run_id: str
+    provider: str
+    options: ReconcileOptions
+
+
+class BatchResult(Frozen):
+    """One batch: objects read after the stored cursor, breaks new to us, and whether the
+    provider may have more (a full batch)."""
+
+    objects: int
+    new_breaks: int
+    has_more: bool
+
+
+class RunSummary(Frozen):
+    run_id: str
+    provider: str
+    objects_seen: int
+    new_breaks: int
+    known_breaks: int
+    report_files: tuple[str, ...] = ()
+
+
+class BreakCase(Frozen):
+    """Start input of ReconciliationBreakWorkflow (id `recon-break-<break_id>`): the break,
+    the provider's truth and what our case held when it was found."""
+
+    break_id: int
+    break_class: BreakClass
+    provider: str
+    object_id: str
+    chain: str = Field(description="the audit chain: the case id, or the tracking id it would get")
+    case_id: str | None
+    case_holds_refund: bool = Field(description="the case's provider_refund_id is this object")
+    case_provider_status: ProviderRefundStatus | None
+    truth: ProviderRefund
+    ledger_delta: int | None = Field(description="minor units that bring the ledger to the truth")
+    conflicted: tuple[str, ...] = Field(default=(), description="people who may not approve")
+    timings: RefundTimings = RefundTimings()
+
+
+class BreakApproval(Frozen):
+    """Who must approve the break's resolution (the refund tier for its amount)."""
+
+    tier: str
+    requirements: tuple[RoleRequirement, ...]
+
+
+class BreakSettlement(Frozen):
+    """How an exception case ends; `approvers` only when it was approved."""
+
+    break_id: int
+    state: BreakState
+    approvers: tuple[str, ...] = ()
+    reason: str = ""
+
+
+class BreakProgress(Frozen):
+    """The answer to an approval of an exception case: did it count, what is missing."""
+
+    accepted: bool
+    reason: str = ""
+    state: BreakState
+    missing_roles: tuple[str, ...] = ()
+
+
+class BreakOutcome(Frozen):
+    break_id: int
+    state: BreakState
+    posting_key: str | None = None
+    case_status: CaseStatus | None = None
+
+
+def break_workflow_id(break_id: int) -> str:
+    return f"recon-break-{break_id}"
+
+
+def expected_net(truth: ProviderRefund) -> int:
+    """What our ledger should hold as refunded for a provider refund: its amount once it
+    succeeded, nothing otherwise (we post only what the provider confirmed)."""
+    return truth.amount if truth.status is ProviderRefundStatus.SUCCEEDED else 0
+
+
+def lifecycle_can_fix(case: BreakCase) -> bool:
+    """The case workflow can take the provider's truth itself (its own rules post and
+    notify) when the break is about status, the case holds this very refund, and the
+    lifecycle accepts the move; anything else needs an approved exception."""
+    if case.break_class not in STATUS_CLASSES or not case.case_holds_refund:
+        return False
+    change = classify_status_change(case.case_provider_status, case.truth.status)
+    return change in (StatusChange.ADVANCE, StatusChange.LATE_FAILURE)
+
+
+def truth_event(case: BreakCase, at: datetime) -> ProviderEvent:
+    """The synthetic provider event that tells a running case workflow the provider's state;
+    its id derives from the break, so it acts once however often it is sent."""
+    truth = case.truth
+    return ProviderEvent(
+        provider=case.provider, event_id=f"reconciliation:{case.break_id}",
+        event_type="reconciliation.provider_state", kind=EventKind.REFUND_STATUS,
+        body_sha256=hashlib.sha256(truth.model_dump_json().encode()).hexdigest(), occurred_at=at,
+        refund_id=truth.refund_id, charge_id=truth.charge_id, refund_request_id=case.case_id,
+        amount=truth.amount, currency=truth.currency, status=truth.status,
+        raw_status=truth.raw_status, failure_reason=truth.failure_reason)
+
+
+def compensation(delta: int) -> tuple[LedgerKind, int] | None:
+    """The journal template and amount that move the ledger by `delta` minor units."""
+    if delta == 0:
+        return None
+    return (LedgerKind.REFUND_SETTLED, delta) if delta > 0 else (LedgerKind.REFUND_REVERSED, -delta)
+
+
+def corrected_status(break_class: BreakClass, truth: ProviderRefundStatus) -> CaseStatus | None:
+    """The case status a resolved break leaves: the provider's, for breaks about status;
+    unchanged for amount, currency and ledger breaks (people fix the cause)."""
+    return case_status_for(truth) if break_class in STATUS_CLASSES else None
+
+
+def approval_amount(case: BreakCase) -> int:
+    """The amount whose tier decides who approves: the ledger move, else the refund."""
+    return abs(case.ledger_delta) if case.ledger_delta else case.truth.amount

@@ -1,0 +1,123 @@
+"""The relay's reconciliation routes: start or resume a backfill, read runs and their
+reports (ops, auditors, admins), read a break, and approve or deny its exception case
+(approvers, by the refund tiers and segregation-of-duties rules)."""
+
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, HTTPException, Response
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from temporalio.client import Client
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+
+from adapters.config import Settings
+from adapters.providers.base import ProviderAdapter, RefundLister
+from adapters.reconciliation import Reconciliations, break_view, run_view
+from adapters.store import Principal, Store
+from domain.models import APPROVER_ROLES, ApprovalSignal, Decision
+from domain.reconciliation import BreakState, ReconcileInput, RunKind, break_workflow_id
+from starters.approvals import ApprovalRefused, send_approval
+from workflows.reconciliation import ReconciliationBreakWorkflow, ReconciliationWorkflow
+
+READ_ROLES = frozenset({"auditor", "ops", "admin"})
+RUN_ROLES = frozenset({"ops", "admin"})
+REPORT_BREAKS = 500
+"""Breaks listed inline in a run's page; the CSV report has them all."""
+
+Require = Callable[[Principal, frozenset[str], str], Awaitable[None]]
+
+
+class BackfillBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    provider: str = Field(min_length=1, max_length=64)
+    since: AwareDatetime
+    until: AwareDatetime | None = None
+
+
+class BreakDecisionBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    decision: Decision
+    reason: str = Field(default="", max_length=2000)
+
+
+def install_reconciliation_api(app: FastAPI, store: Store, client: Client,
+                               providers: Mapping[str, ProviderAdapter], settings: Settings,
+                               principal: Callable[..., Awaitable[Principal]], require: Require) -> None:
+    """Adds the routes to the relay, with its authentication and role check."""
+    recon = Reconciliations(store)
+    Caller = Annotated[Principal, Depends(principal)]
+
+    @app.post("/v1/reconciliation/runs", status_code=202)
+    async def start_backfill(body: BackfillBody, caller: Caller, response: Response) -> dict[str, Any]:
+        """Starts a backfill over [since, until) (default until: now), or resumes the
+        provider's unfinished one from its stored cursor (200, `resumed`)."""
+        await require(caller, RUN_ROLES, "starting a reconciliation")
+        if not isinstance(providers.get(body.provider), RefundLister):
+            raise HTTPException(422, f"provider {body.provider!r} is not configured or cannot list refunds")
+        until = body.until or datetime.now(UTC)
+        if until <= body.since:
+            raise HTTPException(422, "until must be after since")
+        run, resumed = await recon.open_backfill(body.provider, body.since, until, caller.user,
+                                                 settings.task_queue)
+        await client.start_workflow(
+            ReconciliationWorkflow.run,
+            ReconcileInput(provider=body.provider, kind=RunKind.BACKFILL, run_id=run["id"],
+                           since=run["window_start"], until=run["window_end"],
+                           requested_by=run["requested_by"], options=settings.reconcile_options()),
+            id=run["id"], task_queue=settings.task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE)
+        if resumed:
+            response.status_code = 200
+        return {**run_view(run), "resumed": resumed}
+
+    @app.get("/v1/reconciliation/runs")
+    async def list_runs(caller: Caller, limit: int = 50) -> list[dict[str, Any]]:
+        await require(caller, READ_ROLES, "reading reconciliation runs")
+        return [run_view(r) for r in await recon.runs(min(max(limit, 1), 500))]
+
+    @app.get("/v1/reconciliation/runs/{run_id}")
+    async def get_run(run_id: str, caller: Caller) -> dict[str, Any]:
+        """The run's report: counts by class, amounts per currency, the oldest break, the
+        breaks it saw with links to their cases and exception workflows."""
+        await require(caller, READ_ROLES, "reading a reconciliation run")
+        report = await recon.report(run_id)
+        if report is None:
+            raise HTTPException(404, f"no reconciliation run {run_id!r}")
+        return {**report, "breaks": [break_view(b) async for b in recon.run_breaks(run_id, REPORT_BREAKS)]}
+
+    @app.get("/v1/reconciliation/breaks/{break_id}")
+    async def get_break(break_id: int, caller: Caller) -> dict[str, Any]:
+        await require(caller, READ_ROLES | APPROVER_ROLES, "reading a reconciliation break")
+        row = await recon.get_break(break_id)
+        if row is None:
+            raise HTTPException(404, f"no reconciliation break {break_id}")
+        return break_view(row)
+
+    @app.post("/v1/reconciliation/breaks/{break_id}/approvals", status_code=202)
+    async def decide_break(break_id: int, body: BreakDecisionBody, caller: Caller) -> dict[str, Any]:
+        """An approver's verdict on a break's compensation, answered at once (an update);
+        refusals are audited on the break's chain."""
+        await require(caller, APPROVER_ROLES, "approving a reconciliation break")
+        row = await recon.get_break(break_id)
+        if row is None:
+            raise HTTPException(404, f"no reconciliation break {break_id}")
+        if row["state"] != BreakState.AWAITING_APPROVAL:
+            raise HTTPException(409, f"break is {row['state']}, not awaiting approval")
+        signal = ApprovalSignal(approver=caller.user, roles=tuple(sorted(caller.roles)),
+                                decision=body.decision, reason=body.reason)
+        handle = client.get_workflow_handle(break_workflow_id(break_id))
+        try:
+            progress = await send_approval(handle, ReconciliationBreakWorkflow.submit_approval, signal)
+        except ApprovalRefused as refused:
+            if refused.status_code == 403:
+                await store.append_audit(row["chain"], caller.user, "reconciliation_approval_refused",
+                                         {"break_id": break_id, "decision": body.decision.value,
+                                          "refusal": refused.reason})
+            raise HTTPException(refused.status_code, refused.reason) from None
+        if not progress.accepted:
+            raise HTTPException(403, progress.reason)
+        return {"break_id": break_id, "decision": body.decision.value,
+                "missing_roles": list(progress.missing_roles)}
+

@@ -1,0 +1,98 @@
+"""Helpers for the reconciliation tests: provider history seeded at the sandbox in bulk,
+cases seeded as the refund workflow leaves them, backfills run through the relay, and
+waits on exception cases."""
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from domain.models import (
+    CaseEventInput,
+    CaseStatus,
+    LedgerInput,
+    LedgerKind,
+    ProviderRefund,
+    ProviderRefundStatus,
+    RefundReason,
+    RefundRequest,
+)
+from starters.progress import follow_run
+from tests.harness import Stack
+
+
+def ago(days: float) -> datetime:
+    return datetime.now(UTC) - timedelta(days=days)
+
+
+def history(charge: str, amount: int, days_ago: float, *, status: str = "succeeded",
+            failure_reason: str | None = None, reference: str | None = None,
+            currency: str = "usd") -> dict[str, Any]:
+    """A provider refund that happened `days_ago`, with its id chosen here."""
+    return {"id": f"re_{uuid.uuid4().hex[:14]}", "charge": charge, "amount": amount, "currency": currency,
+            "status": status, "failure_reason": failure_reason, "created": int(ago(days_ago).timestamp()),
+            "metadata": {"refund_request_id": reference} if reference else {}}
+
+
+async def seed_provider(stack: Stack, refunds: list[dict[str, Any]]) -> None:
+    """Charges and refunds at the sandbox, as history (no webhooks)."""
+    charges = [{"id": c, "amount": 1_000_000, "currency": "usd", "merchant_account": "acct_1"}
+               for c in {r["charge"] for r in refunds}]
+    async with stack.sandbox() as sb:
+        (await sb.post("/_sandbox/import", json={"charges": charges, "refunds": refunds})).raise_for_status()
+
+
+async def seed_case(stack: Stack, refund: dict[str, Any], *, status: CaseStatus = CaseStatus.SUCCEEDED,
+                    held: ProviderRefundStatus = ProviderRefundStatus.SUCCEEDED, settled: int = 1,
+                    amount: int | None = None, currency: str = "USD", requester: str = "alice") -> str:
+    """A case as RefundWorkflow leaves it once the provider reported `held` for `refund`
+    (its workflow long closed): the refund recorded, `settled` settlement postings, `status`."""
+    case_id = refund["metadata"].get("refund_request_id") or stack.new_id("hist")
+    request = RefundRequest(
+        refund_request_id=case_id, provider="sandbox", charge_id=refund["charge"],
+        amount=amount or refund["amount"], currency=currency, merchant_account="acct_1",
+        reason=RefundReason.REQUESTED_BY_CUSTOMER, evidence={"order_id": f"o-{case_id}"})
+    store = stack.store
+    await store.create_case(request, requester)
+    await store.record_provider_refund(case_id, ProviderRefund(
+        provider="sandbox", refund_id=refund["id"], charge_id=refund["charge"], amount=request.amount,
+        currency=currency, status=held, raw_status=held.value,
+        reference=case_id), "provider_refund_created")
+    for copy in range(settled):
+        await store.post_ledger(LedgerInput(
+            refund_request_id=case_id, kind=LedgerKind.REFUND_SETTLED, amount=request.amount,
+            currency=currency, provider_refund_id=refund["id"], reference=f"copy{copy}" if copy else None))
+    await store.record_case_event(CaseEventInput(refund_request_id=case_id, action="seeded", actor="test",
+                                                 status=status))
+    return case_id
+
+
+async def move_at_provider(stack: Stack, refund_id: str, status: str, reason: str | None = None) -> None:
+    """A terminal update at the provider whose webhook never reaches us."""
+    await stack.set_provider_status(refund_id, status, failure_reason=reason, send_webhook=False)
+
+
+async def backfill(stack: Stack, *, provider: str = "sandbox", since_days: float = 90,
+                   user: str = "olga", expect_status: int = 202) -> dict[str, Any]:
+    """A backfill through the relay, followed to its report (breaks included)."""
+    async with stack.api(user) as api:
+        started = await api.post("/v1/reconciliation/runs",
+                                 json={"provider": provider, "since": ago(since_days).isoformat()})
+        assert started.status_code == expect_status, started.text
+        return await follow_run(api, started.json()["run_id"], show_progress=False, poll_seconds=0.1)
+
+
+async def wait_for_breaks(stack: Stack, object_ids: list[str], *states: str,
+                          timeout: float = 60) -> list[dict[str, Any]]:
+    """Polls until every break of these objects is in one of `states`."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        async with stack.store.transaction() as conn:
+            rows = list(await (await conn.execute(
+                "SELECT * FROM reconciliation_breaks WHERE object_id = ANY(%s) ORDER BY id",
+                (object_ids,))).fetchall())
+        if rows and all(r["state"] in states for r in rows):
+            return rows
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"breaks not {states}: {[(r['object_id'], r['state']) for r in rows]}")
+        await asyncio.sleep(0.1)

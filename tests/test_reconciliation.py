@@ -1,0 +1,364 @@
+"""Reconciliation on the sandbox provider: the 90-day incident (47 terminal updates whose
+webhooks never arrived, 9 of them failed or canceled while we show them refunded) is found
+by one backfill and opens nine exception cases, once; every class of break is classified;
+breaks are resolved only through the governed path."""
+
+import asyncio
+import csv
+import json
+import os
+import subprocess
+import sys
+from datetime import datetime, timedelta
+from pathlib import Path
+from tempfile import mkdtemp
+from typing import Any
+
+import pytest
+from temporalio.client import Client
+from temporalio.testing import ActivityEnvironment
+
+from activities.reconciliation import ReconciliationActivities
+from adapters.policy_file import load_policy
+from adapters.providers import sandbox as sandbox_adapter
+from adapters.providers.base import RefundLister
+from adapters.reconciliation import Reconciliations
+from adapters.schedules import ensure_reconciliation_schedules, schedule_id
+from adapters.store import Store
+from domain.models import CaseStatus, ProviderRefundStatus
+from domain.reconciliation import BatchInput
+from starters.stack import TemporalDevServer
+from tests.harness import Stack, open_stack
+from tests.reconciliation_kit import (
+    ago,
+    backfill,
+    history,
+    move_at_provider,
+    seed_case,
+    seed_provider,
+    wait_for_breaks,
+)
+
+REFUNDS = str(Path(sys.executable).parent / "refunds")
+FAILED_REASONS = ["expired_or_canceled_card", "card_account_closed", "lost_or_stolen_card",
+                  "expired_or_canceled_card", "declined", "card_account_closed"]
+
+
+async def refunds_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(subprocess.run, [REFUNDS, *args], capture_output=True, text=True,
+                                   timeout=120, env={**os.environ, **env})
+
+
+async def count(store: Store, sql: str, *params: Any) -> int:
+    async with store.transaction() as conn:
+        row = await (await conn.execute(sql, params)).fetchone()
+    assert row is not None
+    return int(row["n"])
+
+
+async def test_ninety_day_backfill_finds_the_nine_breaks_once(stack: Stack, tmp_path: Path) -> None:
+    refunds = [history(f"ch_{i:03d}", 1_800 + i, days_ago=1 + i * 1.8) for i in range(47)]
+    too_old = history("ch_old", 900, days_ago=120)  # diverged too, but before the window
+    await seed_provider(stack, [*refunds, too_old])
+    cases = {r["id"]: await seed_case(stack, r) for r in [*refunds, too_old]}
+    failed, canceled = refunds[:6], refunds[6:9]
+    for refund in refunds[9:]:
+        await move_at_provider(stack, refund["id"], "succeeded")
+    for refund, reason in zip(failed, FAILED_REASONS, strict=True):
+        await move_at_provider(stack, refund["id"], "failed", reason)
+    for refund in [*canceled, too_old]:
+        await move_at_provider(stack, refund["id"], "canceled" if refund in canceled else "failed")
+
+    env = {"REFUNDS_RELAY_URL": stack.relay_url, "REFUNDS_TOKEN": stack.tokens["olga"]}
+    first = await refunds_cli("reconcile", "--provider", "sandbox", "--since", "90d", env=env)
+    assert first.returncode == 0, first.stderr
+    assert "47 objects, 9 new breaks, 0 already known" in first.stdout
+    assert "provider_failed_shown_refunded" in first.stdout
+    diverged = [r["id"] for r in [*failed, *canceled]]
+    breaks = await wait_for_breaks(stack, diverged, "awaiting_approval")
+    assert sorted(b["object_id"] for b in breaks) == sorted(diverged)
+    assert {b["break_class"] for b in breaks} == {"provider_failed_shown_refunded"}
+    assert {b["object_id"]: (b["provider_status"], b["failure_reason"]) for b in breaks} == {
+        **{r["id"]: ("failed", reason) for r, reason in zip(failed, FAILED_REASONS, strict=True)},
+        **{r["id"]: ("canceled", None) for r in canceled}}
+    assert {b["object_id"]: b["ledger_delta"] for b in breaks} == {r["id"]: -r["amount"] for r in
+                                                                  [*failed, *canceled]}
+    for refund in [*failed, *canceled]:
+        case_id = cases[refund["id"]]
+        actions = await stack.actions(case_id)
+        assert {"reconciliation_break_found", "reconciliation_exception_opened"} <= set(actions)
+        assert {(n["kind"], n["audience"]) for n in await stack.store.notices(case_id)} == {
+            ("reconciliation_break", "ops"), ("reconciliation_approval_needed", "approvers")}
+        # nothing moved without approval: the settlement stands, the case still shows refunded
+        assert [e["template"] for e in await stack.store.ledger_entries(case_id)] == ["refund_settled"] * 2
+        assert (await stack.store.get_case(case_id) or {})["status"] == "succeeded"
+    assert await stack.actions(cases[too_old["id"]]) == ["request_received", "provider_refund_created",
+                                                        "ledger_posted", "seeded"]
+
+    again = await backfill(stack)
+    assert (again["objects_seen"], again["new_breaks"], again["known_breaks"]) == (47, 0, 9)
+    assert {b["break_id"] for b in again["breaks"]} == {b["id"] for b in breaks}
+    assert await count(stack.store, "SELECT count(*) AS n FROM reconciliation_breaks"
+                       " WHERE object_id = ANY(%s)", [r["id"] for r in refunds]) == 9
+    assert await count(stack.store, "SELECT count(*) AS n FROM notices WHERE refund_request_id = ANY(%s)",
+                       list(cases.values())) == 18
+
+    async with stack.api("dave") as api:  # an auditor reads the first run's report
+        runs = (await api.get("/v1/reconciliation/runs")).json()
+        report = (await api.get(f"/v1/reconciliation/runs/{runs[1]['run_id']}")).json()
+    assert runs[0]["run_id"] == again["run_id"]
+    assert report["classes"] == {"provider_failed_shown_refunded": {
+        "new": 9, "seen": 9, "amounts": {"USD": sum(r["amount"] for r in [*failed, *canceled])},
+        "ledger_delta": {"USD": -sum(r["amount"] for r in [*failed, *canceled])}}}
+    assert report["oldest_break"]["object_id"] == canceled[-1]["id"]
+    assert {b["links"]["case"] for b in report["breaks"]} == {
+        f"/v1/refund-requests/{cases[r['id']]}" for r in [*failed, *canceled]}
+    json_file, csv_file = report["report_files"]
+    assert json.loads(Path(json_file).read_text())["new_breaks"] == 9
+    rows = list(csv.DictReader(Path(csv_file).open()))
+    assert sorted(r["object_id"] for r in rows) == sorted(diverged)
+    assert {r["new_in_run"] for r in rows} == {"True"}
+
+
+BREAK_SITUATIONS: dict[str, tuple[dict[str, Any], dict[str, Any] | None, int | None]] = {
+    # class: (provider refund, our case (None: no case), the ledger move that would fix it)
+    "provider_failed_shown_refunded": ({"status": "failed"}, {}, -1_000),
+    "provider_succeeded_shown_pending": ({}, {"status": CaseStatus.PENDING,
+                                              "held": ProviderRefundStatus.PENDING, "settled": 0}, 1_000),
+    "provider_succeeded_shown_failed": ({}, {"status": CaseStatus.REFUND_FAILED,
+                                             "held": ProviderRefundStatus.FAILED, "settled": 0}, 1_000),
+    "unknown_to_us": ({}, None, 1_000),
+    "amount_mismatch": ({"amount": 1_200}, {"amount": 1_000}, 200),
+    "currency_mismatch": ({}, {"currency": "EUR"}, None),
+    "stuck_non_terminal": ({"status": "pending", "days_ago": 5}, {"status": CaseStatus.PENDING,
+                                                                  "held": ProviderRefundStatus.PENDING,
+                                                                  "settled": 0}, 0),
+    "ledger_missing": ({}, {"settled": 0}, 1_000),
+    "ledger_doubled": ({}, {"settled": 2}, -1_000),
+}
+
+
+@pytest.mark.parametrize("break_class", sorted(BREAK_SITUATIONS))
+async def test_each_class_of_break_is_found_alone(stack: Stack, break_class: str) -> None:
+    provider_side, case_side, delta = BREAK_SITUATIONS[break_class]
+    agreeing = history("ch_ok", 700, days_ago=2)
+    diverging = history("ch_x", provider_side.get("amount", 1_000), provider_side.get("days_ago", 2),
+                        status=provider_side.get("status", "succeeded"))
+    await seed_provider(stack, [agreeing, diverging])
+    await seed_case(stack, agreeing)
+    case_id = await seed_case(stack, diverging, **case_side) if case_side is not None else None
+    report = await backfill(stack, since_days=30)
+    assert (report["objects_seen"], report["new_breaks"]) == (2, 1)
+    assert set(report["classes"]) == {break_class}
+    [found] = report["breaks"]
+    assert (found["object_id"], found["case_id"], found["ledger_delta"]) == (diverging["id"], case_id, delta)
+    assert found["evidence"]["provider"]["status"] == diverging["status"]
+    [opened] = await wait_for_breaks(stack, [diverging["id"]], "awaiting_approval")  # no workflow: people
+    chain = case_id or f"sandbox-refund-{diverging['id']}"
+    assert opened["chain"] == chain
+    assert "reconciliation_break_found" in await stack.actions(chain)
+
+
+async def test_running_cases_take_the_providers_state_through_their_own_lifecycle(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    stack = await open_stack(store, client, temporal_server.address, late_failure_window_seconds=300,
+                             status_poll_interval_seconds=300, reconciliation_grace_seconds=0)
+    try:
+        succeeded = await stack.request_refund("alice", await stack.charge(10_000), 1_800)
+        refund_id = (await stack.wait_for_status(succeeded, "succeeded"))["provider_refund_id"]
+        async with stack.sandbox() as sb:
+            await sb.post("/_sandbox/config", json={"refund_initial_status": "pending"})
+        pending = await stack.request_refund("alice", await stack.charge(10_000), 700)
+        pending_refund = (await stack.wait_for_status(pending, "pending"))["provider_refund_id"]
+        await move_at_provider(stack, refund_id, "failed", "card_account_closed")
+        await move_at_provider(stack, pending_refund, "succeeded")
+
+        report = await backfill(stack, since_days=1)
+        assert {b["object_id"]: b["break_class"] for b in report["breaks"]} == {
+            refund_id: "provider_failed_shown_refunded", pending_refund: "provider_succeeded_shown_pending"}
+        await wait_for_breaks(stack, [refund_id, pending_refund], "handed_to_case")
+        failed = await stack.wait_for_status(succeeded, "refund_failed")
+        assert (failed["failure_reason"], failed["reserved_amount"]) == ("card_account_closed", 0)
+        assert {e["posting_key"] for e in await store.ledger_entries(succeeded)} == {
+            f"{succeeded}:refund_settled", f"{succeeded}:refund_reversed"}
+        assert {(n["kind"], n["audience"]) for n in await store.notices(succeeded)} == {
+            ("refund_succeeded", "requester"), ("reconciliation_break", "ops"),
+            ("refund_failed", "operator"), ("refund_could_not_be_processed", "customer")}
+        trail = await store.audit_trail(succeeded)
+        [late] = [e for e in trail if e["action"] == "refund_failed_after_success"]
+        assert late["detail"]["source"].startswith("webhook:reconciliation.provider_state:")
+        await stack.wait_for_status(pending, "succeeded")
+        assert {e["posting_key"] for e in await store.ledger_entries(pending)} == {
+            f"{pending}:refund_settled"}
+
+        again = await backfill(stack, since_days=1)
+        assert (again["objects_seen"], again["new_breaks"], again["known_breaks"]) == (2, 0, 0)
+    finally:
+        await stack.close()
+
+
+async def decide(stack: Stack, user: str, break_id: int, decision: str = "approve") -> Any:
+    async with stack.api(user) as api:
+        return await api.post(f"/v1/reconciliation/breaks/{break_id}/approvals",
+                              json={"decision": decision, "reason": f"{user} checked the provider"})
+
+
+async def test_a_closed_case_is_compensated_only_after_the_tiers_approvals(stack: Stack) -> None:
+    refund = history("ch_big", 60_000, days_ago=3)  # above 500.00 USD: approver and finance manager
+    await seed_provider(stack, [refund])
+    case_id = await seed_case(stack, refund, requester="bob")
+    await move_at_provider(stack, refund["id"], "canceled")
+    await backfill(stack, since_days=30)
+    [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    break_id = found["id"]
+
+    assert (await decide(stack, "olga", break_id)).status_code == 403  # ops may not approve money
+    refused = await decide(stack, "bob", break_id)  # requested the refund being compensated
+    assert refused.status_code == 403 and "cannot approve" in refused.json()["detail"]
+    first = await decide(stack, "carol", break_id)
+    assert (first.status_code, first.json()["missing_roles"]) == (202, ["finance_manager"])
+    assert [e["template"] for e in await stack.store.ledger_entries(case_id)] == ["refund_settled"] * 2
+    assert (await decide(stack, "carol", break_id)).status_code == 403  # a person counts once
+    assert (await decide(stack, "frank", break_id)).status_code == 202
+    [resolved] = await wait_for_breaks(stack, [refund["id"]], "resolved")
+
+    key = f"{case_id}:refund_reversed:reconciliation-{break_id}"
+    assert resolved["resolution"]["outcome"]["posting_key"] == key
+    assert {line["posting_key"] for line in await stack.store.ledger_entries(case_id)} == {
+        f"{case_id}:refund_settled", key}
+    case = await stack.store.get_case(case_id)
+    assert case is not None and (case["status"], case["provider_status"], case["reserved_amount"]) == (
+        "refund_canceled", "canceled", 0)
+    trail = await stack.store.audit_trail(case_id)
+    [compensated] = [e for e in trail if e["action"] == "reconciliation_compensated"]
+    assert compensated["detail"]["approvers"] == ["carol", "frank"]
+    assert [e["actor"] for e in trail if e["action"] == "reconciliation_approval_refused"] == ["bob", "carol"]
+    assert (await decide(stack, "carol", break_id)).status_code == 409
+    async with stack.api("dave") as api:
+        scraped = (await api.get("/metrics")).text
+    assert ('refunds_reconciliation_breaks{break_class="provider_failed_shown_refunded",'
+            'state="resolved"}') in scraped
+    again = await backfill(stack, since_days=30)
+    assert (again["new_breaks"], again["known_breaks"]) == (0, 0)
+    assert len(await stack.store.ledger_entries(case_id)) == 4
+
+
+async def test_an_unknown_refund_becomes_a_tracking_case_only_when_approved(stack: Stack) -> None:
+    adopted, denied = history("ch_u1", 2_500, days_ago=4), history("ch_u2", 900, days_ago=4)
+    await seed_provider(stack, [adopted, denied])
+    await backfill(stack, since_days=30)
+    found = {b["object_id"]: b["id"] for b in await wait_for_breaks(
+        stack, [adopted["id"], denied["id"]], "awaiting_approval")}
+    assert (await decide(stack, "carol", found[denied["id"]], "deny")).status_code == 202
+    assert (await decide(stack, "carol", found[adopted["id"]])).status_code == 202
+    await wait_for_breaks(stack, [denied["id"]], "dismissed")
+    await wait_for_breaks(stack, [adopted["id"]], "resolved")
+    assert await stack.store.get_case(f"sandbox-refund-{denied['id']}") is None
+    case_id = f"sandbox-refund-{adopted['id']}"
+    case = await stack.store.get_case(case_id)
+    assert case is not None and (case["status"], case["amount"], case["reserved_amount"]) == (
+        "succeeded", 2_500, 2_500)
+    assert next((x["posting_key"], x["debit"]) for x in await stack.store.ledger_entries(case_id)) == (
+        f"{case_id}:refund_settled:reconciliation-{found[adopted['id']]}", 2_500)
+    actions = await stack.actions(case_id)
+    assert actions.index("reconciliation_break_found") < actions.index("tracking_opened") < actions.index(
+        "reconciliation_compensated")
+    again = await backfill(stack, since_days=30)  # the dismissed one stays a known break, nothing new
+    assert (again["new_breaks"], again["known_breaks"]) == (0, 1)
+
+
+async def test_an_exception_nobody_decides_expires_without_moving_money(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    stack = await open_stack(store, client, temporal_server.address, approval_timeout_seconds=2)
+    try:
+        refund = history("ch_exp", 1_000, days_ago=2)
+        await seed_provider(stack, [refund])
+        case_id = await seed_case(stack, refund, settled=0)
+        await backfill(stack, since_days=30)
+        [expired] = await wait_for_breaks(stack, [refund["id"]], "expired")
+        assert expired["break_class"] == "ledger_missing"
+        assert await store.ledger_entries(case_id) == []
+        assert "reconciliation_break_expired" in await stack.actions(case_id)
+    finally:
+        await stack.close()
+
+
+async def test_a_long_run_continues_as_new_and_a_stopped_run_resumes_at_its_cursor(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    stack = await open_stack(store, client, temporal_server.address, reconciliation_batch_size=4,
+                             reconciliation_batches_per_run=2)
+    try:
+        refunds = [history(f"ch_{i}", 1_000 + i, days_ago=1 + i) for i in range(23)]
+        await seed_provider(stack, refunds)
+        for refund in refunds:
+            await seed_case(stack, refund, settled=0 if refund is refunds[20] else 1)
+        # A backfill that stopped after one batch (its workflow gone): only its row and cursor remain.
+        run, _ = await Reconciliations(store).open_backfill(
+            "sandbox", ago(30), ago(0), "olga", stack.settings.task_queue)
+        activities = ReconciliationActivities(store, stack.providers, client, load_policy(None),
+                                              timings=stack.settings.timings(), reports_dir=Path(mkdtemp()))
+        first = await ActivityEnvironment().run(activities.reconcile_batch, BatchInput(
+            run_id=run["id"], provider="sandbox", options=stack.settings.reconcile_options()))
+        assert (first.objects, first.has_more) == (4, True)
+
+        report = await backfill(stack, since_days=30, expect_status=200)  # resumed, not restarted
+        assert report["run_id"] == run["id"]
+        assert (report["objects_seen"], report["new_breaks"]) == (23, 1)
+        assert [b["object_id"] for b in report["breaks"]] == [refunds[20]["id"]]
+        history_events = (await client.get_workflow_handle(run["id"]).fetch_history()).events
+        started = history_events[0].workflow_execution_started_event_attributes
+        assert started.continued_execution_run_id  # the last run of a chain that continued as new
+    finally:
+        await stack.close()
+
+
+async def test_the_schedule_is_ensured_once_and_its_runs_reconcile_a_trailing_window(stack: Stack) -> None:
+    refund = history("ch_sched", 1_500, days_ago=2, status="failed")
+    await seed_provider(stack, [refund])
+    await seed_case(stack, refund)
+    hourly = stack.settings.model_copy(update={"reconciliation_interval_seconds": 3600})
+    ids = await ensure_reconciliation_schedules(stack.client, hourly, stack.providers)
+    slower = hourly.model_copy(update={"reconciliation_interval_seconds": 7200})
+    assert await ensure_reconciliation_schedules(stack.client, slower, stack.providers) == ids == [
+        schedule_id(hourly, "sandbox")]
+    handle = stack.client.get_schedule_handle(ids[0])
+    try:
+        described = await handle.describe()
+        assert described.schedule.spec.intervals[0].every == timedelta(hours=2)
+        await handle.trigger()
+        [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+        run = await Reconciliations(stack.store).report(found["first_run_id"])
+        assert run is not None and (run["kind"], run["requested_by"]) == ("scheduled", "schedule")
+        since, until = (datetime.fromisoformat(run["window"][end]) for end in ("since", "until"))
+        assert until - since == timedelta(days=14)
+    finally:
+        await handle.delete()
+
+
+async def test_backfills_need_ops_and_a_provider_that_lists_refunds(stack: Stack) -> None:
+    async with stack.api("alice") as api:
+        assert (await api.get("/v1/reconciliation/runs")).status_code == 403
+        assert (await api.post("/v1/reconciliation/runs", json={
+            "provider": "sandbox", "since": ago(1).isoformat()})).status_code == 403
+    async with stack.api("olga") as api:
+        unknown = await api.post("/v1/reconciliation/runs", json={"provider": "cashfree",
+                                                                  "since": ago(1).isoformat()})
+        backwards = await api.post("/v1/reconciliation/runs", json={
+            "provider": "sandbox", "since": ago(1).isoformat(), "until": ago(2).isoformat()})
+        missing = await api.get("/v1/reconciliation/runs/reconcile-nope")
+    assert (unknown.status_code, backwards.status_code, missing.status_code) == (422, 422, 404)
+    assert "cannot list refunds" in unknown.json()["detail"]
+
+
+async def test_the_sandbox_lists_a_window_newest_first_page_by_page(
+        stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sandbox_adapter, "LIST_PAGE", 3)
+    inside = [history("ch_w", 100 + i, days_ago=1 + i) for i in range(7)]
+    await seed_provider(stack, [*inside, history("ch_w", 1, days_ago=20), history("ch_w", 2, days_ago=0.01)])
+    sandbox = stack.providers["sandbox"]
+    assert isinstance(sandbox, RefundLister)
+    listed = [r async for r in sandbox.list_refunds(ago(10), ago(0.5))]
+    assert [r.refund.refund_id for r in listed] == [r["id"] for r in inside]
+    assert [r.created for r in listed] == sorted((r.created for r in listed), reverse=True)
+    rest = [r.refund.refund_id async for r in sandbox.list_refunds(ago(10), ago(0.5), inside[3]["id"])]
+    assert rest == [r["id"] for r in inside[4:]]
