@@ -136,6 +136,15 @@ async def test_duplicate_is_accepted_again_and_acts_once(rig: AdyenRig) -> None:
     assert failed.headers["x-webhook-verdict"] == "accepted"
 
 
+async def test_unknown_event_code_is_stored_loudly_and_still_acknowledged(rig: AdyenRig) -> None:
+    psp = unique_psp()
+    response = await rig.post(notification("REFUND", pspReference=psp, eventCode="CHARGEBACK"))
+    assert (response.status_code, response.text) == (202, "[accepted]")  # else Adyen retries 30 days
+    row = await receipt(rig.stack, "adyen", int(response.headers["x-receipt-id"]))
+    assert (row["verdict"], row["event_type"]) == ("unknown_type", "CHARGEBACK")
+    assert not await workflow_exists(rig.stack, tracking_case_id("adyen", psp))
+
+
 def tampered(psp: str) -> bytes:
     return notification("REFUND", pspReference=psp).replace(b'"value": 1000', b'"value": 9000')
 
