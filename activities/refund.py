@@ -14,6 +14,7 @@ from temporalio.exceptions import ApplicationError
 from adapters.providers.base import (
     ProviderAdapter,
     ProviderDeclined,
+    ProviderLookupUnsupported,
     ProviderOutcomeUnknown,
     RefundExecutor,
     UnexpectedProviderStatus,
@@ -45,10 +46,16 @@ log = logging.getLogger(__name__)
 DECLINED = "ProviderDeclined"
 OUTCOME_UNKNOWN = "ProviderOutcomeUnknown"
 UNEXPECTED_STATUS = "UnexpectedProviderStatus"
+LOOKUP_UNSUPPORTED = "ProviderLookupUnsupported"
 
 
 def _unexpected(exc: UnexpectedProviderStatus) -> ApplicationError:
     return ApplicationError(str(exc), type=UNEXPECTED_STATUS, non_retryable=True)
+
+
+def _no_lookup(exc: ProviderLookupUnsupported) -> ApplicationError:
+    """Asking again cannot help: the workflow waits for the provider's notification."""
+    return ApplicationError(str(exc), type=LOOKUP_UNSUPPORTED, non_retryable=True)
 
 
 def charge_problem(request: RefundRequest, charge: ChargeSnapshot | None) -> str | None:
@@ -161,6 +168,11 @@ class RefundActivities:
     async def _lookup(self, provider: RefundExecutor, inp: SubmitInput) -> ProviderRefund | None:
         try:
             found = await provider.find_refund(inp.request)
+        except ProviderLookupUnsupported as exc:  # an earlier attempt may have made it: no resend
+            await self._store.append_audit(inp.request.refund_request_id, "system", "verify_state",
+                                           {"lookup": "unsupported", "reason": "resubmit after an "
+                                                                               "earlier attempt"})
+            raise _no_lookup(exc) from exc
         except ProviderOutcomeUnknown as exc:
             raise ApplicationError(f"lookup before resubmit failed: {exc}",
                                    type=OUTCOME_UNKNOWN) from exc
@@ -179,6 +191,10 @@ class RefundActivities:
             await self._store.append_audit(request.refund_request_id, "system", "verify_state",
                                            {"error": str(exc), "reason": inp.reason})
             raise _unexpected(exc) from exc
+        except ProviderLookupUnsupported as exc:
+            await self._store.append_audit(request.refund_request_id, "system", "verify_state",
+                                           {"lookup": "unsupported", "reason": inp.reason})
+            raise _no_lookup(exc) from exc
         if found is None:
             await self._store.append_audit(request.refund_request_id, "system", "verify_state",
                                            {"found": False, "reason": inp.reason})

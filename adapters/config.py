@@ -75,6 +75,11 @@ class Settings(BaseSettings):
         default=None, description="Svix-style `whsec_…` signing secret(s), comma-separated")
     cashfree_webhook_secret: SecretStr | None = Field(
         default=None, description="Cashfree client secret(s) that sign webhooks, comma-separated")
+    adyen_hmac_keys: SecretStr | None = Field(
+        default=None, description="Adyen webhook HMAC key(s) in hex, comma-separated (rotation)")
+    adyen_api_base: str | None = Field(
+        default=None, description="Adyen Checkout API base, e.g. https://checkout-test.adyen.com")
+    adyen_api_key: SecretStr | None = Field(default=None, description="Adyen API key (X-API-Key)")
 
     console_session_hours: float = 12
     console_secure_cookie: bool = Field(

@@ -16,7 +16,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AwareDatetime, BaseModel, ConfigDict
 from temporalio.client import Client
@@ -204,6 +204,10 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
         body = await read_limited(request, settings.webhook_max_body_bytes)
         result = await desk.ingest(provider_name, headers, body, now=time.time(),
                                    peer=request.client.host if request.client else "")
+        if result.acknowledgement is not None:  # the provider reads the body, not the status
+            return PlainTextResponse(result.acknowledgement, status_code=result.status_code,
+                                     headers={"x-receipt-id": str(result.receipt_id),
+                                              "x-webhook-verdict": result.verdict})
         return JSONResponse(result.body(), status_code=result.status_code)
 
     @app.get("/v1/webhooks/coverage")

@@ -11,7 +11,7 @@ receipt that never reached its workflow (a crash between receipt and signal) is 
 import hashlib
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from ipaddress import ip_address
 from typing import Any
@@ -56,6 +56,8 @@ class IngestResult:
     workflow_id: str | None = None
     detail: str | None = None
     replay_of: int | None = None
+    acknowledgement: str | None = None
+    """A provider's required plain-text answer to a 2xx (Adyen's `[accepted]`), else JSON."""
 
     def body(self) -> dict[str, Any]:
         answer: dict[str, Any] = {"receipt_id": self.receipt_id, "verdict": self.verdict}
@@ -110,7 +112,17 @@ class WebhookDesk:
 
     async def ingest(self, provider_name: str, headers: Mapping[str, str], body: bytes | None, *,
                      now: float, peer: str | None, replay_of: int | None = None) -> IngestResult:
-        """Receipt, verdict, dedup, then start or signal; the result says what to answer."""
+        """Receipt, verdict, dedup, then start or signal; the result says what to answer.
+        A provider that requires an acknowledgement text gets it on every 2xx."""
+        result = await self._ingest(provider_name, headers, body, now=now, peer=peer,
+                                    replay_of=replay_of)
+        ack = getattr(self._providers.get(provider_name), "acknowledgement", None)
+        if ack is not None and 200 <= result.status_code < 300:
+            return replace(result, acknowledgement=ack)
+        return result
+
+    async def _ingest(self, provider_name: str, headers: Mapping[str, str], body: bytes | None, *,
+                      now: float, peer: str | None, replay_of: int | None) -> IngestResult:
         kept_headers = {k: v for k, v in headers.items() if k != "authorization"}
         digest = hashlib.sha256(body or b"").hexdigest()
         try:

@@ -49,6 +49,7 @@ with workflow.unsafe.imports_passed_through():
 
 DECLINED = "ProviderDeclined"
 UNEXPECTED_STATUS = "UnexpectedProviderStatus"
+LOOKUP_UNSUPPORTED = "ProviderLookupUnsupported"
 # Histories recorded before the advisor and notice delivery existed replay without them.
 INTEGRATIONS_PATCH = "integrations-1"
 
@@ -79,6 +80,7 @@ class RefundWorkflow(ApprovingWorkflow):
         self._outbox: list[str] = []
         self._courier: asyncio.Task[None] | None = None
         self._closing = False
+        self._lookup_escalated = False
 
     # -- interface ---------------------------------------------------------------------
 
@@ -228,6 +230,8 @@ class RefundWorkflow(ApprovingWorkflow):
                 return verified.refund
             except ActivityError as err:
                 cause = err.cause
+                if isinstance(cause, ApplicationError) and cause.type == LOOKUP_UNSUPPORTED:
+                    return await self._await_notification(reason)
                 if not (isinstance(cause, ApplicationError) and cause.type == UNEXPECTED_STATUS):
                     raise
                 if self._status is not CaseStatus.OPS_REVIEW:
@@ -236,6 +240,39 @@ class RefundWorkflow(ApprovingWorkflow):
                     await self._record("unexpected_provider_status", CaseStatus.OPS_REVIEW,
                                        detail={"error": cause.message})
                 await workflow.sleep(self._timings.status_poll_interval)
+
+    def _notified(self) -> tuple[ProviderEvent, ProviderRefund] | None:
+        """The first queued event that reports this case's refund (by our reference, or by
+        the provider's refund id once we know it)."""
+        assert self._request is not None
+        for event in self._event_inbox:
+            reported = event.as_refund()
+            if reported is None:
+                continue
+            if reported.reference == self._request.refund_request_id or (
+                    self._refund is not None and reported.refund_id == self._refund.refund_id):
+                return event, reported
+        return None
+
+    async def _await_notification(self, reason: str) -> ProviderRefund:
+        """Verify-state for a provider without a status lookup (Adyen): the notification is
+        the only answer, so wait for it on durable timers, escalate to ops once when the
+        first timer runs out, and never resubmit (a resend could refund twice)."""
+        await self._record("awaiting_provider_notification", detail={"reason": reason})
+        while (notified := self._notified()) is None:
+            try:
+                await workflow.wait_condition(lambda: self._notified() is not None,
+                                              timeout=self._timings.status_poll_interval)
+            except TimeoutError:
+                if not self._lookup_escalated:
+                    self._lookup_escalated = True
+                    await self._notify("no_status_lookup_escalation", "operator", {"reason": reason})
+                    await self._record("no_status_lookup_escalated", detail={"reason": reason})
+        event, refund = notified
+        self._event_inbox.remove(event)
+        await self._record("provider_notification_received",
+                           detail={"event_id": event.event_id, "event_type": event.event_type})
+        return refund
 
     async def _follow_provider(self, refund: ProviderRefund) -> None:
         """Applies provider states until final, then watches for a late failure."""

@@ -57,6 +57,11 @@ TEMPLATES: dict[str, Template] = {
         "Refund {case}: unexpected provider status",
         "The provider reported a status we have no branch for ({error}). The case waits in ops "
         "review and is never assumed to have succeeded.", ticket="incident"),
+    "no_status_lookup_escalation": Template(
+        "Refund {case}: no answer from the provider yet",
+        "The provider has no refund-status lookup and its notification has not arrived ({reason}). "
+        "The case waits for it and will not resubmit; check the refund in the provider's "
+        "dashboard.", ticket="incident"),
     "incident_ledger_pending": Template(
         "Incident: refund {case} executed, ledger pending",
         "The provider confirmed the refund of {amount}, but the ledger did not take the "

@@ -29,6 +29,11 @@ class ProviderUnsupported(ProviderDeclined):
     """The adapter cannot do this call honestly (e.g. webhooks-only providers): nothing moved."""
 
 
+class ProviderLookupUnsupported(ProviderError):
+    """The provider has no refund-status lookup (Adyen): the outcome arrives only as a
+    notification. Not a decline, so it never fails a case; the workflow waits instead."""
+
+
 class WebhookRejected(ProviderError):
     """A delivery that must not act; `verdict` is the receipt verdict to store."""
 

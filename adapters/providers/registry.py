@@ -1,6 +1,7 @@
 """Builds the provider adapters that the settings configure."""
 
 from adapters.config import Settings
+from adapters.providers.adyen import AdyenProvider
 from adapters.providers.base import ProviderAdapter
 from adapters.providers.cashfree import CashfreeProvider
 from adapters.providers.rainforest import RainforestProvider
@@ -33,6 +34,11 @@ def build_providers(settings: Settings) -> dict[str, ProviderAdapter]:
     if settings.cashfree_webhook_secret is not None:
         providers["cashfree"] = CashfreeProvider(
             webhook_secrets=secret_list(settings.cashfree_webhook_secret), tolerance_seconds=tolerance)
+    if settings.adyen_hmac_keys is not None:
+        providers["adyen"] = AdyenProvider(
+            hmac_keys=secret_list(settings.adyen_hmac_keys), api_base=settings.adyen_api_base,
+            api_key=settings.adyen_api_key.get_secret_value() if settings.adyen_api_key else None,
+            timeout_seconds=settings.provider_http_timeout_seconds)
     return providers
 
 

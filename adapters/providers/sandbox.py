@@ -12,10 +12,8 @@ from typing import Any
 
 import httpx
 
-from adapters.providers.base import (
-    ProviderDeclined,
-    ProviderOutcomeUnknown,
-)
+from adapters.providers.base import ProviderDeclined
+from adapters.providers.http import send
 from adapters.providers.normalise import (
     IDENTITY_STATUSES,
     PAYOUT_REFERENCE_KEY,
@@ -81,15 +79,7 @@ class SandboxProvider:
         await self._http.aclose()
 
     async def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            response = await self._http.request(method, path, **kwargs)
-        except httpx.TimeoutException as exc:
-            raise ProviderOutcomeUnknown(f"{method} {path}: timed out") from exc
-        except httpx.TransportError as exc:
-            raise ProviderOutcomeUnknown(f"{method} {path}: {type(exc).__name__}") from exc
-        if response.status_code >= 500:
-            raise ProviderOutcomeUnknown(f"{method} {path}: HTTP {response.status_code}")
-        return response
+        return await send(self._http, method, path, **kwargs)
 
     async def get_charge(self, charge_id: str) -> ChargeSnapshot | None:
         response = await self._call("GET", f"/v1/charges/{charge_id}")

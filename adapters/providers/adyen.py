@@ -1,0 +1,241 @@
+"""Adyen adapter: refund and payout notifications verified by their HMAC and normalised;
+refunds created through the Checkout API.
+
+Adyen signs each notification item, not the request: HMAC-SHA256 with a hex key over
+pspReference:originalReference:merchantAccountCode:merchantReference:value:currency:
+eventCode:success, base64 in `additionalData.hmacSignature`. The signature carries no
+time, so there is no `stale` verdict: the dedup key (eventCode + pspReference + success,
+kept forever in `webhook_events`) is what stops a replay from acting twice.
+
+A request with several items is refused as malformed (Adyen sends one item per standard
+notification); acting on part of a batch, or signing one receipt for many events, would
+hide an event. The relay answers `[accepted]`, which Adyen requires, on every 2xx.
+
+Adyen has no refund-status lookup: `find_refund` raises `ProviderLookupUnsupported` and
+the workflow waits for the notification (escalating on a timer) instead of resubmitting.
+Adyen has no payment lookup either, so a charge snapshot comes only from a `ChargeSource`
+the deployment provides; without one, requests are rejected at validation.
+"""
+
+import base64
+import hashlib
+import hmac
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import httpx
+
+from adapters.providers.base import (
+    ProviderDeclined,
+    ProviderLookupUnsupported,
+    ProviderUnsupported,
+    WebhookRejected,
+)
+from adapters.providers.http import send
+from adapters.providers.normalise import (
+    load_json,
+    map_status,
+    minor_units,
+    normalising,
+    refund_event,
+    require_known,
+)
+from domain.models import (
+    ChargeSnapshot,
+    ProviderEvent,
+    ProviderRefund,
+    ProviderRefundStatus,
+    RefundRequest,
+)
+from domain.money import normalise_currency
+from domain.payouts import PayoutEvent, ProviderPayout, ProviderPayoutStatus
+
+ACKNOWLEDGEMENT = "[accepted]"
+SIGNED_FIELDS = ("pspReference", "originalReference", "merchantAccountCode", "merchantReference")
+API_VERSION = "v71"
+
+# Raw status = eventCode:success[:modification.action]. A combination outside the table
+# (e.g. CANCEL_OR_REFUND without its action) is refused loudly, never defaulted.
+STATUSES = {
+    "REFUND:true": ProviderRefundStatus.SUCCEEDED,
+    "REFUND:false": ProviderRefundStatus.FAILED,
+    "REFUND_FAILED:true": ProviderRefundStatus.FAILED,
+    "REFUNDED_REVERSED:true": ProviderRefundStatus.FAILED,  # after success: a late failure
+    "REFUND_WITH_DATA:true": ProviderRefundStatus.SUCCEEDED,
+    "REFUND_WITH_DATA:false": ProviderRefundStatus.FAILED,
+    "CANCEL_OR_REFUND:true:refund": ProviderRefundStatus.SUCCEEDED,
+    "CANCEL_OR_REFUND:true:cancel": ProviderRefundStatus.CANCELED,
+    "CANCEL_OR_REFUND:false": ProviderRefundStatus.FAILED,
+}
+CREATE_STATUSES = {"received": ProviderRefundStatus.PENDING}
+"""The Checkout API only acknowledges a refund; its outcome arrives as a notification."""
+PAYOUT_STATUSES = {
+    "PAYOUT_THIRDPARTY:true": ProviderPayoutStatus.PAID,
+    "PAYOUT_THIRDPARTY:false": ProviderPayoutStatus.FAILED,
+    "PAYOUT_DECLINE:true": ProviderPayoutStatus.CANCELED,  # declined in review: never paid
+    "PAIDOUT_REVERSED:true": ProviderPayoutStatus.REVERSED,
+}
+REFUND_EVENTS = frozenset(s.split(":")[0] for s in STATUSES)
+PAYOUT_EVENTS = frozenset(s.split(":")[0] for s in PAYOUT_STATUSES)
+KNOWN_EVENT_TYPES = REFUND_EVENTS | PAYOUT_EVENTS
+
+ChargeSource = Callable[[str], Awaitable[ChargeSnapshot | None]]
+"""Where a deployment keeps what Adyen told it about a payment (by pspReference)."""
+
+
+def signing_string(item: Mapping[str, Any]) -> str:
+    """Adyen's documented field order, joined with ':' (absent fields are empty)."""
+    amount = item.get("amount")
+    amount = amount if isinstance(amount, dict) else {}
+    values = [item.get(k) for k in SIGNED_FIELDS]
+    values += [amount.get("value"), amount.get("currency"), item.get("eventCode"), item.get("success")]
+    return ":".join("" if v is None else str(v) for v in values)
+
+
+def sign(hex_key: str, item: Mapping[str, Any]) -> str:
+    """The `hmacSignature` Adyen puts on this item for a hex HMAC key."""
+    mac = hmac.new(bytes.fromhex(hex_key), signing_string(item).encode(), hashlib.sha256).digest()
+    return base64.b64encode(mac).decode()
+
+
+class AdyenHmacVerifier:
+    """Adyen's per-item HMAC with any of the configured keys (rotation), compared in
+    constant time. Unlike the header schemes it reads the signature from the item."""
+
+    def __init__(self, hex_keys: Sequence[str]) -> None:
+        for key in hex_keys:
+            bytes.fromhex(key)  # a key that is not hex is a startup error, not a refusal later
+        self._keys = list(hex_keys)
+
+    def verify_item(self, item: Mapping[str, Any]) -> None:
+        offered = str((item.get("additionalData") or {}).get("hmacSignature") or "")
+        if not offered:
+            raise WebhookRejected("bad_signature", "missing additionalData.hmacSignature")
+        if not any(hmac.compare_digest(offered.encode(), sign(k, item).encode()) for k in self._keys):
+            raise WebhookRejected("bad_signature", "hmacSignature does not match this notification item")
+
+
+def only_item(payload: Any) -> dict[str, Any]:
+    """The notification's single item; a batch is refused whole (see the module notes)."""
+    with normalising(None, None):
+        items = payload["notificationItems"]
+        if not isinstance(items, list) or not items:
+            raise ValueError("notificationItems is empty")
+        if len(items) > 1:
+            raise ValueError(f"{len(items)} notification items in one request; one is expected")
+        item = items[0]["NotificationRequestItem"]
+        if not isinstance(item, dict):
+            raise TypeError("NotificationRequestItem is not an object")
+        return item
+
+
+def _raw_status(item: Mapping[str, Any]) -> str:
+    raw = f"{item['eventCode']}:{item['success']}"
+    if item["eventCode"] == "CANCEL_OR_REFUND" and item["success"] == "true":
+        action = (item.get("additionalData") or {}).get("modification.action")
+        raw += f":{action}" if action else ""
+    return raw
+
+
+def _refund(provider: str, item: Mapping[str, Any]) -> ProviderRefund:
+    raw = _raw_status(item)
+    status = map_status(provider, STATUSES, raw)
+    failure = None
+    if status is ProviderRefundStatus.FAILED:
+        failure = f"{item['eventCode']}: {item.get('reason') or 'no reason given'}"
+    amount = item["amount"]
+    return ProviderRefund(
+        provider=provider, refund_id=str(item["pspReference"]),
+        # A referenced refund's payment is its originalReference; REFUND_WITH_DATA has none.
+        charge_id=str(item.get("originalReference") or item["pspReference"]),
+        amount=minor_units(amount["value"]), currency=normalise_currency(str(amount["currency"])),
+        status=status, raw_status=raw, failure_reason=failure,
+        reference=item.get("merchantReference") or None,
+    )
+
+
+def _payout(provider: str, item: Mapping[str, Any]) -> ProviderPayout:
+    raw = _raw_status(item)
+    status = map_status(provider, PAYOUT_STATUSES, raw, "payout")
+    # A decline or reversal modifies the payout named by originalReference.
+    payout_id = item.get("originalReference") if item["eventCode"] != "PAYOUT_THIRDPARTY" else None
+    failed = status is not ProviderPayoutStatus.PAID
+    return ProviderPayout(
+        provider=provider, payout_id=str(payout_id or item["pspReference"]),
+        amount=minor_units(item["amount"]["value"]),
+        currency=normalise_currency(str(item["amount"]["currency"])), status=status, raw_status=raw,
+        failure_code=str(item["eventCode"]) if failed else None,
+        failure_message=(item.get("reason") or None) if failed else None,
+        reference=item.get("merchantReference") or None,
+    )
+
+
+class AdyenProvider:
+    """Adyen notifications, and refunds through the Checkout API (`POST /payments/{psp}/refunds`)."""
+
+    event_types = KNOWN_EVENT_TYPES
+    acknowledgement = ACKNOWLEDGEMENT
+
+    def __init__(self, *, hmac_keys: Sequence[str], api_base: str | None = None,
+                 api_key: str | None = None, timeout_seconds: float = 10.0,
+                 charges: ChargeSource | None = None, name: str = "adyen") -> None:
+        self.name = name
+        self._verifier = AdyenHmacVerifier(hmac_keys)
+        self._charges = charges
+        self._http = (httpx.AsyncClient(base_url=api_base, timeout=timeout_seconds,
+                                        headers={"X-API-Key": api_key})
+                      if api_base and api_key else None)
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+
+    async def get_charge(self, charge_id: str) -> ChargeSnapshot | None:
+        if self._charges is None:
+            raise ProviderUnsupported(f"{self.name}: Adyen has no payment lookup and no charge "
+                                      "source is configured")
+        return await self._charges(charge_id)
+
+    async def create_refund(self, request: RefundRequest, idempotency_key: str) -> ProviderRefund:
+        if self._http is None:
+            raise ProviderUnsupported(f"{self.name}: creating a refund needs REFUNDS_ADYEN_API_BASE "
+                                      "and REFUNDS_ADYEN_API_KEY")
+        path = f"/{API_VERSION}/payments/{request.charge_id}/refunds"
+        response = await send(
+            self._http, "POST", path, headers={"Idempotency-Key": idempotency_key},
+            json={"merchantAccount": request.merchant_account,
+                  "amount": {"value": request.amount, "currency": request.currency},
+                  # Comes back as merchantReference on the notifications: how they find the case.
+                  "reference": request.refund_request_id})
+        if response.status_code >= 400:
+            raise ProviderDeclined(f"POST {path}: HTTP {response.status_code} {response.text[:300]}")
+        body = response.json()
+        return ProviderRefund(
+            provider=self.name, refund_id=str(body["pspReference"]), charge_id=request.charge_id,
+            amount=request.amount, currency=request.currency,
+            status=map_status(self.name, CREATE_STATUSES, body["status"]),
+            raw_status=str(body["status"]), reference=request.refund_request_id)
+
+    async def find_refund(self, request: RefundRequest) -> ProviderRefund | None:
+        raise ProviderLookupUnsupported(f"{self.name}: Adyen has no refund-status lookup; the "
+                                        "outcome arrives as a notification")
+
+    def parse_webhook(self, headers: Mapping[str, str], body: bytes,
+                      now: float) -> ProviderEvent | PayoutEvent:
+        item = only_item(load_json(body))
+        self._verifier.verify_item(item)
+        with normalising(None, None):
+            event_type = str(item["eventCode"])
+            event_id = f"{event_type}:{item['pspReference']}:{item['success']}"
+        require_known(event_type, KNOWN_EVENT_TYPES, event_id)
+        digest = hashlib.sha256(body).hexdigest()
+        with normalising(event_id, event_type):
+            occurred = datetime.fromisoformat(str(item["eventDate"]))
+            if event_type in PAYOUT_EVENTS:
+                return PayoutEvent(provider=self.name, event_id=event_id, event_type=event_type,
+                                   body_sha256=digest, occurred_at=occurred,
+                                   payout=_payout(self.name, item))
+            return refund_event(_refund(self.name, item), event_id=event_id, event_type=event_type,
+                                body_sha256=digest, occurred_at=occurred,
+                                merchant_account=item.get("merchantAccountCode"))

@@ -1,0 +1,60 @@
+"""A loopback stand-in for Adyen's Checkout refund endpoint, answering as its docs show:
+`POST /v71/payments/{paymentPspReference}/refunds` → 201 `{"status": "received", ...}`.
+It ignores Idempotency-Key (recording it), so a test that sees one refund here proves our
+own exactly-once path, not Adyen's dedup. The outcome is a notification the test sends."""
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from domain.models import ChargeSnapshot
+
+
+@dataclass
+class FakeAdyen:
+    """Payments the test registered and every refund the endpoint accepted."""
+
+    api_key: str
+    payments: dict[str, dict[str, Any]] = field(default_factory=dict)
+    refunds: list[dict[str, Any]] = field(default_factory=list)
+
+    def payment(self, amount: int, currency: str, merchant: str) -> str:
+        psp = secrets.token_hex(8).upper()
+        self.payments[psp] = {"amount": amount, "currency": currency, "merchant": merchant}
+        return psp
+
+    async def charge(self, psp: str) -> ChargeSnapshot | None:
+        """The deployment's own record of a captured payment (Adyen has no lookup)."""
+        paid = self.payments.get(psp)
+        if paid is None:
+            return None
+        return ChargeSnapshot(provider="adyen", charge_id=psp, currency=paid["currency"],
+                              merchant_account=paid["merchant"], amount=paid["amount"],
+                              amount_captured=paid["amount"], captured=True)
+
+    def refunds_of(self, psp: str) -> list[dict[str, Any]]:
+        return [r for r in self.refunds if r["paymentPspReference"] == psp]
+
+    def app(self) -> FastAPI:
+        app = FastAPI()
+
+        @app.post("/v71/payments/{psp}/refunds")
+        async def refund(psp: str, request: Request) -> JSONResponse:
+            if request.headers.get("x-api-key") != self.api_key:
+                return JSONResponse({"status": 401, "errorCode": "000", "message": "HTTP Status "
+                                     "Response - Unauthorized", "errorType": "security"}, 401)
+            body = await request.json()
+            if psp not in self.payments:
+                return JSONResponse({"status": 422, "errorCode": "167", "message": "Original "
+                                     "pspReference required for this operation",
+                                     "errorType": "validation"}, 422)
+            answer = {"merchantAccount": body["merchantAccount"], "paymentPspReference": psp,
+                      "pspReference": secrets.token_hex(8).upper(), "reference": body["reference"],
+                      "status": "received", "amount": body["amount"]}
+            self.refunds.append({**answer, "idempotencyKey": request.headers.get("idempotency-key")})
+            return JSONResponse(answer, 201)
+
+        return app

@@ -1,0 +1,350 @@
+"""Adyen through the relay and the workflow, on real Temporal and PostgreSQL.
+
+Notifications are the recorded payloads in tests/payloads/adyen_*.json (Adyen's documented
+examples, signed with TEST_KEY), re-signed after their references are made unique. The
+Checkout API is a loopback fake behind a lossy proxy; Adyen has no status lookup, so a lost
+create answer must end in a wait for the notification, an escalation, and one refund.
+"""
+
+import copy
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from temporalio.client import Client
+
+from adapters.config import Settings
+from adapters.http_server import AppServer
+from adapters.providers import adyen
+from adapters.providers.adyen import AdyenProvider
+from adapters.providers.base import (
+    ProviderLookupUnsupported,
+    ProviderUnsupported,
+    WebhookRejected,
+)
+from adapters.providers.registry import build_providers, close_providers
+from adapters.store import Store
+from domain.events import tracking_case_id
+from domain.models import ProviderEvent, RefundRequest
+from domain.payouts import PayoutEvent
+from starters.stack import TemporalDevServer, free_port
+from tests.adyen_fake import FakeAdyen
+from tests.harness import Stack, open_stack
+from tests.lossy_proxy import LossyProxy
+from tests.test_bad_input import receipt, workflow_exists
+
+PAYLOADS = Path(__file__).parent / "payloads"
+TEST_KEY = "6F2C8A1D4B9E3F70A5C2D8E1B4F7A0C3D6E9F2A5B8C1D4E7F0A3B6C9D2E5F801"
+OLD_KEY = "00112233445566778899AABBCCDDEEFF00112233445566778899AABBCCDDEEFF"
+API_KEY = "adyen-test-api-key"
+MERCHANT = "YOUR_MERCHANT_ACCOUNT"
+
+
+def item_of(name: str) -> dict[str, Any]:
+    doc = json.loads((PAYLOADS / f"adyen_{name}.json").read_text())
+    return dict(doc["notificationItems"][0]["NotificationRequestItem"])
+
+
+def notification(name: str, *, key: str = TEST_KEY, **fields: Any) -> bytes:
+    """A recorded notification with `fields` replaced, signed again with `key`."""
+    item = copy.deepcopy(item_of(name))
+    item.update(copy.deepcopy(fields))
+    item["additionalData"]["hmacSignature"] = adyen.sign(key, item)
+    return json.dumps({"live": "false", "notificationItems": [{"NotificationRequestItem": item}]},
+                      indent=2).encode()
+
+
+def unique_psp() -> str:
+    return secrets.token_hex(8).upper()
+
+
+class AdyenRig:
+    def __init__(self, stack: Stack, fake: FakeAdyen, proxy: LossyProxy) -> None:
+        self.stack, self.fake, self.proxy = stack, fake, proxy
+
+    async def post(self, body: bytes) -> httpx.Response:
+        async with httpx.AsyncClient(base_url=self.stack.relay_url, timeout=30) as http:
+            return await http.post("/webhooks/adyen", content=body,
+                                   headers={"content-type": "application/json"})
+
+    async def request(self, amount: int = 2500) -> tuple[str, str]:
+        """A payment at the fake and a refund of it requested through our API."""
+        psp = self.fake.payment(10_000, "EUR", MERCHANT)
+        case_id = await self.stack.request_refund("alice", psp, amount, provider="adyen",
+                                                  currency="EUR", merchant_account=MERCHANT)
+        return case_id, psp
+
+
+@pytest.fixture(scope="module")
+async def rig(store: Store, client: Client, temporal_server: TemporalDevServer) -> AsyncIterator[AdyenRig]:
+    fake = FakeAdyen(API_KEY)
+    fake_server = AppServer(fake.app(), "127.0.0.1", free_port())
+    await fake_server.start()
+    proxy = LossyProxy(fake_server.url)
+    proxy_server = AppServer(proxy, "127.0.0.1", free_port())
+    await proxy_server.start()
+    stack = await open_stack(store, client, temporal_server.address, worker=False,
+                             adyen_hmac_keys=f"{TEST_KEY},{OLD_KEY}", adyen_api_base=proxy_server.url,
+                             adyen_api_key=API_KEY, late_failure_window_seconds=600)
+    built = stack.providers["adyen"]
+    assert isinstance(built, AdyenProvider)
+    await built.aclose()
+    # The relay and the worker share this mapping; the deployment's charge record is the fake's.
+    stack.providers["adyen"] = AdyenProvider(
+        hmac_keys=[TEST_KEY, OLD_KEY], api_base=proxy_server.url, api_key=API_KEY,
+        timeout_seconds=stack.settings.provider_http_timeout_seconds, charges=fake.charge)
+    await stack.start_worker()
+    try:
+        yield AdyenRig(stack, fake, proxy)
+    finally:
+        await stack.close()
+        await proxy_server.stop()
+        await fake_server.stop()
+
+
+# -- the relay -----------------------------------------------------------------------------
+
+async def test_accepted_notification_answers_accepted_and_is_tracked(rig: AdyenRig) -> None:
+    psp = unique_psp()
+    response = await rig.post(notification("REFUND", pspReference=psp))
+    assert (response.status_code, response.text) == (200, "[accepted]")
+    assert response.headers["x-webhook-verdict"] == "accepted"
+    row = await receipt(rig.stack, "adyen", int(response.headers["x-receipt-id"]))
+    assert (row["verdict"], row["event_id"], row["event_type"]) == (
+        "accepted", f"REFUND:{psp}:true", "REFUND")
+    case = await rig.stack.wait_for_status(tracking_case_id("adyen", psp), "succeeded")
+    assert (case["amount"], case["currency"], case["charge_id"]) == (1000, "EUR", "V4HZ4RBFJGXXGN82")
+
+
+async def test_duplicate_is_accepted_again_and_acts_once(rig: AdyenRig) -> None:
+    psp = unique_psp()
+    body = notification("REFUND", pspReference=psp)
+    first, again = await rig.post(body), await rig.post(body)
+    assert (again.status_code, again.text) == (200, "[accepted]")
+    assert again.headers["x-webhook-verdict"] == "duplicate"
+    assert again.headers["x-receipt-id"] != first.headers["x-receipt-id"]
+    case_id = tracking_case_id("adyen", psp)
+    await rig.stack.wait_for_status(case_id, "succeeded")
+    assert len(await rig.stack.store.ledger_entries(case_id)) == 2
+    # A different outcome for the same pspReference is another event, not a duplicate.
+    failed = await rig.post(notification("REFUND", pspReference=psp, success="false"))
+    assert failed.headers["x-webhook-verdict"] == "accepted"
+
+
+async def test_unknown_event_code_is_stored_loudly_and_still_acknowledged(rig: AdyenRig) -> None:
+    psp = unique_psp()
+    response = await rig.post(notification("REFUND", pspReference=psp, eventCode="CHARGEBACK"))
+    assert (response.status_code, response.text) == (202, "[accepted]")  # else Adyen retries 30 days
+    row = await receipt(rig.stack, "adyen", int(response.headers["x-receipt-id"]))
+    assert (row["verdict"], row["event_type"]) == ("unknown_type", "CHARGEBACK")
+    assert not await workflow_exists(rig.stack, tracking_case_id("adyen", psp))
+
+
+def tampered(psp: str) -> bytes:
+    return notification("REFUND", pspReference=psp).replace(b'"value": 1000', b'"value": 9000')
+
+
+def wrong_key(psp: str) -> bytes:
+    return notification("REFUND", pspReference=psp, key="AB" * 32)
+
+
+def missing_signature(psp: str) -> bytes:
+    doc = json.loads(notification("REFUND", pspReference=psp))
+    del doc["notificationItems"][0]["NotificationRequestItem"]["additionalData"]["hmacSignature"]
+    return json.dumps(doc).encode()
+
+
+def two_items(psp: str) -> bytes:
+    doc = json.loads(notification("REFUND", pspReference=psp))
+    doc["notificationItems"] *= 2
+    return json.dumps(doc).encode()
+
+
+REFUSALS: dict[str, tuple[Callable[[str], bytes], int, str, str]] = {
+    "tampered_field": (tampered, 401, "bad_signature", "does not match"),
+    "wrong_key": (wrong_key, 401, "bad_signature", "does not match"),
+    "missing_signature": (missing_signature, 401, "bad_signature", "missing"),
+    "batch": (two_items, 400, "malformed", "2 notification items"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+async def test_refused_notification_has_a_receipt_and_touches_nothing(rig: AdyenRig, case: str) -> None:
+    build, status, verdict, says = REFUSALS[case]
+    psp = unique_psp()
+    response = await rig.post(build(psp))
+    assert response.status_code == status, response.text
+    assert response.text != "[accepted]"  # Adyen retries anything else: nothing is lost
+    assert response.json()["verdict"] == verdict and says in response.json()["detail"]
+    row = await receipt(rig.stack, "adyen", response.json()["receipt_id"])
+    assert row["verdict"] == verdict and row["processed_at"] is None
+    case_id = tracking_case_id("adyen", psp)
+    assert await rig.stack.store.get_case(case_id) is None
+    assert not await workflow_exists(rig.stack, case_id)
+
+
+# -- refunds through our API -----------------------------------------------------------------
+
+async def test_refund_requested_through_api_succeeds_on_its_notification(rig: AdyenRig) -> None:
+    case_id, psp = await rig.request(2500)
+    row = await rig.stack.wait_for_status(case_id, "pending")
+    [made] = rig.fake.refunds_of(psp)
+    assert (made["reference"], made["amount"], made["merchantAccount"]) == (
+        case_id, {"value": 2500, "currency": "EUR"}, MERCHANT)
+    assert made["idempotencyKey"] and made["idempotencyKey"].startswith("rfo_")
+    assert row["provider_refund_id"] == made["pspReference"]
+    body = notification("REFUND", pspReference=made["pspReference"], originalReference=psp,
+                        merchantReference=case_id, amount={"currency": "EUR", "value": 2500})
+    answer = await rig.post(body)
+    assert (answer.text, answer.headers["x-webhook-verdict"]) == ("[accepted]", "accepted")
+    row = await rig.stack.wait_for_status(case_id, "succeeded")
+    assert row["reserved_amount"] == 2500
+    lines = await rig.stack.store.ledger_entries(case_id)
+    assert [(x["template"], x["debit"], x["credit"], x["currency"]) for x in lines] == [
+        ("refund_settled", 2500, 0, "EUR"), ("refund_settled", 0, 2500, "EUR")]
+
+
+async def test_lost_create_answer_waits_escalates_and_refunds_once(rig: AdyenRig) -> None:
+    psp = rig.fake.payment(10_000, "EUR", MERCHANT)
+    rig.proxy.lose_next("POST", f"/v71/payments/{psp}/refunds")
+    case_id = await rig.stack.request_refund("alice", psp, 1800, provider="adyen", currency="EUR",
+                                             merchant_account=MERCHANT)
+    actions = await rig.stack.wait_for_audit(case_id, "no_status_lookup_escalated")
+    assert "provider_outcome_unknown" in actions and "awaiting_provider_notification" in actions
+    notices = [n["kind"] for n in await rig.stack.store.notices(case_id)]
+    assert notices.count("no_status_lookup_escalation") == 1
+    assert (await rig.stack.store.get_case(case_id) or {})["status"] == "executing"  # not resent, not assumed
+    [made] = rig.fake.refunds_of(psp)  # the lost answer's refund, and no resend
+    assert json.loads(rig.proxy.lost[-1])["pspReference"] == made["pspReference"]
+
+    body = notification("REFUND", pspReference=made["pspReference"], originalReference=psp,
+                        merchantReference=case_id, amount={"currency": "EUR", "value": 1800})
+    assert (await rig.post(body)).text == "[accepted]"
+    row = await rig.stack.wait_for_status(case_id, "succeeded")
+    assert row["provider_refund_id"] == made["pspReference"]
+    assert len(rig.fake.refunds_of(psp)) == 1
+    assert "provider_notification_received" in await rig.stack.actions(case_id)
+    assert [n["kind"] for n in await rig.stack.store.notices(case_id)].count(
+        "no_status_lookup_escalation") == 1
+
+
+async def test_refunded_reversed_after_success_is_a_late_failure_with_its_entry(rig: AdyenRig) -> None:
+    case_id, psp = await rig.request(1200)
+    await rig.stack.wait_for_status(case_id, "pending")
+    [made] = rig.fake.refunds_of(psp)
+    fields = {"pspReference": made["pspReference"], "originalReference": psp,
+              "merchantReference": case_id, "amount": {"currency": "EUR", "value": 1200}}
+    assert (await rig.post(notification("REFUND", **fields))).text == "[accepted]"
+    await rig.stack.wait_for_status(case_id, "succeeded")
+    assert (await rig.post(notification("REFUNDED_REVERSED", **fields))).text == "[accepted]"
+    row = await rig.stack.wait_for_status(case_id, "refund_failed")
+    assert row["failure_reason"] == "REFUNDED_REVERSED: Account closed"
+    lines = await rig.stack.store.ledger_entries(case_id)
+    assert {x["template"] for x in lines} == {"refund_settled", "refund_reversed"}
+    reversed_lines = [(x["debit"], x["credit"]) for x in lines if x["template"] == "refund_reversed"]
+    assert sorted(reversed_lines) == [(0, 1200), (1200, 0)]
+
+
+# -- normalisation and the adapter, without a stack ------------------------------------------
+
+ADAPTER = AdyenProvider(hmac_keys=[TEST_KEY])
+
+
+def parse(body: bytes) -> ProviderEvent | PayoutEvent:
+    return ADAPTER.parse_webhook({}, body, time.time())
+
+
+def test_recorded_payloads_verify_as_stored() -> None:
+    for name in ("REFUND", "REFUND_FAILED", "REFUNDED_REVERSED", "CANCEL_OR_REFUND", "PAIDOUT_REVERSED"):
+        event = parse((PAYLOADS / f"adyen_{name}.json").read_bytes())
+        assert event.event_type == name and event.event_id.startswith(f"{name}:")
+
+
+def test_signing_string_is_adyens_field_order() -> None:
+    assert adyen.signing_string(item_of("REFUND")) == (
+        "KHQC5N7G84BLNK43:V4HZ4RBFJGXXGN82:YOUR_MERCHANT_ACCOUNT:YOUR_REFUND_REFERENCE:1000:EUR:"
+        "REFUND:true")
+
+
+@pytest.mark.parametrize(("name", "fields", "status", "failure"), [
+    ("REFUND", {}, "succeeded", None),
+    ("REFUND", {"success": "false", "reason": "Transaction not permitted"}, "failed",
+     "REFUND: Transaction not permitted"),
+    ("REFUND_FAILED", {}, "failed", "REFUND_FAILED: Insufficient balance on payment"),
+    ("REFUNDED_REVERSED", {}, "failed", "REFUNDED_REVERSED: Account closed"),
+    ("CANCEL_OR_REFUND", {}, "succeeded", None),
+    ("CANCEL_OR_REFUND", {"additionalData": {"modification.action": "cancel"}}, "canceled", None),
+    ("CANCEL_OR_REFUND", {"success": "false", "reason": "Modification in different currency"},
+     "failed", "CANCEL_OR_REFUND: Modification in different currency"),
+    ("REFUND", {"eventCode": "REFUND_WITH_DATA", "originalReference": None}, "succeeded", None),
+])
+def test_each_refund_event_maps_to_its_status(name: str, fields: dict[str, Any], status: str,
+                                              failure: str | None) -> None:
+    event = parse(notification(name, **fields))
+    assert isinstance(event, ProviderEvent)
+    assert (event.status, event.failure_reason) == (status, failure)
+    assert (event.amount, event.currency) == (1000, "EUR")
+    assert event.refund_id == "KHQC5N7G84BLNK43" and event.merchant_account == MERCHANT
+    assert event.charge_id == (fields.get("originalReference", "V4HZ4RBFJGXXGN82") or "KHQC5N7G84BLNK43")
+
+
+def test_cancel_or_refund_without_its_action_is_refused_not_defaulted() -> None:
+    with pytest.raises(WebhookRejected) as refused:
+        parse(notification("CANCEL_OR_REFUND", additionalData={}))
+    assert refused.value.verdict == "unexpected_status" and "CANCEL_OR_REFUND:true" in refused.value.message
+
+
+def test_unknown_event_code_is_stored_as_unknown_type() -> None:
+    with pytest.raises(WebhookRejected) as refused:
+        parse(notification("REFUND", eventCode="CHARGEBACK"))
+    assert (refused.value.verdict, refused.value.event_type) == ("unknown_type", "CHARGEBACK")
+
+
+def test_amount_must_be_integer_minor_units() -> None:
+    with pytest.raises(WebhookRejected) as refused:
+        parse(notification("REFUND", amount={"currency": "EUR", "value": 10.5}))
+    assert refused.value.verdict == "malformed" and "minor units" in refused.value.message
+
+
+@pytest.mark.parametrize(("code", "fields", "payout_id", "status"), [
+    ("PAYOUT_THIRDPARTY", {}, "8816178952380553", "paid"),
+    ("PAYOUT_THIRDPARTY", {"success": "false"}, "8816178952380553", "failed"),
+    ("PAYOUT_DECLINE", {}, "8816178914025441", "canceled"),
+    ("PAIDOUT_REVERSED", {}, "8816178914025441", "reversed"),
+])
+def test_payout_events_become_payout_events(code: str, fields: dict[str, Any], payout_id: str,
+                                            status: str) -> None:
+    event = parse(notification("PAIDOUT_REVERSED", eventCode=code, **fields))
+    assert isinstance(event, PayoutEvent)
+    assert (event.payout.payout_id, event.payout.status, event.payout.amount) == (payout_id, status, 1000)
+    assert event.payout.reference == "YOUR_PAYOUT_REFERENCE"
+
+
+def test_rotated_out_key_still_verifies_and_a_non_hex_key_fails_at_start() -> None:
+    rotating = AdyenProvider(hmac_keys=["AB" * 32, TEST_KEY])
+    assert rotating.parse_webhook({}, notification("REFUND"), 0).event_type == "REFUND"
+    with pytest.raises(ValueError):
+        AdyenProvider(hmac_keys=["not-hex"])
+
+
+async def test_registry_builds_adyen_from_the_environment_and_it_never_pretends() -> None:
+    providers = build_providers(Settings(adyen_hmac_keys=f" {TEST_KEY} , {OLD_KEY}"))
+    try:
+        provider = providers["adyen"]
+        request = RefundRequest(refund_request_id="rr-adyen-1", provider="adyen", charge_id="PSP1",
+                                amount=100, currency="EUR", merchant_account=MERCHANT,
+                                reason="requested_by_customer")
+        with pytest.raises(ProviderLookupUnsupported):
+            await provider.find_refund(request)
+        with pytest.raises(ProviderUnsupported, match="REFUNDS_ADYEN_API_BASE"):
+            await provider.create_refund(request, request.idempotency_key())
+        with pytest.raises(ProviderUnsupported, match="no payment lookup"):
+            await provider.get_charge("PSP1")
+        assert provider.parse_webhook({}, notification("REFUND", key=OLD_KEY), 0).event_type == "REFUND"
+    finally:
+        await close_providers(providers)
