@@ -31,8 +31,8 @@ class CaseFilter:
 
 
 async def find_cases(store: Store, wanted: CaseFilter) -> list[dict[str, Any]]:
-    """Newest first. `search` matches a refund request id, charge id or provider refund id
-    exactly, or a refund request id by prefix."""
+    """Newest first. `search` matches a refund request id, charge id, provider refund id or
+    a ticket's id or number exactly, or a refund request id by prefix."""
     clauses: list[str] = []
     params: list[Any] = []
 
@@ -57,7 +57,9 @@ async def find_cases(store: Store, wanted: CaseFilter) -> list[dict[str, Any]]:
     if wanted.search:
         prefix = wanted.search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         where("(%s IN (refund_request_id, charge_id, provider_refund_id)"
-              " OR refund_request_id LIKE %s)", wanted.search, prefix)
+              " OR refund_request_id LIKE %s OR refund_request_id IN (SELECT t.refund_request_id"
+              " FROM case_tickets t WHERE %s IN (t.external_id, t.number)))",
+              wanted.search, prefix, wanted.search)
     sql = "SELECT * FROM refund_cases"
     if clauses:
         sql += " WHERE " + " AND ".join(clauses)

@@ -24,6 +24,7 @@ from adapters import casebook
 from adapters.casebook import BANNER_STATUSES, CaseFilter
 from adapters.integration_store import IntegrationStore
 from adapters.providers.base import ProviderAdapter
+from adapters.reconciliation import Reconciliations, break_view, run_view
 from adapters.store import ConsoleSession, Principal, hash_token
 from domain.models import CLOSED_STATUSES, CaseStatus
 from domain.money import UnknownCurrencyError, format_minor, normalise_currency, parse_major
@@ -45,9 +46,13 @@ from starters.case_actions import (
 from starters.cli import parse_age
 from starters.codec_endpoint import Direction, answer
 from starters.integrations import advice_view
+from starters.reconciliation_api import BreakDecisionBody, decide_on_break
 
 SESSION_COOKIE = "rfo_session"
 SIGN_IN_COOKIE = "rfo_sign_in"
+RECONCILIATION_RUNS = 20
+RECONCILIATION_RUNS_WITH_BREAKS = 5
+
 PREFIX = "/console"
 AGES = ("", "1h", "24h", "7d", "30d", "90d")
 NOTICES = {
@@ -100,6 +105,7 @@ def install_console(app: FastAPI, actions: CaseActions,
     """Mounts the console on the relay application."""
     store, settings = actions.store, actions.settings
     integrations = IntegrationStore(store)
+    recon = Reconciliations(store)
     templates = _templates()
     stylesheet = resources.files("starters").joinpath("static/console.css").read_bytes()
     router = APIRouter(prefix=PREFIX, include_in_schema=False)
@@ -372,12 +378,41 @@ def install_console(app: FastAPI, actions: CaseActions,
         return page(request, "coverage.html", session, report=report,
                     rejected=await casebook.rejected_receipts(store))
 
-    @router.get("/reconciliation")
-    async def reconciliation(request: Request) -> Response:
-        session = await current(request)
-        if denied := await forbidden(request, session, OPS_ROLES, "reading reconciliation reports",
-                                     "Reconciliation"):
+    async def reconciliation_page(request: Request, session: ConsoleSession, *, status: int = 200,
+                                  error: str = "", notice: str = "") -> Response:
+        if denied := await forbidden(request, session, OPS_ROLES | APPROVAL_ROLES,
+                                     "reading reconciliation reports", "Reconciliation"):
             return denied
-        return page(request, "reconciliation.html", session)
+        runs = [run_view(r) for r in await recon.runs(RECONCILIATION_RUNS)]
+        breaks = {run["run_id"]: [break_view(b) async for b in recon.run_breaks(run["run_id"], 200)]
+                  for run in runs[:RECONCILIATION_RUNS_WITH_BREAKS]}
+        return page(request, "reconciliation.html", session, status=status, error=error,
+                    notice=notice, runs=runs, breaks=breaks,
+                    can_decide=not session.principal.roles.isdisjoint(APPROVAL_ROLES))
+
+    @router.get("/reconciliation")
+    async def reconciliation(request: Request, notice: str = "") -> Response:
+        return await reconciliation_page(request, await current(request), notice=notice)
+
+    @router.post("/reconciliation/breaks/{break_id}")
+    async def decide_break(request: Request, break_id: int) -> Response:
+        """Acknowledging a break = a verdict on its compensation, by the API's own rule."""
+        session = await current(request)
+
+        async def require(caller: Principal, roles: frozenset[str], action: str,
+                          case_id: str | None = None) -> None:
+            await actions.require(caller, roles, action, case_id, via="console")
+
+        try:
+            form = await posted(request, session)
+            body = BreakDecisionBody.model_validate(form)
+            await decide_on_break(store, actions.client, require, session.principal, break_id, body)
+        except ValidationError as exc:
+            return await reconciliation_page(request, session, status=422,
+                                             error=f"invalid form: {exc.errors()[0]['msg']}")
+        except Refused as exc:
+            return await reconciliation_page(request, session, status=exc.status, error=exc.detail)
+        notice = urlencode({"notice": f"break {break_id}: {body.decision.value}"})
+        return RedirectResponse(f"{PREFIX}/reconciliation?{notice}", status_code=303)
 
     app.include_router(router)

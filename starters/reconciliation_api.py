@@ -18,6 +18,7 @@ from adapters.store import Principal, Store
 from domain.models import APPROVER_ROLES, ApprovalSignal, Decision
 from domain.reconciliation import BreakState, ReconcileInput, RunKind, break_workflow_id
 from starters.approvals import ApprovalRefused, send_approval
+from starters.approving import Refused
 from workflows.reconciliation import ReconciliationBreakWorkflow, ReconciliationWorkflow
 
 READ_ROLES = frozenset({"auditor", "ops", "admin"})
@@ -99,25 +100,33 @@ def install_reconciliation_api(app: FastAPI, store: Store, client: Client,
     async def decide_break(break_id: int, body: BreakDecisionBody, caller: Caller) -> dict[str, Any]:
         """An approver's verdict on a break's compensation, answered at once (an update);
         refusals are audited on the break's chain."""
-        await require(caller, APPROVER_ROLES, "approving a reconciliation break")
-        row = await recon.get_break(break_id)
-        if row is None:
-            raise HTTPException(404, f"no reconciliation break {break_id}")
-        if row["state"] != BreakState.AWAITING_APPROVAL:
-            raise HTTPException(409, f"break is {row['state']}, not awaiting approval")
-        signal = ApprovalSignal(approver=caller.user, roles=tuple(sorted(caller.roles)),
-                                decision=body.decision, reason=body.reason)
-        handle = client.get_workflow_handle(break_workflow_id(break_id))
-        try:
-            progress = await send_approval(handle, ReconciliationBreakWorkflow.submit_approval, signal)
-        except ApprovalRefused as refused:
-            if refused.status_code == 403:
-                await store.append_audit(row["chain"], caller.user, "reconciliation_approval_refused",
-                                         {"break_id": break_id, "decision": body.decision.value,
-                                          "refusal": refused.reason})
-            raise HTTPException(refused.status_code, refused.reason) from None
-        if not progress.accepted:
-            raise HTTPException(403, progress.reason)
-        return {"break_id": break_id, "decision": body.decision.value,
-                "missing_roles": list(progress.missing_roles)}
+        return await decide_on_break(store, client, require, caller, break_id, body)
 
+
+
+async def decide_on_break(store: Store, client: Client, require: Require, caller: Principal,
+                          break_id: int, body: BreakDecisionBody) -> dict[str, Any]:
+    """The one rule for a verdict on a break, whichever front end asks (API or console):
+    approver roles, the break awaiting approval, then the workflow's update validator.
+    Refusals raise the audited `Refused` both front ends answer."""
+    await require(caller, APPROVER_ROLES, "approving a reconciliation break")
+    row = await Reconciliations(store).get_break(break_id)
+    if row is None:
+        raise Refused(404, f"no reconciliation break {break_id}")
+    if row["state"] != BreakState.AWAITING_APPROVAL:
+        raise Refused(409, f"break is {row['state']}, not awaiting approval")
+    signal = ApprovalSignal(approver=caller.user, roles=tuple(sorted(caller.roles)),
+                            decision=body.decision, reason=body.reason)
+    handle = client.get_workflow_handle(break_workflow_id(break_id))
+    try:
+        progress = await send_approval(handle, ReconciliationBreakWorkflow.submit_approval, signal)
+    except ApprovalRefused as refused:
+        if refused.status_code == 403:
+            await store.append_audit(row["chain"], caller.user, "reconciliation_approval_refused",
+                                     {"break_id": break_id, "decision": body.decision.value,
+                                      "refusal": refused.reason})
+        raise Refused(refused.status_code, refused.reason) from None
+    if not progress.accepted:
+        raise Refused(403, progress.reason)
+    return {"break_id": break_id, "decision": body.decision.value,
+            "missing_roles": list(progress.missing_roles)}

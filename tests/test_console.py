@@ -178,6 +178,12 @@ async def test_case_list_filters_search_and_bad_filters(stack: Stack) -> None:
     assert await listed(q=charge) == {small, large}
     assert await listed(q=row["provider_refund_id"]) == {small}
     assert await listed(q=large) == {large}
+    ticket = f"RR{uuid.uuid4().hex[:7]}"
+    async with stack.store.transaction() as conn:
+        await conn.execute("INSERT INTO case_tickets (refund_request_id, system, purpose, external_id,"
+                           " number) VALUES (%s, 'servicenow', 'request', %s, %s)",
+                           (small, uuid.uuid4().hex, ticket))
+    assert await listed(q=ticket) == {small}
     assert await listed(q=charge, status="awaiting_approval") == {large}
     assert await listed(q=charge, currency="usd", min="50.00", max="100.00") == {large}
     assert await listed(q=charge, currency="USD", max="10.00") == {small}
@@ -244,7 +250,7 @@ async def test_coverage_shows_unhandled_types_and_refused_deliveries_to_ops_only
                      r"<td>No signatures found matching the expected signature", page.text)
     assert (await alice.get("/console/coverage")).status_code == 403
     assert (await alice.get("/console/reconciliation")).status_code == 403
-    assert "No reconciliation job exists" in (await dave.get("/console/reconciliation")).text
+    assert "Reconciliation reports" in (await dave.get("/console/reconciliation")).text
     assert any(r["actor"] == "alice" and r["detail"]["action"] == "reading webhook coverage"
                for r in await refusals(stack, "", "access_refused"))
 
@@ -287,3 +293,39 @@ async def test_case_page_shows_the_advice_labelled_advisory(stack: Stack) -> Non
     assert page.status_code == 200
     assert 'data-testid="advice"' in page.text and "advisory only" in page.text
     assert "10.00 USD" in page.text.split('data-testid="advice"', 1)[1]
+
+
+async def test_reconciliation_page_lists_breaks_and_acknowledges_them_by_the_api_rule(
+        stack: Stack) -> None:
+    from tests.reconciliation_kit import (
+        backfill,
+        history,
+        move_at_provider,
+        seed_case,
+        seed_provider,
+        wait_for_breaks,
+    )
+
+    refund = history(f"ch_{uuid.uuid4().hex[:8]}", 2_000, days_ago=2)
+    await seed_provider(stack, [refund])
+    case_id = await seed_case(stack, refund, requester="alice")
+    await move_at_provider(stack, refund["id"], "canceled")
+    await backfill(stack, since_days=30)
+    [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    olga, bob = await console(stack, "olga"), await console(stack, "bob")
+    listing = await olga.get("/console/reconciliation")
+    assert listing.status_code == 200
+    assert f'data-break="{found["id"]}"' in listing.text and case_id in listing.text
+    assert "needs an approver" in listing.text  # ops read; they cannot approve money
+    page = await bob.get("/console/reconciliation")
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
+    assert csrf is not None
+    forged = await bob.post(f"/console/reconciliation/breaks/{found['id']}",
+                            data={"decision": "approve", "csrf": "wrong"})
+    assert forged.status_code == 403
+    done = await bob.post(f"/console/reconciliation/breaks/{found['id']}",
+                          data={"decision": "approve", "reason": "provider canceled it",
+                                "csrf": csrf.group(1)})
+    assert done.status_code == 303
+    [resolved] = await wait_for_breaks(stack, [refund["id"]], "resolved")
+    assert resolved["resolution"]["outcome"]["posting_key"].startswith(f"{case_id}:refund_reversed")

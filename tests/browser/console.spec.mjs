@@ -145,13 +145,14 @@ try {
     await shot('09-reissued');
   });
 
-  await ok('ops read webhook coverage and the reconciliation placeholder', async () => {
+  await ok('ops read webhook coverage and the reconciliation reports', async () => {
     await submit(page.getByRole('link', { name: 'Webhook coverage' }));
     check((await page.locator('h1').textContent()) === 'Webhook coverage', 'no coverage page');
     const unknown = page.locator('tr.tone-bad', { hasText: 'refund.reversed' });
     check((await unknown.textContent()).includes('no handler'), 'an unhandled type is not flagged');
     await shot('10-coverage');
     await submit(page.getByRole('link', { name: 'Reconciliation' }));
+    check((await page.locator('h1').textContent()) === 'Reconciliation reports', 'no reconciliation page');
     await shot('11-reconciliation');
   });
   console.log('console browser scenario: all steps passed');
