@@ -45,12 +45,17 @@ class IntegrationActivities:
 
     @activity.defn(name="deliver_notice")
     async def deliver_notice(self, inp: DeliverNoticeInput) -> None:
+        """Sends an outbox notice to every channel that carries it (see `deliver`)."""
+        await self.deliver(inp.dedup_key)
+
+    async def deliver(self, dedup_key: str) -> None:
         """Sends an outbox notice to every channel that carries it, at most once per channel:
         each send is claimed in `notice_deliveries` first, so a retry skips what was sent
-        (or may have been) and retries only channels that certainly failed."""
-        notice = await self._integrations.notice(inp.dedup_key)
+        (or may have been) and retries only channels that certainly failed. The activity
+        and the worker's outbox sweeper both come here."""
+        notice = await self._integrations.notice(dedup_key)
         if notice is None:
-            raise ApplicationError(f"no notice {inp.dedup_key!r} in the outbox", non_retryable=True)
+            raise ApplicationError(f"no notice {dedup_key!r} in the outbox", non_retryable=True)
         case_id: str | None = notice["refund_request_id"]
         case = await self._store.get_case(case_id) if case_id else None
         advice = await self._integrations.advice(case_id) if case_id else None

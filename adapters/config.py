@@ -86,6 +86,11 @@ class Settings(BaseSettings):
         default=True, description="Secure flag on the console session cookie; the loopback-only "
                                   "dev stack and tests turn it off (plain http)")
 
+    outbox_sweep_seconds: float = Field(default=30, description="how often the worker sweeps the "
+                                        "notice outbox; 0: off")
+    outbox_sweep_after_seconds: float = Field(default=60, description="a notice undelivered this long "
+                                              "is swept")
+
     webhook_max_body_bytes: int = 256 * 1024
     webhook_tolerance_seconds: int = 300
     webhook_allowed_sources: dict[str, list[IPvAnyNetwork]] = Field(

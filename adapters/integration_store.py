@@ -109,6 +109,18 @@ class IntegrationStore:
             row = await cur.fetchone()
         return str(row["refund_request_id"]) if row else None
 
+    async def claim_unswept(self, older_than_seconds: float, limit: int) -> list[str]:
+        """Undelivered notices nobody has swept, oldest first, claimed for this sweep (each
+        is swept once; SKIP LOCKED lets several workers sweep side by side)."""
+        async with self._store.transaction() as conn:
+            cur = await conn.execute(
+                "UPDATE notices SET swept_at = now() WHERE id IN (SELECT id FROM notices"
+                " WHERE delivered_at IS NULL AND swept_at IS NULL"
+                " AND created_at < now() - make_interval(secs => %s)"
+                " ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING dedup_key",
+                (older_than_seconds, limit))
+            return [r["dedup_key"] for r in await cur.fetchall()]
+
     async def tickets(self, case_id: str) -> list[dict[str, Any]]:
         async with self._store.transaction() as conn:
             cur = await conn.execute(

@@ -19,9 +19,11 @@ from pathlib import Path
 from pydantic import SecretStr
 from temporalio.client import Client
 
+from activities.integrations import IntegrationActivities
 from adapters.codec import generate_key_spec
 from adapters.config import Settings
 from adapters.http_server import AppServer
+from adapters.integration_store import IntegrationStore
 from adapters.policy_file import load_policy
 from adapters.providers.registry import build_providers, close_providers
 from adapters.schedules import ensure_reconciliation_schedules
@@ -31,6 +33,7 @@ from starters import relay, sandbox_provider
 from starters.demo import run_demo
 from starters.stack import EmbeddedPostgres, TemporalDevServer
 from workers.main import build_worker
+from workers.outbox import sweep_outbox
 
 log = logging.getLogger("dev")
 
@@ -133,6 +136,10 @@ async def run_dev(settings: Settings, *, play_demo: bool = True) -> None:
                               settings=settings)
         await ensure_reconciliation_schedules(client, settings, providers)
         worker_task = asyncio.create_task(worker.run())
+        sweeper = asyncio.create_task(sweep_outbox(
+            IntegrationStore(store), IntegrationActivities(store, settings), stop,
+            every_seconds=settings.outbox_sweep_seconds or 30,
+            older_than_seconds=settings.outbox_sweep_after_seconds))
         try:
             await sandbox.start()
             await front.start()
@@ -148,6 +155,9 @@ async def run_dev(settings: Settings, *, play_demo: bool = True) -> None:
             await stop.wait()
         finally:
             print("\nStopping…", flush=True)
+            stop.set()
+            with contextlib.suppress(Exception):
+                await sweeper
             await worker.shutdown()
             with contextlib.suppress(Exception):
                 await worker_task

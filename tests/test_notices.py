@@ -1,6 +1,7 @@
 """Notice delivery: every configured channel gets each notice once (Slack, Teams, real SMTP,
 ServiceNow, Jira), also when activities retry; a failing channel never holds up a case."""
 
+import json
 import logging
 import uuid
 from datetime import UTC, datetime
@@ -228,3 +229,23 @@ async def test_unconfigured_channels_are_named_once_in_the_log(
     [record] = caplog.records
     for name in ("slack", "teams", "email", "servicenow", "jira"):
         assert name in record.getMessage()
+
+
+async def test_the_outbox_sweeper_delivers_notices_no_workflow_delivers_once(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    from activities.integrations import IntegrationActivities
+    from workers.outbox import sweep_once
+
+    async with connected_stack(store, client, temporal_server) as (stack, world):
+        case_id = f"payout-case-{uuid.uuid4().hex[:8]}"
+        await store.queue_notice(NoticeInput(
+            refund_request_id=case_id, kind="reconciliation_break", audience="ops",
+            dedup_key=f"{case_id}:reconciliation_break", detail={"break_class": "ledger_missing"}))
+        outbox, delivery = IntegrationStore(store), IntegrationActivities(store, stack.settings)
+        assert await sweep_once(outbox, delivery, older_than_seconds=0, limit=1000) >= 1
+        mine = [m for m in world.slack if case_id in json.dumps(m)]
+        assert len(mine) == 1
+        await sweep_once(outbox, delivery, older_than_seconds=0, limit=1000)  # swept once only
+        assert len([m for m in world.slack if case_id in json.dumps(m)]) == 1
+        rows = await delivered(stack, case_id, "reconciliation_break")
+        assert rows["slack"]["status"] == "delivered"

@@ -23,6 +23,7 @@ from activities.refund import RefundActivities
 from adapters.config import Settings
 from adapters.http_server import AppServer
 from adapters.instrumented import instrument
+from adapters.integration_store import IntegrationStore
 from adapters.policy_file import load_policy
 from adapters.providers.base import ProviderAdapter
 from adapters.providers.registry import build_providers, close_providers
@@ -32,6 +33,7 @@ from adapters.telemetry import sdk_runtime
 from adapters.temporal_client import connect
 from domain.policy import Policy
 from workers.health import health_app
+from workers.outbox import sweep_outbox
 from workflows.payout import PayoutReversalWorkflow
 from workflows.reconciliation import ReconciliationBreakWorkflow, ReconciliationWorkflow
 from workflows.refund import RefundWorkflow
@@ -85,6 +87,11 @@ async def run_worker(settings: Settings, dsn: str, stop: asyncio.Event) -> None:
         log.info("reconciliation schedule %s is in place", schedule)
     health = (AppServer(health_app(worker, client, store), settings.bind_host, settings.worker_health_port)
               if settings.worker_health_port else None)
+    sweeper = (asyncio.create_task(sweep_outbox(
+        IntegrationStore(store), IntegrationActivities(store, settings), stop,
+        every_seconds=settings.outbox_sweep_seconds,
+        older_than_seconds=settings.outbox_sweep_after_seconds))
+        if settings.outbox_sweep_seconds > 0 else None)
     try:
         async with worker:
             if health is not None:
@@ -92,6 +99,8 @@ async def run_worker(settings: Settings, dsn: str, stop: asyncio.Event) -> None:
                 log.info("worker health and metrics on %s", health.url)
             log.info("worker polling task queue %s", settings.task_queue)
             await stop.wait()
+            if sweeper is not None:
+                await sweeper
             log.info("stopping: waiting up to %ss for running activities",
                      settings.graceful_shutdown_seconds)
     finally:
