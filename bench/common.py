@@ -6,7 +6,7 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +57,17 @@ async def embedded_stack() -> AsyncIterator[Embedded]:
             await store.close()
             temporal.stop()
             pg.stop()
+
+
+async def gather_limited(jobs: list[Callable[[], Awaitable[Any]]], limit: int) -> None:
+    """Runs every job, at most `limit` at a time."""
+    gate = asyncio.Semaphore(limit)
+
+    async def one(job: Callable[[], Awaitable[Any]]) -> None:
+        async with gate:
+            await job()
+
+    await asyncio.gather(*(one(j) for j in jobs))
 
 
 def percentile(values: list[float], q: float) -> float:

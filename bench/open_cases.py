@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 import psutil
 
 from adapters.policy_file import load_policy
-from bench.common import embedded_stack, report
+from bench.common import embedded_stack, gather_limited, report
 from bench.refund_throughput import run_bare
 from domain.models import (
     ApprovalSignal,
@@ -53,16 +53,6 @@ async def wait_count(stack: Stack, tag: str, status: str, target: int, timeout: 
             raise TimeoutError(f"only {await count(stack, tag, status)} of {target} reached {status}")
         await asyncio.sleep(1.0)
     return time.perf_counter() - started
-
-
-async def gather_limited(jobs: list[Callable[[], Awaitable[None]]], limit: int) -> None:
-    gate = asyncio.Semaphore(limit)
-
-    async def one(job: Callable[[], Awaitable[None]]) -> None:
-        async with gate:
-            await job()
-
-    await asyncio.gather(*(one(j) for j in jobs))
 
 
 async def main(cases: int, concurrency: int) -> dict[str, float]:

@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import time
 import uuid
+from functools import partial
 from typing import Any
 
 from temporalio.client import Client
@@ -18,7 +19,7 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 from activities.refund import RefundActivities
 from adapters.policy_file import load_policy
 from bench.baseline import BareWorkflow, noop
-from bench.common import embedded_stack, report
+from bench.common import embedded_stack, gather_limited, report
 from domain.models import RefundReason, RefundRequest, RefundWorkflowInput
 from tests.harness import Stack, open_stack
 from workers.main import build_worker
@@ -68,14 +69,8 @@ async def create_and_run(stack: Stack, request: RefundRequest, queue: str) -> An
 
 async def timed(count: int, concurrency: int, make: Any) -> float:
     """Workflows per second for `count` runs, `concurrency` at a time."""
-    gate = asyncio.Semaphore(concurrency)
-
-    async def one(i: int) -> None:
-        async with gate:
-            await make(i)
-
     started = time.perf_counter()
-    await asyncio.gather(*(one(i) for i in range(count)))
+    await gather_limited([partial(make, i) for i in range(count)], concurrency)
     return count / (time.perf_counter() - started)
 
 
