@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Response
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 
 from adapters.config import Settings
@@ -17,8 +17,7 @@ from adapters.reconciliation import Reconciliations, break_view, run_view
 from adapters.store import Principal, Store
 from domain.models import APPROVER_ROLES, ApprovalSignal, Decision
 from domain.reconciliation import BreakState, ReconcileInput, RunKind, break_workflow_id
-from starters.approvals import ApprovalRefused, send_approval
-from starters.approving import Refused
+from starters.approving import Refused, refusal
 from workflows.reconciliation import ReconciliationBreakWorkflow, ReconciliationWorkflow
 
 READ_ROLES = frozenset({"auditor", "ops", "admin"})
@@ -119,13 +118,15 @@ async def decide_on_break(store: Store, client: Client, require: Require, caller
                             decision=body.decision, reason=body.reason)
     handle = client.get_workflow_handle(break_workflow_id(break_id))
     try:
-        progress = await send_approval(handle, ReconciliationBreakWorkflow.submit_approval, signal)
-    except ApprovalRefused as refused:
-        if refused.status_code == 403:
-            await store.append_audit(row["chain"], caller.user, "reconciliation_approval_refused",
-                                     {"break_id": break_id, "decision": body.decision.value,
-                                      "refusal": refused.reason})
-        raise Refused(refused.status_code, refused.reason) from None
+        progress = await handle.execute_update(ReconciliationBreakWorkflow.submit_approval, signal)
+    except WorkflowUpdateFailedError as exc:
+        reason, kind = refusal(exc)
+        if kind == "NotAwaitingApproval":
+            raise Refused(409, reason) from None
+        await store.append_audit(row["chain"], caller.user, "reconciliation_approval_refused",
+                                 {"break_id": break_id, "decision": body.decision.value,
+                                  "refusal": reason})
+        raise Refused(403, reason) from None
     if not progress.accepted:
         raise Refused(403, progress.reason)
     return {"break_id": break_id, "decision": body.decision.value,
