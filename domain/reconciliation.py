@@ -24,6 +24,7 @@ from domain.models import (
     RefundTimings,
     RoleRequirement,
 )
+from domain.payouts import ProviderPayout
 
 
 class BreakClass(StrEnum):
@@ -74,6 +75,13 @@ class ListedRefund(Frozen):
     """A refund from a provider's list call, with the creation time the window filters on."""
 
     refund: ProviderRefund
+    created: datetime
+
+
+class ListedPayout(Frozen):
+    """A payout from a provider's list call, with the creation time the window filters on."""
+
+    payout: ProviderPayout
     created: datetime
 
 

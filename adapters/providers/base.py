@@ -10,7 +10,7 @@ from typing import Protocol, runtime_checkable
 
 from domain.models import ChargeSnapshot, ProviderEvent, ProviderRefund, RefundRequest
 from domain.payouts import PayoutEvent, PayoutOrder, ProviderPayout
-from domain.reconciliation import ListedRefund
+from domain.reconciliation import ListedPayout, ListedRefund
 
 
 class ProviderError(Exception):
@@ -98,6 +98,18 @@ class RefundLister(Protocol):
     def list_refunds(self, since: datetime, until: datetime,
                      starting_after: str | None = None) -> AsyncGenerator[ListedRefund]:
         """Every refund created in [since, until), newest first, page by page as the caller
+        reads; `starting_after` (an object id) resumes after that object."""
+
+
+@runtime_checkable
+class PayoutLister(Protocol):
+    """Providers whose payouts can be listed, for reconciliation's payout breaks."""
+
+    name: str
+
+    def list_payouts(self, since: datetime, until: datetime,
+                     starting_after: str | None = None) -> AsyncGenerator[ListedPayout]:
+        """Every payout created in [since, until), newest first, page by page as the caller
         reads; `starting_after` (an object id) resumes after that object."""
 
 
