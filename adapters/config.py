@@ -75,6 +75,18 @@ class Settings(BaseSettings):
         default=None, description="Svix-style `whsec_…` signing secret(s), comma-separated")
     cashfree_webhook_secret: SecretStr | None = Field(
         default=None, description="Cashfree client secret(s) that sign webhooks, comma-separated")
+    rainforest_api_base: str | None = Field(
+        default=None, description="Rainforest API base, e.g. https://api.sandbox.rainforestpay.com; "
+                                  "unset: webhooks only")
+    rainforest_api_key: SecretStr | None = Field(default=None, description="Rainforest API key (Bearer)")
+    cashfree_api_base: str | None = Field(
+        default=None, description="Cashfree PG API base, e.g. https://sandbox.cashfree.com/pg; "
+                                  "unset: webhooks only")
+    cashfree_client_id: str | None = Field(
+        default=None, description="Cashfree x-client-id (the app id: public, unlike its secret)")
+    cashfree_client_secret: SecretStr | None = Field(default=None, description="Cashfree x-client-secret")
+    cashfree_merchant_account: str | None = Field(
+        default=None, description="the merchant account Cashfree orders belong to; default: the client id")
     adyen_hmac_keys: SecretStr | None = Field(
         default=None, description="Adyen webhook HMAC key(s) in hex, comma-separated (rotation)")
     adyen_api_base: str | None = Field(

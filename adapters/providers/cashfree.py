@@ -1,11 +1,13 @@
-"""Cashfree adapter: refund and auto-refund webhooks verified and normalised.
+"""Cashfree adapter: refund and auto-refund webhooks verified and normalised; with API
+settings, refunds through Cashfree PG's API (`CashfreeApiProvider`).
 
-Cashfree's refund API is not reachable from here, so API calls are refused as unsupported
-rather than guessed. Webhooks carry amounts in major units (`2.00`): they are parsed as
-Decimal and converted exactly. The signature is Base64(HMAC-SHA256(x-webhook-timestamp +
-raw body)); the timestamp is in milliseconds and, since Cashfree documents no window,
-ours (the relay's tolerance) applies. Payloads have no event id: a refund's status is
-its event, so the dedup key is type + cf_refund_id + status.
+Without them (`CashfreeProvider`) API calls are refused as unsupported rather than
+guessed. Amounts travel in major units (`2.00`), both ways: they are parsed as Decimal
+and converted exactly with the currency's ISO 4217 exponent, never through a float.
+The signature is Base64(HMAC-SHA256(x-webhook-timestamp + raw body)); the timestamp is
+in milliseconds and, since Cashfree documents no window, ours (the relay's tolerance)
+applies. Payloads have no event id: a refund's status is its event, so the dedup key is
+type + cf_refund_id + status.
 """
 
 import base64
@@ -14,21 +16,27 @@ import hmac
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
+from urllib.parse import quote
 
 from adapters.providers.base import WebhookRejected, WebhooksOnly
+from adapters.providers.http import JsonApi
 from adapters.providers.normalise import (
+    exact_json,
     load_json,
     major_to_minor,
     map_status,
+    minor_to_major,
     normalising,
     refund_event,
     require_known,
 )
 from adapters.providers.signing import WebhookVerifier, check_window, require_header
 from domain.models import (
+    ChargeSnapshot,
     ProviderEvent,
     ProviderRefund,
     ProviderRefundStatus,
+    RefundRequest,
 )
 from domain.money import normalise_currency
 
@@ -42,6 +50,7 @@ STATUSES = {
 }
 PAYLOAD_KEYS = {"REFUND_STATUS_WEBHOOK": "refund", "AUTO_REFUND_STATUS_WEBHOOK": "auto_refund"}
 KNOWN_EVENT_TYPES = frozenset(PAYLOAD_KEYS)
+API_VERSION = "2025-01-01"
 
 
 def sign(secret: str, body: bytes, timestamp_ms: int) -> str:
@@ -68,22 +77,23 @@ class CashfreeVerifier:
         check_window(int(stamp) / 1000, now, self._tolerance)
 
 
-def _refund(provider: str, event_type: str, obj: Mapping[str, Any]) -> ProviderRefund:
+def _refund(provider: str, obj: Mapping[str, Any], *, charge_id: str, ours: bool) -> ProviderRefund:
+    """A Cashfree refund entity (webhook or API); `ours` when its refund_id is a
+    refund_request_id we chose (merchant-initiated), not Cashfree's auto-refund."""
     status = map_status(provider, STATUSES, obj["refund_status"])
     currency = normalise_currency(str(obj["refund_currency"]))
     failed = status in (ProviderRefundStatus.FAILED, ProviderRefundStatus.CANCELED)
     return ProviderRefund(
-        provider=provider, refund_id=str(obj["cf_refund_id"]), charge_id=str(obj["cf_payment_id"]),
+        provider=provider, refund_id=str(obj["cf_refund_id"]), charge_id=charge_id,
         amount=major_to_minor(obj["refund_amount"], currency), currency=currency, status=status,
         raw_status=str(obj["refund_status"]),
         failure_reason=str(obj.get("status_description") or obj["refund_status"]) if failed else None,
-        # A merchant-initiated refund's refund_id is the id we gave it; auto-refunds have none.
-        reference=str(obj["refund_id"]) if event_type == "REFUND_STATUS_WEBHOOK" else None,
+        reference=str(obj["refund_id"]) if ours else None,
     )
 
 
 class CashfreeProvider(WebhooksOnly):
-    """Cashfree refund webhooks (the refund API itself is not supported here)."""
+    """Cashfree refund webhooks only: every API call is refused as unsupported."""
 
     event_types = KNOWN_EVENT_TYPES
 
@@ -102,6 +112,69 @@ class CashfreeProvider(WebhooksOnly):
             obj = payload["data"][PAYLOAD_KEYS[event_type]]
             event_id = f"{event_type}:{obj['cf_refund_id']}:{obj['refund_status']}"
         with normalising(event_id, event_type):
-            return refund_event(_refund(self.name, event_type, obj), event_id=event_id,
+            # A merchant-initiated refund's refund_id is the id we gave it; auto-refunds have none.
+            refund = _refund(self.name, obj, charge_id=str(obj["cf_payment_id"]),
+                             ours=event_type == "REFUND_STATUS_WEBHOOK")
+            return refund_event(refund, event_id=event_id,
                                 event_type=event_type, body_sha256=hashlib.sha256(body).hexdigest(),
                                 occurred_at=datetime.fromisoformat(str(payload["event_time"])))
+
+
+class CashfreeApiProvider(CashfreeProvider):
+    """Cashfree PG's refund API (x-api-version 2025-01-01), where a charge is an order.
+
+    - `get_charge`: `GET /orders/{order_id}`; PAID is captured, for the whole order_amount.
+    - `create_refund`: `POST /orders/{order_id}/refunds` with `refund_id` = our
+      refund_request_id (Cashfree takes the merchant's id, 3-40 characters of letters,
+      digits, `-` and `_`; others are a 400, a decline) and `x-idempotency-key`.
+    - `find_refund`: `GET /orders/{order_id}/refunds/{refund_id}`: our reference is
+      Cashfree's key, so the lookup is exact; 404 means no refund was made.
+
+    Not a `RefundLister`: Cashfree lists refunds per order only (`GET
+    /orders/{order_id}/refunds`); its windowed listing (`POST /recon`) is a settlement
+    ledger whose rows carry neither our refund_id nor the refund's own status, so
+    reconciliation cannot read it as refunds without guessing. Nor a `PayoutLister`: PG
+    settlements are Cashfree paying us, not payouts we made.
+
+    Refunds made here carry the order id as their charge; the webhooks carry Cashfree's
+    payment id (`cf_payment_id`), and cases are found by our reference either way.
+    """
+
+    def __init__(self, *, api_base: str, client_id: str, client_secret: str,
+                 webhook_secrets: Sequence[str], merchant_account: str | None = None,
+                 timeout_seconds: float = 10.0, tolerance_seconds: int = 300,
+                 name: str = "cashfree") -> None:
+        super().__init__(webhook_secrets=webhook_secrets, tolerance_seconds=tolerance_seconds, name=name)
+        self._merchant_account = merchant_account or client_id
+        self._api = JsonApi(api_base, timeout_seconds=timeout_seconds, headers={
+            "x-client-id": client_id, "x-client-secret": client_secret, "x-api-version": API_VERSION})
+
+    async def aclose(self) -> None:
+        await self._api.aclose()
+
+    async def get_charge(self, charge_id: str) -> ChargeSnapshot | None:
+        order = await self._api.call("GET", f"/orders/{quote(charge_id, safe='')}", missing_ok=True)
+        if order is None:
+            return None
+        currency = normalise_currency(str(order["order_currency"]))
+        amount = major_to_minor(order["order_amount"], currency)
+        paid = order["order_status"] == "PAID"
+        return ChargeSnapshot(provider=self.name, charge_id=str(order["order_id"]), currency=currency,
+                              merchant_account=self._merchant_account, amount=amount,
+                              amount_captured=amount if paid else 0, captured=paid)
+
+    async def create_refund(self, request: RefundRequest, idempotency_key: str) -> ProviderRefund:
+        body = {"refund_amount": minor_to_major(request.amount, request.currency),
+                "refund_id": request.refund_request_id, "refund_note": request.reason.value,
+                "refund_speed": "STANDARD"}
+        refund = await self._api.call(
+            "POST", f"/orders/{quote(request.charge_id, safe='')}/refunds", content=exact_json(body),
+            headers={"x-idempotency-key": idempotency_key, "content-type": "application/json"})
+        return _refund(self.name, refund, charge_id=request.charge_id, ours=True)
+
+    async def find_refund(self, request: RefundRequest) -> ProviderRefund | None:
+        path = (f"/orders/{quote(request.charge_id, safe='')}/refunds/"
+                f"{quote(request.refund_request_id, safe='')}")
+        refund = await self._api.call("GET", path, missing_ok=True)
+        return None if refund is None else _refund(self.name, refund, charge_id=request.charge_id,
+                                                   ours=True)

@@ -5,11 +5,14 @@ A timeout, a dropped connection, a 5xx or a 429 may hide a refund the provider m
 answer is returned for the adapter to read.
 """
 
+import json
+from collections.abc import Mapping
+from decimal import Decimal
 from typing import Any
 
 import httpx
 
-from adapters.providers.base import ProviderOutcomeUnknown
+from adapters.providers.base import ProviderDeclined, ProviderOutcomeUnknown
 
 
 async def send(http: httpx.AsyncClient, method: str, path: str, **kwargs: Any) -> httpx.Response:
@@ -23,3 +26,32 @@ async def send(http: httpx.AsyncClient, method: str, path: str, **kwargs: Any) -
     if response.status_code >= 500 or response.status_code == 429:
         raise ProviderOutcomeUnknown(f"{method} {path}: HTTP {response.status_code}")
     return response
+
+
+def raise_for_refusal(response: httpx.Response) -> None:
+    """A 4xx is a refusal (nothing was made), except 409: a conflicting request in flight
+    or a reference already used means the refund may well exist, so it is verified."""
+    what = f"{response.request.method} {response.request.url.path}: HTTP {response.status_code}"
+    if response.status_code == 409:
+        raise ProviderOutcomeUnknown(f"{what} {response.text[:300]}")
+    if response.status_code >= 400:
+        raise ProviderDeclined(f"{what} {response.text[:300]}")
+
+
+class JsonApi:
+    """A provider's JSON API over httpx: each call is an answer, a refusal or an unknown
+    outcome. Decimals are parsed as Decimal, so major-unit amounts convert exactly."""
+
+    def __init__(self, base_url: str, *, headers: Mapping[str, str], timeout_seconds: float) -> None:
+        self._http = httpx.AsyncClient(base_url=base_url, headers=dict(headers), timeout=timeout_seconds)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def call(self, method: str, path: str, *, missing_ok: bool = False, **kwargs: Any) -> Any:
+        """The JSON answer; None for a 404 where the caller asks what exists (`missing_ok`)."""
+        response = await send(self._http, method, path, **kwargs)
+        if missing_ok and response.status_code == 404:
+            return None
+        raise_for_refusal(response)
+        return json.loads(response.content, parse_float=Decimal)

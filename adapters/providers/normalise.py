@@ -65,6 +65,29 @@ def major_to_minor(value: object, currency: str) -> int:
     return int(minor)
 
 
+def minor_to_major(amount: int, currency: str) -> Decimal:
+    """Minor units as the provider's major-unit decimal (INR 12345 → 123.45), exactly."""
+    return Decimal(amount).scaleb(-currency_exponent(currency))
+
+
+def exact_json(payload: Mapping[str, Any]) -> bytes:
+    """JSON with Decimal values written as numbers digit for digit: `json` would need a
+    float for them, and a float is how 0.1 + 0.2 becomes a different refund."""
+    digits: dict[str, str] = {}
+
+    def mark(value: object) -> str:
+        if not isinstance(value, Decimal):
+            raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+        token = f"\u0000decimal{len(digits)}\u0000"
+        digits[json.dumps(token)] = format(value, "f")
+        return token
+
+    text = json.dumps(payload, default=mark)
+    for token, number in digits.items():
+        text = text.replace(token, number)
+    return text.encode()
+
+
 def stripe_shaped_refund(provider: str, obj: Mapping[str, Any],
                          statuses: Mapping[str, ProviderRefundStatus]) -> ProviderRefund:
     """Maps a Stripe-shaped refund object (Stripe's own and the sandbox's)."""

@@ -1,21 +1,25 @@
-"""Rainforest adapter: refund webhooks verified Standard-Webhooks style and normalised.
+"""Rainforest adapter: refund webhooks verified Standard-Webhooks style and normalised;
+with API settings, refunds on payins through Rainforest's API (`RainforestApiProvider`).
 
-Rainforest's refund API is not reachable from here, so creating and looking up refunds is
-refused as unsupported (a case naming this provider is rejected, nothing moves) rather
-than guessed. Its webhooks, `{data, event_type}` with `refund.<status>` types, are fully
-handled. The verifier is pluggable; the default is the Svix / Standard Webhooks scheme its
+Without them (`RainforestProvider`) creating and looking up refunds is refused as
+unsupported (a case naming this provider is rejected, nothing moves) rather than guessed.
+Its webhooks, `{data, event_type}` with `refund.<status>` types, are fully handled.
+The verifier is pluggable; the default is the Svix / Standard Webhooks scheme its
 deliveries use (`svix-id`, `svix-timestamp`, `svix-signature`).
 """
 
 import hashlib
 import hmac
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 from svix.webhooks import Webhook as SvixWebhook
 
-from adapters.providers.base import WebhookRejected, WebhooksOnly
+from adapters.providers.base import ProviderOutcomeUnknown, WebhookRejected, WebhooksOnly
+from adapters.providers.http import JsonApi
 from adapters.providers.normalise import (
     REFERENCE_KEY,
     load_json,
@@ -27,11 +31,16 @@ from adapters.providers.normalise import (
 )
 from adapters.providers.signing import WebhookVerifier, check_window, require_header
 from domain.models import (
+    ChargeSnapshot,
     ProviderEvent,
     ProviderRefund,
     ProviderRefundStatus,
+    RefundRequest,
 )
 from domain.money import normalise_currency
+from domain.reconciliation import ListedRefund
+
+log = logging.getLogger(__name__)
 
 STATUSES = {
     "CREATED": ProviderRefundStatus.PENDING,  # created, waiting for Rainforest's approval
@@ -42,6 +51,8 @@ STATUSES = {
     "CANCELED": ProviderRefundStatus.CANCELED,
 }
 KNOWN_EVENT_TYPES = frozenset(f"refund.{s.lower()}" for s in STATUSES)
+API_VERSION = "2024-10-16"
+LIST_PAGE = 100
 
 
 def _header(headers: Mapping[str, str], name: str) -> str:
@@ -90,7 +101,7 @@ def _refund(provider: str, data: Mapping[str, Any]) -> ProviderRefund:
 
 
 class RainforestProvider(WebhooksOnly):
-    """Rainforest refund webhooks (the refund API itself is not supported here)."""
+    """Rainforest refund webhooks only: every API call is refused as unsupported."""
 
     event_types = KNOWN_EVENT_TYPES
 
@@ -113,3 +124,92 @@ class RainforestProvider(WebhooksOnly):
             return refund_event(_refund(self.name, data), event_id=event_id, event_type=event_type,
                                 body_sha256=hashlib.sha256(body).hexdigest(), occurred_at=occurred,
                                 merchant_account=data.get("merchant_id"))
+
+
+def _data(answer: Any) -> Any:
+    """Rainforest answers `{"status": "SUCCESS", "data": ...}`; anything else is not an answer."""
+    if not isinstance(answer, dict) or answer.get("status") != "SUCCESS" or "data" not in answer:
+        raise ProviderOutcomeUnknown(f"rainforest: unreadable answer {str(answer)[:200]}")
+    return answer["data"]
+
+
+def _listed(provider: str, obj: Mapping[str, Any]) -> ListedRefund:
+    return ListedRefund(refund=_refund(provider, obj), created=datetime.fromisoformat(str(obj["created_at"])))
+
+
+class RainforestApiProvider(RainforestProvider):
+    """Rainforest's API (Bearer API key, `Rainforest-Api-Version: 2024-10-16`), where a
+    charge is a payin. Amounts are integer minor units, as on the webhooks.
+
+    - `get_charge`: `GET /v1/payins/{payin_id}`; SUCCEEDED is captured, for its amount.
+    - `create_refund`: `POST /v1/payins/{payin_id}/refund` carrying the idempotency key
+      (Rainforest takes it in the body: `idempotency_key`) and our refund_request_id in
+      `metadata`, which the refund's webhooks echo.
+    - `find_refund`: the payin's refunds (`GET /v1/payins/{payin_id}`, whose refund fields
+      the webhooks mirror) whose metadata carries our reference.
+    - `list_refunds`: `GET /v1/refunds` over `created_at` in the window, newest first, a
+      page at a time by Rainforest's `next_page_token`.
+
+    The paths and list parameters are read from Rainforest's reference as far as it was
+    available here; the object fields are those its webhook documentation shows.
+    """
+
+    def __init__(self, *, api_base: str, api_key: str, webhook_secrets: Sequence[str],
+                 timeout_seconds: float = 10.0, tolerance_seconds: int = 300,
+                 name: str = "rainforest") -> None:
+        super().__init__(webhook_secrets=webhook_secrets, tolerance_seconds=tolerance_seconds, name=name)
+        self._api = JsonApi(api_base, timeout_seconds=timeout_seconds, headers={
+            "Authorization": f"Bearer {api_key}", "Rainforest-Api-Version": API_VERSION})
+
+    async def aclose(self) -> None:
+        await self._api.aclose()
+
+    async def _payin(self, payin_id: str) -> dict[str, Any] | None:
+        answer = await self._api.call("GET", f"/v1/payins/{quote(payin_id, safe='')}", missing_ok=True)
+        return None if answer is None else dict(_data(answer))
+
+    async def get_charge(self, charge_id: str) -> ChargeSnapshot | None:
+        payin = await self._payin(charge_id)
+        if payin is None:
+            return None
+        amount = minor_units(payin["amount"])
+        captured = payin["status"] == "SUCCEEDED"
+        return ChargeSnapshot(provider=self.name, charge_id=str(payin["payin_id"]),
+                              currency=normalise_currency(str(payin["currency_code"])),
+                              merchant_account=str(payin["merchant_id"]), amount=amount,
+                              amount_captured=amount if captured else 0, captured=captured)
+
+    async def create_refund(self, request: RefundRequest, idempotency_key: str) -> ProviderRefund:
+        answer = await self._api.call(
+            "POST", f"/v1/payins/{quote(request.charge_id, safe='')}/refund",
+            json={"amount": request.amount, "idempotency_key": idempotency_key,
+                  "reason": request.reason.value,
+                  "metadata": {REFERENCE_KEY: request.refund_request_id}})
+        return _refund(self.name, _data(answer))
+
+    async def find_refund(self, request: RefundRequest) -> ProviderRefund | None:
+        payin = await self._payin(request.charge_id)
+        found = [_refund(self.name, r) for r in (payin or {}).get("refunds") or []
+                 if (r.get("metadata") or {}).get(REFERENCE_KEY) == request.refund_request_id]
+        if len(found) > 1:
+            log.error("%s: %d refunds carry reference %s: %s", self.name, len(found),
+                      request.refund_request_id, [r.refund_id for r in found])
+        return found[0] if found else None
+
+    async def list_refunds(self, since: datetime, until: datetime,
+                           starting_after: str | None = None) -> AsyncGenerator[ListedRefund]:
+        """Rainforest pages by token, not by object: resuming after `starting_after` reads
+        the window from its newest refund and yields only what follows that refund."""
+        params: dict[str, Any] = {"created_at_start": since.astimezone(UTC).isoformat(),
+                                  "created_at_end": until.astimezone(UTC).isoformat(), "limit": LIST_PAGE}
+        skipping = starting_after is not None
+        while True:
+            page = _data(await self._api.call("GET", "/v1/refunds", params=params))
+            for obj in page["results"]:
+                if skipping:
+                    skipping = str(obj["refund_id"]) != starting_after
+                    continue
+                yield _listed(self.name, obj)
+            if not page.get("next_page_token") or not page["results"]:
+                return
+            params["page_token"] = page["next_page_token"]

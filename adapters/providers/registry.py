@@ -3,8 +3,8 @@
 from adapters.config import Settings
 from adapters.providers.adyen import AdyenProvider
 from adapters.providers.base import ProviderAdapter
-from adapters.providers.cashfree import CashfreeProvider
-from adapters.providers.rainforest import RainforestProvider
+from adapters.providers.cashfree import CashfreeApiProvider, CashfreeProvider
+from adapters.providers.rainforest import RainforestApiProvider, RainforestProvider
 from adapters.providers.sandbox import SandboxProvider
 from adapters.providers.signing import secret_list
 from adapters.providers.stripe import StripeProvider
@@ -28,12 +28,27 @@ def build_providers(settings: Settings) -> dict[str, ProviderAdapter]:
             api_base=settings.stripe_api_base, merchant_account=settings.stripe_merchant_account,
             timeout_seconds=settings.provider_http_timeout_seconds, tolerance_seconds=tolerance,
         )
+    timeout = settings.provider_http_timeout_seconds
     if settings.rainforest_webhook_secret is not None:
-        providers["rainforest"] = RainforestProvider(
-            webhook_secrets=secret_list(settings.rainforest_webhook_secret), tolerance_seconds=tolerance)
+        rainforest_secrets = secret_list(settings.rainforest_webhook_secret)
+        # Without API settings the adapter stays webhooks-only (API calls refused, not guessed).
+        providers["rainforest"] = (
+            RainforestApiProvider(api_base=settings.rainforest_api_base,
+                                  api_key=settings.rainforest_api_key.get_secret_value(),
+                                  webhook_secrets=rainforest_secrets, timeout_seconds=timeout,
+                                  tolerance_seconds=tolerance)
+            if settings.rainforest_api_base and settings.rainforest_api_key
+            else RainforestProvider(webhook_secrets=rainforest_secrets, tolerance_seconds=tolerance))
     if settings.cashfree_webhook_secret is not None:
-        providers["cashfree"] = CashfreeProvider(
-            webhook_secrets=secret_list(settings.cashfree_webhook_secret), tolerance_seconds=tolerance)
+        cashfree_secrets = secret_list(settings.cashfree_webhook_secret)
+        providers["cashfree"] = (
+            CashfreeApiProvider(api_base=settings.cashfree_api_base, client_id=settings.cashfree_client_id,
+                                client_secret=settings.cashfree_client_secret.get_secret_value(),
+                                merchant_account=settings.cashfree_merchant_account,
+                                webhook_secrets=cashfree_secrets, timeout_seconds=timeout,
+                                tolerance_seconds=tolerance)
+            if settings.cashfree_api_base and settings.cashfree_client_id and settings.cashfree_client_secret
+            else CashfreeProvider(webhook_secrets=cashfree_secrets, tolerance_seconds=tolerance))
     if settings.adyen_hmac_keys is not None:
         providers["adyen"] = AdyenProvider(
             hmac_keys=secret_list(settings.adyen_hmac_keys), api_base=settings.adyen_api_base,
