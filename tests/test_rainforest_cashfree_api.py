@@ -1,0 +1,279 @@
+"""Rainforest and Cashfree refund APIs end to end, on real Temporal and PostgreSQL.
+
+Each API is a loopback fake (tests/rainforest_cashfree_fakes.py) answering in its docs'
+shapes and ignoring idempotency, behind a lossy proxy that can swallow an answer after
+the fake acted. A refund asked for through our API appears once at the provider, also
+when that first answer is lost (verify-state finds it by our reference); the provider's
+webhook, signed as it signs them, settles the case; a 4xx is a decline that moves nothing;
+Rainforest's refund list pages, resumes, and feeds a reconciliation backfill.
+"""
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+from temporalio.client import Client
+
+from adapters.config import Settings
+from adapters.http_server import AppServer
+from adapters.providers import rainforest
+from adapters.providers.base import PayoutLister, ProviderUnsupported, RefundLister
+from adapters.providers.cashfree import CashfreeApiProvider, CashfreeProvider
+from adapters.providers.normalise import exact_json, minor_to_major
+from adapters.providers.rainforest import RainforestApiProvider, RainforestProvider
+from adapters.providers.registry import build_providers, close_providers
+from adapters.store import Store
+from domain.models import RefundRequest
+from starters.stack import TemporalDevServer, free_port
+from tests.harness import Stack, open_stack
+from tests.lossy_proxy import LossyProxy
+from tests.rainforest_cashfree_fakes import FakeCashfree, FakeRainforest, days_ago
+from tests.reconciliation_kit import backfill
+from tests.test_provider_webhooks import (
+    CASHFREE_SECRET,
+    PAYLOADS,
+    RAINFOREST_SECRET,
+    sign_cashfree,
+    sign_rainforest,
+)
+
+RAINFOREST_KEY = "sbx_apikey_test_0123456789abcdef"
+CASHFREE_ID = "TEST1234567890CF"
+CASHFREE_API_SECRET = "cfsk_ma_test_secret"
+
+
+@dataclass
+class Rig:
+    stack: Stack
+    rainforest: FakeRainforest
+    cashfree: FakeCashfree
+    rainforest_proxy: LossyProxy
+    cashfree_proxy: LossyProxy
+
+    async def webhook(self, provider: str, body: bytes) -> httpx.Response:
+        sign = sign_rainforest if provider == "rainforest" else sign_cashfree
+        async with httpx.AsyncClient(base_url=self.stack.relay_url, timeout=30) as http:
+            return await http.post(f"/webhooks/{provider}", content=body, headers=sign(body))
+
+    async def cashfree_refund(self, order_id: str, amount: int) -> str:
+        return await self.stack.request_refund("alice", order_id, amount, provider="cashfree",
+                                               currency="INR", merchant_account=CASHFREE_ID)
+
+    async def rainforest_refund(self, payin_id: str, amount: int) -> str:
+        return await self.stack.request_refund("alice", payin_id, amount, provider="rainforest",
+                                               merchant_account=self.rainforest.merchant_id)
+
+
+@pytest.fixture(scope="module")
+async def rig(store: Store, client: Client, temporal_server: TemporalDevServer) -> AsyncIterator[Rig]:
+    fakes = FakeRainforest(RAINFOREST_KEY), FakeCashfree(CASHFREE_ID, CASHFREE_API_SECRET)
+    servers, proxies = [], []
+    for fake in fakes:
+        server = AppServer(fake.app(), "127.0.0.1", free_port())
+        await server.start()
+        proxy = LossyProxy(server.url)
+        proxy_server = AppServer(proxy, "127.0.0.1", free_port())
+        await proxy_server.start()
+        servers += [server, proxy_server]
+        proxies.append((proxy, proxy_server.url))
+    (rf_proxy, rf_url), (cf_proxy, cf_url) = proxies
+    stack = await open_stack(store, client, temporal_server.address,
+                             rainforest_webhook_secret=RAINFOREST_SECRET, rainforest_api_base=rf_url,
+                             rainforest_api_key=RAINFOREST_KEY, cashfree_webhook_secret=CASHFREE_SECRET,
+                             cashfree_api_base=f"{cf_url}/pg", cashfree_client_id=CASHFREE_ID,
+                             cashfree_client_secret=CASHFREE_API_SECRET)
+    try:
+        yield Rig(stack, fakes[0], fakes[1], rf_proxy, cf_proxy)
+    finally:
+        await stack.close()
+        for server in reversed(servers):
+            await server.stop()
+
+
+def cashfree_webhook(made: dict[str, Any], status: str = "SUCCESS") -> bytes:
+    """Cashfree's documented REFUND_STATUS_WEBHOOK, about the refund the fake made."""
+    doc = json.loads((PAYLOADS / "cashfree_refund_status.json").read_bytes(), parse_float=Decimal)
+    doc["data"]["refund"].update({k: made[k] for k in ("cf_refund_id", "cf_payment_id", "refund_id",
+                                                        "order_id", "refund_amount")},
+                                 refund_status=status)
+    return exact_json(doc)
+
+
+def rainforest_webhook(made: dict[str, Any], status: str = "SUCCEEDED") -> bytes:
+    """Rainforest's documented refund webhook (`{data, event_type}`) for the fake's refund."""
+    doc = json.loads((PAYLOADS / "rainforest_refund.processing.json").read_bytes())
+    doc["data"].update({**made, "status": status})
+    doc["event_type"] = f"refund.{status.lower()}"
+    return json.dumps(doc).encode()
+
+
+# -- Cashfree --------------------------------------------------------------------------------
+
+async def test_cashfree_refund_through_the_api_is_made_once_and_settled_by_its_webhook(rig: Rig) -> None:
+    order_id = rig.cashfree.order(Decimal("100.00"))
+    case_id = await rig.cashfree_refund(order_id, 2550)
+    row = await rig.stack.wait_for_status(case_id, "pending")
+    [made] = rig.cashfree.refunds_of(order_id)
+    assert (made["refund_id"], made["refund_amount"], made["refund_currency"]) == (
+        case_id, Decimal("25.50"), "INR")
+    assert made["x_idempotency_key"] == RefundRequest(
+        refund_request_id=case_id, provider="cashfree", charge_id=order_id, amount=2550, currency="INR",
+        merchant_account=CASHFREE_ID, reason="requested_by_customer").idempotency_key()
+    assert row["provider_refund_id"] == made["cf_refund_id"]
+    answer = await rig.webhook("cashfree", cashfree_webhook(made))
+    assert answer.json()["verdict"] == "accepted" and answer.json()["workflow_id"] == case_id
+    row = await rig.stack.wait_for_status(case_id, "succeeded")
+    lines = await rig.stack.store.ledger_entries(case_id)
+    assert [(x["template"], x["debit"], x["credit"], x["currency"]) for x in lines] == [
+        ("refund_settled", 2550, 0, "INR"), ("refund_settled", 0, 2550, "INR")]
+
+
+async def test_cashfree_lost_create_answer_is_verified_not_resent(rig: Rig) -> None:
+    order_id = rig.cashfree.order(Decimal("500.00"))
+    rig.cashfree_proxy.lose_next("POST", f"/pg/orders/{order_id}/refunds")
+    case_id = await rig.cashfree_refund(order_id, 12_345)
+    row = await rig.stack.wait_for_status(case_id, "pending")
+    [made] = rig.cashfree.refunds_of(order_id)  # the lost answer's refund, and no second one
+    assert json.loads(rig.cashfree_proxy.lost[-1])["refund_id"] == case_id
+    assert (row["provider_refund_id"], made["refund_amount"]) == (made["cf_refund_id"], Decimal("123.45"))
+    assert "provider_outcome_unknown" in await rig.stack.actions(case_id)
+    await rig.webhook("cashfree", cashfree_webhook(made))
+    await rig.stack.wait_for_status(case_id, "succeeded")
+    assert len(rig.cashfree.refunds_of(order_id)) == 1
+
+
+async def test_cashfree_unpaid_or_unknown_order_is_rejected_before_any_call(rig: Rig) -> None:
+    unpaid = rig.cashfree.order(Decimal("10.00"), status="ACTIVE")
+    for order_id in (unpaid, "order_nobody_made"):
+        case_id = await rig.cashfree_refund(order_id, 500)
+        row = await rig.stack.wait_for_status(case_id, "rejected")
+        assert row["reserved_amount"] == 0
+    assert rig.cashfree.refunds_of(unpaid) == []
+
+
+# -- Rainforest ------------------------------------------------------------------------------
+
+async def test_rainforest_refund_through_the_api_is_made_once_and_settled_by_its_webhook(rig: Rig) -> None:
+    payin_id = rig.rainforest.payin(5_000)
+    case_id = await rig.rainforest_refund(payin_id, 1_500)
+    row = await rig.stack.wait_for_status(case_id, "pending")
+    [made] = rig.rainforest.refunds_of(payin_id)
+    assert (made["amount"], made["metadata"]) == (1_500, {"refund_request_id": case_id})
+    assert made["idempotency_key"].startswith("rfo_") and row["provider_refund_id"] == made["refund_id"]
+    answer = await rig.webhook("rainforest", rainforest_webhook(made))
+    assert answer.json()["verdict"] == "accepted" and answer.json()["workflow_id"] == case_id
+    await rig.stack.wait_for_status(case_id, "succeeded")
+    assert [x["debit"] for x in await rig.stack.store.ledger_entries(case_id)] == [1_500, 0]
+
+
+async def test_rainforest_lost_create_answer_is_verified_not_resent(rig: Rig) -> None:
+    payin_id = rig.rainforest.payin(9_000)
+    rig.rainforest_proxy.lose_next("POST", f"/v1/payins/{payin_id}/refund")
+    case_id = await rig.rainforest_refund(payin_id, 2_000)
+    row = await rig.stack.wait_for_status(case_id, "pending")
+    [made] = rig.rainforest.refunds_of(payin_id)
+    assert json.loads(rig.rainforest_proxy.lost[-1])["data"]["refund_id"] == made["refund_id"]
+    assert row["provider_refund_id"] == made["refund_id"]
+    await rig.webhook("rainforest", rainforest_webhook(made, "FAILED"))
+    row = await rig.stack.wait_for_status(case_id, "refund_failed")
+    assert row["reserved_amount"] == 0 and len(rig.rainforest.refunds_of(payin_id)) == 1
+
+
+# -- declines --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("provider", ["rainforest", "cashfree"])
+async def test_a_4xx_on_create_is_a_decline_and_nothing_moves(rig: Rig, provider: str) -> None:
+    if provider == "rainforest":
+        charge = rig.rainforest.payin(4_000)
+        rig.rainforest.declined.add(charge)
+        case_id = await rig.rainforest_refund(charge, 1_000)
+    else:
+        charge = rig.cashfree.order(Decimal("40.00"))
+        rig.cashfree.declined.add(charge)
+        case_id = await rig.cashfree_refund(charge, 1_000)
+    row = await rig.stack.wait_for_status(case_id, "refund_failed")
+    assert row["reserved_amount"] == 0
+    [declined] = [e for e in await rig.stack.store.audit_trail(case_id)
+                  if e["action"] == "provider_refund_declined"]
+    assert "HTTP 400" in declined["detail"]["error"]
+    assert await rig.stack.store.ledger_entries(case_id) == []
+    made = rig.rainforest.refunds_of(charge) if provider == "rainforest" else rig.cashfree.refunds_of(charge)
+    assert made == []
+
+
+# -- listing and reconciliation --------------------------------------------------------------
+
+async def test_rainforest_lists_a_window_newest_first_page_by_page_and_resumes(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rainforest, "LIST_PAGE", 3)
+    payin_id = rig.rainforest.payin(100_000)
+    inside = [rig.rainforest.history(payin_id, 100 + i, days_ago(41 + i)) for i in range(7)]
+    rig.rainforest.history(payin_id, 1, days_ago(60))
+    rig.rainforest.history(payin_id, 2, days_ago(39))
+    provider = rig.stack.providers["rainforest"]
+    assert isinstance(provider, RefundLister)
+    listed = [r async for r in provider.list_refunds(days_ago(50), days_ago(40))]
+    assert [r.refund.refund_id for r in listed] == inside
+    assert [r.refund.amount for r in listed] == [100 + i for i in range(7)]
+    assert [r.created for r in listed] == sorted((r.created for r in listed), reverse=True)
+    rest = [r.refund.refund_id async for r in provider.list_refunds(days_ago(50), days_ago(40), inside[3])]
+    assert rest == inside[4:]
+
+
+async def test_a_rainforest_backfill_finds_a_refund_unknown_to_us(rig: Rig) -> None:
+    payin_id = rig.rainforest.payin(50_000)
+    unknown = rig.rainforest.history(payin_id, 4_200, days_ago(4))
+    report = await backfill(rig.stack, provider="rainforest", since_days=30)
+    found = {b["object_id"]: b for b in report["breaks"]}
+    assert found[unknown]["break_class"] == "unknown_to_us"
+    assert found[unknown]["evidence"]["provider"]["status"] == "succeeded"
+    again = await backfill(rig.stack, provider="rainforest", since_days=30)
+    assert again["new_breaks"] == 0 and unknown in {b["object_id"] for b in again["breaks"]}
+
+
+# -- the registry and money conversion, without a stack --------------------------------------
+
+async def test_without_api_settings_both_stay_webhooks_only() -> None:
+    providers = build_providers(Settings(rainforest_webhook_secret=RAINFOREST_SECRET,
+                                         cashfree_webhook_secret=CASHFREE_SECRET,
+                                         rainforest_api_key="key-but-no-base"))
+    try:
+        request = RefundRequest(refund_request_id="rr-webhooks-only", provider="cashfree", charge_id="o1",
+                                amount=100, currency="INR", merchant_account="m", reason="duplicate")
+        for name, kind in (("rainforest", RainforestProvider), ("cashfree", CashfreeProvider)):
+            provider = providers[name]
+            assert type(provider) is kind and not isinstance(provider, RefundLister)
+            with pytest.raises(ProviderUnsupported, match="webhooks only"):
+                await provider.create_refund(request, request.idempotency_key())
+            with pytest.raises(ProviderUnsupported):
+                await provider.find_refund(request)
+    finally:
+        await close_providers(providers)
+
+
+async def test_with_api_settings_only_rainforest_claims_a_refund_listing() -> None:
+    providers = build_providers(Settings(
+        rainforest_webhook_secret=RAINFOREST_SECRET, rainforest_api_base="http://127.0.0.1:9",
+        rainforest_api_key=RAINFOREST_KEY, cashfree_webhook_secret=CASHFREE_SECRET,
+        cashfree_api_base="http://127.0.0.1:9/pg", cashfree_client_id=CASHFREE_ID,
+        cashfree_client_secret=CASHFREE_API_SECRET))
+    try:
+        assert isinstance(providers["rainforest"], RainforestApiProvider)
+        assert isinstance(providers["cashfree"], CashfreeApiProvider)
+        assert isinstance(providers["rainforest"], RefundLister)
+        assert not isinstance(providers["cashfree"], RefundLister)  # per-order lists only: said, not faked
+        assert not any(isinstance(p, PayoutLister) for p in providers.values())
+    finally:
+        await close_providers(providers)
+
+
+@pytest.mark.parametrize(("amount", "currency", "text"), [
+    (12_345, "INR", b"123.45"), (1, "INR", b"0.01"), (500, "JPY", b"500"), (1, "KWD", b"0.001"),
+    (10**15 + 7, "INR", b"10000000000000.07")])
+def test_major_units_are_written_digit_for_digit(amount: int, currency: str, text: bytes) -> None:
+    body = exact_json({"refund_amount": minor_to_major(amount, currency), "refund_id": "rr-1"})
+    assert body == b'{"refund_amount": ' + text + b', "refund_id": "rr-1"}'
