@@ -168,21 +168,22 @@ class Store:
                      detail: dict[str, Any]) -> None:
         """Appends to the case's hash chain; the head row lock serialises one chain only."""
         chain = case_id or ""
-        await conn.execute("INSERT INTO audit_heads (chain, seq, hash) VALUES (%s, 0, %s)"
-                           " ON CONFLICT DO NOTHING", (chain, GENESIS))
-        cur = await conn.execute("SELECT seq, hash FROM audit_heads WHERE chain = %s FOR UPDATE",
-                                 (chain,))
+        # Two round trips, not four: the no-op upsert creates the head if needed and locks it.
+        cur = await conn.execute(
+            "INSERT INTO audit_heads (chain, seq, hash) VALUES (%s, 0, %s)"
+            " ON CONFLICT (chain) DO UPDATE SET chain = EXCLUDED.chain RETURNING seq, hash",
+            (chain, GENESIS))
         head = await cur.fetchone()
         assert head is not None
         seq, occurred_at, stored = int(head["seq"]) + 1, datetime.now(UTC), canonical_detail(detail)
         digest = chain_hash(head["hash"], chain=chain, seq=seq, refund_request_id=case_id,
                             occurred_at=occurred_at, actor=actor, action=action, detail=stored)
         await conn.execute(
-            "INSERT INTO audit_events (chain, seq, refund_request_id, occurred_at, actor, action,"
-            " detail, prev_hash, hash) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s)",
-            (chain, seq, case_id, occurred_at, actor, action, Jsonb(stored), head["hash"], digest))
-        await conn.execute("UPDATE audit_heads SET seq = %s, hash = %s WHERE chain = %s",
-                           (seq, digest, chain))
+            "WITH appended AS (INSERT INTO audit_events (chain, seq, refund_request_id, occurred_at,"
+            " actor, action, detail, prev_hash, hash) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s))"
+            " UPDATE audit_heads SET seq = %s, hash = %s WHERE chain = %s",
+            (chain, seq, case_id, occurred_at, actor, action, Jsonb(stored), head["hash"], digest,
+             seq, digest, chain))
 
     async def verify_audit(self) -> tuple[int, list[str]]:
         """Recomputes every chain; returns rows checked and the problems found."""
@@ -487,21 +488,24 @@ class Store:
         `opens` (request, requester) creates the case with the first delivery in the same
         commit, one disk flush instead of two on the relay's hottest path. It runs in a
         savepoint: if the case cannot be written, the receipt still is, and routing opens it."""
+        gated = verdict == "accepted" and event_id is not None
         async with self.transaction() as conn:
+            # One statement: the receipt, and (accepted ones) its claim on the event id.
             cur = await conn.execute(
-                "INSERT INTO webhook_receipts (provider, event_id, event_type, body, body_sha256,"
-                " headers, verdict, error, replay_of) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s) RETURNING id",
+                "WITH receipt AS (INSERT INTO webhook_receipts (provider, event_id, event_type, body,"
+                " body_sha256, headers, verdict, error, replay_of)"
+                " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s) RETURNING id),"
+                " claim AS (INSERT INTO webhook_events (provider, event_id, first_receipt_id)"
+                " SELECT %s, %s, id FROM receipt WHERE %s ON CONFLICT DO NOTHING RETURNING first_receipt_id)"
+                " SELECT receipt.id, claim.first_receipt_id AS claimed FROM receipt LEFT JOIN claim ON true",
                 (provider, event_id, event_type, body, body_sha256, _json(headers), verdict, error,
-                 replay_of))
+                 replay_of, provider, event_id, gated))
             row = await cur.fetchone()
             assert row is not None
             receipt_id = int(row["id"])
-            if verdict != "accepted" or event_id is None:
+            if not gated:
                 return StoredReceipt(receipt_id, verdict, None)
-            cur = await conn.execute(
-                "INSERT INTO webhook_events (provider, event_id, first_receipt_id) VALUES (%s,%s,%s)"
-                " ON CONFLICT DO NOTHING RETURNING first_receipt_id", (provider, event_id, receipt_id))
-            if await cur.fetchone() is not None:
+            if row["claimed"] is not None:
                 return StoredReceipt(receipt_id, "accepted", receipt_id,
                                      case_creation=await self._open_with_receipt(conn, opens))
             cur = await conn.execute(
