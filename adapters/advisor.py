@@ -14,6 +14,7 @@ import httpx
 from pydantic import ValidationError
 
 from adapters.config import Settings
+from adapters.tls import client_tls
 from domain.advice import Advice, AdviceContext, offline_advice
 from domain.models import RefundReason
 
@@ -76,7 +77,7 @@ class ChatCompletionsAdvisor:
     async def advise(self, context: AdviceContext, budget_seconds: float) -> Advice:
         limit = min(self._timeout, budget_seconds)
         try:
-            async with asyncio.timeout(limit), httpx.AsyncClient(timeout=limit) as http:
+            async with asyncio.timeout(limit), httpx.AsyncClient(timeout=limit, verify=client_tls()) as http:
                 response = await http.post(self._endpoint, json=chat_request(self._model, context),
                                            headers=self._headers)
         except TimeoutError:

@@ -6,6 +6,7 @@ the trail can never disagree with the state (rocket-rides' pattern).
 
 import hashlib
 import json
+import logging
 import secrets
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -15,6 +16,7 @@ from enum import StrEnum
 from importlib import resources
 from typing import Any
 
+import psycopg
 from psycopg import AsyncConnection
 from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
@@ -61,6 +63,8 @@ def request_from_row(row: dict[str, Any]) -> RefundRequest:
         trigger_identities=tuple(row.get("trigger_identities") or ()))
 
 
+log = logging.getLogger("store")
+
 class CaseCreation(StrEnum):
     CREATED = "created"
     IDENTICAL = "identical"
@@ -92,6 +96,9 @@ class StoredReceipt:
     verdict: str
     first_receipt_id: int | None
     first_processed: bool = True
+    case_creation: "CaseCreation | None" = None
+    """Set when the first delivery of a refund request opened (or met) its case in the
+    receipt's own transaction."""
 
 
 def hash_token(token: str) -> str:
@@ -161,21 +168,22 @@ class Store:
                      detail: dict[str, Any]) -> None:
         """Appends to the case's hash chain; the head row lock serialises one chain only."""
         chain = case_id or ""
-        await conn.execute("INSERT INTO audit_heads (chain, seq, hash) VALUES (%s, 0, %s)"
-                           " ON CONFLICT DO NOTHING", (chain, GENESIS))
-        cur = await conn.execute("SELECT seq, hash FROM audit_heads WHERE chain = %s FOR UPDATE",
-                                 (chain,))
+        # Two round trips, not four: the no-op upsert creates the head if needed and locks it.
+        cur = await conn.execute(
+            "INSERT INTO audit_heads (chain, seq, hash) VALUES (%s, 0, %s)"
+            " ON CONFLICT (chain) DO UPDATE SET chain = EXCLUDED.chain RETURNING seq, hash",
+            (chain, GENESIS))
         head = await cur.fetchone()
         assert head is not None
         seq, occurred_at, stored = int(head["seq"]) + 1, datetime.now(UTC), canonical_detail(detail)
         digest = chain_hash(head["hash"], chain=chain, seq=seq, refund_request_id=case_id,
                             occurred_at=occurred_at, actor=actor, action=action, detail=stored)
         await conn.execute(
-            "INSERT INTO audit_events (chain, seq, refund_request_id, occurred_at, actor, action,"
-            " detail, prev_hash, hash) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s)",
-            (chain, seq, case_id, occurred_at, actor, action, Jsonb(stored), head["hash"], digest))
-        await conn.execute("UPDATE audit_heads SET seq = %s, hash = %s WHERE chain = %s",
-                           (seq, digest, chain))
+            "WITH appended AS (INSERT INTO audit_events (chain, seq, refund_request_id, occurred_at,"
+            " actor, action, detail, prev_hash, hash) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s))"
+            " UPDATE audit_heads SET seq = %s, hash = %s WHERE chain = %s",
+            (chain, seq, case_id, occurred_at, actor, action, Jsonb(stored), head["hash"], digest,
+             seq, digest, chain))
 
     async def verify_audit(self) -> tuple[int, list[str]]:
         """Recomputes every chain; returns rows checked and the problems found."""
@@ -226,35 +234,52 @@ class Store:
     async def create_case(self, request: RefundRequest,
                           requester: str) -> tuple[CaseCreation, dict[str, Any]]:
         """Inserts the case once; a repeat is identical or a conflict, decided by params hash."""
-        params = request.params_hash()
         async with self.transaction() as conn:
-            cur = await conn.execute(
-                "INSERT INTO refund_cases (refund_request_id, provider, charge_id, amount, currency,"
-                " merchant_account, reason, evidence, source, requester, params_hash, status,"
-                " method, parent_refund_request_id, trigger_identities)"
-                " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
-                " ON CONFLICT (refund_request_id) DO NOTHING RETURNING *",
-                (request.refund_request_id, request.provider, request.charge_id, request.amount,
-                 request.currency, request.merchant_account, request.reason.value,
-                 _json(request.evidence), request.source.value, requester, params,
-                 CaseStatus.REQUESTED.value, request.method.value, request.parent_refund_request_id,
-                 list(request.trigger_identities)),
-            )
-            row = await cur.fetchone()
-            if row is not None:
-                await self._audit(conn, request.refund_request_id, requester, "request_received",
-                                  {"source": request.source.value, "params_hash": params,
-                                   "amount": request.amount, "currency": request.currency})
-                return CaseCreation.CREATED, row
-            cur = await conn.execute(
-                "SELECT * FROM refund_cases WHERE refund_request_id = %s", (request.refund_request_id,))
-            existing = await cur.fetchone()
-            assert existing is not None
-            same = existing["params_hash"] == params
-            await self._audit(conn, request.refund_request_id, requester,
-                              "request_repeated" if same else "request_conflict",
-                              {"source": request.source.value, "params_hash": params})
-            return (CaseCreation.IDENTICAL if same else CaseCreation.CONFLICT), existing
+            return await self._create_case(conn, request, requester)
+
+    async def _open_with_receipt(self, conn: Conn,
+                                 opens: tuple[RefundRequest, str] | None) -> CaseCreation | None:
+        if opens is None:
+            return None
+        try:
+            async with conn.transaction():
+                creation, _ = await self._create_case(conn, *opens)
+                return creation
+        except psycopg.Error:
+            log.exception("case %s not opened with its receipt; routing opens it",
+                          opens[0].refund_request_id)
+            return None
+
+    async def _create_case(self, conn: Conn, request: RefundRequest,
+                           requester: str) -> tuple[CaseCreation, dict[str, Any]]:
+        params = request.params_hash()
+        cur = await conn.execute(
+            "INSERT INTO refund_cases (refund_request_id, provider, charge_id, amount, currency,"
+            " merchant_account, reason, evidence, source, requester, params_hash, status,"
+            " method, parent_refund_request_id, trigger_identities)"
+            " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+            " ON CONFLICT (refund_request_id) DO NOTHING RETURNING *",
+            (request.refund_request_id, request.provider, request.charge_id, request.amount,
+             request.currency, request.merchant_account, request.reason.value,
+             _json(request.evidence), request.source.value, requester, params,
+             CaseStatus.REQUESTED.value, request.method.value, request.parent_refund_request_id,
+             list(request.trigger_identities)),
+        )
+        row = await cur.fetchone()
+        if row is not None:
+            await self._audit(conn, request.refund_request_id, requester, "request_received",
+                              {"source": request.source.value, "params_hash": params,
+                               "amount": request.amount, "currency": request.currency})
+            return CaseCreation.CREATED, row
+        cur = await conn.execute(
+            "SELECT * FROM refund_cases WHERE refund_request_id = %s", (request.refund_request_id,))
+        existing = await cur.fetchone()
+        assert existing is not None
+        same = existing["params_hash"] == params
+        await self._audit(conn, request.refund_request_id, requester,
+                          "request_repeated" if same else "request_conflict",
+                          {"source": request.source.value, "params_hash": params})
+        return (CaseCreation.IDENTICAL if same else CaseCreation.CONFLICT), existing
 
     async def get_case(self, case_id: str) -> dict[str, Any] | None:
         async with self._pool.connection() as conn:
@@ -455,26 +480,34 @@ class Store:
 
     async def store_receipt(self, *, provider: str, event_id: str | None, event_type: str | None,
                             body: bytes | None, body_sha256: str, headers: dict[str, str],
-                            verdict: str, error: str | None,
-                            replay_of: int | None = None) -> StoredReceipt:
+                            verdict: str, error: str | None, replay_of: int | None = None,
+                            opens: tuple[RefundRequest, str] | None = None) -> StoredReceipt:
         """Stores every delivery (and every replay of a stored one); an accepted one passes
-        the (provider, event_id) gate once, later ones are recorded as duplicates of the first."""
+        the (provider, event_id) gate once, later ones are recorded as duplicates of the first.
+
+        `opens` (request, requester) creates the case with the first delivery in the same
+        commit, one disk flush instead of two on the relay's hottest path. It runs in a
+        savepoint: if the case cannot be written, the receipt still is, and routing opens it."""
+        gated = verdict == "accepted" and event_id is not None
         async with self.transaction() as conn:
+            # One statement: the receipt, and (accepted ones) its claim on the event id.
             cur = await conn.execute(
-                "INSERT INTO webhook_receipts (provider, event_id, event_type, body, body_sha256,"
-                " headers, verdict, error, replay_of) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s) RETURNING id",
+                "WITH receipt AS (INSERT INTO webhook_receipts (provider, event_id, event_type, body,"
+                " body_sha256, headers, verdict, error, replay_of)"
+                " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s) RETURNING id),"
+                " claim AS (INSERT INTO webhook_events (provider, event_id, first_receipt_id)"
+                " SELECT %s, %s, id FROM receipt WHERE %s ON CONFLICT DO NOTHING RETURNING first_receipt_id)"
+                " SELECT receipt.id, claim.first_receipt_id AS claimed FROM receipt LEFT JOIN claim ON true",
                 (provider, event_id, event_type, body, body_sha256, _json(headers), verdict, error,
-                 replay_of))
+                 replay_of, provider, event_id, gated))
             row = await cur.fetchone()
             assert row is not None
             receipt_id = int(row["id"])
-            if verdict != "accepted" or event_id is None:
+            if not gated:
                 return StoredReceipt(receipt_id, verdict, None)
-            cur = await conn.execute(
-                "INSERT INTO webhook_events (provider, event_id, first_receipt_id) VALUES (%s,%s,%s)"
-                " ON CONFLICT DO NOTHING RETURNING first_receipt_id", (provider, event_id, receipt_id))
-            if await cur.fetchone() is not None:
-                return StoredReceipt(receipt_id, "accepted", receipt_id)
+            if row["claimed"] is not None:
+                return StoredReceipt(receipt_id, "accepted", receipt_id,
+                                     case_creation=await self._open_with_receipt(conn, opens))
             cur = await conn.execute(
                 "SELECT r.id, r.processed_at FROM webhook_events e"
                 " JOIN webhook_receipts r ON r.id = e.first_receipt_id"
@@ -489,8 +522,9 @@ class Store:
 
     async def mark_receipt_processed(self, receipt_id: int, workflow_id: str | None) -> None:
         """Marks the receipt done without waiting for the disk: if a crash loses the mark,
-        re-drive starts or signals again, which acts once anyway (workflow id, event id)."""
-        async with self.transaction() as conn:
+        re-drive starts or signals again, which acts once anyway (workflow id, event id).
+        Pipelined: the whole transaction is one round trip."""
+        async with self._pool.connection() as conn, conn.pipeline(), conn.transaction():
             await conn.execute("SET LOCAL synchronous_commit = off")
             await conn.execute(
                 "UPDATE webhook_receipts SET processed_at = now(), workflow_id = %s WHERE id = %s",

@@ -16,7 +16,6 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
-from activities.refund import RefundActivities
 from adapters.policy_file import load_policy
 from bench.baseline import BareWorkflow, noop
 from bench.common import embedded_stack, gather_limited, report
@@ -38,13 +37,9 @@ async def run_bare(client: Client, count: int, concurrency: int) -> float:
 async def run_refunds(stack: Stack, count: int, concurrency: int, *, passthrough: bool) -> float:
     charges = [await stack.charge(10_000) for _ in range(count)]
     queue = f"{stack.settings.task_queue}-{'pass' if passthrough else 'default'}"
-    if passthrough:
-        worker = build_worker(stack.client, queue, stack.store, stack.providers, load_policy(None))
-    else:
-        worker = Worker(stack.client, task_queue=queue, workflows=[RefundWorkflow],
-                        activities=RefundActivities(stack.store, stack.providers,
-                                                    load_policy(None)).all(),
-                        workflow_runner=SandboxedWorkflowRunner())
+    worker = build_worker(stack.client, queue, stack.store, stack.providers, load_policy(None),
+                          settings=stack.settings,
+                          runner=None if passthrough else SandboxedWorkflowRunner())
     tag = uuid.uuid4().hex[:6]
 
     def start(i: int) -> Any:

@@ -24,6 +24,7 @@ from fastapi import FastAPI, Header, HTTPException, Query, Request
 from pydantic import BaseModel, Field
 
 from adapters.providers.sandbox import sign
+from adapters.tls import client_tls
 
 log = logging.getLogger("sandbox")
 
@@ -240,7 +241,7 @@ def create_app(*, db_path: str = ":memory:", webhook_url: str | None = None,
         """Delivers like a provider: retries with backoff until a 2xx or give-up."""
         if state.webhook_url is None:
             return
-        async with httpx.AsyncClient(timeout=10) as client:
+        async with httpx.AsyncClient(timeout=10, verify=client_tls()) as client:
             for attempt in range(8):
                 headers = {"Content-Type": "application/json",
                            "Sandbox-Signature": sign(state.webhook_secret, body, int(time.time()))}

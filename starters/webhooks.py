@@ -141,10 +141,13 @@ class WebhookDesk:
                     stored.receipt_id, rejection.message)
             return IngestResult(REJECTION_STATUS[rejection.verdict], stored.receipt_id,
                                 rejection.verdict, detail=rejection.message, replay_of=replay_of)
+        opens = None
+        if isinstance(event, ProviderEvent) and event.kind is EventKind.REFUND_REQUESTED:
+            opens = (request_from_event(event), f"provider:{event.provider}")
         stored = await self._store.store_receipt(
             provider=provider_name, event_id=event.event_id, event_type=event.event_type, body=body,
             body_sha256=digest, headers=kept_headers, verdict="accepted", error=None,
-            replay_of=replay_of)
+            replay_of=replay_of, opens=opens)
         metrics.RECEIPTS.labels(provider_name, stored.verdict).inc()
         if isinstance(event, PayoutEvent):
             await self._payout_receipt(event, stored)
@@ -154,21 +157,23 @@ class WebhookDesk:
                      event.event_id, stored.first_receipt_id)
             if stored.first_processed:
                 return IngestResult(200, stored.receipt_id, "duplicate", replay_of=replay_of)
-        workflow_id = await self.route(event)
+        workflow_id = await self.route(event, stored.case_creation)
         await self._store.mark_receipt_processed(stored.first_receipt_id or stored.receipt_id,
                                                  workflow_id)
         return IngestResult(200, stored.receipt_id, stored.verdict, workflow_id=workflow_id,
                             replay_of=replay_of)
 
-    async def route(self, event: ProviderEvent | PayoutEvent) -> str | None:
-        """Starts or signals the event's workflow; returns its id (None when unmatched)."""
+    async def route(self, event: ProviderEvent | PayoutEvent,
+                    case_creation: CaseCreation | None = None) -> str | None:
+        """Starts or signals the event's workflow; returns its id (None when unmatched).
+        `case_creation` is the case outcome when the receipt's transaction already opened it."""
         if isinstance(event, PayoutEvent):
             return await self._route_payout(event)
         if event.kind is EventKind.REFUND_REQUESTED:
             request = request_from_event(event)
             bind_case(request.refund_request_id)
             requester = f"provider:{event.provider}"
-            outcome, _ = await self._store.create_case(request, requester)
+            outcome = case_creation or (await self._store.create_case(request, requester))[0]
             if outcome is CaseCreation.CONFLICT:
                 log.error("provider request %s conflicts with an existing case", request.refund_request_id)
                 return None

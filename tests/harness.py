@@ -20,6 +20,7 @@ from adapters.policy_file import load_policy
 from adapters.providers.base import ProviderAdapter
 from adapters.providers.registry import build_providers, close_providers
 from adapters.store import Store
+from adapters.tls import client_tls
 from starters import relay, sandbox_provider
 from starters.stack import free_port
 from workers.main import build_worker
@@ -44,11 +45,11 @@ class Stack:
     worker: Worker | None = None
 
     def api(self, user: str) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.relay_url, timeout=30,
+        return httpx.AsyncClient(base_url=self.relay_url, timeout=30, verify=client_tls(),
                                  headers={"Authorization": f"Bearer {self.tokens[user]}"})
 
     def sandbox(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.sandbox_url, timeout=60)
+        return httpx.AsyncClient(base_url=self.sandbox_url, timeout=60, verify=client_tls())
 
     def new_id(self, prefix: str = "rr") -> str:
         return f"{prefix}-{uuid.uuid4().hex[:12]}"

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 
 from temporalio.client import Client
-from temporalio.worker import Worker
+from temporalio.worker import Worker, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.integrations import IntegrationActivities
@@ -55,10 +55,11 @@ def workflow_runner() -> SandboxedWorkflowRunner:
 def build_worker(client: Client, task_queue: str, store: Store,
                  providers: dict[str, ProviderAdapter], policy: Policy, *,
                  settings: Settings | None = None,
-                 graceful_shutdown: timedelta = timedelta(seconds=10)) -> Worker:
+                 graceful_shutdown: timedelta = timedelta(seconds=10),
+                 runner: WorkflowRunner | None = None) -> Worker:
     """A worker with every workflow and activity of the product; provider calls observed;
     `settings` configure the notice channels, the advisor and reconciliation reports (none
-    given: the environment's)."""
+    given: the environment's). `runner` is for the benchmark of the sandbox variants."""
     settings = settings or Settings()
     observed = instrument(providers)
     activities = [*RefundActivities(store, observed, policy).all(),
@@ -68,7 +69,7 @@ def build_worker(client: Client, task_queue: str, store: Store,
                                             reports_dir=settings.reports_folder()).all()]
     return Worker(
         client, task_queue=task_queue, workflows=list(WORKFLOWS), activities=activities,
-        workflow_runner=workflow_runner(), graceful_shutdown_timeout=graceful_shutdown,
+        workflow_runner=runner or workflow_runner(), graceful_shutdown_timeout=graceful_shutdown,
     )
 
 

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 import httpx
 
 from adapters.notify.message import Message
+from adapters.tls import client_tls
 
 
 class DeliveryFailed(Exception):
@@ -33,7 +34,7 @@ class Channel(Protocol):
 async def send_http(method: str, url: str, *, timeout: float, **kwargs: Any) -> httpx.Response:
     """One HTTP call whose failure is classified for the retry decision."""
     try:
-        async with httpx.AsyncClient(timeout=timeout) as http:
+        async with httpx.AsyncClient(timeout=timeout, verify=client_tls()) as http:
             response = await http.request(method, url, **kwargs)
     except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
         raise DeliveryFailed(f"could not connect: {exc!r}") from exc
