@@ -11,6 +11,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from adapters.store import Conn, Store
+from adapters.tickets.base import ticket_purpose
 from domain.audit import canonical_detail
 from domain.models import LedgerInput, LedgerKind, LedgerResult, NoticeInput
 from domain.payouts import (
@@ -26,6 +27,9 @@ from domain.payouts import (
     ReleaseResult,
     admit,
 )
+
+TICKET_KIND = "payout_exception_ticket"
+"""The notice kind that opens and updates a payout case's ticket."""
 
 
 class HoldReleased(RuntimeError):
@@ -208,10 +212,11 @@ class PayoutBook:
             return ReleaseResult(rolled_back=True, posted=False, restored=status)
 
     async def open_ticket(self, case_id: str, occasion: str, priority: str,
-                          detail: dict[str, str]) -> tuple[str, bool]:
-        """Step C: the case's ticket placeholder and its outbox notice (kind
-        `payout_exception_ticket`), once per occasion; the first occasion opens it, later
-        ones update it. The ticketing integration turns the notice into a real ticket."""
+                          detail: dict[str, Any]) -> tuple[str, bool, str]:
+        """Step C: the case's ticket reference (a placeholder until a ticketing system
+        answers) and the outbox notice (kind `payout_exception_ticket`) that files it, once
+        per occasion; the first occasion opens the ticket, later ones update it. Returns
+        the reference, whether the notice is new, and its dedup key."""
         async with self._store.transaction() as conn:
             row = await (await conn.execute(
                 "SELECT ticket_ref FROM payout_cases WHERE case_id = %s FOR UPDATE", (case_id,))).fetchone()
@@ -221,8 +226,8 @@ class PayoutBook:
                 await conn.execute("UPDATE payout_cases SET ticket_ref = %s, updated_at = now()"
                                    " WHERE case_id = %s", (ref, case_id))
             notice = NoticeInput(
-                refund_request_id=case_id, kind="payout_exception_ticket", audience="ticketing",
-                dedup_key=f"{case_id}:payout_exception_ticket:{occasion}",
+                refund_request_id=case_id, kind=TICKET_KIND, audience="ticketing",
+                dedup_key=f"{case_id}:{TICKET_KIND}:{occasion}",
                 detail={**detail, "ticket_ref": ref, "action": "open" if opening else "update",
                         "priority": priority, "occasion": occasion})
             queued = await Store.queue_notice_in(conn, notice)
@@ -230,7 +235,33 @@ class PayoutBook:
                 await Store._audit(conn, case_id, "system", "ticket_opened" if opening else "ticket_updated",
                                    {"ticket_ref": ref, "placeholder": True, "priority": priority,
                                     "occasion": occasion})
-            return ref, queued
+            return ref, queued, notice.dedup_key
+
+    async def link_ticket(self, case_id: str, occasion: str) -> tuple[str, bool]:
+        """Records on the case the tickets the ticketing systems filed for it (ServiceNow
+        and Jira, as `case_tickets` holds them), replacing the placeholder. Returns the
+        reference and whether any system has filed it. Idempotent: an unchanged reference
+        is not recorded again."""
+        purpose = ticket_purpose("incident", TICKET_KIND)
+        async with self._store.transaction() as conn:
+            row = await (await conn.execute(
+                "SELECT ticket_ref FROM payout_cases WHERE case_id = %s FOR UPDATE", (case_id,))).fetchone()
+            assert row is not None
+            cur = await conn.execute(
+                "SELECT system, external_id, number, url FROM case_tickets WHERE refund_request_id = %s"
+                " AND purpose = %s ORDER BY system", (case_id, purpose))
+            tickets = list(await cur.fetchall())
+            if not tickets:
+                return str(row["ticket_ref"]), False
+            ref = "; ".join(f"{t['system']} {t['number'] or t['external_id']}" for t in tickets)
+            if ref != row["ticket_ref"]:
+                await conn.execute("UPDATE payout_cases SET ticket_ref = %s, updated_at = now()"
+                                   " WHERE case_id = %s", (ref, case_id))
+                await Store._audit(conn, case_id, "system", "ticket_ref_recorded", {
+                    "ticket_ref": ref, "occasion": occasion,
+                    "tickets": [{"system": t["system"], "number": t["number"], "url": t["url"]}
+                                for t in tickets]})
+            return ref, True
 
     async def record_reissue(self, case_id: str, original: PayoutSnapshot, made: ProviderPayout,
                              final: PayoutStatus) -> PayoutSnapshot:

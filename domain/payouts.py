@@ -246,12 +246,26 @@ class TicketInput(Frozen):
     case_id: str
     occasion: str
     priority: str = Field(pattern=r"^(normal|high)$")
-    detail: dict[str, str] = Field(default_factory=dict)
+    detail: dict[str, object] = Field(default_factory=dict)
 
 
 class TicketResult(Frozen):
     ticket_ref: str
     newly_queued: bool
+    notice_key: str | None = Field(default=None, description="the outbox notice that files the ticket")
+
+
+class LinkTicketInput(Frozen):
+    case_id: str
+    occasion: str
+
+
+class LinkedTicket(Frozen):
+    """The case's ticket reference once the ticketing systems answered (the placeholder
+    while none is configured or none has answered yet)."""
+
+    ticket_ref: str
+    filed: bool
 
 
 class PayoutCaseEventInput(Frozen):
