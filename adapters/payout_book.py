@@ -21,11 +21,13 @@ from domain.payouts import (
     PayoutCaseEventInput,
     PayoutCaseStatus,
     PayoutEvent,
+    PayoutRegistration,
     PayoutSnapshot,
     PayoutStatus,
     ProviderPayout,
     ReleaseResult,
     admit,
+    payout_case_id,
 )
 
 TICKET_KIND = "payout_exception_ticket"
@@ -61,14 +63,41 @@ class PayoutBook:
     async def record_payout(self, payout: PayoutSnapshot) -> bool:
         """What the internal payments system writes when it pays out; once per id."""
         async with self._store.transaction() as conn:
-            cur = await conn.execute(
-                "INSERT INTO payouts (id, provider, provider_payout_id, beneficiary_id, amount,"
-                " currency, status, held_from_status, reissue_of) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s)"
-                " ON CONFLICT (id) DO NOTHING RETURNING id",
-                (payout.id, payout.provider, payout.provider_payout_id, payout.beneficiary_id,
-                 payout.amount, payout.currency, payout.status.value,
-                 payout.held_from_status.value if payout.held_from_status else None, payout.reissue_of))
-            return await cur.fetchone() is not None
+            return await self._insert_payout(conn, payout)
+
+    async def register_payout(self, registration: PayoutRegistration,
+                              actor: str) -> tuple[PayoutSnapshot | None, bool]:
+        """Books a registered payout once, with its audit row on the case chain its failure
+        would open (so the case's timeline starts with it). Returns the booked payout (None
+        when the id or the provider's payout id is already booked with other data) and
+        whether this call booked it (False: the same registration again, a no-op)."""
+        payout = registration.snapshot()
+        case_id = payout_case_id(payout.provider, payout.provider_payout_id)
+        async with self._store.transaction() as conn:
+            if await self._insert_payout(conn, payout):
+                await Store._audit(conn, case_id, actor, "payout_registered",
+                                   registration.model_dump(mode="json"))
+                return payout, True
+        booked = (await self.payout(payout.id)
+                  or await self.payout_at_provider(payout.provider, payout.provider_payout_id))
+        return (booked if booked is not None and registration.matches(booked) else None), False
+
+    async def payouts(self, limit: int) -> list[PayoutSnapshot]:
+        """The most recently booked payouts, newest first."""
+        async with self._store.transaction() as conn:
+            cur = await conn.execute("SELECT * FROM payouts ORDER BY created_at DESC, id LIMIT %s", (limit,))
+            return [snapshot(row) for row in await cur.fetchall()]
+
+    @staticmethod
+    async def _insert_payout(conn: Conn, payout: PayoutSnapshot) -> bool:
+        cur = await conn.execute(
+            "INSERT INTO payouts (id, provider, provider_payout_id, beneficiary_id, amount,"
+            " currency, status, held_from_status, reissue_of) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+            " ON CONFLICT DO NOTHING RETURNING id",
+            (payout.id, payout.provider, payout.provider_payout_id, payout.beneficiary_id,
+             payout.amount, payout.currency, payout.status.value,
+             payout.held_from_status.value if payout.held_from_status else None, payout.reissue_of))
+        return await cur.fetchone() is not None
 
     async def payout(self, payout_id: str) -> PayoutSnapshot | None:
         async with self._store.transaction() as conn:

@@ -11,7 +11,7 @@ import hashlib
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from domain.models import (
     ApprovalRecord,
@@ -20,6 +20,7 @@ from domain.models import (
     PolicyDecision,
     RefundTimings,
 )
+from domain.money import normalise_currency
 
 
 class ProviderPayoutStatus(StrEnum):
@@ -140,6 +141,31 @@ class PayoutSnapshot(Frozen):
         """The provider idempotency key of the reissue: derived, never random."""
         digest = hashlib.sha256(f"payout-reissue:{self.reissue_id()}".encode()).hexdigest()
         return f"rfo_{digest[:40]}"
+
+
+class PayoutRegistration(Frozen):
+    """A payout the internal payments system made, registered so a later failure at the
+    provider finds it (`POST /v1/payouts`, `refunds payouts register`). Always paid: our
+    books learn of every later change from the provider, through a case."""
+
+    id: Identifier
+    provider: Identifier
+    provider_payout_id: Identifier
+    beneficiary_id: Identifier
+    amount: int = Field(gt=0, strict=True, description="integer minor units of `currency`")
+    currency: str = Field(min_length=3, max_length=3)
+
+    @field_validator("currency")
+    @classmethod
+    def _known_currency(cls, value: str) -> str:
+        return normalise_currency(value)
+
+    def snapshot(self) -> PayoutSnapshot:
+        return PayoutSnapshot(**self.model_dump(), status=PayoutStatus.PAID)
+
+    def matches(self, payout: PayoutSnapshot) -> bool:
+        """Whether a booked payout is this registration (whatever its status since)."""
+        return self.model_dump() == payout.model_dump(include=set(type(self).model_fields))
 
 
 class PayoutCaseStatus(StrEnum):
