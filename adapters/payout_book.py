@@ -116,6 +116,18 @@ class PayoutBook:
             cur = await conn.execute("SELECT * FROM payout_cases WHERE case_id = %s", (case_id,))
             return await cur.fetchone()
 
+    async def cases(self, limit: int, status: str | None = None) -> list[dict[str, Any]]:
+        """Payout exception cases with their payout, most recently updated first."""
+        async with self._store.transaction() as conn:
+            cur = await conn.execute(
+                "SELECT c.case_id, c.status, c.reported_status, c.failure_code, c.ticket_ref,"
+                " c.decision->'decision'->>'tier' AS tier, c.created_at, c.updated_at, p.id AS payout_id,"
+                " p.provider, p.provider_payout_id, p.beneficiary_id, p.amount, p.currency,"
+                " p.status AS payout_status FROM payout_cases c JOIN payouts p ON p.id = c.payout_id"
+                " WHERE %(status)s::text IS NULL OR c.status = %(status)s"
+                " ORDER BY c.updated_at DESC, c.case_id LIMIT %(limit)s", {"status": status, "limit": limit})
+            return list(await cur.fetchall())
+
     async def beneficiary_holds(self, beneficiary_id: str) -> list[dict[str, Any]]:
         """Every hold on the beneficiary, active ones with `released_at` None."""
         async with self._store.transaction() as conn:

@@ -16,7 +16,7 @@ from adapters.store import Principal, Store
 from adapters.telemetry import bind_case
 from domain.models import APPROVER_ROLES
 from domain.payouts import APPROVAL_STATUSES, PayoutRegistration, ReissueAsk, payout_case_id
-from starters.approving import ApprovalBody, approvals_view, ask_for_verdict, refusal
+from starters.approving import ApprovalBody, Refused, approvals_view, ask_for_verdict, refusal
 from workflows.payout import PayoutReversalWorkflow
 
 READ_ROLES = APPROVER_ROLES | {"auditor", "ops", "admin"}
@@ -90,40 +90,17 @@ def payout_routes(store: Store, client: Client, principal: Callable[..., Awaitab
         """The case: payout, decision, approvals still missing, the advisor's
         recommendation, ticket, beneficiary holds, reissue, and the whole timeline."""
         await require(caller, READ_ROLES, "reading a payout exception", case_id)
-        row = await case_row(case_id)
-        payout = await book.payout(row["payout_id"])
-        assert payout is not None
-        trail = await store.audit_trail(case_id)
-        decision = row["decision"] or {}
-        approvals, missing = approvals_view(trail, (decision.get("decision") or {}).get("requirements", []),
-                                            row["status"] in APPROVAL_STATUSES)
-        reissue = await book.payout(payout.reissue_id())
-        return {
-            "case_id": case_id, "status": row["status"], "payout": payout.model_dump(mode="json"),
-            "reported_status": row["reported_status"], "failure_code": row["failure_code"],
-            "decision": row["decision"], "missing_roles": missing, "approvals": approvals,
-            "recommendation": row["recommendation"], "ticket_ref": row["ticket_ref"],
-            "reversal_entry_id": row["reversal_entry_id"],
-            "beneficiary_holds": [{**h, "placed_at": h["placed_at"].isoformat(),
-                                   "released_at": h["released_at"].isoformat() if h["released_at"] else None}
-                                  for h in await book.beneficiary_holds(payout.beneficiary_id)],
-            "reissue": reissue.model_dump(mode="json") if reissue else None,
-            "timeline": [{"at": e["occurred_at"].isoformat(), "actor": e["actor"], "action": e["action"],
-                          "detail": e["detail"]} for e in trail],
-        }
+        view = await payout_case_view(store, case_id)
+        if view is None:
+            raise HTTPException(404, f"no payout exception {case_id!r}")
+        return view
 
     @router.post("/v1/payout-exceptions/{case_id}/approvals", status_code=202)
     async def approve_payout_exception(case_id: str, body: ApprovalBody, caller: Caller) -> dict[str, Any]:
         """Approves or denies the case's current round (the reversal, or a reissue); the
         verdict comes back at once, refusals are audited."""
         bind_case(case_id)
-        await require(caller, APPROVER_ROLES, "approving a payout exception", case_id)
-        row = await case_row(case_id)
-        if row["status"] not in APPROVAL_STATUSES:
-            raise HTTPException(409, f"case is {row['status']}, not awaiting approval")
-        progress = await ask_for_verdict(client, store, case_id, body, caller)
-        return {"case_id": case_id, "decision": body.decision.value, "status": progress.status,
-                "missing_roles": list(progress.missing_roles)}
+        return await decide_on_payout_exception(store, client, require, caller, case_id, body)
 
     @router.post("/v1/payout-exceptions/{case_id}/reissue", status_code=202)
     async def reissue_payout(case_id: str, body: PayoutReissueBody, caller: Caller) -> dict[str, Any]:
@@ -149,3 +126,47 @@ def payout_routes(store: Store, client: Client, principal: Callable[..., Awaitab
         raise HTTPException(409, reason)
 
     return router
+
+
+async def payout_case_view(store: Store, case_id: str) -> dict[str, Any] | None:
+    """The public view of a payout exception case (the API's answer, the console's page)."""
+    book = PayoutBook(store)
+    row = await book.case(case_id)
+    if row is None:
+        return None
+    payout = await book.payout(row["payout_id"])
+    assert payout is not None
+    trail = await store.audit_trail(case_id)
+    decision = row["decision"] or {}
+    approvals, missing = approvals_view(trail, (decision.get("decision") or {}).get("requirements", []),
+                                        row["status"] in APPROVAL_STATUSES)
+    reissue = await book.payout(payout.reissue_id())
+    return {
+        "case_id": case_id, "status": row["status"], "payout": payout.model_dump(mode="json"),
+        "reported_status": row["reported_status"], "failure_code": row["failure_code"],
+        "decision": row["decision"], "missing_roles": missing, "approvals": approvals,
+        "recommendation": row["recommendation"], "ticket_ref": row["ticket_ref"],
+        "reversal_entry_id": row["reversal_entry_id"],
+        "beneficiary_holds": [{**h, "placed_at": h["placed_at"].isoformat(),
+                               "released_at": h["released_at"].isoformat() if h["released_at"] else None}
+                              for h in await book.beneficiary_holds(payout.beneficiary_id)],
+        "reissue": reissue.model_dump(mode="json") if reissue else None,
+        "timeline": [{"at": e["occurred_at"].isoformat(), "actor": e["actor"], "action": e["action"],
+                      "detail": e["detail"]} for e in trail],
+    }
+
+
+async def decide_on_payout_exception(store: Store, client: Client, require: Require, caller: Principal,
+                                     case_id: str, body: ApprovalBody, *, via: str = "api") -> dict[str, Any]:
+    """The one rule for a verdict on a payout case, whichever front end asks (API or
+    console): approver roles, the case awaiting approval, then the workflow's update
+    validator (tier roles, segregation of duties). Refusals raise the audited `Refused`."""
+    await require(caller, APPROVER_ROLES, "approving a payout exception", case_id)
+    row = await PayoutBook(store).case(case_id)
+    if row is None:
+        raise Refused(404, f"no payout exception {case_id!r}")
+    if row["status"] not in APPROVAL_STATUSES:
+        raise Refused(409, f"case is {row['status']}, not awaiting approval")
+    progress = await ask_for_verdict(client, store, case_id, body, caller, via=via)
+    return {"case_id": case_id, "decision": body.decision.value, "status": progress.status,
+            "missing_roles": list(progress.missing_roles)}
