@@ -1,5 +1,5 @@
 """Activities of the payout reversal workflow: the state gate, advice, policy and the
-runbook steps (hold, compensating entry, rollback, ticket, reissue).
+runbook steps (hold, compensating entry, rollback, ticket and its reference, reissue).
 
 Each activity is idempotent: a retry finds what the first attempt wrote (the case row,
 the hold, the entry by its posting key, the ticket notice by its dedup key, the reissue
@@ -28,6 +28,8 @@ from domain.payouts import (
     AdmitResult,
     HoldInput,
     HoldResult,
+    LinkedTicket,
+    LinkTicketInput,
     PayoutCaseEventInput,
     PayoutDecision,
     PayoutOrder,
@@ -122,11 +124,20 @@ class PayoutActivities:
 
     @activity.defn(name="open_payout_ticket")
     async def open_payout_ticket(self, inp: TicketInput) -> TicketResult:
-        """Runbook step C: opens (or updates) the case's ops ticket. Until the ServiceNow /
-        Jira integration lands this stores a placeholder reference and queues a
-        `payout_exception_ticket` notice for it. Idempotent: once per case and occasion."""
-        ref, queued = await self._book.open_ticket(inp.case_id, inp.occasion, inp.priority, inp.detail)
-        return TicketResult(ticket_ref=ref, newly_queued=queued)
+        """Runbook step C, first half: queues the `payout_exception_ticket` notice that opens
+        (or updates) the case's ops ticket; the workflow then delivers it to ServiceNow and
+        Jira (`deliver_notice`) and records the reference (`link_payout_ticket`).
+        Idempotent: once per case and occasion."""
+        ref, queued, key = await self._book.open_ticket(inp.case_id, inp.occasion, inp.priority,
+                                                        inp.detail)
+        return TicketResult(ticket_ref=ref, newly_queued=queued, notice_key=key)
+
+    @activity.defn(name="link_payout_ticket")
+    async def link_payout_ticket(self, inp: LinkTicketInput) -> LinkedTicket:
+        """Runbook step C, second half: the tickets ServiceNow and Jira filed become the
+        case's reference (with an audit row). Idempotent: nothing changes on a repeat."""
+        ref, filed = await self._book.link_ticket(inp.case_id, inp.occasion)
+        return LinkedTicket(ticket_ref=ref, filed=filed)
 
     @activity.defn(name="reissue_payout")
     async def reissue_payout(self, inp: ReissueInput) -> PayoutSnapshot:
@@ -158,4 +169,5 @@ class PayoutActivities:
         """Every activity, for worker registration."""
         return [self.admit_payout_event, self.triage_payout_exception, self.decide_payout_reversal,
                 self.record_payout_case_event, self.hold_payout, self.post_payout_reversal,
-                self.release_payout_hold, self.open_payout_ticket, self.reissue_payout]
+                self.release_payout_hold, self.open_payout_ticket, self.link_payout_ticket,
+                self.reissue_payout]

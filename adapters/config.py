@@ -195,9 +195,10 @@ class Settings(BaseSettings):
     def relay_base_url(self) -> str:
         return self.relay_url or f"http://{self.bind_host}:{self.relay_port}"
 
-    def case_url(self, case_id: str) -> str:
+    def case_url(self, case_id: str, *, payout: bool = False) -> str:
         """Where a person opens the case (notices and tickets link here)."""
-        return f"{(self.public_url or self.relay_base_url()).rstrip('/')}/v1/refund-requests/{case_id}"
+        path = "payout-exceptions" if payout else "refund-requests"
+        return f"{(self.public_url or self.relay_base_url()).rstrip('/')}/v1/{path}/{case_id}"
 
     def sandbox_base_url(self) -> str:
         return self.sandbox_api_base or f"http://{self.bind_host}:{self.sandbox_port}"

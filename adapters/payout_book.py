@@ -11,6 +11,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from adapters.store import Conn, Store
+from adapters.tickets.base import ticket_purpose
 from domain.audit import canonical_detail
 from domain.models import LedgerInput, LedgerKind, LedgerResult, NoticeInput
 from domain.payouts import (
@@ -20,12 +21,17 @@ from domain.payouts import (
     PayoutCaseEventInput,
     PayoutCaseStatus,
     PayoutEvent,
+    PayoutRegistration,
     PayoutSnapshot,
     PayoutStatus,
     ProviderPayout,
     ReleaseResult,
     admit,
+    payout_case_id,
 )
+
+TICKET_KIND = "payout_exception_ticket"
+"""The notice kind that opens and updates a payout case's ticket."""
 
 
 class HoldReleased(RuntimeError):
@@ -57,14 +63,41 @@ class PayoutBook:
     async def record_payout(self, payout: PayoutSnapshot) -> bool:
         """What the internal payments system writes when it pays out; once per id."""
         async with self._store.transaction() as conn:
-            cur = await conn.execute(
-                "INSERT INTO payouts (id, provider, provider_payout_id, beneficiary_id, amount,"
-                " currency, status, held_from_status, reissue_of) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s)"
-                " ON CONFLICT (id) DO NOTHING RETURNING id",
-                (payout.id, payout.provider, payout.provider_payout_id, payout.beneficiary_id,
-                 payout.amount, payout.currency, payout.status.value,
-                 payout.held_from_status.value if payout.held_from_status else None, payout.reissue_of))
-            return await cur.fetchone() is not None
+            return await self._insert_payout(conn, payout)
+
+    async def register_payout(self, registration: PayoutRegistration,
+                              actor: str) -> tuple[PayoutSnapshot | None, bool]:
+        """Books a registered payout once, with its audit row on the case chain its failure
+        would open (so the case's timeline starts with it). Returns the booked payout (None
+        when the id or the provider's payout id is already booked with other data) and
+        whether this call booked it (False: the same registration again, a no-op)."""
+        payout = registration.snapshot()
+        case_id = payout_case_id(payout.provider, payout.provider_payout_id)
+        async with self._store.transaction() as conn:
+            if await self._insert_payout(conn, payout):
+                await Store._audit(conn, case_id, actor, "payout_registered",
+                                   registration.model_dump(mode="json"))
+                return payout, True
+        booked = (await self.payout(payout.id)
+                  or await self.payout_at_provider(payout.provider, payout.provider_payout_id))
+        return (booked if booked is not None and registration.matches(booked) else None), False
+
+    async def payouts(self, limit: int) -> list[PayoutSnapshot]:
+        """The most recently booked payouts, newest first."""
+        async with self._store.transaction() as conn:
+            cur = await conn.execute("SELECT * FROM payouts ORDER BY created_at DESC, id LIMIT %s", (limit,))
+            return [snapshot(row) for row in await cur.fetchall()]
+
+    @staticmethod
+    async def _insert_payout(conn: Conn, payout: PayoutSnapshot) -> bool:
+        cur = await conn.execute(
+            "INSERT INTO payouts (id, provider, provider_payout_id, beneficiary_id, amount,"
+            " currency, status, held_from_status, reissue_of) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+            " ON CONFLICT DO NOTHING RETURNING id",
+            (payout.id, payout.provider, payout.provider_payout_id, payout.beneficiary_id,
+             payout.amount, payout.currency, payout.status.value,
+             payout.held_from_status.value if payout.held_from_status else None, payout.reissue_of))
+        return await cur.fetchone() is not None
 
     async def payout(self, payout_id: str) -> PayoutSnapshot | None:
         async with self._store.transaction() as conn:
@@ -82,6 +115,18 @@ class PayoutBook:
         async with self._store.transaction() as conn:
             cur = await conn.execute("SELECT * FROM payout_cases WHERE case_id = %s", (case_id,))
             return await cur.fetchone()
+
+    async def cases(self, limit: int, status: str | None = None) -> list[dict[str, Any]]:
+        """Payout exception cases with their payout, most recently updated first."""
+        async with self._store.transaction() as conn:
+            cur = await conn.execute(
+                "SELECT c.case_id, c.status, c.reported_status, c.failure_code, c.ticket_ref,"
+                " c.decision->'decision'->>'tier' AS tier, c.created_at, c.updated_at, p.id AS payout_id,"
+                " p.provider, p.provider_payout_id, p.beneficiary_id, p.amount, p.currency,"
+                " p.status AS payout_status FROM payout_cases c JOIN payouts p ON p.id = c.payout_id"
+                " WHERE %(status)s::text IS NULL OR c.status = %(status)s"
+                " ORDER BY c.updated_at DESC, c.case_id LIMIT %(limit)s", {"status": status, "limit": limit})
+            return list(await cur.fetchall())
 
     async def beneficiary_holds(self, beneficiary_id: str) -> list[dict[str, Any]]:
         """Every hold on the beneficiary, active ones with `released_at` None."""
@@ -208,10 +253,11 @@ class PayoutBook:
             return ReleaseResult(rolled_back=True, posted=False, restored=status)
 
     async def open_ticket(self, case_id: str, occasion: str, priority: str,
-                          detail: dict[str, str]) -> tuple[str, bool]:
-        """Step C: the case's ticket placeholder and its outbox notice (kind
-        `payout_exception_ticket`), once per occasion; the first occasion opens it, later
-        ones update it. The ticketing integration turns the notice into a real ticket."""
+                          detail: dict[str, Any]) -> tuple[str, bool, str]:
+        """Step C: the case's ticket reference (a placeholder until a ticketing system
+        answers) and the outbox notice (kind `payout_exception_ticket`) that files it, once
+        per occasion; the first occasion opens the ticket, later ones update it. Returns
+        the reference, whether the notice is new, and its dedup key."""
         async with self._store.transaction() as conn:
             row = await (await conn.execute(
                 "SELECT ticket_ref FROM payout_cases WHERE case_id = %s FOR UPDATE", (case_id,))).fetchone()
@@ -221,8 +267,8 @@ class PayoutBook:
                 await conn.execute("UPDATE payout_cases SET ticket_ref = %s, updated_at = now()"
                                    " WHERE case_id = %s", (ref, case_id))
             notice = NoticeInput(
-                refund_request_id=case_id, kind="payout_exception_ticket", audience="ticketing",
-                dedup_key=f"{case_id}:payout_exception_ticket:{occasion}",
+                refund_request_id=case_id, kind=TICKET_KIND, audience="ticketing",
+                dedup_key=f"{case_id}:{TICKET_KIND}:{occasion}",
                 detail={**detail, "ticket_ref": ref, "action": "open" if opening else "update",
                         "priority": priority, "occasion": occasion})
             queued = await Store.queue_notice_in(conn, notice)
@@ -230,7 +276,33 @@ class PayoutBook:
                 await Store._audit(conn, case_id, "system", "ticket_opened" if opening else "ticket_updated",
                                    {"ticket_ref": ref, "placeholder": True, "priority": priority,
                                     "occasion": occasion})
-            return ref, queued
+            return ref, queued, notice.dedup_key
+
+    async def link_ticket(self, case_id: str, occasion: str) -> tuple[str, bool]:
+        """Records on the case the tickets the ticketing systems filed for it (ServiceNow
+        and Jira, as `case_tickets` holds them), replacing the placeholder. Returns the
+        reference and whether any system has filed it. Idempotent: an unchanged reference
+        is not recorded again."""
+        purpose = ticket_purpose("incident", TICKET_KIND)
+        async with self._store.transaction() as conn:
+            row = await (await conn.execute(
+                "SELECT ticket_ref FROM payout_cases WHERE case_id = %s FOR UPDATE", (case_id,))).fetchone()
+            assert row is not None
+            cur = await conn.execute(
+                "SELECT system, external_id, number, url FROM case_tickets WHERE refund_request_id = %s"
+                " AND purpose = %s ORDER BY system", (case_id, purpose))
+            tickets = list(await cur.fetchall())
+            if not tickets:
+                return str(row["ticket_ref"]), False
+            ref = "; ".join(f"{t['system']} {t['number'] or t['external_id']}" for t in tickets)
+            if ref != row["ticket_ref"]:
+                await conn.execute("UPDATE payout_cases SET ticket_ref = %s, updated_at = now()"
+                                   " WHERE case_id = %s", (ref, case_id))
+                await Store._audit(conn, case_id, "system", "ticket_ref_recorded", {
+                    "ticket_ref": ref, "occasion": occasion,
+                    "tickets": [{"system": t["system"], "number": t["number"], "url": t["url"]}
+                                for t in tickets]})
+            return ref, True
 
     async def record_reissue(self, case_id: str, original: PayoutSnapshot, made: ProviderPayout,
                              final: PayoutStatus) -> PayoutSnapshot:

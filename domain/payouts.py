@@ -11,7 +11,7 @@ import hashlib
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from domain.models import (
     ApprovalRecord,
@@ -20,6 +20,7 @@ from domain.models import (
     PolicyDecision,
     RefundTimings,
 )
+from domain.money import normalise_currency
 
 
 class ProviderPayoutStatus(StrEnum):
@@ -142,6 +143,31 @@ class PayoutSnapshot(Frozen):
         return f"rfo_{digest[:40]}"
 
 
+class PayoutRegistration(Frozen):
+    """A payout the internal payments system made, registered so a later failure at the
+    provider finds it (`POST /v1/payouts`, `refunds payouts register`). Always paid: our
+    books learn of every later change from the provider, through a case."""
+
+    id: Identifier
+    provider: Identifier
+    provider_payout_id: Identifier
+    beneficiary_id: Identifier
+    amount: int = Field(gt=0, strict=True, description="integer minor units of `currency`")
+    currency: str = Field(min_length=3, max_length=3)
+
+    @field_validator("currency")
+    @classmethod
+    def _known_currency(cls, value: str) -> str:
+        return normalise_currency(value)
+
+    def snapshot(self) -> PayoutSnapshot:
+        return PayoutSnapshot(**self.model_dump(), status=PayoutStatus.PAID)
+
+    def matches(self, payout: PayoutSnapshot) -> bool:
+        """Whether a booked payout is this registration (whatever its status since)."""
+        return self.model_dump() == payout.model_dump(include=set(type(self).model_fields))
+
+
 class PayoutCaseStatus(StrEnum):
     """The payout exception case (see the architecture notes)."""
 
@@ -246,12 +272,26 @@ class TicketInput(Frozen):
     case_id: str
     occasion: str
     priority: str = Field(pattern=r"^(normal|high)$")
-    detail: dict[str, str] = Field(default_factory=dict)
+    detail: dict[str, object] = Field(default_factory=dict)
 
 
 class TicketResult(Frozen):
     ticket_ref: str
     newly_queued: bool
+    notice_key: str | None = Field(default=None, description="the outbox notice that files the ticket")
+
+
+class LinkTicketInput(Frozen):
+    case_id: str
+    occasion: str
+
+
+class LinkedTicket(Frozen):
+    """The case's ticket reference once the ticketing systems answered (the placeholder
+    while none is configured or none has answered yet)."""
+
+    ticket_ref: str
+    filed: bool
 
 
 class PayoutCaseEventInput(Frozen):

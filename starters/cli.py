@@ -268,6 +268,33 @@ async def cmd_request(args: argparse.Namespace, settings: Settings) -> int:
         return _show(await api.post("/v1/refund-requests", json=body))
 
 
+async def cmd_payouts_register(args: argparse.Namespace, settings: Settings) -> int:
+    """Registers a payout the payments system made (once per id; the same again is a no-op)."""
+    currency = normalise_currency(args.currency)
+    body = {"id": args.id, "provider": args.provider, "provider_payout_id": args.provider_payout_id,
+            "beneficiary_id": args.beneficiary, "amount": parse_major(args.amount, currency),
+            "currency": currency}
+    async with _api(args, settings) as api:
+        return _show(await api.post("/v1/payouts", json=body))
+
+
+async def cmd_payouts_list(args: argparse.Namespace, settings: Settings) -> int:
+    async with _api(args, settings) as api:
+        response = await api.get("/v1/payouts", params={"limit": args.limit})
+    if not response.is_success:
+        return _show(response)
+    for payout in response.json():
+        print(f"{payout['id']}  {payout['provider']} {payout['provider_payout_id']}  "
+              f"{format_minor(payout['amount'], payout['currency'])}  {payout['status']}  "
+              f"{payout['beneficiary_id']}")
+    return 0
+
+
+async def cmd_payouts_show(args: argparse.Namespace, settings: Settings) -> int:
+    async with _api(args, settings) as api:
+        return _show(await api.get(f"/v1/payouts/{args.id}"))
+
+
 async def cmd_approve(args: argparse.Namespace, settings: Settings) -> int:
     async with _api(args, settings) as api:
         return _show(await api.post(f"/v1/refund-requests/{args.id}/approvals",
@@ -440,6 +467,23 @@ def build_parser() -> argparse.ArgumentParser:
     request.add_argument("--provider", default="sandbox")
     request.add_argument("--evidence", action="append", default=[], metavar="KEY=VALUE")
     request.set_defaults(run=cmd_request)
+
+    payouts = sub.add_parser("payouts", help="payouts the payments system made").add_subparsers(
+        dest="payouts_command", required=True)
+    register = payouts.add_parser("register", help="register a paid payout (idempotent on its id)")
+    register.add_argument("--id", required=True, help="our payout id")
+    register.add_argument("--provider", required=True)
+    register.add_argument("--provider-payout-id", required=True, help="the provider's payout id")
+    register.add_argument("--beneficiary", required=True, help="beneficiary id")
+    register.add_argument("--amount", required=True, help="major units, e.g. 12500.00")
+    register.add_argument("--currency", required=True)
+    register.set_defaults(run=cmd_payouts_register)
+    payout_list = payouts.add_parser("list", help="the latest booked payouts")
+    payout_list.add_argument("--limit", type=int, default=50)
+    payout_list.set_defaults(run=cmd_payouts_list)
+    payout_show = payouts.add_parser("show", help="a payout and its exception case")
+    payout_show.add_argument("id")
+    payout_show.set_defaults(run=cmd_payouts_show)
 
     approve = sub.add_parser("approve", help="approve or deny a refund")
     approve.add_argument("id")

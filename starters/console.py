@@ -46,6 +46,7 @@ from starters.case_actions import (
 from starters.cli import parse_age
 from starters.codec_endpoint import Direction, answer
 from starters.integrations import advice_view
+from starters.payout_console import ConsolePages, install_payout_pages
 from starters.reconciliation_api import BreakDecisionBody, decide_on_break
 
 SESSION_COOKIE = "rfo_session"
@@ -415,4 +416,6 @@ def install_console(app: FastAPI, actions: CaseActions,
         notice = urlencode({"notice": f"break {break_id}: {body.decision.value}"})
         return RedirectResponse(f"{PREFIX}/reconciliation?{notice}", status_code=303)
 
+    install_payout_pages(router, ConsolePages(page=page, current=current, posted=posted, forbidden=forbidden),
+                         actions)
     app.include_router(router)

@@ -245,7 +245,7 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
                       case_id: str | None = None) -> None:
         await actions.require(caller, roles, action, case_id, via="api")
 
-    app.include_router(payout_routes(store, client, principal, require))
+    app.include_router(payout_routes(store, client, principal, require, providers))
     install_reconciliation_api(app, store, client, providers, settings, principal, require)
     install_console(app, actions, providers)
     return app

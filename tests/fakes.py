@@ -151,7 +151,7 @@ def outside_app(world: World) -> FastAPI:
             errors["description"] = "Operation value must be an Atlassian Document."
         if errors:
             return JSONResponse({"errorMessages": [], "errors": errors}, status_code=400)
-        issue_id = str(10000 + len(world.jira))
+        issue_id = str(10000 + uuid.uuid4().int % 10**9)  # unique across the session's worlds, as Jira's are
         key = f"{fields['project']['key']}-{len(world.jira) + 1}"
         world.jira.append({"id": issue_id, "key": key, "fields": fields})
         return JSONResponse({"id": issue_id, "key": key, "self": f"{world.url}/rest/api/3/issue/{issue_id}"},

@@ -32,7 +32,8 @@ def _replayer(workflows: list[type]) -> Replayer:
 
 def test_histories_are_recorded() -> None:
     assert {p.stem for p in HISTORIES} >= {"refund_auto_approved", "refund_with_approval",
-                                           "payout_reversed_and_reissued"}
+                                           "payout_reversed_and_reissued",
+                                           "payout_reversed_and_reissued_v1"}
 
 
 @pytest.mark.parametrize("path", HISTORIES, ids=lambda p: p.stem)

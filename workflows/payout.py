@@ -16,6 +16,7 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    from domain.integrations import DeliverNoticeInput
     from domain.models import (
         ApprovalProgress,
         LedgerInput,
@@ -30,6 +31,8 @@ with workflow.unsafe.imports_passed_through():
         AdmitResult,
         HoldInput,
         HoldResult,
+        LinkedTicket,
+        LinkTicketInput,
         PayoutCaseEventInput,
         PayoutCaseInput,
         PayoutCaseState,
@@ -58,6 +61,9 @@ REVERSAL_STEPS = {ApprovalOutcome.REQUESTED: PayoutCaseStatus.AWAITING_APPROVAL,
 REISSUE_STEPS = {ApprovalOutcome.REQUESTED: PayoutCaseStatus.AWAITING_REISSUE_APPROVAL,
                  ApprovalOutcome.DENIED: PayoutCaseStatus.REISSUE_DENIED,
                  ApprovalOutcome.EXPIRED: PayoutCaseStatus.REISSUE_EXPIRED}
+# Step C files a real ticket (ServiceNow, Jira) and records its reference; histories
+# recorded before only queued the ticket notice and kept a placeholder reference.
+TICKETS_PATCH = "payout-tickets-1"
 NEXT_STEPS = ("a reissue happens only on an explicit reissue request with its own approval; "
               "see the recommendation on the case")
 
@@ -227,7 +233,7 @@ class PayoutReversalWorkflow(ApprovingWorkflow):
                 return False
         else:
             self._runbook.append("compensating_entry")
-        approvers = ", ".join(a.approver for a in self._round.approvals)
+        approvers = self._approvers()
         ticket = await self._ticket("remediated", "normal", {
             "summary": f"payout {payout.id} failed at {payout.provider} after it was paid; held and "
                        "reversed in the ledger", "approved_by": approvers})
@@ -257,7 +263,7 @@ class PayoutReversalWorkflow(ApprovingWorkflow):
                 return True
             outcome = "hold_rolled_back"
             self._runbook.append("rollback")
-        detail = {"error": error, "outcome": outcome, "priority": "high"}
+        detail = {"error": error, "outcome": outcome, "priority": "high", "approved_by": self._approvers()}
         for audience in ("finance", "payments_ops"):
             await self._notify("payout_ledger_failed", audience, detail)
         await self._ticket("ledger_failed", "high", {"summary": f"compensating entry for payout "
@@ -268,12 +274,29 @@ class PayoutReversalWorkflow(ApprovingWorkflow):
         return False
 
     async def _ticket(self, occasion: str, priority: str, detail: dict[str, str]) -> TicketResult:
+        """Opens (first occasion) or updates the case's ticket, once per occasion: queues its
+        notice, delivers it to ServiceNow and Jira (a lost create answer is found by the
+        retry's search, so one ticket per case) and records the ticket's reference. A
+        ticketing outage is recorded and never stops the runbook."""
         assert self._inp is not None
+        case_id = self._inp.case_id
         ticket: TicketResult = await workflow.execute_activity(
-            "open_payout_ticket", TicketInput(case_id=self._inp.case_id, occasion=occasion,
-                                              priority=priority, detail=detail),
+            "open_payout_ticket", TicketInput(case_id=case_id, occasion=occasion, priority=priority,
+                                              detail={**self._facts(), **detail}),
             result_type=TicketResult, **retry.PAYOUT_TICKET)
-        return ticket
+        if not workflow.patched(TICKETS_PATCH) or ticket.notice_key is None:
+            return ticket
+        try:
+            await workflow.execute_activity("deliver_notice", DeliverNoticeInput(dedup_key=ticket.notice_key),
+                                            **retry.DELIVER)
+        except ActivityError as err:
+            await self._record("ticket_delivery_incomplete",
+                               detail={"occasion": occasion, "error": str(err.cause)})
+        linked: LinkedTicket = await workflow.execute_activity(
+            "link_payout_ticket", LinkTicketInput(case_id=case_id, occasion=occasion),
+            result_type=LinkedTicket, **retry.PAYOUT_TICKET)
+        return TicketResult(ticket_ref=linked.ticket_ref, newly_queued=ticket.newly_queued,
+                            notice_key=ticket.notice_key)
 
     # -- reissue -----------------------------------------------------------------------
 
@@ -319,7 +342,8 @@ class PayoutReversalWorkflow(ApprovingWorkflow):
                                                final_status=final_status(failure)),
                 result_type=PayoutSnapshot, **retry.PAYOUT_REISSUE)
         except ActivityError as err:
-            await self._notify("payout_reissue_failed", "payments_ops", {"error": str(err.cause)})
+            await self._notify("payout_reissue_failed", "payments_ops",
+                               {"error": str(err.cause), "approved_by": self._approvers()})
             await self._record("reissue_failed", PayoutCaseStatus.REISSUE_FAILED,
                                detail={"error": str(err.cause)})
             return
@@ -332,7 +356,8 @@ class PayoutReversalWorkflow(ApprovingWorkflow):
         await self._ticket("reissued", "normal",
                            {"summary": f"payout {self._payout.id} reissued as {made.id}"})
         await self._notify("payout_reissued", "stakeholders", {
-            "reissue_id": made.id, "approved_by": [a.approver for a in self._round.approvals]})
+            "reissue_id": made.id, "approved_by": [a.approver for a in self._round.approvals],
+            "amount": made.amount, "currency": made.currency})
         await self._record("reissue_completed", PayoutCaseStatus.REISSUED, detail={"reissue_id": made.id})
 
     # -- bookkeeping -------------------------------------------------------------------
@@ -355,11 +380,22 @@ class PayoutReversalWorkflow(ApprovingWorkflow):
             self._status_recorded = status
 
     async def _notify(self, kind: str, audience: str, detail: dict[str, Any]) -> None:
-        """Queues a notice in the outbox once per case, kind, audience and status."""
+        """Queues a notice in the outbox once per case, kind, audience and status; it carries
+        the payout and its money, since the templates have no refund case to read them from."""
         assert self._inp is not None
         case_id = self._inp.case_id
         await workflow.execute_activity(
             "queue_notice",
             NoticeInput(refund_request_id=case_id, kind=kind, audience=audience,
-                        dedup_key=f"{case_id}:{kind}:{audience}:{self._status.value}", detail=detail),
+                        dedup_key=f"{case_id}:{kind}:{audience}:{self._status.value}",
+                        detail={**self._facts(), **detail}),
             **retry.CASE_EVENT)
+
+    def _facts(self) -> dict[str, Any]:
+        if self._payout is None:
+            return {}
+        return {"payout_id": self._payout.id, "amount": self._payout.amount,
+                "currency": self._payout.currency}
+
+    def _approvers(self) -> str:
+        return ", ".join(a.approver for a in self._round.approvals)

@@ -22,6 +22,7 @@ class Template:
     ticket: TicketPurpose | None = None
     buttons: bool = False
     customer: bool = False
+    payout: bool = False  # a payout exception case: its own facts label and case link
 
 
 TEMPLATES: dict[str, Template] = {
@@ -70,7 +71,34 @@ TEMPLATES: dict[str, Template] = {
     "payout_exception": Template(
         "Payout exception {case}",
         "Payout {payout_id} of {amount} came back {payout_status} after it was marked paid. "
-        "Beneficiary payouts are held until the case is decided.", ticket="incident"),
+        "Beneficiary payouts are held until the case is decided.", ticket="incident", payout=True),
+    # Payout exception cases: one ticket per case (opened by its first occasion, updated by
+    # later ones), and a notice per outcome with the decision, the money and what comes next.
+    "payout_exception_ticket": Template(
+        "Payout exception {case}",
+        "{summary} Priority: {priority}; occasion: {occasion}.", ticket="incident", payout=True),
+    "payout_exception_remediated": Template(
+        "Payout {payout_id} held and reversed",
+        "Decision: {decision} by {approved_by} (tier {tier}). Payout {payout_id} of {amount} is on "
+        "hold (it was {held_from}; beneficiary's further payouts held: {beneficiary_held}) and the "
+        "compensating entry is posted. Ticket: {ticket_ref}. Next steps: {next_steps}.", payout=True),
+    "payout_ledger_failed": Template(
+        "High priority: payout {payout_id} could not be reversed in the ledger",
+        "Decision: approved by {approved_by}, but the compensating entry for payout {payout_id} of "
+        "{amount} was not posted ({error}). Hold: {outcome}. Next steps: a high-priority ticket is "
+        "open; check the ledger, then post the entry by hand or restart the case. No money moved "
+        "at the provider.", payout=True),
+    "payout_reissue_failed": Template(
+        "Payout {payout_id}: the reissue failed",
+        "Decision: reissue approved by {approved_by}, but the provider did not pay {amount} again "
+        "({error}). The original payout stays on hold and nothing was paid twice. Next steps: "
+        "verify the beneficiary's bank details and the provider's dashboard before a new attempt.",
+        payout=True),
+    "payout_reissued": Template(
+        "Payout {payout_id} reissued as {reissue_id}",
+        "Decision: reissue approved by {approved_by}. The beneficiary was paid {amount} again as "
+        "{reissue_id}; the reissue is posted in the ledger and this case's beneficiary holds are "
+        "released. Next steps: none; the case is complete.", payout=True),
     "reconciliation_break": Template(
         "Reconciliation break {case}",
         "Ledger and provider disagree: {difference}. Nothing is corrected automatically.",
@@ -103,6 +131,7 @@ class Message:
     ticket: TicketPurpose | None
     customer: bool
     email_to: str | None
+    high_priority: bool = False  # tickets open at high priority (a payout the ledger could not reverse)
 
     def plain(self) -> str:
         """The message as plain text (email, ticket descriptions and notes)."""
@@ -138,25 +167,33 @@ def render(notice: Mapping[str, Any], case: Mapping[str, Any] | None,
     detail: dict[str, Any] = dict(notice["detail"] or {})
     case_id = notice["refund_request_id"]
     missing = detail.get("missing_roles")
-    values = _Lenient({k: str(v) for k, v in detail.items()})
+    values = _Lenient({k: ", ".join(map(str, v)) if isinstance(v, list) else str(v)
+                       for k, v in detail.items()})
     failure = detail.get("failure_reason") or detail.get("reason") or (case or {}).get("failure_reason")
     values.update(case=case_id or str(detail.get("case", "n/a")), kind=kind, failure=str(failure or "n/a"),
                   audience=str(notice["audience"]), amount=_amount(case, detail),
                   missing_roles=", ".join(missing) if isinstance(missing, list) else "n/a")
     created: datetime = notice["created_at"]
-    facts: list[tuple[str, str]] = [("Refund request", values["case"]), ("Amount", values["amount"])]
+    subject = "Payout case" if template.payout else "Refund request"
+    facts: list[tuple[str, str]] = [(subject, values["case"]), ("Amount", values["amount"])]
     if not template.customer:
         if case is not None:
             facts += [("Status", str(case["status"])), ("Charge", f"{case['provider']} {case['charge_id']}"),
                       ("Reason", str(case["reason"])), ("Requester", str(case["requester"]))]
             if case.get("provider_refund_id"):
                 facts.append(("Provider refund", str(case["provider_refund_id"])))
+        if template.payout and "payout_id" in detail:
+            facts.append(("Payout", values["payout_id"]))
         facts.append(("At", created.isoformat(timespec="seconds")))
         if kind == "approval_needed" and case is not None:
             line = _advice_line(advice, case["currency"])
             facts.append(("AI suggestion (advisory only)", line or "no advice"))
+    # A request ticket is a refund request's: a notice of another kind of case (a payout
+    # exception's approval round) files none; that case's ticket has its own notice kind.
+    ticket = template.ticket if case is not None or template.ticket != "request" else None
     return Message(
         notice_id=int(notice["id"]), kind=kind, audience=str(notice["audience"]), case_id=case_id,
         title=template.title.format_map(values), text=template.text.format_map(values),
         facts=tuple(facts), link=None if template.customer else case_url, buttons=template.buttons,
-        ticket=template.ticket, customer=template.customer, email_to=email_to)
+        ticket=ticket, customer=template.customer, email_to=email_to,
+        high_priority=detail.get("priority") == "high")

@@ -34,6 +34,11 @@ class TicketSystem(Protocol):
         """Adds the message to the ticket's history."""
 
 
+def ticket_purpose(message_ticket: str, kind: str) -> str:
+    """The case's request ticket, or one incident per notice kind."""
+    return f"incident:{kind}" if message_ticket == "incident" else "request"
+
+
 def correlation_key(case_id: str, purpose: str) -> str:
     """Stable, short and free of characters ticket queries would need to escape."""
     return "rfo-" + hashlib.sha256(f"{case_id}\n{purpose}".encode()).hexdigest()[:32]
@@ -53,7 +58,7 @@ class TicketChannel:
     async def send(self, message: Message) -> str | None:
         assert message.case_id is not None and message.ticket is not None
         incident = message.ticket == "incident"
-        purpose = f"incident:{message.kind}" if incident else "request"
+        purpose = ticket_purpose(message.ticket, message.kind)
         stored = await self._store.ticket(message.case_id, self.name, purpose)
         if stored is not None:
             ticket = TicketRef(stored["external_id"], stored["number"], stored["url"])

@@ -59,7 +59,8 @@ class Jira:
         labels = ["refund-orchestrator", correlation, *(["incident"] if incident else [])]
         created = await self._call("POST", "issue", json={"fields": {
             "project": {"key": self._project}, "issuetype": {"name": self._issue_type},
-            "summary": message.title[:255], "description": adf(message), "labels": labels}})
+            "summary": message.title[:255], "description": adf(message), "labels": labels,
+            **({"priority": {"name": "High"}} if message.high_priority else {})}})
         return self._ref(created)
 
     async def note(self, incident: bool, ticket: TicketRef, message: Message) -> None:

@@ -14,6 +14,10 @@ from adapters.notify.delivery import DeliveryFailed, send_http
 from adapters.notify.message import Message
 from adapters.tickets.base import TicketRef
 
+# ServiceNow derives priority from impact and urgency: 1-High impact with 2-Medium urgency
+# is priority 2 - High in the default lookup rules.
+HIGH_PRIORITY = {"impact": "1", "urgency": "2"}
+
 
 def record_url(base_url: str, table: str, sys_id: str) -> str:
     """Where a person opens the record in the ServiceNow UI."""
@@ -53,7 +57,8 @@ class ServiceNow:
         table = self._tables[incident]
         record = await self._call("POST", table, json={
             "short_description": message.title[:160], "description": message.plain(),
-            "correlation_id": correlation, "correlation_display": "Refund Orchestrator"})
+            "correlation_id": correlation, "correlation_display": "Refund Orchestrator",
+            **(HIGH_PRIORITY if message.high_priority else {})})
         return self._ref(table, record)
 
     async def note(self, incident: bool, ticket: TicketRef, message: Message) -> None:

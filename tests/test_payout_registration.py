@@ -1,0 +1,133 @@
+"""Registering payouts the internal payments system made: the relay's `POST /v1/payouts`
+(token and role, pydantic validation, idempotent on the payout id, audited) and the
+`refunds payouts` commands (real processes, exit codes)."""
+
+import uuid
+from typing import Any
+
+import pytest
+
+from adapters.payout_book import PayoutBook
+from domain.payouts import payout_case_id
+from tests.harness import Stack
+from tests.payouts_kit import move_payout, wait_for_case
+from tests.test_cli import run
+
+
+def registration(**overrides: Any) -> dict[str, Any]:
+    body = {"id": f"P-{uuid.uuid4().hex[:10]}", "provider": "sandbox",
+            "provider_payout_id": f"po_{uuid.uuid4().hex[:12]}", "beneficiary_id": "ben-77",
+            "amount": 1_250_000, "currency": "usd"}
+    return {**body, **overrides}
+
+
+async def register(stack: Stack, body: dict[str, Any], user: str = "olga") -> Any:
+    async with stack.api(user) as api:
+        return await api.post("/v1/payouts", json=body)
+
+
+async def test_a_registration_books_once_and_the_same_again_is_a_no_op(stack: Stack) -> None:
+    body = registration()
+    first = await register(stack, body)
+    assert first.status_code == 201, first.text
+    assert first.json()["created"] is True and first.json()["payout"]["currency"] == "USD"
+    case_id = payout_case_id("sandbox", body["provider_payout_id"])
+    assert first.json()["case_id"] == case_id
+    again = await register(stack, body)
+    assert again.status_code == 200 and again.json()["created"] is False
+    booked = await PayoutBook(stack.store).payout(body["id"])
+    assert booked is not None
+    assert (booked.status, booked.amount, booked.currency) == ("paid", 1_250_000, "USD")
+    trail = await stack.store.audit_trail(case_id)
+    [registered] = [e for e in trail if e["action"] == "payout_registered"]
+    assert registered["actor"] == "olga" and registered["detail"]["amount"] == 1_250_000
+
+
+@pytest.mark.parametrize("change", [{"amount": 1_250_001}, {"beneficiary_id": "ben-other"},
+                                    {"id": "same-provider-payout"}],
+                         ids=["amount", "beneficiary", "provider-payout-id-under-another-id"])
+async def test_the_same_payout_with_other_data_is_a_409_and_changes_nothing(
+        stack: Stack, change: dict[str, Any]) -> None:
+    body = registration()
+    assert (await register(stack, body)).status_code == 201
+    other = {**body, **change}
+    if "id" in change:
+        other["id"] = f"P-{uuid.uuid4().hex[:10]}"
+    refused = await register(stack, other)
+    assert refused.status_code == 409 and "already registered with other data" in refused.json()["detail"]
+    book = PayoutBook(stack.store)
+    booked = await book.payout(body["id"])
+    assert booked is not None and (booked.amount, booked.beneficiary_id) == (1_250_000, "ben-77")
+    if "id" in change:
+        assert await book.payout(other["id"]) is None
+    trail = await stack.store.audit_trail(payout_case_id("sandbox", body["provider_payout_id"]))
+    assert [e["action"] for e in trail] == ["payout_registered", "payout_registration_refused"]
+
+
+@pytest.mark.parametrize(("change", "where"), [
+    ({"amount": 0}, "amount"), ({"amount": -5}, "amount"), ({"amount": 12.5}, "amount"),
+    ({"amount": "1250"}, "amount"), ({"currency": "XYZ"}, "currency"), ({"currency": "XAU"}, "currency"),
+    ({"status": "failed"}, "status"), ({"id": "has space"}, "id"),
+], ids=["zero", "negative", "float", "string", "unknown-currency", "no-minor-unit", "unknown-field",
+        "bad-id"])
+async def test_bad_input_is_a_recorded_422_that_books_nothing(stack: Stack, change: dict[str, Any],
+                                                             where: str) -> None:
+    body = registration(**change)
+    refused = await register(stack, body)
+    assert refused.status_code == 422
+    assert where in str(refused.json()["detail"][0]["loc"])
+    assert await PayoutBook(stack.store).payout(str(body["id"])) is None
+    refusals = [e for e in await stack.store.audit_trail("") if e["action"] == "action_refused"
+                and e["actor"] == "olga" and e["detail"]["action"] == "POST /v1/payouts"]
+    assert refusals and where in refusals[-1]["detail"]["refusal"]
+
+
+async def test_an_unconfigured_provider_is_refused_and_recorded(stack: Stack) -> None:
+    body = registration(provider="nowhere")
+    refused = await register(stack, body)
+    assert refused.status_code == 422 and "not configured" in refused.json()["detail"]
+    assert await PayoutBook(stack.store).payout(body["id"]) is None
+    trail = await stack.store.audit_trail(payout_case_id("nowhere", body["provider_payout_id"]))
+    assert [e["action"] for e in trail] == ["payout_registration_refused"]
+
+
+async def test_registration_needs_a_token_and_the_role(stack: Stack) -> None:
+    body = registration()
+    assert (await register(stack, body, "bob")).status_code == 403
+    async with stack.api("olga") as api:
+        api.headers["Authorization"] = "Bearer nope"
+        assert (await api.post("/v1/payouts", json=body)).status_code == 401
+    assert await PayoutBook(stack.store).payout(body["id"]) is None
+    trail = await stack.store.audit_trail(payout_case_id("sandbox", body["provider_payout_id"]))
+    assert [e["action"] for e in trail] == ["access_refused"]
+
+
+async def test_the_cli_registers_lists_and_shows_and_a_registered_payout_opens_a_case(stack: Stack) -> None:
+    async with stack.sandbox() as sb:
+        made = (await sb.post("/v1/payouts", json={"amount": 2_500, "currency": "KWD"})).json()
+    payout_id = f"P-{uuid.uuid4().hex[:10]}"
+    env = {"REFUNDS_RELAY_URL": stack.relay_url, "REFUNDS_TOKEN": stack.tokens["olga"]}
+    args = ("payouts", "register", "--id", payout_id, "--provider", "sandbox", "--provider-payout-id",
+            made["id"], "--beneficiary", "ben-cli", "--amount", "2.500", "--currency", "KWD")
+    first = await run(*args, env=env)
+    assert first.returncode == 0, first.stderr
+    assert '"created": true' in first.stdout and '"amount": 2500' in first.stdout
+    again = await run(*args, env=env)
+    assert again.returncode == 0 and '"created": false' in again.stdout
+    conflict = await run(*args[:-4], "--amount", "2.501", "--currency", "KWD", env=env)
+    assert conflict.returncode == 1 and "already registered with other data" in conflict.stdout
+    too_precise = await run(*args[:-4], "--amount", "2.5001", "--currency", "KWD", env=env)
+    assert too_precise.returncode == 2 and "more than 3 decimals" in too_precise.stderr
+    listed = await run("payouts", "list", "--limit", "500", env=env)
+    assert listed.returncode == 0 and f"{payout_id}  sandbox {made['id']}  2.500 KWD  paid" in listed.stdout
+    shown = await run("payouts", "show", payout_id, env=env)
+    case_id = payout_case_id("sandbox", made["id"])
+    assert shown.returncode == 0 and f'"case_id": "{case_id}"' in shown.stdout
+    assert '"case_status": null' in shown.stdout
+
+    await move_payout(stack, made["id"], "failed", failure_code="account_closed")
+    await wait_for_case(stack, case_id, "awaiting_approval")
+    actions = [e["action"] for e in await stack.store.audit_trail(case_id)]
+    assert actions[0] == "payout_registered" and "payout_exception_opened" in actions
+    missing = await run("payouts", "show", "P-missing", env=env)
+    assert missing.returncode == 1 and "no payout" in missing.stdout
