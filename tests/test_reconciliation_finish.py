@@ -3,6 +3,7 @@ exception case (once, joining a case the webhook already opened); a status no ad
 is a break for ops and the run reads on; dismissed breaks reopen through the same case;
 break approvals remind and escalate like every other approval."""
 
+import asyncio
 import logging
 import uuid
 from typing import Any
@@ -96,14 +97,14 @@ async def test_a_break_found_after_the_webhook_joins_the_open_payout_case(
         [found] = report["breaks"]
         assert (found["break_class"], found["case_id"]) == ("payout_failed_shown_paid", case_id)
         await wait_for_breaks(stack, [payout.provider_payout_id], "handed_to_case")
+        assert (await decide_payout(stack, "lena", case_id)).status_code == 202
+        await wait_for_case(stack, case_id, "remediated")
+        # the case takes later events onto its timeline once decided: the break joined it
         trail = await wait_for_actions(stack, case_id, "payout_event_joined")
         [joined] = [e for e in trail if e["action"] == "payout_event_joined"]
         assert joined["detail"]["event_id"] == f"reconciliation:{found['break_id']}"
         [opened] = [e for e in trail if e["action"] == "payout_exception_opened"]
         assert opened["detail"]["event_id"] == event_id  # the webhook's case, not a second one
-
-        assert (await decide_payout(stack, "lena", case_id)).status_code == 202
-        await wait_for_case(stack, case_id, "remediated")
         reversals = {e["posting_key"] for e in await store.ledger_entries(case_id)
                      if e["template"] == "payout_reversed"}
         assert reversals == {f"{case_id}:payout_reversed"}  # the case's own entry, once
@@ -212,6 +213,16 @@ async def test_a_dismissed_break_reopens_into_the_same_case(stack: Stack) -> Non
     assert (again["new_breaks"], again["known_breaks"]) == (0, 0)
 
 
+async def notices_until(store: Store, case_id: str, kind: str, timeout: float = 60) -> list[tuple[str, str]]:
+    """The case's notices (kind, audience) once one of `kind` is queued."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        kinds = [(n["kind"], n["audience"]) for n in await store.notices(case_id)]
+        if any(k == kind for k, _ in kinds) or asyncio.get_running_loop().time() > deadline:
+            return kinds
+        await asyncio.sleep(0.1)
+
+
 async def test_a_waiting_break_is_reminded_and_escalated(
         store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
     stack = await open_stack(store, client, temporal_server.address, approval_reminder_seconds=1,
@@ -226,7 +237,7 @@ async def test_a_waiting_break_is_reminded_and_escalated(
         assert (actions.index("reconciliation_exception_opened")
                 < actions.index("reconciliation_approval_reminder")
                 < actions.index("reconciliation_approval_escalated"))
-        kinds = [(n["kind"], n["audience"]) for n in await store.notices(case_id)]
+        kinds = await notices_until(store, case_id, "reconciliation_approval_escalated")
         assert kinds == [("reconciliation_break", "ops"), ("reconciliation_approval_needed", "approvers"),
                          ("reconciliation_approval_reminder", "approvers"),
                          ("reconciliation_approval_escalated", "escalation")]
