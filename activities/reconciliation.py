@@ -10,8 +10,9 @@ derived id, and a settled break returns its recorded outcome.
 import csv
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from contextlib import aclosing
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,33 +22,37 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 
 from adapters.providers.base import (
+    PayoutLister,
     ProviderAdapter,
     ProviderDeclined,
     ProviderOutcomeUnknown,
     RefundLister,
     UnexpectedProviderStatus,
 )
-from adapters.reconciliation import REPORT_COLUMNS, Reconciliations, RunConflict, break_case
+from adapters.reconciliation import REPORT_COLUMNS, Listed, Phase, Reconciliations, RunConflict, break_case
 from adapters.store import Store
 from domain.models import RefundTimings
-from domain.policy import Policy, tier_for
+from domain.payouts import PayoutCaseInput, ProviderPayout, payout_case_id
+from domain.policy import Policy, decide_payout_reversal, tier_for
 from domain.reconciliation import (
     BatchInput,
     BatchResult,
     BreakApproval,
     BreakCase,
+    BreakClass,
     BreakOutcome,
     BreakSettlement,
-    ListedRefund,
     RunSummary,
     RunWindow,
     approval_amount,
     break_workflow_id,
+    payout_truth_event,
 )
 
 log = logging.getLogger(__name__)
 
 BREAK_WORKFLOW = "ReconciliationBreakWorkflow"
+PAYOUT_WORKFLOW = "PayoutReversalWorkflow"
 
 
 def lister(providers: Mapping[str, ProviderAdapter], name: str) -> RefundLister:
@@ -64,13 +69,15 @@ class ReconciliationActivities:
     workflows) and the policy whose tiers approve compensations."""
 
     def __init__(self, store: Store, providers: Mapping[str, ProviderAdapter], client: Client,
-                 policy: Policy, *, timings: RefundTimings, reports_dir: Path) -> None:
+                 policy: Policy, *, timings: RefundTimings, reports_dir: Path,
+                 reissue_window: timedelta = PayoutCaseInput.model_fields["reissue_window"].default) -> None:
         self._recon = Reconciliations(store)
         self._providers = providers
         self._client = client
         self._policy = policy
         self._timings = timings
         self._reports_dir = reports_dir
+        self._reissue_window = reissue_window
 
     @activity.defn(name="open_reconciliation_run")
     async def open_reconciliation_run(self, window: RunWindow) -> None:
@@ -82,29 +89,37 @@ class ReconciliationActivities:
 
     @activity.defn(name="reconcile_batch")
     async def reconcile_batch(self, inp: BatchInput) -> BatchResult:
-        """Reads up to `batch_size` refunds after the run's cursor (newest first), stores
-        their breaks and the new cursor in one transaction, then starts the exception
-        workflows of breaks not yet dispatched."""
+        """Reads up to `batch_size` objects after the run's cursor (newest first: the
+        provider's refunds, then its payouts when it lists them), stores their breaks and
+        the new cursor in one transaction, then starts the exception workflows of breaks
+        not yet dispatched."""
         run = await self._recon.run(inp.run_id)
         assert run is not None, f"run {inp.run_id} was never opened"
         source = lister(self._providers, inp.provider)
-        batch: list[ListedRefund] = []
+        phase = Phase(run["phase"])
+        listing = _listing(source, phase, run)
+        batch: list[Listed] = []
         try:
-            async with aclosing(source.list_refunds(run["window_start"], run["window_end"],
-                                                    run["cursor"])) as listed:
-                async for refund in listed:
-                    batch.append(refund)
+            async with aclosing(listing) as listed:
+                async for item in listed:
+                    batch.append(item)
                     if len(batch) >= inp.options.batch_size:
                         break
+            full = len(batch) >= inp.options.batch_size
+            next_phase = Phase.PAYOUTS if (phase is Phase.REFUNDS and not full
+                                           and isinstance(source, PayoutLister)) else None
             new = await self._recon.store_batch(inp.run_id, inp.provider, batch, inp.options,
-                                                cursor=run["cursor"])
+                                                cursor=run["cursor"], phase=phase, next_phase=next_phase)
         except ProviderOutcomeUnknown as exc:
             raise ApplicationError(str(exc), type="ProviderOutcomeUnknown") from exc
         except (ProviderDeclined, UnexpectedProviderStatus, RunConflict) as exc:
             raise ApplicationError(str(exc), type=type(exc).__name__, non_retryable=True) from exc
+        for row in new:
+            if row["break_class"] == BreakClass.UNMAPPED_STATUS:
+                log.error("UNMAPPED STATUS: %s %s %s reports %r; break %s waits for ops (the run goes on)",
+                          inp.provider, row["object_kind"], row["object_id"], row["raw_status"], row["id"])
         await self._dispatch(inp.run_id)
-        return BatchResult(objects=len(batch), new_breaks=len(new),
-                           has_more=len(batch) >= inp.options.batch_size)
+        return BatchResult(objects=len(batch), new_breaks=len(new), has_more=full or next_phase is not None)
 
     async def _dispatch(self, run_id: str) -> None:
         """Starts one exception workflow per break (by derived id, so a repeat attaches)."""
@@ -150,10 +165,36 @@ class ReconciliationActivities:
     async def open_break_exception(self, case: BreakCase) -> BreakApproval:
         """Decides who must approve (the refund tier for the amount at stake), records it
         and tells the approvers."""
-        tier = tier_for(self._policy.refunds.tiers, approval_amount(case), case.truth.currency)
-        approval = BreakApproval(tier=tier.name, requirements=tier.approvals)
+        if isinstance(case.truth, ProviderPayout):
+            decided = decide_payout_reversal(self._policy, case.truth.amount, case.truth.currency)
+            assert decided.tier is not None
+            approval = BreakApproval(tier=decided.tier, requirements=decided.requirements)
+        else:
+            tier = tier_for(self._policy.refunds.tiers, approval_amount(case), case.truth.currency)
+            approval = BreakApproval(tier=tier.name, requirements=tier.approvals)
         await self._recon.open_exception(case.break_id, approval)
         return approval
+
+    @activity.defn(name="hand_break_to_payout_case")
+    async def hand_break_to_payout_case(self, case: BreakCase) -> bool:
+        """Hands a payout break to the payout's exception case exactly as the relay hands it
+        a webhook: signal-with-start by the derived case id, so a case the webhook already
+        opened takes it as one more event on its timeline. False when that case has ended
+        (its id is never reused): then people decide on the break."""
+        assert isinstance(case.truth, ProviderPayout)
+        case_id = payout_case_id(case.provider, case.truth.payout_id)
+        try:
+            await self._client.start_workflow(
+                PAYOUT_WORKFLOW, PayoutCaseInput(case_id=case_id, provider=case.provider,
+                                                 payout_id=case.truth.payout_id, timings=self._timings,
+                                                 reissue_window=self._reissue_window),
+                id=case_id, task_queue=activity.info().task_queue,
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+                start_signal="payout_event", start_signal_args=[payout_truth_event(case, datetime.now(UTC))])
+        except WorkflowAlreadyStartedError:
+            return False
+        return True
 
     @activity.defn(name="settle_break")
     async def settle_break(self, settlement: BreakSettlement) -> BreakOutcome:
@@ -163,7 +204,16 @@ class ReconciliationActivities:
     def all(self) -> list[Callable[..., Any]]:
         """Every activity, for worker registration."""
         return [self.open_reconciliation_run, self.reconcile_batch, self.finish_reconciliation_run,
-                self.open_break_exception, self.settle_break]
+                self.open_break_exception, self.hand_break_to_payout_case, self.settle_break]
+
+
+def _listing(source: RefundLister, phase: Phase, run: dict[str, Any]) -> AsyncGenerator[Any]:
+    """The list call the run's phase reads, after its stored cursor."""
+    window = (run["window_start"], run["window_end"], run["cursor"])
+    if phase is Phase.PAYOUTS:
+        assert isinstance(source, PayoutLister), "a payout phase is only entered for payout listers"
+        return source.list_payouts(*window)
+    return source.list_refunds(*window)
 
 
 def _cell(row: dict[str, Any], column: str) -> Any:

@@ -25,24 +25,47 @@ from domain.models import (
     ProviderRefundStatus,
     RefundTimings,
 )
+from domain.payouts import (
+    EXCEPTION_STATUSES,
+    PayoutStatus,
+    ProviderPayout,
+    ProviderPayoutStatus,
+    final_status,
+    payout_case_id,
+)
 from domain.reconciliation import (
     NON_TERMINAL_PROVIDER,
+    REOPENABLE,
     SHOWN_FAILED,
     SHOWN_PENDING,
     SHOWN_REFUNDED,
+    UNMAPPED,
     BreakApproval,
     BreakCase,
     BreakClass,
     BreakOutcome,
     BreakSettlement,
     BreakState,
+    ListedPayout,
     ListedRefund,
     ReconcileOptions,
     RunWindow,
+    UnmappedListing,
     compensation,
     corrected_status,
     expected_net,
 )
+
+Listed = ListedRefund | ListedPayout | UnmappedListing
+"""One object of a provider's list call, as a batch stages it."""
+
+
+class Phase(StrEnum):
+    """Which of the provider's lists a run's cursor walks: refunds first, then payouts."""
+
+    REFUNDS = "refunds"
+    PAYOUTS = "payouts"
+
 
 REFUNDED_ACCOUNT = LEDGER_TEMPLATES[LedgerKind.REFUND_SETTLED][0]
 """The account whose debit balance per case is what our ledger says was refunded."""
@@ -55,11 +78,22 @@ CREATE TEMP TABLE recon_batch (
 ) ON COMMIT DROP
 """
 
+# Both classifications end alike: link every break seen to this run. Rows inserted by a CTE
+# are invisible to the rest of the statement, hence the UNION with `inserted`.
+LINK = """, linked AS (
+    INSERT INTO reconciliation_run_breaks (run_id, break_id)
+    SELECT %(run_id)s, r.id FROM classified c JOIN reconciliation_breaks r
+        ON r.provider = %(provider)s AND r.object_id = c.object_id AND r.break_class = c.break_class
+    UNION ALL SELECT %(run_id)s, id FROM inserted
+    ON CONFLICT DO NOTHING
+)
+SELECT * FROM inserted ORDER BY id
+"""
+
 # One statement per batch: match each provider object to its case (by the refund id the case
 # recorded, else by our reference in the provider's metadata) and to that case's ledger
 # position, flag every class of difference, insert the breaks not seen before, and link every
-# break seen to this run. Rows inserted by a CTE are invisible to the rest of the statement,
-# hence the UNION with `inserted`.
+# break seen to this run (LINK).
 CLASSIFY = """
 WITH matched AS (
     SELECT b.*, c.refund_request_id AS case_id, c.status AS case_status, c.amount AS case_amount,
@@ -103,7 +137,8 @@ WITH matched AS (
                AS statuses_agree
     FROM matched m
 ), classified AS (
-    SELECT f.*, k.break_class FROM flagged f CROSS JOIN LATERAL unnest(array_remove(ARRAY[
+    SELECT f.*, k.break_class FROM flagged f CROSS JOIN LATERAL unnest(
+        CASE WHEN f.status = %(unmapped)s THEN ARRAY['unmapped_status'] ELSE array_remove(ARRAY[
         CASE WHEN f.unknown THEN 'unknown_to_us' END,
         f.status_break,
         CASE WHEN f.amount_break THEN 'amount_mismatch' END,
@@ -112,16 +147,16 @@ WITH matched AS (
         CASE WHEN f.statuses_agree AND NOT f.amount_break AND NOT f.currency_break THEN
             CASE WHEN f.ledger_net > f.amount OR f.ledger_net < 0 THEN 'ledger_doubled'
                  WHEN f.ledger_net <> f.expected_net THEN 'ledger_missing' END END
-    ], NULL)) AS k(break_class)
+    ], NULL) END) AS k(break_class)
 ), inserted AS (
     INSERT INTO reconciliation_breaks (
         provider, object_id, break_class, refund_request_id, chain, charge_id, amount, currency,
         provider_status, raw_status, failure_reason, case_status, ledger_delta, object_created_at,
-        evidence, first_run_id)
+        evidence, first_run_id, state)
     SELECT %(provider)s, object_id, break_class, case_id,
            coalesce(case_id, %(tracking_prefix)s || object_id), charge_id, amount, currency, status,
            raw_status, failure_reason, case_status,
-           CASE WHEN case_id IS NULL THEN expected_net
+           CASE WHEN status = %(unmapped)s THEN NULL WHEN case_id IS NULL THEN expected_net
                 WHEN currency = case_currency THEN expected_net - ledger_net END,
            created_at,
            jsonb_build_object(
@@ -133,19 +168,48 @@ WITH matched AS (
                    'provider_status', case_provider_status, 'holds_refund', case_holds_refund,
                    'requester', case_requester) END,
                'ledger', jsonb_build_object('net', ledger_net, 'expected', expected_net)),
-           %(run_id)s
+           %(run_id)s, CASE WHEN status = %(unmapped)s THEN 'ops_review' ELSE 'new' END
     FROM classified
     ON CONFLICT (provider, object_id, break_class) DO NOTHING
     RETURNING *
-), linked AS (
-    INSERT INTO reconciliation_run_breaks (run_id, break_id)
-    SELECT %(run_id)s, r.id FROM classified c JOIN reconciliation_breaks r
-        ON r.provider = %(provider)s AND r.object_id = c.object_id AND r.break_class = c.break_class
-    UNION ALL SELECT %(run_id)s, id FROM inserted
-    ON CONFLICT DO NOTHING
-)
-SELECT * FROM inserted ORDER BY id
-"""
+)""" + LINK  # noqa: S608 (constant text)
+
+# Payouts: the provider failed, canceled or reversed a payout our books hold as paid (the
+# payout exception case's own trigger, found without its webhook), or reported a status no
+# table maps. Payout breaks live on the payout exception case's chain.
+CLASSIFY_PAYOUTS = """
+WITH classified AS (
+    SELECT b.*, p.id AS payout_id, p.status AS our_status, p.amount AS our_amount,
+           p.currency AS our_currency, p.beneficiary_id, k.break_class
+    FROM recon_batch b
+    LEFT JOIN payouts p ON p.provider = %(provider)s AND p.provider_payout_id = b.object_id
+    CROSS JOIN LATERAL (SELECT CASE
+        WHEN b.status = %(unmapped)s THEN 'unmapped_status'
+        WHEN b.status = ANY(%(payout_failed)s) AND p.status = %(paid)s THEN 'payout_failed_shown_paid'
+        END AS break_class) k
+    WHERE b.created_at < %(judge_before)s AND k.break_class IS NOT NULL
+), inserted AS (
+    INSERT INTO reconciliation_breaks (
+        provider, object_kind, object_id, break_class, refund_request_id, chain, charge_id, amount,
+        currency, provider_status, raw_status, failure_reason, case_status, object_created_at,
+        evidence, first_run_id, state)
+    SELECT %(provider)s, 'payout', object_id, break_class,
+           CASE WHEN payout_id IS NOT NULL THEN %(case_prefix)s || object_id END,
+           %(case_prefix)s || object_id, charge_id, amount, currency, status, raw_status,
+           failure_reason, our_status, created_at,
+           jsonb_build_object(
+               'provider', jsonb_build_object('status', status, 'raw_status', raw_status,
+                   'failure_code', failure_reason, 'amount', amount, 'currency', currency,
+                   'created', created_at, 'reference', reference),
+               'payout', CASE WHEN payout_id IS NOT NULL THEN jsonb_build_object('id', payout_id,
+                   'status', our_status, 'amount', our_amount, 'currency', our_currency,
+                   'beneficiary_id', beneficiary_id) END),
+           %(run_id)s, CASE WHEN status = %(unmapped)s THEN 'ops_review' ELSE 'new' END
+    FROM classified
+    ON CONFLICT (provider, object_id, break_class) DO NOTHING
+    RETURNING *
+)""" + LINK  # noqa: S608 (constant text)
+
 
 REPORT_COLUMNS = ("break_id", "break_class", "provider", "object_id", "case_id", "amount", "currency",
                   "provider_status", "failure_reason", "case_status", "ledger_delta", "object_created_at",
@@ -160,8 +224,32 @@ def _names(statuses: Iterable[StrEnum]) -> list[str]:
     return sorted(s.value for s in statuses)
 
 
-def truth_of(row: dict[str, Any]) -> ProviderRefund:
-    """The provider's refund as a stored break recorded it."""
+def _object_id(listed: Listed) -> str:
+    if isinstance(listed, ListedRefund):
+        return listed.refund.refund_id
+    return listed.payout.payout_id if isinstance(listed, ListedPayout) else listed.object_id
+
+
+def _staged(listed: Listed) -> tuple[str, int, str, str, str, str | None, str | None]:
+    """charge, amount, currency, status, raw status, failure reason, reference of a listed
+    object, as the batch table stages them (a payout has no charge; its failure code)."""
+    if isinstance(listed, ListedRefund):
+        r = listed.refund
+        return r.charge_id, r.amount, r.currency, r.status.value, r.raw_status, r.failure_reason, r.reference
+    if isinstance(listed, ListedPayout):
+        p = listed.payout
+        return "", p.amount, p.currency, p.status.value, p.raw_status, p.failure_code, p.reference
+    return "", listed.amount, listed.currency, UNMAPPED, listed.raw_status, listed.error, None
+
+
+def truth_of(row: dict[str, Any]) -> ProviderRefund | ProviderPayout:
+    """The provider's refund or payout as a stored break recorded it."""
+    if row["object_kind"] == "payout":
+        return ProviderPayout(
+            provider=row["provider"], payout_id=row["object_id"], amount=int(row["amount"]),
+            currency=row["currency"], status=ProviderPayoutStatus(row["provider_status"]),
+            raw_status=row["raw_status"], failure_code=row["failure_reason"],
+            reference=row["evidence"]["provider"].get("reference"))
     return ProviderRefund(
         provider=row["provider"], refund_id=row["object_id"], charge_id=row["charge_id"],
         amount=int(row["amount"]), currency=row["currency"],
@@ -179,7 +267,8 @@ def break_case(row: dict[str, Any], timings: RefundTimings) -> BreakCase:
         case_holds_refund=bool(case.get("holds_refund")),
         case_provider_status=ProviderRefundStatus(held) if held else None, truth=truth_of(row),
         ledger_delta=None if row["ledger_delta"] is None else int(row["ledger_delta"]),
-        conflicted=(case["requester"],) if case.get("requester") else (), timings=timings)
+        conflicted=(case["requester"],) if case.get("requester") else (), timings=timings,
+        reopened=int(row["reopened"]))
 
 
 def run_view(row: dict[str, Any]) -> dict[str, Any]:
@@ -195,6 +284,9 @@ def run_view(row: dict[str, Any]) -> dict[str, Any]:
             "links": {"run": f"/v1/reconciliation/runs/{row['id']}"}}
 
 
+CASE_ROUTES = {"refund": "refund-requests", "payout": "payout-exceptions"}
+
+
 def break_view(row: dict[str, Any]) -> dict[str, Any]:
     """The public shape of a break, with links to its case and exception workflow."""
     case_id = row["refund_request_id"]
@@ -206,8 +298,9 @@ def break_view(row: dict[str, Any]) -> dict[str, Any]:
         "ledger_delta": row["ledger_delta"], "object_created_at": row["object_created_at"].isoformat(),
         "state": row["state"], "found_at": row["found_at"].isoformat(), "evidence": row["evidence"],
         "resolution": row["resolution"],
+        "object_kind": row["object_kind"], "reopened": row["reopened"],
         "links": {"break": f"/v1/reconciliation/breaks/{row['id']}",
-                  "case": f"/v1/refund-requests/{case_id}" if case_id else None,
+                  "case": f"/v1/{CASE_ROUTES[row['object_kind']]}/{case_id}" if case_id else None,
                   "workflow": f"recon-break-{row['id']}"},
     }
 
@@ -269,42 +362,46 @@ class Reconciliations:
                 "SELECT * FROM reconciliation_runs ORDER BY started_at DESC LIMIT %s", (limit,))
             return list(await cur.fetchall())
 
-    async def store_batch(self, run_id: str, provider: str, batch: Sequence[ListedRefund],
-                          options: ReconcileOptions, *, cursor: str | None) -> list[dict[str, Any]]:
-        """Classifies one batch and moves the run's cursor past it, in one transaction;
-        returns the breaks not seen before (each already audited and announced to ops).
-        `cursor` is the one the batch was read after: a run moved on by someone else fails."""
+    async def store_batch(self, run_id: str, provider: str, batch: Sequence[Listed],
+                          options: ReconcileOptions, *, cursor: str | None, phase: Phase,
+                          next_phase: Phase | None = None) -> list[dict[str, Any]]:
+        """Classifies one batch of the phase's objects and moves the run's cursor past it
+        (or, with `next_phase`, to the start of the next list), in one transaction; returns
+        the breaks not seen before (each already audited and announced to ops). `cursor`
+        and `phase` are where the batch was read: a run moved on by someone else fails."""
         run = await self.run(run_id)
         assert run is not None
         until: datetime = run["window_end"]
-        unique = {listed.refund.refund_id: listed for listed in batch}
+        unique = {_object_id(listed): listed for listed in batch}
         async with self._store.transaction() as conn:
             await conn.execute(STAGE)
             async with conn.cursor().copy(
                     "COPY recon_batch (object_id, charge_id, amount, currency, status, raw_status,"
                     " failure_reason, reference, created_at) FROM STDIN") as copy:
-                for listed in unique.values():
-                    r = listed.refund
-                    await copy.write_row((r.refund_id, r.charge_id, r.amount, r.currency, r.status.value,
-                                          r.raw_status, r.failure_reason, r.reference, listed.created))
-            cur = await conn.execute(CLASSIFY, {
+                for object_id, listed in unique.items():
+                    await copy.write_row((object_id, *_staged(listed), listed.created))
+            statement = CLASSIFY if phase is Phase.REFUNDS else CLASSIFY_PAYOUTS
+            cur = await conn.execute(statement, {
                 "provider": provider, "run_id": run_id, "account": REFUNDED_ACCOUNT,
                 "judge_before": until - options.grace, "stuck_before": until - options.stuck_after,
                 "shown_refunded": _names(SHOWN_REFUNDED), "shown_pending": _names(SHOWN_PENDING),
                 "shown_failed": _names(SHOWN_FAILED), "non_terminal": _names(NON_TERMINAL_PROVIDER),
-                "tracking_prefix": tracking_case_id(provider, "")})
+                "tracking_prefix": tracking_case_id(provider, ""), "unmapped": UNMAPPED,
+                "payout_failed": _names(EXCEPTION_STATUSES), "paid": PayoutStatus.PAID.value,
+                "case_prefix": payout_case_id(provider, "")})
             new = list(await cur.fetchall())
             for row in new:
                 await self._announce(conn, row)
-            last = batch[-1] if batch else None
+            last = batch[-1] if batch and next_phase is None else None
+            moved_to = (None, None) if next_phase else (
+                (_object_id(last), last.created) if last else (cursor, run["cursor_created"]))
             moved = await conn.execute(
-                "UPDATE reconciliation_runs SET cursor = %s, cursor_created = %s,"
+                "UPDATE reconciliation_runs SET cursor = %s, cursor_created = %s, phase = %s,"
                 " objects_seen = objects_seen + %s, batches = batches + 1, updated_at = now()"
-                " WHERE id = %s AND cursor IS NOT DISTINCT FROM %s",
-                (last.refund.refund_id if last else cursor, last.created if last else run["cursor_created"],
-                 len(unique), run_id, cursor))
+                " WHERE id = %s AND cursor IS NOT DISTINCT FROM %s AND phase = %s",
+                (*moved_to, (next_phase or phase).value, len(unique), run_id, cursor, phase.value))
             if moved.rowcount != 1:
-                raise RunConflict(f"run {run_id} moved past {cursor} elsewhere: this batch is dropped")
+                raise RunConflict(f"run {run_id} moved past {phase}:{cursor} elsewhere: the batch is dropped")
         return new
 
     @staticmethod
@@ -323,7 +420,7 @@ class Reconciliations:
         async with self._store.transaction() as conn:
             cur = await conn.execute(
                 "SELECT * FROM reconciliation_breaks WHERE first_run_id = %s AND dispatched_at IS NULL"
-                " ORDER BY id LIMIT %s", (run_id, limit))
+                " AND state <> 'ops_review' ORDER BY id LIMIT %s", (run_id, limit))
             return list(await cur.fetchall())
 
     async def mark_dispatched(self, break_id: int) -> None:
@@ -411,7 +508,8 @@ class Reconciliations:
                                detail)
             await Store.queue_notice_in(conn, NoticeInput(
                 refund_request_id=row["chain"], kind="reconciliation_approval_needed",
-                audience="approvers", dedup_key=f"reconciliation_approval:{break_id}", detail=detail))
+                audience="approvers", dedup_key=f"reconciliation_approval:{break_id}{_round(row)}",
+                detail=detail))
 
     async def settle(self, settlement: BreakSettlement) -> BreakOutcome:
         """Ends the exception case once. Only an approved one touches money: it brings the
@@ -430,7 +528,8 @@ class Reconciliations:
                 return BreakOutcome.model_validate(row["resolution"]["outcome"])
             outcome = BreakOutcome(break_id=break_id, state=settlement.state)
             if settlement.state is BreakState.RESOLVED:
-                outcome = await self._compensate(conn, row, settlement)
+                compensate = self._compensate_payout if row["object_kind"] == "payout" else self._compensate
+                outcome = await compensate(conn, row, settlement)
             resolution = {**settlement.model_dump(mode="json"), "outcome": outcome.model_dump(mode="json")}
             await conn.execute(
                 "UPDATE reconciliation_breaks SET state = %s, resolved_at = now(), resolution = %s,"
@@ -445,7 +544,9 @@ class Reconciliations:
     async def _adopt(self, row: dict[str, Any]) -> None:
         """A refund unknown to us becomes a tracking case (holding its amount against the
         charge), so the approved entry has a case to land on."""
-        await self._store.open_tracking_case(row["chain"], truth_of(row), None, "reconciliation")
+        truth = truth_of(row)
+        assert isinstance(truth, ProviderRefund), "only a refund is adopted"
+        await self._store.open_tracking_case(row["chain"], truth, None, "reconciliation")
 
     @staticmethod
     async def _compensate(conn: Conn, row: dict[str, Any], settlement: BreakSettlement) -> BreakOutcome:
@@ -454,6 +555,7 @@ class Reconciliations:
                                          (case_id,))).fetchone()
         assert case is not None
         truth = truth_of(row)
+        assert isinstance(truth, ProviderRefund)
         net = await (await conn.execute(
             "SELECT coalesce(sum(li.debit - li.credit), 0) AS net FROM ledger_entries e"
             " JOIN ledger_lines li ON li.entry_id = e.id WHERE e.refund_request_id = %s AND li.account = %s",
@@ -477,10 +579,72 @@ class Reconciliations:
                 " WHERE refund_request_id = %s",
                 (status.value, truth.status.value, truth.failure_reason, truth.status.value,
                  truth.status.value, case_id))
-        await Store._audit(conn, case_id, "reconciliation", "reconciliation_compensated",
-                           {"break_id": row["id"], "approvers": list(settlement.approvers),
-                            "posting_key": posting_key, "status": status.value if status else None,
-                            "ledger_net_before": int(net["net"]), "provider_status": truth.status.value})
+        await _compensated(conn, row, settlement, posting_key, status=status.value if status else None,
+                           ledger_net_before=int(net["net"]), provider_status=truth.status.value)
         return BreakOutcome(break_id=row["id"], state=BreakState.RESOLVED, posting_key=posting_key,
                             case_status=status)
 
+
+    @staticmethod
+    async def _compensate_payout(conn: Conn, row: dict[str, Any],
+                                 settlement: BreakSettlement) -> BreakOutcome:
+        """An approved payout break whose exception case had already ended: the payout's
+        reversal entry and its final status, as the case's runbook would have left them,
+        fenced by the payout row (a payout no longer paid posts nothing)."""
+        payout = await (await conn.execute(
+            "SELECT * FROM payouts WHERE provider = %s AND provider_payout_id = %s FOR UPDATE",
+            (row["provider"], row["object_id"]))).fetchone()
+        assert payout is not None
+        posting_key = None
+        final = final_status(ProviderPayoutStatus(row["provider_status"]))
+        if payout["status"] == PayoutStatus.PAID:
+            posted = await Store.post_ledger_in(conn, LedgerInput(
+                refund_request_id=row["chain"], kind=LedgerKind.PAYOUT_REVERSED, amount=int(payout["amount"]),
+                currency=payout["currency"], provider_refund_id=row["object_id"],
+                reference=f"reconciliation-{row['id']}"))
+            posting_key = posted.posting_key
+            await conn.execute("UPDATE payouts SET status = %s, updated_at = now() WHERE id = %s",
+                               (final.value, payout["id"]))
+        await _compensated(conn, row, settlement, posting_key, payout_status=final.value,
+                           payout_status_before=payout["status"], provider_status=row["provider_status"])
+        return BreakOutcome(break_id=row["id"], state=BreakState.RESOLVED, posting_key=posting_key)
+
+    # -- reopening ------------------------------------------------------------------------
+
+    async def reopen(self, break_id: int, actor: str, reason: str) -> dict[str, Any]:
+        """Sends a dismissed or expired break back to its exception case (the same break and
+        case id, `reopened` counted), audited with the decision it undoes. Raises
+        LookupError for no such break, NotReopenable when it is in another state."""
+        async with self._store.transaction() as conn:
+            row = await (await conn.execute("SELECT * FROM reconciliation_breaks WHERE id = %s FOR UPDATE",
+                                            (break_id,))).fetchone()
+            if row is None:
+                raise LookupError(f"no reconciliation break {break_id}")
+            if row["state"] not in REOPENABLE:
+                raise NotReopenable(f"break is {row['state']}; only dismissed or expired breaks reopen")
+            reopened = await (await conn.execute(
+                "UPDATE reconciliation_breaks SET state = 'new', reopened = reopened + 1, resolution = NULL,"
+                " resolved_at = NULL WHERE id = %s RETURNING *", (break_id,))).fetchone()
+            assert reopened is not None
+            await Store._audit(conn, row["chain"], actor, "reconciliation_break_reopened", {
+                "break_id": break_id, "reason": reason, "reopened": reopened["reopened"],
+                "previous_state": row["state"], "previous_resolution": row["resolution"]})
+            return reopened
+
+
+class NotReopenable(Exception):
+    """Only a break that ended without moving money (dismissed, expired) can be reopened."""
+
+
+def _round(row: dict[str, Any]) -> str:
+    """Suffix of a break's per-round dedup keys: empty for the first round, so keys written
+    before breaks could reopen stay the same."""
+    return f":reopen-{row['reopened']}" if row["reopened"] else ""
+
+
+async def _compensated(conn: Conn, row: dict[str, Any], settlement: BreakSettlement, posting_key: str | None,
+                       **detail: Any) -> None:
+    """The compensation's audit row on the break's chain: who approved, what posted."""
+    await Store._audit(conn, row["chain"], "reconciliation", "reconciliation_compensated",
+                       {"break_id": row["id"], "approvers": list(settlement.approvers),
+                        "posting_key": posting_key, **detail})

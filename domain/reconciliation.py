@@ -24,7 +24,7 @@ from domain.models import (
     RefundTimings,
     RoleRequirement,
 )
-from domain.payouts import ProviderPayout
+from domain.payouts import PayoutEvent, ProviderPayout
 
 
 class BreakClass(StrEnum):
@@ -39,6 +39,12 @@ class BreakClass(StrEnum):
     STUCK_NON_TERMINAL = "stuck_non_terminal"
     LEDGER_MISSING = "ledger_missing"
     LEDGER_DOUBLED = "ledger_doubled"
+    PAYOUT_FAILED_SHOWN_PAID = "payout_failed_shown_paid"
+    UNMAPPED_STATUS = "unmapped_status"
+
+
+UNMAPPED = "unmapped"
+"""The staged status of an object whose provider status no adapter table maps."""
 
 
 STATUS_CLASSES = frozenset({BreakClass.PROVIDER_FAILED_SHOWN_REFUNDED,
@@ -69,6 +75,11 @@ class BreakState(StrEnum):
     RESOLVED = "resolved"
     DISMISSED = "dismissed"
     EXPIRED = "expired"
+    OPS_REVIEW = "ops_review"
+
+
+REOPENABLE = frozenset({BreakState.DISMISSED, BreakState.EXPIRED})
+"""Breaks people may send back to approval: the ones that ended without moving money."""
 
 
 class ListedRefund(Frozen):
@@ -83,6 +94,18 @@ class ListedPayout(Frozen):
 
     payout: ProviderPayout
     created: datetime
+
+
+class UnmappedListing(Frozen):
+    """An object a list call returned with a status no mapping table knows: never guessed
+    into a status, it becomes an `unmapped_status` break and the run goes on."""
+
+    object_id: str
+    raw_status: str
+    amount: int
+    currency: str
+    created: datetime
+    error: str
 
 
 class ReconcileOptions(Frozen):
@@ -158,10 +181,11 @@ class BreakCase(Frozen):
     case_id: str | None
     case_holds_refund: bool = Field(description="the case's provider_refund_id is this object")
     case_provider_status: ProviderRefundStatus | None
-    truth: ProviderRefund
+    truth: ProviderRefund | ProviderPayout = Field(description="the provider's object: a refund or a payout")
     ledger_delta: int | None = Field(description="minor units that bring the ledger to the truth")
     conflicted: tuple[str, ...] = Field(default=(), description="people who may not approve")
     timings: RefundTimings = RefundTimings()
+    reopened: int = Field(default=0, description="how often people reopened the break")
 
 
 class BreakApproval(Frozen):
@@ -180,20 +204,14 @@ class BreakSettlement(Frozen):
     reason: str = ""
 
 
-class BreakProgress(Frozen):
-    """The answer to an approval of an exception case: did it count, what is missing."""
-
-    accepted: bool
-    reason: str = ""
-    state: BreakState
-    missing_roles: tuple[str, ...] = ()
-
-
 class BreakOutcome(Frozen):
     break_id: int
     state: BreakState
     posting_key: str | None = None
     case_status: CaseStatus | None = None
+
+
+SYNTHETIC_EVENT_TYPE = "reconciliation.provider_state"
 
 
 def break_workflow_id(break_id: int) -> str:
@@ -210,23 +228,40 @@ def lifecycle_can_fix(case: BreakCase) -> bool:
     """The case workflow can take the provider's truth itself (its own rules post and
     notify) when the break is about status, the case holds this very refund, and the
     lifecycle accepts the move; anything else needs an approved exception."""
-    if case.break_class not in STATUS_CLASSES or not case.case_holds_refund:
+    if (case.break_class not in STATUS_CLASSES or not case.case_holds_refund
+            or not isinstance(case.truth, ProviderRefund)):
         return False
     change = classify_status_change(case.case_provider_status, case.truth.status)
     return change in (StatusChange.ADVANCE, StatusChange.LATE_FAILURE)
 
 
+def synthetic_event_id(break_id: int) -> str:
+    """The event id of a break's synthetic provider event: one per break, so it acts once
+    however often it is sent."""
+    return f"reconciliation:{break_id}"
+
+
 def truth_event(case: BreakCase, at: datetime) -> ProviderEvent:
-    """The synthetic provider event that tells a running case workflow the provider's state;
-    its id derives from the break, so it acts once however often it is sent."""
+    """The synthetic provider event that tells a running case workflow the provider's state."""
     truth = case.truth
+    assert isinstance(truth, ProviderRefund), "only refund breaks are handed to a refund case"
     return ProviderEvent(
-        provider=case.provider, event_id=f"reconciliation:{case.break_id}",
-        event_type="reconciliation.provider_state", kind=EventKind.REFUND_STATUS,
+        provider=case.provider, event_id=synthetic_event_id(case.break_id),
+        event_type=SYNTHETIC_EVENT_TYPE, kind=EventKind.REFUND_STATUS,
         body_sha256=hashlib.sha256(truth.model_dump_json().encode()).hexdigest(), occurred_at=at,
         refund_id=truth.refund_id, charge_id=truth.charge_id, refund_request_id=case.case_id,
         amount=truth.amount, currency=truth.currency, status=truth.status,
         raw_status=truth.raw_status, failure_reason=truth.failure_reason)
+
+
+def payout_truth_event(case: BreakCase, at: datetime) -> PayoutEvent:
+    """The same for a payout break: what the relay would hand the payout's exception case
+    had the provider's webhook arrived."""
+    truth = case.truth
+    assert isinstance(truth, ProviderPayout), "only payout breaks are handed to a payout case"
+    return PayoutEvent(provider=case.provider, event_id=synthetic_event_id(case.break_id),
+                       event_type=SYNTHETIC_EVENT_TYPE, occurred_at=at, payout=truth,
+                       body_sha256=hashlib.sha256(truth.model_dump_json().encode()).hexdigest())
 
 
 def compensation(delta: int) -> tuple[LedgerKind, int] | None:

@@ -410,6 +410,10 @@ async def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
     for name, entry in sorted(report["classes"].items()):
         amounts = ", ".join(format_minor(v, c) for c, v in sorted(entry["amounts"].items()))
         print(f"  {name:<36} new {entry['new']:>6}  seen {entry['seen']:>6}  {amounts}")
+    unmapped = report["classes"].get("unmapped_status")
+    if unmapped:
+        print(f"WARNING: {unmapped['seen']} objects carry a status no adapter maps; they wait for ops "
+              "(unmapped_status)")
     oldest = report["oldest_break"]
     if oldest:
         print(f"oldest break: {oldest['object_id']} ({oldest['break_class']}, created "

@@ -47,7 +47,14 @@ from starters.cli import parse_age
 from starters.codec_endpoint import Direction, answer
 from starters.integrations import advice_view
 from starters.payout_console import ConsolePages, install_payout_pages
-from starters.reconciliation_api import BreakDecisionBody, decide_on_break
+from starters.reconciliation_api import (
+    RUN_ROLES,
+    BreakDecisionBody,
+    BreakReopenBody,
+    Require,
+    decide_on_break,
+    reopen_break,
+)
 
 SESSION_COOKIE = "rfo_session"
 SIGN_IN_COOKIE = "rfo_sign_in"
@@ -389,15 +396,17 @@ def install_console(app: FastAPI, actions: CaseActions,
                   for run in runs[:RECONCILIATION_RUNS_WITH_BREAKS]}
         return page(request, "reconciliation.html", session, status=status, error=error,
                     notice=notice, runs=runs, breaks=breaks,
-                    can_decide=not session.principal.roles.isdisjoint(APPROVAL_ROLES))
+                    can_decide=not session.principal.roles.isdisjoint(APPROVAL_ROLES),
+                    can_reopen=not session.principal.roles.isdisjoint(RUN_ROLES))
 
     @router.get("/reconciliation")
     async def reconciliation(request: Request, notice: str = "") -> Response:
         return await reconciliation_page(request, await current(request), notice=notice)
 
-    @router.post("/reconciliation/breaks/{break_id}")
-    async def decide_break(request: Request, break_id: int) -> Response:
-        """Acknowledging a break = a verdict on its compensation, by the API's own rule."""
+    async def on_break(request: Request, break_id: int, model: type[Body],
+                       perform: Callable[[Principal, Body, Require], Awaitable[str]]) -> Response:
+        """A form about a break, validated and performed by the API's own rule; refusals
+        come back as the page with the reason."""
         session = await current(request)
 
         async def require(caller: Principal, roles: frozenset[str], action: str,
@@ -405,16 +414,31 @@ def install_console(app: FastAPI, actions: CaseActions,
             await actions.require(caller, roles, action, case_id, via="console")
 
         try:
-            form = await posted(request, session)
-            body = BreakDecisionBody.model_validate(form)
-            await decide_on_break(store, actions.client, require, session.principal, break_id, body)
+            body = model.model_validate(await posted(request, session))
+            done = await perform(session.principal, body, require)
         except ValidationError as exc:
             return await reconciliation_page(request, session, status=422,
                                              error=f"invalid form: {exc.errors()[0]['msg']}")
         except Refused as exc:
             return await reconciliation_page(request, session, status=exc.status, error=exc.detail)
-        notice = urlencode({"notice": f"break {break_id}: {body.decision.value}"})
+        notice = urlencode({"notice": f"break {break_id}: {done}"})
         return RedirectResponse(f"{PREFIX}/reconciliation?{notice}", status_code=303)
+
+    @router.post("/reconciliation/breaks/{break_id}")
+    async def decide_break(request: Request, break_id: int) -> Response:
+        """Acknowledging a break = a verdict on its compensation, by the API's own rule."""
+        async def perform(caller: Principal, body: BreakDecisionBody, require: Require) -> str:
+            await decide_on_break(store, actions.client, require, caller, break_id, body)
+            return body.decision.value
+        return await on_break(request, break_id, BreakDecisionBody, perform)
+
+    @router.post("/reconciliation/breaks/{break_id}/reopen")
+    async def reopen(request: Request, break_id: int) -> Response:
+        """Takes back a dismissal or expiry: the break's case waits for a decision again."""
+        async def perform(caller: Principal, body: BreakReopenBody, require: Require) -> str:
+            await reopen_break(store, actions.client, actions.settings, require, caller, break_id, body)
+            return "reopened"
+        return await on_break(request, break_id, BreakReopenBody, perform)
 
     install_payout_pages(router, ConsolePages(page=page, current=current, posted=posted, forbidden=forbidden),
                          actions)

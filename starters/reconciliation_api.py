@@ -1,19 +1,22 @@
 """The relay's reconciliation routes: start or resume a backfill, read runs and their
-reports (ops, auditors, admins), read a break, and approve or deny its exception case
-(approvers, by the refund tiers and segregation-of-duties rules)."""
+reports (ops, auditors, admins), read a break, approve or deny its exception case
+(approvers, by the refund tiers and segregation-of-duties rules), and reopen a dismissed
+or expired one (ops)."""
 
 from collections.abc import Awaitable, Callable, Mapping
+from contextlib import suppress
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Response
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
-from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.client import Client, WorkflowFailureError, WorkflowUpdateFailedError
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.service import RPCError
 
 from adapters.config import Settings
 from adapters.providers.base import ProviderAdapter, RefundLister
-from adapters.reconciliation import Reconciliations, break_view, run_view
+from adapters.reconciliation import NotReopenable, Reconciliations, break_case, break_view, run_view
 from adapters.store import Principal, Store
 from domain.models import APPROVER_ROLES, ApprovalSignal, Decision
 from domain.reconciliation import BreakState, ReconcileInput, RunKind, break_workflow_id
@@ -39,6 +42,11 @@ class BreakDecisionBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     decision: Decision
     reason: str = Field(default="", max_length=2000)
+
+
+class BreakReopenBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(min_length=1, max_length=2000, description="why the decision is taken back")
 
 
 def install_reconciliation_api(app: FastAPI, store: Store, client: Client,
@@ -101,6 +109,10 @@ def install_reconciliation_api(app: FastAPI, store: Store, client: Client,
         refusals are audited on the break's chain."""
         return await decide_on_break(store, client, require, caller, break_id, body)
 
+    @app.post("/v1/reconciliation/breaks/{break_id}/reopen", status_code=202)
+    async def reopen(break_id: int, body: BreakReopenBody, caller: Caller) -> dict[str, Any]:
+        """Sends a dismissed or expired break back to its exception case (ops)."""
+        return await reopen_break(store, client, settings, require, caller, break_id, body)
 
 
 async def decide_on_break(store: Store, client: Client, require: Require, caller: Principal,
@@ -131,3 +143,25 @@ async def decide_on_break(store: Store, client: Client, require: Require, caller
         raise Refused(403, progress.reason)
     return {"break_id": break_id, "decision": body.decision.value,
             "missing_roles": list(progress.missing_roles)}
+
+
+async def reopen_break(store: Store, client: Client, settings: Settings, require: Require, caller: Principal,
+                       break_id: int, body: BreakReopenBody) -> dict[str, Any]:
+    """The one rule for reopening a break, whichever front end asks: ops roles, a break
+    that ended without moving money, then the same exception case (id and break) runs
+    again from the start: handed to its case when that can take it, else approvals."""
+    await require(caller, RUN_ROLES, "reopening a reconciliation break")
+    recon = Reconciliations(store)
+    try:
+        row = await recon.reopen(break_id, caller.user, body.reason)
+    except LookupError as exc:
+        raise Refused(404, str(exc)) from None
+    except NotReopenable as exc:
+        raise Refused(409, str(exc)) from None
+    workflow_id = break_workflow_id(break_id)
+    with suppress(WorkflowFailureError, RPCError):  # the previous run settled; let it close
+        await client.get_workflow_handle(workflow_id).result()
+    await client.start_workflow(
+        ReconciliationBreakWorkflow.run, break_case(row, settings.timings()), id=workflow_id,
+        task_queue=settings.task_queue, id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE)
+    return {**break_view(row), "reopened_by": caller.user}

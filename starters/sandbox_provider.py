@@ -112,10 +112,15 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS charges (id TEXT PRIMARY KEY, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS refunds (id TEXT PRIMARY KEY, charge TEXT NOT NULL,
     idempotency_key TEXT, body TEXT NOT NULL, seq INTEGER NOT NULL, created INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS payouts (id TEXT PRIMARY KEY, body TEXT NOT NULL, seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS payouts (id TEXT PRIMARY KEY, body TEXT NOT NULL, seq INTEGER NOT NULL,
+    created INTEGER NOT NULL);
 """
 # Lists page newest first by creation time, as Stripe's do.
-INDEXES = "CREATE INDEX IF NOT EXISTS refunds_created ON refunds (created, seq)"
+INDEXES = """
+CREATE INDEX IF NOT EXISTS refunds_created ON refunds (created, seq);
+CREATE INDEX IF NOT EXISTS payouts_created ON payouts (created, seq);
+"""
+ListedTable = Literal["refunds", "payouts"]
 MAX_PAGE = 100
 
 
@@ -132,9 +137,24 @@ class ImportedRefund(BaseModel):
     metadata: dict[str, str] = Field(default_factory=dict)
 
 
+class ImportedPayout(BaseModel):
+    """A payout with its history already made (reconciliation scenarios)."""
+
+    id: str | None = None
+    amount: int = Field(gt=0)
+    currency: str
+    destination: str = "ba_default"
+    status: str
+    failure_code: str | None = None
+    failure_message: str | None = None
+    created: int
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
 class ImportIn(BaseModel):
     charges: list[ChargeIn] = Field(default_factory=list)
     refunds: list[ImportedRefund] = Field(default_factory=list)
+    payouts: list[ImportedPayout] = Field(default_factory=list)
 
 
 def _new_id(prefix: str) -> str:
@@ -147,11 +167,12 @@ class SandboxBank:
     def __init__(self, path: str) -> None:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.executescript(SCHEMA)
-        columns = {r[1] for r in self._db.execute("PRAGMA table_info(refunds)")}
-        if "created" not in columns:  # a data folder from before refunds had a creation time
-            self._db.execute("ALTER TABLE refunds ADD COLUMN created INTEGER NOT NULL DEFAULT 0")
-            self._db.execute("UPDATE refunds SET created = seq / 1000000000")
-        self._db.execute(INDEXES)
+        for table in ("refunds", "payouts"):
+            columns = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+            if "created" not in columns:  # a data folder from before lists had a creation time
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN created INTEGER NOT NULL DEFAULT 0")
+                self._db.execute(f"UPDATE {table} SET created = seq / 1000000000")  # noqa: S608
+        self._db.executescript(INDEXES)
 
     def put(self, table: Literal["charges", "refunds"], obj: dict[str, Any], **extra: Any) -> None:
         if table == "charges":
@@ -170,15 +191,15 @@ class SandboxBank:
              for i, r in enumerate(refunds)])
         self._db.execute("COMMIT")
 
-    def refund_page(self, *, since: int | None, until: int | None, starting_after: str | None,
-                    limit: int, charge: str | None = None) -> tuple[list[dict[str, Any]], bool]:
-        """One page, newest first, of refunds created in [since, until) after the cursor.
+    def page(self, table: ListedTable, *, since: int | None, until: int | None, starting_after: str | None,
+             limit: int, charge: str | None = None) -> tuple[list[dict[str, Any]], bool]:
+        """One page, newest first, of refunds or payouts created in [since, until) after the cursor.
         Only the filters given go into the query, so SQLite seeks the (created, seq) index
         instead of scanning it: a page costs the same deep into a large window."""
         where: list[str] = ["1 = 1"]
         params: list[int | str] = []
         if starting_after is not None:
-            found = self._db.execute("SELECT created, seq FROM refunds WHERE id = ?",
+            found = self._db.execute(f"SELECT created, seq FROM {table} WHERE id = ?",  # noqa: S608
                                      (starting_after,)).fetchone()
             if found is None:
                 raise KeyError(starting_after)
@@ -189,14 +210,15 @@ class SandboxBank:
                 where.append(clause)
                 params.append(value)
         rows = self._db.execute(
-            f"SELECT body FROM refunds WHERE {' AND '.join(where)}"  # noqa: S608 (clauses are ours)
+            f"SELECT body FROM {table} WHERE {' AND '.join(where)}"  # noqa: S608 (clauses are ours)
             " ORDER BY created DESC, seq DESC LIMIT ?", (*params, limit + 1)).fetchall()
         return [json.loads(r[0]) for r in rows[:limit]], len(rows) > limit
 
     def put_payout(self, obj: dict[str, Any]) -> None:
-        self._db.execute("INSERT INTO payouts VALUES (?, ?, ?)"
+        """Inserts a payout (its `created` is kept) or updates its body."""
+        self._db.execute("INSERT INTO payouts VALUES (?, ?, ?, ?)"
                          " ON CONFLICT (id) DO UPDATE SET body = excluded.body",
-                         (obj["id"], json.dumps(obj), time.time_ns()))
+                         (obj["id"], json.dumps(obj), time.time_ns(), obj["created"]))
 
     def payouts(self) -> list[dict[str, Any]]:
         rows = self._db.execute("SELECT body FROM payouts ORDER BY seq").fetchall()
@@ -355,8 +377,8 @@ def create_app(*, db_path: str = ":memory:", webhook_url: str | None = None,
         `reference` (our request id in metadata) narrows the page for verify-state."""
         authorise(authorization)
         try:
-            page, more = bank.refund_page(since=created_gte, until=created_lt,
-                                          starting_after=starting_after, limit=limit, charge=charge)
+            page, more = bank.page("refunds", since=created_gte, until=created_lt,
+                                   starting_after=starting_after, limit=limit, charge=charge)
         except KeyError:
             raise HTTPException(400, f"no such refund {starting_after}") from None
         found = [r for r in page
@@ -369,17 +391,31 @@ def create_app(*, db_path: str = ":memory:", webhook_url: str | None = None,
         authorise(authorization)
         payout = {"id": body.id or _new_id("po"), "object": "payout", "amount": body.amount,
                   "currency": body.currency.lower(), "destination": body.destination, "status": "paid",
-                  "failure_code": None, "failure_message": None, "metadata": body.metadata}
+                  "failure_code": None, "failure_message": None, "metadata": body.metadata,
+                  "created": int(time.time())}
         bank.put_payout(payout)
         return payout
 
     @app.get("/v1/payouts")
-    async def list_payouts(reference: str | None = None,
-                           authorization: str | None = Header(None)) -> dict[str, Any]:
+    async def list_payouts(
+            reference: str | None = None,
+            created_gte: Annotated[int | None, Query(alias="created[gte]")] = None,
+            created_lt: Annotated[int | None, Query(alias="created[lt]")] = None,
+            starting_after: str | None = None,
+            limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = MAX_PAGE,
+            authorization: str | None = Header(None)) -> dict[str, Any]:
+        """Stripe's list shape, as for refunds; `reference` (our payout id in metadata)
+        narrows the page for the check before a reissue."""
         authorise(authorization)
-        found = [p for p in bank.payouts()
-                 if reference is None or p["metadata"].get("payout_reference") == reference]
-        return {"object": "list", "data": found, "has_more": False}
+        if reference is not None:
+            found = [p for p in bank.payouts() if p["metadata"].get("payout_reference") == reference]
+            return {"object": "list", "data": found, "has_more": False}
+        try:
+            page, more = bank.page("payouts", since=created_gte, until=created_lt,
+                                   starting_after=starting_after, limit=limit)
+        except KeyError:
+            raise HTTPException(400, f"no such payout {starting_after}") from None
+        return {"object": "list", "data": page, "has_more": more}
 
     @app.get("/v1/refunds/{refund_id}")
     async def get_refund(refund_id: str, authorization: str | None = Header(None)) -> dict[str, Any]:
@@ -434,12 +470,15 @@ def create_app(*, db_path: str = ":memory:", webhook_url: str | None = None,
 
     @app.post("/_sandbox/import")
     async def import_history(body: ImportIn) -> dict[str, int]:
-        """Seeds charges and refunds as if they had happened (no webhooks are sent)."""
+        """Seeds charges, refunds and payouts as if they had happened (no webhooks are sent)."""
         for charge in body.charges:
             new_charge(charge)
         bank.put_refunds([{"id": r.id or _new_id("re"), "object": "refund", **r.model_dump(exclude={"id"})}
                           for r in body.refunds])
-        return {"charges": len(body.charges), "refunds": len(body.refunds)}
+        for payout in body.payouts:
+            bank.put_payout({"id": payout.id or _new_id("po"), "object": "payout",
+                             **payout.model_dump(exclude={"id"})})
+        return {"charges": len(body.charges), "refunds": len(body.refunds), "payouts": len(body.payouts)}
 
     @app.post("/_sandbox/events")
     async def send_event(body: EventIn) -> dict[str, str]:

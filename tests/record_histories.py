@@ -22,6 +22,7 @@ from temporalio.contrib.opentelemetry import TracingInterceptor
 from adapters.codec import data_converter
 from adapters.store import Store
 from domain.payouts import payout_case_id
+from domain.reconciliation import break_workflow_id
 from starters.stack import EmbeddedPostgres, TemporalDevServer, free_port
 from tests.harness import Stack, open_stack
 from tests.payouts_kit import (
@@ -31,6 +32,14 @@ from tests.payouts_kit import (
     move_payout,
     paid_payout,
     wait_for_case,
+)
+from tests.reconciliation_kit import (
+    backfill,
+    history,
+    move_at_provider,
+    seed_case,
+    seed_provider,
+    wait_for_breaks,
 )
 
 HISTORIES = Path(__file__).parent / "histories"
@@ -72,10 +81,26 @@ async def payout_reversed_and_reissued(stack: Stack) -> str:
     return case_id
 
 
+async def reconciliation_break_approved(stack: Stack) -> str:
+    """A refund shown refunded that the provider canceled, its case long closed: the
+    backfill opens an exception case, an approver approves, one compensating entry posts."""
+    refund = history(f"ch_{stack.new_id('hist')}", 1_000, days_ago=2)
+    await seed_provider(stack, [refund])
+    await seed_case(stack, refund)
+    await move_at_provider(stack, refund["id"], "canceled")
+    await backfill(stack, since_days=30)
+    [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    async with stack.api("carol") as api:
+        (await api.post(f"/v1/reconciliation/breaks/{found['id']}/approvals",
+                        json={"decision": "approve", "reason": "recorded scenario"})).raise_for_status()
+    return break_workflow_id(int(found["id"]))
+
+
 SCENARIOS: dict[str, Callable[[Stack], Awaitable[str]]] = {
     "refund_auto_approved": auto_approved,
     "refund_with_approval": with_approval,
     "payout_reversed_and_reissued": payout_reversed_and_reissued,
+    "reconciliation_break_approved": reconciliation_break_approved,
 }
 
 

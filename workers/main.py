@@ -65,8 +65,10 @@ def build_worker(client: Client, task_queue: str, store: Store,
     activities = [*RefundActivities(store, observed, policy).all(),
                   *PayoutActivities(store, observed, policy).all(),
                   *IntegrationActivities(store, settings).all(),
-                  *ReconciliationActivities(store, providers, client, policy, timings=settings.timings(),
-                                            reports_dir=settings.reports_folder()).all()]
+                  *ReconciliationActivities(
+                      store, providers, client, policy, timings=settings.timings(),
+                      reports_dir=settings.reports_folder(),
+                      reissue_window=timedelta(seconds=settings.payout_reissue_window_seconds)).all()]
     return Worker(
         client, task_queue=task_queue, workflows=list(WORKFLOWS), activities=activities,
         workflow_runner=runner or workflow_runner(), graceful_shutdown_timeout=graceful_shutdown,

@@ -177,6 +177,11 @@ class ApprovingWorkflow:
     async def submit_approval(self, signal: ApprovalSignal) -> ApprovalProgress:
         """An approver's verdict with an immediate answer: refused ones never get here
         (see the validator); accepted ones return once the workflow has recorded them."""
+        return await self.take_approval(signal)
+
+    async def take_approval(self, signal: ApprovalSignal) -> ApprovalProgress:
+        """The update's work, apart from its handler so a host can route older executions
+        elsewhere."""
         current = self._round
         accepted, reason = await current.answer(current.receive(signal))
         return ApprovalProgress(accepted=accepted, reason=reason, status=self.approval_status()[1],

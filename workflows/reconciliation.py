@@ -12,19 +12,21 @@ entry is posted.
 Deterministic: no I/O, no clocks but workflow time; activities are called by name.
 """
 
+from typing import Any
+
 from temporalio import workflow
-from temporalio.exceptions import ApplicationError, FailureError
+from temporalio.exceptions import FailureError
 
 with workflow.unsafe.imports_passed_through():
     from domain.lifecycle import check_approval, unfilled
-    from domain.models import ApprovalSignal, ApprovalVerdict, CaseEventInput, Decision, RoleRequirement
+    from domain.models import ApprovalProgress, ApprovalSignal, CaseEventInput, Decision, NoticeInput
+    from domain.payouts import ProviderPayout
     from domain.reconciliation import (
         BatchInput,
         BatchResult,
         BreakApproval,
         BreakCase,
         BreakOutcome,
-        BreakProgress,
         BreakSettlement,
         BreakState,
         ReconcileInput,
@@ -34,6 +36,7 @@ with workflow.unsafe.imports_passed_through():
         truth_event,
     )
     from workflows import retry
+    from workflows.approvals import ApprovalOutcome, ApprovalRound, ApprovingWorkflow
 
 RECONCILER = "reconciliation"
 """The requester of every exception case (segregation of duties: it never approves)."""
@@ -70,54 +73,53 @@ class ReconciliationWorkflow:
         return summary
 
 
+APPROVAL_ROUND_PATCH = "recon-break-approval-round"
+"""Breaks wait on the shared ApprovalRound (reminders, escalation); before it, a bare wait."""
+PAYOUT_BREAK_PATCH = "recon-payout-breaks"
+"""Payout breaks are handed to the payout's exception case first."""
+
+
 @workflow.defn
-class ReconciliationBreakWorkflow:
+class ReconciliationBreakWorkflow(ApprovingWorkflow):
     """One break's exception case (id `recon-break-<break id>`): handed to the running case
-    workflow, or approved (then compensated), denied or expired. Nothing posts to the
+    workflow (a refund's, or the payout's exception case), or approved (then compensated),
+    denied or expired, with the approval round every case shares. Nothing posts to the
     ledger here but the approved settlement."""
 
     def __init__(self) -> None:
         self._case: BreakCase | None = None
         self._state = BreakState.NEW
-        self._requirements: tuple[RoleRequirement, ...] = ()
+        self._round = ApprovalRound()
+        self._on_round = True
+        # the bare wait of workflows started before the approval round (replay only)
         self._approved: list[tuple[str, frozenset[str]]] = []
         self._denial: tuple[str, str] | None = None
 
-    @workflow.update
-    async def submit_approval(self, signal: ApprovalSignal) -> BreakProgress:
-        """An approver's verdict (who comes from the relay's authentication), checked by the
-        refund approval rules: tier roles, segregation of duties, one slot per person."""
-        verdict = self._check(signal)  # again: another verdict may have landed since validation
+    async def take_approval(self, signal: ApprovalSignal) -> ApprovalProgress:
+        """The round takes the verdict; a break opened before the round records it here."""
+        if self._on_round:
+            return await super().take_approval(signal)
+        verdict = check_approval(signal, requester=RECONCILER, conflicted=self._round.conflicted,
+                                 requirements=self._round.requirements, approved=self._approved)
         if verdict.accepted:
             if signal.decision is Decision.DENY:
                 self._denial = (signal.approver, signal.reason)
             else:
                 self._approved.append((signal.approver, frozenset(signal.roles)))
-        assert self._case is not None
-        await workflow.execute_activity(
-            "record_case_event",
-            CaseEventInput(refund_request_id=self._case.chain, actor=signal.approver,
-                           action=f"reconciliation_approval_{signal.decision.value}"
-                           if verdict.accepted else "reconciliation_approval_refused",
-                           detail={"break_id": self._case.break_id, "reason": signal.reason,
-                                   "roles": list(signal.roles), "refusal": verdict.reason}),
-            **retry.CASE_EVENT)
-        return BreakProgress(accepted=verdict.accepted, reason=verdict.reason, state=self._state,
-                             missing_roles=tuple(self._missing()))
-
-    @submit_approval.validator
-    def _validate_approval(self, signal: ApprovalSignal) -> None:
-        if self._state is not BreakState.AWAITING_APPROVAL:
-            raise ApplicationError(f"exception case is {self._state.value}, not awaiting approval",
-                                   type="NotAwaitingApproval")
-        verdict = self._check(signal)
-        if not verdict.accepted:
-            raise ApplicationError(verdict.reason, type="ApprovalRefused")
+        await self._event(f"reconciliation_approval_{signal.decision.value}" if verdict.accepted
+                          else "reconciliation_approval_refused", signal.approver,
+                          {"reason": signal.reason, "roles": list(signal.roles), "refusal": verdict.reason})
+        return ApprovalProgress(accepted=verdict.accepted, reason=verdict.reason, status=self._state.value,
+                                missing_roles=tuple(self._legacy_missing()))
 
     @workflow.run
     async def run(self, case: BreakCase) -> BreakOutcome:
         self._case = case
-        if lifecycle_can_fix(case) and case.case_id is not None:
+        if isinstance(case.truth, ProviderPayout) and workflow.patched(PAYOUT_BREAK_PATCH):
+            if await workflow.execute_activity("hand_break_to_payout_case", case, result_type=bool,
+                                               **retry.RECONCILE_STEP):
+                return await self._settle(BreakState.HANDED_TO_CASE)
+        elif lifecycle_can_fix(case) and case.case_id is not None:
             try:
                 await workflow.get_external_workflow_handle(case.case_id).signal(
                     "provider_event", truth_event(case, workflow.now()))
@@ -127,10 +129,23 @@ class ReconciliationBreakWorkflow:
                 return await self._settle(BreakState.HANDED_TO_CASE)
         approval: BreakApproval = await workflow.execute_activity(
             "open_break_exception", case, result_type=BreakApproval, **retry.RECONCILE_STEP)
-        self._requirements = approval.requirements
+        self._round.requirements, self._round.tier = approval.requirements, approval.tier
+        self._round.requester, self._round.conflicted = RECONCILER, frozenset(case.conflicted)
+        self._on_round = workflow.patched(APPROVAL_ROUND_PATCH)
         self._state = BreakState.AWAITING_APPROVAL
+        if not self._on_round:
+            return await self._bare_wait(case)
+        if await self._round.collect(self, case.timings):
+            return await self._settle(BreakState.RESOLVED, tuple(a.approver for a in self._round.approvals))
+        denial = next((a for a in self._round.approvals if a.decision is Decision.DENY), None)
+        if denial is None:
+            return await self._settle(BreakState.EXPIRED)
+        return await self._settle(BreakState.DISMISSED, (denial.approver,), denial.reason)
+
+    async def _bare_wait(self, case: BreakCase) -> BreakOutcome:
+        """The approval wait of breaks opened before the approval round: expiry only."""
         try:
-            await workflow.wait_condition(lambda: self._denial is not None or not self._missing(),
+            await workflow.wait_condition(lambda: self._denial is not None or not self._legacy_missing(),
                                           timeout=case.timings.approval_timeout)
         except TimeoutError:
             return await self._settle(BreakState.EXPIRED)
@@ -138,13 +153,42 @@ class ReconciliationBreakWorkflow:
             return await self._settle(BreakState.DISMISSED, (self._denial[0],), self._denial[1])
         return await self._settle(BreakState.RESOLVED, tuple(person for person, _ in self._approved))
 
-    def _missing(self) -> list[str]:
-        return unfilled(self._requirements, self._approved)
+    def _legacy_missing(self) -> list[str]:
+        return unfilled(self._round.requirements, self._approved)
 
-    def _check(self, signal: ApprovalSignal) -> ApprovalVerdict:
+    # -- the approval round calls back here ---------------------------------------------------
+
+    def approval_status(self) -> tuple[bool, str]:
+        return self._state is BreakState.AWAITING_APPROVAL, self._state.value
+
+    async def approval_step(self, action: str, outcome: ApprovalOutcome | None = None, *,
+                            actor: str = "workflow", detail: dict[str, Any] | None = None) -> None:
+        """The round's steps on the break's chain; the break's state moves when it settles."""
+        await self._event(f"reconciliation_{action}", actor, detail or {})
+
+    async def approval_notice(self, kind: str, audience: str, detail: dict[str, Any]) -> None:
+        """Once per break, round and kind: `approval_needed` dedups against the notice the
+        exception's opening already queued; the requester's notices go to ops (the
+        reconciler has no inbox)."""
         assert self._case is not None
-        return check_approval(signal, requester=RECONCILER, conflicted=frozenset(self._case.conflicted),
-                              requirements=self._requirements, approved=self._approved)
+        case = self._case
+        suffix = f":reopen-{case.reopened}" if case.reopened else ""
+        key = (f"reconciliation_approval:{case.break_id}" if kind == "approval_needed"
+               else f"reconciliation_{kind}:{case.break_id}")
+        await workflow.execute_activity(
+            "queue_notice", NoticeInput(refund_request_id=case.chain, kind=f"reconciliation_{kind}",
+                                        audience="ops" if audience == "requester" else audience,
+                                        dedup_key=key + suffix,
+                                        detail={"break_id": case.break_id, **detail}),
+            **retry.CASE_EVENT)
+
+    async def _event(self, action: str, actor: str, detail: dict[str, Any]) -> None:
+        assert self._case is not None
+        await workflow.execute_activity(
+            "record_case_event",
+            CaseEventInput(refund_request_id=self._case.chain, actor=actor, action=action,
+                           detail={"break_id": self._case.break_id, **detail}),
+            **retry.CASE_EVENT)
 
     async def _settle(self, state: BreakState, approvers: tuple[str, ...] = (),
                       reason: str = "") -> BreakOutcome:

@@ -10,7 +10,7 @@ from typing import Protocol, runtime_checkable
 
 from domain.models import ChargeSnapshot, ProviderEvent, ProviderRefund, RefundRequest
 from domain.payouts import PayoutEvent, PayoutOrder, ProviderPayout
-from domain.reconciliation import ListedPayout, ListedRefund
+from domain.reconciliation import ListedPayout, ListedRefund, UnmappedListing
 
 
 class ProviderError(Exception):
@@ -96,9 +96,10 @@ class RefundLister(Protocol):
     name: str
 
     def list_refunds(self, since: datetime, until: datetime,
-                     starting_after: str | None = None) -> AsyncGenerator[ListedRefund]:
+                     starting_after: str | None = None) -> AsyncGenerator[ListedRefund | UnmappedListing]:
         """Every refund created in [since, until), newest first, page by page as the caller
-        reads; `starting_after` (an object id) resumes after that object."""
+        reads; `starting_after` (an object id) resumes after that object. A refund whose
+        status the adapter cannot map may come as an UnmappedListing (a break, not a stop)."""
 
 
 @runtime_checkable
@@ -108,9 +109,10 @@ class PayoutLister(Protocol):
     name: str
 
     def list_payouts(self, since: datetime, until: datetime,
-                     starting_after: str | None = None) -> AsyncGenerator[ListedPayout]:
+                     starting_after: str | None = None) -> AsyncGenerator[ListedPayout | UnmappedListing]:
         """Every payout created in [since, until), newest first, page by page as the caller
-        reads; `starting_after` (an object id) resumes after that object."""
+        reads; `starting_after` (an object id) resumes after that object. As for refunds,
+        an unmappable status may come as an UnmappedListing."""
 
 
 class WebhooksOnly:

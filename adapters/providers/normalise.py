@@ -7,8 +7,9 @@ default branch.
 
 import hashlib
 import json
+import logging
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,6 +22,9 @@ from adapters.providers.base import UnexpectedProviderStatus, WebhookRejected
 from domain.models import EventKind, ProviderEvent, ProviderRefund, ProviderRefundStatus
 from domain.money import currency_exponent, normalise_currency
 from domain.payouts import PayoutEvent, ProviderPayout, ProviderPayoutStatus
+from domain.reconciliation import UnmappedListing
+
+log = logging.getLogger(__name__)
 
 REFERENCE_KEY = "refund_request_id"
 """The metadata key that carries our refund_request_id on a provider's refund."""
@@ -29,6 +33,7 @@ PAYOUT_REFERENCE_KEY = "payout_reference"
 
 IDENTITY_STATUSES = {s.value: s for s in ProviderRefundStatus}
 S = TypeVar("S")
+L = TypeVar("L")
 
 
 class UnexpectedStatus(UnexpectedProviderStatus):
@@ -111,6 +116,21 @@ def stripe_shaped_payout(provider: str, obj: Mapping[str, Any],
         failure_code=obj.get("failure_code"), failure_message=obj.get("failure_message"),
         reference=metadata.get(PAYOUT_REFERENCE_KEY),
     )
+
+
+def listed(provider: str, obj: Mapping[str, Any],
+           build: Callable[[Mapping[str, Any], datetime], L]) -> L | UnmappedListing:
+    """One object of a Stripe-shaped list call (`created` in unix seconds), built by
+    `build`; an object whose status no table maps is returned as an UnmappedListing, so a
+    reconciliation run records it as a break and reads on instead of stopping."""
+    created = datetime.fromtimestamp(int(obj["created"]), UTC)
+    try:
+        return build(obj, created)
+    except UnexpectedStatus as exc:
+        log.error("UNMAPPED STATUS while listing %s: %s (%s)", provider, exc, obj.get("id"))
+        return UnmappedListing(object_id=str(obj["id"]), raw_status=exc.raw,
+                               amount=minor_units(obj["amount"]), created=created, error=str(exc),
+                               currency=normalise_currency(str(obj["currency"])))
 
 
 def payout_event(payout: ProviderPayout, env: "StripeEnvelope") -> PayoutEvent:

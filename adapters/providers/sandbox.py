@@ -7,7 +7,7 @@ v1 = HMAC-SHA256(secret, "<t>.<raw body>"); several secrets are accepted during 
 import hashlib
 import hmac
 from collections.abc import AsyncGenerator, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -17,6 +17,7 @@ from adapters.providers.http import send
 from adapters.providers.normalise import (
     IDENTITY_STATUSES,
     PAYOUT_REFERENCE_KEY,
+    listed,
     minor_units,
     normalising,
     payout_event,
@@ -36,7 +37,7 @@ from domain.models import (
     RefundRequest,
 )
 from domain.payouts import PayoutEvent, PayoutOrder, ProviderPayout, ProviderPayoutStatus
-from domain.reconciliation import ListedRefund
+from domain.reconciliation import ListedPayout, ListedRefund, UnmappedListing
 
 SIGNATURE_HEADER = "sandbox-signature"
 REFUND_STATUS_EVENTS = frozenset({"refund.created", "refund.updated", "refund.failed"})
@@ -114,21 +115,35 @@ class SandboxProvider:
         return found[0] if found else None
 
     async def list_refunds(self, since: datetime, until: datetime,
-                           starting_after: str | None = None) -> AsyncGenerator[ListedRefund]:
-        """Pages through GET /v1/refunds (Stripe's cursor and `created` filters), one page
-        in memory at a time."""
+                           starting_after: str | None = None,
+                           ) -> AsyncGenerator[ListedRefund | UnmappedListing]:
+        """Pages through GET /v1/refunds, one page in memory at a time."""
+        async for obj in self._list("/v1/refunds", since, until, starting_after):
+            yield listed(self.name, obj, lambda o, created: ListedRefund(
+                refund=refund_from_object(self.name, o), created=created))
+
+    async def list_payouts(self, since: datetime, until: datetime,
+                           starting_after: str | None = None,
+                           ) -> AsyncGenerator[ListedPayout | UnmappedListing]:
+        """Pages through GET /v1/payouts, one page in memory at a time."""
+        async for obj in self._list("/v1/payouts", since, until, starting_after):
+            yield listed(self.name, obj, lambda o, created: ListedPayout(
+                payout=stripe_shaped_payout(self.name, o, PAYOUT_STATUSES), created=created))
+
+    async def _list(self, path: str, since: datetime, until: datetime,
+                    starting_after: str | None) -> AsyncGenerator[dict[str, Any]]:
+        """Stripe's list paging (cursor and `created` filters), newest first."""
         params: dict[str, Any] = {"created[gte]": unix_bound(since), "created[lt]": unix_bound(until),
                                   "limit": LIST_PAGE}
         cursor = starting_after
         while True:
-            response = await self._call("GET", "/v1/refunds",
+            response = await self._call("GET", path,
                                         params={**params, **({"starting_after": cursor} if cursor else {})})
             if response.status_code >= 400:
-                raise ProviderDeclined(f"listing refunds: HTTP {response.status_code} {response.text[:300]}")
+                raise ProviderDeclined(f"listing {path}: HTTP {response.status_code} {response.text[:300]}")
             page = response.json()
             for obj in page["data"]:
-                yield ListedRefund(refund=refund_from_object(self.name, obj),
-                                   created=datetime.fromtimestamp(int(obj["created"]), UTC))
+                yield obj
             if not page["has_more"] or not page["data"]:
                 return
             cursor = str(page["data"][-1]["id"])

@@ -1,0 +1,248 @@
+"""Reconciliation, finished: payouts paid here but failed at the provider go to the payout's
+exception case (once, joining a case the webhook already opened); a status no adapter maps
+is a break for ops and the run reads on; dismissed breaks reopen through the same case;
+break approvals remind and escalate like every other approval."""
+
+import asyncio
+import logging
+import uuid
+from typing import Any
+
+import pytest
+from temporalio.client import Client
+from temporalio.service import RPCError
+
+from adapters.payout_book import PayoutBook
+from adapters.store import Store
+from domain.payouts import PayoutSnapshot, PayoutStatus, payout_case_id
+from domain.reconciliation import break_workflow_id
+from starters.stack import TemporalDevServer
+from tests.harness import Stack, open_stack
+from tests.payouts_kit import add_payout_approvers, move_payout, paid_payout, wait_for_actions, wait_for_case
+from tests.payouts_kit import decide as decide_payout
+from tests.reconciliation_kit import (
+    ago,
+    backfill,
+    history,
+    move_at_provider,
+    seed_case,
+    seed_provider,
+    wait_for_breaks,
+)
+from tests.test_reconciliation import decide
+
+
+def provider_payout(amount: int, days_ago: float, status: str, **extra: Any) -> dict[str, Any]:
+    """A payout at the provider that happened `days_ago` (Stripe-shaped, as the sandbox lists it)."""
+    return {"id": f"po_{uuid.uuid4().hex[:14]}", "amount": amount, "currency": "usd", "status": status,
+            "created": int(ago(days_ago).timestamp()), **extra}
+
+
+async def seed_payouts(stack: Stack, payouts: list[dict[str, Any]], booked: dict[str, PayoutStatus]) -> None:
+    """Payouts at the provider (no webhooks) and, for those in `booked`, in our books."""
+    async with stack.sandbox() as sb:
+        (await sb.post("/_sandbox/import", json={"payouts": payouts})).raise_for_status()
+    book = PayoutBook(stack.store)
+    for payout in payouts:
+        if payout["id"] in booked:
+            assert await book.record_payout(PayoutSnapshot(
+                id=f"P-{uuid.uuid4().hex[:10]}", provider="sandbox", provider_payout_id=payout["id"],
+                beneficiary_id=f"ben-{uuid.uuid4().hex[:8]}", amount=payout["amount"], currency="USD",
+                status=booked[payout["id"]]))
+
+
+async def test_a_payout_failed_at_the_provider_opens_its_exception_case_once(stack: Stack) -> None:
+    await add_payout_approvers(stack)
+    failed = provider_payout(40_000, 3, "failed", failure_code="account_closed")
+    agreeing = provider_payout(10_000, 3, "paid")
+    handled = provider_payout(7_000, 3, "reversed")  # our books already show it reversed
+    unbooked = provider_payout(5_000, 3, "failed")  # not ours: nothing to reconcile it with
+    await seed_payouts(stack, [failed, agreeing, handled, unbooked], {
+        failed["id"]: PayoutStatus.PAID, agreeing["id"]: PayoutStatus.PAID,
+        handled["id"]: PayoutStatus.REVERSED})
+
+    report = await backfill(stack, since_days=30)
+    assert (report["objects_seen"], report["new_breaks"]) == (4, 1)
+    assert report["classes"] == {"payout_failed_shown_paid": {
+        "new": 1, "seen": 1, "amounts": {"USD": 40_000}, "ledger_delta": {}}}
+    [found] = report["breaks"]
+    case_id = payout_case_id("sandbox", failed["id"])
+    assert (found["object_id"], found["object_kind"], found["case_id"], found["failure_reason"]) == (
+        failed["id"], "payout", case_id, "account_closed")
+    assert found["links"]["case"] == f"/v1/payout-exceptions/{case_id}"
+    [handed] = await wait_for_breaks(stack, [failed["id"]], "handed_to_case")
+    await wait_for_case(stack, case_id, "awaiting_approval")  # the payout's own governed path
+    trail = await stack.store.audit_trail(case_id)
+    [opened] = [e for e in trail if e["action"] == "payout_exception_opened"]
+    assert opened["detail"]["event_id"] == f"reconciliation:{handed['id']}"
+    assert "reconciliation_break_found" in [e["action"] for e in trail]
+
+    again = await backfill(stack, since_days=30)  # still paid in our books while people decide
+    assert (again["new_breaks"], again["known_breaks"]) == (0, 1)
+    assert [e["action"] for e in await stack.store.audit_trail(case_id)].count("payout_exception_opened") == 1
+
+
+async def test_a_break_found_after_the_webhook_joins_the_open_payout_case(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    stack = await open_stack(store, client, temporal_server.address, reconciliation_grace_seconds=0)
+    try:
+        await add_payout_approvers(stack)
+        payout = await paid_payout(stack, 25_000)
+        event_id = await move_payout(stack, payout.provider_payout_id, "failed",
+                                     failure_code="bank_rejection")
+        case_id = payout_case_id("sandbox", payout.provider_payout_id)
+        await wait_for_case(stack, case_id, "awaiting_approval")
+
+        report = await backfill(stack, since_days=1)
+        [found] = report["breaks"]
+        assert (found["break_class"], found["case_id"]) == ("payout_failed_shown_paid", case_id)
+        await wait_for_breaks(stack, [payout.provider_payout_id], "handed_to_case")
+        assert (await decide_payout(stack, "lena", case_id)).status_code == 202
+        await wait_for_case(stack, case_id, "remediated")
+        # the case takes later events onto its timeline once decided: the break joined it
+        trail = await wait_for_actions(stack, case_id, "payout_event_joined")
+        [joined] = [e for e in trail if e["action"] == "payout_event_joined"]
+        assert joined["detail"]["event_id"] == f"reconciliation:{found['break_id']}"
+        [opened] = [e for e in trail if e["action"] == "payout_exception_opened"]
+        assert opened["detail"]["event_id"] == event_id  # the webhook's case, not a second one
+        reversals = {e["posting_key"] for e in await store.ledger_entries(case_id)
+                     if e["template"] == "payout_reversed"}
+        assert reversals == {f"{case_id}:payout_reversed"}  # the case's own entry, once
+        again = await backfill(stack, since_days=1)  # on hold now: no longer shown paid
+        assert (again["new_breaks"], again["known_breaks"]) == (0, 0)
+    finally:
+        await stack.close()
+
+
+async def test_a_payout_whose_case_already_ended_is_compensated_only_when_approved(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    stack = await open_stack(store, client, temporal_server.address, reconciliation_grace_seconds=0)
+    try:
+        await add_payout_approvers(stack)
+        payout = await paid_payout(stack, 30_000)
+        await move_payout(stack, payout.provider_payout_id, "failed")
+        case_id = payout_case_id("sandbox", payout.provider_payout_id)
+        await wait_for_case(stack, case_id, "awaiting_approval")
+        assert (await decide_payout(stack, "lena", case_id, "deny")).status_code == 202
+        await wait_for_case(stack, case_id, "denied")
+        await client.get_workflow_handle(case_id).result()
+
+        await backfill(stack, since_days=1)  # the payout case cannot take it: people decide
+        [found] = await wait_for_breaks(stack, [payout.provider_payout_id], "awaiting_approval")
+        assert (await decide(stack, "carol", found["id"])).status_code == 403  # not a payout approver
+        assert (await decide(stack, "lena", found["id"])).status_code == 202
+        [resolved] = await wait_for_breaks(stack, [payout.provider_payout_id], "resolved")
+        key = f"{case_id}:payout_reversed:reconciliation-{found['id']}"
+        assert resolved["resolution"]["outcome"]["posting_key"] == key
+        assert [e["posting_key"] for e in await store.ledger_entries(case_id)] == [key, key]  # two lines
+        assert (await PayoutBook(store).payout(payout.id) or payout).status is PayoutStatus.FAILED
+        again = await backfill(stack, since_days=1)
+        assert (again["new_breaks"], again["known_breaks"]) == (0, 0)
+    finally:
+        await stack.close()
+
+
+async def test_an_unmapped_status_is_a_break_for_ops_and_the_run_goes_on(
+        stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR)
+    strange = history("ch_odd", 1_100, days_ago=1, status="partially_reversed_v2")  # newest: read first
+    diverged = history("ch_div", 1_300, days_ago=2)
+    odd_payout = provider_payout(9_000, 2, "in_transit_to_mars")
+    await seed_provider(stack, [strange, diverged])
+    await seed_payouts(stack, [odd_payout], {})
+    await seed_case(stack, strange)
+    case_id = await seed_case(stack, diverged)
+    await move_at_provider(stack, diverged["id"], "failed", "card_account_closed")
+
+    report = await backfill(stack, since_days=30)
+    assert (report["state"], report["objects_seen"], report["new_breaks"]) == ("completed", 3, 3)
+    assert {c: e["new"] for c, e in report["classes"].items()} == {
+        "unmapped_status": 2, "provider_failed_shown_refunded": 1}
+    unmapped = {b["object_id"]: b for b in report["breaks"] if b["break_class"] == "unmapped_status"}
+    assert {o: (b["state"], b["evidence"]["provider"]["raw_status"]) for o, b in unmapped.items()} == {
+        strange["id"]: ("ops_review", "partially_reversed_v2"),
+        odd_payout["id"]: ("ops_review", "in_transit_to_mars")}
+    assert "unexpected refund status 'partially_reversed_v2'" in unmapped[strange["id"]]["failure_reason"]
+    assert sum("UNMAPPED STATUS" in r.getMessage() for r in caplog.records) >= 2
+    await wait_for_breaks(stack, [diverged["id"]], "awaiting_approval")  # the run went on past it
+    assert "reconciliation_break_found" in await stack.actions(case_id)
+    odd_workflow = break_workflow_id(unmapped[strange["id"]]["break_id"])
+    with pytest.raises(RPCError):  # no exception workflow: ops look first
+        await stack.client.get_workflow_handle(odd_workflow).describe()
+    again = await backfill(stack, since_days=30)
+    assert (again["new_breaks"], again["known_breaks"]) == (0, 3)
+
+
+async def test_a_dismissed_break_reopens_into_the_same_case(stack: Stack) -> None:
+    refund = history("ch_reopen", 2_000, days_ago=3)
+    await seed_provider(stack, [refund])
+    case_id = await seed_case(stack, refund, requester="bob")
+    await move_at_provider(stack, refund["id"], "failed")
+    await backfill(stack, since_days=30)
+    [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    break_id = found["id"]
+
+    async def reopen(user: str, reason: str = "the customer's bank confirmed the failure") -> Any:
+        async with stack.api(user) as api:
+            return await api.post(f"/v1/reconciliation/breaks/{break_id}/reopen", json={"reason": reason})
+
+    assert (await reopen("olga")).status_code == 409  # still awaiting a decision
+    assert (await decide(stack, "carol", break_id, "deny")).status_code == 202
+    await wait_for_breaks(stack, [refund["id"]], "dismissed")
+    assert (await reopen("carol")).status_code == 403  # approvers decide; ops reopen
+    assert (await reopen("olga", "")).status_code == 422  # a reason is required
+    reopened = await reopen("olga")
+    assert reopened.status_code == 202, reopened.text
+    assert (reopened.json()["reopened"], reopened.json()["break_id"]) == (1, break_id)
+    [waiting] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    assert (waiting["id"], waiting["reopened"], waiting["resolution"]) == (break_id, 1, None)
+    assert (await reopen("olga")).status_code == 409  # one reopened case, not two
+
+    assert (await decide(stack, "carol", break_id)).status_code == 202
+    [resolved] = await wait_for_breaks(stack, [refund["id"]], "resolved")
+    assert resolved["resolution"]["approvers"] == ["carol"]
+    assert {e["posting_key"] for e in await stack.store.ledger_entries(case_id)} == {
+        f"{case_id}:refund_settled", f"{case_id}:refund_reversed:reconciliation-{break_id}"}
+    trail = await stack.store.audit_trail(case_id)
+    [undo] = [e for e in trail if e["action"] == "reconciliation_break_reopened"]
+    assert (undo["actor"], undo["detail"]["previous_state"]) == ("olga", "dismissed")
+    assert undo["detail"]["previous_resolution"]["approvers"] == ["carol"]
+    assert [(n["kind"], n["audience"]) for n in await stack.store.notices(case_id)].count(
+        ("reconciliation_approval_needed", "approvers")) == 2  # each round told its approvers
+    again = await backfill(stack, since_days=30)
+    assert (again["new_breaks"], again["known_breaks"]) == (0, 0)
+
+
+async def notices_until(store: Store, case_id: str, kind: str, timeout: float = 60) -> list[tuple[str, str]]:
+    """The case's notices (kind, audience) once one of `kind` is queued."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        kinds = [(n["kind"], n["audience"]) for n in await store.notices(case_id)]
+        if any(k == kind for k, _ in kinds) or asyncio.get_running_loop().time() > deadline:
+            return kinds
+        await asyncio.sleep(0.1)
+
+
+async def test_a_waiting_break_is_reminded_and_escalated(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    stack = await open_stack(store, client, temporal_server.address, approval_reminder_seconds=1,
+                             approval_escalation_seconds=2)
+    try:
+        refund = history("ch_nudge", 1_000, days_ago=2)
+        await seed_provider(stack, [refund])
+        case_id = await seed_case(stack, refund, settled=0)
+        await backfill(stack, since_days=30)
+        [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+        actions = await stack.wait_for_audit(case_id, "reconciliation_approval_escalated")
+        assert (actions.index("reconciliation_exception_opened")
+                < actions.index("reconciliation_approval_reminder")
+                < actions.index("reconciliation_approval_escalated"))
+        kinds = await notices_until(store, case_id, "reconciliation_approval_escalated")
+        assert kinds == [("reconciliation_break", "ops"), ("reconciliation_approval_needed", "approvers"),
+                         ("reconciliation_approval_reminder", "approvers"),
+                         ("reconciliation_approval_escalated", "escalation")]
+        assert (await decide(stack, "carol", found["id"])).status_code == 202  # still decidable
+        await wait_for_breaks(stack, [refund["id"]], "resolved")
+        assert [e["template"] for e in await store.ledger_entries(case_id)] == ["refund_settled"] * 2
+    finally:
+        await stack.close()
