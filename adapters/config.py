@@ -98,6 +98,9 @@ class Settings(BaseSettings):
         description='optional per-provider source allowlist, JSON: {"stripe": ["3.18.12.63/32"]}')
     webhook_redrive_after_seconds: float = Field(
         default=60, description="an accepted receipt still unprocessed this long is re-driven")
+    webhook_redrive_interval_seconds: float = Field(
+        default=60, description="how often the relay re-drives unprocessed receipts; 0: only at "
+                                "start and on demand")
 
     approval_timeout_seconds: float = 3 * 24 * 3600
     approval_reminder_seconds: float | None = 24 * 3600

@@ -8,6 +8,7 @@ and the `(provider, event_id)` gate keeps every event acting once. Re-driving an
 receipt that never reached its workflow (a crash between receipt and signal) is a replay.
 """
 
+import asyncio
 import hashlib
 import logging
 from collections.abc import Mapping
@@ -269,13 +270,30 @@ class WebhookDesk:
         return [r for r in results if r is not None]
 
     async def redrive(self) -> list[IngestResult]:
-        """Replays accepted receipts that never reached their workflow; run at relay start
-        and by `refunds webhooks redrive`."""
-        stale = await receipts.unprocessed(self._store, self._settings.webhook_redrive_after_seconds)
+        """Replays accepted receipts that never reached their workflow; run at relay start,
+        every `webhook_redrive_interval_seconds` (`redrive_periodically`) and by
+        `refunds webhooks redrive`. Relays may overlap: each event still acts once (the
+        `(provider, event_id)` gate, the workflows' event ids, the ledger's posting keys)."""
+        stale = await receipts.unprocessed(self._store, self._settings.webhook_redrive_after_seconds,
+                                           self._providers.keys())
         if stale:
             log.warning("re-driving %d accepted but unprocessed receipts: %s", len(stale), stale)
         results = [await self.replay(i) for i in stale]
         return [r for r in results if r is not None]
+
+    async def redrive_periodically(self, every_seconds: float) -> None:
+        """Re-drives for the relay's whole life, so a crash between receipt and signal heals
+        without anyone asking. A failing pass (database or Temporal away) is logged and
+        counted, and the next pass tries again; only cancellation ends the loop."""
+        while True:
+            await asyncio.sleep(every_seconds)
+            try:
+                await self.redrive()
+            except Exception:
+                metrics.REDRIVE_PASSES.labels("failed").inc()
+                log.exception("periodic re-drive pass failed; the next one is in %ss", every_seconds)
+            else:
+                metrics.REDRIVE_PASSES.labels("ok").inc()
 
     async def coverage(self) -> dict[str, Any]:
         """Per provider: which event types arrived, which have a handler, unknown types,

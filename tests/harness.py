@@ -148,6 +148,8 @@ async def open_stack(store: Store, client: Client, temporal_address: str, *, wor
         "late_failure_window_seconds": 2, "provider_http_timeout_seconds": 2,
         "payload_keys": PAYLOAD_KEYS, "reports_dir": tempfile.mkdtemp(prefix="refunds-reports-"),
         "console_secure_cookie": False,
+        # Test stacks share one database: a stack re-drives only when its test asks it to.
+        "webhook_redrive_interval_seconds": 0,
     }
     values.update(overrides)
     settings = Settings(**values)
