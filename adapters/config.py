@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     adyen_api_base: str | None = Field(
         default=None, description="Adyen Checkout API base, e.g. https://checkout-test.adyen.com")
     adyen_api_key: SecretStr | None = Field(default=None, description="Adyen API key (X-API-Key)")
+    adyen_auto_capture: bool = Field(
+        default=False, description="the merchant account captures automatically (Adyen's default, "
+                                   "which sends no CAPTURE notification): a successful AUTHORISATION "
+                                   "counts as captured")
 
     console_session_hours: float = 12
     console_secure_cookie: bool = Field(

@@ -24,11 +24,12 @@ from temporalio.service import RPCError, RPCStatusCode
 from adapters import metrics, receipts
 from adapters.config import Settings
 from adapters.payout_book import PayoutBook
-from adapters.providers.base import ProviderAdapter, WebhookRejected
+from adapters.providers.base import NotificationRecorder, ProviderAdapter, WebhookRejected
 from adapters.store import CaseCreation, Store, StoredReceipt
 from adapters.telemetry import bind_case
 from domain.events import tracking_case_id
 from domain.models import EventKind, ProviderEvent
+from domain.payments import PaymentEvent
 from domain.payouts import PayoutEvent, payout_case_id
 from starters.cases import open_payout_case, request_from_event, start_refund, track_refund
 from workflows.payout import PayoutReversalWorkflow
@@ -93,7 +94,7 @@ class WebhookDesk:
         return any(address in network for network in networks)
 
     def _parse(self, provider_name: str, headers: Mapping[str, str], body: bytes | None, now: float,
-               peer: str | None) -> ProviderEvent | PayoutEvent:
+               peer: str | None) -> ProviderEvent | PayoutEvent | PaymentEvent:
         """Verifies and normalises, or raises WebhookRejected with the receipt's verdict."""
         if body is None:
             raise WebhookRejected("too_large", f"body exceeds {self._settings.webhook_max_body_bytes} bytes")
@@ -155,16 +156,23 @@ class WebhookDesk:
                      event.event_id, stored.first_receipt_id)
             if stored.first_processed:
                 return IngestResult(200, stored.receipt_id, "duplicate", replay_of=replay_of)
+        provider = self._providers[provider_name]
+        if isinstance(provider, NotificationRecorder) and not isinstance(event, PayoutEvent):
+            await provider.record_notification(event)
         workflow_id = await self.route(event)
         await self._store.mark_receipt_processed(stored.first_receipt_id or stored.receipt_id,
                                                  workflow_id)
         return IngestResult(200, stored.receipt_id, stored.verdict, workflow_id=workflow_id,
                             replay_of=replay_of)
 
-    async def route(self, event: ProviderEvent | PayoutEvent) -> str | None:
+    async def route(self, event: ProviderEvent | PayoutEvent | PaymentEvent) -> str | None:
         """Starts or signals the event's workflow; returns its id (None when unmatched)."""
         if isinstance(event, PayoutEvent):
             return await self._route_payout(event)
+        if isinstance(event, PaymentEvent):
+            log.info("%s %s about payment %s is recorded for validation; no case moves",
+                     event.provider, event.event_type, event.payment_id)
+            return None
         if event.kind is EventKind.REFUND_REQUESTED:
             request = request_from_event(event)
             bind_case(request.refund_request_id)

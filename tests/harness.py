@@ -153,7 +153,7 @@ async def open_stack(store: Store, client: Client, temporal_address: str, *, wor
     }
     values.update(overrides)
     settings = Settings(**values)
-    providers = build_providers(settings)
+    providers = build_providers(settings, store)
     sandbox_app = sandbox_provider.create_app(
         webhook_url=f"{settings.relay_base_url()}/webhooks/sandbox", webhook_secret=secret)
     relay_app = relay.create_app(store, client, providers, settings)

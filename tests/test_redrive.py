@@ -17,6 +17,7 @@ from adapters.http_server import AppServer
 from adapters.store import Store, StoredReceipt
 from domain.events import tracking_case_id
 from domain.models import ProviderEvent
+from domain.payments import PaymentEvent
 from domain.payouts import PayoutEvent
 from starters import relay
 from starters.stack import TemporalDevServer, free_port
@@ -110,7 +111,7 @@ class RacingDesk(WebhookDesk):
         super().__init__(*args)
         self._barrier = barrier
 
-    async def route(self, event: ProviderEvent | PayoutEvent) -> str | None:
+    async def route(self, event: ProviderEvent | PayoutEvent | PaymentEvent) -> str | None:
         await self._barrier.wait()
         return await super().route(event)
 
