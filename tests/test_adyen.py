@@ -272,7 +272,8 @@ def parse(body: bytes) -> ProviderEvent | PayoutEvent | PaymentEvent:
 
 
 def test_recorded_payloads_verify_as_stored() -> None:
-    for name in ("REFUND", "REFUND_FAILED", "REFUNDED_REVERSED", "CANCEL_OR_REFUND", "PAIDOUT_REVERSED"):
+    for name in ("REFUND", "REFUND_FAILED", "REFUNDED_REVERSED", "CANCEL_OR_REFUND", "PAIDOUT_REVERSED",
+                 "AUTHORISATION", "CAPTURE", "CAPTURE_FAILED", "CANCELLATION"):
         event = parse((PAYLOADS / f"adyen_{name}.json").read_bytes())
         assert event.event_type == name and event.event_id.startswith(f"{name}:")
 
