@@ -4,6 +4,7 @@ tests/payloads/, re-signed after their references are made unique) and the refun
 `payment_notifications`, and validation reads the charge from there. Payment notifications
 get receipts and dedup like every delivery and never start a workflow."""
 
+import hashlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,6 +17,7 @@ from domain.events import tracking_case_id
 from domain.models import ChargeSnapshot
 from domain.payments import PaymentStatus, RecordedNotification, charge_from_notifications
 from starters.stack import TemporalDevServer
+from starters.webhooks import WebhookDesk
 from tests.test_adyen import MERCHANT, AdyenRig, adyen_rig, notification, unique_psp
 from tests.test_bad_input import receipt, workflow_exists
 
@@ -89,6 +91,21 @@ async def test_payment_notifications_are_receipted_recorded_once_and_start_nothi
     for handled in ("AUTHORISATION", "CAPTURE", "CAPTURE_FAILED", "CANCELLATION"):
         assert handled in report["handled"] and handled not in report["unknown_types"]
     assert report["arrived"]["AUTHORISATION"]["duplicate"] >= 1
+
+
+async def test_a_payment_notification_cut_off_by_a_crash_is_recorded_by_the_re_drive(rig: AdyenRig) -> None:
+    psp = unique_psp()
+    body = notification("AUTHORISATION", pspReference=psp)
+    crashed = await rig.stack.store.store_receipt(  # what the relay wrote before a crash
+        provider="adyen", event_id=f"AUTHORISATION:{psp}:true", event_type="AUTHORISATION", body=body,
+        body_sha256=hashlib.sha256(body).hexdigest(), headers={"content-type": "application/json"},
+        verdict="accepted", error=None)
+    assert await recorded_rows(rig, psp) == []
+    desk = WebhookDesk(rig.stack.store, rig.stack.client, rig.stack.providers, rig.stack.settings)
+    healed = await desk.replay(crashed.receipt_id)  # what a re-drive pass does with it
+    assert healed is not None and (healed.verdict, healed.workflow_id) == ("duplicate", None)
+    assert [r["status"] for r in await recorded_rows(rig, psp)] == ["authorised"]
+    assert (await receipt(rig.stack, "adyen", crashed.receipt_id))["processed_at"] is not None
 
 
 async def test_forged_payment_notification_records_nothing(rig: AdyenRig) -> None:
