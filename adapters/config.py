@@ -92,6 +92,10 @@ class Settings(BaseSettings):
     adyen_api_base: str | None = Field(
         default=None, description="Adyen Checkout API base, e.g. https://checkout-test.adyen.com")
     adyen_api_key: SecretStr | None = Field(default=None, description="Adyen API key (X-API-Key)")
+    adyen_auto_capture: bool = Field(
+        default=False, description="the merchant account captures automatically (Adyen's default, "
+                                   "which sends no CAPTURE notification): a successful AUTHORISATION "
+                                   "counts as captured")
 
     console_session_hours: float = 12
     console_secure_cookie: bool = Field(
@@ -110,6 +114,9 @@ class Settings(BaseSettings):
         description='optional per-provider source allowlist, JSON: {"stripe": ["3.18.12.63/32"]}')
     webhook_redrive_after_seconds: float = Field(
         default=60, description="an accepted receipt still unprocessed this long is re-driven")
+    webhook_redrive_interval_seconds: float = Field(
+        default=60, description="how often the relay re-drives unprocessed receipts; 0: only at "
+                                "start and on demand")
 
     approval_timeout_seconds: float = 3 * 24 * 3600
     approval_reminder_seconds: float | None = 24 * 3600

@@ -23,7 +23,7 @@ class AppServer:
     def __init__(self, app: ASGIApp, host: str, port: int) -> None:
         self.url = f"http://{host}:{port}"
         self._server = _QuietServer(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                                   lifespan="off", access_log=False,
+                                                   lifespan="auto", access_log=False,
                                                    timeout_graceful_shutdown=5))
         self._task: asyncio.Task[None] | None = None
 

@@ -13,6 +13,7 @@ from opentelemetry import trace
 from adapters.metrics import PROVIDER_CALL_ERRORS, PROVIDER_CALL_SECONDS, VERIFY_OUTCOMES
 from adapters.providers.base import PayoutExecutor, ProviderAdapter, ProviderUnsupported
 from domain.models import ChargeSnapshot, ProviderEvent, ProviderRefund, RefundRequest
+from domain.payments import PaymentEvent
 from domain.payouts import PayoutEvent, PayoutOrder, ProviderPayout
 
 T = TypeVar("T")
@@ -70,7 +71,7 @@ class InstrumentedProvider:
         return await self._observe("find_payout", self._payouts().find_payout(reference))
 
     def parse_webhook(self, headers: Mapping[str, str], body: bytes,
-                      now: float) -> ProviderEvent | PayoutEvent:
+                      now: float) -> ProviderEvent | PayoutEvent | PaymentEvent:
         return self._inner.parse_webhook(headers, body, now)
 
 

@@ -31,6 +31,8 @@ PROVIDER_CALL_SECONDS = Histogram("refunds_provider_call_seconds", "Provider API
                                   ["provider", "operation"])
 PROVIDER_CALL_ERRORS = Counter("refunds_provider_call_errors", "Provider API calls that raised",
                                ["provider", "operation", "error"])
+REDRIVE_PASSES = Counter("refunds_webhook_redrive_passes",
+                         "The relay's periodic re-drive passes, by outcome (ok, failed)", ["outcome"])
 VERIFY_OUTCOMES = Counter("refunds_verify_state", "Verify-state lookups at the provider, by outcome",
                           ["provider", "outcome"])
 # Read from the database by the relay only, so a worker never reports a stale 0.

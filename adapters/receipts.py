@@ -4,6 +4,7 @@ Kept apart from `store.py` (the write path) because ops tooling grows here; ever
 only reads `webhook_receipts`, which nothing ever deletes from.
 """
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -45,14 +46,15 @@ async def deliveries_since(store: Store, since: datetime) -> list[int]:
         return [int(r["id"]) for r in await cur.fetchall()]
 
 
-async def unprocessed(store: Store, older_than_seconds: float) -> list[int]:
-    """Accepted receipts whose workflow was never reached (a crash between receipt and
-    signal), older than the given age so in-flight deliveries are left alone."""
+async def unprocessed(store: Store, older_than_seconds: float, providers: Collection[str]) -> list[int]:
+    """Accepted receipts of these providers whose workflow was never reached (a crash
+    between receipt and signal), older than the given age so in-flight deliveries are left
+    alone. Only providers the caller can verify: a replay of any other would be refused."""
     async with store.transaction() as conn:
         cur = await conn.execute(
             "SELECT id FROM webhook_receipts WHERE verdict = 'accepted' AND processed_at IS NULL"
-            " AND received_at < now() - make_interval(secs => %s) ORDER BY id",
-            (older_than_seconds,))
+            " AND provider = ANY(%s) AND received_at < now() - make_interval(secs => %s) ORDER BY id",
+            (list(providers), older_than_seconds))
         return [int(r["id"]) for r in await cur.fetchall()]
 
 

@@ -177,6 +177,9 @@ class ChargeSnapshot(Frozen):
     amount_captured: int
     captured: bool
     dispute_count: int = 0
+    amount_refunded: int = 0
+    """What the provider reports refunded already; validation never lets captured minus
+    this be exceeded, whatever our own cases hold."""
 
 
 class EventKind(StrEnum):

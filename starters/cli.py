@@ -123,7 +123,7 @@ async def cmd_relay(args: argparse.Namespace, settings: Settings) -> int:
     _observability(settings, "refunds-relay")
     dsn, pg = await _database(settings)
     store = await Store.open(dsn)
-    providers = build_providers(settings)
+    providers = build_providers(settings, store)
     app = create_app(store, await connect(settings), providers, settings)
     server = AppServer(app, settings.bind_host, settings.relay_port)
     stop = asyncio.Event()

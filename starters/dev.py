@@ -120,7 +120,7 @@ async def run_dev(settings: Settings, *, play_demo: bool = True) -> None:
         await store.migrate()
         await store.create_token("admin", ["admin"], token=dev.admin_token)
         client: Client = await connect(settings)
-        providers = build_providers(settings)
+        providers = build_providers(settings, store)
         assert settings.sandbox_webhook_secret is not None
         sandbox = AppServer(
             sandbox_provider.create_app(

@@ -7,9 +7,11 @@ in `case_actions`, shared with the ops console (`console`, mounted here at /cons
 refusal, including a missing or revoked token, is written to the audit trail.
 """
 
+import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
@@ -66,14 +68,28 @@ class WebhookAck(BaseModel):
 def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAdapter],
                settings: Settings) -> FastAPI:
     """The relay application; `refunds dev`, `refunds relay` and the tests build it here."""
+    desk = WebhookDesk(store, client, providers, settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        """The periodic re-drive runs while the relay serves, and is cancelled at shutdown."""
+        every = settings.webhook_redrive_interval_seconds
+        app.state.redrive = asyncio.create_task(desk.redrive_periodically(every)) if every > 0 else None
+        try:
+            yield
+        finally:
+            if app.state.redrive is not None:
+                app.state.redrive.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await app.state.redrive
+
     app = FastAPI(title="Refund Orchestrator relay", version="0.1.0",
-                  description="Refund requests, approvals and provider webhooks.")
+                  description="Refund requests, approvals and provider webhooks.", lifespan=lifespan)
     if settings.codec_cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.codec_cors_origins,
                            allow_credentials=True, allow_methods=["POST"],
                            allow_headers=["Authorization", "Content-Type", "X-Namespace"])
     actions = CaseActions(store, client, settings)
-    desk = WebhookDesk(store, client, providers, settings)
     app.state.webhooks = desk
     integrations = IntegrationStore(store)
     app.include_router(integration_routes(store, client, settings, start=start_refund))

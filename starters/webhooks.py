@@ -8,6 +8,7 @@ and the `(provider, event_id)` gate keeps every event acting once. Re-driving an
 receipt that never reached its workflow (a crash between receipt and signal) is a replay.
 """
 
+import asyncio
 import hashlib
 import logging
 from collections.abc import Mapping
@@ -23,11 +24,12 @@ from temporalio.service import RPCError, RPCStatusCode
 from adapters import metrics, receipts
 from adapters.config import Settings
 from adapters.payout_book import PayoutBook
-from adapters.providers.base import ProviderAdapter, WebhookRejected
+from adapters.providers.base import NotificationRecorder, ProviderAdapter, WebhookRejected
 from adapters.store import CaseCreation, Store, StoredReceipt
 from adapters.telemetry import bind_case
 from domain.events import tracking_case_id
 from domain.models import EventKind, ProviderEvent
+from domain.payments import PaymentEvent
 from domain.payouts import PayoutEvent, payout_case_id
 from starters.cases import open_payout_case, request_from_event, start_refund, track_refund
 from workflows.payout import PayoutReversalWorkflow
@@ -92,7 +94,7 @@ class WebhookDesk:
         return any(address in network for network in networks)
 
     def _parse(self, provider_name: str, headers: Mapping[str, str], body: bytes | None, now: float,
-               peer: str | None) -> ProviderEvent | PayoutEvent:
+               peer: str | None) -> ProviderEvent | PayoutEvent | PaymentEvent:
         """Verifies and normalises, or raises WebhookRejected with the receipt's verdict."""
         if body is None:
             raise WebhookRejected("too_large", f"body exceeds {self._settings.webhook_max_body_bytes} bytes")
@@ -157,18 +159,25 @@ class WebhookDesk:
                      event.event_id, stored.first_receipt_id)
             if stored.first_processed:
                 return IngestResult(200, stored.receipt_id, "duplicate", replay_of=replay_of)
+        provider = self._providers[provider_name]
+        if isinstance(provider, NotificationRecorder) and not isinstance(event, PayoutEvent):
+            await provider.record_notification(event)
         workflow_id = await self.route(event, stored.case_creation)
         await self._store.mark_receipt_processed(stored.first_receipt_id or stored.receipt_id,
                                                  workflow_id)
         return IngestResult(200, stored.receipt_id, stored.verdict, workflow_id=workflow_id,
                             replay_of=replay_of)
 
-    async def route(self, event: ProviderEvent | PayoutEvent,
+    async def route(self, event: ProviderEvent | PayoutEvent | PaymentEvent,
                     case_creation: CaseCreation | None = None) -> str | None:
         """Starts or signals the event's workflow; returns its id (None when unmatched).
         `case_creation` is the case outcome when the receipt's transaction already opened it."""
         if isinstance(event, PayoutEvent):
             return await self._route_payout(event)
+        if isinstance(event, PaymentEvent):
+            log.info("%s %s about payment %s is recorded for validation; no case moves",
+                     event.provider, event.event_type, event.payment_id)
+            return None
         if event.kind is EventKind.REFUND_REQUESTED:
             request = request_from_event(event)
             bind_case(request.refund_request_id)
@@ -274,13 +283,30 @@ class WebhookDesk:
         return [r for r in results if r is not None]
 
     async def redrive(self) -> list[IngestResult]:
-        """Replays accepted receipts that never reached their workflow; run at relay start
-        and by `refunds webhooks redrive`."""
-        stale = await receipts.unprocessed(self._store, self._settings.webhook_redrive_after_seconds)
+        """Replays accepted receipts that never reached their workflow; run at relay start,
+        every `webhook_redrive_interval_seconds` (`redrive_periodically`) and by
+        `refunds webhooks redrive`. Relays may overlap: each event still acts once (the
+        `(provider, event_id)` gate, the workflows' event ids, the ledger's posting keys)."""
+        stale = await receipts.unprocessed(self._store, self._settings.webhook_redrive_after_seconds,
+                                           self._providers.keys())
         if stale:
             log.warning("re-driving %d accepted but unprocessed receipts: %s", len(stale), stale)
         results = [await self.replay(i) for i in stale]
         return [r for r in results if r is not None]
+
+    async def redrive_periodically(self, every_seconds: float) -> None:
+        """Re-drives for the relay's whole life, so a crash between receipt and signal heals
+        without anyone asking. A failing pass (database or Temporal away) is logged and
+        counted, and the next pass tries again; only cancellation ends the loop."""
+        while True:
+            await asyncio.sleep(every_seconds)
+            try:
+                await self.redrive()
+            except Exception:
+                metrics.REDRIVE_PASSES.labels("failed").inc()
+                log.exception("periodic re-drive pass failed; the next one is in %ss", every_seconds)
+            else:
+                metrics.REDRIVE_PASSES.labels("ok").inc()
 
     async def coverage(self) -> dict[str, Any]:
         """Per provider: which event types arrived, which have a handler, unknown types,

@@ -21,8 +21,9 @@ class FakeAdyen:
     payments: dict[str, dict[str, Any]] = field(default_factory=dict)
     refunds: list[dict[str, Any]] = field(default_factory=list)
 
-    def payment(self, amount: int, currency: str, merchant: str) -> str:
-        psp = secrets.token_hex(8).upper()
+    def payment(self, amount: int, currency: str, merchant: str, psp: str | None = None) -> str:
+        """A payment Adyen holds (its pspReference, new unless given)."""
+        psp = psp or secrets.token_hex(8).upper()
         self.payments[psp] = {"amount": amount, "currency": currency, "merchant": merchant}
         return psp
 

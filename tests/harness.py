@@ -149,10 +149,12 @@ async def open_stack(store: Store, client: Client, temporal_address: str, *, wor
         "late_failure_window_seconds": 2, "provider_http_timeout_seconds": 2,
         "payload_keys": PAYLOAD_KEYS, "reports_dir": tempfile.mkdtemp(prefix="refunds-reports-"),
         "console_secure_cookie": False,
+        # Test stacks share one database: a stack re-drives only when its test asks it to.
+        "webhook_redrive_interval_seconds": 0,
     }
     values.update(overrides)
     settings = Settings(**values)
-    providers = build_providers(settings)
+    providers = build_providers(settings, store)
     sandbox_app = sandbox_provider.create_app(
         webhook_url=f"{settings.relay_base_url()}/webhooks/sandbox", webhook_secret=secret)
     relay_app = relay.create_app(store, client, providers, settings)

@@ -2,8 +2,8 @@
 
 Its own `start()` binds every interface and pickles its state to a shared /tmp file; here
 it binds 127.0.0.1 only and keeps its state in memory, so parallel runs cannot mix.
-Its refund list lacks Stripe's documented `created` filter (gte/gt/lt/lte), which
-reconciliation pages by; it is added here, newest first by `created` as Stripe orders.
+Its refund and payout lists lack Stripe's documented `created` filter (gte/gt/lt/lte),
+which reconciliation pages by; it is added here, newest first by `created` as Stripe orders.
 """
 
 import sys
@@ -15,7 +15,7 @@ from localstripe import resources, server
 _BOUNDS = {"gte": int.__ge__, "gt": int.__gt__, "lt": int.__lt__, "lte": int.__le__}
 
 
-def _list_refunds_in_window(original: Any) -> Any:
+def _list_in_window(original: Any) -> Any:
     def list_all(cls: Any, /, url: str, created: dict[str, str] | None = None, **kwargs: Any) -> Any:
         listed = original(url, **kwargs)
         bounds = {op: int(value) for op, value in (created or {}).items()}
@@ -29,7 +29,8 @@ def _list_refunds_in_window(original: Any) -> Any:
 def main() -> None:
     resources.Store.dump_to_disk = lambda self: None
     resources.Store.try_load_from_disk = lambda self: None
-    resources.Refund._api_list_all = _list_refunds_in_window(resources.Refund._api_list_all)
+    for listed in (resources.Refund, resources.Payout):
+        listed._api_list_all = _list_in_window(listed._api_list_all)
     web.run_app(server.app, host="127.0.0.1", port=int(sys.argv[1]), print=None)
 
 

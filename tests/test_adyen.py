@@ -6,6 +6,7 @@ Checkout API is a loopback fake behind a lossy proxy; Adyen has no status lookup
 create answer must end in a wait for the notification, an escalation, and one refund.
 """
 
+import contextlib
 import copy
 import json
 import secrets
@@ -31,6 +32,7 @@ from adapters.providers.registry import build_providers, close_providers
 from adapters.store import Store
 from domain.events import tracking_case_id
 from domain.models import ProviderEvent, RefundRequest
+from domain.payments import PaymentEvent
 from domain.payouts import PayoutEvent
 from starters.stack import TemporalDevServer, free_port
 from tests.adyen_fake import FakeAdyen
@@ -80,8 +82,11 @@ class AdyenRig:
         return case_id, psp
 
 
-@pytest.fixture(scope="module")
-async def rig(store: Store, client: Client, temporal_server: TemporalDevServer) -> AsyncIterator[AdyenRig]:
+@contextlib.asynccontextmanager
+async def adyen_rig(store: Store, client: Client, temporal_server: TemporalDevServer, *,
+                    charges_from_fake: bool) -> AsyncIterator[AdyenRig]:
+    """A stack with Adyen's Checkout API faked behind a lossy proxy. Its charges come from
+    the fake's payments, or (production wiring) from the notifications the relay records."""
     fake = FakeAdyen(API_KEY)
     fake_server = AppServer(fake.app(), "127.0.0.1", free_port())
     await fake_server.start()
@@ -91,13 +96,14 @@ async def rig(store: Store, client: Client, temporal_server: TemporalDevServer) 
     stack = await open_stack(store, client, temporal_server.address, worker=False,
                              adyen_hmac_keys=f"{TEST_KEY},{OLD_KEY}", adyen_api_base=proxy_server.url,
                              adyen_api_key=API_KEY, late_failure_window_seconds=600)
-    built = stack.providers["adyen"]
-    assert isinstance(built, AdyenProvider)
-    await built.aclose()
-    # The relay and the worker share this mapping; the deployment's charge record is the fake's.
-    stack.providers["adyen"] = AdyenProvider(
-        hmac_keys=[TEST_KEY, OLD_KEY], api_base=proxy_server.url, api_key=API_KEY,
-        timeout_seconds=stack.settings.provider_http_timeout_seconds, charges=fake.charge)
+    if charges_from_fake:
+        built = stack.providers["adyen"]
+        assert isinstance(built, AdyenProvider)
+        await built.aclose()
+        # The relay and the worker share this mapping; the charge record is the fake's.
+        stack.providers["adyen"] = AdyenProvider(
+            hmac_keys=[TEST_KEY, OLD_KEY], api_base=proxy_server.url, api_key=API_KEY,
+            timeout_seconds=stack.settings.provider_http_timeout_seconds, charges=fake.charge)
     await stack.start_worker()
     try:
         yield AdyenRig(stack, fake, proxy)
@@ -105,6 +111,12 @@ async def rig(store: Store, client: Client, temporal_server: TemporalDevServer) 
         await stack.close()
         await proxy_server.stop()
         await fake_server.stop()
+
+
+@pytest.fixture(scope="module")
+async def rig(store: Store, client: Client, temporal_server: TemporalDevServer) -> AsyncIterator[AdyenRig]:
+    async with adyen_rig(store, client, temporal_server, charges_from_fake=True) as rigged:
+        yield rigged
 
 
 # -- the relay -----------------------------------------------------------------------------
@@ -255,12 +267,13 @@ async def test_refunded_reversed_after_success_is_a_late_failure_with_its_entry(
 ADAPTER = AdyenProvider(hmac_keys=[TEST_KEY])
 
 
-def parse(body: bytes) -> ProviderEvent | PayoutEvent:
+def parse(body: bytes) -> ProviderEvent | PayoutEvent | PaymentEvent:
     return ADAPTER.parse_webhook({}, body, time.time())
 
 
 def test_recorded_payloads_verify_as_stored() -> None:
-    for name in ("REFUND", "REFUND_FAILED", "REFUNDED_REVERSED", "CANCEL_OR_REFUND", "PAIDOUT_REVERSED"):
+    for name in ("REFUND", "REFUND_FAILED", "REFUNDED_REVERSED", "CANCEL_OR_REFUND", "PAIDOUT_REVERSED",
+                 "AUTHORISATION", "CAPTURE", "CAPTURE_FAILED", "CANCELLATION"):
         event = parse((PAYLOADS / f"adyen_{name}.json").read_bytes())
         assert event.event_type == name and event.event_id.startswith(f"{name}:")
 

@@ -18,11 +18,11 @@ from temporalio.client import Client
 
 from adapters.http_server import AppServer
 from adapters.providers import stripe as stripe_adapter
-from adapters.providers.base import RefundLister, WebhookRejected
+from adapters.providers.base import PayoutLister, RefundLister, WebhookRejected
 from adapters.providers.stripe import StripeProvider
 from adapters.store import Store
 from domain.models import ProviderEvent
-from domain.reconciliation import ListedRefund
+from domain.reconciliation import ListedPayout, ListedRefund
 from starters.stack import TemporalDevServer, free_port
 from tests.harness import Stack, open_stack
 from tests.lossy_proxy import LossyProxy
@@ -228,6 +228,39 @@ async def test_stripe_lists_a_window_newest_first_across_pages(
     rest = [r.refund.refund_id async for r in adapter.list_refunds(since, until, made[5])
             if isinstance(r, ListedRefund)]
     assert rest == made[6:]
+
+
+async def stripe_payout(rig: StripeRig, amount: int, status: str, days: float) -> str:
+    """A payout made at localstripe (EUR is the one currency it pays out) created `days` ago."""
+    created = str(int((datetime.now(UTC) - timedelta(days=days)).timestamp()))
+    async with rig.http() as http:
+        made = await http.post("/v1/payouts", data={"amount": amount, "currency": "eur",
+                                                    "status": status})
+        made.raise_for_status()
+        payout_id = str(made.json()["id"])
+        (await http.post(f"/v1/payouts/{payout_id}", data={"created": created})).raise_for_status()
+    return payout_id
+
+
+async def test_stripe_lists_payouts_in_a_window_newest_first_across_pages(
+        rig: StripeRig, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stripe_adapter, "LIST_PAGE", 3)
+    statuses = ["paid", "failed", "pending", "paid", "paid", "failed", "paid"]
+    made = [await stripe_payout(rig, 500 + i, status, 80 + i / 100) for i, status in enumerate(statuses)]
+    await stripe_payout(rig, 1, "paid", 90)  # outside the window
+    adapter = rig.stack.providers["stripe"]
+    assert isinstance(adapter, PayoutLister)
+    since, until = datetime.now(UTC) - timedelta(days=81), datetime.now(UTC) - timedelta(days=79)
+    listed = [p async for p in adapter.list_payouts(since, until) if isinstance(p, ListedPayout)]
+    assert [p.payout.payout_id for p in listed] == made  # newest first: the least aged first
+    assert [(p.payout.amount, p.payout.currency, p.payout.status.value) for p in listed] == [
+        (500 + i, "EUR", status) for i, status in enumerate(statuses)]
+    assert [p.payout.failure_code for p in listed if p.payout.status == "failed"] == [
+        "could_not_process"] * 2
+    assert all(since <= p.created < until for p in listed)
+    rest = [p.payout.payout_id async for p in adapter.list_payouts(since, until, made[3])
+            if isinstance(p, ListedPayout)]
+    assert rest == made[4:]
 
 
 async def test_a_stripe_backfill_finds_a_silent_failure_and_a_dashboard_refund(rig: StripeRig) -> None:

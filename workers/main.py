@@ -81,7 +81,7 @@ async def run_worker(settings: Settings, dsn: str, stop: asyncio.Event) -> None:
     retried elsewhere by Temporal)."""
     client = await connect(settings, runtime=sdk_runtime(settings))
     store = await Store.open(dsn)
-    providers = build_providers(settings)
+    providers = build_providers(settings, store)
     worker = build_worker(client, settings.task_queue, store, providers,
                           load_policy(settings.policy_file),
                           graceful_shutdown=timedelta(seconds=settings.graceful_shutdown_seconds),

@@ -13,8 +13,11 @@ hide an event. The relay answers `[accepted]`, which Adyen requires, on every 2x
 
 Adyen has no refund-status lookup: `find_refund` raises `ProviderLookupUnsupported` and
 the workflow waits for the notification (escalating on a timer) instead of resubmitting.
-Adyen has no payment lookup either, so a charge snapshot comes only from a `ChargeSource`
-the deployment provides; without one, requests are rejected at validation.
+Adyen has no payment lookup either, so a charge snapshot comes only from a `ChargeSource`:
+in production the `payment_notifications` table (`adapters.payment_book`), which the relay
+fills from AUTHORISATION, CAPTURE, CAPTURE_FAILED and CANCELLATION notifications and the
+refund ones (`record_notification`). Payment notifications never start a workflow. Without
+a source (no store), requests are rejected at validation.
 """
 
 import base64
@@ -49,6 +52,7 @@ from domain.models import (
     RefundRequest,
 )
 from domain.money import normalise_currency
+from domain.payments import PaymentEvent, PaymentStatus
 from domain.payouts import PayoutEvent, ProviderPayout, ProviderPayoutStatus
 
 ACKNOWLEDGEMENT = "[accepted]"
@@ -76,12 +80,24 @@ PAYOUT_STATUSES = {
     "PAYOUT_DECLINE:true": ProviderPayoutStatus.CANCELED,  # declined in review: never paid
     "PAIDOUT_REVERSED:true": ProviderPayoutStatus.REVERSED,
 }
+PAYMENT_STATUSES = {
+    "AUTHORISATION:true": PaymentStatus.AUTHORISED,
+    "AUTHORISATION:false": PaymentStatus.REFUSED,
+    "CAPTURE:true": PaymentStatus.CAPTURED,
+    "CAPTURE:false": PaymentStatus.CAPTURE_FAILED,
+    "CAPTURE_FAILED:true": PaymentStatus.CAPTURE_FAILED,  # the scheme rejected a capture reported done
+    "CANCELLATION:true": PaymentStatus.CANCELLED,
+    "CANCELLATION:false": PaymentStatus.CANCEL_FAILED,
+}
 REFUND_EVENTS = frozenset(s.split(":")[0] for s in STATUSES)
 PAYOUT_EVENTS = frozenset(s.split(":")[0] for s in PAYOUT_STATUSES)
-KNOWN_EVENT_TYPES = REFUND_EVENTS | PAYOUT_EVENTS
+PAYMENT_EVENTS = frozenset(s.split(":")[0] for s in PAYMENT_STATUSES)
+KNOWN_EVENT_TYPES = REFUND_EVENTS | PAYOUT_EVENTS | PAYMENT_EVENTS
 
 ChargeSource = Callable[[str], Awaitable[ChargeSnapshot | None]]
 """Where a deployment keeps what Adyen told it about a payment (by pspReference)."""
+NotificationSink = Callable[[PaymentEvent | ProviderEvent], Awaitable[None]]
+"""Where the relay keeps what each payment or refund notification said (feeds a ChargeSource)."""
 
 
 def signing_string(item: Mapping[str, Any]) -> str:
@@ -171,6 +187,18 @@ def _payout(provider: str, item: Mapping[str, Any]) -> ProviderPayout:
     )
 
 
+def _payment(provider: str, item: Mapping[str, Any], **envelope: Any) -> PaymentEvent:
+    status = map_status(provider, PAYMENT_STATUSES, _raw_status(item), "payment")
+    psp = str(item["pspReference"])
+    # A capture or cancellation modifies the payment named by originalReference.
+    payment_id = psp if item["eventCode"] == "AUTHORISATION" else str(item["originalReference"])
+    return PaymentEvent(
+        provider=provider, payment_id=payment_id, psp_reference=psp, status=status,
+        amount=minor_units(item["amount"]["value"]),
+        currency=normalise_currency(str(item["amount"]["currency"])),
+        merchant_account=str(item["merchantAccountCode"]), **envelope)
+
+
 class AdyenProvider:
     """Adyen notifications, and refunds through the Checkout API (`POST /payments/{psp}/refunds`)."""
 
@@ -179,10 +207,12 @@ class AdyenProvider:
 
     def __init__(self, *, hmac_keys: Sequence[str], api_base: str | None = None,
                  api_key: str | None = None, timeout_seconds: float = 10.0,
-                 charges: ChargeSource | None = None, name: str = "adyen") -> None:
+                 charges: ChargeSource | None = None, record: NotificationSink | None = None,
+                 name: str = "adyen") -> None:
         self.name = name
         self._verifier = AdyenHmacVerifier(hmac_keys)
         self._charges = charges
+        self._record = record
         self._http = (httpx.AsyncClient(base_url=api_base, timeout=timeout_seconds,
                                         headers={"X-API-Key": api_key})
                       if api_base and api_key else None)
@@ -196,6 +226,13 @@ class AdyenProvider:
             raise ProviderUnsupported(f"{self.name}: Adyen has no payment lookup and no charge "
                                       "source is configured")
         return await self._charges(charge_id)
+
+    async def record_notification(self, event: PaymentEvent | ProviderEvent) -> None:
+        """Keeps what a verified notification said about a payment: the only source
+        `get_charge` has. The relay calls it before routing, so a re-drive records again
+        (idempotently) what a crash interrupted."""
+        if self._record is not None:
+            await self._record(event)
 
     async def create_refund(self, request: RefundRequest, idempotency_key: str) -> ProviderRefund:
         if self._http is None:
@@ -222,7 +259,7 @@ class AdyenProvider:
                                         "outcome arrives as a notification")
 
     def parse_webhook(self, headers: Mapping[str, str], body: bytes,
-                      now: float) -> ProviderEvent | PayoutEvent:
+                      now: float) -> ProviderEvent | PayoutEvent | PaymentEvent:
         item = only_item(load_json(body))
         self._verifier.verify_item(item)
         with normalising(None, None):
@@ -232,6 +269,9 @@ class AdyenProvider:
         digest = hashlib.sha256(body).hexdigest()
         with normalising(event_id, event_type):
             occurred = datetime.fromisoformat(str(item["eventDate"]))
+            if event_type in PAYMENT_EVENTS:
+                return _payment(self.name, item, event_id=event_id, event_type=event_type,
+                                body_sha256=digest, occurred_at=occurred)
             if event_type in PAYOUT_EVENTS:
                 return PayoutEvent(provider=self.name, event_id=event_id, event_type=event_type,
                                    body_sha256=digest, occurred_at=occurred,

@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Protocol, runtime_checkable
 
 from domain.models import ChargeSnapshot, ProviderEvent, ProviderRefund, RefundRequest
+from domain.payments import PaymentEvent
 from domain.payouts import PayoutEvent, PayoutOrder, ProviderPayout
 from domain.reconciliation import ListedPayout, ListedRefund, UnmappedListing
 
@@ -72,8 +73,9 @@ class ProviderAdapter(RefundExecutor, Protocol):
         """The charge as the provider sees it, or None when it does not exist."""
 
     def parse_webhook(self, headers: Mapping[str, str], body: bytes,
-                      now: float) -> ProviderEvent | PayoutEvent:
-        """Verifies the signature and normalises the event; raises WebhookRejected."""
+                      now: float) -> ProviderEvent | PayoutEvent | PaymentEvent:
+        """Verifies the signature and normalises the event; raises WebhookRejected. Only
+        providers with no payment lookup (Adyen) return payment events."""
 
 
 @runtime_checkable
@@ -87,6 +89,15 @@ class PayoutExecutor(Protocol):
 
     async def find_payout(self, reference: str) -> ProviderPayout | None:
         """Looks a payout up by our reference (the check before any create)."""
+
+
+@runtime_checkable
+class NotificationRecorder(Protocol):
+    """A provider with no payment lookup, whose payment and refund notifications the relay
+    records (before routing) as the source of its charges."""
+
+    async def record_notification(self, event: PaymentEvent | ProviderEvent) -> None:
+        """Keeps what the notification said about its payment; idempotent per event."""
 
 
 @runtime_checkable

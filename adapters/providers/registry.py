@@ -1,6 +1,7 @@
 """Builds the provider adapters that the settings configure."""
 
 from adapters.config import Settings
+from adapters.payment_book import PaymentBook
 from adapters.providers.adyen import AdyenProvider
 from adapters.providers.base import ProviderAdapter
 from adapters.providers.cashfree import CashfreeApiProvider, CashfreeProvider
@@ -8,10 +9,12 @@ from adapters.providers.rainforest import RainforestApiProvider, RainforestProvi
 from adapters.providers.sandbox import SandboxProvider
 from adapters.providers.signing import secret_list
 from adapters.providers.stripe import StripeProvider
+from adapters.store import Store
 
 
-def build_providers(settings: Settings) -> dict[str, ProviderAdapter]:
-    """Every provider with credentials in the environment; each needs its webhook secret."""
+def build_providers(settings: Settings, store: Store | None = None) -> dict[str, ProviderAdapter]:
+    """Every provider with credentials in the environment; each needs its webhook secret.
+    With the store, Adyen's charges come from its recorded notifications (no lookup API)."""
     providers: dict[str, ProviderAdapter] = {}
     tolerance = settings.webhook_tolerance_seconds
     if settings.sandbox_webhook_secret is not None:
@@ -50,10 +53,13 @@ def build_providers(settings: Settings) -> dict[str, ProviderAdapter]:
             if settings.cashfree_api_base and settings.cashfree_client_id and settings.cashfree_client_secret
             else CashfreeProvider(webhook_secrets=cashfree_secrets, tolerance_seconds=tolerance))
     if settings.adyen_hmac_keys is not None:
+        book = (PaymentBook(store, "adyen", auto_capture=settings.adyen_auto_capture)
+                if store is not None else None)
         providers["adyen"] = AdyenProvider(
             hmac_keys=secret_list(settings.adyen_hmac_keys), api_base=settings.adyen_api_base,
             api_key=settings.adyen_api_key.get_secret_value() if settings.adyen_api_key else None,
-            timeout_seconds=settings.provider_http_timeout_seconds)
+            timeout_seconds=settings.provider_http_timeout_seconds,
+            charges=book.charge if book else None, record=book.record if book else None)
     return providers
 
 

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import stripe
-from stripe.params import RefundListParams
+from stripe.params import PayoutListParams, RefundListParams
 
 from adapters.providers.base import ProviderDeclined, ProviderOutcomeUnknown
 from adapters.providers.normalise import (
@@ -38,7 +38,7 @@ from domain.models import (
 )
 from domain.money import normalise_currency
 from domain.payouts import PayoutEvent, ProviderPayoutStatus
-from domain.reconciliation import ListedRefund
+from domain.reconciliation import ListedPayout, ListedRefund
 
 log = logging.getLogger(__name__)
 
@@ -165,21 +165,39 @@ class StripeProvider:
 
     async def list_refunds(self, since: datetime, until: datetime,
                            starting_after: str | None = None) -> AsyncGenerator[ListedRefund]:
-        """Stripe's refund list over `created` in [since, until), newest first, with the
-        library's auto-paging: pages are fetched as the caller reads."""
+        """Stripe's refund list over `created` in [since, until), newest first."""
         params: RefundListParams = {"created": {"gte": unix_bound(since), "lt": unix_bound(until)},
                                     "limit": LIST_PAGE}
         if starting_after is not None:
             params["starting_after"] = starting_after
-        first = await self._call("GET /v1/refunds", self._client.v1.refunds.list_async(params))
-        refunds = first.auto_paging_iter().__aiter__()
+        async for refund, created in self._listed(
+                "GET /v1/refunds", self._client.v1.refunds.list_async(params)):
+            yield ListedRefund(refund=self._refund(refund), created=created)
+
+    async def list_payouts(self, since: datetime, until: datetime,
+                           starting_after: str | None = None) -> AsyncGenerator[ListedPayout]:
+        """Stripe's payout list over `created` in [since, until), newest first."""
+        params: PayoutListParams = {"created": {"gte": unix_bound(since), "lt": unix_bound(until)},
+                                    "limit": LIST_PAGE}
+        if starting_after is not None:
+            params["starting_after"] = starting_after
+        async for payout, created in self._listed(
+                "GET /v1/payouts", self._client.v1.payouts.list_async(params)):
+            yield ListedPayout(payout=stripe_shaped_payout(self.name, payout, PAYOUT_STATUSES),
+                               created=created)
+
+    async def _listed(self, what: str, first_page: Awaitable[Any]
+                      ) -> AsyncGenerator[tuple[dict[str, Any], datetime]]:
+        """Every object of a list call with the library's auto-paging (pages are fetched as
+        the caller reads), with its creation time; errors sorted as for any call."""
+        first = await self._call(what, first_page)
+        objects = first.auto_paging_iter().__aiter__()
         while True:
             try:
-                refund = _stripe_dict(await self._call("GET /v1/refunds (next page)", refunds.__anext__()))
+                obj = _stripe_dict(await self._call(f"{what} (next page)", objects.__anext__()))
             except StopAsyncIteration:
                 return
-            yield ListedRefund(refund=self._refund(refund),
-                               created=datetime.fromtimestamp(int(refund["created"]), UTC))
+            yield obj, datetime.fromtimestamp(int(obj["created"]), UTC)
 
     def parse_webhook(self, headers: Mapping[str, str], body: bytes,
                       now: float) -> ProviderEvent | PayoutEvent:

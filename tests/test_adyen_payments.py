@@ -1,0 +1,211 @@
+"""Adyen's payments source in its production wiring: the relay records AUTHORISATION,
+CAPTURE, CAPTURE_FAILED and CANCELLATION notifications (Adyen's documented examples in
+tests/payloads/, re-signed after their references are made unique) and the refund ones in
+`payment_notifications`, and validation reads the charge from there. Payment notifications
+get receipts and dedup like every delivery and never start a workflow."""
+
+import hashlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from temporalio.client import Client
+
+from adapters.store import Store
+from domain.events import tracking_case_id
+from domain.models import ChargeSnapshot
+from domain.payments import PaymentStatus, RecordedNotification, charge_from_notifications
+from starters.stack import TemporalDevServer
+from starters.webhooks import WebhookDesk
+from tests.test_adyen import MERCHANT, AdyenRig, adyen_rig, notification, unique_psp
+from tests.test_bad_input import receipt, workflow_exists
+
+
+@pytest.fixture(scope="module")
+async def rig(store: Store, client: Client, temporal_server: TemporalDevServer) -> AsyncIterator[AdyenRig]:
+    async with adyen_rig(store, client, temporal_server, charges_from_fake=False) as rigged:
+        yield rigged
+
+
+async def recorded_rows(rig: AdyenRig, payment_id: str) -> list[dict[str, Any]]:
+    async with rig.stack.store.transaction() as conn:
+        cur = await conn.execute("SELECT event_type, psp_reference, status, amount FROM payment_notifications"
+                                 " WHERE provider = 'adyen' AND payment_id = %s ORDER BY recorded_at",
+                                 (payment_id,))
+        return list(await cur.fetchall())
+
+
+async def notify(rig: AdyenRig, name: str, **fields: Any) -> httpx.Response:
+    """Posts a recorded notification through the relay; asserts Adyen's acknowledgement."""
+    response = await rig.post(notification(name, **fields))
+    assert (response.status_code, response.text) == (200, "[accepted]"), response.text
+    return response
+
+
+async def paid(rig: AdyenRig, authorised: int, captured: int | None = None) -> str:
+    """A payment authorised (and captured, partly if asked) as Adyen notifies it; the fake
+    Checkout API knows it too. Returns its pspReference."""
+    psp = unique_psp()
+    await notify(rig, "AUTHORISATION", pspReference=psp, amount={"currency": "EUR", "value": authorised})
+    if captured is not None:
+        await notify(rig, "CAPTURE", pspReference=unique_psp(), originalReference=psp,
+                     amount={"currency": "EUR", "value": captured})
+    rig.fake.payment(authorised, "EUR", MERCHANT, psp=psp)
+    return psp
+
+
+async def request(rig: AdyenRig, psp: str, amount: int) -> str:
+    return await rig.stack.request_refund("alice", psp, amount, provider="adyen", currency="EUR",
+                                          merchant_account=MERCHANT)
+
+
+async def rejected(rig: AdyenRig, case_id: str, psp: str) -> str:
+    """The case was rejected at validation and no money state moved; returns the reason."""
+    row = await rig.stack.wait_for_status(case_id, "rejected")
+    assert row["reserved_amount"] == 0
+    assert rig.fake.refunds_of(psp) == []
+    assert await rig.stack.store.ledger_entries(case_id) == []
+    trail = await rig.stack.store.audit_trail(case_id)
+    [refusal] = [e for e in trail if e["action"] == "validation_rejected"]
+    return str(refusal["detail"]["reason"])
+
+
+async def test_payment_notifications_are_receipted_recorded_once_and_start_nothing(rig: AdyenRig) -> None:
+    psp, capture = unique_psp(), unique_psp()
+    first = await notify(rig, "AUTHORISATION", pspReference=psp)
+    again = await notify(rig, "AUTHORISATION", pspReference=psp)
+    captured = await notify(rig, "CAPTURE", pspReference=capture, originalReference=psp)
+    assert [r.headers["x-webhook-verdict"] for r in (first, again, captured)] == [
+        "accepted", "duplicate", "accepted"]
+    row = await receipt(rig.stack, "adyen", int(first.headers["x-receipt-id"]))
+    assert (row["event_id"], row["event_type"]) == (f"AUTHORISATION:{psp}:true", "AUTHORISATION")
+    assert row["processed_at"] is not None and row["workflow_id"] is None
+    assert [(r["event_type"], r["psp_reference"], r["status"]) for r in await recorded_rows(rig, psp)] == [
+        ("AUTHORISATION", psp, "authorised"), ("CAPTURE", capture, "captured")]
+    for no_case in (tracking_case_id("adyen", psp), tracking_case_id("adyen", capture)):
+        assert not await workflow_exists(rig.stack, no_case)
+
+    async with rig.stack.api("olga") as api:
+        report = (await api.get("/v1/webhooks/coverage")).json()["providers"]["adyen"]
+    for handled in ("AUTHORISATION", "CAPTURE", "CAPTURE_FAILED", "CANCELLATION"):
+        assert handled in report["handled"] and handled not in report["unknown_types"]
+    assert report["arrived"]["AUTHORISATION"]["duplicate"] >= 1
+
+
+async def test_a_payment_notification_cut_off_by_a_crash_is_recorded_by_the_re_drive(rig: AdyenRig) -> None:
+    psp = unique_psp()
+    body = notification("AUTHORISATION", pspReference=psp)
+    crashed = await rig.stack.store.store_receipt(  # what the relay wrote before a crash
+        provider="adyen", event_id=f"AUTHORISATION:{psp}:true", event_type="AUTHORISATION", body=body,
+        body_sha256=hashlib.sha256(body).hexdigest(), headers={"content-type": "application/json"},
+        verdict="accepted", error=None)
+    assert await recorded_rows(rig, psp) == []
+    desk = WebhookDesk(rig.stack.store, rig.stack.client, rig.stack.providers, rig.stack.settings)
+    healed = await desk.replay(crashed.receipt_id)  # what a re-drive pass does with it
+    assert healed is not None and (healed.verdict, healed.workflow_id) == ("duplicate", None)
+    assert [r["status"] for r in await recorded_rows(rig, psp)] == ["authorised"]
+    assert (await receipt(rig.stack, "adyen", crashed.receipt_id))["processed_at"] is not None
+
+
+async def test_forged_payment_notification_records_nothing(rig: AdyenRig) -> None:
+    psp = unique_psp()
+    response = await rig.post(notification("AUTHORISATION", key="AB" * 32, pspReference=psp))
+    assert response.status_code == 401 and response.json()["verdict"] == "bad_signature"
+    assert await recorded_rows(rig, psp) == []
+
+
+async def test_refund_of_a_notified_payment_runs_end_to_end(rig: AdyenRig) -> None:
+    psp = await paid(rig, 10_000, captured=10_000)
+    case_id = await request(rig, psp, 2_500)
+    await rig.stack.wait_for_status(case_id, "pending")
+    [made] = rig.fake.refunds_of(psp)
+    assert (made["reference"], made["amount"]) == (case_id, {"value": 2_500, "currency": "EUR"})
+    await notify(rig, "REFUND", pspReference=made["pspReference"], originalReference=psp,
+                 merchantReference=case_id, amount={"currency": "EUR", "value": 2_500})
+    row = await rig.stack.wait_for_status(case_id, "succeeded")
+    assert row["reserved_amount"] == 2_500
+    lines = await rig.stack.store.ledger_entries(case_id)
+    assert [(x["template"], x["debit"], x["credit"], x["currency"]) for x in lines] == [
+        ("refund_settled", 2_500, 0, "EUR"), ("refund_settled", 0, 2_500, "EUR")]
+    charge = await rig.stack.providers["adyen"].get_charge(psp)
+    assert charge is not None and (charge.amount_captured, charge.amount_refunded) == (10_000, 2_500)
+
+
+async def test_refund_of_an_unknown_payment_is_rejected_and_moves_nothing(rig: AdyenRig) -> None:
+    psp = unique_psp()
+    rig.fake.payment(10_000, "EUR", MERCHANT, psp=psp)  # Adyen has it; no notification reached us
+    case_id = await request(rig, psp, 1_000)
+    assert await rejected(rig, case_id, psp) == f"charge {psp} not found at adyen"
+
+
+async def test_authorised_but_not_captured_is_rejected(rig: AdyenRig) -> None:
+    psp = await paid(rig, 10_000)
+    assert await rejected(rig, await request(rig, psp, 1_000), psp) == "charge is not captured"
+
+
+async def test_refund_above_the_captured_amount_is_refused(rig: AdyenRig) -> None:
+    psp = await paid(rig, 10_000, captured=6_000)  # a partial capture
+    reason = await rejected(rig, await request(rig, psp, 7_000), psp)
+    assert reason == "amount 7000 exceeds remaining refundable 6000"
+
+
+async def test_refunds_already_made_count_against_the_capture(rig: AdyenRig) -> None:
+    psp = await paid(rig, 10_000, captured=6_000)
+    dashboard = unique_psp()  # a refund made in Adyen's Customer Area, not by a case of ours
+    await notify(rig, "REFUND", pspReference=dashboard, originalReference=psp,
+                 merchantReference="", amount={"currency": "EUR", "value": 4_000})
+    await rig.stack.wait_for_status(tracking_case_id("adyen", dashboard), "succeeded")
+    charge = await rig.stack.providers["adyen"].get_charge(psp)
+    assert charge is not None and (charge.amount_captured, charge.amount_refunded) == (6_000, 4_000)
+    reason = await rejected(rig, await request(rig, psp, 2_500), psp)
+    assert reason == "amount 2500 exceeds remaining refundable 2000"
+
+
+async def test_failed_capture_and_cancellation_leave_nothing_captured(rig: AdyenRig) -> None:
+    psp, capture = await paid(rig, 5_000), unique_psp()
+    await notify(rig, "CAPTURE", pspReference=capture, originalReference=psp,
+                 amount={"currency": "EUR", "value": 5_000})
+    await notify(rig, "CAPTURE_FAILED", pspReference=capture, originalReference=psp,
+                 amount={"currency": "EUR", "value": 5_000})
+    assert await rejected(rig, await request(rig, psp, 1_000), psp) == "charge is not captured"
+    cancelled = await paid(rig, 5_000)
+    await notify(rig, "CANCELLATION", pspReference=unique_psp(), originalReference=cancelled,
+                 amount={"currency": "EUR", "value": 5_000})
+    charge = await rig.stack.providers["adyen"].get_charge(cancelled)
+    assert charge is not None and (charge.captured, charge.amount_captured) == (False, 0)
+
+
+# -- the rule, without a stack ----------------------------------------------------------------
+
+def note(status: PaymentStatus, amount: int, ref: str = "P1") -> RecordedNotification:
+    return RecordedNotification(psp_reference=ref, status=status, amount=amount, currency="EUR",
+                                merchant_account=MERCHANT)
+
+
+def charge(*notes: RecordedNotification, auto_capture: bool = False) -> ChargeSnapshot | None:
+    return charge_from_notifications("adyen", "P1", notes, auto_capture=auto_capture)
+
+
+def test_charge_rule() -> None:
+    authorised = note(PaymentStatus.AUTHORISED, 9_000)
+    assert charge() is None
+    assert charge(note(PaymentStatus.REFUNDED, 100, "R1")) is None  # a refund alone names no payment
+    assert charge(authorised) == ChargeSnapshot(
+        provider="adyen", charge_id="P1", currency="EUR", merchant_account=MERCHANT, amount=9_000,
+        amount_captured=0, captured=False)
+    auto = charge(authorised, auto_capture=True)
+    assert auto is not None and (auto.captured, auto.amount_captured) == (True, 9_000)
+    two_captures = charge(authorised, note(PaymentStatus.CAPTURED, 3_000, "C1"),
+                          note(PaymentStatus.CAPTURED, 2_000, "C2"),
+                          note(PaymentStatus.CAPTURE_FAILED, 2_000, "C2"), auto_capture=True)
+    assert two_captures is not None and two_captures.amount_captured == 3_000
+    refunds = charge(authorised, note(PaymentStatus.CAPTURED, 9_000, "C1"),
+                     note(PaymentStatus.REFUNDED, 1_000, "R1"), note(PaymentStatus.REFUNDED, 500, "R2"),
+                     note(PaymentStatus.REFUND_FAILED, 500, "R2"),
+                     note(PaymentStatus.REFUND_PENDING, 7, "R3"))
+    assert refunds is not None and refunds.amount_refunded == 1_000
+    cancelled = charge(authorised, note(PaymentStatus.CANCELLED, 9_000, "X1"), auto_capture=True)
+    assert cancelled is not None and not cancelled.captured
+    refused = charge(note(PaymentStatus.REFUSED, 9_000))
+    assert refused is not None and not refused.captured
