@@ -22,7 +22,7 @@ from adapters.providers.base import PayoutLister, RefundLister, WebhookRejected
 from adapters.providers.stripe import StripeProvider
 from adapters.store import Store
 from domain.models import ProviderEvent
-from domain.reconciliation import ListedPayout, ListedRefund
+from domain.reconciliation import ListedPayout, ListedRefund, UnmappedListing
 from starters.stack import TemporalDevServer, free_port
 from tests.harness import Stack, open_stack
 from tests.lossy_proxy import LossyProxy
@@ -276,3 +276,20 @@ async def test_a_stripe_backfill_finds_a_silent_failure_and_a_dashboard_refund(r
         (row["provider_refund_id"], "provider_failed_shown_refunded", body["refund_request_id"]),
         (dashboard, "unknown_to_us", None)}
     assert {b["ledger_delta"] for b in report["breaks"]} == {-2_000, 1_500}
+
+
+async def test_a_payout_status_we_cannot_map_is_listed_as_unmapped_and_the_list_reads_on(
+        rig: StripeRig, monkeypatch: pytest.MonkeyPatch) -> None:
+    # localstripe only makes documented statuses: forget one, as if Stripe had added a new one.
+    monkeypatch.delitem(stripe_adapter.PAYOUT_STATUSES, "pending")
+    odd = await stripe_payout(rig, 700, "pending", 70)
+    fine = await stripe_payout(rig, 701, "paid", 70.01)
+    adapter = rig.stack.providers["stripe"]
+    assert isinstance(adapter, PayoutLister)
+    since, until = datetime.now(UTC) - timedelta(days=71), datetime.now(UTC) - timedelta(days=69)
+    listed = [p async for p in adapter.list_payouts(since, until)]
+    assert [type(p).__name__ for p in listed] == ["UnmappedListing", "ListedPayout"]
+    unmapped, paid = listed
+    assert isinstance(unmapped, UnmappedListing) and isinstance(paid, ListedPayout)
+    assert (unmapped.object_id, unmapped.raw_status, unmapped.amount) == (odd, "pending", 700)
+    assert paid.payout.payout_id == fine

@@ -10,7 +10,7 @@ only the workflow decides, and it verifies state first.
 
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TypeVar
 
 import stripe
@@ -19,6 +19,7 @@ from stripe.params import PayoutListParams, RefundListParams
 from adapters.providers.base import ProviderDeclined, ProviderOutcomeUnknown
 from adapters.providers.normalise import (
     REFERENCE_KEY,
+    listed,
     normalising,
     payout_event,
     refund_event,
@@ -38,7 +39,7 @@ from domain.models import (
 )
 from domain.money import normalise_currency
 from domain.payouts import PayoutEvent, ProviderPayoutStatus
-from domain.reconciliation import ListedPayout, ListedRefund
+from domain.reconciliation import ListedPayout, ListedRefund, UnmappedListing
 
 log = logging.getLogger(__name__)
 
@@ -164,32 +165,34 @@ class StripeProvider:
         return found[-1] if found else None
 
     async def list_refunds(self, since: datetime, until: datetime,
-                           starting_after: str | None = None) -> AsyncGenerator[ListedRefund]:
-        """Stripe's refund list over `created` in [since, until), newest first."""
+                           starting_after: str | None = None
+                           ) -> AsyncGenerator[ListedRefund | UnmappedListing]:
+        """Stripe's refund list over `created` in [since, until), newest first; a status we
+        cannot map comes back as an UnmappedListing (a break), not as a stopped run."""
         params: RefundListParams = {"created": {"gte": unix_bound(since), "lt": unix_bound(until)},
                                     "limit": LIST_PAGE}
         if starting_after is not None:
             params["starting_after"] = starting_after
-        async for refund, created in self._listed(
-                "GET /v1/refunds", self._client.v1.refunds.list_async(params)):
-            yield ListedRefund(refund=self._refund(refund), created=created)
+        async for obj in self._listed("GET /v1/refunds", self._client.v1.refunds.list_async(params)):
+            yield listed(self.name, obj, lambda o, created: ListedRefund(refund=self._refund(o),
+                                                                         created=created))
 
     async def list_payouts(self, since: datetime, until: datetime,
-                           starting_after: str | None = None) -> AsyncGenerator[ListedPayout]:
+                           starting_after: str | None = None
+                           ) -> AsyncGenerator[ListedPayout | UnmappedListing]:
         """Stripe's payout list over `created` in [since, until), newest first."""
         params: PayoutListParams = {"created": {"gte": unix_bound(since), "lt": unix_bound(until)},
                                     "limit": LIST_PAGE}
         if starting_after is not None:
             params["starting_after"] = starting_after
-        async for payout, created in self._listed(
-                "GET /v1/payouts", self._client.v1.payouts.list_async(params)):
-            yield ListedPayout(payout=stripe_shaped_payout(self.name, payout, PAYOUT_STATUSES),
-                               created=created)
+        async for obj in self._listed("GET /v1/payouts", self._client.v1.payouts.list_async(params)):
+            yield listed(self.name, obj, lambda o, created: ListedPayout(
+                payout=stripe_shaped_payout(self.name, o, PAYOUT_STATUSES), created=created))
 
     async def _listed(self, what: str, first_page: Awaitable[Any]
-                      ) -> AsyncGenerator[tuple[dict[str, Any], datetime]]:
+                      ) -> AsyncGenerator[dict[str, Any]]:
         """Every object of a list call with the library's auto-paging (pages are fetched as
-        the caller reads), with its creation time; errors sorted as for any call."""
+        the caller reads); errors sorted as for any call."""
         first = await self._call(what, first_page)
         objects = first.auto_paging_iter().__aiter__()
         while True:
@@ -197,7 +200,7 @@ class StripeProvider:
                 obj = _stripe_dict(await self._call(f"{what} (next page)", objects.__anext__()))
             except StopAsyncIteration:
                 return
-            yield obj, datetime.fromtimestamp(int(obj["created"]), UTC)
+            yield obj
 
     def parse_webhook(self, headers: Mapping[str, str], body: bytes,
                       now: float) -> ProviderEvent | PayoutEvent:
