@@ -18,7 +18,7 @@ from adapters.config import Settings
 from adapters.integration_store import IntegrationStore
 from adapters.notify.channels import build_channels, email_recipient
 from adapters.notify.delivery import DeliveryUncertain
-from adapters.notify.message import FALLBACK, TEMPLATES, render
+from adapters.notify.message import render, template_for
 from adapters.store import Store
 from domain.advice import AdviceContext, PriorRefund, TimelineEntry, guarded
 from domain.integrations import AdviceReceipt, AdviseInput, DeliverNoticeInput
@@ -59,7 +59,7 @@ class IntegrationActivities:
         case_id: str | None = notice["refund_request_id"]
         case = await self._store.get_case(case_id) if case_id else None
         advice = await self._integrations.advice(case_id) if case_id else None
-        payout = TEMPLATES.get(notice["kind"], FALLBACK).payout
+        payout = template_for(notice, case).payout
         message = render(notice, case, advice,
                          case_url=self._settings.case_url(case_id, payout=payout) if case_id else None,
                          email_to=email_recipient(self._settings, notice["audience"],

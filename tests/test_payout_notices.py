@@ -8,7 +8,7 @@ from typing import Any
 
 from temporalio.client import Client
 
-from adapters.notify.message import FALLBACK, TEMPLATES
+from adapters.notify.message import FALLBACK, PAYOUT_APPROVAL_TEMPLATES, TEMPLATES
 from adapters.store import Store
 from domain.models import NoticeInput
 from starters.stack import TemporalDevServer
@@ -76,3 +76,24 @@ async def test_payout_notices_reach_slack_teams_and_email_with_decision_money_an
             body = mails[title].get_payload()
             assert mails[title]["To"] == "ops@example.test"
             assert money in body and words[0] in body and f"Case: {link}" in body
+
+
+async def test_a_payout_approval_round_speaks_of_the_payout_and_offers_no_refund_buttons(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    async with connected_stack(store, client, temporal_server, jira_url=None,
+                               servicenow_url=None) as (stack, world):
+        case_id = f"sandbox-payout-P-{uuid.uuid4().hex[:8]}"
+        await store.queue_notice(NoticeInput(
+            refund_request_id=case_id, kind="approval_needed", audience="approvers",
+            dedup_key=f"{case_id}:approval_needed",
+            detail={"payout_id": "P-10492", "amount": 1_250_000, "currency": "EUR",
+                    "missing_roles": ["finance_manager", "compliance"]}))
+        await sweep(stack)
+        [message] = [m for m in world.slack if case_id in json.dumps(m)]
+        assert message["text"] == PAYOUT_APPROVAL_TEMPLATES["approval_needed"].title.format(case=case_id)
+        assert "Refund" not in json.dumps(message)
+        text = message["blocks"][1]["text"]["text"]
+        assert "12500.00 EUR" in text and "finance_manager, compliance" in text
+        [actions] = [b for b in message["blocks"] if b["type"] == "actions"]
+        assert [e["action_id"] for e in actions["elements"]] == ["refund_open"]
+        assert actions["elements"][0]["url"] == stack.settings.case_url(case_id, payout=True)

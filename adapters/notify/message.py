@@ -158,13 +158,40 @@ def _advice_line(advice: Mapping[str, Any] | None, currency: str) -> str | None:
             f"flags: {flags}; confidence {body['confidence']} ({advice['source']}).")
 
 
+PAYOUT_APPROVAL_TEMPLATES: dict[str, Template] = {
+    "approval_needed": Template(
+        "Payout case {case} needs approval",
+        "Payout {payout_id} of {amount} came back failed after it was marked paid; its reversal waits "
+        "for approval by: {missing_roles}. Decide on the payout case page; whoever requested it "
+        "cannot approve it.", payout=True),
+    "approval_reminder": Template("Reminder: payout case {case} still needs approval",
+                                  "Still waiting for: {missing_roles}.", payout=True),
+    "approval_escalated": Template("Escalated: payout case {case} is waiting too long for approval",
+                                   "No decision yet; still missing: {missing_roles}.", payout=True),
+    "approval_denied": Template("Payout case {case} denied",
+                                "Denied by {by}. Nothing is held or posted for payout {payout_id}.",
+                                payout=True),
+}
+"""The approval round's notices for a payout exception: the same kinds as a refund's, but
+not a refund's words, and no Slack approve buttons (those answer refund cases only)."""
+
+
+def template_for(notice: Mapping[str, Any], case: Mapping[str, Any] | None) -> Template:
+    """The notice's template; a payout case (no refund case, a payout in the detail) has its
+    own words for the approval round's kinds."""
+    kind = str(notice["kind"])
+    if case is None and "payout_id" in (notice["detail"] or {}) and kind in PAYOUT_APPROVAL_TEMPLATES:
+        return PAYOUT_APPROVAL_TEMPLATES[kind]
+    return TEMPLATES.get(kind, FALLBACK)
+
+
 def render(notice: Mapping[str, Any], case: Mapping[str, Any] | None,
            advice: Mapping[str, Any] | None, *, case_url: str | None,
            email_to: str | None) -> Message:
     """One message for every channel; facts carry refund id, amount, status and time."""
     kind = str(notice["kind"])
-    template = TEMPLATES.get(kind, FALLBACK)
     detail: dict[str, Any] = dict(notice["detail"] or {})
+    template = template_for(notice, case)
     case_id = notice["refund_request_id"]
     missing = detail.get("missing_roles")
     values = _Lenient({k: ", ".join(map(str, v)) if isinstance(v, list) else str(v)
