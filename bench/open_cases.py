@@ -21,7 +21,7 @@ import psutil
 
 from adapters.policy_file import load_policy
 from bench.common import embedded_stack, gather_limited, report
-from bench.refund_throughput import run_bare
+from bench.refund_throughput import run_bare, scheduled_activities
 from domain.models import (
     ApprovalSignal,
     Decision,
@@ -62,7 +62,6 @@ async def main(cases: int, concurrency: int) -> dict[str, float]:
                                  approval_reminder_seconds=None, approval_escalation_seconds=None)
         tag = uuid.uuid4().hex[:6]
         try:
-            bare = await run_bare(env.client, max(20, min(cases, 200)), concurrency)
             charge = await stack.charge(cases * 6_000)
             rss_idle = rss_mib()
             worker = build_worker(stack.client, stack.settings.task_queue, stack.store, stack.providers,
@@ -99,10 +98,14 @@ async def main(cases: int, concurrency: int) -> dict[str, float]:
                 await wait_count(stack, tag, "succeeded", cases, timeout=cases * 3 + 120)
                 completed = time.perf_counter() - began
                 rss_done = rss_mib()
+            # The baseline: bare workflows with as many no-op activities as a case ran.
+            steps = await scheduled_activities(stack.client, f"open-{tag}-0")
+            baseline = max(20, min(cases, 200))
+            bare = baseline / await run_bare(env.client, baseline, concurrency, steps)
         finally:
             await stack.close()
     completion_rate = cases / completed
-    rows = [{"phase": "bare workflows (baseline)", "per_second": bare},
+    rows = [{"phase": f"bare workflows, {steps} no-op activities (baseline)", "per_second": bare},
             {"phase": f"open {cases} cases to awaiting_approval", "per_second": cases / opened},
             {"phase": "approve all and complete", "per_second": completion_rate}]
     result = {"completion_ratio": completion_rate / bare, "rss_idle_mib": rss_idle,
