@@ -13,6 +13,7 @@ PostgreSQL or Cassandra persistence and several workers is the production path.
 
 import argparse
 import asyncio
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -47,10 +48,15 @@ async def count(stack: Stack, tag: str, status: str) -> int:
 
 
 async def wait_count(stack: Stack, tag: str, status: str, target: int, timeout: float) -> float:
-    started = time.perf_counter()
-    while await count(stack, tag, status) < target:
-        if time.perf_counter() - started > timeout:
-            raise TimeoutError(f"only {await count(stack, tag, status)} of {target} reached {status}")
+    started = last_said = time.perf_counter()
+    while (reached := await count(stack, tag, status)) < target:
+        now = time.perf_counter()
+        if now - started > timeout:
+            raise TimeoutError(f"only {reached} of {target} reached {status}")
+        if now - last_said > 30:  # a long run says how far it is, on stderr
+            print(f"{reached}/{target} {status} after {now - started:.0f}s, worker RSS {rss_mib():.0f} MiB",
+                  file=sys.stderr, flush=True)
+            last_said = now
         await asyncio.sleep(1.0)
     return time.perf_counter() - started
 
