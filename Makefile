@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.refund_throughput
 	$(BIN)/python -m bench.webhook_ingest
 	$(BIN)/python -m bench.open_cases
+	$(BIN)/python -m bench.reconciliation
 
 chaos: $(STAMP)
 	$(BIN)/python -m bench.chaos
