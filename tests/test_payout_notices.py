@@ -54,7 +54,7 @@ async def test_payout_notices_reach_slack_teams_and_email_with_decision_money_an
             await store.queue_notice(NoticeInput(
                 refund_request_id=case_id, kind=kind, audience=audience,
                 dedup_key=f"{case_id}:{kind}", detail={"payout_id": "P-9", **detail}))
-        await sweep(stack)
+        await sweep(stack, case_id)
         link = stack.settings.case_url(case_id, payout=True)
         assert link.endswith(f"/v1/payout-exceptions/{case_id}")
         slack = {m["text"]: m for m in world.slack if case_id in json.dumps(m)}
@@ -88,7 +88,7 @@ async def test_a_payout_approval_round_speaks_of_the_payout_and_offers_no_refund
             dedup_key=f"{case_id}:approval_needed",
             detail={"payout_id": "P-10492", "amount": 1_250_000, "currency": "EUR",
                     "missing_roles": ["finance_manager", "compliance"]}))
-        await sweep(stack)
+        await sweep(stack, case_id)
         [message] = [m for m in world.slack if case_id in json.dumps(m)]
         assert message["text"] == PAYOUT_APPROVAL_TEMPLATES["approval_needed"].title.format(case=case_id)
         assert "Refund" not in json.dumps(message)

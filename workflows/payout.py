@@ -88,7 +88,7 @@ class PayoutReversalWorkflow(ApprovingWorkflow):
         self._round = ApprovalRound()
         self._steps = REVERSAL_STEPS
         self._runbook: list[str] = []
-        self._reissue_open = False
+        self._reissue_closed = False
         self._reissue_ask: ReissueAsk | None = None
         self._reissued: PayoutSnapshot | None = None
 
@@ -112,7 +112,8 @@ class PayoutReversalWorkflow(ApprovingWorkflow):
         if self._reissue_ask is not None:  # two requests validated in the same activation
             raise ApplicationError("a reissue was already requested for this case", type="ReissueTaken")
         self._reissue_ask = ask
-        await workflow.wait_condition(lambda: self._status_recorded is not PayoutCaseStatus.REMEDIATED)
+        await workflow.wait_condition(lambda: self._status_recorded is self._status
+                                      and self._status is not PayoutCaseStatus.REMEDIATED)
         return ApprovalProgress(accepted=True, status=self._status.value,
                                 missing_roles=tuple(self._round.missing()))
 
@@ -120,7 +121,9 @@ class PayoutReversalWorkflow(ApprovingWorkflow):
     def _validate_reissue(self, ask: ReissueAsk) -> None:
         if self._reissue_ask is not None:
             raise ApplicationError("a reissue was already requested for this case", type="ReissueTaken")
-        if not self._reissue_open:
+        # From the moment the case is remediated (the case row may say so before the offer
+        # below starts) until the window closes.
+        if self._status is not PayoutCaseStatus.REMEDIATED or self._reissue_closed:
             raise ApplicationError(f"case is {self._status.value}; only a remediated case takes a "
                                    "reissue request, within its window", type="NotReissuable")
 
@@ -306,7 +309,6 @@ class PayoutReversalWorkflow(ApprovingWorkflow):
         cannot approve it) and, approved, one reissue."""
         assert self._inp is not None
         deadline = workflow.now() + self._inp.reissue_window
-        self._reissue_open = True
         while self._reissue_ask is None:
             await self._take_events()
             remaining = deadline - workflow.now()
@@ -317,7 +319,7 @@ class PayoutReversalWorkflow(ApprovingWorkflow):
                     lambda: bool(self._inbox) or self._reissue_ask is not None, timeout=remaining)
             except TimeoutError:
                 break
-        self._reissue_open = False
+        self._reissue_closed = True
         ask = self._reissue_ask
         if ask is None:
             await self._record("reissue_window_closed")
