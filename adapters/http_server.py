@@ -3,6 +3,7 @@ the worker's health endpoint share one loop with the Temporal worker in `refunds
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import Iterator
 
 import uvicorn
@@ -17,10 +18,25 @@ class _QuietServer(uvicorn.Server):
         yield
 
 
-class AppServer:
-    """Serves an ASGI app inside the running event loop (relay, sandbox provider)."""
+def reserve_port(host: str) -> socket.socket:
+    """A socket bound to a free port and held until a server serves on it: unlike asking for
+    a free port number and binding later, no other process can take the port in between."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    return sock
 
-    def __init__(self, app: ASGIApp, host: str, port: int) -> None:
+
+class AppServer:
+    """Serves an ASGI app inside the running event loop (relay, sandbox provider). Port 0,
+    or a socket from `reserve_port`, serves on a port held from the start."""
+
+    def __init__(self, app: ASGIApp, host: str, port: int, *, sock: socket.socket | None = None) -> None:
+        if sock is None and port == 0:
+            sock = reserve_port(host)
+        self._sock = sock
+        if sock is not None:
+            port = int(sock.getsockname()[1])
         self.url = f"http://{host}:{port}"
         self._server = _QuietServer(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                                    lifespan="auto", access_log=False,
@@ -28,7 +44,8 @@ class AppServer:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._server.serve())
+        self._task = asyncio.create_task(
+            self._server.serve(sockets=[self._sock] if self._sock is not None else None))
         while not self._server.started:
             if self._task.done():
                 self._task.result()

@@ -210,8 +210,7 @@ class _MailHandler:
 async def outside_world() -> AsyncIterator[tuple[World, int]]:
     """The fake services and an SMTP server; yields the world and the SMTP port."""
     world = World()
-    port = free_port()
-    server = AppServer(outside_app(world), "127.0.0.1", port)
+    server = AppServer(outside_app(world), "127.0.0.1", 0)
     world.url = server.url
     smtp = Controller(_MailHandler(world), hostname="127.0.0.1", port=free_port())
     await server.start()

@@ -15,14 +15,13 @@ from temporalio.worker import Worker
 
 from adapters.codec import generate_key_spec
 from adapters.config import Settings
-from adapters.http_server import AppServer
+from adapters.http_server import AppServer, reserve_port
 from adapters.policy_file import load_policy
 from adapters.providers.base import ProviderAdapter
 from adapters.providers.registry import build_providers, close_providers
 from adapters.store import Store
 from adapters.tls import client_tls
 from starters import relay, sandbox_provider
-from starters.stack import free_port
 from workers.main import build_worker
 
 # One throwaway payload key per test session: the session client, every stack's settings
@@ -140,7 +139,8 @@ async def open_stack(store: Store, client: Client, temporal_address: str, *, wor
                      **overrides: Any) -> Stack:
     """Starts sandbox + relay on free loopback ports and, unless told not to, a worker."""
     secret = secrets.token_hex(16)
-    relay_port, sandbox_port = free_port(), free_port()
+    relay_sock, sandbox_sock = reserve_port("127.0.0.1"), reserve_port("127.0.0.1")
+    relay_port, sandbox_port = relay_sock.getsockname()[1], sandbox_sock.getsockname()[1]
     values: dict[str, Any] = {
         "task_queue": f"tq-{uuid.uuid4().hex[:10]}", "relay_port": relay_port,
         "sandbox_port": sandbox_port, "sandbox_webhook_secret": secret,
@@ -158,8 +158,8 @@ async def open_stack(store: Store, client: Client, temporal_address: str, *, wor
     sandbox_app = sandbox_provider.create_app(
         webhook_url=f"{settings.relay_base_url()}/webhooks/sandbox", webhook_secret=secret)
     relay_app = relay.create_app(store, client, providers, settings)
-    sandbox_server = AppServer(sandbox_app, settings.bind_host, sandbox_port)
-    relay_server = AppServer(relay_app, settings.bind_host, relay_port)
+    sandbox_server = AppServer(sandbox_app, settings.bind_host, sandbox_port, sock=sandbox_sock)
+    relay_server = AppServer(relay_app, settings.bind_host, relay_port, sock=relay_sock)
     await sandbox_server.start()
     await relay_server.start()
     tokens = {}

@@ -34,7 +34,7 @@ from domain.events import tracking_case_id
 from domain.models import ProviderEvent, RefundRequest
 from domain.payments import PaymentEvent
 from domain.payouts import PayoutEvent
-from starters.stack import TemporalDevServer, free_port
+from starters.stack import TemporalDevServer
 from tests.adyen_fake import FakeAdyen
 from tests.harness import Stack, open_stack
 from tests.lossy_proxy import LossyProxy
@@ -88,10 +88,10 @@ async def adyen_rig(store: Store, client: Client, temporal_server: TemporalDevSe
     """A stack with Adyen's Checkout API faked behind a lossy proxy. Its charges come from
     the fake's payments, or (production wiring) from the notifications the relay records."""
     fake = FakeAdyen(API_KEY)
-    fake_server = AppServer(fake.app(), "127.0.0.1", free_port())
+    fake_server = AppServer(fake.app(), "127.0.0.1", 0)
     await fake_server.start()
     proxy = LossyProxy(fake_server.url)
-    proxy_server = AppServer(proxy, "127.0.0.1", free_port())
+    proxy_server = AppServer(proxy, "127.0.0.1", 0)
     await proxy_server.start()
     stack = await open_stack(store, client, temporal_server.address, worker=False,
                              adyen_hmac_keys=f"{TEST_KEY},{OLD_KEY}", adyen_api_base=proxy_server.url,

@@ -29,7 +29,7 @@ from adapters.providers.registry import build_providers, close_providers
 from adapters.store import Store
 from domain.models import RefundRequest
 from domain.reconciliation import ListedRefund
-from starters.stack import TemporalDevServer, free_port
+from starters.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
 from tests.lossy_proxy import LossyProxy
 from tests.rainforest_cashfree_fakes import FakeCashfree, FakeRainforest, days_ago
@@ -74,10 +74,10 @@ async def rig(store: Store, client: Client, temporal_server: TemporalDevServer) 
     fakes = FakeRainforest(RAINFOREST_KEY), FakeCashfree(CASHFREE_ID, CASHFREE_API_SECRET)
     servers, proxies = [], []
     for fake in fakes:
-        server = AppServer(fake.app(), "127.0.0.1", free_port())
+        server = AppServer(fake.app(), "127.0.0.1", 0)
         await server.start()
         proxy = LossyProxy(server.url)
-        proxy_server = AppServer(proxy, "127.0.0.1", free_port())
+        proxy_server = AppServer(proxy, "127.0.0.1", 0)
         await proxy_server.start()
         servers += [server, proxy_server]
         proxies.append((proxy, proxy_server.url))
