@@ -28,7 +28,7 @@ from adapters.providers.base import NotificationRecorder, ProviderAdapter, Webho
 from adapters.store import CaseCreation, Store, StoredReceipt
 from adapters.telemetry import bind_case
 from domain.events import tracking_case_id
-from domain.models import EventKind, ProviderEvent
+from domain.models import EventKind, ProviderEvent, RefundRequest
 from domain.payments import PaymentEvent
 from domain.payouts import PayoutEvent, payout_case_id
 from starters.cases import open_payout_case, request_from_event, start_refund, track_refund
@@ -46,6 +46,11 @@ LOUD_VERDICTS = frozenset({"unknown_type", "unexpected_status"})
 def _coverage_entry(handled: frozenset[str]) -> dict[str, Any]:
     return {"handled": sorted(handled), "arrived": {}, "unknown_types": [], "never_seen": [],
             "rejected": {}}
+
+
+def actor_of(event: ProviderEvent | PayoutEvent | PaymentEvent) -> str:
+    """Who acts, in the audit and as a request's requester, when a provider's event does."""
+    return f"provider:{event.provider}"
 
 
 @dataclass(frozen=True)
@@ -94,8 +99,10 @@ class WebhookDesk:
         return any(address in network for network in networks)
 
     def _parse(self, provider_name: str, headers: Mapping[str, str], body: bytes | None, now: float,
-               peer: str | None) -> ProviderEvent | PayoutEvent | PaymentEvent:
-        """Verifies and normalises, or raises WebhookRejected with the receipt's verdict."""
+               peer: str | None
+               ) -> tuple[ProviderEvent | PayoutEvent | PaymentEvent, RefundRequest | None]:
+        """Verifies and normalises, or raises WebhookRejected with the receipt's verdict; a
+        provider's refund request comes with the request it asks for, built once here."""
         if body is None:
             raise WebhookRejected("too_large", f"body exceeds {self._settings.webhook_max_body_bytes} bytes")
         provider = self._providers.get(provider_name)
@@ -106,11 +113,11 @@ class WebhookDesk:
         event = provider.parse_webhook(headers, body, now)
         if isinstance(event, ProviderEvent) and event.kind is EventKind.REFUND_REQUESTED:
             try:
-                request_from_event(event)
+                return event, request_from_event(event)
             except ValidationError as exc:
                 raise WebhookRejected("malformed", f"invalid refund request: {exc.errors()[0]['msg']}",
                                       event_id=event.event_id, event_type=event.event_type) from None
-        return event
+        return event, None
 
     async def ingest(self, provider_name: str, headers: Mapping[str, str], body: bytes | None, *,
                      now: float, peer: str | None, replay_of: int | None = None) -> IngestResult:
@@ -128,7 +135,7 @@ class WebhookDesk:
         kept_headers = {k: v for k, v in headers.items() if k != "authorization"}
         digest = hashlib.sha256(body or b"").hexdigest()
         try:
-            event = self._parse(provider_name, headers, body, now, peer)
+            event, request = self._parse(provider_name, headers, body, now, peer)
         except WebhookRejected as rejection:
             stored = await self._store.store_receipt(
                 provider=provider_name, event_id=rejection.event_id, event_type=rejection.event_type,
@@ -143,9 +150,7 @@ class WebhookDesk:
                     stored.receipt_id, rejection.message)
             return IngestResult(REJECTION_STATUS[rejection.verdict], stored.receipt_id,
                                 rejection.verdict, detail=rejection.message, replay_of=replay_of)
-        opens = None
-        if isinstance(event, ProviderEvent) and event.kind is EventKind.REFUND_REQUESTED:
-            opens = (request_from_event(event), f"provider:{event.provider}")
+        opens = (request, actor_of(event)) if request is not None else None
         stored = await self._store.store_receipt(
             provider=provider_name, event_id=event.event_id, event_type=event.event_type, body=body,
             body_sha256=digest, headers=kept_headers, verdict="accepted", error=None,
@@ -162,14 +167,15 @@ class WebhookDesk:
         provider = self._providers[provider_name]
         if isinstance(provider, NotificationRecorder) and not isinstance(event, PayoutEvent):
             await provider.record_notification(event)
-        workflow_id = await self.route(event, stored.case_creation)
+        workflow_id = await self.route(event, stored.case_creation, request=request)
         await self._store.mark_receipt_processed(stored.first_receipt_id or stored.receipt_id,
                                                  workflow_id)
         return IngestResult(200, stored.receipt_id, stored.verdict, workflow_id=workflow_id,
                             replay_of=replay_of)
 
     async def route(self, event: ProviderEvent | PayoutEvent | PaymentEvent,
-                    case_creation: CaseCreation | None = None) -> str | None:
+                    case_creation: CaseCreation | None = None, *,
+                    request: RefundRequest | None = None) -> str | None:
         """Starts or signals the event's workflow; returns its id (None when unmatched).
         `case_creation` is the case outcome when the receipt's transaction already opened it."""
         if isinstance(event, PayoutEvent):
@@ -179,9 +185,9 @@ class WebhookDesk:
                      event.provider, event.event_type, event.payment_id)
             return None
         if event.kind is EventKind.REFUND_REQUESTED:
-            request = request_from_event(event)
+            request = request or request_from_event(event)
             bind_case(request.refund_request_id)
-            requester = f"provider:{event.provider}"
+            requester = actor_of(event)
             outcome = case_creation or (await self._store.create_case(request, requester))[0]
             if outcome is CaseCreation.CONFLICT:
                 log.error("provider request %s conflicts with an existing case", request.refund_request_id)
@@ -206,7 +212,7 @@ class WebhookDesk:
             if exc.status != RPCStatusCode.NOT_FOUND:
                 raise
             log.error("case %s is closed; event %s left for reconciliation", case_id, event.event_id)
-            await self._store.append_audit(case_id, f"provider:{event.provider}", "event_after_close",
+            await self._store.append_audit(case_id, actor_of(event), "event_after_close",
                                            {"event_id": event.event_id, "event_type": event.event_type})
         return case_id
 
@@ -214,7 +220,7 @@ class WebhookDesk:
         """Every delivery of a payout event, duplicates too, joins the case's timeline with
         its validation: signature verified, idempotency key, first or repeated receipt."""
         await self._store.append_audit(
-            payout_case_id(event.provider, event.payout.payout_id), f"provider:{event.provider}",
+            payout_case_id(event.provider, event.payout.payout_id), actor_of(event),
             "payout_event_received",
             {"receipt_id": stored.receipt_id, "verdict": stored.verdict, "signature": "verified",
              "event_id": event.event_id, "event_type": event.event_type,
@@ -226,7 +232,7 @@ class WebhookDesk:
         other status only reaches a case already open. An unknown payout acts on nothing."""
         case_id = payout_case_id(event.provider, event.payout.payout_id)
         bind_case(case_id)
-        actor = f"provider:{event.provider}"
+        actor = actor_of(event)
         detail = {"event_id": event.event_id, "event_type": event.event_type}
         if await self._payouts.payout_at_provider(event.provider, event.payout.payout_id) is None:
             log.error("NO INTERNAL PAYOUT for %s %s (%s): nothing acts", event.provider,
@@ -263,7 +269,7 @@ class WebhookDesk:
         if await track_refund(self._client, self._settings, case_id, event) is None:
             log.error("tracking case %s is closed; event %s left for reconciliation", case_id,
                       event.event_id)
-            await self._store.append_audit(case_id, f"provider:{event.provider}", "event_after_close",
+            await self._store.append_audit(case_id, actor_of(event), "event_after_close",
                                            {"event_id": event.event_id, "event_type": event.event_type})
         return case_id
 

@@ -16,7 +16,7 @@ from adapters import receipts
 from adapters.http_server import AppServer
 from adapters.store import CaseCreation, Store, StoredReceipt
 from domain.events import tracking_case_id
-from domain.models import ProviderEvent
+from domain.models import ProviderEvent, RefundRequest
 from domain.payments import PaymentEvent
 from domain.payouts import PayoutEvent
 from starters import relay
@@ -112,9 +112,10 @@ class RacingDesk(WebhookDesk):
         self._barrier = barrier
 
     async def route(self, event: ProviderEvent | PayoutEvent | PaymentEvent,
-                    case_creation: CaseCreation | None = None) -> str | None:
+                    case_creation: CaseCreation | None = None, *,
+                    request: RefundRequest | None = None) -> str | None:
         await self._barrier.wait()
-        return await super().route(event, case_creation)
+        return await super().route(event, case_creation, request=request)
 
 
 async def test_two_relays_re_driving_at_once_act_once(store: Store, client: Client,
