@@ -37,6 +37,8 @@ from domain.models import (
     ValidationResult,
 )
 
+log = logging.getLogger("store")
+
 Conn = AsyncConnection[DictRow]
 
 # Accounts per template: (debit account, credit account). Refunds reduce revenue and
@@ -62,8 +64,6 @@ def request_from_row(row: dict[str, Any]) -> RefundRequest:
         parent_refund_request_id=row["parent_refund_request_id"],
         trigger_identities=tuple(row.get("trigger_identities") or ()))
 
-
-log = logging.getLogger("store")
 
 class CaseCreation(StrEnum):
     CREATED = "created"
@@ -96,7 +96,7 @@ class StoredReceipt:
     verdict: str
     first_receipt_id: int | None
     first_processed: bool = True
-    case_creation: "CaseCreation | None" = None
+    case_creation: CaseCreation | None = None
     """Set when the first delivery of a refund request opened (or met) its case in the
     receipt's own transaction."""
 
