@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import secrets
+import select
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -106,6 +107,17 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+async def check_if_server_spoke(conn: Conn) -> None:
+    """The pool's checkout check without a round trip per transaction: an idle connection's
+    socket has nothing to read unless the server closed it or spoke out of turn (a restart, an
+    administrator's terminate, an idle timeout), and only then is it probed; a dead one
+    raises, and the pool replaces it instead of handing it out."""
+    idle_socket = select.poll()
+    idle_socket.register(conn.fileno(), select.POLLIN)
+    if idle_socket.poll(0):
+        await AsyncConnectionPool.check_connection(conn)
+
+
 def _json(value: Any) -> Jsonb:
     return Jsonb(canonical_detail(value) if isinstance(value, dict) else json.loads(json.dumps(value)))
 
@@ -122,7 +134,7 @@ class Store:
             dsn, min_size=min_size, max_size=max_size, open=False,
             kwargs={"row_factory": dict_row, "autocommit": True},
             # a connection that died with a restarted server is replaced, not handed out
-            check=AsyncConnectionPool.check_connection,
+            check=check_if_server_spoke,
         )
         await pool.open(wait=True, timeout=30)
         return cls(pool)
