@@ -4,6 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Temporal's sandbox re-imports the workflow modules for every new workflow instance; where
+# the environment turns bytecode caching off (PYTHONDONTWRITEBYTECODE=1, as some images do),
+# each of those imports compiles the source again. An empty value turns caching back on.
+export PYTHONDONTWRITEBYTECODE :=
 
 .PHONY: run test bench chaos lint typecheck check clean-data browser-deps
 
