@@ -153,10 +153,13 @@ class IntegrationStore:
     # -- advice -------------------------------------------------------------------------
 
     async def charge_history(self, provider: str, charge_id: str, exclude: str) -> list[dict[str, Any]]:
+        """The charge's latest 50 other refunds, oldest first: the advisor's context stays
+        the same size however many refunds a charge (a platform's shared one) has seen."""
         async with self._store.transaction() as conn:
             cur = await conn.execute(
-                "SELECT refund_request_id, amount, status FROM refund_cases WHERE provider = %s"
-                " AND charge_id = %s AND refund_request_id <> %s ORDER BY created_at",
+                "SELECT * FROM (SELECT refund_request_id, amount, status, created_at FROM refund_cases"
+                " WHERE provider = %s AND charge_id = %s AND refund_request_id <> %s"
+                " ORDER BY created_at DESC LIMIT 50) latest ORDER BY created_at",
                 (provider, charge_id, exclude))
             return list(await cur.fetchall())
 

@@ -34,6 +34,8 @@ from tests.harness import Stack, open_stack
 from workers.main import build_worker
 from workflows.refund import RefundWorkflow
 
+CASES_PER_CHARGE = 10
+
 
 def rss_mib() -> float:
     return float(psutil.Process().memory_info().rss) / 2**20
@@ -79,7 +81,16 @@ async def main(cases: int, concurrency: int, wave: int) -> dict[str, float]:
                                  approval_reminder_seconds=None, approval_escalation_seconds=None)
         tag = uuid.uuid4().hex[:6]
         try:
-            charge = await stack.charge(cases * 6_000)
+            # Ten cases a charge: each case's validation and advice read the charge's other
+            # refunds, so 10,000 on one charge would measure that history, not the open cases.
+            charges: list[str] = []
+
+            def new_charge() -> Callable[[], Awaitable[None]]:
+                async def go() -> None:
+                    charges.append(await stack.charge(CASES_PER_CHARGE * 6_000))
+                return go
+
+            await gather_limited([new_charge() for _ in range(-(-cases // CASES_PER_CHARGE))], concurrency)
             rss_idle = rss_mib()
             worker = build_worker(stack.client, stack.settings.task_queue, stack.store, stack.providers,
                                   load_policy(None), settings=stack.settings)
@@ -87,7 +98,8 @@ async def main(cases: int, concurrency: int, wave: int) -> dict[str, float]:
                 def start(i: int) -> Callable[[], Awaitable[None]]:
                     async def go() -> None:
                         request = RefundRequest(
-                            refund_request_id=f"open-{tag}-{i}", provider="sandbox", charge_id=charge,
+                            refund_request_id=f"open-{tag}-{i}", provider="sandbox",
+                            charge_id=charges[i // CASES_PER_CHARGE],
                             amount=6_000, currency="USD", merchant_account="acct_1",
                             reason=RefundReason.DUPLICATE, evidence={"order_id": f"o-{i}"})
                         await stack.store.create_case(request, "bench")
