@@ -3,15 +3,17 @@ untrusted case text reaches a model as quoted data, and a slow or broken model m
 "no advice" while the case goes on."""
 
 import json
+import uuid
 from typing import Any
 
 from temporalio.client import Client
 
 from adapters.advisor import BEGIN, END
+from adapters.integration_store import IntegrationStore
 from adapters.policy_file import load_policy
 from adapters.store import Store, request_from_row
 from domain.advice import Advice, AdviceContext, PriorRefund, offline_advice
-from domain.models import PolicyContext, PolicyInput, RefundReason
+from domain.models import PolicyContext, PolicyInput, RefundReason, RefundRequest
 from domain.policy import decide
 from starters.stack import TemporalDevServer
 from tests.fakes import connected_stack, llm_advice
@@ -115,3 +117,14 @@ async def test_a_slow_or_broken_model_means_no_advice_and_the_case_goes_on(
             assert error in advice["error"], (mode, advice["error"])
             trail = await llm.store.audit_trail(case_id)
             assert [e["action"] for e in trail if e["action"].startswith("advice_")] == ["advice_unavailable"]
+
+
+async def test_the_advice_context_takes_a_charges_latest_fifty_refunds_oldest_first(store: Store) -> None:
+    charge = f"ch_busy_{uuid.uuid4().hex[:8]}"
+    ids = [f"busy-{charge}-{i:02d}" for i in range(56)]
+    for case_id in ids:
+        await store.create_case(RefundRequest(
+            refund_request_id=case_id, provider="sandbox", charge_id=charge, amount=100, currency="USD",
+            merchant_account="acct_1", reason=RefundReason.DUPLICATE, evidence={"order_id": "o"}), "test")
+    history = await IntegrationStore(store).charge_history("sandbox", charge, exclude=ids[-1])
+    assert [row["refund_request_id"] for row in history] == ids[5:55]
