@@ -344,15 +344,34 @@ async def concurrency(env: Embedded, requests: int) -> Outcome:
                     "reason": "duplicate", "evidence": {"order_id": "o"}}})
 
         await asyncio.gather(*(by_api(i) if i % 2 else by_webhook(i) for i in range(requests)))
-        await asyncio.sleep(2)
+        deadline = asyncio.get_running_loop().time() + 60 + requests * 2
+        approved: set[str] = set()
+        while True:  # an approver approves what waits, until every case ended
+            async with stack.store.transaction() as conn:
+                rows = await (await conn.execute(
+                    "SELECT sum(reserved_amount) AS held, count(*) AS n,"
+                    " count(*) FILTER (WHERE status = ANY(%s)) AS final,"
+                    " array_agg(refund_request_id) FILTER (WHERE status = 'awaiting_approval') AS waiting"
+                    " FROM refund_cases WHERE charge_id = %s", (sorted(FINAL), charge))).fetchone()
+            assert rows is not None
+            if rows["final"] == requests or asyncio.get_running_loop().time() > deadline:
+                break
+            async with stack.api("bob") as api:
+                for case_id in set(rows["waiting"] or ()) - approved:
+                    await api.post(f"/v1/refund-requests/{case_id}/approvals",
+                                   json={"decision": "approve", "reason": "chaos approver"})
+                    approved.add(case_id)
+            await asyncio.sleep(0.5)
         async with stack.store.transaction() as conn:
-            rows = await (await conn.execute(
-                "SELECT sum(reserved_amount) AS held, count(*) AS n FROM refund_cases WHERE charge_id = %s",
-                (charge,))).fetchone()
+            outcome.counts.update({r["status"]: int(r["n"]) for r in await (await conn.execute(
+                "SELECT status, count(*) AS n FROM refund_cases WHERE charge_id = %s GROUP BY status",
+                (charge,))).fetchall()})
         refunded = sum(r["amount"] for r in await stack.provider_refunds(charge)
                        if r["status"] != "failed")
-        outcome.counts.update({"cases": int(rows["n"]) if rows else 0, "refunded": refunded,
-                               "held": int(rows["held"] or 0) if rows else 0})
+        outcome.counts.update({"cases": int(rows["n"]), "final": int(rows["final"]),
+                               "refunded": refunded, "held": int(rows["held"] or 0)})
+        if rows["final"] != requests:
+            outcome.violations.append(f"only {rows['final']} of {requests} cases ended")
         if refunded > 10_000 or outcome.counts["held"] > 10_000:
             outcome.violations.append(f"over-refund: refunded {refunded}, held {outcome.counts['held']}")
     finally:

@@ -34,6 +34,8 @@ async def test_bad_input_never_answers_5xx_nor_changes_state(env: Embedded) -> N
 async def test_concurrent_requests_never_over_refund(env: Embedded) -> None:
     outcome = await chaos.concurrency(env, 10)
     assert outcome.violations == [] and outcome.counts["cases"] == 10
+    # ten of 700 fit in the 10,000 captured: each is approved and refunded, once
+    assert outcome.counts["succeeded"] == 10 and outcome.counts["refunded"] == 7_000
 
 
 @pytest.mark.slow
