@@ -30,10 +30,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 from adapters.providers.sandbox import sign
 from bench.common import RESULTS, Embedded, embedded_stack
 from tests.harness import PAYLOAD_KEYS, Stack, open_stack
+
+# Bad input may not grow the relay: what its process adds after warm-up (a tenth of the
+# requests) stays under this, where a leak of a kilobyte a request over 10,000 would not.
+MEMORY_BOUND_KIB = 8 * 1024
 
 FINAL = {"succeeded", "refund_failed", "refund_canceled", "rejected", "denied", "expired"}
 
@@ -251,6 +256,8 @@ async def stack_deliver(stack: Stack, body: bytes) -> None:
 async def bad_input(env: Embedded, requests: int) -> Outcome:
     outcome = Outcome("bad_input", cases=requests)
     stack = await open_stack(env.store, env.client, env.temporal.address)
+    process = psutil.Process()  # the relay serves from this process
+    webhooks = sum(1 for i in range(requests) if i % 6 < 4)
     rng = random.Random(11)
     secret = stack.settings.sandbox_webhook_secret
     assert secret is not None
@@ -259,7 +266,10 @@ async def bad_input(env: Embedded, requests: int) -> Outcome:
         async with httpx.AsyncClient(base_url=stack.relay_url, timeout=30) as http, \
                 stack.api("alice") as api:
             statuses: dict[int, int] = {}
+            rss_warm = 0
             for i in range(requests):
+                if i == requests // 10:  # warmed up: from here on the relay's memory must hold
+                    rss_warm = process.memory_info().rss
                 kind = i % 6
                 body = json.dumps({"id": f"evt_bad_{i}", "type": "refund.requested", "created": 0,
                                    "data": {"object": {"amount": rng.choice([-1, 0, 1.5, "x"])}}}).encode()
@@ -284,22 +294,36 @@ async def bad_input(env: Embedded, requests: int) -> Outcome:
                     response = await api.post("/v1/refund-requests", content=b"{not json",
                                               headers={"Content-Type": "application/json"})
                 statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+        growth_kib = (process.memory_info().rss - rss_warm) // 1024
         outcome.counts.update({f"http_{k}": v for k, v in sorted(statuses.items())})
+        outcome.counts["rss_growth_after_warmup_kib"] = growth_kib
         if any(code >= 500 for code in statuses):
             outcome.violations.append(f"5xx answers: {statuses}")
+        if growth_kib > MEMORY_BOUND_KIB:
+            outcome.violations.append(f"the relay's process grew {growth_kib} KiB after warm-up")
         after = await counts(stack)
-        if after["cases"] != before["cases"] or after["ledger"] != before["ledger"]:
+        outcome.counts["webhook_receipts"] = after["receipts"] - before["receipts"]
+        if (stored := outcome.counts["webhook_receipts"]) != webhooks:  # every refusal is on record
+            outcome.violations.append(f"{stored} receipts for {webhooks} deliveries")
+        if money_state(after) != money_state(before):
             outcome.violations.append(f"state changed: {before} -> {after}")
     finally:
         await stack.close()
     return outcome
 
 
+def money_state(counted: dict[str, int]) -> tuple[int, int]:
+    """What bad input must never change: the cases and the ledger (receipts it may add)."""
+    return counted["cases"], counted["ledger"]
+
+
 async def counts(stack: Stack) -> dict[str, int]:
     async with stack.store.transaction() as conn:
         cases = await (await conn.execute("SELECT count(*) AS n FROM refund_cases")).fetchone()
         ledger = await (await conn.execute("SELECT count(*) AS n FROM ledger_entries")).fetchone()
-    return {"cases": int(cases["n"]) if cases else -1, "ledger": int(ledger["n"]) if ledger else -1}
+        receipts = await (await conn.execute("SELECT count(*) AS n FROM webhook_receipts")).fetchone()
+    return {"cases": int(cases["n"]) if cases else -1, "ledger": int(ledger["n"]) if ledger else -1,
+            "receipts": int(receipts["n"]) if receipts else -1}
 
 
 async def schema_fuzz(env: Embedded, examples: int) -> Outcome:
@@ -318,7 +342,7 @@ async def schema_fuzz(env: Embedded, examples: int) -> Outcome:
         if done.returncode != 0:
             outcome.violations.append("schemathesis found failures:\n" + done.stdout[-3000:])
         after = await counts(stack)
-        if after != before:
+        if money_state(after) != money_state(before):
             outcome.violations.append(f"state changed: {before} -> {after}")
     finally:
         await stack.close()
