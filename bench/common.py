@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 from temporalio.client import Client
 
 from adapters.config import Settings
@@ -20,7 +22,8 @@ from adapters.temporal_client import connect
 from starters.stack import EmbeddedPostgres, TemporalDevServer, free_port
 from tests.harness import PAYLOAD_KEYS
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(os.environ.get("BENCH_RESULTS_DIR") or Path(__file__).parent / "results")
+"""Where results go; the smoke tests point it at their own folder."""
 
 
 @dataclass
@@ -57,6 +60,32 @@ async def embedded_stack() -> AsyncIterator[Embedded]:
             await store.close()
             temporal.stop()
             pg.stop()
+
+
+def pin_temporal_apart(env: Embedded) -> str:
+    """Gives the Temporal dev server the first core and everything else (this process with
+    the relay, the load client it spawns, PostgreSQL) the others, as production runs the relay
+    and Temporal on different machines: on a small box the relay's CPU would otherwise come out
+    of the Temporal server's share and measure the box, not the relay. Linux only; says what
+    it did, for the report."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return "not pinned (one core)"
+    temporal, rest = {cores[0]}, set(cores[1:])
+    postgres = [p for p in psutil.process_iter(["cmdline"])
+                if str(env.postgres.pgdata if env.postgres else "-") in " ".join(p.info["cmdline"] or [])]
+    for proc in [psutil.Process(), *postgres]:
+        _pin(proc, rest)
+    for child in psutil.Process().children(recursive=True):
+        _pin(child, temporal if child.name() == "temporal" else rest)
+    return f"Temporal dev server on core {cores[0]}; relay, load client and PostgreSQL on {sorted(rest)}"
+
+
+def _pin(proc: psutil.Process, cores: set[int]) -> None:
+    """Every thread of the process and of its children; threads started later inherit."""
+    for each in [proc, *proc.children(recursive=True)]:
+        for thread in each.threads():
+            os.sched_setaffinity(thread.id, cores)
 
 
 async def gather_limited(jobs: list[Callable[[], Awaitable[Any]]], limit: int) -> None:

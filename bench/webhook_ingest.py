@@ -19,7 +19,7 @@ import subprocess
 import sys
 from typing import Any
 
-from bench.common import embedded_stack, report, summary
+from bench.common import embedded_stack, pin_temporal_apart, report, summary
 from tests.harness import PAYLOAD_KEYS, open_stack
 
 
@@ -46,13 +46,14 @@ def merged(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return total
 
 
-async def main(events: int, concurrency: int, copies: int, rounds: int) -> dict[str, float]:
+async def main(events: int, concurrency: int, copies: int, rounds: int, pin: bool) -> dict[str, float]:
     """Bare and relay loads take turns in `rounds` rounds, so a slow spell of this shared
     machine falls on both rather than on whichever ran then."""
     per_round = max(1, events // rounds)
     events = per_round * rounds
     async with embedded_stack() as env:
         stack = await open_stack(env.store, env.client, env.temporal.address, worker=False)
+        placement = pin_temporal_apart(env) if pin else "not pinned: everything shares every core"
         secret = stack.settings.sandbox_webhook_secret
         assert secret is not None
         try:
@@ -83,7 +84,7 @@ async def main(events: int, concurrency: int, copies: int, rounds: int) -> dict[
               "duplicate_cost_ratio": dup["mean_ms"] / first["mean_ms"],
               "workflows_started": float(started.count)}
     report("webhook_ingest", rows, {"events": events, "rounds": rounds, "copies": copies,
-                                    "concurrency": concurrency,
+                                    "concurrency": concurrency, "placement": placement,
                                     "first_verdicts": relay["verdicts"],
                                     "duplicate_verdicts": relay["duplicate_verdicts"],
                                     "target_ingest_ratio": 0.8, "target_duplicate_cost_ratio": 0.3,
@@ -97,7 +98,9 @@ if __name__ == "__main__":
     parser.add_argument("--copies", type=int, default=12)
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--no-pin", dest="pin", action="store_false",
+                        help="let the relay and the Temporal server share every core")
     parser.add_argument("--quick", action="store_true", help="a smoke run (20 events)")
     args = parser.parse_args()
     asyncio.run(main(20 if args.quick else args.events, args.concurrency, args.copies,
-                     1 if args.quick else args.rounds))
+                     1 if args.quick else args.rounds, args.pin))
