@@ -98,8 +98,8 @@ if __name__ == "__main__":
     parser.add_argument("--copies", type=int, default=12)
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--no-pin", dest="pin", action="store_false",
-                        help="let the relay and the Temporal server share every core")
+    parser.add_argument("--pin", action="store_true",
+                        help="the Temporal server on one core, the relay side on the others")
     parser.add_argument("--quick", action="store_true", help="a smoke run (20 events)")
     args = parser.parse_args()
     asyncio.run(main(20 if args.quick else args.events, args.concurrency, args.copies,
