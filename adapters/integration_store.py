@@ -157,7 +157,8 @@ class IntegrationStore:
         the same size however many refunds a charge (a platform's shared one) has seen."""
         async with self._store.transaction() as conn:
             cur = await conn.execute(
-                "SELECT * FROM (SELECT refund_request_id, amount, status, created_at FROM refund_cases"
+                "SELECT refund_request_id, amount, status FROM (SELECT refund_request_id, amount, status,"
+                " created_at FROM refund_cases"
                 " WHERE provider = %s AND charge_id = %s AND refund_request_id <> %s"
                 " ORDER BY created_at DESC LIMIT 50) latest ORDER BY created_at",
                 (provider, charge_id, exclude))

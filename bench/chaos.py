@@ -372,30 +372,28 @@ async def concurrency(env: Embedded, requests: int) -> Outcome:
         approved: set[str] = set()
         while True:  # an approver approves what waits, until every case ended
             async with stack.store.transaction() as conn:
-                rows = await (await conn.execute(
-                    "SELECT sum(reserved_amount) AS held, count(*) AS n,"
-                    " count(*) FILTER (WHERE status = ANY(%s)) AS final,"
-                    " array_agg(refund_request_id) FILTER (WHERE status = 'awaiting_approval') AS waiting"
-                    " FROM refund_cases WHERE charge_id = %s", (sorted(FINAL), charge))).fetchone()
-            assert rows is not None
-            if rows["final"] == requests or asyncio.get_running_loop().time() > deadline:
+                by_status = {r["status"]: r for r in await (await conn.execute(
+                    "SELECT status, count(*) AS n, sum(reserved_amount) AS held,"
+                    " array_agg(refund_request_id) AS ids FROM refund_cases WHERE charge_id = %s"
+                    " GROUP BY status", (charge,))).fetchall()}
+            final = sum(r["n"] for status, r in by_status.items() if status in FINAL)
+            if final == requests or asyncio.get_running_loop().time() > deadline:
                 break
+            waiting = by_status.get("awaiting_approval", {"ids": []})["ids"]
             async with stack.api("bob") as api:
-                for case_id in set(rows["waiting"] or ()) - approved:
+                for case_id in set(waiting) - approved:
                     await api.post(f"/v1/refund-requests/{case_id}/approvals",
                                    json={"decision": "approve", "reason": "chaos approver"})
                     approved.add(case_id)
             await asyncio.sleep(0.5)
-        async with stack.store.transaction() as conn:
-            outcome.counts.update({r["status"]: int(r["n"]) for r in await (await conn.execute(
-                "SELECT status, count(*) AS n FROM refund_cases WHERE charge_id = %s GROUP BY status",
-                (charge,))).fetchall()})
+        outcome.counts.update({status: int(r["n"]) for status, r in by_status.items()})
         refunded = sum(r["amount"] for r in await stack.provider_refunds(charge)
                        if r["status"] != "failed")
-        outcome.counts.update({"cases": int(rows["n"]), "final": int(rows["final"]),
-                               "refunded": refunded, "held": int(rows["held"] or 0)})
-        if rows["final"] != requests:
-            outcome.violations.append(f"only {rows['final']} of {requests} cases ended")
+        outcome.counts.update({"cases": sum(int(r["n"]) for r in by_status.values()), "final": final,
+                               "refunded": refunded,
+                               "held": sum(int(r["held"] or 0) for r in by_status.values())})
+        if final != requests:
+            outcome.violations.append(f"only {final} of {requests} cases ended")
         if refunded > 10_000 or outcome.counts["held"] > 10_000:
             outcome.violations.append(f"over-refund: refunded {refunded}, held {outcome.counts['held']}")
     finally:

@@ -72,20 +72,14 @@ def pin_temporal_apart(env: Embedded) -> str:
     if len(cores) < 2:
         return "not pinned (one core)"
     temporal, rest = {cores[0]}, set(cores[1:])
-    postgres = [p for p in psutil.process_iter(["cmdline"])
-                if str(env.postgres.pgdata if env.postgres else "-") in " ".join(p.info["cmdline"] or [])]
-    for proc in [psutil.Process(), *postgres]:
-        _pin(proc, rest)
-    for child in psutil.Process().children(recursive=True):
-        _pin(child, temporal if child.name() == "temporal" else rest)
+    postmasters = [p for p in psutil.process_iter(["cmdline"])
+                   if str(env.postgres.pgdata if env.postgres else "-") in " ".join(p.info["cmdline"] or [])]
+    me = psutil.Process()
+    for proc in {me, *me.children(recursive=True), *postmasters,
+                 *(child for p in postmasters for child in p.children(recursive=True))}:
+        for thread in proc.threads():  # threads started later inherit their creator's cores
+            os.sched_setaffinity(thread.id, temporal if proc.name() == "temporal" else rest)
     return f"Temporal dev server on core {cores[0]}; relay, load client and PostgreSQL on {sorted(rest)}"
-
-
-def _pin(proc: psutil.Process, cores: set[int]) -> None:
-    """Every thread of the process and of its children; threads started later inherit."""
-    for each in [proc, *proc.children(recursive=True)]:
-        for thread in each.threads():
-            os.sched_setaffinity(thread.id, cores)
 
 
 async def gather_limited(jobs: list[Callable[[], Awaitable[Any]]], limit: int) -> None:

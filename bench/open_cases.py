@@ -83,14 +83,8 @@ async def main(cases: int, concurrency: int, wave: int) -> dict[str, float]:
         try:
             # Ten cases a charge: each case's validation and advice read the charge's other
             # refunds, so 10,000 on one charge would measure that history, not the open cases.
-            charges: list[str] = []
-
-            def new_charge() -> Callable[[], Awaitable[None]]:
-                async def go() -> None:
-                    charges.append(await stack.charge(CASES_PER_CHARGE * 6_000))
-                return go
-
-            await gather_limited([new_charge() for _ in range(-(-cases // CASES_PER_CHARGE))], concurrency)
+            charges = [await stack.charge(CASES_PER_CHARGE * 6_000)
+                       for _ in range(-(-cases // CASES_PER_CHARGE))]
             rss_idle = rss_mib()
             worker = build_worker(stack.client, stack.settings.task_queue, stack.store, stack.providers,
                                   load_policy(None), settings=stack.settings)
