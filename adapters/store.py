@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from functools import partial
 from importlib import resources
 from typing import Any
 
@@ -248,19 +249,6 @@ class Store:
         """Inserts the case once; a repeat is identical or a conflict, decided by params hash."""
         async with self.transaction() as conn:
             return await self._create_case(conn, request, requester)
-
-    async def _open_with_receipt(self, conn: Conn,
-                                 opens: tuple[RefundRequest, str] | None) -> CaseCreation | None:
-        if opens is None:
-            return None
-        try:
-            async with conn.transaction():
-                creation, _ = await self._create_case(conn, *opens)
-                return creation
-        except psycopg.Error:
-            log.exception("case %s not opened with its receipt; routing opens it",
-                          opens[0].refund_request_id)
-            return None
 
     async def _create_case(self, conn: Conn, request: RefundRequest,
                            requester: str) -> tuple[CaseCreation, dict[str, Any]]:
@@ -500,10 +488,31 @@ class Store:
         the (provider, event_id) gate once, later ones are recorded as duplicates of the first.
 
         `opens` (request, requester) creates the case with the first delivery in the same
-        commit, one disk flush instead of two on the relay's hottest path. It runs in a
-        savepoint: if the case cannot be written, the receipt still is, and routing opens it."""
+        commit, one disk flush instead of two on the relay's hottest path. If that commit
+        fails, the receipt is stored again alone (nothing of the failed one remains) and
+        routing opens the case: the receipt never depends on its case."""
+        receipt = partial(self._store_receipt, provider=provider, event_id=event_id,
+                          event_type=event_type, body=body, body_sha256=body_sha256,
+                          headers=headers, verdict=verdict, error=error, replay_of=replay_of)
+        if opens is not None:
+            try:
+                return await receipt(opens=opens)
+            except psycopg.Error:
+                log.exception("case %s not opened with its receipt; storing the receipt alone,"
+                              " routing opens it", opens[0].refund_request_id)
+        return await receipt(opens=None)
+
+    async def _store_receipt(self, *, provider: str, event_id: str | None, event_type: str | None,
+                             body: bytes | None, body_sha256: str, headers: dict[str, str],
+                             verdict: str, error: str | None, replay_of: int | None,
+                             opens: tuple[RefundRequest, str] | None) -> StoredReceipt:
+        """Pipelined and without savepoints: BEGIN, writes whose result is not read and COMMIT
+        take no round trip of their own beyond the last one; every statement is a syscall or
+        two and a wake-up on each side, the relay's main cost per delivery."""
         gated = verdict == "accepted" and event_id is not None
-        async with self.transaction() as conn:
+        # Pipeline mode: only reading a result waits for the server; BEGIN, the audit append
+        # and COMMIT ride along with the next round trip.
+        async with self._pool.connection() as conn, conn.pipeline(), conn.transaction():
             # One statement: the receipt, and (accepted ones) its claim on the event id.
             cur = await conn.execute(
                 "WITH receipt AS (INSERT INTO webhook_receipts (provider, event_id, event_type, body,"
@@ -520,29 +529,31 @@ class Store:
             if not gated:
                 return StoredReceipt(receipt_id, verdict, None)
             if row["claimed"] is not None:
-                return StoredReceipt(receipt_id, "accepted", receipt_id,
-                                     case_creation=await self._open_with_receipt(conn, opens))
+                creation = (await self._create_case(conn, *opens))[0] if opens is not None else None
+                return StoredReceipt(receipt_id, "accepted", receipt_id, case_creation=creation)
+            # The claim's conflict waited for the first receipt's commit, so this statement's
+            # snapshot sees it.
             cur = await conn.execute(
-                "SELECT r.id, r.processed_at FROM webhook_events e"
+                "WITH marked AS (UPDATE webhook_receipts SET verdict = 'duplicate', processed_at = now()"
+                " WHERE id = %s)"
+                " SELECT r.id, r.processed_at FROM webhook_events e"
                 " JOIN webhook_receipts r ON r.id = e.first_receipt_id"
-                " WHERE e.provider = %s AND e.event_id = %s", (provider, event_id))
+                " WHERE e.provider = %s AND e.event_id = %s", (receipt_id, provider, event_id))
             first = await cur.fetchone()
             assert first is not None
-            await conn.execute(
-                "UPDATE webhook_receipts SET verdict = 'duplicate', processed_at = now() WHERE id = %s",
-                (receipt_id,))
             return StoredReceipt(receipt_id, "duplicate", int(first["id"]),
                                  first_processed=first["processed_at"] is not None)
 
     async def mark_receipt_processed(self, receipt_id: int, workflow_id: str | None) -> None:
         """Marks the receipt done without waiting for the disk: if a crash loses the mark,
         re-drive starts or signals again, which acts once anyway (workflow id, event id).
-        Pipelined: the whole transaction is one round trip."""
-        async with self._pool.connection() as conn, conn.pipeline(), conn.transaction():
-            await conn.execute("SET LOCAL synchronous_commit = off")
+        One statement, its own transaction: set_config(..., true) makes that transaction's
+        commit asynchronous without a BEGIN, a SET and a COMMIT around it."""
+        async with self._pool.connection() as conn:
             await conn.execute(
-                "UPDATE webhook_receipts SET processed_at = now(), workflow_id = %s WHERE id = %s",
-                (workflow_id, receipt_id))
+                "UPDATE webhook_receipts SET processed_at = now(), workflow_id = %s"
+                " FROM (SELECT set_config('synchronous_commit', 'off', true)) AS asynchronous_commit"
+                " WHERE id = %s", (workflow_id, receipt_id))
 
     async def receipts(self, provider: str, event_id: str | None = None) -> list[dict[str, Any]]:
         async with self._pool.connection() as conn:
