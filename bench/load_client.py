@@ -2,7 +2,7 @@
 slice or event loop: sends signed sandbox `refund.requested` webhooks, or does the bare
 signal-with-start itself, and prints one JSON line of latencies.
 
-    python -m bench.load_client relay --url URL --secret S --events N --copies C --concurrency K
+    python -m bench.load_client relay --url URL --secret S --events N --copies C --concurrency K [--label L]
     python -m bench.load_client bare --temporal ADDR --queue Q --events N --concurrency K
 """
 
@@ -54,7 +54,7 @@ async def relay_load(args: argparse.Namespace) -> dict[str, object]:
             status.append(response.json().get("verdict", str(response.status_code)))
 
         verdicts: list[str] = []
-        firsts = [refund_requested(f"evt_{tag}_{i}", f"rrq_{tag}_{i}") for i in range(args.events)]
+        firsts = [refund_requested(f"evt_{tag}_{i}", f"{args.label}_{tag}_{i}") for i in range(args.events)]
         first = await drive([partial(deliver, b, verdicts) for b in firsts], args.concurrency)
         dup_verdicts: list[str] = []
         dups = await drive([partial(deliver, b, dup_verdicts)
@@ -116,6 +116,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=200)
     parser.add_argument("--copies", type=int, default=1)
     parser.add_argument("--concurrency", type=int, default=20)
+    parser.add_argument("--label", default="rrq", help="relay: the refund request ids' prefix")
     args = parser.parse_args()
     result = asyncio.run(relay_load(args) if args.mode == "relay" else bare_load(args))
     print(json.dumps(result), flush=True)
