@@ -14,7 +14,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from functools import partial
 from importlib import resources
 from typing import Any
 
@@ -490,59 +489,55 @@ class Store:
         `opens` (request, requester) creates the case with the first delivery in the same
         commit, one disk flush instead of two on the relay's hottest path. If that commit
         fails, the receipt is stored again alone (nothing of the failed one remains) and
-        routing opens the case: the receipt never depends on its case."""
-        receipt = partial(self._store_receipt, provider=provider, event_id=event_id,
-                          event_type=event_type, body=body, body_sha256=body_sha256,
-                          headers=headers, verdict=verdict, error=error, replay_of=replay_of)
-        if opens is not None:
-            try:
-                return await receipt(opens=opens)
-            except psycopg.Error:
-                log.exception("case %s not opened with its receipt; storing the receipt alone,"
-                              " routing opens it", opens[0].refund_request_id)
-        return await receipt(opens=None)
+        routing opens the case: the receipt never depends on its case.
 
-    async def _store_receipt(self, *, provider: str, event_id: str | None, event_type: str | None,
-                             body: bytes | None, body_sha256: str, headers: dict[str, str],
-                             verdict: str, error: str | None, replay_of: int | None,
-                             opens: tuple[RefundRequest, str] | None) -> StoredReceipt:
-        """Pipelined and without savepoints: BEGIN, writes whose result is not read and COMMIT
+        Pipelined and without savepoints: BEGIN, writes whose result is not read and COMMIT
         take no round trip of their own beyond the last one; every statement is a syscall or
         two and a wake-up on each side, the relay's main cost per delivery."""
         gated = verdict == "accepted" and event_id is not None
-        # Pipeline mode: only reading a result waits for the server; BEGIN, the audit append
-        # and COMMIT ride along with the next round trip.
-        async with self._pool.connection() as conn, conn.pipeline(), conn.transaction():
-            # One statement: the receipt, and (accepted ones) its claim on the event id.
-            cur = await conn.execute(
-                "WITH receipt AS (INSERT INTO webhook_receipts (provider, event_id, event_type, body,"
-                " body_sha256, headers, verdict, error, replay_of)"
-                " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s) RETURNING id),"
-                " claim AS (INSERT INTO webhook_events (provider, event_id, first_receipt_id)"
-                " SELECT %s, %s, id FROM receipt WHERE %s ON CONFLICT DO NOTHING RETURNING first_receipt_id)"
-                " SELECT receipt.id, claim.first_receipt_id AS claimed FROM receipt LEFT JOIN claim ON true",
-                (provider, event_id, event_type, body, body_sha256, _json(headers), verdict, error,
-                 replay_of, provider, event_id, gated))
-            row = await cur.fetchone()
-            assert row is not None
-            receipt_id = int(row["id"])
-            if not gated:
-                return StoredReceipt(receipt_id, verdict, None)
-            if row["claimed"] is not None:
-                creation = (await self._create_case(conn, *opens))[0] if opens is not None else None
-                return StoredReceipt(receipt_id, "accepted", receipt_id, case_creation=creation)
-            # The claim's conflict waited for the first receipt's commit, so this statement's
-            # snapshot sees it.
-            cur = await conn.execute(
-                "WITH marked AS (UPDATE webhook_receipts SET verdict = 'duplicate', processed_at = now()"
-                " WHERE id = %s)"
-                " SELECT r.id, r.processed_at FROM webhook_events e"
-                " JOIN webhook_receipts r ON r.id = e.first_receipt_id"
-                " WHERE e.provider = %s AND e.event_id = %s", (receipt_id, provider, event_id))
-            first = await cur.fetchone()
-            assert first is not None
-            return StoredReceipt(receipt_id, "duplicate", int(first["id"]),
-                                 first_processed=first["processed_at"] is not None)
+        try:
+            async with self._pool.connection() as conn, conn.pipeline(), conn.transaction():
+                # One statement: the receipt, and (accepted ones) its claim on the event id.
+                cur = await conn.execute(
+                    "WITH receipt AS (INSERT INTO webhook_receipts (provider, event_id, event_type, body,"
+                    " body_sha256, headers, verdict, error, replay_of)"
+                    " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s) RETURNING id),"
+                    " claim AS (INSERT INTO webhook_events (provider, event_id, first_receipt_id)"
+                    " SELECT %s, %s, id FROM receipt WHERE %s ON CONFLICT DO NOTHING"
+                    " RETURNING first_receipt_id)"
+                    " SELECT receipt.id, claim.first_receipt_id AS claimed"
+                    " FROM receipt LEFT JOIN claim ON true",
+                    (provider, event_id, event_type, body, body_sha256, _json(headers), verdict, error,
+                     replay_of, provider, event_id, gated))
+                row = await cur.fetchone()
+                assert row is not None
+                receipt_id = int(row["id"])
+                if not gated:
+                    return StoredReceipt(receipt_id, verdict, None)
+                if row["claimed"] is not None:
+                    creation = (await self._create_case(conn, *opens))[0] if opens is not None else None
+                    return StoredReceipt(receipt_id, "accepted", receipt_id, case_creation=creation)
+                # The claim's conflict waited for the first receipt's commit, so this statement's
+                # snapshot sees it.
+                cur = await conn.execute(
+                    "WITH marked AS (UPDATE webhook_receipts SET verdict = 'duplicate', processed_at = now()"
+                    " WHERE id = %s)"
+                    " SELECT r.id, r.processed_at FROM webhook_events e"
+                    " JOIN webhook_receipts r ON r.id = e.first_receipt_id"
+                    " WHERE e.provider = %s AND e.event_id = %s", (receipt_id, provider, event_id))
+                first = await cur.fetchone()
+                assert first is not None
+                return StoredReceipt(receipt_id, "duplicate", int(first["id"]),
+                                     first_processed=first["processed_at"] is not None)
+        except psycopg.Error:
+            if opens is None:
+                raise
+            log.exception("case %s not opened with its receipt; storing the receipt alone,"
+                          " routing opens it", opens[0].refund_request_id)
+            return await self.store_receipt(provider=provider, event_id=event_id,
+                                            event_type=event_type, body=body,
+                                            body_sha256=body_sha256, headers=headers,
+                                            verdict=verdict, error=error, replay_of=replay_of)
 
     async def mark_receipt_processed(self, receipt_id: int, workflow_id: str | None) -> None:
         """Marks the receipt done without waiting for the disk: if a crash loses the mark,
