@@ -3,6 +3,8 @@
 Each check returns a sentence naming what is wrong (and what to do), or None when fine.
 """
 
+import asyncio
+import logging
 from datetime import timedelta
 from importlib import resources
 
@@ -15,6 +17,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from adapters.store import Store
 
 CHECK_TIMEOUT = timedelta(seconds=5)
+log = logging.getLogger(__name__)
 
 
 def packaged_migrations() -> list[str]:
@@ -24,11 +27,19 @@ def packaged_migrations() -> list[str]:
 
 
 async def temporal_problem(client: Client) -> str | None:
-    """Temporal answers and the client's namespace exists."""
+    """Temporal answers and the client's namespace exists.
+
+    With the client's own retries, bounded by CHECK_TIMEOUT as a whole: a raw service call
+    retries nothing by default, and the server rotates connections (its max connection age,
+    5 minutes by default), so a call caught in the switch fails CANCELLED while Temporal is fine.
+    """
     target = client.service_client.config.target_host
     try:
-        await client.workflow_service.describe_namespace(
-            DescribeNamespaceRequest(namespace=client.namespace), timeout=CHECK_TIMEOUT)
+        await asyncio.wait_for(client.workflow_service.describe_namespace(
+            DescribeNamespaceRequest(namespace=client.namespace), retry=True, timeout=CHECK_TIMEOUT),
+            CHECK_TIMEOUT.total_seconds())
+    except TimeoutError:
+        return f"Temporal at {target} did not answer within {CHECK_TIMEOUT.total_seconds():.0f} s"
     except RPCError as exc:
         if exc.status is RPCStatusCode.NOT_FOUND:
             return f"namespace {client.namespace!r} does not exist at Temporal {target}"
@@ -57,5 +68,7 @@ async def database_problem(store: Store) -> str | None:
 async def readiness(client: Client, store: Store, *extra: str) -> JSONResponse:
     """A /readyz answer: 200 when nothing is wrong, 503 with every problem otherwise."""
     problems = [*extra, *(p for p in (await temporal_problem(client), await database_problem(store)) if p)]
+    if problems:  # the probe's caller sees only the status; the reasons belong in the log
+        log.warning("not ready: %s", "; ".join(problems))
     return JSONResponse({"status": "unready" if problems else "ready", "problems": problems},
                         status_code=503 if problems else 200)

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from temporalio.client import Client
@@ -44,9 +45,10 @@ class TemporalDevServer:
 
     def __init__(self, db_file: Path, *, host: str = "127.0.0.1", port: int = 7233,
                  ui_port: int | None = 8233, log_file: Path | None = None,
-                 codec_endpoint: str | None = None) -> None:
+                 codec_endpoint: str | None = None, dynamic_config: Sequence[str] = ()) -> None:
         self.db_file = db_file
         self.codec_endpoint = codec_endpoint
+        self.dynamic_config = dynamic_config
         self.host = host
         self.port = port
         self.ui_port = ui_port
@@ -68,6 +70,8 @@ class TemporalDevServer:
                 "--http-port", str(free_port(self.host)),
                 "--metrics-port", str(free_port(self.host)),
                 "--dynamic-config-value", "frontend.enableUpdateWorkflowExecution=true"]
+        for value in self.dynamic_config:  # `key=json value`, e.g. 'limit.maxIDLength=1000'
+            args += ["--dynamic-config-value", value]
         ui = ["--ui-port", str(self.ui_port), "--ui-disable-news-fetch"] if self.ui_port else ["--headless"]
         if self.ui_port and self.codec_endpoint:
             ui += ["--ui-codec-endpoint", self.codec_endpoint]
