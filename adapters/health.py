@@ -30,8 +30,9 @@ async def temporal_problem(client: Client) -> str | None:
     """Temporal answers and the client's namespace exists.
 
     With the client's own retries, bounded by CHECK_TIMEOUT as a whole: a raw service call
-    retries nothing by default, and the server rotates connections (its max connection age,
-    5 minutes by default), so a call caught in the switch fails CANCELLED while Temporal is fine.
+    retries nothing by default, and the server rotates connections (at its max connection age,
+    5 minutes in the dev server), so a call caught in the switch fails CANCELLED while Temporal
+    is fine.
     """
     target = client.service_client.config.target_host
     try:

@@ -118,7 +118,7 @@ async def test_relay_readyz_is_200_when_healthy_and_503_naming_and_logging_each_
 
 
 async def test_readiness_rides_out_the_servers_connection_rotation(tmp_path: Path) -> None:
-    """The server closes each connection at its max age (5 minutes by default, 1 s here); a
+    """The server closes each connection at its max age (5 minutes in the dev server, 1 s here); a
     check caught in the switch used to answer CANCELLED, a 503 while Temporal was fine."""
     server = TemporalDevServer(tmp_path / "temporal.db", port=free_port(), ui_port=None, dynamic_config=(
         'frontend.keepAliveMaxConnectionAge="1s"', 'frontend.keepAliveMaxConnectionAgeGrace="1s"'))
