@@ -48,16 +48,25 @@ async def temporal_problem(client: Client) -> str | None:
     return None
 
 
+async def applied_migrations(store: Store) -> set[str]:
+    """Versions recorded in schema_migrations; none before the first `refunds migrate`."""
+    async with store.transaction() as conn:
+        exists = await (await conn.execute(
+            "SELECT to_regclass('schema_migrations') IS NOT NULL AS ok")).fetchone()
+        if not (exists and exists["ok"]):
+            return set()
+        rows = await (await conn.execute("SELECT version FROM schema_migrations")).fetchall()
+        return {str(r["version"]) for r in rows}
+
+
 async def database_problem(store: Store) -> str | None:
-    """PostgreSQL answers and every shipped migration is applied."""
+    """PostgreSQL answers within CHECK_TIMEOUT (the pool's own checkout wait is 30 s, longer
+    than a probe waits) and every shipped migration is applied."""
     try:
-        async with store.transaction() as conn:
-            exists = await (await conn.execute(
-                "SELECT to_regclass('schema_migrations') IS NOT NULL AS ok")).fetchone()
-            applied: set[str] = set()
-            if exists and exists["ok"]:
-                rows = await (await conn.execute("SELECT version FROM schema_migrations")).fetchall()
-                applied = {str(r["version"]) for r in rows}
+        applied = await asyncio.wait_for(applied_migrations(store), CHECK_TIMEOUT.total_seconds())
+    except TimeoutError:
+        return (f"PostgreSQL did not answer within {CHECK_TIMEOUT.total_seconds():.0f} s"
+                " (no free pooled connection, or the server is stuck)")
     except (psycopg.Error, OSError) as exc:
         return f"PostgreSQL query failed: {exc}"
     missing = [v for v in packaged_migrations() if v not in applied]

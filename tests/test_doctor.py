@@ -14,7 +14,7 @@ from temporalio.client import Client
 from temporalio.service import TLSConfig
 
 from adapters.config import Settings
-from adapters.health import temporal_problem
+from adapters.health import database_problem, temporal_problem
 from adapters.store import Store
 from adapters.temporal_client import connect, connect_options
 from starters.doctor import run_doctor
@@ -142,3 +142,16 @@ async def test_readiness_rides_out_the_servers_connection_rotation(tmp_path: Pat
     assert {p for p in problems if p is not None} == set()
     # the retries stop at the check's bound: a server that is gone is named, not waited for
     assert await temporal_problem(client) == f"Temporal at {server.address} did not answer within 5 s"
+
+
+async def test_readiness_names_a_database_that_does_not_answer_within_the_bound(
+        store: Store, postgres_dsn: str) -> None:
+    """The pool would wait 30 s for a connection; the check answers after its own 5 s."""
+    one_connection = await Store.open(postgres_dsn, max_size=1)
+    try:
+        async with one_connection.transaction():  # held: the check finds no free connection
+            assert await database_problem(one_connection) == (
+                "PostgreSQL did not answer within 5 s (no free pooled connection, or the server is stuck)")
+        assert await database_problem(one_connection) is None  # migrated by the `store` fixture
+    finally:
+        await one_connection.close()
