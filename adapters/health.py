@@ -16,7 +16,9 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from adapters.store import Store
 
-CHECK_TIMEOUT = timedelta(seconds=5)
+CHECK_SECONDS = 5
+CHECK_TIMEOUT = timedelta(seconds=CHECK_SECONDS)
+UNANSWERED = f"did not answer within {CHECK_SECONDS} s"
 log = logging.getLogger(__name__)
 
 
@@ -29,7 +31,7 @@ def packaged_migrations() -> list[str]:
 async def temporal_problem(client: Client) -> str | None:
     """Temporal answers and the client's namespace exists.
 
-    With the client's own retries, bounded by CHECK_TIMEOUT as a whole: a raw service call
+    With the client's own retries, bounded by CHECK_SECONDS as a whole: a raw service call
     retries nothing by default, and the server rotates connections (at its max connection age,
     5 minutes in the dev server), so a call caught in the switch fails CANCELLED while Temporal
     is fine.
@@ -38,9 +40,9 @@ async def temporal_problem(client: Client) -> str | None:
     try:
         await asyncio.wait_for(client.workflow_service.describe_namespace(
             DescribeNamespaceRequest(namespace=client.namespace), retry=True, timeout=CHECK_TIMEOUT),
-            CHECK_TIMEOUT.total_seconds())
+            CHECK_SECONDS)
     except TimeoutError:
-        return f"Temporal at {target} did not answer within {CHECK_TIMEOUT.total_seconds():.0f} s"
+        return f"Temporal at {target} {UNANSWERED}"
     except RPCError as exc:
         if exc.status is RPCStatusCode.NOT_FOUND:
             return f"namespace {client.namespace!r} does not exist at Temporal {target}"
@@ -60,13 +62,12 @@ async def applied_migrations(store: Store) -> set[str]:
 
 
 async def database_problem(store: Store) -> str | None:
-    """PostgreSQL answers within CHECK_TIMEOUT (the pool's own checkout wait is 30 s, longer
+    """PostgreSQL answers within CHECK_SECONDS (the pool's own checkout wait is 30 s, longer
     than a probe waits) and every shipped migration is applied."""
     try:
-        applied = await asyncio.wait_for(applied_migrations(store), CHECK_TIMEOUT.total_seconds())
+        applied = await asyncio.wait_for(applied_migrations(store), CHECK_SECONDS)
     except TimeoutError:
-        return (f"PostgreSQL did not answer within {CHECK_TIMEOUT.total_seconds():.0f} s"
-                " (no free pooled connection, or the server is stuck)")
+        return f"PostgreSQL {UNANSWERED} (no free pooled connection, or the server is stuck)"
     except (psycopg.Error, OSError) as exc:
         return f"PostgreSQL query failed: {exc}"
     missing = [v for v in packaged_migrations() if v not in applied]

@@ -20,6 +20,7 @@ import itertools
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -329,8 +330,8 @@ async def counts(stack: Stack) -> dict[str, int]:
 def failures_section(report: str) -> str:
     """schemathesis's report from its failures (each with the response that failed) to its
     warnings, which are long and the same every run; the whole report when it has no such part."""
-    start, end = report.find("= FAILURES ="), report.find("= WARNINGS =")
-    return report[report.rfind("\n", 0, start) + 1:end if end > start else None] if start >= 0 else report
+    found = re.search(r"^=+ FAILURES =+$.*?(?=^=+ WARNINGS =+$|\Z)", report, re.MULTILINE | re.DOTALL)
+    return found.group(0) if found else report
 
 
 async def schema_fuzz(env: Embedded, examples: int) -> Outcome:

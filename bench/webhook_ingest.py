@@ -22,6 +22,9 @@ from typing import Any
 from bench.common import embedded_stack, pin_temporal_apart, report, summary
 from tests.harness import PAYLOAD_KEYS, open_stack
 
+MEASURED = "rrq"
+"""The measured relay deliveries' request id prefix; the warm-up's are counted apart."""
+
 
 async def load(*args: str) -> dict[str, Any]:
     env = {**os.environ, "REFUNDS_PAYLOAD_KEYS": PAYLOAD_KEYS}
@@ -66,14 +69,14 @@ async def main(events: int, concurrency: int, copies: int, rounds: int, pin: boo
             await load(*relay_args, "--label", "warm", "--copies", "2", "--events", "20")
             loads = {"bare": ["bare", "--temporal", env.temporal.address, "--queue",
                               stack.settings.task_queue, *common],
-                     "relay": [*relay_args, "--copies", str(copies), *common]}
+                     "relay": [*relay_args, "--label", MEASURED, "--copies", str(copies), *common]}
             runs: dict[str, list[dict[str, Any]]] = {"bare": [], "relay": []}
             for round_number in range(rounds):
                 for kind in ("bare", "relay") if round_number % 2 == 0 else ("relay", "bare"):
                     runs[kind].append(await load(*loads[kind]))
             bare, relay = merged(runs["bare"]), merged(runs["relay"])
             started = await env.client.count_workflows(
-                f"TaskQueue = '{stack.settings.task_queue}' AND WorkflowId STARTS_WITH 'sandbox-rrq_'")
+                f"TaskQueue = '{stack.settings.task_queue}' AND WorkflowId STARTS_WITH 'sandbox-{MEASURED}_'")
         finally:
             await stack.close()
     bare_rate = events / bare["first"]["seconds"]
