@@ -33,6 +33,7 @@ from typing import Any
 import httpx
 import psutil
 
+from adapters import event_loop
 from adapters.providers.sandbox import sign
 from bench.common import RESULTS, Embedded, embedded_stack
 from tests.harness import PAYLOAD_KEYS, Stack, open_stack
@@ -439,6 +440,6 @@ if __name__ == "__main__":
     parser.add_argument("--scenario")
     parser.add_argument("--scale", type=float, default=1.0, help="1.0 = the issue's sizes")
     args = parser.parse_args()
-    results = asyncio.run(main(args.scenario, args.scale))
+    results = event_loop.run(main(args.scenario, args.scale))
     sys.stdout.flush()
     os._exit(1 if any(o.violations for o in results) else 0)

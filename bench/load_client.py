@@ -22,6 +22,7 @@ from functools import partial
 
 import aiohttp
 
+from adapters import event_loop
 from adapters.providers.sandbox import sign
 
 
@@ -125,7 +126,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--label", default="rrq", help="relay: the refund request ids' prefix")
     args = parser.parse_args()
-    result = asyncio.run(relay_load(args) if args.mode == "relay" else bare_load(args))
+    result = event_loop.run(relay_load(args) if args.mode == "relay" else bare_load(args))
     print(json.dumps(result), flush=True)
     os._exit(0)  # temporalio's runtime may crash at interpreter exit (sdk-python #300)
 

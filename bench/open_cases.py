@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 
 import psutil
 
+from adapters import event_loop
 from adapters.policy_file import load_policy
 from bench.common import embedded_stack, gather_limited, report
 from bench.refund_throughput import run_bare, scheduled_activities
@@ -144,4 +145,4 @@ if __name__ == "__main__":
     parser.add_argument("--wave", type=int, default=500, help="cases started or approved per wave")
     parser.add_argument("--quick", action="store_true", help="a smoke run (30 cases)")
     args = parser.parse_args()
-    asyncio.run(main(30 if args.quick else args.cases, args.concurrency, args.wave))
+    event_loop.run(main(30 if args.quick else args.cases, args.concurrency, args.wave))

@@ -13,7 +13,6 @@ approval), not with the number of objects: `--break-every 0` shows the objects' 
 """
 
 import argparse
-import asyncio
 import time
 import tracemalloc
 import uuid
@@ -22,6 +21,7 @@ from typing import Any
 
 import httpx
 
+from adapters import event_loop
 from bench.common import embedded_stack, report
 from starters.progress import follow_run
 from tests.harness import Stack, open_stack
@@ -125,4 +125,4 @@ if __name__ == "__main__":
     parser.add_argument("--break-every", type=int, default=1_000, help="one break per N objects; 0: none")
     parser.add_argument("--quick", action="store_true", help="a smoke run (2,000 objects vs 200)")
     args = parser.parse_args()
-    asyncio.run(main(2_000 if args.quick else args.objects, args.break_every))
+    event_loop.run(main(2_000 if args.quick else args.objects, args.break_every))

@@ -8,7 +8,6 @@ The activity count of the baseline is read from a real refund's history in the s
 """
 
 import argparse
-import asyncio
 import time
 import uuid
 from functools import partial
@@ -18,6 +17,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
+from adapters import event_loop
 from adapters.policy_file import load_policy
 from bench.baseline import BareWorkflow, noop
 from bench.common import embedded_stack, gather_limited, report
@@ -119,4 +119,5 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="a smoke run (20 refunds)")
     args = parser.parse_args()
-    asyncio.run(main(20 if args.quick else args.refunds, args.concurrency, 2 if args.quick else args.rounds))
+    event_loop.run(main(20 if args.quick else args.refunds, args.concurrency,
+                        2 if args.quick else args.rounds))

@@ -19,6 +19,7 @@ import subprocess
 import sys
 from typing import Any
 
+from adapters import event_loop
 from bench.common import embedded_stack, pin_temporal_apart, report, summary
 from tests.harness import PAYLOAD_KEYS, open_stack
 
@@ -114,5 +115,5 @@ if __name__ == "__main__":
                         help="the Temporal server on one core, the relay side on the others")
     parser.add_argument("--quick", action="store_true", help="a smoke run (20 events)")
     args = parser.parse_args()
-    asyncio.run(main(20 if args.quick else args.events, args.concurrency, args.copies,
+    event_loop.run(main(20 if args.quick else args.events, args.concurrency, args.copies,
                      1 if args.quick else args.rounds, args.pin))

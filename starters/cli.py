@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from adapters import event_loop
 from adapters.config import Settings
 from domain.money import format_minor, normalise_currency, parse_major
 
@@ -549,7 +550,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     code = 1
     try:
-        code = asyncio.run(args.run(args, Settings()))
+        code = event_loop.run(args.run(args, Settings()))
     except KeyboardInterrupt:
         code = 130
     except (httpx.HTTPError, ValueError, OSError, SystemExit) as exc:

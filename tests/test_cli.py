@@ -16,6 +16,19 @@ async def run(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
                                    timeout=120, env={**os.environ, **(env or {})})
 
 
+async def test_processes_run_on_uvloop() -> None:
+    """Every command and benchmark runs through `event_loop.run`; the ingest ratio in
+    docs/BENCHMARKS.md was measured on uvloop. A process of its own: the runner replaces
+    the thread's event loop."""
+    probe = ("import asyncio; from adapters import event_loop\n"
+             "async def loop_type() -> str: return type(asyncio.get_running_loop()).__module__\n"
+             "print(event_loop.run(loop_type()))")
+    done = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", probe],
+                                   capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "uvloop"
+
+
 async def test_policy_check_accepts_the_default_and_explains_a_broken_file(tmp_path: Path) -> None:
     ok = await run("policy", "check", "adapters/policies/default.toml")
     assert ok.returncode == 0, ok.stderr
