@@ -8,7 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, IPvAnyNetwork, SecretStr
+from pydantic import AliasChoices, Field, IPvAnyNetwork, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from domain.models import RefundTimings
@@ -17,6 +17,22 @@ from domain.reconciliation import ReconcileOptions
 
 def _seconds(value: float | None) -> timedelta | None:
     return None if value is None else timedelta(seconds=value)
+
+
+def secret_list(secret: SecretStr) -> list[str]:
+    """Comma-separated secrets (the new one and the old ones during a rotation), stripped,
+    empty entries dropped: `s1,` is one secret, never `s1` and an empty HMAC key that
+    anyone can sign with. The one parser of every secret list below."""
+    values = [s.strip() for s in secret.get_secret_value().split(",") if s.strip()]
+    if not values:
+        raise ValueError("a secret list setting is empty (only commas or blanks)")
+    return values
+
+
+SECRET_LISTS = ("sandbox_webhook_secret", "stripe_webhook_secret", "rainforest_webhook_secret",
+                "cashfree_webhook_secret", "adyen_hmac_keys", "slack_signing_secret",
+                "servicenow_inbound_secret")
+"""Settings that hold comma-separated secret lists: set to nothing usable, they refuse to start."""
 
 
 class Settings(BaseSettings):
@@ -174,6 +190,15 @@ class Settings(BaseSettings):
         default=200, description="a run continues as new after this many batches (history stays small)")
     reports_dir: Path | None = Field(
         default=None, description="reconciliation reports (JSON, CSV); default <data_dir>/reports")
+
+    @field_validator(*SECRET_LISTS)
+    @classmethod
+    def _usable_secret_list(cls, value: SecretStr | None) -> SecretStr | None:
+        """A set but empty secret list is a configuration error at start, not a verifier
+        that accepts nothing (or, split naively, an empty key)."""
+        if value is not None:
+            secret_list(value)
+        return value
 
     def reconcile_options(self) -> ReconcileOptions:
         """A reconciliation run's knobs, handed to each run in its input."""

@@ -7,6 +7,7 @@ import hmac
 from collections.abc import Sequence
 
 from adapters.providers.base import WebhookRejected
+from adapters.providers.signing import check_window, unix_time
 
 
 def slack_basestring(timestamp: str, body: bytes) -> bytes:
@@ -33,13 +34,8 @@ def verify(scheme: str, *, signature_header: str | None, timestamp_header: str |
     """Raises WebhookRejected ('bad_signature' or 'stale') unless one secret signed this body."""
     if not signature_header or not timestamp_header:
         raise WebhookRejected("bad_signature", "missing signature or timestamp header")
-    try:
-        sent_at = int(timestamp_header)
-    except ValueError:
-        raise WebhookRejected("bad_signature", "the timestamp header is not a unix time") from None
+    sent_at = unix_time(timestamp_header, "the timestamp header")
     expected = [signature(scheme, s, timestamp_header, body) for s in secrets]
     if not any(hmac.compare_digest(signature_header.encode(), e.encode()) for e in expected):
         raise WebhookRejected("bad_signature", "the signature does not match this body")
-    if abs(now - sent_at) > tolerance_seconds:
-        raise WebhookRejected("stale", f"timestamp is {int(now - sent_at)}s away from now; "
-                                       f"tolerance is {tolerance_seconds}s")
+    check_window(sent_at, now, tolerance_seconds)

@@ -21,7 +21,7 @@ from temporalio.client import Client
 
 from activities.integrations import IntegrationActivities
 from adapters.codec import generate_key_spec
-from adapters.config import Settings
+from adapters.config import Settings, secret_list
 from adapters.http_server import AppServer
 from adapters.integration_store import IntegrationStore
 from adapters.policy_file import load_policy
@@ -126,7 +126,7 @@ async def run_dev(settings: Settings, *, play_demo: bool = True) -> None:
             sandbox_provider.create_app(
                 db_path=str(settings.data_dir / "sandbox.db"),
                 webhook_url=f"{settings.relay_base_url()}/webhooks/sandbox",
-                webhook_secret=settings.sandbox_webhook_secret.get_secret_value().split(",")[0]),
+                webhook_secret=secret_list(settings.sandbox_webhook_secret)[0]),
             settings.bind_host, settings.sandbox_port)
         relay_app = relay.create_app(store, client, providers, settings)
         front = AppServer(relay_app, settings.bind_host, settings.relay_port)

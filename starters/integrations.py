@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from temporalio.client import Client, WorkflowHandle
 
 from adapters import signing
-from adapters.config import Settings
+from adapters.config import Settings, secret_list
 from adapters.integration_store import IntegrationStore
 from adapters.notify.chat import APPROVE_ACTION, DENY_ACTION
 from adapters.providers.base import WebhookRejected
@@ -207,7 +207,7 @@ def integration_routes(store: Store, client: Client, settings: Settings, *,
                 raise WebhookRejected("unknown_provider", f"the {provider} integration is not configured")
             signing.verify(provider, signature_header=headers.get(f"{prefix}-signature"),
                            timestamp_header=headers.get(f"{prefix}-request-timestamp"), body=body,
-                           secrets=secret.get_secret_value().split(","), now=time.time(),
+                           secrets=secret_list(secret), now=time.time(),
                            tolerance_seconds=settings.webhook_tolerance_seconds)
             parsed = parse(body)
         except WebhookRejected as exc:

@@ -30,7 +30,7 @@ from adapters.providers.normalise import (
     refund_event,
     require_known,
 )
-from adapters.providers.signing import WebhookVerifier, check_window, require_header
+from adapters.providers.signing import WebhookVerifier, check_window, require_header, unix_time
 from domain.models import (
     ChargeSnapshot,
     ProviderEvent,
@@ -68,13 +68,12 @@ class CashfreeVerifier:
 
     def verify(self, headers: Mapping[str, str], body: bytes, now: float) -> None:
         signature = require_header(headers, "x-webhook-signature").encode()
-        stamp = require_header(headers, "x-webhook-timestamp")
-        if not stamp.isdigit():
-            raise WebhookRejected("bad_signature", "x-webhook-timestamp is not epoch milliseconds")
-        if not any(hmac.compare_digest(signature, sign(s, body, int(stamp)).encode())
+        stamp = unix_time(require_header(headers, "x-webhook-timestamp"),
+                          "x-webhook-timestamp (epoch milliseconds)")
+        if not any(hmac.compare_digest(signature, sign(s, body, stamp).encode())
                    for s in self._secrets):
             raise WebhookRejected("bad_signature", "x-webhook-signature does not match this body")
-        check_window(int(stamp) / 1000, now, self._tolerance)
+        check_window(stamp / 1000, now, self._tolerance)
 
 
 def _refund(provider: str, obj: Mapping[str, Any], *, charge_id: str, ours: bool) -> ProviderRefund:

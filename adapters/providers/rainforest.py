@@ -29,7 +29,7 @@ from adapters.providers.normalise import (
     refund_event,
     require_known,
 )
-from adapters.providers.signing import WebhookVerifier, check_window, require_header
+from adapters.providers.signing import WebhookVerifier, check_window, require_header, unix_time
 from domain.models import (
     ChargeSnapshot,
     ProviderEvent,
@@ -74,12 +74,12 @@ class SvixVerifier:
 
     def verify(self, headers: Mapping[str, str], body: bytes, now: float) -> None:
         msg_id, stamp, signatures = (_header(headers, n) for n in ("id", "timestamp", "signature"))
+        sent_at = unix_time(stamp, "svix-timestamp")
         try:
-            sent_at = int(stamp)
             data = body.decode()
-        except (ValueError, UnicodeDecodeError):
+            at = datetime.fromtimestamp(sent_at, UTC)
+        except (ValueError, OverflowError, OSError):  # not UTF-8; a time past year 9999
             raise WebhookRejected("bad_signature", "timestamp or body cannot be signed") from None
-        at = datetime.fromtimestamp(sent_at, UTC)
         expected = [s.sign(msg_id, at, data).encode() for s in self._signers]
         offered = [sig.encode() for sig in signatures.split()]
         if not any(hmac.compare_digest(o, e) for o in offered for e in expected):

@@ -1,13 +1,12 @@
 """Builds the provider adapters that the settings configure."""
 
-from adapters.config import Settings
+from adapters.config import Settings, secret_list
 from adapters.payment_book import PaymentBook
 from adapters.providers.adyen import AdyenProvider
 from adapters.providers.base import ProviderAdapter
 from adapters.providers.cashfree import CashfreeApiProvider, CashfreeProvider
 from adapters.providers.rainforest import RainforestApiProvider, RainforestProvider
 from adapters.providers.sandbox import SandboxProvider
-from adapters.providers.signing import secret_list
 from adapters.providers.stripe import StripeProvider
 from adapters.store import Store
 
