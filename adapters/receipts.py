@@ -1,15 +1,39 @@
-"""Read side of the webhook receipts: coverage, replay and re-drive selections.
+"""Read side of the webhook receipts (coverage, replay and re-drive selections), and what
+makes any delivery storable as one.
 
-Kept apart from `store.py` (the write path) because ops tooling grows here; every query
-only reads `webhook_receipts`, which nothing ever deletes from.
+Kept apart from `store.py` (the write path) because ops tooling grows here.
 """
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from pydantic import BaseModel
+from pydantic_core import PydanticSerializationError
+
 from adapters.store import Store
+
+
+def storable(text: str) -> str:
+    """Text as PostgreSQL keeps it: `text` and `jsonb` refuse NUL and UTF-8 refuses lone
+    surrogates, so a refused delivery's path, headers and error are stored with those
+    characters replaced instead of being lost to a failed insert (a 500, no receipt)."""
+    return text.encode("utf-8", "replace").decode().replace("\x00", "\ufffd")
+
+
+def storable_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    return {storable(k): storable(v) for k, v in headers.items()}
+
+
+def unstorable(model: BaseModel) -> bool:
+    """Whether a parsed delivery holds text PostgreSQL cannot keep (NUL, a lone surrogate).
+    Such a delivery is refused as malformed rather than stored altered: its ids are dedup
+    keys, and the cases and audit rows it would write could never be written."""
+    try:
+        return "\\u0000" in model.model_dump_json()
+    except PydanticSerializationError:
+        return True
 
 
 @dataclass(frozen=True)

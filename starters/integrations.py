@@ -9,7 +9,6 @@ under the same segregation-of-duties rules as every other approval.
 """
 
 import hashlib
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -21,7 +20,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from temporalio.client import Client, WorkflowHandle
 
-from adapters import signing
+from adapters import receipts, signing
 from adapters.config import Settings, secret_list
 from adapters.integration_store import IntegrationStore
 from adapters.notify.chat import APPROVE_ACTION, DENY_ACTION
@@ -83,7 +82,7 @@ class SlackInteraction(BaseModel):
         payload = parse_qs(body.decode()).get("payload")
         if not payload:
             raise ValueError("no payload form field")
-        return cls.model_validate(json.loads(payload[0]))
+        return cls.model_validate_json(payload[0])  # pydantic's parser bounds the nesting
 
     def event_id(self) -> str | None:
         return self.trigger_id
@@ -195,7 +194,7 @@ def integration_routes(store: Store, client: Client, settings: Settings, *,
     async def receive(request: Request, provider: str, secret: SecretStr | None,
                       parse: Callable[[bytes], M]) -> tuple[M, StoredReceipt] | JSONResponse:
         """Limit, verify, parse and store the receipt; a rejection is stored and answered."""
-        headers = {k.lower(): v for k, v in request.headers.items()}
+        headers = receipts.storable_headers({k.lower(): v for k, v in request.headers.items()})
         body = await read_limited(request, settings.webhook_max_body_bytes)
         prefix = "x-slack" if provider == "slack" else "x-refunds"
         parsed: M | None = None
@@ -209,7 +208,11 @@ def integration_routes(store: Store, client: Client, settings: Settings, *,
                            timestamp_header=headers.get(f"{prefix}-request-timestamp"), body=body,
                            secrets=secret_list(secret), now=time.time(),
                            tolerance_seconds=settings.webhook_tolerance_seconds)
-            parsed = parse(body)
+            candidate = parse(body)
+            if isinstance(candidate, BaseModel) and receipts.unstorable(candidate):
+                raise WebhookRejected("malformed", "the call holds text PostgreSQL cannot store "
+                                      "(NUL or a lone surrogate)")
+            parsed = candidate
         except WebhookRejected as exc:
             rejection = exc
         except ValueError as exc:
@@ -219,7 +222,7 @@ def integration_routes(store: Store, client: Client, settings: Settings, *,
             event_type=parsed.event_type() if parsed else None, body=body,
             body_sha256=hashlib.sha256(body or b"").hexdigest(), headers=headers,
             verdict="accepted" if rejection is None else rejection.verdict,
-            error=rejection.message if rejection else None)
+            error=receipts.storable(rejection.message) if rejection else None)
         if rejection is not None:
             log.warning("%s call rejected (%s): %s", provider, rejection.verdict, rejection.message)
             return JSONResponse({"receipt_id": stored.receipt_id, "verdict": rejection.verdict,

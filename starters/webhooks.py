@@ -111,6 +111,10 @@ class WebhookDesk:
         if peer is not None and not self._source_allowed(provider_name, peer):
             raise WebhookRejected("forbidden_source", f"{peer} is not an allowed source for {provider_name}")
         event = provider.parse_webhook(headers, body, now)
+        if receipts.unstorable(event):
+            raise WebhookRejected("malformed", "the event holds text PostgreSQL cannot store (NUL or a "
+                                  "lone surrogate)", event_id=receipts.storable(event.event_id),
+                                  event_type=receipts.storable(event.event_type))
         if isinstance(event, ProviderEvent) and event.kind is EventKind.REFUND_REQUESTED:
             try:
                 return event, request_from_event(event)
@@ -132,15 +136,17 @@ class WebhookDesk:
 
     async def _ingest(self, provider_name: str, headers: Mapping[str, str], body: bytes | None, *,
                       now: float, peer: str | None, replay_of: int | None) -> IngestResult:
-        kept_headers = {k: v for k, v in headers.items() if k != "authorization"}
+        kept_headers = receipts.storable_headers({k: v for k, v in headers.items() if k != "authorization"})
         digest = hashlib.sha256(body or b"").hexdigest()
         try:
             event, request = self._parse(provider_name, headers, body, now, peer)
         except WebhookRejected as rejection:
             stored = await self._store.store_receipt(
-                provider=provider_name, event_id=rejection.event_id, event_type=rejection.event_type,
-                body=body, body_sha256=digest, headers=kept_headers, verdict=rejection.verdict,
-                error=rejection.message, replay_of=replay_of)
+                provider=receipts.storable(provider_name),
+                event_id=rejection.event_id and receipts.storable(rejection.event_id),
+                event_type=rejection.event_type and receipts.storable(rejection.event_type), body=body,
+                body_sha256=digest, headers=kept_headers, verdict=rejection.verdict,
+                error=receipts.storable(rejection.message), replay_of=replay_of)
             label = provider_name if provider_name in self._providers else "unknown"
             metrics.RECEIPTS.labels(label, rejection.verdict).inc()
             if rejection.verdict == "unknown_type":

@@ -125,7 +125,10 @@ class AdyenHmacVerifier:
         self._keys = list(hex_keys)
 
     def verify_item(self, item: Mapping[str, Any]) -> None:
-        offered = str((item.get("additionalData") or {}).get("hmacSignature") or "")
+        additional = item.get("additionalData")
+        if not isinstance(additional, dict):
+            raise WebhookRejected("bad_signature", "additionalData (with the hmacSignature) is not an object")
+        offered = str(additional.get("hmacSignature") or "")
         if not offered:
             raise WebhookRejected("bad_signature", "missing additionalData.hmacSignature")
         if not any(hmac.compare_digest(offered.encode(), sign(k, item).encode()) for k in self._keys):

@@ -151,6 +151,8 @@ def load_json(body: bytes, *, exact_decimals: bool = False) -> Any:
         return json.loads(body, parse_float=Decimal) if exact_decimals else json.loads(body)
     except ValueError as exc:
         raise WebhookRejected("malformed", f"body is not JSON: {exc}") from None
+    except RecursionError:
+        raise WebhookRejected("malformed", "body is JSON nested too deeply to read") from None
 
 
 def require_known(event_type: str, known: frozenset[str], event_id: str | None) -> None:
@@ -193,7 +195,10 @@ def normalising(event_id: str | None, event_type: str | None) -> Iterator[None]:
     except UnexpectedStatus as exc:
         raise WebhookRejected("unexpected_status", str(exc), event_id=event_id,
                               event_type=event_type) from None
-    except (ValueError, KeyError, TypeError, IndexError, ValidationError) as exc:
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, ArithmeticError,
+            RecursionError, ValidationError) as exc:
+        # AttributeError: a list or string where an object belongs; ArithmeticError: a time
+        # or number out of range; RecursionError: nesting too deep to turn into text.
         raise WebhookRejected("malformed", f"{event_type}: {type(exc).__name__}: {exc!s}"[:500],
                               event_id=event_id, event_type=event_type) from None
 
