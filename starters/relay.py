@@ -4,7 +4,8 @@ Every webhook delivery is stored as a receipt before anything else, and acknowle
 only after its workflow was started or signalled (`webhooks.WebhookDesk`). Identity always
 comes from the bearer token, never from a body field. What a person may do to a case lives
 in `case_actions`, shared with the ops console (`console`, mounted here at /console); every
-refusal, including a missing or revoked token, is written to the audit trail.
+refusal of an identified caller is written to the audit trail, while a missing or invalid
+token is counted and logged, sampled (`adapters.refusals`): anyone can send those.
 """
 
 import asyncio
@@ -28,6 +29,7 @@ from adapters.config import Settings
 from adapters.health import readiness
 from adapters.integration_store import IntegrationStore
 from adapters.providers.base import ProviderAdapter
+from adapters.refusals import SampledRefusalLog
 from adapters.store import CaseCreation, Principal, Store, hash_token
 from adapters.telemetry import bind_case
 from domain.models import RefundRequest
@@ -94,6 +96,7 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
     integrations = IntegrationStore(store)
     app.include_router(integration_routes(store, client, settings, start=start_refund))
     bearer = HTTPBearer(auto_error=False)
+    anonymous = SampledRefusalLog()
 
     async def principal(
         request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
@@ -101,9 +104,8 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
         found = await store.authenticate(creds.credentials) if creds is not None else None
         if found is None:
             refusal = "missing bearer token" if creds is None else "invalid or revoked token"
-            await store.append_audit(None, "anonymous", "access_refused", {
-                "action": f"{request.method} {request.url.path}", "refusal": refusal, "via": "api",
-                "token_fingerprint": hash_token(creds.credentials)[:12] if creds else None})
+            anonymous.refused("api", refusal, f"{request.method} {request.url.path}",
+                              hash_token(creds.credentials)[:12] if creds else None)
             raise HTTPException(401, refusal, headers={"WWW-Authenticate": "Bearer"})
         return found
 
@@ -121,9 +123,13 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
         creds = await bearer(request)
         caller = await store.authenticate(creds.credentials) if creds else None
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid"}
-        await store.append_audit(None, caller.user if caller else "anonymous", "action_refused", {
-            "action": f"{request.method} {request.url.path}", "via": "api",
-            "refusal": f"invalid {'.'.join(str(p) for p in first['loc'])}: {first['msg']}"})
+        action = f"{request.method} {request.url.path}"
+        if caller is None:
+            anonymous.refused("api", "invalid input without a valid token", action)
+        else:
+            await store.append_audit(None, caller.user, "action_refused", {
+                "action": action, "via": "api",
+                "refusal": f"invalid {'.'.join(str(p) for p in first['loc'])}: {first['msg']}"})
         return await request_validation_exception_handler(request, exc)
 
     @app.get("/healthz")
