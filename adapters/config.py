@@ -133,6 +133,15 @@ class Settings(BaseSettings):
     webhook_redrive_interval_seconds: float = Field(
         default=60, description="how often the relay re-drives unprocessed receipts; 0: only at "
                                 "start and on demand")
+    webhook_redrive_max_attempts: int = Field(
+        default=5, ge=1, description="re-drive gives up on a receipt after this many tries (logged, "
+                                     "counted, its redrive_attempts column says so)")
+    webhook_refused_retention_days: float = Field(
+        default=30, gt=0, description="receipts refused without proof of their sender (bad signature, "
+                                      "stale, malformed, too large, unknown provider, forbidden "
+                                      "source) are deleted after this many days")
+    webhook_prune_interval_seconds: float = Field(
+        default=3600, description="how often the worker prunes refused receipts; 0: off")
 
     approval_timeout_seconds: float = 3 * 24 * 3600
     approval_reminder_seconds: float | None = 24 * 3600

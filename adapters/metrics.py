@@ -33,6 +33,8 @@ PROVIDER_CALL_ERRORS = Counter("refunds_provider_call_errors", "Provider API cal
                                ["provider", "operation", "error"])
 REDRIVE_PASSES = Counter("refunds_webhook_redrive_passes",
                          "The relay's periodic re-drive passes, by outcome (ok, failed)", ["outcome"])
+REDRIVE_GAVE_UP = Counter("refunds_webhook_redrive_gave_up",
+                          "Accepted receipts re-drive stopped trying after its bounded tries")
 VERIFY_OUTCOMES = Counter("refunds_verify_state", "Verify-state lookups at the provider, by outcome",
                           ["provider", "outcome"])
 # Read from the database by the relay only, so a worker never reports a stale 0.

@@ -70,15 +70,29 @@ async def deliveries_since(store: Store, since: datetime) -> list[int]:
         return [int(r["id"]) for r in await cur.fetchall()]
 
 
-async def unprocessed(store: Store, older_than_seconds: float, providers: Collection[str]) -> list[int]:
+async def unprocessed(store: Store, older_than_seconds: float, providers: Collection[str],
+                      max_attempts: int) -> list[int]:
     """Accepted receipts of these providers whose workflow was never reached (a crash
     between receipt and signal), older than the given age so in-flight deliveries are left
-    alone. Only providers the caller can verify: a replay of any other would be refused."""
+    alone. Only providers the caller can verify: a replay of any other would be refused.
+    Each selection counts as a try (`redrive_attempts`); a receipt tried `max_attempts`
+    times is no longer selected (`given_up` names it once)."""
     async with store.transaction() as conn:
         cur = await conn.execute(
-            "SELECT id FROM webhook_receipts WHERE verdict = 'accepted' AND processed_at IS NULL"
-            " AND provider = ANY(%s) AND received_at < now() - make_interval(secs => %s) ORDER BY id",
-            (list(providers), older_than_seconds))
+            "UPDATE webhook_receipts SET redrive_attempts = redrive_attempts + 1 WHERE id IN ("
+            " SELECT id FROM webhook_receipts WHERE verdict = 'accepted' AND processed_at IS NULL"
+            " AND provider = ANY(%s) AND received_at < now() - make_interval(secs => %s)"
+            " AND redrive_attempts < %s ORDER BY id FOR UPDATE SKIP LOCKED) RETURNING id",
+            (list(providers), older_than_seconds, max_attempts))
+        return sorted(int(r["id"]) for r in await cur.fetchall())
+
+
+async def given_up(store: Store, receipt_ids: Collection[int], max_attempts: int) -> list[int]:
+    """Those of `receipt_ids` that used their last try and are still unprocessed."""
+    async with store.transaction() as conn:
+        cur = await conn.execute(
+            "SELECT id FROM webhook_receipts WHERE id = ANY(%s) AND processed_at IS NULL"
+            " AND redrive_attempts >= %s ORDER BY id", (list(receipt_ids), max_attempts))
         return [int(r["id"]) for r in await cur.fetchall()]
 
 

@@ -550,6 +550,19 @@ class Store:
                 " FROM (SELECT set_config('synchronous_commit', 'off', true)) AS asynchronous_commit"
                 " WHERE id = %s", (workflow_id, receipt_id))
 
+    async def prune_refused_receipts(self, older_than: timedelta, limit: int = 1000) -> int:
+        """Deletes up to `limit` receipts older than `older_than` that were refused without
+        proof of who sent them; returns how many. Accepted, duplicate, unknown_type and
+        unexpected_status receipts (signed deliveries) stay. The verdict list is the
+        predicate of the partial index webhook_receipts_prunable (migration 0730)."""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "DELETE FROM webhook_receipts WHERE id IN (SELECT id FROM webhook_receipts"
+                " WHERE verdict IN ('bad_signature', 'stale', 'malformed', 'too_large',"
+                " 'unknown_provider', 'forbidden_source') AND received_at < now() - %s"
+                " ORDER BY received_at LIMIT %s)", (older_than, limit))
+            return cur.rowcount
+
     async def receipts(self, provider: str, event_id: str | None = None) -> list[dict[str, Any]]:
         async with self._pool.connection() as conn:
             cur = await conn.execute(

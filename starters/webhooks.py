@@ -299,12 +299,25 @@ class WebhookDesk:
         every `webhook_redrive_interval_seconds` (`redrive_periodically`) and by
         `refunds webhooks redrive`. Relays may overlap: each event still acts once (the
         `(provider, event_id)` gate, the workflows' event ids, the ledger's posting keys)."""
+        limit = self._settings.webhook_redrive_max_attempts
         stale = await receipts.unprocessed(self._store, self._settings.webhook_redrive_after_seconds,
-                                           self._providers.keys())
+                                           self._providers.keys(), limit)
         if stale:
             log.warning("re-driving %d accepted but unprocessed receipts: %s", len(stale), stale)
-        results = [await self.replay(i) for i in stale]
-        return [r for r in results if r is not None]
+        results: list[IngestResult] = []
+        for receipt_id in stale:
+            try:
+                result = await self.replay(receipt_id)
+            except Exception:  # one receipt that cannot be routed must not stop the others
+                log.exception("re-driving receipt %s failed", receipt_id)
+                continue
+            if result is not None:
+                results.append(result)
+        for receipt_id in await receipts.given_up(self._store, stale, limit):
+            metrics.REDRIVE_GAVE_UP.inc()
+            log.error("GAVE UP re-driving receipt %s after %d tries: it is accepted but never reached "
+                      "its workflow; replay it by hand once the cause is fixed", receipt_id, limit)
+        return results
 
     async def redrive_periodically(self, every_seconds: float) -> None:
         """Re-drives for the relay's whole life, so a crash between receipt and signal heals

@@ -3,17 +3,26 @@ without a valid token are counted and logged (sampled), not chained per request;
 webhook receipts are kept for a retention and pruned by the worker; re-drive gives up on
 a receipt after a bounded number of tries and says so."""
 
+import asyncio
 import hashlib
 import logging
 import uuid
+from datetime import timedelta
+from typing import Any
 
 import httpx
 import pytest
 from prometheus_client import REGISTRY
+from temporalio.client import Client
 
+from adapters.config import Settings
 from adapters.refusals import SampledRefusalLog
 from adapters.store import Store
-from tests.harness import Stack
+from starters.stack import TemporalDevServer
+from starters.webhooks import WebhookDesk
+from tests.harness import Stack, open_stack
+from tests.test_provider_webhooks import CASHFREE_SECRET, recorded, sign_cashfree
+from workers.retention import prune_receipts
 
 
 def refusals(via: str, refusal: str) -> float:
@@ -68,3 +77,83 @@ async def refused_receipt(store: Store, provider: str) -> int:
         body_sha256=hashlib.sha256(body).hexdigest(), headers={}, verdict="bad_signature",
         error="no valid signature")
     return stored.receipt_id
+
+
+async def backdate(store: Store, receipt_id: int, days: float) -> None:
+    async with store.transaction() as conn:
+        await conn.execute("UPDATE webhook_receipts SET received_at = now() - make_interval(days => %s)"
+                           " WHERE id = %s", (days, receipt_id))
+
+
+async def receipt_row(store: Store, receipt_id: int) -> dict[str, Any] | None:
+    async with store.transaction() as conn:
+        cur = await conn.execute("SELECT * FROM webhook_receipts WHERE id = %s", (receipt_id,))
+        return await cur.fetchone()
+
+
+async def test_refused_receipts_are_pruned_by_the_worker_after_their_retention(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REFUNDS_WEBHOOK_REFUSED_RETENTION_DAYS", "7")
+    assert Settings().webhook_refused_retention_days == 7
+    monkeypatch.delenv("REFUNDS_WEBHOOK_REFUSED_RETENTION_DAYS")
+    assert Settings().webhook_refused_retention_days == 30
+    provider = f"p-{uuid.uuid4().hex[:8]}"
+    old_forgery = await refused_receipt(store, provider)
+    fresh_forgery = await refused_receipt(store, provider)
+    body = b'{"type": "refund.teleported"}'
+    signed_unknown = (await store.store_receipt(
+        provider=provider, event_id="evt_unknown", event_type="refund.teleported", body=body,
+        body_sha256=hashlib.sha256(body).hexdigest(), headers={}, verdict="unknown_type",
+        error="no handler")).receipt_id
+    replay = (await store.store_receipt(
+        provider=provider, event_id=None, event_type=None, body=body,
+        body_sha256=hashlib.sha256(body).hexdigest(), headers={}, verdict="bad_signature",
+        error="still forged", replay_of=old_forgery)).receipt_id
+    for receipt_id in (old_forgery, signed_unknown):
+        await backdate(store, receipt_id, 31)
+
+    stop = asyncio.Event()
+    loop = asyncio.create_task(prune_receipts(store, stop, every_seconds=0.05, retention=timedelta(days=30)))
+    try:
+        deadline = asyncio.get_running_loop().time() + 30
+        while await receipt_row(store, old_forgery) is not None:
+            assert asyncio.get_running_loop().time() < deadline, "the pruner never pruned"
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await loop
+    assert await receipt_row(store, fresh_forgery) is not None  # inside its retention
+    assert await receipt_row(store, signed_unknown) is not None  # signed: kept for coverage
+    kept = await receipt_row(store, replay)
+    assert kept is not None and kept["replay_of"] is None  # the replay outlives its original
+
+
+async def test_re_drive_gives_up_on_a_receipt_after_its_bounded_tries(
+        store: Store, client: Client, temporal_server: TemporalDevServer,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """An accepted receipt whose replay can never reach a workflow (here: its signature
+    no longer verifies) is tried `webhook_redrive_max_attempts` times, then named once."""
+    caplog.set_level(logging.ERROR, logger="relay")
+    stack = await open_stack(store, client, temporal_server.address, worker=False,
+                             cashfree_webhook_secret=CASHFREE_SECRET, webhook_redrive_after_seconds=0,
+                             webhook_redrive_max_attempts=2)
+    try:
+        body, refund_id = recorded("cashfree")
+        stuck = (await store.store_receipt(
+            provider="cashfree", event_id=f"AUTO_REFUND_STATUS_WEBHOOK:{refund_id}:SUCCESS",
+            event_type="AUTO_REFUND_STATUS_WEBHOOK", body=body, body_sha256=hashlib.sha256(body).hexdigest(),
+            headers=sign_cashfree(body, secret="rotated-away"), verdict="accepted", error=None)).receipt_id
+        gave_up = REGISTRY.get_sample_value("refunds_webhook_redrive_gave_up_total") or 0.0
+        desk = WebhookDesk(store, client, stack.providers, stack.settings)
+        for _ in range(4):
+            await desk.redrive()
+        row = await receipt_row(store, stuck)
+        assert row is not None and row["processed_at"] is None and row["redrive_attempts"] == 2
+        async with store.transaction() as conn:
+            replays = await (await conn.execute(
+                "SELECT verdict FROM webhook_receipts WHERE replay_of = %s", (stuck,))).fetchall()
+        assert [r["verdict"] for r in replays] == ["bad_signature", "bad_signature"]
+        assert REGISTRY.get_sample_value("refunds_webhook_redrive_gave_up_total") == gave_up + 1
+        assert [r for r in caplog.records if f"GAVE UP re-driving receipt {stuck} " in r.getMessage()]
+    finally:
+        await stack.close()

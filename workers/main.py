@@ -34,6 +34,7 @@ from adapters.temporal_client import connect
 from domain.policy import Policy
 from workers.health import health_app
 from workers.outbox import sweep_outbox
+from workers.retention import prune_receipts
 from workflows.payout import PayoutReversalWorkflow
 from workflows.reconciliation import ReconciliationBreakWorkflow, ReconciliationWorkflow
 from workflows.refund import RefundWorkflow
@@ -95,6 +96,10 @@ async def run_worker(settings: Settings, dsn: str, stop: asyncio.Event) -> None:
         every_seconds=settings.outbox_sweep_seconds,
         older_than_seconds=settings.outbox_sweep_after_seconds))
         if settings.outbox_sweep_seconds > 0 else None)
+    pruner = (asyncio.create_task(prune_receipts(
+        store, stop, every_seconds=settings.webhook_prune_interval_seconds,
+        retention=timedelta(days=settings.webhook_refused_retention_days)))
+        if settings.webhook_prune_interval_seconds > 0 else None)
     try:
         async with worker:
             if health is not None:
@@ -104,6 +109,8 @@ async def run_worker(settings: Settings, dsn: str, stop: asyncio.Event) -> None:
             await stop.wait()
             if sweeper is not None:
                 await sweeper
+            if pruner is not None:
+                await pruner
             log.info("stopping: waiting up to %ss for running activities",
                      settings.graceful_shutdown_seconds)
     finally:
