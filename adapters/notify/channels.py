@@ -2,6 +2,9 @@
 the log (at worker start), and its notices simply are not sent there."""
 
 import logging
+import re
+from email.errors import HeaderParseError
+from email.headerregistry import Address
 
 from adapters.config import Settings
 from adapters.integration_store import IntegrationStore
@@ -51,10 +54,33 @@ def build_channels(settings: Settings, store: IntegrationStore) -> list[Channel]
     return channels
 
 
+MAIL_DOMAIN = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))+")
+
+
+def customer_address(value: str) -> str | None:
+    """The request's customer address if it is exactly one plain mailbox at an internet
+    domain, else None. It is requester input: `a@x.com, b@y.com` would copy the customer's
+    notice to someone else, a display name or a quoted local part can hide the real one,
+    and `localhost` or an IP literal points the mail inwards."""
+    try:
+        address = Address(addr_spec=value)
+    except (ValueError, IndexError, HeaderParseError):  # IndexError: the stdlib parser on ""
+        return None
+    if address.addr_spec != value or len(value) > 254 or not MAIL_DOMAIN.fullmatch(address.domain):
+        return None
+    return value
+
+
 def email_recipient(settings: Settings, audience: str, evidence: dict[str, str] | None) -> str | None:
-    """Customers get mail at the address their request carried; people here at a mailbox."""
+    """Customers get mail at the address their request carried (when it is a valid one);
+    people here at a mailbox."""
     if audience == "customer":
-        return (evidence or {}).get("customer_email")
+        given = (evidence or {}).get("customer_email")
+        address = customer_address(given) if given is not None else None
+        if given is not None and address is None:
+            log.warning("customer_email %r is not one plain address at an internet domain; the "
+                        "customer notice is not emailed", given[:100])
+        return address
     if audience in ("approvers", "requester"):
         return settings.approvers_email or settings.ops_email
     return settings.ops_email

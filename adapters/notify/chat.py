@@ -2,6 +2,7 @@
 Adaptive Card). Approval notices carry Slack buttons whose clicks come back to the relay
 (`POST /integrations/slack/actions`), signed by Slack. Customer notices never go to chat."""
 
+import re
 from typing import Any
 
 from adapters.notify.delivery import send_http
@@ -14,6 +15,20 @@ DENY_ACTION = "refund_deny"
 def slack_escape(text: str) -> str:
     """Slack mrkdwn control characters; notice text may quote provider or ticket input."""
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+TEAMS_MARKDOWN = re.compile(
+    r"[\\`*\[\]<>{}&~]"  # code, emphasis, links, <at> mentions, {{DATE()}} functions, entities
+    r"|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])"  # emphasis (an underscore inside a word is not)
+    r"|^[ \t]*(?:[-+]|\d+\.)(?=[ \t])", re.MULTILINE)  # list items
+"""What Teams reads as formatting in a TextBlock or a fact (its Markdown subset)."""
+
+
+def teams_escape(text: str) -> str:
+    """Teams card text shown as written: notices quote requester, provider and ticket text,
+    which must not turn into a link (`[pay here](https://…)`), a mention or a list. Each
+    formatting character gets Markdown's backslash escape; ids like `rr-1` stay as they are."""
+    return TEAMS_MARKDOWN.sub(lambda m: m.group(0)[:-1] + "\\" + m.group(0)[-1], text)
 
 
 def slack_payload(message: Message) -> dict[str, Any]:
@@ -45,10 +60,11 @@ def teams_payload(message: Message) -> dict[str, Any]:
     card: dict[str, Any] = {
         "$schema": "http://adaptivecards.io/schemas/adaptive-card.json", "type": "AdaptiveCard",
         "version": "1.4",
-        "body": [{"type": "TextBlock", "text": message.title, "weight": "Bolder", "size": "Medium",
-                  "wrap": True},
-                 {"type": "TextBlock", "text": message.text, "wrap": True},
-                 {"type": "FactSet", "facts": [{"title": k, "value": v} for k, v in message.facts]}],
+        "body": [{"type": "TextBlock", "text": teams_escape(message.title), "weight": "Bolder",
+                  "size": "Medium", "wrap": True},
+                 {"type": "TextBlock", "text": teams_escape(message.text), "wrap": True},
+                 {"type": "FactSet", "facts": [{"title": teams_escape(k), "value": teams_escape(v)}
+                                               for k, v in message.facts]}],
     }
     if message.link:
         card["actions"] = [{"type": "Action.OpenUrl", "title": "Open case", "url": message.link}]

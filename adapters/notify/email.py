@@ -32,7 +32,7 @@ class SmtpEmail:
         mail = EmailMessage()
         mail["From"] = self._sender
         mail["To"] = message.email_to
-        mail["Subject"] = message.title
+        mail["Subject"] = " ".join(message.title.split())  # a line break in a header is refused
         mail["Date"] = formatdate(localtime=False, usegmt=True)
         mail["Message-ID"] = f"<notice-{message.notice_id}@refund-orchestrator>"
         mail.set_content(message.plain())
