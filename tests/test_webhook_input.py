@@ -261,6 +261,7 @@ NAMED: dict[str, tuple[str, bytes, dict[str, str], str]] = {
     "cashfree_unicode_digits": ("/webhooks/cashfree", b"{}",
                                 {"x-webhook-timestamp": "\u00b2\u00b3", "x-webhook-signature": "c2ln"},
                                 "bad_signature"),
+    "stripe_t_with_a_tail": ("/webhooks/stripe", b"{}", {"stripe-signature": "t={old}=x,v1={sig}"}, "stale"),
     "nul_in_header": ("/webhooks/sandbox", b"{}", {"sandbox-signature": "t=1,v1=00", "x-note": "a\x00b"},
                       "bad_signature"),
     "nul_in_path": ("/webhooks/sand%00box", b"{}", {}, "unknown_provider"),
@@ -277,6 +278,9 @@ async def test_input_that_was_a_500_is_refused_and_stored(relay_http: httpx.Asyn
         stamp = str(int(time.time()))
         headers = {"x-slack-request-timestamp": stamp,
                    "x-slack-signature": signing.signature("slack", SECRETS["slack"], stamp, body)}
+    old = int(time.time()) - 3600
+    headers = {k: v.format(old=old, sig=sandbox.sign(SECRETS["stripe"], body, old).partition("v1=")[2])
+               if k == "stripe-signature" else v for k, v in headers.items()}
     response = await post(relay_http, path, body, headers)
     assert 400 <= response.status_code < 500, response.text
     assert await assert_receipted(store, response) == expected
