@@ -2,10 +2,12 @@
 banners, filters, coverage, and token revocation reaching console sessions at once."""
 
 import html
+import logging
 import re
 import uuid
 
 import httpx
+import pytest
 from temporalio.client import Client
 
 from adapters.store import Store, hash_token
@@ -200,7 +202,7 @@ async def test_case_list_filters_search_and_bad_filters(stack: Stack) -> None:
 
 
 async def test_revoking_a_token_ends_its_api_access_and_console_session_at_once(
-        stack: Stack, postgres_dsn: str) -> None:
+        stack: Stack, postgres_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
     user = f"tess-{uuid.uuid4().hex[:6]}"
     stack.tokens[user] = await stack.store.create_token(user, ["ops"], token=f"t-{user}-{uuid.uuid4().hex}")
     tess = await console(stack, user)
@@ -215,6 +217,7 @@ async def test_revoking_a_token_ends_its_api_access_and_console_session_at_once(
 
     revoked = await run("token", "revoke", token_id, env=env)
     assert revoked.returncode == 0 and f"revoked token {token_id}" in revoked.stdout
+    caplog.set_level(logging.WARNING, logger="relay.refusals")
     async with stack.api(user) as api:
         assert (await api.get("/v1/webhook-receipts", params={"provider": "sandbox"})).status_code == 401
     assert (await tess.get("/console/cases")).status_code == 303
@@ -223,10 +226,9 @@ async def test_revoking_a_token_ends_its_api_access_and_console_session_at_once(
     assert (await run("token", "revoke", token_id, env=env)).returncode == 1
     assert f" {user} " not in (await run("token", "list", env=env)).stdout
     assert f" {user} " in (await run("token", "list", "--all", env=env)).stdout
-    fingerprint = line.split()[3]
-    assert any(r["detail"] == {"action": "GET /v1/webhook-receipts", "refusal": "invalid or revoked token",
-                               "via": "api", "token_fingerprint": fingerprint}
-               for r in await refusals(stack, "", "access_refused"))
+    fingerprint = line.split()[3]  # an unauthenticated refusal is logged (sampled), not audited
+    assert any("invalid or revoked token" in r.getMessage() and "GET /v1/webhook-receipts" in r.getMessage()
+               and fingerprint in r.getMessage() for r in caplog.records if r.name == "relay.refusals")
 
 
 async def test_coverage_shows_unhandled_types_and_refused_deliveries_to_ops_only(stack: Stack) -> None:
