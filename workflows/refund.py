@@ -56,6 +56,8 @@ LOOKUP_UNSUPPORTED = "ProviderLookupUnsupported"
 INTEGRATIONS_PATCH = "integrations-1"
 # A second provider refund with our reference was a log line before it was an incident.
 DUPLICATE_PATCH = "duplicate-refund-incident-1"
+# An escalated notification wait left the case `executing`; it is in ops review since.
+ADYEN_WAIT_PATCH = "adyen-wait-ops-review-1"
 
 
 # What each approval step does to a refund case: its status, and the reservation released.
@@ -261,8 +263,9 @@ class RefundWorkflow(ApprovingWorkflow):
 
     async def _await_notification(self, reason: str) -> ProviderRefund:
         """Verify-state for a provider without a status lookup (Adyen): the notification is
-        the only answer, so wait for it on durable timers, escalate to ops once when the
-        first timer runs out, and never resubmit (a resend could refund twice)."""
+        the only answer, so wait for it on durable timers, escalate to ops review once when
+        the first timer runs out, and never resubmit (a resend could refund twice). Ops end
+        the wait with what the provider shows (`starters.provider_wait`): the same event."""
         await self._record("awaiting_provider_notification", detail={"reason": reason})
         while (notified := self._notified()) is None:
             try:
@@ -272,7 +275,11 @@ class RefundWorkflow(ApprovingWorkflow):
                 if not self._lookup_escalated:
                     self._lookup_escalated = True
                     await self._notify("no_status_lookup_escalation", "operator", {"reason": reason})
-                    await self._record("no_status_lookup_escalated", detail={"reason": reason})
+                    # The case waits in ops review, where ops resolve it with what the
+                    # provider's dashboard shows (an event like the notification).
+                    await self._record("no_status_lookup_escalated",
+                                       CaseStatus.OPS_REVIEW if workflow.patched(ADYEN_WAIT_PATCH)
+                                       else None, detail={"reason": reason})
         event, refund = notified
         self._event_inbox.remove(event)
         await self._record("provider_notification_received",
