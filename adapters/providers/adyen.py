@@ -19,8 +19,8 @@ number of times; when none connects, nothing exists and the create is refused
 (`ProviderNotReached`).
 Adyen has no payment lookup either, so a charge snapshot comes only from a `ChargeSource`:
 in production the `payment_notifications` table (`adapters.payment_book`), which the relay
-fills from AUTHORISATION, CAPTURE, CAPTURE_FAILED and CANCELLATION notifications and the
-refund ones (`record_notification`). Payment notifications never start a workflow. Without
+fills from AUTHORISATION, CAPTURE, CAPTURE_FAILED and CANCELLATION notifications, the
+dispute ones (the prior-disputes rule's count) and the refund ones (`record_notification`). Payment notifications never start a workflow. Without
 a source (no store), requests are rejected at validation.
 """
 
@@ -94,6 +94,11 @@ PAYMENT_STATUSES = {
     "CAPTURE_FAILED:true": PaymentStatus.CAPTURE_FAILED,  # the scheme rejected a capture reported done
     "CANCELLATION:true": PaymentStatus.CANCELLED,
     "CANCELLATION:false": PaymentStatus.CANCEL_FAILED,
+    # Dispute events: pspReference is the dispute's, originalReference the disputed payment.
+    "NOTIFICATION_OF_CHARGEBACK:true": PaymentStatus.DISPUTED,
+    "REQUEST_FOR_INFORMATION:true": PaymentStatus.DISPUTED,
+    "CHARGEBACK:true": PaymentStatus.DISPUTED,
+    "DISPUTE_OPENED_WITH_CHARGEBACK:true": PaymentStatus.DISPUTED,
 }
 REFUND_EVENTS = frozenset(s.split(":")[0] for s in STATUSES)
 PAYOUT_EVENTS = frozenset(s.split(":")[0] for s in PAYOUT_STATUSES)
@@ -205,7 +210,7 @@ def _payout(provider: str, item: Mapping[str, Any]) -> ProviderPayout:
 def _payment(provider: str, item: Mapping[str, Any], **envelope: Any) -> PaymentEvent:
     status = map_status(provider, PAYMENT_STATUSES, _raw_status(item), "payment")
     psp = str(item["pspReference"])
-    # A capture or cancellation modifies the payment named by originalReference.
+    # A capture, cancellation or dispute is about the payment named by originalReference.
     payment_id = psp if item["eventCode"] == "AUTHORISATION" else str(item["originalReference"])
     return PaymentEvent(
         provider=provider, payment_id=payment_id, psp_reference=psp, status=status,
