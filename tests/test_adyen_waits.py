@@ -17,6 +17,7 @@ from domain.models import RefundReason, RefundRequest
 from starters.stack import TemporalDevServer
 from tests.adyen_fake import FakeAdyen
 from tests.test_adyen import API_KEY, MERCHANT, TEST_KEY, AdyenRig, adyen_rig
+from tests.test_console import console, post_form
 
 
 class RefuseConnections(httpx.AsyncBaseTransport):
@@ -148,3 +149,29 @@ async def test_ops_resolve_a_wait_adyen_shows_no_refund_for_and_the_reservation_
     row = await rig.stack.wait_for_status(case_id, "refund_failed")
     assert row["reserved_amount"] == 0 and "no refund" in row["failure_reason"]
     assert await rig.stack.store.ledger_entries(case_id) == []
+
+
+async def test_ops_resolve_a_wait_from_the_console(rig: AdyenRig) -> None:
+    case_id, psp = await waiting_case(rig, 600, lose_answer=False)
+    path = f"/console/cases/{case_id}"
+    olga, dave = await console(rig.stack, "olga"), await console(rig.stack, "dave")
+    try:
+        page = await olga.get(path)
+        assert 'data-testid="provider-wait-form"' in page.text and 'data-testid="banner"' in page.text
+        assert 'data-testid="provider-wait-form"' not in (await dave.get(path)).text  # auditors read
+        blank = await post_form(olga, f"{path}/provider-wait", {"provider_shows": "not_refunded",
+                                                               "provider_refund_id": "", "reason": ""})
+        assert blank.status_code == 422
+        done = await post_form(olga, f"{path}/provider-wait", {
+            "provider_shows": "not_refunded", "provider_refund_id": "",
+            "reason": "Customer Area: nothing on the payment"})
+        assert done.status_code == 303 and done.headers["location"] == f"{path}?notice=wait_resolved"
+        row = await rig.stack.wait_for_status(case_id, "refund_failed")
+        assert row["reserved_amount"] == 0 and rig.fake.refunds_of(psp) == []
+        [resolved] = [e for e in await rig.stack.store.audit_trail(case_id)
+                      if e["action"] == "provider_wait_resolved"]
+        assert (resolved["actor"], resolved["detail"]["via"]) == ("olga", "console")
+        assert 'data-testid="provider-wait-form"' not in (await olga.get(path)).text
+    finally:
+        await olga.aclose()
+        await dave.aclose()
