@@ -297,6 +297,8 @@ class Store:
         """Records a refund the provider made without us as a `tracking` case that holds its
         amount against the charge (so later requests see less refundable). Once per id."""
         async with self.transaction() as conn:
+            # Its hold is a reservation like any other: taken under the charge's lock.
+            await self._lock_charge(conn, refund.provider, refund.charge_id, refund.currency)
             cur = await conn.execute(
                 "INSERT INTO refund_cases (refund_request_id, provider, charge_id, amount, currency,"
                 " merchant_account, reason, evidence, source, requester, params_hash, status,"
@@ -312,19 +314,28 @@ class Store:
                               {**refund.model_dump(mode="json"), "event_type": event_type})
             return True
 
+    @staticmethod
+    async def _lock_charge(conn: Conn, provider: str, charge_id: str, currency: str,
+                           amount_captured: int | None = None) -> None:
+        """Locks the charge's row (created if new) for the transaction: every change to the
+        reservations held on a charge is made under it, so none is decided on a stale sum.
+        `amount_captured`, when known, is stored as the provider reported it."""
+        await conn.execute(
+            "INSERT INTO charges (provider, charge_id, currency, amount_captured)"
+            " VALUES (%s,%s,%s,%s) ON CONFLICT (provider, charge_id) DO UPDATE"
+            " SET amount_captured = coalesce(%s, charges.amount_captured), updated_at = now()",
+            (provider, charge_id, currency, amount_captured or 0, amount_captured))
+        await conn.execute(
+            "SELECT 1 FROM charges WHERE provider = %s AND charge_id = %s FOR UPDATE",
+            (provider, charge_id))
+
     async def reserve(self, request: RefundRequest, charge: ChargeSnapshot) -> ValidationResult:
         """Takes the case's reservation against the charge, atomically with every other
         entry point: remaining = captured - all reservations held on the charge."""
         case_id = request.refund_request_id
         async with self.transaction() as conn:
-            await conn.execute(
-                "INSERT INTO charges (provider, charge_id, currency, amount_captured)"
-                " VALUES (%s,%s,%s,%s) ON CONFLICT (provider, charge_id) DO UPDATE"
-                " SET amount_captured = EXCLUDED.amount_captured, updated_at = now()",
-                (charge.provider, charge.charge_id, charge.currency, charge.amount_captured))
-            await conn.execute(
-                "SELECT 1 FROM charges WHERE provider = %s AND charge_id = %s FOR UPDATE",
-                (charge.provider, charge.charge_id))
+            await self._lock_charge(conn, charge.provider, charge.charge_id, charge.currency,
+                                    charge.amount_captured)
             cur = await conn.execute(
                 "SELECT refund_request_id, reserved_amount FROM refund_cases"
                 " WHERE provider = %s AND charge_id = %s AND reserved_amount > 0",

@@ -26,6 +26,9 @@ class PaymentStatus(StrEnum):
     REFUNDED = "refunded"
     REFUND_PENDING = "refund_pending"
     REFUND_FAILED = "refund_failed"
+    DISPUTED = "disputed"
+    """A dispute event about the payment (its psp_reference is the dispute's, the same for
+    every event of one dispute)."""
 
 
 class PaymentEvent(Frozen):
@@ -70,7 +73,8 @@ def charge_from_notifications(provider: str, payment_id: str, notes: Sequence[Re
     payment itself (authorisation or capture). Captured = captures not failed since; with
     automatic capture (no CAPTURE notification by default), a successful authorisation
     counts as captured. A cancelled payment has nothing captured. Refunded = refunds
-    reported successful and not failed or reversed since."""
+    reported successful and not failed or reversed since. Disputes = distinct disputes
+    reported (a dispute's events share its psp_reference), whatever their outcome."""
     payment = [n for n in notes if n.status in (PaymentStatus.AUTHORISED, PaymentStatus.REFUSED,
                                                   PaymentStatus.CAPTURED, PaymentStatus.CAPTURE_FAILED)]
     if not payment:
@@ -87,4 +91,5 @@ def charge_from_notifications(provider: str, payment_id: str, notes: Sequence[Re
         provider=provider, charge_id=payment_id, currency=first.currency,
         merchant_account=first.merchant_account, amount=max(authorised, captured),
         amount_captured=captured, captured=captured > 0,
-        amount_refunded=_standing(notes, PaymentStatus.REFUNDED, PaymentStatus.REFUND_FAILED))
+        amount_refunded=_standing(notes, PaymentStatus.REFUNDED, PaymentStatus.REFUND_FAILED),
+        dispute_count=len({n.psp_reference for n in notes if n.status is PaymentStatus.DISPUTED}))

@@ -41,6 +41,8 @@ class BreakClass(StrEnum):
     LEDGER_DOUBLED = "ledger_doubled"
     PAYOUT_FAILED_SHOWN_PAID = "payout_failed_shown_paid"
     UNMAPPED_STATUS = "unmapped_status"
+    DUPLICATE_REFUND = "duplicate_refund"
+    """A second provider refund carrying a case's reference (raised by the case, for ops)."""
 
 
 UNMAPPED = "unmapped"

@@ -47,6 +47,7 @@ from starters.cli import parse_age
 from starters.codec_endpoint import Direction, answer
 from starters.integrations import advice_view
 from starters.payout_console import ConsolePages, install_payout_pages
+from starters.provider_wait import ProviderWaitBody, resolve_provider_wait, waiting
 from starters.reconciliation_api import (
     RUN_ROLES,
     BreakDecisionBody,
@@ -69,6 +70,7 @@ NOTICES = {
     "reissued": "Reissue requested: this is the new linked case.",
     "reissue_open": "A reissue of that refund is already open: this is it.",
     "confirmed": "Your confirmation was recorded; the case follows it.",
+    "wait_resolved": "What the provider shows was recorded; the case follows it.",
 }
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self'; "
@@ -331,7 +333,8 @@ def install_console(app: FastAPI, actions: CaseActions,
                 APPROVAL_ROLES),
             can_reissue=row["status"] in REISSUABLE and not caller.roles.isdisjoint(ACT_ROLES),
             can_confirm=bool(manual and manual["status"] == "pending"
-                             and not caller.roles.isdisjoint(ACT_ROLES)))
+                             and not caller.roles.isdisjoint(ACT_ROLES)),
+            can_resolve_wait=waiting(trail) and not caller.roles.isdisjoint(ACT_ROLES))
 
     @router.get("/cases/{case_id}")
     async def case(request: Request, case_id: str, notice: str = "") -> Response:
@@ -372,6 +375,14 @@ def install_console(app: FastAPI, actions: CaseActions,
             await actions.confirm_manual(caller, case_id, body, via="console")
             return case_id, "confirmed"
         return await act(request, case_id, ManualConfirmationBody, "confirming a manual refund",
+                         perform)
+
+    @router.post("/cases/{case_id}/provider-wait")
+    async def resolve_wait(request: Request, case_id: str) -> Response:
+        async def perform(caller: Principal, body: ProviderWaitBody) -> tuple[str, str]:
+            await resolve_provider_wait(actions, caller, case_id, body, via="console")
+            return case_id, "wait_resolved"
+        return await act(request, case_id, ProviderWaitBody, "resolving a provider notification wait",
                          perform)
 
     # -- ops pages ------------------------------------------------------------------------

@@ -49,6 +49,7 @@ from starters.console import install_console
 from starters.integrations import advice_view, integration_routes
 from starters.limits import read_limited
 from starters.payout_routes import payout_routes
+from starters.provider_wait import ProviderWaitBody, resolve_provider_wait
 from starters.reconciliation_api import install_reconciliation_api
 from starters.webhooks import WebhookDesk
 
@@ -212,6 +213,15 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
         if not created:
             response.status_code = 200
         return child
+
+    @app.post("/v1/refund-requests/{refund_request_id}/provider-wait")
+    async def resolve_wait(refund_request_id: str, body: ProviderWaitBody,
+                           caller: Caller) -> dict[str, Any]:
+        """Ops end a wait for a provider's notification (Adyen: no lookup) with what its
+        dashboard shows: 403 for the requester, trigger identities and approvers, 409 when
+        the case is not waiting."""
+        bind_case(refund_request_id)
+        return await resolve_provider_wait(actions, caller, refund_request_id, body, via="api")
 
     @app.post("/v1/manual-refunds/{refund_request_id}/confirmation")
     async def confirm_manual(refund_request_id: str, body: ManualConfirmationBody,

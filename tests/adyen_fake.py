@@ -20,6 +20,8 @@ class FakeAdyen:
     api_key: str
     payments: dict[str, dict[str, Any]] = field(default_factory=dict)
     refunds: list[dict[str, Any]] = field(default_factory=list)
+    unavailable: int = 0
+    """The next creates Adyen answers with a 500 before acting (its documented error shape)."""
 
     def payment(self, amount: int, currency: str, merchant: str, psp: str | None = None) -> str:
         """A payment Adyen holds (its pspReference, new unless given)."""
@@ -48,6 +50,10 @@ class FakeAdyen:
                 return JSONResponse({"status": 401, "errorCode": "000", "message": "HTTP Status "
                                      "Response - Unauthorized", "errorType": "security"}, 401)
             body = await request.json()
+            if self.unavailable > 0:
+                self.unavailable -= 1
+                return JSONResponse({"status": 500, "errorCode": "000", "message": "An unexpected "
+                                     "error occurred", "errorType": "internal"}, 500)
             if psp not in self.payments:
                 return JSONResponse({"status": 422, "errorCode": "167", "message": "Original "
                                      "pspReference required for this operation",

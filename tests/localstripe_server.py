@@ -4,6 +4,8 @@ Its own `start()` binds every interface and pickles its state to a shared /tmp f
 it binds 127.0.0.1 only and keeps its state in memory, so parallel runs cannot mix.
 Its refund and payout lists lack Stripe's documented `created` filter (gte/gt/lt/lte),
 which reconciliation pages by; it is added here, newest first by `created` as Stripe orders.
+Its charges lack Stripe's `disputed` flag: added, true for a charge paid with Stripe's
+documented dispute test card (`pm_card_createDispute`, 4000 0000 0000 0259), as in test mode.
 """
 
 import sys
@@ -12,6 +14,7 @@ from typing import Any
 from aiohttp import web
 from localstripe import resources, server
 
+DISPUTE_CARD = "4000000000000259"
 _BOUNDS = {"gte": int.__ge__, "gt": int.__gt__, "lt": int.__lt__, "lte": int.__le__}
 
 
@@ -26,11 +29,29 @@ def _list_in_window(original: Any) -> Any:
     return classmethod(list_all)
 
 
+def _with_dispute_card(original: Any) -> Any:
+    def test_article(cls: Any, id: str) -> Any:
+        if id == "pm_card_createDispute":
+            return resources.PaymentMethod(type="card", card={"number": DISPUTE_CARD, "exp_month": "12",
+                                                              "exp_year": "2030", "cvc": "123"})
+        return original(id)
+    return classmethod(test_article)
+
+
+def _disputed(charge: Any) -> bool:
+    """Stripe's `disputed` on a charge: here, whether it was paid with the dispute test card."""
+    method = resources.PaymentMethod._api_retrieve(charge.payment_method)
+    return getattr(method, "_card_number", None) == DISPUTE_CARD
+
+
 def main() -> None:
     resources.Store.dump_to_disk = lambda self: None
     resources.Store.try_load_from_disk = lambda self: None
     for listed in (resources.Refund, resources.Payout):
         listed._api_list_all = _list_in_window(listed._api_list_all)
+    resources.PaymentMethod._try_get_canonical_test_article = _with_dispute_card(
+        resources.PaymentMethod._try_get_canonical_test_article)
+    resources.Charge.disputed = property(_disputed)
     web.run_app(server.app, host="127.0.0.1", port=int(sys.argv[1]), print=None)
 
 

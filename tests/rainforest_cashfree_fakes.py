@@ -29,6 +29,7 @@ class FakeRainforest:
     merchant_id: str = "mid_2sPMdFkHyz2NsLvGB3U9DeaLdMz"
     payins: dict[str, dict[str, Any]] = field(default_factory=dict)
     refunds: list[dict[str, Any]] = field(default_factory=list)
+    chargebacks: list[dict[str, Any]] = field(default_factory=list)
     declined: set[str] = field(default_factory=set)
     """Payins whose refunds Rainforest refuses (e.g. a payin still in review)."""
 
@@ -41,6 +42,20 @@ class FakeRainforest:
 
     def refunds_of(self, payin_id: str) -> list[dict[str, Any]]:
         return [r for r in self.refunds if r["payin_id"] == payin_id]
+
+    def chargebacks_of(self, payin_id: str) -> list[dict[str, Any]]:
+        return [c for c in self.chargebacks if c["payin_id"] == payin_id]
+
+    def chargeback(self, payin_id: str, amount: int) -> str:
+        """A chargeback against the payin, in the fields its chargeback webhooks document."""
+        chargeback_id = f"chb_{secrets.token_hex(12)}"
+        self.chargebacks.append({"chargeback_id": chargeback_id, "payin_id": payin_id,
+                                 "merchant_id": self.merchant_id, "amount": amount,
+                                 "currency_code": "USD", "status": "INQUIRY_ACTION_REQUIRED",
+                                 "metadata": {}, "method_type": "CARD", "reason_code": "13.1",
+                                 "reason_desc": "Merchandise/services not received"})
+        self.payins[payin_id]["refundable_amount"] -= amount
+        return chargeback_id
 
     def history(self, payin_id: str, amount: int, created: datetime, status: str = "SUCCEEDED") -> str:
         """A refund made at Rainforest long ago (no webhook)."""
@@ -80,7 +95,8 @@ class FakeRainforest:
         async def get_payin(payin_id: str) -> JSONResponse:
             if payin_id not in self.payins:
                 return error(404, "NOT_FOUND", "payin not found")
-            return ok({**self.payins[payin_id], "refunds": self.refunds_of(payin_id)})
+            return ok({**self.payins[payin_id], "refunds": self.refunds_of(payin_id),
+                       "chargebacks": self.chargebacks_of(payin_id)})
 
         @app.post("/v1/payins/{payin_id}/refund")
         async def refund(payin_id: str, request: Request) -> JSONResponse:
@@ -117,6 +133,7 @@ class FakeCashfree:
     orders: dict[str, dict[str, Any]] = field(default_factory=dict)
     refunds: list[dict[str, Any]] = field(default_factory=list)
     payment_ids: dict[str, int] = field(default_factory=dict)
+    disputes: list[dict[str, Any]] = field(default_factory=list)
     declined: set[str] = field(default_factory=set)
     """Orders whose refunds Cashfree refuses (e.g. past its six-month window)."""
 
@@ -131,11 +148,47 @@ class FakeCashfree:
     def refunds_of(self, order_id: str) -> list[dict[str, Any]]:
         return [r for r in self.refunds if r["order_id"] == order_id]
 
+    def _refund(self, order_id: str, amount: Decimal, refund_id: str, note: str | None,
+                key: str | None) -> dict[str, Any]:
+        refund = {"cf_payment_id": self.payment_ids[order_id],
+                  "cf_refund_id": str(secrets.randbelow(10**8)), "refund_id": refund_id,
+                  "order_id": order_id, "entity": "refund", "refund_amount": amount,
+                  "refund_currency": self.orders[order_id]["order_currency"], "refund_note": note,
+                  "refund_status": "PENDING", "refund_arn": None, "refund_charge": Decimal("0"),
+                  "status_description": "In Progress", "metadata": None, "refund_splits": [],
+                  "refund_type": "MERCHANT_INITIATED", "refund_mode": "STANDARD",
+                  "created_at": datetime.now(UTC).isoformat(), "processed_at": None,
+                  "x_idempotency_key": key}
+        self.refunds.append(refund)
+        return refund
+
+    def history(self, order_id: str, amount: Decimal, status: str = "SUCCESS") -> str:
+        """A refund made at Cashfree without us (its dashboard), long settled: no webhook."""
+        refund = self._refund(order_id, amount, f"dashboard-{secrets.token_hex(4)}", None, None)
+        refund.update(refund_status=status, status_description="Refund processed successfully")
+        return str(refund["cf_refund_id"])
+
+    def dispute(self, order_id: str) -> str:
+        """A chargeback on the order, shaped as Get Disputes by Order ID answers."""
+        dispute_id = str(secrets.randbelow(10**9))
+        order = self.orders[order_id]
+        self.disputes.append({
+            "dispute_id": dispute_id, "dispute_type": "CHARGEBACK", "reason_code": "13.1",
+            "reason_description": "Merchandise/Services Not Received",
+            "dispute_amount": order["order_amount"], "dispute_amount_currency": order["order_currency"],
+            "created_at": datetime.now(UTC).isoformat(), "respond_by": None, "updated_at": None,
+            "resolved_at": None, "dispute_status": "DISPUTE_CREATED", "cf_dispute_remarks": None,
+            "preferred_evidence": [], "dispute_evidence": [],
+            "order_details": {"order_id": order_id, "order_currency": order["order_currency"],
+                              "order_amount": order["order_amount"],
+                              "cf_payment_id": self.payment_ids[order_id]}})
+        return dispute_id
+
     def app(self) -> FastAPI:
         app = FastAPI()
 
         def answer(body: Any, status: int = 200) -> Response:
-            return Response(exact_json(body) if isinstance(body, dict) else b"", status,
+            return Response(exact_json(body) if isinstance(body, dict | list) else b"", status,
                             media_type="application/json")
 
         def error(status: int, code: str, message: str) -> Response:
@@ -155,6 +208,15 @@ class FakeCashfree:
                 return error(404, "order_not_found", "order not found")
             return answer(self.orders[order_id])
 
+        @app.get("/pg/orders/{order_id}/refunds")
+        async def refunds(order_id: str) -> Response:
+            return answer([{k: v for k, v in r.items() if k != "x_idempotency_key"}
+                           for r in self.refunds_of(order_id)])
+
+        @app.get("/pg/orders/{order_id}/disputes")
+        async def disputes(order_id: str) -> Response:
+            return answer([d for d in self.disputes if d["order_details"]["order_id"] == order_id])
+
         @app.post("/pg/orders/{order_id}/refunds")
         async def create(order_id: str, request: Request) -> Response:
             body = json.loads(await request.body(), parse_float=Decimal)
@@ -164,17 +226,8 @@ class FakeCashfree:
             refunded = sum((r["refund_amount"] for r in self.refunds_of(order_id)), Decimal(0))
             if body["refund_amount"] > order["order_amount"] - refunded:
                 return error(400, "refund_amount_invalid", "refund_amount : invalid value provided")
-            refund = {"cf_payment_id": self.payment_ids[order_id],
-                      "cf_refund_id": str(secrets.randbelow(10**8)), "refund_id": body["refund_id"],
-                      "order_id": order_id, "entity": "refund",
-                      "refund_amount": body["refund_amount"], "refund_currency": order["order_currency"],
-                      "refund_note": body.get("refund_note"), "refund_status": "PENDING",
-                      "refund_arn": None, "refund_charge": Decimal("0"), "status_description":
-                      "In Progress", "metadata": None, "refund_splits": [],
-                      "refund_type": "MERCHANT_INITIATED", "refund_mode": "STANDARD",
-                      "created_at": datetime.now(UTC).isoformat(), "processed_at": None,
-                      "x_idempotency_key": request.headers.get("x-idempotency-key")}
-            self.refunds.append(refund)
+            refund = self._refund(order_id, body["refund_amount"], body["refund_id"],
+                                  body.get("refund_note"), request.headers.get("x-idempotency-key"))
             return answer({k: v for k, v in refund.items() if k != "x_idempotency_key"})
 
         @app.get("/pg/orders/{order_id}/refunds/{refund_id}")

@@ -150,10 +150,10 @@ async def test_duplicate_is_accepted_again_and_acts_once(rig: AdyenRig) -> None:
 
 async def test_unknown_event_code_is_stored_loudly_and_still_acknowledged(rig: AdyenRig) -> None:
     psp = unique_psp()
-    response = await rig.post(notification("REFUND", pspReference=psp, eventCode="CHARGEBACK"))
+    response = await rig.post(notification("REFUND", pspReference=psp, eventCode="SECOND_CHARGEBACK"))
     assert (response.status_code, response.text) == (202, "[accepted]")  # else Adyen retries 30 days
     row = await receipt(rig.stack, "adyen", int(response.headers["x-receipt-id"]))
-    assert (row["verdict"], row["event_type"]) == ("unknown_type", "CHARGEBACK")
+    assert (row["verdict"], row["event_type"]) == ("unknown_type", "SECOND_CHARGEBACK")
     assert not await workflow_exists(rig.stack, tracking_case_id("adyen", psp))
 
 
@@ -230,7 +230,7 @@ async def test_lost_create_answer_waits_escalates_and_refunds_once(rig: AdyenRig
     assert "provider_outcome_unknown" in actions and "awaiting_provider_notification" in actions
     notices = [n["kind"] for n in await rig.stack.store.notices(case_id)]
     assert notices.count("no_status_lookup_escalation") == 1
-    assert (await rig.stack.store.get_case(case_id) or {})["status"] == "executing"  # not resent, not assumed
+    assert (await rig.stack.store.get_case(case_id) or {})["status"] == "ops_review"  # waits for ops
     [made] = rig.fake.refunds_of(psp)  # the lost answer's refund, and no resend
     assert json.loads(rig.proxy.lost[-1])["pspReference"] == made["pspReference"]
 
@@ -273,7 +273,8 @@ def parse(body: bytes) -> ProviderEvent | PayoutEvent | PaymentEvent:
 
 def test_recorded_payloads_verify_as_stored() -> None:
     for name in ("REFUND", "REFUND_FAILED", "REFUNDED_REVERSED", "CANCEL_OR_REFUND", "PAIDOUT_REVERSED",
-                 "AUTHORISATION", "CAPTURE", "CAPTURE_FAILED", "CANCELLATION"):
+                 "AUTHORISATION", "CAPTURE", "CAPTURE_FAILED", "CANCELLATION",
+                 "NOTIFICATION_OF_CHARGEBACK"):
         event = parse((PAYLOADS / f"adyen_{name}.json").read_bytes())
         assert event.event_type == name and event.event_id.startswith(f"{name}:")
 
@@ -314,8 +315,8 @@ def test_cancel_or_refund_without_its_action_is_refused_not_defaulted() -> None:
 
 def test_unknown_event_code_is_stored_as_unknown_type() -> None:
     with pytest.raises(WebhookRejected) as refused:
-        parse(notification("REFUND", eventCode="CHARGEBACK"))
-    assert (refused.value.verdict, refused.value.event_type) == ("unknown_type", "CHARGEBACK")
+        parse(notification("REFUND", eventCode="SECOND_CHARGEBACK"))
+    assert (refused.value.verdict, refused.value.event_type) == ("unknown_type", "SECOND_CHARGEBACK")
 
 
 def test_amount_must_be_integer_minor_units() -> None:

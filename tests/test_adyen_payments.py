@@ -176,6 +176,21 @@ async def test_failed_capture_and_cancellation_leave_nothing_captured(rig: Adyen
     assert charge is not None and (charge.captured, charge.amount_captured) == (False, 0)
 
 
+async def test_a_disputed_payment_reaches_the_prior_dispute_rule(rig: AdyenRig) -> None:
+    psp, dispute = await paid(rig, 10_000, captured=10_000), unique_psp()
+    for code in ("NOTIFICATION_OF_CHARGEBACK", "CHARGEBACK"):  # one dispute, two of its events
+        await notify(rig, "NOTIFICATION_OF_CHARGEBACK", eventCode=code, pspReference=dispute,
+                     originalReference=psp, amount={"currency": "EUR", "value": 10_000})
+    charge = await rig.stack.providers["adyen"].get_charge(psp)
+    assert charge is not None and (charge.dispute_count, charge.amount_captured) == (1, 10_000)
+    case_id = await rig.stack.request_refund("alice", psp, 1_000, provider="adyen", currency="EUR",
+                                             merchant_account=MERCHANT, reason="item_not_received")
+    row = await rig.stack.wait_for_status(case_id, "awaiting_approval", "pending")
+    assert row["status"] == "awaiting_approval"
+    assert "high_risk_reason:item_not_received" in row["decision"]["rules_fired"]
+    assert not await workflow_exists(rig.stack, tracking_case_id("adyen", dispute))
+
+
 # -- the rule, without a stack ----------------------------------------------------------------
 
 def note(status: PaymentStatus, amount: int, ref: str = "P1") -> RecordedNotification:
@@ -209,3 +224,6 @@ def test_charge_rule() -> None:
     assert cancelled is not None and not cancelled.captured
     refused = charge(note(PaymentStatus.REFUSED, 9_000))
     assert refused is not None and not refused.captured
+    disputed = charge(authorised, note(PaymentStatus.DISPUTED, 9_000, "D1"),
+                      note(PaymentStatus.DISPUTED, 9_000, "D1"), note(PaymentStatus.DISPUTED, 50, "D2"))
+    assert disputed is not None and disputed.dispute_count == 2  # two disputes, one of them twice

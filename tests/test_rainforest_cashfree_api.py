@@ -16,12 +16,19 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 from temporalio.client import Client
 
 from adapters.config import Settings
 from adapters.http_server import AppServer
 from adapters.providers import rainforest
-from adapters.providers.base import PayoutLister, ProviderUnsupported, RefundLister
+from adapters.providers.base import (
+    PayoutLister,
+    ProviderUnsupported,
+    RefundLister,
+    UnexpectedProviderStatus,
+)
 from adapters.providers.cashfree import CashfreeApiProvider, CashfreeProvider
 from adapters.providers.normalise import exact_json, minor_to_major
 from adapters.providers.rainforest import RainforestApiProvider, RainforestProvider
@@ -280,3 +287,103 @@ async def test_with_api_settings_only_rainforest_claims_a_refund_listing() -> No
 def test_major_units_are_written_digit_for_digit(amount: int, currency: str, text: bytes) -> None:
     body = exact_json({"refund_amount": minor_to_major(amount, currency), "refund_id": "rr-1"})
     assert body == b'{"refund_amount": ' + text + b', "refund_id": "rr-1"}'
+
+
+# -- governance inputs read from the provider --------------------------------------------------
+
+@pytest.mark.parametrize("provider", ["rainforest", "cashfree"])
+async def test_a_charge_refunded_outside_us_refuses_an_over_refund_before_any_call(
+        rig: Rig, provider: str) -> None:
+    if provider == "rainforest":
+        charge = rig.rainforest.payin(5_000)
+        rig.rainforest.history(charge, 4_000, days_ago(1))  # a dashboard refund: no webhook
+        case_id = await rig.rainforest_refund(charge, 2_000)
+    else:
+        charge = rig.cashfree.order(Decimal("50.00"))
+        rig.cashfree.history(charge, Decimal("40.00"))
+        case_id = await rig.cashfree_refund(charge, 2_000)
+    row = await rig.stack.wait_for_status(case_id, "rejected", "refund_failed", "pending")
+    assert (row["status"], row["reserved_amount"]) == ("rejected", 0)
+    [rejected] = [e for e in await rig.stack.store.audit_trail(case_id)
+                  if e["action"] == "validation_rejected"]
+    assert rejected["detail"]["reason"] == "amount 2000 exceeds remaining refundable 1000"
+    made = rig.rainforest.refunds_of(charge) if provider == "rainforest" else rig.cashfree.refunds_of(charge)
+    assert len(made) == 1  # only the refund made outside us
+
+
+@pytest.mark.parametrize("provider", ["rainforest", "cashfree"])
+async def test_a_disputed_charge_reaches_the_prior_dispute_rule(rig: Rig, provider: str) -> None:
+    if provider == "rainforest":
+        charge = rig.rainforest.payin(5_000)
+        rig.rainforest.chargeback(charge, 5_000)
+        case_id = await rig.stack.request_refund(
+            "alice", charge, 1_000, provider="rainforest", reason="item_not_received",
+            merchant_account=rig.rainforest.merchant_id)
+    else:
+        charge = rig.cashfree.order(Decimal("50.00"))
+        rig.cashfree.dispute(charge)
+        case_id = await rig.stack.request_refund(
+            "alice", charge, 1_000, provider="cashfree", currency="INR", reason="item_not_received",
+            merchant_account=CASHFREE_ID)
+    row = await rig.stack.wait_for_status(case_id, "awaiting_approval", "pending")
+    assert row["status"] == "awaiting_approval"
+    assert "high_risk_reason:item_not_received" in row["decision"]["rules_fired"]
+    assert row["decision"]["context"]["prior_dispute_count"] == 1
+
+
+async def _serving(routes: dict[str, Any]) -> AppServer:
+    """A throwaway API answering fixed JSON per path: a provider answer with a field left out."""
+    app = FastAPI()
+    for path, body in routes.items():
+        app.add_api_route(path, lambda body=body: JSONResponse(body), methods=["GET"])
+    server = AppServer(app, "127.0.0.1", 0)
+    await server.start()
+    return server
+
+
+RAINFOREST_PAYIN = {"payin_id": "pyi_1", "merchant_id": "mid_1", "amount": 5_000, "currency_code": "USD",
+                    "status": "SUCCEEDED", "refundable_amount": 5_000, "refunds": [], "chargebacks": []}
+
+
+@pytest.mark.parametrize("missing", ["refunds", "chargebacks"])
+async def test_a_rainforest_payin_without_a_governance_field_is_an_error_not_zero(missing: str) -> None:
+    payin = {k: v for k, v in RAINFOREST_PAYIN.items() if k != missing}
+    server = await _serving({"/v1/payins/pyi_1": {"status": "SUCCESS", "data": payin}})
+    adapter = RainforestApiProvider(api_base=server.url, api_key=RAINFOREST_KEY,
+                                    webhook_secrets=[RAINFOREST_SECRET])
+    request = RefundRequest(refund_request_id="rr-malformed", provider="rainforest", charge_id="pyi_1",
+                            amount=100, currency="USD", merchant_account="mid_1", reason="duplicate")
+    try:
+        with pytest.raises(UnexpectedProviderStatus, match=missing):
+            await adapter.get_charge("pyi_1")
+        if missing == "refunds":  # not "no refund of ours": that answer would allow a resubmit
+            with pytest.raises(UnexpectedProviderStatus, match=missing):
+                await adapter.find_refund(request)
+    finally:
+        await adapter.aclose()
+        await server.stop()
+
+
+CASHFREE_ORDER = {"cf_order_id": "2149460581", "order_id": "order_1", "entity": "order",
+                  "order_currency": "INR", "order_amount": 50, "order_status": "PAID"}
+CASHFREE_REFUND = {"cf_payment_id": 1, "cf_refund_id": "1553338", "refund_id": "rr-1", "order_id": "order_1",
+                   "entity": "refund", "refund_amount": 10, "refund_currency": "INR",
+                   "refund_status": "SUCCESS"}
+
+
+@pytest.mark.parametrize("answers", [
+    {"/orders/order_1/refunds": [{k: v for k, v in CASHFREE_REFUND.items() if k != "refund_amount"}],
+     "/orders/order_1/disputes": []},
+    {"/orders/order_1/refunds": [CASHFREE_REFUND], "/orders/order_1/disputes": {"disputes": None}},
+], ids=["refund_amount", "disputes"])
+async def test_a_cashfree_order_without_a_governance_field_is_an_error_not_zero(
+        answers: dict[str, Any]) -> None:
+    server = await _serving({"/orders/order_1": CASHFREE_ORDER, **answers})
+    adapter = CashfreeApiProvider(api_base=server.url, client_id=CASHFREE_ID,
+                                  client_secret=CASHFREE_API_SECRET, webhook_secrets=[CASHFREE_SECRET])
+    try:
+        with pytest.raises(UnexpectedProviderStatus, match=r"refund_amount|disputes"):
+            await adapter.get_charge("order_1")
+    finally:
+        await adapter.aclose()
+        await server.stop()

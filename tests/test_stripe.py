@@ -14,11 +14,17 @@ from typing import Any
 import httpx
 import pytest
 import stripe
+from fastapi import FastAPI
 from temporalio.client import Client
 
 from adapters.http_server import AppServer
 from adapters.providers import stripe as stripe_adapter
-from adapters.providers.base import PayoutLister, RefundLister, WebhookRejected
+from adapters.providers.base import (
+    PayoutLister,
+    RefundLister,
+    UnexpectedProviderStatus,
+    WebhookRejected,
+)
 from adapters.providers.stripe import StripeProvider
 from adapters.store import Store
 from domain.models import ProviderEvent
@@ -45,10 +51,10 @@ class StripeRig:
     def http(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(base_url=self.localstripe, auth=(API_KEY, ""), timeout=30)
 
-    async def charge(self, amount: int) -> str:
+    async def charge(self, amount: int, source: str = "pm_card_visa") -> str:
         async with self.http() as http:
             response = await http.post("/v1/charges", data={"amount": amount, "currency": "usd",
-                                                             "source": "pm_card_visa"})
+                                                             "source": source})
         response.raise_for_status()
         return str(response.json()["id"])
 
@@ -293,3 +299,57 @@ async def test_a_payout_status_we_cannot_map_is_listed_as_unmapped_and_the_list_
     assert isinstance(unmapped, UnmappedListing) and isinstance(paid, ListedPayout)
     assert (unmapped.object_id, unmapped.raw_status, unmapped.amount) == (odd, "pending", 700)
     assert paid.payout.payout_id == fine
+
+
+# -- governance inputs read from the charge ---------------------------------------------------
+
+async def test_a_charge_refunded_at_stripe_outside_us_refuses_an_over_refund(rig: StripeRig) -> None:
+    charge = await rig.charge(10_000)
+    await stripe_refund(rig, charge, 8_000)  # a dashboard refund: no webhook, no case of ours
+    case_id = await rig.stack.request_refund("alice", charge, 3_000, provider="stripe",
+                                             merchant_account=MERCHANT)
+    row = await rig.stack.wait_for_status(case_id, "rejected", "succeeded")
+    assert (row["status"], row["reserved_amount"]) == ("rejected", 0)
+    [rejected] = [e for e in await rig.stack.store.audit_trail(case_id)
+                  if e["action"] == "validation_rejected"]
+    assert rejected["detail"]["reason"] == "amount 3000 exceeds remaining refundable 2000"
+    assert [r["amount"] for r in await rig.refunds(charge)] == [8_000]
+
+
+async def test_a_disputed_stripe_charge_reaches_the_prior_dispute_rule(rig: StripeRig) -> None:
+    # Stripe's documented test card for a charge that gets disputed.
+    charge = await rig.charge(10_000, source="pm_card_createDispute")
+    case_id = await rig.stack.request_refund("alice", charge, 1_000, provider="stripe",
+                                             merchant_account=MERCHANT, reason="item_not_received")
+    row = await rig.stack.wait_for_status(case_id, "awaiting_approval", "succeeded")
+    assert row["status"] == "awaiting_approval"
+    assert "high_risk_reason:item_not_received" in row["decision"]["rules_fired"]
+    assert row["decision"]["context"]["prior_dispute_count"] == 1
+    assert await rig.refunds(charge) == []
+
+
+STRIPE_CHARGE = {  # Stripe's charge object as its API reference shows it (the fields we read)
+    "id": "ch_3MmlLrLkdIwHu7ix0snN0B15", "object": "charge", "amount": 1099, "amount_captured": 1099,
+    "amount_refunded": 0, "captured": True, "currency": "usd", "disputed": False,
+    "on_behalf_of": None, "paid": True, "refunded": False, "status": "succeeded",
+}
+
+
+@pytest.mark.parametrize("missing", ["amount_refunded", "disputed"])
+async def test_a_stripe_charge_without_a_governance_field_is_an_error_not_zero(missing: str) -> None:
+    app = FastAPI()
+
+    @app.get("/v1/charges/{charge_id}")
+    async def charge(charge_id: str) -> dict[str, Any]:
+        return {k: v for k, v in STRIPE_CHARGE.items() if k != missing}
+
+    server = AppServer(app, "127.0.0.1", 0)
+    await server.start()
+    adapter = StripeProvider(API_KEY, webhook_secrets=SECRETS, api_base=server.url,
+                             merchant_account=MERCHANT)
+    try:
+        with pytest.raises(UnexpectedProviderStatus, match=missing):
+            await adapter.get_charge(str(STRIPE_CHARGE["id"]))
+    finally:
+        await adapter.aclose()
+        await server.stop()

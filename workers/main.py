@@ -16,6 +16,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+from activities.incidents import IncidentActivities
 from activities.integrations import IntegrationActivities
 from activities.payout import PayoutActivities
 from activities.reconciliation import ReconciliationActivities
@@ -66,6 +67,7 @@ def build_worker(client: Client, task_queue: str, store: Store,
     activities = [*RefundActivities(store, observed, policy).all(),
                   *PayoutActivities(store, observed, policy).all(),
                   *IntegrationActivities(store, settings).all(),
+                  *IncidentActivities(store).all(),
                   *ReconciliationActivities(
                       store, providers, client, policy, timings=settings.timings(),
                       reports_dir=settings.reports_folder(),

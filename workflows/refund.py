@@ -15,6 +15,7 @@ from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from domain.events import STATUS_NOTICES, observe
+    from domain.incidents import DuplicateRefundInput
     from domain.integrations import AdviceReceipt, AdviseInput, DeliverNoticeInput
     from domain.lifecycle import (
         FINAL_PROVIDER_STATUSES,
@@ -44,6 +45,7 @@ with workflow.unsafe.imports_passed_through():
         VerifyInput,
         VerifyResult,
     )
+    from domain.money import format_minor
     from workflows import retry
     from workflows.approvals import ApprovalOutcome, ApprovalRound, ApprovingWorkflow
 
@@ -52,6 +54,10 @@ UNEXPECTED_STATUS = "UnexpectedProviderStatus"
 LOOKUP_UNSUPPORTED = "ProviderLookupUnsupported"
 # Histories recorded before the advisor and notice delivery existed replay without them.
 INTEGRATIONS_PATCH = "integrations-1"
+# A second provider refund with our reference was a log line before it was an incident.
+DUPLICATE_PATCH = "duplicate-refund-incident-1"
+# An escalated notification wait left the case `executing`; it is in ops review since.
+ADYEN_WAIT_PATCH = "adyen-wait-ops-review-1"
 
 
 # What each approval step does to a refund case: its status, and the reservation released.
@@ -81,6 +87,7 @@ class RefundWorkflow(ApprovingWorkflow):
         self._courier: asyncio.Task[None] | None = None
         self._closing = False
         self._lookup_escalated = False
+        self._duplicates: set[str] = set()
 
     # -- interface ---------------------------------------------------------------------
 
@@ -256,8 +263,9 @@ class RefundWorkflow(ApprovingWorkflow):
 
     async def _await_notification(self, reason: str) -> ProviderRefund:
         """Verify-state for a provider without a status lookup (Adyen): the notification is
-        the only answer, so wait for it on durable timers, escalate to ops once when the
-        first timer runs out, and never resubmit (a resend could refund twice)."""
+        the only answer, so wait for it on durable timers, escalate to ops review once when
+        the first timer runs out, and never resubmit (a resend could refund twice). Ops end
+        the wait with what the provider shows (`starters.provider_wait`): the same event."""
         await self._record("awaiting_provider_notification", detail={"reason": reason})
         while (notified := self._notified()) is None:
             try:
@@ -267,7 +275,11 @@ class RefundWorkflow(ApprovingWorkflow):
                 if not self._lookup_escalated:
                     self._lookup_escalated = True
                     await self._notify("no_status_lookup_escalation", "operator", {"reason": reason})
-                    await self._record("no_status_lookup_escalated", detail={"reason": reason})
+                    # The case waits in ops review, where ops resolve it with what the
+                    # provider's dashboard shows (an event like the notification).
+                    await self._record("no_status_lookup_escalated",
+                                       CaseStatus.OPS_REVIEW if workflow.patched(ADYEN_WAIT_PATCH)
+                                       else None, detail={"reason": reason})
         event, refund = notified
         self._event_inbox.remove(event)
         await self._record("provider_notification_received",
@@ -285,8 +297,11 @@ class RefundWorkflow(ApprovingWorkflow):
                     continue
                 assert self._refund is not None
                 if reported.refund_id != self._refund.refund_id:
-                    workflow.logger.warning("ignoring event %s for refund %s", event.event_id,
-                                            reported.refund_id)
+                    if reported.reference == self._request_id() and workflow.patched(DUPLICATE_PATCH):
+                        await self._duplicate_refund(reported, f"webhook:{event.event_type}:{event.event_id}")
+                    else:
+                        workflow.logger.warning("ignoring event %s for refund %s", event.event_id,
+                                                reported.refund_id)
                     continue
                 await self._observe(reported, f"webhook:{event.event_type}:{event.event_id}")
             assert self._refund is not None
@@ -308,6 +323,30 @@ class RefundWorkflow(ApprovingWorkflow):
                 found = await self._verify(f"no terminal event within {wait}")
                 if found is not None:
                     await self._observe(found, "verify_state")
+
+    def _request_id(self) -> str:
+        assert self._request is not None
+        return self._request.refund_request_id
+
+    async def _duplicate_refund(self, duplicate: ProviderRefund, source: str) -> None:
+        """A second provider refund carrying our reference moved money twice: an incident.
+        The case goes to ops review (and stays there while it follows its own refund to the
+        ledger), ops hear of it and a reconciliation break records it; once per refund."""
+        assert self._refund is not None
+        if duplicate.refund_id in self._duplicates:
+            return
+        self._duplicates.add(duplicate.refund_id)
+        detail = {"duplicate_refund_id": duplicate.refund_id,
+                  "duplicate_amount": format_minor(duplicate.amount, duplicate.currency),
+                  "duplicate_status": duplicate.status.value,
+                  "provider_refund_id": self._refund.refund_id, "source": source}
+        await workflow.execute_activity(
+            "open_duplicate_refund_break",
+            DuplicateRefundInput(case_id=self._request_id(), followed_refund_id=self._refund.refund_id,
+                                 duplicate=duplicate, source=source),
+            result_type=bool, **retry.CASE_EVENT)
+        await self._notify("duplicate_provider_refund", "operator", detail)
+        await self._record("duplicate_provider_refund", CaseStatus.OPS_REVIEW, detail=detail)
 
     async def _observe(self, reported: ProviderRefund, source: str) -> None:
         """Moves the case forward for a reported status; never backwards. The ledger entry
@@ -333,7 +372,9 @@ class RefundWorkflow(ApprovingWorkflow):
             notices = (("refund_succeeded", "requester"),)
         for kind, audience in notices:
             await self._notify(kind, audience, detail)
-        await self._record(step.action, step.status, release=step.release, refund=reported,
+        # After a duplicate refund the case stays with ops, whatever its own refund does.
+        status = CaseStatus.OPS_REVIEW if self._duplicates else step.status
+        await self._record(step.action, status, release=step.release, refund=reported,
                            detail=detail)
 
     async def _post(self, kind: LedgerKind, refund: ProviderRefund) -> None:

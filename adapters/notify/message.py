@@ -63,6 +63,11 @@ TEMPLATES: dict[str, Template] = {
         "The provider has no refund-status lookup and its notification has not arrived ({reason}). "
         "The case waits for it and will not resubmit; check the refund in the provider's "
         "dashboard.", ticket="incident"),
+    "duplicate_provider_refund": Template(
+        "Incident: refund {case} was made twice at the provider",
+        "The provider holds a second refund, {duplicate_refund_id} of {duplicate_amount}, carrying "
+        "this case's reference beside {provider_refund_id}. The case is in ops review and a "
+        "reconciliation break records it; nothing is reversed automatically.", ticket="incident"),
     "incident_ledger_pending": Template(
         "Incident: refund {case} executed, ledger pending",
         "The provider confirmed the refund of {amount}, but the ledger did not take the "

@@ -12,14 +12,20 @@ notification); acting on part of a batch, or signing one receipt for many events
 hide an event. The relay answers `[accepted]`, which Adyen requires, on every 2xx.
 
 Adyen has no refund-status lookup: `find_refund` raises `ProviderLookupUnsupported` and
-the workflow waits for the notification (escalating on a timer) instead of resubmitting.
+the workflow waits for the notification (escalating on a timer to ops review, where ops
+can resolve it) instead of resubmitting. Only a create that certainly never reached Adyen
+(the connection was never made) is sent again, with the same Idempotency-Key, a bounded
+number of times; when none connects, nothing exists and the create is refused
+(`ProviderNotReached`).
 Adyen has no payment lookup either, so a charge snapshot comes only from a `ChargeSource`:
 in production the `payment_notifications` table (`adapters.payment_book`), which the relay
-fills from AUTHORISATION, CAPTURE, CAPTURE_FAILED and CANCELLATION notifications and the
-refund ones (`record_notification`). Payment notifications never start a workflow. Without
-a source (no store), requests are rejected at validation.
+fills from AUTHORISATION, CAPTURE, CAPTURE_FAILED and CANCELLATION notifications, the
+dispute ones (the prior-disputes rule's count) and the refund ones (`record_notification`).
+Payment notifications never start a workflow. Without a source (no store), requests are
+rejected at validation.
 """
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -32,6 +38,7 @@ import httpx
 from adapters.providers.base import (
     ProviderDeclined,
     ProviderLookupUnsupported,
+    ProviderOutcomeUnknown,
     ProviderUnsupported,
     WebhookRejected,
 )
@@ -88,11 +95,25 @@ PAYMENT_STATUSES = {
     "CAPTURE_FAILED:true": PaymentStatus.CAPTURE_FAILED,  # the scheme rejected a capture reported done
     "CANCELLATION:true": PaymentStatus.CANCELLED,
     "CANCELLATION:false": PaymentStatus.CANCEL_FAILED,
+    # Dispute events: pspReference is the dispute's, originalReference the disputed payment.
+    "NOTIFICATION_OF_CHARGEBACK:true": PaymentStatus.DISPUTED,
+    "REQUEST_FOR_INFORMATION:true": PaymentStatus.DISPUTED,
+    "CHARGEBACK:true": PaymentStatus.DISPUTED,
+    "DISPUTE_OPENED_WITH_CHARGEBACK:true": PaymentStatus.DISPUTED,
 }
 REFUND_EVENTS = frozenset(s.split(":")[0] for s in STATUSES)
 PAYOUT_EVENTS = frozenset(s.split(":")[0] for s in PAYOUT_STATUSES)
 PAYMENT_EVENTS = frozenset(s.split(":")[0] for s in PAYMENT_STATUSES)
 KNOWN_EVENT_TYPES = REFUND_EVENTS | PAYOUT_EVENTS | PAYMENT_EVENTS
+
+NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout)
+"""Transport errors raised before a connection existed: no byte of the request left us."""
+
+
+class ProviderNotReached(ProviderDeclined):
+    """Every attempt failed to connect, so no request reached Adyen and no refund exists:
+    a definite no (the case fails and can be reissued), not an outcome to wait for."""
+
 
 ChargeSource = Callable[[str], Awaitable[ChargeSnapshot | None]]
 """Where a deployment keeps what Adyen told it about a payment (by pspReference)."""
@@ -193,7 +214,7 @@ def _payout(provider: str, item: Mapping[str, Any]) -> ProviderPayout:
 def _payment(provider: str, item: Mapping[str, Any], **envelope: Any) -> PaymentEvent:
     status = map_status(provider, PAYMENT_STATUSES, _raw_status(item), "payment")
     psp = str(item["pspReference"])
-    # A capture or cancellation modifies the payment named by originalReference.
+    # A capture, cancellation or dispute is about the payment named by originalReference.
     payment_id = psp if item["eventCode"] == "AUTHORISATION" else str(item["originalReference"])
     return PaymentEvent(
         provider=provider, payment_id=payment_id, psp_reference=psp, status=status,
@@ -211,8 +232,11 @@ class AdyenProvider:
     def __init__(self, *, hmac_keys: Sequence[str], api_base: str | None = None,
                  api_key: str | None = None, timeout_seconds: float = 10.0,
                  charges: ChargeSource | None = None, record: NotificationSink | None = None,
+                 connect_attempts: int = 3, connect_backoff_seconds: float = 0.5,
                  name: str = "adyen") -> None:
         self.name = name
+        self._connect_attempts = max(1, connect_attempts)
+        self._connect_backoff = connect_backoff_seconds
         self._verifier = AdyenHmacVerifier(hmac_keys)
         self._charges = charges
         self._record = record
@@ -242,12 +266,24 @@ class AdyenProvider:
             raise ProviderUnsupported(f"{self.name}: creating a refund needs REFUNDS_ADYEN_API_BASE "
                                       "and REFUNDS_ADYEN_API_KEY")
         path = f"/{API_VERSION}/payments/{request.charge_id}/refunds"
-        response = await send(
-            self._http, "POST", path, headers={"Idempotency-Key": idempotency_key},
-            json={"merchantAccount": request.merchant_account,
-                  "amount": {"value": request.amount, "currency": request.currency},
-                  # Comes back as merchantReference on the notifications: how they find the case.
-                  "reference": request.refund_request_id})
+        body = {"merchantAccount": request.merchant_account,
+                "amount": {"value": request.amount, "currency": request.currency},
+                # Comes back as merchantReference on the notifications: how they find the case.
+                "reference": request.refund_request_id}
+        for attempt in range(1, self._connect_attempts + 1):
+            try:
+                response = await send(self._http, "POST", path,
+                                      headers={"Idempotency-Key": idempotency_key}, json=body)
+                break
+            except ProviderOutcomeUnknown as exc:
+                # Adyen has no lookup: an unknown outcome means waiting for its notification.
+                # A connection never made sent nothing, so the same request goes again.
+                if not isinstance(exc.__cause__, NEVER_SENT):
+                    raise
+                if attempt == self._connect_attempts:
+                    raise ProviderNotReached(f"POST {path}: Adyen not reached in {attempt} attempts "
+                                             f"({type(exc.__cause__).__name__}); nothing was sent") from exc
+                await asyncio.sleep(self._connect_backoff * 2 ** (attempt - 1))
         if response.status_code >= 400:
             raise ProviderDeclined(f"POST {path}: HTTP {response.status_code} {response.text[:300]}")
         body = response.json()

@@ -15,12 +15,14 @@ import hashlib
 import hmac
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 from urllib.parse import quote
 
 from adapters.providers.base import WebhookRejected, WebhooksOnly
 from adapters.providers.http import JsonApi
 from adapters.providers.normalise import (
+    MalformedAnswer,
     exact_json,
     load_json,
     major_to_minor,
@@ -29,6 +31,7 @@ from adapters.providers.normalise import (
     normalising,
     refund_event,
     require_known,
+    required,
 )
 from adapters.providers.signing import WebhookVerifier, check_window, require_header, unix_time
 from domain.models import (
@@ -48,6 +51,8 @@ STATUSES = {
     "CANCELLED": ProviderRefundStatus.CANCELED,
     "FAILED": ProviderRefundStatus.FAILED,
 }
+UNDONE = frozenset({ProviderRefundStatus.FAILED, ProviderRefundStatus.CANCELED})
+"""Refunds that hold no money: every other status counts as refunded (the guard's side)."""
 PAYLOAD_KEYS = {"REFUND_STATUS_WEBHOOK": "refund", "AUTO_REFUND_STATUS_WEBHOOK": "auto_refund"}
 KNOWN_EVENT_TYPES = frozenset(PAYLOAD_KEYS)
 API_VERSION = "2025-01-01"
@@ -123,6 +128,9 @@ class CashfreeApiProvider(CashfreeProvider):
     """Cashfree PG's refund API (x-api-version 2025-01-01), where a charge is an order.
 
     - `get_charge`: `GET /orders/{order_id}`; PAID is captured, for the whole order_amount.
+      The order carries neither refunds nor disputes: refunded is the sum of `GET
+      /orders/{order_id}/refunds` not failed or cancelled, disputes the length of `GET
+      /orders/{order_id}/disputes` (an answer without them is malformed, never zero).
     - `create_refund`: `POST /orders/{order_id}/refunds` with `refund_id` = our
       refund_request_id (Cashfree takes the merchant's id, 3-40 characters of letters,
       digits, `-` and `_`; others are a 400, a decline) and `x-idempotency-key`.
@@ -158,9 +166,27 @@ class CashfreeApiProvider(CashfreeProvider):
         currency = normalise_currency(str(order["order_currency"]))
         amount = major_to_minor(order["order_amount"], currency)
         paid = order["order_status"] == "PAID"
+        path = f"/orders/{quote(charge_id, safe='')}"
+        refunds = await self._list(f"{path}/refunds", "refunds")
+        disputes = await self._list(f"{path}/disputes", "disputes")
+        refunded = 0
+        for refund in refunds:
+            what = f"order {charge_id}'s refund {refund.get('cf_refund_id')}"
+            if map_status(self.name, STATUSES, required(self.name, refund, "refund_status", str, what)
+                          ) not in UNDONE:
+                refunded += major_to_minor(
+                    required(self.name, refund, "refund_amount", (int, Decimal), what), currency)
         return ChargeSnapshot(provider=self.name, charge_id=str(order["order_id"]), currency=currency,
                               merchant_account=self._merchant_account, amount=amount,
-                              amount_captured=amount if paid else 0, captured=paid)
+                              amount_captured=amount if paid else 0, captured=paid,
+                              amount_refunded=refunded, dispute_count=len(disputes))
+
+    async def _list(self, path: str, what: str) -> list[Any]:
+        """A per-order list (Cashfree answers a JSON array); anything else is malformed."""
+        answer = await self._api.call("GET", path)
+        if not isinstance(answer, list):
+            raise MalformedAnswer(f"{self.name}: {path} answered no list of {what}: {str(answer)[:200]}")
+        return answer
 
     async def create_refund(self, request: RefundRequest, idempotency_key: str) -> ProviderRefund:
         body = {"refund_amount": minor_to_major(request.amount, request.currency),

@@ -45,6 +45,19 @@ class UnexpectedStatus(UnexpectedProviderStatus):
         self.raw = raw
 
 
+class MalformedAnswer(UnexpectedProviderStatus):
+    """A provider's API answer without a field we read (or with the wrong type): an error,
+    never a zero or a "not found", since either would let money move on a guess."""
+
+
+def required(provider: str, obj: object, key: str, kind: type | tuple[type, ...], what: str) -> Any:
+    """`obj[key]`, which must be present, not null and a `kind`; raises MalformedAnswer."""
+    value = obj.get(key) if isinstance(obj, Mapping) else None
+    if value is None or not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise MalformedAnswer(f"{provider}: {what} has no usable {key!r} (got {value!r})")
+    return value
+
+
 def map_status(provider: str, table: Mapping[str, S], raw: object, what: str = "refund") -> S:
     """The canonical status for a provider's raw one; raises UnexpectedStatus otherwise."""
     try:
@@ -75,7 +88,7 @@ def minor_to_major(amount: int, currency: str) -> Decimal:
     return Decimal(amount).scaleb(-currency_exponent(currency))
 
 
-def exact_json(payload: Mapping[str, Any]) -> bytes:
+def exact_json(payload: Mapping[str, Any] | list[Any]) -> bytes:
     """JSON with Decimal values written as numbers digit for digit: `json` would need a
     float for them, and a float is how 0.1 + 0.2 becomes a different refund."""
     digits: dict[str, str] = {}

@@ -28,6 +28,7 @@ from adapters.providers.normalise import (
     normalising,
     refund_event,
     require_known,
+    required,
 )
 from adapters.providers.signing import WebhookVerifier, check_window, require_header, unix_time
 from domain.models import (
@@ -51,6 +52,8 @@ STATUSES = {
     "CANCELED": ProviderRefundStatus.CANCELED,
 }
 KNOWN_EVENT_TYPES = frozenset(f"refund.{s.lower()}" for s in STATUSES)
+UNDONE = frozenset({ProviderRefundStatus.FAILED, ProviderRefundStatus.CANCELED})
+"""Refunds that hold no money: every other status counts as refunded (the guard's side)."""
 API_VERSION = "2024-10-16"
 LIST_PAGE = 100
 
@@ -141,12 +144,15 @@ class RainforestApiProvider(RainforestProvider):
     """Rainforest's API (Bearer API key, `Rainforest-Api-Version: 2024-10-16`), where a
     charge is a payin. Amounts are integer minor units, as on the webhooks.
 
-    - `get_charge`: `GET /v1/payins/{payin_id}`; SUCCEEDED is captured, for its amount.
+    - `get_charge`: `GET /v1/payins/{payin_id}`; SUCCEEDED is captured, for its amount;
+      refunded is the sum of its `refunds` not failed or canceled, and its disputes are its
+      `chargebacks` (a payin without either list is a malformed answer, never zero).
     - `create_refund`: `POST /v1/payins/{payin_id}/refund` carrying the idempotency key
       (Rainforest takes it in the body: `idempotency_key`) and our refund_request_id in
       `metadata`, which the refund's webhooks echo.
     - `find_refund`: the payin's refunds (`GET /v1/payins/{payin_id}`, whose refund fields
-      the webhooks mirror) whose metadata carries our reference.
+      the webhooks mirror) whose metadata carries our reference; a payin answered without
+      its `refunds` list is an error, not "no refund".
     - `list_refunds`: `GET /v1/refunds` over `created_at` in the window, newest first, a
       page at a time by Rainforest's `next_page_token`.
 
@@ -168,16 +174,25 @@ class RainforestApiProvider(RainforestProvider):
         answer = await self._api.call("GET", f"/v1/payins/{quote(payin_id, safe='')}", missing_ok=True)
         return None if answer is None else dict(_data(answer))
 
+    def _refunds_of(self, payin: Mapping[str, Any]) -> list[ProviderRefund]:
+        """The payin's refunds; a payin without its `refunds` list is an unreadable answer."""
+        what = f"payin {payin.get('payin_id')}"
+        return [_refund(self.name, r) for r in required(self.name, payin, "refunds", list, what)]
+
     async def get_charge(self, charge_id: str) -> ChargeSnapshot | None:
         payin = await self._payin(charge_id)
         if payin is None:
             return None
         amount = minor_units(payin["amount"])
         captured = payin["status"] == "SUCCEEDED"
+        chargebacks = required(self.name, payin, "chargebacks", list, f"payin {charge_id}")
         return ChargeSnapshot(provider=self.name, charge_id=str(payin["payin_id"]),
                               currency=normalise_currency(str(payin["currency_code"])),
                               merchant_account=str(payin["merchant_id"]), amount=amount,
-                              amount_captured=amount if captured else 0, captured=captured)
+                              amount_captured=amount if captured else 0, captured=captured,
+                              amount_refunded=sum(r.amount for r in self._refunds_of(payin)
+                                                  if r.status not in UNDONE),
+                              dispute_count=len(chargebacks))
 
     async def create_refund(self, request: RefundRequest, idempotency_key: str) -> ProviderRefund:
         answer = await self._api.call(
@@ -189,8 +204,9 @@ class RainforestApiProvider(RainforestProvider):
 
     async def find_refund(self, request: RefundRequest) -> ProviderRefund | None:
         payin = await self._payin(request.charge_id)
-        found = [_refund(self.name, r) for r in (payin or {}).get("refunds") or []
-                 if (r.get("metadata") or {}).get(REFERENCE_KEY) == request.refund_request_id]
+        if payin is None:
+            return None
+        found = [r for r in self._refunds_of(payin) if r.reference == request.refund_request_id]
         if len(found) > 1:
             log.error("%s: %d refunds carry reference %s: %s", self.name, len(found),
                       request.refund_request_id, [r.refund_id for r in found])

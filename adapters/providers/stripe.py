@@ -23,6 +23,7 @@ from adapters.providers.normalise import (
     normalising,
     payout_event,
     refund_event,
+    required,
     stripe_envelope,
     stripe_shaped_payout,
     stripe_shaped_refund,
@@ -132,11 +133,15 @@ class StripeProvider:
         amount_captured = charge.get("amount_captured")
         if amount_captured is None:
             amount_captured = charge["amount"] if captured else 0
+        what = f"charge {charge_id}"
         return ChargeSnapshot(
             provider=self.name, charge_id=str(charge["id"]),
             currency=normalise_currency(str(charge["currency"])),
             merchant_account=str(charge.get("on_behalf_of") or await self._account_id()),
             amount=int(charge["amount"]), amount_captured=int(amount_captured), captured=captured,
+            amount_refunded=required(self.name, charge, "amount_refunded", int, what),
+            # A Stripe charge is disputed at most once; `disputed` stays true after it closes.
+            dispute_count=int(required(self.name, charge, "disputed", bool, what)),
         )
 
     async def create_refund(self, request: RefundRequest, idempotency_key: str) -> ProviderRefund:

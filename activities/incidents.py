@@ -1,0 +1,26 @@
+"""Activities that record incidents a case raises about money moved outside its path."""
+
+from collections.abc import Callable
+from typing import Any
+
+from temporalio import activity
+
+from adapters.incidents import open_duplicate_refund_break
+from adapters.store import Store
+from domain.incidents import DuplicateRefundInput
+
+
+class IncidentActivities:
+    """Holds the store the incident activities write to."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    @activity.defn(name="open_duplicate_refund_break")
+    async def open_duplicate_refund_break(self, inp: DuplicateRefundInput) -> bool:
+        """Records the duplicate refund as a break for ops; idempotent per refund (False
+        when it was recorded already)."""
+        return await open_duplicate_refund_break(self._store, inp) is not None
+
+    def all(self) -> list[Callable[..., Any]]:
+        return [self.open_duplicate_refund_break]

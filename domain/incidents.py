@@ -1,0 +1,15 @@
+"""Incidents a refund case can raise about money that moved outside its own path: kept
+apart from `models.py` so the workflow's input types stay as recorded histories know them.
+"""
+
+from domain.models import Frozen, ProviderRefund
+
+
+class DuplicateRefundInput(Frozen):
+    """A second provider refund carrying a case's reference: the case already follows
+    `followed_refund_id`, so `duplicate` moved money a second time."""
+
+    case_id: str
+    followed_refund_id: str
+    duplicate: ProviderRefund
+    source: str

@@ -1,0 +1,177 @@
+"""Adyen waits can end: a create that never reached Adyen goes again with the same
+Idempotency-Key; a notification wait escalates to ops review and ops resolve it from the
+API or the console ("Adyen shows refunded / not refunded"), with segregation of duties and
+an audit row, so the reservation is never held for good. Adyen's API is tests/adyen_fake.py."""
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from temporalio.client import Client
+
+from adapters.http_server import AppServer
+from adapters.providers.adyen import AdyenProvider, ProviderNotReached
+from adapters.store import Store
+from domain.models import RefundReason, RefundRequest
+from starters.stack import TemporalDevServer
+from tests.adyen_fake import FakeAdyen
+from tests.test_adyen import API_KEY, MERCHANT, TEST_KEY, AdyenRig, adyen_rig
+from tests.test_console import console, post_form
+
+
+class RefuseConnections(httpx.AsyncBaseTransport):
+    """The first `times` requests fail to connect (nothing is sent), as a refused or
+    unreachable host does; the rest go through."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, times: int) -> None:
+        self.inner, self.times, self.refused = inner, times, 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self.refused < self.times:
+            self.refused += 1
+            raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+        return await self.inner.handle_async_request(request)
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[tuple[FakeAdyen, str]]:
+    adyen = FakeAdyen(API_KEY)
+    server = AppServer(adyen.app(), "127.0.0.1", 0)
+    await server.start()
+    yield adyen, server.url
+    await server.stop()
+
+
+def _refusing(url: str, times: int) -> tuple[AdyenProvider, RefuseConnections]:
+    provider = AdyenProvider(hmac_keys=[TEST_KEY], api_base=url, api_key=API_KEY,
+                             connect_backoff_seconds=0.01)
+    assert provider._http is not None
+    gate = RefuseConnections(provider._http._transport, times)
+    provider._http._transport = gate
+    return provider, gate
+
+
+def _request(psp: str) -> RefundRequest:
+    return RefundRequest(refund_request_id="rr-adyen-connect", provider="adyen", charge_id=psp,
+                         amount=1_500, currency="EUR", merchant_account=MERCHANT,
+                         reason=RefundReason.DUPLICATE)
+
+
+async def test_a_create_that_never_connected_goes_again_with_the_same_key(
+        fake: tuple[FakeAdyen, str]) -> None:
+    adyen, url = fake
+    psp = adyen.payment(10_000, "EUR", MERCHANT)
+    provider, gate = _refusing(url, times=2)
+    try:
+        refund = await provider.create_refund(_request(psp), "rfo_same_key")
+    finally:
+        await provider.aclose()
+    [made] = adyen.refunds_of(psp)
+    assert gate.refused == 2 and made["idempotencyKey"] == "rfo_same_key"
+    assert refund.refund_id == made["pspReference"]
+
+
+async def test_a_create_that_never_connected_at_all_is_a_definite_no(fake: tuple[FakeAdyen, str]) -> None:
+    adyen, url = fake
+    psp = adyen.payment(10_000, "EUR", MERCHANT)
+    provider, gate = _refusing(url, times=3)
+    try:
+        with pytest.raises(ProviderNotReached, match="nothing was sent"):
+            await provider.create_refund(_request(psp), "rfo_same_key")
+    finally:
+        await provider.aclose()
+    assert gate.refused == 3 and adyen.refunds_of(psp) == []
+
+
+# -- ops resolve a notification wait -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+async def rig(store: Store, client: Client, temporal_server: TemporalDevServer) -> AsyncIterator[AdyenRig]:
+    async with adyen_rig(store, client, temporal_server, charges_from_fake=True) as rigged:
+        yield rigged
+
+
+async def waiting_case(rig: AdyenRig, amount: int, requester: str = "alice", *,
+                       lose_answer: bool = True) -> tuple[str, str]:
+    """A refund whose create answer never came back, escalated to ops review: (case, payment)."""
+    psp = rig.fake.payment(10_000, "EUR", MERCHANT)
+    if lose_answer:
+        rig.proxy.lose_next("POST", f"/v71/payments/{psp}/refunds")
+    else:
+        rig.fake.unavailable += 1
+    case_id = await rig.stack.request_refund(requester, psp, amount, provider="adyen", currency="EUR",
+                                             merchant_account=MERCHANT)
+    await rig.stack.wait_for_audit(case_id, "no_status_lookup_escalated")
+    row = await rig.stack.wait_for_status(case_id, "ops_review")
+    assert row["reserved_amount"] == amount
+    return case_id, psp
+
+
+async def resolve(rig: AdyenRig, user: str, case_id: str, **body: Any) -> httpx.Response:
+    async with rig.stack.api(user) as api:
+        return await api.post(f"/v1/refund-requests/{case_id}/provider-wait", json=body)
+
+
+async def test_ops_resolve_a_wait_with_the_refund_adyen_shows(rig: AdyenRig) -> None:
+    rig.stack.tokens["rita"] = await rig.stack.store.create_token("rita", ["requester", "ops"],
+                                                                  token="t-rita-adyen-waits")
+    case_id, psp = await waiting_case(rig, 1_700, requester="rita")
+    [made] = rig.fake.refunds_of(psp)
+    shows = {"provider_shows": "refunded", "provider_refund_id": made["pspReference"],
+             "reason": "Customer Area: refund settled"}
+    assert (await resolve(rig, "rita", case_id, **shows)).status_code == 403  # her own request
+    assert (await resolve(rig, "bob", case_id, **shows)).status_code == 403  # not ops
+    assert (await resolve(rig, "olga", case_id, provider_shows="refunded", reason="x")).status_code == 422
+    answer = await resolve(rig, "olga", case_id, **shows)
+    assert answer.status_code == 200, answer.text
+    row = await rig.stack.wait_for_status(case_id, "succeeded")
+    assert (row["provider_refund_id"], row["reserved_amount"]) == (made["pspReference"], 1_700)
+    assert [x["debit"] for x in await rig.stack.store.ledger_entries(case_id)] == [1_700, 0]
+    [resolved] = [e for e in await rig.stack.store.audit_trail(case_id)
+                  if e["action"] == "provider_wait_resolved"]
+    assert (resolved["actor"], resolved["detail"]["provider_shows"], resolved["detail"]["via"]) == (
+        "olga", "refunded", "api")
+    refusals = [e["actor"] for e in await rig.stack.store.audit_trail(case_id)
+                if e["action"] == "access_refused"]
+    assert refusals == ["rita", "bob"]
+    assert (await resolve(rig, "olga", case_id, **shows)).status_code == 409  # no longer waiting
+    assert len(rig.fake.refunds_of(psp)) == 1
+
+
+async def test_ops_resolve_a_wait_adyen_shows_no_refund_for_and_the_reservation_is_released(
+        rig: AdyenRig) -> None:
+    case_id, psp = await waiting_case(rig, 900, lose_answer=False)  # a 500: Adyen may have acted
+    assert rig.fake.refunds_of(psp) == []
+    answer = await resolve(rig, "olga", case_id, provider_shows="not_refunded",
+                           reason="Customer Area: no refund on the payment")
+    assert answer.status_code == 200, answer.text
+    row = await rig.stack.wait_for_status(case_id, "refund_failed")
+    assert row["reserved_amount"] == 0 and "no refund" in row["failure_reason"]
+    assert await rig.stack.store.ledger_entries(case_id) == []
+
+
+async def test_ops_resolve_a_wait_from_the_console(rig: AdyenRig) -> None:
+    case_id, psp = await waiting_case(rig, 600, lose_answer=False)
+    path = f"/console/cases/{case_id}"
+    olga, dave = await console(rig.stack, "olga"), await console(rig.stack, "dave")
+    try:
+        page = await olga.get(path)
+        assert 'data-testid="provider-wait-form"' in page.text and 'data-testid="banner"' in page.text
+        assert 'data-testid="provider-wait-form"' not in (await dave.get(path)).text  # auditors read
+        blank = await post_form(olga, f"{path}/provider-wait", {"provider_shows": "not_refunded",
+                                                               "provider_refund_id": "", "reason": ""})
+        assert blank.status_code == 422
+        done = await post_form(olga, f"{path}/provider-wait", {
+            "provider_shows": "not_refunded", "provider_refund_id": "",
+            "reason": "Customer Area: nothing on the payment"})
+        assert done.status_code == 303 and done.headers["location"] == f"{path}?notice=wait_resolved"
+        row = await rig.stack.wait_for_status(case_id, "refund_failed")
+        assert row["reserved_amount"] == 0 and rig.fake.refunds_of(psp) == []
+        [resolved] = [e for e in await rig.stack.store.audit_trail(case_id)
+                      if e["action"] == "provider_wait_resolved"]
+        assert (resolved["actor"], resolved["detail"]["via"]) == ("olga", "console")
+        assert 'data-testid="provider-wait-form"' not in (await olga.get(path)).text
+    finally:
+        await olga.aclose()
+        await dave.aclose()

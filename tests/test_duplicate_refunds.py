@@ -1,0 +1,64 @@
+"""A second provider refund carrying a case's reference is an incident: the case goes to
+ops review, ops get a notice and a reconciliation break records it. And a tracking case's
+hold is a reservation like any other, taken under the charge's lock."""
+
+import asyncio
+from typing import Any
+
+from adapters.store import Store
+from domain.models import ProviderRefund, ProviderRefundStatus
+from tests.harness import Stack
+
+
+async def test_a_second_provider_refund_with_our_reference_is_an_incident(stack: Stack) -> None:
+    charge = await stack.charge(10_000)
+    case_id = await stack.request_refund("alice", charge, 2_000)
+    row = await stack.wait_for_status(case_id, "succeeded")
+    # Someone (a retry elsewhere, a script) refunds again at the provider with our reference.
+    async with stack.sandbox() as sb:
+        made = await sb.post("/v1/refunds", json={"charge": charge, "amount": 2_000,
+                                                  "metadata": {"refund_request_id": case_id}})
+    made.raise_for_status()
+    duplicate = made.json()["id"]
+    trail = await stack.wait_for_audit(case_id, "duplicate_provider_refund")
+    row = await stack.wait_for_status(case_id, "ops_review")
+    assert row["provider_refund_id"] != duplicate and row["reserved_amount"] == 2_000
+    assert "reconciliation_break_found" in trail
+    [incident] = await _breaks(stack.store, case_id)
+    assert (incident["object_id"], incident["break_class"], incident["state"], incident["amount"]) == (
+        duplicate, "duplicate_refund", "ops_review", 2_000)
+    assert incident["evidence"]["case"]["followed_refund_id"] == row["provider_refund_id"]
+    kinds = {(n["kind"], n["audience"]) for n in await stack.store.notices(case_id)}
+    assert {("duplicate_provider_refund", "operator"), ("reconciliation_break", "ops")} <= kinds
+    # Only the case's own refund reaches the ledger; the duplicate waits for ops.
+    assert [x["debit"] for x in await stack.store.ledger_entries(case_id)] == [2_000, 0]
+
+
+async def _breaks(store: Store, case_id: str) -> list[dict[str, Any]]:
+    async with store.transaction() as conn:
+        cur = await conn.execute("SELECT * FROM reconciliation_breaks WHERE refund_request_id = %s",
+                                 (case_id,))
+        return list(await cur.fetchall())
+
+
+async def test_a_tracking_case_takes_the_charge_lock(store: Store) -> None:
+    refund = ProviderRefund(provider="sandbox", refund_id="re_lock_1", charge_id="ch_lock_1", amount=700,
+                            currency="USD", status=ProviderRefundStatus.SUCCEEDED, raw_status="succeeded")
+    async with store.transaction() as holder:  # a reservation in progress on the same charge
+        await holder.execute("INSERT INTO charges (provider, charge_id, currency, amount_captured)"
+                             " VALUES ('sandbox', 'ch_lock_1', 'USD', 1000) ON CONFLICT DO NOTHING")
+        await holder.execute("SELECT 1 FROM charges WHERE provider = 'sandbox' AND charge_id = 'ch_lock_1'"
+                             " FOR UPDATE")
+        pid = (await (await holder.execute("SELECT pg_backend_pid() AS pid")).fetchone() or {})["pid"]
+        opening = asyncio.create_task(store.open_tracking_case("sandbox-refund-re_lock_1", refund, None,
+                                                               "refund.updated"))
+        while not opening.done():  # until it either finished or queued behind our lock
+            cur = await holder.execute(
+                "SELECT count(*) AS n FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))", (pid,))
+            if (await cur.fetchone() or {})["n"]:
+                break
+            await asyncio.sleep(0.01)
+        assert not opening.done(), "the tracking case took its hold without the charge's lock"
+    assert await opening
+    row = await store.get_case("sandbox-refund-re_lock_1")
+    assert row is not None and (row["status"], row["reserved_amount"]) == ("tracking", 700)
