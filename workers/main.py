@@ -20,6 +20,7 @@ from activities.integrations import IntegrationActivities
 from activities.payout import PayoutActivities
 from activities.reconciliation import ReconciliationActivities
 from activities.refund import RefundActivities
+from adapters.audit_checkpoints import checkpoint_book
 from adapters.config import Settings
 from adapters.http_server import AppServer
 from adapters.instrumented import instrument
@@ -32,6 +33,7 @@ from adapters.store import Store
 from adapters.telemetry import sdk_runtime
 from adapters.temporal_client import connect
 from domain.policy import Policy
+from workers.checkpoints import checkpoint_audit_heads
 from workers.health import health_app
 from workers.outbox import sweep_outbox
 from workflows.payout import PayoutReversalWorkflow
@@ -79,6 +81,7 @@ async def run_worker(settings: Settings, dsn: str, stop: asyncio.Event) -> None:
     """Runs until `stop` is set, then shuts down gracefully: polling stops at once, running
     activities get `graceful_shutdown_seconds` to finish before they are cancelled (and
     retried elsewhere by Temporal)."""
+    book = checkpoint_book(settings.audit_checkpoint_dir, settings.audit_checkpoint_keys)
     client = await connect(settings, runtime=sdk_runtime(settings))
     store = await Store.open(dsn)
     providers = build_providers(settings, store)
@@ -95,6 +98,8 @@ async def run_worker(settings: Settings, dsn: str, stop: asyncio.Event) -> None:
         every_seconds=settings.outbox_sweep_seconds,
         older_than_seconds=settings.outbox_sweep_after_seconds))
         if settings.outbox_sweep_seconds > 0 else None)
+    checkpointer = (asyncio.create_task(checkpoint_audit_heads(
+        store, book, stop, every_seconds=settings.audit_checkpoint_seconds)) if book is not None else None)
     try:
         async with worker:
             if health is not None:
@@ -104,6 +109,8 @@ async def run_worker(settings: Settings, dsn: str, stop: asyncio.Event) -> None:
             await stop.wait()
             if sweeper is not None:
                 await sweeper
+            if checkpointer is not None:
+                await checkpointer
             log.info("stopping: waiting up to %ss for running activities",
                      settings.graceful_shutdown_seconds)
     finally:
