@@ -23,7 +23,9 @@ def _seconds(value: float | None) -> timedelta | None:
 class Settings(BaseSettings):
     """Every knob of the product; unset addresses mean 'start the embedded one'."""
 
-    model_config = SettingsConfigDict(env_prefix="REFUNDS_", extra="ignore")
+    # An empty variable is an unset one: deploy files list every setting, and a provider
+    # left empty there is off, as if absent.
+    model_config = SettingsConfigDict(env_prefix="REFUNDS_", extra="ignore", env_ignore_empty=True)
 
     data_dir: Path = Path(".data")
     bind_host: str = "127.0.0.1"

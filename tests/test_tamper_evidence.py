@@ -144,8 +144,6 @@ async def test_services_run_as_a_role_that_cannot_step_around_the_triggers(
         await admin.execute(f"CREATE DATABASE {database} OWNER {owner}")
     owner_dsn = make_conninfo(postgres_dsn, user=owner, password="owner-pw", dbname=database)
     runtime_dsn = make_conninfo(postgres_dsn, user=runtime, password="app-pw", dbname=database)
-    async with await psycopg.AsyncConnection.connect(owner_dsn, autocommit=True) as conn:
-        await conn.execute("ALTER SCHEMA public OWNER TO CURRENT_USER")
 
     migrated = await run("migrate", env={"REFUNDS_MIGRATION_DATABASE_URL": owner_dsn,
                                          "REFUNDS_DATABASE_URL": runtime_dsn})
