@@ -14,12 +14,14 @@ from psycopg.rows import dict_row
 from temporalio.client import Client
 
 from adapters.audit_checkpoints import CheckpointBook
+from adapters.config import Settings
 from adapters.store import Store
 from domain.models import LedgerInput, LedgerKind
 from starters.stack import TemporalDevServer
-from tests.harness import open_stack
+from tests.harness import PAYLOAD_KEYS, open_stack
 from tests.test_cli import run
 from workers.checkpoints import checkpoint_audit_heads, checkpoint_once
+from workers.main import run_worker
 
 
 def about(chain: str, problems: list[str]) -> list[str]:
@@ -92,6 +94,29 @@ async def test_the_worker_loop_checkpoints_until_stopped(store: Store, tmp_path:
     stop.set()
     await loop  # the last round on the way out records the second row
     assert book.read()[0][chain].keys() == {1, 2}
+
+
+async def test_the_worker_process_runs_the_checkpointer_when_configured(
+        store: Store, postgres_dsn: str, temporal_server: TemporalDevServer, tmp_path: Path) -> None:
+    chain = f"worker-{uuid.uuid4().hex[:10]}"
+    await append(store, chain, 2)
+    folder = tmp_path / "checkpoints"
+    settings = Settings(temporal_address=temporal_server.address, payload_keys=PAYLOAD_KEYS,
+                        task_queue=f"tq-{uuid.uuid4().hex[:10]}", worker_health_port=0,
+                        temporal_metrics_port=0, outbox_sweep_seconds=0,
+                        reconciliation_interval_seconds=0, audit_checkpoint_dir=folder,
+                        audit_checkpoint_keys="k1")
+    stop = asyncio.Event()
+    worker = asyncio.create_task(run_worker(settings, postgres_dsn, stop))
+    book = CheckpointBook(folder, [b"k1"])
+    async with asyncio.timeout(60):  # a guard against a hang, not a measured wait
+        while chain not in book.read()[0] and not worker.done():
+            await asyncio.sleep(0.05)
+    stop.set()
+    await worker
+    assert book.read()[0][chain] == {2: (await store.audit_heads())[chain][1]}
+    with pytest.raises(ValueError, match="REFUNDS_AUDIT_CHECKPOINT_KEYS"):
+        await run_worker(settings.model_copy(update={"audit_checkpoint_keys": None}), postgres_dsn, stop)
 
 
 async def test_the_ledger_refuses_update_and_delete(store: Store) -> None:
