@@ -341,6 +341,9 @@ async def cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
     except ValueError as missing:
         print(f"error: {missing}", file=sys.stderr)
         return 2
+    if book is not None and not book.folder.is_dir():  # a wrong path must not pass as "no checkpoints"
+        print(f"error: audit checkpoint folder {book.folder} does not exist", file=sys.stderr)
+        return 2
     points, problems = book.read() if book is not None else ({}, [])
     dsn, pg = await _database(settings)
     try:

@@ -80,6 +80,9 @@ async def test_a_cut_tail_with_a_rewound_head_is_caught_by_the_checkpoints(
     assert any(first.name in p and "seal does not match" in p for p in book.read()[1])
     unsealed = await run("audit", "verify", env={**env, "REFUNDS_AUDIT_CHECKPOINT_KEYS": ""})
     assert unsealed.returncode == 2 and "REFUNDS_AUDIT_CHECKPOINT_KEYS" in unsealed.stderr
+    typo = {**env, "REFUNDS_AUDIT_CHECKPOINT_DIR": str(tmp_path / "typo")}
+    elsewhere = await run("audit", "verify", env=typo)
+    assert elsewhere.returncode == 2 and "does not exist" in elsewhere.stderr
 
 
 async def test_the_worker_loop_checkpoints_until_stopped(store: Store, tmp_path: Path) -> None:
