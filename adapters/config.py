@@ -8,6 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
+from psycopg.conninfo import conninfo_to_dict
 from pydantic import AliasChoices, Field, IPvAnyNetwork, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -38,7 +39,9 @@ SECRET_LISTS = ("sandbox_webhook_secret", "stripe_webhook_secret", "rainforest_w
 class Settings(BaseSettings):
     """Every knob of the product; unset addresses mean 'start the embedded one'."""
 
-    model_config = SettingsConfigDict(env_prefix="REFUNDS_", extra="ignore")
+    # An empty variable is an unset one: deploy files list every setting, and a provider
+    # left empty there is off, as if absent.
+    model_config = SettingsConfigDict(env_prefix="REFUNDS_", extra="ignore", env_ignore_empty=True)
 
     data_dir: Path = Path(".data")
     bind_host: str = "127.0.0.1"
@@ -246,3 +249,28 @@ class Settings(BaseSettings):
 
     def temporal_target(self) -> str:
         return self.temporal_address or f"{self.bind_host}:{self.temporal_port}"
+
+    # Migrations run as the schema owner; relay and worker as a role that cannot alter the
+    # schema or disable its append-only triggers (see deploy/README.md).
+    migration_database_url: SecretStr | None = Field(
+        default=None, description="DSN of the role owning the schema, for `refunds migrate`; "
+                                  "default: REFUNDS_DATABASE_URL")
+    runtime_role: str | None = Field(
+        default=None, description="role relay and worker connect as, granted its rights by "
+                                  "`refunds migrate`; default: the user of REFUNDS_DATABASE_URL "
+                                  "when the migration DSN is a separate one")
+    audit_checkpoint_dir: Path | None = Field(
+        default=None, description="folder outside PostgreSQL (append-only) where the worker "
+                                  "checkpoints audit chain heads; unset: off")
+    audit_checkpoint_keys: SecretStr | None = Field(
+        default=None, description="HMAC key(s) sealing the checkpoints, comma-separated; the first "
+                                  "seals, all verify; never given to the database")
+    audit_checkpoint_seconds: float = Field(default=300, description="how often the worker checkpoints")
+
+    def runtime_role_name(self) -> str | None:
+        """The role `refunds migrate` grants to: explicit, or the runtime DSN's user when
+        migrations use their own DSN (one DSN for both: nothing to grant)."""
+        if self.runtime_role or self.migration_database_url is None or self.database_url is None:
+            return self.runtime_role
+        user = conninfo_to_dict(self.database_url.get_secret_value()).get("user")
+        return None if user is None else str(user)

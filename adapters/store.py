@@ -9,7 +9,7 @@ import json
 import logging
 import secrets
 import select
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -18,7 +18,7 @@ from importlib import resources
 from typing import Any
 
 import psycopg
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, sql
 from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
@@ -149,8 +149,12 @@ class Store:
 
     # -- migrations -----------------------------------------------------------------
 
-    async def migrate(self) -> list[str]:
-        """Applies the packaged SQL files in name order, each once, under an advisory lock."""
+    async def migrate(self, runtime_role: str | None = None) -> list[str]:
+        """Applies the packaged SQL files in name order, each once, under an advisory lock.
+
+        Run as the role that owns the schema. `runtime_role` is the role relay and worker
+        connect as: it gets the rows it works with and nothing more (not the owner, so it
+        cannot alter tables or disable their append-only triggers)."""
         files = sorted(
             (f for f in resources.files("adapters.migrations").iterdir() if f.name.endswith(".sql")),
             key=lambda f: f.name,
@@ -171,7 +175,32 @@ class Store:
                 await conn.execute(f.read_text())
                 await conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
                 applied.append(version)
+            if runtime_role is not None:
+                await self._grant_runtime(conn, runtime_role)
         return applied
+
+    @staticmethod
+    async def _grant_runtime(conn: Conn, role: str) -> None:
+        """Grants the services' role row access to every table (re-run on every migrate, so
+        new tables are covered), minus changing what is append-only or the migration record.
+        A role that could disable the triggers anyway (superuser, or the owner) is refused."""
+        found = await (await conn.execute(
+            "SELECT rolsuper, rolname = current_user AS is_owner, current_schema() AS schema"
+            " FROM pg_roles WHERE rolname = %s", (role,))).fetchone()
+        if found is None:
+            raise ValueError(f"runtime role {role!r} does not exist: create it (LOGIN, no superuser)")
+        if found["rolsuper"] or found["is_owner"]:
+            raise ValueError(f"runtime role {role!r} is a superuser or the schema owner: the services "
+                             "must run as a role that cannot disable triggers")
+        grantee, schema = sql.Identifier(role), sql.Identifier(found["schema"])
+        for statement in (
+            "GRANT USAGE ON SCHEMA {schema} TO {grantee}",
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO {grantee}",
+            "GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {schema} TO {grantee}",
+            "REVOKE UPDATE, DELETE, TRUNCATE ON audit_events, ledger_entries, ledger_lines FROM {grantee}",
+            "REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON schema_migrations FROM {grantee}",
+        ):
+            await conn.execute(sql.SQL(statement).format(schema=schema, grantee=grantee))
 
     # -- audit ----------------------------------------------------------------------
 
@@ -197,36 +226,64 @@ class Store:
             (chain, seq, case_id, occurred_at, actor, action, Jsonb(stored), head["hash"], digest,
              seq, digest, chain))
 
-    async def verify_audit(self) -> tuple[int, list[str]]:
-        """Recomputes every chain; returns rows checked and the problems found."""
+    async def audit_heads(self) -> dict[str, tuple[int, str]]:
+        """Every chain's committed head (seq, hash): what the checkpoints record."""
+        async with self._pool.connection() as conn:
+            return {r["chain"]: (int(r["seq"]), r["hash"]) for r in await (await conn.execute(
+                "SELECT chain, seq, hash FROM audit_heads")).fetchall()}
+
+    async def verify_audit(
+            self, checkpoints: Mapping[str, Mapping[int, str]] | None = None) -> tuple[int, list[str]]:
+        """Recomputes every chain; returns rows checked and the problems found.
+
+        Heads and rows are read in one REPEATABLE READ snapshot, so appends committed while
+        it runs are not mistaken for deletions. `checkpoints` (chain -> {seq: hash}, recorded
+        outside the database) catch what the chain alone cannot: a tail cut off together with
+        a rewound head, or a chain rewritten from some row on."""
         problems: list[str] = []
         checked = 0
+        points = {chain: dict(marks) for chain, marks in (checkpoints or {}).items()}
         async with self._pool.connection() as conn:
-            heads = {r["chain"]: (int(r["seq"]), r["hash"]) for r in await (await conn.execute(
-                "SELECT chain, seq, hash FROM audit_heads")).fetchall()}
-            last: dict[str, tuple[int, str]] = {}
-            async with conn.transaction(), conn.cursor(name="audit_verify") as cur:
-                await cur.execute("SELECT * FROM audit_events ORDER BY chain, seq")
-                async for row in cur:
-                    checked += 1
-                    chain = row["chain"]
-                    seq, prev = last.get(chain, (0, GENESIS))
-                    where = f"chain {chain or '(global)'} row {row['id']} (seq {row['seq']})"
-                    if row["seq"] != seq + 1:
-                        problems.append(f"{where}: expected seq {seq + 1}: a row is missing")
-                    if row["prev_hash"] != prev:
-                        problems.append(f"{where}: prev_hash does not match the row before")
-                    expected = chain_hash(row["prev_hash"], chain=chain, seq=row["seq"],
-                                          refund_request_id=row["refund_request_id"],
-                                          occurred_at=row["occurred_at"], actor=row["actor"],
-                                          action=row["action"], detail=row["detail"])
-                    if row["hash"] != expected:
-                        problems.append(f"{where}: content does not match its hash (edited)")
-                    last[chain] = (int(row["seq"]), row["hash"])
+            await conn.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)
+            try:
+                async with conn.transaction():
+                    await conn.execute("SET TRANSACTION READ ONLY")
+                    heads = {r["chain"]: (int(r["seq"]), r["hash"]) for r in await (await conn.execute(
+                        "SELECT chain, seq, hash FROM audit_heads")).fetchall()}
+                    last: dict[str, tuple[int, str]] = {}
+                    async with conn.cursor(name="audit_verify") as cur:
+                        await cur.execute("SELECT * FROM audit_events ORDER BY chain, seq")
+                        async for row in cur:
+                            checked += 1
+                            chain = row["chain"]
+                            seq, prev = last.get(chain, (0, GENESIS))
+                            where = f"chain {chain or '(global)'} row {row['id']} (seq {row['seq']})"
+                            if row["seq"] != seq + 1:
+                                problems.append(f"{where}: expected seq {seq + 1}: a row is missing")
+                            if row["prev_hash"] != prev:
+                                problems.append(f"{where}: prev_hash does not match the row before")
+                            expected = chain_hash(row["prev_hash"], chain=chain, seq=row["seq"],
+                                                  refund_request_id=row["refund_request_id"],
+                                                  occurred_at=row["occurred_at"], actor=row["actor"],
+                                                  action=row["action"], detail=row["detail"])
+                            if row["hash"] != expected:
+                                problems.append(f"{where}: content does not match its hash (edited)")
+                            marked = points.get(chain, {}).pop(int(row["seq"]), None)
+                            if marked is not None and marked != row["hash"]:
+                                problems.append(f"{where}: differs from the checkpointed hash "
+                                                "(chain rewritten)")
+                            last[chain] = (int(row["seq"]), row["hash"])
+            finally:
+                await conn.set_isolation_level(None)
         for chain, head in heads.items():
             if last.get(chain, (0, GENESIS)) != head:
                 problems.append(f"chain {chain or '(global)'}: head is seq {head[0]} but the rows "
                                 f"end at seq {last.get(chain, (0, GENESIS))[0]}: rows were deleted")
+        for chain, missing in points.items():
+            if missing:
+                problems.append(f"chain {chain or '(global)'}: checkpointed seq {max(missing)} is gone "
+                                f"(head at seq {heads.get(chain, (0, ''))[0]}): the tail was cut "
+                                "and the head rewound")
         return checked, problems
 
     async def append_audit(self, case_id: str | None, actor: str, action: str,

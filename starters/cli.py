@@ -171,14 +171,27 @@ async def cmd_webhooks_redrive(args: argparse.Namespace, settings: Settings) -> 
 
 
 async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    """Migrates as the schema owner (REFUNDS_MIGRATION_DATABASE_URL, else the one DSN) and
+    grants the runtime role what relay and worker need."""
     from adapters.store import Store
 
-    dsn, pg = await _database(settings)
+    if settings.migration_database_url is not None:
+        dsn, pg = settings.migration_database_url.get_secret_value(), None
+    else:
+        dsn, pg = await _database(settings)
+    runtime_role = settings.runtime_role_name()
     try:
         store = await Store.open(dsn)
-        applied = await store.migrate()
-        await store.close()
+        try:
+            applied = await store.migrate(runtime_role)
+        except ValueError as refused:
+            print(f"refused: {refused}", file=sys.stderr)
+            return 1
+        finally:
+            await store.close()
         print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
+        if runtime_role is not None:
+            print(f"runtime role {runtime_role}: granted")
     finally:
         if pg is not None:
             pg.stop()
@@ -320,18 +333,34 @@ async def cmd_audit_show(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
+    from adapters.audit_checkpoints import checkpoint_book
     from adapters.store import Store
 
+    try:
+        book = checkpoint_book(settings.audit_checkpoint_dir, settings.audit_checkpoint_keys)
+    except ValueError as missing:
+        print(f"error: {missing}", file=sys.stderr)
+        return 2
+    if book is not None and not book.folder.is_dir():  # a wrong path must not pass as "no checkpoints"
+        print(f"error: audit checkpoint folder {book.folder} does not exist", file=sys.stderr)
+        return 2
+    points, problems = book.read() if book is not None else ({}, [])
     dsn, pg = await _database(settings)
     try:
         store = await Store.open(dsn)
-        checked, problems = await store.verify_audit()
+        checked, chain_problems = await store.verify_audit(points)
         await store.close()
     finally:
         if pg is not None:
             pg.stop()
+    problems += chain_problems
     for problem in problems:
         print(f"TAMPERED: {problem}")
+    if book is None:
+        print("no audit checkpoints (REFUNDS_AUDIT_CHECKPOINT_DIR unset): a cut tail with a rewound "
+              "head cannot be detected", file=sys.stderr)
+    else:
+        print(f"checked against {book.count()} checkpoints in {book.folder}")
     print(f"{checked} audit rows checked, {len(problems)} problems")
     return 1 if problems else 0
 

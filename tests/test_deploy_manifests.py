@@ -1,19 +1,24 @@
 """deploy/ cannot run here (no container engine), so its manifests are checked against the
 code: the image is the one the Dockerfile builds, every command is a `refunds`
 subcommand, every variable is one the code reads, probes hit real routes on the
-configured ports, secrets stay out of the repo, and pods outlive the worker's grace."""
+configured ports, secrets stay out of the repo, pods outlive the worker's grace, every provider
+is wired and optional, migrations run as the schema owner and the services as a runtime role,
+and healthchecks call tools their images ship."""
 
 import argparse
 import re
+import shlex
 import tomllib
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, cast
 
+import pytest
 import yaml
-from pydantic import AliasChoices
+from pydantic import AliasChoices, SecretStr
 
 from adapters.config import Settings
+from adapters.providers.registry import build_providers
 from starters.cli import build_parser
 from starters.relay import create_app
 from workers.health import health_app
@@ -28,13 +33,38 @@ ENVCONFIG = {"TEMPORAL_ADDRESS", "TEMPORAL_NAMESPACE", "TEMPORAL_API_KEY", "TEMP
 OTEL = {"OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_SERVICE_NAME"}
 
 
+PROVIDERS = ("sandbox", "stripe", "adyen", "rainforest", "cashfree")
+# What each image ships that a healthcheck may call (their documentation and Dockerfiles):
+# the postgres image its client tools, auto-setup the `temporal` CLI (no tctl since 1.2x),
+# ours the python the base image brings and the `refunds` entry point.
+IMAGE_TOOLS = {"postgres": {"pg_isready", "psql"}, "temporalio/auto-setup": {"temporal"},
+               "refund-orchestrator": {"python", "refunds"}}
+
+
+def variable_names(name: str) -> list[str]:
+    alias = Settings.model_fields[name].validation_alias
+    return list(map(str, alias.choices)) if isinstance(alias, AliasChoices) else [f"REFUNDS_{name.upper()}"]
+
+
 def settings_variables() -> set[str]:
-    names = set()
-    for name, field in Settings.model_fields.items():
-        alias = field.validation_alias
-        choices = alias.choices if isinstance(alias, AliasChoices) else [f"REFUNDS_{name.upper()}"]
-        names |= set(map(str, choices))
-    return names
+    return {variable for name in Settings.model_fields for variable in variable_names(name)}
+
+
+def secret_variables() -> set[str]:
+    return {v for name, f in Settings.model_fields.items() if f.annotation == SecretStr | None
+            for v in variable_names(name)}
+
+
+def provider_settings() -> dict[str, list[str]]:
+    """Each provider setting (the dev stack's `sandbox_port` is not one) and its variable names."""
+    return {name: variable_names(name) for name in Settings.model_fields
+            if name.split("_")[0] in PROVIDERS and name != "sandbox_port"}
+
+
+def dsn_user(dsn: str) -> str:
+    found = re.match(r"postgresql://(\w+):", dsn)
+    assert found, dsn
+    return found.group(1)
 
 
 def k8s() -> list[dict[str, Any]]:
@@ -63,7 +93,12 @@ def our_containers() -> list[tuple[dict[str, Any], dict[str, Any]]]:
 def container_env(container: dict[str, Any]) -> dict[str, Any]:
     env: dict[str, Any] = {}
     for ref in container.get("envFrom", []):
-        env |= of_kind("ConfigMap")[ref["configMapRef"]["name"]]["data"]
+        if "configMapRef" in ref:
+            env |= of_kind("ConfigMap")[ref["configMapRef"]["name"]]["data"]
+        else:
+            secret = ref["secretRef"]["name"]
+            env |= {key: {"secretKeyRef": {"name": secret, "key": key, "optional": ref["secretRef"].get(
+                "optional", False)}} for key in of_kind("Secret")[secret]["stringData"]}
     return env | {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
 
 
@@ -95,14 +130,102 @@ def test_every_variable_is_one_the_code_reads_and_secrets_come_from_secrets() ->
             if isinstance(value, dict):
                 ref = value["secretKeyRef"]
                 assert (ref["name"], ref["key"]) in secret_keys
-            secret = name in {"REFUNDS_DATABASE_URL", "REFUNDS_PAYLOAD_KEYS"} or "SECRET" in name
+            secret = name in secret_variables()
             assert not secret or isinstance(value, dict), f"{name} must come from a Secret"
     services = compose()["services"]
     for name in ("worker", "relay", "migrate"):
         env = services[name]["environment"]
         assert set(env) <= known, set(env) - known
-        assert str(env["REFUNDS_PAYLOAD_KEYS"]).startswith("${")
-        assert "${POSTGRES_PASSWORD" in env["REFUNDS_DATABASE_URL"]
+        for variable in set(env) & secret_variables():
+            assert "${" in str(env[variable]), f"{variable} must come from deploy/.env"
+    for name in ("worker", "relay"):
+        assert str(services[name]["environment"]["REFUNDS_PAYLOAD_KEYS"]).startswith("${")
+
+
+def test_every_provider_is_wired_everywhere_and_optional(monkeypatch: pytest.MonkeyPatch) -> None:
+    services = compose()["services"]
+    deployments = of_kind("Deployment")
+    example = dict(line.split("=", 1) for line in (DEPLOY / "env.example").read_text().splitlines()
+                   if line and not line.startswith("#"))
+    for setting, names in provider_settings().items():
+        for service in ("worker", "relay"):
+            env = services[service]["environment"]
+            [variable] = [n for n in names if n in env] or [f"{setting} missing in compose {service}"]
+            assert env[variable] == f"${{{variable}:-}}", f"{variable} must be optional in compose"
+        for deployment in ("refunds-worker", "refunds-relay"):
+            env = container_env(deployments[deployment]["spec"]["template"]["spec"]["containers"][0])
+            [variable] = [n for n in names if n in env] or [f"{setting} missing in {deployment}"]
+            value = env[variable]
+            assert value == "" or value["secretKeyRef"]["optional"], f"{variable} must be optional"
+        assert any(n in example for n in names), f"{setting} missing in env.example"
+    # What compose hands a container for a provider left empty in deploy/.env: no provider.
+    for variable, value in example.items():
+        monkeypatch.setenv(variable, value)
+    assert build_providers(Settings()) == {}
+
+
+def test_migrations_run_as_the_schema_owner_and_services_as_the_runtime_role() -> None:
+    services = compose()["services"]
+    migrate_env = services["migrate"]["environment"]
+    assert "REFUNDS_DATABASE_URL" not in migrate_env
+    owner = dsn_user(migrate_env["REFUNDS_MIGRATION_DATABASE_URL"])
+    runtime = migrate_env["REFUNDS_RUNTIME_ROLE"]
+    for name in ("worker", "relay"):
+        env = services[name]["environment"]
+        assert "REFUNDS_MIGRATION_DATABASE_URL" not in env
+        assert dsn_user(env["REFUNDS_DATABASE_URL"]) == runtime
+    database = services["postgresql"]["environment"]
+    temporal_role = services["temporal"]["environment"]["POSTGRES_USER"]
+    assert len({database["POSTGRES_USER"], owner, runtime, temporal_role}) == 4  # nobody shares the superuser
+    assert "./postgres-init:/docker-entrypoint-initdb.d:ro" in services["postgresql"]["volumes"]
+    roles = (DEPLOY / "postgres-init" / "roles.sh").read_text()
+    assert f"CREATE DATABASE refunds OWNER {owner};" in roles
+    assert re.search(rf"CREATE ROLE {runtime} LOGIN .*NOSUPERUSER NOCREATEDB NOCREATEROLE;", roles)
+    assert re.search(rf"CREATE ROLE {temporal_role} LOGIN .*CREATEDB;", roles)
+    assert "SUPERUSER" not in roles.replace("NOSUPERUSER", "")
+
+    [job] = of_kind("Job").values()
+    job_env = container_env(job["spec"]["template"]["spec"]["containers"][0])
+    assert job_env["REFUNDS_RUNTIME_ROLE"] == runtime
+    assert job_env["REFUNDS_MIGRATION_DATABASE_URL"]["secretKeyRef"]["name"] == "refunds-migration"
+    assert "REFUNDS_DATABASE_URL" not in job_env
+    for deployment in of_kind("Deployment").values():
+        env = container_env(deployment["spec"]["template"]["spec"]["containers"][0])
+        assert "REFUNDS_DATABASE_URL" in env and "REFUNDS_MIGRATION_DATABASE_URL" not in env
+
+
+def test_workers_checkpoint_audit_heads_to_a_volume_outside_the_database() -> None:
+    services = compose()["services"]
+    worker = services["worker"]
+    folder = worker["environment"]["REFUNDS_AUDIT_CHECKPOINT_DIR"]
+    mounts = [v.split(":") for v in worker["volumes"]]
+    assert any(target == folder and source in compose()["volumes"] for source, target in mounts)
+    assert str(worker["environment"]["REFUNDS_AUDIT_CHECKPOINT_KEYS"]).startswith("${")
+    assert "REFUNDS_AUDIT_CHECKPOINT_KEYS" not in services["postgresql"]["environment"]
+    assert f"mkdir -p {folder} && chown -R 10001" in (DEPLOY / "Dockerfile").read_text()
+    pod = of_kind("Deployment")["refunds-worker"]["spec"]["template"]["spec"]
+    env = container_env(pod["containers"][0])
+    [mount] = [m for m in pod["containers"][0]["volumeMounts"]
+               if m["mountPath"] == env["REFUNDS_AUDIT_CHECKPOINT_DIR"]]
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    claim = of_kind("PersistentVolumeClaim")[volume["persistentVolumeClaim"]["claimName"]]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # every worker replica writes there
+    assert pod["securityContext"]["fsGroup"] == 10001
+    assert "secretKeyRef" in env["REFUNDS_AUDIT_CHECKPOINT_KEYS"]
+
+
+def test_compose_healthchecks_use_tools_their_images_ship() -> None:
+    assert re.search(r"^FROM python:", (DEPLOY / "Dockerfile").read_text(), re.M)
+    checked = []
+    for name, service in compose()["services"].items():
+        if "healthcheck" not in service:
+            continue
+        kind, *command = service["healthcheck"]["test"]
+        program = command[0] if kind == "CMD" else shlex.split(command[0])[0]
+        tools = IMAGE_TOOLS[service["image"].split(":")[0]]
+        assert program in tools, f"{name}: {program} is not in its image"
+        checked.append(name)
+    assert {"postgresql", "temporal", "worker", "relay"} <= set(checked)
 
 
 def test_probes_hit_real_routes_and_pods_outlive_the_workers_grace() -> None:
@@ -138,6 +261,8 @@ def test_compose_runs_self_hosted_temporal_on_postgresql_and_publishes_loopback_
     assert {"postgresql", "temporal", "temporal-ui", "migrate", "worker", "relay"} <= set(services)
     assert services["temporal"]["environment"]["DB"] == "postgres12"
     assert services["temporal"]["environment"]["POSTGRES_SEEDS"] == "postgresql"
+    assert services["temporal"]["environment"]["POSTGRES_USER"] != services["postgresql"]["environment"][
+        "POSTGRES_USER"]
     assert services["temporal-ui"]["environment"]["TEMPORAL_CODEC_ENDPOINT"].endswith("/codec")
     published = [p for s in services.values() for p in s.get("ports", [])]
     assert published and all(p.startswith("127.0.0.1:") for p in published)

@@ -21,6 +21,7 @@ from activities.integrations import IntegrationActivities
 from activities.payout import PayoutActivities
 from activities.reconciliation import ReconciliationActivities
 from activities.refund import RefundActivities
+from adapters.audit_checkpoints import checkpoint_book
 from adapters.config import Settings
 from adapters.http_server import AppServer
 from adapters.instrumented import instrument
@@ -33,6 +34,7 @@ from adapters.store import Store
 from adapters.telemetry import sdk_runtime
 from adapters.temporal_client import connect
 from domain.policy import Policy
+from workers.checkpoints import checkpoint_audit_heads
 from workers.health import health_app
 from workers.outbox import sweep_outbox
 from workers.retention import prune_receipts
@@ -82,6 +84,7 @@ async def run_worker(settings: Settings, dsn: str, stop: asyncio.Event) -> None:
     """Runs until `stop` is set, then shuts down gracefully: polling stops at once, running
     activities get `graceful_shutdown_seconds` to finish before they are cancelled (and
     retried elsewhere by Temporal)."""
+    book = checkpoint_book(settings.audit_checkpoint_dir, settings.audit_checkpoint_keys)
     client = await connect(settings, runtime=sdk_runtime(settings))
     store = await Store.open(dsn)
     providers = build_providers(settings, store)
@@ -102,6 +105,8 @@ async def run_worker(settings: Settings, dsn: str, stop: asyncio.Event) -> None:
         store, stop, every_seconds=settings.webhook_prune_interval_seconds,
         retention=timedelta(days=settings.webhook_refused_retention_days)))
         if settings.webhook_prune_interval_seconds > 0 else None)
+    checkpointer = (asyncio.create_task(checkpoint_audit_heads(
+        store, book, stop, every_seconds=settings.audit_checkpoint_seconds)) if book is not None else None)
     try:
         async with worker:
             if health is not None:
@@ -109,10 +114,9 @@ async def run_worker(settings: Settings, dsn: str, stop: asyncio.Event) -> None:
                 log.info("worker health and metrics on %s", health.url)
             log.info("worker polling task queue %s", settings.task_queue)
             await stop.wait()
-            if sweeper is not None:
-                await sweeper
-            if pruner is not None:
-                await pruner
+            for loop in (sweeper, pruner, checkpointer):
+                if loop is not None:
+                    await loop
             log.info("stopping: waiting up to %ss for running activities",
                      settings.graceful_shutdown_seconds)
     finally:

@@ -1,0 +1,206 @@
+"""Tamper evidence that holds against the database's own user: chain heads checkpointed
+outside PostgreSQL, an append-only ledger, one snapshot per verification, and services
+that run as a role which cannot disable the triggers."""
+
+import asyncio
+import json
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+from psycopg.rows import dict_row
+from temporalio.client import Client
+
+from adapters.audit_checkpoints import CheckpointBook
+from adapters.config import Settings
+from adapters.store import Store
+from domain.models import LedgerInput, LedgerKind
+from starters.stack import TemporalDevServer
+from tests.harness import PAYLOAD_KEYS, open_stack
+from tests.test_cli import run
+from workers.checkpoints import checkpoint_audit_heads, checkpoint_once
+from workers.main import run_worker
+
+
+def about(chain: str, problems: list[str]) -> list[str]:
+    return [p for p in problems if f"chain {chain}" in p]
+
+
+async def append(store: Store, chain: str, count: int) -> None:
+    for n in range(count):
+        await store.append_audit(chain, "tester", "step", {"n": n})
+
+
+async def as_owner(store: Store, *statements: tuple[str, tuple[object, ...]]) -> None:
+    """What the database's own superuser can do: switch the append-only trigger off and on."""
+    async with store.transaction() as conn:
+        await conn.execute("ALTER TABLE audit_events DISABLE TRIGGER audit_events_no_update")
+        for statement, params in statements:
+            await conn.execute(statement, params)
+        await conn.execute("ALTER TABLE audit_events ENABLE TRIGGER audit_events_no_update")
+
+
+async def test_a_cut_tail_with_a_rewound_head_is_caught_by_the_checkpoints(
+        store: Store, tmp_path: Path, postgres_dsn: str) -> None:
+    chain = f"tamper-{uuid.uuid4().hex[:10]}"
+    book = CheckpointBook(tmp_path / "checkpoints", [b"checkpoint-key"])
+    await append(store, chain, 3)
+    known = await checkpoint_once(store, book, {})
+    await append(store, chain, 2)
+    known = await checkpoint_once(store, book, known)
+    assert known[chain][0] == 5
+    points, sealed = book.read()
+    assert sealed == [] and points[chain][3] and points[chain][5]
+    assert about(chain, (await store.verify_audit(points))[1]) == []
+
+    rows = {r["seq"]: r["hash"] for r in await store.audit_trail(chain)}
+    await as_owner(store, ("DELETE FROM audit_events WHERE chain = %s AND seq > 3", (chain,)),
+                   ("UPDATE audit_heads SET seq = 3, hash = %s WHERE chain = %s", (rows[3], chain)))
+    assert about(chain, (await store.verify_audit())[1]) == []  # the chain alone looks whole
+    problems = about(chain, (await store.verify_audit(points))[1])
+    assert len(problems) == 1 and "checkpointed seq 5 is gone" in problems[0], problems
+
+    await append(store, chain, 3)  # grown again past the checkpoint: a fork, still caught
+    problems = about(chain, (await store.verify_audit(points))[1])
+    assert any("(seq 5)" in p and "checkpointed hash" in p for p in problems), problems
+
+    env = {"REFUNDS_DATABASE_URL": postgres_dsn, "REFUNDS_AUDIT_CHECKPOINT_DIR": str(book.folder),
+           "REFUNDS_AUDIT_CHECKPOINT_KEYS": "checkpoint-key"}
+    result = await run("audit", "verify", env=env)
+    assert result.returncode == 1
+    assert f"TAMPERED: chain {chain}: checkpointed seq 5 is gone" not in result.stdout  # a fork now
+    assert f"TAMPERED: chain {chain} row" in result.stdout and "checkpointed hash" in result.stdout
+
+    first = sorted(book.folder.glob("*.json"))[0]
+    forged = json.loads(first.read_text())
+    forged["heads"][chain] = [3, "0" * 64]
+    first.write_text(json.dumps(forged))
+    assert any(first.name in p and "seal does not match" in p for p in book.read()[1])
+    unsealed = await run("audit", "verify", env={**env, "REFUNDS_AUDIT_CHECKPOINT_KEYS": ""})
+    assert unsealed.returncode == 2 and "REFUNDS_AUDIT_CHECKPOINT_KEYS" in unsealed.stderr
+    typo = {**env, "REFUNDS_AUDIT_CHECKPOINT_DIR": str(tmp_path / "typo")}
+    elsewhere = await run("audit", "verify", env=typo)
+    assert elsewhere.returncode == 2 and "does not exist" in elsewhere.stderr
+
+
+async def test_the_worker_loop_checkpoints_until_stopped(store: Store, tmp_path: Path) -> None:
+    chain = f"loop-{uuid.uuid4().hex[:10]}"
+    await append(store, chain, 1)
+    book = CheckpointBook(tmp_path, [b"k"])
+    stop = asyncio.Event()
+    loop = asyncio.create_task(checkpoint_audit_heads(store, book, stop, every_seconds=0.05))
+    while book.count() == 0:
+        await asyncio.sleep(0.02)
+    await append(store, chain, 1)
+    stop.set()
+    await loop  # the last round on the way out records the second row
+    assert book.read()[0][chain].keys() == {1, 2}
+
+
+async def test_the_worker_process_runs_the_checkpointer_when_configured(
+        store: Store, postgres_dsn: str, temporal_server: TemporalDevServer, tmp_path: Path) -> None:
+    chain = f"worker-{uuid.uuid4().hex[:10]}"
+    await append(store, chain, 2)
+    folder = tmp_path / "checkpoints"
+    settings = Settings(temporal_address=temporal_server.address, payload_keys=PAYLOAD_KEYS,
+                        task_queue=f"tq-{uuid.uuid4().hex[:10]}", worker_health_port=0,
+                        temporal_metrics_port=0, outbox_sweep_seconds=0,
+                        reconciliation_interval_seconds=0, audit_checkpoint_dir=folder,
+                        audit_checkpoint_keys="k1")
+    stop = asyncio.Event()
+    worker = asyncio.create_task(run_worker(settings, postgres_dsn, stop))
+    book = CheckpointBook(folder, [b"k1"])
+    async with asyncio.timeout(60):  # a guard against a hang, not a measured wait
+        while chain not in book.read()[0] and not worker.done():
+            await asyncio.sleep(0.05)
+    stop.set()
+    await worker
+    assert book.read()[0][chain] == {2: (await store.audit_heads())[chain][1]}
+    with pytest.raises(ValueError, match="REFUNDS_AUDIT_CHECKPOINT_KEYS"):
+        await run_worker(settings.model_copy(update={"audit_checkpoint_keys": None}), postgres_dsn, stop)
+
+
+async def test_the_ledger_refuses_update_and_delete(store: Store) -> None:
+    case_id = f"ledger-{uuid.uuid4().hex[:10]}"
+    await store.post_ledger(LedgerInput(refund_request_id=case_id, kind=LedgerKind.REFUND_SETTLED,
+                                        amount=500, currency="USD", provider_refund_id="re_1"))
+    for statement in ("UPDATE ledger_lines SET debit = debit * 2 WHERE entry_id IN"
+                      " (SELECT id FROM ledger_entries WHERE refund_request_id = %s)",
+                      "DELETE FROM ledger_lines WHERE entry_id IN"
+                      " (SELECT id FROM ledger_entries WHERE refund_request_id = %s)",
+                      "DELETE FROM ledger_entries WHERE refund_request_id = %s",
+                      "UPDATE ledger_entries SET template = 'x' WHERE refund_request_id = %s"):
+        with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
+            async with store.transaction() as conn:
+                await conn.execute(statement, (case_id,))
+    lines = await store.ledger_entries(case_id)
+    assert sorted((line["debit"], line["credit"]) for line in lines) == [(0, 500), (500, 0)]
+
+
+async def test_verification_reads_heads_and_rows_in_one_snapshot(store: Store, postgres_dsn: str) -> None:
+    """An append that commits after verification read the heads and before it read the rows
+    is not a deletion. The writer holds the audit table's lock until verification has read
+    the heads and waits on the rows, then commits: the interleaving is forced, not timed."""
+    chain = f"live-{uuid.uuid4().hex[:10]}"
+    await append(store, chain, 2)
+    async with await psycopg.AsyncConnection.connect(postgres_dsn, row_factory=dict_row) as writer, \
+            await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as watcher:
+        async with writer.transaction():
+            await writer.execute("LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE")
+            await Store._audit(writer, chain, "tester", "step", {"n": 2})
+            verifying = asyncio.create_task(store.verify_audit())
+            async with asyncio.timeout(60):  # a guard against a hang, not a measured wait
+                while not await (await watcher.execute(
+                        "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                        " AND query LIKE '%%FROM audit_events ORDER BY chain, seq%%'")).fetchone():
+                    await asyncio.sleep(0.02)
+        _, problems = await verifying
+    assert about(chain, problems) == []
+    assert about(chain, (await store.verify_audit())[1]) == []
+    assert [r["seq"] for r in await store.audit_trail(chain)] == [1, 2, 3]
+
+
+async def test_services_run_as_a_role_that_cannot_step_around_the_triggers(
+        postgres_dsn: str, client: Client, temporal_server: TemporalDevServer) -> None:
+    suffix = uuid.uuid4().hex[:8]
+    owner, runtime, database = f"refunds_owner_{suffix}", f"refunds_app_{suffix}", f"refunds_{suffix}"
+    async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as admin:
+        await admin.execute(f"CREATE ROLE {owner} LOGIN PASSWORD 'owner-pw'")
+        await admin.execute(f"CREATE ROLE {runtime} LOGIN PASSWORD 'app-pw'")
+        await admin.execute(f"CREATE DATABASE {database} OWNER {owner}")
+    owner_dsn = make_conninfo(postgres_dsn, user=owner, password="owner-pw", dbname=database)
+    runtime_dsn = make_conninfo(postgres_dsn, user=runtime, password="app-pw", dbname=database)
+
+    migrated = await run("migrate", env={"REFUNDS_MIGRATION_DATABASE_URL": owner_dsn,
+                                         "REFUNDS_DATABASE_URL": runtime_dsn})
+    assert migrated.returncode == 0, migrated.stderr
+    assert f"runtime role {runtime}: granted" in migrated.stdout
+    refused = await run("migrate", env={"REFUNDS_MIGRATION_DATABASE_URL": owner_dsn,
+                                        "REFUNDS_RUNTIME_ROLE": owner})
+    assert refused.returncode == 1 and "cannot disable triggers" in refused.stderr
+
+    runtime_store = await Store.open(runtime_dsn, max_size=8)
+    try:
+        async with await psycopg.AsyncConnection.connect(runtime_dsn, autocommit=True) as app:
+            for statement in ("ALTER TABLE audit_events DISABLE TRIGGER audit_events_no_update",
+                              "ALTER TABLE ledger_lines DISABLE TRIGGER ledger_lines_no_update",
+                              "DELETE FROM ledger_lines", "DELETE FROM ledger_entries",
+                              "DELETE FROM audit_events", "UPDATE audit_events SET actor = 'x'",
+                              "TRUNCATE audit_events", "DROP TABLE audit_heads"):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    await app.execute(statement)
+
+        stack = await open_stack(runtime_store, client, temporal_server.address)
+        try:
+            charge = await stack.charge(2_000)
+            case_id = await stack.request_refund("alice", charge, 700)
+            await stack.wait_for_status(case_id, "succeeded")
+            assert len(await runtime_store.ledger_entries(case_id)) == 2  # debit and credit line
+        finally:
+            await stack.close()
+        checked, problems = await runtime_store.verify_audit()
+        assert checked > 0 and problems == []
+    finally:
+        await runtime_store.close()
