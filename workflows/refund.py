@@ -45,7 +45,12 @@ with workflow.unsafe.imports_passed_through():
         VerifyResult,
     )
     from workflows import retry
-    from workflows.approvals import ApprovalOutcome, ApprovalRound, ApprovingWorkflow
+    from workflows.approvals import (
+        LATE_VERDICTS_PATCH,
+        ApprovalOutcome,
+        ApprovalRound,
+        ApprovingWorkflow,
+    )
 
 DECLINED = "ProviderDeclined"
 UNEXPECTED_STATUS = "UnexpectedProviderStatus"
@@ -132,7 +137,10 @@ class RefundWorkflow(ApprovingWorkflow):
             "decide_policy", PolicyInput(request=request, validation=validation),
             result_type=PolicyDecision, **retry.POLICY)
         self._round.requirements, self._round.tier = self._decision.requirements, self._decision.tier
-        if not self._decision.auto_approve:
+        if self._decision.auto_approve:
+            if workflow.patched(LATE_VERDICTS_PATCH):
+                await self._round.close(self)
+        else:
             if not await self._round.collect(self, self._timings):
                 return await self._finish()
             if workflow.patched(INTEGRATIONS_PATCH):
@@ -360,6 +368,7 @@ class RefundWorkflow(ApprovingWorkflow):
     # -- bookkeeping -------------------------------------------------------------------
 
     async def _finish(self) -> RefundOutcome:
+        await self.approvals_settled()
         await workflow.wait_condition(workflow.all_handlers_finished)
         if self._courier is not None:
             self._closing = True
