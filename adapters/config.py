@@ -106,6 +106,10 @@ class Settings(BaseSettings):
                                         "notice outbox; 0: off")
     outbox_sweep_after_seconds: float = Field(default=60, description="a notice undelivered this long "
                                               "is swept")
+    case_sweep_seconds: float = Field(default=60, description="how often the worker looks for open "
+                                      "cases whose workflow has closed; 0: off")
+    case_sweep_after_seconds: float = Field(default=300, description="a case untouched this long is "
+                                            "checked by the closed-workflow sweep")
 
     webhook_max_body_bytes: int = 256 * 1024
     webhook_tolerance_seconds: int = 300

@@ -133,11 +133,12 @@ class CaseStatus(StrEnum):
     EXECUTED_LEDGER_PENDING = "executed_ledger_pending"
     OPS_REVIEW = "ops_review"
     TRACKING = "tracking"
+    CANCELED_BY_OPS = "canceled_by_ops"
 
 
 CLOSED_STATUSES = frozenset(
     {CaseStatus.REJECTED, CaseStatus.DENIED, CaseStatus.EXPIRED, CaseStatus.REFUND_FAILED,
-     CaseStatus.REFUND_CANCELED}
+     CaseStatus.REFUND_CANCELED, CaseStatus.CANCELED_BY_OPS}
 )
 
 

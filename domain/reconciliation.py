@@ -41,6 +41,8 @@ class BreakClass(StrEnum):
     LEDGER_DOUBLED = "ledger_doubled"
     PAYOUT_FAILED_SHOWN_PAID = "payout_failed_shown_paid"
     UNMAPPED_STATUS = "unmapped_status"
+    WORKFLOW_CLOSED = "workflow_closed"
+    """The case's workflow ended (terminated, failed, timed out) while the case was open."""
 
 
 UNMAPPED = "unmapped"

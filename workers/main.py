@@ -32,6 +32,7 @@ from adapters.store import Store
 from adapters.telemetry import sdk_runtime
 from adapters.temporal_client import connect
 from domain.policy import Policy
+from workers.case_sweep import sweep_closed_cases
 from workers.health import health_app
 from workers.outbox import sweep_outbox
 from workflows.payout import PayoutReversalWorkflow
@@ -95,6 +96,10 @@ async def run_worker(settings: Settings, dsn: str, stop: asyncio.Event) -> None:
         every_seconds=settings.outbox_sweep_seconds,
         older_than_seconds=settings.outbox_sweep_after_seconds))
         if settings.outbox_sweep_seconds > 0 else None)
+    case_sweeper = (asyncio.create_task(sweep_closed_cases(
+        store, client, providers, stop, every_seconds=settings.case_sweep_seconds,
+        idle_seconds=settings.case_sweep_after_seconds))
+        if settings.case_sweep_seconds > 0 else None)
     try:
         async with worker:
             if health is not None:
@@ -102,8 +107,9 @@ async def run_worker(settings: Settings, dsn: str, stop: asyncio.Event) -> None:
                 log.info("worker health and metrics on %s", health.url)
             log.info("worker polling task queue %s", settings.task_queue)
             await stop.wait()
-            if sweeper is not None:
-                await sweeper
+            for task in (sweeper, case_sweeper):
+                if task is not None:
+                    await task
             log.info("stopping: waiting up to %ss for running activities",
                      settings.graceful_shutdown_seconds)
     finally:

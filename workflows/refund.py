@@ -7,14 +7,15 @@ provider before any second submit. Idempotency of each step lives in its activit
 """
 
 import asyncio
+import contextlib
 from datetime import datetime, timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
-    from domain.events import STATUS_NOTICES, observe
+    from domain.events import STATUS_NOTICES, Observation, observe
     from domain.integrations import AdviceReceipt, AdviseInput, DeliverNoticeInput
     from domain.lifecycle import (
         FINAL_PROVIDER_STATUSES,
@@ -57,6 +58,11 @@ UNEXPECTED_STATUS = "UnexpectedProviderStatus"
 LOOKUP_UNSUPPORTED = "ProviderLookupUnsupported"
 # Histories recorded before the advisor and notice delivery existed replay without them.
 INTEGRATIONS_PATCH = "integrations-1"
+# A cancelled case releases its reservation, or follows a refund the provider holds to the
+# ledger; before, cancellation simply ended the workflow and froze the case.
+CANCEL_PATCH = "refund-cancel-1"
+# Statuses in which a submit may be at the provider while we do not know its refund yet.
+SUBMITTING = frozenset({CaseStatus.EXECUTING, CaseStatus.VERIFYING, CaseStatus.OPS_REVIEW})
 
 
 # What each approval step does to a refund case: its status, and the reservation released.
@@ -86,6 +92,10 @@ class RefundWorkflow(ApprovingWorkflow):
         self._courier: asyncio.Task[None] | None = None
         self._closing = False
         self._lookup_escalated = False
+        # a provider state being applied (ledger, notices, status), redone if cancelled midway
+        self._applying: tuple[Observation, ProviderRefund, dict[str, Any]] | None = None
+        self._validating: asyncio.Future[ValidationResult] | None = None
+        self._cancel_requested = False
 
     # -- interface ---------------------------------------------------------------------
 
@@ -115,6 +125,14 @@ class RefundWorkflow(ApprovingWorkflow):
 
     @workflow.run
     async def run(self, inp: RefundWorkflowInput) -> RefundOutcome:
+        try:
+            return await self._run(inp)
+        except (asyncio.CancelledError, ActivityError) as err:
+            if not self._cancelled(err):
+                raise
+            return await self._canceled()
+
+    async def _run(self, inp: RefundWorkflowInput) -> RefundOutcome:
         self._request = request = inp.request
         self._round.requester = inp.requester
         self._round.conflicted = frozenset(request.trigger_identities)
@@ -124,9 +142,11 @@ class RefundWorkflow(ApprovingWorkflow):
             await self._record("trigger_received", actor=f"provider:{trigger.provider}",
                                detail={"event_id": trigger.event_id, "event_type": trigger.event_type,
                                        "body_sha256": trigger.body_sha256})
-        validation = await workflow.execute_activity(
+        # shielded: a cancel waits for the reservation to be taken before it releases it
+        self._validating = asyncio.ensure_future(workflow.execute_activity(
             "validate_refund", ValidateInput(request=request), result_type=ValidationResult,
-            **retry.VALIDATE)
+            **retry.VALIDATE))
+        validation = await asyncio.shield(self._validating)
         if not validation.ok:
             self._status = CaseStatus.REJECTED
             self._failure_reason = validation.reason
@@ -181,6 +201,8 @@ class RefundWorkflow(ApprovingWorkflow):
                 result_type=AdviceReceipt, start_to_close_timeout=self._timings.advice_timeout,
                 retry_policy=retry.ADVISE_RETRY)
         except ActivityError as err:
+            if self._cancelled(err):
+                raise
             await self._record("advice_unavailable", detail={"error": str(err.cause)})
 
     async def _deliver_outbox(self) -> None:
@@ -212,6 +234,8 @@ class RefundWorkflow(ApprovingWorkflow):
                     retry_policy=retry.SUBMIT_RETRY)
                 return submitted
             except ActivityError as err:
+                if self._cancelled(err):  # issue 18 item 4: a cancel is no unknown outcome
+                    raise
                 cause = err.cause
                 if isinstance(cause, ApplicationError) and cause.type == DECLINED:
                     self._failure_reason = cause.message
@@ -302,6 +326,8 @@ class RefundWorkflow(ApprovingWorkflow):
             if status in FINAL_PROVIDER_STATUSES:
                 return
             if status is ProviderRefundStatus.SUCCEEDED:
+                if self._cancel_requested:  # ops ended the case: reconciliation watches from here
+                    return
                 assert self._succeeded_at is not None
                 wait = self._succeeded_at + self._timings.late_failure_window - workflow.now()
                 if wait <= timedelta(0):
@@ -334,6 +360,13 @@ class RefundWorkflow(ApprovingWorkflow):
             self._succeeded_at = workflow.now()
         detail = {"source": source, "failure_reason": reported.failure_reason,
                   "provider_refund_id": reported.refund_id}
+        self._applying = (step, reported, detail)
+        await self._apply(step, reported, detail)
+        self._applying = None
+
+    async def _apply(self, step: Observation, reported: ProviderRefund, detail: dict[str, Any]) -> None:
+        """The ledger entry, the notices, then the status; each step idempotent, so a
+        cancelled application can run again."""
         if step.ledger is not None:
             await self._post(step.ledger, reported)
         notices = STATUS_NOTICES.get(reported.status, ())
@@ -343,6 +376,43 @@ class RefundWorkflow(ApprovingWorkflow):
             await self._notify(kind, audience, detail)
         await self._record(step.action, step.status, release=step.release, refund=reported,
                            detail=detail)
+
+    @staticmethod
+    def _cancelled(err: BaseException) -> bool:
+        """Whether an error is the workflow's cancellation (an activity awaited when it came
+        fails with it); such an error is never an outcome to act on."""
+        return is_cancelled_exception(err) and workflow.patched(CANCEL_PATCH)
+
+    async def _canceled(self) -> RefundOutcome:
+        """Ops cancelled the case (Temporal UI, CLI). Before any submit the reservation is
+        released and the case reads `canceled_by_ops`. Once a submit may have gone out, the
+        attempt's horizon (its start-to-close) is waited out and the provider asked: a
+        refund it holds is followed to its end and the ledger, as if nothing happened;
+        none, and the case is released like before a submit. Runs after the cancel, so
+        nothing here is cancelled again."""
+        self._cancel_requested = True
+        if self._validating is not None and not self._validating.done():
+            with contextlib.suppress(ActivityError):
+                await self._validating
+        refund = self._refund
+        if refund is None and self._status in SUBMITTING:
+            await workflow.sleep(self._timings.submit_timeout)
+            refund = await self._verify("case cancelled after a submit")
+        if refund is None:
+            await self._record("canceled_by_ops", CaseStatus.CANCELED_BY_OPS, actor="ops", release=True,
+                               detail={"stage": self._status.value})
+            await self._round.close(self)
+            return await self._finish()
+        await self._round.close(self)
+        await self._record("cancel_after_provider_refund", actor="ops",
+                           detail={"provider_refund_id": refund.refund_id, "stage": self._status.value})
+        if self._applying is not None:
+            await self._apply(*self._applying)
+            self._applying = None
+        if self._refund is None or self._refund.status not in (
+                *FINAL_PROVIDER_STATUSES, ProviderRefundStatus.SUCCEEDED):
+            await self._follow_provider(refund)
+        return await self._finish()
 
     async def _post(self, kind: LedgerKind, refund: ProviderRefund) -> None:
         """Posts once the provider confirmed. If the ledger stays down, the case shows
@@ -357,6 +427,8 @@ class RefundWorkflow(ApprovingWorkflow):
                 "post_ledger", posting, result_type=LedgerResult,
                 schedule_to_close_timeout=self._timings.ledger_pending_after, **retry.LEDGER)
         except ActivityError as err:
+            if self._cancelled(err):
+                raise
             await self._notify("incident_ledger_pending", "finance_ops", {"template": kind.value})
             await self._record("ledger_pending", CaseStatus.EXECUTED_LEDGER_PENDING, refund=refund,
                                detail={"template": kind.value, "error": str(err.cause)})
