@@ -35,6 +35,7 @@ with workflow.unsafe.imports_passed_through():
         ProviderEvent,
         ProviderRefund,
         ProviderRefundStatus,
+        RefundCarry,
         RefundOutcome,
         RefundRequest,
         RefundTimings,
@@ -63,6 +64,10 @@ INTEGRATIONS_PATCH = "integrations-1"
 CANCEL_PATCH = "refund-cancel-1"
 # Statuses in which a submit may be at the provider while we do not know its refund yet.
 SUBMITTING = frozenset({CaseStatus.EXECUTING, CaseStatus.VERIFYING, CaseStatus.OPS_REVIEW})
+# Open-ended waits continue as new past `continue_as_new_after_events`, and resubmits stop
+# after `max_submit_attempts` (the case goes to ops, still looking); before, a long outage
+# ran into Temporal's history limit.
+BOUNDED_PATCH = "refund-bounded-history-1"
 
 
 # What each approval step does to a refund case: its status, and the reservation released.
@@ -96,6 +101,8 @@ class RefundWorkflow(ApprovingWorkflow):
         self._applying: tuple[Observation, ProviderRefund, dict[str, Any]] | None = None
         self._validating: asyncio.Future[ValidationResult] | None = None
         self._cancel_requested = False
+        self._input: RefundWorkflowInput | None = None
+        self._context = "submit"  # or "follow": where a continued run picks up
 
     # -- interface ---------------------------------------------------------------------
 
@@ -137,6 +144,9 @@ class RefundWorkflow(ApprovingWorkflow):
         self._round.requester = inp.requester
         self._round.conflicted = frozenset(request.trigger_identities)
         self._timings = inp.timings
+        self._input = inp
+        if inp.carried is not None:
+            return await self._resume(inp.carried)
         self._status = CaseStatus.VALIDATING
         for trigger in [e for e in self._event_inbox if e.kind is EventKind.REFUND_REQUESTED]:
             await self._record("trigger_received", actor=f"provider:{trigger.provider}",
@@ -167,7 +177,10 @@ class RefundWorkflow(ApprovingWorkflow):
                 await self._notify("refund_approved", "requester",
                                    {"by": ", ".join(a.approver for a in self._round.approvals)})
         await self._record("execution_started", CaseStatus.EXECUTING)
-        refund = await self._submit_exactly_once(request)
+        return await self._submitted(await self._submit_exactly_once(request))
+
+    async def _submitted(self, refund: ProviderRefund | None) -> RefundOutcome:
+        """After the submit: a decline closes the case, a refund is followed."""
         if refund is None:
             await self._record("refund_declined", CaseStatus.REFUND_FAILED, release=True,
                                detail={"reason": self._failure_reason})
@@ -221,11 +234,13 @@ class RefundWorkflow(ApprovingWorkflow):
 
     # -- execution ---------------------------------------------------------------------
 
-    async def _submit_exactly_once(self, request: RefundRequest) -> ProviderRefund | None:
-        """Submits; on an unknown outcome verifies at the provider before submitting again."""
+    async def _submit_exactly_once(self, request: RefundRequest, attempt: int = 0) -> ProviderRefund | None:
+        """Submits; on an unknown outcome verifies at the provider before submitting again.
+        `attempt`: submits made before (by a run that continued as new)."""
         key = request.idempotency_key()
-        attempt = 0
         while True:
+            if attempt and (escalated := await self._bound_resubmits(attempt)) is not None:  # item 5
+                return escalated
             attempt += 1
             try:
                 submitted: ProviderRefund = await workflow.execute_activity(
@@ -272,6 +287,7 @@ class RefundWorkflow(ApprovingWorkflow):
                     await self._record("unexpected_provider_status", CaseStatus.OPS_REVIEW,
                                        detail={"error": cause.message})
                 await workflow.sleep(self._timings.status_poll_interval)
+                await self._bound_history("verify", reason=reason)
 
     def _notified(self) -> tuple[ProviderEvent, ProviderRefund] | None:
         """The first queued event that reports this case's refund (by our reference, or by
@@ -300,6 +316,7 @@ class RefundWorkflow(ApprovingWorkflow):
                     self._lookup_escalated = True
                     await self._notify("no_status_lookup_escalation", "operator", {"reason": reason})
                     await self._record("no_status_lookup_escalated", detail={"reason": reason})
+                await self._bound_history("notification", reason=reason)
         event, refund = notified
         self._event_inbox.remove(event)
         await self._record("provider_notification_received",
@@ -308,8 +325,10 @@ class RefundWorkflow(ApprovingWorkflow):
 
     async def _follow_provider(self, refund: ProviderRefund) -> None:
         """Applies provider states until final, then watches for a late failure."""
+        self._context = "follow"
         await self._observe(refund, "provider_status")
         while True:
+            await self._bound_history("follow")
             while self._event_inbox:
                 event = self._event_inbox.pop(0)
                 reported = event.as_refund()
@@ -440,12 +459,108 @@ class RefundWorkflow(ApprovingWorkflow):
     # -- bookkeeping -------------------------------------------------------------------
 
     async def _finish(self) -> RefundOutcome:
+        await self._drain()
+        return RefundOutcome(state=self.state())
+
+    async def _drain(self) -> None:
+        """Late verdicts recorded, handlers finished, queued notices delivered: what a run
+        waits for before it ends or continues as new."""
         await self.approvals_settled()
         await workflow.wait_condition(workflow.all_handlers_finished)
         if self._courier is not None:
             self._closing = True
             await self._courier
-        return RefundOutcome(state=self.state())
+            self._courier, self._closing = None, False
+
+    # -- bounded histories (continue-as-new, resubmit escalation) ------------------------
+
+    async def _bound_history(self, phase: str, *, reason: str = "", attempt: int = 0) -> None:
+        """Past the history threshold, continues as new carrying the case and where it was
+        (`phase`: the wait to resume). Never during a cancel: that run finishes the case."""
+        info = workflow.info()
+        long = (info.get_current_history_length() >= self._timings.continue_as_new_after_events
+                or info.is_continue_as_new_suggested())
+        if not long or self._cancel_requested or not workflow.patched(BOUNDED_PATCH):
+            return
+        await self._drain()
+        assert self._input is not None
+        carried = self._input.carried
+        workflow.continue_as_new(self._input.model_copy(update={"carried": RefundCarry(
+            context=self._context, phase=phase, status=self._status, decision=self._decision,
+            approvals=tuple(self._round.approvals), refused=tuple(self._round.refused),
+            refund=self._refund, failure_reason=self._failure_reason, postings=tuple(self._postings),
+            events_seen=self._events_seen, event_ids=tuple(sorted(self._event_ids)),
+            inbox=tuple(self._event_inbox), succeeded_at=self._succeeded_at,
+            lookup_escalated=self._lookup_escalated, attempt=attempt, reason=reason,
+            runs=carried.runs + 1 if carried else 2)}))
+
+    async def _bound_resubmits(self, attempt: int) -> ProviderRefund | None:
+        """Before submit `attempt + 1`: past `max_submit_attempts` the case goes to ops
+        (reservation kept) and only looks from then on; past the history threshold the loop
+        continues as new. A refund found while looking comes back."""
+        if attempt >= self._timings.max_submit_attempts and workflow.patched(BOUNDED_PATCH):
+            reason = f"{attempt} submits without a refund at the provider"
+            await self._notify("resubmits_exhausted", "operator", {"attempts": attempt})
+            await self._record("resubmits_exhausted", CaseStatus.OPS_REVIEW, detail={"attempts": attempt})
+            return await self._look_without_submitting(reason)
+        await self._bound_history("submit", attempt=attempt)
+        return None
+
+    async def _look_without_submitting(self, reason: str) -> ProviderRefund:
+        """After the last allowed submit: no more creates; the provider's lookup and events
+        are watched until a refund shows up (or ops cancel the case)."""
+        while True:
+            await self._bound_history("look", reason=reason)
+            try:
+                await workflow.wait_condition(lambda: self._notified() is not None,
+                                              timeout=self._timings.status_poll_interval)
+            except TimeoutError:
+                if (found := await self._verify(reason)) is not None:
+                    return found
+                continue
+            notified = self._notified()
+            assert notified is not None
+            event, refund = notified
+            self._event_inbox.remove(event)
+            await self._record("provider_notification_received",
+                               detail={"event_id": event.event_id, "event_type": event.event_type})
+            return refund
+
+    async def _resume(self, carried: RefundCarry) -> RefundOutcome:
+        """A continued run: the case as carried, then the wait it was in."""
+        self._restore(carried)
+        found: ProviderRefund | None = None
+        if carried.phase == "verify":
+            found = await self._verify(carried.reason)
+        elif carried.phase == "notification":
+            found = await self._await_notification(carried.reason)
+        elif carried.phase == "look":
+            found = await self._look_without_submitting(carried.reason)
+        if carried.context == "follow":
+            if found is not None:
+                await self._observe(found, "verify_state")
+            assert self._refund is not None
+            await self._follow_provider(self._refund)
+            return await self._finish()
+        if found is None:
+            assert self._request is not None
+            found = await self._submit_exactly_once(self._request, carried.attempt)
+        return await self._submitted(found)
+
+    def _restore(self, carried: RefundCarry) -> None:
+        """The carried case; events that reached this run before it started join them."""
+        self._status, self._decision = carried.status, carried.decision
+        if carried.decision is not None:
+            self._round.requirements, self._round.tier = carried.decision.requirements, carried.decision.tier
+        self._round.approvals, self._round.refused = list(carried.approvals), list(carried.refused)
+        self._round.decided = True
+        self._refund, self._failure_reason = carried.refund, carried.failure_reason
+        self._postings = list(carried.postings)
+        self._events_seen += carried.events_seen
+        self._event_inbox = [*carried.inbox,
+                             *(e for e in self._event_inbox if e.event_id not in carried.event_ids)]
+        self._event_ids |= set(carried.event_ids)
+        self._succeeded_at, self._lookup_escalated = carried.succeeded_at, carried.lookup_escalated
 
     async def _record(self, action: str, status: CaseStatus | None = None, *,
                       actor: str = "workflow", release: bool = False,
