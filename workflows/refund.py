@@ -22,6 +22,7 @@ with workflow.unsafe.imports_passed_through():
         StatusChange,
     )
     from domain.models import (
+        CLOSED_STATUSES,
         CaseEventInput,
         CaseState,
         CaseStatus,
@@ -414,6 +415,8 @@ class RefundWorkflow(ApprovingWorkflow):
             with contextlib.suppress(ActivityError):
                 await self._validating
         refund = self._refund
+        if refund is None and self._status in CLOSED_STATUSES:  # decided already: only finishing
+            return await self._finish()
         if refund is None and self._status in SUBMITTING:
             await workflow.sleep(self._timings.submit_timeout)
             refund = await self._verify("case cancelled after a submit")
