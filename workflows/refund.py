@@ -331,6 +331,7 @@ class RefundWorkflow(ApprovingWorkflow):
         while True:
             await self._bound_history("follow")
             while self._event_inbox:
+                await self._bound_history("follow")  # a burst of events is turns too
                 event = self._event_inbox.pop(0)
                 reported = event.as_refund()
                 if reported is None:  # the trigger itself, or a request repeated
