@@ -125,6 +125,10 @@ class Settings(BaseSettings):
                                         "notice outbox; 0: off")
     outbox_sweep_after_seconds: float = Field(default=60, description="a notice undelivered this long "
                                               "is swept")
+    case_sweep_seconds: float = Field(default=60, description="how often the worker looks for open "
+                                      "cases whose workflow has closed; 0: off")
+    case_sweep_after_seconds: float = Field(default=300, description="a case untouched this long is "
+                                            "checked by the closed-workflow sweep")
 
     webhook_max_body_bytes: int = 256 * 1024
     webhook_tolerance_seconds: int = 300
@@ -154,6 +158,10 @@ class Settings(BaseSettings):
     status_poll_interval_seconds: float = 3600
     late_failure_window_seconds: float = 10 * 24 * 3600
     provider_http_timeout_seconds: float = 10
+    continue_as_new_after_events: int = Field(
+        default=10_000, description="history length past which an open-ended wait continues as new")
+    max_submit_attempts: int = Field(
+        default=20, description="submits of one refund before the case goes to ops (reservation kept)")
     payout_reissue_window_seconds: float = Field(
         default=30 * 24 * 3600, description="how long a remediated payout case takes a reissue request")
 
@@ -234,6 +242,8 @@ class Settings(BaseSettings):
             approval_escalation=_seconds(self.approval_escalation_seconds),
             ledger_pending_after=timedelta(seconds=self.ledger_pending_after_seconds),
             advice_timeout=timedelta(seconds=self.advice_timeout_seconds),
+            continue_as_new_after_events=self.continue_as_new_after_events,
+            max_submit_attempts=self.max_submit_attempts,
         )
 
     def relay_base_url(self) -> str:

@@ -25,6 +25,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from domain.audit import GENESIS, canonical_detail, chain_hash
 from domain.models import (
+    CLOSED_STATUSES,
     ROLES,
     CaseEventInput,
     CaseStatus,
@@ -37,8 +38,12 @@ from domain.models import (
     RefundRequest,
     ValidationResult,
 )
+from domain.reconciliation import BreakClass
 
 log = logging.getLogger("store")
+
+SETTLED_STATUSES = CLOSED_STATUSES | {CaseStatus.SUCCEEDED}
+"""Statuses no workflow moves any more; a case in any other one needs its workflow."""
 
 Conn = AsyncConnection[DictRow]
 
@@ -463,6 +468,69 @@ class Store:
             await self._audit(conn, event.refund_request_id, event.actor, event.action,
                               {**event.detail, **({"status": event.status.value} if event.status else {}),
                                **({"reservation_released": True} if event.release_reservation else {})})
+
+    async def idle_open_cases(self, idle_seconds: float, limit: int,
+                              after: tuple[datetime, str] | None = None) -> list[dict[str, Any]]:
+        """Cases whose workflow still has to move them, untouched for `idle_seconds` and not
+        swept yet (refunds the provider made without us are left to reconciliation), by last
+        update then id, from `after` on: what the closed-workflow sweep asks Temporal about."""
+        async with self.transaction() as conn:
+            cur = await conn.execute(
+                "SELECT * FROM refund_cases c WHERE status <> ALL(%s)"
+                " AND updated_at < now() - make_interval(secs => %s)"
+                " AND NOT (provider_refund_id IS NOT NULL"
+                "          AND refund_request_id = provider || '-refund-' || provider_refund_id)"
+                " AND NOT EXISTS (SELECT 1 FROM reconciliation_breaks b"
+                "                 WHERE b.refund_request_id = c.refund_request_id AND b.break_class = %s)"
+                " AND (updated_at, refund_request_id) > (%s, %s)"
+                " ORDER BY updated_at, refund_request_id LIMIT %s",
+                ([s.value for s in SETTLED_STATUSES], idle_seconds, BreakClass.WORKFLOW_CLOSED.value,
+                 *(after or (datetime.min.replace(tzinfo=UTC), "")), limit))
+            return list(await cur.fetchall())
+
+    async def sweep_closed_case(self, case_id: str, *, workflow_status: str, provider_holds: bool | None,
+                                found: ProviderRefund | None) -> bool:
+        """A case whose workflow closed while it was open, in one transaction: `ops_review`,
+        a reconciliation break for ops (its own completed run, `ops_review`, never dispatched
+        to a workflow), the audit row and the ops notice; the reservation is released only
+        when the provider certainly holds no refund (`provider_holds` False). False when the
+        case reached a final status meanwhile."""
+        async with self.transaction() as conn:
+            cur = await conn.execute("SELECT * FROM refund_cases WHERE refund_request_id = %s FOR UPDATE",
+                                     (case_id,))
+            row = await cur.fetchone()
+            if row is None or row["status"] in {s.value for s in SETTLED_STATUSES}:
+                return False
+            run_id = f"case-sweep-{case_id}"
+            await conn.execute(
+                "INSERT INTO reconciliation_runs (id, provider, task_queue, kind, window_start, window_end,"
+                " requested_by, state, finished_at) VALUES (%s,%s,'case-sweep','scheduled',%s,now(),"
+                " 'case-sweep','completed',now()) ON CONFLICT DO NOTHING",
+                (run_id, row["provider"], row["created_at"]))
+            provider_status = found.status.value if found else row["provider_status"] or "none"
+            evidence = {"workflow_status": workflow_status, "case_status": row["status"],
+                        "reserved_amount": row["reserved_amount"], "provider_holds_refund": provider_holds,
+                        "provider_refund_id": found.refund_id if found else row["provider_refund_id"]}
+            cur = await conn.execute(
+                "INSERT INTO reconciliation_breaks (provider, object_id, break_class, refund_request_id,"
+                " chain, charge_id, amount, currency, provider_status, raw_status, failure_reason,"
+                " case_status, object_created_at, evidence, first_run_id, state)"
+                " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,'ops_review')"
+                " ON CONFLICT DO NOTHING RETURNING id",
+                (row["provider"], case_id, BreakClass.WORKFLOW_CLOSED.value, case_id, case_id,
+                 row["charge_id"], row["amount"], row["currency"], provider_status,
+                 found.raw_status if found else provider_status, row["failure_reason"], row["status"],
+                 row["created_at"], _json(evidence), run_id))
+            opened = await cur.fetchone()
+            release = provider_holds is False
+            await self._set_status(conn, case_id, CaseStatus.OPS_REVIEW, release=release)
+            detail = {**evidence, "break_id": opened["id"] if opened else None,
+                      **({"reservation_released": True} if release else {})}
+            await self._audit(conn, case_id, "case-sweep", "workflow_closed_case_swept", detail)
+            await self.queue_notice_in(conn, NoticeInput(
+                refund_request_id=case_id, kind="workflow_closed", audience="operator",
+                dedup_key=f"{case_id}:workflow_closed", detail=detail))
+            return True
 
     async def record_decision(self, case_id: str, decision: dict[str, Any]) -> None:
         async with self.transaction() as conn:

@@ -5,11 +5,14 @@ Kept apart from `models.py` so the tracking path can grow without reshaping the 
 request models.
 """
 
+from datetime import datetime
+
 from domain.lifecycle import FINAL_PROVIDER_STATUSES, StatusChange, case_status_for, classify_status_change
 from domain.models import (
     CaseStatus,
     Frozen,
     LedgerKind,
+    ProviderEvent,
     ProviderRefund,
     ProviderRefundStatus,
     RefundTimings,
@@ -21,14 +24,28 @@ def tracking_case_id(provider: str, refund_id: str) -> str:
     return f"{provider}-refund-{refund_id}"
 
 
+class TrackingCarry(Frozen):
+    """What a tracking workflow takes across continue-as-new."""
+
+    status: CaseStatus
+    refund: ProviderRefund | None = None
+    postings: tuple[str, ...] = ()
+    events_seen: int = 0
+    event_ids: tuple[str, ...] = ()
+    inbox: tuple[ProviderEvent, ...] = ()
+    succeeded_at: datetime | None = None
+
+
 class TrackingInput(Frozen):
-    """Start input of RefundTrackingWorkflow (workflow id == case_id)."""
+    """Start input of RefundTrackingWorkflow (workflow id == case_id); `carried` when it
+    continues as new."""
 
     case_id: str
     provider: str
     refund_id: str
     currency: str
     timings: RefundTimings = RefundTimings()
+    carried: TrackingCarry | None = None
 
 
 class Observation(Frozen):

@@ -111,6 +111,10 @@ class RefundTimings(Frozen):
     approval_escalation: timedelta | None = timedelta(days=2)
     ledger_pending_after: timedelta = timedelta(minutes=2)
     advice_timeout: timedelta = timedelta(seconds=30)
+    continue_as_new_after_events: int = 10_000
+    """An open-ended wait continues as new past this history length (Temporal's limit: 51,200)."""
+    max_submit_attempts: int = 20
+    """Submits of one refund before the case goes to ops, reservation kept, still looking."""
 
 
 class CaseStatus(StrEnum):
@@ -133,11 +137,12 @@ class CaseStatus(StrEnum):
     EXECUTED_LEDGER_PENDING = "executed_ledger_pending"
     OPS_REVIEW = "ops_review"
     TRACKING = "tracking"
+    CANCELED_BY_OPS = "canceled_by_ops"
 
 
 CLOSED_STATUSES = frozenset(
     {CaseStatus.REJECTED, CaseStatus.DENIED, CaseStatus.EXPIRED, CaseStatus.REFUND_FAILED,
-     CaseStatus.REFUND_CANCELED}
+     CaseStatus.REFUND_CANCELED, CaseStatus.CANCELED_BY_OPS}
 )
 
 
@@ -242,12 +247,14 @@ class ApprovalSignal(Frozen):
 
 
 class RefundWorkflowInput(Frozen):
-    """Start input of RefundWorkflow (workflow id == request.refund_request_id)."""
+    """Start input of RefundWorkflow (workflow id == request.refund_request_id); `carried`
+    when it continues as new."""
 
     request: RefundRequest
     requester: str
     timings: RefundTimings = RefundTimings()
     task_queue: str | None = None
+    carried: "RefundCarry | None" = None
 
 
 class ValidateInput(Frozen):
@@ -302,6 +309,33 @@ class ApprovalRecord(Frozen):
     decision: Decision
     reason: str
     at: datetime
+
+
+class RefundCarry(Frozen):
+    """What a refund workflow takes across continue-as-new: its state, and where it was
+    (`context`: submitting or following the provider; `phase`: the wait it was in)."""
+
+    context: str
+    phase: str
+    status: CaseStatus
+    decision: PolicyDecision | None = None
+    approvals: tuple[ApprovalRecord, ...] = ()
+    refused: tuple[ApprovalRecord, ...] = ()
+    refund: ProviderRefund | None = None
+    failure_reason: str | None = None
+    postings: tuple[str, ...] = ()
+    events_seen: int = 0
+    event_ids: tuple[str, ...] = ()
+    inbox: tuple[ProviderEvent, ...] = ()
+    succeeded_at: datetime | None = None
+    lookup_escalated: bool = False
+    duplicates: tuple[str, ...] = ()
+    attempt: int = 0
+    reason: str = ""
+    runs: int = 1
+
+
+RefundWorkflowInput.model_rebuild()
 
 
 class CaseState(Frozen):

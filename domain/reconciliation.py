@@ -43,6 +43,8 @@ class BreakClass(StrEnum):
     UNMAPPED_STATUS = "unmapped_status"
     DUPLICATE_REFUND = "duplicate_refund"
     """A second provider refund carrying a case's reference (raised by the case, for ops)."""
+    WORKFLOW_CLOSED = "workflow_closed"
+    """The case's workflow ended (terminated, failed, timed out) while the case was open."""
 
 
 UNMAPPED = "unmapped"

@@ -14,7 +14,7 @@ from adapters import metrics
 from adapters.store import Principal, Store
 from domain.lifecycle import unfilled
 from domain.models import ApprovalProgress, ApprovalSignal, Decision, RoleRequirement
-from workflows.approvals import ApprovingWorkflow
+from workflows.approvals import ALREADY_DECIDED, ApprovingWorkflow
 
 
 class ApprovalBody(BaseModel):
@@ -45,10 +45,10 @@ async def ask_for_verdict(client: Client, store: Store, case_id: str, body: Appr
             ApprovingWorkflow.submit_approval, signal)
     except WorkflowUpdateFailedError as exc:
         reason, kind = refusal(exc)
-        action = "action_refused" if kind == "NotAwaitingApproval" else "approval_refused"
-        await store.append_audit(case_id, caller.user, action,
+        too_late = kind in ("NotAwaitingApproval", ALREADY_DECIDED)
+        await store.append_audit(case_id, caller.user, "action_refused" if too_late else "approval_refused",
                                  {"decision": body.decision.value, "refusal": reason, "via": via})
-        raise Refused(409 if kind == "NotAwaitingApproval" else 403, reason) from None
+        raise Refused(409 if too_late else 403, reason) from None
     if not progress.accepted:  # refused inside the workflow, which audited it
         raise Refused(403, progress.reason)
     observe_approval_wait(await store.audit_trail(case_id), body.decision)

@@ -12,6 +12,7 @@ from typing import Any, NoReturn
 
 from pydantic import BaseModel, ConfigDict, Field
 from temporalio.client import Client
+from temporalio.service import RPCError
 
 from adapters.config import Settings
 from adapters.providers.manual import manual_refund
@@ -31,6 +32,7 @@ from domain.models import (
 )
 from starters.approving import ApprovalBody, Refused, approvals_view, ask_for_verdict
 from starters.cases import start_refund
+from workers.case_sweep import workflow_closed
 from workflows.refund import RefundWorkflow
 
 REQUEST_ROLES = frozenset({"requester", "admin"})
@@ -160,7 +162,15 @@ class CaseActions:
         if row["status"] != "awaiting_approval":
             await self.refuse(caller, case_id, 409, action,
                               f"case is {row['status']}, not awaiting approval", via=via)
-        progress = await ask_for_verdict(self.client, self.store, case_id, body, caller, via=via)
+        try:
+            progress = await ask_for_verdict(self.client, self.store, case_id, body, caller, via=via)
+        except RPCError:
+            ended = await workflow_closed(self.client, case_id)
+            if ended is None:
+                raise
+            await self.refuse(caller, case_id, 409, action,
+                              f"the case's workflow has ended ({ended.lower()}) while the case is "
+                              f"{row['status']}; it goes to ops review", via=via)
         return {"refund_request_id": case_id, "decision": body.decision.value,
                 "status": progress.status, "missing_roles": list(progress.missing_roles)}
 

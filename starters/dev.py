@@ -32,6 +32,7 @@ from adapters.temporal_client import connect
 from starters import relay, sandbox_provider
 from starters.demo import run_demo
 from starters.stack import EmbeddedPostgres, TemporalDevServer
+from workers.case_sweep import sweep_closed_cases
 from workers.main import build_worker
 from workers.outbox import sweep_outbox
 
@@ -140,6 +141,9 @@ async def run_dev(settings: Settings, *, play_demo: bool = True) -> None:
             IntegrationStore(store), IntegrationActivities(store, settings), stop,
             every_seconds=settings.outbox_sweep_seconds or 30,
             older_than_seconds=settings.outbox_sweep_after_seconds))
+        case_sweeper = asyncio.create_task(sweep_closed_cases(
+            store, client, providers, stop, every_seconds=settings.case_sweep_seconds or 60,
+            idle_seconds=settings.case_sweep_after_seconds))
         try:
             await sandbox.start()
             await front.start()
@@ -157,7 +161,7 @@ async def run_dev(settings: Settings, *, play_demo: bool = True) -> None:
             print("\nStopping…", flush=True)
             stop.set()
             with contextlib.suppress(Exception):
-                await sweeper
+                await asyncio.gather(sweeper, case_sweeper)
             await worker.shutdown()
             with contextlib.suppress(Exception):
                 await worker_task

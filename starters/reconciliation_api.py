@@ -21,6 +21,7 @@ from adapters.store import Principal, Store
 from domain.models import APPROVER_ROLES, ApprovalSignal, Decision
 from domain.reconciliation import BreakState, ReconcileInput, RunKind, break_workflow_id
 from starters.approving import Refused, refusal
+from workflows.approvals import ALREADY_DECIDED
 from workflows.reconciliation import ReconciliationBreakWorkflow, ReconciliationWorkflow
 
 READ_ROLES = frozenset({"auditor", "ops", "admin"})
@@ -138,7 +139,7 @@ async def decide_on_break(store: Store, client: Client, require: Require, caller
         await store.append_audit(row["chain"], caller.user, "reconciliation_approval_refused",
                                  {"break_id": break_id, "decision": body.decision.value,
                                   "refusal": reason})
-        raise Refused(403, reason) from None
+        raise Refused(409 if kind == ALREADY_DECIDED else 403, reason) from None
     if not progress.accepted:
         raise Refused(403, progress.reason)
     return {"break_id": break_id, "decision": body.decision.value,

@@ -34,6 +34,7 @@ from adapters.store import Store
 from adapters.telemetry import sdk_runtime
 from adapters.temporal_client import connect
 from domain.policy import Policy
+from workers.case_sweep import sweep_closed_cases
 from workers.checkpoints import checkpoint_audit_heads
 from workers.health import health_app
 from workers.outbox import sweep_outbox
@@ -107,6 +108,10 @@ async def run_worker(settings: Settings, dsn: str, stop: asyncio.Event) -> None:
         if settings.webhook_prune_interval_seconds > 0 else None)
     checkpointer = (asyncio.create_task(checkpoint_audit_heads(
         store, book, stop, every_seconds=settings.audit_checkpoint_seconds)) if book is not None else None)
+    case_sweeper = (asyncio.create_task(sweep_closed_cases(
+        store, client, providers, stop, every_seconds=settings.case_sweep_seconds,
+        idle_seconds=settings.case_sweep_after_seconds))
+        if settings.case_sweep_seconds > 0 else None)
     try:
         async with worker:
             if health is not None:
@@ -114,7 +119,7 @@ async def run_worker(settings: Settings, dsn: str, stop: asyncio.Event) -> None:
                 log.info("worker health and metrics on %s", health.url)
             log.info("worker polling task queue %s", settings.task_queue)
             await stop.wait()
-            for loop in (sweeper, pruner, checkpointer):
+            for loop in (sweeper, case_sweeper, pruner, checkpointer):
                 if loop is not None:
                     await loop
             log.info("stopping: waiting up to %ss for running activities",

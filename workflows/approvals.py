@@ -8,6 +8,7 @@ processed. The host workflow says what each step means for its case (status, res
 through `ApprovalHost`. Deterministic: no I/O, activities only through the host.
 """
 
+import asyncio
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -25,6 +26,11 @@ with workflow.unsafe.imports_passed_through():
         RefundTimings,
         RoleRequirement,
     )
+
+LATE_VERDICTS_PATCH = "approval-late-verdicts-1"
+"""Verdicts that arrive once a round is decided are answered at once and audited; before,
+an update taken in that window waited forever on a round nobody read."""
+ALREADY_DECIDED = "AlreadyDecided"
 
 
 class ApprovalOutcome(StrEnum):
@@ -51,7 +57,8 @@ class ApprovalHost(Protocol):
 
 class ApprovalRound:
     """One decision's approvals. Verdicts that arrive before the round starts wait in its
-    inbox; those that arrive after it ended are recorded as refused, never counted."""
+    inbox; those that arrive once it is decided (approved, denied, expired: `decided`) are
+    recorded as refused, never counted, and their callers answered at once."""
 
     def __init__(self) -> None:
         self.requirements: tuple[RoleRequirement, ...] = ()
@@ -64,6 +71,10 @@ class ApprovalRound:
         self._inbox: list[tuple[int, ApprovalSignal]] = []
         self._received = 0
         self._verdicts: dict[int, tuple[bool, str]] = {}
+        self._too_late: set[int] = set()
+        self.decided = False
+        self._late: list[ApprovalSignal] = []
+        self._late_recorder: asyncio.Task[None] | None = None
 
     def receive(self, signal: ApprovalSignal) -> int:
         """Queues a verdict; its position is how its update finds the answer."""
@@ -71,9 +82,11 @@ class ApprovalRound:
         self._inbox.append((self._received, signal))
         return self._received
 
-    async def answer(self, position: int) -> tuple[bool, str]:
+    async def answer(self, position: int) -> tuple[bool, str, bool]:
+        """(accepted, why not, whether it came after the decision) for a queued verdict."""
         await workflow.wait_condition(lambda: position in self._verdicts)
-        return self._verdicts.pop(position)
+        accepted, reason = self._verdicts.pop(position)
+        return accepted, reason, position in self._too_late
 
     def missing(self) -> list[str]:
         return unfilled(self.requirements, self._roles)
@@ -105,6 +118,7 @@ class ApprovalRound:
                 audience = "escalation" if kind == "approval_escalated" else "approvers"
                 await host.approval_notice(kind, audience, {"missing_roles": self.missing()})
             if now >= deadline:
+                self.decided = True
                 await host.approval_step("approval_expired", ApprovalOutcome.EXPIRED)
                 outcome = False
                 break
@@ -131,6 +145,7 @@ class ApprovalRound:
                 continue
             self.approvals.append(record)
             if signal.decision is Decision.DENY:
+                self.decided = True
                 await host.approval_step("approval_denied", ApprovalOutcome.DENIED, actor=signal.approver,
                                          detail={"reason": signal.reason})
                 await host.approval_notice("approval_denied", "requester", {"by": signal.approver})
@@ -138,6 +153,7 @@ class ApprovalRound:
                 return False
             self._roles.append((signal.approver, frozenset(signal.roles)))
             missing = self.missing()
+            self.decided = not missing
             await host.approval_step("approval_granted", actor=signal.approver,
                                      detail={"reason": signal.reason, "roles": list(signal.roles),
                                              "missing_roles": missing})
@@ -146,31 +162,70 @@ class ApprovalRound:
                 return True
         return None
 
+    async def close(self, host: ApprovalHost) -> None:
+        """Ends a round that never runs (the case needs no approval): verdicts already
+        queued are refused and recorded, later ones too."""
+        self.decided = True
+        await self._refuse_leftovers(host)
+
     async def _refuse_leftovers(self, host: ApprovalHost) -> None:
         """Verdicts that arrive after the decision are recorded, never counted."""
         while self._inbox:
             position, signal = self._inbox.pop(0)
             refusal = f"case is already {host.approval_status()[1]}"
-            self.refused.append(ApprovalRecord(approver=signal.approver, decision=signal.decision,
-                                               reason=signal.reason, at=workflow.now()))
-            await host.approval_step("approval_refused", actor=signal.approver, detail={"refusal": refusal})
+            await self._record_refusal(host, signal, refusal)
+            self._too_late.add(position)
             self._verdicts[position] = (False, refusal)
+
+    async def _record_refusal(self, host: ApprovalHost, signal: ApprovalSignal, refusal: str) -> None:
+        self.refused.append(ApprovalRecord(approver=signal.approver, decision=signal.decision,
+                                           reason=signal.reason, at=workflow.now()))
+        await host.approval_step("approval_refused", actor=signal.approver, detail={"refusal": refusal})
+
+    def receive_late(self, host: ApprovalHost, signal: ApprovalSignal) -> None:
+        """A signalled verdict after the decision: recorded as refused beside the case (a
+        signal handler cannot wait for an activity), in arrival order."""
+        self._late.append(signal)
+        if self._late_recorder is None or self._late_recorder.done():
+            self._late_recorder = asyncio.create_task(self._record_late(host))
+
+    async def _record_late(self, host: ApprovalHost) -> None:
+        while self._late:
+            signal = self._late.pop(0)
+            await self._record_refusal(host, signal, f"already decided: case is {host.approval_status()[1]}")
+
+    async def settled(self) -> None:
+        """Waits until every late verdict is recorded (a case closes only after)."""
+        if self._late_recorder is not None:
+            await workflow.wait_condition(
+                lambda: not self._late and self._late_recorder is not None and self._late_recorder.done())
 
 
 class ApprovingWorkflow:
     """The approval handlers every case workflow shares: `approve` (signal) and
     `submit_approval` (update with a validator that answers at once). The subclass holds
-    the current round in `_round` and implements `approval_status`."""
+    the current round in `_round` and implements the `ApprovalHost` calls."""
 
     _round: ApprovalRound
 
     def approval_status(self) -> tuple[bool, str]:
         raise NotImplementedError
 
+    async def approval_step(self, action: str, outcome: ApprovalOutcome | None = None, *,
+                            actor: str = "workflow", detail: dict[str, Any] | None = None) -> None:
+        raise NotImplementedError
+
+    async def approval_notice(self, kind: str, audience: str, detail: dict[str, Any]) -> None:
+        raise NotImplementedError
+
     @workflow.signal
     def approve(self, signal: ApprovalSignal) -> None:
         """An approver's verdict from a channel that cannot wait for an answer (tickets,
-        chat buttons); checked like an update before it counts."""
+        chat buttons); checked like an update before it counts, audited as refused once the
+        round is decided."""
+        if self._round.decided and workflow.patched(LATE_VERDICTS_PATCH):
+            self._round.receive_late(self, signal)
+            return
         self._round.receive(signal)
 
     @workflow.update
@@ -183,15 +238,27 @@ class ApprovingWorkflow:
         """The update's work, apart from its handler so a host can route older executions
         elsewhere."""
         current = self._round
-        accepted, reason = await current.answer(current.receive(signal))
+        if current.decided and workflow.patched(LATE_VERDICTS_PATCH):
+            # validated just before the decision: answered now, never queued (the caller audits)
+            raise ApplicationError(f"already decided: case is {self.approval_status()[1]}",
+                                   type=ALREADY_DECIDED)
+        accepted, reason, too_late = await current.answer(current.receive(signal))
+        if too_late and workflow.patched(LATE_VERDICTS_PATCH):
+            raise ApplicationError(f"already decided: {reason}", type=ALREADY_DECIDED)
         return ApprovalProgress(accepted=accepted, reason=reason, status=self.approval_status()[1],
                                 missing_roles=tuple(current.missing()))
+
+    async def approvals_settled(self) -> None:
+        """Every late verdict recorded: what a case waits for before it closes."""
+        await self._round.settled()
 
     @submit_approval.validator
     def _validate_approval(self, signal: ApprovalSignal) -> None:
         taking, status = self.approval_status()
         if not taking:
             raise ApplicationError(f"case is {status}, not awaiting approval", type="NotAwaitingApproval")
+        if self._round.decided:
+            raise ApplicationError(f"already decided: case is {status}", type=ALREADY_DECIDED)
         verdict = self._round.check(signal)
         if not verdict.accepted:
             raise ApplicationError(verdict.reason, type="ApprovalRefused")

@@ -365,6 +365,7 @@ class PayoutReversalWorkflow(ApprovingWorkflow):
     # -- bookkeeping -------------------------------------------------------------------
 
     async def _finish(self) -> PayoutCaseState:
+        await self.approvals_settled()
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self.state()
 

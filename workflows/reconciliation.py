@@ -198,5 +198,6 @@ class ReconciliationBreakWorkflow(ApprovingWorkflow):
             "settle_break", BreakSettlement(break_id=self._case.break_id, state=state, approvers=approvers,
                                             reason=reason),
             result_type=BreakOutcome, **retry.RECONCILE_STEP)
+        await self.approvals_settled()
         await workflow.wait_condition(workflow.all_handlers_finished)
         return outcome

@@ -7,14 +7,15 @@ provider before any second submit. Idempotency of each step lives in its activit
 """
 
 import asyncio
+import contextlib
 from datetime import datetime, timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
-    from domain.events import STATUS_NOTICES, observe
+    from domain.events import STATUS_NOTICES, Observation, observe
     from domain.incidents import DuplicateRefundInput
     from domain.integrations import AdviceReceipt, AdviseInput, DeliverNoticeInput
     from domain.lifecycle import (
@@ -22,6 +23,7 @@ with workflow.unsafe.imports_passed_through():
         StatusChange,
     )
     from domain.models import (
+        CLOSED_STATUSES,
         CaseEventInput,
         CaseState,
         CaseStatus,
@@ -35,6 +37,7 @@ with workflow.unsafe.imports_passed_through():
         ProviderEvent,
         ProviderRefund,
         ProviderRefundStatus,
+        RefundCarry,
         RefundOutcome,
         RefundRequest,
         RefundTimings,
@@ -47,7 +50,12 @@ with workflow.unsafe.imports_passed_through():
     )
     from domain.money import format_minor
     from workflows import retry
-    from workflows.approvals import ApprovalOutcome, ApprovalRound, ApprovingWorkflow
+    from workflows.approvals import (
+        LATE_VERDICTS_PATCH,
+        ApprovalOutcome,
+        ApprovalRound,
+        ApprovingWorkflow,
+    )
 
 DECLINED = "ProviderDeclined"
 UNEXPECTED_STATUS = "UnexpectedProviderStatus"
@@ -58,6 +66,15 @@ INTEGRATIONS_PATCH = "integrations-1"
 DUPLICATE_PATCH = "duplicate-refund-incident-1"
 # An escalated notification wait left the case `executing`; it is in ops review since.
 ADYEN_WAIT_PATCH = "adyen-wait-ops-review-1"
+# A cancelled case releases its reservation, or follows a refund the provider holds to the
+# ledger; before, cancellation simply ended the workflow and froze the case.
+CANCEL_PATCH = "refund-cancel-1"
+# Statuses in which a submit may be at the provider while we do not know its refund yet.
+SUBMITTING = frozenset({CaseStatus.EXECUTING, CaseStatus.VERIFYING, CaseStatus.OPS_REVIEW})
+# Open-ended waits continue as new past `continue_as_new_after_events`, and resubmits stop
+# after `max_submit_attempts` (the case goes to ops, still looking); before, a long outage
+# ran into Temporal's history limit.
+BOUNDED_PATCH = "refund-bounded-history-1"
 
 
 # What each approval step does to a refund case: its status, and the reservation released.
@@ -88,6 +105,12 @@ class RefundWorkflow(ApprovingWorkflow):
         self._closing = False
         self._lookup_escalated = False
         self._duplicates: set[str] = set()
+        # a provider state being applied (ledger, notices, status), redone if cancelled midway
+        self._applying: tuple[Observation, ProviderRefund, dict[str, Any]] | None = None
+        self._validating: asyncio.Future[ValidationResult] | None = None
+        self._cancel_requested = False
+        self._input: RefundWorkflowInput | None = None
+        self._context = "submit"  # or "follow": where a continued run picks up
 
     # -- interface ---------------------------------------------------------------------
 
@@ -117,18 +140,31 @@ class RefundWorkflow(ApprovingWorkflow):
 
     @workflow.run
     async def run(self, inp: RefundWorkflowInput) -> RefundOutcome:
+        try:
+            return await self._run(inp)
+        except (asyncio.CancelledError, ActivityError) as err:
+            if not self._cancelled(err):
+                raise
+            return await self._canceled()
+
+    async def _run(self, inp: RefundWorkflowInput) -> RefundOutcome:
         self._request = request = inp.request
         self._round.requester = inp.requester
         self._round.conflicted = frozenset(request.trigger_identities)
         self._timings = inp.timings
+        self._input = inp
+        if inp.carried is not None:
+            return await self._resume(inp.carried)
         self._status = CaseStatus.VALIDATING
         for trigger in [e for e in self._event_inbox if e.kind is EventKind.REFUND_REQUESTED]:
             await self._record("trigger_received", actor=f"provider:{trigger.provider}",
                                detail={"event_id": trigger.event_id, "event_type": trigger.event_type,
                                        "body_sha256": trigger.body_sha256})
-        validation = await workflow.execute_activity(
+        # shielded: a cancel waits for the reservation to be taken before it releases it
+        self._validating = asyncio.ensure_future(workflow.execute_activity(
             "validate_refund", ValidateInput(request=request), result_type=ValidationResult,
-            **retry.VALIDATE)
+            **retry.VALIDATE))
+        validation = await asyncio.shield(self._validating)
         if not validation.ok:
             self._status = CaseStatus.REJECTED
             self._failure_reason = validation.reason
@@ -139,14 +175,20 @@ class RefundWorkflow(ApprovingWorkflow):
             "decide_policy", PolicyInput(request=request, validation=validation),
             result_type=PolicyDecision, **retry.POLICY)
         self._round.requirements, self._round.tier = self._decision.requirements, self._decision.tier
-        if not self._decision.auto_approve:
+        if self._decision.auto_approve:
+            if workflow.patched(LATE_VERDICTS_PATCH):
+                await self._round.close(self)
+        else:
             if not await self._round.collect(self, self._timings):
                 return await self._finish()
             if workflow.patched(INTEGRATIONS_PATCH):
                 await self._notify("refund_approved", "requester",
                                    {"by": ", ".join(a.approver for a in self._round.approvals)})
         await self._record("execution_started", CaseStatus.EXECUTING)
-        refund = await self._submit_exactly_once(request)
+        return await self._submitted(await self._submit_exactly_once(request))
+
+    async def _submitted(self, refund: ProviderRefund | None) -> RefundOutcome:
+        """After the submit: a decline closes the case, a refund is followed."""
         if refund is None:
             await self._record("refund_declined", CaseStatus.REFUND_FAILED, release=True,
                                detail={"reason": self._failure_reason})
@@ -180,6 +222,8 @@ class RefundWorkflow(ApprovingWorkflow):
                 result_type=AdviceReceipt, start_to_close_timeout=self._timings.advice_timeout,
                 retry_policy=retry.ADVISE_RETRY)
         except ActivityError as err:
+            if self._cancelled(err):
+                raise
             await self._record("advice_unavailable", detail={"error": str(err.cause)})
 
     async def _deliver_outbox(self) -> None:
@@ -198,11 +242,13 @@ class RefundWorkflow(ApprovingWorkflow):
 
     # -- execution ---------------------------------------------------------------------
 
-    async def _submit_exactly_once(self, request: RefundRequest) -> ProviderRefund | None:
-        """Submits; on an unknown outcome verifies at the provider before submitting again."""
+    async def _submit_exactly_once(self, request: RefundRequest, attempt: int = 0) -> ProviderRefund | None:
+        """Submits; on an unknown outcome verifies at the provider before submitting again.
+        `attempt`: submits made before (by a run that continued as new)."""
         key = request.idempotency_key()
-        attempt = 0
         while True:
+            if attempt and (escalated := await self._bound_resubmits(attempt)) is not None:  # item 5
+                return escalated
             attempt += 1
             try:
                 submitted: ProviderRefund = await workflow.execute_activity(
@@ -211,6 +257,8 @@ class RefundWorkflow(ApprovingWorkflow):
                     retry_policy=retry.SUBMIT_RETRY)
                 return submitted
             except ActivityError as err:
+                if self._cancelled(err):  # issue 18 item 4: a cancel is no unknown outcome
+                    raise
                 cause = err.cause
                 if isinstance(cause, ApplicationError) and cause.type == DECLINED:
                     self._failure_reason = cause.message
@@ -247,6 +295,7 @@ class RefundWorkflow(ApprovingWorkflow):
                     await self._record("unexpected_provider_status", CaseStatus.OPS_REVIEW,
                                        detail={"error": cause.message})
                 await workflow.sleep(self._timings.status_poll_interval)
+                await self._bound_history("verify", reason=reason)
 
     def _notified(self) -> tuple[ProviderEvent, ProviderRefund] | None:
         """The first queued event that reports this case's refund (by our reference, or by
@@ -280,6 +329,7 @@ class RefundWorkflow(ApprovingWorkflow):
                     await self._record("no_status_lookup_escalated",
                                        CaseStatus.OPS_REVIEW if workflow.patched(ADYEN_WAIT_PATCH)
                                        else None, detail={"reason": reason})
+                await self._bound_history("notification", reason=reason)
         event, refund = notified
         self._event_inbox.remove(event)
         await self._record("provider_notification_received",
@@ -288,9 +338,12 @@ class RefundWorkflow(ApprovingWorkflow):
 
     async def _follow_provider(self, refund: ProviderRefund) -> None:
         """Applies provider states until final, then watches for a late failure."""
+        self._context = "follow"
         await self._observe(refund, "provider_status")
         while True:
+            await self._bound_history("follow")
             while self._event_inbox:
+                await self._bound_history("follow")  # a burst of events is turns too
                 event = self._event_inbox.pop(0)
                 reported = event.as_refund()
                 if reported is None:  # the trigger itself, or a request repeated
@@ -309,6 +362,8 @@ class RefundWorkflow(ApprovingWorkflow):
             if status in FINAL_PROVIDER_STATUSES:
                 return
             if status is ProviderRefundStatus.SUCCEEDED:
+                if self._cancel_requested:  # ops ended the case: reconciliation watches from here
+                    return
                 assert self._succeeded_at is not None
                 wait = self._succeeded_at + self._timings.late_failure_window - workflow.now()
                 if wait <= timedelta(0):
@@ -365,6 +420,13 @@ class RefundWorkflow(ApprovingWorkflow):
             self._succeeded_at = workflow.now()
         detail = {"source": source, "failure_reason": reported.failure_reason,
                   "provider_refund_id": reported.refund_id}
+        self._applying = (step, reported, detail)
+        await self._apply(step, reported, detail)
+        self._applying = None
+
+    async def _apply(self, step: Observation, reported: ProviderRefund, detail: dict[str, Any]) -> None:
+        """The ledger entry, the notices, then the status; each step idempotent, so a
+        cancelled application can run again."""
         if step.ledger is not None:
             await self._post(step.ledger, reported)
         notices = STATUS_NOTICES.get(reported.status, ())
@@ -376,6 +438,45 @@ class RefundWorkflow(ApprovingWorkflow):
         status = CaseStatus.OPS_REVIEW if self._duplicates else step.status
         await self._record(step.action, status, release=step.release, refund=reported,
                            detail=detail)
+
+    @staticmethod
+    def _cancelled(err: BaseException) -> bool:
+        """Whether an error is the workflow's cancellation (an activity awaited when it came
+        fails with it); such an error is never an outcome to act on."""
+        return is_cancelled_exception(err) and workflow.patched(CANCEL_PATCH)
+
+    async def _canceled(self) -> RefundOutcome:
+        """Ops cancelled the case (Temporal UI, CLI). Before any submit the reservation is
+        released and the case reads `canceled_by_ops`. Once a submit may have gone out, the
+        attempt's horizon (its start-to-close) is waited out and the provider asked: a
+        refund it holds is followed to its end and the ledger, as if nothing happened;
+        none, and the case is released like before a submit. Runs after the cancel, so
+        nothing here is cancelled again."""
+        self._cancel_requested = True
+        if self._validating is not None and not self._validating.done():
+            with contextlib.suppress(ActivityError):
+                await self._validating
+        refund = self._refund
+        if refund is None and self._status in CLOSED_STATUSES:  # decided already: only finishing
+            return await self._finish()
+        if refund is None and self._status in SUBMITTING:
+            await workflow.sleep(self._timings.submit_timeout)
+            refund = await self._verify("case cancelled after a submit")
+        if refund is None:
+            await self._record("canceled_by_ops", CaseStatus.CANCELED_BY_OPS, actor="ops", release=True,
+                               detail={"stage": self._status.value})
+            await self._round.close(self)
+            return await self._finish()
+        await self._round.close(self)
+        await self._record("cancel_after_provider_refund", actor="ops",
+                           detail={"provider_refund_id": refund.refund_id, "stage": self._status.value})
+        if self._applying is not None:
+            await self._apply(*self._applying)
+            self._applying = None
+        if self._refund is None or self._refund.status not in (
+                *FINAL_PROVIDER_STATUSES, ProviderRefundStatus.SUCCEEDED):
+            await self._follow_provider(refund)
+        return await self._finish()
 
     async def _post(self, kind: LedgerKind, refund: ProviderRefund) -> None:
         """Posts once the provider confirmed. If the ledger stays down, the case shows
@@ -390,6 +491,8 @@ class RefundWorkflow(ApprovingWorkflow):
                 "post_ledger", posting, result_type=LedgerResult,
                 schedule_to_close_timeout=self._timings.ledger_pending_after, **retry.LEDGER)
         except ActivityError as err:
+            if self._cancelled(err):
+                raise
             await self._notify("incident_ledger_pending", "finance_ops", {"template": kind.value})
             await self._record("ledger_pending", CaseStatus.EXECUTED_LEDGER_PENDING, refund=refund,
                                detail={"template": kind.value, "error": str(err.cause)})
@@ -401,11 +504,110 @@ class RefundWorkflow(ApprovingWorkflow):
     # -- bookkeeping -------------------------------------------------------------------
 
     async def _finish(self) -> RefundOutcome:
+        await self._drain()
+        return RefundOutcome(state=self.state())
+
+    async def _drain(self) -> None:
+        """Late verdicts recorded, handlers finished, queued notices delivered: what a run
+        waits for before it ends or continues as new."""
+        await self.approvals_settled()
         await workflow.wait_condition(workflow.all_handlers_finished)
         if self._courier is not None:
             self._closing = True
             await self._courier
-        return RefundOutcome(state=self.state())
+            self._courier, self._closing = None, False
+
+    # -- bounded histories (continue-as-new, resubmit escalation) ------------------------
+
+    async def _bound_history(self, phase: str, *, reason: str = "", attempt: int = 0) -> None:
+        """Past the history threshold, continues as new carrying the case and where it was
+        (`phase`: the wait to resume). Never during a cancel: that run finishes the case."""
+        info = workflow.info()
+        long = (info.get_current_history_length() >= self._timings.continue_as_new_after_events
+                or info.is_continue_as_new_suggested())
+        if not long or self._cancel_requested or not workflow.patched(BOUNDED_PATCH):
+            return
+        await self._drain()
+        assert self._input is not None
+        carried = self._input.carried
+        workflow.continue_as_new(self._input.model_copy(update={"carried": RefundCarry(
+            context=self._context, phase=phase, status=self._status, decision=self._decision,
+            approvals=tuple(self._round.approvals), refused=tuple(self._round.refused),
+            refund=self._refund, failure_reason=self._failure_reason, postings=tuple(self._postings),
+            events_seen=self._events_seen, event_ids=tuple(sorted(self._event_ids)),
+            inbox=tuple(self._event_inbox), succeeded_at=self._succeeded_at,
+            lookup_escalated=self._lookup_escalated, duplicates=tuple(sorted(self._duplicates)),
+            attempt=attempt, reason=reason,
+            runs=carried.runs + 1 if carried else 2)}))
+
+    async def _bound_resubmits(self, attempt: int) -> ProviderRefund | None:
+        """Before submit `attempt + 1`: past `max_submit_attempts` the case goes to ops
+        (reservation kept) and only looks from then on; past the history threshold the loop
+        continues as new. A refund found while looking comes back."""
+        if attempt >= self._timings.max_submit_attempts and workflow.patched(BOUNDED_PATCH):
+            reason = f"{attempt} submits without a refund at the provider"
+            await self._notify("resubmits_exhausted", "operator", {"attempts": attempt})
+            await self._record("resubmits_exhausted", CaseStatus.OPS_REVIEW, detail={"attempts": attempt})
+            return await self._look_without_submitting(reason)
+        await self._bound_history("submit", attempt=attempt)
+        return None
+
+    async def _look_without_submitting(self, reason: str) -> ProviderRefund:
+        """After the last allowed submit: no more creates; the provider's lookup and events
+        are watched until a refund shows up (or ops cancel the case)."""
+        while True:
+            await self._bound_history("look", reason=reason)
+            try:
+                await workflow.wait_condition(lambda: self._notified() is not None,
+                                              timeout=self._timings.status_poll_interval)
+            except TimeoutError:
+                if (found := await self._verify(reason)) is not None:
+                    return found
+                continue
+            notified = self._notified()
+            assert notified is not None
+            event, refund = notified
+            self._event_inbox.remove(event)
+            await self._record("provider_notification_received",
+                               detail={"event_id": event.event_id, "event_type": event.event_type})
+            return refund
+
+    async def _resume(self, carried: RefundCarry) -> RefundOutcome:
+        """A continued run: the case as carried, then the wait it was in."""
+        self._restore(carried)
+        found: ProviderRefund | None = None
+        if carried.phase == "verify":
+            found = await self._verify(carried.reason)
+        elif carried.phase == "notification":
+            found = await self._await_notification(carried.reason)
+        elif carried.phase == "look":
+            found = await self._look_without_submitting(carried.reason)
+        if carried.context == "follow":
+            if found is not None:
+                await self._observe(found, "verify_state")
+            assert self._refund is not None
+            await self._follow_provider(self._refund)
+            return await self._finish()
+        if found is None:
+            assert self._request is not None
+            found = await self._submit_exactly_once(self._request, carried.attempt)
+        return await self._submitted(found)
+
+    def _restore(self, carried: RefundCarry) -> None:
+        """The carried case; events that reached this run before it started join them."""
+        self._status, self._decision = carried.status, carried.decision
+        if carried.decision is not None:
+            self._round.requirements, self._round.tier = carried.decision.requirements, carried.decision.tier
+        self._round.approvals, self._round.refused = list(carried.approvals), list(carried.refused)
+        self._round.decided = True
+        self._refund, self._failure_reason = carried.refund, carried.failure_reason
+        self._postings = list(carried.postings)
+        self._events_seen += carried.events_seen
+        self._event_inbox = [*carried.inbox,
+                             *(e for e in self._event_inbox if e.event_id not in carried.event_ids)]
+        self._event_ids |= set(carried.event_ids)
+        self._succeeded_at, self._lookup_escalated = carried.succeeded_at, carried.lookup_escalated
+        self._duplicates = set(carried.duplicates)
 
     async def _record(self, action: str, status: CaseStatus | None = None, *,
                       actor: str = "workflow", release: bool = False,

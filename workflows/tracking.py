@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from domain.events import Observation, TrackingInput, observe
+    from domain.events import Observation, TrackingCarry, TrackingInput, observe
     from domain.lifecycle import FINAL_PROVIDER_STATUSES
     from domain.models import (
         CaseEventInput,
@@ -23,6 +23,10 @@ with workflow.unsafe.imports_passed_through():
         RefundOutcome,
     )
     from workflows import retry
+
+# The watch continues as new past `continue_as_new_after_events`, carrying the case; before,
+# a refund with many events could reach Temporal's history limit.
+BOUNDED_PATCH = "tracking-bounded-history-1"
 
 
 @workflow.defn
@@ -64,9 +68,13 @@ class RefundTrackingWorkflow:
     @workflow.run
     async def run(self, inp: TrackingInput) -> RefundOutcome:
         self._inp = inp
+        if inp.carried is not None:
+            self._restore(inp.carried)
         window = inp.timings.late_failure_window
         while True:
+            await self._bound_history()
             while self._inbox:
+                await self._bound_history()  # a burst of events is turns too
                 event = self._inbox.pop(0)
                 reported = event.as_refund()
                 if reported is None or reported.refund_id != inp.refund_id:
@@ -93,6 +101,27 @@ class RefundTrackingWorkflow:
                 break
         await workflow.wait_condition(workflow.all_handlers_finished)
         return RefundOutcome(state=self.state())
+
+    async def _bound_history(self) -> None:
+        """Past the history threshold, continues as new with the case carried."""
+        assert self._inp is not None
+        info = workflow.info()
+        if ((info.get_current_history_length() < self._inp.timings.continue_as_new_after_events
+             and not info.is_continue_as_new_suggested()) or not workflow.patched(BOUNDED_PATCH)):
+            return
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        workflow.continue_as_new(self._inp.model_copy(update={"carried": TrackingCarry(
+            status=self._status, refund=self._refund, postings=tuple(self._postings),
+            events_seen=self._events_seen, event_ids=tuple(sorted(self._event_ids)),
+            inbox=tuple(self._inbox), succeeded_at=self._succeeded_at)}))
+
+    def _restore(self, carried: TrackingCarry) -> None:
+        """The carried case; events that reached this run before it started join them."""
+        self._status, self._refund = carried.status, carried.refund
+        self._postings, self._succeeded_at = list(carried.postings), carried.succeeded_at
+        self._events_seen += carried.events_seen
+        self._inbox = [*carried.inbox, *(e for e in self._inbox if e.event_id not in carried.event_ids)]
+        self._event_ids |= set(carried.event_ids)
 
     async def _apply(self, step: Observation, reported: ProviderRefund, source: str) -> None:
         if step.status is None:

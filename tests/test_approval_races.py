@@ -1,0 +1,135 @@
+"""Verdicts that race a round's decision: every caller gets an answer, every workflow closes
+and every late verdict is audited (issue 18, item 3). A hundred races on the shared round
+(in a minimal host workflow), ten on full refund cases through the relay."""
+
+import asyncio
+import uuid
+
+import httpx
+from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.exceptions import ApplicationError
+from temporalio.worker import Worker
+
+from adapters.store import Store
+from domain.models import ApprovalProgress, ApprovalSignal, Decision
+from starters.stack import TemporalDevServer
+from tests.approval_host import ApprovalHostWorkflow
+from tests.harness import Stack, open_stack
+from workers.main import workflow_runner
+from workflows.approvals import ApprovingWorkflow
+from workflows.refund import RefundWorkflow
+
+RACES = 100
+RACES_ON_CASES = 10
+HANG = 90.0
+"""A hang detector, not a timing assertion: an unanswered call waits forever on the old code."""
+
+
+async def _verdict(client: Client, workflow_id: str, approver: str, decision: Decision) -> str:
+    """Sends a verdict as an update; 'accepted' or the refusal's type."""
+    try:
+        progress: ApprovalProgress = await client.get_workflow_handle(workflow_id).execute_update(
+            ApprovingWorkflow.submit_approval, ApprovalSignal(approver=approver, roles=("approver",),
+                                                              decision=decision))
+    except WorkflowUpdateFailedError as exc:
+        assert isinstance(exc.cause, ApplicationError)
+        return str(exc.cause.type)
+    return "accepted" if progress.accepted else progress.reason
+
+
+async def _race_on_round(client: Client, task_queue: str, gate: asyncio.Semaphore, *,
+                         at_once: bool) -> tuple[str, str]:
+    async with gate:
+        handle = await client.start_workflow(ApprovalHostWorkflow.run, id=f"race-{uuid.uuid4().hex[:12]}",
+                                             task_queue=task_queue)
+        while await handle.query(ApprovalHostWorkflow.status) != "awaiting_approval":
+            await asyncio.sleep(0.05)
+
+        async def approve_then_deny() -> tuple[str, str]:
+            approve = _verdict(client, handle.id, "bob", Decision.APPROVE)
+            deny = _verdict(client, handle.id, "carol", Decision.DENY)
+            if at_once:
+                approved, denied = await asyncio.gather(approve, deny)
+                return approved, denied
+            approved = await approve
+            return approved, await deny
+
+        answers = await asyncio.wait_for(approve_then_deny(), HANG)
+        await asyncio.wait_for(handle.result(), HANG)
+        return answers
+
+
+async def test_a_deny_racing_the_last_approval_is_always_answered(client: Client) -> None:
+    task_queue = f"races-{uuid.uuid4().hex[:8]}"
+    async with Worker(client, task_queue=task_queue, workflows=[ApprovalHostWorkflow],
+                      workflow_runner=workflow_runner()):
+        gate = asyncio.Semaphore(RACES)
+        answers = await asyncio.gather(*(_race_on_round(client, task_queue, gate, at_once=i % 2 == 0)
+                                         for i in range(RACES)))
+    # one verdict decides; the other is answered at once, "already decided" (or "not awaiting")
+    answered = (["AlreadyDecided", "accepted"], ["NotAwaitingApproval", "accepted"])
+    assert all(sorted(pair) in answered for pair in answers), answers
+
+
+async def _decide(stack: Stack, user: str, case_id: str, decision: str) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=stack.relay_url, timeout=None,
+                                 headers={"Authorization": f"Bearer {stack.tokens[user]}"}) as http:
+        return await http.post(f"/v1/refund-requests/{case_id}/approvals", json={"decision": decision})
+
+
+async def _awaiting_approval(stack: Stack, case_id: str) -> None:
+    """Polls the case row gently (a hundred cases poll at once)."""
+    async def poll() -> None:
+        while (row := await stack.store.get_case(case_id)) is None or row["status"] != "awaiting_approval":
+            await asyncio.sleep(0.5)
+    await asyncio.wait_for(poll(), HANG)
+
+
+async def _race(stack: Stack, charge: str, gate: asyncio.Semaphore, *, at_once: bool) -> tuple[int, int]:
+    """Approve and deny sent together, or the deny the moment the approval is answered
+    (while the case still reads awaiting_approval and its next activities run)."""
+    async with gate:
+        case_id = await stack.request_refund("alice", charge, 9_000)
+        await _awaiting_approval(stack, case_id)
+
+        async def approve_then_deny() -> tuple[httpx.Response, httpx.Response]:
+            if at_once:
+                approved, denied = await asyncio.gather(_decide(stack, "bob", case_id, "approve"),
+                                                        _decide(stack, "carol", case_id, "deny"))
+                return approved, denied
+            approved = await _decide(stack, "bob", case_id, "approve")
+            return approved, await _decide(stack, "carol", case_id, "deny")
+
+        approve, deny = await asyncio.wait_for(approve_then_deny(), HANG)
+        await asyncio.wait_for(stack.client.get_workflow_handle(case_id).result(), HANG)
+        return approve.status_code, deny.status_code
+
+
+async def test_a_deny_racing_the_last_approval_of_a_refund_is_answered(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    stack = await open_stack(store, client, temporal_server.address, late_failure_window_seconds=0.2)
+    try:
+        charges = [await stack.charge(20_000) for _ in range(RACES_ON_CASES)]
+        gate = asyncio.Semaphore(RACES_ON_CASES)
+        answers = await asyncio.gather(*(_race(stack, charge, gate, at_once=i % 2 == 0)
+                                         for i, charge in enumerate(charges)))
+    finally:
+        await stack.close()
+    # one verdict decides, the other is answered at once: "already decided" (or "not awaiting")
+    assert all(sorted(pair) == [202, 409] for pair in answers), answers
+
+
+async def test_a_signalled_verdict_after_the_decision_is_audited(stack: Stack) -> None:
+    charge = await stack.charge(20_000)
+    case_id = await stack.request_refund("alice", charge, 9_000)
+    await stack.wait_for_status(case_id, "awaiting_approval")
+    assert (await _decide(stack, "bob", case_id, "approve")).status_code == 202
+    await stack.wait_for_status(case_id, "succeeded")  # watching for a late failure
+    handle = stack.client.get_workflow_handle(case_id)
+    await handle.signal(RefundWorkflow.approve, ApprovalSignal(approver="carol", roles=("approver",),
+                                                               decision=Decision.DENY))
+    await asyncio.wait_for(handle.result(), HANG)
+    refusals = [e for e in await stack.store.audit_trail(case_id)
+                if e["action"] == "approval_refused" and e["actor"] == "carol"]
+    assert [e["detail"]["refusal"] for e in refusals] == ["already decided: case is succeeded"]
+    assert len(await stack.provider_refunds(charge)) == 1

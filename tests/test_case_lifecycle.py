@@ -1,0 +1,123 @@
+"""Cancel and terminate at every stage leave nothing stuck (issue 18, item 4): a cancelled
+case releases its reservation, or follows a refund the provider holds to the ledger; a case
+whose workflow was terminated is found by the sweep, handed to ops with a reconciliation
+break, and released only where the provider holds no refund."""
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from temporalio.client import Client
+
+from adapters.store import Store
+from starters.stack import TemporalDevServer
+from tests.harness import Stack, open_stack
+from workers.case_sweep import sweep_cases_once
+
+STAGES = ("validating", "awaiting_approval", "executing", "verifying", "succeeded_watching")
+SMALL, LARGE = 1_000, 9_000  # auto-approved; needs an approver
+
+
+@pytest.fixture
+async def quick(store: Store, client: Client, temporal_server: TemporalDevServer) -> AsyncIterator[Stack]:
+    """A stack without a worker yet (the validating stage starts it late), short horizons."""
+    opened = await open_stack(store, client, temporal_server.address, worker=False,
+                              submit_timeout_seconds=3, late_failure_window_seconds=60)
+    yield opened
+    await opened.close()
+
+
+async def _fault(stack: Stack, **fault: Any) -> None:
+    async with stack.sandbox() as sb:
+        (await sb.post("/_sandbox/faults", json=fault)).raise_for_status()
+
+
+async def _to_stage(stack: Stack, stage: str) -> tuple[str, str]:
+    """A case held at `stage`; returns (case id, charge id)."""
+    charge = await stack.charge(20_000)
+    if stage != "validating":
+        await stack.start_worker()
+    if stage == "executing":  # the refund is made, its answer comes after the client gave up
+        await _fault(stack, mode="timeout_after_success", seconds=2.5)
+    if stage == "verifying":  # every create fails before a refund exists: verify, wait, again
+        await _fault(stack, mode="error_before", times=100)
+    case_id = await stack.request_refund("alice", charge, LARGE if stage == "awaiting_approval" else SMALL)
+    if stage == "awaiting_approval":
+        await stack.wait_for_status(case_id, "awaiting_approval")
+    elif stage == "executing":
+        await stack.wait_for_audit(case_id, "provider_submit_started")
+    elif stage == "verifying":
+        await stack.wait_for_audit(case_id, "verify_state")
+    elif stage == "succeeded_watching":
+        await stack.wait_for_status(case_id, "succeeded")
+    return case_id, charge
+
+
+async def _break(stack: Stack, case_id: str) -> dict[str, Any] | None:
+    async with stack.store.transaction() as conn:
+        cur = await conn.execute("SELECT * FROM reconciliation_breaks WHERE refund_request_id = %s"
+                                 " AND break_class = 'workflow_closed'", (case_id,))
+        return await cur.fetchone()
+
+
+async def _answer(stack: Stack, user: str, path: str, body: dict[str, Any]) -> tuple[int, str]:
+    async with stack.api(user) as api:
+        response = await api.post(path, json=body)
+    return response.status_code, response.text
+
+
+@pytest.mark.parametrize("stage", STAGES)
+async def test_cancel_at_each_stage(quick: Stack, stage: str) -> None:
+    case_id, charge = await _to_stage(quick, stage)
+    handle = quick.client.get_workflow_handle(case_id)
+    await handle.cancel()
+    if stage == "validating":
+        await quick.start_worker()
+    await handle.result()
+    row = await quick.store.get_case(case_id)
+    assert row is not None
+    refunds = await quick.provider_refunds(charge)
+    if stage in ("executing", "succeeded_watching"):  # the provider holds a refund: followed, posted
+        assert row["status"] == "succeeded" and len(refunds) == 1
+        assert row["provider_refund_id"] == refunds[0]["id"]
+        assert {e["template"] for e in await quick.store.ledger_entries(case_id)} == {"refund_settled"}
+        assert "cancel_after_provider_refund" in await quick.actions(case_id)
+    else:
+        assert (row["status"], row["reserved_amount"], refunds) == ("canceled_by_ops", 0, [])
+        assert await quick.store.ledger_entries(case_id) == []
+        assert "canceled_by_ops" in await quick.actions(case_id)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+async def test_terminate_at_each_stage_is_swept_to_ops(quick: Stack, stage: str) -> None:
+    case_id, charge = await _to_stage(quick, stage)
+    before = await quick.store.get_case(case_id)
+    assert before is not None
+    await quick.client.get_workflow_handle(case_id).terminate("terminated in the Temporal UI")
+    if stage == "awaiting_approval":  # before the sweep: a clear 409, not a 500
+        status, text = await _answer(quick, "bob", f"/v1/refund-requests/{case_id}/approvals",
+                                     {"decision": "approve"})
+        assert status == 409 and "workflow has ended (terminated)" in text, text
+    swept = await sweep_cases_once(quick.store, quick.client, quick.providers, idle_seconds=0)
+    row = await quick.store.get_case(case_id)
+    assert row is not None
+    found = await _break(quick, case_id)
+    if stage == "succeeded_watching":  # final already: nothing to hand over
+        assert case_id not in swept and found is None
+        assert row["status"] == "succeeded"
+        return
+    assert case_id in swept and row["status"] == "ops_review"
+    assert found is not None and found["state"] == "ops_review"
+    assert found["evidence"]["workflow_status"] == "TERMINATED"
+    refunds = await quick.provider_refunds(charge)
+    if stage == "executing":  # the provider holds the refund: the reservation stays
+        assert len(refunds) == 1 and row["reserved_amount"] == SMALL
+        assert found["evidence"]["provider_holds_refund"] is True
+    else:
+        assert refunds == [] and row["reserved_amount"] == 0
+    assert "workflow_closed_case_swept" in await quick.actions(case_id)
+    for user, path, body in (("bob", f"/v1/refund-requests/{case_id}/approvals", {"decision": "approve"}),
+                             ("olga", f"/v1/refund-requests/{case_id}/reissue", {"reason": "retry"})):
+        status, text = await _answer(quick, user, path, body)
+        assert status == 409 and "ops_review" in text, (path, text)
+    assert case_id not in await sweep_cases_once(quick.store, quick.client, quick.providers, idle_seconds=0)

@@ -1,0 +1,88 @@
+"""The closed-workflow sweep: a case whose workflow ended while the case was still open
+(terminated or failed in Temporal, timed out, or gone) has nobody left to move it. The sweep
+finds such cases, asks the provider whether it holds their refund, and hands them to ops:
+`ops_review`, a reconciliation break and a notice; the reservation is released only where
+the provider certainly holds no refund (a refund it holds, or cannot tell, keeps it)."""
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.service import RPCError, RPCStatusCode
+
+from adapters.providers.base import ProviderAdapter, ProviderError
+from adapters.store import Store, request_from_row
+from domain.models import ProviderRefund, RefundMethod
+
+log = logging.getLogger(__name__)
+
+
+async def workflow_closed(client: Client, case_id: str) -> str | None:
+    """How the case's workflow ended (its status name), or None while it runs."""
+    try:
+        described = await client.get_workflow_handle(case_id).describe()
+    except RPCError as exc:
+        if exc.status is RPCStatusCode.NOT_FOUND:  # never started, or past retention
+            return "NOT_FOUND"
+        raise
+    if described.status in (None, WorkflowExecutionStatus.RUNNING):
+        return None
+    return described.status.name
+
+
+async def provider_holds(store: Store, providers: Mapping[str, ProviderAdapter],
+                         row: Mapping[str, Any]) -> tuple[bool | None, ProviderRefund | None]:
+    """Whether the provider holds the case's refund (None: it cannot tell), and the refund."""
+    if row["provider_refund_id"] is not None:
+        return True, None
+    if row["submission_started_at"] is None:
+        return False, None
+    if row["method"] != RefundMethod.PROVIDER.value:
+        manual = await store.manual_refund(row["refund_request_id"])
+        return manual is not None and manual["status"] != "failed", None
+    provider = providers.get(row["provider"])
+    if provider is None:
+        return None, None
+    try:
+        found = await provider.find_refund(request_from_row(dict(row)))
+    except ProviderError as exc:
+        log.warning("case sweep: %s cannot tell about %s: %s", row["provider"], row["refund_request_id"], exc)
+        return None, None
+    return found is not None, found
+
+
+async def sweep_cases_once(store: Store, client: Client, providers: Mapping[str, ProviderAdapter], *,
+                           idle_seconds: float, page: int = 100) -> list[str]:
+    """One pass over every idle open case, `page` at a time (cases whose workflow still
+    runs never hide the others); returns the cases handed to ops."""
+    swept: list[str] = []
+    after: tuple[datetime, str] | None = None
+    while rows := await store.idle_open_cases(idle_seconds, page, after):
+        for row in rows:
+            case_id = row["refund_request_id"]
+            ended = await workflow_closed(client, case_id)
+            if ended is None:
+                continue
+            holds, found = await provider_holds(store, providers, row)
+            if await store.sweep_closed_case(case_id, workflow_status=ended, provider_holds=holds,
+                                             found=found):
+                log.warning("case %s: workflow %s while %s; handed to ops", case_id, ended, row["status"])
+                swept.append(case_id)
+        after = rows[-1]["updated_at"], rows[-1]["refund_request_id"]
+    return swept
+
+
+async def sweep_closed_cases(store: Store, client: Client, providers: Mapping[str, ProviderAdapter],
+                             stop: asyncio.Event, *, every_seconds: float, idle_seconds: float) -> None:
+    """Sweeps until `stop` is set."""
+    while not stop.is_set():
+        try:
+            await sweep_cases_once(store, client, providers, idle_seconds=idle_seconds)
+        except Exception:  # Temporal or the database may be restarting; the next pass tries again
+            log.exception("case sweep failed")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=every_seconds)
