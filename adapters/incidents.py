@@ -5,7 +5,7 @@ rows and ops notice, in one transaction."""
 from typing import Any
 
 from adapters.reconciliation import Reconciliations
-from adapters.store import Store, _json
+from adapters.store import Store, _json, open_incident_run
 from domain.incidents import DuplicateRefundInput
 from domain.models import ProviderRefundStatus
 from domain.reconciliation import BreakClass, BreakState
@@ -23,11 +23,7 @@ async def open_duplicate_refund_break(store: Store, inp: DuplicateRefundInput) -
     # What the ledger lacks once the duplicate settled; unknown while it is not final.
     delta = refund.amount if refund.status is ProviderRefundStatus.SUCCEEDED else None
     async with store.transaction() as conn:
-        await conn.execute(
-            "INSERT INTO reconciliation_runs (id, provider, task_queue, kind, window_start, window_end,"
-            " requested_by, state, finished_at) VALUES (%s,%s,'',%s, now() - interval '1 second',"
-            " now(), %s, 'completed', now()) ON CONFLICT (id) DO NOTHING",
-            (run_id, refund.provider, "incident", f"workflow:{inp.case_id}"))
+        await open_incident_run(conn, run_id, refund.provider, f"workflow:{inp.case_id}")
         cur = await conn.execute(
             "INSERT INTO reconciliation_breaks (provider, object_id, break_class, refund_request_id,"
             " chain, charge_id, amount, currency, provider_status, raw_status, failure_reason,"

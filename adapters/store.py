@@ -123,6 +123,16 @@ async def check_if_server_spoke(conn: Conn) -> None:
         await AsyncConnectionPool.check_connection(conn)
 
 
+async def open_incident_run(conn: Conn, run_id: str, provider: str, requested_by: str) -> None:
+    """The completed `incident` run a break raised outside a reconciliation run is found by
+    (a break needs the run that found it); once per id."""
+    await conn.execute(
+        "INSERT INTO reconciliation_runs (id, provider, task_queue, kind, window_start, window_end,"
+        " requested_by, state, finished_at) VALUES (%s,%s,'','incident', now() - interval '1 second',"
+        " now(), %s, 'completed', now()) ON CONFLICT (id) DO NOTHING",
+        (run_id, provider, requested_by))
+
+
 def _json(value: Any) -> Jsonb:
     return Jsonb(canonical_detail(value) if isinstance(value, dict) else json.loads(json.dumps(value)))
 
@@ -502,11 +512,7 @@ class Store:
             if row is None or row["status"] in {s.value for s in SETTLED_STATUSES}:
                 return False
             run_id = f"case-sweep-{case_id}"
-            await conn.execute(
-                "INSERT INTO reconciliation_runs (id, provider, task_queue, kind, window_start, window_end,"
-                " requested_by, state, finished_at) VALUES (%s,%s,'case-sweep','scheduled',%s,now(),"
-                " 'case-sweep','completed',now()) ON CONFLICT DO NOTHING",
-                (run_id, row["provider"], row["created_at"]))
+            await open_incident_run(conn, run_id, row["provider"], "case-sweep")
             provider_status = found.status.value if found else row["provider_status"] or "none"
             evidence = {"workflow_status": workflow_status, "case_status": row["status"],
                         "reserved_amount": row["reserved_amount"], "provider_holds_refund": provider_holds,
