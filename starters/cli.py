@@ -263,10 +263,10 @@ async def cmd_request(args: argparse.Namespace, settings: Settings) -> int:
     evidence = dict(item.split("=", 1) for item in args.evidence)
     body = {"refund_request_id": args.id, "provider": args.provider, "charge_id": args.charge,
             "amount": parse_major(args.amount, currency), "currency": currency,
-            "merchant_account": args.merchant, "reason": args.reason, "evidence": evidence,
-            "source": "cli"}
+            "merchant_account": args.merchant, "reason": args.reason, "evidence": evidence}
     async with _api(args, settings) as api:
-        return _show(await api.post("/v1/refund-requests", json=body))
+        return _show(await api.post("/v1/refund-requests", json=body,
+                                    headers={"X-Refund-Channel": "cli"}))
 
 
 async def cmd_payouts_register(args: argparse.Namespace, settings: Settings) -> int:

@@ -30,7 +30,7 @@ from adapters.integration_store import IntegrationStore
 from adapters.providers.base import ProviderAdapter
 from adapters.store import CaseCreation, Principal, Store, hash_token
 from adapters.telemetry import bind_case
-from domain.models import RefundRequest
+from domain.models import RefundRequestBody, RequestSource
 from starters.approving import ApprovalBody, Refused
 from starters.case_actions import (
     ACT_ROLES,
@@ -51,6 +51,7 @@ from starters.reconciliation_api import install_reconciliation_api
 from starters.webhooks import WebhookDesk
 
 log = logging.getLogger("relay")
+CHANNEL_HEADER = "x-refund-channel"
 
 
 class ReplayBody(BaseModel):
@@ -149,16 +150,21 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
         return await answer(client, direction, body)
 
     @app.post("/v1/refund-requests", status_code=202)
-    async def request_refund(body: RefundRequest, caller: Caller, response: Response) -> dict[str, Any]:
-        """Accepts a refund request once: 202 new, 200 identical repeat, 409 same id other values."""
+    async def request_refund(body: RefundRequestBody, caller: Caller, request: Request,
+                             response: Response) -> dict[str, Any]:
+        """Accepts a refund request once: 202 new, 200 identical repeat, 409 same id other
+        values. The body says only what a caller may say; `X-Refund-Channel: cli` marks the
+        CLI (both are token holders on this API; no other source can be claimed)."""
         bind_case(body.refund_request_id)
         await actions.require(caller, REQUEST_ROLES, "requesting a refund", body.refund_request_id,
                               via="api")
-        outcome, row = await store.create_case(body, caller.user)
+        cli = request.headers.get(CHANNEL_HEADER, "").lower() == RequestSource.CLI.value
+        refund = body.as_request(RequestSource.CLI if cli else RequestSource.API)
+        outcome, row = await store.create_case(refund, caller.user)
         if outcome is CaseCreation.CONFLICT:
             raise HTTPException(409, f"refund_request_id {body.refund_request_id!r} was already "
                                      "used with different parameters")
-        await start_refund(client, settings, body, row["requester"])
+        await start_refund(client, settings, refund, row["requester"])
         if outcome is CaseCreation.IDENTICAL:
             response.status_code = 200
         return await actions.view(body.refund_request_id)
