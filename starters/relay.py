@@ -35,7 +35,6 @@ from starters.approving import ApprovalBody, Refused
 from starters.case_actions import (
     ACT_ROLES,
     OPS_ROLES,
-    READ_ROLES,
     REQUEST_ROLES,
     CaseActions,
     ManualConfirmationBody,
@@ -172,9 +171,7 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
     @app.get("/v1/refund-requests/{refund_request_id}")
     async def get_refund(refund_request_id: str, caller: Caller) -> dict[str, Any]:
         """The case, with the advisor's suggestion for approvers (labelled advisory)."""
-        await actions.require(caller, READ_ROLES, "reading a case", refund_request_id, via="api")
-        if await store.get_case(refund_request_id) is None:
-            raise HTTPException(404, f"no refund request {refund_request_id!r}")
+        await actions.readable(caller, refund_request_id, "reading a case", via="api")
         return {**await actions.view(refund_request_id),
                 "advice": advice_view(await integrations.advice(refund_request_id)),
                 "tickets": await integrations.tickets(refund_request_id)}
@@ -182,9 +179,7 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
     @app.get("/v1/refund-requests/{refund_request_id}/audit")
     async def get_audit(refund_request_id: str, caller: Caller) -> list[dict[str, Any]]:
         """The case's timeline: every decision, with who and when."""
-        await actions.require(caller, READ_ROLES, "reading an audit trail", refund_request_id, via="api")
-        if await store.get_case(refund_request_id) is None:
-            raise HTTPException(404, f"no refund request {refund_request_id!r}")
+        await actions.readable(caller, refund_request_id, "reading an audit trail", via="api")
         return [{**e, "occurred_at": e["occurred_at"].isoformat()}
                 for e in await store.audit_trail(refund_request_id)]
 
