@@ -44,7 +44,7 @@ from starters.cases import start_refund
 from starters.codec_endpoint import Direction, answer
 from starters.console import install_console
 from starters.integrations import advice_view, integration_routes
-from starters.limits import read_limited
+from starters.limits import InputGuard, read_limited
 from starters.payout_routes import payout_routes
 from starters.reconciliation_api import install_reconciliation_api
 from starters.webhooks import WebhookDesk
@@ -114,17 +114,24 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
         """A refusal from the shared case rules (already audited) as an HTTP answer."""
         return JSONResponse({"detail": exc.detail}, status_code=exc.status)
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError) -> Response:
-        """Bad input is answered 422 as usual and recorded, under the caller's name when the
-        token is valid (FastAPI validates before our handlers run, so we look it up here)."""
+    async def record_refusal(request: Request, refusal: str) -> None:
+        """Bad input is recorded under the caller's name when the token is valid (it is
+        refused before our handlers run, so we look the token up here)."""
         creds = await bearer(request)
         caller = await store.authenticate(creds.credentials) if creds else None
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid"}
+        path = request.url.path.replace("\x00", "%00")  # as it came: the trail cannot hold a NUL
         await store.append_audit(None, caller.user if caller else "anonymous", "action_refused", {
-            "action": f"{request.method} {request.url.path}", "via": "api",
-            "refusal": f"invalid {'.'.join(str(p) for p in first['loc'])}: {first['msg']}"})
+            "action": f"{request.method} {path}", "via": "api", "refusal": refusal})
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> Response:
+        """Bad input is answered 422 as usual and recorded."""
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid"}
+        await record_refusal(request,
+                             f"invalid {'.'.join(str(p) for p in first['loc'])}: {first['msg']}")
         return await request_validation_exception_handler(request, exc)
+
+    app.add_middleware(InputGuard, refused=record_refusal)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
