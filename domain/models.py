@@ -13,16 +13,13 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from domain.money import normalise_currency
+from domain.money import MAX_MINOR_AMOUNT, normalise_currency
 
 Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
 
 SYSTEM_ID_FORMS = re.compile(r"recon-break-|servicenow-|[A-Za-z0-9_]+-(?:payout|refund)-")
 """The ids of cases the system opens (reconciliation breaks, ServiceNow tickets, payout
 exceptions, provider-made refunds): a caller may not take one first and squat its case."""
-
-MAX_MINOR_AMOUNT = 2**63 - 1
-"""PostgreSQL's bigint: no amount we store, in any currency, can be larger."""
 
 
 def _caller_chosen(value: str) -> str:
