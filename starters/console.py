@@ -45,7 +45,7 @@ from starters.case_actions import (
     missing_roles,
 )
 from starters.cli import parse_age
-from starters.codec_endpoint import Direction, answer
+from starters.codec_endpoint import CODEC_USES, Direction, answer
 from starters.integrations import advice_view
 from starters.payout_console import ConsolePages, install_payout_pages
 from starters.reconciliation_api import (
@@ -195,7 +195,7 @@ def install_console(app: FastAPI, actions: CaseActions,
         """The Temporal UI's remote codec for people signed in here: the UI sends the session
         cookie when its codec setting includes credentials (same site, another port)."""
         session = await current(request)
-        await actions.require(session.principal, OPS_ROLES, "using the payload codec", via="console")
+        await actions.require(session.principal, *CODEC_USES[direction], via="console")
         return await answer(actions.client, direction, body)
 
     # -- sign-in ----------------------------------------------------------------------

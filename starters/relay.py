@@ -41,7 +41,7 @@ from starters.case_actions import (
     ReissueBody,
 )
 from starters.cases import start_refund
-from starters.codec_endpoint import Direction, answer
+from starters.codec_endpoint import CODEC_USES, Direction, answer
 from starters.console import install_console
 from starters.integrations import advice_view, integration_routes
 from starters.limits import InputGuard, read_limited
@@ -152,7 +152,7 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
     @app.post("/codec/{direction}")
     async def codec(direction: Direction, body: dict[str, Any], caller: Caller) -> dict[str, Any]:
         """Temporal's remote codec protocol, for the UI and `temporal --codec-endpoint`."""
-        await actions.require(caller, OPS_ROLES, "using the payload codec", via="api")
+        await actions.require(caller, *CODEC_USES[direction], via="api")
         return await answer(client, direction, body)
 
     @app.post("/v1/refund-requests", status_code=202)

@@ -178,7 +178,7 @@ async def open_stack(store: Store, client: Client, temporal_address: str, *, wor
     for user, roles in {"alice": ["requester"], "bob": ["approver"], "carol": ["approver"],
                         "dave": ["auditor"], "admin": ["admin"], "frank": ["finance_manager"],
                         "olga": ["ops"]}.items():
-        tokens[user] = await store.create_token(user, roles, token=f"t-{user}-{uuid.uuid4().hex}")
+        tokens[user] = await store.create_token(user, roles, token=f"t-{user}-{uuid.uuid4().hex}", by="test")
     stack = Stack(settings=settings, store=store, client=client, relay_url=relay_server.url,
                   sandbox_url=sandbox_server.url, tokens=tokens, providers=providers)
 

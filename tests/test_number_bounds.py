@@ -50,3 +50,12 @@ async def test_amount_filters_refuse_what_is_not_a_plain_amount(stack: Stack, am
                                              (" 12.34 ", 1_234)])
 def test_plain_amounts_still_parse(text: str, minor: int) -> None:
     assert parse_major(text, "USD") == minor
+
+
+async def test_an_age_filter_too_large_for_a_duration_is_422(stack: Stack) -> None:
+    bob = await console(stack, "bob")
+    try:
+        response = await bob.get("/console/cases", params={"older_than": "99999999999d"})
+    finally:
+        await bob.aclose()
+    assert response.status_code == 422 and "duration" in response.text

@@ -11,7 +11,7 @@ from tests.test_reissue import failed_case, reissue
 
 async def person(stack: Stack, *roles: str) -> str:
     user = f"u-{uuid.uuid4().hex[:8]}"
-    stack.tokens[user] = await stack.store.create_token(user, list(roles))
+    stack.tokens[user] = await stack.store.create_token(user, list(roles), by="test")
     return user
 
 
