@@ -17,15 +17,18 @@ from domain.money import MAX_MINOR_AMOUNT, normalise_currency
 
 Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
 
-SYSTEM_ID_FORMS = re.compile(r"recon-break-|servicenow-|[A-Za-z0-9_]+-(?:payout|refund)-")
+SYSTEM_ID_FORMS = re.compile(r"^(?:recon-break-|servicenow-|[A-Za-z0-9_]+-(?:payout|refund)-)|-r[0-9]+$")
 """The ids of cases the system opens (reconciliation breaks, ServiceNow tickets, payout
-exceptions, provider-made refunds): a caller may not take one first and squat its case."""
+exceptions, provider-made refunds, reissues `<id>-r<n>`): a caller may not take one first
+and squat its case. (A provider's own requests, `<provider>-<id>`, are refused at the relay,
+which knows the providers.)"""
 
 
 def _caller_chosen(value: str) -> str:
-    if SYSTEM_ID_FORMS.match(value):
+    if SYSTEM_ID_FORMS.search(value):
         raise ValueError("ids starting recon-break-, servicenow-, <provider>-payout- or "
-                         "<provider>-refund- are reserved for cases the system opens")
+                         "<provider>-refund-, or ending -r<n>, are reserved for cases the "
+                         "system opens")
     return value
 
 

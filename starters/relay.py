@@ -108,6 +108,7 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
         return found
 
     Caller = Annotated[Principal, Depends(principal)]
+    provider_prefixes = tuple(f"{name}-" for name in providers)
 
     @app.exception_handler(Refused)
     async def refused(request: Request, exc: Refused) -> JSONResponse:
@@ -164,6 +165,11 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
         bind_case(body.refund_request_id)
         await actions.require(caller, REQUEST_ROLES, "requesting a refund", body.refund_request_id,
                               via="api")
+        if body.refund_request_id.startswith(provider_prefixes):
+            raise RequestValidationError([{
+                "type": "value_error", "loc": ("body", "refund_request_id"),
+                "input": body.refund_request_id,
+                "msg": "ids starting <provider>- are reserved for the provider's own requests"}])
         cli = request.headers.get(CHANNEL_HEADER, "").lower() == RequestSource.CLI.value
         refund = body.as_request(RequestSource.CLI if cli else RequestSource.API)
         outcome, row = await store.create_case(refund, caller.user)

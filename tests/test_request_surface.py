@@ -52,6 +52,8 @@ SYSTEM_IDS = {
     "payout_exception": payout_case_id("sandbox", "po_1"),
     "provider_made_refund": tracking_case_id("sandbox", "re_1"),
     "servicenow_ticket": "servicenow-0123456789abcdef0123456789abcdef",
+    "provider_request": "sandbox-rrq_squatted",
+    "reissue": "rr-someone-elses-case-r1",
 }
 
 
@@ -66,7 +68,8 @@ async def test_a_caller_cannot_take_a_system_id_first(stack: Stack, kind: str) -
     assert await stack.store.get_case(SYSTEM_IDS[kind]) is None
 
 
-@pytest.mark.parametrize("case_id", ["my-order-refund-1", "recon-breakfast-1", "servicenow", "rr-1"])
+@pytest.mark.parametrize("case_id", ["my-order-refund-1", "recon-breakfast-1", "servicenow", "rr-1",
+                                     "order-r1x"])
 def test_caller_ids_that_only_look_alike_are_accepted(case_id: str) -> None:
     body = RefundRequestBody(refund_request_id=case_id, provider="sandbox", charge_id="ch_1",
                              amount=1, currency="USD", merchant_account="acct_1",
