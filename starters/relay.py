@@ -176,6 +176,9 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
         if outcome is CaseCreation.CONFLICT:
             raise HTTPException(409, f"refund_request_id {body.refund_request_id!r} was already "
                                      "used with different parameters")
+        if row["requester"] != caller.user:  # a repeat of someone else's request shows nothing
+            raise HTTPException(409, f"refund_request_id {body.refund_request_id!r} was already "
+                                     "used by another requester")
         await start_refund(client, settings, refund, row["requester"])
         if outcome is CaseCreation.IDENTICAL:
             response.status_code = 200

@@ -67,3 +67,17 @@ async def test_requesters_read_only_their_own_cases(stack: Stack) -> None:
     assert f"/console/cases/{theirs}" in (await owner.get("/console/cases", params={"q": theirs})).text
     await browser.aclose()
     await owner.aclose()
+
+
+async def test_repeating_someone_elses_request_does_not_show_their_case(stack: Stack) -> None:
+    charge = await stack.charge(10_000)
+    body = stack.refund_body(charge, 1_000)
+    other = await person(stack, "requester")
+    async with stack.api("alice") as api:
+        assert (await api.post("/v1/refund-requests", json=body)).status_code == 202
+    async with stack.api(other) as api:
+        repeated = await api.post("/v1/refund-requests", json=body)
+    assert repeated.status_code == 409, repeated.text
+    assert "requester" not in repeated.json()
+    async with stack.api("alice") as api:
+        assert (await api.post("/v1/refund-requests", json=body)).status_code == 200
