@@ -21,6 +21,7 @@ refusal, so they pass through untouched."""
 # as a form writes it (%00), or raw.
 _JSON_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 _FORM_NUL = b"%00"
+FORM_TYPE = b"application/x-www-form-urlencoded"
 
 Refusal = Callable[[Request, str], Awaitable[None]]
 
@@ -41,9 +42,11 @@ async def read_limited(request: Request, limit: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def carries_nul(data: bytes) -> bool:
-    """Text PostgreSQL cannot store, in any of the encodings a request may carry it in."""
-    return b"\x00" in data or _FORM_NUL in data or _JSON_NUL.search(data) is not None
+def carries_nul(data: bytes, *, url_encoded: bool) -> bool:
+    """Text PostgreSQL cannot store, raw or as the request's encoding writes it (%00 in a
+    query or form, \\u0000 in JSON)."""
+    escaped = _FORM_NUL in data if url_encoded else _JSON_NUL.search(data) is not None
+    return b"\x00" in data or escaped
 
 
 class InputGuard:
@@ -65,7 +68,9 @@ class InputGuard:
         if body is None:
             await self._refuse(scope, receive, send, 413, f"request body exceeds {limit} bytes")
             return
-        if "\x00" in path or carries_nul(scope.get("query_string", b"")) or carries_nul(body):
+        form = dict(scope.get("headers", [])).get(b"content-type", b"").lower().startswith(FORM_TYPE)
+        if ("\x00" in path or carries_nul(scope.get("query_string", b""), url_encoded=True)
+                or carries_nul(body, url_encoded=form)):
             await self._refuse(scope, receive, send, 422,
                                "text may not contain NUL (U+0000) characters")
             return

@@ -49,7 +49,8 @@ async def test_nul_in_evidence_or_in_an_id_is_422(stack: Stack) -> None:
         assert (await api.get("/v1/refund-requests/rr-1%00x")).status_code == 422
         assert (await api.get("/v1/refund-requests/rr-1%00x/audit")).status_code == 422
     await assert_untouched(stack, body["refund_request_id"], charge)
-    text = stack.refund_body(charge, 1_000, evidence={"note": "a literal \\u0000 is text"})
+    text = stack.refund_body(charge, 1_000, evidence={"note": "a literal \\u0000 is text",
+                                                      "discount": "100%00 off"})
     async with stack.api("alice") as api:
         assert (await api.post("/v1/refund-requests", json=text)).status_code == 202
 
