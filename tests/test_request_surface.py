@@ -11,6 +11,7 @@ from domain.payouts import payout_case_id
 from domain.reconciliation import break_workflow_id
 from tests.harness import Stack
 from tests.test_bad_input import assert_untouched
+from tests.test_cli import run
 
 SERVER_SET_FIELDS: dict[str, Any] = {
     "trigger_identities": ["carol", "frank"],  # approver shopping
@@ -75,3 +76,14 @@ def test_caller_ids_that_only_look_alike_are_accepted(case_id: str) -> None:
                              amount=1, currency="USD", merchant_account="acct_1",
                              reason="other")
     assert body.refund_request_id == case_id
+
+
+async def test_the_cli_request_says_only_what_a_caller_may_say(stack: Stack) -> None:
+    charge = await stack.charge(10_000)
+    case_id = stack.new_id("cli")
+    made = await run("request", "--id", case_id, "--charge", charge, "--amount", "10.00",
+                     "--currency", "USD", "--merchant", "acct_1", "--evidence", "order_id=o-9",
+                     env={"REFUNDS_RELAY_URL": stack.relay_url, "REFUNDS_TOKEN": stack.tokens["alice"]})
+    assert made.returncode == 0, made.stdout + made.stderr
+    row = await stack.store.get_case(case_id)
+    assert row is not None and (row["source"], row["requester"], row["amount"]) == ("cli", "alice", 1_000)
