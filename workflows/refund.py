@@ -52,6 +52,8 @@ UNEXPECTED_STATUS = "UnexpectedProviderStatus"
 LOOKUP_UNSUPPORTED = "ProviderLookupUnsupported"
 # Histories recorded before the advisor and notice delivery existed replay without them.
 INTEGRATIONS_PATCH = "integrations-1"
+PROVIDER_SCOPED_WAIT_PATCH = "provider-scoped-notification-1"
+"""From this patch on, the wait for a notification takes only the case's provider's events."""
 
 
 # What each approval step does to a refund case: its status, and the reservation released.
@@ -81,6 +83,7 @@ class RefundWorkflow(ApprovingWorkflow):
         self._courier: asyncio.Task[None] | None = None
         self._closing = False
         self._lookup_escalated = False
+        self._provider_scoped = False
 
     # -- interface ---------------------------------------------------------------------
 
@@ -111,6 +114,7 @@ class RefundWorkflow(ApprovingWorkflow):
     @workflow.run
     async def run(self, inp: RefundWorkflowInput) -> RefundOutcome:
         self._request = request = inp.request
+        self._provider_scoped = workflow.patched(PROVIDER_SCOPED_WAIT_PATCH)
         self._round.requester = inp.requester
         self._round.conflicted = frozenset(request.trigger_identities)
         self._timings = inp.timings
@@ -247,7 +251,7 @@ class RefundWorkflow(ApprovingWorkflow):
         assert self._request is not None
         for event in self._event_inbox:
             reported = event.as_refund()
-            if reported is None:
+            if reported is None or (self._provider_scoped and reported.provider != self._request.provider):
                 continue
             if reported.reference == self._request.refund_request_id or (
                     self._refund is not None and reported.refund_id == self._refund.refund_id):
