@@ -17,9 +17,12 @@ OWN_LIMITS = ("/webhooks/", "/integrations/")
 """Signed deliveries read their body under their own limit and keep a receipt of every
 refusal, so they pass through untouched."""
 
-# A NUL as JSON writes it (\u0000 after an even run of backslashes: `\\u0000` is text),
-# as a form writes it (%00), or raw.
-_JSON_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+# What JSON may escape but PostgreSQL cannot store: a NUL, or half of a surrogate pair (an
+# escape counts after an even run of backslashes: `\\u0000` is text). A form writes a NUL
+# as %00; raw, it is a NUL byte.
+_HIGH, _LOW = rb"\\u[dD][89abAB][0-9a-fA-F]{2}", rb"\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+_JSON_UNSTORABLE = re.compile(
+    rb"(?<!\\)(?:\\\\)*(?:\\u0000|" + _HIGH + rb"(?!" + _LOW + rb")|(?<!" + _HIGH + rb")" + _LOW + rb")")
 _FORM_NUL = b"%00"
 FORM_TYPE = b"application/x-www-form-urlencoded"
 
@@ -44,15 +47,16 @@ async def read_limited(request: Request, limit: int) -> bytes | None:
 
 def carries_nul(data: bytes, *, url_encoded: bool) -> bool:
     """Text PostgreSQL cannot store, raw or as the request's encoding writes it (%00 in a
-    query or form, \\u0000 in JSON)."""
-    escaped = _FORM_NUL in data if url_encoded else _JSON_NUL.search(data) is not None
+    query or form, \\u0000 or a lone surrogate in JSON)."""
+    escaped = _FORM_NUL in data if url_encoded else _JSON_UNSTORABLE.search(data) is not None
     return b"\x00" in data or escaped
 
 
 class InputGuard:
     """ASGI middleware: before any route parses it, a request whose body is over its limit
-    is a 413, and one carrying a NUL (path, query or body) is a 422, so no handler, store
-    or workflow ever sees either. `refused` records each refusal."""
+    is a 413, and one carrying text PostgreSQL cannot store (a NUL in the path, query or
+    body, a lone surrogate in JSON) is a 422, so no handler, store or workflow sees either.
+    `refused` records each refusal."""
 
     def __init__(self, app: ASGIApp, refused: Refusal) -> None:
         self.app = app
@@ -71,8 +75,8 @@ class InputGuard:
         form = dict(scope.get("headers", [])).get(b"content-type", b"").lower().startswith(FORM_TYPE)
         if ("\x00" in path or carries_nul(scope.get("query_string", b""), url_encoded=True)
                 or carries_nul(body, url_encoded=form)):
-            await self._refuse(scope, receive, send, 422,
-                               "text may not contain NUL (U+0000) characters")
+            await self._refuse(scope, receive, send, 422, "text may not contain NUL (U+0000) "
+                               "characters or half of a surrogate pair")
             return
         await self.app(scope, _replay(body, receive), send)
 

@@ -3,6 +3,7 @@ and an oversized body a 413, on every route (JSON API, codec, console forms, sig
 the refusal is recorded and nothing about the case moves."""
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -103,3 +104,21 @@ async def test_console_forms_are_limited_too(stack: Stack) -> None:
         await bob.aclose()
     assert big.status_code == 413
     assert (await stack.store.get_case(case_id))["status"] == "awaiting_approval"  # type: ignore[index]
+
+
+async def test_a_lone_surrogate_is_422_and_a_pair_is_text(stack: Stack) -> None:
+    """PostgreSQL stores UTF-8: half of a surrogate pair cannot be stored, a whole pair can."""
+    charge = await stack.charge(10_000)
+
+    async def post(evidence: str) -> int:
+        body = stack.refund_body(charge, 1_000, evidence={})
+        raw = json.dumps(body).replace('"evidence": {}', f'"evidence": {{"note": "{evidence}"}}')
+        async with stack.api("alice") as api:
+            response = await api.post("/v1/refund-requests", content=raw.encode(),
+                                      headers={"Content-Type": "application/json"})
+        return response.status_code
+
+    assert await post("x\\ud800y") == 422
+    assert await post("x\\udc00") == 422
+    assert await post("\\\\ud800 is text") == 202
+    assert await post("smile \\ud83d\\ude00") == 202
