@@ -42,7 +42,8 @@ from starters.case_actions import (
 )
 from starters.cases import start_refund
 from starters.codec_endpoint import CODEC_USES, Direction, answer
-from starters.console import install_console
+from starters.console import PREFIX as CONSOLE_PREFIX
+from starters.console import SESSION_COOKIE, install_console
 from starters.integrations import advice_view, integration_routes
 from starters.limits import InputGuard, read_limited
 from starters.payout_routes import payout_routes
@@ -115,24 +116,36 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
         """A refusal from the shared case rules (already audited) as an HTTP answer."""
         return JSONResponse({"detail": exc.detail}, status_code=exc.status)
 
-    async def record_refusal(request: Request, refusal: str) -> None:
-        """Bad input is recorded under the caller's name when the token is valid (it is
-        refused before our handlers run, so we look the token up here)."""
-        creds = await bearer(request)
-        caller = await store.authenticate(creds.credentials) if creds else None
-        path = request.url.path.replace("\x00", "%00")  # as it came: the trail cannot hold a NUL
-        await store.append_audit(None, caller.user if caller else "anonymous", "action_refused", {
-            "action": f"{request.method} {path}", "via": "api", "refusal": refusal})
-
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> Response:
-        """Bad input is answered 422 as usual and recorded."""
+        """Bad input is answered 422 as usual and recorded, under the caller's name when the
+        token is valid (FastAPI validates before our handlers run, so we look it up here)."""
+        creds = await bearer(request)
+        caller = await store.authenticate(creds.credentials) if creds else None
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid"}
-        await record_refusal(request,
-                             f"invalid {'.'.join(str(p) for p in first['loc'])}: {first['msg']}")
+        await store.append_audit(None, caller.user if caller else "anonymous", "action_refused", {
+            "action": f"{request.method} {request.url.path}", "via": "api",
+            "refusal": f"invalid {'.'.join(str(p) for p in first['loc'])}: {first['msg']}"})
         return await request_validation_exception_handler(request, exc)
 
-    app.add_middleware(InputGuard, refused=record_refusal)
+    async def guard_refused(request: Request, refusal: str) -> None:
+        """A body over its limit, or text the store cannot hold, refused before any route:
+        audited under the caller (bearer token or console session), only logged for
+        someone without credentials (they do not grow the audit chain)."""
+        creds = await bearer(request)
+        caller = await store.authenticate(creds.credentials) if creds else None
+        cookie = request.cookies.get(SESSION_COOKIE)
+        if caller is None and cookie and (session := await store.console_session(cookie)):
+            caller = session.principal
+        action = f"{request.method} {request.url.path.replace(chr(0), '%00')}"  # no NUL in the trail
+        via = "console" if request.url.path.startswith(CONSOLE_PREFIX) else "api"
+        if caller is None:
+            log.warning("refused %s without credentials: %s", action, refusal)
+            return
+        await store.append_audit(None, caller.user, "action_refused",
+                                 {"action": action, "via": via, "refusal": refusal})
+
+    app.add_middleware(InputGuard, refused=guard_refused)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -104,6 +104,8 @@ async def test_console_forms_are_limited_too(stack: Stack) -> None:
         await bob.aclose()
     assert big.status_code == 413
     assert (await stack.store.get_case(case_id))["status"] == "awaiting_approval"  # type: ignore[index]
+    assert [e["detail"]["via"] for e in await stack.store.audit_trail("") if e["actor"] == "bob"
+            and e["detail"].get("action") == f"POST /console/cases/{case_id}/approval"] == ["console"]
 
 
 async def test_a_lone_surrogate_is_422_and_a_pair_is_text(stack: Stack) -> None:
