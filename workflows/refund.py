@@ -50,10 +50,10 @@ with workflow.unsafe.imports_passed_through():
 DECLINED = "ProviderDeclined"
 UNEXPECTED_STATUS = "UnexpectedProviderStatus"
 LOOKUP_UNSUPPORTED = "ProviderLookupUnsupported"
-# Histories recorded before the advisor and notice delivery existed replay without them.
-INTEGRATIONS_PATCH = "integrations-1"
 PROVIDER_SCOPED_WAIT_PATCH = "provider-scoped-notification-1"
 """From this patch on, the wait for a notification takes only the case's provider's events."""
+# Histories recorded before the advisor and notice delivery existed replay without them.
+INTEGRATIONS_PATCH = "integrations-1"
 
 
 # What each approval step does to a refund case: its status, and the reservation released.
@@ -82,8 +82,8 @@ class RefundWorkflow(ApprovingWorkflow):
         self._outbox: list[str] = []
         self._courier: asyncio.Task[None] | None = None
         self._closing = False
-        self._lookup_escalated = False
         self._provider_scoped = False
+        self._lookup_escalated = False
 
     # -- interface ---------------------------------------------------------------------
 
