@@ -27,6 +27,7 @@ class CaseFilter:
     older_than: timedelta | None = None
     newer_than: timedelta | None = None
     search: str | None = None
+    requester: str | None = None
     limit: int = 200
 
 
@@ -42,6 +43,8 @@ async def find_cases(store: Store, wanted: CaseFilter) -> list[dict[str, Any]]:
 
     if wanted.statuses:
         where("status = ANY(%s)", list(wanted.statuses))
+    if wanted.requester:
+        where("requester = %s", wanted.requester)
     if wanted.provider:
         where("provider = %s", wanted.provider)
     if wanted.currency:

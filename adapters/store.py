@@ -715,25 +715,30 @@ class Store:
 
     # -- tokens -----------------------------------------------------------------------
 
-    async def create_token(self, user: str, roles: Sequence[str], token: str | None = None) -> str:
-        """Makes a bearer token; only its hash is stored, the plaintext is shown once."""
+    async def create_token(self, user: str, roles: Sequence[str], token: str | None = None, *,
+                           by: str, expires_in: timedelta | None = None) -> str:
+        """Makes a bearer token; only its hash is stored, the plaintext is shown once. `by`
+        is whoever made it (the audit names them), `expires_in` an optional lifetime."""
         unknown = set(roles) - ROLES
         if unknown or not roles:
             raise ValueError(f"unknown roles {sorted(unknown)}; known: {sorted(ROLES)}")
+        if expires_in is not None and expires_in <= timedelta(0):
+            raise ValueError("a token's lifetime must be positive")
         plaintext = token or f"rfo_{secrets.token_urlsafe(32)}"
         async with self.transaction() as conn:
             await conn.execute(
-                "INSERT INTO api_tokens (user_name, roles, token_hash) VALUES (%s,%s,%s)"
-                " ON CONFLICT (token_hash) DO NOTHING",
-                (user, sorted(set(roles)), hash_token(plaintext)))
-            await self._audit(conn, None, "admin", "token_created",
-                              {"user": user, "roles": sorted(set(roles))})
+                "INSERT INTO api_tokens (user_name, roles, token_hash, expires_at)"
+                " VALUES (%s, %s, %s, now() + %s) ON CONFLICT (token_hash) DO NOTHING",
+                (user, sorted(set(roles)), hash_token(plaintext), expires_in))
+            await self._audit(conn, None, by, "token_created",
+                              {"user": user, "roles": sorted(set(roles)),
+                               "expires_in_seconds": expires_in.total_seconds() if expires_in else None})
         return plaintext
 
     async def authenticate(self, token: str) -> Principal | None:
         async with self._pool.connection() as conn:
             cur = await conn.execute(
-                "SELECT user_name, roles FROM api_tokens WHERE token_hash = %s AND revoked_at IS NULL",
+                "SELECT user_name, roles FROM live_api_tokens WHERE token_hash = %s",
                 (hash_token(token),))
             row = await cur.fetchone()
         return Principal(row["user_name"], frozenset(row["roles"])) if row else None
@@ -743,7 +748,7 @@ class Store:
         apart (it matches `token_fingerprint` in refusals) and never the secret itself."""
         async with self._pool.connection() as conn:
             cur = await conn.execute(
-                "SELECT id, user_name, roles, created_at, revoked_at,"
+                "SELECT id, user_name, roles, created_at, revoked_at, expires_at,"
                 " substr(token_hash, 1, 12) AS fingerprint FROM api_tokens ORDER BY id")
             return list(await cur.fetchall())
 
@@ -775,8 +780,8 @@ class Store:
         async with self.transaction() as conn:
             cur = await conn.execute(
                 "INSERT INTO console_sessions (session_hash, token_id, csrf_token, expires_at)"
-                " SELECT %s, id, %s, now() + %s FROM api_tokens"
-                " WHERE token_hash = %s AND revoked_at IS NULL RETURNING id, token_id",
+                " SELECT %s, id, %s, now() + %s FROM live_api_tokens"
+                " WHERE token_hash = %s RETURNING id, token_id",
                 (hash_token(session_id), csrf, lifetime, hash_token(token)))
             made = await cur.fetchone()
             if made is None:
@@ -794,8 +799,8 @@ class Store:
         async with self._pool.connection() as conn:
             cur = await conn.execute(
                 "SELECT s.id, s.csrf_token, t.user_name, t.roles FROM console_sessions s"
-                " JOIN api_tokens t ON t.id = s.token_id WHERE s.session_hash = %s"
-                " AND s.ended_at IS NULL AND s.expires_at > now() AND t.revoked_at IS NULL",
+                " JOIN live_api_tokens t ON t.id = s.token_id"
+                " WHERE s.session_hash = %s AND s.ended_at IS NULL AND s.expires_at > now()",
                 (hash_token(session_id),))
             row = await cur.fetchone()
         if row is None:

@@ -6,15 +6,46 @@ breaking running workflows (new fields always get defaults).
 
 import hashlib
 import json
+import re
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from domain.money import normalise_currency
+from domain.money import MAX_MINOR_AMOUNT, normalise_currency
 
 Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
+
+SYSTEM_ID_FORMS = re.compile(r"^(?:recon-break-|servicenow-|[A-Za-z0-9_]+-(?:payout|refund)-)|-r[0-9]+$")
+"""The ids of cases the system opens (reconciliation breaks, ServiceNow tickets, payout
+exceptions, provider-made refunds, reissues `<id>-r<n>`): a caller may not take one first
+and squat its case. (A provider's own requests, `<provider>-<id>`, are refused at the relay,
+which knows the providers.)"""
+
+
+def _caller_chosen(value: str) -> str:
+    if SYSTEM_ID_FORMS.search(value):
+        raise ValueError("ids starting recon-break-, servicenow-, <provider>-payout- or "
+                         "<provider>-refund-, or ending -r<n>, are reserved for cases the "
+                         "system opens")
+    return value
+
+
+CallerId = Annotated[Identifier, AfterValidator(_caller_chosen)]
+"""An id a caller chooses: never one of the system's forms."""
+
+
+def _bounded_evidence(value: dict[str, str]) -> dict[str, str]:
+    if len(value) > 32 or any(len(k) > 64 or len(v) > 2000 for k, v in value.items()):
+        raise ValueError("evidence allows at most 32 fields, keys <= 64 and values <= 2000 chars")
+    return value
+
+
+MinorAmount = Annotated[int, Field(gt=0, le=MAX_MINOR_AMOUNT, strict=True,
+                                   description="integer minor units of `currency`")]
+Currency = Annotated[str, Field(min_length=3, max_length=3), AfterValidator(normalise_currency)]
+Evidence = Annotated[dict[str, str], AfterValidator(_bounded_evidence)]
 
 
 class Frozen(BaseModel):
@@ -64,11 +95,11 @@ class RefundRequest(Frozen):
     refund_request_id: Identifier
     provider: Identifier
     charge_id: Identifier
-    amount: int = Field(gt=0, strict=True, description="integer minor units of `currency`")
-    currency: str = Field(min_length=3, max_length=3)
+    amount: MinorAmount
+    currency: Currency
     merchant_account: Identifier
     reason: RefundReason
-    evidence: dict[str, str] = Field(default_factory=dict)
+    evidence: Evidence = Field(default_factory=dict)
     source: RequestSource = RequestSource.API
     method: RefundMethod = RefundMethod.PROVIDER
     parent_refund_request_id: Identifier | None = Field(
@@ -76,18 +107,6 @@ class RefundRequest(Frozen):
     trigger_identities: tuple[str, ...] = Field(
         default=(), max_length=10,
         description="people behind the triggering event (e.g. the ticket's opener): they cannot approve")
-
-    @field_validator("currency")
-    @classmethod
-    def _known_currency(cls, value: str) -> str:
-        return normalise_currency(value)
-
-    @field_validator("evidence")
-    @classmethod
-    def _bounded_evidence(cls, value: dict[str, str]) -> dict[str, str]:
-        if len(value) > 32 or any(len(k) > 64 or len(v) > 2000 for k, v in value.items()):
-            raise ValueError("evidence allows at most 32 fields, keys <= 64 and values <= 2000 chars")
-        return value
 
     def params_hash(self) -> str:
         """Binds the request id to its parameters: a repeat with other values is a conflict."""
@@ -98,6 +117,25 @@ class RefundRequest(Frozen):
         """The provider idempotency key: derived from our id, never random, never reused."""
         digest = hashlib.sha256(f"refund:{self.refund_request_id}".encode()).hexdigest()
         return f"rfo_{digest[:40]}"
+
+
+class RefundRequestBody(Frozen):
+    """What a caller may say when asking for a refund (API, CLI). Source, method, parent
+    and trigger identities are the server's: the channel, the reissue path and the
+    integrations set them, so nobody can name who may not approve or hijack a reissue."""
+
+    refund_request_id: CallerId
+    provider: Identifier
+    charge_id: Identifier
+    amount: MinorAmount
+    currency: Currency
+    merchant_account: Identifier
+    reason: RefundReason
+    evidence: Evidence = Field(default_factory=dict)
+
+    def as_request(self, source: RequestSource) -> RefundRequest:
+        """The internal request, validated again by its own rules (currency, evidence)."""
+        return RefundRequest.model_validate({**self.model_dump(), "source": source})
 
 
 class RefundTimings(Frozen):

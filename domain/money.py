@@ -4,9 +4,16 @@ The exponent (0 for JPY, 2 for USD, 3 for KWD) comes from the `iso4217` data pac
 formatting and parsing of major-unit strings are exact for every currency.
 """
 
-from decimal import Decimal, InvalidOperation
+import re
+from decimal import Decimal
 
 from iso4217 import Currency
+
+MAX_MINOR_AMOUNT = 2**63 - 1
+"""PostgreSQL's bigint: no amount we store, in any currency, can be larger."""
+PLAIN_AMOUNT = re.compile(r"[0-9]{1,20}(?:\.[0-9]{1,8})?")
+"""Digits with an optional fraction: no exponent, sign, Infinity or NaN, never a
+million-digit number, and within Decimal's 28 digits, so nothing is rounded away."""
 
 
 class UnknownCurrencyError(ValueError):
@@ -41,11 +48,11 @@ def format_minor(amount_minor: int, currency: str) -> str:
 def parse_major(text: str, currency: str) -> int:
     """Parses "30.00" into minor units of `currency`; refuses more digits than it has."""
     exponent = currency_exponent(currency)
-    try:
-        value = Decimal(text.strip())
-    except InvalidOperation as exc:
-        raise ValueError(f"not an amount: {text!r}") from exc
-    minor = value.scaleb(exponent)
+    if not PLAIN_AMOUNT.fullmatch(text.strip()):
+        raise ValueError(f"not an amount: {text!r} (digits, optionally a '.' and decimals)")
+    minor = Decimal(text.strip()).scaleb(exponent)
     if minor != minor.to_integral_value():
         raise ValueError(f"{text!r} has more than {exponent} decimals for {currency}")
+    if minor > MAX_MINOR_AMOUNT:
+        raise ValueError(f"amount {text!r} is larger than any we can hold")
     return int(minor)

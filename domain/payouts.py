@@ -17,6 +17,7 @@ from domain.models import (
     ApprovalRecord,
     Frozen,
     Identifier,
+    MinorAmount,
     PolicyDecision,
     RefundTimings,
 )
@@ -152,7 +153,7 @@ class PayoutRegistration(Frozen):
     provider: Identifier
     provider_payout_id: Identifier
     beneficiary_id: Identifier
-    amount: int = Field(gt=0, strict=True, description="integer minor units of `currency`")
+    amount: MinorAmount
     currency: str = Field(min_length=3, max_length=3)
 
     @field_validator("currency")

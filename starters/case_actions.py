@@ -43,6 +43,8 @@ OPS_ROLES = ACT_ROLES | {"auditor"}
 """Roles that read operational data (receipts, coverage); the auditor only reads."""
 READ_ROLES = REQUEST_ROLES | APPROVAL_ROLES | OPS_ROLES
 """Everyone who has a part in a refund may read its case (approvers must see what they sign)."""
+SEE_ALL_ROLES = APPROVAL_ROLES | OPS_ROLES
+"""Approvers, ops and auditors read every case; a requester only those they asked for."""
 REISSUABLE = frozenset({"refund_failed", "refund_canceled"})
 
 
@@ -84,6 +86,12 @@ def approval_verdict(caller: Principal, row: Mapping[str, Any],
                             decision=Decision.APPROVE)
     return check_approval(signal, requester=row["requester"], conflicted=frozenset(),
                           requirements=requirements_of(row), approved=granted)
+
+
+def behind(row: Mapping[str, Any], trail: list[dict[str, Any]]) -> set[str]:
+    """Everyone who asked for, triggered or approved a refund: none of them may also say
+    that its money was paid."""
+    return {row["requester"], *(row["trigger_identities"] or ()), *(a for a, _ in granted_in(trail))}
 
 
 def case_view(row: Mapping[str, Any], trail: list[dict[str, Any]]) -> dict[str, Any]:
@@ -147,6 +155,17 @@ class CaseActions:
             await self.refuse(caller, None, 404, action, f"no refund request {case_id!r}", via=via)
         return row
 
+    async def readable(self, caller: Principal, case_id: str, action: str, *,
+                       via: str) -> dict[str, Any]:
+        """The case row for a reader; someone else's case is, to a requester, no case at
+        all (404, so ids are not confirmed either; the refusal is audited as what it is)."""
+        await self.require(caller, READ_ROLES, action, case_id, via=via)
+        row = await self._case(caller, case_id, action, via)
+        if caller.roles.isdisjoint(SEE_ALL_ROLES) and row["requester"] != caller.user:
+            await self.refuse(caller, case_id, 404, action, f"no refund request {case_id!r}", via=via,
+                              audit_action="access_refused")
+        return row
+
     async def view(self, case_id: str) -> dict[str, Any]:
         row = await self.store.get_case(case_id)
         assert row is not None
@@ -205,14 +224,17 @@ class CaseActions:
     async def confirm_manual(self, caller: Principal, case_id: str, body: ManualConfirmationBody,
                              *, via: str) -> dict[str, Any]:
         """Ops confirm a bank transfer they made (or could not make); the case follows.
-        Whoever requested the refund (or its reissue) cannot confirm it."""
+        Whoever requested the refund (or its reissue), is behind its trigger or approved it
+        cannot confirm it."""
         action = "confirming a manual refund"
         await self.require(caller, ACT_ROLES, action, case_id, via=via)
         case = await self._case(caller, case_id, action, via)
-        if case["requester"] == caller.user:
+        if caller.user in behind(case, await self.store.audit_trail(case_id)):
             await self.refuse(caller, case_id, 403, action,
-                              "the requester cannot confirm their own refund", via=via,
-                              audit_action="access_refused")
+                              "the requester cannot confirm their own refund"
+                              if case["requester"] == caller.user else
+                              "a person behind the refund's trigger or an approver of it cannot "
+                              "confirm it", via=via, audit_action="access_refused")
         row = await self.store.confirm_manual_refund(case_id, succeeded=body.paid, by=caller.user,
                                                      reason=body.reason)
         if row is None:

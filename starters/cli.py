@@ -217,8 +217,11 @@ async def _store(settings: Settings) -> AsyncIterator["Store"]:
 
 
 async def cmd_token_create(args: argparse.Namespace, settings: Settings) -> int:
+    """The audit names who made the token: this machine's user, as `token revoke` does."""
+    roles = [r.strip() for r in args.roles.split(",") if r.strip()]
     async with _store(settings) as store:
-        token = await store.create_token(args.user, [r.strip() for r in args.roles.split(",") if r.strip()])
+        token = await store.create_token(args.user, roles, by=f"cli:{getpass.getuser()}",
+                                         expires_in=parse_age(args.expires_in) if args.expires_in else None)
     print(token)
     return 0
 
@@ -248,13 +251,14 @@ async def cmd_integrations_link(args: argparse.Namespace, settings: Settings) ->
 async def cmd_token_list(args: argparse.Namespace, settings: Settings) -> int:
     async with _store(settings) as store:
         tokens = await store.list_tokens()
-    print(f"{'id':>5}  {'user':<20} {'roles':<36} {'fingerprint':<12}  {'created':<16}  revoked")
+    print(f"{'id':>5}  {'user':<20} {'roles':<36} {'fingerprint':<12}  {'created':<16}  "
+          f"{'revoked':<16}  expires")
     for t in tokens:
         if t["revoked_at"] is not None and not args.all:
             continue
-        revoked = f"{t['revoked_at']:%Y-%m-%d %H:%M}" if t["revoked_at"] else "-"
+        revoked, expires = (f"{t[k]:%Y-%m-%d %H:%M}" if t[k] else "-" for k in ("revoked_at", "expires_at"))
         print(f"{t['id']:>5}  {t['user_name']:<20} {','.join(t['roles']):<36} {t['fingerprint']:<12}  "
-              f"{t['created_at']:%Y-%m-%d %H:%M}  {revoked}")
+              f"{t['created_at']:%Y-%m-%d %H:%M}  {revoked:<16}  {expires}")
     return 0
 
 
@@ -276,10 +280,10 @@ async def cmd_request(args: argparse.Namespace, settings: Settings) -> int:
     evidence = dict(item.split("=", 1) for item in args.evidence)
     body = {"refund_request_id": args.id, "provider": args.provider, "charge_id": args.charge,
             "amount": parse_major(args.amount, currency), "currency": currency,
-            "merchant_account": args.merchant, "reason": args.reason, "evidence": evidence,
-            "source": "cli"}
+            "merchant_account": args.merchant, "reason": args.reason, "evidence": evidence}
     async with _api(args, settings) as api:
-        return _show(await api.post("/v1/refund-requests", json=body))
+        return _show(await api.post("/v1/refund-requests", json=body,
+                                    headers={"X-Refund-Channel": "cli"}))
 
 
 async def cmd_payouts_register(args: argparse.Namespace, settings: Settings) -> int:
@@ -379,7 +383,7 @@ async def cmd_policy_check(args: argparse.Namespace, settings: Settings) -> int:
 def parse_age(text: str) -> timedelta:
     """'90d', '12h' or '30m' as a duration."""
     units = {"d": "days", "h": "hours", "m": "minutes"}
-    if len(text) < 2 or text[-1] not in units or not text[:-1].isdigit():
+    if not 2 <= len(text) <= 7 or text[-1] not in units or not text[:-1].isdigit():
         raise ValueError(f"not a duration like 90d, 12h or 30m: {text!r}")
     return timedelta(**{units[text[-1]]: int(text[:-1])})
 
@@ -473,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     create = token.add_parser("create", help="create a token (printed once; stored hashed)")
     create.add_argument("--user", required=True)
     create.add_argument("--roles", required=True, help="comma-separated, e.g. requester,approver")
+    create.add_argument("--expires-in", help="lifetime, e.g. 12h or 30d (default: until revoked)")
     create.set_defaults(run=cmd_token_create)
     listing = token.add_parser("list", help="list tokens (never their secrets)")
     listing.add_argument("--all", action="store_true", help="include revoked tokens")

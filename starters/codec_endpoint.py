@@ -4,7 +4,8 @@ Bodies are `{"payloads": [...]}` in protobuf JSON (metadata values and data base
 the UI's "codec endpoint" setting and `temporal workflow show --codec-endpoint` send
 them. The relay mounts it twice: at /codec behind its bearer-token auth (CLI), and at
 /console/codec behind the console's session cookie (the UI, with "include cross-origin
-credentials" on); either way only auditors, ops and admins see decrypted history.
+credentials" on); either way only auditors, ops and admins see decrypted history, and
+only ops and admins encode (an encoded payload is what a workflow would accept as ours).
 """
 
 from typing import Any, Literal
@@ -18,6 +19,11 @@ from temporalio.converter import PayloadCodec
 from adapters.codec import CodecError
 
 Direction = Literal["encode", "decode"]
+CODEC_USES: dict[str, tuple[frozenset[str], str]] = {
+    "decode": (frozenset({"auditor", "ops", "admin"}), "decoding payloads"),
+    "encode": (frozenset({"ops", "admin"}), "encoding payloads"),
+}
+"""Per direction: who may, and the action named in a refusal."""
 
 
 async def transcode(codec: PayloadCodec, direction: Direction, body: dict[str, Any]) -> dict[str, Any]:

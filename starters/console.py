@@ -35,6 +35,7 @@ from starters.case_actions import (
     OPS_ROLES,
     READ_ROLES,
     REISSUABLE,
+    SEE_ALL_ROLES,
     CaseActions,
     ManualConfirmationBody,
     ReissueBody,
@@ -44,7 +45,7 @@ from starters.case_actions import (
     missing_roles,
 )
 from starters.cli import parse_age
-from starters.codec_endpoint import Direction, answer
+from starters.codec_endpoint import CODEC_USES, Direction, answer
 from starters.integrations import advice_view
 from starters.payout_console import ConsolePages, install_payout_pages
 from starters.provider_wait import ProviderWaitBody, resolve_provider_wait, waiting
@@ -196,7 +197,7 @@ def install_console(app: FastAPI, actions: CaseActions,
         """The Temporal UI's remote codec for people signed in here: the UI sends the session
         cookie when its codec setting includes credentials (same site, another port)."""
         session = await current(request)
-        await actions.require(session.principal, OPS_ROLES, "using the payload codec", via="console")
+        await actions.require(session.principal, *CODEC_USES[direction], via="console")
         return await answer(actions.client, direction, body)
 
     # -- sign-in ----------------------------------------------------------------------
@@ -278,7 +279,8 @@ def install_console(app: FastAPI, actions: CaseActions,
             await actions.refuse(caller, None, 422, "filtering cases", str(exc), via="console")
         wanted = CaseFilter(statuses=statuses, provider=query["provider"] or None, currency=currency,
                             min_amount=bounds[0], max_amount=bounds[1], older_than=ages[0],
-                            newer_than=ages[1], search=query["q"][:128] or None)
+                            newer_than=ages[1], search=query["q"][:128] or None,
+                            requester=caller.user if caller.roles.isdisjoint(SEE_ALL_ROLES) else None)
         return wanted, query
 
     @router.get("/cases")
@@ -307,12 +309,11 @@ def install_console(app: FastAPI, actions: CaseActions,
     async def case_page(request: Request, session: ConsoleSession, case_id: str, *,
                         status: int = 200, error: str = "", notice: str = "") -> Response:
         caller = session.principal
-        if denied := await forbidden(request, session, READ_ROLES, "reading a case", "Case", case_id):
-            return denied
-        row = await store.get_case(case_id)
-        if row is None:
-            return page(request, "message.html", session, status=404, title="No such case",
-                        error=f"There is no refund request {case_id!r}.")
+        try:
+            row = await actions.readable(caller, case_id, "reading a case", via="console")
+        except Refused as exc:
+            return page(request, "message.html", session, status=exc.status,
+                        title="No such case" if exc.status == 404 else "Case", error=exc.detail)
         trail = await store.audit_trail(case_id)
         granted = granted_in(trail)
         manual = await store.manual_refund(case_id)

@@ -99,7 +99,7 @@ async def timeout_then_resubmit(api: httpx.AsyncClient, sandbox: httpx.AsyncClie
     body: dict[str, Any] = {"refund_request_id": f"support-{uuid.uuid4().hex[:10]}", "provider": "sandbox",
             "charge_id": charge, "amount": 3_000, "currency": "USD",
             "merchant_account": "acct_demo", "reason": "item_damaged",
-            "evidence": {"order_id": "order-2002", "ticket": "SUP-42"}, "source": "console"}
+            "evidence": {"order_id": "order-2002", "ticket": "SUP-42"}}
     first = await api.post("/v1/refund-requests", json=body)
     report.say(f"  agent submits {body['refund_request_id']}: HTTP {first.status_code}")
     await asyncio.sleep(1.0)

@@ -119,7 +119,7 @@ async def run_dev(settings: Settings, *, play_demo: bool = True) -> None:
         settings = settings.model_copy(update={"temporal_ui_url": ui_url})
         store = await Store.open(dsn)
         await store.migrate()
-        await store.create_token("admin", ["admin"], token=dev.admin_token)
+        await store.create_token("admin", ["admin"], token=dev.admin_token, by="refunds dev")
         client: Client = await connect(settings)
         providers = build_providers(settings, store)
         assert settings.sandbox_webhook_secret is not None

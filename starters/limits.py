@@ -1,6 +1,32 @@
-"""Request body limits shared by every inbound endpoint of the relay."""
+"""Request body limits and input checks shared by every inbound endpoint of the relay."""
+
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from fastapi import Request
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+API_MAX_BODY_BYTES = 256 * 1024
+"""JSON API bodies, console forms and sign-in: the largest valid refund request (32
+evidence fields of 2,000 characters) fits several times over."""
+CODEC_MAX_BODY_BYTES = 4 * 1024 * 1024
+"""The payload codec decodes whole history pages for the Temporal UI."""
+OWN_LIMITS = ("/webhooks/", "/integrations/")
+"""Signed deliveries read their body under their own limit and keep a receipt of every
+refusal, so they pass through untouched."""
+
+# What JSON may escape but PostgreSQL cannot store: a NUL, or half of a surrogate pair (an
+# escape counts after an even run of backslashes: `\\u0000` is text). A form writes a NUL
+# as %00; raw, it is a NUL byte.
+_HIGH, _LOW = rb"\\u[dD][89abAB][0-9a-fA-F]{2}", rb"\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+_JSON_UNSTORABLE = re.compile(
+    rb"(?<!\\)(?:\\\\)*(?:\\u0000|" + _HIGH + rb"(?!" + _LOW + rb")|(?<!" + _HIGH + rb")" + _LOW + rb")")
+_FORM_NUL = b"%00"
+FORM_TYPE = b"application/x-www-form-urlencoded"
+
+Refusal = Callable[[Request, str], Awaitable[None]]
 
 
 async def read_limited(request: Request, limit: int) -> bytes | None:
@@ -17,3 +43,79 @@ async def read_limited(request: Request, limit: int) -> bytes | None:
             return None
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def carries_nul(data: bytes, *, url_encoded: bool) -> bool:
+    """Text PostgreSQL cannot store, raw or as the request's encoding writes it (%00 in a
+    query or form, \\u0000 or a lone surrogate in JSON)."""
+    escaped = _FORM_NUL in data if url_encoded else _JSON_UNSTORABLE.search(data) is not None
+    return b"\x00" in data or escaped
+
+
+class InputGuard:
+    """ASGI middleware: before any route parses it, a request whose body is over its limit
+    is a 413, and one carrying text PostgreSQL cannot store (a NUL in the path, query or
+    body, a lone surrogate in JSON) is a 422, so no handler, store or workflow sees either.
+    `refused` records each refusal."""
+
+    def __init__(self, app: ASGIApp, refused: Refusal) -> None:
+        self.app = app
+        self.refused = refused
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = str(scope.get("path", ""))
+        if scope["type"] != "http" or path.startswith(OWN_LIMITS):
+            await self.app(scope, receive, send)
+            return
+        limit = CODEC_MAX_BODY_BYTES if "/codec/" in path else API_MAX_BODY_BYTES
+        body = await self._body(scope, receive, limit)
+        if body is None:
+            await self._refuse(scope, receive, send, 413, f"request body exceeds {limit} bytes")
+            return
+        form = dict(scope.get("headers", [])).get(b"content-type", b"").lower().startswith(FORM_TYPE)
+        if ("\x00" in path or carries_nul(scope.get("query_string", b""), url_encoded=True)
+                or carries_nul(body, url_encoded=form)):
+            await self._refuse(scope, receive, send, 422, "text may not contain NUL (U+0000) "
+                               "characters or half of a surrogate pair")
+            return
+        await self.app(scope, _replay(body, receive), send)
+
+    @staticmethod
+    async def _body(scope: Scope, receive: Receive, limit: int) -> bytes | None:
+        """The whole body, or None as soon as it is (or says it will be) over `limit`."""
+        declared = dict(scope.get("headers", [])).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            return None
+        chunks: list[bytes] = []
+        size, more = 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        return b"".join(chunks)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, status: int,
+                      detail: str) -> None:
+        await self.refused(Request(scope), detail)
+        await JSONResponse({"detail": detail}, status_code=status)(scope, receive, send)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """Hands the already read body to the application, then the connection's own events."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        message: dict[str, Any] = {"type": "http.request", "body": body, "more_body": False}
+        return message
+
+    return replay

@@ -32,28 +32,29 @@ from adapters.providers.base import ProviderAdapter
 from adapters.refusals import SampledRefusalLog
 from adapters.store import CaseCreation, Principal, Store, hash_token
 from adapters.telemetry import bind_case
-from domain.models import RefundRequest
+from domain.models import RefundRequestBody, RequestSource
 from starters.approving import ApprovalBody, Refused
 from starters.case_actions import (
     ACT_ROLES,
     OPS_ROLES,
-    READ_ROLES,
     REQUEST_ROLES,
     CaseActions,
     ManualConfirmationBody,
     ReissueBody,
 )
 from starters.cases import start_refund
-from starters.codec_endpoint import Direction, answer
-from starters.console import install_console
+from starters.codec_endpoint import CODEC_USES, Direction, answer
+from starters.console import PREFIX as CONSOLE_PREFIX
+from starters.console import SESSION_COOKIE, install_console
 from starters.integrations import advice_view, integration_routes
-from starters.limits import read_limited
+from starters.limits import InputGuard, read_limited
 from starters.payout_routes import payout_routes
 from starters.provider_wait import ProviderWaitBody, resolve_provider_wait
 from starters.reconciliation_api import install_reconciliation_api
 from starters.webhooks import WebhookDesk
 
 log = logging.getLogger("relay")
+CHANNEL_HEADER = "x-refund-channel"
 
 
 class ReplayBody(BaseModel):
@@ -111,6 +112,7 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
         return found
 
     Caller = Annotated[Principal, Depends(principal)]
+    provider_prefixes = tuple(f"{name}-" for name in providers)
 
     @app.exception_handler(Refused)
     async def refused(request: Request, exc: Refused) -> JSONResponse:
@@ -133,6 +135,25 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
                 "refusal": f"invalid {'.'.join(str(p) for p in first['loc'])}: {first['msg']}"})
         return await request_validation_exception_handler(request, exc)
 
+    async def guard_refused(request: Request, refusal: str) -> None:
+        """A body over its limit, or text the store cannot hold, refused before any route:
+        audited under the caller (bearer token or console session), only logged for
+        someone without credentials (they do not grow the audit chain)."""
+        creds = await bearer(request)
+        caller = await store.authenticate(creds.credentials) if creds else None
+        cookie = request.cookies.get(SESSION_COOKIE)
+        if caller is None and cookie and (session := await store.console_session(cookie)):
+            caller = session.principal
+        action = f"{request.method} {request.url.path.replace(chr(0), '%00')}"  # no NUL in the trail
+        via = "console" if request.url.path.startswith(CONSOLE_PREFIX) else "api"
+        if caller is None:
+            log.warning("refused %s without credentials: %s", action, refusal)
+            return
+        await store.append_audit(None, caller.user, "action_refused",
+                                 {"action": action, "via": via, "refusal": refusal})
+
+    app.add_middleware(InputGuard, refused=guard_refused)
+
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         """Liveness: the process answers."""
@@ -152,20 +173,33 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
     @app.post("/codec/{direction}")
     async def codec(direction: Direction, body: dict[str, Any], caller: Caller) -> dict[str, Any]:
         """Temporal's remote codec protocol, for the UI and `temporal --codec-endpoint`."""
-        await actions.require(caller, OPS_ROLES, "using the payload codec", via="api")
+        await actions.require(caller, *CODEC_USES[direction], via="api")
         return await answer(client, direction, body)
 
     @app.post("/v1/refund-requests", status_code=202)
-    async def request_refund(body: RefundRequest, caller: Caller, response: Response) -> dict[str, Any]:
-        """Accepts a refund request once: 202 new, 200 identical repeat, 409 same id other values."""
+    async def request_refund(body: RefundRequestBody, caller: Caller, request: Request,
+                             response: Response) -> dict[str, Any]:
+        """Accepts a refund request once: 202 new, 200 identical repeat, 409 same id other
+        values. The body says only what a caller may say; `X-Refund-Channel: cli` marks the
+        CLI (both are token holders on this API; no other source can be claimed)."""
         bind_case(body.refund_request_id)
         await actions.require(caller, REQUEST_ROLES, "requesting a refund", body.refund_request_id,
                               via="api")
-        outcome, row = await store.create_case(body, caller.user)
+        if body.refund_request_id.startswith(provider_prefixes):
+            raise RequestValidationError([{
+                "type": "value_error", "loc": ("body", "refund_request_id"),
+                "input": body.refund_request_id,
+                "msg": "ids starting <provider>- are reserved for the provider's own requests"}])
+        cli = request.headers.get(CHANNEL_HEADER, "").lower() == RequestSource.CLI.value
+        refund = body.as_request(RequestSource.CLI if cli else RequestSource.API)
+        outcome, row = await store.create_case(refund, caller.user)
         if outcome is CaseCreation.CONFLICT:
             raise HTTPException(409, f"refund_request_id {body.refund_request_id!r} was already "
                                      "used with different parameters")
-        await start_refund(client, settings, body, row["requester"])
+        if row["requester"] != caller.user:  # a repeat of someone else's request shows nothing
+            raise HTTPException(409, f"refund_request_id {body.refund_request_id!r} was already "
+                                     "used by another requester")
+        await start_refund(client, settings, refund, row["requester"])
         if outcome is CaseCreation.IDENTICAL:
             response.status_code = 200
         return await actions.view(body.refund_request_id)
@@ -173,9 +207,7 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
     @app.get("/v1/refund-requests/{refund_request_id}")
     async def get_refund(refund_request_id: str, caller: Caller) -> dict[str, Any]:
         """The case, with the advisor's suggestion for approvers (labelled advisory)."""
-        await actions.require(caller, READ_ROLES, "reading a case", refund_request_id, via="api")
-        if await store.get_case(refund_request_id) is None:
-            raise HTTPException(404, f"no refund request {refund_request_id!r}")
+        await actions.readable(caller, refund_request_id, "reading a case", via="api")
         return {**await actions.view(refund_request_id),
                 "advice": advice_view(await integrations.advice(refund_request_id)),
                 "tickets": await integrations.tickets(refund_request_id)}
@@ -183,9 +215,7 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
     @app.get("/v1/refund-requests/{refund_request_id}/audit")
     async def get_audit(refund_request_id: str, caller: Caller) -> list[dict[str, Any]]:
         """The case's timeline: every decision, with who and when."""
-        await actions.require(caller, READ_ROLES, "reading an audit trail", refund_request_id, via="api")
-        if await store.get_case(refund_request_id) is None:
-            raise HTTPException(404, f"no refund request {refund_request_id!r}")
+        await actions.readable(caller, refund_request_id, "reading an audit trail", via="api")
         return [{**e, "occurred_at": e["occurred_at"].isoformat()}
                 for e in await store.audit_trail(refund_request_id)]
 

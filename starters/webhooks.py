@@ -206,6 +206,10 @@ class WebhookDesk:
             return None
         case_id = event.refund_request_id
         row = await self._store.get_case(case_id) if case_id else None
+        if row is not None and row["provider"] != event.provider:
+            log.warning("%s event %s names %s, a %s case: it reaches only %s's cases",
+                        event.provider, event.event_id, case_id, row["provider"], event.provider)
+            row = None
         if row is None:
             row = await self._store.case_by_provider_refund(event.provider, event.refund_id)
         if row is None:

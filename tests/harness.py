@@ -19,9 +19,11 @@ from adapters.http_server import AppServer, reserve_port
 from adapters.policy_file import load_policy
 from adapters.providers.base import ProviderAdapter
 from adapters.providers.registry import build_providers, close_providers
-from adapters.store import Store
+from adapters.store import CaseCreation, Store
 from adapters.tls import client_tls
+from domain.models import RefundRequest
 from starters import relay, sandbox_provider
+from starters.cases import start_refund
 from workers.main import build_worker
 
 # One throwaway payload key per test session: the session client, every stack's settings
@@ -69,7 +71,7 @@ class Stack:
         body: dict[str, Any] = {
             "refund_request_id": self.new_id(), "provider": "sandbox", "charge_id": charge_id,
             "amount": amount, "currency": "USD", "merchant_account": "acct_1",
-            "reason": "requested_by_customer", "evidence": {"order_id": "ord-1"}, "source": "api"}
+            "reason": "requested_by_customer", "evidence": {"order_id": "ord-1"}}
         body.update(overrides)
         return body
 
@@ -89,6 +91,16 @@ class Stack:
             response = await api.post("/v1/refund-requests", json=body)
         assert response.status_code == 202, response.text
         return str(body["refund_request_id"])
+
+    async def open_case(self, user: str, charge_id: str, amount: int, **internal: Any) -> str:
+        """Opens a case the way a server-side channel does (e.g. a ticket naming its opener
+        as a trigger identity): fields the public API refuses come from `internal`."""
+        body = {**self.refund_body(charge_id, amount), **internal}
+        request = RefundRequest.model_validate(body)
+        outcome, row = await self.store.create_case(request, user)
+        assert outcome is CaseCreation.CREATED, outcome
+        await start_refund(self.client, self.settings, request, row["requester"])
+        return request.refund_request_id
 
     async def actions(self, case_id: str) -> list[str]:
         return [e["action"] for e in await self.store.audit_trail(case_id)]
@@ -166,7 +178,7 @@ async def open_stack(store: Store, client: Client, temporal_address: str, *, wor
     for user, roles in {"alice": ["requester"], "bob": ["approver"], "carol": ["approver"],
                         "dave": ["auditor"], "admin": ["admin"], "frank": ["finance_manager"],
                         "olga": ["ops"]}.items():
-        tokens[user] = await store.create_token(user, roles, token=f"t-{user}-{uuid.uuid4().hex}")
+        tokens[user] = await store.create_token(user, roles, token=f"t-{user}-{uuid.uuid4().hex}", by="test")
     stack = Stack(settings=settings, store=store, client=client, relay_url=relay_server.url,
                   sandbox_url=sandbox_server.url, tokens=tokens, providers=providers)
 

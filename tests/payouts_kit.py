@@ -19,7 +19,8 @@ PAYOUT_APPROVERS = {"lena": ["payments_ops_lead"], "fiona": ["finance_manager"],
 async def add_payout_approvers(stack: Stack) -> None:
     """Tokens for the roles the payout tiers name (the harness has the refund roles)."""
     for user, roles in PAYOUT_APPROVERS.items():
-        stack.tokens[user] = await stack.store.create_token(user, roles, token=f"t-{user}-{uuid.uuid4().hex}")
+        stack.tokens[user] = await stack.store.create_token(user, roles, by="test",
+                                                            token=f"t-{user}-{uuid.uuid4().hex}")
 
 
 async def paid_payout(stack: Stack, amount: int, *, payout_id: str | None = None,

@@ -71,7 +71,7 @@ async def test_requester_cannot_approve_their_own_refund(stack: Stack) -> None:
     response = await decide(stack, "alice", case_id, "approve")
     assert response.status_code == 403, response.text
     # even holding the approver role, alice may not approve what she requested.
-    dual = await stack.store.create_token("alice", ["requester", "approver"])
+    dual = await stack.store.create_token("alice", ["requester", "approver"], by="test")
     response = await decide(stack, "alice", case_id, "approve", token=dual)
     assert response.status_code == 403, response.text
     assert "own refund" in response.json()["detail"]

@@ -84,7 +84,7 @@ async def test_sign_in_makes_a_strict_http_only_session_and_sign_out_ends_it(sta
 
 async def test_requester_is_refused_csrf_is_checked_and_a_second_user_approves(stack: Stack) -> None:
     stack.tokens["rita"] = await stack.store.create_token("rita", ["requester", "approver"],
-                                                          token=f"t-rita-{uuid.uuid4().hex}")
+                                                          token=f"t-rita-{uuid.uuid4().hex}", by="test")
     charge = await stack.charge(20_000)
     case_id = await stack.request_refund("rita", charge, 9_000)  # above 50.00: one approver
     await stack.wait_for_status(case_id, "awaiting_approval")
@@ -204,7 +204,8 @@ async def test_case_list_filters_search_and_bad_filters(stack: Stack) -> None:
 async def test_revoking_a_token_ends_its_api_access_and_console_session_at_once(
         stack: Stack, postgres_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
     user = f"tess-{uuid.uuid4().hex[:6]}"
-    stack.tokens[user] = await stack.store.create_token(user, ["ops"], token=f"t-{user}-{uuid.uuid4().hex}")
+    stack.tokens[user] = await stack.store.create_token(user, ["ops"], by="test",
+                                                        token=f"t-{user}-{uuid.uuid4().hex}")
     tess = await console(stack, user)
     assert (await tess.get("/console/cases")).status_code == 200
     env = {"REFUNDS_DATABASE_URL": postgres_dsn}

@@ -45,7 +45,7 @@ def browser_ready() -> None:
 async def test_sign_in_refuse_the_requester_approve_and_reissue_in_a_real_browser(
         browser_ready: None, stack: Stack) -> None:
     rita = await stack.store.create_token("rita", ["requester", "approver"],
-                                          token=f"t-rita-{uuid.uuid4().hex}")
+                                          token=f"t-rita-{uuid.uuid4().hex}", by="test")
     stack.tokens["rita"] = rita
     async with stack.sandbox() as sb:  # a type we have no branch for: coverage must show it
         await sb.post("/_sandbox/events", json={"type": "refund.reversed", "object": {"id": "re_x"}})

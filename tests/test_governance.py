@@ -38,7 +38,7 @@ async def test_large_tier_needs_an_approver_and_a_finance_manager(stack: Stack) 
 
 async def test_identity_behind_the_trigger_cannot_approve(stack: Stack) -> None:
     charge = await stack.charge(20_000)
-    case_id = await stack.request_refund("alice", charge, 9_000, trigger_identities=["bob"])
+    case_id = await stack.open_case("alice", charge, 9_000, trigger_identities=["bob"])
     await stack.wait_for_status(case_id, "awaiting_approval")
     refused = await approve(stack, "bob", case_id)
     assert refused.status_code == 403

@@ -24,7 +24,7 @@ from workflows.refund import RefundWorkflow
 async def person(stack: Stack, roles: list[str], **links: str) -> str:
     """A user of ours with a live token and links to outside identities."""
     user = f"u-{uuid.uuid4().hex[:8]}"
-    await stack.store.create_token(user, roles)
+    await stack.store.create_token(user, roles, by="test")
     for system, external_id in links.items():
         await IntegrationStore(stack.store).link_identity(system, external_id, user)
     return user

@@ -3,11 +3,12 @@
 from tests.harness import Stack
 
 
-async def failed_case(stack: Stack, amount: int = 2_500, **overrides: object) -> tuple[str, str]:
+async def failed_case(stack: Stack, amount: int = 2_500, requester: str = "alice",
+                      **internal: object) -> tuple[str, str]:
     charge = await stack.charge(10_000)
     async with stack.sandbox() as sb:
         await sb.post("/_sandbox/config", json={"refund_initial_status": "pending"})
-    case_id = await stack.request_refund("alice", charge, amount, **overrides)
+    case_id = await stack.open_case(requester, charge, amount, **internal)
     row = await stack.wait_for_status(case_id, "pending")
     await stack.set_provider_status(row["provider_refund_id"], "failed",
                                     failure_reason="card_account_closed")

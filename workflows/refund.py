@@ -60,6 +60,8 @@ with workflow.unsafe.imports_passed_through():
 DECLINED = "ProviderDeclined"
 UNEXPECTED_STATUS = "UnexpectedProviderStatus"
 LOOKUP_UNSUPPORTED = "ProviderLookupUnsupported"
+PROVIDER_SCOPED_WAIT_PATCH = "provider-scoped-notification-1"
+"""From this patch on, the wait for a notification takes only the case's provider's events."""
 # Histories recorded before the advisor and notice delivery existed replay without them.
 INTEGRATIONS_PATCH = "integrations-1"
 # A second provider refund with our reference was a log line before it was an incident.
@@ -103,6 +105,7 @@ class RefundWorkflow(ApprovingWorkflow):
         self._outbox: list[str] = []
         self._courier: asyncio.Task[None] | None = None
         self._closing = False
+        self._provider_scoped = False
         self._lookup_escalated = False
         self._duplicates: set[str] = set()
         # a provider state being applied (ledger, notices, status), redone if cancelled midway
@@ -149,6 +152,7 @@ class RefundWorkflow(ApprovingWorkflow):
 
     async def _run(self, inp: RefundWorkflowInput) -> RefundOutcome:
         self._request = request = inp.request
+        self._provider_scoped = workflow.patched(PROVIDER_SCOPED_WAIT_PATCH)
         self._round.requester = inp.requester
         self._round.conflicted = frozenset(request.trigger_identities)
         self._timings = inp.timings
@@ -303,7 +307,7 @@ class RefundWorkflow(ApprovingWorkflow):
         assert self._request is not None
         for event in self._event_inbox:
             reported = event.as_refund()
-            if reported is None:
+            if reported is None or (self._provider_scoped and reported.provider != self._request.provider):
                 continue
             if reported.reference == self._request.refund_request_id or (
                     self._refund is not None and reported.refund_id == self._refund.refund_id):

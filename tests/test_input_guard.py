@@ -1,0 +1,126 @@
+"""Input refused before any route parses it: text PostgreSQL cannot store (a NUL) is a 422
+and an oversized body a 413, on every route (JSON API, codec, console forms, sign-in);
+the refusal is recorded and nothing about the case moves."""
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from starters.limits import API_MAX_BODY_BYTES, CODEC_MAX_BODY_BYTES
+from tests.harness import Stack
+from tests.test_bad_input import assert_untouched
+from tests.test_console import console, post_form
+
+HANG = 15.0
+"""Only a bound that detects a hang (the update a NUL left waiting forever), not a timing."""
+
+
+async def waiting_case(stack: Stack) -> str:
+    charge = await stack.charge(20_000)
+    case_id = await stack.request_refund("alice", charge, 9_000)  # above 50.00: one approver
+    await stack.wait_for_status(case_id, "awaiting_approval")
+    return case_id
+
+
+async def test_nul_in_an_approval_reason_is_422_and_the_case_still_takes_approvals(stack: Stack) -> None:
+    case_id = await waiting_case(stack)
+    path = f"/v1/refund-requests/{case_id}/approvals"
+    async with stack.api("bob") as api:
+        refused = await asyncio.wait_for(api.post(path, json={"decision": "approve",
+                                                              "reason": "ok\x00"}), HANG)
+        assert refused.status_code == 422 and "NUL" in refused.text, refused.text
+        assert (await stack.store.get_case(case_id))["status"] == "awaiting_approval"  # type: ignore[index]
+        approved = await asyncio.wait_for(api.post(path, json={"decision": "approve",
+                                                               "reason": "ok"}), HANG)
+        assert approved.status_code == 202, approved.text
+    await stack.wait_for_status(case_id, "succeeded")
+    assert [e for e in await stack.store.audit_trail("") if e["actor"] == "bob"
+            and e["detail"].get("action") == f"POST {path}" and "NUL" in e["detail"]["refusal"]]
+
+
+async def test_nul_in_evidence_or_in_an_id_is_422(stack: Stack) -> None:
+    charge = await stack.charge(10_000)
+    body = stack.refund_body(charge, 1_000, evidence={"order_id": "o-1\x00"})
+    async with stack.api("alice") as api:
+        assert (await api.post("/v1/refund-requests", json=body)).status_code == 422
+        assert (await api.get("/v1/refund-requests/rr-1%00x")).status_code == 422
+        assert (await api.get("/v1/refund-requests/rr-1%00x/audit")).status_code == 422
+    await assert_untouched(stack, body["refund_request_id"], charge)
+    text = stack.refund_body(charge, 1_000, evidence={"note": "a literal \\u0000 is text",
+                                                      "discount": "100%00 off"})
+    async with stack.api("alice") as api:
+        assert (await api.post("/v1/refund-requests", json=text)).status_code == 202
+
+
+async def test_nul_in_a_console_form_or_filter_is_422(stack: Stack) -> None:
+    case_id = await waiting_case(stack)
+    bob = await console(stack, "bob")
+    try:
+        form = await post_form(bob, f"/console/cases/{case_id}/approval",
+                               {"decision": "approve", "reason": "fine\x00"})
+        assert form.status_code == 422, form.text
+        listing = await asyncio.wait_for(bob.get("/console/cases", params={"q": "rr\x00"}), HANG)
+        assert listing.status_code == 422
+    finally:
+        await bob.aclose()
+    assert (await stack.store.get_case(case_id))["status"] == "awaiting_approval"  # type: ignore[index]
+
+
+async def chunks(total: int) -> AsyncIterator[bytes]:
+    """A chunked body (no Content-Length): the limit is counted, not read from a header."""
+    for _ in range(total // 65_536 + 1):
+        yield b" " * 65_536
+
+
+@pytest.mark.parametrize(("path", "limit", "as_user"), [
+    ("/v1/refund-requests", API_MAX_BODY_BYTES, "alice"),
+    ("/v1/webhook-receipts/replay", API_MAX_BODY_BYTES, "olga"),
+    ("/codec/encode", CODEC_MAX_BODY_BYTES, "olga"),
+    ("/console/sign-in", API_MAX_BODY_BYTES, None),
+], ids=["refund_request", "replay", "codec", "sign_in"])
+async def test_every_route_limits_its_body_before_parsing(stack: Stack, path: str, limit: int,
+                                                          as_user: str | None) -> None:
+    headers: dict[str, Any] = {"Authorization": f"Bearer {stack.tokens[as_user]}"} if as_user else {}
+    async with httpx.AsyncClient(base_url=stack.relay_url, timeout=HANG, headers=headers) as http:
+        declared = await http.post(path, content=b"{" + b" " * limit + b"}",
+                                   headers={"Content-Type": "application/json"})
+        chunked = await http.post(path, content=chunks(limit),
+                                  headers={"Content-Type": "application/json"})
+    assert (declared.status_code, chunked.status_code) == (413, 413), (declared.text, chunked.text)
+    assert "exceeds" in declared.json()["detail"]
+
+
+async def test_console_forms_are_limited_too(stack: Stack) -> None:
+    case_id = await waiting_case(stack)
+    bob = await console(stack, "bob")
+    try:
+        big = await post_form(bob, f"/console/cases/{case_id}/approval",
+                              {"decision": "approve", "reason": "x" * API_MAX_BODY_BYTES})
+    finally:
+        await bob.aclose()
+    assert big.status_code == 413
+    assert (await stack.store.get_case(case_id))["status"] == "awaiting_approval"  # type: ignore[index]
+    assert [e["detail"]["via"] for e in await stack.store.audit_trail("") if e["actor"] == "bob"
+            and e["detail"].get("action") == f"POST /console/cases/{case_id}/approval"] == ["console"]
+
+
+async def test_a_lone_surrogate_is_422_and_a_pair_is_text(stack: Stack) -> None:
+    """PostgreSQL stores UTF-8: half of a surrogate pair cannot be stored, a whole pair can."""
+    charge = await stack.charge(10_000)
+
+    async def post(evidence: str) -> int:
+        body = stack.refund_body(charge, 1_000, evidence={})
+        raw = json.dumps(body).replace('"evidence": {}', f'"evidence": {{"note": "{evidence}"}}')
+        async with stack.api("alice") as api:
+            response = await api.post("/v1/refund-requests", content=raw.encode(),
+                                      headers={"Content-Type": "application/json"})
+        return response.status_code
+
+    assert await post("x\\ud800y") == 422
+    assert await post("x\\udc00") == 422
+    assert await post("\\\\ud800 is text") == 202
+    assert await post("smile \\ud83d\\ude00") == 202

@@ -1,0 +1,89 @@
+"""The request surface says only what a caller may say: fields the server sets are refused,
+system ids cannot be taken first, and every refusal is a clear 4xx that changes nothing."""
+
+from typing import Any
+
+import pytest
+
+from domain.events import tracking_case_id
+from domain.models import RefundRequestBody
+from domain.payouts import payout_case_id
+from domain.reconciliation import break_workflow_id
+from tests.harness import Stack
+from tests.test_bad_input import assert_untouched
+from tests.test_cli import run
+
+SERVER_SET_FIELDS: dict[str, Any] = {
+    "trigger_identities": ["carol", "frank"],  # approver shopping
+    "parent_refund_request_id": "rr-someone-elses-failed-case",  # reissue hijack
+    "source": "webhook",  # fake provenance
+    "method": "bank_transfer",
+}
+
+
+@pytest.mark.parametrize("field", list(SERVER_SET_FIELDS))
+async def test_fields_the_server_sets_are_refused_from_a_caller(stack: Stack, field: str) -> None:
+    charge = await stack.charge(10_000)
+    body = stack.refund_body(charge, 3_000, **{field: SERVER_SET_FIELDS[field]})
+    async with stack.api("alice") as api:
+        response = await api.post("/v1/refund-requests", json=body)
+    assert response.status_code == 422, response.text
+    assert any(e["loc"][-1] == field for e in response.json()["detail"]), response.text
+    await assert_untouched(stack, body["refund_request_id"], charge)
+    refused = [e for e in await stack.store.audit_trail("") if e["action"] == "action_refused"
+               and e["actor"] == "alice" and field in e["detail"]["refusal"]]
+    assert refused, "the refusal is recorded under the caller's name"
+
+
+async def test_a_request_records_its_channel_not_what_the_caller_claims(stack: Stack) -> None:
+    charge = await stack.charge(10_000)
+    api_case = await stack.request_refund("alice", charge, 1_000)
+    body = stack.refund_body(charge, 1_000)
+    async with stack.api("alice") as api:
+        cli = await api.post("/v1/refund-requests", json=body, headers={"X-Refund-Channel": "cli"})
+        forged = await api.post("/v1/refund-requests", json=stack.refund_body(charge, 1_000),
+                                headers={"X-Refund-Channel": "webhook"})
+    assert cli.status_code == 202 and forged.status_code == 202
+    assert (api_case_row := await stack.store.get_case(api_case)) is not None
+    assert (api_case_row["source"], cli.json()["source"], forged.json()["source"]) == ("api", "cli", "api")
+
+
+SYSTEM_IDS = {
+    "reconciliation_break": break_workflow_id(43),
+    "payout_exception": payout_case_id("sandbox", "po_1"),
+    "provider_made_refund": tracking_case_id("sandbox", "re_1"),
+    "servicenow_ticket": "servicenow-0123456789abcdef0123456789abcdef",
+    "provider_request": "sandbox-rrq_squatted",
+    "reissue": "rr-someone-elses-case-r1",
+}
+
+
+@pytest.mark.parametrize("kind", list(SYSTEM_IDS))
+async def test_a_caller_cannot_take_a_system_id_first(stack: Stack, kind: str) -> None:
+    charge = await stack.charge(10_000)
+    body = stack.refund_body(charge, 3_000, refund_request_id=SYSTEM_IDS[kind])
+    async with stack.api("alice") as api:
+        response = await api.post("/v1/refund-requests", json=body)
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["loc"][-1] == "refund_request_id"
+    assert await stack.store.get_case(SYSTEM_IDS[kind]) is None
+
+
+@pytest.mark.parametrize("case_id", ["my-order-refund-1", "recon-breakfast-1", "servicenow", "rr-1",
+                                     "order-r1x"])
+def test_caller_ids_that_only_look_alike_are_accepted(case_id: str) -> None:
+    body = RefundRequestBody(refund_request_id=case_id, provider="sandbox", charge_id="ch_1",
+                             amount=1, currency="USD", merchant_account="acct_1",
+                             reason="other")
+    assert body.refund_request_id == case_id
+
+
+async def test_the_cli_request_says_only_what_a_caller_may_say(stack: Stack) -> None:
+    charge = await stack.charge(10_000)
+    case_id = stack.new_id("cli")
+    made = await run("request", "--id", case_id, "--charge", charge, "--amount", "10.00",
+                     "--currency", "USD", "--merchant", "acct_1", "--evidence", "order_id=o-9",
+                     env={"REFUNDS_RELAY_URL": stack.relay_url, "REFUNDS_TOKEN": stack.tokens["alice"]})
+    assert made.returncode == 0, made.stdout + made.stderr
+    row = await stack.store.get_case(case_id)
+    assert row is not None and (row["source"], row["requester"], row["amount"]) == ("cli", "alice", 1_000)

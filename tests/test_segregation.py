@@ -1,0 +1,83 @@
+"""Segregation of duties beyond approvals: nobody behind a refund (its requester, a person
+behind its trigger, an approver) confirms that its bank transfer was paid, and requesters
+read only their own cases, through the API and the console alike."""
+
+import uuid
+
+from tests.harness import Stack
+from tests.test_console import console, refusals
+from tests.test_reissue import failed_case, reissue
+
+
+async def person(stack: Stack, *roles: str) -> str:
+    user = f"u-{uuid.uuid4().hex[:8]}"
+    stack.tokens[user] = await stack.store.create_token(user, list(roles), by="test")
+    return user
+
+
+async def approved_bank_transfer(stack: Stack, original_requester: str, approver: str) -> str:
+    """A failed refund of `original_requester`, reissued by olga as a bank transfer that
+    `approver` approved: it waits for ops to confirm the payment."""
+    case_id, _ = await failed_case(stack, requester=original_requester)
+    status, child = await reissue(stack, "olga", case_id, method="bank_transfer")
+    assert status == 202, child
+    child_id = str(child["refund_request_id"])
+    await stack.wait_for_status(child_id, "awaiting_approval")
+    async with stack.api(approver) as api:
+        approved = await api.post(f"/v1/refund-requests/{child_id}/approvals",
+                                  json={"decision": "approve"})
+        assert approved.status_code == 202, approved.text
+    await stack.wait_for_status(child_id, "pending")
+    return child_id
+
+
+async def test_nobody_behind_a_refund_confirms_its_bank_transfer(stack: Stack) -> None:
+    original = await person(stack, "requester", "ops")  # now a trigger identity of the reissue
+    approver = await person(stack, "approver", "ops")
+    child_id = await approved_bank_transfer(stack, original, approver)
+    for user in (original, approver):
+        async with stack.api(user) as api:
+            refused = await api.post(f"/v1/manual-refunds/{child_id}/confirmation", json={"paid": True})
+        assert refused.status_code == 403, (user, refused.text)
+    assert [r["actor"] for r in await refusals(stack, child_id, "access_refused")] == [original, approver]
+    assert (await stack.store.get_case(child_id))["status"] == "pending"  # type: ignore[index]
+    async with stack.api("admin") as api:
+        confirmed = await api.post(f"/v1/manual-refunds/{child_id}/confirmation", json={"paid": True})
+    assert confirmed.status_code == 200, confirmed.text
+    await stack.wait_for_status(child_id, "succeeded")
+
+
+async def test_requesters_read_only_their_own_cases(stack: Stack) -> None:
+    charge = await stack.charge(10_000)
+    theirs = await stack.request_refund("alice", charge, 1_000)
+    other = await person(stack, "requester")
+    for path in (f"/v1/refund-requests/{theirs}", f"/v1/refund-requests/{theirs}/audit"):
+        async with stack.api(other) as api:
+            assert (await api.get(path)).status_code == 404
+        for reader in ("alice", "dave", "bob", "olga"):
+            async with stack.api(reader) as api:
+                assert (await api.get(path)).status_code == 200, (reader, path)
+    assert [r["actor"] for r in await refusals(stack, theirs, "access_refused")] == [other, other]
+    browser = await console(stack, other)
+    page = await browser.get(f"/console/cases/{theirs}")
+    assert page.status_code == 404 and "no refund request" in page.text.lower()
+    listing = await browser.get("/console/cases", params={"q": theirs})
+    assert listing.status_code == 200 and f"/console/cases/{theirs}" not in listing.text
+    owner = await console(stack, "alice")
+    assert f"/console/cases/{theirs}" in (await owner.get("/console/cases", params={"q": theirs})).text
+    await browser.aclose()
+    await owner.aclose()
+
+
+async def test_repeating_someone_elses_request_does_not_show_their_case(stack: Stack) -> None:
+    charge = await stack.charge(10_000)
+    body = stack.refund_body(charge, 1_000)
+    other = await person(stack, "requester")
+    async with stack.api("alice") as api:
+        assert (await api.post("/v1/refund-requests", json=body)).status_code == 202
+    async with stack.api(other) as api:
+        repeated = await api.post("/v1/refund-requests", json=body)
+    assert repeated.status_code == 409, repeated.text
+    assert "requester" not in repeated.json()
+    async with stack.api("alice") as api:
+        assert (await api.post("/v1/refund-requests", json=body)).status_code == 200

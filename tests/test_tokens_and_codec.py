@@ -1,0 +1,61 @@
+"""Who holds a key: the payload codec encodes for ops and admin only (auditors decode, to
+read histories), token creation is audited under whoever made the token, and a token may
+carry an expiry after which neither the API nor a console session accepts it."""
+
+import getpass
+import uuid
+from datetime import timedelta
+
+from tests.harness import Stack
+from tests.test_cli import run
+from tests.test_console import console, refusals
+
+PAYLOADS = {"payloads": [{"metadata": {"encoding": "anNvbi9wbGFpbg=="}, "data": "e30="}]}
+
+
+async def test_only_ops_and_admin_encode_auditors_still_decode(stack: Stack) -> None:
+    async with stack.api("olga") as ops:
+        encoded = await ops.post("/codec/encode", json=PAYLOADS)
+    assert encoded.status_code == 200, encoded.text
+    async with stack.api("dave") as auditor:
+        refused = await auditor.post("/codec/encode", json=PAYLOADS)
+        decoded = await auditor.post("/codec/decode", json=encoded.json())
+    assert refused.status_code == 403
+    assert decoded.status_code == 200 and decoded.json() == PAYLOADS
+    assert [r["actor"] for r in await refusals(stack, "", "access_refused")
+            if r["detail"].get("action") == "encoding payloads"][-1:] == ["dave"]
+    browser = await console(stack, "dave")
+    try:
+        assert (await browser.post("/console/codec/encode", json=PAYLOADS)).status_code == 403
+    finally:
+        await browser.aclose()
+
+
+async def test_token_creation_is_audited_under_its_real_maker(stack: Stack, postgres_dsn: str) -> None:
+    user = f"newcomer-{uuid.uuid4().hex[:6]}"
+    made = await run("token", "create", "--user", user, "--roles", "requester",
+                     env={"REFUNDS_DATABASE_URL": postgres_dsn})
+    assert made.returncode == 0, made.stderr
+    [created] = [r for r in await refusals(stack, "", "token_created") if r["detail"]["user"] == user]
+    assert created["actor"] == f"cli:{getpass.getuser()}"
+
+
+async def test_an_expired_token_is_refused_by_the_api_and_the_console(stack: Stack) -> None:
+    user = f"temp-{uuid.uuid4().hex[:6]}"
+    stack.tokens[user] = await stack.store.create_token(user, ["auditor"], by="test",
+                                                        expires_in=timedelta(hours=1))
+    async with stack.api(user) as api:
+        assert (await api.post("/codec/decode", json=PAYLOADS)).status_code == 200
+    browser = await console(stack, user)
+    try:
+        assert (await browser.get("/console/cases")).status_code == 200
+        async with stack.store.transaction() as conn:  # an hour passes
+            await conn.execute("UPDATE api_tokens SET expires_at = now() - interval '1 second'"
+                               " WHERE user_name = %s", (user,))
+        async with stack.api(user) as api:
+            assert (await api.post("/codec/decode", json=PAYLOADS)).status_code == 401
+        assert (await browser.get("/console/cases")).status_code == 303  # back to sign-in
+    finally:
+        await browser.aclose()
+    listed = await stack.store.list_tokens()
+    assert [t["expires_at"] is not None for t in listed if t["user_name"] == user] == [True]
