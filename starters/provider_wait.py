@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from adapters.store import Principal
 from domain.models import EventKind, ProviderEvent, ProviderRefundStatus
-from starters.case_actions import ACT_ROLES, CaseActions, granted_in
+from starters.case_actions import ACT_ROLES, CaseActions, behind
 from workflows.refund import RefundWorkflow
 
 WAIT_OPENED, WAIT_CLOSED = "awaiting_provider_notification", "provider_notification_received"
@@ -56,8 +56,7 @@ async def resolve_provider_wait(actions: CaseActions, caller: Principal, case_id
     await actions.require(caller, ACT_ROLES, action, case_id, via=via)
     row = await actions._case(caller, case_id, action, via)
     trail = await actions.store.audit_trail(case_id)
-    behind = {row["requester"], *(row.get("trigger_identities") or ())}
-    if caller.user in behind or caller.user in {who for who, _ in granted_in(trail)}:
+    if caller.user in behind(row, trail):
         await actions.refuse(caller, case_id, 403, action, "whoever requested or approved a refund "
                              "cannot resolve its wait", via=via, audit_action="access_refused")
     if not waiting(trail):

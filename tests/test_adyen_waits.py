@@ -115,7 +115,7 @@ async def resolve(rig: AdyenRig, user: str, case_id: str, **body: Any) -> httpx.
 
 async def test_ops_resolve_a_wait_with_the_refund_adyen_shows(rig: AdyenRig) -> None:
     rig.stack.tokens["rita"] = await rig.stack.store.create_token("rita", ["requester", "ops"],
-                                                                  token="t-rita-adyen-waits")
+                                                                  token="t-rita-adyen-waits", by="test")
     case_id, psp = await waiting_case(rig, 1_700, requester="rita")
     [made] = rig.fake.refunds_of(psp)
     shows = {"provider_shows": "refunded", "provider_refund_id": made["pspReference"],
