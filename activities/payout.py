@@ -9,20 +9,24 @@ the refund activities `queue_notice` and `post_ledger`, registered on the same w
 
 import logging
 from collections.abc import Callable, Mapping
+from datetime import timedelta
 from typing import Any
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.refund import configuration_refused
 from adapters.payout_book import HoldReleased, PayoutBook
 from adapters.providers.base import (
     PayoutExecutor,
     ProviderAdapter,
+    ProviderConfigurationRefused,
     ProviderDeclined,
+    ProviderError,
     ProviderOutcomeUnknown,
 )
 from adapters.store import Store
-from domain.models import LedgerResult
+from domain.models import LedgerResult, RefundTimings
 from domain.payouts import (
     AdmitInput,
     AdmitResult,
@@ -35,6 +39,7 @@ from domain.payouts import (
     PayoutOrder,
     PayoutPolicyInput,
     PayoutSnapshot,
+    ProviderPayout,
     ReissueInput,
     ReleaseResult,
     ReversalInput,
@@ -50,15 +55,18 @@ log = logging.getLogger(__name__)
 
 DECLINED = "ProviderDeclined"
 OUTCOME_UNKNOWN = "ProviderOutcomeUnknown"
+DEFAULT_HORIZON = RefundTimings().provider_horizon
 
 
 class PayoutActivities:
     """Holds the process-wide store, provider clients and policy the activities share."""
 
-    def __init__(self, store: Store, providers: Mapping[str, ProviderAdapter], policy: Policy) -> None:
+    def __init__(self, store: Store, providers: Mapping[str, ProviderAdapter], policy: Policy, *,
+                 provider_horizon: timedelta = DEFAULT_HORIZON) -> None:
         self._book = PayoutBook(store)
         self._providers = providers
         self._policy = policy
+        self._provider_horizon = provider_horizon
 
     @activity.defn(name="admit_payout_event")
     async def admit_payout_event(self, inp: AdmitInput) -> AdmitResult:
@@ -143,8 +151,9 @@ class PayoutActivities:
     async def reissue_payout(self, inp: ReissueInput) -> PayoutSnapshot:
         """Pays the beneficiary again after an approved reissue request, once: our books
         first, then the provider by our reference, and only then a create (with a derived
-        idempotency key). An attempt's provider calls end (HTTP timeout) before its
-        start-to-close timeout, so two attempts never overlap."""
+        idempotency key). A failed lookup is never a decline (asked again; refused
+        credentials go to ops); a create with an unknown outcome is retried only past the
+        provider horizon, once that create can no longer land, so the lookup sees it."""
         original = inp.original
         done = await self._book.payout(original.reissue_id())
         if done is not None:
@@ -158,12 +167,21 @@ class PayoutActivities:
         try:
             made = await provider.find_payout(order.reference)
             if made is None:
-                made = await provider.create_payout(order, original.reissue_key())
+                made = await self._create(provider, order, original.reissue_key())
+        except ProviderConfigurationRefused as exc:
+            raise configuration_refused(exc) from exc
+        except ProviderError as exc:  # a lookup that failed or was refused: still unknown
+            raise ApplicationError(f"lookup failed, outcome unknown: {exc}", type=OUTCOME_UNKNOWN) from exc
+        return await self._book.record_reissue(inp.case_id, original, made, inp.final_status)
+
+    async def _create(self, provider: PayoutExecutor, order: PayoutOrder, key: str) -> ProviderPayout:
+        try:
+            return await provider.create_payout(order, key)
         except ProviderDeclined as exc:
             raise ApplicationError(str(exc), type=DECLINED, non_retryable=True) from exc
         except ProviderOutcomeUnknown as exc:
-            raise ApplicationError(str(exc), type=OUTCOME_UNKNOWN) from exc
-        return await self._book.record_reissue(inp.case_id, original, made, inp.final_status)
+            raise ApplicationError(str(exc), type=OUTCOME_UNKNOWN,
+                                   next_retry_delay=self._provider_horizon) from exc
 
     def all(self) -> list[Callable[..., Any]]:
         """Every activity, for worker registration."""

@@ -126,6 +126,9 @@ class Settings(BaseSettings):
     status_poll_interval_seconds: float = 3600
     late_failure_window_seconds: float = 10 * 24 * 3600
     provider_http_timeout_seconds: float = 10
+    resubmit_margin_seconds: float = Field(
+        default=60, description="how long past the provider HTTP timeout a timed-out create may "
+                                "still land; no second create goes out before")
     payout_reissue_window_seconds: float = Field(
         default=30 * 24 * 3600, description="how long a remediated payout case takes a reissue request")
 
@@ -197,7 +200,17 @@ class Settings(BaseSettings):
             approval_escalation=_seconds(self.approval_escalation_seconds),
             ledger_pending_after=timedelta(seconds=self.ledger_pending_after_seconds),
             advice_timeout=timedelta(seconds=self.advice_timeout_seconds),
+            provider_horizon=timedelta(
+                seconds=self.provider_http_timeout_seconds + self.resubmit_margin_seconds),
         )
+
+    def timeout_problem(self) -> str | None:
+        """Why the timeouts would let a submit activity end while its create is still in
+        flight (the provider could then act after we decided what happened), or None."""
+        if self.submit_timeout_seconds <= self.provider_http_timeout_seconds:
+            return (f"REFUNDS_SUBMIT_TIMEOUT_SECONDS ({self.submit_timeout_seconds:g}) must exceed "
+                    f"REFUNDS_PROVIDER_HTTP_TIMEOUT_SECONDS ({self.provider_http_timeout_seconds:g})")
+        return None
 
     def relay_base_url(self) -> str:
         return self.relay_url or f"http://{self.bind_host}:{self.relay_port}"

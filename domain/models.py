@@ -111,6 +111,9 @@ class RefundTimings(Frozen):
     approval_escalation: timedelta | None = timedelta(days=2)
     ledger_pending_after: timedelta = timedelta(minutes=2)
     advice_timeout: timedelta = timedelta(seconds=30)
+    provider_horizon: timedelta = timedelta(seconds=70)
+    """How long after a provider call ended the provider may still act on it (its HTTP
+    timeout plus a margin): no second create goes out before it has passed."""
 
 
 class CaseStatus(StrEnum):

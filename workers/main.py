@@ -63,7 +63,8 @@ def build_worker(client: Client, task_queue: str, store: Store,
     settings = settings or Settings()
     observed = instrument(providers)
     activities = [*RefundActivities(store, observed, policy).all(),
-                  *PayoutActivities(store, observed, policy).all(),
+                  *PayoutActivities(store, observed, policy,
+                                    provider_horizon=settings.timings().provider_horizon).all(),
                   *IntegrationActivities(store, settings).all(),
                   *ReconciliationActivities(
                       store, providers, client, policy, timings=settings.timings(),
@@ -75,10 +76,18 @@ def build_worker(client: Client, task_queue: str, store: Store,
     )
 
 
+def refuse_bad_settings(settings: Settings) -> None:
+    """Exits before polling when the settings could let money move twice."""
+    problem = settings.timeout_problem()
+    if problem is not None:
+        raise SystemExit(f"refusing to start: {problem}")
+
+
 async def run_worker(settings: Settings, dsn: str, stop: asyncio.Event) -> None:
     """Runs until `stop` is set, then shuts down gracefully: polling stops at once, running
     activities get `graceful_shutdown_seconds` to finish before they are cancelled (and
-    retried elsewhere by Temporal)."""
+    retried elsewhere by Temporal). Refuses settings that could let money move twice."""
+    refuse_bad_settings(settings)
     client = await connect(settings, runtime=sdk_runtime(settings))
     store = await Store.open(dsn)
     providers = build_providers(settings, store)

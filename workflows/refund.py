@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, RetryState
 
 with workflow.unsafe.imports_passed_through():
     from domain.events import STATUS_NOTICES, observe
@@ -52,6 +52,9 @@ UNEXPECTED_STATUS = "UnexpectedProviderStatus"
 LOOKUP_UNSUPPORTED = "ProviderLookupUnsupported"
 # Histories recorded before the advisor and notice delivery existed replay without them.
 INTEGRATIONS_PATCH = "integrations-1"
+# Histories recorded before the provider horizon resubmitted after the backoff alone.
+HORIZON_PATCH = "resubmit-horizon-1"
+CONFIGURATION_REFUSED = "provider_configuration_refused"
 
 
 # What each approval step does to a refund case: its status, and the reservation released.
@@ -81,6 +84,7 @@ class RefundWorkflow(ApprovingWorkflow):
         self._courier: asyncio.Task[None] | None = None
         self._closing = False
         self._lookup_escalated = False
+        self._escalated: str | None = None
 
     # -- interface ---------------------------------------------------------------------
 
@@ -119,9 +123,7 @@ class RefundWorkflow(ApprovingWorkflow):
             await self._record("trigger_received", actor=f"provider:{trigger.provider}",
                                detail={"event_id": trigger.event_id, "event_type": trigger.event_type,
                                        "body_sha256": trigger.body_sha256})
-        validation = await workflow.execute_activity(
-            "validate_refund", ValidateInput(request=request), result_type=ValidationResult,
-            **retry.VALIDATE)
+        validation = await self._validate(request)
         if not validation.ok:
             self._status = CaseStatus.REJECTED
             self._failure_reason = validation.reason
@@ -208,13 +210,18 @@ class RefundWorkflow(ApprovingWorkflow):
                 if isinstance(cause, ApplicationError) and cause.type == DECLINED:
                     self._failure_reason = cause.message
                     return None
+                if isinstance(cause, ApplicationError) and cause.type == retry.CONFIGURATION_REFUSED:
+                    await self._escalate(CONFIGURATION_REFUSED, cause.message)
                 workflow.logger.warning("submit attempt %d outcome unknown: %s", attempt, cause)
+            ended = workflow.now()
             self._status = CaseStatus.VERIFYING
             found = await self._verify(f"submit attempt {attempt} outcome unknown")
             if found is not None:
                 return found
             pause = min(timedelta(seconds=2 ** min(attempt, 12)), self._timings.status_poll_interval,
                         retry.RESUBMIT_BACKOFF_CAP)
+            if workflow.patched(HORIZON_PATCH):  # the attempt's create can land until its horizon
+                pause = max(pause, ended + self._timings.provider_horizon - workflow.now())
             await workflow.sleep(pause)
             self._status = CaseStatus.EXECUTING
 
@@ -227,11 +234,14 @@ class RefundWorkflow(ApprovingWorkflow):
                 verified: VerifyResult = await workflow.execute_activity(
                     "verify_provider_refund", VerifyInput(request=self._request, reason=reason),
                     result_type=VerifyResult, **retry.VERIFY)
+                self._escalated = None
                 return verified.refund
             except ActivityError as err:
                 cause = err.cause
                 if isinstance(cause, ApplicationError) and cause.type == LOOKUP_UNSUPPORTED:
                     return await self._await_notification(reason)
+                if await self._escalated_unanswered("verify", err):
+                    continue
                 if not (isinstance(cause, ApplicationError) and cause.type == UNEXPECTED_STATUS):
                     raise
                 if self._status is not CaseStatus.OPS_REVIEW:
@@ -240,6 +250,44 @@ class RefundWorkflow(ApprovingWorkflow):
                     await self._record("unexpected_provider_status", CaseStatus.OPS_REVIEW,
                                        detail={"error": cause.message})
                 await workflow.sleep(self._timings.status_poll_interval)
+
+    async def _validate(self, request: RefundRequest) -> ValidationResult:
+        """Validation at the provider; asked again every poll interval while it cannot be
+        answered (a refused key, retries exhausted), with the case in ops review meanwhile."""
+        while True:
+            try:
+                validation: ValidationResult = await workflow.execute_activity(
+                    "validate_refund", ValidateInput(request=request), result_type=ValidationResult,
+                    **retry.VALIDATE)
+                self._escalated = None
+                return validation
+            except ActivityError as err:
+                if not await self._escalated_unanswered("validate", err):
+                    raise
+
+    async def _escalated_unanswered(self, step: str, err: ActivityError) -> bool:
+        """For a provider read that cannot succeed by retrying (a refused key) or whose
+        bounded retries ran out: escalates, waits a poll interval and says to ask again.
+        False for any other failure, which the caller handles."""
+        cause = err.cause
+        if isinstance(cause, ApplicationError) and cause.type == retry.CONFIGURATION_REFUSED:
+            reason = CONFIGURATION_REFUSED
+        elif err.retry_state in (RetryState.MAXIMUM_ATTEMPTS_REACHED, RetryState.TIMEOUT):
+            reason = f"{step}_retries_exhausted"
+        else:
+            return False
+        await self._escalate(reason, str(cause))
+        await workflow.sleep(self._timings.status_poll_interval)
+        return True
+
+    async def _escalate(self, reason: str, error: str) -> None:
+        """Once per incident: ops get a notice and the case shows ops review (the
+        reservation stays; the metric counts it) while the workflow keeps asking."""
+        if self._escalated == reason:
+            return
+        self._escalated = reason
+        await self._notify(reason, "operator", {"error": error})
+        await self._record(reason, CaseStatus.OPS_REVIEW, detail={"error": error})
 
     def _notified(self) -> tuple[ProviderEvent, ProviderRefund] | None:
         """The first queued event that reports this case's refund (by our reference, or by
