@@ -129,6 +129,10 @@ class Settings(BaseSettings):
     resubmit_margin_seconds: float = Field(
         default=60, description="how long past the provider HTTP timeout a timed-out create may "
                                 "still land; no second create goes out before")
+    provider_read_attempts: int = Field(
+        default=8, ge=1, description="attempts of a provider read (validation, verify-state) "
+                                     "before the case goes to ops review; it is then asked again "
+                                     "every status poll interval")
     payout_reissue_window_seconds: float = Field(
         default=30 * 24 * 3600, description="how long a remediated payout case takes a reissue request")
 
@@ -202,6 +206,7 @@ class Settings(BaseSettings):
             advice_timeout=timedelta(seconds=self.advice_timeout_seconds),
             provider_horizon=timedelta(
                 seconds=self.provider_http_timeout_seconds + self.resubmit_margin_seconds),
+            provider_read_attempts=self.provider_read_attempts,
         )
 
     def timeout_problem(self) -> str | None:

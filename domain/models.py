@@ -114,6 +114,8 @@ class RefundTimings(Frozen):
     provider_horizon: timedelta = timedelta(seconds=70)
     """How long after a provider call ended the provider may still act on it (its HTTP
     timeout plus a margin): no second create goes out before it has passed."""
+    provider_read_attempts: int = 8
+    """Attempts of a provider read (validation, verify-state) before ops are told."""
 
 
 class CaseStatus(StrEnum):

@@ -172,6 +172,12 @@ async def reissue(stack: Stack, case_id: str) -> httpx.Response:
                               json={"method": "provider", "reason": "customer asked again"})
 
 
+async def reached_provider(proxy: LossyProxy) -> None:
+    """Waits until the late create has been handed to the provider (and answered)."""
+    while not proxy.lost:
+        await asyncio.sleep(0.1)
+
+
 async def escalations(reason: str) -> float:
     return REGISTRY.get_sample_value("refunds_ops_review_escalations_total", {"reason": reason}) or 0.0
 
@@ -184,11 +190,11 @@ async def test_lookups_refused_after_a_lost_create_answer_never_fail_the_case(
         localstripe: str) -> None:
     async with rig_for(provider, store, client, temporal_server, localstripe) as rig:
         charge = await rig.charge(10_000)
+        before = await escalations("provider_configuration_refused")
         rig.proxy.act_late("POST", rig.create_path(charge), after_seconds=1)  # made after we gave up
         case_id = await rig.request(charge, 3_000)
         await rig.stack.wait_for_audit(case_id, "verify_state")  # not there yet: resubmit ahead
         rig.proxy.refuse_next(rig.lookup[0], rig.lookup[1](charge, case_id), 401, 404)  # then fine
-        before = await escalations("provider_configuration_refused")
         row = await rig.stack.wait_for_status(case_id, "succeeded", "refund_failed", timeout=90)
         assert row["status"] == "succeeded" and row["reserved_amount"] == 3_000
         assert [status for *_, status in rig.proxy.refused] == [401, 404]
@@ -220,31 +226,50 @@ async def test_a_create_the_provider_makes_after_we_gave_up_is_found_not_made_tw
         assert len(refunds) == 1, refunds
 
 
-async def reached_provider(proxy: LossyProxy) -> None:
-    """Waits until the late create has been handed to the provider (and answered)."""
-    while not proxy.lost:
-        await asyncio.sleep(0.1)
+async def reissue_approved(rig: Rig, arm: Callable[[], None]) -> tuple[str, str]:
+    """A failed payout remediated and its reissue approved, with `arm` set on the proxy just
+    before the approval that starts it; returns the case id and the reissue's reference."""
+    stack = rig.stack
+    await add_payout_approvers(stack)
+    payout = await paid_payout(stack, 150_000)
+    await move_payout(stack, payout.provider_payout_id, "failed", failure_code="insufficient_funds")
+    case_id = payout_case_id("sandbox", payout.provider_payout_id)
+    await wait_for_case(stack, case_id, "awaiting_approval")
+    assert (await decide(stack, "lena", case_id)).status_code == 202
+    await wait_for_case(stack, case_id, "remediated")
+    assert (await ask_reissue(stack, "omar", case_id)).status_code == 202
+    arm()
+    assert (await decide(stack, "lena", case_id)).status_code == 202
+    row = await wait_for_case(stack, case_id, "reissued", "reissue_failed", timeout=90)
+    assert row["status"] == "reissued"
+    return case_id, payout.reissue_id()
+
+
+async def reissues(rig: Rig, reference: str) -> list[dict[str, Any]]:
+    async with rig.stack.sandbox() as sb:
+        return list((await sb.get("/v1/payouts", params={"reference": reference})).json()["data"])
 
 
 async def test_a_payout_reissue_the_provider_makes_after_we_gave_up_is_made_once(
         store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
     async with rig_for("sandbox", store, client, temporal_server, **HORIZON) as rig:
-        stack = rig.stack
-        await add_payout_approvers(stack)
-        payout = await paid_payout(stack, 150_000)
-        await move_payout(stack, payout.provider_payout_id, "failed", failure_code="insufficient_funds")
-        case_id = payout_case_id("sandbox", payout.provider_payout_id)
-        await wait_for_case(stack, case_id, "awaiting_approval")
-        assert (await decide(stack, "lena", case_id)).status_code == 202
-        await wait_for_case(stack, case_id, "remediated")
-        assert (await ask_reissue(stack, "omar", case_id)).status_code == 202
-        rig.proxy.act_late("POST", "/v1/payouts", after_seconds=LATE_SECONDS)
-        assert (await decide(stack, "lena", case_id)).status_code == 202
-        await wait_for_case(stack, case_id, "reissued", "reissue_failed", timeout=90)
+        _, reference = await reissue_approved(
+            rig, lambda: rig.proxy.act_late("POST", "/v1/payouts", after_seconds=LATE_SECONDS))
         await reached_provider(rig.proxy)
-        async with stack.sandbox() as sb:
-            made = (await sb.get("/v1/payouts", params={"reference": payout.reissue_id()})).json()["data"]
+        made = await reissues(rig, reference)
         assert len(made) == 1, made
+
+
+async def test_a_payout_reissue_whose_key_is_refused_tells_ops_and_is_made_once_fixed(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    async with rig_for("sandbox", store, client, temporal_server) as rig:
+        case_id, reference = await reissue_approved(
+            rig, lambda: rig.proxy.refuse_next("GET", "/v1/payouts", 401))
+        assert [status for *_, status in rig.proxy.refused] == [401]
+        assert len(await reissues(rig, reference)) == 1
+        assert ("payout_reissue_configuration_refused", "payments_ops") in {
+            (n["kind"], n["audience"]) for n in await store.notices(case_id)}
+        assert "reissue_configuration_refused" in await rig.stack.actions(case_id)
 
 
 def test_a_submit_timeout_within_the_provider_http_timeout_is_refused() -> None:
@@ -277,3 +302,26 @@ async def test_a_revoked_key_sends_the_case_to_ops_and_it_resumes_once_fixed(
         assert [n["kind"] for n in await store.notices(case_id)].count("provider_configuration_refused") == 2
         assert await escalations("provider_configuration_refused") == before + 2
         assert len(await rig.refunds(charge)) == 1
+
+
+async def test_provider_reads_that_keep_failing_go_to_ops_then_resume(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    async with rig_for("sandbox", store, client, temporal_server, provider_read_attempts=2) as rig:
+        charge = await rig.charge(10_000)
+        rig.proxy.refuse_next("GET", f"/v1/charges/{charge}", 503, 503)  # validation's two attempts
+        rig.proxy.lose_next("POST", "/v1/refunds")  # made, its answer lost
+        rig.proxy.refuse_next("GET", "/v1/refunds", 503, 503)  # verify-state's two attempts
+        before = {step: await escalations(f"{step}_retries_exhausted") for step in ("validate", "verify")}
+        case_id = await rig.request(charge, 1_500)
+        row = await rig.stack.wait_for_status(case_id, "succeeded", "refund_failed", "rejected", timeout=60)
+        assert row["status"] == "succeeded"
+        assert [status for *_, status in rig.proxy.refused] == [503] * 4
+        trail = await rig.stack.actions(case_id)
+        assert trail.index("validate_retries_exhausted") < trail.index("validation_passed")
+        assert trail.index("verify_retries_exhausted") < trail.index("refund_succeeded")
+        kinds = {(n["kind"], n["audience"]) for n in await store.notices(case_id)}
+        assert {("validate_retries_exhausted", "operator"), ("verify_retries_exhausted", "operator")} <= kinds
+        for step in ("validate", "verify"):
+            assert await escalations(f"{step}_retries_exhausted") == before[step] + 1
+        [made] = await rig.refunds(charge)
+        assert made["id"] == row["provider_refund_id"]

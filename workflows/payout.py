@@ -338,17 +338,31 @@ class PayoutReversalWorkflow(ApprovingWorkflow):
         case_id = self._inp.case_id
         await self._record("reissue_started", PayoutCaseStatus.REISSUING)
         failure = self._timeline[0].payout.status
-        try:
-            made: PayoutSnapshot = await workflow.execute_activity(
-                "reissue_payout", ReissueInput(case_id=case_id, original=self._payout,
-                                               final_status=final_status(failure)),
-                result_type=PayoutSnapshot, **retry.PAYOUT_REISSUE)
-        except ActivityError as err:
-            await self._notify("payout_reissue_failed", "payments_ops",
-                               {"error": str(err.cause), "approved_by": self._approvers()})
-            await self._record("reissue_failed", PayoutCaseStatus.REISSUE_FAILED,
-                               detail={"error": str(err.cause)})
-            return
+        refused = False
+        while True:
+            try:
+                made: PayoutSnapshot = await workflow.execute_activity(
+                    "reissue_payout", ReissueInput(case_id=case_id, original=self._payout,
+                                                   final_status=final_status(failure)),
+                    result_type=PayoutSnapshot, **retry.PAYOUT_REISSUE)
+                break
+            except ActivityError as err:
+                cause = err.cause
+                if isinstance(cause, ApplicationError) and cause.type == retry.CONFIGURATION_REFUSED:
+                    # Our key was refused, not the payout: an earlier attempt may have paid, so
+                    # the case stays reissuing (ops told once) and asks again until fixed.
+                    if not refused:
+                        refused = True
+                        await self._notify("payout_reissue_configuration_refused", "payments_ops",
+                                           {"error": cause.message})
+                        await self._record("reissue_configuration_refused", detail={"error": cause.message})
+                    await workflow.sleep(self._inp.timings.status_poll_interval)
+                    continue
+                await self._notify("payout_reissue_failed", "payments_ops",
+                                   {"error": str(cause), "approved_by": self._approvers()})
+                await self._record("reissue_failed", PayoutCaseStatus.REISSUE_FAILED,
+                                   detail={"error": str(cause)})
+                return
         self._reissued = made
         await workflow.execute_activity(
             "post_ledger", LedgerInput(refund_request_id=case_id, kind=LedgerKind.PAYOUT_REISSUED,

@@ -226,14 +226,14 @@ class RefundWorkflow(ApprovingWorkflow):
             self._status = CaseStatus.EXECUTING
 
     async def _verify(self, reason: str) -> ProviderRefund | None:
-        """The verify-state step; a status we cannot map sends the case to ops review and
-        keeps asking, never assuming success."""
+        """The verify-state step; a status we cannot map, refused credentials or exhausted
+        retries send the case to ops review and it keeps asking, never assuming success."""
         assert self._request is not None
         while True:
             try:
                 verified: VerifyResult = await workflow.execute_activity(
                     "verify_provider_refund", VerifyInput(request=self._request, reason=reason),
-                    result_type=VerifyResult, **retry.VERIFY)
+                    result_type=VerifyResult, **retry.provider_read(self._timings.provider_read_attempts))
                 self._escalated = None
                 return verified.refund
             except ActivityError as err:
@@ -258,7 +258,7 @@ class RefundWorkflow(ApprovingWorkflow):
             try:
                 validation: ValidationResult = await workflow.execute_activity(
                     "validate_refund", ValidateInput(request=request), result_type=ValidationResult,
-                    **retry.VALIDATE)
+                    **retry.provider_read(self._timings.provider_read_attempts))
                 self._escalated = None
                 return validation
             except ActivityError as err:

@@ -12,17 +12,22 @@ from temporalio.common import RetryPolicy
 _PATIENT = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
                        maximum_interval=timedelta(minutes=1))
 
-# Provider-facing reads retry a bounded number of times (about two minutes) and never on a
-# refused key: the workflow then sends the case to ops review (a notice and a metric) and
-# keeps asking every status poll interval, so a revoked key or a long outage is seen.
 CONFIGURATION_REFUSED = "ProviderConfigurationRefused"
-_BOUNDED_READ = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
-                            maximum_interval=timedelta(minutes=1), maximum_attempts=8,
-                            non_retryable_error_types=[CONFIGURATION_REFUSED, "UnknownProvider"])
-VALIDATE: dict[str, Any] = {"start_to_close_timeout": timedelta(seconds=30), "retry_policy": _BOUNDED_READ}
+
+
+def provider_read(attempts: int) -> dict[str, Any]:
+    """Validation's and verify-state's options: a provider read retries `attempts` times
+    (RefundTimings.provider_read_attempts) and never on refused credentials; the workflow
+    then sends the case to ops review (a notice and a metric) and keeps asking every
+    status poll interval, so a revoked key or a long outage is seen, never silent."""
+    return {"start_to_close_timeout": timedelta(seconds=30),
+            "retry_policy": RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
+                                        maximum_interval=timedelta(minutes=1), maximum_attempts=attempts,
+                                        non_retryable_error_types=[CONFIGURATION_REFUSED, "UnknownProvider"])}
+
+
 POLICY: dict[str, Any] = {"start_to_close_timeout": timedelta(seconds=10), "retry_policy": _PATIENT}
 CASE_EVENT: dict[str, Any] = {"start_to_close_timeout": timedelta(seconds=10), "retry_policy": _PATIENT}
-VERIFY: dict[str, Any] = {"start_to_close_timeout": timedelta(seconds=30), "retry_policy": _BOUNDED_READ}
 LEDGER: dict[str, Any] = {
     "start_to_close_timeout": timedelta(seconds=30),
     "retry_policy": RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
