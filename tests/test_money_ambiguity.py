@@ -299,6 +299,7 @@ async def test_a_revoked_key_sends_the_case_to_ops_and_it_resumes_once_fixed(
         trail = await rig.stack.actions(case_id)
         assert trail.count("provider_configuration_refused") == 2  # validating, then executing
         assert "provider_credentials_refused" in trail  # the create's own answer, audited
+        assert trail.count("provider_answering_again") == 2  # back to validating, then executing
         assert [n["kind"] for n in await store.notices(case_id)].count("provider_configuration_refused") == 2
         assert await escalations("provider_configuration_refused") == before + 2
         assert len(await rig.refunds(charge)) == 1
@@ -319,6 +320,7 @@ async def test_provider_reads_that_keep_failing_go_to_ops_then_resume(
         trail = await rig.stack.actions(case_id)
         assert trail.index("validate_retries_exhausted") < trail.index("validation_passed")
         assert trail.index("verify_retries_exhausted") < trail.index("refund_succeeded")
+        assert trail.count("provider_answering_again") == 2
         kinds = {(n["kind"], n["audience"]) for n in await store.notices(case_id)}
         assert {("validate_retries_exhausted", "operator"), ("verify_retries_exhausted", "operator")} <= kinds
         for step in ("validate", "verify"):

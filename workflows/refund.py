@@ -85,6 +85,7 @@ class RefundWorkflow(ApprovingWorkflow):
         self._closing = False
         self._lookup_escalated = False
         self._escalated: str | None = None
+        self._status_before_escalation = CaseStatus.REQUESTED
 
     # -- interface ---------------------------------------------------------------------
 
@@ -234,7 +235,7 @@ class RefundWorkflow(ApprovingWorkflow):
                 verified: VerifyResult = await workflow.execute_activity(
                     "verify_provider_refund", VerifyInput(request=self._request, reason=reason),
                     result_type=VerifyResult, **retry.provider_read(self._timings.provider_read_attempts))
-                self._escalated = None
+                await self._answered()
                 return verified.refund
             except ActivityError as err:
                 cause = err.cause
@@ -259,7 +260,7 @@ class RefundWorkflow(ApprovingWorkflow):
                 validation: ValidationResult = await workflow.execute_activity(
                     "validate_refund", ValidateInput(request=request), result_type=ValidationResult,
                     **retry.provider_read(self._timings.provider_read_attempts))
-                self._escalated = None
+                await self._answered()
                 return validation
             except ActivityError as err:
                 if not await self._escalated_unanswered("validate", err):
@@ -285,9 +286,19 @@ class RefundWorkflow(ApprovingWorkflow):
         reservation stays; the metric counts it) while the workflow keeps asking."""
         if self._escalated == reason:
             return
+        if self._escalated is None:
+            self._status_before_escalation = self._status
         self._escalated = reason
         await self._notify(reason, "operator", {"error": error})
         await self._record(reason, CaseStatus.OPS_REVIEW, detail={"error": error})
+
+    async def _answered(self) -> None:
+        """The provider answers again: the case leaves ops review for the state it was in."""
+        if self._escalated is None:
+            return
+        reason, self._escalated = self._escalated, None
+        await self._record("provider_answering_again", self._status_before_escalation,
+                           detail={"escalation": reason})
 
     def _notified(self) -> tuple[ProviderEvent, ProviderRefund] | None:
         """The first queued event that reports this case's refund (by our reference, or by
