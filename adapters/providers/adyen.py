@@ -30,12 +30,11 @@ from typing import Any
 import httpx
 
 from adapters.providers.base import (
-    ProviderDeclined,
     ProviderLookupUnsupported,
     ProviderUnsupported,
     WebhookRejected,
 )
-from adapters.providers.http import send
+from adapters.providers.http import raise_for_refusal, send
 from adapters.providers.normalise import (
     load_json,
     map_status,
@@ -245,8 +244,7 @@ class AdyenProvider:
                   "amount": {"value": request.amount, "currency": request.currency},
                   # Comes back as merchantReference on the notifications: how they find the case.
                   "reference": request.refund_request_id})
-        if response.status_code >= 400:
-            raise ProviderDeclined(f"POST {path}: HTTP {response.status_code} {response.text[:300]}")
+        raise_for_refusal(response)
         body = response.json()
         return ProviderRefund(
             provider=self.name, refund_id=str(body["pspReference"]), charge_id=request.charge_id,
