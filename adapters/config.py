@@ -127,7 +127,7 @@ class Settings(BaseSettings):
     late_failure_window_seconds: float = 10 * 24 * 3600
     provider_http_timeout_seconds: float = 10
     resubmit_margin_seconds: float = Field(
-        default=60, description="how long past the provider HTTP timeout a timed-out create may "
+        default=60, ge=0, description="how long past the provider HTTP timeout a timed-out create may "
                                 "still land; no second create goes out before")
     provider_read_attempts: int = Field(
         default=8, ge=1, description="attempts of a provider read (validation, verify-state) "

@@ -8,10 +8,14 @@ PostgreSQL: it loses the create's answer, hands a create on only after the clien
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -281,6 +285,17 @@ def test_a_submit_timeout_within_the_provider_http_timeout_is_refused() -> None:
     good = Settings(submit_timeout_seconds=30, provider_http_timeout_seconds=10)
     assert check_timeouts(good).ok
     refuse_bad_settings(good)
+
+
+def test_the_worker_process_refuses_to_start_with_such_settings() -> None:
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("REFUNDS_", "TEMPORAL_"))},
+           "REFUNDS_DATABASE_URL": "postgresql://127.0.0.1:1/never", "REFUNDS_SUBMIT_TIMEOUT_SECONDS": "5",
+           "REFUNDS_PROVIDER_HTTP_TIMEOUT_SECONDS": "10", "REFUNDS_WORKER_HEALTH_PORT": "0",
+           "REFUNDS_TEMPORAL_METRICS_PORT": "0"}
+    refused = subprocess.run([str(Path(sys.executable).parent / "refunds"), "worker"], env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2  # the CLI's exit status for an error it names
+    assert "refusing to start: REFUNDS_SUBMIT_TIMEOUT_SECONDS (5) must exceed" in refused.stderr
 
 
 # -- 6. retries that cannot succeed say so ---------------------------------------------------
