@@ -9,7 +9,6 @@ the refund activities `queue_notice` and `post_ledger`, registered on the same w
 
 import logging
 from collections.abc import Callable, Mapping
-from datetime import timedelta
 from typing import Any
 
 from temporalio import activity
@@ -26,7 +25,7 @@ from adapters.providers.base import (
     ProviderOutcomeUnknown,
 )
 from adapters.store import Store
-from domain.models import LedgerResult, RefundTimings
+from domain.models import LedgerResult
 from domain.payouts import (
     AdmitInput,
     AdmitResult,
@@ -55,18 +54,15 @@ log = logging.getLogger(__name__)
 
 DECLINED = "ProviderDeclined"
 OUTCOME_UNKNOWN = "ProviderOutcomeUnknown"
-DEFAULT_HORIZON = RefundTimings().provider_horizon
 
 
 class PayoutActivities:
     """Holds the process-wide store, provider clients and policy the activities share."""
 
-    def __init__(self, store: Store, providers: Mapping[str, ProviderAdapter], policy: Policy, *,
-                 provider_horizon: timedelta = DEFAULT_HORIZON) -> None:
+    def __init__(self, store: Store, providers: Mapping[str, ProviderAdapter], policy: Policy) -> None:
         self._book = PayoutBook(store)
         self._providers = providers
         self._policy = policy
-        self._provider_horizon = provider_horizon
 
     @activity.defn(name="admit_payout_event")
     async def admit_payout_event(self, inp: AdmitInput) -> AdmitResult:
@@ -151,9 +147,10 @@ class PayoutActivities:
     async def reissue_payout(self, inp: ReissueInput) -> PayoutSnapshot:
         """Pays the beneficiary again after an approved reissue request, once: our books
         first, then the provider by our reference, and only then a create (with a derived
-        idempotency key). A failed lookup is never a decline (asked again; refused
-        credentials go to ops); a create with an unknown outcome is retried only past the
-        provider horizon, once that create can no longer land, so the lookup sees it."""
+        idempotency key). A failed lookup is never a decline (an unknown outcome; refused
+        credentials go to ops). The workflow runs one attempt at a time and, after an
+        unknown outcome, the next only past the provider horizon, so its lookup sees a
+        create that landed late."""
         original = inp.original
         done = await self._book.payout(original.reissue_id())
         if done is not None:
@@ -174,14 +171,14 @@ class PayoutActivities:
             raise ApplicationError(f"lookup failed, outcome unknown: {exc}", type=OUTCOME_UNKNOWN) from exc
         return await self._book.record_reissue(inp.case_id, original, made, inp.final_status)
 
-    async def _create(self, provider: PayoutExecutor, order: PayoutOrder, key: str) -> ProviderPayout:
+    @staticmethod
+    async def _create(provider: PayoutExecutor, order: PayoutOrder, key: str) -> ProviderPayout:
         try:
             return await provider.create_payout(order, key)
         except ProviderDeclined as exc:
             raise ApplicationError(str(exc), type=DECLINED, non_retryable=True) from exc
         except ProviderOutcomeUnknown as exc:
-            raise ApplicationError(str(exc), type=OUTCOME_UNKNOWN,
-                                   next_retry_delay=self._provider_horizon) from exc
+            raise ApplicationError(str(exc), type=OUTCOME_UNKNOWN) from exc
 
     def all(self) -> list[Callable[..., Any]]:
         """Every activity, for worker registration."""

@@ -63,8 +63,7 @@ def build_worker(client: Client, task_queue: str, store: Store,
     settings = settings or Settings()
     observed = instrument(providers)
     activities = [*RefundActivities(store, observed, policy).all(),
-                  *PayoutActivities(store, observed, policy,
-                                    provider_horizon=settings.timings().provider_horizon).all(),
+                  *PayoutActivities(store, observed, policy).all(),
                   *IntegrationActivities(store, settings).all(),
                   *ReconciliationActivities(
                       store, providers, client, policy, timings=settings.timings(),

@@ -63,6 +63,10 @@ PAYOUT_REISSUE: dict[str, Any] = {
     "retry_policy": RetryPolicy(initial_interval=timedelta(seconds=2), backoff_coefficient=2.0,
                                 maximum_interval=timedelta(minutes=5)),
 }
+# Since the reissue horizon patch: one attempt at a time; the workflow tries again only
+# past the provider horizon after an attempt with an unknown outcome (as for refunds).
+PAYOUT_REISSUE_ONCE: dict[str, Any] = {"start_to_close_timeout": timedelta(seconds=60),
+                                       "retry_policy": SUBMIT_RETRY}
 
 # Declines, unmapped statuses and run conflicts are raised non-retryable by the activities.
 RECONCILE_BATCH: dict[str, Any] = {"start_to_close_timeout": timedelta(minutes=5), "retry_policy": _PATIENT}
