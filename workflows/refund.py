@@ -54,7 +54,8 @@ LOOKUP_UNSUPPORTED = "ProviderLookupUnsupported"
 INTEGRATIONS_PATCH = "integrations-1"
 # Histories recorded before the provider horizon resubmitted after the backoff alone.
 HORIZON_PATCH = "resubmit-horizon-1"
-CONFIGURATION_REFUSED = "provider_configuration_refused"
+# The case's action, the ops notice and the metric's reason when a provider refuses our key.
+CONFIGURATION_INCIDENT = "provider_configuration_refused"
 
 
 # What each approval step does to a refund case: its status, and the reservation released.
@@ -212,8 +213,9 @@ class RefundWorkflow(ApprovingWorkflow):
                     self._failure_reason = cause.message
                     return None
                 if isinstance(cause, ApplicationError) and cause.type == retry.CONFIGURATION_REFUSED:
-                    await self._escalate(CONFIGURATION_REFUSED, cause.message)
-                workflow.logger.warning("submit attempt %d outcome unknown: %s", attempt, cause)
+                    await self._escalate(CONFIGURATION_INCIDENT, cause.message)  # nothing made now
+                else:
+                    workflow.logger.warning("submit attempt %d outcome unknown: %s", attempt, cause)
             ended = workflow.now()
             self._status = CaseStatus.VERIFYING
             found = await self._verify(f"submit attempt {attempt} outcome unknown")
@@ -272,7 +274,7 @@ class RefundWorkflow(ApprovingWorkflow):
         False for any other failure, which the caller handles."""
         cause = err.cause
         if isinstance(cause, ApplicationError) and cause.type == retry.CONFIGURATION_REFUSED:
-            reason = CONFIGURATION_REFUSED
+            reason = CONFIGURATION_INCIDENT
         elif err.retry_state in (RetryState.MAXIMUM_ATTEMPTS_REACHED, RetryState.TIMEOUT):
             reason = f"{step}_retries_exhausted"
         else:
