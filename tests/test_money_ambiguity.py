@@ -25,6 +25,7 @@ from temporalio.client import Client
 
 from adapters.config import Settings
 from adapters.http_server import AppServer
+from adapters.notify.message import FALLBACK, TEMPLATES
 from adapters.store import Store
 from domain.payouts import payout_case_id
 from starters.doctor import check_timeouts
@@ -342,3 +343,10 @@ async def test_provider_reads_that_keep_failing_go_to_ops_then_resume(
             assert await escalations(f"{step}_retries_exhausted") == before[step] + 1
         [made] = await rig.refunds(charge)
         assert made["id"] == row["provider_refund_id"]
+
+
+def test_every_escalation_has_its_own_notice_template() -> None:
+    for kind in ("provider_configuration_refused", "validate_retries_exhausted",
+                 "verify_retries_exhausted", "payout_reissue_configuration_refused"):
+        assert TEMPLATES.get(kind, FALLBACK) is not FALLBACK, kind
+    assert TEMPLATES["payout_reissue_configuration_refused"].payout
