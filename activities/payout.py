@@ -14,11 +14,14 @@ from typing import Any
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.refund import configuration_refused
 from adapters.payout_book import HoldReleased, PayoutBook
 from adapters.providers.base import (
     PayoutExecutor,
     ProviderAdapter,
+    ProviderConfigurationRefused,
     ProviderDeclined,
+    ProviderError,
     ProviderOutcomeUnknown,
 )
 from adapters.store import Store
@@ -35,6 +38,7 @@ from domain.payouts import (
     PayoutOrder,
     PayoutPolicyInput,
     PayoutSnapshot,
+    ProviderPayout,
     ReissueInput,
     ReleaseResult,
     ReversalInput,
@@ -143,8 +147,10 @@ class PayoutActivities:
     async def reissue_payout(self, inp: ReissueInput) -> PayoutSnapshot:
         """Pays the beneficiary again after an approved reissue request, once: our books
         first, then the provider by our reference, and only then a create (with a derived
-        idempotency key). An attempt's provider calls end (HTTP timeout) before its
-        start-to-close timeout, so two attempts never overlap."""
+        idempotency key). A failed lookup is never a decline (an unknown outcome; refused
+        credentials go to ops). The workflow runs one attempt at a time and, after an
+        unknown outcome, the next only past the provider horizon, so its lookup sees a
+        create that landed late."""
         original = inp.original
         done = await self._book.payout(original.reissue_id())
         if done is not None:
@@ -158,12 +164,21 @@ class PayoutActivities:
         try:
             made = await provider.find_payout(order.reference)
             if made is None:
-                made = await provider.create_payout(order, original.reissue_key())
+                made = await self._create(provider, order, original.reissue_key())
+        except ProviderConfigurationRefused as exc:
+            raise configuration_refused(exc) from exc
+        except ProviderError as exc:  # a lookup that failed or was refused: still unknown
+            raise ApplicationError(f"lookup failed, outcome unknown: {exc}", type=OUTCOME_UNKNOWN) from exc
+        return await self._book.record_reissue(inp.case_id, original, made, inp.final_status)
+
+    @staticmethod
+    async def _create(provider: PayoutExecutor, order: PayoutOrder, key: str) -> ProviderPayout:
+        try:
+            return await provider.create_payout(order, key)
         except ProviderDeclined as exc:
             raise ApplicationError(str(exc), type=DECLINED, non_retryable=True) from exc
         except ProviderOutcomeUnknown as exc:
             raise ApplicationError(str(exc), type=OUTCOME_UNKNOWN) from exc
-        return await self._book.record_reissue(inp.case_id, original, made, inp.final_status)
 
     def all(self) -> list[Callable[..., Any]]:
         """Every activity, for worker registration."""

@@ -24,6 +24,7 @@ from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from adapters.providers.base import (
     PayoutLister,
     ProviderAdapter,
+    ProviderConfigurationRefused,
     ProviderDeclined,
     ProviderOutcomeUnknown,
     RefundLister,
@@ -112,7 +113,7 @@ class ReconciliationActivities:
                                                 cursor=run["cursor"], phase=phase, next_phase=next_phase)
         except ProviderOutcomeUnknown as exc:
             raise ApplicationError(str(exc), type="ProviderOutcomeUnknown") from exc
-        except (ProviderDeclined, UnexpectedProviderStatus, RunConflict) as exc:
+        except (ProviderDeclined, ProviderConfigurationRefused, UnexpectedProviderStatus, RunConflict) as exc:
             raise ApplicationError(str(exc), type=type(exc).__name__, non_retryable=True) from exc
         for row in new:
             if row["break_class"] == BreakClass.UNMAPPED_STATUS:

@@ -11,9 +11,12 @@ from typing import Any
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from adapters.metrics import OPS_REVIEW_ESCALATIONS
 from adapters.providers.base import (
     ProviderAdapter,
+    ProviderConfigurationRefused,
     ProviderDeclined,
+    ProviderError,
     ProviderLookupUnsupported,
     ProviderOutcomeUnknown,
     RefundExecutor,
@@ -23,6 +26,7 @@ from adapters.providers.manual import ManualRefunds
 from adapters.store import Store
 from domain.models import (
     CaseEventInput,
+    CaseStatus,
     ChargeSnapshot,
     LedgerInput,
     LedgerResult,
@@ -47,6 +51,7 @@ DECLINED = "ProviderDeclined"
 OUTCOME_UNKNOWN = "ProviderOutcomeUnknown"
 UNEXPECTED_STATUS = "UnexpectedProviderStatus"
 LOOKUP_UNSUPPORTED = "ProviderLookupUnsupported"
+CONFIGURATION_REFUSED = "ProviderConfigurationRefused"
 
 
 def _unexpected(exc: UnexpectedProviderStatus) -> ApplicationError:
@@ -56,6 +61,11 @@ def _unexpected(exc: UnexpectedProviderStatus) -> ApplicationError:
 def _no_lookup(exc: ProviderLookupUnsupported) -> ApplicationError:
     """Asking again cannot help: the workflow waits for the provider's notification."""
     return ApplicationError(str(exc), type=LOOKUP_UNSUPPORTED, non_retryable=True)
+
+
+def configuration_refused(exc: ProviderConfigurationRefused) -> ApplicationError:
+    """Retrying with a refused key cannot help: the workflow sends the case to ops."""
+    return ApplicationError(str(exc), type=CONFIGURATION_REFUSED, non_retryable=True)
 
 
 def charge_problem(request: RefundRequest, charge: ChargeSnapshot | None) -> str | None:
@@ -110,6 +120,8 @@ class RefundActivities:
             problem = charge_problem(request, charge)
         except ProviderDeclined as exc:  # refused for good (e.g. a webhooks-only provider)
             charge, problem = None, str(exc)
+        except ProviderConfigurationRefused as exc:  # our key, not the charge: ops, not a rejection
+            raise configuration_refused(exc) from exc
         if problem is not None or charge is None:
             reason = problem or "charge not found"
             await self._store.reject_case(request.refund_request_id, reason)
@@ -135,21 +147,27 @@ class RefundActivities:
 
     @activity.defn(name="record_case_event")
     async def record_case_event(self, inp: CaseEventInput) -> None:
-        """Moves the case's status and appends the audit row in one transaction."""
+        """Moves the case's status and appends the audit row in one transaction; a case
+        sent to ops review is counted by its reason (the action)."""
         await self._store.record_case_event(inp)
+        if inp.status is CaseStatus.OPS_REVIEW:
+            OPS_REVIEW_ESCALATIONS.labels(inp.action).inc()
 
     @activity.defn(name="submit_provider_refund")
     async def submit_provider_refund(self, inp: SubmitInput) -> ProviderRefund:
         """Calls the provider once. If any earlier attempt started (a crash, a timeout),
-        it looks the refund up first and returns it instead of calling again."""
+        it looks the refund up first and returns it instead of calling again. Only the
+        answer to the create can decline; the lookup's failures never do (see `_find`)."""
         request = inp.request
         provider = self._executor(request)
         case_id = request.refund_request_id
+        if await self._store.begin_submission(case_id, inp.idempotency_key):
+            found = await self._find(request, "resubmit after an earlier attempt")
+            if found is not None:
+                await self._store.record_provider_refund(case_id, found,
+                                                         "provider_refund_found_before_resubmit")
+                return found
         try:
-            if await self._store.begin_submission(case_id, inp.idempotency_key):
-                found = await self._lookup(provider, inp)
-                if found is not None:
-                    return found
             refund = await provider.create_refund(request, inp.idempotency_key)
         except UnexpectedProviderStatus as exc:
             raise _unexpected(exc) from exc
@@ -157,6 +175,10 @@ class RefundActivities:
             await self._store.append_audit(case_id, f"provider:{provider.name}",
                                            "provider_refund_declined", {"error": str(exc)})
             raise ApplicationError(str(exc), type=DECLINED, non_retryable=True) from exc
+        except ProviderConfigurationRefused as exc:
+            await self._store.append_audit(case_id, f"provider:{provider.name}",
+                                           "provider_credentials_refused", {"error": str(exc)})
+            raise configuration_refused(exc) from exc
         except ProviderOutcomeUnknown as exc:
             await self._store.append_audit(case_id, f"provider:{provider.name}",
                                            "provider_outcome_unknown", {"error": str(exc)})
@@ -165,36 +187,34 @@ class RefundActivities:
             case_id, refund, "provider_refund_created", {"idempotency_key": inp.idempotency_key})
         return refund
 
-    async def _lookup(self, provider: RefundExecutor, inp: SubmitInput) -> ProviderRefund | None:
+    async def _find(self, request: RefundRequest, reason: str) -> ProviderRefund | None:
+        """Looks our refund up. A failed lookup says nothing about the money: refused
+        credentials are a case for ops, any other failure or refusal (a 404 included) an
+        outcome still unknown, asked again; never a decline."""
+        case_id = request.refund_request_id
         try:
-            found = await provider.find_refund(inp.request)
+            return await self._executor(request).find_refund(request)
         except ProviderLookupUnsupported as exc:  # an earlier attempt may have made it: no resend
-            await self._store.append_audit(inp.request.refund_request_id, "system", "verify_state",
-                                           {"lookup": "unsupported", "reason": "resubmit after an "
-                                                                               "earlier attempt"})
+            await self._store.append_audit(case_id, "system", "verify_state",
+                                           {"lookup": "unsupported", "reason": reason})
             raise _no_lookup(exc) from exc
-        except ProviderOutcomeUnknown as exc:
-            raise ApplicationError(f"lookup before resubmit failed: {exc}",
+        except UnexpectedProviderStatus as exc:
+            await self._store.append_audit(case_id, "system", "verify_state",
+                                           {"error": str(exc), "reason": reason})
+            raise _unexpected(exc) from exc
+        except ProviderConfigurationRefused as exc:
+            await self._store.append_audit(case_id, "system", "verify_state",
+                                           {"error": str(exc), "reason": reason})
+            raise configuration_refused(exc) from exc
+        except ProviderError as exc:
+            raise ApplicationError(f"lookup failed, outcome unknown: {exc}",
                                    type=OUTCOME_UNKNOWN) from exc
-        if found is not None:
-            await self._store.record_provider_refund(
-                inp.request.refund_request_id, found, "provider_refund_found_before_resubmit")
-        return found
 
     @activity.defn(name="verify_provider_refund")
     async def verify_provider_refund(self, inp: VerifyInput) -> VerifyResult:
         """Asks the provider whether our refund exists (the verify-state step)."""
         request = inp.request
-        try:
-            found = await self._executor(request).find_refund(request)
-        except UnexpectedProviderStatus as exc:
-            await self._store.append_audit(request.refund_request_id, "system", "verify_state",
-                                           {"error": str(exc), "reason": inp.reason})
-            raise _unexpected(exc) from exc
-        except ProviderLookupUnsupported as exc:
-            await self._store.append_audit(request.refund_request_id, "system", "verify_state",
-                                           {"lookup": "unsupported", "reason": inp.reason})
-            raise _no_lookup(exc) from exc
+        found = await self._find(request, inp.reason)
         if found is None:
             await self._store.append_audit(request.refund_request_id, "system", "verify_state",
                                            {"found": False, "reason": inp.reason})

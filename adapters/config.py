@@ -162,6 +162,13 @@ class Settings(BaseSettings):
         default=10_000, description="history length past which an open-ended wait continues as new")
     max_submit_attempts: int = Field(
         default=20, description="submits of one refund before the case goes to ops (reservation kept)")
+    resubmit_margin_seconds: float = Field(
+        default=60, ge=0, description="how long past the provider HTTP timeout a timed-out create may "
+                                "still land; no second create goes out before")
+    provider_read_attempts: int = Field(
+        default=8, ge=1, description="attempts of a provider read (validation, verify-state) "
+                                     "before the case goes to ops review; it is then asked again "
+                                     "every status poll interval")
     payout_reissue_window_seconds: float = Field(
         default=30 * 24 * 3600, description="how long a remediated payout case takes a reissue request")
 
@@ -244,7 +251,18 @@ class Settings(BaseSettings):
             advice_timeout=timedelta(seconds=self.advice_timeout_seconds),
             continue_as_new_after_events=self.continue_as_new_after_events,
             max_submit_attempts=self.max_submit_attempts,
+            provider_horizon=timedelta(
+                seconds=self.provider_http_timeout_seconds + self.resubmit_margin_seconds),
+            provider_read_attempts=self.provider_read_attempts,
         )
+
+    def timeout_problem(self) -> str | None:
+        """Why the timeouts would let a submit activity end while its create is still in
+        flight (the provider could then act after we decided what happened), or None."""
+        if self.submit_timeout_seconds <= self.provider_http_timeout_seconds:
+            return (f"REFUNDS_SUBMIT_TIMEOUT_SECONDS ({self.submit_timeout_seconds:g}) must exceed "
+                    f"REFUNDS_PROVIDER_HTTP_TIMEOUT_SECONDS ({self.provider_http_timeout_seconds:g})")
+        return None
 
     def relay_base_url(self) -> str:
         return self.relay_url or f"http://{self.bind_host}:{self.relay_port}"

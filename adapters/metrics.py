@@ -37,6 +37,9 @@ REDRIVE_GAVE_UP = Counter("refunds_webhook_redrive_gave_up",
                           "Accepted receipts re-drive stopped trying after its bounded tries")
 VERIFY_OUTCOMES = Counter("refunds_verify_state", "Verify-state lookups at the provider, by outcome",
                           ["provider", "outcome"])
+OPS_REVIEW_ESCALATIONS = Counter(
+    "refunds_ops_review_escalations", "Cases sent to ops review, by reason (a refused provider "
+    "configuration, retries exhausted, a status we cannot map)", ["reason"])
 # Read from the database by the relay only, so a worker never reports a stale 0.
 CASE_REGISTRY = CollectorRegistry()
 CASES = Gauge("refunds_cases", "Refund cases by state", ["state"], registry=CASE_REGISTRY)

@@ -153,6 +153,11 @@ class RefundTimings(Frozen):
     """An open-ended wait continues as new past this history length (Temporal's limit: 51,200)."""
     max_submit_attempts: int = 20
     """Submits of one refund before the case goes to ops, reservation kept, still looking."""
+    provider_horizon: timedelta = timedelta(seconds=70)
+    """How long after a provider call ended the provider may still act on it (its HTTP
+    timeout plus a margin): no second create goes out before it has passed."""
+    provider_read_attempts: int = 8
+    """Attempts of a provider read (validation, verify-state) before ops are told."""
 
 
 class CaseStatus(StrEnum):
@@ -368,7 +373,10 @@ class RefundCarry(Frozen):
     succeeded_at: datetime | None = None
     lookup_escalated: bool = False
     duplicates: tuple[str, ...] = ()
+    escalated: str | None = None
+    status_before_escalation: CaseStatus = CaseStatus.REQUESTED
     attempt: int = 0
+    submit_ended_at: datetime | None = None
     reason: str = ""
     runs: int = 1
 

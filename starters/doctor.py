@@ -31,6 +31,14 @@ class Finding:
         return f"{'ok  ' if self.ok else 'FAIL'}  {self.check:<10} {self.detail}"
 
 
+def check_timeouts(settings: Settings) -> Finding:
+    problem = settings.timeout_problem()
+    return Finding("timeouts", problem is None, problem or (
+        f"submit {settings.submit_timeout_seconds:g}s > provider HTTP "
+        f"{settings.provider_http_timeout_seconds:g}s; resubmit after "
+        f"{settings.timings().provider_horizon.total_seconds():g}s"))
+
+
 def check_payload_keys(settings: Settings) -> Finding:
     try:
         codec = payload_codec(settings)
@@ -82,5 +90,5 @@ async def check_providers(settings: Settings) -> Finding:
 
 async def run_doctor(settings: Settings) -> list[Finding]:
     """Every check, in the order an operator would fix them."""
-    return [check_payload_keys(settings), await check_temporal(settings),
+    return [check_timeouts(settings), check_payload_keys(settings), await check_temporal(settings),
             await check_database(settings), await check_providers(settings)]

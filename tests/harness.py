@@ -159,6 +159,7 @@ async def open_stack(store: Store, client: Client, temporal_address: str, *, wor
         "temporal_address": temporal_address, "approval_timeout_seconds": 60,
         "submit_timeout_seconds": 5, "status_poll_interval_seconds": 2,
         "late_failure_window_seconds": 2, "provider_http_timeout_seconds": 2,
+        "resubmit_margin_seconds": 1,
         "payload_keys": PAYLOAD_KEYS, "reports_dir": tempfile.mkdtemp(prefix="refunds-reports-"),
         "console_secure_cookie": False,
         # Test stacks share one database: a stack re-drives only when its test asks it to.

@@ -1,8 +1,12 @@
 """A loopback HTTP proxy that loses answers on request: the armed request reaches the real
 server, which acts, but its response never comes back (the client times out). That is the
-ambiguous outcome verify-state exists for, injected at the HTTP boundary."""
+ambiguous outcome verify-state exists for, injected at the HTTP boundary. It can also
+answer a request itself with a refusal (a revoked key, a lookup the provider refuses) and
+hand a request on only after the client gave up (a provider still processing a create)."""
 
-from collections import Counter
+import asyncio
+import json
+from collections import Counter, defaultdict
 
 import httpx
 from starlette.types import Receive, Scope, Send
@@ -15,9 +19,21 @@ class LossyProxy:
         self.target = target
         self.armed: Counter[tuple[str, str]] = Counter()
         self.lost: list[bytes] = []
+        self.refusals: defaultdict[tuple[str, str], list[int]] = defaultdict(list)
+        self.refused: list[tuple[str, str, int]] = []
+        self.late: dict[tuple[str, str], float] = {}
 
     def lose_next(self, method: str, path: str) -> None:
         self.armed[(method, path)] += 1
+
+    def refuse_next(self, method: str, path: str, *statuses: int) -> None:
+        """The next requests to `path` are answered with these statuses, one each, unforwarded."""
+        self.refusals[(method, path)].extend(statuses)
+
+    def act_late(self, method: str, path: str, after_seconds: float) -> None:
+        """The next request to `path` reaches the server only `after_seconds` after the
+        client gave up on it: the provider acts on a create whose answer nobody awaits."""
+        self.late[(method, path)] = after_seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         assert scope["type"] == "http"
@@ -26,17 +42,39 @@ class LossyProxy:
             message = await receive()
             body += message.get("body", b"")
             more = message.get("more_body", False)
-        headers = [(k.decode(), v.decode()) for k, v in scope["headers"] if k != b"host"]
-        url = scope["path"] + (f"?{scope['query_string'].decode()}" if scope["query_string"] else "")
-        async with httpx.AsyncClient(base_url=self.target, timeout=30) as http:
-            answer = await http.request(scope["method"], url, content=body, headers=headers)
         key = (scope["method"], scope["path"])
+        if self.refusals[key]:
+            status = self.refusals[key].pop(0)
+            self.refused.append((*key, status))
+            await send({"type": "http.response.start", "status": status,
+                        "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": json.dumps(
+                {"error": {"type": "invalid_request_error", "message": f"refused with {status}"}}).encode()})
+            return
+        late = self.late.pop(key, None)
+        if late is not None:
+            await self._disconnected(receive)
+            await asyncio.sleep(late)
+        answer = await self._forward(scope, body)
+        if late is not None:
+            self.lost.append(answer.content)
+            return
         if self.armed[key] > 0:
             self.armed[key] -= 1
             self.lost.append(answer.content)
-            while (await receive())["type"] != "http.disconnect":  # hold until the client gives up
-                pass
+            await self._disconnected(receive)  # hold until the client gives up
             return
         await send({"type": "http.response.start", "status": answer.status_code,
                     "headers": [(b"content-type", answer.headers.get("content-type", "").encode())]})
         await send({"type": "http.response.body", "body": answer.content})
+
+    async def _forward(self, scope: Scope, body: bytes) -> httpx.Response:
+        headers = [(k.decode(), v.decode()) for k, v in scope["headers"] if k != b"host"]
+        url = scope["path"] + (f"?{scope['query_string'].decode()}" if scope["query_string"] else "")
+        async with httpx.AsyncClient(base_url=self.target, timeout=30) as http:
+            return await http.request(scope["method"], url, content=body, headers=headers)
+
+    @staticmethod
+    async def _disconnected(receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass

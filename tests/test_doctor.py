@@ -36,7 +36,7 @@ def test_doctor_exits_0_on_a_healthy_stack_and_1_naming_an_unreachable_temporal(
                              capture_output=True, text=True, timeout=60)
     assert healthy.returncode == 0, healthy.stdout + healthy.stderr
     assert [line.split()[:2] for line in healthy.stdout.splitlines()] == [
-        ["ok", "payloads"], ["ok", "temporal"], ["ok", "postgres"], ["ok", "providers"]]
+        ["ok", "timeouts"], ["ok", "payloads"], ["ok", "temporal"], ["ok", "postgres"], ["ok", "providers"]]
 
     nowhere = f"127.0.0.1:{free_port()}"
     broken = subprocess.run([REFUNDS, "doctor"], env=_env(nowhere, postgres_dsn),

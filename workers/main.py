@@ -81,10 +81,18 @@ def build_worker(client: Client, task_queue: str, store: Store,
     )
 
 
+def refuse_bad_settings(settings: Settings) -> None:
+    """Exits before polling when the settings could let money move twice."""
+    problem = settings.timeout_problem()
+    if problem is not None:
+        raise SystemExit(f"refusing to start: {problem}")
+
+
 async def run_worker(settings: Settings, dsn: str, stop: asyncio.Event) -> None:
     """Runs until `stop` is set, then shuts down gracefully: polling stops at once, running
     activities get `graceful_shutdown_seconds` to finish before they are cancelled (and
-    retried elsewhere by Temporal)."""
+    retried elsewhere by Temporal). Refuses settings that could let money move twice."""
+    refuse_bad_settings(settings)
     book = checkpoint_book(settings.audit_checkpoint_dir, settings.audit_checkpoint_keys)
     client = await connect(settings, runtime=sdk_runtime(settings))
     store = await Store.open(dsn)

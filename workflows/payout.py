@@ -64,6 +64,8 @@ REISSUE_STEPS = {ApprovalOutcome.REQUESTED: PayoutCaseStatus.AWAITING_REISSUE_AP
 # Step C files a real ticket (ServiceNow, Jira) and records its reference; histories
 # recorded before only queued the ticket notice and kept a placeholder reference.
 TICKETS_PATCH = "payout-tickets-1"
+# Histories recorded before the provider horizon let Temporal retry a reissue at its backoff.
+REISSUE_HORIZON_PATCH = "reissue-horizon-1"
 NEXT_STEPS = ("a reissue happens only on an explicit reissue request with its own approval; "
               "see the recommendation on the case")
 
@@ -338,17 +340,38 @@ class PayoutReversalWorkflow(ApprovingWorkflow):
         case_id = self._inp.case_id
         await self._record("reissue_started", PayoutCaseStatus.REISSUING)
         failure = self._timeline[0].payout.status
-        try:
-            made: PayoutSnapshot = await workflow.execute_activity(
-                "reissue_payout", ReissueInput(case_id=case_id, original=self._payout,
-                                               final_status=final_status(failure)),
-                result_type=PayoutSnapshot, **retry.PAYOUT_REISSUE)
-        except ActivityError as err:
-            await self._notify("payout_reissue_failed", "payments_ops",
-                               {"error": str(err.cause), "approved_by": self._approvers()})
-            await self._record("reissue_failed", PayoutCaseStatus.REISSUE_FAILED,
-                               detail={"error": str(err.cause)})
-            return
+        refused = False
+        one_at_a_time = workflow.patched(REISSUE_HORIZON_PATCH)
+        while True:
+            try:
+                made: PayoutSnapshot = await workflow.execute_activity(
+                    "reissue_payout", ReissueInput(case_id=case_id, original=self._payout,
+                                                   final_status=final_status(failure)),
+                    result_type=PayoutSnapshot,
+                    **(retry.PAYOUT_REISSUE_ONCE if one_at_a_time else retry.PAYOUT_REISSUE))
+                break
+            except ActivityError as err:
+                cause = err.cause
+                if one_at_a_time and not (isinstance(cause, ApplicationError) and cause.non_retryable):
+                    # The outcome is unknown (or the attempt timed out): its create can land
+                    # until the provider horizon, so the next lookup and create wait past it.
+                    await workflow.sleep(self._inp.timings.provider_horizon)
+                    continue
+                if isinstance(cause, ApplicationError) and cause.type == retry.CONFIGURATION_REFUSED:
+                    # Our key was refused, not the payout: an earlier attempt may have paid, so
+                    # the case stays reissuing (ops told once) and asks again until fixed.
+                    if not refused:
+                        refused = True
+                        await self._notify("payout_reissue_configuration_refused", "payments_ops",
+                                           {"error": cause.message})
+                        await self._record("reissue_configuration_refused", detail={"error": cause.message})
+                    await workflow.sleep(self._inp.timings.status_poll_interval)
+                    continue
+                await self._notify("payout_reissue_failed", "payments_ops",
+                                   {"error": str(cause), "approved_by": self._approvers()})
+                await self._record("reissue_failed", PayoutCaseStatus.REISSUE_FAILED,
+                                   detail={"error": str(cause)})
+                return
         self._reissued = made
         await workflow.execute_activity(
             "post_ledger", LedgerInput(refund_request_id=case_id, kind=LedgerKind.PAYOUT_REISSUED,

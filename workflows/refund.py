@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
+from temporalio.exceptions import ActivityError, ApplicationError, RetryState, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
     from domain.events import STATUS_NOTICES, Observation, observe
@@ -77,6 +77,10 @@ SUBMITTING = frozenset({CaseStatus.EXECUTING, CaseStatus.VERIFYING, CaseStatus.O
 # after `max_submit_attempts` (the case goes to ops, still looking); before, a long outage
 # ran into Temporal's history limit.
 BOUNDED_PATCH = "refund-bounded-history-1"
+# Histories recorded before the provider horizon resubmitted after the backoff alone.
+HORIZON_PATCH = "resubmit-horizon-1"
+# The case's action, the ops notice and the metric's reason when a provider refuses our key.
+CONFIGURATION_INCIDENT = "provider_configuration_refused"
 
 
 # What each approval step does to a refund case: its status, and the reservation released.
@@ -114,6 +118,10 @@ class RefundWorkflow(ApprovingWorkflow):
         self._cancel_requested = False
         self._input: RefundWorkflowInput | None = None
         self._context = "submit"  # or "follow": where a continued run picks up
+        self._escalated: str | None = None
+        self._status_before_escalation = CaseStatus.REQUESTED
+        self._attempt = 0  # submits made, across continued runs
+        self._submit_ended: datetime | None = None  # when the last unanswered submit ended
 
     # -- interface ---------------------------------------------------------------------
 
@@ -165,9 +173,7 @@ class RefundWorkflow(ApprovingWorkflow):
                                detail={"event_id": trigger.event_id, "event_type": trigger.event_type,
                                        "body_sha256": trigger.body_sha256})
         # shielded: a cancel waits for the reservation to be taken before it releases it
-        self._validating = asyncio.ensure_future(workflow.execute_activity(
-            "validate_refund", ValidateInput(request=request), result_type=ValidationResult,
-            **retry.VALIDATE))
+        self._validating = asyncio.ensure_future(self._validate(request))
         validation = await asyncio.shield(self._validating)
         if not validation.ok:
             self._status = CaseStatus.REJECTED
@@ -251,9 +257,10 @@ class RefundWorkflow(ApprovingWorkflow):
         `attempt`: submits made before (by a run that continued as new)."""
         key = request.idempotency_key()
         while True:
-            if attempt and (escalated := await self._bound_resubmits(attempt)) is not None:  # item 5
+            if attempt and (escalated := await self._bound_resubmits(attempt)) is not None:
                 return escalated
             attempt += 1
+            self._attempt = attempt
             try:
                 submitted: ProviderRefund = await workflow.execute_activity(
                     "submit_provider_refund", SubmitInput(request=request, idempotency_key=key),
@@ -261,36 +268,46 @@ class RefundWorkflow(ApprovingWorkflow):
                     retry_policy=retry.SUBMIT_RETRY)
                 return submitted
             except ActivityError as err:
-                if self._cancelled(err):  # issue 18 item 4: a cancel is no unknown outcome
+                if self._cancelled(err):  # a cancel is no unknown outcome
                     raise
                 cause = err.cause
                 if isinstance(cause, ApplicationError) and cause.type == DECLINED:
                     self._failure_reason = cause.message
                     return None
-                workflow.logger.warning("submit attempt %d outcome unknown: %s", attempt, cause)
+                if isinstance(cause, ApplicationError) and cause.type == retry.CONFIGURATION_REFUSED:
+                    await self._escalate(CONFIGURATION_INCIDENT, cause.message)  # nothing made now
+                else:
+                    workflow.logger.warning("submit attempt %d outcome unknown: %s", attempt, cause)
+            ended = self._submit_ended = workflow.now()
             self._status = CaseStatus.VERIFYING
             found = await self._verify(f"submit attempt {attempt} outcome unknown")
             if found is not None:
                 return found
             pause = min(timedelta(seconds=2 ** min(attempt, 12)), self._timings.status_poll_interval,
                         retry.RESUBMIT_BACKOFF_CAP)
+            if workflow.patched(HORIZON_PATCH):  # the attempt's create can land until its horizon
+                pause = max(pause, ended + self._timings.provider_horizon - workflow.now())
             await workflow.sleep(pause)
             self._status = CaseStatus.EXECUTING
 
     async def _verify(self, reason: str) -> ProviderRefund | None:
-        """The verify-state step; a status we cannot map sends the case to ops review and
-        keeps asking, never assuming success."""
+        """The verify-state step; a status we cannot map, refused credentials or exhausted
+        retries send the case to ops review and it keeps asking, never assuming success."""
         assert self._request is not None
         while True:
             try:
                 verified: VerifyResult = await workflow.execute_activity(
                     "verify_provider_refund", VerifyInput(request=self._request, reason=reason),
-                    result_type=VerifyResult, **retry.VERIFY)
+                    result_type=VerifyResult, **retry.provider_read(self._timings.provider_read_attempts))
+                await self._answered()
                 return verified.refund
             except ActivityError as err:
                 cause = err.cause
                 if isinstance(cause, ApplicationError) and cause.type == LOOKUP_UNSUPPORTED:
                     return await self._await_notification(reason)
+                if await self._escalated_unanswered("verify", err):
+                    await self._bound_history("verify", reason=reason)
+                    continue
                 if not (isinstance(cause, ApplicationError) and cause.type == UNEXPECTED_STATUS):
                     raise
                 if self._status is not CaseStatus.OPS_REVIEW:
@@ -300,6 +317,54 @@ class RefundWorkflow(ApprovingWorkflow):
                                        detail={"error": cause.message})
                 await workflow.sleep(self._timings.status_poll_interval)
                 await self._bound_history("verify", reason=reason)
+
+    async def _validate(self, request: RefundRequest) -> ValidationResult:
+        """Validation at the provider; asked again every poll interval while it cannot be
+        answered (a refused key, retries exhausted), with the case in ops review meanwhile."""
+        while True:
+            try:
+                validation: ValidationResult = await workflow.execute_activity(
+                    "validate_refund", ValidateInput(request=request), result_type=ValidationResult,
+                    **retry.provider_read(self._timings.provider_read_attempts))
+                await self._answered()
+                return validation
+            except ActivityError as err:
+                if not await self._escalated_unanswered("validate", err):
+                    raise
+
+    async def _escalated_unanswered(self, step: str, err: ActivityError) -> bool:
+        """For a provider read that cannot succeed by retrying (a refused key) or whose
+        bounded retries ran out: escalates, waits a poll interval and says to ask again.
+        False for any other failure, which the caller handles."""
+        cause = err.cause
+        if isinstance(cause, ApplicationError) and cause.type == retry.CONFIGURATION_REFUSED:
+            reason = CONFIGURATION_INCIDENT
+        elif err.retry_state in (RetryState.MAXIMUM_ATTEMPTS_REACHED, RetryState.TIMEOUT):
+            reason = f"{step}_retries_exhausted"
+        else:
+            return False
+        await self._escalate(reason, str(cause))
+        await workflow.sleep(self._timings.status_poll_interval)
+        return True
+
+    async def _escalate(self, reason: str, error: str) -> None:
+        """Once per incident: ops get a notice and the case shows ops review (the
+        reservation stays; the metric counts it) while the workflow keeps asking."""
+        if self._escalated == reason:
+            return
+        if self._escalated is None:
+            self._status_before_escalation = self._status
+        self._escalated = reason
+        await self._notify(reason, "operator", {"error": error})
+        await self._record(reason, CaseStatus.OPS_REVIEW, detail={"error": error})
+
+    async def _answered(self) -> None:
+        """The provider answers again: the case leaves ops review for the state it was in."""
+        if self._escalated is None:
+            return
+        reason, self._escalated = self._escalated, None
+        await self._record("provider_answering_again", self._status_before_escalation,
+                           detail={"escalation": reason})
 
     def _notified(self) -> tuple[ProviderEvent, ProviderRefund] | None:
         """The first queued event that reports this case's refund (by our reference, or by
@@ -523,7 +588,7 @@ class RefundWorkflow(ApprovingWorkflow):
 
     # -- bounded histories (continue-as-new, resubmit escalation) ------------------------
 
-    async def _bound_history(self, phase: str, *, reason: str = "", attempt: int = 0) -> None:
+    async def _bound_history(self, phase: str, *, reason: str = "") -> None:
         """Past the history threshold, continues as new carrying the case and where it was
         (`phase`: the wait to resume). Never during a cancel: that run finishes the case."""
         info = workflow.info()
@@ -541,7 +606,8 @@ class RefundWorkflow(ApprovingWorkflow):
             events_seen=self._events_seen, event_ids=tuple(sorted(self._event_ids)),
             inbox=tuple(self._event_inbox), succeeded_at=self._succeeded_at,
             lookup_escalated=self._lookup_escalated, duplicates=tuple(sorted(self._duplicates)),
-            attempt=attempt, reason=reason,
+            escalated=self._escalated, status_before_escalation=self._status_before_escalation,
+            attempt=self._attempt, submit_ended_at=self._submit_ended, reason=reason,
             runs=carried.runs + 1 if carried else 2)}))
 
     async def _bound_resubmits(self, attempt: int) -> ProviderRefund | None:
@@ -553,7 +619,7 @@ class RefundWorkflow(ApprovingWorkflow):
             await self._notify("resubmits_exhausted", "operator", {"attempts": attempt})
             await self._record("resubmits_exhausted", CaseStatus.OPS_REVIEW, detail={"attempts": attempt})
             return await self._look_without_submitting(reason)
-        await self._bound_history("submit", attempt=attempt)
+        await self._bound_history("submit")
         return None
 
     async def _look_without_submitting(self, reason: str) -> ProviderRefund:
@@ -594,7 +660,12 @@ class RefundWorkflow(ApprovingWorkflow):
             return await self._finish()
         if found is None:
             assert self._request is not None
-            found = await self._submit_exactly_once(self._request, carried.attempt)
+            if carried.submit_ended_at is not None and workflow.patched(HORIZON_PATCH):
+                # the last create may still land until its horizon, whichever run waits it out
+                horizon = carried.submit_ended_at + self._timings.provider_horizon - workflow.now()
+                if horizon > timedelta(0):
+                    await workflow.sleep(horizon)
+            found = await self._submit_exactly_once(self._request, self._attempt)
         return await self._submitted(found)
 
     def _restore(self, carried: RefundCarry) -> None:
@@ -612,6 +683,8 @@ class RefundWorkflow(ApprovingWorkflow):
         self._event_ids |= set(carried.event_ids)
         self._succeeded_at, self._lookup_escalated = carried.succeeded_at, carried.lookup_escalated
         self._duplicates = set(carried.duplicates)
+        self._escalated, self._status_before_escalation = carried.escalated, carried.status_before_escalation
+        self._attempt, self._submit_ended = carried.attempt, carried.submit_ended_at
 
     async def _record(self, action: str, status: CaseStatus | None = None, *,
                       actor: str = "workflow", release: bool = False,

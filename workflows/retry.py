@@ -12,15 +12,22 @@ from temporalio.common import RetryPolicy
 _PATIENT = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
                        maximum_interval=timedelta(minutes=1))
 
-VALIDATE: dict[str, Any] = {
-    "start_to_close_timeout": timedelta(seconds=30),
-    "retry_policy": RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
-                                maximum_interval=timedelta(minutes=1),
-                                non_retryable_error_types=["UnknownProvider"]),
-}
+CONFIGURATION_REFUSED = "ProviderConfigurationRefused"
+
+
+def provider_read(attempts: int) -> dict[str, Any]:
+    """Validation's and verify-state's options: a provider read retries `attempts` times
+    (RefundTimings.provider_read_attempts) and never on refused credentials; the workflow
+    then sends the case to ops review (a notice and a metric) and keeps asking every
+    status poll interval, so a revoked key or a long outage is seen, never silent."""
+    return {"start_to_close_timeout": timedelta(seconds=30),
+            "retry_policy": RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
+                                        maximum_interval=timedelta(minutes=1), maximum_attempts=attempts,
+                                        non_retryable_error_types=[CONFIGURATION_REFUSED, "UnknownProvider"])}
+
+
 POLICY: dict[str, Any] = {"start_to_close_timeout": timedelta(seconds=10), "retry_policy": _PATIENT}
 CASE_EVENT: dict[str, Any] = {"start_to_close_timeout": timedelta(seconds=10), "retry_policy": _PATIENT}
-VERIFY: dict[str, Any] = {"start_to_close_timeout": timedelta(seconds=30), "retry_policy": _PATIENT}
 LEDGER: dict[str, Any] = {
     "start_to_close_timeout": timedelta(seconds=30),
     "retry_policy": RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
@@ -56,6 +63,10 @@ PAYOUT_REISSUE: dict[str, Any] = {
     "retry_policy": RetryPolicy(initial_interval=timedelta(seconds=2), backoff_coefficient=2.0,
                                 maximum_interval=timedelta(minutes=5)),
 }
+# Since the reissue horizon patch: one attempt at a time; the workflow tries again only
+# past the provider horizon after an attempt with an unknown outcome (as for refunds).
+PAYOUT_REISSUE_ONCE: dict[str, Any] = {"start_to_close_timeout": timedelta(seconds=60),
+                                       "retry_policy": SUBMIT_RETRY}
 
 # Declines, unmapped statuses and run conflicts are raised non-retryable by the activities.
 RECONCILE_BATCH: dict[str, Any] = {"start_to_close_timeout": timedelta(minutes=5), "retry_policy": _PATIENT}

@@ -68,6 +68,21 @@ TEMPLATES: dict[str, Template] = {
         "The provider holds a second refund, {duplicate_refund_id} of {duplicate_amount}, carrying "
         "this case's reference beside {provider_refund_id}. The case is in ops review and a "
         "reconciliation break records it; nothing is reversed automatically.", ticket="incident"),
+    "provider_configuration_refused": Template(
+        "Refund {case}: the provider refused our credentials",
+        "The provider refused our API key or its permissions ({error}). This is not a decline: "
+        "the case waits in ops review with its amount reserved and the provider is asked again "
+        "every poll interval. Fix the key; the case resumes by itself.", ticket="incident"),
+    "validate_retries_exhausted": Template(
+        "Refund {case}: the provider does not answer validation",
+        "Reading the charge at the provider kept failing ({error}). The case waits in ops review "
+        "and is asked again every poll interval; nothing was reserved or moved yet.",
+        ticket="incident"),
+    "verify_retries_exhausted": Template(
+        "Refund {case}: the provider does not answer a refund lookup",
+        "Looking our refund up kept failing ({error}). The case waits in ops review with its "
+        "amount reserved, is asked again every poll interval and will not resubmit before the "
+        "provider answers.", ticket="incident"),
     "incident_ledger_pending": Template(
         "Incident: refund {case} executed, ledger pending",
         "The provider confirmed the refund of {amount}, but the ledger did not take the "
@@ -99,6 +114,11 @@ TEMPLATES: dict[str, Template] = {
         "({error}). The original payout stays on hold and nothing was paid twice. Next steps: "
         "verify the beneficiary's bank details and the provider's dashboard before a new attempt.",
         payout=True),
+    "payout_reissue_configuration_refused": Template(
+        "Payout {payout_id}: the provider refused our credentials for the reissue",
+        "The provider refused our API key or its permissions ({error}). The reissue of {amount} "
+        "is not failed (an earlier attempt may have paid): it is asked again every poll interval "
+        "and nothing is paid twice. Fix the key; the reissue resumes by itself.", payout=True),
     "payout_reissued": Template(
         "Payout {payout_id} reissued as {reissue_id}",
         "Decision: reissue approved by {approved_by}. The beneficiary was paid {amount} again as "

@@ -42,7 +42,7 @@ from adapters.providers.base import (
     ProviderUnsupported,
     WebhookRejected,
 )
-from adapters.providers.http import send
+from adapters.providers.http import raise_for_refusal, send
 from adapters.providers.normalise import (
     load_json,
     map_status,
@@ -284,8 +284,7 @@ class AdyenProvider:
                     raise ProviderNotReached(f"POST {path}: Adyen not reached in {attempt} attempts "
                                              f"({type(exc.__cause__).__name__}); nothing was sent") from exc
                 await asyncio.sleep(self._connect_backoff * 2 ** (attempt - 1))
-        if response.status_code >= 400:
-            raise ProviderDeclined(f"POST {path}: HTTP {response.status_code} {response.text[:300]}")
+        raise_for_refusal(response)
         body = response.json()
         return ProviderRefund(
             provider=self.name, refund_id=str(body["pspReference"]), charge_id=request.charge_id,

@@ -1,7 +1,10 @@
 """The provider adapter interface every provider implements, and its error vocabulary.
 
 Errors say what we know about the money: `ProviderOutcomeUnknown` means the refund may or
-may not exist (verify before retrying); `ProviderDeclined` means it certainly does not.
+may not exist (verify before retrying); `ProviderDeclined` means it certainly does not;
+`ProviderConfigurationRefused` means our credentials were refused, so nothing was done and
+nothing will be until ops fix the configuration. Only an answer to a create can decline:
+a refused lookup says nothing about the money.
 """
 
 from collections.abc import AsyncGenerator, Mapping
@@ -24,6 +27,11 @@ class ProviderOutcomeUnknown(ProviderError):
 
 class ProviderDeclined(ProviderError):
     """A definitive refusal (4xx): nothing was created."""
+
+
+class ProviderConfigurationRefused(ProviderError):
+    """401/403: the provider refused our key or its permissions. Not a decline (an earlier
+    attempt may still have moved money) and not worth retrying: a case for ops."""
 
 
 class ProviderUnsupported(ProviderDeclined):

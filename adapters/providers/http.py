@@ -12,7 +12,14 @@ from typing import Any
 
 import httpx
 
-from adapters.providers.base import ProviderDeclined, ProviderOutcomeUnknown
+from adapters.providers.base import (
+    ProviderConfigurationRefused,
+    ProviderDeclined,
+    ProviderError,
+    ProviderOutcomeUnknown,
+)
+
+CONFIGURATION_STATUSES = frozenset({401, 403})
 
 
 async def send(http: httpx.AsyncClient, method: str, path: str, **kwargs: Any) -> httpx.Response:
@@ -28,14 +35,21 @@ async def send(http: httpx.AsyncClient, method: str, path: str, **kwargs: Any) -
     return response
 
 
+def refusal(status: int, what: str) -> ProviderError:
+    """The error a 4xx answer means: 401/403 a configuration to fix, 409 (a conflicting
+    request in flight, a reference already used) an outcome to verify, else a refusal."""
+    if status in CONFIGURATION_STATUSES:
+        return ProviderConfigurationRefused(what)
+    if status == 409:
+        return ProviderOutcomeUnknown(what)
+    return ProviderDeclined(what)
+
+
 def raise_for_refusal(response: httpx.Response) -> None:
-    """A 4xx is a refusal (nothing was made), except 409: a conflicting request in flight
-    or a reference already used means the refund may well exist, so it is verified."""
-    what = f"{response.request.method} {response.request.url.path}: HTTP {response.status_code}"
-    if response.status_code == 409:
-        raise ProviderOutcomeUnknown(f"{what} {response.text[:300]}")
+    """Raises what a 4xx answer means (see `refusal`); any other answer passes."""
     if response.status_code >= 400:
-        raise ProviderDeclined(f"{what} {response.text[:300]}")
+        raise refusal(response.status_code, f"{response.request.method} {response.request.url.path}: "
+                                             f"HTTP {response.status_code} {response.text[:300]}")
 
 
 class JsonApi:

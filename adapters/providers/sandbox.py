@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 
 from adapters.providers.base import ProviderDeclined
-from adapters.providers.http import send
+from adapters.providers.http import raise_for_refusal, send
 from adapters.providers.normalise import (
     IDENTITY_STATUSES,
     PAYOUT_REFERENCE_KEY,
@@ -86,7 +86,7 @@ class SandboxProvider:
         response = await self._call("GET", f"/v1/charges/{charge_id}")
         if response.status_code == 404:
             return None
-        response.raise_for_status()
+        raise_for_refusal(response)
         obj = response.json()
         return ChargeSnapshot(
             provider=self.name, charge_id=obj["id"], currency=obj["currency"].upper(),
@@ -102,15 +102,14 @@ class SandboxProvider:
                   "currency": request.currency.lower(), "reason": request.reason.value,
                   "metadata": {"refund_request_id": request.refund_request_id}},
         )
-        if response.status_code >= 400:
-            raise ProviderDeclined(f"refund refused: HTTP {response.status_code} {response.text[:300]}")
+        raise_for_refusal(response)
         return refund_from_object(self.name, response.json())
 
     async def find_refund(self, request: RefundRequest) -> ProviderRefund | None:
         response = await self._call(
             "GET", "/v1/refunds",
             params={"charge": request.charge_id, "reference": request.refund_request_id})
-        response.raise_for_status()
+        raise_for_refusal(response)
         found = [refund_from_object(self.name, o) for o in response.json()["data"]]
         return found[0] if found else None
 
@@ -154,13 +153,12 @@ class SandboxProvider:
             json={"amount": order.amount, "currency": order.currency.lower(),
                   "destination": order.beneficiary_id,
                   "metadata": {PAYOUT_REFERENCE_KEY: order.reference}})
-        if response.status_code >= 400:
-            raise ProviderDeclined(f"payout refused: HTTP {response.status_code} {response.text[:300]}")
+        raise_for_refusal(response)
         return stripe_shaped_payout(self.name, response.json(), PAYOUT_STATUSES)
 
     async def find_payout(self, reference: str) -> ProviderPayout | None:
         response = await self._call("GET", "/v1/payouts", params={"reference": reference})
-        response.raise_for_status()
+        raise_for_refusal(response)
         found = [stripe_shaped_payout(self.name, o, PAYOUT_STATUSES) for o in response.json()["data"]]
         return found[0] if found else None
 

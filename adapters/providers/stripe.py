@@ -17,6 +17,7 @@ import stripe
 from stripe.params import PayoutListParams, RefundListParams
 
 from adapters.providers.base import ProviderDeclined, ProviderOutcomeUnknown
+from adapters.providers.http import refusal
 from adapters.providers.normalise import (
     REFERENCE_KEY,
     listed,
@@ -108,7 +109,7 @@ class StripeProvider:
             # 409: the same idempotency key is in flight; 429: rate limited. Neither is a no.
             if status is None or status >= 500 or status in (409, 429):
                 raise ProviderOutcomeUnknown(f"{what}: HTTP {status} {exc.user_message or exc}") from exc
-            raise ProviderDeclined(f"{what}: HTTP {status} {exc.user_message or exc}") from exc
+            raise refusal(status, f"{what}: HTTP {status} {exc.user_message or exc}") from exc
 
     def _refund(self, obj: Any) -> ProviderRefund:
         return stripe_shaped_refund(self.name, _stripe_dict(obj), STATUSES)
