@@ -29,6 +29,7 @@ from adapters.store import Store
 from domain.models import RefundWorkflowInput
 from starters.stack import TemporalDevServer
 from tests.harness import open_stack
+from tests.test_cli import run
 from tests.test_console import console
 from tests.test_deploy_manifests import compose, container_env, of_kind
 
@@ -154,7 +155,7 @@ def _access_token(key: rsa.RSAPrivateKey, kid: str, **claims: Any) -> str:
 
 
 async def test_the_temporal_ui_access_token_of_a_linked_ops_person_decodes_and_bad_tokens_are_refused(
-        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+        store: Store, client: Client, temporal_server: TemporalDevServer, postgres_dsn: str) -> None:
     key, kid = _rsa_key(), f"k-{uuid.uuid4().hex[:6]}"
     public = {**jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key(), as_dict=True), "kid": kid, "use": "sig"}
     keys = Starlette(routes=[Route("/jwks", lambda _: JSONResponse({"keys": [public]}))])
@@ -165,9 +166,10 @@ async def test_the_temporal_ui_access_token_of_a_linked_ops_person_decodes_and_b
                              oidc_jwks_url=f"{jwks.url}/jwks")
     try:
         ops, requester = f"olga-{uuid.uuid4().hex[:8]}", f"alice-{uuid.uuid4().hex[:8]}"
-        links = IntegrationStore(store)
-        await links.link_identity("oidc", ops, "olga")
-        await links.link_identity("oidc", requester, "alice")
+        linked = await run("integrations", "link", "--user", "olga", "--oidc", ops,
+                           env={"REFUNDS_DATABASE_URL": postgres_dsn})
+        assert linked.returncode == 0, linked.stderr
+        await IntegrationStore(store).link_identity("oidc", requester, "alice")
         assert client.data_converter.payload_codec is not None
         sealed = await client.data_converter.payload_codec.encode([_payload(CANARIES["iban"])])
         wire = json_format.MessageToDict(Payloads(payloads=sealed))

@@ -19,9 +19,9 @@ const { token, user, case: caseId, canary, sealed } = scenario;
 const CODEC_ERROR = 'Codec Server could not connect';
 
 /** Waits until the page's text contains `text` (the UI renders payloads in editor lines, not
- * one element per value). */
+ * one element per value); generously, as the UI loads and decodes on a busy CI machine. */
 async function showing(on, text) {
-  await on.waitForFunction((wanted) => document.body.innerText.includes(wanted), text);
+  await on.waitForFunction((wanted) => document.body.innerText.includes(wanted), text, { timeout: 90_000 });
 }
 
 await run('temporal ui browser scenario', artifacts, async ({ page, context, ok, shot, submit, signIn }) => {
