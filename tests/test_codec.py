@@ -24,7 +24,7 @@ from adapters.codec import CodecError, EncryptionCodec, generate_key_spec, parse
 from adapters.config import Settings
 from adapters.http_server import AppServer
 from adapters.integration_store import IntegrationStore
-from adapters.oidc import AccessTokenVerifier
+from adapters.oidc import AccessTokenVerifier, KeysUnavailable
 from adapters.store import Store
 from domain.models import RefundWorkflowInput
 from starters.stack import TemporalDevServer
@@ -209,6 +209,11 @@ async def test_the_temporal_ui_access_token_of_a_linked_ops_person_decodes_and_b
                 "Access-Control-Request-Headers": asked})
         assert preflight.status_code == 200, preflight.text
         assert preflight.headers["access-control-allow-origin"] == UI_ORIGIN
+        await jwks.stop()  # the issuer's keys out of reach: nobody can be authenticated
+        verifier = AccessTokenVerifier.from_settings(stack.settings)
+        assert verifier is not None
+        with pytest.raises(KeysUnavailable, match="cannot fetch the issuer's keys"):
+            await verifier.subject(_access_token(key, kid, sub=ops))
     finally:
         await stack.close()
         await jwks.stop()
