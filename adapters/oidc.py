@@ -27,7 +27,8 @@ class KeysUnavailable(Exception):
 
 
 def looks_like_jwt(token: str) -> bool:
-    """Three dot-separated parts; relay API tokens never contain a dot."""
+    """Three dot-separated parts; the relay API tokens the product makes (`rfo_` and URL-safe
+    base64) never contain a dot, so a token is checked one way only."""
     return token.count(".") == 2
 
 
