@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from psycopg.conninfo import conninfo_to_dict
-from pydantic import AliasChoices, Field, IPvAnyNetwork, SecretStr, field_validator
+from pydantic import AliasChoices, Field, IPvAnyNetwork, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from domain.models import RefundTimings
@@ -302,3 +302,24 @@ class Settings(BaseSettings):
             return self.runtime_role
         user = conninfo_to_dict(self.database_url.get_secret_value()).get("user")
         return None if user is None else str(user)
+
+    # The Temporal UI's OIDC access token at /codec (the UI passes it with
+    # TEMPORAL_CODEC_PASS_ACCESS_TOKEN; see adapters/oidc.py and deploy/README.md).
+    oidc_issuer: str | None = Field(
+        default=None, description="issuer (`iss`) of the Temporal UI's access tokens; unset: /codec "
+                                  "takes relay API tokens only")
+    oidc_audience: str | None = Field(default=None, description="audience (`aud`) the tokens must name")
+    oidc_jwks_url: str | None = Field(default=None, description="the issuer's signing keys (JWKS)")
+    oidc_user_claim: str = Field(
+        default="sub", description="claim naming the person, linked to a product user with "
+                                   "`refunds integrations link --oidc VALUE`")
+    oidc_algorithms: list[str] = Field(
+        default_factory=lambda: ["RS256"], description="signature algorithms accepted, e.g. "
+                                                       '\'["RS256","ES256"]\'')
+
+    @model_validator(mode="after")
+    def _oidc_complete(self) -> "Settings":
+        """An issuer without its audience or keys would verify nothing: refuse to start."""
+        if self.oidc_issuer is not None and (self.oidc_audience is None or self.oidc_jwks_url is None):
+            raise ValueError("REFUNDS_OIDC_ISSUER needs REFUNDS_OIDC_AUDIENCE and REFUNDS_OIDC_JWKS_URL")
+        return self

@@ -231,9 +231,10 @@ async def cmd_integrations_link(args: argparse.Namespace, settings: Settings) ->
     from adapters.store import Store
 
     links = [(system, external) for system, external in (("slack", args.slack),
-                                                         ("servicenow", args.servicenow)) if external]
+                                                         ("servicenow", args.servicenow),
+                                                         ("oidc", args.oidc)) if external]
     if not links:
-        raise SystemExit("name at least one identity: --slack USER_ID or --servicenow USER_NAME")
+        raise SystemExit("name at least one identity: --slack USER_ID, --servicenow USER_NAME, --oidc VALUE")
     dsn, pg = await _database(settings)
     try:
         store = await Store.open(dsn)
@@ -494,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     link.add_argument("--user", required=True)
     link.add_argument("--slack", help="Slack user id, e.g. U0123ABC")
     link.add_argument("--servicenow", help="ServiceNow user_name")
+    link.add_argument("--oidc", help="the Temporal UI's OIDC user claim (REFUNDS_OIDC_USER_CLAIM, e.g. sub)")
     link.set_defaults(run=cmd_integrations_link)
 
     request = sub.add_parser("request", help="request a refund")

@@ -2,10 +2,11 @@
 
 Bodies are `{"payloads": [...]}` in protobuf JSON (metadata values and data base64), as
 the UI's "codec endpoint" setting and `temporal workflow show --codec-endpoint` send
-them. The relay mounts it twice: at /codec behind its bearer-token auth (CLI), and at
-/console/codec behind the console's session cookie (the UI, with "include cross-origin
-credentials" on); either way only auditors, ops and admins see decrypted history, and
-only ops and admins encode (an encoded payload is what a workflow would accept as ours).
+them. The relay mounts it twice: at /codec behind its bearer-token auth (CLI; with OIDC
+configured also the Temporal UI's access token), and at /console/codec behind the console's
+session cookie (the UI with "include cross-origin credentials", as `refunds dev` serves it);
+either way only auditors, ops and admins see decrypted history, and only ops and admins
+encode (an encoded payload is what a workflow would accept as ours).
 """
 
 from typing import Any, Literal
@@ -17,6 +18,9 @@ from temporalio.client import Client
 from temporalio.converter import PayloadCodec
 
 from adapters.codec import CodecError
+from adapters.integration_store import IntegrationStore
+from adapters.oidc import AccessTokenVerifier, InvalidAccessToken, KeysUnavailable
+from adapters.store import Principal
 
 Direction = Literal["encode", "decode"]
 CODEC_USES: dict[str, tuple[frozenset[str], str]] = {
@@ -48,3 +52,22 @@ async def answer(client: Client, direction: Direction, body: dict[str, Any]) -> 
         return await transcode(payload_codec, direction, body)
     except CodecError as exc:
         raise HTTPException(400, str(exc)) from None
+
+
+async def oidc_principal(verifier: AccessTokenVerifier, integrations: IntegrationStore,
+                         token: str) -> Principal:
+    """The product user behind a Temporal UI access token, through the identity link of its
+    user claim (roles: those of the user's live API tokens): 401 for a token that is not
+    valid, 403 for a person not linked (or without a live token), 503 without the keys."""
+    try:
+        subject = await verifier.subject(token)
+    except KeysUnavailable as exc:
+        raise HTTPException(503, str(exc)) from None
+    except InvalidAccessToken as exc:
+        raise HTTPException(401, f"invalid access token: {exc}",
+                            headers={"WWW-Authenticate": "Bearer"}) from None
+    found = await integrations.principal_for("oidc", subject)
+    if found is None:
+        raise HTTPException(403, f"{verifier.settings.user_claim} {subject!r} is not linked to a "
+                                 "user with a live token (refunds integrations link --oidc)")
+    return found

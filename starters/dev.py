@@ -29,9 +29,9 @@ from adapters.providers.registry import build_providers, close_providers
 from adapters.schedules import ensure_reconciliation_schedules
 from adapters.store import Store
 from adapters.temporal_client import connect
-from starters import relay, sandbox_provider
+from starters import relay, sandbox_provider, temporal_ui
 from starters.demo import run_demo
-from starters.stack import EmbeddedPostgres, TemporalDevServer
+from starters.stack import EmbeddedPostgres, TemporalDevServer, free_port
 from workers.case_sweep import sweep_closed_cases
 from workers.main import build_worker
 from workers.outbox import sweep_outbox
@@ -84,9 +84,12 @@ def dev_settings(settings: Settings) -> tuple[Settings, DevSecrets]:
 
 @contextlib.asynccontextmanager
 async def embedded_services(settings: Settings) -> AsyncIterator[tuple[str, str | None]]:
-    """PostgreSQL and Temporal unless the settings point at real ones; yields (dsn, UI url)."""
+    """PostgreSQL and Temporal unless the settings point at real ones; yields (dsn, UI url).
+    The UI answers on its port through `temporal_ui`'s proxy, so its codec calls carry the
+    console's session cookie."""
     pg = None
     temporal = None
+    ui = None
     try:
         if settings.database_url is not None:
             dsn = settings.database_url.get_secret_value()
@@ -96,12 +99,18 @@ async def embedded_services(settings: Settings) -> AsyncIterator[tuple[str, str 
         ui_url = settings.temporal_ui_url
         if settings.temporal_address is None:
             temporal = TemporalDevServer(settings.data_dir / "temporal.db", host=settings.bind_host,
-                                         port=settings.temporal_port, ui_port=settings.temporal_ui_port,
+                                         port=settings.temporal_port, ui_port=free_port(settings.bind_host),
                                          codec_endpoint=f"{settings.relay_base_url()}/console/codec")
             await temporal.start()
-            ui_url = temporal.ui_url
+            assert temporal.ui_url is not None
+            ui = AppServer(temporal_ui.create_app(temporal.ui_url), settings.bind_host,
+                           settings.temporal_ui_port)
+            await ui.start()
+            ui_url = ui.url
         yield dsn, ui_url
     finally:
+        if ui is not None:
+            await ui.stop()
         if temporal is not None:
             temporal.stop()
         if pg is not None:
@@ -187,9 +196,9 @@ Refund Orchestrator is running (data in {settings.data_dir}):
 Bootstrap admin token (also in {settings.data_dir / 'dev-secrets.json'}):
   export REFUNDS_TOKEN={admin_token}
 
-Payloads in Temporal are encrypted. In the Temporal UI they decode for people signed in to
-the console (auditor, ops, admin): its codec endpoint is {relay_url}/console/codec; turn on
-"include cross-origin credentials" in the UI's codec settings. From the CLI:
+Payloads in Temporal are encrypted. In the Temporal UI they decode, with no setting to
+change, for people signed in to the console (auditor, ops, admin); everyone else sees
+binary/encrypted. From the CLI:
   temporal workflow show -w <id> --codec-endpoint {relay_url}/codec --codec-auth "Bearer $REFUNDS_TOKEN"
 """, flush=True)
 

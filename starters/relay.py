@@ -28,6 +28,7 @@ from adapters import metrics
 from adapters.config import Settings
 from adapters.health import readiness
 from adapters.integration_store import IntegrationStore
+from adapters.oidc import AccessTokenVerifier, looks_like_jwt
 from adapters.providers.base import ProviderAdapter
 from adapters.refusals import SampledRefusalLog
 from adapters.store import CaseCreation, Principal, Store, hash_token
@@ -43,7 +44,7 @@ from starters.case_actions import (
     ReissueBody,
 )
 from starters.cases import start_refund
-from starters.codec_endpoint import CODEC_USES, Direction, answer
+from starters.codec_endpoint import CODEC_USES, Direction, answer, oidc_principal
 from starters.console import PREFIX as CONSOLE_PREFIX
 from starters.console import SESSION_COOKIE, install_console
 from starters.integrations import advice_view, integration_routes
@@ -92,7 +93,8 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
     if settings.codec_cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.codec_cors_origins,
                            allow_credentials=True, allow_methods=["POST"],
-                           allow_headers=["Authorization", "Content-Type", "X-Namespace"])
+                           allow_headers=["Authorization", "Authorization-Extras", "Content-Type",
+                                          "X-Namespace"])
     actions = CaseActions(store, client, settings)
     app.state.webhooks = desk
     integrations = IntegrationStore(store)
@@ -170,8 +172,25 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
         body, content_type = metrics.exposition(metrics.CASE_REGISTRY)
         return Response(body, media_type=content_type)
 
+    oidc = AccessTokenVerifier.from_settings(settings)
+
+    async def codec_caller(
+        request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    ) -> Principal:
+        """A relay API token (the CLI) or, with OIDC configured, the Temporal UI's access token."""
+        if oidc is None or creds is None or not looks_like_jwt(creds.credentials):
+            return await principal(request, creds)
+        try:
+            return await oidc_principal(oidc, integrations, creds.credentials)
+        except HTTPException as exc:
+            refusal = {401: "invalid access token", 403: "access token of an unlinked person"}.get(
+                exc.status_code, "issuer keys unavailable")  # a fixed set: metric labels
+            anonymous.refused("temporal-ui", refusal, f"{request.method} {request.url.path}")
+            raise
+
     @app.post("/codec/{direction}")
-    async def codec(direction: Direction, body: dict[str, Any], caller: Caller) -> dict[str, Any]:
+    async def codec(direction: Direction, body: dict[str, Any],
+                    caller: Annotated[Principal, Depends(codec_caller)]) -> dict[str, Any]:
         """Temporal's remote codec protocol, for the UI and `temporal --codec-endpoint`."""
         await actions.require(caller, *CODEC_USES[direction], via="api")
         return await answer(client, direction, body)

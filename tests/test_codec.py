@@ -2,10 +2,18 @@
 and only authorised users can decode through the relay's codec endpoint."""
 
 import base64
+import time
+import uuid
+from typing import Any
 
 import httpx
+import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 from google.protobuf import json_format
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 from temporalio.api.common.v1 import Payload, Payloads
 from temporalio.api.enums.v1 import EventType
 from temporalio.api.history.v1 import History
@@ -13,11 +21,17 @@ from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 
 from adapters.codec import CodecError, EncryptionCodec, generate_key_spec, parse_keys
+from adapters.config import Settings
+from adapters.http_server import AppServer
+from adapters.integration_store import IntegrationStore
+from adapters.oidc import AccessTokenVerifier, KeysUnavailable
 from adapters.store import Store
 from domain.models import RefundWorkflowInput
 from starters.stack import TemporalDevServer
 from tests.harness import open_stack
+from tests.test_cli import run
 from tests.test_console import console
+from tests.test_deploy_manifests import compose, container_env, of_kind
 
 CANARIES = {
     "customer_email": "jane.canary@example.org",
@@ -25,6 +39,7 @@ CANARIES = {
     "iban": "DE89370400440532013000",
 }
 UI_ORIGIN = "http://127.0.0.1:8233"
+ISSUER, AUDIENCE = "https://login.example.test/realms/ops", "temporal-ui"
 
 
 def _payload(text: str) -> Payload:
@@ -127,3 +142,105 @@ async def test_history_holds_no_canary_in_clear_and_decodes_with_the_codec(
         assert (await requester_ui.post("/console/codec/decode", json=wire)).status_code == 403
     finally:
         await stack.close()
+
+
+def _rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def _access_token(key: rsa.RSAPrivateKey, kid: str, **claims: Any) -> str:
+    now = int(time.time())
+    return jwt.encode({"iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": now + 300, **claims},
+                      key, algorithm="RS256", headers={"kid": kid})
+
+
+async def test_the_temporal_ui_access_token_of_a_linked_ops_person_decodes_and_bad_tokens_are_refused(
+        store: Store, client: Client, temporal_server: TemporalDevServer, postgres_dsn: str) -> None:
+    key, kid = _rsa_key(), f"k-{uuid.uuid4().hex[:6]}"
+    public = {**jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key(), as_dict=True), "kid": kid, "use": "sig"}
+    keys = Starlette(routes=[Route("/jwks", lambda _: JSONResponse({"keys": [public]}))])
+    jwks = AppServer(keys, "127.0.0.1", 0)  # the issuer's key set, on loopback
+    await jwks.start()
+    stack = await open_stack(store, client, temporal_server.address, worker=False,
+                             codec_cors_origins=[UI_ORIGIN], oidc_issuer=ISSUER, oidc_audience=AUDIENCE,
+                             oidc_jwks_url=f"{jwks.url}/jwks")
+    try:
+        ops, requester = f"olga-{uuid.uuid4().hex[:8]}", f"alice-{uuid.uuid4().hex[:8]}"
+        linked = await run("integrations", "link", "--user", "olga", "--oidc", ops,
+                           env={"REFUNDS_DATABASE_URL": postgres_dsn})
+        assert linked.returncode == 0, linked.stderr
+        await IntegrationStore(store).link_identity("oidc", requester, "alice")
+        assert client.data_converter.payload_codec is not None
+        sealed = await client.data_converter.payload_codec.encode([_payload(CANARIES["iban"])])
+        wire = json_format.MessageToDict(Payloads(payloads=sealed))
+        expired = int(time.time()) - 3600
+
+        async def decode(token: str) -> httpx.Response:
+            async with httpx.AsyncClient(base_url=stack.relay_url, timeout=30) as ui:
+                return await ui.post("/codec/decode", json=wire, headers={
+                    "Authorization": f"Bearer {token}", "Origin": UI_ORIGIN, "X-Namespace": "default"})
+
+        valid = await decode(_access_token(key, kid, sub=ops))
+        assert valid.status_code == 200, valid.text
+        assert valid.headers["access-control-allow-origin"] == UI_ORIGIN
+        opened = json_format.ParseDict(valid.json(), Payloads()).payloads[0]
+        assert opened.data == f'"{CANARIES["iban"]}"'.encode()
+
+        refusals = {
+            "expired": _access_token(key, kid, sub=ops, iat=expired - 300, exp=expired),
+            "foreign issuer": _access_token(key, kid, sub=ops, iss="https://elsewhere.example"),
+            "wrong audience": _access_token(key, kid, sub=ops, aud="another-app"),
+            "foreign key": _access_token(_rsa_key(), kid, sub=ops),
+            "no user claim": _access_token(key, kid),
+        }
+        for why, token in refusals.items():
+            refused = await decode(token)
+            assert refused.status_code == 401, (why, refused.text)
+            assert "invalid access token" in refused.json()["detail"], why
+        unlinked = await decode(_access_token(key, kid, sub=f"nobody-{uuid.uuid4().hex[:8]}"))
+        assert unlinked.status_code == 403 and "is not linked" in unlinked.json()["detail"]
+        assert (await decode(_access_token(key, kid, sub=requester))).status_code == 403
+        async with stack.api("olga") as cli:  # the CLI's relay token still works beside OIDC
+            assert (await cli.post("/codec/decode", json=wire)).status_code == 200
+        asked = "authorization,authorization-extras,content-type,x-namespace"  # what the UI sends
+        async with httpx.AsyncClient(base_url=stack.relay_url) as browser:
+            preflight = await browser.options("/codec/decode", headers={
+                "Origin": UI_ORIGIN, "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": asked})
+        assert preflight.status_code == 200, preflight.text
+        assert preflight.headers["access-control-allow-origin"] == UI_ORIGIN
+        await jwks.stop()  # the issuer's keys out of reach: nobody can be authenticated
+        verifier = AccessTokenVerifier.from_settings(stack.settings)
+        assert verifier is not None
+        with pytest.raises(KeysUnavailable, match="cannot fetch the issuer's keys"):
+            await verifier.subject(_access_token(key, kid, sub=ops))
+    finally:
+        await stack.close()
+        await jwks.stop()
+
+
+def test_an_oidc_issuer_without_its_audience_or_keys_refuses_to_start() -> None:
+    with pytest.raises(ValueError, match="REFUNDS_OIDC_ISSUER needs REFUNDS_OIDC_AUDIENCE"):
+        Settings(oidc_issuer=ISSUER, oidc_jwks_url="http://127.0.0.1:1/jwks")
+
+
+def test_compose_and_kubernetes_uis_pass_the_oidc_access_token_to_a_relay_that_checks_it() -> None:
+    services = compose()["services"]
+    deployments = {name: container_env(d["spec"]["template"]["spec"]["containers"][0])
+                   for name, d in of_kind("Deployment").items()}
+    for ui, relay in ((services["temporal-ui"]["environment"], services["relay"]["environment"]),
+                      (deployments["temporal-ui"], deployments["refunds-relay"])):
+        assert ui["TEMPORAL_AUTH_ENABLED"] == "true" and ui["TEMPORAL_CODEC_PASS_ACCESS_TOKEN"] == "true"
+        assert str(ui["TEMPORAL_CODEC_ENDPOINT"]).endswith("/codec")
+        assert {"REFUNDS_OIDC_ISSUER", "REFUNDS_OIDC_AUDIENCE", "REFUNDS_OIDC_JWKS_URL"} <= set(relay)
+        assert ui["TEMPORAL_CORS_ORIGINS"] in relay["REFUNDS_CODEC_CORS_ORIGINS"]
+    assert services["temporal-ui"]["environment"]["TEMPORAL_AUTH_PROVIDER_URL"] == services["relay"][
+        "environment"]["REFUNDS_OIDC_ISSUER"]
+    k8s_ui, k8s_relay = deployments["temporal-ui"], deployments["refunds-relay"]
+    assert k8s_ui["TEMPORAL_AUTH_PROVIDER_URL"] == {
+        "configMapKeyRef": {"name": "refunds-config", "key": "REFUNDS_OIDC_ISSUER"}}
+    assert k8s_ui["TEMPORAL_CODEC_ENDPOINT"].startswith("https://")  # the UI sends tokens to https only
+    assert k8s_ui["TEMPORAL_AUTH_CLIENT_SECRET"]["secretKeyRef"]["name"] == "temporal-ui-oidc"
+    oidc = {k.removeprefix("REFUNDS_").lower(): v for k, v in k8s_relay.items()
+            if k.startswith("REFUNDS_OIDC")}
+    assert AccessTokenVerifier.from_settings(Settings(**oidc)) is not None

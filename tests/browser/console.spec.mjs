@@ -7,10 +7,7 @@
 // Started by tests/test_console_browser.py against a running stack it prepared. Prints one
 // "ok - …" line per step; on the first failure prints "not ok - …", saves failure.png and
 // exits 1. Every wait is for something on the page, never for a fixed time.
-import { mkdtempSync, mkdirSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { chromium } from 'playwright-core';
+import { check, scenario as run } from './harness.mjs';
 
 const [base, artifacts] = process.argv.slice(2);
 const scenario = JSON.parse(process.env.SCENARIO ?? '{}');
@@ -18,56 +15,10 @@ if (!base || !artifacts || !scenario.tokens) {
   console.error('usage: SCENARIO=… node console.spec.mjs <relay url> <artifacts dir>');
   process.exit(2);
 }
-mkdirSync(artifacts, { recursive: true });
-const profile = mkdtempSync(join(tmpdir(), 'console-chromium-'));
-const context = await chromium.launchPersistentContext(profile, {
-  executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
-  headless: true,
-  viewport: { width: 1440, height: 900 },
-  args: ['--no-sandbox', '--disable-gpu', '--disable-background-networking',
-         '--disable-component-update', '--disable-sync', '--no-first-run', '--disable-quic'],
-});
-context.setDefaultTimeout(30_000);
-const page = context.pages()[0] ?? await context.newPage();
-let step = 'start';
 
-function check(condition, message) {
-  if (!condition) throw new Error(message);
-}
-
-async function shot(name) {
-  await page.screenshot({ path: join(artifacts, `${name}.png`), fullPage: true });
-}
-
-async function ok(name, body) {
-  step = name;
-  await body();
-  console.log(`ok - ${name}`);
-}
-
-/** Clicks and returns the HTTP status of the page it lands on (after any redirect). */
-async function submit(locator) {
-  const [response] = await Promise.all([page.waitForNavigation(), locator.click()]);
-  return response.status();
-}
-
-async function signIn(token, user) {
-  await page.goto(`${base}/console/sign-in`);
-  await page.getByLabel('API token').fill(token);
-  check(await submit(page.getByRole('button', { name: 'Sign in' })) === 200, 'sign-in did not land on a page');
-  check((await page.getByTestId('user').textContent()) === user, `signed in, but not as ${user}`);
-}
-
-async function signOut() {
-  await submit(page.getByRole('button', { name: 'Sign out' }));
-  check(page.url().endsWith('/console/sign-in'), 'sign out did not lead to the sign-in page');
-}
-
-function caseRow(id) {
-  return page.locator(`tr[data-case="${id}"]`);
-}
-
-try {
+await run('console browser scenario', artifacts, async ({ page, ok, shot, submit, signIn: signInAt, signOut }) => {
+  const signIn = (token, user) => signInAt(base, token, user);
+  const caseRow = (id) => page.locator(`tr[data-case="${id}"]`);
   const { tokens, approval_case: pending, failed_case: failed } = scenario;
 
   await ok('an anonymous visit is sent to sign in', async () => {
@@ -155,12 +106,4 @@ try {
     check((await page.locator('h1').textContent()) === 'Reconciliation reports', 'no reconciliation page');
     await shot('11-reconciliation');
   });
-  console.log('console browser scenario: all steps passed');
-} catch (error) {
-  console.log(`not ok - ${step}: ${error.message}`);
-  await page.screenshot({ path: join(artifacts, 'failure.png'), fullPage: true }).catch(() => {});
-  process.exitCode = 1;
-} finally {
-  await context.close();
-  rmSync(profile, { recursive: true, force: true });
-}
+});
