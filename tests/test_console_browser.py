@@ -192,7 +192,7 @@ async def test_signed_in_ops_read_a_decoded_history_in_the_dev_temporal_ui_and_v
             "Authorization": f"Bearer {alice}"}, json={
             "refund_request_id": case_id, "provider": "sandbox", "charge_id": charge.json()["id"],
             "amount": 1_000, "currency": "USD", "merchant_account": "acct_1",
-            "reason": "requested_by_customer", "source": "api",
+            "reason": "requested_by_customer",
             "evidence": {"order_id": "ord-ui", "customer_email": canary}})
     assert requested.status_code == 202, requested.text
     raw = await Client.connect(dev_stack.settings.temporal_target())  # no codec: what the UI gets
