@@ -31,7 +31,13 @@ from adapters.store import Store
 from adapters.temporal_client import connect
 from starters import relay, sandbox_provider
 from starters.demo import run_demo
-from starters.stack import EmbeddedPostgres, TemporalDevServer
+from starters.stack import (
+    EmbeddedPostgres,
+    TemporalDevServer,
+    ensure_ports_free,
+    require_embedded_postgres,
+    temporal_binary,
+)
 from workers.main import build_worker
 from workers.outbox import sweep_outbox
 
@@ -83,7 +89,16 @@ def dev_settings(settings: Settings) -> tuple[Settings, DevSecrets]:
 
 @contextlib.asynccontextmanager
 async def embedded_services(settings: Settings) -> AsyncIterator[tuple[str, str | None]]:
-    """PostgreSQL and Temporal unless the settings point at real ones; yields (dsn, UI url)."""
+    """PostgreSQL and Temporal unless the settings point at real ones; yields (dsn, UI url).
+    What is missing or taken fails here, before any child process starts."""
+    ports = {"REFUNDS_RELAY_PORT": settings.relay_port, "REFUNDS_SANDBOX_PORT": settings.sandbox_port}
+    if settings.temporal_address is None:
+        temporal_binary()
+        ports |= {"REFUNDS_TEMPORAL_PORT": settings.temporal_port,
+                  "REFUNDS_TEMPORAL_UI_PORT": settings.temporal_ui_port}
+    if settings.database_url is None:
+        require_embedded_postgres()
+    ensure_ports_free(settings.bind_host, ports)
     pg = None
     temporal = None
     try:

