@@ -106,13 +106,22 @@ def _otlp_exporter() -> SpanExporter | None:
     return Grpc()
 
 
+def service_resource(default_name: str) -> Resource:
+    """The SDK's resource from the environment (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`),
+    named `default_name` only when the operator named it nothing."""
+    detected = Resource.create()
+    if str(detected.attributes.get("service.name", "")).startswith("unknown_service"):
+        return detected.merge(Resource({"service.name": default_name}))
+    return detected
+
+
 def configure_tracing(service_name: str, exporter: SpanExporter | None = None) -> TracerProvider:
     """Installs the process's tracer provider (once: the dev stack runs relay and worker
     together); `exporter` replaces the OTLP/log choice (tests use an in-memory one)."""
     current = trace.get_tracer_provider()
     if isinstance(current, TracerProvider):
         return current
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    provider = TracerProvider(resource=service_resource(service_name))
     provider.add_span_processor(BatchSpanProcessor(exporter or _otlp_exporter() or LogSpanExporter()))
     trace.set_tracer_provider(provider)
     return provider

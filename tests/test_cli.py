@@ -169,3 +169,16 @@ async def test_relay_trusts_forwarded_headers_only_from_the_proxies_it_is_told(
     finally:
         process.terminate()
         assert await asyncio.to_thread(process.wait, 60) == 0
+
+
+async def test_otel_service_name_names_the_service_and_the_command_only_defaults_it() -> None:
+    probe = ("from adapters.telemetry import configure_tracing\n"
+             "print(configure_tracing('refunds-relay').resource.attributes['service.name'])")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    for extra, expected in (({"OTEL_SERVICE_NAME": "payments-refunds"}, "payments-refunds"),
+                            ({"OTEL_RESOURCE_ATTRIBUTES": "service.name=eu-refunds"}, "eu-refunds"),
+                            ({}, "refunds-relay")):
+        done = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", probe], capture_output=True,
+                                       text=True, timeout=60, env={**clean, **extra})
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == expected
