@@ -413,7 +413,14 @@ async def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
         run = started.json()
         print(f"{'resuming' if run['resumed'] else 'started'} {run['run_id']}: {run['provider']} refunds "
               f"created {run['window']['since']} .. {run['window']['until']}", flush=True)
-        report = await follow_run(api, run["run_id"], show_progress=not args.no_progress)
+        try:
+            async with asyncio.timeout(args.timeout):
+                report = await follow_run(api, run["run_id"], show_progress=not args.no_progress)
+        except TimeoutError:
+            raise CommandFailed(f"run {run['run_id']} has not ended after {args.timeout:g} s; it goes on "
+                                f"(GET /v1/reconciliation/runs/{run['run_id']})", EXIT_REFUSED) from None
+    if report["state"] == "failed":
+        raise CommandFailed(f"run {report['run_id']} failed: {report['failure']}", EXIT_REFUSED)
     print(f"{report['objects_seen']} objects, {report['new_breaks']} new breaks, "
           f"{report['known_breaks']} already known")
     for name, entry in sorted(report["classes"].items()):
@@ -427,6 +434,8 @@ async def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
     if oldest:
         print(f"oldest break: {oldest['object_id']} ({oldest['break_class']}, created "
               f"{oldest['object_created_at']})")
+    for warning in report["warnings"]:
+        print(f"WARNING: {warning}")
     for path in report["report_files"]:
         print(f"report: {path}")
     return 0
@@ -547,6 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
     reconcile.add_argument("--since", default="90d", help="refunds created this long ago or later, e.g. 90d")
     reconcile.add_argument("--until", help="window end, ISO 8601 with offset (default: now)")
     reconcile.add_argument("--no-progress", action="store_true", help="no progress bar")
+    reconcile.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                           help="stop following (exit 1) when the run has not ended by then; it goes on")
     reconcile.set_defaults(run=cmd_reconcile)
 
     audit = sub.add_parser("audit", help="the audit trail").add_subparsers(dest="audit_command",
