@@ -21,6 +21,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from pythonjsonlogger.json import JsonFormatter
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 
 from adapters.config import Settings
@@ -57,11 +58,26 @@ class CorrelationFilter(logging.Filter):
         return True
 
 
+class ClassifiedFaults(logging.Filter):
+    """A fault our code already classified (an ApplicationError: a provider timing out after it
+    acted, a refusal) is one line, its type and message; its traceback says nothing more and
+    shows only when the logger is at DEBUG. Anything else, a defect, keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        fault = record.exc_info[1] if record.exc_info else None
+        if isinstance(fault, ApplicationError) and not logging.getLogger(record.name).isEnabledFor(
+                logging.DEBUG):
+            record.msg = f"{record.getMessage()}: {fault.type or 'ApplicationError'}: {fault.message}"
+            record.args, record.exc_info, record.exc_text = None, None, None
+        return True
+
+
 def configure_logging(settings: Settings, *, text: bool | None = None) -> None:
     """Root logging to stderr: JSON lines (production) or text (`text=True`, the dev stack)."""
     use_text = settings.log_format == "text" if text is None else text
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(CorrelationFilter())
+    handler.addFilter(ClassifiedFaults())
     if use_text:
         handler.setFormatter(logging.Formatter(
             "%(asctime)s %(levelname)s %(name)s [%(refund_request_id)s]: %(message)s"))

@@ -182,3 +182,38 @@ async def test_otel_service_name_names_the_service_and_the_command_only_defaults
                                        text=True, timeout=60, env={**clean, **extra})
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip() == expected
+
+
+async def test_a_classified_fault_logs_one_line_and_its_traceback_only_at_debug() -> None:
+    """What the demo's expected timeout logs: Temporal's worker logs a failed activity with
+    its traceback; a fault our code classified (an ApplicationError) is one line unless the
+    level is DEBUG, while a defect keeps its traceback."""
+    probe = """
+import logging
+from temporalio.exceptions import ApplicationError
+from adapters.config import Settings
+from adapters.telemetry import configure_logging
+configure_logging(Settings(log_format="text"))
+log = logging.getLogger("temporalio.activity")
+for fault in (ApplicationError("POST /v1/refunds: timed out", type="ProviderOutcomeUnknown"),
+              KeyError("defect")):
+    try:
+        try:
+            raise TimeoutError("read timed out")
+        except TimeoutError as cause:
+            raise fault from cause
+    except Exception:
+        log.warning("Completing activity as failed", exc_info=True)
+"""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("REFUNDS_")}
+    for level in ("INFO", "DEBUG"):
+        done = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", probe], capture_output=True,
+                                       text=True, timeout=60, env={**clean, "REFUNDS_LOG_LEVEL": level})
+        assert done.returncode == 0, done.stderr
+        classified, defect = done.stderr.split("Completing activity as failed")[1:]
+        if level == "INFO":
+            assert classified.startswith(": ProviderOutcomeUnknown: POST /v1/refunds: timed out\n")
+            assert classified.count("\n") == 1
+        else:
+            assert "Traceback" in classified and "read timed out" in classified
+        assert "Traceback" in defect and "KeyError: 'defect'" in defect
