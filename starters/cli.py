@@ -202,8 +202,23 @@ async def cmd_webhooks_redrive(args: argparse.Namespace, settings: Settings) -> 
         return _show(await api.post("/v1/webhook-receipts/redrive"))
 
 
+async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from adapters.store import Store
+
+    dsn, pg = await _database(settings)
+    try:
+        store = await Store.open(dsn)
+        applied = await store.migrate()
+        await store.close()
+        print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
+    finally:
+        if pg is not None:
+            pg.stop()
+    return 0
+
+
 @contextlib.asynccontextmanager
-async def _store(settings: Settings, *, migrating: bool = False) -> AsyncIterator["Store"]:
+async def _store(settings: Settings) -> AsyncIterator["Store"]:
     """The store on the configured or embedded PostgreSQL (stopped afterwards). Every command
     but `migrate` refuses a database that lacks migrations instead of changing its schema:
     which database a shell points at is easy to get wrong."""
@@ -214,7 +229,7 @@ async def _store(settings: Settings, *, migrating: bool = False) -> AsyncIterato
     try:
         store = await Store.open(dsn)
         try:
-            problem = None if migrating else await database_problem(store)
+            problem = await database_problem(store)
             if problem is not None:
                 raise CommandFailed(problem, EXIT_UNREACHABLE)
             yield store
@@ -223,13 +238,6 @@ async def _store(settings: Settings, *, migrating: bool = False) -> AsyncIterato
     finally:
         if pg is not None:
             pg.stop()
-
-
-async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
-    async with _store(settings, migrating=True) as store:
-        applied = await store.migrate()
-    print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
-    return 0
 
 
 async def cmd_token_create(args: argparse.Namespace, settings: Settings) -> int:
