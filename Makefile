@@ -1,5 +1,6 @@
 # The two commands: `make run` and `make test`. Both build .venv when it is missing or
-# older than pyproject.toml, so a fresh clone needs nothing but Python 3.11+.
+# older than the lock file, so a fresh clone needs nothing but Python 3.11+. Every version
+# comes from requirements/dev.lock (`make lock` upgrades it and requirements/prod.lock).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,13 +10,24 @@ STAMP := $(VENV)/.installed
 # each of those imports compiles the source again. An empty value turns caching back on.
 export PYTHONDONTWRITEBYTECODE :=
 
-.PHONY: run test bench chaos lint typecheck check clean-data browser-deps
+LOCK := requirements/dev.lock
 
-$(STAMP): pyproject.toml
+.PHONY: run test bench chaos lint typecheck check clean-data browser-deps lock
+
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
+
+# Re-resolves every dependency to the newest release pyproject.toml allows: the image's
+# lock (no extras) and the one of development, CI and `make run` (dev and embedded).
+lock: $(STAMP)
+	$(BIN)/pip-compile --quiet --upgrade --strip-extras --no-emit-find-links --no-emit-index-url \
+		--output-file requirements/prod.lock pyproject.toml
+	$(BIN)/pip-compile --quiet --upgrade --strip-extras --no-emit-find-links --no-emit-index-url \
+		--extra dev --extra embedded --output-file $(LOCK) pyproject.toml
 
 run: $(STAMP)
 	$(BIN)/refunds dev

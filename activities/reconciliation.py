@@ -43,6 +43,7 @@ from domain.reconciliation import (
     BreakClass,
     BreakOutcome,
     BreakSettlement,
+    RunFailure,
     RunSummary,
     RunWindow,
     approval_amount,
@@ -100,21 +101,31 @@ class ReconciliationActivities:
         phase = Phase(run["phase"])
         listing = _listing(source, phase, run)
         batch: list[Listed] = []
+        refused: str | None = None
         try:
-            async with aclosing(listing) as listed:
-                async for item in listed:
-                    batch.append(item)
-                    if len(batch) >= inp.options.batch_size:
-                        break
-            full = len(batch) >= inp.options.batch_size
+            try:
+                async with aclosing(listing) as listed:
+                    async for item in listed:
+                        batch.append(item)
+                        if len(batch) >= inp.options.batch_size:
+                            break
+            except (ProviderDeclined, ProviderConfigurationRefused) as exc:
+                if phase is not Phase.PAYOUTS:
+                    raise
+                # e.g. a key restricted to refunds: the refunds were reconciled; say what was not
+                refused = f"payouts not reconciled: {inp.provider} refused the listing ({exc})"
+            full = refused is None and len(batch) >= inp.options.batch_size
             next_phase = Phase.PAYOUTS if (phase is Phase.REFUNDS and not full
                                            and isinstance(source, PayoutLister)) else None
             new = await self._recon.store_batch(inp.run_id, inp.provider, batch, inp.options,
-                                                cursor=run["cursor"], phase=phase, next_phase=next_phase)
+                                                cursor=run["cursor"], phase=phase, next_phase=next_phase,
+                                                warning=refused)
         except ProviderOutcomeUnknown as exc:
             raise ApplicationError(str(exc), type="ProviderOutcomeUnknown") from exc
         except (ProviderDeclined, ProviderConfigurationRefused, UnexpectedProviderStatus, RunConflict) as exc:
             raise ApplicationError(str(exc), type=type(exc).__name__, non_retryable=True) from exc
+        if refused is not None:
+            log.warning("reconciliation run %s: %s", inp.run_id, refused)
         for row in new:
             if row["break_class"] == BreakClass.UNMAPPED_STATUS:
                 log.error("UNMAPPED STATUS: %s %s %s reports %r; break %s waits for ops (the run goes on)",
@@ -162,6 +173,12 @@ class ReconciliationActivities:
                           new_breaks=report["new_breaks"], known_breaks=report["known_breaks"],
                           report_files=files)
 
+    @activity.defn(name="fail_reconciliation_run")
+    async def fail_reconciliation_run(self, failure: RunFailure) -> None:
+        """Marks a run the workflow gave up on `failed` with its reason (a finished run stays)."""
+        await self._recon.fail(failure.run_id, failure.reason)
+        log.error("reconciliation run %s failed: %s", failure.run_id, failure.reason)
+
     @activity.defn(name="open_break_exception")
     async def open_break_exception(self, case: BreakCase) -> BreakApproval:
         """Decides who must approve (the refund tier for the amount at stake), records it
@@ -205,7 +222,8 @@ class ReconciliationActivities:
     def all(self) -> list[Callable[..., Any]]:
         """Every activity, for worker registration."""
         return [self.open_reconciliation_run, self.reconcile_batch, self.finish_reconciliation_run,
-                self.open_break_exception, self.hand_break_to_payout_case, self.settle_break]
+                self.fail_reconciliation_run, self.open_break_exception, self.hand_break_to_payout_case,
+                self.settle_break]
 
 
 def _listing(source: RefundLister, phase: Phase, run: dict[str, Any]) -> AsyncGenerator[Any]:

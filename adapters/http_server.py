@@ -31,7 +31,8 @@ class AppServer:
     """Serves an ASGI app inside the running event loop (relay, sandbox provider). Port 0,
     or a socket from `reserve_port`, serves on a port held from the start."""
 
-    def __init__(self, app: ASGIApp, host: str, port: int, *, sock: socket.socket | None = None) -> None:
+    def __init__(self, app: ASGIApp, host: str, port: int, *, sock: socket.socket | None = None,
+                 forwarded_allow_ips: str | None = None) -> None:
         if sock is None and port == 0:
             sock = reserve_port(host)
         self._sock = sock
@@ -40,7 +41,9 @@ class AppServer:
         self.url = f"http://{host}:{port}"
         self._server = _QuietServer(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                                    lifespan="auto", access_log=False,
-                                                   timeout_graceful_shutdown=5))
+                                                   timeout_graceful_shutdown=5,
+                                                   # None: uvicorn reads $FORWARDED_ALLOW_IPS, else loopback
+                                                   forwarded_allow_ips=forwarded_allow_ips))
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:

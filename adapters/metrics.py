@@ -46,6 +46,8 @@ CASES = Gauge("refunds_cases", "Refund cases by state", ["state"], registry=CASE
 LEDGER_PENDING = Gauge("refunds_ledger_pending",
                        "Refunds the provider reports succeeded that have no settled ledger entry yet",
                        registry=CASE_REGISTRY)
+RUNS = Gauge("refunds_reconciliation_runs", "Reconciliation runs by provider and state (a failed "
+             "run's reason is in its report)", ["provider", "state"], registry=CASE_REGISTRY)
 BREAKS = Gauge("refunds_reconciliation_breaks", "Reconciliation breaks by class and state",
                ["break_class", "state"], registry=CASE_REGISTRY)
 
@@ -69,9 +71,15 @@ async def refresh_case_gauges(store: Store) -> None:
         breaks = await (await conn.execute(
             "SELECT break_class, state, count(*) AS n FROM reconciliation_breaks"
             " GROUP BY break_class, state")).fetchall()
+        runs = await (await conn.execute(
+            "SELECT provider, state, count(*) AS n FROM reconciliation_runs"
+            " GROUP BY provider, state")).fetchall()
     BREAKS.clear()  # a class and state with no break left reports nothing, not a stale count
     for row in breaks:
         BREAKS.labels(row["break_class"], row["state"]).set(int(row["n"]))
+    RUNS.clear()
+    for row in runs:
+        RUNS.labels(row["provider"], row["state"]).set(int(row["n"]))
 
 
 def exposition(*extra: CollectorRegistry) -> tuple[bytes, str]:

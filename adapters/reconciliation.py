@@ -279,7 +279,8 @@ def run_view(row: dict[str, Any]) -> dict[str, Any]:
             "requested_by": row["requested_by"], "objects_seen": row["objects_seen"],
             "batches": row["batches"],
             "cursor_created": row["cursor_created"].isoformat() if row["cursor_created"] else None,
-            "started_at": row["started_at"].isoformat(),
+            "started_at": row["started_at"].isoformat(), "warnings": row["warnings"],
+            "failure": row["failure"],
             "finished_at": row["finished_at"].isoformat() if row["finished_at"] else None,
             "links": {"run": f"/v1/reconciliation/runs/{row['id']}"}}
 
@@ -364,9 +365,11 @@ class Reconciliations:
 
     async def store_batch(self, run_id: str, provider: str, batch: Sequence[Listed],
                           options: ReconcileOptions, *, cursor: str | None, phase: Phase,
-                          next_phase: Phase | None = None) -> list[dict[str, Any]]:
+                          next_phase: Phase | None = None,
+                          warning: str | None = None) -> list[dict[str, Any]]:
         """Classifies one batch of the phase's objects and moves the run's cursor past it
-        (or, with `next_phase`, to the start of the next list), in one transaction; returns
+        (or, with `next_phase`, to the start of the next list), in one transaction, with any
+        `warning` for the run's report (a list the provider refused); returns
         the breaks not seen before (each already audited and announced to ops). `cursor`
         and `phase` are where the batch was read: a run moved on by someone else fails."""
         run = await self.run(run_id)
@@ -397,9 +400,10 @@ class Reconciliations:
                 (_object_id(last), last.created) if last else (cursor, run["cursor_created"]))
             moved = await conn.execute(
                 "UPDATE reconciliation_runs SET cursor = %s, cursor_created = %s, phase = %s,"
-                " objects_seen = objects_seen + %s, batches = batches + 1, updated_at = now()"
-                " WHERE id = %s AND cursor IS NOT DISTINCT FROM %s AND phase = %s",
-                (*moved_to, (next_phase or phase).value, len(unique), run_id, cursor, phase.value))
+                " objects_seen = objects_seen + %s, batches = batches + 1, warnings = warnings || %s,"
+                " updated_at = now() WHERE id = %s AND cursor IS NOT DISTINCT FROM %s AND phase = %s",
+                (*moved_to, (next_phase or phase).value, len(unique), Jsonb([warning] if warning else []),
+                 run_id, cursor, phase.value))
             if moved.rowcount != 1:
                 raise RunConflict(f"run {run_id} moved past {phase}:{cursor} elsewhere: the batch is dropped")
         return new
@@ -434,6 +438,13 @@ class Reconciliations:
                 "UPDATE reconciliation_runs SET state = 'completed', finished_at = coalesce(finished_at,"
                 " now()), report_files = %s, updated_at = now() WHERE id = %s",
                 (Jsonb(list(files)), run_id))
+
+    async def fail(self, run_id: str, reason: str) -> None:
+        """A running run becomes `failed` with its reason (a completed one stays completed)."""
+        async with self._store.transaction() as conn:
+            await conn.execute(
+                "UPDATE reconciliation_runs SET state = 'failed', failure = %s, finished_at = now(),"
+                " updated_at = now() WHERE id = %s AND state = 'running'", (reason, run_id))
 
     # -- reports --------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from pythonjsonlogger.json import JsonFormatter
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 
 from adapters.config import Settings
@@ -57,11 +58,26 @@ class CorrelationFilter(logging.Filter):
         return True
 
 
+class ClassifiedFaults(logging.Filter):
+    """A fault our code already classified (an ApplicationError: a provider timing out after it
+    acted, a refusal) is one line, its type and message; its traceback says nothing more and
+    shows only when the logger is at DEBUG. Anything else, a defect, keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        fault = record.exc_info[1] if record.exc_info else None
+        if isinstance(fault, ApplicationError) and not logging.getLogger(record.name).isEnabledFor(
+                logging.DEBUG):
+            record.msg = f"{record.getMessage()}: {fault.type or 'ApplicationError'}: {fault.message}"
+            record.args, record.exc_info, record.exc_text = None, None, None
+        return True
+
+
 def configure_logging(settings: Settings, *, text: bool | None = None) -> None:
     """Root logging to stderr: JSON lines (production) or text (`text=True`, the dev stack)."""
     use_text = settings.log_format == "text" if text is None else text
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(CorrelationFilter())
+    handler.addFilter(ClassifiedFaults())
     if use_text:
         handler.setFormatter(logging.Formatter(
             "%(asctime)s %(levelname)s %(name)s [%(refund_request_id)s]: %(message)s"))
@@ -106,13 +122,22 @@ def _otlp_exporter() -> SpanExporter | None:
     return Grpc()
 
 
+def service_resource(default_name: str) -> Resource:
+    """The SDK's resource from the environment (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`),
+    named `default_name` only when the operator named it nothing."""
+    detected = Resource.create()
+    if str(detected.attributes.get("service.name", "")).startswith("unknown_service"):
+        return detected.merge(Resource({"service.name": default_name}))
+    return detected
+
+
 def configure_tracing(service_name: str, exporter: SpanExporter | None = None) -> TracerProvider:
     """Installs the process's tracer provider (once: the dev stack runs relay and worker
     together); `exporter` replaces the OTLP/log choice (tests use an in-memory one)."""
     current = trace.get_tracer_provider()
     if isinstance(current, TracerProvider):
         return current
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    provider = TracerProvider(resource=service_resource(service_name))
     provider.add_span_processor(BatchSpanProcessor(exporter or _otlp_exporter() or LogSpanExporter()))
     trace.set_tracer_provider(provider)
     return provider

@@ -164,6 +164,13 @@ class BatchResult(Frozen):
     has_more: bool
 
 
+class RunFailure(Frozen):
+    """Why a run ended without its report (the provider refused its refund listing, say)."""
+
+    run_id: str
+    reason: str
+
+
 class RunSummary(Frozen):
     run_id: str
     provider: str

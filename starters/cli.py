@@ -3,6 +3,12 @@ HTTP API (same auth, same checks as every other entry point); dev, worker, relay
 sandbox start servers; migrate and token talk to PostgreSQL directly; doctor checks
 the configuration and every dependency.
 
+Exit codes: 0 ok, 1 refused by the API (or a check found a problem), 2 usage (bad
+arguments or input), 3 the stack cannot be reached or started (relay, PostgreSQL, Temporal,
+a port in use, the embedded extra missing, a database without migrations). Results go to
+stdout (`--json` on list and show commands for scripts); errors and refusals go to stderr.
+Only `refunds migrate` (and `refunds dev`) apply migrations.
+
 Every command ends with os._exit after flushing, because temporalio's native runtime can
 crash at interpreter exit in short-lived processes (sdk-python #300).
 """
@@ -14,12 +20,15 @@ import getpass
 import json
 import os
 import sys
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
+import psycopg
+from psycopg_pool import PoolTimeout
 
 from adapters import event_loop
 from adapters.config import Settings
@@ -29,6 +38,16 @@ if TYPE_CHECKING:
     from adapters.store import Store
 
 Command = Callable[[argparse.Namespace, Settings], Awaitable[int]]
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+
+class CommandFailed(Exception):
+    """Ends a command with a one-line message on stderr and one of the exit codes above."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def _token(args: argparse.Namespace, settings: Settings) -> str:
@@ -47,11 +66,18 @@ def _api(args: argparse.Namespace, settings: Settings) -> httpx.AsyncClient:
 
 
 def _show(response: httpx.Response) -> int:
+    """The API's answer: JSON on stdout when it succeeded, on stderr (exit 1) when refused."""
+    out = sys.stdout if response.is_success else sys.stderr
     try:
-        print(json.dumps(response.json(), indent=2))
+        print(json.dumps(response.json(), indent=2), file=out)
     except ValueError:
-        print(response.text)
-    return 0 if response.is_success else 1
+        print(response.text, file=out)
+    return EXIT_OK if response.is_success else EXIT_REFUSED
+
+
+def _print_json(value: Any) -> int:
+    print(json.dumps(value, indent=2, default=str))
+    return EXIT_OK
 
 
 async def _database(settings: Settings) -> tuple[str, Any]:
@@ -95,9 +121,12 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     import signal
 
     from adapters.telemetry import shutdown_tracing
+    from starters.stack import ensure_ports_free
     from workers.main import run_worker
 
     _observability(settings, "refunds-worker")
+    ensure_ports_free(settings.bind_host, {"REFUNDS_WORKER_HEALTH_PORT": settings.worker_health_port,
+                                           "REFUNDS_TEMPORAL_METRICS_PORT": settings.temporal_metrics_port})
     dsn, pg = await _database(settings)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -120,13 +149,16 @@ async def cmd_relay(args: argparse.Namespace, settings: Settings) -> int:
     from adapters.telemetry import shutdown_tracing
     from adapters.temporal_client import connect
     from starters.relay import create_app
+    from starters.stack import ensure_ports_free
 
     _observability(settings, "refunds-relay")
+    ensure_ports_free(settings.bind_host, {"REFUNDS_RELAY_PORT": settings.relay_port})
     dsn, pg = await _database(settings)
     store = await Store.open(dsn)
     providers = build_providers(settings, store)
     app = create_app(store, await connect(settings), providers, settings)
-    server = AppServer(app, settings.bind_host, settings.relay_port)
+    server = AppServer(app, settings.bind_host, settings.relay_port,
+                       forwarded_allow_ips=args.forwarded_allow_ips)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
@@ -200,14 +232,19 @@ async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 @contextlib.asynccontextmanager
 async def _store(settings: Settings) -> AsyncIterator["Store"]:
-    """The store, migrated, on the configured or embedded PostgreSQL (stopped afterwards)."""
+    """The store on the configured or embedded PostgreSQL (stopped afterwards). Every command
+    but `migrate` refuses a database that lacks migrations instead of changing its schema:
+    which database a shell points at is easy to get wrong."""
+    from adapters.health import database_problem
     from adapters.store import Store
 
     dsn, pg = await _database(settings)
     try:
         store = await Store.open(dsn)
         try:
-            await store.migrate()
+            problem = await database_problem(store)
+            if problem is not None:
+                raise CommandFailed(problem, EXIT_UNREACHABLE)
             yield store
         finally:
             await store.close()
@@ -228,35 +265,28 @@ async def cmd_token_create(args: argparse.Namespace, settings: Settings) -> int:
 
 async def cmd_integrations_link(args: argparse.Namespace, settings: Settings) -> int:
     from adapters.integration_store import IntegrationStore
-    from adapters.store import Store
 
     links = [(system, external) for system, external in (("slack", args.slack),
                                                          ("servicenow", args.servicenow),
                                                          ("oidc", args.oidc)) if external]
     if not links:
-        raise SystemExit("name at least one identity: --slack USER_ID, --servicenow USER_NAME, --oidc VALUE")
-    dsn, pg = await _database(settings)
-    try:
-        store = await Store.open(dsn)
-        await store.migrate()
+        raise CommandFailed("name at least one identity: --slack USER_ID, --servicenow USER_NAME or "
+                            "--oidc VALUE", EXIT_USAGE)
+    async with _store(settings) as store:
         for system, external in links:
             await IntegrationStore(store).link_identity(system, external, args.user)
             print(f"{system} {external} -> {args.user}")
-        await store.close()
-    finally:
-        if pg is not None:
-            pg.stop()
     return 0
 
 
 async def cmd_token_list(args: argparse.Namespace, settings: Settings) -> int:
     async with _store(settings) as store:
-        tokens = await store.list_tokens()
+        tokens = [t for t in await store.list_tokens() if args.all or t["revoked_at"] is None]
+    if args.json:
+        return _print_json(tokens)
     print(f"{'id':>5}  {'user':<20} {'roles':<36} {'fingerprint':<12}  {'created':<16}  "
           f"{'revoked':<16}  expires")
     for t in tokens:
-        if t["revoked_at"] is not None and not args.all:
-            continue
         revoked, expires = (f"{t[k]:%Y-%m-%d %H:%M}" if t[k] else "-" for k in ("revoked_at", "expires_at"))
         print(f"{t['id']:>5}  {t['user_name']:<20} {','.join(t['roles']):<36} {t['fingerprint']:<12}  "
               f"{t['created_at']:%Y-%m-%d %H:%M}  {revoked:<16}  {expires}")
@@ -266,7 +296,7 @@ async def cmd_token_list(args: argparse.Namespace, settings: Settings) -> int:
 async def cmd_token_revoke(args: argparse.Namespace, settings: Settings) -> int:
     """Revoked at once: the relay and console look every token up on every request."""
     if (args.id is None) == (args.user is None):
-        raise ValueError("give a token id or --user, not both")
+        raise CommandFailed("give a token id or --user, not both", EXIT_USAGE)
     async with _store(settings) as store:
         ids = await store.revoke_tokens(by=f"cli:{getpass.getuser()}", token_id=args.id, user=args.user)
     if not ids:
@@ -300,7 +330,7 @@ async def cmd_payouts_register(args: argparse.Namespace, settings: Settings) -> 
 async def cmd_payouts_list(args: argparse.Namespace, settings: Settings) -> int:
     async with _api(args, settings) as api:
         response = await api.get("/v1/payouts", params={"limit": args.limit})
-    if not response.is_success:
+    if not response.is_success or args.json:
         return _show(response)
     for payout in response.json():
         print(f"{payout['id']}  {payout['provider']} {payout['provider_payout_id']}  "
@@ -328,7 +358,7 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 async def cmd_audit_show(args: argparse.Namespace, settings: Settings) -> int:
     async with _api(args, settings) as api:
         response = await api.get(f"/v1/refund-requests/{args.id}/audit")
-    if not response.is_success:
+    if not response.is_success or args.json:
         return _show(response)
     for entry in response.json():
         detail = json.dumps(entry["detail"], sort_keys=True)
@@ -339,25 +369,16 @@ async def cmd_audit_show(args: argparse.Namespace, settings: Settings) -> int:
 
 async def cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
     from adapters.audit_checkpoints import checkpoint_book
-    from adapters.store import Store
 
     try:
         book = checkpoint_book(settings.audit_checkpoint_dir, settings.audit_checkpoint_keys)
     except ValueError as missing:
-        print(f"error: {missing}", file=sys.stderr)
-        return 2
+        raise CommandFailed(str(missing), EXIT_USAGE) from None
     if book is not None and not book.folder.is_dir():  # a wrong path must not pass as "no checkpoints"
-        print(f"error: audit checkpoint folder {book.folder} does not exist", file=sys.stderr)
-        return 2
+        raise CommandFailed(f"audit checkpoint folder {book.folder} does not exist", EXIT_USAGE)
     points, problems = book.read() if book is not None else ({}, [])
-    dsn, pg = await _database(settings)
-    try:
-        store = await Store.open(dsn)
+    async with _store(settings) as store:
         checked, chain_problems = await store.verify_audit(points)
-        await store.close()
-    finally:
-        if pg is not None:
-            pg.stop()
     problems += chain_problems
     for problem in problems:
         print(f"TAMPERED: {problem}")
@@ -391,20 +412,14 @@ def parse_age(text: str) -> timedelta:
 
 async def cmd_policy_simulate(args: argparse.Namespace, settings: Settings) -> int:
     from adapters.policy_file import load_policy
-    from adapters.store import Store, request_from_row
+    from adapters.store import request_from_row
     from domain.models import PolicyDecision
     from domain.policy import decide
 
     candidate = load_policy(Path(args.file))
     since = datetime.now(UTC) - parse_age(args.since)
-    dsn, pg = await _database(settings)
-    try:
-        store = await Store.open(dsn)
+    async with _store(settings) as store:
         rows = await store.decisions_since(since)
-        await store.close()
-    finally:
-        if pg is not None:
-            pg.stop()
     changed = 0
     for row in rows:
         before = PolicyDecision.model_validate(row["decision"])
@@ -439,7 +454,14 @@ async def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
         run = started.json()
         print(f"{'resuming' if run['resumed'] else 'started'} {run['run_id']}: {run['provider']} refunds "
               f"created {run['window']['since']} .. {run['window']['until']}", flush=True)
-        report = await follow_run(api, run["run_id"], show_progress=not args.no_progress)
+        try:
+            async with asyncio.timeout(args.timeout):
+                report = await follow_run(api, run["run_id"], show_progress=not args.no_progress)
+        except TimeoutError:
+            raise CommandFailed(f"run {run['run_id']} has not ended after {args.timeout:g} s; it goes on "
+                                f"(GET /v1/reconciliation/runs/{run['run_id']})", EXIT_REFUSED) from None
+    if report["state"] == "failed":
+        raise CommandFailed(f"run {report['run_id']} failed: {report['failure']}", EXIT_REFUSED)
     print(f"{report['objects_seen']} objects, {report['new_breaks']} new breaks, "
           f"{report['known_breaks']} already known")
     for name, entry in sorted(report["classes"].items()):
@@ -453,9 +475,16 @@ async def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
     if oldest:
         print(f"oldest break: {oldest['object_id']} ({oldest['break_class']}, created "
               f"{oldest['object_created_at']})")
+    for warning in report["warnings"]:
+        print(f"WARNING: {warning}")
     for path in report["report_files"]:
         print(f"report: {path}")
     return 0
+
+
+def _json_flag(parser: argparse.ArgumentParser) -> None:
+    """Every list and show command takes --json (some print JSON anyway: then it is explicit)."""
+    parser.add_argument("--json", action="store_true", help="print JSON (for scripts)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -469,7 +498,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("demo", help="play the two worked examples against a running stack").set_defaults(
         run=cmd_demo)
     sub.add_parser("worker", help="run a worker (production)").set_defaults(run=cmd_worker)
-    sub.add_parser("relay", help="run the relay (production)").set_defaults(run=cmd_relay)
+    relay = sub.add_parser("relay", help="run the relay (production)")
+    relay.add_argument("--forwarded-allow-ips", default=None, metavar="ADDRESSES",
+                       help="proxies whose X-Forwarded-For/-Proto to trust: comma-separated addresses "
+                       "or networks, or '*' (default: $FORWARDED_ALLOW_IPS, else loopback only)")
+    relay.set_defaults(run=cmd_relay)
     sub.add_parser("migrate", help="apply schema migrations").set_defaults(run=cmd_migrate)
     sub.add_parser("doctor", help="check configuration and connectivity; exit 0 when healthy").set_defaults(
         run=cmd_doctor)
@@ -482,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.set_defaults(run=cmd_token_create)
     listing = token.add_parser("list", help="list tokens (never their secrets)")
     listing.add_argument("--all", action="store_true", help="include revoked tokens")
+    _json_flag(listing)
     listing.set_defaults(run=cmd_token_list)
     revoke = token.add_parser("revoke", help="revoke a token, or all of a user's; sessions end too")
     revoke.add_argument("id", nargs="?", type=int, help="token id (see token list)")
@@ -521,9 +555,11 @@ def build_parser() -> argparse.ArgumentParser:
     register.set_defaults(run=cmd_payouts_register)
     payout_list = payouts.add_parser("list", help="the latest booked payouts")
     payout_list.add_argument("--limit", type=int, default=50)
+    _json_flag(payout_list)
     payout_list.set_defaults(run=cmd_payouts_list)
     payout_show = payouts.add_parser("show", help="a payout and its exception case")
     payout_show.add_argument("id")
+    _json_flag(payout_show)
     payout_show.set_defaults(run=cmd_payouts_show)
 
     approve = sub.add_parser("approve", help="approve or deny a refund")
@@ -534,8 +570,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     hooks = sub.add_parser("webhooks", help="webhook receipts: coverage, replay, re-drive").add_subparsers(
         dest="webhooks_command", required=True)
-    hooks.add_parser("coverage", help="event types per provider: arrived, handled, unknown, refused"
-                     ).set_defaults(run=cmd_webhooks_coverage)
+    coverage = hooks.add_parser("coverage",
+                                help="event types per provider: arrived, handled, unknown, refused")
+    _json_flag(coverage)
+    coverage.set_defaults(run=cmd_webhooks_coverage)
     replay = hooks.add_parser("replay", help="re-feed stored receipts through the webhook path")
     which = replay.add_mutually_exclusive_group(required=True)
     which.add_argument("--receipt", type=int, help="one receipt id")
@@ -546,6 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="show a refund case")
     status.add_argument("id")
+    _json_flag(status)
     status.set_defaults(run=cmd_status)
 
     reissue = sub.add_parser("reissue", help="reissue a failed or canceled refund (ops)")
@@ -560,12 +599,15 @@ def build_parser() -> argparse.ArgumentParser:
     reconcile.add_argument("--since", default="90d", help="refunds created this long ago or later, e.g. 90d")
     reconcile.add_argument("--until", help="window end, ISO 8601 with offset (default: now)")
     reconcile.add_argument("--no-progress", action="store_true", help="no progress bar")
+    reconcile.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                           help="stop following (exit 1) when the run has not ended by then; it goes on")
     reconcile.set_defaults(run=cmd_reconcile)
 
     audit = sub.add_parser("audit", help="the audit trail").add_subparsers(dest="audit_command",
                                                                           required=True)
     show = audit.add_parser("show", help="a case's timeline")
     show.add_argument("id")
+    _json_flag(show)
     show.set_defaults(run=cmd_audit_show)
     audit.add_parser("verify", help="recompute every hash chain; exit 1 on tampering").set_defaults(
         run=cmd_audit_verify)
@@ -582,16 +624,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def failure(exc: BaseException, settings: Settings | None) -> tuple[str, int]:
+    """The one line and exit code for an exception that ends a command."""
+    from starters.stack import StackUnavailable
+
+    if isinstance(exc, CommandFailed):
+        return str(exc), exc.code
+    if isinstance(exc, StackUnavailable):
+        return str(exc), EXIT_UNREACHABLE
+    if isinstance(exc, httpx.TransportError):
+        relay = settings.relay_base_url() if settings else "the relay"
+        return f"cannot reach the relay at {relay} ({exc or type(exc).__name__}): is it running? " \
+               "REFUNDS_RELAY_URL points elsewhere", EXIT_UNREACHABLE
+    if isinstance(exc, psycopg.OperationalError | PoolTimeout):
+        return f"cannot reach PostgreSQL ({exc}): check REFUNDS_DATABASE_URL", EXIT_UNREACHABLE
+    if isinstance(exc, RuntimeError) and str(exc).startswith("Failed client connect"):  # temporalio's words
+        return f"cannot reach Temporal ({exc}): check TEMPORAL_ADDRESS", EXIT_UNREACHABLE
+    if isinstance(exc, SystemExit) and exc.code in (None, 0):
+        return "", EXIT_OK
+    if isinstance(exc, RuntimeError | psycopg.Error):  # a defect, not the user's input: the trace helps
+        traceback.print_exception(exc)
+        return str(exc), EXIT_REFUSED
+    return str(exc), EXIT_USAGE
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     code = 1
+    settings: Settings | None = None
     try:
-        code = event_loop.run(args.run(args, Settings()))
+        settings = Settings()
+        code = event_loop.run(args.run(args, settings))
     except KeyboardInterrupt:
         code = 130
-    except (httpx.HTTPError, ValueError, OSError, SystemExit) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        code = 2
+    except (CommandFailed, RuntimeError, httpx.HTTPError, psycopg.Error, PoolTimeout,
+            ValueError, OSError, SystemExit) as exc:
+        message, code = failure(exc, settings)
+        if message:
+            print(f"error: {message}", file=sys.stderr)
     finally:
         sys.stdout.flush()
         sys.stderr.flush()

