@@ -22,7 +22,7 @@ import os
 import sys
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +33,7 @@ from psycopg_pool import PoolTimeout
 from adapters import event_loop
 from adapters.config import Settings
 from domain.money import format_minor, normalise_currency, parse_major
+from starters.ages import parse_age
 
 if TYPE_CHECKING:
     from adapters.store import Store
@@ -400,14 +401,6 @@ async def cmd_policy_check(args: argparse.Namespace, settings: Settings) -> int:
         needs = ", ".join(f"{r.count}x {r.role}" for r in tier.approvals)
         print(f"  refund tier {tier.name}: up to {tier.max_amount or 'any amount'}: {needs}")
     return 0
-
-
-def parse_age(text: str) -> timedelta:
-    """'90d', '12h' or '30m' as a duration."""
-    units = {"d": "days", "h": "hours", "m": "minutes"}
-    if not 2 <= len(text) <= 7 or text[-1] not in units or not text[:-1].isdigit():
-        raise ValueError(f"not a duration like 90d, 12h or 30m: {text!r}")
-    return timedelta(**{units[text[-1]]: int(text[:-1])})
 
 
 async def cmd_policy_simulate(args: argparse.Namespace, settings: Settings) -> int:

@@ -28,6 +28,7 @@ from adapters.reconciliation import Reconciliations, break_view, run_view
 from adapters.store import ConsoleSession, Principal, hash_token
 from domain.models import CLOSED_STATUSES, CaseStatus
 from domain.money import UnknownCurrencyError, format_minor, normalise_currency, parse_major
+from starters.ages import parse_age
 from starters.approving import ApprovalBody, Refused
 from starters.case_actions import (
     ACT_ROLES,
@@ -44,7 +45,6 @@ from starters.case_actions import (
     granted_in,
     missing_roles,
 )
-from starters.cli import parse_age
 from starters.codec_endpoint import CODEC_USES, Direction, answer
 from starters.integrations import advice_view
 from starters.payout_console import ConsolePages, install_payout_pages
