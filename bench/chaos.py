@@ -26,15 +26,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import httpx
 import psutil
 
 from adapters import event_loop
 from adapters.providers.sandbox import sign
+from bench import fault_schedule
+from bench.checker import FINAL, Outcome, Sent, check
 from bench.common import RESULTS, Embedded, embedded_stack
 from tests.harness import PAYLOAD_KEYS, Stack, open_stack
 
@@ -42,52 +43,10 @@ from tests.harness import PAYLOAD_KEYS, Stack, open_stack
 # requests) stays under this, where a leak of a kilobyte a request over 10,000 would not.
 MEMORY_BOUND_KIB = 8 * 1024
 
-FINAL = {"succeeded", "refund_failed", "refund_canceled", "rejected", "denied", "expired"}
 
-
-@dataclass
-class Outcome:
-    """What a scenario saw: how many cases it drove and which invariants broke."""
-
-    scenario: str
-    cases: int = 0
-    violations: list[str] = field(default_factory=list)
-    counts: dict[str, int] = field(default_factory=dict)
-
-
-async def wait_final(stack: Stack, case_ids: list[str], timeout: float) -> dict[str, dict[str, Any]]:
-    """Case rows once every case is final (or the timeout passed)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        rows = {c: await stack.store.get_case(c) for c in case_ids}
-        if all(r and r["status"] in FINAL for r in rows.values()) or \
-                asyncio.get_running_loop().time() > deadline:
-            return {c: r for c, r in rows.items() if r}
-        await asyncio.sleep(0.3)
-
-
-async def check_money(stack: Stack, outcome: Outcome, charges: dict[str, str],
-                      rows: dict[str, dict[str, Any]]) -> None:
-    """Invariants 1 and 3: one provider refund per succeeded case, a balanced ledger."""
-    for case_id, charge in charges.items():
-        row = rows.get(case_id)
-        if row is None or row["status"] not in FINAL:
-            outcome.violations.append(f"{case_id}: not final ({row['status'] if row else 'missing'})")
-            continue
-        refunds = [r for r in await stack.provider_refunds(charge)
-                   if r["metadata"].get("refund_request_id") == case_id]
-        if len(refunds) > 1:
-            outcome.violations.append(f"{case_id}: {len(refunds)} provider refunds")
-        lines = await stack.store.ledger_entries(case_id)
-        if sum(x["debit"] for x in lines) != sum(x["credit"] for x in lines):
-            outcome.violations.append(f"{case_id}: ledger unbalanced")
-        settled = [x for x in lines if x["posting_key"].endswith(":refund_settled")]
-        if row["status"] == "succeeded" and len(settled) != 2:
-            outcome.violations.append(f"{case_id}: {len(settled) // 2} settlement entries")
-    succeeded = 0
-    for charge in set(charges.values()):
-        succeeded += len([r for r in await stack.provider_refunds(charge) if r["status"] == "succeeded"])
-    outcome.counts["provider_refunds"] = succeeded
+async def check_requests(stack: Stack, outcome: Outcome, sent: list[Sent], since: datetime) -> None:
+    """The checker with the suite's bounded wait (a minute, and two seconds a request)."""
+    await check(stack, outcome, sent, since=since, timeout=60 + 2 * len(sent))
 
 
 def worker_process(stack: Stack, dsn: str, temporal: str) -> subprocess.Popen[bytes]:
@@ -97,22 +56,23 @@ def worker_process(stack: Stack, dsn: str, temporal: str) -> subprocess.Popen[by
            "REFUNDS_PAYLOAD_KEYS": PAYLOAD_KEYS, "REFUNDS_WORKER_HEALTH_PORT": "0",
            "REFUNDS_TEMPORAL_METRICS_PORT": "0", "REFUNDS_TASK_QUEUE": stack.settings.task_queue,
            "REFUNDS_SANDBOX_API_BASE": stack.sandbox_url,
-           "REFUNDS_SANDBOX_WEBHOOK_SECRET": secret.get_secret_value(), "REFUNDS_LOG_LEVEL": "ERROR"}
+           "REFUNDS_SANDBOX_WEBHOOK_SECRET": secret.get_secret_value(), "REFUNDS_LOG_LEVEL": "ERROR",
+           "REFUNDS_PROVIDER_HTTP_TIMEOUT_SECONDS": str(stack.settings.provider_http_timeout_seconds)}
     return subprocess.Popen([str(Path(sys.executable).parent / "refunds"), "worker"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-async def request_many(stack: Stack, count: int, amount: int = 1_000) -> dict[str, str]:
-    """`count` refund requests through the API, each on its own charge."""
-    charges: dict[str, str] = {}
+async def request_many(stack: Stack, count: int, amount: int = 1_000) -> list[Sent]:
+    """`count` refund requests through the API, each on its own charge; each is expected
+    to be accepted (the checker holds every answer to that)."""
+    sent: list[Sent] = []
     async with stack.api("alice") as api:
         for _ in range(count):
             charge = await stack.charge(10_000)
             body = stack.refund_body(charge, amount)
             response = await api.post("/v1/refund-requests", json=body)
-            if response.status_code == 202:
-                charges[body["refund_request_id"]] = charge
-    return charges
+            sent.append(Sent(body["refund_request_id"], charge, response.status_code))
+    return sent
 
 
 async def kill_worker(env: Embedded, refunds: int) -> Outcome:
@@ -120,10 +80,11 @@ async def kill_worker(env: Embedded, refunds: int) -> Outcome:
     stack = await open_stack(env.store, env.client, env.temporal.address, worker=False,
                              submit_timeout_seconds=3)
     rng = random.Random(7)
+    since = datetime.now(UTC)
     worker = worker_process(stack, env.dsn, env.temporal.address)
     kills = 0
     try:
-        charges = await request_many(stack, refunds)
+        sent = await request_many(stack, refunds)
         deadline = time.monotonic() + 60 + refunds * 2
         while time.monotonic() < deadline:
             await asyncio.sleep(rng.uniform(0.2, 2.5))
@@ -131,11 +92,9 @@ async def kill_worker(env: Embedded, refunds: int) -> Outcome:
             worker.wait()
             kills += 1
             worker = worker_process(stack, env.dsn, env.temporal.address)
-            progress = [await stack.store.get_case(c) for c in charges]
-            if all(r and r["status"] in FINAL for r in progress):
+            if not await fault_schedule.count_in_flight(stack, sent):
                 break
-        rows = await wait_final(stack, list(charges), timeout=120)
-        await check_money(stack, outcome, charges, rows)
+        await check_requests(stack, outcome, sent, since)
     finally:
         worker.kill()
         worker.wait()
@@ -144,20 +103,41 @@ async def kill_worker(env: Embedded, refunds: int) -> Outcome:
     return outcome
 
 
-async def restart_services(env: Embedded, refunds: int,
-                           pg_restart: Callable[[], Awaitable[None]]) -> Outcome:
+async def restart_services(env: Embedded, refunds: int) -> Outcome:
+    """Restarts Temporal, then PostgreSQL, while cases are in flight: half wait for an
+    approver (decided only after both restarts), half meet a provider that holds its answer
+    past the client's timeout. The count in flight at each restart is reported, and a
+    restart that strikes nothing is a violation."""
     outcome = Outcome("restart", cases=refunds)
     stack = await open_stack(env.store, env.client, env.temporal.address)
+    since = datetime.now(UTC)
     try:
-        charges = await request_many(stack, refunds)
-        env.temporal.kill()
-        await env.temporal.start()
-        await pg_restart()
-        rows = await wait_final(stack, list(charges), timeout=60 + refunds * 2)
-        await check_money(stack, outcome, charges, rows)
-        unprocessed = [r for r in await stack.store.receipts("sandbox")
-                       if r["verdict"] == "accepted" and r["processed_at"] is None]
-        outcome.counts["receipts_unprocessed"] = len(unprocessed)
+        sent: list[Sent] = []
+        for i in range(refunds):
+            charge = await stack.charge(fault_schedule.CAPTURED)
+            if i % 2:
+                async with stack.sandbox() as sb:
+                    await sb.post("/_sandbox/faults", json={"mode": "timeout_after_success",
+                                                           "seconds": 3, "charge": charge})
+            amount = fault_schedule.AUTO_AMOUNT if i % 2 else fault_schedule.APPROVAL_AMOUNT
+            body = stack.refund_body(charge, amount)
+            sent.append(Sent(body["refund_request_id"], charge,
+                             await fault_schedule.post_retrying(stack, body)))
+        waiting = [s.case_id for i, s in enumerate(sent) if not i % 2]
+        for case_id in waiting:
+            await stack.wait_for_status(case_id, "awaiting_approval", timeout=60 + refunds)
+        restarts: list[tuple[str, Callable[[], Awaitable[None]]]] = [("temporal", env.restart_temporal)]
+        if env.postgres is not None:
+            restarts.append(("postgres", env.restart_postgres))
+        for name, restart in restarts:
+            in_flight = await fault_schedule.count_in_flight(stack, sent)
+            outcome.counts[f"in_flight_at_{name}_restart"] = in_flight
+            if in_flight == 0:
+                outcome.violation(f"{name} restart", "cases in flight", 0)
+            await restart()
+        for case_id in waiting:
+            await fault_schedule.approve_retrying(stack, case_id)
+        await check_requests(stack, outcome, sent, since)
     finally:
         await stack.close()
     return outcome
@@ -168,6 +148,8 @@ async def storms(env: Embedded, copies: int = 12) -> Outcome:
     stack = await open_stack(env.store, env.client, env.temporal.address)
     secret = stack.settings.sandbox_webhook_secret
     assert secret is not None
+    since = datetime.now(UTC)
+    sent: dict[str, Sent] = {}
     try:
         async with httpx.AsyncClient(base_url=stack.relay_url, timeout=60) as http:
             async def deliver(body: bytes) -> int:
@@ -196,12 +178,12 @@ async def storms(env: Embedded, copies: int = 12) -> Outcome:
                 receipts = await stack.store.receipts("sandbox", event_id)
                 if len(receipts) != copies:
                     outcome.violations.append(f"{mode}: {len(receipts)} receipts for {copies} deliveries")
-                case_id = f"sandbox-{object_id}"
-                rows = await wait_final(stack, [case_id], timeout=60)
-                await check_money(stack, outcome, {case_id: charge}, rows)
-                executions = (await stack.actions(case_id)).count("provider_submit_started")
-                if executions != 1:
-                    outcome.violations.append(f"{mode}: {executions} executions")
+                sent[mode] = Sent(f"sandbox-{object_id}", charge, 202)
+        await check_requests(stack, outcome, list(sent.values()), since)
+        for mode, request in sent.items():
+            executions = (await stack.actions(request.case_id)).count("provider_submit_started")
+            if executions != 1:
+                outcome.violation(f"{mode} {request.case_id}", "1 execution", executions)
     finally:
         await stack.close()
     return outcome
@@ -215,6 +197,8 @@ async def order(env: Embedded,
     outcome = Outcome("order", cases=len(permutations))
     stack = await open_stack(env.store, env.client, env.temporal.address, late_failure_window_seconds=5,
                              status_poll_interval_seconds=60)
+    since = datetime.now(UTC)
+    sent: list[Sent] = []
     try:
         async with stack.sandbox() as sb:
             await sb.post("/_sandbox/config", json={"refund_initial_status": "pending",
@@ -222,6 +206,7 @@ async def order(env: Embedded,
         for perm in permutations:
             charge = await stack.charge(10_000)
             case_id = await stack.request_refund("alice", charge, 1_000)
+            sent.append(Sent(case_id, charge, 202))
             row = await stack.wait_for_status(case_id, "pending")
             refund_id = row["provider_refund_id"]
             for status in sequence:  # the provider really moves in order; webhooks are held
@@ -229,10 +214,12 @@ async def order(env: Embedded,
             bodies = await take_held(stack)
             for index in (sequence.index(s) for s in perm):
                 await stack_deliver(stack, bodies[index])
-            final = await wait_final(stack, [case_id], timeout=30)
-            status = final[case_id]["status"] if case_id in final else "missing"
-            if status != "succeeded":
-                outcome.violations.append(f"{'>'.join(perm)}: ended {status}")
+        await check_requests(stack, outcome, sent, since)
+        for perm, request in zip(permutations, sent, strict=True):
+            ended = await stack.store.get_case(request.case_id)
+            if ended is None or ended["status"] != "succeeded":
+                outcome.violation(f"{'>'.join(perm)} {request.case_id}", "succeeded",
+                                  ended["status"] if ended else "missing")
     finally:
         await stack.close()
     return outcome
@@ -410,36 +397,61 @@ async def concurrency(env: Embedded, requests: int) -> Outcome:
     return outcome
 
 
-async def main(scenario: str | None, scale: float) -> list[Outcome]:
+def scenarios(env: Embedded, scale: float, seed: int) -> dict[str, Callable[[], Awaitable[Outcome]]]:
+    """Every scenario at `scale` (1.0 = the issue's sizes), by name."""
+    return {
+        "kill_worker": lambda: kill_worker(env, max(5, int(200 * scale))),
+        "storms": lambda: storms(env),
+        "order": lambda: order(env),
+        "bad_input": lambda: bad_input(env, max(60, int(10_000 * scale))),
+        "concurrency": lambda: concurrency(env, max(10, int(50 * scale))),
+        "schema_fuzz": lambda: schema_fuzz(env, max(5, int(50 * scale))),
+        "restart": lambda: restart_services(env, max(4, int(50 * scale))),
+        "fault_schedule": lambda: fault_schedule.run(
+            env, max(50, int(500 * scale)), seed,
+            worker=lambda stack: worker_process(stack, env.dsn, env.temporal.address)),
+    }
+
+
+SCENARIOS = ("kill_worker", "storms", "order", "bad_input", "concurrency", "schema_fuzz", "restart",
+             "fault_schedule")
+
+
+def print_outcome(outcome: Outcome) -> None:
+    print(f"{outcome.scenario:<14} seed {outcome.seed}  cases {outcome.cases:>6}  violations "
+          f"{len(outcome.violations):>3}  {outcome.counts}", flush=True)
+    for violation in outcome.violations[:50]:
+        print(f"    {violation}")
+    if outcome.waiting_for_person:
+        print(f"    waiting for a person: {', '.join(outcome.waiting_for_person)}")
+
+
+async def main(scenario: str | None, scale: float, seed: int) -> list[Outcome]:
+    """Runs one scenario or all; each writes bench/results/chaos-<scenario>.json, so a single
+    scenario's run leaves the others' results alone."""
     outcomes: list[Outcome] = []
-    async with embedded_stack() as env:
-        runs: dict[str, Callable[[], Awaitable[Outcome]]] = {
-            "kill_worker": lambda: kill_worker(env, max(5, int(200 * scale))),
-            "storms": lambda: storms(env),
-            "order": lambda: order(env),
-            "bad_input": lambda: bad_input(env, max(60, int(10_000 * scale))),
-            "concurrency": lambda: concurrency(env, max(10, int(50 * scale))),
-            "schema_fuzz": lambda: schema_fuzz(env, max(5, int(50 * scale))),
-            "restart": lambda: restart_services(env, max(5, int(50 * scale)), env.restart_postgres),
-        }
-        for name, run in runs.items():
-            if scenario in (None, name):
-                outcome = await run()
-                outcomes.append(outcome)
-                print(f"{outcome.scenario:<12} cases {outcome.cases:>6}  violations "
-                      f"{len(outcome.violations):>3}  {outcome.counts}", flush=True)
-                for violation in outcome.violations[:10]:
-                    print(f"    {violation}")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "chaos.json").write_text(json.dumps([o.__dict__ for o in outcomes], indent=2))
+    async with embedded_stack() as env:
+        runs = scenarios(env, scale, seed)
+        for name in SCENARIOS:
+            if scenario in (None, name):
+                outcome = await runs[name]()
+                outcome.seed = seed if outcome.seed is None else outcome.seed
+                outcomes.append(outcome)
+                print_outcome(outcome)
+                (RESULTS / f"chaos-{name}.json").write_text(json.dumps(
+                    {**outcome.__dict__, "scale": scale}, indent=2))
     return outcomes
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--scenario")
+    parser.add_argument("--scenario", choices=SCENARIOS)
     parser.add_argument("--scale", type=float, default=1.0, help="1.0 = the issue's sizes")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="the randomised schedule's seed (a violation prints it); random if unset")
     args = parser.parse_args()
-    results = event_loop.run(main(args.scenario, args.scale))
+    chosen = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
+    results = event_loop.run(main(args.scenario, args.scale, chosen))
     sys.stdout.flush()
     os._exit(1 if any(o.violations for o in results) else 0)

@@ -1,12 +1,18 @@
 """Small versions of the reliability suite (`make chaos` runs the full sizes)."""
 
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
 import pytest
 from temporalio.client import Client
 
 from adapters.store import Store
 from bench import chaos
+from bench.checker import Outcome, Sent, check
 from bench.common import Embedded
+from domain.models import LedgerInput, LedgerKind, RefundRequest
 from starters.stack import TemporalDevServer
+from tests.harness import Stack, open_stack
 
 
 @pytest.fixture
@@ -17,7 +23,7 @@ def env(store: Store, client: Client, temporal_server: TemporalDevServer, postgr
 async def test_storms_execute_once_and_store_every_receipt(env: Embedded) -> None:
     outcome = await chaos.storms(env, copies=4)
     assert outcome.violations == []
-    assert outcome.counts["provider_refunds"] == 1
+    assert outcome.counts["provider_refunded"] == 3_000  # one storm of each kind, 1,000 refunded once
 
 
 async def test_every_order_of_events_ends_in_the_providers_state(env: Embedded) -> None:
@@ -43,10 +49,97 @@ async def test_concurrent_requests_never_over_refund(env: Embedded) -> None:
 async def test_killing_the_worker_repeatedly_keeps_one_refund_per_request(env: Embedded) -> None:
     outcome = await chaos.kill_worker(env, 3)
     assert outcome.violations == []
-    assert outcome.counts["provider_refunds"] == 3 and outcome.counts["kills"] >= 1
+    assert outcome.counts["provider_refunded"] == 3_000 and outcome.counts["kills"] >= 1
 
 
 async def test_schemathesis_finds_no_server_error_and_changes_nothing(env: Embedded) -> None:
     outcome = await chaos.schema_fuzz(env, 3)
     # the message is schemathesis's own report, whole: pytest's diff would cut it short
     assert outcome.violations == [] and outcome.counts["exit_code"] == 0, "\n".join(outcome.violations)
+
+
+# -- the checker can fail: each planted bad state is reported ----------------------------
+
+@pytest.fixture
+async def bare(store: Store, client: Client, temporal_server: TemporalDevServer) -> AsyncIterator[Stack]:
+    """A stack without a worker: the checker reads what the test planted, nothing moves it."""
+    opened = await open_stack(store, client, temporal_server.address, worker=False)
+    yield opened
+    await opened.close()
+
+
+async def plant(stack: Stack, status: str, *, reserved: int = 0,
+                provider_refund: str | None = None) -> Sent:
+    """A case in `status` holding `reserved`, with (optionally) a provider refund in the
+    given status made for it at the sandbox, as if a run had ended there."""
+    charge = await stack.charge(10_000)
+    body = stack.refund_body(charge, 1_000)
+    await stack.store.create_case(RefundRequest.model_validate(body), "alice")
+    async with stack.store.transaction() as conn:
+        await conn.execute("UPDATE refund_cases SET status = %s, reserved_amount = %s"
+                           " WHERE refund_request_id = %s", (status, reserved, body["refund_request_id"]))
+    if provider_refund is not None:
+        async with stack.sandbox() as sb:
+            made = await sb.post("/v1/refunds", json={
+                "charge": charge, "amount": 1_000,
+                "metadata": {"refund_request_id": body["refund_request_id"]}})
+        await stack.set_provider_status(made.json()["id"], provider_refund, send_webhook=False)
+    return Sent(body["refund_request_id"], charge, 202)
+
+
+async def checked(stack: Stack, sent: list[Sent], since: datetime) -> Outcome:
+    outcome = Outcome("planted", seed=42)
+    await check(stack, outcome, sent, since=since, timeout=0)
+    return outcome
+
+
+async def test_the_checker_passes_a_consistent_state(bare: Stack) -> None:
+    since = datetime.now(UTC)
+    sent = [await plant(bare, "rejected"), await plant(bare, "succeeded", reserved=1_000,
+                                                       provider_refund="succeeded")]
+    async with bare.store.transaction() as conn:  # the succeeded case's settlement, as posted
+        await Store.post_ledger_in(conn, LedgerInput(
+            refund_request_id=sent[1].case_id, kind=LedgerKind.REFUND_SETTLED, amount=1_000,
+            currency="USD", provider_refund_id="re_planted"))
+    outcome = await checked(bare, sent, since)
+    assert outcome.violations == [] and outcome.counts["provider_refunded"] == 1_000
+
+
+@pytest.mark.parametrize(("status", "reserved", "provider_refund", "reported"), [
+    ("succeeded", 1_000, None, "expected one of ['denied', 'expired', 'refund_failed', 'rejected'] "
+                               "(the provider holds no refund), observed succeeded"),
+    ("refund_failed", 0, "succeeded", "is succeeded), observed refund_failed"),
+    ("rejected", 1_000, None, "expected reservation released (rejected), observed 1000 still reserved"),
+    ("executing", 1_000, None, "expected a final status, observed still executing"),
+])
+async def test_the_checker_reports_a_planted_bad_case(bare: Stack, status: str, reserved: int,
+                                                      provider_refund: str | None, reported: str) -> None:
+    since = datetime.now(UTC)
+    sent = await plant(bare, status, reserved=reserved, provider_refund=provider_refund)
+    outcome = await checked(bare, [sent], since)
+    assert any(v.startswith(f"[seed 42] {sent.case_id}: ") and reported in v
+               for v in outcome.violations), outcome.violations
+
+
+async def test_the_checker_reports_a_second_refund_a_stray_and_an_unprocessed_receipt(bare: Stack) -> None:
+    since = datetime.now(UTC)
+    sent = await plant(bare, "succeeded", reserved=1_000, provider_refund="succeeded")
+    async with bare.sandbox() as sb:
+        for reference in (sent.case_id, "not-ours"):
+            await sb.post("/v1/refunds", json={"charge": sent.charge, "amount": 500,
+                                               "metadata": {"refund_request_id": reference}})
+    receipt = await bare.store.store_receipt(
+        provider="sandbox", event_id=f"evt_{bare.new_id()}", event_type="refund.updated", body=b"{}",
+        body_sha256="0" * 64, headers={}, verdict="accepted", error=None)
+    outcome = await checked(bare, [sent], since)
+    text = "\n".join(outcome.violations)
+    assert f"{sent.case_id}: expected one provider refund, observed 2" in text
+    assert f"charge {sent.charge}: expected no refund without a request of ours" in text
+    assert f"receipt {receipt.receipt_id} (refund.updated" in text and "never processed" in text
+    assert f"{sent.case_id}: expected ledger net 1500" in text  # nothing was posted for either
+
+
+async def test_the_checker_reports_an_unexpected_answer(bare: Stack) -> None:
+    outcome = await checked(bare, [Sent("rr-refused", "ch_none", answered=422, expected=202)],
+                            datetime.now(UTC))
+    assert outcome.violations == ["[seed 42] rr-refused request: expected HTTP 202, observed HTTP 422"]
