@@ -1,23 +1,78 @@
 """Small versions of the reliability suite (`make chaos` runs the full sizes)."""
 
+import asyncio
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from temporalio.client import Client
 
 from adapters.store import Store
-from bench import chaos
+from bench import chaos, fault_schedule
 from bench.checker import Outcome, Sent, check
 from bench.common import Embedded
 from domain.models import LedgerInput, LedgerKind, RefundRequest
-from starters.stack import TemporalDevServer
+from starters.stack import EmbeddedPostgres, TemporalDevServer
 from tests.harness import Stack, open_stack
+
+# The schedule the smoke runs; on the code before issue #18's fixes it finds refunds made
+# twice (a slow first create landing after the resubmit) and a case refund_failed while the
+# provider refunded (the resubmit refused as over-captured after the slow create landed).
+SMOKE_SEED = 1
 
 
 @pytest.fixture
 def env(store: Store, client: Client, temporal_server: TemporalDevServer, postgres_dsn: str) -> Embedded:
     return Embedded(temporal_server, client, store, postgres_dsn)
+
+
+@pytest.fixture
+async def own_postgres(tmp_path: Path, client: Client,
+                       temporal_server: TemporalDevServer) -> AsyncIterator[Embedded]:
+    """The session's Temporal with a PostgreSQL of the test's own, which it may restart."""
+    pg = EmbeddedPostgres(tmp_path / "pg")  # kept on stop: a restart must find its data
+    dsn = await asyncio.to_thread(pg.start)
+    store = await Store.open(dsn, max_size=10)
+    await store.migrate()
+    try:
+        yield Embedded(temporal_server, client, store, dsn, pg)
+    finally:
+        await store.close()
+        await asyncio.to_thread(pg.stop)
+
+
+async def test_restarts_strike_cases_in_flight_and_every_case_ends_exact(own_postgres: Embedded) -> None:
+    outcome = await chaos.restart_services(own_postgres, 4)
+    assert outcome.violations == [], "\n".join(outcome.violations)
+    assert outcome.counts["in_flight_at_temporal_restart"] > 0
+    assert outcome.counts["in_flight_at_postgres_restart"] > 0
+    assert outcome.counts["provider_refunded"] == 2 * 1_000 + 2 * 6_000
+
+
+async def test_the_randomised_fault_schedule_keeps_every_refund_exact(env: Embedded) -> None:
+    """50 cases of the schedule `make chaos` runs at 500 (a failure prints the seed: replay
+    it with `make chaos SEED=<seed>`)."""
+    outcome = await fault_schedule.run(
+        env, 50, SMOKE_SEED, worker=lambda stack: chaos.worker_process(stack, env.dsn, env.temporal.address))
+    assert outcome.violations == [], "\n".join(outcome.violations)
+    assert outcome.counts["temporal_restarts"] == 1 and outcome.counts["worker_kills"] == 1
+    assert outcome.counts["in_flight_at_disruptions_min"] > 0
+
+
+def test_a_seed_stands_for_one_schedule() -> None:
+    first, again, other = (fault_schedule.draw(seed, 50) for seed in (SMOKE_SEED, SMOKE_SEED, SMOKE_SEED + 1))
+    assert first == again and first != other
+    drawn = {name for plan in first.cases for name in plan.names}
+    assert {"acts_after_give_up", "lookup_401", "lookup_404", "approval_race", "late_failure"} <= drawn
+
+
+def test_an_unknown_scenario_exits_non_zero() -> None:
+    done = subprocess.run([sys.executable, "-m", "bench.chaos", "--scenario", "no_such"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "invalid choice: 'no_such'" in done.stderr
 
 
 async def test_storms_execute_once_and_store_every_receipt(env: Embedded) -> None:
