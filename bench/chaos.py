@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,12 +33,16 @@ from pathlib import Path
 import httpx
 import psutil
 
-from adapters import event_loop
+from adapters import event_loop, signing
+from adapters.integration_store import IntegrationStore
 from adapters.providers.sandbox import sign
 from bench import fault_schedule
-from bench.checker import FINAL, Outcome, Sent, check
+from bench.checker import Outcome, Sent, check
 from bench.common import RESULTS, Embedded, embedded_stack
 from tests.harness import PAYLOAD_KEYS, Stack, open_stack
+
+SERVICENOW_SECRET = "chaos-servicenow"
+CONTENDED_CAPTURE = 10_000
 
 # Bad input may not grow the relay: what its process adds after warm-up (a tenth of the
 # requests) stays under this, where a leak of a kilobyte a request over 10,000 would not.
@@ -345,56 +350,89 @@ async def schema_fuzz(env: Embedded, examples: int) -> Outcome:
     return outcome
 
 
-async def concurrency(env: Embedded, requests: int) -> Outcome:
+async def concurrency(env: Embedded, requests: int, amount: int = 1_500) -> Outcome:
+    """Contention: `requests` partial refunds of `amount` on one charge of 10,000, at once
+    from the API, provider webhooks and ServiceNow tickets, more than was captured. The
+    sandbox is told to refund beyond the captured amount, so only our reservations keep the
+    sum under it: what we record as refunded and what the provider refunded stay <= 10,000."""
     outcome = Outcome("concurrency", cases=requests)
-    stack = await open_stack(env.store, env.client, env.temporal.address)
+    stack = await open_stack(env.store, env.client, env.temporal.address,
+                             servicenow_inbound_secret=SERVICENOW_SECRET)
+    since = datetime.now(UTC)
+    sent: list[Sent] = []
     try:
-        charge = await stack.charge(10_000)
-        amounts = [700] * requests
+        await IntegrationStore(stack.store).link_identity("servicenow", f"sn-{stack.settings.task_queue}",
+                                                          "alice")
+        async with stack.sandbox() as sb:
+            await sb.post("/_sandbox/config", json={"enforce_captured": False})
+        charge = await stack.charge(CONTENDED_CAPTURE)
 
-        async def by_api(i: int) -> None:
+        async def by_api() -> None:
+            body = stack.refund_body(charge, amount)
             async with stack.api("alice") as api:
-                await api.post("/v1/refund-requests", json=stack.refund_body(charge, amounts[i]))
+                response = await api.post("/v1/refund-requests", json=body)
+            sent.append(Sent(body["refund_request_id"], charge, response.status_code))
 
-        async def by_webhook(i: int) -> None:
+        async def by_webhook() -> None:
+            object_id = f"rrq_{stack.new_id()}"
             async with stack.sandbox() as sb:
-                await sb.post("/_sandbox/events", json={"type": "refund.requested", "object": {
-                    "id": f"rrq_{stack.new_id()}", "object": "refund_request", "charge": charge,
-                    "amount": amounts[i], "currency": "usd", "merchant_account": "acct_1",
-                    "reason": "duplicate", "evidence": {"order_id": "o"}}})
+                response = await sb.post("/_sandbox/events", json={"type": "refund.requested", "object": {
+                    "id": object_id, "object": "refund_request", "charge": charge, "amount": amount,
+                    "currency": "usd", "merchant_account": "acct_1", "reason": "duplicate",
+                    "evidence": {"order_id": "o"}}})
+            response.raise_for_status()  # the provider sends it; the relay's answer is its own
+            sent.append(Sent(f"sandbox-{object_id}", charge, 202))
 
-        await asyncio.gather(*(by_api(i) if i % 2 else by_webhook(i) for i in range(requests)))
-        deadline = asyncio.get_running_loop().time() + 60 + requests * 2
-        approved: set[str] = set()
-        while True:  # an approver approves what waits, until every case ended
-            async with stack.store.transaction() as conn:
-                by_status = {r["status"]: r for r in await (await conn.execute(
-                    "SELECT status, count(*) AS n, sum(reserved_amount) AS held,"
-                    " array_agg(refund_request_id) AS ids FROM refund_cases WHERE charge_id = %s"
-                    " GROUP BY status", (charge,))).fetchall()}
-            final = sum(r["n"] for status, r in by_status.items() if status in FINAL)
-            if final == requests or asyncio.get_running_loop().time() > deadline:
-                break
-            waiting = by_status.get("awaiting_approval", {"ids": []})["ids"]
-            async with stack.api("bob") as api:
-                for case_id in set(waiting) - approved:
-                    await api.post(f"/v1/refund-requests/{case_id}/approvals",
-                                   json={"decision": "approve", "reason": "chaos approver"})
-                    approved.add(case_id)
-            await asyncio.sleep(0.5)
-        outcome.counts.update({status: int(r["n"]) for status, r in by_status.items()})
+        async def by_servicenow() -> None:
+            sys_id = uuid.uuid4().hex
+            body = json.dumps({
+                "sys_id": sys_id, "number": f"RR{sys_id[:7]}", "sys_updated_on": "2026-12-01 10:00:00",
+                "opened_by": {"user_name": f"sn-{stack.settings.task_queue}"}, "provider": "sandbox",
+                "charge_id": charge, "amount": amount, "currency": "USD", "merchant_account": "acct_1",
+                "evidence": {"order_id": "o"}}).encode()
+            stamp = str(int(time.time()))
+            async with httpx.AsyncClient(base_url=stack.relay_url, timeout=60) as http:
+                response = await http.post("/integrations/servicenow/refund-requests", content=body, headers={
+                    "Content-Type": "application/json", "X-Refunds-Request-Timestamp": stamp,
+                    "X-Refunds-Signature": signing.signature("servicenow", SERVICENOW_SECRET, stamp, body)})
+            sent.append(Sent(f"servicenow-{sys_id}", charge, response.status_code))
+
+        entry_points = (by_api, by_webhook, by_servicenow)
+        await asyncio.gather(*(entry_points[i % 3]() for i in range(requests)))
+        await approve_until_settled(stack, sent, timeout=60 + 2 * requests)
+        await check_requests(stack, outcome, sent, since)
+        async with stack.store.transaction() as conn:
+            by_status = {r["status"]: r for r in await (await conn.execute(
+                "SELECT status, count(*) AS n, sum(reserved_amount) AS held FROM refund_cases"
+                " WHERE charge_id = %s GROUP BY status", (charge,))).fetchall()}
         refunded = sum(r["amount"] for r in await stack.provider_refunds(charge)
-                       if r["status"] != "failed")
-        outcome.counts.update({"cases": sum(int(r["n"]) for r in by_status.values()), "final": final,
+                       if r["status"] == "succeeded")
+        outcome.counts.update({status: int(r["n"]) for status, r in by_status.items()})
+        outcome.counts.update({"requested": requests * amount, "captured": CONTENDED_CAPTURE,
                                "refunded": refunded,
                                "held": sum(int(r["held"] or 0) for r in by_status.values())})
-        if final != requests:
-            outcome.violations.append(f"only {final} of {requests} cases ended")
-        if refunded > 10_000 or outcome.counts["held"] > 10_000:
-            outcome.violations.append(f"over-refund: refunded {refunded}, held {outcome.counts['held']}")
+        if refunded > CONTENDED_CAPTURE or outcome.counts["held"] > CONTENDED_CAPTURE:
+            outcome.violation(f"charge {charge}", f"refunded and held <= {CONTENDED_CAPTURE}",
+                              f"refunded {refunded}, held {outcome.counts['held']}")
     finally:
         await stack.close()
     return outcome
+
+
+async def approve_until_settled(stack: Stack, sent: list[Sent], timeout: float) -> None:
+    """An approver approves each case once it waits (partial refunds after a first one need
+    a person), until no case is in flight or the time is up."""
+    approved: set[str] = set()
+    deadline = asyncio.get_running_loop().time() + timeout
+    while await fault_schedule.count_in_flight(stack, sent) and asyncio.get_running_loop().time() < deadline:
+        async with stack.store.transaction() as conn:
+            waiting = [r["refund_request_id"] for r in await (await conn.execute(
+                "SELECT refund_request_id FROM refund_cases WHERE refund_request_id = ANY(%s)"
+                " AND status = 'awaiting_approval'", ([s.case_id for s in sent],))).fetchall()]
+        for case_id in set(waiting) - approved:
+            await fault_schedule.approve_retrying(stack, case_id)
+            approved.add(case_id)
+        await asyncio.sleep(0.5)
 
 
 def scenarios(env: Embedded, scale: float, seed: int) -> dict[str, Callable[[], Awaitable[Outcome]]]:
