@@ -24,11 +24,13 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -43,6 +45,8 @@ from tests.harness import PAYLOAD_KEYS, Stack, open_stack
 
 SERVICENOW_SECRET = "chaos-servicenow"
 CONTENDED_CAPTURE = 10_000
+# The schema fuzz runs as each role that can change something.
+FUZZ_USERS = ("alice", "bob", "olga")
 
 # Bad input may not grow the relay: what its process adds after warm-up (a tenth of the
 # requests) stays under this, where a leak of a kilobyte a request over 10,000 would not.
@@ -327,27 +331,62 @@ def failures_section(report: str) -> str:
     return found.group(0) if found else report
 
 
-async def schema_fuzz(env: Embedded, examples: int) -> Outcome:
-    """schemathesis against the relay's own OpenAPI document, as a read-only auditor: no
-    answer may be a 5xx, and no money state may change."""
-    outcome = Outcome("schema_fuzz", cases=examples)
+async def schema_fuzz(env: Embedded, examples: int,
+                      phases: str = "examples,coverage,fuzzing,stateful") -> Outcome:
+    """schemathesis against the relay's own OpenAPI document, once with each token that can
+    write (requester, approver, ops): no answer may be a 5xx, the ledger may not change (no
+    fuzzed charge exists at the provider), and every case the fuzz created is one an answer
+    of 2xx announced, and every 2xx answer to a refund request left its case."""
+    outcome = Outcome("schema_fuzz", cases=examples * len(FUZZ_USERS))
     stack = await open_stack(env.store, env.client, env.temporal.address)
     try:
         before = await counts(stack)
-        done = await asyncio.to_thread(subprocess.run, [
-            str(Path(sys.executable).parent / "st"), "run", f"{stack.relay_url}/openapi.json",
-            "--checks", "not_a_server_error", "--max-examples", str(examples),
-            "--header", f"Authorization: Bearer {stack.tokens['dave']}", "--no-color"],
-            capture_output=True, text=True, timeout=1800)
-        outcome.counts["exit_code"] = done.returncode
-        if done.returncode != 0:
-            outcome.violations.append("schemathesis found failures:\n" + failures_section(done.stdout))
+        since = datetime.now(UTC)
+        answers: list[dict[str, Any]] = []
+        for user in FUZZ_USERS:
+            with tempfile.TemporaryDirectory(prefix="refunds-fuzz-") as folder:
+                har = Path(folder) / "run.har"
+                done = await asyncio.to_thread(subprocess.run, [
+                    str(Path(sys.executable).parent / "st"), "run", f"{stack.relay_url}/openapi.json",
+                    "--checks", "not_a_server_error", "--max-examples", str(examples),
+                    "--header", f"Authorization: Bearer {stack.tokens[user]}", "--no-color",
+                    "--phases", phases, "--report", "har", "--report-har-path", str(har)],
+                    capture_output=True, text=True, timeout=1800)
+                answers += json.loads(har.read_text())["log"]["entries"] if har.exists() else []
+            outcome.counts[f"exit_code_{user}"] = done.returncode
+            if done.returncode != 0:
+                outcome.violations.append(f"schemathesis as {user} found failures:\n"
+                                          + failures_section(done.stdout))
+        outcome.counts["requests"] = len(answers)
+        await account_fuzz(stack, outcome, answers, since)
         after = await counts(stack)
-        if money_state(after) != money_state(before):
-            outcome.violations.append(f"state changed: {before} -> {after}")
+        if after["ledger"] != before["ledger"]:
+            outcome.violation("ledger", f"{before['ledger']} entries (nothing refunded)", after["ledger"])
     finally:
         await stack.close()
     return outcome
+
+
+async def account_fuzz(stack: Stack, outcome: Outcome, answers: list[dict[str, Any]],
+                       since: datetime) -> None:
+    """Every case created during the fuzz was announced by a 2xx answer, and every 2xx
+    answer to a refund request has its case."""
+    async with stack.store.transaction() as conn:
+        created = {r["refund_request_id"] for r in await (await conn.execute(
+            "SELECT refund_request_id FROM refund_cases WHERE created_at >= %s", (since,))).fetchall()}
+    announced = " ".join(a["response"]["content"].get("text") or "" for a in answers
+                         if 200 <= a["response"]["status"] < 300)
+    for case_id in sorted(created):
+        if case_id not in announced:
+            outcome.violation(case_id, "a case only where a 2xx answer announced it", "created unannounced")
+    for answer in answers:
+        request = answer["request"]
+        if (request["method"] == "POST" and request["url"].endswith("/v1/refund-requests")
+                and 200 <= answer["response"]["status"] < 300):
+            case_id = json.loads(request["postData"]["text"])["refund_request_id"]
+            if await stack.store.get_case(case_id) is None:
+                outcome.violation(case_id, "the case its 2xx answer announced", "no case")
+    outcome.counts["cases_created"] = len(created)
 
 
 async def concurrency(env: Embedded, requests: int, amount: int = 1_500) -> Outcome:
