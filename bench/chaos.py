@@ -16,6 +16,7 @@ the bar. A smoke version of each runs in `make test` (tests/test_chaos_smoke.py)
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -84,32 +85,75 @@ async def request_many(stack: Stack, count: int, amount: int = 1_000) -> list[Se
     return sent
 
 
-async def kill_worker(env: Embedded, refunds: int) -> Outcome:
-    outcome = Outcome("kill_worker", cases=refunds)
+# Where kill_worker strikes: the sandbox fault that holds the call there (the sandbox lists
+# held calls at /_sandbox/stalled); the ledger point holds a lock on the ledger instead.
+KILL_POINTS: dict[str, list[dict[str, Any]]] = {
+    "before_provider_acted": [{"mode": "timeout_before", "seconds": 4}],
+    "after_provider_acted": [{"mode": "timeout_after_success", "seconds": 4}],
+    "during_verify": [{"mode": "error_after"}, {"mode": "lookup_slow", "seconds": 4}],
+    "during_ledger_posting": [],
+}
+STALLED_AT = {"before_provider_acted": "create_before_acting", "after_provider_acted": "create_after_acting",
+              "during_verify": "lookup"}
+
+
+async def kill_worker(env: Embedded, rounds: int) -> Outcome:
+    """SIGKILLs the worker at each named point `rounds` times (a case a kill), against a
+    provider that ignores idempotency keys; each kill is counted where it struck, and the
+    checker holds every case to the provider's refunds."""
+    outcome = Outcome("kill_worker", cases=rounds * len(KILL_POINTS))
     stack = await open_stack(env.store, env.client, env.temporal.address, worker=False,
                              submit_timeout_seconds=3)
-    rng = random.Random(7)
     since = datetime.now(UTC)
     worker = worker_process(stack, env.dsn, env.temporal.address)
-    kills = 0
+    sent: list[Sent] = []
     try:
-        sent = await request_many(stack, refunds)
-        deadline = time.monotonic() + 60 + refunds * 2
-        while time.monotonic() < deadline:
-            await asyncio.sleep(rng.uniform(0.2, 2.5))
-            worker.send_signal(signal.SIGKILL)
-            worker.wait()
-            kills += 1
-            worker = worker_process(stack, env.dsn, env.temporal.address)
-            if not await fault_schedule.count_in_flight(stack, sent):
-                break
+        for _ in range(rounds):
+            for point, faults in KILL_POINTS.items():
+                charge = await stack.charge(10_000)
+                await fault_schedule.arm(stack, charge, faults)
+                body = stack.refund_body(charge, 1_000)
+                async with contextlib.AsyncExitStack() as held:
+                    if point == "during_ledger_posting":
+                        conn = await held.enter_async_context(stack.store.transaction())
+                        await conn.execute("LOCK TABLE ledger_entries IN SHARE ROW EXCLUSIVE MODE")
+                    sent.append(Sent(body["refund_request_id"], charge,
+                                     await fault_schedule.post_retrying(stack, body)))
+                    if not await reached(stack, point, charge, timeout=30):
+                        outcome.violation(f"{body['refund_request_id']} kill point {point}", "reached",
+                                          "not within 30 s")
+                        continue
+                    worker.send_signal(signal.SIGKILL)
+                    await asyncio.to_thread(worker.wait)
+                    outcome.counts[f"kills_{point}"] = outcome.counts.get(f"kills_{point}", 0) + 1
+                worker = worker_process(stack, env.dsn, env.temporal.address)
         await check_requests(stack, outcome, sent, since)
     finally:
         worker.kill()
         worker.wait()
         await stack.close()
-    outcome.counts["kills"] = kills
+    outcome.counts["kills"] = sum(v for k, v in outcome.counts.items() if k.startswith("kills_"))
     return outcome
+
+
+async def reached(stack: Stack, point: str, charge: str, timeout: float) -> bool:
+    """Waits until the case's call is held at the kill point: a call the sandbox holds, or
+    the ledger insert waiting on the suite's lock."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        if point == "during_ledger_posting":
+            async with stack.store.transaction() as conn:
+                row = await (await conn.execute(
+                    "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND query ILIKE 'INSERT INTO ledger_entries%%'")).fetchone()
+            if row and row["n"]:
+                return True
+        else:
+            async with stack.sandbox() as sb:
+                if f"{STALLED_AT[point]}:{charge}" in (await sb.get("/_sandbox/stalled")).json()["stalled"]:
+                    return True
+        await asyncio.sleep(0.1)
+    return False
 
 
 async def restart_services(env: Embedded, refunds: int) -> Outcome:
@@ -125,9 +169,7 @@ async def restart_services(env: Embedded, refunds: int) -> Outcome:
         for i in range(refunds):
             charge = await stack.charge(fault_schedule.CAPTURED)
             if i % 2:
-                async with stack.sandbox() as sb:
-                    await sb.post("/_sandbox/faults", json={"mode": "timeout_after_success",
-                                                           "seconds": 3, "charge": charge})
+                await fault_schedule.arm(stack, charge, [{"mode": "timeout_after_success", "seconds": 3}])
             amount = fault_schedule.AUTO_AMOUNT if i % 2 else fault_schedule.APPROVAL_AMOUNT
             body = stack.refund_body(charge, amount)
             sent.append(Sent(body["refund_request_id"], charge,
@@ -477,7 +519,7 @@ async def approve_until_settled(stack: Stack, sent: list[Sent], timeout: float) 
 def scenarios(env: Embedded, scale: float, seed: int) -> dict[str, Callable[[], Awaitable[Outcome]]]:
     """Every scenario at `scale` (1.0 = the issue's sizes), by name."""
     return {
-        "kill_worker": lambda: kill_worker(env, max(5, int(200 * scale))),
+        "kill_worker": lambda: kill_worker(env, max(1, int(20 * scale))),
         "storms": lambda: storms(env),
         "order": lambda: order(env),
         "bad_input": lambda: bad_input(env, max(60, int(10_000 * scale))),

@@ -122,10 +122,7 @@ async def run(env: Embedded, cases: int, seed: int, *, concurrency: int = 10,
         async def one(index: int, plan: CasePlan) -> None:
             async with gate:
                 charge = charges[index]
-                async with stack.sandbox() as sb:
-                    for fault in plan.faults:
-                        queued = await sb.post("/_sandbox/faults", json={**fault, "charge": charge})
-                        queued.raise_for_status()
+                await arm(stack, charge, plan.faults)
                 body = stack.refund_body(charge, APPROVAL_AMOUNT if plan.approval_race else AUTO_AMOUNT)
                 answered = await post_retrying(stack, body)
                 sent.append(Sent(body["refund_request_id"], charge, answered))
@@ -160,6 +157,13 @@ async def run(env: Embedded, cases: int, seed: int, *, concurrency: int = 10,
     if disruptions and min(in_flight) == 0:
         outcome.violation("disruptions", "cases in flight at each", in_flight)
     return outcome
+
+
+async def arm(stack: Stack, charge: str, faults: list[dict[str, Any]]) -> None:
+    """Queues the faults at the sandbox, each for this charge's calls only."""
+    async with stack.sandbox() as sb:
+        for fault in faults:
+            (await sb.post("/_sandbox/faults", json={**fault, "charge": charge})).raise_for_status()
 
 
 async def post_retrying(stack: Stack, body: dict[str, Any]) -> int:

@@ -16,6 +16,7 @@ import logging
 import secrets
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
@@ -30,10 +31,10 @@ from adapters.tls import client_tls
 log = logging.getLogger("sandbox")
 
 FaultMode = Literal["timeout_after_success", "error_before", "error_after", "timeout_before",
-                    "acts_after_give_up", "late_failure", "lookup_status",
+                    "acts_after_give_up", "late_failure", "lookup_status", "lookup_slow",
                     "webhook_lost", "webhook_duplicated", "webhook_late"]
 # Which call a fault is for: the create, the lookup (GET /v1/refunds), or a refund's webhooks.
-LOOKUP_FAULTS = frozenset({"lookup_status"})
+LOOKUP_FAULTS = frozenset({"lookup_status", "lookup_slow"})
 WEBHOOK_FAULTS = frozenset({"webhook_lost", "webhook_duplicated", "webhook_late"})
 
 
@@ -123,6 +124,8 @@ class SandboxState:
     enforce_captured: bool = True
     faults: list[FaultIn] = field(default_factory=list)
     held: list[bytes] = field(default_factory=list)
+    stalled: Counter[str] = field(default_factory=Counter)
+    """Calls a fault holds right now, as `<point>:<charge>`: the suite kills a worker there."""
     slow_creates: dict[str, tuple[asyncio.Event, asyncio.Event]] = field(default_factory=dict)
     """Per charge with a slow create: (the next create arrived, the slow one has acted)."""
 
@@ -325,6 +328,17 @@ def create_app(*, db_path: str = ":memory:", webhook_url: str | None = None,
             state.faults.remove(fault)
         return fault
 
+    async def stall(point: str, charge: str | None, seconds: float) -> None:
+        """Holds the call for `seconds`, listed in /_sandbox/stalled meanwhile."""
+        key = f"{point}:{charge}"
+        state.stalled[key] += 1
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            state.stalled[key] -= 1
+            if state.stalled[key] <= 0:
+                del state.stalled[key]
+
     def is_create_fault(mode: str) -> bool:
         return mode not in LOOKUP_FAULTS and mode not in WEBHOOK_FAULTS
 
@@ -389,7 +403,7 @@ def create_app(*, db_path: str = ":memory:", webhook_url: str | None = None,
         if fault and fault.mode == "error_before":
             raise HTTPException(503, "scripted outage before the refund was made")
         if fault and fault.mode == "timeout_before":  # the client gives up; nothing is made
-            await asyncio.sleep(fault.seconds)
+            await stall("create_before_acting", body.charge, fault.seconds)
             raise HTTPException(503, "scripted timeout before the refund was made")
         if fault and fault.mode == "acts_after_give_up":
             # Still working when the client gives up; acts after `seconds`, or at once when
@@ -422,7 +436,7 @@ def create_app(*, db_path: str = ":memory:", webhook_url: str | None = None,
         if fault and fault.mode == "late_failure":
             spawn(later(fault.seconds, lambda: fail_later(refund["id"])))
         if fault and fault.mode == "timeout_after_success":
-            await asyncio.sleep(fault.seconds)
+            await stall("create_after_acting", body.charge, fault.seconds)
         if fault and fault.mode == "error_after":
             raise HTTPException(502, "scripted failure after the refund was made")
         return refund
@@ -439,7 +453,9 @@ def create_app(*, db_path: str = ":memory:", webhook_url: str | None = None,
         `reference` (our request id in metadata) narrows the page for verify-state."""
         authorise(authorization)
         if reference is not None and (fault := take_fault(LOOKUP_FAULTS.__contains__, charge)):
-            raise HTTPException(fault.status, f"scripted refusal of the lookup (HTTP {fault.status})")
+            if fault.mode == "lookup_status":
+                raise HTTPException(fault.status, f"scripted refusal of the lookup (HTTP {fault.status})")
+            await stall("lookup", charge, fault.seconds)
         try:
             page, more = bank.page("refunds", since=created_gte, until=created_lt,
                                    starting_after=starting_after, limit=limit, charge=charge)
@@ -495,6 +511,11 @@ def create_app(*, db_path: str = ":memory:", webhook_url: str | None = None,
     async def add_fault(body: FaultIn) -> dict[str, int]:
         state.faults.append(body)
         return {"queued": len(state.faults)}
+
+    @app.get("/_sandbox/stalled")
+    async def stalled() -> dict[str, list[str]]:
+        """The calls faults hold right now (`<point>:<charge>`), so a suite can act at that point."""
+        return {"stalled": sorted(state.stalled)}
 
     @app.post("/_sandbox/config")
     async def configure(body: ConfigIn) -> dict[str, Any]:
