@@ -1,17 +1,23 @@
 """The reliability suite (`make chaos`): each scenario prints its counts; 0 violations is
-the bar. A smoke version of each runs in `make test` (tests/test_chaos_smoke.py).
+the bar. After every scenario the checker (bench/checker.py) holds each request it sent to the
+provider's refunds per charge. A smoke version of each runs in `make test`
+(tests/test_chaos_smoke.py).
 
-1. kill_worker: SIGKILL the worker at random moments of N refunds (before, during and right
-   after the provider call, during ledger posting) against a provider that ignores
-   idempotency keys: provider refunds = distinct requests, ledger balanced, every case final.
-2. restart: restart the Temporal dev server (same SQLite file) and PostgreSQL mid-run.
+1. kill_worker: SIGKILL the worker at named points (before and after the provider acted,
+   during verify, during the ledger posting), each `rounds` times, against a provider that
+   ignores idempotency keys.
+2. restart: restart the Temporal dev server (same SQLite file) and PostgreSQL while cases are
+   in flight (counted at each restart).
 3. storms: 12 identical deliveries at once, 12 spread out, 12 re-signed with fresh timestamps.
 4. order: every permutation of a refund's event sequence ends in the provider's final state.
 5. bad_input: thousands of malformed, forged, oversize and stale requests: no 5xx, no state;
-   schema_fuzz: schemathesis against the relay's OpenAPI document, likewise.
-6. concurrency: 50 concurrent partial refunds on one charge from mixed entry points.
+   schema_fuzz: schemathesis against the relay's OpenAPI document as each role that can
+   write, every case it created accounted against the answers.
+6. concurrency: more requested than captured on one charge, from the API, provider webhooks
+   and ServiceNow at once.
+7. fault_schedule: the randomised fault schedule (bench/fault_schedule.py); `--seed` replays one.
 
-    python -m bench.chaos [--scenario NAME] [--scale 1.0]
+    python -m bench.chaos [--scenario NAME] [--scale 1.0] [--seed N]
 """
 
 import argparse
