@@ -11,6 +11,7 @@ orchestrator sent; each case has its own charge, so the checker's per-charge vie
 """
 
 import asyncio
+import contextlib
 import random
 import signal
 import subprocess
@@ -21,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+import psycopg
 
 from bench.checker import Outcome, Sent, check
 from bench.common import Embedded
@@ -196,13 +198,24 @@ async def approve_retrying(stack: Stack, case_id: str) -> None:
         await asyncio.sleep(1)
 
 
+async def reaches(stack: Stack, case_id: str, status: str, timeout: float) -> bool:
+    """Whether the case reaches `status` in time; reads that fail while PostgreSQL restarts
+    are tried again."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        with contextlib.suppress(psycopg.Error):
+            row = await stack.store.get_case(case_id)
+            if row is not None and row["status"] == status:
+                return True
+        await asyncio.sleep(0.3)
+    return False
+
+
 async def race_approvals(stack: Stack, outcome: Outcome, case_id: str) -> None:
     """Once the case waits for approval, two approvers decide at once, opposite ways: one
     wins, the other is refused; neither call may hang."""
-    try:
-        await stack.wait_for_status(case_id, "awaiting_approval", timeout=120)
-    except AssertionError as exc:
-        outcome.violation(case_id, "awaiting_approval", str(exc))
+    if not await reaches(stack, case_id, "awaiting_approval", timeout=120):
+        outcome.violation(case_id, "awaiting_approval within 120 s", "never")
         return
 
     async def decide(user: str, decision: str) -> int | str:
