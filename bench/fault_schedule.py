@@ -173,18 +173,17 @@ async def arm(stack: Stack, charge: str, faults: list[dict[str, Any]]) -> None:
 
 async def post_retrying(stack: Stack, body: dict[str, Any]) -> int:
     """Posts the request, repeating it (same body, as a client would) while the relay cannot
-    answer because Temporal or PostgreSQL is restarting; returns the final HTTP status."""
+    answer because Temporal or PostgreSQL is restarting; returns the last HTTP status (0: the
+    relay never answered)."""
+    status = 0
     for _ in range(60):
-        try:
+        with contextlib.suppress(httpx.TransportError):
             async with stack.api("alice") as api:
-                response = await api.post("/v1/refund-requests", json=body)
-        except httpx.TransportError:
-            await asyncio.sleep(1)
-            continue
-        if response.status_code < 500:
-            return response.status_code
+                status = (await api.post("/v1/refund-requests", json=body)).status_code
+            if 0 < status < 500:
+                return status
         await asyncio.sleep(1)
-    return response.status_code
+    return status
 
 
 async def approve_retrying(stack: Stack, case_id: str) -> None:
