@@ -33,6 +33,9 @@ from tests.harness import Stack, open_stack
 # activity's horizon (its start-to-close), which a workflow can wait out before it resubmits.
 HTTP_TIMEOUT = 1.0
 SUBMIT_TIMEOUT = 8.0
+# How long a succeeded case watches for a late failure: well past the latest one the schedule
+# draws (1.5 s) and its webhook's delivery on a loaded machine, which a 3 s watch missed.
+LATE_FAILURE_WINDOW = 10
 # Amounts: at or below the policy's auto-approval (50.00) runs straight through; above it an
 # approver must decide, which is where two approvers race.
 AUTO_AMOUNT, APPROVAL_AMOUNT, CAPTURED = 1_000, 6_000, 10_000
@@ -111,7 +114,8 @@ async def run(env: Embedded, cases: int, seed: int, *, concurrency: int = 10,
     stack = await open_stack(env.store, env.client, env.temporal.address, worker=False,
                              provider_http_timeout_seconds=HTTP_TIMEOUT,
                              submit_timeout_seconds=SUBMIT_TIMEOUT,
-                             status_poll_interval_seconds=1, late_failure_window_seconds=3)
+                             status_poll_interval_seconds=1,
+                             late_failure_window_seconds=LATE_FAILURE_WINDOW)
     since = datetime.now(UTC)
     process = worker(stack)
     sent: list[Sent] = []
@@ -132,8 +136,8 @@ async def run(env: Embedded, cases: int, seed: int, *, concurrency: int = 10,
                 answered = await post_retrying(stack, body)
                 sent.append(Sent(body["refund_request_id"], charge, answered))
                 if plan.approval_race and answered == 202:
-                    races.append(asyncio.create_task(race_approvals(stack, outcome,
-                                                                    body["refund_request_id"])))
+                    races.append(asyncio.create_task(race_approvals(
+                        stack, outcome, body["refund_request_id"], timeout=60 + cases)))
 
         tasks = [asyncio.create_task(one(i, plan)) for i, plan in enumerate(schedule.cases)]
         for at, what in disruptions:
@@ -213,11 +217,11 @@ async def reaches(stack: Stack, case_id: str, status: str, timeout: float) -> bo
     return False
 
 
-async def race_approvals(stack: Stack, outcome: Outcome, case_id: str) -> None:
+async def race_approvals(stack: Stack, outcome: Outcome, case_id: str, timeout: float) -> None:
     """Once the case waits for approval, two approvers decide at once, opposite ways: one
     wins, the other is refused; neither call may hang."""
-    if not await reaches(stack, case_id, "awaiting_approval", timeout=120):
-        outcome.violation(case_id, "awaiting_approval within 120 s", "never")
+    if not await reaches(stack, case_id, "awaiting_approval", timeout=timeout):
+        outcome.violation(case_id, f"awaiting_approval within {timeout} s", "never")
         return
 
     async def decide(user: str, decision: str) -> int | str:
