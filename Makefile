@@ -44,8 +44,9 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.open_cases
 	$(BIN)/python -m bench.reconciliation
 
+# SEED=<n> replays the randomised fault schedule a violation named.
 chaos: $(STAMP)
-	$(BIN)/python -m bench.chaos
+	$(BIN)/python -m bench.chaos $(if $(SEED),--scenario fault_schedule --seed $(SEED))
 
 # Chromium (apt) and playwright-core (npm) for the console's browser tests; without them
 # those tests skip with the reason, except in CI (CI=true), where this step fails.

@@ -37,6 +37,11 @@ class Embedded:
     dsn: str
     postgres: EmbeddedPostgres | None = None
 
+    async def restart_temporal(self) -> None:
+        """Kills the Temporal dev server and starts it on the same SQLite file."""
+        self.temporal.kill()
+        await self.temporal.start()
+
     async def restart_postgres(self) -> None:
         """Stops and starts PostgreSQL on the same data; the pools reconnect by themselves."""
         assert self.postgres is not None, "only a bench-owned PostgreSQL is restarted"

@@ -10,11 +10,13 @@ State lives in SQLite so a restarted dev stack still knows its refunds and payou
 """
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
@@ -28,7 +30,12 @@ from adapters.tls import client_tls
 
 log = logging.getLogger("sandbox")
 
-FaultMode = Literal["timeout_after_success", "error_before", "error_after"]
+FaultMode = Literal["timeout_after_success", "error_before", "error_after", "timeout_before",
+                    "acts_after_give_up", "late_failure", "lookup_status", "lookup_slow",
+                    "webhook_lost", "webhook_duplicated", "webhook_late"]
+# Which call a fault is for: the create, the lookup (GET /v1/refunds), or a refund's webhooks.
+LOOKUP_FAULTS = frozenset({"lookup_status", "lookup_slow"})
+WEBHOOK_FAULTS = frozenset({"webhook_lost", "webhook_duplicated", "webhook_late"})
 
 
 class ChargeIn(BaseModel):
@@ -53,9 +60,16 @@ class RefundIn(BaseModel):
 
 
 class FaultIn(BaseModel):
+    """A scripted fault, taken by the next `times` calls it applies to. `seconds` is how long
+    a timeout holds, how late a slow create acts, a late failure comes or a late webhook
+    goes; `status` is what a refused lookup answers; `charge` scopes the fault to one charge
+    (a randomised schedule runs many cases at once, each with its own faults)."""
+
     mode: FaultMode
     times: int = 1
     seconds: float = 30.0
+    status: int = Field(default=404, ge=400, le=599)
+    charge: str | None = None
 
 
 class StatusIn(BaseModel):
@@ -93,6 +107,9 @@ class ConfigIn(BaseModel):
     refund_initial_status: Literal["pending", "succeeded"] | None = None
     webhook_url: str | None = None
     hold_webhooks: bool | None = None
+    enforce_captured: bool | None = Field(
+        default=None, description="false: refunds beyond the captured amount are made too, so a "
+                                  "test sees an over-refund its orchestrator let through")
 
 
 @dataclass
@@ -104,8 +121,13 @@ class SandboxState:
     dedup_idempotency_keys: bool = False
     refund_initial_status: str = "succeeded"
     hold_webhooks: bool = False
+    enforce_captured: bool = True
     faults: list[FaultIn] = field(default_factory=list)
     held: list[bytes] = field(default_factory=list)
+    stalled: Counter[str] = field(default_factory=Counter)
+    """Calls a fault holds right now, as `<point>:<charge>`: the suite kills a worker there."""
+    slow_creates: dict[str, tuple[asyncio.Event, asyncio.Event]] = field(default_factory=dict)
+    """Per charge with a slow create: (the next create arrived, the slow one has acted)."""
 
 
 SCHEMA = """
@@ -281,21 +303,56 @@ def create_app(*, db_path: str = ":memory:", webhook_url: str | None = None,
         event = {"id": event_id or _new_id("evt"), "object": "event", "type": event_type,
                  "created": int(time.time()), "data": {"object": obj}}
         body = json.dumps(event).encode()
+        fault = (take_fault(WEBHOOK_FAULTS.__contains__, obj.get("charge"))
+                 if obj.get("object") == "refund" else None)
+        if fault is not None and fault.mode == "webhook_lost":
+            return str(event["id"])
+        copies += 3 if fault is not None and fault.mode == "webhook_duplicated" else 0
         for _ in range(copies):
             if state.hold_webhooks:
                 state.held.append(body)
+            elif fault is not None and fault.mode == "webhook_late":
+                spawn(later(fault.seconds, lambda: spawn(deliver(body))))
             else:
                 spawn(deliver(body))
         return str(event["id"])
 
-    def take_fault() -> FaultIn | None:
-        if not state.faults:
+    def take_fault(kinds: Callable[[str], bool], charge: str | None) -> FaultIn | None:
+        """The first queued fault of the call's kind for its charge (or for any charge)."""
+        fault = next((f for f in state.faults
+                      if kinds(f.mode) and f.charge in (None, charge)), None)
+        if fault is None:
             return None
-        fault = state.faults[0]
         fault.times -= 1
         if fault.times <= 0:
-            state.faults.pop(0)
+            state.faults.remove(fault)
         return fault
+
+    async def stall(point: str, charge: str | None, seconds: float) -> None:
+        """Holds the call for `seconds`, listed in /_sandbox/stalled meanwhile."""
+        key = f"{point}:{charge}"
+        state.stalled[key] += 1
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            state.stalled[key] -= 1
+            if state.stalled[key] <= 0:
+                del state.stalled[key]
+
+    def is_create_fault(mode: str) -> bool:
+        return mode not in LOOKUP_FAULTS and mode not in WEBHOOK_FAULTS
+
+    async def later(seconds: float, action: Callable[[], None]) -> None:
+        await asyncio.sleep(seconds)
+        action()
+
+    def fail_later(refund_id: str) -> None:
+        """A late failure: the refund that showed succeeded fails, and says so."""
+        refund = bank.refund(refund_id)
+        if refund is not None:
+            refund.update(status="failed", failure_reason="lost_or_stolen_card")
+            bank.put("refunds", refund)
+            emit("refund.updated", refund)
 
     def new_charge(body: ChargeIn) -> dict[str, Any]:
         charge = {"id": body.id or _new_id("ch"), "object": "charge", "amount": body.amount,
@@ -337,9 +394,24 @@ def create_app(*, db_path: str = ":memory:", webhook_url: str | None = None,
     async def create_refund(body: RefundIn, authorization: str | None = Header(None),
                             idempotency_key: str | None = Header(None)) -> dict[str, Any]:
         authorise(authorization)
-        fault = take_fault()
+        if (slow := state.slow_creates.pop(body.charge, None)) is not None:
+            arrived, acted = slow
+            arrived.set()
+            with contextlib.suppress(TimeoutError):  # the slow create acts first, as it came first
+                await asyncio.wait_for(acted.wait(), 5)
+        fault = take_fault(is_create_fault, body.charge)
         if fault and fault.mode == "error_before":
             raise HTTPException(503, "scripted outage before the refund was made")
+        if fault and fault.mode == "timeout_before":  # the client gives up; nothing is made
+            await stall("create_before_acting", body.charge, fault.seconds)
+            raise HTTPException(503, "scripted timeout before the refund was made")
+        if fault and fault.mode == "acts_after_give_up":
+            # Still working when the client gives up; acts after `seconds`, or at once when
+            # the client's next create on the charge arrives (the race a resubmit runs).
+            arrived, acted = state.slow_creates[body.charge] = asyncio.Event(), asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(arrived.wait(), fault.seconds)
+            state.slow_creates.pop(body.charge, None)
         if state.dedup_idempotency_keys and idempotency_key:
             earlier = bank.refunds(idempotency_key=idempotency_key)
             if earlier:
@@ -351,7 +423,7 @@ def create_app(*, db_path: str = ":memory:", webhook_url: str | None = None,
             raise HTTPException(400, "currency does not match the charge")
         held = sum(r["amount"] for r in bank.refunds(charge=body.charge)
                    if r["status"] not in ("failed", "canceled"))
-        if held + body.amount > charge["amount_captured"]:
+        if state.enforce_captured and held + body.amount > charge["amount_captured"]:
             raise HTTPException(400, "refund exceeds the captured amount")
         refund = {"id": _new_id("re"), "object": "refund", "charge": body.charge,
                   "amount": body.amount, "currency": charge["currency"],
@@ -359,8 +431,12 @@ def create_app(*, db_path: str = ":memory:", webhook_url: str | None = None,
                   "reason": body.reason, "metadata": body.metadata, "created": int(time.time())}
         bank.put("refunds", refund, idempotency_key=idempotency_key)
         emit("refund.created", refund)
+        if fault and fault.mode == "acts_after_give_up":
+            acted.set()
+        if fault and fault.mode == "late_failure":
+            spawn(later(fault.seconds, lambda: fail_later(refund["id"])))
         if fault and fault.mode == "timeout_after_success":
-            await asyncio.sleep(fault.seconds)
+            await stall("create_after_acting", body.charge, fault.seconds)
         if fault and fault.mode == "error_after":
             raise HTTPException(502, "scripted failure after the refund was made")
         return refund
@@ -376,6 +452,10 @@ def create_app(*, db_path: str = ":memory:", webhook_url: str | None = None,
         """Stripe's list shape: newest first, `created` filters, `starting_after` cursor;
         `reference` (our request id in metadata) narrows the page for verify-state."""
         authorise(authorization)
+        if reference is not None and (fault := take_fault(LOOKUP_FAULTS.__contains__, charge)):
+            if fault.mode == "lookup_status":
+                raise HTTPException(fault.status, f"scripted refusal of the lookup (HTTP {fault.status})")
+            await stall("lookup", charge, fault.seconds)
         try:
             page, more = bank.page("refunds", since=created_gte, until=created_lt,
                                    starting_after=starting_after, limit=limit, charge=charge)
@@ -431,6 +511,11 @@ def create_app(*, db_path: str = ":memory:", webhook_url: str | None = None,
     async def add_fault(body: FaultIn) -> dict[str, int]:
         state.faults.append(body)
         return {"queued": len(state.faults)}
+
+    @app.get("/_sandbox/stalled")
+    async def stalled() -> dict[str, list[str]]:
+        """The calls faults hold right now (`<point>:<charge>`), so a suite can act at that point."""
+        return {"stalled": sorted(state.stalled)}
 
     @app.post("/_sandbox/config")
     async def configure(body: ConfigIn) -> dict[str, Any]:

@@ -1,12 +1,27 @@
 """Small versions of the reliability suite (`make chaos` runs the full sizes)."""
 
+import asyncio
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
 import pytest
 from temporalio.client import Client
 
 from adapters.store import Store
-from bench import chaos
+from bench import chaos, fault_schedule
+from bench.checker import Outcome, Sent, check
 from bench.common import Embedded
-from starters.stack import TemporalDevServer
+from domain.models import LedgerInput, LedgerKind, RefundRequest
+from starters.stack import EmbeddedPostgres, TemporalDevServer
+from tests.harness import Stack, open_stack
+
+# The schedule the smoke runs; on the code before issue #18's fixes it finds refunds made
+# twice (a slow first create landing after the resubmit) and a case refund_failed while the
+# provider refunded (the resubmit refused as over-captured after the slow create landed).
+SMOKE_SEED = 1
 
 
 @pytest.fixture
@@ -14,10 +29,56 @@ def env(store: Store, client: Client, temporal_server: TemporalDevServer, postgr
     return Embedded(temporal_server, client, store, postgres_dsn)
 
 
+@pytest.fixture
+async def own_postgres(tmp_path: Path, client: Client,
+                       temporal_server: TemporalDevServer) -> AsyncIterator[Embedded]:
+    """The session's Temporal with a PostgreSQL of the test's own, which it may restart."""
+    pg = EmbeddedPostgres(tmp_path / "pg")  # kept on stop: a restart must find its data
+    dsn = await asyncio.to_thread(pg.start)
+    store = await Store.open(dsn, max_size=10)
+    await store.migrate()
+    try:
+        yield Embedded(temporal_server, client, store, dsn, pg)
+    finally:
+        await store.close()
+        await asyncio.to_thread(pg.stop)
+
+
+async def test_restarts_strike_cases_in_flight_and_every_case_ends_exact(own_postgres: Embedded) -> None:
+    outcome = await chaos.restart_services(own_postgres, 4)
+    assert outcome.violations == [], "\n".join(outcome.violations)
+    assert outcome.counts["in_flight_at_temporal_restart"] > 0
+    assert outcome.counts["in_flight_at_postgres_restart"] > 0
+    assert outcome.counts["provider_refunded"] == 2 * 1_000 + 2 * 6_000
+
+
+async def test_the_randomised_fault_schedule_keeps_every_refund_exact(env: Embedded) -> None:
+    """50 cases of the schedule `make chaos` runs at 500 (a failure prints the seed: replay
+    it with `make chaos SEED=<seed>`)."""
+    outcome = await fault_schedule.run(
+        env, 50, SMOKE_SEED, worker=lambda stack: chaos.worker_process(stack, env.dsn, env.temporal.address))
+    assert outcome.violations == [], "\n".join(outcome.violations)
+    assert outcome.counts["temporal_restarts"] == 1 and outcome.counts["worker_kills"] == 1
+    assert outcome.counts["in_flight_at_disruptions_min"] > 0
+
+
+def test_a_seed_stands_for_one_schedule() -> None:
+    first, again, other = (fault_schedule.draw(seed, 50) for seed in (SMOKE_SEED, SMOKE_SEED, SMOKE_SEED + 1))
+    assert first == again and first != other
+    drawn = {name for plan in first.cases for name in plan.names}
+    assert {"acts_after_give_up", "lookup_401", "lookup_404", "approval_race", "late_failure"} <= drawn
+
+
+def test_an_unknown_scenario_exits_non_zero() -> None:
+    done = subprocess.run([sys.executable, "-m", "bench.chaos", "--scenario", "no_such"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "invalid choice: 'no_such'" in done.stderr
+
+
 async def test_storms_execute_once_and_store_every_receipt(env: Embedded) -> None:
     outcome = await chaos.storms(env, copies=4)
     assert outcome.violations == []
-    assert outcome.counts["provider_refunds"] == 1
+    assert outcome.counts["provider_refunded"] == 3_000  # one storm of each kind, 1,000 refunded once
 
 
 async def test_every_order_of_events_ends_in_the_providers_state(env: Embedded) -> None:
@@ -32,21 +93,115 @@ async def test_bad_input_never_answers_5xx_nor_changes_state(env: Embedded) -> N
     assert outcome.counts["webhook_receipts"] == 40  # the four webhook kinds of six, each stored
 
 
-async def test_concurrent_requests_never_over_refund(env: Embedded) -> None:
-    outcome = await chaos.concurrency(env, 10)
-    assert outcome.violations == [] and outcome.counts["cases"] == 10
-    # ten of 700 fit in the 10,000 captured: each is approved and refunded, once
-    assert outcome.counts["succeeded"] == 10 and outcome.counts["refunded"] == 7_000
+async def test_contending_entry_points_never_refund_more_than_captured(env: Embedded) -> None:
+    outcome = await chaos.concurrency(env, 9)
+    assert outcome.violations == [], "\n".join(outcome.violations)
+    # nine of 1,500 from the API, webhooks and ServiceNow ask 13,500 of the 10,000 captured:
+    # six fit and are refunded once each, three are rejected before the provider is asked
+    assert outcome.counts["requested"] == 13_500
+    assert (outcome.counts["succeeded"], outcome.counts["rejected"]) == (6, 3)
+    assert outcome.counts["refunded"] == 9_000
 
 
 @pytest.mark.slow
 async def test_killing_the_worker_repeatedly_keeps_one_refund_per_request(env: Embedded) -> None:
-    outcome = await chaos.kill_worker(env, 3)
-    assert outcome.violations == []
-    assert outcome.counts["provider_refunds"] == 3 and outcome.counts["kills"] >= 1
+    outcome = await chaos.kill_worker(env, 1)
+    assert outcome.violations == [], "\n".join(outcome.violations)
+    assert {k: v for k, v in outcome.counts.items() if k.startswith("kills_")} == {
+        f"kills_{point}": 1 for point in chaos.KILL_POINTS}
+    assert outcome.counts["provider_refunded"] == 4_000
 
 
 async def test_schemathesis_finds_no_server_error_and_changes_nothing(env: Embedded) -> None:
-    outcome = await chaos.schema_fuzz(env, 3)
+    outcome = await chaos.schema_fuzz(env, 3, phases="examples,fuzzing")  # `make chaos` runs all four
     # the message is schemathesis's own report, whole: pytest's diff would cut it short
-    assert outcome.violations == [] and outcome.counts["exit_code"] == 0, "\n".join(outcome.violations)
+    assert outcome.violations == [], "\n".join(outcome.violations)
+    assert [outcome.counts[f"exit_code_{user}"] for user in ("alice", "bob", "olga")] == [0, 0, 0]
+    assert outcome.counts["requests"] > 0  # the answers were recorded, so the accounting read them
+
+
+# -- the checker can fail: each planted bad state is reported ----------------------------
+
+@pytest.fixture
+async def bare(store: Store, client: Client, temporal_server: TemporalDevServer) -> AsyncIterator[Stack]:
+    """A stack without a worker: the checker reads what the test planted, nothing moves it."""
+    opened = await open_stack(store, client, temporal_server.address, worker=False)
+    yield opened
+    await opened.close()
+
+
+async def plant(stack: Stack, status: str, *, reserved: int = 0,
+                provider_refund: str | None = None) -> Sent:
+    """A case in `status` holding `reserved`, with (optionally) a provider refund in the
+    given status made for it at the sandbox, as if a run had ended there."""
+    charge = await stack.charge(10_000)
+    body = stack.refund_body(charge, 1_000)
+    await stack.store.create_case(RefundRequest.model_validate(body), "alice")
+    async with stack.store.transaction() as conn:
+        await conn.execute("UPDATE refund_cases SET status = %s, reserved_amount = %s"
+                           " WHERE refund_request_id = %s", (status, reserved, body["refund_request_id"]))
+    if provider_refund is not None:
+        async with stack.sandbox() as sb:
+            made = await sb.post("/v1/refunds", json={
+                "charge": charge, "amount": 1_000,
+                "metadata": {"refund_request_id": body["refund_request_id"]}})
+        await stack.set_provider_status(made.json()["id"], provider_refund, send_webhook=False)
+    return Sent(body["refund_request_id"], charge, 202)
+
+
+async def checked(stack: Stack, sent: list[Sent], since: datetime) -> Outcome:
+    outcome = Outcome("planted", seed=42)
+    await check(stack, outcome, sent, since=since, timeout=0)
+    return outcome
+
+
+async def test_the_checker_passes_a_consistent_state(bare: Stack) -> None:
+    since = datetime.now(UTC)
+    sent = [await plant(bare, "rejected"), await plant(bare, "succeeded", reserved=1_000,
+                                                       provider_refund="succeeded")]
+    async with bare.store.transaction() as conn:  # the succeeded case's settlement, as posted
+        await Store.post_ledger_in(conn, LedgerInput(
+            refund_request_id=sent[1].case_id, kind=LedgerKind.REFUND_SETTLED, amount=1_000,
+            currency="USD", provider_refund_id="re_planted"))
+    outcome = await checked(bare, sent, since)
+    assert outcome.violations == [] and outcome.counts["provider_refunded"] == 1_000
+
+
+@pytest.mark.parametrize(("status", "reserved", "provider_refund", "reported"), [
+    ("succeeded", 1_000, None, "expected one of ['denied', 'expired', 'refund_failed', 'rejected'] "
+                               "(the provider holds no refund), observed succeeded"),
+    ("refund_failed", 0, "succeeded", "is succeeded), observed refund_failed"),
+    ("rejected", 1_000, None, "expected reservation released (rejected), observed 1000 still reserved"),
+    ("executing", 1_000, None, "expected a final status, observed still executing"),
+])
+async def test_the_checker_reports_a_planted_bad_case(bare: Stack, status: str, reserved: int,
+                                                      provider_refund: str | None, reported: str) -> None:
+    since = datetime.now(UTC)
+    sent = await plant(bare, status, reserved=reserved, provider_refund=provider_refund)
+    outcome = await checked(bare, [sent], since)
+    assert any(v.startswith(f"[seed 42] {sent.case_id}: ") and reported in v
+               for v in outcome.violations), outcome.violations
+
+
+async def test_the_checker_reports_a_second_refund_a_stray_and_an_unprocessed_receipt(bare: Stack) -> None:
+    since = datetime.now(UTC)
+    sent = await plant(bare, "succeeded", reserved=1_000, provider_refund="succeeded")
+    async with bare.sandbox() as sb:
+        for reference in (sent.case_id, "not-ours"):
+            await sb.post("/v1/refunds", json={"charge": sent.charge, "amount": 500,
+                                               "metadata": {"refund_request_id": reference}})
+    receipt = await bare.store.store_receipt(
+        provider="sandbox", event_id=f"evt_{bare.new_id()}", event_type="refund.updated", body=b"{}",
+        body_sha256="0" * 64, headers={}, verdict="accepted", error=None)
+    outcome = await checked(bare, [sent], since)
+    text = "\n".join(outcome.violations)
+    assert f"{sent.case_id}: expected one provider refund, observed 2" in text
+    assert f"charge {sent.charge}: expected no refund without a request of ours" in text
+    assert f"receipt {receipt.receipt_id} (refund.updated" in text and "never processed" in text
+    assert f"{sent.case_id}: expected ledger net 1500" in text  # nothing was posted for either
+
+
+async def test_the_checker_reports_an_unexpected_answer(bare: Stack) -> None:
+    outcome = await checked(bare, [Sent("rr-refused", "ch_none", answered=422, expected=202)],
+                            datetime.now(UTC))
+    assert outcome.violations == ["[seed 42] rr-refused request: expected HTTP 202, observed HTTP 422"]

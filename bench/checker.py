@@ -1,0 +1,169 @@
+"""The reliability suite's end-of-scenario checker: compares our records with the provider's.
+
+Run after every scenario with a bounded wait. It reads the provider's refunds per charge
+(not by our metadata, so a refund nobody asked for is seen too) and holds each request the
+scenario sent to what the provider did:
+
+- exactly one provider refund when our case says money moved, none when it says it did not
+  (rejected, denied, expired, declined before acting), and no refund on a charge that no
+  request of ours names;
+- the case's final status is the provider's truth; the ledger's net for the case is what
+  the provider refunded; a closed case holds no reservation; the audit chain verifies;
+- every request is accounted for: accepted and ended, or refused with the status the
+  scenario expected; a case left open must be waiting for a person (reported by name);
+- every accepted webhook receipt since the scenario began was processed.
+
+Each violation names the case, the expected and the observed, and the scenario's seed.
+"""
+
+import asyncio
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from temporalio.client import WorkflowExecutionStatus
+from temporalio.service import RPCError
+
+from domain.models import CLOSED_STATUSES, CaseStatus
+from tests.harness import Stack
+
+FINAL = frozenset({"succeeded", "refund_failed", "refund_canceled", "rejected", "denied", "expired"})
+# Open by design until a person acts: reported by name, not a violation.
+WAITS_FOR_PERSON = frozenset({CaseStatus.AWAITING_APPROVAL.value, CaseStatus.OPS_REVIEW.value})
+# What a case may say when the provider holds no refund for it.
+NO_MONEY = frozenset({"rejected", "denied", "expired", "refund_failed"})
+# The case status that reports each provider status (final ones, and those still moving).
+PROVIDER_TRUTH = {"succeeded": "succeeded", "failed": "refund_failed", "canceled": "refund_canceled",
+                  "pending": "pending", "requires_action": "requires_action"}
+# The account a refund debits when it settles and credits when it is reversed.
+REFUND_ACCOUNT = "refunds_contra_revenue"
+
+
+@dataclass
+class Sent:
+    """One request a scenario sent: the case it names, its charge, what it expected back."""
+
+    case_id: str
+    charge: str
+    answered: int
+    expected: int = 202
+
+
+@dataclass
+class Outcome:
+    """What a scenario saw: how many cases it drove and which invariants broke."""
+
+    scenario: str
+    cases: int = 0
+    seed: int | None = None
+    violations: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    waiting_for_person: list[str] = field(default_factory=list)
+
+    def violation(self, subject: str, expected: object, observed: object) -> None:
+        self.violations.append(f"[seed {self.seed}] {subject}: expected {expected}, observed {observed}")
+
+
+async def _workflow_running(stack: Stack, case_id: str) -> bool:
+    try:
+        described = await stack.client.get_workflow_handle(case_id).describe()
+    except RPCError:  # never started (a refused request, or a case planted by a test)
+        return False
+    return described.status == WorkflowExecutionStatus.RUNNING
+
+
+async def _unprocessed_receipts(stack: Stack, since: datetime) -> list[dict[str, Any]]:
+    async with stack.store.transaction() as conn:
+        cur = await conn.execute(
+            "SELECT id, event_id, event_type FROM webhook_receipts WHERE verdict = 'accepted'"
+            " AND processed_at IS NULL AND received_at >= %s ORDER BY id", (since,))
+        return list(await cur.fetchall())
+
+
+async def _settled(stack: Stack, accepted: list[str], since: datetime) -> bool:
+    """Every accepted case ended (or waits for a person) with its workflow closed, and every
+    receipt was processed: nothing is still moving."""
+    for case_id in accepted:
+        row = await stack.store.get_case(case_id)
+        if row is None or row["status"] not in FINAL | WAITS_FOR_PERSON:
+            return False
+        if row["status"] in FINAL and await _workflow_running(stack, case_id):
+            return False
+    return not await _unprocessed_receipts(stack, since)
+
+
+def _ledger_net(lines: list[dict[str, Any]]) -> int:
+    return sum(int(x["debit"]) - int(x["credit"]) for x in lines if x["account"] == REFUND_ACCOUNT)
+
+
+async def check(stack: Stack, outcome: Outcome, sent: list[Sent], *, since: datetime,
+                timeout: float) -> None:
+    """Waits (at most `timeout` seconds) for the scenario's cases to settle, then records
+    every broken invariant in `outcome.violations`."""
+    for request in sent:
+        if request.answered != request.expected:
+            outcome.violation(f"{request.case_id} request", f"HTTP {request.expected}",
+                              f"HTTP {request.answered}")
+    accepted = [r for r in sent if r.answered == 202]
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await _settled(stack, [r.case_id for r in accepted], since):
+        if asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.5)
+    by_charge: dict[str, list[dict[str, Any]]] = {}
+    for charge in {r.charge for r in sent}:
+        by_charge[charge] = await stack.provider_refunds(charge)
+    known = {r.case_id for r in sent}
+    for charge, refunds in by_charge.items():
+        for stray in (r for r in refunds if r["metadata"].get("refund_request_id") not in known):
+            outcome.violation(f"charge {charge}", "no refund without a request of ours",
+                              f"refund {stray['id']} ({stray['status']}, {stray['amount']})")
+    moved = 0
+    for request in accepted:
+        moved += await _check_case(stack, outcome, request, by_charge[request.charge])
+    outcome.counts["provider_refunded"] = moved
+    for receipt in await _unprocessed_receipts(stack, since):
+        outcome.violation(f"receipt {receipt['id']} ({receipt['event_type']} {receipt['event_id']})",
+                          "processed", "accepted but never processed")
+    _, problems = await stack.store.verify_audit()
+    for problem in problems:  # the scenario's chains (a shared test database holds others)
+        if any(problem.startswith(f"chain {case_id} ") for case_id in known):
+            outcome.violation("audit chain", "verifies", problem)
+
+
+async def _check_case(stack: Stack, outcome: Outcome, request: Sent,
+                      charge_refunds: list[dict[str, Any]]) -> int:
+    """One accepted request against the provider's truth; returns what the provider refunded."""
+    case_id = request.case_id
+    row = await stack.store.get_case(case_id)
+    if row is None:
+        outcome.violation(case_id, "a case for the accepted request", "no case")
+        return 0
+    status = row["status"]
+    refunds = [r for r in charge_refunds if r["metadata"].get("refund_request_id") == case_id]
+    refunded = sum(int(r["amount"]) for r in refunds if r["status"] == "succeeded")
+    if status in WAITS_FOR_PERSON:
+        outcome.waiting_for_person.append(f"{case_id} ({status})")
+    elif status not in FINAL:
+        outcome.violation(case_id, "a final status", f"still {status}")
+    elif await _workflow_running(stack, case_id):
+        outcome.violation(case_id, "its workflow closed", f"still running ({status})")
+    if len(refunds) > 1:
+        outcome.violation(case_id, "one provider refund",
+                          f"{len(refunds)}: {[(r['id'], r['status']) for r in refunds]}")
+    elif not refunds and status not in NO_MONEY | WAITS_FOR_PERSON:
+        outcome.violation(case_id, f"one of {sorted(NO_MONEY)} (the provider holds no refund)", status)
+    elif refunds:
+        truth = PROVIDER_TRUTH.get(refunds[0]["status"], refunds[0]["status"])
+        if status != truth and status not in WAITS_FOR_PERSON:
+            outcome.violation(case_id, f"{truth} (provider refund {refunds[0]['id']} "
+                                       f"is {refunds[0]['status']})", status)
+    lines = await stack.store.ledger_entries(case_id)
+    if sum(x["debit"] for x in lines) != sum(x["credit"] for x in lines):
+        outcome.violation(case_id, "a balanced ledger", lines)
+    if (net := _ledger_net(lines)) != refunded:
+        outcome.violation(case_id, f"ledger net {refunded} (what the provider refunded)", net)
+    if status in {s.value for s in CLOSED_STATUSES} and int(row["reserved_amount"]) != 0:
+        outcome.violation(case_id, f"reservation released ({status})",
+                          f"{row['reserved_amount']} still reserved")
+    return refunded
