@@ -25,6 +25,7 @@ from adapters.codec import EncryptionCodec, data_converter, parse_keys
 from tests.harness import PAYLOAD_KEYS
 from tests.record_histories import SCENARIOS
 from workers.main import WORKFLOWS, workflow_runner
+from workflows import approvals, payout, reconciliation, refund, tracking
 from workflows.payout import REISSUE_HORIZON_PATCH
 from workflows.reconciliation import APPROVAL_ROUND_PATCH, PAYOUT_BREAK_PATCH
 from workflows.refund import (
@@ -201,6 +202,15 @@ def test_every_scenario_is_recorded_and_every_file_has_its_branch() -> None:
 def test_recorded_history_holds_its_branch(path: Path) -> None:
     missing, unwanted = _off_branch(_facts(_history(path)), BRANCHES[_scenario(path.stem)])
     assert (missing, unwanted) == (set(), set())
+
+
+def test_every_patch_in_force_is_reached_by_a_recording() -> None:
+    """A new `workflow.patched` branch needs a history that takes it."""
+    in_force = {value for module in (approvals, payout, reconciliation, refund, tracking)
+                for name, value in vars(module).items() if name.endswith("_PATCH")}
+    reached = {fact.removeprefix("patch:") for path in HISTORIES for fact in _facts(_history(path))
+               if fact.startswith("patch:") and "#" not in fact}
+    assert len(in_force) >= 13 and in_force <= reached, in_force - reached
 
 
 @pytest.mark.parametrize("name", sorted(set(BRANCHES) - {"refund_auto_approved"}))
