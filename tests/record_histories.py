@@ -75,7 +75,8 @@ class Recording:
 
 @dataclass(frozen=True)
 class Scenario:
-    """A scenario: how to play it (returns its workflow's id) and the stack it needs."""
+    """A scenario: how to play it (returns its workflow's id) and the stack it needs:
+    `settings` for a sandbox stack, or `adyen` for the Adyen rig (which has its own)."""
 
     play: Callable[[Recording], Awaitable[str]]
     settings: dict[str, Any] = field(default_factory=dict)
@@ -301,16 +302,17 @@ async def failed_payout_case(rig: Recording) -> str:
     return case_id
 
 
-async def payout_reissued(rig: Recording, before_approval: Callable[[], None] = lambda: None) -> str:
+async def payout_reissued(rig: Recording, before_approval: Callable[[], None] = lambda: None,
+                          decision: str = "approve") -> str:
     """A paid payout fails at the provider: the case opens, is approved, held, reversed,
-    ticketed and announced; then a reissue request is approved (`before_approval` arms a
-    fault for the reissue) and paid once."""
+    ticketed and announced; then a reissue request is decided (`before_approval` arms a
+    fault for the reissue) and, approved, paid once."""
     case_id = await failed_payout_case(rig)
     (await decide(rig.stack, "lena", case_id)).raise_for_status()
     await wait_for_case(rig.stack, case_id, "remediated")
     (await ask_reissue(rig.stack, "omar", case_id)).raise_for_status()
     before_approval()
-    (await decide(rig.stack, "lena", case_id)).raise_for_status()
+    (await decide(rig.stack, "lena", case_id, decision)).raise_for_status()
     return case_id
 
 
@@ -322,6 +324,23 @@ async def payout_reissue_key_refused(rig: Recording) -> str:
     """The reissue's lookup is refused (401): ops are told, and the reissue is made once the
     key works again."""
     return await payout_reissued(rig, lambda: rig.proxy.refuse_next("GET", "/v1/payouts", 401))
+
+
+async def payout_reissue_denied(rig: Recording) -> str:
+    """The reversed payout's reissue is denied: nothing is paid again."""
+    return await payout_reissued(rig, decision="deny")
+
+
+async def payout_ledger_failed(rig: Recording) -> str:
+    """The ledger is locked when the approved remediation posts its reversal: the entry
+    gives up, the hold is rolled back and a high-priority ticket raised."""
+    case_id = await failed_payout_case(rig)
+    async with await psycopg.AsyncConnection.connect(rig.dsn) as blocker:
+        async with blocker.transaction():
+            await blocker.execute("LOCK TABLE ledger_entries IN ACCESS EXCLUSIVE MODE")
+            (await decide(rig.stack, "lena", case_id)).raise_for_status()
+            await wait_for_case(rig.stack, case_id, "rolled_back", timeout=90)
+    return case_id
 
 
 async def payout_denied(rig: Recording) -> str:
@@ -416,6 +435,8 @@ SCENARIOS: dict[str, Scenario] = {
     "tracking_continued_as_new": Scenario(tracked_dashboard_refund, {"continue_as_new_after_events": 12}),
     "payout_reversed_and_reissued": Scenario(payout_reversed_and_reissued),
     "payout_reissue_key_refused": Scenario(payout_reissue_key_refused),
+    "payout_reissue_denied": Scenario(payout_reissue_denied),
+    "payout_ledger_failed": Scenario(payout_ledger_failed, {"ledger_pending_after_seconds": 2}),
     "payout_denied": Scenario(payout_denied),
     "reconciliation_backfill": Scenario(reconciliation_backfill),
     "reconciliation_break_approved": Scenario(reconciliation_break_approved),
