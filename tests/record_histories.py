@@ -18,6 +18,7 @@ written run by run: `<name>.json` for the first, `<name>_run<k>.json` for the k-
 """
 
 import asyncio
+import json
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -501,6 +502,11 @@ def free_path(stem: str) -> Path:
     return path
 
 
+def compact(history: WorkflowHistory) -> str:
+    """The history's JSON without indentation (a quarter smaller; the payloads are the rest)."""
+    return json.dumps(json.loads(history.to_json()), separators=(",", ":")) + "\n"
+
+
 async def record(folder: Path, names: list[str]) -> list[Path]:
     """Plays the named scenarios (all when none) to their workflow's end and writes each
     run's history as JSON."""
@@ -527,7 +533,7 @@ async def record(folder: Path, names: list[str]) -> list[Path]:
                     await client.get_workflow_handle(workflow_id).result()
                     for number, run in enumerate(await runs(client, workflow_id), start=1):
                         path = free_path(name if number == 1 else f"{name}_run{number}")
-                        path.write_text(run.to_json() + "\n")
+                        path.write_text(compact(run))
                         written.append(path)
         finally:
             await store.close()
