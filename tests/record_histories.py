@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from temporalio.client import Client, WorkflowHandle, WorkflowHistory
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle, WorkflowHistory
 from temporalio.contrib.opentelemetry import TracingInterceptor
 
 from adapters.codec import data_converter
@@ -50,6 +50,7 @@ from tests.payouts_kit import (
     wait_for_case,
 )
 from tests.reconciliation_kit import (
+    ago,
     backfill,
     history,
     move_at_provider,
@@ -76,12 +77,14 @@ class Recording:
 
 @dataclass(frozen=True)
 class Scenario:
-    """A scenario: how to play it (returns its workflow's id) and the stack it needs:
-    `settings` for a sandbox stack, or `adyen` for the Adyen rig (which has its own)."""
+    """A scenario: how to play it (returns its workflow's id), the stack it needs
+    (`settings` for a sandbox stack, or `adyen` for the Adyen rig, which has its own) and
+    whether its workflow ends failed."""
 
     play: Callable[[Recording], Awaitable[str]]
     settings: dict[str, Any] = field(default_factory=dict)
     adyen: bool = False
+    fails: bool = False
 
 
 # -- helpers the scenarios share ---------------------------------------------------------------
@@ -394,6 +397,15 @@ async def reconciliation_payout_break(rig: Recording) -> str:
     return break_workflow_id(int(handed["id"]))
 
 
+async def reconciliation_run_failed(rig: Recording) -> str:
+    """The provider refuses the refund listing (403) for good: the backfill run fails."""
+    rig.proxy.refuse_next("GET", "/v1/refunds", 403)
+    async with rig.stack.api("olga") as api:
+        started = await api.post("/v1/reconciliation/runs", json={"provider": "sandbox",
+                                                                  "since": ago(30).isoformat()})
+    return str(started.raise_for_status().json()["run_id"])
+
+
 async def reconciliation_break_approved(rig: Recording) -> str:
     """An approver approves the break: one compensating entry posts."""
     return await break_decision(rig, "approve")
@@ -440,6 +452,7 @@ SCENARIOS: dict[str, Scenario] = {
     "payout_ledger_failed": Scenario(payout_ledger_failed, {"ledger_pending_after_seconds": 2}),
     "payout_denied": Scenario(payout_denied),
     "reconciliation_backfill": Scenario(reconciliation_backfill),
+    "reconciliation_run_failed": Scenario(reconciliation_run_failed, fails=True),
     "reconciliation_break_approved": Scenario(reconciliation_break_approved),
     "reconciliation_payout_break": Scenario(reconciliation_payout_break),
     "reconciliation_break_dismissed": Scenario(reconciliation_break_dismissed),
@@ -470,6 +483,18 @@ async def recording(scenario: Scenario, store: Store, client: Client, temporal: 
             await stack.close()
     finally:
         await proxy_server.stop()
+
+
+async def closed(handle: WorkflowHandle[Any, Any], *, fails: bool) -> None:
+    """Waits for the workflow's end, which is a failure exactly when the scenario says so."""
+    try:
+        await handle.result()
+    except WorkflowFailureError:
+        if not fails:
+            raise
+        return
+    if fails:
+        raise AssertionError(f"{handle.id} completed; its scenario ends failed")
 
 
 async def first_run(handle: WorkflowHandle[Any, Any]) -> str:
@@ -530,7 +555,7 @@ async def record(folder: Path, names: list[str]) -> list[Path]:
                     continue
                 async with recording(scenario, store, client, temporal, dsn) as rig:
                     workflow_id = await scenario.play(rig)
-                    await client.get_workflow_handle(workflow_id).result()
+                    await closed(client.get_workflow_handle(workflow_id), fails=scenario.fails)
                     for number, run in enumerate(await runs(client, workflow_id), start=1):
                         path = free_path(name if number == 1 else f"{name}_run{number}")
                         path.write_text(compact(run))

@@ -119,6 +119,8 @@ BRANCHES: dict[str, Branch] = {
                             lacks=["activity:hold_payout", "activity:reissue_payout"]),
     "reconciliation_backfill": branch("activity:open_reconciliation_run", "activity:reconcile_batch",
                                       "activity:finish_reconciliation_run"),
+    "reconciliation_run_failed": branch("activity:reconcile_batch", "failed",
+                                        lacks=["activity:finish_reconciliation_run"]),
     "reconciliation_break_approved": branch("update:submit_approval", "activity:settle_break"),
     "reconciliation_payout_break": branch(f"patch:{PAYOUT_BREAK_PATCH}", "activity:hand_break_to_payout_case",
                                           lacks=["activity:open_break_exception"]),
@@ -150,7 +152,7 @@ def _payload(payloads: Any) -> Any:
 def _facts(history: WorkflowHistory) -> set[str]:
     """What a history shows: `activity:<type>`, `action:<case action>`, `signal:<name>`,
     `update:<name>`, each also as `<fact>#<k>` for its k-th time; `patch:<id>`,
-    `cancel_requested`, `continued_as_new` and, for a continued run, `carried:<phase>` (the
+    `cancel_requested`, `continued_as_new`, `failed` and, for a continued run, `carried:<phase>` (the
     wait it resumes)."""
     seen: Counter[str] = Counter()
 
@@ -181,6 +183,8 @@ def _facts(history: WorkflowHistory) -> set[str]:
             count("cancel_requested")
         elif event.HasField("workflow_execution_continued_as_new_event_attributes"):
             count("continued_as_new")
+        elif event.HasField("workflow_execution_failed_event_attributes"):
+            count("failed")
     return set(seen)
 
 
