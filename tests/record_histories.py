@@ -89,10 +89,10 @@ class Scenario:
 
 # -- helpers the scenarios share ---------------------------------------------------------------
 
-async def requested(rig: Recording, amount: int, charged: int = 10_000) -> tuple[str, str]:
+async def requested(rig: Recording, amount: int, charged: int = 10_000, **body: Any) -> tuple[str, str]:
     """A refund of a new sandbox charge requested through the API: (case id, charge id)."""
     charge = await rig.stack.charge(charged)
-    return await rig.stack.request_refund("alice", charge, amount), charge
+    return await rig.stack.request_refund("alice", charge, amount, **body), charge
 
 
 async def sandbox(rig: Recording, path: str, **body: Any) -> None:
@@ -152,6 +152,28 @@ async def expired(rig: Recording) -> str:
     return await awaiting_approval(rig)
 
 
+async def rejected(rig: Recording) -> str:
+    """Validation at the provider refuses it (another currency than the charge's)."""
+    case_id, _ = await requested(rig, 3_000, currency="EUR")
+    return case_id
+
+
+async def declined(rig: Recording) -> str:
+    """The provider declines the create (a 400): the case fails, released."""
+    rig.proxy.refuse_next("POST", "/v1/refunds", 400)
+    case_id, _ = await requested(rig, 1_400)
+    return case_id
+
+
+async def failed_at_provider(rig: Recording) -> str:
+    """A pending refund the provider then fails: released, announced."""
+    await sandbox(rig, "/_sandbox/config", refund_initial_status="pending")
+    case_id, _ = await requested(rig, 1_600)
+    refund_id = await provider_refund_id(rig, case_id, "pending")
+    await rig.stack.set_provider_status(refund_id, "failed", failure_reason="lost_or_stolen_card")
+    return case_id
+
+
 async def verify_then_found(rig: Recording) -> str:
     """The create's answer is lost after the provider made the refund: verify-state finds it
     and nothing is submitted again."""
@@ -198,6 +220,16 @@ async def refused_credentials(rig: Recording) -> str:
     rig.proxy.refuse_next("GET", f"/v1/charges/{charge}", 401)
     rig.proxy.refuse_next("POST", "/v1/refunds", 403)
     return await rig.stack.request_refund("alice", charge, 1_000)
+
+
+async def reads_exhausted(rig: Recording) -> str:
+    """Validation's and verify-state's reads fail past their bounded retries (503s): ops
+    review each time, and the case resumes when the provider answers again."""
+    charge = await rig.stack.charge(10_000)
+    rig.proxy.refuse_next("GET", f"/v1/charges/{charge}", 503, 503)
+    rig.proxy.lose_next("POST", "/v1/refunds")
+    rig.proxy.refuse_next("GET", "/v1/refunds", 503, 503)
+    return await rig.stack.request_refund("alice", charge, 1_500)
 
 
 async def adyen_wait_resolved(rig: Recording) -> str:
@@ -426,6 +458,9 @@ SCENARIOS: dict[str, Scenario] = {
     "refund_with_approval": Scenario(with_approval),
     "refund_denied": Scenario(denied),
     "refund_expired": Scenario(expired, {"approval_timeout_seconds": 2}),
+    "refund_rejected": Scenario(rejected),
+    "refund_declined": Scenario(declined),
+    "refund_failed_at_provider": Scenario(failed_at_provider),
     "refund_verify_then_found": Scenario(verify_then_found),
     "refund_verify_then_resubmit": Scenario(verify_then_resubmit),
     "refund_ledger_pending_recovered": Scenario(ledger_pending_and_recovered,
@@ -433,6 +468,8 @@ SCENARIOS: dict[str, Scenario] = {
     "refund_ops_review_unexpected_status": Scenario(unexpected_status, {"status_poll_interval_seconds": 0.5}),
     "refund_ops_review_refused_credentials": Scenario(refused_credentials,
                                                       {"status_poll_interval_seconds": 0.5}),
+    "refund_ops_review_reads_exhausted": Scenario(reads_exhausted, {"provider_read_attempts": 2,
+                                                                    "status_poll_interval_seconds": 0.5}),
     "refund_adyen_wait_resolved_by_ops": Scenario(adyen_wait_resolved, adyen=True),
     "refund_duplicate_provider_refund": Scenario(duplicate_refund, {"late_failure_window_seconds": 6}),
     "refund_late_failure": Scenario(late_failure, {"late_failure_window_seconds": 60}),

@@ -66,6 +66,11 @@ BRANCHES: dict[str, Branch] = {
     "refund_denied": branch("update:submit_approval", "action:approval_denied",
                             f"patch:{PROVIDER_SCOPED_WAIT_PATCH}", lacks=[SUBMIT]),
     "refund_expired": branch("action:approval_expired", lacks=[SUBMIT, "update:submit_approval"]),
+    "refund_rejected": branch("activity:validate_refund", lacks=["activity:decide_policy", SUBMIT]),
+    "refund_declined": branch(SUBMIT, "action:refund_declined",
+                              lacks=[VERIFY, f"{SUBMIT}#2", "activity:post_ledger"]),
+    "refund_failed_at_provider": branch(SUBMIT, "signal:provider_event", "action:refund_failed",
+                                        lacks=["activity:post_ledger", "action:refund_succeeded"]),
     "refund_verify_then_found": branch(SUBMIT, VERIFY, "action:refund_succeeded",
                                        lacks=[f"{SUBMIT}#2"]),
     "refund_verify_then_resubmit": branch(VERIFY, f"{SUBMIT}#2", f"patch:{HORIZON_PATCH}",
@@ -77,6 +82,9 @@ BRANCHES: dict[str, Branch] = {
     "refund_ops_review_refused_credentials": branch(
         "action:provider_configuration_refused#2", "action:provider_answering_again#2",
         "activity:validate_refund#2", f"{SUBMIT}#2", "action:refund_succeeded"),
+    "refund_ops_review_reads_exhausted": branch(
+        "action:validate_retries_exhausted", "action:verify_retries_exhausted",
+        "action:provider_answering_again#2", "action:refund_succeeded", lacks=[f"{SUBMIT}#2"]),
     "refund_adyen_wait_resolved_by_ops": branch(
         VERIFY, "action:awaiting_provider_notification", "action:no_status_lookup_escalated",
         f"patch:{ADYEN_WAIT_PATCH}", "signal:provider_event", "action:provider_notification_received",
