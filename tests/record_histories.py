@@ -1,30 +1,46 @@
-"""Re-records tests/histories/*.json, the RefundWorkflow histories the replay test replays.
+"""Records tests/histories/*.json, the workflow histories the replay test replays: one
+scenario per branch of the case workflows (tests/test_replay.py names what each must hold).
 
     .venv/bin/python -m tests.record_histories [scenario ...]
 
-Run it after a deliberate, versioned change to a workflow (and keep the old files too when
-running workflows may still be on the old code: every file is replayed). It starts its own
-Temporal dev server and PostgreSQL in a temporary folder and plays each scenario through
-the relay. Histories are recorded with the product's converter minus the codec, so the
-committed files hold no key material and need none: the worker's codec passes plaintext
-payloads through on replay.
+Run it after a deliberate, versioned change to a workflow. It never overwrites a history
+(running workflows may still be on the code that recorded it, and every file is replayed):
+a scenario whose file exists is written to the first free `<name>_v<n>.json`, so name the
+scenarios whose workflow changed. (Of the first versions, `refund_auto_approved_v1` is older
+than `refund_auto_approved`; `_v2` on are recorded in order.) Delete a file only once no
+workflow can be on its code. It
+starts its own Temporal dev server and PostgreSQL in a temporary folder and plays each
+scenario through the relay on a stack of its own (settings with tiny timings, the provider's
+API behind a lossy proxy for faults). Histories are recorded with the product's converter
+minus the codec, so the committed files hold no key material and need none: the worker's
+codec passes plaintext payloads through on replay. A workflow that continued as new is
+written run by run: `<name>.json` for the first, `<name>_run<k>.json` for the k-th.
 """
 
 import asyncio
+import json
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from temporalio.client import Client
+import psycopg
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle, WorkflowHistory
 from temporalio.contrib.opentelemetry import TracingInterceptor
 
 from adapters.codec import data_converter
+from adapters.http_server import AppServer
 from adapters.store import Store
-from domain.payouts import payout_case_id
+from domain.events import tracking_case_id
+from domain.payouts import PayoutStatus, payout_case_id
 from domain.reconciliation import break_workflow_id
 from starters.stack import EmbeddedPostgres, TemporalDevServer, free_port
+from tests.adyen_fake import FakeAdyen
 from tests.harness import Stack, open_stack
+from tests.lossy_proxy import LossyProxy
 from tests.payouts_kit import (
     add_payout_approvers,
     ask_reissue,
@@ -34,6 +50,7 @@ from tests.payouts_kit import (
     wait_for_case,
 )
 from tests.reconciliation_kit import (
+    ago,
     backfill,
     history,
     move_at_provider,
@@ -41,94 +58,546 @@ from tests.reconciliation_kit import (
     seed_provider,
     wait_for_breaks,
 )
+from tests.test_adyen import MERCHANT, adyen_rig
+from tests.test_reconciliation_finish import provider_payout, seed_payouts
 
 HISTORIES = Path(__file__).parent / "histories"
 
 
-async def auto_approved(stack: Stack) -> str:
-    """A small, evidenced first refund: validate, policy auto-approves, submit, ledger, watch."""
-    body = stack.refund_body(await stack.charge(10_000), 3_000)
-    async with stack.api("alice") as api:
-        (await api.post("/v1/refund-requests", json=body)).raise_for_status()
-    return str(body["refund_request_id"])
+@dataclass
+class Recording:
+    """What a scenario plays on: its stack, the lossy proxy in front of its provider's API,
+    the database's address (a fault the ledger sees) and, for Adyen, the fake Checkout API."""
+
+    stack: Stack
+    proxy: LossyProxy
+    dsn: str
+    adyen: FakeAdyen | None = None
 
 
-async def with_approval(stack: Stack) -> str:
-    """Above the threshold: waits for an approver's signal, then executes."""
-    body = stack.refund_body(await stack.charge(20_000), 9_000)
-    case_id = str(body["refund_request_id"])
-    async with stack.api("alice") as api:
-        (await api.post("/v1/refund-requests", json=body)).raise_for_status()
-    await stack.wait_for_status(case_id, "awaiting_approval")
-    async with stack.api("bob") as api:
+@dataclass(frozen=True)
+class Scenario:
+    """A scenario: how to play it (returns its workflow's id), the stack it needs
+    (`settings` for a sandbox stack, or `adyen` for the Adyen rig, which has its own) and
+    whether its workflow ends failed."""
+
+    play: Callable[[Recording], Awaitable[str]]
+    settings: dict[str, Any] = field(default_factory=dict)
+    adyen: bool = False
+    fails: bool = False
+
+
+# -- helpers the scenarios share ---------------------------------------------------------------
+
+async def requested(rig: Recording, amount: int, charged: int = 10_000, **body: Any) -> tuple[str, str]:
+    """A refund of a new sandbox charge requested through the API: (case id, charge id)."""
+    charge = await rig.stack.charge(charged)
+    return await rig.stack.request_refund("alice", charge, amount, **body), charge
+
+
+async def sandbox(rig: Recording, path: str, **body: Any) -> None:
+    """One of the sandbox provider's controls (`/_sandbox/config`, `/_sandbox/faults`)."""
+    async with rig.stack.sandbox() as sb:
+        (await sb.post(path, json=body)).raise_for_status()
+
+
+async def approval(rig: Recording, user: str, case_id: str, decision: str) -> None:
+    async with rig.stack.api(user) as api:
         (await api.post(f"/v1/refund-requests/{case_id}/approvals",
-                        json={"decision": "approve", "reason": "recorded scenario"})).raise_for_status()
+                        json={"decision": decision, "reason": "recorded scenario"})).raise_for_status()
+
+
+async def awaiting_approval(rig: Recording) -> str:
+    """A refund above the auto-approval threshold, waiting for its approver."""
+    case_id, _ = await requested(rig, 9_000, charged=20_000)
+    await rig.stack.wait_for_status(case_id, "awaiting_approval")
     return case_id
 
 
-async def payout_reversed_and_reissued(stack: Stack) -> str:
-    """A paid payout fails at the provider: the case opens, is approved, held, reversed,
-    ticketed and announced; then a reissue request is approved and paid once."""
-    await add_payout_approvers(stack)
-    payout = await paid_payout(stack, 150_000)
-    await move_payout(stack, payout.provider_payout_id, "failed", failure_code="insufficient_funds")
+async def provider_refund_id(rig: Recording, case_id: str, *statuses: str) -> str:
+    row = await rig.stack.wait_for_status(case_id, *statuses)
+    return str(row["provider_refund_id"])
+
+
+async def cancel(rig: Recording, case_id: str) -> str:
+    """Ops cancel the case's workflow (as from the Temporal UI or CLI)."""
+    await rig.stack.client.get_workflow_handle(case_id).cancel()
+    return case_id
+
+
+# -- refund scenarios --------------------------------------------------------------------------
+
+async def auto_approved(rig: Recording) -> str:
+    """A small, evidenced first refund: validate, policy auto-approves, submit, ledger, watch."""
+    case_id, _ = await requested(rig, 3_000)
+    return case_id
+
+
+async def with_approval(rig: Recording) -> str:
+    """Above the threshold: waits for an approver's signal, then executes."""
+    case_id = await awaiting_approval(rig)
+    await approval(rig, "bob", case_id, "approve")
+    return case_id
+
+
+async def denied(rig: Recording) -> str:
+    """An approver denies: the reservation is released, no money moves."""
+    case_id = await awaiting_approval(rig)
+    await approval(rig, "bob", case_id, "deny")
+    return case_id
+
+
+async def expired(rig: Recording) -> str:
+    """Nobody answers within the approval timeout: the case expires, released."""
+    return await awaiting_approval(rig)
+
+
+async def rejected(rig: Recording) -> str:
+    """Validation at the provider refuses it (another currency than the charge's)."""
+    case_id, _ = await requested(rig, 3_000, currency="EUR")
+    return case_id
+
+
+async def declined(rig: Recording) -> str:
+    """The provider declines the create (a 400): the case fails, released."""
+    rig.proxy.refuse_next("POST", "/v1/refunds", 400)
+    case_id, _ = await requested(rig, 1_400)
+    return case_id
+
+
+async def failed_at_provider(rig: Recording) -> str:
+    """A pending refund the provider then fails: released, announced."""
+    await sandbox(rig, "/_sandbox/config", refund_initial_status="pending")
+    case_id, _ = await requested(rig, 1_600)
+    refund_id = await provider_refund_id(rig, case_id, "pending")
+    await rig.stack.set_provider_status(refund_id, "failed", failure_reason="lost_or_stolen_card")
+    return case_id
+
+
+async def verify_then_found(rig: Recording) -> str:
+    """The create's answer is lost after the provider made the refund: verify-state finds it
+    and nothing is submitted again."""
+    rig.proxy.lose_next("POST", "/v1/refunds")
+    case_id, _ = await requested(rig, 2_000)
+    return case_id
+
+
+async def verify_then_resubmit(rig: Recording) -> str:
+    """The first create fails before a refund exists: verify-state finds none, the horizon
+    is waited out and the second create is made."""
+    await sandbox(rig, "/_sandbox/faults", mode="error_before", times=1)
+    case_id, _ = await requested(rig, 2_100)
+    return case_id
+
+
+async def ledger_pending_and_recovered(rig: Recording) -> str:
+    """The ledger is locked when the provider confirms: the case shows executed, ledger
+    pending (incident) until the posting lands."""
+    async with await psycopg.AsyncConnection.connect(rig.dsn) as blocker:
+        async with blocker.transaction():
+            await blocker.execute("LOCK TABLE ledger_entries IN ACCESS EXCLUSIVE MODE")
+            case_id, _ = await requested(rig, 1_200)
+            await rig.stack.wait_for_status(case_id, "executed_ledger_pending", timeout=90)
+    return case_id
+
+
+async def unexpected_status(rig: Recording) -> str:
+    """A pending refund the provider later shows in a status we cannot map: ops review
+    (still asking), then the provider shows it succeeded."""
+    await sandbox(rig, "/_sandbox/config", refund_initial_status="pending")
+    case_id, _ = await requested(rig, 2_200)
+    refund_id = await provider_refund_id(rig, case_id, "pending")
+    await rig.stack.set_provider_status(refund_id, "partially_reversed", send_webhook=False)
+    await rig.stack.wait_for_status(case_id, "ops_review")
+    await rig.stack.set_provider_status(refund_id, "succeeded", send_webhook=False)
+    return case_id
+
+
+async def refused_credentials(rig: Recording) -> str:
+    """The provider refuses our key while validating (401) and on the create (403): ops
+    review each time, and the case resumes once the key works again."""
+    charge = await rig.stack.charge(10_000)
+    rig.proxy.refuse_next("GET", f"/v1/charges/{charge}", 401)
+    rig.proxy.refuse_next("POST", "/v1/refunds", 403)
+    return await rig.stack.request_refund("alice", charge, 1_000)
+
+
+async def reads_exhausted(rig: Recording) -> str:
+    """Validation's and verify-state's reads fail past their bounded retries (503s): ops
+    review each time, and the case resumes when the provider answers again."""
+    charge = await rig.stack.charge(10_000)
+    rig.proxy.refuse_next("GET", f"/v1/charges/{charge}", 503, 503)
+    rig.proxy.lose_next("POST", "/v1/refunds")
+    rig.proxy.refuse_next("GET", "/v1/refunds", 503, 503)
+    return await rig.stack.request_refund("alice", charge, 1_500)
+
+
+async def adyen_wait_resolved(rig: Recording) -> str:
+    """Adyen (no status lookup) answers the create with a 500: the case waits for the
+    notification, escalates to ops review, and ops resolve it (Adyen shows no refund)."""
+    assert rig.adyen is not None
+    psp = rig.adyen.payment(10_000, "EUR", MERCHANT)
+    rig.adyen.unavailable += 1
+    case_id = await rig.stack.request_refund("alice", psp, 900, provider="adyen", currency="EUR",
+                                             merchant_account=MERCHANT)
+    await rig.stack.wait_for_audit(case_id, "no_status_lookup_escalated")
+    await rig.stack.wait_for_status(case_id, "ops_review")
+    async with rig.stack.api("olga") as api:
+        (await api.post(f"/v1/refund-requests/{case_id}/provider-wait",
+                        json={"provider_shows": "not_refunded",
+                              "reason": "recorded scenario"})).raise_for_status()
+    return case_id
+
+
+async def duplicate_refund(rig: Recording) -> str:
+    """Someone refunds again at the provider with our reference while the case watches its
+    succeeded refund: an incident (ops review, a reconciliation break), own refund posted."""
+    case_id, charge = await requested(rig, 2_000)
+    await rig.stack.wait_for_status(case_id, "succeeded")
+    async with rig.stack.sandbox() as sb:
+        (await sb.post("/v1/refunds", json={"charge": charge, "amount": 2_000, "metadata": {
+            "refund_request_id": case_id}})).raise_for_status()
+    return case_id
+
+
+async def late_failure(rig: Recording) -> str:
+    """Succeeded, then failed within the late-failure window: a compensating entry."""
+    case_id, _ = await requested(rig, 1_800)
+    refund_id = await provider_refund_id(rig, case_id, "succeeded")
+    await rig.stack.set_provider_status(refund_id, "failed", failure_reason="expired_or_canceled_card")
+    return case_id
+
+
+async def cancel_before_submit(rig: Recording) -> str:
+    """Cancelled while awaiting approval: released, `canceled_by_ops`."""
+    return await cancel(rig, await awaiting_approval(rig))
+
+
+async def cancel_while_submitting(rig: Recording) -> str:
+    """Cancelled while a create the provider makes is unanswered: the horizon is waited out,
+    the provider asked, and its refund followed to the ledger."""
+    await sandbox(rig, "/_sandbox/faults", mode="timeout_after_success", seconds=2.5)
+    case_id, _ = await requested(rig, 1_000)
+    await rig.stack.wait_for_audit(case_id, "provider_submit_started")
+    return await cancel(rig, case_id)
+
+
+async def cancel_after_success(rig: Recording) -> str:
+    """Cancelled while watching a succeeded refund for a late failure: it stays followed."""
+    case_id, _ = await requested(rig, 1_100)
+    await rig.stack.wait_for_status(case_id, "succeeded")
+    return await cancel(rig, case_id)
+
+
+async def continued_as_new(rig: Recording) -> str:
+    """A pending refund past the (tiny) history threshold: the follow loop continues as new
+    carrying the case, and the next run posts the success."""
+    await sandbox(rig, "/_sandbox/config", refund_initial_status="pending")
+    case_id, _ = await requested(rig, 2_300)
+    refund_id = await provider_refund_id(rig, case_id, "pending")
+    handle = rig.stack.client.get_workflow_handle(case_id)
+    async with asyncio.timeout(60):  # the first run continues as new at its first follow turn
+        while (await handle.describe()).run_id == (await first_run(handle)):
+            await asyncio.sleep(0.1)
+    await rig.stack.set_provider_status(refund_id, "succeeded")
+    return case_id
+
+
+async def resubmits_exhausted(rig: Recording) -> str:
+    """Every create fails before a refund exists: after `max_submit_attempts` the case goes
+    to ops review (reservation kept) and only looks; ops then cancel it."""
+    await sandbox(rig, "/_sandbox/faults", mode="error_before", times=100)
+    case_id, _ = await requested(rig, 1_300)
+    await rig.stack.wait_for_audit(case_id, "resubmits_exhausted")
+    return await cancel(rig, case_id)
+
+
+async def tracked_dashboard_refund(rig: Recording) -> str:
+    """A refund made in the provider's dashboard (no case of ours): a tracking case follows
+    it from pending to succeeded and posts it."""
+    charge = await rig.stack.charge(20_000)
+    await sandbox(rig, "/_sandbox/config", refund_initial_status="pending")
+    async with rig.stack.sandbox() as sb:
+        made = await sb.post("/v1/refunds", json={"charge": charge, "amount": 700, "currency": "usd"})
+    refund_id = str(made.raise_for_status().json()["id"])
+    case_id = tracking_case_id("sandbox", refund_id)
+    await rig.stack.wait_for_status(case_id, "pending")
+    await rig.stack.set_provider_status(refund_id, "succeeded")
+    return case_id
+
+
+# -- payout and reconciliation scenarios -------------------------------------------------------
+
+async def failed_payout_case(rig: Recording) -> str:
+    """A paid payout the provider reports failed: its exception case awaits approval."""
+    await add_payout_approvers(rig.stack)
+    payout = await paid_payout(rig.stack, 150_000)
+    await move_payout(rig.stack, payout.provider_payout_id, "failed", failure_code="insufficient_funds")
     case_id = payout_case_id("sandbox", payout.provider_payout_id)
-    await wait_for_case(stack, case_id, "awaiting_approval")
-    (await decide(stack, "lena", case_id)).raise_for_status()
-    await wait_for_case(stack, case_id, "remediated")
-    (await ask_reissue(stack, "omar", case_id)).raise_for_status()
-    (await decide(stack, "lena", case_id)).raise_for_status()
+    await wait_for_case(rig.stack, case_id, "awaiting_approval")
     return case_id
 
 
-async def reconciliation_break_approved(stack: Stack) -> str:
-    """A refund shown refunded that the provider canceled, its case long closed: the
-    backfill opens an exception case, an approver approves, one compensating entry posts."""
-    refund = history(f"ch_{stack.new_id('hist')}", 1_000, days_ago=2)
-    await seed_provider(stack, [refund])
-    await seed_case(stack, refund)
-    await move_at_provider(stack, refund["id"], "canceled")
-    await backfill(stack, since_days=30)
-    [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
-    async with stack.api("carol") as api:
-        (await api.post(f"/v1/reconciliation/breaks/{found['id']}/approvals",
-                        json={"decision": "approve", "reason": "recorded scenario"})).raise_for_status()
-    return break_workflow_id(int(found["id"]))
+async def payout_reissued(rig: Recording, before_approval: Callable[[], None] = lambda: None,
+                          decision: str = "approve") -> str:
+    """A paid payout fails at the provider: the case opens, is approved, held, reversed,
+    ticketed and announced; then a reissue request is decided (`before_approval` arms a
+    fault for the reissue) and, approved, paid once."""
+    case_id = await failed_payout_case(rig)
+    (await decide(rig.stack, "lena", case_id)).raise_for_status()
+    await wait_for_case(rig.stack, case_id, "remediated")
+    (await ask_reissue(rig.stack, "omar", case_id)).raise_for_status()
+    before_approval()
+    (await decide(rig.stack, "lena", case_id, decision)).raise_for_status()
+    return case_id
 
 
-SCENARIOS: dict[str, Callable[[Stack], Awaitable[str]]] = {
-    "refund_auto_approved": auto_approved,
-    "refund_with_approval": with_approval,
-    "payout_reversed_and_reissued": payout_reversed_and_reissued,
-    "reconciliation_break_approved": reconciliation_break_approved,
+async def payout_reversed_and_reissued(rig: Recording) -> str:
+    return await payout_reissued(rig)
+
+
+async def payout_reissue_key_refused(rig: Recording) -> str:
+    """The reissue's lookup is refused (401): ops are told, and the reissue is made once the
+    key works again."""
+    return await payout_reissued(rig, lambda: rig.proxy.refuse_next("GET", "/v1/payouts", 401))
+
+
+async def payout_reissue_denied(rig: Recording) -> str:
+    """The reversed payout's reissue is denied: nothing is paid again."""
+    return await payout_reissued(rig, decision="deny")
+
+
+async def payout_ledger_failed(rig: Recording) -> str:
+    """The ledger is locked when the approved remediation posts its reversal: the entry
+    gives up, the hold is rolled back and a high-priority ticket raised."""
+    case_id = await failed_payout_case(rig)
+    async with await psycopg.AsyncConnection.connect(rig.dsn) as blocker:
+        async with blocker.transaction():
+            await blocker.execute("LOCK TABLE ledger_entries IN ACCESS EXCLUSIVE MODE")
+            (await decide(rig.stack, "lena", case_id)).raise_for_status()
+            await wait_for_case(rig.stack, case_id, "rolled_back", timeout=90)
+    return case_id
+
+
+async def payout_denied(rig: Recording) -> str:
+    """The failed payout's remediation is denied: nothing is held or reversed."""
+    case_id = await failed_payout_case(rig)
+    (await decide(rig.stack, "lena", case_id, "deny")).raise_for_status()
+    return case_id
+
+
+async def backfilled_cancellation(rig: Recording) -> tuple[str, str]:
+    """A refund shown refunded that the provider canceled, its case long closed, and a
+    backfill that finds it: (the backfill's run id, the refund's id)."""
+    refund = history(f"ch_{rig.stack.new_id('hist')}", 1_000, days_ago=2)
+    await seed_provider(rig.stack, [refund])
+    await seed_case(rig.stack, refund)
+    await move_at_provider(rig.stack, refund["id"], "canceled")
+    report = await backfill(rig.stack, since_days=30)
+    return str(report["run_id"]), str(refund["id"])
+
+
+async def canceled_refund_break(rig: Recording) -> str:
+    """The backfill's break opens an exception case awaiting approval; returns its id."""
+    _, refund_id = await backfilled_cancellation(rig)
+    [found] = await wait_for_breaks(rig.stack, [refund_id], "awaiting_approval")
+    return str(found["id"])
+
+
+async def reconciliation_backfill(rig: Recording) -> str:
+    """The backfill run itself: lists the provider's refunds, compares, opens the break."""
+    run_id, _ = await backfilled_cancellation(rig)
+    return run_id
+
+
+async def break_decision(rig: Recording, decision: str) -> str:
+    break_id = await canceled_refund_break(rig)
+    async with rig.stack.api("carol") as api:
+        (await api.post(f"/v1/reconciliation/breaks/{break_id}/approvals",
+                        json={"decision": decision, "reason": "recorded scenario"})).raise_for_status()
+    return break_workflow_id(int(break_id))
+
+
+async def reconciliation_payout_break(rig: Recording) -> str:
+    """A payout paid in our books that the provider shows failed: the backfill's break is
+    handed to the payout's own exception case."""
+    await add_payout_approvers(rig.stack)
+    failed = provider_payout(40_000, 3, "failed", failure_code="account_closed")
+    await seed_payouts(rig.stack, [failed], {failed["id"]: PayoutStatus.PAID})
+    await backfill(rig.stack, since_days=30)
+    [handed] = await wait_for_breaks(rig.stack, [failed["id"]], "handed_to_case")
+    return break_workflow_id(int(handed["id"]))
+
+
+async def reconciliation_run_failed(rig: Recording) -> str:
+    """The provider refuses the refund listing (403) for good: the backfill run fails."""
+    rig.proxy.refuse_next("GET", "/v1/refunds", 403)
+    async with rig.stack.api("olga") as api:
+        started = await api.post("/v1/reconciliation/runs", json={"provider": "sandbox",
+                                                                  "since": ago(30).isoformat()})
+    return str(started.raise_for_status().json()["run_id"])
+
+
+async def reconciliation_break_approved(rig: Recording) -> str:
+    """An approver approves the break: one compensating entry posts."""
+    return await break_decision(rig, "approve")
+
+
+async def reconciliation_break_dismissed(rig: Recording) -> str:
+    """An approver denies the break: it is dismissed, nothing posts."""
+    return await break_decision(rig, "deny")
+
+
+async def reconciliation_break_expired(rig: Recording) -> str:
+    """Nobody decides the break within the approval timeout: it expires."""
+    return break_workflow_id(int(await canceled_refund_break(rig)))
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "refund_auto_approved": Scenario(auto_approved),
+    "refund_with_approval": Scenario(with_approval),
+    "refund_denied": Scenario(denied),
+    "refund_expired": Scenario(expired, {"approval_timeout_seconds": 2}),
+    "refund_rejected": Scenario(rejected),
+    "refund_declined": Scenario(declined),
+    "refund_failed_at_provider": Scenario(failed_at_provider),
+    "refund_verify_then_found": Scenario(verify_then_found),
+    "refund_verify_then_resubmit": Scenario(verify_then_resubmit),
+    "refund_ledger_pending_recovered": Scenario(ledger_pending_and_recovered,
+                                                {"ledger_pending_after_seconds": 1}),
+    "refund_ops_review_unexpected_status": Scenario(unexpected_status, {"status_poll_interval_seconds": 0.5}),
+    "refund_ops_review_refused_credentials": Scenario(refused_credentials,
+                                                      {"status_poll_interval_seconds": 0.5}),
+    "refund_ops_review_reads_exhausted": Scenario(reads_exhausted, {"provider_read_attempts": 2,
+                                                                    "status_poll_interval_seconds": 0.5}),
+    "refund_adyen_wait_resolved_by_ops": Scenario(adyen_wait_resolved, adyen=True),
+    "refund_duplicate_provider_refund": Scenario(duplicate_refund, {"late_failure_window_seconds": 6}),
+    "refund_late_failure": Scenario(late_failure, {"late_failure_window_seconds": 60}),
+    "refund_cancel_before_submit": Scenario(cancel_before_submit),
+    "refund_cancel_while_submitting": Scenario(cancel_while_submitting, {"submit_timeout_seconds": 3}),
+    "refund_cancel_after_success": Scenario(cancel_after_success, {"late_failure_window_seconds": 60}),
+    "refund_continued_as_new": Scenario(continued_as_new, {"continue_as_new_after_events": 40,
+                                                           "status_poll_interval_seconds": 60}),
+    "refund_resubmits_exhausted": Scenario(resubmits_exhausted, {
+        "max_submit_attempts": 2, "submit_timeout_seconds": 3, "resubmit_margin_seconds": 0.1,
+        "status_poll_interval_seconds": 0.5}),
+    "tracking_dashboard_refund": Scenario(tracked_dashboard_refund),
+    "tracking_continued_as_new": Scenario(tracked_dashboard_refund, {"continue_as_new_after_events": 12}),
+    "payout_reversed_and_reissued": Scenario(payout_reversed_and_reissued),
+    "payout_reissue_key_refused": Scenario(payout_reissue_key_refused),
+    "payout_reissue_denied": Scenario(payout_reissue_denied),
+    "payout_ledger_failed": Scenario(payout_ledger_failed, {"ledger_pending_after_seconds": 2}),
+    "payout_denied": Scenario(payout_denied),
+    "reconciliation_backfill": Scenario(reconciliation_backfill),
+    "reconciliation_run_failed": Scenario(reconciliation_run_failed, fails=True),
+    "reconciliation_break_approved": Scenario(reconciliation_break_approved),
+    "reconciliation_payout_break": Scenario(reconciliation_payout_break),
+    "reconciliation_break_dismissed": Scenario(reconciliation_break_dismissed),
+    "reconciliation_break_expired": Scenario(reconciliation_break_expired, {"approval_timeout_seconds": 2}),
 }
+
+
+# -- recording ---------------------------------------------------------------------------------
+
+@asynccontextmanager
+async def recording(scenario: Scenario, store: Store, client: Client, temporal: TemporalDevServer,
+                    dsn: str) -> AsyncIterator[Recording]:
+    """A stack of the scenario's own, its provider's API behind a lossy proxy."""
+    if scenario.adyen:
+        async with adyen_rig(store, client, temporal, charges_from_fake=True) as rigged:
+            yield Recording(rigged.stack, rigged.proxy, dsn, rigged.fake)
+        return
+    proxy = LossyProxy("")
+    proxy_server = AppServer(proxy, "127.0.0.1", 0)
+    await proxy_server.start()
+    try:
+        stack = await open_stack(store, client, temporal.address, sandbox_api_base=proxy_server.url,
+                                 **scenario.settings)
+        proxy.target = stack.sandbox_url
+        try:
+            yield Recording(stack, proxy, dsn)
+        finally:
+            await stack.close()
+    finally:
+        await proxy_server.stop()
+
+
+async def closed(handle: WorkflowHandle[Any, Any], *, fails: bool) -> None:
+    """Waits for the workflow's end, which is a failure exactly when the scenario says so."""
+    try:
+        await handle.result()
+    except WorkflowFailureError:
+        if not fails:
+            raise
+        return
+    if fails:
+        raise AssertionError(f"{handle.id} completed; its scenario ends failed")
+
+
+async def first_run(handle: WorkflowHandle[Any, Any]) -> str:
+    """The run id that started the workflow's chain of continued runs."""
+    started = (await handle.fetch_history()).events[0].workflow_execution_started_event_attributes
+    return started.first_execution_run_id
+
+
+async def runs(client: Client, workflow_id: str) -> list[WorkflowHistory]:
+    """Every run's history, from the first, following continue-as-new."""
+    histories: list[WorkflowHistory] = []
+    run_id: str | None = await first_run(client.get_workflow_handle(workflow_id))
+    while run_id is not None:
+        recorded = await client.get_workflow_handle(workflow_id, run_id=run_id).fetch_history()
+        histories.append(recorded)
+        last = recorded.events[-1]
+        continued = last.HasField("workflow_execution_continued_as_new_event_attributes")
+        run_id = last.workflow_execution_continued_as_new_event_attributes.new_execution_run_id \
+            if continued else None
+    return histories
+
+
+def free_path(stem: str) -> Path:
+    """Where a new recording goes: `<stem>.json`, or when taken the first free
+    `<stem>_v<n>.json` (existing files are never rewritten, renamed or removed)."""
+    path, version = HISTORIES / f"{stem}.json", 0
+    while path.exists():
+        version += 1
+        path = HISTORIES / f"{stem}_v{version}.json"
+    return path
+
+
+def compact(history: WorkflowHistory) -> str:
+    """The history's JSON without indentation (a quarter smaller; the payloads are the rest)."""
+    return json.dumps(json.loads(history.to_json()), separators=(",", ":")) + "\n"
 
 
 async def record(folder: Path, names: list[str]) -> list[Path]:
     """Plays the named scenarios (all when none) to their workflow's end and writes each
-    history as JSON."""
+    run's history as JSON."""
+    unknown = set(names) - set(SCENARIOS)
+    if unknown:
+        raise SystemExit(f"unknown scenarios: {sorted(unknown)}; known: {sorted(SCENARIOS)}")
     temporal = TemporalDevServer(folder / "temporal.db", port=free_port(), ui_port=None)
     pg = EmbeddedPostgres(folder / "pg", delete_on_stop=True)
     await temporal.start()
     try:
-        store = await Store.open(await asyncio.to_thread(pg.start))
+        dsn = await asyncio.to_thread(pg.start)
+        store = await Store.open(dsn)
         await store.migrate()
         client = await Client.connect(temporal.address, data_converter=data_converter(None),
                                       interceptors=[TracingInterceptor()])
-        stack = await open_stack(store, client, temporal.address)
         written = []
         try:
             HISTORIES.mkdir(exist_ok=True)
-            for name, play in SCENARIOS.items():
+            for name, scenario in SCENARIOS.items():
                 if names and name not in names:
                     continue
-                handle = client.get_workflow_handle(await play(stack))
-                await handle.result()
-                path = HISTORIES / f"{name}.json"
-                path.write_text((await handle.fetch_history()).to_json() + "\n")
-                written.append(path)
+                async with recording(scenario, store, client, temporal, dsn) as rig:
+                    workflow_id = await scenario.play(rig)
+                    await closed(client.get_workflow_handle(workflow_id), fails=scenario.fails)
+                    for number, run in enumerate(await runs(client, workflow_id), start=1):
+                        path = free_path(name if number == 1 else f"{name}_run{number}")
+                        path.write_text(compact(run))
+                        written.append(path)
         finally:
-            await stack.close()
             await store.close()
         return written
     finally:

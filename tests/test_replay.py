@@ -1,10 +1,18 @@
 """Every recorded history under tests/histories replays on today's workflow code, with the
 worker's sandbox, converter and interceptors; a change that would break running workflows
-fails here. Re-record with `python -m tests.record_histories` (see that module)."""
+fails here. Each history also holds the branch it is named for (its activities, case
+actions, patch markers, signals, cancel or continue-as-new), so a file recorded on the
+wrong branch cannot pass. Record with `python -m tests.record_histories` (see that module).
+"""
 
+import json
+import re
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from temporalio import workflow
@@ -15,13 +23,182 @@ from temporalio.worker import Replayer
 
 from adapters.codec import EncryptionCodec, data_converter, parse_keys
 from tests.harness import PAYLOAD_KEYS
+from tests.record_histories import SCENARIOS
 from workers.main import WORKFLOWS, workflow_runner
+from workflows import approvals, payout, reconciliation, refund, tracking
+from workflows.payout import REISSUE_HORIZON_PATCH
+from workflows.reconciliation import APPROVAL_ROUND_PATCH, PAYOUT_BREAK_PATCH
+from workflows.refund import (
+    ADYEN_WAIT_PATCH,
+    BOUNDED_PATCH,
+    CANCEL_PATCH,
+    DUPLICATE_PATCH,
+    HORIZON_PATCH,
+    PROVIDER_SCOPED_WAIT_PATCH,
+)
+from workflows.tracking import BOUNDED_PATCH as TRACKING_BOUNDED_PATCH
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
+CASE_EVENT_ACTIVITIES = {"record_case_event", "record_payout_case_event"}
+
+
+@dataclass(frozen=True)
+class Branch:
+    """What a history of a branch must hold (`has`) and must not (`lacks`); facts as
+    `_facts` names them."""
+
+    has: frozenset[str]
+    lacks: frozenset[str] = frozenset()
+
+
+def branch(*has: str, lacks: Sequence[str] = ()) -> Branch:
+    return Branch(frozenset(has), frozenset(lacks))
+
+
+SUBMIT, VERIFY = "activity:submit_provider_refund", "activity:verify_provider_refund"
+
+# Keyed by the scenario's name; its older versions (`_v<n>`) are held to the same facts.
+BRANCHES: dict[str, Branch] = {
+    "refund_auto_approved": branch(SUBMIT, "action:refund_succeeded", "activity:post_ledger",
+                                   lacks=[VERIFY, "update:submit_approval"]),
+    "refund_with_approval": branch("update:submit_approval", "action:approval_granted", SUBMIT,
+                                   "action:refund_succeeded"),
+    "refund_denied": branch("update:submit_approval", "action:approval_denied",
+                            f"patch:{PROVIDER_SCOPED_WAIT_PATCH}", lacks=[SUBMIT]),
+    "refund_expired": branch("action:approval_expired", lacks=[SUBMIT, "update:submit_approval"]),
+    "refund_rejected": branch("activity:validate_refund", lacks=["activity:decide_policy", SUBMIT]),
+    "refund_declined": branch(SUBMIT, "action:refund_declined",
+                              lacks=[VERIFY, f"{SUBMIT}#2", "activity:post_ledger"]),
+    "refund_failed_at_provider": branch(SUBMIT, "signal:provider_event", "action:refund_failed",
+                                        lacks=["activity:post_ledger", "action:refund_succeeded"]),
+    "refund_verify_then_found": branch(SUBMIT, VERIFY, "action:refund_succeeded",
+                                       lacks=[f"{SUBMIT}#2"]),
+    "refund_verify_then_resubmit": branch(VERIFY, f"{SUBMIT}#2", f"patch:{HORIZON_PATCH}",
+                                          "action:refund_succeeded"),
+    "refund_ledger_pending_recovered": branch("action:ledger_pending", "action:ledger_recovered",
+                                              "activity:post_ledger#2", lacks=[f"{SUBMIT}#2"]),
+    "refund_ops_review_unexpected_status": branch("action:unexpected_provider_status", VERIFY,
+                                                  "action:refund_succeeded"),
+    "refund_ops_review_refused_credentials": branch(
+        "action:provider_configuration_refused#2", "action:provider_answering_again#2",
+        "activity:validate_refund#2", f"{SUBMIT}#2", "action:refund_succeeded"),
+    "refund_ops_review_reads_exhausted": branch(
+        "action:validate_retries_exhausted", "action:verify_retries_exhausted",
+        "action:provider_answering_again#2", "action:refund_succeeded", lacks=[f"{SUBMIT}#2"]),
+    "refund_adyen_wait_resolved_by_ops": branch(
+        VERIFY, "action:awaiting_provider_notification", "action:no_status_lookup_escalated",
+        f"patch:{ADYEN_WAIT_PATCH}", "signal:provider_event", "action:provider_notification_received",
+        "action:refund_failed", lacks=[f"{SUBMIT}#2"]),
+    "refund_late_failure": branch("action:refund_succeeded", "action:refund_failed_after_success",
+                                  "activity:post_ledger#2", "signal:provider_event#2"),
+    "refund_cancel_before_submit": branch("cancel_requested", f"patch:{CANCEL_PATCH}",
+                                          "action:canceled_by_ops", lacks=[SUBMIT]),
+    "refund_cancel_while_submitting": branch("cancel_requested", f"patch:{CANCEL_PATCH}", SUBMIT, VERIFY,
+                                             "action:cancel_after_provider_refund",
+                                             "action:refund_succeeded", lacks=[f"{SUBMIT}#2"]),
+    "refund_cancel_after_success": branch("cancel_requested", f"patch:{CANCEL_PATCH}",
+                                          "action:refund_succeeded", "action:cancel_after_provider_refund",
+                                          lacks=[VERIFY]),
+    "refund_continued_as_new": branch(SUBMIT, f"patch:{BOUNDED_PATCH}", "continued_as_new"),
+    "refund_continued_as_new_run2": branch("carried:follow", "action:refund_succeeded",
+                                           "activity:post_ledger", lacks=[SUBMIT, "continued_as_new"]),
+    "refund_resubmits_exhausted": branch(f"{SUBMIT}#2", f"patch:{BOUNDED_PATCH}",
+                                         "action:resubmits_exhausted", "cancel_requested",
+                                         "action:canceled_by_ops", lacks=[f"{SUBMIT}#3"]),
+    "refund_duplicate_provider_refund": branch(
+        "action:duplicate_provider_refund", "activity:open_duplicate_refund_break",
+        f"patch:{DUPLICATE_PATCH}", "signal:provider_event#2", lacks=[f"{SUBMIT}#2"]),
+    "tracking_dashboard_refund": branch("signal:provider_event#2", "action:refund_succeeded",
+                                        "activity:post_ledger", lacks=["continued_as_new", SUBMIT]),
+    "tracking_continued_as_new": branch("continued_as_new", f"patch:{TRACKING_BOUNDED_PATCH}"),
+    "tracking_continued_as_new_run2": branch("carried:watch", "action:refund_succeeded",
+                                             lacks=["continued_as_new"]),
+    "payout_reversed_and_reissued": branch("signal:payout_event", "update:request_reissue",
+                                           "activity:post_payout_reversal", "activity:reissue_payout",
+                                           "action:reissue_completed"),
+    "payout_reissue_key_refused": branch("action:reissue_configuration_refused",
+                                         f"patch:{REISSUE_HORIZON_PATCH}", "activity:reissue_payout",
+                                         "action:reissue_completed"),
+    "payout_reissue_denied": branch("update:request_reissue", "action:approval_denied",
+                                    "activity:post_payout_reversal", lacks=["activity:reissue_payout"]),
+    "payout_ledger_failed": branch("action:ledger_failed", "activity:release_payout_hold",
+                                   lacks=["action:runbook_completed", "activity:reissue_payout"]),
+    "payout_denied": branch("signal:payout_event", "update:submit_approval", "action:approval_denied",
+                            lacks=["activity:hold_payout", "activity:reissue_payout"]),
+    "reconciliation_backfill": branch("activity:open_reconciliation_run", "activity:reconcile_batch",
+                                      "activity:finish_reconciliation_run"),
+    "reconciliation_run_failed": branch("activity:reconcile_batch", "failed",
+                                        lacks=["activity:finish_reconciliation_run"]),
+    "reconciliation_break_approved": branch("update:submit_approval", "activity:settle_break"),
+    "reconciliation_payout_break": branch(f"patch:{PAYOUT_BREAK_PATCH}", "activity:hand_break_to_payout_case",
+                                          lacks=["activity:open_break_exception"]),
+    "reconciliation_break_dismissed": branch(f"patch:{APPROVAL_ROUND_PATCH}", "update:submit_approval",
+                                             "activity:settle_break",
+                                             "action:reconciliation_approval_denied"),
+    "reconciliation_break_expired": branch(f"patch:{APPROVAL_ROUND_PATCH}", "activity:settle_break",
+                                           "action:reconciliation_approval_expired",
+                                           lacks=["update:submit_approval"]),
+}
+"""The patch-marker facts name the patch each branch reaches first (e.g. the resubmit's
+horizon); markers the whole workflow records (integrations, late verdicts) need no mention."""
 
 
 def _history(path: Path) -> WorkflowHistory:
     return WorkflowHistory.from_json(path.stem, path.read_text())
+
+
+def _scenario(stem: str) -> str:
+    """A file's scenario: its name without an older version's `_v<n>`."""
+    return re.sub(r"_v\d+$", "", stem)
+
+
+def _payload(payloads: Any) -> Any:
+    """The first payload's JSON (the recordings hold plaintext: the codec was dropped)."""
+    return json.loads(payloads.payloads[0].data) if payloads.payloads else None
+
+
+def _facts(history: WorkflowHistory) -> set[str]:
+    """What a history shows: `activity:<type>`, `action:<case action>`, `signal:<name>`,
+    `update:<name>`, each also as `<fact>#<k>` for its k-th time; `patch:<id>`,
+    `cancel_requested`, `continued_as_new`, `failed` and, for a continued run, `carried:<phase>` (the
+    wait it resumes)."""
+    seen: Counter[str] = Counter()
+
+    def count(fact: str) -> None:
+        seen[fact] += 1
+        seen[f"{fact}#{seen[fact]}"] += 1
+
+    for event in history.events:
+        if event.HasField("workflow_execution_started_event_attributes"):
+            started = _payload(event.workflow_execution_started_event_attributes.input)
+            if isinstance(started, dict) and started.get("carried"):
+                count(f"carried:{started['carried'].get('phase', 'watch')}")  # tracking: one wait
+        elif event.HasField("activity_task_scheduled_event_attributes"):
+            scheduled = event.activity_task_scheduled_event_attributes
+            count(f"activity:{scheduled.activity_type.name}")
+            if scheduled.activity_type.name in CASE_EVENT_ACTIVITIES:
+                count(f"action:{_payload(scheduled.input)['action']}")
+        elif event.HasField("marker_recorded_event_attributes"):
+            marker = event.marker_recorded_event_attributes
+            if "patch-data" in marker.details:
+                count(f"patch:{_payload(marker.details['patch-data'])['id']}")
+        elif event.HasField("workflow_execution_signaled_event_attributes"):
+            count(f"signal:{event.workflow_execution_signaled_event_attributes.signal_name}")
+        elif event.HasField("workflow_execution_update_accepted_event_attributes"):
+            accepted = event.workflow_execution_update_accepted_event_attributes
+            count(f"update:{accepted.accepted_request.input.name}")
+        elif event.HasField("workflow_execution_cancel_requested_event_attributes"):
+            count("cancel_requested")
+        elif event.HasField("workflow_execution_continued_as_new_event_attributes"):
+            count("continued_as_new")
+        elif event.HasField("workflow_execution_failed_event_attributes"):
+            count("failed")
+    return set(seen)
+
+
+def _off_branch(facts: set[str], expected: Branch) -> tuple[set[str], set[str]]:
+    """The facts a branch needs that are missing, and those it must not have but has."""
+    return set(expected.has - facts), set(expected.lacks & facts)
 
 
 def _replayer(workflows: list[type]) -> Replayer:
@@ -30,10 +207,33 @@ def _replayer(workflows: list[type]) -> Replayer:
                     interceptors=[TracingInterceptor()])
 
 
-def test_histories_are_recorded() -> None:
-    assert {p.stem for p in HISTORIES} >= {"refund_auto_approved", "refund_with_approval",
-                                           "payout_reversed_and_reissued",
-                                           "payout_reversed_and_reissued_v1"}
+def test_every_scenario_is_recorded_and_every_file_has_its_branch() -> None:
+    stems = {p.stem for p in HISTORIES}
+    assert set(SCENARIOS) <= stems
+    assert {_scenario(stem) for stem in stems} == set(BRANCHES)  # no file unchecked, no stale branch
+    assert {"refund_auto_approved_v1", "payout_reversed_and_reissued_v1"} <= stems  # old code's
+
+
+@pytest.mark.parametrize("path", HISTORIES, ids=lambda p: p.stem)
+def test_recorded_history_holds_its_branch(path: Path) -> None:
+    missing, unwanted = _off_branch(_facts(_history(path)), BRANCHES[_scenario(path.stem)])
+    assert (missing, unwanted) == (set(), set())
+
+
+def test_every_patch_in_force_is_reached_by_a_recording() -> None:
+    """A new `workflow.patched` branch needs a history that takes it."""
+    in_force = {value for module in (approvals, payout, reconciliation, refund, tracking)
+                for name, value in vars(module).items() if name.endswith("_PATCH")}
+    reached = {fact.removeprefix("patch:") for path in HISTORIES for fact in _facts(_history(path))
+               if fact.startswith("patch:") and "#" not in fact}
+    assert len(in_force) >= 13 and in_force <= reached, in_force - reached
+
+
+@pytest.mark.parametrize("name", sorted(set(BRANCHES) - {"refund_auto_approved"}))
+def test_the_plain_refund_holds_no_other_branch(name: str) -> None:
+    """The branch check can fail: the happy path's history is off every other branch."""
+    happy = _facts(_history(Path(__file__).parent / "histories" / "refund_auto_approved.json"))
+    assert _off_branch(happy, BRANCHES[name]) != (set(), set())
 
 
 @pytest.mark.parametrize("path", HISTORIES, ids=lambda p: p.stem)
