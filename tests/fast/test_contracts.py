@@ -1,0 +1,48 @@
+"""Every activity contract has exactly one implementation in `activities/`, registered
+under the contract's name with the contract's input and result types, and every
+implementation has a contract (a renamed or retyped side fails here, not in a workflow)."""
+
+import importlib
+import inspect
+import pkgutil
+import typing
+from collections.abc import Callable
+from typing import Any
+
+import activities
+from domain import contracts
+from temporalio import activity
+
+
+def _implementations() -> list[tuple[str, Callable[..., Any], bool]]:
+    """(registered name, function, listed in its holder's `all()`) for every activity
+    defined in the `activities` package."""
+    found = []
+    for module_info in pkgutil.iter_modules(activities.__path__):
+        module = importlib.import_module(f"activities.{module_info.name}")
+        for holder in vars(module).values():
+            if not inspect.isclass(holder) or holder.__module__ != module.__name__:
+                continue
+            # `all()` only lists bound methods: what the worker registers, read without a store
+            registered = {getattr(m, "__func__", m) for m in holder.__new__(holder).all()}
+            for fn in vars(holder).values():
+                definition = activity._Definition.from_callable(fn) if callable(fn) else None
+                if definition is not None:
+                    assert definition.name is not None
+                    found.append((definition.name, fn, fn in registered))
+    return found
+
+
+def test_every_contract_has_one_registered_implementation_of_its_types() -> None:
+    implementations = _implementations()
+    names = [name for name, _, _ in implementations]
+    declared = {c.name: c for c in contracts.ALL}
+    assert len(declared) == len(contracts.ALL), "two contracts share a name"
+    assert sorted(names) == sorted(declared), "an activity without a contract, or a contract without one"
+    for name, fn, registered in implementations:
+        contract = declared[name]
+        hints = typing.get_type_hints(fn)
+        params = [p for p in inspect.signature(fn).parameters if p != "self"]
+        assert registered, f"{name} is defined but not in its holder's all()"
+        assert len(params) == 1 and hints[params[0]] is contract.input, f"{name}: input type"
+        assert hints["return"] is contract.result, f"{name}: result type"
