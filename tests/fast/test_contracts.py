@@ -9,9 +9,10 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
+from temporalio import activity
+
 import activities
 from domain import contracts
-from temporalio import activity
 
 
 def _implementations() -> list[tuple[str, Callable[..., Any], bool]]:
@@ -24,7 +25,8 @@ def _implementations() -> list[tuple[str, Callable[..., Any], bool]]:
             if not inspect.isclass(holder) or holder.__module__ != module.__name__:
                 continue
             # `all()` only lists bound methods: what the worker registers, read without a store
-            registered = {getattr(m, "__func__", m) for m in holder.__new__(holder).all()}
+            listed: list[Callable[..., Any]] = typing.cast(Any, object.__new__(holder)).all()
+            registered = {getattr(m, "__func__", m) for m in listed}
             for fn in vars(holder).values():
                 definition = activity._Definition.from_callable(fn) if callable(fn) else None
                 if definition is not None:
