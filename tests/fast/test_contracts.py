@@ -2,16 +2,19 @@
 under the contract's name with the contract's input and result types, and every
 implementation has a contract (a renamed or retyped side fails here, not in a workflow)."""
 
+import ast
 import importlib
 import inspect
 import pkgutil
 import typing
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from temporalio import activity
 
 import activities
+import workflows
 from domain import contracts
 
 
@@ -48,3 +51,15 @@ def test_every_contract_has_one_registered_implementation_of_its_types() -> None
         assert registered, f"{name} is defined but not in its holder's all()"
         assert len(params) == 1 and hints[params[0]] is contract.input, f"{name}: input type"
         assert hints["return"] is contract.result, f"{name}: result type"
+
+
+def test_workflows_call_activities_only_through_contracts() -> None:
+    """A direct `workflow.execute_activity("name", ..., result_type=...)` would write a
+    name and a result type a second time, beside the contract."""
+    direct = []
+    for path in sorted(Path(workflows.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (isinstance(node, ast.Attribute) and node.attr.startswith(("execute_", "start_"))
+                    and "activity" in node.attr):
+                direct.append(f"{path}:{node.lineno} {node.attr}")
+    assert direct == []
