@@ -3,6 +3,8 @@
 An `ApplicationError`'s type is how a workflow tells a decline from an unknown outcome, so
 each name is written here once: the activities raise with it and the workflows (and the
 retry policies' non-retryable lists) compare with it.
+The approval round's answers to a refused verdict (`AlreadyDecided`, `NotAwaitingApproval`,
+`ApprovalRefused`) are still named in `workflows/approvals.py`.
 """
 
 from typing import Final
