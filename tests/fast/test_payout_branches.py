@@ -94,6 +94,19 @@ async def test_approved_runbook_holds_reverses_tickets_and_notifies(client: Clie
     assert [i.kind for i in fakes.inputs(contracts.QUEUE_NOTICE)][-1] == "payout_exception_remediated"
 
 
+async def test_denied_case_holds_nothing(client: Client) -> None:
+    fakes = payout_fakes()
+    async with fake_worker(client, fakes) as queue:
+        handle = await start(client, queue, reissue_window=timedelta(minutes=5))
+        await fakes.seen("approval_requested")
+        deny = APPROVE.model_copy(update={"decision": Decision.DENY})
+        await handle.signal(PayoutReversalWorkflow.approve, deny)
+        state = await handle.result()
+    assert state.status is PayoutCaseStatus.DENIED
+    assert state.runbook == ()
+    assert fakes.names(*RUNBOOK) == []
+
+
 async def test_compensating_entry_not_posted_rolls_the_hold_back(client: Client) -> None:
     fakes = payout_fakes()
     fakes.script(REVERSAL, ApplicationError("ledger unavailable"))

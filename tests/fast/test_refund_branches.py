@@ -210,6 +210,19 @@ async def test_unexpected_status_goes_to_ops_review_and_keeps_asking(client: Cli
     assert fakes.names(SUBMIT, VERIFY) == [SUBMIT.name, VERIFY.name, VERIFY.name]
 
 
+async def test_refused_credentials_go_to_ops_review_until_the_provider_answers(client: Client) -> None:
+    case_id = new_case()
+    fakes = refund_fakes(case_id)
+    fakes.script(SUBMIT, ApplicationError("401", type=errors.CONFIGURATION_REFUSED, non_retryable=True))
+    fakes.script(VERIFY, VerifyResult(refund=refund(case_id)))
+    async with fake_worker(client, fakes) as queue:
+        state = (await (await start(client, queue, case_id)).result()).state
+    assert state.status is CaseStatus.SUCCEEDED
+    recorded = fakes.recorded()
+    assert recorded.index("provider_configuration_refused") < recorded.index("provider_answering_again")
+    assert fakes.names(SUBMIT, VERIFY) == [SUBMIT.name, VERIFY.name]  # looked up, never sent again
+
+
 async def test_no_status_lookup_waits_for_the_notification_in_ops_review(client: Client) -> None:
     case_id = new_case()
     fakes = refund_fakes(case_id)
