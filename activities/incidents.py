@@ -7,6 +7,7 @@ from temporalio import activity
 
 from adapters.incidents import open_duplicate_refund_break
 from adapters.store import Store
+from domain import contracts
 from domain.incidents import DuplicateRefundInput
 
 
@@ -16,7 +17,7 @@ class IncidentActivities:
     def __init__(self, store: Store) -> None:
         self._store = store
 
-    @activity.defn(name="open_duplicate_refund_break")
+    @activity.defn(name=contracts.OPEN_DUPLICATE_REFUND_BREAK.name)
     async def open_duplicate_refund_break(self, inp: DuplicateRefundInput) -> bool:
         """Records the duplicate refund as a break for ops; idempotent per refund (False
         when it was recorded already)."""

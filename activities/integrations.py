@@ -20,6 +20,7 @@ from adapters.notify.channels import build_channels, email_recipient
 from adapters.notify.delivery import DeliveryUncertain
 from adapters.notify.message import render, template_for
 from adapters.store import Store
+from domain import contracts, errors
 from domain.advice import AdviceContext, PriorRefund, TimelineEntry, guarded
 from domain.integrations import AdviceReceipt, AdviseInput, DeliverNoticeInput
 
@@ -43,7 +44,7 @@ class IntegrationActivities:
         self._channels = build_channels(settings, self._integrations)
         self._advisor = build_advisor(settings)
 
-    @activity.defn(name="deliver_notice")
+    @activity.defn(name=contracts.DELIVER_NOTICE.name)
     async def deliver_notice(self, inp: DeliverNoticeInput) -> None:
         """Sends an outbox notice to every channel that carries it (see `deliver`)."""
         await self.deliver(inp.dedup_key)
@@ -85,7 +86,7 @@ class IntegrationActivities:
                 await self._integrations.finish_delivery(message.notice_id, case_id, channel.name,
                                                          "delivered", external_id=external_id)
         if failed:
-            raise ApplicationError("; ".join(failed), type="NoticeDeliveryFailed")
+            raise ApplicationError("; ".join(failed), type=errors.NOTICE_DELIVERY_FAILED)
         if carriers:  # with no channel for it, the notice stays undelivered in the outbox
             await self._integrations.mark_notice_delivered(message.notice_id)
 
@@ -106,7 +107,7 @@ class IntegrationActivities:
             timeline=tuple(TimelineEntry(at=e["occurred_at"], actor=e["actor"], action=e["action"])
                            for e in trail[-50:]))
 
-    @activity.defn(name="advise_refund")
+    @activity.defn(name=contracts.ADVISE_REFUND.name)
     async def advise_refund(self, inp: AdviseInput) -> AdviceReceipt:
         """Asks the advisor about a validated case and stores its advice (or "no advice")
         on the case for approvers. Finishes inside its own timeout, so a slow model ends

@@ -25,6 +25,7 @@ from adapters.providers.base import (
     ProviderOutcomeUnknown,
 )
 from adapters.store import Store
+from domain import contracts, errors
 from domain.models import LedgerResult
 from domain.payouts import (
     AdmitInput,
@@ -52,8 +53,6 @@ from domain.triage import triage_offline
 
 log = logging.getLogger(__name__)
 
-DECLINED = "ProviderDeclined"
-OUTCOME_UNKNOWN = "ProviderOutcomeUnknown"
 
 
 class PayoutActivities:
@@ -64,7 +63,7 @@ class PayoutActivities:
         self._providers = providers
         self._policy = policy
 
-    @activity.defn(name="admit_payout_event")
+    @activity.defn(name=contracts.ADMIT_PAYOUT_EVENT.name)
     async def admit_payout_event(self, inp: AdmitInput) -> AdmitResult:
         """The validation gate before any action: the payout exists internally, its status,
         whether the case is open; the first failure of a paid payout opens the case.
@@ -73,9 +72,9 @@ class PayoutActivities:
         try:
             return await self._book.admit(inp.case_id, inp.event, case_open=inp.case_open)
         except LookupError as exc:
-            raise ApplicationError(str(exc), type="UnknownPayout", non_retryable=True) from exc
+            raise ApplicationError(str(exc), type=errors.UNKNOWN_PAYOUT, non_retryable=True) from exc
 
-    @activity.defn(name="triage_payout_exception")
+    @activity.defn(name=contracts.TRIAGE_PAYOUT_EXCEPTION.name)
     async def triage_payout_exception(self, inp: TriageInput) -> TriageReceipt:
         """Advisory triage: stores a typed recommendation (root cause, next step, timeline)
         beside the case for approvers; only whether it was stored goes back, so nothing
@@ -85,7 +84,7 @@ class PayoutActivities:
                                            "ai_recommendation_recorded", f"advisor:{advice.source}")
         return TriageReceipt(recorded=True, source=advice.source)
 
-    @activity.defn(name="decide_payout_reversal")
+    @activity.defn(name=contracts.DECIDE_PAYOUT_REVERSAL.name)
     async def decide_payout_reversal(self, inp: PayoutPolicyInput) -> PayoutDecision:
         """The policy's approval tier for the amount, and its runbook switches, stored on
         the case. A policy without payout tiers fails and is retried until it is fixed.
@@ -100,33 +99,33 @@ class PayoutActivities:
                                            "policy_decision", "policy")
         return decision
 
-    @activity.defn(name="record_payout_case_event")
+    @activity.defn(name=contracts.RECORD_PAYOUT_CASE_EVENT.name)
     async def record_payout_case_event(self, inp: PayoutCaseEventInput) -> None:
         """Moves the case's status and appends the audit row in one transaction."""
         await self._book.record_case_event(inp)
 
-    @activity.defn(name="hold_payout")
+    @activity.defn(name=contracts.HOLD_PAYOUT.name)
     async def hold_payout(self, inp: HoldInput) -> HoldResult:
         """Runbook step A: the payout (and, per policy, the beneficiary's further payouts)
         on hold, remembering the status to return to. Idempotent: a held payout stays held."""
         return await self._book.hold(inp.case_id, inp.payout_id, hold_beneficiary=inp.hold_beneficiary)
 
-    @activity.defn(name="post_payout_reversal")
+    @activity.defn(name=contracts.POST_PAYOUT_REVERSAL.name)
     async def post_payout_reversal(self, inp: ReversalInput) -> LedgerResult:
         """Runbook step B: the compensating entry (template `payout_reversed`), only while
         the hold stands. Idempotent by its posting key (case + template)."""
         try:
             return await self._book.post_reversal(inp.case_id, inp.payout)
         except HoldReleased as exc:
-            raise ApplicationError(str(exc), type="HoldReleased", non_retryable=True) from exc
+            raise ApplicationError(str(exc), type=errors.HOLD_RELEASED, non_retryable=True) from exc
 
-    @activity.defn(name="release_payout_hold")
+    @activity.defn(name=contracts.RELEASE_PAYOUT_HOLD.name)
     async def release_payout_hold(self, inp: ReversalInput) -> ReleaseResult:
         """The rollback after step B failed (where policy allows): hold → previous status.
         Idempotent: a released hold is not released again; a late posting keeps the hold."""
         return await self._book.release_hold(inp.case_id, inp.payout.id)
 
-    @activity.defn(name="open_payout_ticket")
+    @activity.defn(name=contracts.OPEN_PAYOUT_TICKET.name)
     async def open_payout_ticket(self, inp: TicketInput) -> TicketResult:
         """Runbook step C, first half: queues the `payout_exception_ticket` notice that opens
         (or updates) the case's ops ticket; the workflow then delivers it to ServiceNow and
@@ -136,14 +135,14 @@ class PayoutActivities:
                                                         inp.detail)
         return TicketResult(ticket_ref=ref, newly_queued=queued, notice_key=key)
 
-    @activity.defn(name="link_payout_ticket")
+    @activity.defn(name=contracts.LINK_PAYOUT_TICKET.name)
     async def link_payout_ticket(self, inp: LinkTicketInput) -> LinkedTicket:
         """Runbook step C, second half: the tickets ServiceNow and Jira filed become the
         case's reference (with an audit row). Idempotent: nothing changes on a repeat."""
         ref, filed = await self._book.link_ticket(inp.case_id, inp.occasion)
         return LinkedTicket(ticket_ref=ref, filed=filed)
 
-    @activity.defn(name="reissue_payout")
+    @activity.defn(name=contracts.REISSUE_PAYOUT.name)
     async def reissue_payout(self, inp: ReissueInput) -> PayoutSnapshot:
         """Pays the beneficiary again after an approved reissue request, once: our books
         first, then the provider by our reference, and only then a create (with a derived
@@ -157,7 +156,7 @@ class PayoutActivities:
             return done
         provider = self._providers.get(original.provider)
         if not isinstance(provider, PayoutExecutor):
-            raise ApplicationError(f"{original.provider} cannot make payouts", type=DECLINED,
+            raise ApplicationError(f"{original.provider} cannot make payouts", type=errors.DECLINED,
                                    non_retryable=True)
         order = PayoutOrder(reference=original.reissue_id(), beneficiary_id=original.beneficiary_id,
                             amount=original.amount, currency=original.currency)
@@ -168,7 +167,8 @@ class PayoutActivities:
         except ProviderConfigurationRefused as exc:
             raise configuration_refused(exc) from exc
         except ProviderError as exc:  # a lookup that failed or was refused: still unknown
-            raise ApplicationError(f"lookup failed, outcome unknown: {exc}", type=OUTCOME_UNKNOWN) from exc
+            raise ApplicationError(f"lookup failed, outcome unknown: {exc}",
+                                   type=errors.OUTCOME_UNKNOWN) from exc
         return await self._book.record_reissue(inp.case_id, original, made, inp.final_status)
 
     @staticmethod
@@ -176,9 +176,9 @@ class PayoutActivities:
         try:
             return await provider.create_payout(order, key)
         except ProviderDeclined as exc:
-            raise ApplicationError(str(exc), type=DECLINED, non_retryable=True) from exc
+            raise ApplicationError(str(exc), type=errors.DECLINED, non_retryable=True) from exc
         except ProviderOutcomeUnknown as exc:
-            raise ApplicationError(str(exc), type=OUTCOME_UNKNOWN) from exc
+            raise ApplicationError(str(exc), type=errors.OUTCOME_UNKNOWN) from exc
 
     def all(self) -> list[Callable[..., Any]]:
         """Every activity, for worker registration."""

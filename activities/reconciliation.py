@@ -32,6 +32,7 @@ from adapters.providers.base import (
 )
 from adapters.reconciliation import REPORT_COLUMNS, Listed, Phase, Reconciliations, RunConflict, break_case
 from adapters.store import Store
+from domain import contracts, errors
 from domain.models import RefundTimings
 from domain.payouts import PayoutCaseInput, ProviderPayout, payout_case_id
 from domain.policy import Policy, decide_payout_reversal, tier_for
@@ -61,7 +62,7 @@ def lister(providers: Mapping[str, ProviderAdapter], name: str) -> RefundLister:
     """The provider's list call; a provider without one cannot be reconciled (for good)."""
     provider = providers.get(name)
     if not isinstance(provider, RefundLister):
-        raise ApplicationError(f"provider {name!r} cannot list its refunds", type="NotListable",
+        raise ApplicationError(f"provider {name!r} cannot list its refunds", type=errors.NOT_LISTABLE,
                                non_retryable=True)
     return provider
 
@@ -81,15 +82,15 @@ class ReconciliationActivities:
         self._reports_dir = reports_dir
         self._reissue_window = reissue_window
 
-    @activity.defn(name="open_reconciliation_run")
+    @activity.defn(name=contracts.OPEN_RECONCILIATION_RUN.name)
     async def open_reconciliation_run(self, window: RunWindow) -> None:
         """Records the run (once: a continued or retried workflow finds its row)."""
         try:
             await self._recon.open_run(window, activity.info().task_queue)
         except RunConflict as exc:
-            raise ApplicationError(str(exc), type="RunConflict", non_retryable=True) from exc
+            raise ApplicationError(str(exc), type=errors.RUN_CONFLICT, non_retryable=True) from exc
 
-    @activity.defn(name="reconcile_batch")
+    @activity.defn(name=contracts.RECONCILE_BATCH.name)
     async def reconcile_batch(self, inp: BatchInput) -> BatchResult:
         """Reads up to `batch_size` objects after the run's cursor (newest first: the
         provider's refunds, then its payouts when it lists them), stores their breaks and
@@ -121,7 +122,7 @@ class ReconciliationActivities:
                                                 cursor=run["cursor"], phase=phase, next_phase=next_phase,
                                                 warning=refused)
         except ProviderOutcomeUnknown as exc:
-            raise ApplicationError(str(exc), type="ProviderOutcomeUnknown") from exc
+            raise ApplicationError(str(exc), type=errors.OUTCOME_UNKNOWN) from exc
         except (ProviderDeclined, ProviderConfigurationRefused, UnexpectedProviderStatus, RunConflict) as exc:
             raise ApplicationError(str(exc), type=type(exc).__name__, non_retryable=True) from exc
         if refused is not None:
@@ -147,7 +148,7 @@ class ReconciliationActivities:
                     pass  # started earlier and already finished
                 await self._recon.mark_dispatched(int(row["id"]))
 
-    @activity.defn(name="finish_reconciliation_run")
+    @activity.defn(name=contracts.FINISH_RECONCILIATION_RUN.name)
     async def finish_reconciliation_run(self, run_id: str) -> RunSummary:
         """Dispatches any break left undispatched, writes the report (JSON and CSV) and
         marks the run completed; a retry rewrites the same files."""
@@ -173,13 +174,13 @@ class ReconciliationActivities:
                           new_breaks=report["new_breaks"], known_breaks=report["known_breaks"],
                           report_files=files)
 
-    @activity.defn(name="fail_reconciliation_run")
+    @activity.defn(name=contracts.FAIL_RECONCILIATION_RUN.name)
     async def fail_reconciliation_run(self, failure: RunFailure) -> None:
         """Marks a run the workflow gave up on `failed` with its reason (a finished run stays)."""
         await self._recon.fail(failure.run_id, failure.reason)
         log.error("reconciliation run %s failed: %s", failure.run_id, failure.reason)
 
-    @activity.defn(name="open_break_exception")
+    @activity.defn(name=contracts.OPEN_BREAK_EXCEPTION.name)
     async def open_break_exception(self, case: BreakCase) -> BreakApproval:
         """Decides who must approve (the refund tier for the amount at stake), records it
         and tells the approvers."""
@@ -193,7 +194,7 @@ class ReconciliationActivities:
         await self._recon.open_exception(case.break_id, approval)
         return approval
 
-    @activity.defn(name="hand_break_to_payout_case")
+    @activity.defn(name=contracts.HAND_BREAK_TO_PAYOUT_CASE.name)
     async def hand_break_to_payout_case(self, case: BreakCase) -> bool:
         """Hands a payout break to the payout's exception case exactly as the relay hands it
         a webhook: signal-with-start by the derived case id, so a case the webhook already
@@ -214,7 +215,7 @@ class ReconciliationActivities:
             return False
         return True
 
-    @activity.defn(name="settle_break")
+    @activity.defn(name=contracts.SETTLE_BREAK.name)
     async def settle_break(self, settlement: BreakSettlement) -> BreakOutcome:
         """Ends the exception case; an approved one posts its compensation (see the store)."""
         return await self._recon.settle(settlement)

@@ -24,6 +24,7 @@ from adapters.providers.base import (
 )
 from adapters.providers.manual import ManualRefunds
 from adapters.store import Store
+from domain import contracts, errors
 from domain.models import (
     CaseEventInput,
     CaseStatus,
@@ -47,25 +48,20 @@ from domain.policy import Policy, decide
 
 log = logging.getLogger(__name__)
 
-DECLINED = "ProviderDeclined"
-OUTCOME_UNKNOWN = "ProviderOutcomeUnknown"
-UNEXPECTED_STATUS = "UnexpectedProviderStatus"
-LOOKUP_UNSUPPORTED = "ProviderLookupUnsupported"
-CONFIGURATION_REFUSED = "ProviderConfigurationRefused"
 
 
 def _unexpected(exc: UnexpectedProviderStatus) -> ApplicationError:
-    return ApplicationError(str(exc), type=UNEXPECTED_STATUS, non_retryable=True)
+    return ApplicationError(str(exc), type=errors.UNEXPECTED_STATUS, non_retryable=True)
 
 
 def _no_lookup(exc: ProviderLookupUnsupported) -> ApplicationError:
     """Asking again cannot help: the workflow waits for the provider's notification."""
-    return ApplicationError(str(exc), type=LOOKUP_UNSUPPORTED, non_retryable=True)
+    return ApplicationError(str(exc), type=errors.LOOKUP_UNSUPPORTED, non_retryable=True)
 
 
 def configuration_refused(exc: ProviderConfigurationRefused) -> ApplicationError:
     """Retrying with a refused key cannot help: the workflow sends the case to ops."""
-    return ApplicationError(str(exc), type=CONFIGURATION_REFUSED, non_retryable=True)
+    return ApplicationError(str(exc), type=errors.CONFIGURATION_REFUSED, non_retryable=True)
 
 
 def charge_problem(request: RefundRequest, charge: ChargeSnapshot | None) -> str | None:
@@ -95,7 +91,7 @@ class RefundActivities:
         try:
             return self._providers[name]
         except KeyError:
-            raise ApplicationError(f"unknown provider {name!r}", type="UnknownProvider",
+            raise ApplicationError(f"unknown provider {name!r}", type=errors.UNKNOWN_PROVIDER,
                                    non_retryable=True) from None
 
     def _executor(self, request: RefundRequest) -> RefundExecutor:
@@ -104,7 +100,7 @@ class RefundActivities:
             return self._provider(request.provider)
         return self._manual
 
-    @activity.defn(name="validate_refund")
+    @activity.defn(name=contracts.VALIDATE_REFUND.name)
     async def validate_refund(self, inp: ValidateInput) -> ValidationResult:
         """Checks the charge at the provider and takes the reservation in PostgreSQL.
 
@@ -128,7 +124,7 @@ class RefundActivities:
             return ValidationResult(ok=False, reason=reason)
         return await self._store.reserve(request, charge)
 
-    @activity.defn(name="decide_policy")
+    @activity.defn(name=contracts.DECIDE_POLICY.name)
     async def decide_policy(self, inp: PolicyInput) -> PolicyDecision:
         """Evaluates the deterministic policy and stores the decision with its rules."""
         request = inp.request
@@ -145,7 +141,7 @@ class RefundActivities:
         await self._store.record_decision(request.refund_request_id, decision.model_dump(mode="json"))
         return decision
 
-    @activity.defn(name="record_case_event")
+    @activity.defn(name=contracts.RECORD_CASE_EVENT.name)
     async def record_case_event(self, inp: CaseEventInput) -> None:
         """Moves the case's status and appends the audit row in one transaction; a case
         sent to ops review is counted by its reason (the action)."""
@@ -153,7 +149,7 @@ class RefundActivities:
         if inp.status is CaseStatus.OPS_REVIEW:
             OPS_REVIEW_ESCALATIONS.labels(inp.action).inc()
 
-    @activity.defn(name="submit_provider_refund")
+    @activity.defn(name=contracts.SUBMIT_PROVIDER_REFUND.name)
     async def submit_provider_refund(self, inp: SubmitInput) -> ProviderRefund:
         """Calls the provider once. If any earlier attempt started (a crash, a timeout),
         it looks the refund up first and returns it instead of calling again. Only the
@@ -174,7 +170,7 @@ class RefundActivities:
         except ProviderDeclined as exc:
             await self._store.append_audit(case_id, f"provider:{provider.name}",
                                            "provider_refund_declined", {"error": str(exc)})
-            raise ApplicationError(str(exc), type=DECLINED, non_retryable=True) from exc
+            raise ApplicationError(str(exc), type=errors.DECLINED, non_retryable=True) from exc
         except ProviderConfigurationRefused as exc:
             await self._store.append_audit(case_id, f"provider:{provider.name}",
                                            "provider_credentials_refused", {"error": str(exc)})
@@ -182,7 +178,7 @@ class RefundActivities:
         except ProviderOutcomeUnknown as exc:
             await self._store.append_audit(case_id, f"provider:{provider.name}",
                                            "provider_outcome_unknown", {"error": str(exc)})
-            raise ApplicationError(str(exc), type=OUTCOME_UNKNOWN) from exc
+            raise ApplicationError(str(exc), type=errors.OUTCOME_UNKNOWN) from exc
         await self._store.record_provider_refund(
             case_id, refund, "provider_refund_created", {"idempotency_key": inp.idempotency_key})
         return refund
@@ -208,9 +204,9 @@ class RefundActivities:
             raise configuration_refused(exc) from exc
         except ProviderError as exc:
             raise ApplicationError(f"lookup failed, outcome unknown: {exc}",
-                                   type=OUTCOME_UNKNOWN) from exc
+                                   type=errors.OUTCOME_UNKNOWN) from exc
 
-    @activity.defn(name="verify_provider_refund")
+    @activity.defn(name=contracts.VERIFY_PROVIDER_REFUND.name)
     async def verify_provider_refund(self, inp: VerifyInput) -> VerifyResult:
         """Asks the provider whether our refund exists (the verify-state step)."""
         request = inp.request
@@ -223,12 +219,12 @@ class RefundActivities:
                                                      {"found": True, "reason": inp.reason})
         return VerifyResult(refund=found)
 
-    @activity.defn(name="post_ledger")
+    @activity.defn(name=contracts.POST_LEDGER.name)
     async def post_ledger(self, inp: LedgerInput) -> LedgerResult:
         """Posts one balanced journal entry per posting key; retries find the first one."""
         return await self._store.post_ledger(inp)
 
-    @activity.defn(name="queue_notice")
+    @activity.defn(name=contracts.QUEUE_NOTICE.name)
     async def queue_notice(self, inp: NoticeInput) -> None:
         """Writes the notice to the outbox once per dedup key (delivery is the integrations')."""
         await self._store.queue_notice(inp)

@@ -16,12 +16,12 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    from domain import contracts, errors
     from domain.integrations import DeliverNoticeInput
     from domain.models import (
         ApprovalProgress,
         LedgerInput,
         LedgerKind,
-        LedgerResult,
         NoticeInput,
     )
     from domain.payouts import (
@@ -48,7 +48,6 @@ with workflow.unsafe.imports_passed_through():
         TicketInput,
         TicketResult,
         TriageInput,
-        TriageReceipt,
         final_status,
     )
     from workflows import retry
@@ -112,7 +111,7 @@ class PayoutReversalWorkflow(ApprovingWorkflow):
         once its own approval round is recorded (so the case row already says so), with the
         roles it needs."""
         if self._reissue_ask is not None:  # two requests validated in the same activation
-            raise ApplicationError("a reissue was already requested for this case", type="ReissueTaken")
+            raise ApplicationError("a reissue was already requested for this case", type=errors.REISSUE_TAKEN)
         self._reissue_ask = ask
         await workflow.wait_condition(lambda: self._status_recorded is self._status
                                       and self._status is not PayoutCaseStatus.REMEDIATED)
@@ -122,12 +121,12 @@ class PayoutReversalWorkflow(ApprovingWorkflow):
     @request_reissue.validator
     def _validate_reissue(self, ask: ReissueAsk) -> None:
         if self._reissue_ask is not None:
-            raise ApplicationError("a reissue was already requested for this case", type="ReissueTaken")
+            raise ApplicationError("a reissue was already requested for this case", type=errors.REISSUE_TAKEN)
         # From the moment the case is remediated (the case row may say so before the offer
         # below starts) until the window closes.
         if self._status is not PayoutCaseStatus.REMEDIATED or self._reissue_closed:
             raise ApplicationError(f"case is {self._status.value}; only a remediated case takes a "
-                                   "reissue request, within its window", type="NotReissuable")
+                                   "reissue request, within its window", type=errors.NOT_REISSUABLE)
 
     @workflow.query
     def state(self) -> PayoutCaseState:
@@ -153,9 +152,9 @@ class PayoutReversalWorkflow(ApprovingWorkflow):
         self._timeline.append(first)
         await self._take_events()
         await self._advise()
-        self._decision = decision = await workflow.execute_activity(
-            "decide_payout_reversal", PayoutPolicyInput(case_id=inp.case_id, payout=self._payout),
-            result_type=PayoutDecision, **retry.POLICY)
+        self._decision = decision = await contracts.DECIDE_PAYOUT_REVERSAL(
+            PayoutPolicyInput(case_id=inp.case_id, payout=self._payout),
+            **retry.POLICY)
         self._open_round(REVERSAL_STEPS, requester=f"provider:{inp.provider}")
         if not await self._round.collect(self, inp.timings):
             return await self._finish()
@@ -168,9 +167,9 @@ class PayoutReversalWorkflow(ApprovingWorkflow):
 
     async def _admit(self, event: PayoutEvent, *, case_open: bool) -> AdmitResult:
         assert self._inp is not None
-        result: AdmitResult = await workflow.execute_activity(
-            "admit_payout_event", AdmitInput(case_id=self._inp.case_id, event=event, case_open=case_open),
-            result_type=AdmitResult, **retry.PAYOUT_ADMIT)
+        result: AdmitResult = await contracts.ADMIT_PAYOUT_EVENT(
+            AdmitInput(case_id=self._inp.case_id, event=event, case_open=case_open),
+            **retry.PAYOUT_ADMIT)
         return result
 
     async def _take_events(self) -> None:
@@ -186,10 +185,9 @@ class PayoutReversalWorkflow(ApprovingWorkflow):
         comes back, so nothing here can act on it; a failure means "no advice"."""
         assert self._inp is not None and self._payout is not None
         try:
-            await workflow.execute_activity(
-                "triage_payout_exception",
+            await contracts.TRIAGE_PAYOUT_EXCEPTION(
                 TriageInput(case_id=self._inp.case_id, payout=self._payout, events=tuple(self._timeline)),
-                result_type=TriageReceipt, **retry.PAYOUT_TRIAGE)
+                **retry.PAYOUT_TRIAGE)
         except ActivityError as err:
             await self._record("recommendation_unavailable", detail={"error": str(err.cause)})
 
@@ -223,15 +221,15 @@ class PayoutReversalWorkflow(ApprovingWorkflow):
         assert self._inp is not None and self._payout is not None
         case_id, payout = self._inp.case_id, self._payout
         await self._record("runbook_started", PayoutCaseStatus.EXECUTING)
-        hold: HoldResult = await workflow.execute_activity(
-            "hold_payout", HoldInput(case_id=case_id, payout_id=payout.id,
-                                     hold_beneficiary=decision.hold_beneficiary_payouts),
-            result_type=HoldResult, **retry.PAYOUT_HOLD)
+        hold: HoldResult = await contracts.HOLD_PAYOUT(
+            HoldInput(case_id=case_id, payout_id=payout.id,
+                      hold_beneficiary=decision.hold_beneficiary_payouts),
+            **retry.PAYOUT_HOLD)
         self._runbook.append("hold")
         try:
-            await workflow.execute_activity(
-                "post_payout_reversal", ReversalInput(case_id=case_id, payout=payout),
-                result_type=LedgerResult, schedule_to_close_timeout=self._inp.timings.ledger_pending_after,
+            await contracts.POST_PAYOUT_REVERSAL(
+                ReversalInput(case_id=case_id, payout=payout),
+                schedule_to_close_timeout=self._inp.timings.ledger_pending_after,
                 **retry.LEDGER)
         except ActivityError as err:
             if not await self._ledger_failed(decision, str(err.cause)):
@@ -260,9 +258,9 @@ class PayoutReversalWorkflow(ApprovingWorkflow):
         assert self._inp is not None and self._payout is not None
         outcome = "hold_kept"
         if decision.rollback_hold_on_ledger_failure:
-            released: ReleaseResult = await workflow.execute_activity(
-                "release_payout_hold", ReversalInput(case_id=self._inp.case_id, payout=self._payout),
-                result_type=ReleaseResult, **retry.PAYOUT_HOLD)
+            released: ReleaseResult = await contracts.RELEASE_PAYOUT_HOLD(
+                ReversalInput(case_id=self._inp.case_id, payout=self._payout),
+                **retry.PAYOUT_HOLD)
             if released.posted:
                 self._runbook.append("compensating_entry")
                 return True
@@ -285,21 +283,20 @@ class PayoutReversalWorkflow(ApprovingWorkflow):
         ticketing outage is recorded and never stops the runbook."""
         assert self._inp is not None
         case_id = self._inp.case_id
-        ticket: TicketResult = await workflow.execute_activity(
-            "open_payout_ticket", TicketInput(case_id=case_id, occasion=occasion, priority=priority,
-                                              detail={**self._facts(), **detail}),
-            result_type=TicketResult, **retry.PAYOUT_TICKET)
+        ticket: TicketResult = await contracts.OPEN_PAYOUT_TICKET(
+            TicketInput(case_id=case_id, occasion=occasion, priority=priority,
+                        detail={**self._facts(), **detail}),
+            **retry.PAYOUT_TICKET)
         if not workflow.patched(TICKETS_PATCH) or ticket.notice_key is None:
             return ticket
         try:
-            await workflow.execute_activity("deliver_notice", DeliverNoticeInput(dedup_key=ticket.notice_key),
-                                            **retry.DELIVER)
+            await contracts.DELIVER_NOTICE(DeliverNoticeInput(dedup_key=ticket.notice_key), **retry.DELIVER)
         except ActivityError as err:
             await self._record("ticket_delivery_incomplete",
                                detail={"occasion": occasion, "error": str(err.cause)})
-        linked: LinkedTicket = await workflow.execute_activity(
-            "link_payout_ticket", LinkTicketInput(case_id=case_id, occasion=occasion),
-            result_type=LinkedTicket, **retry.PAYOUT_TICKET)
+        linked: LinkedTicket = await contracts.LINK_PAYOUT_TICKET(
+            LinkTicketInput(case_id=case_id, occasion=occasion),
+            **retry.PAYOUT_TICKET)
         return TicketResult(ticket_ref=linked.ticket_ref, newly_queued=ticket.newly_queued,
                             notice_key=ticket.notice_key)
 
@@ -344,10 +341,9 @@ class PayoutReversalWorkflow(ApprovingWorkflow):
         one_at_a_time = workflow.patched(REISSUE_HORIZON_PATCH)
         while True:
             try:
-                made: PayoutSnapshot = await workflow.execute_activity(
-                    "reissue_payout", ReissueInput(case_id=case_id, original=self._payout,
-                                                   final_status=final_status(failure)),
-                    result_type=PayoutSnapshot,
+                made: PayoutSnapshot = await contracts.REISSUE_PAYOUT(
+                    ReissueInput(case_id=case_id, original=self._payout,
+                                 final_status=final_status(failure)),
                     **(retry.PAYOUT_REISSUE_ONCE if one_at_a_time else retry.PAYOUT_REISSUE))
                 break
             except ActivityError as err:
@@ -357,7 +353,7 @@ class PayoutReversalWorkflow(ApprovingWorkflow):
                     # until the provider horizon, so the next lookup and create wait past it.
                     await workflow.sleep(self._inp.timings.provider_horizon)
                     continue
-                if isinstance(cause, ApplicationError) and cause.type == retry.CONFIGURATION_REFUSED:
+                if isinstance(cause, ApplicationError) and cause.type == errors.CONFIGURATION_REFUSED:
                     # Our key was refused, not the payout: an earlier attempt may have paid, so
                     # the case stays reissuing (ops told once) and asks again until fixed.
                     if not refused:
@@ -373,11 +369,11 @@ class PayoutReversalWorkflow(ApprovingWorkflow):
                                    detail={"error": str(cause)})
                 return
         self._reissued = made
-        await workflow.execute_activity(
-            "post_ledger", LedgerInput(refund_request_id=case_id, kind=LedgerKind.PAYOUT_REISSUED,
-                                       amount=made.amount, currency=made.currency,
-                                       provider_refund_id=made.provider_payout_id),
-            result_type=LedgerResult, **retry.LEDGER)
+        await contracts.POST_LEDGER(
+            LedgerInput(refund_request_id=case_id, kind=LedgerKind.PAYOUT_REISSUED,
+                        amount=made.amount, currency=made.currency,
+                        provider_refund_id=made.provider_payout_id),
+            **retry.LEDGER)
         await self._ticket("reissued", "normal",
                            {"summary": f"payout {self._payout.id} reissued as {made.id}"})
         await self._notify("payout_reissued", "stakeholders", {
@@ -397,8 +393,7 @@ class PayoutReversalWorkflow(ApprovingWorkflow):
         if status is not None:
             self._status = status
         assert self._inp is not None
-        await workflow.execute_activity(
-            "record_payout_case_event",
+        await contracts.RECORD_PAYOUT_CASE_EVENT(
             PayoutCaseEventInput(case_id=self._inp.case_id, action=action, actor=actor, status=status,
                                  detail=detail or {}),
             **retry.CASE_EVENT)
@@ -410,8 +405,7 @@ class PayoutReversalWorkflow(ApprovingWorkflow):
         the payout and its money, since the templates have no refund case to read them from."""
         assert self._inp is not None
         case_id = self._inp.case_id
-        await workflow.execute_activity(
-            "queue_notice",
+        await contracts.QUEUE_NOTICE(
             NoticeInput(refund_request_id=case_id, kind=kind, audience=audience,
                         dedup_key=f"{case_id}:{kind}:{audience}:{self._status.value}",
                         detail={**self._facts(), **detail}),

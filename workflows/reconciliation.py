@@ -18,12 +18,12 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 
 with workflow.unsafe.imports_passed_through():
+    from domain import contracts, errors
     from domain.lifecycle import check_approval, unfilled
     from domain.models import ApprovalProgress, ApprovalSignal, CaseEventInput, Decision, NoticeInput
     from domain.payouts import ProviderPayout
     from domain.reconciliation import (
         BatchInput,
-        BatchResult,
         BreakApproval,
         BreakCase,
         BreakOutcome,
@@ -65,29 +65,27 @@ class ReconciliationWorkflow:
             cause = err.cause
             reason = (f"{cause.type}: {cause.message}" if isinstance(cause, ApplicationError) and cause.type
                       else str(cause or err))
-            await workflow.execute_activity("fail_reconciliation_run", RunFailure(run_id=inp.run_id,
-                                            reason=reason), **retry.RECONCILE_STEP)
-            raise ApplicationError(reason, type="ReconciliationFailed", non_retryable=True) from err
+            await contracts.FAIL_RECONCILIATION_RUN(RunFailure(run_id=inp.run_id, reason=reason),
+                                                    **retry.RECONCILE_STEP)
+            raise ApplicationError(reason, type=errors.RECONCILIATION_FAILED, non_retryable=True) from err
 
     async def _reconcile(self, inp: ReconcileInput) -> RunSummary:
         """Opens the run, reads it batch by batch, then writes its report."""
         assert inp.run_id is not None and inp.since is not None and inp.until is not None
-        await workflow.execute_activity(
-            "open_reconciliation_run",
+        await contracts.OPEN_RECONCILIATION_RUN(
             RunWindow(run_id=inp.run_id, provider=inp.provider, kind=inp.kind, since=inp.since,
                       until=inp.until, requested_by=inp.requested_by), **retry.RECONCILE_STEP)
         batches = 0
         while True:
-            result = await workflow.execute_activity(
-                "reconcile_batch", BatchInput(run_id=inp.run_id, provider=inp.provider, options=inp.options),
-                result_type=BatchResult, **retry.RECONCILE_BATCH)
+            result = await contracts.RECONCILE_BATCH(
+                BatchInput(run_id=inp.run_id, provider=inp.provider, options=inp.options),
+                **retry.RECONCILE_BATCH)
             batches += 1
             if not result.has_more:
                 break
             if batches >= inp.options.batches_per_run or workflow.info().is_continue_as_new_suggested():
                 workflow.continue_as_new(inp)
-        summary: RunSummary = await workflow.execute_activity(
-            "finish_reconciliation_run", inp.run_id, result_type=RunSummary, **retry.RECONCILE_STEP)
+        summary: RunSummary = await contracts.FINISH_RECONCILIATION_RUN(inp.run_id, **retry.RECONCILE_STEP)
         return summary
 
 
@@ -134,8 +132,7 @@ class ReconciliationBreakWorkflow(ApprovingWorkflow):
     async def run(self, case: BreakCase) -> BreakOutcome:
         self._case = case
         if isinstance(case.truth, ProviderPayout) and workflow.patched(PAYOUT_BREAK_PATCH):
-            if await workflow.execute_activity("hand_break_to_payout_case", case, result_type=bool,
-                                               **retry.RECONCILE_STEP):
+            if await contracts.HAND_BREAK_TO_PAYOUT_CASE(case, **retry.RECONCILE_STEP):
                 return await self._settle(BreakState.HANDED_TO_CASE)
         elif lifecycle_can_fix(case) and case.case_id is not None:
             try:
@@ -145,8 +142,7 @@ class ReconciliationBreakWorkflow(ApprovingWorkflow):
                 workflow.logger.info("case %s cannot take the provider's state: %s", case.case_id, err)
             else:
                 return await self._settle(BreakState.HANDED_TO_CASE)
-        approval: BreakApproval = await workflow.execute_activity(
-            "open_break_exception", case, result_type=BreakApproval, **retry.RECONCILE_STEP)
+        approval: BreakApproval = await contracts.OPEN_BREAK_EXCEPTION(case, **retry.RECONCILE_STEP)
         self._round.requirements, self._round.tier = approval.requirements, approval.tier
         self._round.requester, self._round.conflicted = RECONCILER, frozenset(case.conflicted)
         self._on_round = workflow.patched(APPROVAL_ROUND_PATCH)
@@ -193,17 +189,16 @@ class ReconciliationBreakWorkflow(ApprovingWorkflow):
         suffix = f":reopen-{case.reopened}" if case.reopened else ""
         key = (f"reconciliation_approval:{case.break_id}" if kind == "approval_needed"
                else f"reconciliation_{kind}:{case.break_id}")
-        await workflow.execute_activity(
-            "queue_notice", NoticeInput(refund_request_id=case.chain, kind=f"reconciliation_{kind}",
-                                        audience="ops" if audience == "requester" else audience,
-                                        dedup_key=key + suffix,
-                                        detail={"break_id": case.break_id, **detail}),
+        await contracts.QUEUE_NOTICE(
+            NoticeInput(refund_request_id=case.chain, kind=f"reconciliation_{kind}",
+                        audience="ops" if audience == "requester" else audience,
+                        dedup_key=key + suffix,
+                        detail={"break_id": case.break_id, **detail}),
             **retry.CASE_EVENT)
 
     async def _event(self, action: str, actor: str, detail: dict[str, Any]) -> None:
         assert self._case is not None
-        await workflow.execute_activity(
-            "record_case_event",
+        await contracts.RECORD_CASE_EVENT(
             CaseEventInput(refund_request_id=self._case.chain, actor=actor, action=action,
                            detail={"break_id": self._case.break_id, **detail}),
             **retry.CASE_EVENT)
@@ -212,10 +207,10 @@ class ReconciliationBreakWorkflow(ApprovingWorkflow):
                       reason: str = "") -> BreakOutcome:
         assert self._case is not None
         self._state = state
-        outcome: BreakOutcome = await workflow.execute_activity(
-            "settle_break", BreakSettlement(break_id=self._case.break_id, state=state, approvers=approvers,
-                                            reason=reason),
-            result_type=BreakOutcome, **retry.RECONCILE_STEP)
+        outcome: BreakOutcome = await contracts.SETTLE_BREAK(
+            BreakSettlement(break_id=self._case.break_id, state=state, approvers=approvers,
+                            reason=reason),
+            **retry.RECONCILE_STEP)
         await self.approvals_settled()
         await workflow.wait_condition(workflow.all_handlers_finished)
         return outcome

@@ -15,9 +15,10 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError, RetryState, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
+    from domain import contracts, errors
     from domain.events import STATUS_NOTICES, Observation, observe
     from domain.incidents import DuplicateRefundInput
-    from domain.integrations import AdviceReceipt, AdviseInput, DeliverNoticeInput
+    from domain.integrations import AdviseInput, DeliverNoticeInput
     from domain.lifecycle import (
         FINAL_PROVIDER_STATUSES,
         StatusChange,
@@ -57,9 +58,6 @@ with workflow.unsafe.imports_passed_through():
         ApprovingWorkflow,
     )
 
-DECLINED = "ProviderDeclined"
-UNEXPECTED_STATUS = "UnexpectedProviderStatus"
-LOOKUP_UNSUPPORTED = "ProviderLookupUnsupported"
 PROVIDER_SCOPED_WAIT_PATCH = "provider-scoped-notification-1"
 """From this patch on, the wait for a notification takes only the case's provider's events."""
 # Histories recorded before the advisor and notice delivery existed replay without them.
@@ -181,9 +179,9 @@ class RefundWorkflow(ApprovingWorkflow):
             return await self._finish()
         if workflow.patched(INTEGRATIONS_PATCH):
             await self._advise(validation)
-        self._decision = await workflow.execute_activity(
-            "decide_policy", PolicyInput(request=request, validation=validation),
-            result_type=PolicyDecision, **retry.POLICY)
+        self._decision = await contracts.DECIDE_POLICY(
+            PolicyInput(request=request, validation=validation),
+            **retry.POLICY)
         self._round.requirements, self._round.tier = self._decision.requirements, self._decision.tier
         if self._decision.auto_approve:
             if workflow.patched(LATE_VERDICTS_PATCH):
@@ -227,9 +225,9 @@ class RefundWorkflow(ApprovingWorkflow):
         back, so nothing here can act on it; a failure or timeout means "no advice"."""
         assert self._request is not None
         try:
-            await workflow.execute_activity(
-                "advise_refund", AdviseInput(request=self._request, validation=validation),
-                result_type=AdviceReceipt, start_to_close_timeout=self._timings.advice_timeout,
+            await contracts.ADVISE_REFUND(
+                AdviseInput(request=self._request, validation=validation),
+                start_to_close_timeout=self._timings.advice_timeout,
                 retry_policy=retry.ADVISE_RETRY)
         except ActivityError as err:
             if self._cancelled(err):
@@ -245,8 +243,7 @@ class RefundWorkflow(ApprovingWorkflow):
                 return
             key = self._outbox.pop(0)
             try:
-                await workflow.execute_activity("deliver_notice", DeliverNoticeInput(dedup_key=key),
-                                                **retry.DELIVER)
+                await contracts.DELIVER_NOTICE(DeliverNoticeInput(dedup_key=key), **retry.DELIVER)
             except ActivityError as err:
                 workflow.logger.warning("notice %s not delivered everywhere: %s", key, err.cause)
 
@@ -262,19 +259,19 @@ class RefundWorkflow(ApprovingWorkflow):
             attempt += 1
             self._attempt = attempt
             try:
-                submitted: ProviderRefund = await workflow.execute_activity(
-                    "submit_provider_refund", SubmitInput(request=request, idempotency_key=key),
-                    result_type=ProviderRefund, start_to_close_timeout=self._timings.submit_timeout,
+                submitted: ProviderRefund = await contracts.SUBMIT_PROVIDER_REFUND(
+                    SubmitInput(request=request, idempotency_key=key),
+                    start_to_close_timeout=self._timings.submit_timeout,
                     retry_policy=retry.SUBMIT_RETRY)
                 return submitted
             except ActivityError as err:
                 if self._cancelled(err):  # a cancel is no unknown outcome
                     raise
                 cause = err.cause
-                if isinstance(cause, ApplicationError) and cause.type == DECLINED:
+                if isinstance(cause, ApplicationError) and cause.type == errors.DECLINED:
                     self._failure_reason = cause.message
                     return None
-                if isinstance(cause, ApplicationError) and cause.type == retry.CONFIGURATION_REFUSED:
+                if isinstance(cause, ApplicationError) and cause.type == errors.CONFIGURATION_REFUSED:
                     await self._escalate(CONFIGURATION_INCIDENT, cause.message)  # nothing made now
                 else:
                     workflow.logger.warning("submit attempt %d outcome unknown: %s", attempt, cause)
@@ -296,19 +293,19 @@ class RefundWorkflow(ApprovingWorkflow):
         assert self._request is not None
         while True:
             try:
-                verified: VerifyResult = await workflow.execute_activity(
-                    "verify_provider_refund", VerifyInput(request=self._request, reason=reason),
-                    result_type=VerifyResult, **retry.provider_read(self._timings.provider_read_attempts))
+                verified: VerifyResult = await contracts.VERIFY_PROVIDER_REFUND(
+                    VerifyInput(request=self._request, reason=reason),
+                    **retry.provider_read(self._timings.provider_read_attempts))
                 await self._answered()
                 return verified.refund
             except ActivityError as err:
                 cause = err.cause
-                if isinstance(cause, ApplicationError) and cause.type == LOOKUP_UNSUPPORTED:
+                if isinstance(cause, ApplicationError) and cause.type == errors.LOOKUP_UNSUPPORTED:
                     return await self._await_notification(reason)
                 if await self._escalated_unanswered("verify", err):
                     await self._bound_history("verify", reason=reason)
                     continue
-                if not (isinstance(cause, ApplicationError) and cause.type == UNEXPECTED_STATUS):
+                if not (isinstance(cause, ApplicationError) and cause.type == errors.UNEXPECTED_STATUS):
                     raise
                 if self._status is not CaseStatus.OPS_REVIEW:
                     await self._notify("unexpected_provider_status", "operator",
@@ -323,8 +320,8 @@ class RefundWorkflow(ApprovingWorkflow):
         answered (a refused key, retries exhausted), with the case in ops review meanwhile."""
         while True:
             try:
-                validation: ValidationResult = await workflow.execute_activity(
-                    "validate_refund", ValidateInput(request=request), result_type=ValidationResult,
+                validation: ValidationResult = await contracts.VALIDATE_REFUND(
+                    ValidateInput(request=request),
                     **retry.provider_read(self._timings.provider_read_attempts))
                 await self._answered()
                 return validation
@@ -337,7 +334,7 @@ class RefundWorkflow(ApprovingWorkflow):
         bounded retries ran out: escalates, waits a poll interval and says to ask again.
         False for any other failure, which the caller handles."""
         cause = err.cause
-        if isinstance(cause, ApplicationError) and cause.type == retry.CONFIGURATION_REFUSED:
+        if isinstance(cause, ApplicationError) and cause.type == errors.CONFIGURATION_REFUSED:
             reason = CONFIGURATION_INCIDENT
         elif err.retry_state in (RetryState.MAXIMUM_ATTEMPTS_REACHED, RetryState.TIMEOUT):
             reason = f"{step}_retries_exhausted"
@@ -464,11 +461,10 @@ class RefundWorkflow(ApprovingWorkflow):
                   "duplicate_amount": format_minor(duplicate.amount, duplicate.currency),
                   "duplicate_status": duplicate.status.value,
                   "provider_refund_id": self._refund.refund_id, "source": source}
-        await workflow.execute_activity(
-            "open_duplicate_refund_break",
+        await contracts.OPEN_DUPLICATE_REFUND_BREAK(
             DuplicateRefundInput(case_id=self._request_id(), followed_refund_id=self._refund.refund_id,
                                  duplicate=duplicate, source=source),
-            result_type=bool, **retry.CASE_EVENT)
+            **retry.CASE_EVENT)
         await self._notify("duplicate_provider_refund", "operator", detail)
         await self._record("duplicate_provider_refund", CaseStatus.OPS_REVIEW, detail=detail)
 
@@ -556,17 +552,15 @@ class RefundWorkflow(ApprovingWorkflow):
                               amount=refund.amount, currency=self._request.currency,
                               provider_refund_id=refund.refund_id)
         try:
-            result: LedgerResult = await workflow.execute_activity(
-                "post_ledger", posting, result_type=LedgerResult,
-                schedule_to_close_timeout=self._timings.ledger_pending_after, **retry.LEDGER)
+            result: LedgerResult = await contracts.POST_LEDGER(
+                posting, schedule_to_close_timeout=self._timings.ledger_pending_after, **retry.LEDGER)
         except ActivityError as err:
             if self._cancelled(err):
                 raise
             await self._notify("incident_ledger_pending", "finance_ops", {"template": kind.value})
             await self._record("ledger_pending", CaseStatus.EXECUTED_LEDGER_PENDING, refund=refund,
                                detail={"template": kind.value, "error": str(err.cause)})
-            result = await workflow.execute_activity(
-                "post_ledger", posting, result_type=LedgerResult, **retry.LEDGER)
+            result = await contracts.POST_LEDGER(posting, **retry.LEDGER)
             await self._record("ledger_recovered", detail={"posting_key": result.posting_key})
         self._postings.append(result.posting_key)
 
@@ -693,8 +687,7 @@ class RefundWorkflow(ApprovingWorkflow):
         if status is not None:
             self._status = status
         assert self._request is not None
-        await workflow.execute_activity(
-            "record_case_event",
+        await contracts.RECORD_CASE_EVENT(
             CaseEventInput(refund_request_id=self._request.refund_request_id, action=action,
                            actor=actor, status=status, release_reservation=release,
                            provider_refund=refund, detail=detail or {}),
@@ -707,8 +700,7 @@ class RefundWorkflow(ApprovingWorkflow):
         case_id = self._request.refund_request_id
         occasion = self._refund.status.value if self._refund else self._status.value
         dedup_key = f"{case_id}:{kind}:{audience}:{occasion}"
-        await workflow.execute_activity(
-            "queue_notice",
+        await contracts.QUEUE_NOTICE(
             NoticeInput(refund_request_id=case_id, kind=kind, audience=audience,
                         dedup_key=dedup_key, detail=detail),
             **retry.CASE_EVENT)

@@ -9,10 +9,10 @@ from typing import Any
 
 from temporalio.common import RetryPolicy
 
+from domain import errors
+
 _PATIENT = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
                        maximum_interval=timedelta(minutes=1))
-
-CONFIGURATION_REFUSED = "ProviderConfigurationRefused"
 
 
 def provider_read(attempts: int) -> dict[str, Any]:
@@ -23,7 +23,8 @@ def provider_read(attempts: int) -> dict[str, Any]:
     return {"start_to_close_timeout": timedelta(seconds=30),
             "retry_policy": RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
                                         maximum_interval=timedelta(minutes=1), maximum_attempts=attempts,
-                                        non_retryable_error_types=[CONFIGURATION_REFUSED, "UnknownProvider"])}
+                                        non_retryable_error_types=[errors.CONFIGURATION_REFUSED,
+                                                                   errors.UNKNOWN_PROVIDER])}
 
 
 POLICY: dict[str, Any] = {"start_to_close_timeout": timedelta(seconds=10), "retry_policy": _PATIENT}

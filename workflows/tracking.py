@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
+    from domain import contracts
     from domain.events import Observation, TrackingCarry, TrackingInput, observe
     from domain.lifecycle import FINAL_PROVIDER_STATUSES
     from domain.models import (
@@ -16,7 +17,6 @@ with workflow.unsafe.imports_passed_through():
         CaseState,
         CaseStatus,
         LedgerInput,
-        LedgerResult,
         ProviderEvent,
         ProviderRefund,
         ProviderRefundStatus,
@@ -135,11 +135,10 @@ class RefundTrackingWorkflow:
             self._succeeded_at = workflow.now()
         if step.ledger is not None:
             assert self._inp is not None
-            posted = await workflow.execute_activity(
-                "post_ledger",
+            posted = await contracts.POST_LEDGER(
                 LedgerInput(refund_request_id=self._inp.case_id, kind=step.ledger, amount=reported.amount,
                             currency=self._inp.currency, provider_refund_id=reported.refund_id),
-                result_type=LedgerResult, **retry.LEDGER)
+                **retry.LEDGER)
             self._postings.append(posted.posting_key)
         await self._record(step.action, reported, {"source": source,
                                                    "failure_reason": reported.failure_reason},
@@ -148,8 +147,7 @@ class RefundTrackingWorkflow:
     async def _record(self, action: str, refund: ProviderRefund | None, detail: dict[str, object], *,
                       status: CaseStatus | None = None, release: bool = False) -> None:
         assert self._inp is not None
-        await workflow.execute_activity(
-            "record_case_event",
+        await contracts.RECORD_CASE_EVENT(
             CaseEventInput(refund_request_id=self._inp.case_id, action=action,
                            actor=f"provider:{self._inp.provider}", status=status,
                            release_reservation=release, provider_refund=refund, detail=detail),

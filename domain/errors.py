@@ -1,0 +1,38 @@
+"""The type names of the errors that cross between activities and workflows.
+
+An `ApplicationError`'s type is how a workflow tells a decline from an unknown outcome, so
+each name is written here once: the activities raise with it and the workflows (and the
+retry policies' non-retryable lists) compare with it.
+The approval round's answers to a refused verdict (`AlreadyDecided`, `NotAwaitingApproval`,
+`ApprovalRefused`) are still named in `workflows/approvals.py`.
+"""
+
+from typing import Final
+
+# Provider answers (activities/refund.py, activities/payout.py, activities/reconciliation.py)
+DECLINED: Final = "ProviderDeclined"
+"""The provider refused the create: nothing was made, the case fails."""
+OUTCOME_UNKNOWN: Final = "ProviderOutcomeUnknown"
+"""No answer we can trust: verify before anything is sent again."""
+UNEXPECTED_STATUS: Final = "UnexpectedProviderStatus"
+"""A status outside the adapter's table: ops review, never a default."""
+LOOKUP_UNSUPPORTED: Final = "ProviderLookupUnsupported"
+"""The provider has no status lookup (Adyen): wait for its notification."""
+CONFIGURATION_REFUSED: Final = "ProviderConfigurationRefused"
+"""401/403: our credentials are refused; retrying cannot help, ops must act."""
+UNKNOWN_PROVIDER: Final = "UnknownProvider"
+"""A case names a provider this worker has no adapter for."""
+NOT_LISTABLE: Final = "NotListable"
+"""The provider cannot list its refunds, so it cannot be reconciled."""
+
+# Our own state (activities/payout.py, activities/reconciliation.py, activities/integrations.py)
+UNKNOWN_PAYOUT: Final = "UnknownPayout"
+HOLD_RELEASED: Final = "HoldReleased"
+RUN_CONFLICT: Final = "RunConflict"
+RECONCILIATION_FAILED: Final = "ReconciliationFailed"
+"""A reconciliation run gave up for good (stored `failed` with its reason)."""
+NOTICE_DELIVERY_FAILED: Final = "NoticeDeliveryFailed"
+
+# Refused updates of a payout case (workflows/payout.py)
+REISSUE_TAKEN: Final = "ReissueTaken"
+NOT_REISSUABLE: Final = "NotReissuable"

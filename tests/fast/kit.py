@@ -1,0 +1,89 @@
+"""The fast tier's fake activities: one per contract, registered under the contract's
+name beside the real workflow classes (the Temporal samples' mocked-activity pattern), so
+a workflow branch runs against the shared dev server in well under a second, with no
+relay, PostgreSQL or provider. Each fake records its input; a test scripts the answers
+that lead into the branch it covers and asserts on what was called."""
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from temporalio import activity
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from domain import contracts
+from domain.contracts import Activity
+from workers.main import WORKFLOWS, workflow_runner
+
+InputT = TypeVar("InputT")
+ResultT = TypeVar("ResultT")
+Answer = Callable[[Any], Awaitable[Any]]
+
+EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def returns(value: Any) -> Answer:
+    """An answer that always gives `value` (or raises it, when it is an exception)."""
+    async def answer(_: Any) -> Any:
+        if isinstance(value, BaseException):
+            raise value
+        return value
+    return answer
+
+
+class FakeActivities:
+    """Every contract's fake; unscripted ones answer with `defaults` (None when absent)."""
+
+    def __init__(self, defaults: dict[str, Any]) -> None:
+        self.calls: list[tuple[str, Any]] = []
+        self._answers: dict[str, list[Answer]] = {name: [returns(value)] for name, value in defaults.items()}
+
+    def script(self, contract: Activity[InputT, ResultT], *answers: ResultT | BaseException | Answer) -> None:
+        """Successive calls get these answers in turn (values, exceptions to raise, or async
+        functions of the input); the last one repeats."""
+        self._answers[contract.name] = [a if callable(a) and not isinstance(a, BaseException) else returns(a)
+                                        for a in answers]
+
+    def inputs(self, contract: Activity[InputT, ResultT]) -> list[InputT]:
+        return [inp for name, inp in self.calls if name == contract.name]
+
+    def names(self, *only: Activity[Any, Any]) -> list[str]:
+        """The activities called, in order (only those given, when any are)."""
+        wanted = {c.name for c in only}
+        return [name for name, _ in self.calls if not wanted or name in wanted]
+
+    def recorded(self) -> list[str]:
+        """The actions a case recorded (refund, payout and break events), in order."""
+        kinds = (contracts.RECORD_CASE_EVENT.name, contracts.RECORD_PAYOUT_CASE_EVENT.name)
+        return [inp.action for name, inp in self.calls if name in kinds]
+
+    async def seen(self, action: str) -> None:
+        """Until the case has recorded `action` (the test's timeout bounds it)."""
+        while action not in self.recorded():
+            await asyncio.sleep(0.05)
+
+    def registered(self) -> list[Callable[..., Any]]:
+        return [self._fake(contract) for contract in contracts.ALL]
+
+    def _fake(self, contract: Activity[Any, Any]) -> Callable[..., Any]:
+        async def fake(inp: Any) -> Any:
+            self.calls.append((contract.name, inp))
+            answers = self._answers.get(contract.name) or [returns(None)]
+            answer = answers.pop(0) if len(answers) > 1 else answers[0]
+            return await answer(inp)
+        fake.__name__ = contract.name
+        fake.__annotations__ = {"inp": contract.input, "return": contract.result}
+        return activity.defn(name=contract.name)(fake)
+
+
+@asynccontextmanager
+async def fake_worker(client: Client, fakes: FakeActivities) -> AsyncIterator[str]:
+    """A worker with the product's real workflows and the fakes, on a fresh task queue."""
+    task_queue = f"fast-{uuid.uuid4().hex[:12]}"
+    async with Worker(client, task_queue=task_queue, workflows=list(WORKFLOWS),
+                      activities=fakes.registered(), workflow_runner=workflow_runner()):
+        yield task_queue
