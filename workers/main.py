@@ -21,6 +21,7 @@ from activities.integrations import IntegrationActivities
 from activities.payout import PayoutActivities
 from activities.reconciliation import ReconciliationActivities
 from activities.refund import RefundActivities
+from adapters.approval_seal import ApprovalSealCheck, approval_keys
 from adapters.audit_checkpoints import checkpoint_book
 from adapters.config import Settings
 from adapters.http_server import AppServer
@@ -78,6 +79,7 @@ def build_worker(client: Client, task_queue: str, store: Store,
     return Worker(
         client, task_queue=task_queue, workflows=list(WORKFLOWS), activities=activities,
         workflow_runner=runner or workflow_runner(), graceful_shutdown_timeout=graceful_shutdown,
+        interceptors=[ApprovalSealCheck(approval_keys(settings))],
     )
 
 
