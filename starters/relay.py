@@ -74,7 +74,10 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
                settings: Settings) -> FastAPI:
     """The relay application; `refunds dev`, `refunds relay` and the tests build it here.
     Its client seals the approvals it sends: this is the one path that can approve."""
-    client = sealing_client(client, approval_keys(settings))
+    keys = approval_keys(settings)
+    if keys is None:
+        log.warning("REFUNDS_APPROVAL_KEYS is not set: approvals sent from here are unsealed and never count")
+    client = sealing_client(client, keys)
     desk = WebhookDesk(store, client, providers, settings)
 
     @contextlib.asynccontextmanager

@@ -21,6 +21,7 @@ from temporalio.contrib.opentelemetry import TracingInterceptor
 
 from adapters.codec import data_converter
 from adapters.store import Store
+from domain.models import ApprovalSignal, Decision
 from domain.payouts import payout_case_id
 from domain.reconciliation import break_workflow_id
 from starters.stack import EmbeddedPostgres, TemporalDevServer, free_port
@@ -41,8 +42,10 @@ from tests.reconciliation_kit import (
     seed_provider,
     wait_for_breaks,
 )
+from workflows.refund import RefundWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
+SEALED_SCENARIO = "refund-approval-sealed"
 
 
 async def auto_approved(stack: Stack) -> str:
@@ -60,6 +63,25 @@ async def with_approval(stack: Stack) -> str:
     async with stack.api("alice") as api:
         (await api.post("/v1/refund-requests", json=body)).raise_for_status()
     await stack.wait_for_status(case_id, "awaiting_approval")
+    async with stack.api("bob") as api:
+        (await api.post(f"/v1/refund-requests/{case_id}/approvals",
+                        json={"decision": "approve", "reason": "recorded scenario"})).raise_for_status()
+    return case_id
+
+
+async def approval_sealed(stack: Stack) -> str:
+    """An approval sent straight to Temporal (no relay seal) is refused and audited; the
+    relay's sealed approval then counts (`approval-relay-seal-1`). The case id is the
+    scenario's name: a seal binds the workflow id, and the replay test names each history's
+    workflow after its file."""
+    body = stack.refund_body(await stack.charge(20_000), 9_000, refund_request_id=SEALED_SCENARIO)
+    case_id = str(body["refund_request_id"])
+    async with stack.api("alice") as api:
+        (await api.post("/v1/refund-requests", json=body)).raise_for_status()
+    await stack.wait_for_status(case_id, "awaiting_approval")
+    await stack.client.get_workflow_handle(case_id).signal(RefundWorkflow.approve, ApprovalSignal(
+        approver="mallory", roles=("admin", "approver"), decision=Decision.APPROVE))
+    await stack.wait_for_audit(case_id, "approval_refused")
     async with stack.api("bob") as api:
         (await api.post(f"/v1/refund-requests/{case_id}/approvals",
                         json={"decision": "approve", "reason": "recorded scenario"})).raise_for_status()
@@ -99,6 +121,7 @@ async def reconciliation_break_approved(stack: Stack) -> str:
 SCENARIOS: dict[str, Callable[[Stack], Awaitable[str]]] = {
     "refund_auto_approved": auto_approved,
     "refund_with_approval": with_approval,
+    SEALED_SCENARIO: approval_sealed,
     "payout_reversed_and_reissued": payout_reversed_and_reissued,
     "reconciliation_break_approved": reconciliation_break_approved,
 }

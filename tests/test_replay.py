@@ -13,8 +13,9 @@ from temporalio.common import RawValue
 from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.worker import Replayer
 
+from adapters.approval_seal import ApprovalKeys, ApprovalSealCheck
 from adapters.codec import EncryptionCodec, data_converter, parse_keys
-from tests.harness import PAYLOAD_KEYS
+from tests.harness import APPROVAL_KEYS, PAYLOAD_KEYS
 from workers.main import WORKFLOWS, workflow_runner
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
@@ -27,12 +28,12 @@ def _history(path: Path) -> WorkflowHistory:
 def _replayer(workflows: list[type]) -> Replayer:
     return Replayer(workflows=workflows, workflow_runner=workflow_runner(),
                     data_converter=data_converter(EncryptionCodec(parse_keys(PAYLOAD_KEYS))),
-                    interceptors=[TracingInterceptor()])
+                    interceptors=[TracingInterceptor(), ApprovalSealCheck(ApprovalKeys([APPROVAL_KEYS]))])
 
 
 def test_histories_are_recorded() -> None:
     assert {p.stem for p in HISTORIES} >= {"refund_auto_approved", "refund_with_approval",
-                                           "payout_reversed_and_reissued",
+                                           "refund-approval-sealed", "payout_reversed_and_reissued",
                                            "payout_reversed_and_reissued_v1"}
 
 
