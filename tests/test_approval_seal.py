@@ -74,34 +74,39 @@ async def test_an_approval_sent_straight_to_temporal_is_refused_and_audited(
             if e["action"] == "approval_granted"] == ["bob"]
 
 
-class _SealThenSwap(temporal.Interceptor):
-    """A caller holding a genuine seal for one verdict who sends another with it."""
+class _FixedSeal(temporal.Interceptor):
+    """A caller who captured a genuine seal and sends it with whatever verdict they like."""
 
-    def __init__(self, keys: ApprovalKeys, sealed: ApprovalSignal) -> None:
-        self.keys, self.sealed = keys, sealed
+    def __init__(self, seal: str) -> None:
+        self.header = PayloadConverter.default.to_payloads([seal])[0]
 
     def intercept_client(self, next: temporal.OutboundInterceptor) -> temporal.OutboundInterceptor:
-        keys, sealed = self.keys, self.sealed
+        header = self.header
 
-        class Swap(temporal.OutboundInterceptor):
+        class Resend(temporal.OutboundInterceptor):
             async def signal_workflow(self, input: temporal.SignalWorkflowInput) -> None:
-                seal = keys.seal(input.id, sealed, now=datetime.now(UTC))
-                header = PayloadConverter.default.to_payloads([seal])[0]
                 await super().signal_workflow(dataclasses.replace(input, headers={SEAL_HEADER: header}))
 
-        return Swap(next)
+        return Resend(next)
 
 
-async def test_a_seal_over_other_roles_or_from_another_key_is_refused(stack: Stack, client: Client) -> None:
+async def test_a_seal_over_other_roles_from_another_key_or_used_twice_is_refused(
+        stack: Stack, client: Client) -> None:
     case_id = await _awaiting_case(stack)
     honest = _verdict("eve", roles=("requester",))
     config = client.config()
-    config["interceptors"] = [*config["interceptors"], _SealThenSwap(ApprovalKeys([APPROVAL_KEYS]), honest)]
-    tampering = Client(**config)
-    await tampering.get_workflow_handle(case_id).signal(RefundWorkflow.approve, _verdict("eve"))
+    seal = ApprovalKeys([APPROVAL_KEYS]).seal(case_id, honest, now=datetime.now(UTC))
+    config["interceptors"] = [*config["interceptors"], _FixedSeal(seal)]
+    replaying = Client(**config).get_workflow_handle(case_id)
+    await replaying.signal(RefundWorkflow.approve, _verdict("eve"))  # the seal's verdict, other roles
+    await replaying.signal(RefundWorkflow.approve, honest)  # sealed, refused for its role only
+    await replaying.signal(RefundWorkflow.approve, honest)  # the same seal again
     stranger = sealing_client(client, ApprovalKeys(["a-key-the-worker-does-not-hold"]))
     await stranger.get_workflow_handle(case_id).signal(RefundWorkflow.approve, _verdict("oscar"))
-    assert await _refusals(stack, case_id, "eve", 1) == ["approval seal does not match this verdict"]
+    refused = await _refusals(stack, case_id, "eve", 3)
+    assert refused[0] == "approval seal does not match this verdict"
+    assert "seal" not in refused[1]  # the seal held; eve is no approver
+    assert refused[2] == "approval seal was already used"
     assert await _refusals(stack, case_id, "oscar", 1) == ["approval seal does not match this verdict"]
     row = await stack.store.get_case(case_id)
     assert row is not None and row["status"] == "awaiting_approval"

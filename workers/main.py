@@ -67,6 +67,9 @@ def build_worker(client: Client, task_queue: str, store: Store,
     `settings` configure the notice channels, the advisor and reconciliation reports (none
     given: the environment's). `runner` is for the benchmark of the sandbox variants."""
     settings = settings or Settings()
+    keys = approval_keys(settings)
+    if keys is None:
+        log.warning("REFUNDS_APPROVAL_KEYS is not set: this worker counts no approval")
     observed = instrument(providers)
     activities = [*RefundActivities(store, observed, policy).all(),
                   *PayoutActivities(store, observed, policy).all(),
@@ -79,7 +82,7 @@ def build_worker(client: Client, task_queue: str, store: Store,
     return Worker(
         client, task_queue=task_queue, workflows=list(WORKFLOWS), activities=activities,
         workflow_runner=runner or workflow_runner(), graceful_shutdown_timeout=graceful_shutdown,
-        interceptors=[ApprovalSealCheck(approval_keys(settings))],
+        interceptors=[ApprovalSealCheck(keys)],
     )
 
 
