@@ -95,7 +95,8 @@ class ApprovalKeys:
         version, _, rest = seal.partition(".")
         issued, _, rest = rest.partition(".")
         nonce, _, mac = rest.partition(".")
-        if version != SEAL_VERSION or not issued.isascii() or not issued.isdigit() or not nonce or not mac:
+        if (version != SEAL_VERSION or not (issued.isascii() and issued.isdigit() and len(issued) <= 12)
+                or not nonce or not mac):
             return "approval seal is malformed", ""
         message = _message(workflow_id, signal, int(issued), nonce)
         if not any(hmac.compare_digest(mac.encode(), _mac(k, message).encode()) for k in self._keys):

@@ -125,6 +125,10 @@ def test_keys_rotate_the_first_seals_every_one_verifies() -> None:
     assert rotated.check("rr-2", verdict, after_rotation, now=now)[0] == mismatch
     assert rotated.check("rr-1", verdict, after_rotation,
                          now=now + timedelta(hours=1))[0].startswith("approval seal is outside")
+    unsigned = after_rotation.rsplit(".", 1)[0]
+    for forged in ("v1." + "9" * 5000 + ".n.m", "v2." + after_rotation[3:], unsigned, ""):
+        assert rotated.check("rr-1", verdict, forged, now=now)[0] in (
+            "approval seal is malformed", "approval not sealed by the relay")
 
 
 async def test_a_worker_holding_a_new_and_the_old_key_counts_an_old_seal(
