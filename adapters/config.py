@@ -32,7 +32,7 @@ def secret_list(secret: SecretStr) -> list[str]:
 
 SECRET_LISTS = ("sandbox_webhook_secret", "stripe_webhook_secret", "rainforest_webhook_secret",
                 "cashfree_webhook_secret", "adyen_hmac_keys", "slack_signing_secret",
-                "servicenow_inbound_secret")
+                "servicenow_inbound_secret", "approval_keys")
 """Settings that hold comma-separated secret lists: set to nothing usable, they refuse to start."""
 
 
@@ -217,6 +217,9 @@ class Settings(BaseSettings):
         default=200, description="a run continues as new after this many batches (history stays small)")
     reports_dir: Path | None = Field(
         default=None, description="reconciliation reports (JSON, CSV); default <data_dir>/reports")
+    approval_keys: SecretStr | None = Field(
+        default=None, description="relay and worker only: HMAC keys sealing approvals; the first seals, "
+                                  "all verify (adapters.approval_seal)")
 
     @field_validator(*SECRET_LISTS)
     @classmethod

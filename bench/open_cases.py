@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 import psutil
 
 from adapters import event_loop
+from adapters.approval_seal import approval_keys, sealing_client
 from adapters.policy_file import load_policy
 from bench.common import embedded_stack, gather_limited, report
 from bench.refund_throughput import run_bare, scheduled_activities
@@ -109,9 +110,11 @@ async def main(cases: int, concurrency: int, wave: int) -> dict[str, float]:
                 opened = time.perf_counter() - began
                 rss_waiting = rss_mib()
 
+                relay = sealing_client(stack.client, approval_keys(stack.settings))  # sealed, as the relay's
+
                 def approve(i: int) -> Callable[[], Awaitable[None]]:
                     async def go() -> None:
-                        await stack.client.get_workflow_handle(f"open-{tag}-{i}").signal(
+                        await relay.get_workflow_handle(f"open-{tag}-{i}").signal(
                             RefundWorkflow.approve, ApprovalSignal(
                                 approver="bench-approver", roles=("approver",), decision=Decision.APPROVE))
                     return go

@@ -53,6 +53,7 @@ class DevSecrets:
     sandbox_webhook_secret: str
     admin_token: str
     payload_keys: str
+    approval_keys: str
 
 
 def load_dev_secrets(data_dir: Path) -> DevSecrets:
@@ -62,7 +63,8 @@ def load_dev_secrets(data_dir: Path) -> DevSecrets:
     generators: dict[str, Callable[[], str]] = {
         "sandbox_webhook_secret": lambda: secrets.token_hex(24),
         "admin_token": lambda: f"rfo_admin_{secrets.token_urlsafe(24)}",
-        "payload_keys": lambda: generate_key_spec("dev1")}
+        "payload_keys": lambda: generate_key_spec("dev1"),
+        "approval_keys": lambda: secrets.token_hex(32)}
     missing = {name: make() for name, make in generators.items() if name not in values}
     if missing:
         path.touch(mode=0o600)
@@ -82,6 +84,8 @@ def dev_settings(settings: Settings) -> tuple[Settings, DevSecrets]:
         update["sandbox_webhook_secret"] = SecretStr(dev.sandbox_webhook_secret)
     if settings.payload_keys is None:
         update["payload_keys"] = SecretStr(dev.payload_keys)
+    if settings.approval_keys is None:
+        update["approval_keys"] = SecretStr(dev.approval_keys)
     if not settings.codec_cors_origins and settings.temporal_address is None:
         update["codec_cors_origins"] = [f"http://{settings.bind_host}:{settings.temporal_ui_port}"]
     if "console_secure_cookie" not in settings.model_fields_set:  # plain http drops Secure cookies

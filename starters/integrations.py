@@ -4,8 +4,9 @@ and ServiceNow approvals.
 Each call is verified by its signature (Slack's `v0=` scheme; HMAC-SHA256 over
 `{timestamp}.{body}` for ServiceNow), stored as a receipt with its verdict, and acts as
 the linked user of ours (`refunds integrations link`), whose roles come from our tokens,
-never from the callback. Approvals become the workflow's `approve` signal, checked there
-under the same segregation-of-duties rules as every other approval.
+never from the callback. Approvals become the workflow's `approve` signal, sealed by the
+relay's client (`adapters.approval_seal`), checked there under the same segregation-of-duties
+rules as every other approval.
 """
 
 import hashlib

@@ -25,6 +25,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict
 from temporalio.client import Client
 
 from adapters import metrics
+from adapters.approval_seal import approval_keys, sealing_client
 from adapters.config import Settings
 from adapters.health import readiness
 from adapters.integration_store import IntegrationStore
@@ -72,7 +73,12 @@ class WebhookAck(BaseModel):
 
 def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAdapter],
                settings: Settings) -> FastAPI:
-    """The relay application; `refunds dev`, `refunds relay` and the tests build it here."""
+    """The relay application; `refunds dev`, `refunds relay` and the tests build it here.
+    Its client seals the approvals it sends: this is the one path that can approve."""
+    keys = approval_keys(settings)
+    if keys is None:
+        log.warning("REFUNDS_APPROVAL_KEYS is not set: approvals sent from here are unsealed and never count")
+    client = sealing_client(client, keys)
     desk = WebhookDesk(store, client, providers, settings)
 
     @contextlib.asynccontextmanager

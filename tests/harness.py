@@ -29,6 +29,10 @@ from workers.main import build_worker
 # One throwaway payload key per test session: the session client, every stack's settings
 # and the subprocess workers tests start all encrypt with it.
 PAYLOAD_KEYS = generate_key_spec("test")
+# Approval keys of every stack's relay and worker (the session client holds none: what it
+# sends is what an outsider with Temporal access sends). Fixed, so recorded histories with
+# sealed approvals replay in any session.
+APPROVAL_KEYS = "test-approval-key-not-secret"
 
 
 @dataclass
@@ -161,6 +165,7 @@ async def open_stack(store: Store, client: Client, temporal_address: str, *, wor
         "late_failure_window_seconds": 2, "provider_http_timeout_seconds": 2,
         "resubmit_margin_seconds": 1,
         "payload_keys": PAYLOAD_KEYS, "reports_dir": tempfile.mkdtemp(prefix="refunds-reports-"),
+        "approval_keys": APPROVAL_KEYS,
         "console_secure_cookie": False,
         # Test stacks share one database: a stack re-drives only when its test asks it to.
         "webhook_redrive_interval_seconds": 0,

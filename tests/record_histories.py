@@ -35,6 +35,7 @@ from adapters.codec import data_converter
 from adapters.http_server import AppServer
 from adapters.store import Store
 from domain.events import tracking_case_id
+from domain.models import ApprovalSignal, Decision
 from domain.payouts import PayoutStatus, payout_case_id
 from domain.reconciliation import break_workflow_id
 from starters.stack import EmbeddedPostgres, TemporalDevServer, free_port
@@ -60,8 +61,10 @@ from tests.reconciliation_kit import (
 )
 from tests.test_adyen import MERCHANT, adyen_rig
 from tests.test_reconciliation_finish import provider_payout, seed_payouts
+from workflows.refund import RefundWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
+SEALED_SCENARIO = "refund-approval-sealed"
 
 
 @dataclass
@@ -326,6 +329,24 @@ async def tracked_dashboard_refund(rig: Recording) -> str:
     return case_id
 
 
+async def approval_sealed(rig: Recording) -> str:
+    """An approval sent straight to Temporal (no relay seal) is refused and audited; the
+    relay's sealed approval then counts (`approval-relay-seal-1`). The case id is the
+    scenario's name: a seal binds the workflow id, and the replay test names each history's
+    workflow after its file (so this scenario is recorded once, never as a `_v<n>`)."""
+    stack = rig.stack
+    body = stack.refund_body(await stack.charge(20_000), 9_000, refund_request_id=SEALED_SCENARIO)
+    case_id = str(body["refund_request_id"])
+    async with stack.api("alice") as api:
+        (await api.post("/v1/refund-requests", json=body)).raise_for_status()
+    await stack.wait_for_status(case_id, "awaiting_approval")
+    await stack.client.get_workflow_handle(case_id).signal(RefundWorkflow.approve, ApprovalSignal(
+        approver="mallory", roles=("admin", "approver"), decision=Decision.APPROVE))
+    await stack.wait_for_audit(case_id, "approval_refused")
+    await approval(rig, "bob", case_id, "approve")
+    return case_id
+
+
 # -- payout and reconciliation scenarios -------------------------------------------------------
 
 async def failed_payout_case(rig: Recording) -> str:
@@ -456,6 +477,7 @@ async def reconciliation_break_expired(rig: Recording) -> str:
 SCENARIOS: dict[str, Scenario] = {
     "refund_auto_approved": Scenario(auto_approved),
     "refund_with_approval": Scenario(with_approval),
+    SEALED_SCENARIO: Scenario(approval_sealed),
     "refund_denied": Scenario(denied),
     "refund_expired": Scenario(expired, {"approval_timeout_seconds": 2}),
     "refund_rejected": Scenario(rejected),

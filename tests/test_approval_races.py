@@ -10,11 +10,12 @@ from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
 from temporalio.worker import Worker
 
+from adapters.approval_seal import ApprovalKeys, ApprovalSealCheck, sealing_client
 from adapters.store import Store
 from domain.models import ApprovalProgress, ApprovalSignal, Decision
 from starters.stack import TemporalDevServer
 from tests.approval_host import ApprovalHostWorkflow
-from tests.harness import Stack, open_stack
+from tests.harness import APPROVAL_KEYS, Stack, open_stack
 from workers.main import workflow_runner
 from workflows.approvals import ApprovingWorkflow
 from workflows.refund import RefundWorkflow
@@ -61,10 +62,12 @@ async def _race_on_round(client: Client, task_queue: str, gate: asyncio.Semaphor
 
 async def test_a_deny_racing_the_last_approval_is_always_answered(client: Client) -> None:
     task_queue = f"races-{uuid.uuid4().hex[:8]}"
+    keys = ApprovalKeys([APPROVAL_KEYS])  # the relay's sealed verdicts, as a relay sends them
     async with Worker(client, task_queue=task_queue, workflows=[ApprovalHostWorkflow],
-                      workflow_runner=workflow_runner()):
+                      workflow_runner=workflow_runner(), interceptors=[ApprovalSealCheck(keys)]):
         gate = asyncio.Semaphore(RACES)
-        answers = await asyncio.gather(*(_race_on_round(client, task_queue, gate, at_once=i % 2 == 0)
+        relay = sealing_client(client, keys)
+        answers = await asyncio.gather(*(_race_on_round(relay, task_queue, gate, at_once=i % 2 == 0)
                                          for i in range(RACES)))
     # one verdict decides; the other is answered at once, "already decided" (or "not awaiting")
     answered = (["AlreadyDecided", "accepted"], ["NotAwaitingApproval", "accepted"])

@@ -21,11 +21,13 @@ from temporalio.common import RawValue
 from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.worker import Replayer
 
+from adapters.approval_seal import ApprovalKeys, ApprovalSealCheck
 from adapters.codec import EncryptionCodec, data_converter, parse_keys
-from tests.harness import PAYLOAD_KEYS
-from tests.record_histories import SCENARIOS
+from tests.harness import APPROVAL_KEYS, PAYLOAD_KEYS
+from tests.record_histories import SCENARIOS, SEALED_SCENARIO
 from workers.main import WORKFLOWS, workflow_runner
 from workflows import approvals, payout, reconciliation, refund, tracking
+from workflows.approvals import SEALED_APPROVALS_PATCH
 from workflows.payout import REISSUE_HORIZON_PATCH
 from workflows.reconciliation import APPROVAL_ROUND_PATCH, PAYOUT_BREAK_PATCH
 from workflows.refund import (
@@ -63,6 +65,8 @@ BRANCHES: dict[str, Branch] = {
                                    lacks=[VERIFY, "update:submit_approval"]),
     "refund_with_approval": branch("update:submit_approval", "action:approval_granted", SUBMIT,
                                    "action:refund_succeeded"),
+    SEALED_SCENARIO: branch(f"patch:{SEALED_APPROVALS_PATCH}", "signal:approve", "action:approval_refused",
+                            "update:submit_approval", "action:approval_granted", SUBMIT),
     "refund_denied": branch("update:submit_approval", "action:approval_denied",
                             f"patch:{PROVIDER_SCOPED_WAIT_PATCH}", lacks=[SUBMIT]),
     "refund_expired": branch("action:approval_expired", lacks=[SUBMIT, "update:submit_approval"]),
@@ -204,7 +208,7 @@ def _off_branch(facts: set[str], expected: Branch) -> tuple[set[str], set[str]]:
 def _replayer(workflows: list[type]) -> Replayer:
     return Replayer(workflows=workflows, workflow_runner=workflow_runner(),
                     data_converter=data_converter(EncryptionCodec(parse_keys(PAYLOAD_KEYS))),
-                    interceptors=[TracingInterceptor()])
+                    interceptors=[TracingInterceptor(), ApprovalSealCheck(ApprovalKeys([APPROVAL_KEYS]))])
 
 
 def test_every_scenario_is_recorded_and_every_file_has_its_branch() -> None:

@@ -21,6 +21,7 @@ from activities.integrations import IntegrationActivities
 from activities.payout import PayoutActivities
 from activities.reconciliation import ReconciliationActivities
 from activities.refund import RefundActivities
+from adapters.approval_seal import ApprovalSealCheck, approval_keys
 from adapters.audit_checkpoints import checkpoint_book
 from adapters.config import Settings
 from adapters.http_server import AppServer
@@ -66,6 +67,9 @@ def build_worker(client: Client, task_queue: str, store: Store,
     `settings` configure the notice channels, the advisor and reconciliation reports (none
     given: the environment's). `runner` is for the benchmark of the sandbox variants."""
     settings = settings or Settings()
+    keys = approval_keys(settings)
+    if keys is None:
+        log.warning("REFUNDS_APPROVAL_KEYS is not set: this worker counts no approval")
     observed = instrument(providers)
     activities = [*RefundActivities(store, observed, policy).all(),
                   *PayoutActivities(store, observed, policy).all(),
@@ -78,6 +82,7 @@ def build_worker(client: Client, task_queue: str, store: Store,
     return Worker(
         client, task_queue=task_queue, workflows=list(WORKFLOWS), activities=activities,
         workflow_runner=runner or workflow_runner(), graceful_shutdown_timeout=graceful_shutdown,
+        interceptors=[ApprovalSealCheck(keys)],
     )
 
 

@@ -16,6 +16,7 @@ from temporalio import workflow
 from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    from adapters.approval_seal import seal_refusal
     from domain.lifecycle import check_approval, unfilled
     from domain.models import (
         ApprovalProgress,
@@ -31,6 +32,11 @@ LATE_VERDICTS_PATCH = "approval-late-verdicts-1"
 """Verdicts that arrive once a round is decided are answered at once and audited; before,
 an update taken in that window waited forever on a round nobody read."""
 ALREADY_DECIDED = "AlreadyDecided"
+SEALED_APPROVALS_PATCH = "approval-relay-seal-1"
+"""A verdict counts only with the relay's seal, checked by the worker before the workflow
+sees it (`adapters.approval_seal`); others are refused and audited. Before, anyone who could
+signal the workflow approved with any roles."""
+UNSEALED = "ApprovalUnsealed"
 
 
 class ApprovalOutcome(StrEnum):
@@ -73,7 +79,7 @@ class ApprovalRound:
         self._verdicts: dict[int, tuple[bool, str]] = {}
         self._too_late: set[int] = set()
         self.decided = False
-        self._late: list[ApprovalSignal] = []
+        self._late: list[tuple[ApprovalSignal, str | None]] = []
         self._late_recorder: asyncio.Task[None] | None = None
 
     def receive(self, signal: ApprovalSignal) -> int:
@@ -173,26 +179,28 @@ class ApprovalRound:
         while self._inbox:
             position, signal = self._inbox.pop(0)
             refusal = f"case is already {host.approval_status()[1]}"
-            await self._record_refusal(host, signal, refusal)
+            await self.record_refusal(host, signal, refusal)
             self._too_late.add(position)
             self._verdicts[position] = (False, refusal)
 
-    async def _record_refusal(self, host: ApprovalHost, signal: ApprovalSignal, refusal: str) -> None:
+    async def record_refusal(self, host: ApprovalHost, signal: ApprovalSignal, refusal: str) -> None:
         self.refused.append(ApprovalRecord(approver=signal.approver, decision=signal.decision,
                                            reason=signal.reason, at=workflow.now()))
         await host.approval_step("approval_refused", actor=signal.approver, detail={"refusal": refusal})
 
-    def receive_late(self, host: ApprovalHost, signal: ApprovalSignal) -> None:
-        """A signalled verdict after the decision: recorded as refused beside the case (a
-        signal handler cannot wait for an activity), in arrival order."""
-        self._late.append(signal)
+    def refuse_signalled(self, host: ApprovalHost, signal: ApprovalSignal, refusal: str | None) -> None:
+        """A signalled verdict refused (`None`: after the decision, with the case's status
+        when recorded): recorded beside the case (a signal handler cannot wait for an
+        activity), in arrival order, never counted."""
+        self._late.append((signal, refusal))
         if self._late_recorder is None or self._late_recorder.done():
             self._late_recorder = asyncio.create_task(self._record_late(host))
 
     async def _record_late(self, host: ApprovalHost) -> None:
         while self._late:
-            signal = self._late.pop(0)
-            await self._record_refusal(host, signal, f"already decided: case is {host.approval_status()[1]}")
+            signal, refusal = self._late.pop(0)
+            await self.record_refusal(
+                host, signal, refusal or f"already decided: case is {host.approval_status()[1]}")
 
     async def settled(self) -> None:
         """Waits until every late verdict is recorded (a case closes only after)."""
@@ -222,9 +230,13 @@ class ApprovingWorkflow:
     def approve(self, signal: ApprovalSignal) -> None:
         """An approver's verdict from a channel that cannot wait for an answer (tickets,
         chat buttons); checked like an update before it counts, audited as refused once the
-        round is decided."""
+        round is decided or without the relay's seal."""
         if self._round.decided and workflow.patched(LATE_VERDICTS_PATCH):
-            self._round.receive_late(self, signal)
+            self._round.refuse_signalled(self, signal, None)
+            return
+        unsealed = seal_refusal(signal)
+        if unsealed and workflow.patched(SEALED_APPROVALS_PATCH):
+            self._round.refuse_signalled(self, signal, unsealed)
             return
         self._round.receive(signal)
 
@@ -242,6 +254,11 @@ class ApprovingWorkflow:
             # validated just before the decision: answered now, never queued (the caller audits)
             raise ApplicationError(f"already decided: case is {self.approval_status()[1]}",
                                    type=ALREADY_DECIDED)
+        unsealed = seal_refusal(signal)
+        if unsealed and workflow.patched(SEALED_APPROVALS_PATCH):
+            # checked here, not in the validator, so the refusal is audited
+            await current.record_refusal(self, signal, unsealed)
+            raise ApplicationError(unsealed, type=UNSEALED)
         accepted, reason, too_late = await current.answer(current.receive(signal))
         if too_late and workflow.patched(LATE_VERDICTS_PATCH):
             raise ApplicationError(f"already decided: {reason}", type=ALREADY_DECIDED)

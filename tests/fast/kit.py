@@ -15,8 +15,10 @@ from temporalio import activity
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from adapters.approval_seal import ApprovalKeys, ApprovalSealCheck
 from domain import contracts
 from domain.contracts import Activity
+from tests.harness import APPROVAL_KEYS
 from workers.main import WORKFLOWS, workflow_runner
 
 InputT = TypeVar("InputT")
@@ -85,5 +87,6 @@ async def fake_worker(client: Client, fakes: FakeActivities) -> AsyncIterator[st
     """A worker with the product's real workflows and the fakes, on a fresh task queue."""
     task_queue = f"fast-{uuid.uuid4().hex[:12]}"
     async with Worker(client, task_queue=task_queue, workflows=list(WORKFLOWS),
-                      activities=fakes.registered(), workflow_runner=workflow_runner()):
+                      activities=fakes.registered(), workflow_runner=workflow_runner(),
+                      interceptors=[ApprovalSealCheck(ApprovalKeys([APPROVAL_KEYS]))]):
         yield task_queue

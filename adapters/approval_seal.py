@@ -1,0 +1,213 @@
+"""Approvals carry the relay's authority: the relay seals each verdict it sends, the worker
+checks the seal before the workflow sees the verdict.
+
+The seal is an HMAC-SHA256 (a key from `REFUNDS_APPROVAL_KEYS`, which only the relay and
+the worker hold) over the workflow id, decision, approver, roles, reason, the time it was
+issued and a nonce. It travels in a Temporal header of the `approve` signal or the
+`submit_approval` update, put there by a client interceptor on the relay's client only.
+On the worker an interceptor (built outside the sandbox, so it holds the keys and the
+workflow never does) checks it and hands the workflow a `CheckedApproval` that says whether
+the seal held; a payload always converts to a plain `ApprovalSignal`, so no caller can send
+a checked one. Only the seal (never a key) is in history. The check is deterministic on
+replay: it reads the header and `workflow.now()`, and a key stays listed (verify only) as
+long as a case that holds approvals sealed with it may still replay.
+"""
+
+import dataclasses
+import hashlib
+import hmac
+import json
+import secrets
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from temporalio import client, workflow
+from temporalio.api.common.v1 import Payload
+from temporalio.converter import PayloadConverter
+from temporalio.worker import (
+    HandleSignalInput,
+    HandleUpdateInput,
+    Interceptor,
+    WorkflowInboundInterceptor,
+    WorkflowInterceptorClassInput,
+)
+
+from adapters.config import Settings, secret_list
+from domain.models import ApprovalSignal
+
+SEAL_HEADER = "refunds-approval-seal"
+SEAL_VERSION = "v1"
+APPROVE_SIGNAL = "approve"
+APPROVAL_UPDATE = "submit_approval"
+MAX_AGE = timedelta(minutes=15)
+"""A seal older than this (by the workflow's clock) is refused: a captured one goes stale."""
+MAX_SKEW = timedelta(minutes=1)
+"""How far ahead of the workflow's clock the relay's clock may be."""
+_HEADER_CONVERTER = PayloadConverter.default
+
+
+class CheckedApproval(ApprovalSignal):
+    """A verdict as the worker's seal check hands it to the workflow: `refusal` is empty
+    when the relay's seal held. Only the interceptor builds one."""
+
+    refusal: str = ""
+
+
+def seal_refusal(signal: ApprovalSignal) -> str:
+    """Why a verdict does not carry the relay's authority ("" when it does)."""
+    if not isinstance(signal, CheckedApproval):
+        return "approval not checked for the relay's seal (worker without the seal check)"
+    return signal.refusal
+
+
+def _message(workflow_id: str, signal: ApprovalSignal, issued_at: int, nonce: str) -> bytes:
+    """What a seal covers, canonical JSON, so no field can move into another."""
+    return json.dumps({"v": SEAL_VERSION, "workflow_id": workflow_id, "decision": signal.decision.value,
+                       "approver": signal.approver, "roles": sorted(signal.roles), "reason": signal.reason,
+                       "issued_at": issued_at, "nonce": nonce},
+                      sort_keys=True, separators=(",", ":")).encode()
+
+
+def _mac(key: str, message: bytes) -> str:
+    return hmac.new(key.encode(), message, hashlib.sha256).hexdigest()
+
+
+class ApprovalKeys:
+    """The rotation list: the first key seals, every key verifies."""
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        if not keys or not all(keys):
+            raise ValueError("approval sealing needs at least one non-empty key")
+        self._keys = tuple(keys)
+
+    def seal(self, workflow_id: str, signal: ApprovalSignal, *, now: datetime) -> str:
+        issued_at, nonce = int(now.timestamp()), secrets.token_hex(16)
+        mac = _mac(self._keys[0], _message(workflow_id, signal, issued_at, nonce))
+        return f"{SEAL_VERSION}.{issued_at}.{nonce}.{mac}"
+
+    def check(self, workflow_id: str, signal: ApprovalSignal, seal: str | None, *,
+              now: datetime) -> tuple[str, str]:
+        """(refusal, nonce): refusal is "" when one key sealed exactly this verdict for this
+        workflow within the window."""
+        if not seal:
+            return "approval not sealed by the relay", ""
+        version, _, rest = seal.partition(".")
+        issued, _, rest = rest.partition(".")
+        nonce, _, mac = rest.partition(".")
+        if (version != SEAL_VERSION or not (issued.isascii() and issued.isdigit() and len(issued) <= 12)
+                or not nonce or not mac):
+            return "approval seal is malformed", ""
+        message = _message(workflow_id, signal, int(issued), nonce)
+        if not any(hmac.compare_digest(mac.encode(), _mac(k, message).encode()) for k in self._keys):
+            return "approval seal does not match this verdict", ""
+        age = now.timestamp() - int(issued)
+        if age > MAX_AGE.total_seconds() or age < -MAX_SKEW.total_seconds():
+            return f"approval seal is outside its {int(MAX_AGE.total_seconds())} s window", ""
+        return "", nonce
+
+
+def approval_keys(settings: Settings) -> ApprovalKeys | None:
+    """The configured keys, or None: then the relay seals nothing and the worker counts nothing."""
+    return ApprovalKeys(secret_list(settings.approval_keys)) if settings.approval_keys else None
+
+
+def _approval_arg(name: str, expected: str, args: Sequence[Any]) -> ApprovalSignal | None:
+    if name == expected and args and isinstance(args[0], ApprovalSignal):
+        return args[0]
+    return None
+
+
+class _SealingOutbound(client.OutboundInterceptor):
+    def __init__(self, next: client.OutboundInterceptor, keys: ApprovalKeys) -> None:
+        super().__init__(next)
+        self._keys = keys
+
+    def _sealed(self, workflow_id: str, signal: ApprovalSignal,
+                headers: Mapping[str, Payload]) -> dict[str, Payload]:
+        seal = self._keys.seal(workflow_id, signal, now=datetime.now(UTC))
+        return {**headers, SEAL_HEADER: _HEADER_CONVERTER.to_payloads([seal])[0]}
+
+    async def signal_workflow(self, input: client.SignalWorkflowInput) -> None:
+        signal = _approval_arg(input.signal, APPROVE_SIGNAL, input.args)
+        if signal is not None:
+            input = dataclasses.replace(input, headers=self._sealed(input.id, signal, input.headers))
+        await super().signal_workflow(input)
+
+    async def start_workflow_update(
+            self, input: client.StartWorkflowUpdateInput) -> client.WorkflowUpdateHandle[Any]:
+        signal = _approval_arg(input.update, APPROVAL_UPDATE, input.args)
+        if signal is not None:
+            input = dataclasses.replace(input, headers=self._sealed(input.id, signal, input.headers))
+        return await super().start_workflow_update(input)
+
+
+class ApprovalSealing(client.Interceptor):
+    """On the relay's client: seals every approval it sends."""
+
+    def __init__(self, keys: ApprovalKeys) -> None:
+        self._keys = keys
+
+    def intercept_client(self, next: client.OutboundInterceptor) -> client.OutboundInterceptor:
+        return _SealingOutbound(next, self._keys)
+
+
+def sealing_client(base: client.Client, keys: ApprovalKeys | None) -> client.Client:
+    """The relay's client: the same connection and converter, plus the sealing interceptor
+    (unchanged without keys: its approvals then count nowhere)."""
+    if keys is None:
+        return base
+    config = base.config()
+    config["interceptors"] = [*config["interceptors"], ApprovalSealing(keys)]
+    return client.Client(**config)
+
+
+class _SealCheckingInbound(WorkflowInboundInterceptor):
+    """Replaces the verdict of an `approve` signal or a `submit_approval` update with a
+    `CheckedApproval`. A nonce counts once per run (a resent sealed verdict is refused)."""
+
+    keys: ApprovalKeys | None = None
+
+    def __init__(self, next: WorkflowInboundInterceptor) -> None:
+        super().__init__(next)
+        self._used_nonces: set[str] = set()
+
+    def _checked(self, signal: ApprovalSignal, headers: Mapping[str, Payload]) -> CheckedApproval:
+        header = headers.get(SEAL_HEADER)
+        try:
+            seal = _HEADER_CONVERTER.from_payloads([header], [str])[0] if header is not None else None
+        except Exception:  # whatever a caller put there, it is no seal
+            seal = "unreadable"
+        if self.keys is None:
+            refusal, nonce = "the worker holds no approval keys (REFUNDS_APPROVAL_KEYS)", ""
+        else:
+            refusal, nonce = self.keys.check(workflow.info().workflow_id, signal,
+                                             seal if isinstance(seal, str) else None, now=workflow.now())
+        if not refusal and nonce in self._used_nonces:
+            refusal = "approval seal was already used"
+        if not refusal:
+            self._used_nonces.add(nonce)
+        return CheckedApproval.model_validate({**signal.model_dump(), "refusal": refusal})
+
+    async def handle_signal(self, input: HandleSignalInput) -> None:
+        signal = _approval_arg(input.signal, APPROVE_SIGNAL, input.args)
+        if signal is not None:
+            input = dataclasses.replace(input, args=[self._checked(signal, input.headers), *input.args[1:]])
+        await super().handle_signal(input)
+
+    async def handle_update_handler(self, input: HandleUpdateInput) -> Any:
+        signal = _approval_arg(input.update, APPROVAL_UPDATE, input.args)
+        if signal is not None:
+            input = dataclasses.replace(input, args=[self._checked(signal, input.headers), *input.args[1:]])
+        return await super().handle_update_handler(input)
+
+
+class ApprovalSealCheck(Interceptor):
+    """On the worker: checks every approval's seal before the workflow sees it."""
+
+    def __init__(self, keys: ApprovalKeys | None) -> None:
+        self._inbound = type("ApprovalSealCheckInbound", (_SealCheckingInbound,), {"keys": keys})
+
+    def workflow_interceptor_class(
+            self, input: WorkflowInterceptorClassInput) -> type[WorkflowInboundInterceptor] | None:
+        return self._inbound
