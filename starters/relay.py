@@ -43,7 +43,7 @@ from starters.case_actions import (
     ManualConfirmationBody,
     ReissueBody,
 )
-from starters.cases import start_refund
+from starters.cases import over_maximum, start_refund
 from starters.codec_endpoint import CODEC_USES, Direction, answer, oidc_principal
 from starters.console import PREFIX as CONSOLE_PREFIX
 from starters.console import SESSION_COOKIE, install_console
@@ -209,6 +209,9 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
                 "type": "value_error", "loc": ("body", "refund_request_id"),
                 "input": body.refund_request_id,
                 "msg": "ids starting <provider>- are reserved for the provider's own requests"}])
+        if too_large := over_maximum(providers, body.provider, body.amount, body.currency):
+            raise RequestValidationError([{"type": "value_error", "loc": ("body", "amount"),
+                                           "input": body.amount, "msg": too_large}])
         cli = request.headers.get(CHANNEL_HEADER, "").lower() == RequestSource.CLI.value
         refund = body.as_request(RequestSource.CLI if cli else RequestSource.API)
         outcome, row = await store.create_case(refund, caller.user)
