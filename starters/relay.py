@@ -166,8 +166,9 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
         """Readiness: PostgreSQL (with migrations) and Temporal (with the namespace) answer."""
         return await readiness(client, store)
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=[Depends(metrics.scrape_guard(settings))])
     async def prometheus_metrics() -> Response:
+        """Prometheus text, for REFUNDS_METRICS_TOKEN's bearer (or anyone on a loopback bind)."""
         await metrics.refresh_case_gauges(store)
         body, content_type = metrics.exposition(metrics.CASE_REGISTRY)
         return Response(body, media_type=content_type)
