@@ -98,7 +98,7 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
     actions = CaseActions(store, client, settings)
     app.state.webhooks = desk
     integrations = IntegrationStore(store)
-    app.include_router(integration_routes(store, client, settings, start=start_refund))
+    app.include_router(integration_routes(store, client, settings, start=start_refund, providers=providers))
     bearer = HTTPBearer(auto_error=False)
     anonymous = SampledRefusalLog()
 

@@ -3,6 +3,7 @@ limit, before any case or workflow exists (not only beyond 64 bits): each adapte
 its maximum per currency (Stripe's documented eight digits, a stated default elsewhere)."""
 
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,6 +19,7 @@ from domain.payouts import payout_case_id
 from starters.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
 from tests.test_bad_input import assert_untouched, event_body, request_object, signed, workflow_exists
+from tests.test_inbound import person, servicenow, ticket_body
 from tests.test_payout_registration import register, registration
 
 PROVIDER_SETTINGS: dict[str, Any] = {
@@ -107,3 +109,22 @@ async def test_an_amount_at_the_maximum_is_not_refused_for_it(every_provider: St
     async with stack.api("alice") as api:
         response = await api.post("/v1/refund-requests", json=body)
     assert response.status_code == 202, response.text
+
+
+async def test_a_servicenow_ticket_beyond_the_providers_maximum_is_422_naming_it(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    stack = await open_stack(store, client, temporal_server.address, worker=False,
+                             servicenow_inbound_secret="sn-sign")
+    try:
+        opener = f"jdoe.{uuid.uuid4().hex[:6]}"
+        await person(stack, ["requester"], servicenow=opener)
+        limit = stack.providers["sandbox"].max_amount.of("USD")
+        sys_id = uuid.uuid4().hex
+        response = await servicenow(stack, "refund-requests",
+                                    ticket_body(sys_id, opener, charge_id="ch_x", amount=limit + 1))
+        assert response.status_code == 422, response.text
+        assert str(limit) in response.json()["detail"]
+        assert await stack.store.get_case(f"servicenow-{sys_id}") is None
+        assert not await workflow_exists(stack, f"servicenow-{sys_id}")
+    finally:
+        await stack.close()
