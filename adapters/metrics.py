@@ -6,6 +6,7 @@ Labels stay low-cardinality: provider names we configured, verdicts, operations.
 """
 
 import hmac
+import logging
 from collections.abc import Awaitable, Callable
 from ipaddress import ip_address
 
@@ -23,6 +24,8 @@ from prometheus_client import (
 from adapters.config import Settings, secret_list
 from adapters.store import Store
 from domain.models import CaseStatus, LedgerKind
+
+log = logging.getLogger("metrics")
 
 RECEIPTS = Counter("refunds_webhook_receipts", "Webhook deliveries stored, by provider and verdict",
                    ["provider", "verdict"])
@@ -107,6 +110,9 @@ def scrape_guard(settings: Settings) -> Callable[[Request], Awaitable[None]]:
     serves case counts and provider error rates to whoever reaches the port."""
     tokens = [t.encode() for t in secret_list(settings.metrics_token)] if settings.metrics_token else []
     open_locally = not tokens and _loopback(settings.bind_host)
+    if not tokens and not open_locally:
+        log.warning("/metrics refuses every scrape: REFUNDS_BIND_HOST is %s and REFUNDS_METRICS_TOKEN "
+                    "is unset", settings.bind_host)
 
     async def guard(request: Request) -> None:
         if open_locally:

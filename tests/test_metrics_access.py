@@ -74,7 +74,8 @@ async def test_the_loopback_dev_default_needs_no_token(stack: Stack) -> None:
 
 
 @pytest.mark.parametrize("which", ["relay", "worker"])
-async def test_a_non_loopback_bind_without_a_token_refuses_every_scrape(stack: Stack, which: str) -> None:
+async def test_a_non_loopback_bind_without_a_token_refuses_every_scrape(
+        stack: Stack, which: str, caplog: pytest.LogCaptureFixture) -> None:
     """A production bind (0.0.0.0, as the images set) with no token configured serves nobody:
     the apps are driven in process (nothing binds beyond loopback here)."""
     settings = Settings(**{**stack.settings.model_dump(), "bind_host": "0.0.0.0"})
@@ -83,3 +84,4 @@ async def test_a_non_loopback_bind_without_a_token_refuses_every_scrape(stack: S
                 else health_app(stack.worker, stack.client, stack.store, settings))
     response = await scrape("http://service", None, app)
     assert response.status_code == 401 and "REFUNDS_METRICS_TOKEN" in response.text
+    assert any("REFUNDS_METRICS_TOKEN is unset" in r.getMessage() for r in caplog.records)  # said at start
