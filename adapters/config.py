@@ -32,7 +32,8 @@ def secret_list(secret: SecretStr) -> list[str]:
 
 SECRET_LISTS = ("sandbox_webhook_secret", "stripe_webhook_secret", "rainforest_webhook_secret",
                 "cashfree_webhook_secret", "adyen_hmac_keys", "slack_signing_secret",
-                "servicenow_inbound_secret", "approval_keys")
+                "servicenow_inbound_secret", "approval_keys",
+                "metrics_token")
 """Settings that hold comma-separated secret lists: set to nothing usable, they refuse to start."""
 
 
@@ -326,3 +327,8 @@ class Settings(BaseSettings):
         if self.oidc_issuer is not None and (self.oidc_audience is None or self.oidc_jwks_url is None):
             raise ValueError("REFUNDS_OIDC_ISSUER needs REFUNDS_OIDC_AUDIENCE and REFUNDS_OIDC_JWKS_URL")
         return self
+
+    # /metrics (relay and worker): a bearer token in production (see adapters/metrics.py).
+    metrics_token: SecretStr | None = Field(
+        default=None, description="bearer token(s) Prometheus presents at /metrics, comma-separated "
+                                  "(rotation); unset: /metrics answers only on a loopback bind")

@@ -27,6 +27,7 @@ class InstrumentedProvider:
         self._inner = inner
         self.name = inner.name
         self.event_types = inner.event_types
+        self.max_amount = inner.max_amount
 
     async def _observe(self, operation: str, call: Awaitable[T], case_id: str | None = None) -> T:
         attributes = {"provider": self.name, "operation": operation}

@@ -5,6 +5,12 @@ gauges are read from PostgreSQL when scraped, so every relay reports the same nu
 Labels stay low-cardinality: provider names we configured, verdicts, operations.
 """
 
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from ipaddress import ip_address
+
+from fastapi import HTTPException, Request
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -15,8 +21,11 @@ from prometheus_client import (
     generate_latest,
 )
 
+from adapters.config import Settings, secret_list
 from adapters.store import Store
 from domain.models import CaseStatus, LedgerKind
+
+log = logging.getLogger("metrics")
 
 RECEIPTS = Counter("refunds_webhook_receipts", "Webhook deliveries stored, by provider and verdict",
                    ["provider", "verdict"])
@@ -85,3 +94,37 @@ async def refresh_case_gauges(store: Store) -> None:
 def exposition(*extra: CollectorRegistry) -> tuple[bytes, str]:
     """The process's metrics (and `extra` registries) in Prometheus text format."""
     return b"".join(generate_latest(r) for r in (REGISTRY, *extra)), CONTENT_TYPE_LATEST
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def scrape_guard(settings: Settings) -> Callable[[Request], Awaitable[None]]:
+    """The check in front of /metrics (relay and worker): with REFUNDS_METRICS_TOKEN set, a
+    scrape presents one of its tokens as a bearer token (compared in constant time); without
+    it, only a loopback bind (`refunds dev`, tests) answers, so a production bind never
+    serves case counts and provider error rates to whoever reaches the port."""
+    tokens = [t.encode() for t in secret_list(settings.metrics_token)] if settings.metrics_token else []
+    open_locally = not tokens and _loopback(settings.bind_host)
+    if not tokens and not open_locally:
+        log.warning("/metrics refuses every scrape: REFUNDS_BIND_HOST is %s and REFUNDS_METRICS_TOKEN "
+                    "is unset", settings.bind_host)
+
+    async def guard(request: Request) -> None:
+        if open_locally:
+            return
+        scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+        offered = presented.strip().encode()
+        # every token is compared, so the time taken says nothing about which one was close
+        matches = [hmac.compare_digest(offered, token) for token in tokens]
+        if scheme.lower() == "bearer" and any(matches):
+            return
+        detail = ("metrics need the bearer token REFUNDS_METRICS_TOKEN" if tokens else
+                  "metrics are off on a non-loopback bind until REFUNDS_METRICS_TOKEN is set")
+        raise HTTPException(401, detail, headers={"WWW-Authenticate": 'Bearer realm="metrics"'})
+
+    return guard

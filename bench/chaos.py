@@ -11,6 +11,8 @@ provider's refunds per charge. A smoke version of each runs in `make test`
 3. storms: 12 identical deliveries at once, 12 spread out, 12 re-signed with fresh timestamps.
 4. order: every permutation of a refund's event sequence ends in the provider's final state.
 5. bad_input: thousands of malformed, forged, oversize and stale requests: no 5xx, no state;
+   then each named bad input of issue #19 once (NAMED_BAD_INPUTS), its answer and receipt
+   verdict checked;
    schema_fuzz: schemathesis against the relay's OpenAPI document as each role that can
    write, every case it created accounted against the answers.
 6. concurrency: more requested than captured on one charge, from the API, provider webhooks
@@ -35,6 +37,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -42,12 +45,14 @@ from typing import Any
 import httpx
 import psutil
 
-from adapters import event_loop, signing
+from adapters import event_loop, receipts, signing
 from adapters.integration_store import IntegrationStore
+from adapters.providers import cashfree
 from adapters.providers.sandbox import sign
 from bench import fault_schedule
 from bench.checker import Outcome, Sent, check
 from bench.common import RESULTS, Embedded, embedded_stack
+from starters import relay
 from tests.harness import PAYLOAD_KEYS, Stack, open_stack
 
 SERVICENOW_SECRET = "chaos-servicenow"
@@ -299,9 +304,157 @@ async def stack_deliver(stack: Stack, body: bytes) -> None:
             "Sandbox-Signature": sign(secret.get_secret_value(), body, int(time.time()))})
 
 
+BAD_INPUT_SECRETS: dict[str, Any] = {"stripe_webhook_secret": "whsec_chaos",
+                     "adyen_hmac_keys": "00112233445566778899aabbccddeeff",
+                     "rainforest_webhook_secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+                     "cashfree_webhook_secret": "cf-chaos", "slack_signing_secret": "s1,"}
+"""Every provider's webhooks on, and a Slack secret left ending in a comma by a rotation edit."""
+DEEP = b"[" * 100_000 + b"]" * 100_000
+
+
+@dataclass(frozen=True)
+class BadInput:
+    """One named bad input and what it must get: its status and, for the deliveries the relay
+    stores, the receipt's verdict (None: an API route, or refused by the HTTP parser)."""
+
+    name: str
+    path: str
+    body: bytes
+    headers: dict[str, str]
+    status: int
+    verdict: str | None = None
+    wire: bool = True
+    """False: sent to the relay app in process, since HTTP servers refuse it on the wire."""
+
+
+def adyen_item_body(additional: Any) -> bytes:
+    item = {"pspReference": "psp_chaos", "originalReference": "pay_chaos", "merchantAccountCode": "M",
+            "merchantReference": "rr-chaos", "amount": {"value": 100, "currency": "EUR"},
+            "eventCode": "REFUND", "success": "true", "eventDate": "2026-01-01T00:00:00+00:00",
+            "additionalData": additional}
+    return json.dumps({"live": "false", "notificationItems": [{"NotificationRequestItem": item}]}).encode()
+
+
+def named_bad_inputs(stack: Stack, token: str) -> list[BadInput]:
+    """Issue #19's bad inputs, signed now with the stack's secrets where a signature matters."""
+    now, old = int(time.time()), int(time.time()) - 3600
+    sandbox_secret = stack.settings.sandbox_webhook_secret
+    assert sandbox_secret is not None
+    sandbox_key, stripe_key = sandbox_secret.get_secret_value(), BAD_INPUT_SECRETS["stripe_webhook_secret"]
+    event = json.dumps({"id": f"evt_{uuid.uuid4().hex[:12]}", "object": "event", "type": "refund.updated",
+                        "created": now, "data": {"object": {"id": "re_chaos"}}}).encode()
+    old_sig = sign(stripe_key, event, old).partition("v1=")[2]
+    nul_id = json.dumps({"id": "evt_chaos\u0000", "object": "event", "type": "refund.requested",
+                         "created": now, "data": {"object": {
+                             "id": f"rrq_{uuid.uuid4().hex[:10]}", "object": "refund_request",
+                             "charge": "ch_chaos", "amount": 100, "currency": "usd",
+                             "merchant_account": "acct_1", "reason": "duplicate"}}}).encode()
+    unknown = json.dumps({"id": f"evt_{uuid.uuid4().hex[:12]}", "object": "event", "type": "refund.mystery",
+                          "created": now, "data": {"object": {"id": "x"}}}).encode()
+    slack = f"payload={json.dumps({'type': 'block_actions', 'actions': []})}".encode()
+    request = {"refund_request_id": stack.new_id("chaos-bad"), "provider": "sandbox", "charge_id": "ch_chaos",
+               "amount": 100, "currency": "USD", "merchant_account": "acct_1",
+               "reason": "requested_by_customer", "evidence": {"order_id": "o-1"}}
+    api = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+
+    def asked(**change: Any) -> bytes:
+        return json.dumps({**request, **change}).encode()
+
+    def sandbox_signed(body: bytes, **extra: str) -> dict[str, str]:
+        return {"Content-Type": "application/json", "Sandbox-Signature": sign(sandbox_key, body, now),
+                **extra}
+
+    return [
+        BadInput("stripe_signed_old_then_new_and_old_t", "/webhooks/stripe", event,
+                 {"Stripe-Signature": f"v1={old_sig}, t={now},t={old}"}, 401, "stale"),
+        BadInput("stripe_t_with_a_tail", "/webhooks/stripe", event,
+                 {"Stripe-Signature": f"t={old}=x,v1={old_sig}"}, 401, "stale"),
+        BadInput("deep_json_sandbox", "/webhooks/sandbox", DEEP, sandbox_signed(DEEP), 400, "malformed"),
+        BadInput("deep_json_stripe", "/webhooks/stripe", DEEP,
+                 {"Stripe-Signature": sign(stripe_key, DEEP, now)}, 400, "malformed"),
+        BadInput("deep_json_adyen", "/webhooks/adyen", DEEP, {}, 400, "malformed"),
+        BadInput("adyen_additional_data_a_list", "/webhooks/adyen", adyen_item_body(["hmacSignature"]), {},
+                 401, "bad_signature"),
+        BadInput("svix_timestamp_year_9999", "/webhooks/rainforest", b"{}",
+                 {"svix-id": "msg_chaos", "svix-timestamp": "253402300800", "svix-signature": "v1,AAAA"},
+                 401, "bad_signature"),
+        BadInput("cashfree_superscript_timestamp", "/webhooks/cashfree", b"{}",
+                 {"x-webhook-timestamp": "\u00b2\u00b3\u00b9", "x-webhook-signature":
+                  cashfree.sign(BAD_INPUT_SECRETS["cashfree_webhook_secret"], b"{}", 231)},
+                 401, "bad_signature"),
+        BadInput("nul_in_a_header_value", "/webhooks/sandbox", unknown,
+                 sandbox_signed(unknown, **{"x-note": "a\x00b"}), 202, "unknown_type", wire=False),
+        BadInput("nul_in_a_header_value_on_the_wire", "/webhooks/sandbox", unknown,
+                 sandbox_signed(unknown, **{"x-note": "a\x00b"}), 400),
+        BadInput("signed_event_id_with_nul", "/webhooks/sandbox", nul_id, sandbox_signed(nul_id), 400,
+                 "malformed"),
+        BadInput("slack_signed_with_an_empty_key", "/integrations/slack/actions", slack,
+                 {"Content-Type": "application/x-www-form-urlencoded", "x-slack-request-timestamp": str(now),
+                  "x-slack-signature": signing.signature("slack", "", str(now), slack)},
+                 401, "bad_signature"),
+        BadInput("caller_set_trigger_identities", "/v1/refund-requests", asked(trigger_identities=["bob"]),
+                 api, 422),
+        BadInput("caller_set_source", "/v1/refund-requests", asked(source="webhook"), api, 422),
+        BadInput("nul_in_a_reason", "/v1/refund-requests", asked(reason="requested_by_customer\u0000"),
+                 api, 422),
+        BadInput("amount_of_2_to_the_63", "/v1/refund-requests", asked(amount=2**63), api, 422),
+        BadInput("body_over_the_limit", "/v1/refund-requests",
+                 asked(evidence={"note": "x" * stack.settings.webhook_max_body_bytes}), api, 413),
+    ]
+
+
+async def send_raw(url: str, probe: BadInput) -> int:
+    """The probe over a plain TCP connection: HTTP clients refuse to send a NUL in a header."""
+    host, port = httpx.URL(url).host, httpx.URL(url).port
+    reader, writer = await asyncio.open_connection(host, port)
+    head = "".join(f"{k}: {v}\r\n" for k, v in probe.headers.items())
+    writer.write(f"POST {probe.path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(probe.body)}\r\n"
+                 f"Connection: close\r\n{head}\r\n".encode("latin-1") + probe.body)
+    await writer.drain()
+    status_line = await reader.readline()
+    writer.close()
+    return int(status_line.split()[1])
+
+
+async def send_named(stack: Stack, outcome: Outcome) -> int:
+    """Each named bad input once; a wrong status or verdict is a violation. Returns how many
+    receipts they should have stored."""
+    probes = named_bad_inputs(stack, stack.tokens["alice"])
+    in_process = httpx.ASGITransport(app=relay.create_app(stack.store, stack.client, stack.providers,
+                                                           stack.settings))
+    async with httpx.AsyncClient(base_url=stack.relay_url, timeout=30) as wire, \
+            httpx.AsyncClient(base_url="http://relay.in-process", transport=in_process, timeout=30) as local:
+        for probe in probes:
+            headers = {k.encode(): v.encode("latin-1") for k, v in probe.headers.items()}
+            if "\x00" in "".join(probe.headers.values()) and probe.wire:
+                status, verdict = await send_raw(stack.relay_url, probe), None
+            else:
+                response = await (wire if probe.wire else local).post(probe.path, content=probe.body,
+                                                                      headers=headers)
+                status, verdict = response.status_code, await stored_verdict(stack, response)
+            outcome.counts[f"named_{probe.name}"] = status
+            if (status, verdict) != (probe.status, probe.verdict):
+                outcome.violations.append(f"{probe.name}: answered {status} ({verdict}), expected "
+                                          f"{probe.status} ({probe.verdict})")
+    return sum(p.verdict is not None for p in probes)
+
+
+async def stored_verdict(stack: Stack, response: httpx.Response) -> str | None:
+    """The verdict of the receipt an answer names, or None when it names none."""
+    receipt_id = response.headers.get("x-receipt-id")
+    if receipt_id is None:
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            receipt_id = response.json()["receipt_id"]
+    if receipt_id is None:
+        return None
+    stored = await receipts.delivery(stack.store, int(receipt_id))
+    return stored.verdict if stored is not None else None
+
+
 async def bad_input(env: Embedded, requests: int) -> Outcome:
     outcome = Outcome("bad_input", cases=requests)
-    stack = await open_stack(env.store, env.client, env.temporal.address)
+    stack = await open_stack(env.store, env.client, env.temporal.address, stripe_api_key="sk_test_unused",
+                             **BAD_INPUT_SECRETS)
     process = psutil.Process()  # the relay serves from this process
     rng = random.Random(11)
     secret = stack.settings.sandbox_webhook_secret
@@ -341,6 +494,7 @@ async def bad_input(env: Embedded, requests: int) -> Outcome:
                 statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
                 webhooks += response.request.url.path.startswith("/webhooks/")
         growth_kib = (process.memory_info().rss - rss_warm) // 1024
+        webhooks += await send_named(stack, outcome)
         outcome.counts.update({f"http_{k}": v for k, v in sorted(statuses.items())})
         outcome.counts["rss_growth_after_warmup_kib"] = growth_kib
         if any(code >= 500 for code in statuses):

@@ -1,5 +1,6 @@
 """Starting case workflows: shared by the refund-request API and the webhook path."""
 
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -8,6 +9,7 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from adapters.config import Settings
+from adapters.providers.base import ProviderAdapter
 from domain.events import TrackingInput
 from domain.models import (
     ProviderEvent,
@@ -84,3 +86,11 @@ def request_from_event(event: ProviderEvent) -> RefundRequest:
         merchant_account=event.merchant_account or "", reason=event.reason or RefundReason.OTHER,
         evidence=event.evidence, source=RequestSource.WEBHOOK,
     )
+
+
+def over_maximum(providers: Mapping[str, ProviderAdapter], provider: str, amount: int,
+                 currency: str) -> str | None:
+    """Why the amount is more than the provider takes at once (naming its limit), else None:
+    checked where requests and payouts enter, before a case or workflow exists."""
+    adapter = providers.get(provider)
+    return None if adapter is None else adapter.max_amount.refusal(provider, amount, currency)

@@ -25,7 +25,7 @@ from adapters import receipts, signing
 from adapters.config import Settings, secret_list
 from adapters.integration_store import IntegrationStore
 from adapters.notify.chat import APPROVE_ACTION, DENY_ACTION
-from adapters.providers.base import WebhookRejected
+from adapters.providers.base import ProviderAdapter, WebhookRejected
 from adapters.store import CaseCreation, Store, StoredReceipt
 from adapters.tickets.servicenow import record_url
 from domain.models import (
@@ -36,6 +36,7 @@ from domain.models import (
     RefundRequest,
     RequestSource,
 )
+from starters.cases import over_maximum
 from starters.limits import read_limited
 from workflows.refund import RefundWorkflow
 
@@ -187,7 +188,7 @@ def advice_view(row: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def integration_routes(store: Store, client: Client, settings: Settings, *,
-                       start: StartRefund) -> APIRouter:
+                       start: StartRefund, providers: Mapping[str, ProviderAdapter]) -> APIRouter:
     """The inbound integration endpoints of the relay."""
     router = APIRouter(prefix="/integrations", tags=["integrations"])
     integrations = IntegrationStore(store)
@@ -305,6 +306,8 @@ def integration_routes(store: Store, client: Client, settings: Settings, *,
             await store.append_audit(case_id, f"servicenow:{opener}", "access_refused",
                                      {"channel": "servicenow", "ticket": ticket.number, "refusal": message})
             return await answer(stored, None, 403, {"detail": message})
+        if too_large := over_maximum(providers, ticket.provider, ticket.amount, ticket.currency):
+            return await answer(stored, case_id, 422, {"detail": too_large})
         refund = ticket.refund_request(principal.user)
         outcome, _ = await store.create_case(refund, principal.user)
         if outcome is CaseCreation.CONFLICT:

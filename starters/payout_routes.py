@@ -3,7 +3,7 @@ read the booked payouts); read a payout exception case with its timeline, approv
 its current approval round, and ask for a reissue (which then needs its own approval).
 Identity comes from the bearer token, as everywhere in the relay."""
 
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Annotated, Any, NoReturn
 
 from fastapi import APIRouter, Depends, HTTPException, Response
@@ -12,11 +12,13 @@ from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from adapters.payout_book import PayoutBook
+from adapters.providers.base import ProviderAdapter
 from adapters.store import Principal, Store
 from adapters.telemetry import bind_case
 from domain.models import APPROVER_ROLES
 from domain.payouts import APPROVAL_STATUSES, PayoutRegistration, ReissueAsk, payout_case_id
 from starters.approving import ApprovalBody, Refused, approvals_view, ask_for_verdict, refusal
+from starters.cases import over_maximum
 from workflows.payout import PayoutReversalWorkflow
 
 READ_ROLES = APPROVER_ROLES | {"auditor", "ops", "admin"}
@@ -32,7 +34,7 @@ class PayoutReissueBody(BaseModel):
 
 
 def payout_routes(store: Store, client: Client, principal: Callable[..., Awaitable[Principal]],
-                  require: Require, providers: Collection[str]) -> APIRouter:
+                  require: Require, providers: Mapping[str, ProviderAdapter]) -> APIRouter:
     """The routes, over the relay's store, Temporal client, authentication, role check and
     configured providers."""
     router = APIRouter()
@@ -54,6 +56,8 @@ def payout_routes(store: Store, client: Client, principal: Callable[..., Awaitab
 
         if body.provider not in providers:
             await refuse(422, f"provider {body.provider!r} is not configured")
+        if too_large := over_maximum(providers, body.provider, body.amount, body.currency):
+            await refuse(422, too_large)
         booked, created = await book.register_payout(body, caller.user)
         if booked is None:
             await refuse(409, f"payout {body.id} (or {body.provider} payout {body.provider_payout_id}) is "

@@ -44,7 +44,7 @@ from starters.case_actions import (
     ManualConfirmationBody,
     ReissueBody,
 )
-from starters.cases import start_refund
+from starters.cases import over_maximum, start_refund
 from starters.codec_endpoint import CODEC_USES, Direction, answer, oidc_principal
 from starters.console import PREFIX as CONSOLE_PREFIX
 from starters.console import SESSION_COOKIE, install_console
@@ -104,7 +104,7 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
     actions = CaseActions(store, client, settings)
     app.state.webhooks = desk
     integrations = IntegrationStore(store)
-    app.include_router(integration_routes(store, client, settings, start=start_refund))
+    app.include_router(integration_routes(store, client, settings, start=start_refund, providers=providers))
     bearer = HTTPBearer(auto_error=False)
     anonymous = SampledRefusalLog()
 
@@ -172,8 +172,9 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
         """Readiness: PostgreSQL (with migrations) and Temporal (with the namespace) answer."""
         return await readiness(client, store)
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=[Depends(metrics.scrape_guard(settings))])
     async def prometheus_metrics() -> Response:
+        """Prometheus text, for REFUNDS_METRICS_TOKEN's bearer (or anyone on a loopback bind)."""
         await metrics.refresh_case_gauges(store)
         body, content_type = metrics.exposition(metrics.CASE_REGISTRY)
         return Response(body, media_type=content_type)
@@ -215,6 +216,9 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
                 "type": "value_error", "loc": ("body", "refund_request_id"),
                 "input": body.refund_request_id,
                 "msg": "ids starting <provider>- are reserved for the provider's own requests"}])
+        if too_large := over_maximum(providers, body.provider, body.amount, body.currency):
+            raise RequestValidationError([{"type": "value_error", "loc": ("body", "amount"),
+                                           "input": body.amount, "msg": too_large}])
         cli = request.headers.get(CHANNEL_HEADER, "").lower() == RequestSource.CLI.value
         refund = body.as_request(RequestSource.CLI if cli else RequestSource.API)
         outcome, row = await store.create_case(refund, caller.user)

@@ -31,7 +31,7 @@ from domain.events import tracking_case_id
 from domain.models import EventKind, ProviderEvent, RefundRequest
 from domain.payments import PaymentEvent
 from domain.payouts import PayoutEvent, payout_case_id
-from starters.cases import open_payout_case, request_from_event, start_refund, track_refund
+from starters.cases import open_payout_case, over_maximum, request_from_event, start_refund, track_refund
 from workflows.payout import PayoutReversalWorkflow
 from workflows.refund import RefundWorkflow
 
@@ -117,10 +117,14 @@ class WebhookDesk:
                                   event_type=receipts.storable(event.event_type))
         if isinstance(event, ProviderEvent) and event.kind is EventKind.REFUND_REQUESTED:
             try:
-                return event, request_from_event(event)
+                request = request_from_event(event)
             except ValidationError as exc:
                 raise WebhookRejected("malformed", f"invalid refund request: {exc.errors()[0]['msg']}",
                                       event_id=event.event_id, event_type=event.event_type) from None
+            if too_large := over_maximum(self._providers, provider_name, request.amount, request.currency):
+                raise WebhookRejected("malformed", too_large, event_id=event.event_id,
+                                      event_type=event.event_type)
+            return event, request
         return event, None
 
     async def ingest(self, provider_name: str, headers: Mapping[str, str], body: bytes | None, *,

@@ -90,7 +90,18 @@ async def test_bad_input_never_answers_5xx_nor_changes_state(env: Embedded) -> N
     outcome = await chaos.bad_input(env, 60)
     assert outcome.violations == []
     assert sum(n for answer, n in outcome.counts.items() if answer.startswith("http_")) == 60
-    assert outcome.counts["webhook_receipts"] == 40  # the four webhook kinds of six, each stored
+    # the four webhook kinds of six, each stored, and the named inputs that store a receipt
+    named = {name.removeprefix("named_"): status for name, status in outcome.counts.items()
+             if name.startswith("named_")}
+    assert named == {"stripe_signed_old_then_new_and_old_t": 401, "stripe_t_with_a_tail": 401,
+                     "deep_json_sandbox": 400, "deep_json_stripe": 400, "deep_json_adyen": 400,
+                     "adyen_additional_data_a_list": 401, "svix_timestamp_year_9999": 401,
+                     "cashfree_superscript_timestamp": 401, "nul_in_a_header_value": 202,
+                     "nul_in_a_header_value_on_the_wire": 400, "signed_event_id_with_nul": 400,
+                     "slack_signed_with_an_empty_key": 401, "caller_set_trigger_identities": 422,
+                     "caller_set_source": 422, "nul_in_a_reason": 422, "amount_of_2_to_the_63": 422,
+                     "body_over_the_limit": 413}
+    assert outcome.counts["webhook_receipts"] == 40 + 11
 
 
 async def test_contending_entry_points_never_refund_more_than_captured(env: Embedded) -> None:

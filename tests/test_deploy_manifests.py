@@ -237,7 +237,7 @@ def test_probes_hit_real_routes_and_pods_outlive_the_workers_grace() -> None:
     relay_routes = {getattr(r, "path", "") for r in create_app(
         cast(Any, None), cast(Any, None), {}, Settings()).routes}
     worker_routes = {getattr(r, "path", "") for r in health_app(
-        cast(Any, None), cast(Any, None), cast(Any, None)).routes}
+        cast(Any, None), cast(Any, None), cast(Any, None), Settings()).routes}
     deployments = of_kind("Deployment")
     for name, routes, port_variable in (("refunds-relay", relay_routes, "REFUNDS_RELAY_PORT"),
                                         ("refunds-worker", worker_routes, "REFUNDS_WORKER_HEALTH_PORT")):
@@ -305,3 +305,50 @@ def test_production_installs_pinned_versions_without_the_embedded_stack() -> Non
     assert "LOCK := requirements/dev.lock" in makefile and "pip install --quiet -r $(LOCK)" in makefile
     assert "pip install --quiet --no-deps -e ." in makefile
     assert re.search(r"^lock: .*\n(\t.*\n)*\t\$\(BIN\)/pip-compile .*--upgrade", makefile, re.M)
+
+
+def test_metrics_are_scraped_with_the_token_and_the_sdk_port_only_from_monitoring() -> None:
+    """/metrics refuses anonymous scrapes on a production bind: every service gets
+    REFUNDS_METRICS_TOKEN from a secret, the scrape job presents it for the ports that
+    serve /metrics, no annotation invites an anonymous scraper, and the SDK's exporter
+    (which takes no token) admits only Prometheus's namespace."""
+    services = compose()["services"]
+    for name in ("worker", "relay"):
+        assert str(services[name]["environment"]["REFUNDS_METRICS_TOKEN"]).startswith(
+            "${REFUNDS_METRICS_TOKEN:?")
+    relay_routes = {getattr(r, "path", "") for r in create_app(
+        cast(Any, None), cast(Any, None), {}, Settings()).routes}
+    worker_routes = {getattr(r, "path", "") for r in health_app(
+        cast(Any, None), cast(Any, None), cast(Any, None), Settings()).routes}
+    [config_map] = [d for d in k8s() if d["kind"] == "ConfigMap"
+                    and d["metadata"]["name"] == "refunds-prometheus-scrape"]
+    jobs = {j["job_name"]: j for j in yaml.safe_load(config_map["data"]["refunds-scrape.yaml"])}
+    ours = jobs["refunds"]
+    assert ours["authorization"]["type"] == "Bearer" and ours["authorization"]["credentials_file"]
+    keep = {r["source_labels"][0]: re.compile(r["regex"]) for r in ours["relabel_configs"]
+            if r["action"] == "keep"}
+    deployments = of_kind("Deployment")
+    scraped = set()
+    for name, pod in ((n, d["spec"]["template"]) for n, d in deployments.items()):
+        assert "prometheus.io/scrape" not in pod["metadata"].get("annotations", {}), name
+        if not keep["__meta_kubernetes_pod_label_app_kubernetes_io_name"].fullmatch(
+                pod["metadata"]["labels"]["app.kubernetes.io/name"]):
+            continue
+        [container] = pod["spec"]["containers"]
+        env = container_env(container)
+        assert env["REFUNDS_METRICS_TOKEN"] == {"secretKeyRef": {"name": "refunds-secrets",
+                                                                 "key": "REFUNDS_METRICS_TOKEN"}}
+        [port] = [p for p in container["ports"]
+                  if keep["__meta_kubernetes_pod_container_port_name"].fullmatch(p["name"])]
+        routes, variable = ((relay_routes, "REFUNDS_RELAY_PORT") if name == "refunds-relay"
+                            else (worker_routes, "REFUNDS_WORKER_HEALTH_PORT"))
+        assert "/metrics" in routes and port["containerPort"] == int(env[variable])
+        scraped.add(name)
+    assert scraped == {"refunds-relay", "refunds-worker"}
+    [policy] = of_kind("NetworkPolicy").values()
+    worker_ports = {p["name"] for p in deployments["refunds-worker"]["spec"]["template"]["spec"][
+        "containers"][0]["ports"]}
+    rules = {p["port"]: rule.get("from") for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+    assert set(rules) == worker_ports
+    assert rules["sdk-metrics"] == [{"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": config_map["metadata"]["namespace"]}}}]

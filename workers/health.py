@@ -1,21 +1,24 @@
 """The worker's small HTTP endpoint (loopback unless REFUNDS_BIND_HOST says otherwise):
-/healthz for liveness, /readyz for readiness, /metrics for Prometheus.
+/healthz for liveness, /readyz for readiness, /metrics for Prometheus (with
+REFUNDS_METRICS_TOKEN as a bearer token outside loopback).
 
 A worker takes no HTTP traffic; this exists for the orchestrator's probes and scrapes.
 """
 
-from fastapi import FastAPI, Response
+from fastapi import Depends, FastAPI, Response
 from fastapi.responses import JSONResponse
 from temporalio.client import Client
 from temporalio.worker import Worker
 
 from adapters import metrics
+from adapters.config import Settings
 from adapters.health import readiness
 from adapters.store import Store
 
 
-def health_app(worker: Worker, client: Client, store: Store) -> FastAPI:
-    """Probes and metrics for one worker process."""
+def health_app(worker: Worker, client: Client, store: Store, settings: Settings) -> FastAPI:
+    """Probes (open: the kubelet calls them) and metrics (behind the settings' scrape guard)
+    for one worker process."""
     app = FastAPI(title="Refund Orchestrator worker", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.get("/healthz")
@@ -29,7 +32,7 @@ def health_app(worker: Worker, client: Client, store: Store) -> FastAPI:
         polling = worker.is_running and not worker.is_shutdown
         return await readiness(client, store, *([] if polling else ["worker is not polling"]))
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=[Depends(metrics.scrape_guard(settings))])
     async def prometheus_metrics() -> Response:
         body, content_type = metrics.exposition()
         return Response(body, media_type=content_type)

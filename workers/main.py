@@ -108,8 +108,8 @@ async def run_worker(settings: Settings, dsn: str, stop: asyncio.Event) -> None:
                           settings=settings)
     for schedule in await ensure_reconciliation_schedules(client, settings, providers):
         log.info("reconciliation schedule %s is in place", schedule)
-    health = (AppServer(health_app(worker, client, store), settings.bind_host, settings.worker_health_port)
-              if settings.worker_health_port else None)
+    health = (AppServer(health_app(worker, client, store, settings), settings.bind_host,
+                        settings.worker_health_port) if settings.worker_health_port else None)
     sweeper = (asyncio.create_task(sweep_outbox(
         IntegrationStore(store), IntegrationActivities(store, settings), stop,
         every_seconds=settings.outbox_sweep_seconds,

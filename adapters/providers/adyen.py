@@ -36,6 +36,7 @@ from typing import Any
 import httpx
 
 from adapters.providers.base import (
+    UNDOCUMENTED_MAXIMUM,
     ProviderDeclined,
     ProviderLookupUnsupported,
     ProviderOutcomeUnknown,
@@ -227,6 +228,7 @@ class AdyenProvider:
     """Adyen notifications, and refunds through the Checkout API (`POST /payments/{psp}/refunds`)."""
 
     event_types = KNOWN_EVENT_TYPES
+    max_amount = UNDOCUMENTED_MAXIMUM
     acknowledgement = ACKNOWLEDGEMENT
 
     def __init__(self, *, hmac_keys: Sequence[str], api_base: str | None = None,

@@ -8,10 +8,12 @@ a refused lookup says nothing about the money.
 """
 
 from collections.abc import AsyncGenerator, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 
 from domain.models import ChargeSnapshot, ProviderEvent, ProviderRefund, RefundRequest
+from domain.money import format_minor
 from domain.payments import PaymentEvent
 from domain.payouts import PayoutEvent, PayoutOrder, ProviderPayout
 from domain.reconciliation import ListedPayout, ListedRefund, UnmappedListing
@@ -59,6 +61,35 @@ class UnexpectedProviderStatus(ProviderError, ValueError):
     """A status we have no branch for: a loud error and a case for ops, never a default."""
 
 
+@dataclass(frozen=True)
+class AmountLimit:
+    """The largest amount, in minor units, a provider takes in one refund or payout. An
+    amount above it is refused where it enters (422), before a case or workflow exists:
+    the provider would only refuse it later, after approvals were spent on it."""
+
+    default: int
+    source: str
+    """Where the figure comes from (the provider's documentation, or why it is a default)."""
+    per_currency: Mapping[str, int] = field(default_factory=dict)
+
+    def of(self, currency: str) -> int:
+        return self.per_currency.get(currency.upper(), self.default)
+
+    def refusal(self, provider: str, amount: int, currency: str) -> str | None:
+        """Why `amount` is too large for `provider` (naming the limit), or None."""
+        limit = self.of(currency)
+        if amount <= limit:
+            return None
+        return (f"amount {amount} is above {provider}'s maximum of {limit} minor units of "
+                f"{currency.upper()} ({format_minor(limit, currency.upper())}) per refund or payout")
+
+
+UNDOCUMENTED_MAXIMUM = AmountLimit(
+    999_999_999_999, "no documented maximum: a conservative twelve digits (far inside the "
+                     "64 bits we store and the 2**53 a JSON number holds exactly)")
+"""For providers that document no per-transaction maximum."""
+
+
 class RefundExecutor(Protocol):
     """Whatever moves the money back: a provider's refund API or a manual instruction."""
 
@@ -76,6 +107,9 @@ class ProviderAdapter(RefundExecutor, Protocol):
 
     event_types: frozenset[str]
     """The webhook event types this adapter has a handler for (coverage reports the rest)."""
+
+    max_amount: AmountLimit
+    """The largest refund or payout, per currency, the provider takes."""
 
     async def get_charge(self, charge_id: str) -> ChargeSnapshot | None:
         """The charge as the provider sees it, or None when it does not exist."""

@@ -19,7 +19,7 @@ from decimal import Decimal
 from typing import Any
 from urllib.parse import quote
 
-from adapters.providers.base import WebhookRejected, WebhooksOnly
+from adapters.providers.base import UNDOCUMENTED_MAXIMUM, WebhookRejected, WebhooksOnly
 from adapters.providers.http import JsonApi
 from adapters.providers.normalise import (
     MalformedAnswer,
@@ -100,6 +100,7 @@ class CashfreeProvider(WebhooksOnly):
     """Cashfree refund webhooks only: every API call is refused as unsupported."""
 
     event_types = KNOWN_EVENT_TYPES
+    max_amount = UNDOCUMENTED_MAXIMUM
 
     def __init__(self, *, webhook_secrets: Sequence[str], tolerance_seconds: int = 300,
                  verifier: WebhookVerifier | None = None, name: str = "cashfree") -> None:

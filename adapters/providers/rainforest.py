@@ -18,7 +18,12 @@ from urllib.parse import quote
 
 from svix.webhooks import Webhook as SvixWebhook
 
-from adapters.providers.base import ProviderOutcomeUnknown, WebhookRejected, WebhooksOnly
+from adapters.providers.base import (
+    UNDOCUMENTED_MAXIMUM,
+    ProviderOutcomeUnknown,
+    WebhookRejected,
+    WebhooksOnly,
+)
 from adapters.providers.http import JsonApi
 from adapters.providers.normalise import (
     REFERENCE_KEY,
@@ -107,6 +112,7 @@ class RainforestProvider(WebhooksOnly):
     """Rainforest refund webhooks only: every API call is refused as unsupported."""
 
     event_types = KNOWN_EVENT_TYPES
+    max_amount = UNDOCUMENTED_MAXIMUM
 
     def __init__(self, *, webhook_secrets: Sequence[str], tolerance_seconds: int = 300,
                  verifier: WebhookVerifier | None = None, name: str = "rainforest") -> None:

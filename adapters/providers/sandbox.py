@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from adapters.providers.base import ProviderDeclined
+from adapters.providers.base import UNDOCUMENTED_MAXIMUM, ProviderDeclined
 from adapters.providers.http import raise_for_refusal, send
 from adapters.providers.normalise import (
     IDENTITY_STATUSES,
@@ -66,6 +66,7 @@ class SandboxProvider:
     """Client of the sandbox provider's HTTP API."""
 
     event_types = KNOWN_EVENT_TYPES
+    max_amount = UNDOCUMENTED_MAXIMUM
 
     def __init__(self, base_url: str, *, webhook_secrets: Sequence[str], api_key: str | None = None,
                  timeout_seconds: float = 10.0, tolerance_seconds: int = 300,

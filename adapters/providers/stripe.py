@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import stripe
 from stripe.params import PayoutListParams, RefundListParams
 
-from adapters.providers.base import ProviderDeclined, ProviderOutcomeUnknown
+from adapters.providers.base import AmountLimit, ProviderDeclined, ProviderOutcomeUnknown
 from adapters.providers.http import refusal
 from adapters.providers.normalise import (
     REFERENCE_KEY,
@@ -81,6 +81,9 @@ class StripeProvider:
     """Stripe's refund and charge API, and its webhooks."""
 
     event_types = KNOWN_EVENT_TYPES
+    max_amount = AmountLimit(
+        99_999_999, "Stripe: an amount supports up to eight digits (99999999, e.g. $999,999.99); "
+                    "IDR up to twelve", per_currency={"IDR": 999_999_999_999})
 
     def __init__(self, api_key: str, *, webhook_secrets: Sequence[str], api_base: str | None = None,
                  merchant_account: str | None = None, timeout_seconds: float = 10.0,

@@ -1,0 +1,130 @@
+"""An amount beyond what the provider takes in one refund or payout is a 422 naming the
+limit, before any case or workflow exists (not only beyond 64 bits): each adapter declares
+its maximum per currency (Stripe's documented eight digits, a stated default elsewhere)."""
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from temporalio.client import Client
+
+from adapters.config import Settings
+from adapters.providers.registry import build_providers
+from adapters.store import Store
+from domain.money import MAX_MINOR_AMOUNT
+from domain.payouts import payout_case_id
+from starters.stack import TemporalDevServer
+from tests.harness import Stack, open_stack
+from tests.test_bad_input import assert_untouched, event_body, request_object, signed, workflow_exists
+from tests.test_inbound import person, servicenow, ticket_body
+from tests.test_payout_registration import register, registration
+
+PROVIDER_SETTINGS: dict[str, Any] = {
+    "stripe_api_key": "sk_test_unused", "stripe_webhook_secret": "whsec_unused",
+    "stripe_api_base": "http://127.0.0.1:9", "stripe_merchant_account": "acct_1",
+    "adyen_hmac_keys": "00" * 32, "rainforest_webhook_secret": "whsec_dW51c2Vk",
+    "cashfree_webhook_secret": "cf-unused",
+}
+"""Every provider configured; none is ever called (the relay refuses first)."""
+PROVIDERS = ("sandbox", "stripe", "adyen", "rainforest", "cashfree")
+
+
+@pytest.fixture
+async def every_provider(store: Store, client: Client,
+                         temporal_server: TemporalDevServer) -> AsyncIterator[Stack]:
+    opened = await open_stack(store, client, temporal_server.address, worker=False, **PROVIDER_SETTINGS)
+    yield opened
+    await opened.close()
+
+
+@pytest.mark.parametrize(("provider", "currency", "documented"), [
+    ("stripe", "USD", 99_999_999), ("stripe", "JPY", 99_999_999), ("stripe", "IDR", 999_999_999_999)])
+def test_stripe_declares_its_documented_eight_digits(provider: str, currency: str, documented: int) -> None:
+    providers = build_providers(Settings(**PROVIDER_SETTINGS))
+    limit = providers[provider].max_amount
+    assert limit.of(currency) == documented
+    assert limit.refusal(provider, documented, currency) is None
+    assert f"{documented}" in str(limit.refusal(provider, documented + 1, currency))
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_every_adapter_declares_a_maximum_below_64_bits(provider: str) -> None:
+    providers = build_providers(Settings(**PROVIDER_SETTINGS, sandbox_webhook_secret="s"))
+    limit = providers[provider].max_amount.of("USD")
+    assert 0 < limit < MAX_MINOR_AMOUNT
+    assert providers[provider].max_amount.refusal(provider, limit, "USD") is None
+    assert providers[provider].max_amount.refusal(provider, limit + 1, "USD") is not None
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_a_refund_beyond_the_providers_maximum_is_422_naming_it(
+        every_provider: Stack, provider: str) -> None:
+    stack = every_provider
+    limit = stack.providers[provider].max_amount.of("USD")
+    body = stack.refund_body("ch_never_called", limit + 1, provider=provider)
+    async with stack.api("alice") as api:
+        response = await api.post("/v1/refund-requests", json=body)
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["loc"][-1] == "amount" and str(limit) in error["msg"] and provider in error["msg"]
+    assert await stack.store.get_case(body["refund_request_id"]) is None
+    assert not await workflow_exists(stack, body["refund_request_id"])
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_a_payout_beyond_the_providers_maximum_is_422_naming_it(
+        every_provider: Stack, provider: str) -> None:
+    stack = every_provider
+    limit = stack.providers[provider].max_amount.of("USD")
+    body = registration(provider=provider, amount=limit + 1)
+    response = await register(stack, body)
+    assert response.status_code == 422, response.text
+    assert str(limit) in response.text and provider in response.text
+    async with stack.api("olga") as api:
+        assert (await api.get(f"/v1/payouts/{body['id']}")).status_code == 404
+    assert not await workflow_exists(stack, payout_case_id(provider, body["provider_payout_id"]))
+
+
+async def test_a_provider_request_beyond_its_maximum_is_refused_as_malformed(stack: Stack) -> None:
+    charge = await stack.charge(10_000)
+    limit = stack.providers["sandbox"].max_amount.of("USD")
+    rrq = f"rrq_{int(time.time() * 1000)}"
+    body = event_body("refund.requested", request_object(charge, rrq, amount=limit + 1))
+    assert stack.settings.sandbox_webhook_secret is not None
+    secret = stack.settings.sandbox_webhook_secret.get_secret_value()
+    async with httpx.AsyncClient(base_url=stack.relay_url) as http:
+        response = await http.post("/webhooks/sandbox", content=body, headers=signed(secret, body))
+    assert response.status_code == 400, response.text
+    assert response.json()["verdict"] == "malformed" and str(limit) in response.json()["detail"]
+    await assert_untouched(stack, f"sandbox-{rrq}", charge)
+
+
+async def test_an_amount_at_the_maximum_is_not_refused_for_it(every_provider: Stack) -> None:
+    stack = every_provider
+    limit = stack.providers["sandbox"].max_amount.of("USD")
+    body = stack.refund_body("ch_at_limit", limit)
+    async with stack.api("alice") as api:
+        response = await api.post("/v1/refund-requests", json=body)
+    assert response.status_code == 202, response.text
+
+
+async def test_a_servicenow_ticket_beyond_the_providers_maximum_is_422_naming_it(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    stack = await open_stack(store, client, temporal_server.address, worker=False,
+                             servicenow_inbound_secret="sn-sign")
+    try:
+        opener = f"jdoe.{uuid.uuid4().hex[:6]}"
+        await person(stack, ["requester"], servicenow=opener)
+        limit = stack.providers["sandbox"].max_amount.of("USD")
+        sys_id = uuid.uuid4().hex
+        response = await servicenow(stack, "refund-requests",
+                                    ticket_body(sys_id, opener, charge_id="ch_x", amount=limit + 1))
+        assert response.status_code == 422, response.text
+        assert str(limit) in response.json()["detail"]
+        assert await stack.store.get_case(f"servicenow-{sys_id}") is None
+        assert not await workflow_exists(stack, f"servicenow-{sys_id}")
+    finally:
+        await stack.close()
