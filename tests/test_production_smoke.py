@@ -2,10 +2,11 @@
 and `refunds worker` as separate processes on the runtime role, configured only by
 environment (the variables of deploy/env.example), against the session's Temporal and
 PostgreSQL. A refund that needs an approval goes through the relay's HTTP API, `refunds
-doctor` says ready, and a worker stopped by SIGTERM while the case waits for approval loses
-nothing: a new worker process takes the approval and finishes the case with one provider
-refund and the ledger posted."""
+doctor` says ready, and SIGTERM to a worker mid-case loses nothing: stopped while a case waits
+for approval, and stopped while the provider holds a create it has already made, a new worker
+process finishes each case with exactly one provider refund and the ledger posted."""
 
+import asyncio
 import secrets
 import signal
 import subprocess
@@ -83,7 +84,8 @@ async def test_relay_and_worker_processes_carry_an_approved_refund_across_a_work
 
     store = await Store.open(runtime_dsn, max_size=4)  # what the test reads, as the runtime role
     health = f"http://127.0.0.1:{health_port}"
-    relay_log, first_log, second_log = (tmp_path / f"{name}.log" for name in ("relay", "worker1", "worker2"))
+    relay_log, *worker_logs = (tmp_path / f"{name}.log" for name in ("relay", "worker1", "worker2",
+                                                                    "worker3"))
     try:
         tokens = {user: await store.create_token(user, [role], by="test")
                   for user, role in {"alice": "requester", "bob": "approver"}.items()}
@@ -91,27 +93,48 @@ async def test_relay_and_worker_processes_carry_an_approved_refund_across_a_work
                                         task_queue=task_queue),
                       store=store, client=client, relay_url=relay_url, sandbox_url=sandbox.url,
                       tokens=tokens, providers={})
-        with started("relay", env, relay_log) as relay, started("worker", env, first_log) as first:
+        with started("relay", env, relay_log) as relay:
             await wait_until_ready(relay_url, relay)
-            await wait_until_ready(health, first)
-            charge = await stack.charge(20_000)
-            case_id = await stack.request_refund("alice", charge, 9_000)  # above auto-approval
-            await stack.wait_for_status(case_id, "awaiting_approval")
-            stopped(first, first_log)
+            with started("worker", env, worker_logs[0]) as first:
+                await wait_until_ready(health, first)
+                approval_charge = await stack.charge(20_000)
+                approval_case = await stack.request_refund("alice", approval_charge, 9_000)  # > auto
+                await stack.wait_for_status(approval_case, "awaiting_approval")
+                stopped(first, worker_logs[0])
 
-            with started("worker", env, second_log) as second:
+            with started("worker", env, worker_logs[1]) as second:
                 await wait_until_ready(health, second)
-                approved = await decide(stack, "bob", case_id, "approve", "customer called")
+                approved = await decide(stack, "bob", approval_case, "approve", "customer called")
                 assert approved.status_code == 202, approved.text
-                await stack.wait_for_status(case_id, "succeeded")
-                stopped(second, second_log)
+                await stack.wait_for_status(approval_case, "succeeded")
+
+                # a create the provider has made but not yet answered when the worker is stopped
+                slow_charge = await stack.charge(5_000)
+                async with stack.sandbox() as sb:
+                    await sb.post("/_sandbox/faults", json={"mode": "timeout_after_success", "seconds": 8,
+                                                            "charge": slow_charge})
+                    slow_case = await stack.request_refund("alice", slow_charge, 3_000)  # auto-approved
+                    while f"create_after_acting:{slow_charge}" not in (
+                            await sb.get("/_sandbox/stalled")).json()["stalled"]:
+                        assert second.poll() is None
+                        await asyncio.sleep(0.05)
+                stopped(second, worker_logs[1])
+
+            with started("worker", env, worker_logs[2]) as third:
+                await wait_until_ready(health, third)
+                await stack.wait_for_status(slow_case, "succeeded")
+                stopped(third, worker_logs[2])
             stopped(relay, relay_log)
 
-        [refund] = await stack.provider_refunds(charge)
-        assert (refund["amount"], refund["status"]) == (9_000, "succeeded")
-        assert sorted((line["debit"], line["credit"]) for line in await store.ledger_entries(case_id)) \
-            == [(0, 9_000), (9_000, 0)]
-        assert "approval_granted" in await stack.actions(case_id)
+        for charge, case_id, amount in ((approval_charge, approval_case, 9_000),
+                                        (slow_charge, slow_case, 3_000)):
+            [refund] = await stack.provider_refunds(charge)  # exactly one provider refund
+            assert (refund["amount"], refund["status"]) == (amount, "succeeded")
+            assert sorted((line["debit"], line["credit"]) for line in await store.ledger_entries(case_id)) \
+                == [(0, amount), (amount, 0)]
+        assert "approval_granted" in await stack.actions(approval_case)
+        # the interrupted create's outcome was unknown to the new worker: it looked it up first
+        assert "verify_state" in await stack.actions(slow_case)
     finally:
         await store.close()
         await sandbox.stop()
