@@ -1,11 +1,14 @@
-"""A provider adapter wrapped with a span, a latency sample and an error count per call.
+"""A provider adapter observed per call: a latency sample and an error count for every call,
+and, for the calls about a refund case, a span naming the case and the outcome.
 
-opentelemetry-instrumentation-httpx is not installable here, so provider calls are traced
-at the adapter boundary (one span per get_charge / create_refund / find_refund) rather
-than per HTTP request; that boundary is also where the outcome means something.
+The HTTP requests themselves are traced by OpenTelemetry's httpx instrumentation (client
+spans, and the `traceparent` the provider receives; adapters/providers/http.py); the spans
+made here are their parents and say what the requests meant: which case, and what came back
+(the refund's status, found or not, or the class of the error).
 """
 
-from collections.abc import Awaitable, Mapping
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import TypeVar
 
 from opentelemetry import trace
@@ -20,6 +23,10 @@ T = TypeVar("T")
 tracer = trace.get_tracer(__name__)
 
 
+def refund_outcome(refund: ProviderRefund | None) -> str:
+    return "not_found" if refund is None else str(refund.status)
+
+
 class InstrumentedProvider:
     """Same interface as the adapter it wraps; every call observed, nothing changed."""
 
@@ -29,31 +36,46 @@ class InstrumentedProvider:
         self.event_types = inner.event_types
         self.max_amount = inner.max_amount
 
-    async def _observe(self, operation: str, call: Awaitable[T], case_id: str | None = None) -> T:
-        attributes = {"provider": self.name, "operation": operation}
-        if case_id:
-            attributes["refund_request_id"] = case_id
-        with tracer.start_as_current_span(f"provider.{operation}", kind=trace.SpanKind.CLIENT,
-                                          attributes=attributes), \
-                PROVIDER_CALL_SECONDS.labels(self.name, operation).time():
+    async def _observe(self, operation: str, call: Awaitable[T]) -> T:
+        with PROVIDER_CALL_SECONDS.labels(self.name, operation).time():
             try:
                 return await call
             except Exception as exc:
                 PROVIDER_CALL_ERRORS.labels(self.name, operation, type(exc).__name__).inc()
                 raise
 
+    @contextlib.contextmanager
+    def _about_case(self, operation: str, case_id: str) -> Iterator[trace.Span]:
+        """The span of a call about a case; its `outcome` is set by the caller or, when the
+        call raises, is the error's class."""
+        with tracer.start_as_current_span(
+                f"provider.{operation}", attributes={"provider": self.name, "operation": operation,
+                                                     "refund_request_id": case_id}) as span:
+            try:
+                yield span
+            except Exception as exc:
+                span.set_attribute("outcome", type(exc).__name__)
+                raise
+
+    async def _refund_call(self, operation: str, case_id: str, call: Awaitable[T],
+                           outcome: Callable[[T], str]) -> T:
+        with self._about_case(operation, case_id) as span:
+            result = await self._observe(operation, call)
+            span.set_attribute("outcome", outcome(result))
+            return result
+
     async def get_charge(self, charge_id: str) -> ChargeSnapshot | None:
         return await self._observe("get_charge", self._inner.get_charge(charge_id))
 
     async def create_refund(self, request: RefundRequest, idempotency_key: str) -> ProviderRefund:
-        return await self._observe("create_refund", self._inner.create_refund(request, idempotency_key),
-                                   request.refund_request_id)
+        return await self._refund_call("create_refund", request.refund_request_id,
+                                       self._inner.create_refund(request, idempotency_key), refund_outcome)
 
     async def find_refund(self, request: RefundRequest) -> ProviderRefund | None:
         """The verify-state lookup; its outcome (found, not found, error) is counted too."""
         try:
-            found = await self._observe("find_refund", self._inner.find_refund(request),
-                                        request.refund_request_id)
+            found = await self._refund_call("find_refund", request.refund_request_id,
+                                            self._inner.find_refund(request), refund_outcome)
         except Exception:
             VERIFY_OUTCOMES.labels(self.name, "error").inc()
             raise

@@ -23,6 +23,7 @@ from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+from adapters.telemetry import trace_connection
 from domain.audit import GENESIS, canonical_detail, chain_hash
 from domain.models import (
     CLOSED_STATUSES,
@@ -150,6 +151,7 @@ class Store:
             kwargs={"row_factory": dict_row, "autocommit": True},
             # a connection that died with a restarted server is replaced, not handed out
             check=check_if_server_spoke,
+            configure=trace_connection,
         )
         await pool.open(wait=True, timeout=30)
         return cls(pool)

@@ -2,8 +2,11 @@
 
 One trace per case: the relay's request span (FastAPI's native OpenTelemetry server span,
 which continues an incoming `traceparent`) is the root, Temporal's TracingInterceptor
-carries it through the workflow into every activity, and provider calls get their own
-spans. Spans go over OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` (or the traces-specific
+carries it through the workflow into every activity. OpenTelemetry's contrib
+instrumentation adds a client span per provider HTTP request (which also sends the provider
+a `traceparent`) and a database span per SQL statement; hand-made spans remain only where
+they add business meaning (adapters/instrumented.py: the case and the outcome of a refund
+call). Spans go over OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` (or the traces-specific
 variable) is set, and to the log (logger `refunds.spans`, DEBUG) otherwise. Every log line
 carries the correlation id, which is the refund_request_id (== the workflow id).
 """
@@ -16,9 +19,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from opentelemetry import trace
+from opentelemetry.instrumentation.psycopg import PsycopgInstrumentor
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from psycopg import AsyncConnection
 from pythonjsonlogger.json import JsonFormatter
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -141,6 +146,12 @@ def configure_tracing(service_name: str, exporter: SpanExporter | None = None) -
     provider.add_span_processor(BatchSpanProcessor(exporter or _otlp_exporter() or LogSpanExporter()))
     trace.set_tracer_provider(provider)
     return provider
+
+
+async def trace_connection(conn: AsyncConnection[Any]) -> None:
+    """The store's pool calls this for every new connection: OpenTelemetry's psycopg
+    instrumentation then gives each statement a database span in the current trace."""
+    PsycopgInstrumentor.instrument_connection(conn)
 
 
 def shutdown_tracing() -> None:

@@ -2,7 +2,9 @@
 sandbox provider, relay and in-process worker, plus helpers to drive and inspect them."""
 
 import asyncio
+import os
 import secrets
+import subprocess
 import tempfile
 import uuid
 from collections.abc import Awaitable, Callable
@@ -10,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import psycopg
+from psycopg.conninfo import make_conninfo
 from temporalio.client import Client
 from temporalio.worker import Worker
 
@@ -197,3 +201,37 @@ async def open_stack(store: Store, client: Client, temporal_address: str, *, wor
     if worker:
         await stack.start_worker()
     return stack
+
+
+def process_env(**values: str) -> dict[str, str]:
+    """A subprocess's environment as production gives it: this process's minus every
+    REFUNDS_/TEMPORAL_ variable, plus `values` (the product reads nothing else)."""
+    kept = {k: v for k, v in os.environ.items() if not k.startswith(("REFUNDS_", "TEMPORAL_"))}
+    return {**kept, **values}
+
+
+async def wait_until_ready(url: str, process: subprocess.Popen[bytes]) -> None:
+    """Polls `url`/readyz until it answers 200; fails at once if the process exits."""
+    async with httpx.AsyncClient() as http:
+        for _ in range(600):
+            assert process.poll() is None, f"process exited ({process.returncode}) while starting"
+            try:
+                if (await http.get(f"{url}/readyz")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"{url} never became ready")
+
+
+async def create_database_roles(postgres_dsn: str) -> tuple[str, str]:
+    """A fresh database owned by a schema-owner role, and a runtime role with no rights yet
+    (as deploy/README.md has an administrator create them); returns (owner DSN, runtime DSN)."""
+    suffix = uuid.uuid4().hex[:8]
+    owner, runtime, database = f"refunds_owner_{suffix}", f"refunds_app_{suffix}", f"refunds_{suffix}"
+    async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as admin:
+        await admin.execute(f"CREATE ROLE {owner} LOGIN PASSWORD 'owner-pw'")
+        await admin.execute(f"CREATE ROLE {runtime} LOGIN PASSWORD 'app-pw'")
+        await admin.execute(f"CREATE DATABASE {database} OWNER {owner}")
+    return (make_conninfo(postgres_dsn, user=owner, password="owner-pw", dbname=database),
+            make_conninfo(postgres_dsn, user=runtime, password="app-pw", dbname=database))

@@ -53,7 +53,7 @@ async def test_one_trace_from_relay_request_through_workflow_activities_and_prov
     for activity in ("validate_refund", "decide_policy", "record_case_event", "submit_provider_refund",
                      "post_ledger"):
         assert f"RunActivity:{activity}" in names, activity
-    assert {"provider.get_charge", "provider.create_refund"} <= names
+    assert "provider.create_refund" in names  # its HTTP spans: tests/test_tracing_instrumentation.py
     [create] = [s for s in in_trace if s.name == "provider.create_refund"]
     assert (create.attributes or {})["refund_request_id"] == case_id
 

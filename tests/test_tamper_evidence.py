@@ -9,7 +9,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from temporalio.client import Client
 
@@ -18,7 +18,7 @@ from adapters.config import Settings
 from adapters.store import Store
 from domain.models import LedgerInput, LedgerKind
 from starters.stack import TemporalDevServer
-from tests.harness import PAYLOAD_KEYS, open_stack
+from tests.harness import PAYLOAD_KEYS, create_database_roles, open_stack
 from tests.test_cli import run
 from workers.checkpoints import checkpoint_audit_heads, checkpoint_once
 from workers.main import run_worker
@@ -164,14 +164,8 @@ async def test_verification_reads_heads_and_rows_in_one_snapshot(store: Store, p
 
 async def test_services_run_as_a_role_that_cannot_step_around_the_triggers(
         postgres_dsn: str, client: Client, temporal_server: TemporalDevServer) -> None:
-    suffix = uuid.uuid4().hex[:8]
-    owner, runtime, database = f"refunds_owner_{suffix}", f"refunds_app_{suffix}", f"refunds_{suffix}"
-    async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as admin:
-        await admin.execute(f"CREATE ROLE {owner} LOGIN PASSWORD 'owner-pw'")
-        await admin.execute(f"CREATE ROLE {runtime} LOGIN PASSWORD 'app-pw'")
-        await admin.execute(f"CREATE DATABASE {database} OWNER {owner}")
-    owner_dsn = make_conninfo(postgres_dsn, user=owner, password="owner-pw", dbname=database)
-    runtime_dsn = make_conninfo(postgres_dsn, user=runtime, password="app-pw", dbname=database)
+    owner_dsn, runtime_dsn = await create_database_roles(postgres_dsn)
+    owner, runtime = (str(conninfo_to_dict(dsn)["user"]) for dsn in (owner_dsn, runtime_dsn))
 
     migrated = await run("migrate", env={"REFUNDS_MIGRATION_DATABASE_URL": owner_dsn,
                                          "REFUNDS_DATABASE_URL": runtime_dsn})

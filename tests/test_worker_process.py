@@ -1,9 +1,7 @@
 """`refunds worker` as production runs it: probes, metrics (its own and the Temporal SDK's),
 JSON logs carrying the case id, and a clean exit 0 on SIGTERM within the grace period."""
 
-import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,22 +12,9 @@ from temporalio.client import Client
 
 from adapters.store import Store
 from starters.stack import TemporalDevServer, free_port
-from tests.harness import PAYLOAD_KEYS, open_stack
+from tests.harness import PAYLOAD_KEYS, open_stack, process_env, wait_until_ready
 
 GRACE_SECONDS = 3
-
-
-async def _until_ready(url: str, worker: subprocess.Popen[bytes]) -> None:
-    async with httpx.AsyncClient() as http:
-        for _ in range(600):
-            assert worker.poll() is None, "worker exited while starting"
-            try:
-                if (await http.get(f"{url}/readyz")).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            await asyncio.sleep(0.1)
-    raise AssertionError("worker never became ready")
 
 
 async def test_worker_serves_probes_and_metrics_logs_json_and_exits_0_on_sigterm(
@@ -39,20 +24,20 @@ async def test_worker_serves_probes_and_metrics_logs_json_and_exits_0_on_sigterm
     secret = stack.settings.sandbox_webhook_secret
     assert secret is not None
     health_port, sdk_port = free_port(), free_port()
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("REFUNDS_", "TEMPORAL_"))},
-           "REFUNDS_DATABASE_URL": postgres_dsn, "TEMPORAL_ADDRESS": temporal_server.address,
-           "REFUNDS_PAYLOAD_KEYS": PAYLOAD_KEYS, "REFUNDS_TASK_QUEUE": stack.settings.task_queue,
-           "REFUNDS_SANDBOX_API_BASE": stack.sandbox_url,
-           "REFUNDS_SANDBOX_WEBHOOK_SECRET": secret.get_secret_value(),
-           "REFUNDS_WORKER_HEALTH_PORT": str(health_port), "REFUNDS_TEMPORAL_METRICS_PORT": str(sdk_port),
-           "REFUNDS_GRACEFUL_SHUTDOWN_SECONDS": str(GRACE_SECONDS)}
+    env = process_env(
+        REFUNDS_DATABASE_URL=postgres_dsn, TEMPORAL_ADDRESS=temporal_server.address,
+        REFUNDS_PAYLOAD_KEYS=PAYLOAD_KEYS, REFUNDS_TASK_QUEUE=stack.settings.task_queue,
+        REFUNDS_SANDBOX_API_BASE=stack.sandbox_url,
+        REFUNDS_SANDBOX_WEBHOOK_SECRET=secret.get_secret_value(),
+        REFUNDS_WORKER_HEALTH_PORT=str(health_port), REFUNDS_TEMPORAL_METRICS_PORT=str(sdk_port),
+        REFUNDS_GRACEFUL_SHUTDOWN_SECONDS=str(GRACE_SECONDS))
     log_file = tmp_path / "worker.log"
     with log_file.open("wb") as log:
         worker = subprocess.Popen([str(Path(sys.executable).parent / "refunds"), "worker"], env=env,
                                   stdout=log, stderr=subprocess.STDOUT)
     health = f"http://127.0.0.1:{health_port}"
     try:
-        await _until_ready(health, worker)
+        await wait_until_ready(health, worker)
         charge = await stack.charge(10_000)
         async with stack.sandbox() as sb:  # one unknown outcome makes the workflow log a warning
             await sb.post("/_sandbox/faults", json={"mode": "error_before"})

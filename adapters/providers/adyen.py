@@ -43,7 +43,7 @@ from adapters.providers.base import (
     ProviderUnsupported,
     WebhookRejected,
 )
-from adapters.providers.http import raise_for_refusal, send
+from adapters.providers.http import provider_client, raise_for_refusal, send
 from adapters.providers.normalise import (
     load_json,
     map_status,
@@ -242,8 +242,8 @@ class AdyenProvider:
         self._verifier = AdyenHmacVerifier(hmac_keys)
         self._charges = charges
         self._record = record
-        self._http = (httpx.AsyncClient(base_url=api_base, timeout=timeout_seconds,
-                                        headers={"X-API-Key": api_key})
+        self._http = (provider_client(base_url=api_base, timeout=timeout_seconds,
+                                       headers={"X-API-Key": api_key})
                       if api_base and api_key else None)
 
     async def aclose(self) -> None:

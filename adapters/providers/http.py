@@ -11,6 +11,7 @@ from decimal import Decimal
 from typing import Any
 
 import httpx
+from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
 
 from adapters.providers.base import (
     ProviderConfigurationRefused,
@@ -20,6 +21,15 @@ from adapters.providers.base import (
 )
 
 CONFIGURATION_STATUSES = frozenset({401, 403})
+
+
+def provider_client(**options: Any) -> httpx.AsyncClient:
+    """An httpx client for a provider's API, traced by OpenTelemetry's httpx instrumentation:
+    a client span per request, and the `traceparent` header that lets the provider's side
+    join the case's trace."""
+    client = httpx.AsyncClient(**options)
+    HTTPXClientInstrumentor.instrument_client(client)
+    return client
 
 
 async def send(http: httpx.AsyncClient, method: str, path: str, **kwargs: Any) -> httpx.Response:
@@ -57,7 +67,7 @@ class JsonApi:
     outcome. Decimals are parsed as Decimal, so major-unit amounts convert exactly."""
 
     def __init__(self, base_url: str, *, headers: Mapping[str, str], timeout_seconds: float) -> None:
-        self._http = httpx.AsyncClient(base_url=base_url, headers=dict(headers), timeout=timeout_seconds)
+        self._http = provider_client(base_url=base_url, headers=dict(headers), timeout=timeout_seconds)
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 
 from adapters.providers.base import UNDOCUMENTED_MAXIMUM, ProviderDeclined
-from adapters.providers.http import raise_for_refusal, send
+from adapters.providers.http import provider_client, raise_for_refusal, send
 from adapters.providers.normalise import (
     IDENTITY_STATUSES,
     PAYOUT_REFERENCE_KEY,
@@ -75,7 +75,7 @@ class SandboxProvider:
         self._verifier = StripeSchemeVerifier(webhook_secrets, tolerance_seconds=tolerance_seconds,
                                               header=SIGNATURE_HEADER)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout_seconds, headers=headers)
+        self._http = provider_client(base_url=base_url, timeout=timeout_seconds, headers=headers)
 
     async def aclose(self) -> None:
         await self._http.aclose()
