@@ -187,10 +187,27 @@ class PayoutCaseStatus(StrEnum):
     REISSUING = "reissuing"
     REISSUED = "reissued"
     REISSUE_FAILED = "reissue_failed"
+    OPS_REVIEW = "ops_review"
+    """Its workflow ended while the case was open (the closed-workflow sweep): ops decide."""
 
 
 APPROVAL_STATUSES = frozenset(
     {PayoutCaseStatus.AWAITING_APPROVAL, PayoutCaseStatus.AWAITING_REISSUE_APPROVAL})
+
+OPEN_STATUSES = frozenset(
+    {PayoutCaseStatus.OPENING, PayoutCaseStatus.AWAITING_APPROVAL, PayoutCaseStatus.EXECUTING,
+     PayoutCaseStatus.REMEDIATED, PayoutCaseStatus.AWAITING_REISSUE_APPROVAL, PayoutCaseStatus.REISSUING})
+"""Statuses only the case's workflow moves on from (what the closed-workflow sweep looks at)."""
+ABNORMAL_ENDS = frozenset({"TERMINATED", "FAILED", "TIMED_OUT", "CANCELED"})
+
+
+def left_open(status: PayoutCaseStatus, workflow_status: str) -> bool:
+    """Whether a case whose workflow ended (Temporal's status name; NOT_FOUND when gone) was
+    left open. A remediated case's workflow completes when its reissue window closes, so
+    only an abnormal end leaves that one open."""
+    if status is PayoutCaseStatus.REMEDIATED:
+        return workflow_status in ABNORMAL_ENDS
+    return status in OPEN_STATUSES
 
 
 class PayoutCaseInput(Frozen):
