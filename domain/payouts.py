@@ -219,6 +219,8 @@ class PayoutCaseInput(Frozen):
     timings: RefundTimings = RefundTimings()
     reissue_window: timedelta = Field(
         default=timedelta(days=30), description="how long a remediated case accepts a reissue request")
+    carried: "PayoutCarry | None" = None
+    """Set when the workflow continues as new: the case and the wait it was in."""
 
 
 class AdmitInput(Frozen):
@@ -349,3 +351,31 @@ class PayoutCaseState(Frozen):
     runbook: tuple[str, ...] = ()
     events_seen: int = 0
     reissue_payout_id: str | None = None
+
+
+class PayoutCarry(Frozen):
+    """What a payout case's workflow takes across continue-as-new: the case, and the wait it
+    was in (`phase`: the reissue window until `deadline`, or the reissue loop)."""
+
+    phase: str
+    status: PayoutCaseStatus
+    payout: PayoutSnapshot
+    decision: PayoutDecision
+    reissue_round: bool = Field(description="whether the round carried is the reissue's")
+    requester: str
+    approvals: tuple[ApprovalRecord, ...] = ()
+    refused: tuple[ApprovalRecord, ...] = ()
+    runbook: tuple[str, ...] = ()
+    timeline: tuple[PayoutEvent, ...] = ()
+    keys: tuple[str, ...] = ()
+    inbox: tuple[PayoutEvent, ...] = ()
+    events_seen: int = 0
+    deadline: datetime | None = None
+    reissue_ask: ReissueAsk | None = None
+    reissue_refused: bool = False
+    unknown_attempts: int = 0
+    reissued: PayoutSnapshot | None = None
+    runs: int = 1
+
+
+PayoutCaseInput.model_rebuild()
