@@ -20,6 +20,7 @@ from adapters.providers.base import (
     ProviderLookupUnsupported,
     ProviderOutcomeUnknown,
     RefundExecutor,
+    RefundsDuplicated,
     UnexpectedProviderStatus,
 )
 from adapters.providers.manual import ManualRefunds
@@ -158,7 +159,7 @@ class RefundActivities:
         provider = self._executor(request)
         case_id = request.refund_request_id
         if await self._store.begin_submission(case_id, inp.idempotency_key):
-            found = await self._find(request, "resubmit after an earlier attempt")
+            found = next(iter(await self._find(request, "resubmit after an earlier attempt")), None)
             if found is not None:
                 await self._store.record_provider_refund(case_id, found,
                                                          "provider_refund_found_before_resubmit")
@@ -183,13 +184,17 @@ class RefundActivities:
             case_id, refund, "provider_refund_created", {"idempotency_key": inp.idempotency_key})
         return refund
 
-    async def _find(self, request: RefundRequest, reason: str) -> ProviderRefund | None:
-        """Looks our refund up. A failed lookup says nothing about the money: refused
-        credentials are a case for ops, any other failure or refusal (a 404 included) an
-        outcome still unknown, asked again; never a decline."""
+    async def _find(self, request: RefundRequest, reason: str) -> list[ProviderRefund]:
+        """Looks our refund up: every refund carrying our reference, the one to follow
+        first (more than one is an incident). A failed lookup says nothing about the money:
+        refused credentials are a case for ops, any other failure or refusal (a 404
+        included) an outcome still unknown, asked again; never a decline."""
         case_id = request.refund_request_id
         try:
-            return await self._executor(request).find_refund(request)
+            found = await self._executor(request).find_refund(request)
+            return [found] if found is not None else []
+        except RefundsDuplicated as exc:
+            return exc.refunds
         except ProviderLookupUnsupported as exc:  # an earlier attempt may have made it: no resend
             await self._store.append_audit(case_id, "system", "verify_state",
                                            {"lookup": "unsupported", "reason": reason})
@@ -210,14 +215,19 @@ class RefundActivities:
     async def verify_provider_refund(self, inp: VerifyInput) -> VerifyResult:
         """Asks the provider whether our refund exists (the verify-state step)."""
         request = inp.request
-        found = await self._find(request, inp.reason)
-        if found is None:
+        refunds = await self._find(request, inp.reason)
+        if not refunds:
             await self._store.append_audit(request.refund_request_id, "system", "verify_state",
                                            {"found": False, "reason": inp.reason})
-        else:
-            await self._store.record_provider_refund(request.refund_request_id, found, "verify_state",
-                                                     {"found": True, "reason": inp.reason})
-        return VerifyResult(refund=found)
+            return VerifyResult(refund=None)
+        case = await self._store.get_case(request.refund_request_id)
+        followed = case["provider_refund_id"] if case else None  # the case keeps the refund it follows
+        found, *duplicates = sorted(refunds, key=lambda r: r.refund_id != followed)
+        await self._store.record_provider_refund(
+            request.refund_request_id, found, "verify_state",
+            {"found": True, "reason": inp.reason,
+             **({"also_found": [r.refund_id for r in duplicates]} if duplicates else {})})
+        return VerifyResult(refund=found, duplicates=tuple(duplicates))
 
     @activity.defn(name=contracts.POST_LEDGER.name)
     async def post_ledger(self, inp: LedgerInput) -> LedgerResult:

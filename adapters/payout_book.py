@@ -5,16 +5,18 @@ transactions and its audit, posting and outbox writers, so every row lands in th
 transaction as the audit row that describes it.
 """
 
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from adapters.store import Conn, Store
+from adapters.store import Conn, Store, _json, open_incident_run
 from adapters.tickets.base import ticket_purpose
 from domain.audit import canonical_detail
 from domain.models import LedgerInput, LedgerKind, LedgerResult, NoticeInput
 from domain.payouts import (
+    OPEN_STATUSES,
     Admission,
     AdmitResult,
     HoldResult,
@@ -27,8 +29,10 @@ from domain.payouts import (
     ProviderPayout,
     ReleaseResult,
     admit,
+    left_open,
     payout_case_id,
 )
+from domain.reconciliation import BreakClass
 
 TICKET_KIND = "payout_exception_ticket"
 """The notice kind that opens and updates a payout case's ticket."""
@@ -179,6 +183,65 @@ class PayoutBook:
                 sql.SQL("UPDATE payout_cases SET {} = %s, updated_at = now() WHERE case_id = %s")
                 .format(sql.Identifier(field)), (Jsonb(canonical_detail(value)), case_id))
             await Store._audit(conn, case_id, actor, action, value)
+
+    # -- the closed-workflow sweep -------------------------------------------------------
+
+    async def idle_open_cases(self, idle_seconds: float, limit: int,
+                              after: tuple[datetime, str] | None = None) -> list[dict[str, Any]]:
+        """Payout cases only their workflow moves on, untouched for `idle_seconds` and not
+        swept yet, by last update then id, from `after` on (like `Store.idle_open_cases`)."""
+        async with self._store.transaction() as conn:
+            cur = await conn.execute(
+                "SELECT * FROM payout_cases c WHERE status = ANY(%s)"
+                " AND updated_at < now() - make_interval(secs => %s)"
+                " AND NOT EXISTS (SELECT 1 FROM reconciliation_breaks b"
+                "                 WHERE b.refund_request_id = c.case_id AND b.break_class = %s)"
+                " AND (updated_at, case_id) > (%s, %s)"
+                " ORDER BY updated_at, case_id LIMIT %s",
+                ([s.value for s in OPEN_STATUSES], idle_seconds, BreakClass.WORKFLOW_CLOSED.value,
+                 *(after or (datetime.min.replace(tzinfo=UTC), "")), limit))
+            return list(await cur.fetchall())
+
+    async def sweep_closed_case(self, case_id: str, *, workflow_status: str) -> bool:
+        """A payout case whose workflow ended while it was open, in one transaction:
+        `ops_review`, a reconciliation break for ops (never dispatched), the audit row and
+        the payments-ops notice. Holds, the payout's status and the ledger stay as they are:
+        a hold is money state, and only ops release it. False when the case was not open."""
+        async with self._store.transaction() as conn:
+            row = await (await conn.execute(
+                "SELECT c.*, p.provider, p.provider_payout_id, p.beneficiary_id, p.amount, p.currency,"
+                " p.status AS payout_status FROM payout_cases c JOIN payouts p ON p.id = c.payout_id"
+                " WHERE c.case_id = %s FOR UPDATE OF c", (case_id,))).fetchone()
+            if row is None or not left_open(PayoutCaseStatus(row["status"]), workflow_status):
+                return False
+            run_id = f"case-sweep-{case_id}"
+            await open_incident_run(conn, run_id, row["provider"], "case-sweep")
+            held = await (await conn.execute(
+                "SELECT count(*) AS n FROM beneficiary_holds WHERE case_id = %s AND released_at IS NULL",
+                (case_id,))).fetchone()
+            evidence = {"workflow_status": workflow_status, "case_status": row["status"],
+                        "payout_id": row["payout_id"], "payout_status": row["payout_status"],
+                        "beneficiary_id": row["beneficiary_id"], "beneficiary_held": bool(held and held["n"]),
+                        "compensating_entry_posted": row["reversal_entry_id"] is not None}
+            opened = await (await conn.execute(
+                "INSERT INTO reconciliation_breaks (provider, object_kind, object_id, break_class,"
+                " refund_request_id, chain, charge_id, amount, currency, provider_status, raw_status,"
+                " failure_reason, case_status, object_created_at, evidence, first_run_id, state)"
+                " VALUES (%s,'payout',%s,%s,%s,%s,'',%s,%s,%s,%s,%s,%s,%s,%s,%s,'ops_review')"
+                " ON CONFLICT DO NOTHING RETURNING id",
+                (row["provider"], case_id, BreakClass.WORKFLOW_CLOSED.value, case_id, case_id,
+                 row["amount"], row["currency"], row["reported_status"], row["reported_status"],
+                 row["failure_code"], row["status"], row["created_at"], _json(evidence), run_id))).fetchone()
+            await conn.execute("UPDATE payout_cases SET status = %s, updated_at = now() WHERE case_id = %s",
+                               (PayoutCaseStatus.OPS_REVIEW.value, case_id))
+            detail = {**evidence, "break_id": opened["id"] if opened else None,
+                      "status": PayoutCaseStatus.OPS_REVIEW.value}
+            await Store._audit(conn, case_id, "case-sweep", "workflow_closed_case_swept", detail)
+            await Store.queue_notice_in(conn, NoticeInput(
+                refund_request_id=case_id, kind="workflow_closed", audience="payments_ops",
+                dedup_key=f"{case_id}:workflow_closed", detail={
+                    **detail, "amount": row["amount"], "currency": row["currency"]}))
+            return True
 
     # -- the runbook --------------------------------------------------------------------
 

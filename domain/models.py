@@ -425,6 +425,8 @@ class VerifyInput(Frozen):
 
 class VerifyResult(Frozen):
     refund: ProviderRefund | None
+    duplicates: tuple[ProviderRefund, ...] = ()
+    """Other refunds carrying the same reference: money moved twice, an incident."""
 
 
 class LedgerKind(StrEnum):

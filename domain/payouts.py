@@ -187,10 +187,27 @@ class PayoutCaseStatus(StrEnum):
     REISSUING = "reissuing"
     REISSUED = "reissued"
     REISSUE_FAILED = "reissue_failed"
+    OPS_REVIEW = "ops_review"
+    """Its workflow ended while the case was open (the closed-workflow sweep): ops decide."""
 
 
 APPROVAL_STATUSES = frozenset(
     {PayoutCaseStatus.AWAITING_APPROVAL, PayoutCaseStatus.AWAITING_REISSUE_APPROVAL})
+
+OPEN_STATUSES = frozenset(
+    {PayoutCaseStatus.OPENING, PayoutCaseStatus.AWAITING_APPROVAL, PayoutCaseStatus.EXECUTING,
+     PayoutCaseStatus.REMEDIATED, PayoutCaseStatus.AWAITING_REISSUE_APPROVAL, PayoutCaseStatus.REISSUING})
+"""Statuses only the case's workflow moves on from (what the closed-workflow sweep looks at)."""
+ABNORMAL_ENDS = frozenset({"TERMINATED", "FAILED", "TIMED_OUT", "CANCELED"})
+
+
+def left_open(status: PayoutCaseStatus, workflow_status: str) -> bool:
+    """Whether a case whose workflow ended (Temporal's status name; NOT_FOUND when gone) was
+    left open. A remediated case's workflow completes when its reissue window closes, so
+    only an abnormal end leaves that one open."""
+    if status is PayoutCaseStatus.REMEDIATED:
+        return workflow_status in ABNORMAL_ENDS
+    return status in OPEN_STATUSES
 
 
 class PayoutCaseInput(Frozen):
@@ -202,6 +219,8 @@ class PayoutCaseInput(Frozen):
     timings: RefundTimings = RefundTimings()
     reissue_window: timedelta = Field(
         default=timedelta(days=30), description="how long a remediated case accepts a reissue request")
+    carried: "PayoutCarry | None" = None
+    """Set when the workflow continues as new: the case and the wait it was in."""
 
 
 class AdmitInput(Frozen):
@@ -332,3 +351,31 @@ class PayoutCaseState(Frozen):
     runbook: tuple[str, ...] = ()
     events_seen: int = 0
     reissue_payout_id: str | None = None
+
+
+class PayoutCarry(Frozen):
+    """What a payout case's workflow takes across continue-as-new: the case, and the wait it
+    was in (`phase`: the reissue window until `deadline`, or the reissue loop)."""
+
+    phase: str
+    status: PayoutCaseStatus
+    payout: PayoutSnapshot
+    decision: PayoutDecision
+    reissue_round: bool = Field(description="whether the round carried is the reissue's")
+    requester: str
+    approvals: tuple[ApprovalRecord, ...] = ()
+    refused: tuple[ApprovalRecord, ...] = ()
+    runbook: tuple[str, ...] = ()
+    timeline: tuple[PayoutEvent, ...] = ()
+    keys: tuple[str, ...] = ()
+    inbox: tuple[PayoutEvent, ...] = ()
+    events_seen: int = 0
+    deadline: datetime | None = None
+    reissue_ask: ReissueAsk | None = None
+    reissue_refused: bool = False
+    unknown_attempts: int = 0
+    reissued: PayoutSnapshot | None = None
+    runs: int = 1
+
+
+PayoutCaseInput.model_rebuild()

@@ -62,3 +62,34 @@ async def test_a_tracking_case_takes_the_charge_lock(store: Store) -> None:
     assert await opening
     row = await store.get_case("sandbox-refund-re_lock_1")
     assert row is not None and (row["status"], row["reserved_amount"]) == ("tracking", 700)
+
+
+async def test_a_lookup_that_finds_two_refunds_with_our_reference_is_an_incident(stack: Stack) -> None:
+    """The sandbox ignores idempotency keys: two refunds for the case's reference exist when
+    the case's verify-state lookup runs (its create got no answer). Same incident as a
+    second refund reported by webhook."""
+    charge = await stack.charge(10_000)
+    body = stack.refund_body(charge, 1_500)
+    case_id = body["refund_request_id"]
+    async with stack.sandbox() as sb:  # their webhooks are held: only the lookup can tell
+        (await sb.post("/_sandbox/config", json={"hold_webhooks": True})).raise_for_status()
+        made = [(await sb.post("/v1/refunds", json={"charge": charge, "amount": 1_500,
+                                                    "metadata": {"refund_request_id": case_id}})).json()["id"]
+                for _ in range(2)]
+        fault = {"mode": "error_before", "charge": charge}  # the case's create gets no answer
+        (await sb.post("/_sandbox/faults", json=fault)).raise_for_status()
+    async with stack.api("alice") as api:
+        assert (await api.post("/v1/refund-requests", json=body)).status_code == 202
+    trail = await stack.wait_for_audit(case_id, "duplicate_provider_refund")
+    row = await stack.wait_for_status(case_id, "ops_review")
+    followed = row["provider_refund_id"]
+    assert followed in made and len(await stack.provider_refunds(charge)) == 2  # the lookup made none
+    [duplicate] = [r for r in made if r != followed]
+    assert "reconciliation_break_found" in trail
+    [incident] = await _breaks(stack.store, case_id)
+    assert (incident["object_id"], incident["break_class"], incident["state"]) == (
+        duplicate, "duplicate_refund", "ops_review")
+    assert incident["evidence"]["case"]["followed_refund_id"] == followed
+    assert incident["evidence"]["source"] == "verify_state"
+    kinds = {(n["kind"], n["audience"]) for n in await stack.store.notices(case_id)}
+    assert ("duplicate_provider_refund", "operator") in kinds

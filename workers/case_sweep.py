@@ -2,18 +2,20 @@
 (terminated or failed in Temporal, timed out, or gone) has nobody left to move it. The sweep
 finds such cases, asks the provider whether it holds their refund, and hands them to ops:
 `ops_review`, a reconciliation break and a notice; the reservation is released only where
-the provider certainly holds no refund (a refund it holds, or cannot tell, keeps it)."""
+the provider certainly holds no refund (a refund it holds, or cannot tell, keeps it). Payout
+cases are handed over the same way, their holds kept: only ops release money state."""
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import datetime
 from typing import Any
 
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
+from adapters.payout_book import PayoutBook
 from adapters.providers.base import ProviderAdapter, ProviderError
 from adapters.store import Store, request_from_row
 from domain.models import ProviderRefund, RefundMethod
@@ -55,24 +57,40 @@ async def provider_holds(store: Store, providers: Mapping[str, ProviderAdapter],
     return found is not None, found
 
 
+IdlePage = Callable[[tuple[datetime, str] | None], Awaitable[list[dict[str, Any]]]]
+
+
+async def closed_cases(client: Client, pages: IdlePage, key: str
+                       ) -> AsyncIterator[tuple[dict[str, Any], str]]:
+    """Each idle open case (`key`: its id column) whose workflow has ended, with how it
+    ended, a page at a time (cases whose workflow still runs never hide the others)."""
+    after: tuple[datetime, str] | None = None
+    while rows := await pages(after):
+        for row in rows:
+            if (ended := await workflow_closed(client, row[key])) is not None:
+                yield row, ended
+        after = rows[-1]["updated_at"], rows[-1][key]
+
+
 async def sweep_cases_once(store: Store, client: Client, providers: Mapping[str, ProviderAdapter], *,
                            idle_seconds: float, page: int = 100) -> list[str]:
-    """One pass over every idle open case, `page` at a time (cases whose workflow still
-    runs never hide the others); returns the cases handed to ops."""
+    """One pass over every idle open refund and payout case; returns the cases handed to ops."""
     swept: list[str] = []
-    after: tuple[datetime, str] | None = None
-    while rows := await store.idle_open_cases(idle_seconds, page, after):
-        for row in rows:
-            case_id = row["refund_request_id"]
-            ended = await workflow_closed(client, case_id)
-            if ended is None:
-                continue
-            holds, found = await provider_holds(store, providers, row)
-            if await store.sweep_closed_case(case_id, workflow_status=ended, provider_holds=holds,
-                                             found=found):
-                log.warning("case %s: workflow %s while %s; handed to ops", case_id, ended, row["status"])
-                swept.append(case_id)
-        after = rows[-1]["updated_at"], rows[-1]["refund_request_id"]
+    async for row, ended in closed_cases(
+            client, lambda after: store.idle_open_cases(idle_seconds, page, after), "refund_request_id"):
+        case_id = row["refund_request_id"]
+        holds, found = await provider_holds(store, providers, row)
+        if await store.sweep_closed_case(case_id, workflow_status=ended, provider_holds=holds,
+                                         found=found):
+            log.warning("case %s: workflow %s while %s; handed to ops", case_id, ended, row["status"])
+            swept.append(case_id)
+    book = PayoutBook(store)
+    async for row, ended in closed_cases(
+            client, lambda after: book.idle_open_cases(idle_seconds, page, after), "case_id"):
+        if await book.sweep_closed_case(row["case_id"], workflow_status=ended):
+            log.warning("payout case %s: workflow %s while %s; handed to ops", row["case_id"], ended,
+                        row["status"])
+            swept.append(row["case_id"])
     return swept
 
 

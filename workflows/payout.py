@@ -9,7 +9,7 @@ recommendation never comes back here. Deterministic: no I/O, no clocks but workf
 activities are called by name; idempotency of each step lives in its activity.
 """
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from temporalio import workflow
@@ -33,6 +33,7 @@ with workflow.unsafe.imports_passed_through():
         HoldResult,
         LinkedTicket,
         LinkTicketInput,
+        PayoutCarry,
         PayoutCaseEventInput,
         PayoutCaseInput,
         PayoutCaseState,
@@ -65,6 +66,10 @@ REISSUE_STEPS = {ApprovalOutcome.REQUESTED: PayoutCaseStatus.AWAITING_REISSUE_AP
 TICKETS_PATCH = "payout-tickets-1"
 # Histories recorded before the provider horizon let Temporal retry a reissue at its backoff.
 REISSUE_HORIZON_PATCH = "reissue-horizon-1"
+# The reissue window and the reissue loop continue as new past `continue_as_new_after_events`,
+# and a reissue stops after `max_submit_attempts` unknown outcomes (the case goes to ops, the
+# hold kept); before, a long outage or a stream of events ran into Temporal's history limit.
+BOUNDED_PATCH = "payout-bounded-history-1"
 NEXT_STEPS = ("a reissue happens only on an explicit reissue request with its own approval; "
               "see the recommendation on the case")
 
@@ -92,6 +97,8 @@ class PayoutReversalWorkflow(ApprovingWorkflow):
         self._reissue_closed = False
         self._reissue_ask: ReissueAsk | None = None
         self._reissued: PayoutSnapshot | None = None
+        self._reissue_refused = False  # ops told that our key is refused
+        self._unknown_attempts = 0  # reissue attempts with an unknown outcome, across runs
 
     # -- interface ---------------------------------------------------------------------
 
@@ -142,6 +149,8 @@ class PayoutReversalWorkflow(ApprovingWorkflow):
     @workflow.run
     async def run(self, inp: PayoutCaseInput) -> PayoutCaseState:
         self._inp = inp
+        if inp.carried is not None:
+            return await self._resume(inp.carried)
         await workflow.wait_condition(lambda: bool(self._inbox))
         first = self._inbox.pop(0)
         admitted = await self._admit(first, case_open=False)
@@ -172,10 +181,16 @@ class PayoutReversalWorkflow(ApprovingWorkflow):
             **retry.PAYOUT_ADMIT)
         return result
 
-    async def _take_events(self) -> None:
+    async def _take_events(self, phase: str | None = None, deadline: datetime | None = None) -> None:
         """Later events go through the same gate onto the timeline; none acts again: a
-        second failure joins the case, `paid` after a failure never re-marks it paid."""
+        second failure joins the case, `paid` after a failure never re-marks it paid. In a
+        `phase` a continued run can resume, each event is a turn that may continue as new;
+        in the reissue window a reissue request comes first (events wait for it)."""
         while self._inbox:
+            if phase == "reissue_window" and self._reissue_ask is not None:
+                return
+            if phase is not None:
+                await self._bound_history(phase, deadline)
             event = self._inbox.pop(0)
             if (await self._admit(event, case_open=True)).admission is Admission.JOIN:
                 self._timeline.append(event)
@@ -302,14 +317,14 @@ class PayoutReversalWorkflow(ApprovingWorkflow):
 
     # -- reissue -----------------------------------------------------------------------
 
-    async def _offer_reissue(self, decision: PayoutDecision) -> None:
-        """Keeps the remediated case open for `reissue_window`: later events join its
-        timeline; an explicit reissue request gets its own approval round (the requester
-        cannot approve it) and, approved, one reissue."""
+    async def _offer_reissue(self, decision: PayoutDecision, deadline: datetime | None = None) -> None:
+        """Keeps the remediated case open for `reissue_window` (until `deadline` in a
+        continued run): later events join its timeline; an explicit reissue request gets its
+        own approval round (the requester cannot approve it) and, approved, one reissue."""
         assert self._inp is not None
-        deadline = workflow.now() + self._inp.reissue_window
+        deadline = deadline or workflow.now() + self._inp.reissue_window
         while self._reissue_ask is None:
-            await self._take_events()
+            await self._take_events("reissue_window", deadline)
             remaining = deadline - workflow.now()
             if remaining <= timedelta(0):
                 break
@@ -328,16 +343,16 @@ class PayoutReversalWorkflow(ApprovingWorkflow):
         self._open_round(REISSUE_STEPS, requester=ask.requester)
         if await self._round.collect(self, self._inp.timings):
             await self._reissue()
-        await self._take_events()
+        await self._take_events("closing")
 
-    async def _reissue(self) -> None:
+    async def _reissue(self, *, resumed: bool = False) -> None:
         """Pays the beneficiary again (once: the activity's contract), posts the reissue
-        entry, updates the ticket and tells everyone."""
+        entry, updates the ticket and tells everyone. `resumed`: a continued run goes on."""
         assert self._inp is not None and self._payout is not None
         case_id = self._inp.case_id
-        await self._record("reissue_started", PayoutCaseStatus.REISSUING)
+        if not resumed:
+            await self._record("reissue_started", PayoutCaseStatus.REISSUING)
         failure = self._timeline[0].payout.status
-        refused = False
         one_at_a_time = workflow.patched(REISSUE_HORIZON_PATCH)
         while True:
             try:
@@ -351,17 +366,21 @@ class PayoutReversalWorkflow(ApprovingWorkflow):
                 if one_at_a_time and not (isinstance(cause, ApplicationError) and cause.non_retryable):
                     # The outcome is unknown (or the attempt timed out): its create can land
                     # until the provider horizon, so the next lookup and create wait past it.
+                    if await self._reissue_exhausted():
+                        return
                     await workflow.sleep(self._inp.timings.provider_horizon)
+                    await self._bound_history("reissuing")
                     continue
                 if isinstance(cause, ApplicationError) and cause.type == errors.CONFIGURATION_REFUSED:
                     # Our key was refused, not the payout: an earlier attempt may have paid, so
                     # the case stays reissuing (ops told once) and asks again until fixed.
-                    if not refused:
-                        refused = True
+                    if not self._reissue_refused:
+                        self._reissue_refused = True
                         await self._notify("payout_reissue_configuration_refused", "payments_ops",
                                            {"error": cause.message})
                         await self._record("reissue_configuration_refused", detail={"error": cause.message})
                     await workflow.sleep(self._inp.timings.status_poll_interval)
+                    await self._bound_history("reissuing")
                     continue
                 await self._notify("payout_reissue_failed", "payments_ops",
                                    {"error": str(cause), "approved_by": self._approvers()})
@@ -380,6 +399,71 @@ class PayoutReversalWorkflow(ApprovingWorkflow):
             "reissue_id": made.id, "approved_by": [a.approver for a in self._round.approvals],
             "amount": made.amount, "currency": made.currency})
         await self._record("reissue_completed", PayoutCaseStatus.REISSUED, detail={"reissue_id": made.id})
+
+    # -- bounded histories (continue-as-new, reissue escalation) --------------------------
+
+    async def _reissue_exhausted(self) -> bool:
+        """After a reissue attempt with an unknown outcome: the `max_submit_attempts`-th
+        sends the case to ops (the hold stays; an attempt may still have paid, which ops
+        check at the provider) and the loop stops creating. False: try again."""
+        assert self._inp is not None
+        self._unknown_attempts += 1
+        attempts = self._unknown_attempts
+        if attempts < self._inp.timings.max_submit_attempts or not workflow.patched(BOUNDED_PATCH):
+            return False
+        await self._notify("payout_reissue_attempts_exhausted", "payments_ops",
+                           {"attempts": attempts, "approved_by": self._approvers()})
+        await self._record("reissue_attempts_exhausted", PayoutCaseStatus.OPS_REVIEW,
+                           detail={"attempts": attempts})
+        return True
+
+    async def _bound_history(self, phase: str, deadline: datetime | None = None) -> None:
+        """Past the history threshold, continues as new carrying the case and the wait it
+        was in (`phase`). Not while a reissue request is being taken: the window ends then."""
+        assert self._inp is not None and self._payout is not None and self._decision is not None
+        info = workflow.info()
+        if ((info.get_current_history_length() < self._inp.timings.continue_as_new_after_events
+             and not info.is_continue_as_new_suggested()) or not workflow.patched(BOUNDED_PATCH)):
+            return
+        await self.approvals_settled()
+        asked = phase == "reissue_window"
+        await workflow.wait_condition(lambda: workflow.all_handlers_finished()
+                                      or (asked and self._reissue_ask is not None))
+        if asked and self._reissue_ask is not None:
+            return
+        carried = self._inp.carried
+        workflow.continue_as_new(self._inp.model_copy(update={"carried": PayoutCarry(
+            phase=phase, status=self._status, payout=self._payout, decision=self._decision,
+            reissue_round=self._steps is REISSUE_STEPS, requester=self._round.requester,
+            approvals=tuple(self._round.approvals), refused=tuple(self._round.refused),
+            runbook=tuple(self._runbook), timeline=tuple(self._timeline), keys=tuple(sorted(self._keys)),
+            inbox=tuple(self._inbox), events_seen=self._events_seen, deadline=deadline,
+            reissue_ask=self._reissue_ask, reissue_refused=self._reissue_refused,
+            unknown_attempts=self._unknown_attempts, reissued=self._reissued,
+            runs=carried.runs + 1 if carried else 2)}))
+
+    async def _resume(self, carried: PayoutCarry) -> PayoutCaseState:
+        """A continued run: the case as carried, then the wait it was in (the reissue
+        window, the reissue loop, or the events that came meanwhile: `closing`)."""
+        self._status = self._status_recorded = carried.status
+        self._payout, self._decision = carried.payout, carried.decision
+        self._open_round(REISSUE_STEPS if carried.reissue_round else REVERSAL_STEPS, carried.requester)
+        self._round.approvals, self._round.refused = list(carried.approvals), list(carried.refused)
+        self._round.decided = True
+        self._runbook, self._timeline = list(carried.runbook), list(carried.timeline)
+        self._events_seen += carried.events_seen
+        self._inbox = [*carried.inbox, *(e for e in self._inbox if e.idempotency_key() not in carried.keys)]
+        self._keys |= set(carried.keys)
+        self._reissue_ask, self._reissue_refused = carried.reissue_ask, carried.reissue_refused
+        self._unknown_attempts, self._reissued = carried.unknown_attempts, carried.reissued
+        if carried.phase == "reissue_window":
+            await self._offer_reissue(carried.decision, carried.deadline)
+            return await self._finish()
+        self._reissue_closed = True
+        if carried.phase == "reissuing":
+            await self._reissue(resumed=True)
+        await self._take_events("closing")
+        return await self._finish()
 
     # -- bookkeeping -------------------------------------------------------------------
 

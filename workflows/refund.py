@@ -77,6 +77,9 @@ SUBMITTING = frozenset({CaseStatus.EXECUTING, CaseStatus.VERIFYING, CaseStatus.O
 BOUNDED_PATCH = "refund-bounded-history-1"
 # Histories recorded before the provider horizon resubmitted after the backoff alone.
 HORIZON_PATCH = "resubmit-horizon-1"
+# A verify-state lookup that finds several refunds with our reference raises the duplicate
+# incident; before, the lookup followed one and logged the others.
+VERIFY_DUPLICATES_PATCH = "verify-duplicate-refunds-1"
 # The case's action, the ops notice and the metric's reason when a provider refuses our key.
 CONFIGURATION_INCIDENT = "provider_configuration_refused"
 
@@ -110,6 +113,7 @@ class RefundWorkflow(ApprovingWorkflow):
         self._provider_scoped = False
         self._lookup_escalated = False
         self._duplicates: set[str] = set()
+        self._found_duplicates: list[ProviderRefund] = []  # seen by a lookup, not reported yet
         # a provider state being applied (ledger, notices, status), redone if cancelled midway
         self._applying: tuple[Observation, ProviderRefund, dict[str, Any]] | None = None
         self._validating: asyncio.Future[ValidationResult] | None = None
@@ -297,7 +301,7 @@ class RefundWorkflow(ApprovingWorkflow):
                     VerifyInput(request=self._request, reason=reason),
                     **retry.provider_read(self._timings.provider_read_attempts))
                 await self._answered()
-                return verified.refund
+                return self._followed(verified)
             except ActivityError as err:
                 cause = err.cause
                 if isinstance(cause, ApplicationError) and cause.type == errors.LOOKUP_UNSUPPORTED:
@@ -407,6 +411,8 @@ class RefundWorkflow(ApprovingWorkflow):
         self._context = "follow"
         await self._observe(refund, "provider_status")
         while True:
+            while self._found_duplicates:  # before any continue-as-new, which would lose them
+                await self._duplicate_refund(self._found_duplicates.pop(0), "verify_state")
             await self._bound_history("follow")
             while self._event_inbox:
                 await self._bound_history("follow")  # a burst of events is turns too
@@ -448,6 +454,18 @@ class RefundWorkflow(ApprovingWorkflow):
     def _request_id(self) -> str:
         assert self._request is not None
         return self._request.refund_request_id
+
+    def _followed(self, verified: VerifyResult) -> ProviderRefund | None:
+        """The refund a lookup found for the case: the one it follows, or the lookup's
+        first; others with our reference wait as duplicates for the follow loop to report
+        (the incident needs the case's own refund)."""
+        if not verified.duplicates or not workflow.patched(VERIFY_DUPLICATES_PATCH):
+            return verified.refund
+        found = [r for r in (verified.refund, *verified.duplicates) if r is not None]
+        held = self._refund.refund_id if self._refund else None
+        ours = next((r for r in found if r.refund_id == held), found[0])
+        self._found_duplicates += [r for r in found if r.refund_id not in (ours.refund_id, *self._duplicates)]
+        return ours
 
     async def _duplicate_refund(self, duplicate: ProviderRefund, source: str) -> None:
         """A second provider refund carrying our reference moved money twice: an incident.

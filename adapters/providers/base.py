@@ -57,6 +57,24 @@ class WebhookRejected(ProviderError):
         self.event_type = event_type
 
 
+class RefundsDuplicated(ProviderError):
+    """More than one provider refund carries one of our references: money moved twice. Not
+    an unknown outcome: the lookup answered, and the caller raises the incident."""
+
+    def __init__(self, provider: str, reference: str, refunds: list[ProviderRefund]) -> None:
+        super().__init__(f"{provider}: {len(refunds)} refunds carry reference {reference}: "
+                         f"{[r.refund_id for r in refunds]}")
+        self.refunds = refunds
+
+
+def only_refund(provider: str, reference: str, found: list[ProviderRefund]) -> ProviderRefund | None:
+    """A lookup's answer: the one refund with our reference, None, or `RefundsDuplicated`
+    (`found` in the order the adapter prefers, the one a case follows first)."""
+    if len(found) > 1:
+        raise RefundsDuplicated(provider, reference, found)
+    return found[0] if found else None
+
+
 class UnexpectedProviderStatus(ProviderError, ValueError):
     """A status we have no branch for: a loud error and a case for ops, never a default."""
 

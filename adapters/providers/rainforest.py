@@ -10,7 +10,6 @@ deliveries use (`svix-id`, `svix-timestamp`, `svix-signature`).
 
 import hashlib
 import hmac
-import logging
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -23,6 +22,7 @@ from adapters.providers.base import (
     ProviderOutcomeUnknown,
     WebhookRejected,
     WebhooksOnly,
+    only_refund,
 )
 from adapters.providers.http import JsonApi
 from adapters.providers.normalise import (
@@ -45,8 +45,6 @@ from domain.models import (
 )
 from domain.money import normalise_currency
 from domain.reconciliation import ListedRefund
-
-log = logging.getLogger(__name__)
 
 STATUSES = {
     "CREATED": ProviderRefundStatus.PENDING,  # created, waiting for Rainforest's approval
@@ -213,10 +211,7 @@ class RainforestApiProvider(RainforestProvider):
         if payin is None:
             return None
         found = [r for r in self._refunds_of(payin) if r.reference == request.refund_request_id]
-        if len(found) > 1:
-            log.error("%s: %d refunds carry reference %s: %s", self.name, len(found),
-                      request.refund_request_id, [r.refund_id for r in found])
-        return found[0] if found else None
+        return only_refund(self.name, request.refund_request_id, found)
 
     async def list_refunds(self, since: datetime, until: datetime,
                            starting_after: str | None = None) -> AsyncGenerator[ListedRefund]:

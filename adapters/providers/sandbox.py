@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from adapters.providers.base import UNDOCUMENTED_MAXIMUM, ProviderDeclined
+from adapters.providers.base import UNDOCUMENTED_MAXIMUM, ProviderDeclined, only_refund
 from adapters.providers.http import provider_client, raise_for_refusal, send
 from adapters.providers.normalise import (
     IDENTITY_STATUSES,
@@ -112,7 +112,7 @@ class SandboxProvider:
             params={"charge": request.charge_id, "reference": request.refund_request_id})
         raise_for_refusal(response)
         found = [refund_from_object(self.name, o) for o in response.json()["data"]]
-        return found[0] if found else None
+        return only_refund(self.name, request.refund_request_id, found)
 
     async def list_refunds(self, since: datetime, until: datetime,
                            starting_after: str | None = None,

@@ -8,7 +8,6 @@ The client never retries on its own (`max_network_retries=0`): after an unknown 
 only the workflow decides, and it verifies state first.
 """
 
-import logging
 from collections.abc import AsyncGenerator, Awaitable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
@@ -16,7 +15,7 @@ from typing import Any, TypeVar
 import stripe
 from stripe.params import PayoutListParams, RefundListParams
 
-from adapters.providers.base import AmountLimit, ProviderDeclined, ProviderOutcomeUnknown
+from adapters.providers.base import AmountLimit, ProviderDeclined, ProviderOutcomeUnknown, only_refund
 from adapters.providers.http import refusal
 from adapters.providers.normalise import (
     REFERENCE_KEY,
@@ -42,8 +41,6 @@ from domain.models import (
 from domain.money import normalise_currency
 from domain.payouts import PayoutEvent, ProviderPayoutStatus
 from domain.reconciliation import ListedPayout, ListedRefund, UnmappedListing
-
-log = logging.getLogger(__name__)
 
 STATUSES = {
     "pending": ProviderRefundStatus.PENDING,
@@ -168,10 +165,7 @@ class StripeProvider:
                 break
             page = await self._call("GET /v1/refunds", self._client.v1.refunds.list_async(
                 {"charge": request.charge_id, "limit": 100, "starting_after": refunds[-1]["id"]}))
-        if len(found) > 1:
-            log.error("%s: %d refunds carry reference %s: %s", self.name, len(found),
-                      request.refund_request_id, [r.refund_id for r in found])
-        return found[-1] if found else None
+        return only_refund(self.name, request.refund_request_id, found[::-1])  # oldest first
 
     async def list_refunds(self, since: datetime, until: datetime,
                            starting_after: str | None = None

@@ -1,0 +1,116 @@
+"""A payout case's open-ended waits continue as new with the case carried, and its reissue
+loop ends with ops after a bounded number of attempts (issue 18, item 5): the reissue window
+takes hundreds of provider events, each run's history stays near a tiny threshold, and the
+case, its approvals and its audit come through whole to a reissue made once."""
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any
+
+from temporalio.client import Client
+
+from adapters.payout_book import PayoutBook
+from adapters.store import Store
+from domain.payouts import PayoutEvent, ProviderPayout, ProviderPayoutStatus, payout_case_id
+from starters.stack import TemporalDevServer
+from tests.harness import Stack, open_stack
+from tests.payouts_kit import (
+    add_payout_approvers,
+    ask_reissue,
+    decide,
+    move_payout,
+    paid_payout,
+    wait_for_case,
+)
+from tests.test_bounded_history import BATCH, THRESHOLD, _runs
+from tests.test_money_ambiguity import rig_for
+from workflows.payout import PayoutReversalWorkflow
+
+TURNS = 300
+TINY: dict[str, Any] = {"continue_as_new_after_events": THRESHOLD, "max_submit_attempts": 3,
+        "provider_http_timeout_seconds": 0.5, "resubmit_margin_seconds": 0, "submit_timeout_seconds": 3}
+
+
+async def _remediated(stack: Stack, amount: int = 150_000) -> tuple[str, str]:
+    """A failed payout's case, approved, held and reversed: its reissue window is open."""
+    await add_payout_approvers(stack)
+    payout = await paid_payout(stack, amount)
+    await move_payout(stack, payout.provider_payout_id, "failed", failure_code="account_closed")
+    case_id = payout_case_id("sandbox", payout.provider_payout_id)
+    await wait_for_case(stack, case_id, "awaiting_approval")
+    assert (await decide(stack, "lena", case_id)).status_code == 202
+    await wait_for_case(stack, case_id, "remediated")
+    return case_id, payout.provider_payout_id
+
+
+async def _stale_events(stack: Stack, case_id: str, provider_payout_id: str, amount: int) -> None:
+    """`paid` after the failure, again and again: each a turn of the window (and no action)."""
+    handle = stack.client.get_workflow_handle(case_id)
+    gate = asyncio.Semaphore(8)
+
+    async def event(n: int) -> None:
+        async with gate:
+            await handle.signal(PayoutReversalWorkflow.payout_event, PayoutEvent(
+                provider="sandbox", event_id=f"evt-paid-{n}", event_type="payout.paid",
+                body_sha256="0" * 64, occurred_at=datetime.now(UTC), payout=ProviderPayout(
+                    provider="sandbox", payout_id=provider_payout_id, amount=amount, currency="usd",
+                    status=ProviderPayoutStatus.PAID, raw_status="paid")))
+
+    for batch in range(0, TURNS, BATCH):
+        await asyncio.gather(*(event(n) for n in range(batch, batch + BATCH)))
+        while (await handle.query(PayoutReversalWorkflow.state)).events_seen < batch + BATCH:
+            await asyncio.sleep(0.05)
+
+
+async def test_the_reissue_window_continues_as_new_with_the_case_intact(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    tiny = await open_stack(store, client, temporal_server.address, **TINY)
+    try:
+        case_id, provider_payout_id = await _remediated(tiny)
+        handle = tiny.client.get_workflow_handle_for(PayoutReversalWorkflow.run, case_id)
+        first_run = (await handle.describe()).run_id
+        await _stale_events(tiny, case_id, provider_payout_id, 150_000)
+        assert (await ask_reissue(tiny, "omar", case_id)).status_code == 202
+        assert (await decide(tiny, "lena", case_id)).status_code == 202
+        state = await asyncio.wait_for(handle.result(), 60)
+        runs = await _runs(tiny, case_id, first_run)
+        assert state.reissue_payout_id is not None
+        made = await reissues_of(tiny, state.reissue_payout_id)
+        actions = [e["action"] for e in await tiny.store.audit_trail(case_id)]
+    finally:
+        await tiny.close()
+    assert len(runs) >= 5, runs
+    assert all(length < THRESHOLD + 2 * BATCH for _, length, _ in runs), runs
+    assert [continued for *_, continued in runs] == [True] * (len(runs) - 1) + [False]
+    assert state.status == "reissued"
+    assert state.events_seen >= TURNS + 1
+    assert state.runbook == ("hold", "compensating_entry", "ticket", "notice")
+    assert [a.approver for a in state.approvals] == ["lena"]  # the reissue round's
+    assert actions.count("runbook_completed") == actions.count("reissue_completed") == 1
+    assert actions.count("payout_status_stale_ignored") == TURNS
+    assert len(made) == 1
+
+
+async def reissues_of(stack: Stack, reference: str) -> list[object]:
+    """The provider's payouts carrying `reference` (a reissue's)."""
+    async with stack.sandbox() as sb:
+        return list((await sb.get("/v1/payouts", params={"reference": reference})).json()["data"])
+
+
+async def test_a_reissue_whose_outcome_stays_unknown_goes_to_ops_after_its_attempts(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    async with rig_for("sandbox", store, client, temporal_server, **TINY) as rig:
+        case_id, _ = await _remediated(rig.stack)
+        rig.proxy.refuse_next("POST", "/v1/payouts", *[503] * 10)  # every create: outcome unknown
+        assert (await ask_reissue(rig.stack, "omar", case_id)).status_code == 202
+        assert (await decide(rig.stack, "lena", case_id)).status_code == 202
+        row = await wait_for_case(rig.stack, case_id, "ops_review", "reissued", "reissue_failed")
+        assert row["status"] == "ops_review"
+        actions = [e["action"] for e in await rig.stack.store.audit_trail(case_id)]
+        assert "reissue_attempts_exhausted" in actions and "reissue_failed" not in actions
+        assert [s for *_, s in rig.proxy.refused] == [503] * 3  # three attempts, then ops
+        assert ("payout_reissue_attempts_exhausted", "payments_ops") in {
+            (n["kind"], n["audience"]) for n in await rig.stack.store.notices(case_id)}
+        payout = await PayoutBook(rig.stack.store).payout(row["payout_id"])
+        assert payout is not None and payout.status == "on_hold"  # the hold stays for ops
+        assert await reissues_of(rig.stack, payout.reissue_id()) == []
