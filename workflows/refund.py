@@ -400,6 +400,10 @@ class RefundWorkflow(ApprovingWorkflow):
                                        CaseStatus.OPS_REVIEW if workflow.patched(ADYEN_WAIT_PATCH)
                                        else None, detail={"reason": reason})
                 await self._bound_history("notification", reason=reason)
+        return await self._take_notification(notified)
+
+    async def _take_notification(self, notified: tuple[ProviderEvent, ProviderRefund]) -> ProviderRefund:
+        """Takes a queued event that reports this case's refund off the inbox, with its row."""
         event, refund = notified
         self._event_inbox.remove(event)
         await self._record("provider_notification_received",
@@ -648,11 +652,7 @@ class RefundWorkflow(ApprovingWorkflow):
                 continue
             notified = self._notified()
             assert notified is not None
-            event, refund = notified
-            self._event_inbox.remove(event)
-            await self._record("provider_notification_received",
-                               detail={"event_id": event.event_id, "event_type": event.event_type})
-            return refund
+            return await self._take_notification(notified)
 
     async def _resume(self, carried: RefundCarry) -> RefundOutcome:
         """A continued run: the case as carried, then the wait it was in."""
