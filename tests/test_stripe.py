@@ -15,6 +15,8 @@ import httpx
 import pytest
 import stripe
 from fastapi import FastAPI
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 from temporalio.client import Client
 
 from adapters.http_server import AppServer
@@ -33,6 +35,8 @@ from starters.stack import TemporalDevServer, free_port
 from tests.harness import Stack, open_stack
 from tests.lossy_proxy import LossyProxy
 from tests.reconciliation_kit import backfill
+from tests.test_observability import _flushed
+from tests.test_tracing_instrumentation import url
 
 API_KEY = "sk_test_orchestrator"
 SECRETS = ("whsec_new_test_secret", "whsec_old_test_secret")
@@ -105,6 +109,23 @@ async def test_storm_of_identical_requests_makes_one_stripe_refund(rig: StripeRi
     lines = await rig.stack.store.ledger_entries(body["refund_request_id"])
     assert [(x["account"], x["debit"], x["credit"]) for x in lines] == [
         ("refunds_contra_revenue", 3_000, 0), ("provider_clearing", 0, 3_000)]
+
+
+async def test_stripe_calls_are_httpx_client_spans_under_the_business_span(
+        rig: StripeRig, spans: InMemorySpanExporter) -> None:
+    """stripe's own httpx client is instrumented like the other providers' clients."""
+    charge = await rig.charge(10_000)
+    body = rig.body(charge, 1_000)
+    async with rig.stack.api("alice") as api:
+        assert (await api.post("/v1/refund-requests", json=body)).status_code == 202
+    await rig.stack.wait_for_status(body["refund_request_id"], "succeeded")
+    finished = _flushed(spans)
+    [create] = [s for s in finished if s.name == "provider.create_refund"
+                and dict(s.attributes or {}).get("refund_request_id") == body["refund_request_id"]]
+    assert create.context is not None
+    children = [s for s in finished if s.kind is SpanKind.CLIENT and s.parent is not None
+                and s.parent.span_id == create.context.span_id and url(s).endswith("/v1/refunds")]
+    assert len(children) == 1
 
 
 async def test_lost_response_is_verified_at_stripe_not_resubmitted(rig: StripeRig) -> None:

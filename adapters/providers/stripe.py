@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 import stripe
+from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
 from stripe.params import PayoutListParams, RefundListParams
 
 from adapters.providers.base import AmountLimit, ProviderDeclined, ProviderOutcomeUnknown, only_refund
@@ -89,6 +90,9 @@ class StripeProvider:
         self.name = name
         self._merchant_account = merchant_account
         self._http = stripe.HTTPXClient(timeout=timeout_seconds)
+        # stripe builds its own httpx client: traced like every provider client (a span per
+        # request, `traceparent` sent), through the one attribute that holds it
+        HTTPXClientInstrumentor.instrument_client(self._http._client_async)
         self._client = stripe.StripeClient(
             api_key, base_addresses={"api": api_base} if api_base else None,
             http_client=self._http, max_network_retries=0)
