@@ -25,6 +25,7 @@ from adapters.casebook import BANNER_STATUSES, CaseFilter
 from adapters.integration_store import IntegrationStore
 from adapters.providers.base import ProviderAdapter
 from adapters.reconciliation import Reconciliations, break_view, run_view
+from adapters.refusals import SampledRefusalLog
 from adapters.store import ConsoleSession, Principal, hash_token
 from domain.models import CLOSED_STATUSES, CaseStatus
 from domain.money import UnknownCurrencyError, format_minor, normalise_currency, parse_major
@@ -115,6 +116,7 @@ def install_console(app: FastAPI, actions: CaseActions,
                     providers: Mapping[str, ProviderAdapter]) -> None:
     """Mounts the console on the relay application."""
     store, settings = actions.store, actions.settings
+    anonymous = SampledRefusalLog()  # refusals nobody signed: counted, never chained
     integrations = IntegrationStore(store)
     recon = Reconciliations(store)
     templates = _templates()
@@ -151,12 +153,10 @@ def install_console(app: FastAPI, actions: CaseActions,
     @app.exception_handler(SignInRequired)
     async def sign_in_first(request: Request, exc: SignInRequired) -> Response:
         """Pages send the browser to sign in; a form posted without a live session is a
-        refused action (a revoked token's session lands here), so it is audited."""
+        refused action (a revoked token's session lands here), counted: it names nobody."""
         if request.method == "GET":
             return RedirectResponse(f"{PREFIX}/sign-in", status_code=303)
-        await store.append_audit(None, "anonymous", "access_refused", {
-            "action": f"POST {request.url.path}", "refusal": "no live console session",
-            "via": "console"})
+        anonymous.refused("console", "no live console session", f"POST {request.url.path}")
         return sign_in_page(request, 401, "Your session has ended (signed out, expired or its "
                                           "token was revoked). Sign in again.")
 
@@ -221,17 +221,13 @@ def install_console(app: FastAPI, actions: CaseActions,
         token, sent = str(form.get("token", "")).strip(), str(form.get("form_token", ""))
         expected = request.cookies.get(SIGN_IN_COOKIE, "")
         if not expected or not secrets.compare_digest(sent.encode(), expected.encode()):
-            await store.append_audit(None, "anonymous", "csrf_refused", {
-                "action": "console sign-in", "via": "console",
-                "refusal": "sign-in form token does not match its cookie"})
+            anonymous.refused("console", "sign-in form token does not match its cookie", "console sign-in")
             return sign_in_page(request, 403, "The sign-in form expired. Try again.")
         session_id = await store.open_session(
             token, timedelta(hours=settings.console_session_hours)) if token else None
         if session_id is None:
-            await store.append_audit(None, "anonymous", "access_refused", {
-                "action": "console sign-in", "via": "console",
-                "refusal": "missing token" if not token else "invalid or revoked token",
-                "token_fingerprint": hash_token(token)[:12] if token else None})
+            anonymous.refused("console", "missing token" if not token else "invalid or revoked token",
+                              "console sign-in", hash_token(token)[:12] if token else None)
             return sign_in_page(request, 401, "That token is not valid (unknown or revoked).")
         response = RedirectResponse(f"{PREFIX}/cases", status_code=303)
         response.set_cookie(SESSION_COOKIE, session_id, httponly=True, samesite="strict",

@@ -58,8 +58,8 @@ async def test_sign_in_makes_a_strict_http_only_session_and_sign_out_ends_it(sta
     bad = await anonymous.post("/console/sign-in", data={"token": wrong,
                                                          "form_token": field(form.text, "form_token")})
     assert bad.status_code == 401 and "not valid" in bad.text
-    assert [r["detail"]["action"] for r in await refusals(stack, "", "access_refused")
-            if r["detail"].get("token_fingerprint") == hash_token(wrong)[:12]] == ["console sign-in"]
+    assert not [r for r in await refusals(stack, "", "access_refused")  # counted, not chained
+                if r["detail"].get("token_fingerprint") == hash_token(wrong)[:12]]
     forged = httpx.AsyncClient(base_url=stack.relay_url, timeout=30)  # no form cookie: another site
     refused = await forged.post("/console/sign-in", data={"token": stack.tokens["bob"], "form_token": "x"})
     assert refused.status_code == 403 and "rfo_session" not in refused.headers.get("set-cookie", "")

@@ -60,6 +60,26 @@ async def test_requests_without_a_valid_token_are_counted_not_chained(
     assert 1 <= len(lines) < 30
 
 
+async def test_console_sign_ins_without_a_valid_token_are_counted_not_chained(stack: Stack) -> None:
+    before = await global_chain(stack.store)
+    invalid = refusals("console", "invalid or revoked token")
+    forged = refusals("console", "sign-in form token does not match its cookie")
+    no_session = refusals("console", "no live console session")
+    async with httpx.AsyncClient(base_url=stack.relay_url, timeout=30) as browser:
+        for n in range(5):
+            form = await browser.get("/console/sign-in")
+            token = form.text.split('name="form_token" value="')[1].split('"')[0]
+            bad = await browser.post("/console/sign-in", data={"token": f"t-forged-{n}", "form_token": token})
+            assert bad.status_code == 401
+            assert (await browser.post("/console/sign-in", data={"token": "x", "form_token": "no"})
+                    ).status_code == 403
+            assert (await browser.post("/console/sign-out")).status_code == 401
+    assert await global_chain(stack.store) == before
+    assert refusals("console", "invalid or revoked token") == invalid + 5
+    assert refusals("console", "sign-in form token does not match its cookie") == forged + 5
+    assert refusals("console", "no live console session") == no_session + 5
+
+
 def test_the_refusal_log_is_sampled(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="relay.refusals")
     log = SampledRefusalLog(every_seconds=3600)
