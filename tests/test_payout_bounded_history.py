@@ -11,7 +11,7 @@ from temporalio.client import Client
 
 from adapters.payout_book import PayoutBook
 from adapters.store import Store
-from domain.payouts import PayoutEvent, ProviderPayout, ProviderPayoutStatus, payout_case_id
+from domain.payouts import PayoutCaseState, PayoutEvent, ProviderPayout, ProviderPayoutStatus, payout_case_id
 from starters.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
 from tests.payouts_kit import (
@@ -67,7 +67,7 @@ async def test_the_reissue_window_continues_as_new_with_the_case_intact(
     tiny = await open_stack(store, client, temporal_server.address, **TINY)
     try:
         case_id, provider_payout_id = await _remediated(tiny)
-        handle = tiny.client.get_workflow_handle_for(PayoutReversalWorkflow.run, case_id)
+        handle = tiny.client.get_workflow_handle(case_id, result_type=PayoutCaseState)
         first_run = (await handle.describe()).run_id
         await _stale_events(tiny, case_id, provider_payout_id, 150_000)
         assert (await ask_reissue(tiny, "omar", case_id)).status_code == 202
