@@ -61,6 +61,7 @@ from tests.reconciliation_kit import (
 )
 from tests.test_adyen import MERCHANT, adyen_rig
 from tests.test_reconciliation_finish import provider_payout, seed_payouts
+from workflows.payout import PayoutReversalWorkflow
 from workflows.refund import RefundWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
@@ -263,6 +264,21 @@ async def duplicate_refund(rig: Recording) -> str:
     return case_id
 
 
+async def verify_finds_duplicates(rig: Recording) -> str:
+    """Two refunds with our reference already exist (the sandbox ignores idempotency keys,
+    their webhooks are held) when the case's unanswered create is verified: the lookup's
+    second refund is a duplicate-refund incident, and the case follows its own to the ledger."""
+    charge = await rig.stack.charge(10_000)
+    case_id = rig.stack.new_id()
+    await sandbox(rig, "/_sandbox/config", hold_webhooks=True)
+    async with rig.stack.sandbox() as sb:
+        for _ in range(2):
+            (await sb.post("/v1/refunds", json={"charge": charge, "amount": 1_500, "metadata": {
+                "refund_request_id": case_id}})).raise_for_status()
+    await sandbox(rig, "/_sandbox/faults", mode="error_before", charge=charge)
+    return await rig.stack.request_refund("alice", charge, 1_500, refund_request_id=case_id)
+
+
 async def late_failure(rig: Recording) -> str:
     """Succeeded, then failed within the late-failure window: a compensating entry."""
     case_id, _ = await requested(rig, 1_800)
@@ -298,10 +314,7 @@ async def continued_as_new(rig: Recording) -> str:
     await sandbox(rig, "/_sandbox/config", refund_initial_status="pending")
     case_id, _ = await requested(rig, 2_300)
     refund_id = await provider_refund_id(rig, case_id, "pending")
-    handle = rig.stack.client.get_workflow_handle(case_id)
-    async with asyncio.timeout(60):  # the first run continues as new at its first follow turn
-        while (await handle.describe()).run_id == (await first_run(handle)):
-            await asyncio.sleep(0.1)
+    await continued(rig.stack.client.get_workflow_handle(case_id))  # at its first follow turn
     await rig.stack.set_provider_status(refund_id, "succeeded")
     return case_id
 
@@ -386,6 +399,23 @@ async def payout_reissue_key_refused(rig: Recording) -> str:
 async def payout_reissue_denied(rig: Recording) -> str:
     """The reversed payout's reissue is denied: nothing is paid again."""
     return await payout_reissued(rig, decision="deny")
+
+
+async def payout_continued_as_new(rig: Recording) -> str:
+    """A second failure reported in the reissue window of a case past the (tiny) history
+    threshold: the window continues as new carrying the case, and the next run takes the
+    reissue request and pays once."""
+    case_id = await failed_payout_case(rig)
+    (await decide(rig.stack, "lena", case_id)).raise_for_status()
+    await wait_for_case(rig.stack, case_id, "remediated")
+    handle = rig.stack.client.get_workflow_handle(case_id)
+    payout = (await handle.query(PayoutReversalWorkflow.state)).payout
+    assert payout is not None
+    await move_payout(rig.stack, payout.provider_payout_id, "failed", failure_code="account_closed")
+    await continued(handle)  # at the event's turn
+    (await ask_reissue(rig.stack, "omar", case_id)).raise_for_status()
+    (await decide(rig.stack, "lena", case_id)).raise_for_status()
+    return case_id
 
 
 async def payout_ledger_failed(rig: Recording) -> str:
@@ -494,6 +524,7 @@ SCENARIOS: dict[str, Scenario] = {
                                                                     "status_poll_interval_seconds": 0.5}),
     "refund_adyen_wait_resolved_by_ops": Scenario(adyen_wait_resolved, adyen=True),
     "refund_duplicate_provider_refund": Scenario(duplicate_refund, {"late_failure_window_seconds": 6}),
+    "refund_verify_finds_duplicates": Scenario(verify_finds_duplicates, {"late_failure_window_seconds": 6}),
     "refund_late_failure": Scenario(late_failure, {"late_failure_window_seconds": 60}),
     "refund_cancel_before_submit": Scenario(cancel_before_submit),
     "refund_cancel_while_submitting": Scenario(cancel_while_submitting, {"submit_timeout_seconds": 3}),
@@ -508,6 +539,7 @@ SCENARIOS: dict[str, Scenario] = {
     "payout_reversed_and_reissued": Scenario(payout_reversed_and_reissued),
     "payout_reissue_key_refused": Scenario(payout_reissue_key_refused),
     "payout_reissue_denied": Scenario(payout_reissue_denied),
+    "payout_continued_as_new": Scenario(payout_continued_as_new, {"continue_as_new_after_events": 20}),
     "payout_ledger_failed": Scenario(payout_ledger_failed, {"ledger_pending_after_seconds": 2}),
     "payout_denied": Scenario(payout_denied),
     "reconciliation_backfill": Scenario(reconciliation_backfill),
@@ -560,6 +592,18 @@ async def first_run(handle: WorkflowHandle[Any, Any]) -> str:
     """The run id that started the workflow's chain of continued runs."""
     started = (await handle.fetch_history()).events[0].workflow_execution_started_event_attributes
     return started.first_execution_run_id
+
+
+async def continued(handle: WorkflowHandle[Any, Any]) -> None:
+    """Waits until the workflow's first run has continued as new and the next run has
+    completed a workflow task: before that, an update's validator would see the new run's
+    initial state, not the case it carries."""
+    started = await first_run(handle)
+    async with asyncio.timeout(60):
+        while ((await handle.describe()).run_id == started or not any(
+                e.HasField("workflow_task_completed_event_attributes")
+                for e in (await handle.fetch_history()).events)):
+            await asyncio.sleep(0.1)
 
 
 async def runs(client: Client, workflow_id: str) -> list[WorkflowHistory]:

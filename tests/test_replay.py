@@ -28,6 +28,7 @@ from tests.record_histories import SCENARIOS, SEALED_SCENARIO
 from workers.main import WORKFLOWS, workflow_runner
 from workflows import approvals, payout, reconciliation, refund, tracking
 from workflows.approvals import SEALED_APPROVALS_PATCH
+from workflows.payout import BOUNDED_PATCH as PAYOUT_BOUNDED_PATCH
 from workflows.payout import REISSUE_HORIZON_PATCH
 from workflows.reconciliation import APPROVAL_ROUND_PATCH, PAYOUT_BREAK_PATCH
 from workflows.refund import (
@@ -37,6 +38,7 @@ from workflows.refund import (
     DUPLICATE_PATCH,
     HORIZON_PATCH,
     PROVIDER_SCOPED_WAIT_PATCH,
+    VERIFY_DUPLICATES_PATCH,
 )
 from workflows.tracking import BOUNDED_PATCH as TRACKING_BOUNDED_PATCH
 
@@ -112,6 +114,10 @@ BRANCHES: dict[str, Branch] = {
     "refund_duplicate_provider_refund": branch(
         "action:duplicate_provider_refund", "activity:open_duplicate_refund_break",
         f"patch:{DUPLICATE_PATCH}", "signal:provider_event#2", lacks=[f"{SUBMIT}#2"]),
+    "refund_verify_finds_duplicates": branch(
+        SUBMIT, VERIFY, f"patch:{VERIFY_DUPLICATES_PATCH}", "activity:open_duplicate_refund_break",
+        "action:duplicate_provider_refund", "action:refund_succeeded", "activity:post_ledger",
+        lacks=[f"{SUBMIT}#2", "signal:provider_event"]),
     "tracking_dashboard_refund": branch("signal:provider_event#2", "action:refund_succeeded",
                                         "activity:post_ledger", lacks=["continued_as_new", SUBMIT]),
     "tracking_continued_as_new": branch("continued_as_new", f"patch:{TRACKING_BOUNDED_PATCH}"),
@@ -125,6 +131,13 @@ BRANCHES: dict[str, Branch] = {
                                          "action:reissue_completed"),
     "payout_reissue_denied": branch("update:request_reissue", "action:approval_denied",
                                     "activity:post_payout_reversal", lacks=["activity:reissue_payout"]),
+    "payout_continued_as_new": branch("activity:post_payout_reversal", "signal:payout_event#2",
+                                      f"patch:{PAYOUT_BOUNDED_PATCH}", "continued_as_new",
+                                      lacks=["update:request_reissue", "activity:reissue_payout"]),
+    "payout_continued_as_new_run2": branch("carried:reissue_window", "activity:admit_payout_event",
+                                           "update:request_reissue", "activity:reissue_payout",
+                                           "action:reissue_completed",
+                                           lacks=["activity:post_payout_reversal", "continued_as_new"]),
     "payout_ledger_failed": branch("action:ledger_failed", "activity:release_payout_hold",
                                    lacks=["action:runbook_completed", "activity:reissue_payout"]),
     "payout_denied": branch("signal:payout_event", "update:submit_approval", "action:approval_denied",
