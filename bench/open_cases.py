@@ -39,7 +39,7 @@ from bench.common import (
     report,
     timed_wave,
 )
-from bench.refund_throughput import scheduled_activities
+from bench.refund_throughput import ACTIVITIES, WORKFLOW_TASKS, history_count
 from domain.models import (
     ApprovalSignal,
     Decision,
@@ -153,9 +153,15 @@ async def main(cases: int, concurrency: int, wave: int) -> dict[str, Any]:
         await open_cases(stack, warm_tag, warm, wave, concurrency)
         warm_seconds = {"approve": await timed_wave(approver(stack, warm_tag), range(warm), concurrency,
                                                     hold=True)}
-        steps = await scheduled_activities(env.client, f"open-{warm_tag}-0", after_first_signal=True)
+        steps = await history_count(env.client, f"open-{warm_tag}-0", ACTIVITIES, after_first_signal=True)
         bare = bare_starter(env.client, bare_queue, steps)
         warm_seconds["bare"] = await timed_wave(bare, range(warm), concurrency, hold=True)
+        sample = await bare(warm)  # outside the timing: what the two histories hold
+        await sample.result()
+        workflow_tasks = {
+            "case_after_approval": await history_count(env.client, f"open-{warm_tag}-0", WORKFLOW_TASKS,
+                                                       after_first_signal=True),
+            "bare": await history_count(env.client, sample.id, WORKFLOW_TASKS)}
 
         opened = await open_cases(stack, tag, cases, wave, concurrency)
         rss_waiting = rss_mib()
@@ -175,7 +181,7 @@ async def main(cases: int, concurrency: int, wave: int) -> dict[str, Any]:
             {"phase": f"open {cases} cases to awaiting_approval", "per_second": cases / opened},
             {"phase": f"approve and complete ({steps} activities each)", "per_second": completion_rate}]
     result = {"completion_ratio": completion_rate / bare_rate, "activities_after_approval": steps,
-              "baseline_activities": steps, "rss_idle_mib": rss_idle,
+              "baseline_activities": steps, "workflow_tasks": workflow_tasks, "rss_idle_mib": rss_idle,
               "rss_waiting_mib": rss_waiting, "rss_done_mib": rss_done,
               "rss_per_waiting_case_kib": (rss_waiting - rss_idle) * 1024 / cases,
               "seconds_to_all_waiting": opened}

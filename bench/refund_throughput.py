@@ -15,6 +15,7 @@ import uuid
 from contextlib import AsyncExitStack
 from typing import Any
 
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowHandle
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
@@ -29,18 +30,24 @@ from workflows.refund import RefundWorkflow
 VARIANTS = ("bare", "passthrough", "default")
 
 
-async def scheduled_activities(client: Client, workflow_id: str, *, after_first_signal: bool = False) -> int:
-    """How many activities a finished workflow ran (or ran after the first signal it got,
-    e.g. an approval): the bare baseline runs as many."""
+ACTIVITIES = EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+WORKFLOW_TASKS = EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED
+
+
+async def history_count(client: Client, workflow_id: str, event: "EventType.ValueType", *,
+                        after_first_signal: bool = False) -> int:
+    """How many `event`s a finished workflow's history holds (or holds after the first signal
+    it got, e.g. an approval): the bare baseline runs as many activities (ACTIVITIES), and
+    WORKFLOW_TASKS tells how many round trips to the worker that took."""
     history = await client.get_workflow_handle(workflow_id).fetch_history()
     counting = not after_first_signal
-    scheduled = 0
-    for event in history.events:
-        if event.HasField("workflow_execution_signaled_event_attributes"):
+    found = 0
+    for entry in history.events:
+        if entry.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
             counting = True
-        elif counting and event.HasField("activity_task_scheduled_event_attributes"):
-            scheduled += 1
-    return scheduled
+        elif counting and entry.event_type == event:
+            found += 1
+    return found
 
 
 async def refund_starter(stack: Stack, queue: str, count: int) -> tuple[Begin, str]:
@@ -89,7 +96,7 @@ async def main(count: int, concurrency: int, rounds: int) -> dict[str, Any]:
             start, sample = await starter(variant, warm)
             warm_up[variant] = await timed_wave(start, range(warm), concurrency, hold=False)
             if variant == "passthrough":
-                steps = await scheduled_activities(env.client, sample)
+                steps = await history_count(env.client, sample, ACTIVITIES)
         per_round_seconds: dict[str, list[float]] = {v: [] for v in VARIANTS}
         orders = []
         for round_number in range(rounds):

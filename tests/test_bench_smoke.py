@@ -50,6 +50,7 @@ def test_open_cases_smoke_compares_the_same_activities_at_the_same_concurrency(t
     assert result["baseline_activities"] == result["activities_after_approval"] >= 5
     assert [(r["workflows"], r["first"]) for r in result["rounds"]] == [
         (10, "bare"), (10, "approve"), (10, "bare")]  # a wave each, alternating
+    assert result["workflow_tasks"]["bare"] == result["baseline_activities"] + 1  # its start, then one each
     assert result["completion_ratio"] > 0 and result["rss_waiting_mib"] > 0
 
 
