@@ -37,7 +37,8 @@ test: $(STAMP) browser-deps
 	$(BIN)/mypy .
 	$(BIN)/python -m pytest -q
 
-# Not part of `make test` (smoke versions are): each prints a table, writes bench/results/.
+# Not part of `make test` (smoke versions are): each prints its parameters and per-round figures,
+# writes bench/results/, and exits non-zero when its own check fails (e.g. breaks found != planted).
 bench: $(STAMP)
 	$(BIN)/python -m bench.refund_throughput
 	$(BIN)/python -m bench.webhook_ingest

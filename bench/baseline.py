@@ -1,4 +1,6 @@
-"""The baseline workflow: the same number of activities as a refund, doing nothing."""
+"""The baseline workflow: as many activities as the refund work it is compared with, doing
+nothing. Imports only what the workflow sandbox allows (it re-imports this module); the worker
+that runs it is bench.common.bare_worker."""
 
 from datetime import timedelta
 

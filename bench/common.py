@@ -7,6 +7,7 @@ import platform
 import statistics
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -14,13 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowHandle
+from temporalio.worker import Worker
 
 from adapters.config import Settings
 from adapters.store import Store
 from adapters.temporal_client import connect
+from bench.baseline import BareWorkflow, noop
 from starters.stack import EmbeddedPostgres, TemporalDevServer, free_port
 from tests.harness import PAYLOAD_KEYS
+from workers.main import workflow_runner
 
 RESULTS = Path(os.environ.get("BENCH_RESULTS_DIR") or Path(__file__).parent / "results")
 """Where results go; the smoke tests point it at their own folder."""
@@ -98,6 +102,53 @@ async def gather_limited(jobs: list[Callable[[], Awaitable[Any]]], limit: int) -
     await asyncio.gather(*(one(j) for j in jobs))
 
 
+Begin = Callable[[int], Awaitable[WorkflowHandle[Any, Any]]]
+"""Starts the i-th workflow of a wave (or signals one that waits) and returns its handle."""
+
+
+@asynccontextmanager
+async def bare_worker(client: Client) -> AsyncIterator[str]:
+    """A worker for bare workflows on its own queue, kept for the whole run (warmed once, as
+    the product's worker is) and with the product's sandbox runner (passthrough modules), so
+    the two sides differ only in what their workflows do. Yields the queue."""
+    queue = f"bench-bare-{uuid.uuid4().hex[:6]}"
+    async with Worker(client, task_queue=queue, workflows=[BareWorkflow], activities=[noop],
+                      workflow_runner=workflow_runner()):
+        yield queue
+
+
+def bare_starter(client: Client, queue: str, steps: int) -> Begin:
+    """Starts the i-th bare workflow of `steps` activities (ids unique per call)."""
+    tag = uuid.uuid4().hex[:6]
+
+    async def start(i: int) -> WorkflowHandle[Any, Any]:
+        return await client.start_workflow(BareWorkflow.run, steps, id=f"bare-{tag}-{i}", task_queue=queue)
+    return start
+
+
+async def timed_wave(begin: Begin, indices: range,
+                     concurrency: int, *, hold: bool) -> float:
+    """Seconds until every workflow of `indices` ended. `begin` starts one (or signals one
+    that waits) and returns its handle. `hold=False`: each start waits for its workflow's end
+    inside the concurrency gate (at most `concurrency` in flight); `hold=True`: all of the
+    wave are begun `concurrency` at a time and then awaited together (all in flight)."""
+    started = time.perf_counter()
+    handles: list[WorkflowHandle[Any, Any]] = []
+
+    def job(i: int) -> Callable[[], Awaitable[None]]:
+        async def go() -> None:
+            handle = await begin(i)
+            if hold:
+                handles.append(handle)
+            else:
+                await handle.result()
+        return go
+
+    await gather_limited([job(i) for i in indices], concurrency)
+    await asyncio.gather(*(h.result() for h in handles))
+    return time.perf_counter() - started
+
+
 def percentile(values: list[float], q: float) -> float:
     """The q-th percentile (0..100) of a non-empty list."""
     ordered = sorted(values)
@@ -107,6 +158,12 @@ def percentile(values: list[float], q: float) -> float:
 def summary(values: list[float]) -> dict[str, float]:
     return {"p50_ms": percentile(values, 50) * 1000, "p99_ms": percentile(values, 99) * 1000,
             "mean_ms": statistics.fmean(values) * 1000}
+
+
+def announce(name: str, **parameters: Any) -> None:
+    """Prints the run's parameters before it starts (a long run is identifiable while it runs;
+    the results file repeats them)."""
+    print(f"{name}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in parameters.items()), flush=True)
 
 
 def report(name: str, rows: list[dict[str, Any]], extra: dict[str, Any]) -> Path:

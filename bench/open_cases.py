@@ -9,6 +9,10 @@ process) is what limits start and approval rates here, and a real Temporal clust
 PostgreSQL or Cassandra persistence and several workers is the production path.
 
     python -m bench.open_cases [--cases 10000] [--wave 500] [--quick]
+
+The baseline is like for like: bare workflows of as many no-op activities as a case runs
+after its approval, a wave at a time at the same concurrency, alternating with the approval
+waves, both sides warmed and on workers with the product's sandbox runner.
 """
 
 import argparse
@@ -17,14 +21,26 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from typing import Any
 
 import psutil
+from temporalio.client import WorkflowHandle
 
 from adapters import event_loop
 from adapters.approval_seal import approval_keys, sealing_client
 from adapters.policy_file import load_policy
-from bench.common import embedded_stack, gather_limited, report
-from bench.refund_throughput import run_bare, scheduled_activities
+from bench.common import (
+    Begin,
+    announce,
+    bare_starter,
+    bare_worker,
+    embedded_stack,
+    gather_limited,
+    report,
+    timed_wave,
+)
+from bench.refund_throughput import ACTIVITIES, WORKFLOW_TASKS, history_count
 from domain.models import (
     ApprovalSignal,
     Decision,
@@ -67,77 +83,116 @@ async def wait_count(stack: Stack, tag: str, status: str, target: int, timeout: 
 
 async def in_waves(stack: Stack, tag: str, job: Callable[[int], Callable[[], Awaitable[None]]],
                    cases: int, wave: int, concurrency: int, status: str) -> None:
-    """Starts (or approves) `wave` cases, waits until they all reached `status`, then the
-    next wave: firing all 10,000 at once drowns one worker on two cores (workflow tasks
-    outlive their timeout and are retried, the cache thrashes) and measures only that."""
+    """Starts `wave` cases, waits until they all reached `status`, then the next wave: firing
+    all 10,000 at once drowns one worker on two cores (workflow tasks outlive their timeout
+    and are retried, the cache thrashes) and measures only that."""
     for first in range(0, cases, wave):
         last = min(cases, first + wave)
         await gather_limited([job(i) for i in range(first, last)], concurrency)
         await wait_count(stack, tag, status, last, timeout=(last - first) * 3 + 120)
 
 
-async def main(cases: int, concurrency: int, wave: int) -> dict[str, float]:
-    async with embedded_stack() as env:
+def case_opener(stack: Stack, tag: str, charges: list[str]) -> Callable[[int], Callable[[], Awaitable[None]]]:
+    """The i-th case of `tag` as the relay opens it (the case row, then the workflow); it
+    waits for an approver."""
+    def start(i: int) -> Callable[[], Awaitable[None]]:
+        async def go() -> None:
+            request = RefundRequest(
+                refund_request_id=f"open-{tag}-{i}", provider="sandbox",
+                charge_id=charges[i // CASES_PER_CHARGE],
+                amount=6_000, currency="USD", merchant_account="acct_1",
+                reason=RefundReason.DUPLICATE, evidence={"order_id": f"o-{i}"})
+            await stack.store.create_case(request, "bench")
+            await stack.client.start_workflow(
+                RefundWorkflow.run, RefundWorkflowInput(request=request, requester="bench",
+                                                        timings=stack.settings.timings()),
+                id=request.refund_request_id, task_queue=stack.settings.task_queue)
+        return go
+    return start
+
+
+def approver(stack: Stack, tag: str) -> Begin:
+    """Approves the i-th waiting case of `tag`; its handle, to await its end."""
+    relay = sealing_client(stack.client, approval_keys(stack.settings))  # sealed, as the relay's
+
+    async def approve(i: int) -> WorkflowHandle[Any, Any]:
+        handle = relay.get_workflow_handle(f"open-{tag}-{i}")
+        await handle.signal(RefundWorkflow.approve, ApprovalSignal(
+            approver="bench-approver", roles=("approver",), decision=Decision.APPROVE))
+        return handle
+    return approve
+
+
+async def open_cases(stack: Stack, tag: str, cases: int, wave: int, concurrency: int) -> float:
+    """Seconds to open `cases` cases (ten a charge: each case's validation and advice read
+    the charge's other refunds, so 10,000 on one charge would measure that history) until
+    all wait for approval."""
+    charges = [await stack.charge(CASES_PER_CHARGE * 6_000) for _ in range(-(-cases // CASES_PER_CHARGE))]
+    began = time.perf_counter()
+    await in_waves(stack, tag, case_opener(stack, tag, charges), cases, wave, concurrency,
+                   "awaiting_approval")
+    return time.perf_counter() - began
+
+
+async def main(cases: int, concurrency: int, wave: int) -> dict[str, Any]:
+    """Opens every case, then completes them in rounds of one wave each, alternating with a
+    wave of bare workflows of as many no-op activities as a case runs after its approval,
+    started at the same concurrency and awaited together as the approved wave is (up to
+    `wave` in flight on both sides); bare first in even rounds, approvals first in odd ones.
+    A warm-up wave of each (at most 20) runs first and tells the activity count."""
+    warm = min(wave, 20)
+    announce("open_cases", cases=cases, wave=wave, concurrency=concurrency, warm_up=warm)
+    async with embedded_stack() as env, AsyncExitStack() as workers:
         stack = await open_stack(env.store, env.client, env.temporal.address, worker=False,
                                  late_failure_window_seconds=0, approval_timeout_seconds=24 * 3600,
                                  approval_reminder_seconds=None, approval_escalation_seconds=None)
-        tag = uuid.uuid4().hex[:6]
-        try:
-            # Ten cases a charge: each case's validation and advice read the charge's other
-            # refunds, so 10,000 on one charge would measure that history, not the open cases.
-            charges = [await stack.charge(CASES_PER_CHARGE * 6_000)
-                       for _ in range(-(-cases // CASES_PER_CHARGE))]
-            rss_idle = rss_mib()
-            worker = build_worker(stack.client, stack.settings.task_queue, stack.store, stack.providers,
-                                  load_policy(None), settings=stack.settings)
-            async with worker:
-                def start(i: int) -> Callable[[], Awaitable[None]]:
-                    async def go() -> None:
-                        request = RefundRequest(
-                            refund_request_id=f"open-{tag}-{i}", provider="sandbox",
-                            charge_id=charges[i // CASES_PER_CHARGE],
-                            amount=6_000, currency="USD", merchant_account="acct_1",
-                            reason=RefundReason.DUPLICATE, evidence={"order_id": f"o-{i}"})
-                        await stack.store.create_case(request, "bench")
-                        await stack.client.start_workflow(
-                            RefundWorkflow.run, RefundWorkflowInput(request=request, requester="bench",
-                                                                    timings=stack.settings.timings()),
-                            id=request.refund_request_id, task_queue=stack.settings.task_queue)
-                    return go
+        workers.push_async_callback(stack.close)
+        tag, warm_tag = uuid.uuid4().hex[:6], uuid.uuid4().hex[:6]
+        rss_idle = rss_mib()
+        await workers.enter_async_context(build_worker(
+            stack.client, stack.settings.task_queue, stack.store, stack.providers, load_policy(None),
+            settings=stack.settings))
+        bare_queue = await workers.enter_async_context(bare_worker(env.client))
+        await open_cases(stack, warm_tag, warm, wave, concurrency)
+        warm_seconds = {"approve": await timed_wave(approver(stack, warm_tag), range(warm), concurrency,
+                                                    hold=True)}
+        steps = await history_count(env.client, f"open-{warm_tag}-0", ACTIVITIES, after_first_signal=True)
+        bare = bare_starter(env.client, bare_queue, steps)
+        warm_seconds["bare"] = await timed_wave(bare, range(warm), concurrency, hold=True)
+        sample = await bare(warm)  # outside the timing: what the two histories hold
+        await sample.result()
+        workflow_tasks = {
+            "case_after_approval": await history_count(env.client, f"open-{warm_tag}-0", WORKFLOW_TASKS,
+                                                       after_first_signal=True),
+            "bare": await history_count(env.client, sample.id, WORKFLOW_TASKS)}
 
-                began = time.perf_counter()
-                await in_waves(stack, tag, start, cases, wave, concurrency, "awaiting_approval")
-                opened = time.perf_counter() - began
-                rss_waiting = rss_mib()
-
-                relay = sealing_client(stack.client, approval_keys(stack.settings))  # sealed, as the relay's
-
-                def approve(i: int) -> Callable[[], Awaitable[None]]:
-                    async def go() -> None:
-                        await relay.get_workflow_handle(f"open-{tag}-{i}").signal(
-                            RefundWorkflow.approve, ApprovalSignal(
-                                approver="bench-approver", roles=("approver",), decision=Decision.APPROVE))
-                    return go
-
-                began = time.perf_counter()
-                await in_waves(stack, tag, approve, cases, wave, concurrency, "succeeded")
-                completed = time.perf_counter() - began
-                rss_done = rss_mib()
-            # The baseline: bare workflows with as many no-op activities as a case ran.
-            steps = await scheduled_activities(stack.client, f"open-{tag}-0")
-            baseline = max(20, min(cases, 200))
-            bare = baseline / await run_bare(env.client, baseline, concurrency, steps)
-        finally:
-            await stack.close()
-    completion_rate = cases / completed
-    rows = [{"phase": f"bare workflows, {steps} no-op activities (baseline)", "per_second": bare},
+        opened = await open_cases(stack, tag, cases, wave, concurrency)
+        rss_waiting = rss_mib()
+        rounds: list[dict[str, Any]] = []
+        approve = approver(stack, tag)
+        for number, first in enumerate(range(0, cases, wave)):
+            indices = range(first, min(cases, first + wave))
+            order = ("bare", "approve") if number % 2 == 0 else ("approve", "bare")
+            seconds = {kind: await timed_wave(bare if kind == "bare" else approve, indices, concurrency,
+                                              hold=True) for kind in order}
+            rounds.append({"round": number, "workflows": len(indices), "first": order[0],
+                           "bare_seconds": seconds["bare"], "approve_seconds": seconds["approve"]})
+        rss_done = rss_mib()
+    bare_rate = cases / sum(r["bare_seconds"] for r in rounds)
+    completion_rate = cases / sum(r["approve_seconds"] for r in rounds)
+    rows = [{"phase": f"bare workflows, {steps} no-op activities (baseline)", "per_second": bare_rate},
             {"phase": f"open {cases} cases to awaiting_approval", "per_second": cases / opened},
-            {"phase": "approve all and complete", "per_second": completion_rate}]
-    result = {"completion_ratio": completion_rate / bare, "rss_idle_mib": rss_idle,
+            {"phase": f"approve and complete ({steps} activities each)", "per_second": completion_rate}]
+    result = {"completion_ratio": completion_rate / bare_rate, "activities_after_approval": steps,
+              "baseline_activities": steps, "workflow_tasks": workflow_tasks, "rss_idle_mib": rss_idle,
               "rss_waiting_mib": rss_waiting, "rss_done_mib": rss_done,
               "rss_per_waiting_case_kib": (rss_waiting - rss_idle) * 1024 / cases,
               "seconds_to_all_waiting": opened}
-    report("open_cases", rows, {"cases": cases, "wave": wave, "concurrency": concurrency, **result})
+    report("open_cases", rows, {"cases": cases, "wave": wave, "concurrency": concurrency,
+                                "in_flight_per_round": wave, "warm_up_workflows": warm,
+                                "warm_up_seconds": warm_seconds, "rounds": rounds,
+                                "round_ratios": [round(r["bare_seconds"] / r["approve_seconds"], 3)
+                                                 for r in rounds], **result})
     return result
 
 
@@ -145,7 +200,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--cases", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, default=20)
-    parser.add_argument("--wave", type=int, default=500, help="cases started or approved per wave")
-    parser.add_argument("--quick", action="store_true", help="a smoke run (30 cases)")
+    parser.add_argument("--wave", type=int, default=500,
+                        help="cases started or approved per wave; bare workflows per round")
+    parser.add_argument("--quick", action="store_true", help="a smoke run (30 cases in waves of 10)")
     args = parser.parse_args()
-    event_loop.run(main(30 if args.quick else args.cases, args.concurrency, args.wave))
+    event_loop.run(main(30 if args.quick else args.cases, args.concurrency, 10 if args.quick else args.wave))

@@ -6,10 +6,16 @@ are set-based); by default 0.1 % of the objects are breaks, which open exception
 
     python -m bench.reconciliation [--objects 100000] [--break-every 1000] [--quick]
 
+Runs are warmed (a small backfill first) and interleaved (baseline and measured alternate
+over `--rounds` rounds, each over a window of its own); each run's breaks found are held
+to the breaks planted in its window, and a difference exits non-zero.
+
 Peak memory is Python's (tracemalloc, reset before each run) across the whole process,
 which hosts the worker, the relay and the sandbox provider. It grows with the number of
 breaks (each open exception case is a workflow the worker keeps cached while it waits for
 approval), not with the number of objects: `--break-every 0` shows the objects' share alone.
+Since earlier runs' cached workflows stay in the process, the ratio uses each run's growth
+(peak minus what was traced when it began).
 """
 
 import argparse
@@ -22,7 +28,7 @@ from typing import Any
 import httpx
 
 from adapters import event_loop
-from bench.common import embedded_stack, report
+from bench.common import announce, embedded_stack, report
 from starters.progress import follow_run
 from tests.harness import Stack, open_stack
 
@@ -77,6 +83,7 @@ async def seed(stack: Stack, tag: str, count: int, since: datetime, until: datet
 async def backfill(stack: Stack, since: datetime, until: datetime) -> dict[str, Any]:
     """One backfill through the relay, timed with Python's peak memory."""
     tracemalloc.reset_peak()
+    before = tracemalloc.get_traced_memory()[0]
     started = time.perf_counter()
     async with httpx.AsyncClient(base_url=stack.relay_url, timeout=60,
                                  headers={"Authorization": f"Bearer {stack.tokens['olga']}"}) as api:
@@ -87,42 +94,82 @@ async def backfill(stack: Stack, since: datetime, until: datetime) -> dict[str, 
     seconds = time.perf_counter() - started
     return {"objects": result["objects_seen"], "breaks": result["new_breaks"], "seconds": seconds,
             "per_second": result["objects_seen"] / seconds,
-            "peak_mib": tracemalloc.get_traced_memory()[1] / 2**20}
+            "peak_mib": tracemalloc.get_traced_memory()[1] / 2**20,
+            "peak_growth_mib": (tracemalloc.get_traced_memory()[1] - before) / 2**20}
 
 
-async def main(objects: int, break_every: int) -> dict[str, float]:
+def planted(count: int, break_every: int) -> int:
+    """How many breaks `_refund` plants among `count` objects."""
+    return 0 if break_every <= 0 else -(-count // break_every)
+
+
+async def main(objects: int, break_every: int, rounds: int) -> dict[str, Any]:
+    """A warm-up backfill first (its own small window), then `rounds` rounds of a baseline
+    and a measured backfill, each over a window of its own, the baseline first in even rounds
+    and the measured one first in odd ones. Exits non-zero when a run found a different
+    number of breaks than were planted in its window."""
     baseline_objects = max(objects // 10, 100)
+    announce("reconciliation", objects=objects, baseline_objects=baseline_objects, break_every=break_every,
+             rounds=rounds)
     now = datetime.now(UTC)
-    windows = {"baseline": (now - timedelta(days=200), now - timedelta(days=110), baseline_objects),
-               "measured": (now - timedelta(days=100), now - timedelta(days=10), objects)}
+    slots = [("warm-up", min(baseline_objects, 500))]
+    for number in range(rounds):
+        pair = [("baseline", baseline_objects), ("measured", objects)]
+        slots += pair if number % 2 == 0 else pair[::-1]
+    # Each window its own 15 days.
+    windows = [(now - timedelta(days=20 * n + 20), now - timedelta(days=20 * n + 5))
+               for n in range(len(slots))]
     tracemalloc.start()
+    runs: list[dict[str, Any]] = []
     async with embedded_stack() as env:
         stack = await open_stack(env.store, env.client, env.temporal.address)
+        # A window's objects end a minute before the grace at its end: objects younger than
+        # that are left to in-flight webhooks by design, not judged (the missed break of the
+        # earlier figures was the newest object, planted inside it).
+        objects_end = timedelta(seconds=stack.settings.reconciliation_grace_seconds + 60)
         try:
-            for name, (since, until, count) in windows.items():
+            for (name, count), (since, until) in zip(slots, windows, strict=True):
                 started = time.perf_counter()
-                await seed(stack, f"{name}{uuid.uuid4().hex[:4]}", count, since, until, break_every)
+                await seed(stack, f"{name[0]}{uuid.uuid4().hex[:4]}", count, since, until - objects_end,
+                           break_every)
                 print(f"seeded {count} {name} objects in {time.perf_counter() - started:.1f}s", flush=True)
-            base = await backfill(stack, *windows["baseline"][:2])
-            measured = await backfill(stack, *windows["measured"][:2])
+            for (name, count), (since, until) in zip(slots, windows, strict=True):
+                run = {"run": name, **await backfill(stack, since, until),
+                       "planted": planted(count, break_every)}
+                print(run, flush=True)
+                runs.append(run)
         finally:
             await stack.close()
     tracemalloc.stop()
-    time_ratio = (measured["seconds"] / measured["objects"]) / (base["seconds"] / base["objects"])
-    memory_ratio = measured["peak_mib"] / base["peak_mib"]
-    rows = [{"run": "baseline", **base, "time_per_object_ratio": 1.0, "peak_ratio": 1.0},
-            {"run": "measured", **measured, "time_per_object_ratio": time_ratio, "peak_ratio": memory_ratio}]
-    report("reconciliation", rows, {"objects": objects, "baseline_objects": baseline_objects,
-                                    "break_every": break_every,
-                                    "time_per_object_ratio": time_ratio, "peak_memory_ratio": memory_ratio,
-                                    "target": "both ratios near 1.0 (linear time, flat memory)"})
-    return {"time_per_object_ratio": time_ratio, "peak_memory_ratio": memory_ratio}
+    measured_runs = [r for r in runs if r["run"] != "warm-up"]
+
+    def pooled(name: str, key: str) -> float:
+        chosen = [float(r[key]) for r in measured_runs if r["run"] == name]
+        return sum(chosen) / len(chosen)
+
+    def per_object(name: str) -> float:
+        return pooled(name, "seconds") / pooled(name, "objects")
+
+    time_ratio = per_object("measured") / per_object("baseline")
+    memory_ratio = pooled("measured", "peak_growth_mib") / pooled("baseline", "peak_growth_mib")
+    missed = [r for r in runs if r["breaks"] != r["planted"]]
+    report("reconciliation", runs, {
+        "objects": objects, "baseline_objects": baseline_objects, "break_every": break_every,
+        "rounds": rounds, "window_days": 15, "objects_end_before_window_end": str(objects_end),
+        "breaks_planted": sum(r["planted"] for r in runs), "breaks_found": sum(r["breaks"] for r in runs),
+        "time_per_object_ratio": time_ratio, "peak_growth_ratio": memory_ratio,
+        "target": "both ratios near 1.0 (linear time, flat memory); found == planted in every run"})
+    if missed:
+        raise SystemExit(f"breaks found differ from breaks planted: {missed}")
+    return {"time_per_object_ratio": time_ratio, "peak_growth_ratio": memory_ratio}
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--objects", type=int, default=100_000)
     parser.add_argument("--break-every", type=int, default=1_000, help="one break per N objects; 0: none")
-    parser.add_argument("--quick", action="store_true", help="a smoke run (2,000 objects vs 200)")
+    parser.add_argument("--rounds", type=int, default=2, help="baseline and measured pairs, alternating")
+    parser.add_argument("--quick", action="store_true", help="a smoke run (2,000 objects vs 200, 1 round)")
     args = parser.parse_args()
-    event_loop.run(main(2_000 if args.quick else args.objects, args.break_every))
+    event_loop.run(main(2_000 if args.quick else args.objects, args.break_every,
+                        1 if args.quick else args.rounds))

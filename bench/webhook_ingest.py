@@ -4,7 +4,8 @@
    second and p50/p99 acknowledgement latency, as a ratio of a bare client doing the same
    signal-with-start straight to Temporal (target >= 0.8).
 3. Duplicate storm: the cost of the 2nd..12th delivery of an event as a ratio of the first
-   (target <= 0.3); duplicates never reach Temporal.
+   (target <= 0.3); duplicates never reach Temporal: every measured workflow's history holds
+   exactly one signal (the start's), one workflow per event, or the run exits non-zero.
 
 No worker runs: this measures the front door, not the refunds behind it.
 
@@ -17,10 +18,14 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+from temporalio.client import Client
+
 from adapters import event_loop
-from bench.common import embedded_stack, pin_temporal_apart, report, summary
+from bench.common import announce, embedded_stack, gather_limited, pin_temporal_apart, report, summary
 from tests.harness import PAYLOAD_KEYS, open_stack
 
 MEASURED = "rrq"
@@ -58,6 +63,7 @@ async def main(events: int, concurrency: int, copies: int, rounds: int, pin: boo
     the relay's connection pool and prepared statements by a few deliveries of its own."""
     per_round = max(1, events // rounds)
     events = per_round * rounds
+    announce("webhook_ingest", events=events, rounds=rounds, copies=copies, concurrency=concurrency, pin=pin)
     async with embedded_stack() as env:
         stack = await open_stack(env.store, env.client, env.temporal.address, worker=False)
         placement = pin_temporal_apart(env) if pin else "not pinned: everything shares every core"
@@ -76,8 +82,8 @@ async def main(events: int, concurrency: int, copies: int, rounds: int, pin: boo
                 for kind in ("bare", "relay") if round_number % 2 == 0 else ("relay", "bare"):
                     runs[kind].append(await load(*loads[kind]))
             bare, relay = merged(runs["bare"]), merged(runs["relay"])
-            started = await env.client.count_workflows(
-                f"TaskQueue = '{stack.settings.task_queue}' AND WorkflowId STARTS_WITH 'sandbox-{MEASURED}_'")
+            signals = await signals_received(env.client, f"TaskQueue = '{stack.settings.task_queue}'"
+                                                         f" AND WorkflowId STARTS_WITH 'sandbox-{MEASURED}_'")
         finally:
             await stack.close()
     bare_rate = events / bare["first"]["seconds"]
@@ -94,15 +100,43 @@ async def main(events: int, concurrency: int, copies: int, rounds: int, pin: boo
               for b, r in zip(runs["bare"], runs["relay"], strict=True)]
     result = {"ingest_ratio": relay_rate / bare_rate,
               "duplicate_cost_ratio": dup["mean_ms"] / first["mean_ms"],
-              "workflows_started": float(started.count)}
+              "workflows_started": len(signals)}
     report("webhook_ingest", rows, {"events": events, "rounds": rounds, "copies": copies,
                                     "concurrency": concurrency, "placement": placement,
                                     "round_ingest_ratios": spread,
+                                    "round_seconds": {
+                                        "bare": [r["first"]["seconds"] for r in runs["bare"]],
+                                        "relay_first": [r["first"]["seconds"] for r in runs["relay"]],
+                                        "relay_duplicates": [r["duplicates"]["seconds"]
+                                                             for r in runs["relay"]]},
                                     "first_verdicts": relay["verdicts"],
                                     "duplicate_verdicts": relay["duplicate_verdicts"],
+                                    "deliveries": events * copies,
+                                    "signals_received_per_workflow": dict(Counter(signals.values())),
                                     "target_ingest_ratio": 0.8, "target_duplicate_cost_ratio": 0.3,
                                     **result})
+    if len(signals) != events or set(signals.values()) != {1}:
+        raise SystemExit(f"duplicates reached Temporal: {len(signals)} workflows for {events} events,"
+                         f" signals received {dict(Counter(signals.values()))}")
     return result
+
+
+async def signals_received(client: Client, query: str) -> dict[str, int]:
+    """Each matching workflow's count of signals in its history: the relay's first delivery
+    starts it with one signal, so one each means no duplicate reached Temporal (a duplicate
+    delivered to an existing workflow would be a second signal, not a second workflow)."""
+    ids = [w.id async for w in client.list_workflows(query)]
+    counts: dict[str, int] = {}
+
+    def count(workflow_id: str) -> Callable[[], Awaitable[None]]:
+        async def go() -> None:
+            history = await client.get_workflow_handle(workflow_id).fetch_history()
+            counts[workflow_id] = sum(1 for e in history.events
+                                      if e.HasField("workflow_execution_signaled_event_attributes"))
+        return go
+
+    await gather_limited([count(i) for i in ids], 20)
+    return counts
 
 
 if __name__ == "__main__":
