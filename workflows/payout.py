@@ -81,8 +81,9 @@ class PayoutReversalWorkflow(ApprovingWorkflow):
     allows) the hold's rollback instead. A remediated case then waits `reissue_window` for
     a reissue request, which has its own approval round and executes once."""
 
-    def __init__(self) -> None:
-        self._inp: PayoutCaseInput | None = None
+    @workflow.init
+    def __init__(self, inp: PayoutCaseInput) -> None:
+        self._inp: PayoutCaseInput | None = inp
         self._status = PayoutCaseStatus.OPENING
         self._status_recorded = PayoutCaseStatus.OPENING
         self._inbox: list[PayoutEvent] = []
@@ -99,6 +100,8 @@ class PayoutReversalWorkflow(ApprovingWorkflow):
         self._reissued: PayoutSnapshot | None = None
         self._reissue_refused = False  # ops told that our key is refused
         self._unknown_attempts = 0  # reissue attempts with an unknown outcome, across runs
+        if inp.carried is not None:
+            self._restore(inp.carried)
 
     # -- interface ---------------------------------------------------------------------
 
@@ -148,7 +151,6 @@ class PayoutReversalWorkflow(ApprovingWorkflow):
 
     @workflow.run
     async def run(self, inp: PayoutCaseInput) -> PayoutCaseState:
-        self._inp = inp
         if inp.carried is not None:
             return await self._resume(inp.carried)
         await workflow.wait_condition(lambda: bool(self._inbox))
@@ -443,19 +445,8 @@ class PayoutReversalWorkflow(ApprovingWorkflow):
             runs=carried.runs + 1 if carried else 2)}))
 
     async def _resume(self, carried: PayoutCarry) -> PayoutCaseState:
-        """A continued run: the case as carried, then the wait it was in (the reissue
-        window, the reissue loop, or the events that came meanwhile: `closing`)."""
-        self._status = self._status_recorded = carried.status
-        self._payout, self._decision = carried.payout, carried.decision
-        self._open_round(REISSUE_STEPS if carried.reissue_round else REVERSAL_STEPS, carried.requester)
-        self._round.approvals, self._round.refused = list(carried.approvals), list(carried.refused)
-        self._round.decided = True
-        self._runbook, self._timeline = list(carried.runbook), list(carried.timeline)
-        self._events_seen += carried.events_seen
-        self._inbox = [*carried.inbox, *(e for e in self._inbox if e.idempotency_key() not in carried.keys)]
-        self._keys |= set(carried.keys)
-        self._reissue_ask, self._reissue_refused = carried.reissue_ask, carried.reissue_refused
-        self._unknown_attempts, self._reissued = carried.unknown_attempts, carried.reissued
+        """A continued run: the wait it was in (the reissue window, the reissue loop, or the
+        events that came meanwhile: `closing`); `__init__` restored the case."""
         if carried.phase == "reissue_window":
             await self._offer_reissue(carried.decision, carried.deadline)
             return await self._finish()
@@ -464,6 +455,21 @@ class PayoutReversalWorkflow(ApprovingWorkflow):
             await self._reissue(resumed=True)
         await self._take_events("closing")
         return await self._finish()
+
+    def _restore(self, carried: PayoutCarry) -> None:
+        """The carried case, from `__init__`: before any handler of the new run, so a reissue
+        request or event that comes with its first activation is judged against the case,
+        not an opening one. Only state: no command, so no patch is needed."""
+        self._status = self._status_recorded = carried.status
+        self._payout, self._decision = carried.payout, carried.decision
+        self._open_round(REISSUE_STEPS if carried.reissue_round else REVERSAL_STEPS, carried.requester)
+        self._round.approvals, self._round.refused = list(carried.approvals), list(carried.refused)
+        self._round.decided = True
+        self._runbook, self._timeline = list(carried.runbook), list(carried.timeline)
+        self._events_seen = carried.events_seen
+        self._inbox, self._keys = list(carried.inbox), set(carried.keys)
+        self._reissue_ask, self._reissue_refused = carried.reissue_ask, carried.reissue_refused
+        self._unknown_attempts, self._reissued = carried.unknown_attempts, carried.reissued
 
     # -- bookkeeping -------------------------------------------------------------------
 

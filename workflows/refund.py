@@ -41,7 +41,6 @@ with workflow.unsafe.imports_passed_through():
         RefundCarry,
         RefundOutcome,
         RefundRequest,
-        RefundTimings,
         RefundWorkflowInput,
         SubmitInput,
         ValidateInput,
@@ -94,9 +93,10 @@ APPROVAL_STEPS = {ApprovalOutcome.REQUESTED: (CaseStatus.AWAITING_APPROVAL, Fals
 class RefundWorkflow(ApprovingWorkflow):
     """Validate → policy → (approvals) → submit once → verify when unsure → ledger → watch."""
 
-    def __init__(self) -> None:
-        self._request: RefundRequest | None = None
-        self._timings = RefundTimings()
+    @workflow.init
+    def __init__(self, inp: RefundWorkflowInput) -> None:
+        self._request: RefundRequest | None = inp.request
+        self._timings = inp.timings
         self._status = CaseStatus.REQUESTED
         self._decision: PolicyDecision | None = None
         self._round = ApprovalRound()
@@ -118,12 +118,16 @@ class RefundWorkflow(ApprovingWorkflow):
         self._applying: tuple[Observation, ProviderRefund, dict[str, Any]] | None = None
         self._validating: asyncio.Future[ValidationResult] | None = None
         self._cancel_requested = False
-        self._input: RefundWorkflowInput | None = None
+        self._input: RefundWorkflowInput | None = inp
         self._context = "submit"  # or "follow": where a continued run picks up
         self._escalated: str | None = None
         self._status_before_escalation = CaseStatus.REQUESTED
         self._attempt = 0  # submits made, across continued runs
         self._submit_ended: datetime | None = None  # when the last unanswered submit ended
+        self._round.requester = inp.requester
+        self._round.conflicted = frozenset(inp.request.trigger_identities)
+        if inp.carried is not None:
+            self._restore(inp.carried)
 
     # -- interface ---------------------------------------------------------------------
 
@@ -161,12 +165,8 @@ class RefundWorkflow(ApprovingWorkflow):
             return await self._canceled()
 
     async def _run(self, inp: RefundWorkflowInput) -> RefundOutcome:
-        self._request = request = inp.request
+        request = inp.request
         self._provider_scoped = workflow.patched(PROVIDER_SCOPED_WAIT_PATCH)
-        self._round.requester = inp.requester
-        self._round.conflicted = frozenset(request.trigger_identities)
-        self._timings = inp.timings
-        self._input = inp
         if inp.carried is not None:
             return await self._resume(inp.carried)
         self._status = CaseStatus.VALIDATING
@@ -655,8 +655,7 @@ class RefundWorkflow(ApprovingWorkflow):
             return await self._take_notification(notified)
 
     async def _resume(self, carried: RefundCarry) -> RefundOutcome:
-        """A continued run: the case as carried, then the wait it was in."""
-        self._restore(carried)
+        """A continued run: the wait it was in (`__init__` restored the case)."""
         found: ProviderRefund | None = None
         if carried.phase == "verify":
             found = await self._verify(carried.reason)
@@ -681,7 +680,9 @@ class RefundWorkflow(ApprovingWorkflow):
         return await self._submitted(found)
 
     def _restore(self, carried: RefundCarry) -> None:
-        """The carried case; events that reached this run before it started join them."""
+        """The carried case, from `__init__`: before any handler of the new run, so an early
+        signal or update is judged against the case (and a late verdict meets a decided
+        round), not the fresh run's state. Only state: no command, so no patch is needed."""
         self._status, self._decision = carried.status, carried.decision
         if carried.decision is not None:
             self._round.requirements, self._round.tier = carried.decision.requirements, carried.decision.tier
@@ -689,10 +690,8 @@ class RefundWorkflow(ApprovingWorkflow):
         self._round.decided = True
         self._refund, self._failure_reason = carried.refund, carried.failure_reason
         self._postings = list(carried.postings)
-        self._events_seen += carried.events_seen
-        self._event_inbox = [*carried.inbox,
-                             *(e for e in self._event_inbox if e.event_id not in carried.event_ids)]
-        self._event_ids |= set(carried.event_ids)
+        self._events_seen = carried.events_seen
+        self._event_inbox, self._event_ids = list(carried.inbox), set(carried.event_ids)
         self._succeeded_at, self._lookup_escalated = carried.succeeded_at, carried.lookup_escalated
         self._duplicates = set(carried.duplicates)
         self._escalated, self._status_before_escalation = carried.escalated, carried.status_before_escalation

@@ -35,8 +35,9 @@ class RefundTrackingWorkflow:
     failure. Idempotent: the id derives from provider + refund id, events act once by
     event id, and ledger postings are keyed per case and template."""
 
-    def __init__(self) -> None:
-        self._inp: TrackingInput | None = None
+    @workflow.init
+    def __init__(self, inp: TrackingInput) -> None:
+        self._inp: TrackingInput | None = inp
         self._status = CaseStatus.TRACKING
         self._inbox: list[ProviderEvent] = []
         self._event_ids: set[str] = set()
@@ -44,6 +45,8 @@ class RefundTrackingWorkflow:
         self._postings: list[str] = []
         self._events_seen = 0
         self._succeeded_at: datetime | None = None
+        if inp.carried is not None:
+            self._restore(inp.carried)
 
     @workflow.signal
     def provider_event(self, event: ProviderEvent) -> None:
@@ -67,9 +70,6 @@ class RefundTrackingWorkflow:
 
     @workflow.run
     async def run(self, inp: TrackingInput) -> RefundOutcome:
-        self._inp = inp
-        if inp.carried is not None:
-            self._restore(inp.carried)
         window = inp.timings.late_failure_window
         while True:
             await self._bound_history()
@@ -116,12 +116,12 @@ class RefundTrackingWorkflow:
             inbox=tuple(self._inbox), succeeded_at=self._succeeded_at)}))
 
     def _restore(self, carried: TrackingCarry) -> None:
-        """The carried case; events that reached this run before it started join them."""
+        """The carried case, from `__init__`: before any handler of the new run, so an early
+        event meets the case it belongs to. Only state: no command, so no patch is needed."""
         self._status, self._refund = carried.status, carried.refund
         self._postings, self._succeeded_at = list(carried.postings), carried.succeeded_at
-        self._events_seen += carried.events_seen
-        self._inbox = [*carried.inbox, *(e for e in self._inbox if e.event_id not in carried.event_ids)]
-        self._event_ids |= set(carried.event_ids)
+        self._events_seen = carried.events_seen
+        self._inbox, self._event_ids = list(carried.inbox), set(carried.event_ids)
 
     async def _apply(self, step: Observation, reported: ProviderRefund, source: str) -> None:
         if step.status is None:
