@@ -35,6 +35,7 @@ from temporalio.worker import (
 
 from adapters.config import Settings, secret_list
 from domain.models import ApprovalSignal
+from domain.seals import CheckedApproval
 
 SEAL_HEADER = "refunds-approval-seal"
 SEAL_VERSION = "v1"
@@ -45,20 +46,6 @@ MAX_AGE = timedelta(minutes=15)
 MAX_SKEW = timedelta(minutes=1)
 """How far ahead of the workflow's clock the relay's clock may be."""
 _HEADER_CONVERTER = PayloadConverter.default
-
-
-class CheckedApproval(ApprovalSignal):
-    """A verdict as the worker's seal check hands it to the workflow: `refusal` is empty
-    when the relay's seal held. Only the interceptor builds one."""
-
-    refusal: str = ""
-
-
-def seal_refusal(signal: ApprovalSignal) -> str:
-    """Why a verdict does not carry the relay's authority ("" when it does)."""
-    if not isinstance(signal, CheckedApproval):
-        return "approval not checked for the relay's seal (worker without the seal check)"
-    return signal.refusal
 
 
 def _message(workflow_id: str, signal: ApprovalSignal, issued_at: int, nonce: str) -> bytes:

@@ -155,6 +155,7 @@ async def test_relay_trusts_forwarded_headers_only_from_the_proxies_it_is_told(
            "TEMPORAL_ADDRESS": temporal_server.address, "REFUNDS_DATABASE_URL": postgres_dsn,
            "REFUNDS_PAYLOAD_KEYS": PAYLOAD_KEYS, "REFUNDS_SANDBOX_WEBHOOK_SECRET": "whsec-forwarded",
            "REFUNDS_RELAY_PORT": str(port), "REFUNDS_WORKER_HEALTH_PORT": "0",
+           "REFUNDS_APPROVAL_KEYS": "k-forwarded",  # configured as in production: no warning first
            "REFUNDS_WEBHOOK_ALLOWED_SOURCES": '{"sandbox": ["203.0.113.7/32"]}'}
     process = subprocess.Popen([REFUNDS, "relay", "--forwarded-allow-ips", "10.0.0.1"], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -22,7 +22,14 @@ from adapters.http_server import AppServer, reserve_port
 from adapters.store import Store
 from starters import sandbox_provider
 from starters.stack import TemporalDevServer, free_port
-from tests.harness import PAYLOAD_KEYS, Stack, create_database_roles, process_env, wait_until_ready
+from tests.harness import (
+    APPROVAL_KEYS,
+    PAYLOAD_KEYS,
+    Stack,
+    create_database_roles,
+    process_env,
+    wait_until_ready,
+)
 from tests.test_approvals import decide
 from tests.test_cli import REFUNDS, run
 
@@ -71,7 +78,7 @@ async def test_relay_and_worker_processes_carry_an_approved_refund_across_a_work
     await sandbox.start()
     env = process_env(
         REFUNDS_DATABASE_URL=runtime_dsn, TEMPORAL_ADDRESS=temporal_server.address,
-        REFUNDS_PAYLOAD_KEYS=PAYLOAD_KEYS, REFUNDS_TASK_QUEUE=task_queue,
+        REFUNDS_PAYLOAD_KEYS=PAYLOAD_KEYS, REFUNDS_APPROVAL_KEYS=APPROVAL_KEYS, REFUNDS_TASK_QUEUE=task_queue,
         REFUNDS_SANDBOX_API_BASE=sandbox.url, REFUNDS_SANDBOX_WEBHOOK_SECRET=webhook_secret,
         REFUNDS_RELAY_PORT=str(relay_port), REFUNDS_WORKER_HEALTH_PORT=str(health_port),
         REFUNDS_TEMPORAL_METRICS_PORT="0", REFUNDS_GRACEFUL_SHUTDOWN_SECONDS=str(GRACE_SECONDS),

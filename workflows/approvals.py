@@ -16,7 +16,6 @@ from temporalio import workflow
 from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from adapters.approval_seal import seal_refusal
     from domain.lifecycle import check_approval, unfilled
     from domain.models import (
         ApprovalProgress,
@@ -27,6 +26,7 @@ with workflow.unsafe.imports_passed_through():
         RefundTimings,
         RoleRequirement,
     )
+    from domain.seals import seal_refusal
 
 LATE_VERDICTS_PATCH = "approval-late-verdicts-1"
 """Verdicts that arrive once a round is decided are answered at once and audited; before,
