@@ -61,12 +61,13 @@ async def delivery(store: Store, receipt_id: int) -> StoredDelivery | None:
                           received_at=row["received_at"], verdict=row["verdict"])
 
 
-async def deliveries_since(store: Store, since: datetime) -> list[int]:
-    """Original deliveries (not earlier replays) received at or after `since`, oldest first."""
+async def deliveries_since(store: Store, since: datetime, *, after_id: int, limit: int) -> list[int]:
+    """Original deliveries (not earlier replays) received at or after `since`, oldest first,
+    past receipt `after_id`: at most `limit` of them (a page; the caller goes on from the last)."""
     async with store.transaction() as conn:
         cur = await conn.execute(
             "SELECT id FROM webhook_receipts WHERE received_at >= %s AND replay_of IS NULL"
-            " ORDER BY id", (since,))
+            " AND id > %s ORDER BY id LIMIT %s", (since, after_id, limit))
         return [int(r["id"]) for r in await cur.fetchall()]
 
 

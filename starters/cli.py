@@ -193,9 +193,18 @@ async def cmd_webhooks_coverage(args: argparse.Namespace, settings: Settings) ->
 
 
 async def cmd_webhooks_replay(args: argparse.Namespace, settings: Settings) -> int:
-    body = {"receipt_id": args.receipt} if args.receipt is not None else {"since": args.since}
+    if args.receipt is not None:
+        async with _api(args, settings) as api:
+            return _show(await api.post("/v1/webhook-receipts/replay", json={"receipt_id": args.receipt}))
+    replayed: list[Any] = []
     async with _api(args, settings) as api:
-        return _show(await api.post("/v1/webhook-receipts/replay", json=body))
+        while True:  # a page a call, so no request outlives its client however long the window
+            response = await api.post("/v1/webhook-receipts/replay", json={
+                "since": args.since, "after_receipt_id": max((r["replay_of"] for r in replayed), default=0)})
+            if not response.is_success or not response.json():
+                break
+            replayed += response.json()
+    return _show(response) if not response.is_success else _print_json(replayed)
 
 
 async def cmd_webhooks_redrive(args: argparse.Namespace, settings: Settings) -> int:

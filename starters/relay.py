@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import AwareDatetime, BaseModel, ConfigDict
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from temporalio.client import Client
 
 from adapters import metrics
@@ -63,6 +63,10 @@ class ReplayBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     receipt_id: int | None = None
     since: AwareDatetime | None = None
+    after_receipt_id: int = Field(default=0, ge=0)
+    """With `since`: go on after this original receipt (the last page's highest `replay_of`)."""
+    limit: int = Field(default=100, ge=1, le=1000)
+    """With `since`: at most this many deliveries a call."""
 
 
 class WebhookAck(BaseModel):
@@ -320,7 +324,8 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
             results = [one]
         else:
             assert body.since is not None
-            results = await desk.replay_since(body.since)
+            results = await desk.replay_since(body.since, after_id=body.after_receipt_id,
+                                              limit=body.limit)
         await store.append_audit(None, caller.user, "webhooks_replayed",
                                  {**body.model_dump(mode="json"),
                                   "receipts": [r.receipt_id for r in results]})

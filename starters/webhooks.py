@@ -297,9 +297,12 @@ class WebhookDesk:
         return await self.ingest(stored.provider, stored.headers, stored.body,
                                  now=stored.received_at.timestamp(), peer=None, replay_of=receipt_id)
 
-    async def replay_since(self, since: datetime) -> list[IngestResult]:
-        """Replays every original delivery received since `since`, oldest first."""
-        results = [await self.replay(i) for i in await receipts.deliveries_since(self._store, since)]
+    async def replay_since(self, since: datetime, *, after_id: int = 0, limit: int) -> list[IngestResult]:
+        """Replays one page of original deliveries received since `since`, oldest first: at
+        most `limit`, after receipt `after_id`. A page, so one call stays short however many
+        receipts the window holds (a whole window in one request outlived its client)."""
+        page = await receipts.deliveries_since(self._store, since, after_id=after_id, limit=limit)
+        results = [await self.replay(i) for i in page]
         return [r for r in results if r is not None]
 
     async def redrive(self) -> list[IngestResult]:

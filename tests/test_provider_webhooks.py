@@ -267,6 +267,29 @@ async def test_replay_goes_through_the_same_path_and_acts_once(
     assert len(await hooks.store.ledger_entries(case_id)) == 2
 
 
+async def test_a_replay_window_is_paged_so_no_call_outlives_its_client(
+        hooks: Stack, capsys: pytest.CaptureFixture[str]) -> None:
+    """A window's replay answers one page a call (`limit`, then `after_receipt_id`); the CLI
+    walks the pages. One call over every receipt since 0 timed out in the schema fuzz."""
+    firsts = []
+    for _ in range(3):
+        body, _refund = recorded("cashfree")
+        firsts.append((await post(hooks, "cashfree", body, sign_cashfree(body))).json()["receipt_id"])
+    stored = await receipts.delivery(hooks.store, firsts[0])
+    assert stored is not None
+    since = stored.received_at.isoformat()
+    async with hooks.api("olga") as api:
+        page = await api.post("/v1/webhook-receipts/replay", json={"since": since, "limit": 2})
+        assert [r["replay_of"] for r in page.json()] == firsts[:2]
+        rest = await api.post("/v1/webhook-receipts/replay", json={
+            "since": since, "limit": 2, "after_receipt_id": firsts[1]})
+        assert [r["replay_of"] for r in rest.json()][:1] == firsts[2:]
+        assert (await api.post("/v1/webhook-receipts/replay", json={"since": since, "limit": 1001})
+                ).status_code == 422
+    walked = await cli(hooks, capsys, "webhooks", "replay", "--since", since)
+    assert set(firsts) <= {r["replay_of"] for r in walked}
+
+
 async def test_redrive_heals_a_receipt_stored_but_never_routed(
         hooks: Stack, capsys: pytest.CaptureFixture[str]) -> None:
     body, refund_id = recorded("cashfree")
