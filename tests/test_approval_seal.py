@@ -140,6 +140,9 @@ async def test_a_worker_holding_a_new_and_the_old_key_counts_an_old_seal(
         relay_before_rotation = sealing_client(client, ApprovalKeys([APPROVAL_KEYS]))
         await relay_before_rotation.get_workflow_handle(case_id).signal(
             RefundWorkflow.approve, _verdict("bob", roles=("approver",)))
-        await rotated.wait_for_status(case_id, "succeeded")
+        row = await rotated.wait_for_status(case_id, "succeeded")
+        assert row["status"] == "succeeded"
+        actions = [e["action"] for e in await rotated.store.audit_trail(case_id)]
+        assert "approval_granted" in actions and "approval_refused" not in actions  # the old seal counted
     finally:
         await rotated.close()
