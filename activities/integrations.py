@@ -22,7 +22,7 @@ from adapters.notify.message import render, template_for
 from adapters.store import Store
 from domain import contracts, errors
 from domain.advice import AdviceContext, PriorRefund, TimelineEntry, guarded
-from domain.integrations import AdviceReceipt, AdviseInput, DeliverNoticeInput
+from domain.integrations import AdviceReceipt, AdviseInput, DeliverNoticeInput, DeliverNoticesInput
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,20 @@ class IntegrationActivities:
     async def deliver_notice(self, inp: DeliverNoticeInput) -> None:
         """Sends an outbox notice to every channel that carries it (see `deliver`)."""
         await self.deliver(inp.dedup_key)
+
+    @activity.defn(name=contracts.DELIVER_NOTICES.name)
+    async def deliver_notices(self, inp: DeliverNoticesInput) -> None:
+        """A courier's batch, in order; one notice's failure does not hold back the others,
+        and a retry resends only what certainly failed (see `deliver`)."""
+        failures: list[ApplicationError] = []
+        for key in inp.dedup_keys:
+            try:
+                await self.deliver(key)
+            except ApplicationError as exc:
+                failures.append(exc)
+        if failures:
+            raise ApplicationError("; ".join(str(f) for f in failures), type=errors.NOTICE_DELIVERY_FAILED,
+                                   non_retryable=all(f.non_retryable for f in failures))
 
     async def deliver(self, dedup_key: str) -> None:
         """Sends an outbox notice to every channel that carries it, at most once per channel:
@@ -129,4 +143,4 @@ class IntegrationActivities:
         return AdviceReceipt(available=stored["advice"] is not None, source=stored["source"])
 
     def all(self) -> list[Callable[..., Any]]:
-        return [self.deliver_notice, self.advise_refund]
+        return [self.deliver_notice, self.deliver_notices, self.advise_refund]

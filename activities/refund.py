@@ -29,11 +29,12 @@ from domain import contracts, errors
 from domain.models import (
     CaseEventInput,
     CaseStatus,
+    CaseWrites,
+    CaseWritten,
     ChargeSnapshot,
     LedgerInput,
     LedgerResult,
     NoticeInput,
-    PolicyContext,
     PolicyDecision,
     PolicyInput,
     ProviderRefund,
@@ -44,8 +45,9 @@ from domain.models import (
     ValidationResult,
     VerifyInput,
     VerifyResult,
+    Vetted,
 )
-from domain.policy import Policy, decide
+from domain.policy import Policy, charge_problem, decide, policy_context
 
 log = logging.getLogger(__name__)
 
@@ -65,17 +67,10 @@ def configuration_refused(exc: ProviderConfigurationRefused) -> ApplicationError
     return ApplicationError(str(exc), type=errors.CONFIGURATION_REFUSED, non_retryable=True)
 
 
-def charge_problem(request: RefundRequest, charge: ChargeSnapshot | None) -> str | None:
-    """Why the charge cannot take this refund, or None when it can."""
-    if charge is None:
-        return f"charge {request.charge_id} not found at {request.provider}"
-    if not charge.captured or charge.amount_captured <= 0:
-        return "charge is not captured"
-    if charge.currency != request.currency:
-        return f"currency {request.currency} does not match the charge's {charge.currency}"
-    if charge.merchant_account != request.merchant_account:
-        return "merchant account does not match the charge"
-    return None
+def _count_escalation(event: CaseEventInput) -> None:
+    """A case sent to ops review is counted by its reason (the action)."""
+    if event.status is CaseStatus.OPS_REVIEW:
+        OPS_REVIEW_ESCALATIONS.labels(event.action).inc()
 
 
 class RefundActivities:
@@ -107,11 +102,33 @@ class RefundActivities:
 
         Idempotent: a retry finds the reservation it already holds.
         """
+        charge = await self._valid_charge(inp.request)
+        if isinstance(charge, str):
+            return ValidationResult(ok=False, reason=charge)
+        return await self._store.reserve(inp.request, charge)
+
+    @activity.defn(name=contracts.VALIDATE_AND_DECIDE.name)
+    async def validate_and_decide(self, inp: ValidateInput) -> Vetted:
+        """`validate_refund` and `decide_policy` in one activity: the charge is read at the
+        provider, then the reservation and the (pure) policy's decision commit together.
+        Idempotent: a retry finds both."""
         request = inp.request
+        charge = await self._valid_charge(request)
+        if isinstance(charge, str):
+            return Vetted(validation=ValidationResult(ok=False, reason=charge))
+
+        def decided(validation: ValidationResult, prior_amounts: list[int]) -> PolicyDecision:
+            return decide(self._policy, request, policy_context(
+                request, validation.amount_captured, validation.dispute_count, prior_amounts))
+        return await self._store.reserve_and_decide(request, charge, decided)
+
+    async def _valid_charge(self, request: RefundRequest) -> ChargeSnapshot | str:
+        """The charge at the provider when it can take the refund; otherwise the case is
+        rejected (status and audit row) and the reason comes back."""
         if request.provider not in self._providers:
             reason = f"unknown provider {request.provider!r}"
             await self._store.reject_case(request.refund_request_id, reason)
-            return ValidationResult(ok=False, reason=reason)
+            return reason
         try:
             charge = await self._provider(request.provider).get_charge(request.charge_id)
             problem = charge_problem(request, charge)
@@ -122,8 +139,8 @@ class RefundActivities:
         if problem is not None or charge is None:
             reason = problem or "charge not found"
             await self._store.reject_case(request.refund_request_id, reason)
-            return ValidationResult(ok=False, reason=reason)
-        return await self._store.reserve(request, charge)
+            return reason
+        return charge
 
     @activity.defn(name=contracts.DECIDE_POLICY.name)
     async def decide_policy(self, inp: PolicyInput) -> PolicyDecision:
@@ -131,13 +148,8 @@ class RefundActivities:
         request = inp.request
         prior = await self._store.prior_refunds(request.provider, request.charge_id,
                                                 request.refund_request_id)
-        captured = inp.validation.amount_captured or request.amount
-        context = PolicyContext(
-            prior_refund_count=len(prior),
-            prior_partial_refund=any(int(p["amount"]) < captured for p in prior),
-            is_partial=request.amount < captured,
-            prior_dispute_count=inp.validation.dispute_count,
-        )
+        context = policy_context(request, inp.validation.amount_captured, inp.validation.dispute_count,
+                                 [int(p["amount"]) for p in prior])
         decision = decide(self._policy, request, context)
         await self._store.record_decision(request.refund_request_id, decision.model_dump(mode="json"))
         return decision
@@ -147,8 +159,17 @@ class RefundActivities:
         """Moves the case's status and appends the audit row in one transaction; a case
         sent to ops review is counted by its reason (the action)."""
         await self._store.record_case_event(inp)
-        if inp.status is CaseStatus.OPS_REVIEW:
-            OPS_REVIEW_ESCALATIONS.labels(inp.action).inc()
+        _count_escalation(inp)
+
+    @activity.defn(name=contracts.WRITE_CASE_STEPS.name)
+    async def write_case_steps(self, inp: CaseWrites) -> CaseWritten:
+        """A case step's ledger posting, notices and events in one transaction (run as a
+        local activity: database only, idempotent by posting and dedup keys)."""
+        written = await self._store.write_case_steps(inp)
+        for write in inp.writes:
+            if write.event is not None:
+                _count_escalation(write.event)
+        return written
 
     @activity.defn(name=contracts.SUBMIT_PROVIDER_REFUND.name)
     async def submit_provider_refund(self, inp: SubmitInput) -> ProviderRefund:
@@ -158,7 +179,7 @@ class RefundActivities:
         request = inp.request
         provider = self._executor(request)
         case_id = request.refund_request_id
-        if await self._store.begin_submission(case_id, inp.idempotency_key):
+        if await self._store.begin_submission(case_id, inp.idempotency_key, inp.started):
             found = next(iter(await self._find(request, "resubmit after an earlier attempt")), None)
             if found is not None:
                 await self._store.record_provider_refund(case_id, found,
@@ -243,4 +264,4 @@ class RefundActivities:
         """Every activity, for worker registration."""
         return [self.validate_refund, self.decide_policy, self.record_case_event,
                 self.submit_provider_refund, self.verify_provider_refund, self.post_ledger,
-                self.queue_notice]
+                self.queue_notice, self.validate_and_decide, self.write_case_steps]

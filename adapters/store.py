@@ -9,7 +9,7 @@ import json
 import logging
 import secrets
 import select
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -30,14 +30,18 @@ from domain.models import (
     ROLES,
     CaseEventInput,
     CaseStatus,
+    CaseWrites,
+    CaseWritten,
     ChargeSnapshot,
     LedgerInput,
     LedgerKind,
     LedgerResult,
     NoticeInput,
+    PolicyDecision,
     ProviderRefund,
     RefundRequest,
     ValidationResult,
+    Vetted,
 )
 from domain.reconciliation import BreakClass
 
@@ -406,42 +410,48 @@ class Store:
     async def reserve(self, request: RefundRequest, charge: ChargeSnapshot) -> ValidationResult:
         """Takes the case's reservation against the charge, atomically with every other
         entry point: remaining = captured - all reservations held on the charge."""
-        case_id = request.refund_request_id
         async with self.transaction() as conn:
-            await self._lock_charge(conn, charge.provider, charge.charge_id, charge.currency,
-                                    charge.amount_captured)
-            cur = await conn.execute(
-                "SELECT refund_request_id, reserved_amount FROM refund_cases"
-                " WHERE provider = %s AND charge_id = %s AND reserved_amount > 0",
-                (charge.provider, charge.charge_id))
-            holds = {r["refund_request_id"]: int(r["reserved_amount"]) for r in await cur.fetchall()}
-            prior = len([k for k in holds if k != case_id])
-            if case_id in holds:  # a retried activity: the reservation is already ours
-                remaining = charge.amount_captured - sum(holds.values()) + holds[case_id]
-                return ValidationResult(ok=True, remaining_before=remaining, prior_refund_count=prior,
-                                        amount_captured=charge.amount_captured,
-                                        dispute_count=charge.dispute_count)
-            # What the provider reports refunded is mostly held by our cases already (tracking
-            # cases included), so the larger of the two counts, never their sum.
-            remaining = charge.amount_captured - max(sum(holds.values()), charge.amount_refunded)
-            if request.amount > remaining:
-                result = ValidationResult(
-                    ok=False, remaining_before=remaining, prior_refund_count=prior,
-                    amount_captured=charge.amount_captured,
-                    reason=f"amount {request.amount} exceeds remaining refundable {remaining}")
-                await self._set_status(conn, case_id, CaseStatus.REJECTED)
-                await self._audit(conn, case_id, "system", "validation_rejected", result.model_dump())
-                return result
-            await conn.execute(
-                "UPDATE refund_cases SET reserved_amount = %s, status = %s, updated_at = now()"
-                " WHERE refund_request_id = %s",
-                (request.amount, CaseStatus.VALIDATING.value, case_id))
-            result = ValidationResult(ok=True, remaining_before=remaining, prior_refund_count=prior,
-                                      amount_captured=charge.amount_captured,
-                                      dispute_count=charge.dispute_count)
-            await self._audit(conn, case_id, "system", "validation_passed",
-                              {**result.model_dump(), "reserved": request.amount})
+            return await self._reserve_in(conn, request, charge)
+
+    @classmethod
+    async def _reserve_in(cls, conn: Conn, request: RefundRequest,
+                          charge: ChargeSnapshot) -> ValidationResult:
+        """`reserve` inside the caller's transaction."""
+        case_id = request.refund_request_id
+        await cls._lock_charge(conn, charge.provider, charge.charge_id, charge.currency,
+                               charge.amount_captured)
+        cur = await conn.execute(
+            "SELECT refund_request_id, reserved_amount FROM refund_cases"
+            " WHERE provider = %s AND charge_id = %s AND reserved_amount > 0",
+            (charge.provider, charge.charge_id))
+        holds = {r["refund_request_id"]: int(r["reserved_amount"]) for r in await cur.fetchall()}
+        prior = len([k for k in holds if k != case_id])
+        if case_id in holds:  # a retried activity: the reservation is already ours
+            remaining = charge.amount_captured - sum(holds.values()) + holds[case_id]
+            return ValidationResult(ok=True, remaining_before=remaining, prior_refund_count=prior,
+                                    amount_captured=charge.amount_captured,
+                                    dispute_count=charge.dispute_count)
+        # What the provider reports refunded is mostly held by our cases already (tracking
+        # cases included), so the larger of the two counts, never their sum.
+        remaining = charge.amount_captured - max(sum(holds.values()), charge.amount_refunded)
+        if request.amount > remaining:
+            result = ValidationResult(
+                ok=False, remaining_before=remaining, prior_refund_count=prior,
+                amount_captured=charge.amount_captured,
+                reason=f"amount {request.amount} exceeds remaining refundable {remaining}")
+            await cls._set_status(conn, case_id, CaseStatus.REJECTED)
+            await cls._audit(conn, case_id, "system", "validation_rejected", result.model_dump())
             return result
+        await conn.execute(
+            "UPDATE refund_cases SET reserved_amount = %s, status = %s, updated_at = now()"
+            " WHERE refund_request_id = %s",
+            (request.amount, CaseStatus.VALIDATING.value, case_id))
+        result = ValidationResult(ok=True, remaining_before=remaining, prior_refund_count=prior,
+                                  amount_captured=charge.amount_captured,
+                                  dispute_count=charge.dispute_count)
+        await cls._audit(conn, case_id, "system", "validation_passed",
+                         {**result.model_dump(), "reserved": request.amount})
+        return result
 
     async def reject_case(self, case_id: str, reason: str) -> None:
         async with self.transaction() as conn:
@@ -467,19 +477,24 @@ class Store:
 
     async def record_case_event(self, event: CaseEventInput) -> None:
         async with self.transaction() as conn:
-            refund = event.provider_refund
-            if refund is not None:
-                await conn.execute(
-                    "UPDATE refund_cases SET provider_refund_id = %s, provider_status = %s,"
-                    " failure_reason = %s, updated_at = now() WHERE refund_request_id = %s",
-                    (refund.refund_id, refund.status.value, refund.failure_reason,
-                     event.refund_request_id))
-            if event.status is not None:
-                await self._set_status(conn, event.refund_request_id, event.status,
-                                       event.release_reservation)
-            await self._audit(conn, event.refund_request_id, event.actor, event.action,
-                              {**event.detail, **({"status": event.status.value} if event.status else {}),
-                               **({"reservation_released": True} if event.release_reservation else {})})
+            await self.record_case_event_in(conn, event)
+
+    @classmethod
+    async def record_case_event_in(cls, conn: Conn, event: CaseEventInput) -> None:
+        """`record_case_event` inside the caller's transaction."""
+        refund = event.provider_refund
+        if refund is not None:
+            await conn.execute(
+                "UPDATE refund_cases SET provider_refund_id = %s, provider_status = %s,"
+                " failure_reason = %s, updated_at = now() WHERE refund_request_id = %s",
+                (refund.refund_id, refund.status.value, refund.failure_reason,
+                 event.refund_request_id))
+        if event.status is not None:
+            await cls._set_status(conn, event.refund_request_id, event.status,
+                                  event.release_reservation)
+        await cls._audit(conn, event.refund_request_id, event.actor, event.action,
+                         {**event.detail, **({"status": event.status.value} if event.status else {}),
+                          **({"reservation_released": True} if event.release_reservation else {})})
 
     async def idle_open_cases(self, idle_seconds: float, limit: int,
                               after: tuple[datetime, str] | None = None) -> list[dict[str, Any]]:
@@ -547,15 +562,19 @@ class Store:
                 (_json(decision), case_id))
             await self._audit(conn, case_id, "policy", "policy_decision", decision)
 
-    async def begin_submission(self, case_id: str, idempotency_key: str) -> bool:
-        """Records the intent to call the provider before the call; returns True when an
-        earlier attempt already started, so the caller must look before it leaps."""
+    async def begin_submission(self, case_id: str, idempotency_key: str,
+                               event: CaseEventInput | None = None) -> bool:
+        """Records the intent to call the provider before the call (with the case's `event`,
+        `execution_started`, on the first attempt); returns True when an earlier attempt
+        already started, so the caller must look before it leaps."""
         async with self.transaction() as conn:
             cur = await conn.execute(
                 "SELECT submission_started_at FROM refund_cases WHERE refund_request_id = %s FOR UPDATE",
                 (case_id,))
             row = await cur.fetchone()
             started = row is not None and row["submission_started_at"] is not None
+            if not started and event is not None:
+                await self.record_case_event_in(conn, event)
             if not started:
                 await conn.execute(
                     "UPDATE refund_cases SET submission_started_at = now(), status = %s,"
@@ -564,6 +583,53 @@ class Store:
             await self._audit(conn, case_id, "system", "provider_submit_started",
                               {"idempotency_key": idempotency_key, "earlier_attempt": started})
             return started
+
+    async def reserve_and_decide(
+            self, request: RefundRequest, charge: ChargeSnapshot,
+            decide: Callable[[ValidationResult, list[int]], PolicyDecision]) -> Vetted:
+        """Validation's reservation and, when it holds, the policy's decision with its audit
+        row, in one transaction. `decide` is the pure policy: it gets the validation and the
+        amounts of the charge's other refunds holding money. A retry finds both stored."""
+        case_id = request.refund_request_id
+        async with self.transaction() as conn:
+            validation = await self._reserve_in(conn, request, charge)
+            if not validation.ok:
+                return Vetted(validation=validation)
+            cur = await conn.execute(
+                "SELECT decision FROM refund_cases WHERE refund_request_id = %s", (case_id,))
+            row = await cur.fetchone()
+            if row is not None and row["decision"] is not None:
+                return Vetted(validation=validation, decision=PolicyDecision.model_validate(row["decision"]))
+            cur = await conn.execute(
+                "SELECT amount FROM refund_cases WHERE provider = %s AND charge_id = %s"
+                " AND refund_request_id <> %s AND reserved_amount > 0",
+                (request.provider, request.charge_id, case_id))
+            decision = decide(validation, [int(r["amount"]) for r in await cur.fetchall()])
+            stored = decision.model_dump(mode="json")
+            await conn.execute(
+                "UPDATE refund_cases SET decision = %s, updated_at = now() WHERE refund_request_id = %s",
+                (_json(stored), case_id))
+            await self._audit(conn, case_id, "policy", "policy_decision", stored)
+            return Vetted(validation=validation, decision=decision)
+
+    async def write_case_steps(self, steps: CaseWrites) -> CaseWritten:
+        """A case step's writes in one transaction: the ledger posting (once per posting
+        key), then each notice (once per dedup key) and event (status and audit row) in
+        order."""
+        async with self.transaction() as conn:
+            posting = None
+            if steps.posting is not None:
+                await conn.execute("SET LOCAL lock_timeout = '5s'")  # fail fast, let Temporal retry
+                posting = await self.post_ledger_in(conn, steps.posting)
+            actions: list[str] = []
+            for write in steps.writes:
+                if write.notice is not None:
+                    await self.queue_notice_in(conn, write.notice)
+                elif write.event is not None:
+                    await self.record_case_event_in(conn, write.event)
+                    actions.append(write.event.action)
+            return CaseWritten(posting=posting, posted=steps.posting.kind if steps.posting else None,
+                               actions=tuple(actions))
 
     async def record_provider_refund(self, case_id: str, refund: ProviderRefund, action: str,
                                      detail: dict[str, Any] | None = None) -> None:

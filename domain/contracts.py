@@ -15,9 +15,11 @@ from typing import Any, Generic, TypeVar
 from temporalio import workflow
 
 from domain.incidents import DuplicateRefundInput
-from domain.integrations import AdviceReceipt, AdviseInput, DeliverNoticeInput
+from domain.integrations import AdviceReceipt, AdviseInput, DeliverNoticeInput, DeliverNoticesInput
 from domain.models import (
     CaseEventInput,
+    CaseWrites,
+    CaseWritten,
     LedgerInput,
     LedgerResult,
     NoticeInput,
@@ -29,6 +31,7 @@ from domain.models import (
     ValidationResult,
     VerifyInput,
     VerifyResult,
+    Vetted,
 )
 from domain.payouts import (
     AdmitInput,
@@ -69,7 +72,9 @@ ResultT = TypeVar("ResultT")
 class Activity(Generic[InputT, ResultT]):
     """One activity as a workflow sees it; calling it runs the activity (from workflow
     code only) with the timeouts and retry policy given, the options of
-    `workflow.execute_activity` (the dicts of `workflows.retry`)."""
+    `workflow.execute_activity` (the dicts of `workflows.retry`); `local` runs the same
+    implementation as a local activity (`workflow.execute_local_activity`: inside the
+    workflow task, one marker event instead of a task of its own, retried by the worker)."""
 
     name: str
     input: type[InputT]
@@ -77,6 +82,13 @@ class Activity(Generic[InputT, ResultT]):
 
     async def __call__(self, inp: InputT, **options: Any) -> ResultT:
         result: ResultT = await workflow.execute_activity(self.name, inp, result_type=self.result, **options)
+        return result
+
+    async def local(self, inp: InputT, **options: Any) -> ResultT:
+        """Runs it as a local activity: only for short, idempotent database steps (a retry
+        runs it again in the workflow task; a provider call never goes here)."""
+        result: ResultT = await workflow.execute_local_activity(self.name, inp, result_type=self.result,
+                                                                **options)
         return result
 
 
@@ -88,9 +100,14 @@ SUBMIT_PROVIDER_REFUND = Activity("submit_provider_refund", SubmitInput, Provide
 VERIFY_PROVIDER_REFUND = Activity("verify_provider_refund", VerifyInput, VerifyResult)
 POST_LEDGER = Activity("post_ledger", LedgerInput, LedgerResult)
 QUEUE_NOTICE = Activity("queue_notice", NoticeInput, type(None))
+# Since `fewer-round-trips-1`: validation with the policy's decision, and a case step's
+# writes (ledger posting, notices, events) in one transaction (run as a local activity).
+VALIDATE_AND_DECIDE = Activity("validate_and_decide", ValidateInput, Vetted)
+WRITE_CASE_STEPS = Activity("write_case_steps", CaseWrites, CaseWritten)
 
 # Beside the case: notices and advice (activities/integrations.py), incidents (activities/incidents.py)
 DELIVER_NOTICE = Activity("deliver_notice", DeliverNoticeInput, type(None))
+DELIVER_NOTICES = Activity("deliver_notices", DeliverNoticesInput, type(None))
 ADVISE_REFUND = Activity("advise_refund", AdviseInput, AdviceReceipt)
 OPEN_DUPLICATE_REFUND_BREAK = Activity("open_duplicate_refund_break", DuplicateRefundInput, bool)
 

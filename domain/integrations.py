@@ -13,6 +13,12 @@ class DeliverNoticeInput(Frozen):
     dedup_key: str
 
 
+class DeliverNoticesInput(Frozen):
+    """Deliver these outbox notices in order (a courier's batch: one activity for all)."""
+
+    dedup_keys: tuple[str, ...]
+
+
 class AdviseInput(Frozen):
     request: RefundRequest
     validation: ValidationResult

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from domain.money import MAX_MINOR_AMOUNT, normalise_currency
 
@@ -416,6 +416,9 @@ class CaseEventInput(Frozen):
 class SubmitInput(Frozen):
     request: RefundRequest
     idempotency_key: str
+    started: CaseEventInput | None = None
+    """The case event the first submit records with its intent, in one transaction
+    (`execution_started`); None on a resubmit and in executions before `fewer-round-trips-1`."""
 
 
 class VerifyInput(Frozen):
@@ -483,6 +486,44 @@ class NoticeInput(Frozen):
     audience: str
     dedup_key: str
     detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class CaseWrite(Frozen):
+    """One write of a case step: a notice queued or an event recorded (exactly one)."""
+
+    notice: NoticeInput | None = None
+    event: CaseEventInput | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "CaseWrite":
+        if (self.notice is None) == (self.event is None):
+            raise ValueError("a case write is a notice or an event")
+        return self
+
+
+class CaseWrites(Frozen):
+    """A case step's writes, committed in one transaction: the ledger posting first (when
+    any), then the notices and events in order (a notice before the status announcing it)."""
+
+    refund_request_id: str
+    posting: LedgerInput | None = None
+    writes: tuple[CaseWrite, ...] = ()
+
+
+class CaseWritten(Frozen):
+    """What a case step wrote: the posting and the case actions recorded (the history shows
+    them: a local activity's input is not in it)."""
+
+    posting: LedgerResult | None = None
+    posted: LedgerKind | None = None
+    actions: tuple[str, ...] = ()
+
+
+class Vetted(Frozen):
+    """Validation and, when it passed, the policy's decision (one activity, one transaction)."""
+
+    validation: ValidationResult
+    decision: PolicyDecision | None = None
 
 
 class ApprovalVerdict(Frozen):

@@ -8,10 +8,12 @@ live in the same file.
 
 import hashlib
 import json
+from collections.abc import Sequence
 
 from pydantic import Field, model_validator
 
 from domain.models import (
+    ChargeSnapshot,
     Frozen,
     PolicyContext,
     PolicyDecision,
@@ -94,6 +96,29 @@ class Policy(Frozen):
 def tier_for(tiers: tuple[ApprovalTier, ...], amount: int, currency: str) -> ApprovalTier:
     """The first tier that covers the amount (the last one covers everything)."""
     return next(t for t in tiers if t.covers(amount, currency))
+
+
+def charge_problem(request: RefundRequest, charge: ChargeSnapshot | None) -> str | None:
+    """Why the charge cannot take this refund, or None when it can."""
+    if charge is None:
+        return f"charge {request.charge_id} not found at {request.provider}"
+    if not charge.captured or charge.amount_captured <= 0:
+        return "charge is not captured"
+    if charge.currency != request.currency:
+        return f"currency {request.currency} does not match the charge's {charge.currency}"
+    if charge.merchant_account != request.merchant_account:
+        return "merchant account does not match the charge"
+    return None
+
+
+def policy_context(request: RefundRequest, amount_captured: int | None, dispute_count: int,
+                   prior_amounts: Sequence[int]) -> PolicyContext:
+    """The facts the rules read: `prior_amounts` are the other refunds holding money on the
+    charge (reserved, pending or succeeded)."""
+    captured = amount_captured or request.amount
+    return PolicyContext(prior_refund_count=len(prior_amounts),
+                         prior_partial_refund=any(amount < captured for amount in prior_amounts),
+                         is_partial=request.amount < captured, prior_dispute_count=dispute_count)
 
 
 def decide(policy: Policy, request: RefundRequest, context: PolicyContext) -> PolicyDecision:

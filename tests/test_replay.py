@@ -44,6 +44,10 @@ from workflows.tracking import BOUNDED_PATCH as TRACKING_BOUNDED_PATCH
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 CASE_EVENT_ACTIVITIES = {"record_case_event", "record_payout_case_event"}
+LOCAL_ACTIVITY_MARKER = "core_local_activity"
+CASE_WRITES = "write_case_steps"
+"""A local activity has no scheduled event: its marker names it, and its result says what it
+wrote (the case actions, the ledger template posted)."""
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,7 @@ SUBMIT, VERIFY = "activity:submit_provider_refund", "activity:verify_provider_re
 
 # Keyed by the scenario's name; its older versions (`_v<n>`) are held to the same facts.
 BRANCHES: dict[str, Branch] = {
-    "refund_auto_approved": branch(SUBMIT, "action:refund_succeeded", "activity:post_ledger",
+    "refund_auto_approved": branch(SUBMIT, "action:refund_succeeded", "ledger:refund_settled",
                                    lacks=[VERIFY, "update:submit_approval"]),
     "refund_with_approval": branch("update:submit_approval", "action:approval_granted", SUBMIT,
                                    "action:refund_succeeded"),
@@ -161,7 +165,12 @@ horizon); markers the whole workflow records (integrations, late verdicts) need 
 
 
 def _history(path: Path) -> WorkflowHistory:
-    return WorkflowHistory.from_json(path.stem, path.read_text())
+    """The recorded history under its workflow's id: a refund's is its request id (in the
+    start input), which the relay's approval seals bind; other workflows' the file's name."""
+    history = WorkflowHistory.from_json(path.stem, path.read_text())
+    started = _payload(history.events[0].workflow_execution_started_event_attributes.input)
+    case_id = started.get("request", {}).get("refund_request_id") if isinstance(started, dict) else None
+    return WorkflowHistory(case_id, history.events) if case_id else history
 
 
 def _scenario(stem: str) -> str:
@@ -175,7 +184,8 @@ def _payload(payloads: Any) -> Any:
 
 
 def _facts(history: WorkflowHistory) -> set[str]:
-    """What a history shows: `activity:<type>`, `action:<case action>`, `signal:<name>`,
+    """What a history shows: `activity:<type>` (local ones too), `action:<case action>`,
+    `ledger:<template>` (posted by `post_ledger` or inside a case write), `signal:<name>`,
     `update:<name>`, each also as `<fact>#<k>` for its k-th time; `patch:<id>`,
     `cancel_requested`, `continued_as_new`, `failed` and, for a continued run, `carried:<phase>` (the
     wait it resumes)."""
@@ -193,12 +203,26 @@ def _facts(history: WorkflowHistory) -> set[str]:
         elif event.HasField("activity_task_scheduled_event_attributes"):
             scheduled = event.activity_task_scheduled_event_attributes
             count(f"activity:{scheduled.activity_type.name}")
+            given = _payload(scheduled.input)
             if scheduled.activity_type.name in CASE_EVENT_ACTIVITIES:
-                count(f"action:{_payload(scheduled.input)['action']}")
+                count(f"action:{given['action']}")
+            elif scheduled.activity_type.name == "post_ledger":
+                count(f"ledger:{given['kind']}")
+            elif isinstance(given, dict) and given.get("started"):  # the submit's own event
+                count(f"action:{given['started']['action']}")
         elif event.HasField("marker_recorded_event_attributes"):
             marker = event.marker_recorded_event_attributes
             if "patch-data" in marker.details:
                 count(f"patch:{_payload(marker.details['patch-data'])['id']}")
+            elif marker.marker_name == LOCAL_ACTIVITY_MARKER:
+                kind = _payload(marker.details["data"])["activity_type"]
+                count(f"activity:{kind}")
+                written = _payload(marker.details["result"]) if "result" in marker.details else None
+                if kind == CASE_WRITES and written:
+                    for action in written["actions"]:
+                        count(f"action:{action}")
+                    if written.get("posted"):
+                        count(f"ledger:{written['posted']}")
         elif event.HasField("workflow_execution_signaled_event_attributes"):
             count(f"signal:{event.workflow_execution_signaled_event_attributes.signal_name}")
         elif event.HasField("workflow_execution_update_accepted_event_attributes"):

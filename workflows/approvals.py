@@ -226,16 +226,21 @@ class ApprovingWorkflow:
     async def approval_notice(self, kind: str, audience: str, detail: dict[str, Any]) -> None:
         raise NotImplementedError
 
+    def since(self, patch: str) -> bool:
+        """Whether `patch` holds for this execution; a host whose newer patch implies it may
+        answer without writing its marker again."""
+        return workflow.patched(patch)
+
     @workflow.signal
     def approve(self, signal: ApprovalSignal) -> None:
         """An approver's verdict from a channel that cannot wait for an answer (tickets,
         chat buttons); checked like an update before it counts, audited as refused once the
         round is decided or without the relay's seal."""
-        if self._round.decided and workflow.patched(LATE_VERDICTS_PATCH):
+        if self._round.decided and self.since(LATE_VERDICTS_PATCH):
             self._round.refuse_signalled(self, signal, None)
             return
         unsealed = seal_refusal(signal)
-        if unsealed and workflow.patched(SEALED_APPROVALS_PATCH):
+        if unsealed and self.since(SEALED_APPROVALS_PATCH):
             self._round.refuse_signalled(self, signal, unsealed)
             return
         self._round.receive(signal)
@@ -250,17 +255,17 @@ class ApprovingWorkflow:
         """The update's work, apart from its handler so a host can route older executions
         elsewhere."""
         current = self._round
-        if current.decided and workflow.patched(LATE_VERDICTS_PATCH):
+        if current.decided and self.since(LATE_VERDICTS_PATCH):
             # validated just before the decision: answered now, never queued (the caller audits)
             raise ApplicationError(f"already decided: case is {self.approval_status()[1]}",
                                    type=ALREADY_DECIDED)
         unsealed = seal_refusal(signal)
-        if unsealed and workflow.patched(SEALED_APPROVALS_PATCH):
+        if unsealed and self.since(SEALED_APPROVALS_PATCH):
             # checked here, not in the validator, so the refusal is audited
             await current.record_refusal(self, signal, unsealed)
             raise ApplicationError(unsealed, type=UNSEALED)
         accepted, reason, too_late = await current.answer(current.receive(signal))
-        if too_late and workflow.patched(LATE_VERDICTS_PATCH):
+        if too_late and self.since(LATE_VERDICTS_PATCH):
             raise ApplicationError(f"already decided: {reason}", type=ALREADY_DECIDED)
         return ApprovalProgress(accepted=accepted, reason=reason, status=self.approval_status()[1],
                                 missing_roles=tuple(current.missing()))

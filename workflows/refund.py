@@ -12,13 +12,19 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, ApplicationError, RetryState, is_cancelled_exception
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    FailureError,
+    RetryState,
+    is_cancelled_exception,
+)
 
 with workflow.unsafe.imports_passed_through():
     from domain import contracts, errors
     from domain.events import STATUS_NOTICES, Observation, observe
     from domain.incidents import DuplicateRefundInput
-    from domain.integrations import AdviseInput, DeliverNoticeInput
+    from domain.integrations import AdviseInput, DeliverNoticeInput, DeliverNoticesInput
     from domain.lifecycle import (
         FINAL_PROVIDER_STATUSES,
         StatusChange,
@@ -28,6 +34,9 @@ with workflow.unsafe.imports_passed_through():
         CaseEventInput,
         CaseState,
         CaseStatus,
+        CaseWrite,
+        CaseWrites,
+        CaseWritten,
         EventKind,
         LedgerInput,
         LedgerKind,
@@ -47,6 +56,7 @@ with workflow.unsafe.imports_passed_through():
         ValidationResult,
         VerifyInput,
         VerifyResult,
+        Vetted,
     )
     from domain.money import format_minor
     from workflows import retry
@@ -79,6 +89,12 @@ HORIZON_PATCH = "resubmit-horizon-1"
 # A verify-state lookup that finds several refunds with our reference raises the duplicate
 # incident; before, the lookup followed one and logged the others.
 VERIFY_DUPLICATES_PATCH = "verify-duplicate-refunds-1"
+# Fewer round trips per refund (issue 21): validation and the policy's decision in one
+# activity; `execution_started` committed with the submit's intent; the ledger posting, its
+# notices and the status in one transaction; the case's database writes as local
+# activities; advice beside the money path. Every patch above holds for such an execution,
+# so their markers are not written again (`since`).
+TRIPS_PATCH = "fewer-round-trips-1"
 # The case's action, the ops notice and the metric's reason when a provider refuses our key.
 CONFIGURATION_INCIDENT = "provider_configuration_refused"
 
@@ -109,6 +125,9 @@ class RefundWorkflow(ApprovingWorkflow):
         self._succeeded_at: datetime | None = None
         self._outbox: list[str] = []
         self._courier: asyncio.Task[None] | None = None
+        self._advising: asyncio.Task[None] | None = None
+        self._holding = False  # the courier waits: a submit and its first settlement are under way
+        self._trips = False  # the fewer-round-trips shape (TRIPS_PATCH)
         self._closing = False
         self._provider_scoped = False
         self._lookup_escalated = False
@@ -116,7 +135,7 @@ class RefundWorkflow(ApprovingWorkflow):
         self._found_duplicates: list[ProviderRefund] = []  # seen by a lookup, not reported yet
         # a provider state being applied (ledger, notices, status), redone if cancelled midway
         self._applying: tuple[Observation, ProviderRefund, dict[str, Any]] | None = None
-        self._validating: asyncio.Future[ValidationResult] | None = None
+        self._validating: asyncio.Future[Vetted] | None = None
         self._cancel_requested = False
         self._input: RefundWorkflowInput | None = inp
         self._context = "submit"  # or "follow": where a continued run picks up
@@ -159,14 +178,15 @@ class RefundWorkflow(ApprovingWorkflow):
     async def run(self, inp: RefundWorkflowInput) -> RefundOutcome:
         try:
             return await self._run(inp)
-        except (asyncio.CancelledError, ActivityError) as err:
+        except (asyncio.CancelledError, FailureError) as err:  # FailureError: a local activity's too
             if not self._cancelled(err):
                 raise
             return await self._canceled()
 
     async def _run(self, inp: RefundWorkflowInput) -> RefundOutcome:
         request = inp.request
-        self._provider_scoped = workflow.patched(PROVIDER_SCOPED_WAIT_PATCH)
+        self._trips = workflow.patched(TRIPS_PATCH)
+        self._provider_scoped = self.since(PROVIDER_SCOPED_WAIT_PATCH)
         if inp.carried is not None:
             return await self._resume(inp.carried)
         self._status = CaseStatus.VALIDATING
@@ -176,32 +196,44 @@ class RefundWorkflow(ApprovingWorkflow):
                                        "body_sha256": trigger.body_sha256})
         # shielded: a cancel waits for the reservation to be taken before it releases it
         self._validating = asyncio.ensure_future(self._validate(request))
-        validation = await asyncio.shield(self._validating)
+        vetted = await asyncio.shield(self._validating)
+        validation = vetted.validation
         if not validation.ok:
             self._status = CaseStatus.REJECTED
             self._failure_reason = validation.reason
             return await self._finish()
-        if workflow.patched(INTEGRATIONS_PATCH):
-            await self._advise(validation)
-        self._decision = await contracts.DECIDE_POLICY(
-            PolicyInput(request=request, validation=validation),
-            **retry.POLICY)
+        if self._trips:  # advice is for people: beside the money path, never awaited by it
+            self._advising = asyncio.create_task(self._advise(validation))
+            assert vetted.decision is not None
+            self._decision = vetted.decision
+        else:
+            if workflow.patched(INTEGRATIONS_PATCH):
+                await self._advise(validation)
+            self._decision = await contracts.DECIDE_POLICY(
+                PolicyInput(request=request, validation=validation),
+                **retry.POLICY)
         self._round.requirements, self._round.tier = self._decision.requirements, self._decision.tier
         if self._decision.auto_approve:
-            if workflow.patched(LATE_VERDICTS_PATCH):
+            if self.since(LATE_VERDICTS_PATCH):
                 await self._round.close(self)
         else:
             if not await self._round.collect(self, self._timings):
                 return await self._finish()
-            if workflow.patched(INTEGRATIONS_PATCH):
+            if self.since(INTEGRATIONS_PATCH):
                 await self._notify("refund_approved", "requester",
                                    {"by": ", ".join(a.approver for a in self._round.approvals)})
-        await self._record("execution_started", CaseStatus.EXECUTING)
-        return await self._submitted(await self._submit_exactly_once(request))
+        started = None
+        if self._trips:  # recorded with the submit's intent, in its transaction
+            self._status = CaseStatus.EXECUTING
+            started = self._case_event("execution_started", CaseStatus.EXECUTING)
+        else:
+            await self._record("execution_started", CaseStatus.EXECUTING)
+        return await self._submitted(await self._submit_exactly_once(request, started=started))
 
     async def _submitted(self, refund: ProviderRefund | None) -> RefundOutcome:
         """After the submit: a decline closes the case, a refund is followed."""
         if refund is None:
+            self._holding = False
             await self._record("refund_declined", CaseStatus.REFUND_FAILED, release=True,
                                detail={"reason": self._failure_reason})
             await self._notify("refund_failed", "operator", {"reason": self._failure_reason})
@@ -213,6 +245,11 @@ class RefundWorkflow(ApprovingWorkflow):
 
     def approval_status(self) -> tuple[bool, str]:
         return self._status is CaseStatus.AWAITING_APPROVAL, self._status.value
+
+    def since(self, patch: str) -> bool:
+        """An older patch holds: without a marker for an execution of the newest shape,
+        which only ever ran after it (each marker costs two history events)."""
+        return self._trips or workflow.patched(patch)
 
     async def approval_step(self, action: str, outcome: ApprovalOutcome | None = None, *,
                             actor: str = "workflow", detail: dict[str, Any] | None = None) -> None:
@@ -240,7 +277,23 @@ class RefundWorkflow(ApprovingWorkflow):
 
     async def _deliver_outbox(self) -> None:
         """Delivers queued notices one at a time and in order (a ticket sees its updates in
-        order); a failing channel delays later notices, never the case."""
+        order); a failing channel delays later notices, never the case. Advice being asked
+        is waited for first, so an approver's notice carries it. In the newest shape the
+        courier takes every queued notice in one activity, and waits while a submit and its
+        settlement run (seconds), so the approval and the outcome go out together."""
+        if self._advising is not None:
+            await self._advising
+        if self._trips:
+            while True:
+                await workflow.wait_condition(
+                    lambda: (bool(self._outbox) and not self._holding) or self._closing)
+                if not self._outbox:
+                    return
+                keys, self._outbox = tuple(self._outbox), []
+                try:
+                    await contracts.DELIVER_NOTICES(DeliverNoticesInput(dedup_keys=keys), **retry.DELIVER)
+                except ActivityError as err:
+                    workflow.logger.warning("notices %s not delivered everywhere: %s", keys, err.cause)
         while True:
             await workflow.wait_condition(lambda: bool(self._outbox) or self._closing)
             if not self._outbox:
@@ -253,24 +306,28 @@ class RefundWorkflow(ApprovingWorkflow):
 
     # -- execution ---------------------------------------------------------------------
 
-    async def _submit_exactly_once(self, request: RefundRequest, attempt: int = 0) -> ProviderRefund | None:
+    async def _submit_exactly_once(self, request: RefundRequest, attempt: int = 0, *,
+                                   started: CaseEventInput | None = None) -> ProviderRefund | None:
         """Submits; on an unknown outcome verifies at the provider before submitting again.
-        `attempt`: submits made before (by a run that continued as new)."""
+        `attempt`: submits made before (by a run that continued as new); `started`: the case
+        event the first submit records with its intent."""
         key = request.idempotency_key()
         while True:
             if attempt and (escalated := await self._bound_resubmits(attempt)) is not None:
                 return escalated
             attempt += 1
             self._attempt = attempt
+            self._holding = self._trips and self._status is not CaseStatus.OPS_REVIEW
             try:
                 submitted: ProviderRefund = await contracts.SUBMIT_PROVIDER_REFUND(
-                    SubmitInput(request=request, idempotency_key=key),
+                    SubmitInput(request=request, idempotency_key=key, started=started),
                     start_to_close_timeout=self._timings.submit_timeout,
                     retry_policy=retry.SUBMIT_RETRY)
                 return submitted
             except ActivityError as err:
                 if self._cancelled(err):  # a cancel is no unknown outcome
                     raise
+                started, self._holding = None, False  # committed before the provider was called
                 cause = err.cause
                 if isinstance(cause, ApplicationError) and cause.type == errors.DECLINED:
                     self._failure_reason = cause.message
@@ -286,7 +343,7 @@ class RefundWorkflow(ApprovingWorkflow):
                 return found
             pause = min(timedelta(seconds=2 ** min(attempt, 12)), self._timings.status_poll_interval,
                         retry.RESUBMIT_BACKOFF_CAP)
-            if workflow.patched(HORIZON_PATCH):  # the attempt's create can land until its horizon
+            if self.since(HORIZON_PATCH):  # the attempt's create can land until its horizon
                 pause = max(pause, ended + self._timings.provider_horizon - workflow.now())
             await workflow.sleep(pause)
             self._status = CaseStatus.EXECUTING
@@ -319,16 +376,21 @@ class RefundWorkflow(ApprovingWorkflow):
                 await workflow.sleep(self._timings.status_poll_interval)
                 await self._bound_history("verify", reason=reason)
 
-    async def _validate(self, request: RefundRequest) -> ValidationResult:
-        """Validation at the provider; asked again every poll interval while it cannot be
-        answered (a refused key, retries exhausted), with the case in ops review meanwhile."""
+    async def _validate(self, request: RefundRequest) -> Vetted:
+        """Validation at the provider (with the policy's decision, in the newest shape);
+        asked again every poll interval while it cannot be answered (a refused key, retries
+        exhausted), with the case in ops review meanwhile."""
         while True:
             try:
-                validation: ValidationResult = await contracts.VALIDATE_REFUND(
-                    ValidateInput(request=request),
-                    **retry.provider_read(self._timings.provider_read_attempts))
+                options = retry.provider_read(self._timings.provider_read_attempts)
+                if self._trips:
+                    vetted: Vetted = await contracts.VALIDATE_AND_DECIDE(ValidateInput(request=request),
+                                                                         **options)
+                else:
+                    vetted = Vetted(validation=await contracts.VALIDATE_REFUND(
+                        ValidateInput(request=request), **options))
                 await self._answered()
-                return validation
+                return vetted
             except ActivityError as err:
                 if not await self._escalated_unanswered("validate", err):
                     raise
@@ -397,7 +459,7 @@ class RefundWorkflow(ApprovingWorkflow):
                     # The case waits in ops review, where ops resolve it with what the
                     # provider's dashboard shows (an event like the notification).
                     await self._record("no_status_lookup_escalated",
-                                       CaseStatus.OPS_REVIEW if workflow.patched(ADYEN_WAIT_PATCH)
+                                       CaseStatus.OPS_REVIEW if self.since(ADYEN_WAIT_PATCH)
                                        else None, detail={"reason": reason})
                 await self._bound_history("notification", reason=reason)
         return await self._take_notification(notified)
@@ -414,6 +476,7 @@ class RefundWorkflow(ApprovingWorkflow):
         """Applies provider states until final, then watches for a late failure."""
         self._context = "follow"
         await self._observe(refund, "provider_status")
+        self._holding = False
         while True:
             while self._found_duplicates:  # before any continue-as-new, which would lose them
                 await self._duplicate_refund(self._found_duplicates.pop(0), "verify_state")
@@ -426,7 +489,7 @@ class RefundWorkflow(ApprovingWorkflow):
                     continue
                 assert self._refund is not None
                 if reported.refund_id != self._refund.refund_id:
-                    if reported.reference == self._request_id() and workflow.patched(DUPLICATE_PATCH):
+                    if reported.reference == self._request_id() and self.since(DUPLICATE_PATCH):
                         await self._duplicate_refund(reported, f"webhook:{event.event_type}:{event.event_id}")
                     else:
                         workflow.logger.warning("ignoring event %s for refund %s", event.event_id,
@@ -463,7 +526,7 @@ class RefundWorkflow(ApprovingWorkflow):
         """The refund a lookup found for the case: the one it follows, or the lookup's
         first; others with our reference wait as duplicates for the follow loop to report
         (the incident needs the case's own refund)."""
-        if not verified.duplicates or not workflow.patched(VERIFY_DUPLICATES_PATCH):
+        if not verified.duplicates or not self.since(VERIFY_DUPLICATES_PATCH):
             return verified.refund
         found = [r for r in (verified.refund, *verified.duplicates) if r is not None]
         held = self._refund.refund_id if self._refund else None
@@ -513,24 +576,42 @@ class RefundWorkflow(ApprovingWorkflow):
 
     async def _apply(self, step: Observation, reported: ProviderRefund, detail: dict[str, Any]) -> None:
         """The ledger entry, the notices, then the status; each step idempotent, so a
-        cancelled application can run again."""
-        if step.ledger is not None:
-            await self._post(step.ledger, reported)
-        notices = STATUS_NOTICES.get(reported.status, ())
-        if reported.status is ProviderRefundStatus.SUCCEEDED and workflow.patched(INTEGRATIONS_PATCH):
-            notices = (("refund_succeeded", "requester"),)
-        for kind, audience in notices:
-            await self._notify(kind, audience, detail)
+        cancelled application can run again. In the newest shape all three are one
+        transaction."""
         # After a duplicate refund the case stays with ops, whatever its own refund does.
         status = CaseStatus.OPS_REVIEW if self._duplicates else step.status
+        if self._trips:
+            writes = [CaseWrite(notice=self._notice(kind, audience, detail))
+                      for kind, audience in self._status_notices(reported)]
+            writes.append(CaseWrite(event=self._case_event(step.action, status, release=step.release,
+                                                           refund=reported, detail=detail)))
+            if step.ledger is None:
+                await self._write(*writes)
+            else:
+                await self._post_with(step.ledger, reported, writes)
+            if status is not None:
+                self._status = status
+            for write in writes:
+                if write.notice is not None:
+                    self._deliver_later(write.notice.dedup_key)
+            return
+        if step.ledger is not None:
+            await self._post(step.ledger, reported)
+        for kind, audience in self._status_notices(reported):  # the patch is asked after the post
+            await self._notify(kind, audience, detail)
         await self._record(step.action, status, release=step.release, refund=reported,
                            detail=detail)
 
-    @staticmethod
-    def _cancelled(err: BaseException) -> bool:
+    def _status_notices(self, reported: ProviderRefund) -> tuple[tuple[str, str], ...]:
+        """The notices (kind, audience) a provider status announces."""
+        if reported.status is ProviderRefundStatus.SUCCEEDED and self.since(INTEGRATIONS_PATCH):
+            return (("refund_succeeded", "requester"),)
+        return STATUS_NOTICES.get(reported.status, ())
+
+    def _cancelled(self, err: BaseException) -> bool:
         """Whether an error is the workflow's cancellation (an activity awaited when it came
         fails with it); such an error is never an outcome to act on."""
-        return is_cancelled_exception(err) and workflow.patched(CANCEL_PATCH)
+        return is_cancelled_exception(err) and self.since(CANCEL_PATCH)
 
     async def _canceled(self) -> RefundOutcome:
         """Ops cancelled the case (Temporal UI, CLI). Before any submit the reservation is
@@ -539,7 +620,7 @@ class RefundWorkflow(ApprovingWorkflow):
         refund it holds is followed to its end and the ledger, as if nothing happened;
         none, and the case is released like before a submit. Runs after the cancel, so
         nothing here is cancelled again."""
-        self._cancel_requested = True
+        self._cancel_requested, self._holding = True, False
         if self._validating is not None and not self._validating.done():
             with contextlib.suppress(ActivityError):
                 await self._validating
@@ -565,23 +646,50 @@ class RefundWorkflow(ApprovingWorkflow):
             await self._follow_provider(refund)
         return await self._finish()
 
+    def _posting(self, kind: LedgerKind, refund: ProviderRefund) -> LedgerInput:
+        assert self._request is not None
+        return LedgerInput(refund_request_id=self._request.refund_request_id, kind=kind,
+                           amount=refund.amount, currency=self._request.currency,
+                           provider_refund_id=refund.refund_id)
+
+    async def _ledger_pending(self, kind: LedgerKind, refund: ProviderRefund, err: FailureError) -> None:
+        """The ledger did not answer in time: the incident and 'executed, ledger pending'."""
+        error = err.cause if isinstance(err, ActivityError) else err
+        self._holding = False  # the incident goes out now
+        await self._notify("incident_ledger_pending", "finance_ops", {"template": kind.value})
+        await self._record("ledger_pending", CaseStatus.EXECUTED_LEDGER_PENDING, refund=refund,
+                           detail={"template": kind.value, "error": str(error)})
+
+    async def _post_with(self, kind: LedgerKind, refund: ProviderRefund, writes: list[CaseWrite]) -> None:
+        """`_post` with the step's notices and status in the posting's transaction (a local
+        activity); while the ledger stays down, the incident is recorded on its own and
+        the whole step retried until it lands."""
+        posting = self._posting(kind, refund)
+        try:
+            written = await self._write(*writes, posting=posting,
+                                        **retry.ledger_within(self._timings.ledger_pending_after))
+        except FailureError as err:  # a local activity's failure comes unwrapped (no ActivityError)
+            if self._cancelled(err):
+                raise
+            await self._ledger_pending(kind, refund, err)
+            recovered = CaseWrite(event=self._case_event("ledger_recovered",
+                                                         detail={"posting_key": posting.posting_key()}))
+            written = await self._write(recovered, *writes, posting=posting, **retry.LEDGER)
+        assert written.posting is not None
+        self._postings.append(written.posting.posting_key)
+
     async def _post(self, kind: LedgerKind, refund: ProviderRefund) -> None:
         """Posts once the provider confirmed. If the ledger stays down, the case shows
         'executed, ledger pending', an incident is raised, and posting goes on until it
         lands; the provider is never called again for it."""
-        assert self._request is not None
-        posting = LedgerInput(refund_request_id=self._request.refund_request_id, kind=kind,
-                              amount=refund.amount, currency=self._request.currency,
-                              provider_refund_id=refund.refund_id)
+        posting = self._posting(kind, refund)
         try:
             result: LedgerResult = await contracts.POST_LEDGER(
                 posting, schedule_to_close_timeout=self._timings.ledger_pending_after, **retry.LEDGER)
         except ActivityError as err:
             if self._cancelled(err):
                 raise
-            await self._notify("incident_ledger_pending", "finance_ops", {"template": kind.value})
-            await self._record("ledger_pending", CaseStatus.EXECUTED_LEDGER_PENDING, refund=refund,
-                               detail={"template": kind.value, "error": str(err.cause)})
+            await self._ledger_pending(kind, refund, err)
             result = await contracts.POST_LEDGER(posting, **retry.LEDGER)
             await self._record("ledger_recovered", detail={"posting_key": result.posting_key})
         self._postings.append(result.posting_key)
@@ -595,6 +703,8 @@ class RefundWorkflow(ApprovingWorkflow):
     async def _drain(self) -> None:
         """Late verdicts recorded, handlers finished, queued notices delivered: what a run
         waits for before it ends or continues as new."""
+        if self._advising is not None:
+            await self._advising
         await self.approvals_settled()
         await workflow.wait_condition(workflow.all_handlers_finished)
         if self._courier is not None:
@@ -610,7 +720,7 @@ class RefundWorkflow(ApprovingWorkflow):
         info = workflow.info()
         long = (info.get_current_history_length() >= self._timings.continue_as_new_after_events
                 or info.is_continue_as_new_suggested())
-        if not long or self._cancel_requested or not workflow.patched(BOUNDED_PATCH):
+        if not long or self._cancel_requested or not self.since(BOUNDED_PATCH):
             return
         await self._drain()
         assert self._input is not None
@@ -630,7 +740,7 @@ class RefundWorkflow(ApprovingWorkflow):
         """Before submit `attempt + 1`: past `max_submit_attempts` the case goes to ops
         (reservation kept) and only looks from then on; past the history threshold the loop
         continues as new. A refund found while looking comes back."""
-        if attempt >= self._timings.max_submit_attempts and workflow.patched(BOUNDED_PATCH):
+        if attempt >= self._timings.max_submit_attempts and self.since(BOUNDED_PATCH):
             reason = f"{attempt} submits without a refund at the provider"
             await self._notify("resubmits_exhausted", "operator", {"attempts": attempt})
             await self._record("resubmits_exhausted", CaseStatus.OPS_REVIEW, detail={"attempts": attempt})
@@ -671,7 +781,7 @@ class RefundWorkflow(ApprovingWorkflow):
             return await self._finish()
         if found is None:
             assert self._request is not None
-            if carried.submit_ended_at is not None and workflow.patched(HORIZON_PATCH):
+            if carried.submit_ended_at is not None and self.since(HORIZON_PATCH):
                 # the last create may still land until its horizon, whichever run waits it out
                 horizon = carried.submit_ended_at + self._timings.provider_horizon - workflow.now()
                 if horizon > timedelta(0):
@@ -697,31 +807,55 @@ class RefundWorkflow(ApprovingWorkflow):
         self._escalated, self._status_before_escalation = carried.escalated, carried.status_before_escalation
         self._attempt, self._submit_ended = carried.attempt, carried.submit_ended_at
 
+    def _case_event(self, action: str, status: CaseStatus | None = None, *,
+                    actor: str = "workflow", release: bool = False,
+                    refund: ProviderRefund | None = None,
+                    detail: dict[str, Any] | None = None) -> CaseEventInput:
+        return CaseEventInput(refund_request_id=self._request_id(), action=action, actor=actor,
+                              status=status, release_reservation=release, provider_refund=refund,
+                              detail=detail or {})
+
     async def _record(self, action: str, status: CaseStatus | None = None, *,
                       actor: str = "workflow", release: bool = False,
                       refund: ProviderRefund | None = None,
                       detail: dict[str, Any] | None = None) -> None:
         if status is not None:
             self._status = status
-        assert self._request is not None
-        await contracts.RECORD_CASE_EVENT(
-            CaseEventInput(refund_request_id=self._request.refund_request_id, action=action,
-                           actor=actor, status=status, release_reservation=release,
-                           provider_refund=refund, detail=detail or {}),
-            **retry.CASE_EVENT)
+        event = self._case_event(action, status, actor=actor, release=release, refund=refund, detail=detail)
+        if self._trips:
+            await self._write(CaseWrite(event=event))
+        else:
+            await contracts.RECORD_CASE_EVENT(event, **retry.CASE_EVENT)
+
+    def _notice(self, kind: str, audience: str, detail: dict[str, Any]) -> NoticeInput:
+        """A notice, once per case, kind, audience and occasion (its dedup key)."""
+        case_id = self._request_id()
+        occasion = self._refund.status.value if self._refund else self._status.value
+        return NoticeInput(refund_request_id=case_id, kind=kind, audience=audience,
+                           dedup_key=f"{case_id}:{kind}:{audience}:{occasion}", detail=detail)
 
     async def _notify(self, kind: str, audience: str, detail: dict[str, Any]) -> None:
-        """Queues a notice in the outbox once per case, kind, audience and occasion, and
-        hands it to the courier that delivers it beside the case."""
-        assert self._request is not None
-        case_id = self._request.refund_request_id
-        occasion = self._refund.status.value if self._refund else self._status.value
-        dedup_key = f"{case_id}:{kind}:{audience}:{occasion}"
-        await contracts.QUEUE_NOTICE(
-            NoticeInput(refund_request_id=case_id, kind=kind, audience=audience,
-                        dedup_key=dedup_key, detail=detail),
-            **retry.CASE_EVENT)
-        if workflow.patched(INTEGRATIONS_PATCH):
-            self._outbox.append(dedup_key)
-            if self._courier is None:
-                self._courier = asyncio.create_task(self._deliver_outbox())
+        """Queues a notice in the outbox and hands it to the courier that delivers it
+        beside the case."""
+        notice = self._notice(kind, audience, detail)
+        if self._trips:
+            await self._write(CaseWrite(notice=notice))
+        else:
+            await contracts.QUEUE_NOTICE(notice, **retry.CASE_EVENT)
+        if self.since(INTEGRATIONS_PATCH):
+            self._deliver_later(notice.dedup_key)
+
+    def _deliver_later(self, dedup_key: str) -> None:
+        """Hands a queued notice to the courier (started with the first)."""
+        self._outbox.append(dedup_key)
+        if self._courier is None:
+            self._courier = asyncio.create_task(self._deliver_outbox())
+
+    async def _write(self, *writes: CaseWrite, posting: LedgerInput | None = None,
+                     **options: Any) -> CaseWritten:
+        """A case step's database writes in one transaction, as a local activity: short,
+        idempotent (posting and dedup keys) and with nothing outside PostgreSQL."""
+        written: CaseWritten = await contracts.WRITE_CASE_STEPS.local(
+            CaseWrites(refund_request_id=self._request_id(), posting=posting, writes=writes),
+            **(options or retry.CASE_EVENT))
+        return written

@@ -36,6 +36,24 @@ LEDGER: dict[str, Any] = {
 }
 SUBMIT_RETRY = RetryPolicy(maximum_attempts=1)
 
+
+def ledger_within(deadline: timedelta) -> dict[str, Any]:
+    """LEDGER for a local posting that gives up by `deadline` (then the case shows 'ledger
+    pending' and posting goes on). A local activity retries in the worker, where a retry's
+    backoff was seen to run past the schedule-to-close timeout (the fast tier's ledger test),
+    so the attempts are bounded too: as many as LEDGER's backoffs fit in the deadline."""
+    policy = LEDGER["retry_policy"]
+    attempts, waited, interval = 1, timedelta(0), policy.initial_interval
+    while waited + interval <= deadline:
+        waited += interval
+        interval = min(interval * policy.backoff_coefficient, policy.maximum_interval or interval)
+        attempts += 1
+    return {"schedule_to_close_timeout": deadline,
+            "start_to_close_timeout": min(LEDGER["start_to_close_timeout"], deadline),
+            "retry_policy": RetryPolicy(initial_interval=policy.initial_interval,
+                                        backoff_coefficient=policy.backoff_coefficient,
+                                        maximum_interval=policy.maximum_interval, maximum_attempts=attempts)}
+
 # Notices and advice serve people, never the money path: bounded, and their failure is
 # tolerated by the workflow. A delivery retries only channels that certainly failed.
 DELIVER: dict[str, Any] = {

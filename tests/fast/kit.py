@@ -2,7 +2,11 @@
 name beside the real workflow classes (the Temporal samples' mocked-activity pattern), so
 a workflow branch runs against the shared dev server in well under a second, with no
 relay, PostgreSQL or provider. Each fake records its input; a test scripts the answers
-that lead into the branch it covers and asserts on what was called."""
+that lead into the branch it covers and asserts on what was called. A contract that folds
+others' work into one transaction (`validate_and_decide`, `write_case_steps`, a submit
+carrying its `started` event) is answered by those others' fakes in the order the store
+writes them, so a scripted ledger failure or policy verdict reaches the folded step too;
+fakes answer local activity calls (`Activity.local`) as they answer the others."""
 
 import asyncio
 import uuid
@@ -18,6 +22,7 @@ from temporalio.worker import Worker
 from adapters.approval_seal import ApprovalKeys, ApprovalSealCheck
 from domain import contracts
 from domain.contracts import Activity
+from domain.models import CaseWrites, CaseWritten, PolicyInput, SubmitInput, ValidateInput, Vetted
 from tests.harness import APPROVAL_KEYS
 from workers.main import WORKFLOWS, workflow_runner
 
@@ -69,14 +74,48 @@ class FakeActivities:
             await asyncio.sleep(0.05)
 
     def registered(self) -> list[Callable[..., Any]]:
-        return [self._fake(contract) for contract in contracts.ALL]
+        folded: dict[str, Answer] = {contracts.VALIDATE_AND_DECIDE.name: self._vet,
+                                     contracts.WRITE_CASE_STEPS.name: self._write,
+                                     contracts.SUBMIT_PROVIDER_REFUND.name: self._submit}
+        return [self._fake(contract, folded.get(contract.name)) for contract in contracts.ALL]
 
-    def _fake(self, contract: Activity[Any, Any]) -> Callable[..., Any]:
+    async def _answer(self, name: str, inp: Any) -> Any:
+        """Records a call of `name` and gives its next answer."""
+        self.calls.append((name, inp))
+        answers = self._answers.get(name) or [returns(None)]
+        answer = answers.pop(0) if len(answers) > 1 else answers[0]
+        return await answer(inp)
+
+    async def _vet(self, inp: ValidateInput) -> Vetted:
+        validation = await self._answer(contracts.VALIDATE_REFUND.name, inp)
+        if not validation.ok:
+            return Vetted(validation=validation)
+        decision = await self._answer(contracts.DECIDE_POLICY.name,
+                                      PolicyInput(request=inp.request, validation=validation))
+        return Vetted(validation=validation, decision=decision)
+
+    async def _write(self, inp: CaseWrites) -> CaseWritten:
+        posting = await self._answer(contracts.POST_LEDGER.name, inp.posting) if inp.posting else None
+        for write in inp.writes:
+            if write.notice is not None:
+                await self._answer(contracts.QUEUE_NOTICE.name, write.notice)
+            elif write.event is not None:
+                await self._answer(contracts.RECORD_CASE_EVENT.name, write.event)
+        return CaseWritten(posting=posting, posted=inp.posting.kind if inp.posting else None,
+                           actions=tuple(w.event.action for w in inp.writes if w.event is not None))
+
+    async def _submit(self, inp: SubmitInput) -> Any:
+        if inp.started is not None:  # committed with the intent, before the provider answers
+            await self._answer(contracts.RECORD_CASE_EVENT.name, inp.started)
+        return await self._answer(contracts.SUBMIT_PROVIDER_REFUND.name, inp)
+
+    def _fake(self, contract: Activity[Any, Any], folded: Answer | None) -> Callable[..., Any]:
         async def fake(inp: Any) -> Any:
-            self.calls.append((contract.name, inp))
-            answers = self._answers.get(contract.name) or [returns(None)]
-            answer = answers.pop(0) if len(answers) > 1 else answers[0]
-            return await answer(inp)
+            if folded is None:
+                return await self._answer(contract.name, inp)
+            if contract.name != contracts.SUBMIT_PROVIDER_REFUND.name:
+                self.calls.append((contract.name, inp))
+            return await folded(inp)
         fake.__name__ = contract.name
         fake.__annotations__ = {"inp": contract.input, "return": contract.result}
         return activity.defn(name=contract.name)(fake)

@@ -1,0 +1,68 @@
+"""How many history events a refund costs (issue 21): the dev server, and any Temporal
+cluster, pays per event, so the happy paths have a budget. Counted from the real history
+the fast tier's workflow writes (fakes answer at once; the events are the workflow's own)."""
+
+import asyncio
+
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client, WorkflowHandle
+
+from domain import contracts
+from domain.models import Decision, LedgerKind, RefundOutcome
+from tests.fast.kit import fake_worker
+from tests.fast.test_refund_branches import new_case, refund_fakes, start, verdict
+from workflows.refund import RefundWorkflow
+
+AUTO_APPROVED_BUDGET = 35
+ONE_APPROVAL_BUDGET = 55
+
+
+async def events(handle: WorkflowHandle[RefundWorkflow, RefundOutcome]) -> list[str]:
+    return [EventType.Name(e.event_type) for e in (await handle.fetch_history()).events]
+
+
+async def test_an_auto_approved_refund_stays_within_its_event_budget(client: Client) -> None:
+    case_id = new_case()
+    async with fake_worker(client, refund_fakes(case_id)) as queue:
+        handle = await start(client, queue, case_id)
+        await handle.result()
+    written = await events(handle)
+    assert len(written) <= AUTO_APPROVED_BUDGET, written
+
+
+async def test_a_refund_with_one_approval_stays_within_its_event_budget(client: Client) -> None:
+    case_id = new_case()
+    fakes = refund_fakes(case_id, auto_approve=False)
+    async with fake_worker(client, fakes) as queue:
+        handle = await start(client, queue, case_id)
+        while contracts.DELIVER_NOTICES.name not in fakes.names():  # approvers act once told
+            await asyncio.sleep(0.05)
+        await handle.execute_update(RefundWorkflow.submit_approval, verdict(Decision.APPROVE))
+        await handle.result()
+    written = await events(handle)
+    assert len(written) <= ONE_APPROVAL_BUDGET, written
+
+
+async def test_the_auto_approved_steps_fold_bookkeeping_into_the_work_they_accompany(client: Client) -> None:
+    """Validation with the policy, `execution_started` with the submit's intent, and the
+    posting, its notice and the status in one local write; advice and delivery beside."""
+    case_id = new_case()
+    fakes = refund_fakes(case_id)
+    async with fake_worker(client, fakes) as queue:
+        handle = await start(client, queue, case_id)
+        await handle.result()
+    history = (await handle.fetch_history()).events
+    scheduled = sorted(e.activity_task_scheduled_event_attributes.activity_type.name
+                       for e in history if e.HasField("activity_task_scheduled_event_attributes"))
+    assert scheduled == sorted([contracts.VALIDATE_AND_DECIDE.name, contracts.ADVISE_REFUND.name,
+                                contracts.SUBMIT_PROVIDER_REFUND.name, contracts.DELIVER_NOTICES.name])
+    local = [e for e in history if e.HasField("marker_recorded_event_attributes")
+             and e.marker_recorded_event_attributes.marker_name == "core_local_activity"]
+    assert len(local) == 1
+    [submit] = fakes.inputs(contracts.SUBMIT_PROVIDER_REFUND)
+    assert submit.started is not None and submit.started.action == "execution_started"
+    [write] = fakes.inputs(contracts.WRITE_CASE_STEPS)
+    assert write.posting is not None and write.posting.kind is LedgerKind.REFUND_SETTLED
+    steps = [(w.notice.kind if w.notice else None, w.event.action if w.event else None) for w in write.writes]
+    assert steps == [("refund_succeeded", None), (None, "refund_succeeded")]
+    assert fakes.recorded() == ["execution_started", "refund_succeeded"]  # every row, as before
