@@ -15,12 +15,17 @@ async def noop(step: int) -> int:
 
 @workflow.defn
 class BareWorkflow:
-    """Runs `steps` no-op activities in sequence, like a refund's happy path."""
+    """Runs `steps` no-op activities in sequence, then `local_steps` no-op local activities,
+    like a refund's happy path (its provider calls and deliveries, then its database writes
+    as local activities)."""
 
     @workflow.run
-    async def run(self, steps: int) -> int:
+    async def run(self, steps: int, local_steps: int = 0) -> int:
         done = 0
         for step in range(steps):
             done += await workflow.execute_activity(
+                noop, step, start_to_close_timeout=timedelta(seconds=30))
+        for step in range(local_steps):
+            done += await workflow.execute_local_activity(
                 noop, step, start_to_close_timeout=timedelta(seconds=30))
         return done

@@ -117,12 +117,14 @@ async def bare_worker(client: Client) -> AsyncIterator[str]:
         yield queue
 
 
-def bare_starter(client: Client, queue: str, steps: int) -> Begin:
-    """Starts the i-th bare workflow of `steps` activities (ids unique per call)."""
+def bare_starter(client: Client, queue: str, steps: int, local_steps: int = 0) -> Begin:
+    """Starts the i-th bare workflow of `steps` activities and `local_steps` local ones (ids
+    unique per call)."""
     tag = uuid.uuid4().hex[:6]
 
     async def start(i: int) -> WorkflowHandle[Any, Any]:
-        return await client.start_workflow(BareWorkflow.run, steps, id=f"bare-{tag}-{i}", task_queue=queue)
+        return await client.start_workflow(BareWorkflow.run, args=[steps, local_steps], id=f"bare-{tag}-{i}",
+                                           task_queue=queue)
     return start
 
 

@@ -40,7 +40,7 @@ from bench.common import (
     report,
     timed_wave,
 )
-from bench.refund_throughput import ACTIVITIES, WORKFLOW_TASKS, history_count
+from bench.refund_throughput import history_shape
 from domain.models import (
     ApprovalSignal,
     Decision,
@@ -156,15 +156,16 @@ async def main(cases: int, concurrency: int, wave: int) -> dict[str, Any]:
         await open_cases(stack, warm_tag, warm, wave, concurrency)
         warm_seconds = {"approve": await timed_wave(approver(stack, warm_tag), range(warm), concurrency,
                                                     hold=True)}
-        steps = await history_count(env.client, f"open-{warm_tag}-0", ACTIVITIES, after_first_signal=True)
-        bare = bare_starter(env.client, bare_queue, steps)
+        after = await history_shape(env.client, f"open-{warm_tag}-0", after_first_signal=True)
+        steps, local_steps = after["activities"], after["local_activities"]
+        bare = bare_starter(env.client, bare_queue, steps, local_steps)
         warm_seconds["bare"] = await timed_wave(bare, range(warm), concurrency, hold=True)
         sample = await bare(warm)  # outside the timing: what the two histories hold
         await sample.result()
-        workflow_tasks = {
-            "case_after_approval": await history_count(env.client, f"open-{warm_tag}-0", WORKFLOW_TASKS,
-                                                       after_first_signal=True),
-            "bare": await history_count(env.client, sample.id, WORKFLOW_TASKS)}
+        workflow_tasks = {"case_after_approval": after["workflow_tasks"],
+                          "bare": (await history_shape(env.client, sample.id))["workflow_tasks"]}
+        events_per_case = {"whole": (await history_shape(env.client, f"open-{warm_tag}-0"))["events"],
+                           "after_approval": after["events"]}
 
         opened = await open_cases(stack, tag, cases, wave, concurrency)
         rss_waiting = rss_mib()
@@ -180,11 +181,15 @@ async def main(cases: int, concurrency: int, wave: int) -> dict[str, Any]:
         rss_done = rss_mib()
     bare_rate = cases / sum(r["bare_seconds"] for r in rounds)
     completion_rate = cases / sum(r["approve_seconds"] for r in rounds)
-    rows = [{"phase": f"bare workflows, {steps} no-op activities (baseline)", "per_second": bare_rate},
+    shape = f"{steps} activities + {local_steps} local"
+    rows = [{"phase": f"bare workflows, {shape} no-op (baseline)", "per_second": bare_rate},
             {"phase": f"open {cases} cases to awaiting_approval", "per_second": cases / opened},
-            {"phase": f"approve and complete ({steps} activities each)", "per_second": completion_rate}]
+            {"phase": f"approve and complete ({shape} each)", "per_second": completion_rate}]
     result = {"completion_ratio": completion_rate / bare_rate, "activities_after_approval": steps,
-              "baseline_activities": steps, "workflow_tasks": workflow_tasks, "rss_idle_mib": rss_idle,
+              "local_activities_after_approval": local_steps, "baseline_activities": steps,
+              "baseline_local_activities": local_steps, "events_per_case": events_per_case,
+              "seconds_to_approve_and_finish": sum(r["approve_seconds"] for r in rounds),
+              "workflow_tasks": workflow_tasks, "rss_idle_mib": rss_idle,
               "rss_waiting_mib": rss_waiting, "rss_done_mib": rss_done,
               "rss_per_waiting_case_kib": (rss_waiting - rss_idle) * 1024 / cases,
               "seconds_to_all_waiting": opened}

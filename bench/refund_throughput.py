@@ -1,11 +1,13 @@
-"""Benchmark 1: auto-approved refunds per second, end to end on the embedded stack, as a
-ratio of a bare workflow running the same number of no-op activities (target >= 0.7);
-and the workflow sandbox with our pure modules passed through vs the default sandbox.
+"""Benchmark 1: auto-approved refunds per second, end to end on the embedded stack, against
+two bare workflows of no-op activities in the same run: today's shape before issue 21 (9
+activities; target >= 1.5x) and the product's new shape (as many activities and local
+activities as a real refund's history holds; target >= 0.85); and the workflow sandbox with
+our pure modules passed through vs the default sandbox. Also the history events of a real
+auto-approved refund and of one with an approval (targets <= 35 and <= 55).
 
     python -m bench.refund_throughput [--refunds 200] [--rounds 4] [--quick]
 
-The activity count of the baseline is read from a real refund's history in the same run.
-Each variant has one worker for the whole run (the bare one with the product's sandbox
+Each variant has one worker for the whole run (the bare ones with the product's sandbox
 runner), warmed by a run of its own before the rounds; the rounds rotate which variant goes
 first, so a slow spell of this shared machine falls on all of them.
 """
@@ -20,45 +22,52 @@ from temporalio.client import Client, WorkflowHandle
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from adapters import event_loop
+from adapters.approval_seal import approval_keys, sealing_client
 from adapters.policy_file import load_policy
 from bench.common import Begin, announce, bare_starter, bare_worker, embedded_stack, report, timed_wave
-from domain.models import RefundReason, RefundRequest, RefundWorkflowInput
+from domain.models import ApprovalSignal, Decision, RefundReason, RefundRequest, RefundWorkflowInput
 from tests.harness import Stack, open_stack
 from workers.main import build_worker
 from workflows.refund import RefundWorkflow
 
-VARIANTS = ("bare", "passthrough", "default")
+VARIANTS = ("bare", "bare_new", "passthrough", "default")
+BASELINE_ACTIVITIES = 9
+"""The refund's activities before issue 21 (its baseline, measured then): the 1.5x target's."""
 
 
 ACTIVITIES = EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
 WORKFLOW_TASKS = EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED
+MARKERS = EventType.EVENT_TYPE_MARKER_RECORDED
+LOCAL_ACTIVITY_MARKER = "core_local_activity"
 
 
-async def history_count(client: Client, workflow_id: str, event: "EventType.ValueType", *,
-                        after_first_signal: bool = False) -> int:
-    """How many `event`s a finished workflow's history holds (or holds after the first signal
-    it got, e.g. an approval): the bare baseline runs as many activities (ACTIVITIES), and
-    WORKFLOW_TASKS tells how many round trips to the worker that took."""
-    history = await client.get_workflow_handle(workflow_id).fetch_history()
-    counting = not after_first_signal
-    found = 0
-    for entry in history.events:
-        if entry.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
-            counting = True
-        elif counting and entry.event_type == event:
-            found += 1
-    return found
+async def history_shape(client: Client, workflow_id: str, *,
+                        after_first_signal: bool = False) -> dict[str, int]:
+    """A finished workflow's history (or its part after the first signal it got, e.g. an
+    approval): its events, activities, local activities and workflow tasks (what the dev
+    server pays for, per workflow; a bare baseline runs as many activities)."""
+    events = list((await client.get_workflow_handle(workflow_id).fetch_history()).events)
+    if after_first_signal:
+        signalled = next(i for i, e in enumerate(events)
+                         if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED)
+        events = events[signalled:]
+    return {"events": len(events),
+            "activities": sum(e.event_type == ACTIVITIES for e in events),
+            "local_activities": sum(e.event_type == MARKERS and e.marker_recorded_event_attributes.marker_name
+                                    == LOCAL_ACTIVITY_MARKER for e in events),
+            "workflow_tasks": sum(e.event_type == WORKFLOW_TASKS for e in events)}
 
 
-async def refund_starter(stack: Stack, queue: str, count: int) -> tuple[Begin, str]:
-    """Starts the i-th of `count` auto-approved refunds on `queue` as the relay does (the case
-    row, then the workflow); charges made beforehand. Also one of the workflow ids."""
+async def refund_starter(stack: Stack, queue: str, count: int, amount: int = 1_000) -> tuple[Begin, str]:
+    """Starts the i-th of `count` refunds of `amount` (1,000: auto-approved) on `queue` as the
+    relay does (the case row, then the workflow); charges made beforehand. Also one of the
+    workflow ids."""
     charges = [await stack.charge(10_000) for _ in range(count)]
     tag = uuid.uuid4().hex[:6]
 
     async def start(i: int) -> WorkflowHandle[Any, Any]:
         request = RefundRequest(refund_request_id=f"bench-{tag}-{i}", provider="sandbox",
-                                charge_id=charges[i], amount=1_000, currency="USD",
+                                charge_id=charges[i], amount=amount, currency="USD",
                                 merchant_account="acct_1", reason=RefundReason.DUPLICATE,
                                 evidence={"order_id": f"o-{i}"})
         await stack.store.create_case(request, "bench")
@@ -67,6 +76,19 @@ async def refund_starter(stack: Stack, queue: str, count: int) -> tuple[Begin, s
                                                     timings=stack.settings.timings()),
             id=request.refund_request_id, task_queue=queue)
     return start, f"bench-{tag}-0"
+
+
+async def approved_once(stack: Stack, queue: str) -> dict[str, int]:
+    """The history of one refund that needs an approval (above the policy's threshold),
+    approved by a sealed update as the relay sends it."""
+    start, case_id = await refund_starter(stack, queue, 1, amount=9_000)
+    handle = await start(0)
+    relay = sealing_client(stack.client, approval_keys(stack.settings))
+    await stack.wait_for_status(case_id, "awaiting_approval")
+    await relay.get_workflow_handle(case_id).execute_update(RefundWorkflow.submit_approval, ApprovalSignal(
+        approver="bench-approver", roles=("approver",), decision=Decision.APPROVE))
+    await handle.result()
+    return await history_shape(stack.client, case_id)
 
 
 async def main(count: int, concurrency: int, rounds: int) -> dict[str, Any]:
@@ -87,41 +109,56 @@ async def main(count: int, concurrency: int, rounds: int) -> dict[str, Any]:
 
         async def starter(variant: str, n: int) -> tuple[Begin, str]:
             if variant == "bare":
-                return bare_starter(env.client, bare_queue, steps), ""
+                return bare_starter(env.client, bare_queue, BASELINE_ACTIVITIES), ""
+            if variant == "bare_new":
+                return bare_starter(env.client, bare_queue, auto["activities"], auto["local_activities"]), ""
             return await refund_starter(stack, queues[variant], n)
 
-        steps = 0
+        auto: dict[str, int] = {}
         warm_up: dict[str, float] = {}
-        for variant in ("passthrough", "default", "bare"):  # the refund first: it tells `steps`
+        for variant in ("passthrough", "default", "bare", "bare_new"):  # the refund first: its shape
             start, sample = await starter(variant, warm)
             warm_up[variant] = await timed_wave(start, range(warm), concurrency, hold=False)
             if variant == "passthrough":
-                steps = await history_count(env.client, sample, ACTIVITIES)
+                auto = await history_shape(env.client, sample)
+        approval = await approved_once(stack, queues["passthrough"])
         per_round_seconds: dict[str, list[float]] = {v: [] for v in VARIANTS}
         orders = []
         for round_number in range(rounds):
-            order = VARIANTS[round_number % 3:] + VARIANTS[:round_number % 3]
+            turn = round_number % len(VARIANTS)
+            order = VARIANTS[turn:] + VARIANTS[:turn]
             orders.append(list(order))
             for variant in order:
                 start, _ = await starter(variant, per_round)
                 per_round_seconds[variant].append(
                     await timed_wave(start, range(per_round), concurrency, hold=False))
     rate = {v: per_round * rounds / sum(s) for v, s in per_round_seconds.items()}
-    bare, ours, default_sandbox = rate["bare"], rate["passthrough"], rate["default"]
-    rows = [{"variant": f"bare workflow, {steps} no-op activities (product's sandbox runner)",
+    bare, bare_new = rate["bare"], rate["bare_new"]
+    ours, default_sandbox = rate["passthrough"], rate["default"]
+    rows = [{"variant": f"bare workflow, {BASELINE_ACTIVITIES} no-op activities (the shape before issue 21)",
              "per_second": bare, "ratio": 1.0},
+            {"variant": f"bare workflow, {auto['activities']} no-op activities + {auto['local_activities']} "
+                        "local (the refund's new shape)", "per_second": bare_new, "ratio": bare_new / bare},
             {"variant": "refund workflow (passthrough sandbox)", "per_second": ours, "ratio": ours / bare},
             {"variant": "refund workflow (default sandbox)", "per_second": default_sandbox,
              "ratio": default_sandbox / bare}]
-    result = {"ratio": ours / bare, "passthrough_vs_default": ours / default_sandbox,
-              "activities_per_refund": steps}
+    result = {"ratio_vs_9_activity_baseline": ours / bare, "ratio_vs_new_shape": ours / bare_new,
+              "passthrough_vs_default": ours / default_sandbox,
+              "events_per_refund": {"auto_approved": auto["events"], "one_approval": approval["events"]},
+              "auto_approved_history": auto, "one_approval_history": approval}
     report("refund_throughput", rows, {
         "refunds": per_round * rounds, "rounds": rounds, "per_round": per_round, "concurrency": concurrency,
         "warm_up_runs": {v: warm for v in warm_up}, "warm_up_seconds": warm_up, "round_orders": orders,
         "round_seconds": per_round_seconds,
-        "round_ratios": [round(b / p, 3) for b, p in zip(per_round_seconds["bare"],
-                                                         per_round_seconds["passthrough"], strict=True)],
-        "bare_runner": "workers.main.workflow_runner() (the product's)", "target_ratio": 0.7, **result})
+        "round_ratios_vs_9_activity_baseline": [
+            round(b / p, 3) for b, p in zip(per_round_seconds["bare"], per_round_seconds["passthrough"],
+                                            strict=True)],
+        "round_ratios_vs_new_shape": [
+            round(b / p, 3) for b, p in zip(per_round_seconds["bare_new"], per_round_seconds["passthrough"],
+                                            strict=True)],
+        "bare_runner": "workers.main.workflow_runner() (the product's)",
+        "targets": {"vs_9_activity_baseline": 1.5, "vs_new_shape": 0.85, "events_auto_approved": 35,
+                    "events_one_approval": 55}, **result})
     return result
 
 

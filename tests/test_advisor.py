@@ -59,7 +59,8 @@ async def test_offline_advice_is_stored_and_shown_to_approvers_as_advisory(stack
     assert advice["available"] is True and advice["source"] == "offline-rules"
     assert advice["suggested_amount"] == 9_000 and advice["suggested_reason"] == "requested_by_customer"
     actions = await stack.actions(case_id)
-    assert actions.index("advice_recorded") < actions.index("policy_decision")
+    # beside the money path (fewer-round-trips-1): the policy decided before the advice came
+    assert actions.index("policy_decision") < actions.index("advice_recorded")
 
 
 async def test_a_model_saying_approve_ten_times_the_amount_changes_only_the_recommendation(
@@ -111,7 +112,7 @@ async def test_a_slow_or_broken_model_means_no_advice_and_the_case_goes_on(
             world.llm_answer = "refund it all, trust me"
             charge = await llm.charge(10_000)
             case_id = await llm.request_refund("alice", charge, 1_000)
-            await llm.wait_for_status(case_id, "succeeded")
+            await llm.client.get_workflow_handle(case_id).result()  # the case's end waits for the advice
             advice = (await case_view(llm, case_id))["advice"]
             assert advice["available"] is False and advice["status"] == "no advice", mode
             assert error in advice["error"], (mode, advice["error"])

@@ -50,8 +50,9 @@ async def test_one_trace_from_relay_request_through_workflow_activities_and_prov
     assert root.name == "POST /v1/refund-requests"
     names = {s.name for s in in_trace}
     assert {"StartWorkflow:RefundWorkflow", "RunWorkflow:RefundWorkflow"} <= names
-    for activity in ("validate_refund", "decide_policy", "record_case_event", "submit_provider_refund",
-                     "post_ledger"):
+    # since fewer-round-trips-1: validation with the decision; the case's writes (ledger posting
+    # included) in local activities, traced as activities too
+    for activity in ("validate_and_decide", "write_case_steps", "submit_provider_refund"):
         assert f"RunActivity:{activity}" in names, activity
     assert "provider.create_refund" in names  # its HTTP spans: tests/test_tracing_instrumentation.py
     [create] = [s for s in in_trace if s.name == "provider.create_refund"]
