@@ -1,0 +1,100 @@
+"""The store's folded steps (issue 21) are idempotent, as the activities they replace were:
+a retried `validate_and_decide` finds its reservation and decision (one policy row), a
+retried case write posts once and queues once, and the first submit's intent commits its
+`execution_started` once."""
+
+import uuid
+
+from adapters.store import Store
+from domain.models import (
+    CaseEventInput,
+    CaseStatus,
+    CaseWrite,
+    CaseWrites,
+    ChargeSnapshot,
+    LedgerInput,
+    LedgerKind,
+    NoticeInput,
+    PolicyDecision,
+    RefundReason,
+    RefundRequest,
+    ValidationResult,
+)
+
+
+async def opened(store: Store, amount: int = 1_000) -> tuple[RefundRequest, ChargeSnapshot]:
+    charge_id = f"ch_{uuid.uuid4().hex[:10]}"
+    request = RefundRequest(refund_request_id=f"{charge_id}-case", provider="sandbox", charge_id=charge_id,
+                            amount=amount, currency="USD", merchant_account="m", reason=RefundReason.OTHER)
+    await store.create_case(request, "alice")
+    return request, ChargeSnapshot(provider="sandbox", charge_id=charge_id, currency="USD",
+                                   merchant_account="m", amount=5_000, amount_captured=5_000, captured=True)
+
+
+async def actions(store: Store, case_id: str) -> list[str]:
+    return [e["action"] for e in await store.audit_trail(case_id)]
+
+
+async def test_a_retried_validation_finds_its_reservation_and_its_decision(store: Store) -> None:
+    request, charge = await opened(store)
+    seen: list[list[int]] = []
+
+    def decide(validation: ValidationResult, prior: list[int]) -> PolicyDecision:
+        seen.append(prior)
+        return PolicyDecision(auto_approve=True, rules_fired=("auto_approve",), policy_version="t")
+
+    first = await store.reserve_and_decide(request, charge, decide)
+    again = await store.reserve_and_decide(request, charge, decide)
+    assert first == again and first.validation.ok and first.decision is not None
+    assert seen == [[]]  # decided once; the retry read the stored decision
+    assert await actions(store, request.refund_request_id) == [
+        "request_received", "validation_passed", "policy_decision"]
+    row = await store.get_case(request.refund_request_id)
+    assert row is not None and row["reserved_amount"] == 1_000 and row["decision"]["auto_approve"] is True
+
+
+async def test_a_refused_validation_decides_nothing(store: Store) -> None:
+    request, charge = await opened(store, amount=6_000)
+    def never(validation: ValidationResult, prior: list[int]) -> PolicyDecision:
+        raise AssertionError("a rejected request has no decision")
+
+    vetted = await store.reserve_and_decide(request, charge, never)
+    assert not vetted.validation.ok and vetted.decision is None
+    assert await actions(store, request.refund_request_id) == ["request_received", "validation_rejected"]
+
+
+async def test_a_settlement_posts_queues_and_records_in_one_write_once(store: Store) -> None:
+    request, charge = await opened(store)
+    case_id = request.refund_request_id
+    await store.reserve(request, charge)
+    posting = LedgerInput(refund_request_id=case_id, kind=LedgerKind.REFUND_SETTLED, amount=1_000,
+                          currency="USD", provider_refund_id="re_1")
+    steps = CaseWrites(refund_request_id=case_id, posting=posting, writes=(
+        CaseWrite(notice=NoticeInput(refund_request_id=case_id, kind="refund_succeeded", audience="requester",
+                                     dedup_key=f"{case_id}:refund_succeeded")),
+        CaseWrite(event=CaseEventInput(refund_request_id=case_id, action="refund_succeeded", actor="workflow",
+                                       status=CaseStatus.SUCCEEDED))))
+    first = await store.write_case_steps(steps)
+    assert (await actions(store, case_id))[-3:] == ["ledger_posted", "notice_queued", "refund_succeeded"]
+    again = await store.write_case_steps(steps)  # a retry after a lost answer
+    assert first.posting is not None and first.posting.newly_posted and first.actions == ("refund_succeeded",)
+    assert again.posting is not None and not again.posting.newly_posted
+    assert len(await store.ledger_entries(case_id)) == 2  # one entry, two lines
+    assert [n["kind"] for n in await store.notices(case_id)] == ["refund_succeeded"]
+    # only the event's row again (as a retried record_case_event did): no posting, no notice
+    assert (await actions(store, case_id))[-4:] == [
+        "ledger_posted", "notice_queued", "refund_succeeded", "refund_succeeded"]
+    row = await store.get_case(case_id)
+    assert row is not None and row["status"] == "succeeded"
+
+
+async def test_the_first_submit_commits_execution_started_with_its_intent_once(store: Store) -> None:
+    request, _ = await opened(store)
+    case_id = request.refund_request_id
+    started = CaseEventInput(refund_request_id=case_id, action="execution_started", actor="workflow",
+                             status=CaseStatus.EXECUTING)
+    assert await store.begin_submission(case_id, "key-1", started) is False
+    assert await store.begin_submission(case_id, "key-1", started) is True  # a later attempt looks first
+    trail = await actions(store, case_id)
+    assert trail[-3:] == ["execution_started", "provider_submit_started", "provider_submit_started"]
+    assert trail.count("execution_started") == 1
