@@ -25,7 +25,8 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 import psutil
-from temporalio.client import WorkflowHandle
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client, WorkflowHandle
 
 from adapters import event_loop
 from adapters.approval_seal import approval_keys, sealing_client
@@ -111,6 +112,24 @@ def case_opener(stack: Stack, tag: str, charges: list[str]) -> Callable[[int], C
     return start
 
 
+async def workflow_task_trouble(client: Client, workflow_ids: list[str], concurrency: int) -> dict[str, int]:
+    """Workflow tasks that timed out or failed, over every case's history (issue 21's target:
+    none), and how many cases had any."""
+    found = {"timed_out": 0, "failed": 0, "cases_with_any": 0}
+
+    def check(workflow_id: str) -> Callable[[], Awaitable[None]]:
+        async def go() -> None:
+            events = (await client.get_workflow_handle(workflow_id).fetch_history()).events
+            timed_out = sum(e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT for e in events)
+            failed = sum(e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED for e in events)
+            found["timed_out"] += timed_out
+            found["failed"] += failed
+            found["cases_with_any"] += bool(timed_out or failed)
+        return go
+    await gather_limited([check(w) for w in workflow_ids], concurrency)
+    return found
+
+
 def approver(stack: Stack, tag: str) -> Begin:
     """Approves the i-th waiting case of `tag`; its handle, to await its end."""
     relay = sealing_client(stack.client, approval_keys(stack.settings))  # sealed, as the relay's
@@ -179,6 +198,8 @@ async def main(cases: int, concurrency: int, wave: int) -> dict[str, Any]:
             rounds.append({"round": number, "workflows": len(indices), "first": order[0],
                            "bare_seconds": seconds["bare"], "approve_seconds": seconds["approve"]})
         rss_done = rss_mib()
+        task_trouble = await workflow_task_trouble(env.client, [f"open-{tag}-{i}" for i in range(cases)],
+                                                   concurrency)
     bare_rate = cases / sum(r["bare_seconds"] for r in rounds)
     completion_rate = cases / sum(r["approve_seconds"] for r in rounds)
     shape = f"{steps} activities + {local_steps} local"
@@ -189,7 +210,8 @@ async def main(cases: int, concurrency: int, wave: int) -> dict[str, Any]:
               "local_activities_after_approval": local_steps, "baseline_activities": steps,
               "baseline_local_activities": local_steps, "events_per_case": events_per_case,
               "seconds_to_approve_and_finish": sum(r["approve_seconds"] for r in rounds),
-              "workflow_tasks": workflow_tasks, "rss_idle_mib": rss_idle,
+              "workflow_tasks": workflow_tasks, "workflow_task_trouble": task_trouble,
+              "rss_idle_mib": rss_idle,
               "rss_waiting_mib": rss_waiting, "rss_done_mib": rss_done,
               "rss_per_waiting_case_kib": (rss_waiting - rss_idle) * 1024 / cases,
               "seconds_to_all_waiting": opened}
