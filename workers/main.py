@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 
 from temporalio.client import Client
-from temporalio.worker import Worker, WorkflowRunner
+from temporalio.worker import Worker, WorkerTuner, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.incidents import IncidentActivities
@@ -84,9 +84,10 @@ def build_worker(client: Client, task_queue: str, store: Store,
         workflow_runner=runner or workflow_runner(), graceful_shutdown_timeout=graceful_shutdown,
         interceptors=[ApprovalSealCheck(keys)],
         max_cached_workflows=settings.worker_max_cached_workflows,
-        max_concurrent_workflow_tasks=settings.worker_max_concurrent_workflow_tasks,
-        max_concurrent_activities=settings.worker_max_concurrent_activities,
-        max_concurrent_local_activities=settings.worker_max_concurrent_local_activities,
+        # the slots as a tuner (not max_concurrent_*), so a caller may swap in its own tuner
+        tuner=WorkerTuner.create_fixed(workflow_slots=settings.worker_max_concurrent_workflow_tasks,
+                                       activity_slots=settings.worker_max_concurrent_activities,
+                                       local_activity_slots=settings.worker_max_concurrent_local_activities),
         sticky_queue_schedule_to_start_timeout=timedelta(seconds=settings.worker_sticky_queue_timeout_seconds),
     )
 
