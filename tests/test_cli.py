@@ -13,7 +13,8 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 
 from adapters.store import Store
-from starters.stack import TemporalDevServer, free_port
+from starters.dev.stack import TemporalDevServer
+from starters.ports import free_port
 from tests.harness import PAYLOAD_KEYS, Stack
 
 REFUNDS = str(Path(sys.executable).parent / "refunds")

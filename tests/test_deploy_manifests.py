@@ -21,7 +21,7 @@ from pydantic import AliasChoices, SecretStr
 
 from adapters.config import Settings
 from adapters.providers.registry import build_providers
-from starters.cli import build_parser
+from starters.cli.parser import build_parser
 from starters.relay import create_app
 from workers.health import health_app
 
