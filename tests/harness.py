@@ -27,7 +27,7 @@ from adapters.store import CaseCreation, Store
 from adapters.tls import client_tls
 from domain.models import RefundRequest
 from starters import relay
-from starters.cases import start_refund
+from starters.actions.starting import start_refund
 from starters.dev import sandbox_provider
 from workers.main import build_worker
 

@@ -45,7 +45,10 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_the_wheel_leaves_the_dev_stack_out(installed: Path) -> None:
-    assert (installed / "starters" / "cli").is_dir()
+    assert (installed / "starters" / "relay" / "app.py").is_file()
+    assert (installed / "starters" / "console" / "templates" / "case.html").is_file()
+    assert (installed / "starters" / "console" / "static" / "console.css").is_file()
+    assert (installed / "starters" / "cli" / "parser.py").is_file()
     assert not (installed / "starters" / "dev").exists()
 
 

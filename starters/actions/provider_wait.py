@@ -1,7 +1,7 @@
 """Ops resolve a case stuck waiting for a notification from a provider with no status
 lookup (Adyen): they read the refund in the provider's dashboard and say what it shows.
 
-Shared by the relay's API and the console, like `case_actions`. Only ops may do it, never
+Shared by the relay's API and the console, like `actions.cases`. Only ops may do it, never
 someone behind the request (its requester, trigger identities) or one of its approvers;
 the resolution is audited before it reaches the case, as an event the waiting workflow
 takes like the notification it stands in for: "refunded" follows the named refund to the
@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from adapters.store import Principal
 from domain.models import EventKind, ProviderEvent, ProviderRefundStatus
-from starters.case_actions import ACT_ROLES, CaseActions, behind
+from starters.actions.cases import ACT_ROLES, CaseActions, behind
 from workflows.refund import RefundWorkflow
 
 WAIT_OPENED, WAIT_CLOSED = "awaiting_provider_notification", "provider_notification_received"

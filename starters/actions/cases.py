@@ -30,8 +30,8 @@ from domain.models import (
     RequestSource,
     RoleRequirement,
 )
-from starters.approving import ApprovalBody, Refused, approvals_view, ask_for_verdict
-from starters.cases import start_refund
+from starters.actions.approving import ApprovalBody, Refused, approvals_view, ask_for_verdict
+from starters.actions.starting import start_refund
 from workers.case_sweep import workflow_closed
 from workflows.refund import RefundWorkflow
 
@@ -46,6 +46,8 @@ READ_ROLES = REQUEST_ROLES | APPROVAL_ROLES | OPS_ROLES
 SEE_ALL_ROLES = APPROVAL_ROLES | OPS_ROLES
 """Approvers, ops and auditors read every case; a requester only those they asked for."""
 REISSUABLE = frozenset({"refund_failed", "refund_canceled"})
+ADVISORY_NOTE = ("AI suggestion for approvers only: it cannot approve, change the amount or "
+                 "execute a refund, and the policy never reads it.")
 
 
 class ReissueBody(BaseModel):
@@ -110,6 +112,16 @@ def case_view(row: Mapping[str, Any], trail: list[dict[str, Any]]) -> dict[str, 
         "decision": row["decision"], "approvals": approvals,
         "created_at": row["created_at"].isoformat(), "updated_at": row["updated_at"].isoformat(),
     }
+
+
+def advice_view(row: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The advisor's output as approvers see it, always labelled advisory."""
+    view: dict[str, Any] = {"advisory_only": True, "note": ADVISORY_NOTE}
+    if row is None or row["advice"] is None:
+        return {**view, "available": False, "status": "no advice",
+                "error": row["error"] if row else None, "source": row["source"] if row else None}
+    return {**view, "available": True, "source": row["source"], **row["advice"],
+            "created_at": row["created_at"].isoformat()}
 
 
 def reissue_request(parent: dict[str, Any], body: ReissueBody, attempt: int) -> RefundRequest:
