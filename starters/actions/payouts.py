@@ -5,14 +5,10 @@ from typing import Any
 
 from adapters.payout_book import PayoutBook
 from adapters.store import Principal, Store
-from domain.models import APPROVER_ROLES
 from domain.payouts import APPROVAL_STATUSES
+from domain.permissions import Permission
 from starters.actions.approving import ApprovalBody, Refused, approvals_view, ask_for_verdict
 from starters.actions.cases import CaseActions
-
-READ_ROLES = APPROVER_ROLES | {"auditor", "ops", "admin"}
-REISSUE_ROLES = frozenset({"ops", "admin"})
-REGISTER_ROLES = frozenset({"ops", "admin"})
 
 
 async def payout_case_view(store: Store, case_id: str) -> dict[str, Any] | None:
@@ -48,7 +44,8 @@ async def decide_on_payout_exception(actions: CaseActions, caller: Principal, ca
     """The one rule for a verdict on a payout case, whichever front end asks (API or
     console): approver roles, the case awaiting approval, then the workflow's update
     validator (tier roles, segregation of duties). Refusals raise the audited `Refused`."""
-    await actions.require(caller, APPROVER_ROLES, "approving a payout exception", case_id, via=via)
+    await actions.require(caller, Permission.APPROVE_PAYOUT_EXCEPTION, "approving a payout exception",
+                          case_id, via=via)
     row = await PayoutBook(actions.store).case(case_id)
     if row is None:
         raise Refused(404, f"no payout exception {case_id!r}")

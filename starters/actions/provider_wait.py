@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from adapters.store import Principal
 from domain.models import EventKind, ProviderEvent, ProviderRefundStatus
-from starters.actions.cases import ACT_ROLES, CaseActions, behind
+from domain.permissions import Permission
+from starters.actions.cases import CaseActions, behind
 from workflows.refund import RefundWorkflow
 
 WAIT_OPENED, WAIT_CLOSED = "awaiting_provider_notification", "provider_notification_received"
@@ -53,7 +54,7 @@ async def resolve_provider_wait(actions: CaseActions, caller: Principal, case_id
                                 body: ProviderWaitBody, *, via: str) -> dict[str, Any]:
     """Ends the case's notification wait with what ops read at the provider."""
     action = "resolving a provider notification wait"
-    await actions.require(caller, ACT_ROLES, action, case_id, via=via)
+    await actions.require(caller, Permission.RESOLVE_PROVIDER_WAIT, action, case_id, via=via)
     row = await actions._case(caller, case_id, action, via)
     trail = await actions.store.audit_trail(case_id)
     if caller.user in behind(row, trail):

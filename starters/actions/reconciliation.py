@@ -11,14 +11,13 @@ from temporalio.service import RPCError
 
 from adapters.reconciliation import NotReopenable, Reconciliations, break_case, break_view
 from adapters.store import Principal
-from domain.models import APPROVER_ROLES, ApprovalSignal, Decision
+from domain.models import ApprovalSignal, Decision
+from domain.permissions import Permission
 from domain.reconciliation import BreakState, break_workflow_id
 from starters.actions.approving import Refused, refusal
 from starters.actions.cases import CaseActions
 from workflows.approvals import ALREADY_DECIDED
 from workflows.reconciliation import ReconciliationBreakWorkflow
-
-RUN_ROLES = frozenset({"ops", "admin"})
 
 
 class BreakDecisionBody(BaseModel):
@@ -37,7 +36,8 @@ async def decide_on_break(actions: CaseActions, caller: Principal, break_id: int
     """The one rule for a verdict on a break, whichever front end asks (API or console):
     approver roles, the break awaiting approval, then the workflow's update validator.
     Refusals raise the audited `Refused` both front ends answer."""
-    await actions.require(caller, APPROVER_ROLES, "approving a reconciliation break", via=via)
+    await actions.require(caller, Permission.APPROVE_RECONCILIATION_BREAK, "approving a reconciliation break",
+                          via=via)
     row = await Reconciliations(actions.store).get_break(break_id)
     if row is None:
         raise Refused(404, f"no reconciliation break {break_id}")
@@ -67,7 +67,8 @@ async def reopen_break(actions: CaseActions, caller: Principal, break_id: int, b
     """The one rule for reopening a break, whichever front end asks: ops roles, a break
     that ended without moving money, then the same exception case (id and break) runs
     again from the start: handed to its case when that can take it, else approvals."""
-    await actions.require(caller, RUN_ROLES, "reopening a reconciliation break", via=via)
+    await actions.require(caller, Permission.REOPEN_RECONCILIATION_BREAK, "reopening a reconciliation break",
+                          via=via)
     client, settings = actions.client, actions.settings
     recon = Reconciliations(actions.store)
     try:

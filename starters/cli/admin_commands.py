@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from adapters.config import Settings
+from domain.permissions import ROLES, unknown_roles
 from starters.ages import parse_age
 from starters.cli.common import EXIT_UNREACHABLE, EXIT_USAGE, CommandFailed, open_database, print_json
 
@@ -71,8 +72,11 @@ async def opened_store(settings: Settings) -> AsyncIterator["Store"]:
 
 
 async def cmd_token_create(args: argparse.Namespace, settings: Settings) -> int:
-    """The audit names who made the token: this machine's user, as `token revoke` does."""
+    """The audit names who made the token: this machine's user, as `token revoke` does. Roles
+    the permission table does not name are a usage error, before any database is opened."""
     roles = [r.strip() for r in args.roles.split(",") if r.strip()]
+    if unknown := unknown_roles(roles):
+        raise CommandFailed(f"unknown roles {unknown}; known: {sorted(ROLES)}", EXIT_USAGE)
     async with opened_store(settings) as store:
         token = await store.create_token(args.user, roles, by=f"cli:{getpass.getuser()}",
                                          expires_in=parse_age(args.expires_in) if args.expires_in else None)

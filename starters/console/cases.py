@@ -17,14 +17,10 @@ from adapters.integration_store import IntegrationStore
 from adapters.store import ConsoleSession, Principal
 from domain.models import CLOSED_STATUSES, CaseStatus
 from domain.money import UnknownCurrencyError, normalise_currency, parse_major
+from domain.permissions import Permission, may
 from starters.actions.approving import ApprovalBody, Refused
 from starters.actions.cases import (
-    ACT_ROLES,
-    APPROVAL_ROLES,
-    OPS_ROLES,
-    READ_ROLES,
     REISSUABLE,
-    SEE_ALL_ROLES,
     CaseActions,
     ManualConfirmationBody,
     ReissueBody,
@@ -80,7 +76,7 @@ async def case_filter(actions: CaseActions, request: Request,
     wanted = CaseFilter(statuses=statuses, provider=query["provider"] or None, currency=currency,
                         min_amount=bounds[0], max_amount=bounds[1], older_than=ages[0],
                         newer_than=ages[1], search=query["q"][:128] or None,
-                        requester=caller.user if caller.roles.isdisjoint(SEE_ALL_ROLES) else None)
+                        requester=None if may(caller.roles, Permission.READ_EVERY_CASE) else caller.user)
     return wanted, query
 
 
@@ -90,7 +86,7 @@ async def cases(request: Request) -> Response:
     caller = session.principal
     door = front_door(request)
     store = door.store
-    if denied := await forbidden(request, session, READ_ROLES, "reading cases", "Cases"):
+    if denied := await forbidden(request, session, Permission.READ_CASE, "reading cases", "Cases"):
         return denied
     try:
         wanted, query = await case_filter(door.actions, request, caller)
@@ -137,12 +133,11 @@ async def case_page(request: Request, session: ConsoleSession, case_id: str, *,
         banner=row["status"] if row["status"] in BANNER_STATUSES else None,
         verdict=approval_verdict(caller, row, granted) if row["status"] == "awaiting_approval"
         else None,
-        can_decide=row["status"] == "awaiting_approval" and not caller.roles.isdisjoint(
-            APPROVAL_ROLES),
-        can_reissue=row["status"] in REISSUABLE and not caller.roles.isdisjoint(ACT_ROLES),
+        can_decide=row["status"] == "awaiting_approval" and may(caller.roles, Permission.APPROVE_REFUND),
+        can_reissue=row["status"] in REISSUABLE and may(caller.roles, Permission.REISSUE_REFUND),
         can_confirm=bool(manual and manual["status"] == "pending"
-                         and not caller.roles.isdisjoint(ACT_ROLES)),
-        can_resolve_wait=waiting(trail) and not caller.roles.isdisjoint(ACT_ROLES))
+                         and may(caller.roles, Permission.CONFIRM_MANUAL_REFUND)),
+        can_resolve_wait=waiting(trail) and may(caller.roles, Permission.RESOLVE_PROVIDER_WAIT))
 
 
 @router.get("/cases/{case_id}")
@@ -216,7 +211,7 @@ async def resolve_wait(request: Request, case_id: str) -> Response:
 @router.get("/coverage")
 async def coverage(request: Request) -> Response:
     session = await current(request)
-    if denied := await forbidden(request, session, OPS_ROLES, "reading webhook coverage",
+    if denied := await forbidden(request, session, Permission.READ_WEBHOOKS, "reading webhook coverage",
                                  "Webhook coverage"):
         return denied
     door = front_door(request)

@@ -13,8 +13,8 @@ from adapters.casebook import BANNER_STATUSES
 from adapters.store import ConsoleSession
 from domain.models import CLOSED_STATUSES
 from domain.money import format_minor
+from domain.permissions import Permission, may
 from starters.actions.approving import Refused
-from starters.actions.cases import OPS_ROLES
 from starters.actions.front import front_door
 
 SECURITY_HEADERS = {
@@ -58,17 +58,17 @@ def page(request: Request, name: str, session: ConsoleSession | None, status: in
     response = templates.TemplateResponse(request, name, {
         "me": session.principal if session else None,
         "csrf": session.csrf_token if session else "",
-        "can_see_ops": bool(session and not session.principal.roles.isdisjoint(OPS_ROLES)),
+        "can_see_ops": bool(session and may(session.principal.roles, Permission.READ_WEBHOOKS)),
         **context}, status_code=status)
     response.headers.update(SECURITY_HEADERS)
     return response
 
 
-async def forbidden(request: Request, session: ConsoleSession, roles: frozenset[str], action: str,
+async def forbidden(request: Request, session: ConsoleSession, permission: Permission, action: str,
                     title: str, case_id: str | None = None) -> Response | None:
-    """The refusal page when the user lacks every role in `roles` (audited), else None."""
+    """The refusal page when the user may not (audited), else None."""
     try:
-        await front_door(request).actions.require(session.principal, roles, action, case_id,
+        await front_door(request).actions.require(session.principal, permission, action, case_id,
                                                   via="console")
     except Refused as exc:
         return page(request, "message.html", session, status=exc.status, title=title,

@@ -14,11 +14,11 @@ from pydantic import ValidationError
 
 from adapters.payout_book import PayoutBook
 from adapters.store import ConsoleSession
-from domain.models import APPROVER_ROLES
 from domain.payouts import APPROVAL_STATUSES, PayoutCaseStatus
+from domain.permissions import Permission, may
 from starters.actions.approving import ApprovalBody, Refused
 from starters.actions.front import front_door
-from starters.actions.payouts import READ_ROLES, decide_on_payout_exception, payout_case_view
+from starters.actions.payouts import decide_on_payout_exception, payout_case_view
 from starters.console.pages import forbidden, page
 from starters.console.sessions import PREFIX, current, posted
 
@@ -49,7 +49,7 @@ router = APIRouter(prefix=PREFIX, include_in_schema=False)
 @router.get("/payouts")
 async def payout_cases(request: Request, status: str = "") -> Response:
     session = await current(request)
-    if denied := await forbidden(request, session, READ_ROLES, "reading payout cases",
+    if denied := await forbidden(request, session, Permission.READ_PAYOUTS, "reading payout cases",
                                  "Payout cases"):
         return denied
     store = front_door(request).store
@@ -67,7 +67,7 @@ async def payout_cases(request: Request, status: str = "") -> Response:
 
 async def case_page(request: Request, session: ConsoleSession, case_id: str, *, status: int = 200,
                     error: str = "", notice: str = "") -> Response:
-    if denied := await forbidden(request, session, READ_ROLES, "reading a payout case",
+    if denied := await forbidden(request, session, Permission.READ_PAYOUTS, "reading a payout case",
                                  "Payout case", case_id):
         return denied
     store = front_door(request).store
@@ -81,7 +81,7 @@ async def case_page(request: Request, session: ConsoleSession, case_id: str, *, 
         request, "payout.html", session, status=status, error=error, notice=notice, case=view,
         trail=trail, runbook=runbook_view(trail), quiet=QUIET_ACTIONS,
         ledger=await store.ledger_entries(case_id), notices=await store.notices(case_id),
-        can_decide=awaiting and not session.principal.roles.isdisjoint(APPROVER_ROLES))
+        can_decide=awaiting and may(session.principal.roles, Permission.APPROVE_PAYOUT_EXCEPTION))
 
 
 @router.get("/payouts/{case_id}")

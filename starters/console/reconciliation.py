@@ -11,11 +11,11 @@ from pydantic import BaseModel, ValidationError
 
 from adapters.reconciliation import Reconciliations, break_view, run_view
 from adapters.store import ConsoleSession, Principal
+from domain.permissions import Permission, may
 from starters.actions.approving import Refused
-from starters.actions.cases import APPROVAL_ROLES, OPS_ROLES, CaseActions
+from starters.actions.cases import CaseActions
 from starters.actions.front import front_door
 from starters.actions.reconciliation import (
-    RUN_ROLES,
     BreakDecisionBody,
     BreakReopenBody,
     decide_on_break,
@@ -33,7 +33,7 @@ router = APIRouter(prefix=PREFIX, include_in_schema=False)
 
 async def reconciliation_page(request: Request, session: ConsoleSession, *, status: int = 200,
                               error: str = "", notice: str = "") -> Response:
-    if denied := await forbidden(request, session, OPS_ROLES | APPROVAL_ROLES,
+    if denied := await forbidden(request, session, Permission.READ_RECONCILIATION_BREAKS,
                                  "reading reconciliation reports", "Reconciliation"):
         return denied
     recon = Reconciliations(front_door(request).store)
@@ -42,8 +42,8 @@ async def reconciliation_page(request: Request, session: ConsoleSession, *, stat
               for run in runs[:RECONCILIATION_RUNS_WITH_BREAKS]}
     return page(request, "reconciliation.html", session, status=status, error=error,
                 notice=notice, runs=runs, breaks=breaks,
-                can_decide=not session.principal.roles.isdisjoint(APPROVAL_ROLES),
-                can_reopen=not session.principal.roles.isdisjoint(RUN_ROLES))
+                can_decide=may(session.principal.roles, Permission.APPROVE_RECONCILIATION_BREAK),
+                can_reopen=may(session.principal.roles, Permission.REOPEN_RECONCILIATION_BREAK))
 
 
 @router.get("/reconciliation")

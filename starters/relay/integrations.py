@@ -28,13 +28,13 @@ from adapters.providers.base import WebhookRejected
 from adapters.store import CaseCreation, StoredReceipt
 from adapters.tickets.servicenow import record_url
 from domain.models import (
-    APPROVER_ROLES,
     ApprovalSignal,
     Decision,
     RefundReason,
     RefundRequest,
     RequestSource,
 )
+from domain.permissions import Permission, may, roles_for
 from starters.actions.front import Door, FrontDoor
 from starters.actions.starting import over_maximum, start_refund
 from starters.relay.limits import read_limited
@@ -42,7 +42,6 @@ from workflows.refund import RefundWorkflow
 
 log = logging.getLogger("relay.integrations")
 
-REQUEST_ROLES = frozenset({"requester", "admin"})
 SysId = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
 REJECTION_STATUS = {"too_large": 413, "unknown_provider": 404, "malformed": 400}
 
@@ -238,8 +237,9 @@ async def signal_approval(door: FrontDoor, stored: StoredReceipt, system: str, e
     elif principal is None:
         refusal = (403, "access_refused",
                    f"{system} user {external_user!r} is not linked to a user with a live token")
-    elif principal.roles.isdisjoint(APPROVER_ROLES):
-        refusal = (403, "access_refused", f"approving needs one of the roles {sorted(APPROVER_ROLES)}")
+    elif not may(principal.roles, Permission.APPROVE_REFUND):
+        refusal = (403, "access_refused",
+                   f"approving needs one of the roles {sorted(roles_for(Permission.APPROVE_REFUND))}")
     elif row["status"] != "awaiting_approval":
         refusal = (409, "approval_refused", f"case is {row['status']}, not awaiting approval")
     if refusal is not None:
@@ -291,9 +291,9 @@ async def servicenow_refund_request(request: Request, door: Door) -> JSONRespons
     opener = ticket.opened_by.user_name
     integrations = IntegrationStore(door.store)
     principal = await integrations.principal_for("servicenow", opener)
-    if principal is None or principal.roles.isdisjoint(REQUEST_ROLES):
+    if principal is None or not may(principal.roles, Permission.REQUEST_REFUND):
         message = (f"ServiceNow user {opener!r} is not linked to a user who may request refunds "
-                   f"(roles {sorted(REQUEST_ROLES)})")
+                   f"(roles {sorted(roles_for(Permission.REQUEST_REFUND))})")
         await door.store.append_audit(case_id, f"servicenow:{opener}", "access_refused",
                                       {"channel": "servicenow", "ticket": ticket.number, "refusal": message})
         return await answer(door, stored, None, 403, {"detail": message})

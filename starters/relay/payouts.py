@@ -13,15 +13,10 @@ from temporalio.service import RPCError, RPCStatusCode
 from adapters.payout_book import PayoutBook
 from adapters.telemetry import bind_case
 from domain.payouts import PayoutRegistration, ReissueAsk, payout_case_id
+from domain.permissions import Permission
 from starters.actions.approving import ApprovalBody, refusal
 from starters.actions.front import Door
-from starters.actions.payouts import (
-    READ_ROLES,
-    REGISTER_ROLES,
-    REISSUE_ROLES,
-    decide_on_payout_exception,
-    payout_case_view,
-)
+from starters.actions.payouts import decide_on_payout_exception, payout_case_view
 from starters.actions.starting import over_maximum
 from starters.relay.auth import Caller
 from workflows.payout import PayoutReversalWorkflow
@@ -42,7 +37,7 @@ async def register_payout(body: PayoutRegistration, caller: Caller, response: Re
     (200), the id or the provider's payout id booked with other data a 409. Refusals
     are audited on the case chain the payout's failure would open."""
     case_id = payout_case_id(body.provider, body.provider_payout_id)
-    await door.actions.require(caller, REGISTER_ROLES, "registering a payout", case_id, via="api")
+    await door.actions.require(caller, Permission.REGISTER_PAYOUT, "registering a payout", case_id, via="api")
 
     async def refuse(status: int, refusal: str) -> NoReturn:
         await door.store.append_audit(case_id, caller.user, "payout_registration_refused",
@@ -64,14 +59,14 @@ async def register_payout(body: PayoutRegistration, caller: Caller, response: Re
 @router.get("/v1/payouts")
 async def list_payouts(caller: Caller, door: Door, limit: int = 50) -> list[dict[str, Any]]:
     """The most recently booked payouts (reissues included), newest first."""
-    await door.actions.require(caller, READ_ROLES, "reading payouts", None, via="api")
+    await door.actions.require(caller, Permission.READ_PAYOUTS, "reading payouts", None, via="api")
     return [p.model_dump(mode="json") for p in await PayoutBook(door.store).payouts(min(max(limit, 1), 500))]
 
 
 @router.get("/v1/payouts/{payout_id}")
 async def get_payout(payout_id: str, caller: Caller, door: Door) -> dict[str, Any]:
     """A booked payout with its exception case's id (whether or not one is open)."""
-    await door.actions.require(caller, READ_ROLES, "reading a payout", None, via="api")
+    await door.actions.require(caller, Permission.READ_PAYOUTS, "reading a payout", None, via="api")
     book = PayoutBook(door.store)
     payout = await book.payout(payout_id)
     if payout is None:
@@ -86,7 +81,8 @@ async def get_payout(payout_id: str, caller: Caller, door: Door) -> dict[str, An
 async def get_payout_exception(case_id: str, caller: Caller, door: Door) -> dict[str, Any]:
     """The case: payout, decision, approvals still missing, the advisor's
     recommendation, ticket, beneficiary holds, reissue, and the whole timeline."""
-    await door.actions.require(caller, READ_ROLES, "reading a payout exception", case_id, via="api")
+    await door.actions.require(caller, Permission.READ_PAYOUTS, "reading a payout exception", case_id,
+                               via="api")
     view = await payout_case_view(door.store, case_id)
     if view is None:
         raise HTTPException(404, f"no payout exception {case_id!r}")
@@ -108,7 +104,8 @@ async def reissue_payout(case_id: str, body: PayoutReissueBody, caller: Caller,
     """Asks to pay the beneficiary again: taken once per remediated case, then it waits
     for its own approval (the requester cannot approve it); refusals are audited."""
     bind_case(case_id)
-    await door.actions.require(caller, REISSUE_ROLES, "requesting a payout reissue", case_id, via="api")
+    await door.actions.require(caller, Permission.REISSUE_PAYOUT, "requesting a payout reissue", case_id,
+                               via="api")
     if await PayoutBook(door.store).case(case_id) is None:
         raise HTTPException(404, f"no payout exception {case_id!r}")
     ask = ReissueAsk(requester=caller.user, roles=tuple(sorted(caller.roles)), reason=body.reason)

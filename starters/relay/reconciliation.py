@@ -12,11 +12,10 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 
 from adapters.providers.base import RefundLister
 from adapters.reconciliation import Reconciliations, break_view, run_view
-from domain.models import APPROVER_ROLES
+from domain.permissions import Permission
 from domain.reconciliation import ReconcileInput, RunKind
 from starters.actions.front import Door
 from starters.actions.reconciliation import (
-    RUN_ROLES,
     BreakDecisionBody,
     BreakReopenBody,
     decide_on_break,
@@ -25,7 +24,6 @@ from starters.actions.reconciliation import (
 from starters.relay.auth import Caller
 from workflows.reconciliation import ReconciliationWorkflow
 
-READ_ROLES = frozenset({"auditor", "ops", "admin"})
 REPORT_BREAKS = 500
 """Breaks listed inline in a run's page; the CSV report has them all."""
 
@@ -45,7 +43,8 @@ async def start_backfill(body: BackfillBody, caller: Caller, response: Response,
                          door: Door) -> dict[str, Any]:
     """Starts a backfill over [since, until) (default until: now), or resumes the
     provider's unfinished one from its stored cursor (200, `resumed`)."""
-    await door.actions.require(caller, RUN_ROLES, "starting a reconciliation", via="api")
+    await door.actions.require(caller, Permission.START_RECONCILIATION, "starting a reconciliation",
+                               via="api")
     if not isinstance(door.providers.get(body.provider), RefundLister):
         raise HTTPException(422, f"provider {body.provider!r} is not configured or cannot list refunds")
     until = body.until or datetime.now(UTC)
@@ -69,7 +68,8 @@ async def start_backfill(body: BackfillBody, caller: Caller, response: Response,
 
 @router.get("/v1/reconciliation/runs")
 async def list_runs(caller: Caller, door: Door, limit: int = 50) -> list[dict[str, Any]]:
-    await door.actions.require(caller, READ_ROLES, "reading reconciliation runs", via="api")
+    await door.actions.require(caller, Permission.READ_RECONCILIATION_RUNS, "reading reconciliation runs",
+                               via="api")
     return [run_view(r) for r in await Reconciliations(door.store).runs(min(max(limit, 1), 500))]
 
 
@@ -77,7 +77,8 @@ async def list_runs(caller: Caller, door: Door, limit: int = 50) -> list[dict[st
 async def get_run(run_id: str, caller: Caller, door: Door) -> dict[str, Any]:
     """The run's report: counts by class, amounts per currency, the oldest break, the
     breaks it saw with links to their cases and exception workflows."""
-    await door.actions.require(caller, READ_ROLES, "reading a reconciliation run", via="api")
+    await door.actions.require(caller, Permission.READ_RECONCILIATION_RUNS, "reading a reconciliation run",
+                               via="api")
     recon = Reconciliations(door.store)
     report = await recon.report(run_id)
     if report is None:
@@ -87,7 +88,8 @@ async def get_run(run_id: str, caller: Caller, door: Door) -> dict[str, Any]:
 
 @router.get("/v1/reconciliation/breaks/{break_id}")
 async def get_break(break_id: int, caller: Caller, door: Door) -> dict[str, Any]:
-    await door.actions.require(caller, READ_ROLES | APPROVER_ROLES, "reading a reconciliation break",
+    await door.actions.require(caller, Permission.READ_RECONCILIATION_BREAKS,
+                               "reading a reconciliation break",
                                via="api")
     row = await Reconciliations(door.store).get_break(break_id)
     if row is None:

@@ -11,8 +11,9 @@ from adapters.integration_store import IntegrationStore
 from adapters.store import CaseCreation
 from adapters.telemetry import bind_case
 from domain.models import RefundRequestBody, RequestSource
+from domain.permissions import Permission
 from starters.actions.approving import ApprovalBody
-from starters.actions.cases import REQUEST_ROLES, ManualConfirmationBody, ReissueBody, advice_view
+from starters.actions.cases import ManualConfirmationBody, ReissueBody, advice_view
 from starters.actions.front import Door
 from starters.actions.provider_wait import ProviderWaitBody, resolve_provider_wait
 from starters.actions.starting import over_maximum, start_refund
@@ -31,8 +32,8 @@ async def request_refund(body: RefundRequestBody, caller: Caller, request: Reque
     CLI (both are token holders on this API; no other source can be claimed)."""
     bind_case(body.refund_request_id)
     actions, providers = door.actions, door.providers
-    await actions.require(caller, REQUEST_ROLES, "requesting a refund", body.refund_request_id,
-                          via="api")
+    await actions.require(caller, Permission.REQUEST_REFUND, "requesting a refund",
+                          body.refund_request_id, via="api")
     if body.refund_request_id.startswith(tuple(f"{name}-" for name in providers)):
         raise RequestValidationError([{
             "type": "value_error", "loc": ("body", "refund_request_id"),

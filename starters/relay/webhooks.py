@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from starters.actions.cases import ACT_ROLES, OPS_ROLES
+from domain.permissions import Permission
 from starters.actions.front import Door
 from starters.relay.auth import Caller
 from starters.relay.limits import read_limited
@@ -47,7 +47,7 @@ router = APIRouter()
 async def list_receipts(provider: str, caller: Caller, door: Door,
                         event_id: str | None = None) -> list[dict[str, Any]]:
     """Every stored delivery of a provider's event (duplicates and rejections included)."""
-    await door.actions.require(caller, OPS_ROLES, "reading webhook receipts", via="api")
+    await door.actions.require(caller, Permission.READ_WEBHOOKS, "reading webhook receipts", via="api")
     return [{**r, "processed_at": r["processed_at"].isoformat() if r["processed_at"] else None}
             for r in await door.store.receipts(provider, event_id)]
 
@@ -69,14 +69,14 @@ async def webhook(provider_name: str, request: Request, door: Door, desk: Desk) 
 @router.get("/v1/webhooks/coverage")
 async def coverage(caller: Caller, door: Door, desk: Desk) -> dict[str, Any]:
     """Which event types arrived per provider, which have a handler, what was refused."""
-    await door.actions.require(caller, OPS_ROLES, "reading webhook coverage", via="api")
+    await door.actions.require(caller, Permission.READ_WEBHOOKS, "reading webhook coverage", via="api")
     return await desk.coverage()
 
 
 @router.post("/v1/webhook-receipts/replay")
 async def replay(body: ReplayBody, caller: Caller, door: Door, desk: Desk) -> list[dict[str, Any]]:
     """Re-feeds stored receipts through the webhook path (idempotent: events act once)."""
-    await door.actions.require(caller, ACT_ROLES, "replaying webhook receipts", via="api")
+    await door.actions.require(caller, Permission.REPLAY_WEBHOOKS, "replaying webhook receipts", via="api")
     if (body.receipt_id is None) == (body.since is None):
         raise HTTPException(422, "give exactly one of receipt_id and since")
     if body.receipt_id is not None:
@@ -97,5 +97,5 @@ async def replay(body: ReplayBody, caller: Caller, door: Door, desk: Desk) -> li
 @router.post("/v1/webhook-receipts/redrive")
 async def redrive(caller: Caller, door: Door, desk: Desk) -> list[dict[str, Any]]:
     """Re-drives accepted receipts whose workflow was never reached."""
-    await door.actions.require(caller, ACT_ROLES, "re-driving webhook receipts", via="api")
+    await door.actions.require(caller, Permission.REPLAY_WEBHOOKS, "re-driving webhook receipts", via="api")
     return [{**r.body(), "status_code": r.status_code} for r in await desk.redrive()]
