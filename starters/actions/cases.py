@@ -17,6 +17,7 @@ from temporalio.service import RPCError
 from adapters.config import Settings
 from adapters.providers.manual import manual_refund
 from adapters.store import CaseCreation, Principal, Store, request_from_row
+from adapters.temporal_client import workflow_closed
 from domain.lifecycle import check_approval, unfilled
 from domain.models import (
     ApprovalSignal,
@@ -32,7 +33,6 @@ from domain.models import (
 from domain.permissions import Permission, may, roles_for
 from starters.actions.approving import ApprovalBody, Refused, approvals_view, ask_for_verdict
 from starters.actions.starting import start_refund
-from workers.case_sweep import workflow_closed
 from workflows.refund import RefundWorkflow
 
 REISSUABLE = frozenset({"refund_failed", "refund_canceled"})
