@@ -23,6 +23,8 @@ from tests.harness import APPROVAL_KEYS, PAYLOAD_KEYS, process_env, wait_until_r
 ROOT = Path(__file__).resolve().parent.parent
 CLI = "from starters.cli import main; main()"
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
