@@ -3,11 +3,13 @@
 `refunds relay` and `refunds worker` start and get ready, while `refunds dev` ends with one
 line saying it needs the dev install."""
 
+import os
 import re
 import secrets
 import shutil
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -54,13 +56,21 @@ def test_the_wheel_leaves_the_dev_stack_out(installed: Path) -> None:
     assert not (installed / "starters" / "dev").exists()
 
 
+def installed_alone(site: Path, *args: str) -> tuple[list[str], dict[str, str]]:
+    """`refunds <args>` from the unpacked wheel and the dependencies only: `-S` skips the
+    .pth files, so the development install's finder cannot lend this checkout's modules
+    (starters.dev among them) to the wheel's packages."""
+    libraries = dict.fromkeys([str(site), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
+    return [sys.executable, "-S", "-c", CLI, *args], {"PYTHONPATH": os.pathsep.join(libraries)}
+
+
 @contextmanager
 def production(command: str, site: Path, env: dict[str, str],
                log: Path) -> Iterator[subprocess.Popen[bytes]]:
     """`refunds <command>` from the unpacked wheel alone (not this checkout)."""
+    argv, path = installed_alone(site, command)
     with log.open("wb") as out:
-        process = subprocess.Popen([sys.executable, "-c", CLI, command], cwd=site.parent,
-                                   env={**env, "PYTHONPATH": str(site)}, stdout=out,
+        process = subprocess.Popen(argv, cwd=site.parent, env={**env, **path}, stdout=out,
                                    stderr=subprocess.STDOUT)
     try:
         yield process
@@ -84,8 +94,8 @@ async def test_relay_and_worker_start_from_the_wheel_and_dev_asks_for_the_dev_in
     with production("worker", installed, env, tmp_path / "worker.log") as worker:
         await wait_until_ready(f"http://127.0.0.1:{health_port}", worker)
 
-    dev = subprocess.run([sys.executable, "-c", CLI, "dev", "--no-demo"], cwd=installed.parent,
-                         env={**env, "PYTHONPATH": str(installed)}, capture_output=True, text=True,
+    argv, path = installed_alone(installed, "dev", "--no-demo")
+    dev = subprocess.run(argv, cwd=installed.parent, env={**env, **path}, capture_output=True, text=True,
                          timeout=60)
     assert dev.returncode == 3, dev.stderr
     assert "`refunds dev` needs the dev stack, which only a development install" in dev.stderr

@@ -1,7 +1,8 @@
 """`refunds`: the command line. Request, approve and status go through the relay's
-HTTP API (same auth, same checks as every other entry point); dev, worker, relay and
-sandbox start servers; migrate and token talk to PostgreSQL directly; doctor checks
-the configuration and every dependency.
+HTTP API (same auth, same checks as every other entry point; `api_commands`); dev, worker
+and relay start servers (`servers`); migrate and token talk to PostgreSQL directly
+(`admin_commands`); doctor checks the configuration and every dependency. The verbs and
+their options are in `parser`; this module runs one and turns its failure into a line.
 
 Exit codes: 0 ok, 1 refused by the API (or a check found a problem), 2 usage (bad
 arguments or input), 3 the stack cannot be reached or started (relay, PostgreSQL, Temporal,
