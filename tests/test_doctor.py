@@ -20,7 +20,7 @@ from adapters.temporal_client import connect, connect_options
 from starters.cli.doctor import run_doctor
 from starters.dev.stack import TemporalDevServer
 from starters.ports import free_port
-from tests.harness import PAYLOAD_KEYS, open_stack
+from tests.harness import APPROVAL_KEYS, PAYLOAD_KEYS, open_stack
 
 REFUNDS = str(Path(sys.executable).parent / "refunds")
 
@@ -28,7 +28,8 @@ REFUNDS = str(Path(sys.executable).parent / "refunds")
 def _env(temporal_address: str, dsn: str) -> dict[str, str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("REFUNDS_", "TEMPORAL_"))}
     return {**clean, "TEMPORAL_ADDRESS": temporal_address, "REFUNDS_DATABASE_URL": dsn,
-            "REFUNDS_PAYLOAD_KEYS": PAYLOAD_KEYS, "REFUNDS_SANDBOX_WEBHOOK_SECRET": "whsec-doctor"}
+            "REFUNDS_PAYLOAD_KEYS": PAYLOAD_KEYS, "REFUNDS_SANDBOX_WEBHOOK_SECRET": "whsec-doctor",
+            "REFUNDS_APPROVAL_KEYS": APPROVAL_KEYS}
 
 
 def test_doctor_exits_0_on_a_healthy_stack_and_1_naming_an_unreachable_temporal(
@@ -37,7 +38,8 @@ def test_doctor_exits_0_on_a_healthy_stack_and_1_naming_an_unreachable_temporal(
                              capture_output=True, text=True, timeout=60)
     assert healthy.returncode == 0, healthy.stdout + healthy.stderr
     assert [line.split()[:2] for line in healthy.stdout.splitlines()] == [
-        ["ok", "timeouts"], ["ok", "payloads"], ["ok", "temporal"], ["ok", "postgres"], ["ok", "providers"]]
+        ["ok", "timeouts"], ["ok", "payloads"], ["ok", "approvals"], ["ok", "temporal"], ["ok", "postgres"],
+        ["ok", "providers"]]
 
     nowhere = f"127.0.0.1:{free_port()}"
     broken = subprocess.run([REFUNDS, "doctor"], env=_env(nowhere, postgres_dsn),
@@ -56,6 +58,9 @@ async def test_doctor_names_a_missing_namespace_keys_database_and_provider(
     assert "REFUNDS_PAYLOAD_KEYS is not set" in detail["payloads"][1]
     assert detail["postgres"] == (False, "REFUNDS_DATABASE_URL is not set")
     assert detail["providers"][0] is False
+    assert detail["approvals"] == (False, "REFUNDS_APPROVAL_KEYS is not set: the relay seals no approval "
+                                          "and the worker counts none, so no case that needs a person can "
+                                          "proceed")
 
     findings = await run_doctor(Settings(temporal_address=temporal_server.address, payload_keys=PAYLOAD_KEYS,
                                          temporal_namespace="no-such-namespace"))

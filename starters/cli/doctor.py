@@ -9,6 +9,7 @@ import asyncio
 from dataclasses import dataclass
 from datetime import timedelta
 
+from adapters.approval_seal import approval_keys
 from adapters.codec import CodecError
 from adapters.config import Settings
 from adapters.health import database_problem, temporal_problem
@@ -45,6 +46,19 @@ def check_payload_keys(settings: Settings) -> Finding:
     except CodecError as exc:
         return Finding("payloads", False, str(exc))
     return Finding("payloads", True, f"encrypting with key {codec.sealing_key_id!r}")
+
+
+def check_approval_keys(settings: Settings) -> Finding:
+    """A relay and worker without keys start (with a warning) and then no approval ever
+    counts: cases that need a person wait until they expire."""
+    try:
+        keys = approval_keys(settings)
+    except ValueError as exc:
+        return Finding("approvals", False, f"REFUNDS_APPROVAL_KEYS: {exc}")
+    if keys is None:
+        return Finding("approvals", False, "REFUNDS_APPROVAL_KEYS is not set: the relay seals no approval "
+                       "and the worker counts none, so no case that needs a person can proceed")
+    return Finding("approvals", True, f"sealing with 1 key, verifying with {keys.count}")
 
 
 async def check_temporal(settings: Settings) -> Finding:
@@ -90,5 +104,6 @@ async def check_providers(settings: Settings) -> Finding:
 
 async def run_doctor(settings: Settings) -> list[Finding]:
     """Every check, in the order an operator would fix them."""
-    return [check_timeouts(settings), check_payload_keys(settings), await check_temporal(settings),
+    return [check_timeouts(settings), check_payload_keys(settings), check_approval_keys(settings),
+            await check_temporal(settings),
             await check_database(settings), await check_providers(settings)]
