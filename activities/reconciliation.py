@@ -35,7 +35,7 @@ from adapters.store import Store
 from domain import contracts, errors
 from domain.models import RefundTimings
 from domain.payouts import PayoutCaseInput, ProviderPayout, payout_case_id
-from domain.policy import Policy, decide_payout_reversal, tier_for
+from domain.policy import Policy
 from domain.reconciliation import (
     BatchInput,
     BatchResult,
@@ -47,7 +47,7 @@ from domain.reconciliation import (
     RunFailure,
     RunSummary,
     RunWindow,
-    approval_amount,
+    break_approval,
     break_workflow_id,
     payout_truth_event,
 )
@@ -184,13 +184,7 @@ class ReconciliationActivities:
     async def open_break_exception(self, case: BreakCase) -> BreakApproval:
         """Decides who must approve (the refund tier for the amount at stake), records it
         and tells the approvers."""
-        if isinstance(case.truth, ProviderPayout):
-            decided = decide_payout_reversal(self._policy, case.truth.amount, case.truth.currency)
-            assert decided.tier is not None
-            approval = BreakApproval(tier=decided.tier, requirements=decided.requirements)
-        else:
-            tier = tier_for(self._policy.refunds.tiers, approval_amount(case), case.truth.currency)
-            approval = BreakApproval(tier=tier.name, requirements=tier.approvals)
+        approval = break_approval(self._policy, case)
         await self._recon.open_exception(case.break_id, approval)
         return approval
 

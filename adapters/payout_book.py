@@ -12,8 +12,8 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from adapters.store import Conn, Store, _json, open_incident_run
-from adapters.tickets.base import ticket_purpose
 from domain.audit import canonical_detail
+from domain.integrations import ticket_purpose
 from domain.models import LedgerInput, LedgerKind, LedgerResult, NoticeInput
 from domain.payouts import (
     OPEN_STATUSES,

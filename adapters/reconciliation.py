@@ -15,8 +15,9 @@ from typing import Any
 
 from psycopg.types.json import Jsonb
 
-from adapters.store import LEDGER_TEMPLATES, Conn, Store
+from adapters.store import Conn, Store
 from domain.events import tracking_case_id
+from domain.ledger import REFUNDED_ACCOUNT
 from domain.models import (
     LedgerInput,
     LedgerKind,
@@ -66,9 +67,6 @@ class Phase(StrEnum):
     REFUNDS = "refunds"
     PAYOUTS = "payouts"
 
-
-REFUNDED_ACCOUNT = LEDGER_TEMPLATES[LedgerKind.REFUND_SETTLED][0]
-"""The account whose debit balance per case is what our ledger says was refunded."""
 
 STAGE = """
 CREATE TEMP TABLE recon_batch (

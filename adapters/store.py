@@ -25,6 +25,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from adapters.telemetry import trace_connection
 from domain.audit import GENESIS, canonical_detail, chain_hash
+from domain.ledger import ledger_lines
 from domain.models import (
     CLOSED_STATUSES,
     ROLES,
@@ -32,7 +33,6 @@ from domain.models import (
     CaseStatus,
     ChargeSnapshot,
     LedgerInput,
-    LedgerKind,
     LedgerResult,
     NoticeInput,
     ProviderRefund,
@@ -47,19 +47,6 @@ SETTLED_STATUSES = CLOSED_STATUSES | {CaseStatus.SUCCEEDED}
 """Statuses no workflow moves any more; a case in any other one needs its workflow."""
 
 Conn = AsyncConnection[DictRow]
-
-# Accounts per template: (debit account, credit account). Refunds reduce revenue and
-# the cash held at the provider; a reversal puts both back. A payout (booked by the
-# payments system as debit beneficiary_payable, credit provider_clearing) that fails or is
-# reversed brings the cash back to the provider balance and makes us owe the beneficiary
-# again; a reissue pays that debt a second time.
-LEDGER_TEMPLATES: dict[LedgerKind, tuple[str, str]] = {
-    LedgerKind.REFUND_SETTLED: ("refunds_contra_revenue", "provider_clearing"),
-    LedgerKind.REFUND_REVERSED: ("provider_clearing", "refunds_contra_revenue"),
-    LedgerKind.PAYOUT_REVERSED: ("provider_clearing", "beneficiary_payable"),
-    LedgerKind.PAYOUT_REISSUED: ("beneficiary_payable", "provider_clearing"),
-}
-
 
 def request_from_row(row: dict[str, Any]) -> RefundRequest:
     """The request a stored case was made from."""
@@ -589,7 +576,6 @@ class Store:
         """`post_ledger` inside the caller's transaction (a compensating entry commits with
         the decision that approved it)."""
         key = posting.posting_key()
-        debit_account, credit_account = LEDGER_TEMPLATES[posting.kind]
         cur = await conn.execute(
             "INSERT INTO ledger_entries (posting_key, refund_request_id, template)"
             " VALUES (%s,%s,%s) ON CONFLICT (posting_key) DO NOTHING RETURNING id",
@@ -604,8 +590,8 @@ class Store:
         await conn.cursor().executemany(
             "INSERT INTO ledger_lines (entry_id, account, debit, credit, currency)"
             " VALUES (%s,%s,%s,%s,%s)",
-            [(entry_id, debit_account, posting.amount, 0, posting.currency),
-             (entry_id, credit_account, 0, posting.amount, posting.currency)])
+            [(entry_id, line.account, line.debit, line.credit, line.currency)
+             for line in ledger_lines(posting)])
         await cls._audit(conn, posting.refund_request_id, "ledger", "ledger_posted",
                          {"posting_key": key, "entry_id": entry_id,
                           "template": posting.kind.value, "amount": posting.amount,

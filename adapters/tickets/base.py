@@ -12,6 +12,7 @@ from typing import Protocol
 from adapters.integration_store import IntegrationStore
 from adapters.notify.delivery import DeliveryFailed, DeliveryUncertain
 from adapters.notify.message import Message
+from domain.integrations import ticket_purpose
 
 
 @dataclass(frozen=True)
@@ -32,11 +33,6 @@ class TicketSystem(Protocol):
 
     async def note(self, incident: bool, ticket: TicketRef, message: Message) -> None:
         """Adds the message to the ticket's history."""
-
-
-def ticket_purpose(message_ticket: str, kind: str) -> str:
-    """The case's request ticket, or one incident per notice kind."""
-    return f"incident:{kind}" if message_ticket == "incident" else "request"
 
 
 def correlation_key(case_id: str, purpose: str) -> str:
