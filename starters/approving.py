@@ -12,9 +12,10 @@ from temporalio.exceptions import ApplicationError
 
 from adapters import metrics
 from adapters.store import Principal, Store
+from domain.errors import ALREADY_DECIDED, NOT_AWAITING_APPROVAL
 from domain.lifecycle import unfilled
 from domain.models import ApprovalProgress, ApprovalSignal, Decision, RoleRequirement
-from workflows.approvals import ALREADY_DECIDED, ApprovingWorkflow
+from workflows.approvals import ApprovingWorkflow
 
 
 class ApprovalBody(BaseModel):
@@ -45,7 +46,7 @@ async def ask_for_verdict(client: Client, store: Store, case_id: str, body: Appr
             ApprovingWorkflow.submit_approval, signal)
     except WorkflowUpdateFailedError as exc:
         reason, kind = refusal(exc)
-        too_late = kind in ("NotAwaitingApproval", ALREADY_DECIDED)
+        too_late = kind in (NOT_AWAITING_APPROVAL, ALREADY_DECIDED)
         await store.append_audit(case_id, caller.user, "action_refused" if too_late else "approval_refused",
                                  {"decision": body.decision.value, "refusal": reason, "via": via})
         raise Refused(409 if too_late else 403, reason) from None

@@ -18,10 +18,10 @@ from adapters.config import Settings
 from adapters.providers.base import ProviderAdapter, RefundLister
 from adapters.reconciliation import NotReopenable, Reconciliations, break_case, break_view, run_view
 from adapters.store import Principal, Store
+from domain.errors import ALREADY_DECIDED, NOT_AWAITING_APPROVAL
 from domain.models import APPROVER_ROLES, ApprovalSignal, Decision
 from domain.reconciliation import BreakState, ReconcileInput, RunKind, break_workflow_id
 from starters.approving import Refused, refusal
-from workflows.approvals import ALREADY_DECIDED
 from workflows.reconciliation import ReconciliationBreakWorkflow, ReconciliationWorkflow
 
 READ_ROLES = frozenset({"auditor", "ops", "admin"})
@@ -134,7 +134,7 @@ async def decide_on_break(store: Store, client: Client, require: Require, caller
         progress = await handle.execute_update(ReconciliationBreakWorkflow.submit_approval, signal)
     except WorkflowUpdateFailedError as exc:
         reason, kind = refusal(exc)
-        if kind == "NotAwaitingApproval":
+        if kind == NOT_AWAITING_APPROVAL:
             raise Refused(409, reason) from None
         await store.append_audit(row["chain"], caller.user, "reconciliation_approval_refused",
                                  {"break_id": break_id, "decision": body.decision.value,

@@ -25,7 +25,8 @@ def posting(kind: LedgerKind, amount: int = 2500) -> LedgerInput:
     (LedgerKind.PAYOUT_REISSUED, "beneficiary_payable", "provider_clearing"),
 ])
 def test_each_template_is_one_balanced_pair(kind: LedgerKind, debit: str, credit: str) -> None:
-    assert ledger_lines(posting(kind)) == (LedgerLine(debit, 2500, 0, "EUR"), LedgerLine(credit, 0, 2500, "EUR"))
+    assert ledger_lines(posting(kind)) == (LedgerLine(debit, 2500, 0, "EUR"),
+                                           LedgerLine(credit, 0, 2500, "EUR"))
 
 
 def test_a_settled_refund_is_booked_where_reconciliation_reads_it() -> None:
