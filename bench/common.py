@@ -22,7 +22,8 @@ from adapters.config import Settings
 from adapters.store import Store
 from adapters.temporal_client import connect
 from bench.baseline import BareWorkflow, noop
-from starters.stack import EmbeddedPostgres, TemporalDevServer, free_port
+from starters.dev.stack import EmbeddedPostgres, TemporalDevServer
+from starters.ports import free_port
 from tests.harness import PAYLOAD_KEYS
 from workers.main import workflow_runner
 

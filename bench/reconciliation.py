@@ -29,7 +29,7 @@ import httpx
 
 from adapters import event_loop
 from bench.common import announce, embedded_stack, report
-from starters.progress import follow_run
+from starters.cli.progress import follow_run
 from tests.harness import Stack, open_stack
 
 IMPORT_CHUNK = 5_000

@@ -12,7 +12,8 @@ from adapters.config import Settings
 from adapters.store import Store
 from adapters.telemetry import configure_tracing
 from adapters.temporal_client import connect
-from starters.stack import EmbeddedPostgres, TemporalDevServer, free_port
+from starters.dev.stack import EmbeddedPostgres, TemporalDevServer
+from starters.ports import free_port
 from tests.harness import PAYLOAD_KEYS, Stack, open_stack
 
 

@@ -22,7 +22,8 @@ from temporalio.client import Client
 
 from adapters.http_server import AppServer
 from adapters.store import Store
-from starters.stack import TemporalDevServer, free_port
+from starters.dev.stack import TemporalDevServer
+from starters.ports import free_port
 from tests.harness import Stack, open_stack
 
 SN_USER, SN_PASSWORD = "svc-refunds", "sn-pass"

@@ -26,8 +26,9 @@ from adapters.providers.registry import build_providers, close_providers
 from adapters.store import CaseCreation, Store
 from adapters.tls import client_tls
 from domain.models import RefundRequest
-from starters import relay, sandbox_provider
-from starters.cases import start_refund
+from starters import relay
+from starters.actions.starting import start_refund
+from starters.dev import sandbox_provider
 from workers.main import build_worker
 
 # One throwaway payload key per test session: the session client, every stack's settings

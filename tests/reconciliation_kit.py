@@ -17,7 +17,7 @@ from domain.models import (
     RefundReason,
     RefundRequest,
 )
-from starters.progress import follow_run
+from starters.cli.progress import follow_run
 from tests.harness import Stack
 
 

@@ -38,7 +38,8 @@ from domain.events import tracking_case_id
 from domain.models import ApprovalSignal, Decision
 from domain.payouts import PayoutStatus, payout_case_id
 from domain.reconciliation import break_workflow_id
-from starters.stack import EmbeddedPostgres, TemporalDevServer, free_port
+from starters.dev.stack import EmbeddedPostgres, TemporalDevServer
+from starters.ports import free_port
 from tests.adyen_fake import FakeAdyen
 from tests.harness import Stack, open_stack
 from tests.lossy_proxy import LossyProxy

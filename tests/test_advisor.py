@@ -15,7 +15,7 @@ from adapters.store import Store, request_from_row
 from domain.advice import Advice, AdviceContext, PriorRefund, offline_advice
 from domain.models import PolicyContext, PolicyInput, RefundReason, RefundRequest
 from domain.policy import decide
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.fakes import connected_stack, llm_advice
 from tests.harness import Stack
 

@@ -34,7 +34,7 @@ from domain.events import tracking_case_id
 from domain.models import ProviderEvent, RefundRequest
 from domain.payments import PaymentEvent
 from domain.payouts import PayoutEvent
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.adyen_fake import FakeAdyen
 from tests.harness import Stack, open_stack
 from tests.lossy_proxy import LossyProxy

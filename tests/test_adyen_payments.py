@@ -16,8 +16,8 @@ from adapters.store import Store
 from domain.events import tracking_case_id
 from domain.models import ChargeSnapshot
 from domain.payments import PaymentStatus, RecordedNotification, charge_from_notifications
-from starters.stack import TemporalDevServer
-from starters.webhooks import WebhookDesk
+from starters.dev.stack import TemporalDevServer
+from starters.relay.webhook_desk import WebhookDesk
 from tests.test_adyen import MERCHANT, AdyenRig, adyen_rig, notification, unique_psp
 from tests.test_bad_input import receipt, workflow_exists
 

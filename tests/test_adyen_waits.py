@@ -14,7 +14,7 @@ from adapters.http_server import AppServer
 from adapters.providers.adyen import AdyenProvider, ProviderNotReached
 from adapters.store import Store
 from domain.models import RefundReason, RefundRequest
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.adyen_fake import FakeAdyen
 from tests.test_adyen import API_KEY, MERCHANT, TEST_KEY, AdyenRig, adyen_rig
 from tests.test_console import console, post_form

@@ -13,7 +13,7 @@ from temporalio.worker import Worker
 from adapters.approval_seal import ApprovalKeys, ApprovalSealCheck, sealing_client
 from adapters.store import Store
 from domain.models import ApprovalProgress, ApprovalSignal, Decision
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.approval_host import ApprovalHostWorkflow
 from tests.harness import APPROVAL_KEYS, Stack, open_stack
 from workers.main import workflow_runner

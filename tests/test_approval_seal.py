@@ -16,7 +16,7 @@ from temporalio.exceptions import ApplicationError
 from adapters.approval_seal import SEAL_HEADER, ApprovalKeys, sealing_client
 from adapters.store import Store
 from domain.models import ApprovalSignal, Decision
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.harness import APPROVAL_KEYS, Stack, open_stack
 from workflows.approvals import UNSEALED
 from workflows.refund import RefundWorkflow

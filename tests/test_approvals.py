@@ -7,7 +7,7 @@ import httpx
 from temporalio.client import Client
 
 from adapters.store import Store
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
 from workflows.refund import RefundWorkflow
 

@@ -13,7 +13,7 @@ from temporalio.client import Client
 from adapters.store import Store
 from domain.events import tracking_case_id
 from domain.models import EventKind, ProviderEvent, ProviderRefundStatus
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
 from workflows.refund import RefundWorkflow
 from workflows.tracking import RefundTrackingWorkflow

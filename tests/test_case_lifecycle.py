@@ -10,7 +10,7 @@ import pytest
 from temporalio.client import Client
 
 from adapters.store import Store
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
 from workers.case_sweep import sweep_cases_once
 

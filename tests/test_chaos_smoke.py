@@ -15,7 +15,7 @@ from bench import chaos, fault_schedule
 from bench.checker import Outcome, Sent, check
 from bench.common import Embedded
 from domain.models import LedgerInput, LedgerKind, RefundRequest
-from starters.stack import EmbeddedPostgres, TemporalDevServer
+from starters.dev.stack import EmbeddedPostgres, TemporalDevServer
 from tests.harness import Stack, open_stack
 
 # The schedule the smoke runs; on the code before issue #18's fixes it finds refunds made

@@ -27,7 +27,7 @@ from adapters.integration_store import IntegrationStore
 from adapters.oidc import AccessTokenVerifier, KeysUnavailable
 from adapters.store import Store
 from domain.models import RefundWorkflowInput
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.harness import open_stack
 from tests.test_cli import run
 from tests.test_console import console

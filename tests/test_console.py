@@ -12,7 +12,7 @@ from temporalio.client import Client
 
 from adapters.store import Store, hash_token
 from domain.models import CaseEventInput, CaseStatus, RefundRequest
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
 from tests.test_cli import run
 from tests.test_reissue import failed_case

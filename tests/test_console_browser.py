@@ -26,8 +26,8 @@ from temporalio.client import Client
 
 from adapters.config import Settings
 from adapters.store import Store
-from starters.dev import run_dev
-from starters.stack import free_port
+from starters.dev.run import run_dev
+from starters.ports import free_port
 from tests.harness import Stack
 from tests.test_reissue import failed_case
 

@@ -41,7 +41,7 @@ from domain.models import (
     RefundOutcome,
 )
 from domain.payouts import PayoutEvent, ProviderPayout, ProviderPayoutStatus
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.harness import APPROVAL_KEYS, Stack, open_stack
 from tests.payouts_kit import ask_reissue
 from tests.test_bounded_history import THRESHOLD

@@ -1,6 +1,6 @@
 """The two worked examples of the refund-orchestration pattern, as `refunds demo` plays them."""
 
-from starters.demo import run_demo
+from starters.dev.demo import run_demo
 from tests.harness import Stack
 
 

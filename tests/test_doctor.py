@@ -17,8 +17,9 @@ from adapters.config import Settings
 from adapters.health import database_problem, temporal_problem
 from adapters.store import Store
 from adapters.temporal_client import connect, connect_options
-from starters.doctor import run_doctor
-from starters.stack import TemporalDevServer, free_port
+from starters.cli.doctor import run_doctor
+from starters.dev.stack import TemporalDevServer
+from starters.ports import free_port
 from tests.harness import PAYLOAD_KEYS, open_stack
 
 REFUNDS = str(Path(sys.executable).parent / "refunds")

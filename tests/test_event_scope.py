@@ -11,7 +11,7 @@ from temporalio.client import Client
 from adapters.store import Store
 from domain.events import tracking_case_id
 from domain.models import EventKind, ProviderEvent, ProviderRefundStatus, RefundRequest
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack
 from tests.test_adyen import MERCHANT, adyen_rig, notification
 from tests.test_bad_input import event_body, signed

@@ -6,7 +6,7 @@ from typing import Any
 from temporalio.client import Client
 
 from adapters.store import Store
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
 
 

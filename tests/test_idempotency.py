@@ -10,7 +10,7 @@ from pathlib import Path
 from temporalio.client import Client
 
 from adapters.store import Store
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.harness import PAYLOAD_KEYS, Stack, open_stack
 
 

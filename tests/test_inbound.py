@@ -15,7 +15,7 @@ from temporalio.client import Client
 from adapters import signing
 from adapters.integration_store import IntegrationStore
 from adapters.store import Store
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.fakes import World, connected_stack, eventually
 from tests.harness import Stack
 from workflows.refund import RefundWorkflow

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from starters.limits import API_MAX_BODY_BYTES, CODEC_MAX_BODY_BYTES
+from starters.relay.limits import API_MAX_BODY_BYTES, CODEC_MAX_BODY_BYTES
 from tests.harness import Stack
 from tests.test_bad_input import assert_untouched
 from tests.test_console import console, post_form

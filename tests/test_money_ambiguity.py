@@ -27,8 +27,8 @@ from adapters.http_server import AppServer
 from adapters.notify.message import FALLBACK, TEMPLATES
 from adapters.store import Store
 from domain.payouts import payout_case_id
-from starters.doctor import check_timeouts
-from starters.stack import TemporalDevServer
+from starters.cli.doctor import check_timeouts
+from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
 from tests.lossy_proxy import LossyProxy
 from tests.payouts_kit import (

@@ -17,7 +17,7 @@ from adapters.notify.message import TEMPLATES, render
 from adapters.store import Store
 from adapters.tickets.base import correlation_key
 from domain.models import NoticeInput
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.fakes import World, connected_stack, eventually
 from tests.harness import Stack
 

@@ -12,7 +12,7 @@ from temporalio.client import Client
 from adapters.payout_book import PayoutBook
 from adapters.store import Store
 from domain.payouts import PayoutCaseState, PayoutEvent, ProviderPayout, ProviderPayoutStatus, payout_case_id
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
 from tests.payouts_kit import (
     add_payout_approvers,

@@ -11,7 +11,7 @@ from temporalio.client import Client
 from adapters.notify.message import FALLBACK, PAYOUT_APPROVAL_TEMPLATES, TEMPLATES
 from adapters.store import Store
 from domain.models import NoticeInput
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.fakes import connected_stack
 from tests.test_payout_tickets import sweep
 

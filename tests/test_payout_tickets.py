@@ -12,7 +12,7 @@ from adapters.integration_store import IntegrationStore
 from adapters.store import Store
 from adapters.tickets.base import correlation_key
 from domain.payouts import payout_case_id
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.fakes import World, connected_stack
 from tests.harness import Stack
 from tests.payouts_kit import (

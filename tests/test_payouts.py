@@ -15,7 +15,7 @@ from adapters.payout_book import PayoutBook
 from adapters.policy_file import load_policy
 from adapters.store import Store
 from domain.payouts import PayoutStatus, ReissueInput, payout_case_id
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
 from tests.payouts_kit import (
     add_payout_approvers,

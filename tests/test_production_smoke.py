@@ -20,8 +20,9 @@ from temporalio.client import Client
 from adapters.config import Settings
 from adapters.http_server import AppServer, reserve_port
 from adapters.store import Store
-from starters import sandbox_provider
-from starters.stack import TemporalDevServer, free_port
+from starters.dev import sandbox_provider
+from starters.dev.stack import TemporalDevServer
+from starters.ports import free_port
 from tests.harness import (
     APPROVAL_KEYS,
     PAYLOAD_KEYS,

@@ -16,7 +16,7 @@ from adapters.providers.registry import build_providers
 from adapters.store import Store
 from domain.money import MAX_MINOR_AMOUNT
 from domain.payouts import payout_case_id
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
 from tests.test_bad_input import assert_untouched, event_body, request_object, signed, workflow_exists
 from tests.test_inbound import person, servicenow, ticket_body

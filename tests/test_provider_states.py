@@ -4,7 +4,7 @@ case backwards; a refund that succeeded and later failed is compensated and anno
 from temporalio.client import Client
 
 from adapters.store import Store
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
 
 

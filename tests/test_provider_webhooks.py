@@ -25,8 +25,8 @@ from adapters.providers import cashfree
 from adapters.providers.base import WebhookRejected
 from adapters.store import Store
 from domain.events import tracking_case_id
-from starters.cli import build_parser
-from starters.stack import TemporalDevServer
+from starters.cli.parser import build_parser
+from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
 from tests.test_bad_input import receipt, workflow_exists
 

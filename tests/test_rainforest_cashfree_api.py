@@ -36,7 +36,7 @@ from adapters.providers.registry import build_providers, close_providers
 from adapters.store import Store
 from domain.models import RefundRequest
 from domain.reconciliation import ListedRefund
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
 from tests.lossy_proxy import LossyProxy
 from tests.rainforest_cashfree_fakes import FakeCashfree, FakeRainforest, days_ago

@@ -27,7 +27,7 @@ from adapters.schedules import ensure_reconciliation_schedules, schedule_id
 from adapters.store import Store
 from domain.models import CaseStatus, ProviderRefundStatus
 from domain.reconciliation import BatchInput, ListedRefund
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
 from tests.reconciliation_kit import (
     ago,

@@ -16,7 +16,7 @@ from adapters.payout_book import PayoutBook
 from adapters.store import Store
 from domain.payouts import PayoutSnapshot, PayoutStatus, payout_case_id
 from domain.reconciliation import break_workflow_id
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
 from tests.payouts_kit import add_payout_approvers, move_payout, paid_payout, wait_for_actions, wait_for_case
 from tests.payouts_kit import decide as decide_payout

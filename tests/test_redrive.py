@@ -20,8 +20,9 @@ from domain.models import ProviderEvent, RefundRequest
 from domain.payments import PaymentEvent
 from domain.payouts import PayoutEvent
 from starters import relay
-from starters.stack import TemporalDevServer, free_port
-from starters.webhooks import WebhookDesk
+from starters.dev.stack import TemporalDevServer
+from starters.ports import free_port
+from starters.relay.webhook_desk import WebhookDesk
 from tests.harness import Stack, open_stack
 from tests.test_provider_webhooks import CASHFREE_SECRET, recorded, sign_cashfree
 

@@ -31,7 +31,8 @@ from adapters.providers.stripe import StripeProvider
 from adapters.store import Store
 from domain.models import ProviderEvent
 from domain.reconciliation import ListedPayout, ListedRefund, UnmappedListing
-from starters.stack import TemporalDevServer, free_port
+from starters.dev.stack import TemporalDevServer
+from starters.ports import free_port
 from tests.harness import Stack, open_stack
 from tests.lossy_proxy import LossyProxy
 from tests.reconciliation_kit import backfill

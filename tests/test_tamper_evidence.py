@@ -17,7 +17,7 @@ from adapters.audit_checkpoints import CheckpointBook
 from adapters.config import Settings
 from adapters.store import Store
 from domain.models import LedgerInput, LedgerKind
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.harness import PAYLOAD_KEYS, create_database_roles, open_stack
 from tests.test_cli import run
 from workers.checkpoints import checkpoint_audit_heads, checkpoint_once

@@ -6,7 +6,7 @@ from temporalio.client import Client
 from adapters.integration_store import IntegrationStore
 from adapters.store import Store
 from adapters.tickets.base import correlation_key
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.fakes import connected_stack, eventually
 
 

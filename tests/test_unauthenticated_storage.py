@@ -18,8 +18,8 @@ from temporalio.client import Client
 from adapters.config import Settings
 from adapters.refusals import SampledRefusalLog
 from adapters.store import Store
-from starters.stack import TemporalDevServer
-from starters.webhooks import WebhookDesk
+from starters.dev.stack import TemporalDevServer
+from starters.relay.webhook_desk import WebhookDesk
 from tests.harness import Stack, open_stack
 from tests.test_provider_webhooks import CASHFREE_SECRET, recorded, sign_cashfree
 from workers.retention import prune_receipts

@@ -29,7 +29,7 @@ from adapters.providers import adyen, cashfree, sandbox
 from adapters.providers.registry import build_providers, close_providers
 from adapters.store import Store
 from starters import relay
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.harness import PAYLOAD_KEYS
 
 SECRETS = {"sandbox": "sb-secret", "stripe": "whsec_stripe", "cashfree": "cf-secret",

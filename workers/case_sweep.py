@@ -12,28 +12,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import datetime
 from typing import Any
 
-from temporalio.client import Client, WorkflowExecutionStatus
-from temporalio.service import RPCError, RPCStatusCode
+from temporalio.client import Client
 
 from adapters.payout_book import PayoutBook
 from adapters.providers.base import ProviderAdapter, ProviderError
 from adapters.store import Store, request_from_row
+from adapters.temporal_client import workflow_closed
 from domain.models import ProviderRefund, RefundMethod
 
 log = logging.getLogger(__name__)
-
-
-async def workflow_closed(client: Client, case_id: str) -> str | None:
-    """How the case's workflow ended (its status name), or None while it runs."""
-    try:
-        described = await client.get_workflow_handle(case_id).describe()
-    except RPCError as exc:
-        if exc.status is RPCStatusCode.NOT_FOUND:  # never started, or past retention
-            return "NOT_FOUND"
-        raise
-    if described.status in (None, WorkflowExecutionStatus.RUNNING):
-        return None
-    return described.status.name
 
 
 async def provider_holds(store: Store, providers: Mapping[str, ProviderAdapter],

@@ -13,104 +13,34 @@ import asyncio
 import contextlib
 import json
 import logging
-import secrets
-import sqlite3
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import httpx
 from fastapi import FastAPI, Header, HTTPException, Query, Request
-from pydantic import BaseModel, Field
 
 from adapters.providers.sandbox import sign
 from adapters.tls import client_tls
+from starters.dev.sandbox_bank import MAX_PAGE, SandboxBank, new_id
+from starters.dev.sandbox_models import (
+    LOOKUP_FAULTS,
+    WEBHOOK_FAULTS,
+    CaptureIn,
+    ChargeIn,
+    ConfigIn,
+    EventIn,
+    FaultIn,
+    ImportIn,
+    PayoutIn,
+    PayoutStatusIn,
+    RefundIn,
+    StatusIn,
+)
 
 log = logging.getLogger("sandbox")
-
-FaultMode = Literal["timeout_after_success", "error_before", "error_after", "timeout_before",
-                    "acts_after_give_up", "late_failure", "lookup_status", "lookup_slow",
-                    "webhook_lost", "webhook_duplicated", "webhook_late"]
-# Which call a fault is for: the create, the lookup (GET /v1/refunds), or a refund's webhooks.
-LOOKUP_FAULTS = frozenset({"lookup_status", "lookup_slow"})
-WEBHOOK_FAULTS = frozenset({"webhook_lost", "webhook_duplicated", "webhook_late"})
-
-
-class ChargeIn(BaseModel):
-    amount: int = Field(gt=0)
-    currency: str
-    merchant_account: str = "acct_default"
-    capture: bool = True
-    id: str | None = None
-    disputes: int = Field(default=0, ge=0)
-
-
-class CaptureIn(BaseModel):
-    amount: int | None = Field(default=None, gt=0)
-
-
-class RefundIn(BaseModel):
-    charge: str
-    amount: int = Field(gt=0)
-    currency: str | None = None
-    reason: str | None = None
-    metadata: dict[str, str] = Field(default_factory=dict)
-
-
-class FaultIn(BaseModel):
-    """A scripted fault, taken by the next `times` calls it applies to. `seconds` is how long
-    a timeout holds, how late a slow create acts, a late failure comes or a late webhook
-    goes; `status` is what a refused lookup answers; `charge` scopes the fault to one charge
-    (a randomised schedule runs many cases at once, each with its own faults)."""
-
-    mode: FaultMode
-    times: int = 1
-    seconds: float = 30.0
-    status: int = Field(default=404, ge=400, le=599)
-    charge: str | None = None
-
-
-class StatusIn(BaseModel):
-    status: str = Field(description="any string: a status we do not know tests our loud branch")
-    failure_reason: str | None = None
-    send_webhook: bool = True
-
-
-class EventIn(BaseModel):
-    type: str
-    object: dict[str, Any]
-    copies: int = Field(default=1, ge=1, le=50)
-    event_id: str | None = None
-
-
-class PayoutIn(BaseModel):
-    amount: int = Field(gt=0)
-    currency: str
-    destination: str = "ba_default"
-    id: str | None = None
-    metadata: dict[str, str] = Field(default_factory=dict)
-
-
-class PayoutStatusIn(BaseModel):
-    status: str = Field(description="paid, failed, settlement_failed, reversed; any other string "
-                                    "tests our loud branch")
-    failure_code: str | None = Field(default=None, description="e.g. insufficient_funds, account_closed, "
-                                                               "bank_rejection, compliance_hold")
-    failure_message: str | None = None
-    copies: int = Field(default=1, ge=1, le=50, description="deliveries of the same event (a retry storm)")
-
-
-class ConfigIn(BaseModel):
-    dedup_idempotency_keys: bool | None = None
-    refund_initial_status: Literal["pending", "succeeded"] | None = None
-    webhook_url: str | None = None
-    hold_webhooks: bool | None = None
-    enforce_captured: bool | None = Field(
-        default=None, description="false: refunds beyond the captured amount are made too, so a "
-                                  "test sees an over-refund its orchestrator let through")
-
 
 @dataclass
 class SandboxState:
@@ -128,138 +58,6 @@ class SandboxState:
     """Calls a fault holds right now, as `<point>:<charge>`: the suite kills a worker there."""
     slow_creates: dict[str, tuple[asyncio.Event, asyncio.Event]] = field(default_factory=dict)
     """Per charge with a slow create: (the next create arrived, the slow one has acted)."""
-
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS charges (id TEXT PRIMARY KEY, body TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS refunds (id TEXT PRIMARY KEY, charge TEXT NOT NULL,
-    idempotency_key TEXT, body TEXT NOT NULL, seq INTEGER NOT NULL, created INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS payouts (id TEXT PRIMARY KEY, body TEXT NOT NULL, seq INTEGER NOT NULL,
-    created INTEGER NOT NULL);
-"""
-# Lists page newest first by creation time, as Stripe's do.
-INDEXES = """
-CREATE INDEX IF NOT EXISTS refunds_created ON refunds (created, seq);
-CREATE INDEX IF NOT EXISTS payouts_created ON payouts (created, seq);
-"""
-ListedTable = Literal["refunds", "payouts"]
-MAX_PAGE = 100
-
-
-class ImportedRefund(BaseModel):
-    """A refund with its history already made (seeding scenarios and benchmarks)."""
-
-    id: str | None = None
-    charge: str
-    amount: int = Field(gt=0)
-    currency: str
-    status: str
-    failure_reason: str | None = None
-    created: int
-    metadata: dict[str, str] = Field(default_factory=dict)
-
-
-class ImportedPayout(BaseModel):
-    """A payout with its history already made (reconciliation scenarios)."""
-
-    id: str | None = None
-    amount: int = Field(gt=0)
-    currency: str
-    destination: str = "ba_default"
-    status: str
-    failure_code: str | None = None
-    failure_message: str | None = None
-    created: int
-    metadata: dict[str, str] = Field(default_factory=dict)
-
-
-class ImportIn(BaseModel):
-    charges: list[ChargeIn] = Field(default_factory=list)
-    refunds: list[ImportedRefund] = Field(default_factory=list)
-    payouts: list[ImportedPayout] = Field(default_factory=list)
-
-
-def _new_id(prefix: str) -> str:
-    return f"{prefix}_{secrets.token_hex(8)}"
-
-
-class SandboxBank:
-    """Charges and refunds in SQLite; every method is quick and synchronous."""
-
-    def __init__(self, path: str) -> None:
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.executescript(SCHEMA)
-        for table in ("refunds", "payouts"):
-            columns = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
-            if "created" not in columns:  # a data folder from before lists had a creation time
-                self._db.execute(f"ALTER TABLE {table} ADD COLUMN created INTEGER NOT NULL DEFAULT 0")
-                self._db.execute(f"UPDATE {table} SET created = seq / 1000000000")  # noqa: S608
-        self._db.executescript(INDEXES)
-
-    def put(self, table: Literal["charges", "refunds"], obj: dict[str, Any], **extra: Any) -> None:
-        if table == "charges":
-            self._db.execute("INSERT OR REPLACE INTO charges VALUES (?, ?)", (obj["id"], json.dumps(obj)))
-        else:
-            self.put_refunds([obj], idempotency_key=extra.get("idempotency_key"))
-
-    def put_refunds(self, refunds: list[dict[str, Any]], idempotency_key: str | None = None) -> None:
-        """Inserts refunds (their `created` is kept) or updates their body, in one transaction."""
-        seq = time.time_ns()
-        self._db.execute("BEGIN")
-        self._db.executemany(
-            "INSERT INTO refunds VALUES (?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (id) DO UPDATE SET body = excluded.body",
-            [(r["id"], r["charge"], idempotency_key, json.dumps(r), seq + i, r["created"])
-             for i, r in enumerate(refunds)])
-        self._db.execute("COMMIT")
-
-    def page(self, table: ListedTable, *, since: int | None, until: int | None, starting_after: str | None,
-             limit: int, charge: str | None = None) -> tuple[list[dict[str, Any]], bool]:
-        """One page, newest first, of refunds or payouts created in [since, until) after the cursor.
-        Only the filters given go into the query, so SQLite seeks the (created, seq) index
-        instead of scanning it: a page costs the same deep into a large window."""
-        where: list[str] = ["1 = 1"]
-        params: list[int | str] = []
-        if starting_after is not None:
-            found = self._db.execute(f"SELECT created, seq FROM {table} WHERE id = ?",  # noqa: S608
-                                     (starting_after,)).fetchone()
-            if found is None:
-                raise KeyError(starting_after)
-            where.append("(created, seq) < (?, ?)")
-            params += [int(found[0]), int(found[1])]
-        for clause, value in (("created >= ?", since), ("created < ?", until), ("charge = ?", charge)):
-            if value is not None:
-                where.append(clause)
-                params.append(value)
-        rows = self._db.execute(
-            f"SELECT body FROM {table} WHERE {' AND '.join(where)}"  # noqa: S608 (clauses are ours)
-            " ORDER BY created DESC, seq DESC LIMIT ?", (*params, limit + 1)).fetchall()
-        return [json.loads(r[0]) for r in rows[:limit]], len(rows) > limit
-
-    def put_payout(self, obj: dict[str, Any]) -> None:
-        """Inserts a payout (its `created` is kept) or updates its body."""
-        self._db.execute("INSERT INTO payouts VALUES (?, ?, ?, ?)"
-                         " ON CONFLICT (id) DO UPDATE SET body = excluded.body",
-                         (obj["id"], json.dumps(obj), time.time_ns(), obj["created"]))
-
-    def payouts(self) -> list[dict[str, Any]]:
-        rows = self._db.execute("SELECT body FROM payouts ORDER BY seq").fetchall()
-        return [json.loads(r[0]) for r in rows]
-
-    def charge(self, charge_id: str) -> dict[str, Any] | None:
-        row = self._db.execute("SELECT body FROM charges WHERE id = ?", (charge_id,)).fetchone()
-        return json.loads(row[0]) if row else None
-
-    def refund(self, refund_id: str) -> dict[str, Any] | None:
-        row = self._db.execute("SELECT body FROM refunds WHERE id = ?", (refund_id,)).fetchone()
-        return json.loads(row[0]) if row else None
-
-    def refunds(self, charge: str | None = None, idempotency_key: str | None = None) -> list[dict[str, Any]]:
-        rows = self._db.execute(
-            "SELECT body FROM refunds WHERE (? IS NULL OR charge = ?)"
-            " AND (? IS NULL OR idempotency_key = ?) ORDER BY seq",
-            (charge, charge, idempotency_key, idempotency_key)).fetchall()
-        return [json.loads(r[0]) for r in rows]
 
 
 def create_app(*, db_path: str = ":memory:", webhook_url: str | None = None,
@@ -300,7 +98,7 @@ def create_app(*, db_path: str = ":memory:", webhook_url: str | None = None,
 
     def emit(event_type: str, obj: dict[str, Any], *, copies: int = 1,
              event_id: str | None = None) -> str:
-        event = {"id": event_id or _new_id("evt"), "object": "event", "type": event_type,
+        event = {"id": event_id or new_id("evt"), "object": "event", "type": event_type,
                  "created": int(time.time()), "data": {"object": obj}}
         body = json.dumps(event).encode()
         fault = (take_fault(WEBHOOK_FAULTS.__contains__, obj.get("charge"))
@@ -355,7 +153,7 @@ def create_app(*, db_path: str = ":memory:", webhook_url: str | None = None,
             emit("refund.updated", refund)
 
     def new_charge(body: ChargeIn) -> dict[str, Any]:
-        charge = {"id": body.id or _new_id("ch"), "object": "charge", "amount": body.amount,
+        charge = {"id": body.id or new_id("ch"), "object": "charge", "amount": body.amount,
                   "currency": body.currency.lower(), "merchant_account": body.merchant_account,
                   "captured": body.capture, "amount_captured": body.amount if body.capture else 0,
                   "disputes": body.disputes}
@@ -425,7 +223,7 @@ def create_app(*, db_path: str = ":memory:", webhook_url: str | None = None,
                    if r["status"] not in ("failed", "canceled"))
         if state.enforce_captured and held + body.amount > charge["amount_captured"]:
             raise HTTPException(400, "refund exceeds the captured amount")
-        refund = {"id": _new_id("re"), "object": "refund", "charge": body.charge,
+        refund = {"id": new_id("re"), "object": "refund", "charge": body.charge,
                   "amount": body.amount, "currency": charge["currency"],
                   "status": state.refund_initial_status, "failure_reason": None,
                   "reason": body.reason, "metadata": body.metadata, "created": int(time.time())}
@@ -469,7 +267,7 @@ def create_app(*, db_path: str = ":memory:", webhook_url: str | None = None,
     async def create_payout(body: PayoutIn, authorization: str | None = Header(None)) -> dict[str, Any]:
         """A payout, paid at once (like a provider that shows paid before the bank settles)."""
         authorise(authorization)
-        payout = {"id": body.id or _new_id("po"), "object": "payout", "amount": body.amount,
+        payout = {"id": body.id or new_id("po"), "object": "payout", "amount": body.amount,
                   "currency": body.currency.lower(), "destination": body.destination, "status": "paid",
                   "failure_code": None, "failure_message": None, "metadata": body.metadata,
                   "created": int(time.time())}
@@ -558,10 +356,10 @@ def create_app(*, db_path: str = ":memory:", webhook_url: str | None = None,
         """Seeds charges, refunds and payouts as if they had happened (no webhooks are sent)."""
         for charge in body.charges:
             new_charge(charge)
-        bank.put_refunds([{"id": r.id or _new_id("re"), "object": "refund", **r.model_dump(exclude={"id"})}
+        bank.put_refunds([{"id": r.id or new_id("re"), "object": "refund", **r.model_dump(exclude={"id"})}
                           for r in body.refunds])
         for payout in body.payouts:
-            bank.put_payout({"id": payout.id or _new_id("po"), "object": "payout",
+            bank.put_payout({"id": payout.id or new_id("po"), "object": "payout",
                              **payout.model_dump(exclude={"id"})})
         return {"charges": len(body.charges), "refunds": len(body.refunds), "payouts": len(body.payouts)}
 

@@ -21,13 +21,14 @@ from adapters.codec import CodecError
 from adapters.integration_store import IntegrationStore
 from adapters.oidc import AccessTokenVerifier, InvalidAccessToken, KeysUnavailable
 from adapters.store import Principal
+from domain.permissions import Permission
 
 Direction = Literal["encode", "decode"]
-CODEC_USES: dict[str, tuple[frozenset[str], str]] = {
-    "decode": (frozenset({"auditor", "ops", "admin"}), "decoding payloads"),
-    "encode": (frozenset({"ops", "admin"}), "encoding payloads"),
+CODEC_USES: dict[str, tuple[Permission, str]] = {
+    "decode": (Permission.DECODE_PAYLOADS, "decoding payloads"),
+    "encode": (Permission.ENCODE_PAYLOADS, "encoding payloads"),
 }
-"""Per direction: who may, and the action named in a refusal."""
+"""Per direction: the permission it needs, and the action named in a refusal."""
 
 
 async def transcode(codec: PayloadCodec, direction: Direction, body: dict[str, Any]) -> dict[str, Any]:

@@ -31,7 +31,13 @@ from domain.events import tracking_case_id
 from domain.models import EventKind, ProviderEvent, RefundRequest
 from domain.payments import PaymentEvent
 from domain.payouts import PayoutEvent, payout_case_id
-from starters.cases import open_payout_case, over_maximum, request_from_event, start_refund, track_refund
+from starters.actions.starting import (
+    open_payout_case,
+    over_maximum,
+    request_from_event,
+    start_refund,
+    track_refund,
+)
 from workflows.payout import PayoutReversalWorkflow
 from workflows.refund import RefundWorkflow
 

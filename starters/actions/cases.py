@@ -17,9 +17,9 @@ from temporalio.service import RPCError
 from adapters.config import Settings
 from adapters.providers.manual import manual_refund
 from adapters.store import CaseCreation, Principal, Store, request_from_row
+from adapters.temporal_client import workflow_closed
 from domain.lifecycle import check_approval, unfilled
 from domain.models import (
-    APPROVER_ROLES,
     ApprovalSignal,
     ApprovalVerdict,
     Decision,
@@ -30,22 +30,14 @@ from domain.models import (
     RequestSource,
     RoleRequirement,
 )
-from starters.approving import ApprovalBody, Refused, approvals_view, ask_for_verdict
-from starters.cases import start_refund
-from workers.case_sweep import workflow_closed
+from domain.permissions import Permission, may, roles_for
+from starters.actions.approving import ApprovalBody, Refused, approvals_view, ask_for_verdict
+from starters.actions.starting import start_refund
 from workflows.refund import RefundWorkflow
 
-REQUEST_ROLES = frozenset({"requester", "admin"})
-APPROVAL_ROLES = APPROVER_ROLES
-ACT_ROLES = frozenset({"ops", "admin"})
-"""Roles that move money by hand: reissue a failed refund, confirm a bank transfer."""
-OPS_ROLES = ACT_ROLES | {"auditor"}
-"""Roles that read operational data (receipts, coverage); the auditor only reads."""
-READ_ROLES = REQUEST_ROLES | APPROVAL_ROLES | OPS_ROLES
-"""Everyone who has a part in a refund may read its case (approvers must see what they sign)."""
-SEE_ALL_ROLES = APPROVAL_ROLES | OPS_ROLES
-"""Approvers, ops and auditors read every case; a requester only those they asked for."""
 REISSUABLE = frozenset({"refund_failed", "refund_canceled"})
+ADVISORY_NOTE = ("AI suggestion for approvers only: it cannot approve, change the amount or "
+                 "execute a refund, and the policy never reads it.")
 
 
 class ReissueBody(BaseModel):
@@ -112,6 +104,16 @@ def case_view(row: Mapping[str, Any], trail: list[dict[str, Any]]) -> dict[str, 
     }
 
 
+def advice_view(row: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The advisor's output as approvers see it, always labelled advisory."""
+    view: dict[str, Any] = {"advisory_only": True, "note": ADVISORY_NOTE}
+    if row is None or row["advice"] is None:
+        return {**view, "available": False, "status": "no advice",
+                "error": row["error"] if row else None, "source": row["source"] if row else None}
+    return {**view, "available": True, "source": row["source"], **row["advice"],
+            "created_at": row["created_at"].isoformat()}
+
+
 def reissue_request(parent: dict[str, Any], body: ReissueBody, attempt: int) -> RefundRequest:
     """The child request: same charge and amount, its own id, linked to its parent; the
     parent's requester is behind it, so cannot approve it."""
@@ -140,10 +142,12 @@ class CaseActions:
                                       {"action": action, "refusal": refusal, "via": via})
         raise Refused(status, refusal)
 
-    async def require(self, caller: Principal, roles: frozenset[str], action: str,
+    async def require(self, caller: Principal, permission: Permission, action: str,
                       case_id: str | None = None, *, via: str) -> None:
-        """Role check; a refusal is audited as `access_refused` with what the caller has."""
-        if caller.roles.isdisjoint(roles):
+        """Role check against the permission table; a refusal is audited as `access_refused`
+        with the roles it needs and what the caller has."""
+        if not may(caller.roles, permission):
+            roles = roles_for(permission)
             await self.store.append_audit(case_id, caller.user, "access_refused",
                                           {"action": action, "needs_one_of": sorted(roles),
                                            "has": sorted(caller.roles), "via": via})
@@ -159,9 +163,9 @@ class CaseActions:
                        via: str) -> dict[str, Any]:
         """The case row for a reader; someone else's case is, to a requester, no case at
         all (404, so ids are not confirmed either; the refusal is audited as what it is)."""
-        await self.require(caller, READ_ROLES, action, case_id, via=via)
+        await self.require(caller, Permission.READ_CASE, action, case_id, via=via)
         row = await self._case(caller, case_id, action, via)
-        if caller.roles.isdisjoint(SEE_ALL_ROLES) and row["requester"] != caller.user:
+        if not may(caller.roles, Permission.READ_EVERY_CASE) and row["requester"] != caller.user:
             await self.refuse(caller, case_id, 404, action, f"no refund request {case_id!r}", via=via,
                               audit_action="access_refused")
         return row
@@ -176,7 +180,7 @@ class CaseActions:
         """Asks the workflow (an update with a validator) so the approver gets the verdict
         at once; the approver is the authenticated user, never a form or body field."""
         action = "approving a refund"
-        await self.require(caller, APPROVAL_ROLES, action, case_id, via=via)
+        await self.require(caller, Permission.APPROVE_REFUND, action, case_id, via=via)
         row = await self._case(caller, case_id, action, via)
         if row["status"] != "awaiting_approval":
             await self.refuse(caller, case_id, 409, action,
@@ -199,7 +203,7 @@ class CaseActions:
         be) through the same gates. Returns (created, child view); a repeat returns the open
         child instead of making another."""
         action = "reissuing a refund"
-        await self.require(caller, ACT_ROLES, action, case_id, via=via)
+        await self.require(caller, Permission.REISSUE_REFUND, action, case_id, via=via)
         parent = await self._case(caller, case_id, action, via)
         if parent["status"] not in REISSUABLE:
             await self.refuse(caller, case_id, 409, action,
@@ -227,7 +231,7 @@ class CaseActions:
         Whoever requested the refund (or its reissue), is behind its trigger or approved it
         cannot confirm it."""
         action = "confirming a manual refund"
-        await self.require(caller, ACT_ROLES, action, case_id, via=via)
+        await self.require(caller, Permission.CONFIRM_MANUAL_REFUND, action, case_id, via=via)
         case = await self._case(caller, case_id, action, via)
         if caller.user in behind(case, await self.store.audit_trail(case_id)):
             await self.refuse(caller, case_id, 403, action,

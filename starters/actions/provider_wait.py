@@ -1,7 +1,7 @@
 """Ops resolve a case stuck waiting for a notification from a provider with no status
 lookup (Adyen): they read the refund in the provider's dashboard and say what it shows.
 
-Shared by the relay's API and the console, like `case_actions`. Only ops may do it, never
+Shared by the relay's API and the console, like `actions.cases`. Only ops may do it, never
 someone behind the request (its requester, trigger identities) or one of its approvers;
 the resolution is audited before it reaches the case, as an event the waiting workflow
 takes like the notification it stands in for: "refunded" follows the named refund to the
@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from adapters.store import Principal
 from domain.models import EventKind, ProviderEvent, ProviderRefundStatus
-from starters.case_actions import ACT_ROLES, CaseActions, behind
+from domain.permissions import Permission
+from starters.actions.cases import CaseActions, behind
 from workflows.refund import RefundWorkflow
 
 WAIT_OPENED, WAIT_CLOSED = "awaiting_provider_notification", "provider_notification_received"
@@ -53,7 +54,7 @@ async def resolve_provider_wait(actions: CaseActions, caller: Principal, case_id
                                 body: ProviderWaitBody, *, via: str) -> dict[str, Any]:
     """Ends the case's notification wait with what ops read at the provider."""
     action = "resolving a provider notification wait"
-    await actions.require(caller, ACT_ROLES, action, case_id, via=via)
+    await actions.require(caller, Permission.RESOLVE_PROVIDER_WAIT, action, case_id, via=via)
     row = await actions._case(caller, case_id, action, via)
     trail = await actions.store.audit_trail(case_id)
     if caller.user in behind(row, trail):

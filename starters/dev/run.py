@@ -29,16 +29,16 @@ from adapters.providers.registry import build_providers, close_providers
 from adapters.schedules import ensure_reconciliation_schedules
 from adapters.store import Store
 from adapters.temporal_client import connect
-from starters import relay, sandbox_provider, temporal_ui
-from starters.demo import run_demo
-from starters.stack import (
+from starters import relay
+from starters.dev import sandbox_provider, temporal_ui
+from starters.dev.demo import run_demo
+from starters.dev.stack import (
     EmbeddedPostgres,
     TemporalDevServer,
-    ensure_ports_free,
-    free_port,
     require_embedded_postgres,
     temporal_binary,
 )
+from starters.ports import ensure_ports_free, free_port
 from workers.case_sweep import sweep_closed_cases
 from workers.main import build_worker
 from workers.outbox import sweep_outbox
