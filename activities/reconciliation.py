@@ -21,6 +21,8 @@ from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 
+from adapters.db import Store
+from adapters.db.reconciliation import REPORT_COLUMNS, Listed, Phase, RunConflict, break_case
 from adapters.providers.base import (
     PayoutLister,
     ProviderAdapter,
@@ -30,8 +32,6 @@ from adapters.providers.base import (
     RefundLister,
     UnexpectedProviderStatus,
 )
-from adapters.reconciliation import REPORT_COLUMNS, Listed, Phase, Reconciliations, RunConflict, break_case
-from adapters.store import Store
 from domain import contracts, errors
 from domain.models import RefundTimings
 from domain.payouts import PayoutCaseInput, ProviderPayout, payout_case_id
@@ -74,7 +74,7 @@ class ReconciliationActivities:
     def __init__(self, store: Store, providers: Mapping[str, ProviderAdapter], client: Client,
                  policy: Policy, *, timings: RefundTimings, reports_dir: Path,
                  reissue_window: timedelta = PayoutCaseInput.model_fields["reissue_window"].default) -> None:
-        self._recon = Reconciliations(store)
+        self._recon = store.reconciliation
         self._providers = providers
         self._client = client
         self._policy = policy

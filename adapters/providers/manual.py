@@ -4,7 +4,7 @@ created pending, looked up by our reference, succeeded or failed on confirmation
 
 from typing import Any
 
-from adapters.store import Store
+from adapters.db import Store
 from domain.models import ProviderRefund, ProviderRefundStatus, RefundRequest
 
 MANUAL = "manual"
@@ -27,8 +27,8 @@ class ManualRefunds:
         self._store = store
 
     async def create_refund(self, request: RefundRequest, idempotency_key: str) -> ProviderRefund:
-        return manual_refund(await self._store.create_manual_refund(request))
+        return manual_refund(await self._store.manual_refunds.create(request))
 
     async def find_refund(self, request: RefundRequest) -> ProviderRefund | None:
-        row = await self._store.manual_refund(request.refund_request_id)
+        row = await self._store.manual_refunds.get(request.refund_request_id)
         return manual_refund(row) if row else None

@@ -9,7 +9,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Protocol
 
-from adapters.integration_store import IntegrationStore
+from adapters.db.integrations import IntegrationRepository
 from adapters.notify.delivery import DeliveryFailed, DeliveryUncertain
 from adapters.notify.message import Message
 from domain.integrations import ticket_purpose
@@ -43,7 +43,7 @@ def correlation_key(case_id: str, purpose: str) -> str:
 class TicketChannel:
     """Creates the case's ticket on its first notice and adds later notices to it."""
 
-    def __init__(self, system: TicketSystem, store: IntegrationStore) -> None:
+    def __init__(self, system: TicketSystem, store: IntegrationRepository) -> None:
         self.name = system.name
         self._system = system
         self._store = store

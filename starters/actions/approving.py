@@ -11,7 +11,7 @@ from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
 
 from adapters import metrics
-from adapters.store import Principal, Store
+from adapters.db import Principal, Store
 from domain.errors import ALREADY_DECIDED, NOT_AWAITING_APPROVAL
 from domain.lifecycle import unfilled
 from domain.models import ApprovalProgress, ApprovalSignal, Decision, RoleRequirement
@@ -47,12 +47,12 @@ async def ask_for_verdict(client: Client, store: Store, case_id: str, body: Appr
     except WorkflowUpdateFailedError as exc:
         reason, kind = refusal(exc)
         too_late = kind in (NOT_AWAITING_APPROVAL, ALREADY_DECIDED)
-        await store.append_audit(case_id, caller.user, "action_refused" if too_late else "approval_refused",
+        await store.audit.record(case_id, caller.user, "action_refused" if too_late else "approval_refused",
                                  {"decision": body.decision.value, "refusal": reason, "via": via})
         raise Refused(409 if too_late else 403, reason) from None
     if not progress.accepted:  # refused inside the workflow, which audited it
         raise Refused(403, progress.reason)
-    observe_approval_wait(await store.audit_trail(case_id), body.decision)
+    observe_approval_wait(await store.audit.trail(case_id), body.decision)
     return progress
 
 

@@ -15,8 +15,8 @@ from temporalio.client import Client
 from temporalio.service import RPCError
 
 from adapters.config import Settings
+from adapters.db import CaseCreation, Principal, Store, request_from_row
 from adapters.providers.manual import manual_refund
-from adapters.store import CaseCreation, Principal, Store, request_from_row
 from adapters.temporal_client import workflow_closed
 from domain.lifecycle import check_approval, unfilled
 from domain.models import (
@@ -138,7 +138,7 @@ class CaseActions:
     async def refuse(self, caller: Principal, case_id: str | None, status: int, action: str,
                      refusal: str, *, via: str, audit_action: str = "action_refused") -> NoReturn:
         """Records the refusal in the case's trail (or the global one), then raises it."""
-        await self.store.append_audit(case_id, caller.user, audit_action,
+        await self.store.audit.record(case_id, caller.user, audit_action,
                                       {"action": action, "refusal": refusal, "via": via})
         raise Refused(status, refusal)
 
@@ -148,13 +148,13 @@ class CaseActions:
         with the roles it needs and what the caller has."""
         if not may(caller.roles, permission):
             roles = roles_for(permission)
-            await self.store.append_audit(case_id, caller.user, "access_refused",
+            await self.store.audit.record(case_id, caller.user, "access_refused",
                                           {"action": action, "needs_one_of": sorted(roles),
                                            "has": sorted(caller.roles), "via": via})
             raise Refused(403, f"{action} needs one of the roles {sorted(roles)}")
 
     async def _case(self, caller: Principal, case_id: str, action: str, via: str) -> dict[str, Any]:
-        row = await self.store.get_case(case_id)
+        row = await self.store.cases.get(case_id)
         if row is None:
             await self.refuse(caller, None, 404, action, f"no refund request {case_id!r}", via=via)
         return row
@@ -171,9 +171,9 @@ class CaseActions:
         return row
 
     async def view(self, case_id: str) -> dict[str, Any]:
-        row = await self.store.get_case(case_id)
+        row = await self.store.cases.get(case_id)
         assert row is not None
-        return case_view(row, await self.store.audit_trail(case_id))
+        return case_view(row, await self.store.audit.trail(case_id))
 
     async def decide(self, caller: Principal, case_id: str, body: ApprovalBody, *,
                      via: str) -> dict[str, Any]:
@@ -209,17 +209,17 @@ class CaseActions:
             await self.refuse(caller, case_id, 409, action,
                               f"case is {parent['status']}; only {sorted(REISSUABLE)} refunds can "
                               "be reissued", via=via)
-        children = await self.store.children(case_id)
+        children = await self.store.cases.children(case_id)
         open_child = next((c for c in children if c["status"] not in REISSUABLE), None)
         if open_child is not None:
-            return False, case_view(open_child, await self.store.audit_trail(
+            return False, case_view(open_child, await self.store.audit.trail(
                 open_child["refund_request_id"]))
         request = reissue_request(parent, body, attempt=len(children) + 1)
-        outcome, row = await self.store.create_case(request, caller.user)
+        outcome, row = await self.store.cases.create(request, caller.user)
         if outcome is CaseCreation.CONFLICT:
             await self.refuse(caller, case_id, 409, action,
                               f"{request.refund_request_id} exists with other parameters", via=via)
-        await self.store.append_audit(case_id, caller.user, "reissue_requested",
+        await self.store.audit.record(case_id, caller.user, "reissue_requested",
                                       {"child": request.refund_request_id,
                                        "method": body.method.value, "via": via})
         await start_refund(self.client, self.settings, request, row["requester"])
@@ -233,14 +233,14 @@ class CaseActions:
         action = "confirming a manual refund"
         await self.require(caller, Permission.CONFIRM_MANUAL_REFUND, action, case_id, via=via)
         case = await self._case(caller, case_id, action, via)
-        if caller.user in behind(case, await self.store.audit_trail(case_id)):
+        if caller.user in behind(case, await self.store.audit.trail(case_id)):
             await self.refuse(caller, case_id, 403, action,
                               "the requester cannot confirm their own refund"
                               if case["requester"] == caller.user else
                               "a person behind the refund's trigger or an approver of it cannot "
                               "confirm it", via=via, audit_action="access_refused")
-        row = await self.store.confirm_manual_refund(case_id, succeeded=body.paid, by=caller.user,
-                                                     reason=body.reason)
+        row = await self.store.manual_refunds.confirm(case_id, succeeded=body.paid, by=caller.user,
+                                                      reason=body.reason)
         if row is None:
             await self.refuse(caller, case_id, 409, action, "no pending manual refund for this case",
                               via=via)
