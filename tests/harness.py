@@ -20,6 +20,7 @@ from temporalio.worker import Worker
 from adapters.codec import generate_key_spec
 from adapters.config import Settings
 from adapters.db import CaseCreation, Store
+from adapters.db.rows import CaseRow
 from adapters.http_server import AppServer, reserve_port
 from adapters.policy_file import load_policy
 from adapters.providers.base import ProviderAdapter
@@ -114,7 +115,7 @@ class Stack:
     async def actions(self, case_id: str) -> list[str]:
         return [e["action"] for e in await self.store.audit.trail(case_id)]
 
-    async def wait_for_status(self, case_id: str, *statuses: str, timeout: float = 60) -> dict[str, Any]:
+    async def wait_for_status(self, case_id: str, *statuses: str, timeout: float = 60) -> CaseRow:
         """Polls the case row (what every API reader sees) until it reaches a status."""
         deadline = asyncio.get_running_loop().time() + timeout
         while True:

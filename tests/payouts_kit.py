@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 
+from adapters.db.rows import PayoutCaseRow
 from domain.payouts import PayoutSnapshot, PayoutStatus
 from tests.harness import Stack
 
@@ -67,7 +68,7 @@ async def view(stack: Stack, case_id: str, user: str = "dave") -> dict[str, Any]
     return dict(response.json())
 
 
-async def wait_for_case(stack: Stack, case_id: str, *statuses: str, timeout: float = 60) -> dict[str, Any]:
+async def wait_for_case(stack: Stack, case_id: str, *statuses: str, timeout: float = 60) -> PayoutCaseRow:
     """Polls the case row (what the API reads) until it reaches one of `statuses`."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:

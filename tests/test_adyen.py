@@ -230,7 +230,8 @@ async def test_lost_create_answer_waits_escalates_and_refunds_once(rig: AdyenRig
     assert "provider_outcome_unknown" in actions and "awaiting_provider_notification" in actions
     notices = [n["kind"] for n in await rig.stack.store.outbox.notices(case_id)]
     assert notices.count("no_status_lookup_escalation") == 1
-    assert (await rig.stack.store.cases.get(case_id) or {})["status"] == "ops_review"  # waits for ops
+    case = await rig.stack.store.cases.get(case_id)
+    assert case is not None and case.status == "ops_review"  # waits for ops
     [made] = rig.fake.refunds_of(psp)  # the lost answer's refund, and no resend
     assert json.loads(rig.proxy.lost[-1])["pspReference"] == made["pspReference"]
 

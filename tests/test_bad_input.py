@@ -12,6 +12,7 @@ import httpx
 import pytest
 from temporalio.service import RPCError, RPCStatusCode
 
+from adapters.db.rows import ReceiptRow
 from adapters.providers.sandbox import sign
 from domain.models import RefundOutcome
 from tests.harness import Stack
@@ -56,7 +57,7 @@ async def assert_untouched(stack: Stack, case_id: str, charge_id: str) -> None:
     assert not [e for e in await stack.store.audit.trail(case_id) if e["action"] == "request_received"]
 
 
-async def receipt(stack: Stack, provider: str, receipt_id: int) -> dict[str, Any]:
+async def receipt(stack: Stack, provider: str, receipt_id: int) -> ReceiptRow:
     rows = [r for r in await stack.store.receipts.find(provider) if r["id"] == receipt_id]
     assert len(rows) == 1, f"no receipt {receipt_id} for {provider}"
     return rows[0]

@@ -90,7 +90,8 @@ async def test_ninety_day_backfill_finds_the_nine_breaks_once(stack: Stack, tmp_
             ("reconciliation_break", "ops"), ("reconciliation_approval_needed", "approvers")}
         # nothing moved without approval: the settlement stands, the case still shows refunded
         assert [e["template"] for e in await stack.store.ledger.entries(case_id)] == ["refund_settled"] * 2
-        assert (await stack.store.cases.get(case_id) or {})["status"] == "succeeded"
+        case = await stack.store.cases.get(case_id)
+        assert case is not None and case.status == "succeeded"
     assert await stack.actions(cases[too_old["id"]]) == ["request_received", "provider_refund_created",
                                                         "ledger_posted", "seeded"]
 

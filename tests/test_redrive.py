@@ -134,7 +134,8 @@ async def test_two_relays_re_driving_at_once_act_once(store: Store, client: Clie
         lines = await store.ledger.entries(case_id)
         assert [(x["template"], x["debit"], x["credit"]) for x in lines] == [
             ("refund_settled", 3900, 0), ("refund_settled", 0, 3900)]
-        assert (await stack.store.cases.get(case_id) or {})["status"] == "succeeded"
+        case = await stack.store.cases.get(case_id)
+        assert case is not None and case.status == "succeeded"
         [original, *replays] = await store.receipts.find("cashfree", event_id)
         assert original["id"] == crashed.receipt_id and original["processed_at"] is not None
         assert [r["verdict"] for r in replays] == ["duplicate", "duplicate"]

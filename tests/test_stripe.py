@@ -20,6 +20,7 @@ from opentelemetry.trace import SpanKind
 from temporalio.client import Client
 
 from adapters.db import Store
+from adapters.db.rows import CaseRow
 from adapters.http_server import AppServer
 from adapters.providers import stripe as stripe_adapter
 from adapters.providers.base import (
@@ -72,7 +73,7 @@ class StripeRig:
     def body(self, charge: str, amount: int) -> dict[str, Any]:
         return self.stack.refund_body(charge, amount, provider="stripe", merchant_account=MERCHANT)
 
-    async def refunded(self, amount: int) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    async def refunded(self, amount: int) -> tuple[str, dict[str, Any], CaseRow]:
         """A refund requested through our API until its case succeeded: (charge, body, case)."""
         charge = await self.charge(10_000)
         body = self.body(charge, amount)

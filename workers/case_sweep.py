@@ -8,7 +8,7 @@ cases are handed over the same way, their holds kept: only ops release money sta
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -43,11 +43,11 @@ async def provider_holds(store: Store, providers: Mapping[str, ProviderAdapter],
     return found is not None, found
 
 
-IdlePage = Callable[[tuple[datetime, str] | None], Awaitable[list[dict[str, Any]]]]
+IdlePage = Callable[[tuple[datetime, str] | None], Awaitable[Sequence[Mapping[str, Any]]]]
 
 
 async def closed_cases(client: Client, pages: IdlePage, key: str
-                       ) -> AsyncIterator[tuple[dict[str, Any], str]]:
+                       ) -> AsyncIterator[tuple[Mapping[str, Any], str]]:
     """Each idle open case (`key`: its id column) whose workflow has ended, with how it
     ended, a page at a time (cases whose workflow still runs never hide the others)."""
     after: tuple[datetime, str] | None = None

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from adapters.db.audit import AuditLog
-from adapters.db.database import Database
+from adapters.db.database import Repository
 from adapters.db.rows import TokenRow
 from domain.models import ROLES
 
@@ -35,9 +35,8 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-class AccessRepository:
-    def __init__(self, database: Database) -> None:
-        self._db = database
+class AccessRepository(Repository):
+    """Who may call: tokens, the console sessions made from them, linked identities."""
 
     async def create_token(self, user: str, roles: Sequence[str], token: str | None = None, *,
                            by: str, expires_in: timedelta | None = None) -> str:
@@ -60,21 +59,18 @@ class AccessRepository:
         return plaintext
 
     async def authenticate(self, token: str) -> Principal | None:
-        async with self._db.connection() as conn:
-            cur = await conn.execute(
-                "SELECT user_name, roles FROM live_api_tokens WHERE token_hash = %s",
-                (hash_token(token),))
-            row = await cur.fetchone()
+        row = await self._db.fetch_one(
+            "SELECT user_name, roles FROM live_api_tokens WHERE token_hash = %s",
+            (hash_token(token),))
         return Principal(row["user_name"], frozenset(row["roles"])) if row else None
 
     async def tokens(self) -> list[TokenRow]:
         """Every token with its owner, roles and state; a short hash prefix tells tokens
         apart (it matches `token_fingerprint` in refusals) and never the secret itself."""
-        async with self._db.connection() as conn:
-            cur = await conn.execute(
-                "SELECT id, user_name, roles, created_at, revoked_at, expires_at,"
-                " substr(token_hash, 1, 12) AS fingerprint FROM api_tokens ORDER BY id")
-            return [TokenRow(**{**row, "roles": tuple(row["roles"])}) for row in await cur.fetchall()]
+        rows = await self._db.fetch_all(
+            "SELECT id, user_name, roles, created_at, revoked_at, expires_at,"
+            " substr(token_hash, 1, 12) AS fingerprint FROM api_tokens ORDER BY id")
+        return [TokenRow.from_row(row) for row in rows]
 
     async def revoke_tokens(self, *, by: str, token_id: int | None = None,
                             user: str | None = None) -> list[int]:
@@ -118,13 +114,11 @@ class AccessRepository:
 
     async def session(self, session_id: str) -> ConsoleSession | None:
         """The live session behind a cookie: not ended, not expired, its token not revoked."""
-        async with self._db.connection() as conn:
-            cur = await conn.execute(
-                "SELECT s.id, s.csrf_token, t.user_name, t.roles FROM console_sessions s"
-                " JOIN live_api_tokens t ON t.id = s.token_id"
-                " WHERE s.session_hash = %s AND s.ended_at IS NULL AND s.expires_at > now()",
-                (hash_token(session_id),))
-            row = await cur.fetchone()
+        row = await self._db.fetch_one(
+            "SELECT s.id, s.csrf_token, t.user_name, t.roles FROM console_sessions s"
+            " JOIN live_api_tokens t ON t.id = s.token_id"
+            " WHERE s.session_hash = %s AND s.ended_at IS NULL AND s.expires_at > now()",
+            (hash_token(session_id),))
         if row is None:
             return None
         return ConsoleSession(int(row["id"]), Principal(row["user_name"], frozenset(row["roles"])),
@@ -148,11 +142,9 @@ class AccessRepository:
 
     async def principal_for(self, system: str, external_id: str) -> Principal | None:
         """The linked user with the roles of their live tokens; None if unlinked or role-less."""
-        async with self._db.transaction() as conn:
-            cur = await conn.execute(
-                "SELECT l.user_name, array_agg(DISTINCT r) AS roles FROM identity_links l"
-                " JOIN api_tokens t ON t.user_name = l.user_name AND t.revoked_at IS NULL,"
-                " unnest(t.roles) AS r WHERE l.system = %s AND l.external_id = %s"
-                " GROUP BY l.user_name", (system, external_id))
-            row = await cur.fetchone()
+        row = await self._db.fetch_one(
+            "SELECT l.user_name, array_agg(DISTINCT r) AS roles FROM identity_links l"
+            " JOIN api_tokens t ON t.user_name = l.user_name AND t.revoked_at IS NULL,"
+            " unnest(t.roles) AS r WHERE l.system = %s AND l.external_id = %s"
+            " GROUP BY l.user_name", (system, external_id))
         return Principal(row["user_name"], frozenset(row["roles"])) if row else None

@@ -59,11 +59,9 @@ class AuditLog:
             await self.append(conn, case_id, actor, action, detail)
 
     async def trail(self, case_id: str) -> list[dict[str, Any]]:
-        async with self._db.connection() as conn:
-            cur = await conn.execute(
-                "SELECT id, seq, occurred_at, actor, action, detail, hash FROM audit_events"
-                " WHERE chain = %s ORDER BY seq", (case_id,))
-            return list(await cur.fetchall())
+        return await self._db.fetch_all(
+            "SELECT id, seq, occurred_at, actor, action, detail, hash FROM audit_events"
+            " WHERE chain = %s ORDER BY seq", (case_id,))
 
     async def approvals(self, case_ids: list[str]) -> dict[str, list[ApprovalStep]]:
         """Every approval step per case, in chain order (the projection, not the trail)."""
@@ -77,6 +75,9 @@ class AuditLog:
                     approver=row["approver"], action=row["action"], roles=frozenset(row["roles"]),
                     reason=row["reason"], occurred_at=row["occurred_at"]))
         return steps
+
+    async def approvals_of(self, case_id: str) -> list[ApprovalStep]:
+        return (await self.approvals([case_id]))[case_id]
 
     async def heads(self) -> dict[str, tuple[int, str]]:
         """Every chain's committed head (seq, hash): what the checkpoints record."""

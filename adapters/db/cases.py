@@ -5,6 +5,7 @@ the closed-workflow sweep, and the console's case search.
 Every change is written with its audit row in one transaction.
 """
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -13,8 +14,9 @@ from typing import Any
 from psycopg import sql
 
 from adapters.db.audit import AuditLog
-from adapters.db.database import Conn, Database, jsonb
+from adapters.db.database import Conn, Repository, jsonb
 from adapters.db.outbox import OutboxRepository
+from adapters.db.rows import CaseRow
 from adapters.db.sweep import idle_unswept, open_incident_run
 from domain.models import (
     CLOSED_STATUSES,
@@ -35,7 +37,7 @@ BANNER_STATUSES = ("refund_failed", "refund_canceled", "executed_ledger_pending"
 """Cases a person must look at: money did not go back as the case once said it would."""
 
 
-def request_from_row(row: dict[str, Any]) -> RefundRequest:
+def request_from_row(row: Mapping[str, Any]) -> RefundRequest:
     """The request a stored case was made from."""
     return RefundRequest(
         refund_request_id=row["refund_request_id"], provider=row["provider"],
@@ -68,21 +70,17 @@ class CaseFilter:
     limit: int = 200
 
 
-class CaseRepository:
+class CaseRepository(Repository):
     """The `refund_cases` rows and the `charges` rows whose lock orders their reservations."""
 
-    def __init__(self, database: Database) -> None:
-        self._db = database
-
-    async def create(self, request: RefundRequest,
-                          requester: str) -> tuple[CaseCreation, dict[str, Any]]:
+    async def create(self, request: RefundRequest, requester: str) -> tuple[CaseCreation, CaseRow]:
         """Inserts the case once; a repeat is identical or a conflict, decided by params hash."""
         async with self._db.transaction() as conn:
             return await self.create_in(conn, request, requester)
 
     @staticmethod
-    async def create_in(conn: Conn, request: RefundRequest,
-                           requester: str) -> tuple[CaseCreation, dict[str, Any]]:
+    async def create_in(conn: Conn, request: RefundRequest, requester: str) -> tuple[CaseCreation, CaseRow]:
+        """`create` inside the caller's transaction (a webhook receipt and the case it opens)."""
         params = request.params_hash()
         cur = await conn.execute(
             "INSERT INTO refund_cases (refund_request_id, provider, charge_id, amount, currency,"
@@ -101,7 +99,7 @@ class CaseRepository:
             await AuditLog.append(conn, request.refund_request_id, requester, "request_received",
                                   {"source": request.source.value, "params_hash": params,
                                    "amount": request.amount, "currency": request.currency})
-            return CaseCreation.CREATED, row
+            return CaseCreation.CREATED, CaseRow.from_row(row)
         cur = await conn.execute(
             "SELECT * FROM refund_cases WHERE refund_request_id = %s", (request.refund_request_id,))
         existing = await cur.fetchone()
@@ -110,22 +108,20 @@ class CaseRepository:
         await AuditLog.append(conn, request.refund_request_id, requester,
                               "request_repeated" if same else "request_conflict",
                               {"source": request.source.value, "params_hash": params})
-        return (CaseCreation.IDENTICAL if same else CaseCreation.CONFLICT), existing
+        return (CaseCreation.IDENTICAL if same else CaseCreation.CONFLICT), CaseRow.from_row(existing)
 
-    async def get(self, case_id: str) -> dict[str, Any] | None:
-        async with self._db.connection() as conn:
-            cur = await conn.execute("SELECT * FROM refund_cases WHERE refund_request_id = %s", (case_id,))
-            return await cur.fetchone()
+    async def get(self, case_id: str) -> CaseRow | None:
+        row = await self._db.fetch_one("SELECT * FROM refund_cases WHERE refund_request_id = %s", (case_id,))
+        return CaseRow.from_row(row) if row else None
 
-    async def by_provider_refund(self, provider: str, refund_id: str) -> dict[str, Any] | None:
-        async with self._db.connection() as conn:
-            cur = await conn.execute(
-                "SELECT * FROM refund_cases WHERE provider = %s AND provider_refund_id = %s",
-                (provider, refund_id))
-            return await cur.fetchone()
+    async def by_provider_refund(self, provider: str, refund_id: str) -> CaseRow | None:
+        row = await self._db.fetch_one(
+            "SELECT * FROM refund_cases WHERE provider = %s AND provider_refund_id = %s",
+            (provider, refund_id))
+        return CaseRow.from_row(row) if row else None
 
     async def open_tracking(self, case_id: str, refund: ProviderRefund,
-                                 merchant_account: str | None, event_type: str) -> bool:
+                            merchant_account: str | None, event_type: str) -> bool:
         """Records a refund the provider made without us as a `tracking` case that holds its
         amount against the charge (so later requests see less refundable). Once per id."""
         async with self._db.transaction() as conn:
@@ -208,12 +204,10 @@ class CaseRepository:
 
     async def prior_refunds(self, provider: str, charge_id: str, exclude: str) -> list[dict[str, Any]]:
         """Refunds on the charge that hold money (reserved, pending or succeeded)."""
-        async with self._db.connection() as conn:
-            cur = await conn.execute(
-                "SELECT refund_request_id, amount, status FROM refund_cases"
-                " WHERE provider = %s AND charge_id = %s AND refund_request_id <> %s"
-                " AND reserved_amount > 0", (provider, charge_id, exclude))
-            return list(await cur.fetchall())
+        return await self._db.fetch_all(
+            "SELECT refund_request_id, amount, status FROM refund_cases"
+            " WHERE provider = %s AND charge_id = %s AND refund_request_id <> %s"
+            " AND reserved_amount > 0", (provider, charge_id, exclude))
 
     @staticmethod
     async def _set_status(conn: Conn, case_id: str, status: CaseStatus,
@@ -240,20 +234,21 @@ class CaseRepository:
                                    **({"reservation_released": True} if event.release_reservation else {})})
 
     async def idle_open(self, idle_seconds: float, limit: int,
-                        after: tuple[datetime, str] | None = None) -> list[dict[str, Any]]:
+                        after: tuple[datetime, str] | None = None) -> list[CaseRow]:
         """Cases whose workflow still has to move them, untouched for `idle_seconds` and not
         swept yet (refunds the provider made without us are left to reconciliation), by last
         update then id, from `after` on: what the closed-workflow sweep asks Temporal about."""
         async with self._db.connection() as conn:
-            return await idle_unswept(
+            rows = await idle_unswept(
                 conn, table="refund_cases", key="refund_request_id",
                 still_open=sql.SQL("status <> ALL(%s) AND NOT (provider_refund_id IS NOT NULL"
                                    " AND refund_request_id = provider || '-refund-' || provider_refund_id)"),
                 open_values=[s.value for s in SETTLED_STATUSES],
                 idle_seconds=idle_seconds, limit=limit, after=after)
+        return self._typed(rows)
 
     async def sweep_closed(self, case_id: str, *, workflow_status: str, provider_holds: bool | None,
-                                found: ProviderRefund | None) -> bool:
+                           found: ProviderRefund | None) -> bool:
         """A case whose workflow closed while it was open, in one transaction: `ops_review`,
         a reconciliation break for ops (its own completed run, `ops_review`, never dispatched
         to a workflow), the audit row and the ops notice; the reservation is released only
@@ -328,24 +323,20 @@ class CaseRepository:
             await AuditLog.append(conn, case_id, f"provider:{refund.provider}", action,
                                   {**refund.model_dump(mode="json"), **(detail or {})})
 
-    async def decisions_since(self, since: datetime) -> list[dict[str, Any]]:
+    async def decisions_since(self, since: datetime) -> list[CaseRow]:
         """Cases with a stored policy decision, newest last (for policy simulation)."""
-        async with self._db.connection() as conn:
-            cur = await conn.execute(
-                "SELECT * FROM refund_cases WHERE decision IS NOT NULL AND created_at >= %s"
-                " ORDER BY created_at", (since,))
-            return list(await cur.fetchall())
+        return self._typed(await self._db.fetch_all(
+            "SELECT * FROM refund_cases WHERE decision IS NOT NULL AND created_at >= %s"
+            " ORDER BY created_at", (since,)))
 
-    async def children(self, case_id: str) -> list[dict[str, Any]]:
-        async with self._db.connection() as conn:
-            cur = await conn.execute(
-                "SELECT * FROM refund_cases WHERE parent_refund_request_id = %s ORDER BY created_at",
-                (case_id,))
-            return list(await cur.fetchall())
+    async def children(self, case_id: str) -> list[CaseRow]:
+        return self._typed(await self._db.fetch_all(
+            "SELECT * FROM refund_cases WHERE parent_refund_request_id = %s ORDER BY created_at",
+            (case_id,)))
 
     # -- the console's reads -------------------------------------------------------------
 
-    async def find(self, wanted: CaseFilter) -> list[dict[str, Any]]:
+    async def find(self, wanted: CaseFilter) -> list[CaseRow]:
         """Newest first. `search` matches a refund request id, charge id, provider refund id or
         a ticket's id or number exactly, or a refund request id by prefix."""
         clauses: list[str] = []
@@ -381,11 +372,12 @@ class CaseRepository:
         if clauses:
             query += " WHERE " + " AND ".join(clauses)
         query += " ORDER BY created_at DESC, refund_request_id LIMIT %s"
-        async with self._db.transaction() as conn:
-            cur = await conn.execute(query, [*params, wanted.limit])
-            return list(await cur.fetchall())
+        return self._typed(await self._db.fetch_all(query, [*params, wanted.limit]))
 
     async def providers(self) -> list[str]:
-        async with self._db.transaction() as conn:
-            cur = await conn.execute("SELECT DISTINCT provider FROM refund_cases ORDER BY provider")
-            return [r["provider"] for r in await cur.fetchall()]
+        rows = await self._db.fetch_all("SELECT DISTINCT provider FROM refund_cases ORDER BY provider")
+        return [r["provider"] for r in rows]
+
+    @staticmethod
+    def _typed(rows: list[dict[str, Any]]) -> list[CaseRow]:
+        return [CaseRow.from_row(row) for row in rows]

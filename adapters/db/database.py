@@ -9,9 +9,10 @@ import select
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from importlib import resources
-from typing import Any
+from typing import Any, LiteralString
 
 from psycopg import AsyncConnection, sql
+from psycopg.abc import Params
 from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
@@ -20,6 +21,7 @@ from adapters.telemetry import trace_connection
 from domain.audit import canonical_detail
 
 Conn = AsyncConnection[DictRow]
+Statement = LiteralString | sql.SQL | sql.Composed
 
 
 def jsonb(value: Any) -> Jsonb:
@@ -68,6 +70,16 @@ class Database:
     async def transaction(self) -> AsyncIterator[Conn]:
         async with self._pool.connection() as conn, conn.transaction():
             yield conn
+
+    async def fetch_all(self, query: Statement, params: Params | None = None) -> list[dict[str, Any]]:
+        """The rows of one statement, run on its own (autocommit: one round trip)."""
+        async with self._pool.connection() as conn:
+            return list(await (await conn.execute(query, params)).fetchall())
+
+    async def fetch_one(self, query: Statement, params: Params | None = None) -> dict[str, Any] | None:
+        """The first row of one statement, run on its own; None when there is none."""
+        async with self._pool.connection() as conn:
+            return await (await conn.execute(query, params)).fetchone()
 
     async def migrate(self, runtime_role: str | None = None) -> list[str]:
         """Applies the packaged SQL files in name order, each once, under an advisory lock.
@@ -121,3 +133,10 @@ class Database:
             "REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON schema_migrations FROM {grantee}",
         ):
             await conn.execute(sql.SQL(statement).format(schema=schema, grantee=grantee))
+
+
+class Repository:
+    """One aggregate's SQL over the shared database."""
+
+    def __init__(self, database: Database) -> None:
+        self._db = database

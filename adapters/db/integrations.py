@@ -7,20 +7,17 @@ from typing import Any
 from psycopg.types.json import Jsonb
 
 from adapters.db.audit import AuditLog
-from adapters.db.database import Database
+from adapters.db.database import Repository
 from domain.advice import Advice
 
 
-class IntegrationRepository:
-    def __init__(self, database: Database) -> None:
-        self._db = database
+class IntegrationRepository(Repository):
+    """Tickets per case and purpose, and the advice kept per case."""
 
     async def ticket(self, case_id: str, system: str, purpose: str) -> dict[str, Any] | None:
-        async with self._db.transaction() as conn:
-            cur = await conn.execute(
-                "SELECT * FROM case_tickets WHERE refund_request_id = %s AND system = %s"
-                " AND purpose = %s", (case_id, system, purpose))
-            return await cur.fetchone()
+        return await self._db.fetch_one(
+            "SELECT * FROM case_tickets WHERE refund_request_id = %s AND system = %s"
+            " AND purpose = %s", (case_id, system, purpose))
 
     async def save_ticket(self, case_id: str, system: str, purpose: str, *, external_id: str,
                           number: str | None, url: str | None, actor: str = "system") -> dict[str, Any]:
@@ -42,39 +39,31 @@ class IntegrationRepository:
 
     async def case_for_ticket(self, system: str, external_id: str) -> str | None:
         """The case whose refund-request ticket this is (approvals recorded on it count)."""
-        async with self._db.transaction() as conn:
-            cur = await conn.execute(
-                "SELECT refund_request_id FROM case_tickets WHERE system = %s AND external_id = %s"
-                " AND purpose = 'request'", (system, external_id))
-            row = await cur.fetchone()
+        row = await self._db.fetch_one(
+            "SELECT refund_request_id FROM case_tickets WHERE system = %s AND external_id = %s"
+            " AND purpose = 'request'", (system, external_id))
         return str(row["refund_request_id"]) if row else None
 
     async def tickets(self, case_id: str) -> list[dict[str, Any]]:
-        async with self._db.transaction() as conn:
-            cur = await conn.execute(
-                "SELECT system, purpose, external_id, number, url FROM case_tickets"
-                " WHERE refund_request_id = %s ORDER BY created_at", (case_id,))
-            return list(await cur.fetchall())
+        return await self._db.fetch_all(
+            "SELECT system, purpose, external_id, number, url FROM case_tickets"
+            " WHERE refund_request_id = %s ORDER BY created_at", (case_id,))
 
     async def charge_history(self, provider: str, charge_id: str, exclude: str) -> list[dict[str, Any]]:
         """The charge's latest 50 other refunds, oldest first: the advisor's context stays
         the same size however many refunds a charge (a platform's shared one) has seen."""
-        async with self._db.transaction() as conn:
-            cur = await conn.execute(
-                "SELECT refund_request_id, amount, status FROM (SELECT refund_request_id, amount, status,"
-                " created_at FROM refund_cases"
-                " WHERE provider = %s AND charge_id = %s AND refund_request_id <> %s"
-                " ORDER BY created_at DESC LIMIT 50) latest ORDER BY created_at",
-                (provider, charge_id, exclude))
-            return list(await cur.fetchall())
+        return await self._db.fetch_all(
+            "SELECT refund_request_id, amount, status FROM (SELECT refund_request_id, amount, status,"
+            " created_at FROM refund_cases"
+            " WHERE provider = %s AND charge_id = %s AND refund_request_id <> %s"
+            " ORDER BY created_at DESC LIMIT 50) latest ORDER BY created_at",
+            (provider, charge_id, exclude))
 
     async def customer_history(self, customer_id: str, exclude: str) -> list[dict[str, Any]]:
-        async with self._db.transaction() as conn:
-            cur = await conn.execute(
-                "SELECT refund_request_id, amount, status FROM refund_cases"
-                " WHERE evidence->>'customer_id' = %s AND refund_request_id <> %s"
-                " ORDER BY created_at LIMIT 50", (customer_id, exclude))
-            return list(await cur.fetchall())
+        return await self._db.fetch_all(
+            "SELECT refund_request_id, amount, status FROM refund_cases"
+            " WHERE evidence->>'customer_id' = %s AND refund_request_id <> %s"
+            " ORDER BY created_at LIMIT 50", (customer_id, exclude))
 
     async def save_advice(self, case_id: str, *, source: str, advice: Advice | None, error: str | None,
                           context_sha256: str) -> dict[str, Any]:
@@ -101,6 +90,4 @@ class IntegrationRepository:
         return found
 
     async def advice(self, case_id: str) -> dict[str, Any] | None:
-        async with self._db.transaction() as conn:
-            cur = await conn.execute("SELECT * FROM case_advice WHERE refund_request_id = %s", (case_id,))
-            return await cur.fetchone()
+        return await self._db.fetch_one("SELECT * FROM case_advice WHERE refund_request_id = %s", (case_id,))

@@ -4,14 +4,13 @@ of their template (`domain.ledger`). Append-only in the database (migration 0740
 from typing import Any
 
 from adapters.db.audit import AuditLog
-from adapters.db.database import Conn, Database
+from adapters.db.database import Conn, Repository
 from domain.ledger import ledger_lines
 from domain.models import LedgerInput, LedgerResult
 
 
-class LedgerRepository:
-    def __init__(self, database: Database) -> None:
-        self._db = database
+class LedgerRepository(Repository):
+    """Entries and their lines; an entry is never changed, only posted once more by key."""
 
     async def post(self, posting: LedgerInput) -> LedgerResult:
         """Posts a balanced two-line entry once per posting key."""
@@ -21,7 +20,7 @@ class LedgerRepository:
 
     @staticmethod
     async def post_in(conn: Conn, posting: LedgerInput) -> LedgerResult:
-        """`post_ledger` inside the caller's transaction (a compensating entry commits with
+        """`post` inside the caller's transaction (a compensating entry commits with
         the decision that approved it)."""
         key = posting.posting_key()
         cur = await conn.execute(
@@ -48,9 +47,7 @@ class LedgerRepository:
         return LedgerResult(posting_key=key, entry_id=entry_id, newly_posted=True)
 
     async def entries(self, case_id: str) -> list[dict[str, Any]]:
-        async with self._db.connection() as conn:
-            cur = await conn.execute(
-                "SELECT e.posting_key, e.template, l.account, l.debit, l.credit, l.currency"
-                " FROM ledger_entries e JOIN ledger_lines l ON l.entry_id = e.id"
-                " WHERE e.refund_request_id = %s ORDER BY e.id, l.id", (case_id,))
-            return list(await cur.fetchall())
+        return await self._db.fetch_all(
+            "SELECT e.posting_key, e.template, l.account, l.debit, l.credit, l.currency"
+            " FROM ledger_entries e JOIN ledger_lines l ON l.entry_id = e.id"
+            " WHERE e.refund_request_id = %s ORDER BY e.id, l.id", (case_id,))

@@ -1,18 +1,16 @@
 """Manual refunds: the instruction ops carry out (bank transfer, cheque) for a case whose
 money cannot go back through the provider, and their confirmation."""
 
-from typing import Any
-
 from adapters.db.audit import AuditLog
-from adapters.db.database import Database
+from adapters.db.database import Repository
+from adapters.db.rows import ManualRefundRow
 from domain.models import RefundRequest
 
 
-class ManualRefundRepository:
-    def __init__(self, database: Database) -> None:
-        self._db = database
+class ManualRefundRepository(Repository):
+    """The `manual_refunds` rows: one instruction per case."""
 
-    async def create(self, request: RefundRequest) -> dict[str, Any]:
+    async def create(self, request: RefundRequest) -> ManualRefundRow:
         """The instruction ops carry out; one per request, whatever the retries."""
         async with self._db.transaction() as conn:
             cur = await conn.execute(
@@ -26,19 +24,18 @@ class ManualRefundRepository:
                 await AuditLog.append(conn, request.refund_request_id, "system", "manual_refund_instructed",
                                       {"method": request.method.value, "amount": request.amount,
                                        "currency": request.currency})
-                return row
+                return ManualRefundRow.from_row(row)
         found = await self.get(request.refund_request_id)
         assert found is not None
         return found
 
-    async def get(self, case_id: str) -> dict[str, Any] | None:
-        async with self._db.connection() as conn:
-            cur = await conn.execute("SELECT * FROM manual_refunds WHERE refund_request_id = %s",
-                                     (case_id,))
-            return await cur.fetchone()
+    async def get(self, case_id: str) -> ManualRefundRow | None:
+        row = await self._db.fetch_one("SELECT * FROM manual_refunds WHERE refund_request_id = %s",
+                                       (case_id,))
+        return ManualRefundRow.from_row(row) if row else None
 
     async def confirm(self, case_id: str, *, succeeded: bool, by: str,
-                                    reason: str) -> dict[str, Any] | None:
+                      reason: str) -> ManualRefundRow | None:
         """Ops confirm they paid (or could not); only a pending instruction moves."""
         async with self._db.transaction() as conn:
             cur = await conn.execute(
@@ -50,4 +47,4 @@ class ManualRefundRepository:
             if row is not None:
                 await AuditLog.append(conn, case_id, by, "manual_refund_confirmed",
                                       {"status": row["status"], "reason": reason})
-            return row
+            return ManualRefundRow.from_row(row) if row else None

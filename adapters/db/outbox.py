@@ -5,15 +5,13 @@ twice but marked uncertain)."""
 from typing import Any
 
 from adapters.db.audit import AuditLog
-from adapters.db.database import Conn, Database, jsonb
+from adapters.db.database import Conn, Repository, jsonb
+from adapters.db.rows import NoticeRow
 from domain.models import NoticeInput
 
-DELIVERY_DONE = frozenset({"delivered", "uncertain"})
 
-
-class OutboxRepository:
-    def __init__(self, database: Database) -> None:
-        self._db = database
+class OutboxRepository(Repository):
+    """The `notices` rows and their `notice_deliveries` per channel."""
 
     async def queue(self, notice: NoticeInput) -> bool:
         """Puts a notice in the outbox once per dedup key; returns whether it is new."""
@@ -22,7 +20,7 @@ class OutboxRepository:
 
     @staticmethod
     async def queue_in(conn: Conn, notice: NoticeInput) -> bool:
-        """`queue_notice` inside the caller's transaction."""
+        """`queue` inside the caller's transaction."""
         cur = await conn.execute(
             "INSERT INTO notices (dedup_key, refund_request_id, kind, audience, detail)"
             " VALUES (%s,%s,%s,%s,%s) ON CONFLICT (dedup_key) DO NOTHING RETURNING id",
@@ -34,17 +32,15 @@ class OutboxRepository:
                               {"kind": notice.kind, "audience": notice.audience})
         return True
 
-    async def notices(self, case_id: str) -> list[dict[str, Any]]:
-        async with self._db.connection() as conn:
-            cur = await conn.execute(
-                "SELECT kind, audience, detail, delivered_at FROM notices"
-                " WHERE refund_request_id = %s ORDER BY id", (case_id,))
-            return list(await cur.fetchall())
+    async def notices(self, case_id: str) -> list[NoticeRow]:
+        """A case's notices, oldest first."""
+        rows = await self._db.fetch_all(
+            "SELECT kind, audience, detail, delivered_at FROM notices"
+            " WHERE refund_request_id = %s ORDER BY id", (case_id,))
+        return [NoticeRow.from_row(row) for row in rows]
 
     async def notice(self, dedup_key: str) -> dict[str, Any] | None:
-        async with self._db.transaction() as conn:
-            cur = await conn.execute("SELECT * FROM notices WHERE dedup_key = %s", (dedup_key,))
-            return await cur.fetchone()
+        return await self._db.fetch_one("SELECT * FROM notices WHERE dedup_key = %s", (dedup_key,))
 
     async def claim_delivery(self, notice_id: int, case_id: str | None, channel: str) -> bool:
         """Claims the right to send before sending. A claim still 'sending' means an earlier
@@ -87,21 +83,18 @@ class OutboxRepository:
                                " AND delivered_at IS NULL", (notice_id,))
 
     async def deliveries(self, case_id: str) -> list[dict[str, Any]]:
-        async with self._db.transaction() as conn:
-            cur = await conn.execute(
-                "SELECT n.kind, n.audience, d.channel, d.status, d.attempts, d.external_id,"
-                " d.last_error FROM notice_deliveries d JOIN notices n ON n.id = d.notice_id"
-                " WHERE n.refund_request_id = %s ORDER BY n.id, d.channel", (case_id,))
-            return list(await cur.fetchall())
+        return await self._db.fetch_all(
+            "SELECT n.kind, n.audience, d.channel, d.status, d.attempts, d.external_id,"
+            " d.last_error FROM notice_deliveries d JOIN notices n ON n.id = d.notice_id"
+            " WHERE n.refund_request_id = %s ORDER BY n.id, d.channel", (case_id,))
 
     async def claim_unswept(self, older_than_seconds: float, limit: int) -> list[str]:
         """Undelivered notices nobody has swept, oldest first, claimed for this sweep (each
         is swept once; SKIP LOCKED lets several workers sweep side by side)."""
-        async with self._db.transaction() as conn:
-            cur = await conn.execute(
-                "UPDATE notices SET swept_at = now() WHERE id IN (SELECT id FROM notices"
-                " WHERE delivered_at IS NULL AND swept_at IS NULL"
-                " AND created_at < now() - make_interval(secs => %s)"
-                " ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING dedup_key",
-                (older_than_seconds, limit))
-            return [r["dedup_key"] for r in await cur.fetchall()]
+        rows = await self._db.fetch_all(
+            "UPDATE notices SET swept_at = now() WHERE id IN (SELECT id FROM notices"
+            " WHERE delivered_at IS NULL AND swept_at IS NULL"
+            " AND created_at < now() - make_interval(secs => %s)"
+            " ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING dedup_key",
+            (older_than_seconds, limit))
+        return [r["dedup_key"] for r in rows]

@@ -52,11 +52,10 @@ class PaymentNotificationRepository:
 
     async def charge(self, payment_id: str) -> ChargeSnapshot | None:
         """The charge as recorded (None when no notification reported the payment)."""
-        async with self._db.transaction() as conn:
-            cur = await conn.execute(
-                "SELECT psp_reference, status, amount, currency, merchant_account"
-                " FROM payment_notifications WHERE provider = %s AND payment_id = %s"
-                " ORDER BY occurred_at, recorded_at", (self._provider, payment_id))
-            notes = [RecordedNotification(**row) for row in await cur.fetchall()]
+        rows = await self._db.fetch_all(
+            "SELECT psp_reference, status, amount, currency, merchant_account"
+            " FROM payment_notifications WHERE provider = %s AND payment_id = %s"
+            " ORDER BY occurred_at, recorded_at", (self._provider, payment_id))
+        notes = [RecordedNotification(**row) for row in rows]
         return charge_from_notifications(self._provider, payment_id, notes,
                                          auto_capture=self._auto_capture)

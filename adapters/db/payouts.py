@@ -11,9 +11,10 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from adapters.db.audit import AuditLog
-from adapters.db.database import Conn, Database, jsonb
+from adapters.db.database import Conn, Repository, jsonb
 from adapters.db.ledger import LedgerRepository
 from adapters.db.outbox import OutboxRepository
+from adapters.db.rows import PayoutCaseRow
 from adapters.db.sweep import idle_unswept, open_incident_run
 from domain.audit import canonical_detail
 from domain.integrations import ticket_purpose
@@ -61,9 +62,8 @@ ADMISSION_ACTIONS = {
 }
 
 
-class PayoutRepository:
-    def __init__(self, database: Database) -> None:
-        self._db = database
+class PayoutRepository(Repository):
+    """Payouts, payout cases and beneficiary holds, fenced by the case row's lock."""
 
     async def record_payout(self, payout: PayoutSnapshot) -> bool:
         """What the internal payments system writes when it pays out; once per id."""
@@ -89,9 +89,9 @@ class PayoutRepository:
 
     async def payouts(self, limit: int) -> list[PayoutSnapshot]:
         """The most recently booked payouts, newest first."""
-        async with self._db.transaction() as conn:
-            cur = await conn.execute("SELECT * FROM payouts ORDER BY created_at DESC, id LIMIT %s", (limit,))
-            return [snapshot(row) for row in await cur.fetchall()]
+        rows = await self._db.fetch_all(
+            "SELECT * FROM payouts ORDER BY created_at DESC, id LIMIT %s", (limit,))
+        return [snapshot(row) for row in rows]
 
     @staticmethod
     async def _insert_payout(conn: Conn, payout: PayoutSnapshot) -> bool:
@@ -116,30 +116,25 @@ class PayoutRepository:
                 (provider, provider_payout_id))).fetchone()
         return snapshot(row) if row else None
 
-    async def case(self, case_id: str) -> dict[str, Any] | None:
-        async with self._db.transaction() as conn:
-            cur = await conn.execute("SELECT * FROM payout_cases WHERE case_id = %s", (case_id,))
-            return await cur.fetchone()
+    async def case(self, case_id: str) -> PayoutCaseRow | None:
+        row = await self._db.fetch_one("SELECT * FROM payout_cases WHERE case_id = %s", (case_id,))
+        return PayoutCaseRow.from_row(row) if row else None
 
     async def cases(self, limit: int, status: str | None = None) -> list[dict[str, Any]]:
         """Payout exception cases with their payout, most recently updated first."""
-        async with self._db.transaction() as conn:
-            cur = await conn.execute(
-                "SELECT c.case_id, c.status, c.reported_status, c.failure_code, c.ticket_ref,"
-                " c.decision->'decision'->>'tier' AS tier, c.created_at, c.updated_at, p.id AS payout_id,"
-                " p.provider, p.provider_payout_id, p.beneficiary_id, p.amount, p.currency,"
-                " p.status AS payout_status FROM payout_cases c JOIN payouts p ON p.id = c.payout_id"
-                " WHERE %(status)s::text IS NULL OR c.status = %(status)s"
-                " ORDER BY c.updated_at DESC, c.case_id LIMIT %(limit)s", {"status": status, "limit": limit})
-            return list(await cur.fetchall())
+        return await self._db.fetch_all(
+            "SELECT c.case_id, c.status, c.reported_status, c.failure_code, c.ticket_ref,"
+            " c.decision->'decision'->>'tier' AS tier, c.created_at, c.updated_at, p.id AS payout_id,"
+            " p.provider, p.provider_payout_id, p.beneficiary_id, p.amount, p.currency,"
+            " p.status AS payout_status FROM payout_cases c JOIN payouts p ON p.id = c.payout_id"
+            " WHERE %(status)s::text IS NULL OR c.status = %(status)s"
+            " ORDER BY c.updated_at DESC, c.case_id LIMIT %(limit)s", {"status": status, "limit": limit})
 
     async def beneficiary_holds(self, beneficiary_id: str) -> list[dict[str, Any]]:
         """Every hold on the beneficiary, active ones with `released_at` None."""
-        async with self._db.transaction() as conn:
-            cur = await conn.execute(
-                "SELECT case_id, placed_at, released_at FROM beneficiary_holds"
-                " WHERE beneficiary_id = %s ORDER BY placed_at", (beneficiary_id,))
-            return list(await cur.fetchall())
+        return await self._db.fetch_all(
+            "SELECT case_id, placed_at, released_at FROM beneficiary_holds"
+            " WHERE beneficiary_id = %s ORDER BY placed_at", (beneficiary_id,))
 
     # -- the case ---------------------------------------------------------------------
 

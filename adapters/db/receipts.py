@@ -11,7 +11,8 @@ from typing import Any
 import psycopg
 
 from adapters.db.cases import CaseCreation, CaseRepository
-from adapters.db.database import Database, jsonb
+from adapters.db.database import Repository, jsonb
+from adapters.db.rows import ReceiptRow
 from domain.models import RefundRequest
 
 log = logging.getLogger("store")
@@ -42,14 +43,13 @@ class StoredDelivery:
     verdict: str
 
 
-class ReceiptRepository:
-    def __init__(self, database: Database) -> None:
-        self._db = database
+class ReceiptRepository(Repository):
+    """The `webhook_receipts` rows and the (provider, event id) gate in front of them."""
 
     async def store(self, *, provider: str, event_id: str | None, event_type: str | None,
-                            body: bytes | None, body_sha256: str, headers: dict[str, str],
-                            verdict: str, error: str | None, replay_of: int | None = None,
-                            opens: tuple[RefundRequest, str] | None = None) -> StoredReceipt:
+                    body: bytes | None, body_sha256: str, headers: dict[str, str],
+                    verdict: str, error: str | None, replay_of: int | None = None,
+                    opens: tuple[RefundRequest, str] | None = None) -> StoredReceipt:
         """Stores every delivery (and every replay of a stored one); an accepted one passes
         the (provider, event_id) gate once, later ones are recorded as duplicates of the first.
 
@@ -129,20 +129,18 @@ class ReceiptRepository:
                 " ORDER BY received_at LIMIT %s)", (older_than, limit))
             return cur.rowcount
 
-    async def find(self, provider: str, event_id: str | None = None) -> list[dict[str, Any]]:
-        async with self._db.connection() as conn:
-            cur = await conn.execute(
-                "SELECT id, provider, event_id, event_type, verdict, error, workflow_id, processed_at"
-                " FROM webhook_receipts WHERE provider = %s AND (%s::text IS NULL OR event_id = %s)"
-                " ORDER BY id", (provider, event_id, event_id))
-            return list(await cur.fetchall())
+    async def find(self, provider: str, event_id: str | None = None) -> list[ReceiptRow]:
+        """A provider's stored deliveries (of one event, when named), oldest first."""
+        rows = await self._db.fetch_all(
+            "SELECT id, provider, event_id, event_type, verdict, error, workflow_id, processed_at"
+            " FROM webhook_receipts WHERE provider = %s AND (%s::text IS NULL OR event_id = %s)"
+            " ORDER BY id", (provider, event_id, event_id))
+        return [ReceiptRow.from_row(row) for row in rows]
 
     async def delivery(self, receipt_id: int) -> StoredDelivery | None:
-        async with self._db.transaction() as conn:
-            cur = await conn.execute(
-                "SELECT id, provider, headers, body, received_at, verdict FROM webhook_receipts"
-                " WHERE id = %s", (receipt_id,))
-            row = await cur.fetchone()
+        row = await self._db.fetch_one(
+            "SELECT id, provider, headers, body, received_at, verdict FROM webhook_receipts"
+            " WHERE id = %s", (receipt_id,))
         if row is None:
             return None
         return StoredDelivery(receipt_id=int(row["id"]), provider=row["provider"], headers=row["headers"],
@@ -152,11 +150,10 @@ class ReceiptRepository:
     async def deliveries_since(self, since: datetime, *, after_id: int, limit: int) -> list[int]:
         """Original deliveries (not earlier replays) received at or after `since`, oldest first,
         past receipt `after_id`: at most `limit` of them (a page; the caller goes on from the last)."""
-        async with self._db.transaction() as conn:
-            cur = await conn.execute(
-                "SELECT id FROM webhook_receipts WHERE received_at >= %s AND replay_of IS NULL"
-                " AND id > %s ORDER BY id LIMIT %s", (since, after_id, limit))
-            return [int(r["id"]) for r in await cur.fetchall()]
+        rows = await self._db.fetch_all(
+            "SELECT id FROM webhook_receipts WHERE received_at >= %s AND replay_of IS NULL"
+            " AND id > %s ORDER BY id LIMIT %s", (since, after_id, limit))
+        return [int(r["id"]) for r in rows]
 
     async def unprocessed(self, older_than_seconds: float, providers: Collection[str],
                           max_attempts: int) -> list[int]:
@@ -165,33 +162,29 @@ class ReceiptRepository:
         alone. Only providers the caller can verify: a replay of any other would be refused.
         Each selection counts as a try (`redrive_attempts`); a receipt tried `max_attempts`
         times is no longer selected (`given_up` names it once)."""
-        async with self._db.transaction() as conn:
-            cur = await conn.execute(
-                "UPDATE webhook_receipts SET redrive_attempts = redrive_attempts + 1 WHERE id IN ("
-                " SELECT id FROM webhook_receipts WHERE verdict = 'accepted' AND processed_at IS NULL"
-                " AND provider = ANY(%s) AND received_at < now() - make_interval(secs => %s)"
-                " AND redrive_attempts < %s ORDER BY id FOR UPDATE SKIP LOCKED) RETURNING id",
-                (list(providers), older_than_seconds, max_attempts))
-            return sorted(int(r["id"]) for r in await cur.fetchall())
+        rows = await self._db.fetch_all(
+            "UPDATE webhook_receipts SET redrive_attempts = redrive_attempts + 1 WHERE id IN ("
+            " SELECT id FROM webhook_receipts WHERE verdict = 'accepted' AND processed_at IS NULL"
+            " AND provider = ANY(%s) AND received_at < now() - make_interval(secs => %s)"
+            " AND redrive_attempts < %s ORDER BY id FOR UPDATE SKIP LOCKED) RETURNING id",
+            (list(providers), older_than_seconds, max_attempts))
+        return sorted(int(r["id"]) for r in rows)
 
     async def given_up(self, receipt_ids: Collection[int], max_attempts: int) -> list[int]:
         """Those of `receipt_ids` that used their last try and are still unprocessed."""
-        async with self._db.transaction() as conn:
-            cur = await conn.execute(
-                "SELECT id FROM webhook_receipts WHERE id = ANY(%s) AND processed_at IS NULL"
-                " AND redrive_attempts >= %s ORDER BY id", (list(receipt_ids), max_attempts))
-            return [int(r["id"]) for r in await cur.fetchall()]
+        rows = await self._db.fetch_all(
+            "SELECT id FROM webhook_receipts WHERE id = ANY(%s) AND processed_at IS NULL"
+            " AND redrive_attempts >= %s ORDER BY id", (list(receipt_ids), max_attempts))
+        return [int(r["id"]) for r in rows]
 
     async def type_counts(self, *, replays: bool) -> list[dict[str, Any]]:
         """Receipts per provider, event type and verdict, with when each was last seen (the
         raw material of coverage); `replays` counts replays of stored deliveries too."""
-        async with self._db.connection() as conn:
-            cur = await conn.execute(
-                "SELECT provider, event_type, verdict, count(*) AS n, max(received_at) AS last_seen"
-                " FROM webhook_receipts WHERE %s OR replay_of IS NULL"
-                " GROUP BY provider, event_type, verdict ORDER BY provider, event_type, verdict",
-                (replays,))
-            return list(await cur.fetchall())
+        return await self._db.fetch_all(
+            "SELECT provider, event_type, verdict, count(*) AS n, max(received_at) AS last_seen"
+            " FROM webhook_receipts WHERE %s OR replay_of IS NULL"
+            " GROUP BY provider, event_type, verdict ORDER BY provider, event_type, verdict",
+            (replays,))
 
     async def coverage(self, handled: Mapping[str, frozenset[str]]) -> dict[str, dict[str, Any]]:
         """Per provider: each event type received with its count per verdict and when it was last
@@ -212,9 +205,7 @@ class ReceiptRepository:
 
     async def rejections(self, limit: int) -> list[dict[str, Any]]:
         """The latest deliveries that were refused or not understood, newest first."""
-        async with self._db.connection() as conn:
-            cur = await conn.execute(
-                "SELECT id, provider, event_id, event_type, verdict, error, received_at"
-                " FROM webhook_receipts WHERE verdict NOT IN ('accepted', 'duplicate')"
-                " ORDER BY id DESC LIMIT %s", (limit,))
-            return list(await cur.fetchall())
+        return await self._db.fetch_all(
+            "SELECT id, provider, event_id, event_type, verdict, error, received_at"
+            " FROM webhook_receipts WHERE verdict NOT IN ('accepted', 'duplicate')"
+            " ORDER BY id DESC LIMIT %s", (limit,))

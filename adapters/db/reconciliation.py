@@ -21,7 +21,7 @@ from psycopg.types.json import Jsonb
 
 from adapters.db.audit import AuditLog
 from adapters.db.cases import CaseRepository
-from adapters.db.database import Conn, Database, jsonb
+from adapters.db.database import Conn, Database, Repository, jsonb
 from adapters.db.ledger import LedgerRepository
 from adapters.db.outbox import OutboxRepository
 from adapters.db.reconciliation_sql import CLASSIFY, CLASSIFY_PAYOUTS, STAGE
@@ -174,9 +174,11 @@ def break_view(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-class ReconciliationRepository:
+class ReconciliationRepository(Repository):
+    """Runs, their breaks and how each break ended."""
+
     def __init__(self, database: Database) -> None:
-        self._db = database
+        super().__init__(database)
         self._cases = CaseRepository(database)
 
     # -- runs -----------------------------------------------------------------------
@@ -225,10 +227,8 @@ class ReconciliationRepository:
                                              (run_id,))).fetchone()
 
     async def runs(self, limit: int = 50) -> list[dict[str, Any]]:
-        async with self._db.transaction() as conn:
-            cur = await conn.execute(
-                "SELECT * FROM reconciliation_runs ORDER BY started_at DESC LIMIT %s", (limit,))
-            return list(await cur.fetchall())
+        return await self._db.fetch_all(
+            "SELECT * FROM reconciliation_runs ORDER BY started_at DESC LIMIT %s", (limit,))
 
     async def store_batch(self, run_id: str, provider: str, batch: Sequence[Listed],
                           options: ReconcileOptions, *, cursor: str | None, phase: Phase,
@@ -288,11 +288,9 @@ class ReconciliationRepository:
 
     async def undispatched(self, run_id: str, limit: int = 500) -> list[dict[str, Any]]:
         """Breaks found by the run whose exception workflow was not started yet."""
-        async with self._db.transaction() as conn:
-            cur = await conn.execute(
-                "SELECT * FROM reconciliation_breaks WHERE first_run_id = %s AND dispatched_at IS NULL"
-                " AND state <> 'ops_review' ORDER BY id LIMIT %s", (run_id, limit))
-            return list(await cur.fetchall())
+        return await self._db.fetch_all(
+            "SELECT * FROM reconciliation_breaks WHERE first_run_id = %s AND dispatched_at IS NULL"
+            " AND state <> 'ops_review' ORDER BY id LIMIT %s", (run_id, limit))
 
     async def mark_dispatched(self, break_id: int) -> None:
         async with self._db.transaction() as conn:

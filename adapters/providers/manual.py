@@ -2,20 +2,19 @@
 ops carry out and confirm. It answers like a provider so the workflow treats it the same:
 created pending, looked up by our reference, succeeded or failed on confirmation."""
 
-from typing import Any
-
 from adapters.db import Store
+from adapters.db.rows import ManualRefundRow
 from domain.models import ProviderRefund, ProviderRefundStatus, RefundRequest
 
 MANUAL = "manual"
 
 
-def manual_refund(row: dict[str, Any]) -> ProviderRefund:
-    status = ProviderRefundStatus(row["status"])
-    return ProviderRefund(provider=MANUAL, refund_id=row["id"], charge_id=row["charge_id"],
-                          amount=int(row["amount"]), currency=row["currency"], status=status,
-                          raw_status=row["status"], failure_reason=row["failure_reason"],
-                          reference=row["refund_request_id"])
+def manual_refund(row: ManualRefundRow) -> ProviderRefund:
+    """The instruction, answered as a provider answers for its refund."""
+    return ProviderRefund(provider=MANUAL, refund_id=row.id, charge_id=row.charge_id, amount=row.amount,
+                          currency=row.currency, status=ProviderRefundStatus(row.status),
+                          raw_status=row.status, failure_reason=row.failure_reason,
+                          reference=row.refund_request_id)
 
 
 class ManualRefunds:

@@ -19,7 +19,8 @@ async def payout_case_view(store: Store, case_id: str) -> dict[str, Any] | None:
     assert payout is not None
     trail = await store.audit.trail(case_id)
     decision = row["decision"] or {}
-    approvals, missing = approvals_view(trail, (decision.get("decision") or {}).get("requirements", []),
+    approvals, missing = approvals_view(await store.audit.approvals_of(case_id),
+                                        (decision.get("decision") or {}).get("requirements", []),
                                         row["status"] in APPROVAL_STATUSES)
     reissue = await store.payouts.payout(payout.reissue_id())
     return {

@@ -57,7 +57,7 @@ async def resolve_provider_wait(actions: CaseActions, caller: Principal, case_id
     await actions.require(caller, Permission.RESOLVE_PROVIDER_WAIT, action, case_id, via=via)
     row = await actions._case(caller, case_id, action, via)
     trail = await actions.store.audit.trail(case_id)
-    if caller.user in behind(row, trail):
+    if caller.user in behind(row, await actions.store.audit.approvals_of(case_id)):
         await actions.refuse(caller, case_id, 403, action, "whoever requested or approved a refund "
                              "cannot resolve its wait", via=via, audit_action="access_refused")
     if not waiting(trail):

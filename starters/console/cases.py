@@ -16,7 +16,7 @@ from adapters.db.cases import BANNER_STATUSES, CaseFilter
 from domain.models import CLOSED_STATUSES, CaseStatus
 from domain.money import UnknownCurrencyError, normalise_currency, parse_major
 from domain.permissions import Permission, may
-from starters.actions.approving import ApprovalBody, Refused
+from starters.actions.approving import ApprovalBody, Refused, granted_in
 from starters.actions.cases import (
     REISSUABLE,
     CaseActions,
@@ -25,7 +25,6 @@ from starters.actions.cases import (
     advice_view,
     approval_verdict,
     case_view,
-    granted_in,
     missing_roles,
 )
 from starters.actions.front import front_door
@@ -93,8 +92,7 @@ async def cases(request: Request) -> Response:
                     error=exc.detail)
     rows = await store.cases.find(wanted)
     waiting = [r["refund_request_id"] for r in rows if r["status"] == "awaiting_approval"]
-    granted = {case_id: [(s.approver, s.roles) for s in steps if s.action == "approval_granted"]
-               for case_id, steps in (await store.audit.approvals(waiting)).items()}
+    granted = {c: granted_in(steps) for c, steps in (await store.audit.approvals(waiting)).items()}
     if query["mine"]:
         rows = [r for r in rows
                 if approval_verdict(caller, r, granted[r["refund_request_id"]]).accepted]
@@ -115,13 +113,13 @@ async def case_page(request: Request, session: ConsoleSession, case_id: str, *,
     except Refused as exc:
         return page(request, "message.html", session, status=exc.status,
                     title="No such case" if exc.status == 404 else "Case", error=exc.detail)
-    trail = await store.audit.trail(case_id)
-    granted = granted_in(trail)
+    trail, steps = await store.audit.trail(case_id), await store.audit.approvals_of(case_id)
+    granted = granted_in(steps)
     manual = await store.manual_refunds.get(case_id)
     ui = settings.temporal_ui_url
     return page(
         request, "case.html", session, status=status, error=error, notice=notice,
-        case=case_view(row, trail), row=row, trail=trail, children=await store.cases.children(case_id),
+        case=case_view(row, steps), row=row, trail=trail, children=await store.cases.children(case_id),
         manual=manual, ledger=await store.ledger.entries(case_id),
         notices=await store.outbox.notices(case_id),
         advice=advice_view(await store.integrations.advice(case_id)),

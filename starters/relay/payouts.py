@@ -72,7 +72,7 @@ async def get_payout(payout_id: str, caller: Caller, door: Door) -> dict[str, An
     case_id = payout_case_id(payout.provider, payout.provider_payout_id)
     case = await door.store.payouts.case(case_id)
     return {"payout": payout.model_dump(mode="json"), "case_id": case_id,
-            "case_status": case["status"] if case else None}
+            "case_status": case.status if case else None}
 
 
 @router.get("/v1/payout-exceptions/{case_id}")

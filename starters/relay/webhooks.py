@@ -48,7 +48,7 @@ async def list_receipts(provider: str, caller: Caller, door: Door,
                         event_id: str | None = None) -> list[dict[str, Any]]:
     """Every stored delivery of a provider's event (duplicates and rejections included)."""
     await door.actions.require(caller, Permission.READ_WEBHOOKS, "reading webhook receipts", via="api")
-    return [{**r, "processed_at": r["processed_at"].isoformat() if r["processed_at"] else None}
+    return [{**r, "processed_at": r.processed_at.isoformat() if r.processed_at else None}
             for r in await door.store.receipts.find(provider, event_id)]
 
 
