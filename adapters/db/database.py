@@ -71,6 +71,11 @@ class Database:
         async with self._pool.connection() as conn, conn.transaction():
             yield conn
 
+    async def execute(self, query: Statement, params: Params | None = None) -> int:
+        """Runs one statement on its own (autocommit: one round trip); the rows it touched."""
+        async with self._pool.connection() as conn:
+            return (await conn.execute(query, params)).rowcount
+
     async def fetch_all(self, query: Statement, params: Params | None = None) -> list[dict[str, Any]]:
         """The rows of one statement, run on its own (autocommit: one round trip)."""
         async with self._pool.connection() as conn:

@@ -78,8 +78,7 @@ class OutboxRepository(Repository):
                                    **({"error": error} if error else {})})
 
     async def mark_delivered(self, notice_id: int) -> None:
-        async with self._db.transaction() as conn:
-            await conn.execute("UPDATE notices SET delivered_at = now() WHERE id = %s"
+        await self._db.execute("UPDATE notices SET delivered_at = now() WHERE id = %s"
                                " AND delivered_at IS NULL", (notice_id,))
 
     async def deliveries(self, case_id: str) -> list[dict[str, Any]]:

@@ -41,14 +41,13 @@ class PaymentNotificationRepository:
             status = REFUND_EFFECT.get(event.status, PaymentStatus.REFUND_PENDING)
         else:
             return
-        async with self._db.transaction() as conn:
-            await conn.execute(
-                "INSERT INTO payment_notifications (provider, event_id, event_type, payment_id,"
-                " psp_reference, status, amount, currency, merchant_account, occurred_at)"
-                " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) ON CONFLICT (provider, event_id) DO NOTHING",
-                (self._provider, event.event_id, event.event_type, payment_id, reference, status.value,
-                 event.amount or 0, event.currency or "", event.merchant_account or "",
-                 event.occurred_at))
+        await self._db.execute(
+            "INSERT INTO payment_notifications (provider, event_id, event_type, payment_id,"
+            " psp_reference, status, amount, currency, merchant_account, occurred_at)"
+            " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) ON CONFLICT (provider, event_id) DO NOTHING",
+            (self._provider, event.event_id, event.event_type, payment_id, reference, status.value,
+             event.amount or 0, event.currency or "", event.merchant_account or "",
+             event.occurred_at))
 
     async def charge(self, payment_id: str) -> ChargeSnapshot | None:
         """The charge as recorded (None when no notification reported the payment)."""

@@ -105,15 +105,13 @@ class PayoutRepository(Repository):
         return await cur.fetchone() is not None
 
     async def payout(self, payout_id: str) -> PayoutSnapshot | None:
-        async with self._db.transaction() as conn:
-            row = await (await conn.execute("SELECT * FROM payouts WHERE id = %s", (payout_id,))).fetchone()
+        row = await self._db.fetch_one("SELECT * FROM payouts WHERE id = %s", (payout_id,))
         return snapshot(row) if row else None
 
     async def payout_at_provider(self, provider: str, provider_payout_id: str) -> PayoutSnapshot | None:
-        async with self._db.transaction() as conn:
-            row = await (await conn.execute(
-                "SELECT * FROM payouts WHERE provider = %s AND provider_payout_id = %s",
-                (provider, provider_payout_id))).fetchone()
+        row = await self._db.fetch_one(
+            "SELECT * FROM payouts WHERE provider = %s AND provider_payout_id = %s",
+            (provider, provider_payout_id))
         return snapshot(row) if row else None
 
     async def case(self, case_id: str) -> PayoutCaseRow | None:

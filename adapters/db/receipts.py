@@ -110,24 +110,21 @@ class ReceiptRepository(Repository):
         re-drive starts or signals again, which acts once anyway (workflow id, event id).
         One statement, its own transaction: set_config(..., true) makes that transaction's
         commit asynchronous without a BEGIN, a SET and a COMMIT around it."""
-        async with self._db.connection() as conn:
-            await conn.execute(
-                "UPDATE webhook_receipts SET processed_at = now(), workflow_id = %s"
-                " FROM (SELECT set_config('synchronous_commit', 'off', true)) AS asynchronous_commit"
-                " WHERE id = %s", (workflow_id, receipt_id))
+        await self._db.execute(
+            "UPDATE webhook_receipts SET processed_at = now(), workflow_id = %s"
+            " FROM (SELECT set_config('synchronous_commit', 'off', true)) AS asynchronous_commit"
+            " WHERE id = %s", (workflow_id, receipt_id))
 
     async def prune_refused(self, older_than: timedelta, limit: int = 1000) -> int:
         """Deletes up to `limit` receipts older than `older_than` that were refused without
         proof of who sent them; returns how many. Accepted, duplicate, unknown_type and
         unexpected_status receipts (signed deliveries) stay. The verdict list is the
         predicate of the partial index webhook_receipts_prunable (migration 0730)."""
-        async with self._db.connection() as conn:
-            cur = await conn.execute(
-                "DELETE FROM webhook_receipts WHERE id IN (SELECT id FROM webhook_receipts"
-                " WHERE verdict IN ('bad_signature', 'stale', 'malformed', 'too_large',"
-                " 'unknown_provider', 'forbidden_source') AND received_at < now() - %s"
-                " ORDER BY received_at LIMIT %s)", (older_than, limit))
-            return cur.rowcount
+        return await self._db.execute(
+            "DELETE FROM webhook_receipts WHERE id IN (SELECT id FROM webhook_receipts"
+            " WHERE verdict IN ('bad_signature', 'stale', 'malformed', 'too_large',"
+            " 'unknown_provider', 'forbidden_source') AND received_at < now() - %s"
+            " ORDER BY received_at LIMIT %s)", (older_than, limit))
 
     async def find(self, provider: str, event_id: str | None = None) -> list[ReceiptRow]:
         """A provider's stored deliveries (of one event, when named), oldest first."""

@@ -222,9 +222,8 @@ class ReconciliationRepository(Repository):
         return existing, True
 
     async def run(self, run_id: str) -> dict[str, Any] | None:
-        async with self._db.transaction() as conn:
-            return await (await conn.execute("SELECT * FROM reconciliation_runs WHERE id = %s",
-                                             (run_id,))).fetchone()
+        return await self._db.fetch_one("SELECT * FROM reconciliation_runs WHERE id = %s",
+                                        (run_id,))
 
     async def runs(self, limit: int = 50) -> list[dict[str, Any]]:
         return await self._db.fetch_all(
@@ -293,23 +292,20 @@ class ReconciliationRepository(Repository):
             " AND state <> 'ops_review' ORDER BY id LIMIT %s", (run_id, limit))
 
     async def mark_dispatched(self, break_id: int) -> None:
-        async with self._db.transaction() as conn:
-            await conn.execute("UPDATE reconciliation_breaks SET dispatched_at = now() WHERE id = %s",
+        await self._db.execute("UPDATE reconciliation_breaks SET dispatched_at = now() WHERE id = %s",
                                (break_id,))
 
     async def finish(self, run_id: str, files: Sequence[str]) -> None:
-        async with self._db.transaction() as conn:
-            await conn.execute(
-                "UPDATE reconciliation_runs SET state = 'completed', finished_at = coalesce(finished_at,"
-                " now()), report_files = %s, updated_at = now() WHERE id = %s",
-                (Jsonb(list(files)), run_id))
+        await self._db.execute(
+            "UPDATE reconciliation_runs SET state = 'completed', finished_at = coalesce(finished_at,"
+            " now()), report_files = %s, updated_at = now() WHERE id = %s",
+            (Jsonb(list(files)), run_id))
 
     async def fail(self, run_id: str, reason: str) -> None:
         """A running run becomes `failed` with its reason (a completed one stays completed)."""
-        async with self._db.transaction() as conn:
-            await conn.execute(
-                "UPDATE reconciliation_runs SET state = 'failed', failure = %s, finished_at = now(),"
-                " updated_at = now() WHERE id = %s AND state = 'running'", (reason, run_id))
+        await self._db.execute(
+            "UPDATE reconciliation_runs SET state = 'failed', failure = %s, finished_at = now(),"
+            " updated_at = now() WHERE id = %s AND state = 'running'", (reason, run_id))
 
     # -- reports --------------------------------------------------------------------
 
@@ -363,9 +359,8 @@ class ReconciliationRepository(Repository):
                 yield row
 
     async def get_break(self, break_id: int) -> dict[str, Any] | None:
-        async with self._db.transaction() as conn:
-            return await (await conn.execute("SELECT * FROM reconciliation_breaks WHERE id = %s",
-                                             (break_id,))).fetchone()
+        return await self._db.fetch_one("SELECT * FROM reconciliation_breaks WHERE id = %s",
+                                        (break_id,))
 
     # -- the exception case -------------------------------------------------------------
 
