@@ -45,8 +45,7 @@ from typing import Any
 import httpx
 import psutil
 
-from adapters import event_loop, receipts, signing
-from adapters.integration_store import IntegrationStore
+from adapters import event_loop, signing
 from adapters.providers import cashfree
 from adapters.providers.sandbox import sign
 from bench import fault_schedule
@@ -126,7 +125,7 @@ async def kill_worker(env: Embedded, rounds: int) -> Outcome:
                 body = stack.refund_body(charge, 1_000)
                 async with contextlib.AsyncExitStack() as held:
                     if point == "during_ledger_posting":
-                        conn = await held.enter_async_context(stack.store.transaction())
+                        conn = await held.enter_async_context(stack.store.database.transaction())
                         await conn.execute("LOCK TABLE ledger_entries IN SHARE ROW EXCLUSIVE MODE")
                     sent.append(Sent(body["refund_request_id"], charge,
                                      await fault_schedule.post_retrying(stack, body)))
@@ -153,7 +152,7 @@ async def reached(stack: Stack, point: str, charge: str, timeout: float) -> bool
     deadline = asyncio.get_running_loop().time() + timeout
     while asyncio.get_running_loop().time() < deadline:
         if point == "during_ledger_posting":
-            async with stack.store.transaction() as conn:
+            async with stack.store.database.transaction() as conn:
                 row = await (await conn.execute(
                     "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
                     " AND query ILIKE 'INSERT INTO ledger_entries%%'")).fetchone()
@@ -237,7 +236,7 @@ async def storms(env: Embedded, copies: int = 12) -> Outcome:
                         await asyncio.sleep(0.05 if mode == "spread" else 1.05)
                 if any(code >= 300 for code in codes):
                     outcome.violations.append(f"{mode}: answers {sorted(set(codes))}")
-                receipts = await stack.store.receipts("sandbox", event_id)
+                receipts = await stack.store.receipts.find("sandbox", event_id)
                 if len(receipts) != copies:
                     outcome.violations.append(f"{mode}: {len(receipts)} receipts for {copies} deliveries")
                 sent[mode] = Sent(f"sandbox-{object_id}", charge, 202)
@@ -278,7 +277,7 @@ async def order(env: Embedded,
                 await stack_deliver(stack, bodies[index])
         await check_requests(stack, outcome, sent, since)
         for perm, request in zip(permutations, sent, strict=True):
-            ended = await stack.store.get_case(request.case_id)
+            ended = await stack.store.cases.get(request.case_id)
             if ended is None or ended["status"] != "succeeded":
                 outcome.violation(f"{'>'.join(perm)} {request.case_id}", "succeeded",
                                   ended["status"] if ended else "missing")
@@ -447,7 +446,7 @@ async def stored_verdict(stack: Stack, response: httpx.Response) -> str | None:
             receipt_id = response.json()["receipt_id"]
     if receipt_id is None:
         return None
-    stored = await receipts.delivery(stack.store, int(receipt_id))
+    stored = await stack.store.receipts.delivery(int(receipt_id))
     return stored.verdict if stored is not None else None
 
 
@@ -518,7 +517,7 @@ def money_state(counted: dict[str, int]) -> tuple[int, int]:
 
 
 async def counts(stack: Stack) -> dict[str, int]:
-    async with stack.store.transaction() as conn:
+    async with stack.store.database.transaction() as conn:
         cases = await (await conn.execute("SELECT count(*) AS n FROM refund_cases")).fetchone()
         ledger = await (await conn.execute("SELECT count(*) AS n FROM ledger_entries")).fetchone()
         receipts = await (await conn.execute("SELECT count(*) AS n FROM webhook_receipts")).fetchone()
@@ -573,7 +572,7 @@ async def account_fuzz(stack: Stack, outcome: Outcome, answers: list[dict[str, A
                        since: datetime) -> None:
     """Every case created during the fuzz was announced by a 2xx answer, and every 2xx
     answer to a refund request has its case."""
-    async with stack.store.transaction() as conn:
+    async with stack.store.database.transaction() as conn:
         created = {r["refund_request_id"] for r in await (await conn.execute(
             "SELECT refund_request_id FROM refund_cases WHERE created_at >= %s", (since,))).fetchall()}
     announced = " ".join(a["response"]["content"].get("text") or "" for a in answers
@@ -586,7 +585,7 @@ async def account_fuzz(stack: Stack, outcome: Outcome, answers: list[dict[str, A
         if (request["method"] == "POST" and request["url"].endswith("/v1/refund-requests")
                 and 200 <= answer["response"]["status"] < 300):
             case_id = json.loads(request["postData"]["text"])["refund_request_id"]
-            if await stack.store.get_case(case_id) is None:
+            if await stack.store.cases.get(case_id) is None:
                 outcome.violation(case_id, "the case its 2xx answer announced", "no case")
     outcome.counts["cases_created"] = len(created)
 
@@ -602,8 +601,8 @@ async def concurrency(env: Embedded, requests: int, amount: int = 1_500) -> Outc
     since = datetime.now(UTC)
     sent: list[Sent] = []
     try:
-        await IntegrationStore(stack.store).link_identity("servicenow", f"sn-{stack.settings.task_queue}",
-                                                          "alice")
+        await stack.store.access.link_identity("servicenow", f"sn-{stack.settings.task_queue}",
+                                               "alice")
         async with stack.sandbox() as sb:
             await sb.post("/_sandbox/config", json={"enforce_captured": False})
         charge = await stack.charge(CONTENDED_CAPTURE)
@@ -642,7 +641,7 @@ async def concurrency(env: Embedded, requests: int, amount: int = 1_500) -> Outc
         await asyncio.gather(*(entry_points[i % 3]() for i in range(requests)))
         await approve_until_settled(stack, sent, timeout=60 + 2 * requests)
         await check_requests(stack, outcome, sent, since)
-        async with stack.store.transaction() as conn:
+        async with stack.store.database.transaction() as conn:
             by_status = {r["status"]: r for r in await (await conn.execute(
                 "SELECT status, count(*) AS n, sum(reserved_amount) AS held FROM refund_cases"
                 " WHERE charge_id = %s GROUP BY status", (charge,))).fetchall()}
@@ -666,7 +665,7 @@ async def approve_until_settled(stack: Stack, sent: list[Sent], timeout: float) 
     approved: set[str] = set()
     deadline = asyncio.get_running_loop().time() + timeout
     while await fault_schedule.count_in_flight(stack, sent) and asyncio.get_running_loop().time() < deadline:
-        async with stack.store.transaction() as conn:
+        async with stack.store.database.transaction() as conn:
             waiting = [r["refund_request_id"] for r in await (await conn.execute(
                 "SELECT refund_request_id FROM refund_cases WHERE refund_request_id = ANY(%s)"
                 " AND status = 'awaiting_approval'", ([s.case_id for s in sent],))).fetchall()]

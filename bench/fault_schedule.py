@@ -213,7 +213,7 @@ async def reaches(stack: Stack, case_id: str, status: str, timeout: float) -> bo
     deadline = asyncio.get_running_loop().time() + timeout
     while asyncio.get_running_loop().time() < deadline:
         with contextlib.suppress(psycopg.Error):
-            row = await stack.store.get_case(case_id)
+            row = await stack.store.cases.get(case_id)
             if row is not None and row["status"] == status:
                 return True
         await asyncio.sleep(0.3)
@@ -247,7 +247,7 @@ async def race_approvals(stack: Stack, outcome: Outcome, case_id: str, timeout: 
 async def count_in_flight(stack: Stack, sent: list[Sent]) -> int:
     """Accepted cases not yet final: what a disruption strikes."""
     ids = [s.case_id for s in sent if s.answered == 202]
-    async with stack.store.transaction() as conn:
+    async with stack.store.database.transaction() as conn:
         row = await (await conn.execute(
             "SELECT count(*) AS n FROM refund_cases WHERE refund_request_id = ANY(%s)"
             " AND status NOT IN ('succeeded', 'refund_failed', 'refund_canceled', 'rejected',"
@@ -256,7 +256,7 @@ async def count_in_flight(stack: Stack, sent: list[Sent]) -> int:
 
 
 async def count_status(stack: Stack, sent: list[Sent], status: str) -> int:
-    async with stack.store.transaction() as conn:
+    async with stack.store.database.transaction() as conn:
         row = await (await conn.execute(
             "SELECT count(*) AS n FROM refund_cases WHERE refund_request_id = ANY(%s) AND status = %s",
             ([s.case_id for s in sent], status))).fetchone()

@@ -61,7 +61,7 @@ async def refund_starter(stack: Stack, queue: str, count: int) -> tuple[Begin, s
                                 charge_id=charges[i], amount=1_000, currency="USD",
                                 merchant_account="acct_1", reason=RefundReason.DUPLICATE,
                                 evidence={"order_id": f"o-{i}"})
-        await stack.store.create_case(request, "bench")
+        await stack.store.cases.create(request, "bench")
         return await stack.client.start_workflow(
             RefundWorkflow.run, RefundWorkflowInput(request=request, requester="bench",
                                                     timings=stack.settings.timings()),

@@ -20,8 +20,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from temporalio.client import Client
 
+from adapters.db import Store
 from adapters.http_server import AppServer
-from adapters.store import Store
 from starters.dev.stack import TemporalDevServer
 from starters.ports import free_port
 from tests.harness import Stack, open_stack

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from temporalio.client import Client
 
-from adapters.store import Store
+from adapters.db import Store
+from adapters.db.ledger import LedgerRepository
 from bench import chaos, fault_schedule
 from bench.checker import Outcome, Sent, check
 from bench.common import Embedded
@@ -36,7 +37,7 @@ async def own_postgres(tmp_path: Path, client: Client,
     pg = EmbeddedPostgres(tmp_path / "pg")  # kept on stop: a restart must find its data
     dsn = await asyncio.to_thread(pg.start)
     store = await Store.open(dsn, max_size=10)
-    await store.migrate()
+    await store.database.migrate()
     try:
         yield Embedded(temporal_server, client, store, dsn, pg)
     finally:
@@ -147,8 +148,8 @@ async def plant(stack: Stack, status: str, *, reserved: int = 0,
     given status made for it at the sandbox, as if a run had ended there."""
     charge = await stack.charge(10_000)
     body = stack.refund_body(charge, 1_000)
-    await stack.store.create_case(RefundRequest.model_validate(body), "alice")
-    async with stack.store.transaction() as conn:
+    await stack.store.cases.create(RefundRequest.model_validate(body), "alice")
+    async with stack.store.database.transaction() as conn:
         await conn.execute("UPDATE refund_cases SET status = %s, reserved_amount = %s"
                            " WHERE refund_request_id = %s", (status, reserved, body["refund_request_id"]))
     if provider_refund is not None:
@@ -170,8 +171,8 @@ async def test_the_checker_passes_a_consistent_state(bare: Stack) -> None:
     since = datetime.now(UTC)
     sent = [await plant(bare, "rejected"), await plant(bare, "succeeded", reserved=1_000,
                                                        provider_refund="succeeded")]
-    async with bare.store.transaction() as conn:  # the succeeded case's settlement, as posted
-        await Store.post_ledger_in(conn, LedgerInput(
+    async with bare.store.database.transaction() as conn:  # the succeeded case's settlement, as posted
+        await LedgerRepository.post_in(conn, LedgerInput(
             refund_request_id=sent[1].case_id, kind=LedgerKind.REFUND_SETTLED, amount=1_000,
             currency="USD", provider_refund_id="re_planted"))
     outcome = await checked(bare, sent, since)
@@ -201,7 +202,7 @@ async def test_the_checker_reports_a_second_refund_a_stray_and_an_unprocessed_re
         for reference in (sent.case_id, "not-ours"):
             await sb.post("/v1/refunds", json={"charge": sent.charge, "amount": 500,
                                                "metadata": {"refund_request_id": reference}})
-    receipt = await bare.store.store_receipt(
+    receipt = await bare.store.receipts.store(
         provider="sandbox", event_id=f"evt_{bare.new_id()}", event_type="refund.updated", body=b"{}",
         body_sha256="0" * 64, headers={}, verdict="accepted", error=None)
     outcome = await checked(bare, [sent], since)

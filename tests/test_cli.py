@@ -12,7 +12,7 @@ import httpx
 import psycopg
 from psycopg.conninfo import make_conninfo
 
-from adapters.store import Store
+from adapters.db import Store
 from starters.dev.stack import TemporalDevServer
 from starters.ports import free_port
 from tests.harness import PAYLOAD_KEYS, Stack
@@ -87,7 +87,7 @@ async def test_audit_verify_exits_non_zero_when_a_row_was_edited(stack: Stack, p
     charge = await stack.charge(10_000)
     case_id = await stack.request_refund("alice", charge, 1_000)
     await stack.wait_for_status(case_id, "succeeded")
-    async with stack.store.transaction() as conn:
+    async with stack.store.database.transaction() as conn:
         await conn.execute("ALTER TABLE audit_events DISABLE TRIGGER audit_events_no_update")
         await conn.execute("UPDATE audit_events SET actor = 'mallory' WHERE chain = %s AND seq = 2",
                            (case_id,))

@@ -14,8 +14,8 @@ from temporalio.client import Client
 from temporalio.service import TLSConfig
 
 from adapters.config import Settings
+from adapters.db import Store
 from adapters.health import database_problem, temporal_problem
-from adapters.store import Store
 from adapters.temporal_client import connect, connect_options
 from starters.cli.doctor import run_doctor
 from starters.dev.stack import TemporalDevServer
@@ -155,7 +155,7 @@ async def test_readiness_names_a_database_that_does_not_answer_within_the_bound(
     """The pool would wait 30 s for a connection; the check answers after its own 5 s."""
     one_connection = await Store.open(postgres_dsn, max_size=1)
     try:
-        async with one_connection.transaction():  # held: the check finds no free connection
+        async with one_connection.database.transaction():  # held: the check finds no free connection
             assert await database_problem(one_connection) == (
                 "PostgreSQL did not answer within 5 s (no free pooled connection, or the server is stuck)")
         assert await database_problem(one_connection) is None  # migrated by the `store` fixture

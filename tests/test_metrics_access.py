@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from temporalio.client import Client
 
 from adapters.config import Settings
-from adapters.store import Store
+from adapters.db import Store
 from starters.dev.stack import TemporalDevServer
 from starters.relay import create_app
 from tests.harness import Stack, open_stack

@@ -177,13 +177,13 @@ def test_every_route_is_in_the_table_or_unguarded_for_a_stated_reason() -> None:
 
 async def person(stack: Stack, role: str) -> str:
     user = f"p-{role}-{uuid.uuid4().hex[:6]}"
-    stack.tokens[user] = await stack.store.create_token(user, [role], by="test")
+    stack.tokens[user] = await stack.store.access.create_token(user, [role], by="test")
     return user
 
 
 async def table_refusals(stack: Stack, user: str) -> list[list[str]]:
     """The roles each refusal of `user` said were needed, in order."""
-    async with stack.store.transaction() as conn:
+    async with stack.store.database.transaction() as conn:
         cur = await conn.execute("SELECT detail FROM audit_events WHERE actor = %s AND action = "
                                  "'access_refused' AND detail ? 'needs_one_of' ORDER BY id", (user,))
         return [list(row["detail"]["needs_one_of"]) for row in await cur.fetchall()]

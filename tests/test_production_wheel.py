@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from adapters.store import Store
+from adapters.db import Store
 from starters.dev.stack import TemporalDevServer
 from starters.ports import free_port
 from tests.harness import APPROVAL_KEYS, PAYLOAD_KEYS, process_env, wait_until_ready

@@ -23,11 +23,11 @@ from hypothesis import strategies as st
 from svix.webhooks import Webhook as SvixWebhook
 from temporalio.client import Client
 
-from adapters import receipts, signing
+from adapters import signing
 from adapters.config import Settings
+from adapters.db import Store
 from adapters.providers import adyen, cashfree, sandbox
 from adapters.providers.registry import build_providers, close_providers
-from adapters.store import Store
 from starters import relay
 from starters.dev.stack import TemporalDevServer
 from tests.harness import PAYLOAD_KEYS
@@ -68,7 +68,7 @@ async def assert_receipted(store: Store, response: httpx.Response) -> str:
         receipt_id = int(response.headers["x-receipt-id"])
     else:
         receipt_id = int(response.json()["receipt_id"])
-    stored = await receipts.delivery(store, receipt_id)
+    stored = await store.receipts.delivery(receipt_id)
     assert stored is not None
     return stored.verdict
 

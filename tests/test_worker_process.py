@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 from temporalio.client import Client
 
-from adapters.store import Store
+from adapters.db import Store
 from starters.dev.stack import TemporalDevServer
 from starters.ports import free_port
 from tests.harness import PAYLOAD_KEYS, open_stack, process_env, wait_until_ready

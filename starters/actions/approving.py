@@ -1,7 +1,7 @@
 """Asking a case workflow for an approver's verdict, for every endpoint that takes one
 (refunds, payout exceptions): the workflow's update validator answers at once, so the
 approver hears a refusal (and why) immediately; refusals are audited. Also the approvals
-part of the public view of a case, read from its audit trail."""
+part of the public view of a case, read from the approvals projection."""
 
 from datetime import UTC, datetime
 from typing import Any
@@ -11,10 +11,12 @@ from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
 
 from adapters import metrics
-from adapters.store import Principal, Store
+from adapters.db import Principal, Store
+from adapters.db.rows import ApprovalStep
+from domain.errors import ALREADY_DECIDED, NOT_AWAITING_APPROVAL
 from domain.lifecycle import unfilled
 from domain.models import ApprovalProgress, ApprovalSignal, Decision, RoleRequirement
-from workflows.approvals import ALREADY_DECIDED, ApprovingWorkflow
+from workflows.approvals import ApprovingWorkflow
 
 
 class ApprovalBody(BaseModel):
@@ -45,13 +47,13 @@ async def ask_for_verdict(client: Client, store: Store, case_id: str, body: Appr
             ApprovingWorkflow.submit_approval, signal)
     except WorkflowUpdateFailedError as exc:
         reason, kind = refusal(exc)
-        too_late = kind in ("NotAwaitingApproval", ALREADY_DECIDED)
-        await store.append_audit(case_id, caller.user, "action_refused" if too_late else "approval_refused",
+        too_late = kind in (NOT_AWAITING_APPROVAL, ALREADY_DECIDED)
+        await store.audit.record(case_id, caller.user, "action_refused" if too_late else "approval_refused",
                                  {"decision": body.decision.value, "refusal": reason, "via": via})
         raise Refused(409 if too_late else 403, reason) from None
     if not progress.accepted:  # refused inside the workflow, which audited it
         raise Refused(403, progress.reason)
-    observe_approval_wait(await store.audit_trail(case_id), body.decision)
+    observe_approval_wait(await store.audit.approvals_of(case_id), body.decision)
     return progress
 
 
@@ -63,28 +65,28 @@ def refusal(exc: WorkflowUpdateFailedError) -> tuple[str, str | None]:
     return str(cause), None
 
 
-def observe_approval_wait(trail: list[dict[str, Any]], decision: Decision) -> None:
+def observe_approval_wait(steps: list[ApprovalStep], decision: Decision) -> None:
     """Time since the case started waiting for approval, sampled at each decision."""
-    asked = [e["occurred_at"] for e in trail if e["action"] == "approval_requested"]
+    asked = [s.occurred_at for s in steps if s.action == "approval_requested"]
     if asked:
         waited = (datetime.now(UTC) - asked[-1]).total_seconds()
         metrics.APPROVAL_WAIT.labels(decision.value).observe(max(waited, 0.0))
 
 
-def approvals_view(trail: list[dict[str, Any]], requirements: list[dict[str, Any]],
+def granted_in(steps: list[ApprovalStep]) -> list[tuple[str, frozenset[str]]]:
+    """Approvals that counted, as (approver, roles): what fills a tier's slots."""
+    return [(s.approver, s.roles) for s in steps if s.action == "approval_granted"]
+
+
+def approvals_view(steps: list[ApprovalStep], requirements: list[dict[str, Any]],
                    awaiting: bool) -> tuple[list[dict[str, Any]], list[str]]:
     """Every approval step with who and when, and the roles the current round still needs
     (counted from its `approval_requested` on, so a second round starts empty)."""
-    approvals = [
-        {"approver": e["actor"], "action": e["action"], "at": e["occurred_at"].isoformat(),
-         "reason": e["detail"].get("reason") or e["detail"].get("refusal", "")}
-        for e in trail if e["action"].startswith("approval_") and e["action"] != "approval_requested"
-    ]
+    approvals = [{"approver": s.approver, "action": s.action, "at": s.occurred_at.isoformat(),
+                  "reason": s.reason} for s in steps if s.action != "approval_requested"]
     if not awaiting:
         return approvals, []
-    starts = [i for i, e in enumerate(trail) if e["action"] == "approval_requested"]
-    current = trail[starts[-1]:] if starts else trail
-    granted = [(e["actor"], frozenset(e["detail"].get("roles", []))) for e in current
-               if e["action"] == "approval_granted"]
+    starts = [i for i, s in enumerate(steps) if s.action == "approval_requested"]
+    granted = granted_in(steps[starts[-1]:] if starts else steps)
     needs = tuple(RoleRequirement.model_validate(r) for r in requirements)
     return approvals, unfilled(needs, granted)

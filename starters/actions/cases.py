@@ -15,8 +15,9 @@ from temporalio.client import Client
 from temporalio.service import RPCError
 
 from adapters.config import Settings
+from adapters.db import CaseCreation, Principal, Store, request_from_row
+from adapters.db.rows import ApprovalStep, CaseRow
 from adapters.providers.manual import manual_refund
-from adapters.store import CaseCreation, Principal, Store, request_from_row
 from adapters.temporal_client import workflow_closed
 from domain.lifecycle import check_approval, unfilled
 from domain.models import (
@@ -31,7 +32,7 @@ from domain.models import (
     RoleRequirement,
 )
 from domain.permissions import Permission, may, roles_for
-from starters.actions.approving import ApprovalBody, Refused, approvals_view, ask_for_verdict
+from starters.actions.approving import ApprovalBody, Refused, approvals_view, ask_for_verdict, granted_in
 from starters.actions.starting import start_refund
 from workflows.refund import RefundWorkflow
 
@@ -58,12 +59,6 @@ def requirements_of(row: Mapping[str, Any]) -> tuple[RoleRequirement, ...]:
                  for r in (row["decision"] or {}).get("requirements", []))
 
 
-def granted_in(trail: list[dict[str, Any]]) -> list[tuple[str, frozenset[str]]]:
-    """Approvals that counted, as (approver, roles): what fills a tier's slots."""
-    return [(e["actor"], frozenset(e["detail"].get("roles", []))) for e in trail
-            if e["action"] == "approval_granted"]
-
-
 def missing_roles(row: Mapping[str, Any], granted: list[tuple[str, frozenset[str]]]) -> list[str]:
     if row["status"] != "awaiting_approval":
         return []
@@ -80,27 +75,27 @@ def approval_verdict(caller: Principal, row: Mapping[str, Any],
                           requirements=requirements_of(row), approved=granted)
 
 
-def behind(row: Mapping[str, Any], trail: list[dict[str, Any]]) -> set[str]:
+def behind(row: Mapping[str, Any], steps: list[ApprovalStep]) -> set[str]:
     """Everyone who asked for, triggered or approved a refund: none of them may also say
     that its money was paid."""
-    return {row["requester"], *(row["trigger_identities"] or ()), *(a for a, _ in granted_in(trail))}
+    return {row["requester"], *(row["trigger_identities"] or ()), *(a for a, _ in granted_in(steps))}
 
 
-def case_view(row: Mapping[str, Any], trail: list[dict[str, Any]]) -> dict[str, Any]:
+def case_view(case: CaseRow, steps: list[ApprovalStep]) -> dict[str, Any]:
     """The public shape of a case: amounts, state, provider refund, decision, approvals."""
-    approvals, missing = approvals_view(trail, (row["decision"] or {}).get("requirements", []),
-                                        row["status"] == "awaiting_approval")
+    approvals, missing = approvals_view(steps, (case.decision or {}).get("requirements", []),
+                                        case.status == "awaiting_approval")
     return {
-        "refund_request_id": row["refund_request_id"], "status": row["status"],
+        "refund_request_id": case.refund_request_id, "status": case.status,
         "missing_roles": missing,
-        "parent_refund_request_id": row["parent_refund_request_id"], "method": row["method"],
-        "provider": row["provider"], "charge_id": row["charge_id"], "amount": row["amount"],
-        "currency": row["currency"], "merchant_account": row["merchant_account"],
-        "reason": row["reason"], "source": row["source"], "requester": row["requester"],
-        "reserved_amount": row["reserved_amount"], "provider_refund_id": row["provider_refund_id"],
-        "provider_status": row["provider_status"], "failure_reason": row["failure_reason"],
-        "decision": row["decision"], "approvals": approvals,
-        "created_at": row["created_at"].isoformat(), "updated_at": row["updated_at"].isoformat(),
+        "parent_refund_request_id": case.parent_refund_request_id, "method": case.method,
+        "provider": case.provider, "charge_id": case.charge_id, "amount": case.amount,
+        "currency": case.currency, "merchant_account": case.merchant_account,
+        "reason": case.reason, "source": case.source, "requester": case.requester,
+        "reserved_amount": case.reserved_amount, "provider_refund_id": case.provider_refund_id,
+        "provider_status": case.provider_status, "failure_reason": case.failure_reason,
+        "decision": case.decision, "approvals": approvals,
+        "created_at": case.created_at.isoformat(), "updated_at": case.updated_at.isoformat(),
     }
 
 
@@ -114,7 +109,7 @@ def advice_view(row: Mapping[str, Any] | None) -> dict[str, Any]:
             "created_at": row["created_at"].isoformat()}
 
 
-def reissue_request(parent: dict[str, Any], body: ReissueBody, attempt: int) -> RefundRequest:
+def reissue_request(parent: CaseRow, body: ReissueBody, attempt: int) -> RefundRequest:
     """The child request: same charge and amount, its own id, linked to its parent; the
     parent's requester is behind it, so cannot approve it."""
     original = request_from_row(parent)
@@ -123,7 +118,7 @@ def reissue_request(parent: dict[str, Any], body: ReissueBody, attempt: int) -> 
         "evidence": {**original.evidence, "reissue_reason": body.reason},
         "source": RequestSource.CONSOLE, "method": body.method,
         "parent_refund_request_id": original.refund_request_id,
-        "trigger_identities": tuple(dict.fromkeys([*original.trigger_identities, parent["requester"]]))})
+        "trigger_identities": tuple(dict.fromkeys([*original.trigger_identities, parent.requester]))})
 
 
 class CaseActions:
@@ -138,7 +133,7 @@ class CaseActions:
     async def refuse(self, caller: Principal, case_id: str | None, status: int, action: str,
                      refusal: str, *, via: str, audit_action: str = "action_refused") -> NoReturn:
         """Records the refusal in the case's trail (or the global one), then raises it."""
-        await self.store.append_audit(case_id, caller.user, audit_action,
+        await self.store.audit.record(case_id, caller.user, audit_action,
                                       {"action": action, "refusal": refusal, "via": via})
         raise Refused(status, refusal)
 
@@ -148,19 +143,19 @@ class CaseActions:
         with the roles it needs and what the caller has."""
         if not may(caller.roles, permission):
             roles = roles_for(permission)
-            await self.store.append_audit(case_id, caller.user, "access_refused",
+            await self.store.audit.record(case_id, caller.user, "access_refused",
                                           {"action": action, "needs_one_of": sorted(roles),
                                            "has": sorted(caller.roles), "via": via})
             raise Refused(403, f"{action} needs one of the roles {sorted(roles)}")
 
-    async def _case(self, caller: Principal, case_id: str, action: str, via: str) -> dict[str, Any]:
-        row = await self.store.get_case(case_id)
+    async def _case(self, caller: Principal, case_id: str, action: str, via: str) -> CaseRow:
+        row = await self.store.cases.get(case_id)
         if row is None:
             await self.refuse(caller, None, 404, action, f"no refund request {case_id!r}", via=via)
         return row
 
     async def readable(self, caller: Principal, case_id: str, action: str, *,
-                       via: str) -> dict[str, Any]:
+                       via: str) -> CaseRow:
         """The case row for a reader; someone else's case is, to a requester, no case at
         all (404, so ids are not confirmed either; the refusal is audited as what it is)."""
         await self.require(caller, Permission.READ_CASE, action, case_id, via=via)
@@ -171,9 +166,9 @@ class CaseActions:
         return row
 
     async def view(self, case_id: str) -> dict[str, Any]:
-        row = await self.store.get_case(case_id)
+        row = await self.store.cases.get(case_id)
         assert row is not None
-        return case_view(row, await self.store.audit_trail(case_id))
+        return case_view(row, await self.store.audit.approvals_of(case_id))
 
     async def decide(self, caller: Principal, case_id: str, body: ApprovalBody, *,
                      via: str) -> dict[str, Any]:
@@ -209,17 +204,17 @@ class CaseActions:
             await self.refuse(caller, case_id, 409, action,
                               f"case is {parent['status']}; only {sorted(REISSUABLE)} refunds can "
                               "be reissued", via=via)
-        children = await self.store.children(case_id)
+        children = await self.store.cases.children(case_id)
         open_child = next((c for c in children if c["status"] not in REISSUABLE), None)
         if open_child is not None:
-            return False, case_view(open_child, await self.store.audit_trail(
+            return False, case_view(open_child, await self.store.audit.approvals_of(
                 open_child["refund_request_id"]))
         request = reissue_request(parent, body, attempt=len(children) + 1)
-        outcome, row = await self.store.create_case(request, caller.user)
+        outcome, row = await self.store.cases.create(request, caller.user)
         if outcome is CaseCreation.CONFLICT:
             await self.refuse(caller, case_id, 409, action,
                               f"{request.refund_request_id} exists with other parameters", via=via)
-        await self.store.append_audit(case_id, caller.user, "reissue_requested",
+        await self.store.audit.record(case_id, caller.user, "reissue_requested",
                                       {"child": request.refund_request_id,
                                        "method": body.method.value, "via": via})
         await start_refund(self.client, self.settings, request, row["requester"])
@@ -233,14 +228,14 @@ class CaseActions:
         action = "confirming a manual refund"
         await self.require(caller, Permission.CONFIRM_MANUAL_REFUND, action, case_id, via=via)
         case = await self._case(caller, case_id, action, via)
-        if caller.user in behind(case, await self.store.audit_trail(case_id)):
+        if caller.user in behind(case, await self.store.audit.approvals_of(case_id)):
             await self.refuse(caller, case_id, 403, action,
                               "the requester cannot confirm their own refund"
                               if case["requester"] == caller.user else
                               "a person behind the refund's trigger or an approver of it cannot "
                               "confirm it", via=via, audit_action="access_refused")
-        row = await self.store.confirm_manual_refund(case_id, succeeded=body.paid, by=caller.user,
-                                                     reason=body.reason)
+        row = await self.store.manual_refunds.confirm(case_id, succeeded=body.paid, by=caller.user,
+                                                      reason=body.reason)
         if row is None:
             await self.refuse(caller, case_id, 409, action, "no pending manual refund for this case",
                               via=via)

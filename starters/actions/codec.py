@@ -18,9 +18,9 @@ from temporalio.client import Client
 from temporalio.converter import PayloadCodec
 
 from adapters.codec import CodecError
-from adapters.integration_store import IntegrationStore
+from adapters.db import Principal
+from adapters.db.access import AccessRepository
 from adapters.oidc import AccessTokenVerifier, InvalidAccessToken, KeysUnavailable
-from adapters.store import Principal
 from domain.permissions import Permission
 
 Direction = Literal["encode", "decode"]
@@ -55,7 +55,7 @@ async def answer(client: Client, direction: Direction, body: dict[str, Any]) -> 
         raise HTTPException(400, str(exc)) from None
 
 
-async def oidc_principal(verifier: AccessTokenVerifier, integrations: IntegrationStore,
+async def oidc_principal(verifier: AccessTokenVerifier, access: AccessRepository,
                          token: str) -> Principal:
     """The product user behind a Temporal UI access token, through the identity link of its
     user claim (roles: those of the user's live API tokens): 401 for a token that is not
@@ -67,7 +67,7 @@ async def oidc_principal(verifier: AccessTokenVerifier, integrations: Integratio
     except InvalidAccessToken as exc:
         raise HTTPException(401, f"invalid access token: {exc}",
                             headers={"WWW-Authenticate": "Bearer"}) from None
-    found = await integrations.principal_for("oidc", subject)
+    found = await access.principal_for("oidc", subject)
     if found is None:
         raise HTTPException(403, f"{verifier.settings.user_claim} {subject!r} is not linked to a "
                                  "user with a live token (refunds integrations link --oidc)")

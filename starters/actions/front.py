@@ -10,9 +10,9 @@ from fastapi import Depends, Request
 from temporalio.client import Client
 
 from adapters.config import Settings
+from adapters.db import Store
 from adapters.providers.base import ProviderAdapter
 from adapters.refusals import SampledRefusalLog
-from adapters.store import Store
 from starters.actions.cases import CaseActions
 
 

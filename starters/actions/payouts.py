@@ -3,8 +3,7 @@ case (the API's answer, the console's page) and a verdict on its current approva
 
 from typing import Any
 
-from adapters.payout_book import PayoutBook
-from adapters.store import Principal, Store
+from adapters.db import Principal, Store
 from domain.payouts import APPROVAL_STATUSES
 from domain.permissions import Permission
 from starters.actions.approving import ApprovalBody, Refused, approvals_view, ask_for_verdict
@@ -13,17 +12,17 @@ from starters.actions.cases import CaseActions
 
 async def payout_case_view(store: Store, case_id: str) -> dict[str, Any] | None:
     """The public view of a payout exception case (the API's answer, the console's page)."""
-    book = PayoutBook(store)
-    row = await book.case(case_id)
+    row = await store.payouts.case(case_id)
     if row is None:
         return None
-    payout = await book.payout(row["payout_id"])
+    payout = await store.payouts.payout(row["payout_id"])
     assert payout is not None
-    trail = await store.audit_trail(case_id)
+    trail = await store.audit.trail(case_id)
     decision = row["decision"] or {}
-    approvals, missing = approvals_view(trail, (decision.get("decision") or {}).get("requirements", []),
+    approvals, missing = approvals_view(await store.audit.approvals_of(case_id),
+                                        (decision.get("decision") or {}).get("requirements", []),
                                         row["status"] in APPROVAL_STATUSES)
-    reissue = await book.payout(payout.reissue_id())
+    reissue = await store.payouts.payout(payout.reissue_id())
     return {
         "case_id": case_id, "status": row["status"], "payout": payout.model_dump(mode="json"),
         "reported_status": row["reported_status"], "failure_code": row["failure_code"],
@@ -32,7 +31,7 @@ async def payout_case_view(store: Store, case_id: str) -> dict[str, Any] | None:
         "reversal_entry_id": row["reversal_entry_id"],
         "beneficiary_holds": [{**h, "placed_at": h["placed_at"].isoformat(),
                                "released_at": h["released_at"].isoformat() if h["released_at"] else None}
-                              for h in await book.beneficiary_holds(payout.beneficiary_id)],
+                              for h in await store.payouts.beneficiary_holds(payout.beneficiary_id)],
         "reissue": reissue.model_dump(mode="json") if reissue else None,
         "timeline": [{"at": e["occurred_at"].isoformat(), "actor": e["actor"], "action": e["action"],
                       "detail": e["detail"]} for e in trail],
@@ -46,7 +45,7 @@ async def decide_on_payout_exception(actions: CaseActions, caller: Principal, ca
     validator (tier roles, segregation of duties). Refusals raise the audited `Refused`."""
     await actions.require(caller, Permission.APPROVE_PAYOUT_EXCEPTION, "approving a payout exception",
                           case_id, via=via)
-    row = await PayoutBook(actions.store).case(case_id)
+    row = await actions.store.payouts.case(case_id)
     if row is None:
         raise Refused(404, f"no payout exception {case_id!r}")
     if row["status"] not in APPROVAL_STATUSES:

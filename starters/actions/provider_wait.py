@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from adapters.store import Principal
+from adapters.db import Principal
 from domain.models import EventKind, ProviderEvent, ProviderRefundStatus
 from domain.permissions import Permission
 from starters.actions.cases import CaseActions, behind
@@ -56,8 +56,8 @@ async def resolve_provider_wait(actions: CaseActions, caller: Principal, case_id
     action = "resolving a provider notification wait"
     await actions.require(caller, Permission.RESOLVE_PROVIDER_WAIT, action, case_id, via=via)
     row = await actions._case(caller, case_id, action, via)
-    trail = await actions.store.audit_trail(case_id)
-    if caller.user in behind(row, trail):
+    trail = await actions.store.audit.trail(case_id)
+    if caller.user in behind(row, await actions.store.audit.approvals_of(case_id)):
         await actions.refuse(caller, case_id, 403, action, "whoever requested or approved a refund "
                              "cannot resolve its wait", via=via, audit_action="access_refused")
     if not waiting(trail):
@@ -66,7 +66,7 @@ async def resolve_provider_wait(actions: CaseActions, caller: Principal, case_id
                              via=via)
     refunded = body.provider_shows == "refunded"
     refund_id = body.provider_refund_id if refunded else row["provider_refund_id"]
-    await actions.store.append_audit(case_id, caller.user, "provider_wait_resolved",
+    await actions.store.audit.record(case_id, caller.user, "provider_wait_resolved",
                                      {**body.model_dump(), "via": via})
     event = ProviderEvent(
         provider=row["provider"], event_id=f"ops-resolution:{case_id}",

@@ -9,14 +9,14 @@ from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
 from temporalio.common import WorkflowIDReusePolicy
 from temporalio.service import RPCError
 
-from adapters.reconciliation import NotReopenable, Reconciliations, break_case, break_view
-from adapters.store import Principal
+from adapters.db import Principal
+from adapters.db.reconciliation import NotReopenable, break_case, break_view
+from domain.errors import ALREADY_DECIDED, NOT_AWAITING_APPROVAL
 from domain.models import ApprovalSignal, Decision
 from domain.permissions import Permission
 from domain.reconciliation import BreakState, break_workflow_id
 from starters.actions.approving import Refused, refusal
 from starters.actions.cases import CaseActions
-from workflows.approvals import ALREADY_DECIDED
 from workflows.reconciliation import ReconciliationBreakWorkflow
 
 
@@ -38,7 +38,7 @@ async def decide_on_break(actions: CaseActions, caller: Principal, break_id: int
     Refusals raise the audited `Refused` both front ends answer."""
     await actions.require(caller, Permission.APPROVE_RECONCILIATION_BREAK, "approving a reconciliation break",
                           via=via)
-    row = await Reconciliations(actions.store).get_break(break_id)
+    row = await actions.store.reconciliation.get_break(break_id)
     if row is None:
         raise Refused(404, f"no reconciliation break {break_id}")
     if row["state"] != BreakState.AWAITING_APPROVAL:
@@ -50,11 +50,11 @@ async def decide_on_break(actions: CaseActions, caller: Principal, break_id: int
         progress = await handle.execute_update(ReconciliationBreakWorkflow.submit_approval, signal)
     except WorkflowUpdateFailedError as exc:
         reason, kind = refusal(exc)
-        if kind == "NotAwaitingApproval":
+        if kind == NOT_AWAITING_APPROVAL:
             raise Refused(409, reason) from None
-        await actions.store.append_audit(row["chain"], caller.user, "reconciliation_approval_refused",
-                                 {"break_id": break_id, "decision": body.decision.value,
-                                  "refusal": reason})
+        await actions.store.audit.record(row["chain"], caller.user, "reconciliation_approval_refused",
+                                         {"break_id": break_id, "decision": body.decision.value,
+                                          "refusal": reason})
         raise Refused(409 if kind == ALREADY_DECIDED else 403, reason) from None
     if not progress.accepted:
         raise Refused(403, progress.reason)
@@ -70,9 +70,8 @@ async def reopen_break(actions: CaseActions, caller: Principal, break_id: int, b
     await actions.require(caller, Permission.REOPEN_RECONCILIATION_BREAK, "reopening a reconciliation break",
                           via=via)
     client, settings = actions.client, actions.settings
-    recon = Reconciliations(actions.store)
     try:
-        row = await recon.reopen(break_id, caller.user, body.reason)
+        row = await actions.store.reconciliation.reopen(break_id, caller.user, body.reason)
     except LookupError as exc:
         raise Refused(404, str(exc)) from None
     except NotReopenable as exc:

@@ -4,6 +4,7 @@ apply migrations."""
 
 import argparse
 import contextlib
+import dataclasses
 import getpass
 import sys
 from collections.abc import AsyncIterator
@@ -17,13 +18,13 @@ from starters.ages import parse_age
 from starters.cli.common import EXIT_UNREACHABLE, EXIT_USAGE, CommandFailed, open_database, print_json
 
 if TYPE_CHECKING:
-    from adapters.store import Store
+    from adapters.db import Store
 
 
 async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     """Migrates as the schema owner (REFUNDS_MIGRATION_DATABASE_URL, else the one DSN) and
     grants the runtime role what relay and worker need."""
-    from adapters.store import Store
+    from adapters.db import Store
 
     if settings.migration_database_url is not None:
         dsn, pg = settings.migration_database_url.get_secret_value(), None
@@ -33,7 +34,7 @@ async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     try:
         store = await Store.open(dsn)
         try:
-            applied = await store.migrate(runtime_role)
+            applied = await store.database.migrate(runtime_role)
         except ValueError as refused:
             print(f"refused: {refused}", file=sys.stderr)
             return 1
@@ -53,8 +54,8 @@ async def opened_store(settings: Settings) -> AsyncIterator["Store"]:
     """The store on the configured or embedded PostgreSQL (stopped afterwards). Every command
     but `migrate` refuses a database that lacks migrations instead of changing its schema:
     which database a shell points at is easy to get wrong."""
+    from adapters.db import Store
     from adapters.health import database_problem
-    from adapters.store import Store
 
     dsn, pg = await open_database(settings)
     try:
@@ -78,23 +79,24 @@ async def cmd_token_create(args: argparse.Namespace, settings: Settings) -> int:
     if unknown := unknown_roles(roles):
         raise CommandFailed(f"unknown roles {unknown}; known: {sorted(ROLES)}", EXIT_USAGE)
     async with opened_store(settings) as store:
-        token = await store.create_token(args.user, roles, by=f"cli:{getpass.getuser()}",
-                                         expires_in=parse_age(args.expires_in) if args.expires_in else None)
+        token = await store.access.create_token(
+            args.user, roles, by=f"cli:{getpass.getuser()}",
+            expires_in=parse_age(args.expires_in) if args.expires_in else None)
     print(token)
     return 0
 
 
 async def cmd_token_list(args: argparse.Namespace, settings: Settings) -> int:
     async with opened_store(settings) as store:
-        tokens = [t for t in await store.list_tokens() if args.all or t["revoked_at"] is None]
+        tokens = [t for t in await store.access.tokens() if args.all or t.revoked_at is None]
     if args.json:
-        return print_json(tokens)
+        return print_json([dataclasses.asdict(t) for t in tokens])
     print(f"{'id':>5}  {'user':<20} {'roles':<36} {'fingerprint':<12}  {'created':<16}  "
           f"{'revoked':<16}  expires")
     for t in tokens:
-        revoked, expires = (f"{t[k]:%Y-%m-%d %H:%M}" if t[k] else "-" for k in ("revoked_at", "expires_at"))
-        print(f"{t['id']:>5}  {t['user_name']:<20} {','.join(t['roles']):<36} {t['fingerprint']:<12}  "
-              f"{t['created_at']:%Y-%m-%d %H:%M}  {revoked:<16}  {expires}")
+        revoked, expires = (f"{at:%Y-%m-%d %H:%M}" if at else "-" for at in (t.revoked_at, t.expires_at))
+        print(f"{t.id:>5}  {t.user_name:<20} {','.join(t.roles):<36} {t.fingerprint:<12}  "
+              f"{t.created_at:%Y-%m-%d %H:%M}  {revoked:<16}  {expires}")
     return 0
 
 
@@ -103,7 +105,8 @@ async def cmd_token_revoke(args: argparse.Namespace, settings: Settings) -> int:
     if (args.id is None) == (args.user is None):
         raise CommandFailed("give a token id or --user, not both", EXIT_USAGE)
     async with opened_store(settings) as store:
-        ids = await store.revoke_tokens(by=f"cli:{getpass.getuser()}", token_id=args.id, user=args.user)
+        ids = await store.access.revoke_tokens(by=f"cli:{getpass.getuser()}", token_id=args.id,
+                                               user=args.user)
     if not ids:
         print("no active token matched", file=sys.stderr)
         return 1
@@ -112,7 +115,6 @@ async def cmd_token_revoke(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_integrations_link(args: argparse.Namespace, settings: Settings) -> int:
-    from adapters.integration_store import IntegrationStore
 
     links = [(system, external) for system, external in (("slack", args.slack),
                                                          ("servicenow", args.servicenow),
@@ -122,7 +124,7 @@ async def cmd_integrations_link(args: argparse.Namespace, settings: Settings) ->
                             "--oidc VALUE", EXIT_USAGE)
     async with opened_store(settings) as store:
         for system, external in links:
-            await IntegrationStore(store).link_identity(system, external, args.user)
+            await store.access.link_identity(system, external, args.user)
             print(f"{system} {external} -> {args.user}")
     return 0
 
@@ -138,7 +140,7 @@ async def cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
         raise CommandFailed(f"audit checkpoint folder {book.folder} does not exist", EXIT_USAGE)
     points, problems = book.read() if book is not None else ({}, [])
     async with opened_store(settings) as store:
-        checked, chain_problems = await store.verify_audit(points)
+        checked, chain_problems = await store.audit.verify(points)
     problems += chain_problems
     for problem in problems:
         print(f"TAMPERED: {problem}")
@@ -163,15 +165,15 @@ async def cmd_policy_check(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_policy_simulate(args: argparse.Namespace, settings: Settings) -> int:
+    from adapters.db import request_from_row
     from adapters.policy_file import load_policy
-    from adapters.store import request_from_row
     from domain.models import PolicyDecision
     from domain.policy import decide
 
     candidate = load_policy(Path(args.file))
     since = datetime.now(UTC) - parse_age(args.since)
     async with opened_store(settings) as store:
-        rows = await store.decisions_since(since)
+        rows = await store.cases.decisions_since(since)
     changed = 0
     for row in rows:
         before = PolicyDecision.model_validate(row["decision"])

@@ -12,9 +12,9 @@ from datetime import timedelta
 from adapters.approval_seal import approval_keys
 from adapters.codec import CodecError
 from adapters.config import Settings
+from adapters.db import Store
 from adapters.health import database_problem, temporal_problem
 from adapters.providers.registry import build_providers, close_providers
-from adapters.store import Store
 from adapters.temporal_client import connect, connect_options, payload_codec
 
 CONNECT_TIMEOUT = timedelta(seconds=5)

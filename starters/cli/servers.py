@@ -64,9 +64,9 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 async def cmd_relay(args: argparse.Namespace, settings: Settings) -> int:
     import signal
 
+    from adapters.db import Store
     from adapters.http_server import AppServer
     from adapters.providers.registry import build_providers, close_providers
-    from adapters.store import Store
     from adapters.telemetry import shutdown_tracing
     from adapters.temporal_client import connect
     from starters.ports import ensure_ports_free

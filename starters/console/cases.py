@@ -11,14 +11,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
 from pydantic import BaseModel, ValidationError
 
-from adapters import casebook
-from adapters.casebook import BANNER_STATUSES, CaseFilter
-from adapters.integration_store import IntegrationStore
-from adapters.store import ConsoleSession, Principal
+from adapters.db import ConsoleSession, Principal
+from adapters.db.cases import BANNER_STATUSES, CaseFilter
 from domain.models import CLOSED_STATUSES, CaseStatus
 from domain.money import UnknownCurrencyError, normalise_currency, parse_major
 from domain.permissions import Permission, may
-from starters.actions.approving import ApprovalBody, Refused
+from starters.actions.approving import ApprovalBody, Refused, granted_in
 from starters.actions.cases import (
     REISSUABLE,
     CaseActions,
@@ -27,7 +25,6 @@ from starters.actions.cases import (
     advice_view,
     approval_verdict,
     case_view,
-    granted_in,
     missing_roles,
 )
 from starters.actions.front import front_door
@@ -93,9 +90,9 @@ async def cases(request: Request) -> Response:
     except Refused as exc:
         return page(request, "message.html", session, status=exc.status, title="Cases",
                     error=exc.detail)
-    rows = await casebook.find_cases(store, wanted)
+    rows = await store.cases.find(wanted)
     waiting = [r["refund_request_id"] for r in rows if r["status"] == "awaiting_approval"]
-    granted = await casebook.granted_approvals(store, waiting)
+    granted = {c: granted_in(steps) for c, steps in (await store.audit.approvals(waiting)).items()}
     if query["mine"]:
         rows = [r for r in rows
                 if approval_verdict(caller, r, granted[r["refund_request_id"]]).accepted]
@@ -103,7 +100,7 @@ async def cases(request: Request) -> Response:
              for r in rows]
     return page(request, "cases.html", session, items=items, query=query, limit=wanted.limit,
                 statuses=[s.value for s in CaseStatus], ages=AGES,
-                providers=sorted(set(await casebook.providers_seen(store)) | set(door.providers)))
+                providers=sorted(set(await store.cases.providers()) | set(door.providers)))
 
 
 async def case_page(request: Request, session: ConsoleSession, case_id: str, *,
@@ -116,18 +113,17 @@ async def case_page(request: Request, session: ConsoleSession, case_id: str, *,
     except Refused as exc:
         return page(request, "message.html", session, status=exc.status,
                     title="No such case" if exc.status == 404 else "Case", error=exc.detail)
-    trail = await store.audit_trail(case_id)
-    granted = granted_in(trail)
-    manual = await store.manual_refund(case_id)
-    integrations = IntegrationStore(store)
+    trail, steps = await store.audit.trail(case_id), await store.audit.approvals_of(case_id)
+    granted = granted_in(steps)
+    manual = await store.manual_refunds.get(case_id)
     ui = settings.temporal_ui_url
     return page(
         request, "case.html", session, status=status, error=error, notice=notice,
-        case=case_view(row, trail), row=row, trail=trail, children=await store.children(case_id),
-        manual=manual, ledger=await store.ledger_entries(case_id),
-        notices=await store.notices(case_id),
-        advice=advice_view(await integrations.advice(case_id)),
-        tickets=await integrations.tickets(case_id),
+        case=case_view(row, steps), row=row, trail=trail, children=await store.cases.children(case_id),
+        manual=manual, ledger=await store.ledger.entries(case_id),
+        notices=await store.outbox.notices(case_id),
+        advice=advice_view(await store.integrations.advice(case_id)),
+        tickets=await store.integrations.tickets(case_id),
         temporal_url=(f"{ui.rstrip('/')}/namespaces/{quote(settings.temporal_namespace)}"
                       f"/workflows/{quote(case_id)}") if ui else None,
         banner=row["status"] if row["status"] in BANNER_STATUSES else None,
@@ -215,6 +211,6 @@ async def coverage(request: Request) -> Response:
                                  "Webhook coverage"):
         return denied
     door = front_door(request)
-    report = await casebook.coverage(door.store, {n: p.event_types for n, p in door.providers.items()})
+    report = await door.store.receipts.coverage({n: p.event_types for n, p in door.providers.items()})
     return page(request, "coverage.html", session, report=report,
-                rejected=await casebook.rejected_receipts(door.store))
+                rejected=await door.store.receipts.rejections(50))

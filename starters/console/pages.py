@@ -9,8 +9,8 @@ from fastapi.responses import Response
 from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
-from adapters.casebook import BANNER_STATUSES
-from adapters.store import ConsoleSession
+from adapters.db import ConsoleSession
+from adapters.db.cases import BANNER_STATUSES
 from domain.models import CLOSED_STATUSES
 from domain.money import format_minor
 from domain.permissions import Permission, may

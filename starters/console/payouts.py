@@ -12,8 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
 from pydantic import ValidationError
 
-from adapters.payout_book import PayoutBook
-from adapters.store import ConsoleSession
+from adapters.db import ConsoleSession
 from domain.payouts import APPROVAL_STATUSES, PayoutCaseStatus
 from domain.permissions import Permission, may
 from starters.actions.approving import ApprovalBody, Refused
@@ -55,12 +54,12 @@ async def payout_cases(request: Request, status: str = "") -> Response:
     store = front_door(request).store
     known = [s.value for s in PayoutCaseStatus]
     if status and status not in known:
-        await store.append_audit(None, session.principal.user, "action_refused", {
+        await store.audit.record(None, session.principal.user, "action_refused", {
             "action": "filtering payout cases", "refusal": f"unknown status {status!r}",
             "via": "console"})
         return page(request, "message.html", session, status=422, title="Payout cases",
                     error=f"unknown status {status!r}")
-    cases = await PayoutBook(store).cases(CASES_SHOWN, status or None)
+    cases = await store.payouts.cases(CASES_SHOWN, status or None)
     return page(request, "payouts.html", session, cases=cases, wanted=status, statuses=known,
                 limit=CASES_SHOWN)
 
@@ -75,12 +74,12 @@ async def case_page(request: Request, session: ConsoleSession, case_id: str, *, 
     if view is None:
         return page(request, "message.html", session, status=404, title="No such case",
                     error=f"There is no payout exception case {case_id!r}.")
-    trail = await store.audit_trail(case_id)
+    trail = await store.audit.trail(case_id)
     awaiting = view["status"] in APPROVAL_STATUSES
     return page(
         request, "payout.html", session, status=status, error=error, notice=notice, case=view,
         trail=trail, runbook=runbook_view(trail), quiet=QUIET_ACTIONS,
-        ledger=await store.ledger_entries(case_id), notices=await store.notices(case_id),
+        ledger=await store.ledger.entries(case_id), notices=await store.outbox.notices(case_id),
         can_decide=awaiting and may(session.principal.roles, Permission.APPROVE_PAYOUT_EXCEPTION))
 
 
@@ -101,7 +100,7 @@ async def decide(request: Request, case_id: str) -> Response:
     except ValidationError as exc:
         first = exc.errors()[0]
         refusal = f"invalid {'.'.join(str(p) for p in first['loc']) or 'form'}: {first['msg']}"
-        await actions.store.append_audit(case_id, session.principal.user, "action_refused", {
+        await actions.store.audit.record(case_id, session.principal.user, "action_refused", {
             "action": "approving a payout exception", "refusal": refusal, "via": "console"})
         return await case_page(request, session, case_id, status=422, error=refusal)
     except Refused as exc:

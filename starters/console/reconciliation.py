@@ -9,8 +9,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
 from pydantic import BaseModel, ValidationError
 
-from adapters.reconciliation import Reconciliations, break_view, run_view
-from adapters.store import ConsoleSession, Principal
+from adapters.db import ConsoleSession, Principal
+from adapters.db.reconciliation import break_view, run_view
 from domain.permissions import Permission, may
 from starters.actions.approving import Refused
 from starters.actions.cases import CaseActions
@@ -36,7 +36,7 @@ async def reconciliation_page(request: Request, session: ConsoleSession, *, stat
     if denied := await forbidden(request, session, Permission.READ_RECONCILIATION_BREAKS,
                                  "reading reconciliation reports", "Reconciliation"):
         return denied
-    recon = Reconciliations(front_door(request).store)
+    recon = front_door(request).store.reconciliation
     runs = [run_view(r) for r in await recon.runs(RECONCILIATION_RUNS)]
     breaks = {run["run_id"]: [break_view(b) async for b in recon.run_breaks(run["run_id"], 200)]
               for run in runs[:RECONCILIATION_RUNS_WITH_BREAKS]}

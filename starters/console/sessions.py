@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
 
-from adapters.store import ConsoleSession, hash_token
+from adapters.db import ConsoleSession, hash_token
 from starters.actions.approving import Refused
 from starters.actions.codec import CODEC_USES, Direction, answer
 from starters.actions.front import front_door
@@ -43,7 +43,7 @@ def sign_in_page(request: Request, status: int = 200, error: str = "") -> Respon
 
 async def current(request: Request) -> ConsoleSession:
     cookie = request.cookies.get(SESSION_COOKIE)
-    session = await front_door(request).store.console_session(cookie) if cookie else None
+    session = await front_door(request).store.access.session(cookie) if cookie else None
     if session is None:
         raise SignInRequired
     return session
@@ -65,7 +65,7 @@ async def posted(request: Request, session: ConsoleSession) -> dict[str, str]:
     form = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
     sent = form.pop("csrf", "")
     if not secrets.compare_digest(sent.encode(), session.csrf_token.encode()):
-        await front_door(request).store.append_audit(None, session.principal.user, "csrf_refused", {
+        await front_door(request).store.audit.record(None, session.principal.user, "csrf_refused", {
             "action": f"POST {request.url.path}", "via": "console",
             "refusal": "missing or wrong CSRF token"})
         raise Refused(403, "This form is out of date or was not sent by the console "
@@ -110,7 +110,7 @@ async def sign_in(request: Request) -> Response:
                                       "console sign-in")
         return sign_in_page(request, 403, "The sign-in form expired. Try again.")
     hours = door.settings.console_session_hours
-    session_id = await door.store.open_session(token, timedelta(hours=hours)) if token else None
+    session_id = await door.store.access.open_session(token, timedelta(hours=hours)) if token else None
     if session_id is None:
         door.console_refusals.refused("console", "missing token" if not token else "invalid or revoked token",
                                       "console sign-in", hash_token(token)[:12] if token else None)
@@ -131,7 +131,7 @@ async def sign_out(request: Request) -> Response:
     except Refused as exc:
         return page(request, "message.html", session, status=exc.status, title="Refused",
                     error=exc.detail)
-    await front_door(request).store.end_session(session)
+    await front_door(request).store.access.end_session(session)
     response = RedirectResponse(f"{PREFIX}/sign-in", status_code=303)
     response.delete_cookie(SESSION_COOKIE, path=PREFIX)
     return response

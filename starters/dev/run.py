@@ -22,12 +22,11 @@ from temporalio.client import Client
 from activities.integrations import IntegrationActivities
 from adapters.codec import generate_key_spec
 from adapters.config import Settings, secret_list
+from adapters.db import Store
 from adapters.http_server import AppServer
-from adapters.integration_store import IntegrationStore
 from adapters.policy_file import load_policy
 from adapters.providers.registry import build_providers, close_providers
 from adapters.schedules import ensure_reconciliation_schedules
-from adapters.store import Store
 from adapters.temporal_client import connect
 from starters import relay
 from starters.dev import sandbox_provider, temporal_ui
@@ -147,8 +146,8 @@ async def run_dev(settings: Settings, *, play_demo: bool = True) -> None:
     async with embedded_services(settings) as (dsn, ui_url):
         settings = settings.model_copy(update={"temporal_ui_url": ui_url})
         store = await Store.open(dsn)
-        await store.migrate()
-        await store.create_token("admin", ["admin"], token=dev.admin_token, by="refunds dev")
+        await store.database.migrate()
+        await store.access.create_token("admin", ["admin"], token=dev.admin_token, by="refunds dev")
         client: Client = await connect(settings)
         providers = build_providers(settings, store)
         assert settings.sandbox_webhook_secret is not None
@@ -167,7 +166,7 @@ async def run_dev(settings: Settings, *, play_demo: bool = True) -> None:
         await ensure_reconciliation_schedules(client, settings, providers)
         worker_task = asyncio.create_task(worker.run())
         sweeper = asyncio.create_task(sweep_outbox(
-            IntegrationStore(store), IntegrationActivities(store, settings), stop,
+            store.outbox, IntegrationActivities(store, settings), stop,
             every_seconds=settings.outbox_sweep_seconds or 30,
             older_than_seconds=settings.outbox_sweep_after_seconds))
         case_sweeper = asyncio.create_task(sweep_closed_cases(

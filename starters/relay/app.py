@@ -27,9 +27,9 @@ from temporalio.client import Client
 from adapters import metrics
 from adapters.approval_seal import approval_keys, sealing_client
 from adapters.config import Settings
+from adapters.db import Store
 from adapters.oidc import AccessTokenVerifier
 from adapters.providers.base import ProviderAdapter
-from adapters.store import Store
 from starters.actions.approving import Refused
 from starters.actions.cases import CaseActions
 from starters.actions.front import FrontDoor, front_door
@@ -105,13 +105,13 @@ async def invalid(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     door = front_door(request)
     creds = await bearer(request)
-    caller = await door.store.authenticate(creds.credentials) if creds else None
+    caller = await door.store.access.authenticate(creds.credentials) if creds else None
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid"}
     action = f"{request.method} {request.url.path}"
     if caller is None:
         door.api_refusals.refused("api", "invalid input without a valid token", action)
     else:
-        await door.store.append_audit(None, caller.user, "action_refused", {
+        await door.store.audit.record(None, caller.user, "action_refused", {
             "action": action, "via": "api",
             "refusal": f"invalid {'.'.join(str(p) for p in first['loc'])}: {first['msg']}"})
     return await request_validation_exception_handler(request, exc)
@@ -123,14 +123,14 @@ async def guard_refused(request: Request, refusal: str) -> None:
     someone without credentials (they do not grow the audit chain)."""
     store = front_door(request).store
     creds = await bearer(request)
-    caller = await store.authenticate(creds.credentials) if creds else None
+    caller = await store.access.authenticate(creds.credentials) if creds else None
     cookie = request.cookies.get(SESSION_COOKIE)
-    if caller is None and cookie and (session := await store.console_session(cookie)):
+    if caller is None and cookie and (session := await store.access.session(cookie)):
         caller = session.principal
     action = f"{request.method} {request.url.path.replace(chr(0), '%00')}"  # no NUL in the trail
     via = "console" if request.url.path.startswith(CONSOLE_PREFIX) else "api"
     if caller is None:
         log.warning("refused %s without credentials: %s", action, refusal)
         return
-    await store.append_audit(None, caller.user, "action_refused",
+    await store.audit.record(None, caller.user, "action_refused",
                              {"action": action, "via": via, "refusal": refusal})

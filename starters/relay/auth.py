@@ -7,9 +7,8 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from adapters.integration_store import IntegrationStore
+from adapters.db import Principal, hash_token
 from adapters.oidc import AccessTokenVerifier, looks_like_jwt
-from adapters.store import Principal, hash_token
 from starters.actions.codec import oidc_principal
 from starters.actions.front import Door
 
@@ -19,7 +18,7 @@ Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 
 async def principal(request: Request, creds: Credentials, door: Door) -> Principal:
     """The person behind the bearer token; 401 (counted, not audited) without a live one."""
-    found = await door.store.authenticate(creds.credentials) if creds is not None else None
+    found = await door.store.access.authenticate(creds.credentials) if creds is not None else None
     if found is None:
         refusal = "missing bearer token" if creds is None else "invalid or revoked token"
         door.api_refusals.refused("api", refusal, f"{request.method} {request.url.path}",
@@ -37,7 +36,7 @@ async def codec_caller(request: Request, creds: Credentials, door: Door) -> Prin
     if oidc is None or creds is None or not looks_like_jwt(creds.credentials):
         return await principal(request, creds, door)
     try:
-        return await oidc_principal(oidc, IntegrationStore(door.store), creds.credentials)
+        return await oidc_principal(oidc, door.store.access, creds.credentials)
     except HTTPException as exc:
         refusal = {401: "invalid access token", 403: "access token of an unlinked person"}.get(
             exc.status_code, "issuer keys unavailable")  # a fixed set: metric labels

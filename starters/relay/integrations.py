@@ -22,10 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from adapters import receipts, signing
 from adapters.config import secret_list
-from adapters.integration_store import IntegrationStore
+from adapters.db import CaseCreation, StoredReceipt
 from adapters.notify.chat import APPROVE_ACTION, DENY_ACTION
 from adapters.providers.base import WebhookRejected
-from adapters.store import CaseCreation, StoredReceipt
 from adapters.tickets.servicenow import record_url
 from domain.models import (
     ApprovalSignal,
@@ -202,7 +201,7 @@ async def receive(door: FrontDoor, request: Request, provider: str, secret: Secr
         rejection = exc
     except ValueError as exc:
         rejection = WebhookRejected("malformed", _explain(exc))
-    stored = await door.store.store_receipt(
+    stored = await door.store.receipts.store(
         provider=provider, event_id=parsed.event_id() if parsed else None,
         event_type=parsed.event_type() if parsed else None, body=body,
         body_sha256=hashlib.sha256(body or b"").hexdigest(), headers=headers,
@@ -221,7 +220,7 @@ async def receive(door: FrontDoor, request: Request, provider: str, secret: Secr
 
 async def answer(door: FrontDoor, stored: StoredReceipt, case_id: str | None, status: int,
                  body: dict[str, Any]) -> JSONResponse:
-    await door.store.mark_receipt_processed(stored.first_receipt_id or stored.receipt_id, case_id)
+    await door.store.receipts.mark_processed(stored.first_receipt_id or stored.receipt_id, case_id)
     return JSONResponse({"receipt_id": stored.receipt_id, **body}, status_code=status)
 
 
@@ -229,8 +228,8 @@ async def signal_approval(door: FrontDoor, stored: StoredReceipt, system: str, e
                           case_id: str | None, decision: Decision, reason: str) -> JSONResponse:
     """An approval from a channel that cannot wait: the workflow checks it when it
     processes the signal, exactly like one from the API."""
-    principal = await IntegrationStore(door.store).principal_for(system, external_user)
-    row = await door.store.get_case(case_id) if case_id else None
+    principal = await door.store.access.principal_for(system, external_user)
+    row = await door.store.cases.get(case_id) if case_id else None
     refusal: tuple[int, str, str] | None = None
     if row is None or case_id is None:
         refusal = (404, "", f"no refund request for this {system} approval")
@@ -246,7 +245,7 @@ async def signal_approval(door: FrontDoor, stored: StoredReceipt, system: str, e
         code, action, message = refusal
         actor = principal.user if principal else f"{system}:{external_user}"
         if action:
-            await door.store.append_audit(case_id, actor, action,
+            await door.store.audit.record(case_id, actor, action,
                                           {"channel": system, "external_user": external_user,
                                            "decision": decision.value, "refusal": message})
         return await answer(door, stored, case_id if row else None, code, {"detail": message})
@@ -254,7 +253,7 @@ async def signal_approval(door: FrontDoor, stored: StoredReceipt, system: str, e
     signal = ApprovalSignal(approver=principal.user, roles=tuple(sorted(principal.roles)),
                             decision=decision, reason=reason[:2000])
     await door.client.get_workflow_handle(case_id).signal(RefundWorkflow.approve, signal)
-    await door.store.append_audit(case_id, principal.user, "approval_signalled",
+    await door.store.audit.record(case_id, principal.user, "approval_signalled",
                                   {"channel": system, "external_user": external_user,
                                    "decision": decision.value})
     return await answer(door, stored, case_id, 200, {
@@ -289,18 +288,17 @@ async def servicenow_refund_request(request: Request, door: Door) -> JSONRespons
     ticket, stored = received
     case_id = ticket.case_id()
     opener = ticket.opened_by.user_name
-    integrations = IntegrationStore(door.store)
-    principal = await integrations.principal_for("servicenow", opener)
+    principal = await door.store.access.principal_for("servicenow", opener)
     if principal is None or not may(principal.roles, Permission.REQUEST_REFUND):
         message = (f"ServiceNow user {opener!r} is not linked to a user who may request refunds "
                    f"(roles {sorted(roles_for(Permission.REQUEST_REFUND))})")
-        await door.store.append_audit(case_id, f"servicenow:{opener}", "access_refused",
+        await door.store.audit.record(case_id, f"servicenow:{opener}", "access_refused",
                                       {"channel": "servicenow", "ticket": ticket.number, "refusal": message})
         return await answer(door, stored, None, 403, {"detail": message})
     if too_large := over_maximum(door.providers, ticket.provider, ticket.amount, ticket.currency):
         return await answer(door, stored, case_id, 422, {"detail": too_large})
     refund = ticket.refund_request(principal.user)
-    outcome, _ = await door.store.create_case(refund, principal.user)
+    outcome, _ = await door.store.cases.create(refund, principal.user)
     if outcome is CaseCreation.CONFLICT:
         return await answer(door, stored, case_id, 409, {
             "detail": f"ticket {ticket.number} changed after its refund was requested; the case "
@@ -308,10 +306,10 @@ async def servicenow_refund_request(request: Request, door: Door) -> JSONRespons
     settings = door.settings
     url = record_url(settings.servicenow_url, settings.servicenow_request_table, ticket.sys_id) \
         if settings.servicenow_url else None
-    await integrations.save_ticket(case_id, "servicenow", "request", external_id=ticket.sys_id,
-                                   number=ticket.number, url=url, actor=principal.user)
+    await door.store.integrations.save_ticket(case_id, "servicenow", "request", external_id=ticket.sys_id,
+                                              number=ticket.number, url=url, actor=principal.user)
     await start_refund(door.client, door.settings, refund, principal.user)
-    row = await door.store.get_case(case_id)
+    row = await door.store.cases.get(case_id)
     assert row is not None
     return await answer(door, stored, case_id, 202 if outcome is CaseCreation.CREATED else 200,
                         {"refund_request_id": case_id, "status": row["status"]})
@@ -325,7 +323,7 @@ async def servicenow_approval(request: Request, door: Door) -> JSONResponse:
     if isinstance(received, JSONResponse):
         return received
     approval, stored = received
-    case_id = await IntegrationStore(door.store).case_for_ticket("servicenow", approval.document_id)
+    case_id = await door.store.integrations.case_for_ticket("servicenow", approval.document_id)
     decision = Decision.APPROVE if approval.state == "approved" else Decision.DENY
     return await signal_approval(door, stored, "servicenow", approval.approver.user_name, case_id,
                                  decision, approval.comments or f"{approval.state} in ServiceNow")

@@ -10,7 +10,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from temporalio.client import WorkflowUpdateFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from adapters.payout_book import PayoutBook
 from adapters.telemetry import bind_case
 from domain.payouts import PayoutRegistration, ReissueAsk, payout_case_id
 from domain.permissions import Permission
@@ -40,7 +39,7 @@ async def register_payout(body: PayoutRegistration, caller: Caller, response: Re
     await door.actions.require(caller, Permission.REGISTER_PAYOUT, "registering a payout", case_id, via="api")
 
     async def refuse(status: int, refusal: str) -> NoReturn:
-        await door.store.append_audit(case_id, caller.user, "payout_registration_refused",
+        await door.store.audit.record(case_id, caller.user, "payout_registration_refused",
                                       {"payout": body.model_dump(mode="json"), "refusal": refusal})
         raise HTTPException(status, refusal)
 
@@ -48,7 +47,7 @@ async def register_payout(body: PayoutRegistration, caller: Caller, response: Re
         await refuse(422, f"provider {body.provider!r} is not configured")
     if too_large := over_maximum(door.providers, body.provider, body.amount, body.currency):
         await refuse(422, too_large)
-    booked, created = await PayoutBook(door.store).register_payout(body, caller.user)
+    booked, created = await door.store.payouts.register_payout(body, caller.user)
     if booked is None:
         await refuse(409, f"payout {body.id} (or {body.provider} payout {body.provider_payout_id}) is "
                           "already registered with other data")
@@ -60,21 +59,20 @@ async def register_payout(body: PayoutRegistration, caller: Caller, response: Re
 async def list_payouts(caller: Caller, door: Door, limit: int = 50) -> list[dict[str, Any]]:
     """The most recently booked payouts (reissues included), newest first."""
     await door.actions.require(caller, Permission.READ_PAYOUTS, "reading payouts", None, via="api")
-    return [p.model_dump(mode="json") for p in await PayoutBook(door.store).payouts(min(max(limit, 1), 500))]
+    return [p.model_dump(mode="json") for p in await door.store.payouts.payouts(min(max(limit, 1), 500))]
 
 
 @router.get("/v1/payouts/{payout_id}")
 async def get_payout(payout_id: str, caller: Caller, door: Door) -> dict[str, Any]:
     """A booked payout with its exception case's id (whether or not one is open)."""
     await door.actions.require(caller, Permission.READ_PAYOUTS, "reading a payout", None, via="api")
-    book = PayoutBook(door.store)
-    payout = await book.payout(payout_id)
+    payout = await door.store.payouts.payout(payout_id)
     if payout is None:
         raise HTTPException(404, f"no payout {payout_id!r}")
     case_id = payout_case_id(payout.provider, payout.provider_payout_id)
-    case = await book.case(case_id)
+    case = await door.store.payouts.case(case_id)
     return {"payout": payout.model_dump(mode="json"), "case_id": case_id,
-            "case_status": case["status"] if case else None}
+            "case_status": case.status if case else None}
 
 
 @router.get("/v1/payout-exceptions/{case_id}")
@@ -106,7 +104,7 @@ async def reissue_payout(case_id: str, body: PayoutReissueBody, caller: Caller,
     bind_case(case_id)
     await door.actions.require(caller, Permission.REISSUE_PAYOUT, "requesting a payout reissue", case_id,
                                via="api")
-    if await PayoutBook(door.store).case(case_id) is None:
+    if await door.store.payouts.case(case_id) is None:
         raise HTTPException(404, f"no payout exception {case_id!r}")
     ask = ReissueAsk(requester=caller.user, roles=tuple(sorted(caller.roles)), reason=body.reason)
     try:
@@ -121,5 +119,5 @@ async def reissue_payout(case_id: str, body: PayoutReissueBody, caller: Caller,
     else:
         return {"case_id": case_id, "status": progress.status,
                 "missing_roles": list(progress.missing_roles)}
-    await door.store.append_audit(case_id, caller.user, "reissue_refused", {"refusal": reason})
+    await door.store.audit.record(case_id, caller.user, "reissue_refused", {"refusal": reason})
     raise HTTPException(409, reason)

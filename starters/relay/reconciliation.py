@@ -10,8 +10,8 @@ from fastapi import APIRouter, HTTPException, Response
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 
+from adapters.db.reconciliation import break_view, run_view
 from adapters.providers.base import RefundLister
-from adapters.reconciliation import Reconciliations, break_view, run_view
 from domain.permissions import Permission
 from domain.reconciliation import ReconcileInput, RunKind
 from starters.actions.front import Door
@@ -51,8 +51,8 @@ async def start_backfill(body: BackfillBody, caller: Caller, response: Response,
     if until <= body.since:
         raise HTTPException(422, "until must be after since")
     settings = door.settings
-    run, resumed = await Reconciliations(door.store).open_backfill(body.provider, body.since, until,
-                                                                   caller.user, settings.task_queue)
+    run, resumed = await door.store.reconciliation.open_backfill(body.provider, body.since, until,
+                                                                 caller.user, settings.task_queue)
     await door.client.start_workflow(
         ReconciliationWorkflow.run,
         ReconcileInput(provider=body.provider, kind=RunKind.BACKFILL, run_id=run["id"],
@@ -70,7 +70,7 @@ async def start_backfill(body: BackfillBody, caller: Caller, response: Response,
 async def list_runs(caller: Caller, door: Door, limit: int = 50) -> list[dict[str, Any]]:
     await door.actions.require(caller, Permission.READ_RECONCILIATION_RUNS, "reading reconciliation runs",
                                via="api")
-    return [run_view(r) for r in await Reconciliations(door.store).runs(min(max(limit, 1), 500))]
+    return [run_view(r) for r in await door.store.reconciliation.runs(min(max(limit, 1), 500))]
 
 
 @router.get("/v1/reconciliation/runs/{run_id}")
@@ -79,11 +79,11 @@ async def get_run(run_id: str, caller: Caller, door: Door) -> dict[str, Any]:
     breaks it saw with links to their cases and exception workflows."""
     await door.actions.require(caller, Permission.READ_RECONCILIATION_RUNS, "reading a reconciliation run",
                                via="api")
-    recon = Reconciliations(door.store)
-    report = await recon.report(run_id)
+    report = await door.store.reconciliation.report(run_id)
     if report is None:
         raise HTTPException(404, f"no reconciliation run {run_id!r}")
-    return {**report, "breaks": [break_view(b) async for b in recon.run_breaks(run_id, REPORT_BREAKS)]}
+    breaks = door.store.reconciliation.run_breaks(run_id, REPORT_BREAKS)
+    return {**report, "breaks": [break_view(b) async for b in breaks]}
 
 
 @router.get("/v1/reconciliation/breaks/{break_id}")
@@ -91,7 +91,7 @@ async def get_break(break_id: int, caller: Caller, door: Door) -> dict[str, Any]
     await door.actions.require(caller, Permission.READ_RECONCILIATION_BREAKS,
                                "reading a reconciliation break",
                                via="api")
-    row = await Reconciliations(door.store).get_break(break_id)
+    row = await door.store.reconciliation.get_break(break_id)
     if row is None:
         raise HTTPException(404, f"no reconciliation break {break_id}")
     return break_view(row)

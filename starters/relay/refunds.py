@@ -7,8 +7,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 
-from adapters.integration_store import IntegrationStore
-from adapters.store import CaseCreation
+from adapters.db import CaseCreation
 from adapters.telemetry import bind_case
 from domain.models import RefundRequestBody, RequestSource
 from domain.permissions import Permission
@@ -44,7 +43,7 @@ async def request_refund(body: RefundRequestBody, caller: Caller, request: Reque
                                        "input": body.amount, "msg": too_large}])
     cli = request.headers.get(CHANNEL_HEADER, "").lower() == RequestSource.CLI.value
     refund = body.as_request(RequestSource.CLI if cli else RequestSource.API)
-    outcome, row = await door.store.create_case(refund, caller.user)
+    outcome, row = await door.store.cases.create(refund, caller.user)
     if outcome is CaseCreation.CONFLICT:
         raise HTTPException(409, f"refund_request_id {body.refund_request_id!r} was already "
                                  "used with different parameters")
@@ -61,10 +60,9 @@ async def request_refund(body: RefundRequestBody, caller: Caller, request: Reque
 async def get_refund(refund_request_id: str, caller: Caller, door: Door) -> dict[str, Any]:
     """The case, with the advisor's suggestion for approvers (labelled advisory)."""
     await door.actions.readable(caller, refund_request_id, "reading a case", via="api")
-    integrations = IntegrationStore(door.store)
     return {**await door.actions.view(refund_request_id),
-            "advice": advice_view(await integrations.advice(refund_request_id)),
-            "tickets": await integrations.tickets(refund_request_id)}
+            "advice": advice_view(await door.store.integrations.advice(refund_request_id)),
+            "tickets": await door.store.integrations.tickets(refund_request_id)}
 
 
 @router.get("/v1/refund-requests/{refund_request_id}/audit")
@@ -72,7 +70,7 @@ async def get_audit(refund_request_id: str, caller: Caller, door: Door) -> list[
     """The case's timeline: every decision, with who and when."""
     await door.actions.readable(caller, refund_request_id, "reading an audit trail", via="api")
     return [{**e, "occurred_at": e["occurred_at"].isoformat()}
-            for e in await door.store.audit_trail(refund_request_id)]
+            for e in await door.store.audit.trail(refund_request_id)]
 
 
 @router.post("/v1/refund-requests/{refund_request_id}/approvals", status_code=202)

@@ -23,9 +23,8 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from adapters import metrics, receipts
 from adapters.config import Settings
-from adapters.payout_book import PayoutBook
+from adapters.db import CaseCreation, Store, StoredReceipt
 from adapters.providers.base import NotificationRecorder, ProviderAdapter, WebhookRejected
-from adapters.store import CaseCreation, Store, StoredReceipt
 from adapters.telemetry import bind_case
 from domain.events import tracking_case_id
 from domain.models import EventKind, ProviderEvent, RefundRequest
@@ -89,7 +88,6 @@ class WebhookDesk:
     def __init__(self, store: Store, client: Client, providers: Mapping[str, ProviderAdapter],
                  settings: Settings) -> None:
         self._store = store
-        self._payouts = PayoutBook(store)
         self._client = client
         self._providers = providers
         self._settings = settings
@@ -151,7 +149,7 @@ class WebhookDesk:
         try:
             event, request = self._parse(provider_name, headers, body, now, peer)
         except WebhookRejected as rejection:
-            stored = await self._store.store_receipt(
+            stored = await self._store.receipts.store(
                 provider=receipts.storable(provider_name),
                 event_id=rejection.event_id and receipts.storable(rejection.event_id),
                 event_type=rejection.event_type and receipts.storable(rejection.event_type), body=body,
@@ -167,7 +165,7 @@ class WebhookDesk:
             return IngestResult(REJECTION_STATUS[rejection.verdict], stored.receipt_id,
                                 rejection.verdict, detail=rejection.message, replay_of=replay_of)
         opens = (request, actor_of(event)) if request is not None else None
-        stored = await self._store.store_receipt(
+        stored = await self._store.receipts.store(
             provider=provider_name, event_id=event.event_id, event_type=event.event_type, body=body,
             body_sha256=digest, headers=kept_headers, verdict="accepted", error=None,
             replay_of=replay_of, opens=opens)
@@ -184,8 +182,8 @@ class WebhookDesk:
         if isinstance(provider, NotificationRecorder) and not isinstance(event, PayoutEvent):
             await provider.record_notification(event)
         workflow_id = await self.route(event, stored.case_creation, request=request)
-        await self._store.mark_receipt_processed(stored.first_receipt_id or stored.receipt_id,
-                                                 workflow_id)
+        await self._store.receipts.mark_processed(stored.first_receipt_id or stored.receipt_id,
+                                                  workflow_id)
         return IngestResult(200, stored.receipt_id, stored.verdict, workflow_id=workflow_id,
                             replay_of=replay_of)
 
@@ -204,7 +202,7 @@ class WebhookDesk:
             request = request or request_from_event(event)
             bind_case(request.refund_request_id)
             requester = actor_of(event)
-            outcome = case_creation or (await self._store.create_case(request, requester))[0]
+            outcome = case_creation or (await self._store.cases.create(request, requester))[0]
             if outcome is CaseCreation.CONFLICT:
                 log.error("provider request %s conflicts with an existing case", request.refund_request_id)
                 return None
@@ -215,13 +213,13 @@ class WebhookDesk:
                      event.provider, event.event_type)
             return None
         case_id = event.refund_request_id
-        row = await self._store.get_case(case_id) if case_id else None
+        row = await self._store.cases.get(case_id) if case_id else None
         if row is not None and row["provider"] != event.provider:
             log.warning("%s event %s names %s, a %s case: it reaches only %s's cases",
                         event.provider, event.event_id, case_id, row["provider"], event.provider)
             row = None
         if row is None:
-            row = await self._store.case_by_provider_refund(event.provider, event.refund_id)
+            row = await self._store.cases.by_provider_refund(event.provider, event.refund_id)
         if row is None:
             return await self._track(event)
         case_id = str(row["refund_request_id"])
@@ -232,14 +230,14 @@ class WebhookDesk:
             if exc.status != RPCStatusCode.NOT_FOUND:
                 raise
             log.error("case %s is closed; event %s left for reconciliation", case_id, event.event_id)
-            await self._store.append_audit(case_id, actor_of(event), "event_after_close",
+            await self._store.audit.record(case_id, actor_of(event), "event_after_close",
                                            {"event_id": event.event_id, "event_type": event.event_type})
         return case_id
 
     async def _payout_receipt(self, event: PayoutEvent, stored: StoredReceipt) -> None:
         """Every delivery of a payout event, duplicates too, joins the case's timeline with
         its validation: signature verified, idempotency key, first or repeated receipt."""
-        await self._store.append_audit(
+        await self._store.audit.record(
             payout_case_id(event.provider, event.payout.payout_id), actor_of(event),
             "payout_event_received",
             {"receipt_id": stored.receipt_id, "verdict": stored.verdict, "signature": "verified",
@@ -254,10 +252,10 @@ class WebhookDesk:
         bind_case(case_id)
         actor = actor_of(event)
         detail = {"event_id": event.event_id, "event_type": event.event_type}
-        if await self._payouts.payout_at_provider(event.provider, event.payout.payout_id) is None:
+        if await self._store.payouts.payout_at_provider(event.provider, event.payout.payout_id) is None:
             log.error("NO INTERNAL PAYOUT for %s %s (%s): nothing acts", event.provider,
                       event.payout.payout_id, event.event_type)
-            await self._store.append_audit(case_id, actor, "payout_unknown", detail)
+            await self._store.audit.record(case_id, actor, "payout_unknown", detail)
             return None
         if event.is_exception():
             if await open_payout_case(self._client, self._settings, event) is not None:
@@ -272,7 +270,7 @@ class WebhookDesk:
                     raise
         log.warning("no open exception case for payout %s; %s %s stays on its timeline only",
                     event.payout.payout_id, event.event_type, event.event_id)
-        await self._store.append_audit(case_id, actor, "payout_event_without_open_case", detail)
+        await self._store.audit.record(case_id, actor, "payout_event_without_open_case", detail)
         return case_id
 
     async def _track(self, event: ProviderEvent) -> str | None:
@@ -283,13 +281,13 @@ class WebhookDesk:
                       event.provider, event.event_type, event.refund_id)
             return None
         case_id = tracking_case_id(event.provider, event.refund_id)
-        if await self._store.open_tracking_case(case_id, refund, event.merchant_account, event.event_type):
+        if await self._store.cases.open_tracking(case_id, refund, event.merchant_account, event.event_type):
             log.warning("provider-originated refund %s %s: tracking as case %s", event.provider,
                         event.refund_id, case_id)
         if await track_refund(self._client, self._settings, case_id, event) is None:
             log.error("tracking case %s is closed; event %s left for reconciliation", case_id,
                       event.event_id)
-            await self._store.append_audit(case_id, actor_of(event), "event_after_close",
+            await self._store.audit.record(case_id, actor_of(event), "event_after_close",
                                            {"event_id": event.event_id, "event_type": event.event_type})
         return case_id
 
@@ -297,7 +295,7 @@ class WebhookDesk:
 
     async def replay(self, receipt_id: int) -> IngestResult | None:
         """Re-feeds one stored delivery through `ingest`, as of its reception time."""
-        stored = await receipts.delivery(self._store, receipt_id)
+        stored = await self._store.receipts.delivery(receipt_id)
         if stored is None:
             return None
         return await self.ingest(stored.provider, stored.headers, stored.body,
@@ -307,7 +305,7 @@ class WebhookDesk:
         """Replays one page of original deliveries received since `since`, oldest first: at
         most `limit`, after receipt `after_id`. A page, so one call stays short however many
         receipts the window holds (a whole window in one request outlived its client)."""
-        page = await receipts.deliveries_since(self._store, since, after_id=after_id, limit=limit)
+        page = await self._store.receipts.deliveries_since(since, after_id=after_id, limit=limit)
         results = [await self.replay(i) for i in page]
         return [r for r in results if r is not None]
 
@@ -317,8 +315,8 @@ class WebhookDesk:
         `refunds webhooks redrive`. Relays may overlap: each event still acts once (the
         `(provider, event_id)` gate, the workflows' event ids, the ledger's posting keys)."""
         limit = self._settings.webhook_redrive_max_attempts
-        stale = await receipts.unprocessed(self._store, self._settings.webhook_redrive_after_seconds,
-                                           self._providers.keys(), limit)
+        stale = await self._store.receipts.unprocessed(self._settings.webhook_redrive_after_seconds,
+                                                       self._providers.keys(), limit)
         if stale:
             log.warning("re-driving %d accepted but unprocessed receipts: %s", len(stale), stale)
         results: list[IngestResult] = []
@@ -330,7 +328,7 @@ class WebhookDesk:
                 continue
             if result is not None:
                 results.append(result)
-        for receipt_id in await receipts.given_up(self._store, stale, limit):
+        for receipt_id in await self._store.receipts.given_up(stale, limit):
             metrics.REDRIVE_GAVE_UP.inc()
             log.error("GAVE UP re-driving receipt %s after %d tries: it is accepted but never reached "
                       "its workflow; replay it by hand once the cause is fixed", receipt_id, limit)
@@ -354,7 +352,7 @@ class WebhookDesk:
         """Per provider: which event types arrived, which have a handler, unknown types,
         handled types never seen, and refusals by verdict; plus the latest refusals."""
         report = {name: _coverage_entry(p.event_types) for name, p in self._providers.items()}
-        for row in await receipts.type_counts(self._store):
+        for row in await self._store.receipts.type_counts(replays=False):
             entry = report.setdefault(row["provider"], _coverage_entry(frozenset()))
             if row["event_type"] is not None:
                 entry["arrived"].setdefault(row["event_type"], {})[row["verdict"]] = row["n"]
@@ -366,5 +364,5 @@ class WebhookDesk:
         for entry in report.values():
             entry["never_seen"] = [t for t in entry["handled"] if t not in entry["arrived"]]
         recent = [{**r, "received_at": r["received_at"].isoformat()}
-                  for r in await receipts.recent_rejections(self._store)]
+                  for r in await self._store.receipts.rejections(20)]
         return {"providers": report, "recent_rejections": recent}

@@ -48,8 +48,8 @@ async def list_receipts(provider: str, caller: Caller, door: Door,
                         event_id: str | None = None) -> list[dict[str, Any]]:
     """Every stored delivery of a provider's event (duplicates and rejections included)."""
     await door.actions.require(caller, Permission.READ_WEBHOOKS, "reading webhook receipts", via="api")
-    return [{**r, "processed_at": r["processed_at"].isoformat() if r["processed_at"] else None}
-            for r in await door.store.receipts(provider, event_id)]
+    return [{**r, "processed_at": r.processed_at.isoformat() if r.processed_at else None}
+            for r in await door.store.receipts.find(provider, event_id)]
 
 
 @router.post("/webhooks/{provider_name}", response_model=WebhookAck)
@@ -88,7 +88,7 @@ async def replay(body: ReplayBody, caller: Caller, door: Door, desk: Desk) -> li
         assert body.since is not None
         results = await desk.replay_since(body.since, after_id=body.after_receipt_id,
                                           limit=body.limit)
-    await door.store.append_audit(None, caller.user, "webhooks_replayed",
+    await door.store.audit.record(None, caller.user, "webhooks_replayed",
                                   {**body.model_dump(mode="json"),
                                    "receipts": [r.receipt_id for r in results]})
     return [{**r.body(), "status_code": r.status_code} for r in results]

@@ -1,6 +1,10 @@
-"""Reconciliation storage: runs and their cursors, the set-based classification of each
-batch of provider objects against our cases and ledger, breaks (one per provider, object
-and class) and the governed end of each break.
+"""Over 400 lines: one repository whose runs, breaks and settlements share row locks and audit
+writes; its batch statements are apart already (`reconciliation_sql.py`).
+
+Reconciliation: runs and their cursors, the set-based classification of each batch of
+provider objects against our cases and ledger (`reconciliation_sql.py`), breaks (one per
+provider, object and class, also those a case or the sweep raises) and the governed end of
+each break.
 
 A batch is staged in a temporary table and joined with cases and ledger postings in one
 statement, so memory and round trips stay flat however large the window; the batch's
@@ -15,8 +19,16 @@ from typing import Any
 
 from psycopg.types.json import Jsonb
 
-from adapters.store import LEDGER_TEMPLATES, Conn, Store
+from adapters.db.audit import AuditLog
+from adapters.db.cases import CaseRepository
+from adapters.db.database import Conn, Database, Repository, jsonb
+from adapters.db.ledger import LedgerRepository
+from adapters.db.outbox import OutboxRepository
+from adapters.db.reconciliation_sql import CLASSIFY, CLASSIFY_PAYOUTS, STAGE
+from adapters.db.sweep import open_incident_run
 from domain.events import tracking_case_id
+from domain.incidents import DuplicateRefundInput
+from domain.ledger import REFUNDED_ACCOUNT
 from domain.models import (
     LedgerInput,
     LedgerKind,
@@ -65,150 +77,6 @@ class Phase(StrEnum):
 
     REFUNDS = "refunds"
     PAYOUTS = "payouts"
-
-
-REFUNDED_ACCOUNT = LEDGER_TEMPLATES[LedgerKind.REFUND_SETTLED][0]
-"""The account whose debit balance per case is what our ledger says was refunded."""
-
-STAGE = """
-CREATE TEMP TABLE recon_batch (
-    object_id TEXT PRIMARY KEY, charge_id TEXT NOT NULL, amount BIGINT NOT NULL,
-    currency TEXT NOT NULL, status TEXT NOT NULL, raw_status TEXT NOT NULL, failure_reason TEXT,
-    reference TEXT, created_at TIMESTAMPTZ NOT NULL
-) ON COMMIT DROP
-"""
-
-# Both classifications end alike: link every break seen to this run. Rows inserted by a CTE
-# are invisible to the rest of the statement, hence the UNION with `inserted`.
-LINK = """, linked AS (
-    INSERT INTO reconciliation_run_breaks (run_id, break_id)
-    SELECT %(run_id)s, r.id FROM classified c JOIN reconciliation_breaks r
-        ON r.provider = %(provider)s AND r.object_id = c.object_id AND r.break_class = c.break_class
-    UNION ALL SELECT %(run_id)s, id FROM inserted
-    ON CONFLICT DO NOTHING
-)
-SELECT * FROM inserted ORDER BY id
-"""
-
-# One statement per batch: match each provider object to its case (by the refund id the case
-# recorded, else by our reference in the provider's metadata) and to that case's ledger
-# position, flag every class of difference, insert the breaks not seen before, and link every
-# break seen to this run (LINK).
-CLASSIFY = """
-WITH matched AS (
-    SELECT b.*, c.refund_request_id AS case_id, c.status AS case_status, c.amount AS case_amount,
-           c.currency AS case_currency, c.provider_status AS case_provider_status,
-           c.requester AS case_requester,
-           coalesce(c.provider_refund_id = b.object_id, false) AS case_holds_refund,
-           coalesce(l.net, 0) AS ledger_net,
-           CASE WHEN b.status = 'succeeded' THEN b.amount ELSE 0 END AS expected_net
-    FROM recon_batch b
-    LEFT JOIN LATERAL (
-        SELECT * FROM refund_cases c
-        WHERE c.provider = %(provider)s
-          AND (c.provider_refund_id = b.object_id OR c.refund_request_id = b.reference)
-        ORDER BY c.provider_refund_id = b.object_id DESC NULLS LAST LIMIT 1) c ON true
-    LEFT JOIN LATERAL (
-        SELECT sum(li.debit - li.credit) AS net
-        FROM ledger_entries e JOIN ledger_lines li ON li.entry_id = e.id
-        WHERE e.refund_request_id = c.refund_request_id AND li.account = %(account)s) l ON true
-    WHERE b.created_at < %(judge_before)s
-), flagged AS (
-    SELECT m.*,
-           m.case_id IS NULL AS unknown,
-           CASE WHEN m.case_id IS NULL THEN NULL
-                WHEN m.status IN ('failed', 'canceled') AND m.case_status = ANY(%(shown_refunded)s)
-                    THEN 'provider_failed_shown_refunded'
-                WHEN m.status = 'succeeded' AND m.case_status = ANY(%(shown_pending)s)
-                    THEN 'provider_succeeded_shown_pending'
-                WHEN m.status = 'succeeded' AND m.case_status = ANY(%(shown_failed)s)
-                    THEN 'provider_succeeded_shown_failed' END AS status_break,
-           coalesce(m.case_amount <> m.amount, false) AS amount_break,
-           coalesce(m.case_currency <> m.currency, false) AS currency_break,
-           m.case_id IS NOT NULL AND m.created_at < %(stuck_before)s
-               AND (m.status = ANY(%(non_terminal)s)
-                    OR (m.case_status = ANY(%(shown_pending)s) AND m.status IN ('failed', 'canceled')))
-               AS stuck,
-           -- ledger breaks only where the case's status agrees with the provider's
-           m.case_id IS NOT NULL AND (
-               (m.status = 'succeeded' AND m.case_status = ANY(%(shown_refunded)s))
-               OR (m.status IN ('failed', 'canceled') AND m.case_status = ANY(%(shown_failed)s))
-               OR (m.status = ANY(%(non_terminal)s) AND m.case_status = ANY(%(shown_pending)s)))
-               AS statuses_agree
-    FROM matched m
-), classified AS (
-    SELECT f.*, k.break_class FROM flagged f CROSS JOIN LATERAL unnest(
-        CASE WHEN f.status = %(unmapped)s THEN ARRAY['unmapped_status'] ELSE array_remove(ARRAY[
-        CASE WHEN f.unknown THEN 'unknown_to_us' END,
-        f.status_break,
-        CASE WHEN f.amount_break THEN 'amount_mismatch' END,
-        CASE WHEN f.currency_break THEN 'currency_mismatch' END,
-        CASE WHEN f.stuck THEN 'stuck_non_terminal' END,
-        CASE WHEN f.statuses_agree AND NOT f.amount_break AND NOT f.currency_break THEN
-            CASE WHEN f.ledger_net > f.amount OR f.ledger_net < 0 THEN 'ledger_doubled'
-                 WHEN f.ledger_net <> f.expected_net THEN 'ledger_missing' END END
-    ], NULL) END) AS k(break_class)
-), inserted AS (
-    INSERT INTO reconciliation_breaks (
-        provider, object_id, break_class, refund_request_id, chain, charge_id, amount, currency,
-        provider_status, raw_status, failure_reason, case_status, ledger_delta, object_created_at,
-        evidence, first_run_id, state)
-    SELECT %(provider)s, object_id, break_class, case_id,
-           coalesce(case_id, %(tracking_prefix)s || object_id), charge_id, amount, currency, status,
-           raw_status, failure_reason, case_status,
-           CASE WHEN status = %(unmapped)s THEN NULL WHEN case_id IS NULL THEN expected_net
-                WHEN currency = case_currency THEN expected_net - ledger_net END,
-           created_at,
-           jsonb_build_object(
-               'provider', jsonb_build_object('status', status, 'raw_status', raw_status,
-                   'failure_reason', failure_reason, 'amount', amount, 'currency', currency,
-                   'charge_id', charge_id, 'created', created_at, 'reference', reference),
-               'case', CASE WHEN case_id IS NOT NULL THEN jsonb_build_object('id', case_id,
-                   'status', case_status, 'amount', case_amount, 'currency', case_currency,
-                   'provider_status', case_provider_status, 'holds_refund', case_holds_refund,
-                   'requester', case_requester) END,
-               'ledger', jsonb_build_object('net', ledger_net, 'expected', expected_net)),
-           %(run_id)s, CASE WHEN status = %(unmapped)s THEN 'ops_review' ELSE 'new' END
-    FROM classified
-    ON CONFLICT (provider, object_id, break_class) DO NOTHING
-    RETURNING *
-)""" + LINK  # noqa: S608 (constant text)
-
-# Payouts: the provider failed, canceled or reversed a payout our books hold as paid (the
-# payout exception case's own trigger, found without its webhook), or reported a status no
-# table maps. Payout breaks live on the payout exception case's chain.
-CLASSIFY_PAYOUTS = """
-WITH classified AS (
-    SELECT b.*, p.id AS payout_id, p.status AS our_status, p.amount AS our_amount,
-           p.currency AS our_currency, p.beneficiary_id, k.break_class
-    FROM recon_batch b
-    LEFT JOIN payouts p ON p.provider = %(provider)s AND p.provider_payout_id = b.object_id
-    CROSS JOIN LATERAL (SELECT CASE
-        WHEN b.status = %(unmapped)s THEN 'unmapped_status'
-        WHEN b.status = ANY(%(payout_failed)s) AND p.status = %(paid)s THEN 'payout_failed_shown_paid'
-        END AS break_class) k
-    WHERE b.created_at < %(judge_before)s AND k.break_class IS NOT NULL
-), inserted AS (
-    INSERT INTO reconciliation_breaks (
-        provider, object_kind, object_id, break_class, refund_request_id, chain, charge_id, amount,
-        currency, provider_status, raw_status, failure_reason, case_status, object_created_at,
-        evidence, first_run_id, state)
-    SELECT %(provider)s, 'payout', object_id, break_class,
-           CASE WHEN payout_id IS NOT NULL THEN %(case_prefix)s || object_id END,
-           %(case_prefix)s || object_id, charge_id, amount, currency, status, raw_status,
-           failure_reason, our_status, created_at,
-           jsonb_build_object(
-               'provider', jsonb_build_object('status', status, 'raw_status', raw_status,
-                   'failure_code', failure_reason, 'amount', amount, 'currency', currency,
-                   'created', created_at, 'reference', reference),
-               'payout', CASE WHEN payout_id IS NOT NULL THEN jsonb_build_object('id', payout_id,
-                   'status', our_status, 'amount', our_amount, 'currency', our_currency,
-                   'beneficiary_id', beneficiary_id) END),
-           %(run_id)s, CASE WHEN status = %(unmapped)s THEN 'ops_review' ELSE 'new' END
-    FROM classified
-    ON CONFLICT (provider, object_id, break_class) DO NOTHING
-    RETURNING *
-)""" + LINK  # noqa: S608 (constant text)
 
 
 REPORT_COLUMNS = ("break_id", "break_class", "provider", "object_id", "case_id", "amount", "currency",
@@ -306,17 +174,18 @@ def break_view(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-class Reconciliations:
-    """All SQL of reconciliation, on the product's store (its pool and audit chain)."""
+class ReconciliationRepository(Repository):
+    """Runs, their breaks and how each break ended."""
 
-    def __init__(self, store: Store) -> None:
-        self._store = store
+    def __init__(self, database: Database) -> None:
+        super().__init__(database)
+        self._cases = CaseRepository(database)
 
     # -- runs -----------------------------------------------------------------------
 
     async def open_run(self, window: RunWindow, task_queue: str) -> dict[str, Any]:
         """Records the run once; a continued or retried workflow finds the row it made."""
-        async with self._store.transaction() as conn:
+        async with self._db.transaction() as conn:
             await conn.execute(
                 "INSERT INTO reconciliation_runs (id, provider, task_queue, kind, window_start, window_end,"
                 " requested_by) VALUES (%s,%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING",
@@ -333,7 +202,7 @@ class Reconciliations:
         """A new backfill run, or the provider's unfinished one on this deployment (resumed:
         True), whose cursor says where it stopped."""
         run_id = f"reconcile-{provider}-backfill-{secrets.token_hex(6)}"
-        async with self._store.transaction() as conn:
+        async with self._db.transaction() as conn:
             cur = await conn.execute(
                 "INSERT INTO reconciliation_runs (id, provider, task_queue, kind, window_start, window_end,"
                 " requested_by) VALUES (%s,%s,%s,'backfill',%s,%s,%s)"
@@ -341,9 +210,9 @@ class Reconciliations:
                 " DO NOTHING RETURNING *", (run_id, provider, task_queue, since, until, requested_by))
             created = await cur.fetchone()
             if created is not None:
-                await Store._audit(conn, None, requested_by, "reconciliation_backfill_requested",
-                                   {"run_id": run_id, "provider": provider, "since": since,
-                                    "until": until})
+                await AuditLog.append(conn, None, requested_by, "reconciliation_backfill_requested",
+                                      {"run_id": run_id, "provider": provider, "since": since,
+                                       "until": until})
                 return created, False
             cur = await conn.execute(
                 "SELECT * FROM reconciliation_runs WHERE provider = %s AND task_queue = %s"
@@ -353,15 +222,12 @@ class Reconciliations:
         return existing, True
 
     async def run(self, run_id: str) -> dict[str, Any] | None:
-        async with self._store.transaction() as conn:
-            return await (await conn.execute("SELECT * FROM reconciliation_runs WHERE id = %s",
-                                             (run_id,))).fetchone()
+        return await self._db.fetch_one("SELECT * FROM reconciliation_runs WHERE id = %s",
+                                        (run_id,))
 
     async def runs(self, limit: int = 50) -> list[dict[str, Any]]:
-        async with self._store.transaction() as conn:
-            cur = await conn.execute(
-                "SELECT * FROM reconciliation_runs ORDER BY started_at DESC LIMIT %s", (limit,))
-            return list(await cur.fetchall())
+        return await self._db.fetch_all(
+            "SELECT * FROM reconciliation_runs ORDER BY started_at DESC LIMIT %s", (limit,))
 
     async def store_batch(self, run_id: str, provider: str, batch: Sequence[Listed],
                           options: ReconcileOptions, *, cursor: str | None, phase: Phase,
@@ -376,7 +242,7 @@ class Reconciliations:
         assert run is not None
         until: datetime = run["window_end"]
         unique = {_object_id(listed): listed for listed in batch}
-        async with self._store.transaction() as conn:
+        async with self._db.transaction() as conn:
             await conn.execute(STAGE)
             async with conn.cursor().copy(
                     "COPY recon_batch (object_id, charge_id, amount, currency, status, raw_status,"
@@ -414,37 +280,32 @@ class Reconciliations:
         detail = {"break_id": row["id"], "break_class": row["break_class"], "object_id": row["object_id"],
                   "run_id": row["first_run_id"], "ledger_delta": row["ledger_delta"],
                   "evidence": row["evidence"]}
-        await Store._audit(conn, row["chain"], "reconciliation", "reconciliation_break_found", detail)
-        await Store.queue_notice_in(conn, NoticeInput(
+        await AuditLog.append(conn, row["chain"], "reconciliation", "reconciliation_break_found", detail)
+        await OutboxRepository.queue_in(conn, NoticeInput(
             refund_request_id=row["chain"], kind="reconciliation_break", audience="ops",
             dedup_key=f"reconciliation_break:{row['id']}", detail=detail))
 
     async def undispatched(self, run_id: str, limit: int = 500) -> list[dict[str, Any]]:
         """Breaks found by the run whose exception workflow was not started yet."""
-        async with self._store.transaction() as conn:
-            cur = await conn.execute(
-                "SELECT * FROM reconciliation_breaks WHERE first_run_id = %s AND dispatched_at IS NULL"
-                " AND state <> 'ops_review' ORDER BY id LIMIT %s", (run_id, limit))
-            return list(await cur.fetchall())
+        return await self._db.fetch_all(
+            "SELECT * FROM reconciliation_breaks WHERE first_run_id = %s AND dispatched_at IS NULL"
+            " AND state <> 'ops_review' ORDER BY id LIMIT %s", (run_id, limit))
 
     async def mark_dispatched(self, break_id: int) -> None:
-        async with self._store.transaction() as conn:
-            await conn.execute("UPDATE reconciliation_breaks SET dispatched_at = now() WHERE id = %s",
+        await self._db.execute("UPDATE reconciliation_breaks SET dispatched_at = now() WHERE id = %s",
                                (break_id,))
 
     async def finish(self, run_id: str, files: Sequence[str]) -> None:
-        async with self._store.transaction() as conn:
-            await conn.execute(
-                "UPDATE reconciliation_runs SET state = 'completed', finished_at = coalesce(finished_at,"
-                " now()), report_files = %s, updated_at = now() WHERE id = %s",
-                (Jsonb(list(files)), run_id))
+        await self._db.execute(
+            "UPDATE reconciliation_runs SET state = 'completed', finished_at = coalesce(finished_at,"
+            " now()), report_files = %s, updated_at = now() WHERE id = %s",
+            (Jsonb(list(files)), run_id))
 
     async def fail(self, run_id: str, reason: str) -> None:
         """A running run becomes `failed` with its reason (a completed one stays completed)."""
-        async with self._store.transaction() as conn:
-            await conn.execute(
-                "UPDATE reconciliation_runs SET state = 'failed', failure = %s, finished_at = now(),"
-                " updated_at = now() WHERE id = %s AND state = 'running'", (reason, run_id))
+        await self._db.execute(
+            "UPDATE reconciliation_runs SET state = 'failed', failure = %s, finished_at = now(),"
+            " updated_at = now() WHERE id = %s AND state = 'running'", (reason, run_id))
 
     # -- reports --------------------------------------------------------------------
 
@@ -454,7 +315,7 @@ class Reconciliations:
         run = await self.run(run_id)
         if run is None:
             return None
-        async with self._store.transaction() as conn:
+        async with self._db.transaction() as conn:
             rows = await (await conn.execute(
                 "SELECT b.break_class, b.currency, count(*) AS seen,"
                 " count(*) FILTER (WHERE b.first_run_id = %(run)s) AS new, sum(b.amount) AS amount,"
@@ -489,7 +350,7 @@ class Reconciliations:
 
     async def run_breaks(self, run_id: str, limit: int | None = None) -> AsyncIterator[dict[str, Any]]:
         """Every break the run saw, oldest object first, streamed from a server-side cursor."""
-        async with self._store.transaction() as conn, conn.cursor(name="run_breaks") as cur:
+        async with self._db.transaction() as conn, conn.cursor(name="run_breaks") as cur:
             await cur.execute(
                 "SELECT b.*, b.first_run_id = %(run)s AS new_in_run FROM reconciliation_run_breaks rb"
                 " JOIN reconciliation_breaks b ON b.id = rb.break_id WHERE rb.run_id = %(run)s"
@@ -498,15 +359,14 @@ class Reconciliations:
                 yield row
 
     async def get_break(self, break_id: int) -> dict[str, Any] | None:
-        async with self._store.transaction() as conn:
-            return await (await conn.execute("SELECT * FROM reconciliation_breaks WHERE id = %s",
-                                             (break_id,))).fetchone()
+        return await self._db.fetch_one("SELECT * FROM reconciliation_breaks WHERE id = %s",
+                                        (break_id,))
 
     # -- the exception case -------------------------------------------------------------
 
     async def open_exception(self, break_id: int, approval: BreakApproval) -> None:
         """The break now waits for people: audited on its chain, approvers told once."""
-        async with self._store.transaction() as conn:
+        async with self._db.transaction() as conn:
             row = await (await conn.execute(
                 "UPDATE reconciliation_breaks SET state = 'awaiting_approval' WHERE id = %s"
                 " AND state = 'new' RETURNING *", (break_id,))).fetchone()
@@ -515,9 +375,9 @@ class Reconciliations:
             detail = {"break_id": break_id, "break_class": row["break_class"], "tier": approval.tier,
                       "requirements": [r.model_dump() for r in approval.requirements],
                       "proposed_ledger_delta": row["ledger_delta"], "currency": row["currency"]}
-            await Store._audit(conn, row["chain"], "reconciliation", "reconciliation_exception_opened",
-                               detail)
-            await Store.queue_notice_in(conn, NoticeInput(
+            await AuditLog.append(conn, row["chain"], "reconciliation", "reconciliation_exception_opened",
+                                  detail)
+            await OutboxRepository.queue_in(conn, NoticeInput(
                 refund_request_id=row["chain"], kind="reconciliation_approval_needed",
                 audience="approvers", dedup_key=f"reconciliation_approval:{break_id}{_round(row)}",
                 detail=detail))
@@ -531,7 +391,7 @@ class Reconciliations:
         assert row is not None
         if settlement.state is BreakState.RESOLVED and row["refund_request_id"] is None:
             await self._adopt(row)
-        async with self._store.transaction() as conn:
+        async with self._db.transaction() as conn:
             row = await (await conn.execute("SELECT * FROM reconciliation_breaks WHERE id = %s FOR UPDATE",
                                             (break_id,))).fetchone()
             assert row is not None
@@ -548,8 +408,8 @@ class Reconciliations:
                 (settlement.state.value, Jsonb(resolution),
                  row["chain"] if settlement.state is BreakState.RESOLVED else None, break_id))
             action = f"reconciliation_break_{settlement.state}"
-            await Store._audit(conn, row["chain"], "reconciliation", action,
-                               {"break_id": break_id, **resolution})
+            await AuditLog.append(conn, row["chain"], "reconciliation", action,
+                                  {"break_id": break_id, **resolution})
             return outcome
 
     async def _adopt(self, row: dict[str, Any]) -> None:
@@ -557,7 +417,7 @@ class Reconciliations:
         charge), so the approved entry has a case to land on."""
         truth = truth_of(row)
         assert isinstance(truth, ProviderRefund), "only a refund is adopted"
-        await self._store.open_tracking_case(row["chain"], truth, None, "reconciliation")
+        await self._cases.open_tracking(row["chain"], truth, None, "reconciliation")
 
     @staticmethod
     async def _compensate(conn: Conn, row: dict[str, Any], settlement: BreakSettlement) -> BreakOutcome:
@@ -577,7 +437,7 @@ class Reconciliations:
         posting_key = None
         if move is not None:
             kind, amount = move
-            posted = await Store.post_ledger_in(conn, LedgerInput(
+            posted = await LedgerRepository.post_in(conn, LedgerInput(
                 refund_request_id=case_id, kind=kind, amount=amount, currency=case["currency"],
                 provider_refund_id=truth.refund_id, reference=f"reconciliation-{row['id']}"))
             posting_key = posted.posting_key
@@ -609,7 +469,7 @@ class Reconciliations:
         posting_key = None
         final = final_status(ProviderPayoutStatus(row["provider_status"]))
         if payout["status"] == PayoutStatus.PAID:
-            posted = await Store.post_ledger_in(conn, LedgerInput(
+            posted = await LedgerRepository.post_in(conn, LedgerInput(
                 refund_request_id=row["chain"], kind=LedgerKind.PAYOUT_REVERSED, amount=int(payout["amount"]),
                 currency=payout["currency"], provider_refund_id=row["object_id"],
                 reference=f"reconciliation-{row['id']}"))
@@ -620,13 +480,48 @@ class Reconciliations:
                            payout_status_before=payout["status"], provider_status=row["provider_status"])
         return BreakOutcome(break_id=row["id"], state=BreakState.RESOLVED, posting_key=posting_key)
 
+    # -- incidents a case raises ----------------------------------------------------------
+
+    async def open_duplicate_refund_break(self, inp: DuplicateRefundInput) -> dict[str, Any] | None:
+        """Records the duplicate as a `duplicate_refund` break in `ops_review` on the case's
+        chain, found by an `incident` run; None when it was recorded already (a retry, or the
+        same refund reported again)."""
+        refund = inp.duplicate
+        run_id = f"incident-{refund.provider}-{refund.refund_id}"
+        evidence = {"provider": {**refund.model_dump(mode="json")},
+                    "case": {"id": inp.case_id, "followed_refund_id": inp.followed_refund_id},
+                    "source": inp.source}
+        # What the ledger lacks once the duplicate settled; unknown while it is not final.
+        delta = refund.amount if refund.status is ProviderRefundStatus.SUCCEEDED else None
+        async with self._db.transaction() as conn:
+            await open_incident_run(conn, run_id, refund.provider, f"workflow:{inp.case_id}")
+            cur = await conn.execute(
+                "INSERT INTO reconciliation_breaks (provider, object_id, break_class, refund_request_id,"
+                " chain, charge_id, amount, currency, provider_status, raw_status, failure_reason,"
+                " case_status, ledger_delta, object_created_at, evidence, first_run_id, state,"
+                " dispatched_at)"
+                " SELECT %s,%s,%s,c.refund_request_id,c.refund_request_id,%s,%s,%s,%s,%s,%s,c.status,%s,"
+                " now(),%s,%s,%s, now() FROM refund_cases c WHERE c.refund_request_id = %s"
+                " ON CONFLICT (provider, object_id, break_class) DO NOTHING RETURNING *",
+                (refund.provider, refund.refund_id, BreakClass.DUPLICATE_REFUND.value, refund.charge_id,
+                 refund.amount, refund.currency, refund.status.value, refund.raw_status,
+                 refund.failure_reason, delta, jsonb(evidence), run_id, BreakState.OPS_REVIEW.value,
+                 inp.case_id))
+            row = await cur.fetchone()
+            if row is None:
+                return None
+            await conn.execute("INSERT INTO reconciliation_run_breaks (run_id, break_id) VALUES (%s,%s)",
+                               (run_id, row["id"]))
+            await self._announce(conn, row)
+            return dict(row)
+
     # -- reopening ------------------------------------------------------------------------
 
     async def reopen(self, break_id: int, actor: str, reason: str) -> dict[str, Any]:
         """Sends a dismissed or expired break back to its exception case (the same break and
         case id, `reopened` counted), audited with the decision it undoes. Raises
         LookupError for no such break, NotReopenable when it is in another state."""
-        async with self._store.transaction() as conn:
+        async with self._db.transaction() as conn:
             row = await (await conn.execute("SELECT * FROM reconciliation_breaks WHERE id = %s FOR UPDATE",
                                             (break_id,))).fetchone()
             if row is None:
@@ -637,7 +532,7 @@ class Reconciliations:
                 "UPDATE reconciliation_breaks SET state = 'new', reopened = reopened + 1, resolution = NULL,"
                 " resolved_at = NULL WHERE id = %s RETURNING *", (break_id,))).fetchone()
             assert reopened is not None
-            await Store._audit(conn, row["chain"], actor, "reconciliation_break_reopened", {
+            await AuditLog.append(conn, row["chain"], actor, "reconciliation_break_reopened", {
                 "break_id": break_id, "reason": reason, "reopened": reopened["reopened"],
                 "previous_state": row["state"], "previous_resolution": row["resolution"]})
             return reopened
@@ -656,6 +551,6 @@ def _round(row: dict[str, Any]) -> str:
 async def _compensated(conn: Conn, row: dict[str, Any], settlement: BreakSettlement, posting_key: str | None,
                        **detail: Any) -> None:
     """The compensation's audit row on the break's chain: who approved, what posted."""
-    await Store._audit(conn, row["chain"], "reconciliation", "reconciliation_compensated",
-                       {"break_id": row["id"], "approvers": list(settlement.approvers),
-                        "posting_key": posting_key, **detail})
+    await AuditLog.append(conn, row["chain"], "reconciliation", "reconciliation_compensated",
+                          {"break_id": row["id"], "approvers": list(settlement.approvers),
+                           "posting_key": posting_key, **detail})

@@ -6,7 +6,7 @@ Each notification is one row keyed by `(provider, event_id)`, so a duplicate, re
 re-drive records nothing twice.
 """
 
-from adapters.store import Store
+from adapters.db.database import Database
 from domain.models import ChargeSnapshot, ProviderEvent, ProviderRefundStatus
 from domain.payments import (
     PaymentEvent,
@@ -23,11 +23,11 @@ REFUND_EFFECT = {
 """A refund notification's effect on its payment; any other status leaves it pending."""
 
 
-class PaymentBook:
+class PaymentNotificationRepository:
     """One provider's recorded payment notifications and the charges they describe."""
 
-    def __init__(self, store: Store, provider: str, *, auto_capture: bool) -> None:
-        self._store = store
+    def __init__(self, database: Database, provider: str, *, auto_capture: bool) -> None:
+        self._db = database
         self._provider = provider
         self._auto_capture = auto_capture
 
@@ -41,22 +41,20 @@ class PaymentBook:
             status = REFUND_EFFECT.get(event.status, PaymentStatus.REFUND_PENDING)
         else:
             return
-        async with self._store.transaction() as conn:
-            await conn.execute(
-                "INSERT INTO payment_notifications (provider, event_id, event_type, payment_id,"
-                " psp_reference, status, amount, currency, merchant_account, occurred_at)"
-                " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) ON CONFLICT (provider, event_id) DO NOTHING",
-                (self._provider, event.event_id, event.event_type, payment_id, reference, status.value,
-                 event.amount or 0, event.currency or "", event.merchant_account or "",
-                 event.occurred_at))
+        await self._db.execute(
+            "INSERT INTO payment_notifications (provider, event_id, event_type, payment_id,"
+            " psp_reference, status, amount, currency, merchant_account, occurred_at)"
+            " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) ON CONFLICT (provider, event_id) DO NOTHING",
+            (self._provider, event.event_id, event.event_type, payment_id, reference, status.value,
+             event.amount or 0, event.currency or "", event.merchant_account or "",
+             event.occurred_at))
 
     async def charge(self, payment_id: str) -> ChargeSnapshot | None:
         """The charge as recorded (None when no notification reported the payment)."""
-        async with self._store.transaction() as conn:
-            cur = await conn.execute(
-                "SELECT psp_reference, status, amount, currency, merchant_account"
-                " FROM payment_notifications WHERE provider = %s AND payment_id = %s"
-                " ORDER BY occurred_at, recorded_at", (self._provider, payment_id))
-            notes = [RecordedNotification(**row) for row in await cur.fetchall()]
+        rows = await self._db.fetch_all(
+            "SELECT psp_reference, status, amount, currency, merchant_account"
+            " FROM payment_notifications WHERE provider = %s AND payment_id = %s"
+            " ORDER BY occurred_at, recorded_at", (self._provider, payment_id))
+        notes = [RecordedNotification(**row) for row in rows]
         return charge_from_notifications(self._provider, payment_id, notes,
                                          auto_capture=self._auto_capture)
