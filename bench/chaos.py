@@ -53,6 +53,7 @@ from bench import fault_schedule
 from bench.checker import Outcome, Sent, check
 from bench.common import RESULTS, Embedded, embedded_stack
 from starters import relay
+from tests.adyen_fake import refund_notification
 from tests.harness import PAYLOAD_KEYS, Stack, open_stack
 
 SERVICENOW_SECRET = "chaos-servicenow"
@@ -327,14 +328,6 @@ class BadInput:
     """False: sent to the relay app in process, since HTTP servers refuse it on the wire."""
 
 
-def adyen_item_body(additional: Any) -> bytes:
-    item = {"pspReference": "psp_chaos", "originalReference": "pay_chaos", "merchantAccountCode": "M",
-            "merchantReference": "rr-chaos", "amount": {"value": 100, "currency": "EUR"},
-            "eventCode": "REFUND", "success": "true", "eventDate": "2026-01-01T00:00:00+00:00",
-            "additionalData": additional}
-    return json.dumps({"live": "false", "notificationItems": [{"NotificationRequestItem": item}]}).encode()
-
-
 def named_bad_inputs(stack: Stack, token: str) -> list[BadInput]:
     """Issue #19's bad inputs, signed now with the stack's secrets where a signature matters."""
     now, old = int(time.time()), int(time.time()) - 3600
@@ -373,8 +366,8 @@ def named_bad_inputs(stack: Stack, token: str) -> list[BadInput]:
         BadInput("deep_json_stripe", "/webhooks/stripe", DEEP,
                  {"Stripe-Signature": sign(stripe_key, DEEP, now)}, 400, "malformed"),
         BadInput("deep_json_adyen", "/webhooks/adyen", DEEP, {}, 400, "malformed"),
-        BadInput("adyen_additional_data_a_list", "/webhooks/adyen", adyen_item_body(["hmacSignature"]), {},
-                 401, "bad_signature"),
+        BadInput("adyen_additional_data_a_list", "/webhooks/adyen", refund_notification(["hmacSignature"]),
+                 {}, 401, "bad_signature"),
         BadInput("svix_timestamp_year_9999", "/webhooks/rainforest", b"{}",
                  {"svix-id": "msg_chaos", "svix-timestamp": "253402300800", "svix-signature": "v1,AAAA"},
                  401, "bad_signature"),
