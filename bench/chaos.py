@@ -445,6 +445,9 @@ async def stored_verdict(stack: Stack, response: httpx.Response) -> str | None:
 
 
 async def bad_input(env: Embedded, requests: int) -> Outcome:
+    """Malformed, forged, oversize and stale requests, then the named ones: no 5xx, no case
+    nor ledger entry, a receipt for every delivery, and (the checker) each one it accepted
+    processed."""
     outcome = Outcome("bad_input", cases=requests)
     stack = await open_stack(env.store, env.client, env.temporal.address, stripe_api_key="sk_test_unused",
                              **BAD_INPUT_SECRETS)
@@ -452,6 +455,7 @@ async def bad_input(env: Embedded, requests: int) -> Outcome:
     rng = random.Random(11)
     secret = stack.settings.sandbox_webhook_secret
     assert secret is not None
+    since = datetime.now(UTC)
     try:
         before = await counts(stack)
         async with httpx.AsyncClient(base_url=stack.relay_url, timeout=30) as http, \
@@ -500,6 +504,7 @@ async def bad_input(env: Embedded, requests: int) -> Outcome:
             outcome.violations.append(f"{stored} receipts for {webhooks} deliveries")
         if money_state(after) != money_state(before):
             outcome.violations.append(f"state changed: {before} -> {after}")
+        await check_requests(stack, outcome, [], since)  # no request made a case: the receipts' rule
     finally:
         await stack.close()
     return outcome

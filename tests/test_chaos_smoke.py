@@ -89,6 +89,7 @@ async def test_every_order_of_events_ends_in_the_providers_state(env: Embedded) 
 async def test_bad_input_never_answers_5xx_nor_changes_state(env: Embedded) -> None:
     outcome = await chaos.bad_input(env, 60)
     assert outcome.violations == []
+    assert outcome.counts["provider_refunded"] == 0  # the checker ran: every receipt processed, no refund
     assert sum(n for answer, n in outcome.counts.items() if answer.startswith("http_")) == 60
     # the four webhook kinds of six, each stored, and the named inputs that store a receipt
     named = {name.removeprefix("named_"): status for name, status in outcome.counts.items()
