@@ -136,8 +136,12 @@ async def test_schemathesis_finds_no_server_error_and_changes_nothing(env: Embed
 
 @pytest.fixture
 async def bare(store: Store, client: Client, temporal_server: TemporalDevServer) -> AsyncIterator[Stack]:
-    """A stack without a worker: the checker reads what the test planted, nothing moves it."""
+    """A stack without a worker: the checker reads what the test planted, nothing moves it.
+    The sandbox holds its webhooks: a planted refund's `refund.created` would otherwise race
+    the check, which waits for nothing (it once found it received and not yet processed)."""
     opened = await open_stack(store, client, temporal_server.address, worker=False)
+    async with opened.sandbox() as sb:
+        await sb.post("/_sandbox/config", json={"hold_webhooks": True})
     yield opened
     await opened.close()
 
