@@ -74,13 +74,16 @@ async def check_requests(stack: Stack, outcome: Outcome, sent: list[Sent], since
 
 
 def worker_process(stack: Stack, dsn: str, temporal: str) -> subprocess.Popen[bytes]:
-    secret = stack.settings.sandbox_webhook_secret
-    assert secret is not None
+    """The stack's worker as its own process (to be killed), configured as the stack's: its
+    approval keys too, without which it refuses every approval as unsealed."""
+    secret, approval_keys = stack.settings.sandbox_webhook_secret, stack.settings.approval_keys
+    assert secret is not None and approval_keys is not None
     env = {**os.environ, "REFUNDS_DATABASE_URL": dsn, "TEMPORAL_ADDRESS": temporal,
            "REFUNDS_PAYLOAD_KEYS": PAYLOAD_KEYS, "REFUNDS_WORKER_HEALTH_PORT": "0",
            "REFUNDS_TEMPORAL_METRICS_PORT": "0", "REFUNDS_TASK_QUEUE": stack.settings.task_queue,
            "REFUNDS_SANDBOX_API_BASE": stack.sandbox_url,
            "REFUNDS_SANDBOX_WEBHOOK_SECRET": secret.get_secret_value(), "REFUNDS_LOG_LEVEL": "ERROR",
+           "REFUNDS_APPROVAL_KEYS": approval_keys.get_secret_value(),
            "REFUNDS_PROVIDER_HTTP_TIMEOUT_SECONDS": str(stack.settings.provider_http_timeout_seconds)}
     return subprocess.Popen([str(Path(sys.executable).parent / "refunds"), "worker"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -62,6 +62,8 @@ async def test_the_randomised_fault_schedule_keeps_every_refund_exact(env: Embed
     assert outcome.violations == [], "\n".join(outcome.violations)
     assert outcome.counts["temporal_restarts"] == 1 and outcome.counts["worker_kills"] == 1
     assert outcome.counts["in_flight_at_disruptions_min"] > 0
+    # every race was decided: the worker process verifies the relay's approval seals
+    assert outcome.counts["approval_race"] > 0 and outcome.waiting_for_person == []
 
 
 def test_a_seed_stands_for_one_schedule() -> None:
