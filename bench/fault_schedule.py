@@ -123,6 +123,7 @@ async def run(env: Embedded, cases: int, seed: int, *, concurrency: int = 10,
     process = worker(stack)
     sent: list[Sent] = []
     races: list[asyncio.Task[None]] = []
+    raced: list[str] = []
     disruptions = sorted([(at, "worker_kill") for at in schedule.worker_kills]
                          + [(at, "temporal_restart") for at in schedule.temporal_restarts]
                          + [(at, "postgres_restart") for at in schedule.postgres_restarts])
@@ -139,6 +140,7 @@ async def run(env: Embedded, cases: int, seed: int, *, concurrency: int = 10,
                 answered = await post_retrying(stack, body)
                 sent.append(Sent(body["refund_request_id"], charge, answered))
                 if plan.approval_race and answered == 202:
+                    raced.append(body["refund_request_id"])
                     races.append(asyncio.create_task(race_approvals(
                         stack, outcome, body["refund_request_id"], timeout=60 + cases)))
 
@@ -160,6 +162,11 @@ async def run(env: Embedded, cases: int, seed: int, *, concurrency: int = 10,
         await asyncio.gather(*tasks)
         await asyncio.gather(*races)
         await check(stack, outcome, sent, since=since, timeout=60 + cases)
+        for case_id in raced:  # one of the two racing approvers decides: none waits for a third
+            row = await stack.store.cases.get(case_id)
+            if row is not None and row["status"] == "awaiting_approval":
+                outcome.violation(f"{case_id} approval race", "decided by one of its approvers",
+                                  "still awaiting_approval")
         outcome.counts["succeeded"] = await count_status(stack, sent, "succeeded")
     finally:
         process.kill()
