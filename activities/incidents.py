@@ -5,8 +5,7 @@ from typing import Any
 
 from temporalio import activity
 
-from adapters.incidents import open_duplicate_refund_break
-from adapters.store import Store
+from adapters.db import Store
 from domain import contracts
 from domain.incidents import DuplicateRefundInput
 
@@ -21,7 +20,7 @@ class IncidentActivities:
     async def open_duplicate_refund_break(self, inp: DuplicateRefundInput) -> bool:
         """Records the duplicate refund as a break for ops; idempotent per refund (False
         when it was recorded already)."""
-        return await open_duplicate_refund_break(self._store, inp) is not None
+        return await self._store.reconciliation.open_duplicate_refund_break(inp) is not None
 
     def all(self) -> list[Callable[..., Any]]:
         return [self.open_duplicate_refund_break]

@@ -15,11 +15,10 @@ from temporalio.exceptions import ApplicationError
 
 from adapters.advisor import AdvisorUnavailable, build_advisor
 from adapters.config import Settings
-from adapters.integration_store import IntegrationStore
+from adapters.db import Store
 from adapters.notify.channels import build_channels, email_recipient
 from adapters.notify.delivery import DeliveryUncertain
 from adapters.notify.message import render, template_for
-from adapters.store import Store
 from domain import contracts, errors
 from domain.advice import AdviceContext, PriorRefund, TimelineEntry, guarded
 from domain.integrations import AdviceReceipt, AdviseInput, DeliverNoticeInput, DeliverNoticesInput
@@ -39,7 +38,8 @@ class IntegrationActivities:
 
     def __init__(self, store: Store, settings: Settings) -> None:
         self._store = store
-        self._integrations = IntegrationStore(store)
+        self._integrations = store.integrations
+        self._outbox = store.outbox
         self._settings = settings
         self._channels = build_channels(settings, self._integrations)
         self._advisor = build_advisor(settings)
@@ -68,11 +68,11 @@ class IntegrationActivities:
         each send is claimed in `notice_deliveries` first, so a retry skips what was sent
         (or may have been) and retries only channels that certainly failed. The activity
         and the worker's outbox sweeper both come here."""
-        notice = await self._integrations.notice(dedup_key)
+        notice = await self._outbox.notice(dedup_key)
         if notice is None:
             raise ApplicationError(f"no notice {dedup_key!r} in the outbox", non_retryable=True)
         case_id: str | None = notice["refund_request_id"]
-        case = await self._store.get_case(case_id) if case_id else None
+        case = await self._store.cases.get(case_id) if case_id else None
         advice = await self._integrations.advice(case_id) if case_id else None
         payout = template_for(notice, case).payout
         message = render(notice, case, advice,
@@ -82,27 +82,27 @@ class IntegrationActivities:
         failed: list[str] = []
         carriers = [c for c in self._channels if c.accepts(message)]
         for channel in carriers:
-            if not await self._integrations.claim_delivery(message.notice_id, case_id, channel.name):
+            if not await self._outbox.claim_delivery(message.notice_id, case_id, channel.name):
                 continue
             try:
                 external_id = await channel.send(message)
             except DeliveryUncertain as exc:
                 log.error("notice %s to %s may or may not have arrived; not resent: %s",
                           message.notice_id, channel.name, exc)
-                await self._integrations.finish_delivery(message.notice_id, case_id, channel.name,
-                                                         "uncertain", error=str(exc))
+                await self._outbox.finish_delivery(message.notice_id, case_id, channel.name,
+                                                   "uncertain", error=str(exc))
             except Exception as exc:  # one channel's failure never stops the others
                 log.warning("notice %s to %s failed: %s", message.notice_id, channel.name, exc)
-                await self._integrations.finish_delivery(message.notice_id, case_id, channel.name,
-                                                         "failed", error=str(exc)[:1000])
+                await self._outbox.finish_delivery(message.notice_id, case_id, channel.name,
+                                                   "failed", error=str(exc)[:1000])
                 failed.append(f"{channel.name}: {exc}")
             else:
-                await self._integrations.finish_delivery(message.notice_id, case_id, channel.name,
-                                                         "delivered", external_id=external_id)
+                await self._outbox.finish_delivery(message.notice_id, case_id, channel.name,
+                                                   "delivered", external_id=external_id)
         if failed:
             raise ApplicationError("; ".join(failed), type=errors.NOTICE_DELIVERY_FAILED)
         if carriers:  # with no channel for it, the notice stays undelivered in the outbox
-            await self._integrations.mark_notice_delivered(message.notice_id)
+            await self._outbox.mark_delivered(message.notice_id)
 
     async def _context(self, inp: AdviseInput) -> AdviceContext:
         request, validation = inp.request, inp.validation
@@ -110,7 +110,7 @@ class IntegrationActivities:
         charge = await self._integrations.charge_history(request.provider, request.charge_id, case_id)
         customer_id = request.evidence.get("customer_id")
         customer = await self._integrations.customer_history(customer_id, case_id) if customer_id else []
-        trail = await self._store.audit_trail(case_id)
+        trail = await self._store.audit.trail(case_id)
         return AdviceContext(
             refund_request_id=case_id, provider=request.provider, charge_id=request.charge_id,
             amount=request.amount, currency=request.currency, reason=request.reason,

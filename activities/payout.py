@@ -15,7 +15,8 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.refund import configuration_refused
-from adapters.payout_book import HoldReleased, PayoutBook
+from adapters.db import Store
+from adapters.db.payouts import HoldReleased
 from adapters.providers.base import (
     PayoutExecutor,
     ProviderAdapter,
@@ -24,7 +25,6 @@ from adapters.providers.base import (
     ProviderError,
     ProviderOutcomeUnknown,
 )
-from adapters.store import Store
 from domain import contracts, errors
 from domain.models import LedgerResult
 from domain.payouts import (
@@ -59,7 +59,7 @@ class PayoutActivities:
     """Holds the process-wide store, provider clients and policy the activities share."""
 
     def __init__(self, store: Store, providers: Mapping[str, ProviderAdapter], policy: Policy) -> None:
-        self._book = PayoutBook(store)
+        self._book = store.payouts
         self._providers = providers
         self._policy = policy
 
@@ -102,7 +102,7 @@ class PayoutActivities:
     @activity.defn(name=contracts.RECORD_PAYOUT_CASE_EVENT.name)
     async def record_payout_case_event(self, inp: PayoutCaseEventInput) -> None:
         """Moves the case's status and appends the audit row in one transaction."""
-        await self._book.record_case_event(inp)
+        await self._book.record_event(inp)
 
     @activity.defn(name=contracts.HOLD_PAYOUT.name)
     async def hold_payout(self, inp: HoldInput) -> HoldResult:

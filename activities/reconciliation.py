@@ -21,6 +21,8 @@ from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 
+from adapters.db import Store
+from adapters.db.reconciliation import REPORT_COLUMNS, Listed, Phase, RunConflict, break_case
 from adapters.providers.base import (
     PayoutLister,
     ProviderAdapter,
@@ -30,12 +32,10 @@ from adapters.providers.base import (
     RefundLister,
     UnexpectedProviderStatus,
 )
-from adapters.reconciliation import REPORT_COLUMNS, Listed, Phase, Reconciliations, RunConflict, break_case
-from adapters.store import Store
 from domain import contracts, errors
 from domain.models import RefundTimings
 from domain.payouts import PayoutCaseInput, ProviderPayout, payout_case_id
-from domain.policy import Policy, decide_payout_reversal, tier_for
+from domain.policy import Policy
 from domain.reconciliation import (
     BatchInput,
     BatchResult,
@@ -47,7 +47,7 @@ from domain.reconciliation import (
     RunFailure,
     RunSummary,
     RunWindow,
-    approval_amount,
+    break_approval,
     break_workflow_id,
     payout_truth_event,
 )
@@ -74,7 +74,7 @@ class ReconciliationActivities:
     def __init__(self, store: Store, providers: Mapping[str, ProviderAdapter], client: Client,
                  policy: Policy, *, timings: RefundTimings, reports_dir: Path,
                  reissue_window: timedelta = PayoutCaseInput.model_fields["reissue_window"].default) -> None:
-        self._recon = Reconciliations(store)
+        self._recon = store.reconciliation
         self._providers = providers
         self._client = client
         self._policy = policy
@@ -184,13 +184,7 @@ class ReconciliationActivities:
     async def open_break_exception(self, case: BreakCase) -> BreakApproval:
         """Decides who must approve (the refund tier for the amount at stake), records it
         and tells the approvers."""
-        if isinstance(case.truth, ProviderPayout):
-            decided = decide_payout_reversal(self._policy, case.truth.amount, case.truth.currency)
-            assert decided.tier is not None
-            approval = BreakApproval(tier=decided.tier, requirements=decided.requirements)
-        else:
-            tier = tier_for(self._policy.refunds.tiers, approval_amount(case), case.truth.currency)
-            approval = BreakApproval(tier=tier.name, requirements=tier.approvals)
+        approval = break_approval(self._policy, case)
         await self._recon.open_exception(case.break_id, approval)
         return approval
 

@@ -11,6 +11,7 @@ from typing import Any
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from adapters.db import Store
 from adapters.metrics import OPS_REVIEW_ESCALATIONS
 from adapters.providers.base import (
     ProviderAdapter,
@@ -24,7 +25,6 @@ from adapters.providers.base import (
     UnexpectedProviderStatus,
 )
 from adapters.providers.manual import ManualRefunds
-from adapters.store import Store
 from domain import contracts, errors
 from domain.models import (
     CaseEventInput,
@@ -105,7 +105,7 @@ class RefundActivities:
         charge = await self._valid_charge(inp.request)
         if isinstance(charge, str):
             return ValidationResult(ok=False, reason=charge)
-        return await self._store.reserve(inp.request, charge)
+        return await self._store.cases.reserve(inp.request, charge)
 
     @activity.defn(name=contracts.VALIDATE_AND_DECIDE.name)
     async def validate_and_decide(self, inp: ValidateInput) -> Vetted:
@@ -120,14 +120,14 @@ class RefundActivities:
         def decided(validation: ValidationResult, prior_amounts: list[int]) -> PolicyDecision:
             return decide(self._policy, request, policy_context(
                 request, validation.amount_captured, validation.dispute_count, prior_amounts))
-        return await self._store.reserve_and_decide(request, charge, decided)
+        return await self._store.cases.reserve_and_decide(request, charge, decided)
 
     async def _valid_charge(self, request: RefundRequest) -> ChargeSnapshot | str:
         """The charge at the provider when it can take the refund; otherwise the case is
         rejected (status and audit row) and the reason comes back."""
         if request.provider not in self._providers:
             reason = f"unknown provider {request.provider!r}"
-            await self._store.reject_case(request.refund_request_id, reason)
+            await self._store.cases.reject(request.refund_request_id, reason)
             return reason
         try:
             charge = await self._provider(request.provider).get_charge(request.charge_id)
@@ -138,7 +138,7 @@ class RefundActivities:
             raise configuration_refused(exc) from exc
         if problem is not None or charge is None:
             reason = problem or "charge not found"
-            await self._store.reject_case(request.refund_request_id, reason)
+            await self._store.cases.reject(request.refund_request_id, reason)
             return reason
         return charge
 
@@ -146,26 +146,26 @@ class RefundActivities:
     async def decide_policy(self, inp: PolicyInput) -> PolicyDecision:
         """Evaluates the deterministic policy and stores the decision with its rules."""
         request = inp.request
-        prior = await self._store.prior_refunds(request.provider, request.charge_id,
-                                                request.refund_request_id)
+        prior = await self._store.cases.prior_refunds(request.provider, request.charge_id,
+                                                      request.refund_request_id)
         context = policy_context(request, inp.validation.amount_captured, inp.validation.dispute_count,
                                  [int(p["amount"]) for p in prior])
         decision = decide(self._policy, request, context)
-        await self._store.record_decision(request.refund_request_id, decision.model_dump(mode="json"))
+        await self._store.cases.record_decision(request.refund_request_id, decision.model_dump(mode="json"))
         return decision
 
     @activity.defn(name=contracts.RECORD_CASE_EVENT.name)
     async def record_case_event(self, inp: CaseEventInput) -> None:
         """Moves the case's status and appends the audit row in one transaction; a case
         sent to ops review is counted by its reason (the action)."""
-        await self._store.record_case_event(inp)
+        await self._store.cases.record_event(inp)
         _count_escalation(inp)
 
     @activity.defn(name=contracts.WRITE_CASE_STEPS.name)
     async def write_case_steps(self, inp: CaseWrites) -> CaseWritten:
         """A case step's ledger posting, notices and events in one transaction (run as a
         local activity: database only, idempotent by posting and dedup keys)."""
-        written = await self._store.write_case_steps(inp)
+        written = await self._store.cases.write_case_steps(inp)
         for write in inp.writes:
             if write.event is not None:
                 _count_escalation(write.event)
@@ -179,29 +179,29 @@ class RefundActivities:
         request = inp.request
         provider = self._executor(request)
         case_id = request.refund_request_id
-        if await self._store.begin_submission(case_id, inp.idempotency_key, inp.started):
+        if await self._store.cases.begin_submission(case_id, inp.idempotency_key, inp.started):
             found = next(iter(await self._find(request, "resubmit after an earlier attempt")), None)
             if found is not None:
-                await self._store.record_provider_refund(case_id, found,
-                                                         "provider_refund_found_before_resubmit")
+                await self._store.cases.record_provider_refund(case_id, found,
+                                                               "provider_refund_found_before_resubmit")
                 return found
         try:
             refund = await provider.create_refund(request, inp.idempotency_key)
         except UnexpectedProviderStatus as exc:
             raise _unexpected(exc) from exc
         except ProviderDeclined as exc:
-            await self._store.append_audit(case_id, f"provider:{provider.name}",
+            await self._store.audit.record(case_id, f"provider:{provider.name}",
                                            "provider_refund_declined", {"error": str(exc)})
             raise ApplicationError(str(exc), type=errors.DECLINED, non_retryable=True) from exc
         except ProviderConfigurationRefused as exc:
-            await self._store.append_audit(case_id, f"provider:{provider.name}",
+            await self._store.audit.record(case_id, f"provider:{provider.name}",
                                            "provider_credentials_refused", {"error": str(exc)})
             raise configuration_refused(exc) from exc
         except ProviderOutcomeUnknown as exc:
-            await self._store.append_audit(case_id, f"provider:{provider.name}",
+            await self._store.audit.record(case_id, f"provider:{provider.name}",
                                            "provider_outcome_unknown", {"error": str(exc)})
             raise ApplicationError(str(exc), type=errors.OUTCOME_UNKNOWN) from exc
-        await self._store.record_provider_refund(
+        await self._store.cases.record_provider_refund(
             case_id, refund, "provider_refund_created", {"idempotency_key": inp.idempotency_key})
         return refund
 
@@ -217,15 +217,15 @@ class RefundActivities:
         except RefundsDuplicated as exc:
             return exc.refunds
         except ProviderLookupUnsupported as exc:  # an earlier attempt may have made it: no resend
-            await self._store.append_audit(case_id, "system", "verify_state",
+            await self._store.audit.record(case_id, "system", "verify_state",
                                            {"lookup": "unsupported", "reason": reason})
             raise _no_lookup(exc) from exc
         except UnexpectedProviderStatus as exc:
-            await self._store.append_audit(case_id, "system", "verify_state",
+            await self._store.audit.record(case_id, "system", "verify_state",
                                            {"error": str(exc), "reason": reason})
             raise _unexpected(exc) from exc
         except ProviderConfigurationRefused as exc:
-            await self._store.append_audit(case_id, "system", "verify_state",
+            await self._store.audit.record(case_id, "system", "verify_state",
                                            {"error": str(exc), "reason": reason})
             raise configuration_refused(exc) from exc
         except ProviderError as exc:
@@ -238,13 +238,13 @@ class RefundActivities:
         request = inp.request
         refunds = await self._find(request, inp.reason)
         if not refunds:
-            await self._store.append_audit(request.refund_request_id, "system", "verify_state",
+            await self._store.audit.record(request.refund_request_id, "system", "verify_state",
                                            {"found": False, "reason": inp.reason})
             return VerifyResult(refund=None)
-        case = await self._store.get_case(request.refund_request_id)
+        case = await self._store.cases.get(request.refund_request_id)
         followed = case["provider_refund_id"] if case else None  # the case keeps the refund it follows
         found, *duplicates = sorted(refunds, key=lambda r: r.refund_id != followed)
-        await self._store.record_provider_refund(
+        await self._store.cases.record_provider_refund(
             request.refund_request_id, found, "verify_state",
             {"found": True, "reason": inp.reason,
              **({"also_found": [r.refund_id for r in duplicates]} if duplicates else {})})
@@ -253,12 +253,12 @@ class RefundActivities:
     @activity.defn(name=contracts.POST_LEDGER.name)
     async def post_ledger(self, inp: LedgerInput) -> LedgerResult:
         """Posts one balanced journal entry per posting key; retries find the first one."""
-        return await self._store.post_ledger(inp)
+        return await self._store.ledger.post(inp)
 
     @activity.defn(name=contracts.QUEUE_NOTICE.name)
     async def queue_notice(self, inp: NoticeInput) -> None:
         """Writes the notice to the outbox once per dedup key (delivery is the integrations')."""
-        await self._store.queue_notice(inp)
+        await self._store.outbox.queue(inp)
 
     def all(self) -> list[Callable[..., Any]]:
         """Every activity, for worker registration."""

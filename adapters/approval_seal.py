@@ -68,6 +68,11 @@ class ApprovalKeys:
             raise ValueError("approval sealing needs at least one non-empty key")
         self._keys = tuple(keys)
 
+    @property
+    def count(self) -> int:
+        """How many keys verify (the rotation list's length)."""
+        return len(self._keys)
+
     def seal(self, workflow_id: str, signal: ApprovalSignal, *, now: datetime) -> str:
         issued_at, nonce = int(now.timestamp()), secrets.token_hex(16)
         mac = _mac(self._keys[0], _message(workflow_id, signal, issued_at, nonce))

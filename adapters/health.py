@@ -14,7 +14,7 @@ from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
-from adapters.store import Store
+from adapters.db import Store
 
 CHECK_SECONDS = 5
 UNANSWERED = f"did not answer within {CHECK_SECONDS} s"
@@ -52,7 +52,7 @@ async def temporal_problem(client: Client) -> str | None:
 
 async def applied_migrations(store: Store) -> set[str]:
     """Versions recorded in schema_migrations; none before the first `refunds migrate`."""
-    async with store.transaction() as conn:
+    async with store.database.transaction() as conn:
         exists = await (await conn.execute(
             "SELECT to_regclass('schema_migrations') IS NOT NULL AS ok")).fetchone()
         if not (exists and exists["ok"]):

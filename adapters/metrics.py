@@ -22,7 +22,7 @@ from prometheus_client import (
 )
 
 from adapters.config import Settings, secret_list
-from adapters.store import Store
+from adapters.db import Store
 from domain.models import CaseStatus, LedgerKind
 
 log = logging.getLogger("metrics")
@@ -63,7 +63,7 @@ BREAKS = Gauge("refunds_reconciliation_breaks", "Reconciliation breaks by class 
 
 async def refresh_case_gauges(store: Store) -> None:
     """Reads cases by state and the ledger backlog; states without cases report 0."""
-    async with store.transaction() as conn:
+    async with store.database.transaction() as conn:
         rows = await (await conn.execute(
             "SELECT status, count(*) AS n FROM refund_cases GROUP BY status")).fetchall()
         pending = await (await conn.execute(
@@ -76,7 +76,7 @@ async def refresh_case_gauges(store: Store) -> None:
     for other, n in counts.items():  # a status this build does not know still shows up
         CASES.labels(other).set(n)
     LEDGER_PENDING.set(int(pending["n"]) if pending else 0)
-    async with store.transaction() as conn:
+    async with store.database.transaction() as conn:
         breaks = await (await conn.execute(
             "SELECT break_class, state, count(*) AS n FROM reconciliation_breaks"
             " GROUP BY break_class, state")).fetchall()

@@ -11,10 +11,11 @@ given to Settings explicitly wins; with no address anywhere, the embedded dev se
 from datetime import timedelta
 from typing import Any
 
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.envconfig import ClientConfigProfile
 from temporalio.runtime import Runtime
+from temporalio.service import RPCError, RPCStatusCode
 
 from adapters.codec import CodecError, EncryptionCodec, data_converter, parse_keys
 from adapters.config import Settings
@@ -49,3 +50,16 @@ async def connect(settings: Settings, *, runtime: Runtime | None = None,
                                 data_converter=data_converter(payload_codec(settings)),
                                 interceptors=[TracingInterceptor()], runtime=runtime,
                                 connect_timeout=connect_timeout)
+
+
+async def workflow_closed(client: Client, case_id: str) -> str | None:
+    """How the case's workflow ended (its status name), or None while it runs."""
+    try:
+        described = await client.get_workflow_handle(case_id).describe()
+    except RPCError as exc:
+        if exc.status is RPCStatusCode.NOT_FOUND:  # never started, or past retention
+            return "NOT_FOUND"
+        raise
+    if described.status in (None, WorkflowExecutionStatus.RUNNING):
+        return None
+    return described.status.name

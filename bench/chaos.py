@@ -14,7 +14,8 @@ provider's refunds per charge. A smoke version of each runs in `make test`
    then each named bad input of issue #19 once (NAMED_BAD_INPUTS), its answer and receipt
    verdict checked;
    schema_fuzz: schemathesis against the relay's OpenAPI document as each role that can
-   write, every case it created accounted against the answers.
+   write, steered in part onto captured charges and real cases (bench/fuzz_hooks.py); every
+   case it created accounted against the answers and the provider.
 6. concurrency: more requested than captured on one charge, from the API, provider webhooks
    and ServiceNow at once.
 7. fault_schedule: the randomised fault schedule (bench/fault_schedule.py); `--seed` replays one.
@@ -37,7 +38,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -45,14 +46,15 @@ from typing import Any
 import httpx
 import psutil
 
-from adapters import event_loop, receipts, signing
-from adapters.integration_store import IntegrationStore
+from adapters import event_loop, signing
 from adapters.providers import cashfree
 from adapters.providers.sandbox import sign
 from bench import fault_schedule
 from bench.checker import Outcome, Sent, check
 from bench.common import RESULTS, Embedded, embedded_stack
+from bench.fuzz_hooks import ACTION_BODIES, CASE_PARAMETER, REQUESTS_PATH, Steering
 from starters import relay
+from tests.adyen_fake import refund_notification
 from tests.harness import PAYLOAD_KEYS, Stack, open_stack
 
 SERVICENOW_SECRET = "chaos-servicenow"
@@ -71,13 +73,16 @@ async def check_requests(stack: Stack, outcome: Outcome, sent: list[Sent], since
 
 
 def worker_process(stack: Stack, dsn: str, temporal: str) -> subprocess.Popen[bytes]:
-    secret = stack.settings.sandbox_webhook_secret
-    assert secret is not None
+    """The stack's worker as its own process (to be killed), configured as the stack's: its
+    approval keys too, without which it refuses every approval as unsealed."""
+    secret, approval_keys = stack.settings.sandbox_webhook_secret, stack.settings.approval_keys
+    assert secret is not None and approval_keys is not None
     env = {**os.environ, "REFUNDS_DATABASE_URL": dsn, "TEMPORAL_ADDRESS": temporal,
            "REFUNDS_PAYLOAD_KEYS": PAYLOAD_KEYS, "REFUNDS_WORKER_HEALTH_PORT": "0",
            "REFUNDS_TEMPORAL_METRICS_PORT": "0", "REFUNDS_TASK_QUEUE": stack.settings.task_queue,
            "REFUNDS_SANDBOX_API_BASE": stack.sandbox_url,
            "REFUNDS_SANDBOX_WEBHOOK_SECRET": secret.get_secret_value(), "REFUNDS_LOG_LEVEL": "ERROR",
+           "REFUNDS_APPROVAL_KEYS": approval_keys.get_secret_value(),
            "REFUNDS_PROVIDER_HTTP_TIMEOUT_SECONDS": str(stack.settings.provider_http_timeout_seconds)}
     return subprocess.Popen([str(Path(sys.executable).parent / "refunds"), "worker"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -126,7 +131,7 @@ async def kill_worker(env: Embedded, rounds: int) -> Outcome:
                 body = stack.refund_body(charge, 1_000)
                 async with contextlib.AsyncExitStack() as held:
                     if point == "during_ledger_posting":
-                        conn = await held.enter_async_context(stack.store.transaction())
+                        conn = await held.enter_async_context(stack.store.database.transaction())
                         await conn.execute("LOCK TABLE ledger_entries IN SHARE ROW EXCLUSIVE MODE")
                     sent.append(Sent(body["refund_request_id"], charge,
                                      await fault_schedule.post_retrying(stack, body)))
@@ -153,7 +158,7 @@ async def reached(stack: Stack, point: str, charge: str, timeout: float) -> bool
     deadline = asyncio.get_running_loop().time() + timeout
     while asyncio.get_running_loop().time() < deadline:
         if point == "during_ledger_posting":
-            async with stack.store.transaction() as conn:
+            async with stack.store.database.transaction() as conn:
                 row = await (await conn.execute(
                     "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
                     " AND query ILIKE 'INSERT INTO ledger_entries%%'")).fetchone()
@@ -237,7 +242,7 @@ async def storms(env: Embedded, copies: int = 12) -> Outcome:
                         await asyncio.sleep(0.05 if mode == "spread" else 1.05)
                 if any(code >= 300 for code in codes):
                     outcome.violations.append(f"{mode}: answers {sorted(set(codes))}")
-                receipts = await stack.store.receipts("sandbox", event_id)
+                receipts = await stack.store.receipts.find("sandbox", event_id)
                 if len(receipts) != copies:
                     outcome.violations.append(f"{mode}: {len(receipts)} receipts for {copies} deliveries")
                 sent[mode] = Sent(f"sandbox-{object_id}", charge, 202)
@@ -278,7 +283,7 @@ async def order(env: Embedded,
                 await stack_deliver(stack, bodies[index])
         await check_requests(stack, outcome, sent, since)
         for perm, request in zip(permutations, sent, strict=True):
-            ended = await stack.store.get_case(request.case_id)
+            ended = await stack.store.cases.get(request.case_id)
             if ended is None or ended["status"] != "succeeded":
                 outcome.violation(f"{'>'.join(perm)} {request.case_id}", "succeeded",
                                   ended["status"] if ended else "missing")
@@ -327,14 +332,6 @@ class BadInput:
     """False: sent to the relay app in process, since HTTP servers refuse it on the wire."""
 
 
-def adyen_item_body(additional: Any) -> bytes:
-    item = {"pspReference": "psp_chaos", "originalReference": "pay_chaos", "merchantAccountCode": "M",
-            "merchantReference": "rr-chaos", "amount": {"value": 100, "currency": "EUR"},
-            "eventCode": "REFUND", "success": "true", "eventDate": "2026-01-01T00:00:00+00:00",
-            "additionalData": additional}
-    return json.dumps({"live": "false", "notificationItems": [{"NotificationRequestItem": item}]}).encode()
-
-
 def named_bad_inputs(stack: Stack, token: str) -> list[BadInput]:
     """Issue #19's bad inputs, signed now with the stack's secrets where a signature matters."""
     now, old = int(time.time()), int(time.time()) - 3600
@@ -373,8 +370,8 @@ def named_bad_inputs(stack: Stack, token: str) -> list[BadInput]:
         BadInput("deep_json_stripe", "/webhooks/stripe", DEEP,
                  {"Stripe-Signature": sign(stripe_key, DEEP, now)}, 400, "malformed"),
         BadInput("deep_json_adyen", "/webhooks/adyen", DEEP, {}, 400, "malformed"),
-        BadInput("adyen_additional_data_a_list", "/webhooks/adyen", adyen_item_body(["hmacSignature"]), {},
-                 401, "bad_signature"),
+        BadInput("adyen_additional_data_a_list", "/webhooks/adyen", refund_notification(["hmacSignature"]),
+                 {}, 401, "bad_signature"),
         BadInput("svix_timestamp_year_9999", "/webhooks/rainforest", b"{}",
                  {"svix-id": "msg_chaos", "svix-timestamp": "253402300800", "svix-signature": "v1,AAAA"},
                  401, "bad_signature"),
@@ -447,11 +444,14 @@ async def stored_verdict(stack: Stack, response: httpx.Response) -> str | None:
             receipt_id = response.json()["receipt_id"]
     if receipt_id is None:
         return None
-    stored = await receipts.delivery(stack.store, int(receipt_id))
+    stored = await stack.store.receipts.delivery(int(receipt_id))
     return stored.verdict if stored is not None else None
 
 
 async def bad_input(env: Embedded, requests: int) -> Outcome:
+    """Malformed, forged, oversize and stale requests, then the named ones: no 5xx, no case
+    nor ledger entry, a receipt for every delivery, and (the checker) each one it accepted
+    processed."""
     outcome = Outcome("bad_input", cases=requests)
     stack = await open_stack(env.store, env.client, env.temporal.address, stripe_api_key="sk_test_unused",
                              **BAD_INPUT_SECRETS)
@@ -459,6 +459,7 @@ async def bad_input(env: Embedded, requests: int) -> Outcome:
     rng = random.Random(11)
     secret = stack.settings.sandbox_webhook_secret
     assert secret is not None
+    since = datetime.now(UTC)
     try:
         before = await counts(stack)
         async with httpx.AsyncClient(base_url=stack.relay_url, timeout=30) as http, \
@@ -507,6 +508,7 @@ async def bad_input(env: Embedded, requests: int) -> Outcome:
             outcome.violations.append(f"{stored} receipts for {webhooks} deliveries")
         if money_state(after) != money_state(before):
             outcome.violations.append(f"state changed: {before} -> {after}")
+        await check_requests(stack, outcome, [], since)  # no request made a case: the receipts' rule
     finally:
         await stack.close()
     return outcome
@@ -518,7 +520,7 @@ def money_state(counted: dict[str, int]) -> tuple[int, int]:
 
 
 async def counts(stack: Stack) -> dict[str, int]:
-    async with stack.store.transaction() as conn:
+    async with stack.store.database.transaction() as conn:
         cases = await (await conn.execute("SELECT count(*) AS n FROM refund_cases")).fetchone()
         ledger = await (await conn.execute("SELECT count(*) AS n FROM ledger_entries")).fetchone()
         receipts = await (await conn.execute("SELECT count(*) AS n FROM webhook_receipts")).fetchone()
@@ -533,62 +535,123 @@ def failures_section(report: str) -> str:
     return found.group(0) if found else report
 
 
-async def schema_fuzz(env: Embedded, examples: int,
+async def schema_fuzz(env: Embedded, examples: int, seed: int = 0,
                       phases: str = "examples,coverage,fuzzing,stateful") -> Outcome:
     """schemathesis against the relay's own OpenAPI document, once with each token that can
-    write (requester, approver, ops): no answer may be a 5xx, the ledger may not change (no
-    fuzzed charge exists at the provider), and every case the fuzz created is one an answer
-    of 2xx announced, and every 2xx answer to a refund request left its case."""
+    write (requester, approver, ops), six calls in ten steered onto captured charges and real
+    cases (bench/fuzz_hooks.py): no answer may be a 5xx, and every case it created is held
+    to the answers and to the provider (`account_fuzz`). Each role's run is seeded (`seed`
+    plus its place), its calls one at a time."""
     outcome = Outcome("schema_fuzz", cases=examples * len(FUZZ_USERS))
     stack = await open_stack(env.store, env.client, env.temporal.address)
     try:
-        before = await counts(stack)
+        # cases waiting for an approver before the fuzz begins, for the approver's run to decide
+        seeded = await request_many(stack, max(2, examples // 5), fault_schedule.APPROVAL_AMOUNT)
+        for request in seeded:
+            await stack.wait_for_status(request.case_id, "awaiting_approval")
+        steering = Steering(
+            charges=[await stack.charge(fault_schedule.CAPTURED) for _ in range(max(3, examples // 2))],
+            cases=[s.case_id for s in seeded], share=0.6,
+            amounts=[fault_schedule.AUTO_AMOUNT] * 2 + [fault_schedule.APPROVAL_AMOUNT,
+                                                        fault_schedule.CAPTURED + 1],
+            currencies=["USD", "USD", "usd", "EUR"])
         since = datetime.now(UTC)
         answers: list[dict[str, Any]] = []
-        for user in FUZZ_USERS:
-            with tempfile.TemporaryDirectory(prefix="refunds-fuzz-") as folder:
-                har = Path(folder) / "run.har"
-                done = await asyncio.to_thread(subprocess.run, [
-                    str(Path(sys.executable).parent / "st"), "run", f"{stack.relay_url}/openapi.json",
-                    "--checks", "not_a_server_error", "--max-examples", str(examples),
-                    "--header", f"Authorization: Bearer {stack.tokens[user]}", "--no-color",
-                    "--phases", phases, "--report", "har", "--report-har-path", str(har)],
-                    capture_output=True, text=True, timeout=1800)
-                answers += json.loads(har.read_text())["log"]["entries"] if har.exists() else []
-            outcome.counts[f"exit_code_{user}"] = done.returncode
-            if done.returncode != 0:
-                outcome.violations.append(f"schemathesis as {user} found failures:\n"
-                                          + failures_section(done.stdout))
+        for i, user in enumerate(FUZZ_USERS):
+            entries, exit_code, report = await run_schemathesis(stack, user, examples, phases,
+                                                                replace(steering, seed=seed + i))
+            answers += entries
+            steering.cases += sorted(announced_cases(entries))  # later roles act on what it created
+            outcome.counts[f"exit_code_{user}"] = exit_code
+            if exit_code != 0:
+                outcome.violations.append(f"schemathesis as {user} found failures:\n{report}")
         outcome.counts["requests"] = len(answers)
-        await account_fuzz(stack, outcome, answers, since)
-        after = await counts(stack)
-        if after["ledger"] != before["ledger"]:
-            outcome.violation("ledger", f"{before['ledger']} entries (nothing refunded)", after["ledger"])
+        for answer in answers:  # how often a steered action reached its decision on a real case
+            action = answer["request"]["url"].rsplit("/", 1)[-1]
+            if action in ACTION_BODIES and 200 <= answer["response"]["status"] < 300:
+                outcome.counts[f"answered_2xx_{action}"] = outcome.counts.get(f"answered_2xx_{action}", 0) + 1
+        await account_fuzz(stack, outcome, answers, since, seeded, timeout=60 + 2 * len(steering.cases))
     finally:
         await stack.close()
     return outcome
 
 
-async def account_fuzz(stack: Stack, outcome: Outcome, answers: list[dict[str, Any]],
-                       since: datetime) -> None:
-    """Every case created during the fuzz was announced by a 2xx answer, and every 2xx
-    answer to a refund request has its case."""
-    async with stack.store.transaction() as conn:
-        created = {r["refund_request_id"] for r in await (await conn.execute(
-            "SELECT refund_request_id FROM refund_cases WHERE created_at >= %s", (since,))).fetchall()}
-    announced = " ".join(a["response"]["content"].get("text") or "" for a in answers
-                         if 200 <= a["response"]["status"] < 300)
-    for case_id in sorted(created):
-        if case_id not in announced:
-            outcome.violation(case_id, "a case only where a 2xx answer announced it", "created unannounced")
+async def run_schemathesis(stack: Stack, user: str, examples: int, phases: str,
+                           steering: Steering) -> tuple[list[dict[str, Any]], int, str]:
+    """One `st run` as `user`, seeded with the steering's seed: its HAR entries (each request
+    with its answer), its exit code and the failures part of its report."""
+    with tempfile.TemporaryDirectory(prefix="refunds-fuzz-") as folder:
+        har = Path(folder) / "run.har"
+        done = await asyncio.to_thread(subprocess.run, [
+            str(Path(sys.executable).parent / "st"), "run", f"{stack.relay_url}/openapi.json",
+            "--checks", "not_a_server_error", "--max-examples", str(examples), "--seed", str(steering.seed),
+            "--workers", "1",  # one call at a time: the seed stands for one sequence of calls
+            "--header", f"Authorization: Bearer {stack.tokens[user]}", "--no-color",
+            "--phases", phases, "--report", "har", "--report-har-path", str(har)],
+            capture_output=True, text=True, timeout=1800,
+            env={**os.environ, **steering.as_env(), "SCHEMATHESIS_HOOKS": "bench.fuzz_hooks",
+                 "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+        entries = list(json.loads(har.read_text())["log"]["entries"]) if har.exists() else []
+    return entries, done.returncode, failures_section(done.stdout + done.stderr)
+
+
+def announced_cases(answers: list[dict[str, Any]]) -> set[str]:
+    """The case ids the 2xx answers name (a request's case, a reissue's child), read from
+    their JSON: an id is announced only where an answer holds it whole."""
+    found: set[str] = set()
+
+    def walk(value: object) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if key == CASE_PARAMETER and isinstance(item, str):
+                    found.add(item)
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    for answer in answers:
+        if 200 <= answer["response"]["status"] < 300:
+            with contextlib.suppress(ValueError):
+                walk(json.loads(answer["response"]["content"].get("text") or "null"))
+    return found
+
+
+async def account_fuzz(stack: Stack, outcome: Outcome, answers: list[dict[str, Any]], since: datetime,
+                       seeded: list[Sent], timeout: float) -> None:
+    """Holds the fuzz to what it was answered and to the provider: every case created since
+    `since` is one a 2xx answer announced, every 2xx answer to a refund request has its case,
+    each created or seeded case ends as the provider says (the checker's rules), and every
+    ledger entry posted since belongs to one of them (so the ledger moved only by what the
+    provider refunded, which the checker holds per case). Counts how the created cases ended."""
+    async with stack.store.database.transaction() as conn:
+        created = {r["refund_request_id"]: r["charge_id"] for r in await (await conn.execute(
+            "SELECT refund_request_id, charge_id FROM refund_cases WHERE created_at >= %s",
+            (since,))).fetchall()}
+    announced = announced_cases(answers)
+    for case_id in sorted(created.keys() - announced):
+        outcome.violation(case_id, "a case only where a 2xx answer announced it", "created unannounced")
     for answer in answers:
         request = answer["request"]
-        if (request["method"] == "POST" and request["url"].endswith("/v1/refund-requests")
+        if (request["method"] == "POST" and request["url"].endswith(REQUESTS_PATH)
                 and 200 <= answer["response"]["status"] < 300):
-            case_id = json.loads(request["postData"]["text"])["refund_request_id"]
-            if await stack.store.get_case(case_id) is None:
+            case_id = json.loads(request["postData"]["text"])[CASE_PARAMETER]
+            if await stack.store.cases.get(case_id) is None:
                 outcome.violation(case_id, "the case its 2xx answer announced", "no case")
+    await check(stack, outcome, seeded + [Sent(c, charge, 202) for c, charge in created.items()],
+                since=since, timeout=timeout)
+    async with stack.store.database.transaction() as conn:
+        posted = {r["refund_request_id"] for r in await (await conn.execute(
+            "SELECT DISTINCT refund_request_id FROM ledger_entries WHERE posted_at >= %s",
+            (since,))).fetchall()}
+    for case_id in sorted(posted - created.keys() - {s.case_id for s in seeded}):
+        outcome.violation(f"ledger of {case_id}", "entries only for the fuzz's and the seeded cases",
+                          "posted for a case neither made")
     outcome.counts["cases_created"] = len(created)
+    for case_id in created:
+        row = await stack.store.cases.get(case_id)
+        ended = f"created_ended_{row['status'] if row else 'missing'}"
+        outcome.counts[ended] = outcome.counts.get(ended, 0) + 1
 
 
 async def concurrency(env: Embedded, requests: int, amount: int = 1_500) -> Outcome:
@@ -602,8 +665,8 @@ async def concurrency(env: Embedded, requests: int, amount: int = 1_500) -> Outc
     since = datetime.now(UTC)
     sent: list[Sent] = []
     try:
-        await IntegrationStore(stack.store).link_identity("servicenow", f"sn-{stack.settings.task_queue}",
-                                                          "alice")
+        await stack.store.access.link_identity("servicenow", f"sn-{stack.settings.task_queue}",
+                                               "alice")
         async with stack.sandbox() as sb:
             await sb.post("/_sandbox/config", json={"enforce_captured": False})
         charge = await stack.charge(CONTENDED_CAPTURE)
@@ -642,7 +705,7 @@ async def concurrency(env: Embedded, requests: int, amount: int = 1_500) -> Outc
         await asyncio.gather(*(entry_points[i % 3]() for i in range(requests)))
         await approve_until_settled(stack, sent, timeout=60 + 2 * requests)
         await check_requests(stack, outcome, sent, since)
-        async with stack.store.transaction() as conn:
+        async with stack.store.database.transaction() as conn:
             by_status = {r["status"]: r for r in await (await conn.execute(
                 "SELECT status, count(*) AS n, sum(reserved_amount) AS held FROM refund_cases"
                 " WHERE charge_id = %s GROUP BY status", (charge,))).fetchall()}
@@ -666,7 +729,7 @@ async def approve_until_settled(stack: Stack, sent: list[Sent], timeout: float) 
     approved: set[str] = set()
     deadline = asyncio.get_running_loop().time() + timeout
     while await fault_schedule.count_in_flight(stack, sent) and asyncio.get_running_loop().time() < deadline:
-        async with stack.store.transaction() as conn:
+        async with stack.store.database.transaction() as conn:
             waiting = [r["refund_request_id"] for r in await (await conn.execute(
                 "SELECT refund_request_id FROM refund_cases WHERE refund_request_id = ANY(%s)"
                 " AND status = 'awaiting_approval'", ([s.case_id for s in sent],))).fetchall()]
@@ -684,7 +747,7 @@ def scenarios(env: Embedded, scale: float, seed: int) -> dict[str, Callable[[], 
         "order": lambda: order(env),
         "bad_input": lambda: bad_input(env, max(60, int(10_000 * scale))),
         "concurrency": lambda: concurrency(env, max(10, int(50 * scale))),
-        "schema_fuzz": lambda: schema_fuzz(env, max(5, int(50 * scale))),
+        "schema_fuzz": lambda: schema_fuzz(env, max(5, int(50 * scale)), seed),
         "restart": lambda: restart_services(env, max(4, int(50 * scale))),
         "fault_schedule": lambda: fault_schedule.run(
             env, max(50, int(500 * scale)), seed,

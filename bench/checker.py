@@ -73,7 +73,7 @@ async def _workflow_running(stack: Stack, case_id: str) -> bool:
 
 
 async def _unprocessed_receipts(stack: Stack, since: datetime) -> list[dict[str, Any]]:
-    async with stack.store.transaction() as conn:
+    async with stack.store.database.transaction() as conn:
         cur = await conn.execute(
             "SELECT id, event_id, event_type FROM webhook_receipts WHERE verdict = 'accepted'"
             " AND processed_at IS NULL AND received_at >= %s ORDER BY id", (since,))
@@ -84,7 +84,7 @@ async def _settled(stack: Stack, accepted: list[str], since: datetime) -> bool:
     """Every accepted case ended (or waits for a person) with its workflow closed, and every
     receipt was processed: nothing is still moving."""
     for case_id in accepted:
-        row = await stack.store.get_case(case_id)
+        row = await stack.store.cases.get(case_id)
         if row is None or row["status"] not in FINAL | WAITS_FOR_PERSON:
             return False
         if row["status"] in FINAL and await _workflow_running(stack, case_id):
@@ -125,7 +125,7 @@ async def check(stack: Stack, outcome: Outcome, sent: list[Sent], *, since: date
     for receipt in await _unprocessed_receipts(stack, since):
         outcome.violation(f"receipt {receipt['id']} ({receipt['event_type']} {receipt['event_id']})",
                           "processed", "accepted but never processed")
-    _, problems = await stack.store.verify_audit()
+    _, problems = await stack.store.audit.verify()
     for problem in problems:  # the scenario's chains (a shared test database holds others)
         if any(problem.startswith(f"chain {case_id} ") for case_id in known):
             outcome.violation("audit chain", "verifies", problem)
@@ -135,7 +135,7 @@ async def _check_case(stack: Stack, outcome: Outcome, request: Sent,
                       charge_refunds: list[dict[str, Any]]) -> int:
     """One accepted request against the provider's truth; returns what the provider refunded."""
     case_id = request.case_id
-    row = await stack.store.get_case(case_id)
+    row = await stack.store.cases.get(case_id)
     if row is None:
         outcome.violation(case_id, "a case for the accepted request", "no case")
         return 0
@@ -158,7 +158,7 @@ async def _check_case(stack: Stack, outcome: Outcome, request: Sent,
         if status != truth and status not in WAITS_FOR_PERSON:
             outcome.violation(case_id, f"{truth} (provider refund {refunds[0]['id']} "
                                        f"is {refunds[0]['status']})", status)
-    lines = await stack.store.ledger_entries(case_id)
+    lines = await stack.store.ledger.entries(case_id)
     if sum(x["debit"] for x in lines) != sum(x["credit"] for x in lines):
         outcome.violation(case_id, "a balanced ledger", lines)
     if (net := _ledger_net(lines)) != refunded:

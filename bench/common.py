@@ -19,10 +19,11 @@ from temporalio.client import Client, WorkflowHandle
 from temporalio.worker import Worker
 
 from adapters.config import Settings
-from adapters.store import Store
+from adapters.db import Store
 from adapters.temporal_client import connect
 from bench.baseline import BareWorkflow, noop
-from starters.stack import EmbeddedPostgres, TemporalDevServer, free_port
+from starters.dev.stack import EmbeddedPostgres, TemporalDevServer
+from starters.ports import free_port
 from tests.harness import PAYLOAD_KEYS
 from workers.main import workflow_runner
 
@@ -61,7 +62,7 @@ async def embedded_stack() -> AsyncIterator[Embedded]:
         temporal = TemporalDevServer(Path(folder) / "temporal.db", port=free_port(), ui_port=None)
         await temporal.start()
         store = await Store.open(dsn, max_size=20)
-        await store.migrate()
+        await store.database.migrate()
         client = await connect(Settings(temporal_address=temporal.address, payload_keys=PAYLOAD_KEYS))
         try:
             yield Embedded(temporal, client, store, dsn, pg)

@@ -123,6 +123,7 @@ async def run(env: Embedded, cases: int, seed: int, *, concurrency: int = 10,
     process = worker(stack)
     sent: list[Sent] = []
     races: list[asyncio.Task[None]] = []
+    raced: list[str] = []
     disruptions = sorted([(at, "worker_kill") for at in schedule.worker_kills]
                          + [(at, "temporal_restart") for at in schedule.temporal_restarts]
                          + [(at, "postgres_restart") for at in schedule.postgres_restarts])
@@ -139,6 +140,7 @@ async def run(env: Embedded, cases: int, seed: int, *, concurrency: int = 10,
                 answered = await post_retrying(stack, body)
                 sent.append(Sent(body["refund_request_id"], charge, answered))
                 if plan.approval_race and answered == 202:
+                    raced.append(body["refund_request_id"])
                     races.append(asyncio.create_task(race_approvals(
                         stack, outcome, body["refund_request_id"], timeout=60 + cases)))
 
@@ -160,6 +162,11 @@ async def run(env: Embedded, cases: int, seed: int, *, concurrency: int = 10,
         await asyncio.gather(*tasks)
         await asyncio.gather(*races)
         await check(stack, outcome, sent, since=since, timeout=60 + cases)
+        for case_id in raced:  # one of the two racing approvers decides: none waits for a third
+            row = await stack.store.cases.get(case_id)
+            if row is not None and row["status"] == "awaiting_approval":
+                outcome.violation(f"{case_id} approval race", "decided by one of its approvers",
+                                  "still awaiting_approval")
         outcome.counts["succeeded"] = await count_status(stack, sent, "succeeded")
     finally:
         process.kill()
@@ -213,7 +220,7 @@ async def reaches(stack: Stack, case_id: str, status: str, timeout: float) -> bo
     deadline = asyncio.get_running_loop().time() + timeout
     while asyncio.get_running_loop().time() < deadline:
         with contextlib.suppress(psycopg.Error):
-            row = await stack.store.get_case(case_id)
+            row = await stack.store.cases.get(case_id)
             if row is not None and row["status"] == status:
                 return True
         await asyncio.sleep(0.3)
@@ -247,7 +254,7 @@ async def race_approvals(stack: Stack, outcome: Outcome, case_id: str, timeout: 
 async def count_in_flight(stack: Stack, sent: list[Sent]) -> int:
     """Accepted cases not yet final: what a disruption strikes."""
     ids = [s.case_id for s in sent if s.answered == 202]
-    async with stack.store.transaction() as conn:
+    async with stack.store.database.transaction() as conn:
         row = await (await conn.execute(
             "SELECT count(*) AS n FROM refund_cases WHERE refund_request_id = ANY(%s)"
             " AND status NOT IN ('succeeded', 'refund_failed', 'refund_canceled', 'rejected',"
@@ -256,7 +263,7 @@ async def count_in_flight(stack: Stack, sent: list[Sent]) -> int:
 
 
 async def count_status(stack: Stack, sent: list[Sent], status: str) -> int:
-    async with stack.store.transaction() as conn:
+    async with stack.store.database.transaction() as conn:
         row = await (await conn.execute(
             "SELECT count(*) AS n FROM refund_cases WHERE refund_request_id = ANY(%s) AND status = %s",
             ([s.case_id for s in sent], status))).fetchone()

@@ -61,7 +61,7 @@ def rss_mib() -> float:
 
 
 async def count(stack: Stack, tag: str, status: str) -> int:
-    async with stack.store.transaction() as conn:
+    async with stack.store.database.transaction() as conn:
         row = await (await conn.execute(
             "SELECT count(*) AS n FROM refund_cases WHERE refund_request_id LIKE %s AND status = %s",
             (f"open-{tag}-%", status))).fetchone()
@@ -103,7 +103,7 @@ def case_opener(stack: Stack, tag: str, charges: list[str]) -> Callable[[int], C
                 charge_id=charges[i // CASES_PER_CHARGE],
                 amount=6_000, currency="USD", merchant_account="acct_1",
                 reason=RefundReason.DUPLICATE, evidence={"order_id": f"o-{i}"})
-            await stack.store.create_case(request, "bench")
+            await stack.store.cases.create(request, "bench")
             await stack.client.start_workflow(
                 RefundWorkflow.run, RefundWorkflowInput(request=request, requester="bench",
                                                         timings=stack.settings.timings()),

@@ -29,7 +29,7 @@ import httpx
 
 from adapters import event_loop
 from bench.common import announce, embedded_stack, report
-from starters.progress import follow_run
+from starters.cli.progress import follow_run
 from tests.harness import Stack, open_stack
 
 IMPORT_CHUNK = 5_000
@@ -53,7 +53,7 @@ async def seed(stack: Stack, tag: str, count: int, since: datetime, until: datet
             chunk = [_refund(tag, i, until - step * (i + 0.5), break_every)
                      for i in range(start, min(count, start + IMPORT_CHUNK))]
             (await sb.post("/_sandbox/import", json={"refunds": chunk})).raise_for_status()
-    async with stack.store.transaction() as conn:
+    async with stack.store.database.transaction() as conn:
         async with conn.cursor().copy(
                 "COPY refund_cases (refund_request_id, provider, charge_id, amount, currency,"
                 " merchant_account, reason, source, requester, params_hash, status, provider_refund_id,"
@@ -76,7 +76,7 @@ async def seed(stack: Stack, tag: str, count: int, since: datetime, until: datet
             " CROSS JOIN (VALUES ('refunds_contra_revenue', true), ('provider_clearing', false))"
             " AS a(account, debit)"
             " WHERE e.refund_request_id LIKE %s", (f"bench-{tag}-%",))
-    async with stack.store.transaction() as conn:  # statistics, as a live database has them
+    async with stack.store.database.transaction() as conn:  # statistics, as a live database has them
         await conn.execute("ANALYZE refund_cases, ledger_entries, ledger_lines")
 
 

@@ -70,7 +70,7 @@ async def refund_starter(stack: Stack, queue: str, count: int, amount: int = 1_0
                                 charge_id=charges[i], amount=amount, currency="USD",
                                 merchant_account="acct_1", reason=RefundReason.DUPLICATE,
                                 evidence={"order_id": f"o-{i}"})
-        await stack.store.create_case(request, "bench")
+        await stack.store.cases.create(request, "bench")
         return await stack.client.start_workflow(
             RefundWorkflow.run, RefundWorkflowInput(request=request, requester="bench",
                                                     timings=stack.settings.timings()),

@@ -24,3 +24,9 @@ def chain_hash(prev_hash: str, *, chain: str, seq: int, refund_request_id: str |
          "detail": detail},
         sort_keys=True, separators=(",", ":"))
     return hashlib.sha256((prev_hash + body).encode()).hexdigest()
+
+
+def is_approval_step(action: str) -> bool:
+    """Whether an audit row is a step of an approval round (asked, granted, denied,
+    refused, expired, signalled): those rows are also kept in the approvals projection."""
+    return action.startswith("approval_")

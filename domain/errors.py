@@ -3,8 +3,6 @@
 An `ApplicationError`'s type is how a workflow tells a decline from an unknown outcome, so
 each name is written here once: the activities raise with it and the workflows (and the
 retry policies' non-retryable lists) compare with it.
-The approval round's answers to a refused verdict (`AlreadyDecided`, `NotAwaitingApproval`,
-`ApprovalRefused`) are still named in `workflows/approvals.py`.
 """
 
 from typing import Final
@@ -36,3 +34,12 @@ NOTICE_DELIVERY_FAILED: Final = "NoticeDeliveryFailed"
 # Refused updates of a payout case (workflows/payout.py)
 REISSUE_TAKEN: Final = "ReissueTaken"
 NOT_REISSUABLE: Final = "NotReissuable"
+
+# The approval round's answers to a verdict it refuses (workflows/approvals.py); the
+# front ends tell "too late" (409) from "not yours to give" (403) by them.
+ALREADY_DECIDED: Final = "AlreadyDecided"
+"""The round (or the case) is decided already."""
+NOT_AWAITING_APPROVAL: Final = "NotAwaitingApproval"
+"""The case is in no approval round."""
+APPROVAL_REFUSED: Final = "ApprovalRefused"
+"""This approver's verdict cannot count (segregation of duties, roles, tier slots)."""

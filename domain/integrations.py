@@ -29,3 +29,9 @@ class AdviceReceipt(Frozen):
 
     available: bool
     source: str
+
+
+def ticket_purpose(message_ticket: str, kind: str) -> str:
+    """Which of a case's tickets a notice belongs in: the case's request ticket, or one
+    incident per notice kind."""
+    return f"incident:{kind}" if message_ticket == "incident" else "request"

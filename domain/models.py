@@ -1,4 +1,5 @@
 """The request, event and result models that cross workflow and activity boundaries.
+(Over 400 lines on purpose: what recorded workflow histories carry stays in one module.)
 
 One input model and one result model per call, so fields can be added later without
 breaking running workflows (new fields always get defaults).

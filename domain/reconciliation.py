@@ -25,6 +25,7 @@ from domain.models import (
     RoleRequirement,
 )
 from domain.payouts import PayoutEvent, ProviderPayout
+from domain.policy import Policy, decide_payout_reversal, tier_for
 
 
 class BreakClass(StrEnum):
@@ -291,3 +292,14 @@ def corrected_status(break_class: BreakClass, truth: ProviderRefundStatus) -> Ca
 def approval_amount(case: BreakCase) -> int:
     """The amount whose tier decides who approves: the ledger move, else the refund."""
     return abs(case.ledger_delta) if case.ledger_delta else case.truth.amount
+
+
+def break_approval(policy: Policy, case: BreakCase) -> BreakApproval:
+    """Who must approve a break's resolution: a payout's reversal tier for the payout's
+    amount, else the refund tier for the amount at stake (`approval_amount`)."""
+    if isinstance(case.truth, ProviderPayout):
+        decided = decide_payout_reversal(policy, case.truth.amount, case.truth.currency)
+        assert decided.tier is not None
+        return BreakApproval(tier=decided.tier, requirements=decided.requirements)
+    tier = tier_for(policy.refunds.tiers, approval_amount(case), case.truth.currency)
+    return BreakApproval(tier=tier.name, requirements=tier.approvals)

@@ -3,14 +3,26 @@
 It ignores Idempotency-Key (recording it), so a test that sees one refund here proves our
 own exactly-once path, not Adyen's dedup. The outcome is a notification the test sends."""
 
+import json
 import secrets
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from domain.models import ChargeSnapshot
+
+RECORDED_REFUND = Path(__file__).parent / "payloads" / "adyen_REFUND.json"
+
+
+def refund_notification(additional_data: Any) -> bytes:
+    """Adyen's recorded REFUND notification with `additionalData` replaced (unsigned): the
+    named bad inputs put a list or a string there, where Adyen sends an object."""
+    doc = json.loads(RECORDED_REFUND.read_text())
+    doc["notificationItems"][0]["NotificationRequestItem"]["additionalData"] = additional_data
+    return json.dumps(doc).encode()
 
 
 @dataclass

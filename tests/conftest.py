@@ -9,10 +9,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from temporalio.client import Client
 
 from adapters.config import Settings
-from adapters.store import Store
+from adapters.db import Store
 from adapters.telemetry import configure_tracing
 from adapters.temporal_client import connect
-from starters.stack import EmbeddedPostgres, TemporalDevServer, free_port
+from starters.dev.stack import EmbeddedPostgres, TemporalDevServer
+from starters.ports import free_port
 from tests.harness import PAYLOAD_KEYS, Stack, open_stack
 
 
@@ -50,7 +51,7 @@ def postgres_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(scope="session")
 async def store(postgres_dsn: str) -> AsyncIterator[Store]:
     opened = await Store.open(postgres_dsn, max_size=20)
-    await opened.migrate()
+    await opened.database.migrate()
     yield opened
     await opened.close()
 

@@ -20,9 +20,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from temporalio.client import Client
 
+from adapters.db import Store
 from adapters.http_server import AppServer
-from adapters.store import Store
-from starters.stack import TemporalDevServer, free_port
+from starters.dev.stack import TemporalDevServer
+from starters.ports import free_port
 from tests.harness import Stack, open_stack
 
 SN_USER, SN_PASSWORD = "svc-refunds", "sn-pass"

@@ -19,15 +19,17 @@ from temporalio.worker import Worker
 
 from adapters.codec import generate_key_spec
 from adapters.config import Settings
+from adapters.db import CaseCreation, Store
+from adapters.db.rows import CaseRow
 from adapters.http_server import AppServer, reserve_port
 from adapters.policy_file import load_policy
 from adapters.providers.base import ProviderAdapter
 from adapters.providers.registry import build_providers, close_providers
-from adapters.store import CaseCreation, Store
 from adapters.tls import client_tls
 from domain.models import RefundRequest
-from starters import relay, sandbox_provider
-from starters.cases import start_refund
+from starters import relay
+from starters.actions.starting import start_refund
+from starters.dev import sandbox_provider
 from workers.main import build_worker
 
 # One throwaway payload key per test session: the session client, every stack's settings
@@ -105,19 +107,19 @@ class Stack:
         as a trigger identity): fields the public API refuses come from `internal`."""
         body = {**self.refund_body(charge_id, amount), **internal}
         request = RefundRequest.model_validate(body)
-        outcome, row = await self.store.create_case(request, user)
+        outcome, row = await self.store.cases.create(request, user)
         assert outcome is CaseCreation.CREATED, outcome
         await start_refund(self.client, self.settings, request, row["requester"])
         return request.refund_request_id
 
     async def actions(self, case_id: str) -> list[str]:
-        return [e["action"] for e in await self.store.audit_trail(case_id)]
+        return [e["action"] for e in await self.store.audit.trail(case_id)]
 
-    async def wait_for_status(self, case_id: str, *statuses: str, timeout: float = 60) -> dict[str, Any]:
+    async def wait_for_status(self, case_id: str, *statuses: str, timeout: float = 60) -> CaseRow:
         """Polls the case row (what every API reader sees) until it reaches a status."""
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
-            row = await self.store.get_case(case_id)
+            row = await self.store.cases.get(case_id)
             if row is not None and row["status"] in statuses:
                 return row
             if asyncio.get_running_loop().time() > deadline:
@@ -129,7 +131,7 @@ class Stack:
         """Polls the case's audit trail until `action` appears; returns the trail's actions."""
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
-            actions = [e["action"] for e in await self.store.audit_trail(case_id)]
+            actions = [e["action"] for e in await self.store.audit.trail(case_id)]
             if action in actions:
                 return actions
             if asyncio.get_running_loop().time() > deadline:
@@ -188,7 +190,8 @@ async def open_stack(store: Store, client: Client, temporal_address: str, *, wor
     for user, roles in {"alice": ["requester"], "bob": ["approver"], "carol": ["approver"],
                         "dave": ["auditor"], "admin": ["admin"], "frank": ["finance_manager"],
                         "olga": ["ops"]}.items():
-        tokens[user] = await store.create_token(user, roles, token=f"t-{user}-{uuid.uuid4().hex}", by="test")
+        tokens[user] = await store.access.create_token(user, roles, token=f"t-{user}-{uuid.uuid4().hex}",
+                                                       by="test")
     stack = Stack(settings=settings, store=store, client=client, relay_url=relay_server.url,
                   sandbox_url=sandbox_server.url, tokens=tokens, providers=providers)
 

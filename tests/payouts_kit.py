@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 
-from adapters.payout_book import PayoutBook
+from adapters.db.rows import PayoutCaseRow
 from domain.payouts import PayoutSnapshot, PayoutStatus
 from tests.harness import Stack
 
@@ -19,8 +19,8 @@ PAYOUT_APPROVERS = {"lena": ["payments_ops_lead"], "fiona": ["finance_manager"],
 async def add_payout_approvers(stack: Stack) -> None:
     """Tokens for the roles the payout tiers name (the harness has the refund roles)."""
     for user, roles in PAYOUT_APPROVERS.items():
-        stack.tokens[user] = await stack.store.create_token(user, roles, by="test",
-                                                            token=f"t-{user}-{uuid.uuid4().hex}")
+        stack.tokens[user] = await stack.store.access.create_token(user, roles, by="test",
+                                                                   token=f"t-{user}-{uuid.uuid4().hex}")
 
 
 async def paid_payout(stack: Stack, amount: int, *, payout_id: str | None = None,
@@ -35,7 +35,7 @@ async def paid_payout(stack: Stack, amount: int, *, payout_id: str | None = None
                             provider_payout_id=provider_id,
                             beneficiary_id=beneficiary or f"ben-{uuid.uuid4().hex[:8]}", amount=amount,
                             currency=currency, status=PayoutStatus.PAID)
-    assert await PayoutBook(stack.store).record_payout(payout)
+    assert await stack.store.payouts.record_payout(payout)
     return payout
 
 
@@ -68,12 +68,11 @@ async def view(stack: Stack, case_id: str, user: str = "dave") -> dict[str, Any]
     return dict(response.json())
 
 
-async def wait_for_case(stack: Stack, case_id: str, *statuses: str, timeout: float = 60) -> dict[str, Any]:
+async def wait_for_case(stack: Stack, case_id: str, *statuses: str, timeout: float = 60) -> PayoutCaseRow:
     """Polls the case row (what the API reads) until it reaches one of `statuses`."""
-    book = PayoutBook(stack.store)
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
-        row = await book.case(case_id)
+        row = await stack.store.payouts.case(case_id)
         if row is not None and row["status"] in statuses:
             return row
         if asyncio.get_running_loop().time() > deadline:
@@ -86,7 +85,7 @@ async def wait_for_actions(stack: Stack, case_id: str, action: str, count: int =
     """Polls the case's timeline until `action` appears `count` times; returns the trail."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
-        trail = await stack.store.audit_trail(case_id)
+        trail = await stack.store.audit.trail(case_id)
         if [e["action"] for e in trail].count(action) >= count:
             return trail
         if asyncio.get_running_loop().time() > deadline:

@@ -17,7 +17,7 @@ from domain.models import (
     RefundReason,
     RefundRequest,
 )
-from starters.progress import follow_run
+from starters.cli.progress import follow_run
 from tests.harness import Stack
 
 
@@ -53,17 +53,17 @@ async def seed_case(stack: Stack, refund: dict[str, Any], *, status: CaseStatus 
         amount=amount or refund["amount"], currency=currency, merchant_account="acct_1",
         reason=RefundReason.REQUESTED_BY_CUSTOMER, evidence={"order_id": f"o-{case_id}"})
     store = stack.store
-    await store.create_case(request, requester)
-    await store.record_provider_refund(case_id, ProviderRefund(
+    await store.cases.create(request, requester)
+    await store.cases.record_provider_refund(case_id, ProviderRefund(
         provider="sandbox", refund_id=refund["id"], charge_id=refund["charge"], amount=request.amount,
         currency=currency, status=held, raw_status=held.value,
         reference=case_id), "provider_refund_created")
     for copy in range(settled):
-        await store.post_ledger(LedgerInput(
+        await store.ledger.post(LedgerInput(
             refund_request_id=case_id, kind=LedgerKind.REFUND_SETTLED, amount=request.amount,
             currency=currency, provider_refund_id=refund["id"], reference=f"copy{copy}" if copy else None))
-    await store.record_case_event(CaseEventInput(refund_request_id=case_id, action="seeded", actor="test",
-                                                 status=status))
+    await store.cases.record_event(CaseEventInput(refund_request_id=case_id, action="seeded", actor="test",
+                                                  status=status))
     return case_id
 
 
@@ -87,7 +87,7 @@ async def wait_for_breaks(stack: Stack, object_ids: list[str], *states: str,
     """Polls until every break of these objects is in one of `states`."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
-        async with stack.store.transaction() as conn:
+        async with stack.store.database.transaction() as conn:
             rows = list(await (await conn.execute(
                 "SELECT * FROM reconciliation_breaks WHERE object_id = ANY(%s) ORDER BY id",
                 (object_ids,))).fetchall())

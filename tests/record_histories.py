@@ -32,13 +32,14 @@ from temporalio.client import Client, WorkflowFailureError, WorkflowHandle, Work
 from temporalio.contrib.opentelemetry import TracingInterceptor
 
 from adapters.codec import data_converter
+from adapters.db import Store
 from adapters.http_server import AppServer
-from adapters.store import Store
 from domain.events import tracking_case_id
 from domain.models import ApprovalSignal, Decision
 from domain.payouts import PayoutStatus, payout_case_id
 from domain.reconciliation import break_workflow_id
-from starters.stack import EmbeddedPostgres, TemporalDevServer, free_port
+from starters.dev.stack import EmbeddedPostgres, TemporalDevServer
+from starters.ports import free_port
 from tests.adyen_fake import FakeAdyen
 from tests.harness import Stack, open_stack
 from tests.lossy_proxy import LossyProxy
@@ -647,7 +648,7 @@ async def record(folder: Path, names: list[str]) -> list[Path]:
     try:
         dsn = await asyncio.to_thread(pg.start)
         store = await Store.open(dsn)
-        await store.migrate()
+        await store.database.migrate()
         client = await Client.connect(temporal.address, data_converter=data_converter(None),
                                       interceptors=[TracingInterceptor()])
         written = []

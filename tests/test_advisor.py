@@ -9,13 +9,12 @@ from typing import Any
 from temporalio.client import Client
 
 from adapters.advisor import BEGIN, END
-from adapters.integration_store import IntegrationStore
+from adapters.db import Store, request_from_row
 from adapters.policy_file import load_policy
-from adapters.store import Store, request_from_row
 from domain.advice import Advice, AdviceContext, PriorRefund, offline_advice
 from domain.models import PolicyContext, PolicyInput, RefundReason, RefundRequest
 from domain.policy import decide
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.fakes import connected_stack, llm_advice
 from tests.harness import Stack
 
@@ -98,7 +97,7 @@ async def test_a_model_saying_approve_ten_times_the_amount_changes_only_the_reco
         assert approved.status_code == 202, approved.text
         await llm.wait_for_status(case_id, "succeeded")
         assert [r["amount"] for r in await llm.provider_refunds(charge)] == [9_000]
-        lines = await llm.store.ledger_entries(case_id)
+        lines = await llm.store.ledger.entries(case_id)
         assert {line["debit"] + line["credit"] for line in lines} == {9_000}
 
 
@@ -116,7 +115,7 @@ async def test_a_slow_or_broken_model_means_no_advice_and_the_case_goes_on(
             advice = (await case_view(llm, case_id))["advice"]
             assert advice["available"] is False and advice["status"] == "no advice", mode
             assert error in advice["error"], (mode, advice["error"])
-            trail = await llm.store.audit_trail(case_id)
+            trail = await llm.store.audit.trail(case_id)
             assert [e["action"] for e in trail if e["action"].startswith("advice_")] == ["advice_unavailable"]
 
 
@@ -124,8 +123,8 @@ async def test_the_advice_context_takes_a_charges_latest_fifty_refunds_oldest_fi
     charge = f"ch_busy_{uuid.uuid4().hex[:8]}"
     ids = [f"busy-{charge}-{i:02d}" for i in range(56)]
     for case_id in ids:
-        await store.create_case(RefundRequest(
+        await store.cases.create(RefundRequest(
             refund_request_id=case_id, provider="sandbox", charge_id=charge, amount=100, currency="USD",
             merchant_account="acct_1", reason=RefundReason.DUPLICATE, evidence={"order_id": "o"}), "test")
-    history = await IntegrationStore(store).charge_history("sandbox", charge, exclude=ids[-1])
+    history = await store.integrations.charge_history("sandbox", charge, exclude=ids[-1])
     assert [row["refund_request_id"] for row in history] == ids[5:55]

@@ -20,6 +20,7 @@ import pytest
 from temporalio.client import Client
 
 from adapters.config import Settings
+from adapters.db import Store
 from adapters.http_server import AppServer
 from adapters.providers import adyen
 from adapters.providers.adyen import AdyenProvider
@@ -29,12 +30,11 @@ from adapters.providers.base import (
     WebhookRejected,
 )
 from adapters.providers.registry import build_providers, close_providers
-from adapters.store import Store
 from domain.events import tracking_case_id
 from domain.models import ProviderEvent, RefundRequest
 from domain.payments import PaymentEvent
 from domain.payouts import PayoutEvent
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.adyen_fake import FakeAdyen
 from tests.harness import Stack, open_stack
 from tests.lossy_proxy import LossyProxy
@@ -142,7 +142,7 @@ async def test_duplicate_is_accepted_again_and_acts_once(rig: AdyenRig) -> None:
     assert again.headers["x-receipt-id"] != first.headers["x-receipt-id"]
     case_id = tracking_case_id("adyen", psp)
     await rig.stack.wait_for_status(case_id, "succeeded")
-    assert len(await rig.stack.store.ledger_entries(case_id)) == 2
+    assert len(await rig.stack.store.ledger.entries(case_id)) == 2
     # A different outcome for the same pspReference is another event, not a duplicate.
     failed = await rig.post(notification("REFUND", pspReference=psp, success="false"))
     assert failed.headers["x-webhook-verdict"] == "accepted"
@@ -196,7 +196,7 @@ async def test_refused_notification_has_a_receipt_and_touches_nothing(rig: Adyen
     row = await receipt(rig.stack, "adyen", response.json()["receipt_id"])
     assert row["verdict"] == verdict and row["processed_at"] is None
     case_id = tracking_case_id("adyen", psp)
-    assert await rig.stack.store.get_case(case_id) is None
+    assert await rig.stack.store.cases.get(case_id) is None
     assert not await workflow_exists(rig.stack, case_id)
 
 
@@ -216,7 +216,7 @@ async def test_refund_requested_through_api_succeeds_on_its_notification(rig: Ad
     assert (answer.text, answer.headers["x-webhook-verdict"]) == ("[accepted]", "accepted")
     row = await rig.stack.wait_for_status(case_id, "succeeded")
     assert row["reserved_amount"] == 2500
-    lines = await rig.stack.store.ledger_entries(case_id)
+    lines = await rig.stack.store.ledger.entries(case_id)
     assert [(x["template"], x["debit"], x["credit"], x["currency"]) for x in lines] == [
         ("refund_settled", 2500, 0, "EUR"), ("refund_settled", 0, 2500, "EUR")]
 
@@ -228,9 +228,10 @@ async def test_lost_create_answer_waits_escalates_and_refunds_once(rig: AdyenRig
                                              merchant_account=MERCHANT)
     actions = await rig.stack.wait_for_audit(case_id, "no_status_lookup_escalated")
     assert "provider_outcome_unknown" in actions and "awaiting_provider_notification" in actions
-    notices = [n["kind"] for n in await rig.stack.store.notices(case_id)]
+    notices = [n["kind"] for n in await rig.stack.store.outbox.notices(case_id)]
     assert notices.count("no_status_lookup_escalation") == 1
-    assert (await rig.stack.store.get_case(case_id) or {})["status"] == "ops_review"  # waits for ops
+    case = await rig.stack.store.cases.get(case_id)
+    assert case is not None and case.status == "ops_review"  # waits for ops
     [made] = rig.fake.refunds_of(psp)  # the lost answer's refund, and no resend
     assert json.loads(rig.proxy.lost[-1])["pspReference"] == made["pspReference"]
 
@@ -241,7 +242,7 @@ async def test_lost_create_answer_waits_escalates_and_refunds_once(rig: AdyenRig
     assert row["provider_refund_id"] == made["pspReference"]
     assert len(rig.fake.refunds_of(psp)) == 1
     assert "provider_notification_received" in await rig.stack.actions(case_id)
-    assert [n["kind"] for n in await rig.stack.store.notices(case_id)].count(
+    assert [n["kind"] for n in await rig.stack.store.outbox.notices(case_id)].count(
         "no_status_lookup_escalation") == 1
 
 
@@ -256,7 +257,7 @@ async def test_refunded_reversed_after_success_is_a_late_failure_with_its_entry(
     assert (await rig.post(notification("REFUNDED_REVERSED", **fields))).text == "[accepted]"
     row = await rig.stack.wait_for_status(case_id, "refund_failed")
     assert row["failure_reason"] == "REFUNDED_REVERSED: Account closed"
-    lines = await rig.stack.store.ledger_entries(case_id)
+    lines = await rig.stack.store.ledger.entries(case_id)
     assert {x["template"] for x in lines} == {"refund_settled", "refund_reversed"}
     reversed_lines = [(x["debit"], x["credit"]) for x in lines if x["template"] == "refund_reversed"]
     assert sorted(reversed_lines) == [(0, 1200), (1200, 0)]

@@ -12,12 +12,12 @@ import httpx
 import pytest
 from temporalio.client import Client
 
-from adapters.store import Store
+from adapters.db import Store
 from domain.events import tracking_case_id
 from domain.models import ChargeSnapshot
 from domain.payments import PaymentStatus, RecordedNotification, charge_from_notifications
-from starters.stack import TemporalDevServer
-from starters.webhooks import WebhookDesk
+from starters.dev.stack import TemporalDevServer
+from starters.relay.webhook_desk import WebhookDesk
 from tests.test_adyen import MERCHANT, AdyenRig, adyen_rig, notification, unique_psp
 from tests.test_bad_input import receipt, workflow_exists
 
@@ -29,7 +29,7 @@ async def rig(store: Store, client: Client, temporal_server: TemporalDevServer) 
 
 
 async def recorded_rows(rig: AdyenRig, payment_id: str) -> list[dict[str, Any]]:
-    async with rig.stack.store.transaction() as conn:
+    async with rig.stack.store.database.transaction() as conn:
         cur = await conn.execute("SELECT event_type, psp_reference, status, amount FROM payment_notifications"
                                  " WHERE provider = 'adyen' AND payment_id = %s ORDER BY recorded_at",
                                  (payment_id,))
@@ -65,8 +65,8 @@ async def rejected(rig: AdyenRig, case_id: str, psp: str) -> str:
     row = await rig.stack.wait_for_status(case_id, "rejected")
     assert row["reserved_amount"] == 0
     assert rig.fake.refunds_of(psp) == []
-    assert await rig.stack.store.ledger_entries(case_id) == []
-    trail = await rig.stack.store.audit_trail(case_id)
+    assert await rig.stack.store.ledger.entries(case_id) == []
+    trail = await rig.stack.store.audit.trail(case_id)
     [refusal] = [e for e in trail if e["action"] == "validation_rejected"]
     return str(refusal["detail"]["reason"])
 
@@ -96,7 +96,7 @@ async def test_payment_notifications_are_receipted_recorded_once_and_start_nothi
 async def test_a_payment_notification_cut_off_by_a_crash_is_recorded_by_the_re_drive(rig: AdyenRig) -> None:
     psp = unique_psp()
     body = notification("AUTHORISATION", pspReference=psp)
-    crashed = await rig.stack.store.store_receipt(  # what the relay wrote before a crash
+    crashed = await rig.stack.store.receipts.store(  # what the relay wrote before a crash
         provider="adyen", event_id=f"AUTHORISATION:{psp}:true", event_type="AUTHORISATION", body=body,
         body_sha256=hashlib.sha256(body).hexdigest(), headers={"content-type": "application/json"},
         verdict="accepted", error=None)
@@ -125,7 +125,7 @@ async def test_refund_of_a_notified_payment_runs_end_to_end(rig: AdyenRig) -> No
                  merchantReference=case_id, amount={"currency": "EUR", "value": 2_500})
     row = await rig.stack.wait_for_status(case_id, "succeeded")
     assert row["reserved_amount"] == 2_500
-    lines = await rig.stack.store.ledger_entries(case_id)
+    lines = await rig.stack.store.ledger.entries(case_id)
     assert [(x["template"], x["debit"], x["credit"], x["currency"]) for x in lines] == [
         ("refund_settled", 2_500, 0, "EUR"), ("refund_settled", 0, 2_500, "EUR")]
     charge = await rig.stack.providers["adyen"].get_charge(psp)

@@ -10,11 +10,11 @@ import httpx
 import pytest
 from temporalio.client import Client
 
+from adapters.db import Store
 from adapters.http_server import AppServer
 from adapters.providers.adyen import AdyenProvider, ProviderNotReached
-from adapters.store import Store
 from domain.models import RefundReason, RefundRequest
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.adyen_fake import FakeAdyen
 from tests.test_adyen import API_KEY, MERCHANT, TEST_KEY, AdyenRig, adyen_rig
 from tests.test_console import console, post_form
@@ -114,8 +114,8 @@ async def resolve(rig: AdyenRig, user: str, case_id: str, **body: Any) -> httpx.
 
 
 async def test_ops_resolve_a_wait_with_the_refund_adyen_shows(rig: AdyenRig) -> None:
-    rig.stack.tokens["rita"] = await rig.stack.store.create_token("rita", ["requester", "ops"],
-                                                                  token="t-rita-adyen-waits", by="test")
+    rig.stack.tokens["rita"] = await rig.stack.store.access.create_token(
+        "rita", ["requester", "ops"], token="t-rita-adyen-waits", by="test")
     case_id, psp = await waiting_case(rig, 1_700, requester="rita")
     [made] = rig.fake.refunds_of(psp)
     shows = {"provider_shows": "refunded", "provider_refund_id": made["pspReference"],
@@ -127,12 +127,12 @@ async def test_ops_resolve_a_wait_with_the_refund_adyen_shows(rig: AdyenRig) -> 
     assert answer.status_code == 200, answer.text
     row = await rig.stack.wait_for_status(case_id, "succeeded")
     assert (row["provider_refund_id"], row["reserved_amount"]) == (made["pspReference"], 1_700)
-    assert [x["debit"] for x in await rig.stack.store.ledger_entries(case_id)] == [1_700, 0]
-    [resolved] = [e for e in await rig.stack.store.audit_trail(case_id)
+    assert [x["debit"] for x in await rig.stack.store.ledger.entries(case_id)] == [1_700, 0]
+    [resolved] = [e for e in await rig.stack.store.audit.trail(case_id)
                   if e["action"] == "provider_wait_resolved"]
     assert (resolved["actor"], resolved["detail"]["provider_shows"], resolved["detail"]["via"]) == (
         "olga", "refunded", "api")
-    refusals = [e["actor"] for e in await rig.stack.store.audit_trail(case_id)
+    refusals = [e["actor"] for e in await rig.stack.store.audit.trail(case_id)
                 if e["action"] == "access_refused"]
     assert refusals == ["rita", "bob"]
     assert (await resolve(rig, "olga", case_id, **shows)).status_code == 409  # no longer waiting
@@ -148,7 +148,7 @@ async def test_ops_resolve_a_wait_adyen_shows_no_refund_for_and_the_reservation_
     assert answer.status_code == 200, answer.text
     row = await rig.stack.wait_for_status(case_id, "refund_failed")
     assert row["reserved_amount"] == 0 and "no refund" in row["failure_reason"]
-    assert await rig.stack.store.ledger_entries(case_id) == []
+    assert await rig.stack.store.ledger.entries(case_id) == []
 
 
 async def test_ops_resolve_a_wait_from_the_console(rig: AdyenRig) -> None:
@@ -168,7 +168,7 @@ async def test_ops_resolve_a_wait_from_the_console(rig: AdyenRig) -> None:
         assert done.status_code == 303 and done.headers["location"] == f"{path}?notice=wait_resolved"
         row = await rig.stack.wait_for_status(case_id, "refund_failed")
         assert row["reserved_amount"] == 0 and rig.fake.refunds_of(psp) == []
-        [resolved] = [e for e in await rig.stack.store.audit_trail(case_id)
+        [resolved] = [e for e in await rig.stack.store.audit.trail(case_id)
                       if e["action"] == "provider_wait_resolved"]
         assert (resolved["actor"], resolved["detail"]["via"]) == ("olga", "console")
         assert 'data-testid="provider-wait-form"' not in (await olga.get(path)).text

@@ -11,9 +11,9 @@ from temporalio.exceptions import ApplicationError
 from temporalio.worker import Worker
 
 from adapters.approval_seal import ApprovalKeys, ApprovalSealCheck, sealing_client
-from adapters.store import Store
+from adapters.db import Store
 from domain.models import ApprovalProgress, ApprovalSignal, Decision
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.approval_host import ApprovalHostWorkflow
 from tests.harness import APPROVAL_KEYS, Stack, open_stack
 from workers.main import workflow_runner
@@ -83,7 +83,7 @@ async def _decide(stack: Stack, user: str, case_id: str, decision: str) -> httpx
 async def _awaiting_approval(stack: Stack, case_id: str) -> None:
     """Polls the case row gently (a hundred cases poll at once)."""
     async def poll() -> None:
-        while (row := await stack.store.get_case(case_id)) is None or row["status"] != "awaiting_approval":
+        while (row := await stack.store.cases.get(case_id)) is None or row["status"] != "awaiting_approval":
             await asyncio.sleep(0.5)
     await asyncio.wait_for(poll(), HANG)
 
@@ -132,7 +132,7 @@ async def test_a_signalled_verdict_after_the_decision_is_audited(stack: Stack) -
     await handle.signal(RefundWorkflow.approve, ApprovalSignal(approver="carol", roles=("approver",),
                                                                decision=Decision.DENY))
     await asyncio.wait_for(handle.result(), HANG)
-    refusals = [e for e in await stack.store.audit_trail(case_id)
+    refusals = [e for e in await stack.store.audit.trail(case_id)
                 if e["action"] == "approval_refused" and e["actor"] == "carol"]
     assert [e["detail"]["refusal"] for e in refusals] == ["already decided: case is succeeded"]
     assert len(await stack.provider_refunds(charge)) == 1

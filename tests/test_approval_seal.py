@@ -14,9 +14,9 @@ from temporalio.converter import PayloadConverter
 from temporalio.exceptions import ApplicationError
 
 from adapters.approval_seal import SEAL_HEADER, ApprovalKeys, sealing_client
-from adapters.store import Store
+from adapters.db import Store
 from domain.models import ApprovalSignal, Decision
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.harness import APPROVAL_KEYS, Stack, open_stack
 from workflows.approvals import UNSEALED
 from workflows.refund import RefundWorkflow
@@ -34,7 +34,7 @@ async def _refusals(stack: Stack, case_id: str, approver: str, count: int) -> li
     detector of 60 s, not a timing assertion)."""
     deadline = asyncio.get_running_loop().time() + 60
     while True:
-        refused = [e["detail"]["refusal"] for e in await stack.store.audit_trail(case_id)
+        refused = [e["detail"]["refusal"] for e in await stack.store.audit.trail(case_id)
                    if e["action"] == "approval_refused" and e["actor"] == approver]
         if len(refused) >= count:
             return refused
@@ -64,13 +64,13 @@ async def test_an_approval_sent_straight_to_temporal_is_refused_and_audited(
     assert isinstance(refused.value.cause, ApplicationError) and refused.value.cause.type == UNSEALED
     assert await _refusals(stack, case_id, "mallory", 1) == ["approval not sealed by the relay"]
     assert await _refusals(stack, case_id, "trudy", 1) == ["approval not sealed by the relay"]
-    row = await stack.store.get_case(case_id)
+    row = await stack.store.cases.get(case_id)
     assert row is not None and row["status"] == "awaiting_approval"
     assert "approval_granted" not in await stack.actions(case_id)
     # the relay's path still approves (the Slack and ServiceNow signals: test_integrations)
     assert (await _approve_via_api(stack, "bob", case_id)).status_code == 202
     await stack.wait_for_status(case_id, "succeeded")
-    assert [e["actor"] for e in await stack.store.audit_trail(case_id)
+    assert [e["actor"] for e in await stack.store.audit.trail(case_id)
             if e["action"] == "approval_granted"] == ["bob"]
 
 
@@ -109,7 +109,7 @@ async def test_a_seal_over_other_roles_from_another_key_or_used_twice_is_refused
     assert refused[:2] == ["approval seal does not match this verdict", "approval seal was already used"]
     assert "seal" not in refused[2]  # the seal held; eve is no approver
     assert await _refusals(stack, case_id, "oscar", 1) == ["approval seal does not match this verdict"]
-    row = await stack.store.get_case(case_id)
+    row = await stack.store.cases.get(case_id)
     assert row is not None and row["status"] == "awaiting_approval"
 
 
@@ -143,7 +143,7 @@ async def test_a_worker_holding_a_new_and_the_old_key_counts_an_old_seal(
             RefundWorkflow.approve, _verdict("bob", roles=("approver",)))
         row = await rotated.wait_for_status(case_id, "succeeded")
         assert row["status"] == "succeeded"
-        actions = [e["action"] for e in await rotated.store.audit_trail(case_id)]
+        actions = [e["action"] for e in await rotated.store.audit.trail(case_id)]
         assert "approval_granted" in actions and "approval_refused" not in actions  # the old seal counted
     finally:
         await rotated.close()

@@ -6,8 +6,8 @@ from typing import Any
 import httpx
 from temporalio.client import Client
 
-from adapters.store import Store
-from starters.stack import TemporalDevServer
+from adapters.db import Store
+from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
 from workflows.refund import RefundWorkflow
 
@@ -71,18 +71,18 @@ async def test_requester_cannot_approve_their_own_refund(stack: Stack) -> None:
     response = await decide(stack, "alice", case_id, "approve")
     assert response.status_code == 403, response.text
     # even holding the approver role, alice may not approve what she requested.
-    dual = await stack.store.create_token("alice", ["requester", "approver"], by="test")
+    dual = await stack.store.access.create_token("alice", ["requester", "approver"], by="test")
     response = await decide(stack, "alice", case_id, "approve", token=dual)
     assert response.status_code == 403, response.text
     assert "own refund" in response.json()["detail"]
 
-    trail = await stack.store.audit_trail(case_id)
+    trail = await stack.store.audit.trail(case_id)
     refusals = [(e["actor"], e["action"]) for e in trail if e["actor"] == "alice"
                 and e["action"] in ("access_refused", "approval_refused")]
     assert refusals == [("alice", "access_refused"), ("alice", "approval_refused")]
     state = await stack.client.get_workflow_handle(case_id).query(RefundWorkflow.state)
     assert state.approvals == () and state.status == "awaiting_approval"
-    row = await stack.store.get_case(case_id)
+    row = await stack.store.cases.get(case_id)
     assert row is not None and row["status"] == "awaiting_approval" and row["reserved_amount"] == 9_000
     assert await stack.provider_refunds(charge) == []
     view = await case_view(stack, case_id, user="bob")
@@ -99,14 +99,14 @@ async def test_denial_releases_the_reservation_and_moves_no_money(stack: Stack) 
     row = await stack.wait_for_status(case_id, "denied")
     assert row["reserved_amount"] == 0 and row["provider_refund_id"] is None
     assert await stack.provider_refunds(charge) == []
-    assert await stack.store.ledger_entries(case_id) == []
+    assert await stack.store.ledger.entries(case_id) == []
     view = await case_view(stack, case_id)
     assert [(a["approver"], a["action"], a["reason"]) for a in view["approvals"]] == [
         ("bob", "approval_denied", "no proof of return")]
 
     late = await decide(stack, "carol", case_id, "approve")
     assert late.status_code == 409, late.text
-    after = await stack.store.get_case(case_id)
+    after = await stack.store.cases.get(case_id)
     assert after is not None and after["status"] == "denied"
     assert await stack.provider_refunds(charge) == []
 
@@ -119,7 +119,7 @@ async def test_unanswered_approval_expires_and_releases_the_reservation(
         case_id = await request_refund(stack, charge, 9_000)
         row = await stack.wait_for_status(case_id, "expired")
         assert row["reserved_amount"] == 0 and row["provider_refund_id"] is None
-        actions = [e["action"] for e in await stack.store.audit_trail(case_id)]
+        actions = [e["action"] for e in await stack.store.audit.trail(case_id)]
         assert "approval_requested" in actions and "approval_expired" in actions
         assert "provider_submit_started" not in actions
         late = await decide(stack, "bob", case_id, "approve")

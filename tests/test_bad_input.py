@@ -12,6 +12,7 @@ import httpx
 import pytest
 from temporalio.service import RPCError, RPCStatusCode
 
+from adapters.db.rows import ReceiptRow
 from adapters.providers.sandbox import sign
 from domain.models import RefundOutcome
 from tests.harness import Stack
@@ -50,14 +51,14 @@ async def workflow_exists(stack: Stack, workflow_id: str) -> bool:
 
 async def assert_untouched(stack: Stack, case_id: str, charge_id: str) -> None:
     """Nothing about money happened for this would-be case."""
-    assert await stack.store.get_case(case_id) is None
+    assert await stack.store.cases.get(case_id) is None
     assert not await workflow_exists(stack, case_id)
     assert await stack.provider_refunds(charge_id) == []
-    assert not [e for e in await stack.store.audit_trail(case_id) if e["action"] == "request_received"]
+    assert not [e for e in await stack.store.audit.trail(case_id) if e["action"] == "request_received"]
 
 
-async def receipt(stack: Stack, provider: str, receipt_id: int) -> dict[str, Any]:
-    rows = [r for r in await stack.store.receipts(provider) if r["id"] == receipt_id]
+async def receipt(stack: Stack, provider: str, receipt_id: int) -> ReceiptRow:
+    rows = [r for r in await stack.store.receipts.find(provider) if r["id"] == receipt_id]
     assert len(rows) == 1, f"no receipt {receipt_id} for {provider}"
     return rows[0]
 
@@ -165,7 +166,7 @@ async def test_webhook_for_unknown_provider_is_404_and_recorded(stack: Stack) ->
                                    headers=signed(secret.get_secret_value(), body))
     assert response.status_code == 404, response.text
     assert response.json()["verdict"] == "unknown_provider"
-    rows = await stack.store.receipts(name)
+    rows = await stack.store.receipts.find(name)
     assert [r["verdict"] for r in rows] == ["unknown_provider"]
     assert rows[0]["id"] == response.json()["receipt_id"]
     await assert_untouched(stack, f"{name}-{rrq}", charge)
@@ -192,14 +193,14 @@ async def test_forged_late_failure_does_not_move_a_succeeded_case(stack: Stack) 
             response = await http.post("/webhooks/sandbox", content=content, headers=headers)
             assert response.status_code == 401, response.text
             verdicts.append((await receipt(stack, "sandbox", response.json()["receipt_id"]))["verdict"])
-            assert not [e for e in await stack.store.audit_trail(case_id)
+            assert not [e for e in await stack.store.audit.trail(case_id)
                         if event_id in json.dumps(e["detail"])]
     assert verdicts == ["bad_signature", "bad_signature", "bad_signature", "stale"]
-    after = await stack.store.get_case(case_id)
+    after = await stack.store.cases.get(case_id)
     assert after is not None
     for column in ("status", "provider_status", "reserved_amount", "failure_reason"):
         assert after[column] == before[column], column
-    templates = {line["template"] for line in await stack.store.ledger_entries(case_id)}
+    templates = {line["template"] for line in await stack.store.ledger.entries(case_id)}
     assert templates == {"refund_settled"}
     assert [r["status"] for r in await stack.provider_refunds(charge)] == ["succeeded"]
 
@@ -224,14 +225,14 @@ async def test_duplicate_deliveries_make_one_case_and_one_refund(stack: Stack) -
     case_id = f"sandbox-{rrq}"
     row = await stack.wait_for_status(case_id, "succeeded")
     assert row["requester"] == "provider:sandbox" and row["source"] == "webhook"
-    receipts = await stack.store.receipts("sandbox", event_id)
+    receipts = await stack.store.receipts.find("sandbox", event_id)
     assert len(receipts) == 12
     assert sorted(r["verdict"] for r in receipts) == ["accepted"] + ["duplicate"] * 11
     [accepted] = [r for r in receipts if r["verdict"] == "accepted"]
     assert accepted["workflow_id"] == case_id and accepted["processed_at"] is not None
     refunds = await stack.provider_refunds(charge)
     assert [(r["amount"], r["status"]) for r in refunds] == [(1000, "succeeded")]
-    received = [e for e in await stack.store.audit_trail(case_id) if e["action"] == "request_received"]
+    received = [e for e in await stack.store.audit.trail(case_id) if e["action"] == "request_received"]
     assert len(received) == 1
 
 
@@ -297,7 +298,7 @@ async def test_auditor_cannot_request_a_refund(stack: Stack) -> None:
     async with stack.api("dave") as api:
         response = await api.post("/v1/refund-requests", json=body)
     assert response.status_code == 403, response.text
-    trail = await stack.store.audit_trail(body["refund_request_id"])
+    trail = await stack.store.audit.trail(body["refund_request_id"])
     assert [(e["actor"], e["action"]) for e in trail] == [("dave", "access_refused")]
     assert trail[0]["detail"]["has"] == ["auditor"]
     await assert_untouched(stack, body["refund_request_id"], charge)
@@ -314,7 +315,7 @@ async def test_currency_other_than_the_charges_is_rejected_by_the_workflow(stack
     handle = stack.client.get_workflow_handle(body["refund_request_id"], result_type=RefundOutcome)
     outcome = await handle.result()
     assert outcome.state.status == "rejected" and "currency" in (outcome.state.failure_reason or "")
-    trail = [e["action"] for e in await stack.store.audit_trail(body["refund_request_id"])]
+    trail = [e["action"] for e in await stack.store.audit.trail(body["refund_request_id"])]
     assert "validation_rejected" in trail and "provider_submit_started" not in trail
     assert await stack.provider_refunds(charge) == []
-    assert await stack.store.ledger_entries(body["refund_request_id"]) == []
+    assert await stack.store.ledger.entries(body["refund_request_id"]) == []

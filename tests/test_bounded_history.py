@@ -10,10 +10,10 @@ from datetime import UTC, datetime
 import pytest
 from temporalio.client import Client
 
-from adapters.store import Store
+from adapters.db import Store
 from domain.events import tracking_case_id
 from domain.models import EventKind, ProviderEvent, ProviderRefundStatus
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
 from workflows.refund import RefundWorkflow
 from workflows.tracking import RefundTrackingWorkflow
@@ -95,14 +95,14 @@ async def test_the_follow_loop_continues_as_new_with_the_case_intact(tiny: Stack
     await tiny.set_provider_status(refunds[0]["id"], "succeeded")
     outcome = await asyncio.wait_for(handle.result(), 60)
 
-    trail = await tiny.store.audit_trail(case_id)
+    trail = await tiny.store.audit.trail(case_id)
     _bounded(await _runs(tiny, case_id, first_run))
     state = outcome.state
     assert state.status == "succeeded" and state.provider_refund_id == refunds[0]["id"]
     assert [a.approver for a in state.approvals] == ["bob"]
     assert state.decision is not None and state.decision.tier is not None
     assert len(state.ledger_postings) == 1
-    assert {e["template"] for e in await tiny.store.ledger_entries(case_id)} == {"refund_settled"}
+    assert {e["template"] for e in await tiny.store.ledger.entries(case_id)} == {"refund_settled"}
     assert state.events_seen >= TURNS + 1
     actions = [e["action"] for e in trail]
     assert actions.count("approval_granted") == 1 and actions.count("refund_succeeded") == 1
@@ -146,5 +146,5 @@ async def test_the_tracking_watch_continues_as_new_with_the_case_intact(tiny: St
     state = outcome.state
     assert state.status == "succeeded" and state.provider_refund_id == refund_id
     assert state.events_seen >= TRACKING_TURNS + 2 and len(state.ledger_postings) == 1
-    assert {e["template"] for e in await tiny.store.ledger_entries(case_id)} == {"refund_settled"}
+    assert {e["template"] for e in await tiny.store.ledger.entries(case_id)} == {"refund_settled"}
     assert (await tiny.actions(case_id)).count("refund_succeeded") == 1

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from temporalio.client import Client
 
-from adapters.store import Store
-from starters.stack import TemporalDevServer
+from adapters.db import Store
+from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
 from workers.case_sweep import sweep_cases_once
 
@@ -54,7 +54,7 @@ async def _to_stage(stack: Stack, stage: str) -> tuple[str, str]:
 
 
 async def _break(stack: Stack, case_id: str) -> dict[str, Any] | None:
-    async with stack.store.transaction() as conn:
+    async with stack.store.database.transaction() as conn:
         cur = await conn.execute("SELECT * FROM reconciliation_breaks WHERE refund_request_id = %s"
                                  " AND break_class = 'workflow_closed'", (case_id,))
         return await cur.fetchone()
@@ -74,24 +74,24 @@ async def test_cancel_at_each_stage(quick: Stack, stage: str) -> None:
     if stage == "validating":
         await quick.start_worker()
     await handle.result()
-    row = await quick.store.get_case(case_id)
+    row = await quick.store.cases.get(case_id)
     assert row is not None
     refunds = await quick.provider_refunds(charge)
     if stage in ("executing", "succeeded_watching"):  # the provider holds a refund: followed, posted
         assert row["status"] == "succeeded" and len(refunds) == 1
         assert row["provider_refund_id"] == refunds[0]["id"]
-        assert {e["template"] for e in await quick.store.ledger_entries(case_id)} == {"refund_settled"}
+        assert {e["template"] for e in await quick.store.ledger.entries(case_id)} == {"refund_settled"}
         assert "cancel_after_provider_refund" in await quick.actions(case_id)
     else:
         assert (row["status"], row["reserved_amount"], refunds) == ("canceled_by_ops", 0, [])
-        assert await quick.store.ledger_entries(case_id) == []
+        assert await quick.store.ledger.entries(case_id) == []
         assert "canceled_by_ops" in await quick.actions(case_id)
 
 
 @pytest.mark.parametrize("stage", STAGES)
 async def test_terminate_at_each_stage_is_swept_to_ops(quick: Stack, stage: str) -> None:
     case_id, charge = await _to_stage(quick, stage)
-    before = await quick.store.get_case(case_id)
+    before = await quick.store.cases.get(case_id)
     assert before is not None
     await quick.client.get_workflow_handle(case_id).terminate("terminated in the Temporal UI")
     if stage == "awaiting_approval":  # before the sweep: a clear 409, not a 500
@@ -99,7 +99,7 @@ async def test_terminate_at_each_stage_is_swept_to_ops(quick: Stack, stage: str)
                                      {"decision": "approve"})
         assert status == 409 and "workflow has ended (terminated)" in text, text
     swept = await sweep_cases_once(quick.store, quick.client, quick.providers, idle_seconds=0)
-    row = await quick.store.get_case(case_id)
+    row = await quick.store.cases.get(case_id)
     assert row is not None
     found = await _break(quick, case_id)
     if stage == "succeeded_watching":  # final already: nothing to hand over

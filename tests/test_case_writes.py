@@ -5,7 +5,7 @@ retried case write posts once and queues once, and the first submit's intent com
 
 import uuid
 
-from adapters.store import Store
+from adapters.db import Store
 from domain.models import (
     CaseEventInput,
     CaseStatus,
@@ -26,13 +26,13 @@ async def opened(store: Store, amount: int = 1_000) -> tuple[RefundRequest, Char
     charge_id = f"ch_{uuid.uuid4().hex[:10]}"
     request = RefundRequest(refund_request_id=f"{charge_id}-case", provider="sandbox", charge_id=charge_id,
                             amount=amount, currency="USD", merchant_account="m", reason=RefundReason.OTHER)
-    await store.create_case(request, "alice")
+    await store.cases.create(request, "alice")
     return request, ChargeSnapshot(provider="sandbox", charge_id=charge_id, currency="USD",
                                    merchant_account="m", amount=5_000, amount_captured=5_000, captured=True)
 
 
 async def actions(store: Store, case_id: str) -> list[str]:
-    return [e["action"] for e in await store.audit_trail(case_id)]
+    return [e["action"] for e in await store.audit.trail(case_id)]
 
 
 async def test_a_retried_validation_finds_its_reservation_and_its_decision(store: Store) -> None:
@@ -43,13 +43,13 @@ async def test_a_retried_validation_finds_its_reservation_and_its_decision(store
         seen.append(prior)
         return PolicyDecision(auto_approve=True, rules_fired=("auto_approve",), policy_version="t")
 
-    first = await store.reserve_and_decide(request, charge, decide)
-    again = await store.reserve_and_decide(request, charge, decide)
+    first = await store.cases.reserve_and_decide(request, charge, decide)
+    again = await store.cases.reserve_and_decide(request, charge, decide)
     assert first == again and first.validation.ok and first.decision is not None
     assert seen == [[]]  # decided once; the retry read the stored decision
     assert await actions(store, request.refund_request_id) == [
         "request_received", "validation_passed", "policy_decision"]
-    row = await store.get_case(request.refund_request_id)
+    row = await store.cases.get(request.refund_request_id)
     assert row is not None and row["reserved_amount"] == 1_000 and row["decision"]["auto_approve"] is True
 
 
@@ -58,7 +58,7 @@ async def test_a_refused_validation_decides_nothing(store: Store) -> None:
     def never(validation: ValidationResult, prior: list[int]) -> PolicyDecision:
         raise AssertionError("a rejected request has no decision")
 
-    vetted = await store.reserve_and_decide(request, charge, never)
+    vetted = await store.cases.reserve_and_decide(request, charge, never)
     assert not vetted.validation.ok and vetted.decision is None
     assert await actions(store, request.refund_request_id) == ["request_received", "validation_rejected"]
 
@@ -66,7 +66,7 @@ async def test_a_refused_validation_decides_nothing(store: Store) -> None:
 async def test_a_settlement_posts_queues_and_records_in_one_write_once(store: Store) -> None:
     request, charge = await opened(store)
     case_id = request.refund_request_id
-    await store.reserve(request, charge)
+    await store.cases.reserve(request, charge)
     posting = LedgerInput(refund_request_id=case_id, kind=LedgerKind.REFUND_SETTLED, amount=1_000,
                           currency="USD", provider_refund_id="re_1")
     steps = CaseWrites(refund_request_id=case_id, posting=posting, writes=(
@@ -74,17 +74,17 @@ async def test_a_settlement_posts_queues_and_records_in_one_write_once(store: St
                                      dedup_key=f"{case_id}:refund_succeeded")),
         CaseWrite(event=CaseEventInput(refund_request_id=case_id, action="refund_succeeded", actor="workflow",
                                        status=CaseStatus.SUCCEEDED))))
-    first = await store.write_case_steps(steps)
+    first = await store.cases.write_case_steps(steps)
     assert (await actions(store, case_id))[-3:] == ["ledger_posted", "notice_queued", "refund_succeeded"]
-    again = await store.write_case_steps(steps)  # a retry after a lost answer
+    again = await store.cases.write_case_steps(steps)  # a retry after a lost answer
     assert first.posting is not None and first.posting.newly_posted and first.actions == ("refund_succeeded",)
     assert again.posting is not None and not again.posting.newly_posted
-    assert len(await store.ledger_entries(case_id)) == 2  # one entry, two lines
-    assert [n["kind"] for n in await store.notices(case_id)] == ["refund_succeeded"]
+    assert len(await store.ledger.entries(case_id)) == 2  # one entry, two lines
+    assert [n["kind"] for n in await store.outbox.notices(case_id)] == ["refund_succeeded"]
     # only the event's row again (as a retried record_case_event did): no posting, no notice
     assert (await actions(store, case_id))[-4:] == [
         "ledger_posted", "notice_queued", "refund_succeeded", "refund_succeeded"]
-    row = await store.get_case(case_id)
+    row = await store.cases.get(case_id)
     assert row is not None and row["status"] == "succeeded"
 
 
@@ -93,8 +93,8 @@ async def test_the_first_submit_commits_execution_started_with_its_intent_once(s
     case_id = request.refund_request_id
     started = CaseEventInput(refund_request_id=case_id, action="execution_started", actor="workflow",
                              status=CaseStatus.EXECUTING)
-    assert await store.begin_submission(case_id, "key-1", started) is False
-    assert await store.begin_submission(case_id, "key-1", started) is True  # a later attempt looks first
+    assert await store.cases.begin_submission(case_id, "key-1", started) is False
+    assert await store.cases.begin_submission(case_id, "key-1", started) is True  # a later one looks first
     trail = await actions(store, case_id)
     assert trail[-3:] == ["execution_started", "provider_submit_started", "provider_submit_started"]
     assert trail.count("execution_started") == 1

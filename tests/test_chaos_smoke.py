@@ -1,21 +1,24 @@
 """Small versions of the reliability suite (`make chaos` runs the full sizes)."""
 
 import asyncio
+import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from temporalio.client import Client
 
-from adapters.store import Store
+from adapters.db import Store
+from adapters.db.ledger import LedgerRepository
 from bench import chaos, fault_schedule
 from bench.checker import Outcome, Sent, check
 from bench.common import Embedded
 from domain.models import LedgerInput, LedgerKind, RefundRequest
-from starters.stack import EmbeddedPostgres, TemporalDevServer
+from starters.dev.stack import EmbeddedPostgres, TemporalDevServer
 from tests.harness import Stack, open_stack
 
 # The schedule the smoke runs; on the code before issue #18's fixes it finds refunds made
@@ -36,7 +39,7 @@ async def own_postgres(tmp_path: Path, client: Client,
     pg = EmbeddedPostgres(tmp_path / "pg")  # kept on stop: a restart must find its data
     dsn = await asyncio.to_thread(pg.start)
     store = await Store.open(dsn, max_size=10)
-    await store.migrate()
+    await store.database.migrate()
     try:
         yield Embedded(temporal_server, client, store, dsn, pg)
     finally:
@@ -60,6 +63,8 @@ async def test_the_randomised_fault_schedule_keeps_every_refund_exact(env: Embed
     assert outcome.violations == [], "\n".join(outcome.violations)
     assert outcome.counts["temporal_restarts"] == 1 and outcome.counts["worker_kills"] == 1
     assert outcome.counts["in_flight_at_disruptions_min"] > 0
+    # every race was decided: the worker process verifies the relay's approval seals
+    assert outcome.counts["approval_race"] > 0 and outcome.waiting_for_person == []
 
 
 def test_a_seed_stands_for_one_schedule() -> None:
@@ -89,6 +94,7 @@ async def test_every_order_of_events_ends_in_the_providers_state(env: Embedded) 
 async def test_bad_input_never_answers_5xx_nor_changes_state(env: Embedded) -> None:
     outcome = await chaos.bad_input(env, 60)
     assert outcome.violations == []
+    assert outcome.counts["provider_refunded"] == 0  # the checker ran: every receipt processed, no refund
     assert sum(n for answer, n in outcome.counts.items() if answer.startswith("http_")) == 60
     # the four webhook kinds of six, each stored, and the named inputs that store a receipt
     named = {name.removeprefix("named_"): status for name, status in outcome.counts.items()
@@ -123,20 +129,25 @@ async def test_killing_the_worker_repeatedly_keeps_one_refund_per_request(env: E
     assert outcome.counts["provider_refunded"] == 4_000
 
 
-async def test_schemathesis_finds_no_server_error_and_changes_nothing(env: Embedded) -> None:
+async def test_schemathesis_finds_no_server_error_and_accounts_every_case_it_made(env: Embedded) -> None:
     outcome = await chaos.schema_fuzz(env, 3, phases="examples,fuzzing")  # `make chaos` runs all four
     # the message is schemathesis's own report, whole: pytest's diff would cut it short
     assert outcome.violations == [], "\n".join(outcome.violations)
     assert [outcome.counts[f"exit_code_{user}"] for user in ("alice", "bob", "olga")] == [0, 0, 0]
     assert outcome.counts["requests"] > 0  # the answers were recorded, so the accounting read them
+    assert outcome.counts["cases_created"] >= 1  # the accounting had cases to hold to the provider
 
 
 # -- the checker can fail: each planted bad state is reported ----------------------------
 
 @pytest.fixture
 async def bare(store: Store, client: Client, temporal_server: TemporalDevServer) -> AsyncIterator[Stack]:
-    """A stack without a worker: the checker reads what the test planted, nothing moves it."""
+    """A stack without a worker: the checker reads what the test planted, nothing moves it.
+    The sandbox holds its webhooks: a planted refund's `refund.created` would otherwise race
+    the check, which waits for nothing (it once found it received and not yet processed)."""
     opened = await open_stack(store, client, temporal_server.address, worker=False)
+    async with opened.sandbox() as sb:
+        await sb.post("/_sandbox/config", json={"hold_webhooks": True})
     yield opened
     await opened.close()
 
@@ -147,8 +158,8 @@ async def plant(stack: Stack, status: str, *, reserved: int = 0,
     given status made for it at the sandbox, as if a run had ended there."""
     charge = await stack.charge(10_000)
     body = stack.refund_body(charge, 1_000)
-    await stack.store.create_case(RefundRequest.model_validate(body), "alice")
-    async with stack.store.transaction() as conn:
+    await stack.store.cases.create(RefundRequest.model_validate(body), "alice")
+    async with stack.store.database.transaction() as conn:
         await conn.execute("UPDATE refund_cases SET status = %s, reserved_amount = %s"
                            " WHERE refund_request_id = %s", (status, reserved, body["refund_request_id"]))
     if provider_refund is not None:
@@ -170,8 +181,8 @@ async def test_the_checker_passes_a_consistent_state(bare: Stack) -> None:
     since = datetime.now(UTC)
     sent = [await plant(bare, "rejected"), await plant(bare, "succeeded", reserved=1_000,
                                                        provider_refund="succeeded")]
-    async with bare.store.transaction() as conn:  # the succeeded case's settlement, as posted
-        await Store.post_ledger_in(conn, LedgerInput(
+    async with bare.store.database.transaction() as conn:  # the succeeded case's settlement, as posted
+        await LedgerRepository.post_in(conn, LedgerInput(
             refund_request_id=sent[1].case_id, kind=LedgerKind.REFUND_SETTLED, amount=1_000,
             currency="USD", provider_refund_id="re_planted"))
     outcome = await checked(bare, sent, since)
@@ -201,7 +212,7 @@ async def test_the_checker_reports_a_second_refund_a_stray_and_an_unprocessed_re
         for reference in (sent.case_id, "not-ours"):
             await sb.post("/v1/refunds", json={"charge": sent.charge, "amount": 500,
                                                "metadata": {"refund_request_id": reference}})
-    receipt = await bare.store.store_receipt(
+    receipt = await bare.store.receipts.store(
         provider="sandbox", event_id=f"evt_{bare.new_id()}", event_type="refund.updated", body=b"{}",
         body_sha256="0" * 64, headers={}, verdict="accepted", error=None)
     outcome = await checked(bare, [sent], since)
@@ -210,6 +221,47 @@ async def test_the_checker_reports_a_second_refund_a_stray_and_an_unprocessed_re
     assert f"charge {sent.charge}: expected no refund without a request of ours" in text
     assert f"receipt {receipt.receipt_id} (refund.updated" in text and "never processed" in text
     assert f"{sent.case_id}: expected ledger net 1500" in text  # nothing was posted for either
+
+
+def har_entry(stack: Stack, body: dict[str, Any], status: int) -> dict[str, Any]:
+    """One refund request and its answer as schemathesis's HAR report holds them."""
+    return {"request": {"method": "POST", "url": f"{stack.relay_url}/v1/refund-requests",
+                        "postData": {"text": json.dumps(body)}},
+            "response": {"status": status, "content": {"text": json.dumps(
+                {"refund_request_id": body["refund_request_id"], "status": "requested"})}}}
+
+
+async def test_the_fuzz_accounting_reports_a_case_made_behind_its_back(bare: Stack) -> None:
+    """What the fuzz's accounting must see: a case no 2xx announced (its id inside an
+    announced one's, as text), a 2xx whose case is missing, an announced case the provider
+    contradicts (succeeded, no refund there) and a ledger entry for a case it did not make.
+    The announced, consistent case passes."""
+    since = datetime.now(UTC)
+    announced, contradicted = await plant(bare, "rejected"), await plant(bare, "succeeded")
+    behind = bare.refund_body(announced.charge, 1_000, refund_request_id=announced.case_id[:-4])
+    await bare.store.cases.create(RefundRequest.model_validate(behind), "alice")
+    elsewhere = bare.new_id("rr-elsewhere")
+    async with bare.store.database.transaction() as conn:
+        await conn.execute("UPDATE refund_cases SET status = 'rejected' WHERE refund_request_id = %s",
+                           (behind["refund_request_id"],))
+        await LedgerRepository.post_in(conn, LedgerInput(
+            refund_request_id=elsewhere, kind=LedgerKind.REFUND_SETTLED, amount=1_000,
+            currency="USD", provider_refund_id="re_elsewhere"))
+    missing = bare.refund_body(announced.charge, 1_000)
+    answers = [har_entry(bare, {"refund_request_id": case_id}, 202)
+               for case_id in (announced.case_id, contradicted.case_id)] + [har_entry(bare, missing, 202)]
+    outcome = Outcome("planted", seed=42)
+    await chaos.account_fuzz(bare, outcome, answers, since, [], timeout=0)
+    assert sorted(outcome.violations) == sorted([
+        f"[seed 42] {behind['refund_request_id']}: expected a case only where a 2xx answer announced it,"
+        " observed created unannounced",
+        f"[seed 42] {missing['refund_request_id']}: expected the case its 2xx answer announced,"
+        " observed no case",
+        f"[seed 42] {contradicted.case_id}: expected one of ['denied', 'expired', 'refund_failed',"
+        " 'rejected'] (the provider holds no refund), observed succeeded",
+        f"[seed 42] ledger of {elsewhere}: expected entries only for the fuzz's and the seeded cases,"
+        " observed posted for a case neither made"])
+    assert outcome.counts["cases_created"] == 3 and outcome.counts["created_ended_rejected"] == 2
 
 
 async def test_the_checker_reports_an_unexpected_answer(bare: Stack) -> None:

@@ -12,8 +12,9 @@ import httpx
 import psycopg
 from psycopg.conninfo import make_conninfo
 
-from adapters.store import Store
-from starters.stack import TemporalDevServer, free_port
+from adapters.db import Store
+from starters.dev.stack import TemporalDevServer
+from starters.ports import free_port
 from tests.harness import PAYLOAD_KEYS, Stack
 
 REFUNDS = str(Path(sys.executable).parent / "refunds")
@@ -86,7 +87,7 @@ async def test_audit_verify_exits_non_zero_when_a_row_was_edited(stack: Stack, p
     charge = await stack.charge(10_000)
     case_id = await stack.request_refund("alice", charge, 1_000)
     await stack.wait_for_status(case_id, "succeeded")
-    async with stack.store.transaction() as conn:
+    async with stack.store.database.transaction() as conn:
         await conn.execute("ALTER TABLE audit_events DISABLE TRIGGER audit_events_no_update")
         await conn.execute("UPDATE audit_events SET actor = 'mallory' WHERE chain = %s AND seq = 2",
                            (case_id,))
@@ -118,6 +119,9 @@ async def test_list_and_show_commands_print_json_with_json(stack: Stack, postgre
 async def test_exit_codes_usage_2_and_an_unreachable_relay_3_on_stderr() -> None:
     usage = await run("token", "revoke", env={"REFUNDS_DATABASE_URL": "postgresql://nowhere/x"})
     assert usage.returncode == 2 and "give a token id or --user" in usage.stderr and not usage.stdout
+    unknown = await run("token", "create", "--user", "x", "--roles", "requester,root",  # the table says
+                        env={"REFUNDS_DATABASE_URL": "postgresql://nowhere/x"})
+    assert unknown.returncode == 2 and "unknown roles ['root']" in unknown.stderr and not unknown.stdout
     nowhere = f"http://127.0.0.1:{free_port()}"
     unreachable = await run("status", "any", env={"REFUNDS_RELAY_URL": nowhere, "REFUNDS_TOKEN": "t"})
     assert unreachable.returncode == 3, unreachable.stdout + unreachable.stderr

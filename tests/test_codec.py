@@ -22,12 +22,11 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 
 from adapters.codec import CodecError, EncryptionCodec, generate_key_spec, parse_keys
 from adapters.config import Settings
+from adapters.db import Store
 from adapters.http_server import AppServer
-from adapters.integration_store import IntegrationStore
 from adapters.oidc import AccessTokenVerifier, KeysUnavailable
-from adapters.store import Store
 from domain.models import RefundWorkflowInput
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.harness import open_stack
 from tests.test_cli import run
 from tests.test_console import console
@@ -169,7 +168,7 @@ async def test_the_temporal_ui_access_token_of_a_linked_ops_person_decodes_and_b
         linked = await run("integrations", "link", "--user", "olga", "--oidc", ops,
                            env={"REFUNDS_DATABASE_URL": postgres_dsn})
         assert linked.returncode == 0, linked.stderr
-        await IntegrationStore(store).link_identity("oidc", requester, "alice")
+        await store.access.link_identity("oidc", requester, "alice")
         assert client.data_converter.payload_codec is not None
         sealed = await client.data_converter.payload_codec.encode([_payload(CANARIES["iban"])])
         wire = json_format.MessageToDict(Payloads(payloads=sealed))

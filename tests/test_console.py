@@ -10,9 +10,9 @@ import httpx
 import pytest
 from temporalio.client import Client
 
-from adapters.store import Store, hash_token
+from adapters.db import Store, hash_token
 from domain.models import CaseEventInput, CaseStatus, RefundRequest
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
 from tests.test_cli import run
 from tests.test_reissue import failed_case
@@ -43,7 +43,7 @@ async def post_form(client: httpx.AsyncClient, path: str, data: dict[str, str],
 
 
 async def refusals(stack: Stack, chain: str, action: str) -> list[dict]:  # type: ignore[type-arg]
-    async with stack.store.transaction() as conn:
+    async with stack.store.database.transaction() as conn:
         cur = await conn.execute("SELECT actor, detail FROM audit_events WHERE chain = %s AND action = %s"
                                  " ORDER BY id", (chain, action))
         return list(await cur.fetchall())
@@ -83,8 +83,8 @@ async def test_sign_in_makes_a_strict_http_only_session_and_sign_out_ends_it(sta
 
 
 async def test_requester_is_refused_csrf_is_checked_and_a_second_user_approves(stack: Stack) -> None:
-    stack.tokens["rita"] = await stack.store.create_token("rita", ["requester", "approver"],
-                                                          token=f"t-rita-{uuid.uuid4().hex}", by="test")
+    stack.tokens["rita"] = await stack.store.access.create_token(
+        "rita", ["requester", "approver"], token=f"t-rita-{uuid.uuid4().hex}", by="test")
     charge = await stack.charge(20_000)
     case_id = await stack.request_refund("rita", charge, 9_000)  # above 50.00: one approver
     await stack.wait_for_status(case_id, "awaiting_approval")
@@ -108,13 +108,13 @@ async def test_requester_is_refused_csrf_is_checked_and_a_second_user_approves(s
     assert auditor.status_code == 403 and "needs one of the roles" in auditor.text
     nonsense = await post_form(bob, f"{path}/approval", {"decision": "maybe"})
     assert nonsense.status_code == 422 and "invalid decision" in nonsense.text
-    assert (await stack.store.get_case(case_id))["status"] == "awaiting_approval"  # type: ignore[index]
+    assert (await stack.store.cases.get(case_id))["status"] == "awaiting_approval"  # type: ignore[index]
     assert case_id in (await bob.get("/console/cases", params={"mine": "1"})).text
 
     approved = await post_form(bob, f"{path}/approval", {"decision": "approve", "reason": "order checked"})
     assert approved.status_code == 303 and approved.headers["location"] == f"{path}?notice=approve"
     await stack.wait_for_status(case_id, "succeeded")
-    trail = await stack.store.audit_trail(case_id)
+    trail = await stack.store.audit.trail(case_id)
     by_action = {(e["action"], e["actor"], e["detail"].get("via")) for e in trail}
     assert ("approval_refused", "rita", "console") in by_action
     assert ("access_refused", "dave", "console") in by_action
@@ -138,7 +138,7 @@ async def test_failed_refund_banner_reissue_by_bank_transfer_and_confirmation(
         assert 'data-testid="reissue-form"' not in (await dave.get(path)).text
         assert (await post_form(dave, f"{path}/reissue", {"method": "provider"})).status_code == 403
         cheque = await post_form(olga, f"{path}/reissue", {"method": "cheque"})
-        assert cheque.status_code == 422 and not await stack.store.children(case_id)
+        assert cheque.status_code == 422 and not await stack.store.cases.children(case_id)
 
         made = await post_form(olga, f"{path}/reissue", {"method": "bank_transfer",
                                                          "reason": "card closed"})
@@ -181,7 +181,7 @@ async def test_case_list_filters_search_and_bad_filters(stack: Stack) -> None:
     assert await listed(q=row["provider_refund_id"]) == {small}
     assert await listed(q=large) == {large}
     ticket = f"RR{uuid.uuid4().hex[:7]}"
-    async with stack.store.transaction() as conn:
+    async with stack.store.database.transaction() as conn:
         await conn.execute("INSERT INTO case_tickets (refund_request_id, system, purpose, external_id,"
                            " number) VALUES (%s, 'servicenow', 'request', %s, %s)",
                            (small, uuid.uuid4().hex, ticket))
@@ -204,8 +204,8 @@ async def test_case_list_filters_search_and_bad_filters(stack: Stack) -> None:
 async def test_revoking_a_token_ends_its_api_access_and_console_session_at_once(
         stack: Stack, postgres_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
     user = f"tess-{uuid.uuid4().hex[:6]}"
-    stack.tokens[user] = await stack.store.create_token(user, ["ops"], by="test",
-                                                        token=f"t-{user}-{uuid.uuid4().hex}")
+    stack.tokens[user] = await stack.store.access.create_token(user, ["ops"], by="test",
+                                                               token=f"t-{user}-{uuid.uuid4().hex}")
     tess = await console(stack, user)
     assert (await tess.get("/console/cases")).status_code == 200
     env = {"REFUNDS_DATABASE_URL": postgres_dsn}
@@ -278,8 +278,8 @@ async def test_every_state_that_needs_a_person_has_a_red_banner(stack: Stack) ->
                 CaseStatus.OPS_REVIEW: "Needs ops review", CaseStatus.SUCCEEDED: None}
     for status, title in expected.items():
         body = stack.refund_body("ch_banner", 700)
-        await stack.store.create_case(RefundRequest.model_validate(body), "alice")
-        await stack.store.record_case_event(CaseEventInput(
+        await stack.store.cases.create(RefundRequest.model_validate(body), "alice")
+        await stack.store.cases.record_event(CaseEventInput(
             refund_request_id=body["refund_request_id"], action="test_state", actor="test", status=status))
         page = (await olga.get(f"/console/cases/{body['refund_request_id']}")).text
         banner = re.search(r'data-testid="banner">\s*<strong>([^<]*)</strong>', page)

@@ -25,9 +25,9 @@ from psycopg.conninfo import make_conninfo
 from temporalio.client import Client
 
 from adapters.config import Settings
-from adapters.store import Store
-from starters.dev import run_dev
-from starters.stack import free_port
+from adapters.db import Store
+from starters.dev.run import run_dev
+from starters.ports import free_port
 from tests.harness import Stack
 from tests.test_reissue import failed_case
 
@@ -58,8 +58,8 @@ def browser_ready() -> None:
 
 async def test_sign_in_refuse_the_requester_approve_and_reissue_in_a_real_browser(
         browser_ready: None, stack: Stack) -> None:
-    rita = await stack.store.create_token("rita", ["requester", "approver"],
-                                          token=f"t-rita-{uuid.uuid4().hex}", by="test")
+    rita = await stack.store.access.create_token("rita", ["requester", "approver"],
+                                                 token=f"t-rita-{uuid.uuid4().hex}", by="test")
     stack.tokens["rita"] = rita
     async with stack.sandbox() as sb:  # a type we have no branch for: coverage must show it
         await sb.post("/_sandbox/events", json={"type": "refund.reversed", "object": {"id": "re_x"}})
@@ -74,11 +74,11 @@ async def test_sign_in_refuse_the_requester_approve_and_reissue_in_a_real_browse
     assert "console browser scenario: all steps passed" in text, text
     assert text.count("ok - ") == 7, text
 
-    trail = await stack.store.audit_trail(waiting)
+    trail = await stack.store.audit.trail(waiting)
     assert [(e["actor"], e["detail"].get("via")) for e in trail if e["action"] == "approval_refused"] == [
         ("rita", "console")]
     assert [e["actor"] for e in trail if e["action"] == "approval_granted"] == ["bob"]
-    children = await stack.store.children(failed)
+    children = await stack.store.cases.children(failed)
     assert [(c["refund_request_id"], c["method"], c["requester"]) for c in children] == [
         (f"{failed}-r1", "provider", "olga")]
     for name in ("01-sign-in", "03-case-awaiting-approval", "04-requester-refused", "08-failed-refund-banner",
@@ -178,9 +178,9 @@ async def test_signed_in_ops_read_a_decoded_history_in_the_dev_temporal_ui_and_v
     """No codec setting is touched in the browser."""
     store = await Store.open(dev_stack.dsn, max_size=2)
     try:
-        olga = await store.create_token("olga", ["ops"], token=f"t-olga-{uuid.uuid4().hex}", by="test")
-        alice = await store.create_token("alice", ["requester"], token=f"t-alice-{uuid.uuid4().hex}",
-                                         by="test")
+        olga = await store.access.create_token("olga", ["ops"], token=f"t-olga-{uuid.uuid4().hex}", by="test")
+        alice = await store.access.create_token("alice", ["requester"], token=f"t-alice-{uuid.uuid4().hex}",
+                                                by="test")
     finally:
         await store.close()
     canary = f"jane.canary.{uuid.uuid4().hex[:6]}@example.org"

@@ -30,8 +30,8 @@ from temporalio.worker import (
 )
 
 from adapters.approval_seal import ApprovalKeys, sealing_client
+from adapters.db import Store
 from adapters.policy_file import load_policy
-from adapters.store import Store
 from domain.models import (
     ApprovalSignal,
     Decision,
@@ -41,7 +41,7 @@ from domain.models import (
     RefundOutcome,
 )
 from domain.payouts import PayoutEvent, ProviderPayout, ProviderPayoutStatus
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.harness import APPROVAL_KEYS, Stack, open_stack
 from tests.payouts_kit import ask_reissue
 from tests.test_bounded_history import THRESHOLD
@@ -212,7 +212,7 @@ async def test_a_reissue_request_right_after_continue_as_new_is_taken(
             feed.cancel()
             answer = await asked[0]
             state = await tiny.client.get_workflow_handle(watch.case_id).query(PayoutReversalWorkflow.state)
-            actions = [e["action"] for e in await tiny.store.audit_trail(watch.case_id)]
+            actions = [e["action"] for e in await tiny.store.audit.trail(watch.case_id)]
     finally:
         await tiny.close()
     assert answer.status_code == 202, answer.text
@@ -263,7 +263,7 @@ async def test_a_late_approval_right_after_continue_as_new_is_refused_as_decided
             await tiny.set_provider_status(refund["id"], "succeeded")
             outcome = await asyncio.wait_for(
                 tiny.client.get_workflow_handle(watch.case_id, result_type=RefundOutcome).result(), 60)
-            trail = await tiny.store.audit_trail(watch.case_id)
+            trail = await tiny.store.audit.trail(watch.case_id)
     finally:
         await tiny.close()
     refused = [e["detail"]["refusal"] for e in trail if e["action"] == "approval_refused"]

@@ -1,6 +1,6 @@
 """The two worked examples of the refund-orchestration pattern, as `refunds demo` plays them."""
 
-from starters.demo import run_demo
+from starters.dev.demo import run_demo
 from tests.harness import Stack
 
 
@@ -13,7 +13,7 @@ async def test_demo_duplicate_webhook_and_timeout_then_resubmit(stack: Stack) ->
     assert sorted(r["verdict"] for r in report.duplicate_receipts) == ["accepted", "duplicate"]
     assert report.duplicate_case["status"] == "succeeded"
     assert report.duplicate_provider_refunds == 1
-    trail = [e["action"] for e in await stack.store.audit_trail(report.duplicate_case["refund_request_id"])]
+    trail = [e["action"] for e in await stack.store.audit.trail(report.duplicate_case["refund_request_id"])]
     assert trail.count("trigger_received") == 1
     assert trail.count("provider_submit_started") == 1
 

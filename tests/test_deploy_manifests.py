@@ -21,7 +21,7 @@ from pydantic import AliasChoices, SecretStr
 
 from adapters.config import Settings
 from adapters.providers.registry import build_providers
-from starters.cli import build_parser
+from starters.cli.parser import build_parser
 from starters.relay import create_app
 from workers.health import health_app
 
@@ -234,8 +234,7 @@ def test_compose_healthchecks_use_tools_their_images_ship() -> None:
 
 
 def test_probes_hit_real_routes_and_pods_outlive_the_workers_grace() -> None:
-    relay_routes = {getattr(r, "path", "") for r in create_app(
-        cast(Any, None), cast(Any, None), {}, Settings()).routes}
+    relay_routes = set(create_app(cast(Any, None), cast(Any, None), {}, Settings()).openapi()["paths"])
     worker_routes = {getattr(r, "path", "") for r in health_app(
         cast(Any, None), cast(Any, None), cast(Any, None), Settings()).routes}
     deployments = of_kind("Deployment")
@@ -316,8 +315,7 @@ def test_metrics_are_scraped_with_the_token_and_the_sdk_port_only_from_monitorin
     for name in ("worker", "relay"):
         assert str(services[name]["environment"]["REFUNDS_METRICS_TOKEN"]).startswith(
             "${REFUNDS_METRICS_TOKEN:?")
-    relay_routes = {getattr(r, "path", "") for r in create_app(
-        cast(Any, None), cast(Any, None), {}, Settings()).routes}
+    relay_routes = set(create_app(cast(Any, None), cast(Any, None), {}, Settings()).openapi()["paths"])
     worker_routes = {getattr(r, "path", "") for r in health_app(
         cast(Any, None), cast(Any, None), cast(Any, None), Settings()).routes}
     [config_map] = [d for d in k8s() if d["kind"] == "ConfigMap"

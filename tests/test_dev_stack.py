@@ -15,7 +15,7 @@ import httpx
 import psutil
 import pytest
 
-from starters.stack import free_port
+from starters.ports import free_port
 
 REFUNDS = str(Path(sys.executable).parent / "refunds")
 

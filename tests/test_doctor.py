@@ -14,12 +14,13 @@ from temporalio.client import Client
 from temporalio.service import TLSConfig
 
 from adapters.config import Settings
+from adapters.db import Store
 from adapters.health import database_problem, temporal_problem
-from adapters.store import Store
 from adapters.temporal_client import connect, connect_options
-from starters.doctor import run_doctor
-from starters.stack import TemporalDevServer, free_port
-from tests.harness import PAYLOAD_KEYS, open_stack
+from starters.cli.doctor import run_doctor
+from starters.dev.stack import TemporalDevServer
+from starters.ports import free_port
+from tests.harness import APPROVAL_KEYS, PAYLOAD_KEYS, open_stack
 
 REFUNDS = str(Path(sys.executable).parent / "refunds")
 
@@ -27,7 +28,8 @@ REFUNDS = str(Path(sys.executable).parent / "refunds")
 def _env(temporal_address: str, dsn: str) -> dict[str, str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("REFUNDS_", "TEMPORAL_"))}
     return {**clean, "TEMPORAL_ADDRESS": temporal_address, "REFUNDS_DATABASE_URL": dsn,
-            "REFUNDS_PAYLOAD_KEYS": PAYLOAD_KEYS, "REFUNDS_SANDBOX_WEBHOOK_SECRET": "whsec-doctor"}
+            "REFUNDS_PAYLOAD_KEYS": PAYLOAD_KEYS, "REFUNDS_SANDBOX_WEBHOOK_SECRET": "whsec-doctor",
+            "REFUNDS_APPROVAL_KEYS": APPROVAL_KEYS}
 
 
 def test_doctor_exits_0_on_a_healthy_stack_and_1_naming_an_unreachable_temporal(
@@ -36,7 +38,8 @@ def test_doctor_exits_0_on_a_healthy_stack_and_1_naming_an_unreachable_temporal(
                              capture_output=True, text=True, timeout=60)
     assert healthy.returncode == 0, healthy.stdout + healthy.stderr
     assert [line.split()[:2] for line in healthy.stdout.splitlines()] == [
-        ["ok", "timeouts"], ["ok", "payloads"], ["ok", "temporal"], ["ok", "postgres"], ["ok", "providers"]]
+        ["ok", "timeouts"], ["ok", "payloads"], ["ok", "approvals"], ["ok", "temporal"], ["ok", "postgres"],
+        ["ok", "providers"]]
 
     nowhere = f"127.0.0.1:{free_port()}"
     broken = subprocess.run([REFUNDS, "doctor"], env=_env(nowhere, postgres_dsn),
@@ -55,6 +58,9 @@ async def test_doctor_names_a_missing_namespace_keys_database_and_provider(
     assert "REFUNDS_PAYLOAD_KEYS is not set" in detail["payloads"][1]
     assert detail["postgres"] == (False, "REFUNDS_DATABASE_URL is not set")
     assert detail["providers"][0] is False
+    assert detail["approvals"] == (False, "REFUNDS_APPROVAL_KEYS is not set: the relay seals no approval "
+                                          "and the worker counts none, so no case that needs a person can "
+                                          "proceed")
 
     findings = await run_doctor(Settings(temporal_address=temporal_server.address, payload_keys=PAYLOAD_KEYS,
                                          temporal_namespace="no-such-namespace"))
@@ -149,7 +155,7 @@ async def test_readiness_names_a_database_that_does_not_answer_within_the_bound(
     """The pool would wait 30 s for a connection; the check answers after its own 5 s."""
     one_connection = await Store.open(postgres_dsn, max_size=1)
     try:
-        async with one_connection.transaction():  # held: the check finds no free connection
+        async with one_connection.database.transaction():  # held: the check finds no free connection
             assert await database_problem(one_connection) == (
                 "PostgreSQL did not answer within 5 s (no free pooled connection, or the server is stuck)")
         assert await database_problem(one_connection) is None  # migrated by the `store` fixture

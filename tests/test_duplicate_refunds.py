@@ -5,7 +5,7 @@ hold is a reservation like any other, taken under the charge's lock."""
 import asyncio
 from typing import Any
 
-from adapters.store import Store
+from adapters.db import Store
 from domain.models import ProviderRefund, ProviderRefundStatus
 from tests.harness import Stack
 
@@ -28,14 +28,14 @@ async def test_a_second_provider_refund_with_our_reference_is_an_incident(stack:
     assert (incident["object_id"], incident["break_class"], incident["state"], incident["amount"]) == (
         duplicate, "duplicate_refund", "ops_review", 2_000)
     assert incident["evidence"]["case"]["followed_refund_id"] == row["provider_refund_id"]
-    kinds = {(n["kind"], n["audience"]) for n in await stack.store.notices(case_id)}
+    kinds = {(n["kind"], n["audience"]) for n in await stack.store.outbox.notices(case_id)}
     assert {("duplicate_provider_refund", "operator"), ("reconciliation_break", "ops")} <= kinds
     # Only the case's own refund reaches the ledger; the duplicate waits for ops.
-    assert [x["debit"] for x in await stack.store.ledger_entries(case_id)] == [2_000, 0]
+    assert [x["debit"] for x in await stack.store.ledger.entries(case_id)] == [2_000, 0]
 
 
 async def _breaks(store: Store, case_id: str) -> list[dict[str, Any]]:
-    async with store.transaction() as conn:
+    async with store.database.transaction() as conn:
         cur = await conn.execute("SELECT * FROM reconciliation_breaks WHERE refund_request_id = %s",
                                  (case_id,))
         return list(await cur.fetchall())
@@ -44,14 +44,14 @@ async def _breaks(store: Store, case_id: str) -> list[dict[str, Any]]:
 async def test_a_tracking_case_takes_the_charge_lock(store: Store) -> None:
     refund = ProviderRefund(provider="sandbox", refund_id="re_lock_1", charge_id="ch_lock_1", amount=700,
                             currency="USD", status=ProviderRefundStatus.SUCCEEDED, raw_status="succeeded")
-    async with store.transaction() as holder:  # a reservation in progress on the same charge
+    async with store.database.transaction() as holder:  # a reservation in progress on the same charge
         await holder.execute("INSERT INTO charges (provider, charge_id, currency, amount_captured)"
                              " VALUES ('sandbox', 'ch_lock_1', 'USD', 1000) ON CONFLICT DO NOTHING")
         await holder.execute("SELECT 1 FROM charges WHERE provider = 'sandbox' AND charge_id = 'ch_lock_1'"
                              " FOR UPDATE")
         pid = (await (await holder.execute("SELECT pg_backend_pid() AS pid")).fetchone() or {})["pid"]
-        opening = asyncio.create_task(store.open_tracking_case("sandbox-refund-re_lock_1", refund, None,
-                                                               "refund.updated"))
+        opening = asyncio.create_task(store.cases.open_tracking("sandbox-refund-re_lock_1", refund, None,
+                                                                "refund.updated"))
         while not opening.done():  # until it either finished or queued behind our lock
             cur = await holder.execute(
                 "SELECT count(*) AS n FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))", (pid,))
@@ -60,7 +60,7 @@ async def test_a_tracking_case_takes_the_charge_lock(store: Store) -> None:
             await asyncio.sleep(0.01)
         assert not opening.done(), "the tracking case took its hold without the charge's lock"
     assert await opening
-    row = await store.get_case("sandbox-refund-re_lock_1")
+    row = await store.cases.get("sandbox-refund-re_lock_1")
     assert row is not None and (row["status"], row["reserved_amount"]) == ("tracking", 700)
 
 
@@ -91,5 +91,5 @@ async def test_a_lookup_that_finds_two_refunds_with_our_reference_is_an_incident
         duplicate, "duplicate_refund", "ops_review")
     assert incident["evidence"]["case"]["followed_refund_id"] == followed
     assert incident["evidence"]["source"] == "verify_state"
-    kinds = {(n["kind"], n["audience"]) for n in await stack.store.notices(case_id)}
+    kinds = {(n["kind"], n["audience"]) for n in await stack.store.outbox.notices(case_id)}
     assert ("duplicate_provider_refund", "operator") in kinds

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from temporalio.client import Client
 
-from adapters.store import Store
-from starters.stack import TemporalDevServer
+from adapters.db import Store
+from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
 
 
@@ -56,7 +56,7 @@ async def test_terminal_state_delivered_before_created(patient: Stack, terminal:
     actions = await patient.wait_for_audit(
         case_id, "provider_status_stale_ignored" if terminal == "succeeded" else "refund_failed")
     assert actions.count("provider_submit_started") == 1
-    templates = [x["template"] for x in await patient.store.ledger_entries(case_id)]
+    templates = [x["template"] for x in await patient.store.ledger.entries(case_id)]
     if terminal == "succeeded":
         assert templates == ["refund_settled", "refund_settled"] and final["reserved_amount"] == 3_000
     else:
@@ -72,9 +72,9 @@ async def test_stale_pending_after_succeeded_changes_nothing(patient: Stack) -> 
     await sandbox(patient, "POST", "/_sandbox/events",
                   {"type": "refund.updated", "object": {**refund, "status": "pending"}})
     await patient.wait_for_audit(case_id, "provider_status_stale_ignored")
-    after = await patient.store.get_case(case_id)
+    after = await patient.store.cases.get(case_id)
     assert after is not None
     assert (after["status"], after["provider_status"]) == ("succeeded", "succeeded")
     assert after["reserved_amount"] == 2_000
     assert after["provider_refund_id"] == row["provider_refund_id"]
-    assert len(await patient.store.ledger_entries(case_id)) == 2
+    assert len(await patient.store.ledger.entries(case_id)) == 2

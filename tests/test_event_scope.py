@@ -8,10 +8,10 @@ from datetime import UTC, datetime
 import httpx
 from temporalio.client import Client
 
-from adapters.store import Store
+from adapters.db import Store
 from domain.events import tracking_case_id
 from domain.models import EventKind, ProviderEvent, ProviderRefundStatus, RefundRequest
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack
 from tests.test_adyen import MERCHANT, adyen_rig, notification
 from tests.test_bad_input import event_body, signed
@@ -21,7 +21,7 @@ from workflows.refund import RefundWorkflow
 async def test_an_event_naming_another_providers_case_does_not_reach_it(stack: Stack) -> None:
     charge = await stack.charge(10_000)
     foreign = RefundRequest.model_validate(stack.refund_body("ch_elsewhere", 1_000, provider="adyen"))
-    await stack.store.create_case(foreign, "alice")
+    await stack.store.cases.create(foreign, "alice")
     refund_id = f"re_{uuid.uuid4().hex[:12]}"
     refund = {"id": refund_id, "object": "refund", "charge": charge, "amount": 1_000,
               "currency": "usd", "status": "succeeded",
@@ -35,7 +35,7 @@ async def test_an_event_naming_another_providers_case_does_not_reach_it(stack: S
     assert response.status_code == 200, response.text
     assert response.json()["workflow_id"] == tracking_case_id("sandbox", refund_id)
     assert await stack.actions(foreign.refund_request_id) == ["request_received"]
-    row = await stack.store.get_case(foreign.refund_request_id)
+    row = await stack.store.cases.get(foreign.refund_request_id)
     assert row is not None and row["provider_refund_id"] is None
 
 

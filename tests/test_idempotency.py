@@ -9,8 +9,8 @@ from pathlib import Path
 
 from temporalio.client import Client
 
-from adapters.store import Store
-from starters.stack import TemporalDevServer
+from adapters.db import Store
+from starters.dev.stack import TemporalDevServer
 from tests.harness import PAYLOAD_KEYS, Stack, open_stack
 
 
@@ -27,7 +27,7 @@ async def test_same_id_with_other_parameters_is_409_and_changes_nothing(stack: S
         assert repeat.json()["amount"] == 2_000
     await stack.wait_for_status(body["refund_request_id"], "succeeded")
     assert [r["amount"] for r in await stack.provider_refunds(charge)] == [2_000]
-    trail = [e["action"] for e in await stack.store.audit_trail(body["refund_request_id"])]
+    trail = [e["action"] for e in await stack.store.audit.trail(body["refund_request_id"])]
     assert trail.count("request_conflict") == 1 and trail.count("request_repeated") == 1
 
 
@@ -65,7 +65,7 @@ async def test_worker_killed_after_provider_accepted_still_one_refund(
         row = await stack.wait_for_status(body["refund_request_id"], "succeeded", timeout=90)
         refunds = await stack.provider_refunds(charge)
         assert [r["id"] for r in refunds] == [row["provider_refund_id"]]
-        lines = await store.ledger_entries(body["refund_request_id"])
+        lines = await store.ledger.entries(body["refund_request_id"])
         assert len({line["posting_key"] for line in lines}) == 1
     finally:
         if worker is not None and worker.poll() is None:

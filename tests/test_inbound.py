@@ -13,9 +13,8 @@ import httpx
 from temporalio.client import Client
 
 from adapters import signing
-from adapters.integration_store import IntegrationStore
-from adapters.store import Store
-from starters.stack import TemporalDevServer
+from adapters.db import Store
+from starters.dev.stack import TemporalDevServer
 from tests.fakes import World, connected_stack, eventually
 from tests.harness import Stack
 from workflows.refund import RefundWorkflow
@@ -24,9 +23,9 @@ from workflows.refund import RefundWorkflow
 async def person(stack: Stack, roles: list[str], **links: str) -> str:
     """A user of ours with a live token and links to outside identities."""
     user = f"u-{uuid.uuid4().hex[:8]}"
-    await stack.store.create_token(user, roles, by="test")
+    await stack.store.access.create_token(user, roles, by="test")
     for system, external_id in links.items():
-        await IntegrationStore(stack.store).link_identity(system, external_id, user)
+        await stack.store.access.link_identity(system, external_id, user)
     return user
 
 
@@ -87,7 +86,7 @@ async def test_a_signed_slack_click_approves_as_the_linked_user_and_forgeries_ch
         assert stale.status_code == 401 and stale.json()["verdict"] == "stale"
         stranger = await click(stack, slack_click(world, case_id, "UNOBODY"))
         assert stranger.status_code == 403 and "not linked" in stranger.json()["detail"]
-        verdicts = [r["verdict"] for r in await stack.store.receipts("slack")
+        verdicts = [r["verdict"] for r in await stack.store.receipts.find("slack")
                     if r["id"] >= forged.json()["receipt_id"]]
         assert verdicts[:4] == ["bad_signature", "bad_signature", "stale", "accepted"]
         state = await stack.client.get_workflow_handle(case_id).query(RefundWorkflow.state)
@@ -99,7 +98,7 @@ async def test_a_signed_slack_click_approves_as_the_linked_user_and_forgeries_ch
         assert accepted.json()["approver"] == approver and accepted.json()["decision"] == "approve"
         await stack.wait_for_status(case_id, "succeeded")
         assert [r["amount"] for r in await stack.provider_refunds(charge)] == [9_000]
-        trail = await stack.store.audit_trail(case_id)
+        trail = await stack.store.audit.trail(case_id)
         assert [(e["actor"], e["detail"].get("channel")) for e in trail
                 if e["action"] == "approval_signalled"] == [(approver, "slack")]
         assert [e["actor"] for e in trail if e["action"] == "approval_granted"] == [approver]
@@ -146,7 +145,7 @@ async def test_a_servicenow_ticket_starts_the_case_and_its_opener_cannot_approve
         assert unlinked.status_code == 403
         bad_amount = await servicenow(stack, "refund-requests", {**body, "amount": 90.0})
         assert bad_amount.status_code == 400 and "amount" in bad_amount.json()["detail"]
-        assert await stack.store.get_case(f"servicenow-{sys_id}") is None
+        assert await stack.store.cases.get(f"servicenow-{sys_id}") is None
 
         created = await servicenow(stack, "refund-requests", body)
         assert created.status_code == 202, created.text
@@ -172,11 +171,11 @@ async def test_a_servicenow_ticket_starts_the_case_and_its_opener_cannot_approve
         assert own.status_code == 200  # signalled; the workflow refuses it
 
         async def refused() -> list[dict[str, Any]]:
-            return [e for e in await stack.store.audit_trail(case_id) if e["action"] == "approval_refused"]
+            return [e for e in await stack.store.audit.trail(case_id) if e["action"] == "approval_refused"]
 
         [refusal] = await eventually(refused)
         assert refusal["actor"] == opener and "own refund" in refusal["detail"]["refusal"]
-        assert (await stack.store.get_case(case_id))["status"] == "awaiting_approval"  # type: ignore[index]
+        assert (await stack.store.cases.get(case_id))["status"] == "awaiting_approval"  # type: ignore[index]
         assert await stack.provider_refunds(charge) == []
 
         granted = await servicenow(stack, "approvals", approval(sn_manager))

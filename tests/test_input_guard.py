@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from starters.limits import API_MAX_BODY_BYTES, CODEC_MAX_BODY_BYTES
+from starters.relay.limits import API_MAX_BODY_BYTES, CODEC_MAX_BODY_BYTES
 from tests.harness import Stack
 from tests.test_bad_input import assert_untouched
 from tests.test_console import console, post_form
@@ -33,12 +33,12 @@ async def test_nul_in_an_approval_reason_is_422_and_the_case_still_takes_approva
         refused = await asyncio.wait_for(api.post(path, json={"decision": "approve",
                                                               "reason": "ok\x00"}), HANG)
         assert refused.status_code == 422 and "NUL" in refused.text, refused.text
-        assert (await stack.store.get_case(case_id))["status"] == "awaiting_approval"  # type: ignore[index]
+        assert (await stack.store.cases.get(case_id))["status"] == "awaiting_approval"  # type: ignore[index]
         approved = await asyncio.wait_for(api.post(path, json={"decision": "approve",
                                                                "reason": "ok"}), HANG)
         assert approved.status_code == 202, approved.text
     await stack.wait_for_status(case_id, "succeeded")
-    assert [e for e in await stack.store.audit_trail("") if e["actor"] == "bob"
+    assert [e for e in await stack.store.audit.trail("") if e["actor"] == "bob"
             and e["detail"].get("action") == f"POST {path}" and "NUL" in e["detail"]["refusal"]]
 
 
@@ -67,7 +67,7 @@ async def test_nul_in_a_console_form_or_filter_is_422(stack: Stack) -> None:
         assert listing.status_code == 422
     finally:
         await bob.aclose()
-    assert (await stack.store.get_case(case_id))["status"] == "awaiting_approval"  # type: ignore[index]
+    assert (await stack.store.cases.get(case_id))["status"] == "awaiting_approval"  # type: ignore[index]
 
 
 async def chunks(total: int) -> AsyncIterator[bytes]:
@@ -103,8 +103,8 @@ async def test_console_forms_are_limited_too(stack: Stack) -> None:
     finally:
         await bob.aclose()
     assert big.status_code == 413
-    assert (await stack.store.get_case(case_id))["status"] == "awaiting_approval"  # type: ignore[index]
-    assert [e["detail"]["via"] for e in await stack.store.audit_trail("") if e["actor"] == "bob"
+    assert (await stack.store.cases.get(case_id))["status"] == "awaiting_approval"  # type: ignore[index]
+    assert [e["detail"]["via"] for e in await stack.store.audit.trail("") if e["actor"] == "bob"
             and e["detail"].get("action") == f"POST /console/cases/{case_id}/approval"] == ["console"]
 
 

@@ -11,9 +11,9 @@ from fastapi import FastAPI
 from temporalio.client import Client
 
 from adapters.config import Settings
-from adapters.store import Store
+from adapters.db import Store
+from starters.dev.stack import TemporalDevServer
 from starters.relay import create_app
-from starters.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
 from workers.health import health_app
 

@@ -23,12 +23,12 @@ from prometheus_client import REGISTRY
 from temporalio.client import Client
 
 from adapters.config import Settings
+from adapters.db import Store
 from adapters.http_server import AppServer
 from adapters.notify.message import FALLBACK, TEMPLATES
-from adapters.store import Store
 from domain.payouts import payout_case_id
-from starters.doctor import check_timeouts
-from starters.stack import TemporalDevServer
+from starters.cli.doctor import check_timeouts
+from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
 from tests.lossy_proxy import LossyProxy
 from tests.payouts_kit import (
@@ -210,7 +210,7 @@ async def test_lookups_refused_after_a_lost_create_answer_never_fail_the_case(
         trail = await rig.stack.actions(case_id)
         assert "provider_configuration_refused" in trail and "refund_declined" not in trail
         assert ("provider_configuration_refused", "operator") in {
-            (n["kind"], n["audience"]) for n in await store.notices(case_id)}
+            (n["kind"], n["audience"]) for n in await store.outbox.notices(case_id)}
         assert await escalations("provider_configuration_refused") == before + 1
         assert (await reissue(rig.stack, case_id)).status_code == 409
 
@@ -275,7 +275,7 @@ async def test_a_payout_reissue_whose_key_is_refused_tells_ops_and_is_made_once_
         assert [status for *_, status in rig.proxy.refused] == [401]
         assert len(await reissues(rig, reference)) == 1
         assert ("payout_reissue_configuration_refused", "payments_ops") in {
-            (n["kind"], n["audience"]) for n in await store.notices(case_id)}
+            (n["kind"], n["audience"]) for n in await store.outbox.notices(case_id)}
         assert "reissue_configuration_refused" in await rig.stack.actions(case_id)
 
 
@@ -318,7 +318,8 @@ async def test_a_revoked_key_sends_the_case_to_ops_and_it_resumes_once_fixed(
         assert trail.count("provider_configuration_refused") == 2  # validating, then executing
         assert "provider_credentials_refused" in trail  # the create's own answer, audited
         assert trail.count("provider_answering_again") == 2  # back to validating, then executing
-        assert [n["kind"] for n in await store.notices(case_id)].count("provider_configuration_refused") == 2
+        kinds = [n["kind"] for n in await store.outbox.notices(case_id)]
+        assert kinds.count("provider_configuration_refused") == 2
         assert await escalations("provider_configuration_refused") == before + 2
         assert len(await rig.refunds(charge)) == 1
 
@@ -339,7 +340,7 @@ async def test_provider_reads_that_keep_failing_go_to_ops_then_resume(
         assert trail.index("validate_retries_exhausted") < trail.index("validation_passed")
         assert trail.index("verify_retries_exhausted") < trail.index("refund_succeeded")
         assert trail.count("provider_answering_again") == 2
-        kinds = {(n["kind"], n["audience"]) for n in await store.notices(case_id)}
+        kinds = {(n["kind"], n["audience"]) for n in await store.outbox.notices(case_id)}
         assert {("validate_retries_exhausted", "operator"), ("verify_retries_exhausted", "operator")} <= kinds
         for step in ("validate", "verify"):
             assert await escalations(f"{step}_retries_exhausted") == before[step] + 1

@@ -11,20 +11,19 @@ import pytest
 from temporalio.client import Client
 
 from adapters.config import Settings
-from adapters.integration_store import IntegrationStore
+from adapters.db import Store
 from adapters.notify.channels import build_channels
 from adapters.notify.message import TEMPLATES, render
-from adapters.store import Store
 from adapters.tickets.base import correlation_key
 from domain.models import NoticeInput
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.fakes import World, connected_stack, eventually
 from tests.harness import Stack
 
 
 async def delivered(stack: Stack, case_id: str, kind: str) -> dict[str, dict[str, Any]]:
     """The case's deliveries of one notice kind, by channel."""
-    rows = await IntegrationStore(stack.store).deliveries(case_id)
+    rows = await stack.store.outbox.deliveries(case_id)
     return {r["channel"]: r for r in rows if r["kind"] == kind}
 
 
@@ -92,7 +91,7 @@ async def test_each_notice_reaches_every_channel_once_and_tickets_follow_the_cas
         assert [n.splitlines()[0] for n in ticket["work_notes_history"]] == [
             f"Refund {case_id} approved", f"Refund {case_id} succeeded"]
         assert len(world.jira) == 1 and len(world.jira_comments[issue["key"]]) == 2
-        view_tickets = await IntegrationStore(stack.store).tickets(case_id)
+        view_tickets = await stack.store.integrations.tickets(case_id)
         assert {(t["system"], t["number"]) for t in view_tickets} == {
             ("servicenow", ticket["number"]), ("jira", issue["key"])}
 
@@ -115,7 +114,7 @@ async def test_a_failing_channel_is_retried_alone_and_never_holds_up_the_case(
         assert rows["teams"]["attempts"] == 1 and rows["email"]["attempts"] == 1
         assert slack_titles(world) == [f"Refund {case_id} succeeded"]
         assert len(world.teams) == 1 and len(world.mail) == 1
-        failures = [e for e in await stack.store.audit_trail(case_id)
+        failures = [e for e in await stack.store.audit.trail(case_id)
                     if e["action"] == "notice_delivery_failed"]
         assert [e["detail"]["channel"] for e in failures] == ["slack"]
 
@@ -170,26 +169,25 @@ async def test_the_customer_hears_the_refund_could_not_be_processed_by_email_onl
 
 
 async def test_a_send_that_may_have_happened_is_never_repeated(store: Store) -> None:
-    integrations = IntegrationStore(store)
     case_id = f"rr-{uuid.uuid4().hex[:12]}"
-    await store.queue_notice(NoticeInput(refund_request_id=case_id, kind="refund_failed",
+    await store.outbox.queue(NoticeInput(refund_request_id=case_id, kind="refund_failed",
                                          audience="operator", dedup_key=f"{case_id}:refund_failed"))
-    notice = await integrations.notice(f"{case_id}:refund_failed")
+    notice = await store.outbox.notice(f"{case_id}:refund_failed")
     assert notice is not None
-    assert await integrations.claim_delivery(notice["id"], case_id, "slack")
-    assert not await integrations.claim_delivery(notice["id"], case_id, "slack")  # died mid-send
-    assert not await integrations.claim_delivery(notice["id"], case_id, "slack")
-    assert await integrations.claim_delivery(notice["id"], case_id, "teams")
-    await integrations.finish_delivery(notice["id"], case_id, "teams", "failed", error="HTTP 500")
-    assert await integrations.claim_delivery(notice["id"], case_id, "teams")  # certainly failed: again
-    await integrations.finish_delivery(notice["id"], case_id, "teams", "delivered")
-    assert not await integrations.claim_delivery(notice["id"], case_id, "teams")
-    async with store.transaction() as conn:
+    assert await store.outbox.claim_delivery(notice["id"], case_id, "slack")
+    assert not await store.outbox.claim_delivery(notice["id"], case_id, "slack")  # died mid-send
+    assert not await store.outbox.claim_delivery(notice["id"], case_id, "slack")
+    assert await store.outbox.claim_delivery(notice["id"], case_id, "teams")
+    await store.outbox.finish_delivery(notice["id"], case_id, "teams", "failed", error="HTTP 500")
+    assert await store.outbox.claim_delivery(notice["id"], case_id, "teams")  # certainly failed: again
+    await store.outbox.finish_delivery(notice["id"], case_id, "teams", "delivered")
+    assert not await store.outbox.claim_delivery(notice["id"], case_id, "teams")
+    async with store.database.transaction() as conn:
         cur = await conn.execute("SELECT channel, status, attempts FROM notice_deliveries"
                                  " WHERE notice_id = %s ORDER BY channel", (notice["id"],))
         rows = [(r["channel"], r["status"], r["attempts"]) for r in await cur.fetchall()]
     assert rows == [("slack", "uncertain", 1), ("teams", "delivered", 2)]
-    actions = [e["action"] for e in await store.audit_trail(case_id)]
+    actions = [e["action"] for e in await store.audit.trail(case_id)]
     assert actions == ["notice_queued", "notice_delivery_uncertain", "notice_delivery_failed",
                        "notice_delivered"]
 
@@ -224,7 +222,7 @@ def test_every_template_renders_its_facts_and_customer_notices_stay_plain() -> N
 async def test_unconfigured_channels_are_named_once_in_the_log(
         store: Store, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="adapters.notify.channels"):
-        channels = build_channels(Settings(), IntegrationStore(store))
+        channels = build_channels(Settings(), store.integrations)
     assert channels == []
     [record] = caplog.records
     for name in ("slack", "teams", "email", "servicenow", "jira"):
@@ -238,10 +236,10 @@ async def test_the_outbox_sweeper_delivers_notices_no_workflow_delivers_once(
 
     async with connected_stack(store, client, temporal_server) as (stack, world):
         case_id = f"payout-case-{uuid.uuid4().hex[:8]}"
-        await store.queue_notice(NoticeInput(
+        await store.outbox.queue(NoticeInput(
             refund_request_id=case_id, kind="reconciliation_break", audience="ops",
             dedup_key=f"{case_id}:reconciliation_break", detail={"break_class": "ledger_missing"}))
-        outbox, delivery = IntegrationStore(store), IntegrationActivities(store, stack.settings)
+        outbox, delivery = store.outbox, IntegrationActivities(store, stack.settings)
         assert await sweep_once(outbox, delivery, older_than_seconds=0, limit=1000) >= 1
         mine = [m for m in world.slack if case_id in json.dumps(m)]
         assert len(mine) == 1

@@ -9,10 +9,9 @@ from typing import Any
 
 from temporalio.client import Client
 
-from adapters.payout_book import PayoutBook
-from adapters.store import Store
+from adapters.db import Store
 from domain.payouts import PayoutCaseState, PayoutEvent, ProviderPayout, ProviderPayoutStatus, payout_case_id
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
 from tests.payouts_kit import (
     add_payout_approvers,
@@ -76,7 +75,7 @@ async def test_the_reissue_window_continues_as_new_with_the_case_intact(
         runs = await _runs(tiny, case_id, first_run)
         assert state.reissue_payout_id is not None
         made = await reissues_of(tiny, state.reissue_payout_id)
-        actions = [e["action"] for e in await tiny.store.audit_trail(case_id)]
+        actions = [e["action"] for e in await tiny.store.audit.trail(case_id)]
     finally:
         await tiny.close()
     assert len(runs) >= 5, runs
@@ -106,11 +105,11 @@ async def test_a_reissue_whose_outcome_stays_unknown_goes_to_ops_after_its_attem
         assert (await decide(rig.stack, "lena", case_id)).status_code == 202
         row = await wait_for_case(rig.stack, case_id, "ops_review", "reissued", "reissue_failed")
         assert row["status"] == "ops_review"
-        actions = [e["action"] for e in await rig.stack.store.audit_trail(case_id)]
+        actions = [e["action"] for e in await rig.stack.store.audit.trail(case_id)]
         assert "reissue_attempts_exhausted" in actions and "reissue_failed" not in actions
         assert [s for *_, s in rig.proxy.refused] == [503] * 3  # three attempts, then ops
         assert ("payout_reissue_attempts_exhausted", "payments_ops") in {
-            (n["kind"], n["audience"]) for n in await rig.stack.store.notices(case_id)}
-        payout = await PayoutBook(rig.stack.store).payout(row["payout_id"])
+            (n["kind"], n["audience"]) for n in await rig.stack.store.outbox.notices(case_id)}
+        payout = await rig.stack.store.payouts.payout(row["payout_id"])
         assert payout is not None and payout.status == "on_hold"  # the hold stays for ops
         assert await reissues_of(rig.stack, payout.reissue_id()) == []

@@ -54,7 +54,7 @@ async def test_a_payout_case_page_shows_the_case_and_approvals_go_through_the_ap
     assert (await decide(dave, case_id, "approve")).status_code == 403
     alice = await console(stack, "alice")  # a refund requester does not read payout cases
     assert (await alice.get(f"/console/payouts/{case_id}")).status_code == 403
-    assert await stack.store.ledger_entries(case_id) == []
+    assert await stack.store.ledger.entries(case_id) == []
 
     approved = await decide(fiona, case_id, "approve", reason="bank confirmed the return")
     assert approved.status_code == 303 and approved.headers["location"].endswith("notice=approve")

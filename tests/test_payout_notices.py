@@ -8,10 +8,10 @@ from typing import Any
 
 from temporalio.client import Client
 
+from adapters.db import Store
 from adapters.notify.message import FALLBACK, PAYOUT_APPROVAL_TEMPLATES, TEMPLATES
-from adapters.store import Store
 from domain.models import NoticeInput
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.fakes import connected_stack
 from tests.test_payout_tickets import sweep
 
@@ -51,7 +51,7 @@ async def test_payout_notices_reach_slack_teams_and_email_with_decision_money_an
                                servicenow_url=None) as (stack, world):
         case_id = f"sandbox-payout-P-{uuid.uuid4().hex[:8]}"
         for kind, (audience, detail, _, _) in NOTICES.items():
-            await store.queue_notice(NoticeInput(
+            await store.outbox.queue(NoticeInput(
                 refund_request_id=case_id, kind=kind, audience=audience,
                 dedup_key=f"{case_id}:{kind}", detail={"payout_id": "P-9", **detail}))
         await sweep(stack, case_id)
@@ -83,7 +83,7 @@ async def test_a_payout_approval_round_speaks_of_the_payout_and_offers_no_refund
     async with connected_stack(store, client, temporal_server, jira_url=None,
                                servicenow_url=None) as (stack, world):
         case_id = f"sandbox-payout-P-{uuid.uuid4().hex[:8]}"
-        await store.queue_notice(NoticeInput(
+        await store.outbox.queue(NoticeInput(
             refund_request_id=case_id, kind="approval_needed", audience="approvers",
             dedup_key=f"{case_id}:approval_needed",
             detail={"payout_id": "P-10492", "amount": 1_250_000, "currency": "EUR",

@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 
-from adapters.payout_book import PayoutBook
 from domain.payouts import payout_case_id
 from tests.harness import Stack
 from tests.payouts_kit import move_payout, wait_for_case
@@ -35,10 +34,10 @@ async def test_a_registration_books_once_and_the_same_again_is_a_no_op(stack: St
     assert first.json()["case_id"] == case_id
     again = await register(stack, body)
     assert again.status_code == 200 and again.json()["created"] is False
-    booked = await PayoutBook(stack.store).payout(body["id"])
+    booked = await stack.store.payouts.payout(body["id"])
     assert booked is not None
     assert (booked.status, booked.amount, booked.currency) == ("paid", 1_250_000, "USD")
-    trail = await stack.store.audit_trail(case_id)
+    trail = await stack.store.audit.trail(case_id)
     [registered] = [e for e in trail if e["action"] == "payout_registered"]
     assert registered["actor"] == "olga" and registered["detail"]["amount"] == 1_250_000
 
@@ -55,12 +54,11 @@ async def test_the_same_payout_with_other_data_is_a_409_and_changes_nothing(
         other["id"] = f"P-{uuid.uuid4().hex[:10]}"
     refused = await register(stack, other)
     assert refused.status_code == 409 and "already registered with other data" in refused.json()["detail"]
-    book = PayoutBook(stack.store)
-    booked = await book.payout(body["id"])
+    booked = await stack.store.payouts.payout(body["id"])
     assert booked is not None and (booked.amount, booked.beneficiary_id) == (1_250_000, "ben-77")
     if "id" in change:
-        assert await book.payout(other["id"]) is None
-    trail = await stack.store.audit_trail(payout_case_id("sandbox", body["provider_payout_id"]))
+        assert await stack.store.payouts.payout(other["id"]) is None
+    trail = await stack.store.audit.trail(payout_case_id("sandbox", body["provider_payout_id"]))
     assert [e["action"] for e in trail] == ["payout_registered", "payout_registration_refused"]
 
 
@@ -76,8 +74,8 @@ async def test_bad_input_is_a_recorded_422_that_books_nothing(stack: Stack, chan
     refused = await register(stack, body)
     assert refused.status_code == 422
     assert where in str(refused.json()["detail"][0]["loc"])
-    assert await PayoutBook(stack.store).payout(str(body["id"])) is None
-    refusals = [e for e in await stack.store.audit_trail("") if e["action"] == "action_refused"
+    assert await stack.store.payouts.payout(str(body["id"])) is None
+    refusals = [e for e in await stack.store.audit.trail("") if e["action"] == "action_refused"
                 and e["actor"] == "olga" and e["detail"]["action"] == "POST /v1/payouts"]
     assert refusals and where in refusals[-1]["detail"]["refusal"]
 
@@ -86,8 +84,8 @@ async def test_an_unconfigured_provider_is_refused_and_recorded(stack: Stack) ->
     body = registration(provider="nowhere")
     refused = await register(stack, body)
     assert refused.status_code == 422 and "not configured" in refused.json()["detail"]
-    assert await PayoutBook(stack.store).payout(body["id"]) is None
-    trail = await stack.store.audit_trail(payout_case_id("nowhere", body["provider_payout_id"]))
+    assert await stack.store.payouts.payout(body["id"]) is None
+    trail = await stack.store.audit.trail(payout_case_id("nowhere", body["provider_payout_id"]))
     assert [e["action"] for e in trail] == ["payout_registration_refused"]
 
 
@@ -97,8 +95,8 @@ async def test_registration_needs_a_token_and_the_role(stack: Stack) -> None:
     async with stack.api("olga") as api:
         api.headers["Authorization"] = "Bearer nope"
         assert (await api.post("/v1/payouts", json=body)).status_code == 401
-    assert await PayoutBook(stack.store).payout(body["id"]) is None
-    trail = await stack.store.audit_trail(payout_case_id("sandbox", body["provider_payout_id"]))
+    assert await stack.store.payouts.payout(body["id"]) is None
+    trail = await stack.store.audit.trail(payout_case_id("sandbox", body["provider_payout_id"]))
     assert [e["action"] for e in trail] == ["access_refused"]
 
 
@@ -127,7 +125,7 @@ async def test_the_cli_registers_lists_and_shows_and_a_registered_payout_opens_a
 
     await move_payout(stack, made["id"], "failed", failure_code="account_closed")
     await wait_for_case(stack, case_id, "awaiting_approval")
-    actions = [e["action"] for e in await stack.store.audit_trail(case_id)]
+    actions = [e["action"] for e in await stack.store.audit.trail(case_id)]
     assert actions[0] == "payout_registered" and "payout_exception_opened" in actions
     missing = await run("payouts", "show", "P-missing", env=env)
     assert missing.returncode == 1 and "no payout" in missing.stderr

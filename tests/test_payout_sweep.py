@@ -6,7 +6,6 @@ from typing import Any
 
 import pytest
 
-from adapters.payout_book import PayoutBook
 from domain.payouts import payout_case_id
 from tests.harness import Stack
 from tests.payouts_kit import add_payout_approvers, decide, move_payout, paid_payout, wait_for_case
@@ -14,7 +13,7 @@ from workers.case_sweep import sweep_cases_once
 
 
 async def _break(stack: Stack, case_id: str) -> dict[str, Any] | None:
-    async with stack.store.transaction() as conn:
+    async with stack.store.database.transaction() as conn:
         cur = await conn.execute("SELECT * FROM reconciliation_breaks WHERE refund_request_id = %s"
                                  " AND break_class = 'workflow_closed'", (case_id,))
         return await cur.fetchone()
@@ -34,18 +33,17 @@ async def test_a_terminated_payout_case_goes_to_ops_with_its_hold_kept(stack: St
 
     swept = await sweep_cases_once(stack.store, stack.client, stack.providers, idle_seconds=0)
 
-    book = PayoutBook(stack.store)
-    row = await book.case(case_id)
+    row = await stack.store.payouts.case(case_id)
     assert case_id in swept and row is not None and row["status"] == "ops_review"
     found = await _break(stack, case_id)
     assert found is not None and (found["state"], found["object_kind"]) == ("ops_review", "payout")
     assert (found["evidence"]["workflow_status"], found["evidence"]["case_status"]) == ("TERMINATED", stage)
-    trail = await stack.store.audit_trail(case_id)
+    trail = await stack.store.audit.trail(case_id)
     assert "workflow_closed_case_swept" in [e["action"] for e in trail]
-    notices = [(n["kind"], n["audience"]) for n in await stack.store.notices(case_id)]
+    notices = [(n["kind"], n["audience"]) for n in await stack.store.outbox.notices(case_id)]
     assert ("workflow_closed", "payments_ops") in notices
-    held = [h["released_at"] for h in await book.beneficiary_holds(payout.beneficiary_id)]
-    held_payout = await book.payout(payout.id)
+    held = [h["released_at"] for h in await stack.store.payouts.beneficiary_holds(payout.beneficiary_id)]
+    held_payout = await stack.store.payouts.payout(payout.id)
     assert held_payout is not None
     if stage == "remediated":  # the hold stays for ops to decide on
         assert held == [None] and held_payout.status == "on_hold"

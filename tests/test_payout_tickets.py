@@ -8,11 +8,10 @@ import contextlib
 from temporalio.client import Client
 
 from activities.integrations import IntegrationActivities
-from adapters.integration_store import IntegrationStore
-from adapters.store import Store
+from adapters.db import Store
 from adapters.tickets.base import correlation_key
 from domain.payouts import payout_case_id
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.fakes import World, connected_stack
 from tests.harness import Stack
 from tests.payouts_kit import (
@@ -37,7 +36,7 @@ def creates(world: World) -> tuple[int, int]:
 async def sweep(stack: Stack, case_id: str) -> None:
     """What the worker's outbox sweeper does later, for this test's case only: the session
     shares one database, and other tests' undelivered notices must not reach this world."""
-    async with stack.store.transaction() as conn:
+    async with stack.store.database.transaction() as conn:
         keys = [r["dedup_key"] for r in await (await conn.execute(
             "SELECT dedup_key FROM notices WHERE refund_request_id = %s AND delivered_at IS NULL"
             " ORDER BY id", (case_id,))).fetchall()]
@@ -71,7 +70,7 @@ async def test_p10492_files_one_ticket_in_order_records_its_reference_and_the_re
         assert stack.settings.case_url(case_id, payout=True) in incident["description"]
         assert "priority" not in issue["fields"]
 
-        trail = await stack.store.audit_trail(case_id)
+        trail = await stack.store.audit.trail(case_id)
         actions = [e["action"] for e in trail]
         steps = ("payout_held", "ledger_posted", "ticket_opened", "ticket_ref_recorded", "runbook_completed")
         assert [actions.count(a) for a in steps] == [1, 1, 1, 1, 1]
@@ -81,12 +80,12 @@ async def test_p10492_files_one_ticket_in_order_records_its_reference_and_the_re
         assert order == sorted(order)
         [recorded] = [e["detail"] for e in trail if e["action"] == "ticket_ref_recorded"]
         assert {t["system"] for t in recorded["tickets"]} == {"servicenow", "jira"}
-        deliveries = {d["channel"]: d for d in await IntegrationStore(stack.store).deliveries(case_id)
+        deliveries = {d["channel"]: d for d in await stack.store.outbox.deliveries(case_id)
                       if d["kind"] == "payout_exception_ticket"}
         assert deliveries["servicenow"]["attempts"] == 2  # the retry found the lost create
         completed = next(e for e in trail if e["action"] == "runbook_completed")
         assert completed["detail"]["ticket_ref"] == row["ticket_ref"]
-        remediated = next(n for n in await stack.store.notices(case_id)
+        remediated = next(n for n in await stack.store.outbox.notices(case_id)
                           if n["kind"] == "payout_exception_remediated")
         assert remediated["detail"]["ticket_ref"] == row["ticket_ref"]
 
@@ -99,7 +98,7 @@ async def test_p10492_files_one_ticket_in_order_records_its_reference_and_the_re
         assert f"reissued as {payout.reissue_id()}" in note
         [comment] = world.jira_comments[issue["key"]]
         assert payout.reissue_id() in str(comment)
-        actions = [e["action"] for e in await stack.store.audit_trail(case_id)]
+        actions = [e["action"] for e in await stack.store.audit.trail(case_id)]
         assert actions.count("ticket_updated") == 1 and actions.count("ticket_ref_recorded") == 1
 
         await sweep(stack, case_id)  # the approval round's notices file no refund-request ticket

@@ -11,11 +11,10 @@ import pytest
 from temporalio.client import Client
 
 from activities.payout import PayoutActivities
-from adapters.payout_book import PayoutBook
+from adapters.db import Store
 from adapters.policy_file import load_policy
-from adapters.store import Store
 from domain.payouts import PayoutStatus, ReissueInput, payout_case_id
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
 from tests.payouts_kit import (
     add_payout_approvers,
@@ -59,7 +58,7 @@ async def test_settlement_failed_after_paid_is_approved_then_held_reversed_ticke
     case_id = payout_case_id("sandbox", "P-10492")
     await wait_for_case(payouts, case_id, "awaiting_approval")
 
-    trail = await payouts.store.audit_trail(case_id)
+    trail = await payouts.store.audit.trail(case_id)
     [received] = [e["detail"] for e in trail if e["action"] == "payout_event_received"]
     assert (received["signature"], received["verdict"], received["idempotency_key"]) == (
         "verified", "accepted", f"{event_id}:P-10492")
@@ -78,15 +77,14 @@ async def test_settlement_failed_after_paid_is_approved_then_held_reversed_ticke
     assert (await decide(payouts, "lena", case_id)).status_code == 403  # the ops lead's tier is lower
     first = await decide(payouts, "fiona", case_id)
     assert first.status_code == 202 and first.json()["missing_roles"] == ["compliance"]
-    book = PayoutBook(payouts.store)
-    untouched = await book.payout(payout.id)
+    untouched = await payouts.store.payouts.payout(payout.id)
     assert untouched is not None and untouched.status is PayoutStatus.PAID
-    assert await payouts.store.ledger_entries(case_id) == []
+    assert await payouts.store.ledger.entries(case_id) == []
     second = await decide(payouts, "cora", case_id)
     assert second.status_code == 202 and second.json()["missing_roles"] == []
     row = await wait_for_case(payouts, case_id, "remediated")
 
-    trail = await payouts.store.audit_trail(case_id)
+    trail = await payouts.store.audit.trail(case_id)
     actions = [e["action"] for e in trail]
     kinds = notice_kinds(trail)
     assert [actions.count(a) for a in ("payout_held", "ledger_posted", "ticket_opened")] == [1, 1, 1]
@@ -96,16 +94,16 @@ async def test_settlement_failed_after_paid_is_approved_then_held_reversed_ticke
     assert actions.index("approval_granted") < actions.index("payout_held") < actions.index("ledger_posted") \
         < actions.index("ticket_opened") < remediated_notice < actions.index("runbook_completed")
 
-    held = await book.payout(payout.id)
+    held = await payouts.store.payouts.payout(payout.id)
     assert held is not None and (held.status, held.held_from_status) == ("on_hold", "paid")
-    [hold] = await book.beneficiary_holds("ben-10492")
+    [hold] = await payouts.store.payouts.beneficiary_holds("ben-10492")
     assert hold["case_id"] == case_id and hold["released_at"] is None
-    lines = await payouts.store.ledger_entries(case_id)
+    lines = await payouts.store.ledger.entries(case_id)
     assert {line["template"] for line in lines} == {"payout_reversed"}
     assert [(x["account"], x["debit"], x["credit"]) for x in lines] == [
         ("provider_clearing", 1_250_000, 0), ("beneficiary_payable", 0, 1_250_000)]
     assert row["ticket_ref"] == f"pending:{case_id}"
-    notices = {n["kind"]: n for n in await payouts.store.notices(case_id)}
+    notices = {n["kind"]: n for n in await payouts.store.outbox.notices(case_id)}
     assert notices["payout_exception_ticket"]["detail"]["priority"] == "normal"
     assert notices["payout_exception_remediated"]["audience"] == "stakeholders"
     assert notices["payout_exception_remediated"]["detail"]["approved_by"] == "fiona, cora"
@@ -118,19 +116,19 @@ async def test_a_retry_storm_of_one_failure_is_twelve_receipts_and_one_execution
     case_id = payout_case_id("sandbox", payout.provider_payout_id)
     await wait_for_actions(payouts, case_id, "payout_event_received", 12)
     await wait_for_case(payouts, case_id, "awaiting_approval")
-    receipts = await payouts.store.receipts("sandbox", event_id)
+    receipts = await payouts.store.receipts.find("sandbox", event_id)
     assert sorted(r["verdict"] for r in receipts) == ["accepted"] + ["duplicate"] * 11
     assert (await decide(payouts, "lena", case_id)).json()["missing_roles"] == []
     await wait_for_case(payouts, case_id, "remediated")
 
-    trail = await payouts.store.audit_trail(case_id)
+    trail = await payouts.store.audit.trail(case_id)
     actions = [e["action"] for e in trail]
     keys = {e["detail"]["idempotency_key"] for e in trail if e["action"] == "payout_event_received"}
     assert actions.count("payout_event_received") == 12
     assert keys == {f"{event_id}:{payout.provider_payout_id}"}
     assert [actions.count(a) for a in ("payout_exception_opened", "payout_held", "ledger_posted",
                                         "ticket_opened", "runbook_completed")] == [1, 1, 1, 1, 1]
-    assert len(await payouts.store.ledger_entries(case_id)) == 2  # one balanced entry
+    assert len(await payouts.store.ledger.entries(case_id)) == 2  # one balanced entry
 
 
 @pytest.mark.parametrize(("amount", "tier", "refused", "approver"), [
@@ -161,8 +159,8 @@ async def test_a_denied_reversal_changes_nothing(payouts: Stack) -> None:
     assert (await decide(payouts, "lena", case_id, "deny")).status_code == 202
     await wait_for_case(payouts, case_id, "denied")
     assert (await view(payouts, case_id))["payout"]["status"] == "paid"
-    assert await payouts.store.ledger_entries(case_id) == []
-    assert "payout_held" not in [e["action"] for e in await payouts.store.audit_trail(case_id)]
+    assert await payouts.store.ledger.entries(case_id) == []
+    assert "payout_held" not in [e["action"] for e in await payouts.store.audit.trail(case_id)]
 
 
 async def approve_while_the_ledger_is_locked(stack: Stack, postgres_dsn: str, status: str) -> str:
@@ -188,12 +186,12 @@ async def test_ledger_failure_after_the_hold_rolls_it_back_and_raises_a_high_pri
         case = await view(stack, case_id)
         assert (case["payout"]["status"], case["payout"]["held_from_status"]) == ("paid", None)
         assert [h["released_at"] is not None for h in case["beneficiary_holds"]] == [True]
-        assert await store.ledger_entries(case_id) == [] and case["reversal_entry_id"] is None
-        actions = [e["action"] for e in await store.audit_trail(case_id)]
+        assert await store.ledger.entries(case_id) == [] and case["reversal_entry_id"] is None
+        actions = [e["action"] for e in await store.audit.trail(case_id)]
         assert actions.index("payout_held") < actions.index("payout_hold_rolled_back")
         assert "ledger_posted" not in actions and "runbook_completed" not in actions
         notices = [(n["kind"], n["audience"], n["detail"].get("priority"))
-                   for n in await store.notices(case_id)]
+                   for n in await store.outbox.notices(case_id)]
         assert ("payout_ledger_failed", "finance", "high") in notices
         assert ("payout_ledger_failed", "payments_ops", "high") in notices
         assert ("payout_exception_ticket", "ticketing", "high") in notices
@@ -216,9 +214,9 @@ async def test_ledger_failure_keeps_the_hold_where_policy_forbids_the_rollback(
         case = await view(stack, case_id)
         assert case["payout"]["status"] == "on_hold"
         assert [h["released_at"] for h in case["beneficiary_holds"]] == [None]
-        assert "payout_hold_rolled_back" not in [e["action"] for e in await store.audit_trail(case_id)]
+        assert "payout_hold_rolled_back" not in [e["action"] for e in await store.audit.trail(case_id)]
         assert ("payout_ledger_failed", "payments_ops") in {
-            (n["kind"], n["audience"]) for n in await store.notices(case_id)}
+            (n["kind"], n["audience"]) for n in await store.outbox.notices(case_id)}
     finally:
         await stack.close()
 
@@ -249,7 +247,7 @@ async def test_paid_after_failed_never_marks_the_payout_paid_and_a_second_failur
     stale = [e["detail"] for e in trail if e["action"] == "payout_status_stale_ignored"]
     assert [s["reported"] for s in stale] == ["paid", "paid"]
     assert (await view(payouts, case_id))["payout"]["status"] == "on_hold"
-    assert len(await payouts.store.ledger_entries(case_id)) == 2
+    assert len(await payouts.store.ledger.entries(case_id)) == 2
 
 
 async def test_an_unknown_payout_acts_on_nothing(payouts: Stack) -> None:
@@ -259,7 +257,7 @@ async def test_an_unknown_payout_acts_on_nothing(payouts: Stack) -> None:
     case_id = payout_case_id("sandbox", made["id"])
     trail = await wait_for_actions(payouts, case_id, "payout_unknown")
     assert [e["action"] for e in trail] == ["payout_event_received", "payout_unknown"]
-    assert await PayoutBook(payouts.store).case(case_id) is None
+    assert await payouts.store.payouts.case(case_id) is None
 
 
 async def test_reissue_needs_its_own_approval_and_happens_once(payouts: Stack) -> None:
@@ -295,13 +293,13 @@ async def test_reissue_needs_its_own_approval_and_happens_once(payouts: Stack) -
     assert case["reissue"]["provider_payout_id"] == made["id"] and case["reissue"]["reissue_of"] == payout.id
     assert (case["payout"]["status"], case["payout"]["held_from_status"]) == ("failed", None)
     assert all(h["released_at"] is not None for h in case["beneficiary_holds"])
-    assert balances(await payouts.store.ledger_entries(case_id)) == {"provider_clearing": 0,
+    assert balances(await payouts.store.ledger.entries(case_id)) == {"provider_clearing": 0,
                                                                      "beneficiary_payable": 0}
     assert (await ask_reissue(payouts, "olga", case_id)).status_code == 409
 
     # The activity's own contract, as a retry would see it: the reissue exists, nothing more.
     activities = PayoutActivities(payouts.store, payouts.providers, load_policy())
-    original = await PayoutBook(payouts.store).payout(payout.id)
+    original = await payouts.store.payouts.payout(payout.id)
     assert original is not None
     retried = await activities.reissue_payout(ReissueInput(case_id=case_id, original=original,
                                                            final_status=PayoutStatus.FAILED))

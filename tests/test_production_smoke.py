@@ -18,10 +18,11 @@ import pytest
 from temporalio.client import Client
 
 from adapters.config import Settings
+from adapters.db import Store
 from adapters.http_server import AppServer, reserve_port
-from adapters.store import Store
-from starters import sandbox_provider
-from starters.stack import TemporalDevServer, free_port
+from starters.dev import sandbox_provider
+from starters.dev.stack import TemporalDevServer
+from starters.ports import free_port
 from tests.harness import (
     APPROVAL_KEYS,
     PAYLOAD_KEYS,
@@ -94,7 +95,7 @@ async def test_relay_and_worker_processes_carry_an_approved_refund_across_a_work
     relay_log, *worker_logs = (tmp_path / f"{name}.log" for name in ("relay", "worker1", "worker2",
                                                                     "worker3"))
     try:
-        tokens = {user: await store.create_token(user, [role], by="test")
+        tokens = {user: await store.access.create_token(user, [role], by="test")
                   for user, role in {"alice": "requester", "bob": "approver"}.items()}
         stack = Stack(settings=Settings(temporal_address=temporal_server.address, payload_keys=PAYLOAD_KEYS,
                                         task_queue=task_queue),
@@ -137,7 +138,7 @@ async def test_relay_and_worker_processes_carry_an_approved_refund_across_a_work
                                         (slow_charge, slow_case, 3_000)):
             [refund] = await stack.provider_refunds(charge)  # exactly one provider refund
             assert (refund["amount"], refund["status"]) == (amount, "succeeded")
-            assert sorted((line["debit"], line["credit"]) for line in await store.ledger_entries(case_id)) \
+            assert sorted((line["debit"], line["credit"]) for line in await store.ledger.entries(case_id)) \
                 == [(0, amount), (amount, 0)]
         assert "approval_granted" in await stack.actions(approval_case)
         # the interrupted create's outcome was unknown to the new worker: it looked it up first

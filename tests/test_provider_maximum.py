@@ -12,11 +12,11 @@ import pytest
 from temporalio.client import Client
 
 from adapters.config import Settings
+from adapters.db import Store
 from adapters.providers.registry import build_providers
-from adapters.store import Store
 from domain.money import MAX_MINOR_AMOUNT
 from domain.payouts import payout_case_id
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
 from tests.test_bad_input import assert_untouched, event_body, request_object, signed, workflow_exists
 from tests.test_inbound import person, servicenow, ticket_body
@@ -70,7 +70,7 @@ async def test_a_refund_beyond_the_providers_maximum_is_422_naming_it(
     assert response.status_code == 422, response.text
     [error] = response.json()["detail"]
     assert error["loc"][-1] == "amount" and str(limit) in error["msg"] and provider in error["msg"]
-    assert await stack.store.get_case(body["refund_request_id"]) is None
+    assert await stack.store.cases.get(body["refund_request_id"]) is None
     assert not await workflow_exists(stack, body["refund_request_id"])
 
 
@@ -124,7 +124,7 @@ async def test_a_servicenow_ticket_beyond_the_providers_maximum_is_422_naming_it
                                     ticket_body(sys_id, opener, charge_id="ch_x", amount=limit + 1))
         assert response.status_code == 422, response.text
         assert str(limit) in response.json()["detail"]
-        assert await stack.store.get_case(f"servicenow-{sys_id}") is None
+        assert await stack.store.cases.get(f"servicenow-{sys_id}") is None
         assert not await workflow_exists(stack, f"servicenow-{sys_id}")
     finally:
         await stack.close()

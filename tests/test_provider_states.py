@@ -3,8 +3,8 @@ case backwards; a refund that succeeded and later failed is compensated and anno
 
 from temporalio.client import Client
 
-from adapters.store import Store
-from starters.stack import TemporalDevServer
+from adapters.db import Store
+from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
 
 
@@ -20,7 +20,7 @@ async def pending_refund(stack: Stack, amount: int = 2_000) -> tuple[str, str, s
 
 async def test_pending_then_succeeded_by_webhook_posts_once(stack: Stack) -> None:
     case_id, charge, refund_id = await pending_refund(stack)
-    assert await stack.store.ledger_entries(case_id) == []  # nothing posted before confirmation
+    assert await stack.store.ledger.entries(case_id) == []  # nothing posted before confirmation
     await stack.set_provider_status(refund_id, "requires_action")
     await stack.wait_for_status(case_id, "requires_action")
     await stack.set_provider_status(refund_id, "in_review")
@@ -29,7 +29,7 @@ async def test_pending_then_succeeded_by_webhook_posts_once(stack: Stack) -> Non
     await stack.wait_for_status(case_id, "succeeded")
     await stack.set_provider_status(refund_id, "pending")  # a stale report after success
     await stack.set_provider_status(refund_id, "succeeded")
-    assert {e["posting_key"] for e in await stack.store.ledger_entries(case_id)} == {
+    assert {e["posting_key"] for e in await stack.store.ledger.entries(case_id)} == {
         f"{case_id}:refund_settled"}
     assert len(await stack.provider_refunds(charge)) == 1
 
@@ -44,8 +44,8 @@ async def test_failed_and_canceled_release_the_reservation_and_notify(stack: Sta
                                         if final == "failed" else None)
         row = await stack.wait_for_status(case_id, status)
         assert row["reserved_amount"] == 0
-        assert await stack.store.ledger_entries(case_id) == []
-        assert {(n["kind"], n["audience"]) for n in await stack.store.notices(case_id)} == notices
+        assert await stack.store.ledger.entries(case_id) == []
+        assert {(n["kind"], n["audience"]) for n in await stack.store.outbox.notices(case_id)} == notices
 
 
 async def test_no_terminal_event_makes_the_workflow_ask_the_provider(stack: Stack) -> None:
@@ -61,7 +61,7 @@ async def test_unknown_provider_status_goes_to_ops_never_to_success(stack: Stack
     row = await stack.wait_for_status(case_id, "ops_review")
     assert row["reserved_amount"] == 2_000
     assert ("unexpected_provider_status", "operator") in {
-        (n["kind"], n["audience"]) for n in await stack.store.notices(case_id)}
+        (n["kind"], n["audience"]) for n in await stack.store.outbox.notices(case_id)}
     await stack.set_provider_status(refund_id, "succeeded", send_webhook=False)
     await stack.wait_for_status(case_id, "succeeded")
 
@@ -77,20 +77,20 @@ async def test_succeeded_then_failed_posts_a_compensating_entry_and_tells_everyo
                                         failure_reason="expired_or_canceled_card")
         row = await stack.wait_for_status(case_id, "refund_failed")
         assert row["failure_reason"] == "expired_or_canceled_card" and row["reserved_amount"] == 0
-        lines = await store.ledger_entries(case_id)
+        lines = await store.ledger.entries(case_id)
         balance: dict[str, int] = {}
         for line in lines:
             balance[line["account"]] = balance.get(line["account"], 0) + line["debit"] - line["credit"]
         assert balance == {"refunds_contra_revenue": 0, "provider_clearing": 0}
         assert {line["posting_key"] for line in lines} == {f"{case_id}:refund_settled",
                                                            f"{case_id}:refund_reversed"}
-        assert {(n["kind"], n["audience"]) for n in await store.notices(case_id)} == {
+        assert {(n["kind"], n["audience"]) for n in await store.outbox.notices(case_id)} == {
             ("refund_succeeded", "requester"), ("refund_failed", "operator"),
             ("refund_could_not_be_processed", "customer")}
         await stack.set_provider_status(row["provider_refund_id"], "succeeded")  # never backwards
         await stack.set_provider_status(row["provider_refund_id"], "failed")
-        assert (await store.get_case(case_id))["status"] == "refund_failed"  # type: ignore[index]
-        assert len(await store.ledger_entries(case_id)) == 4
+        assert (await store.cases.get(case_id))["status"] == "refund_failed"  # type: ignore[index]
+        assert len(await store.ledger.entries(case_id)) == 4
     finally:
         await stack.close()
 
@@ -109,9 +109,9 @@ async def test_ledger_down_then_up_shows_pending_and_posts_exactly_once(
                 row = await stack.wait_for_status(case_id, "executed_ledger_pending", timeout=90)
                 assert row["provider_refund_id"] is not None
                 assert ("incident_ledger_pending", "finance_ops") in {
-                    (n["kind"], n["audience"]) for n in await store.notices(case_id)}
+                    (n["kind"], n["audience"]) for n in await store.outbox.notices(case_id)}
         await stack.wait_for_status(case_id, "succeeded", timeout=120)
-        assert {line["posting_key"] for line in await store.ledger_entries(case_id)} == {
+        assert {line["posting_key"] for line in await store.ledger.entries(case_id)} == {
             f"{case_id}:refund_settled"}
         assert len(await stack.provider_refunds(charge)) == 1
         actions = await stack.actions(case_id)

@@ -19,14 +19,13 @@ import pytest
 from svix.webhooks import Webhook as SvixWebhook
 from temporalio.client import Client
 
-from adapters import receipts
 from adapters.config import Settings
+from adapters.db import Store
 from adapters.providers import cashfree
 from adapters.providers.base import WebhookRejected
-from adapters.store import Store
 from domain.events import tracking_case_id
-from starters.cli import build_parser
-from starters.stack import TemporalDevServer
+from starters.cli.parser import build_parser
+from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
 from tests.test_bad_input import receipt, workflow_exists
 
@@ -99,7 +98,7 @@ async def test_rainforest_refund_events_are_tracked_to_a_final_state(hooks: Stac
     row = await hooks.wait_for_status(case_id, "refund_failed")
     assert row["failure_reason"] == "account_closed: The customer's account is closed."
     assert row["reserved_amount"] == 0
-    assert await hooks.store.ledger_entries(case_id) == []
+    assert await hooks.store.ledger.entries(case_id) == []
 
 
 async def test_cashfree_auto_refund_reaches_the_ledger_in_exact_minor_units(hooks: Stack) -> None:
@@ -110,12 +109,12 @@ async def test_cashfree_auto_refund_reaches_the_ledger_in_exact_minor_units(hook
     case_id = tracking_case_id("cashfree", refund_id)
     row = await hooks.wait_for_status(case_id, "succeeded")
     assert (row["amount"], row["currency"], row["charge_id"]) == (3900, "INR", "2148333968")
-    lines = await hooks.store.ledger_entries(case_id)
+    lines = await hooks.store.ledger.entries(case_id)
     assert [(x["template"], x["debit"], x["credit"], x["currency"]) for x in lines] == [
         ("refund_settled", 3900, 0, "INR"), ("refund_settled", 0, 3900, "INR")]
     again = await post(hooks, "cashfree", body, sign_cashfree(body))
     assert again.json()["verdict"] == "duplicate"
-    assert len(await hooks.store.ledger_entries(case_id)) == 2
+    assert len(await hooks.store.ledger.entries(case_id)) == 2
 
 
 # -- refused -------------------------------------------------------------------------------
@@ -172,7 +171,7 @@ async def test_refused_delivery_is_recorded_and_touches_nothing(hooks: Stack, pr
     row = await receipt(hooks, provider, response.json()["receipt_id"])
     assert row["verdict"] == verdict and row["error"] and row["processed_at"] is None
     case_id = tracking_case_id(provider, refund_id)
-    assert await hooks.store.get_case(case_id) is None
+    assert await hooks.store.cases.get(case_id) is None
     assert not await workflow_exists(hooks, case_id)
 
 
@@ -184,7 +183,7 @@ async def test_unexpected_status_is_a_loud_422_with_a_receipt(hooks: Stack) -> N
     assert "REVERSED_BY_BANK" in response.json()["detail"]
     row = await receipt(hooks, "cashfree", response.json()["receipt_id"])
     assert (row["verdict"], row["event_type"]) == ("unexpected_status", "AUTO_REFUND_STATUS_WEBHOOK")
-    assert await hooks.store.get_case(tracking_case_id("cashfree", refund_id)) is None
+    assert await hooks.store.cases.get(tracking_case_id("cashfree", refund_id)) is None
 
 
 async def test_source_outside_the_allowlist_is_403(hooks: Stack) -> None:
@@ -257,14 +256,14 @@ async def test_replay_goes_through_the_same_path_and_acts_once(
 
     [again] = await cli(hooks, capsys, "webhooks", "replay", "--receipt", str(first["receipt_id"]))
     assert (again["verdict"], again["replay_of"]) == ("duplicate", first["receipt_id"])
-    stored = await receipts.delivery(hooks.store, first["receipt_id"])
+    stored = await hooks.store.receipts.delivery(first["receipt_id"])
     assert stored is not None
     replayed = await cli(hooks, capsys, "webhooks", "replay", "--since", stored.received_at.isoformat())
     by_origin = {r["replay_of"]: r["verdict"] for r in replayed}
     assert by_origin[first["receipt_id"]] == "duplicate"
     assert by_origin[forged["receipt_id"]] == "bad_signature"  # the signature is checked again
     assert again["receipt_id"] not in by_origin  # replays are not replayed
-    assert len(await hooks.store.ledger_entries(case_id)) == 2
+    assert len(await hooks.store.ledger.entries(case_id)) == 2
 
 
 async def test_a_replay_window_is_paged_so_no_call_outlives_its_client(
@@ -275,7 +274,7 @@ async def test_a_replay_window_is_paged_so_no_call_outlives_its_client(
     for _ in range(3):
         body, _refund = recorded("cashfree")
         firsts.append((await post(hooks, "cashfree", body, sign_cashfree(body))).json()["receipt_id"])
-    stored = await receipts.delivery(hooks.store, firsts[0])
+    stored = await hooks.store.receipts.delivery(firsts[0])
     assert stored is not None
     since = stored.received_at.isoformat()
     async with hooks.api("olga") as api:
@@ -294,12 +293,12 @@ async def test_redrive_heals_a_receipt_stored_but_never_routed(
         hooks: Stack, capsys: pytest.CaptureFixture[str]) -> None:
     body, refund_id = recorded("cashfree")
     event_id = f"AUTO_REFUND_STATUS_WEBHOOK:{refund_id}:SUCCESS"
-    crashed = await hooks.store.store_receipt(  # what the relay wrote before a crash
+    crashed = await hooks.store.receipts.store(  # what the relay wrote before a crash
         provider="cashfree", event_id=event_id, event_type="AUTO_REFUND_STATUS_WEBHOOK", body=body,
         body_sha256=hashlib.sha256(body).hexdigest(), headers=sign_cashfree(body), verdict="accepted",
         error=None)
     case_id = tracking_case_id("cashfree", refund_id)
-    assert await hooks.store.get_case(case_id) is None
+    assert await hooks.store.cases.get(case_id) is None
     healed = await cli(hooks, capsys, "webhooks", "redrive")
     assert {"replay_of": crashed.receipt_id, "verdict": "duplicate", "workflow_id": case_id,
             "receipt_id": healed[-1]["receipt_id"], "status_code": 200} in healed

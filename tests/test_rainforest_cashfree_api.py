@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from temporalio.client import Client
 
 from adapters.config import Settings
+from adapters.db import Store
 from adapters.http_server import AppServer
 from adapters.providers import rainforest
 from adapters.providers.base import (
@@ -33,10 +34,9 @@ from adapters.providers.cashfree import CashfreeApiProvider, CashfreeProvider
 from adapters.providers.normalise import exact_json, minor_to_major
 from adapters.providers.rainforest import RainforestApiProvider, RainforestProvider
 from adapters.providers.registry import build_providers, close_providers
-from adapters.store import Store
 from domain.models import RefundRequest
 from domain.reconciliation import ListedRefund
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
 from tests.lossy_proxy import LossyProxy
 from tests.rainforest_cashfree_fakes import FakeCashfree, FakeRainforest, days_ago
@@ -135,7 +135,7 @@ async def test_cashfree_refund_through_the_api_is_made_once_and_settled_by_its_w
     answer = await rig.webhook("cashfree", cashfree_webhook(made))
     assert answer.json()["verdict"] == "accepted" and answer.json()["workflow_id"] == case_id
     row = await rig.stack.wait_for_status(case_id, "succeeded")
-    lines = await rig.stack.store.ledger_entries(case_id)
+    lines = await rig.stack.store.ledger.entries(case_id)
     assert [(x["template"], x["debit"], x["credit"], x["currency"]) for x in lines] == [
         ("refund_settled", 2550, 0, "INR"), ("refund_settled", 0, 2550, "INR")]
 
@@ -175,7 +175,7 @@ async def test_rainforest_refund_through_the_api_is_made_once_and_settled_by_its
     answer = await rig.webhook("rainforest", rainforest_webhook(made))
     assert answer.json()["verdict"] == "accepted" and answer.json()["workflow_id"] == case_id
     await rig.stack.wait_for_status(case_id, "succeeded")
-    assert [x["debit"] for x in await rig.stack.store.ledger_entries(case_id)] == [1_500, 0]
+    assert [x["debit"] for x in await rig.stack.store.ledger.entries(case_id)] == [1_500, 0]
 
 
 async def test_rainforest_lost_create_answer_is_verified_not_resent(rig: Rig) -> None:
@@ -205,10 +205,10 @@ async def test_a_4xx_on_create_is_a_decline_and_nothing_moves(rig: Rig, provider
         case_id = await rig.cashfree_refund(charge, 1_000)
     row = await rig.stack.wait_for_status(case_id, "refund_failed")
     assert row["reserved_amount"] == 0
-    [declined] = [e for e in await rig.stack.store.audit_trail(case_id)
+    [declined] = [e for e in await rig.stack.store.audit.trail(case_id)
                   if e["action"] == "provider_refund_declined"]
     assert "HTTP 400" in declined["detail"]["error"]
-    assert await rig.stack.store.ledger_entries(case_id) == []
+    assert await rig.stack.store.ledger.entries(case_id) == []
     made = rig.rainforest.refunds_of(charge) if provider == "rainforest" else rig.cashfree.refunds_of(charge)
     assert made == []
 
@@ -304,7 +304,7 @@ async def test_a_charge_refunded_outside_us_refuses_an_over_refund_before_any_ca
         case_id = await rig.cashfree_refund(charge, 2_000)
     row = await rig.stack.wait_for_status(case_id, "rejected", "refund_failed", "pending")
     assert (row["status"], row["reserved_amount"]) == ("rejected", 0)
-    [rejected] = [e for e in await rig.stack.store.audit_trail(case_id)
+    [rejected] = [e for e in await rig.stack.store.audit.trail(case_id)
                   if e["action"] == "validation_rejected"]
     assert rejected["detail"]["reason"] == "amount 2000 exceeds remaining refundable 1000"
     made = rig.rainforest.refunds_of(charge) if provider == "rainforest" else rig.cashfree.refunds_of(charge)

@@ -40,7 +40,7 @@ async def test_first_delivery_writes_receipt_and_case_in_one_transaction(
                               "SELECT created_at FROM refund_cases WHERE refund_request_id = %s",
                               case_id)
     assert received == created
-    actions = [a["action"] for a in await stack.store.audit_trail(case_id)]
+    actions = [a["action"] for a in await stack.store.audit.trail(case_id)]
     assert actions.count("request_received") == 1 and "request_repeated" not in actions
     await stack.wait_for_status(case_id, "succeeded")
 
@@ -53,13 +53,13 @@ async def test_a_case_that_cannot_be_written_leaves_the_receipt_stored(stack: St
         merchant_account="acct_1", reason=RefundReason.DUPLICATE, evidence={},
         source=RequestSource.WEBHOOK)
     body, event_id = b'{"id": "evt_broken"}', f"evt_{uuid.uuid4().hex}"
-    stored = await stack.store.store_receipt(
+    stored = await stack.store.receipts.store(
         provider="sandbox", event_id=event_id, event_type="refund.requested", body=body,
         body_sha256=hashlib.sha256(body).hexdigest(), headers={}, verdict="accepted", error=None,
         opens=(broken, "provider:sandbox"))
     assert stored.verdict == "accepted" and stored.case_creation is None
-    assert [r["id"] for r in await stack.store.receipts("sandbox", event_id)] == [stored.receipt_id]
-    assert await stack.store.get_case(rrq) is None
+    assert [r["id"] for r in await stack.store.receipts.find("sandbox", event_id)] == [stored.receipt_id]
+    assert await stack.store.cases.get(rrq) is None
 
 
 async def test_the_processed_mark_commits_without_waiting_for_the_disk(
@@ -67,18 +67,18 @@ async def test_the_processed_mark_commits_without_waiting_for_the_disk(
     """The mark is one statement whose commit is asynchronous: right after it returns, the
     WAL holds more than was flushed (a durable commit never leaves that state behind)."""
     body, event_id = b'{"id": "evt_mark"}', f"evt_{uuid.uuid4().hex}"
-    stored = await stack.store.store_receipt(
+    stored = await stack.store.receipts.store(
         provider="sandbox", event_id=event_id, event_type="refund.requested",
         body=body, body_sha256=hashlib.sha256(body).hexdigest(), headers={}, verdict="accepted",
         error=None)
     unflushed = 0
     async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as wal:
         for _ in range(20):
-            await stack.store.mark_receipt_processed(stored.receipt_id, "wf-mark")
+            await stack.store.receipts.mark_processed(stored.receipt_id, "wf-mark")
             row = await (await wal.execute(
                 "SELECT pg_current_wal_insert_lsn() > pg_current_wal_flush_lsn()")).fetchone()
             assert row is not None
             unflushed += bool(row[0])
     assert unflushed > 0
-    [receipt] = await stack.store.receipts("sandbox", event_id)
+    [receipt] = await stack.store.receipts.find("sandbox", event_id)
     assert receipt["workflow_id"] == "wf-mark" and receipt["processed_at"] is not None

@@ -19,15 +19,14 @@ from temporalio.client import Client
 from temporalio.testing import ActivityEnvironment
 
 from activities.reconciliation import ReconciliationActivities
+from adapters.db import Store
 from adapters.policy_file import load_policy
 from adapters.providers import sandbox as sandbox_adapter
 from adapters.providers.base import RefundLister
-from adapters.reconciliation import Reconciliations
 from adapters.schedules import ensure_reconciliation_schedules, schedule_id
-from adapters.store import Store
 from domain.models import CaseStatus, ProviderRefundStatus
 from domain.reconciliation import BatchInput, ListedRefund
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
 from tests.reconciliation_kit import (
     ago,
@@ -50,7 +49,7 @@ async def refunds_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedPr
 
 
 async def count(store: Store, sql: str, *params: Any) -> int:
-    async with store.transaction() as conn:
+    async with store.database.transaction() as conn:
         row = await (await conn.execute(sql, params)).fetchone()
     assert row is not None
     return int(row["n"])
@@ -87,11 +86,12 @@ async def test_ninety_day_backfill_finds_the_nine_breaks_once(stack: Stack, tmp_
         case_id = cases[refund["id"]]
         actions = await stack.actions(case_id)
         assert {"reconciliation_break_found", "reconciliation_exception_opened"} <= set(actions)
-        assert {(n["kind"], n["audience"]) for n in await stack.store.notices(case_id)} == {
+        assert {(n["kind"], n["audience"]) for n in await stack.store.outbox.notices(case_id)} == {
             ("reconciliation_break", "ops"), ("reconciliation_approval_needed", "approvers")}
         # nothing moved without approval: the settlement stands, the case still shows refunded
-        assert [e["template"] for e in await stack.store.ledger_entries(case_id)] == ["refund_settled"] * 2
-        assert (await stack.store.get_case(case_id) or {})["status"] == "succeeded"
+        assert [e["template"] for e in await stack.store.ledger.entries(case_id)] == ["refund_settled"] * 2
+        case = await stack.store.cases.get(case_id)
+        assert case is not None and case.status == "succeeded"
     assert await stack.actions(cases[too_old["id"]]) == ["request_received", "provider_refund_created",
                                                         "ledger_posted", "seeded"]
 
@@ -179,16 +179,16 @@ async def test_running_cases_take_the_providers_state_through_their_own_lifecycl
         await wait_for_breaks(stack, [refund_id, pending_refund], "handed_to_case")
         failed = await stack.wait_for_status(succeeded, "refund_failed")
         assert (failed["failure_reason"], failed["reserved_amount"]) == ("card_account_closed", 0)
-        assert {e["posting_key"] for e in await store.ledger_entries(succeeded)} == {
+        assert {e["posting_key"] for e in await store.ledger.entries(succeeded)} == {
             f"{succeeded}:refund_settled", f"{succeeded}:refund_reversed"}
-        assert {(n["kind"], n["audience"]) for n in await store.notices(succeeded)} == {
+        assert {(n["kind"], n["audience"]) for n in await store.outbox.notices(succeeded)} == {
             ("refund_succeeded", "requester"), ("reconciliation_break", "ops"),
             ("refund_failed", "operator"), ("refund_could_not_be_processed", "customer")}
-        trail = await store.audit_trail(succeeded)
+        trail = await store.audit.trail(succeeded)
         [late] = [e for e in trail if e["action"] == "refund_failed_after_success"]
         assert late["detail"]["source"].startswith("webhook:reconciliation.provider_state:")
         await stack.wait_for_status(pending, "succeeded")
-        assert {e["posting_key"] for e in await store.ledger_entries(pending)} == {
+        assert {e["posting_key"] for e in await store.ledger.entries(pending)} == {
             f"{pending}:refund_settled"}
 
         again = await backfill(stack, since_days=1)
@@ -217,19 +217,19 @@ async def test_a_closed_case_is_compensated_only_after_the_tiers_approvals(stack
     assert refused.status_code == 403 and "cannot approve" in refused.json()["detail"]
     first = await decide(stack, "carol", break_id)
     assert (first.status_code, first.json()["missing_roles"]) == (202, ["finance_manager"])
-    assert [e["template"] for e in await stack.store.ledger_entries(case_id)] == ["refund_settled"] * 2
+    assert [e["template"] for e in await stack.store.ledger.entries(case_id)] == ["refund_settled"] * 2
     assert (await decide(stack, "carol", break_id)).status_code == 403  # a person counts once
     assert (await decide(stack, "frank", break_id)).status_code == 202
     [resolved] = await wait_for_breaks(stack, [refund["id"]], "resolved")
 
     key = f"{case_id}:refund_reversed:reconciliation-{break_id}"
     assert resolved["resolution"]["outcome"]["posting_key"] == key
-    assert {line["posting_key"] for line in await stack.store.ledger_entries(case_id)} == {
+    assert {line["posting_key"] for line in await stack.store.ledger.entries(case_id)} == {
         f"{case_id}:refund_settled", key}
-    case = await stack.store.get_case(case_id)
+    case = await stack.store.cases.get(case_id)
     assert case is not None and (case["status"], case["provider_status"], case["reserved_amount"]) == (
         "refund_canceled", "canceled", 0)
-    trail = await stack.store.audit_trail(case_id)
+    trail = await stack.store.audit.trail(case_id)
     [compensated] = [e for e in trail if e["action"] == "reconciliation_compensated"]
     assert compensated["detail"]["approvers"] == ["carol", "frank"]
     assert [e["actor"] for e in trail if e["action"] == "reconciliation_approval_refused"] == ["bob", "carol"]
@@ -240,7 +240,7 @@ async def test_a_closed_case_is_compensated_only_after_the_tiers_approvals(stack
             'state="resolved"}') in scraped
     again = await backfill(stack, since_days=30)
     assert (again["new_breaks"], again["known_breaks"]) == (0, 0)
-    assert len(await stack.store.ledger_entries(case_id)) == 4
+    assert len(await stack.store.ledger.entries(case_id)) == 4
 
 
 async def test_an_unknown_refund_becomes_a_tracking_case_only_when_approved(stack: Stack) -> None:
@@ -253,12 +253,12 @@ async def test_an_unknown_refund_becomes_a_tracking_case_only_when_approved(stac
     assert (await decide(stack, "carol", found[adopted["id"]])).status_code == 202
     await wait_for_breaks(stack, [denied["id"]], "dismissed")
     await wait_for_breaks(stack, [adopted["id"]], "resolved")
-    assert await stack.store.get_case(f"sandbox-refund-{denied['id']}") is None
+    assert await stack.store.cases.get(f"sandbox-refund-{denied['id']}") is None
     case_id = f"sandbox-refund-{adopted['id']}"
-    case = await stack.store.get_case(case_id)
+    case = await stack.store.cases.get(case_id)
     assert case is not None and (case["status"], case["amount"], case["reserved_amount"]) == (
         "succeeded", 2_500, 2_500)
-    assert next((x["posting_key"], x["debit"]) for x in await stack.store.ledger_entries(case_id)) == (
+    assert next((x["posting_key"], x["debit"]) for x in await stack.store.ledger.entries(case_id)) == (
         f"{case_id}:refund_settled:reconciliation-{found[adopted['id']]}", 2_500)
     actions = await stack.actions(case_id)
     assert actions.index("reconciliation_break_found") < actions.index("tracking_opened") < actions.index(
@@ -277,7 +277,7 @@ async def test_an_exception_nobody_decides_expires_without_moving_money(
         await backfill(stack, since_days=30)
         [expired] = await wait_for_breaks(stack, [refund["id"]], "expired")
         assert expired["break_class"] == "ledger_missing"
-        assert await store.ledger_entries(case_id) == []
+        assert await store.ledger.entries(case_id) == []
         assert "reconciliation_break_expired" in await stack.actions(case_id)
     finally:
         await stack.close()
@@ -293,7 +293,7 @@ async def test_a_long_run_continues_as_new_and_a_stopped_run_resumes_at_its_curs
         for refund in refunds:
             await seed_case(stack, refund, settled=0 if refund is refunds[20] else 1)
         # A backfill that stopped after one batch (its workflow gone): only its row and cursor remain.
-        run, _ = await Reconciliations(store).open_backfill(
+        run, _ = await store.reconciliation.open_backfill(
             "sandbox", ago(30), ago(0), "olga", stack.settings.task_queue)
         activities = ReconciliationActivities(store, stack.providers, client, load_policy(None),
                                               timings=stack.settings.timings(), reports_dir=Path(mkdtemp()))
@@ -327,7 +327,7 @@ async def test_the_schedule_is_ensured_once_and_its_runs_reconcile_a_trailing_wi
         assert described.schedule.spec.intervals[0].every == timedelta(hours=2)
         await handle.trigger()
         [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
-        run = await Reconciliations(stack.store).report(found["first_run_id"])
+        run = await stack.store.reconciliation.report(found["first_run_id"])
         assert run is not None and (run["kind"], run["requested_by"]) == ("scheduled", "schedule")
         since, until = (datetime.fromisoformat(run["window"][end]) for end in ("since", "until"))
         assert until - since == timedelta(days=14)

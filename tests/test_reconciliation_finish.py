@@ -12,11 +12,10 @@ import pytest
 from temporalio.client import Client
 from temporalio.service import RPCError
 
-from adapters.payout_book import PayoutBook
-from adapters.store import Store
+from adapters.db import Store
 from domain.payouts import PayoutSnapshot, PayoutStatus, payout_case_id
 from domain.reconciliation import break_workflow_id
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
 from tests.payouts_kit import add_payout_approvers, move_payout, paid_payout, wait_for_actions, wait_for_case
 from tests.payouts_kit import decide as decide_payout
@@ -42,10 +41,9 @@ async def seed_payouts(stack: Stack, payouts: list[dict[str, Any]], booked: dict
     """Payouts at the provider (no webhooks) and, for those in `booked`, in our books."""
     async with stack.sandbox() as sb:
         (await sb.post("/_sandbox/import", json={"payouts": payouts})).raise_for_status()
-    book = PayoutBook(stack.store)
     for payout in payouts:
         if payout["id"] in booked:
-            assert await book.record_payout(PayoutSnapshot(
+            assert await stack.store.payouts.record_payout(PayoutSnapshot(
                 id=f"P-{uuid.uuid4().hex[:10]}", provider="sandbox", provider_payout_id=payout["id"],
                 beneficiary_id=f"ben-{uuid.uuid4().hex[:8]}", amount=payout["amount"], currency="USD",
                 status=booked[payout["id"]]))
@@ -72,14 +70,14 @@ async def test_a_payout_failed_at_the_provider_opens_its_exception_case_once(sta
     assert found["links"]["case"] == f"/v1/payout-exceptions/{case_id}"
     [handed] = await wait_for_breaks(stack, [failed["id"]], "handed_to_case")
     await wait_for_case(stack, case_id, "awaiting_approval")  # the payout's own governed path
-    trail = await stack.store.audit_trail(case_id)
+    trail = await stack.store.audit.trail(case_id)
     [opened] = [e for e in trail if e["action"] == "payout_exception_opened"]
     assert opened["detail"]["event_id"] == f"reconciliation:{handed['id']}"
     assert "reconciliation_break_found" in [e["action"] for e in trail]
 
     again = await backfill(stack, since_days=30)  # still paid in our books while people decide
     assert (again["new_breaks"], again["known_breaks"]) == (0, 1)
-    assert [e["action"] for e in await stack.store.audit_trail(case_id)].count("payout_exception_opened") == 1
+    assert [e["action"] for e in await stack.store.audit.trail(case_id)].count("payout_exception_opened") == 1
 
 
 async def test_a_break_found_after_the_webhook_joins_the_open_payout_case(
@@ -105,7 +103,7 @@ async def test_a_break_found_after_the_webhook_joins_the_open_payout_case(
         assert joined["detail"]["event_id"] == f"reconciliation:{found['break_id']}"
         [opened] = [e for e in trail if e["action"] == "payout_exception_opened"]
         assert opened["detail"]["event_id"] == event_id  # the webhook's case, not a second one
-        reversals = {e["posting_key"] for e in await store.ledger_entries(case_id)
+        reversals = {e["posting_key"] for e in await store.ledger.entries(case_id)
                      if e["template"] == "payout_reversed"}
         assert reversals == {f"{case_id}:payout_reversed"}  # the case's own entry, once
         again = await backfill(stack, since_days=1)  # on hold now: no longer shown paid
@@ -134,8 +132,8 @@ async def test_a_payout_whose_case_already_ended_is_compensated_only_when_approv
         [resolved] = await wait_for_breaks(stack, [payout.provider_payout_id], "resolved")
         key = f"{case_id}:payout_reversed:reconciliation-{found['id']}"
         assert resolved["resolution"]["outcome"]["posting_key"] == key
-        assert [e["posting_key"] for e in await store.ledger_entries(case_id)] == [key, key]  # two lines
-        assert (await PayoutBook(store).payout(payout.id) or payout).status is PayoutStatus.FAILED
+        assert [e["posting_key"] for e in await store.ledger.entries(case_id)] == [key, key]  # two lines
+        assert (await store.payouts.payout(payout.id) or payout).status is PayoutStatus.FAILED
         again = await backfill(stack, since_days=1)
         assert (again["new_breaks"], again["known_breaks"]) == (0, 0)
     finally:
@@ -201,13 +199,13 @@ async def test_a_dismissed_break_reopens_into_the_same_case(stack: Stack) -> Non
     assert (await decide(stack, "carol", break_id)).status_code == 202
     [resolved] = await wait_for_breaks(stack, [refund["id"]], "resolved")
     assert resolved["resolution"]["approvers"] == ["carol"]
-    assert {e["posting_key"] for e in await stack.store.ledger_entries(case_id)} == {
+    assert {e["posting_key"] for e in await stack.store.ledger.entries(case_id)} == {
         f"{case_id}:refund_settled", f"{case_id}:refund_reversed:reconciliation-{break_id}"}
-    trail = await stack.store.audit_trail(case_id)
+    trail = await stack.store.audit.trail(case_id)
     [undo] = [e for e in trail if e["action"] == "reconciliation_break_reopened"]
     assert (undo["actor"], undo["detail"]["previous_state"]) == ("olga", "dismissed")
     assert undo["detail"]["previous_resolution"]["approvers"] == ["carol"]
-    assert [(n["kind"], n["audience"]) for n in await stack.store.notices(case_id)].count(
+    assert [(n["kind"], n["audience"]) for n in await stack.store.outbox.notices(case_id)].count(
         ("reconciliation_approval_needed", "approvers")) == 2  # each round told its approvers
     again = await backfill(stack, since_days=30)
     assert (again["new_breaks"], again["known_breaks"]) == (0, 0)
@@ -217,7 +215,7 @@ async def notices_until(store: Store, case_id: str, kind: str, timeout: float = 
     """The case's notices (kind, audience) once one of `kind` is queued."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
-        kinds = [(n["kind"], n["audience"]) for n in await store.notices(case_id)]
+        kinds = [(n["kind"], n["audience"]) for n in await store.outbox.notices(case_id)]
         if any(k == kind for k, _ in kinds) or asyncio.get_running_loop().time() > deadline:
             return kinds
         await asyncio.sleep(0.1)
@@ -243,6 +241,6 @@ async def test_a_waiting_break_is_reminded_and_escalated(
                          ("reconciliation_approval_escalated", "escalation")]
         assert (await decide(stack, "carol", found["id"])).status_code == 202  # still decidable
         await wait_for_breaks(stack, [refund["id"]], "resolved")
-        assert [e["template"] for e in await store.ledger_entries(case_id)] == ["refund_settled"] * 2
+        assert [e["template"] for e in await store.ledger.entries(case_id)] == ["refund_settled"] * 2
     finally:
         await stack.close()

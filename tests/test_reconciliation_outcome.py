@@ -16,9 +16,9 @@ import pytest
 from starlette.types import Receive, Scope, Send
 from temporalio.client import Client
 
+from adapters.db import Store
 from adapters.http_server import AppServer, reserve_port
-from adapters.store import Store
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
 from tests.lossy_proxy import LossyProxy
 from tests.reconciliation_kit import backfill, history, seed_provider

@@ -12,16 +12,17 @@ import pytest
 from prometheus_client import REGISTRY
 from temporalio.client import Client
 
-from adapters import receipts
+from adapters.db import CaseCreation, Store, StoredReceipt
+from adapters.db.receipts import ReceiptRepository
 from adapters.http_server import AppServer
-from adapters.store import CaseCreation, Store, StoredReceipt
 from domain.events import tracking_case_id
 from domain.models import ProviderEvent, RefundRequest
 from domain.payments import PaymentEvent
 from domain.payouts import PayoutEvent
 from starters import relay
-from starters.stack import TemporalDevServer, free_port
-from starters.webhooks import WebhookDesk
+from starters.dev.stack import TemporalDevServer
+from starters.ports import free_port
+from starters.relay.webhook_desk import WebhookDesk
 from tests.harness import Stack, open_stack
 from tests.test_provider_webhooks import CASHFREE_SECRET, recorded, sign_cashfree
 
@@ -44,7 +45,7 @@ async def crash_after_receipt(stack: Stack) -> tuple[StoredReceipt, str, str]:
     Returns the receipt, its event id and the tracking case it should open."""
     body, refund_id = recorded("cashfree")
     event_id = f"AUTO_REFUND_STATUS_WEBHOOK:{refund_id}:SUCCESS"
-    crashed = await stack.store.store_receipt(
+    crashed = await stack.store.receipts.store(
         provider="cashfree", event_id=event_id, event_type="AUTO_REFUND_STATUS_WEBHOOK", body=body,
         body_sha256=hashlib.sha256(body).hexdigest(), headers=sign_cashfree(body), verdict="accepted",
         error=None)
@@ -56,17 +57,17 @@ async def looping(store: Store, client: Client, temporal_server: TemporalDevServ
                   monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[Stack, float]]:
     """A stack whose relay re-drives every 0.2 s, and the failed-pass count before it
     started: its first pass fails (the database away)."""
-    original = receipts.unprocessed
+    original = ReceiptRepository.unprocessed
     failed_once = False
 
-    async def flaky(*args: Any) -> list[int]:
+    async def flaky(repository: ReceiptRepository, *args: Any) -> list[int]:
         nonlocal failed_once
         if not failed_once:
             failed_once = True
             raise ConnectionError("database went away")
-        return await original(*args)
+        return await original(repository, *args)
 
-    monkeypatch.setattr(receipts, "unprocessed", flaky)
+    monkeypatch.setattr(ReceiptRepository, "unprocessed", flaky)
     failed_before = passes("failed")
     stack = await open_stack(store, client, temporal_server.address, cashfree_webhook_secret=CASHFREE_SECRET,
                              webhook_redrive_after_seconds=0, webhook_redrive_interval_seconds=0.2)
@@ -80,7 +81,7 @@ async def test_the_loop_heals_an_unprocessed_receipt_once_after_a_failed_pass(
     crashed, event_id, case_id = await crash_after_receipt(stack)
 
     async def processed() -> bool:
-        [row] = [r for r in await stack.store.receipts("cashfree", event_id)
+        [row] = [r for r in await stack.store.receipts.find("cashfree", event_id)
                  if r["id"] == crashed.receipt_id]
         return row["processed_at"] is not None
 
@@ -95,12 +96,12 @@ async def test_the_loop_heals_an_unprocessed_receipt_once_after_a_failed_pass(
         return passes("ok") >= seen + 2
 
     await eventually(two_more_passes, "two more passes")
-    deliveries = await stack.store.receipts("cashfree", event_id)
+    deliveries = await stack.store.receipts.find("cashfree", event_id)
     assert [(r["id"] == crashed.receipt_id, r["verdict"]) for r in deliveries] == [
         (True, "accepted"), (False, "duplicate")]  # re-driven once, never again
     assert deliveries[0]["workflow_id"] == case_id
     await stack.client.get_workflow_handle(case_id).result()
-    assert len(await stack.store.ledger_entries(case_id)) == 2
+    assert len(await stack.store.ledger.entries(case_id)) == 2
 
 
 class RacingDesk(WebhookDesk):
@@ -130,11 +131,12 @@ async def test_two_relays_re_driving_at_once_act_once(store: Store, client: Clie
         both = await asyncio.gather(*(desk.replay(crashed.receipt_id) for desk in relays))
         assert [(r.verdict, r.workflow_id) for r in both if r is not None] == [("duplicate", case_id)] * 2
         await stack.client.get_workflow_handle(case_id).result()
-        lines = await store.ledger_entries(case_id)
+        lines = await store.ledger.entries(case_id)
         assert [(x["template"], x["debit"], x["credit"]) for x in lines] == [
             ("refund_settled", 3900, 0), ("refund_settled", 0, 3900)]
-        assert (await stack.store.get_case(case_id) or {})["status"] == "succeeded"
-        [original, *replays] = await store.receipts("cashfree", event_id)
+        case = await stack.store.cases.get(case_id)
+        assert case is not None and case.status == "succeeded"
+        [original, *replays] = await store.receipts.find("cashfree", event_id)
         assert original["id"] == crashed.receipt_id and original["processed_at"] is not None
         assert [r["verdict"] for r in replays] == ["duplicate", "duplicate"]
     finally:

@@ -14,8 +14,8 @@ async def test_small_refund_is_auto_approved_executed_once_and_posted(stack: Sta
     assert row["provider_refund_id"].startswith("re_")
     refunds = await stack.provider_refunds(charge)
     assert [r["amount"] for r in refunds] == [3_000]
-    lines = await stack.store.ledger_entries(body["refund_request_id"])
+    lines = await stack.store.ledger.entries(body["refund_request_id"])
     assert sum(line["debit"] for line in lines) == sum(line["credit"] for line in lines) == 3_000
-    trail = [e["action"] for e in await stack.store.audit_trail(body["refund_request_id"])]
+    trail = [e["action"] for e in await stack.store.audit.trail(body["refund_request_id"])]
     assert trail[0] == "request_received"
     assert "policy_decision" in trail and "ledger_posted" in trail and "refund_succeeded" in trail

@@ -72,7 +72,7 @@ async def test_reissue_by_bank_transfer_waits_for_ops_to_confirm(stack: Stack) -
         assert confirmed.status_code == 200, confirmed.text
     await stack.wait_for_status(child_id, "succeeded")
     assert len(await stack.provider_refunds(charge)) == 1  # the provider was not asked again
-    assert {e["posting_key"] for e in await stack.store.ledger_entries(child_id)} == {
+    assert {e["posting_key"] for e in await stack.store.ledger.entries(child_id)} == {
         f"{child_id}:refund_settled"}
 
 

@@ -30,7 +30,7 @@ async def test_fields_the_server_sets_are_refused_from_a_caller(stack: Stack, fi
     assert response.status_code == 422, response.text
     assert any(e["loc"][-1] == field for e in response.json()["detail"]), response.text
     await assert_untouched(stack, body["refund_request_id"], charge)
-    refused = [e for e in await stack.store.audit_trail("") if e["action"] == "action_refused"
+    refused = [e for e in await stack.store.audit.trail("") if e["action"] == "action_refused"
                and e["actor"] == "alice" and field in e["detail"]["refusal"]]
     assert refused, "the refusal is recorded under the caller's name"
 
@@ -44,7 +44,7 @@ async def test_a_request_records_its_channel_not_what_the_caller_claims(stack: S
         forged = await api.post("/v1/refund-requests", json=stack.refund_body(charge, 1_000),
                                 headers={"X-Refund-Channel": "webhook"})
     assert cli.status_code == 202 and forged.status_code == 202
-    assert (api_case_row := await stack.store.get_case(api_case)) is not None
+    assert (api_case_row := await stack.store.cases.get(api_case)) is not None
     assert (api_case_row["source"], cli.json()["source"], forged.json()["source"]) == ("api", "cli", "api")
 
 
@@ -66,7 +66,7 @@ async def test_a_caller_cannot_take_a_system_id_first(stack: Stack, kind: str) -
         response = await api.post("/v1/refund-requests", json=body)
     assert response.status_code == 422, response.text
     assert response.json()["detail"][0]["loc"][-1] == "refund_request_id"
-    assert await stack.store.get_case(SYSTEM_IDS[kind]) is None
+    assert await stack.store.cases.get(SYSTEM_IDS[kind]) is None
 
 
 @pytest.mark.parametrize("case_id", ["my-order-refund-1", "recon-breakfast-1", "servicenow", "rr-1",
@@ -85,5 +85,5 @@ async def test_the_cli_request_says_only_what_a_caller_may_say(stack: Stack) -> 
                      "--currency", "USD", "--merchant", "acct_1", "--evidence", "order_id=o-9",
                      env={"REFUNDS_RELAY_URL": stack.relay_url, "REFUNDS_TOKEN": stack.tokens["alice"]})
     assert made.returncode == 0, made.stdout + made.stderr
-    row = await stack.store.get_case(case_id)
+    row = await stack.store.cases.get(case_id)
     assert row is not None and (row["source"], row["requester"], row["amount"]) == ("cli", "alice", 1_000)

@@ -7,14 +7,14 @@ import uuid
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adapters.store import Store
+from adapters.db import Store
 from domain.models import ChargeSnapshot, RefundReason, RefundRequest
 
 
 async def reserve_all(dsn: str, captured: int, amounts: list[int]) -> tuple[int, int]:
     store = await Store.open(dsn, max_size=len(amounts) + 1)
     try:
-        await store.migrate()
+        await store.database.migrate()
         charge_id = f"ch_{uuid.uuid4().hex[:10]}"
         charge = ChargeSnapshot(provider="prop", charge_id=charge_id, currency="USD",
                                 merchant_account="m", amount=captured, amount_captured=captured,
@@ -24,9 +24,9 @@ async def reserve_all(dsn: str, captured: int, amounts: list[int]) -> tuple[int,
                                   merchant_account="m", reason=RefundReason.OTHER)
                     for i, amount in enumerate(amounts)]
         for request in requests:
-            await store.create_case(request, "prop")
-        results = await asyncio.gather(*(store.reserve(r, charge) for r in requests))
-        async with store.transaction() as conn:
+            await store.cases.create(request, "prop")
+        results = await asyncio.gather(*(store.cases.reserve(r, charge) for r in requests))
+        async with store.database.transaction() as conn:
             cur = await conn.execute("SELECT coalesce(sum(reserved_amount), 0) AS held FROM refund_cases"
                                      " WHERE charge_id = %s", (charge_id,))
             row = await cur.fetchone()

@@ -22,7 +22,7 @@ MONEY_PATH = ("validation_passed", "policy_decision", "approval_requested", "app
 async def finished(stack: Stack, case_id: str) -> tuple[list[str], list[str]]:
     """The case's audit actions and notice kinds once its workflow ended."""
     await stack.client.get_workflow_handle(case_id).result()
-    return await stack.actions(case_id), [n["kind"] for n in await stack.store.notices(case_id)]
+    return await stack.actions(case_id), [n["kind"] for n in await stack.store.outbox.notices(case_id)]
 
 
 def assert_same_rows(actions: list[str], expected: list[str]) -> None:

@@ -11,7 +11,7 @@ from tests.test_reissue import failed_case, reissue
 
 async def person(stack: Stack, *roles: str) -> str:
     user = f"u-{uuid.uuid4().hex[:8]}"
-    stack.tokens[user] = await stack.store.create_token(user, list(roles), by="test")
+    stack.tokens[user] = await stack.store.access.create_token(user, list(roles), by="test")
     return user
 
 
@@ -40,7 +40,7 @@ async def test_nobody_behind_a_refund_confirms_its_bank_transfer(stack: Stack) -
             refused = await api.post(f"/v1/manual-refunds/{child_id}/confirmation", json={"paid": True})
         assert refused.status_code == 403, (user, refused.text)
     assert [r["actor"] for r in await refusals(stack, child_id, "access_refused")] == [original, approver]
-    assert (await stack.store.get_case(child_id))["status"] == "pending"  # type: ignore[index]
+    assert (await stack.store.cases.get(child_id))["status"] == "pending"  # type: ignore[index]
     async with stack.api("admin") as api:
         confirmed = await api.post(f"/v1/manual-refunds/{child_id}/confirmation", json={"paid": True})
     assert confirmed.status_code == 200, confirmed.text

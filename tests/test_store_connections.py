@@ -7,11 +7,11 @@ import asyncio
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from adapters.store import Conn, Store
+from adapters.db import Conn, Store
 
 
 async def backend_pid(store: Store) -> int:
-    async with store.transaction() as conn:
+    async with store.database.transaction() as conn:
         row = await (await conn.execute("SELECT pg_backend_pid() AS pid")).fetchone()
     assert row is not None
     return int(row["pid"])
@@ -32,7 +32,7 @@ async def test_a_connection_the_server_closed_is_replaced_not_handed_out(
         first = await backend_pid(single)
         assert await backend_pid(single) == first  # reused while alive: no reconnect per use
         assert probes == []  # and no ping round trip per checkout
-        async with store.transaction() as admin:
+        async with store.database.transaction() as admin:
             await admin.execute("SELECT pg_terminate_backend(%s)", (first,))
         await asyncio.sleep(0.2)  # the server's goodbye reaches the idle socket
         replaced = await backend_pid(single)  # would raise if the dead connection were handed out

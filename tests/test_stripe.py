@@ -19,6 +19,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 from temporalio.client import Client
 
+from adapters.db import Store
+from adapters.db.rows import CaseRow
 from adapters.http_server import AppServer
 from adapters.providers import stripe as stripe_adapter
 from adapters.providers.base import (
@@ -28,10 +30,10 @@ from adapters.providers.base import (
     WebhookRejected,
 )
 from adapters.providers.stripe import StripeProvider
-from adapters.store import Store
 from domain.models import ProviderEvent
 from domain.reconciliation import ListedPayout, ListedRefund, UnmappedListing
-from starters.stack import TemporalDevServer, free_port
+from starters.dev.stack import TemporalDevServer
+from starters.ports import free_port
 from tests.harness import Stack, open_stack
 from tests.lossy_proxy import LossyProxy
 from tests.reconciliation_kit import backfill
@@ -71,7 +73,7 @@ class StripeRig:
     def body(self, charge: str, amount: int) -> dict[str, Any]:
         return self.stack.refund_body(charge, amount, provider="stripe", merchant_account=MERCHANT)
 
-    async def refunded(self, amount: int) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    async def refunded(self, amount: int) -> tuple[str, dict[str, Any], CaseRow]:
         """A refund requested through our API until its case succeeded: (charge, body, case)."""
         charge = await self.charge(10_000)
         body = self.body(charge, amount)
@@ -106,7 +108,7 @@ async def test_storm_of_identical_requests_makes_one_stripe_refund(rig: StripeRi
     [refund] = await rig.refunds(charge)
     assert refund["id"] == row["provider_refund_id"] and refund["amount"] == 3_000
     assert refund["metadata"]["refund_request_id"] == body["refund_request_id"]
-    lines = await rig.stack.store.ledger_entries(body["refund_request_id"])
+    lines = await rig.stack.store.ledger.entries(body["refund_request_id"])
     assert [(x["account"], x["debit"], x["credit"]) for x in lines] == [
         ("refunds_contra_revenue", 3_000, 0), ("provider_clearing", 0, 3_000)]
 
@@ -138,7 +140,7 @@ async def test_lost_response_is_verified_at_stripe_not_resubmitted(rig: StripeRi
     [lost] = [json.loads(b) for b in rig.proxy.lost]
     [refund] = await rig.refunds(charge)
     assert refund["id"] == lost["id"] == row["provider_refund_id"]
-    trail = [e["action"] for e in await rig.stack.store.audit_trail(body["refund_request_id"])]
+    trail = [e["action"] for e in await rig.stack.store.audit.trail(body["refund_request_id"])]
     assert trail.count("provider_submit_started") == 1
     assert "provider_outcome_unknown" in trail and "verify_state" in trail
 
@@ -159,7 +161,7 @@ async def test_failure_webhook_after_success_reverses_the_ledger(rig: StripeRig)
                                "workflow_id": body["refund_request_id"]}
     failed = await rig.stack.wait_for_status(body["refund_request_id"], "refund_failed")
     assert failed["failure_reason"] == "expired_or_canceled_card" and failed["reserved_amount"] == 0
-    templates = {x["template"] for x in await rig.stack.store.ledger_entries(body["refund_request_id"])}
+    templates = {x["template"] for x in await rig.stack.store.ledger.entries(body["refund_request_id"])}
     assert templates == {"refund_settled", "refund_reversed"}
 
 
@@ -331,7 +333,7 @@ async def test_a_charge_refunded_at_stripe_outside_us_refuses_an_over_refund(rig
                                              merchant_account=MERCHANT)
     row = await rig.stack.wait_for_status(case_id, "rejected", "succeeded")
     assert (row["status"], row["reserved_amount"]) == ("rejected", 0)
-    [rejected] = [e for e in await rig.stack.store.audit_trail(case_id)
+    [rejected] = [e for e in await rig.stack.store.audit.trail(case_id)
                   if e["action"] == "validation_rejected"]
     assert rejected["detail"]["reason"] == "amount 3000 exceeds remaining refundable 2000"
     assert [r["amount"] for r in await rig.refunds(charge)] == [8_000]

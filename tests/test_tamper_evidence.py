@@ -15,9 +15,10 @@ from temporalio.client import Client
 
 from adapters.audit_checkpoints import CheckpointBook
 from adapters.config import Settings
-from adapters.store import Store
+from adapters.db import Store
+from adapters.db.audit import AuditLog
 from domain.models import LedgerInput, LedgerKind
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.harness import PAYLOAD_KEYS, create_database_roles, open_stack
 from tests.test_cli import run
 from workers.checkpoints import checkpoint_audit_heads, checkpoint_once
@@ -30,12 +31,12 @@ def about(chain: str, problems: list[str]) -> list[str]:
 
 async def append(store: Store, chain: str, count: int) -> None:
     for n in range(count):
-        await store.append_audit(chain, "tester", "step", {"n": n})
+        await store.audit.record(chain, "tester", "step", {"n": n})
 
 
 async def as_owner(store: Store, *statements: tuple[str, tuple[object, ...]]) -> None:
     """What the database's own superuser can do: switch the append-only trigger off and on."""
-    async with store.transaction() as conn:
+    async with store.database.transaction() as conn:
         await conn.execute("ALTER TABLE audit_events DISABLE TRIGGER audit_events_no_update")
         for statement, params in statements:
             await conn.execute(statement, params)
@@ -53,17 +54,17 @@ async def test_a_cut_tail_with_a_rewound_head_is_caught_by_the_checkpoints(
     assert known[chain][0] == 5
     points, sealed = book.read()
     assert sealed == [] and points[chain][3] and points[chain][5]
-    assert about(chain, (await store.verify_audit(points))[1]) == []
+    assert about(chain, (await store.audit.verify(points))[1]) == []
 
-    rows = {r["seq"]: r["hash"] for r in await store.audit_trail(chain)}
+    rows = {r["seq"]: r["hash"] for r in await store.audit.trail(chain)}
     await as_owner(store, ("DELETE FROM audit_events WHERE chain = %s AND seq > 3", (chain,)),
                    ("UPDATE audit_heads SET seq = 3, hash = %s WHERE chain = %s", (rows[3], chain)))
-    assert about(chain, (await store.verify_audit())[1]) == []  # the chain alone looks whole
-    problems = about(chain, (await store.verify_audit(points))[1])
+    assert about(chain, (await store.audit.verify())[1]) == []  # the chain alone looks whole
+    problems = about(chain, (await store.audit.verify(points))[1])
     assert len(problems) == 1 and "checkpointed seq 5 is gone" in problems[0], problems
 
     await append(store, chain, 3)  # grown again past the checkpoint: a fork, still caught
-    problems = about(chain, (await store.verify_audit(points))[1])
+    problems = about(chain, (await store.audit.verify(points))[1])
     assert any("(seq 5)" in p and "checkpointed hash" in p for p in problems), problems
 
     env = {"REFUNDS_DATABASE_URL": postgres_dsn, "REFUNDS_AUDIT_CHECKPOINT_DIR": str(book.folder),
@@ -117,14 +118,14 @@ async def test_the_worker_process_runs_the_checkpointer_when_configured(
             await asyncio.sleep(0.05)
     stop.set()
     await worker
-    assert book.read()[0][chain] == {2: (await store.audit_heads())[chain][1]}
+    assert book.read()[0][chain] == {2: (await store.audit.heads())[chain][1]}
     with pytest.raises(ValueError, match="REFUNDS_AUDIT_CHECKPOINT_KEYS"):
         await run_worker(settings.model_copy(update={"audit_checkpoint_keys": None}), postgres_dsn, stop)
 
 
 async def test_the_ledger_refuses_update_and_delete(store: Store) -> None:
     case_id = f"ledger-{uuid.uuid4().hex[:10]}"
-    await store.post_ledger(LedgerInput(refund_request_id=case_id, kind=LedgerKind.REFUND_SETTLED,
+    await store.ledger.post(LedgerInput(refund_request_id=case_id, kind=LedgerKind.REFUND_SETTLED,
                                         amount=500, currency="USD", provider_refund_id="re_1"))
     for statement in ("UPDATE ledger_lines SET debit = debit * 2 WHERE entry_id IN"
                       " (SELECT id FROM ledger_entries WHERE refund_request_id = %s)",
@@ -133,9 +134,9 @@ async def test_the_ledger_refuses_update_and_delete(store: Store) -> None:
                       "DELETE FROM ledger_entries WHERE refund_request_id = %s",
                       "UPDATE ledger_entries SET template = 'x' WHERE refund_request_id = %s"):
         with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
-            async with store.transaction() as conn:
+            async with store.database.transaction() as conn:
                 await conn.execute(statement, (case_id,))
-    lines = await store.ledger_entries(case_id)
+    lines = await store.ledger.entries(case_id)
     assert sorted((line["debit"], line["credit"]) for line in lines) == [(0, 500), (500, 0)]
 
 
@@ -149,8 +150,8 @@ async def test_verification_reads_heads_and_rows_in_one_snapshot(store: Store, p
             await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as watcher:
         async with writer.transaction():
             await writer.execute("LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE")
-            await Store._audit(writer, chain, "tester", "step", {"n": 2})
-            verifying = asyncio.create_task(store.verify_audit())
+            await AuditLog.append(writer, chain, "tester", "step", {"n": 2})
+            verifying = asyncio.create_task(store.audit.verify())
             async with asyncio.timeout(60):  # a guard against a hang, not a measured wait
                 while not await (await watcher.execute(
                         "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
@@ -158,8 +159,8 @@ async def test_verification_reads_heads_and_rows_in_one_snapshot(store: Store, p
                     await asyncio.sleep(0.02)
         _, problems = await verifying
     assert about(chain, problems) == []
-    assert about(chain, (await store.verify_audit())[1]) == []
-    assert [r["seq"] for r in await store.audit_trail(chain)] == [1, 2, 3]
+    assert about(chain, (await store.audit.verify())[1]) == []
+    assert [r["seq"] for r in await store.audit.trail(chain)] == [1, 2, 3]
 
 
 async def test_services_run_as_a_role_that_cannot_step_around_the_triggers(
@@ -191,10 +192,10 @@ async def test_services_run_as_a_role_that_cannot_step_around_the_triggers(
             charge = await stack.charge(2_000)
             case_id = await stack.request_refund("alice", charge, 700)
             await stack.wait_for_status(case_id, "succeeded")
-            assert len(await runtime_store.ledger_entries(case_id)) == 2  # debit and credit line
+            assert len(await runtime_store.ledger.entries(case_id)) == 2  # debit and credit line
         finally:
             await stack.close()
-        checked, problems = await runtime_store.verify_audit()
+        checked, problems = await runtime_store.audit.verify()
         assert checked > 0 and problems == []
     finally:
         await runtime_store.close()

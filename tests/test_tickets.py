@@ -3,10 +3,9 @@ was lost and the activity retried; incidents for cases that need ops."""
 
 from temporalio.client import Client
 
-from adapters.integration_store import IntegrationStore
-from adapters.store import Store
+from adapters.db import Store
 from adapters.tickets.base import correlation_key
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
 from tests.fakes import connected_stack, eventually
 
 
@@ -16,21 +15,20 @@ async def test_a_lost_create_answer_is_found_by_the_retry_and_one_ticket_exists(
         world.servicenow_lost_creates = 1
         charge = await stack.charge(20_000)
         case_id = await stack.request_refund("alice", charge, 9_000)
-        integrations = IntegrationStore(stack.store)
 
         async def ticketed() -> list[dict[str, object]]:
-            return [d for d in await integrations.deliveries(case_id)
+            return [d for d in await stack.store.outbox.deliveries(case_id)
                     if d["channel"] == "servicenow" and d["status"] == "delivered"]
 
         [delivery] = await eventually(ticketed)
         [ticket] = world.servicenow["u_refund_request"]
         assert delivery["attempts"] == 2 and delivery["external_id"] == ticket["number"]
         assert world.servicenow_calls.count(("POST", "u_refund_request")) == 1
-        [stored] = await integrations.tickets(case_id)
+        [stored] = await stack.store.integrations.tickets(case_id)
         assert (stored["system"], stored["external_id"]) == ("servicenow", ticket["sys_id"])
         assert stored["url"].startswith(f"{world.url}/nav_to.do?uri=u_refund_request.do")
         assert ticket["correlation_id"] == correlation_key(case_id, "request")
-        assert [e["action"] for e in await stack.store.audit_trail(case_id)
+        assert [e["action"] for e in await stack.store.audit.trail(case_id)
                 if e["action"].startswith(("notice_deliver", "ticket_"))].count("ticket_linked") == 1
 
 
@@ -46,7 +44,7 @@ async def test_an_unexpected_provider_status_opens_one_incident_in_each_system(
         await stack.wait_for_status(case_id, "ops_review")
 
         async def incidents() -> bool:
-            tickets = await IntegrationStore(stack.store).tickets(case_id)
+            tickets = await stack.store.integrations.tickets(case_id)
             return {(t["system"], t["purpose"]) for t in tickets} == {
                 ("servicenow", "incident:unexpected_provider_status"),
                 ("jira", "incident:unexpected_provider_status")}

@@ -42,14 +42,14 @@ async def test_token_creation_is_audited_under_its_real_maker(stack: Stack, post
 
 async def test_an_expired_token_is_refused_by_the_api_and_the_console(stack: Stack) -> None:
     user = f"temp-{uuid.uuid4().hex[:6]}"
-    stack.tokens[user] = await stack.store.create_token(user, ["auditor"], by="test",
-                                                        expires_in=timedelta(hours=1))
+    stack.tokens[user] = await stack.store.access.create_token(user, ["auditor"], by="test",
+                                                               expires_in=timedelta(hours=1))
     async with stack.api(user) as api:
         assert (await api.post("/codec/decode", json=PAYLOADS)).status_code == 200
     browser = await console(stack, user)
     try:
         assert (await browser.get("/console/cases")).status_code == 200
-        async with stack.store.transaction() as conn:  # an hour passes
+        async with stack.store.database.transaction() as conn:  # an hour passes
             await conn.execute("UPDATE api_tokens SET expires_at = now() - interval '1 second'"
                                " WHERE user_name = %s", (user,))
         async with stack.api(user) as api:
@@ -57,5 +57,5 @@ async def test_an_expired_token_is_refused_by_the_api_and_the_console(stack: Sta
         assert (await browser.get("/console/cases")).status_code == 303  # back to sign-in
     finally:
         await browser.aclose()
-    listed = await stack.store.list_tokens()
-    assert [t["expires_at"] is not None for t in listed if t["user_name"] == user] == [True]
+    listed = await stack.store.access.tokens()
+    assert [t.expires_at is not None for t in listed if t.user_name == user] == [True]

@@ -16,10 +16,10 @@ from prometheus_client import REGISTRY
 from temporalio.client import Client
 
 from adapters.config import Settings
+from adapters.db import Store
 from adapters.refusals import SampledRefusalLog
-from adapters.store import Store
-from starters.stack import TemporalDevServer
-from starters.webhooks import WebhookDesk
+from starters.dev.stack import TemporalDevServer
+from starters.relay.webhook_desk import WebhookDesk
 from tests.harness import Stack, open_stack
 from tests.test_provider_webhooks import CASHFREE_SECRET, recorded, sign_cashfree
 from workers.retention import prune_receipts
@@ -32,7 +32,7 @@ def refusals(via: str, refusal: str) -> float:
 
 async def global_chain(store: Store) -> tuple[int, int]:
     """The global audit chain's head seq and the anonymous rows anywhere."""
-    async with store.transaction() as conn:
+    async with store.database.transaction() as conn:
         head = await (await conn.execute("SELECT seq FROM audit_heads WHERE chain = ''")).fetchone()
         rows = await (await conn.execute(
             "SELECT count(*) AS n FROM audit_events WHERE actor = 'anonymous'")).fetchone()
@@ -92,7 +92,7 @@ def test_the_refusal_log_is_sampled(caplog: pytest.LogCaptureFixture) -> None:
 
 async def refused_receipt(store: Store, provider: str) -> int:
     body = b'{"forged": true}'
-    stored = await store.store_receipt(
+    stored = await store.receipts.store(
         provider=provider, event_id=None, event_type=None, body=body,
         body_sha256=hashlib.sha256(body).hexdigest(), headers={}, verdict="bad_signature",
         error="no valid signature")
@@ -100,13 +100,13 @@ async def refused_receipt(store: Store, provider: str) -> int:
 
 
 async def backdate(store: Store, receipt_id: int, days: float) -> None:
-    async with store.transaction() as conn:
+    async with store.database.transaction() as conn:
         await conn.execute("UPDATE webhook_receipts SET received_at = now() - make_interval(days => %s)"
                            " WHERE id = %s", (days, receipt_id))
 
 
 async def receipt_row(store: Store, receipt_id: int) -> dict[str, Any] | None:
-    async with store.transaction() as conn:
+    async with store.database.transaction() as conn:
         cur = await conn.execute("SELECT * FROM webhook_receipts WHERE id = %s", (receipt_id,))
         return await cur.fetchone()
 
@@ -121,11 +121,11 @@ async def test_refused_receipts_are_pruned_by_the_worker_after_their_retention(
     old_forgery = await refused_receipt(store, provider)
     fresh_forgery = await refused_receipt(store, provider)
     body = b'{"type": "refund.teleported"}'
-    signed_unknown = (await store.store_receipt(
+    signed_unknown = (await store.receipts.store(
         provider=provider, event_id="evt_unknown", event_type="refund.teleported", body=body,
         body_sha256=hashlib.sha256(body).hexdigest(), headers={}, verdict="unknown_type",
         error="no handler")).receipt_id
-    replay = (await store.store_receipt(
+    replay = (await store.receipts.store(
         provider=provider, event_id=None, event_type=None, body=body,
         body_sha256=hashlib.sha256(body).hexdigest(), headers={}, verdict="bad_signature",
         error="still forged", replay_of=old_forgery)).receipt_id
@@ -159,7 +159,7 @@ async def test_re_drive_gives_up_on_a_receipt_after_its_bounded_tries(
                              webhook_redrive_max_attempts=2)
     try:
         body, refund_id = recorded("cashfree")
-        stuck = (await store.store_receipt(
+        stuck = (await store.receipts.store(
             provider="cashfree", event_id=f"AUTO_REFUND_STATUS_WEBHOOK:{refund_id}:SUCCESS",
             event_type="AUTO_REFUND_STATUS_WEBHOOK", body=body, body_sha256=hashlib.sha256(body).hexdigest(),
             headers=sign_cashfree(body, secret="rotated-away"), verdict="accepted", error=None)).receipt_id
@@ -169,7 +169,7 @@ async def test_re_drive_gives_up_on_a_receipt_after_its_bounded_tries(
             await desk.redrive()
         row = await receipt_row(store, stuck)
         assert row is not None and row["processed_at"] is None and row["redrive_attempts"] == 2
-        async with store.transaction() as conn:
+        async with store.database.transaction() as conn:
             replays = await (await conn.execute(
                 "SELECT verdict FROM webhook_receipts WHERE replay_of = %s", (stuck,))).fetchall()
         assert [r["verdict"] for r in replays] == ["bad_signature", "bad_signature"]

@@ -23,13 +23,14 @@ from hypothesis import strategies as st
 from svix.webhooks import Webhook as SvixWebhook
 from temporalio.client import Client
 
-from adapters import receipts, signing
+from adapters import signing
 from adapters.config import Settings
+from adapters.db import Store
 from adapters.providers import adyen, cashfree, sandbox
 from adapters.providers.registry import build_providers, close_providers
-from adapters.store import Store
 from starters import relay
-from starters.stack import TemporalDevServer
+from starters.dev.stack import TemporalDevServer
+from tests.adyen_fake import refund_notification
 from tests.harness import PAYLOAD_KEYS
 
 SECRETS = {"sandbox": "sb-secret", "stripe": "whsec_stripe", "cashfree": "cf-secret",
@@ -68,7 +69,7 @@ async def assert_receipted(store: Store, response: httpx.Response) -> str:
         receipt_id = int(response.headers["x-receipt-id"])
     else:
         receipt_id = int(response.json()["receipt_id"])
-    stored = await receipts.delivery(store, receipt_id)
+    stored = await store.receipts.delivery(receipt_id)
     assert stored is not None
     return stored.verdict
 
@@ -239,21 +240,14 @@ async def test_servicenow_calls_are_never_a_500(relay_http: httpx.AsyncClient, s
 
 # -- the named cases --------------------------------------------------------------------------
 
-def adyen_body(additional: Any) -> bytes:
-    item = {"pspReference": "psp1", "originalReference": "pay1", "merchantAccountCode": "M",
-            "merchantReference": "rr-1", "amount": {"value": 100, "currency": "EUR"},
-            "eventCode": "REFUND", "success": "true", "eventDate": "2026-01-01T00:00:00+00:00",
-            "additionalData": additional}
-    return json.dumps({"live": "false", "notificationItems": [{"NotificationRequestItem": item}]}).encode()
-
-
 NAMED: dict[str, tuple[str, bytes, dict[str, str], str]] = {
     "deep_json_sandbox": ("/webhooks/sandbox", b"[" * 100_000 + b"]" * 100_000,
                           {"sandbox-signature": "{fresh}"}, "malformed"),
     "deep_json_adyen": ("/webhooks/adyen", b'{"notificationItems": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
                         {}, "malformed"),
-    "adyen_additional_data_a_list": ("/webhooks/adyen", adyen_body(["hmacSignature"]), {}, "bad_signature"),
-    "adyen_additional_data_a_string": ("/webhooks/adyen", adyen_body("x"), {}, "bad_signature"),
+    "adyen_additional_data_a_list": ("/webhooks/adyen", refund_notification(["hmacSignature"]), {},
+                                     "bad_signature"),
+    "adyen_additional_data_a_string": ("/webhooks/adyen", refund_notification("x"), {}, "bad_signature"),
     "svix_year_9999": ("/webhooks/rainforest", b"{}", {"svix-id": "msg_1", "svix-timestamp": "253402300800",
                                                        "svix-signature": "v1,AAAA"}, "bad_signature"),
     "cashfree_unicode_digits": ("/webhooks/cashfree", b"{}",

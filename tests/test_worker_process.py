@@ -10,8 +10,9 @@ from pathlib import Path
 import httpx
 from temporalio.client import Client
 
-from adapters.store import Store
-from starters.stack import TemporalDevServer, free_port
+from adapters.db import Store
+from starters.dev.stack import TemporalDevServer
+from starters.ports import free_port
 from tests.harness import PAYLOAD_KEYS, open_stack, process_env, wait_until_ready
 
 GRACE_SECONDS = 3

@@ -8,32 +8,18 @@ cases are handed over the same way, their holds kept: only ops release money sta
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from temporalio.client import Client, WorkflowExecutionStatus
-from temporalio.service import RPCError, RPCStatusCode
+from temporalio.client import Client
 
-from adapters.payout_book import PayoutBook
+from adapters.db import Store, request_from_row
 from adapters.providers.base import ProviderAdapter, ProviderError
-from adapters.store import Store, request_from_row
+from adapters.temporal_client import workflow_closed
 from domain.models import ProviderRefund, RefundMethod
 
 log = logging.getLogger(__name__)
-
-
-async def workflow_closed(client: Client, case_id: str) -> str | None:
-    """How the case's workflow ended (its status name), or None while it runs."""
-    try:
-        described = await client.get_workflow_handle(case_id).describe()
-    except RPCError as exc:
-        if exc.status is RPCStatusCode.NOT_FOUND:  # never started, or past retention
-            return "NOT_FOUND"
-        raise
-    if described.status in (None, WorkflowExecutionStatus.RUNNING):
-        return None
-    return described.status.name
 
 
 async def provider_holds(store: Store, providers: Mapping[str, ProviderAdapter],
@@ -44,7 +30,7 @@ async def provider_holds(store: Store, providers: Mapping[str, ProviderAdapter],
     if row["submission_started_at"] is None:
         return False, None
     if row["method"] != RefundMethod.PROVIDER.value:
-        manual = await store.manual_refund(row["refund_request_id"])
+        manual = await store.manual_refunds.get(row["refund_request_id"])
         return manual is not None and manual["status"] != "failed", None
     provider = providers.get(row["provider"])
     if provider is None:
@@ -57,11 +43,11 @@ async def provider_holds(store: Store, providers: Mapping[str, ProviderAdapter],
     return found is not None, found
 
 
-IdlePage = Callable[[tuple[datetime, str] | None], Awaitable[list[dict[str, Any]]]]
+IdlePage = Callable[[tuple[datetime, str] | None], Awaitable[Sequence[Mapping[str, Any]]]]
 
 
 async def closed_cases(client: Client, pages: IdlePage, key: str
-                       ) -> AsyncIterator[tuple[dict[str, Any], str]]:
+                       ) -> AsyncIterator[tuple[Mapping[str, Any], str]]:
     """Each idle open case (`key`: its id column) whose workflow has ended, with how it
     ended, a page at a time (cases whose workflow still runs never hide the others)."""
     after: tuple[datetime, str] | None = None
@@ -77,17 +63,16 @@ async def sweep_cases_once(store: Store, client: Client, providers: Mapping[str,
     """One pass over every idle open refund and payout case; returns the cases handed to ops."""
     swept: list[str] = []
     async for row, ended in closed_cases(
-            client, lambda after: store.idle_open_cases(idle_seconds, page, after), "refund_request_id"):
+            client, lambda after: store.cases.idle_open(idle_seconds, page, after), "refund_request_id"):
         case_id = row["refund_request_id"]
         holds, found = await provider_holds(store, providers, row)
-        if await store.sweep_closed_case(case_id, workflow_status=ended, provider_holds=holds,
-                                         found=found):
+        if await store.cases.sweep_closed(case_id, workflow_status=ended, provider_holds=holds,
+                                          found=found):
             log.warning("case %s: workflow %s while %s; handed to ops", case_id, ended, row["status"])
             swept.append(case_id)
-    book = PayoutBook(store)
     async for row, ended in closed_cases(
-            client, lambda after: book.idle_open_cases(idle_seconds, page, after), "case_id"):
-        if await book.sweep_closed_case(row["case_id"], workflow_status=ended):
+            client, lambda after: store.payouts.idle_open(idle_seconds, page, after), "case_id"):
+        if await store.payouts.sweep_closed(row["case_id"], workflow_status=ended):
             log.warning("payout case %s: workflow %s while %s; handed to ops", row["case_id"], ended,
                         row["status"])
             swept.append(row["case_id"])

@@ -7,7 +7,7 @@ import logging
 from datetime import UTC, datetime
 
 from adapters.audit_checkpoints import CheckpointBook, Heads
-from adapters.store import Store
+from adapters.db import Store
 
 log = logging.getLogger(__name__)
 
@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 async def checkpoint_once(store: Store, book: CheckpointBook, previous: Heads) -> dict[str, tuple[int, str]]:
     """Writes the heads that differ from `previous` (all of them the first time); returns
     the heads now known, for the next round."""
-    heads = await store.audit_heads()
+    heads = await store.audit.heads()
     changed = {chain: head for chain, head in heads.items() if previous.get(chain) != head}
     if changed:
         path = book.write(changed, datetime.now(UTC))

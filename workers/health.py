@@ -12,8 +12,8 @@ from temporalio.worker import Worker
 
 from adapters import metrics
 from adapters.config import Settings
+from adapters.db import Store
 from adapters.health import readiness
-from adapters.store import Store
 
 
 def health_app(worker: Worker, client: Client, store: Store, settings: Settings) -> FastAPI:

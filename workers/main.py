@@ -24,14 +24,13 @@ from activities.refund import RefundActivities
 from adapters.approval_seal import ApprovalSealCheck, approval_keys
 from adapters.audit_checkpoints import checkpoint_book
 from adapters.config import Settings
+from adapters.db import Store
 from adapters.http_server import AppServer
 from adapters.instrumented import instrument
-from adapters.integration_store import IntegrationStore
 from adapters.policy_file import load_policy
 from adapters.providers.base import ProviderAdapter
 from adapters.providers.registry import build_providers, close_providers
 from adapters.schedules import ensure_reconciliation_schedules
-from adapters.store import Store
 from adapters.telemetry import sdk_runtime
 from adapters.temporal_client import connect
 from domain.policy import Policy
@@ -117,7 +116,7 @@ async def run_worker(settings: Settings, dsn: str, stop: asyncio.Event) -> None:
     health = (AppServer(health_app(worker, client, store, settings), settings.bind_host,
                         settings.worker_health_port) if settings.worker_health_port else None)
     sweeper = (asyncio.create_task(sweep_outbox(
-        IntegrationStore(store), IntegrationActivities(store, settings), stop,
+        store.outbox, IntegrationActivities(store, settings), stop,
         every_seconds=settings.outbox_sweep_seconds,
         older_than_seconds=settings.outbox_sweep_after_seconds))
         if settings.outbox_sweep_seconds > 0 else None)

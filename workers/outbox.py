@@ -8,12 +8,12 @@ import contextlib
 import logging
 
 from activities.integrations import IntegrationActivities
-from adapters.integration_store import IntegrationStore
+from adapters.db.outbox import OutboxRepository
 
 log = logging.getLogger(__name__)
 
 
-async def sweep_once(outbox: IntegrationStore, delivery: IntegrationActivities, *,
+async def sweep_once(outbox: OutboxRepository, delivery: IntegrationActivities, *,
                      older_than_seconds: float, limit: int = 100) -> int:
     """Delivers one batch of unswept notices; returns how many it took."""
     keys = await outbox.claim_unswept(older_than_seconds, limit)
@@ -25,7 +25,7 @@ async def sweep_once(outbox: IntegrationStore, delivery: IntegrationActivities, 
     return len(keys)
 
 
-async def sweep_outbox(outbox: IntegrationStore, delivery: IntegrationActivities,
+async def sweep_outbox(outbox: OutboxRepository, delivery: IntegrationActivities,
                        stop: asyncio.Event, *, every_seconds: float, older_than_seconds: float) -> None:
     """Sweeps until `stop` is set."""
     while not stop.is_set():

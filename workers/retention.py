@@ -9,7 +9,7 @@ from datetime import timedelta
 
 from prometheus_client import Counter
 
-from adapters.store import Store
+from adapters.db import Store
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ async def prune_once(store: Store, retention: timedelta) -> int:
     """Deletes every refused receipt past the retention, a batch at a time; returns how many."""
     total = 0
     while True:
-        deleted = await store.prune_refused_receipts(retention, BATCH)
+        deleted = await store.receipts.prune_refused(retention, BATCH)
         total += deleted
         if deleted < BATCH:
             break

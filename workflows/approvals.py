@@ -16,6 +16,7 @@ from temporalio import workflow
 from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    from domain.errors import ALREADY_DECIDED, APPROVAL_REFUSED, NOT_AWAITING_APPROVAL
     from domain.lifecycle import check_approval, unfilled
     from domain.models import (
         ApprovalProgress,
@@ -31,7 +32,6 @@ with workflow.unsafe.imports_passed_through():
 LATE_VERDICTS_PATCH = "approval-late-verdicts-1"
 """Verdicts that arrive once a round is decided are answered at once and audited; before,
 an update taken in that window waited forever on a round nobody read."""
-ALREADY_DECIDED = "AlreadyDecided"
 SEALED_APPROVALS_PATCH = "approval-relay-seal-1"
 """A verdict counts only with the relay's seal, checked by the worker before the workflow
 sees it (`adapters.approval_seal`); others are refused and audited. Before, anyone who could
@@ -278,9 +278,9 @@ class ApprovingWorkflow:
     def _validate_approval(self, signal: ApprovalSignal) -> None:
         taking, status = self.approval_status()
         if not taking:
-            raise ApplicationError(f"case is {status}, not awaiting approval", type="NotAwaitingApproval")
+            raise ApplicationError(f"case is {status}, not awaiting approval", type=NOT_AWAITING_APPROVAL)
         if self._round.decided:
             raise ApplicationError(f"already decided: case is {status}", type=ALREADY_DECIDED)
         verdict = self._round.check(signal)
         if not verdict.accepted:
-            raise ApplicationError(verdict.reason, type="ApprovalRefused")
+            raise ApplicationError(verdict.reason, type=APPROVAL_REFUSED)

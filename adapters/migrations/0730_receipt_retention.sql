@@ -7,7 +7,7 @@ ALTER TABLE webhook_receipts DROP CONSTRAINT webhook_receipts_replay_of_fkey;
 ALTER TABLE webhook_receipts ADD CONSTRAINT webhook_receipts_replay_of_fkey
     FOREIGN KEY (replay_of) REFERENCES webhook_receipts (id) ON DELETE SET NULL;
 
--- The predicate is the one the pruning query states (Store.prune_refused_receipts).
+-- The predicate is the one the pruning query states (ReceiptRepository.prune_refused).
 CREATE INDEX webhook_receipts_prunable ON webhook_receipts (received_at)
     WHERE verdict IN ('bad_signature', 'stale', 'malformed', 'too_large', 'unknown_provider',
                       'forbidden_source');

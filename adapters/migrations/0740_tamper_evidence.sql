@@ -1,6 +1,6 @@
 -- The ledger is append-only like the audit trail: a posting is corrected by a reversing
 -- posting, never by editing or deleting lines. The services run as a role that does not own
--- these tables (see Store.migrate), so they cannot disable the triggers either.
+-- these tables (see Database.migrate), so they cannot disable the triggers either.
 CREATE FUNCTION ledger_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     RAISE EXCEPTION '% is append-only', TG_TABLE_NAME;

@@ -1,1 +1,1 @@
-"""Schema migrations: plain SQL files applied in name order (see Store.migrate)."""
+"""Schema migrations: plain SQL files applied in name order (see Database.migrate)."""

@@ -7,7 +7,7 @@ from email.errors import HeaderParseError
 from email.headerregistry import Address
 
 from adapters.config import Settings
-from adapters.integration_store import IntegrationStore
+from adapters.db.integrations import IntegrationRepository
 from adapters.notify.chat import WebhookChat
 from adapters.notify.delivery import Channel
 from adapters.notify.email import SmtpEmail
@@ -18,7 +18,7 @@ from adapters.tickets.servicenow import ServiceNow
 log = logging.getLogger(__name__)
 
 
-def build_channels(settings: Settings, store: IntegrationStore) -> list[Channel]:
+def build_channels(settings: Settings, store: IntegrationRepository) -> list[Channel]:
     timeout = settings.integration_http_timeout_seconds
     channels: list[Channel] = []
     skipped: list[str] = []

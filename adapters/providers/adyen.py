@@ -18,7 +18,7 @@ can resolve it) instead of resubmitting. Only a create that certainly never reac
 number of times; when none connects, nothing exists and the create is refused
 (`ProviderNotReached`).
 Adyen has no payment lookup either, so a charge snapshot comes only from a `ChargeSource`:
-in production the `payment_notifications` table (`adapters.payment_book`), which the relay
+in production the `payment_notifications` table (`adapters.db.payments`), which the relay
 fills from AUTHORISATION, CAPTURE, CAPTURE_FAILED and CANCELLATION notifications, the
 dispute ones (the prior-disputes rule's count) and the refund ones (`record_notification`).
 Payment notifications never start a workflow. Without a source (no store), requests are

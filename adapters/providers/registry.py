@@ -1,14 +1,14 @@
 """Builds the provider adapters that the settings configure."""
 
 from adapters.config import Settings, secret_list
-from adapters.payment_book import PaymentBook
+from adapters.db import Store
+from adapters.db.payments import PaymentNotificationRepository
 from adapters.providers.adyen import AdyenProvider
 from adapters.providers.base import ProviderAdapter
 from adapters.providers.cashfree import CashfreeApiProvider, CashfreeProvider
 from adapters.providers.rainforest import RainforestApiProvider, RainforestProvider
 from adapters.providers.sandbox import SandboxProvider
 from adapters.providers.stripe import StripeProvider
-from adapters.store import Store
 
 
 def build_providers(settings: Settings, store: Store | None = None) -> dict[str, ProviderAdapter]:
@@ -52,7 +52,8 @@ def build_providers(settings: Settings, store: Store | None = None) -> dict[str,
             if settings.cashfree_api_base and settings.cashfree_client_id and settings.cashfree_client_secret
             else CashfreeProvider(webhook_secrets=cashfree_secrets, tolerance_seconds=tolerance))
     if settings.adyen_hmac_keys is not None:
-        book = (PaymentBook(store, "adyen", auto_capture=settings.adyen_auto_capture)
+        book = (PaymentNotificationRepository(store.database, "adyen",
+                                              auto_capture=settings.adyen_auto_capture)
                 if store is not None else None)
         providers["adyen"] = AdyenProvider(
             hmac_keys=secret_list(settings.adyen_hmac_keys), api_base=settings.adyen_api_base,

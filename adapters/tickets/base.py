@@ -9,9 +9,10 @@ import hashlib
 from dataclasses import dataclass
 from typing import Protocol
 
-from adapters.integration_store import IntegrationStore
+from adapters.db.integrations import IntegrationRepository
 from adapters.notify.delivery import DeliveryFailed, DeliveryUncertain
 from adapters.notify.message import Message
+from domain.integrations import ticket_purpose
 
 
 @dataclass(frozen=True)
@@ -34,11 +35,6 @@ class TicketSystem(Protocol):
         """Adds the message to the ticket's history."""
 
 
-def ticket_purpose(message_ticket: str, kind: str) -> str:
-    """The case's request ticket, or one incident per notice kind."""
-    return f"incident:{kind}" if message_ticket == "incident" else "request"
-
-
 def correlation_key(case_id: str, purpose: str) -> str:
     """Stable, short and free of characters ticket queries would need to escape."""
     return "rfo-" + hashlib.sha256(f"{case_id}\n{purpose}".encode()).hexdigest()[:32]
@@ -47,7 +43,7 @@ def correlation_key(case_id: str, purpose: str) -> str:
 class TicketChannel:
     """Creates the case's ticket on its first notice and adds later notices to it."""
 
-    def __init__(self, system: TicketSystem, store: IntegrationStore) -> None:
+    def __init__(self, system: TicketSystem, store: IntegrationRepository) -> None:
         self.name = system.name
         self._system = system
         self._store = store

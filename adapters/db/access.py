@@ -1,0 +1,150 @@
+"""Access: API tokens (stored as hashes only), console sessions made from them, and the
+links from a chat or ticketing identity to one of our users."""
+
+import hashlib
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+from adapters.db.audit import AuditLog
+from adapters.db.database import Repository
+from adapters.db.rows import TokenRow
+from domain.models import ROLES
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller of the relay."""
+
+    user: str
+    roles: frozenset[str]
+
+
+@dataclass(frozen=True)
+class ConsoleSession:
+    """A signed-in console user; `csrf_token` must come back in every form they post."""
+
+    session_id: int
+    principal: Principal
+    csrf_token: str
+
+
+def hash_token(token: str) -> str:
+    """Tokens are stored only as SHA-256: a leaked table grants nothing."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class AccessRepository(Repository):
+    """Who may call: tokens, the console sessions made from them, linked identities."""
+
+    async def create_token(self, user: str, roles: Sequence[str], token: str | None = None, *,
+                           by: str, expires_in: timedelta | None = None) -> str:
+        """Makes a bearer token; only its hash is stored, the plaintext is shown once. `by`
+        is whoever made it (the audit names them), `expires_in` an optional lifetime."""
+        unknown = set(roles) - ROLES
+        if unknown or not roles:
+            raise ValueError(f"unknown roles {sorted(unknown)}; known: {sorted(ROLES)}")
+        if expires_in is not None and expires_in <= timedelta(0):
+            raise ValueError("a token's lifetime must be positive")
+        plaintext = token or f"rfo_{secrets.token_urlsafe(32)}"
+        async with self._db.transaction() as conn:
+            await conn.execute(
+                "INSERT INTO api_tokens (user_name, roles, token_hash, expires_at)"
+                " VALUES (%s, %s, %s, now() + %s) ON CONFLICT (token_hash) DO NOTHING",
+                (user, sorted(set(roles)), hash_token(plaintext), expires_in))
+            await AuditLog.append(conn, None, by, "token_created",
+                                  {"user": user, "roles": sorted(set(roles)),
+                                   "expires_in_seconds": expires_in.total_seconds() if expires_in else None})
+        return plaintext
+
+    async def authenticate(self, token: str) -> Principal | None:
+        row = await self._db.fetch_one(
+            "SELECT user_name, roles FROM live_api_tokens WHERE token_hash = %s",
+            (hash_token(token),))
+        return Principal(row["user_name"], frozenset(row["roles"])) if row else None
+
+    async def tokens(self) -> list[TokenRow]:
+        """Every token with its owner, roles and state; a short hash prefix tells tokens
+        apart (it matches `token_fingerprint` in refusals) and never the secret itself."""
+        rows = await self._db.fetch_all(
+            "SELECT id, user_name, roles, created_at, revoked_at, expires_at,"
+            " substr(token_hash, 1, 12) AS fingerprint FROM api_tokens ORDER BY id")
+        return [TokenRow.from_row(row) for row in rows]
+
+    async def revoke_tokens(self, *, by: str, token_id: int | None = None,
+                            user: str | None = None) -> list[int]:
+        """Revokes one token, or every token of a user; their console sessions end in the
+        same transaction, so nothing made from them works a moment later."""
+        if (token_id is None) == (user is None):
+            raise ValueError("revoke either one token id or one user's tokens")
+        async with self._db.transaction() as conn:
+            cur = await conn.execute(
+                "UPDATE api_tokens SET revoked_at = now() WHERE revoked_at IS NULL"
+                " AND (id = %s OR user_name = %s) RETURNING id, user_name", (token_id, user))
+            revoked = list(await cur.fetchall())
+            ids = [int(r["id"]) for r in revoked]
+            if ids:
+                await conn.execute("UPDATE console_sessions SET ended_at = now()"
+                                   " WHERE token_id = ANY(%s) AND ended_at IS NULL", (ids,))
+                await AuditLog.append(conn, None, by, "token_revoked",
+                                      {"token_ids": ids, "users": sorted({r["user_name"] for r in revoked})})
+        return ids
+
+    async def open_session(self, token: str, lifetime: timedelta) -> str | None:
+        """Exchanges a valid API token for a console session; returns the session id (shown
+        once, to be put in a cookie; only its hash is stored), None for a bad token."""
+        session_id, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        async with self._db.transaction() as conn:
+            cur = await conn.execute(
+                "INSERT INTO console_sessions (session_hash, token_id, csrf_token, expires_at)"
+                " SELECT %s, id, %s, now() + %s FROM live_api_tokens"
+                " WHERE token_hash = %s RETURNING id, token_id",
+                (hash_token(session_id), csrf, lifetime, hash_token(token)))
+            made = await cur.fetchone()
+            if made is None:
+                return None
+            cur = await conn.execute("SELECT user_name, roles FROM api_tokens WHERE id = %s",
+                                     (made["token_id"],))
+            owner = await cur.fetchone()
+            assert owner is not None
+            await AuditLog.append(conn, None, owner["user_name"], "console_signed_in",
+                                  {"session": int(made["id"]), "token_id": int(made["token_id"])})
+        return session_id
+
+    async def session(self, session_id: str) -> ConsoleSession | None:
+        """The live session behind a cookie: not ended, not expired, its token not revoked."""
+        row = await self._db.fetch_one(
+            "SELECT s.id, s.csrf_token, t.user_name, t.roles FROM console_sessions s"
+            " JOIN live_api_tokens t ON t.id = s.token_id"
+            " WHERE s.session_hash = %s AND s.ended_at IS NULL AND s.expires_at > now()",
+            (hash_token(session_id),))
+        if row is None:
+            return None
+        return ConsoleSession(int(row["id"]), Principal(row["user_name"], frozenset(row["roles"])),
+                              row["csrf_token"])
+
+    async def end_session(self, session: ConsoleSession) -> None:
+        async with self._db.transaction() as conn:
+            await conn.execute("UPDATE console_sessions SET ended_at = now()"
+                               " WHERE id = %s AND ended_at IS NULL", (session.session_id,))
+            await AuditLog.append(conn, None, session.principal.user, "console_signed_out",
+                                  {"session": session.session_id})
+
+    async def link_identity(self, system: str, external_id: str, user: str) -> None:
+        async with self._db.transaction() as conn:
+            await conn.execute(
+                "INSERT INTO identity_links (system, external_id, user_name) VALUES (%s,%s,%s)"
+                " ON CONFLICT (system, external_id) DO UPDATE SET user_name = EXCLUDED.user_name",
+                (system, external_id, user))
+            await AuditLog.append(conn, None, "admin", "identity_linked",
+                                  {"system": system, "external_id": external_id, "user": user})
+
+    async def principal_for(self, system: str, external_id: str) -> Principal | None:
+        """The linked user with the roles of their live tokens; None if unlinked or role-less."""
+        row = await self._db.fetch_one(
+            "SELECT l.user_name, array_agg(DISTINCT r) AS roles FROM identity_links l"
+            " JOIN api_tokens t ON t.user_name = l.user_name AND t.revoked_at IS NULL,"
+            " unnest(t.roles) AS r WHERE l.system = %s AND l.external_id = %s"
+            " GROUP BY l.user_name", (system, external_id))
+        return Principal(row["user_name"], frozenset(row["roles"])) if row else None

@@ -1,0 +1,140 @@
+"""The audit log: per-case hash chains, written in the same transaction as the business
+rows they describe (rocket-rides' pattern), so the trail can never disagree with the state.
+
+Approval steps are also written to the `case_approvals` projection in that transaction:
+the approvals a case shows are read from there, never parsed back out of the trail.
+"""
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from adapters.db.database import Conn, Database
+from adapters.db.rows import ApprovalStep
+from domain.audit import GENESIS, canonical_detail, chain_hash, is_approval_step
+
+
+class AuditLog:
+    """Appends to the chains, reads a case's trail and verifies every chain."""
+
+    def __init__(self, database: Database) -> None:
+        self._db = database
+
+    @staticmethod
+    async def append(conn: Conn, case_id: str | None, actor: str, action: str,
+                     detail: dict[str, Any]) -> None:
+        """Appends to the case's hash chain inside the caller's transaction; the head row
+        lock serialises one chain only."""
+        chain = case_id or ""
+        # Two round trips, not four: the no-op upsert creates the head if needed and locks it.
+        cur = await conn.execute(
+            "INSERT INTO audit_heads (chain, seq, hash) VALUES (%s, 0, %s)"
+            " ON CONFLICT (chain) DO UPDATE SET chain = EXCLUDED.chain RETURNING seq, hash",
+            (chain, GENESIS))
+        head = await cur.fetchone()
+        assert head is not None
+        seq, occurred_at, stored = int(head["seq"]) + 1, datetime.now(UTC), canonical_detail(detail)
+        digest = chain_hash(head["hash"], chain=chain, seq=seq, refund_request_id=case_id,
+                            occurred_at=occurred_at, actor=actor, action=action, detail=stored)
+        await conn.execute(
+            "WITH appended AS (INSERT INTO audit_events (chain, seq, refund_request_id, occurred_at,"
+            " actor, action, detail, prev_hash, hash) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s))"
+            " UPDATE audit_heads SET seq = %s, hash = %s WHERE chain = %s",
+            (chain, seq, case_id, occurred_at, actor, action, Jsonb(stored), head["hash"], digest,
+             seq, digest, chain))
+        if is_approval_step(action):
+            # the same columns the migration's backfill reads out of older rows
+            await conn.execute(
+                "INSERT INTO case_approvals (chain, seq, approver, action, roles, reason, occurred_at)"
+                " VALUES (%s,%s,%s,%s,%s,%s,%s)",
+                (chain, seq, actor, action, [str(r) for r in stored.get("roles") or ()],
+                 str(stored.get("reason") or stored.get("refusal") or ""), occurred_at))
+
+    async def record(self, case_id: str | None, actor: str, action: str, detail: dict[str, Any]) -> None:
+        """`append` in a transaction of its own: an event with no business row beside it."""
+        async with self._db.transaction() as conn:
+            await self.append(conn, case_id, actor, action, detail)
+
+    async def trail(self, case_id: str) -> list[dict[str, Any]]:
+        return await self._db.fetch_all(
+            "SELECT id, seq, occurred_at, actor, action, detail, hash FROM audit_events"
+            " WHERE chain = %s ORDER BY seq", (case_id,))
+
+    async def approvals(self, case_ids: list[str]) -> dict[str, list[ApprovalStep]]:
+        """Every approval step per case, in chain order (the projection, not the trail)."""
+        steps: dict[str, list[ApprovalStep]] = {c: [] for c in case_ids}
+        async with self._db.connection() as conn:
+            cur = await conn.execute(
+                "SELECT chain, approver, action, roles, reason, occurred_at FROM case_approvals"
+                " WHERE chain = ANY(%s) ORDER BY chain, seq", (case_ids,))
+            for row in await cur.fetchall():
+                steps[row["chain"]].append(ApprovalStep(
+                    approver=row["approver"], action=row["action"], roles=frozenset(row["roles"]),
+                    reason=row["reason"], occurred_at=row["occurred_at"]))
+        return steps
+
+    async def approvals_of(self, case_id: str) -> list[ApprovalStep]:
+        return (await self.approvals([case_id]))[case_id]
+
+    async def heads(self) -> dict[str, tuple[int, str]]:
+        """Every chain's committed head (seq, hash): what the checkpoints record."""
+        async with self._db.connection() as conn:
+            return {r["chain"]: (int(r["seq"]), r["hash"]) for r in await (await conn.execute(
+                "SELECT chain, seq, hash FROM audit_heads")).fetchall()}
+
+    async def verify(
+            self, checkpoints: Mapping[str, Mapping[int, str]] | None = None) -> tuple[int, list[str]]:
+        """Recomputes every chain; returns rows checked and the problems found.
+
+        Heads and rows are read in one REPEATABLE READ snapshot, so appends committed while
+        it runs are not mistaken for deletions. `checkpoints` (chain -> {seq: hash}, recorded
+        outside the database) catch what the chain alone cannot: a tail cut off together with
+        a rewound head, or a chain rewritten from some row on."""
+        problems: list[str] = []
+        checked = 0
+        points = {chain: dict(marks) for chain, marks in (checkpoints or {}).items()}
+        async with self._db.connection() as conn:
+            await conn.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)
+            try:
+                async with conn.transaction():
+                    await conn.execute("SET TRANSACTION READ ONLY")
+                    heads = {r["chain"]: (int(r["seq"]), r["hash"]) for r in await (await conn.execute(
+                        "SELECT chain, seq, hash FROM audit_heads")).fetchall()}
+                    last: dict[str, tuple[int, str]] = {}
+                    async with conn.cursor(name="audit_verify") as cur:
+                        await cur.execute("SELECT * FROM audit_events ORDER BY chain, seq")
+                        async for row in cur:
+                            checked += 1
+                            chain = row["chain"]
+                            seq, prev = last.get(chain, (0, GENESIS))
+                            where = f"chain {chain or '(global)'} row {row['id']} (seq {row['seq']})"
+                            if row["seq"] != seq + 1:
+                                problems.append(f"{where}: expected seq {seq + 1}: a row is missing")
+                            if row["prev_hash"] != prev:
+                                problems.append(f"{where}: prev_hash does not match the row before")
+                            expected = chain_hash(row["prev_hash"], chain=chain, seq=row["seq"],
+                                                  refund_request_id=row["refund_request_id"],
+                                                  occurred_at=row["occurred_at"], actor=row["actor"],
+                                                  action=row["action"], detail=row["detail"])
+                            if row["hash"] != expected:
+                                problems.append(f"{where}: content does not match its hash (edited)")
+                            marked = points.get(chain, {}).pop(int(row["seq"]), None)
+                            if marked is not None and marked != row["hash"]:
+                                problems.append(f"{where}: differs from the checkpointed hash "
+                                                "(chain rewritten)")
+                            last[chain] = (int(row["seq"]), row["hash"])
+            finally:
+                await conn.set_isolation_level(None)
+        for chain, head in heads.items():
+            if last.get(chain, (0, GENESIS)) != head:
+                problems.append(f"chain {chain or '(global)'}: head is seq {head[0]} but the rows "
+                                f"end at seq {last.get(chain, (0, GENESIS))[0]}: rows were deleted")
+        for chain, missing in points.items():
+            if missing:
+                problems.append(f"chain {chain or '(global)'}: checkpointed seq {max(missing)} is gone "
+                                f"(head at seq {heads.get(chain, (0, ''))[0]}): the tail was cut "
+                                "and the head rewound")
+        return checked, problems

@@ -1,0 +1,454 @@
+"""Over 400 lines: the case's writes that share one transaction (reservation with the
+policy decision, submission intent with its event, ledger with notices and events) need the
+same charge lock and status helpers, so they stay with the case's repository.
+
+Refund cases and the reservations they hold on a charge: creation (once per request
+id), validation's reservation under the charge's lock, status changes, submission intent,
+the closed-workflow sweep, and the console's case search.
+
+Every change is written with its audit row in one transaction.
+"""
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from psycopg import sql
+
+from adapters.db.audit import AuditLog
+from adapters.db.database import Conn, Repository, jsonb
+from adapters.db.ledger import LedgerRepository
+from adapters.db.outbox import OutboxRepository
+from adapters.db.rows import CaseRow
+from adapters.db.sweep import idle_unswept, open_incident_run
+from domain.models import (
+    CLOSED_STATUSES,
+    CaseEventInput,
+    CaseStatus,
+    CaseWrites,
+    CaseWritten,
+    ChargeSnapshot,
+    NoticeInput,
+    PolicyDecision,
+    ProviderRefund,
+    RefundRequest,
+    ValidationResult,
+    Vetted,
+)
+from domain.reconciliation import BreakClass
+
+SETTLED_STATUSES = CLOSED_STATUSES | {CaseStatus.SUCCEEDED}
+"""Statuses no workflow moves any more; a case in any other one needs its workflow."""
+
+BANNER_STATUSES = ("refund_failed", "refund_canceled", "executed_ledger_pending", "ops_review")
+"""Cases a person must look at: money did not go back as the case once said it would."""
+
+
+def request_from_row(row: Mapping[str, Any]) -> RefundRequest:
+    """The request a stored case was made from."""
+    return RefundRequest(
+        refund_request_id=row["refund_request_id"], provider=row["provider"],
+        charge_id=row["charge_id"], amount=int(row["amount"]), currency=row["currency"],
+        merchant_account=row["merchant_account"], reason=row["reason"], evidence=row["evidence"],
+        source=row["source"], method=row["method"],
+        parent_refund_request_id=row["parent_refund_request_id"],
+        trigger_identities=tuple(row.get("trigger_identities") or ()))
+
+
+class CaseCreation(StrEnum):
+    CREATED = "created"
+    IDENTICAL = "identical"
+    CONFLICT = "conflict"
+
+
+@dataclass(frozen=True)
+class CaseFilter:
+    """What the cases list was asked for; amounts are minor units of `currency`."""
+
+    statuses: tuple[str, ...] = ()
+    provider: str | None = None
+    currency: str | None = None
+    min_amount: int | None = None
+    max_amount: int | None = None
+    older_than: timedelta | None = None
+    newer_than: timedelta | None = None
+    search: str | None = None
+    requester: str | None = None
+    limit: int = 200
+
+
+class CaseRepository(Repository):
+    """The `refund_cases` rows and the `charges` rows whose lock orders their reservations."""
+
+    async def create(self, request: RefundRequest, requester: str) -> tuple[CaseCreation, CaseRow]:
+        """Inserts the case once; a repeat is identical or a conflict, decided by params hash."""
+        async with self._db.transaction() as conn:
+            return await self.create_in(conn, request, requester)
+
+    @staticmethod
+    async def create_in(conn: Conn, request: RefundRequest, requester: str) -> tuple[CaseCreation, CaseRow]:
+        """`create` inside the caller's transaction (a webhook receipt and the case it opens)."""
+        params = request.params_hash()
+        cur = await conn.execute(
+            "INSERT INTO refund_cases (refund_request_id, provider, charge_id, amount, currency,"
+            " merchant_account, reason, evidence, source, requester, params_hash, status,"
+            " method, parent_refund_request_id, trigger_identities)"
+            " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+            " ON CONFLICT (refund_request_id) DO NOTHING RETURNING *",
+            (request.refund_request_id, request.provider, request.charge_id, request.amount,
+             request.currency, request.merchant_account, request.reason.value,
+             jsonb(request.evidence), request.source.value, requester, params,
+             CaseStatus.REQUESTED.value, request.method.value, request.parent_refund_request_id,
+             list(request.trigger_identities)),
+        )
+        row = await cur.fetchone()
+        if row is not None:
+            await AuditLog.append(conn, request.refund_request_id, requester, "request_received",
+                                  {"source": request.source.value, "params_hash": params,
+                                   "amount": request.amount, "currency": request.currency})
+            return CaseCreation.CREATED, CaseRow.from_row(row)
+        cur = await conn.execute(
+            "SELECT * FROM refund_cases WHERE refund_request_id = %s", (request.refund_request_id,))
+        existing = await cur.fetchone()
+        assert existing is not None
+        same = existing["params_hash"] == params
+        await AuditLog.append(conn, request.refund_request_id, requester,
+                              "request_repeated" if same else "request_conflict",
+                              {"source": request.source.value, "params_hash": params})
+        return (CaseCreation.IDENTICAL if same else CaseCreation.CONFLICT), CaseRow.from_row(existing)
+
+    async def get(self, case_id: str) -> CaseRow | None:
+        row = await self._db.fetch_one("SELECT * FROM refund_cases WHERE refund_request_id = %s", (case_id,))
+        return CaseRow.from_row(row) if row else None
+
+    async def by_provider_refund(self, provider: str, refund_id: str) -> CaseRow | None:
+        row = await self._db.fetch_one(
+            "SELECT * FROM refund_cases WHERE provider = %s AND provider_refund_id = %s",
+            (provider, refund_id))
+        return CaseRow.from_row(row) if row else None
+
+    async def open_tracking(self, case_id: str, refund: ProviderRefund,
+                            merchant_account: str | None, event_type: str) -> bool:
+        """Records a refund the provider made without us as a `tracking` case that holds its
+        amount against the charge (so later requests see less refundable). Once per id."""
+        async with self._db.transaction() as conn:
+            # Its hold is a reservation like any other: taken under the charge's lock.
+            await self._lock_charge(conn, refund.provider, refund.charge_id, refund.currency)
+            cur = await conn.execute(
+                "INSERT INTO refund_cases (refund_request_id, provider, charge_id, amount, currency,"
+                " merchant_account, reason, evidence, source, requester, params_hash, status,"
+                " reserved_amount, provider_refund_id, provider_status)"
+                " VALUES (%s,%s,%s,%s,%s,%s,'other','{}','webhook',%s,'',%s,%s,%s,%s)"
+                " ON CONFLICT (refund_request_id) DO NOTHING RETURNING refund_request_id",
+                (case_id, refund.provider, refund.charge_id, refund.amount, refund.currency,
+                 merchant_account or "", f"provider:{refund.provider}", CaseStatus.TRACKING.value,
+                 refund.amount, refund.refund_id, refund.status.value))
+            if await cur.fetchone() is None:
+                return False
+            await AuditLog.append(conn, case_id, f"provider:{refund.provider}", "tracking_opened",
+                                  {**refund.model_dump(mode="json"), "event_type": event_type})
+            return True
+
+    @staticmethod
+    async def _lock_charge(conn: Conn, provider: str, charge_id: str, currency: str,
+                           amount_captured: int | None = None) -> None:
+        """Locks the charge's row (created if new) for the transaction: every change to the
+        reservations held on a charge is made under it, so none is decided on a stale sum.
+        `amount_captured`, when known, is stored as the provider reported it."""
+        await conn.execute(
+            "INSERT INTO charges (provider, charge_id, currency, amount_captured)"
+            " VALUES (%s,%s,%s,%s) ON CONFLICT (provider, charge_id) DO UPDATE"
+            " SET amount_captured = coalesce(%s, charges.amount_captured), updated_at = now()",
+            (provider, charge_id, currency, amount_captured or 0, amount_captured))
+        await conn.execute(
+            "SELECT 1 FROM charges WHERE provider = %s AND charge_id = %s FOR UPDATE",
+            (provider, charge_id))
+
+    async def reserve(self, request: RefundRequest, charge: ChargeSnapshot) -> ValidationResult:
+        """Takes the case's reservation against the charge, atomically with every other
+        entry point: remaining = captured - all reservations held on the charge."""
+        async with self._db.transaction() as conn:
+            return await self._reserve_in(conn, request, charge)
+
+    @classmethod
+    async def _reserve_in(cls, conn: Conn, request: RefundRequest,
+                          charge: ChargeSnapshot) -> ValidationResult:
+        """`reserve` inside the caller's transaction."""
+        case_id = request.refund_request_id
+        await cls._lock_charge(conn, charge.provider, charge.charge_id, charge.currency,
+                                charge.amount_captured)
+        cur = await conn.execute(
+            "SELECT refund_request_id, reserved_amount FROM refund_cases"
+            " WHERE provider = %s AND charge_id = %s AND reserved_amount > 0",
+            (charge.provider, charge.charge_id))
+        holds = {r["refund_request_id"]: int(r["reserved_amount"]) for r in await cur.fetchall()}
+        prior = len([k for k in holds if k != case_id])
+        if case_id in holds:  # a retried activity: the reservation is already ours
+            remaining = charge.amount_captured - sum(holds.values()) + holds[case_id]
+            return ValidationResult(ok=True, remaining_before=remaining, prior_refund_count=prior,
+                                    amount_captured=charge.amount_captured,
+                                    dispute_count=charge.dispute_count)
+        # What the provider reports refunded is mostly held by our cases already (tracking
+        # cases included), so the larger of the two counts, never their sum.
+        remaining = charge.amount_captured - max(sum(holds.values()), charge.amount_refunded)
+        if request.amount > remaining:
+            result = ValidationResult(
+                ok=False, remaining_before=remaining, prior_refund_count=prior,
+                amount_captured=charge.amount_captured,
+                reason=f"amount {request.amount} exceeds remaining refundable {remaining}")
+            await cls._set_status(conn, case_id, CaseStatus.REJECTED)
+            await AuditLog.append(conn, case_id, "system", "validation_rejected", result.model_dump())
+            return result
+        await conn.execute(
+            "UPDATE refund_cases SET reserved_amount = %s, status = %s, updated_at = now()"
+            " WHERE refund_request_id = %s",
+            (request.amount, CaseStatus.VALIDATING.value, case_id))
+        result = ValidationResult(ok=True, remaining_before=remaining, prior_refund_count=prior,
+                                  amount_captured=charge.amount_captured,
+                                  dispute_count=charge.dispute_count)
+        await AuditLog.append(conn, case_id, "system", "validation_passed",
+                              {**result.model_dump(), "reserved": request.amount})
+        return result
+
+    async def reject(self, case_id: str, reason: str) -> None:
+        async with self._db.transaction() as conn:
+            await self._set_status(conn, case_id, CaseStatus.REJECTED, release=True)
+            await AuditLog.append(conn, case_id, "system", "validation_rejected", {"reason": reason})
+
+    async def prior_refunds(self, provider: str, charge_id: str, exclude: str) -> list[dict[str, Any]]:
+        """Refunds on the charge that hold money (reserved, pending or succeeded)."""
+        return await self._db.fetch_all(
+            "SELECT refund_request_id, amount, status FROM refund_cases"
+            " WHERE provider = %s AND charge_id = %s AND refund_request_id <> %s"
+            " AND reserved_amount > 0", (provider, charge_id, exclude))
+
+    @staticmethod
+    async def _set_status(conn: Conn, case_id: str, status: CaseStatus,
+                          release: bool = False) -> None:
+        await conn.execute(
+            "UPDATE refund_cases SET status = %s, updated_at = now(),"
+            " reserved_amount = CASE WHEN %s THEN 0 ELSE reserved_amount END"
+            " WHERE refund_request_id = %s", (status.value, release, case_id))
+
+    async def record_event(self, event: CaseEventInput) -> None:
+        async with self._db.transaction() as conn:
+            await self.record_event_in(conn, event)
+
+    @classmethod
+    async def record_event_in(cls, conn: Conn, event: CaseEventInput) -> None:
+        """`record_event` inside the caller's transaction."""
+        refund = event.provider_refund
+        if refund is not None:
+            await conn.execute(
+                "UPDATE refund_cases SET provider_refund_id = %s, provider_status = %s,"
+                " failure_reason = %s, updated_at = now() WHERE refund_request_id = %s",
+                (refund.refund_id, refund.status.value, refund.failure_reason,
+                 event.refund_request_id))
+        if event.status is not None:
+            await cls._set_status(conn, event.refund_request_id, event.status,
+                                   event.release_reservation)
+        await AuditLog.append(conn, event.refund_request_id, event.actor, event.action,
+                              {**event.detail, **({"status": event.status.value} if event.status else {}),
+                               **({"reservation_released": True} if event.release_reservation else {})})
+
+    async def idle_open(self, idle_seconds: float, limit: int,
+                        after: tuple[datetime, str] | None = None) -> list[CaseRow]:
+        """Cases whose workflow still has to move them, untouched for `idle_seconds` and not
+        swept yet (refunds the provider made without us are left to reconciliation), by last
+        update then id, from `after` on: what the closed-workflow sweep asks Temporal about."""
+        async with self._db.connection() as conn:
+            rows = await idle_unswept(
+                conn, table="refund_cases", key="refund_request_id",
+                still_open=sql.SQL("status <> ALL(%s) AND NOT (provider_refund_id IS NOT NULL"
+                                   " AND refund_request_id = provider || '-refund-' || provider_refund_id)"),
+                open_values=[s.value for s in SETTLED_STATUSES],
+                idle_seconds=idle_seconds, limit=limit, after=after)
+        return self._typed(rows)
+
+    async def sweep_closed(self, case_id: str, *, workflow_status: str, provider_holds: bool | None,
+                           found: ProviderRefund | None) -> bool:
+        """A case whose workflow closed while it was open, in one transaction: `ops_review`,
+        a reconciliation break for ops (its own completed run, `ops_review`, never dispatched
+        to a workflow), the audit row and the ops notice; the reservation is released only
+        when the provider certainly holds no refund (`provider_holds` False). False when the
+        case reached a final status meanwhile."""
+        async with self._db.transaction() as conn:
+            cur = await conn.execute("SELECT * FROM refund_cases WHERE refund_request_id = %s FOR UPDATE",
+                                     (case_id,))
+            row = await cur.fetchone()
+            if row is None or row["status"] in {s.value for s in SETTLED_STATUSES}:
+                return False
+            run_id = f"case-sweep-{case_id}"
+            await open_incident_run(conn, run_id, row["provider"], "case-sweep")
+            provider_status = found.status.value if found else row["provider_status"] or "none"
+            evidence = {"workflow_status": workflow_status, "case_status": row["status"],
+                        "reserved_amount": row["reserved_amount"], "provider_holds_refund": provider_holds,
+                        "provider_refund_id": found.refund_id if found else row["provider_refund_id"]}
+            cur = await conn.execute(
+                "INSERT INTO reconciliation_breaks (provider, object_id, break_class, refund_request_id,"
+                " chain, charge_id, amount, currency, provider_status, raw_status, failure_reason,"
+                " case_status, object_created_at, evidence, first_run_id, state)"
+                " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,'ops_review')"
+                " ON CONFLICT DO NOTHING RETURNING id",
+                (row["provider"], case_id, BreakClass.WORKFLOW_CLOSED.value, case_id, case_id,
+                 row["charge_id"], row["amount"], row["currency"], provider_status,
+                 found.raw_status if found else provider_status, row["failure_reason"], row["status"],
+                 row["created_at"], jsonb(evidence), run_id))
+            opened = await cur.fetchone()
+            release = provider_holds is False
+            await self._set_status(conn, case_id, CaseStatus.OPS_REVIEW, release=release)
+            detail = {**evidence, "break_id": opened["id"] if opened else None,
+                      **({"reservation_released": True} if release else {})}
+            await AuditLog.append(conn, case_id, "case-sweep", "workflow_closed_case_swept", detail)
+            await OutboxRepository.queue_in(conn, NoticeInput(
+                refund_request_id=case_id, kind="workflow_closed", audience="operator",
+                dedup_key=f"{case_id}:workflow_closed", detail=detail))
+            return True
+
+    async def record_decision(self, case_id: str, decision: dict[str, Any]) -> None:
+        async with self._db.transaction() as conn:
+            await conn.execute(
+                "UPDATE refund_cases SET decision = %s, updated_at = now() WHERE refund_request_id = %s",
+                (jsonb(decision), case_id))
+            await AuditLog.append(conn, case_id, "policy", "policy_decision", decision)
+
+    async def begin_submission(self, case_id: str, idempotency_key: str,
+                               event: CaseEventInput | None = None) -> bool:
+        """Records the intent to call the provider before the call (with the case's `event`,
+        `execution_started`, on the first attempt); returns True when an earlier attempt
+        already started, so the caller must look before it leaps."""
+        async with self._db.transaction() as conn:
+            cur = await conn.execute(
+                "SELECT submission_started_at FROM refund_cases WHERE refund_request_id = %s FOR UPDATE",
+                (case_id,))
+            row = await cur.fetchone()
+            started = row is not None and row["submission_started_at"] is not None
+            if not started and event is not None:
+                await self.record_event_in(conn, event)
+            if not started:
+                await conn.execute(
+                    "UPDATE refund_cases SET submission_started_at = now(), status = %s,"
+                    " updated_at = now() WHERE refund_request_id = %s",
+                    (CaseStatus.EXECUTING.value, case_id))
+            await AuditLog.append(conn, case_id, "system", "provider_submit_started",
+                                  {"idempotency_key": idempotency_key, "earlier_attempt": started})
+            return started
+
+    async def reserve_and_decide(
+            self, request: RefundRequest, charge: ChargeSnapshot,
+            decide: Callable[[ValidationResult, list[int]], PolicyDecision]) -> Vetted:
+        """Validation's reservation and, when it holds, the policy's decision with its audit
+        row, in one transaction. `decide` is the pure policy: it gets the validation and the
+        amounts of the charge's other refunds holding money. A retry finds both stored."""
+        case_id = request.refund_request_id
+        async with self._db.transaction() as conn:
+            validation = await self._reserve_in(conn, request, charge)
+            if not validation.ok:
+                return Vetted(validation=validation)
+            cur = await conn.execute(
+                "SELECT decision FROM refund_cases WHERE refund_request_id = %s", (case_id,))
+            row = await cur.fetchone()
+            if row is not None and row["decision"] is not None:
+                return Vetted(validation=validation, decision=PolicyDecision.model_validate(row["decision"]))
+            cur = await conn.execute(
+                "SELECT amount FROM refund_cases WHERE provider = %s AND charge_id = %s"
+                " AND refund_request_id <> %s AND reserved_amount > 0",
+                (request.provider, request.charge_id, case_id))
+            decision = decide(validation, [int(r["amount"]) for r in await cur.fetchall()])
+            stored = decision.model_dump(mode="json")
+            await conn.execute(
+                "UPDATE refund_cases SET decision = %s, updated_at = now() WHERE refund_request_id = %s",
+                (jsonb(stored), case_id))
+            await AuditLog.append(conn, case_id, "policy", "policy_decision", stored)
+            return Vetted(validation=validation, decision=decision)
+
+    async def write_case_steps(self, steps: CaseWrites) -> CaseWritten:
+        """A case step's writes in one transaction: the ledger posting (once per posting
+        key), then each notice (once per dedup key) and event (status and audit row) in
+        order."""
+        async with self._db.transaction() as conn:
+            posting = None
+            if steps.posting is not None:
+                await conn.execute("SET LOCAL lock_timeout = '5s'")  # fail fast, let Temporal retry
+                posting = await LedgerRepository.post_in(conn, steps.posting)
+            actions: list[str] = []
+            for write in steps.writes:
+                if write.notice is not None:
+                    await OutboxRepository.queue_in(conn, write.notice)
+                elif write.event is not None:
+                    await self.record_event_in(conn, write.event)
+                    actions.append(write.event.action)
+            return CaseWritten(posting=posting, posted=steps.posting.kind if steps.posting else None,
+                               actions=tuple(actions))
+
+    async def record_provider_refund(self, case_id: str, refund: ProviderRefund, action: str,
+                                     detail: dict[str, Any] | None = None) -> None:
+        """Stores what the provider reported for the case's refund, with its audit row."""
+        async with self._db.transaction() as conn:
+            await conn.execute(
+                "UPDATE refund_cases SET provider_refund_id = %s, provider_status = %s,"
+                " failure_reason = %s, updated_at = now() WHERE refund_request_id = %s",
+                (refund.refund_id, refund.status.value, refund.failure_reason, case_id))
+            await AuditLog.append(conn, case_id, f"provider:{refund.provider}", action,
+                                  {**refund.model_dump(mode="json"), **(detail or {})})
+
+    async def decisions_since(self, since: datetime) -> list[CaseRow]:
+        """Cases with a stored policy decision, newest last (for policy simulation)."""
+        return self._typed(await self._db.fetch_all(
+            "SELECT * FROM refund_cases WHERE decision IS NOT NULL AND created_at >= %s"
+            " ORDER BY created_at", (since,)))
+
+    async def children(self, case_id: str) -> list[CaseRow]:
+        return self._typed(await self._db.fetch_all(
+            "SELECT * FROM refund_cases WHERE parent_refund_request_id = %s ORDER BY created_at",
+            (case_id,)))
+
+    # -- the console's reads -------------------------------------------------------------
+
+    async def find(self, wanted: CaseFilter) -> list[CaseRow]:
+        """Newest first. `search` matches a refund request id, charge id, provider refund id or
+        a ticket's id or number exactly, or a refund request id by prefix."""
+        clauses: list[str] = []
+        params: list[Any] = []
+
+        def where(clause: str, *values: Any) -> None:
+            clauses.append(clause)
+            params.extend(values)
+
+        if wanted.statuses:
+            where("status = ANY(%s)", list(wanted.statuses))
+        if wanted.requester:
+            where("requester = %s", wanted.requester)
+        if wanted.provider:
+            where("provider = %s", wanted.provider)
+        if wanted.currency:
+            where("currency = %s", wanted.currency)
+        if wanted.min_amount is not None:
+            where("amount >= %s", wanted.min_amount)
+        if wanted.max_amount is not None:
+            where("amount <= %s", wanted.max_amount)
+        if wanted.older_than is not None:
+            where("created_at <= now() - %s", wanted.older_than)
+        if wanted.newer_than is not None:
+            where("created_at >= now() - %s", wanted.newer_than)
+        if wanted.search:
+            prefix = wanted.search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            where("(%s IN (refund_request_id, charge_id, provider_refund_id)"
+                  " OR refund_request_id LIKE %s OR refund_request_id IN (SELECT t.refund_request_id"
+                  " FROM case_tickets t WHERE %s IN (t.external_id, t.number)))",
+                  wanted.search, prefix, wanted.search)
+        query = "SELECT * FROM refund_cases"
+        if clauses:
+            query += " WHERE " + " AND ".join(clauses)
+        query += " ORDER BY created_at DESC, refund_request_id LIMIT %s"
+        return self._typed(await self._db.fetch_all(query, [*params, wanted.limit]))
+
+    async def providers(self) -> list[str]:
+        rows = await self._db.fetch_all("SELECT DISTINCT provider FROM refund_cases ORDER BY provider")
+        return [r["provider"] for r in rows]
+
+    @staticmethod
+    def _typed(rows: list[dict[str, Any]]) -> list[CaseRow]:
+        return [CaseRow.from_row(row) for row in rows]

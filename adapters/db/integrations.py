@@ -1,0 +1,93 @@
+"""The integrations' own rows: tickets per case and purpose, the advisor's advice and the
+refund histories it reads. Audit rows go into the case's chain in the same transaction as
+the row they describe."""
+
+from typing import Any
+
+from psycopg.types.json import Jsonb
+
+from adapters.db.audit import AuditLog
+from adapters.db.database import Repository
+from domain.advice import Advice
+
+
+class IntegrationRepository(Repository):
+    """Tickets per case and purpose, and the advice kept per case."""
+
+    async def ticket(self, case_id: str, system: str, purpose: str) -> dict[str, Any] | None:
+        return await self._db.fetch_one(
+            "SELECT * FROM case_tickets WHERE refund_request_id = %s AND system = %s"
+            " AND purpose = %s", (case_id, system, purpose))
+
+    async def save_ticket(self, case_id: str, system: str, purpose: str, *, external_id: str,
+                          number: str | None, url: str | None, actor: str = "system") -> dict[str, Any]:
+        """Stores the case's ticket once; a second save returns the first."""
+        async with self._db.transaction() as conn:
+            cur = await conn.execute(
+                "INSERT INTO case_tickets (refund_request_id, system, purpose, external_id, number, url)"
+                " VALUES (%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING RETURNING *",
+                (case_id, system, purpose, external_id, number, url))
+            row = await cur.fetchone()
+            if row is not None:
+                await AuditLog.append(conn, case_id, actor, "ticket_linked",
+                                      {"system": system, "purpose": purpose, "external_id": external_id,
+                                       "number": number, "url": url})
+                return row
+        found = await self.ticket(case_id, system, purpose)
+        assert found is not None
+        return found
+
+    async def case_for_ticket(self, system: str, external_id: str) -> str | None:
+        """The case whose refund-request ticket this is (approvals recorded on it count)."""
+        row = await self._db.fetch_one(
+            "SELECT refund_request_id FROM case_tickets WHERE system = %s AND external_id = %s"
+            " AND purpose = 'request'", (system, external_id))
+        return str(row["refund_request_id"]) if row else None
+
+    async def tickets(self, case_id: str) -> list[dict[str, Any]]:
+        return await self._db.fetch_all(
+            "SELECT system, purpose, external_id, number, url FROM case_tickets"
+            " WHERE refund_request_id = %s ORDER BY created_at", (case_id,))
+
+    async def charge_history(self, provider: str, charge_id: str, exclude: str) -> list[dict[str, Any]]:
+        """The charge's latest 50 other refunds, oldest first: the advisor's context stays
+        the same size however many refunds a charge (a platform's shared one) has seen."""
+        return await self._db.fetch_all(
+            "SELECT refund_request_id, amount, status FROM (SELECT refund_request_id, amount, status,"
+            " created_at FROM refund_cases"
+            " WHERE provider = %s AND charge_id = %s AND refund_request_id <> %s"
+            " ORDER BY created_at DESC LIMIT 50) latest ORDER BY created_at",
+            (provider, charge_id, exclude))
+
+    async def customer_history(self, customer_id: str, exclude: str) -> list[dict[str, Any]]:
+        return await self._db.fetch_all(
+            "SELECT refund_request_id, amount, status FROM refund_cases"
+            " WHERE evidence->>'customer_id' = %s AND refund_request_id <> %s"
+            " ORDER BY created_at LIMIT 50", (customer_id, exclude))
+
+    async def save_advice(self, case_id: str, *, source: str, advice: Advice | None, error: str | None,
+                          context_sha256: str) -> dict[str, Any]:
+        """Stores the case's first advice (or its absence); a retry keeps the first."""
+        async with self._db.transaction() as conn:
+            cur = await conn.execute(
+                "INSERT INTO case_advice (refund_request_id, source, advice, error, context_sha256)"
+                " VALUES (%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING RETURNING *",
+                (case_id, source, Jsonb(advice.model_dump(mode="json")) if advice else None, error,
+                 context_sha256))
+            row = await cur.fetchone()
+            if row is not None:
+                detail: dict[str, Any] = {"source": source, "context_sha256": context_sha256}
+                if advice is None:
+                    await AuditLog.append(conn, case_id, "advisor", "advice_unavailable",
+                                          {**detail, "error": error})
+                else:
+                    await AuditLog.append(conn, case_id, "advisor", "advice_recorded",
+                                          {**detail, "suggested_amount": advice.suggested_amount,
+                                           "anomaly_flags": list(advice.anomaly_flags)})
+                return row
+        found = await self.advice(case_id)
+        assert found is not None
+        return found
+
+    async def advice(self, case_id: str) -> dict[str, Any] | None:
+        return await self._db.fetch_one("SELECT * FROM case_advice WHERE refund_request_id = %s", (case_id,))

@@ -1,0 +1,99 @@
+"""The notice outbox: notices queued once per dedup key with the change that raised them,
+and their delivery per channel (claimed before sending, so a crash mid-send is never sent
+twice but marked uncertain)."""
+
+from typing import Any
+
+from adapters.db.audit import AuditLog
+from adapters.db.database import Conn, Repository, jsonb
+from adapters.db.rows import NoticeRow
+from domain.models import NoticeInput
+
+
+class OutboxRepository(Repository):
+    """The `notices` rows and their `notice_deliveries` per channel."""
+
+    async def queue(self, notice: NoticeInput) -> bool:
+        """Puts a notice in the outbox once per dedup key; returns whether it is new."""
+        async with self._db.transaction() as conn:
+            return await OutboxRepository.queue_in(conn, notice)
+
+    @staticmethod
+    async def queue_in(conn: Conn, notice: NoticeInput) -> bool:
+        """`queue` inside the caller's transaction."""
+        cur = await conn.execute(
+            "INSERT INTO notices (dedup_key, refund_request_id, kind, audience, detail)"
+            " VALUES (%s,%s,%s,%s,%s) ON CONFLICT (dedup_key) DO NOTHING RETURNING id",
+            (notice.dedup_key, notice.refund_request_id, notice.kind, notice.audience,
+             jsonb(notice.detail)))
+        if await cur.fetchone() is None:
+            return False
+        await AuditLog.append(conn, notice.refund_request_id, "system", "notice_queued",
+                              {"kind": notice.kind, "audience": notice.audience})
+        return True
+
+    async def notices(self, case_id: str) -> list[NoticeRow]:
+        """A case's notices, oldest first."""
+        rows = await self._db.fetch_all(
+            "SELECT kind, audience, detail, delivered_at FROM notices"
+            " WHERE refund_request_id = %s ORDER BY id", (case_id,))
+        return [NoticeRow.from_row(row) for row in rows]
+
+    async def notice(self, dedup_key: str) -> dict[str, Any] | None:
+        return await self._db.fetch_one("SELECT * FROM notices WHERE dedup_key = %s", (dedup_key,))
+
+    async def claim_delivery(self, notice_id: int, case_id: str | None, channel: str) -> bool:
+        """Claims the right to send before sending. A claim still 'sending' means an earlier
+        attempt may have sent: it becomes 'uncertain' and is never sent again."""
+        async with self._db.transaction() as conn:
+            cur = await conn.execute(
+                "INSERT INTO notice_deliveries (notice_id, channel, status) VALUES (%s,%s,'sending')"
+                " ON CONFLICT (notice_id, channel) DO UPDATE SET status = 'sending',"
+                " attempts = notice_deliveries.attempts + 1, claimed_at = now()"
+                " WHERE notice_deliveries.status = 'failed' RETURNING attempts", (notice_id, channel))
+            if await cur.fetchone() is not None:
+                return True
+            cur = await conn.execute(
+                "UPDATE notice_deliveries SET status = 'uncertain',"
+                " last_error = 'an earlier attempt stopped while sending'"
+                " WHERE notice_id = %s AND channel = %s AND status = 'sending' RETURNING notice_id",
+                (notice_id, channel))
+            if await cur.fetchone() is not None:
+                await AuditLog.append(conn, case_id, "system", "notice_delivery_uncertain",
+                                      {"notice_id": notice_id, "channel": channel})
+            return False
+
+    async def finish_delivery(self, notice_id: int, case_id: str | None, channel: str, status: str, *,
+                              external_id: str | None = None, error: str | None = None) -> None:
+        async with self._db.transaction() as conn:
+            await conn.execute(
+                "UPDATE notice_deliveries SET status = %s, external_id = %s, last_error = %s,"
+                " delivered_at = CASE WHEN %s = 'delivered' THEN now() END"
+                " WHERE notice_id = %s AND channel = %s",
+                (status, external_id, error, status, notice_id, channel))
+            action = {"delivered": "notice_delivered", "failed": "notice_delivery_failed"}.get(
+                status, "notice_delivery_uncertain")
+            await AuditLog.append(conn, case_id, "system", action,
+                                  {"notice_id": notice_id, "channel": channel, "external_id": external_id,
+                                   **({"error": error} if error else {})})
+
+    async def mark_delivered(self, notice_id: int) -> None:
+        await self._db.execute("UPDATE notices SET delivered_at = now() WHERE id = %s"
+                               " AND delivered_at IS NULL", (notice_id,))
+
+    async def deliveries(self, case_id: str) -> list[dict[str, Any]]:
+        return await self._db.fetch_all(
+            "SELECT n.kind, n.audience, d.channel, d.status, d.attempts, d.external_id,"
+            " d.last_error FROM notice_deliveries d JOIN notices n ON n.id = d.notice_id"
+            " WHERE n.refund_request_id = %s ORDER BY n.id, d.channel", (case_id,))
+
+    async def claim_unswept(self, older_than_seconds: float, limit: int) -> list[str]:
+        """Undelivered notices nobody has swept, oldest first, claimed for this sweep (each
+        is swept once; SKIP LOCKED lets several workers sweep side by side)."""
+        rows = await self._db.fetch_all(
+            "UPDATE notices SET swept_at = now() WHERE id IN (SELECT id FROM notices"
+            " WHERE delivered_at IS NULL AND swept_at IS NULL"
+            " AND created_at < now() - make_interval(secs => %s)"
+            " ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING dedup_key",
+            (older_than_seconds, limit))
+        return [r["dedup_key"] for r in rows]

@@ -1,0 +1,391 @@
+"""Payouts: internal payouts, payout exception cases, beneficiary holds, and the case's
+runbook steps (hold, compensating entry, ticket, reissue). Every row lands in the same
+transaction as the audit row that describes it, through the audit log, ledger and outbox
+writers.
+"""
+
+from datetime import datetime
+from typing import Any, Literal
+
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from adapters.db.audit import AuditLog
+from adapters.db.database import Conn, Repository, jsonb
+from adapters.db.ledger import LedgerRepository
+from adapters.db.outbox import OutboxRepository
+from adapters.db.rows import PayoutCaseRow
+from adapters.db.sweep import idle_unswept, open_incident_run
+from domain.audit import canonical_detail
+from domain.integrations import ticket_purpose
+from domain.models import LedgerInput, LedgerKind, LedgerResult, NoticeInput
+from domain.payouts import (
+    OPEN_STATUSES,
+    Admission,
+    AdmitResult,
+    HoldResult,
+    PayoutCaseEventInput,
+    PayoutCaseStatus,
+    PayoutEvent,
+    PayoutRegistration,
+    PayoutSnapshot,
+    PayoutStatus,
+    ProviderPayout,
+    ReleaseResult,
+    admit,
+    left_open,
+    payout_case_id,
+)
+from domain.reconciliation import BreakClass
+
+TICKET_KIND = "payout_exception_ticket"
+"""The notice kind that opens and updates a payout case's ticket."""
+
+
+class HoldReleased(RuntimeError):
+    """The hold this posting depends on was rolled back: the compensating entry must not land."""
+
+
+def snapshot(row: dict[str, Any]) -> PayoutSnapshot:
+    return PayoutSnapshot(
+        id=row["id"], provider=row["provider"], provider_payout_id=row["provider_payout_id"],
+        beneficiary_id=row["beneficiary_id"], amount=int(row["amount"]), currency=row["currency"],
+        status=row["status"], held_from_status=row["held_from_status"], reissue_of=row["reissue_of"])
+
+
+ADMISSION_ACTIONS = {
+    Admission.OPEN: "payout_exception_opened",
+    Admission.JOIN: "payout_event_joined",
+    Admission.ALREADY_HANDLED: "payout_already_handled",
+    Admission.STALE: "payout_status_stale_ignored",
+    Admission.SAME: "payout_status_unchanged",
+}
+
+
+class PayoutRepository(Repository):
+    """Payouts, payout cases and beneficiary holds, fenced by the case row's lock."""
+
+    async def record_payout(self, payout: PayoutSnapshot) -> bool:
+        """What the internal payments system writes when it pays out; once per id."""
+        async with self._db.transaction() as conn:
+            return await self._insert_payout(conn, payout)
+
+    async def register_payout(self, registration: PayoutRegistration,
+                              actor: str) -> tuple[PayoutSnapshot | None, bool]:
+        """Books a registered payout once, with its audit row on the case chain its failure
+        would open (so the case's timeline starts with it). Returns the booked payout (None
+        when the id or the provider's payout id is already booked with other data) and
+        whether this call booked it (False: the same registration again, a no-op)."""
+        payout = registration.snapshot()
+        case_id = payout_case_id(payout.provider, payout.provider_payout_id)
+        async with self._db.transaction() as conn:
+            if await self._insert_payout(conn, payout):
+                await AuditLog.append(conn, case_id, actor, "payout_registered",
+                                      registration.model_dump(mode="json"))
+                return payout, True
+        booked = (await self.payout(payout.id)
+                  or await self.payout_at_provider(payout.provider, payout.provider_payout_id))
+        return (booked if booked is not None and registration.matches(booked) else None), False
+
+    async def payouts(self, limit: int) -> list[PayoutSnapshot]:
+        """The most recently booked payouts, newest first."""
+        rows = await self._db.fetch_all(
+            "SELECT * FROM payouts ORDER BY created_at DESC, id LIMIT %s", (limit,))
+        return [snapshot(row) for row in rows]
+
+    @staticmethod
+    async def _insert_payout(conn: Conn, payout: PayoutSnapshot) -> bool:
+        cur = await conn.execute(
+            "INSERT INTO payouts (id, provider, provider_payout_id, beneficiary_id, amount,"
+            " currency, status, held_from_status, reissue_of) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+            " ON CONFLICT DO NOTHING RETURNING id",
+            (payout.id, payout.provider, payout.provider_payout_id, payout.beneficiary_id,
+             payout.amount, payout.currency, payout.status.value,
+             payout.held_from_status.value if payout.held_from_status else None, payout.reissue_of))
+        return await cur.fetchone() is not None
+
+    async def payout(self, payout_id: str) -> PayoutSnapshot | None:
+        row = await self._db.fetch_one("SELECT * FROM payouts WHERE id = %s", (payout_id,))
+        return snapshot(row) if row else None
+
+    async def payout_at_provider(self, provider: str, provider_payout_id: str) -> PayoutSnapshot | None:
+        row = await self._db.fetch_one(
+            "SELECT * FROM payouts WHERE provider = %s AND provider_payout_id = %s",
+            (provider, provider_payout_id))
+        return snapshot(row) if row else None
+
+    async def case(self, case_id: str) -> PayoutCaseRow | None:
+        row = await self._db.fetch_one("SELECT * FROM payout_cases WHERE case_id = %s", (case_id,))
+        return PayoutCaseRow.from_row(row) if row else None
+
+    async def cases(self, limit: int, status: str | None = None) -> list[dict[str, Any]]:
+        """Payout exception cases with their payout, most recently updated first."""
+        return await self._db.fetch_all(
+            "SELECT c.case_id, c.status, c.reported_status, c.failure_code, c.ticket_ref,"
+            " c.decision->'decision'->>'tier' AS tier, c.created_at, c.updated_at, p.id AS payout_id,"
+            " p.provider, p.provider_payout_id, p.beneficiary_id, p.amount, p.currency,"
+            " p.status AS payout_status FROM payout_cases c JOIN payouts p ON p.id = c.payout_id"
+            " WHERE %(status)s::text IS NULL OR c.status = %(status)s"
+            " ORDER BY c.updated_at DESC, c.case_id LIMIT %(limit)s", {"status": status, "limit": limit})
+
+    async def beneficiary_holds(self, beneficiary_id: str) -> list[dict[str, Any]]:
+        """Every hold on the beneficiary, active ones with `released_at` None."""
+        return await self._db.fetch_all(
+            "SELECT case_id, placed_at, released_at FROM beneficiary_holds"
+            " WHERE beneficiary_id = %s ORDER BY placed_at", (beneficiary_id,))
+
+    # -- the case ---------------------------------------------------------------------
+
+    async def admit(self, case_id: str, event: PayoutEvent, *, case_open: bool) -> AdmitResult:
+        """The internal-state gate for one event: reads the payout under lock, applies
+        `domain.payouts.admit`, opens the case row on the first failure, and audits the
+        validation (idempotency key, payout found, its status, open case)."""
+        async with self._db.transaction() as conn:
+            row = await (await conn.execute(
+                "SELECT * FROM payouts WHERE provider = %s AND provider_payout_id = %s FOR UPDATE",
+                (event.provider, event.payout.payout_id))).fetchone()
+            if row is None:
+                raise LookupError(f"no internal payout for {event.provider} {event.payout.payout_id}")
+            payout = snapshot(row)
+            admission = admit(payout.status, event.payout.status, case_open=case_open)
+            if admission is Admission.OPEN:
+                await conn.execute(
+                    "INSERT INTO payout_cases (case_id, payout_id, status, reported_status, failure_code)"
+                    " VALUES (%s,%s,%s,%s,%s) ON CONFLICT (case_id) DO NOTHING",
+                    (case_id, payout.id, PayoutCaseStatus.OPENING.value, event.payout.status.value,
+                     event.payout.failure_code))
+            await AuditLog.append(conn, case_id, "workflow", ADMISSION_ACTIONS[admission], {
+                "event_id": event.event_id, "event_type": event.event_type,
+                "idempotency_key": event.idempotency_key(), "reported": event.payout.raw_status,
+                "failure_code": event.payout.failure_code, "payout_exists": True,
+                "internal_status": payout.status.value, "open_case": case_open})
+            return AdmitResult(admission=admission, payout=payout)
+
+    async def record_event(self, event: PayoutCaseEventInput) -> None:
+        async with self._db.transaction() as conn:
+            if event.status is not None:
+                await conn.execute("UPDATE payout_cases SET status = %s, updated_at = now()"
+                                   " WHERE case_id = %s", (event.status.value, event.case_id))
+            status = {"status": event.status.value} if event.status else {}
+            await AuditLog.append(conn, event.case_id, event.actor, event.action, {**event.detail, **status})
+
+    async def record_case_field(self, case_id: str, field: Literal["decision", "recommendation"],
+                                value: dict[str, Any], action: str, actor: str) -> None:
+        """Stores the decision or the recommendation with its audit row."""
+        async with self._db.transaction() as conn:
+            await conn.execute(
+                sql.SQL("UPDATE payout_cases SET {} = %s, updated_at = now() WHERE case_id = %s")
+                .format(sql.Identifier(field)), (Jsonb(canonical_detail(value)), case_id))
+            await AuditLog.append(conn, case_id, actor, action, value)
+
+    # -- the closed-workflow sweep -------------------------------------------------------
+
+    async def idle_open(self, idle_seconds: float, limit: int,
+                        after: tuple[datetime, str] | None = None) -> list[dict[str, Any]]:
+        """Payout cases only their workflow moves on, untouched for `idle_seconds` and not
+        swept yet, by last update then id, from `after` on (like `CaseRepository.idle_open`)."""
+        async with self._db.connection() as conn:
+            return await idle_unswept(
+                conn, table="payout_cases", key="case_id", still_open=sql.SQL("status = ANY(%s)"),
+                open_values=[s.value for s in OPEN_STATUSES],
+                idle_seconds=idle_seconds, limit=limit, after=after)
+
+    async def sweep_closed(self, case_id: str, *, workflow_status: str) -> bool:
+        """A payout case whose workflow ended while it was open, in one transaction:
+        `ops_review`, a reconciliation break for ops (never dispatched), the audit row and
+        the payments-ops notice. Holds, the payout's status and the ledger stay as they are:
+        a hold is money state, and only ops release it. False when the case was not open."""
+        async with self._db.transaction() as conn:
+            row = await (await conn.execute(
+                "SELECT c.*, p.provider, p.provider_payout_id, p.beneficiary_id, p.amount, p.currency,"
+                " p.status AS payout_status FROM payout_cases c JOIN payouts p ON p.id = c.payout_id"
+                " WHERE c.case_id = %s FOR UPDATE OF c", (case_id,))).fetchone()
+            if row is None or not left_open(PayoutCaseStatus(row["status"]), workflow_status):
+                return False
+            run_id = f"case-sweep-{case_id}"
+            await open_incident_run(conn, run_id, row["provider"], "case-sweep")
+            held = await (await conn.execute(
+                "SELECT count(*) AS n FROM beneficiary_holds WHERE case_id = %s AND released_at IS NULL",
+                (case_id,))).fetchone()
+            evidence = {"workflow_status": workflow_status, "case_status": row["status"],
+                        "payout_id": row["payout_id"], "payout_status": row["payout_status"],
+                        "beneficiary_id": row["beneficiary_id"], "beneficiary_held": bool(held and held["n"]),
+                        "compensating_entry_posted": row["reversal_entry_id"] is not None}
+            opened = await (await conn.execute(
+                "INSERT INTO reconciliation_breaks (provider, object_kind, object_id, break_class,"
+                " refund_request_id, chain, charge_id, amount, currency, provider_status, raw_status,"
+                " failure_reason, case_status, object_created_at, evidence, first_run_id, state)"
+                " VALUES (%s,'payout',%s,%s,%s,%s,'',%s,%s,%s,%s,%s,%s,%s,%s,%s,'ops_review')"
+                " ON CONFLICT DO NOTHING RETURNING id",
+                (row["provider"], case_id, BreakClass.WORKFLOW_CLOSED.value, case_id, case_id,
+                 row["amount"], row["currency"], row["reported_status"], row["reported_status"],
+                 row["failure_code"], row["status"], row["created_at"], jsonb(evidence), run_id))).fetchone()
+            await conn.execute("UPDATE payout_cases SET status = %s, updated_at = now() WHERE case_id = %s",
+                               (PayoutCaseStatus.OPS_REVIEW.value, case_id))
+            detail = {**evidence, "break_id": opened["id"] if opened else None,
+                      "status": PayoutCaseStatus.OPS_REVIEW.value}
+            await AuditLog.append(conn, case_id, "case-sweep", "workflow_closed_case_swept", detail)
+            await OutboxRepository.queue_in(conn, NoticeInput(
+                refund_request_id=case_id, kind="workflow_closed", audience="payments_ops",
+                dedup_key=f"{case_id}:workflow_closed", detail={
+                    **detail, "amount": row["amount"], "currency": row["currency"]}))
+            return True
+
+    # -- the runbook --------------------------------------------------------------------
+
+    async def hold(self, case_id: str, payout_id: str, *, hold_beneficiary: bool) -> HoldResult:
+        """Step A: the payout goes on hold (remembering its status) and, when asked, the
+        beneficiary's further payouts too. A repeat finds the hold and changes nothing."""
+        async with self._db.transaction() as conn:
+            row = await (await conn.execute("SELECT * FROM payouts WHERE id = %s FOR UPDATE",
+                                            (payout_id,))).fetchone()
+            assert row is not None
+            payout = snapshot(row)
+            newly = payout.status is not PayoutStatus.ON_HOLD
+            if newly:
+                await conn.execute("UPDATE payouts SET status = 'on_hold', held_from_status = status,"
+                                   " updated_at = now() WHERE id = %s", (payout_id,))
+            beneficiary_newly = False
+            if hold_beneficiary:
+                cur = await conn.execute(
+                    "INSERT INTO beneficiary_holds (beneficiary_id, case_id) VALUES (%s,%s)"
+                    " ON CONFLICT DO NOTHING RETURNING case_id", (payout.beneficiary_id, case_id))
+                beneficiary_newly = await cur.fetchone() is not None
+            held_from = payout.status if newly else payout.held_from_status
+            assert held_from is not None
+            if newly or beneficiary_newly:
+                await AuditLog.append(conn, case_id, "system", "payout_held", {
+                    "payout_id": payout_id, "held_from": held_from.value,
+                    "beneficiary_id": payout.beneficiary_id, "beneficiary_held": hold_beneficiary})
+            return HoldResult(held_from=held_from, newly_held=newly, beneficiary_held=hold_beneficiary)
+
+    async def post_reversal(self, case_id: str, payout: PayoutSnapshot) -> LedgerResult:
+        """Step B, fenced by the case row: the entry lands only while the payout is still on
+        hold, and the case row records it in the same transaction (see `release_hold`)."""
+        async with self._db.transaction() as conn:
+            await conn.execute("SET LOCAL lock_timeout = '5s'")  # fail fast, let Temporal retry
+            await conn.execute("SELECT 1 FROM payout_cases WHERE case_id = %s FOR UPDATE", (case_id,))
+            status = await self._status(conn, payout.id)
+            if status is not PayoutStatus.ON_HOLD:
+                raise HoldReleased(f"payout {payout.id} is {status.value}, no longer on hold")
+            result = await LedgerRepository.post_in(conn, LedgerInput(
+                refund_request_id=case_id, kind=LedgerKind.PAYOUT_REVERSED, amount=payout.amount,
+                currency=payout.currency, provider_refund_id=payout.provider_payout_id))
+            await conn.execute("UPDATE payout_cases SET reversal_entry_id = %s, updated_at = now()"
+                               " WHERE case_id = %s", (result.entry_id, case_id))
+            return result
+
+    async def release_hold(self, case_id: str, payout_id: str) -> ReleaseResult:
+        """The rollback after step B failed: the payout returns to the status it was held
+        from and the case's beneficiary holds end. Under the case row's lock, so a posting
+        still in flight either landed first (then the hold stays) or can no longer land."""
+        async with self._db.transaction() as conn:
+            case = await (await conn.execute(
+                "SELECT reversal_entry_id FROM payout_cases WHERE case_id = %s FOR UPDATE",
+                (case_id,))).fetchone()
+            assert case is not None
+            if case["reversal_entry_id"] is not None:
+                await AuditLog.append(conn, case_id, "system", "payout_hold_kept",
+                                      {"reason": "the compensating entry was posted after all",
+                                       "entry_id": case["reversal_entry_id"]})
+                return ReleaseResult(rolled_back=False, posted=True)
+            cur = await conn.execute(
+                "UPDATE payouts SET status = held_from_status, held_from_status = NULL, updated_at = now()"
+                " WHERE id = %s AND status = 'on_hold' RETURNING status", (payout_id,))
+            restored = await cur.fetchone()
+            cur = await conn.execute("UPDATE beneficiary_holds SET released_at = now()"
+                                     " WHERE case_id = %s AND released_at IS NULL RETURNING beneficiary_id",
+                                     (case_id,))
+            released = [r["beneficiary_id"] for r in await cur.fetchall()]
+            status = PayoutStatus(restored["status"]) if restored else None
+            await AuditLog.append(conn, case_id, "system", "payout_hold_rolled_back",
+                                  {"payout_id": payout_id, "restored": status.value if status else None,
+                                   "beneficiary_holds_released": released})
+            return ReleaseResult(rolled_back=True, posted=False, restored=status)
+
+    async def open_ticket(self, case_id: str, occasion: str, priority: str,
+                          detail: dict[str, Any]) -> tuple[str, bool, str]:
+        """Step C: the case's ticket reference (a placeholder until a ticketing system
+        answers) and the outbox notice (kind `payout_exception_ticket`) that files it, once
+        per occasion; the first occasion opens the ticket, later ones update it. Returns
+        the reference, whether the notice is new, and its dedup key."""
+        async with self._db.transaction() as conn:
+            row = await (await conn.execute(
+                "SELECT ticket_ref FROM payout_cases WHERE case_id = %s FOR UPDATE", (case_id,))).fetchone()
+            assert row is not None
+            ref, opening = row["ticket_ref"] or f"pending:{case_id}", row["ticket_ref"] is None
+            if opening:
+                await conn.execute("UPDATE payout_cases SET ticket_ref = %s, updated_at = now()"
+                                   " WHERE case_id = %s", (ref, case_id))
+            notice = NoticeInput(
+                refund_request_id=case_id, kind=TICKET_KIND, audience="ticketing",
+                dedup_key=f"{case_id}:{TICKET_KIND}:{occasion}",
+                detail={**detail, "ticket_ref": ref, "action": "open" if opening else "update",
+                        "priority": priority, "occasion": occasion})
+            queued = await OutboxRepository.queue_in(conn, notice)
+            if queued:
+                action = "ticket_opened" if opening else "ticket_updated"
+                await AuditLog.append(conn, case_id, "system", action,
+                                      {"ticket_ref": ref, "placeholder": True, "priority": priority,
+                                       "occasion": occasion})
+            return ref, queued, notice.dedup_key
+
+    async def link_ticket(self, case_id: str, occasion: str) -> tuple[str, bool]:
+        """Records on the case the tickets the ticketing systems filed for it (ServiceNow
+        and Jira, as `case_tickets` holds them), replacing the placeholder. Returns the
+        reference and whether any system has filed it. Idempotent: an unchanged reference
+        is not recorded again."""
+        purpose = ticket_purpose("incident", TICKET_KIND)
+        async with self._db.transaction() as conn:
+            row = await (await conn.execute(
+                "SELECT ticket_ref FROM payout_cases WHERE case_id = %s FOR UPDATE", (case_id,))).fetchone()
+            assert row is not None
+            cur = await conn.execute(
+                "SELECT system, external_id, number, url FROM case_tickets WHERE refund_request_id = %s"
+                " AND purpose = %s ORDER BY system", (case_id, purpose))
+            tickets = list(await cur.fetchall())
+            if not tickets:
+                return str(row["ticket_ref"]), False
+            ref = "; ".join(f"{t['system']} {t['number'] or t['external_id']}" for t in tickets)
+            if ref != row["ticket_ref"]:
+                await conn.execute("UPDATE payout_cases SET ticket_ref = %s, updated_at = now()"
+                                   " WHERE case_id = %s", (ref, case_id))
+                await AuditLog.append(conn, case_id, "system", "ticket_ref_recorded", {
+                    "ticket_ref": ref, "occasion": occasion,
+                    "tickets": [{"system": t["system"], "number": t["number"], "url": t["url"]}
+                                for t in tickets]})
+            return ref, True
+
+    async def record_reissue(self, case_id: str, original: PayoutSnapshot, made: ProviderPayout,
+                             final: PayoutStatus) -> PayoutSnapshot:
+        """The reissue in our books, once (a unique index allows one per payout): the new
+        payout is paid, the original ends failed or reversed, the case's beneficiary holds
+        end (approving the reissue is the verification they waited for)."""
+        reissue = PayoutSnapshot(
+            id=original.reissue_id(), provider=made.provider, provider_payout_id=made.payout_id,
+            beneficiary_id=original.beneficiary_id, amount=made.amount, currency=made.currency,
+            status=PayoutStatus.PAID, reissue_of=original.id)
+        async with self._db.transaction() as conn:
+            cur = await conn.execute(
+                "INSERT INTO payouts (id, provider, provider_payout_id, beneficiary_id, amount, currency,"
+                " status, reissue_of) VALUES (%s,%s,%s,%s,%s,%s,'paid',%s) ON CONFLICT (id) DO NOTHING"
+                " RETURNING id", (reissue.id, reissue.provider, reissue.provider_payout_id,
+                                  reissue.beneficiary_id, reissue.amount, reissue.currency, original.id))
+            if await cur.fetchone() is not None:
+                await conn.execute(
+                    "UPDATE payouts SET status = %s, held_from_status = NULL, updated_at = now()"
+                    " WHERE id = %s AND status = 'on_hold'", (final.value, original.id))
+                await conn.execute("UPDATE beneficiary_holds SET released_at = now()"
+                                   " WHERE case_id = %s AND released_at IS NULL", (case_id,))
+                await AuditLog.append(conn, case_id, f"provider:{made.provider}", "payout_reissued", {
+                    "reissue_id": reissue.id, "provider_payout_id": made.payout_id,
+                    "amount": made.amount, "currency": made.currency, "original_final_status": final.value})
+        found = await self.payout(reissue.id)
+        assert found is not None
+        return found
+
+    @staticmethod
+    async def _status(conn: Conn, payout_id: str) -> PayoutStatus:
+        row = await (await conn.execute("SELECT status FROM payouts WHERE id = %s", (payout_id,))).fetchone()
+        assert row is not None
+        return PayoutStatus(row["status"])

@@ -1,0 +1,208 @@
+"""Webhook receipts: every delivery stored (accepted ones gated once per provider event
+id), marked processed, pruned when refused without proof of origin; and the reads behind
+replay, re-drive and the coverage report."""
+
+import logging
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import psycopg
+
+from adapters.db.cases import CaseCreation, CaseRepository
+from adapters.db.database import Repository, jsonb
+from adapters.db.rows import ReceiptRow
+from domain.models import RefundRequest
+
+log = logging.getLogger("store")
+
+
+@dataclass(frozen=True)
+class StoredReceipt:
+    """Where a delivery landed; a duplicate of an unprocessed first receipt must re-drive it."""
+
+    receipt_id: int
+    verdict: str
+    first_receipt_id: int | None
+    first_processed: bool = True
+    case_creation: CaseCreation | None = None
+    """Set when the first delivery of a refund request opened (or met) its case in the
+    receipt's own transaction."""
+
+
+@dataclass(frozen=True)
+class StoredDelivery:
+    """What a replay needs of a stored receipt: who sent what, with which headers, when."""
+
+    receipt_id: int
+    provider: str
+    headers: dict[str, str]
+    body: bytes | None
+    received_at: datetime
+    verdict: str
+
+
+class ReceiptRepository(Repository):
+    """The `webhook_receipts` rows and the (provider, event id) gate in front of them."""
+
+    async def store(self, *, provider: str, event_id: str | None, event_type: str | None,
+                    body: bytes | None, body_sha256: str, headers: dict[str, str],
+                    verdict: str, error: str | None, replay_of: int | None = None,
+                    opens: tuple[RefundRequest, str] | None = None) -> StoredReceipt:
+        """Stores every delivery (and every replay of a stored one); an accepted one passes
+        the (provider, event_id) gate once, later ones are recorded as duplicates of the first.
+
+        `opens` (request, requester) creates the case with the first delivery in the same
+        commit, one disk flush instead of two on the relay's hottest path. If that commit
+        fails, the receipt is stored again alone (nothing of the failed one remains) and
+        routing opens the case: the receipt never depends on its case.
+
+        Pipelined and without savepoints: BEGIN, writes whose result is not read and COMMIT
+        take no round trip of their own beyond the last one; every statement is a syscall or
+        two and a wake-up on each side, the relay's main cost per delivery."""
+        gated = verdict == "accepted" and event_id is not None
+        try:
+            async with self._db.connection() as conn, conn.pipeline(), conn.transaction():
+                # One statement: the receipt, and (accepted ones) its claim on the event id.
+                cur = await conn.execute(
+                    "WITH receipt AS (INSERT INTO webhook_receipts (provider, event_id, event_type, body,"
+                    " body_sha256, headers, verdict, error, replay_of)"
+                    " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s) RETURNING id),"
+                    " claim AS (INSERT INTO webhook_events (provider, event_id, first_receipt_id)"
+                    " SELECT %s, %s, id FROM receipt WHERE %s ON CONFLICT DO NOTHING"
+                    " RETURNING first_receipt_id)"
+                    " SELECT receipt.id, claim.first_receipt_id AS claimed"
+                    " FROM receipt LEFT JOIN claim ON true",
+                    (provider, event_id, event_type, body, body_sha256, jsonb(headers), verdict, error,
+                     replay_of, provider, event_id, gated))
+                row = await cur.fetchone()
+                assert row is not None
+                receipt_id = int(row["id"])
+                if not gated:
+                    return StoredReceipt(receipt_id, verdict, None)
+                if row["claimed"] is not None:
+                    creation = None if opens is None else (await CaseRepository.create_in(conn, *opens))[0]
+                    return StoredReceipt(receipt_id, "accepted", receipt_id, case_creation=creation)
+                # The claim's conflict waited for the first receipt's commit, so this statement's
+                # snapshot sees it.
+                cur = await conn.execute(
+                    "WITH marked AS (UPDATE webhook_receipts SET verdict = 'duplicate', processed_at = now()"
+                    " WHERE id = %s)"
+                    " SELECT r.id, r.processed_at FROM webhook_events e"
+                    " JOIN webhook_receipts r ON r.id = e.first_receipt_id"
+                    " WHERE e.provider = %s AND e.event_id = %s", (receipt_id, provider, event_id))
+                first = await cur.fetchone()
+                assert first is not None
+                return StoredReceipt(receipt_id, "duplicate", int(first["id"]),
+                                     first_processed=first["processed_at"] is not None)
+        except psycopg.Error:
+            if opens is None:
+                raise
+            log.exception("case %s not opened with its receipt; storing the receipt alone,"
+                          " routing opens it", opens[0].refund_request_id)
+            return await self.store(provider=provider, event_id=event_id, event_type=event_type,
+                                    body=body, body_sha256=body_sha256, headers=headers,
+                                    verdict=verdict, error=error, replay_of=replay_of)
+
+    async def mark_processed(self, receipt_id: int, workflow_id: str | None) -> None:
+        """Marks the receipt done without waiting for the disk: if a crash loses the mark,
+        re-drive starts or signals again, which acts once anyway (workflow id, event id).
+        One statement, its own transaction: set_config(..., true) makes that transaction's
+        commit asynchronous without a BEGIN, a SET and a COMMIT around it."""
+        await self._db.execute(
+            "UPDATE webhook_receipts SET processed_at = now(), workflow_id = %s"
+            " FROM (SELECT set_config('synchronous_commit', 'off', true)) AS asynchronous_commit"
+            " WHERE id = %s", (workflow_id, receipt_id))
+
+    async def prune_refused(self, older_than: timedelta, limit: int = 1000) -> int:
+        """Deletes up to `limit` receipts older than `older_than` that were refused without
+        proof of who sent them; returns how many. Accepted, duplicate, unknown_type and
+        unexpected_status receipts (signed deliveries) stay. The verdict list is the
+        predicate of the partial index webhook_receipts_prunable (migration 0730)."""
+        return await self._db.execute(
+            "DELETE FROM webhook_receipts WHERE id IN (SELECT id FROM webhook_receipts"
+            " WHERE verdict IN ('bad_signature', 'stale', 'malformed', 'too_large',"
+            " 'unknown_provider', 'forbidden_source') AND received_at < now() - %s"
+            " ORDER BY received_at LIMIT %s)", (older_than, limit))
+
+    async def find(self, provider: str, event_id: str | None = None) -> list[ReceiptRow]:
+        """A provider's stored deliveries (of one event, when named), oldest first."""
+        rows = await self._db.fetch_all(
+            "SELECT id, provider, event_id, event_type, verdict, error, workflow_id, processed_at"
+            " FROM webhook_receipts WHERE provider = %s AND (%s::text IS NULL OR event_id = %s)"
+            " ORDER BY id", (provider, event_id, event_id))
+        return [ReceiptRow.from_row(row) for row in rows]
+
+    async def delivery(self, receipt_id: int) -> StoredDelivery | None:
+        row = await self._db.fetch_one(
+            "SELECT id, provider, headers, body, received_at, verdict FROM webhook_receipts"
+            " WHERE id = %s", (receipt_id,))
+        if row is None:
+            return None
+        return StoredDelivery(receipt_id=int(row["id"]), provider=row["provider"], headers=row["headers"],
+                              body=bytes(row["body"]) if row["body"] is not None else None,
+                              received_at=row["received_at"], verdict=row["verdict"])
+
+    async def deliveries_since(self, since: datetime, *, after_id: int, limit: int) -> list[int]:
+        """Original deliveries (not earlier replays) received at or after `since`, oldest first,
+        past receipt `after_id`: at most `limit` of them (a page; the caller goes on from the last)."""
+        rows = await self._db.fetch_all(
+            "SELECT id FROM webhook_receipts WHERE received_at >= %s AND replay_of IS NULL"
+            " AND id > %s ORDER BY id LIMIT %s", (since, after_id, limit))
+        return [int(r["id"]) for r in rows]
+
+    async def unprocessed(self, older_than_seconds: float, providers: Collection[str],
+                          max_attempts: int) -> list[int]:
+        """Accepted receipts of these providers whose workflow was never reached (a crash
+        between receipt and signal), older than the given age so in-flight deliveries are left
+        alone. Only providers the caller can verify: a replay of any other would be refused.
+        Each selection counts as a try (`redrive_attempts`); a receipt tried `max_attempts`
+        times is no longer selected (`given_up` names it once)."""
+        rows = await self._db.fetch_all(
+            "UPDATE webhook_receipts SET redrive_attempts = redrive_attempts + 1 WHERE id IN ("
+            " SELECT id FROM webhook_receipts WHERE verdict = 'accepted' AND processed_at IS NULL"
+            " AND provider = ANY(%s) AND received_at < now() - make_interval(secs => %s)"
+            " AND redrive_attempts < %s ORDER BY id FOR UPDATE SKIP LOCKED) RETURNING id",
+            (list(providers), older_than_seconds, max_attempts))
+        return sorted(int(r["id"]) for r in rows)
+
+    async def given_up(self, receipt_ids: Collection[int], max_attempts: int) -> list[int]:
+        """Those of `receipt_ids` that used their last try and are still unprocessed."""
+        rows = await self._db.fetch_all(
+            "SELECT id FROM webhook_receipts WHERE id = ANY(%s) AND processed_at IS NULL"
+            " AND redrive_attempts >= %s ORDER BY id", (list(receipt_ids), max_attempts))
+        return [int(r["id"]) for r in rows]
+
+    async def type_counts(self, *, replays: bool) -> list[dict[str, Any]]:
+        """Receipts per provider, event type and verdict, with when each was last seen (the
+        raw material of coverage); `replays` counts replays of stored deliveries too."""
+        return await self._db.fetch_all(
+            "SELECT provider, event_type, verdict, count(*) AS n, max(received_at) AS last_seen"
+            " FROM webhook_receipts WHERE %s OR replay_of IS NULL"
+            " GROUP BY provider, event_type, verdict ORDER BY provider, event_type, verdict",
+            (replays,))
+
+    async def coverage(self, handled: Mapping[str, frozenset[str]]) -> dict[str, dict[str, Any]]:
+        """Per provider: each event type received with its count per verdict and when it was last
+        seen, the types we have a handler for, those that arrived without one (`unknown`), and
+        those handled but never received (`never_seen`)."""
+        report: dict[str, dict[str, Any]] = {name: {"handled": sorted(types), "types": {}}
+                                             for name, types in handled.items()}
+        for row in await self.type_counts(replays=True):
+            entry = report.setdefault(row["provider"], {"handled": [], "types": {}})
+            kind = entry["types"].setdefault(row["event_type"] or "(unreadable)",
+                                             {"verdicts": {}, "last_seen": row["last_seen"]})
+            kind["verdicts"][row["verdict"]] = row["n"]
+            kind["last_seen"] = max(kind["last_seen"], row["last_seen"])
+        for entry in report.values():
+            entry["unknown"] = sorted(t for t, k in entry["types"].items() if "unknown_type" in k["verdicts"])
+            entry["never_seen"] = sorted(set(entry["handled"]) - set(entry["types"]))
+        return report
+
+    async def rejections(self, limit: int) -> list[dict[str, Any]]:
+        """The latest deliveries that were refused or not understood, newest first."""
+        return await self._db.fetch_all(
+            "SELECT id, provider, event_id, event_type, verdict, error, received_at"
+            " FROM webhook_receipts WHERE verdict NOT IN ('accepted', 'duplicate')"
+            " ORDER BY id DESC LIMIT %s", (limit,))

@@ -1,0 +1,556 @@
+"""Over 400 lines: one repository whose runs, breaks and settlements share row locks and audit
+writes; its batch statements are apart already (`reconciliation_sql.py`).
+
+Reconciliation: runs and their cursors, the set-based classification of each batch of
+provider objects against our cases and ledger (`reconciliation_sql.py`), breaks (one per
+provider, object and class, also those a case or the sweep raises) and the governed end of
+each break.
+
+A batch is staged in a temporary table and joined with cases and ledger postings in one
+statement, so memory and round trips stay flat however large the window; the batch's
+breaks, their audit rows and notices, and the run's cursor commit together.
+"""
+
+import secrets
+from collections.abc import AsyncIterator, Iterable, Sequence
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from psycopg.types.json import Jsonb
+
+from adapters.db.audit import AuditLog
+from adapters.db.cases import CaseRepository
+from adapters.db.database import Conn, Database, Repository, jsonb
+from adapters.db.ledger import LedgerRepository
+from adapters.db.outbox import OutboxRepository
+from adapters.db.reconciliation_sql import CLASSIFY, CLASSIFY_PAYOUTS, STAGE
+from adapters.db.sweep import open_incident_run
+from domain.events import tracking_case_id
+from domain.incidents import DuplicateRefundInput
+from domain.ledger import REFUNDED_ACCOUNT
+from domain.models import (
+    LedgerInput,
+    LedgerKind,
+    NoticeInput,
+    ProviderRefund,
+    ProviderRefundStatus,
+    RefundTimings,
+)
+from domain.payouts import (
+    EXCEPTION_STATUSES,
+    PayoutStatus,
+    ProviderPayout,
+    ProviderPayoutStatus,
+    final_status,
+    payout_case_id,
+)
+from domain.reconciliation import (
+    NON_TERMINAL_PROVIDER,
+    REOPENABLE,
+    SHOWN_FAILED,
+    SHOWN_PENDING,
+    SHOWN_REFUNDED,
+    UNMAPPED,
+    BreakApproval,
+    BreakCase,
+    BreakClass,
+    BreakOutcome,
+    BreakSettlement,
+    BreakState,
+    ListedPayout,
+    ListedRefund,
+    ReconcileOptions,
+    RunWindow,
+    UnmappedListing,
+    compensation,
+    corrected_status,
+    expected_net,
+)
+
+Listed = ListedRefund | ListedPayout | UnmappedListing
+"""One object of a provider's list call, as a batch stages it."""
+
+
+class Phase(StrEnum):
+    """Which of the provider's lists a run's cursor walks: refunds first, then payouts."""
+
+    REFUNDS = "refunds"
+    PAYOUTS = "payouts"
+
+
+REPORT_COLUMNS = ("break_id", "break_class", "provider", "object_id", "case_id", "amount", "currency",
+                  "provider_status", "failure_reason", "case_status", "ledger_delta", "object_created_at",
+                  "state", "new_in_run")
+
+
+class RunConflict(Exception):
+    """Another unfinished backfill holds the provider (ask it to finish, or resume it)."""
+
+
+def _names(statuses: Iterable[StrEnum]) -> list[str]:
+    return sorted(s.value for s in statuses)
+
+
+def _object_id(listed: Listed) -> str:
+    if isinstance(listed, ListedRefund):
+        return listed.refund.refund_id
+    return listed.payout.payout_id if isinstance(listed, ListedPayout) else listed.object_id
+
+
+def _staged(listed: Listed) -> tuple[str, int, str, str, str, str | None, str | None]:
+    """charge, amount, currency, status, raw status, failure reason, reference of a listed
+    object, as the batch table stages them (a payout has no charge; its failure code)."""
+    if isinstance(listed, ListedRefund):
+        r = listed.refund
+        return r.charge_id, r.amount, r.currency, r.status.value, r.raw_status, r.failure_reason, r.reference
+    if isinstance(listed, ListedPayout):
+        p = listed.payout
+        return "", p.amount, p.currency, p.status.value, p.raw_status, p.failure_code, p.reference
+    return "", listed.amount, listed.currency, UNMAPPED, listed.raw_status, listed.error, None
+
+
+def truth_of(row: dict[str, Any]) -> ProviderRefund | ProviderPayout:
+    """The provider's refund or payout as a stored break recorded it."""
+    if row["object_kind"] == "payout":
+        return ProviderPayout(
+            provider=row["provider"], payout_id=row["object_id"], amount=int(row["amount"]),
+            currency=row["currency"], status=ProviderPayoutStatus(row["provider_status"]),
+            raw_status=row["raw_status"], failure_code=row["failure_reason"],
+            reference=row["evidence"]["provider"].get("reference"))
+    return ProviderRefund(
+        provider=row["provider"], refund_id=row["object_id"], charge_id=row["charge_id"],
+        amount=int(row["amount"]), currency=row["currency"],
+        status=ProviderRefundStatus(row["provider_status"]), raw_status=row["raw_status"],
+        failure_reason=row["failure_reason"], reference=row["evidence"]["provider"].get("reference"))
+
+
+def break_case(row: dict[str, Any], timings: RefundTimings) -> BreakCase:
+    """The exception workflow's input for a stored break."""
+    case = row["evidence"].get("case") or {}
+    held = case.get("provider_status")
+    return BreakCase(
+        break_id=int(row["id"]), break_class=BreakClass(row["break_class"]), provider=row["provider"],
+        object_id=row["object_id"], chain=row["chain"], case_id=row["refund_request_id"],
+        case_holds_refund=bool(case.get("holds_refund")),
+        case_provider_status=ProviderRefundStatus(held) if held else None, truth=truth_of(row),
+        ledger_delta=None if row["ledger_delta"] is None else int(row["ledger_delta"]),
+        conflicted=(case["requester"],) if case.get("requester") else (), timings=timings,
+        reopened=int(row["reopened"]))
+
+
+def run_view(row: dict[str, Any]) -> dict[str, Any]:
+    """The public shape of a run: window, progress (the cursor's creation time moves from
+    the window's end to its start) and state."""
+    return {"run_id": row["id"], "provider": row["provider"], "kind": row["kind"], "state": row["state"],
+            "window": {"since": row["window_start"].isoformat(), "until": row["window_end"].isoformat()},
+            "requested_by": row["requested_by"], "objects_seen": row["objects_seen"],
+            "batches": row["batches"],
+            "cursor_created": row["cursor_created"].isoformat() if row["cursor_created"] else None,
+            "started_at": row["started_at"].isoformat(), "warnings": row["warnings"],
+            "failure": row["failure"],
+            "finished_at": row["finished_at"].isoformat() if row["finished_at"] else None,
+            "links": {"run": f"/v1/reconciliation/runs/{row['id']}"}}
+
+
+CASE_ROUTES = {"refund": "refund-requests", "payout": "payout-exceptions"}
+
+
+def break_view(row: dict[str, Any]) -> dict[str, Any]:
+    """The public shape of a break, with links to its case and exception workflow."""
+    case_id = row["refund_request_id"]
+    return {
+        "break_id": row["id"], "break_class": row["break_class"], "provider": row["provider"],
+        "object_id": row["object_id"], "case_id": case_id, "amount": row["amount"],
+        "currency": row["currency"], "provider_status": row["provider_status"],
+        "failure_reason": row["failure_reason"], "case_status": row["case_status"],
+        "ledger_delta": row["ledger_delta"], "object_created_at": row["object_created_at"].isoformat(),
+        "state": row["state"], "found_at": row["found_at"].isoformat(), "evidence": row["evidence"],
+        "resolution": row["resolution"],
+        "object_kind": row["object_kind"], "reopened": row["reopened"],
+        "links": {"break": f"/v1/reconciliation/breaks/{row['id']}",
+                  "case": f"/v1/{CASE_ROUTES[row['object_kind']]}/{case_id}" if case_id else None,
+                  "workflow": f"recon-break-{row['id']}"},
+    }
+
+
+class ReconciliationRepository(Repository):
+    """Runs, their breaks and how each break ended."""
+
+    def __init__(self, database: Database) -> None:
+        super().__init__(database)
+        self._cases = CaseRepository(database)
+
+    # -- runs -----------------------------------------------------------------------
+
+    async def open_run(self, window: RunWindow, task_queue: str) -> dict[str, Any]:
+        """Records the run once; a continued or retried workflow finds the row it made."""
+        async with self._db.transaction() as conn:
+            await conn.execute(
+                "INSERT INTO reconciliation_runs (id, provider, task_queue, kind, window_start, window_end,"
+                " requested_by) VALUES (%s,%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING",
+                (window.run_id, window.provider, task_queue, window.kind.value, window.since, window.until,
+                 window.requested_by))
+            row = await (await conn.execute("SELECT * FROM reconciliation_runs WHERE id = %s",
+                                            (window.run_id,))).fetchone()
+        if row is None:
+            raise RunConflict(f"another backfill of {window.provider} is unfinished")
+        return row
+
+    async def open_backfill(self, provider: str, since: datetime, until: datetime, requested_by: str,
+                            task_queue: str) -> tuple[dict[str, Any], bool]:
+        """A new backfill run, or the provider's unfinished one on this deployment (resumed:
+        True), whose cursor says where it stopped."""
+        run_id = f"reconcile-{provider}-backfill-{secrets.token_hex(6)}"
+        async with self._db.transaction() as conn:
+            cur = await conn.execute(
+                "INSERT INTO reconciliation_runs (id, provider, task_queue, kind, window_start, window_end,"
+                " requested_by) VALUES (%s,%s,%s,'backfill',%s,%s,%s)"
+                " ON CONFLICT (provider, task_queue) WHERE kind = 'backfill' AND state = 'running'"
+                " DO NOTHING RETURNING *", (run_id, provider, task_queue, since, until, requested_by))
+            created = await cur.fetchone()
+            if created is not None:
+                await AuditLog.append(conn, None, requested_by, "reconciliation_backfill_requested",
+                                      {"run_id": run_id, "provider": provider, "since": since,
+                                       "until": until})
+                return created, False
+            cur = await conn.execute(
+                "SELECT * FROM reconciliation_runs WHERE provider = %s AND task_queue = %s"
+                " AND kind = 'backfill' AND state = 'running'", (provider, task_queue))
+            existing = await cur.fetchone()
+        assert existing is not None
+        return existing, True
+
+    async def run(self, run_id: str) -> dict[str, Any] | None:
+        return await self._db.fetch_one("SELECT * FROM reconciliation_runs WHERE id = %s",
+                                        (run_id,))
+
+    async def runs(self, limit: int = 50) -> list[dict[str, Any]]:
+        return await self._db.fetch_all(
+            "SELECT * FROM reconciliation_runs ORDER BY started_at DESC LIMIT %s", (limit,))
+
+    async def store_batch(self, run_id: str, provider: str, batch: Sequence[Listed],
+                          options: ReconcileOptions, *, cursor: str | None, phase: Phase,
+                          next_phase: Phase | None = None,
+                          warning: str | None = None) -> list[dict[str, Any]]:
+        """Classifies one batch of the phase's objects and moves the run's cursor past it
+        (or, with `next_phase`, to the start of the next list), in one transaction, with any
+        `warning` for the run's report (a list the provider refused); returns
+        the breaks not seen before (each already audited and announced to ops). `cursor`
+        and `phase` are where the batch was read: a run moved on by someone else fails."""
+        run = await self.run(run_id)
+        assert run is not None
+        until: datetime = run["window_end"]
+        unique = {_object_id(listed): listed for listed in batch}
+        async with self._db.transaction() as conn:
+            await conn.execute(STAGE)
+            async with conn.cursor().copy(
+                    "COPY recon_batch (object_id, charge_id, amount, currency, status, raw_status,"
+                    " failure_reason, reference, created_at) FROM STDIN") as copy:
+                for object_id, listed in unique.items():
+                    await copy.write_row((object_id, *_staged(listed), listed.created))
+            statement = CLASSIFY if phase is Phase.REFUNDS else CLASSIFY_PAYOUTS
+            cur = await conn.execute(statement, {
+                "provider": provider, "run_id": run_id, "account": REFUNDED_ACCOUNT,
+                "judge_before": until - options.grace, "stuck_before": until - options.stuck_after,
+                "shown_refunded": _names(SHOWN_REFUNDED), "shown_pending": _names(SHOWN_PENDING),
+                "shown_failed": _names(SHOWN_FAILED), "non_terminal": _names(NON_TERMINAL_PROVIDER),
+                "tracking_prefix": tracking_case_id(provider, ""), "unmapped": UNMAPPED,
+                "payout_failed": _names(EXCEPTION_STATUSES), "paid": PayoutStatus.PAID.value,
+                "case_prefix": payout_case_id(provider, "")})
+            new = list(await cur.fetchall())
+            for row in new:
+                await self._announce(conn, row)
+            last = batch[-1] if batch and next_phase is None else None
+            moved_to = (None, None) if next_phase else (
+                (_object_id(last), last.created) if last else (cursor, run["cursor_created"]))
+            moved = await conn.execute(
+                "UPDATE reconciliation_runs SET cursor = %s, cursor_created = %s, phase = %s,"
+                " objects_seen = objects_seen + %s, batches = batches + 1, warnings = warnings || %s,"
+                " updated_at = now() WHERE id = %s AND cursor IS NOT DISTINCT FROM %s AND phase = %s",
+                (*moved_to, (next_phase or phase).value, len(unique), Jsonb([warning] if warning else []),
+                 run_id, cursor, phase.value))
+            if moved.rowcount != 1:
+                raise RunConflict(f"run {run_id} moved past {phase}:{cursor} elsewhere: the batch is dropped")
+        return new
+
+    @staticmethod
+    async def _announce(conn: Conn, row: dict[str, Any]) -> None:
+        """The break's audit row on its case's chain and its notice to ops."""
+        detail = {"break_id": row["id"], "break_class": row["break_class"], "object_id": row["object_id"],
+                  "run_id": row["first_run_id"], "ledger_delta": row["ledger_delta"],
+                  "evidence": row["evidence"]}
+        await AuditLog.append(conn, row["chain"], "reconciliation", "reconciliation_break_found", detail)
+        await OutboxRepository.queue_in(conn, NoticeInput(
+            refund_request_id=row["chain"], kind="reconciliation_break", audience="ops",
+            dedup_key=f"reconciliation_break:{row['id']}", detail=detail))
+
+    async def undispatched(self, run_id: str, limit: int = 500) -> list[dict[str, Any]]:
+        """Breaks found by the run whose exception workflow was not started yet."""
+        return await self._db.fetch_all(
+            "SELECT * FROM reconciliation_breaks WHERE first_run_id = %s AND dispatched_at IS NULL"
+            " AND state <> 'ops_review' ORDER BY id LIMIT %s", (run_id, limit))
+
+    async def mark_dispatched(self, break_id: int) -> None:
+        await self._db.execute("UPDATE reconciliation_breaks SET dispatched_at = now() WHERE id = %s",
+                               (break_id,))
+
+    async def finish(self, run_id: str, files: Sequence[str]) -> None:
+        await self._db.execute(
+            "UPDATE reconciliation_runs SET state = 'completed', finished_at = coalesce(finished_at,"
+            " now()), report_files = %s, updated_at = now() WHERE id = %s",
+            (Jsonb(list(files)), run_id))
+
+    async def fail(self, run_id: str, reason: str) -> None:
+        """A running run becomes `failed` with its reason (a completed one stays completed)."""
+        await self._db.execute(
+            "UPDATE reconciliation_runs SET state = 'failed', failure = %s, finished_at = now(),"
+            " updated_at = now() WHERE id = %s AND state = 'running'", (reason, run_id))
+
+    # -- reports --------------------------------------------------------------------
+
+    async def report(self, run_id: str) -> dict[str, Any] | None:
+        """Counts by class (new to this run, and seen again), amounts per currency, the
+        oldest break, breaks by state."""
+        run = await self.run(run_id)
+        if run is None:
+            return None
+        async with self._db.transaction() as conn:
+            rows = await (await conn.execute(
+                "SELECT b.break_class, b.currency, count(*) AS seen,"
+                " count(*) FILTER (WHERE b.first_run_id = %(run)s) AS new, sum(b.amount) AS amount,"
+                " sum(b.ledger_delta) AS ledger_delta"
+                " FROM reconciliation_run_breaks rb JOIN reconciliation_breaks b ON b.id = rb.break_id"
+                " WHERE rb.run_id = %(run)s GROUP BY b.break_class, b.currency"
+                " ORDER BY b.break_class, b.currency", {"run": run_id})).fetchall()
+            states = await (await conn.execute(
+                "SELECT b.state, count(*) AS n FROM reconciliation_run_breaks rb"
+                " JOIN reconciliation_breaks b ON b.id = rb.break_id WHERE rb.run_id = %s"
+                " GROUP BY b.state ORDER BY b.state", (run_id,))).fetchall()
+            oldest = await (await conn.execute(
+                "SELECT b.* FROM reconciliation_run_breaks rb JOIN reconciliation_breaks b"
+                " ON b.id = rb.break_id WHERE rb.run_id = %s ORDER BY b.object_created_at, b.id LIMIT 1",
+                (run_id,))).fetchone()
+        classes: dict[str, dict[str, Any]] = {}
+        for row in rows:
+            entry = classes.setdefault(row["break_class"], {"new": 0, "seen": 0, "amounts": {},
+                                                            "ledger_delta": {}})
+            entry["new"] += row["new"]
+            entry["seen"] += row["seen"]
+            entry["amounts"][row["currency"]] = int(row["amount"])
+            if row["ledger_delta"] is not None:
+                entry["ledger_delta"][row["currency"]] = int(row["ledger_delta"])
+        new = sum(c["new"] for c in classes.values())
+        return {
+            **run_view(run), "new_breaks": new,
+            "known_breaks": sum(c["seen"] for c in classes.values()) - new,
+            "classes": classes, "states": {r["state"]: r["n"] for r in states},
+            "oldest_break": break_view(oldest) if oldest else None, "report_files": run["report_files"],
+        }
+
+    async def run_breaks(self, run_id: str, limit: int | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Every break the run saw, oldest object first, streamed from a server-side cursor."""
+        async with self._db.transaction() as conn, conn.cursor(name="run_breaks") as cur:
+            await cur.execute(
+                "SELECT b.*, b.first_run_id = %(run)s AS new_in_run FROM reconciliation_run_breaks rb"
+                " JOIN reconciliation_breaks b ON b.id = rb.break_id WHERE rb.run_id = %(run)s"
+                " ORDER BY b.object_created_at, b.id LIMIT %(limit)s", {"run": run_id, "limit": limit})
+            async for row in cur:
+                yield row
+
+    async def get_break(self, break_id: int) -> dict[str, Any] | None:
+        return await self._db.fetch_one("SELECT * FROM reconciliation_breaks WHERE id = %s",
+                                        (break_id,))
+
+    # -- the exception case -------------------------------------------------------------
+
+    async def open_exception(self, break_id: int, approval: BreakApproval) -> None:
+        """The break now waits for people: audited on its chain, approvers told once."""
+        async with self._db.transaction() as conn:
+            row = await (await conn.execute(
+                "UPDATE reconciliation_breaks SET state = 'awaiting_approval' WHERE id = %s"
+                " AND state = 'new' RETURNING *", (break_id,))).fetchone()
+            if row is None:  # a retried activity: already open
+                return
+            detail = {"break_id": break_id, "break_class": row["break_class"], "tier": approval.tier,
+                      "requirements": [r.model_dump() for r in approval.requirements],
+                      "proposed_ledger_delta": row["ledger_delta"], "currency": row["currency"]}
+            await AuditLog.append(conn, row["chain"], "reconciliation", "reconciliation_exception_opened",
+                                  detail)
+            await OutboxRepository.queue_in(conn, NoticeInput(
+                refund_request_id=row["chain"], kind="reconciliation_approval_needed",
+                audience="approvers", dedup_key=f"reconciliation_approval:{break_id}{_round(row)}",
+                detail=detail))
+
+    async def settle(self, settlement: BreakSettlement) -> BreakOutcome:
+        """Ends the exception case once. Only an approved one touches money: it brings the
+        case's ledger position to the provider's truth (as it is now, so two breaks of one
+        refund never post twice) and sets the case's status, in one transaction."""
+        break_id = settlement.break_id
+        row = await self.get_break(break_id)
+        assert row is not None
+        if settlement.state is BreakState.RESOLVED and row["refund_request_id"] is None:
+            await self._adopt(row)
+        async with self._db.transaction() as conn:
+            row = await (await conn.execute("SELECT * FROM reconciliation_breaks WHERE id = %s FOR UPDATE",
+                                            (break_id,))).fetchone()
+            assert row is not None
+            if row["resolution"] is not None:  # a retried activity
+                return BreakOutcome.model_validate(row["resolution"]["outcome"])
+            outcome = BreakOutcome(break_id=break_id, state=settlement.state)
+            if settlement.state is BreakState.RESOLVED:
+                compensate = self._compensate_payout if row["object_kind"] == "payout" else self._compensate
+                outcome = await compensate(conn, row, settlement)
+            resolution = {**settlement.model_dump(mode="json"), "outcome": outcome.model_dump(mode="json")}
+            await conn.execute(
+                "UPDATE reconciliation_breaks SET state = %s, resolved_at = now(), resolution = %s,"
+                " refund_request_id = coalesce(refund_request_id, %s) WHERE id = %s",
+                (settlement.state.value, Jsonb(resolution),
+                 row["chain"] if settlement.state is BreakState.RESOLVED else None, break_id))
+            action = f"reconciliation_break_{settlement.state}"
+            await AuditLog.append(conn, row["chain"], "reconciliation", action,
+                                  {"break_id": break_id, **resolution})
+            return outcome
+
+    async def _adopt(self, row: dict[str, Any]) -> None:
+        """A refund unknown to us becomes a tracking case (holding its amount against the
+        charge), so the approved entry has a case to land on."""
+        truth = truth_of(row)
+        assert isinstance(truth, ProviderRefund), "only a refund is adopted"
+        await self._cases.open_tracking(row["chain"], truth, None, "reconciliation")
+
+    @staticmethod
+    async def _compensate(conn: Conn, row: dict[str, Any], settlement: BreakSettlement) -> BreakOutcome:
+        case_id = row["chain"]
+        case = await (await conn.execute("SELECT * FROM refund_cases WHERE refund_request_id = %s FOR UPDATE",
+                                         (case_id,))).fetchone()
+        assert case is not None
+        truth = truth_of(row)
+        assert isinstance(truth, ProviderRefund)
+        net = await (await conn.execute(
+            "SELECT coalesce(sum(li.debit - li.credit), 0) AS net FROM ledger_entries e"
+            " JOIN ledger_lines li ON li.entry_id = e.id WHERE e.refund_request_id = %s AND li.account = %s",
+            (case_id, REFUNDED_ACCOUNT))).fetchone()
+        assert net is not None
+        same_currency = case["currency"] == truth.currency
+        move = compensation(expected_net(truth) - int(net["net"])) if same_currency else None
+        posting_key = None
+        if move is not None:
+            kind, amount = move
+            posted = await LedgerRepository.post_in(conn, LedgerInput(
+                refund_request_id=case_id, kind=kind, amount=amount, currency=case["currency"],
+                provider_refund_id=truth.refund_id, reference=f"reconciliation-{row['id']}"))
+            posting_key = posted.posting_key
+        status = corrected_status(BreakClass(row["break_class"]), truth.status)
+        if status is not None:
+            await conn.execute(
+                "UPDATE refund_cases SET status = %s, provider_status = %s, failure_reason = %s,"
+                " reserved_amount = CASE WHEN %s = 'succeeded' THEN amount"
+                " WHEN %s IN ('failed', 'canceled') THEN 0 ELSE reserved_amount END, updated_at = now()"
+                " WHERE refund_request_id = %s",
+                (status.value, truth.status.value, truth.failure_reason, truth.status.value,
+                 truth.status.value, case_id))
+        await _compensated(conn, row, settlement, posting_key, status=status.value if status else None,
+                           ledger_net_before=int(net["net"]), provider_status=truth.status.value)
+        return BreakOutcome(break_id=row["id"], state=BreakState.RESOLVED, posting_key=posting_key,
+                            case_status=status)
+
+
+    @staticmethod
+    async def _compensate_payout(conn: Conn, row: dict[str, Any],
+                                 settlement: BreakSettlement) -> BreakOutcome:
+        """An approved payout break whose exception case had already ended: the payout's
+        reversal entry and its final status, as the case's runbook would have left them,
+        fenced by the payout row (a payout no longer paid posts nothing)."""
+        payout = await (await conn.execute(
+            "SELECT * FROM payouts WHERE provider = %s AND provider_payout_id = %s FOR UPDATE",
+            (row["provider"], row["object_id"]))).fetchone()
+        assert payout is not None
+        posting_key = None
+        final = final_status(ProviderPayoutStatus(row["provider_status"]))
+        if payout["status"] == PayoutStatus.PAID:
+            posted = await LedgerRepository.post_in(conn, LedgerInput(
+                refund_request_id=row["chain"], kind=LedgerKind.PAYOUT_REVERSED, amount=int(payout["amount"]),
+                currency=payout["currency"], provider_refund_id=row["object_id"],
+                reference=f"reconciliation-{row['id']}"))
+            posting_key = posted.posting_key
+            await conn.execute("UPDATE payouts SET status = %s, updated_at = now() WHERE id = %s",
+                               (final.value, payout["id"]))
+        await _compensated(conn, row, settlement, posting_key, payout_status=final.value,
+                           payout_status_before=payout["status"], provider_status=row["provider_status"])
+        return BreakOutcome(break_id=row["id"], state=BreakState.RESOLVED, posting_key=posting_key)
+
+    # -- incidents a case raises ----------------------------------------------------------
+
+    async def open_duplicate_refund_break(self, inp: DuplicateRefundInput) -> dict[str, Any] | None:
+        """Records the duplicate as a `duplicate_refund` break in `ops_review` on the case's
+        chain, found by an `incident` run; None when it was recorded already (a retry, or the
+        same refund reported again)."""
+        refund = inp.duplicate
+        run_id = f"incident-{refund.provider}-{refund.refund_id}"
+        evidence = {"provider": {**refund.model_dump(mode="json")},
+                    "case": {"id": inp.case_id, "followed_refund_id": inp.followed_refund_id},
+                    "source": inp.source}
+        # What the ledger lacks once the duplicate settled; unknown while it is not final.
+        delta = refund.amount if refund.status is ProviderRefundStatus.SUCCEEDED else None
+        async with self._db.transaction() as conn:
+            await open_incident_run(conn, run_id, refund.provider, f"workflow:{inp.case_id}")
+            cur = await conn.execute(
+                "INSERT INTO reconciliation_breaks (provider, object_id, break_class, refund_request_id,"
+                " chain, charge_id, amount, currency, provider_status, raw_status, failure_reason,"
+                " case_status, ledger_delta, object_created_at, evidence, first_run_id, state,"
+                " dispatched_at)"
+                " SELECT %s,%s,%s,c.refund_request_id,c.refund_request_id,%s,%s,%s,%s,%s,%s,c.status,%s,"
+                " now(),%s,%s,%s, now() FROM refund_cases c WHERE c.refund_request_id = %s"
+                " ON CONFLICT (provider, object_id, break_class) DO NOTHING RETURNING *",
+                (refund.provider, refund.refund_id, BreakClass.DUPLICATE_REFUND.value, refund.charge_id,
+                 refund.amount, refund.currency, refund.status.value, refund.raw_status,
+                 refund.failure_reason, delta, jsonb(evidence), run_id, BreakState.OPS_REVIEW.value,
+                 inp.case_id))
+            row = await cur.fetchone()
+            if row is None:
+                return None
+            await conn.execute("INSERT INTO reconciliation_run_breaks (run_id, break_id) VALUES (%s,%s)",
+                               (run_id, row["id"]))
+            await self._announce(conn, row)
+            return dict(row)
+
+    # -- reopening ------------------------------------------------------------------------
+
+    async def reopen(self, break_id: int, actor: str, reason: str) -> dict[str, Any]:
+        """Sends a dismissed or expired break back to its exception case (the same break and
+        case id, `reopened` counted), audited with the decision it undoes. Raises
+        LookupError for no such break, NotReopenable when it is in another state."""
+        async with self._db.transaction() as conn:
+            row = await (await conn.execute("SELECT * FROM reconciliation_breaks WHERE id = %s FOR UPDATE",
+                                            (break_id,))).fetchone()
+            if row is None:
+                raise LookupError(f"no reconciliation break {break_id}")
+            if row["state"] not in REOPENABLE:
+                raise NotReopenable(f"break is {row['state']}; only dismissed or expired breaks reopen")
+            reopened = await (await conn.execute(
+                "UPDATE reconciliation_breaks SET state = 'new', reopened = reopened + 1, resolution = NULL,"
+                " resolved_at = NULL WHERE id = %s RETURNING *", (break_id,))).fetchone()
+            assert reopened is not None
+            await AuditLog.append(conn, row["chain"], actor, "reconciliation_break_reopened", {
+                "break_id": break_id, "reason": reason, "reopened": reopened["reopened"],
+                "previous_state": row["state"], "previous_resolution": row["resolution"]})
+            return reopened
+
+
+class NotReopenable(Exception):
+    """Only a break that ended without moving money (dismissed, expired) can be reopened."""
+
+
+def _round(row: dict[str, Any]) -> str:
+    """Suffix of a break's per-round dedup keys: empty for the first round, so keys written
+    before breaks could reopen stay the same."""
+    return f":reopen-{row['reopened']}" if row["reopened"] else ""
+
+
+async def _compensated(conn: Conn, row: dict[str, Any], settlement: BreakSettlement, posting_key: str | None,
+                       **detail: Any) -> None:
+    """The compensation's audit row on the break's chain: who approved, what posted."""
+    await AuditLog.append(conn, row["chain"], "reconciliation", "reconciliation_compensated",
+                          {"break_id": row["id"], "approvers": list(settlement.approvers),
+                           "posting_key": posting_key, **detail})

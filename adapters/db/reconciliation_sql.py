@@ -1,0 +1,147 @@
+"""The set-based statements of a reconciliation batch: the staging table, and the one
+statement per batch that classifies a provider's refunds (or payouts) against our cases,
+payouts and ledger, inserts the breaks not seen before and links every break seen to the run.
+
+Kept apart from the repository (`reconciliation.py`): these are the SQL a reviewer reads
+as one piece, with nothing else between them.
+"""
+
+STAGE = """
+CREATE TEMP TABLE recon_batch (
+    object_id TEXT PRIMARY KEY, charge_id TEXT NOT NULL, amount BIGINT NOT NULL,
+    currency TEXT NOT NULL, status TEXT NOT NULL, raw_status TEXT NOT NULL, failure_reason TEXT,
+    reference TEXT, created_at TIMESTAMPTZ NOT NULL
+) ON COMMIT DROP
+"""
+
+# Both classifications end alike: link every break seen to this run. Rows inserted by a CTE
+# are invisible to the rest of the statement, hence the UNION with `inserted`.
+LINK = """, linked AS (
+    INSERT INTO reconciliation_run_breaks (run_id, break_id)
+    SELECT %(run_id)s, r.id FROM classified c JOIN reconciliation_breaks r
+        ON r.provider = %(provider)s AND r.object_id = c.object_id AND r.break_class = c.break_class
+    UNION ALL SELECT %(run_id)s, id FROM inserted
+    ON CONFLICT DO NOTHING
+)
+SELECT * FROM inserted ORDER BY id
+"""
+
+# One statement per batch: match each provider object to its case (by the refund id the case
+# recorded, else by our reference in the provider's metadata) and to that case's ledger
+# position, flag every class of difference, insert the breaks not seen before, and link every
+# break seen to this run (LINK).
+CLASSIFY = """
+WITH matched AS (
+    SELECT b.*, c.refund_request_id AS case_id, c.status AS case_status, c.amount AS case_amount,
+           c.currency AS case_currency, c.provider_status AS case_provider_status,
+           c.requester AS case_requester,
+           coalesce(c.provider_refund_id = b.object_id, false) AS case_holds_refund,
+           coalesce(l.net, 0) AS ledger_net,
+           CASE WHEN b.status = 'succeeded' THEN b.amount ELSE 0 END AS expected_net
+    FROM recon_batch b
+    LEFT JOIN LATERAL (
+        SELECT * FROM refund_cases c
+        WHERE c.provider = %(provider)s
+          AND (c.provider_refund_id = b.object_id OR c.refund_request_id = b.reference)
+        ORDER BY c.provider_refund_id = b.object_id DESC NULLS LAST LIMIT 1) c ON true
+    LEFT JOIN LATERAL (
+        SELECT sum(li.debit - li.credit) AS net
+        FROM ledger_entries e JOIN ledger_lines li ON li.entry_id = e.id
+        WHERE e.refund_request_id = c.refund_request_id AND li.account = %(account)s) l ON true
+    WHERE b.created_at < %(judge_before)s
+), flagged AS (
+    SELECT m.*,
+           m.case_id IS NULL AS unknown,
+           CASE WHEN m.case_id IS NULL THEN NULL
+                WHEN m.status IN ('failed', 'canceled') AND m.case_status = ANY(%(shown_refunded)s)
+                    THEN 'provider_failed_shown_refunded'
+                WHEN m.status = 'succeeded' AND m.case_status = ANY(%(shown_pending)s)
+                    THEN 'provider_succeeded_shown_pending'
+                WHEN m.status = 'succeeded' AND m.case_status = ANY(%(shown_failed)s)
+                    THEN 'provider_succeeded_shown_failed' END AS status_break,
+           coalesce(m.case_amount <> m.amount, false) AS amount_break,
+           coalesce(m.case_currency <> m.currency, false) AS currency_break,
+           m.case_id IS NOT NULL AND m.created_at < %(stuck_before)s
+               AND (m.status = ANY(%(non_terminal)s)
+                    OR (m.case_status = ANY(%(shown_pending)s) AND m.status IN ('failed', 'canceled')))
+               AS stuck,
+           -- ledger breaks only where the case's status agrees with the provider's
+           m.case_id IS NOT NULL AND (
+               (m.status = 'succeeded' AND m.case_status = ANY(%(shown_refunded)s))
+               OR (m.status IN ('failed', 'canceled') AND m.case_status = ANY(%(shown_failed)s))
+               OR (m.status = ANY(%(non_terminal)s) AND m.case_status = ANY(%(shown_pending)s)))
+               AS statuses_agree
+    FROM matched m
+), classified AS (
+    SELECT f.*, k.break_class FROM flagged f CROSS JOIN LATERAL unnest(
+        CASE WHEN f.status = %(unmapped)s THEN ARRAY['unmapped_status'] ELSE array_remove(ARRAY[
+        CASE WHEN f.unknown THEN 'unknown_to_us' END,
+        f.status_break,
+        CASE WHEN f.amount_break THEN 'amount_mismatch' END,
+        CASE WHEN f.currency_break THEN 'currency_mismatch' END,
+        CASE WHEN f.stuck THEN 'stuck_non_terminal' END,
+        CASE WHEN f.statuses_agree AND NOT f.amount_break AND NOT f.currency_break THEN
+            CASE WHEN f.ledger_net > f.amount OR f.ledger_net < 0 THEN 'ledger_doubled'
+                 WHEN f.ledger_net <> f.expected_net THEN 'ledger_missing' END END
+    ], NULL) END) AS k(break_class)
+), inserted AS (
+    INSERT INTO reconciliation_breaks (
+        provider, object_id, break_class, refund_request_id, chain, charge_id, amount, currency,
+        provider_status, raw_status, failure_reason, case_status, ledger_delta, object_created_at,
+        evidence, first_run_id, state)
+    SELECT %(provider)s, object_id, break_class, case_id,
+           coalesce(case_id, %(tracking_prefix)s || object_id), charge_id, amount, currency, status,
+           raw_status, failure_reason, case_status,
+           CASE WHEN status = %(unmapped)s THEN NULL WHEN case_id IS NULL THEN expected_net
+                WHEN currency = case_currency THEN expected_net - ledger_net END,
+           created_at,
+           jsonb_build_object(
+               'provider', jsonb_build_object('status', status, 'raw_status', raw_status,
+                   'failure_reason', failure_reason, 'amount', amount, 'currency', currency,
+                   'charge_id', charge_id, 'created', created_at, 'reference', reference),
+               'case', CASE WHEN case_id IS NOT NULL THEN jsonb_build_object('id', case_id,
+                   'status', case_status, 'amount', case_amount, 'currency', case_currency,
+                   'provider_status', case_provider_status, 'holds_refund', case_holds_refund,
+                   'requester', case_requester) END,
+               'ledger', jsonb_build_object('net', ledger_net, 'expected', expected_net)),
+           %(run_id)s, CASE WHEN status = %(unmapped)s THEN 'ops_review' ELSE 'new' END
+    FROM classified
+    ON CONFLICT (provider, object_id, break_class) DO NOTHING
+    RETURNING *
+)""" + LINK  # noqa: S608 (constant text)
+
+# Payouts: the provider failed, canceled or reversed a payout our books hold as paid (the
+# payout exception case's own trigger, found without its webhook), or reported a status no
+# table maps. Payout breaks live on the payout exception case's chain.
+CLASSIFY_PAYOUTS = """
+WITH classified AS (
+    SELECT b.*, p.id AS payout_id, p.status AS our_status, p.amount AS our_amount,
+           p.currency AS our_currency, p.beneficiary_id, k.break_class
+    FROM recon_batch b
+    LEFT JOIN payouts p ON p.provider = %(provider)s AND p.provider_payout_id = b.object_id
+    CROSS JOIN LATERAL (SELECT CASE
+        WHEN b.status = %(unmapped)s THEN 'unmapped_status'
+        WHEN b.status = ANY(%(payout_failed)s) AND p.status = %(paid)s THEN 'payout_failed_shown_paid'
+        END AS break_class) k
+    WHERE b.created_at < %(judge_before)s AND k.break_class IS NOT NULL
+), inserted AS (
+    INSERT INTO reconciliation_breaks (
+        provider, object_kind, object_id, break_class, refund_request_id, chain, charge_id, amount,
+        currency, provider_status, raw_status, failure_reason, case_status, object_created_at,
+        evidence, first_run_id, state)
+    SELECT %(provider)s, 'payout', object_id, break_class,
+           CASE WHEN payout_id IS NOT NULL THEN %(case_prefix)s || object_id END,
+           %(case_prefix)s || object_id, charge_id, amount, currency, status, raw_status,
+           failure_reason, our_status, created_at,
+           jsonb_build_object(
+               'provider', jsonb_build_object('status', status, 'raw_status', raw_status,
+                   'failure_code', failure_reason, 'amount', amount, 'currency', currency,
+                   'created', created_at, 'reference', reference),
+               'payout', CASE WHEN payout_id IS NOT NULL THEN jsonb_build_object('id', payout_id,
+                   'status', our_status, 'amount', our_amount, 'currency', our_currency,
+                   'beneficiary_id', beneficiary_id) END),
+           %(run_id)s, CASE WHEN status = %(unmapped)s THEN 'ops_review' ELSE 'new' END
+    FROM classified
+    ON CONFLICT (provider, object_id, break_class) DO NOTHING
+    RETURNING *
+)""" + LINK  # noqa: S608 (constant text)

@@ -1,0 +1,92 @@
+"""Asking a case workflow for an approver's verdict, for every endpoint that takes one
+(refunds, payout exceptions): the workflow's update validator answers at once, so the
+approver hears a refusal (and why) immediately; refusals are audited. Also the approvals
+part of the public view of a case, read from the approvals projection."""
+
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.exceptions import ApplicationError
+
+from adapters import metrics
+from adapters.db import Principal, Store
+from adapters.db.rows import ApprovalStep
+from domain.errors import ALREADY_DECIDED, NOT_AWAITING_APPROVAL
+from domain.lifecycle import unfilled
+from domain.models import ApprovalProgress, ApprovalSignal, Decision, RoleRequirement
+from workflows.approvals import ApprovingWorkflow
+
+
+class ApprovalBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    decision: Decision
+    reason: str = Field(default="", max_length=2000)
+
+
+class Refused(Exception):
+    """An action the caller may not take or the case does not allow; already audited.
+    `status` is the HTTP status that says why (403, 404, 409, 422); the relay answers it as
+    JSON, the console as a page."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+async def ask_for_verdict(client: Client, store: Store, case_id: str, body: ApprovalBody,
+                          caller: Principal, *, via: str = "api") -> ApprovalProgress:
+    """Sends the caller's verdict as an update; 409 when the case takes none, 403 when it is
+    refused (both audited). The approver is the token's user, with the token's roles."""
+    signal = ApprovalSignal(approver=caller.user, roles=tuple(sorted(caller.roles)),
+                            decision=body.decision, reason=body.reason)
+    try:
+        progress = await client.get_workflow_handle(case_id).execute_update(
+            ApprovingWorkflow.submit_approval, signal)
+    except WorkflowUpdateFailedError as exc:
+        reason, kind = refusal(exc)
+        too_late = kind in (NOT_AWAITING_APPROVAL, ALREADY_DECIDED)
+        await store.audit.record(case_id, caller.user, "action_refused" if too_late else "approval_refused",
+                                 {"decision": body.decision.value, "refusal": reason, "via": via})
+        raise Refused(409 if too_late else 403, reason) from None
+    if not progress.accepted:  # refused inside the workflow, which audited it
+        raise Refused(403, progress.reason)
+    observe_approval_wait(await store.audit.approvals_of(case_id), body.decision)
+    return progress
+
+
+def refusal(exc: WorkflowUpdateFailedError) -> tuple[str, str | None]:
+    """Why a case workflow refused an update (its validator's message), and the refusal's type."""
+    cause = exc.cause
+    if isinstance(cause, ApplicationError):
+        return cause.message, cause.type
+    return str(cause), None
+
+
+def observe_approval_wait(steps: list[ApprovalStep], decision: Decision) -> None:
+    """Time since the case started waiting for approval, sampled at each decision."""
+    asked = [s.occurred_at for s in steps if s.action == "approval_requested"]
+    if asked:
+        waited = (datetime.now(UTC) - asked[-1]).total_seconds()
+        metrics.APPROVAL_WAIT.labels(decision.value).observe(max(waited, 0.0))
+
+
+def granted_in(steps: list[ApprovalStep]) -> list[tuple[str, frozenset[str]]]:
+    """Approvals that counted, as (approver, roles): what fills a tier's slots."""
+    return [(s.approver, s.roles) for s in steps if s.action == "approval_granted"]
+
+
+def approvals_view(steps: list[ApprovalStep], requirements: list[dict[str, Any]],
+                   awaiting: bool) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every approval step with who and when, and the roles the current round still needs
+    (counted from its `approval_requested` on, so a second round starts empty)."""
+    approvals = [{"approver": s.approver, "action": s.action, "at": s.occurred_at.isoformat(),
+                  "reason": s.reason} for s in steps if s.action != "approval_requested"]
+    if not awaiting:
+        return approvals, []
+    starts = [i for i, s in enumerate(steps) if s.action == "approval_requested"]
+    granted = granted_in(steps[starts[-1]:] if starts else steps)
+    needs = tuple(RoleRequirement.model_validate(r) for r in requirements)
+    return approvals, unfilled(needs, granted)

@@ -1,0 +1,251 @@
+"""What a person may do to a case, and the rules for it, shared by every front end.
+
+The relay's HTTP API and the ops console call these same functions, so an approval, a
+reissue or a manual confirmation passes the same role checks, the same segregation of
+duties and the same state checks whichever door it came through. Every refusal is written
+to the audit trail here, before the caller turns it into an HTTP answer or a page.
+"""
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any, NoReturn
+
+from pydantic import BaseModel, ConfigDict, Field
+from temporalio.client import Client
+from temporalio.service import RPCError
+
+from adapters.config import Settings
+from adapters.db import CaseCreation, Principal, Store, request_from_row
+from adapters.db.rows import ApprovalStep, CaseRow
+from adapters.providers.manual import manual_refund
+from adapters.temporal_client import workflow_closed
+from domain.lifecycle import check_approval, unfilled
+from domain.models import (
+    ApprovalSignal,
+    ApprovalVerdict,
+    Decision,
+    EventKind,
+    ProviderEvent,
+    RefundMethod,
+    RefundRequest,
+    RequestSource,
+    RoleRequirement,
+)
+from domain.permissions import Permission, may, roles_for
+from starters.actions.approving import ApprovalBody, Refused, approvals_view, ask_for_verdict, granted_in
+from starters.actions.starting import start_refund
+from workflows.refund import RefundWorkflow
+
+REISSUABLE = frozenset({"refund_failed", "refund_canceled"})
+ADVISORY_NOTE = ("AI suggestion for approvers only: it cannot approve, change the amount or "
+                 "execute a refund, and the policy never reads it.")
+
+
+class ReissueBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    method: RefundMethod = RefundMethod.PROVIDER
+    reason: str = Field(default="", max_length=2000)
+
+
+class ManualConfirmationBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    paid: bool
+    reason: str = Field(default="", max_length=2000)
+
+
+def requirements_of(row: Mapping[str, Any]) -> tuple[RoleRequirement, ...]:
+    """The approval tier the policy decision named for a case (none before a decision)."""
+    return tuple(RoleRequirement.model_validate(r)
+                 for r in (row["decision"] or {}).get("requirements", []))
+
+
+def missing_roles(row: Mapping[str, Any], granted: list[tuple[str, frozenset[str]]]) -> list[str]:
+    if row["status"] != "awaiting_approval":
+        return []
+    return unfilled(requirements_of(row), granted)
+
+
+def approval_verdict(caller: Principal, row: Mapping[str, Any],
+                     granted: list[tuple[str, frozenset[str]]]) -> ApprovalVerdict:
+    """Would this person's approval count now? The workflow's own rule, asked in advance
+    (trigger identities live in the workflow, so it may still refuse)."""
+    signal = ApprovalSignal(approver=caller.user, roles=tuple(sorted(caller.roles)),
+                            decision=Decision.APPROVE)
+    return check_approval(signal, requester=row["requester"], conflicted=frozenset(),
+                          requirements=requirements_of(row), approved=granted)
+
+
+def behind(row: Mapping[str, Any], steps: list[ApprovalStep]) -> set[str]:
+    """Everyone who asked for, triggered or approved a refund: none of them may also say
+    that its money was paid."""
+    return {row["requester"], *(row["trigger_identities"] or ()), *(a for a, _ in granted_in(steps))}
+
+
+def case_view(case: CaseRow, steps: list[ApprovalStep]) -> dict[str, Any]:
+    """The public shape of a case: amounts, state, provider refund, decision, approvals."""
+    approvals, missing = approvals_view(steps, (case.decision or {}).get("requirements", []),
+                                        case.status == "awaiting_approval")
+    return {
+        "refund_request_id": case.refund_request_id, "status": case.status,
+        "missing_roles": missing,
+        "parent_refund_request_id": case.parent_refund_request_id, "method": case.method,
+        "provider": case.provider, "charge_id": case.charge_id, "amount": case.amount,
+        "currency": case.currency, "merchant_account": case.merchant_account,
+        "reason": case.reason, "source": case.source, "requester": case.requester,
+        "reserved_amount": case.reserved_amount, "provider_refund_id": case.provider_refund_id,
+        "provider_status": case.provider_status, "failure_reason": case.failure_reason,
+        "decision": case.decision, "approvals": approvals,
+        "created_at": case.created_at.isoformat(), "updated_at": case.updated_at.isoformat(),
+    }
+
+
+def advice_view(row: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The advisor's output as approvers see it, always labelled advisory."""
+    view: dict[str, Any] = {"advisory_only": True, "note": ADVISORY_NOTE}
+    if row is None or row["advice"] is None:
+        return {**view, "available": False, "status": "no advice",
+                "error": row["error"] if row else None, "source": row["source"] if row else None}
+    return {**view, "available": True, "source": row["source"], **row["advice"],
+            "created_at": row["created_at"].isoformat()}
+
+
+def reissue_request(parent: CaseRow, body: ReissueBody, attempt: int) -> RefundRequest:
+    """The child request: same charge and amount, its own id, linked to its parent; the
+    parent's requester is behind it, so cannot approve it."""
+    original = request_from_row(parent)
+    return original.model_copy(update={
+        "refund_request_id": f"{original.refund_request_id}-r{attempt}",
+        "evidence": {**original.evidence, "reissue_reason": body.reason},
+        "source": RequestSource.CONSOLE, "method": body.method,
+        "parent_refund_request_id": original.refund_request_id,
+        "trigger_identities": tuple(dict.fromkeys([*original.trigger_identities, parent.requester]))})
+
+
+class CaseActions:
+    """The rules behind every button and endpoint that changes a case. `via` names the
+    front end ("api", "console") in each audit row, so the trail says where a click came from."""
+
+    def __init__(self, store: Store, client: Client, settings: Settings) -> None:
+        self.store = store
+        self.client = client
+        self.settings = settings
+
+    async def refuse(self, caller: Principal, case_id: str | None, status: int, action: str,
+                     refusal: str, *, via: str, audit_action: str = "action_refused") -> NoReturn:
+        """Records the refusal in the case's trail (or the global one), then raises it."""
+        await self.store.audit.record(case_id, caller.user, audit_action,
+                                      {"action": action, "refusal": refusal, "via": via})
+        raise Refused(status, refusal)
+
+    async def require(self, caller: Principal, permission: Permission, action: str,
+                      case_id: str | None = None, *, via: str) -> None:
+        """Role check against the permission table; a refusal is audited as `access_refused`
+        with the roles it needs and what the caller has."""
+        if not may(caller.roles, permission):
+            roles = roles_for(permission)
+            await self.store.audit.record(case_id, caller.user, "access_refused",
+                                          {"action": action, "needs_one_of": sorted(roles),
+                                           "has": sorted(caller.roles), "via": via})
+            raise Refused(403, f"{action} needs one of the roles {sorted(roles)}")
+
+    async def _case(self, caller: Principal, case_id: str, action: str, via: str) -> CaseRow:
+        row = await self.store.cases.get(case_id)
+        if row is None:
+            await self.refuse(caller, None, 404, action, f"no refund request {case_id!r}", via=via)
+        return row
+
+    async def readable(self, caller: Principal, case_id: str, action: str, *,
+                       via: str) -> CaseRow:
+        """The case row for a reader; someone else's case is, to a requester, no case at
+        all (404, so ids are not confirmed either; the refusal is audited as what it is)."""
+        await self.require(caller, Permission.READ_CASE, action, case_id, via=via)
+        row = await self._case(caller, case_id, action, via)
+        if not may(caller.roles, Permission.READ_EVERY_CASE) and row["requester"] != caller.user:
+            await self.refuse(caller, case_id, 404, action, f"no refund request {case_id!r}", via=via,
+                              audit_action="access_refused")
+        return row
+
+    async def view(self, case_id: str) -> dict[str, Any]:
+        row = await self.store.cases.get(case_id)
+        assert row is not None
+        return case_view(row, await self.store.audit.approvals_of(case_id))
+
+    async def decide(self, caller: Principal, case_id: str, body: ApprovalBody, *,
+                     via: str) -> dict[str, Any]:
+        """Asks the workflow (an update with a validator) so the approver gets the verdict
+        at once; the approver is the authenticated user, never a form or body field."""
+        action = "approving a refund"
+        await self.require(caller, Permission.APPROVE_REFUND, action, case_id, via=via)
+        row = await self._case(caller, case_id, action, via)
+        if row["status"] != "awaiting_approval":
+            await self.refuse(caller, case_id, 409, action,
+                              f"case is {row['status']}, not awaiting approval", via=via)
+        try:
+            progress = await ask_for_verdict(self.client, self.store, case_id, body, caller, via=via)
+        except RPCError:
+            ended = await workflow_closed(self.client, case_id)
+            if ended is None:
+                raise
+            await self.refuse(caller, case_id, 409, action,
+                              f"the case's workflow has ended ({ended.lower()}) while the case is "
+                              f"{row['status']}; it goes to ops review", via=via)
+        return {"refund_request_id": case_id, "decision": body.decision.value,
+                "status": progress.status, "missing_roles": list(progress.missing_roles)}
+
+    async def reissue(self, caller: Principal, case_id: str, body: ReissueBody, *,
+                      via: str) -> tuple[bool, dict[str, Any]]:
+        """A failed or canceled refund becomes a new linked request (another method if need
+        be) through the same gates. Returns (created, child view); a repeat returns the open
+        child instead of making another."""
+        action = "reissuing a refund"
+        await self.require(caller, Permission.REISSUE_REFUND, action, case_id, via=via)
+        parent = await self._case(caller, case_id, action, via)
+        if parent["status"] not in REISSUABLE:
+            await self.refuse(caller, case_id, 409, action,
+                              f"case is {parent['status']}; only {sorted(REISSUABLE)} refunds can "
+                              "be reissued", via=via)
+        children = await self.store.cases.children(case_id)
+        open_child = next((c for c in children if c["status"] not in REISSUABLE), None)
+        if open_child is not None:
+            return False, case_view(open_child, await self.store.audit.approvals_of(
+                open_child["refund_request_id"]))
+        request = reissue_request(parent, body, attempt=len(children) + 1)
+        outcome, row = await self.store.cases.create(request, caller.user)
+        if outcome is CaseCreation.CONFLICT:
+            await self.refuse(caller, case_id, 409, action,
+                              f"{request.refund_request_id} exists with other parameters", via=via)
+        await self.store.audit.record(case_id, caller.user, "reissue_requested",
+                                      {"child": request.refund_request_id,
+                                       "method": body.method.value, "via": via})
+        await start_refund(self.client, self.settings, request, row["requester"])
+        return True, await self.view(request.refund_request_id)
+
+    async def confirm_manual(self, caller: Principal, case_id: str, body: ManualConfirmationBody,
+                             *, via: str) -> dict[str, Any]:
+        """Ops confirm a bank transfer they made (or could not make); the case follows.
+        Whoever requested the refund (or its reissue), is behind its trigger or approved it
+        cannot confirm it."""
+        action = "confirming a manual refund"
+        await self.require(caller, Permission.CONFIRM_MANUAL_REFUND, action, case_id, via=via)
+        case = await self._case(caller, case_id, action, via)
+        if caller.user in behind(case, await self.store.audit.approvals_of(case_id)):
+            await self.refuse(caller, case_id, 403, action,
+                              "the requester cannot confirm their own refund"
+                              if case["requester"] == caller.user else
+                              "a person behind the refund's trigger or an approver of it cannot "
+                              "confirm it", via=via, audit_action="access_refused")
+        row = await self.store.manual_refunds.confirm(case_id, succeeded=body.paid, by=caller.user,
+                                                      reason=body.reason)
+        if row is None:
+            await self.refuse(caller, case_id, 409, action, "no pending manual refund for this case",
+                              via=via)
+        refund = manual_refund(row)
+        event = ProviderEvent(
+            provider=refund.provider, event_id=f"{row['id']}:{row['status']}",
+            event_type=f"manual_refund.{row['status']}", kind=EventKind.REFUND_STATUS,
+            body_sha256=hashlib.sha256(body.model_dump_json().encode()).hexdigest(),
+            occurred_at=row["confirmed_at"], refund_id=refund.refund_id, charge_id=refund.charge_id,
+            refund_request_id=case_id, amount=refund.amount, currency=refund.currency,
+            status=refund.status, raw_status=refund.raw_status, failure_reason=refund.failure_reason)
+        await self.client.get_workflow_handle(case_id).signal(RefundWorkflow.provider_event, event)
+        return {"refund_request_id": case_id, "manual_refund": row["id"], "status": row["status"]}

@@ -1,0 +1,55 @@
+"""The rules for payout exception cases that both front ends apply: the public view of a
+case (the API's answer, the console's page) and a verdict on its current approval round."""
+
+from typing import Any
+
+from adapters.db import Principal, Store
+from domain.payouts import APPROVAL_STATUSES
+from domain.permissions import Permission
+from starters.actions.approving import ApprovalBody, Refused, approvals_view, ask_for_verdict
+from starters.actions.cases import CaseActions
+
+
+async def payout_case_view(store: Store, case_id: str) -> dict[str, Any] | None:
+    """The public view of a payout exception case (the API's answer, the console's page)."""
+    row = await store.payouts.case(case_id)
+    if row is None:
+        return None
+    payout = await store.payouts.payout(row["payout_id"])
+    assert payout is not None
+    trail = await store.audit.trail(case_id)
+    decision = row["decision"] or {}
+    approvals, missing = approvals_view(await store.audit.approvals_of(case_id),
+                                        (decision.get("decision") or {}).get("requirements", []),
+                                        row["status"] in APPROVAL_STATUSES)
+    reissue = await store.payouts.payout(payout.reissue_id())
+    return {
+        "case_id": case_id, "status": row["status"], "payout": payout.model_dump(mode="json"),
+        "reported_status": row["reported_status"], "failure_code": row["failure_code"],
+        "decision": row["decision"], "missing_roles": missing, "approvals": approvals,
+        "recommendation": row["recommendation"], "ticket_ref": row["ticket_ref"],
+        "reversal_entry_id": row["reversal_entry_id"],
+        "beneficiary_holds": [{**h, "placed_at": h["placed_at"].isoformat(),
+                               "released_at": h["released_at"].isoformat() if h["released_at"] else None}
+                              for h in await store.payouts.beneficiary_holds(payout.beneficiary_id)],
+        "reissue": reissue.model_dump(mode="json") if reissue else None,
+        "timeline": [{"at": e["occurred_at"].isoformat(), "actor": e["actor"], "action": e["action"],
+                      "detail": e["detail"]} for e in trail],
+    }
+
+
+async def decide_on_payout_exception(actions: CaseActions, caller: Principal, case_id: str,
+                                     body: ApprovalBody, *, via: str) -> dict[str, Any]:
+    """The one rule for a verdict on a payout case, whichever front end asks (API or
+    console): approver roles, the case awaiting approval, then the workflow's update
+    validator (tier roles, segregation of duties). Refusals raise the audited `Refused`."""
+    await actions.require(caller, Permission.APPROVE_PAYOUT_EXCEPTION, "approving a payout exception",
+                          case_id, via=via)
+    row = await actions.store.payouts.case(case_id)
+    if row is None:
+        raise Refused(404, f"no payout exception {case_id!r}")
+    if row["status"] not in APPROVAL_STATUSES:
+        raise Refused(409, f"case is {row['status']}, not awaiting approval")
+    progress = await ask_for_verdict(actions.client, actions.store, case_id, body, caller, via=via)
+    return {"case_id": case_id, "decision": body.decision.value, "status": progress.status,
+            "missing_roles": list(progress.missing_roles)}

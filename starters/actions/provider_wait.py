@@ -1,0 +1,83 @@
+"""Ops resolve a case stuck waiting for a notification from a provider with no status
+lookup (Adyen): they read the refund in the provider's dashboard and say what it shows.
+
+Shared by the relay's API and the console, like `actions.cases`. Only ops may do it, never
+someone behind the request (its requester, trigger identities) or one of its approvers;
+the resolution is audited before it reaches the case, as an event the waiting workflow
+takes like the notification it stands in for: "refunded" follows the named refund to the
+ledger, "not refunded" fails the case and releases its reservation.
+"""
+
+import hashlib
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from adapters.db import Principal
+from domain.models import EventKind, ProviderEvent, ProviderRefundStatus
+from domain.permissions import Permission
+from starters.actions.cases import CaseActions, behind
+from workflows.refund import RefundWorkflow
+
+WAIT_OPENED, WAIT_CLOSED = "awaiting_provider_notification", "provider_notification_received"
+
+
+class ProviderWaitBody(BaseModel):
+    """What the provider's dashboard shows for the case's refund, and why ops say so."""
+
+    model_config = ConfigDict(extra="forbid")
+    provider_shows: Literal["refunded", "not_refunded"]
+    provider_refund_id: str | None = Field(default=None, min_length=1, max_length=64)
+    """The refund's id there (Adyen's pspReference): required when it shows refunded."""
+    reason: str = Field(min_length=1, max_length=2000)
+
+    @field_validator("provider_refund_id", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value: object) -> object:
+        return None if value == "" else value  # a form's empty field
+
+    @model_validator(mode="after")
+    def _refund_named(self) -> "ProviderWaitBody":
+        if self.provider_shows == "refunded" and not self.provider_refund_id:
+            raise ValueError("provider_refund_id is required when the provider shows the refund")
+        return self
+
+
+def waiting(trail: list[dict[str, Any]]) -> bool:
+    """Whether the case's last word on the notification wait opened it."""
+    marks = [e["action"] for e in trail if e["action"] in (WAIT_OPENED, WAIT_CLOSED)]
+    return bool(marks) and marks[-1] == WAIT_OPENED
+
+
+async def resolve_provider_wait(actions: CaseActions, caller: Principal, case_id: str,
+                                body: ProviderWaitBody, *, via: str) -> dict[str, Any]:
+    """Ends the case's notification wait with what ops read at the provider."""
+    action = "resolving a provider notification wait"
+    await actions.require(caller, Permission.RESOLVE_PROVIDER_WAIT, action, case_id, via=via)
+    row = await actions._case(caller, case_id, action, via)
+    trail = await actions.store.audit.trail(case_id)
+    if caller.user in behind(row, await actions.store.audit.approvals_of(case_id)):
+        await actions.refuse(caller, case_id, 403, action, "whoever requested or approved a refund "
+                             "cannot resolve its wait", via=via, audit_action="access_refused")
+    if not waiting(trail):
+        await actions.refuse(caller, case_id, 409, action,
+                             f"case is {row['status']} and not waiting for a provider notification",
+                             via=via)
+    refunded = body.provider_shows == "refunded"
+    refund_id = body.provider_refund_id if refunded else row["provider_refund_id"]
+    await actions.store.audit.record(case_id, caller.user, "provider_wait_resolved",
+                                     {**body.model_dump(), "via": via})
+    event = ProviderEvent(
+        provider=row["provider"], event_id=f"ops-resolution:{case_id}",
+        event_type=f"ops_resolution.{body.provider_shows}", kind=EventKind.REFUND_STATUS,
+        body_sha256=hashlib.sha256(body.model_dump_json().encode()).hexdigest(),
+        occurred_at=datetime.now(UTC), refund_id=refund_id or f"none-{case_id}", charge_id=row["charge_id"],
+        refund_request_id=case_id, amount=row["amount"], currency=row["currency"],
+        status=ProviderRefundStatus.SUCCEEDED if refunded else ProviderRefundStatus.FAILED,
+        raw_status=f"ops:{body.provider_shows}",
+        failure_reason=None if refunded else f"ops {caller.user}: the provider shows no refund "
+                                             f"({body.reason})")
+    await actions.client.get_workflow_handle(case_id).signal(RefundWorkflow.provider_event, event)
+    return {"refund_request_id": case_id, "provider_shows": body.provider_shows,
+            "resolved_by": caller.user}

@@ -1,0 +1,85 @@
+"""The rules for reconciliation breaks that both front ends apply: an approver's verdict on
+a break's compensation, and ops reopening a dismissed or expired break."""
+
+from contextlib import suppress
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
+from temporalio.common import WorkflowIDReusePolicy
+from temporalio.service import RPCError
+
+from adapters.db import Principal
+from adapters.db.reconciliation import NotReopenable, break_case, break_view
+from domain.errors import ALREADY_DECIDED, NOT_AWAITING_APPROVAL
+from domain.models import ApprovalSignal, Decision
+from domain.permissions import Permission
+from domain.reconciliation import BreakState, break_workflow_id
+from starters.actions.approving import Refused, refusal
+from starters.actions.cases import CaseActions
+from workflows.reconciliation import ReconciliationBreakWorkflow
+
+
+class BreakDecisionBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    decision: Decision
+    reason: str = Field(default="", max_length=2000)
+
+
+class BreakReopenBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(min_length=1, max_length=2000, description="why the decision is taken back")
+
+
+async def decide_on_break(actions: CaseActions, caller: Principal, break_id: int, body: BreakDecisionBody,
+                          *, via: str) -> dict[str, Any]:
+    """The one rule for a verdict on a break, whichever front end asks (API or console):
+    approver roles, the break awaiting approval, then the workflow's update validator.
+    Refusals raise the audited `Refused` both front ends answer."""
+    await actions.require(caller, Permission.APPROVE_RECONCILIATION_BREAK, "approving a reconciliation break",
+                          via=via)
+    row = await actions.store.reconciliation.get_break(break_id)
+    if row is None:
+        raise Refused(404, f"no reconciliation break {break_id}")
+    if row["state"] != BreakState.AWAITING_APPROVAL:
+        raise Refused(409, f"break is {row['state']}, not awaiting approval")
+    signal = ApprovalSignal(approver=caller.user, roles=tuple(sorted(caller.roles)),
+                            decision=body.decision, reason=body.reason)
+    handle = actions.client.get_workflow_handle(break_workflow_id(break_id))
+    try:
+        progress = await handle.execute_update(ReconciliationBreakWorkflow.submit_approval, signal)
+    except WorkflowUpdateFailedError as exc:
+        reason, kind = refusal(exc)
+        if kind == NOT_AWAITING_APPROVAL:
+            raise Refused(409, reason) from None
+        await actions.store.audit.record(row["chain"], caller.user, "reconciliation_approval_refused",
+                                         {"break_id": break_id, "decision": body.decision.value,
+                                          "refusal": reason})
+        raise Refused(409 if kind == ALREADY_DECIDED else 403, reason) from None
+    if not progress.accepted:
+        raise Refused(403, progress.reason)
+    return {"break_id": break_id, "decision": body.decision.value,
+            "missing_roles": list(progress.missing_roles)}
+
+
+async def reopen_break(actions: CaseActions, caller: Principal, break_id: int, body: BreakReopenBody,
+                       *, via: str) -> dict[str, Any]:
+    """The one rule for reopening a break, whichever front end asks: ops roles, a break
+    that ended without moving money, then the same exception case (id and break) runs
+    again from the start: handed to its case when that can take it, else approvals."""
+    await actions.require(caller, Permission.REOPEN_RECONCILIATION_BREAK, "reopening a reconciliation break",
+                          via=via)
+    client, settings = actions.client, actions.settings
+    try:
+        row = await actions.store.reconciliation.reopen(break_id, caller.user, body.reason)
+    except LookupError as exc:
+        raise Refused(404, str(exc)) from None
+    except NotReopenable as exc:
+        raise Refused(409, str(exc)) from None
+    workflow_id = break_workflow_id(break_id)
+    with suppress(WorkflowFailureError, RPCError):  # the previous run settled; let it close
+        await client.get_workflow_handle(workflow_id).result()
+    await client.start_workflow(
+        ReconciliationBreakWorkflow.run, break_case(row, settings.timings()), id=workflow_id,
+        task_queue=settings.task_queue, id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE)
+    return {**break_view(row), "reopened_by": caller.user}

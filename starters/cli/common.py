@@ -1,0 +1,64 @@
+"""What every command shares: exit codes, the one-line failure, the API token, the
+database (configured, else the dev stack's embedded PostgreSQL)."""
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from adapters.config import Settings
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+DEV_INSTALL = "a development install (from a checkout: pip install -e '.[embedded]')"
+
+
+class CommandFailed(Exception):
+    """Ends a command with a one-line message on stderr and one of the exit codes above."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def api_token(args: argparse.Namespace, settings: Settings) -> str:
+    token = args.token or os.environ.get("REFUNDS_TOKEN")
+    if token:
+        return str(token)
+    secrets_file = Path(settings.data_dir) / "dev-secrets.json"
+    if secrets_file.exists():
+        return str(json.loads(secrets_file.read_text())["admin_token"])
+    raise SystemExit("no token: pass --token or set REFUNDS_TOKEN")
+
+
+def print_json(value: Any) -> int:
+    print(json.dumps(value, indent=2, default=str))
+    return EXIT_OK
+
+
+async def open_database(settings: Settings) -> tuple[str, Any]:
+    """The configured DSN, or the embedded PostgreSQL in the data folder."""
+    if settings.database_url is not None:
+        return settings.database_url.get_secret_value(), None
+    with needs_dev_install("the embedded PostgreSQL (REFUNDS_DATABASE_URL is not set)"):
+        from starters.dev.stack import EmbeddedPostgres
+
+    pg = EmbeddedPostgres(Path(settings.data_dir) / "pg")
+    return await asyncio.to_thread(pg.start), pg
+
+
+@contextlib.contextmanager
+def needs_dev_install(what: str) -> Iterator[None]:
+    """The dev stack (`starters.dev`) is left out of the production wheel: importing it there
+    ends the command with one line that says so, instead of a traceback."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        if not (exc.name or "").startswith("starters.dev"):
+            raise
+        raise CommandFailed(f"{what} needs the dev stack, which only {DEV_INSTALL} has; a "
+                            "production install runs `refunds relay` and `refunds worker`",
+                            EXIT_UNREACHABLE) from None

@@ -1,0 +1,107 @@
+"""The commands that start servers: the worker and the relay (production), the doctor's
+checks, and the dev stack with its demo (development installs only)."""
+
+import argparse
+import asyncio
+
+from adapters.config import Settings
+from starters.cli.common import api_token, needs_dev_install, open_database
+
+
+def _observability(settings: Settings, service: str, *, text_logs: bool = False) -> None:
+    from adapters.telemetry import configure_logging, configure_tracing
+
+    configure_logging(settings, text=text_logs or None)
+    configure_tracing(service)
+
+
+async def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
+    from adapters.telemetry import shutdown_tracing
+
+    with needs_dev_install("`refunds dev`"):
+        from starters.dev.run import run_dev
+
+    _observability(settings, "refunds-dev", text_logs="log_format" not in settings.model_fields_set)
+    try:
+        await run_dev(settings, play_demo=not args.no_demo)
+    finally:
+        shutdown_tracing()
+    return 0
+
+
+async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    with needs_dev_install("`refunds demo`"):
+        from starters.dev.demo import run_demo
+
+    await run_demo(settings.relay_base_url(), settings.sandbox_base_url(), api_token(args, settings),
+                   fault_seconds=settings.provider_http_timeout_seconds + 5)
+    return 0
+
+
+async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    import signal
+
+    from adapters.telemetry import shutdown_tracing
+    from starters.ports import ensure_ports_free
+    from workers.main import run_worker
+
+    _observability(settings, "refunds-worker")
+    ensure_ports_free(settings.bind_host, {"REFUNDS_WORKER_HEALTH_PORT": settings.worker_health_port,
+                                           "REFUNDS_TEMPORAL_METRICS_PORT": settings.temporal_metrics_port})
+    dsn, pg = await open_database(settings)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    try:
+        await run_worker(settings, dsn, stop)
+    finally:
+        shutdown_tracing()
+        if pg is not None:
+            pg.stop()
+    return 0
+
+
+async def cmd_relay(args: argparse.Namespace, settings: Settings) -> int:
+    import signal
+
+    from adapters.db import Store
+    from adapters.http_server import AppServer
+    from adapters.providers.registry import build_providers, close_providers
+    from adapters.telemetry import shutdown_tracing
+    from adapters.temporal_client import connect
+    from starters.ports import ensure_ports_free
+    from starters.relay import create_app
+
+    _observability(settings, "refunds-relay")
+    ensure_ports_free(settings.bind_host, {"REFUNDS_RELAY_PORT": settings.relay_port})
+    dsn, pg = await open_database(settings)
+    store = await Store.open(dsn)
+    providers = build_providers(settings, store)
+    app = create_app(store, await connect(settings), providers, settings)
+    server = AppServer(app, settings.bind_host, settings.relay_port,
+                       forwarded_allow_ips=args.forwarded_allow_ips)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    await server.start()
+    print(f"relay on {server.url}", flush=True)
+    await app.state.webhooks.redrive()  # heal receipts a crash left between receipt and signal
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()
+        await close_providers(providers)
+        await store.close()
+        shutdown_tracing()
+        if pg is not None:
+            pg.stop()
+    return 0
+
+
+async def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
+    from starters.cli.doctor import run_doctor
+
+    findings = await run_doctor(settings)
+    for finding in findings:
+        print(finding.line())
+    return 0 if all(f.ok for f in findings) else 1

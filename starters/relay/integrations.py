@@ -1,0 +1,330 @@
+"""Inbound integrations on the relay: Slack approval buttons, ServiceNow refund requests
+and ServiceNow approvals.
+
+Each call is verified by its signature (Slack's `v0=` scheme; HMAC-SHA256 over
+`{timestamp}.{body}` for ServiceNow), stored as a receipt with its verdict, and acts as
+the linked user of ours (`refunds integrations link`), whose roles come from our tokens,
+never from the callback. Approvals become the workflow's `approve` signal, sealed by the
+relay's client (`adapters.approval_seal`), checked there under the same segregation-of-duties
+rules as every other approval.
+"""
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, Protocol, TypeVar
+from urllib.parse import parse_qs
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+from adapters import receipts, signing
+from adapters.config import secret_list
+from adapters.db import CaseCreation, StoredReceipt
+from adapters.notify.chat import APPROVE_ACTION, DENY_ACTION
+from adapters.providers.base import WebhookRejected
+from adapters.tickets.servicenow import record_url
+from domain.models import (
+    ApprovalSignal,
+    Decision,
+    RefundReason,
+    RefundRequest,
+    RequestSource,
+)
+from domain.permissions import Permission, may, roles_for
+from starters.actions.front import Door, FrontDoor
+from starters.actions.starting import over_maximum, start_refund
+from starters.relay.limits import read_limited
+from workflows.refund import RefundWorkflow
+
+log = logging.getLogger("relay.integrations")
+
+SysId = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+REJECTION_STATUS = {"too_large": 413, "unknown_provider": 404, "malformed": 400}
+
+
+class Inbound(Protocol):
+    """A verified inbound call; `event_id` feeds the receipts' (provider, event_id) gate."""
+
+    def event_id(self) -> str | None: ...
+
+    def event_type(self) -> str: ...
+
+
+class SlackUser(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str = Field(min_length=1, max_length=64)
+
+
+class SlackAction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    action_id: str
+    value: str = ""
+
+
+class SlackInteraction(BaseModel):
+    """Slack's `block_actions` payload (form field `payload`, JSON)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["block_actions"]
+    trigger_id: str | None = None
+    user: SlackUser
+    actions: list[SlackAction] = Field(min_length=1, max_length=5)
+
+    @classmethod
+    def from_body(cls, body: bytes) -> "SlackInteraction":
+        payload = parse_qs(body.decode()).get("payload")
+        if not payload:
+            raise ValueError("no payload form field")
+        return cls.model_validate_json(payload[0])  # pydantic's parser bounds the nesting
+
+    def event_id(self) -> str | None:
+        return self.trigger_id
+
+    def event_type(self) -> str:
+        return self.type
+
+
+class ServiceNowUser(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user_name: str = Field(min_length=1, max_length=100)
+    sys_id: SysId | None = None
+
+
+class ServiceNowRefundTicket(BaseModel):
+    """What the "Refund Request" ticket's outbound REST message sends on insert/update."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sys_id: SysId
+    number: str = Field(min_length=1, max_length=40)
+    sys_updated_on: str = Field(min_length=1, max_length=40)
+    opened_by: ServiceNowUser
+    short_description: str = Field(default="", max_length=160)
+    description: str = Field(default="", max_length=1800)
+    provider: str
+    charge_id: str
+    amount: int = Field(gt=0, strict=True, description="integer minor units")
+    currency: str
+    merchant_account: str
+    reason: RefundReason = RefundReason.REQUESTED_BY_CUSTOMER
+    evidence: dict[str, str] = Field(default_factory=dict)
+
+    @classmethod
+    def from_body(cls, body: bytes) -> "ServiceNowRefundTicket":
+        ticket = cls.model_validate_json(body)
+        ticket.refund_request(ticket.opened_by.user_name)  # refuse now what could never be a request
+        return ticket
+
+    def case_id(self) -> str:
+        return f"servicenow-{self.sys_id}"
+
+    def refund_request(self, opener: str) -> RefundRequest:
+        """The ticket as a request; its opener is behind it, so cannot approve it. The ticket
+        text is evidence the advisor reads as untrusted data."""
+        text = "\n".join(t for t in (self.short_description, self.description) if t)
+        return RefundRequest(
+            refund_request_id=self.case_id(), provider=self.provider, charge_id=self.charge_id,
+            amount=self.amount, currency=self.currency, merchant_account=self.merchant_account,
+            reason=self.reason, source=RequestSource.TICKET, trigger_identities=(opener,),
+            evidence={**self.evidence, "ticket_number": self.number,
+                      **({"ticket_text": text} if text else {})})
+
+    def event_id(self) -> str | None:
+        return f"{self.sys_id}:{self.sys_updated_on}"
+
+    def event_type(self) -> str:
+        return "refund_request"
+
+
+class ServiceNowApproval(BaseModel):
+    """A `sysapproval_approver` record that changed to approved or rejected."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sys_id: SysId
+    document_id: SysId
+    state: Literal["approved", "rejected"]
+    approver: ServiceNowUser
+    comments: str = Field(default="", max_length=2000)
+
+    @classmethod
+    def from_body(cls, body: bytes) -> "ServiceNowApproval":
+        return cls.model_validate_json(body)
+
+    def event_id(self) -> str | None:
+        return f"{self.sys_id}:{self.state}"
+
+    def event_type(self) -> str:
+        return f"approval.{self.state}"
+
+
+M = TypeVar("M", bound=Inbound)
+
+
+def _explain(exc: ValueError) -> str:
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        return f"{'.'.join(str(p) for p in first['loc']) or 'body'}: {first['msg']}"
+    return str(exc)
+
+
+router = APIRouter(prefix="/integrations", tags=["integrations"])
+
+
+async def receive(door: FrontDoor, request: Request, provider: str, secret: SecretStr | None,
+                  parse: Callable[[bytes], M]) -> tuple[M, StoredReceipt] | JSONResponse:
+    """Limit, verify, parse and store the receipt; a rejection is stored and answered."""
+    headers = receipts.storable_headers({k.lower(): v for k, v in request.headers.items()})
+    body = await read_limited(request, door.settings.webhook_max_body_bytes)
+    prefix = "x-slack" if provider == "slack" else "x-refunds"
+    parsed: M | None = None
+    rejection: WebhookRejected | None = None
+    try:
+        if body is None:
+            raise WebhookRejected("too_large", f"body exceeds {door.settings.webhook_max_body_bytes} bytes")
+        if secret is None:
+            raise WebhookRejected("unknown_provider", f"the {provider} integration is not configured")
+        signing.verify(provider, signature_header=headers.get(f"{prefix}-signature"),
+                       timestamp_header=headers.get(f"{prefix}-request-timestamp"), body=body,
+                       secrets=secret_list(secret), now=time.time(),
+                       tolerance_seconds=door.settings.webhook_tolerance_seconds)
+        candidate = parse(body)
+        if isinstance(candidate, BaseModel) and receipts.unstorable(candidate):
+            raise WebhookRejected("malformed", "the call holds text PostgreSQL cannot store "
+                                  "(NUL or a lone surrogate)")
+        parsed = candidate
+    except WebhookRejected as exc:
+        rejection = exc
+    except ValueError as exc:
+        rejection = WebhookRejected("malformed", _explain(exc))
+    stored = await door.store.receipts.store(
+        provider=provider, event_id=parsed.event_id() if parsed else None,
+        event_type=parsed.event_type() if parsed else None, body=body,
+        body_sha256=hashlib.sha256(body or b"").hexdigest(), headers=headers,
+        verdict="accepted" if rejection is None else rejection.verdict,
+        error=receipts.storable(rejection.message) if rejection else None)
+    if rejection is not None:
+        log.warning("%s call rejected (%s): %s", provider, rejection.verdict, rejection.message)
+        return JSONResponse({"receipt_id": stored.receipt_id, "verdict": rejection.verdict,
+                             "detail": rejection.message},
+                            status_code=REJECTION_STATUS.get(rejection.verdict, 401))
+    assert parsed is not None
+    if stored.verdict == "duplicate" and stored.first_processed:
+        return JSONResponse({"receipt_id": stored.receipt_id, "verdict": "duplicate"})
+    return parsed, stored
+
+
+async def answer(door: FrontDoor, stored: StoredReceipt, case_id: str | None, status: int,
+                 body: dict[str, Any]) -> JSONResponse:
+    await door.store.receipts.mark_processed(stored.first_receipt_id or stored.receipt_id, case_id)
+    return JSONResponse({"receipt_id": stored.receipt_id, **body}, status_code=status)
+
+
+async def signal_approval(door: FrontDoor, stored: StoredReceipt, system: str, external_user: str,
+                          case_id: str | None, decision: Decision, reason: str) -> JSONResponse:
+    """An approval from a channel that cannot wait: the workflow checks it when it
+    processes the signal, exactly like one from the API."""
+    principal = await door.store.access.principal_for(system, external_user)
+    row = await door.store.cases.get(case_id) if case_id else None
+    refusal: tuple[int, str, str] | None = None
+    if row is None or case_id is None:
+        refusal = (404, "", f"no refund request for this {system} approval")
+    elif principal is None:
+        refusal = (403, "access_refused",
+                   f"{system} user {external_user!r} is not linked to a user with a live token")
+    elif not may(principal.roles, Permission.APPROVE_REFUND):
+        refusal = (403, "access_refused",
+                   f"approving needs one of the roles {sorted(roles_for(Permission.APPROVE_REFUND))}")
+    elif row["status"] != "awaiting_approval":
+        refusal = (409, "approval_refused", f"case is {row['status']}, not awaiting approval")
+    if refusal is not None:
+        code, action, message = refusal
+        actor = principal.user if principal else f"{system}:{external_user}"
+        if action:
+            await door.store.audit.record(case_id, actor, action,
+                                          {"channel": system, "external_user": external_user,
+                                           "decision": decision.value, "refusal": message})
+        return await answer(door, stored, case_id if row else None, code, {"detail": message})
+    assert principal is not None and case_id is not None
+    signal = ApprovalSignal(approver=principal.user, roles=tuple(sorted(principal.roles)),
+                            decision=decision, reason=reason[:2000])
+    await door.client.get_workflow_handle(case_id).signal(RefundWorkflow.approve, signal)
+    await door.store.audit.record(case_id, principal.user, "approval_signalled",
+                                  {"channel": system, "external_user": external_user,
+                                   "decision": decision.value})
+    return await answer(door, stored, case_id, 200, {
+        "refund_request_id": case_id, "approver": principal.user, "decision": decision.value,
+        "status": "signalled"})
+
+
+@router.post("/slack/actions")
+async def slack_actions(request: Request, door: Door) -> JSONResponse:
+    """A click on an Approve or Deny button of an approval notice."""
+    received = await receive(door, request, "slack", door.settings.slack_signing_secret,
+                             SlackInteraction.from_body)
+    if isinstance(received, JSONResponse):
+        return received
+    interaction, stored = received
+    action = interaction.actions[0]
+    decision = {APPROVE_ACTION: Decision.APPROVE, DENY_ACTION: Decision.DENY}.get(action.action_id)
+    if decision is None:  # "Open case" and other buttons only open links
+        return await answer(door, stored, None, 200, {"ignored": action.action_id})
+    return await signal_approval(door, stored, "slack", interaction.user.id, action.value, decision,
+                                 f"via Slack ({interaction.user.id})")
+
+
+@router.post("/servicenow/refund-requests", status_code=202)
+async def servicenow_refund_request(request: Request, door: Door) -> JSONResponse:
+    """A "Refund Request" ticket created or updated: starts (or attaches to) its case. The
+    opener must be linked to a user who may request refunds."""
+    received = await receive(door, request, "servicenow", door.settings.servicenow_inbound_secret,
+                             ServiceNowRefundTicket.from_body)
+    if isinstance(received, JSONResponse):
+        return received
+    ticket, stored = received
+    case_id = ticket.case_id()
+    opener = ticket.opened_by.user_name
+    principal = await door.store.access.principal_for("servicenow", opener)
+    if principal is None or not may(principal.roles, Permission.REQUEST_REFUND):
+        message = (f"ServiceNow user {opener!r} is not linked to a user who may request refunds "
+                   f"(roles {sorted(roles_for(Permission.REQUEST_REFUND))})")
+        await door.store.audit.record(case_id, f"servicenow:{opener}", "access_refused",
+                                      {"channel": "servicenow", "ticket": ticket.number, "refusal": message})
+        return await answer(door, stored, None, 403, {"detail": message})
+    if too_large := over_maximum(door.providers, ticket.provider, ticket.amount, ticket.currency):
+        return await answer(door, stored, case_id, 422, {"detail": too_large})
+    refund = ticket.refund_request(principal.user)
+    outcome, _ = await door.store.cases.create(refund, principal.user)
+    if outcome is CaseCreation.CONFLICT:
+        return await answer(door, stored, case_id, 409, {
+            "detail": f"ticket {ticket.number} changed after its refund was requested; the case "
+                      "keeps the values it was requested with"})
+    settings = door.settings
+    url = record_url(settings.servicenow_url, settings.servicenow_request_table, ticket.sys_id) \
+        if settings.servicenow_url else None
+    await door.store.integrations.save_ticket(case_id, "servicenow", "request", external_id=ticket.sys_id,
+                                              number=ticket.number, url=url, actor=principal.user)
+    await start_refund(door.client, door.settings, refund, principal.user)
+    row = await door.store.cases.get(case_id)
+    assert row is not None
+    return await answer(door, stored, case_id, 202 if outcome is CaseCreation.CREATED else 200,
+                        {"refund_request_id": case_id, "status": row["status"]})
+
+
+@router.post("/servicenow/approvals")
+async def servicenow_approval(request: Request, door: Door) -> JSONResponse:
+    """An approval recorded in ServiceNow on a case's refund-request ticket."""
+    received = await receive(door, request, "servicenow", door.settings.servicenow_inbound_secret,
+                             ServiceNowApproval.from_body)
+    if isinstance(received, JSONResponse):
+        return received
+    approval, stored = received
+    case_id = await door.store.integrations.case_for_ticket("servicenow", approval.document_id)
+    decision = Decision.APPROVE if approval.state == "approved" else Decision.DENY
+    return await signal_approval(door, stored, "servicenow", approval.approver.user_name, case_id,
+                                 decision, approval.comments or f"{approval.state} in ServiceNow")
+

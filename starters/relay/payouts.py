@@ -1,0 +1,123 @@
+"""The relay's payout endpoints: register a payout the internal payments system made (and
+read the booked payouts); read a payout exception case with its timeline, approve or deny
+its current approval round, and ask for a reissue (which then needs its own approval).
+Identity comes from the bearer token, as everywhere in the relay."""
+
+from typing import Any, NoReturn
+
+from fastapi import APIRouter, HTTPException, Response
+from pydantic import BaseModel, ConfigDict, Field
+from temporalio.client import WorkflowUpdateFailedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from adapters.telemetry import bind_case
+from domain.payouts import PayoutRegistration, ReissueAsk, payout_case_id
+from domain.permissions import Permission
+from starters.actions.approving import ApprovalBody, refusal
+from starters.actions.front import Door
+from starters.actions.payouts import decide_on_payout_exception, payout_case_view
+from starters.actions.starting import over_maximum
+from starters.relay.auth import Caller
+from workflows.payout import PayoutReversalWorkflow
+
+
+class PayoutReissueBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(min_length=1, max_length=2000)
+
+
+router = APIRouter()
+
+
+@router.post("/v1/payouts", status_code=201)
+async def register_payout(body: PayoutRegistration, caller: Caller, response: Response,
+                          door: Door) -> dict[str, Any]:
+    """Books a payout as paid, once per id: the same registration again is a no-op
+    (200), the id or the provider's payout id booked with other data a 409. Refusals
+    are audited on the case chain the payout's failure would open."""
+    case_id = payout_case_id(body.provider, body.provider_payout_id)
+    await door.actions.require(caller, Permission.REGISTER_PAYOUT, "registering a payout", case_id, via="api")
+
+    async def refuse(status: int, refusal: str) -> NoReturn:
+        await door.store.audit.record(case_id, caller.user, "payout_registration_refused",
+                                      {"payout": body.model_dump(mode="json"), "refusal": refusal})
+        raise HTTPException(status, refusal)
+
+    if body.provider not in door.providers:
+        await refuse(422, f"provider {body.provider!r} is not configured")
+    if too_large := over_maximum(door.providers, body.provider, body.amount, body.currency):
+        await refuse(422, too_large)
+    booked, created = await door.store.payouts.register_payout(body, caller.user)
+    if booked is None:
+        await refuse(409, f"payout {body.id} (or {body.provider} payout {body.provider_payout_id}) is "
+                          "already registered with other data")
+    response.status_code = 201 if created else 200
+    return {"payout": booked.model_dump(mode="json"), "created": created, "case_id": case_id}
+
+
+@router.get("/v1/payouts")
+async def list_payouts(caller: Caller, door: Door, limit: int = 50) -> list[dict[str, Any]]:
+    """The most recently booked payouts (reissues included), newest first."""
+    await door.actions.require(caller, Permission.READ_PAYOUTS, "reading payouts", None, via="api")
+    return [p.model_dump(mode="json") for p in await door.store.payouts.payouts(min(max(limit, 1), 500))]
+
+
+@router.get("/v1/payouts/{payout_id}")
+async def get_payout(payout_id: str, caller: Caller, door: Door) -> dict[str, Any]:
+    """A booked payout with its exception case's id (whether or not one is open)."""
+    await door.actions.require(caller, Permission.READ_PAYOUTS, "reading a payout", None, via="api")
+    payout = await door.store.payouts.payout(payout_id)
+    if payout is None:
+        raise HTTPException(404, f"no payout {payout_id!r}")
+    case_id = payout_case_id(payout.provider, payout.provider_payout_id)
+    case = await door.store.payouts.case(case_id)
+    return {"payout": payout.model_dump(mode="json"), "case_id": case_id,
+            "case_status": case.status if case else None}
+
+
+@router.get("/v1/payout-exceptions/{case_id}")
+async def get_payout_exception(case_id: str, caller: Caller, door: Door) -> dict[str, Any]:
+    """The case: payout, decision, approvals still missing, the advisor's
+    recommendation, ticket, beneficiary holds, reissue, and the whole timeline."""
+    await door.actions.require(caller, Permission.READ_PAYOUTS, "reading a payout exception", case_id,
+                               via="api")
+    view = await payout_case_view(door.store, case_id)
+    if view is None:
+        raise HTTPException(404, f"no payout exception {case_id!r}")
+    return view
+
+
+@router.post("/v1/payout-exceptions/{case_id}/approvals", status_code=202)
+async def approve_payout_exception(case_id: str, body: ApprovalBody, caller: Caller,
+                                   door: Door) -> dict[str, Any]:
+    """Approves or denies the case's current round (the reversal, or a reissue); the
+    verdict comes back at once, refusals are audited."""
+    bind_case(case_id)
+    return await decide_on_payout_exception(door.actions, caller, case_id, body, via="api")
+
+
+@router.post("/v1/payout-exceptions/{case_id}/reissue", status_code=202)
+async def reissue_payout(case_id: str, body: PayoutReissueBody, caller: Caller,
+                         door: Door) -> dict[str, Any]:
+    """Asks to pay the beneficiary again: taken once per remediated case, then it waits
+    for its own approval (the requester cannot approve it); refusals are audited."""
+    bind_case(case_id)
+    await door.actions.require(caller, Permission.REISSUE_PAYOUT, "requesting a payout reissue", case_id,
+                               via="api")
+    if await door.store.payouts.case(case_id) is None:
+        raise HTTPException(404, f"no payout exception {case_id!r}")
+    ask = ReissueAsk(requester=caller.user, roles=tuple(sorted(caller.roles)), reason=body.reason)
+    try:
+        progress = await door.client.get_workflow_handle(case_id).execute_update(
+            PayoutReversalWorkflow.request_reissue, ask)
+    except WorkflowUpdateFailedError as exc:
+        reason, _ = refusal(exc)
+    except RPCError as exc:
+        if exc.status != RPCStatusCode.NOT_FOUND:
+            raise
+        reason = "the case is closed"
+    else:
+        return {"case_id": case_id, "status": progress.status,
+                "missing_roles": list(progress.missing_roles)}
+    await door.store.audit.record(case_id, caller.user, "reissue_refused", {"refusal": reason})
+    raise HTTPException(409, reason)

@@ -1,0 +1,368 @@
+"""The webhook path of the relay: receipt first, then verify, dedup, route; plus replay,
+re-drive and coverage, which all go through that same path.
+
+A delivery is acknowledged (2xx) only after its receipt is durable and its workflow was
+started or signalled. A replay re-feeds a stored body and headers as a new receipt
+(`replay_of`) verified at the original reception time, so the signature is still checked
+and the `(provider, event_id)` gate keeps every event acting once. Re-driving an accepted
+receipt that never reached its workflow (a crash between receipt and signal) is a replay.
+"""
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime
+from ipaddress import ip_address
+from typing import Any
+
+from pydantic import ValidationError
+from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
+
+from adapters import metrics, receipts
+from adapters.config import Settings
+from adapters.db import CaseCreation, Store, StoredReceipt
+from adapters.providers.base import NotificationRecorder, ProviderAdapter, WebhookRejected
+from adapters.telemetry import bind_case
+from domain.events import tracking_case_id
+from domain.models import EventKind, ProviderEvent, RefundRequest
+from domain.payments import PaymentEvent
+from domain.payouts import PayoutEvent, payout_case_id
+from starters.actions.starting import (
+    open_payout_case,
+    over_maximum,
+    request_from_event,
+    start_refund,
+    track_refund,
+)
+from workflows.payout import PayoutReversalWorkflow
+from workflows.refund import RefundWorkflow
+
+log = logging.getLogger("relay")
+
+REJECTION_STATUS = {"too_large": 413, "unknown_provider": 404, "unknown_type": 202, "malformed": 400,
+                    "unexpected_status": 422, "forbidden_source": 403, "bad_signature": 401,
+                    "stale": 401}
+LOUD_VERDICTS = frozenset({"unknown_type", "unexpected_status"})
+
+
+def _coverage_entry(handled: frozenset[str]) -> dict[str, Any]:
+    return {"handled": sorted(handled), "arrived": {}, "unknown_types": [], "never_seen": [],
+            "rejected": {}}
+
+
+def actor_of(event: ProviderEvent | PayoutEvent | PaymentEvent) -> str:
+    """Who acts, in the audit and as a request's requester, when a provider's event does."""
+    return f"provider:{event.provider}"
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What the relay answers for one delivery (or replay)."""
+
+    status_code: int
+    receipt_id: int
+    verdict: str
+    workflow_id: str | None = None
+    detail: str | None = None
+    replay_of: int | None = None
+    acknowledgement: str | None = None
+    """A provider's required plain-text answer to a 2xx (Adyen's `[accepted]`), else JSON."""
+
+    def body(self) -> dict[str, Any]:
+        answer: dict[str, Any] = {"receipt_id": self.receipt_id, "verdict": self.verdict}
+        if self.replay_of is not None:
+            answer["replay_of"] = self.replay_of
+        if self.detail is not None:
+            answer["detail"] = self.detail
+        else:
+            answer["workflow_id"] = self.workflow_id
+        return answer
+
+
+class WebhookDesk:
+    """Ingests deliveries for the relay, the replay and re-drive commands alike."""
+
+    def __init__(self, store: Store, client: Client, providers: Mapping[str, ProviderAdapter],
+                 settings: Settings) -> None:
+        self._store = store
+        self._client = client
+        self._providers = providers
+        self._settings = settings
+
+    def _source_allowed(self, provider_name: str, peer: str) -> bool:
+        networks = self._settings.webhook_allowed_sources.get(provider_name)
+        if not networks:
+            return True
+        try:
+            address = ip_address(peer)
+        except ValueError:
+            return False
+        return any(address in network for network in networks)
+
+    def _parse(self, provider_name: str, headers: Mapping[str, str], body: bytes | None, now: float,
+               peer: str | None
+               ) -> tuple[ProviderEvent | PayoutEvent | PaymentEvent, RefundRequest | None]:
+        """Verifies and normalises, or raises WebhookRejected with the receipt's verdict; a
+        provider's refund request comes with the request it asks for, built once here."""
+        if body is None:
+            raise WebhookRejected("too_large", f"body exceeds {self._settings.webhook_max_body_bytes} bytes")
+        provider = self._providers.get(provider_name)
+        if provider is None:
+            raise WebhookRejected("unknown_provider", f"no provider {provider_name!r}")
+        if peer is not None and not self._source_allowed(provider_name, peer):
+            raise WebhookRejected("forbidden_source", f"{peer} is not an allowed source for {provider_name}")
+        event = provider.parse_webhook(headers, body, now)
+        if receipts.unstorable(event):
+            raise WebhookRejected("malformed", "the event holds text PostgreSQL cannot store (NUL or a "
+                                  "lone surrogate)", event_id=receipts.storable(event.event_id),
+                                  event_type=receipts.storable(event.event_type))
+        if isinstance(event, ProviderEvent) and event.kind is EventKind.REFUND_REQUESTED:
+            try:
+                request = request_from_event(event)
+            except ValidationError as exc:
+                raise WebhookRejected("malformed", f"invalid refund request: {exc.errors()[0]['msg']}",
+                                      event_id=event.event_id, event_type=event.event_type) from None
+            if too_large := over_maximum(self._providers, provider_name, request.amount, request.currency):
+                raise WebhookRejected("malformed", too_large, event_id=event.event_id,
+                                      event_type=event.event_type)
+            return event, request
+        return event, None
+
+    async def ingest(self, provider_name: str, headers: Mapping[str, str], body: bytes | None, *,
+                     now: float, peer: str | None, replay_of: int | None = None) -> IngestResult:
+        """Receipt, verdict, dedup, then start or signal; the result says what to answer.
+        A provider that requires an acknowledgement text gets it on every 2xx."""
+        result = await self._ingest(provider_name, headers, body, now=now, peer=peer,
+                                    replay_of=replay_of)
+        ack = getattr(self._providers.get(provider_name), "acknowledgement", None)
+        if ack is not None and 200 <= result.status_code < 300:
+            return replace(result, acknowledgement=ack)
+        return result
+
+    async def _ingest(self, provider_name: str, headers: Mapping[str, str], body: bytes | None, *,
+                      now: float, peer: str | None, replay_of: int | None) -> IngestResult:
+        kept_headers = receipts.storable_headers({k: v for k, v in headers.items() if k != "authorization"})
+        digest = hashlib.sha256(body or b"").hexdigest()
+        try:
+            event, request = self._parse(provider_name, headers, body, now, peer)
+        except WebhookRejected as rejection:
+            stored = await self._store.receipts.store(
+                provider=receipts.storable(provider_name),
+                event_id=rejection.event_id and receipts.storable(rejection.event_id),
+                event_type=rejection.event_type and receipts.storable(rejection.event_type), body=body,
+                body_sha256=digest, headers=kept_headers, verdict=rejection.verdict,
+                error=receipts.storable(rejection.message), replay_of=replay_of)
+            label = provider_name if provider_name in self._providers else "unknown"
+            metrics.RECEIPTS.labels(label, rejection.verdict).inc()
+            if rejection.verdict == "unknown_type":
+                metrics.UNKNOWN_EVENT_TYPES.labels(label, (rejection.event_type or "")[:64]).inc()
+            level = logging.ERROR if rejection.verdict in LOUD_VERDICTS else logging.WARNING
+            log.log(level, "webhook %s rejected (%s, receipt %s): %s", provider_name, rejection.verdict,
+                    stored.receipt_id, rejection.message)
+            return IngestResult(REJECTION_STATUS[rejection.verdict], stored.receipt_id,
+                                rejection.verdict, detail=rejection.message, replay_of=replay_of)
+        opens = (request, actor_of(event)) if request is not None else None
+        stored = await self._store.receipts.store(
+            provider=provider_name, event_id=event.event_id, event_type=event.event_type, body=body,
+            body_sha256=digest, headers=kept_headers, verdict="accepted", error=None,
+            replay_of=replay_of, opens=opens)
+        metrics.RECEIPTS.labels(provider_name, stored.verdict).inc()
+        if isinstance(event, PayoutEvent):
+            await self._payout_receipt(event, stored)
+        if stored.verdict == "duplicate":
+            metrics.DUPLICATES.labels(provider_name).inc()
+            log.info("duplicate delivery of %s %s (first receipt %s)", provider_name,
+                     event.event_id, stored.first_receipt_id)
+            if stored.first_processed:
+                return IngestResult(200, stored.receipt_id, "duplicate", replay_of=replay_of)
+        provider = self._providers[provider_name]
+        if isinstance(provider, NotificationRecorder) and not isinstance(event, PayoutEvent):
+            await provider.record_notification(event)
+        workflow_id = await self.route(event, stored.case_creation, request=request)
+        await self._store.receipts.mark_processed(stored.first_receipt_id or stored.receipt_id,
+                                                  workflow_id)
+        return IngestResult(200, stored.receipt_id, stored.verdict, workflow_id=workflow_id,
+                            replay_of=replay_of)
+
+    async def route(self, event: ProviderEvent | PayoutEvent | PaymentEvent,
+                    case_creation: CaseCreation | None = None, *,
+                    request: RefundRequest | None = None) -> str | None:
+        """Starts or signals the event's workflow; returns its id (None when unmatched).
+        `case_creation` is the case outcome when the receipt's transaction already opened it."""
+        if isinstance(event, PayoutEvent):
+            return await self._route_payout(event)
+        if isinstance(event, PaymentEvent):
+            log.info("%s %s about payment %s is recorded for validation; no case moves",
+                     event.provider, event.event_type, event.payment_id)
+            return None
+        if event.kind is EventKind.REFUND_REQUESTED:
+            request = request or request_from_event(event)
+            bind_case(request.refund_request_id)
+            requester = actor_of(event)
+            outcome = case_creation or (await self._store.cases.create(request, requester))[0]
+            if outcome is CaseCreation.CONFLICT:
+                log.error("provider request %s conflicts with an existing case", request.refund_request_id)
+                return None
+            handle = await start_refund(self._client, self._settings, request, requester, trigger=event)
+            return handle.id
+        if event.refund_id is None:
+            log.info("%s %s is a charge-level notice; refund events move the cases",
+                     event.provider, event.event_type)
+            return None
+        case_id = event.refund_request_id
+        row = await self._store.cases.get(case_id) if case_id else None
+        if row is not None and row["provider"] != event.provider:
+            log.warning("%s event %s names %s, a %s case: it reaches only %s's cases",
+                        event.provider, event.event_id, case_id, row["provider"], event.provider)
+            row = None
+        if row is None:
+            row = await self._store.cases.by_provider_refund(event.provider, event.refund_id)
+        if row is None:
+            return await self._track(event)
+        case_id = str(row["refund_request_id"])
+        bind_case(case_id)
+        try:
+            await self._client.get_workflow_handle(case_id).signal(RefundWorkflow.provider_event, event)
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:
+                raise
+            log.error("case %s is closed; event %s left for reconciliation", case_id, event.event_id)
+            await self._store.audit.record(case_id, actor_of(event), "event_after_close",
+                                           {"event_id": event.event_id, "event_type": event.event_type})
+        return case_id
+
+    async def _payout_receipt(self, event: PayoutEvent, stored: StoredReceipt) -> None:
+        """Every delivery of a payout event, duplicates too, joins the case's timeline with
+        its validation: signature verified, idempotency key, first or repeated receipt."""
+        await self._store.audit.record(
+            payout_case_id(event.provider, event.payout.payout_id), actor_of(event),
+            "payout_event_received",
+            {"receipt_id": stored.receipt_id, "verdict": stored.verdict, "signature": "verified",
+             "event_id": event.event_id, "event_type": event.event_type,
+             "idempotency_key": event.idempotency_key(), "body_sha256": event.body_sha256,
+             "first_receipt_id": stored.first_receipt_id})
+
+    async def _route_payout(self, event: PayoutEvent) -> str | None:
+        """A failure of a payout our books hold opens (or joins) its exception case; any
+        other status only reaches a case already open. An unknown payout acts on nothing."""
+        case_id = payout_case_id(event.provider, event.payout.payout_id)
+        bind_case(case_id)
+        actor = actor_of(event)
+        detail = {"event_id": event.event_id, "event_type": event.event_type}
+        if await self._store.payouts.payout_at_provider(event.provider, event.payout.payout_id) is None:
+            log.error("NO INTERNAL PAYOUT for %s %s (%s): nothing acts", event.provider,
+                      event.payout.payout_id, event.event_type)
+            await self._store.audit.record(case_id, actor, "payout_unknown", detail)
+            return None
+        if event.is_exception():
+            if await open_payout_case(self._client, self._settings, event) is not None:
+                return case_id
+        else:
+            try:
+                await self._client.get_workflow_handle(case_id).signal(PayoutReversalWorkflow.payout_event,
+                                                                       event)
+                return case_id
+            except RPCError as exc:
+                if exc.status != RPCStatusCode.NOT_FOUND:
+                    raise
+        log.warning("no open exception case for payout %s; %s %s stays on its timeline only",
+                    event.payout.payout_id, event.event_type, event.event_id)
+        await self._store.audit.record(case_id, actor, "payout_event_without_open_case", detail)
+        return case_id
+
+    async def _track(self, event: ProviderEvent) -> str | None:
+        """A refund no case of ours made: open a tracking case and follow it to the ledger."""
+        refund = event.as_refund()
+        if refund is None or event.refund_id is None:
+            log.error("NO CASE for %s %s (refund %s) and too little to track it",
+                      event.provider, event.event_type, event.refund_id)
+            return None
+        case_id = tracking_case_id(event.provider, event.refund_id)
+        if await self._store.cases.open_tracking(case_id, refund, event.merchant_account, event.event_type):
+            log.warning("provider-originated refund %s %s: tracking as case %s", event.provider,
+                        event.refund_id, case_id)
+        if await track_refund(self._client, self._settings, case_id, event) is None:
+            log.error("tracking case %s is closed; event %s left for reconciliation", case_id,
+                      event.event_id)
+            await self._store.audit.record(case_id, actor_of(event), "event_after_close",
+                                           {"event_id": event.event_id, "event_type": event.event_type})
+        return case_id
+
+    # -- replay, re-drive, coverage ---------------------------------------------------------
+
+    async def replay(self, receipt_id: int) -> IngestResult | None:
+        """Re-feeds one stored delivery through `ingest`, as of its reception time."""
+        stored = await self._store.receipts.delivery(receipt_id)
+        if stored is None:
+            return None
+        return await self.ingest(stored.provider, stored.headers, stored.body,
+                                 now=stored.received_at.timestamp(), peer=None, replay_of=receipt_id)
+
+    async def replay_since(self, since: datetime, *, after_id: int = 0, limit: int) -> list[IngestResult]:
+        """Replays one page of original deliveries received since `since`, oldest first: at
+        most `limit`, after receipt `after_id`. A page, so one call stays short however many
+        receipts the window holds (a whole window in one request outlived its client)."""
+        page = await self._store.receipts.deliveries_since(since, after_id=after_id, limit=limit)
+        results = [await self.replay(i) for i in page]
+        return [r for r in results if r is not None]
+
+    async def redrive(self) -> list[IngestResult]:
+        """Replays accepted receipts that never reached their workflow; run at relay start,
+        every `webhook_redrive_interval_seconds` (`redrive_periodically`) and by
+        `refunds webhooks redrive`. Relays may overlap: each event still acts once (the
+        `(provider, event_id)` gate, the workflows' event ids, the ledger's posting keys)."""
+        limit = self._settings.webhook_redrive_max_attempts
+        stale = await self._store.receipts.unprocessed(self._settings.webhook_redrive_after_seconds,
+                                                       self._providers.keys(), limit)
+        if stale:
+            log.warning("re-driving %d accepted but unprocessed receipts: %s", len(stale), stale)
+        results: list[IngestResult] = []
+        for receipt_id in stale:
+            try:
+                result = await self.replay(receipt_id)
+            except Exception:  # one receipt that cannot be routed must not stop the others
+                log.exception("re-driving receipt %s failed", receipt_id)
+                continue
+            if result is not None:
+                results.append(result)
+        for receipt_id in await self._store.receipts.given_up(stale, limit):
+            metrics.REDRIVE_GAVE_UP.inc()
+            log.error("GAVE UP re-driving receipt %s after %d tries: it is accepted but never reached "
+                      "its workflow; replay it by hand once the cause is fixed", receipt_id, limit)
+        return results
+
+    async def redrive_periodically(self, every_seconds: float) -> None:
+        """Re-drives for the relay's whole life, so a crash between receipt and signal heals
+        without anyone asking. A failing pass (database or Temporal away) is logged and
+        counted, and the next pass tries again; only cancellation ends the loop."""
+        while True:
+            await asyncio.sleep(every_seconds)
+            try:
+                await self.redrive()
+            except Exception:
+                metrics.REDRIVE_PASSES.labels("failed").inc()
+                log.exception("periodic re-drive pass failed; the next one is in %ss", every_seconds)
+            else:
+                metrics.REDRIVE_PASSES.labels("ok").inc()
+
+    async def coverage(self) -> dict[str, Any]:
+        """Per provider: which event types arrived, which have a handler, unknown types,
+        handled types never seen, and refusals by verdict; plus the latest refusals."""
+        report = {name: _coverage_entry(p.event_types) for name, p in self._providers.items()}
+        for row in await self._store.receipts.type_counts(replays=False):
+            entry = report.setdefault(row["provider"], _coverage_entry(frozenset()))
+            if row["event_type"] is not None:
+                entry["arrived"].setdefault(row["event_type"], {})[row["verdict"]] = row["n"]
+                if row["event_type"] not in entry["handled"] and \
+                        row["event_type"] not in entry["unknown_types"]:
+                    entry["unknown_types"].append(row["event_type"])
+            if row["verdict"] not in ("accepted", "duplicate"):
+                entry["rejected"][row["verdict"]] = entry["rejected"].get(row["verdict"], 0) + row["n"]
+        for entry in report.values():
+            entry["never_seen"] = [t for t in entry["handled"] if t not in entry["arrived"]]
+        recent = [{**r, "received_at": r["received_at"].isoformat()}
+                  for r in await self._store.receipts.rejections(20)]
+        return {"providers": report, "recent_rejections": recent}
