@@ -169,6 +169,10 @@ class Settings(BaseSettings):
     approval_timeout_seconds: float = 3 * 24 * 3600
     approval_reminder_seconds: float | None = 24 * 3600
     approval_escalation_seconds: float | None = 2 * 24 * 3600
+    approval_answer_seconds: float = Field(
+        default=10, gt=0, description="how long an approver's call waits for the case workflow to take "
+                                      "the verdict before it is answered 202 verdict_pending (audited; "
+                                      "the verdict still counts when a worker takes it)")
     ledger_pending_after_seconds: float = 120
     submit_timeout_seconds: float = 30
     status_poll_interval_seconds: float = 3600

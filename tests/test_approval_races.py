@@ -136,3 +136,31 @@ async def test_a_signalled_verdict_after_the_decision_is_audited(stack: Stack) -
                 if e["action"] == "approval_refused" and e["actor"] == "carol"]
     assert [e["detail"]["refusal"] for e in refusals] == ["already decided: case is succeeded"]
     assert len(await stack.provider_refunds(charge)) == 1
+
+
+async def test_a_verdict_the_case_cannot_take_in_time_is_answered_pending_and_lands_later(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """No worker answers the case (killed, or saturated under load): the approver hears 202
+    `verdict_pending` after `approval_answer_seconds` instead of a call that never returns
+    (found by the reliability suite's fault schedule); the wait is audited, and once a worker
+    takes the case again the verdict counts, exactly once."""
+    stack = await open_stack(store, client, temporal_server.address, approval_answer_seconds=1)
+    try:
+        charge = await stack.charge(20_000)
+        case_id = await stack.request_refund("alice", charge, 9_000)
+        await stack.wait_for_status(case_id, "awaiting_approval")
+        assert stack.worker is not None
+        await stack.worker.shutdown()
+        response = await asyncio.wait_for(_decide(stack, "bob", case_id, "approve"), HANG)
+        assert response.status_code == 202, response.text
+        assert response.json()["status"] == "verdict_pending"
+        unanswered = [e for e in await stack.store.audit.trail(case_id)
+                      if e["action"] == "approval_unanswered"]
+        assert [(e["actor"], e["detail"]["decision"]) for e in unanswered] == [("bob", "approve")]
+        await stack.start_worker()
+        await stack.wait_for_status(case_id, "succeeded")
+        assert [e["actor"] for e in await stack.store.audit.trail(case_id)
+                if e["action"] == "approval_granted"] == ["bob"]
+        assert len(await stack.provider_refunds(charge)) == 1
+    finally:
+        await stack.close()

@@ -244,3 +244,31 @@ async def test_a_waiting_break_is_reminded_and_escalated(
         assert [e["template"] for e in await store.ledger.entries(case_id)] == ["refund_settled"] * 2
     finally:
         await stack.close()
+
+
+async def test_a_break_verdict_no_worker_takes_in_time_is_answered_pending_and_counts_later(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """As for case verdicts: the approver hears 202 `verdict_pending` instead of a call that
+    never returns, the wait is audited on the break's chain, and the verdict counts once a
+    worker takes the break again."""
+    stack = await open_stack(store, client, temporal_server.address, approval_answer_seconds=1)
+    try:
+        refund = history(f"ch_pending_{uuid.uuid4().hex[:8]}", 2_000, days_ago=3)
+        await seed_provider(stack, [refund])
+        case_id = await seed_case(stack, refund, requester="bob")
+        await move_at_provider(stack, refund["id"], "failed")
+        await backfill(stack, since_days=30)
+        [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+        assert stack.worker is not None
+        await stack.worker.shutdown()
+        answer = await asyncio.wait_for(decide(stack, "carol", found["id"]), 90)
+        assert answer.status_code == 202, answer.text
+        assert answer.json()["status"] == "verdict_pending"
+        waited = [e for e in await stack.store.audit.trail(case_id)
+                  if e["action"] == "reconciliation_approval_unanswered"]
+        assert [(e["actor"], e["detail"]["break_id"]) for e in waited] == [("carol", found["id"])]
+        await stack.start_worker()
+        [resolved] = await wait_for_breaks(stack, [refund["id"]], "resolved")
+        assert resolved["resolution"]["approvers"] == ["carol"]
+    finally:
+        await stack.close()

@@ -1,13 +1,16 @@
 """Asking a case workflow for an approver's verdict, for every endpoint that takes one
 (refunds, payout exceptions): the workflow's update validator answers at once, so the
-approver hears a refusal (and why) immediately; refusals are audited. Also the approvals
+approver hears a refusal (and why) immediately; refusals are audited. A case no worker
+answers in time (killed, saturated) is answered `verdict_pending`, never left hanging. Also the approvals
 part of the public view of a case, read from the approvals projection."""
 
+import asyncio
+from collections.abc import Awaitable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
-from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.client import Client, WorkflowUpdateFailedError, WorkflowUpdateRPCTimeoutOrCancelledError
 from temporalio.exceptions import ApplicationError
 
 from adapters import metrics
@@ -36,21 +39,59 @@ class Refused(Exception):
         self.detail = detail
 
 
+T = TypeVar("T")
+
+VERDICT_PENDING = "verdict_pending"
+"""The status answered when the case did not take the verdict within the wait."""
+
+PENDING_NOTICE = ("The case has not taken your verdict yet (its worker is busy or restarting): it counts, "
+                  "or is refused with the reason in the trail, when the case does.")
+"""What the console shows an approver answered `verdict_pending`."""
+
+
+async def answered_within(update: Awaitable[T], seconds: float) -> T | None:
+    """The update's answer, or None when the workflow gave none within `seconds`: the update
+    stays with Temporal and the workflow validates and takes it when a worker takes it."""
+    try:
+        return await asyncio.wait_for(update, timeout=seconds)
+    except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):  # the SDK's word for the cancel
+        return None
+
+
+def pending_reason(seconds: float) -> str:
+    return (f"the case did not take the verdict within {seconds:g} s; it counts (or is refused, "
+            "audited) when the case does: read the case's approvals")
+
+
+def verdict_notice(answer: dict[str, Any], body: ApprovalBody) -> str:
+    """The console's notice key after a verdict: the decision, or pending."""
+    return VERDICT_PENDING if answer["status"] == VERDICT_PENDING else body.decision.value
+
+
 async def ask_for_verdict(client: Client, store: Store, case_id: str, body: ApprovalBody,
-                          caller: Principal, *, via: str = "api") -> ApprovalProgress:
+                          caller: Principal, *, answer_within: float, via: str = "api") -> ApprovalProgress:
     """Sends the caller's verdict as an update; 409 when the case takes none, 403 when it is
-    refused (both audited). The approver is the token's user, with the token's roles."""
+    refused (both audited). The approver is the token's user, with the token's roles.
+
+    Past `answer_within` seconds the call stops waiting and answers `verdict_pending`
+    (audited as `approval_unanswered`): the update stays with Temporal, and the workflow
+    validates and counts it (or refuses it, audited) when a worker takes the case."""
     signal = ApprovalSignal(approver=caller.user, roles=tuple(sorted(caller.roles)),
                             decision=body.decision, reason=body.reason)
     try:
-        progress = await client.get_workflow_handle(case_id).execute_update(
-            ApprovingWorkflow.submit_approval, signal)
+        progress = await answered_within(client.get_workflow_handle(case_id).execute_update(
+            ApprovingWorkflow.submit_approval, signal), answer_within)
     except WorkflowUpdateFailedError as exc:
         reason, kind = refusal(exc)
         too_late = kind in (NOT_AWAITING_APPROVAL, ALREADY_DECIDED)
         await store.audit.record(case_id, caller.user, "action_refused" if too_late else "approval_refused",
                                  {"decision": body.decision.value, "refusal": reason, "via": via})
         raise Refused(409 if too_late else 403, reason) from None
+    if progress is None:
+        await store.audit.record(case_id, caller.user, "approval_unanswered",
+                                 {"decision": body.decision.value, "waited_seconds": answer_within,
+                                  "via": via})
+        return ApprovalProgress(accepted=False, status=VERDICT_PENDING, reason=pending_reason(answer_within))
     if not progress.accepted:  # refused inside the workflow, which audited it
         raise Refused(403, progress.reason)
     observe_approval_wait(await store.audit.approvals_of(case_id), body.decision)

@@ -181,7 +181,8 @@ class CaseActions:
             await self.refuse(caller, case_id, 409, action,
                               f"case is {row['status']}, not awaiting approval", via=via)
         try:
-            progress = await ask_for_verdict(self.client, self.store, case_id, body, caller, via=via)
+            progress = await ask_for_verdict(self.client, self.store, case_id, body, caller,
+                                             answer_within=self.settings.approval_answer_seconds, via=via)
         except RPCError:
             ended = await workflow_closed(self.client, case_id)
             if ended is None:
@@ -190,7 +191,8 @@ class CaseActions:
                               f"the case's workflow has ended ({ended.lower()}) while the case is "
                               f"{row['status']}; it goes to ops review", via=via)
         return {"refund_request_id": case_id, "decision": body.decision.value,
-                "status": progress.status, "missing_roles": list(progress.missing_roles)}
+                "status": progress.status, "missing_roles": list(progress.missing_roles),
+                **({"detail": progress.reason} if progress.reason else {})}
 
     async def reissue(self, caller: Principal, case_id: str, body: ReissueBody, *,
                       via: str) -> tuple[bool, dict[str, Any]]:

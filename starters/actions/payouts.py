@@ -50,6 +50,8 @@ async def decide_on_payout_exception(actions: CaseActions, caller: Principal, ca
         raise Refused(404, f"no payout exception {case_id!r}")
     if row["status"] not in APPROVAL_STATUSES:
         raise Refused(409, f"case is {row['status']}, not awaiting approval")
-    progress = await ask_for_verdict(actions.client, actions.store, case_id, body, caller, via=via)
+    progress = await ask_for_verdict(actions.client, actions.store, case_id, body, caller,
+                                     answer_within=actions.settings.approval_answer_seconds, via=via)
     return {"case_id": case_id, "decision": body.decision.value, "status": progress.status,
-            "missing_roles": list(progress.missing_roles)}
+            "missing_roles": list(progress.missing_roles),
+            **({"detail": progress.reason} if progress.reason else {})}

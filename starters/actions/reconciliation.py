@@ -15,7 +15,7 @@ from domain.errors import ALREADY_DECIDED, NOT_AWAITING_APPROVAL
 from domain.models import ApprovalSignal, Decision
 from domain.permissions import Permission
 from domain.reconciliation import BreakState, break_workflow_id
-from starters.actions.approving import Refused, refusal
+from starters.actions.approving import VERDICT_PENDING, Refused, answered_within, pending_reason, refusal
 from starters.actions.cases import CaseActions
 from workflows.reconciliation import ReconciliationBreakWorkflow
 
@@ -47,7 +47,9 @@ async def decide_on_break(actions: CaseActions, caller: Principal, break_id: int
                             decision=body.decision, reason=body.reason)
     handle = actions.client.get_workflow_handle(break_workflow_id(break_id))
     try:
-        progress = await handle.execute_update(ReconciliationBreakWorkflow.submit_approval, signal)
+        progress = await answered_within(
+            handle.execute_update(ReconciliationBreakWorkflow.submit_approval, signal),
+            actions.settings.approval_answer_seconds)
     except WorkflowUpdateFailedError as exc:
         reason, kind = refusal(exc)
         if kind == NOT_AWAITING_APPROVAL:
@@ -56,6 +58,13 @@ async def decide_on_break(actions: CaseActions, caller: Principal, break_id: int
                                          {"break_id": break_id, "decision": body.decision.value,
                                           "refusal": reason})
         raise Refused(409 if kind == ALREADY_DECIDED else 403, reason) from None
+    if progress is None:
+        seconds = actions.settings.approval_answer_seconds
+        await actions.store.audit.record(row["chain"], caller.user, "reconciliation_approval_unanswered",
+                                         {"break_id": break_id, "decision": body.decision.value,
+                                          "waited_seconds": seconds})
+        return {"break_id": break_id, "decision": body.decision.value, "status": VERDICT_PENDING,
+                "missing_roles": [], "detail": pending_reason(seconds)}
     if not progress.accepted:
         raise Refused(403, progress.reason)
     return {"break_id": break_id, "decision": body.decision.value,

@@ -16,7 +16,14 @@ from adapters.db.cases import BANNER_STATUSES, CaseFilter
 from domain.models import CLOSED_STATUSES, CaseStatus
 from domain.money import UnknownCurrencyError, normalise_currency, parse_major
 from domain.permissions import Permission, may
-from starters.actions.approving import ApprovalBody, Refused, granted_in
+from starters.actions.approving import (
+    PENDING_NOTICE,
+    VERDICT_PENDING,
+    ApprovalBody,
+    Refused,
+    granted_in,
+    verdict_notice,
+)
 from starters.actions.cases import (
     REISSUABLE,
     CaseActions,
@@ -37,6 +44,7 @@ AGES = ("", "1h", "24h", "7d", "30d", "90d")
 NOTICES = {
     "approve": "Your approval was recorded.",
     "deny": "Your denial was recorded; the case is closed and its reservation released.",
+    VERDICT_PENDING: PENDING_NOTICE,
     "reissued": "Reissue requested: this is the new linked case.",
     "reissue_open": "A reissue of that refund is already open: this is it.",
     "confirmed": "Your confirmation was recorded; the case follows it.",
@@ -172,8 +180,7 @@ async def act(request: Request, case_id: str, model: type[Body], action: str,
 @router.post("/cases/{case_id}/approval")
 async def decide(request: Request, case_id: str) -> Response:
     async def perform(actions: CaseActions, caller: Principal, body: ApprovalBody) -> tuple[str, str]:
-        await actions.decide(caller, case_id, body, via="console")
-        return case_id, body.decision.value
+        return case_id, verdict_notice(await actions.decide(caller, case_id, body, via="console"), body)
     return await act(request, case_id, ApprovalBody, "approving a refund", perform)
 
 

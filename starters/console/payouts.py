@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from adapters.db import ConsoleSession
 from domain.payouts import APPROVAL_STATUSES, PayoutCaseStatus
 from domain.permissions import Permission, may
-from starters.actions.approving import ApprovalBody, Refused
+from starters.actions.approving import PENDING_NOTICE, VERDICT_PENDING, ApprovalBody, Refused, verdict_notice
 from starters.actions.front import front_door
 from starters.actions.payouts import decide_on_payout_exception, payout_case_view
 from starters.console.pages import forbidden, page
@@ -23,7 +23,8 @@ from starters.console.sessions import PREFIX, current, posted
 
 CASES_SHOWN = 200
 NOTICES = {"approve": "Your approval was recorded; the case shows what it still needs.",
-           "deny": "Your denial was recorded; the case acts on nothing further."}
+           "deny": "Your denial was recorded; the case acts on nothing further.",
+           VERDICT_PENDING: PENDING_NOTICE}
 # The runbook as the timeline records it: (step, the audit action that says it is done).
 RUNBOOK = (("A hold", "payout_held"), ("B compensating entry", "ledger_posted"),
            ("B failed: hold rolled back", "payout_hold_rolled_back"), ("C ticket", "ticket_opened"),
@@ -96,7 +97,7 @@ async def decide(request: Request, case_id: str) -> Response:
     try:
         form = await posted(request, session)
         body = ApprovalBody.model_validate(form)
-        await decide_on_payout_exception(actions, session.principal, case_id, body, via="console")
+        answer = await decide_on_payout_exception(actions, session.principal, case_id, body, via="console")
     except ValidationError as exc:
         first = exc.errors()[0]
         refusal = f"invalid {'.'.join(str(p) for p in first['loc']) or 'form'}: {first['msg']}"
@@ -105,5 +106,5 @@ async def decide(request: Request, case_id: str) -> Response:
         return await case_page(request, session, case_id, status=422, error=refusal)
     except Refused as exc:
         return await case_page(request, session, case_id, status=exc.status, error=exc.detail)
-    target = f"/console/payouts/{quote(case_id)}?{urlencode({'notice': body.decision.value})}"
+    target = f"/console/payouts/{quote(case_id)}?{urlencode({'notice': verdict_notice(answer, body)})}"
     return RedirectResponse(target, status_code=303)

@@ -72,8 +72,8 @@ async def on_break(request: Request, break_id: int, model: type[Body],
 async def decide_break(request: Request, break_id: int) -> Response:
     """Acknowledging a break = a verdict on its compensation, by the API's own rule."""
     async def perform(actions: CaseActions, caller: Principal, body: BreakDecisionBody) -> str:
-        await decide_on_break(actions, caller, break_id, body, via="console")
-        return body.decision.value
+        answer = await decide_on_break(actions, caller, break_id, body, via="console")
+        return str(answer.get("detail", body.decision.value))
     return await on_break(request, break_id, BreakDecisionBody, perform)
 
 
