@@ -138,6 +138,42 @@ class TokenRow(Row):
     fingerprint: str
 
 
+@dataclass(frozen=True, eq=False)
+class TicketRow(Row):
+    """A case's ticket in an outside system (`case_tickets`), one per system and purpose."""
+
+    system: str
+    purpose: str
+    external_id: str
+    number: str | None
+    url: str | None
+
+
+@dataclass(frozen=True, eq=False)
+class DeliveryRow(Row):
+    """One channel's delivery of a case's notice (`notice_deliveries` with its notice)."""
+
+    kind: str
+    audience: str
+    channel: str
+    status: str
+    attempts: int
+    external_id: str | None
+    last_error: str | None
+
+
+@dataclass(frozen=True, eq=False)
+class AdviceRow(Row):
+    """The advisor's stored answer for a case (`case_advice`): the advice, or why there is none."""
+
+    refund_request_id: str
+    source: str
+    advice: dict[str, Any] | None
+    error: str | None
+    context_sha256: str
+    created_at: datetime
+
+
 @dataclass(frozen=True)
 class ApprovalStep:
     """One step of a case's approval rounds, from the approvals projection: asked
