@@ -111,6 +111,37 @@ class PayoutCaseRow(Row):
 
 
 @dataclass(frozen=True, eq=False)
+class PayoutListRow(Row):
+    """A payout exception case as the payout list shows it: the case, its tier and its payout."""
+
+    case_id: str
+    status: str
+    reported_status: str
+    failure_code: str | None
+    ticket_ref: str | None
+    tier: str | None
+    created_at: datetime
+    updated_at: datetime
+    payout_id: str
+    provider: str
+    provider_payout_id: str
+    beneficiary_id: str
+    amount: int
+    currency: str
+    payout_status: str
+
+
+@dataclass(frozen=True, eq=False)
+class HoldRow(Row):
+    """A hold a payout case placed on its beneficiary (`beneficiary_holds`); active while
+    `released_at` is None."""
+
+    case_id: str
+    placed_at: datetime
+    released_at: datetime | None
+
+
+@dataclass(frozen=True, eq=False)
 class ReceiptRow(Row):
     """A stored webhook delivery as ops list it (`webhook_receipts`, without body and headers)."""
 
