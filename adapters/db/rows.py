@@ -142,6 +142,69 @@ class HoldRow(Row):
 
 
 @dataclass(frozen=True, eq=False)
+class RunRow(Row):
+    """A reconciliation run (`reconciliation_runs`): its window, cursor, progress and state."""
+
+    id: str
+    provider: str
+    task_queue: str
+    kind: str
+    window_start: datetime
+    window_end: datetime
+    requested_by: str
+    state: str
+    cursor: str | None
+    cursor_created: datetime | None
+    objects_seen: int
+    batches: int
+    report_files: list[str]
+    started_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+    phase: str
+    warnings: list[str]
+    failure: str | None
+
+
+@dataclass(frozen=True, eq=False)
+class BreakRow(Row):
+    """A reconciliation break (`reconciliation_breaks`): the provider's object, how it
+    differs from our books, and how its exception case ended."""
+
+    id: int
+    provider: str
+    object_kind: str
+    object_id: str
+    break_class: str
+    refund_request_id: str | None
+    chain: str
+    charge_id: str
+    amount: int
+    currency: str
+    provider_status: str
+    raw_status: str
+    failure_reason: str | None
+    case_status: str | None
+    ledger_delta: int | None
+    object_created_at: datetime
+    evidence: dict[str, Any]
+    first_run_id: str
+    found_at: datetime
+    state: str
+    dispatched_at: datetime | None
+    resolved_at: datetime | None
+    resolution: dict[str, Any] | None
+    reopened: int
+
+
+@dataclass(frozen=True, eq=False)
+class RunBreakRow(BreakRow):
+    """A break as one run's report lists it: new in that run, or seen before."""
+
+    new_in_run: bool
+
+
+@dataclass(frozen=True, eq=False)
 class ReceiptRow(Row):
     """A stored webhook delivery as ops list it (`webhook_receipts`, without body and headers)."""
 
