@@ -16,6 +16,11 @@ from fastapi.responses import JSONResponse, Response
 
 from adapters.providers.normalise import exact_json
 
+# The credentials tests give the fakes (and our adapters, to call them).
+RAINFOREST_KEY = "sbx_apikey_test_0123456789abcdef"
+CASHFREE_ID = "TEST1234567890CF"
+CASHFREE_API_SECRET = "cfsk_ma_test_secret"
+
 
 def _stamp(at: datetime) -> str:
     return at.astimezone(UTC).isoformat().replace("+00:00", "Z")

@@ -10,6 +10,7 @@ from temporalio.client import Client
 
 from adapters.advisor import BEGIN, END
 from adapters.db import Store, request_from_row
+from adapters.db.rows import AdviceRow
 from adapters.policy_file import load_policy
 from domain.advice import Advice, AdviceContext, PriorRefund, offline_advice
 from domain.models import PolicyContext, PolicyInput, RefundReason, RefundRequest
@@ -60,6 +61,9 @@ async def test_offline_advice_is_stored_and_shown_to_approvers_as_advisory(stack
     actions = await stack.actions(case_id)
     # beside the money path (fewer-round-trips-1): the policy decided before the advice came
     assert actions.index("policy_decision") < actions.index("advice_recorded")
+    stored = await stack.store.integrations.advice(case_id)
+    assert isinstance(stored, AdviceRow) and stored.source == "offline-rules" and stored.error is None
+    assert stored.advice is not None and stored.advice["suggested_amount"] == 9_000
 
 
 async def test_a_model_saying_approve_ten_times_the_amount_changes_only_the_recommendation(

@@ -34,6 +34,13 @@ def request_object(charge_id: str, rrq: str, amount: int = 1000) -> dict[str, An
             "evidence": {"order_id": "o-1"}}
 
 
+def sandbox_secret(stack: Stack) -> str:
+    """The secret the stack's sandbox provider signs its webhooks with."""
+    secret = stack.settings.sandbox_webhook_secret
+    assert secret is not None
+    return secret.get_secret_value()
+
+
 def signed(secret: str, body: bytes, at: int | None = None) -> dict[str, str]:
     return {"Content-Type": "application/json",
             "Sandbox-Signature": sign(secret, body, int(time.time()) if at is None else at)}
@@ -110,9 +117,8 @@ async def test_rejected_webhook_is_recorded_and_moves_no_money(stack: Stack, cas
     build, status, verdict = WEBHOOK_CASES[case]
     charge = await stack.charge(10_000)
     rrq = f"rrq_{uuid.uuid4().hex[:12]}"
-    secret = stack.settings.sandbox_webhook_secret
-    assert secret is not None
-    content, headers = build(secret.get_secret_value(),
+    secret = sandbox_secret(stack)
+    content, headers = build(secret,
                              event_body("refund.requested", request_object(charge, rrq)))
     async with httpx.AsyncClient(base_url=stack.relay_url, timeout=30) as http:
         response = await http.post("/webhooks/sandbox", content=content, headers=headers)
@@ -131,12 +137,11 @@ async def test_rejected_webhook_is_recorded_and_moves_no_money(stack: Stack, cas
 async def test_oversize_webhook_is_refused_with_413(stack: Stack, chunked: bool) -> None:
     charge = await stack.charge(10_000)
     rrq = f"rrq_{uuid.uuid4().hex[:12]}"
-    secret = stack.settings.sandbox_webhook_secret
-    assert secret is not None
+    secret = sandbox_secret(stack)
     limit = stack.settings.webhook_max_body_bytes
     body = event_body("refund.requested", request_object(charge, rrq), padding="x" * (limit + 1024))
     assert len(body) > limit
-    headers = signed(secret.get_secret_value(), body)
+    headers = signed(secret, body)
 
     async def stream() -> AsyncIterator[bytes]:
         for start in range(0, len(body), 16 * 1024):
@@ -158,12 +163,11 @@ async def test_webhook_for_unknown_provider_is_404_and_recorded(stack: Stack) ->
     charge = await stack.charge(10_000)
     rrq = f"rrq_{uuid.uuid4().hex[:12]}"
     name = f"nopay{uuid.uuid4().hex[:8]}"
-    secret = stack.settings.sandbox_webhook_secret
-    assert secret is not None
+    secret = sandbox_secret(stack)
     body = event_body("refund.requested", request_object(charge, rrq))
     async with httpx.AsyncClient(base_url=stack.relay_url, timeout=30) as http:
         response = await http.post(f"/webhooks/{name}", content=body,
-                                   headers=signed(secret.get_secret_value(), body))
+                                   headers=signed(secret, body))
     assert response.status_code == 404, response.text
     assert response.json()["verdict"] == "unknown_provider"
     rows = await stack.store.receipts.find(name)
@@ -182,14 +186,13 @@ async def test_forged_late_failure_does_not_move_a_succeeded_case(stack: Stack) 
     before = await stack.wait_for_status(case_id, "succeeded")
     [refund] = await stack.provider_refunds(charge)
     failed = {**refund, "status": "failed", "failure_reason": "expired_or_canceled_card"}
-    secret = stack.settings.sandbox_webhook_secret
-    assert secret is not None
+    secret = sandbox_secret(stack)
     verdicts: list[str] = []
     async with httpx.AsyncClient(base_url=stack.relay_url, timeout=30) as http:
         for build in (tampered, wrong_secret, missing_signature, stale):
             event_id = f"evt_{uuid.uuid4().hex[:16]}"
             raw = event_body("refund.failed", failed, event_id=event_id)
-            content, headers = build(secret.get_secret_value(), raw)
+            content, headers = build(secret, raw)
             response = await http.post("/webhooks/sandbox", content=content, headers=headers)
             assert response.status_code == 401, response.text
             verdicts.append((await receipt(stack, "sandbox", response.json()["receipt_id"]))["verdict"])
@@ -209,14 +212,13 @@ async def test_duplicate_deliveries_make_one_case_and_one_refund(stack: Stack) -
     charge = await stack.charge(10_000)
     rrq = f"rrq_{uuid.uuid4().hex[:12]}"
     event_id = f"evt_{uuid.uuid4().hex[:16]}"
-    secret = stack.settings.sandbox_webhook_secret
-    assert secret is not None
+    secret = sandbox_secret(stack)
     body = event_body("refund.requested", request_object(charge, rrq), event_id=event_id)
     async with httpx.AsyncClient(base_url=stack.relay_url, timeout=30) as http:
         first = await http.post("/webhooks/sandbox", content=body,
-                                headers=signed(secret.get_secret_value(), body))
+                                headers=signed(secret, body))
         rest = await asyncio.gather(*(
-            http.post("/webhooks/sandbox", content=body, headers=signed(secret.get_secret_value(), body))
+            http.post("/webhooks/sandbox", content=body, headers=signed(secret, body))
             for _ in range(11)))
     assert first.status_code == 200, first.text
     assert first.json()["verdict"] == "accepted"

@@ -4,7 +4,7 @@ threshold plus one batch, and the case, its approvals and its audit come through
 refund whose creates keep failing goes to ops after `max_submit_attempts`, reservation kept."""
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 
 import pytest
@@ -53,19 +53,33 @@ async def _still_pending(stack: Stack, case_id: str, refund_id: str, charge: str
                          turns: int = TURNS) -> None:
     """Provider events that change nothing, each a turn of the case's watch, in batches."""
     handle = stack.client.get_workflow_handle(case_id)
-    gate = asyncio.Semaphore(8)
 
     async def event(n: int) -> None:
+        await handle.signal(RefundWorkflow.provider_event, ProviderEvent(
+            provider="sandbox", event_id=f"evt-pending-{n}", event_type="refund.updated",
+            kind=EventKind.REFUND_STATUS, body_sha256="0" * 64, occurred_at=datetime.now(UTC),
+            refund_id=refund_id, charge_id=charge, refund_request_id=case_id, amount=amount,
+            currency="USD", status=ProviderRefundStatus.PENDING, raw_status="pending"))
+
+    async def seen() -> int:
+        return (await handle.query(RefundWorkflow.state)).events_seen
+
+    await in_batches(event, seen, turns)
+
+
+async def in_batches(send: Callable[[int], Awaitable[None]], seen: Callable[[], Awaitable[int]],
+                     turns: int) -> None:
+    """Sends `turns` events (at most 8 in flight), a batch at a time; each batch is seen by
+    the workflow before the next is sent, so the history grows by known steps."""
+    gate = asyncio.Semaphore(8)
+
+    async def gated(n: int) -> None:
         async with gate:
-            await handle.signal(RefundWorkflow.provider_event, ProviderEvent(
-                provider="sandbox", event_id=f"evt-pending-{n}", event_type="refund.updated",
-                kind=EventKind.REFUND_STATUS, body_sha256="0" * 64, occurred_at=datetime.now(UTC),
-                refund_id=refund_id, charge_id=charge, refund_request_id=case_id, amount=amount,
-                currency="USD", status=ProviderRefundStatus.PENDING, raw_status="pending"))
+            await send(n)
 
     for batch in range(0, turns, BATCH):
-        await asyncio.gather(*(event(n) for n in range(batch, batch + BATCH)))
-        while (await handle.query(RefundWorkflow.state)).events_seen < batch + BATCH:
+        await asyncio.gather(*(gated(n) for n in range(batch, batch + BATCH)))
+        while await seen() < batch + BATCH:
             await asyncio.sleep(0.05)
 
 

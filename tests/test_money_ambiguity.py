@@ -39,7 +39,13 @@ from tests.payouts_kit import (
     paid_payout,
     wait_for_case,
 )
-from tests.rainforest_cashfree_fakes import FakeCashfree, FakeRainforest
+from tests.rainforest_cashfree_fakes import (
+    CASHFREE_API_SECRET,
+    CASHFREE_ID,
+    RAINFOREST_KEY,
+    FakeCashfree,
+    FakeRainforest,
+)
 from tests.test_provider_webhooks import CASHFREE_SECRET, RAINFOREST_SECRET
 from workers.main import refuse_bad_settings
 
@@ -50,9 +56,6 @@ HORIZON: dict[str, Any] = {"resubmit_margin_seconds": 4}
 SETTLED = ("pending", "succeeded", "refund_failed", "ops_review")
 STRIPE_KEY = "sk_test_orchestrator"
 STRIPE_MERCHANT = "acct_localstripe"
-RAINFOREST_KEY = "sbx_apikey_test_0123456789abcdef"
-CASHFREE_ID = "TEST1234567890CF"
-CASHFREE_API_SECRET = "cfsk_ma_test_secret"
 
 
 @dataclass

@@ -12,6 +12,7 @@ from temporalio.client import Client
 
 from adapters.config import Settings
 from adapters.db import Store
+from adapters.db.rows import DeliveryRow
 from adapters.notify.channels import build_channels
 from adapters.notify.message import TEMPLATES, render
 from adapters.tickets.base import correlation_key
@@ -21,10 +22,10 @@ from tests.fakes import World, connected_stack, eventually
 from tests.harness import Stack
 
 
-async def delivered(stack: Stack, case_id: str, kind: str) -> dict[str, dict[str, Any]]:
+async def delivered(stack: Stack, case_id: str, kind: str) -> dict[str, DeliveryRow]:
     """The case's deliveries of one notice kind, by channel."""
     rows = await stack.store.outbox.deliveries(case_id)
-    return {r["channel"]: r for r in rows if r["kind"] == kind}
+    return {r.channel: r for r in rows if r.kind == kind}
 
 
 def slack_titles(world: World) -> list[str]:
@@ -105,9 +106,10 @@ async def test_a_failing_channel_is_retried_alone_and_never_holds_up_the_case(
         case_id = await stack.request_refund("alice", charge, 1_500)  # auto-approved
         await stack.wait_for_status(case_id, "succeeded")
 
-        async def slack_delivered() -> dict[str, dict[str, Any]] | None:
+        async def slack_delivered() -> dict[str, DeliveryRow] | None:
             rows = await delivered(stack, case_id, "refund_succeeded")
-            return rows if rows.get("slack", {}).get("status") == "delivered" else None
+            slack = rows.get("slack")
+            return rows if slack is not None and slack.status == "delivered" else None
 
         rows = await eventually(slack_delivered)
         assert rows["slack"]["attempts"] == 2

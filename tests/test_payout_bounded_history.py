@@ -21,7 +21,7 @@ from tests.payouts_kit import (
     paid_payout,
     wait_for_case,
 )
-from tests.test_bounded_history import BATCH, THRESHOLD, _runs
+from tests.test_bounded_history import BATCH, THRESHOLD, _runs, in_batches
 from tests.test_money_ambiguity import rig_for
 from workflows.payout import PayoutReversalWorkflow
 
@@ -45,20 +45,18 @@ async def _remediated(stack: Stack, amount: int = 150_000) -> tuple[str, str]:
 async def _stale_events(stack: Stack, case_id: str, provider_payout_id: str, amount: int) -> None:
     """`paid` after the failure, again and again: each a turn of the window (and no action)."""
     handle = stack.client.get_workflow_handle(case_id)
-    gate = asyncio.Semaphore(8)
 
     async def event(n: int) -> None:
-        async with gate:
-            await handle.signal(PayoutReversalWorkflow.payout_event, PayoutEvent(
-                provider="sandbox", event_id=f"evt-paid-{n}", event_type="payout.paid",
-                body_sha256="0" * 64, occurred_at=datetime.now(UTC), payout=ProviderPayout(
-                    provider="sandbox", payout_id=provider_payout_id, amount=amount, currency="usd",
-                    status=ProviderPayoutStatus.PAID, raw_status="paid")))
+        await handle.signal(PayoutReversalWorkflow.payout_event, PayoutEvent(
+            provider="sandbox", event_id=f"evt-paid-{n}", event_type="payout.paid",
+            body_sha256="0" * 64, occurred_at=datetime.now(UTC), payout=ProviderPayout(
+                provider="sandbox", payout_id=provider_payout_id, amount=amount, currency="usd",
+                status=ProviderPayoutStatus.PAID, raw_status="paid")))
 
-    for batch in range(0, TURNS, BATCH):
-        await asyncio.gather(*(event(n) for n in range(batch, batch + BATCH)))
-        while (await handle.query(PayoutReversalWorkflow.state)).events_seen < batch + BATCH:
-            await asyncio.sleep(0.05)
+    async def seen() -> int:
+        return (await handle.query(PayoutReversalWorkflow.state)).events_seen
+
+    await in_batches(event, seen, TURNS)
 
 
 async def test_the_reissue_window_continues_as_new_with_the_case_intact(

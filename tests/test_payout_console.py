@@ -7,6 +7,7 @@ import html
 
 import httpx
 
+from adapters.db.rows import HoldRow, PayoutListRow
 from domain.payouts import payout_case_id
 from tests.harness import Stack
 from tests.payouts_kit import add_payout_approvers, ask_reissue, move_payout, paid_payout, wait_for_case
@@ -30,6 +31,9 @@ async def test_a_payout_case_page_shows_the_case_and_approvals_go_through_the_ap
     assert listing.status_code == 200 and f'data-case="{case_id}"' in listing.text
     assert "12500.00 USD" in listing.text and "finance_and_compliance" in listing.text
     assert (await fiona.get("/console/payouts?status=nonsense")).status_code == 422
+    [listed] = [c for c in await stack.store.payouts.cases(50, "awaiting_approval") if c.case_id == case_id]
+    assert isinstance(listed, PayoutListRow) and listed.tier == "finance_and_compliance"
+    assert (listed.amount, listed.currency, listed.beneficiary_id) == (1_250_000, "USD", "ben-console")
 
     page = await fiona.get(f"/console/payouts/{case_id}")
     text = html.unescape(page.text)
@@ -64,6 +68,8 @@ async def test_a_payout_case_page_shows_the_case_and_approvals_go_through_the_ap
     assert (await decide(cora, case_id, "approve")).status_code == 303
     row = await wait_for_case(stack, case_id, "remediated")
 
+    [hold] = await stack.store.payouts.beneficiary_holds("ben-console")
+    assert isinstance(hold, HoldRow) and hold.case_id == case_id and hold.released_at is None
     text = html.unescape((await dave.get(f"/console/payouts/{case_id}")).text)
     assert "on hold</span> (was paid)" in text and "ben-console" in text
     assert f'data-testid="ticket-ref">{row["ticket_ref"]}<' in text

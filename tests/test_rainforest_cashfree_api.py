@@ -39,7 +39,14 @@ from domain.reconciliation import ListedRefund
 from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
 from tests.lossy_proxy import LossyProxy
-from tests.rainforest_cashfree_fakes import FakeCashfree, FakeRainforest, days_ago
+from tests.rainforest_cashfree_fakes import (
+    CASHFREE_API_SECRET,
+    CASHFREE_ID,
+    RAINFOREST_KEY,
+    FakeCashfree,
+    FakeRainforest,
+    days_ago,
+)
 from tests.reconciliation_kit import backfill
 from tests.test_provider_webhooks import (
     CASHFREE_SECRET,
@@ -48,10 +55,6 @@ from tests.test_provider_webhooks import (
     sign_cashfree,
     sign_rainforest,
 )
-
-RAINFOREST_KEY = "sbx_apikey_test_0123456789abcdef"
-CASHFREE_ID = "TEST1234567890CF"
-CASHFREE_API_SECRET = "cfsk_ma_test_secret"
 
 
 @dataclass

@@ -20,6 +20,7 @@ from temporalio.testing import ActivityEnvironment
 
 from activities.reconciliation import ReconciliationActivities
 from adapters.db import Store
+from adapters.db.rows import BreakRow, RunBreakRow, RunRow
 from adapters.policy_file import load_policy
 from adapters.providers import sandbox as sandbox_adapter
 from adapters.providers.base import RefundLister
@@ -305,6 +306,12 @@ async def test_a_long_run_continues_as_new_and_a_stopped_run_resumes_at_its_curs
         assert report["run_id"] == run["id"]
         assert (report["objects_seen"], report["new_breaks"]) == (23, 1)
         assert [b["object_id"] for b in report["breaks"]] == [refunds[20]["id"]]
+        [listed] = [r for r in await store.reconciliation.runs() if r.id == run.id]
+        assert isinstance(listed, RunRow) and listed.objects_seen == 23 and listed.requested_by == "olga"
+        [found] = [b async for b in store.reconciliation.breaks(run.id)]
+        assert isinstance(found, RunBreakRow) and found.new_in_run and found.object_id == refunds[20]["id"]
+        stored = await store.reconciliation.get_break(found.id)
+        assert isinstance(stored, BreakRow) and (stored.amount, stored.state) == (found.amount, found.state)
         history_events = (await client.get_workflow_handle(run["id"]).fetch_history()).events
         started = history_events[0].workflow_execution_started_event_attributes
         assert started.continued_execution_run_id  # the last run of a chain that continued as new

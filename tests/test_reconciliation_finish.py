@@ -6,6 +6,7 @@ break approvals remind and escalate like every other approval."""
 import asyncio
 import logging
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -80,64 +81,68 @@ async def test_a_payout_failed_at_the_provider_opens_its_exception_case_once(sta
     assert [e["action"] for e in await stack.store.audit.trail(case_id)].count("payout_exception_opened") == 1
 
 
-async def test_a_break_found_after_the_webhook_joins_the_open_payout_case(
-        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+@pytest.fixture
+async def payout_stack(store: Store, client: Client, temporal_server: TemporalDevServer
+                       ) -> AsyncIterator[Stack]:
+    """A stack whose reconciliation reads objects at once (no grace), with payout approvers."""
     stack = await open_stack(store, client, temporal_server.address, reconciliation_grace_seconds=0)
     try:
         await add_payout_approvers(stack)
-        payout = await paid_payout(stack, 25_000)
-        event_id = await move_payout(stack, payout.provider_payout_id, "failed",
-                                     failure_code="bank_rejection")
-        case_id = payout_case_id("sandbox", payout.provider_payout_id)
-        await wait_for_case(stack, case_id, "awaiting_approval")
-
-        report = await backfill(stack, since_days=1)
-        [found] = report["breaks"]
-        assert (found["break_class"], found["case_id"]) == ("payout_failed_shown_paid", case_id)
-        await wait_for_breaks(stack, [payout.provider_payout_id], "handed_to_case")
-        assert (await decide_payout(stack, "lena", case_id)).status_code == 202
-        await wait_for_case(stack, case_id, "remediated")
-        # the case takes later events onto its timeline once decided: the break joined it
-        trail = await wait_for_actions(stack, case_id, "payout_event_joined")
-        [joined] = [e for e in trail if e["action"] == "payout_event_joined"]
-        assert joined["detail"]["event_id"] == f"reconciliation:{found['break_id']}"
-        [opened] = [e for e in trail if e["action"] == "payout_exception_opened"]
-        assert opened["detail"]["event_id"] == event_id  # the webhook's case, not a second one
-        reversals = {e["posting_key"] for e in await store.ledger.entries(case_id)
-                     if e["template"] == "payout_reversed"}
-        assert reversals == {f"{case_id}:payout_reversed"}  # the case's own entry, once
-        again = await backfill(stack, since_days=1)  # on hold now: no longer shown paid
-        assert (again["new_breaks"], again["known_breaks"]) == (0, 0)
+        yield stack
     finally:
         await stack.close()
+
+
+async def test_a_break_found_after_the_webhook_joins_the_open_payout_case(
+        payout_stack: Stack, store: Store) -> None:
+    stack = payout_stack
+    payout = await paid_payout(stack, 25_000)
+    event_id = await move_payout(stack, payout.provider_payout_id, "failed",
+                                 failure_code="bank_rejection")
+    case_id = payout_case_id("sandbox", payout.provider_payout_id)
+    await wait_for_case(stack, case_id, "awaiting_approval")
+
+    report = await backfill(stack, since_days=1)
+    [found] = report["breaks"]
+    assert (found["break_class"], found["case_id"]) == ("payout_failed_shown_paid", case_id)
+    await wait_for_breaks(stack, [payout.provider_payout_id], "handed_to_case")
+    assert (await decide_payout(stack, "lena", case_id)).status_code == 202
+    await wait_for_case(stack, case_id, "remediated")
+    # the case takes later events onto its timeline once decided: the break joined it
+    trail = await wait_for_actions(stack, case_id, "payout_event_joined")
+    [joined] = [e for e in trail if e["action"] == "payout_event_joined"]
+    assert joined["detail"]["event_id"] == f"reconciliation:{found['break_id']}"
+    [opened] = [e for e in trail if e["action"] == "payout_exception_opened"]
+    assert opened["detail"]["event_id"] == event_id  # the webhook's case, not a second one
+    reversals = {e["posting_key"] for e in await store.ledger.entries(case_id)
+                 if e["template"] == "payout_reversed"}
+    assert reversals == {f"{case_id}:payout_reversed"}  # the case's own entry, once
+    again = await backfill(stack, since_days=1)  # on hold now: no longer shown paid
+    assert (again["new_breaks"], again["known_breaks"]) == (0, 0)
 
 
 async def test_a_payout_whose_case_already_ended_is_compensated_only_when_approved(
-        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
-    stack = await open_stack(store, client, temporal_server.address, reconciliation_grace_seconds=0)
-    try:
-        await add_payout_approvers(stack)
-        payout = await paid_payout(stack, 30_000)
-        await move_payout(stack, payout.provider_payout_id, "failed")
-        case_id = payout_case_id("sandbox", payout.provider_payout_id)
-        await wait_for_case(stack, case_id, "awaiting_approval")
-        assert (await decide_payout(stack, "lena", case_id, "deny")).status_code == 202
-        await wait_for_case(stack, case_id, "denied")
-        await client.get_workflow_handle(case_id).result()
+        payout_stack: Stack, store: Store, client: Client) -> None:
+    stack = payout_stack
+    payout = await paid_payout(stack, 30_000)
+    await move_payout(stack, payout.provider_payout_id, "failed")
+    case_id = payout_case_id("sandbox", payout.provider_payout_id)
+    await wait_for_case(stack, case_id, "awaiting_approval")
+    assert (await decide_payout(stack, "lena", case_id, "deny")).status_code == 202
+    await wait_for_case(stack, case_id, "denied")
+    await client.get_workflow_handle(case_id).result()
 
-        await backfill(stack, since_days=1)  # the payout case cannot take it: people decide
-        [found] = await wait_for_breaks(stack, [payout.provider_payout_id], "awaiting_approval")
-        assert (await decide(stack, "carol", found["id"])).status_code == 403  # not a payout approver
-        assert (await decide(stack, "lena", found["id"])).status_code == 202
-        [resolved] = await wait_for_breaks(stack, [payout.provider_payout_id], "resolved")
-        key = f"{case_id}:payout_reversed:reconciliation-{found['id']}"
-        assert resolved["resolution"]["outcome"]["posting_key"] == key
-        assert [e["posting_key"] for e in await store.ledger.entries(case_id)] == [key, key]  # two lines
-        assert (await store.payouts.payout(payout.id) or payout).status is PayoutStatus.FAILED
-        again = await backfill(stack, since_days=1)
-        assert (again["new_breaks"], again["known_breaks"]) == (0, 0)
-    finally:
-        await stack.close()
+    await backfill(stack, since_days=1)  # the payout case cannot take it: people decide
+    [found] = await wait_for_breaks(stack, [payout.provider_payout_id], "awaiting_approval")
+    assert (await decide(stack, "carol", found["id"])).status_code == 403  # not a payout approver
+    assert (await decide(stack, "lena", found["id"])).status_code == 202
+    [resolved] = await wait_for_breaks(stack, [payout.provider_payout_id], "resolved")
+    key = f"{case_id}:payout_reversed:reconciliation-{found['id']}"
+    assert resolved["resolution"]["outcome"]["posting_key"] == key
+    assert [e["posting_key"] for e in await store.ledger.entries(case_id)] == [key, key]  # two lines
+    assert (await store.payouts.payout(payout.id) or payout).status is PayoutStatus.FAILED
+    again = await backfill(stack, since_days=1)
+    assert (again["new_breaks"], again["known_breaks"]) == (0, 0)
 
 
 async def test_an_unmapped_status_is_a_break_for_ops_and_the_run_goes_on(

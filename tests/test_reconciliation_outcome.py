@@ -88,13 +88,20 @@ async def test_a_refused_payout_listing_is_a_warning_and_the_refunds_are_reconci
     assert "WARNING: payouts not reconciled" in shown.stdout
 
 
+async def refused_run_line(stack: Stack, proxy: RefusingProxy, status: int, *, timeout: str) -> str:
+    """Runs `refunds reconcile` while the provider answers its refund listing with `status`;
+    the one line the CLI, exiting 1, writes to stderr."""
+    proxy.refusing["/v1/refunds"] = status
+    done = await reconcile_cli(stack, "--timeout", timeout)
+    assert done.returncode == 1, done.stdout + done.stderr
+    [line] = done.stderr.splitlines()
+    return line
+
+
 async def test_a_failed_run_is_failed_with_its_reason_everywhere_and_the_cli_exits_1(
         refusing: tuple[Stack, RefusingProxy]) -> None:
     stack, proxy = refusing
-    proxy.refusing["/v1/refunds"] = 403
-    done = await reconcile_cli(stack, "--timeout", "60")
-    assert done.returncode == 1, done.stdout + done.stderr
-    [line] = done.stderr.splitlines()
+    line = await refused_run_line(stack, proxy, 403, timeout="60")
     assert " failed: ProviderDeclined: listing /v1/refunds: HTTP 403" in line, line
     async with stack.api("olga") as api:
         [run] = [r for r in (await api.get("/v1/reconciliation/runs")).json() if r["requested_by"] == "olga"
@@ -115,10 +122,7 @@ async def test_reconcile_stops_following_at_its_timeout_and_says_the_run_goes_on
     """A provider answering 503 is retried without end (it may come back): the run stays
     running, and the CLI gives up following it at --timeout instead of waiting forever."""
     stack, proxy = refusing
-    proxy.refusing["/v1/refunds"] = 503
-    done = await reconcile_cli(stack, "--timeout", "2")
-    assert done.returncode == 1, done.stdout + done.stderr
-    [line] = done.stderr.splitlines()
+    line = await refused_run_line(stack, proxy, 503, timeout="2")
     assert "has not ended after 2 s; it goes on" in line, line
     run_id = line.split("run ")[1].split()[0]
     await stack.client.get_workflow_handle(run_id).terminate("test over")

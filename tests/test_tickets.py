@@ -4,6 +4,7 @@ was lost and the activity retried; incidents for cases that need ops."""
 from temporalio.client import Client
 
 from adapters.db import Store
+from adapters.db.rows import DeliveryRow
 from adapters.tickets.base import correlation_key
 from starters.dev.stack import TemporalDevServer
 from tests.fakes import connected_stack, eventually
@@ -16,17 +17,19 @@ async def test_a_lost_create_answer_is_found_by_the_retry_and_one_ticket_exists(
         charge = await stack.charge(20_000)
         case_id = await stack.request_refund("alice", charge, 9_000)
 
-        async def ticketed() -> list[dict[str, object]]:
+        async def ticketed() -> list[DeliveryRow]:
             return [d for d in await stack.store.outbox.deliveries(case_id)
-                    if d["channel"] == "servicenow" and d["status"] == "delivered"]
+                    if d.channel == "servicenow" and d.status == "delivered"]
 
         [delivery] = await eventually(ticketed)
         [ticket] = world.servicenow["u_refund_request"]
-        assert delivery["attempts"] == 2 and delivery["external_id"] == ticket["number"]
+        assert delivery.attempts == 2 and delivery.external_id == ticket["number"]
         assert world.servicenow_calls.count(("POST", "u_refund_request")) == 1
         [stored] = await stack.store.integrations.tickets(case_id)
-        assert (stored["system"], stored["external_id"]) == ("servicenow", ticket["sys_id"])
-        assert stored["url"].startswith(f"{world.url}/nav_to.do?uri=u_refund_request.do")
+        assert (stored.system, stored.purpose, stored.external_id) == (
+            "servicenow", "request", ticket["sys_id"])
+        assert stored.url is not None
+        assert stored.url.startswith(f"{world.url}/nav_to.do?uri=u_refund_request.do")
         assert ticket["correlation_id"] == correlation_key(case_id, "request")
         assert [e["action"] for e in await stack.store.audit.trail(case_id)
                 if e["action"].startswith(("notice_deliver", "ticket_"))].count("ticket_linked") == 1

@@ -8,31 +8,34 @@ from psycopg.types.json import Jsonb
 
 from adapters.db.audit import AuditLog
 from adapters.db.database import Repository
+from adapters.db.rows import AdviceRow, TicketRow
 from domain.advice import Advice
 
 
 class IntegrationRepository(Repository):
     """Tickets per case and purpose, and the advice kept per case."""
 
-    async def ticket(self, case_id: str, system: str, purpose: str) -> dict[str, Any] | None:
-        return await self._db.fetch_one(
-            "SELECT * FROM case_tickets WHERE refund_request_id = %s AND system = %s"
-            " AND purpose = %s", (case_id, system, purpose))
+    async def ticket(self, case_id: str, system: str, purpose: str) -> TicketRow | None:
+        row = await self._db.fetch_one(
+            "SELECT system, purpose, external_id, number, url FROM case_tickets"
+            " WHERE refund_request_id = %s AND system = %s AND purpose = %s", (case_id, system, purpose))
+        return None if row is None else TicketRow.from_row(row)
 
     async def save_ticket(self, case_id: str, system: str, purpose: str, *, external_id: str,
-                          number: str | None, url: str | None, actor: str = "system") -> dict[str, Any]:
+                          number: str | None, url: str | None, actor: str = "system") -> TicketRow:
         """Stores the case's ticket once; a second save returns the first."""
         async with self._db.transaction() as conn:
             cur = await conn.execute(
                 "INSERT INTO case_tickets (refund_request_id, system, purpose, external_id, number, url)"
-                " VALUES (%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING RETURNING *",
+                " VALUES (%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING"
+                " RETURNING system, purpose, external_id, number, url",
                 (case_id, system, purpose, external_id, number, url))
             row = await cur.fetchone()
             if row is not None:
                 await AuditLog.append(conn, case_id, actor, "ticket_linked",
                                       {"system": system, "purpose": purpose, "external_id": external_id,
                                        "number": number, "url": url})
-                return row
+                return TicketRow.from_row(row)
         found = await self.ticket(case_id, system, purpose)
         assert found is not None
         return found
@@ -44,10 +47,11 @@ class IntegrationRepository(Repository):
             " AND purpose = 'request'", (system, external_id))
         return str(row["refund_request_id"]) if row else None
 
-    async def tickets(self, case_id: str) -> list[dict[str, Any]]:
-        return await self._db.fetch_all(
+    async def tickets(self, case_id: str) -> list[TicketRow]:
+        rows = await self._db.fetch_all(
             "SELECT system, purpose, external_id, number, url FROM case_tickets"
             " WHERE refund_request_id = %s ORDER BY created_at", (case_id,))
+        return [TicketRow.from_row(row) for row in rows]
 
     async def charge_history(self, provider: str, charge_id: str, exclude: str) -> list[dict[str, Any]]:
         """The charge's latest 50 other refunds, oldest first: the advisor's context stays
@@ -66,7 +70,7 @@ class IntegrationRepository(Repository):
             " ORDER BY created_at LIMIT 50", (customer_id, exclude))
 
     async def save_advice(self, case_id: str, *, source: str, advice: Advice | None, error: str | None,
-                          context_sha256: str) -> dict[str, Any]:
+                          context_sha256: str) -> AdviceRow:
         """Stores the case's first advice (or its absence); a retry keeps the first."""
         async with self._db.transaction() as conn:
             cur = await conn.execute(
@@ -84,10 +88,11 @@ class IntegrationRepository(Repository):
                     await AuditLog.append(conn, case_id, "advisor", "advice_recorded",
                                           {**detail, "suggested_amount": advice.suggested_amount,
                                            "anomaly_flags": list(advice.anomaly_flags)})
-                return row
+                return AdviceRow.from_row(row)
         found = await self.advice(case_id)
         assert found is not None
         return found
 
-    async def advice(self, case_id: str) -> dict[str, Any] | None:
-        return await self._db.fetch_one("SELECT * FROM case_advice WHERE refund_request_id = %s", (case_id,))
+    async def advice(self, case_id: str) -> AdviceRow | None:
+        row = await self._db.fetch_one("SELECT * FROM case_advice WHERE refund_request_id = %s", (case_id,))
+        return None if row is None else AdviceRow.from_row(row)

@@ -6,7 +6,7 @@ from typing import Any
 
 from adapters.db.audit import AuditLog
 from adapters.db.database import Conn, Repository, jsonb
-from adapters.db.rows import NoticeRow
+from adapters.db.rows import DeliveryRow, NoticeRow
 from domain.models import NoticeInput
 
 
@@ -81,11 +81,12 @@ class OutboxRepository(Repository):
         await self._db.execute("UPDATE notices SET delivered_at = now() WHERE id = %s"
                                " AND delivered_at IS NULL", (notice_id,))
 
-    async def deliveries(self, case_id: str) -> list[dict[str, Any]]:
-        return await self._db.fetch_all(
+    async def deliveries(self, case_id: str) -> list[DeliveryRow]:
+        rows = await self._db.fetch_all(
             "SELECT n.kind, n.audience, d.channel, d.status, d.attempts, d.external_id,"
             " d.last_error FROM notice_deliveries d JOIN notices n ON n.id = d.notice_id"
             " WHERE n.refund_request_id = %s ORDER BY n.id, d.channel", (case_id,))
+        return [DeliveryRow.from_row(row) for row in rows]
 
     async def claim_unswept(self, older_than_seconds: float, limit: int) -> list[str]:
         """Undelivered notices nobody has swept, oldest first, claimed for this sweep (each

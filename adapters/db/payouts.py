@@ -14,7 +14,7 @@ from adapters.db.audit import AuditLog
 from adapters.db.database import Conn, Repository, jsonb
 from adapters.db.ledger import LedgerRepository
 from adapters.db.outbox import OutboxRepository
-from adapters.db.rows import PayoutCaseRow
+from adapters.db.rows import HoldRow, PayoutCaseRow, PayoutListRow
 from adapters.db.sweep import idle_unswept, open_incident_run
 from domain.audit import canonical_detail
 from domain.integrations import ticket_purpose
@@ -118,21 +118,23 @@ class PayoutRepository(Repository):
         row = await self._db.fetch_one("SELECT * FROM payout_cases WHERE case_id = %s", (case_id,))
         return PayoutCaseRow.from_row(row) if row else None
 
-    async def cases(self, limit: int, status: str | None = None) -> list[dict[str, Any]]:
+    async def cases(self, limit: int, status: str | None = None) -> list[PayoutListRow]:
         """Payout exception cases with their payout, most recently updated first."""
-        return await self._db.fetch_all(
+        rows = await self._db.fetch_all(
             "SELECT c.case_id, c.status, c.reported_status, c.failure_code, c.ticket_ref,"
             " c.decision->'decision'->>'tier' AS tier, c.created_at, c.updated_at, p.id AS payout_id,"
             " p.provider, p.provider_payout_id, p.beneficiary_id, p.amount, p.currency,"
             " p.status AS payout_status FROM payout_cases c JOIN payouts p ON p.id = c.payout_id"
             " WHERE %(status)s::text IS NULL OR c.status = %(status)s"
             " ORDER BY c.updated_at DESC, c.case_id LIMIT %(limit)s", {"status": status, "limit": limit})
+        return [PayoutListRow.from_row(row) for row in rows]
 
-    async def beneficiary_holds(self, beneficiary_id: str) -> list[dict[str, Any]]:
+    async def beneficiary_holds(self, beneficiary_id: str) -> list[HoldRow]:
         """Every hold on the beneficiary, active ones with `released_at` None."""
-        return await self._db.fetch_all(
+        rows = await self._db.fetch_all(
             "SELECT case_id, placed_at, released_at FROM beneficiary_holds"
             " WHERE beneficiary_id = %s ORDER BY placed_at", (beneficiary_id,))
+        return [HoldRow.from_row(row) for row in rows]
 
     # -- the case ---------------------------------------------------------------------
 

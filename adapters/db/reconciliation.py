@@ -12,7 +12,7 @@ breaks, their audit rows and notices, and the run's cursor commit together.
 """
 
 import secrets
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -25,6 +25,7 @@ from adapters.db.database import Conn, Database, Repository, jsonb
 from adapters.db.ledger import LedgerRepository
 from adapters.db.outbox import OutboxRepository
 from adapters.db.reconciliation_sql import CLASSIFY, CLASSIFY_PAYOUTS, STAGE
+from adapters.db.rows import BreakRow, RunBreakRow, RunRow
 from adapters.db.sweep import open_incident_run
 from domain.events import tracking_case_id
 from domain.incidents import DuplicateRefundInput
@@ -110,7 +111,7 @@ def _staged(listed: Listed) -> tuple[str, int, str, str, str, str | None, str | 
     return "", listed.amount, listed.currency, UNMAPPED, listed.raw_status, listed.error, None
 
 
-def truth_of(row: dict[str, Any]) -> ProviderRefund | ProviderPayout:
+def truth_of(row: Mapping[str, Any]) -> ProviderRefund | ProviderPayout:
     """The provider's refund or payout as a stored break recorded it."""
     if row["object_kind"] == "payout":
         return ProviderPayout(
@@ -125,7 +126,7 @@ def truth_of(row: dict[str, Any]) -> ProviderRefund | ProviderPayout:
         failure_reason=row["failure_reason"], reference=row["evidence"]["provider"].get("reference"))
 
 
-def break_case(row: dict[str, Any], timings: RefundTimings) -> BreakCase:
+def break_case(row: Mapping[str, Any], timings: RefundTimings) -> BreakCase:
     """The exception workflow's input for a stored break."""
     case = row["evidence"].get("case") or {}
     held = case.get("provider_status")
@@ -139,38 +140,38 @@ def break_case(row: dict[str, Any], timings: RefundTimings) -> BreakCase:
         reopened=int(row["reopened"]))
 
 
-def run_view(row: dict[str, Any]) -> dict[str, Any]:
+def run_view(row: RunRow) -> dict[str, Any]:
     """The public shape of a run: window, progress (the cursor's creation time moves from
     the window's end to its start) and state."""
-    return {"run_id": row["id"], "provider": row["provider"], "kind": row["kind"], "state": row["state"],
-            "window": {"since": row["window_start"].isoformat(), "until": row["window_end"].isoformat()},
-            "requested_by": row["requested_by"], "objects_seen": row["objects_seen"],
-            "batches": row["batches"],
-            "cursor_created": row["cursor_created"].isoformat() if row["cursor_created"] else None,
-            "started_at": row["started_at"].isoformat(), "warnings": row["warnings"],
-            "failure": row["failure"],
-            "finished_at": row["finished_at"].isoformat() if row["finished_at"] else None,
-            "links": {"run": f"/v1/reconciliation/runs/{row['id']}"}}
+    return {"run_id": row.id, "provider": row.provider, "kind": row.kind, "state": row.state,
+            "window": {"since": row.window_start.isoformat(), "until": row.window_end.isoformat()},
+            "requested_by": row.requested_by, "objects_seen": row.objects_seen,
+            "batches": row.batches,
+            "cursor_created": row.cursor_created.isoformat() if row.cursor_created else None,
+            "started_at": row.started_at.isoformat(), "warnings": row.warnings,
+            "failure": row.failure,
+            "finished_at": row.finished_at.isoformat() if row.finished_at else None,
+            "links": {"run": f"/v1/reconciliation/runs/{row.id}"}}
 
 
 CASE_ROUTES = {"refund": "refund-requests", "payout": "payout-exceptions"}
 
 
-def break_view(row: dict[str, Any]) -> dict[str, Any]:
+def break_view(row: BreakRow) -> dict[str, Any]:
     """The public shape of a break, with links to its case and exception workflow."""
-    case_id = row["refund_request_id"]
+    case_id = row.refund_request_id
     return {
-        "break_id": row["id"], "break_class": row["break_class"], "provider": row["provider"],
-        "object_id": row["object_id"], "case_id": case_id, "amount": row["amount"],
-        "currency": row["currency"], "provider_status": row["provider_status"],
-        "failure_reason": row["failure_reason"], "case_status": row["case_status"],
-        "ledger_delta": row["ledger_delta"], "object_created_at": row["object_created_at"].isoformat(),
-        "state": row["state"], "found_at": row["found_at"].isoformat(), "evidence": row["evidence"],
-        "resolution": row["resolution"],
-        "object_kind": row["object_kind"], "reopened": row["reopened"],
-        "links": {"break": f"/v1/reconciliation/breaks/{row['id']}",
-                  "case": f"/v1/{CASE_ROUTES[row['object_kind']]}/{case_id}" if case_id else None,
-                  "workflow": f"recon-break-{row['id']}"},
+        "break_id": row.id, "break_class": row.break_class, "provider": row.provider,
+        "object_id": row.object_id, "case_id": case_id, "amount": row.amount,
+        "currency": row.currency, "provider_status": row.provider_status,
+        "failure_reason": row.failure_reason, "case_status": row.case_status,
+        "ledger_delta": row.ledger_delta, "object_created_at": row.object_created_at.isoformat(),
+        "state": row.state, "found_at": row.found_at.isoformat(), "evidence": row.evidence,
+        "resolution": row.resolution,
+        "object_kind": row.object_kind, "reopened": row.reopened,
+        "links": {"break": f"/v1/reconciliation/breaks/{row.id}",
+                  "case": f"/v1/{CASE_ROUTES[row.object_kind]}/{case_id}" if case_id else None,
+                  "workflow": f"recon-break-{row.id}"},
     }
 
 
@@ -198,7 +199,7 @@ class ReconciliationRepository(Repository):
         return row
 
     async def open_backfill(self, provider: str, since: datetime, until: datetime, requested_by: str,
-                            task_queue: str) -> tuple[dict[str, Any], bool]:
+                            task_queue: str) -> tuple[RunRow, bool]:
         """A new backfill run, or the provider's unfinished one on this deployment (resumed:
         True), whose cursor says where it stopped."""
         run_id = f"reconcile-{provider}-backfill-{secrets.token_hex(6)}"
@@ -213,21 +214,22 @@ class ReconciliationRepository(Repository):
                 await AuditLog.append(conn, None, requested_by, "reconciliation_backfill_requested",
                                       {"run_id": run_id, "provider": provider, "since": since,
                                        "until": until})
-                return created, False
+                return RunRow.from_row(created), False
             cur = await conn.execute(
                 "SELECT * FROM reconciliation_runs WHERE provider = %s AND task_queue = %s"
                 " AND kind = 'backfill' AND state = 'running'", (provider, task_queue))
             existing = await cur.fetchone()
         assert existing is not None
-        return existing, True
+        return RunRow.from_row(existing), True
 
     async def run(self, run_id: str) -> dict[str, Any] | None:
         return await self._db.fetch_one("SELECT * FROM reconciliation_runs WHERE id = %s",
                                         (run_id,))
 
-    async def runs(self, limit: int = 50) -> list[dict[str, Any]]:
-        return await self._db.fetch_all(
+    async def runs(self, limit: int = 50) -> list[RunRow]:
+        rows = await self._db.fetch_all(
             "SELECT * FROM reconciliation_runs ORDER BY started_at DESC LIMIT %s", (limit,))
+        return [RunRow.from_row(row) for row in rows]
 
     async def store_batch(self, run_id: str, provider: str, batch: Sequence[Listed],
                           options: ReconcileOptions, *, cursor: str | None, phase: Phase,
@@ -342,10 +344,11 @@ class ReconciliationRepository(Repository):
                 entry["ledger_delta"][row["currency"]] = int(row["ledger_delta"])
         new = sum(c["new"] for c in classes.values())
         return {
-            **run_view(run), "new_breaks": new,
+            **run_view(RunRow.from_row(run)), "new_breaks": new,
             "known_breaks": sum(c["seen"] for c in classes.values()) - new,
             "classes": classes, "states": {r["state"]: r["n"] for r in states},
-            "oldest_break": break_view(oldest) if oldest else None, "report_files": run["report_files"],
+            "oldest_break": break_view(BreakRow.from_row(oldest)) if oldest else None,
+            "report_files": run["report_files"],
         }
 
     async def run_breaks(self, run_id: str, limit: int | None = None) -> AsyncIterator[dict[str, Any]]:
@@ -358,9 +361,15 @@ class ReconciliationRepository(Repository):
             async for row in cur:
                 yield row
 
-    async def get_break(self, break_id: int) -> dict[str, Any] | None:
-        return await self._db.fetch_one("SELECT * FROM reconciliation_breaks WHERE id = %s",
-                                        (break_id,))
+    async def breaks(self, run_id: str, limit: int | None = None) -> AsyncIterator[RunBreakRow]:
+        """`run_breaks` as typed rows, for the front ends (the report writer takes the columns)."""
+        async for row in self.run_breaks(run_id, limit):
+            yield RunBreakRow.from_row(row)
+
+    async def get_break(self, break_id: int) -> BreakRow | None:
+        row = await self._db.fetch_one("SELECT * FROM reconciliation_breaks WHERE id = %s",
+                                       (break_id,))
+        return None if row is None else BreakRow.from_row(row)
 
     # -- the exception case -------------------------------------------------------------
 
@@ -387,10 +396,10 @@ class ReconciliationRepository(Repository):
         case's ledger position to the provider's truth (as it is now, so two breaks of one
         refund never post twice) and sets the case's status, in one transaction."""
         break_id = settlement.break_id
-        row = await self.get_break(break_id)
-        assert row is not None
-        if settlement.state is BreakState.RESOLVED and row["refund_request_id"] is None:
-            await self._adopt(row)
+        found = await self.get_break(break_id)
+        assert found is not None
+        if settlement.state is BreakState.RESOLVED and found.refund_request_id is None:
+            await self._adopt(found)
         async with self._db.transaction() as conn:
             row = await (await conn.execute("SELECT * FROM reconciliation_breaks WHERE id = %s FOR UPDATE",
                                             (break_id,))).fetchone()
@@ -412,7 +421,7 @@ class ReconciliationRepository(Repository):
                                   {"break_id": break_id, **resolution})
             return outcome
 
-    async def _adopt(self, row: dict[str, Any]) -> None:
+    async def _adopt(self, row: Mapping[str, Any]) -> None:
         """A refund unknown to us becomes a tracking case (holding its amount against the
         charge), so the approved entry has a case to land on."""
         truth = truth_of(row)
@@ -517,7 +526,7 @@ class ReconciliationRepository(Repository):
 
     # -- reopening ------------------------------------------------------------------------
 
-    async def reopen(self, break_id: int, actor: str, reason: str) -> dict[str, Any]:
+    async def reopen(self, break_id: int, actor: str, reason: str) -> BreakRow:
         """Sends a dismissed or expired break back to its exception case (the same break and
         case id, `reopened` counted), audited with the decision it undoes. Raises
         LookupError for no such break, NotReopenable when it is in another state."""
@@ -535,7 +544,7 @@ class ReconciliationRepository(Repository):
             await AuditLog.append(conn, row["chain"], actor, "reconciliation_break_reopened", {
                 "break_id": break_id, "reason": reason, "reopened": reopened["reopened"],
                 "previous_state": row["state"], "previous_resolution": row["resolution"]})
-            return reopened
+            return BreakRow.from_row(reopened)
 
 
 class NotReopenable(Exception):

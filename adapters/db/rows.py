@@ -111,6 +111,100 @@ class PayoutCaseRow(Row):
 
 
 @dataclass(frozen=True, eq=False)
+class PayoutListRow(Row):
+    """A payout exception case as the payout list shows it: the case, its tier and its payout."""
+
+    case_id: str
+    status: str
+    reported_status: str
+    failure_code: str | None
+    ticket_ref: str | None
+    tier: str | None
+    created_at: datetime
+    updated_at: datetime
+    payout_id: str
+    provider: str
+    provider_payout_id: str
+    beneficiary_id: str
+    amount: int
+    currency: str
+    payout_status: str
+
+
+@dataclass(frozen=True, eq=False)
+class HoldRow(Row):
+    """A hold a payout case placed on its beneficiary (`beneficiary_holds`); active while
+    `released_at` is None."""
+
+    case_id: str
+    placed_at: datetime
+    released_at: datetime | None
+
+
+@dataclass(frozen=True, eq=False)
+class RunRow(Row):
+    """A reconciliation run (`reconciliation_runs`): its window, cursor, progress and state."""
+
+    id: str
+    provider: str
+    task_queue: str
+    kind: str
+    window_start: datetime
+    window_end: datetime
+    requested_by: str
+    state: str
+    cursor: str | None
+    cursor_created: datetime | None
+    objects_seen: int
+    batches: int
+    report_files: list[str]
+    started_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+    phase: str
+    warnings: list[str]
+    failure: str | None
+
+
+@dataclass(frozen=True, eq=False)
+class BreakRow(Row):
+    """A reconciliation break (`reconciliation_breaks`): the provider's object, how it
+    differs from our books, and how its exception case ended."""
+
+    id: int
+    provider: str
+    object_kind: str
+    object_id: str
+    break_class: str
+    refund_request_id: str | None
+    chain: str
+    charge_id: str
+    amount: int
+    currency: str
+    provider_status: str
+    raw_status: str
+    failure_reason: str | None
+    case_status: str | None
+    ledger_delta: int | None
+    object_created_at: datetime
+    evidence: dict[str, Any]
+    first_run_id: str
+    found_at: datetime
+    state: str
+    dispatched_at: datetime | None
+    resolved_at: datetime | None
+    resolution: dict[str, Any] | None
+    reopened: int
+
+
+@dataclass(frozen=True, eq=False)
+class RunBreakRow(BreakRow):
+    """A break as one run's report lists it: new in that run, or seen before."""
+
+    new_in_run: bool
+
+
+@dataclass(frozen=True, eq=False)
 class ReceiptRow(Row):
     """A stored webhook delivery as ops list it (`webhook_receipts`, without body and headers)."""
 
@@ -136,6 +230,42 @@ class TokenRow(Row):
     revoked_at: datetime | None
     expires_at: datetime | None
     fingerprint: str
+
+
+@dataclass(frozen=True, eq=False)
+class TicketRow(Row):
+    """A case's ticket in an outside system (`case_tickets`), one per system and purpose."""
+
+    system: str
+    purpose: str
+    external_id: str
+    number: str | None
+    url: str | None
+
+
+@dataclass(frozen=True, eq=False)
+class DeliveryRow(Row):
+    """One channel's delivery of a case's notice (`notice_deliveries` with its notice)."""
+
+    kind: str
+    audience: str
+    channel: str
+    status: str
+    attempts: int
+    external_id: str | None
+    last_error: str | None
+
+
+@dataclass(frozen=True, eq=False)
+class AdviceRow(Row):
+    """The advisor's stored answer for a case (`case_advice`): the advice, or why there is none."""
+
+    refund_request_id: str
+    source: str
+    advice: dict[str, Any] | None
+    error: str | None
+    context_sha256: str
+    created_at: datetime
 
 
 @dataclass(frozen=True)

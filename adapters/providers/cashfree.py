@@ -19,8 +19,8 @@ from decimal import Decimal
 from typing import Any
 from urllib.parse import quote
 
-from adapters.providers.base import UNDOCUMENTED_MAXIMUM, WebhookRejected, WebhooksOnly
-from adapters.providers.http import JsonApi
+from adapters.providers.base import WebhookRejected
+from adapters.providers.http import JsonApi, JsonApiAdapter
 from adapters.providers.normalise import (
     MalformedAnswer,
     exact_json,
@@ -33,7 +33,13 @@ from adapters.providers.normalise import (
     require_known,
     required,
 )
-from adapters.providers.signing import WebhookVerifier, check_window, require_header, unix_time
+from adapters.providers.signing import (
+    VerifiedWebhooksOnly,
+    WebhookVerifier,
+    check_window,
+    require_header,
+    unix_time,
+)
 from domain.models import (
     ChargeSnapshot,
     ProviderEvent,
@@ -96,16 +102,14 @@ def _refund(provider: str, obj: Mapping[str, Any], *, charge_id: str, ours: bool
     )
 
 
-class CashfreeProvider(WebhooksOnly):
+class CashfreeProvider(VerifiedWebhooksOnly):
     """Cashfree refund webhooks only: every API call is refused as unsupported."""
 
+    name = "cashfree"
     event_types = KNOWN_EVENT_TYPES
-    max_amount = UNDOCUMENTED_MAXIMUM
 
-    def __init__(self, *, webhook_secrets: Sequence[str], tolerance_seconds: int = 300,
-                 verifier: WebhookVerifier | None = None, name: str = "cashfree") -> None:
-        self.name = name
-        self._verifier = verifier or CashfreeVerifier(webhook_secrets, tolerance_seconds=tolerance_seconds)
+    def _own_verifier(self, secrets: Sequence[str], tolerance_seconds: int) -> WebhookVerifier:
+        return CashfreeVerifier(secrets, tolerance_seconds=tolerance_seconds)
 
     def parse_webhook(self, headers: Mapping[str, str], body: bytes, now: float) -> ProviderEvent:
         self._verifier.verify(headers, body, now)
@@ -125,7 +129,7 @@ class CashfreeProvider(WebhooksOnly):
                                 occurred_at=datetime.fromisoformat(str(payload["event_time"])))
 
 
-class CashfreeApiProvider(CashfreeProvider):
+class CashfreeApiProvider(JsonApiAdapter, CashfreeProvider):
     """Cashfree PG's refund API (x-api-version 2025-01-01), where a charge is an order.
 
     - `get_charge`: `GET /orders/{order_id}`; PAID is captured, for the whole order_amount.
@@ -156,9 +160,6 @@ class CashfreeApiProvider(CashfreeProvider):
         self._merchant_account = merchant_account or client_id
         self._api = JsonApi(api_base, timeout_seconds=timeout_seconds, headers={
             "x-client-id": client_id, "x-client-secret": client_secret, "x-api-version": API_VERSION})
-
-    async def aclose(self) -> None:
-        await self._api.aclose()
 
     async def get_charge(self, charge_id: str) -> ChargeSnapshot | None:
         order = await self._api.call("GET", f"/orders/{quote(charge_id, safe='')}", missing_ok=True)

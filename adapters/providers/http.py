@@ -79,3 +79,13 @@ class JsonApi:
             return None
         raise_for_refusal(response)
         return json.loads(response.content, parse_float=Decimal)
+
+
+class JsonApiAdapter:
+    """Base of the adapters that call a provider's JSON API through one `JsonApi`, closed
+    with the adapter."""
+
+    _api: JsonApi
+
+    async def aclose(self) -> None:
+        await self._api.aclose()

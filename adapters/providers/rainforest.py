@@ -17,14 +17,8 @@ from urllib.parse import quote
 
 from svix.webhooks import Webhook as SvixWebhook
 
-from adapters.providers.base import (
-    UNDOCUMENTED_MAXIMUM,
-    ProviderOutcomeUnknown,
-    WebhookRejected,
-    WebhooksOnly,
-    only_refund,
-)
-from adapters.providers.http import JsonApi
+from adapters.providers.base import ProviderOutcomeUnknown, WebhookRejected, only_refund
+from adapters.providers.http import JsonApi, JsonApiAdapter
 from adapters.providers.normalise import (
     REFERENCE_KEY,
     load_json,
@@ -35,7 +29,13 @@ from adapters.providers.normalise import (
     require_known,
     required,
 )
-from adapters.providers.signing import WebhookVerifier, check_window, require_header, unix_time
+from adapters.providers.signing import (
+    VerifiedWebhooksOnly,
+    WebhookVerifier,
+    check_window,
+    require_header,
+    unix_time,
+)
 from domain.models import (
     ChargeSnapshot,
     ProviderEvent,
@@ -106,16 +106,14 @@ def _refund(provider: str, data: Mapping[str, Any]) -> ProviderRefund:
     )
 
 
-class RainforestProvider(WebhooksOnly):
+class RainforestProvider(VerifiedWebhooksOnly):
     """Rainforest refund webhooks only: every API call is refused as unsupported."""
 
+    name = "rainforest"
     event_types = KNOWN_EVENT_TYPES
-    max_amount = UNDOCUMENTED_MAXIMUM
 
-    def __init__(self, *, webhook_secrets: Sequence[str], tolerance_seconds: int = 300,
-                 verifier: WebhookVerifier | None = None, name: str = "rainforest") -> None:
-        self.name = name
-        self._verifier = verifier or SvixVerifier(webhook_secrets, tolerance_seconds=tolerance_seconds)
+    def _own_verifier(self, secrets: Sequence[str], tolerance_seconds: int) -> WebhookVerifier:
+        return SvixVerifier(secrets, tolerance_seconds=tolerance_seconds)
 
     def parse_webhook(self, headers: Mapping[str, str], body: bytes, now: float) -> ProviderEvent:
         self._verifier.verify(headers, body, now)
@@ -144,7 +142,7 @@ def _listed(provider: str, obj: Mapping[str, Any]) -> ListedRefund:
     return ListedRefund(refund=_refund(provider, obj), created=datetime.fromisoformat(str(obj["created_at"])))
 
 
-class RainforestApiProvider(RainforestProvider):
+class RainforestApiProvider(JsonApiAdapter, RainforestProvider):
     """Rainforest's API (Bearer API key, `Rainforest-Api-Version: 2024-10-16`), where a
     charge is a payin. Amounts are integer minor units, as on the webhooks.
 
@@ -170,9 +168,6 @@ class RainforestApiProvider(RainforestProvider):
         super().__init__(webhook_secrets=webhook_secrets, tolerance_seconds=tolerance_seconds, name=name)
         self._api = JsonApi(api_base, timeout_seconds=timeout_seconds, headers={
             "Authorization": f"Bearer {api_key}", "Rainforest-Api-Version": API_VERSION})
-
-    async def aclose(self) -> None:
-        await self._api.aclose()
 
     async def _payin(self, payin_id: str) -> dict[str, Any] | None:
         answer = await self._api.call("GET", f"/v1/payins/{quote(payin_id, safe='')}", missing_ok=True)

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import stripe
 
-from adapters.providers.base import WebhookRejected
+from adapters.providers.base import UNDOCUMENTED_MAXIMUM, WebhookRejected, WebhooksOnly
 
 UNIX_TIME = re.compile(r"[0-9]{1,15}")
 """A timestamp as signers write it: ASCII digits only (`int()` also takes `١٢`, `1_0` and
@@ -25,6 +25,23 @@ class WebhookVerifier(Protocol):
 
     def verify(self, headers: Mapping[str, str], body: bytes, now: float) -> None:
         """Returns only when one configured secret signed this body inside the window."""
+
+
+class VerifiedWebhooksOnly(WebhooksOnly):
+    """Base of the webhooks-only adapters whose provider documents no maximum refund
+    (Rainforest, Cashfree): each delivery is checked by the provider's own verifier, or by
+    one a caller plugs in."""
+
+    max_amount = UNDOCUMENTED_MAXIMUM
+
+    def __init__(self, *, webhook_secrets: Sequence[str], tolerance_seconds: int = 300,
+                 verifier: WebhookVerifier | None = None, name: str | None = None) -> None:
+        self.name = name or type(self).name
+        self._verifier = verifier or self._own_verifier(webhook_secrets, tolerance_seconds)
+
+    def _own_verifier(self, secrets: Sequence[str], tolerance_seconds: int) -> WebhookVerifier:
+        """The provider's signature scheme over these secrets and our window."""
+        raise NotImplementedError
 
 
 def require_header(headers: Mapping[str, str], name: str) -> str:

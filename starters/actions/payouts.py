@@ -29,8 +29,8 @@ async def payout_case_view(store: Store, case_id: str) -> dict[str, Any] | None:
         "decision": row["decision"], "missing_roles": missing, "approvals": approvals,
         "recommendation": row["recommendation"], "ticket_ref": row["ticket_ref"],
         "reversal_entry_id": row["reversal_entry_id"],
-        "beneficiary_holds": [{**h, "placed_at": h["placed_at"].isoformat(),
-                               "released_at": h["released_at"].isoformat() if h["released_at"] else None}
+        "beneficiary_holds": [{"case_id": h.case_id, "placed_at": h.placed_at.isoformat(),
+                               "released_at": h.released_at.isoformat() if h.released_at else None}
                               for h in await store.payouts.beneficiary_holds(payout.beneficiary_id)],
         "reissue": reissue.model_dump(mode="json") if reissue else None,
         "timeline": [{"at": e["occurred_at"].isoformat(), "actor": e["actor"], "action": e["action"],

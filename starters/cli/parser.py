@@ -1,6 +1,8 @@
 """The `refunds` command line's verbs and options, each bound to the command it runs."""
 
 import argparse
+from collections.abc import Callable
+from typing import Any, TypeAlias
 
 import starters.cli.admin_commands as admin_commands
 import starters.cli.api_commands as api_commands
@@ -10,6 +12,28 @@ import starters.cli.servers as servers
 def _json_flag(parser: argparse.ArgumentParser) -> None:
     """Every list and show command takes --json (some print JSON anyway: then it is explicit)."""
     parser.add_argument("--json", action="store_true", help="print JSON (for scripts)")
+
+
+Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def _show_command(parent: Subcommands, name: str, help: str, run: Callable[..., Any]) -> None:
+    """A command that shows one case or payout: its id, and --json."""
+    command = parent.add_parser(name, help=help)
+    command.add_argument("id")
+    _json_flag(command)
+    command.set_defaults(run=run)
+
+
+def _case_action(parent: Subcommands, name: str, help: str, run: Callable[..., Any],
+                 choice: str, choices: list[str]) -> None:
+    """A command a person takes on a case: its id, one choice (the first is the default)
+    and the reason written to the audit trail."""
+    command = parent.add_parser(name, help=help)
+    command.add_argument("id")
+    command.add_argument(choice, choices=choices, default=choices[0])
+    command.add_argument("--reason", default="")
+    command.set_defaults(run=run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,16 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     payout_list.add_argument("--limit", type=int, default=50)
     _json_flag(payout_list)
     payout_list.set_defaults(run=api_commands.cmd_payouts_list)
-    payout_show = payouts.add_parser("show", help="a payout and its exception case")
-    payout_show.add_argument("id")
-    _json_flag(payout_show)
-    payout_show.set_defaults(run=api_commands.cmd_payouts_show)
+    _show_command(payouts, "show", "a payout and its exception case", api_commands.cmd_payouts_show)
 
-    approve = sub.add_parser("approve", help="approve or deny a refund")
-    approve.add_argument("id")
-    approve.add_argument("--decision", choices=["approve", "deny"], default="approve")
-    approve.add_argument("--reason", default="")
-    approve.set_defaults(run=api_commands.cmd_approve)
+    _case_action(sub, "approve", "approve or deny a refund", api_commands.cmd_approve,
+                 "--decision", ["approve", "deny"])
 
     hooks = sub.add_parser("webhooks", help="webhook receipts: coverage, replay, re-drive").add_subparsers(
         dest="webhooks_command", required=True)
@@ -107,16 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     hooks.add_parser("redrive", help="re-drive accepted receipts that never reached their workflow"
                      ).set_defaults(run=api_commands.cmd_webhooks_redrive)
 
-    status = sub.add_parser("status", help="show a refund case")
-    status.add_argument("id")
-    _json_flag(status)
-    status.set_defaults(run=api_commands.cmd_status)
+    _show_command(sub, "status", "show a refund case", api_commands.cmd_status)
 
-    reissue = sub.add_parser("reissue", help="reissue a failed or canceled refund (ops)")
-    reissue.add_argument("id")
-    reissue.add_argument("--method", choices=["provider", "bank_transfer"], default="provider")
-    reissue.add_argument("--reason", default="")
-    reissue.set_defaults(run=api_commands.cmd_reissue)
+    _case_action(sub, "reissue", "reissue a failed or canceled refund (ops)", api_commands.cmd_reissue,
+                 "--method", ["provider", "bank_transfer"])
 
     reconcile = sub.add_parser("reconcile", help="backfill: cross-check a provider's refunds with cases "
                                "and the ledger (resumes an unfinished one)")
@@ -130,10 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     audit = sub.add_parser("audit", help="the audit trail").add_subparsers(dest="audit_command",
                                                                           required=True)
-    show = audit.add_parser("show", help="a case's timeline")
-    show.add_argument("id")
-    _json_flag(show)
-    show.set_defaults(run=api_commands.cmd_audit_show)
+    _show_command(audit, "show", "a case's timeline", api_commands.cmd_audit_show)
     audit.add_parser("verify", help="recompute every hash chain; exit 1 on tampering").set_defaults(
         run=admin_commands.cmd_audit_verify)
 

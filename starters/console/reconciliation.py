@@ -38,7 +38,7 @@ async def reconciliation_page(request: Request, session: ConsoleSession, *, stat
         return denied
     recon = front_door(request).store.reconciliation
     runs = [run_view(r) for r in await recon.runs(RECONCILIATION_RUNS)]
-    breaks = {run["run_id"]: [break_view(b) async for b in recon.run_breaks(run["run_id"], 200)]
+    breaks = {run["run_id"]: [break_view(b) async for b in recon.breaks(run["run_id"], 200)]
               for run in runs[:RECONCILIATION_RUNS_WITH_BREAKS]}
     return page(request, "reconciliation.html", session, status=status, error=error,
                 notice=notice, runs=runs, breaks=breaks,

@@ -60,6 +60,13 @@ class SandboxState:
     """Per charge with a slow create: (the next create arrived, the slow one has acted)."""
 
 
+def found(stored: dict[str, Any] | None, what: str, object_id: str) -> dict[str, Any]:
+    """The stored object, or the 404 Stripe answers for an id it does not know."""
+    if stored is None:
+        raise HTTPException(404, f"no such {what} {object_id}")
+    return stored
+
+
 def create_app(*, db_path: str = ":memory:", webhook_url: str | None = None,
                webhook_secret: str, api_key: str | None = None) -> FastAPI:
     """Builds the sandbox provider app; tests and `refunds dev` both use this."""
@@ -169,9 +176,7 @@ def create_app(*, db_path: str = ":memory:", webhook_url: str | None = None,
     async def capture(charge_id: str, body: CaptureIn,
                       authorization: str | None = Header(None)) -> dict[str, Any]:
         authorise(authorization)
-        charge = bank.charge(charge_id)
-        if charge is None:
-            raise HTTPException(404, f"no such charge {charge_id}")
+        charge = found(bank.charge(charge_id), "charge", charge_id)
         amount = body.amount or charge["amount"] - charge["amount_captured"]
         if charge["amount_captured"] + amount > charge["amount"]:
             raise HTTPException(400, "capture exceeds the authorised amount")
@@ -183,9 +188,7 @@ def create_app(*, db_path: str = ":memory:", webhook_url: str | None = None,
     @app.get("/v1/charges/{charge_id}")
     async def get_charge(charge_id: str, authorization: str | None = Header(None)) -> dict[str, Any]:
         authorise(authorization)
-        charge = bank.charge(charge_id)
-        if charge is None:
-            raise HTTPException(404, f"no such charge {charge_id}")
+        charge = found(bank.charge(charge_id), "charge", charge_id)
         return charge
 
     @app.post("/v1/refunds")
@@ -214,9 +217,7 @@ def create_app(*, db_path: str = ":memory:", webhook_url: str | None = None,
             earlier = bank.refunds(idempotency_key=idempotency_key)
             if earlier:
                 return earlier[0]
-        charge = bank.charge(body.charge)
-        if charge is None:
-            raise HTTPException(404, f"no such charge {body.charge}")
+        charge = found(bank.charge(body.charge), "charge", body.charge)
         if body.currency and body.currency.lower() != charge["currency"]:
             raise HTTPException(400, "currency does not match the charge")
         held = sum(r["amount"] for r in bank.refunds(charge=body.charge)
@@ -298,9 +299,7 @@ def create_app(*, db_path: str = ":memory:", webhook_url: str | None = None,
     @app.get("/v1/refunds/{refund_id}")
     async def get_refund(refund_id: str, authorization: str | None = Header(None)) -> dict[str, Any]:
         authorise(authorization)
-        refund = bank.refund(refund_id)
-        if refund is None:
-            raise HTTPException(404, f"no such refund {refund_id}")
+        refund = found(bank.refund(refund_id), "refund", refund_id)
         return refund
 
     # -- scripting endpoints for tests and the demo ---------------------------------
@@ -329,9 +328,7 @@ def create_app(*, db_path: str = ":memory:", webhook_url: str | None = None,
 
     @app.post("/_sandbox/refunds/{refund_id}/status")
     async def set_status(refund_id: str, body: StatusIn) -> dict[str, Any]:
-        refund = bank.refund(refund_id)
-        if refund is None:
-            raise HTTPException(404, f"no such refund {refund_id}")
+        refund = found(bank.refund(refund_id), "refund", refund_id)
         refund["status"] = body.status
         refund["failure_reason"] = body.failure_reason
         bank.put("refunds", refund)
@@ -343,9 +340,7 @@ def create_app(*, db_path: str = ":memory:", webhook_url: str | None = None,
     async def set_payout_status(payout_id: str, body: PayoutStatusIn) -> dict[str, Any]:
         """Moves a payout as the provider would on its own, days after it showed paid, and
         sends `payout.<status>` (once, or `copies` times with the same event id)."""
-        payout = next((p for p in bank.payouts() if p["id"] == payout_id), None)
-        if payout is None:
-            raise HTTPException(404, f"no such payout {payout_id}")
+        payout = found(next((p for p in bank.payouts() if p["id"] == payout_id), None), "payout", payout_id)
         payout.update(status=body.status, failure_code=body.failure_code,
                       failure_message=body.failure_message)
         bank.put_payout(payout)

@@ -82,7 +82,7 @@ async def get_run(run_id: str, caller: Caller, door: Door) -> dict[str, Any]:
     report = await door.store.reconciliation.report(run_id)
     if report is None:
         raise HTTPException(404, f"no reconciliation run {run_id!r}")
-    breaks = door.store.reconciliation.run_breaks(run_id, REPORT_BREAKS)
+    breaks = door.store.reconciliation.breaks(run_id, REPORT_BREAKS)
     return {**report, "breaks": [break_view(b) async for b in breaks]}
 
 
