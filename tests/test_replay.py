@@ -26,12 +26,12 @@ from adapters.codec import EncryptionCodec, data_converter, parse_keys
 from tests.harness import APPROVAL_KEYS, PAYLOAD_KEYS
 from tests.record_histories import SCENARIOS, SEALED_SCENARIO
 from workers.main import WORKFLOWS, workflow_runner
-from workflows import approvals, payout, reconciliation, refund, tracking
+from workflows import approvals, payout_case, reconciliation, refund_case, tracking
 from workflows.approvals import SEALED_APPROVALS_PATCH
-from workflows.payout import BOUNDED_PATCH as PAYOUT_BOUNDED_PATCH
-from workflows.payout import REISSUE_HORIZON_PATCH
+from workflows.payout_case import BOUNDED_PATCH as PAYOUT_BOUNDED_PATCH
+from workflows.payout_case import REISSUE_HORIZON_PATCH
 from workflows.reconciliation import APPROVAL_ROUND_PATCH, PAYOUT_BREAK_PATCH
-from workflows.refund import (
+from workflows.refund_case import (
     ADYEN_WAIT_PATCH,
     BOUNDED_PATCH,
     CANCEL_PATCH,
@@ -263,7 +263,7 @@ def test_recorded_history_holds_its_branch(path: Path) -> None:
 
 def test_every_patch_in_force_is_reached_by_a_recording() -> None:
     """A new `workflow.patched` branch needs a history that takes it."""
-    in_force = {value for module in (approvals, payout, reconciliation, refund, tracking)
+    in_force = {value for module in (approvals, payout_case, reconciliation, refund_case, tracking)
                 for name, value in vars(module).items() if name.endswith("_PATCH")}
     reached = {fact.removeprefix("patch:") for path in HISTORIES for fact in _facts(_history(path))
                if fact.startswith("patch:") and "#" not in fact}

@@ -9,7 +9,7 @@ recommendation never comes back here. Deterministic: no I/O, no clocks but workf
 activities are called by name; idempotency of each step lives in its activity.
 """
 
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from temporalio import workflow
@@ -18,12 +18,7 @@ from temporalio.exceptions import ActivityError, ApplicationError
 with workflow.unsafe.imports_passed_through():
     from domain import contracts, errors
     from domain.integrations import DeliverNoticeInput
-    from domain.models import (
-        ApprovalProgress,
-        LedgerInput,
-        LedgerKind,
-        NoticeInput,
-    )
+    from domain.models import ApprovalProgress
     from domain.payouts import (
         APPROVAL_STATUSES,
         Admission,
@@ -33,8 +28,6 @@ with workflow.unsafe.imports_passed_through():
         HoldResult,
         LinkedTicket,
         LinkTicketInput,
-        PayoutCarry,
-        PayoutCaseEventInput,
         PayoutCaseInput,
         PayoutCaseState,
         PayoutCaseStatus,
@@ -43,39 +36,23 @@ with workflow.unsafe.imports_passed_through():
         PayoutPolicyInput,
         PayoutSnapshot,
         ReissueAsk,
-        ReissueInput,
         ReleaseResult,
         ReversalInput,
         TicketInput,
         TicketResult,
         TriageInput,
-        final_status,
     )
     from workflows import retry
-    from workflows.approvals import ApprovalOutcome, ApprovalRound, ApprovingWorkflow
+    from workflows.approvals import ApprovalOutcome, ApprovalRound
+    from workflows.payout_case import REVERSAL_STEPS, TICKETS_PATCH
+    from workflows.payout_reissue import PayoutReissue
 
-# What each approval step does to the case, in the reversal round and the reissue round.
-REVERSAL_STEPS = {ApprovalOutcome.REQUESTED: PayoutCaseStatus.AWAITING_APPROVAL,
-                  ApprovalOutcome.DENIED: PayoutCaseStatus.DENIED,
-                  ApprovalOutcome.EXPIRED: PayoutCaseStatus.EXPIRED}
-REISSUE_STEPS = {ApprovalOutcome.REQUESTED: PayoutCaseStatus.AWAITING_REISSUE_APPROVAL,
-                 ApprovalOutcome.DENIED: PayoutCaseStatus.REISSUE_DENIED,
-                 ApprovalOutcome.EXPIRED: PayoutCaseStatus.REISSUE_EXPIRED}
-# Step C files a real ticket (ServiceNow, Jira) and records its reference; histories
-# recorded before only queued the ticket notice and kept a placeholder reference.
-TICKETS_PATCH = "payout-tickets-1"
-# Histories recorded before the provider horizon let Temporal retry a reissue at its backoff.
-REISSUE_HORIZON_PATCH = "reissue-horizon-1"
-# The reissue window and the reissue loop continue as new past `continue_as_new_after_events`,
-# and a reissue stops after `max_submit_attempts` unknown outcomes (the case goes to ops, the
-# hold kept); before, a long outage or a stream of events ran into Temporal's history limit.
-BOUNDED_PATCH = "payout-bounded-history-1"
 NEXT_STEPS = ("a reissue happens only on an explicit reissue request with its own approval; "
               "see the recommendation on the case")
 
 
 @workflow.defn
-class PayoutReversalWorkflow(ApprovingWorkflow):
+class PayoutReversalWorkflow(PayoutReissue):
     """Admit → advice → policy tier → approvals → hold → compensating entry → ticket →
     notice; if the entry cannot be posted, a high-priority ticket, notices and (where policy
     allows) the hold's rollback instead. A remediated case then waits `reissue_window` for
@@ -316,196 +293,3 @@ class PayoutReversalWorkflow(ApprovingWorkflow):
             **retry.PAYOUT_TICKET)
         return TicketResult(ticket_ref=linked.ticket_ref, newly_queued=ticket.newly_queued,
                             notice_key=ticket.notice_key)
-
-    # -- reissue -----------------------------------------------------------------------
-
-    async def _offer_reissue(self, decision: PayoutDecision, deadline: datetime | None = None) -> None:
-        """Keeps the remediated case open for `reissue_window` (until `deadline` in a
-        continued run): later events join its timeline; an explicit reissue request gets its
-        own approval round (the requester cannot approve it) and, approved, one reissue."""
-        assert self._inp is not None
-        deadline = deadline or workflow.now() + self._inp.reissue_window
-        while self._reissue_ask is None:
-            await self._take_events("reissue_window", deadline)
-            remaining = deadline - workflow.now()
-            if remaining <= timedelta(0):
-                break
-            try:
-                await workflow.wait_condition(
-                    lambda: bool(self._inbox) or self._reissue_ask is not None, timeout=remaining)
-            except TimeoutError:
-                break
-        self._reissue_closed = True
-        ask = self._reissue_ask
-        if ask is None:
-            await self._record("reissue_window_closed")
-            return
-        await self._record("reissue_requested", actor=ask.requester,
-                           detail={"reason": ask.reason, "roles": list(ask.roles)})
-        self._open_round(REISSUE_STEPS, requester=ask.requester)
-        if await self._round.collect(self, self._inp.timings):
-            await self._reissue()
-        await self._take_events("closing")
-
-    async def _reissue(self, *, resumed: bool = False) -> None:
-        """Pays the beneficiary again (once: the activity's contract), posts the reissue
-        entry, updates the ticket and tells everyone. `resumed`: a continued run goes on."""
-        assert self._inp is not None and self._payout is not None
-        case_id = self._inp.case_id
-        if not resumed:
-            await self._record("reissue_started", PayoutCaseStatus.REISSUING)
-        failure = self._timeline[0].payout.status
-        one_at_a_time = workflow.patched(REISSUE_HORIZON_PATCH)
-        while True:
-            try:
-                made: PayoutSnapshot = await contracts.REISSUE_PAYOUT(
-                    ReissueInput(case_id=case_id, original=self._payout,
-                                 final_status=final_status(failure)),
-                    **(retry.PAYOUT_REISSUE_ONCE if one_at_a_time else retry.PAYOUT_REISSUE))
-                break
-            except ActivityError as err:
-                cause = err.cause
-                if one_at_a_time and not (isinstance(cause, ApplicationError) and cause.non_retryable):
-                    # The outcome is unknown (or the attempt timed out): its create can land
-                    # until the provider horizon, so the next lookup and create wait past it.
-                    if await self._reissue_exhausted():
-                        return
-                    await workflow.sleep(self._inp.timings.provider_horizon)
-                    await self._bound_history("reissuing")
-                    continue
-                if isinstance(cause, ApplicationError) and cause.type == errors.CONFIGURATION_REFUSED:
-                    # Our key was refused, not the payout: an earlier attempt may have paid, so
-                    # the case stays reissuing (ops told once) and asks again until fixed.
-                    if not self._reissue_refused:
-                        self._reissue_refused = True
-                        await self._notify("payout_reissue_configuration_refused", "payments_ops",
-                                           {"error": cause.message})
-                        await self._record("reissue_configuration_refused", detail={"error": cause.message})
-                    await workflow.sleep(self._inp.timings.status_poll_interval)
-                    await self._bound_history("reissuing")
-                    continue
-                await self._notify("payout_reissue_failed", "payments_ops",
-                                   {"error": str(cause), "approved_by": self._approvers()})
-                await self._record("reissue_failed", PayoutCaseStatus.REISSUE_FAILED,
-                                   detail={"error": str(cause)})
-                return
-        self._reissued = made
-        await contracts.POST_LEDGER(
-            LedgerInput(refund_request_id=case_id, kind=LedgerKind.PAYOUT_REISSUED,
-                        amount=made.amount, currency=made.currency,
-                        provider_refund_id=made.provider_payout_id),
-            **retry.LEDGER)
-        await self._ticket("reissued", "normal",
-                           {"summary": f"payout {self._payout.id} reissued as {made.id}"})
-        await self._notify("payout_reissued", "stakeholders", {
-            "reissue_id": made.id, "approved_by": [a.approver for a in self._round.approvals],
-            "amount": made.amount, "currency": made.currency})
-        await self._record("reissue_completed", PayoutCaseStatus.REISSUED, detail={"reissue_id": made.id})
-
-    # -- bounded histories (continue-as-new, reissue escalation) --------------------------
-
-    async def _reissue_exhausted(self) -> bool:
-        """After a reissue attempt with an unknown outcome: the `max_submit_attempts`-th
-        sends the case to ops (the hold stays; an attempt may still have paid, which ops
-        check at the provider) and the loop stops creating. False: try again."""
-        assert self._inp is not None
-        self._unknown_attempts += 1
-        attempts = self._unknown_attempts
-        if attempts < self._inp.timings.max_submit_attempts or not workflow.patched(BOUNDED_PATCH):
-            return False
-        await self._notify("payout_reissue_attempts_exhausted", "payments_ops",
-                           {"attempts": attempts, "approved_by": self._approvers()})
-        await self._record("reissue_attempts_exhausted", PayoutCaseStatus.OPS_REVIEW,
-                           detail={"attempts": attempts})
-        return True
-
-    async def _bound_history(self, phase: str, deadline: datetime | None = None) -> None:
-        """Past the history threshold, continues as new carrying the case and the wait it
-        was in (`phase`). Not while a reissue request is being taken: the window ends then."""
-        assert self._inp is not None and self._payout is not None and self._decision is not None
-        info = workflow.info()
-        if ((info.get_current_history_length() < self._inp.timings.continue_as_new_after_events
-             and not info.is_continue_as_new_suggested()) or not workflow.patched(BOUNDED_PATCH)):
-            return
-        await self.approvals_settled()
-        asked = phase == "reissue_window"
-        await workflow.wait_condition(lambda: workflow.all_handlers_finished()
-                                      or (asked and self._reissue_ask is not None))
-        if asked and self._reissue_ask is not None:
-            return
-        carried = self._inp.carried
-        workflow.continue_as_new(self._inp.model_copy(update={"carried": PayoutCarry(
-            phase=phase, status=self._status, payout=self._payout, decision=self._decision,
-            reissue_round=self._steps is REISSUE_STEPS, requester=self._round.requester,
-            approvals=tuple(self._round.approvals), refused=tuple(self._round.refused),
-            runbook=tuple(self._runbook), timeline=tuple(self._timeline), keys=tuple(sorted(self._keys)),
-            inbox=tuple(self._inbox), events_seen=self._events_seen, deadline=deadline,
-            reissue_ask=self._reissue_ask, reissue_refused=self._reissue_refused,
-            unknown_attempts=self._unknown_attempts, reissued=self._reissued,
-            runs=carried.runs + 1 if carried else 2)}))
-
-    async def _resume(self, carried: PayoutCarry) -> PayoutCaseState:
-        """A continued run: the wait it was in (the reissue window, the reissue loop, or the
-        events that came meanwhile: `closing`); `__init__` restored the case."""
-        if carried.phase == "reissue_window":
-            await self._offer_reissue(carried.decision, carried.deadline)
-            return await self._finish()
-        self._reissue_closed = True
-        if carried.phase == "reissuing":
-            await self._reissue(resumed=True)
-        await self._take_events("closing")
-        return await self._finish()
-
-    def _restore(self, carried: PayoutCarry) -> None:
-        """The carried case, from `__init__`: before any handler of the new run, so a reissue
-        request or event that comes with its first activation is judged against the case,
-        not an opening one. Only state: no command, so no patch is needed."""
-        self._status = self._status_recorded = carried.status
-        self._payout, self._decision = carried.payout, carried.decision
-        self._open_round(REISSUE_STEPS if carried.reissue_round else REVERSAL_STEPS, carried.requester)
-        self._round.approvals, self._round.refused = list(carried.approvals), list(carried.refused)
-        self._round.decided = True
-        self._runbook, self._timeline = list(carried.runbook), list(carried.timeline)
-        self._events_seen = carried.events_seen
-        self._inbox, self._keys = list(carried.inbox), set(carried.keys)
-        self._reissue_ask, self._reissue_refused = carried.reissue_ask, carried.reissue_refused
-        self._unknown_attempts, self._reissued = carried.unknown_attempts, carried.reissued
-
-    # -- bookkeeping -------------------------------------------------------------------
-
-    async def _finish(self) -> PayoutCaseState:
-        await self.approvals_settled()
-        await workflow.wait_condition(workflow.all_handlers_finished)
-        return self.state()
-
-    async def _record(self, action: str, status: PayoutCaseStatus | None = None, *,
-                      actor: str = "workflow", detail: dict[str, Any] | None = None) -> None:
-        if status is not None:
-            self._status = status
-        assert self._inp is not None
-        await contracts.RECORD_PAYOUT_CASE_EVENT(
-            PayoutCaseEventInput(case_id=self._inp.case_id, action=action, actor=actor, status=status,
-                                 detail=detail or {}),
-            **retry.CASE_EVENT)
-        if status is not None:
-            self._status_recorded = status
-
-    async def _notify(self, kind: str, audience: str, detail: dict[str, Any]) -> None:
-        """Queues a notice in the outbox once per case, kind, audience and status; it carries
-        the payout and its money, since the templates have no refund case to read them from."""
-        assert self._inp is not None
-        case_id = self._inp.case_id
-        await contracts.QUEUE_NOTICE(
-            NoticeInput(refund_request_id=case_id, kind=kind, audience=audience,
-                        dedup_key=f"{case_id}:{kind}:{audience}:{self._status.value}",
-                        detail={**self._facts(), **detail}),
-            **retry.CASE_EVENT)
-
-    def _facts(self) -> dict[str, Any]:
-        if self._payout is None:
-            return {}
-        return {"payout_id": self._payout.id, "amount": self._payout.amount,
-                "currency": self._payout.currency}
-
-    def _approvers(self) -> str:
-        return ", ".join(a.approver for a in self._round.approvals)

@@ -1,0 +1,121 @@
+"""The payout case's shared state: the patches a payout execution branches on, what each
+approval step does to the case, the attributes every part of `PayoutReversalWorkflow`
+reads, the hooks one part calls in a later one, and the case's records and notices. The
+workflow is a chain of bases: `PayoutCase` (this), the reissue and continued runs
+(`payout_reissue`), and the run with its runbook (`payout`).
+"""
+
+from datetime import datetime
+from typing import Any
+
+from temporalio import workflow
+
+with workflow.unsafe.imports_passed_through():
+    from domain import contracts
+    from domain.models import NoticeInput
+    from domain.payouts import (
+        PayoutCaseEventInput,
+        PayoutCaseInput,
+        PayoutCaseState,
+        PayoutCaseStatus,
+        PayoutDecision,
+        PayoutEvent,
+        PayoutSnapshot,
+        ReissueAsk,
+        TicketResult,
+    )
+    from workflows import retry
+    from workflows.approvals import ApprovalOutcome, ApprovingWorkflow
+
+# What each approval step does to the case, in the reversal round and the reissue round.
+REVERSAL_STEPS = {ApprovalOutcome.REQUESTED: PayoutCaseStatus.AWAITING_APPROVAL,
+                  ApprovalOutcome.DENIED: PayoutCaseStatus.DENIED,
+                  ApprovalOutcome.EXPIRED: PayoutCaseStatus.EXPIRED}
+REISSUE_STEPS = {ApprovalOutcome.REQUESTED: PayoutCaseStatus.AWAITING_REISSUE_APPROVAL,
+                 ApprovalOutcome.DENIED: PayoutCaseStatus.REISSUE_DENIED,
+                 ApprovalOutcome.EXPIRED: PayoutCaseStatus.REISSUE_EXPIRED}
+# Step C files a real ticket (ServiceNow, Jira) and records its reference; histories
+# recorded before only queued the ticket notice and kept a placeholder reference.
+TICKETS_PATCH = "payout-tickets-1"
+# Histories recorded before the provider horizon let Temporal retry a reissue at its backoff.
+REISSUE_HORIZON_PATCH = "reissue-horizon-1"
+# The reissue window and the reissue loop continue as new past `continue_as_new_after_events`,
+# and a reissue stops after `max_submit_attempts` unknown outcomes (the case goes to ops, the
+# hold kept); before, a long outage or a stream of events ran into Temporal's history limit.
+BOUNDED_PATCH = "payout-bounded-history-1"
+
+
+class PayoutCase(ApprovingWorkflow):
+    """What every part of the payout workflow shares; `PayoutReversalWorkflow.__init__` sets it."""
+
+    _inp: PayoutCaseInput | None
+    _status: PayoutCaseStatus
+    _status_recorded: PayoutCaseStatus
+    _inbox: list[PayoutEvent]
+    _keys: set[str]
+    _timeline: list[PayoutEvent]
+    _events_seen: int
+    _payout: PayoutSnapshot | None
+    _decision: PayoutDecision | None
+    _steps: dict[ApprovalOutcome, PayoutCaseStatus]
+    _runbook: list[str]
+    _reissue_closed: bool
+    _reissue_ask: ReissueAsk | None
+    _reissued: PayoutSnapshot | None
+    _reissue_refused: bool
+    _unknown_attempts: int
+
+    def state(self) -> PayoutCaseState:
+        """The case as the workflow knows it (its query, in `payout`)."""
+        raise NotImplementedError
+
+    async def _take_events(self, phase: str | None = None, deadline: datetime | None = None) -> None:
+        """Later events onto the timeline, each a turn that may continue as new (in `payout`)."""
+        raise NotImplementedError
+
+    def _open_round(self, steps: dict[ApprovalOutcome, PayoutCaseStatus], requester: str) -> None:
+        """Starts (or restores) an approval round with its steps (in `payout`)."""
+        raise NotImplementedError
+
+    async def _ticket(self, occasion: str, priority: str, detail: dict[str, str]) -> TicketResult:
+        """Opens or updates the case's ticket once per occasion (in `payout`)."""
+        raise NotImplementedError
+
+    # -- bookkeeping -------------------------------------------------------------------
+
+    async def _finish(self) -> PayoutCaseState:
+        await self.approvals_settled()
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        return self.state()
+
+    async def _record(self, action: str, status: PayoutCaseStatus | None = None, *,
+                      actor: str = "workflow", detail: dict[str, Any] | None = None) -> None:
+        if status is not None:
+            self._status = status
+        assert self._inp is not None
+        await contracts.RECORD_PAYOUT_CASE_EVENT(
+            PayoutCaseEventInput(case_id=self._inp.case_id, action=action, actor=actor, status=status,
+                                 detail=detail or {}),
+            **retry.CASE_EVENT)
+        if status is not None:
+            self._status_recorded = status
+
+    async def _notify(self, kind: str, audience: str, detail: dict[str, Any]) -> None:
+        """Queues a notice in the outbox once per case, kind, audience and status; it carries
+        the payout and its money, since the templates have no refund case to read them from."""
+        assert self._inp is not None
+        case_id = self._inp.case_id
+        await contracts.QUEUE_NOTICE(
+            NoticeInput(refund_request_id=case_id, kind=kind, audience=audience,
+                        dedup_key=f"{case_id}:{kind}:{audience}:{self._status.value}",
+                        detail={**self._facts(), **detail}),
+            **retry.CASE_EVENT)
+
+    def _facts(self) -> dict[str, Any]:
+        if self._payout is None:
+            return {}
+        return {"payout_id": self._payout.id, "amount": self._payout.amount,
+                "currency": self._payout.currency}
+
+    def _approvers(self) -> str:
+        return ", ".join(a.approver for a in self._round.approvals)

@@ -1,0 +1,121 @@
+"""The refund case's shared state: the patches a refund execution branches on, the
+attributes every part of `RefundWorkflow` reads, and the hooks one part calls in a later
+one. The workflow is a chain of bases with one job each: `RefundCase` (this), the case's
+writes and notices (`refund_writes`), the provider side (`refund_provider`), cancel and
+continue-as-new (`refund_lifecycle`), and the run itself (`refund`).
+"""
+
+import asyncio
+from datetime import datetime
+from typing import Any
+
+from temporalio import workflow
+from temporalio.exceptions import is_cancelled_exception
+
+with workflow.unsafe.imports_passed_through():
+    from domain.events import Observation
+    from domain.models import (
+        CaseState,
+        CaseStatus,
+        PolicyDecision,
+        ProviderEvent,
+        ProviderRefund,
+        RefundOutcome,
+        RefundRequest,
+        RefundTimings,
+        RefundWorkflowInput,
+        Vetted,
+    )
+    from workflows.approvals import ApprovingWorkflow
+
+PROVIDER_SCOPED_WAIT_PATCH = "provider-scoped-notification-1"
+"""From this patch on, the wait for a notification takes only the case's provider's events."""
+# Histories recorded before the advisor and notice delivery existed replay without them.
+INTEGRATIONS_PATCH = "integrations-1"
+# A second provider refund with our reference was a log line before it was an incident.
+DUPLICATE_PATCH = "duplicate-refund-incident-1"
+# An escalated notification wait left the case `executing`; it is in ops review since.
+ADYEN_WAIT_PATCH = "adyen-wait-ops-review-1"
+# A cancelled case releases its reservation, or follows a refund the provider holds to the
+# ledger; before, cancellation simply ended the workflow and froze the case.
+CANCEL_PATCH = "refund-cancel-1"
+# Statuses in which a submit may be at the provider while we do not know its refund yet.
+SUBMITTING = frozenset({CaseStatus.EXECUTING, CaseStatus.VERIFYING, CaseStatus.OPS_REVIEW})
+# Open-ended waits continue as new past `continue_as_new_after_events`, and resubmits stop
+# after `max_submit_attempts` (the case goes to ops, still looking); before, a long outage
+# ran into Temporal's history limit.
+BOUNDED_PATCH = "refund-bounded-history-1"
+# Histories recorded before the provider horizon resubmitted after the backoff alone.
+HORIZON_PATCH = "resubmit-horizon-1"
+# A verify-state lookup that finds several refunds with our reference raises the duplicate
+# incident; before, the lookup followed one and logged the others.
+VERIFY_DUPLICATES_PATCH = "verify-duplicate-refunds-1"
+# Fewer round trips per refund (issue 21): validation and the policy's decision in one
+# activity; `execution_started` committed with the submit's intent; the ledger posting, its
+# notices and the status in one transaction; the case's database writes as local
+# activities; advice beside the money path. Every patch above holds for such an execution,
+# so their markers are not written again (`since`).
+TRIPS_PATCH = "fewer-round-trips-1"
+# The case's action, the ops notice and the metric's reason when a provider refuses our key.
+CONFIGURATION_INCIDENT = "provider_configuration_refused"
+
+
+class RefundCase(ApprovingWorkflow):
+    """What every part of the refund workflow shares; `RefundWorkflow.__init__` sets it."""
+
+    _request: RefundRequest | None
+    _timings: RefundTimings
+    _status: CaseStatus
+    _decision: PolicyDecision | None
+    _event_inbox: list[ProviderEvent]
+    _event_ids: set[str]
+    _refund: ProviderRefund | None
+    _failure_reason: str | None
+    _postings: list[str]
+    _events_seen: int
+    _succeeded_at: datetime | None
+    _outbox: list[str]
+    _courier: asyncio.Task[None] | None
+    _advising: asyncio.Task[None] | None
+    _holding: bool
+    _trips: bool
+    _closing: bool
+    _provider_scoped: bool
+    _lookup_escalated: bool
+    _duplicates: set[str]
+    _found_duplicates: list[ProviderRefund]
+    _applying: tuple[Observation, ProviderRefund, dict[str, Any]] | None
+    _validating: asyncio.Future[Vetted] | None
+    _cancel_requested: bool
+    _input: RefundWorkflowInput | None
+    _context: str
+    _escalated: str | None
+    _status_before_escalation: CaseStatus
+    _attempt: int
+    _submit_ended: datetime | None
+
+    def state(self) -> CaseState:
+        """The case as the workflow knows it (its query, in `refund`)."""
+        raise NotImplementedError
+
+    async def _submitted(self, refund: ProviderRefund | None) -> RefundOutcome:
+        """After the submit: the run goes on (in `refund`), also for a continued run."""
+        raise NotImplementedError
+
+    async def _bound_history(self, phase: str, *, reason: str = "") -> None:
+        """Continues as new past the history threshold (in `refund_lifecycle`)."""
+        raise NotImplementedError
+
+    def since(self, patch: str) -> bool:
+        """An older patch holds: without a marker for an execution of the newest shape,
+        which only ever ran after it (each marker costs two history events)."""
+        return self._trips or workflow.patched(patch)
+
+    def _request_id(self) -> str:
+        assert self._request is not None
+        return self._request.refund_request_id
+
+    def _cancelled(self, err: BaseException) -> bool:
+        """Whether an error is the workflow's cancellation (an activity awaited when it came
+        fails with it); such an error is never an outcome to act on."""
+        return is_cancelled_exception(err) and self.since(CANCEL_PATCH)
