@@ -21,9 +21,11 @@ import asyncio
 import json
 import sys
 import tempfile
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,7 @@ from adapters.codec import data_converter
 from adapters.db import Store
 from adapters.http_server import AppServer
 from domain.events import tracking_case_id
-from domain.models import ApprovalSignal, Decision
+from domain.models import ApprovalSignal, Decision, EventKind, ProviderEvent, ProviderRefundStatus
 from domain.payouts import PayoutStatus, payout_case_id
 from domain.reconciliation import break_workflow_id
 from starters.dev.stack import EmbeddedPostgres, TemporalDevServer
@@ -262,6 +264,21 @@ async def duplicate_refund(rig: Recording) -> str:
     async with rig.stack.sandbox() as sb:
         (await sb.post("/v1/refunds", json={"charge": charge, "amount": 2_000, "metadata": {
             "refund_request_id": case_id}})).raise_for_status()
+    return case_id
+
+
+async def foreign_event_ignored(rig: Recording) -> str:
+    """While the case watches its succeeded refund, another provider's event names the case
+    (signalled straight to the workflow, as the relay never would): it is ignored, not
+    raised as a duplicate refund."""
+    case_id, charge = await requested(rig, 2_000)
+    await rig.stack.wait_for_status(case_id, "succeeded")
+    foreign = ProviderEvent(
+        provider="stripe", event_id=f"evt_{uuid.uuid4().hex[:12]}", event_type="charge.refund.updated",
+        kind=EventKind.REFUND_STATUS, body_sha256="0" * 64, occurred_at=datetime.now(UTC),
+        refund_id="re_foreign", charge_id=charge, refund_request_id=case_id, amount=2_000,
+        currency="USD", status=ProviderRefundStatus.SUCCEEDED, raw_status="succeeded")
+    await rig.stack.client.get_workflow_handle(case_id).signal(RefundWorkflow.provider_event, foreign)
     return case_id
 
 
@@ -525,6 +542,7 @@ SCENARIOS: dict[str, Scenario] = {
                                                                     "status_poll_interval_seconds": 0.5}),
     "refund_adyen_wait_resolved_by_ops": Scenario(adyen_wait_resolved, adyen=True),
     "refund_duplicate_provider_refund": Scenario(duplicate_refund, {"late_failure_window_seconds": 6}),
+    "refund_foreign_event_ignored": Scenario(foreign_event_ignored, {"late_failure_window_seconds": 6}),
     "refund_verify_finds_duplicates": Scenario(verify_finds_duplicates, {"late_failure_window_seconds": 6}),
     "refund_late_failure": Scenario(late_failure, {"late_failure_window_seconds": 60}),
     "refund_cancel_before_submit": Scenario(cancel_before_submit),

@@ -84,7 +84,8 @@ class AdyenRig:
 
 @contextlib.asynccontextmanager
 async def adyen_rig(store: Store, client: Client, temporal_server: TemporalDevServer, *,
-                    charges_from_fake: bool) -> AsyncIterator[AdyenRig]:
+                    charges_from_fake: bool,
+                    late_failure_window_seconds: float = 600) -> AsyncIterator[AdyenRig]:
     """A stack with Adyen's Checkout API faked behind a lossy proxy. Its charges come from
     the fake's payments, or (production wiring) from the notifications the relay records."""
     fake = FakeAdyen(API_KEY)
@@ -95,7 +96,7 @@ async def adyen_rig(store: Store, client: Client, temporal_server: TemporalDevSe
     await proxy_server.start()
     stack = await open_stack(store, client, temporal_server.address, worker=False,
                              adyen_hmac_keys=f"{TEST_KEY},{OLD_KEY}", adyen_api_base=proxy_server.url,
-                             adyen_api_key=API_KEY, late_failure_window_seconds=600)
+                             adyen_api_key=API_KEY, late_failure_window_seconds=late_failure_window_seconds)
     if charges_from_fake:
         built = stack.providers["adyen"]
         assert isinstance(built, AdyenProvider)

@@ -44,7 +44,8 @@ async def test_the_notification_wait_takes_only_its_providers_events(
     """Adyen has no status lookup, so a case whose create answer was lost waits for the
     notification; an event naming the case from another provider (here signalled straight
     to the workflow) must not end that wait."""
-    async with adyen_rig(store, client, temporal_server, charges_from_fake=True) as rig:
+    async with adyen_rig(store, client, temporal_server, charges_from_fake=True,
+                         late_failure_window_seconds=3) as rig:
         psp = rig.fake.payment(10_000, "EUR", MERCHANT)
         rig.proxy.lose_next("POST", f"/v71/payments/{psp}/refunds")
         case_id = await rig.stack.request_refund("alice", psp, 1_800, provider="adyen",
@@ -60,5 +61,11 @@ async def test_the_notification_wait_takes_only_its_providers_events(
         body = notification("REFUND", pspReference=made["pspReference"], originalReference=psp,
                             merchantReference=case_id, amount={"currency": "EUR", "value": 1800})
         assert (await rig.post(body)).text == "[accepted]"
-        row = await rig.stack.wait_for_status(case_id, "succeeded")
+        await rig.stack.wait_for_status(case_id, "succeeded")
+        # and neither after: the late-failure watch leaves the foreign event alone too (the
+        # workflow ends once its watch does; the case must still read succeeded then)
+        await client.get_workflow_handle(case_id).result()
+        row = await rig.stack.store.cases.get(case_id)
+        assert row is not None and row["status"] == "succeeded"
         assert row["provider_refund_id"] == made["pspReference"]
+        assert "duplicate_provider_refund" not in await rig.stack.actions(case_id)

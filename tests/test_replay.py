@@ -36,6 +36,7 @@ from workflows.refund_case import (
     BOUNDED_PATCH,
     CANCEL_PATCH,
     DUPLICATE_PATCH,
+    FOLLOW_SCOPE_PATCH,
     HORIZON_PATCH,
     PROVIDER_SCOPED_WAIT_PATCH,
     VERIFY_DUPLICATES_PATCH,
@@ -118,6 +119,9 @@ BRANCHES: dict[str, Branch] = {
     "refund_duplicate_provider_refund": branch(
         "action:duplicate_provider_refund", "activity:open_duplicate_refund_break",
         f"patch:{DUPLICATE_PATCH}", "signal:provider_event#2", lacks=[f"{SUBMIT}#2"]),
+    "refund_foreign_event_ignored": branch(
+        "action:refund_succeeded", f"patch:{FOLLOW_SCOPE_PATCH}", "signal:provider_event#2",
+        lacks=["action:duplicate_provider_refund", "activity:open_duplicate_refund_break"]),
     "refund_verify_finds_duplicates": branch(
         SUBMIT, VERIFY, f"patch:{VERIFY_DUPLICATES_PATCH}", "activity:open_duplicate_refund_break",
         "action:duplicate_provider_refund", "action:refund_succeeded", "activity:post_ledger",

@@ -56,6 +56,11 @@ VERIFY_DUPLICATES_PATCH = "verify-duplicate-refunds-1"
 # activities; advice beside the money path. Every patch above holds for such an execution,
 # so their markers are not written again (`since`).
 TRIPS_PATCH = "fewer-round-trips-1"
+# The late-failure watch takes only the case's provider's events too (as the notification
+# wait does since PROVIDER_SCOPED_WAIT_PATCH); before, another provider's event naming the
+# case was raised as a duplicate refund of it. Asked only when such an event arrives, so a
+# refund without one writes no marker.
+FOLLOW_SCOPE_PATCH = "provider-scoped-follow-1"
 # The case's action, the ops notice and the metric's reason when a provider refuses our key.
 CONFIGURATION_INCIDENT = "provider_configuration_refused"
 

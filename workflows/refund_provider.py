@@ -38,6 +38,7 @@ with workflow.unsafe.imports_passed_through():
         BOUNDED_PATCH,
         CONFIGURATION_INCIDENT,
         DUPLICATE_PATCH,
+        FOLLOW_SCOPE_PATCH,
         HORIZON_PATCH,
         INTEGRATIONS_PATCH,
         VERIFY_DUPLICATES_PATCH,
@@ -231,7 +232,12 @@ class RefundProvider(RefundWrites):
                 reported = event.as_refund()
                 if reported is None:  # the trigger itself, or a request repeated
                     continue
-                assert self._refund is not None
+                assert self._refund is not None and self._request is not None
+                if (self._provider_scoped and reported.provider != self._request.provider
+                        and workflow.patched(FOLLOW_SCOPE_PATCH)):
+                    workflow.logger.warning("ignoring event %s of provider %s", event.event_id,
+                                            reported.provider)
+                    continue
                 if reported.refund_id != self._refund.refund_id:
                     if reported.reference == self._request_id() and self.since(DUPLICATE_PATCH):
                         await self._duplicate_refund(reported, f"webhook:{event.event_type}:{event.event_id}")
