@@ -9,6 +9,7 @@ import tempfile
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -26,7 +27,7 @@ from adapters.policy_file import load_policy
 from adapters.providers.base import ProviderAdapter
 from adapters.providers.registry import build_providers, close_providers
 from adapters.tls import client_tls
-from domain.models import RefundRequest
+from domain.models import EventKind, ProviderEvent, ProviderRefundStatus, RefundRequest
 from starters import relay
 from starters.actions.starting import start_refund
 from starters.dev import sandbox_provider
@@ -238,3 +239,15 @@ async def create_database_roles(postgres_dsn: str) -> tuple[str, str]:
         await admin.execute(f"CREATE DATABASE {database} OWNER {owner}")
     return (make_conninfo(postgres_dsn, user=owner, password="owner-pw", dbname=database),
             make_conninfo(postgres_dsn, user=runtime, password="app-pw", dbname=database))
+
+
+def foreign_refund_event(provider: str, case_id: str, charge_id: str, amount: int,
+                         currency: str) -> ProviderEvent:
+    """A succeeded refund event from `provider` naming `case_id` by our reference, with a
+    refund id the case never made: what a case of another provider must ignore (signalled
+    straight to its workflow, as the relay never would)."""
+    return ProviderEvent(
+        provider=provider, event_id=f"evt_{uuid.uuid4().hex[:12]}", event_type="refund.updated",
+        kind=EventKind.REFUND_STATUS, body_sha256="0" * 64, occurred_at=datetime.now(UTC),
+        refund_id="re_foreign", charge_id=charge_id, refund_request_id=case_id, amount=amount,
+        currency=currency, status=ProviderRefundStatus.SUCCEEDED, raw_status="succeeded")

@@ -96,3 +96,16 @@ async def wait_for_breaks(stack: Stack, object_ids: list[str], *states: str,
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"breaks not {states}: {[(r['object_id'], r['state']) for r in rows]}")
         await asyncio.sleep(0.1)
+
+
+async def break_awaiting_approval(stack: Stack, *, moved_to: str, requester: str,
+                                  days_ago: float = 3) -> tuple[str, dict[str, Any]]:
+    """A refund our case holds as succeeded that the provider then moved (`moved_to`),
+    backfilled into a break waiting for its approval: (case id, the break's row)."""
+    refund = history(f"ch_{uuid.uuid4().hex[:8]}", 2_000, days_ago=days_ago)
+    await seed_provider(stack, [refund])
+    case_id = await seed_case(stack, refund, requester=requester)
+    await move_at_provider(stack, refund["id"], moved_to)
+    await backfill(stack, since_days=30)
+    [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    return case_id, found

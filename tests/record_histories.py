@@ -21,11 +21,9 @@ import asyncio
 import json
 import sys
 import tempfile
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +35,13 @@ from adapters.codec import data_converter
 from adapters.db import Store
 from adapters.http_server import AppServer
 from domain.events import tracking_case_id
-from domain.models import ApprovalSignal, Decision, EventKind, ProviderEvent, ProviderRefundStatus
+from domain.models import ApprovalSignal, Decision
 from domain.payouts import PayoutStatus, payout_case_id
 from domain.reconciliation import break_workflow_id
 from starters.dev.stack import EmbeddedPostgres, TemporalDevServer
 from starters.ports import free_port
 from tests.adyen_fake import FakeAdyen
-from tests.harness import Stack, open_stack
+from tests.harness import Stack, foreign_refund_event, open_stack
 from tests.lossy_proxy import LossyProxy
 from tests.payouts_kit import (
     add_payout_approvers,
@@ -273,11 +271,7 @@ async def foreign_event_ignored(rig: Recording) -> str:
     raised as a duplicate refund."""
     case_id, charge = await requested(rig, 2_000)
     await rig.stack.wait_for_status(case_id, "succeeded")
-    foreign = ProviderEvent(
-        provider="stripe", event_id=f"evt_{uuid.uuid4().hex[:12]}", event_type="charge.refund.updated",
-        kind=EventKind.REFUND_STATUS, body_sha256="0" * 64, occurred_at=datetime.now(UTC),
-        refund_id="re_foreign", charge_id=charge, refund_request_id=case_id, amount=2_000,
-        currency="USD", status=ProviderRefundStatus.SUCCEEDED, raw_status="succeeded")
+    foreign = foreign_refund_event("stripe", case_id, charge, 2_000, "USD")
     await rig.stack.client.get_workflow_handle(case_id).signal(RefundWorkflow.provider_event, foreign)
     return case_id
 

@@ -300,21 +300,9 @@ async def test_case_page_shows_the_advice_labelled_advisory(stack: Stack) -> Non
 
 async def test_reconciliation_page_lists_breaks_and_acknowledges_them_by_the_api_rule(
         stack: Stack) -> None:
-    from tests.reconciliation_kit import (
-        backfill,
-        history,
-        move_at_provider,
-        seed_case,
-        seed_provider,
-        wait_for_breaks,
-    )
+    from tests.reconciliation_kit import break_awaiting_approval, wait_for_breaks
 
-    refund = history(f"ch_{uuid.uuid4().hex[:8]}", 2_000, days_ago=2)
-    await seed_provider(stack, [refund])
-    case_id = await seed_case(stack, refund, requester="alice")
-    await move_at_provider(stack, refund["id"], "canceled")
-    await backfill(stack, since_days=30)
-    [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    case_id, found = await break_awaiting_approval(stack, moved_to="canceled", requester="alice", days_ago=2)
     olga, bob = await console(stack, "olga"), await console(stack, "bob")
     listing = await olga.get("/console/reconciliation")
     assert listing.status_code == 200
@@ -330,5 +318,5 @@ async def test_reconciliation_page_lists_breaks_and_acknowledges_them_by_the_api
                           data={"decision": "approve", "reason": "provider canceled it",
                                 "csrf": csrf.group(1)})
     assert done.status_code == 303
-    [resolved] = await wait_for_breaks(stack, [refund["id"]], "resolved")
+    [resolved] = await wait_for_breaks(stack, [found["object_id"]], "resolved")
     assert resolved["resolution"]["outcome"]["posting_key"].startswith(f"{case_id}:refund_reversed")

@@ -3,16 +3,15 @@ another provider's case does not signal that case; it is followed as the sending
 provider's own refund instead."""
 
 import uuid
-from datetime import UTC, datetime
 
 import httpx
 from temporalio.client import Client
 
 from adapters.db import Store
 from domain.events import tracking_case_id
-from domain.models import EventKind, ProviderEvent, ProviderRefundStatus, RefundRequest
+from domain.models import RefundRequest
 from starters.dev.stack import TemporalDevServer
-from tests.harness import Stack
+from tests.harness import Stack, foreign_refund_event
 from tests.test_adyen import MERCHANT, adyen_rig, notification
 from tests.test_bad_input import event_body, signed
 from workflows.refund import RefundWorkflow
@@ -51,11 +50,7 @@ async def test_the_notification_wait_takes_only_its_providers_events(
         case_id = await rig.stack.request_refund("alice", psp, 1_800, provider="adyen",
                                                  currency="EUR", merchant_account=MERCHANT)
         await rig.stack.wait_for_audit(case_id, "awaiting_provider_notification")
-        foreign = ProviderEvent(
-            provider="sandbox", event_id=f"evt_{uuid.uuid4().hex[:12]}", event_type="refund.updated",
-            kind=EventKind.REFUND_STATUS, body_sha256="0" * 64, occurred_at=datetime.now(UTC),
-            refund_id="re_foreign", charge_id=psp, refund_request_id=case_id, amount=1_800,
-            currency="EUR", status=ProviderRefundStatus.SUCCEEDED, raw_status="succeeded")
+        foreign = foreign_refund_event("sandbox", case_id, psp, 1_800, "EUR")
         await client.get_workflow_handle(case_id).signal(RefundWorkflow.provider_event, foreign)
         [made] = rig.fake.refunds_of(psp)
         body = notification("REFUND", pspReference=made["pspReference"], originalReference=psp,

@@ -23,6 +23,7 @@ from tests.payouts_kit import decide as decide_payout
 from tests.reconciliation_kit import (
     ago,
     backfill,
+    break_awaiting_approval,
     history,
     move_at_provider,
     seed_case,
@@ -258,12 +259,7 @@ async def test_a_break_verdict_no_worker_takes_in_time_is_answered_pending_and_c
     worker takes the break again."""
     stack = await open_stack(store, client, temporal_server.address, approval_answer_seconds=1)
     try:
-        refund = history(f"ch_pending_{uuid.uuid4().hex[:8]}", 2_000, days_ago=3)
-        await seed_provider(stack, [refund])
-        case_id = await seed_case(stack, refund, requester="bob")
-        await move_at_provider(stack, refund["id"], "failed")
-        await backfill(stack, since_days=30)
-        [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+        case_id, found = await break_awaiting_approval(stack, moved_to="failed", requester="bob")
         assert stack.worker is not None
         await stack.worker.shutdown()
         answer = await asyncio.wait_for(decide(stack, "carol", found["id"]), 90)
@@ -273,7 +269,7 @@ async def test_a_break_verdict_no_worker_takes_in_time_is_answered_pending_and_c
                   if e["action"] == "reconciliation_approval_unanswered"]
         assert [(e["actor"], e["detail"]["break_id"]) for e in waited] == [("carol", found["id"])]
         await stack.start_worker()
-        [resolved] = await wait_for_breaks(stack, [refund["id"]], "resolved")
+        [resolved] = await wait_for_breaks(stack, [found["object_id"]], "resolved")
         assert resolved["resolution"]["approvers"] == ["carol"]
     finally:
         await stack.close()
