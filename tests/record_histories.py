@@ -1,4 +1,7 @@
-"""Records tests/histories/*.json, the workflow histories the replay test replays: one
+"""Over 400 lines: one scenario per recorded branch, in the one table (SCENARIOS) that
+tests/test_replay.py checks against its branches.
+
+Records tests/histories/*.json, the workflow histories the replay test replays: one
 scenario per branch of the case workflows (tests/test_replay.py names what each must hold).
 
     .venv/bin/python -m tests.record_histories [scenario ...]
