@@ -1,7 +1,6 @@
-"""Over 400 lines: the eight scenarios share one embedded stack, the checker's calls and the
-Outcome they print, and `--scenario` names them from one table.
-
-The reliability suite (`make chaos`): each scenario prints its counts; 0 violations is
+# Over 400 lines: the eight scenarios share one embedded stack, the checker's calls and the
+# Outcome they print, and `--scenario` names them from one table.
+"""The reliability suite (`make chaos`): each scenario prints its counts; 0 violations is
 the bar. After every scenario the checker (bench/checker.py) holds each request it sent to the
 provider's refunds per charge. A smoke version of each runs in `make test`
 (tests/test_chaos_smoke.py).
