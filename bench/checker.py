@@ -17,6 +17,7 @@ Each violation names the case, the expected and the observed, and the scenario's
 """
 
 import asyncio
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -92,7 +93,7 @@ async def _settled(stack: Stack, accepted: list[str], since: datetime) -> bool:
     return not await _unprocessed_receipts(stack, since)
 
 
-def _ledger_net(lines: list[dict[str, Any]]) -> int:
+def _ledger_net(lines: Sequence[Mapping[str, Any]]) -> int:
     return sum(int(x["debit"]) - int(x["credit"]) for x in lines if x["account"] == REFUND_ACCOUNT)
 
 

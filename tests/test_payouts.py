@@ -12,6 +12,7 @@ from temporalio.client import Client
 
 from activities.payout import PayoutActivities
 from adapters.db import Store
+from adapters.db.rows import LedgerLineRow
 from adapters.policy_file import load_policy
 from domain.payouts import PayoutStatus, ReissueInput, payout_case_id
 from starters.dev.stack import TemporalDevServer
@@ -44,10 +45,10 @@ async def ledger_stuck(store: Store, client: Client, temporal_server: TemporalDe
     return stack
 
 
-def balances(lines: list[dict[str, Any]]) -> dict[str, int]:
+def balances(lines: list[LedgerLineRow]) -> dict[str, int]:
     totals: dict[str, int] = {}
     for line in lines:
-        totals[line["account"]] = totals.get(line["account"], 0) + line["debit"] - line["credit"]
+        totals[line.account] = totals.get(line.account, 0) + line.debit - line.credit
     return totals
 
 

@@ -1,10 +1,10 @@
 """The ledger: balanced two-line entries, posted once per posting key, in the accounts
 of their template (`domain.ledger`). Append-only in the database (migration 0740)."""
 
-from typing import Any
 
 from adapters.db.audit import AuditLog
 from adapters.db.database import Conn, Repository
+from adapters.db.rows import LedgerLineRow
 from domain.ledger import ledger_lines
 from domain.models import LedgerInput, LedgerResult
 
@@ -46,8 +46,9 @@ class LedgerRepository(Repository):
                                "provider_refund_id": posting.provider_refund_id})
         return LedgerResult(posting_key=key, entry_id=entry_id, newly_posted=True)
 
-    async def entries(self, case_id: str) -> list[dict[str, Any]]:
-        return await self._db.fetch_all(
+    async def entries(self, case_id: str) -> list[LedgerLineRow]:
+        """The case's journal, line by line, in posting order."""
+        return [LedgerLineRow.from_row(row) for row in await self._db.fetch_all(
             "SELECT e.posting_key, e.template, l.account, l.debit, l.credit, l.currency"
             " FROM ledger_entries e JOIN ledger_lines l ON l.entry_id = e.id"
-            " WHERE e.refund_request_id = %s ORDER BY e.id, l.id", (case_id,))
+            " WHERE e.refund_request_id = %s ORDER BY e.id, l.id", (case_id,))]

@@ -84,6 +84,19 @@ class ManualRefundRow(Row):
 
 
 @dataclass(frozen=True, eq=False)
+class LedgerLineRow(Row):
+    """One line of a case's journal entry (`ledger_lines` with its entry's key and template),
+    in minor units of its currency."""
+
+    posting_key: str
+    template: str
+    account: str
+    debit: int
+    credit: int
+    currency: str
+
+
+@dataclass(frozen=True, eq=False)
 class NoticeRow(Row):
     """A case's notice as its page lists it (`notices`)."""
 
