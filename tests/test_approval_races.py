@@ -144,7 +144,8 @@ async def test_a_verdict_the_case_cannot_take_in_time_is_answered_pending_and_la
     `verdict_pending` after `approval_answer_seconds` instead of a call that never returns
     (found by the reliability suite's fault schedule); the wait is audited, and once a worker
     takes the case again the verdict counts, exactly once."""
-    stack = await open_stack(store, client, temporal_server.address, approval_answer_seconds=1)
+    stack = await open_stack(store, client, temporal_server.address, approval_answer_seconds=1,
+                             approval_timeout_seconds=3600)  # a loaded stop and restart never expires it
     try:
         charge = await stack.charge(20_000)
         case_id = await stack.request_refund("alice", charge, 9_000)

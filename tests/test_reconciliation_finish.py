@@ -257,7 +257,8 @@ async def test_a_break_verdict_no_worker_takes_in_time_is_answered_pending_and_c
     """As for case verdicts: the approver hears 202 `verdict_pending` instead of a call that
     never returns, the wait is audited on the break's chain, and the verdict counts once a
     worker takes the break again."""
-    stack = await open_stack(store, client, temporal_server.address, approval_answer_seconds=1)
+    stack = await open_stack(store, client, temporal_server.address, approval_answer_seconds=1,
+                             approval_timeout_seconds=3600)  # a loaded stop and restart never expires it
     try:
         case_id, found = await break_awaiting_approval(stack, moved_to="failed", requester="bob")
         assert stack.worker is not None
