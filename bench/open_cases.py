@@ -17,6 +17,7 @@ waves, both sides warmed and on workers with the product's sandbox runner.
 
 import argparse
 import asyncio
+import resource
 import sys
 import time
 import uuid
@@ -32,6 +33,7 @@ from adapters import event_loop
 from adapters.approval_seal import approval_keys, sealing_client
 from adapters.policy_file import load_policy
 from bench.common import (
+    PRODUCT_TIMINGS,
     Begin,
     announce,
     bare_starter,
@@ -58,6 +60,12 @@ CASES_PER_CHARGE = 10
 
 def rss_mib() -> float:
     return float(psutil.Process().memory_info().rss) / 2**20
+
+
+def peak_rss_mib() -> float:
+    """The bench process's highest RSS so far (worker, relay, sandbox provider and client
+    share it: an upper bound for the worker's)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 async def count(stack: Stack, tag: str, status: str) -> int:
@@ -114,8 +122,9 @@ def case_opener(stack: Stack, tag: str, charges: list[str]) -> Callable[[int], C
 
 async def workflow_task_trouble(client: Client, workflow_ids: list[str], concurrency: int) -> dict[str, int]:
     """Workflow tasks that timed out or failed, over every case's history (issue 21's target:
-    none), and how many cases had any."""
-    found = {"timed_out": 0, "failed": 0, "cases_with_any": 0}
+    none), how many cases had any, and activities that timed out (a submit among them is
+    verified before anything is sent again)."""
+    found = {"timed_out": 0, "failed": 0, "cases_with_any": 0, "activities_timed_out": 0}
 
     def check(workflow_id: str) -> Callable[[], Awaitable[None]]:
         async def go() -> None:
@@ -125,6 +134,8 @@ async def workflow_task_trouble(client: Client, workflow_ids: list[str], concurr
             found["timed_out"] += timed_out
             found["failed"] += failed
             found["cases_with_any"] += bool(timed_out or failed)
+            found["activities_timed_out"] += sum(
+                e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT for e in events)
         return go
     await gather_limited([check(w) for w in workflow_ids], concurrency)
     return found
@@ -164,7 +175,8 @@ async def main(cases: int, concurrency: int, wave: int) -> dict[str, Any]:
     async with embedded_stack() as env, AsyncExitStack() as workers:
         stack = await open_stack(env.store, env.client, env.temporal.address, worker=False,
                                  late_failure_window_seconds=0, approval_timeout_seconds=24 * 3600,
-                                 approval_reminder_seconds=None, approval_escalation_seconds=None)
+                                 approval_reminder_seconds=None, approval_escalation_seconds=None,
+                                 **PRODUCT_TIMINGS)
         workers.push_async_callback(stack.close)
         tag, warm_tag = uuid.uuid4().hex[:6], uuid.uuid4().hex[:6]
         rss_idle = rss_mib()
@@ -212,7 +224,7 @@ async def main(cases: int, concurrency: int, wave: int) -> dict[str, Any]:
               "seconds_to_approve_and_finish": sum(r["approve_seconds"] for r in rounds),
               "workflow_tasks": workflow_tasks, "workflow_task_trouble": task_trouble,
               "rss_idle_mib": rss_idle,
-              "rss_waiting_mib": rss_waiting, "rss_done_mib": rss_done,
+              "rss_waiting_mib": rss_waiting, "rss_done_mib": rss_done, "rss_peak_mib": peak_rss_mib(),
               "rss_per_waiting_case_kib": (rss_waiting - rss_idle) * 1024 / cases,
               "seconds_to_all_waiting": opened}
     report("open_cases", rows, {"cases": cases, "wave": wave, "concurrency": concurrency,
