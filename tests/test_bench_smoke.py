@@ -55,7 +55,9 @@ def test_open_cases_smoke_compares_the_same_activities_at_the_same_concurrency(t
         (10, "bare"), (10, "approve"), (10, "bare")]  # a wave each, alternating
     assert result["workflow_tasks"]["bare"] == result["baseline_activities"] + 1  # its start, then one each
     assert result["completion_ratio"] > 0 and result["rss_waiting_mib"] > 0
-    assert set(result["workflow_task_trouble"]) == {"timed_out", "failed", "cases_with_any"}
+    assert set(result["workflow_task_trouble"]) == {"timed_out", "failed", "cases_with_any",
+                                                    "activities_timed_out"}
+    assert result["rss_peak_mib"] >= result["rss_waiting_mib"]  # the peak, not a point sample
 
 
 def test_reconciliation_smoke_finds_every_planted_break(tmp_path: Path) -> None:
