@@ -26,7 +26,7 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 import psutil
-from temporalio.api.enums.v1 import EventType
+from temporalio.api.enums.v1 import EventType, TimeoutType
 from temporalio.client import Client, WorkflowHandle
 
 from adapters import event_loop
@@ -122,9 +122,11 @@ def case_opener(stack: Stack, tag: str, charges: list[str]) -> Callable[[int], C
 
 async def workflow_task_trouble(client: Client, workflow_ids: list[str], concurrency: int) -> dict[str, int]:
     """Workflow tasks that timed out or failed, over every case's history (issue 21's target:
-    none), how many cases had any, and activities that timed out (a submit among them is
-    verified before anything is sent again)."""
-    found = {"timed_out": 0, "failed": 0, "cases_with_any": 0, "activities_timed_out": 0}
+    none), how many of those waited on the sticky queue past its timeout (the others ran past
+    the task timeout), how many cases had any, and activities that timed out (a submit among
+    them is verified before anything is sent again)."""
+    found = {"timed_out": 0, "failed": 0, "cases_with_any": 0, "activities_timed_out": 0,
+             "timed_out_on_sticky_queue": 0}
 
     def check(workflow_id: str) -> Callable[[], Awaitable[None]]:
         async def go() -> None:
@@ -136,6 +138,10 @@ async def workflow_task_trouble(client: Client, workflow_ids: list[str], concurr
             found["cases_with_any"] += bool(timed_out or failed)
             found["activities_timed_out"] += sum(
                 e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT for e in events)
+            found["timed_out_on_sticky_queue"] += sum(  # waited for the caching worker, not run too long
+                e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT
+                and e.workflow_task_timed_out_event_attributes.timeout_type
+                == TimeoutType.TIMEOUT_TYPE_SCHEDULE_TO_START for e in events)
         return go
     await gather_limited([check(w) for w in workflow_ids], concurrency)
     return found

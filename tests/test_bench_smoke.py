@@ -56,7 +56,7 @@ def test_open_cases_smoke_compares_the_same_activities_at_the_same_concurrency(t
     assert result["workflow_tasks"]["bare"] == result["baseline_activities"] + 1  # its start, then one each
     assert result["completion_ratio"] > 0 and result["rss_waiting_mib"] > 0
     assert set(result["workflow_task_trouble"]) == {"timed_out", "failed", "cases_with_any",
-                                                    "activities_timed_out"}
+                                                    "activities_timed_out", "timed_out_on_sticky_queue"}
     assert result["rss_peak_mib"] >= result["rss_waiting_mib"]  # the peak, not a point sample
 
 
