@@ -21,6 +21,7 @@ import resource
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any
@@ -131,17 +132,17 @@ async def workflow_task_trouble(client: Client, workflow_ids: list[str], concurr
     def check(workflow_id: str) -> Callable[[], Awaitable[None]]:
         async def go() -> None:
             events = (await client.get_workflow_handle(workflow_id).fetch_history()).events
-            timed_out = sum(e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT for e in events)
-            failed = sum(e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED for e in events)
+            kinds = Counter(e.event_type for e in events)
+            timed_out = kinds[EventType.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT]
+            failed = kinds[EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED]
             found["timed_out"] += timed_out
             found["failed"] += failed
             found["cases_with_any"] += bool(timed_out or failed)
-            found["activities_timed_out"] += sum(
-                e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT for e in events)
-            found["timed_out_on_sticky_queue"] += sum(  # waited for the caching worker, not run too long
-                e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT
-                and e.workflow_task_timed_out_event_attributes.timeout_type
-                == TimeoutType.TIMEOUT_TYPE_SCHEDULE_TO_START for e in events)
+            found["activities_timed_out"] += kinds[EventType.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT]
+            sticky = TimeoutType.TIMEOUT_TYPE_SCHEDULE_TO_START  # waited for the caching worker
+            found["timed_out_on_sticky_queue"] += sum(
+                e.workflow_task_timed_out_event_attributes.timeout_type == sticky
+                for e in events if timed_out and e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT)
         return go
     await gather_limited([check(w) for w in workflow_ids], concurrency)
     return found
