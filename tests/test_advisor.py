@@ -54,6 +54,7 @@ async def test_offline_advice_is_stored_and_shown_to_approvers_as_advisory(stack
     charge = await stack.charge(20_000)
     case_id = await stack.request_refund("alice", charge, 9_000)
     await stack.wait_for_status(case_id, "awaiting_approval")
+    await stack.wait_for_audit(case_id, "advice_recorded")  # beside the money path: may come later
     advice = (await case_view(stack, case_id))["advice"]
     assert advice["advisory_only"] is True and "cannot approve" in advice["note"]
     assert advice["available"] is True and advice["source"] == "offline-rules"
@@ -81,6 +82,7 @@ async def test_a_model_saying_approve_ten_times_the_amount_changes_only_the_reco
         row = await llm.wait_for_status(case_id, "awaiting_approval")
         expected = decide(load_policy(None), request_from_row(row), PolicyContext(is_partial=True))
         assert row["decision"] == expected.model_dump(mode="json")  # what it would be with no advisor
+        await llm.wait_for_audit(case_id, "advice_recorded")  # beside the money path: may come later
         view = await case_view(llm, case_id)
         assert view["advice"]["source"] == "llm:gpt-4o-mini" and view["advice"]["suggested_amount"] == 90_000
         assert set(view["advice"]["anomaly_flags"]) == {"suggestion_exceeds_requested_amount",
