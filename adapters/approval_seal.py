@@ -49,11 +49,14 @@ _HEADER_CONVERTER = PayloadConverter.default
 
 
 def _message(workflow_id: str, signal: ApprovalSignal, issued_at: int, nonce: str) -> bytes:
-    """What a seal covers, canonical JSON, so no field can move into another."""
-    return json.dumps({"v": SEAL_VERSION, "workflow_id": workflow_id, "decision": signal.decision.value,
-                       "approver": signal.approver, "roles": sorted(signal.roles), "reason": signal.reason,
-                       "issued_at": issued_at, "nonce": nonce},
-                      sort_keys=True, separators=(",", ":")).encode()
+    """What a seal covers, canonical JSON, so no field can move into another. The verdict id
+    only when there is one, so seals made before ids (in recorded histories) still verify."""
+    covered = {"v": SEAL_VERSION, "workflow_id": workflow_id, "decision": signal.decision.value,
+               "approver": signal.approver, "roles": sorted(signal.roles), "reason": signal.reason,
+               "issued_at": issued_at, "nonce": nonce}
+    if signal.verdict_id:
+        covered["verdict_id"] = signal.verdict_id
+    return json.dumps(covered, sort_keys=True, separators=(",", ":")).encode()
 
 
 def _mac(key: str, message: bytes) -> str:

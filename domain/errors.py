@@ -43,3 +43,6 @@ NOT_AWAITING_APPROVAL: Final = "NotAwaitingApproval"
 """The case is in no approval round."""
 APPROVAL_REFUSED: Final = "ApprovalRefused"
 """This approver's verdict cannot count (segregation of duties, roles, tier slots)."""
+ALREADY_RECEIVED: Final = "AlreadyReceived"
+"""The same verdict (its `verdict_id`) arrived before: the relay's durable resend of an
+update it stopped waiting for. It counted, or was refused, once."""

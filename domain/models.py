@@ -282,12 +282,16 @@ class Decision(StrEnum):
 
 
 class ApprovalSignal(Frozen):
-    """An approver's verdict; identity and roles come from the relay's authentication."""
+    """An approver's verdict; identity and roles come from the relay's authentication.
+    `verdict_id` is the relay's name for one verdict: when it stops waiting for the update it
+    sends the same verdict again as a signal, and a case takes one id once. Empty (verdicts
+    from other channels, and every history recorded before ids) means never deduplicated."""
 
     approver: str
     roles: tuple[str, ...]
     decision: Decision
     reason: str = ""
+    verdict_id: str = Field(default="", max_length=64)
 
 
 class RefundWorkflowInput(Frozen):

@@ -22,8 +22,9 @@ class ApprovalHostWorkflow(ApprovingWorkflow):
         self._steps: list[tuple[str, str]] = []
 
     @workflow.run
-    async def run(self) -> list[tuple[str, str]]:
-        self._round.requirements, self._round.requester = (RoleRequirement(role="approver"),), "alice"
+    async def run(self, approvers: int = 1) -> list[tuple[str, str]]:
+        self._round.requirements = (RoleRequirement(role="approver", count=approvers),)
+        self._round.requester = "alice"
         decided = await self._round.collect(self, RefundTimings(approval_reminder=None,
                                                                 approval_escalation=None))
         await workflow.sleep(timedelta(milliseconds=300))  # the next step, still awaiting_approval
@@ -35,6 +36,11 @@ class ApprovalHostWorkflow(ApprovingWorkflow):
     @workflow.query
     def status(self) -> str:
         return self._status
+
+    @workflow.query
+    def steps(self) -> list[tuple[str, str]]:
+        """The (action, actor) steps recorded so far."""
+        return self._steps
 
     def approval_status(self) -> tuple[bool, str]:
         return self._status == "awaiting_approval", self._status

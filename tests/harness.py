@@ -7,9 +7,11 @@ import secrets
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,11 +28,14 @@ from adapters.http_server import AppServer, reserve_port
 from adapters.policy_file import load_policy
 from adapters.providers.base import ProviderAdapter
 from adapters.providers.registry import build_providers, close_providers
+from adapters.temporal_client import connect
 from adapters.tls import client_tls
 from domain.models import EventKind, ProviderEvent, ProviderRefundStatus, RefundRequest
 from starters import relay
 from starters.actions.starting import start_refund
 from starters.dev import sandbox_provider
+from starters.dev.stack import TemporalDevServer
+from starters.ports import free_port
 from workers.main import build_worker
 
 # One throwaway payload key per test session: the session client, every stack's settings
@@ -251,3 +256,14 @@ def foreign_refund_event(provider: str, case_id: str, charge_id: str, amount: in
         kind=EventKind.REFUND_STATUS, body_sha256="0" * 64, occurred_at=datetime.now(UTC),
         refund_id="re_foreign", charge_id=charge_id, refund_request_id=case_id, amount=amount,
         currency=currency, status=ProviderRefundStatus.SUCCEEDED, raw_status="succeeded")
+
+
+@asynccontextmanager
+async def own_temporal(folder: Path) -> AsyncIterator[tuple[TemporalDevServer, Client]]:
+    """A Temporal dev server for one test that restarts it, with the product's client."""
+    server = TemporalDevServer(folder / "temporal.db", port=free_port(), ui_port=None)
+    await server.start()
+    try:
+        yield server, await connect(Settings(temporal_address=server.address, payload_keys=PAYLOAD_KEYS))
+    finally:
+        server.stop()

@@ -4,8 +4,11 @@ and every late verdict is audited (issue 18, item 3). A hundred races on the sha
 
 import asyncio
 import uuid
+from contextlib import AsyncExitStack
+from pathlib import Path
 
 import httpx
+import pytest
 from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
 from temporalio.worker import Worker
@@ -15,7 +18,7 @@ from adapters.db import Store
 from domain.models import ApprovalProgress, ApprovalSignal, Decision
 from starters.dev.stack import TemporalDevServer
 from tests.approval_host import ApprovalHostWorkflow
-from tests.harness import APPROVAL_KEYS, Stack, open_stack
+from tests.harness import APPROVAL_KEYS, Stack, open_stack, own_temporal
 from workers.main import workflow_runner
 from workflows.approvals import ApprovingWorkflow
 from workflows.refund import RefundWorkflow
@@ -72,6 +75,40 @@ async def test_a_deny_racing_the_last_approval_is_always_answered(client: Client
     # one verdict decides; the other is answered at once, "already decided" (or "not awaiting")
     answered = (["AlreadyDecided", "accepted"], ["NotAwaitingApproval", "accepted"])
     assert all(sorted(pair) in answered for pair in answers), answers
+
+
+async def test_a_verdict_and_its_resend_count_once_whichever_arrives_first(client: Client) -> None:
+    """The relay resends a verdict it stopped waiting for as the `approve` signal with the
+    same id. Update first (bob) or signal first (carol), the verdict counts once and its copy
+    is no refusal; a copy that comes first makes the update answer `AlreadyReceived`."""
+    task_queue = f"resend-{uuid.uuid4().hex[:8]}"
+    keys = ApprovalKeys([APPROVAL_KEYS])
+    relay = sealing_client(client, keys)
+
+    def verdict(approver: str) -> ApprovalSignal:
+        return ApprovalSignal(approver=approver, roles=("approver",), decision=Decision.APPROVE,
+                              verdict_id=uuid.uuid4().hex)
+
+    async with Worker(client, task_queue=task_queue, workflows=[ApprovalHostWorkflow],
+                      workflow_runner=workflow_runner(), interceptors=[ApprovalSealCheck(keys)]):
+        handle = await relay.start_workflow(ApprovalHostWorkflow.run, 3, id=f"resend-{uuid.uuid4().hex[:12]}",
+                                            task_queue=task_queue)
+        while await handle.query(ApprovalHostWorkflow.status) != "awaiting_approval":
+            await asyncio.sleep(0.05)
+        bob, carol = verdict("bob"), verdict("carol")
+        progress = await handle.execute_update(ApprovingWorkflow.submit_approval, bob)
+        assert progress.accepted and progress.missing_roles == ("approver", "approver")
+        await handle.signal(ApprovingWorkflow.approve, bob)
+        await handle.signal(ApprovingWorkflow.approve, carol)
+        while ("approval_granted", "carol") not in await handle.query(ApprovalHostWorkflow.steps):
+            await asyncio.sleep(0.05)
+        with pytest.raises(WorkflowUpdateFailedError) as copy:
+            await handle.execute_update(ApprovingWorkflow.submit_approval, carol)
+        assert isinstance(copy.value.cause, ApplicationError) and copy.value.cause.type == "AlreadyReceived"
+        assert (await handle.execute_update(ApprovingWorkflow.submit_approval, verdict("dave"))).accepted
+        steps = await asyncio.wait_for(handle.result(), HANG)
+    assert [s for s in steps if s[0] != "approval_requested"] == [
+        ("approval_granted", "bob"), ("approval_granted", "carol"), ("approval_granted", "dave")]
 
 
 async def _decide(stack: Stack, user: str, case_id: str, decision: str) -> httpx.Response:
@@ -138,15 +175,22 @@ async def test_a_signalled_verdict_after_the_decision_is_audited(stack: Stack) -
     assert len(await stack.provider_refunds(charge)) == 1
 
 
+@pytest.mark.parametrize("temporal_restarts", [False, True], ids=["worker-down", "temporal-restarts-too"])
 async def test_a_verdict_the_case_cannot_take_in_time_is_answered_pending_and_lands_later(
-        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+        store: Store, client: Client, temporal_server: TemporalDevServer, tmp_path: Path,
+        temporal_restarts: bool) -> None:
     """No worker answers the case (killed, or saturated under load): the approver hears 202
     `verdict_pending` after `approval_answer_seconds` instead of a call that never returns
     (found by the reliability suite's fault schedule); the wait is audited, and once a worker
-    takes the case again the verdict counts, exactly once."""
-    stack = await open_stack(store, client, temporal_server.address, approval_answer_seconds=1,
-                             approval_timeout_seconds=3600)  # a loaded stop and restart never expires it
-    try:
+    takes the case again the verdict counts, exactly once. Temporal holds an update no
+    worker has accepted only in memory: it restarting (or dropping the workflow's cached
+    state under load, which failed CI twice) must not lose the verdict either."""
+    async with AsyncExitStack() as scope:
+        server, temporal = ((await scope.enter_async_context(own_temporal(tmp_path))) if temporal_restarts
+                            else (temporal_server, client))
+        stack = await open_stack(store, temporal, server.address, approval_answer_seconds=1,
+                                 approval_timeout_seconds=3600)  # a loaded stop and restart never expires it
+        scope.push_async_callback(stack.close)
         charge = await stack.charge(20_000)
         case_id = await stack.request_refund("alice", charge, 9_000)
         await stack.wait_for_status(case_id, "awaiting_approval")
@@ -158,10 +202,12 @@ async def test_a_verdict_the_case_cannot_take_in_time_is_answered_pending_and_la
         unanswered = [e for e in await stack.store.audit.trail(case_id)
                       if e["action"] == "approval_unanswered"]
         assert [(e["actor"], e["detail"]["decision"]) for e in unanswered] == [("bob", "approve")]
+        if temporal_restarts:
+            server.kill()
+            await server.start()
         await stack.start_worker()
         await stack.wait_for_status(case_id, "succeeded")
-        assert [e["actor"] for e in await stack.store.audit.trail(case_id)
-                if e["action"] == "approval_granted"] == ["bob"]
+        trail = await stack.store.audit.trail(case_id)
+        assert [e["actor"] for e in trail if e["action"] == "approval_granted"] == ["bob"]
+        assert [e for e in trail if e["action"] == "approval_refused"] == []  # a resend is no refusal
         assert len(await stack.provider_refunds(charge)) == 1
-    finally:
-        await stack.close()

@@ -4,6 +4,9 @@ and audited and the case keeps waiting; the relay's own path still approves; key
 
 import asyncio
 import dataclasses
+import hashlib
+import hmac
+import json
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -130,6 +133,24 @@ def test_keys_rotate_the_first_seals_every_one_verifies() -> None:
     for forged in ("v1." + "9" * 5000 + ".n.m", "v2." + after_rotation[3:], unsigned, ""):
         assert rotated.check("rr-1", verdict, forged, now=now)[0] in (
             "approval seal is malformed", "approval not sealed by the relay")
+
+
+def test_a_seal_covers_the_verdict_id_and_one_made_before_ids_still_verifies() -> None:
+    """The id decides which copy of a verdict counts, so it cannot be swapped under a seal;
+    seals in histories recorded before ids (no id in the message) still verify."""
+    now, keys = datetime.now(UTC), ApprovalKeys(["k"])
+    with_id = _verdict("bob", roles=("approver",)).model_copy(update={"verdict_id": "a" * 32})
+    sealed = keys.seal("rr-1", with_id, now=now)
+    assert keys.check("rr-1", with_id, sealed, now=now)[0] == ""
+    for swapped in ("b" * 32, ""):
+        assert keys.check("rr-1", with_id.model_copy(update={"verdict_id": swapped}), sealed,
+                          now=now)[0] == "approval seal does not match this verdict"
+    issued, nonce = int(now.timestamp()), "n0nce"
+    before_ids = json.dumps({"v": "v1", "workflow_id": "rr-1", "decision": "approve", "approver": "bob",
+                             "roles": ["approver"], "reason": "lgtm", "issued_at": issued, "nonce": nonce},
+                            sort_keys=True, separators=(",", ":")).encode()
+    legacy = f"v1.{issued}.{nonce}.{hmac.new(b'k', before_ids, hashlib.sha256).hexdigest()}"
+    assert keys.check("rr-1", _verdict("bob", roles=("approver",)), legacy, now=now) == ("", nonce)
 
 
 async def test_a_worker_holding_a_new_and_the_old_key_counts_an_old_seal(

@@ -7,6 +7,8 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +19,7 @@ from adapters.db import Store
 from domain.payouts import PayoutSnapshot, PayoutStatus, payout_case_id
 from domain.reconciliation import break_workflow_id
 from starters.dev.stack import TemporalDevServer
-from tests.harness import Stack, open_stack
+from tests.harness import Stack, open_stack, own_temporal
 from tests.payouts_kit import add_payout_approvers, move_payout, paid_payout, wait_for_actions, wait_for_case
 from tests.payouts_kit import decide as decide_payout
 from tests.reconciliation_kit import (
@@ -252,14 +254,20 @@ async def test_a_waiting_break_is_reminded_and_escalated(
         await stack.close()
 
 
+@pytest.mark.parametrize("temporal_restarts", [False, True], ids=["worker-down", "temporal-restarts-too"])
 async def test_a_break_verdict_no_worker_takes_in_time_is_answered_pending_and_counts_later(
-        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+        store: Store, client: Client, temporal_server: TemporalDevServer, tmp_path: Path,
+        temporal_restarts: bool) -> None:
     """As for case verdicts: the approver hears 202 `verdict_pending` instead of a call that
     never returns, the wait is audited on the break's chain, and the verdict counts once a
-    worker takes the break again."""
-    stack = await open_stack(store, client, temporal_server.address, approval_answer_seconds=1,
-                             approval_timeout_seconds=3600)  # a loaded stop and restart never expires it
-    try:
+    worker takes the break again, also when Temporal restarted meanwhile (it keeps an update
+    no worker accepted only in memory)."""
+    async with AsyncExitStack() as scope:
+        server, temporal = ((await scope.enter_async_context(own_temporal(tmp_path))) if temporal_restarts
+                            else (temporal_server, client))
+        stack = await open_stack(store, temporal, server.address, approval_answer_seconds=1,
+                                 approval_timeout_seconds=3600)  # a loaded stop and restart never expires it
+        scope.push_async_callback(stack.close)
         case_id, found = await break_awaiting_approval(stack, moved_to="failed", requester="bob")
         assert stack.worker is not None
         await stack.worker.shutdown()
@@ -269,8 +277,12 @@ async def test_a_break_verdict_no_worker_takes_in_time_is_answered_pending_and_c
         waited = [e for e in await stack.store.audit.trail(case_id)
                   if e["action"] == "reconciliation_approval_unanswered"]
         assert [(e["actor"], e["detail"]["break_id"]) for e in waited] == [("carol", found["id"])]
+        if temporal_restarts:
+            server.kill()
+            await server.start()
         await stack.start_worker()
         [resolved] = await wait_for_breaks(stack, [found["object_id"]], "resolved")
         assert resolved["resolution"]["approvers"] == ["carol"]
-    finally:
-        await stack.close()
+        actions = [e["action"] for e in await stack.store.audit.trail(case_id)]
+        assert [a for a in actions if a.startswith("reconciliation_approval_")
+                and a.endswith(("granted", "refused"))] == ["reconciliation_approval_granted"]

@@ -16,7 +16,7 @@ from temporalio import workflow
 from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from domain.errors import ALREADY_DECIDED, APPROVAL_REFUSED, NOT_AWAITING_APPROVAL
+    from domain.errors import ALREADY_DECIDED, ALREADY_RECEIVED, APPROVAL_REFUSED, NOT_AWAITING_APPROVAL
     from domain.lifecycle import check_approval, unfilled
     from domain.models import (
         ApprovalProgress,
@@ -37,6 +37,7 @@ SEALED_APPROVALS_PATCH = "approval-relay-seal-1"
 sees it (`adapters.approval_seal`); others are refused and audited. Before, anyone who could
 signal the workflow approved with any roles."""
 UNSEALED = "ApprovalUnsealed"
+RESENT = "this verdict was already received (the relay's resend); it counted, or was refused, once"
 
 
 class ApprovalOutcome(StrEnum):
@@ -64,9 +65,13 @@ class ApprovalHost(Protocol):
 class ApprovalRound:
     """One decision's approvals. Verdicts that arrive before the round starts wait in its
     inbox; those that arrive once it is decided (approved, denied, expired: `decided`) are
-    recorded as refused, never counted, and their callers answered at once."""
+    recorded as refused, never counted, and their callers answered at once.
 
-    def __init__(self) -> None:
+    `after` is the case's previous round: the verdict ids it saw carry over, so a resend of a
+    verdict the earlier round took counts nowhere in this one. (No patch guards the ids:
+    every history recorded before them has none, and a verdict without one takes the old path.)"""
+
+    def __init__(self, after: "ApprovalRound | None" = None) -> None:
         self.requirements: tuple[RoleRequirement, ...] = ()
         self.tier: str | None = None
         self.requester = ""
@@ -81,6 +86,23 @@ class ApprovalRound:
         self.decided = False
         self._late: list[tuple[ApprovalSignal, str | None]] = []
         self._late_recorder: asyncio.Task[None] | None = None
+        self._verdict_ids: set[str] = after._verdict_ids if after is not None else set()
+
+    def resent(self, signal: ApprovalSignal) -> bool:
+        """Whether a verdict with this id arrived before (sealed or not: a validator sees no
+        seal, and an unsealed verdict is refused anyway)."""
+        return bool(signal.verdict_id) and signal.verdict_id in self._verdict_ids
+
+    def first_sight(self, signal: ApprovalSignal) -> bool:
+        """False for a sealed verdict whose id arrived before: the relay's resend, which
+        counts nowhere, not even as a refusal. Notes a sealed verdict's id; only sealed ids
+        are noted, so no one without the relay's key can shadow a verdict."""
+        if not signal.verdict_id or seal_refusal(signal):
+            return True
+        if signal.verdict_id in self._verdict_ids:
+            return False
+        self._verdict_ids.add(signal.verdict_id)
+        return True
 
     def receive(self, signal: ApprovalSignal) -> int:
         """Queues a verdict; its position is how its update finds the answer."""
@@ -235,7 +257,10 @@ class ApprovingWorkflow:
     def approve(self, signal: ApprovalSignal) -> None:
         """An approver's verdict from a channel that cannot wait for an answer (tickets,
         chat buttons); checked like an update before it counts, audited as refused once the
-        round is decided or without the relay's seal."""
+        round is decided or without the relay's seal. The relay's resend of a verdict this
+        case already has (same id) is dropped."""
+        if not self._round.first_sight(signal):
+            return
         if self._round.decided and self.since(LATE_VERDICTS_PATCH):
             self._round.refuse_signalled(self, signal, None)
             return
@@ -249,6 +274,8 @@ class ApprovingWorkflow:
     async def submit_approval(self, signal: ApprovalSignal) -> ApprovalProgress:
         """An approver's verdict with an immediate answer: refused ones never get here
         (see the validator); accepted ones return once the workflow has recorded them."""
+        if not self._round.first_sight(signal):  # its resend signal came first
+            raise ApplicationError(RESENT, type=ALREADY_RECEIVED)
         return await self.take_approval(signal)
 
     async def take_approval(self, signal: ApprovalSignal) -> ApprovalProgress:
@@ -277,6 +304,8 @@ class ApprovingWorkflow:
     @submit_approval.validator
     def _validate_approval(self, signal: ApprovalSignal) -> None:
         taking, status = self.approval_status()
+        if self._round.resent(signal):
+            raise ApplicationError(RESENT, type=ALREADY_RECEIVED)
         if not taking:
             raise ApplicationError(f"case is {status}, not awaiting approval", type=NOT_AWAITING_APPROVAL)
         if self._round.decided:

@@ -190,7 +190,7 @@ class PayoutReversalWorkflow(PayoutReissue):
     def _open_round(self, steps: dict[ApprovalOutcome, PayoutCaseStatus], requester: str) -> None:
         assert self._decision is not None
         if steps is not self._steps:
-            self._round = ApprovalRound()
+            self._round = ApprovalRound(after=self._round)
         self._steps = steps
         self._round.requirements = self._decision.decision.requirements
         self._round.tier = self._decision.decision.tier

@@ -1,13 +1,14 @@
 """Asking a case workflow for an approver's verdict, for every endpoint that takes one
 (refunds, payout exceptions): the workflow's update validator answers at once, so the
 approver hears a refusal (and why) immediately; refusals are audited. A case no worker
-answers in time (killed, saturated) is answered `verdict_pending`, never left hanging. Also the approvals
-part of the public view of a case, read from the approvals projection."""
+answers in time (killed, saturated) is answered `verdict_pending`, never left hanging, and the
+verdict is sent again as a durable signal. Also the approvals part of the public view of a
+case, read from the approvals projection."""
 
 import asyncio
-from collections.abc import Awaitable
+import uuid
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from temporalio.client import Client, WorkflowUpdateFailedError, WorkflowUpdateRPCTimeoutOrCancelledError
@@ -39,8 +40,6 @@ class Refused(Exception):
         self.detail = detail
 
 
-T = TypeVar("T")
-
 VERDICT_PENDING = "verdict_pending"
 """The status answered when the case did not take the verdict within the wait."""
 
@@ -49,12 +48,25 @@ PENDING_NOTICE = ("The case has not taken your verdict yet (its worker is busy o
 """What the console shows an approver answered `verdict_pending`."""
 
 
-async def answered_within(update: Awaitable[T], seconds: float) -> T | None:
-    """The update's answer, or None when the workflow gave none within `seconds`: the update
-    stays with Temporal and the workflow validates and takes it when a worker takes it."""
+def new_verdict(caller: Principal, decision: Decision, reason: str) -> ApprovalSignal:
+    """The caller's verdict with a fresh id: the token's user and roles, never the body's."""
+    return ApprovalSignal(approver=caller.user, roles=tuple(sorted(caller.roles)), decision=decision,
+                          reason=reason, verdict_id=uuid.uuid4().hex)
+
+
+async def deliver_verdict(client: Client, workflow_id: str, verdict: ApprovalSignal,
+                          seconds: float) -> ApprovalProgress | None:
+    """The workflow's answer to the verdict as an update, or None past `seconds`: the same
+    verdict (same id) then goes again as the `approve` signal. Temporal keeps an update that
+    no worker has accepted only in memory, and drops it when it restarts or evicts the
+    workflow's state under load, with no one left polling to send it again; a signal is
+    durable once sent. The workflow takes one verdict id once, whichever arrives first."""
+    handle = client.get_workflow_handle(workflow_id)
     try:
-        return await asyncio.wait_for(update, timeout=seconds)
+        return await asyncio.wait_for(handle.execute_update(ApprovingWorkflow.submit_approval, verdict),
+                                      timeout=seconds)
     except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):  # the SDK's word for the cancel
+        await handle.signal(ApprovingWorkflow.approve, verdict)
         return None
 
 
@@ -74,13 +86,11 @@ async def ask_for_verdict(client: Client, store: Store, case_id: str, body: Appr
     refused (both audited). The approver is the token's user, with the token's roles.
 
     Past `answer_within` seconds the call stops waiting and answers `verdict_pending`
-    (audited as `approval_unanswered`): the update stays with Temporal, and the workflow
-    validates and counts it (or refuses it, audited) when a worker takes the case."""
-    signal = ApprovalSignal(approver=caller.user, roles=tuple(sorted(caller.roles)),
-                            decision=body.decision, reason=body.reason)
+    (audited as `approval_unanswered`): the verdict is resent durably (`deliver_verdict`),
+    and the workflow counts it (or refuses it, audited) when a worker takes the case."""
     try:
-        progress = await answered_within(client.get_workflow_handle(case_id).execute_update(
-            ApprovingWorkflow.submit_approval, signal), answer_within)
+        progress = await deliver_verdict(client, case_id, new_verdict(caller, body.decision, body.reason),
+                                         answer_within)
     except WorkflowUpdateFailedError as exc:
         reason, kind = refusal(exc)
         too_late = kind in (NOT_AWAITING_APPROVAL, ALREADY_DECIDED)

@@ -12,10 +12,17 @@ from temporalio.service import RPCError
 from adapters.db import Principal
 from adapters.db.reconciliation import NotReopenable, break_case, break_view
 from domain.errors import ALREADY_DECIDED, NOT_AWAITING_APPROVAL
-from domain.models import ApprovalSignal, Decision
+from domain.models import Decision
 from domain.permissions import Permission
 from domain.reconciliation import BreakState, break_workflow_id
-from starters.actions.approving import VERDICT_PENDING, Refused, answered_within, pending_reason, refusal
+from starters.actions.approving import (
+    VERDICT_PENDING,
+    Refused,
+    deliver_verdict,
+    new_verdict,
+    pending_reason,
+    refusal,
+)
 from starters.actions.cases import CaseActions
 from workflows.reconciliation import ReconciliationBreakWorkflow
 
@@ -43,13 +50,10 @@ async def decide_on_break(actions: CaseActions, caller: Principal, break_id: int
         raise Refused(404, f"no reconciliation break {break_id}")
     if row["state"] != BreakState.AWAITING_APPROVAL:
         raise Refused(409, f"break is {row['state']}, not awaiting approval")
-    signal = ApprovalSignal(approver=caller.user, roles=tuple(sorted(caller.roles)),
-                            decision=body.decision, reason=body.reason)
-    handle = actions.client.get_workflow_handle(break_workflow_id(break_id))
     try:
-        progress = await answered_within(
-            handle.execute_update(ReconciliationBreakWorkflow.submit_approval, signal),
-            actions.settings.approval_answer_seconds)
+        progress = await deliver_verdict(actions.client, break_workflow_id(break_id),
+                                         new_verdict(caller, body.decision, body.reason),
+                                         actions.settings.approval_answer_seconds)
     except WorkflowUpdateFailedError as exc:
         reason, kind = refusal(exc)
         if kind == NOT_AWAITING_APPROVAL:
