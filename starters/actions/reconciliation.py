@@ -1,6 +1,7 @@
 """The rules for reconciliation breaks that both front ends apply: an approver's verdict on
 a break's compensation, and ops reopening a dismissed or expired break."""
 
+import asyncio
 from contextlib import suppress
 from typing import Any
 
@@ -12,7 +13,7 @@ from temporalio.service import RPCError
 from adapters.db import Principal
 from adapters.db.reconciliation import NotReopenable, break_case, break_view
 from domain.errors import ALREADY_DECIDED, NOT_AWAITING_APPROVAL
-from domain.models import Decision
+from domain.models import ApprovalProgress, ApprovalSignal, Decision
 from domain.permissions import Permission
 from domain.reconciliation import BreakState, break_workflow_id
 from starters.actions.approving import (
@@ -51,9 +52,8 @@ async def decide_on_break(actions: CaseActions, caller: Principal, break_id: int
     if row["state"] != BreakState.AWAITING_APPROVAL:
         raise Refused(409, f"break is {row['state']}, not awaiting approval")
     try:
-        progress = await deliver_verdict(actions.client, break_workflow_id(break_id),
-                                         new_verdict(caller, body.decision, body.reason),
-                                         actions.settings.approval_answer_seconds)
+        progress = await _verdict_once_caught_up(actions, break_id,
+                                                 new_verdict(caller, body.decision, body.reason))
     except WorkflowUpdateFailedError as exc:
         reason, kind = refusal(exc)
         if kind == NOT_AWAITING_APPROVAL:
@@ -73,6 +73,30 @@ async def decide_on_break(actions: CaseActions, caller: Principal, break_id: int
         raise Refused(403, progress.reason)
     return {"break_id": break_id, "decision": body.decision.value,
             "missing_roles": list(progress.missing_roles)}
+
+
+CAUGHT_UP_POLL_SECONDS = 0.2
+
+
+async def _verdict_once_caught_up(actions: CaseActions, break_id: int,
+                                  verdict: ApprovalSignal) -> ApprovalProgress | None:
+    """`deliver_verdict`, asked again while the workflow answers "not awaiting approval" but
+    the break's row still says it is: opening the exception commits the row before the
+    workflow hears of it, and a verdict in between was refused 409 for a break that waits.
+    Past the answer time the workflow's answer stands."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + actions.settings.approval_answer_seconds
+    while True:
+        try:
+            return await deliver_verdict(actions.client, break_workflow_id(break_id), verdict,
+                                         max(deadline - loop.time(), CAUGHT_UP_POLL_SECONDS))
+        except WorkflowUpdateFailedError as exc:
+            if refusal(exc)[1] != NOT_AWAITING_APPROVAL or loop.time() >= deadline:
+                raise
+            row = await actions.store.reconciliation.get_break(break_id)
+            if row is None or row["state"] != BreakState.AWAITING_APPROVAL:
+                raise
+        await asyncio.sleep(CAUGHT_UP_POLL_SECONDS)
 
 
 async def reopen_break(actions: CaseActions, caller: Principal, break_id: int, body: BreakReopenBody,
