@@ -116,11 +116,12 @@ Begin = Callable[[int], Awaitable[WorkflowHandle[Any, Any]]]
 
 
 @asynccontextmanager
-async def bare_worker(client: Client) -> AsyncIterator[str]:
-    """A worker for bare workflows on its own queue, kept for the whole run (warmed once, as
-    the product's worker is) and with the product's sandbox runner (passthrough modules), so
-    the two sides differ only in what their workflows do. Yields the queue."""
-    queue = f"bench-bare-{uuid.uuid4().hex[:6]}"
+async def bare_worker(client: Client, queue: str | None = None) -> AsyncIterator[str]:
+    """A worker for bare workflows on its own queue (a new one unless given), kept for the
+    whole run (warmed once, as the product's worker is) and with the product's sandbox runner
+    (passthrough modules), so the two sides differ only in what their workflows do. Yields
+    the queue."""
+    queue = queue or f"bench-bare-{uuid.uuid4().hex[:6]}"
     async with Worker(client, task_queue=queue, workflows=[BareWorkflow], activities=[noop],
                       workflow_runner=workflow_runner()):
         yield queue

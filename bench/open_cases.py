@@ -12,12 +12,14 @@ PostgreSQL or Cassandra persistence and several workers is the production path.
 
 The baseline is like for like: bare workflows of as many no-op activities as a case runs
 after its approval, a wave at a time at the same concurrency, alternating with the approval
-waves, both sides warmed and on workers with the product's sandbox runner.
+waves, both sides warmed and on workers with the product's sandbox runner. Each worker runs
+in a process of its own (`bench.worker_process`), as production runs it, so the memory
+reported is the product worker's own; the load client and the sandbox provider share this
+one. The worker's settings come from the REFUNDS_* variables and are reported.
 """
 
 import argparse
 import asyncio
-import resource
 import sys
 import time
 import uuid
@@ -32,19 +34,18 @@ from temporalio.client import Client, WorkflowHandle
 
 from adapters import event_loop
 from adapters.approval_seal import approval_keys, sealing_client
-from adapters.policy_file import load_policy
 from bench.common import (
     PRODUCT_TIMINGS,
     Begin,
     announce,
     bare_starter,
-    bare_worker,
     embedded_stack,
     gather_limited,
     report,
     timed_wave,
 )
 from bench.refund_throughput import history_shape
+from bench.worker_process import peak_rss_mib, worker_process
 from domain.models import (
     ApprovalSignal,
     Decision,
@@ -53,20 +54,17 @@ from domain.models import (
     RefundWorkflowInput,
 )
 from tests.harness import Stack, open_stack
-from workers.main import build_worker
 from workflows.refund import RefundWorkflow
 
 CASES_PER_CHARGE = 10
+WORKER_TUNING = ("worker_max_cached_workflows", "worker_max_concurrent_workflow_tasks",
+                 "worker_max_concurrent_activities", "worker_max_concurrent_local_activities",
+                 "worker_sticky_queue_timeout_seconds")
+"""The worker's settings a run reports (set them as REFUNDS_* variables to compare)."""
 
 
-def rss_mib() -> float:
-    return float(psutil.Process().memory_info().rss) / 2**20
-
-
-def peak_rss_mib() -> float:
-    """The bench process's highest RSS so far (worker, relay, sandbox provider and client
-    share it: an upper bound for the worker's)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def rss_mib(process: psutil.Process) -> float:
+    return float(process.memory_info().rss) / 2**20
 
 
 async def count(stack: Stack, tag: str, status: str) -> int:
@@ -77,29 +75,30 @@ async def count(stack: Stack, tag: str, status: str) -> int:
     return int(row["n"]) if row else 0
 
 
-async def wait_count(stack: Stack, tag: str, status: str, target: int, timeout: float) -> float:
+async def wait_count(stack: Stack, tag: str, status: str, target: int, timeout: float,
+                     worker: psutil.Process) -> float:
     started = last_said = time.perf_counter()
     while (reached := await count(stack, tag, status)) < target:
         now = time.perf_counter()
         if now - started > timeout:
             raise TimeoutError(f"only {reached} of {target} reached {status}")
         if now - last_said > 30:  # a long run says how far it is, on stderr
-            print(f"{reached}/{target} {status} after {now - started:.0f}s, worker RSS {rss_mib():.0f} MiB",
-                  file=sys.stderr, flush=True)
+            print(f"{reached}/{target} {status} after {now - started:.0f}s, "
+                  f"worker RSS {rss_mib(worker):.0f} MiB", file=sys.stderr, flush=True)
             last_said = now
         await asyncio.sleep(1.0)
     return time.perf_counter() - started
 
 
 async def in_waves(stack: Stack, tag: str, job: Callable[[int], Callable[[], Awaitable[None]]],
-                   cases: int, wave: int, concurrency: int, status: str) -> None:
+                   cases: int, wave: int, concurrency: int, status: str, worker: psutil.Process) -> None:
     """Starts `wave` cases, waits until they all reached `status`, then the next wave: firing
     all 10,000 at once drowns one worker on two cores (workflow tasks outlive their timeout
     and are retried, the cache thrashes) and measures only that."""
     for first in range(0, cases, wave):
         last = min(cases, first + wave)
         await gather_limited([job(i) for i in range(first, last)], concurrency)
-        await wait_count(stack, tag, status, last, timeout=(last - first) * 3 + 120)
+        await wait_count(stack, tag, status, last, timeout=(last - first) * 3 + 120, worker=worker)
 
 
 def case_opener(stack: Stack, tag: str, charges: list[str]) -> Callable[[int], Callable[[], Awaitable[None]]]:
@@ -160,14 +159,15 @@ def approver(stack: Stack, tag: str) -> Begin:
     return approve
 
 
-async def open_cases(stack: Stack, tag: str, cases: int, wave: int, concurrency: int) -> float:
+async def open_cases(stack: Stack, tag: str, cases: int, wave: int, concurrency: int,
+                     worker: psutil.Process) -> float:
     """Seconds to open `cases` cases (ten a charge: each case's validation and advice read
     the charge's other refunds, so 10,000 on one charge would measure that history) until
     all wait for approval."""
     charges = [await stack.charge(CASES_PER_CHARGE * 6_000) for _ in range(-(-cases // CASES_PER_CHARGE))]
     began = time.perf_counter()
     await in_waves(stack, tag, case_opener(stack, tag, charges), cases, wave, concurrency,
-                   "awaiting_approval")
+                   "awaiting_approval", worker)
     return time.perf_counter() - began
 
 
@@ -186,12 +186,12 @@ async def main(cases: int, concurrency: int, wave: int) -> dict[str, Any]:
                                  **PRODUCT_TIMINGS)
         workers.push_async_callback(stack.close)
         tag, warm_tag = uuid.uuid4().hex[:6], uuid.uuid4().hex[:6]
-        rss_idle = rss_mib()
-        await workers.enter_async_context(build_worker(
-            stack.client, stack.settings.task_queue, stack.store, stack.providers, load_policy(None),
-            settings=stack.settings))
-        bare_queue = await workers.enter_async_context(bare_worker(env.client))
-        await open_cases(stack, warm_tag, warm, wave, concurrency)
+        worker_tuning = {name: getattr(stack.settings, name) for name in WORKER_TUNING}
+        worker = await workers.enter_async_context(worker_process(stack.settings, env.dsn))
+        rss_idle = rss_mib(worker)
+        bare_queue = f"bench-bare-{uuid.uuid4().hex[:6]}"
+        await workers.enter_async_context(worker_process(stack.settings, env.dsn, bare_queue=bare_queue))
+        await open_cases(stack, warm_tag, warm, wave, concurrency, worker)
         warm_seconds = {"approve": await timed_wave(approver(stack, warm_tag), range(warm), concurrency,
                                                     hold=True)}
         after = await history_shape(env.client, f"open-{warm_tag}-0", after_first_signal=True)
@@ -205,8 +205,8 @@ async def main(cases: int, concurrency: int, wave: int) -> dict[str, Any]:
         events_per_case = {"whole": (await history_shape(env.client, f"open-{warm_tag}-0"))["events"],
                            "after_approval": after["events"]}
 
-        opened = await open_cases(stack, tag, cases, wave, concurrency)
-        rss_waiting = rss_mib()
+        opened = await open_cases(stack, tag, cases, wave, concurrency, worker)
+        rss_waiting = rss_mib(worker)
         rounds: list[dict[str, Any]] = []
         approve = approver(stack, tag)
         for number, first in enumerate(range(0, cases, wave)):
@@ -216,7 +216,7 @@ async def main(cases: int, concurrency: int, wave: int) -> dict[str, Any]:
                                               hold=True) for kind in order}
             rounds.append({"round": number, "workflows": len(indices), "first": order[0],
                            "bare_seconds": seconds["bare"], "approve_seconds": seconds["approve"]})
-        rss_done = rss_mib()
+        rss_done, rss_peak = rss_mib(worker), peak_rss_mib(worker)
         task_trouble = await workflow_task_trouble(env.client, [f"open-{tag}-{i}" for i in range(cases)],
                                                    concurrency)
     bare_rate = cases / sum(r["bare_seconds"] for r in rounds)
@@ -231,10 +231,11 @@ async def main(cases: int, concurrency: int, wave: int) -> dict[str, Any]:
               "seconds_to_approve_and_finish": sum(r["approve_seconds"] for r in rounds),
               "workflow_tasks": workflow_tasks, "workflow_task_trouble": task_trouble,
               "rss_idle_mib": rss_idle,
-              "rss_waiting_mib": rss_waiting, "rss_done_mib": rss_done, "rss_peak_mib": peak_rss_mib(),
+              "rss_waiting_mib": rss_waiting, "rss_done_mib": rss_done, "rss_peak_mib": rss_peak,
               "rss_per_waiting_case_kib": (rss_waiting - rss_idle) * 1024 / cases,
               "seconds_to_all_waiting": opened}
     report("open_cases", rows, {"cases": cases, "wave": wave, "concurrency": concurrency,
+                                "worker_tuning": worker_tuning,
                                 "in_flight_per_round": wave, "warm_up_workflows": warm,
                                 "warm_up_seconds": warm_seconds, "rounds": rounds,
                                 "round_ratios": [round(r["bare_seconds"] / r["approve_seconds"], 3)

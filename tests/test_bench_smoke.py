@@ -15,9 +15,10 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def run_bench(module: str, results: Path, *args: str) -> dict[str, Any]:
+def run_bench(module: str, results: Path, *args: str, **env: str) -> dict[str, Any]:
     done = subprocess.run([sys.executable, "-m", f"bench.{module}", "--quick", *args], capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "BENCH_RESULTS_DIR": str(results)})
+                          text=True, timeout=600,
+                          env={**os.environ, **env, "BENCH_RESULTS_DIR": str(results)})
     assert done.returncode == 0, done.stderr[-3000:]
     result: dict[str, Any] = json.loads((results / f"{module}.json").read_text())
     return result
@@ -47,8 +48,9 @@ def test_webhook_ingest_smoke_sees_one_signal_per_workflow_and_none_from_duplica
 
 
 def test_open_cases_smoke_compares_the_same_activities_at_the_same_concurrency(tmp_path: Path) -> None:
-    result = run_bench("open_cases", tmp_path)
+    result = run_bench("open_cases", tmp_path, REFUNDS_WORKER_STICKY_QUEUE_TIMEOUT_SECONDS="37")
     assert result["cases"] == 30
+    assert result["worker_tuning"]["worker_sticky_queue_timeout_seconds"] == 37  # the run says what it ran
     assert result["baseline_activities"] == result["activities_after_approval"] >= 2
     assert result["baseline_local_activities"] == result["local_activities_after_approval"] >= 1
     assert [(r["workflows"], r["first"]) for r in result["rounds"]] == [

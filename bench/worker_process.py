@@ -1,0 +1,103 @@
+"""A benchmark's worker in a process of its own, as production runs it: the product's worker
+(`build_worker`, the same one `refunds worker` runs, without the sweepers and probes a
+benchmark would only measure) or, with `--bare QUEUE`, the bare baseline worker. So each side
+has its own interpreter lock, and the worker's memory is its own process's, not the load
+client's, the relay's and the sandbox provider's as well.
+
+    python -m bench.worker_process DSN [--bare QUEUE]
+
+The settings arrive as JSON in `BENCH_WORKER_SETTINGS` (the bench's throwaway keys). Prints
+`ready` once it polls, runs until SIGTERM and exits 0."""
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import psutil
+from pydantic import SecretStr
+
+from adapters import event_loop
+from adapters.config import Settings
+from adapters.db import Store
+from adapters.policy_file import load_policy
+from adapters.providers.registry import build_providers, close_providers
+from adapters.temporal_client import connect
+from bench.common import bare_worker
+from workers.main import build_worker
+
+SETTINGS_VARIABLE = "BENCH_WORKER_SETTINGS"
+
+
+def settings_json(settings: Settings) -> str:
+    """Every setting as JSON, secrets revealed (only ever the bench's own)."""
+    return json.dumps({name: value.get_secret_value() if isinstance(value, SecretStr) else value
+                       for name, value in settings}, default=str)
+
+
+async def serve(dsn: str, bare_queue: str | None) -> None:
+    settings = Settings.model_validate(json.loads(os.environ[SETTINGS_VARIABLE]))
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    client = await connect(settings)
+    async with AsyncExitStack() as running:
+        if bare_queue is not None:
+            await running.enter_async_context(bare_worker(client, bare_queue))
+        else:
+            store = await Store.open(dsn, max_size=20)
+            running.push_async_callback(store.close)
+            providers = build_providers(settings, store)
+            running.push_async_callback(close_providers, providers)
+            await running.enter_async_context(build_worker(
+                client, settings.task_queue, store, providers, load_policy(settings.policy_file),
+                settings=settings))
+        print("ready", flush=True)
+        await stop.wait()
+
+
+@asynccontextmanager
+async def worker_process(settings: Settings, dsn: str, *, bare_queue: str | None = None,
+                         ready_within: float = 120) -> AsyncIterator[psutil.Process]:
+    """Starts one worker process and yields it once it polls; SIGTERM and a clean exit after."""
+    args = [sys.executable, "-m", "bench.worker_process", dsn]
+    args += ["--bare", bare_queue] if bare_queue else []
+    process = await asyncio.create_subprocess_exec(
+        *args, stdout=subprocess.PIPE, env={**os.environ, SETTINGS_VARIABLE: settings_json(settings)})
+    try:
+        assert process.stdout is not None
+        line = await asyncio.wait_for(process.stdout.readline(), ready_within)
+        if line.strip() != b"ready":
+            raise RuntimeError(f"bench worker {args[4:]} did not start: exit {await process.wait()}")
+        yield psutil.Process(process.pid)
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+        code = await process.wait()
+        if code != 0:
+            raise RuntimeError(f"bench worker exited {code}")
+
+
+def peak_rss_mib(process: psutil.Process) -> float:
+    """The process's highest RSS so far (Linux's VmHWM)."""
+    with open(f"/proc/{process.pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/<pid>/status")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("dsn")
+    parser.add_argument("--bare", metavar="QUEUE", help="run the bare baseline worker on QUEUE")
+    args = parser.parse_args(argv)
+    event_loop.run(serve(args.dsn, args.bare))
+
+
+if __name__ == "__main__":
+    main()
