@@ -68,18 +68,32 @@ async def worker_process(settings: Settings, dsn: str, *, bare_queue: str | None
     args += ["--bare", bare_queue] if bare_queue else []
     process = await asyncio.create_subprocess_exec(
         *args, stdout=subprocess.PIPE, env={**os.environ, SETTINGS_VARIABLE: settings_json(settings)})
+    assert process.stdout is not None
+    output = process.stdout
+    forwarding: asyncio.Task[None] | None = None
     try:
-        assert process.stdout is not None
-        line = await asyncio.wait_for(process.stdout.readline(), ready_within)
+        line = await asyncio.wait_for(output.readline(), ready_within)
         if line.strip() != b"ready":
             raise RuntimeError(f"bench worker {args[4:]} did not start: exit {await process.wait()}")
+        forwarding = asyncio.create_task(_forward(output))
         yield psutil.Process(process.pid)
     finally:
         if process.returncode is None:
             process.send_signal(signal.SIGTERM)
         code = await process.wait()
+        if forwarding is not None:
+            await forwarding
         if code != 0:
             raise RuntimeError(f"bench worker exited {code}")
+
+
+async def _forward(output: asyncio.StreamReader) -> None:
+    """Copies what the worker writes after `ready` (the SDK core logs to stdout) to stderr:
+    a pipe nobody reads fills at 64 KiB and blocks the writer, and the core's poller with it
+    (a 1,500-case run stalled so, its worker polling nothing)."""
+    while line := await output.readline():
+        sys.stderr.buffer.write(line)
+        sys.stderr.flush()
 
 
 def peak_rss_mib(process: psutil.Process) -> float:
