@@ -8,7 +8,7 @@ import subprocess
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -267,3 +267,18 @@ async def own_temporal(folder: Path) -> AsyncIterator[tuple[TemporalDevServer, C
         yield server, await connect(Settings(temporal_address=server.address, payload_keys=PAYLOAD_KEYS))
     finally:
         server.stop()
+
+
+async def pending_verdict_stack(scope: AsyncExitStack, store: Store, client: Client,
+                                server: TemporalDevServer, folder: Path, *,
+                                own_temporal_server: bool) -> tuple[Stack, TemporalDevServer]:
+    """A stack whose approvers hear `verdict_pending` after 1 s and whose approvals never
+    expire (a loaded stop and restart outlasts none), on a Temporal of its own when the test
+    restarts it; closed with `scope`. Returns the stack and its Temporal server."""
+    temporal = client
+    if own_temporal_server:
+        server, temporal = await scope.enter_async_context(own_temporal(folder))
+    stack = await open_stack(store, temporal, server.address, approval_answer_seconds=1,
+                             approval_timeout_seconds=3600)
+    scope.push_async_callback(stack.close)
+    return stack, server

@@ -18,7 +18,7 @@ from adapters.db import Store
 from domain.models import ApprovalProgress, ApprovalSignal, Decision
 from starters.dev.stack import TemporalDevServer
 from tests.approval_host import ApprovalHostWorkflow
-from tests.harness import APPROVAL_KEYS, Stack, open_stack, own_temporal
+from tests.harness import APPROVAL_KEYS, Stack, open_stack, pending_verdict_stack
 from workers.main import workflow_runner
 from workflows.approvals import ApprovingWorkflow
 from workflows.refund import RefundWorkflow
@@ -186,11 +186,8 @@ async def test_a_verdict_the_case_cannot_take_in_time_is_answered_pending_and_la
     worker has accepted only in memory: it restarting (or dropping the workflow's cached
     state under load, which failed CI twice) must not lose the verdict either."""
     async with AsyncExitStack() as scope:
-        server, temporal = ((await scope.enter_async_context(own_temporal(tmp_path))) if temporal_restarts
-                            else (temporal_server, client))
-        stack = await open_stack(store, temporal, server.address, approval_answer_seconds=1,
-                                 approval_timeout_seconds=3600)  # a loaded stop and restart never expires it
-        scope.push_async_callback(stack.close)
+        stack, server = await pending_verdict_stack(scope, store, client, temporal_server, tmp_path,
+                                                    own_temporal_server=temporal_restarts)
         charge = await stack.charge(20_000)
         case_id = await stack.request_refund("alice", charge, 9_000)
         await stack.wait_for_status(case_id, "awaiting_approval")

@@ -23,7 +23,7 @@ from domain import contracts
 from domain.payouts import PayoutSnapshot, PayoutStatus, payout_case_id
 from domain.reconciliation import break_workflow_id
 from starters.dev.stack import TemporalDevServer
-from tests.harness import Stack, open_stack, own_temporal
+from tests.harness import Stack, open_stack, pending_verdict_stack
 from tests.payouts_kit import add_payout_approvers, move_payout, paid_payout, wait_for_actions, wait_for_case
 from tests.payouts_kit import decide as decide_payout
 from tests.reconciliation_kit import (
@@ -268,11 +268,8 @@ async def test_a_break_verdict_no_worker_takes_in_time_is_answered_pending_and_c
     worker takes the break again, also when Temporal restarted meanwhile (it keeps an update
     no worker accepted only in memory)."""
     async with AsyncExitStack() as scope:
-        server, temporal = ((await scope.enter_async_context(own_temporal(tmp_path))) if temporal_restarts
-                            else (temporal_server, client))
-        stack = await open_stack(store, temporal, server.address, approval_answer_seconds=1,
-                                 approval_timeout_seconds=3600)  # a loaded stop and restart never expires it
-        scope.push_async_callback(stack.close)
+        stack, server = await pending_verdict_stack(scope, store, client, temporal_server, tmp_path,
+                                                    own_temporal_server=temporal_restarts)
         case_id, found = await break_awaiting_approval(stack, moved_to="failed", requester="bob")
         assert stack.worker is not None
         await stack.worker.shutdown()
