@@ -9,6 +9,12 @@ from collections.abc import Iterator
 import uvicorn
 from starlette.types import ASGIApp
 
+#  How long a server keeps an idle connection open. Longer than the clients' own reuse window
+#  (httpx 5 s, a reverse proxy's 60 s): when both give up at once, a request sent on the
+#  closing connection fails with a read error the caller cannot tell from a lost answer.
+#  uvicorn's default is 5 s, httpx's too.
+KEEP_ALIVE_SECONDS = 75
+
 
 class _QuietServer(uvicorn.Server):
     """A uvicorn server that leaves signal handling to its owner (several share a loop)."""
@@ -42,6 +48,7 @@ class AppServer:
         self._server = _QuietServer(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                                    lifespan="auto", access_log=False,
                                                    timeout_graceful_shutdown=5,
+                                                   timeout_keep_alive=KEEP_ALIVE_SECONDS,
                                                    # None: uvicorn reads $FORWARDED_ALLOW_IPS, else loopback
                                                    forwarded_allow_ips=forwarded_allow_ips))
         self._task: asyncio.Task[None] | None = None
