@@ -24,6 +24,7 @@ import asyncio
 import json
 import sys
 import tempfile
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ import psycopg
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle, WorkflowHistory
 from temporalio.contrib.opentelemetry import TracingInterceptor
 
+from adapters.approval_seal import ApprovalKeys, sealing_client
 from adapters.codec import data_converter
 from adapters.db import Store
 from adapters.http_server import AppServer
@@ -44,7 +46,7 @@ from domain.reconciliation import break_workflow_id
 from starters.dev.stack import EmbeddedPostgres, TemporalDevServer
 from starters.ports import free_port
 from tests.adyen_fake import FakeAdyen
-from tests.harness import Stack, foreign_refund_event, open_stack
+from tests.harness import APPROVAL_KEYS, Stack, foreign_refund_event, open_stack
 from tests.lossy_proxy import LossyProxy
 from tests.payouts_kit import (
     add_payout_approvers,
@@ -375,6 +377,19 @@ async def approval_sealed(rig: Recording) -> str:
     return case_id
 
 
+async def verdict_resent(rig: Recording) -> str:
+    """The relay stopped waiting for an update the case then took, and sent the same verdict
+    (same id) again as the `approve` signal: the copy is dropped, neither counted nor refused.
+    Verdict ids need no patch: a history from before them has none."""
+    case_id = await awaiting_approval(rig)
+    relay = sealing_client(rig.stack.client, ApprovalKeys([APPROVAL_KEYS])).get_workflow_handle(case_id)
+    verdict = ApprovalSignal(approver="bob", roles=("approver",), decision=Decision.APPROVE,
+                             reason="recorded scenario", verdict_id=uuid.uuid4().hex)
+    assert (await relay.execute_update(RefundWorkflow.submit_approval, verdict)).accepted
+    await relay.signal(RefundWorkflow.approve, verdict)
+    return case_id
+
+
 # -- payout and reconciliation scenarios -------------------------------------------------------
 
 async def failed_payout_case(rig: Recording) -> str:
@@ -523,6 +538,7 @@ SCENARIOS: dict[str, Scenario] = {
     "refund_auto_approved": Scenario(auto_approved),
     "refund_with_approval": Scenario(with_approval),
     SEALED_SCENARIO: Scenario(approval_sealed),
+    "refund_verdict_resent": Scenario(verdict_resent),
     "refund_denied": Scenario(denied),
     "refund_expired": Scenario(expired, {"approval_timeout_seconds": 2}),
     "refund_rejected": Scenario(rejected),
