@@ -76,20 +76,23 @@ class Settings(BaseSettings):
         default_factory=list, description="browser origins (the Temporal UI) allowed to call /codec")
 
     graceful_shutdown_seconds: float = 30
-    # Worker tuning for many open cases (issue 21); the defaults are the Temporal SDK's. A
-    # case waiting for people holds no worker slot; the cache only saves the replay of its
-    # history when it moves again (docs/ARCHITECTURE.md, "Worker tuning").
+    # Worker tuning for many open cases (issue 21). A case waiting for people holds no worker
+    # slot; the cache only saves the replay of its history when it moves again. Workflow-task
+    # slots and the sticky timeout differ from the SDK's (100, 10 s): a Python worker runs its
+    # activations one at a time, so more slots only let tasks time out inside it, and a short
+    # sticky timeout sends a busy worker's waiting tasks back to it for a replay
+    # (docs/ARCHITECTURE.md, "Worker tuning"; measured in docs/BENCHMARKS.md, section 4).
     worker_max_cached_workflows: int = Field(
         default=1000, ge=0, description="workflows kept in the worker's memory (sticky); the others "
                                         "are replayed from their history when they move")
     worker_max_concurrent_workflow_tasks: int = Field(
-        default=100, ge=2, description="workflow tasks the worker runs at once")
+        default=10, ge=2, description="workflow tasks the worker runs at once")
     worker_max_concurrent_activities: int = Field(
         default=100, ge=1, description="activities (provider calls, deliveries) the worker runs at once")
     worker_max_concurrent_local_activities: int = Field(
         default=100, ge=1, description="local activities (the case's database writes) run at once")
     worker_sticky_queue_timeout_seconds: float = Field(
-        default=10, gt=0, description="how long a workflow task waits for the worker that caches "
+        default=60, gt=0, description="how long a workflow task waits for the worker that caches "
                                       "its workflow before any worker takes it (and replays)")
     worker_health_port: int = Field(default=8001, description="worker /healthz, /readyz, /metrics; 0: off")
     temporal_metrics_port: int = Field(default=8002, description="worker's Temporal SDK metrics; 0: off")
