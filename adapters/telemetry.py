@@ -27,7 +27,14 @@ from psycopg import AsyncConnection
 from pythonjsonlogger.json import JsonFormatter
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
-from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
+from temporalio.runtime import (
+    LogForwardingConfig,
+    LoggingConfig,
+    PrometheusConfig,
+    Runtime,
+    TelemetryConfig,
+    TelemetryFilter,
+)
 
 from adapters.config import Settings
 
@@ -161,11 +168,18 @@ def shutdown_tracing() -> None:
         provider.shutdown()
 
 
-def sdk_runtime(settings: Settings) -> Runtime | None:
-    """A Temporal runtime exporting the SDK's metrics (polls, slots, latencies) on their own
-    port, or None when `temporal_metrics_port` is 0."""
-    if not settings.temporal_metrics_port:
-        return None
-    address = f"{settings.bind_host}:{settings.temporal_metrics_port}"
-    return Runtime(telemetry=TelemetryConfig(metrics=PrometheusConfig(bind_address=address)))
+CORE_LOGGER = "temporalio.core"
+"""The Python logger the SDK core's own log lines go to."""
 
+
+def sdk_runtime(settings: Settings) -> Runtime:
+    """The worker's Temporal runtime: the SDK core's log lines (WARN and up) go through
+    Python logging, to stderr in the product's format, instead of the core's own writer on
+    stdout (a stdout nobody read stalled a benchmark's worker); its metrics (polls, slots,
+    latencies) on their own port unless `temporal_metrics_port` is 0. One per process."""
+    metrics = PrometheusConfig(bind_address=f"{settings.bind_host}:{settings.temporal_metrics_port}") \
+        if settings.temporal_metrics_port else None
+    forwarded = LoggingConfig(filter=TelemetryFilter(core_level="WARN", other_level="ERROR"),
+                              forwarding=LogForwardingConfig(logger=logging.getLogger(CORE_LOGGER),
+                                                             append_target_to_name=False))
+    return Runtime(telemetry=TelemetryConfig(logging=forwarded, metrics=metrics))

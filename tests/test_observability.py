@@ -1,13 +1,22 @@
 """One trace per case, from the relay through the workflow to every activity and provider
 call; Prometheus counters that move when receipts arrive and refunds run."""
 
+import asyncio
+import logging
 import uuid
 
+import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
+from temporalio import workflow
+from temporalio.client import Client
+from temporalio.worker import Worker
 
+from adapters.config import Settings
+from adapters.telemetry import CORE_LOGGER, sdk_runtime
+from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack
 
 
@@ -101,3 +110,36 @@ async def test_approval_wait_is_observed_when_an_approver_decides(stack: Stack) 
     name = "refunds_approval_wait_seconds_count"
     assert _value(after, name, decision="approve") - _value(before, name, decision="approve") == 1
     await stack.wait_for_status(case_id, "succeeded")
+
+
+@workflow.defn(sandboxed=False)
+class _BrokenWorkflow:
+    """Fails its workflow task, which the SDK core logs (at WARN) from its own thread."""
+
+    @workflow.run
+    async def run(self) -> None:
+        raise RuntimeError("a workflow task that fails")
+
+
+async def test_the_sdk_cores_log_lines_reach_the_products_logging(
+        temporal_server: TemporalDevServer, caplog: pytest.LogCaptureFixture) -> None:
+    """The worker's SDK core writes its log lines through Python logging (the product's
+    format), not to stdout in its own: a stdout nobody reads stalls the core (a benchmark
+    stopped polling on it) and a log collector cannot parse the core's format."""
+    settings = Settings(temporal_address=temporal_server.address, temporal_metrics_port=0)
+    client = await Client.connect(temporal_server.address, runtime=sdk_runtime(settings))
+    queue = f"core-logs-{uuid.uuid4().hex[:8]}"
+    caplog.set_level(logging.WARNING, logger=CORE_LOGGER)
+
+    def core_failed_a_task() -> bool:
+        return any(r.name == CORE_LOGGER and r.levelno == logging.WARNING
+                   and "Failing workflow task" in r.getMessage() for r in caplog.records)
+
+    async with Worker(client, task_queue=queue, workflows=[_BrokenWorkflow]):
+        handle = await client.start_workflow(_BrokenWorkflow.run, id=queue, task_queue=queue)
+        for _ in range(300):
+            if core_failed_a_task():
+                break
+            await asyncio.sleep(0.1)
+        await handle.terminate()
+    assert core_failed_a_task(), [r.getMessage() for r in caplog.records]
