@@ -117,8 +117,8 @@ class _BrokenWorkflow:
     """Fails its workflow task, which the SDK core logs (at WARN) from its own thread."""
 
     @workflow.run
-    async def run(self) -> None:
-        raise RuntimeError("a workflow task that fails")
+    async def run(self, reason: str) -> str:
+        raise RuntimeError(reason)
 
 
 async def test_the_sdk_cores_log_lines_reach_the_products_logging(
@@ -136,7 +136,8 @@ async def test_the_sdk_cores_log_lines_reach_the_products_logging(
                    and "Failing workflow task" in r.getMessage() for r in caplog.records)
 
     async with Worker(client, task_queue=queue, workflows=[_BrokenWorkflow]):
-        handle = await client.start_workflow(_BrokenWorkflow.run, id=queue, task_queue=queue)
+        handle = await client.start_workflow(_BrokenWorkflow.run, "a workflow task that fails", id=queue,
+                                             task_queue=queue)
         for _ in range(300):
             if core_failed_a_task():
                 break
