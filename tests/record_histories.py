@@ -24,7 +24,6 @@ import asyncio
 import json
 import sys
 import tempfile
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -37,12 +36,13 @@ from temporalio.contrib.opentelemetry import TracingInterceptor
 
 from adapters.approval_seal import ApprovalKeys, sealing_client
 from adapters.codec import data_converter
-from adapters.db import Store
+from adapters.db import Principal, Store
 from adapters.http_server import AppServer
 from domain.events import tracking_case_id
 from domain.models import ApprovalSignal, Decision
 from domain.payouts import PayoutStatus, payout_case_id
 from domain.reconciliation import break_workflow_id
+from starters.actions.approving import new_verdict
 from starters.dev.stack import EmbeddedPostgres, TemporalDevServer
 from starters.ports import free_port
 from tests.adyen_fake import FakeAdyen
@@ -383,8 +383,7 @@ async def verdict_resent(rig: Recording) -> str:
     Verdict ids need no patch: a history from before them has none."""
     case_id = await awaiting_approval(rig)
     relay = sealing_client(rig.stack.client, ApprovalKeys([APPROVAL_KEYS])).get_workflow_handle(case_id)
-    verdict = ApprovalSignal(approver="bob", roles=("approver",), decision=Decision.APPROVE,
-                             reason="recorded scenario", verdict_id=uuid.uuid4().hex)
+    verdict = new_verdict(Principal("bob", frozenset({"approver"})), Decision.APPROVE, "recorded scenario")
     assert (await relay.execute_update(RefundWorkflow.submit_approval, verdict)).accepted
     await relay.signal(RefundWorkflow.approve, verdict)
     return case_id
