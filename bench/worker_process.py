@@ -4,7 +4,7 @@ benchmark would only measure) or, with `--bare QUEUE`, the bare baseline worker.
 has its own interpreter lock, and the worker's memory is its own process's, not the load
 client's, the relay's and the sandbox provider's as well.
 
-    python -m bench.worker_process DSN [--bare QUEUE]
+    python -m bench.worker_process DSN [--bare QUEUE | --default-sandbox]
 
 The settings arrive as JSON in `BENCH_WORKER_SETTINGS` (the bench's throwaway keys). Prints
 `ready` once it polls, runs until SIGTERM and exits 0."""
@@ -21,6 +21,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 import psutil
 from pydantic import SecretStr
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from adapters import event_loop
 from adapters.config import Settings
@@ -40,7 +41,7 @@ def settings_json(settings: Settings) -> str:
                        for name, value in settings}, default=str)
 
 
-async def serve(dsn: str, bare_queue: str | None) -> None:
+async def serve(dsn: str, bare_queue: str | None, default_sandbox: bool) -> None:
     settings = Settings.model_validate(json.loads(os.environ[SETTINGS_VARIABLE]))
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
@@ -55,17 +56,21 @@ async def serve(dsn: str, bare_queue: str | None) -> None:
             running.push_async_callback(close_providers, providers)
             await running.enter_async_context(build_worker(
                 client, settings.task_queue, store, providers, load_policy(settings.policy_file),
-                settings=settings))
+                settings=settings, runner=SandboxedWorkflowRunner() if default_sandbox else None))
         print("ready", flush=True)
         await stop.wait()
 
 
 @asynccontextmanager
 async def worker_process(settings: Settings, dsn: str, *, bare_queue: str | None = None,
+                         default_sandbox: bool = False,
                          ready_within: float = 120) -> AsyncIterator[psutil.Process]:
-    """Starts one worker process and yields it once it polls; SIGTERM and a clean exit after."""
+    """Starts one worker process and yields it once it polls; SIGTERM and a clean exit after.
+    `default_sandbox`: the product's worker with the SDK's default sandbox (nothing of ours
+    passed through), for the sandbox comparison."""
     args = [sys.executable, "-m", "bench.worker_process", dsn]
     args += ["--bare", bare_queue] if bare_queue else []
+    args += ["--default-sandbox"] if default_sandbox else []
     process = await asyncio.create_subprocess_exec(
         *args, stdout=subprocess.PIPE, env={**os.environ, SETTINGS_VARIABLE: settings_json(settings)})
     assert process.stdout is not None
@@ -108,9 +113,12 @@ def peak_rss_mib(process: psutil.Process) -> float:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("dsn")
-    parser.add_argument("--bare", metavar="QUEUE", help="run the bare baseline worker on QUEUE")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--bare", metavar="QUEUE", help="run the bare baseline worker on QUEUE")
+    group.add_argument("--default-sandbox", action="store_true",
+                       help="the product's worker with the SDK's default workflow sandbox")
     args = parser.parse_args(argv)
-    event_loop.run(serve(args.dsn, args.bare))
+    event_loop.run(serve(args.dsn, args.bare, args.default_sandbox))
 
 
 if __name__ == "__main__":
