@@ -80,6 +80,51 @@ async def embedded_stack() -> AsyncIterator[Embedded]:
             pg.stop()
 
 
+def postmasters(env: Embedded) -> list[psutil.Process]:
+    """The bench's PostgreSQL server process (found by its data folder; its backends are its
+    children)."""
+    return [p for p in psutil.process_iter(["name", "cmdline"]) if p.info["name"] == "postgres"
+            and str(env.postgres.pgdata if env.postgres else "-") in " ".join(p.info["cmdline"] or [])]
+
+
+class CpuMeter:
+    """CPU seconds (user + system) spent so far by each part of a run: the Temporal dev
+    server, PostgreSQL (its server and backends, live and ended), each worker process, and
+    this process (load client, relay, sandbox provider). Read around a wave, it says where a
+    ratio's difference goes: the workers, the server, the database or the outside world."""
+
+    BENCH = "bench process (load client, relay, sandbox provider)"
+
+    def __init__(self, env: Embedded, workers: dict[str, psutil.Process]) -> None:
+        me = psutil.Process()
+        self._servers = postmasters(env)
+        self._parts: dict[str, list[psutil.Process]] = {
+            "temporal dev server": [p for p in me.children(recursive=True) if p.name() == "temporal"],
+            **{f"worker: {name}": [p] for name, p in workers.items()}, self.BENCH: [me]}
+
+    def read(self) -> dict[str, float]:
+        spent = {part: sum(self._own(p) for p in processes) for part, processes in self._parts.items()}
+        return {**spent, "postgresql": sum(self._with_backends(p) for p in self._servers)}
+
+    @staticmethod
+    def _own(process: psutil.Process) -> float:
+        times = process.cpu_times()
+        return float(times.user + times.system)
+
+    @classmethod
+    def _with_backends(cls, server: psutil.Process) -> float:
+        """The server's CPU and its backends': live ones read directly, ended ones as the
+        server's reaped-children times."""
+        times = server.cpu_times()
+        spent = float(times.user + times.system + times.children_user + times.children_system)
+        for backend in server.children(recursive=True):
+            try:
+                spent += cls._own(backend)
+            except psutil.NoSuchProcess:
+                continue  # ended between the listing and the read: counted as reaped next time
+        return spent
+
+
 def pin_temporal_apart(env: Embedded) -> str:
     """Gives the Temporal dev server the first core and everything else (this process with
     the relay, the load client it spawns, PostgreSQL) the others, as production runs the relay
@@ -90,11 +135,10 @@ def pin_temporal_apart(env: Embedded) -> str:
     if len(cores) < 2:
         return "not pinned (one core)"
     temporal, rest = {cores[0]}, set(cores[1:])
-    postmasters = [p for p in psutil.process_iter(["cmdline"])
-                   if str(env.postgres.pgdata if env.postgres else "-") in " ".join(p.info["cmdline"] or [])]
+    servers = postmasters(env)
     me = psutil.Process()
-    for proc in {me, *me.children(recursive=True), *postmasters,
-                 *(child for p in postmasters for child in p.children(recursive=True))}:
+    for proc in {me, *me.children(recursive=True), *servers,
+                 *(child for p in servers for child in p.children(recursive=True))}:
         for thread in proc.threads():  # threads started later inherit their creator's cores
             os.sched_setaffinity(thread.id, temporal if proc.name() == "temporal" else rest)
     return f"Temporal dev server on core {cores[0]}; relay, load client and PostgreSQL on {sorted(rest)}"

@@ -10,13 +10,16 @@ auto-approved refund and of one with an approval (targets <= 35 and <= 55).
 Each variant has one worker for the whole run, in a process of its own as production runs
 it (`bench.worker_process`; the bare ones share one, with the product's sandbox runner), so
 the load client, the relay and the sandbox provider (the provider's cloud, in production)
-take no turns on a worker's interpreter lock. Each is warmed by a run of its own before the
+take no turns on a worker's interpreter lock. The CPU each part spent per workflow (dev
+server, PostgreSQL, each worker, this process) is printed per variant: where a ratio's
+difference goes. Each is warmed by a run of its own before the
 rounds; the rounds rotate which variant goes first, so a slow spell of this shared machine
 falls on all of them.
 """
 
 import argparse
 import uuid
+from collections import Counter
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -25,7 +28,7 @@ from temporalio.client import Client, WorkflowHandle
 
 from adapters import event_loop
 from adapters.approval_seal import approval_keys, sealing_client
-from bench.common import Begin, announce, bare_starter, embedded_stack, report, timed_wave
+from bench.common import Begin, CpuMeter, announce, bare_starter, embedded_stack, report, timed_wave
 from bench.worker_process import worker_process
 from domain.models import ApprovalSignal, Decision, RefundReason, RefundRequest, RefundWorkflowInput
 from tests.harness import Stack, open_stack
@@ -102,12 +105,15 @@ async def main(count: int, concurrency: int, rounds: int) -> dict[str, Any]:
                                  late_failure_window_seconds=0)
         workers.push_async_callback(stack.close)
         queues = {variant: f"{stack.settings.task_queue}-{variant}" for variant in VARIANTS[2:]}
+        processes = {}
         for variant, queue in queues.items():
-            await workers.enter_async_context(worker_process(
+            processes[variant] = await workers.enter_async_context(worker_process(
                 stack.settings.model_copy(update={"task_queue": queue}), env.dsn,
                 default_sandbox=variant == "default"))
         bare_queue = f"bench-bare-{uuid.uuid4().hex[:6]}"
-        await workers.enter_async_context(worker_process(stack.settings, env.dsn, bare_queue=bare_queue))
+        processes["bare"] = await workers.enter_async_context(
+            worker_process(stack.settings, env.dsn, bare_queue=bare_queue))
+        meter = CpuMeter(env, processes)
 
         async def starter(variant: str, n: int) -> tuple[Begin, str]:
             if variant == "bare":
@@ -125,6 +131,7 @@ async def main(count: int, concurrency: int, rounds: int) -> dict[str, Any]:
                 auto = await history_shape(env.client, sample)
         approval = await approved_once(stack, queues["passthrough"])
         per_round_seconds: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        cpu_seconds: dict[str, Counter[str]] = {v: Counter() for v in VARIANTS}
         orders = []
         for round_number in range(rounds):
             turn = round_number % len(VARIANTS)
@@ -132,8 +139,11 @@ async def main(count: int, concurrency: int, rounds: int) -> dict[str, Any]:
             orders.append(list(order))
             for variant in order:
                 start, _ = await starter(variant, per_round)
+                before = meter.read()
                 per_round_seconds[variant].append(
                     await timed_wave(start, range(per_round), concurrency, hold=False))
+                after = meter.read()
+                cpu_seconds[variant].update({part: after[part] - before[part] for part in after})
     rate = {v: per_round * rounds / sum(s) for v, s in per_round_seconds.items()}
     bare, bare_new = rate["bare"], rate["bare_new"]
     ours, default_sandbox = rate["passthrough"], rate["default"]
@@ -144,7 +154,12 @@ async def main(count: int, concurrency: int, rounds: int) -> dict[str, Any]:
             {"variant": "refund workflow (passthrough sandbox)", "per_second": ours, "ratio": ours / bare},
             {"variant": "refund workflow (default sandbox)", "per_second": default_sandbox,
              "ratio": default_sandbox / bare}]
+    cpu_ms = {v: {part: round(1000 * spent / (per_round * rounds), 1) for part, spent in parts.items()}
+              for v, parts in cpu_seconds.items()}
     result = {"ratio_vs_9_activity_baseline": ours / bare, "ratio_vs_new_shape": ours / bare_new,
+              "cpu_ms_per_workflow": cpu_ms,
+              "cpu_per_refund_vs_new_shape": sum(cpu_seconds["passthrough"].values())
+              / sum(cpu_seconds["bare_new"].values()),
               "passthrough_vs_default": ours / default_sandbox,
               "events_per_refund": {"auto_approved": auto["events"], "one_approval": approval["events"]},
               "auto_approved_history": auto, "one_approval_history": approval}

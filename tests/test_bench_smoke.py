@@ -35,6 +35,11 @@ def test_refund_throughput_smoke_warms_every_variant_and_rotates_the_order(tmp_p
     assert [order[0] for order in result["round_orders"]] == ["bare", "bare_new"]
     assert all(len(seconds) == 2 for seconds in result["round_seconds"].values())
     assert result["bare_runner"].startswith("workers.main.workflow_runner()")
+    cpu = result["cpu_ms_per_workflow"]  # each variant's own worker worked, the others idled
+    assert cpu["passthrough"]["worker: passthrough"] > 10 * cpu["passthrough"]["worker: default"]
+    assert cpu["bare"]["worker: bare"] > cpu["bare"]["worker: passthrough"]
+    assert all(cpu[v]["temporal dev server"] > 0 for v in cpu) and cpu["passthrough"]["postgresql"] > 0
+    assert cpu["bare"]["postgresql"] < cpu["bare"]["worker: bare"] / 2  # bare workflows write no rows
 
 
 def test_webhook_ingest_smoke_sees_one_signal_per_workflow_and_none_from_duplicates(tmp_path: Path) -> None:
