@@ -54,6 +54,7 @@ from tests.payouts_kit import (
     decide,
     move_payout,
     paid_payout,
+    wait_for_actions,
     wait_for_case,
 )
 from tests.reconciliation_kit import (
@@ -447,6 +448,27 @@ async def payout_continued_as_new(rig: Recording) -> str:
     return case_id
 
 
+async def payout_events_while_approving(rig: Recording) -> str:
+    """Events land while each approval round waits (a reversal and a stale `paid` in the
+    remediation's, a second failure in the reissue's): each goes through the gate before
+    the verdict; the reissue is then denied."""
+    case_id = await failed_payout_case(rig)
+    payout = (await rig.stack.client.get_workflow_handle(case_id).query(PayoutReversalWorkflow.state)).payout
+    assert payout is not None
+    await move_payout(rig.stack, payout.provider_payout_id, "reversed", failure_code="account_closed")
+    await move_payout(rig.stack, payout.provider_payout_id, "paid")
+    await wait_for_actions(rig.stack, case_id, "payout_status_stale_ignored")
+    await wait_for_actions(rig.stack, case_id, "payout_event_joined")
+    (await decide(rig.stack, "lena", case_id)).raise_for_status()
+    await wait_for_case(rig.stack, case_id, "remediated")
+    (await ask_reissue(rig.stack, "omar", case_id)).raise_for_status()
+    await wait_for_case(rig.stack, case_id, "awaiting_reissue_approval")
+    await move_payout(rig.stack, payout.provider_payout_id, "failed", failure_code="bank_rejection")
+    await wait_for_actions(rig.stack, case_id, "payout_event_joined", 2)
+    (await decide(rig.stack, "lena", case_id, "deny")).raise_for_status()
+    return case_id
+
+
 async def payout_ledger_failed(rig: Recording) -> str:
     """The ledger is locked when the approved remediation posts its reversal: the entry
     gives up, the hold is rolled back and a high-priority ticket raised."""
@@ -573,6 +595,7 @@ SCENARIOS: dict[str, Scenario] = {
     "payout_continued_as_new": Scenario(payout_continued_as_new, {"continue_as_new_after_events": 20}),
     "payout_ledger_failed": Scenario(payout_ledger_failed, {"ledger_pending_after_seconds": 2}),
     "payout_denied": Scenario(payout_denied),
+    "payout_events_while_approving": Scenario(payout_events_while_approving),
     "reconciliation_backfill": Scenario(reconciliation_backfill),
     "reconciliation_run_failed": Scenario(reconciliation_run_failed, fails=True),
     "reconciliation_break_approved": Scenario(reconciliation_break_approved),

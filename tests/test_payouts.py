@@ -253,6 +253,37 @@ async def test_paid_after_failed_never_marks_the_payout_paid_and_a_second_failur
     assert len(await payouts.store.ledger.entries(case_id)) == 2
 
 
+async def test_events_that_land_while_approvers_decide_join_the_case_before_any_decision(
+        payouts: Stack) -> None:
+    """Both approval rounds, the remediation's and the reissue's: an event that lands while
+    a round waits goes through the gate at once, so approvers decide on the case as it
+    stands; admitting it neither decides the round nor touches the payout."""
+    payout = await paid_payout(payouts, 200_000)
+    provider_id = payout.provider_payout_id
+    case_id = payout_case_id("sandbox", provider_id)
+    await move_payout(payouts, provider_id, "failed", failure_code="insufficient_funds")
+    await wait_for_case(payouts, case_id, "awaiting_approval")
+    await move_payout(payouts, provider_id, "reversed", failure_code="account_closed")
+    await move_payout(payouts, provider_id, "paid")
+    trail = await wait_for_actions(payouts, case_id, "payout_status_stale_ignored")
+    trail = await wait_for_actions(payouts, case_id, "payout_event_joined")
+    actions = [e["action"] for e in trail]
+    assert "approval_granted" not in actions and "runbook_started" not in actions
+    assert (await payouts.store.payouts.case(case_id)).status == "awaiting_approval"  # type: ignore[union-attr]
+    assert (await view(payouts, case_id))["payout"]["status"] == "paid"  # untouched until approved
+    assert (await decide(payouts, "lena", case_id)).status_code == 202
+    await wait_for_case(payouts, case_id, "remediated")
+    assert (await ask_reissue(payouts, "omar", case_id)).status_code == 202
+    await wait_for_case(payouts, case_id, "awaiting_reissue_approval")
+    await move_payout(payouts, provider_id, "failed", failure_code="bank_rejection")
+    trail = await wait_for_actions(payouts, case_id, "payout_event_joined", 2)
+    assert "reissue_started" not in [e["action"] for e in trail]
+    assert (await payouts.store.payouts.case(case_id)).status == "awaiting_reissue_approval"  # type: ignore[union-attr]
+    assert (await decide(payouts, "lena", case_id, "deny")).status_code == 202
+    await wait_for_case(payouts, case_id, "reissue_denied")
+    assert len(await payouts.store.ledger.entries(case_id)) == 2  # the reversal only, once
+
+
 async def test_an_unknown_payout_acts_on_nothing(payouts: Stack) -> None:
     async with payouts.sandbox() as sb:
         made = (await sb.post("/v1/payouts", json={"amount": 5_000, "currency": "USD"})).json()

@@ -29,7 +29,7 @@ from workers.main import WORKFLOWS, workflow_runner
 from workflows import approvals, payout_case, reconciliation, refund_case, tracking
 from workflows.approvals import SEALED_APPROVALS_PATCH
 from workflows.payout_case import BOUNDED_PATCH as PAYOUT_BOUNDED_PATCH
-from workflows.payout_case import REISSUE_HORIZON_PATCH
+from workflows.payout_case import EVENTS_WHILE_APPROVING_PATCH, REISSUE_HORIZON_PATCH
 from workflows.reconciliation import APPROVAL_ROUND_PATCH, PAYOUT_BREAK_PATCH
 from workflows.refund_case import (
     ADYEN_WAIT_PATCH,
@@ -151,6 +151,10 @@ BRANCHES: dict[str, Branch] = {
                                            lacks=["activity:post_payout_reversal", "continued_as_new"]),
     "payout_ledger_failed": branch("action:ledger_failed", "activity:release_payout_hold",
                                    lacks=["action:runbook_completed", "activity:reissue_payout"]),
+    "payout_events_while_approving": branch(
+        f"patch:{EVENTS_WHILE_APPROVING_PATCH}", "signal:payout_event#4", "activity:admit_payout_event#4",
+        "update:submit_approval#2", "update:request_reissue", "action:approval_denied",
+        lacks=["activity:reissue_payout"]),
     "payout_denied": branch("signal:payout_event", "update:submit_approval", "action:approval_denied",
                             lacks=["activity:hold_payout", "activity:reissue_payout"]),
     "reconciliation_backfill": branch("activity:open_reconciliation_run", "activity:reconcile_batch",

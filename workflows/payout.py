@@ -144,7 +144,7 @@ class PayoutReversalWorkflow(PayoutReissue):
             PayoutPolicyInput(case_id=inp.case_id, payout=self._payout),
             **retry.POLICY)
         self._open_round(REVERSAL_STEPS, requester=f"provider:{inp.provider}")
-        if not await self._round.collect(self, inp.timings):
+        if not await self._collect_approvals():
             return await self._finish()
         await self._take_events()
         if await self._remediate(decision):

@@ -5,6 +5,7 @@ workflow is a chain of bases: `PayoutCase` (this), the reissue and continued run
 (`payout_reissue`), and the run with its runbook (`payout`).
 """
 
+import asyncio
 from datetime import datetime
 from typing import Any
 
@@ -43,6 +44,9 @@ REISSUE_HORIZON_PATCH = "reissue-horizon-1"
 # and a reissue stops after `max_submit_attempts` unknown outcomes (the case goes to ops, the
 # hold kept); before, a long outage or a stream of events ran into Temporal's history limit.
 BOUNDED_PATCH = "payout-bounded-history-1"
+# Events that land while a round awaits its approvers go through the gate as they land;
+# histories recorded before let them wait in the inbox until the round ended.
+EVENTS_WHILE_APPROVING_PATCH = "payout-events-while-approving-1"
 
 
 class PayoutCase(ApprovingWorkflow):
@@ -80,6 +84,28 @@ class PayoutCase(ApprovingWorkflow):
     async def _ticket(self, occasion: str, priority: str, detail: dict[str, str]) -> TicketResult:
         """Opens or updates the case's ticket once per occasion (in `payout`)."""
         raise NotImplementedError
+
+    async def _collect_approvals(self) -> bool:
+        """The round's verdicts (`ApprovalRound.collect`; True when approved). Meanwhile each
+        event that lands goes through the gate onto the timeline at once, so approvers
+        decide on the case as it stands; an event never decides the round."""
+        assert self._inp is not None
+        if not workflow.patched(EVENTS_WHILE_APPROVING_PATCH):
+            return await self._round.collect(self, self._inp.timings)
+        deciding = True
+
+        async def take_while_deciding() -> None:
+            while True:
+                await workflow.wait_condition(lambda: bool(self._inbox) or not deciding)
+                if not self._inbox:
+                    return
+                await self._take_events()
+
+        taking = asyncio.create_task(take_while_deciding())
+        approved = await self._round.collect(self, self._inp.timings)
+        deciding = False
+        await taking  # the event in the gate is through it before the case moves on
+        return approved
 
     # -- bookkeeping -------------------------------------------------------------------
 

@@ -57,7 +57,7 @@ class PayoutReissue(PayoutCase):
         await self._record("reissue_requested", actor=ask.requester,
                            detail={"reason": ask.reason, "roles": list(ask.roles)})
         self._open_round(REISSUE_STEPS, requester=ask.requester)
-        if await self._round.collect(self, self._inp.timings):
+        if await self._collect_approvals():
             await self._reissue()
         await self._take_events("closing")
 

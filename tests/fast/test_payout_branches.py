@@ -1,6 +1,7 @@
 """PayoutReversalWorkflow's branches against fake activities (see tests/fast/kit.py): the
 runbook, its rollback when the compensating entry does not land, and a reissue."""
 
+import asyncio
 import uuid
 from datetime import timedelta
 
@@ -65,18 +66,23 @@ def payout_fakes() -> FakeActivities:
     })
 
 
+def payout_event(event_id: str, status: ProviderPayoutStatus) -> PayoutEvent:
+    """A verified webhook about payout po_1, as the relay signals it."""
+    payout = ProviderPayout(provider="sandbox", payout_id="po_1", amount=5000, currency="EUR",
+                            status=status, raw_status=status.value)
+    return PayoutEvent(provider="sandbox", event_id=event_id, event_type=f"payout.{status.value}",
+                       body_sha256="0" * 64, occurred_at=EPOCH, payout=payout)
+
+
 async def start(client: Client, task_queue: str, *,
                 reissue_window: timedelta) -> WorkflowHandle[PayoutReversalWorkflow, PayoutCaseState]:
     """Signal-with-start with the payout's failure, as the relay does."""
     case_id = f"sandbox-payout-{uuid.uuid4().hex[:12]}"
-    failed = ProviderPayout(provider="sandbox", payout_id="po_1", amount=5000, currency="EUR",
-                            status=ProviderPayoutStatus.FAILED, raw_status="failed")
-    event = PayoutEvent(provider="sandbox", event_id="evt_1", event_type="payout.failed",
-                        body_sha256="0" * 64, occurred_at=EPOCH, payout=failed)
     return await client.start_workflow(
         PayoutReversalWorkflow.run, PayoutCaseInput(case_id=case_id, provider="sandbox", payout_id="po_1",
                                                     timings=TIMINGS, reissue_window=reissue_window),
-        id=case_id, task_queue=task_queue, start_signal="payout_event", start_signal_args=[event])
+        id=case_id, task_queue=task_queue, start_signal="payout_event",
+        start_signal_args=[payout_event("evt_1", ProviderPayoutStatus.FAILED)])
 
 
 async def test_approved_runbook_holds_reverses_tickets_and_notifies(client: Client) -> None:
@@ -92,6 +98,28 @@ async def test_approved_runbook_holds_reverses_tickets_and_notifies(client: Clie
     assert fakes.names(*RUNBOOK) == [HOLD.name, REVERSAL.name, TICKET.name]
     assert fakes.recorded()[-1] == "reissue_window_closed"
     assert [i.kind for i in fakes.inputs(contracts.QUEUE_NOTICE)][-1] == "payout_exception_remediated"
+
+
+async def test_an_event_that_lands_while_approvers_decide_goes_through_the_gate_at_once(
+        client: Client) -> None:
+    fakes = payout_fakes()
+    admit = contracts.ADMIT_PAYOUT_EVENT
+    fakes.script(admit, AdmitResult(admission=Admission.OPEN, payout=snapshot()),
+                 AdmitResult(admission=Admission.JOIN, payout=snapshot()))
+    async with fake_worker(client, fakes) as queue:
+        handle = await start(client, queue, reissue_window=timedelta(milliseconds=200))
+        await fakes.seen("approval_requested")
+        await handle.signal(PayoutReversalWorkflow.payout_event,
+                            payout_event("evt_2", ProviderPayoutStatus.REVERSED))
+        while len(fakes.inputs(admit)) < 2:  # before any verdict (the test's timeout bounds it)
+            await asyncio.sleep(0.05)
+        assert (await handle.query(PayoutReversalWorkflow.state)).status is PayoutCaseStatus.AWAITING_APPROVAL
+        assert fakes.names(*RUNBOOK) == []
+        await handle.signal(PayoutReversalWorkflow.approve, APPROVE)
+        state = await handle.result()
+    admitted = [(i.event.event_id, i.case_open) for i in fakes.inputs(admit)]
+    assert admitted == [("evt_1", False), ("evt_2", True)]
+    assert state.status is PayoutCaseStatus.REMEDIATED
 
 
 async def test_denied_case_holds_nothing(client: Client) -> None:
