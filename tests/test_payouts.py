@@ -237,8 +237,8 @@ async def test_paid_after_failed_never_marks_the_payout_paid_and_a_second_failur
     assert (await view(payouts, case_id))["payout"]["status"] == "paid"  # untouched until approved
     assert (await decide(payouts, "lena", case_id)).status_code == 202
     await wait_for_case(payouts, case_id, "remediated")
-    # admitted before the remediation at the latest: an event that lands after the case
-    # opened waits in the inbox until the approval round ends (CI saw it land that late)
+    # admitted by the remediation at the latest: the held `paid` may land while the case
+    # opens or while it awaits approval (CI saw it land that late)
     await wait_for_actions(payouts, case_id, "payout_status_stale_ignored")
     await move_payout(payouts, provider_id, "reversed", failure_code="bank_rejection")
     await move_payout(payouts, provider_id, "paid")
