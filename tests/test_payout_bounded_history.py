@@ -4,6 +4,7 @@ takes hundreds of provider events, each run's history stays near a tiny threshol
 case, its approvals and its audit come through whole to a reissue made once."""
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -42,8 +43,9 @@ async def _remediated(stack: Stack, amount: int = 150_000) -> tuple[str, str]:
     return case_id, payout.provider_payout_id
 
 
-async def _stale_events(stack: Stack, case_id: str, provider_payout_id: str, amount: int) -> None:
-    """`paid` after the failure, again and again: each a turn of the window (and no action)."""
+def _stale_paid(stack: Stack, case_id: str, provider_payout_id: str,
+                amount: int) -> Callable[[int], Awaitable[None]]:
+    """Sends the n-th `paid` after the failure: a turn of the window (and no action)."""
     handle = stack.client.get_workflow_handle(case_id)
 
     async def event(n: int) -> None:
@@ -53,10 +55,17 @@ async def _stale_events(stack: Stack, case_id: str, provider_payout_id: str, amo
                 provider="sandbox", payout_id=provider_payout_id, amount=amount, currency="usd",
                 status=ProviderPayoutStatus.PAID, raw_status="paid")))
 
+    return event
+
+
+async def _stale_events(stack: Stack, case_id: str, provider_payout_id: str, amount: int) -> None:
+    """`paid` after the failure, again and again, a batch at a time."""
+    handle = stack.client.get_workflow_handle(case_id)
+
     async def seen() -> int:
         return (await handle.query(PayoutReversalWorkflow.state)).events_seen
 
-    await in_batches(event, seen, TURNS)
+    await in_batches(_stale_paid(stack, case_id, provider_payout_id, amount), seen, TURNS)
 
 
 async def test_the_reissue_window_continues_as_new_with_the_case_intact(
@@ -86,6 +95,29 @@ async def test_the_reissue_window_continues_as_new_with_the_case_intact(
     assert actions.count("runbook_completed") == actions.count("reissue_completed") == 1
     assert actions.count("payout_status_stale_ignored") == TURNS
     assert len(made) == 1
+
+
+async def test_events_still_queued_when_a_reissue_round_opens_keep_each_run_bounded(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """A round cannot continue as new, so what it takes meanwhile stops at the history bound;
+    the rest wait for the round's end, where each is a turn that may continue as new."""
+    tiny = await open_stack(store, client, temporal_server.address, **TINY)
+    try:
+        case_id, provider_payout_id = await _remediated(tiny)
+        handle = tiny.client.get_workflow_handle(case_id, result_type=PayoutCaseState)
+        first_run = (await handle.describe()).run_id
+        send = _stale_paid(tiny, case_id, provider_payout_id, 150_000)
+        await asyncio.gather(*(send(n) for n in range(BATCH)))
+        assert (await ask_reissue(tiny, "omar", case_id)).status_code == 202  # most still queued
+        assert (await decide(tiny, "lena", case_id)).status_code == 202
+        state = await asyncio.wait_for(handle.result(), 60)
+        runs = await _runs(tiny, case_id, first_run)
+        actions = [e["action"] for e in await tiny.store.audit.trail(case_id)]
+    finally:
+        await tiny.close()
+    assert all(length < THRESHOLD + 2 * BATCH for _, length, _ in runs), runs
+    assert state.status == "reissued"
+    assert actions.count("payout_status_stale_ignored") == BATCH
 
 
 async def reissues_of(stack: Stack, reference: str) -> list[object]:

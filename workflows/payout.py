@@ -160,13 +160,17 @@ class PayoutReversalWorkflow(PayoutReissue):
             **retry.PAYOUT_ADMIT)
         return result
 
-    async def _take_events(self, phase: str | None = None, deadline: datetime | None = None) -> None:
+    async def _take_events(self, phase: str | None = None, deadline: datetime | None = None, *,
+                           stop_at_bound: bool = False) -> None:
         """Later events go through the same gate onto the timeline; none acts again: a
         second failure joins the case, `paid` after a failure never re-marks it paid. In a
         `phase` a continued run can resume, each event is a turn that may continue as new;
-        in the reissue window a reissue request comes first (events wait for it)."""
+        in the reissue window a reissue request comes first (events wait for it).
+        `stop_at_bound`: where the run cannot continue as new, the rest wait past the bound."""
         while self._inbox:
             if phase == "reissue_window" and self._reissue_ask is not None:
+                return
+            if stop_at_bound and self._history_at_bound():
                 return
             if phase is not None:
                 await self._bound_history(phase, deadline)

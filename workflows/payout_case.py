@@ -73,7 +73,8 @@ class PayoutCase(ApprovingWorkflow):
         """The case as the workflow knows it (its query, in `payout`)."""
         raise NotImplementedError
 
-    async def _take_events(self, phase: str | None = None, deadline: datetime | None = None) -> None:
+    async def _take_events(self, phase: str | None = None, deadline: datetime | None = None, *,
+                           stop_at_bound: bool = False) -> None:
         """Later events onto the timeline, each a turn that may continue as new (in `payout`)."""
         raise NotImplementedError
 
@@ -88,7 +89,9 @@ class PayoutCase(ApprovingWorkflow):
     async def _collect_approvals(self) -> bool:
         """The round's verdicts (`ApprovalRound.collect`; True when approved). Meanwhile each
         event that lands goes through the gate onto the timeline at once, so approvers
-        decide on the case as it stands; an event never decides the round."""
+        decide on the case as it stands; an event never decides the round. A round cannot
+        continue as new, so past the history bound the rest wait for its end (and a run that
+        may continue as new takes them)."""
         assert self._inp is not None
         if not workflow.patched(EVENTS_WHILE_APPROVING_PATCH):
             return await self._round.collect(self, self._inp.timings)
@@ -97,15 +100,22 @@ class PayoutCase(ApprovingWorkflow):
         async def take_while_deciding() -> None:
             while True:
                 await workflow.wait_condition(lambda: bool(self._inbox) or not deciding)
-                if not self._inbox:
+                if not self._inbox or self._history_at_bound():
                     return
-                await self._take_events()
+                await self._take_events(stop_at_bound=True)
 
         taking = asyncio.create_task(take_while_deciding())
         approved = await self._round.collect(self, self._inp.timings)
         deciding = False
         await taking  # the event in the gate is through it before the case moves on
         return approved
+
+    def _history_at_bound(self) -> bool:
+        """Past `continue_as_new_after_events`, or Temporal suggests continuing as new."""
+        assert self._inp is not None
+        info = workflow.info()
+        return (info.get_current_history_length() >= self._inp.timings.continue_as_new_after_events
+                or info.is_continue_as_new_suggested())
 
     # -- bookkeeping -------------------------------------------------------------------
 

@@ -137,9 +137,7 @@ class PayoutReissue(PayoutCase):
         """Past the history threshold, continues as new carrying the case and the wait it
         was in (`phase`). Not while a reissue request is being taken: the window ends then."""
         assert self._inp is not None and self._payout is not None and self._decision is not None
-        info = workflow.info()
-        if ((info.get_current_history_length() < self._inp.timings.continue_as_new_after_events
-             and not info.is_continue_as_new_suggested()) or not workflow.patched(BOUNDED_PATCH)):
+        if not self._history_at_bound() or not workflow.patched(BOUNDED_PATCH):
             return
         await self.approvals_settled()
         asked = phase == "reissue_window"
