@@ -102,7 +102,8 @@ async def _forward(output: asyncio.StreamReader) -> None:
 
 
 def peak_rss_mib(process: psutil.Process) -> float:
-    """The process's highest RSS so far (Linux's VmHWM)."""
+    """The process's highest RSS so far as the kernel recorded it (VmHWM; raised lazily, so a
+    sample taken earlier can be a few pages above it)."""
     with open(f"/proc/{process.pid}/status") as status:
         for line in status:
             if line.startswith("VmHWM:"):
