@@ -25,7 +25,7 @@ with workflow.unsafe.imports_passed_through():
         ReissueAsk,
         TicketResult,
     )
-    from workflows import retry
+    from workflows import history, retry
     from workflows.approvals import ApprovalOutcome, ApprovingWorkflow
 
 # What each approval step does to the case, in the reversal round and the reissue round.
@@ -111,11 +111,8 @@ class PayoutCase(ApprovingWorkflow):
         return approved
 
     def _history_at_bound(self) -> bool:
-        """Past `continue_as_new_after_events`, or Temporal suggests continuing as new."""
         assert self._inp is not None
-        info = workflow.info()
-        return (info.get_current_history_length() >= self._inp.timings.continue_as_new_after_events
-                or info.is_continue_as_new_suggested())
+        return history.at_bound(self._inp.timings.continue_as_new_after_events)
 
     # -- bookkeeping -------------------------------------------------------------------
 

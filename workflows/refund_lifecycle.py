@@ -17,6 +17,7 @@ with workflow.unsafe.imports_passed_through():
         RefundCarry,
         RefundOutcome,
     )
+    from workflows import history
     from workflows.refund_case import (
         BOUNDED_PATCH,
         HORIZON_PATCH,
@@ -84,9 +85,7 @@ class RefundLifecycle(RefundProvider):
     async def _bound_history(self, phase: str, *, reason: str = "") -> None:
         """Past the history threshold, continues as new carrying the case and where it was
         (`phase`: the wait to resume). Never during a cancel: that run finishes the case."""
-        info = workflow.info()
-        long = (info.get_current_history_length() >= self._timings.continue_as_new_after_events
-                or info.is_continue_as_new_suggested())
+        long = history.at_bound(self._timings.continue_as_new_after_events)
         if not long or self._cancel_requested or not self.since(BOUNDED_PATCH):
             return
         await self._drain()

@@ -22,7 +22,7 @@ with workflow.unsafe.imports_passed_through():
         ProviderRefundStatus,
         RefundOutcome,
     )
-    from workflows import retry
+    from workflows import history, retry
 
 # The watch continues as new past `continue_as_new_after_events`, carrying the case; before,
 # a refund with many events could reach Temporal's history limit.
@@ -105,9 +105,8 @@ class RefundTrackingWorkflow:
     async def _bound_history(self) -> None:
         """Past the history threshold, continues as new with the case carried."""
         assert self._inp is not None
-        info = workflow.info()
-        if ((info.get_current_history_length() < self._inp.timings.continue_as_new_after_events
-             and not info.is_continue_as_new_suggested()) or not workflow.patched(BOUNDED_PATCH)):
+        long = history.at_bound(self._inp.timings.continue_as_new_after_events)
+        if not long or not workflow.patched(BOUNDED_PATCH):
             return
         await workflow.wait_condition(workflow.all_handlers_finished)
         workflow.continue_as_new(self._inp.model_copy(update={"carried": TrackingCarry(
