@@ -469,6 +469,28 @@ async def payout_events_while_approving(rig: Recording) -> str:
     return case_id
 
 
+async def payout_events_at_bound_while_approving(rig: Recording) -> str:
+    """Past the (tiny) history bound when the remediation's round opens: a reversal and a
+    stale `paid` that land meanwhile wait for the round's end (a round cannot continue as
+    new), then go through the gate; the reissue is then denied."""
+    case_id = await failed_payout_case(rig)
+    handle = rig.stack.client.get_workflow_handle(case_id)
+    payout = (await handle.query(PayoutReversalWorkflow.state)).payout
+    assert payout is not None
+    await move_payout(rig.stack, payout.provider_payout_id, "reversed", failure_code="account_closed")
+    await move_payout(rig.stack, payout.provider_payout_id, "paid")
+    async with asyncio.timeout(60):
+        while (await handle.query(PayoutReversalWorkflow.state)).events_seen < 3:
+            await asyncio.sleep(0.1)
+    (await decide(rig.stack, "lena", case_id)).raise_for_status()
+    await wait_for_case(rig.stack, case_id, "remediated")
+    await wait_for_actions(rig.stack, case_id, "payout_status_stale_ignored")
+    (await ask_reissue(rig.stack, "omar", case_id)).raise_for_status()
+    await wait_for_case(rig.stack, case_id, "awaiting_reissue_approval")
+    (await decide(rig.stack, "lena", case_id, "deny")).raise_for_status()
+    return case_id
+
+
 async def payout_ledger_failed(rig: Recording) -> str:
     """The ledger is locked when the approved remediation posts its reversal: the entry
     gives up, the hold is rolled back and a high-priority ticket raised."""
@@ -596,6 +618,8 @@ SCENARIOS: dict[str, Scenario] = {
     "payout_ledger_failed": Scenario(payout_ledger_failed, {"ledger_pending_after_seconds": 2}),
     "payout_denied": Scenario(payout_denied),
     "payout_events_while_approving": Scenario(payout_events_while_approving),
+    "payout_events_at_bound_while_approving": Scenario(payout_events_at_bound_while_approving,
+                                                       {"continue_as_new_after_events": 20}),
     "reconciliation_backfill": Scenario(reconciliation_backfill),
     "reconciliation_run_failed": Scenario(reconciliation_run_failed, fails=True),
     "reconciliation_break_approved": Scenario(reconciliation_break_approved),

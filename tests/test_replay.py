@@ -155,6 +155,10 @@ BRANCHES: dict[str, Branch] = {
         f"patch:{EVENTS_WHILE_APPROVING_PATCH}", "signal:payout_event#4", "activity:admit_payout_event#4",
         "update:submit_approval#2", "update:request_reissue", "action:approval_denied",
         lacks=["activity:reissue_payout"]),
+    "payout_events_at_bound_while_approving": branch(
+        f"patch:{EVENTS_WHILE_APPROVING_PATCH}", "signal:payout_event#3", "activity:admit_payout_event#3",
+        "update:submit_approval#2", "update:request_reissue", "action:approval_denied",
+        lacks=["activity:reissue_payout", "continued_as_new"]),
     "payout_denied": branch("signal:payout_event", "update:submit_approval", "action:approval_denied",
                             lacks=["activity:hold_payout", "activity:reissue_payout"]),
     "reconciliation_backfill": branch("activity:open_reconciliation_run", "activity:reconcile_batch",
