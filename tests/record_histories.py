@@ -491,6 +491,23 @@ async def payout_events_at_bound_while_approving(rig: Recording) -> str:
     return case_id
 
 
+async def payout_denied_with_events_at_bound(rig: Recording) -> str:
+    """Past the (tiny) history bound while the remediation awaits approval: a reversal and
+    a stale `paid` wait for the round's end; it is denied, and they go through the gate in a
+    run continued as new before the case finishes."""
+    case_id = await failed_payout_case(rig)
+    handle = rig.stack.client.get_workflow_handle(case_id)
+    payout = (await handle.query(PayoutReversalWorkflow.state)).payout
+    assert payout is not None
+    await move_payout(rig.stack, payout.provider_payout_id, "reversed", failure_code="account_closed")
+    await move_payout(rig.stack, payout.provider_payout_id, "paid")
+    async with asyncio.timeout(60):
+        while (await handle.query(PayoutReversalWorkflow.state)).events_seen < 3:
+            await asyncio.sleep(0.1)
+    (await decide(rig.stack, "lena", case_id, "deny")).raise_for_status()
+    return case_id
+
+
 async def payout_ledger_failed(rig: Recording) -> str:
     """The ledger is locked when the approved remediation posts its reversal: the entry
     gives up, the hold is rolled back and a high-priority ticket raised."""
@@ -620,6 +637,8 @@ SCENARIOS: dict[str, Scenario] = {
     "payout_events_while_approving": Scenario(payout_events_while_approving),
     "payout_events_at_bound_while_approving": Scenario(payout_events_at_bound_while_approving,
                                                        {"continue_as_new_after_events": 20}),
+    "payout_denied_with_events_at_bound": Scenario(payout_denied_with_events_at_bound,
+                                                   {"continue_as_new_after_events": 20}),
     "reconciliation_backfill": Scenario(reconciliation_backfill),
     "reconciliation_run_failed": Scenario(reconciliation_run_failed, fails=True),
     "reconciliation_break_approved": Scenario(reconciliation_break_approved),

@@ -120,6 +120,33 @@ async def test_events_still_queued_when_a_reissue_round_opens_keep_each_run_boun
     assert actions.count("payout_status_stale_ignored") == BATCH
 
 
+async def test_events_left_past_the_bound_when_the_remediation_is_denied_still_join_the_case(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """A denied (or expired) round finishes the case; the events it left waiting past the
+    history bound go through the gate first, in runs that continue as new: none is dropped."""
+    tiny = await open_stack(store, client, temporal_server.address, **TINY)
+    try:
+        await add_payout_approvers(tiny)
+        payout = await paid_payout(tiny, 150_000)
+        await move_payout(tiny, payout.provider_payout_id, "failed", failure_code="account_closed")
+        case_id = payout_case_id("sandbox", payout.provider_payout_id)
+        await wait_for_case(tiny, case_id, "awaiting_approval")
+        handle = tiny.client.get_workflow_handle(case_id, result_type=PayoutCaseState)
+        first_run = (await handle.describe()).run_id
+        send = _stale_paid(tiny, case_id, payout.provider_payout_id, 150_000)
+        await asyncio.gather(*(send(n) for n in range(BATCH)))
+        assert (await decide(tiny, "lena", case_id, "deny")).status_code == 202
+        state = await asyncio.wait_for(handle.result(), 60)
+        runs = await _runs(tiny, case_id, first_run)
+        actions = [e["action"] for e in await tiny.store.audit.trail(case_id)]
+    finally:
+        await tiny.close()
+    assert state.status == "denied"
+    assert actions.count("payout_status_stale_ignored") == BATCH
+    assert state.events_seen == BATCH + 1
+    assert all(length < THRESHOLD + 2 * BATCH for _, length, _ in runs), runs
+
+
 async def reissues_of(stack: Stack, reference: str) -> list[object]:
     """The provider's payouts carrying `reference` (a reissue's)."""
     async with stack.sandbox() as sb:

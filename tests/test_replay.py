@@ -29,7 +29,11 @@ from workers.main import WORKFLOWS, workflow_runner
 from workflows import approvals, payout_case, reconciliation, refund_case, tracking
 from workflows.approvals import SEALED_APPROVALS_PATCH
 from workflows.payout_case import BOUNDED_PATCH as PAYOUT_BOUNDED_PATCH
-from workflows.payout_case import EVENTS_WHILE_APPROVING_PATCH, REISSUE_HORIZON_PATCH
+from workflows.payout_case import (
+    DENIED_ROUND_EVENTS_PATCH,
+    EVENTS_WHILE_APPROVING_PATCH,
+    REISSUE_HORIZON_PATCH,
+)
 from workflows.reconciliation import APPROVAL_ROUND_PATCH, PAYOUT_BREAK_PATCH
 from workflows.refund_case import (
     ADYEN_WAIT_PATCH,
@@ -159,6 +163,12 @@ BRANCHES: dict[str, Branch] = {
         f"patch:{EVENTS_WHILE_APPROVING_PATCH}", "signal:payout_event#3", "activity:admit_payout_event#3",
         "update:submit_approval#2", "update:request_reissue", "action:approval_denied",
         lacks=["activity:reissue_payout", "continued_as_new"]),
+    "payout_denied_with_events_at_bound": branch(
+        f"patch:{DENIED_ROUND_EVENTS_PATCH}", "signal:payout_event#3", "action:approval_denied",
+        "continued_as_new", lacks=["activity:admit_payout_event#2", "activity:hold_payout"]),
+    "payout_denied_with_events_at_bound_run2": branch(
+        "carried:closing", "activity:admit_payout_event#2",
+        lacks=["continued_as_new", "activity:hold_payout"]),
     "payout_denied": branch("signal:payout_event", "update:submit_approval", "action:approval_denied",
                             lacks=["activity:hold_payout", "activity:reissue_payout"]),
     "reconciliation_backfill": branch("activity:open_reconciliation_run", "activity:reconcile_batch",

@@ -44,7 +44,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from workflows import retry
     from workflows.approvals import ApprovalOutcome, ApprovalRound
-    from workflows.payout_case import REVERSAL_STEPS, TICKETS_PATCH
+    from workflows.payout_case import DENIED_ROUND_EVENTS_PATCH, REVERSAL_STEPS, TICKETS_PATCH
     from workflows.payout_reissue import PayoutReissue
 
 NEXT_STEPS = ("a reissue happens only on an explicit reissue request with its own approval; "
@@ -145,6 +145,8 @@ class PayoutReversalWorkflow(PayoutReissue):
             **retry.POLICY)
         self._open_round(REVERSAL_STEPS, requester=f"provider:{inp.provider}")
         if not await self._collect_approvals():
+            if workflow.patched(DENIED_ROUND_EVENTS_PATCH):
+                await self._take_events("closing")
             return await self._finish()
         await self._take_events()
         if await self._remediate(decision):

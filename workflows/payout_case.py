@@ -47,6 +47,9 @@ BOUNDED_PATCH = "payout-bounded-history-1"
 # Events that land while a round awaits its approvers go through the gate as they land;
 # histories recorded before let them wait in the inbox until the round ended.
 EVENTS_WHILE_APPROVING_PATCH = "payout-events-while-approving-1"
+# A denied or expired remediation round takes the events it left waiting (past the history
+# bound) before the case finishes; histories recorded before finished with them in the inbox.
+DENIED_ROUND_EVENTS_PATCH = "payout-denied-round-events-1"
 
 
 class PayoutCase(ApprovingWorkflow):
