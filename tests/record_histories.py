@@ -508,6 +508,27 @@ async def payout_denied_with_events_at_bound(rig: Recording) -> str:
     return case_id
 
 
+async def payout_advice_refreshed(rig: Recording) -> str:
+    """The recommendation follows the failures that join: a reversal naming a closed account
+    lands while the remediation awaits approval (advised again at once), a bank rejection in
+    the reissue window (advised again as the reissue round opens); the reissue is denied."""
+    case_id = await failed_payout_case(rig)
+    handle = rig.stack.client.get_workflow_handle(case_id)
+    payout = (await handle.query(PayoutReversalWorkflow.state)).payout
+    assert payout is not None
+    await move_payout(rig.stack, payout.provider_payout_id, "reversed", failure_code="account_closed")
+    await wait_for_actions(rig.stack, case_id, "ai_recommendation_recorded", 2)
+    (await decide(rig.stack, "lena", case_id)).raise_for_status()
+    await wait_for_case(rig.stack, case_id, "remediated")
+    await move_payout(rig.stack, payout.provider_payout_id, "failed", failure_code="bank_rejection")
+    await wait_for_actions(rig.stack, case_id, "payout_event_joined", 2)
+    (await ask_reissue(rig.stack, "omar", case_id)).raise_for_status()
+    await wait_for_case(rig.stack, case_id, "awaiting_reissue_approval")
+    await wait_for_actions(rig.stack, case_id, "ai_recommendation_recorded", 3)
+    (await decide(rig.stack, "lena", case_id, "deny")).raise_for_status()
+    return case_id
+
+
 async def payout_ledger_failed(rig: Recording) -> str:
     """The ledger is locked when the approved remediation posts its reversal: the entry
     gives up, the hold is rolled back and a high-priority ticket raised."""
@@ -639,6 +660,7 @@ SCENARIOS: dict[str, Scenario] = {
                                                        {"continue_as_new_after_events": 20}),
     "payout_denied_with_events_at_bound": Scenario(payout_denied_with_events_at_bound,
                                                    {"continue_as_new_after_events": 20}),
+    "payout_advice_refreshed": Scenario(payout_advice_refreshed),
     "reconciliation_backfill": Scenario(reconciliation_backfill),
     "reconciliation_run_failed": Scenario(reconciliation_run_failed, fails=True),
     "reconciliation_break_approved": Scenario(reconciliation_break_approved),

@@ -284,6 +284,40 @@ async def test_events_that_land_while_approvers_decide_join_the_case_before_any_
     assert len(await payouts.store.ledger.entries(case_id)) == 2  # the reversal only, once
 
 
+async def test_the_recommendation_approvers_read_follows_the_failures_that_join_the_case(
+        payouts: Stack) -> None:
+    """Approvers read the recommendation beside the case: a failure that joins while they
+    decide, or in the reissue window before a reissue round, names the latest root cause,
+    so the advice they read is made again from the case as it stands."""
+    payout = await paid_payout(payouts, 200_000)
+    provider_id = payout.provider_payout_id
+    case_id = payout_case_id("sandbox", provider_id)
+    await move_payout(payouts, provider_id, "failed", failure_code="insufficient_funds")
+    await wait_for_case(payouts, case_id, "awaiting_approval")
+    advice = (await view(payouts, case_id))["recommendation"]
+    assert (advice["root_cause"], advice["next_step"]) == ("insufficient_funds", "reissue")
+
+    await move_payout(payouts, provider_id, "reversed", failure_code="account_closed")
+    await wait_for_actions(payouts, case_id, "ai_recommendation_recorded", 2)
+    advice = (await view(payouts, case_id))["recommendation"]
+    assert (advice["root_cause"], advice["next_step"]) == ("account_closed", "request_new_bank_details")
+    assert "payout.reversed" in advice["summary"]
+    assert (await payouts.store.payouts.case(case_id)).status == "awaiting_approval"  # type: ignore[union-attr]
+
+    assert (await decide(payouts, "lena", case_id)).status_code == 202
+    await wait_for_case(payouts, case_id, "remediated")
+    await move_payout(payouts, provider_id, "failed", failure_code="bank_rejection")
+    await wait_for_actions(payouts, case_id, "payout_event_joined", 2)
+    assert (await ask_reissue(payouts, "omar", case_id)).status_code == 202
+    await wait_for_case(payouts, case_id, "awaiting_reissue_approval")
+    await wait_for_actions(payouts, case_id, "ai_recommendation_recorded", 3)
+    advice = (await view(payouts, case_id))["recommendation"]
+    assert (advice["root_cause"], advice["next_step"]) == ("bank_rejection", "hold")
+    assert (await decide(payouts, "lena", case_id, "deny")).status_code == 202
+    trail = await wait_for_actions(payouts, case_id, "approval_denied")
+    assert [e["action"] for e in trail].count("ai_recommendation_recorded") == 3  # one per failure
+
+
 async def test_an_unknown_payout_acts_on_nothing(payouts: Stack) -> None:
     async with payouts.sandbox() as sb:
         made = (await sb.post("/v1/payouts", json={"amount": 5_000, "currency": "USD"})).json()

@@ -28,12 +28,13 @@ from tests.record_histories import SCENARIOS, SEALED_SCENARIO
 from workers.main import WORKFLOWS, workflow_runner
 from workflows import approvals, payout_case, reconciliation, refund_case, tracking
 from workflows.approvals import SEALED_APPROVALS_PATCH
-from workflows.payout_case import BOUNDED_PATCH as PAYOUT_BOUNDED_PATCH
 from workflows.payout_case import (
+    ADVICE_REFRESH_PATCH,
     DENIED_ROUND_EVENTS_PATCH,
     EVENTS_WHILE_APPROVING_PATCH,
     REISSUE_HORIZON_PATCH,
 )
+from workflows.payout_case import BOUNDED_PATCH as PAYOUT_BOUNDED_PATCH
 from workflows.reconciliation import APPROVAL_ROUND_PATCH, PAYOUT_BREAK_PATCH
 from workflows.refund_case import (
     ADYEN_WAIT_PATCH,
@@ -169,6 +170,9 @@ BRANCHES: dict[str, Branch] = {
     "payout_denied_with_events_at_bound_run2": branch(
         "carried:closing", "activity:admit_payout_event#2",
         lacks=["continued_as_new", "activity:hold_payout"]),
+    "payout_advice_refreshed": branch(
+        f"patch:{ADVICE_REFRESH_PATCH}", "activity:triage_payout_exception#3", "update:request_reissue",
+        "action:approval_denied", lacks=["activity:triage_payout_exception#4", "activity:reissue_payout"]),
     "payout_denied": branch("signal:payout_event", "update:submit_approval", "action:approval_denied",
                             lacks=["activity:hold_payout", "activity:reissue_payout"]),
     "reconciliation_backfill": branch("activity:open_reconciliation_run", "activity:reconcile_batch",

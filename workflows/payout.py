@@ -67,6 +67,7 @@ class PayoutReversalWorkflow(PayoutReissue):
         self._keys: set[str] = set()
         self._timeline: list[PayoutEvent] = []
         self._events_seen = 0
+        self._advised_events = 0  # the timeline's length the stored recommendation was made from
         self._payout: PayoutSnapshot | None = None
         self._decision: PayoutDecision | None = None
         self._round = ApprovalRound()
@@ -184,6 +185,7 @@ class PayoutReversalWorkflow(PayoutReissue):
         """Has the advisor store a recommendation for approvers. Only whether it exists
         comes back, so nothing here can act on it; a failure means "no advice"."""
         assert self._inp is not None and self._payout is not None
+        self._advised_events = len(self._timeline)
         try:
             await contracts.TRIAGE_PAYOUT_EXCEPTION(
                 TriageInput(case_id=self._inp.case_id, payout=self._payout, events=tuple(self._timeline)),

@@ -50,6 +50,10 @@ EVENTS_WHILE_APPROVING_PATCH = "payout-events-while-approving-1"
 # A denied or expired remediation round takes the events it left waiting (past the history
 # bound) before the case finishes; histories recorded before finished with them in the inbox.
 DENIED_ROUND_EVENTS_PATCH = "payout-denied-round-events-1"
+# Approvers read the recommendation: when failures joined the timeline since it was made, it
+# is made again as a round opens and after each join while the round waits; histories
+# recorded before kept the first one for the whole case.
+ADVICE_REFRESH_PATCH = "payout-advice-refresh-1"
 
 
 class PayoutCase(ApprovingWorkflow):
@@ -62,6 +66,7 @@ class PayoutCase(ApprovingWorkflow):
     _keys: set[str]
     _timeline: list[PayoutEvent]
     _events_seen: int
+    _advised_events: int
     _payout: PayoutSnapshot | None
     _decision: PayoutDecision | None
     _steps: dict[ApprovalOutcome, PayoutCaseStatus]
@@ -81,6 +86,10 @@ class PayoutCase(ApprovingWorkflow):
         """Later events onto the timeline, each a turn that may continue as new (in `payout`)."""
         raise NotImplementedError
 
+    async def _advise(self) -> None:
+        """Has the advisor store a recommendation from the timeline (in `payout`)."""
+        raise NotImplementedError
+
     def _open_round(self, steps: dict[ApprovalOutcome, PayoutCaseStatus], requester: str) -> None:
         """Starts (or restores) an approval round with its steps (in `payout`)."""
         raise NotImplementedError
@@ -91,13 +100,15 @@ class PayoutCase(ApprovingWorkflow):
 
     async def _collect_approvals(self) -> bool:
         """The round's verdicts (`ApprovalRound.collect`; True when approved). Meanwhile each
-        event that lands goes through the gate onto the timeline at once, so approvers
-        decide on the case as it stands; an event never decides the round. A round cannot
+        event that lands goes through the gate onto the timeline at once, and the
+        recommendation follows the failures that joined, so approvers decide on the case as
+        it stands; an event never decides the round. A round cannot
         continue as new, so past the history bound the rest wait for its end (and a run that
         may continue as new takes them)."""
         assert self._inp is not None
         if not workflow.patched(EVENTS_WHILE_APPROVING_PATCH):
             return await self._round.collect(self, self._inp.timings)
+        await self._advise_again()
         deciding = True
 
         async def take_while_deciding() -> None:
@@ -106,12 +117,20 @@ class PayoutCase(ApprovingWorkflow):
                 if not self._inbox or self._history_at_bound():
                     return
                 await self._take_events(stop_at_bound=True)
+                await self._advise_again()
 
         taking = asyncio.create_task(take_while_deciding())
         approved = await self._round.collect(self, self._inp.timings)
         deciding = False
         await taking  # the event in the gate is through it before the case moves on
         return approved
+
+    async def _advise_again(self) -> None:
+        """A recommendation made before the latest failure joined names a stale root cause
+        (it follows the latest failure code): approvers get one made from the timeline as
+        it stands. Stale or repeated statuses do not join, so they cost nothing here."""
+        if len(self._timeline) > self._advised_events and workflow.patched(ADVICE_REFRESH_PATCH):
+            await self._advise()
 
     def _history_at_bound(self) -> bool:
         assert self._inp is not None
