@@ -10,6 +10,7 @@ from pathlib import Path
 from temporalio.client import Client
 
 from adapters.db import Store
+from bench.chaos import KILLED_WORKER_STICKY_SECONDS
 from starters.dev.stack import TemporalDevServer
 from tests.harness import PAYLOAD_KEYS, Stack, open_stack
 
@@ -44,7 +45,8 @@ async def test_worker_killed_after_provider_accepted_still_one_refund(
                "REFUNDS_TASK_QUEUE": stack.settings.task_queue,
                "REFUNDS_SANDBOX_API_BASE": stack.sandbox_url,
                "REFUNDS_SANDBOX_WEBHOOK_SECRET": secret.get_secret_value(),
-               "REFUNDS_PROVIDER_HTTP_TIMEOUT_SECONDS": "120", "REFUNDS_SUBMIT_TIMEOUT_SECONDS": "130"}
+               "REFUNDS_PROVIDER_HTTP_TIMEOUT_SECONDS": "120", "REFUNDS_SUBMIT_TIMEOUT_SECONDS": "130",
+               "REFUNDS_WORKER_STICKY_QUEUE_TIMEOUT_SECONDS": KILLED_WORKER_STICKY_SECONDS}
         worker = subprocess.Popen([str(Path(sys.executable).parent / "refunds"), "worker"], env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         charge = await stack.charge(10_000)
