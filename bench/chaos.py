@@ -80,9 +80,10 @@ wait this long for it before another worker takes them (the default's 60 s is a 
 choice for busy workers; what the kills test is the money, not that wait)."""
 
 
-def worker_process(stack: Stack, dsn: str, temporal: str) -> subprocess.Popen[bytes]:
+def worker_process(stack: Stack, dsn: str, temporal: str, **settings: str) -> subprocess.Popen[bytes]:
     """The stack's worker as its own process (to be killed), configured as the stack's: its
-    approval keys too, without which it refuses every approval as unsealed."""
+    approval keys too, without which it refuses every approval as unsealed. `settings`:
+    environment variables that differ (e.g. a provider call left hanging)."""
     secret, approval_keys = stack.settings.sandbox_webhook_secret, stack.settings.approval_keys
     assert secret is not None and approval_keys is not None
     env = {**os.environ, "REFUNDS_DATABASE_URL": dsn, "TEMPORAL_ADDRESS": temporal,
@@ -92,7 +93,7 @@ def worker_process(stack: Stack, dsn: str, temporal: str) -> subprocess.Popen[by
            "REFUNDS_SANDBOX_WEBHOOK_SECRET": secret.get_secret_value(), "REFUNDS_LOG_LEVEL": "ERROR",
            "REFUNDS_APPROVAL_KEYS": approval_keys.get_secret_value(),
            "REFUNDS_PROVIDER_HTTP_TIMEOUT_SECONDS": str(stack.settings.provider_http_timeout_seconds),
-           "REFUNDS_WORKER_STICKY_QUEUE_TIMEOUT_SECONDS": KILLED_WORKER_STICKY_SECONDS}
+           "REFUNDS_WORKER_STICKY_QUEUE_TIMEOUT_SECONDS": KILLED_WORKER_STICKY_SECONDS, **settings}
     return subprocess.Popen([str(Path(sys.executable).parent / "refunds"), "worker"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

@@ -40,7 +40,7 @@ from adapters.db import Principal, Store
 from adapters.http_server import AppServer
 from domain.events import tracking_case_id
 from domain.models import ApprovalSignal, Decision
-from domain.payouts import PayoutStatus, payout_case_id
+from domain.payouts import PayoutSnapshot, PayoutStatus, payout_case_id
 from domain.reconciliation import break_workflow_id
 from starters.actions.approving import new_verdict
 from starters.dev.stack import EmbeddedPostgres, TemporalDevServer
@@ -448,13 +448,19 @@ async def payout_continued_as_new(rig: Recording) -> str:
     return case_id
 
 
+async def failed_payout_case_and_payout(rig: Recording) -> tuple[str, PayoutSnapshot]:
+    """`failed_payout_case` and the payout as its workflow holds it."""
+    case_id = await failed_payout_case(rig)
+    payout = (await rig.stack.client.get_workflow_handle(case_id).query(PayoutReversalWorkflow.state)).payout
+    assert payout is not None
+    return case_id, payout
+
+
 async def payout_events_while_approving(rig: Recording) -> str:
     """Events land while each approval round waits (a reversal and a stale `paid` in the
     remediation's, a second failure in the reissue's): each goes through the gate before
     the verdict; the reissue is then denied."""
-    case_id = await failed_payout_case(rig)
-    payout = (await rig.stack.client.get_workflow_handle(case_id).query(PayoutReversalWorkflow.state)).payout
-    assert payout is not None
+    case_id, payout = await failed_payout_case_and_payout(rig)
     await move_payout(rig.stack, payout.provider_payout_id, "reversed", failure_code="account_closed")
     await move_payout(rig.stack, payout.provider_payout_id, "paid")
     await wait_for_actions(rig.stack, case_id, "payout_status_stale_ignored")
@@ -469,19 +475,24 @@ async def payout_events_while_approving(rig: Recording) -> str:
     return case_id
 
 
+async def events_landed_while_approving(rig: Recording) -> str:
+    """A failed payout's case awaiting approval, with a reversal (a closed account) and a
+    stale `paid` landed on its workflow meanwhile (received: admitted or still queued)."""
+    case_id, payout = await failed_payout_case_and_payout(rig)
+    await move_payout(rig.stack, payout.provider_payout_id, "reversed", failure_code="account_closed")
+    await move_payout(rig.stack, payout.provider_payout_id, "paid")
+    handle = rig.stack.client.get_workflow_handle(case_id)
+    async with asyncio.timeout(60):
+        while (await handle.query(PayoutReversalWorkflow.state)).events_seen < 3:
+            await asyncio.sleep(0.1)
+    return case_id
+
+
 async def payout_events_at_bound_while_approving(rig: Recording) -> str:
     """Past the (tiny) history bound when the remediation's round opens: a reversal and a
     stale `paid` that land meanwhile wait for the round's end (a round cannot continue as
     new), then go through the gate; the reissue is then denied."""
-    case_id = await failed_payout_case(rig)
-    handle = rig.stack.client.get_workflow_handle(case_id)
-    payout = (await handle.query(PayoutReversalWorkflow.state)).payout
-    assert payout is not None
-    await move_payout(rig.stack, payout.provider_payout_id, "reversed", failure_code="account_closed")
-    await move_payout(rig.stack, payout.provider_payout_id, "paid")
-    async with asyncio.timeout(60):
-        while (await handle.query(PayoutReversalWorkflow.state)).events_seen < 3:
-            await asyncio.sleep(0.1)
+    case_id = await events_landed_while_approving(rig)
     (await decide(rig.stack, "lena", case_id)).raise_for_status()
     await wait_for_case(rig.stack, case_id, "remediated")
     await wait_for_actions(rig.stack, case_id, "payout_status_stale_ignored")
@@ -495,15 +506,7 @@ async def payout_denied_with_events_at_bound(rig: Recording) -> str:
     """Past the (tiny) history bound while the remediation awaits approval: a reversal and
     a stale `paid` wait for the round's end; it is denied, and they go through the gate in a
     run continued as new before the case finishes."""
-    case_id = await failed_payout_case(rig)
-    handle = rig.stack.client.get_workflow_handle(case_id)
-    payout = (await handle.query(PayoutReversalWorkflow.state)).payout
-    assert payout is not None
-    await move_payout(rig.stack, payout.provider_payout_id, "reversed", failure_code="account_closed")
-    await move_payout(rig.stack, payout.provider_payout_id, "paid")
-    async with asyncio.timeout(60):
-        while (await handle.query(PayoutReversalWorkflow.state)).events_seen < 3:
-            await asyncio.sleep(0.1)
+    case_id = await events_landed_while_approving(rig)
     (await decide(rig.stack, "lena", case_id, "deny")).raise_for_status()
     return case_id
 
@@ -512,10 +515,7 @@ async def payout_advice_refreshed(rig: Recording) -> str:
     """The recommendation follows the failures that join: a reversal naming a closed account
     lands while the remediation awaits approval (advised again at once), a bank rejection in
     the reissue window (advised again as the reissue round opens); the reissue is denied."""
-    case_id = await failed_payout_case(rig)
-    handle = rig.stack.client.get_workflow_handle(case_id)
-    payout = (await handle.query(PayoutReversalWorkflow.state)).payout
-    assert payout is not None
+    case_id, payout = await failed_payout_case_and_payout(rig)
     await move_payout(rig.stack, payout.provider_payout_id, "reversed", failure_code="account_closed")
     await wait_for_actions(rig.stack, case_id, "ai_recommendation_recorded", 2)
     (await decide(rig.stack, "lena", case_id)).raise_for_status()

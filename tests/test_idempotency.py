@@ -1,18 +1,14 @@
 """A refund_request_id is bound to its parameters, and survives a worker killed mid-call."""
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 from temporalio.client import Client
 
 from adapters.db import Store
-from bench.chaos import KILLED_WORKER_STICKY_SECONDS
+from bench.chaos import worker_process
 from starters.dev.stack import TemporalDevServer
-from tests.harness import PAYLOAD_KEYS, Stack, open_stack
+from tests.harness import Stack, open_stack
 
 
 async def test_same_id_with_other_parameters_is_409_and_changes_nothing(stack: Stack) -> None:
@@ -35,20 +31,11 @@ async def test_same_id_with_other_parameters_is_409_and_changes_nothing(stack: S
 async def test_worker_killed_after_provider_accepted_still_one_refund(
         store: Store, client: Client, temporal_server: TemporalDevServer, postgres_dsn: str) -> None:
     stack = await open_stack(store, client, temporal_server.address, worker=False)
-    secret = stack.settings.sandbox_webhook_secret
-    assert secret is not None
     worker = None
     try:
-        env = {**os.environ, "REFUNDS_DATABASE_URL": postgres_dsn,
-               "TEMPORAL_ADDRESS": temporal_server.address, "REFUNDS_PAYLOAD_KEYS": PAYLOAD_KEYS,
-               "REFUNDS_WORKER_HEALTH_PORT": "0", "REFUNDS_TEMPORAL_METRICS_PORT": "0",
-               "REFUNDS_TASK_QUEUE": stack.settings.task_queue,
-               "REFUNDS_SANDBOX_API_BASE": stack.sandbox_url,
-               "REFUNDS_SANDBOX_WEBHOOK_SECRET": secret.get_secret_value(),
-               "REFUNDS_PROVIDER_HTTP_TIMEOUT_SECONDS": "120", "REFUNDS_SUBMIT_TIMEOUT_SECONDS": "130",
-               "REFUNDS_WORKER_STICKY_QUEUE_TIMEOUT_SECONDS": KILLED_WORKER_STICKY_SECONDS}
-        worker = subprocess.Popen([str(Path(sys.executable).parent / "refunds"), "worker"], env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        worker = worker_process(stack, postgres_dsn, temporal_server.address,  # its call left hanging
+                                REFUNDS_PROVIDER_HTTP_TIMEOUT_SECONDS="120",
+                                REFUNDS_SUBMIT_TIMEOUT_SECONDS="130")
         charge = await stack.charge(10_000)
         async with stack.sandbox() as sb:  # the provider makes the refund, then never answers
             await sb.post("/_sandbox/faults", json={"mode": "timeout_after_success", "seconds": 120})

@@ -102,9 +102,9 @@ class PayoutCase(ApprovingWorkflow):
         """The round's verdicts (`ApprovalRound.collect`; True when approved). Meanwhile each
         event that lands goes through the gate onto the timeline at once, and the
         recommendation follows the failures that joined, so approvers decide on the case as
-        it stands; an event never decides the round. A round cannot
-        continue as new, so past the history bound the rest wait for its end (and a run that
-        may continue as new takes them)."""
+        it stands; an event never decides the round. A round cannot continue as new, so past
+        the history bound the rest wait for its end (and a run that may continue as new takes
+        them)."""
         assert self._inp is not None
         if not workflow.patched(EVENTS_WHILE_APPROVING_PATCH):
             return await self._round.collect(self, self._inp.timings)
