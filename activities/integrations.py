@@ -126,11 +126,27 @@ class IntegrationActivities:
         """Asks the advisor about a validated case and stores its advice (or "no advice")
         on the case for approvers. Finishes inside its own timeout, so a slow model ends
         as "no advice" rather than a late answer. A retry keeps the first stored result."""
+        return await self._advise(inp, (activity.info().start_to_close_timeout or timedelta(seconds=30))
+                                  - ADVICE_MARGIN)
+
+    async def advise_in_process(self, inp: AdviseInput) -> AdviceReceipt | None:
+        """Advice made inside validation when the advisor never leaves this process (the
+        offline rules): one activity fewer per case. `None` (the workflow then asks
+        `advise_refund`) for a model behind the network, or when it failed here: advice
+        must never hold up or fail the validation it rides along with."""
+        if not self._advisor.in_process:
+            return None
+        try:
+            return await self._advise(inp, timedelta(seconds=self._settings.advice_timeout_seconds))
+        except Exception:  # any failure: the workflow's own advice activity tries again
+            log.exception("advice inside validation failed for %s", inp.request.refund_request_id)
+            return None
+
+    async def _advise(self, inp: AdviseInput, budget: timedelta) -> AdviceReceipt:
         case_id = inp.request.refund_request_id
         stored = await self._integrations.advice(case_id)
         if stored is None:
             context = await self._context(inp)
-            budget = (activity.info().start_to_close_timeout or timedelta(seconds=30)) - ADVICE_MARGIN
             try:
                 advice = guarded(await self._advisor.advise(context, budget.total_seconds()), context)
                 error = None

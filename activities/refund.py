@@ -5,7 +5,7 @@ Each activity is idempotent: a retry after a crash finds what the first attempt 
 """
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from temporalio import activity
@@ -26,6 +26,7 @@ from adapters.providers.base import (
 )
 from adapters.providers.manual import ManualRefunds
 from domain import contracts, errors
+from domain.integrations import AdviceReceipt, AdviseInput
 from domain.models import (
     CaseEventInput,
     CaseStatus,
@@ -76,11 +77,14 @@ def _count_escalation(event: CaseEventInput) -> None:
 class RefundActivities:
     """Holds the process-wide store and provider clients the activities share."""
 
-    def __init__(self, store: Store, providers: Mapping[str, ProviderAdapter],
-                 policy: Policy) -> None:
+    def __init__(self, store: Store, providers: Mapping[str, ProviderAdapter], policy: Policy, *,
+                 advise: Callable[[AdviseInput], Awaitable[AdviceReceipt | None]] | None = None) -> None:
+        """`advise`: advice made inside validation when the advisor allows it (see
+        `IntegrationActivities.advise_in_process`); `None` there leaves it to the workflow."""
         self._store = store
         self._providers = providers
         self._policy = policy
+        self._advise = advise
         self._manual = ManualRefunds(store)
 
     def _provider(self, name: str) -> ProviderAdapter:
@@ -120,7 +124,11 @@ class RefundActivities:
         def decided(validation: ValidationResult, prior_amounts: list[int]) -> PolicyDecision:
             return decide(self._policy, request, policy_context(
                 request, validation.amount_captured, validation.dispute_count, prior_amounts))
-        return await self._store.cases.reserve_and_decide(request, charge, decided)
+        vetted = await self._store.cases.reserve_and_decide(request, charge, decided)
+        if self._advise is None or not vetted.validation.ok:
+            return vetted
+        advice = await self._advise(AdviseInput(request=request, validation=vetted.validation))
+        return vetted.model_copy(update={"advised": advice is not None})
 
     async def _valid_charge(self, request: RefundRequest) -> ChargeSnapshot | str:
         """The charge at the provider when it can take the refund; otherwise the case is

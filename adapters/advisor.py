@@ -38,6 +38,9 @@ class AdvisorUnavailable(Exception):
 
 class Advisor(Protocol):
     source: str
+    in_process: bool
+    """Answers without leaving the worker's process (no network, no wait worth a timeout):
+    such advice is made inside the validation activity instead of an activity of its own."""
 
     async def advise(self, context: AdviceContext, budget_seconds: float) -> Advice:
         """Advice for the case, within the time budget, or AdvisorUnavailable."""
@@ -61,6 +64,7 @@ class OfflineAdvisor:
     """Deterministic rules: the embedded default, no network."""
 
     source = "offline-rules"
+    in_process = True
 
     async def advise(self, context: AdviceContext, budget_seconds: float) -> Advice:
         return offline_advice(context)
@@ -69,6 +73,7 @@ class OfflineAdvisor:
 class ChatCompletionsAdvisor:
     def __init__(self, url: str, model: str, api_key: str | None, timeout: float) -> None:
         self.source = f"llm:{model}"
+        self.in_process = False
         self._endpoint = url.rstrip("/") + "/chat/completions"
         self._model = model
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}

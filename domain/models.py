@@ -529,6 +529,9 @@ class Vetted(Frozen):
 
     validation: ValidationResult
     decision: PolicyDecision | None = None
+    advised: bool = False
+    """Advice was made and stored inside validation (an in-process advisor): the workflow
+    asks no advice activity. False in every result recorded before it existed."""
 
 
 class ApprovalVerdict(Frozen):

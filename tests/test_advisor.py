@@ -6,12 +6,14 @@ import json
 import uuid
 from typing import Any
 
+import pytest
 from temporalio.client import Client
 
 from adapters.advisor import BEGIN, END
 from adapters.db import Store, request_from_row
 from adapters.db.rows import AdviceRow
 from adapters.policy_file import load_policy
+from domain import contracts
 from domain.advice import Advice, AdviceContext, PriorRefund, offline_advice
 from domain.models import PolicyContext, PolicyInput, RefundReason, RefundRequest
 from domain.policy import decide
@@ -67,6 +69,45 @@ async def test_offline_advice_is_stored_and_shown_to_approvers_as_advisory(stack
     assert stored.advice is not None and stored.advice["suggested_amount"] == 9_000
 
 
+async def scheduled_activities(stack: Stack, case_id: str) -> list[str]:
+    history = await stack.client.get_workflow_handle(case_id).fetch_history()
+    return [e.activity_task_scheduled_event_attributes.activity_type.name for e in history.events
+            if e.HasField("activity_task_scheduled_event_attributes")]
+
+
+async def test_the_offline_advisor_answers_inside_validation_so_no_advice_activity_runs(stack: Stack) -> None:
+    """Rules in the worker's own process cost one read and one row: they advise inside the
+    validation activity (issue 21), and the case asks no activity of its own for advice."""
+    charge = await stack.charge(20_000)
+    case_id = await stack.request_refund("alice", charge, 1_000)
+    await stack.client.get_workflow_handle(case_id).result()
+    assert (await stack.wait_for_status(case_id, "succeeded")).status == "succeeded"
+    scheduled = await scheduled_activities(stack, case_id)
+    assert contracts.VALIDATE_AND_DECIDE.name in scheduled
+    assert contracts.ADVISE_REFUND.name not in scheduled, scheduled
+    stored = await stack.store.integrations.advice(case_id)
+    assert isinstance(stored, AdviceRow) and stored.source == "offline-rules" and stored.error is None
+    assert stored.advice is not None and stored.advice["suggested_amount"] == 1_000
+    actions = await stack.actions(case_id)
+    assert actions.count("advice_recorded") == 1
+    order = [actions.index(a) for a in ("policy_decision", "advice_recorded", "execution_started")]
+    assert order == sorted(order), actions
+
+
+async def test_advice_failing_inside_validation_is_asked_again_beside_the_case_and_never_stops_it(
+        stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(context: AdviceContext) -> Advice:
+        raise RuntimeError("rules broke")
+    monkeypatch.setattr("adapters.advisor.offline_advice", broken)
+    charge = await stack.charge(20_000)
+    case_id = await stack.request_refund("alice", charge, 1_000)
+    await stack.client.get_workflow_handle(case_id).result()
+    assert (await stack.wait_for_status(case_id, "succeeded")).status == "succeeded"
+    assert contracts.ADVISE_REFUND.name in await scheduled_activities(stack, case_id)
+    assert "advice_unavailable" in await stack.actions(case_id)
+    assert await stack.store.integrations.advice(case_id) is None
+
+
 async def test_a_model_saying_approve_ten_times_the_amount_changes_only_the_recommendation(
         store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
     assert "advice" not in PolicyInput.model_fields  # the policy has no way to read it
@@ -118,6 +159,8 @@ async def test_a_slow_or_broken_model_means_no_advice_and_the_case_goes_on(
             charge = await llm.charge(10_000)
             case_id = await llm.request_refund("alice", charge, 1_000)
             await llm.client.get_workflow_handle(case_id).result()  # the case's end waits for the advice
+            # a model is asked from an activity of its own, never inside validation
+            assert contracts.ADVISE_REFUND.name in await scheduled_activities(llm, case_id), mode
             advice = (await case_view(llm, case_id))["advice"]
             assert advice["available"] is False and advice["status"] == "no advice", mode
             assert error in advice["error"], (mode, advice["error"])

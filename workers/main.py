@@ -70,9 +70,10 @@ def build_worker(client: Client, task_queue: str, store: Store,
     if keys is None:
         log.warning("REFUNDS_APPROVAL_KEYS is not set: this worker counts no approval")
     observed = instrument(providers)
-    activities = [*RefundActivities(store, observed, policy).all(),
+    integrations = IntegrationActivities(store, settings)
+    activities = [*RefundActivities(store, observed, policy, advise=integrations.advise_in_process).all(),
                   *PayoutActivities(store, observed, policy).all(),
-                  *IntegrationActivities(store, settings).all(),
+                  *integrations.all(),
                   *IncidentActivities(store).all(),
                   *ReconciliationActivities(
                       store, providers, client, policy, timings=settings.timings(),

@@ -149,7 +149,8 @@ class RefundWorkflow(RefundLifecycle):
             self._failure_reason = validation.reason
             return await self._finish()
         if self._trips:  # advice is for people: beside the money path, never awaited by it
-            self._advising = asyncio.create_task(self._advise(validation))
+            if not vetted.advised:  # an in-process advisor answered inside validation
+                self._advising = asyncio.create_task(self._advise(validation))
             assert vetted.decision is not None
             self._decision = vetted.decision
         else:

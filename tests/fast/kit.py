@@ -47,6 +47,7 @@ class FakeActivities:
 
     def __init__(self, defaults: dict[str, Any]) -> None:
         self.calls: list[tuple[str, Any]] = []
+        self.advised_in_validation = False  # as the product's in-process advisor does
         self._answers: dict[str, list[Answer]] = {name: [returns(value)] for name, value in defaults.items()}
 
     def script(self, contract: Activity[InputT, ResultT], *answers: ResultT | BaseException | Answer) -> None:
@@ -92,7 +93,7 @@ class FakeActivities:
             return Vetted(validation=validation)
         decision = await self._answer(contracts.DECIDE_POLICY.name,
                                       PolicyInput(request=inp.request, validation=validation))
-        return Vetted(validation=validation, decision=decision)
+        return Vetted(validation=validation, decision=decision, advised=self.advised_in_validation)
 
     async def _write(self, inp: CaseWrites) -> CaseWritten:
         posting = await self._answer(contracts.POST_LEDGER.name, inp.posting) if inp.posting else None

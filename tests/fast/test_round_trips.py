@@ -4,6 +4,7 @@ the fast tier's workflow writes (fakes answer at once; the events are the workfl
 
 import asyncio
 
+import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowHandle
 
@@ -43,18 +44,23 @@ async def test_a_refund_with_one_approval_stays_within_its_event_budget(client: 
     assert len(written) <= ONE_APPROVAL_BUDGET, written
 
 
-async def test_the_auto_approved_steps_fold_bookkeeping_into_the_work_they_accompany(client: Client) -> None:
+@pytest.mark.parametrize("advised_in_validation", [False, True])
+async def test_the_auto_approved_steps_fold_bookkeeping_into_the_work_they_accompany(
+        client: Client, advised_in_validation: bool) -> None:
     """Validation with the policy, `execution_started` with the submit's intent, and the
-    posting, its notice and the status in one local write; advice and delivery beside."""
+    posting, its notice and the status in one local write; delivery beside, and advice
+    beside too unless validation brought it (an in-process advisor)."""
     case_id = new_case()
     fakes = refund_fakes(case_id)
+    fakes.advised_in_validation = advised_in_validation
     async with fake_worker(client, fakes) as queue:
         handle = await start(client, queue, case_id)
         await handle.result()
     history = (await handle.fetch_history()).events
     scheduled = sorted(e.activity_task_scheduled_event_attributes.activity_type.name
                        for e in history if e.HasField("activity_task_scheduled_event_attributes"))
-    assert scheduled == sorted([contracts.VALIDATE_AND_DECIDE.name, contracts.ADVISE_REFUND.name,
+    asked_for_advice = [] if advised_in_validation else [contracts.ADVISE_REFUND.name]
+    assert scheduled == sorted([contracts.VALIDATE_AND_DECIDE.name, *asked_for_advice,
                                 contracts.SUBMIT_PROVIDER_REFUND.name, contracts.DELIVER_NOTICES.name])
     local = [e for e in history if e.HasField("marker_recorded_event_attributes")
              and e.marker_recorded_event_attributes.marker_name == "core_local_activity"]
