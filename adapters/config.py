@@ -140,6 +140,9 @@ class Settings(BaseSettings):
         default=True, description="Secure flag on the console session cookie; the loopback-only "
                                   "dev stack and tests turn it off (plain http)")
 
+    notice_dispatch_seconds: float = Field(default=1, description="how long the worker's notice "
+                                           "dispatcher waits after finding nothing to deliver; 0: off "
+                                           "(only when another worker of the task queue dispatches)")
     outbox_sweep_seconds: float = Field(default=30, description="how often the worker sweeps the "
                                         "notice outbox; 0: off")
     outbox_sweep_after_seconds: float = Field(default=60, description="a notice undelivered this long "

@@ -1,6 +1,7 @@
 """A benchmark's worker in a process of its own, as production runs it: the product's worker
-(`build_worker`, the same one `refunds worker` runs, without the sweepers and probes a
-benchmark would only measure) or, with `--bare QUEUE`, the bare baseline worker. So each side
+(`build_worker`, the same one `refunds worker` runs, with its notice dispatcher, which
+delivers the refunds' notices; without the sweepers and probes a benchmark would only
+measure) or, with `--bare QUEUE`, the bare baseline worker. So each side
 has its own interpreter lock, and the worker's memory is its own process's, not the load
 client's, the relay's and the sandbox provider's as well.
 
@@ -23,6 +24,7 @@ import psutil
 from pydantic import SecretStr
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
+from activities.integrations import IntegrationActivities
 from adapters import event_loop
 from adapters.config import Settings
 from adapters.db import Store
@@ -31,6 +33,7 @@ from adapters.providers.registry import build_providers, close_providers
 from adapters.temporal_client import connect
 from bench.common import bare_worker
 from workers.main import build_worker
+from workers.outbox import notice_dispatcher
 
 SETTINGS_VARIABLE = "BENCH_WORKER_SETTINGS"
 
@@ -57,6 +60,9 @@ async def serve(dsn: str, bare_queue: str | None, default_sandbox: bool) -> None
             await running.enter_async_context(build_worker(
                 client, settings.task_queue, store, providers, load_policy(settings.policy_file),
                 settings=settings, runner=SandboxedWorkflowRunner() if default_sandbox else None))
+            await running.enter_async_context(notice_dispatcher(
+                store.outbox, IntegrationActivities(store, settings), settings.task_queue,
+                every_seconds=settings.notice_dispatch_seconds))
         print("ready", flush=True)
         await stop.wait()
 

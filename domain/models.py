@@ -491,6 +491,9 @@ class NoticeInput(Frozen):
     audience: str
     dedup_key: str
     detail: dict[str, Any] = Field(default_factory=dict)
+    dispatch_queue: str | None = None
+    """The task queue whose workers' dispatcher delivers it (`workers.outbox`); None: the
+    workflow's own courier does, or the sweeper after its grace."""
 
 
 class CaseWrite(Frozen):

@@ -20,6 +20,7 @@ from psycopg.conninfo import make_conninfo
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.integrations import IntegrationActivities
 from adapters.codec import generate_key_spec
 from adapters.config import Settings
 from adapters.db import CaseCreation, Store
@@ -37,6 +38,7 @@ from starters.dev import sandbox_provider
 from starters.dev.stack import TemporalDevServer
 from starters.ports import free_port
 from workers.main import build_worker
+from workers.outbox import notice_dispatcher
 
 # One throwaway payload key per test session: the session client, every stack's settings
 # and the subprocess workers tests start all encrypt with it.
@@ -149,8 +151,13 @@ class Stack:
                               load_policy(self.settings.policy_file), settings=self.settings)
         self.worker = worker
         task = asyncio.create_task(worker.run())
+        dispatching = AsyncExitStack()  # the worker pool's notice dispatcher, as `refunds worker` runs it
+        await dispatching.enter_async_context(notice_dispatcher(
+            self.store.outbox, IntegrationActivities(self.store, self.settings), self.settings.task_queue,
+            every_seconds=self.settings.notice_dispatch_seconds))
 
         async def stop() -> None:
+            await dispatching.aclose()
             if not task.done():
                 await worker.shutdown()
             await task
@@ -171,7 +178,7 @@ async def open_stack(store: Store, client: Client, temporal_address: str, *, wor
     relay_port, sandbox_port = relay_sock.getsockname()[1], sandbox_sock.getsockname()[1]
     values: dict[str, Any] = {
         "task_queue": f"tq-{uuid.uuid4().hex[:10]}", "relay_port": relay_port,
-        "sandbox_port": sandbox_port, "sandbox_webhook_secret": secret,
+        "sandbox_port": sandbox_port, "sandbox_webhook_secret": secret, "notice_dispatch_seconds": 0.2,
         "temporal_address": temporal_address, "approval_timeout_seconds": 60,
         "submit_timeout_seconds": 5, "status_poll_interval_seconds": 2,
         "late_failure_window_seconds": 2, "provider_http_timeout_seconds": 2,

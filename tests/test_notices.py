@@ -135,6 +135,31 @@ async def test_a_failing_channel_is_retried_alone_and_never_holds_up_the_case(
         assert rows["teams"]["status"] == "delivered" and len(world.teams) == 2
 
 
+async def test_a_refunds_notices_go_out_through_the_workers_dispatcher_not_an_activity_of_the_case(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """Issue 21: delivery beside the case cost each refund an activity and a workflow task.
+    The case only queues (in its steps' transactions); the worker pool that runs it delivers."""
+    async with connected_stack(store, client, temporal_server, jira_url=None,
+                               servicenow_url=None) as (stack, world):
+        charge = await stack.charge(10_000)
+        case_id = await stack.request_refund("alice", charge, 1_500)  # auto-approved
+        await stack.client.get_workflow_handle(case_id).result()
+
+        async def everywhere() -> dict[str, DeliveryRow] | None:
+            rows = await delivered(stack, case_id, "refund_succeeded")
+            done = len(rows) == 3 and all(r.status == "delivered" for r in rows.values())
+            return rows if done else None
+
+        await eventually(everywhere)
+        assert slack_titles(world).count(f"Refund {case_id} succeeded") == 1
+        history = await stack.client.get_workflow_handle(case_id).fetch_history()
+        scheduled = {e.activity_task_scheduled_event_attributes.activity_type.name for e in history.events
+                     if e.HasField("activity_task_scheduled_event_attributes")}
+        assert not scheduled & {"deliver_notice", "deliver_notices"}, scheduled
+        [notice] = await stack.store.outbox.notices(case_id)
+        assert notice.kind == "refund_succeeded" and notice.delivered_at is not None
+
+
 async def test_the_customer_hears_the_refund_could_not_be_processed_by_email_only(
         store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
     async with connected_stack(store, client, temporal_server, jira_url=None) as (stack, world):

@@ -37,7 +37,7 @@ from domain.policy import Policy
 from workers.case_sweep import sweep_closed_cases
 from workers.checkpoints import checkpoint_audit_heads
 from workers.health import health_app
-from workers.outbox import sweep_outbox
+from workers.outbox import notice_dispatcher, sweep_outbox
 from workers.retention import prune_receipts
 from workflows.payout import PayoutReversalWorkflow
 from workflows.reconciliation import ReconciliationBreakWorkflow, ReconciliationWorkflow
@@ -116,8 +116,9 @@ async def run_worker(settings: Settings, dsn: str, stop: asyncio.Event) -> None:
         log.info("reconciliation schedule %s is in place", schedule)
     health = (AppServer(health_app(worker, client, store, settings), settings.bind_host,
                         settings.worker_health_port) if settings.worker_health_port else None)
+    delivery = IntegrationActivities(store, settings)
     sweeper = (asyncio.create_task(sweep_outbox(
-        store.outbox, IntegrationActivities(store, settings), stop,
+        store.outbox, delivery, stop,
         every_seconds=settings.outbox_sweep_seconds,
         older_than_seconds=settings.outbox_sweep_after_seconds))
         if settings.outbox_sweep_seconds > 0 else None)
@@ -132,7 +133,8 @@ async def run_worker(settings: Settings, dsn: str, stop: asyncio.Event) -> None:
         idle_seconds=settings.case_sweep_after_seconds))
         if settings.case_sweep_seconds > 0 else None)
     try:
-        async with worker:
+        async with worker, notice_dispatcher(store.outbox, delivery, settings.task_queue,
+                                             every_seconds=settings.notice_dispatch_seconds):
             if health is not None:
                 await health.start()
                 log.info("worker health and metrics on %s", health.url)

@@ -1,19 +1,38 @@
-"""The outbox sweeper: refund workflows deliver their own notices (a courier beside the
-case); payout cases and reconciliation breaks only queue theirs. The sweeper delivers
-every notice still undelivered after a grace period, once, through the same delivery
-code, so per-channel dedup (`notice_deliveries`) still holds."""
+"""The notice outbox's two deliverers, both through the same delivery code, so per-channel
+dedup (`notice_deliveries`) holds whoever sends.
+
+The dispatcher delivers the notices queued for its task queue (refund cases since
+`notices-dispatched-1`: the case only queues, in its steps' transactions), promptly, in
+order within a case, retrying a certain failure on the courier activity's old schedule
+(`retry.DELIVER`). The sweeper delivers, once, every other notice still undelivered after
+a grace period: payout cases' and reconciliation breaks', and what an older refund
+execution's courier left."""
 
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
+from typing import Protocol
 
-from activities.integrations import IntegrationActivities
+from temporalio.exceptions import ApplicationError
+
 from adapters.db.outbox import OutboxRepository
+from workflows.retry import DELIVER
 
 log = logging.getLogger(__name__)
 
 
-async def sweep_once(outbox: OutboxRepository, delivery: IntegrationActivities, *,
+class Deliverer(Protocol):
+    async def deliver(self, dedup_key: str) -> None:
+        """Sends a queued notice to every channel that carries it (`IntegrationActivities`)."""
+
+
+SCHEDULE = DELIVER["retry_policy"]
+# longer than a delivery can take (every channel's send is bounded well inside it)
+DISPATCH_LEASE_SECONDS = 2 * DELIVER["start_to_close_timeout"].total_seconds()
+
+
+async def sweep_once(outbox: OutboxRepository, delivery: Deliverer, *,
                      older_than_seconds: float, limit: int = 100) -> int:
     """Delivers one batch of unswept notices; returns how many it took."""
     keys = await outbox.claim_unswept(older_than_seconds, limit)
@@ -25,7 +44,7 @@ async def sweep_once(outbox: OutboxRepository, delivery: IntegrationActivities, 
     return len(keys)
 
 
-async def sweep_outbox(outbox: OutboxRepository, delivery: IntegrationActivities,
+async def sweep_outbox(outbox: OutboxRepository, delivery: Deliverer,
                        stop: asyncio.Event, *, every_seconds: float, older_than_seconds: float) -> None:
     """Sweeps until `stop` is set."""
     while not stop.is_set():
@@ -35,3 +54,61 @@ async def sweep_outbox(outbox: OutboxRepository, delivery: IntegrationActivities
             log.exception("outbox sweep failed")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=every_seconds)
+
+
+def retry_delay(attempt: int) -> float:
+    """Seconds before the next try after `attempt` failed: the courier activity's backoff."""
+    first = SCHEDULE.initial_interval.total_seconds()
+    cap = SCHEDULE.maximum_interval.total_seconds() if SCHEDULE.maximum_interval else first
+    return float(min(first * SCHEDULE.backoff_coefficient ** (attempt - 1), cap))
+
+
+async def dispatch_once(outbox: OutboxRepository, delivery: Deliverer, queue: str, *,
+                        limit: int = 100) -> int:
+    """Delivers the due notices of `queue` (each case's first pending one); returns how many
+    it took. A notice is done once delivered, when no channel carries it, or when its
+    failure is for good or its attempts are spent; otherwise it is due again later."""
+    claimed = await outbox.claim_dispatch(queue, limit, DISPATCH_LEASE_SECONDS)
+    for notice_id, key, attempt in claimed:
+        try:
+            await delivery.deliver(key)
+        except Exception as exc:  # a channel (recorded per channel) or the database; go on
+            final = (isinstance(exc, ApplicationError) and exc.non_retryable) or (
+                0 < SCHEDULE.maximum_attempts <= attempt)
+            log.warning("notice %s not delivered everywhere (attempt %d%s): %s", key, attempt,
+                        ", giving up" if final else "", exc)
+            if not final:
+                await outbox.dispatch_later(notice_id, retry_delay(attempt))
+                continue
+        await outbox.dispatched(notice_id)
+    return len(claimed)
+
+
+async def dispatch_notices(outbox: OutboxRepository, delivery: Deliverer, queue: str,
+                           stop: asyncio.Event, *, every_seconds: float) -> None:
+    """Dispatches until `stop` is set; looks again at once while there was work."""
+    while not stop.is_set():
+        try:
+            if await dispatch_once(outbox, delivery, queue):
+                continue
+        except Exception:  # the database may be restarting; the next round tries again
+            log.exception("notice dispatch failed")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=every_seconds)
+
+
+@contextlib.asynccontextmanager
+async def notice_dispatcher(outbox: OutboxRepository, delivery: Deliverer, queue: str, *,
+                            every_seconds: float) -> AsyncIterator[None]:
+    """The dispatcher for `queue` while the block runs (off when `every_seconds` is 0: another
+    pool of the same queue delivers). Stopped and awaited on the way out."""
+    if every_seconds <= 0:
+        yield
+        return
+    stop = asyncio.Event()
+    task = asyncio.create_task(dispatch_notices(outbox, delivery, queue, stop, every_seconds=every_seconds))
+    try:
+        yield
+    finally:
+        stop.set()
+        await task

@@ -38,6 +38,7 @@ with workflow.unsafe.imports_passed_through():
         ApprovalRound,
     )
     from workflows.refund_case import (
+        DISPATCH_PATCH,
         INTEGRATIONS_PATCH,
         PROVIDER_SCOPED_WAIT_PATCH,
         TRIPS_PATCH,
@@ -74,6 +75,7 @@ class RefundWorkflow(RefundLifecycle):
         self._advising: asyncio.Task[None] | None = None
         self._holding = False  # the courier waits: a submit and its first settlement are under way
         self._trips = False  # the fewer-round-trips shape (TRIPS_PATCH)
+        self._dispatched = False  # notices delivered by the worker pool (DISPATCH_PATCH)
         self._closing = False
         self._provider_scoped = False
         self._lookup_escalated = False
@@ -131,7 +133,8 @@ class RefundWorkflow(RefundLifecycle):
 
     async def _run(self, inp: RefundWorkflowInput) -> RefundOutcome:
         request = inp.request
-        self._trips = workflow.patched(TRIPS_PATCH)
+        self._dispatched = workflow.patched(DISPATCH_PATCH)
+        self._trips = self._dispatched or workflow.patched(TRIPS_PATCH)
         self._provider_scoped = self.since(PROVIDER_SCOPED_WAIT_PATCH)
         if inp.carried is not None:
             return await self._resume(inp.carried)
@@ -199,6 +202,10 @@ class RefundWorkflow(RefundLifecycle):
         await self._record(action, status, actor=actor, release=release, detail=detail)
 
     async def approval_notice(self, kind: str, audience: str, detail: dict[str, Any]) -> None:
+        if self._dispatched and self._advising is not None:
+            # an approver's notice carries the advice (the courier waited too); shielded: a
+            # cancel meanwhile stops this wait, not the advice, which the case's end awaits
+            await asyncio.shield(self._advising)
         await self._notify(kind, audience, detail)
 
     # -- advice and notices (beside the case, never in its way) --------------------------

@@ -56,6 +56,11 @@ VERIFY_DUPLICATES_PATCH = "verify-duplicate-refunds-1"
 # activities; advice beside the money path. Every patch above holds for such an execution,
 # so their markers are not written again (`since`).
 TRIPS_PATCH = "fewer-round-trips-1"
+# The case only queues its notices (named for its task queue's dispatcher, in its steps'
+# transactions); the worker pool delivers them (`workers.outbox`). Before, a courier beside
+# the case delivered them from `deliver_notices`: an activity and a workflow task a case.
+# Implies TRIPS_PATCH, whose marker such an execution does not write.
+DISPATCH_PATCH = "notices-dispatched-1"
 # The late-failure watch takes only the case's provider's events too (as the notification
 # wait does since PROVIDER_SCOPED_WAIT_PATCH); before, another provider's event naming the
 # case was raised as a duplicate refund of it. Asked only when such an event arrives, so a
@@ -84,6 +89,7 @@ class RefundCase(ApprovingWorkflow):
     _advising: asyncio.Task[None] | None
     _holding: bool
     _trips: bool
+    _dispatched: bool
     _closing: bool
     _provider_scoped: bool
     _lookup_escalated: bool

@@ -55,11 +55,12 @@ class RefundWrites(RefundCase):
         case_id = self._request_id()
         occasion = self._refund.status.value if self._refund else self._status.value
         return NoticeInput(refund_request_id=case_id, kind=kind, audience=audience,
-                           dedup_key=f"{case_id}:{kind}:{audience}:{occasion}", detail=detail)
+                           dedup_key=f"{case_id}:{kind}:{audience}:{occasion}", detail=detail,
+                           dispatch_queue=workflow.info().task_queue if self._dispatched else None)
 
     async def _notify(self, kind: str, audience: str, detail: dict[str, Any]) -> None:
-        """Queues a notice in the outbox and hands it to the courier that delivers it
-        beside the case."""
+        """Queues a notice in the outbox: for the worker pool's dispatcher, or (executions
+        before DISPATCH_PATCH) handed to the courier that delivers it beside the case."""
         notice = self._notice(kind, audience, detail)
         if self._trips:
             await self._write(CaseWrite(notice=notice))
@@ -69,7 +70,10 @@ class RefundWrites(RefundCase):
             self._deliver_later(notice.dedup_key)
 
     def _deliver_later(self, dedup_key: str) -> None:
-        """Hands a queued notice to the courier (started with the first)."""
+        """Hands a queued notice to the courier (started with the first); the worker pool's
+        dispatcher has it instead since DISPATCH_PATCH."""
+        if self._dispatched:
+            return
         self._outbox.append(dedup_key)
         if self._courier is None:
             self._courier = asyncio.create_task(self._deliver_outbox())

@@ -22,10 +22,10 @@ class OutboxRepository(Repository):
     async def queue_in(conn: Conn, notice: NoticeInput) -> bool:
         """`queue` inside the caller's transaction."""
         cur = await conn.execute(
-            "INSERT INTO notices (dedup_key, refund_request_id, kind, audience, detail)"
-            " VALUES (%s,%s,%s,%s,%s) ON CONFLICT (dedup_key) DO NOTHING RETURNING id",
+            "INSERT INTO notices (dedup_key, refund_request_id, kind, audience, detail, dispatch_queue)"
+            " VALUES (%s,%s,%s,%s,%s,%s) ON CONFLICT (dedup_key) DO NOTHING RETURNING id",
             (notice.dedup_key, notice.refund_request_id, notice.kind, notice.audience,
-             jsonb(notice.detail)))
+             jsonb(notice.detail), notice.dispatch_queue))
         if await cur.fetchone() is None:
             return False
         await AuditLog.append(conn, notice.refund_request_id, "system", "notice_queued",
@@ -93,8 +93,36 @@ class OutboxRepository(Repository):
         is swept once; SKIP LOCKED lets several workers sweep side by side)."""
         rows = await self._db.fetch_all(
             "UPDATE notices SET swept_at = now() WHERE id IN (SELECT id FROM notices"
-            " WHERE delivered_at IS NULL AND swept_at IS NULL"
+            " WHERE delivered_at IS NULL AND swept_at IS NULL AND dispatch_queue IS NULL"
             " AND created_at < now() - make_interval(secs => %s)"
             " ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING dedup_key",
             (older_than_seconds, limit))
         return [r["dedup_key"] for r in rows]
+
+    async def claim_dispatch(self, queue: str, limit: int,
+                             lease_seconds: float) -> list[tuple[int, str, int]]:
+        """Notices for `queue`'s dispatcher that are due: only the first pending one of each
+        case (a case's notices go out in order), each claimed for `lease_seconds` (a
+        dispatcher that dies leaves it to another once the lease runs out; SKIP LOCKED lets
+        several claim side by side). (id, dedup key, attempt number) in queue order."""
+        rows = await self._db.fetch_all(
+            "UPDATE notices SET claimed_until = now() + make_interval(secs => %s), attempts = attempts + 1"
+            " WHERE id IN (SELECT n.id FROM notices n WHERE n.dispatch_queue = %s"
+            " AND n.dispatched_at IS NULL AND n.next_attempt_at <= now()"
+            " AND (n.claimed_until IS NULL OR n.claimed_until < now())"
+            " AND NOT EXISTS (SELECT 1 FROM notices e WHERE e.refund_request_id = n.refund_request_id"
+            " AND e.id < n.id AND e.dispatch_queue IS NOT NULL AND e.dispatched_at IS NULL)"
+            " ORDER BY n.id LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING id, dedup_key, attempts",
+            (lease_seconds, queue, limit))
+        return sorted((r["id"], r["dedup_key"], r["attempts"]) for r in rows)
+
+    async def dispatched(self, notice_id: int) -> None:
+        """The dispatcher is done with a notice (delivered, no channel for it, or given up)."""
+        await self._db.execute("UPDATE notices SET dispatched_at = now(), claimed_until = NULL"
+                               " WHERE id = %s", (notice_id,))
+
+    async def dispatch_later(self, notice_id: int, delay_seconds: float) -> None:
+        """A certain failure on some channel: the notice is due again after `delay_seconds`."""
+        await self._db.execute(
+            "UPDATE notices SET next_attempt_at = now() + make_interval(secs => %s), claimed_until = NULL"
+            " WHERE id = %s", (delay_seconds, notice_id))

@@ -40,7 +40,7 @@ from starters.dev.stack import (
 from starters.ports import ensure_ports_free, free_port
 from workers.case_sweep import sweep_closed_cases
 from workers.main import build_worker
-from workers.outbox import sweep_outbox
+from workers.outbox import notice_dispatcher, sweep_outbox
 
 log = logging.getLogger("dev")
 
@@ -165,14 +165,19 @@ async def run_dev(settings: Settings, *, play_demo: bool = True) -> None:
                               settings=settings)
         await ensure_reconciliation_schedules(client, settings, providers)
         worker_task = asyncio.create_task(worker.run())
+        delivery = IntegrationActivities(store, settings)
         sweeper = asyncio.create_task(sweep_outbox(
-            store.outbox, IntegrationActivities(store, settings), stop,
+            store.outbox, delivery, stop,
             every_seconds=settings.outbox_sweep_seconds or 30,
             older_than_seconds=settings.outbox_sweep_after_seconds))
         case_sweeper = asyncio.create_task(sweep_closed_cases(
             store, client, providers, stop, every_seconds=settings.case_sweep_seconds or 60,
             idle_seconds=settings.case_sweep_after_seconds))
+        dispatching = contextlib.AsyncExitStack()
         try:
+            await dispatching.enter_async_context(notice_dispatcher(
+                store.outbox, delivery, settings.task_queue,
+                every_seconds=settings.notice_dispatch_seconds or 1))
             await sandbox.start()
             await front.start()
             await relay_app.state.webhooks.redrive()
@@ -190,6 +195,7 @@ async def run_dev(settings: Settings, *, play_demo: bool = True) -> None:
             stop.set()
             with contextlib.suppress(Exception):
                 await asyncio.gather(sweeper, case_sweeper)
+            await dispatching.aclose()
             await worker.shutdown()
             with contextlib.suppress(Exception):
                 await worker_task

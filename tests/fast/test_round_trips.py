@@ -36,8 +36,8 @@ async def test_a_refund_with_one_approval_stays_within_its_event_budget(client: 
     fakes = refund_fakes(case_id, auto_approve=False)
     async with fake_worker(client, fakes) as queue:
         handle = await start(client, queue, case_id)
-        while contracts.DELIVER_NOTICES.name not in fakes.names():  # approvers act once told
-            await asyncio.sleep(0.05)
+        while not [n for n in fakes.inputs(contracts.QUEUE_NOTICE) if n.kind == "approval_needed"]:
+            await asyncio.sleep(0.05)  # approvers act once told
         await handle.execute_update(RefundWorkflow.submit_approval, verdict(Decision.APPROVE))
         await handle.result()
     written = await events(handle)
@@ -48,8 +48,8 @@ async def test_a_refund_with_one_approval_stays_within_its_event_budget(client: 
 async def test_the_auto_approved_steps_fold_bookkeeping_into_the_work_they_accompany(
         client: Client, advised_in_validation: bool) -> None:
     """Validation with the policy, `execution_started` with the submit's intent, and the
-    posting, its notice and the status in one local write; delivery beside, and advice
-    beside too unless validation brought it (an in-process advisor)."""
+    posting, its notice and the status in one local write; advice beside unless validation
+    brought it (an in-process advisor); the notice queued for the worker pool to deliver."""
     case_id = new_case()
     fakes = refund_fakes(case_id)
     fakes.advised_in_validation = advised_in_validation
@@ -61,7 +61,7 @@ async def test_the_auto_approved_steps_fold_bookkeeping_into_the_work_they_accom
                        for e in history if e.HasField("activity_task_scheduled_event_attributes"))
     asked_for_advice = [] if advised_in_validation else [contracts.ADVISE_REFUND.name]
     assert scheduled == sorted([contracts.VALIDATE_AND_DECIDE.name, *asked_for_advice,
-                                contracts.SUBMIT_PROVIDER_REFUND.name, contracts.DELIVER_NOTICES.name])
+                                contracts.SUBMIT_PROVIDER_REFUND.name])
     local = [e for e in history if e.HasField("marker_recorded_event_attributes")
              and e.marker_recorded_event_attributes.marker_name == "core_local_activity"]
     assert len(local) == 1
@@ -71,4 +71,5 @@ async def test_the_auto_approved_steps_fold_bookkeeping_into_the_work_they_accom
     assert write.posting is not None and write.posting.kind is LedgerKind.REFUND_SETTLED
     steps = [(w.notice.kind if w.notice else None, w.event.action if w.event else None) for w in write.writes]
     assert steps == [("refund_succeeded", None), (None, "refund_succeeded")]
+    assert write.writes[0].notice is not None and write.writes[0].notice.dispatch_queue == queue
     assert fakes.recorded() == ["execution_started", "refund_succeeded"]  # every row, as before

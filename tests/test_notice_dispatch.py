@@ -1,0 +1,120 @@
+"""The worker pool's notice dispatcher (issue 21), on the real outbox: each case's notices go
+out in order, one claim at a time across dispatchers, only its own task queue's; a certain
+failure is tried again on the courier activity's old schedule and given up after its
+attempts, a failure for good at once; a dispatcher that died leaves its claims to others."""
+
+import asyncio
+import uuid
+
+import pytest
+from temporalio.exceptions import ApplicationError
+
+from adapters.db import Store
+from domain.models import NoticeInput
+from workers.outbox import SCHEDULE, dispatch_once, retry_delay
+
+
+class Channel:
+    """Stands in for the delivery code: records each key sent; fails as scripted."""
+
+    def __init__(self, failures: dict[str, ApplicationError] | None = None) -> None:
+        self.sent: list[str] = []
+        self.failures = failures or {}
+
+    async def deliver(self, dedup_key: str) -> None:
+        self.sent.append(dedup_key)
+        if dedup_key in self.failures:
+            raise self.failures[dedup_key]
+
+
+async def queued(store: Store, case_id: str, kinds: list[str], queue: str | None) -> list[str]:
+    keys = [f"{case_id}:{kind}" for kind in kinds]
+    for key, kind in zip(keys, kinds, strict=True):
+        await store.outbox.queue(NoticeInput(refund_request_id=case_id, kind=kind, audience="ops",
+                                             dedup_key=key, dispatch_queue=queue))
+    return keys
+
+
+async def due_now(store: Store, keys: list[str]) -> None:
+    """As if the backoff had passed (no waiting in tests)."""
+    await store.database.execute("UPDATE notices SET next_attempt_at = now() WHERE dedup_key = ANY(%s)",
+                                 (keys,))
+
+
+async def column(store: Store, key: str, name: str) -> object:
+    row = await store.database.fetch_one(f"SELECT {name} FROM notices WHERE dedup_key = %s", (key,))
+    assert row is not None
+    return row[name]
+
+
+async def test_a_cases_notices_go_out_in_order_and_only_its_own_queues(store: Store) -> None:
+    queue, run = f"dq-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex[:8]
+    first = await queued(store, f"a-{run}", ["approval_needed", "refund_approved", "refund_succeeded"], queue)
+    other = await queued(store, f"b-{run}", ["refund_failed"], queue)
+    elsewhere = await queued(store, f"c-{run}", ["refund_failed"], f"{queue}-other")
+    legacy = await queued(store, f"d-{run}", ["refund_failed"], None)
+    channel = Channel()
+    assert await dispatch_once(store.outbox, channel, queue) == 2
+    assert channel.sent == [first[0], other[0]]  # each case's first; the rest wait their turn
+    while await dispatch_once(store.outbox, channel, queue):
+        pass
+    assert channel.sent == [first[0], other[0], first[1], first[2]]
+    assert not set(channel.sent) & {*elsewhere, *legacy}
+    assert await column(store, legacy[0], "dispatched_at") is None
+    assert await column(store, first[2], "dispatched_at") is not None
+    swept = await store.outbox.claim_unswept(0, 10_000)  # the sweeper leaves dispatched notices alone
+    assert legacy[0] in swept and not set(swept) & {*first, *other, *elsewhere}
+
+
+async def test_two_dispatchers_never_claim_the_same_notice_or_two_of_one_case(store: Store) -> None:
+    queue, run = f"dq-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex[:8]
+    keys = [k for i in range(20) for k in await queued(store, f"{i}-{run}", ["one", "two"], queue)]
+    claims = await asyncio.gather(*(store.outbox.claim_dispatch(queue, 100, 60) for _ in range(4)))
+    taken = [key for claim in claims for _, key, _ in claim]
+    assert sorted(taken) == sorted(k for k in keys if k.endswith(":one"))  # once each, heads only
+    assert await store.outbox.claim_dispatch(queue, 100, 60) == []  # claimed: nobody else takes them
+
+
+async def test_a_dispatcher_that_died_leaves_its_claims_to_another_once_the_lease_ends(store: Store) -> None:
+    queue = f"dq-{uuid.uuid4().hex[:8]}"
+    [key] = await queued(store, f"e-{uuid.uuid4().hex[:8]}", ["refund_succeeded"], queue)
+    [(_, claimed, attempt)] = await store.outbox.claim_dispatch(queue, 100, 60)  # and then it died
+    assert (claimed, attempt) == (key, 1)
+    assert await dispatch_once(store.outbox, Channel(), queue) == 0
+    await store.database.execute("UPDATE notices SET claimed_until = now() - interval '1 second'"
+                                 " WHERE dedup_key = %s", (key,))
+    channel = Channel()
+    assert await dispatch_once(store.outbox, channel, queue) == 1
+    assert channel.sent == [key] and await column(store, key, "attempts") == 2
+
+
+async def test_a_certain_failure_is_tried_again_with_backoff_then_given_up(store: Store) -> None:
+    queue, case_id = f"dq-{uuid.uuid4().hex[:8]}", f"f-{uuid.uuid4().hex[:8]}"
+    failing, after = await queued(store, case_id, ["refund_failed", "refund_succeeded"], queue)
+    channel = Channel({failing: ApplicationError("slack: 503")})
+    assert await dispatch_once(store.outbox, channel, queue) == 1
+    assert await dispatch_once(store.outbox, channel, queue) == 0  # not due yet; the next waits behind it
+    wait = await store.database.fetch_one(
+        "SELECT extract(epoch FROM next_attempt_at - now()) AS s FROM notices WHERE dedup_key = %s",
+        (failing,))
+    assert wait is not None and 0 < wait["s"] <= retry_delay(1)
+    attempts = SCHEDULE.maximum_attempts
+    for _ in range(attempts - 1):
+        await due_now(store, [failing])
+        assert await dispatch_once(store.outbox, channel, queue) == 1
+    assert channel.sent == [failing] * attempts
+    assert await column(store, failing, "dispatched_at") is not None  # given up
+    assert await dispatch_once(store.outbox, channel, queue) == 1 and channel.sent[-1] == after
+
+
+async def test_a_failure_for_good_is_not_tried_again(store: Store) -> None:
+    queue = f"dq-{uuid.uuid4().hex[:8]}"
+    [key] = await queued(store, f"g-{uuid.uuid4().hex[:8]}", ["refund_failed"], queue)
+    channel = Channel({key: ApplicationError("no such notice", non_retryable=True)})
+    assert await dispatch_once(store.outbox, channel, queue) == 1
+    assert await column(store, key, "dispatched_at") is not None and channel.sent == [key]
+
+
+@pytest.mark.parametrize(("attempt", "seconds"), [(1, 1.0), (2, 2.0), (4, 8.0), (7, 64.0), (8, 120.0)])
+def test_the_backoff_is_the_courier_activitys(attempt: int, seconds: float) -> None:
+    assert retry_delay(attempt) == seconds
