@@ -28,7 +28,8 @@ def test_refund_throughput_smoke_warms_every_variant_and_rotates_the_order(tmp_p
     result = run_bench("refund_throughput", tmp_path)
     assert len(result["rows"]) == 4  # bare 9-activity baseline, bare new shape, both sandboxes
     auto, approval = result["auto_approved_history"], result["one_approval_history"]
-    assert auto["activities"] >= 4 and auto["local_activities"] >= 1  # ran end to end, to the notices
+    # ran end to end: validated, submitted, settled (the local write that queues the notice)
+    assert auto["activities"] >= 2 and auto["local_activities"] >= 1
     assert approval["events"] > auto["events"] == result["events_per_refund"]["auto_approved"]
     assert all(row["per_second"] > 0 for row in result["rows"])
     assert set(result["warm_up_seconds"]) == {"bare", "bare_new", "passthrough", "default"}
@@ -56,7 +57,7 @@ def test_open_cases_smoke_compares_the_same_activities_at_the_same_concurrency(t
     result = run_bench("open_cases", tmp_path, REFUNDS_WORKER_STICKY_QUEUE_TIMEOUT_SECONDS="37")
     assert result["cases"] == 30
     assert result["worker_tuning"]["worker_sticky_queue_timeout_seconds"] == 37  # the run says what it ran
-    assert result["baseline_activities"] == result["activities_after_approval"] >= 2
+    assert result["baseline_activities"] == result["activities_after_approval"] >= 1  # the submit
     assert result["baseline_local_activities"] == result["local_activities_after_approval"] >= 1
     assert [(r["workflows"], r["first"]) for r in result["rounds"]] == [
         (10, "bare"), (10, "approve"), (10, "bare")]  # a wave each, alternating
