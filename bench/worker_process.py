@@ -24,7 +24,6 @@ import psutil
 from pydantic import SecretStr
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
-from activities.integrations import IntegrationActivities
 from adapters import event_loop
 from adapters.config import Settings
 from adapters.db import Store
@@ -33,7 +32,7 @@ from adapters.providers.registry import build_providers, close_providers
 from adapters.temporal_client import connect
 from bench.common import bare_worker
 from workers.main import build_worker
-from workers.outbox import notice_dispatcher
+from workers.outbox import pool_dispatcher
 
 SETTINGS_VARIABLE = "BENCH_WORKER_SETTINGS"
 
@@ -60,9 +59,7 @@ async def serve(dsn: str, bare_queue: str | None, default_sandbox: bool) -> None
             await running.enter_async_context(build_worker(
                 client, settings.task_queue, store, providers, load_policy(settings.policy_file),
                 settings=settings, runner=SandboxedWorkflowRunner() if default_sandbox else None))
-            await running.enter_async_context(notice_dispatcher(
-                store.outbox, IntegrationActivities(store, settings), settings.task_queue,
-                every_seconds=settings.notice_dispatch_seconds))
+            await running.enter_async_context(pool_dispatcher(store, settings))
         print("ready", flush=True)
         await stop.wait()
 

@@ -20,7 +20,6 @@ from psycopg.conninfo import make_conninfo
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from activities.integrations import IntegrationActivities
 from adapters.codec import generate_key_spec
 from adapters.config import Settings
 from adapters.db import CaseCreation, Store
@@ -38,7 +37,7 @@ from starters.dev import sandbox_provider
 from starters.dev.stack import TemporalDevServer
 from starters.ports import free_port
 from workers.main import build_worker
-from workers.outbox import notice_dispatcher
+from workers.outbox import pool_dispatcher
 
 # One throwaway payload key per test session: the session client, every stack's settings
 # and the subprocess workers tests start all encrypt with it.
@@ -152,9 +151,7 @@ class Stack:
         self.worker = worker
         task = asyncio.create_task(worker.run())
         dispatching = AsyncExitStack()  # the worker pool's notice dispatcher, as `refunds worker` runs it
-        await dispatching.enter_async_context(notice_dispatcher(
-            self.store.outbox, IntegrationActivities(self.store, self.settings), self.settings.task_queue,
-            every_seconds=self.settings.notice_dispatch_seconds))
+        await dispatching.enter_async_context(pool_dispatcher(self.store, self.settings))
 
         async def stop() -> None:
             await dispatching.aclose()

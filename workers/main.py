@@ -37,7 +37,7 @@ from domain.policy import Policy
 from workers.case_sweep import sweep_closed_cases
 from workers.checkpoints import checkpoint_audit_heads
 from workers.health import health_app
-from workers.outbox import notice_dispatcher, sweep_outbox
+from workers.outbox import pool_dispatcher, sweep_outbox
 from workers.retention import prune_receipts
 from workflows.payout import PayoutReversalWorkflow
 from workflows.reconciliation import ReconciliationBreakWorkflow, ReconciliationWorkflow
@@ -133,8 +133,7 @@ async def run_worker(settings: Settings, dsn: str, stop: asyncio.Event) -> None:
         idle_seconds=settings.case_sweep_after_seconds))
         if settings.case_sweep_seconds > 0 else None)
     try:
-        async with worker, notice_dispatcher(store.outbox, delivery, settings.task_queue,
-                                             every_seconds=settings.notice_dispatch_seconds):
+        async with worker, pool_dispatcher(store, settings, delivery=delivery):
             if health is not None:
                 await health.start()
                 log.info("worker health and metrics on %s", health.url)

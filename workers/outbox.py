@@ -12,11 +12,15 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
 from temporalio.exceptions import ApplicationError
 
+from activities.integrations import IntegrationActivities
+from adapters.config import Settings
 from adapters.db.outbox import OutboxRepository
+from adapters.db.store import Store
 from workflows.retry import DELIVER
 
 log = logging.getLogger(__name__)
@@ -112,3 +116,14 @@ async def notice_dispatcher(outbox: OutboxRepository, delivery: Deliverer, queue
     finally:
         stop.set()
         await task
+
+
+def pool_dispatcher(store: Store, settings: Settings, *, delivery: Deliverer | None = None,
+                    every_seconds: float | None = None) -> AbstractAsyncContextManager[None]:
+    """The dispatcher a worker pool runs beside its worker, for the pool's task queue: one
+    wiring for `refunds worker`, `refunds dev`, the tests' stacks and the benchmarks' workers.
+    `every_seconds` overrides the setting (the dev stack keeps it on)."""
+    return notice_dispatcher(store.outbox, delivery or IntegrationActivities(store, settings),
+                             settings.task_queue,
+                             every_seconds=settings.notice_dispatch_seconds if every_seconds is None
+                             else every_seconds)

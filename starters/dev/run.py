@@ -40,7 +40,7 @@ from starters.dev.stack import (
 from starters.ports import ensure_ports_free, free_port
 from workers.case_sweep import sweep_closed_cases
 from workers.main import build_worker
-from workers.outbox import notice_dispatcher, sweep_outbox
+from workers.outbox import pool_dispatcher, sweep_outbox
 
 log = logging.getLogger("dev")
 
@@ -175,9 +175,8 @@ async def run_dev(settings: Settings, *, play_demo: bool = True) -> None:
             idle_seconds=settings.case_sweep_after_seconds))
         dispatching = contextlib.AsyncExitStack()
         try:
-            await dispatching.enter_async_context(notice_dispatcher(
-                store.outbox, delivery, settings.task_queue,
-                every_seconds=settings.notice_dispatch_seconds or 1))
+            await dispatching.enter_async_context(pool_dispatcher(
+                store, settings, delivery=delivery, every_seconds=settings.notice_dispatch_seconds or 1))
             await sandbox.start()
             await front.start()
             await relay_app.state.webhooks.redrive()
