@@ -85,8 +85,9 @@ class Activity(Generic[InputT, ResultT]):
         return result
 
     async def local(self, inp: InputT, **options: Any) -> ResultT:
-        """Runs it as a local activity: only for short, idempotent database steps (a retry
-        runs it again in the workflow task; a provider call never goes here)."""
+        """Runs it as a local activity: only for short, idempotent steps that move no money (a
+        retry runs it again in the workflow task): the case's database writes, and validation's
+        charge read. A call that can move money (a submit, a reissue) never goes here."""
         result: ResultT = await workflow.execute_local_activity(self.name, inp, result_type=self.result,
                                                                 **options)
         return result

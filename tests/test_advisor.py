@@ -77,14 +77,14 @@ async def scheduled_activities(stack: Stack, case_id: str) -> list[str]:
 
 async def test_the_offline_advisor_answers_inside_validation_so_no_advice_activity_runs(stack: Stack) -> None:
     """Rules in the worker's own process cost one read and one row: they advise inside the
-    validation activity (issue 21), and the case asks no activity of its own for advice."""
+    validation step (issue 21), and the case asks no activity of its own for advice: the
+    submit is its only activity (validation runs as a local activity since validation-local-1)."""
     charge = await stack.charge(20_000)
     case_id = await stack.request_refund("alice", charge, 1_000)
     await stack.client.get_workflow_handle(case_id).result()
     assert (await stack.wait_for_status(case_id, "succeeded")).status == "succeeded"
     scheduled = await scheduled_activities(stack, case_id)
-    assert contracts.VALIDATE_AND_DECIDE.name in scheduled
-    assert contracts.ADVISE_REFUND.name not in scheduled, scheduled
+    assert scheduled == [contracts.SUBMIT_PROVIDER_REFUND.name], scheduled
     stored = await stack.store.integrations.advice(case_id)
     assert isinstance(stored, AdviceRow) and stored.source == "offline-rules" and stored.error is None
     assert stored.advice is not None and stored.advice["suggested_amount"] == 1_000

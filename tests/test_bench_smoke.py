@@ -58,8 +58,8 @@ def test_refund_throughput_smoke_warms_every_variant_and_rotates_the_order(bench
     result = run_bench(benches, "refund_throughput")
     assert len(result["rows"]) == 4  # bare 9-activity baseline, bare new shape, both sandboxes
     auto, approval = result["auto_approved_history"], result["one_approval_history"]
-    # ran end to end: validated, submitted, settled (the local write that queues the notice)
-    assert auto["activities"] >= 2 and auto["local_activities"] >= 1
+    # ran end to end: validated (local), submitted, settled (the local write that queues the notice)
+    assert auto["activities"] >= 1 and auto["local_activities"] >= 2
     assert approval["events"] > auto["events"] == result["events_per_refund"]["auto_approved"]
     assert all(row["per_second"] > 0 for row in result["rows"])
     assert set(result["warm_up_seconds"]) == {"bare", "bare_new", "passthrough", "default"}

@@ -52,6 +52,9 @@ HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 CASE_EVENT_ACTIVITIES = {"record_case_event", "record_payout_case_event"}
 LOCAL_ACTIVITY_MARKER = "core_local_activity"
 CASE_WRITES = "write_case_steps"
+VALIDATION = {"validate_refund", "validate_and_decide"}
+"""Validation in any shape (alone; with the policy's decision since fewer-round-trips-1, local
+since validation-local-1) is also the fact `validation`: a branch asks how often it ran."""
 """A local activity has no scheduled event: its marker names it, and its result says what it
 wrote (the case actions, the ledger template posted)."""
 
@@ -100,7 +103,7 @@ BRANCHES: dict[str, Branch] = {
                                                   "action:refund_succeeded"),
     "refund_ops_review_refused_credentials": branch(
         "action:provider_configuration_refused#2", "action:provider_answering_again#2",
-        "activity:validate_refund#2", f"{SUBMIT}#2", "action:refund_succeeded"),
+        "validation#2", f"{SUBMIT}#2", "action:refund_succeeded"),
     "refund_ops_review_reads_exhausted": branch(
         "action:validate_retries_exhausted", "action:verify_retries_exhausted",
         "action:provider_answering_again#2", "action:refund_succeeded", lacks=[f"{SUBMIT}#2"]),
@@ -215,7 +218,7 @@ def _payload(payloads: Any) -> Any:
 def _facts(history: WorkflowHistory) -> set[str]:
     """What a history shows: `activity:<type>` (local ones too), `action:<case action>`,
     `ledger:<template>` (posted by `post_ledger` or inside a case write), `signal:<name>`,
-    `update:<name>`, each also as `<fact>#<k>` for its k-th time; `patch:<id>`,
+    `update:<name>`, `validation` (any shape), each also as `<fact>#<k>` for its k-th time; `patch:<id>`,
     `cancel_requested`, `continued_as_new`, `failed` and, for a continued run, `carried:<phase>` (the
     wait it resumes)."""
     seen: Counter[str] = Counter()
@@ -232,6 +235,8 @@ def _facts(history: WorkflowHistory) -> set[str]:
         elif event.HasField("activity_task_scheduled_event_attributes"):
             scheduled = event.activity_task_scheduled_event_attributes
             count(f"activity:{scheduled.activity_type.name}")
+            if scheduled.activity_type.name in VALIDATION:
+                count("validation")
             given = _payload(scheduled.input)
             if scheduled.activity_type.name in CASE_EVENT_ACTIVITIES:
                 count(f"action:{given['action']}")
@@ -246,6 +251,8 @@ def _facts(history: WorkflowHistory) -> set[str]:
             elif marker.marker_name == LOCAL_ACTIVITY_MARKER:
                 kind = _payload(marker.details["data"])["activity_type"]
                 count(f"activity:{kind}")
+                if kind in VALIDATION:
+                    count("validation")
                 written = _payload(marker.details["result"]) if "result" in marker.details else None
                 if kind == CASE_WRITES and written:
                     for action in written["actions"]:

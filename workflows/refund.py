@@ -40,6 +40,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.refund_case import (
         DISPATCH_PATCH,
         INTEGRATIONS_PATCH,
+        LOCAL_VALIDATION_PATCH,
         PROVIDER_SCOPED_WAIT_PATCH,
         TRIPS_PATCH,
     )
@@ -76,6 +77,7 @@ class RefundWorkflow(RefundLifecycle):
         self._holding = False  # the courier waits: a submit and its first settlement are under way
         self._trips = False  # the fewer-round-trips shape (TRIPS_PATCH)
         self._dispatched = False  # notices delivered by the worker pool (DISPATCH_PATCH)
+        self._local_validation = False  # validation as a local activity (LOCAL_VALIDATION_PATCH)
         self._closing = False
         self._provider_scoped = False
         self._lookup_escalated = False
@@ -133,7 +135,8 @@ class RefundWorkflow(RefundLifecycle):
 
     async def _run(self, inp: RefundWorkflowInput) -> RefundOutcome:
         request = inp.request
-        self._dispatched = workflow.patched(DISPATCH_PATCH)
+        self._local_validation = workflow.patched(LOCAL_VALIDATION_PATCH)
+        self._dispatched = self._local_validation or workflow.patched(DISPATCH_PATCH)
         self._trips = self._dispatched or workflow.patched(TRIPS_PATCH)
         self._provider_scoped = self.since(PROVIDER_SCOPED_WAIT_PATCH)
         if inp.carried is not None:

@@ -61,6 +61,11 @@ TRIPS_PATCH = "fewer-round-trips-1"
 # the case delivered them from `deliver_notices`: an activity and a workflow task a case.
 # Implies TRIPS_PATCH, whose marker such an execution does not write.
 DISPATCH_PATCH = "notices-dispatched-1"
+# Validation (the charge read, the reservation, the policy's decision) runs as a local
+# activity: it moves no money and a retry finds what an attempt took, and an activity task
+# with its workflow task was an eighth of an auto-approved refund's cost. The submit stays an
+# activity, always. Implies DISPATCH_PATCH, whose marker such an execution does not write.
+LOCAL_VALIDATION_PATCH = "validation-local-1"
 # The late-failure watch takes only the case's provider's events too (as the notification
 # wait does since PROVIDER_SCOPED_WAIT_PATCH); before, another provider's event naming the
 # case was raised as a duplicate refund of it. Asked only when such an event arrives, so a
@@ -90,6 +95,7 @@ class RefundCase(ApprovingWorkflow):
     _holding: bool
     _trips: bool
     _dispatched: bool
+    _local_validation: bool
     _closing: bool
     _provider_scoped: bool
     _lookup_escalated: bool

@@ -9,6 +9,7 @@ from temporalio import workflow
 from temporalio.exceptions import (
     ActivityError,
     ApplicationError,
+    FailureError,
     RetryState,
 )
 
@@ -128,26 +129,34 @@ class RefundProvider(RefundWrites):
         while True:
             try:
                 options = retry.provider_read(self._timings.provider_read_attempts)
-                if self._trips:
-                    vetted: Vetted = await contracts.VALIDATE_AND_DECIDE(ValidateInput(request=request),
-                                                                         **options)
+                if self._local_validation:
+                    vetted: Vetted = await contracts.VALIDATE_AND_DECIDE.local(ValidateInput(request=request),
+                                                                               **options)
+                elif self._trips:
+                    vetted = await contracts.VALIDATE_AND_DECIDE(ValidateInput(request=request), **options)
                 else:
                     vetted = Vetted(validation=await contracts.VALIDATE_REFUND(
                         ValidateInput(request=request), **options))
                 await self._answered()
                 return vetted
-            except ActivityError as err:
+            except FailureError as err:  # a local activity's failure comes unwrapped
                 if not await self._escalated_unanswered("validate", err):
                     raise
 
-    async def _escalated_unanswered(self, step: str, err: ActivityError) -> bool:
+    async def _escalated_unanswered(self, step: str, err: FailureError) -> bool:
         """For a provider read that cannot succeed by retrying (a refused key) or whose
         bounded retries ran out: escalates, waits a poll interval and says to ask again.
-        False for any other failure, which the caller handles."""
-        cause = err.cause
+        False for any other failure, which the caller handles. A local activity's failure
+        (validation's, since LOCAL_VALIDATION_PATCH) comes unwrapped, without a retry state:
+        reaching the workflow at all, its retries are over."""
+        if isinstance(err, ActivityError):
+            cause = err.cause
+            over = err.retry_state in (RetryState.MAXIMUM_ATTEMPTS_REACHED, RetryState.TIMEOUT)
+        else:
+            cause, over = err, True
         if isinstance(cause, ApplicationError) and cause.type == errors.CONFIGURATION_REFUSED:
             reason = CONFIGURATION_INCIDENT
-        elif err.retry_state in (RetryState.MAXIMUM_ATTEMPTS_REACHED, RetryState.TIMEOUT):
+        elif over:
             reason = f"{step}_retries_exhausted"
         else:
             return False

@@ -47,9 +47,10 @@ async def test_a_refund_with_one_approval_stays_within_its_event_budget(client: 
 @pytest.mark.parametrize("advised_in_validation", [False, True])
 async def test_the_auto_approved_steps_fold_bookkeeping_into_the_work_they_accompany(
         client: Client, advised_in_validation: bool) -> None:
-    """Validation with the policy, `execution_started` with the submit's intent, and the
-    posting, its notice and the status in one local write; advice beside unless validation
-    brought it (an in-process advisor); the notice queued for the worker pool to deliver."""
+    """Validation with the policy (a local activity: a read, no money moves), `execution_started`
+    with the submit's intent, and the posting, its notice and the status in one local write;
+    advice beside unless validation brought it (an in-process advisor); the notice queued for
+    the worker pool to deliver. The submit is the one activity of the money path."""
     case_id = new_case()
     fakes = refund_fakes(case_id)
     fakes.advised_in_validation = advised_in_validation
@@ -60,11 +61,11 @@ async def test_the_auto_approved_steps_fold_bookkeeping_into_the_work_they_accom
     scheduled = sorted(e.activity_task_scheduled_event_attributes.activity_type.name
                        for e in history if e.HasField("activity_task_scheduled_event_attributes"))
     asked_for_advice = [] if advised_in_validation else [contracts.ADVISE_REFUND.name]
-    assert scheduled == sorted([contracts.VALIDATE_AND_DECIDE.name, *asked_for_advice,
-                                contracts.SUBMIT_PROVIDER_REFUND.name])
+    assert scheduled == sorted([*asked_for_advice, contracts.SUBMIT_PROVIDER_REFUND.name])
     local = [e for e in history if e.HasField("marker_recorded_event_attributes")
              and e.marker_recorded_event_attributes.marker_name == "core_local_activity"]
-    assert len(local) == 1
+    assert len(local) == 2  # validation, then the settlement's write
+    assert len(fakes.inputs(contracts.VALIDATE_AND_DECIDE)) == 1
     [submit] = fakes.inputs(contracts.SUBMIT_PROVIDER_REFUND)
     assert submit.started is not None and submit.started.action == "execution_started"
     [write] = fakes.inputs(contracts.WRITE_CASE_STEPS)
