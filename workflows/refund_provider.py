@@ -11,6 +11,7 @@ from temporalio.exceptions import (
     ApplicationError,
     FailureError,
     RetryState,
+    is_cancelled_exception,
 )
 
 with workflow.unsafe.imports_passed_through():
@@ -152,8 +153,8 @@ class RefundProvider(RefundWrites):
         if isinstance(err, ActivityError):
             cause = err.cause
             over = err.retry_state in (RetryState.MAXIMUM_ATTEMPTS_REACHED, RetryState.TIMEOUT)
-        else:
-            cause, over = err, True
+        else:  # a cancellation is never an outcome (validation is shielded from one anyway)
+            cause, over = err, not is_cancelled_exception(err)
         if isinstance(cause, ApplicationError) and cause.type == errors.CONFIGURATION_REFUSED:
             reason = CONFIGURATION_INCIDENT
         elif over:
