@@ -1,14 +1,12 @@
 """Small versions of `make bench`: each benchmark runs end to end as its own command (its own
 Temporal dev server and PostgreSQL, as `make bench` runs it), exits 0 and reports what it
 measured. No figure is judged here (shared machines are noisy); what is judged is that the
-run did the work it claims to measure. The four start together, when the first test here
-runs, and each test reads its own: one after another they left a core idle for 80 s of CI."""
+run did the work it claims to measure."""
 
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,46 +14,18 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-RUNS: dict[str, tuple[list[str], dict[str, str]]] = {  # module: its arguments and environment
-    "refund_throughput": ([], {}),
-    "webhook_ingest": (["--pin"], {}),
-    "open_cases": ([], {"REFUNDS_WORKER_STICKY_QUEUE_TIMEOUT_SECONDS": "37"}),
-    "reconciliation": ([], {}),
-}
 
-
-Benches = dict[str, tuple[subprocess.Popen[bytes], Path]]
-"""Each benchmark's running command and its results folder (which also holds its output)."""
-
-
-@pytest.fixture(scope="module")
-def benches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Benches]:
-    """Every quick benchmark, started at once; output to files, so none waits for a reader."""
-    started: Benches = {}
-    for module, (args, env) in RUNS.items():
-        results = tmp_path_factory.mktemp(module)
-        with (results / "output.txt").open("wb") as output:
-            started[module] = (subprocess.Popen(
-                [sys.executable, "-m", f"bench.{module}", "--quick", *args], stdout=output,
-                stderr=subprocess.STDOUT, env={**os.environ, **env, "BENCH_RESULTS_DIR": str(results)}),
-                results)
-    yield started
-    for process, _ in started.values():
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-
-
-def run_bench(benches: Benches, module: str) -> dict[str, Any]:
-    """Waits for `module`'s quick run: it exited 0 and wrote its results."""
-    process, results = benches[module]
-    assert process.wait(timeout=600) == 0, (results / "output.txt").read_text()[-3000:]
+def run_bench(module: str, results: Path, *args: str, **env: str) -> dict[str, Any]:
+    done = subprocess.run([sys.executable, "-m", f"bench.{module}", "--quick", *args], capture_output=True,
+                          text=True, timeout=600,
+                          env={**os.environ, **env, "BENCH_RESULTS_DIR": str(results)})
+    assert done.returncode == 0, done.stderr[-3000:]
     result: dict[str, Any] = json.loads((results / f"{module}.json").read_text())
     return result
 
 
-def test_refund_throughput_smoke_warms_every_variant_and_rotates_the_order(benches: Benches) -> None:
-    result = run_bench(benches, "refund_throughput")
+def test_refund_throughput_smoke_warms_every_variant_and_rotates_the_order(tmp_path: Path) -> None:
+    result = run_bench("refund_throughput", tmp_path)
     assert len(result["rows"]) == 4  # bare 9-activity baseline, bare new shape, both sandboxes
     auto, approval = result["auto_approved_history"], result["one_approval_history"]
     # ran end to end: validated (local), submitted, settled (the local write that queues the notice)
@@ -73,8 +43,8 @@ def test_refund_throughput_smoke_warms_every_variant_and_rotates_the_order(bench
     assert cpu["bare"]["postgresql"] < cpu["bare"]["worker: bare"] / 2  # bare workflows write no rows
 
 
-def test_webhook_ingest_smoke_sees_one_signal_per_workflow_and_none_from_duplicates(benches: Benches) -> None:
-    result = run_bench(benches, "webhook_ingest")
+def test_webhook_ingest_smoke_sees_one_signal_per_workflow_and_none_from_duplicates(tmp_path: Path) -> None:
+    result = run_bench("webhook_ingest", tmp_path, "--pin")
     assert result["placement"].startswith("Temporal dev server on core") or len(os.sched_getaffinity(0)) < 2
     assert result["workflows_started"] == result["events"] == 20
     assert result["deliveries"] == 240  # 12 copies of each event
@@ -83,8 +53,8 @@ def test_webhook_ingest_smoke_sees_one_signal_per_workflow_and_none_from_duplica
     assert result["ingest_ratio"] > 0 and result["duplicate_cost_ratio"] > 0
 
 
-def test_open_cases_smoke_compares_the_same_activities_at_the_same_concurrency(benches: Benches) -> None:
-    result = run_bench(benches, "open_cases")
+def test_open_cases_smoke_compares_the_same_activities_at_the_same_concurrency(tmp_path: Path) -> None:
+    result = run_bench("open_cases", tmp_path, REFUNDS_WORKER_STICKY_QUEUE_TIMEOUT_SECONDS="37")
     assert result["cases"] == 30
     assert result["worker_tuning"]["worker_sticky_queue_timeout_seconds"] == 37  # the run says what it ran
     assert result["baseline_activities"] == result["activities_after_approval"] >= 1  # the submit
@@ -101,8 +71,8 @@ def test_open_cases_smoke_compares_the_same_activities_at_the_same_concurrency(b
     assert result["rss_peak_mib"] >= max(result["rss_high_water_mib"], result["rss_waiting_mib"])
 
 
-def test_reconciliation_smoke_finds_every_planted_break(benches: Benches) -> None:
-    result = run_bench(benches, "reconciliation")
+def test_reconciliation_smoke_finds_every_planted_break(tmp_path: Path) -> None:
+    result = run_bench("reconciliation", tmp_path)
     assert [(r["run"], r["objects"], r["planted"]) for r in result["rows"]] == [
         ("warm-up", 200, 1), ("baseline", 200, 1), ("measured", 2_000, 2)]
     assert [r["breaks"] for r in result["rows"]] == [1, 1, 2]  # the bench itself exits 1 otherwise
