@@ -596,6 +596,9 @@ async def run_schemathesis(stack: Stack, user: str, examples: int, phases: str,
             str(Path(sys.executable).parent / "st"), "run", f"{stack.relay_url}/openapi.json",
             "--checks", "not_a_server_error", "--max-examples", str(examples), "--seed", str(steering.seed),
             "--workers", "1",  # one call at a time: the seed stands for one sequence of calls
+            # past the relay's own bound: a verdict no workflow takes is answered 202 after
+            # `approval_answer_seconds` (10), schemathesis's default timeout to the second
+            "--request-timeout", str(stack.settings.approval_answer_seconds + 20),
             "--header", f"Authorization: Bearer {stack.tokens[user]}", "--no-color",
             "--phases", phases, "--report", "har", "--report-har-path", str(har)],
             capture_output=True, text=True, timeout=1800,
