@@ -38,6 +38,7 @@ with workflow.unsafe.imports_passed_through():
         ApprovalRound,
     )
     from workflows.refund_case import (
+        APPROVED_NOTICE_PATCH,
         DISPATCH_PATCH,
         INTEGRATIONS_PATCH,
         LOCAL_VALIDATION_PATCH,
@@ -78,6 +79,7 @@ class RefundWorkflow(RefundLifecycle):
         self._trips = False  # the fewer-round-trips shape (TRIPS_PATCH)
         self._dispatched = False  # notices delivered by the worker pool (DISPATCH_PATCH)
         self._local_validation = False  # validation as a local activity (LOCAL_VALIDATION_PATCH)
+        self._approved_folded = False  # the deciding approval writes its notice (APPROVED_NOTICE_PATCH)
         self._closing = False
         self._provider_scoped = False
         self._lookup_escalated = False
@@ -135,7 +137,8 @@ class RefundWorkflow(RefundLifecycle):
 
     async def _run(self, inp: RefundWorkflowInput) -> RefundOutcome:
         request = inp.request
-        self._local_validation = workflow.patched(LOCAL_VALIDATION_PATCH)
+        self._approved_folded = workflow.patched(APPROVED_NOTICE_PATCH)
+        self._local_validation = self._approved_folded or workflow.patched(LOCAL_VALIDATION_PATCH)
         self._dispatched = self._local_validation or workflow.patched(DISPATCH_PATCH)
         self._trips = self._dispatched or workflow.patched(TRIPS_PATCH)
         self._provider_scoped = self.since(PROVIDER_SCOPED_WAIT_PATCH)
@@ -172,9 +175,8 @@ class RefundWorkflow(RefundLifecycle):
         else:
             if not await self._round.collect(self, self._timings):
                 return await self._finish()
-            if self.since(INTEGRATIONS_PATCH):
-                await self._notify("refund_approved", "requester",
-                                   {"by": ", ".join(a.approver for a in self._round.approvals)})
+            if self.since(INTEGRATIONS_PATCH) and not self._approved_folded:
+                await self._notify(*self._approved_notice())
         started = None
         if self._trips:  # recorded with the submit's intent, in its transaction
             self._status = CaseStatus.EXECUTING
@@ -202,7 +204,14 @@ class RefundWorkflow(RefundLifecycle):
     async def approval_step(self, action: str, outcome: ApprovalOutcome | None = None, *,
                             actor: str = "workflow", detail: dict[str, Any] | None = None) -> None:
         status, release = APPROVAL_STEPS[outcome] if outcome else (None, False)
-        await self._record(action, status, actor=actor, release=release, detail=detail)
+        # the deciding approval queues the requester's notice in its own transaction
+        notices = (self._notice(*self._approved_notice()),) if (
+            self._approved_folded and action == "approval_granted" and self._round.decided) else ()
+        await self._record(action, status, actor=actor, release=release, detail=detail, notices=notices)
+
+    def _approved_notice(self) -> tuple[str, str, dict[str, Any]]:
+        """The requester's notice that the refund is approved: kind, audience, detail."""
+        return "refund_approved", "requester", {"by": ", ".join(a.approver for a in self._round.approvals)}
 
     async def approval_notice(self, kind: str, audience: str, detail: dict[str, Any]) -> None:
         if self._dispatched and self._advising is not None:

@@ -66,6 +66,10 @@ DISPATCH_PATCH = "notices-dispatched-1"
 # with its workflow task was an eighth of an auto-approved refund's cost. The submit stays an
 # activity, always. Implies DISPATCH_PATCH, whose marker such an execution does not write.
 LOCAL_VALIDATION_PATCH = "validation-local-1"
+# The deciding approval and the requester's `refund_approved` notice are one local write (one
+# transaction); before, the notice was a second local activity in the same workflow task.
+# Implies LOCAL_VALIDATION_PATCH, whose marker such an execution does not write.
+APPROVED_NOTICE_PATCH = "approved-notice-folded-1"
 # The late-failure watch takes only the case's provider's events too (as the notification
 # wait does since PROVIDER_SCOPED_WAIT_PATCH); before, another provider's event naming the
 # case was raised as a duplicate refund of it. Asked only when such an event arrives, so a
@@ -96,6 +100,7 @@ class RefundCase(ApprovingWorkflow):
     _trips: bool
     _dispatched: bool
     _local_validation: bool
+    _approved_folded: bool
     _closing: bool
     _provider_scoped: bool
     _lookup_escalated: bool

@@ -41,11 +41,15 @@ class RefundWrites(RefundCase):
     async def _record(self, action: str, status: CaseStatus | None = None, *,
                       actor: str = "workflow", release: bool = False,
                       refund: ProviderRefund | None = None,
-                      detail: dict[str, Any] | None = None) -> None:
+                      detail: dict[str, Any] | None = None,
+                      notices: tuple[NoticeInput, ...] = ()) -> None:
+        """Records a case event; `notices` (queued for the dispatcher) in its transaction."""
         if status is not None:
             self._status = status
         event = self._case_event(action, status, actor=actor, release=release, refund=refund, detail=detail)
-        if self._trips:
+        if notices:
+            await self._write(CaseWrite(event=event), *(CaseWrite(notice=n) for n in notices))
+        elif self._trips:
             await self._write(CaseWrite(event=event))
         else:
             await contracts.RECORD_CASE_EVENT(event, **retry.CASE_EVENT)

@@ -9,13 +9,18 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowHandle
 
 from domain import contracts
-from domain.models import Decision, LedgerKind, RefundOutcome
+from domain.models import CaseWrites, Decision, LedgerKind, RefundOutcome
 from tests.fast.kit import fake_worker
 from tests.fast.test_refund_branches import new_case, refund_fakes, start, verdict
 from workflows.refund import RefundWorkflow
 
 AUTO_APPROVED_BUDGET = 35
 ONE_APPROVAL_BUDGET = 55
+
+
+def steps_of(write: CaseWrites) -> list[tuple[str | None, str | None]]:
+    """A local write's steps in order: (notice kind, None) or (None, case event action)."""
+    return [(w.notice.kind if w.notice else None, w.event.action if w.event else None) for w in write.writes]
 
 
 async def events(handle: WorkflowHandle[RefundWorkflow, RefundOutcome]) -> list[str]:
@@ -70,7 +75,29 @@ async def test_the_auto_approved_steps_fold_bookkeeping_into_the_work_they_accom
     assert submit.started is not None and submit.started.action == "execution_started"
     [write] = fakes.inputs(contracts.WRITE_CASE_STEPS)
     assert write.posting is not None and write.posting.kind is LedgerKind.REFUND_SETTLED
-    steps = [(w.notice.kind if w.notice else None, w.event.action if w.event else None) for w in write.writes]
-    assert steps == [("refund_succeeded", None), (None, "refund_succeeded")]
+    assert steps_of(write) == [("refund_succeeded", None), (None, "refund_succeeded")]
     assert write.writes[0].notice is not None and write.writes[0].notice.dispatch_queue == queue
     assert fakes.recorded() == ["execution_started", "refund_succeeded"]  # every row, as before
+
+
+async def test_the_deciding_approval_queues_the_requesters_notice_in_its_own_write(client: Client) -> None:
+    """After the approval a case is one local write (the approval row with the `refund_approved`
+    notice), the submit and the settlement's write: a second local activity for the notice
+    was a sixth of the work after the approval (issue 21's target 3)."""
+    case_id = new_case()
+    fakes = refund_fakes(case_id, auto_approve=False)
+    async with fake_worker(client, fakes) as queue:
+        handle = await start(client, queue, case_id)
+        while not [n for n in fakes.inputs(contracts.QUEUE_NOTICE) if n.kind == "approval_needed"]:
+            await asyncio.sleep(0.05)
+        writes_before = len(fakes.inputs(contracts.WRITE_CASE_STEPS))
+        await handle.execute_update(RefundWorkflow.submit_approval, verdict(Decision.APPROVE))
+        await handle.result()
+    after = fakes.inputs(contracts.WRITE_CASE_STEPS)[writes_before:]
+    assert [steps_of(write) for write in after] == [[(None, "approval_granted"), ("refund_approved", None)],
+                     [("refund_succeeded", None), (None, "refund_succeeded")]]
+    approved = after[0].writes[1].notice
+    assert approved is not None and approved.audience == "requester" and approved.dispatch_queue == queue
+    assert approved.detail == {"by": verdict(Decision.APPROVE).approver}
+    assert approved.dedup_key == f"{case_id}:refund_approved:requester:awaiting_approval"  # as before
+    assert fakes.recorded()[-3:] == ["approval_granted", "execution_started", "refund_succeeded"]
