@@ -418,14 +418,6 @@ class CaseEventInput(Frozen):
     detail: dict[str, Any] = Field(default_factory=dict)
 
 
-class SubmitInput(Frozen):
-    request: RefundRequest
-    idempotency_key: str
-    started: CaseEventInput | None = None
-    """The case event the first submit records with its intent, in one transaction
-    (`execution_started`); None on a resubmit and in executions before `fewer-round-trips-1`."""
-
-
 class VerifyInput(Frozen):
     request: RefundRequest
     reason: str
@@ -516,6 +508,20 @@ class CaseWrites(Frozen):
     refund_request_id: str
     posting: LedgerInput | None = None
     writes: tuple[CaseWrite, ...] = ()
+    unless_submitted: bool = False
+    """Write only if no submit began for the case: a submit's `before` that its attempt may
+    not have committed (a cancel, a failed attempt; none runs any more) is written so."""
+
+
+class SubmitInput(Frozen):
+    request: RefundRequest
+    idempotency_key: str
+    started: CaseEventInput | None = None
+    """The case event the first submit records with its intent, in one transaction
+    (`execution_started`); None on a resubmit and in executions before `fewer-round-trips-1`."""
+    before: tuple[CaseWrite, ...] = ()
+    """Writes committed in that transaction before `started`: the deciding approval's row and
+    its notice (since `approval-with-submit-1`); only the first submit carries them."""
 
 
 class CaseWritten(Frozen):

@@ -1,7 +1,8 @@
 """The store's folded steps (issue 21) are idempotent, as the activities they replace were:
 a retried `validate_and_decide` finds its reservation and decision (one policy row), a
 retried case write posts once and queues once, and the first submit's intent commits its
-`execution_started` once."""
+`execution_started` (and the deciding approval it carries) once; what a submit carried is
+written on its own only while no submit began."""
 
 import uuid
 
@@ -98,3 +99,42 @@ async def test_the_first_submit_commits_execution_started_with_its_intent_once(s
     trail = await actions(store, case_id)
     assert trail[-3:] == ["execution_started", "provider_submit_started", "provider_submit_started"]
     assert trail.count("execution_started") == 1
+
+
+def approval_writes(case_id: str) -> tuple[CaseWrite, ...]:
+    """The deciding approval's row and the requester's notice, as a refund defers them."""
+    granted = CaseEventInput(refund_request_id=case_id, action="approval_granted", actor="bob")
+    notice = NoticeInput(refund_request_id=case_id, kind="refund_approved", audience="requester",
+                         dedup_key=f"{case_id}:refund_approved:requester:awaiting_approval")
+    return CaseWrite(event=granted), CaseWrite(notice=notice)
+
+
+async def test_the_first_submit_commits_the_deciding_approval_before_its_intent_once(store: Store) -> None:
+    request, _ = await opened(store)
+    case_id = request.refund_request_id
+    started = CaseEventInput(refund_request_id=case_id, action="execution_started", actor="workflow",
+                             status=CaseStatus.EXECUTING)
+    assert await store.cases.begin_submission(case_id, "key-1", started, approval_writes(case_id)) is False
+    assert await store.cases.begin_submission(case_id, "key-1", started, approval_writes(case_id)) is True
+    assert (await actions(store, case_id))[-5:] == [
+        "approval_granted", "notice_queued", "execution_started", "provider_submit_started",
+        "provider_submit_started"]
+    assert [n["kind"] for n in await store.outbox.notices(case_id)] == ["refund_approved"]
+
+
+async def test_a_guarded_write_lands_only_while_no_submit_began(store: Store) -> None:
+    """What a cancelled or failed submit carried is written on its own only if no submit began
+    (one that began wrote it in its first transaction)."""
+    before_any, _ = await opened(store)
+    case_id = before_any.refund_request_id
+    guarded = CaseWrites(refund_request_id=case_id, writes=approval_writes(case_id), unless_submitted=True)
+    assert (await store.cases.write_case_steps(guarded)).actions == ("approval_granted",)
+    assert (await actions(store, case_id))[-2:] == ["approval_granted", "notice_queued"]
+
+    after_one, _ = await opened(store)
+    case_id = after_one.refund_request_id
+    await store.cases.begin_submission(case_id, "key-1", None, approval_writes(case_id))
+    trail = await actions(store, case_id)
+    guarded = CaseWrites(refund_request_id=case_id, writes=approval_writes(case_id), unless_submitted=True)
+    assert (await store.cases.write_case_steps(guarded)).actions == ()
+    assert await actions(store, case_id) == trail and trail.count("approval_granted") == 1

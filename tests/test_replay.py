@@ -242,8 +242,12 @@ def _facts(history: WorkflowHistory) -> set[str]:
                 count(f"action:{given['action']}")
             elif scheduled.activity_type.name == "post_ledger":
                 count(f"ledger:{given['kind']}")
-            elif isinstance(given, dict) and given.get("started"):  # the submit's own event
-                count(f"action:{given['started']['action']}")
+            elif isinstance(given, dict):  # the submit's own writes: the approval's, its event
+                for write in given.get("before") or ():
+                    if write.get("event"):
+                        count(f"action:{write['event']['action']}")
+                if given.get("started"):
+                    count(f"action:{given['started']['action']}")
         elif event.HasField("marker_recorded_event_attributes"):
             marker = event.marker_recorded_event_attributes
             if "patch-data" in marker.details:

@@ -20,6 +20,7 @@ with workflow.unsafe.imports_passed_through():
     from domain.models import (
         CaseState,
         CaseStatus,
+        CaseWrite,
         EventKind,
         PolicyDecision,
         PolicyInput,
@@ -38,6 +39,7 @@ with workflow.unsafe.imports_passed_through():
         ApprovalRound,
     )
     from workflows.refund_case import (
+        APPROVAL_WITH_SUBMIT_PATCH,
         APPROVED_NOTICE_PATCH,
         DISPATCH_PATCH,
         INTEGRATIONS_PATCH,
@@ -80,6 +82,9 @@ class RefundWorkflow(RefundLifecycle):
         self._dispatched = False  # notices delivered by the worker pool (DISPATCH_PATCH)
         self._local_validation = False  # validation as a local activity (LOCAL_VALIDATION_PATCH)
         self._approved_folded = False  # the deciding approval writes its notice (APPROVED_NOTICE_PATCH)
+        self._approval_with_submit = False  # ... with the submit's intent (APPROVAL_WITH_SUBMIT_PATCH)
+        self._deferred = ()  # written with the case's next write
+        self._unsubmitted = ()  # handed to a submit, not known written
         self._closing = False
         self._provider_scoped = False
         self._lookup_escalated = False
@@ -137,7 +142,8 @@ class RefundWorkflow(RefundLifecycle):
 
     async def _run(self, inp: RefundWorkflowInput) -> RefundOutcome:
         request = inp.request
-        self._approved_folded = workflow.patched(APPROVED_NOTICE_PATCH)
+        self._approval_with_submit = workflow.patched(APPROVAL_WITH_SUBMIT_PATCH)
+        self._approved_folded = self._approval_with_submit or workflow.patched(APPROVED_NOTICE_PATCH)
         self._local_validation = self._approved_folded or workflow.patched(LOCAL_VALIDATION_PATCH)
         self._dispatched = self._local_validation or workflow.patched(DISPATCH_PATCH)
         self._trips = self._dispatched or workflow.patched(TRIPS_PATCH)
@@ -204,9 +210,13 @@ class RefundWorkflow(RefundLifecycle):
     async def approval_step(self, action: str, outcome: ApprovalOutcome | None = None, *,
                             actor: str = "workflow", detail: dict[str, Any] | None = None) -> None:
         status, release = APPROVAL_STEPS[outcome] if outcome else (None, False)
+        deciding = action == "approval_granted" and self._round.decided
+        if deciding and self._approval_with_submit:  # written with the case's next write: the submit's
+            self._deferred = (CaseWrite(event=self._case_event(action, actor=actor, detail=detail)),
+                              CaseWrite(notice=self._notice(*self._approved_notice())))
+            return
         # the deciding approval queues the requester's notice in its own transaction
-        notices = (self._notice(*self._approved_notice()),) if (
-            self._approved_folded and action == "approval_granted" and self._round.decided) else ()
+        notices = (self._notice(*self._approved_notice()),) if deciding and self._approved_folded else ()
         await self._record(action, status, actor=actor, release=release, detail=detail, notices=notices)
 
     def _approved_notice(self) -> tuple[str, str, dict[str, Any]]:

@@ -17,6 +17,7 @@ with workflow.unsafe.imports_passed_through():
     from domain.models import (
         CaseState,
         CaseStatus,
+        CaseWrite,
         PolicyDecision,
         ProviderEvent,
         ProviderRefund,
@@ -70,6 +71,13 @@ LOCAL_VALIDATION_PATCH = "validation-local-1"
 # transaction); before, the notice was a second local activity in the same workflow task.
 # Implies LOCAL_VALIDATION_PATCH, whose marker such an execution does not write.
 APPROVED_NOTICE_PATCH = "approved-notice-folded-1"
+# The deciding approval's row and the requester's notice are committed with the submit's
+# intent (its first transaction, before the provider is called): after an approval a case is
+# the submit and the settlement's write. Where no submit wrote them (a cancel or a failed
+# attempt first) they are written on their own, only while no submit began. Before, they were
+# a local write of their own. Implies APPROVED_NOTICE_PATCH, whose marker such an execution
+# does not write.
+APPROVAL_WITH_SUBMIT_PATCH = "approval-with-submit-1"
 # The late-failure watch takes only the case's provider's events too (as the notification
 # wait does since PROVIDER_SCOPED_WAIT_PATCH); before, another provider's event naming the
 # case was raised as a duplicate refund of it. Asked only when such an event arrives, so a
@@ -101,6 +109,9 @@ class RefundCase(ApprovingWorkflow):
     _dispatched: bool
     _local_validation: bool
     _approved_folded: bool
+    _approval_with_submit: bool
+    _deferred: tuple[CaseWrite, ...]
+    _unsubmitted: tuple[CaseWrite, ...]
     _closing: bool
     _provider_scoped: bool
     _lookup_escalated: bool

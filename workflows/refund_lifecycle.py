@@ -45,6 +45,7 @@ class RefundLifecycle(RefundProvider):
             return await self._finish()
         if refund is None and self._status in SUBMITTING:
             await workflow.sleep(self._timings.submit_timeout)
+            await self._settle_unsubmitted()  # the approval, where the cancelled submit did not write it
             refund = await self._verify("case cancelled after a submit")
         if refund is None:
             await self._record("canceled_by_ops", CaseStatus.CANCELED_BY_OPS, actor="ops", release=True,

@@ -65,11 +65,14 @@ class RefundProvider(RefundWrites):
             attempt += 1
             self._attempt = attempt
             self._holding = self._trips and self._status is not CaseStatus.OPS_REVIEW
+            before, self._deferred = self._deferred, ()  # the deciding approval's writes
+            self._unsubmitted = before
             try:
                 submitted: ProviderRefund = await contracts.SUBMIT_PROVIDER_REFUND(
-                    SubmitInput(request=request, idempotency_key=key, started=started),
+                    SubmitInput(request=request, idempotency_key=key, started=started, before=before),
                     start_to_close_timeout=self._timings.submit_timeout,
                     retry_policy=retry.SUBMIT_RETRY)
+                self._unsubmitted = ()
                 return submitted
             except ActivityError as err:
                 if self._cancelled(err):  # a cancel is no unknown outcome
@@ -77,8 +80,9 @@ class RefundProvider(RefundWrites):
                 started, self._holding = None, False  # committed before the provider was called
                 cause = err.cause
                 if isinstance(cause, ApplicationError) and cause.type == errors.DECLINED:
-                    self._failure_reason = cause.message
+                    self._failure_reason, self._unsubmitted = cause.message, ()  # declined after the intent
                     return None
+                await self._settle_unsubmitted()  # the attempt may have failed before its intent
                 if isinstance(cause, ApplicationError) and cause.type == errors.CONFIGURATION_REFUSED:
                     await self._escalate(CONFIGURATION_INCIDENT, cause.message)  # nothing made now
                 else:

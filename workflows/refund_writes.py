@@ -83,13 +83,24 @@ class RefundWrites(RefundCase):
             self._courier = asyncio.create_task(self._deliver_outbox())
 
     async def _write(self, *writes: CaseWrite, posting: LedgerInput | None = None,
-                     **options: Any) -> CaseWritten:
+                     unless_submitted: bool = False, **options: Any) -> CaseWritten:
         """A case step's database writes in one transaction, as a local activity: short,
-        idempotent (posting and dedup keys) and with nothing outside PostgreSQL."""
+        idempotent (posting and dedup keys) and with nothing outside PostgreSQL. Writes
+        deferred to the case's next write (the deciding approval's) go first."""
+        writes, self._deferred = (*self._deferred, *writes), ()
         written: CaseWritten = await contracts.WRITE_CASE_STEPS.local(
-            CaseWrites(refund_request_id=self._request_id(), posting=posting, writes=writes),
+            CaseWrites(refund_request_id=self._request_id(), posting=posting, writes=writes,
+                       unless_submitted=unless_submitted),
             **(options or retry.CASE_EVENT))
         return written
+
+    async def _settle_unsubmitted(self) -> None:
+        """Writes what a submit carried (the deciding approval's row and notice) when its
+        attempt may not have committed it (it failed, or the case was cancelled, and no
+        attempt runs any more): in PostgreSQL only if no submit began."""
+        if self._unsubmitted:
+            await self._write(*self._unsubmitted, unless_submitted=True)
+            self._unsubmitted = ()
 
     async def _deliver_outbox(self) -> None:
         """Delivers queued notices one at a time and in order (a ticket sees its updates in

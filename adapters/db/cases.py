@@ -27,6 +27,7 @@ from domain.models import (
     CLOSED_STATUSES,
     CaseEventInput,
     CaseStatus,
+    CaseWrite,
     CaseWrites,
     CaseWritten,
     ChargeSnapshot,
@@ -315,19 +316,16 @@ class CaseRepository(Repository):
             await AuditLog.append(conn, case_id, "policy", "policy_decision", decision)
 
     async def begin_submission(self, case_id: str, idempotency_key: str,
-                               event: CaseEventInput | None = None) -> bool:
-        """Records the intent to call the provider before the call (with the case's `event`,
-        `execution_started`, on the first attempt); returns True when an earlier attempt
-        already started, so the caller must look before it leaps."""
+                               event: CaseEventInput | None = None,
+                               before: tuple[CaseWrite, ...] = ()) -> bool:
+        """Records the intent to call the provider before the call (with the case's `before`
+        writes, the deciding approval's, and its `event`, `execution_started`, on the first
+        attempt); returns True when an earlier attempt already started, so the caller must
+        look before it leaps."""
         async with self._db.transaction() as conn:
-            cur = await conn.execute(
-                "SELECT submission_started_at FROM refund_cases WHERE refund_request_id = %s FOR UPDATE",
-                (case_id,))
-            row = await cur.fetchone()
-            started = row is not None and row["submission_started_at"] is not None
-            if not started and event is not None:
-                await self.record_event_in(conn, event)
+            started = await self._submission_started(conn, case_id)
             if not started:
+                await self._write_in(conn, (*before, *((CaseWrite(event=event),) if event else ())))
                 await conn.execute(
                     "UPDATE refund_cases SET submission_started_at = now(), status = %s,"
                     " updated_at = now() WHERE refund_request_id = %s",
@@ -373,15 +371,33 @@ class CaseRepository(Repository):
             if steps.posting is not None:
                 await conn.execute("SET LOCAL lock_timeout = '5s'")  # fail fast, let Temporal retry
                 posting = await LedgerRepository.post_in(conn, steps.posting)
-            actions: list[str] = []
-            for write in steps.writes:
-                if write.notice is not None:
-                    await OutboxRepository.queue_in(conn, write.notice)
-                elif write.event is not None:
-                    await self.record_event_in(conn, write.event)
-                    actions.append(write.event.action)
+            if steps.unless_submitted and await self._submission_started(conn, steps.refund_request_id):
+                return CaseWritten(posting=posting, posted=steps.posting.kind if steps.posting else None)
+            actions = await self._write_in(conn, steps.writes)
             return CaseWritten(posting=posting, posted=steps.posting.kind if steps.posting else None,
-                               actions=tuple(actions))
+                               actions=actions)
+
+    @classmethod
+    async def _write_in(cls, conn: Conn, writes: tuple[CaseWrite, ...]) -> tuple[str, ...]:
+        """Each notice (once per dedup key) and event (status and audit row) in order; the
+        events' actions."""
+        actions: list[str] = []
+        for write in writes:
+            if write.notice is not None:
+                await OutboxRepository.queue_in(conn, write.notice)
+            elif write.event is not None:
+                await cls.record_event_in(conn, write.event)
+                actions.append(write.event.action)
+        return tuple(actions)
+
+    @staticmethod
+    async def _submission_started(conn: Conn, case_id: str) -> bool:
+        """Whether a submit began for the case (its row locked until the transaction ends)."""
+        cur = await conn.execute(
+            "SELECT submission_started_at FROM refund_cases WHERE refund_request_id = %s FOR UPDATE",
+            (case_id,))
+        row = await cur.fetchone()
+        return row is not None and row["submission_started_at"] is not None
 
     async def record_provider_refund(self, case_id: str, refund: ProviderRefund, action: str,
                                      detail: dict[str, Any] | None = None) -> None:

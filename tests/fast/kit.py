@@ -4,9 +4,10 @@ a workflow branch runs against the shared dev server in well under a second, wit
 relay, PostgreSQL or provider. Each fake records its input; a test scripts the answers
 that lead into the branch it covers and asserts on what was called. A contract that folds
 others' work into one transaction (`validate_and_decide`, `write_case_steps`, a submit
-carrying its `started` event) is answered by those others' fakes in the order the store
-writes them, so a scripted ledger failure or policy verdict reaches the folded step too;
-fakes answer local activity calls (`Activity.local`) as they answer the others."""
+carrying its `before` writes and `started` event) is answered by those others' fakes in the
+order the store writes them, so a scripted ledger failure or policy verdict reaches the
+folded step too; fakes answer local activity calls (`Activity.local`) as they answer the
+others. (A fake writes a guarded write, `unless_submitted`, as any other.)"""
 
 import asyncio
 import uuid
@@ -22,7 +23,7 @@ from temporalio.worker import Worker
 from adapters.approval_seal import ApprovalKeys, ApprovalSealCheck
 from domain import contracts
 from domain.contracts import Activity
-from domain.models import CaseWrites, CaseWritten, PolicyInput, SubmitInput, ValidateInput, Vetted
+from domain.models import CaseWrite, CaseWrites, CaseWritten, PolicyInput, SubmitInput, ValidateInput, Vetted
 from tests.harness import APPROVAL_KEYS
 from workers.main import WORKFLOWS, workflow_runner
 
@@ -97,17 +98,20 @@ class FakeActivities:
 
     async def _write(self, inp: CaseWrites) -> CaseWritten:
         posting = await self._answer(contracts.POST_LEDGER.name, inp.posting) if inp.posting else None
-        for write in inp.writes:
+        await self._queue_and_record(inp.writes)
+        return CaseWritten(posting=posting, posted=inp.posting.kind if inp.posting else None,
+                           actions=tuple(w.event.action for w in inp.writes if w.event is not None))
+
+    async def _queue_and_record(self, writes: tuple[CaseWrite, ...]) -> None:
+        for write in writes:
             if write.notice is not None:
                 await self._answer(contracts.QUEUE_NOTICE.name, write.notice)
             elif write.event is not None:
                 await self._answer(contracts.RECORD_CASE_EVENT.name, write.event)
-        return CaseWritten(posting=posting, posted=inp.posting.kind if inp.posting else None,
-                           actions=tuple(w.event.action for w in inp.writes if w.event is not None))
 
     async def _submit(self, inp: SubmitInput) -> Any:
-        if inp.started is not None:  # committed with the intent, before the provider answers
-            await self._answer(contracts.RECORD_CASE_EVENT.name, inp.started)
+        # committed with the intent, before the provider answers
+        await self._queue_and_record((*inp.before, *((CaseWrite(event=inp.started),) if inp.started else ())))
         return await self._answer(contracts.SUBMIT_PROVIDER_REFUND.name, inp)
 
     def _fake(self, contract: Activity[Any, Any], folded: Answer | None) -> Callable[..., Any]:
