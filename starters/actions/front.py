@@ -45,4 +45,10 @@ def front_door(request: Request) -> FrontDoor:
     return door
 
 
-Door = Annotated[FrontDoor, Depends(front_door)]
+async def awaited_front_door(request: Request) -> FrontDoor:
+    """`front_door` as the routes' dependency: async, so FastAPI calls it on the event loop
+    (a sync dependency goes to a worker thread and back on every request)."""
+    return front_door(request)
+
+
+Door = Annotated[FrontDoor, Depends(awaited_front_door)]

@@ -32,8 +32,9 @@ class WebhookAck(BaseModel):
     workflow_id: str | None = None
 
 
-def webhook_desk(request: Request) -> WebhookDesk:
-    """The application's desk (it also runs the periodic re-drive, see `app.create_app`)."""
+async def webhook_desk(request: Request) -> WebhookDesk:
+    """The application's desk (it also runs the periodic re-drive, see `app.create_app`);
+    async, so FastAPI calls it on the event loop, not in a worker thread."""
     desk: WebhookDesk = request.app.state.webhooks
     return desk
 
