@@ -23,6 +23,7 @@ from opentelemetry.instrumentation.psycopg import PsycopgInstrumentor
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from psycopg import AsyncConnection
 from pythonjsonlogger.json import JsonFormatter
 from temporalio import activity
@@ -143,14 +144,31 @@ def service_resource(default_name: str) -> Resource:
     return detected
 
 
+def tracer_provider(service_name: str, exporter: SpanExporter | None = None) -> TracerProvider:
+    """The process's tracer provider: spans go to `exporter` (tests use an in-memory one),
+    else over OTLP when an endpoint is configured, else to the span log when it is at DEBUG.
+    With none of these nothing would read a span, so none is recorded (sampled out, unless
+    `OTEL_TRACES_SAMPLER` says otherwise): each SQL statement, activity and workflow task
+    would otherwise build a span for the log exporter to drop. Sampled-out spans keep their
+    ids, so log lines still carry the trace id."""
+    resource = service_resource(service_name)
+    chosen = exporter or _otlp_exporter()
+    logged = span_log.isEnabledFor(logging.DEBUG)
+    if chosen is None and not logged and "OTEL_TRACES_SAMPLER" not in os.environ:
+        return TracerProvider(resource=resource, sampler=ALWAYS_OFF)
+    provider = TracerProvider(resource=resource)
+    provider.add_span_processor(BatchSpanProcessor(chosen or LogSpanExporter()))
+    return provider
+
+
 def configure_tracing(service_name: str, exporter: SpanExporter | None = None) -> TracerProvider:
-    """Installs the process's tracer provider (once: the dev stack runs relay and worker
-    together); `exporter` replaces the OTLP/log choice (tests use an in-memory one)."""
+    """Installs the process's tracer provider (`tracer_provider`; once: the dev stack runs
+    relay and worker together). Call it after `configure_logging`, which sets the span log's
+    level."""
     current = trace.get_tracer_provider()
     if isinstance(current, TracerProvider):
         return current
-    provider = TracerProvider(resource=service_resource(service_name))
-    provider.add_span_processor(BatchSpanProcessor(exporter or _otlp_exporter() or LogSpanExporter()))
+    provider = tracer_provider(service_name, exporter)
     trace.set_tracer_provider(provider)
     return provider
 

@@ -1,9 +1,9 @@
 """A benchmark's worker in a process of its own, as production runs it: the product's worker
 (`build_worker`, the same one `refunds worker` runs, with its notice dispatcher, which
 delivers the refunds' notices; without the sweepers and probes a benchmark would only
-measure) or, with `--bare QUEUE`, the bare baseline worker. So each side
-has its own interpreter lock, and the worker's memory is its own process's, not the load
-client's, the relay's and the sandbox provider's as well.
+measure; its logs and traces set up as `refunds worker` sets them) or, with `--bare QUEUE`,
+the bare baseline worker. So each side has its own interpreter lock, and the worker's memory
+is its own process's, not the load client's, the relay's and the sandbox provider's as well.
 
     python -m bench.worker_process DSN [--bare QUEUE | --default-sandbox]
 
@@ -29,6 +29,7 @@ from adapters.config import Settings
 from adapters.db import Store
 from adapters.policy_file import load_policy
 from adapters.providers.registry import build_providers, close_providers
+from adapters.telemetry import configure_logging, configure_tracing, shutdown_tracing
 from adapters.temporal_client import connect
 from bench.common import bare_worker
 from workers.main import build_worker
@@ -45,6 +46,8 @@ def settings_json(settings: Settings) -> str:
 
 async def serve(dsn: str, bare_queue: str | None, default_sandbox: bool) -> None:
     settings = Settings.model_validate(json.loads(os.environ[SETTINGS_VARIABLE]))
+    configure_logging(settings)  # logs and traces as `refunds worker` has them
+    configure_tracing("refunds-worker")
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     client = await connect(settings)
@@ -122,7 +125,10 @@ def main(argv: list[str] | None = None) -> None:
     group.add_argument("--default-sandbox", action="store_true",
                        help="the product's worker with the SDK's default workflow sandbox")
     args = parser.parse_args(argv)
-    event_loop.run(serve(args.dsn, args.bare, args.default_sandbox))
+    try:
+        event_loop.run(serve(args.dsn, args.bare, args.default_sandbox))
+    finally:
+        shutdown_tracing()
 
 
 if __name__ == "__main__":

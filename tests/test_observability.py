@@ -15,7 +15,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from adapters.config import Settings
-from adapters.telemetry import CORE_LOGGER, sdk_runtime
+from adapters.telemetry import CORE_LOGGER, sdk_runtime, span_log, tracer_provider
 from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack
 
@@ -144,3 +144,27 @@ async def test_the_sdk_cores_log_lines_reach_the_products_logging(
             await asyncio.sleep(0.1)
         await handle.terminate()
     assert core_failed_a_task(), [r.getMessage() for r in caplog.records]
+
+
+@pytest.mark.parametrize("reader", ["nobody", "exporter", "otlp", "span_log_at_debug"])
+def test_spans_are_recorded_only_where_something_reads_them(
+        reader: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without an exporter, an OTLP endpoint or the span log at DEBUG, every span (one per SQL
+    statement, activity, workflow task) was built, batched and dropped: the worker's CPU in
+    production, not in the benchmarks. Such spans are sampled out now; their ids remain, so
+    log lines keep their trace ids."""
+    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_TRACES_SAMPLER"):
+        monkeypatch.delenv(name, raising=False)
+    if reader == "otlp":
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317")
+    previous = span_log.level
+    span_log.setLevel(logging.DEBUG if reader == "span_log_at_debug" else logging.INFO)
+    try:
+        provider = tracer_provider("refunds-worker", InMemorySpanExporter() if reader == "exporter" else None)
+    finally:
+        span_log.setLevel(previous)
+    span = provider.get_tracer(__name__).start_span("probe")
+    recording = span.is_recording()
+    span.end()
+    provider.shutdown()
+    assert recording == (reader != "nobody") and span.get_span_context().trace_id != 0
