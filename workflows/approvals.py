@@ -273,7 +273,9 @@ class ApprovingWorkflow:
     @workflow.update
     async def submit_approval(self, signal: ApprovalSignal) -> ApprovalProgress:
         """An approver's verdict with an immediate answer: refused ones never get here
-        (see the validator); accepted ones return once the workflow has recorded them."""
+        (see the validator); accepted ones return once the workflow has taken them (in its
+        history; a refund's deciding approval reaches the database with its submit's first
+        transaction, `approval-with-submit-1`)."""
         if not self._round.first_sight(signal):  # its resend signal came first
             raise ApplicationError(RESENT, type=ALREADY_RECEIVED)
         return await self.take_approval(signal)
