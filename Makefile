@@ -35,8 +35,8 @@ run: $(STAMP)
 # The tests mostly wait on servers and timers, so two pytest-xdist workers (each with its own
 # session Temporal dev server and PostgreSQL; a test file stays on one worker, so its module
 # fixtures start once) and mypy beside them share the two cores: a fresh clone's `make test`
-# took 19.5 to 21.4 minutes in one process on this machine, 12 to 13.5 with two. Either failing
-# fails the target.
+# took 19.5 to 21.4 minutes in one process on this machine, 8 to 13.5 with two (its speed
+# varies by the day). Either failing fails the target.
 test: $(STAMP) browser-deps
 	$(BIN)/ruff check .
 	$(BIN)/mypy . > $(VENV)/mypy.out 2>&1 & typing=$$!; \
