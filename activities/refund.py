@@ -187,7 +187,7 @@ class RefundActivities:
         request = inp.request
         provider = self._executor(request)
         case_id = request.refund_request_id
-        if await self._store.cases.begin_submission(case_id, inp.idempotency_key, inp.started, inp.before):
+        if await self._store.cases.begin_submission(case_id, inp.idempotency_key, inp.intent_writes()):
             found = next(iter(await self._find(request, "resubmit after an earlier attempt")), None)
             if found is not None:
                 await self._store.cases.record_provider_refund(case_id, found,

@@ -179,6 +179,13 @@ async def trace_connection(conn: AsyncConnection[Any]) -> None:
     PsycopgInstrumentor.instrument_connection(conn)
 
 
+def configure_observability(settings: Settings, service: str, *, text_logs: bool = False) -> None:
+    """A server process's logs, then its traces (the span log's level decides what is
+    recorded): what every `refunds` server and the benchmarks' workers set up."""
+    configure_logging(settings, text=text_logs or None)
+    configure_tracing(service)
+
+
 def shutdown_tracing() -> None:
     """Flushes spans before the process exits (the CLI leaves through os._exit)."""
     provider: Any = trace.get_tracer_provider()

@@ -29,7 +29,7 @@ from adapters.config import Settings
 from adapters.db import Store
 from adapters.policy_file import load_policy
 from adapters.providers.registry import build_providers, close_providers
-from adapters.telemetry import configure_logging, configure_tracing, shutdown_tracing
+from adapters.telemetry import configure_observability, shutdown_tracing
 from adapters.temporal_client import connect
 from bench.common import bare_worker
 from workers.main import build_worker
@@ -46,8 +46,7 @@ def settings_json(settings: Settings) -> str:
 
 async def serve(dsn: str, bare_queue: str | None, default_sandbox: bool) -> None:
     settings = Settings.model_validate(json.loads(os.environ[SETTINGS_VARIABLE]))
-    configure_logging(settings)  # logs and traces as `refunds worker` has them
-    configure_tracing("refunds-worker")
+    configure_observability(settings, "refunds-worker")  # as `refunds worker` has them
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     client = await connect(settings)

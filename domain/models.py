@@ -523,6 +523,10 @@ class SubmitInput(Frozen):
     """Writes committed in that transaction before `started`: the deciding approval's row and
     its notice (since `approval-with-submit-1`); only the first submit carries them."""
 
+    def intent_writes(self) -> tuple[CaseWrite, ...]:
+        """What the submit's intent commits with it, in order: `before`, then `started`."""
+        return (*self.before, *((CaseWrite(event=self.started),) if self.started else ()))
+
 
 class CaseWritten(Frozen):
     """What a case step wrote: the posting and the case actions recorded (the history shows

@@ -19,6 +19,7 @@ from domain.models import (
     PolicyDecision,
     RefundReason,
     RefundRequest,
+    SubmitInput,
     ValidationResult,
 )
 
@@ -94,8 +95,9 @@ async def test_the_first_submit_commits_execution_started_with_its_intent_once(s
     case_id = request.refund_request_id
     started = CaseEventInput(refund_request_id=case_id, action="execution_started", actor="workflow",
                              status=CaseStatus.EXECUTING)
-    assert await store.cases.begin_submission(case_id, "key-1", started) is False
-    assert await store.cases.begin_submission(case_id, "key-1", started) is True  # a later one looks first
+    intent = (CaseWrite(event=started),)
+    assert await store.cases.begin_submission(case_id, "key-1", intent) is False
+    assert await store.cases.begin_submission(case_id, "key-1", intent) is True  # a later one looks first
     trail = await actions(store, case_id)
     assert trail[-3:] == ["execution_started", "provider_submit_started", "provider_submit_started"]
     assert trail.count("execution_started") == 1
@@ -114,8 +116,10 @@ async def test_the_first_submit_commits_the_deciding_approval_before_its_intent_
     case_id = request.refund_request_id
     started = CaseEventInput(refund_request_id=case_id, action="execution_started", actor="workflow",
                              status=CaseStatus.EXECUTING)
-    assert await store.cases.begin_submission(case_id, "key-1", started, approval_writes(case_id)) is False
-    assert await store.cases.begin_submission(case_id, "key-1", started, approval_writes(case_id)) is True
+    intent = SubmitInput(request=request, idempotency_key="key-1", started=started,
+                         before=approval_writes(case_id)).intent_writes()
+    assert await store.cases.begin_submission(case_id, "key-1", intent) is False
+    assert await store.cases.begin_submission(case_id, "key-1", intent) is True
     assert (await actions(store, case_id))[-5:] == [
         "approval_granted", "notice_queued", "execution_started", "provider_submit_started",
         "provider_submit_started"]
@@ -133,7 +137,7 @@ async def test_a_guarded_write_lands_only_while_no_submit_began(store: Store) ->
 
     after_one, _ = await opened(store)
     case_id = after_one.refund_request_id
-    await store.cases.begin_submission(case_id, "key-1", None, approval_writes(case_id))
+    await store.cases.begin_submission(case_id, "key-1", approval_writes(case_id))
     trail = await actions(store, case_id)
     guarded = CaseWrites(refund_request_id=case_id, writes=approval_writes(case_id), unless_submitted=True)
     assert (await store.cases.write_case_steps(guarded)).actions == ()

@@ -316,16 +316,15 @@ class CaseRepository(Repository):
             await AuditLog.append(conn, case_id, "policy", "policy_decision", decision)
 
     async def begin_submission(self, case_id: str, idempotency_key: str,
-                               event: CaseEventInput | None = None,
-                               before: tuple[CaseWrite, ...] = ()) -> bool:
-        """Records the intent to call the provider before the call (with the case's `before`
-        writes, the deciding approval's, and its `event`, `execution_started`, on the first
-        attempt); returns True when an earlier attempt already started, so the caller must
-        look before it leaps."""
+                               writes: tuple[CaseWrite, ...] = ()) -> bool:
+        """Records the intent to call the provider before the call (with the case's `writes`,
+        `SubmitInput.intent_writes`: the deciding approval's and `execution_started`, on the
+        first attempt); returns True when an earlier attempt already started, so the caller
+        must look before it leaps."""
         async with self._db.transaction() as conn:
             started = await self._submission_started(conn, case_id)
             if not started:
-                await self._write_in(conn, (*before, *((CaseWrite(event=event),) if event else ())))
+                await self._write_in(conn, writes)
                 await conn.execute(
                     "UPDATE refund_cases SET submission_started_at = now(), status = %s,"
                     " updated_at = now() WHERE refund_request_id = %s",
@@ -365,14 +364,14 @@ class CaseRepository(Repository):
     async def write_case_steps(self, steps: CaseWrites) -> CaseWritten:
         """A case step's writes in one transaction: the ledger posting (once per posting
         key), then each notice (once per dedup key) and event (status and audit row) in
-        order."""
+        order; none of it when `unless_submitted` and a submit began."""
         async with self._db.transaction() as conn:
+            if steps.unless_submitted and await self._submission_started(conn, steps.refund_request_id):
+                return CaseWritten()
             posting = None
             if steps.posting is not None:
                 await conn.execute("SET LOCAL lock_timeout = '5s'")  # fail fast, let Temporal retry
                 posting = await LedgerRepository.post_in(conn, steps.posting)
-            if steps.unless_submitted and await self._submission_started(conn, steps.refund_request_id):
-                return CaseWritten(posting=posting, posted=steps.posting.kind if steps.posting else None)
             actions = await self._write_in(conn, steps.writes)
             return CaseWritten(posting=posting, posted=steps.posting.kind if steps.posting else None,
                                actions=actions)

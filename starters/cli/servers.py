@@ -8,20 +8,13 @@ from adapters.config import Settings
 from starters.cli.common import api_token, needs_dev_install, open_database
 
 
-def _observability(settings: Settings, service: str, *, text_logs: bool = False) -> None:
-    from adapters.telemetry import configure_logging, configure_tracing
-
-    configure_logging(settings, text=text_logs or None)
-    configure_tracing(service)
-
-
 async def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
-    from adapters.telemetry import shutdown_tracing
+    from adapters.telemetry import configure_observability, shutdown_tracing
 
     with needs_dev_install("`refunds dev`"):
         from starters.dev.run import run_dev
 
-    _observability(settings, "refunds-dev", text_logs="log_format" not in settings.model_fields_set)
+    configure_observability(settings, "refunds-dev", text_logs="log_format" not in settings.model_fields_set)
     try:
         await run_dev(settings, play_demo=not args.no_demo)
     finally:
@@ -41,11 +34,11 @@ async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     import signal
 
-    from adapters.telemetry import shutdown_tracing
+    from adapters.telemetry import configure_observability, shutdown_tracing
     from starters.ports import ensure_ports_free
     from workers.main import run_worker
 
-    _observability(settings, "refunds-worker")
+    configure_observability(settings, "refunds-worker")
     ensure_ports_free(settings.bind_host, {"REFUNDS_WORKER_HEALTH_PORT": settings.worker_health_port,
                                            "REFUNDS_TEMPORAL_METRICS_PORT": settings.temporal_metrics_port})
     dsn, pg = await open_database(settings)
@@ -67,12 +60,12 @@ async def cmd_relay(args: argparse.Namespace, settings: Settings) -> int:
     from adapters.db import Store
     from adapters.http_server import AppServer
     from adapters.providers.registry import build_providers, close_providers
-    from adapters.telemetry import shutdown_tracing
+    from adapters.telemetry import configure_observability, shutdown_tracing
     from adapters.temporal_client import connect
     from starters.ports import ensure_ports_free
     from starters.relay import create_app
 
-    _observability(settings, "refunds-relay")
+    configure_observability(settings, "refunds-relay")
     ensure_ports_free(settings.bind_host, {"REFUNDS_RELAY_PORT": settings.relay_port})
     dsn, pg = await open_database(settings)
     store = await Store.open(dsn)

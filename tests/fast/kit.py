@@ -111,7 +111,7 @@ class FakeActivities:
 
     async def _submit(self, inp: SubmitInput) -> Any:
         # committed with the intent, before the provider answers
-        await self._queue_and_record((*inp.before, *((CaseWrite(event=inp.started),) if inp.started else ())))
+        await self._queue_and_record(inp.intent_writes())
         return await self._answer(contracts.SUBMIT_PROVIDER_REFUND.name, inp)
 
     def _fake(self, contract: Activity[Any, Any], folded: Answer | None) -> Callable[..., Any]:
