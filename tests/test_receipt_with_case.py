@@ -2,15 +2,20 @@
 in one commit (one disk flush less on the relay's hottest path); if the case cannot be
 written there, the receipt still is, and routing opens the case as before."""
 
+import asyncio
 import hashlib
 import uuid
 
 import httpx
 import psycopg
+from opentelemetry import trace
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from adapters.db import CaseCreation, StoredReceipt
 from domain.models import RefundReason, RefundRequest, RequestSource
 from tests.harness import Stack
-from tests.test_bad_input import event_body, request_object, signed
+from tests.test_bad_input import event_body, request_object, sandbox_secret, signed
+from tests.test_observability import _flushed
 
 
 async def one_value(dsn: str, sql: str, key: object) -> object:
@@ -42,6 +47,94 @@ async def test_first_delivery_writes_receipt_and_case_in_one_transaction(
     assert received == created
     actions = [a["action"] for a in await stack.store.audit.trail(case_id)]
     assert actions.count("request_received") == 1 and "request_repeated" not in actions
+    await stack.wait_for_status(case_id, "succeeded")
+
+
+def provider_request(rrq: str) -> RefundRequest:
+    return RefundRequest(refund_request_id=rrq, provider="sandbox", charge_id="ch_one_statement",
+                         amount=1_000, currency="USD", merchant_account="acct_1",
+                         reason=RefundReason.DUPLICATE, source=RequestSource.WEBHOOK)
+
+
+async def store_traced(stack: Stack, name: str, event_id: str, body: bytes,
+                       request: RefundRequest | None) -> StoredReceipt:
+    """`receipts.store` under a span of its own, so its statements are that span's children."""
+    with trace.get_tracer("tests").start_as_current_span(name):
+        return await stack.store.receipts.store(
+            provider="sandbox", event_id=event_id, event_type="refund.requested", body=body,
+            body_sha256=hashlib.sha256(body).hexdigest(), headers={}, verdict="accepted",
+            error=None, opens=None if request is None else (request, "provider:sandbox"))
+
+
+def statements_under(spans: InMemorySpanExporter, name: str) -> int:
+    finished = _flushed(spans)
+    [parent] = [s for s in finished if s.name == name]
+    assert parent.context is not None
+    return sum(1 for s in finished
+               if s.parent is not None and s.parent.span_id == parent.context.span_id)
+
+
+async def test_a_first_delivery_and_a_duplicate_are_one_statement_each(
+        stack: Stack, spans: InMemorySpanExporter) -> None:
+    """The relay's cost per delivery is its statements (a round trip, a wake-up on each
+    side): receipt, claim, case and the case's first audit entry are one; a duplicate's
+    receipt, its verdict and what it needs of the first receipt are one."""
+    tag = uuid.uuid4().hex[:12]
+    rrq, event_id, body = f"sandbox-rrq_{tag}", f"evt_{tag}", b'{"id": "evt_one_statement"}'
+    first = await store_traced(stack, f"first-{tag}", event_id, body, provider_request(rrq))
+    again = await store_traced(stack, f"again-{tag}", event_id, body, provider_request(rrq))
+
+    assert (first.verdict, first.first_receipt_id, first.case_creation) == \
+        ("accepted", first.receipt_id, CaseCreation.CREATED)
+    assert (again.verdict, again.first_receipt_id, again.first_processed) == \
+        ("duplicate", first.receipt_id, False)
+    assert [r["verdict"] for r in await stack.store.receipts.find("sandbox", event_id)] == \
+        ["accepted", "duplicate"]
+    [entry] = await stack.store.audit.trail(rrq)
+    assert (entry["seq"], entry["action"]) == (1, "request_received")
+    _, problems = await stack.store.audit.verify()
+    assert not [p for p in problems if f"chain {rrq} " in p]
+    assert (statements_under(spans, f"first-{tag}"), statements_under(spans, f"again-{tag}")) == (1, 1)
+
+
+async def test_a_delivery_racing_an_uncommitted_first_one_is_its_duplicate(
+        stack: Stack, postgres_dsn: str) -> None:
+    """The claim waits for a first delivery still in flight, then decides: the second is a
+    duplicate naming the first, though its statement began before the first committed."""
+    tag = uuid.uuid4().hex[:12]
+    event_id, body = f"evt_{tag}", b'{"id": "evt_race"}'
+    async with await psycopg.AsyncConnection.connect(postgres_dsn) as first, first.transaction():
+        row = await (await first.execute(
+            "WITH r AS (INSERT INTO webhook_receipts (provider, event_id, body_sha256, verdict)"
+            " VALUES ('sandbox', %s, '', 'accepted') RETURNING id)"
+            " INSERT INTO webhook_events (provider, event_id, first_receipt_id)"
+            " SELECT 'sandbox', %s, id FROM r RETURNING first_receipt_id", (event_id, event_id))).fetchone()
+        assert row is not None
+        second = asyncio.create_task(store_traced(stack, f"race-{tag}", event_id, body, None))
+        await asyncio.sleep(0.5)
+        assert not second.done()  # waiting on the first claim
+    stored = await second
+    assert (stored.verdict, stored.first_receipt_id, stored.first_processed) == ("duplicate", row[0], False)
+    assert [r["verdict"] for r in await stack.store.receipts.find("sandbox", event_id)] == \
+        ["accepted", "duplicate"]
+
+
+async def test_a_case_whose_audit_chain_already_began_continues_it(stack: Stack) -> None:
+    """A chain can exist before its case (an entry recorded under the id first): the case
+    still opens from its first delivery, its first entry the chain's next one."""
+    charge = await stack.charge(10_000)
+    rrq = f"rrq_{uuid.uuid4().hex[:12]}"
+    case_id = f"sandbox-{rrq}"
+    await stack.store.audit.record(case_id, "provider:sandbox", "event_after_close", {"event_id": "evt_0"})
+    body = event_body("refund.requested", request_object(charge, rrq))
+    async with httpx.AsyncClient(base_url=stack.relay_url, timeout=30) as http:
+        response = await http.post("/webhooks/sandbox", content=body,
+                                   headers=signed(sandbox_secret(stack), body))
+    assert (response.status_code, response.json()["workflow_id"]) == (200, case_id), response.text
+    assert [(e["seq"], e["action"]) for e in await stack.store.audit.trail(case_id)][:2] == \
+        [(1, "event_after_close"), (2, "request_received")]
+    _, problems = await stack.store.audit.verify()
+    assert not [p for p in problems if f"chain {case_id} " in p]
     await stack.wait_for_status(case_id, "succeeded")
 
 

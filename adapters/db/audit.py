@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
+from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from adapters.db.database import Conn, Database
@@ -52,6 +53,31 @@ class AuditLog:
                 " VALUES (%s,%s,%s,%s,%s,%s,%s)",
                 (chain, seq, actor, action, [str(r) for r in stored.get("roles") or ()],
                  str(stored.get("reason") or stored.get("refusal") or ""), occurred_at))
+
+    @staticmethod
+    def opening_entry(source: str) -> sql.Composed:
+        """A case's first entry as CTEs of the caller's statement (params from
+        `opening_entry_values`), written when the CTE `source` returns a row: one statement,
+        where `append` takes two round trips. Only for a chain not begun: if it has, inserting
+        its head fails, and the caller's whole statement with it (the caller then writes
+        through `append`)."""
+        return sql.SQL(
+            "audit_head AS (INSERT INTO audit_heads (chain, seq, hash)"
+            " SELECT %(audit_chain)s, 1, %(audit_hash)s FROM {source} RETURNING chain),"
+            " audit_entry AS (INSERT INTO audit_events (chain, seq, refund_request_id, occurred_at,"
+            " actor, action, detail, prev_hash, hash) SELECT chain, 1, chain, %(audit_at)s,"
+            " %(audit_actor)s, %(audit_action)s, %(audit_detail)s, %(audit_prev)s, %(audit_hash)s"
+            " FROM audit_head)").format(source=sql.Identifier(source))
+
+    @staticmethod
+    def opening_entry_values(chain: str, actor: str, action: str, detail: dict[str, Any]) -> dict[str, Any]:
+        """The `opening_entry` of `chain`: its first row, hashed from the genesis."""
+        assert not is_approval_step(action), "approval steps also go to case_approvals: use append"
+        occurred_at, stored = datetime.now(UTC), canonical_detail(detail)
+        digest = chain_hash(GENESIS, chain=chain, seq=1, refund_request_id=chain,
+                            occurred_at=occurred_at, actor=actor, action=action, detail=stored)
+        return {"audit_chain": chain, "audit_hash": digest, "audit_at": occurred_at, "audit_actor": actor,
+                "audit_action": action, "audit_detail": Jsonb(stored), "audit_prev": GENESIS}
 
     async def record(self, case_id: str | None, actor: str, action: str, detail: dict[str, Any]) -> None:
         """`append` in a transaction of its own: an event with no business row beside it."""

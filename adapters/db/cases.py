@@ -58,6 +58,32 @@ def request_from_row(row: Mapping[str, Any]) -> RefundRequest:
         trigger_identities=tuple(row.get("trigger_identities") or ()))
 
 
+_CASE_COLUMNS = ("refund_request_id", "provider", "charge_id", "amount", "currency", "merchant_account",
+                 "reason", "evidence", "source", "requester", "params_hash", "status", "method",
+                 "parent_refund_request_id", "trigger_identities")
+_INSERT_CASE = sql.SQL("INSERT INTO refund_cases ({columns}) SELECT {values}").format(
+    columns=sql.SQL(", ").join(map(sql.Identifier, _CASE_COLUMNS)),
+    values=sql.SQL(", ").join(map(sql.Placeholder, _CASE_COLUMNS)))
+"""A new case's row from `_case_values`; the caller adds a FROM (a source CTE) and the rest."""
+_CREATE_CASE = (_INSERT_CASE + sql.SQL(" ON CONFLICT (refund_request_id) DO NOTHING RETURNING *")).as_string()
+
+
+def _case_values(request: RefundRequest, requester: str) -> dict[str, Any]:
+    return {"refund_request_id": request.refund_request_id, "provider": request.provider,
+            "charge_id": request.charge_id, "amount": request.amount, "currency": request.currency,
+            "merchant_account": request.merchant_account, "reason": request.reason.value,
+            "evidence": jsonb(request.evidence), "source": request.source.value, "requester": requester,
+            "params_hash": request.params_hash(), "status": CaseStatus.REQUESTED.value,
+            "method": request.method.value, "parent_refund_request_id": request.parent_refund_request_id,
+            "trigger_identities": list(request.trigger_identities)}
+
+
+def _received(request: RefundRequest, params_hash: str) -> dict[str, Any]:
+    """The `request_received` entry's detail."""
+    return {"source": request.source.value, "params_hash": params_hash, "amount": request.amount,
+            "currency": request.currency}
+
+
 class CaseCreation(StrEnum):
     CREATED = "created"
     IDENTICAL = "identical"
@@ -90,35 +116,42 @@ class CaseRepository(Repository):
 
     @staticmethod
     async def create_in(conn: Conn, request: RefundRequest, requester: str) -> tuple[CaseCreation, CaseRow]:
-        """`create` inside the caller's transaction (a webhook receipt and the case it opens)."""
-        params = request.params_hash()
-        cur = await conn.execute(
-            "INSERT INTO refund_cases (refund_request_id, provider, charge_id, amount, currency,"
-            " merchant_account, reason, evidence, source, requester, params_hash, status,"
-            " method, parent_refund_request_id, trigger_identities)"
-            " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
-            " ON CONFLICT (refund_request_id) DO NOTHING RETURNING *",
-            (request.refund_request_id, request.provider, request.charge_id, request.amount,
-             request.currency, request.merchant_account, request.reason.value,
-             jsonb(request.evidence), request.source.value, requester, params,
-             CaseStatus.REQUESTED.value, request.method.value, request.parent_refund_request_id,
-             list(request.trigger_identities)),
-        )
+        """`create` inside the caller's transaction."""
+        values = _case_values(request, requester)
+        cur = await conn.execute(_CREATE_CASE, values)
         row = await cur.fetchone()
         if row is not None:
             await AuditLog.append(conn, request.refund_request_id, requester, "request_received",
-                                  {"source": request.source.value, "params_hash": params,
-                                   "amount": request.amount, "currency": request.currency})
+                                  _received(request, values["params_hash"]))
             return CaseCreation.CREATED, CaseRow.from_row(row)
         cur = await conn.execute(
             "SELECT * FROM refund_cases WHERE refund_request_id = %s", (request.refund_request_id,))
         existing = await cur.fetchone()
         assert existing is not None
-        same = existing["params_hash"] == params
+        same = existing["params_hash"] == values["params_hash"]
         await AuditLog.append(conn, request.refund_request_id, requester,
                               "request_repeated" if same else "request_conflict",
-                              {"source": request.source.value, "params_hash": params})
+                              {"source": request.source.value, "params_hash": values["params_hash"]})
         return (CaseCreation.IDENTICAL if same else CaseCreation.CONFLICT), CaseRow.from_row(existing)
+
+    @staticmethod
+    def opening(source: str) -> sql.Composed:
+        """The case and its `request_received` entry as CTEs of the caller's statement
+        (params from `opening_values`), written when the CTE `source` returns a row and no
+        case has the id (`case_opened` then returns it). A case already there is left to
+        `create` (repeat or conflict); a chain already begun under the id fails the
+        statement (`AuditLog.opening_entry`)."""
+        return sql.SQL("case_opened AS ({insert} FROM {source} ON CONFLICT (refund_request_id)"
+                       " DO NOTHING RETURNING refund_request_id), {entry}").format(
+                           insert=_INSERT_CASE, source=sql.Identifier(source),
+                           entry=AuditLog.opening_entry("case_opened"))
+
+    @staticmethod
+    def opening_values(request: RefundRequest, requester: str) -> dict[str, Any]:
+        values = _case_values(request, requester)
+        return {**values, **AuditLog.opening_entry_values(
+            request.refund_request_id, requester, "request_received",
+            _received(request, values["params_hash"]))}
 
     async def get(self, case_id: str) -> CaseRow | None:
         row = await self._db.fetch_one("SELECT * FROM refund_cases WHERE refund_request_id = %s", (case_id,))

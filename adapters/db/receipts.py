@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from adapters.db.cases import CaseCreation, CaseRepository
 from adapters.db.database import Repository, jsonb
@@ -16,6 +17,41 @@ from adapters.db.rows import ReceiptRow
 from domain.models import RefundRequest
 
 log = logging.getLogger("store")
+
+
+_INSERT_RECEIPT = (
+    "INSERT INTO webhook_receipts (provider, event_id, event_type, body, body_sha256, headers, verdict,"
+    " error, replay_of) VALUES (%(provider)s, %(event_id)s, %(event_type)s, %(body)s, %(body_sha256)s,"
+    " %(headers)s, %(verdict)s, %(error)s, %(replay_of)s) RETURNING id")
+
+_FIRST_RECEIPT = (
+    "SELECT r.id AS first_id, r.processed_at AS first_processed_at FROM webhook_events e"
+    " JOIN webhook_receipts r ON r.id = e.first_receipt_id"
+    " WHERE e.provider = %(provider)s AND e.event_id = %(event_id)s")
+
+_GATED_RECEIPT = sql.SQL(
+    # The claim is decisive: it waits for a concurrent claim's commit, then inserts or not.
+    "WITH receipt_id AS (SELECT nextval('webhook_receipts_id_seq') AS id),"
+    " claim AS (INSERT INTO webhook_events (provider, event_id, first_receipt_id) SELECT %(provider)s,"
+    " %(event_id)s, id FROM receipt_id ON CONFLICT DO NOTHING RETURNING first_receipt_id),"
+    " earlier AS ({first_receipt}),"
+    " receipt AS (INSERT INTO webhook_receipts (id, provider, event_id, event_type, body, body_sha256,"
+    " headers, verdict, error, replay_of, processed_at)"
+    " SELECT receipt_id.id, %(provider)s, %(event_id)s, %(event_type)s, %(body)s, %(body_sha256)s,"
+    " %(headers)s, CASE WHEN claimed THEN 'accepted' ELSE 'duplicate' END, %(error)s, %(replay_of)s,"
+    " CASE WHEN claimed THEN NULL ELSE now() END"
+    " FROM receipt_id, (SELECT EXISTS (SELECT FROM claim) AS claimed) AS gate RETURNING id, verdict)"
+    "{opening}"
+    " SELECT receipt.id, receipt.verdict, earlier.first_id, earlier.first_processed_at, {opened} AS opened"
+    " FROM receipt LEFT JOIN earlier ON true")
+"""An accepted delivery's one statement: its claim, its receipt with the claim's verdict,
+the first receipt's id and state when it is a duplicate, and (`opening`) the case it opens."""
+_GATED = _GATED_RECEIPT.format(first_receipt=sql.SQL(_FIRST_RECEIPT), opening=sql.SQL(""),
+                               opened=sql.SQL("false")).as_string()
+_GATED_OPENING = _GATED_RECEIPT.format(
+    first_receipt=sql.SQL(_FIRST_RECEIPT), opening=sql.SQL(", ") + CaseRepository.opening("claim"),
+    opened=sql.SQL("EXISTS (SELECT FROM case_opened)")).as_string()
+"""Composed once: composing per call cost the relay more than a statement's round trip."""
 
 
 @dataclass(frozen=True)
@@ -27,8 +63,8 @@ class StoredReceipt:
     first_receipt_id: int | None
     first_processed: bool = True
     case_creation: CaseCreation | None = None
-    """Set when the first delivery of a refund request opened (or met) its case in the
-    receipt's own transaction."""
+    """CREATED when the first delivery of a refund request opened its case in the
+    receipt's own statement; None leaves it to routing."""
 
 
 @dataclass(frozen=True)
@@ -53,57 +89,44 @@ class ReceiptRepository(Repository):
         """Stores every delivery (and every replay of a stored one); an accepted one passes
         the (provider, event_id) gate once, later ones are recorded as duplicates of the first.
 
-        `opens` (request, requester) creates the case with the first delivery in the same
-        commit, one disk flush instead of two on the relay's hottest path. If that commit
-        fails, the receipt is stored again alone (nothing of the failed one remains) and
-        routing opens the case: the receipt never depends on its case.
-
-        Pipelined and without savepoints: BEGIN, writes whose result is not read and COMMIT
-        take no round trip of their own beyond the last one; every statement is a syscall or
-        two and a wake-up on each side, the relay's main cost per delivery."""
-        gated = verdict == "accepted" and event_id is not None
+        One statement each, in autocommit: a round trip (a syscall or two and a wake-up on
+        each side) is the relay's main cost per delivery. An accepted one claims the event id
+        first and takes its verdict from the claim, so a receipt is never stored as accepted
+        and corrected later. `opens` (request, requester) opens the case with its first entry
+        in that statement; if that fails (a case row the table refuses, a chain already begun
+        under the id) the receipt is stored alone and routing opens the case: the receipt
+        never depends on its case."""
+        receipt = {"provider": provider, "event_id": event_id, "event_type": event_type, "body": body,
+                   "body_sha256": body_sha256, "headers": jsonb(headers), "error": error,
+                   "replay_of": replay_of}
+        if verdict != "accepted" or event_id is None:
+            row = await self._db.fetch_one(_INSERT_RECEIPT, {**receipt, "verdict": verdict})
+            assert row is not None
+            return StoredReceipt(int(row["id"]), verdict, None)
         try:
-            async with self._db.connection() as conn, conn.pipeline(), conn.transaction():
-                # One statement: the receipt, and (accepted ones) its claim on the event id.
-                cur = await conn.execute(
-                    "WITH receipt AS (INSERT INTO webhook_receipts (provider, event_id, event_type, body,"
-                    " body_sha256, headers, verdict, error, replay_of)"
-                    " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s) RETURNING id),"
-                    " claim AS (INSERT INTO webhook_events (provider, event_id, first_receipt_id)"
-                    " SELECT %s, %s, id FROM receipt WHERE %s ON CONFLICT DO NOTHING"
-                    " RETURNING first_receipt_id)"
-                    " SELECT receipt.id, claim.first_receipt_id AS claimed"
-                    " FROM receipt LEFT JOIN claim ON true",
-                    (provider, event_id, event_type, body, body_sha256, jsonb(headers), verdict, error,
-                     replay_of, provider, event_id, gated))
-                row = await cur.fetchone()
-                assert row is not None
-                receipt_id = int(row["id"])
-                if not gated:
-                    return StoredReceipt(receipt_id, verdict, None)
-                if row["claimed"] is not None:
-                    creation = None if opens is None else (await CaseRepository.create_in(conn, *opens))[0]
-                    return StoredReceipt(receipt_id, "accepted", receipt_id, case_creation=creation)
-                # The claim's conflict waited for the first receipt's commit, so this statement's
-                # snapshot sees it.
-                cur = await conn.execute(
-                    "WITH marked AS (UPDATE webhook_receipts SET verdict = 'duplicate', processed_at = now()"
-                    " WHERE id = %s)"
-                    " SELECT r.id, r.processed_at FROM webhook_events e"
-                    " JOIN webhook_receipts r ON r.id = e.first_receipt_id"
-                    " WHERE e.provider = %s AND e.event_id = %s", (receipt_id, provider, event_id))
-                first = await cur.fetchone()
-                assert first is not None
-                return StoredReceipt(receipt_id, "duplicate", int(first["id"]),
-                                     first_processed=first["processed_at"] is not None)
-        except psycopg.Error:
+            row = await self._db.fetch_one(
+                _GATED if opens is None else _GATED_OPENING,
+                receipt if opens is None else {**receipt, **CaseRepository.opening_values(*opens)})
+        except psycopg.Error as exc:
             if opens is None:
                 raise
-            log.exception("case %s not opened with its receipt; storing the receipt alone,"
-                          " routing opens it", opens[0].refund_request_id)
+            log.warning("case %s not opened with its receipt (%s); storing the receipt alone,"
+                        " routing opens it", opens[0].refund_request_id, exc.diag.message_primary or exc)
             return await self.store(provider=provider, event_id=event_id, event_type=event_type,
                                     body=body, body_sha256=body_sha256, headers=headers,
                                     verdict=verdict, error=error, replay_of=replay_of)
+        assert row is not None
+        receipt_id = int(row["id"])
+        if row["verdict"] == "accepted":
+            return StoredReceipt(receipt_id, "accepted", receipt_id,
+                                 case_creation=CaseCreation.CREATED if row["opened"] else None)
+        if row["first_id"] is None:
+            # The claim waited for a concurrent first receipt's commit, which the statement's
+            # snapshot, taken before, does not show: read it now.
+            row = await self._db.fetch_one(_FIRST_RECEIPT, {"provider": provider, "event_id": event_id})
+            assert row is not None
+        return StoredReceipt(receipt_id, "duplicate", int(row["first_id"]),
+                             first_processed=row["first_processed_at"] is not None)
 
     async def mark_processed(self, receipt_id: int, workflow_id: str | None) -> None:
         """Marks the receipt done without waiting for the disk: if a crash loses the mark,
