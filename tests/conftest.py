@@ -49,7 +49,9 @@ def postgres_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-async def store(postgres_dsn: str) -> AsyncIterator[Store]:
+async def store(postgres_dsn: str, spans: InMemorySpanExporter) -> AsyncIterator[Store]:
+    """After tracing is set up, as the servers do it: a connection decides when it opens
+    whether its statements get spans (`trace_connection`)."""
     opened = await Store.open(postgres_dsn, max_size=20)
     await opened.database.migrate()
     yield opened

@@ -30,6 +30,7 @@ from adapters.config import Settings
 from adapters.db import Store
 from adapters.oidc import AccessTokenVerifier
 from adapters.providers.base import ProviderAdapter
+from adapters.telemetry import server_telemetry
 from starters.actions.approving import Refused
 from starters.actions.cases import CaseActions
 from starters.actions.front import FrontDoor, front_door
@@ -73,7 +74,8 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
                     await app.state.redrive
 
     app = FastAPI(title="Refund Orchestrator relay", version="0.1.0",
-                  description="Refund requests, approvals and provider webhooks.", lifespan=lifespan)
+                  description="Refund requests, approvals and provider webhooks.", lifespan=lifespan,
+                  telemetry=server_telemetry())
     if settings.codec_cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.codec_cors_origins,
                            allow_credentials=True, allow_methods=["POST"],
