@@ -20,6 +20,7 @@ from temporalio.worker import Worker
 
 from adapters.config import Settings
 from adapters.db import Store
+from adapters.telemetry import configure_observability
 from adapters.temporal_client import connect
 from bench.baseline import BareWorkflow, noop
 from starters.dev.stack import EmbeddedPostgres, TemporalDevServer
@@ -64,6 +65,9 @@ class Embedded:
 
 @asynccontextmanager
 async def embedded_stack() -> AsyncIterator[Embedded]:
+    """PostgreSQL and Temporal in a temporary folder, and this process's logs and traces set
+    up as `refunds relay` has them: the relay the benchmarks measure runs here."""
+    configure_observability(Settings(), "refunds-relay")
     with tempfile.TemporaryDirectory(prefix="refunds-bench-") as folder:
         pg = EmbeddedPostgres(Path(folder) / "pg")
         dsn = pg.start()
