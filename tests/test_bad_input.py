@@ -3,6 +3,7 @@ no case is created or moved, no workflow starts, no refund reaches the provider.
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -236,6 +237,24 @@ async def test_duplicate_deliveries_make_one_case_and_one_refund(stack: Stack) -
     assert [(r["amount"], r["status"]) for r in refunds] == [(1000, "succeeded")]
     received = [e for e in await stack.store.audit.trail(case_id) if e["action"] == "request_received"]
     assert len(received) == 1
+
+
+async def test_a_duplicate_delivery_writes_no_log_line(
+        stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
+    """A provider's retries are kept as receipts (verdict, first receipt) and counted by a
+    metric; a log line per duplicate repeated both in a retry storm, for a tenth of the
+    relay's work per duplicate."""
+    secret = sandbox_secret(stack)
+    body = event_body("refund.requested", request_object(await stack.charge(10_000),
+                                                         f"rrq_{uuid.uuid4().hex[:12]}"))
+    async with httpx.AsyncClient(base_url=stack.relay_url, timeout=30) as http:
+        first = await http.post("/webhooks/sandbox", content=body, headers=signed(secret, body))
+        assert first.json()["verdict"] == "accepted", first.text
+        with caplog.at_level(logging.INFO, logger="relay"):
+            again = await http.post("/webhooks/sandbox", content=body, headers=signed(secret, body))
+    assert again.json()["verdict"] == "duplicate"
+    assert [r.getMessage() for r in caplog.records if r.name == "relay"] == []
+    await stack.wait_for_status(first.json()["workflow_id"], "succeeded")
 
 
 # -- refund requests -----------------------------------------------------------------------

@@ -174,7 +174,9 @@ class WebhookDesk:
             await self._payout_receipt(event, stored)
         if stored.verdict == "duplicate":
             metrics.DUPLICATES.labels(provider_name).inc()
-            log.info("duplicate delivery of %s %s (first receipt %s)", provider_name,
+            # DEBUG: the receipt (verdict, first receipt) and the metric keep it; a retry
+            # storm would otherwise be a log storm too
+            log.debug("duplicate delivery of %s %s (first receipt %s)", provider_name,
                      event.event_id, stored.first_receipt_id)
             if stored.first_processed:
                 return IngestResult(200, stored.receipt_id, "duplicate", replay_of=replay_of)
