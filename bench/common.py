@@ -20,12 +20,13 @@ from temporalio.worker import Worker
 
 from adapters.config import Settings
 from adapters.db import Store
+from adapters.heap import settle_startup_heap
 from adapters.telemetry import configure_observability
 from adapters.temporal_client import connect
 from bench.baseline import BareWorkflow, noop
 from starters.dev.stack import EmbeddedPostgres, TemporalDevServer
 from starters.ports import free_port
-from tests.harness import PAYLOAD_KEYS
+from tests.harness import PAYLOAD_KEYS, Stack, open_stack
 from workers.main import workflow_runner
 
 RESULTS = Path(os.environ.get("BENCH_RESULTS_DIR") or Path(__file__).parent / "results")
@@ -82,6 +83,14 @@ async def embedded_stack() -> AsyncIterator[Embedded]:
             await store.close()
             temporal.stop()
             pg.stop()
+
+
+async def relay_stack(env: Embedded, **overrides: Any) -> Stack:
+    """The sandbox provider and the relay the benchmark measures, in this process, without a
+    worker; the heap then settled as `refunds relay` settles it once it serves."""
+    stack = await open_stack(env.store, env.client, env.temporal.address, worker=False, **overrides)
+    settle_startup_heap("bench relay")
+    return stack
 
 
 def postmasters(env: Embedded) -> list[psutil.Process]:

@@ -41,6 +41,7 @@ from bench.common import (
     bare_starter,
     embedded_stack,
     gather_limited,
+    relay_stack,
     report,
     timed_wave,
 )
@@ -53,7 +54,7 @@ from domain.models import (
     RefundRequest,
     RefundWorkflowInput,
 )
-from tests.harness import Stack, open_stack
+from tests.harness import Stack
 from workflows.refund import RefundWorkflow
 
 CASES_PER_CHARGE = 10
@@ -180,10 +181,9 @@ async def main(cases: int, concurrency: int, wave: int) -> dict[str, Any]:
     warm = min(wave, 20)
     announce("open_cases", cases=cases, wave=wave, concurrency=concurrency, warm_up=warm)
     async with embedded_stack() as env, AsyncExitStack() as workers:
-        stack = await open_stack(env.store, env.client, env.temporal.address, worker=False,
-                                 late_failure_window_seconds=0, approval_timeout_seconds=24 * 3600,
-                                 approval_reminder_seconds=None, approval_escalation_seconds=None,
-                                 **PRODUCT_TIMINGS)
+        stack = await relay_stack(env, late_failure_window_seconds=0, approval_timeout_seconds=24 * 3600,
+                                  approval_reminder_seconds=None, approval_escalation_seconds=None,
+                                  **PRODUCT_TIMINGS)
         workers.push_async_callback(stack.close)
         tag, warm_tag = uuid.uuid4().hex[:6], uuid.uuid4().hex[:6]
         worker_tuning = {name: getattr(stack.settings, name) for name in WORKER_TUNING}

@@ -28,10 +28,19 @@ from temporalio.client import Client, WorkflowHandle
 
 from adapters import event_loop
 from adapters.approval_seal import approval_keys, sealing_client
-from bench.common import Begin, CpuMeter, announce, bare_starter, embedded_stack, report, timed_wave
+from bench.common import (
+    Begin,
+    CpuMeter,
+    announce,
+    bare_starter,
+    embedded_stack,
+    relay_stack,
+    report,
+    timed_wave,
+)
 from bench.worker_process import worker_process
 from domain.models import ApprovalSignal, Decision, RefundReason, RefundRequest, RefundWorkflowInput
-from tests.harness import Stack, open_stack
+from tests.harness import Stack
 from workflows.refund import RefundWorkflow
 
 VARIANTS = ("bare", "bare_new", "passthrough", "default")
@@ -101,8 +110,7 @@ async def main(count: int, concurrency: int, rounds: int) -> dict[str, Any]:
     announce("refund_throughput", refunds=per_round * rounds, rounds=rounds, per_round=per_round,
              concurrency=concurrency, warm_up_per_variant=warm)
     async with embedded_stack() as env, AsyncExitStack() as workers:
-        stack = await open_stack(env.store, env.client, env.temporal.address, worker=False,
-                                 late_failure_window_seconds=0)
+        stack = await relay_stack(env, late_failure_window_seconds=0)
         workers.push_async_callback(stack.close)
         queues = {variant: f"{stack.settings.task_queue}-{variant}" for variant in VARIANTS[2:]}
         processes = {}

@@ -25,8 +25,16 @@ from typing import Any
 from temporalio.client import Client
 
 from adapters import event_loop
-from bench.common import announce, embedded_stack, gather_limited, pin_temporal_apart, report, summary
-from tests.harness import PAYLOAD_KEYS, open_stack
+from bench.common import (
+    announce,
+    embedded_stack,
+    gather_limited,
+    pin_temporal_apart,
+    relay_stack,
+    report,
+    summary,
+)
+from tests.harness import PAYLOAD_KEYS
 
 MEASURED = "rrq"
 """The measured relay deliveries' request id prefix; the warm-up's are counted apart."""
@@ -65,7 +73,7 @@ async def main(events: int, concurrency: int, copies: int, rounds: int, pin: boo
     events = per_round * rounds
     announce("webhook_ingest", events=events, rounds=rounds, copies=copies, concurrency=concurrency, pin=pin)
     async with embedded_stack() as env:
-        stack = await open_stack(env.store, env.client, env.temporal.address, worker=False)
+        stack = await relay_stack(env)
         placement = pin_temporal_apart(env) if pin else "not pinned: everything shares every core"
         secret = stack.settings.sandbox_webhook_secret
         assert secret is not None

@@ -27,6 +27,7 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 from adapters import event_loop
 from adapters.config import Settings
 from adapters.db import Store
+from adapters.heap import settle_startup_heap
 from adapters.policy_file import load_policy
 from adapters.providers.registry import build_providers, close_providers
 from adapters.telemetry import configure_observability, shutdown_tracing
@@ -62,6 +63,7 @@ async def serve(dsn: str, bare_queue: str | None, default_sandbox: bool) -> None
                 client, settings.task_queue, store, providers, load_policy(settings.policy_file),
                 settings=settings, runner=SandboxedWorkflowRunner() if default_sandbox else None))
             await running.enter_async_context(pool_dispatcher(store, settings))
+        settle_startup_heap("bench worker")  # as `refunds worker` does once it polls
         print("ready", flush=True)
         await stop.wait()
 

@@ -29,6 +29,7 @@ from adapters.approval_seal import ApprovalSealCheck, approval_keys
 from adapters.audit_checkpoints import checkpoint_book
 from adapters.config import Settings
 from adapters.db import Store
+from adapters.heap import settle_startup_heap
 from adapters.http_server import AppServer
 from adapters.instrumented import instrument
 from adapters.policy_file import load_policy
@@ -142,6 +143,7 @@ async def run_worker(settings: Settings, dsn: str, stop: asyncio.Event) -> None:
                 await health.start()
                 log.info("worker health and metrics on %s", health.url)
             log.info("worker polling task queue %s", settings.task_queue)
+            settle_startup_heap("worker")
             await stop.wait()
             for loop in (sweeper, case_sweeper, pruner, checkpointer):
                 if loop is not None:

@@ -58,6 +58,7 @@ async def cmd_relay(args: argparse.Namespace, settings: Settings) -> int:
     import signal
 
     from adapters.db import Store
+    from adapters.heap import settle_startup_heap
     from adapters.http_server import AppServer
     from adapters.providers.registry import build_providers, close_providers
     from adapters.telemetry import configure_observability, shutdown_tracing
@@ -79,6 +80,7 @@ async def cmd_relay(args: argparse.Namespace, settings: Settings) -> int:
     await server.start()
     print(f"relay on {server.url}", flush=True)
     await app.state.webhooks.redrive()  # heal receipts a crash left between receipt and signal
+    settle_startup_heap("relay")
     try:
         await stop.wait()
     finally:

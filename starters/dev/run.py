@@ -23,6 +23,7 @@ from activities.integrations import IntegrationActivities
 from adapters.codec import generate_key_spec
 from adapters.config import Settings, secret_list
 from adapters.db import Store
+from adapters.heap import settle_startup_heap
 from adapters.http_server import AppServer
 from adapters.policy_file import load_policy
 from adapters.providers.registry import build_providers, close_providers
@@ -180,6 +181,7 @@ async def run_dev(settings: Settings, *, play_demo: bool = True) -> None:
             await sandbox.start()
             await front.start()
             await relay_app.state.webhooks.redrive()
+            settle_startup_heap("dev stack")
             print_banner(settings, front.url, sandbox.url, ui_url, dev.admin_token)
             if play_demo:
                 try:
