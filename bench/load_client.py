@@ -61,6 +61,8 @@ async def relay_load(args: argparse.Namespace) -> dict[str, object]:
                 answer = await response.json()
             status.append(answer.get("verdict", str(response.status)))
 
+        # Connections open before the clock starts, as the bare client's is (`connect`).
+        await asyncio.gather(*(http.get("/healthz") for _ in range(args.concurrency)))
         verdicts: list[str] = []
         firsts = [refund_requested(f"evt_{tag}_{i}", f"{args.label}_{tag}_{i}") for i in range(args.events)]
         first = await drive([partial(deliver, b, verdicts) for b in firsts], args.concurrency)
