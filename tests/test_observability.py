@@ -24,6 +24,7 @@ from adapters.telemetry import CORE_LOGGER, sdk_runtime, span_log, trace_connect
 from starters import relay
 from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack
+from workers.health import health_app
 
 
 def _flushed(spans: InMemorySpanExporter) -> tuple[ReadableSpan, ...]:
@@ -191,9 +192,10 @@ async def test_statements_get_spans_only_where_spans_are_recorded(
     assert instrumented is recorded
 
 
+@pytest.mark.parametrize("server", ["relay", "worker"])
 @pytest.mark.parametrize("recorded", [True, False])
-async def test_relay_requests_get_server_spans_only_where_spans_are_recorded(
-        recorded: bool, stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_requests_get_server_spans_only_where_spans_are_recorded(
+        recorded: bool, server: str, stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     """FastAPI's own OpenTelemetry built four spans (the request's, its dependencies', its
     endpoint's, its serialisation's) for every request, recorded or not: a tenth of the
     relay's work per webhook where the provider samples all out."""
@@ -207,8 +209,10 @@ async def test_relay_requests_get_server_spans_only_where_spans_are_recorded(
         return start_span(self, name, *args, **kwargs)
 
     monkeypatch.setattr(SdkTracer, "start_span", spy)
-    app = relay.create_app(stack.store, stack.client, stack.providers, stack.settings)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://relay") as http:
+    assert stack.worker is not None
+    app = (relay.create_app(stack.store, stack.client, stack.providers, stack.settings) if server == "relay"
+           else health_app(stack.worker, stack.client, stack.store, stack.settings))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://server") as http:
         assert (await http.get("/healthz")).status_code == 200
-    server = [name for name in started if name.startswith(("GET", "fastapi."))]
-    assert bool(server) is recorded, started
+    spans = [name for name in started if name.startswith(("GET", "fastapi."))]
+    assert bool(spans) is recorded, started

@@ -14,12 +14,14 @@ from adapters import metrics
 from adapters.config import Settings
 from adapters.db import Store
 from adapters.health import readiness
+from adapters.telemetry import server_telemetry
 
 
 def health_app(worker: Worker, client: Client, store: Store, settings: Settings) -> FastAPI:
     """Probes (open: the kubelet calls them) and metrics (behind the settings' scrape guard)
     for one worker process."""
-    app = FastAPI(title="Refund Orchestrator worker", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="Refund Orchestrator worker", docs_url=None, redoc_url=None, openapi_url=None,
+                  telemetry=server_telemetry())
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

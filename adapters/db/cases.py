@@ -64,7 +64,7 @@ _CASE_COLUMNS = ("refund_request_id", "provider", "charge_id", "amount", "curren
 _INSERT_CASE = sql.SQL("INSERT INTO refund_cases ({columns}) SELECT {values}").format(
     columns=sql.SQL(", ").join(map(sql.Identifier, _CASE_COLUMNS)),
     values=sql.SQL(", ").join(map(sql.Placeholder, _CASE_COLUMNS)))
-"""A new case's row from `_case_values`; the caller adds a FROM (a source CTE) and the rest."""
+"""A new case's row from `_case_values`, once, or once per row of a FROM the caller adds."""
 _CREATE_CASE = (_INSERT_CASE + sql.SQL(" ON CONFLICT (refund_request_id) DO NOTHING RETURNING *")).as_string()
 
 
@@ -111,28 +111,23 @@ class CaseRepository(Repository):
 
     async def create(self, request: RefundRequest, requester: str) -> tuple[CaseCreation, CaseRow]:
         """Inserts the case once; a repeat is identical or a conflict, decided by params hash."""
-        async with self._db.transaction() as conn:
-            return await self.create_in(conn, request, requester)
-
-    @staticmethod
-    async def create_in(conn: Conn, request: RefundRequest, requester: str) -> tuple[CaseCreation, CaseRow]:
-        """`create` inside the caller's transaction."""
         values = _case_values(request, requester)
-        cur = await conn.execute(_CREATE_CASE, values)
-        row = await cur.fetchone()
-        if row is not None:
-            await AuditLog.append(conn, request.refund_request_id, requester, "request_received",
-                                  _received(request, values["params_hash"]))
-            return CaseCreation.CREATED, CaseRow.from_row(row)
-        cur = await conn.execute(
-            "SELECT * FROM refund_cases WHERE refund_request_id = %s", (request.refund_request_id,))
-        existing = await cur.fetchone()
-        assert existing is not None
-        same = existing["params_hash"] == values["params_hash"]
-        await AuditLog.append(conn, request.refund_request_id, requester,
-                              "request_repeated" if same else "request_conflict",
-                              {"source": request.source.value, "params_hash": values["params_hash"]})
-        return (CaseCreation.IDENTICAL if same else CaseCreation.CONFLICT), CaseRow.from_row(existing)
+        async with self._db.transaction() as conn:
+            cur = await conn.execute(_CREATE_CASE, values)
+            row = await cur.fetchone()
+            if row is not None:
+                await AuditLog.append(conn, request.refund_request_id, requester, "request_received",
+                                      _received(request, values["params_hash"]))
+                return CaseCreation.CREATED, CaseRow.from_row(row)
+            cur = await conn.execute(
+                "SELECT * FROM refund_cases WHERE refund_request_id = %s", (request.refund_request_id,))
+            existing = await cur.fetchone()
+            assert existing is not None
+            same = existing["params_hash"] == values["params_hash"]
+            await AuditLog.append(conn, request.refund_request_id, requester,
+                                  "request_repeated" if same else "request_conflict",
+                                  {"source": request.source.value, "params_hash": values["params_hash"]})
+            return (CaseCreation.IDENTICAL if same else CaseCreation.CONFLICT), CaseRow.from_row(existing)
 
     @staticmethod
     def opening(source: str) -> sql.Composed:
@@ -148,6 +143,7 @@ class CaseRepository(Repository):
 
     @staticmethod
     def opening_values(request: RefundRequest, requester: str) -> dict[str, Any]:
+        """The params of `opening`: the case's row and its first entry, hashed now."""
         values = _case_values(request, requester)
         return {**values, **AuditLog.opening_entry_values(
             request.refund_request_id, requester, "request_received",
