@@ -175,3 +175,26 @@ async def test_the_processed_mark_commits_without_waiting_for_the_disk(
     assert unflushed > 0
     [receipt] = await stack.store.receipts.find("sandbox", event_id)
     assert receipt["workflow_id"] == "wf-mark" and receipt["processed_at"] is not None
+
+
+async def test_a_request_delivered_again_under_a_new_event_id_meets_its_case(stack: Stack) -> None:
+    """A new event id passes the gate, but its request's case exists: the statement leaves
+    it, and routing records the repeat (same parameters) or the conflict (others); one case,
+    one refund either way."""
+    charge = await stack.charge(10_000)
+    rrq = f"rrq_{uuid.uuid4().hex[:12]}"
+    secret = sandbox_secret(stack)
+    first, again, other = (event_body("refund.requested", request_object(charge, rrq, amount))
+                           for amount in (1_000, 1_000, 2_500))
+    async with httpx.AsyncClient(base_url=stack.relay_url, timeout=30) as http:
+        answers = [await http.post("/webhooks/sandbox", content=body, headers=signed(secret, body))
+                   for body in (first, again, other)]
+    assert [(a.status_code, a.json()["verdict"]) for a in answers] == [(200, "accepted")] * 3
+    case_id = f"sandbox-{rrq}"
+    assert [a.json()["workflow_id"] for a in answers] == [case_id, case_id, None]
+    await stack.wait_for_status(case_id, "succeeded")
+    actions = [e["action"] for e in await stack.store.audit.trail(case_id)]
+    assert [a for a in actions if a.startswith("request_")] == \
+        ["request_received", "request_repeated", "request_conflict"]
+    refunds = await stack.provider_refunds(charge)
+    assert [(r["amount"], r["status"]) for r in refunds] == [(1_000, "succeeded")]
