@@ -4,10 +4,12 @@ Each activity is idempotent: a retry after a crash finds what the first attempt 
 (reservation, decision, submission intent, ledger posting key) instead of acting twice.
 """
 
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from pydantic import BaseModel
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -74,6 +76,23 @@ def _count_escalation(event: CaseEventInput) -> None:
         OPS_REVIEW_ESCALATIONS.labels(event.action).inc()
 
 
+def step_key(run_id: str, activity_id: str, step: BaseModel) -> str:
+    """A step's key: its workflow run, its activity id and its input's digest. A run again
+    of the same step has all three (its retries, and a local activity run again with its
+    workflow task). The id alone is not enough: a workflow task tried again may hold events
+    the failed attempt did not (an update, a signal), and a handler's step can then take the
+    id the failed attempt gave another step; that other step's kept answer must not stand
+    for it."""
+    digest = hashlib.sha256(step.model_dump_json().encode()).hexdigest()[:32]
+    return f"{run_id}/{activity_id}/{digest}"
+
+
+def _step_key(step: BaseModel) -> str | None:
+    """The running activity's step key (see `step_key`); none outside a workflow."""
+    info = activity.info()
+    return None if info.workflow_run_id is None else step_key(info.workflow_run_id, info.activity_id, step)
+
+
 class RefundActivities:
     """Holds the process-wide store and provider clients the activities share."""
 
@@ -106,37 +125,38 @@ class RefundActivities:
 
         Idempotent: a retry finds the reservation it already holds.
         """
-        charge = await self._valid_charge(inp.request)
-        if isinstance(charge, str):
-            return ValidationResult(ok=False, reason=charge)
+        charge = await self._valid_charge(inp.request, _step_key(inp))
+        if isinstance(charge, Vetted):
+            return charge.validation
         return await self._store.cases.reserve(inp.request, charge)
 
     @activity.defn(name=contracts.VALIDATE_AND_DECIDE.name)
     async def validate_and_decide(self, inp: ValidateInput) -> Vetted:
         """`validate_refund` and `decide_policy` in one activity: the charge is read at the
         provider, then the reservation and the (pure) policy's decision commit together.
-        Idempotent: a retry finds both."""
+        Idempotent: a retry finds both, and a run again (as a local activity, its workflow
+        task not completed) answers what the first run did, whatever the provider says now."""
         request = inp.request
-        charge = await self._valid_charge(request)
-        if isinstance(charge, str):
-            return Vetted(validation=ValidationResult(ok=False, reason=charge))
+        key = _step_key(inp)
+        charge = await self._valid_charge(request, key)
+        if isinstance(charge, Vetted):
+            return charge
 
         def decided(validation: ValidationResult, prior_amounts: list[int]) -> PolicyDecision:
             return decide(self._policy, request, policy_context(
                 request, validation.amount_captured, validation.dispute_count, prior_amounts))
-        vetted = await self._store.cases.reserve_and_decide(request, charge, decided)
+        vetted = await self._store.cases.reserve_and_decide(request, charge, decided, key)
         if self._advise is None or not vetted.validation.ok:
             return vetted
         advice = await self._advise(AdviseInput(request=request, validation=vetted.validation))
         return vetted.model_copy(update={"advised": advice is not None})
 
-    async def _valid_charge(self, request: RefundRequest) -> ChargeSnapshot | str:
+    async def _valid_charge(self, request: RefundRequest, key: str | None) -> ChargeSnapshot | Vetted:
         """The charge at the provider when it can take the refund; otherwise the case is
-        rejected (status and audit row) and the reason comes back."""
+        rejected (status and audit row) and the step's answer comes back (see `reject`)."""
         if request.provider not in self._providers:
-            reason = f"unknown provider {request.provider!r}"
-            await self._store.cases.reject(request.refund_request_id, reason)
-            return reason
+            return await self._store.cases.reject(request.refund_request_id,
+                                                  f"unknown provider {request.provider!r}", key)
         try:
             charge = await self._provider(request.provider).get_charge(request.charge_id)
             problem = charge_problem(request, charge)
@@ -145,9 +165,8 @@ class RefundActivities:
         except ProviderConfigurationRefused as exc:  # our key, not the charge: ops, not a rejection
             raise configuration_refused(exc) from exc
         if problem is not None or charge is None:
-            reason = problem or "charge not found"
-            await self._store.cases.reject(request.refund_request_id, reason)
-            return reason
+            return await self._store.cases.reject(request.refund_request_id, problem or "charge not found",
+                                                  key)
         return charge
 
     @activity.defn(name=contracts.DECIDE_POLICY.name)
@@ -172,8 +191,9 @@ class RefundActivities:
     @activity.defn(name=contracts.WRITE_CASE_STEPS.name)
     async def write_case_steps(self, inp: CaseWrites) -> CaseWritten:
         """A case step's ledger posting, notices and events in one transaction (run as a
-        local activity: database only, idempotent by posting and dedup keys)."""
-        written = await self._store.cases.write_case_steps(inp)
+        local activity: database only; a run again, its workflow task not completed, finds
+        the first run's answer by its step key and writes nothing)."""
+        written = await self._store.cases.write_case_steps(inp, _step_key(inp))
         for write in inp.writes:
             if write.event is not None:
                 _count_escalation(write.event)

@@ -170,7 +170,12 @@ class Settings(BaseSettings):
                                       "stale, malformed, too large, unknown provider, forbidden "
                                       "source) are deleted after this many days")
     webhook_prune_interval_seconds: float = Field(
-        default=3600, description="how often the worker prunes refused receipts; 0: off")
+        default=3600, description="how often the worker prunes refused receipts (and case steps' "
+                                  "kept answers); 0: off")
+    case_step_result_retention_days: float = Field(
+        default=30, gt=0, description="a case step's kept answer (what makes a local activity that runs "
+                                      "again write nothing twice) is deleted after this many days; a "
+                                      "workflow task retried longer would write its step again")
 
     approval_timeout_seconds: float = 3 * 24 * 3600
     approval_reminder_seconds: float | None = 24 * 3600

@@ -1,10 +1,12 @@
 """The store's folded steps (issue 21) are idempotent, as the activities they replace were:
 a retried `validate_and_decide` finds its reservation and decision (one policy row), a
-retried case write posts once and queues once, and the first submit's intent commits its
+case step run again under its step key (a local activity's, the same in each of its runs)
+answers as its first run and writes nothing, and the first submit's intent commits its
 `execution_started` (and the deciding approval it carries) once; what a submit carried is
 written on its own only while no submit began."""
 
 import uuid
+from datetime import timedelta
 
 from adapters.db import Store
 from domain.models import (
@@ -22,6 +24,7 @@ from domain.models import (
     SubmitInput,
     ValidationResult,
 )
+from workers.retention import prune_once
 
 
 async def opened(store: Store, amount: int = 1_000) -> tuple[RefundRequest, ChargeSnapshot]:
@@ -76,18 +79,63 @@ async def test_a_settlement_posts_queues_and_records_in_one_write_once(store: St
                                      dedup_key=f"{case_id}:refund_succeeded")),
         CaseWrite(event=CaseEventInput(refund_request_id=case_id, action="refund_succeeded", actor="workflow",
                                        status=CaseStatus.SUCCEEDED))))
-    first = await store.cases.write_case_steps(steps)
+    step_key = f"run-{uuid.uuid4().hex}/2"
+    first = await store.cases.write_case_steps(steps, step_key)
     assert (await actions(store, case_id))[-3:] == ["ledger_posted", "notice_queued", "refund_succeeded"]
-    again = await store.cases.write_case_steps(steps)  # a retry after a lost answer
+    again = await store.cases.write_case_steps(steps, step_key)  # the step run again (a retried task)
     assert first.posting is not None and first.posting.newly_posted and first.actions == ("refund_succeeded",)
-    assert again.posting is not None and not again.posting.newly_posted
+    assert again == first  # the first run's answer, nothing written
     assert len(await store.ledger.entries(case_id)) == 2  # one entry, two lines
     assert [n["kind"] for n in await store.outbox.notices(case_id)] == ["refund_succeeded"]
-    # only the event's row again (as a retried record_case_event did): no posting, no notice
     assert (await actions(store, case_id))[-4:] == [
-        "ledger_posted", "notice_queued", "refund_succeeded", "refund_succeeded"]
+        "validation_passed", "ledger_posted", "notice_queued", "refund_succeeded"]
     row = await store.cases.get(case_id)
     assert row is not None and row["status"] == "succeeded"
+    # Another step (its own key) with the same writes: posting and notice once by their
+    # keys, the event again: an event has no key of its own, its step has.
+    other = await store.cases.write_case_steps(steps, f"run-{uuid.uuid4().hex}/3")
+    assert other.posting is not None and not other.posting.newly_posted
+    assert (await actions(store, case_id))[-2:] == ["refund_succeeded", "refund_succeeded"]
+
+
+async def test_a_validation_run_again_answers_as_its_first_run(store: Store) -> None:
+    """Whatever the provider says on the second run: the first run's rejection, or its
+    reservation and decision, is the answer, and nothing is written again."""
+    def approve(validation: ValidationResult, prior: list[int]) -> PolicyDecision:
+        return PolicyDecision(auto_approve=True, rules_fired=("auto_approve",), policy_version="t")
+
+    rejected, charge = await opened(store)
+    step_key = f"run-{uuid.uuid4().hex}/1"
+    first = await store.cases.reject(rejected.refund_request_id, "charge not found", step_key)
+    assert await store.cases.reserve_and_decide(rejected, charge, approve, step_key) == first
+    assert await store.cases.reject(rejected.refund_request_id, "provider down", step_key) == first
+    assert not first.validation.ok and first.validation.reason == "charge not found"
+    assert await actions(store, rejected.refund_request_id) == ["request_received", "validation_rejected"]
+    row = await store.cases.get(rejected.refund_request_id)
+    assert row is not None and row["status"] == "rejected" and row["reserved_amount"] == 0
+
+    reserved, charge = await opened(store)
+    step_key = f"run-{uuid.uuid4().hex}/1"
+    first = await store.cases.reserve_and_decide(reserved, charge, approve, step_key)
+    assert await store.cases.reject(reserved.refund_request_id, "charge not found", step_key) == first
+    assert first.validation.ok and first.decision is not None
+    assert await actions(store, reserved.refund_request_id) == [
+        "request_received", "validation_passed", "policy_decision"]
+    row = await store.cases.get(reserved.refund_request_id)
+    assert row is not None and row["status"] == "validating" and row["reserved_amount"] == 1_000
+
+
+async def test_kept_step_answers_are_pruned_after_their_retention(store: Store) -> None:
+    request, _ = await opened(store)
+    old_key, fresh_key = f"run-{uuid.uuid4().hex}/1", f"run-{uuid.uuid4().hex}/1"
+    await store.cases.reject(request.refund_request_id, "charge not found", old_key)
+    await store.cases.reject(request.refund_request_id, "charge not found", fresh_key)
+    await store.database.execute("UPDATE case_step_results SET recorded_at = now() - interval '31 days'"
+                                 " WHERE step_key = %s", (old_key,))
+    await prune_once(store, timedelta(days=30), timedelta(days=30))
+    kept = await store.database.fetch_all("SELECT step_key FROM case_step_results WHERE step_key = ANY(%s)",
+                                          ([old_key, fresh_key],))
+    assert [k["step_key"] for k in kept] == [fresh_key]
 
 
 async def test_the_first_submit_commits_execution_started_with_its_intent_once(store: Store) -> None:

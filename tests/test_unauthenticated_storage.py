@@ -22,7 +22,7 @@ from starters.dev.stack import TemporalDevServer
 from starters.relay.webhook_desk import WebhookDesk
 from tests.harness import Stack, open_stack
 from tests.test_provider_webhooks import CASHFREE_SECRET, recorded, sign_cashfree
-from workers.retention import prune_receipts
+from workers.retention import prune_expired
 
 
 def refusals(via: str, refusal: str) -> float:
@@ -133,7 +133,8 @@ async def test_refused_receipts_are_pruned_by_the_worker_after_their_retention(
         await backdate(store, receipt_id, 31)
 
     stop = asyncio.Event()
-    loop = asyncio.create_task(prune_receipts(store, stop, every_seconds=0.05, retention=timedelta(days=30)))
+    loop = asyncio.create_task(prune_expired(store, stop, every_seconds=0.05, retention=timedelta(days=30),
+                                             step_result_retention=timedelta(days=30)))
     try:
         deadline = asyncio.get_running_loop().time() + 30
         while await receipt_row(store, old_forgery) is not None:

@@ -43,7 +43,7 @@ from workers.case_sweep import sweep_closed_cases
 from workers.checkpoints import checkpoint_audit_heads
 from workers.health import health_app
 from workers.outbox import pool_dispatcher, sweep_outbox
-from workers.retention import prune_receipts
+from workers.retention import prune_expired
 from workflows.payout import PayoutReversalWorkflow
 from workflows.reconciliation import ReconciliationBreakWorkflow, ReconciliationWorkflow
 from workflows.refund import RefundWorkflow
@@ -127,9 +127,10 @@ async def run_worker(settings: Settings, dsn: str, stop: asyncio.Event) -> None:
         every_seconds=settings.outbox_sweep_seconds,
         older_than_seconds=settings.outbox_sweep_after_seconds))
         if settings.outbox_sweep_seconds > 0 else None)
-    pruner = (asyncio.create_task(prune_receipts(
+    pruner = (asyncio.create_task(prune_expired(
         store, stop, every_seconds=settings.webhook_prune_interval_seconds,
-        retention=timedelta(days=settings.webhook_refused_retention_days)))
+        retention=timedelta(days=settings.webhook_refused_retention_days),
+        step_result_retention=timedelta(days=settings.case_step_result_retention_days)))
         if settings.webhook_prune_interval_seconds > 0 else None)
     checkpointer = (asyncio.create_task(checkpoint_audit_heads(
         store, book, stop, every_seconds=settings.audit_checkpoint_seconds)) if book is not None else None)

@@ -22,6 +22,7 @@ from adapters.db.database import Conn, Repository, jsonb
 from adapters.db.ledger import LedgerRepository
 from adapters.db.outbox import OutboxRepository
 from adapters.db.rows import CaseRow
+from adapters.db.steps import once
 from adapters.db.sweep import idle_unswept, open_incident_run
 from domain.models import (
     CLOSED_STATUSES,
@@ -242,10 +243,15 @@ class CaseRepository(Repository):
                               {**result.model_dump(), "reserved": request.amount})
         return result
 
-    async def reject(self, case_id: str, reason: str) -> None:
-        async with self._db.transaction() as conn:
+    async def reject(self, case_id: str, reason: str, step_key: str | None = None) -> Vetted:
+        """Rejects the case (status and audit row); under a `step_key` that answered before
+        (see `write_case_steps`), only that answer comes back: a validation run again
+        rejects nothing twice, nor a case the first run took."""
+        async def rejecting(conn: Conn) -> Vetted:
             await self._set_status(conn, case_id, CaseStatus.REJECTED, release=True)
             await AuditLog.append(conn, case_id, "system", "validation_rejected", {"reason": reason})
+            return Vetted(validation=ValidationResult(ok=False, reason=reason))
+        return await once(self._db, step_key, case_id, Vetted, rejecting)
 
     async def prior_refunds(self, provider: str, charge_id: str, exclude: str) -> list[dict[str, Any]]:
         """Refunds on the charge that hold money (reserved, pending or succeeded)."""
@@ -364,12 +370,15 @@ class CaseRepository(Repository):
 
     async def reserve_and_decide(
             self, request: RefundRequest, charge: ChargeSnapshot,
-            decide: Callable[[ValidationResult, list[int]], PolicyDecision]) -> Vetted:
+            decide: Callable[[ValidationResult, list[int]], PolicyDecision],
+            step_key: str | None = None) -> Vetted:
         """Validation's reservation and, when it holds, the policy's decision with its audit
         row, in one transaction. `decide` is the pure policy: it gets the validation and the
-        amounts of the charge's other refunds holding money. A retry finds both stored."""
+        amounts of the charge's other refunds holding money. A retry finds both stored; a
+        run again under a `step_key` that answered before gets that answer (see `reject`)."""
         case_id = request.refund_request_id
-        async with self._db.transaction() as conn:
+
+        async def reserving_and_deciding(conn: Conn) -> Vetted:
             validation = await self._reserve_in(conn, request, charge)
             if not validation.ok:
                 return Vetted(validation=validation)
@@ -389,21 +398,27 @@ class CaseRepository(Repository):
                 (jsonb(stored), case_id))
             await AuditLog.append(conn, case_id, "policy", "policy_decision", stored)
             return Vetted(validation=validation, decision=decision)
+        return await once(self._db, step_key, case_id, Vetted, reserving_and_deciding)
 
-    async def write_case_steps(self, steps: CaseWrites) -> CaseWritten:
+    async def write_case_steps(self, steps: CaseWrites, step_key: str | None = None) -> CaseWritten:
         """A case step's writes in one transaction: the ledger posting (once per posting
         key), then each notice (once per dedup key) and event (status and audit row) in
-        order; none of it when `unless_submitted` and a submit began."""
-        async with self._db.transaction() as conn:
-            if steps.unless_submitted and await self._submission_started(conn, steps.refund_request_id):
-                return CaseWritten()
-            posting = None
-            if steps.posting is not None:
-                await conn.execute("SET LOCAL lock_timeout = '5s'")  # fail fast, let Temporal retry
-                posting = await LedgerRepository.post_in(conn, steps.posting)
-            actions = await self._write_in(conn, steps.writes)
-            return CaseWritten(posting=posting, posted=steps.posting.kind if steps.posting else None,
-                               actions=actions)
+        order; none of it when `unless_submitted` and a submit began. Under a `step_key`
+        (a local activity's, the same in each run of the step) a step that ran before answers
+        as it did and writes nothing (`steps.once`): events carry no key of their own."""
+        return await once(self._db, step_key, steps.refund_request_id, CaseWritten,
+                          lambda conn: self._write_steps_in(conn, steps))
+
+    async def _write_steps_in(self, conn: Conn, steps: CaseWrites) -> CaseWritten:
+        if steps.unless_submitted and await self._submission_started(conn, steps.refund_request_id):
+            return CaseWritten()
+        posting = None
+        if steps.posting is not None:
+            await conn.execute("SET LOCAL lock_timeout = '5s'")  # fail fast, let Temporal retry
+            posting = await LedgerRepository.post_in(conn, steps.posting)
+        actions = await self._write_in(conn, steps.writes)
+        return CaseWritten(posting=posting, posted=steps.posting.kind if steps.posting else None,
+                           actions=actions)
 
     @classmethod
     async def _write_in(cls, conn: Conn, writes: tuple[CaseWrite, ...]) -> tuple[str, ...]:

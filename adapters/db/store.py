@@ -12,6 +12,7 @@ from adapters.db.outbox import OutboxRepository
 from adapters.db.payouts import PayoutRepository
 from adapters.db.receipts import ReceiptRepository
 from adapters.db.reconciliation import ReconciliationRepository
+from adapters.db.steps import StepResults
 
 
 class Store:
@@ -29,6 +30,7 @@ class Store:
         self.payouts = PayoutRepository(database)
         self.reconciliation = ReconciliationRepository(database)
         self.integrations = IntegrationRepository(database)
+        self.steps = StepResults(database)
 
     @classmethod
     async def open(cls, dsn: str, *, min_size: int = 1, max_size: int = 10) -> "Store":

@@ -1,0 +1,173 @@
+"""A local activity runs again whenever its workflow task does not complete: the worker dies
+before it reports, or, as here, a signal lands while the task that ran it tries to close the
+workflow (Temporal rejects the completion, `UnhandledCommand`, and the task runs again with the
+signal). The case's step writes are local activities, so a second run must write nothing twice:
+not the status change, not the audit row, not the posting, not the notice.
+
+The race is the one the provider makes itself: its webhook about the refund arrives while the
+workflow's last task posts the ledger. The webhook is held at the sandbox provider and
+released from inside that step, once its transaction committed; the test waits until the
+relay's signal is in the history before the step returns.
+
+What tells a step's second run from another step: its key (`activities.refund.step_key`)."""
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import pytest
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client
+
+from activities.refund import step_key
+from adapters.db import Store
+from domain.models import (
+    CaseEventInput,
+    CaseStatus,
+    CaseWrite,
+    CaseWrites,
+    CaseWritten,
+    EventKind,
+    ProviderEvent,
+    RefundOutcome,
+    RefundReason,
+    RefundRequest,
+    Vetted,
+)
+from starters.dev.stack import TemporalDevServer
+from tests.harness import Stack, open_stack
+from workflows.refund import RefundWorkflow
+
+SIGNALLED = EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED
+TASK_FAILED = EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED
+
+
+@pytest.fixture
+async def closing_stack(store: Store, client: Client,
+                        temporal_server: TemporalDevServer) -> AsyncIterator[Stack]:
+    """No late-failure window: the task that posts the ledger also closes the workflow."""
+    stack = await open_stack(store, client, temporal_server.address, late_failure_window_seconds=0)
+    yield stack
+    await stack.close()
+
+
+async def trail_actions(store: Store, case_id: str) -> list[str]:
+    return [e["action"] for e in await store.audit.trail(case_id)]
+
+
+async def history_types(stack: Stack, case_id: str) -> list[int]:
+    history = await stack.client.get_workflow_handle(case_id).fetch_history()
+    return [event.event_type for event in history.events]
+
+
+async def release_webhooks_into(stack: Stack, case_id: str) -> None:
+    """The provider's held webhooks go out now; returns once the relay signalled the case
+    (its receipt processed: a signal sent while a workflow task runs is not in the history
+    before that task ends)."""
+    async with stack.sandbox() as sandbox:
+        (await sandbox.post("/_sandbox/config", json={"hold_webhooks": False})).raise_for_status()
+    for _ in range(200):
+        if await stack.store.database.fetch_one(
+                "SELECT 1 FROM webhook_receipts WHERE workflow_id = %s AND event_type LIKE 'refund.%%'"
+                " AND processed_at IS NOT NULL", (case_id,)):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the provider's webhook never reached {case_id}")
+
+
+async def test_a_step_run_again_by_a_signal_at_the_close_writes_nothing_twice(
+        closing_stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    stack = closing_stack
+    async with stack.sandbox() as sandbox:
+        (await sandbox.post("/_sandbox/config", json={"hold_webhooks": True})).raise_for_status()
+    write = stack.store.cases.write_case_steps
+    closing_runs: list[CaseWritten] = []
+
+    async def racing_write(steps: CaseWrites, step_key: str | None = None) -> CaseWritten:
+        written = await write(steps, step_key)
+        if any(w.event is not None and w.event.action == "refund_succeeded" for w in steps.writes):
+            closing_runs.append(written)
+            if len(closing_runs) == 1:
+                await release_webhooks_into(stack, steps.refund_request_id)
+        return written
+
+    monkeypatch.setattr(stack.store.cases, "write_case_steps", racing_write)
+    charge = await stack.charge(10_000)
+    case_id = await stack.request_refund("alice", charge, 1_000)
+    outcome = await stack.client.get_workflow_handle(case_id, result_type=RefundOutcome).result()
+
+    assert outcome.state.status is CaseStatus.SUCCEEDED
+    history = await history_types(stack, case_id)
+    assert TASK_FAILED in history and SIGNALLED in history  # the closing task ran again, with the signal
+    actions = await stack.actions(case_id)
+    assert [a for a in actions if actions.count(a) > 1] == [], actions
+    assert actions[-3:] == ["ledger_posted", "notice_queued", "refund_succeeded"]
+    assert len(closing_runs) == 2 and closing_runs[0] == closing_runs[1]  # the second run: the first's answer
+    entries = await stack.store.database.fetch_all(
+        "SELECT posting_key FROM ledger_entries WHERE refund_request_id = %s", (case_id,))
+    assert len(entries) == 1
+
+
+async def test_a_rejecting_validation_run_again_by_a_signal_at_the_close_rejects_once(
+        closing_stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first workflow task validates, rejects and closes the case: a signal landing
+    meanwhile runs validation (and the rejection's writes) again."""
+    stack = closing_stack
+    reject = stack.store.cases.reject
+    rejections: list[Vetted] = []
+
+    async def racing_reject(case_id: str, reason: str, step_key: str | None = None) -> Vetted:
+        vetted = await reject(case_id, reason, step_key)
+        rejections.append(vetted)
+        if len(rejections) == 1:  # any signal: a provider's notice about the charge, here
+            notice = ProviderEvent(provider="sandbox", event_id=f"evt_{uuid.uuid4().hex}",
+                                   event_type="charge.updated", kind=EventKind.REFUND_STATUS,
+                                   body_sha256="0" * 64, occurred_at=datetime.now(UTC))
+            await stack.client.get_workflow_handle(case_id).signal(RefundWorkflow.provider_event, notice)
+        return vetted
+
+    monkeypatch.setattr(stack.store.cases, "reject", racing_reject)
+    case_id = await stack.request_refund("alice", f"ch_missing_{uuid.uuid4().hex[:8]}", 1_000)
+    outcome = await stack.client.get_workflow_handle(case_id, result_type=RefundOutcome).result()
+
+    assert outcome.state.status is CaseStatus.REJECTED
+    history = await history_types(stack, case_id)
+    assert TASK_FAILED in history and SIGNALLED in history  # the first task ran again, with the signal
+    assert len(rejections) == 2 and rejections[0] == rejections[1]
+    actions = await stack.actions(case_id)
+    assert [a for a in actions if actions.count(a) > 1] == [], actions
+    assert "validation_rejected" in actions
+
+
+def closing_writes(case_id: str, action: str) -> CaseWrites:
+    return CaseWrites(refund_request_id=case_id, writes=(CaseWrite(event=CaseEventInput(
+        refund_request_id=case_id, action=action, actor="workflow")),))
+
+
+def test_a_step_key_is_its_run_its_activity_id_and_its_input() -> None:
+    """A workflow task tried again may hold an update or signal its failed attempt did not,
+    and a handler's step can then take the activity id the failed attempt gave another
+    step: the key tells them apart by their input, so neither takes the other's answer."""
+    settle, deny = closing_writes("rr-1", "refund_succeeded"), closing_writes("rr-1", "approval_denied")
+    assert step_key("run-1", "5", settle) == step_key("run-1", "5", settle.model_copy())
+    assert step_key("run-1", "5", deny) != step_key("run-1", "5", settle)  # another step took the id
+    assert step_key("run-1", "6", settle) != step_key("run-1", "5", settle)  # the same writes, a later step
+    assert step_key("run-2", "5", settle) != step_key("run-1", "5", settle)
+
+
+async def test_a_step_that_took_another_steps_activity_id_writes_its_own_rows(store: Store) -> None:
+    case_id = f"rr-{uuid.uuid4().hex[:12]}"
+    await store.cases.create(RefundRequest(
+        refund_request_id=case_id, provider="sandbox", charge_id="ch_1", amount=1_000, currency="USD",
+        merchant_account="m", reason=RefundReason.OTHER), "alice")
+    run = uuid.uuid4().hex
+    recorded = closing_writes(case_id, "approval_recorded")
+    denied = closing_writes(case_id, "approval_denied")
+    write = store.cases.write_case_steps
+    await write(recorded, step_key(run, "5", recorded))  # the failed attempt's step 5
+    assert (await write(denied, step_key(run, "5", denied))).actions == ("approval_denied",)
+    # the failed attempt's step run again later in the task: written again, as before step keys
+    assert (await write(recorded, step_key(run, "6", recorded))).actions == ("approval_recorded",)
+    assert (await trail_actions(store, case_id))[1:] == [
+        "approval_recorded", "approval_denied", "approval_recorded"]
