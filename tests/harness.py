@@ -2,6 +2,7 @@
 sandbox provider, relay and in-process worker, plus helpers to drive and inspect them."""
 
 import asyncio
+import contextlib
 import os
 import secrets
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import psycopg
 from psycopg.conninfo import make_conninfo
 from temporalio.client import Client
@@ -224,17 +226,28 @@ def process_env(**values: str) -> dict[str, str]:
 
 
 async def wait_until_ready(url: str, process: subprocess.Popen[bytes]) -> None:
-    """Polls `url`/readyz until it answers 200; fails at once if the process exits."""
+    """Polls `url`/readyz until it answers 200 from a port the process listens on (a port
+    picked free can be taken by another server before the process binds it: that one's
+    answer is not ours); fails at once if the process exits."""
+    port = httpx.URL(url).port
     async with httpx.AsyncClient() as http:
         for _ in range(600):
             assert process.poll() is None, f"process exited ({process.returncode}) while starting"
             try:
-                if (await http.get(f"{url}/readyz")).status_code == 200:
+                if listens_on(process, port) and (await http.get(f"{url}/readyz")).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
             await asyncio.sleep(0.1)
     raise AssertionError(f"{url} never became ready")
+
+
+def listens_on(process: subprocess.Popen[bytes], port: int | None) -> bool:
+    """Whether the process has a TCP socket listening on `port`."""
+    with contextlib.suppress(psutil.NoSuchProcess):
+        return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port
+                   for c in psutil.Process(process.pid).net_connections("tcp"))
+    return False
 
 
 async def create_database_roles(postgres_dsn: str) -> tuple[str, str]:
