@@ -8,7 +8,10 @@ scenario sent to what the provider did:
   (rejected, denied, expired, declined before acting), and no refund on a charge that no
   request of ours names;
 - the case's final status is the provider's truth; the ledger's net for the case is what
-  the provider refunded; a closed case holds no reservation; the audit chain verifies;
+  the provider refunded; a closed case holds no reservation; the audit chain verifies,
+  and a case's one-time rows (validation, decision, execution start, success) are in its
+  trail once (a step run again by a retried workflow task or a killed worker writes
+  nothing twice);
 - every request is accounted for: accepted and ended, or refused with the status the
   scenario expected; a case left open must be waiting for a person (reported by name);
 - every accepted webhook receipt since the scenario began was processed.
@@ -36,6 +39,9 @@ NO_MONEY = frozenset({"rejected", "denied", "expired", "refund_failed"})
 # The case status that reports each provider status (final ones, and those still moving).
 PROVIDER_TRUTH = {"succeeded": "succeeded", "failed": "refund_failed", "canceled": "refund_canceled",
                   "pending": "pending", "requires_action": "requires_action"}
+# Rows a case's trail holds at most once, however often its steps run.
+ONCE_PER_CASE = frozenset({"validation_passed", "validation_rejected", "policy_decision", "execution_started",
+                           "refund_succeeded"})
 # The account a refund debits when it settles and credits when it is reversed.
 REFUND_ACCOUNT = "refunds_contra_revenue"
 
@@ -167,4 +173,7 @@ async def _check_case(stack: Stack, outcome: Outcome, request: Sent,
     if status in {s.value for s in CLOSED_STATUSES} and int(row["reserved_amount"]) != 0:
         outcome.violation(case_id, f"reservation released ({status})",
                           f"{row['reserved_amount']} still reserved")
+    actions = [e["action"] for e in await stack.store.audit.trail(case_id)]
+    if repeated := sorted({a for a in actions if a in ONCE_PER_CASE and actions.count(a) > 1}):
+        outcome.violation(case_id, f"each of {repeated} once in its trail", actions)
     return refunded

@@ -205,6 +205,17 @@ async def test_the_checker_reports_a_planted_bad_case(bare: Stack, status: str, 
                for v in outcome.violations), outcome.violations
 
 
+async def test_the_checker_reports_a_one_time_row_written_twice(bare: Stack) -> None:
+    """As a step run again wrote it before step keys (`refund_succeeded` twice)."""
+    since = datetime.now(UTC)
+    sent = await plant(bare, "rejected")
+    for _ in range(2):
+        await bare.store.audit.record(sent.case_id, "system", "validation_rejected", {"reason": "planted"})
+    outcome = await checked(bare, [sent], since)
+    assert any(v.startswith(f"[seed 42] {sent.case_id}: expected each of ['validation_rejected'] once")
+               for v in outcome.violations), outcome.violations
+
+
 async def test_the_checker_reports_a_second_refund_a_stray_and_an_unprocessed_receipt(bare: Stack) -> None:
     since = datetime.now(UTC)
     sent = await plant(bare, "succeeded", reserved=1_000, provider_refund="succeeded")
