@@ -19,7 +19,8 @@ provider's refunds per charge. A smoke version of each runs in `make test`
    write, steered in part onto captured charges and real cases (bench/fuzz_hooks.py); every
    case it created accounted against the answers and the provider.
 6. concurrency: more requested than captured on one charge, from the API, provider webhooks
-   and ServiceNow at once.
+   and ServiceNow at once; close_race: refunds that close as they settle, the provider's
+   webhook landing as the closing task runs (a task run again writes nothing twice).
 7. fault_schedule: the randomised fault schedule (bench/fault_schedule.py); `--seed` replays one.
 
     python -m bench.chaos [--scenario NAME] [--scale 1.0] [--seed N]
@@ -47,13 +48,14 @@ from typing import Any
 
 import httpx
 import psutil
+from temporalio.api.enums.v1 import EventType
 
 from adapters import event_loop, signing
 from adapters.providers import cashfree
 from adapters.providers.sandbox import sign
 from bench import fault_schedule
 from bench.checker import Outcome, Sent, check
-from bench.common import RESULTS, Embedded, embedded_stack
+from bench.common import RESULTS, Embedded, embedded_stack, gather_limited
 from bench.fuzz_hooks import ACTION_BODIES, CASE_PARAMETER, REQUESTS_PATH, Steering
 from starters import relay
 from tests.adyen_fake import refund_notification
@@ -752,6 +754,38 @@ async def approve_until_settled(stack: Stack, sent: list[Sent], timeout: float) 
         await asyncio.sleep(0.5)
 
 
+async def close_race(env: Embedded, cases: int, at_once: int = 2) -> Outcome:
+    """Refunds that close as they settle (no late-failure window): the provider's own webhook
+    about each lands, about one time in two, while the settlement's workflow task closes the
+    workflow; Temporal refuses that completion and the task runs again with the signal, its
+    local activities too. The checker holds each case's one-time rows to once; the race
+    must have happened (counted from the histories), or the scenario proved nothing."""
+    outcome = Outcome("close_race", cases=cases)
+    stack = await open_stack(env.store, env.client, env.temporal.address, late_failure_window_seconds=0)
+    since = datetime.now(UTC)
+    sent: list[Sent] = []
+    try:
+        async def request() -> None:
+            charge = await stack.charge(10_000)
+            body = stack.refund_body(charge, 1_000)
+            async with stack.api("alice") as api:
+                response = await api.post("/v1/refund-requests", json=body)
+            sent.append(Sent(body["refund_request_id"], charge, response.status_code))
+
+        await gather_limited([request for _ in range(cases)], at_once)
+        await check_requests(stack, outcome, sent, since)
+        failed, run_again = EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED, 0
+        for case in sent:
+            history = await stack.client.get_workflow_handle(case.case_id).fetch_history()
+            run_again += any(e.event_type == failed for e in history.events)
+        outcome.counts["tasks_run_again"] = run_again
+        if run_again == 0:
+            outcome.violation("close race", "a closing task run again (a webhook at the close)", "none")
+    finally:
+        await stack.close()
+    return outcome
+
+
 def scenarios(env: Embedded, scale: float, seed: int) -> dict[str, Callable[[], Awaitable[Outcome]]]:
     """Every scenario at `scale` (1.0 = the issue's sizes), by name."""
     return {
@@ -760,6 +794,7 @@ def scenarios(env: Embedded, scale: float, seed: int) -> dict[str, Callable[[], 
         "order": lambda: order(env),
         "bad_input": lambda: bad_input(env, max(60, int(10_000 * scale))),
         "concurrency": lambda: concurrency(env, max(10, int(50 * scale))),
+        "close_race": lambda: close_race(env, max(20, int(100 * scale))),
         "schema_fuzz": lambda: schema_fuzz(env, max(5, int(50 * scale)), seed),
         "restart": lambda: restart_services(env, max(4, int(50 * scale))),
         "fault_schedule": lambda: fault_schedule.run(
@@ -768,8 +803,8 @@ def scenarios(env: Embedded, scale: float, seed: int) -> dict[str, Callable[[], 
     }
 
 
-SCENARIOS = ("kill_worker", "storms", "order", "bad_input", "concurrency", "schema_fuzz", "restart",
-             "fault_schedule")
+SCENARIOS = ("kill_worker", "storms", "order", "bad_input", "concurrency", "close_race", "schema_fuzz",
+             "restart", "fault_schedule")
 
 
 def print_outcome(outcome: Outcome) -> None:

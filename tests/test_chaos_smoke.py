@@ -120,6 +120,14 @@ async def test_contending_entry_points_never_refund_more_than_captured(env: Embe
     assert outcome.counts["refunded"] == 9_000
 
 
+async def test_a_webhook_at_the_close_runs_the_closing_task_again_and_writes_nothing_twice(
+        env: Embedded) -> None:
+    outcome = await chaos.close_race(env, 60)
+    assert outcome.violations == [], "\n".join(outcome.violations)
+    assert outcome.counts["provider_refunded"] == 60 * 1_000
+    assert outcome.counts["tasks_run_again"] > 0  # the race happened (one case in six): it could fail
+
+
 @pytest.mark.slow
 async def test_killing_the_worker_repeatedly_keeps_one_refund_per_request(env: Embedded) -> None:
     outcome = await chaos.kill_worker(env, 1)
