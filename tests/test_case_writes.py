@@ -8,6 +8,7 @@ written on its own only while no submit began."""
 import uuid
 from datetime import timedelta
 
+from activities.refund import step_key
 from adapters.db import Store
 from domain.models import (
     CaseEventInput,
@@ -190,3 +191,34 @@ async def test_a_guarded_write_lands_only_while_no_submit_began(store: Store) ->
     guarded = CaseWrites(refund_request_id=case_id, writes=approval_writes(case_id), unless_submitted=True)
     assert (await store.cases.write_case_steps(guarded)).actions == ()
     assert await actions(store, case_id) == trail and trail.count("approval_granted") == 1
+
+
+def event_writes(case_id: str, action: str) -> CaseWrites:
+    """A step of one event row."""
+    return CaseWrites(refund_request_id=case_id, writes=(CaseWrite(event=CaseEventInput(
+        refund_request_id=case_id, action=action, actor="workflow")),))
+
+
+def test_a_step_key_is_its_run_its_activity_id_and_its_input() -> None:
+    """A workflow task tried again may hold an update or signal its failed attempt did not,
+    and a handler's step can then take the activity id the failed attempt gave another
+    step: the key tells them apart by their input, so neither takes the other's answer."""
+    settle, deny = event_writes("rr-1", "refund_succeeded"), event_writes("rr-1", "approval_denied")
+    assert step_key("run-1", "5", settle) == step_key("run-1", "5", settle.model_copy())
+    assert step_key("run-1", "5", deny) != step_key("run-1", "5", settle)  # another step took the id
+    assert step_key("run-1", "6", settle) != step_key("run-1", "5", settle)  # the same writes, a later step
+    assert step_key("run-2", "5", settle) != step_key("run-1", "5", settle)
+
+
+async def test_a_step_that_took_another_steps_activity_id_writes_its_own_rows(store: Store) -> None:
+    request, _ = await opened(store)
+    case_id = request.refund_request_id
+    run = uuid.uuid4().hex
+    recorded, denied = event_writes(case_id, "approval_recorded"), event_writes(case_id, "approval_denied")
+    write = store.cases.write_case_steps
+    await write(recorded, step_key(run, "5", recorded))  # the failed attempt's step 5
+    assert (await write(denied, step_key(run, "5", denied))).actions == ("approval_denied",)
+    # the failed attempt's step run again later in the task: written again, as before step keys
+    assert (await write(recorded, step_key(run, "6", recorded))).actions == ("approval_recorded",)
+    assert (await actions(store, case_id))[1:] == [
+        "approval_recorded", "approval_denied", "approval_recorded"]

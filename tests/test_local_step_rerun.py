@@ -9,7 +9,7 @@ workflow's last task posts the ledger. The webhook is held at the sandbox provid
 released from inside that step, once its transaction committed; the test waits until the
 relay's signal is in the history before the step returns.
 
-What tells a step's second run from another step: its key (`activities.refund.step_key`)."""
+What tells a step's second run from another step, its key, is tested in test_case_writes.py."""
 
 import asyncio
 import uuid
@@ -20,19 +20,14 @@ import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 
-from activities.refund import step_key
 from adapters.db import Store
 from domain.models import (
-    CaseEventInput,
     CaseStatus,
-    CaseWrite,
     CaseWrites,
     CaseWritten,
     EventKind,
     ProviderEvent,
     RefundOutcome,
-    RefundReason,
-    RefundRequest,
     Vetted,
 )
 from starters.dev.stack import TemporalDevServer
@@ -50,10 +45,6 @@ async def closing_stack(store: Store, client: Client,
     stack = await open_stack(store, client, temporal_server.address, late_failure_window_seconds=0)
     yield stack
     await stack.close()
-
-
-async def trail_actions(store: Store, case_id: str) -> list[str]:
-    return [e["action"] for e in await store.audit.trail(case_id)]
 
 
 async def history_types(stack: Stack, case_id: str) -> list[int]:
@@ -138,36 +129,3 @@ async def test_a_rejecting_validation_run_again_by_a_signal_at_the_close_rejects
     actions = await stack.actions(case_id)
     assert [a for a in actions if actions.count(a) > 1] == [], actions
     assert "validation_rejected" in actions
-
-
-def closing_writes(case_id: str, action: str) -> CaseWrites:
-    return CaseWrites(refund_request_id=case_id, writes=(CaseWrite(event=CaseEventInput(
-        refund_request_id=case_id, action=action, actor="workflow")),))
-
-
-def test_a_step_key_is_its_run_its_activity_id_and_its_input() -> None:
-    """A workflow task tried again may hold an update or signal its failed attempt did not,
-    and a handler's step can then take the activity id the failed attempt gave another
-    step: the key tells them apart by their input, so neither takes the other's answer."""
-    settle, deny = closing_writes("rr-1", "refund_succeeded"), closing_writes("rr-1", "approval_denied")
-    assert step_key("run-1", "5", settle) == step_key("run-1", "5", settle.model_copy())
-    assert step_key("run-1", "5", deny) != step_key("run-1", "5", settle)  # another step took the id
-    assert step_key("run-1", "6", settle) != step_key("run-1", "5", settle)  # the same writes, a later step
-    assert step_key("run-2", "5", settle) != step_key("run-1", "5", settle)
-
-
-async def test_a_step_that_took_another_steps_activity_id_writes_its_own_rows(store: Store) -> None:
-    case_id = f"rr-{uuid.uuid4().hex[:12]}"
-    await store.cases.create(RefundRequest(
-        refund_request_id=case_id, provider="sandbox", charge_id="ch_1", amount=1_000, currency="USD",
-        merchant_account="m", reason=RefundReason.OTHER), "alice")
-    run = uuid.uuid4().hex
-    recorded = closing_writes(case_id, "approval_recorded")
-    denied = closing_writes(case_id, "approval_denied")
-    write = store.cases.write_case_steps
-    await write(recorded, step_key(run, "5", recorded))  # the failed attempt's step 5
-    assert (await write(denied, step_key(run, "5", denied))).actions == ("approval_denied",)
-    # the failed attempt's step run again later in the task: written again, as before step keys
-    assert (await write(recorded, step_key(run, "6", recorded))).actions == ("approval_recorded",)
-    assert (await trail_actions(store, case_id))[1:] == [
-        "approval_recorded", "approval_denied", "approval_recorded"]
