@@ -31,6 +31,9 @@ RECEIPTS = Counter("refunds_webhook_receipts", "Webhook deliveries stored, by pr
                    ["provider", "verdict"])
 DUPLICATES = Counter("refunds_webhook_duplicates", "Deliveries of an event already received",
                      ["provider"])
+EVENTS_WITHOUT_NEWS = Counter("refunds_webhook_events_without_news",
+                              "Provider events repeating the status a case's workflow applied, not signalled",
+                              ["provider"])
 UNKNOWN_EVENT_TYPES = Counter("refunds_webhook_unknown_event_types",
                               "Signed events of a type we have no handler for", ["provider", "event_type"])
 APPROVAL_WAIT = Histogram("refunds_approval_wait_seconds",

@@ -67,6 +67,22 @@ STATUS_NOTICES: dict[ProviderRefundStatus, tuple[tuple[str, str], ...]] = {
 """Who hears of a case reaching a status: (notice kind, audience)."""
 
 
+SETTLED_PROVIDER_STATUSES = FINAL_PROVIDER_STATUSES | {ProviderRefundStatus.SUCCEEDED}
+"""Statuses after which an event repeating them changes nothing in a refund workflow: a
+final one ends its watch, a success's late-failure window runs from when it was applied."""
+
+
+def tells_nothing_new(applied_refund_id: str | None, applied_status: str | None,
+                      reported: ProviderRefund) -> bool:
+    """Whether an event about a case's refund would be a no-op for its workflow, judged from
+    what the workflow itself applied (`refund_cases.applied_*`, written only by its own steps):
+    the same refund in the same settled status (`observe` says SAME and records nothing).
+    Anything else is news: another refund with our reference, a late failure, a stale status
+    (the trail records it), a pending one (it ends a wait for any event about the refund)."""
+    return (applied_refund_id == reported.refund_id and applied_status == reported.status.value
+            and reported.status in SETTLED_PROVIDER_STATUSES)
+
+
 def observe(current: ProviderRefundStatus | None, reported: ProviderRefund) -> Observation:
     """Never backwards; success posts the settlement, a later failure the reversal."""
     change = classify_status_change(current, reported.status)

@@ -6,8 +6,9 @@ not the status change, not the audit row, not the posting, not the notice.
 
 The race is the one the provider makes itself: its webhook about the refund arrives while the
 workflow's last task posts the ledger. The webhook is held at the sandbox provider and
-released from inside that step, once its transaction committed; the test waits until the
-relay's signal is in the history before the step returns.
+released from inside that step, before its transaction commits (once it has, the relay sees
+the settlement the workflow applied and does not signal the repeat: test_no_news_webhooks.py);
+the test waits until the relay's signal is sent before the step writes.
 
 What tells a step's second run from another step, its key, is tested in test_case_writes.py."""
 
@@ -76,11 +77,12 @@ async def test_a_step_run_again_by_a_signal_at_the_close_writes_nothing_twice(
     closing_runs: list[CaseWritten] = []
 
     async def racing_write(steps: CaseWrites, step_key: str | None = None) -> CaseWritten:
+        closing = any(w.event is not None and w.event.action == "refund_succeeded" for w in steps.writes)
+        if closing and not closing_runs:
+            await release_webhooks_into(stack, steps.refund_request_id)
         written = await write(steps, step_key)
-        if any(w.event is not None and w.event.action == "refund_succeeded" for w in steps.writes):
+        if closing:
             closing_runs.append(written)
-            if len(closing_runs) == 1:
-                await release_webhooks_into(stack, steps.refund_request_id)
         return written
 
     monkeypatch.setattr(stack.store.cases, "write_case_steps", racing_write)

@@ -273,15 +273,20 @@ class CaseRepository(Repository):
             await self.record_event_in(conn, event)
 
     @classmethod
-    async def record_event_in(cls, conn: Conn, event: CaseEventInput) -> None:
-        """`record_event` inside the caller's transaction."""
+    async def record_event_in(cls, conn: Conn, event: CaseEventInput, *, applied: bool = False) -> None:
+        """`record_event` inside the caller's transaction. `applied`: the event is the refund
+        workflow's own step, so its refund is what the workflow holds (`applied_*`, which the
+        relay reads to leave out events that tell the workflow nothing new)."""
         refund = event.provider_refund
         if refund is not None:
             await conn.execute(
-                "UPDATE refund_cases SET provider_refund_id = %s, provider_status = %s,"
-                " failure_reason = %s, updated_at = now() WHERE refund_request_id = %s",
-                (refund.refund_id, refund.status.value, refund.failure_reason,
-                 event.refund_request_id))
+                "UPDATE refund_cases SET provider_refund_id = %(id)s, provider_status = %(status)s,"
+                " failure_reason = %(reason)s, updated_at = now(),"
+                " applied_refund_id = CASE WHEN %(applied)s THEN %(id)s ELSE applied_refund_id END,"
+                " applied_status = CASE WHEN %(applied)s THEN %(status)s ELSE applied_status END"
+                " WHERE refund_request_id = %(case)s",
+                {"id": refund.refund_id, "status": refund.status.value, "reason": refund.failure_reason,
+                 "applied": applied, "case": event.refund_request_id})
         if event.status is not None:
             await cls._set_status(conn, event.refund_request_id, event.status,
                                    event.release_reservation)
@@ -428,8 +433,8 @@ class CaseRepository(Repository):
         for write in writes:
             if write.notice is not None:
                 await OutboxRepository.queue_in(conn, write.notice)
-            elif write.event is not None:
-                await cls.record_event_in(conn, write.event)
+            elif write.event is not None:  # the refund workflow's steps only
+                await cls.record_event_in(conn, write.event, applied=True)
                 actions.append(write.event.action)
         return tuple(actions)
 

@@ -64,6 +64,8 @@ class CaseRow(Row):
     parent_refund_request_id: str | None
     method: str
     trigger_identities: list[str]
+    applied_refund_id: str | None
+    applied_status: str | None
 
 
 @dataclass(frozen=True, eq=False)

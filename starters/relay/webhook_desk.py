@@ -26,7 +26,7 @@ from adapters.config import Settings
 from adapters.db import CaseCreation, Store, StoredReceipt
 from adapters.providers.base import NotificationRecorder, ProviderAdapter, WebhookRejected
 from adapters.telemetry import bind_case
-from domain.events import tracking_case_id
+from domain.events import tells_nothing_new, tracking_case_id
 from domain.models import EventKind, ProviderEvent, RefundRequest
 from domain.payments import PaymentEvent
 from domain.payouts import PayoutEvent, payout_case_id
@@ -226,6 +226,13 @@ class WebhookDesk:
             return await self._track(event)
         case_id = str(row["refund_request_id"])
         bind_case(case_id)
+        reported = event.as_refund()
+        if reported is not None and tells_nothing_new(row["applied_refund_id"], row["applied_status"],
+                                                      reported):
+            metrics.EVENTS_WITHOUT_NEWS.labels(event.provider).inc()
+            log.debug("%s %s repeats what case %s applied (%s): not signalled", event.provider,
+                      event.event_id, case_id, reported.status.value)
+            return case_id
         try:
             await self._client.get_workflow_handle(case_id).signal(RefundWorkflow.provider_event, event)
         except RPCError as exc:
