@@ -23,6 +23,7 @@ from collections import Counter
 from contextlib import AsyncExitStack
 from typing import Any
 
+from prometheus_client import REGISTRY
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowHandle
 
@@ -69,6 +70,15 @@ async def history_shape(client: Client, workflow_id: str, *,
             "local_activities": sum(e.event_type == MARKERS and e.marker_recorded_event_attributes.marker_name
                                     == LOCAL_ACTIVITY_MARKER for e in events),
             "workflow_tasks": sum(e.event_type == WORKFLOW_TASKS for e in events)}
+
+
+def provider_events() -> dict[str, float]:
+    """The sandbox's webhooks the relay (in this process) accepted so far, and those of them
+    it did not signal: they repeated the settled status the case's workflow had applied."""
+    def sample(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, {"provider": "sandbox", **labels}) or 0.0
+    return {"accepted": sample("refunds_webhook_receipts_total", verdict="accepted"),
+            "not_signalled": sample("refunds_webhook_events_without_news_total")}
 
 
 async def refund_starter(stack: Stack, queue: str, count: int, amount: int = 1_000) -> tuple[Begin, str]:
@@ -141,6 +151,7 @@ async def main(count: int, concurrency: int, rounds: int) -> dict[str, Any]:
         per_round_seconds: dict[str, list[float]] = {v: [] for v in VARIANTS}
         cpu_seconds: dict[str, Counter[str]] = {v: Counter() for v in VARIANTS}
         orders = []
+        events_before = provider_events()
         for round_number in range(rounds):
             turn = round_number % len(VARIANTS)
             order = VARIANTS[turn:] + VARIANTS[:turn]
@@ -152,6 +163,7 @@ async def main(count: int, concurrency: int, rounds: int) -> dict[str, Any]:
                     await timed_wave(start, range(per_round), concurrency, hold=False))
                 after = meter.read()
                 cpu_seconds[variant].update({part: after[part] - before[part] for part in after})
+        events_after = provider_events()
     rate = {v: per_round * rounds / sum(s) for v, s in per_round_seconds.items()}
     bare, bare_new = rate["bare"], rate["bare_new"]
     ours, default_sandbox = rate["passthrough"], rate["default"]
@@ -170,6 +182,8 @@ async def main(count: int, concurrency: int, rounds: int) -> dict[str, Any]:
               / sum(cpu_seconds["bare_new"].values()),
               "passthrough_vs_default": ours / default_sandbox,
               "events_per_refund": {"auto_approved": auto["events"], "one_approval": approval["events"]},
+              "provider_webhooks_in_rounds": {part: int(events_after[part] - events_before[part])
+                                              for part in events_after},
               "auto_approved_history": auto, "one_approval_history": approval}
     report("refund_throughput", rows, {
         "refunds": per_round * rounds, "rounds": rounds, "per_round": per_round, "concurrency": concurrency,

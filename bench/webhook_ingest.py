@@ -4,8 +4,9 @@
    second and p50/p99 acknowledgement latency, as a ratio of a bare client doing the same
    signal-with-start straight to Temporal (target >= 0.8).
 3. Duplicate storm: the cost of the 2nd..12th delivery of an event as a ratio of the first
-   (target <= 0.3); duplicates never reach Temporal: every measured workflow's history holds
-   exactly one signal (the start's), one workflow per event, or the run exits non-zero.
+   (target <= 0.3; issue 21 holds it at <= 0.1, what was met then); duplicates never reach
+   Temporal: every measured workflow's history holds exactly one signal (the start's), one
+   workflow per event, or the run exits non-zero.
 
 No worker runs: this measures the front door, not the refunds behind it.
 
@@ -122,6 +123,7 @@ async def main(events: int, concurrency: int, copies: int, rounds: int, pin: boo
                                     "deliveries": events * copies,
                                     "signals_received_per_workflow": dict(Counter(signals.values())),
                                     "target_ingest_ratio": 0.8, "target_duplicate_cost_ratio": 0.3,
+                                    "target_duplicate_cost_ratio_issue_21": 0.1,
                                     **result})
     if len(signals) != events or set(signals.values()) != {1}:
         raise SystemExit(f"duplicates reached Temporal: {len(signals)} workflows for {events} events,"
