@@ -5,18 +5,21 @@ own step has not applied yet (only reconciliation wrote it), a pending status (a
 any event ends), another refund carrying our reference. The sandbox holds its webhooks until
 the case shows what the test needs; the late-failure window keeps the workflow open."""
 
+import uuid
 from collections.abc import AsyncIterator
 
+import httpx
 import pytest
 from prometheus_client import REGISTRY
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 
 from adapters.db import Store
-from domain.events import tells_nothing_new
+from domain.events import tells_nothing_new, tracking_case_id
 from domain.models import ProviderRefund, ProviderRefundStatus
 from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
+from tests.test_bad_input import event_body, signed
 
 SIGNALLED = EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED
 
@@ -107,6 +110,27 @@ async def test_a_pending_status_is_signalled_even_when_applied(watching: Stack) 
     assert await signals(watching, case_id) == 1
     await watching.set_provider_status(row["provider_refund_id"], "succeeded")
     await watching.wait_for_status(case_id, "succeeded")
+    assert await signals(watching, case_id) == 2
+
+
+async def test_a_tracking_case_gets_every_event(watching: Stack) -> None:
+    """A refund the provider made without us is followed by a tracking workflow, whose steps
+    do not write `applied_*`: a repeat still reaches it (and is recorded there)."""
+    charge = await watching.charge(10_000)
+    refund_id = f"re_{uuid.uuid4().hex[:12]}"
+    refund = {"id": refund_id, "object": "refund", "charge": charge, "amount": 1_000,
+              "currency": "usd", "status": "succeeded", "metadata": {}}
+    secret = watching.settings.sandbox_webhook_secret
+    assert secret is not None
+    case_id = tracking_case_id("sandbox", refund_id)
+    async with httpx.AsyncClient(base_url=watching.relay_url, timeout=30) as http:
+        for _ in range(2):
+            body = event_body("refund.updated", refund)
+            response = await http.post("/webhooks/sandbox", content=body,
+                                       headers=signed(secret.get_secret_value(), body))
+            assert response.status_code == 200 and response.json()["workflow_id"] == case_id
+            await watching.wait_for_audit(case_id, "refund_succeeded")
+    await watching.wait_for_audit(case_id, "provider_status_same_ignored")
     assert await signals(watching, case_id) == 2
 
 
