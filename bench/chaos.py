@@ -756,8 +756,9 @@ async def approve_until_settled(stack: Stack, sent: list[Sent], timeout: float) 
 
 async def close_race(env: Embedded, cases: int, at_once: int = 2) -> Outcome:
     """Refunds that close as they settle (no late-failure window): the provider's own webhook
-    about each lands, about one time in two, while the settlement's workflow task closes the
-    workflow; Temporal refuses that completion and the task runs again with the signal, its
+    about each lands, about one time in six here (15 to 17 of 100), while the settlement's
+    workflow task closes the workflow (the relay signals it: it came before the settlement was
+    written); Temporal refuses that completion and the task runs again with the signal, its
     local activities too. The checker holds each case's one-time rows to once; the race
     must have happened (counted from the histories), or the scenario proved nothing."""
     outcome = Outcome("close_race", cases=cases)
