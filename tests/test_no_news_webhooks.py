@@ -2,7 +2,8 @@
 the status it reports is the one the workflow already applied (its own step wrote it) and
 settled. Anything else still reaches the workflow: a late failure, a status the workflow's
 own step has not applied yet (only reconciliation wrote it), a pending status (a wait that
-any event ends), another refund carrying our reference. The sandbox holds its webhooks until
+any event ends), another refund carrying our reference, every event of a tracking case (its
+workflow records repeats). The sandbox holds its webhooks until
 the case shows what the test needs; the late-failure window keeps the workflow open."""
 
 import uuid
