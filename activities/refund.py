@@ -193,11 +193,14 @@ class RefundActivities:
         """A case step's ledger posting, notices and events in one transaction (run as a
         local activity: database only; a run again, its workflow task not completed, finds
         the first run's answer by its step key and writes nothing)."""
-        written = await self._store.cases.write_case_steps(inp, _step_key(inp))
-        for write in inp.writes:
-            if write.event is not None:
-                _count_escalation(write.event)
-        return written
+        def count_escalations(written: CaseWritten) -> None:
+            """Only for events this run wrote: none when it answered as before, none when a
+            guarded write found a submit begun."""
+            for write in inp.writes:
+                if write.event is not None and written.actions:
+                    _count_escalation(write.event)
+
+        return await self._store.cases.write_case_steps(inp, _step_key(inp), after_commit=count_escalations)
 
     @activity.defn(name=contracts.SUBMIT_PROVIDER_REFUND.name)
     async def submit_provider_refund(self, inp: SubmitInput) -> ProviderRefund:

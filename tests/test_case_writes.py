@@ -5,11 +5,16 @@ answers as its first run and writes nothing, and the first submit's intent commi
 `execution_started` (and the deciding approval it carries) once; what a submit carried is
 written on its own only while no submit began."""
 
+import dataclasses
 import uuid
 from datetime import timedelta
 
-from activities.refund import step_key
+from prometheus_client import REGISTRY
+from temporalio.testing import ActivityEnvironment
+
+from activities.refund import RefundActivities, step_key
 from adapters.db import Store
+from adapters.policy_file import load_policy
 from domain.models import (
     CaseEventInput,
     CaseStatus,
@@ -222,3 +227,21 @@ async def test_a_step_that_took_another_steps_activity_id_writes_its_own_rows(st
     assert (await write(recorded, step_key(run, "6", recorded))).actions == ("approval_recorded",)
     assert (await actions(store, case_id))[1:] == [
         "approval_recorded", "approval_denied", "approval_recorded"]
+
+
+async def test_an_escalation_whose_step_runs_again_is_counted_once(store: Store) -> None:
+    """The ops-review escalation metric counts what a step wrote: a run again of the step
+    (its workflow task tried again) writes nothing and counts nothing."""
+    request, _ = await opened(store)
+    reason = f"test_escalation_{uuid.uuid4().hex[:8]}"
+    escalate = CaseWrites(refund_request_id=request.refund_request_id, writes=(CaseWrite(event=CaseEventInput(
+        refund_request_id=request.refund_request_id, actor="workflow", action=reason,
+        status=CaseStatus.OPS_REVIEW)),))
+    environment = ActivityEnvironment()
+    environment.info = dataclasses.replace(environment.info, workflow_run_id=f"run-{uuid.uuid4().hex}",
+                                           activity_id="7", is_local=True)
+    activities = RefundActivities(store, {}, load_policy())
+    for _ in range(2):
+        await environment.run(activities.write_case_steps, escalate)
+    assert (await actions(store, request.refund_request_id)).count(reason) == 1
+    assert REGISTRY.get_sample_value("refunds_ops_review_escalations_total", {"reason": reason}) == 1.0

@@ -14,7 +14,7 @@ What tells a step's second run from another step, its key, is tested in test_cas
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 
 import pytest
@@ -76,11 +76,12 @@ async def test_a_step_run_again_by_a_signal_at_the_close_writes_nothing_twice(
     write = stack.store.cases.write_case_steps
     closing_runs: list[CaseWritten] = []
 
-    async def racing_write(steps: CaseWrites, step_key: str | None = None) -> CaseWritten:
+    async def racing_write(steps: CaseWrites, step_key: str | None = None,
+                           **options: Callable[[CaseWritten], None]) -> CaseWritten:
         closing = any(w.event is not None and w.event.action == "refund_succeeded" for w in steps.writes)
         if closing and not closing_runs:
             await release_webhooks_into(stack, steps.refund_request_id)
-        written = await write(steps, step_key)
+        written = await write(steps, step_key, **options)
         if closing:
             closing_runs.append(written)
         return written

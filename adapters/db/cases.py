@@ -405,14 +405,16 @@ class CaseRepository(Repository):
             return Vetted(validation=validation, decision=decision)
         return await once(self._db, step_key, case_id, Vetted, reserving_and_deciding)
 
-    async def write_case_steps(self, steps: CaseWrites, step_key: str | None = None) -> CaseWritten:
+    async def write_case_steps(self, steps: CaseWrites, step_key: str | None = None, *,
+                               after_commit: Callable[[CaseWritten], None] | None = None) -> CaseWritten:
         """A case step's writes in one transaction: the ledger posting (once per posting
         key), then each notice (once per dedup key) and event (status and audit row) in
         order; none of it when `unless_submitted` and a submit began. Under a `step_key`
         (a local activity's, the same in each run of the step) a step that ran before answers
-        as it did and writes nothing (`steps.once`): events carry no key of their own."""
+        as it did and writes nothing (`steps.once`): events carry no key of their own.
+        `after_commit` gets the answer of a run that wrote (not of one answering as before)."""
         return await once(self._db, step_key, steps.refund_request_id, CaseWritten,
-                          lambda conn: self._write_steps_in(conn, steps))
+                          lambda conn: self._write_steps_in(conn, steps), after_commit=after_commit)
 
     async def _write_steps_in(self, conn: Conn, steps: CaseWrites) -> CaseWritten:
         if steps.unless_submitted and await self._submission_started(conn, steps.refund_request_id):

@@ -17,9 +17,12 @@ Answer = TypeVar("Answer", bound=BaseModel)
 
 
 async def once(db: Database, step_key: str | None, case_id: str, answer_type: type[Answer],
-               step: Callable[[Conn], Awaitable[Answer]]) -> Answer:
+               step: Callable[[Conn], Awaitable[Answer]], *,
+               after_commit: Callable[[Answer], None] | None = None) -> Answer:
     """Runs `step` in one transaction and keeps its answer under `step_key` in it; a step
-    whose key is kept gets that answer and `step` does not run. No key: `step` runs as is."""
+    whose key is kept gets that answer and `step` does not run. No key: `step` runs as is.
+    `after_commit` (counting what the step wrote) gets the answer only when `step` ran and
+    committed."""
     async with db.transaction() as conn:
         if step_key is not None:
             cur = await conn.execute("SELECT result FROM case_step_results WHERE step_key = %s", (step_key,))
@@ -31,7 +34,9 @@ async def once(db: Database, step_key: str | None, case_id: str, answer_type: ty
             await conn.execute(
                 "INSERT INTO case_step_results (step_key, refund_request_id, result) VALUES (%s, %s, %s)",
                 (step_key, case_id, Jsonb(answer.model_dump(mode="json"))))
-        return answer
+    if after_commit is not None:
+        after_commit(answer)
+    return answer
 
 
 class StepResults(Repository):
