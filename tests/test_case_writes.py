@@ -231,7 +231,8 @@ async def test_a_step_that_took_another_steps_activity_id_writes_its_own_rows(st
 
 async def test_an_escalation_whose_step_runs_again_is_counted_once(store: Store) -> None:
     """The ops-review escalation metric counts what a step wrote: a run again of the step
-    (its workflow task tried again) writes nothing and counts nothing."""
+    (its workflow task tried again) writes nothing and counts nothing; nor does a guarded
+    write once a submit began."""
     request, _ = await opened(store)
     reason = f"test_escalation_{uuid.uuid4().hex[:8]}"
     escalate = CaseWrites(refund_request_id=request.refund_request_id, writes=(CaseWrite(event=CaseEventInput(
@@ -243,5 +244,8 @@ async def test_an_escalation_whose_step_runs_again_is_counted_once(store: Store)
     activities = RefundActivities(store, {}, load_policy())
     for _ in range(2):
         await environment.run(activities.write_case_steps, escalate)
+    await store.cases.begin_submission(request.refund_request_id, "key-1")
+    environment.info = dataclasses.replace(environment.info, activity_id="8")
+    await environment.run(activities.write_case_steps, escalate.model_copy(update={"unless_submitted": True}))
     assert (await actions(store, request.refund_request_id)).count(reason) == 1
     assert REGISTRY.get_sample_value("refunds_ops_review_escalations_total", {"reason": reason}) == 1.0
