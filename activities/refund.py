@@ -87,10 +87,23 @@ def step_key(run_id: str, activity_id: str, step: BaseModel) -> str:
     return f"{run_id}/{activity_id}/{digest}"
 
 
-def _step_key(step: BaseModel) -> str | None:
-    """The running activity's step key (see `step_key`); none outside a workflow."""
+def _step_key(step: BaseModel, *, by_content: bool = False) -> str | None:
+    """The running activity's step key (see `step_key`); none outside a workflow. `by_content`:
+    keyed by the run and the input alone (see `_redone_after_cancel`)."""
     info = activity.info()
-    return None if info.workflow_run_id is None else step_key(info.workflow_run_id, info.activity_id, step)
+    if info.workflow_run_id is None:
+        return None
+    return step_key(info.workflow_run_id, "by-content" if by_content else info.activity_id, step)
+
+
+def _redone_after_cancel(steps: CaseWrites) -> bool:
+    """Whether the workflow runs this step again, as a new local activity with the same input,
+    when a cancel interrupts it (possibly after its commit): applying a provider status (its
+    event carries the refund) and the guarded write of what a submit carried. Each is unique
+    in its run by its input (a status is applied once per refund, the guarded write once), so
+    it is keyed by its input, and the redo gets the first run's answer."""
+    return steps.unless_submitted or any(
+        write.event is not None and write.event.provider_refund is not None for write in steps.writes)
 
 
 class RefundActivities:
@@ -200,7 +213,8 @@ class RefundActivities:
                 if write.event is not None and written.actions:
                     _count_escalation(write.event)
 
-        return await self._store.cases.write_case_steps(inp, _step_key(inp), after_commit=count_escalations)
+        return await self._store.cases.write_case_steps(
+            inp, _step_key(inp, by_content=_redone_after_cancel(inp)), after_commit=count_escalations)
 
     @activity.defn(name=contracts.SUBMIT_PROVIDER_REFUND.name)
     async def submit_provider_refund(self, inp: SubmitInput) -> ProviderRefund:

@@ -229,6 +229,32 @@ async def test_a_step_that_took_another_steps_activity_id_writes_its_own_rows(st
         "approval_recorded", "approval_denied", "approval_recorded"]
 
 
+def activity_run(activity_id: str, run_id: str) -> ActivityEnvironment:
+    """An environment running activities as a local activity of `run_id` with `activity_id`."""
+    environment = ActivityEnvironment()
+    environment.info = dataclasses.replace(environment.info, workflow_run_id=run_id,
+                                           activity_id=activity_id, is_local=True)
+    return environment
+
+
+async def test_a_step_redone_after_a_cancel_finds_its_first_answer(store: Store) -> None:
+    """The workflow redoes an interrupted status application, or the guarded write of what a
+    submit carried, as a new local activity (another id) with the same input: those steps are
+    keyed by their input and write once; any other step with the same input under another id
+    is another step and writes again."""
+    request, _ = await opened(store)
+    case_id = request.refund_request_id
+    activities = RefundActivities(store, {}, load_policy())
+    run = f"run-{uuid.uuid4().hex}"
+    guarded = CaseWrites(refund_request_id=case_id, writes=approval_writes(case_id), unless_submitted=True)
+    plain = event_writes(case_id, "provider_answering_again")
+    for activity_id in ("4", "9"):
+        await activity_run(activity_id, run).run(activities.write_case_steps, guarded)
+        await activity_run(activity_id, run).run(activities.write_case_steps, plain)
+    trail = await actions(store, case_id)
+    assert trail.count("approval_granted") == 1 and trail.count("provider_answering_again") == 2
+
+
 async def test_an_escalation_whose_step_runs_again_is_counted_once(store: Store) -> None:
     """The ops-review escalation metric counts what a step wrote: a run again of the step
     (its workflow task tried again) writes nothing and counts nothing; nor does a guarded
@@ -238,9 +264,7 @@ async def test_an_escalation_whose_step_runs_again_is_counted_once(store: Store)
     escalate = CaseWrites(refund_request_id=request.refund_request_id, writes=(CaseWrite(event=CaseEventInput(
         refund_request_id=request.refund_request_id, actor="workflow", action=reason,
         status=CaseStatus.OPS_REVIEW)),))
-    environment = ActivityEnvironment()
-    environment.info = dataclasses.replace(environment.info, workflow_run_id=f"run-{uuid.uuid4().hex}",
-                                           activity_id="7", is_local=True)
+    environment = activity_run("7", f"run-{uuid.uuid4().hex}")
     activities = RefundActivities(store, {}, load_policy())
     for _ in range(2):
         await environment.run(activities.write_case_steps, escalate)

@@ -132,3 +132,38 @@ async def test_a_rejecting_validation_run_again_by_a_signal_at_the_close_rejects
     actions = await stack.actions(case_id)
     assert [a for a in actions if actions.count(a) > 1] == [], actions
     assert "validation_rejected" in actions
+
+
+async def test_a_step_redone_after_a_cancel_writes_nothing_twice(
+        closing_stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ops cancel a case while its settlement's local activity runs longer than its workflow
+    task (the worker heartbeats the task): the cancel interrupts the step after its commit and
+    the workflow applies the provider's status again, a new local activity with the same
+    writes; it must find the first's answer, not append `refund_succeeded` again."""
+    stack = closing_stack
+    write = stack.store.cases.write_case_steps
+    committed = asyncio.Event()
+
+    async def slow_write(steps: CaseWrites, step_key: str | None = None,
+                         **options: Callable[[CaseWritten], None]) -> CaseWritten:
+        written = await write(steps, step_key, **options)
+        if any(w.event is not None and w.event.action == "refund_succeeded" for w in steps.writes) \
+                and not committed.is_set():
+            committed.set()
+            await asyncio.sleep(60)  # past the task's heartbeat, until the cancel interrupts it
+        return written
+
+    monkeypatch.setattr(stack.store.cases, "write_case_steps", slow_write)
+    case_id = await stack.request_refund("alice", await stack.charge(10_000), 1_000)
+    await asyncio.wait_for(committed.wait(), 30)
+    handle = stack.client.get_workflow_handle(case_id, result_type=RefundOutcome)
+    await handle.cancel()
+    outcome = await asyncio.wait_for(handle.result(), 60)
+
+    assert outcome.state.status is CaseStatus.SUCCEEDED
+    actions = await stack.actions(case_id)
+    assert "cancel_after_provider_refund" in actions
+    assert [a for a in actions if actions.count(a) > 1] == [], actions
+    entries = await stack.store.database.fetch_all(
+        "SELECT posting_key FROM ledger_entries WHERE refund_request_id = %s", (case_id,))
+    assert len(entries) == 1
