@@ -49,6 +49,7 @@ from typing import Any
 import httpx
 import psutil
 from temporalio.api.enums.v1 import EventType
+from temporalio.client import WorkflowFailureError
 
 from adapters import event_loop, signing
 from adapters.providers import cashfree
@@ -754,17 +755,20 @@ async def approve_until_settled(stack: Stack, sent: list[Sent], timeout: float) 
         await asyncio.sleep(0.5)
 
 
-async def close_race(env: Embedded, cases: int, at_once: int = 2) -> Outcome:
+async def close_race(env: Embedded, cases: int, at_once: int = 2, rounds: int = 5) -> Outcome:
     """Refunds that close as they settle (no late-failure window): the provider's own webhook
-    about each lands, about one time in six here (15 to 17 of 100), while the settlement's
-    workflow task closes the workflow (the relay signals it: it came before the settlement was
-    written); Temporal refuses that completion and the task runs again with the signal, its
-    local activities too. The checker holds each case's one-time rows to once; the race
-    must have happened (counted from the histories), or the scenario proved nothing."""
-    outcome = Outcome("close_race", cases=cases)
+    about each lands, now and then, while the settlement's workflow task closes the workflow
+    (the relay signals it: it came before the settlement was written); Temporal refuses that
+    completion and the task runs again with the signal, its local activities too. The checker
+    holds each case's one-time rows to once. The race is one of timing (15 to 17 refunds in
+    100 in this process, 1 to 3 in 60 with the stack inside pytest), so `cases` more refunds
+    are sent, up to `rounds` times, until one raced (counted from the histories); none at all
+    is a violation: the scenario proved nothing."""
+    outcome = Outcome("close_race")
     stack = await open_stack(env.store, env.client, env.temporal.address, late_failure_window_seconds=0)
     since = datetime.now(UTC)
     sent: list[Sent] = []
+    failed, run_again = EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED, 0
     try:
         async def request() -> None:
             charge = await stack.charge(10_000)
@@ -773,12 +777,20 @@ async def close_race(env: Embedded, cases: int, at_once: int = 2) -> Outcome:
                 response = await api.post("/v1/refund-requests", json=body)
             sent.append(Sent(body["refund_request_id"], charge, response.status_code))
 
-        await gather_limited([request for _ in range(cases)], at_once)
+        for _ in range(rounds):
+            batch = len(sent)
+            await gather_limited([request for _ in range(cases)], at_once)
+            for case in sent[batch:]:
+                if case.answered == case.expected:  # its workflow ran: read its whole history
+                    handle = stack.client.get_workflow_handle(case.case_id)
+                    with contextlib.suppress(WorkflowFailureError):  # the checker reports the case
+                        await asyncio.wait_for(handle.result(), 60)
+                    history = await handle.fetch_history()
+                    run_again += any(e.event_type == failed for e in history.events)
+            if run_again:
+                break
+        outcome.cases = len(sent)
         await check_requests(stack, outcome, sent, since)
-        failed, run_again = EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED, 0
-        for case in sent:
-            history = await stack.client.get_workflow_handle(case.case_id).fetch_history()
-            run_again += any(e.event_type == failed for e in history.events)
         outcome.counts["tasks_run_again"] = run_again
         if run_again == 0:
             outcome.violation("close race", "a closing task run again (a webhook at the close)", "none")

@@ -124,8 +124,8 @@ async def test_a_webhook_at_the_close_runs_the_closing_task_again_and_writes_not
         env: Embedded) -> None:
     outcome = await chaos.close_race(env, 60)
     assert outcome.violations == [], "\n".join(outcome.violations)
-    assert outcome.counts["provider_refunded"] == 60 * 1_000
-    assert outcome.counts["tasks_run_again"] > 0  # the race happened (one case in six): it could fail
+    assert outcome.cases % 60 == 0 and outcome.counts["provider_refunded"] == outcome.cases * 1_000
+    assert outcome.counts["tasks_run_again"] > 0  # the race happened (in up to 5 x 60 refunds): it could fail
 
 
 @pytest.mark.slow
