@@ -65,6 +65,16 @@ async def stack(store: Store, client: Client, temporal_server: TemporalDevServer
     await opened.close()
 
 
+@pytest.fixture
+async def patient(store: Store, client: Client, temporal_server: TemporalDevServer) -> AsyncIterator[Stack]:
+    """A stack whose status poll and late-failure window are two minutes: webhooks, not
+    verify-state, move its cases, and a settled case's workflow stays open."""
+    opened = await open_stack(store, client, temporal_server.address,
+                              status_poll_interval_seconds=120, late_failure_window_seconds=120)
+    yield opened
+    await opened.close()
+
+
 @pytest.fixture(scope="session")
 def localstripe(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The third-party localstripe server (a Stripe API fake) on a loopback port; a start that

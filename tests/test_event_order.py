@@ -3,24 +3,11 @@
 The sandbox holds its signed webhooks and releases them reversed; the status poll is set
 long, so the webhooks (not verify-state) are what moves the case."""
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from temporalio.client import Client
 
-from adapters.db import Store
-from starters.dev.stack import TemporalDevServer
-from tests.harness import Stack, open_stack
-
-
-@pytest.fixture
-async def patient(store: Store, client: Client,
-                  temporal_server: TemporalDevServer) -> AsyncIterator[Stack]:
-    stack = await open_stack(store, client, temporal_server.address,
-                             status_poll_interval_seconds=120, late_failure_window_seconds=120)
-    yield stack
-    await stack.close()
+from tests.harness import Stack
 
 
 async def sandbox(stack: Stack, method: str, path: str, body: dict[str, Any] | None = None) -> Any:

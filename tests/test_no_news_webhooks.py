@@ -7,31 +7,19 @@ workflow records repeats). The sandbox holds its webhooks until
 the case shows what the test needs; the late-failure window keeps the workflow open."""
 
 import uuid
-from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 from prometheus_client import REGISTRY
 from temporalio.api.enums.v1 import EventType
-from temporalio.client import Client
 
-from adapters.db import Store
 from domain.events import tells_nothing_new, tracking_case_id
 from domain.models import ProviderRefund, ProviderRefundStatus
-from starters.dev.stack import TemporalDevServer
-from tests.harness import Stack, open_stack
+from tests.harness import Stack
 from tests.test_bad_input import event_body, signed
+from tests.test_event_order import sandbox
 
 SIGNALLED = EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED
-
-
-@pytest.fixture
-async def watching(store: Store, client: Client,
-                   temporal_server: TemporalDevServer) -> AsyncIterator[Stack]:
-    stack = await open_stack(store, client, temporal_server.address,
-                             status_poll_interval_seconds=120, late_failure_window_seconds=120)
-    yield stack
-    await stack.close()
 
 
 def without_news() -> float:
@@ -44,25 +32,18 @@ async def signals(stack: Stack, case_id: str) -> int:
     return sum(e.event_type == SIGNALLED for e in history.events)
 
 
-async def sandbox_config(stack: Stack, **config: object) -> None:
-    async with stack.sandbox() as sb:
-        (await sb.post("/_sandbox/config", json=config)).raise_for_status()
-
-
 async def release_webhooks(stack: Stack) -> int:
     """Delivers the held webhooks, each answered by the relay before this returns; later
     ones go out at once."""
-    async with stack.sandbox() as sb:
-        response = await sb.post("/_sandbox/release-webhooks")
-    response.raise_for_status()
-    await sandbox_config(stack, hold_webhooks=False)
-    return int(response.json()["released"])
+    released = await sandbox(stack, "POST", "/_sandbox/release-webhooks")
+    await sandbox(stack, "POST", "/_sandbox/config", {"hold_webhooks": False})
+    return int(released["released"])
 
 
 async def succeeded_with_webhook_held(stack: Stack, amount: int) -> tuple[str, str, str]:
     """An auto-approved refund the workflow settled while the provider's `refund.created`
     (succeeded) waits at the sandbox: case, charge, provider refund id."""
-    await sandbox_config(stack, hold_webhooks=True)
+    await sandbox(stack, "POST", "/_sandbox/config", {"hold_webhooks": True})
     charge = await stack.charge(10_000)
     case_id = await stack.request_refund("alice", charge, amount)
     row = await stack.wait_for_status(case_id, "succeeded")
@@ -71,68 +52,69 @@ async def succeeded_with_webhook_held(stack: Stack, amount: int) -> tuple[str, s
 
 
 async def test_the_status_the_workflow_applied_is_not_signalled_a_late_failure_is(
-        watching: Stack) -> None:
-    case_id, _, refund_id = await succeeded_with_webhook_held(watching, 2_000)
+        patient: Stack) -> None:
+    case_id, _, refund_id = await succeeded_with_webhook_held(patient, 2_000)
     counted = without_news()
-    assert await release_webhooks(watching) == 1
+    assert await release_webhooks(patient) == 1
     assert without_news() == counted + 1
-    [receipt] = [r for r in await watching.store.receipts.find("sandbox")
+    [receipt] = [r for r in await patient.store.receipts.find("sandbox")
                  if r["workflow_id"] == case_id]
     assert receipt["verdict"] == "accepted" and receipt["processed_at"] is not None
-    assert await signals(watching, case_id) == 0
-    await watching.set_provider_status(refund_id, "failed", failure_reason="expired_or_canceled_card")
-    row = await watching.wait_for_status(case_id, "refund_failed")
-    assert await signals(watching, case_id) == 1
+    assert await signals(patient, case_id) == 0
+    await patient.set_provider_status(refund_id, "failed", failure_reason="expired_or_canceled_card")
+    row = await patient.wait_for_status(case_id, "refund_failed")
+    assert await signals(patient, case_id) == 1
     assert row["reserved_amount"] == 0
-    assert {e["posting_key"] for e in await watching.store.ledger.entries(case_id)} == {
+    assert {e["posting_key"] for e in await patient.store.ledger.entries(case_id)} == {
         f"{case_id}:refund_settled", f"{case_id}:refund_reversed"}
 
 
-async def test_a_status_only_reconciliation_wrote_still_reaches_the_workflow(watching: Stack) -> None:
+async def test_a_status_only_reconciliation_wrote_still_reaches_the_workflow(patient: Stack) -> None:
     """Reconciliation's break settlement writes the case's provider status without the
     workflow knowing: a webhook reporting that status is news to the workflow."""
-    case_id, _, refund_id = await succeeded_with_webhook_held(watching, 2_100)
-    await release_webhooks(watching)
-    await watching.store.database.execute(
+    case_id, _, refund_id = await succeeded_with_webhook_held(patient, 2_100)
+    await release_webhooks(patient)
+    await patient.store.database.execute(
         "UPDATE refund_cases SET provider_status = 'failed' WHERE refund_request_id = %s", (case_id,))
-    await watching.set_provider_status(refund_id, "failed", failure_reason="lost_or_stolen_card")
-    await watching.wait_for_audit(case_id, "refund_failed_after_success")
-    assert await signals(watching, case_id) == 1
+    await patient.set_provider_status(refund_id, "failed", failure_reason="lost_or_stolen_card")
+    await patient.wait_for_audit(case_id, "refund_failed_after_success")
+    assert await signals(patient, case_id) == 1
 
 
-async def test_a_pending_status_is_signalled_even_when_applied(watching: Stack) -> None:
+async def test_a_pending_status_is_signalled_even_when_applied(patient: Stack) -> None:
     """A pending refund's wait ends with any event about it (a provider without a status
     lookup answers only by event), so an unsettled status always goes through."""
-    await sandbox_config(watching, hold_webhooks=True, refund_initial_status="pending")
-    charge = await watching.charge(10_000)
-    case_id = await watching.request_refund("alice", charge, 2_200)
-    row = await watching.wait_for_status(case_id, "pending")
-    assert await release_webhooks(watching) == 1
-    assert await signals(watching, case_id) == 1
-    await watching.set_provider_status(row["provider_refund_id"], "succeeded")
-    await watching.wait_for_status(case_id, "succeeded")
-    assert await signals(watching, case_id) == 2
+    await sandbox(patient, "POST", "/_sandbox/config",
+                  {"hold_webhooks": True, "refund_initial_status": "pending"})
+    charge = await patient.charge(10_000)
+    case_id = await patient.request_refund("alice", charge, 2_200)
+    row = await patient.wait_for_status(case_id, "pending")
+    assert await release_webhooks(patient) == 1
+    assert await signals(patient, case_id) == 1
+    await patient.set_provider_status(row["provider_refund_id"], "succeeded")
+    await patient.wait_for_status(case_id, "succeeded")
+    assert await signals(patient, case_id) == 2
 
 
-async def test_a_tracking_case_gets_every_event(watching: Stack) -> None:
+async def test_a_tracking_case_gets_every_event(patient: Stack) -> None:
     """A refund the provider made without us is followed by a tracking workflow, whose steps
     do not write `applied_*`: a repeat still reaches it (and is recorded there)."""
-    charge = await watching.charge(10_000)
+    charge = await patient.charge(10_000)
     refund_id = f"re_{uuid.uuid4().hex[:12]}"
     refund = {"id": refund_id, "object": "refund", "charge": charge, "amount": 1_000,
               "currency": "usd", "status": "succeeded", "metadata": {}}
-    secret = watching.settings.sandbox_webhook_secret
+    secret = patient.settings.sandbox_webhook_secret
     assert secret is not None
     case_id = tracking_case_id("sandbox", refund_id)
-    async with httpx.AsyncClient(base_url=watching.relay_url, timeout=30) as http:
+    async with httpx.AsyncClient(base_url=patient.relay_url, timeout=30) as http:
         for _ in range(2):
             body = event_body("refund.updated", refund)
             response = await http.post("/webhooks/sandbox", content=body,
                                        headers=signed(secret.get_secret_value(), body))
             assert response.status_code == 200 and response.json()["workflow_id"] == case_id
-            await watching.wait_for_audit(case_id, "refund_succeeded")
-    await watching.wait_for_audit(case_id, "provider_status_same_ignored")
-    assert await signals(watching, case_id) == 2
+            await patient.wait_for_audit(case_id, "refund_succeeded")
+    await patient.wait_for_audit(case_id, "provider_status_same_ignored")
+    assert await signals(patient, case_id) == 2
 
 
 def _refund(refund_id: str, status: ProviderRefundStatus) -> ProviderRefund:
