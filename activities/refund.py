@@ -209,9 +209,10 @@ class RefundActivities:
         def count_escalations(written: CaseWritten) -> None:
             """Only for events this run wrote: none when it answered as before, none when a
             guarded write found a submit begun."""
-            for write in inp.writes:
-                if write.event is not None and written.actions:
-                    _count_escalation(write.event)
+            if written.actions:
+                for write in inp.writes:
+                    if write.event is not None:
+                        _count_escalation(write.event)
 
         return await self._store.cases.write_case_steps(
             inp, _step_key(inp, by_content=_redone_after_cancel(inp)), after_commit=count_escalations)
