@@ -68,6 +68,15 @@ async def release_webhooks_into(stack: Stack, case_id: str) -> None:
     raise AssertionError(f"the provider's webhook never reached {case_id}")
 
 
+async def signal_a_charge_notice(client: Client, case_id: str) -> None:
+    """Signals the case a provider's notice about its charge: an event that moves nothing,
+    so any step it lands beside runs again with its task and nothing else changes."""
+    notice = ProviderEvent(provider="sandbox", event_id=f"evt_{uuid.uuid4().hex}",
+                           event_type="charge.updated", kind=EventKind.REFUND_STATUS,
+                           body_sha256="0" * 64, occurred_at=datetime.now(UTC))
+    await client.get_workflow_handle(case_id).signal(RefundWorkflow.provider_event, notice)
+
+
 async def test_a_step_run_again_by_a_signal_at_the_close_writes_nothing_twice(
         closing_stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     stack = closing_stack
@@ -115,10 +124,7 @@ async def test_a_rejecting_validation_run_again_by_a_signal_at_the_close_rejects
         vetted = await reject(case_id, reason, step_key)
         rejections.append(vetted)
         if len(rejections) == 1:  # any signal: a provider's notice about the charge, here
-            notice = ProviderEvent(provider="sandbox", event_id=f"evt_{uuid.uuid4().hex}",
-                                   event_type="charge.updated", kind=EventKind.REFUND_STATUS,
-                                   body_sha256="0" * 64, occurred_at=datetime.now(UTC))
-            await stack.client.get_workflow_handle(case_id).signal(RefundWorkflow.provider_event, notice)
+            await signal_a_charge_notice(stack.client, case_id)
         return vetted
 
     monkeypatch.setattr(stack.store.cases, "reject", racing_reject)
