@@ -69,8 +69,9 @@ async def _still_pending(stack: Stack, case_id: str, refund_id: str, charge: str
 
 async def in_batches(send: Callable[[int], Awaitable[None]], seen: Callable[[], Awaitable[int]],
                      turns: int) -> None:
-    """Sends `turns` events (at most 8 in flight), a batch at a time; each batch is seen by
-    the workflow before the next is sent, so the history grows by known steps."""
+    """Sends `turns` events (at most 8 in flight), a batch at a time; each batch is counted
+    by `seen` (the workflow's count, where its turns keep pace with its signals; else what
+    its turns wrote) before the next is sent, so the history grows by known steps."""
     gate = asyncio.Semaphore(8)
 
     async def gated(n: int) -> None:
