@@ -51,12 +51,12 @@ import psutil
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowFailureError
 
-from adapters import event_loop, signing
+from adapters import signing
 from adapters.providers import cashfree
 from adapters.providers.sandbox import sign
 from bench import fault_schedule
 from bench.checker import Outcome, Sent, check
-from bench.common import RESULTS, Embedded, embedded_stack, gather_limited
+from bench.common import RESULTS, Embedded, embedded_stack, gather_limited, run
 from bench.fuzz_hooks import ACTION_BODIES, CASE_PARAMETER, REQUESTS_PATH, Steering
 from starters import relay
 from tests.adyen_fake import refund_notification
@@ -855,6 +855,6 @@ if __name__ == "__main__":
                         help="the randomised schedule's seed (a violation prints it); random if unset")
     args = parser.parse_args()
     chosen = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
-    results = event_loop.run(main(args.scenario, args.scale, chosen))
+    results = run(main(args.scenario, args.scale, chosen))
     sys.stdout.flush()
     os._exit(1 if any(o.violations for o in results) else 0)

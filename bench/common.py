@@ -4,20 +4,22 @@ import asyncio
 import json
 import os
 import platform
+import signal
 import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 from temporalio.client import Client, WorkflowHandle
 from temporalio.worker import Worker
 
+from adapters import event_loop
 from adapters.config import Settings
 from adapters.db import Store
 from adapters.heap import settle_startup_heap
@@ -29,6 +31,11 @@ from starters.ports import free_port
 from tests.harness import PAYLOAD_KEYS, Stack, open_stack
 from workers.main import workflow_runner
 
+T = TypeVar("T")
+
+TERMINATED = 128 + signal.SIGTERM
+"""A benchmark's exit status when SIGTERM stopped it (after its stack was stopped)."""
+
 RESULTS = Path(os.environ.get("BENCH_RESULTS_DIR") or Path(__file__).parent / "results")
 """Where results go; the smoke tests point it at their own folder."""
 
@@ -39,6 +46,32 @@ PRODUCT_TIMINGS: dict[str, Any] = {
 """The product's own provider timings, for a bench with hundreds of cases in flight: the test
 stack's 5 s submit timeout there times out submits that wait for the worker's CPU, and
 measures their verification instead."""
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """`event_loop.run` for a benchmark command: SIGTERM unwinds it as Ctrl-C does, so the
+    dev server, PostgreSQL and worker processes it started are stopped and their data
+    removed, not left running on a shared machine; then it exits `TERMINATED`."""
+    terminated = False
+
+    async def until_terminated() -> T:
+        task = asyncio.current_task()
+        assert task is not None
+
+        def terminate() -> None:
+            nonlocal terminated
+            terminated = True
+            task.cancel()
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, terminate)
+        return await main
+
+    try:
+        return event_loop.run(until_terminated())
+    except asyncio.CancelledError:
+        if terminated:
+            raise SystemExit(TERMINATED) from None
+        raise
 
 
 @dataclass

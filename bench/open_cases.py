@@ -32,7 +32,6 @@ import psutil
 from temporalio.api.enums.v1 import EventType, TimeoutType
 from temporalio.client import Client, WorkflowHandle
 
-from adapters import event_loop
 from adapters.approval_seal import approval_keys, sealing_client
 from bench.common import (
     PRODUCT_TIMINGS,
@@ -43,6 +42,7 @@ from bench.common import (
     gather_limited,
     relay_stack,
     report,
+    run,
     timed_wave,
 )
 from bench.refund_throughput import history_shape
@@ -254,4 +254,4 @@ if __name__ == "__main__":
                         help="cases started or approved per wave; bare workflows per round")
     parser.add_argument("--quick", action="store_true", help="a smoke run (30 cases in waves of 10)")
     args = parser.parse_args()
-    event_loop.run(main(30 if args.quick else args.cases, args.concurrency, 10 if args.quick else args.wave))
+    run(main(30 if args.quick else args.cases, args.concurrency, 10 if args.quick else args.wave))

@@ -27,8 +27,7 @@ from typing import Any
 
 import httpx
 
-from adapters import event_loop
-from bench.common import announce, embedded_stack, report
+from bench.common import announce, embedded_stack, report, run
 from starters.cli.progress import follow_run
 from tests.harness import Stack, open_stack
 
@@ -171,5 +170,5 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=2, help="baseline and measured pairs, alternating")
     parser.add_argument("--quick", action="store_true", help="a smoke run (2,000 objects vs 200, 1 round)")
     args = parser.parse_args()
-    event_loop.run(main(2_000 if args.quick else args.objects, args.break_every,
+    run(main(2_000 if args.quick else args.objects, args.break_every,
                         1 if args.quick else args.rounds))

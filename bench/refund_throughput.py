@@ -27,7 +27,6 @@ from prometheus_client import REGISTRY
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowHandle
 
-from adapters import event_loop
 from adapters.approval_seal import approval_keys, sealing_client
 from bench.common import (
     Begin,
@@ -37,6 +36,7 @@ from bench.common import (
     embedded_stack,
     relay_stack,
     report,
+    run,
     timed_wave,
 )
 from bench.worker_process import worker_process
@@ -209,5 +209,5 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="a smoke run (20 refunds in 2 rounds)")
     args = parser.parse_args()
-    event_loop.run(main(20 if args.quick else args.refunds, args.concurrency,
+    run(main(20 if args.quick else args.refunds, args.concurrency,
                         2 if args.quick else args.rounds))

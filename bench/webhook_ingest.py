@@ -25,7 +25,6 @@ from typing import Any
 
 from temporalio.client import Client
 
-from adapters import event_loop
 from bench.common import (
     announce,
     embedded_stack,
@@ -33,6 +32,7 @@ from bench.common import (
     pin_temporal_apart,
     relay_stack,
     report,
+    run,
     summary,
 )
 from tests.harness import PAYLOAD_KEYS
@@ -161,5 +161,5 @@ if __name__ == "__main__":
                         help="the Temporal server on one core, the relay side on the others")
     parser.add_argument("--quick", action="store_true", help="a smoke run (20 events)")
     args = parser.parse_args()
-    event_loop.run(main(20 if args.quick else args.events, args.concurrency, args.copies,
+    run(main(20 if args.quick else args.events, args.concurrency, args.copies,
                         1 if args.quick else args.rounds, args.pin))

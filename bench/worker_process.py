@@ -90,12 +90,14 @@ async def worker_process(settings: Settings, dsn: str, *, bare_queue: str | None
         forwarding = asyncio.create_task(_forward(output))
         yield psutil.Process(process.pid)
     finally:
-        if process.returncode is None:
+        stopped = process.returncode is None
+        if stopped:
             process.send_signal(signal.SIGTERM)
         code = await process.wait()
         if forwarding is not None:
             await forwarding
-        if code != 0:
+        # killed by our SIGTERM: it was stopped while starting (the bench itself was stopped)
+        if code != 0 and not (stopped and code == -signal.SIGTERM):
             raise RuntimeError(f"bench worker exited {code}")
 
 

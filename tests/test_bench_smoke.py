@@ -3,14 +3,21 @@ Temporal dev server and PostgreSQL, as `make bench` runs it), exits 0 and report
 measured. No figure is judged here (shared machines are noisy); what is judged is that the
 run did the work it claims to measure."""
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
+
+from bench.common import TERMINATED
 
 pytestmark = pytest.mark.slow
 
@@ -76,3 +83,48 @@ def test_reconciliation_smoke_finds_every_planted_break(tmp_path: Path) -> None:
     assert [(r["run"], r["objects"], r["planted"]) for r in result["rows"]] == [
         ("warm-up", 200, 1), ("baseline", 200, 1), ("measured", 2_000, 2)]
     assert [r["breaks"] for r in result["rows"]] == [1, 1, 2]  # the bench itself exits 1 otherwise
+
+
+def test_a_benchmark_stopped_with_sigterm_stops_what_it_started(tmp_path: Path) -> None:
+    """SIGTERM (a CI timeout, `kill`) to a benchmark once its stack runs: its dev server,
+    PostgreSQL and worker processes stop with it and their data folders go; before, all of
+    them kept running on the shared machine."""
+    log = tmp_path / "stderr.log"
+    # its temporary folder on a short path: PostgreSQL's socket path has a length limit
+    with tempfile.TemporaryDirectory(prefix="bench-term-") as folder, log.open("wb") as stderr:
+        bench = subprocess.Popen([sys.executable, "-m", "bench.refund_throughput", "--quick"],
+                                 stdout=subprocess.DEVNULL, stderr=stderr,
+                                 env={**os.environ, "TMPDIR": folder, "BENCH_RESULTS_DIR": str(tmp_path)})
+        started = _stack_of(bench, folder)
+        try:
+            assert bench.poll() is None, f"it ended before its stack was up: {log.read_text()[-3000:]}"
+            assert any(p.name() == "postgres" for p in started) and len(started) >= 5
+            bench.send_signal(signal.SIGTERM)
+            assert bench.wait(timeout=120) == TERMINATED, log.read_text()[-3000:]
+            _, alive = psutil.wait_procs(started, timeout=10)
+            assert [p.name() for p in alive] == []
+            data = Path(folder).glob("refunds-bench-*/*")
+            assert [d.name for d in data if d.name in ("pg", "temporal.db")] == []
+        finally:
+            for survivor in started:
+                with contextlib.suppress(psutil.Error):
+                    survivor.kill()
+
+
+def _stack_of(bench: subprocess.Popen[bytes], folder: str) -> list[psutil.Process]:
+    """The processes a benchmark started, once its three workers and dev server run (or it
+    ended): PostgreSQL is started through pg_ctl, nobody's child, so it is found by its data
+    folder."""
+    started: list[psutil.Process] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and bench.poll() is None:
+        started = psutil.Process(bench.pid).children(recursive=True) + [
+            p for p in psutil.process_iter(["name", "cmdline"])
+            if p.info["name"] == "postgres" and folder in " ".join(p.info["cmdline"] or [])]
+        with contextlib.suppress(psutil.Error):
+            commands = [" ".join(p.cmdline()) for p in started]
+            workers = sum("bench.worker_process" in c for c in commands)
+            if workers == 3 and any("start-dev" in c for c in commands):
+                break
+        time.sleep(0.2)
+    return started
