@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import os
 import secrets
+import shutil
 import subprocess
 import tempfile
 import uuid
@@ -173,6 +174,8 @@ async def open_stack(store: Store, client: Client, temporal_address: str, *, wor
                      **overrides: Any) -> Stack:
     """Starts sandbox + relay on free loopback ports and, unless told not to, a worker."""
     secret = secrets.token_hex(16)
+    # the stack's own reports folder goes with it; one the test passed in is the test's
+    reports = None if "reports_dir" in overrides else tempfile.mkdtemp(prefix="refunds-reports-")
     relay_sock, sandbox_sock = reserve_port("127.0.0.1"), reserve_port("127.0.0.1")
     relay_port, sandbox_port = relay_sock.getsockname()[1], sandbox_sock.getsockname()[1]
     values: dict[str, Any] = {
@@ -182,7 +185,7 @@ async def open_stack(store: Store, client: Client, temporal_address: str, *, wor
         "submit_timeout_seconds": 5, "status_poll_interval_seconds": 2,
         "late_failure_window_seconds": 2, "provider_http_timeout_seconds": 2,
         "resubmit_margin_seconds": 1,
-        "payload_keys": PAYLOAD_KEYS, "reports_dir": tempfile.mkdtemp(prefix="refunds-reports-"),
+        "payload_keys": PAYLOAD_KEYS, "reports_dir": reports,
         "approval_keys": APPROVAL_KEYS,
         "console_secure_cookie": False,
         # Test stacks share one database: a stack re-drives only when its test asks it to.
@@ -211,6 +214,8 @@ async def open_stack(store: Store, client: Client, temporal_address: str, *, wor
         await relay_server.stop()
         await sandbox_server.stop()
         await close_providers(providers)
+        if reports is not None:
+            shutil.rmtree(reports, ignore_errors=True)
 
     stack._cleanup.append(close_servers)
     if worker:

@@ -11,7 +11,6 @@ import subprocess
 import sys
 from datetime import datetime, timedelta
 from pathlib import Path
-from tempfile import mkdtemp
 from typing import Any
 
 import pytest
@@ -285,7 +284,7 @@ async def test_an_exception_nobody_decides_expires_without_moving_money(
 
 
 async def test_a_long_run_continues_as_new_and_a_stopped_run_resumes_at_its_cursor(
-        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+        store: Store, client: Client, temporal_server: TemporalDevServer, tmp_path: Path) -> None:
     stack = await open_stack(store, client, temporal_server.address, reconciliation_batch_size=4,
                              reconciliation_batches_per_run=2)
     try:
@@ -297,7 +296,7 @@ async def test_a_long_run_continues_as_new_and_a_stopped_run_resumes_at_its_curs
         run, _ = await store.reconciliation.open_backfill(
             "sandbox", ago(30), ago(0), "olga", stack.settings.task_queue)
         activities = ReconciliationActivities(store, stack.providers, client, load_policy(None),
-                                              timings=stack.settings.timings(), reports_dir=Path(mkdtemp()))
+                                              timings=stack.settings.timings(), reports_dir=tmp_path)
         first = await ActivityEnvironment().run(activities.reconcile_batch, BatchInput(
             run_id=run["id"], provider="sandbox", options=stack.settings.reconcile_options()))
         assert (first.objects, first.has_more) == (4, True)
