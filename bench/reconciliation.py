@@ -171,4 +171,4 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="a smoke run (2,000 objects vs 200, 1 round)")
     args = parser.parse_args()
     run(main(2_000 if args.quick else args.objects, args.break_every,
-                        1 if args.quick else args.rounds))
+             1 if args.quick else args.rounds))

@@ -210,4 +210,4 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="a smoke run (20 refunds in 2 rounds)")
     args = parser.parse_args()
     run(main(20 if args.quick else args.refunds, args.concurrency,
-                        2 if args.quick else args.rounds))
+             2 if args.quick else args.rounds))

@@ -162,4 +162,4 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="a smoke run (20 events)")
     args = parser.parse_args()
     run(main(20 if args.quick else args.events, args.concurrency, args.copies,
-                        1 if args.quick else args.rounds, args.pin))
+             1 if args.quick else args.rounds, args.pin))
