@@ -24,6 +24,12 @@ _INSERT_RECEIPT = (
     " error, replay_of) VALUES (%(provider)s, %(event_id)s, %(event_type)s, %(body)s, %(body_sha256)s,"
     " %(headers)s, %(verdict)s, %(error)s, %(replay_of)s) RETURNING id")
 
+_KNOWN_DUPLICATE = (
+    "INSERT INTO webhook_receipts (provider, event_id, event_type, body, body_sha256, headers, verdict,"
+    " processed_at) VALUES (%(provider)s, %(event_id)s, %(event_type)s, %(body)s, %(body_sha256)s,"
+    " %(headers)s, 'duplicate', now()) RETURNING id")
+"""A duplicate's receipt as the gated statement writes one (processed when stored)."""
+
 _FIRST_RECEIPT = (
     "SELECT r.id AS first_id, r.processed_at AS first_processed_at FROM webhook_events e"
     " JOIN webhook_receipts r ON r.id = e.first_receipt_id"
@@ -127,6 +133,18 @@ class ReceiptRepository(Repository):
             assert row is not None
         return StoredReceipt(receipt_id, "duplicate", int(row["first_id"]),
                              first_processed=row["first_processed_at"] is not None)
+
+    async def store_known_duplicate(self, *, provider: str, event_id: str, event_type: str,
+                                    body: bytes | None, body_sha256: str, headers: dict[str, str],
+                                    first_receipt_id: int) -> StoredReceipt:
+        """Stores a delivery of an event whose first receipt the caller saw processed: a
+        duplicate for certain, so a plain insert, without the claim and the first receipt's
+        lookup `store` makes (nor a case's opening values)."""
+        row = await self._db.fetch_one(_KNOWN_DUPLICATE, {
+            "provider": provider, "event_id": event_id, "event_type": event_type, "body": body,
+            "body_sha256": body_sha256, "headers": jsonb(headers)})
+        assert row is not None
+        return StoredReceipt(int(row["id"]), "duplicate", first_receipt_id)
 
     async def mark_processed(self, receipt_id: int, workflow_id: str | None) -> None:
         """Marks the receipt done without waiting for the disk: if a crash loses the mark,

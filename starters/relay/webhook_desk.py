@@ -37,6 +37,7 @@ from starters.actions.starting import (
     start_refund,
     track_refund,
 )
+from starters.relay.processed import ProcessedEvents
 from workflows.payout import PayoutReversalWorkflow
 from workflows.refund import RefundWorkflow
 
@@ -91,6 +92,7 @@ class WebhookDesk:
         self._client = client
         self._providers = providers
         self._settings = settings
+        self._processed = ProcessedEvents()
 
     def _source_allowed(self, provider_name: str, peer: str) -> bool:
         networks = self._settings.webhook_allowed_sources.get(provider_name)
@@ -164,11 +166,17 @@ class WebhookDesk:
                     stored.receipt_id, rejection.message)
             return IngestResult(REJECTION_STATUS[rejection.verdict], stored.receipt_id,
                                 rejection.verdict, detail=rejection.message, replay_of=replay_of)
-        opens = (request, actor_of(event)) if request is not None else None
-        stored = await self._store.receipts.store(
-            provider=provider_name, event_id=event.event_id, event_type=event.event_type, body=body,
-            body_sha256=digest, headers=kept_headers, verdict="accepted", error=None,
-            replay_of=replay_of, opens=opens)
+        first = self._processed.first_receipt(provider_name, event.event_id) if replay_of is None else None
+        if first is not None:
+            stored = await self._store.receipts.store_known_duplicate(
+                provider=provider_name, event_id=event.event_id, event_type=event.event_type, body=body,
+                body_sha256=digest, headers=kept_headers, first_receipt_id=first)
+        else:
+            opens = (request, actor_of(event)) if request is not None else None
+            stored = await self._store.receipts.store(
+                provider=provider_name, event_id=event.event_id, event_type=event.event_type, body=body,
+                body_sha256=digest, headers=kept_headers, verdict="accepted", error=None,
+                replay_of=replay_of, opens=opens)
         metrics.RECEIPTS.labels(provider_name, stored.verdict).inc()
         if isinstance(event, PayoutEvent):
             await self._payout_receipt(event, stored)
@@ -179,13 +187,16 @@ class WebhookDesk:
             log.debug("duplicate delivery of %s %s (first receipt %s)", provider_name,
                      event.event_id, stored.first_receipt_id)
             if stored.first_processed:
+                assert stored.first_receipt_id is not None
+                self._processed.add(provider_name, event.event_id, stored.first_receipt_id)
                 return IngestResult(200, stored.receipt_id, "duplicate", replay_of=replay_of)
         provider = self._providers[provider_name]
         if isinstance(provider, NotificationRecorder) and not isinstance(event, PayoutEvent):
             await provider.record_notification(event)
         workflow_id = await self.route(event, stored.case_creation, request=request)
-        await self._store.receipts.mark_processed(stored.first_receipt_id or stored.receipt_id,
-                                                  workflow_id)
+        first = stored.first_receipt_id or stored.receipt_id
+        await self._store.receipts.mark_processed(first, workflow_id)
+        self._processed.add(provider_name, event.event_id, first)
         return IngestResult(200, stored.receipt_id, stored.verdict, workflow_id=workflow_id,
                             replay_of=replay_of)
 

@@ -1,0 +1,79 @@
+"""A duplicate delivery of an event this relay already saw processed is certain to be one (an
+event's claim and its processed mark are never undone): its receipt is a plain insert, without
+the claim, the first receipt's lookup and the case-opening values the gated statement carries
+(the relay's cost per duplicate in a retry storm). Every other delivery goes through the gate
+as before: the first, a duplicate reaching another relay process, a replay."""
+
+import time
+import uuid
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from temporalio.api.enums.v1 import EventType
+
+from starters.relay.processed import ProcessedEvents
+from starters.relay.webhook_desk import IngestResult, WebhookDesk
+from tests.harness import Stack
+from tests.test_bad_input import event_body, request_object, sandbox_secret, signed
+from tests.test_observability import _flushed
+
+
+def desk_of(stack: Stack) -> WebhookDesk:
+    """A relay process's webhook desk (its memory of processed events starts empty)."""
+    return WebhookDesk(stack.store, stack.client, stack.providers, stack.settings)
+
+
+async def deliver(desk: WebhookDesk, body: bytes, headers: dict[str, str], span: str,
+                  replay_of: int | None = None) -> IngestResult:
+    with trace.get_tracer("tests").start_as_current_span(span):
+        return await desk.ingest("sandbox", {k.lower(): v for k, v in headers.items()}, body,
+                                 now=time.time(), peer="127.0.0.1", replay_of=replay_of)
+
+
+def statements_under(spans: InMemorySpanExporter, name: str) -> list[str]:
+    finished = _flushed(spans)
+    [parent] = [s for s in finished if s.name == name]
+    assert parent.context is not None
+    return [str((s.attributes or {}).get("db.statement", s.name)) for s in finished
+            if s.parent is not None and s.parent.span_id == parent.context.span_id]
+
+
+async def test_a_duplicate_of_an_event_this_relay_processed_is_one_plain_insert(
+        stack: Stack, spans: InMemorySpanExporter) -> None:
+    charge = await stack.charge(10_000)
+    tag = uuid.uuid4().hex[:12]
+    body = event_body("refund.requested", request_object(charge, f"rrq_{tag}"), event_id=f"evt_{tag}")
+    headers = signed(sandbox_secret(stack), body)
+    desk = desk_of(stack)
+    first = await deliver(desk, body, headers, f"first-{tag}")
+    again = await deliver(desk, body, headers, f"again-{tag}")
+    elsewhere = await deliver(desk_of(stack), body, headers, f"elsewhere-{tag}")  # another relay process
+    replayed = await deliver(desk, body, headers, f"replay-{tag}", replay_of=first.receipt_id)
+
+    assert (first.status_code, first.verdict) == (200, "accepted") and first.workflow_id is not None
+    assert [(r.status_code, r.verdict) for r in (again, elsewhere, replayed)] == [(200, "duplicate")] * 3
+    [plain] = statements_under(spans, f"again-{tag}")
+    assert plain.startswith("INSERT INTO webhook_receipts") and "webhook_events" not in plain
+    assert "refund_cases" not in plain
+    for gated in (f"elsewhere-{tag}", f"replay-{tag}"):  # the gate, as before
+        [statement] = statements_under(spans, gated)
+        assert "webhook_events" in statement, gated
+    stored = await stack.store.receipts.find("sandbox", f"evt_{tag}")
+    assert [(r.verdict, r.processed_at is not None) for r in stored] == \
+        [("accepted", True)] + [("duplicate", True)] * 3
+    assert [r.id for r in stored][1:] == [again.receipt_id, elsewhere.receipt_id, replayed.receipt_id]
+    history = await stack.client.get_workflow_handle(first.workflow_id).fetch_history()
+    assert sum(e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED for e in history.events) == 1
+
+
+def test_the_memory_of_processed_events_keeps_the_most_recently_used() -> None:
+    memory = ProcessedEvents(capacity=2)
+    memory.add("sandbox", "evt_1", 11)
+    memory.add("sandbox", "evt_2", 12)
+    assert memory.first_receipt("sandbox", "evt_1") == 11  # used: now the most recent
+    memory.add("stripe", "evt_1", 13)
+    assert [memory.first_receipt("sandbox", e) for e in ("evt_1", "evt_2")] == [11, None]
+    assert memory.first_receipt("stripe", "evt_1") == 13
+    with pytest.raises(ValueError):
+        ProcessedEvents(capacity=0)
