@@ -4,6 +4,7 @@ the claim, the first receipt's lookup and the case-opening values the gated stat
 (the relay's cost per duplicate in a retry storm). Every other delivery goes through the gate
 as before: the first, a duplicate reaching another relay process, a replay."""
 
+import asyncio
 import time
 import uuid
 
@@ -12,9 +13,11 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from temporalio.api.enums.v1 import EventType
 
+from domain.payouts import payout_case_id
 from starters.relay.processed import ProcessedEvents
 from starters.relay.webhook_desk import IngestResult, WebhookDesk
 from tests.harness import Stack
+from tests.payouts_kit import paid_payout, wait_for_actions
 from tests.test_bad_input import event_body, request_object, sandbox_secret, signed
 from tests.test_observability import _flushed
 
@@ -65,6 +68,40 @@ async def test_a_duplicate_of_an_event_this_relay_processed_is_one_plain_insert(
     assert [r.id for r in stored][1:] == [again.receipt_id, elsewhere.receipt_id, replayed.receipt_id]
     history = await stack.client.get_workflow_handle(first.workflow_id).fetch_history()
     assert sum(e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED for e in history.events) == 1
+
+
+async def test_a_known_duplicate_of_a_payout_event_still_joins_the_case_timeline(stack: Stack) -> None:
+    """Every delivery of a payout event, duplicates too, is on its case's timeline: also one
+    the relay answers from its memory (the provider sends the event again once processed)."""
+    payout = await paid_payout(stack, 90_000)
+    case_id = payout_case_id("sandbox", payout.provider_payout_id)
+    async with stack.sandbox() as sb:
+        moved = await sb.post(f"/_sandbox/payouts/{payout.provider_payout_id}/status",
+                              json={"status": "failed", "failure_code": "account_closed"})
+        moved.raise_for_status()
+        failed = moved.json()
+        event_id = failed.pop("event_id")
+        first = await processed_receipt(stack, event_id)
+        again = await sb.post("/_sandbox/events",
+                              json={"type": "payout.failed", "event_id": event_id, "object": failed})
+        again.raise_for_status()
+    trail = await wait_for_actions(stack, case_id, "payout_event_received", 2)
+    received = [e["detail"] for e in trail if e["action"] == "payout_event_received"]
+    assert [(d["verdict"], d["first_receipt_id"]) for d in received] == \
+        [("accepted", first), ("duplicate", first)]
+    receipts = await stack.store.receipts.find("sandbox", event_id)
+    assert [(r.verdict, r.id) for r in receipts] == \
+        [("accepted", first), ("duplicate", received[1]["receipt_id"])]
+
+
+async def processed_receipt(stack: Stack, event_id: str) -> int:
+    """The event's first receipt, once the relay marked it processed."""
+    for _ in range(600):
+        receipts = await stack.store.receipts.find("sandbox", event_id)
+        if receipts and receipts[0].processed_at is not None:
+            return receipts[0].id
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{event_id} not processed in 30 s")
 
 
 def test_the_memory_of_processed_events_keeps_the_most_recently_used() -> None:
