@@ -19,7 +19,7 @@ from starters.relay.webhook_desk import IngestResult, WebhookDesk
 from tests.harness import Stack
 from tests.payouts_kit import paid_payout, wait_for_actions
 from tests.test_bad_input import event_body, request_object, sandbox_secret, signed
-from tests.test_observability import _flushed
+from tests.test_receipt_with_case import statements_under
 
 
 def desk_of(stack: Stack) -> WebhookDesk:
@@ -32,14 +32,6 @@ async def deliver(desk: WebhookDesk, body: bytes, headers: dict[str, str], span:
     with trace.get_tracer("tests").start_as_current_span(span):
         return await desk.ingest("sandbox", {k.lower(): v for k, v in headers.items()}, body,
                                  now=time.time(), peer="127.0.0.1", replay_of=replay_of)
-
-
-def statements_under(spans: InMemorySpanExporter, name: str) -> list[str]:
-    finished = _flushed(spans)
-    [parent] = [s for s in finished if s.name == name]
-    assert parent.context is not None
-    return [str((s.attributes or {}).get("db.statement", s.name)) for s in finished
-            if s.parent is not None and s.parent.span_id == parent.context.span_id]
 
 
 async def test_a_duplicate_of_an_event_this_relay_processed_is_one_plain_insert(

@@ -194,9 +194,9 @@ class WebhookDesk:
         if isinstance(provider, NotificationRecorder) and not isinstance(event, PayoutEvent):
             await provider.record_notification(event)
         workflow_id = await self.route(event, stored.case_creation, request=request)
-        first = stored.first_receipt_id or stored.receipt_id
-        await self._store.receipts.mark_processed(first, workflow_id)
-        self._processed.add(provider_name, event.event_id, first)
+        first_receipt = stored.first_receipt_id or stored.receipt_id
+        await self._store.receipts.mark_processed(first_receipt, workflow_id)
+        self._processed.add(provider_name, event.event_id, first_receipt)
         return IngestResult(200, stored.receipt_id, stored.verdict, workflow_id=workflow_id,
                             replay_of=replay_of)
 
