@@ -18,6 +18,7 @@ from bench import chaos, fault_schedule
 from bench.checker import Outcome, Sent, check
 from bench.common import Embedded
 from domain.models import CaseWrites, CaseWritten, LedgerInput, LedgerKind, RefundRequest
+from starters.actions.cases import CaseActions
 from starters.dev.stack import EmbeddedPostgres, TemporalDevServer
 from tests.harness import Stack, open_stack
 from tests.test_local_step_rerun import signal_a_charge_notice
@@ -297,6 +298,28 @@ async def test_the_fuzz_accounting_reports_a_case_made_behind_its_back(bare: Sta
         f"[seed 42] ledger of {elsewhere}: expected entries only for the fuzz's and the seeded cases,"
         " observed posted for a case neither made"])
     assert outcome.counts["cases_created"] == 3 and outcome.counts["created_ended_rejected"] == 2
+
+
+async def test_a_request_whose_answer_failed_after_it_was_accepted_counts_as_accepted(
+        bare: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The case is made and its workflow started, then the answer fails (PostgreSQL going
+    down while the relay reads the case back, as a fault-schedule run saw): the client's
+    repeat is answered 200, the identical request already there. That request was accepted
+    and the checker must hold its case to the provider like any other."""
+    view, failed = CaseActions.view, []
+
+    async def fails_once(self: CaseActions, case_id: str) -> dict[str, Any]:
+        if not failed:
+            failed.append(case_id)
+            raise RuntimeError("the database went away while the answer was read")
+        return await view(self, case_id)
+
+    monkeypatch.setattr(CaseActions, "view", fails_once)
+    charge = await bare.charge(10_000)
+    body = bare.refund_body(charge, 1_000)
+    assert await fault_schedule.post_retrying(bare, body) == 202
+    assert failed == [body["refund_request_id"]]  # the first answer did fail
+    assert (await bare.store.cases.get(body["refund_request_id"])) is not None
 
 
 async def test_the_checker_reports_an_unexpected_answer(bare: Stack) -> None:
