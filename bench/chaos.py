@@ -555,7 +555,7 @@ async def schema_fuzz(env: Embedded, examples: int, seed: int = 0,
     cases (bench/fuzz_hooks.py): no answer may be a 5xx, and every case it created is held
     to the answers and to the provider (`account_fuzz`). Each role's run is seeded (`seed`
     plus its place), its calls one at a time."""
-    outcome = Outcome("schema_fuzz", cases=examples * len(FUZZ_USERS))
+    outcome = Outcome("schema_fuzz", cases=examples * len(FUZZ_USERS), seed=seed)
     stack = await open_stack(env.store, env.client, env.temporal.address)
     try:
         # cases waiting for an approver before the fuzz begins, for the approver's run to decide
@@ -592,7 +592,11 @@ async def schema_fuzz(env: Embedded, examples: int, seed: int = 0,
 async def run_schemathesis(stack: Stack, user: str, examples: int, phases: str,
                            steering: Steering) -> tuple[list[dict[str, Any]], int, str]:
     """One `st run` as `user`, seeded with the steering's seed: its HAR entries (each request
-    with its answer), its exit code and the failures part of its report."""
+    with its answer), its exit code and the failures part of its report. It runs in a folder
+    of its own, removed after: schemathesis keeps a request cache (and Hypothesis an example
+    database) in its working directory and replays them when it next starts, outside the HAR
+    and through the steering hooks, so a case could be made that no recorded answer announced
+    and a seed would no longer stand for one run."""
     with tempfile.TemporaryDirectory(prefix="refunds-fuzz-") as folder:
         har = Path(folder) / "run.har"
         done = await asyncio.to_thread(subprocess.run, [
@@ -604,7 +608,7 @@ async def run_schemathesis(stack: Stack, user: str, examples: int, phases: str,
             "--request-timeout", str(stack.settings.approval_answer_seconds + 20),
             "--header", f"Authorization: Bearer {stack.tokens[user]}", "--no-color",
             "--phases", phases, "--report", "har", "--report-har-path", str(har)],
-            capture_output=True, text=True, timeout=1800,
+            capture_output=True, text=True, timeout=1800, cwd=folder,
             env={**os.environ, **steering.as_env(), "SCHEMATHESIS_HOOKS": "bench.fuzz_hooks",
                  "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
         entries = list(json.loads(har.read_text())["log"]["entries"]) if har.exists() else []

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from adapters.db.ledger import LedgerRepository
 from bench import chaos, fault_schedule
 from bench.checker import Outcome, Sent, check
 from bench.common import Embedded
+from bench.fuzz_hooks import Steering
 from domain.models import CaseWrites, CaseWritten, LedgerInput, LedgerKind, RefundRequest
 from starters.actions.cases import CaseActions
 from starters.dev.stack import EmbeddedPostgres, TemporalDevServer
@@ -155,12 +157,52 @@ async def test_killing_the_worker_repeatedly_keeps_one_refund_per_request(env: E
 
 
 async def test_schemathesis_finds_no_server_error_and_accounts_every_case_it_made(env: Embedded) -> None:
-    outcome = await chaos.schema_fuzz(env, 3, phases="examples,fuzzing")  # `make chaos` runs all four
+    outcome = await chaos.schema_fuzz(env, 3, seed=5, phases="examples,fuzzing")  # `make chaos`: all four
     # the message is schemathesis's own report, whole: pytest's diff would cut it short
     assert outcome.violations == [], "\n".join(outcome.violations)
+    assert outcome.seed == 5  # a violation names the seed that replays it
     assert [outcome.counts[f"exit_code_{user}"] for user in ("alice", "bob", "olga")] == [0, 0, 0]
     assert outcome.counts["requests"] > 0  # the answers were recorded, so the accounting read them
     assert outcome.counts["cases_created"] >= 1  # the accounting had cases to hold to the provider
+
+
+def plant_schemathesis_cache(folder: Path, body: dict[str, Any]) -> Path:
+    """A request cache as schemathesis 4 leaves one in its working directory after a run: one
+    refund request it saw refused (the amount not an integer), to replay when it next starts."""
+    cache = folder / ".schemathesis" / "default" / "cache"
+    cache.mkdir(parents=True)
+    (cache / "manifest.json").write_text(json.dumps({
+        "format_version": 1, "schemathesis_version": metadata.version("schemathesis"),
+        "schema_location": "", "base_url": "", "created_at": "2026-12-05T00:00:00+00:00",
+        "next_run_id": 1, "auth_identities": {}}))
+    operation = "POST /v1/refund-requests"
+    request = {"method": "POST", "path_parameters": {}, "query": {}, "headers": {}, "cookies": {},
+               "body": body, "media_type": "application/json"}
+    entries = cache / "entries.jsonl"
+    entries.write_text(json.dumps({
+        "id": 1, "kind": "error_feedback", "operation": operation, "last_replayed_run": 0, "request": request,
+        "observation_keys": [f"(('{operation}', 'body'), ('amount',), 'type_mismatch', 'integer')"]}) + "\n")
+    return entries
+
+
+async def test_a_fuzz_run_sends_nothing_an_earlier_run_left_behind(
+        bare: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """schemathesis replays the requests it cached in its working directory when it next
+    starts, outside the run's HAR and through the steering hooks: a whole suite's run made two
+    cases so that no answer announced. Each run starts from nothing and leaves nothing."""
+    monkeypatch.chdir(tmp_path)
+    charge = await bare.charge(10_000)
+    cached = plant_schemathesis_cache(tmp_path, {**bare.refund_body(charge, 1_000), "amount": 1_000.5})
+    left = cached.read_text()
+    steering = Steering(charges=[charge], amounts=[1_000], currencies=["USD"], share=1.0, seed=3)
+    since = datetime.now(UTC)
+    entries, exit_code, report = await chaos.run_schemathesis(bare, "alice", 1, "fuzzing", steering)
+    assert exit_code == 0, report
+    async with bare.store.database.transaction() as conn:
+        created = {r["refund_request_id"] for r in await (await conn.execute(
+            "SELECT refund_request_id FROM refund_cases WHERE created_at >= %s", (since,))).fetchall()}
+    assert created and created <= chaos.announced_cases(entries)  # every case it made, its HAR shows
+    assert cached.read_text() == left and sorted(p.name for p in tmp_path.iterdir()) == [".schemathesis"]
 
 
 # -- the checker can fail: each planted bad state is reported ----------------------------
@@ -306,7 +348,7 @@ async def test_a_request_whose_answer_failed_after_it_was_accepted_counts_as_acc
     down while the relay reads the case back, as a fault-schedule run saw): the client's
     repeat is answered 200, the identical request already there. That request was accepted
     and the checker must hold its case to the provider like any other."""
-    view, failed = CaseActions.view, []
+    view, failed = CaseActions.view, list[str]()
 
     async def fails_once(self: CaseActions, case_id: str) -> dict[str, Any]:
         if not failed:
