@@ -4,7 +4,6 @@ the claim, the first receipt's lookup and the case-opening values the gated stat
 (the relay's cost per duplicate in a retry storm). Every other delivery goes through the gate
 as before: the first, a duplicate reaching another relay process, a replay."""
 
-import asyncio
 import time
 import uuid
 
@@ -16,6 +15,7 @@ from temporalio.api.enums.v1 import EventType
 from domain.payouts import payout_case_id
 from starters.relay.processed import ProcessedEvents
 from starters.relay.webhook_desk import IngestResult, WebhookDesk
+from tests.fakes import eventually
 from tests.harness import Stack
 from tests.payouts_kit import paid_payout, wait_for_actions
 from tests.test_bad_input import event_body, request_object, sandbox_secret, signed
@@ -88,12 +88,12 @@ async def test_a_known_duplicate_of_a_payout_event_still_joins_the_case_timeline
 
 async def processed_receipt(stack: Stack, event_id: str) -> int:
     """The event's first receipt, once the relay marked it processed."""
-    for _ in range(600):
+    async def processed() -> int | None:
         receipts = await stack.store.receipts.find("sandbox", event_id)
-        if receipts and receipts[0].processed_at is not None:
-            return receipts[0].id
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{event_id} not processed in 30 s")
+        return receipts[0].id if receipts and receipts[0].processed_at is not None else None
+
+    first: int = await eventually(processed)
+    return first
 
 
 def test_the_memory_of_processed_events_keeps_the_most_recently_used() -> None:
