@@ -159,6 +159,10 @@ class Settings(BaseSettings):
         description='optional per-provider source allowlist, JSON: {"stripe": ["3.18.12.63/32"]}')
     webhook_redrive_after_seconds: float = Field(
         default=60, description="an accepted receipt still unprocessed this long is re-driven")
+    webhook_duplicate_wait_seconds: float = Field(
+        default=5, ge=0, description="a duplicate delivery whose first delivery is still in flight "
+                                     "(younger than the re-drive age, not yet processed) waits up to "
+                                     "this long for it, then re-drives it itself")
     webhook_redrive_interval_seconds: float = Field(
         default=60, description="how often the relay re-drives unprocessed receipts; 0: only at "
                                 "start and on demand")

@@ -2,6 +2,7 @@
 id), marked processed, pruned when refused without proof of origin; and the reads behind
 replay, re-drive and the coverage report."""
 
+import asyncio
 import logging
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -31,7 +32,8 @@ _KNOWN_DUPLICATE = (
 """A duplicate's receipt as the gated statement writes one (processed when stored)."""
 
 _FIRST_RECEIPT = (
-    "SELECT r.id AS first_id, r.processed_at AS first_processed_at FROM webhook_events e"
+    "SELECT r.id AS first_id, r.processed_at AS first_processed_at,"
+    " extract(epoch FROM now() - r.received_at)::float8 AS first_age FROM webhook_events e"
     " JOIN webhook_receipts r ON r.id = e.first_receipt_id"
     " WHERE e.provider = %(provider)s AND e.event_id = %(event_id)s")
 
@@ -48,7 +50,8 @@ _GATED_RECEIPT = sql.SQL(
     " CASE WHEN claimed THEN NULL ELSE now() END"
     " FROM receipt_id, (SELECT EXISTS (SELECT FROM claim) AS claimed) AS gate RETURNING id, verdict)"
     "{opening}"
-    " SELECT receipt.id, receipt.verdict, earlier.first_id, earlier.first_processed_at, {opened} AS opened"
+    " SELECT receipt.id, receipt.verdict, earlier.first_id, earlier.first_processed_at, earlier.first_age,"
+    " {opened} AS opened"
     " FROM receipt LEFT JOIN earlier ON true")
 """An accepted delivery's one statement: its claim, its receipt with the claim's verdict,
 the first receipt's id and state when it is a duplicate, and (`opening`) the case it opens."""
@@ -62,12 +65,15 @@ _GATED_OPENING = _GATED_RECEIPT.format(
 
 @dataclass(frozen=True)
 class StoredReceipt:
-    """Where a delivery landed; a duplicate of an unprocessed first receipt must re-drive it."""
+    """Where a delivery landed; a duplicate of an unprocessed first receipt waits for it while
+    it may be in flight, and re-drives it if it stays unprocessed."""
 
     receipt_id: int
     verdict: str
     first_receipt_id: int | None
     first_processed: bool = True
+    first_age_seconds: float = 0.0
+    """How long before this delivery the first receipt was stored (a duplicate's)."""
     case_creation: CaseCreation | None = None
     """CREATED when the first delivery of a refund request opened its case in the
     receipt's own statement; None leaves it to routing."""
@@ -132,7 +138,8 @@ class ReceiptRepository(Repository):
             row = await self._db.fetch_one(_FIRST_RECEIPT, {"provider": provider, "event_id": event_id})
             assert row is not None
         return StoredReceipt(receipt_id, "duplicate", int(row["first_id"]),
-                             first_processed=row["first_processed_at"] is not None)
+                             first_processed=row["first_processed_at"] is not None,
+                             first_age_seconds=float(row["first_age"]))
 
     async def store_known_duplicate(self, *, provider: str, event_id: str, event_type: str,
                                     body: bytes | None, body_sha256: str, headers: dict[str, str],
@@ -155,6 +162,28 @@ class ReceiptRepository(Repository):
             "UPDATE webhook_receipts SET processed_at = now(), workflow_id = %s"
             " FROM (SELECT set_config('synchronous_commit', 'off', true)) AS asynchronous_commit"
             " WHERE id = %s", (workflow_id, receipt_id))
+
+    async def first_done(self, duplicate: StoredReceipt, wait_seconds: float,
+                         in_flight_seconds: float) -> bool:
+        """Waits up to `wait_seconds` for a duplicate's first delivery, unprocessed when the
+        duplicate was stored, to be marked processed: a provider's retry after a timeout, or the
+        same event sent twice at once, then does not reach Temporal too. False when it stays
+        unprocessed (the caller re-drives it). A first receipt `in_flight_seconds` old (the
+        re-drive age) is not waited for: whoever received it is gone. Polls the mark, 10 ms
+        doubling to 200 ms, so a first delivery in another relay process counts too."""
+        assert duplicate.first_receipt_id is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(wait_seconds, in_flight_seconds - duplicate.first_age_seconds)
+        pause = 0.01
+        while (left := deadline - loop.time()) > 0:
+            await asyncio.sleep(min(pause, left))
+            row = await self._db.fetch_one(
+                "SELECT processed_at IS NOT NULL AS processed FROM webhook_receipts WHERE id = %s",
+                (duplicate.first_receipt_id,))
+            if row is not None and row["processed"]:
+                return True
+            pause = min(2 * pause, 0.2)
+        return False
 
     async def prune_refused(self, older_than: timedelta, limit: int = 1000) -> int:
         """Deletes up to `limit` receipts older than `older_than` that were refused without

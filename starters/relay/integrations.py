@@ -213,7 +213,9 @@ async def receive(door: FrontDoor, request: Request, provider: str, secret: Secr
                              "detail": rejection.message},
                             status_code=REJECTION_STATUS.get(rejection.verdict, 401))
     assert parsed is not None
-    if stored.verdict == "duplicate" and stored.first_processed:
+    settings = door.settings
+    if stored.verdict == "duplicate" and (stored.first_processed or await door.store.receipts.first_done(
+            stored, settings.webhook_duplicate_wait_seconds, settings.webhook_redrive_after_seconds)):
         return JSONResponse({"receipt_id": stored.receipt_id, "verdict": "duplicate"})
     return parsed, stored
 

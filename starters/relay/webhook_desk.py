@@ -186,8 +186,10 @@ class WebhookDesk:
             # storm would otherwise be a log storm too
             log.debug("duplicate delivery of %s %s (first receipt %s)", provider_name,
                      event.event_id, stored.first_receipt_id)
-            if stored.first_processed:
-                assert stored.first_receipt_id is not None
+            assert stored.first_receipt_id is not None
+            if stored.first_processed or (replay_of is None and await self._store.receipts.first_done(
+                    stored, self._settings.webhook_duplicate_wait_seconds,
+                    self._settings.webhook_redrive_after_seconds)):
                 self._processed.add(provider_name, event.event_id, stored.first_receipt_id)
                 return IngestResult(200, stored.receipt_id, "duplicate", replay_of=replay_of)
         provider = self._providers[provider_name]
