@@ -10,7 +10,8 @@ provider's refunds per charge. A smoke version of each runs in `make test`
    ignores idempotency keys.
 2. restart: restart the Temporal dev server (same SQLite file) and PostgreSQL while cases are
    in flight (counted at each restart).
-3. storms: 12 identical deliveries at once, 12 spread out, 12 re-signed with fresh timestamps.
+3. storms: 12 identical deliveries at once, 12 spread out, 12 re-signed with fresh timestamps;
+   one workflow call each (a duplicate whose answer names its workflow reached Temporal).
 4. order: every permutation of a refund's event sequence ends in the provider's final state.
 5. bad_input: thousands of malformed, forged, oversize and stale requests: no 5xx, no state;
    then each named bad input of issue #19 once (NAMED_BAD_INPUTS), its answer and receipt
@@ -232,10 +233,14 @@ async def storms(env: Embedded, copies: int = 12) -> Outcome:
     sent: dict[str, Sent] = {}
     try:
         async with httpx.AsyncClient(base_url=stack.relay_url, timeout=60) as http:
-            async def deliver(body: bytes) -> int:
+            async def deliver(body: bytes) -> tuple[int, bool]:
+                """The answer's status, and whether it names a workflow the delivery started
+                or signalled (a duplicate that does reached Temporal)."""
                 headers = {"Sandbox-Signature": sign(secret.get_secret_value(), body, int(time.time())),
                            "Content-Type": "application/json"}
-                return (await http.post("/webhooks/sandbox", content=body, headers=headers)).status_code
+                answer = await http.post("/webhooks/sandbox", content=body, headers=headers)
+                routed = answer.status_code < 300 and answer.json().get("workflow_id") is not None
+                return answer.status_code, routed and answer.json()["verdict"] == "duplicate"
 
             for mode in ("at_once", "spread", "resigned"):
                 charge = await stack.charge(10_000)
@@ -247,14 +252,18 @@ async def storms(env: Embedded, copies: int = 12) -> Outcome:
                                        "amount": 1_000, "currency": "usd", "merchant_account": "acct_1",
                                        "reason": "duplicate", "evidence": {"order_id": "o"}}}}).encode()
                 if mode == "at_once":
-                    codes = await asyncio.gather(*(deliver(body) for _ in range(copies)))
+                    answers = await asyncio.gather(*(deliver(body) for _ in range(copies)))
                 else:
-                    codes = []
+                    answers = []
                     for _ in range(copies):
-                        codes.append(await deliver(body))
+                        answers.append(await deliver(body))
                         await asyncio.sleep(0.05 if mode == "spread" else 1.05)
+                codes = [code for code, _ in answers]
                 if any(code >= 300 for code in codes):
                     outcome.violations.append(f"{mode}: answers {sorted(set(codes))}")
+                if reached := sum(redriven for _, redriven in answers):
+                    outcome.violation(f"{mode} {event_id}", "no duplicate reaching Temporal",
+                                      f"{reached} duplicates started or signalled its workflow")
                 receipts = await stack.store.receipts.find("sandbox", event_id)
                 if len(receipts) != copies:
                     outcome.violations.append(f"{mode}: {len(receipts)} receipts for {copies} deliveries")
