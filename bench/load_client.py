@@ -8,6 +8,7 @@ it uses aiohttp, whose C parser costs about half of httpx's CPU a request, close
 bare client's own driver (the Temporal SDK) costs.
 
     python -m bench.load_client relay --url URL --secret S --events N --copies C --concurrency K [--label L]
+                                      [--at-once]
     python -m bench.load_client bare --temporal ADDR --queue Q --events N --concurrency K
 """
 
@@ -19,6 +20,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from functools import partial
+from typing import Any
 
 import aiohttp
 
@@ -32,6 +34,15 @@ def refund_requested(event_id: str, object_id: str) -> bytes:
         "data": {"object": {"id": object_id, "object": "refund_request", "charge": "ch_bench",
                             "amount": 1_000, "currency": "usd", "merchant_account": "acct_1",
                             "reason": "duplicate", "evidence": {"order_id": "o-1"}}}}).encode()
+
+
+async def delivered(http: aiohttp.ClientSession, secret: str, body: bytes) -> dict[str, Any]:
+    """The relay's answer to one signed delivery: its JSON (verdict, workflow_id) and status."""
+    async with http.post("/webhooks/sandbox", data=body, headers={
+            "Content-Type": "application/json",
+            "Sandbox-Signature": sign(secret, body, int(time.time()))}) as response:
+        answer: dict[str, Any] = await response.json()
+    return {"status": response.status, **answer}
 
 
 async def drive(jobs: list[Callable[[], Awaitable[None]]], concurrency: int) -> dict[str, object]:
@@ -55,11 +66,8 @@ async def relay_load(args: argparse.Namespace) -> dict[str, object]:
     async with aiohttp.ClientSession(base_url=args.url, timeout=aiohttp.ClientTimeout(total=60),
                                      connector=aiohttp.TCPConnector(limit=args.concurrency)) as http:
         async def deliver(body: bytes, status: list[str]) -> None:
-            async with http.post("/webhooks/sandbox", data=body, headers={
-                    "Content-Type": "application/json",
-                    "Sandbox-Signature": sign(args.secret, body, int(time.time()))}) as response:
-                answer = await response.json()
-            status.append(answer.get("verdict", str(response.status)))
+            answer = await delivered(http, args.secret, body)
+            status.append(answer.get("verdict", str(answer["status"])))
 
         # Connections open before the clock starts, as the bare client's is (`connect`).
         await asyncio.gather(*(http.get("/healthz") for _ in range(args.concurrency)))
@@ -71,6 +79,28 @@ async def relay_load(args: argparse.Namespace) -> dict[str, object]:
                             for b in firsts for _ in range(args.copies - 1)], args.concurrency)
     return {"first": first, "duplicates": dups, "verdicts": sorted(set(verdicts)),
             "duplicate_verdicts": sorted(set(dup_verdicts))}
+
+
+async def racing_load(args: argparse.Namespace) -> dict[str, object]:
+    """Each event's `copies` deliveries sent at once, so its duplicates race its first one;
+    counts the duplicates whose answer names the workflow they started or signalled (those
+    reached Temporal)."""
+    tag = uuid.uuid4().hex[:8]
+    verdicts: list[str] = []
+    routed: list[bool] = []
+    async with aiohttp.ClientSession(base_url=args.url, timeout=aiohttp.ClientTimeout(total=60)) as http:
+        async def deliver(body: bytes) -> None:
+            answer = await delivered(http, args.secret, body)
+            verdicts.append(answer.get("verdict", str(answer["status"])))
+            routed.append(answer.get("verdict") == "duplicate" and answer.get("workflow_id") is not None)
+
+        async def storm(body: bytes) -> None:
+            await asyncio.gather(*(deliver(body) for _ in range(args.copies)))
+
+        bodies = [refund_requested(f"evt_{tag}_{i}", f"{args.label}_{tag}_{i}") for i in range(args.events)]
+        racing = await drive([partial(storm, b) for b in bodies], args.concurrency)
+    return {"first": racing, "verdicts": sorted(set(verdicts)), "deliveries": len(verdicts),
+            "duplicates_routed": sum(routed)}
 
 
 async def bare_load(args: argparse.Namespace) -> dict[str, object]:
@@ -127,8 +157,11 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=1)
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--label", default="rrq", help="relay: the refund request ids' prefix")
+    parser.add_argument("--at-once", action="store_true",
+                        help="relay: each event's copies at once (concurrency counts events)")
     args = parser.parse_args()
-    result = event_loop.run(relay_load(args) if args.mode == "relay" else bare_load(args))
+    load = racing_load if args.at_once else relay_load
+    result = event_loop.run(load(args) if args.mode == "relay" else bare_load(args))
     print(json.dumps(result), flush=True)
     os._exit(0)  # temporalio's runtime may crash at interpreter exit (sdk-python #300)
 

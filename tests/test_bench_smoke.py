@@ -58,6 +58,11 @@ def test_webhook_ingest_smoke_sees_one_signal_per_workflow_and_none_from_duplica
     assert result["signals_received_per_workflow"] == {"1": 20}  # read from the histories
     assert result["first_verdicts"] == ["accepted"] and result["duplicate_verdicts"] == ["duplicate"]
     assert result["ingest_ratio"] > 0 and result["duplicate_cost_ratio"] > 0
+    # then 5 events with their 12 copies sent at once: no duplicate reached Temporal
+    assert (result["racing_events"], result["racing_deliveries"]) == (5, 60)
+    assert result["racing_verdicts"] == ["accepted", "duplicate"]
+    assert result["racing_duplicates_reaching_temporal"] == 0
+    assert result["racing_signals_received_per_workflow"] == {"1": 5}
 
 
 def test_open_cases_smoke_compares_the_same_activities_at_the_same_concurrency(tmp_path: Path) -> None:
