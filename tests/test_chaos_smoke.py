@@ -1,9 +1,11 @@
 """Small versions of the reliability suite (`make chaos` runs the full sizes)."""
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from importlib import metadata
@@ -185,23 +187,42 @@ def plant_schemathesis_cache(folder: Path, body: dict[str, Any]) -> Path:
     return entries
 
 
+async def fuzz_once(stack: Stack, steering: Steering) -> tuple[set[str], set[str]]:
+    """One `st run` (1 example, fuzzing): the cases created meanwhile and those its answers announced."""
+    since = datetime.now(UTC)
+    entries, exit_code, report = await chaos.run_schemathesis(stack, "alice", 1, "fuzzing", steering)
+    assert exit_code == 0, report
+    async with stack.store.database.transaction() as conn:
+        created = {r["refund_request_id"] for r in await (await conn.execute(
+            "SELECT refund_request_id FROM refund_cases WHERE created_at >= %s", (since,))).fetchall()}
+    return created, chaos.announced_cases(entries)
+
+
 async def test_a_fuzz_run_sends_nothing_an_earlier_run_left_behind(
-        bare: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        bare: Stack, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """schemathesis replays the requests it cached in its working directory when it next
     starts, outside the run's HAR and through the steering hooks: a whole suite's run made two
     cases so that no answer announced. Each run starts from nothing and leaves nothing."""
     monkeypatch.chdir(tmp_path)
     charge = await bare.charge(10_000)
-    cached = plant_schemathesis_cache(tmp_path, {**bare.refund_body(charge, 1_000), "amount": 1_000.5})
+    refused = {**bare.refund_body(charge, 1_000), "amount": 1_000.5}
+    cached = plant_schemathesis_cache(tmp_path, refused)
     left = cached.read_text()
     steering = Steering(charges=[charge], amounts=[1_000], currencies=["USD"], share=1.0, seed=3)
-    since = datetime.now(UTC)
-    entries, exit_code, report = await chaos.run_schemathesis(bare, "alice", 1, "fuzzing", steering)
-    assert exit_code == 0, report
-    async with bare.store.database.transaction() as conn:
-        created = {r["refund_request_id"] for r in await (await conn.execute(
-            "SELECT refund_request_id FROM refund_cases WHERE created_at >= %s", (since,))).fetchall()}
-    assert created and created <= chaos.announced_cases(entries)  # every case it made, its HAR shows
+    # The control: run in a folder holding such a cache (as every run did before), the planted
+    # request is replayed and makes a case no answer announces. If a schemathesis release stops
+    # reading this cache, this fails, rather than the test below passing without testing anything.
+    control = tmp_path_factory.mktemp("control")
+    plant_schemathesis_cache(control, refused)
+    with monkeypatch.context() as patched:
+        patched.setattr(tempfile, "TemporaryDirectory",
+                        lambda **_: contextlib.nullcontext(str(control)))
+        created, announced = await fuzz_once(bare, steering)
+    assert created - announced, "schemathesis no longer replays the planted cache: update the planting"
+
+    created, announced = await fuzz_once(bare, steering)
+    assert created and created <= announced  # every case it made, its HAR shows
     assert cached.read_text() == left and sorted(p.name for p in tmp_path.iterdir()) == [".schemathesis"]
 
 
