@@ -239,8 +239,9 @@ async def storms(env: Embedded, copies: int = 12) -> Outcome:
                 headers = {"Sandbox-Signature": sign(secret.get_secret_value(), body, int(time.time())),
                            "Content-Type": "application/json"}
                 answer = await http.post("/webhooks/sandbox", content=body, headers=headers)
-                routed = answer.status_code < 300 and answer.json().get("workflow_id") is not None
-                return answer.status_code, routed and answer.json()["verdict"] == "duplicate"
+                ack = answer.json() if answer.status_code < 300 else {}
+                redriven = ack.get("verdict") == "duplicate" and ack.get("workflow_id") is not None
+                return answer.status_code, redriven
 
             for mode in ("at_once", "spread", "resigned"):
                 charge = await stack.charge(10_000)
