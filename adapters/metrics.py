@@ -31,6 +31,10 @@ RECEIPTS = Counter("refunds_webhook_receipts", "Webhook deliveries stored, by pr
                    ["provider", "verdict"])
 DUPLICATES = Counter("refunds_webhook_duplicates", "Deliveries of an event already received",
                      ["provider"])
+DUPLICATE_REDRIVES = Counter(
+    "refunds_webhook_duplicate_redrives",
+    "Duplicates that re-drove their first delivery, still unprocessed after the wait (its relay"
+    " crashed or failed between the receipt and the workflow)", ["provider"])
 EVENTS_WITHOUT_NEWS = Counter("refunds_webhook_events_without_news",
                               "Provider events repeating the status a case's workflow applied, not signalled",
                               ["provider"])

@@ -5,9 +5,12 @@ never reach Temporal. Only a first delivery that stays unprocessed (its relay cr
 is re-driven by a later delivery, after the wait."""
 
 import asyncio
+import logging
 import uuid
 from typing import Any
 
+import pytest
+from prometheus_client import REGISTRY
 from temporalio import client as temporal
 from temporalio.api.enums.v1 import EventType
 
@@ -85,17 +88,28 @@ async def crashed_first_delivery(stack: Stack, tag: str, body: bytes,
         body_sha256="", headers=headers, verdict="accepted", error=None)
 
 
-async def test_a_duplicate_re_drives_a_first_delivery_that_stays_unprocessed(stack: Stack) -> None:
+def redrives_counted() -> float:
+    return REGISTRY.get_sample_value("refunds_webhook_duplicate_redrives_total", {"provider": "sandbox"}) or 0
+
+
+async def test_a_duplicate_re_drives_a_first_delivery_that_stays_unprocessed(
+        stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
+    """And says so: a first delivery that stays unprocessed is a relay that crashed or failed
+    between its receipt and its workflow, which ops want to hear of."""
     charge = await stack.charge(10_000)
     tag = uuid.uuid4().hex[:12]
     body = event_body("refund.requested", request_object(charge, f"rrq_{tag}"), event_id=f"evt_{tag}")
     headers = signed(sandbox_secret(stack), body)
     crashed = await crashed_first_delivery(stack, tag, body, headers)
     impatient = stack.settings.model_copy(update={"webhook_duplicate_wait_seconds": 0.2})
-    again = await deliver(WebhookDesk(stack.store, stack.client, stack.providers, impatient),
-                          body, headers, f"again-{tag}")
+    counted = redrives_counted()
+    with caplog.at_level(logging.WARNING):
+        again = await deliver(WebhookDesk(stack.store, stack.client, stack.providers, impatient),
+                              body, headers, f"again-{tag}")
 
     assert (again.status_code, again.verdict, again.workflow_id) == (200, "duplicate", f"sandbox-rrq_{tag}")
+    assert redrives_counted() == counted + 1
+    assert f"first receipt {crashed.receipt_id} of sandbox evt_{tag} still unprocessed" in caplog.text
     assert await signals_of(stack, f"sandbox-rrq_{tag}") == 1
     [first, _] = await stack.store.receipts.find("sandbox", f"evt_{tag}")
     assert first.id == crashed.receipt_id and first.processed_at is not None

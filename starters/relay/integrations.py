@@ -37,6 +37,7 @@ from domain.permissions import Permission, may, roles_for
 from starters.actions.front import Door, FrontDoor
 from starters.actions.starting import over_maximum, start_refund
 from starters.relay.limits import read_limited
+from starters.relay.webhook_desk import first_delivery_done
 from workflows.refund import RefundWorkflow
 
 log = logging.getLogger("relay.integrations")
@@ -213,9 +214,8 @@ async def receive(door: FrontDoor, request: Request, provider: str, secret: Secr
                              "detail": rejection.message},
                             status_code=REJECTION_STATUS.get(rejection.verdict, 401))
     assert parsed is not None
-    settings = door.settings
-    if stored.verdict == "duplicate" and (stored.first_processed or await door.store.receipts.first_done(
-            stored, settings.webhook_duplicate_wait_seconds, settings.webhook_redrive_after_seconds)):
+    if stored.verdict == "duplicate" and (stored.first_processed or await first_delivery_done(
+            door.store, door.settings, provider, parsed.event_id(), stored)):
         return JSONResponse({"receipt_id": stored.receipt_id, "verdict": "duplicate"})
     return parsed, stored
 

@@ -59,6 +59,21 @@ def actor_of(event: ProviderEvent | PayoutEvent | PaymentEvent) -> str:
     return f"provider:{event.provider}"
 
 
+async def first_delivery_done(store: Store, settings: Settings, provider: str, event_id: str | None,
+                              duplicate: StoredReceipt) -> bool:
+    """Whether a duplicate's first delivery, unprocessed when the duplicate was stored, reached
+    its workflow within the wait (`ReceiptRepository.first_done`); when not, the duplicate
+    re-drives it, which is counted and logged: that first delivery's relay crashed or failed."""
+    if await store.receipts.first_done(duplicate, settings.webhook_duplicate_wait_seconds,
+                                       settings.webhook_redrive_after_seconds):
+        return True
+    metrics.DUPLICATE_REDRIVES.labels(provider).inc()
+    log.warning("first receipt %s of %s %s still unprocessed (received %.0f s before its duplicate %s,"
+                " which re-drives it)", duplicate.first_receipt_id, provider, event_id,
+                duplicate.first_age_seconds, duplicate.receipt_id)
+    return False
+
+
 @dataclass(frozen=True)
 class IngestResult:
     """What the relay answers for one delivery (or replay)."""
@@ -187,9 +202,8 @@ class WebhookDesk:
             log.debug("duplicate delivery of %s %s (first receipt %s)", provider_name,
                      event.event_id, stored.first_receipt_id)
             assert stored.first_receipt_id is not None
-            if stored.first_processed or (replay_of is None and await self._store.receipts.first_done(
-                    stored, self._settings.webhook_duplicate_wait_seconds,
-                    self._settings.webhook_redrive_after_seconds)):
+            if stored.first_processed or (replay_of is None and await first_delivery_done(
+                    self._store, self._settings, provider_name, event.event_id, stored)):
                 self._processed.add(provider_name, event.event_id, stored.first_receipt_id)
                 return IngestResult(200, stored.receipt_id, "duplicate", replay_of=replay_of)
         provider = self._providers[provider_name]
