@@ -20,9 +20,8 @@ from starters.dev.stack import TemporalDevServer
 from starters.relay.webhook_desk import IngestResult, WebhookDesk
 from tests.fakes import connected_stack
 from tests.harness import Stack
-from tests.test_bad_input import event_body, request_object, sandbox_secret, signed
 from tests.test_inbound import person, servicenow, ticket_body
-from tests.test_known_duplicates import deliver
+from tests.test_known_duplicates import deliver, requested_event, signals_of
 
 
 class CountingCalls(temporal.Interceptor):
@@ -53,17 +52,8 @@ def counted_desk(stack: Stack, counter: CountingCalls) -> WebhookDesk:
     return WebhookDesk(stack.store, temporal.Client(**config), stack.providers, stack.settings)
 
 
-async def signals_of(stack: Stack, workflow_id: str) -> int:
-    """How many times the workflow was started-with-a-signal or signalled."""
-    history = await stack.client.get_workflow_handle(workflow_id).fetch_history()
-    return sum(e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED for e in history.events)
-
-
 async def test_duplicates_racing_their_first_delivery_never_reach_temporal(stack: Stack) -> None:
-    charge = await stack.charge(10_000)
-    tag = uuid.uuid4().hex[:12]
-    body = event_body("refund.requested", request_object(charge, f"rrq_{tag}"), event_id=f"evt_{tag}")
-    headers = signed(sandbox_secret(stack), body)
+    tag, body, headers = await requested_event(stack)
     counter = CountingCalls()
     here, elsewhere = counted_desk(stack, counter), counted_desk(stack, counter)  # two relay processes
     answers: list[IngestResult] = await asyncio.gather(*(
@@ -96,10 +86,7 @@ async def test_a_duplicate_re_drives_a_first_delivery_that_stays_unprocessed(
         stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
     """And says so: a first delivery that stays unprocessed is a relay that crashed or failed
     between its receipt and its workflow, which ops want to hear of."""
-    charge = await stack.charge(10_000)
-    tag = uuid.uuid4().hex[:12]
-    body = event_body("refund.requested", request_object(charge, f"rrq_{tag}"), event_id=f"evt_{tag}")
-    headers = signed(sandbox_secret(stack), body)
+    tag, body, headers = await requested_event(stack)
     crashed = await crashed_first_delivery(stack, tag, body, headers)
     impatient = stack.settings.model_copy(update={"webhook_duplicate_wait_seconds": 0.2})
     counted = redrives_counted()
@@ -119,10 +106,7 @@ async def test_a_first_delivery_older_than_the_re_drive_age_is_re_driven_without
         stack: Stack) -> None:
     """A first receipt the re-drive loop would already take for stuck is not waited for: the
     wait is for deliveries in flight, and this one's relay is gone."""
-    charge = await stack.charge(10_000)
-    tag = uuid.uuid4().hex[:12]
-    body = event_body("refund.requested", request_object(charge, f"rrq_{tag}"), event_id=f"evt_{tag}")
-    headers = signed(sandbox_secret(stack), body)
+    tag, body, headers = await requested_event(stack)
     await crashed_first_delivery(stack, tag, body, headers)
     stuck_at_once = stack.settings.model_copy(update={"webhook_duplicate_wait_seconds": 3600,
                                                       "webhook_redrive_after_seconds": 0})

@@ -34,12 +34,24 @@ async def deliver(desk: WebhookDesk, body: bytes, headers: dict[str, str], span:
                                  now=time.time(), peer="127.0.0.1", replay_of=replay_of)
 
 
-async def test_a_duplicate_of_an_event_this_relay_processed_is_one_plain_insert(
-        stack: Stack, spans: InMemorySpanExporter) -> None:
+async def requested_event(stack: Stack) -> tuple[str, bytes, dict[str, str]]:
+    """A signed sandbox `refund.requested` on a fresh charge: its tag (event `evt_<tag>`,
+    request `rrq_<tag>`), body and headers."""
     charge = await stack.charge(10_000)
     tag = uuid.uuid4().hex[:12]
     body = event_body("refund.requested", request_object(charge, f"rrq_{tag}"), event_id=f"evt_{tag}")
-    headers = signed(sandbox_secret(stack), body)
+    return tag, body, signed(sandbox_secret(stack), body)
+
+
+async def signals_of(stack: Stack, workflow_id: str) -> int:
+    """How many times the workflow was started-with-a-signal or signalled."""
+    history = await stack.client.get_workflow_handle(workflow_id).fetch_history()
+    return sum(e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED for e in history.events)
+
+
+async def test_a_duplicate_of_an_event_this_relay_processed_is_one_plain_insert(
+        stack: Stack, spans: InMemorySpanExporter) -> None:
+    tag, body, headers = await requested_event(stack)
     desk = desk_of(stack)
     first = await deliver(desk, body, headers, f"first-{tag}")
     again = await deliver(desk, body, headers, f"again-{tag}")
@@ -58,8 +70,7 @@ async def test_a_duplicate_of_an_event_this_relay_processed_is_one_plain_insert(
     assert [(r.verdict, r.processed_at is not None) for r in stored] == \
         [("accepted", True)] + [("duplicate", True)] * 3
     assert [r.id for r in stored][1:] == [again.receipt_id, elsewhere.receipt_id, replayed.receipt_id]
-    history = await stack.client.get_workflow_handle(first.workflow_id).fetch_history()
-    assert sum(e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED for e in history.events) == 1
+    assert await signals_of(stack, first.workflow_id) == 1
 
 
 async def test_a_known_duplicate_of_a_payout_event_still_joins_the_case_timeline(stack: Stack) -> None:
