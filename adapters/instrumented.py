@@ -35,6 +35,7 @@ class InstrumentedProvider:
         self.name = inner.name
         self.event_types = inner.event_types
         self.max_amount = inner.max_amount
+        self.units = inner.units
 
     async def _observe(self, operation: str, call: Awaitable[T]) -> T:
         with PROVIDER_CALL_SECONDS.labels(self.name, operation).time():

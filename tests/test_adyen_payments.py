@@ -6,9 +6,11 @@ get receipts and dedup like every delivery and never start a workflow."""
 
 import hashlib
 from collections.abc import AsyncIterator
+from importlib import resources
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from temporalio.client import Client
 
@@ -43,20 +45,20 @@ async def notify(rig: AdyenRig, name: str, **fields: Any) -> httpx.Response:
     return response
 
 
-async def paid(rig: AdyenRig, authorised: int, captured: int | None = None) -> str:
-    """A payment authorised (and captured, partly if asked) as Adyen notifies it; the fake
-    Checkout API knows it too. Returns its pspReference."""
+async def paid(rig: AdyenRig, authorised: int, captured: int | None = None, currency: str = "EUR") -> str:
+    """A payment authorised (and captured, partly if asked) as Adyen notifies it, amounts in
+    Adyen's units; the fake Checkout API knows it too. Returns its pspReference."""
     psp = unique_psp()
-    await notify(rig, "AUTHORISATION", pspReference=psp, amount={"currency": "EUR", "value": authorised})
+    await notify(rig, "AUTHORISATION", pspReference=psp, amount={"currency": currency, "value": authorised})
     if captured is not None:
         await notify(rig, "CAPTURE", pspReference=unique_psp(), originalReference=psp,
-                     amount={"currency": "EUR", "value": captured})
-    rig.fake.payment(authorised, "EUR", MERCHANT, psp=psp)
+                     amount={"currency": currency, "value": captured})
+    rig.fake.payment(authorised, currency, MERCHANT, psp=psp)
     return psp
 
 
-async def request(rig: AdyenRig, psp: str, amount: int) -> str:
-    return await rig.stack.request_refund("alice", psp, amount, provider="adyen", currency="EUR",
+async def request(rig: AdyenRig, psp: str, amount: int, currency: str = "EUR") -> str:
+    return await rig.stack.request_refund("alice", psp, amount, provider="adyen", currency=currency,
                                           merchant_account=MERCHANT)
 
 
@@ -130,6 +132,38 @@ async def test_refund_of_a_notified_payment_runs_end_to_end(rig: AdyenRig) -> No
         ("refund_settled", 2_500, 0, "EUR"), ("refund_settled", 0, 2_500, "EUR")]
     charge = await rig.stack.providers["adyen"].get_charge(psp)
     assert charge is not None and (charge.amount_captured, charge.amount_refunded) == (10_000, 2_500)
+
+
+@pytest.mark.parametrize(("currency", "paid_at_adyen", "asked", "at_adyen"), [
+    ("IDR", 150_000, 1_000_000, 10_000),  # no decimals at Adyen, two in ISO 4217
+    ("CLP", 5_000_000, 20_000, 2_000_000),  # two decimals at Adyen, none in ISO 4217
+])
+async def test_a_currency_adyen_counts_in_other_decimals_refunds_the_amount_asked(
+        rig: AdyenRig, currency: str, paid_at_adyen: int, asked: int, at_adyen: int) -> None:
+    """Adyen's documented exceptions to ISO 4217 (IDR and CVE without decimals, CLP and ISK
+    with two): our ISO minor units are converted where they cross, both ways. 10,000.00 IDR
+    must be asked of Adyen as 10,000, and a 150,000 IDR payment read as 15,000,000 of ours."""
+    psp = await paid(rig, paid_at_adyen, captured=paid_at_adyen, currency=currency)
+    case_id = await request(rig, psp, asked, currency)
+    await rig.stack.wait_for_status(case_id, "awaiting_approval")
+    for approver in ("bob", "frank"):
+        async with rig.stack.api(approver) as api:
+            answer = await api.post(f"/v1/refund-requests/{case_id}/approvals",
+                                    json={"decision": "approve", "reason": "checked"})
+            assert answer.status_code == 202, answer.text
+    await rig.stack.wait_for_status(case_id, "pending")
+    [made] = rig.fake.refunds_of(psp)
+    assert made["amount"] == {"value": at_adyen, "currency": currency}
+    await notify(rig, "REFUND", pspReference=made["pspReference"], originalReference=psp,
+                 merchantReference=case_id, amount={"currency": currency, "value": at_adyen})
+    row = await rig.stack.wait_for_status(case_id, "succeeded")
+    assert (row["amount"], row["reserved_amount"]) == (asked, asked)
+    lines = await rig.stack.store.ledger.entries(case_id)
+    assert [(x["debit"], x["credit"], x["currency"]) for x in lines] == [
+        (asked, 0, currency), (0, asked, currency)]
+    charge = await rig.stack.providers["adyen"].get_charge(psp)
+    assert charge is not None
+    assert (charge.amount_captured, charge.amount_refunded) == (paid_at_adyen * asked // at_adyen, asked)
 
 
 async def test_refund_of_an_unknown_payment_is_rejected_and_moves_nothing(rig: AdyenRig) -> None:
@@ -227,3 +261,25 @@ def test_charge_rule() -> None:
     disputed = charge(authorised, note(PaymentStatus.DISPUTED, 9_000, "D1"),
                       note(PaymentStatus.DISPUTED, 9_000, "D1"), note(PaymentStatus.DISPUTED, 50, "D2"))
     assert disputed is not None and disputed.dispute_count == 2  # two disputes, one of them twice
+
+
+async def test_notifications_recorded_in_adyens_units_are_migrated_to_ours(rig: AdyenRig) -> None:
+    """Rows recorded before the adapter converted hold Adyen's units: migration 0800 puts
+    them in ours (run here inside a transaction that is rolled back)."""
+    migration = resources.files("adapters.migrations").joinpath("0800_adyen_iso_amounts.sql").read_text()
+    planted = {"IDR": (150_000, 15_000_000), "CVE": (7, 700), "CLP": (500_000, 5_000),
+               "ISK": (12_345, 123), "EUR": (2_500, 2_500)}
+    payment = unique_psp()
+    async with rig.stack.store.database.transaction() as conn:
+        for currency, (theirs, _) in planted.items():
+            await conn.execute(
+                "INSERT INTO payment_notifications (provider, event_id, event_type, payment_id,"
+                " psp_reference, status, amount, currency, merchant_account, occurred_at)"
+                " VALUES ('adyen', %s, 'AUTHORISATION', %s, %s, 'authorised', %s, %s, %s, now())",
+                (f"planted:{payment}:{currency}", payment, payment, theirs, currency, MERCHANT))
+        await conn.execute(migration)
+        cur = await conn.execute("SELECT currency, amount FROM payment_notifications WHERE payment_id = %s",
+                                 (payment,))
+        migrated = {row["currency"]: row["amount"] for row in await cur.fetchall()}
+        raise psycopg.Rollback()
+    assert migrated == {currency: ours for currency, (_, ours) in planted.items()}

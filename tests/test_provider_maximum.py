@@ -128,3 +128,36 @@ async def test_a_servicenow_ticket_beyond_the_providers_maximum_is_422_naming_it
         assert not await workflow_exists(stack, f"servicenow-{sys_id}")
     finally:
         await stack.close()
+
+
+@pytest.mark.parametrize(("provider", "currency", "amount", "named"), [
+    ("stripe", "MGA", 12_345, "whole"),  # 123.45 MGA: Stripe counts ariary without decimals
+    ("stripe", "KWD", 1_234, "multiple of 10"),  # Stripe takes three-decimal amounts ending in 0
+    ("stripe", "ISK", 1_000_000, "999999"),  # its eight digits are hundredths of a krona
+    ("adyen", "IDR", 12_345, "whole"),  # 123.45 IDR: Adyen counts rupiah without decimals
+])
+async def test_an_amount_the_provider_cannot_express_is_422_naming_why(
+        every_provider: Stack, provider: str, currency: str, amount: int, named: str) -> None:
+    """Our amounts are ISO 4217 minor units. One the provider's API cannot carry exactly is
+    refused where it enters, before approvals are spent on it, never rounded on the way out."""
+    stack = every_provider
+    body = stack.refund_body("ch_never_called", amount, provider=provider, currency=currency)
+    async with stack.api("alice") as api:
+        response = await api.post("/v1/refund-requests", json=body)
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["loc"][-1] == "amount" and named in error["msg"] and provider in error["msg"]
+    assert await stack.store.cases.get(body["refund_request_id"]) is None
+    assert not await workflow_exists(stack, body["refund_request_id"])
+
+
+@pytest.mark.parametrize(("provider", "currency", "amount"), [
+    ("stripe", "MGA", 12_300), ("stripe", "KWD", 1_230), ("stripe", "ISK", 999_999),
+    ("adyen", "IDR", 12_300), ("sandbox", "KWD", 1_234), ("sandbox", "MGA", 12_345)])
+async def test_an_amount_the_provider_can_express_is_not_refused_for_it(
+        every_provider: Stack, provider: str, currency: str, amount: int) -> None:
+    stack = every_provider
+    body = stack.refund_body("ch_expressible", amount, provider=provider, currency=currency)
+    async with stack.api("alice") as api:
+        response = await api.post("/v1/refund-requests", json=body)
+    assert response.status_code == 202, response.text

@@ -57,9 +57,10 @@ class StripeRig:
     def http(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(base_url=self.localstripe, auth=(API_KEY, ""), timeout=30)
 
-    async def charge(self, amount: int, source: str = "pm_card_visa") -> str:
+    async def charge(self, amount: int, source: str = "pm_card_visa", currency: str = "usd") -> str:
+        """A charge at localstripe of `amount` in Stripe's own units of `currency`."""
         async with self.http() as http:
-            response = await http.post("/v1/charges", data={"amount": amount, "currency": "usd",
+            response = await http.post("/v1/charges", data={"amount": amount, "currency": currency,
                                                              "source": source})
         response.raise_for_status()
         return str(response.json()["id"])
@@ -111,6 +112,45 @@ async def test_storm_of_identical_requests_makes_one_stripe_refund(rig: StripeRi
     lines = await rig.stack.store.ledger.entries(body["refund_request_id"])
     assert [(x["account"], x["debit"], x["credit"]) for x in lines] == [
         ("refunds_contra_revenue", 3_000, 0), ("provider_clearing", 0, 3_000)]
+
+
+@pytest.mark.parametrize(("currency", "charged", "asked", "at_stripe"), [
+    ("MGA", 50_000, 1_000_000, 10_000),  # whole ariary at Stripe, two decimals in ISO 4217
+    ("ISK", 500_000, 1_000, 100_000),  # hundredths of a krona at Stripe, none in ISO 4217
+    ("JPY", 100_000, 80_000, 80_000),  # the same decimals on both sides: unchanged
+])
+async def test_a_currency_stripe_counts_in_other_decimals_refunds_the_amount_asked(
+        rig: StripeRig, currency: str, charged: int, asked: int, at_stripe: int) -> None:
+    """Our amounts are ISO 4217 minor units; Stripe's API counts MGA in whole ariary and ISK in
+    hundredths. 10,000.00 MGA must leave as 10,000 ariary (not be refused as more than the
+    50,000-ariary charge, nor a 500.00 MGA request leave as 50,000), 1,000 ISK as 100,000."""
+    charge = await rig.charge(charged, currency=currency.lower())
+    body = rig.body(charge, asked) | {"currency": currency}
+    async with rig.stack.api("alice") as api:
+        assert (await api.post("/v1/refund-requests", json=body)).status_code == 202
+    case_id = body["refund_request_id"]
+    await rig.stack.wait_for_status(case_id, "awaiting_approval")
+    for approver in ("bob", "frank"):
+        async with rig.stack.api(approver) as api:
+            answer = await api.post(f"/v1/refund-requests/{case_id}/approvals",
+                                    json={"decision": "approve", "reason": "checked"})
+            assert answer.status_code == 202, answer.text
+    row = await rig.stack.wait_for_status(case_id, "succeeded")
+    [refund] = await rig.refunds(charge)
+    assert (refund["amount"], refund["id"]) == (at_stripe, row["provider_refund_id"])
+    assert row["amount"] == asked
+    lines = await rig.stack.store.ledger.entries(case_id)
+    assert [(x["debit"], x["credit"], x["currency"]) for x in lines] == [
+        (asked, 0, currency), (0, asked, currency)]
+    stripe_provider = rig.stack.providers["stripe"]
+    snapshot = await stripe_provider.get_charge(charge)
+    assert snapshot is not None
+    assert (snapshot.amount, snapshot.amount_refunded) == (charged * asked // at_stripe, asked)
+    assert isinstance(stripe_provider, RefundLister)
+    listed = [item async for item in stripe_provider.list_refunds(
+        datetime.now(UTC) - timedelta(hours=1), datetime.now(UTC) + timedelta(minutes=1))]
+    [mine] = [x for x in listed if isinstance(x, ListedRefund) and x.refund.charge_id == charge]
+    assert (mine.refund.amount, mine.refund.currency) == (asked, currency)
 
 
 async def test_stripe_calls_are_httpx_client_spans_under_the_business_span(
@@ -201,6 +241,24 @@ def test_each_stripe_status_maps_to_its_own_state(event_type: str, status: str) 
     headers, raw = _signed_event(event_type, status=status, failure_reason=None)
     event = _refund_event(headers, raw)
     assert event.status == status and event.raw_status == status and event.refund_id
+
+
+@pytest.mark.parametrize(("currency", "at_stripe", "ours"), [
+    ("isk", 100_000, 1_000), ("mga", 10_000, 1_000_000), ("kwd", 1_230, 1_230), ("usd", 1_000, 1_000)])
+def test_a_webhook_amount_is_read_in_iso_minor_units(currency: str, at_stripe: int, ours: int) -> None:
+    headers, raw = _signed_event("refund.updated", amount=at_stripe, currency=currency)
+    event = _refund_event(headers, raw)
+    assert (event.amount, event.currency) == (ours, currency.upper())
+
+
+def test_a_webhook_amount_no_iso_minor_unit_can_hold_is_refused_as_malformed() -> None:
+    """40.10 ISK (fractional krona, which Stripe stopped taking in 2023) has no ISO 4217
+    minor-unit amount: refused and named, never rounded into a different refund."""
+    headers, raw = _signed_event("refund.updated", amount=4_010, currency="isk")
+    with pytest.raises(WebhookRejected) as refused:
+        _adapter().parse_webhook(headers, raw, time.time())
+    assert refused.value.verdict == "malformed"
+    assert "4010" in refused.value.message and "ISK" in refused.value.message
 
 
 def test_unexpected_status_is_refused_loudly_not_defaulted() -> None:

@@ -47,11 +47,12 @@ from adapters.providers.http import provider_client, raise_for_refusal, send
 from adapters.providers.normalise import (
     load_json,
     map_status,
-    minor_units,
     normalising,
+    outgoing_amount,
     refund_event,
     require_known,
 )
+from adapters.providers.units import MinorUnits
 from domain.models import (
     ChargeSnapshot,
     ProviderEvent,
@@ -107,6 +108,10 @@ PAYOUT_EVENTS = frozenset(s.split(":")[0] for s in PAYOUT_STATUSES)
 PAYMENT_EVENTS = frozenset(s.split(":")[0] for s in PAYMENT_STATUSES)
 KNOWN_EVENT_TYPES = REFUND_EVENTS | PAYOUT_EVENTS | PAYMENT_EVENTS
 
+UNITS = MinorUnits(
+    decimals={"CLP": 2, "CVE": 0, "IDR": 0, "ISK": 2},
+    source="https://docs.adyen.com/development-resources/currency-codes: the currencies marked "
+           "'differs from standard'")
 NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout)
 """Transport errors raised before a connection existed: no byte of the request left us."""
 
@@ -179,19 +184,25 @@ def _raw_status(item: Mapping[str, Any]) -> str:
     return raw
 
 
+def _amount(item: Mapping[str, Any]) -> tuple[int, str]:
+    """A notification's `amount` ({value, currency}, value in Adyen's units) in our minor
+    units, with its currency."""
+    currency = normalise_currency(str(item["amount"]["currency"]))
+    return UNITS.from_provider(item["amount"]["value"], currency), currency
+
+
 def _refund(provider: str, item: Mapping[str, Any]) -> ProviderRefund:
     raw = _raw_status(item)
     status = map_status(provider, STATUSES, raw)
     failure = None
     if status is ProviderRefundStatus.FAILED:
         failure = f"{item['eventCode']}: {item.get('reason') or 'no reason given'}"
-    amount = item["amount"]
+    amount, currency = _amount(item)
     return ProviderRefund(
         provider=provider, refund_id=str(item["pspReference"]),
         # A referenced refund's payment is its originalReference; REFUND_WITH_DATA has none.
         charge_id=str(item.get("originalReference") or item["pspReference"]),
-        amount=minor_units(amount["value"]), currency=normalise_currency(str(amount["currency"])),
-        status=status, raw_status=raw, failure_reason=failure,
+        amount=amount, currency=currency, status=status, raw_status=raw, failure_reason=failure,
         reference=item.get("merchantReference") or None,
     )
 
@@ -202,10 +213,10 @@ def _payout(provider: str, item: Mapping[str, Any]) -> ProviderPayout:
     # A decline or reversal modifies the payout named by originalReference.
     payout_id = item.get("originalReference") if item["eventCode"] != "PAYOUT_THIRDPARTY" else None
     failed = status is not ProviderPayoutStatus.PAID
+    amount, currency = _amount(item)
     return ProviderPayout(
         provider=provider, payout_id=str(payout_id or item["pspReference"]),
-        amount=minor_units(item["amount"]["value"]),
-        currency=normalise_currency(str(item["amount"]["currency"])), status=status, raw_status=raw,
+        amount=amount, currency=currency, status=status, raw_status=raw,
         failure_code=str(item["eventCode"]) if failed else None,
         failure_message=(item.get("reason") or None) if failed else None,
         reference=item.get("merchantReference") or None,
@@ -217,11 +228,10 @@ def _payment(provider: str, item: Mapping[str, Any], **envelope: Any) -> Payment
     psp = str(item["pspReference"])
     # A capture, cancellation or dispute is about the payment named by originalReference.
     payment_id = psp if item["eventCode"] == "AUTHORISATION" else str(item["originalReference"])
+    amount, currency = _amount(item)
     return PaymentEvent(
         provider=provider, payment_id=payment_id, psp_reference=psp, status=status,
-        amount=minor_units(item["amount"]["value"]),
-        currency=normalise_currency(str(item["amount"]["currency"])),
-        merchant_account=str(item["merchantAccountCode"]), **envelope)
+        amount=amount, currency=currency, merchant_account=str(item["merchantAccountCode"]), **envelope)
 
 
 class AdyenProvider:
@@ -229,6 +239,7 @@ class AdyenProvider:
 
     event_types = KNOWN_EVENT_TYPES
     max_amount = UNDOCUMENTED_MAXIMUM
+    units = UNITS
     acknowledgement = ACKNOWLEDGEMENT
 
     def __init__(self, *, hmac_keys: Sequence[str], api_base: str | None = None,
@@ -269,7 +280,8 @@ class AdyenProvider:
                                       "and REFUNDS_ADYEN_API_KEY")
         path = f"/{API_VERSION}/payments/{request.charge_id}/refunds"
         body = {"merchantAccount": request.merchant_account,
-                "amount": {"value": request.amount, "currency": request.currency},
+                "amount": {"value": outgoing_amount(self.name, UNITS, request.amount, request.currency),
+                           "currency": request.currency},
                 # Comes back as merchantReference on the notifications: how they find the case.
                 "reference": request.refund_request_id}
         for attempt in range(1, self._connect_attempts + 1):

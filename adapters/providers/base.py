@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 
+from adapters.providers.units import ISO_UNITS, MinorUnits
 from domain.models import ChargeSnapshot, ProviderEvent, ProviderRefund, RefundRequest
 from domain.money import format_minor
 from domain.payments import PaymentEvent
@@ -81,7 +82,7 @@ class UnexpectedProviderStatus(ProviderError, ValueError):
 
 @dataclass(frozen=True)
 class AmountLimit:
-    """The largest amount, in minor units, a provider takes in one refund or payout. An
+    """The largest amount, in the provider's minor units, it takes in one refund or payout. An
     amount above it is refused where it enters (422), before a case or workflow exists:
     the provider would only refuse it later, after approvals were spent on it."""
 
@@ -93,9 +94,11 @@ class AmountLimit:
     def of(self, currency: str) -> int:
         return self.per_currency.get(currency.upper(), self.default)
 
-    def refusal(self, provider: str, amount: int, currency: str) -> str | None:
-        """Why `amount` is too large for `provider` (naming the limit), or None."""
-        limit = self.of(currency)
+    def refusal(self, provider: str, amount: int, currency: str,
+                units: MinorUnits = ISO_UNITS) -> str | None:
+        """Why `amount` (our minor units) is too large for `provider` (naming the limit, which
+        is stated in the provider's units), or None."""
+        limit = units.largest_ours(self.of(currency), currency)
         if amount <= limit:
             return None
         return (f"amount {amount} is above {provider}'s maximum of {limit} minor units of "
@@ -129,6 +132,9 @@ class ProviderAdapter(RefundExecutor, Protocol):
     max_amount: AmountLimit
     """The largest refund or payout, per currency, the provider takes."""
 
+    units: MinorUnits
+    """How its API counts amounts where that is not ISO 4217 (the adapter converts)."""
+
     async def get_charge(self, charge_id: str) -> ChargeSnapshot | None:
         """The charge as the provider sees it, or None when it does not exist."""
 
@@ -136,6 +142,13 @@ class ProviderAdapter(RefundExecutor, Protocol):
                       now: float) -> ProviderEvent | PayoutEvent | PaymentEvent:
         """Verifies the signature and normalises the event; raises WebhookRejected. Only
         providers with no payment lookup (Adyen) return payment events."""
+
+
+def amount_refusal(adapter: ProviderAdapter, amount: int, currency: str) -> str | None:
+    """Why `adapter` cannot take `amount` (our minor units) in one refund or payout: no exact
+    equal in its units, or above its maximum; None when it can."""
+    return (adapter.units.refusal(adapter.name, amount, currency)
+            or adapter.max_amount.refusal(adapter.name, amount, currency, adapter.units))
 
 
 @runtime_checkable

@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
-from adapters.providers.base import UnexpectedProviderStatus, WebhookRejected
+from adapters.providers.base import ProviderUnsupported, UnexpectedProviderStatus, WebhookRejected
+from adapters.providers.units import MinorUnits
 from domain.models import EventKind, ProviderEvent, ProviderRefund, ProviderRefundStatus
 from domain.money import currency_exponent, normalise_currency
 from domain.payouts import PayoutEvent, ProviderPayout, ProviderPayoutStatus
@@ -66,13 +67,6 @@ def map_status(provider: str, table: Mapping[str, S], raw: object, what: str = "
         raise UnexpectedStatus(provider, str(raw), what) from None
 
 
-def minor_units(value: object) -> int:
-    """Amounts that arrive as JSON integers of minor units; anything else is malformed."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"amount must be an integer of minor units, got {value!r}")
-    return value
-
-
 def major_to_minor(value: object, currency: str) -> int:
     """Amounts that arrive as major units (parsed with Decimal, never float), exactly."""
     if isinstance(value, bool) or not isinstance(value, int | Decimal):
@@ -106,32 +100,62 @@ def exact_json(payload: Mapping[str, Any] | list[Any]) -> bytes:
     return text.encode()
 
 
+def outgoing_amount(provider: str, units: MinorUnits, amount: int, currency: str) -> int:
+    """Our amount in the provider's units for a create. One with no exact equal there is
+    refused before anything is sent (ProviderUnsupported: nothing moved); the relay already
+    refuses such amounts where they enter."""
+    try:
+        return units.to_provider(amount, currency)
+    except ValueError as exc:
+        raise ProviderUnsupported(f"{provider}: {exc}") from None
+
+
+def answered_amounts(provider: str, units: MinorUnits, what: str, currency: str,
+                     amounts: Mapping[str, int]) -> dict[str, int]:
+    """An API answer's amounts (in the provider's units) in ours; MalformedAnswer when one
+    has no exact equal, since a rounded figure would let money move on a guess."""
+    try:
+        return {name: units.from_provider(value, currency) for name, value in amounts.items()}
+    except ValueError as exc:
+        raise MalformedAnswer(f"{provider}: {what}: {exc}") from None
+
+
+def amount_and_currency(obj: Mapping[str, Any], units: MinorUnits) -> tuple[int, str]:
+    """A Stripe-shaped object's `amount` (in the provider's units) in our minor units, with
+    its currency."""
+    currency = normalise_currency(str(obj["currency"]))
+    return units.from_provider(obj["amount"], currency), currency
+
+
 def stripe_shaped_refund(provider: str, obj: Mapping[str, Any],
-                         statuses: Mapping[str, ProviderRefundStatus]) -> ProviderRefund:
+                         statuses: Mapping[str, ProviderRefundStatus],
+                         units: MinorUnits) -> ProviderRefund:
     """Maps a Stripe-shaped refund object (Stripe's own and the sandbox's)."""
     metadata = obj.get("metadata") or {}
+    amount, currency = amount_and_currency(obj, units)
     return ProviderRefund(
         provider=provider, refund_id=str(obj["id"]), charge_id=str(obj["charge"]),
-        amount=minor_units(obj["amount"]), currency=normalise_currency(str(obj["currency"])),
+        amount=amount, currency=currency,
         status=map_status(provider, statuses, obj["status"]), raw_status=str(obj["status"]),
         failure_reason=obj.get("failure_reason"), reference=metadata.get(REFERENCE_KEY),
     )
 
 
 def stripe_shaped_payout(provider: str, obj: Mapping[str, Any],
-                         statuses: Mapping[str, ProviderPayoutStatus]) -> ProviderPayout:
+                         statuses: Mapping[str, ProviderPayoutStatus],
+                         units: MinorUnits) -> ProviderPayout:
     """Maps a Stripe-shaped payout object (Stripe's own and the sandbox's)."""
     metadata = obj.get("metadata") or {}
+    amount, currency = amount_and_currency(obj, units)
     return ProviderPayout(
-        provider=provider, payout_id=str(obj["id"]), amount=minor_units(obj["amount"]),
-        currency=normalise_currency(str(obj["currency"])),
+        provider=provider, payout_id=str(obj["id"]), amount=amount, currency=currency,
         status=map_status(provider, statuses, obj["status"], "payout"), raw_status=str(obj["status"]),
         failure_code=obj.get("failure_code"), failure_message=obj.get("failure_message"),
         reference=metadata.get(PAYOUT_REFERENCE_KEY),
     )
 
 
-def listed(provider: str, obj: Mapping[str, Any],
+def listed(provider: str, obj: Mapping[str, Any], units: MinorUnits,
            build: Callable[[Mapping[str, Any], datetime], L]) -> L | UnmappedListing:
     """One object of a Stripe-shaped list call (`created` in unix seconds), built by
     `build`; an object whose status no table maps is returned as an UnmappedListing, so a
@@ -141,9 +165,9 @@ def listed(provider: str, obj: Mapping[str, Any],
         return build(obj, created)
     except UnexpectedStatus as exc:
         log.error("UNMAPPED STATUS while listing %s: %s (%s)", provider, exc, obj.get("id"))
-        return UnmappedListing(object_id=str(obj["id"]), raw_status=exc.raw,
-                               amount=minor_units(obj["amount"]), created=created, error=str(exc),
-                               currency=normalise_currency(str(obj["currency"])))
+        amount, currency = amount_and_currency(obj, units)
+        return UnmappedListing(object_id=str(obj["id"]), raw_status=exc.raw, amount=amount,
+                               created=created, error=str(exc), currency=currency)
 
 
 def payout_event(payout: ProviderPayout, env: "StripeEnvelope") -> PayoutEvent:

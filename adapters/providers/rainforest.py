@@ -23,7 +23,6 @@ from adapters.providers.normalise import (
     REFERENCE_KEY,
     load_json,
     map_status,
-    minor_units,
     normalising,
     refund_event,
     require_known,
@@ -36,6 +35,7 @@ from adapters.providers.signing import (
     require_header,
     unix_time,
 )
+from adapters.providers.units import minor_units
 from domain.models import (
     ChargeSnapshot,
     ProviderEvent,

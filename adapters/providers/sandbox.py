@@ -18,7 +18,6 @@ from adapters.providers.normalise import (
     IDENTITY_STATUSES,
     PAYOUT_REFERENCE_KEY,
     listed,
-    minor_units,
     normalising,
     payout_event,
     refund_event,
@@ -28,6 +27,7 @@ from adapters.providers.normalise import (
     unix_bound,
 )
 from adapters.providers.signing import StripeSchemeVerifier
+from adapters.providers.units import ISO_UNITS, minor_units
 from domain.models import (
     ChargeSnapshot,
     EventKind,
@@ -59,7 +59,7 @@ def sign(secret: str, body: bytes, timestamp: int) -> str:
 
 def refund_from_object(provider: str, obj: Mapping[str, Any]) -> ProviderRefund:
     """Maps a sandbox refund object (Stripe-shaped, with all six canonical statuses)."""
-    return stripe_shaped_refund(provider, obj, IDENTITY_STATUSES)
+    return stripe_shaped_refund(provider, obj, IDENTITY_STATUSES, ISO_UNITS)
 
 
 class SandboxProvider:
@@ -67,6 +67,7 @@ class SandboxProvider:
 
     event_types = KNOWN_EVENT_TYPES
     max_amount = UNDOCUMENTED_MAXIMUM
+    units = ISO_UNITS
 
     def __init__(self, base_url: str, *, webhook_secrets: Sequence[str], api_key: str | None = None,
                  timeout_seconds: float = 10.0, tolerance_seconds: int = 300,
@@ -119,7 +120,7 @@ class SandboxProvider:
                            ) -> AsyncGenerator[ListedRefund | UnmappedListing]:
         """Pages through GET /v1/refunds, one page in memory at a time."""
         async for obj in self._list("/v1/refunds", since, until, starting_after):
-            yield listed(self.name, obj, lambda o, created: ListedRefund(
+            yield listed(self.name, obj, ISO_UNITS, lambda o, created: ListedRefund(
                 refund=refund_from_object(self.name, o), created=created))
 
     async def list_payouts(self, since: datetime, until: datetime,
@@ -127,8 +128,8 @@ class SandboxProvider:
                            ) -> AsyncGenerator[ListedPayout | UnmappedListing]:
         """Pages through GET /v1/payouts, one page in memory at a time."""
         async for obj in self._list("/v1/payouts", since, until, starting_after):
-            yield listed(self.name, obj, lambda o, created: ListedPayout(
-                payout=stripe_shaped_payout(self.name, o, PAYOUT_STATUSES), created=created))
+            yield listed(self.name, obj, ISO_UNITS, lambda o, created: ListedPayout(
+                payout=stripe_shaped_payout(self.name, o, PAYOUT_STATUSES, ISO_UNITS), created=created))
 
     async def _list(self, path: str, since: datetime, until: datetime,
                     starting_after: str | None) -> AsyncGenerator[dict[str, Any]]:
@@ -155,12 +156,13 @@ class SandboxProvider:
                   "destination": order.beneficiary_id,
                   "metadata": {PAYOUT_REFERENCE_KEY: order.reference}})
         raise_for_refusal(response)
-        return stripe_shaped_payout(self.name, response.json(), PAYOUT_STATUSES)
+        return stripe_shaped_payout(self.name, response.json(), PAYOUT_STATUSES, ISO_UNITS)
 
     async def find_payout(self, reference: str) -> ProviderPayout | None:
         response = await self._call("GET", "/v1/payouts", params={"reference": reference})
         raise_for_refusal(response)
-        found = [stripe_shaped_payout(self.name, o, PAYOUT_STATUSES) for o in response.json()["data"]]
+        found = [stripe_shaped_payout(self.name, o, PAYOUT_STATUSES, ISO_UNITS)
+                 for o in response.json()["data"]]
         return found[0] if found else None
 
     def parse_webhook(self, headers: Mapping[str, str], body: bytes,
@@ -170,7 +172,7 @@ class SandboxProvider:
         obj = env.obj
         with normalising(env.event_id, env.event_type):
             if env.event_type in PAYOUT_EVENTS:
-                return payout_event(stripe_shaped_payout(self.name, obj, PAYOUT_STATUSES), env)
+                return payout_event(stripe_shaped_payout(self.name, obj, PAYOUT_STATUSES, ISO_UNITS), env)
             if env.event_type in REQUEST_EVENTS:
                 return ProviderEvent(
                     provider=self.name, event_id=env.event_id, event_type=env.event_type,

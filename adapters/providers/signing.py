@@ -14,6 +14,7 @@ from typing import Protocol
 import stripe
 
 from adapters.providers.base import UNDOCUMENTED_MAXIMUM, WebhookRejected, WebhooksOnly
+from adapters.providers.units import ISO_UNITS
 
 UNIX_TIME = re.compile(r"[0-9]{1,15}")
 """A timestamp as signers write it: ASCII digits only (`int()` also takes `١٢`, `1_0` and
@@ -33,6 +34,7 @@ class VerifiedWebhooksOnly(WebhooksOnly):
     one a caller plugs in."""
 
     max_amount = UNDOCUMENTED_MAXIMUM
+    units = ISO_UNITS
 
     def __init__(self, *, webhook_secrets: Sequence[str], tolerance_seconds: int = 300,
                  verifier: WebhookVerifier | None = None, name: str | None = None) -> None:

@@ -20,8 +20,10 @@ from adapters.providers.base import AmountLimit, ProviderDeclined, ProviderOutco
 from adapters.providers.http import refusal
 from adapters.providers.normalise import (
     REFERENCE_KEY,
+    answered_amounts,
     listed,
     normalising,
+    outgoing_amount,
     payout_event,
     refund_event,
     required,
@@ -31,6 +33,7 @@ from adapters.providers.normalise import (
     unix_bound,
 )
 from adapters.providers.signing import StripeSchemeVerifier, WebhookVerifier
+from adapters.providers.units import MinorUnits
 from domain.models import (
     ChargeSnapshot,
     EventKind,
@@ -66,6 +69,11 @@ PAYOUT_STATUSES = {
 KNOWN_EVENT_TYPES = REFUND_EVENTS | CHARGE_EVENTS | PAYOUT_EVENTS
 LIST_PAGE = 100
 """Stripe's largest page."""
+UNITS = MinorUnits(
+    decimals={"ISK": 2, "MGA": 0},
+    multiple_of={currency: 10 for currency in ("BHD", "JOD", "KWD", "OMR", "TND")},
+    source="https://docs.stripe.com/currencies: MGA is zero-decimal; ISK stays two-decimal in "
+           "the API (100 is 1 krona; whole kronur only); three-decimal amounts must end in 0")
 
 T = TypeVar("T")
 
@@ -79,6 +87,7 @@ class StripeProvider:
     """Stripe's refund and charge API, and its webhooks."""
 
     event_types = KNOWN_EVENT_TYPES
+    units = UNITS
     max_amount = AmountLimit(
         99_999_999, "Stripe: an amount supports up to eight digits (99999999, e.g. $999,999.99); "
                     "IDR up to twelve", per_currency={"IDR": 999_999_999_999})
@@ -116,7 +125,7 @@ class StripeProvider:
             raise refusal(status, f"{what}: HTTP {status} {exc.user_message or exc}") from exc
 
     def _refund(self, obj: Any) -> ProviderRefund:
-        return stripe_shaped_refund(self.name, _stripe_dict(obj), STATUSES)
+        return stripe_shaped_refund(self.name, _stripe_dict(obj), STATUSES, UNITS)
 
     async def _account_id(self) -> str:
         if self._merchant_account is None:
@@ -134,25 +143,30 @@ class StripeProvider:
                 return None
             raise
         captured = bool(charge.get("captured"))
+        what = f"charge {charge_id}"
+        currency = normalise_currency(str(charge["currency"]))
+        amount = required(self.name, charge, "amount", int, what)
         # amount_captured exists since API version 2020-08-27; older shapes imply it.
         amount_captured = charge.get("amount_captured")
         if amount_captured is None:
-            amount_captured = charge["amount"] if captured else 0
-        what = f"charge {charge_id}"
+            amount_captured = amount if captured else 0
+        ours = answered_amounts(self.name, UNITS, what, currency, {
+            "amount": amount, "amount_captured": amount_captured,
+            "amount_refunded": required(self.name, charge, "amount_refunded", int, what)})
         return ChargeSnapshot(
-            provider=self.name, charge_id=str(charge["id"]),
-            currency=normalise_currency(str(charge["currency"])),
+            provider=self.name, charge_id=str(charge["id"]), currency=currency,
             merchant_account=str(charge.get("on_behalf_of") or await self._account_id()),
-            amount=int(charge["amount"]), amount_captured=int(amount_captured), captured=captured,
-            amount_refunded=required(self.name, charge, "amount_refunded", int, what),
+            amount=ours["amount"], amount_captured=ours["amount_captured"], captured=captured,
+            amount_refunded=ours["amount_refunded"],
             # A Stripe charge is disputed at most once; `disputed` stays true after it closes.
             dispute_count=int(required(self.name, charge, "disputed", bool, what)),
         )
 
     async def create_refund(self, request: RefundRequest, idempotency_key: str) -> ProviderRefund:
+        amount = outgoing_amount(self.name, UNITS, request.amount, request.currency)
         # Our reason codes are richer than Stripe's three, so they travel in metadata.
         refund = await self._call("POST /v1/refunds", self._client.v1.refunds.create_async(
-            {"charge": request.charge_id, "amount": request.amount,
+            {"charge": request.charge_id, "amount": amount,
              "metadata": {REFERENCE_KEY: request.refund_request_id, "reason": request.reason.value}},
             {"idempotency_key": idempotency_key}))
         return self._refund(refund)
@@ -181,7 +195,7 @@ class StripeProvider:
         if starting_after is not None:
             params["starting_after"] = starting_after
         async for obj in self._listed("GET /v1/refunds", self._client.v1.refunds.list_async(params)):
-            yield listed(self.name, obj, lambda o, created: ListedRefund(refund=self._refund(o),
+            yield listed(self.name, obj, UNITS, lambda o, created: ListedRefund(refund=self._refund(o),
                                                                          created=created))
 
     async def list_payouts(self, since: datetime, until: datetime,
@@ -193,8 +207,8 @@ class StripeProvider:
         if starting_after is not None:
             params["starting_after"] = starting_after
         async for obj in self._listed("GET /v1/payouts", self._client.v1.payouts.list_async(params)):
-            yield listed(self.name, obj, lambda o, created: ListedPayout(
-                payout=stripe_shaped_payout(self.name, o, PAYOUT_STATUSES), created=created))
+            yield listed(self.name, obj, UNITS, lambda o, created: ListedPayout(
+                payout=stripe_shaped_payout(self.name, o, PAYOUT_STATUSES, UNITS), created=created))
 
     async def _listed(self, what: str, first_page: Awaitable[Any]
                       ) -> AsyncGenerator[dict[str, Any]]:
@@ -216,7 +230,7 @@ class StripeProvider:
         account = env.payload.get("account")
         with normalising(env.event_id, env.event_type):
             if env.event_type in PAYOUT_EVENTS:
-                return payout_event(stripe_shaped_payout(self.name, env.obj, PAYOUT_STATUSES), env)
+                return payout_event(stripe_shaped_payout(self.name, env.obj, PAYOUT_STATUSES, UNITS), env)
             if env.event_type in CHARGE_EVENTS:
                 return ProviderEvent(
                     provider=self.name, event_id=env.event_id, event_type=env.event_type,

@@ -9,7 +9,7 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from adapters.config import Settings
-from adapters.providers.base import ProviderAdapter
+from adapters.providers.base import ProviderAdapter, amount_refusal
 from domain.events import TrackingInput
 from domain.models import (
     ProviderEvent,
@@ -90,7 +90,8 @@ def request_from_event(event: ProviderEvent) -> RefundRequest:
 
 def over_maximum(providers: Mapping[str, ProviderAdapter], provider: str, amount: int,
                  currency: str) -> str | None:
-    """Why the amount is more than the provider takes at once (naming its limit), else None:
-    checked where requests and payouts enter, before a case or workflow exists."""
+    """Why the provider cannot take the amount at once (more than its limit, or no exact
+    equal in the units its API counts), else None: checked where requests and payouts
+    enter, before a case or workflow exists."""
     adapter = providers.get(provider)
-    return None if adapter is None else adapter.max_amount.refusal(provider, amount, currency)
+    return None if adapter is None else amount_refusal(adapter, amount, currency)
