@@ -194,3 +194,39 @@ async def test_a_servicenow_ticket_starts_the_case_and_its_opener_cannot_approve
             f"Refund {case_id} needs approval", f"Refund {case_id} approved", f"Refund {case_id} succeeded"]
         assert len(world.servicenow["u_refund_request"]) == 1
         assert ("POST", "u_refund_request") not in world.servicenow_calls
+
+
+async def expire_tokens(stack: Stack, user: str) -> None:
+    """Moves every token of `user` past its expiry (create_token refuses a past one)."""
+    async with stack.store.database.transaction() as conn:
+        await conn.execute("UPDATE api_tokens SET expires_at = now() - interval '1 second'"
+                           " WHERE user_name = %s", (user,))
+
+
+async def test_an_expired_token_gives_no_role_through_a_linked_identity(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """A Slack click (or a ServiceNow approval) acts with the roles of the linked user's
+    live tokens: an expired token's role fills no slot, as the API and console refuse it."""
+    async with connected_stack(store, client, temporal_server, jira_url=None,
+                               servicenow_url=None) as (stack, world):
+        slack_id = f"U{uuid.uuid4().hex[:10].upper()}"
+        approver = await person(stack, ["approver"], slack=slack_id)
+        await expire_tokens(stack, approver)
+        assert await stack.store.access.principal_for("slack", slack_id) is None
+        await stack.store.access.create_token(approver, ["auditor"], by="test")
+        principal = await stack.store.access.principal_for("slack", slack_id)
+        assert principal is not None and principal.roles == frozenset({"auditor"})
+
+        charge = await stack.charge(20_000)
+        case_id = await stack.request_refund("alice", charge, 9_000)
+        await stack.wait_for_status(case_id, "awaiting_approval")
+
+        async def notified() -> bool:
+            return any(m["text"] == f"Refund {case_id} needs approval" for m in world.slack)
+
+        await eventually(notified)
+        refused = await click(stack, slack_click(world, case_id, slack_id))
+        assert refused.status_code == 403, refused.text
+        state = await stack.client.get_workflow_handle(case_id).query(RefundWorkflow.state)
+        assert state.approvals == () and state.status == "awaiting_approval"
+        assert await stack.provider_refunds(charge) == []

@@ -141,10 +141,11 @@ class AccessRepository(Repository):
                                   {"system": system, "external_id": external_id, "user": user})
 
     async def principal_for(self, system: str, external_id: str) -> Principal | None:
-        """The linked user with the roles of their live tokens; None if unlinked or role-less."""
+        """The linked user with the roles of their live tokens (neither revoked nor expired:
+        the view every token lookup reads); None if unlinked or role-less."""
         row = await self._db.fetch_one(
             "SELECT l.user_name, array_agg(DISTINCT r) AS roles FROM identity_links l"
-            " JOIN api_tokens t ON t.user_name = l.user_name AND t.revoked_at IS NULL,"
+            " JOIN live_api_tokens t ON t.user_name = l.user_name,"
             " unnest(t.roles) AS r WHERE l.system = %s AND l.external_id = %s"
             " GROUP BY l.user_name", (system, external_id))
         return Principal(row["user_name"], frozenset(row["roles"])) if row else None
