@@ -208,3 +208,30 @@ async def test_a_verdict_the_case_cannot_take_in_time_is_answered_pending_and_la
         assert [e["actor"] for e in trail if e["action"] == "approval_granted"] == ["bob"]
         assert [e for e in trail if e["action"] == "approval_refused"] == []  # a resend is no refusal
         assert len(await stack.provider_refunds(charge)) == 1
+
+
+async def test_a_verdict_sent_after_the_deadline_never_counts_even_when_the_case_sees_both_at_once(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """A worker that lags (killed, restarting, saturated) can take the expiry timer and a
+    verdict sent after it in one activation: the deadline is decided first, so the late
+    approval is refused, not counted, and no money moves."""
+    stack = await open_stack(store, client, temporal_server.address, approval_answer_seconds=1,
+                             approval_timeout_seconds=3)
+    try:
+        charge = await stack.charge(20_000)
+        case_id = await stack.request_refund("alice", charge, 9_000)
+        await stack.wait_for_status(case_id, "awaiting_approval")
+        assert stack.worker is not None
+        await stack.worker.shutdown()
+        await asyncio.sleep(4)  # past the deadline, with no worker to fire it
+        response = await asyncio.wait_for(_decide(stack, "bob", case_id, "approve"), HANG)
+        assert response.status_code == 202 and response.json()["status"] == "verdict_pending"
+        await stack.start_worker()
+        row = await stack.wait_for_status(case_id, "expired", "succeeded", "executing", "pending")
+        assert row["status"] == "expired"
+        trail = await stack.store.audit.trail(case_id)
+        assert [e for e in trail if e["action"] == "approval_granted"] == []
+        assert [e["actor"] for e in trail if e["action"] == "approval_refused"] == ["bob"]
+        assert await stack.provider_refunds(charge) == []
+    finally:
+        await stack.close()

@@ -36,6 +36,10 @@ SEALED_APPROVALS_PATCH = "approval-relay-seal-1"
 """A verdict counts only with the relay's seal, checked by the worker before the workflow
 sees it (`adapters.approval_seal`); others are refused and audited. Before, anyone who could
 signal the workflow approved with any roles."""
+DEADLINE_FIRST_PATCH = "approval-deadline-first-1"
+"""Past its deadline a round expires before it reads its inbox: a verdict the worker takes
+together with the expiry timer (it lagged: killed, restarting, saturated) is refused as
+late. Before, the inbox came first, and an approval sent after the deadline could count."""
 UNSEALED = "ApprovalUnsealed"
 RESENT = "this verdict was already received (the relay's resend); it counted, or was refused, once"
 
@@ -136,6 +140,11 @@ class ApprovalRound:
                    (timings.approval_escalation, "approval_escalated")) if after is not None]
         outcome: bool | None = None
         while outcome is None:
+            # workflow.patched itself, not host.since: executions on the newest shape that
+            # began before this patch answer that without a marker, and must replay as they ran
+            if workflow.now() >= deadline and workflow.patched(DEADLINE_FIRST_PATCH):
+                outcome = await self._expire(host)
+                break
             outcome = await self._handle_inbox(host)
             if outcome is not None:
                 break
@@ -146,9 +155,7 @@ class ApprovalRound:
                 audience = "escalation" if kind == "approval_escalated" else "approvers"
                 await host.approval_notice(kind, audience, {"missing_roles": self.missing()})
             if now >= deadline:
-                self.decided = True
-                await host.approval_step("approval_expired", ApprovalOutcome.EXPIRED)
-                outcome = False
+                outcome = await self._expire(host)
                 break
             wake = min([deadline, *(due for due, _ in nudges)])
             try:
@@ -157,6 +164,12 @@ class ApprovalRound:
                 continue
         await self._refuse_leftovers(host)
         return outcome
+
+    async def _expire(self, host: ApprovalHost) -> bool:
+        """Ends the round unapproved at its deadline; verdicts still queued are refused."""
+        self.decided = True
+        await host.approval_step("approval_expired", ApprovalOutcome.EXPIRED)
+        return False
 
     async def _handle_inbox(self, host: ApprovalHost) -> bool | None:
         """Records each queued verdict; True when the tier is satisfied, False on denial."""
