@@ -21,8 +21,9 @@ from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 
+from adapters.break_dispatch import dispatch_breaks
 from adapters.db import Store
-from adapters.db.reconciliation import REPORT_COLUMNS, Listed, Phase, RunConflict, break_case
+from adapters.db.reconciliation import REPORT_COLUMNS, Listed, Phase, RunConflict
 from adapters.providers.base import (
     PayoutLister,
     ProviderAdapter,
@@ -48,13 +49,11 @@ from domain.reconciliation import (
     RunSummary,
     RunWindow,
     break_approval,
-    break_workflow_id,
     payout_truth_event,
 )
 
 log = logging.getLogger(__name__)
 
-BREAK_WORKFLOW = "ReconciliationBreakWorkflow"
 PAYOUT_WORKFLOW = "PayoutReversalWorkflow"
 
 
@@ -136,17 +135,7 @@ class ReconciliationActivities:
 
     async def _dispatch(self, run_id: str) -> None:
         """Starts one exception workflow per break (by derived id, so a repeat attaches)."""
-        while pending := await self._recon.undispatched(run_id):
-            for row in pending:
-                try:
-                    await self._client.start_workflow(
-                        BREAK_WORKFLOW, break_case(row, self._timings), id=break_workflow_id(int(row["id"])),
-                        task_queue=activity.info().task_queue,
-                        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-                        id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE)
-                except WorkflowAlreadyStartedError:
-                    pass  # started earlier and already finished
-                await self._recon.mark_dispatched(int(row["id"]))
+        await dispatch_breaks(self._client, self._recon, run_id, self._timings, activity.info().task_queue)
 
     @activity.defn(name=contracts.FINISH_RECONCILIATION_RUN.name)
     async def finish_reconciliation_run(self, run_id: str) -> RunSummary:

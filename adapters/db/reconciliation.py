@@ -13,7 +13,7 @@ breaks, their audit rows and notices, and the run's cursor commit together.
 
 import secrets
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -275,6 +275,24 @@ class ReconciliationRepository(Repository):
             if moved.rowcount != 1:
                 raise RunConflict(f"run {run_id} moved past {phase}:{cursor} elsewhere: the batch is dropped")
         return new
+
+    async def reconcile_event(self, provider: str, event_id: str, refund: ProviderRefund,
+                              reported_at: datetime, requested_by: str) -> str:
+        """Classifies one refund a provider reported after its case closed, as a run would,
+        in an `incident` run of its own (`late-event-<provider>-<event id>`); returns the
+        run's id, whose breaks the caller dispatches. No grace: a final status is the
+        provider's last word, not a webhook still in flight. The event's time stands for the
+        object's, which the event does not carry. A redelivery finds the run and its breaks."""
+        run_id = f"late-event-{provider}-{event_id}"
+        async with self._db.transaction() as conn:
+            await open_incident_run(conn, run_id, provider, requested_by)
+        run = await self.run(run_id)
+        assert run is not None
+        created = min(reported_at, run["window_end"] - timedelta(microseconds=1))
+        await self.store_batch(run_id, provider, [ListedRefund(refund=refund, created=created)],
+                               ReconcileOptions(grace=timedelta(0)), cursor=run["cursor"],
+                               phase=Phase(run["phase"]))
+        return run_id
 
     @staticmethod
     async def _announce(conn: Conn, row: dict[str, Any]) -> None:

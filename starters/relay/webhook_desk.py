@@ -22,6 +22,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
 from adapters import metrics, receipts
+from adapters.break_dispatch import dispatch_breaks
 from adapters.config import Settings
 from adapters.db import CaseCreation, Store, StoredReceipt
 from adapters.providers.base import NotificationRecorder, ProviderAdapter, WebhookRejected
@@ -30,6 +31,7 @@ from domain.events import tells_nothing_new, tracking_case_id
 from domain.models import EventKind, ProviderEvent, RefundRequest
 from domain.payments import PaymentEvent
 from domain.payouts import PayoutEvent, payout_case_id
+from domain.reconciliation import NON_TERMINAL_PROVIDER
 from starters.actions.starting import (
     open_payout_case,
     over_maximum,
@@ -265,10 +267,26 @@ class WebhookDesk:
         except RPCError as exc:
             if exc.status != RPCStatusCode.NOT_FOUND:
                 raise
-            log.error("case %s is closed; event %s left for reconciliation", case_id, event.event_id)
-            await self._store.audit.record(case_id, actor_of(event), "event_after_close",
-                                           {"event_id": event.event_id, "event_type": event.event_type})
+            await self._after_close(case_id, event)
         return case_id
+
+    async def _after_close(self, case_id: str, event: ProviderEvent) -> None:
+        """An event for a case whose workflow has closed is audited, and a final status is
+        reconciled at once: a failure the case shows refunded (or the reverse) becomes a
+        break for ops and its tier's approvers, never a row only a run might read later (a
+        run cannot list Adyen, and its window passes)."""
+        log.error("case %s is closed; event %s (%s) is reconciled now", case_id, event.event_id,
+                  event.event_type)
+        await self._store.audit.record(case_id, actor_of(event), "event_after_close",
+                                       {"event_id": event.event_id, "event_type": event.event_type})
+        refund = event.as_refund()
+        if refund is None or refund.status in NON_TERMINAL_PROVIDER:
+            return
+        recon = self._store.reconciliation
+        run_id = await recon.reconcile_event(event.provider, event.event_id, refund, event.occurred_at,
+                                             actor_of(event))
+        settings = self._settings
+        await dispatch_breaks(self._client, recon, run_id, settings.timings(), settings.task_queue)
 
     async def _payout_receipt(self, event: PayoutEvent, stored: StoredReceipt) -> None:
         """Every delivery of a payout event, duplicates too, joins the case's timeline with
@@ -321,10 +339,7 @@ class WebhookDesk:
             log.warning("provider-originated refund %s %s: tracking as case %s", event.provider,
                         event.refund_id, case_id)
         if await track_refund(self._client, self._settings, case_id, event) is None:
-            log.error("tracking case %s is closed; event %s left for reconciliation", case_id,
-                      event.event_id)
-            await self._store.audit.record(case_id, actor_of(event), "event_after_close",
-                                           {"event_id": event.event_id, "event_type": event.event_type})
+            await self._after_close(case_id, event)
         return case_id
 
     # -- replay, re-drive, coverage ---------------------------------------------------------

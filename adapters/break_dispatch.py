@@ -1,0 +1,29 @@
+"""Starting the exception workflow of every break a run found and none started yet: a
+reconciliation batch's (an activity) and a late provider event's (the relay) go through this
+one path, by derived id, so a repeat attaches and a break is never left unstarted by a
+crash between its row and its workflow (the next call starts it)."""
+
+from temporalio.client import Client
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
+
+from adapters.db.reconciliation import ReconciliationRepository, break_case
+from domain.models import RefundTimings
+from domain.reconciliation import break_workflow_id
+
+BREAK_WORKFLOW = "ReconciliationBreakWorkflow"
+
+
+async def dispatch_breaks(client: Client, recon: ReconciliationRepository, run_id: str,
+                          timings: RefundTimings, task_queue: str) -> None:
+    """Starts one exception workflow per undispatched break of the run, then marks it."""
+    while pending := await recon.undispatched(run_id):
+        for row in pending:
+            try:
+                await client.start_workflow(
+                    BREAK_WORKFLOW, break_case(row, timings), id=break_workflow_id(int(row["id"])),
+                    task_queue=task_queue, id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                    id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE)
+            except WorkflowAlreadyStartedError:
+                pass  # started earlier and already finished
+            await recon.mark_dispatched(int(row["id"]))

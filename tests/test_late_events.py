@@ -1,0 +1,98 @@
+"""A provider's word about a refund whose case has closed (its late-failure watch over, its
+workflow gone) is never left as an audit row alone: a terminal status the case does not
+show is reconciled at once, as a run would find it, into a break that waits for its tier's
+approvals before any entry is posted. The failure the product exists for (a refund shown
+refunded that the provider failed days later) reaches ops however late it comes, for
+providers a run cannot list (Adyen) too. A status that tells nothing new opens nothing."""
+
+import asyncio
+import uuid
+from typing import Any
+
+import pytest
+from temporalio.client import Client
+
+from adapters.db import Store
+from starters.dev.stack import TemporalDevServer
+from tests.harness import Stack
+from tests.reconciliation_kit import history, seed_case, seed_provider, wait_for_breaks
+from tests.test_adyen import adyen_rig, notification
+from tests.test_reconciliation import decide
+
+
+async def breaks_of(stack: Stack, object_id: str) -> list[dict[str, Any]]:
+    return await stack.store.database.fetch_all(
+        "SELECT * FROM reconciliation_breaks WHERE object_id = %s", (object_id,))
+
+
+async def closed_case(stack: Stack, days_ago: float = 20) -> tuple[dict[str, Any], str]:
+    """A refund the provider holds and a case that showed it refunded, its workflow long
+    gone (older than a scheduled run's 14-day window)."""
+    refund = history(f"ch_{uuid.uuid4().hex[:8]}", 2_000, days_ago=days_ago)
+    await seed_provider(stack, [refund])
+    return refund, await seed_case(stack, refund)
+
+
+async def test_a_failure_after_the_case_closed_opens_a_break_that_compensates_once_approved(
+        stack: Stack) -> None:
+    refund, case_id = await closed_case(stack)
+    await stack.set_provider_status(refund["id"], "failed", failure_reason="expired_or_canceled_card")
+    [found] = await wait_for_breaks(stack, [str(refund["id"])], "awaiting_approval")
+    assert (found["break_class"], found["refund_request_id"]) == ("provider_failed_shown_refunded", case_id)
+    trail = await stack.store.audit.trail(case_id)
+    assert {"event_after_close", "reconciliation_break_found"} <= {e["action"] for e in trail}
+    notices = await stack.store.database.fetch_all(
+        "SELECT kind, audience FROM notices WHERE refund_request_id = %s", (case_id,))
+    assert {"kind": "reconciliation_break", "audience": "ops"} in notices
+    assert [e["template"] for e in await stack.store.ledger.entries(case_id)] == ["refund_settled"] * 2
+
+    assert (await decide(stack, "carol", int(found["id"]))).status_code == 202
+    await wait_for_breaks(stack, [str(refund["id"])], "resolved")
+    case = await stack.store.cases.get(case_id)
+    assert case is not None and (case["status"], case["provider_status"]) == ("refund_failed", "failed")
+    templates = [e["template"] for e in await stack.store.ledger.entries(case_id)]
+    assert sorted(templates) == ["refund_reversed"] * 2 + ["refund_settled"] * 2
+
+
+@pytest.mark.parametrize("status", ["succeeded", "pending"])
+async def test_a_late_status_that_tells_nothing_new_opens_nothing(stack: Stack, status: str) -> None:
+    refund, case_id = await closed_case(stack)
+    await stack.set_provider_status(refund["id"], status)
+    await stack.wait_for_audit(case_id, "event_after_close")
+    assert await breaks_of(stack, str(refund["id"])) == []
+    assert [e["template"] for e in await stack.store.ledger.entries(case_id)] == ["refund_settled"] * 2
+
+
+async def test_the_same_late_failure_delivered_again_opens_one_break(stack: Stack) -> None:
+    refund, case_id = await closed_case(stack)
+    await stack.set_provider_status(refund["id"], "canceled")
+    await wait_for_breaks(stack, [str(refund["id"])], "awaiting_approval")
+    await stack.set_provider_status(refund["id"], "canceled")  # another event, same news
+    actions = await stack.wait_for_audit(case_id, "event_after_close")
+    while actions.count("event_after_close") < 2:
+        await asyncio.sleep(0.1)
+        actions = [e["action"] for e in await stack.store.audit.trail(case_id)]
+    assert len(await breaks_of(stack, str(refund["id"]))) == 1
+    assert actions.count("reconciliation_break_found") == 1
+
+
+async def test_an_adyen_reversal_after_the_watch_ended_opens_a_break(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """Adyen has no refund listing, so no run would ever find this: REFUNDED_REVERSED after
+    the case's late-failure watch ended (1 s here, 10 days by default)."""
+    async with adyen_rig(store, client, temporal_server, charges_from_fake=True,
+                         late_failure_window_seconds=1) as rig:
+        case_id, psp = await rig.request(1200)
+        await rig.stack.wait_for_status(case_id, "pending")
+        [made] = rig.fake.refunds_of(psp)
+        fields = {"pspReference": made["pspReference"], "originalReference": psp,
+                  "merchantReference": case_id, "amount": {"currency": "EUR", "value": 1200}}
+        assert (await rig.post(notification("REFUND", **fields))).text == "[accepted]"
+        await rig.stack.wait_for_status(case_id, "succeeded")
+        await rig.stack.client.get_workflow_handle(case_id).result()  # the watch ended
+        assert (await rig.post(notification("REFUNDED_REVERSED", **fields))).text == "[accepted]"
+        [found] = await wait_for_breaks(rig.stack, [made["pspReference"]], "awaiting_approval")
+        assert found["break_class"] == "provider_failed_shown_refunded"
+        assert found["refund_request_id"] == case_id
+        assert found["failure_reason"] == "REFUNDED_REVERSED: Account closed"
+        assert {e["template"] for e in await rig.stack.store.ledger.entries(case_id)} == {"refund_settled"}
