@@ -185,6 +185,23 @@ async def test_lost_response_is_verified_at_stripe_not_resubmitted(rig: StripeRi
     assert "provider_outcome_unknown" in trail and "verify_state" in trail
 
 
+async def test_an_idempotency_error_is_no_decline_the_case_verifies_and_refunds_once(rig: StripeRig) -> None:
+    """Stripe answers 400 `idempotency_error` when the key was used before with other
+    parameters: that earlier request may have made the refund, so it is an outcome to
+    verify, never "nothing was created" (a failed case someone would reissue)."""
+    charge = await rig.charge(10_000)
+    body = rig.body(charge, 2_000)
+    rig.proxy.refuse_next("POST", "/v1/refunds", 400, error_type="idempotency_error")
+    async with rig.stack.api("alice") as api:
+        assert (await api.post("/v1/refund-requests", json=body)).status_code == 202
+    row = await rig.stack.wait_for_status(body["refund_request_id"], "succeeded", "refund_failed")
+    assert (row["status"], row["failure_reason"]) == ("succeeded", None)
+    assert rig.proxy.refused == [("POST", "/v1/refunds", 400)]
+    assert [r["amount"] for r in await rig.refunds(charge)] == [2_000]
+    actions = await rig.stack.actions(body["refund_request_id"])
+    assert "provider_outcome_unknown" in actions and "provider_refund_declined" not in actions
+
+
 async def test_failure_webhook_after_success_reverses_the_ledger(rig: StripeRig) -> None:
     charge, body, row = await rig.refunded(2_500)
     event = json.loads((PAYLOADS / "stripe_charge.refund.updated.json").read_bytes())

@@ -117,6 +117,9 @@ class StripeProvider:
             return await call
         except stripe.APIConnectionError as exc:
             raise ProviderOutcomeUnknown(f"{what}: connection failed or timed out") from exc
+        except stripe.IdempotencyError as exc:
+            # 400: the key was used before with other parameters; that request may have acted
+            raise ProviderOutcomeUnknown(f"{what}: key reused: {exc.user_message or exc}") from exc
         except stripe.StripeError as exc:
             status = exc.http_status
             # 409: the same idempotency key is in flight; 429: rate limited. Neither is a no.
