@@ -243,6 +243,27 @@ async def test_a_closed_case_is_compensated_only_after_the_tiers_approvals(stack
     assert len(await stack.store.ledger.entries(case_id)) == 4
 
 
+async def test_nobody_behind_the_refund_approves_its_compensation(stack: Stack) -> None:
+    """A break's approvers exclude everyone a refund's approvers exclude: its requester and
+    its trigger identities (a reissue's original requester, a ticket's opener)."""
+    refund = history(f"ch_{os.urandom(4).hex()}", 2_000, days_ago=3)
+    await seed_provider(stack, [refund])
+    case_id = await seed_case(stack, refund, requester="bob")
+    await stack.store.database.execute(
+        "UPDATE refund_cases SET trigger_identities = '{carol}' WHERE refund_request_id = %s", (case_id,))
+    await move_at_provider(stack, refund["id"], "failed")
+    await backfill(stack, since_days=30)
+    [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    for behind in ("bob", "carol"):
+        refused = await decide(stack, behind, found["id"])
+        assert refused.status_code == 403 and "cannot approve" in refused.json()["detail"], refused.text
+    assert [e["template"] for e in await stack.store.ledger.entries(case_id)] == ["refund_settled"] * 2
+    stack.tokens["erin"] = await stack.store.access.create_token(
+        "erin", ["approver"], token=f"t-erin-{os.urandom(8).hex()}", by="test")
+    assert (await decide(stack, "erin", found["id"])).status_code == 202
+    await wait_for_breaks(stack, [refund["id"]], "resolved")
+
+
 async def test_an_unknown_refund_becomes_a_tracking_case_only_when_approved(stack: Stack) -> None:
     adopted, denied = history("ch_u1", 2_500, days_ago=4), history("ch_u2", 900, days_ago=4)
     await seed_provider(stack, [adopted, denied])

@@ -126,6 +126,14 @@ def truth_of(row: Mapping[str, Any]) -> ProviderRefund | ProviderPayout:
         failure_reason=row["failure_reason"], reference=row["evidence"]["provider"].get("reference"))
 
 
+def behind_case(case: Mapping[str, Any]) -> tuple[str, ...]:
+    """Who may not approve a break's compensation: whoever may not approve the refund (its
+    requester and trigger identities; breaks found before identities were kept name the
+    requester alone)."""
+    people = [case["requester"]] if case.get("requester") else []
+    return tuple(dict.fromkeys([*people, *(case.get("trigger_identities") or ())]))
+
+
 def break_case(row: Mapping[str, Any], timings: RefundTimings) -> BreakCase:
     """The exception workflow's input for a stored break."""
     case = row["evidence"].get("case") or {}
@@ -136,7 +144,7 @@ def break_case(row: Mapping[str, Any], timings: RefundTimings) -> BreakCase:
         case_holds_refund=bool(case.get("holds_refund")),
         case_provider_status=ProviderRefundStatus(held) if held else None, truth=truth_of(row),
         ledger_delta=None if row["ledger_delta"] is None else int(row["ledger_delta"]),
-        conflicted=(case["requester"],) if case.get("requester") else (), timings=timings,
+        conflicted=behind_case(case), timings=timings,
         reopened=int(row["reopened"]))
 
 

@@ -34,7 +34,7 @@ CLASSIFY = """
 WITH matched AS (
     SELECT b.*, c.refund_request_id AS case_id, c.status AS case_status, c.amount AS case_amount,
            c.currency AS case_currency, c.provider_status AS case_provider_status,
-           c.requester AS case_requester,
+           c.requester AS case_requester, c.trigger_identities AS case_trigger_identities,
            coalesce(c.provider_refund_id = b.object_id, false) AS case_holds_refund,
            coalesce(l.net, 0) AS ledger_net,
            CASE WHEN b.status = 'succeeded' THEN b.amount ELSE 0 END AS expected_net
@@ -102,7 +102,7 @@ WITH matched AS (
                'case', CASE WHEN case_id IS NOT NULL THEN jsonb_build_object('id', case_id,
                    'status', case_status, 'amount', case_amount, 'currency', case_currency,
                    'provider_status', case_provider_status, 'holds_refund', case_holds_refund,
-                   'requester', case_requester) END,
+                   'requester', case_requester, 'trigger_identities', case_trigger_identities) END,
                'ledger', jsonb_build_object('net', ledger_net, 'expected', expected_net)),
            %(run_id)s, CASE WHEN status = %(unmapped)s THEN 'ops_review' ELSE 'new' END
     FROM classified
