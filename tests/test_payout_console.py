@@ -99,3 +99,40 @@ async def test_the_reissue_requester_cannot_approve_it_from_the_console(stack: S
     await wait_for_case(stack, case_id, "reissue_denied")
     text = html.unescape((await lena.get(f"/console/payouts/{case_id}?notice=deny")).text)
     assert "Your denial was recorded" in text and "reissue denied" in text
+
+
+async def test_a_verdict_from_the_reversals_page_never_approves_the_reissue(stack: Stack) -> None:
+    """The two rounds of a payout case can need the same role. A page loaded for the
+    reversal and submitted once the case awaits its reissue (another approver decided the
+    reversal meanwhile, ops asked for the reissue) is refused, 409, and pays nobody again:
+    the form names the round it was shown for."""
+    await add_payout_approvers(stack)
+    payout = await paid_payout(stack, 100_000)
+    await move_payout(stack, payout.provider_payout_id, "failed", failure_code="insufficient_funds")
+    case_id = payout_case_id("sandbox", payout.provider_payout_id)
+    await wait_for_case(stack, case_id, "awaiting_approval")
+    lena = await console(stack, "lena")
+    stale = await lena.get(f"/console/payouts/{case_id}")
+    assert field(stale.text, "awaiting") == "awaiting_approval"
+    async with stack.api("lena") as api:
+        decided = await api.post(f"/v1/payout-exceptions/{case_id}/approvals",
+                                 json={"decision": "approve", "awaiting": "awaiting_approval"})
+    assert decided.status_code == 202, decided.text
+    await wait_for_case(stack, case_id, "remediated")
+    assert (await ask_reissue(stack, "omar", case_id)).status_code == 202
+    await wait_for_case(stack, case_id, "awaiting_reissue_approval")
+
+    late = await decide(lena, case_id, "approve", awaiting="awaiting_approval")
+    assert late.status_code == 409 and "reload" in html.unescape(late.text), late.text
+    assert (await stack.store.payouts.case(case_id)).status == "awaiting_reissue_approval"  # type: ignore[union-attr]
+    async with stack.api("lena") as api:
+        stale_api = await api.post(f"/v1/payout-exceptions/{case_id}/approvals",
+                                   json={"decision": "approve", "awaiting": "awaiting_approval"})
+    assert stale_api.status_code == 409 and "awaiting_reissue_approval" in stale_api.json()["detail"]
+    trail = [e for e in await stack.store.audit.trail(case_id) if e["action"] == "action_refused"]
+    assert [e["detail"]["via"] for e in trail] == ["console", "api"]
+
+    fresh = await lena.get(f"/console/payouts/{case_id}")
+    assert field(fresh.text, "awaiting") == "awaiting_reissue_approval"
+    assert (await decide(lena, case_id, "approve", awaiting="awaiting_reissue_approval")).status_code == 303
+    await wait_for_case(stack, case_id, "reissued")

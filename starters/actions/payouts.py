@@ -4,7 +4,7 @@ case (the API's answer, the console's page) and a verdict on its current approva
 from typing import Any
 
 from adapters.db import Principal, Store
-from domain.payouts import APPROVAL_STATUSES
+from domain.payouts import APPROVAL_STATUSES, PayoutCaseStatus
 from domain.permissions import Permission
 from starters.actions.approving import ApprovalBody, Refused, approvals_view, ask_for_verdict
 from starters.actions.cases import CaseActions
@@ -38,18 +38,31 @@ async def payout_case_view(store: Store, case_id: str) -> dict[str, Any] | None:
     }
 
 
+class PayoutApprovalBody(ApprovalBody):
+    """A verdict on a payout case. Its two rounds (the reversal, then a reissue) can need
+    the same role, so a verdict may name the round it was given for: `awaiting`, the status
+    the approver was shown (the console's form always sends it)."""
+
+    awaiting: PayoutCaseStatus | None = None
+
+
 async def decide_on_payout_exception(actions: CaseActions, caller: Principal, case_id: str,
-                                     body: ApprovalBody, *, via: str) -> dict[str, Any]:
+                                     body: PayoutApprovalBody, *, via: str) -> dict[str, Any]:
     """The one rule for a verdict on a payout case, whichever front end asks (API or
-    console): approver roles, the case awaiting approval, then the workflow's update
-    validator (tier roles, segregation of duties). Refusals raise the audited `Refused`."""
-    await actions.require(caller, Permission.APPROVE_PAYOUT_EXCEPTION, "approving a payout exception",
-                          case_id, via=via)
+    console): approver roles, the case awaiting approval (in the round the verdict names),
+    then the workflow's update validator (tier roles, segregation of duties). Refusals
+    raise `Refused`; a verdict for another round is audited."""
+    action = "approving a payout exception"
+    await actions.require(caller, Permission.APPROVE_PAYOUT_EXCEPTION, action, case_id, via=via)
     row = await actions.store.payouts.case(case_id)
     if row is None:
         raise Refused(404, f"no payout exception {case_id!r}")
     if row["status"] not in APPROVAL_STATUSES:
         raise Refused(409, f"case is {row['status']}, not awaiting approval")
+    if body.awaiting is not None and body.awaiting != row["status"]:
+        await actions.refuse(caller, case_id, 409, action,
+                             f"this verdict was given for the case {body.awaiting.value}; it is now "
+                             f"{row['status']}: reload it and decide again", via=via)
     progress = await ask_for_verdict(actions.client, actions.store, case_id, body, caller,
                                      answer_within=actions.settings.approval_answer_seconds, via=via)
     return {"case_id": case_id, "decision": body.decision.value, "status": progress.status,

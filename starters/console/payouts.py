@@ -15,9 +15,9 @@ from pydantic import ValidationError
 from adapters.db import ConsoleSession
 from domain.payouts import APPROVAL_STATUSES, PayoutCaseStatus
 from domain.permissions import Permission, may
-from starters.actions.approving import PENDING_NOTICE, VERDICT_PENDING, ApprovalBody, Refused, verdict_notice
+from starters.actions.approving import PENDING_NOTICE, VERDICT_PENDING, Refused, verdict_notice
 from starters.actions.front import front_door
-from starters.actions.payouts import decide_on_payout_exception, payout_case_view
+from starters.actions.payouts import PayoutApprovalBody, decide_on_payout_exception, payout_case_view
 from starters.console.pages import forbidden, page
 from starters.console.sessions import PREFIX, current, posted
 
@@ -96,7 +96,7 @@ async def decide(request: Request, case_id: str) -> Response:
     actions = front_door(request).actions
     try:
         form = await posted(request, session)
-        body = ApprovalBody.model_validate(form)
+        body = PayoutApprovalBody.model_validate(form)
         answer = await decide_on_payout_exception(actions, session.principal, case_id, body, via="console")
     except ValidationError as exc:
         first = exc.errors()[0]

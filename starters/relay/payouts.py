@@ -13,9 +13,9 @@ from temporalio.service import RPCError, RPCStatusCode
 from adapters.telemetry import bind_case
 from domain.payouts import PayoutRegistration, ReissueAsk, payout_case_id
 from domain.permissions import Permission
-from starters.actions.approving import ApprovalBody, refusal
+from starters.actions.approving import refusal
 from starters.actions.front import Door
-from starters.actions.payouts import decide_on_payout_exception, payout_case_view
+from starters.actions.payouts import PayoutApprovalBody, decide_on_payout_exception, payout_case_view
 from starters.actions.starting import over_maximum
 from starters.relay.auth import Caller
 from workflows.payout import PayoutReversalWorkflow
@@ -88,7 +88,7 @@ async def get_payout_exception(case_id: str, caller: Caller, door: Door) -> dict
 
 
 @router.post("/v1/payout-exceptions/{case_id}/approvals", status_code=202)
-async def approve_payout_exception(case_id: str, body: ApprovalBody, caller: Caller,
+async def approve_payout_exception(case_id: str, body: PayoutApprovalBody, caller: Caller,
                                    door: Door) -> dict[str, Any]:
     """Approves or denies the case's current round (the reversal, or a reissue); the
     verdict comes back at once, refusals are audited."""
