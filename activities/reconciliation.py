@@ -135,15 +135,21 @@ class ReconciliationActivities:
 
     async def _dispatch(self, run_id: str) -> None:
         """Starts one exception workflow per break (by derived id, so a repeat attaches)."""
-        await dispatch_breaks(self._client, self._recon, run_id, self._timings, activity.info().task_queue)
+        await dispatch_breaks(self._client, self._recon, lambda: self._recon.undispatched(run_id),
+                              self._timings, activity.info().task_queue)
 
     @activity.defn(name=contracts.FINISH_RECONCILIATION_RUN.name)
     async def finish_reconciliation_run(self, run_id: str) -> RunSummary:
-        """Dispatches any break left undispatched, writes the report (JSON and CSV) and
-        marks the run completed; a retry rewrites the same files."""
+        """Dispatches any break left undispatched (the run's, and the provider's late
+        events' whose start failed), writes the report (JSON and CSV) and marks the run
+        completed; a retry rewrites the same files."""
         await self._dispatch(run_id)
         report = await self._recon.report(run_id)
         assert report is not None
+        provider = str(report["provider"])
+        await dispatch_breaks(self._client, self._recon,
+                              lambda: self._recon.undispatched_late_events(provider),
+                              self._timings, activity.info().task_queue)
         self._reports_dir.mkdir(parents=True, exist_ok=True)
         json_path, csv_path = (self._reports_dir / f"{run_id}.{ext}" for ext in ("json", "csv"))
         rows = 0

@@ -1,7 +1,11 @@
 """Starting the exception workflow of every break a run found and none started yet: a
 reconciliation batch's (an activity) and a late provider event's (the relay) go through this
-one path, by derived id, so a repeat attaches and a break is never left unstarted by a
-crash between its row and its workflow (the next call starts it)."""
+one path, by derived id, so a repeat attaches. A break whose start failed (Temporal away
+between its row and its workflow) is started by the next call: a re-drive of the same
+delivery, or, for late events, the provider's next reconciliation run."""
+
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
@@ -14,10 +18,12 @@ from domain.reconciliation import break_workflow_id
 BREAK_WORKFLOW = "ReconciliationBreakWorkflow"
 
 
-async def dispatch_breaks(client: Client, recon: ReconciliationRepository, run_id: str,
+async def dispatch_breaks(client: Client, recon: ReconciliationRepository,
+                          pending_of: Callable[[], Awaitable[list[dict[str, Any]]]],
                           timings: RefundTimings, task_queue: str) -> None:
-    """Starts one exception workflow per undispatched break of the run, then marks it."""
-    while pending := await recon.undispatched(run_id):
+    """Starts one exception workflow per undispatched break `pending_of` returns (a run's,
+    or every late event's of a provider), then marks it."""
+    while pending := await pending_of():
         for row in pending:
             try:
                 await client.start_workflow(

@@ -13,6 +13,7 @@ breaks, their audit rows and notices, and the run's cursor commit together.
 
 import secrets
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import suppress
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
@@ -83,6 +84,10 @@ class Phase(StrEnum):
 REPORT_COLUMNS = ("break_id", "break_class", "provider", "object_id", "case_id", "amount", "currency",
                   "provider_status", "failure_reason", "case_status", "ledger_delta", "object_created_at",
                   "state", "new_in_run")
+
+
+LATE_EVENT_RUN = "late-event-"
+"""The prefix of the incident run a late provider event is classified in."""
 
 
 class RunConflict(Exception):
@@ -286,20 +291,22 @@ class ReconciliationRepository(Repository):
 
     async def reconcile_event(self, provider: str, event_id: str, refund: ProviderRefund,
                               reported_at: datetime, requested_by: str) -> str:
-        """Classifies one refund a provider reported after its case closed, as a run would,
-        in an `incident` run of its own (`late-event-<provider>-<event id>`); returns the
-        run's id, whose breaks the caller dispatches. No grace: a final status is the
-        provider's last word, not a webhook still in flight. The event's time stands for the
-        object's, which the event does not carry. A redelivery finds the run and its breaks."""
-        run_id = f"late-event-{provider}-{event_id}"
+        """Classifies one refund a provider reported failed or canceled after its case
+        closed, as a run would, in an `incident` run of its own (`late-event-<provider>-<event
+        id>`); returns the run's id, whose breaks the caller dispatches. No grace: nothing
+        follows a failure or a cancel, so it is not a webhook still in flight. The event's
+        time stands for the object's, which the event does not carry. A redelivery (or
+        another relay classifying the same event at once) finds the run and its breaks."""
+        run_id = f"{LATE_EVENT_RUN}{provider}-{event_id}"
         async with self._db.transaction() as conn:
             await open_incident_run(conn, run_id, provider, requested_by)
         run = await self.run(run_id)
         assert run is not None
         created = min(reported_at, run["window_end"] - timedelta(microseconds=1))
-        await self.store_batch(run_id, provider, [ListedRefund(refund=refund, created=created)],
-                               ReconcileOptions(grace=timedelta(0)), cursor=run["cursor"],
-                               phase=Phase(run["phase"]))
+        with suppress(RunConflict):  # classified by a concurrent call: its breaks stand
+            await self.store_batch(run_id, provider, [ListedRefund(refund=refund, created=created)],
+                                   ReconcileOptions(grace=timedelta(0)), cursor=run["cursor"],
+                                   phase=Phase(run["phase"]))
         return run_id
 
     @staticmethod
@@ -318,6 +325,13 @@ class ReconciliationRepository(Repository):
         return await self._db.fetch_all(
             "SELECT * FROM reconciliation_breaks WHERE first_run_id = %s AND dispatched_at IS NULL"
             " AND state <> 'ops_review' ORDER BY id LIMIT %s", (run_id, limit))
+
+    async def undispatched_late_events(self, provider: str, limit: int = 500) -> list[dict[str, Any]]:
+        """Breaks late events of the provider found whose exception workflow never started
+        (Temporal away through every re-drive of the delivery): a run's finish starts them."""
+        return await self._db.fetch_all(
+            "SELECT * FROM reconciliation_breaks WHERE first_run_id LIKE %s AND dispatched_at IS NULL"
+            " AND state <> 'ops_review' ORDER BY id LIMIT %s", (f"{LATE_EVENT_RUN}{provider}-%", limit))
 
     async def mark_dispatched(self, break_id: int) -> None:
         await self._db.execute("UPDATE reconciliation_breaks SET dispatched_at = now() WHERE id = %s",

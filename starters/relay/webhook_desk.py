@@ -28,10 +28,10 @@ from adapters.db import CaseCreation, Store, StoredReceipt
 from adapters.providers.base import NotificationRecorder, ProviderAdapter, WebhookRejected
 from adapters.telemetry import bind_case
 from domain.events import tells_nothing_new, tracking_case_id
+from domain.lifecycle import FINAL_PROVIDER_STATUSES
 from domain.models import EventKind, ProviderEvent, RefundRequest
 from domain.payments import PaymentEvent
 from domain.payouts import PayoutEvent, payout_case_id
-from domain.reconciliation import NON_TERMINAL_PROVIDER
 from starters.actions.starting import (
     open_payout_case,
     over_maximum,
@@ -271,22 +271,25 @@ class WebhookDesk:
         return case_id
 
     async def _after_close(self, case_id: str, event: ProviderEvent) -> None:
-        """An event for a case whose workflow has closed is audited, and a final status is
-        reconciled at once: a failure the case shows refunded (or the reverse) becomes a
-        break for ops and its tier's approvers, never a row only a run might read later (a
-        run cannot list Adyen, and its window passes)."""
+        """An event for a case whose workflow has closed is audited, and a final status
+        (failed, canceled: nothing follows either) is reconciled at once: a failure the case
+        shows refunded becomes a break for ops and its tier's approvers, never a row only a
+        run might read later (a run cannot list Adyen, and its window passes). Any other
+        status may be an old delivery arriving late (a success a failure already followed):
+        audited only, as a run reads the provider's current word."""
         log.error("case %s is closed; event %s (%s) is reconciled now", case_id, event.event_id,
                   event.event_type)
         await self._store.audit.record(case_id, actor_of(event), "event_after_close",
                                        {"event_id": event.event_id, "event_type": event.event_type})
         refund = event.as_refund()
-        if refund is None or refund.status in NON_TERMINAL_PROVIDER:
+        if refund is None or refund.status not in FINAL_PROVIDER_STATUSES:
             return
         recon = self._store.reconciliation
         run_id = await recon.reconcile_event(event.provider, event.event_id, refund, event.occurred_at,
                                              actor_of(event))
         settings = self._settings
-        await dispatch_breaks(self._client, recon, run_id, settings.timings(), settings.task_queue)
+        await dispatch_breaks(self._client, recon, lambda: recon.undispatched(run_id), settings.timings(),
+                              settings.task_queue)
 
     async def _payout_receipt(self, event: PayoutEvent, stored: StoredReceipt) -> None:
         """Every delivery of a payout event, duplicates too, joins the case's timeline with
