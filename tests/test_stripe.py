@@ -315,6 +315,21 @@ async def stripe_refund(rig: StripeRig, charge: str, amount: int) -> str:
     return str(response.json()["id"])
 
 
+async def test_a_refund_in_fractional_krona_is_a_break_for_ops_not_a_stalled_run(rig: StripeRig) -> None:
+    """40.10 ISK (Stripe took fractional krona until 2023) has no ISO 4217 amount: listed,
+    it is an unmapped object (a break for ops, its amount rounded down) and the list reads
+    on, never an error a run retries for ever."""
+    charge = await rig.charge(10_000, currency="isk")
+    odd = await stripe_refund(rig, charge, 4_010)
+    adapter = rig.stack.providers["stripe"]
+    assert isinstance(adapter, RefundLister)
+    listed = [item async for item in adapter.list_refunds(
+        datetime.now(UTC) - timedelta(hours=1), datetime.now(UTC) + timedelta(minutes=1))]
+    [unmapped] = [x for x in listed if isinstance(x, UnmappedListing) and x.object_id == odd]
+    assert (unmapped.amount, unmapped.currency, unmapped.raw_status) == (40, "ISK", "succeeded")
+    assert "4010" in unmapped.error
+
+
 async def test_stripe_lists_a_window_newest_first_across_pages(
         rig: StripeRig, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(stripe_adapter, "LIST_PAGE", 4)

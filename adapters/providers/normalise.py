@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 
 from adapters.providers.base import ProviderUnsupported, UnexpectedProviderStatus, WebhookRejected
-from adapters.providers.units import MinorUnits
+from adapters.providers.units import MinorUnits, minor_units
 from domain.models import EventKind, ProviderEvent, ProviderRefund, ProviderRefundStatus
 from domain.money import currency_exponent, normalise_currency
 from domain.payouts import PayoutEvent, ProviderPayout, ProviderPayoutStatus
@@ -122,9 +122,12 @@ def answered_amounts(provider: str, units: MinorUnits, what: str, currency: str,
 
 def amount_and_currency(obj: Mapping[str, Any], units: MinorUnits) -> tuple[int, str]:
     """A Stripe-shaped object's `amount` (in the provider's units) in our minor units, with
-    its currency."""
+    its currency; MalformedAnswer (a webhook's `malformed`) when no amount of ours equals it."""
     currency = normalise_currency(str(obj["currency"]))
-    return units.from_provider(obj["amount"], currency), currency
+    try:
+        return units.from_provider(obj["amount"], currency), currency
+    except ValueError as exc:
+        raise MalformedAnswer(f"{obj.get('id')}: {exc}") from None
 
 
 def stripe_shaped_refund(provider: str, obj: Mapping[str, Any],
@@ -163,10 +166,14 @@ def listed(provider: str, obj: Mapping[str, Any], units: MinorUnits,
     created = datetime.fromtimestamp(int(obj["created"]), UTC)
     try:
         return build(obj, created)
-    except UnexpectedStatus as exc:
-        log.error("UNMAPPED STATUS while listing %s: %s (%s)", provider, exc, obj.get("id"))
-        amount, currency = amount_and_currency(obj, units)
-        return UnmappedListing(object_id=str(obj["id"]), raw_status=exc.raw, amount=amount,
+    except (UnexpectedStatus, MalformedAnswer) as exc:
+        # an amount no amount of ours equals (a fractional krona from before 2023) is as
+        # unreadable as an unmapped status: a break for ops, its amount rounded down
+        log.error("UNMAPPED while listing %s: %s (%s)", provider, exc, obj.get("id"))
+        currency = normalise_currency(str(obj["currency"]))
+        raw = exc.raw if isinstance(exc, UnexpectedStatus) else str(obj.get("status"))
+        return UnmappedListing(object_id=str(obj["id"]), raw_status=raw,
+                               amount=units.largest_ours(minor_units(obj["amount"]), currency),
                                created=created, error=str(exc), currency=currency)
 
 
