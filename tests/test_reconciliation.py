@@ -264,6 +264,30 @@ async def test_nobody_behind_the_refund_approves_its_compensation(stack: Stack) 
     await wait_for_breaks(stack, [refund["id"]], "resolved")
 
 
+async def test_a_second_refund_with_a_cases_reference_never_reverses_the_one_it_holds(stack: Stack) -> None:
+    """A provider refund carrying a case's reference that is not the refund the case holds
+    is a duplicate, judged as one: canceled or failed it moved no money and opens nothing
+    (before, it read as the case's own refund failing, and an approval reversed the refund
+    the provider really made); succeeded it moved money twice, a break for ops."""
+    held = history(f"ch_{os.urandom(4).hex()}", 2_000, days_ago=3)
+    await seed_provider(stack, [held])
+    case_id = await seed_case(stack, held)
+    canceled = history(str(held["charge"]), 2_000, days_ago=3, status="canceled", reference=case_id)
+    twice = history(str(held["charge"]), 2_000, days_ago=3, reference=case_id)
+    await seed_provider(stack, [canceled, twice])
+    await backfill(stack, since_days=30)
+    [duplicate] = await wait_for_breaks(stack, [twice["id"]], "ops_review")
+    assert (duplicate["break_class"], duplicate["refund_request_id"], duplicate["ledger_delta"]) == (
+        "duplicate_refund", case_id, 2_000)
+    async with stack.store.database.transaction() as conn:
+        others = list(await (await conn.execute(
+            "SELECT break_class FROM reconciliation_breaks WHERE object_id = ANY(%s)",
+            ([held["id"], canceled["id"], twice["id"]],))).fetchall())
+    assert [r["break_class"] for r in others] == ["duplicate_refund"]
+    case = await stack.store.cases.get(case_id)
+    assert case is not None and case["status"] == "succeeded"
+
+
 async def test_an_unknown_refund_becomes_a_tracking_case_only_when_approved(stack: Stack) -> None:
     adopted, denied = history("ch_u1", 2_500, days_ago=4), history("ch_u2", 900, days_ago=4)
     await seed_provider(stack, [adopted, denied])

@@ -36,6 +36,10 @@ WITH matched AS (
            c.currency AS case_currency, c.provider_status AS case_provider_status,
            c.requester AS case_requester, c.trigger_identities AS case_trigger_identities,
            coalesce(c.provider_refund_id = b.object_id, false) AS case_holds_refund,
+           c.provider_refund_id AS case_refund_id,
+           -- another refund carrying the case's reference while the case holds its own: a
+           -- duplicate, never the case's refund changing state
+           coalesce(c.provider_refund_id <> b.object_id, false) AS duplicate,
            coalesce(l.net, 0) AS ledger_net,
            CASE WHEN b.status = 'succeeded' THEN b.amount ELSE 0 END AS expected_net
     FROM recon_batch b
@@ -52,21 +56,21 @@ WITH matched AS (
 ), flagged AS (
     SELECT m.*,
            m.case_id IS NULL AS unknown,
-           CASE WHEN m.case_id IS NULL THEN NULL
+           CASE WHEN m.case_id IS NULL OR m.duplicate THEN NULL
                 WHEN m.status IN ('failed', 'canceled') AND m.case_status = ANY(%(shown_refunded)s)
                     THEN 'provider_failed_shown_refunded'
                 WHEN m.status = 'succeeded' AND m.case_status = ANY(%(shown_pending)s)
                     THEN 'provider_succeeded_shown_pending'
                 WHEN m.status = 'succeeded' AND m.case_status = ANY(%(shown_failed)s)
                     THEN 'provider_succeeded_shown_failed' END AS status_break,
-           coalesce(m.case_amount <> m.amount, false) AS amount_break,
-           coalesce(m.case_currency <> m.currency, false) AS currency_break,
-           m.case_id IS NOT NULL AND m.created_at < %(stuck_before)s
+           NOT m.duplicate AND coalesce(m.case_amount <> m.amount, false) AS amount_break,
+           NOT m.duplicate AND coalesce(m.case_currency <> m.currency, false) AS currency_break,
+           m.case_id IS NOT NULL AND NOT m.duplicate AND m.created_at < %(stuck_before)s
                AND (m.status = ANY(%(non_terminal)s)
                     OR (m.case_status = ANY(%(shown_pending)s) AND m.status IN ('failed', 'canceled')))
                AS stuck,
            -- ledger breaks only where the case's status agrees with the provider's
-           m.case_id IS NOT NULL AND (
+           m.case_id IS NOT NULL AND NOT m.duplicate AND (
                (m.status = 'succeeded' AND m.case_status = ANY(%(shown_refunded)s))
                OR (m.status IN ('failed', 'canceled') AND m.case_status = ANY(%(shown_failed)s))
                OR (m.status = ANY(%(non_terminal)s) AND m.case_status = ANY(%(shown_pending)s)))
@@ -76,6 +80,7 @@ WITH matched AS (
     SELECT f.*, k.break_class FROM flagged f CROSS JOIN LATERAL unnest(
         CASE WHEN f.status = %(unmapped)s THEN ARRAY['unmapped_status'] ELSE array_remove(ARRAY[
         CASE WHEN f.unknown THEN 'unknown_to_us' END,
+        CASE WHEN f.duplicate AND f.status NOT IN ('failed', 'canceled') THEN 'duplicate_refund' END,
         f.status_break,
         CASE WHEN f.amount_break THEN 'amount_mismatch' END,
         CASE WHEN f.currency_break THEN 'currency_mismatch' END,
@@ -92,7 +97,7 @@ WITH matched AS (
     SELECT %(provider)s, object_id, break_class, case_id,
            coalesce(case_id, %(tracking_prefix)s || object_id), charge_id, amount, currency, status,
            raw_status, failure_reason, case_status,
-           CASE WHEN status = %(unmapped)s THEN NULL WHEN case_id IS NULL THEN expected_net
+           CASE WHEN status = %(unmapped)s THEN NULL WHEN case_id IS NULL OR duplicate THEN expected_net
                 WHEN currency = case_currency THEN expected_net - ledger_net END,
            created_at,
            jsonb_build_object(
@@ -102,9 +107,12 @@ WITH matched AS (
                'case', CASE WHEN case_id IS NOT NULL THEN jsonb_build_object('id', case_id,
                    'status', case_status, 'amount', case_amount, 'currency', case_currency,
                    'provider_status', case_provider_status, 'holds_refund', case_holds_refund,
+                   'provider_refund_id', case_refund_id,
                    'requester', case_requester, 'trigger_identities', case_trigger_identities) END,
                'ledger', jsonb_build_object('net', ledger_net, 'expected', expected_net)),
-           %(run_id)s, CASE WHEN status = %(unmapped)s THEN 'ops_review' ELSE 'new' END
+           %(run_id)s,
+           CASE WHEN status = %(unmapped)s OR break_class = 'duplicate_refund' THEN 'ops_review'
+                ELSE 'new' END
     FROM classified
     ON CONFLICT (provider, object_id, break_class) DO NOTHING
     RETURNING *
