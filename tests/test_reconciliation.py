@@ -159,6 +159,22 @@ async def test_each_class_of_break_is_found_alone(stack: Stack, break_class: str
     assert "reconciliation_break_found" in await stack.actions(chain)
 
 
+async def test_a_case_whose_own_posting_is_pending_is_no_ledger_break(stack: Stack) -> None:
+    """`executed_ledger_pending`: the case's workflow retries its own entry until it lands
+    (an incident is open). A `ledger_missing` break approved meanwhile posted a second
+    settlement beside it (another posting key), and the ledger doubled once the case's
+    landed. The case lands it; reconciliation leaves it alone."""
+    refund = history(f"ch_{os.urandom(4).hex()}", 1_000, days_ago=2)
+    await seed_provider(stack, [refund])
+    await seed_case(stack, refund, status=CaseStatus.EXECUTED_LEDGER_PENDING, settled=0)
+    report = await backfill(stack, since_days=30)
+    assert report["objects_seen"] >= 1
+    async with stack.store.database.transaction() as conn:
+        found = list(await (await conn.execute(
+            "SELECT break_class FROM reconciliation_breaks WHERE object_id = %s", (refund["id"],))).fetchall())
+    assert found == []
+
+
 async def test_running_cases_take_the_providers_state_through_their_own_lifecycle(
         store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
     stack = await open_stack(store, client, temporal_server.address, late_failure_window_seconds=300,

@@ -32,6 +32,7 @@ from domain.events import tracking_case_id
 from domain.incidents import DuplicateRefundInput
 from domain.ledger import REFUNDED_ACCOUNT
 from domain.models import (
+    CaseStatus,
     LedgerInput,
     LedgerKind,
     NoticeInput,
@@ -270,6 +271,7 @@ class ReconciliationRepository(Repository):
                 "judge_before": until - options.grace, "stuck_before": until - options.stuck_after,
                 "shown_refunded": _names(SHOWN_REFUNDED), "shown_pending": _names(SHOWN_PENDING),
                 "shown_failed": _names(SHOWN_FAILED), "non_terminal": _names(NON_TERMINAL_PROVIDER),
+                "ledger_pending": CaseStatus.EXECUTED_LEDGER_PENDING.value,
                 "tracking_prefix": tracking_case_id(provider, ""), "unmapped": UNMAPPED,
                 "payout_failed": _names(EXCEPTION_STATUSES), "paid": PayoutStatus.PAID.value,
                 "case_prefix": payout_case_id(provider, "")})

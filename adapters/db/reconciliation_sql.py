@@ -87,7 +87,9 @@ WITH matched AS (
         CASE WHEN f.stuck THEN 'stuck_non_terminal' END,
         CASE WHEN f.statuses_agree AND NOT f.amount_break AND NOT f.currency_break THEN
             CASE WHEN f.ledger_net > f.amount OR f.ledger_net < 0 THEN 'ledger_doubled'
-                 WHEN f.ledger_net <> f.expected_net THEN 'ledger_missing' END END
+                 -- a case whose own entry is pending lands it itself (a second would double)
+                 WHEN f.ledger_net <> f.expected_net AND f.case_status <> %(ledger_pending)s
+                     THEN 'ledger_missing' END END
     ], NULL) END) AS k(break_class)
 ), inserted AS (
     INSERT INTO reconciliation_breaks (
