@@ -163,6 +163,7 @@ class PayoutActivities:
         try:
             made = await provider.find_payout(order.reference)
             if made is None:
+                await self._refuse_while_held_elsewhere(inp.case_id, original.beneficiary_id)
                 made = await self._create(provider, order, original.reissue_key())
         except ProviderConfigurationRefused as exc:
             raise configuration_refused(exc) from exc
@@ -170,6 +171,17 @@ class PayoutActivities:
             raise ApplicationError(f"lookup failed, outcome unknown: {exc}",
                                    type=errors.OUTCOME_UNKNOWN) from exc
         return await self._book.record_reissue(inp.case_id, original, made, inp.final_status)
+
+    async def _refuse_while_held_elsewhere(self, case_id: str, beneficiary_id: str) -> None:
+        """A reissue is one more payout to the beneficiary: while another open case holds
+        their payouts (another failure not yet resolved), none is made (a decline: ops are
+        told, nothing was sent)."""
+        holding = [h.case_id for h in await self._book.beneficiary_holds(beneficiary_id)
+                   if h.released_at is None and h.case_id != case_id]
+        if holding:
+            raise ApplicationError(f"beneficiary {beneficiary_id} is held by {', '.join(holding)}: "
+                                   "no reissue while another failure is open", type=errors.DECLINED,
+                                   non_retryable=True)
 
     @staticmethod
     async def _create(provider: PayoutExecutor, order: PayoutOrder, key: str) -> ProviderPayout:

@@ -3,6 +3,7 @@ pattern (a settlement failure after "paid"; a retry storm of one failure), every
 tier, the rollback branch when the compensating entry cannot be posted, out-of-order and
 joining events, and a reissue that needs its own approval and happens once."""
 
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -372,6 +373,33 @@ async def test_reissue_needs_its_own_approval_and_happens_once(payouts: Stack) -
     retried = await activities.reissue_payout(ReissueInput(case_id=case_id, original=original,
                                                            final_status=PayoutStatus.FAILED))
     assert retried.provider_payout_id == made["id"] and len(await at_provider()) == 1
+
+
+async def test_a_reissue_waits_while_another_case_holds_the_beneficiary(payouts: Stack) -> None:
+    """Two payouts to one beneficiary failed: each case holds the beneficiary's further
+    payouts. A reissue is such a payout, so while the other case's hold stands it is
+    refused (reissue_failed, ops told) and nothing is paid."""
+    beneficiary = f"ben_{uuid.uuid4().hex[:8]}"
+    first = await paid_payout(payouts, 40_000, beneficiary=beneficiary)
+    second = await paid_payout(payouts, 30_000, beneficiary=beneficiary)
+    for payout in (first, second):
+        await move_payout(payouts, payout.provider_payout_id, "failed", failure_code="account_closed")
+    case_id, other = (payout_case_id("sandbox", p.provider_payout_id) for p in (first, second))
+    for case in (case_id, other):  # each reversal approved: its runbook holds the beneficiary
+        await wait_for_case(payouts, case, "awaiting_approval")
+        assert (await decide(payouts, "lena", case)).status_code == 202
+        await wait_for_case(payouts, case, "remediated")
+    assert (await ask_reissue(payouts, "omar", case_id)).status_code == 202
+    assert (await decide(payouts, "lena", case_id)).status_code == 202
+    await wait_for_case(payouts, case_id, "reissue_failed")
+    async with payouts.sandbox() as sb:
+        made = (await sb.get("/v1/payouts", params={"reference": first.reissue_id()})).json()["data"]
+    assert made == []
+    trail = await payouts.store.audit.trail(case_id)
+    [failed] = [e for e in trail if e["action"] == "reissue_failed"]
+    assert other in failed["detail"]["error"]
+    holds = {h.case_id: h.released_at for h in await payouts.store.payouts.beneficiary_holds(beneficiary)}
+    assert holds[other] is None
 
 
 async def test_a_reissue_the_provider_made_before_a_crash_is_found_not_made_again(payouts: Stack) -> None:
