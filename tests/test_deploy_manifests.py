@@ -350,3 +350,21 @@ def test_metrics_are_scraped_with_the_token_and_the_sdk_port_only_from_monitorin
     assert set(rules) == worker_ports
     assert rules["sdk-metrics"] == [{"namespaceSelector": {"matchLabels": {
         "kubernetes.io/metadata.name": config_map["metadata"]["namespace"]}}}]
+
+
+UI_WRITES_OFF = ("TEMPORAL_WORKFLOW_SIGNAL_DISABLED", "TEMPORAL_START_WORKFLOW_DISABLED",
+                 "TEMPORAL_WORKFLOW_RESET_DISABLED", "TEMPORAL_BATCH_ACTIONS_DISABLED")
+"""The Temporal UI's writes that would step around the relay: a signal (an approval, a
+provider event, a manual confirmation) or a start carrying inputs the relay never checked,
+a reset that runs a decided case again, a batch of either. Cancel and terminate stay
+(ops tools the workflows and the closed-workflow sweep handle)."""
+
+
+def test_the_temporal_ui_cannot_signal_start_or_reset_case_workflows() -> None:
+    [deployment] = [d for name, d in of_kind("Deployment").items() if name == "temporal-ui"]
+    [ui] = deployment["spec"]["template"]["spec"]["containers"]
+    k8s_env = {e["name"]: e.get("value") for e in ui["env"]}
+    compose_env = compose()["services"]["temporal-ui"]["environment"]
+    for env in (k8s_env, compose_env):
+        assert {name: env.get(name) for name in UI_WRITES_OFF} == dict.fromkeys(UI_WRITES_OFF, "true")
+        assert "TEMPORAL_WORKFLOW_CANCEL_DISABLED" not in env
