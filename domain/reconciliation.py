@@ -289,9 +289,14 @@ def corrected_status(break_class: BreakClass, truth: ProviderRefundStatus) -> Ca
     return case_status_for(truth) if break_class in STATUS_CLASSES else None
 
 
+def amount_at_stake(ledger_delta: int | None, amount: int) -> int:
+    """The amount whose tier decides who approves a break, and the most its approval
+    covers: the ledger move found, else the provider object's amount."""
+    return abs(ledger_delta) if ledger_delta else amount
+
+
 def approval_amount(case: BreakCase) -> int:
-    """The amount whose tier decides who approves: the ledger move, else the refund."""
-    return abs(case.ledger_delta) if case.ledger_delta else case.truth.amount
+    return amount_at_stake(case.ledger_delta, case.truth.amount)
 
 
 def break_approval(policy: Policy, case: BreakCase) -> BreakApproval:

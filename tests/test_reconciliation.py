@@ -24,7 +24,7 @@ from adapters.policy_file import load_policy
 from adapters.providers import sandbox as sandbox_adapter
 from adapters.providers.base import RefundLister
 from adapters.schedules import ensure_reconciliation_schedules, schedule_id
-from domain.models import CaseStatus, ProviderRefundStatus
+from domain.models import CaseStatus, LedgerInput, LedgerKind, ProviderRefundStatus
 from domain.reconciliation import BatchInput, ListedRefund
 from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
@@ -169,9 +169,8 @@ async def test_a_case_whose_own_posting_is_pending_is_no_ledger_break(stack: Sta
     await seed_case(stack, refund, status=CaseStatus.EXECUTED_LEDGER_PENDING, settled=0)
     report = await backfill(stack, since_days=30)
     assert report["objects_seen"] >= 1
-    async with stack.store.database.transaction() as conn:
-        found = list(await (await conn.execute(
-            "SELECT break_class FROM reconciliation_breaks WHERE object_id = %s", (refund["id"],))).fetchall())
+    found = await stack.store.database.fetch_all(
+        "SELECT break_class FROM reconciliation_breaks WHERE object_id = %s", (refund["id"],))
     assert found == []
 
 
@@ -302,6 +301,31 @@ async def test_a_second_refund_with_a_cases_reference_never_reverses_the_one_it_
     assert [r["break_class"] for r in others] == ["duplicate_refund"]
     case = await stack.store.cases.get(case_id)
     assert case is not None and case["status"] == "succeeded"
+
+
+async def test_a_compensation_never_posts_more_than_its_approvals_covered(stack: Stack) -> None:
+    """The tier was chosen for the ledger move found (100.00 over on a 900.00 refund: one
+    approver); the ledger moved again before the approval (89,800 more). The approved
+    break posts what was approved and no more; the rest is the next run's break, approved
+    by its own tier."""
+    refund = history(f"ch_{os.urandom(4).hex()}", 90_000, days_ago=3)
+    await seed_provider(stack, [refund])
+    case_id = await seed_case(stack, refund)
+    extra = LedgerInput(refund_request_id=case_id, kind=LedgerKind.REFUND_SETTLED, amount=100,
+                        currency="USD", provider_refund_id=refund["id"], reference="stray")
+    await stack.store.ledger.post(extra)
+    await backfill(stack, since_days=30)
+    [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    assert (found["break_class"], found["ledger_delta"]) == ("ledger_doubled", -100)
+    await stack.store.ledger.post(extra.model_copy(update={"amount": 89_800, "reference": "stray-2"}))
+    assert (await decide(stack, "carol", found["id"])).status_code == 202
+    await wait_for_breaks(stack, [refund["id"]], "resolved")
+    lines = await stack.store.ledger.entries(case_id)
+    reversed_lines = [(x["debit"], x["credit"]) for x in lines if x["template"] == "refund_reversed"]
+    assert sorted(reversed_lines) == [(0, 100), (100, 0)]
+    trail = await stack.store.audit.trail(case_id)
+    [compensated] = [e for e in trail if e["action"] == "reconciliation_compensated"]
+    assert (compensated["detail"]["needed"], compensated["detail"]["approved"]) == (89_900, 100)
 
 
 async def test_an_unknown_refund_becomes_a_tracking_case_only_when_approved(stack: Stack) -> None:

@@ -66,6 +66,7 @@ from domain.reconciliation import (
     ReconcileOptions,
     RunWindow,
     UnmappedListing,
+    amount_at_stake,
     compensation,
     corrected_status,
     expected_net,
@@ -485,9 +486,15 @@ class ReconciliationRepository(Repository):
         assert net is not None
         same_currency = case["currency"] == truth.currency
         move = compensation(expected_net(truth) - int(net["net"])) if same_currency else None
-        posting_key = None
+        posting_key, limits = None, {}
         if move is not None:
             kind, amount = move
+            # the tier approved the move found; the ledger may have moved since: never more
+            # than that (what is left is the next run's break, for its own tier)
+            approved = amount_at_stake(row["ledger_delta"], int(row["amount"]))
+            if amount > approved:
+                limits = {"needed": amount, "approved": approved}
+                amount = approved
             posted = await LedgerRepository.post_in(conn, LedgerInput(
                 refund_request_id=case_id, kind=kind, amount=amount, currency=case["currency"],
                 provider_refund_id=truth.refund_id, reference=f"reconciliation-{row['id']}"))
@@ -502,7 +509,7 @@ class ReconciliationRepository(Repository):
                 (status.value, truth.status.value, truth.failure_reason, truth.status.value,
                  truth.status.value, case_id))
         await _compensated(conn, row, settlement, posting_key, status=status.value if status else None,
-                           ledger_net_before=int(net["net"]), provider_status=truth.status.value)
+                           ledger_net_before=int(net["net"]), provider_status=truth.status.value, **limits)
         return BreakOutcome(break_id=row["id"], state=BreakState.RESOLVED, posting_key=posting_key,
                             case_status=status)
 
