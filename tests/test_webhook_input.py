@@ -2,7 +2,8 @@
 checked, is answered with a 4xx or 2xx and stored as a receipt with its verdict: never a
 500 and never a delivery lost. Property-based per provider (hypothesis over headers and
 body, signed and unsigned), plus the named cases that were 500s: deep JSON, an Adyen
-`additionalData` that is not an object, a svix-timestamp of year 9999, Cashfree's
+`additionalData` that is not an object, a svix-timestamp of year 9999, a Stripe `created` past
+the platform's time_t, Cashfree's
 timestamp in Unicode digits, NUL in the URL path or a header, a secret list `s1,`.
 
 The relay app runs in-process (ASGI) on the session's PostgreSQL and Temporal: no worker,
@@ -254,6 +255,11 @@ NAMED: dict[str, tuple[str, bytes, dict[str, str], str]] = {
                                 {"x-webhook-timestamp": "\u00b2\u00b3", "x-webhook-signature": "c2ln"},
                                 "bad_signature"),
     "stripe_t_with_a_tail": ("/webhooks/stripe", b"{}", {"stripe-signature": "t={old}=x,v1={sig}"}, "stale"),
+    # found by the property above in CI: fromtimestamp raises OSError (EOVERFLOW) for it
+    "stripe_created_past_time_t": ("/webhooks/stripe", json.dumps(
+        {"id": "evt_far", "type": "refund.updated", "created": 67768036191676800,
+         "data": {"object": {"id": "re_far", "charge": "ch_far", "amount": 100, "currency": "usd",
+                             "status": "failed"}}}).encode(), {"stripe-signature": "{fresh}"}, "malformed"),
     "nul_in_header": ("/webhooks/sandbox", b"{}", {"sandbox-signature": "t=1,v1=00", "x-note": "a\x00b"},
                       "bad_signature"),
     "nul_in_path": ("/webhooks/sand%00box", b"{}", {}, "unknown_provider"),
@@ -272,7 +278,8 @@ async def test_input_that_was_a_500_is_refused_and_stored(relay_http: httpx.Asyn
                    "x-slack-signature": signing.signature("slack", SECRETS["slack"], stamp, body)}
     old = int(time.time()) - 3600  # signed when the test runs: collection may be long before
     fill = {"stripe-signature": lambda v: v.format(
-                old=old, sig=sandbox.sign(SECRETS["stripe"], body, old).partition("v1=")[2]),
+                old=old, sig=sandbox.sign(SECRETS["stripe"], body, old).partition("v1=")[2],
+                fresh=sandbox.sign(SECRETS["stripe"], body, int(time.time()))),
             "sandbox-signature": lambda v: v.format(
                 fresh=sandbox.sign(SECRETS["sandbox"], body, int(time.time())))}
     headers = {k: fill[k](v) if k in fill else v for k, v in headers.items()}

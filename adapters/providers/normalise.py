@@ -239,10 +239,11 @@ def normalising(event_id: str | None, event_type: str | None) -> Iterator[None]:
     except UnexpectedStatus as exc:
         raise WebhookRejected("unexpected_status", str(exc), event_id=event_id,
                               event_type=event_type) from None
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError, ArithmeticError,
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, ArithmeticError, OSError,
             RecursionError, ValidationError) as exc:
         # AttributeError: a list or string where an object belongs; ArithmeticError: a time
-        # or number out of range; RecursionError: nesting too deep to turn into text.
+        # or number out of range; OSError: a time past what the platform's time_t holds
+        # (EOVERFLOW from fromtimestamp); RecursionError: nesting too deep to turn into text.
         raise WebhookRejected("malformed", f"{event_type}: {type(exc).__name__}: {exc!s}"[:500],
                               event_id=event_id, event_type=event_type) from None
 
