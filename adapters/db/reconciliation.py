@@ -577,7 +577,8 @@ class ReconciliationRepository(Repository):
 
     async def reopen(self, break_id: int, actor: str, reason: str) -> BreakRow:
         """Sends a dismissed or expired break back to its exception case (the same break and
-        case id, `reopened` counted), audited with the decision it undoes. Raises
+        case id, `reopened` counted, the case's trigger identities read again), audited with
+        the decision it undoes. Raises
         LookupError for no such break, NotReopenable when it is in another state."""
         async with self._db.transaction() as conn:
             row = await (await conn.execute("SELECT * FROM reconciliation_breaks WHERE id = %s FOR UPDATE",
@@ -586,9 +587,16 @@ class ReconciliationRepository(Repository):
                 raise LookupError(f"no reconciliation break {break_id}")
             if row["state"] not in REOPENABLE:
                 raise NotReopenable(f"break is {row['state']}; only dismissed or expired breaks reopen")
+            # who is behind the case is read again: a break found before its trigger
+            # identities were kept would otherwise bar the requester alone
             reopened = await (await conn.execute(
-                "UPDATE reconciliation_breaks SET state = 'new', reopened = reopened + 1, resolution = NULL,"
-                " resolved_at = NULL WHERE id = %s RETURNING *", (break_id,))).fetchone()
+                "UPDATE reconciliation_breaks b SET state = 'new', reopened = reopened + 1,"
+                " resolution = NULL, resolved_at = NULL,"
+                " evidence = CASE WHEN jsonb_typeof(b.evidence->'case') = 'object'"
+                " THEN jsonb_set(b.evidence, '{case,trigger_identities}', coalesce((SELECT"
+                " to_jsonb(c.trigger_identities) FROM refund_cases c WHERE c.refund_request_id ="
+                " b.refund_request_id), '[]'::jsonb)) ELSE b.evidence END"
+                " WHERE id = %s RETURNING *", (break_id,))).fetchone()
             assert reopened is not None
             await AuditLog.append(conn, row["chain"], actor, "reconciliation_break_reopened", {
                 "break_id": break_id, "reason": reason, "reopened": reopened["reopened"],
