@@ -9,7 +9,7 @@ each adapter declares its exceptions and converts, exactly, both ways; an amount
 exact equal on the other side is refused with the reason, never rounded.
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from domain.money import currency_exponent, format_minor
@@ -20,6 +20,17 @@ def minor_units(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"amount must be an integer of minor units, got {value!r}")
     return value
+
+
+def _rescaled(amount: int, finer: bool, factor: int, inexact: Callable[[], str]) -> int:
+    """`amount` times `factor` into finer units, else divided by it, exactly; ValueError
+    (`inexact()` saying why) when the division leaves a remainder."""
+    if finer:
+        return amount * factor
+    whole, rest = divmod(amount, factor)
+    if rest:
+        raise ValueError(inexact())
+    return whole
 
 
 @dataclass(frozen=True)
@@ -44,28 +55,19 @@ class MinorUnits:
     def to_provider(self, amount: int, currency: str) -> int:
         """Our minor units in the provider's; ValueError when they have no exact equal there."""
         shift, factor = self._shift(currency)
-        if shift >= 0:
-            return amount * factor
-        whole, rest = divmod(amount, factor)
-        if rest:
-            raise ValueError(f"{format_minor(amount, currency.upper())} is not a whole number of the "
-                             f"units the provider counts {currency.upper()} in "
-                             f"({self.provider_decimals(currency)} decimals)")
-        return whole
+        return _rescaled(amount, shift >= 0, factor, lambda: (
+            f"{format_minor(amount, currency.upper())} is not a whole number of the units the "
+            f"provider counts {currency.upper()} in ({self.provider_decimals(currency)} decimals)"))
 
     def from_provider(self, value: object, currency: str) -> int:
         """A provider's amount (a JSON integer in its units) in ours; ValueError when it is
         not an integer or no ISO 4217 minor-unit amount equals it."""
         amount = minor_units(value)
         shift, factor = self._shift(currency)
-        if shift <= 0:
-            return amount * factor
-        whole, rest = divmod(amount, factor)
-        if rest:
-            raise ValueError(f"{amount} in the provider's units of {currency.upper()} "
-                             f"({self.provider_decimals(currency)} decimals) is no whole number of "
-                             f"ISO 4217 minor units ({currency_exponent(currency.upper())} decimals)")
-        return whole
+        return _rescaled(amount, shift <= 0, factor, lambda: (
+            f"{amount} in the provider's units of {currency.upper()} "
+            f"({self.provider_decimals(currency)} decimals) is no whole number of "
+            f"ISO 4217 minor units ({currency_exponent(currency.upper())} decimals)"))
 
     def largest_ours(self, limit: int, currency: str) -> int:
         """The largest amount of ours within a limit stated in the provider's units."""
