@@ -109,3 +109,25 @@ async def break_awaiting_approval(stack: Stack, *, moved_to: str, requester: str
     await backfill(stack, since_days=30)
     [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
     return case_id, found
+
+
+async def failed_break_with_a_trigger(stack: Stack, *, requester: str = "bob",
+                                      trigger: str = "carol") -> tuple[str, dict[str, Any]]:
+    """A case shown refunded whose refund the provider failed, with `trigger` among the
+    request's trigger identities, backfilled into a break waiting for approval: (case id,
+    the break's row)."""
+    refund = history(f"ch_{uuid.uuid4().hex[:8]}", 2_000, days_ago=3)
+    await seed_provider(stack, [refund])
+    case_id = await seed_case(stack, refund, requester=requester)
+    await stack.store.database.execute(
+        "UPDATE refund_cases SET trigger_identities = %s WHERE refund_request_id = %s", ([trigger], case_id))
+    await move_at_provider(stack, refund["id"], "failed")
+    await backfill(stack, since_days=30)
+    [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    return case_id, found
+
+
+async def another_approver(stack: Stack, user: str = "erin") -> None:
+    """A third approver (the harness has bob and carol)."""
+    stack.tokens[user] = await stack.store.access.create_token(
+        user, ["approver"], token=f"t-{user}-{uuid.uuid4().hex}", by="test")

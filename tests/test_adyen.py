@@ -247,14 +247,21 @@ async def test_lost_create_answer_waits_escalates_and_refunds_once(rig: AdyenRig
         "no_status_lookup_escalation") == 1
 
 
-async def test_refunded_reversed_after_success_is_a_late_failure_with_its_entry(rig: AdyenRig) -> None:
-    case_id, psp = await rig.request(1200)
+async def refunded(rig: AdyenRig, amount: int) -> tuple[str, dict[str, Any]]:
+    """A refund requested through our API, made at the fake and notified as succeeded:
+    (case id, the notification fields that name it)."""
+    case_id, psp = await rig.request(amount)
     await rig.stack.wait_for_status(case_id, "pending")
     [made] = rig.fake.refunds_of(psp)
     fields = {"pspReference": made["pspReference"], "originalReference": psp,
-              "merchantReference": case_id, "amount": {"currency": "EUR", "value": 1200}}
+              "merchantReference": case_id, "amount": {"currency": "EUR", "value": amount}}
     assert (await rig.post(notification("REFUND", **fields))).text == "[accepted]"
     await rig.stack.wait_for_status(case_id, "succeeded")
+    return case_id, fields
+
+
+async def test_refunded_reversed_after_success_is_a_late_failure_with_its_entry(rig: AdyenRig) -> None:
+    case_id, fields = await refunded(rig, 1200)
     assert (await rig.post(notification("REFUNDED_REVERSED", **fields))).text == "[accepted]"
     row = await rig.stack.wait_for_status(case_id, "refund_failed")
     assert row["failure_reason"] == "REFUNDED_REVERSED: Account closed"

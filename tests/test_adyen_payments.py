@@ -22,6 +22,7 @@ from starters.dev.stack import TemporalDevServer
 from starters.relay.webhook_desk import WebhookDesk
 from tests.test_adyen import MERCHANT, AdyenRig, adyen_rig, notification, unique_psp
 from tests.test_bad_input import receipt, workflow_exists
+from tests.test_governance import approve
 
 
 @pytest.fixture(scope="module")
@@ -147,10 +148,8 @@ async def test_a_currency_adyen_counts_in_other_decimals_refunds_the_amount_aske
     case_id = await request(rig, psp, asked, currency)
     await rig.stack.wait_for_status(case_id, "awaiting_approval")
     for approver in ("bob", "frank"):
-        async with rig.stack.api(approver) as api:
-            answer = await api.post(f"/v1/refund-requests/{case_id}/approvals",
-                                    json={"decision": "approve", "reason": "checked"})
-            assert answer.status_code == 202, answer.text
+        answer = await approve(rig.stack, approver, case_id)
+        assert answer.status_code == 202, answer.text
     await rig.stack.wait_for_status(case_id, "pending")
     [made] = rig.fake.refunds_of(psp)
     assert made["amount"] == {"value": at_adyen, "currency": currency}

@@ -41,6 +41,19 @@ def slack_click(world: World, case_id: str, slack_user: str, action: str = "refu
     return urlencode({"payload": json.dumps(payload)}).encode()
 
 
+async def awaiting_slack_approval(stack: Stack, world: World) -> tuple[str, str]:
+    """A 90.00 refund waiting for approval whose Slack notice went out: (charge, case id)."""
+    charge = await stack.charge(20_000)
+    case_id = await stack.request_refund("alice", charge, 9_000)
+    await stack.wait_for_status(case_id, "awaiting_approval")
+
+    async def notified() -> bool:
+        return any(m["text"] == f"Refund {case_id} needs approval" for m in world.slack)
+
+    await eventually(notified)
+    return charge, case_id
+
+
 async def post_signed(stack: Stack, path: str, body: bytes, scheme: str, secret: str, *,
                       at: int | None = None, content_type: str = "application/json") -> httpx.Response:
     stamp = str(int(time.time()) if at is None else at)
@@ -63,14 +76,7 @@ async def test_a_signed_slack_click_approves_as_the_linked_user_and_forgeries_ch
                                servicenow_url=None) as (stack, world):
         slack_id = f"U{uuid.uuid4().hex[:10].upper()}"
         approver = await person(stack, ["approver"], slack=slack_id)
-        charge = await stack.charge(20_000)
-        case_id = await stack.request_refund("alice", charge, 9_000)
-        await stack.wait_for_status(case_id, "awaiting_approval")
-
-        async def notified() -> bool:
-            return any(m["text"] == f"Refund {case_id} needs approval" for m in world.slack)
-
-        await eventually(notified)
+        charge, case_id = await awaiting_slack_approval(stack, world)
         body = slack_click(world, case_id, slack_id)
 
         forged = await click(stack, body, secret="not-the-signing-secret")
@@ -217,14 +223,7 @@ async def test_an_expired_token_gives_no_role_through_a_linked_identity(
         principal = await stack.store.access.principal_for("slack", slack_id)
         assert principal is not None and principal.roles == frozenset({"auditor"})
 
-        charge = await stack.charge(20_000)
-        case_id = await stack.request_refund("alice", charge, 9_000)
-        await stack.wait_for_status(case_id, "awaiting_approval")
-
-        async def notified() -> bool:
-            return any(m["text"] == f"Refund {case_id} needs approval" for m in world.slack)
-
-        await eventually(notified)
+        charge, case_id = await awaiting_slack_approval(stack, world)
         refused = await click(stack, slack_click(world, case_id, slack_id))
         assert refused.status_code == 403, refused.text
         state = await stack.client.get_workflow_handle(case_id).query(RefundWorkflow.state)

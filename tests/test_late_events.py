@@ -19,7 +19,7 @@ from starters.dev.stack import TemporalDevServer
 from starters.relay.webhook_desk import WebhookDesk
 from tests.harness import Stack
 from tests.reconciliation_kit import history, seed_case, seed_provider, wait_for_breaks
-from tests.test_adyen import adyen_rig, notification
+from tests.test_adyen import adyen_rig, notification, refunded
 from tests.test_reconciliation import decide
 
 
@@ -128,16 +128,10 @@ async def test_an_adyen_reversal_after_the_watch_ended_opens_a_break(
     the case's late-failure watch ended (1 s here, 10 days by default)."""
     async with adyen_rig(store, client, temporal_server, charges_from_fake=True,
                          late_failure_window_seconds=1) as rig:
-        case_id, psp = await rig.request(1200)
-        await rig.stack.wait_for_status(case_id, "pending")
-        [made] = rig.fake.refunds_of(psp)
-        fields = {"pspReference": made["pspReference"], "originalReference": psp,
-                  "merchantReference": case_id, "amount": {"currency": "EUR", "value": 1200}}
-        assert (await rig.post(notification("REFUND", **fields))).text == "[accepted]"
-        await rig.stack.wait_for_status(case_id, "succeeded")
+        case_id, fields = await refunded(rig, 1200)
         await rig.stack.client.get_workflow_handle(case_id).result()  # the watch ended
         assert (await rig.post(notification("REFUNDED_REVERSED", **fields))).text == "[accepted]"
-        [found] = await wait_for_breaks(rig.stack, [made["pspReference"]], "awaiting_approval")
+        [found] = await wait_for_breaks(rig.stack, [fields["pspReference"]], "awaiting_approval")
         assert found["break_class"] == "provider_failed_shown_refunded"
         assert found["refund_request_id"] == case_id
         assert found["failure_reason"] == "REFUNDED_REVERSED: Account closed"

@@ -80,12 +80,19 @@ async def test_a_payout_case_page_shows_the_case_and_approvals_go_through_the_ap
     assert after.status_code == 409 and "not awaiting approval" in after.text
 
 
-async def test_the_reissue_requester_cannot_approve_it_from_the_console(stack: Stack) -> None:
+async def failed_payout_case(stack: Stack) -> str:
+    """A 1,000.00 payout failed at the provider, its case awaiting approval; the payout
+    approvers have tokens. Returns the case id."""
     await add_payout_approvers(stack)
     payout = await paid_payout(stack, 100_000)
     await move_payout(stack, payout.provider_payout_id, "failed", failure_code="insufficient_funds")
     case_id = payout_case_id("sandbox", payout.provider_payout_id)
     await wait_for_case(stack, case_id, "awaiting_approval")
+    return case_id
+
+
+async def test_the_reissue_requester_cannot_approve_it_from_the_console(stack: Stack) -> None:
+    case_id = await failed_payout_case(stack)
     lena = await console(stack, "lena")
     assert (await decide(lena, case_id, "approve")).status_code == 303
     await wait_for_case(stack, case_id, "remediated")
@@ -106,11 +113,7 @@ async def test_a_verdict_from_the_reversals_page_never_approves_the_reissue(stac
     reversal and submitted once the case awaits its reissue (another approver decided the
     reversal meanwhile, ops asked for the reissue) is refused, 409, and pays nobody again:
     the form names the round it was shown for."""
-    await add_payout_approvers(stack)
-    payout = await paid_payout(stack, 100_000)
-    await move_payout(stack, payout.provider_payout_id, "failed", failure_code="insufficient_funds")
-    case_id = payout_case_id("sandbox", payout.provider_payout_id)
-    await wait_for_case(stack, case_id, "awaiting_approval")
+    case_id = await failed_payout_case(stack)
     lena = await console(stack, "lena")
     stale = await lena.get(f"/console/payouts/{case_id}")
     assert field(stale.text, "awaiting") == "awaiting_approval"

@@ -30,7 +30,9 @@ from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
 from tests.reconciliation_kit import (
     ago,
+    another_approver,
     backfill,
+    failed_break_with_a_trigger,
     history,
     move_at_provider,
     seed_case,
@@ -261,22 +263,14 @@ async def test_a_closed_case_is_compensated_only_after_the_tiers_approvals(stack
 async def test_nobody_behind_the_refund_approves_its_compensation(stack: Stack) -> None:
     """A break's approvers exclude everyone a refund's approvers exclude: its requester and
     its trigger identities (a reissue's original requester, a ticket's opener)."""
-    refund = history(f"ch_{os.urandom(4).hex()}", 2_000, days_ago=3)
-    await seed_provider(stack, [refund])
-    case_id = await seed_case(stack, refund, requester="bob")
-    await stack.store.database.execute(
-        "UPDATE refund_cases SET trigger_identities = '{carol}' WHERE refund_request_id = %s", (case_id,))
-    await move_at_provider(stack, refund["id"], "failed")
-    await backfill(stack, since_days=30)
-    [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    case_id, found = await failed_break_with_a_trigger(stack)
     for behind in ("bob", "carol"):
         refused = await decide(stack, behind, found["id"])
         assert refused.status_code == 403 and "cannot approve" in refused.json()["detail"], refused.text
     assert [e["template"] for e in await stack.store.ledger.entries(case_id)] == ["refund_settled"] * 2
-    stack.tokens["erin"] = await stack.store.access.create_token(
-        "erin", ["approver"], token=f"t-erin-{os.urandom(8).hex()}", by="test")
+    await another_approver(stack)
     assert (await decide(stack, "erin", found["id"])).status_code == 202
-    await wait_for_breaks(stack, [refund["id"]], "resolved")
+    await wait_for_breaks(stack, [found["object_id"]], "resolved")
 
 
 async def test_a_second_refund_with_a_cases_reference_never_reverses_the_one_it_holds(stack: Stack) -> None:

@@ -28,8 +28,10 @@ from tests.payouts_kit import add_payout_approvers, move_payout, paid_payout, wa
 from tests.payouts_kit import decide as decide_payout
 from tests.reconciliation_kit import (
     ago,
+    another_approver,
     backfill,
     break_awaiting_approval,
+    failed_break_with_a_trigger,
     history,
     move_at_provider,
     seed_case,
@@ -227,18 +229,10 @@ async def test_a_dismissed_break_reopens_into_the_same_case(stack: Stack) -> Non
 async def test_a_reopened_break_excludes_whoever_is_behind_the_case_now(stack: Stack) -> None:
     """Reopening reads the case's trigger identities again: a break whose evidence names the
     requester alone (found before the identities were kept) still bars them once reopened."""
-    refund = history(f"ch_{uuid.uuid4().hex[:8]}", 2_000, days_ago=3)
-    await seed_provider(stack, [refund])
-    case_id = await seed_case(stack, refund, requester="bob")
-    await stack.store.database.execute(
-        "UPDATE refund_cases SET trigger_identities = '{carol}' WHERE refund_request_id = %s", (case_id,))
-    await move_at_provider(stack, refund["id"], "failed")
-    await backfill(stack, since_days=30)
-    [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
-    stack.tokens["erin"] = await stack.store.access.create_token(
-        "erin", ["approver"], token=f"t-erin-{uuid.uuid4().hex}", by="test")
+    case_id, found = await failed_break_with_a_trigger(stack)
+    await another_approver(stack)
     assert (await decide(stack, "erin", found["id"], "deny")).status_code == 202
-    await wait_for_breaks(stack, [refund["id"]], "dismissed")
+    await wait_for_breaks(stack, [found["object_id"]], "dismissed")
     await stack.store.database.execute(  # as a break found before 330f124 holds it
         "UPDATE reconciliation_breaks SET evidence = evidence #- '{case,trigger_identities}' WHERE id = %s",
         (found["id"],))
@@ -246,7 +240,7 @@ async def test_a_reopened_break_excludes_whoever_is_behind_the_case_now(stack: S
         reopened = await api.post(f"/v1/reconciliation/breaks/{found['id']}/reopen",
                                   json={"reason": "the bank confirmed the failure"})
     assert reopened.status_code == 202, reopened.text
-    await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    await wait_for_breaks(stack, [found["object_id"]], "awaiting_approval")
     refused = await decide(stack, "carol", found["id"])
     assert refused.status_code == 403 and "cannot approve" in refused.json()["detail"], refused.text
     assert [e["template"] for e in await stack.store.ledger.entries(case_id)] == ["refund_settled"] * 2

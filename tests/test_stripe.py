@@ -37,6 +37,7 @@ from starters.ports import free_port
 from tests.harness import Stack, open_stack
 from tests.lossy_proxy import LossyProxy
 from tests.reconciliation_kit import backfill
+from tests.test_governance import approve
 from tests.test_observability import _flushed
 from tests.test_tracing_instrumentation import url
 
@@ -131,10 +132,8 @@ async def test_a_currency_stripe_counts_in_other_decimals_refunds_the_amount_ask
     case_id = body["refund_request_id"]
     await rig.stack.wait_for_status(case_id, "awaiting_approval")
     for approver in ("bob", "frank"):
-        async with rig.stack.api(approver) as api:
-            answer = await api.post(f"/v1/refund-requests/{case_id}/approvals",
-                                    json={"decision": "approve", "reason": "checked"})
-            assert answer.status_code == 202, answer.text
+        answer = await approve(rig.stack, approver, case_id)
+        assert answer.status_code == 202, answer.text
     row = await rig.stack.wait_for_status(case_id, "succeeded")
     [refund] = await rig.refunds(charge)
     assert (refund["amount"], refund["id"]) == (at_stripe, row["provider_refund_id"])
