@@ -296,6 +296,7 @@ def amount_at_stake(ledger_delta: int | None, amount: int) -> int:
 
 
 def approval_amount(case: BreakCase) -> int:
+    """The amount at stake of a break's case, for its tier."""
     return amount_at_stake(case.ledger_delta, case.truth.amount)
 
 
