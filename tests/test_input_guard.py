@@ -124,3 +124,50 @@ async def test_a_lone_surrogate_is_422_and_a_pair_is_text(stack: Stack) -> None:
     assert await post("x\\udc00") == 422
     assert await post("\\\\ud800 is text") == 202
     assert await post("smile \\ud83d\\ude00") == 202
+
+
+async def test_a_body_is_checked_as_its_parser_reads_it(stack: Stack) -> None:
+    """The guard and the route must read one body the same way: two Content-Type headers
+    (the guard read the last, the route the first), a charset the form parser decodes NULs
+    and lone surrogates from (UTF-7), a media type no route parses, and raw bytes that are
+    not UTF-8 (JSON decodes a raw surrogate) are each refused, so a NUL cannot reach the
+    case and wedge it."""
+    case_id = await waiting_case(stack)
+    path = f"/v1/refund-requests/{case_id}/approvals"
+    nul_reason = b'{"decision": "approve", "reason": "\\u0000"}'
+    async with stack.api("bob") as api:
+        doubled = await asyncio.wait_for(api.post(path, content=nul_reason, headers=[
+            ("Content-Type", "application/json"),
+            ("Content-Type", "application/x-www-form-urlencoded")]), HANG)
+        assert doubled.status_code == 400 and "Content-Type" in doubled.text, doubled.text
+        utf7 = await asyncio.wait_for(api.post(
+            path, content=b'{"decision": "approve", "reason": "+AAA-"}',
+            headers={"Content-Type": "application/json; charset=utf-7"}), HANG)
+        assert utf7.status_code == 415, utf7.text
+        plain = await api.post(path, content=b"approve", headers={"Content-Type": "text/plain"})
+        assert plain.status_code == 415, plain.text
+    assert (await stack.store.cases.get(case_id))["status"] == "awaiting_approval"  # type: ignore[index]
+    refused = [e["detail"]["refusal"] for e in await stack.store.audit.trail("")
+               if e["actor"] == "bob" and e["detail"].get("action") == f"POST {path}"]
+    assert len(refused) == 3, refused
+
+    charge = await stack.charge(10_000)
+    body = stack.refund_body(charge, 1_000, evidence={"note": "SURROGATE"})
+    raw = json.dumps(body).encode().replace(b"SURROGATE", b"x\xed\xa0\x80y")
+    async with stack.api("alice") as api:
+        surrogate = await api.post("/v1/refund-requests", content=raw,
+                                   headers={"Content-Type": "application/json"})
+    assert surrogate.status_code == 400 and "UTF-8" in surrogate.text, surrogate.text
+    await assert_untouched(stack, body["refund_request_id"], charge)
+
+    multipart = (b'--b\r\nContent-Disposition: form-data; name="form_token"\r\n\r\n+3AA-\r\n--b--\r\n')
+    async with httpx.AsyncClient(base_url=stack.relay_url, timeout=HANG) as anonymous:
+        sign_in = await anonymous.post("/console/sign-in", content=multipart, headers={
+            "Content-Type": "multipart/form-data; boundary=b; charset=utf-7",
+            "Cookie": "rfo_sign_in=x"})
+    assert sign_in.status_code == 415, sign_in.text
+
+    async with stack.api("bob") as api:  # the case still takes a well-formed approval
+        approved = await api.post(path, json={"decision": "approve", "reason": "ok"})
+    assert approved.status_code == 202, approved.text
+    await stack.wait_for_status(case_id, "succeeded")

@@ -1,5 +1,6 @@
 """Request body limits and input checks shared by every inbound endpoint of the relay."""
 
+import email.message
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -24,7 +25,8 @@ _HIGH, _LOW = rb"\\u[dD][89abAB][0-9a-fA-F]{2}", rb"\\u[dD][c-fC-F][0-9a-fA-F]{2
 _JSON_UNSTORABLE = re.compile(
     rb"(?<!\\)(?:\\\\)*(?:\\u0000|" + _HIGH + rb"(?!" + _LOW + rb")|(?<!" + _HIGH + rb")" + _LOW + rb")")
 _FORM_NUL = b"%00"
-FORM_TYPE = b"application/x-www-form-urlencoded"
+FORM_TYPE = "application/x-www-form-urlencoded"
+JSON_TYPE = "application/json"
 
 Refusal = Callable[[Request, str], Awaitable[None]]
 
@@ -72,13 +74,37 @@ class InputGuard:
         if body is None:
             await self._refuse(scope, receive, send, 413, f"request body exceeds {limit} bytes")
             return
-        form = dict(scope.get("headers", [])).get(b"content-type", b"").lower().startswith(FORM_TYPE)
+        unreadable = self._unreadable(scope, body)
+        if unreadable is not None:
+            await self._refuse(scope, receive, send, *unreadable)
+            return
+        form = _media_type(scope)[0] == FORM_TYPE
         if ("\x00" in path or carries_nul(scope.get("query_string", b""), url_encoded=True)
                 or carries_nul(body, url_encoded=form)):
             await self._refuse(scope, receive, send, 422, "text may not contain NUL (U+0000) "
                                "characters or half of a surrogate pair")
             return
         await self.app(scope, _replay(body, receive), send)
+
+    @staticmethod
+    def _unreadable(scope: Scope, body: bytes) -> tuple[int, str] | None:
+        """Why a body cannot be checked as its route will parse it, or None: one Content-Type
+        (the guard and the parser must read the same one), JSON or a URL-encoded form in
+        UTF-8 (another charset or multipart decodes NULs and surrogates the checks cannot
+        see), and bytes that are UTF-8 (JSON decodes raw surrogate bytes)."""
+        declared = [v for k, v in scope.get("headers", []) if k.lower() == b"content-type"]
+        if len(declared) > 1:
+            return 400, "send one Content-Type header"
+        if not body:
+            return None
+        media_type, charset = _media_type(scope)
+        if media_type not in ("", JSON_TYPE, FORM_TYPE) or charset not in ("", "utf-8", "utf8"):
+            return 415, "send JSON or a URL-encoded form, in UTF-8"
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError:
+            return 400, "the body is not UTF-8"
+        return None
 
     @staticmethod
     async def _body(scope: Scope, receive: Receive, limit: int) -> bytes | None:
@@ -104,6 +130,20 @@ class InputGuard:
                       detail: str) -> None:
         await self.refused(Request(scope), detail)
         await JSONResponse({"detail": detail}, status_code=status)(scope, receive, send)
+
+
+def _media_type(scope: Scope) -> tuple[str, str]:
+    """The request's media type (JSON for any `+json`) and charset, lower case, read with
+    the standard library's header parser as FastAPI reads it ("" when not given)."""
+    declared = dict(scope.get("headers", [])).get(b"content-type")
+    if declared is None:
+        return "", ""
+    message = email.message.Message()
+    message["content-type"] = declared.decode("latin-1")
+    media_type = message.get_content_type()
+    charset = message.get_param("charset")
+    return (JSON_TYPE if media_type.endswith("+json") else media_type,
+            charset.lower() if isinstance(charset, str) else "")
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
