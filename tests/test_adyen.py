@@ -178,10 +178,22 @@ def two_items(psp: str) -> bytes:
     return json.dumps(doc).encode()
 
 
+def surrogate_signature(psp: str) -> bytes:
+    """JSON may escape half a surrogate pair, which no UTF-8 text (and no signature) holds."""
+    signature = b'"hmacSignature": "'
+    return notification("REFUND", pspReference=psp).replace(signature, signature + b"\\ud800")
+
+
+def surrogate_reference(psp: str) -> bytes:
+    return notification("REFUND", pspReference=psp).replace(psp.encode(), psp.encode() + b"\\udc00", 1)
+
+
 REFUSALS: dict[str, tuple[Callable[[str], bytes], int, str, str]] = {
     "tampered_field": (tampered, 401, "bad_signature", "does not match"),
     "wrong_key": (wrong_key, 401, "bad_signature", "does not match"),
     "missing_signature": (missing_signature, 401, "bad_signature", "missing"),
+    "surrogate_signature": (surrogate_signature, 401, "bad_signature", "does not match"),
+    "surrogate_reference": (surrogate_reference, 401, "bad_signature", "does not match"),
     "batch": (two_items, 400, "malformed", "2 notification items"),
 }
 
