@@ -153,6 +153,9 @@ class PayoutActivities:
         original = inp.original
         done = await self._book.payout(original.reissue_id())
         if done is not None:
+            if done.reissue_of != original.id:  # booked under the reissue's id by someone else
+                raise ApplicationError(f"payout {done.id} is booked but not a reissue of {original.id}",
+                                       type=errors.DECLINED, non_retryable=True)
             return done
         provider = self._providers.get(original.provider)
         if not isinstance(provider, PayoutExecutor):

@@ -8,10 +8,12 @@ Kept apart from `models.py` so the payout path can grow without reshaping refund
 """
 
 import hashlib
+import re
 from datetime import datetime, timedelta
 from enum import StrEnum
+from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
 from domain.models import (
     ApprovalRecord,
@@ -144,12 +146,23 @@ class PayoutSnapshot(Frozen):
         return f"rfo_{digest[:40]}"
 
 
+REISSUE_ID_FORM = re.compile(r"-r[0-9]+$")
+"""How a reissue's id ends (`PayoutSnapshot.reissue_id`): reserved, so no registration
+takes a reissue's id first."""
+
+
+def _not_a_reissue_id(value: str) -> str:
+    if REISSUE_ID_FORM.search(value):
+        raise ValueError("payout ids ending -r<n> are reserved for reissues")
+    return value
+
+
 class PayoutRegistration(Frozen):
     """A payout the internal payments system made, registered so a later failure at the
     provider finds it (`POST /v1/payouts`, `refunds payouts register`). Always paid: our
     books learn of every later change from the provider, through a case."""
 
-    id: Identifier
+    id: Annotated[Identifier, AfterValidator(_not_a_reissue_id)]
     provider: Identifier
     provider_payout_id: Identifier
     beneficiary_id: Identifier

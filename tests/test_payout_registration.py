@@ -65,9 +65,9 @@ async def test_the_same_payout_with_other_data_is_a_409_and_changes_nothing(
 @pytest.mark.parametrize(("change", "where"), [
     ({"amount": 0}, "amount"), ({"amount": -5}, "amount"), ({"amount": 12.5}, "amount"),
     ({"amount": "1250"}, "amount"), ({"currency": "XYZ"}, "currency"), ({"currency": "XAU"}, "currency"),
-    ({"status": "failed"}, "status"), ({"id": "has space"}, "id"),
+    ({"status": "failed"}, "status"), ({"id": "has space"}, "id"), ({"id": "P-77-r1"}, "id"),
 ], ids=["zero", "negative", "float", "string", "unknown-currency", "no-minor-unit", "unknown-field",
-        "bad-id"])
+        "bad-id", "a-reissue-id"])
 async def test_bad_input_is_a_recorded_422_that_books_nothing(stack: Stack, change: dict[str, Any],
                                                              where: str) -> None:
     body = registration(**change)

@@ -10,11 +10,13 @@ from typing import Any
 import psycopg
 import pytest
 from temporalio.client import Client
+from temporalio.exceptions import ApplicationError
 
 from activities.payout import PayoutActivities
 from adapters.db import Store
 from adapters.db.rows import LedgerLineRow
 from adapters.policy_file import load_policy
+from domain import errors
 from domain.payouts import PayoutStatus, ReissueInput, payout_case_id
 from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
@@ -400,6 +402,20 @@ async def test_a_reissue_waits_while_another_case_holds_the_beneficiary(payouts:
     assert other in failed["detail"]["error"]
     holds = {h.case_id: h.released_at for h in await payouts.store.payouts.beneficiary_holds(beneficiary)}
     assert holds[other] is None
+
+
+async def test_a_payout_booked_under_a_reissue_id_is_not_taken_for_the_reissue(payouts: Stack) -> None:
+    """`<id>-r1` is the reissue's id; a payout booked under it before registration refused
+    that form (any beneficiary, any amount) is not the reissue: nothing is taken as paid,
+    and the activity declines for ops instead of booking someone else's payout."""
+    payout = await paid_payout(payouts, 60_000)
+    await paid_payout(payouts, 1, payout_id=payout.reissue_id(), beneficiary="someone-else")
+    activities = PayoutActivities(payouts.store, payouts.providers, load_policy())
+    with pytest.raises(ApplicationError) as refused:
+        await activities.reissue_payout(ReissueInput(case_id="c-squat", original=payout,
+                                                     final_status=PayoutStatus.FAILED))
+    assert refused.value.type == errors.DECLINED and refused.value.non_retryable
+    assert "not a reissue of" in str(refused.value)
 
 
 async def test_a_reissue_the_provider_made_before_a_crash_is_found_not_made_again(payouts: Stack) -> None:
