@@ -18,16 +18,17 @@ from domain.money import MAX_MINOR_AMOUNT, normalise_currency
 
 Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
 
-SYSTEM_ID_FORMS = re.compile(r"^(?:recon-break-|servicenow-|[A-Za-z0-9_]+-(?:payout|refund)-)|-r[0-9]+$")
-"""The ids of cases the system opens (reconciliation breaks, ServiceNow tickets, payout
-exceptions, provider-made refunds, reissues `<id>-r<n>`): a caller may not take one first
-and squat its case. (A provider's own requests, `<provider>-<id>`, are refused at the relay,
-which knows the providers.)"""
+SYSTEM_ID_FORMS = re.compile(
+    r"^(?:recon-break-|reconcile-|servicenow-|[A-Za-z0-9_]+-(?:payout|refund)-)|-r[0-9]+$")
+"""The ids of cases and workflows the system opens (reconciliation breaks and runs, ServiceNow
+tickets, payout exceptions, provider-made refunds, reissues `<id>-r<n>`): a caller may not
+take one first and squat its case, or be answered 202 for a workflow that is another's. (A
+provider's own requests, `<provider>-<id>`, are refused at the relay, which knows them.)"""
 
 
 def _caller_chosen(value: str) -> str:
     if SYSTEM_ID_FORMS.search(value):
-        raise ValueError("ids starting recon-break-, servicenow-, <provider>-payout- or "
+        raise ValueError("ids starting recon-break-, reconcile-, servicenow-, <provider>-payout- or "
                          "<provider>-refund-, or ending -r<n>, are reserved for cases the "
                          "system opens")
     return value

@@ -55,6 +55,8 @@ SYSTEM_IDS = {
     "servicenow_ticket": "servicenow-0123456789abcdef0123456789abcdef",
     "provider_request": "sandbox-rrq_squatted",
     "reissue": "rr-someone-elses-case-r1",
+    "scheduled_reconciliation": "reconcile-refunds-sandbox-2026-12-05T02:00:00Z",
+    "backfill_run": "reconcile-sandbox-backfill-0123456789ab",
 }
 
 
@@ -69,7 +71,7 @@ async def test_a_caller_cannot_take_a_system_id_first(stack: Stack, kind: str) -
     assert await stack.store.cases.get(SYSTEM_IDS[kind]) is None
 
 
-@pytest.mark.parametrize("case_id", ["my-order-refund-1", "recon-breakfast-1", "servicenow", "rr-1",
+@pytest.mark.parametrize("case_id", ["my-order-refund-1", "recon-breakfast-1", "servicenow", "rr-1", "reconciled-1",
                                      "order-r1x"])
 def test_caller_ids_that_only_look_alike_are_accepted(case_id: str) -> None:
     body = RefundRequestBody(refund_request_id=case_id, provider="sandbox", charge_id="ch_1",
