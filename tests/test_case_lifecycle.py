@@ -3,6 +3,7 @@ case releases its reservation, or follows a refund the provider holds to the led
 whose workflow was terminated is found by the sweep, handed to ops with a reconciliation
 break, and released only where the provider holds no refund."""
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -121,3 +122,29 @@ async def test_terminate_at_each_stage_is_swept_to_ops(quick: Stack, stage: str)
         status, text = await _answer(quick, user, path, body)
         assert status == 409 and "ops_review" in text, (path, text)
     assert case_id not in await sweep_cases_once(quick.store, quick.client, quick.providers, idle_seconds=0)
+
+
+async def test_a_cancel_waits_out_a_create_that_lands_after_the_client_gave_up(quick: Stack) -> None:
+    """Cancelled while the create is at the provider: the client gives up (2 s), and the
+    provider acts on it 4.8 s after it arrived, inside the horizon (the call's end plus
+    the margin). The last lookup comes after that horizon, so the refund is found, followed
+    and booked, not left at the provider under a case released as `canceled_by_ops`."""
+    await quick.start_worker()
+    charge = await quick.charge(20_000)
+    await _fault(quick, mode="acts_after_give_up", seconds=4.8)
+    case_id = await quick.request_refund("alice", charge, SMALL)
+    await quick.wait_for_audit(case_id, "provider_submit_started")
+    handle = quick.client.get_workflow_handle(case_id)
+    await handle.cancel()
+    await handle.result()
+    refunds = await quick.provider_refunds(charge)
+    for _ in range(150):  # the provider acts 4.8 s after the create came, whatever we did
+        if refunds:
+            break
+        await asyncio.sleep(0.1)
+        refunds = await quick.provider_refunds(charge)
+    row = await quick.store.cases.get(case_id)
+    assert row is not None and len(refunds) == 1, (row, refunds)
+    assert (row["status"], row["provider_refund_id"]) == ("succeeded", refunds[0]["id"])
+    assert {e["template"] for e in await quick.store.ledger.entries(case_id)} == {"refund_settled"}
+    assert "cancel_after_provider_refund" in await quick.actions(case_id)

@@ -115,7 +115,8 @@ BRANCHES: dict[str, Branch] = {
                                   "activity:post_ledger#2", "signal:provider_event#2"),
     "refund_cancel_before_submit": branch("cancel_requested", f"patch:{CANCEL_PATCH}",
                                           "action:canceled_by_ops", lacks=[SUBMIT]),
-    "refund_cancel_while_submitting": branch("cancel_requested", f"patch:{CANCEL_PATCH}", SUBMIT, VERIFY,
+    # Not the cancel patch: an execution of the newest shape holds it without its marker.
+    "refund_cancel_while_submitting": branch("cancel_requested", SUBMIT, VERIFY,
                                              "action:cancel_after_provider_refund",
                                              "action:refund_succeeded", lacks=[f"{SUBMIT}#2"]),
     "refund_cancel_after_success": branch("cancel_requested", f"patch:{CANCEL_PATCH}",

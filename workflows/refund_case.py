@@ -40,6 +40,10 @@ ADYEN_WAIT_PATCH = "adyen-wait-ops-review-1"
 # A cancelled case releases its reservation, or follows a refund the provider holds to the
 # ledger; before, cancellation simply ended the workflow and froze the case.
 CANCEL_PATCH = "refund-cancel-1"
+# A case cancelled after a submit waits out the attempt (its start-to-close) and then the
+# provider horizon before its last lookup: a create can land that long after its call ended.
+# Before, the lookup came after the submit timeout alone and a later create went unbooked.
+CANCEL_HORIZON_PATCH = "cancel-provider-horizon-1"
 # Statuses in which a submit may be at the provider while we do not know its refund yet.
 SUBMITTING = frozenset({CaseStatus.EXECUTING, CaseStatus.VERIFYING, CaseStatus.OPS_REVIEW})
 # Open-ended waits continue as new past `continue_as_new_after_events`, and resubmits stop

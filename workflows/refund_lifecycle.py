@@ -20,6 +20,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows import history
     from workflows.refund_case import (
         BOUNDED_PATCH,
+        CANCEL_HORIZON_PATCH,
         HORIZON_PATCH,
         SUBMITTING,
     )
@@ -32,7 +33,8 @@ class RefundLifecycle(RefundProvider):
     async def _canceled(self) -> RefundOutcome:
         """Ops cancelled the case (Temporal UI, CLI). Before any submit the reservation is
         released and the case reads `canceled_by_ops`. Once a submit may have gone out, the
-        attempt's horizon (its start-to-close) is waited out and the provider asked: a
+        attempt (its start-to-close) and then the provider horizon are waited out (a create
+        lands at the latest that long after its call ended) and the provider asked: a
         refund it holds is followed to its end and the ledger, as if nothing happened;
         none, and the case is released like before a submit. Runs after the cancel, so
         nothing here is cancelled again."""
@@ -44,7 +46,10 @@ class RefundLifecycle(RefundProvider):
         if refund is None and self._status in CLOSED_STATUSES:  # decided already: only finishing
             return await self._finish()
         if refund is None and self._status in SUBMITTING:
-            await workflow.sleep(self._timings.submit_timeout)
+            wait = self._timings.submit_timeout
+            if workflow.patched(CANCEL_HORIZON_PATCH):
+                wait += self._timings.provider_horizon
+            await workflow.sleep(wait)
             await self._settle_unsubmitted()  # the approval, where the cancelled submit did not write it
             refund = await self._verify("case cancelled after a submit")
         if refund is None:
