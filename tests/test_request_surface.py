@@ -71,8 +71,8 @@ async def test_a_caller_cannot_take_a_system_id_first(stack: Stack, kind: str) -
     assert await stack.store.cases.get(SYSTEM_IDS[kind]) is None
 
 
-@pytest.mark.parametrize("case_id", ["my-order-refund-1", "recon-breakfast-1", "servicenow", "rr-1", "reconciled-1",
-                                     "order-r1x"])
+@pytest.mark.parametrize("case_id", ["my-order-refund-1", "recon-breakfast-1", "servicenow", "rr-1",
+                                     "reconciled-1", "order-r1x"])
 def test_caller_ids_that_only_look_alike_are_accepted(case_id: str) -> None:
     body = RefundRequestBody(refund_request_id=case_id, provider="sandbox", charge_id="ch_1",
                              amount=1, currency="USD", merchant_account="acct_1",
