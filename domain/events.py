@@ -18,6 +18,15 @@ from domain.models import (
     RefundTimings,
 )
 
+NO_REFUND_PREFIX = "none-"
+"""How the refund id starts that an ops resolution ("the provider shows no refund") records
+for a case that knew none: it names no provider refund, so reconciliation never takes a
+refund carrying the case's reference for a second one beside it (a duplicate)."""
+
+
+def no_refund_id(case_id: str) -> str:
+    return f"{NO_REFUND_PREFIX}{case_id}"
+
 
 def tracking_case_id(provider: str, refund_id: str) -> str:
     """The derived case (and workflow) id of a refund the provider made without us."""

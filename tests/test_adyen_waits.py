@@ -16,8 +16,10 @@ from adapters.providers.adyen import AdyenProvider, ProviderNotReached
 from domain.models import RefundReason, RefundRequest
 from starters.dev.stack import TemporalDevServer
 from tests.adyen_fake import FakeAdyen
-from tests.test_adyen import API_KEY, MERCHANT, TEST_KEY, AdyenRig, adyen_rig
+from tests.reconciliation_kit import wait_for_breaks
+from tests.test_adyen import API_KEY, MERCHANT, TEST_KEY, AdyenRig, adyen_rig, notification
 from tests.test_console import console, post_form
+from tests.test_reconciliation import decide
 
 
 class RefuseConnections(httpx.AsyncBaseTransport):
@@ -175,3 +177,35 @@ async def test_ops_resolve_a_wait_from_the_console(rig: AdyenRig) -> None:
     finally:
         await olga.aclose()
         await dave.aclose()
+
+
+async def test_a_success_adyen_reports_after_ops_said_not_refunded_opens_a_break(rig: AdyenRig) -> None:
+    """Ops read "no refund" while Adyen still processed the create whose answer was lost;
+    the case closed failed and released its reservation. Adyen's REFUND:true arriving then
+    is money that moved under a case shown failed, and Adyen has no listing a run could
+    find it in: it becomes a break for ops and its tier's approvers, never an audit row."""
+    case_id, psp = await waiting_case(rig, 1_300)
+    [made] = rig.fake.refunds_of(psp)
+    answer = await resolve(rig, "olga", case_id, provider_shows="not_refunded",
+                           reason="Customer Area: nothing shown yet")
+    assert answer.status_code == 200, answer.text
+    await rig.stack.wait_for_status(case_id, "refund_failed")
+    await rig.stack.client.get_workflow_handle(case_id).result()
+    body = notification("REFUND", pspReference=made["pspReference"], originalReference=psp,
+                        merchantReference=case_id, amount={"currency": "EUR", "value": 1_300})
+    assert (await rig.post(body)).text == "[accepted]"
+    [found] = await wait_for_breaks(rig.stack, [made["pspReference"]], "awaiting_approval")
+    assert (found["break_class"], found["refund_request_id"]) == ("provider_succeeded_shown_failed", case_id)
+    assert await rig.stack.store.ledger.entries(case_id) == []  # nothing posted before approval
+    notices = await rig.stack.store.database.fetch_all(
+        "SELECT kind, audience FROM notices WHERE refund_request_id = %s", (case_id,))
+    assert {"kind": "reconciliation_break", "audience": "ops"} in notices
+    assert (await decide(rig.stack, "carol", int(found["id"]))).status_code == 202
+    await wait_for_breaks(rig.stack, [made["pspReference"]], "resolved")
+    row = await rig.stack.store.cases.get(case_id)
+    assert row is not None
+    assert (row["status"], row["provider_refund_id"], row["reserved_amount"]) == (
+        "succeeded", made["pspReference"], 1_300)
+    lines = await rig.stack.store.ledger.entries(case_id)
+    assert [(x["template"], x["debit"], x["credit"]) for x in lines] == [
+        ("refund_settled", 1_300, 0), ("refund_settled", 0, 1_300)]

@@ -82,10 +82,13 @@ async def test_a_late_status_that_may_be_an_old_delivery_opens_nothing(stack: St
     assert await breaks_of(stack, str(refund["id"])) == []
 
 
-async def test_a_late_success_for_a_failed_case_opens_nothing(stack: Stack) -> None:
+async def test_a_late_success_of_a_refund_the_provider_failed_opens_nothing(stack: Stack) -> None:
+    """The provider failed this very refund (the case shows it): a success for it is an
+    older delivery than that failure (a failed refund never succeeds)."""
     refund, case_id = await closed_case(stack)
     await stack.store.database.execute(
-        "UPDATE refund_cases SET status = 'refund_failed' WHERE refund_request_id = %s", (case_id,))
+        "UPDATE refund_cases SET status = 'refund_failed', provider_status = 'failed'"
+        " WHERE refund_request_id = %s", (case_id,))
     await stack.set_provider_status(refund["id"], "succeeded")
     await settled_deliveries(stack, case_id, 1)
     assert await breaks_of(stack, str(refund["id"])) == []

@@ -28,7 +28,7 @@ from adapters.db.outbox import OutboxRepository
 from adapters.db.reconciliation_sql import CLASSIFY, CLASSIFY_PAYOUTS, STAGE
 from adapters.db.rows import BreakRow, RunBreakRow, RunRow
 from adapters.db.sweep import open_incident_run
-from domain.events import tracking_case_id
+from domain.events import NO_REFUND_PREFIX, tracking_case_id
 from domain.incidents import DuplicateRefundInput
 from domain.ledger import REFUNDED_ACCOUNT
 from domain.models import (
@@ -273,6 +273,7 @@ class ReconciliationRepository(Repository):
                 "shown_refunded": _names(SHOWN_REFUNDED), "shown_pending": _names(SHOWN_PENDING),
                 "shown_failed": _names(SHOWN_FAILED), "non_terminal": _names(NON_TERMINAL_PROVIDER),
                 "ledger_pending": CaseStatus.EXECUTED_LEDGER_PENDING.value,
+                "no_refund": f"{NO_REFUND_PREFIX}%",
                 "tracking_prefix": tracking_case_id(provider, ""), "unmapped": UNMAPPED,
                 "payout_failed": _names(EXCEPTION_STATUSES), "paid": PayoutStatus.PAID.value,
                 "case_prefix": payout_case_id(provider, "")})
@@ -504,10 +505,12 @@ class ReconciliationRepository(Repository):
             await conn.execute(
                 "UPDATE refund_cases SET status = %s, provider_status = %s, failure_reason = %s,"
                 " reserved_amount = CASE WHEN %s = 'succeeded' THEN amount"
-                " WHEN %s IN ('failed', 'canceled') THEN 0 ELSE reserved_amount END, updated_at = now()"
-                " WHERE refund_request_id = %s",
+                " WHEN %s IN ('failed', 'canceled') THEN 0 ELSE reserved_amount END, updated_at = now(),"
+                # a case that held no refund (none, or an ops "no refund") now holds the provider's
+                " provider_refund_id = CASE WHEN provider_refund_id IS NULL OR provider_refund_id LIKE %s"
+                " THEN %s ELSE provider_refund_id END WHERE refund_request_id = %s",
                 (status.value, truth.status.value, truth.failure_reason, truth.status.value,
-                 truth.status.value, case_id))
+                 truth.status.value, f"{NO_REFUND_PREFIX}%", truth.refund_id, case_id))
         await _compensated(conn, row, settlement, posting_key, status=status.value if status else None,
                            ledger_net_before=int(net["net"]), provider_status=truth.status.value, **limits)
         return BreakOutcome(break_id=row["id"], state=BreakState.RESOLVED, posting_key=posting_key,

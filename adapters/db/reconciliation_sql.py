@@ -38,8 +38,9 @@ WITH matched AS (
            coalesce(c.provider_refund_id = b.object_id, false) AS case_holds_refund,
            c.provider_refund_id AS case_refund_id,
            -- another refund carrying the case's reference while the case holds its own: a
-           -- duplicate, never the case's refund changing state
-           coalesce(c.provider_refund_id <> b.object_id, false) AS duplicate,
+           -- duplicate, never the case's refund changing state (an ops "no refund" names none)
+           coalesce(c.provider_refund_id <> b.object_id
+                    AND c.provider_refund_id NOT LIKE %(no_refund)s, false) AS duplicate,
            coalesce(l.net, 0) AS ledger_net,
            CASE WHEN b.status = 'succeeded' THEN b.amount ELSE 0 END AS expected_net
     FROM recon_batch b

@@ -29,9 +29,17 @@ from adapters.providers.base import NotificationRecorder, ProviderAdapter, Webho
 from adapters.telemetry import bind_case
 from domain.events import tells_nothing_new, tracking_case_id
 from domain.lifecycle import FINAL_PROVIDER_STATUSES
-from domain.models import EventKind, ProviderEvent, RefundRequest
+from domain.models import (
+    CaseStatus,
+    EventKind,
+    ProviderEvent,
+    ProviderRefund,
+    ProviderRefundStatus,
+    RefundRequest,
+)
 from domain.payments import PaymentEvent
 from domain.payouts import PayoutEvent, payout_case_id
+from domain.reconciliation import SHOWN_FAILED
 from starters.actions.starting import (
     open_payout_case,
     over_maximum,
@@ -271,18 +279,20 @@ class WebhookDesk:
         return case_id
 
     async def _after_close(self, case_id: str, event: ProviderEvent) -> None:
-        """An event for a case whose workflow has closed is audited, and a final status
-        (failed, canceled: nothing follows either) is reconciled at once: a failure the case
-        shows refunded becomes a break for ops and its tier's approvers, never a row only a
-        run might read later (a run cannot list Adyen, and its window passes). Any other
-        status may be an old delivery arriving late (a success a failure already followed):
-        audited only, as a run reads the provider's current word."""
+        """An event for a case whose workflow has closed is audited, and news the case does
+        not show is reconciled at once: a final failure (failed, canceled: nothing follows
+        either), or a success for a case shown failed that the provider never failed itself
+        (ops read "no refund", a cancel, a decline). Each becomes a break for ops and its
+        tier's approvers, never a row only a run might read later (a run cannot list Adyen
+        or Cashfree, and its window passes). Any other status may be an old delivery arriving
+        late (a success the provider's own failure of that refund followed): audited only."""
         log.error("case %s is closed; event %s (%s) is reconciled now", case_id, event.event_id,
                   event.event_type)
         await self._store.audit.record(case_id, actor_of(event), "event_after_close",
                                        {"event_id": event.event_id, "event_type": event.event_type})
         refund = event.as_refund()
-        if refund is None or refund.status not in FINAL_PROVIDER_STATUSES:
+        if refund is None or not (refund.status in FINAL_PROVIDER_STATUSES
+                                  or await self._success_shown_failed(case_id, refund)):
             return
         recon = self._store.reconciliation
         run_id = await recon.reconcile_event(event.provider, event.event_id, refund, event.occurred_at,
@@ -290,6 +300,20 @@ class WebhookDesk:
         settings = self._settings
         await dispatch_breaks(self._client, recon, lambda: recon.undispatched(run_id), settings.timings(),
                               settings.task_queue)
+
+    async def _success_shown_failed(self, case_id: str, refund: ProviderRefund) -> bool:
+        """Whether a success is news for a closed case: the case shows no refund, and not
+        because the provider failed this very refund (then the success is older than the
+        failure). A failure ops resolved a wait with is their reading, not the provider's."""
+        if refund.status is not ProviderRefundStatus.SUCCEEDED:
+            return False
+        case = await self._store.cases.get(case_id)
+        if case is None or CaseStatus(case["status"]) not in SHOWN_FAILED:
+            return False
+        failed_by_provider = (case["provider_refund_id"] == refund.refund_id
+                              and case["provider_status"] in FINAL_PROVIDER_STATUSES)
+        return not failed_by_provider or "provider_wait_resolved" in {
+            e["action"] for e in await self._store.audit.trail(case_id)}
 
     async def _payout_receipt(self, event: PayoutEvent, stored: StoredReceipt) -> None:
         """Every delivery of a payout event, duplicates too, joins the case's timeline with
