@@ -48,6 +48,20 @@ async def test_a_request_records_its_channel_not_what_the_caller_claims(stack: S
     assert (api_case_row["source"], cli.json()["source"], forged.json()["source"]) == ("api", "cli", "api")
 
 
+async def test_a_repeat_through_another_channel_is_the_same_request(stack: Stack) -> None:
+    """The channel says how a request came, not what it asks: the CLI's request that timed
+    out, sent again with curl, is the same refund (200), recorded under its first channel;
+    other values under the id are still a conflict."""
+    charge = await stack.charge(10_000)
+    body = stack.refund_body(charge, 1_000)
+    async with stack.api("alice") as api:
+        first = await api.post("/v1/refund-requests", json=body, headers={"X-Refund-Channel": "cli"})
+        again = await api.post("/v1/refund-requests", json=body)
+        other = await api.post("/v1/refund-requests", json={**body, "amount": 1_001})
+    assert (first.status_code, again.status_code, other.status_code) == (202, 200, 409), again.text
+    assert again.json()["source"] == "cli"
+
+
 SYSTEM_IDS = {
     "reconciliation_break": break_workflow_id(43),
     "payout_exception": payout_case_id("sandbox", "po_1"),

@@ -36,6 +36,7 @@ from domain.models import (
     PolicyDecision,
     ProviderRefund,
     RefundRequest,
+    RequestSource,
     ValidationResult,
     Vetted,
 )
@@ -124,7 +125,10 @@ class CaseRepository(Repository):
                 "SELECT * FROM refund_cases WHERE refund_request_id = %s", (request.refund_request_id,))
             existing = await cur.fetchone()
             assert existing is not None
-            same = existing["params_hash"] == values["params_hash"]
+            # the channel says how a request came, not what it asks: a repeat through another
+            # is compared as if it came through the first (a stored hash includes the channel)
+            as_first = request.model_copy(update={"source": RequestSource(existing["source"])})
+            same = existing["params_hash"] == as_first.params_hash()
             await AuditLog.append(conn, request.refund_request_id, requester,
                                   "request_repeated" if same else "request_conflict",
                                   {"source": request.source.value, "params_hash": values["params_hash"]})
