@@ -4,6 +4,8 @@ the refusal is recorded and nothing about the case moves."""
 
 import asyncio
 import json
+import secrets
+import string
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -171,3 +173,17 @@ async def test_a_body_is_checked_as_its_parser_reads_it(stack: Stack) -> None:
         approved = await api.post(path, json={"decision": "approve", "reason": "ok"})
     assert approved.status_code == 202, approved.text
     await stack.wait_for_status(case_id, "succeeded")
+
+
+async def test_an_overlong_path_is_414_before_any_route_or_store(stack: Stack) -> None:
+    """A path longer than any id of ours would reach an index (a receipt's provider, an
+    audit chain's key) PostgreSQL cannot build past 2,704 bytes: refused up front, on the
+    signed endpoints too."""
+    long = "".join(secrets.choice(string.ascii_letters) for _ in range(3_000))  # incompressible
+    async with httpx.AsyncClient(base_url=stack.relay_url, timeout=HANG) as anonymous:
+        webhook = await anonymous.post(f"/webhooks/{long}", content=b"{}")
+    async with stack.api("dave") as api:
+        approval = await api.post(f"/v1/refund-requests/{long}/approvals", json={"decision": "approve"})
+        payout = await api.get(f"/v1/payout-exceptions/{long}")
+    assert (webhook.status_code, approval.status_code, payout.status_code) == (414, 414, 414), (
+        webhook.text, approval.text, payout.text)

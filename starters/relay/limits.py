@@ -14,6 +14,9 @@ API_MAX_BODY_BYTES = 256 * 1024
 evidence fields of 2,000 characters) fits several times over."""
 CODEC_MAX_BODY_BYTES = 4 * 1024 * 1024
 """The payload codec decodes whole history pages for the Temporal UI."""
+MAX_PATH_BYTES = 1024
+"""Far past any id of ours (128 characters), and under what PostgreSQL can index (2,704
+bytes: a receipt's provider, an audit chain's key are taken from the path)."""
 OWN_LIMITS = ("/webhooks/", "/integrations/")
 """Signed deliveries read their body under their own limit and keep a receipt of every
 refusal, so they pass through untouched."""
@@ -55,10 +58,11 @@ def carries_nul(data: bytes, *, url_encoded: bool) -> bool:
 
 
 class InputGuard:
-    """ASGI middleware: before any route parses it, a request whose body is over its limit
-    is a 413, and one carrying text PostgreSQL cannot store (a NUL in the path, query or
-    body, a lone surrogate in JSON) is a 422, so no handler, store or workflow sees either.
-    `refused` records each refusal."""
+    """ASGI middleware: before any route parses it, a request whose path is over its limit
+    is a 414 (signed deliveries too), one whose body is over its limit a 413, one whose body
+    is not JSON or a form in UTF-8 a 400 or 415, and one carrying text PostgreSQL cannot
+    store (a NUL in the path, query or body, a lone surrogate in JSON) a 422, so no handler,
+    store or workflow sees any of them. `refused` records each refusal."""
 
     def __init__(self, app: ASGIApp, refused: Refusal) -> None:
         self.app = app
@@ -66,6 +70,9 @@ class InputGuard:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = str(scope.get("path", ""))
+        if scope["type"] == "http" and len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
+            await self._refuse(scope, receive, send, 414, f"request path exceeds {MAX_PATH_BYTES} bytes")
+            return
         if scope["type"] != "http" or path.startswith(OWN_LIMITS):
             await self.app(scope, receive, send)
             return
