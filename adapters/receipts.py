@@ -1,9 +1,9 @@
 """What makes any delivery storable as a webhook receipt (`adapters.db.receipts` stores it)."""
 
 from collections.abc import Mapping
+from typing import Any
 
 from pydantic import BaseModel
-from pydantic_core import PydanticSerializationError
 
 
 def storable(text: str) -> str:
@@ -20,8 +20,20 @@ def storable_headers(headers: Mapping[str, str]) -> dict[str, str]:
 def unstorable(model: BaseModel) -> bool:
     """Whether a parsed delivery holds text PostgreSQL cannot keep (NUL, a lone surrogate).
     Such a delivery is refused as malformed rather than stored altered: its ids are dedup
-    keys, and the cases and audit rows it would write could never be written."""
-    try:
-        return "\\u0000" in model.model_dump_json()
-    except PydanticSerializationError:
-        return True
+    keys, and the cases and audit rows it would write could never be written. Read from
+    the values, not their JSON: text that spells `\\u0000` is text."""
+    return _holds_unstorable(model.model_dump())
+
+
+def _holds_unstorable(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return "\x00" in value
+    if isinstance(value, Mapping):
+        return any(_holds_unstorable(k) or _holds_unstorable(v) for k, v in value.items())
+    if isinstance(value, list | tuple | set | frozenset):
+        return any(_holds_unstorable(item) for item in value)
+    return False
