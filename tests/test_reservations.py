@@ -48,3 +48,31 @@ def test_concurrent_reservations_never_exceed_the_captured_amount(
     # something was granted
     if min(amounts) <= captured:
         assert granted > 0
+
+
+def _request(charge_id: str, case_id: str, amount: int) -> RefundRequest:
+    return RefundRequest(refund_request_id=case_id, provider="prop", charge_id=charge_id, amount=amount,
+                         currency="USD", merchant_account="m", reason=RefundReason.OTHER)
+
+
+async def test_holds_the_provider_does_not_count_yet_add_to_what_it_reports_refunded(store: Store) -> None:
+    """The provider reports 400 refunded by a refund none of our cases holds (a dashboard
+    refund whose webhook has not come), while our case A holds 400 awaiting approval: 200
+    is left, not 600 (the larger of the two counts only one). A hold whose refund the
+    provider already counts (a case holding its refund id) is not counted twice."""
+    charge_id = f"ch_{uuid.uuid4().hex[:10]}"
+    untracked = ChargeSnapshot(provider="prop", charge_id=charge_id, currency="USD", merchant_account="m",
+                               amount=1_000, amount_captured=1_000, amount_refunded=400, captured=True)
+    first, second, third = (_request(charge_id, f"{charge_id}-{n}", amount)
+                            for n, amount in ((1, 400), (2, 600), (3, 200)))
+    for request in (first, second, third):
+        await store.cases.create(request, "prop")
+    assert (await store.cases.reserve(first, untracked)).ok
+    refused = await store.cases.reserve(second, untracked)
+    assert not refused.ok and refused.remaining_before == 200, refused
+    await store.database.execute(  # A's refund is made: the provider's 800 now counts it
+        "UPDATE refund_cases SET provider_refund_id = 're_a', provider_status = 'pending'"
+        " WHERE refund_request_id = %s", (first.refund_request_id,))
+    counted = untracked.model_copy(update={"amount_refunded": 800})
+    fits = await store.cases.reserve(third, counted)
+    assert fits.ok and fits.remaining_before == 200, fits

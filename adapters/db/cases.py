@@ -215,19 +215,22 @@ class CaseRepository(Repository):
         await cls._lock_charge(conn, charge.provider, charge.charge_id, charge.currency,
                                 charge.amount_captured)
         cur = await conn.execute(
-            "SELECT refund_request_id, reserved_amount FROM refund_cases"
-            " WHERE provider = %s AND charge_id = %s AND reserved_amount > 0",
+            "SELECT refund_request_id, reserved_amount, provider_refund_id IS NULL AS unmade"
+            " FROM refund_cases WHERE provider = %s AND charge_id = %s AND reserved_amount > 0",
             (charge.provider, charge.charge_id))
-        holds = {r["refund_request_id"]: int(r["reserved_amount"]) for r in await cur.fetchall()}
+        rows = await cur.fetchall()
+        holds = {r["refund_request_id"]: int(r["reserved_amount"]) for r in rows}
+        unmade = sum(int(r["reserved_amount"]) for r in rows if r["unmade"])
         prior = len([k for k in holds if k != case_id])
         if case_id in holds:  # a retried activity: the reservation is already ours
             remaining = charge.amount_captured - sum(holds.values()) + holds[case_id]
             return ValidationResult(ok=True, remaining_before=remaining, prior_refund_count=prior,
                                     amount_captured=charge.amount_captured,
                                     dispute_count=charge.dispute_count)
-        # What the provider reports refunded is mostly held by our cases already (tracking
-        # cases included), so the larger of the two counts, never their sum.
-        remaining = charge.amount_captured - max(sum(holds.values()), charge.amount_refunded)
+        # What the provider reports refunded includes the refunds our cases hold (tracking
+        # cases too), but not the holds of cases whose refund is not made yet (awaiting
+        # approval, validating): those add to it. Never less than all our holds.
+        remaining = charge.amount_captured - max(sum(holds.values()), charge.amount_refunded + unmade)
         if request.amount > remaining:
             result = ValidationResult(
                 ok=False, remaining_before=remaining, prior_refund_count=prior,
