@@ -282,6 +282,29 @@ async def foreign_event_ignored(rig: Recording) -> str:
     return case_id
 
 
+async def bank_transfer_confirmed(rig: Recording) -> str:
+    """A refund the provider failed, reissued as a bank transfer (the reissue keeps the
+    parent's provider), approved, and confirmed by ops: the manual executor's event moves
+    the reissue at once (its status poll is a minute away)."""
+    await sandbox(rig, "/_sandbox/config", refund_initial_status="pending")
+    parent, _ = await requested(rig, 2_500)
+    refund_id = await provider_refund_id(rig, parent, "pending")
+    await rig.stack.set_provider_status(refund_id, "failed", failure_reason="card_account_closed")
+    await rig.stack.wait_for_status(parent, "refund_failed")
+    async with rig.stack.api("olga") as api:
+        asked = await api.post(f"/v1/refund-requests/{parent}/reissue",
+                               json={"method": "bank_transfer", "reason": "recorded scenario"})
+    child = str(asked.raise_for_status().json()["refund_request_id"])
+    await rig.stack.wait_for_status(child, "awaiting_approval")
+    await approval(rig, "bob", child, "approve")
+    await rig.stack.wait_for_status(child, "pending")
+    async with rig.stack.api("admin") as api:
+        (await api.post(f"/v1/manual-refunds/{child}/confirmation",
+                        json={"paid": True, "reason": "recorded scenario"})).raise_for_status()
+    await rig.stack.wait_for_status(child, "succeeded")
+    return child
+
+
 async def verify_finds_duplicates(rig: Recording) -> str:
     """Two refunds with our reference already exist (the sandbox ignores idempotency keys,
     their webhooks are held) when the case's unanswered create is verified: the lookup's
@@ -638,6 +661,7 @@ SCENARIOS: dict[str, Scenario] = {
     "refund_duplicate_provider_refund": Scenario(duplicate_refund, {"late_failure_window_seconds": 6}),
     "refund_foreign_event_ignored": Scenario(foreign_event_ignored, {"late_failure_window_seconds": 6}),
     "refund_verify_finds_duplicates": Scenario(verify_finds_duplicates, {"late_failure_window_seconds": 6}),
+    "refund_bank_transfer_confirmed": Scenario(bank_transfer_confirmed, {"status_poll_interval_seconds": 60}),
     "refund_late_failure": Scenario(late_failure, {"late_failure_window_seconds": 60}),
     "refund_cancel_before_submit": Scenario(cancel_before_submit),
     "refund_cancel_while_submitting": Scenario(cancel_while_submitting, {"submit_timeout_seconds": 3}),

@@ -88,3 +88,23 @@ async def test_people_barred_from_the_original_stay_barred_from_its_reissue(stac
     async with stack.api("carol") as api:
         assert (await api.post(f"/v1/refund-requests/{child_id}/approvals",
                                json={"decision": "approve"})).status_code == 202
+
+
+async def test_a_bank_transfer_confirmation_moves_the_case_at_once(patient: Stack) -> None:
+    """The confirmation is the manual executor's word on the refund the case follows (the
+    reissue keeps its parent's provider): taken when it comes, not at the next status poll
+    (two minutes here, an hour by default)."""
+    case_id, _ = await failed_case(patient)
+    status, child = await reissue(patient, "olga", case_id, method="bank_transfer")
+    assert status == 202
+    child_id = child["refund_request_id"]
+    await patient.wait_for_status(child_id, "awaiting_approval")
+    async with patient.api("bob") as api:
+        assert (await api.post(f"/v1/refund-requests/{child_id}/approvals",
+                               json={"decision": "approve"})).status_code == 202
+    await patient.wait_for_status(child_id, "pending")
+    async with patient.api("admin") as api:
+        confirmed = await api.post(f"/v1/manual-refunds/{child_id}/confirmation",
+                                   json={"paid": True, "reason": "SEPA ref 456"})
+        assert confirmed.status_code == 200, confirmed.text
+    await patient.wait_for_status(child_id, "succeeded", timeout=60)  # < the 120 s poll

@@ -41,6 +41,7 @@ from workflows.refund_case import (
     BOUNDED_PATCH,
     CANCEL_PATCH,
     DUPLICATE_PATCH,
+    EXECUTOR_EVENTS_PATCH,
     FOLLOW_SCOPE_PATCH,
     HORIZON_PATCH,
     PROVIDER_SCOPED_WAIT_PATCH,
@@ -134,6 +135,9 @@ BRANCHES: dict[str, Branch] = {
     "refund_foreign_event_ignored": branch(
         "action:refund_succeeded", f"patch:{FOLLOW_SCOPE_PATCH}", "signal:provider_event#2",
         lacks=["action:duplicate_provider_refund", "activity:open_duplicate_refund_break"]),
+    "refund_bank_transfer_confirmed": branch(
+        "update:submit_approval", f"patch:{EXECUTOR_EVENTS_PATCH}", "signal:provider_event",
+        "action:refund_succeeded", "ledger:refund_settled", lacks=[VERIFY, f"patch:{FOLLOW_SCOPE_PATCH}"]),
     "refund_verify_finds_duplicates": branch(
         SUBMIT, VERIFY, f"patch:{VERIFY_DUPLICATES_PATCH}", "activity:open_duplicate_refund_break",
         "action:duplicate_provider_refund", "action:refund_succeeded", "activity:post_ledger",

@@ -87,6 +87,11 @@ APPROVAL_WITH_SUBMIT_PATCH = "approval-with-submit-1"
 # case was raised as a duplicate refund of it. Asked only when such an event arrives, so a
 # refund without one writes no marker.
 FOLLOW_SCOPE_PATCH = "provider-scoped-follow-1"
+# In the follow loop, an event of the executor whose refund the case follows (a bank
+# transfer's confirmation: `manual`, while the reissue keeps its parent's provider) is that
+# refund's word, taken at once; before, it was ignored as another provider's and the case
+# moved only at its next status poll. Asked only when such an event arrives.
+EXECUTOR_EVENTS_PATCH = "executor-events-followed-1"
 # The case's action, the ops notice and the metric's reason when a provider refuses our key.
 CONFIGURATION_INCIDENT = "provider_configuration_refused"
 

@@ -40,6 +40,7 @@ with workflow.unsafe.imports_passed_through():
         BOUNDED_PATCH,
         CONFIGURATION_INCIDENT,
         DUPLICATE_PATCH,
+        EXECUTOR_EVENTS_PATCH,
         FOLLOW_SCOPE_PATCH,
         HORIZON_PATCH,
         INTEGRATIONS_PATCH,
@@ -247,8 +248,11 @@ class RefundProvider(RefundWrites):
                 if reported is None:  # the trigger itself, or a request repeated
                     continue
                 assert self._refund is not None and self._request is not None
-                if (self._provider_scoped and reported.provider != self._request.provider
-                        and workflow.patched(FOLLOW_SCOPE_PATCH)):
+                foreign = reported.provider != self._request.provider
+                if (foreign and reported.provider == self._refund.provider
+                        and workflow.patched(EXECUTOR_EVENTS_PATCH)):
+                    foreign = False  # the executor's own word on the refund followed
+                if self._provider_scoped and foreign and workflow.patched(FOLLOW_SCOPE_PATCH):
                     workflow.logger.warning("ignoring event %s of provider %s", event.event_id,
                                             reported.provider)
                     continue
