@@ -72,8 +72,11 @@ STATUS_NOTICES: dict[ProviderRefundStatus, tuple[tuple[str, str], ...]] = {
     ProviderRefundStatus.FAILED: (("refund_failed", "operator"),
                                   ("refund_could_not_be_processed", "customer")),
     ProviderRefundStatus.CANCELED: (("refund_canceled", "operator"),),
+    ProviderRefundStatus.REQUIRES_ACTION: (("refund_requires_action", "operator"),),
 }
-"""Who hears of a case reaching a status: (notice kind, audience)."""
+"""Who hears of a case reaching a status: (notice kind, audience). `requires_action` waits on
+a person (Stripe: the customer's details; Cashfree ONHOLD: the merchant's balance), not on
+time, so ops hear of it."""
 
 
 SETTLED_PROVIDER_STATUSES = FINAL_PROVIDER_STATUSES | {ProviderRefundStatus.SUCCEEDED}

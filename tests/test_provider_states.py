@@ -48,6 +48,19 @@ async def test_failed_and_canceled_release_the_reservation_and_notify(stack: Sta
         assert {(n["kind"], n["audience"]) for n in await stack.store.outbox.notices(case_id)} == notices
 
 
+async def test_a_refund_waiting_for_someone_to_act_is_announced_to_ops(stack: Stack) -> None:
+    """`requires_action` (Stripe: the customer's details; Cashfree ONHOLD: the merchant's
+    balance) waits on a person, not on time: ops hear of it when the case reaches it, once."""
+    case_id, _, refund_id = await pending_refund(stack)
+    await stack.set_provider_status(refund_id, "requires_action")
+    await stack.wait_for_status(case_id, "requires_action")
+    await stack.set_provider_status(refund_id, "requires_action")  # the same news again
+    await stack.set_provider_status(refund_id, "succeeded")
+    await stack.wait_for_status(case_id, "succeeded")
+    kinds = [(n["kind"], n["audience"]) for n in await stack.store.outbox.notices(case_id)]
+    assert kinds.count(("refund_requires_action", "operator")) == 1, kinds
+
+
 async def test_no_terminal_event_makes_the_workflow_ask_the_provider(stack: Stack) -> None:
     case_id, _, refund_id = await pending_refund(stack)
     await stack.set_provider_status(refund_id, "succeeded", send_webhook=False)

@@ -370,6 +370,8 @@ class RefundProvider(RefundWrites):
         """The notices (kind, audience) a provider status announces."""
         if reported.status is ProviderRefundStatus.SUCCEEDED and self.since(INTEGRATIONS_PATCH):
             return (("refund_succeeded", "requester"),)
+        if reported.status is ProviderRefundStatus.REQUIRES_ACTION and not self._dispatched:
+            return ()  # announced since; in older shapes a notice is a command of its own
         return STATUS_NOTICES.get(reported.status, ())
 
     async def _bound_resubmits(self, attempt: int) -> ProviderRefund | None:

@@ -54,6 +54,12 @@ TEMPLATES: dict[str, Template] = {
     "refund_canceled": Template("Refund {case} canceled",
                                 "The provider canceled the refund of {amount}; the reservation was "
                                 "released.", ticket="request"),
+    "refund_requires_action": Template(
+        "Refund {case} waits for someone to act at the provider",
+        "The provider holds refund {provider_refund_id} of {amount} until someone acts (for example "
+        "the customer's bank details, or the account's balance). The case keeps following it and "
+        "moves when the provider does; check the refund in the provider's dashboard.",
+        ticket="incident"),
     "unexpected_provider_status": Template(
         "Refund {case}: unexpected provider status",
         "The provider reported a status we have no branch for ({error}). The case waits in ops "
