@@ -125,6 +125,9 @@ async def test_unanswered_approval_expires_and_releases_the_reservation(
         late = await decide(stack, "bob", case_id, "approve")
         assert late.status_code == 409, late.text
         assert await stack.provider_refunds(charge) == []
+        await stack.client.get_workflow_handle(case_id).result()
+        notices = {(n["kind"], n["audience"]) for n in await stack.store.outbox.notices(case_id)}
+        assert ("approval_expired", "requester") in notices, notices  # as a denial tells them
     finally:
         await stack.close()
 

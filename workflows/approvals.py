@@ -40,6 +40,9 @@ DEADLINE_FIRST_PATCH = "approval-deadline-first-1"
 """Past its deadline a round expires before it reads its inbox: a verdict the worker takes
 together with the expiry timer (it lagged: killed, restarting, saturated) is refused as
 late. Before, the inbox came first, and an approval sent after the deadline could count."""
+EXPIRY_NOTICE_PATCH = "approval-expiry-notice-1"
+"""An expired round tells its requester (as a denial does): nothing will happen unless they
+ask again. Before, expiry only wrote the status and nobody heard."""
 UNSEALED = "ApprovalUnsealed"
 RESENT = "this verdict was already received (the relay's resend); it counted, or was refused, once"
 
@@ -169,6 +172,8 @@ class ApprovalRound:
         """Ends the round unapproved at its deadline; verdicts still queued are refused."""
         self.decided = True
         await host.approval_step("approval_expired", ApprovalOutcome.EXPIRED)
+        if workflow.patched(EXPIRY_NOTICE_PATCH):
+            await host.approval_notice("approval_expired", "requester", {"missing_roles": self.missing()})
         return False
 
     async def _handle_inbox(self, host: ApprovalHost) -> bool | None:

@@ -40,6 +40,11 @@ TEMPLATES: dict[str, Template] = {
     "approval_denied": Template("Refund {case} denied",
                                 "Denied by {by}. No money moves and the reservation was released.",
                                 ticket="request"),
+    "approval_expired": Template(
+        "Refund {case} expired",
+        "Nobody decided within the approval window (still missing: {missing_roles}). No money moves "
+        "and the reservation was released; request it again if the customer should still be paid.",
+        ticket="request"),
     "refund_succeeded": Template("Refund {case} succeeded",
                                  "The provider confirmed refund {provider_refund_id} of {amount}.",
                                  ticket="request"),
@@ -202,6 +207,10 @@ PAYOUT_APPROVAL_TEMPLATES: dict[str, Template] = {
     "approval_denied": Template("Payout case {case} denied",
                                 "Denied by {by}. Nothing is held or posted for payout {payout_id}.",
                                 payout=True),
+    "approval_expired": Template("Payout case {case} expired",
+                                 "Nobody decided within the approval window (still missing: "
+                                 "{missing_roles}). Nothing is held or posted for payout {payout_id}.",
+                                 payout=True),
 }
 """The approval round's notices for a payout exception: the same kinds as a refund's, but
 not a refund's words, and no Slack approve buttons (those answer refund cases only)."""
