@@ -139,6 +139,14 @@ async def test_history_holds_no_canary_in_clear_and_decodes_with_the_codec(
             via_cookie.json(), Payloads()).payloads[0].data
         requester_ui = await console(stack, "alice")
         assert (await requester_ui.post("/console/codec/decode", json=wire)).status_code == 403
+        # the UI's origin may call the codec, nothing else: its scripts cannot read a console
+        # page (and its CSRF token) or the API with the session's cookie
+        for path in ("/console/cases", "/v1/refund-requests"):
+            page = await auditor_ui.get(path, headers={"Origin": UI_ORIGIN})
+            assert "access-control-allow-origin" not in page.headers, path
+        form = await auditor_ui.options("/console/sign-out", headers={
+            "Origin": UI_ORIGIN, "Access-Control-Request-Method": "POST"})
+        assert "access-control-allow-origin" not in form.headers
     finally:
         await stack.close()
 

@@ -22,6 +22,7 @@ from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
 from temporalio.client import Client
 
 from adapters import metrics
@@ -77,7 +78,7 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
                   description="Refund requests, approvals and provider webhooks.", lifespan=lifespan,
                   telemetry=server_telemetry())
     if settings.codec_cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.codec_cors_origins,
+        app.add_middleware(CodecCors, allow_origins=settings.codec_cors_origins,
                            allow_credentials=True, allow_methods=["POST"],
                            allow_headers=["Authorization", "Authorization-Extras", "Content-Type",
                                           "X-Namespace"])
@@ -93,6 +94,23 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
         app.include_router(router)
     mount_console(app)
     return app
+
+
+CODEC_PATHS = ("/codec/", f"{CONSOLE_PREFIX}/codec/")
+
+
+class CodecCors(CORSMiddleware):
+    """CORS for the codec endpoints only (`/codec/…`, `/console/codec/…`): the Temporal UI's
+    origin may call them, and nothing else. Answering its scripts everywhere would let them
+    read console pages (and their CSRF tokens) with the session's cookie, which SameSite
+    does not stop (the UI is the same site, another port or host)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and str(scope["path"]).startswith(CODEC_PATHS):
+            await super().__call__(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
 
 
 async def refused(request: Request, exc: Exception) -> Response:
