@@ -77,11 +77,11 @@ async def database_problem(store: Store) -> str | None:
 
 
 async def readiness(client: Client, store: Store, *extra: str) -> JSONResponse:
-    """A /readyz answer: 200 when nothing is wrong, 503 with every problem otherwise. The two
+    """A /readyz answer: 200 when nothing is wrong, 503 otherwise, every problem logged. The two
     checks run at once, so the answer comes within one CHECK_SECONDS, inside a probe's timeout."""
     found = await asyncio.gather(temporal_problem(client), database_problem(store))
     problems = [*extra, *(p for p in found if p)]
-    if problems:  # the probe's caller sees only the status; the reasons belong in the log
-        log.warning("not ready: %s", "; ".join(problems))
-    return JSONResponse({"status": "unready" if problems else "ready", "problems": problems},
+    if problems:  # the probe's caller (anyone) sees only the status; the reasons, which name
+        log.warning("not ready: %s", "; ".join(problems))  # hosts and users, go to the log
+    return JSONResponse({"status": "unready" if problems else "ready"},
                         status_code=503 if problems else 200)

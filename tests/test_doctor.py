@@ -105,7 +105,7 @@ client_key_path = "{tmp_path / 'client.key'}"
         connect_options(Settings())
 
 
-async def test_relay_readyz_is_200_when_healthy_and_503_naming_and_logging_each_problem(
+async def test_relay_readyz_is_200_when_healthy_and_503_logging_each_problem_it_does_not_show(
         temporal_server: TemporalDevServer, store: Store, client: Client,
         caplog: pytest.LogCaptureFixture) -> None:
     lost = await connect(Settings(temporal_address=temporal_server.address, payload_keys=PAYLOAD_KEYS,
@@ -119,7 +119,7 @@ async def test_relay_readyz_is_200_when_healthy_and_503_naming_and_logging_each_
             await stack.close()
         assert answer.status_code == status, answer.text
     problem = f"namespace 'no-such-namespace' does not exist at Temporal {temporal_server.address}"
-    assert answer.json() == {"status": "unready", "problems": [problem]}
+    assert answer.json() == {"status": "unready"}  # anyone may ask: no hosts, no users
     assert f"not ready: {problem}" in caplog.messages
 
 
