@@ -13,8 +13,13 @@ def storable(text: str) -> str:
     return text.encode("utf-8", "replace").decode().replace("\x00", "\ufffd")
 
 
+CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
+"""Never kept with a receipt (a ServiceNow outbound REST call commonly carries Basic auth)."""
+
+
 def storable_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    return {storable(k): storable(v) for k, v in headers.items()}
+    """The headers a receipt keeps: all but the credentials, as PostgreSQL can store them."""
+    return {storable(k): storable(v) for k, v in headers.items() if k.lower() not in CREDENTIAL_HEADERS}
 
 
 def unstorable(model: BaseModel) -> bool:

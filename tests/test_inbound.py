@@ -229,3 +229,17 @@ async def test_an_expired_token_gives_no_role_through_a_linked_identity(
         state = await stack.client.get_workflow_handle(case_id).query(RefundWorkflow.state)
         assert state.approvals == () and state.status == "awaiting_approval"
         assert await stack.provider_refunds(charge) == []
+
+
+async def test_an_integration_call_keeps_no_credentials_with_its_receipt(stack: Stack) -> None:
+    """ServiceNow's outbound REST commonly carries Basic auth: the receipt keeps every header
+    but the credentials (a refused call's too)."""
+    async with httpx.AsyncClient(base_url=stack.relay_url, timeout=30) as http:
+        answer = await http.post("/integrations/servicenow/refund-requests", content=b"{}", headers={
+            "Content-Type": "application/json", "Authorization": "Basic c2VydmljZW5vdzpodW50ZXIy",
+            "Cookie": "rfo_session=secret-session", "X-Trace": "kept"})
+    assert 400 <= answer.status_code < 500, answer.text
+    row = await stack.store.database.fetch_one("SELECT headers FROM webhook_receipts WHERE id = %s",
+                                               (answer.json()["receipt_id"],))
+    assert row is not None and row["headers"]["x-trace"] == "kept"
+    assert not {"authorization", "cookie"} & set(row["headers"]), row["headers"]

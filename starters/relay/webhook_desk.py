@@ -171,7 +171,7 @@ class WebhookDesk:
 
     async def _ingest(self, provider_name: str, headers: Mapping[str, str], body: bytes | None, *,
                       now: float, peer: str | None, replay_of: int | None) -> IngestResult:
-        kept_headers = receipts.storable_headers({k: v for k, v in headers.items() if k != "authorization"})
+        kept_headers = receipts.storable_headers(headers)
         digest = hashlib.sha256(body or b"").hexdigest()
         try:
             event, request = self._parse(provider_name, headers, body, now, peer)
