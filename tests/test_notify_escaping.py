@@ -47,3 +47,19 @@ def test_a_valid_customer_email_is_used_and_a_broken_title_still_composes() -> N
     mail = SmtpEmail("127.0.0.1", 25, "refunds@example.test", timeout=1).compose(
         notice("hello", title="Refund rr-1\r\nBcc: m@evil.example", email_to="pat@example.test"))
     assert mail["Subject"] == "Refund rr-1 Bcc: m@evil.example" and mail["Bcc"] is None
+
+
+@pytest.mark.parametrize(("host", "starttls", "refused"), [
+    ("smtp.example.test", False, True), ("smtp.example.test", True, False),
+    ("127.0.0.1", False, False), ("localhost", False, False), ("::1", False, False)])
+def test_an_smtp_login_never_crosses_the_network_in_clear(host: str, starttls: bool, refused: bool) -> None:
+    """With credentials, a server off this machine is reached only with STARTTLS: smtplib's
+    AUTH would send the password as it is otherwise. Loopback (a local relay) stays allowed."""
+    def build() -> SmtpEmail:
+        return SmtpEmail(host, 587, "refunds@example.test", timeout=1, starttls=starttls,
+                         username="refunds", password="hunter2")
+    if refused:
+        with pytest.raises(ValueError, match="REFUNDS_SMTP_STARTTLS"):
+            build()
+    else:
+        build()

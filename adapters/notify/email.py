@@ -6,6 +6,7 @@ per notice. A server that answers with an error code certainly did not take the 
 """
 
 import asyncio
+import ipaddress
 import smtplib
 import ssl
 from email.message import EmailMessage
@@ -15,11 +16,24 @@ from adapters.notify.delivery import DeliveryFailed, DeliveryUncertain
 from adapters.notify.message import Message
 
 
+def _loopback(host: str) -> bool:
+    """A server on this machine (a local relay): its traffic never crosses a network."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class SmtpEmail:
     name = "email"
 
     def __init__(self, host: str, port: int, sender: str, *, timeout: float, starttls: bool = False,
                  username: str | None = None, password: str | None = None) -> None:
+        if username and not starttls and not _loopback(host):
+            raise ValueError(f"SMTP credentials for {host} without REFUNDS_SMTP_STARTTLS=true: the "
+                             "login would cross the network in clear")
         self._host, self._port, self._sender = host, port, sender
         self._timeout, self._starttls = timeout, starttls
         self._login = (username, password or "") if username else None
