@@ -78,8 +78,8 @@ def email_recipient(settings: Settings, audience: str, evidence: dict[str, str] 
         given = (evidence or {}).get("customer_email")
         address = customer_address(given) if given is not None else None
         if given is not None and address is None:
-            log.warning("customer_email %r is not one plain address at an internet domain; the "
-                        "customer notice is not emailed", given[:100])
+            log.warning("the request's customer_email is not one plain address at an internet "
+                        "domain; the customer notice is not emailed")  # the value is personal data
         return address
     if audience in ("approvers", "requester"):
         return settings.approvers_email or settings.ops_email

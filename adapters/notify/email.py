@@ -7,6 +7,7 @@ per notice. A server that answers with an error code certainly did not take the 
 
 import asyncio
 import ipaddress
+import re
 import smtplib
 import ssl
 from email.message import EmailMessage
@@ -14,6 +15,13 @@ from email.utils import formatdate
 
 from adapters.notify.delivery import DeliveryFailed, DeliveryUncertain
 from adapters.notify.message import Message
+
+_ADDRESS = re.compile(r"[^\s<>'\"(){},;:]+@[^\s<>'\"(){},;:]+")
+
+
+def _masked(text: str) -> str:
+    """The text with every mail address replaced: what an SMTP error may say of a recipient."""
+    return _ADDRESS.sub("<address>", text)
 
 
 def _loopback(host: str) -> bool:
@@ -62,12 +70,15 @@ class SmtpEmail:
                     smtp.login(*self._login)
                 handing_over = True
                 smtp.send_message(mail)
+        # `from None`, and addresses masked: a server's answer names the recipient (a
+        # customer's address), and the error reaches logs, the outbox and workflow failures
         except (smtplib.SMTPResponseException, smtplib.SMTPRecipientsRefused) as exc:
-            raise DeliveryFailed(f"the SMTP server refused the message: {exc!r}") from exc
+            raise DeliveryFailed(f"the SMTP server refused the message: {_masked(repr(exc))}") from None
         except (OSError, smtplib.SMTPException) as exc:
             if handing_over:
-                raise DeliveryUncertain(f"the SMTP transaction broke off: {exc!r}") from exc
-            raise DeliveryFailed(f"no SMTP session with {self._host}:{self._port}: {exc!r}") from exc
+                raise DeliveryUncertain(f"the SMTP transaction broke off: {_masked(repr(exc))}") from None
+            raise DeliveryFailed(f"no SMTP session with {self._host}:{self._port}: "
+                                 f"{_masked(repr(exc))}") from None
 
     async def send(self, message: Message) -> str | None:
         mail = self.compose(message)
