@@ -23,7 +23,7 @@ from workflows.refund import RefundWorkflow
 async def person(stack: Stack, roles: list[str], **links: str) -> str:
     """A user of ours with a live token and links to outside identities."""
     user = f"u-{uuid.uuid4().hex[:8]}"
-    await stack.store.access.create_token(user, roles, by="test")
+    stack.tokens[user] = await stack.store.access.create_token(user, roles, by="test")
     for system, external_id in links.items():
         await stack.store.access.link_identity(system, external_id, user)
     return user
@@ -165,9 +165,6 @@ async def test_a_servicenow_ticket_starts_the_case_and_its_opener_cannot_approve
         touched = await servicenow(stack, "refund-requests",
                                    {**body, "sys_updated_on": "2026-11-21 10:05:00"})
         assert touched.status_code == 200 and touched.json()["status"] == "awaiting_approval"
-        changed = await servicenow(stack, "refund-requests", {**body, "amount": 9_500,
-                                                              "sys_updated_on": "2026-11-21 10:06:00"})
-        assert changed.status_code == 409
 
         def approval(user: str) -> dict[str, Any]:
             return {"sys_id": uuid.uuid4().hex, "document_id": sys_id, "state": "approved",
@@ -184,8 +181,21 @@ async def test_a_servicenow_ticket_starts_the_case_and_its_opener_cannot_approve
         assert (await stack.store.cases.get(case_id))["status"] == "awaiting_approval"  # type: ignore[index]
         assert await stack.provider_refunds(charge) == []
 
-        granted = await servicenow(stack, "approvals", approval(sn_manager))
-        assert granted.status_code == 200 and granted.json()["approver"] == manager
+        changed = await servicenow(stack, "refund-requests", {**body, "amount": 9_500,
+                                                              "sys_updated_on": "2026-11-21 10:06:00"})
+        assert changed.status_code == 409
+        # The ticket now shows 95.00 while the case asks 90.00: an approval given on the ticket
+        # is not bound to what the approver saw, so it is refused (recorded); the case page is
+        # where the case's own values are approved.
+        on_ticket = await servicenow(stack, "approvals", approval(sn_manager))
+        assert on_ticket.status_code == 409 and "changed" in on_ticket.json()["detail"], on_ticket.text
+        assert (await stack.store.cases.get(case_id))["status"] == "awaiting_approval"  # type: ignore[index]
+        assert [e["actor"] for e in await stack.store.audit.trail(case_id)
+                if e["action"] == "approval_refused" and e["detail"].get("channel") == "servicenow"
+                ] == [manager]
+        async with stack.api(manager) as api:
+            granted = await api.post(f"/v1/refund-requests/{case_id}/approvals", json={"decision": "approve"})
+        assert granted.status_code == 202, granted.text
         await stack.wait_for_status(case_id, "succeeded")
         assert [r["amount"] for r in await stack.provider_refunds(charge)] == [9_000]
 

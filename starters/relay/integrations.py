@@ -243,6 +243,9 @@ async def signal_approval(door: FrontDoor, stored: StoredReceipt, system: str, e
                    f"approving needs one of the roles {sorted(roles_for(Permission.APPROVE_REFUND))}")
     elif row["status"] != "awaiting_approval":
         refusal = (409, "approval_refused", f"case is {row['status']}, not awaiting approval")
+    elif system == "servicenow" and await ticket_diverged(door, case_id):
+        refusal = (409, "approval_refused", "the ticket changed after its refund was requested: it no "
+                   "longer shows what the case asks; approve on the case page")
     if refusal is not None:
         code, action, message = refusal
         actor = principal.user if principal else f"{system}:{external_user}"
@@ -261,6 +264,13 @@ async def signal_approval(door: FrontDoor, stored: StoredReceipt, system: str, e
     return await answer(door, stored, case_id, 200, {
         "refund_request_id": case_id, "approver": principal.user, "decision": decision.value,
         "status": "signalled"})
+
+
+async def ticket_diverged(door: FrontDoor, case_id: str) -> bool:
+    """Whether the case's ticket was changed after its refund was requested (its update was
+    refused as a conflict, `request_conflict`): an approval given on the ticket then approved
+    values the case does not ask for."""
+    return any(e["action"] == "request_conflict" for e in await door.store.audit.trail(case_id))
 
 
 @router.post("/slack/actions")
