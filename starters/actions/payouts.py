@@ -6,7 +6,7 @@ from typing import Any
 from adapters.db import Principal, Store
 from domain.payouts import APPROVAL_STATUSES, PayoutCaseStatus
 from domain.permissions import Permission
-from starters.actions.approving import ApprovalBody, Refused, approvals_view, ask_for_verdict
+from starters.actions.approving import ApprovalBody, approvals_view, ask_for_verdict
 from starters.actions.cases import CaseActions
 
 
@@ -56,9 +56,10 @@ async def decide_on_payout_exception(actions: CaseActions, caller: Principal, ca
     await actions.require(caller, Permission.APPROVE_PAYOUT_EXCEPTION, action, case_id, via=via)
     row = await actions.store.payouts.case(case_id)
     if row is None:
-        raise Refused(404, f"no payout exception {case_id!r}")
+        await actions.refuse(caller, None, 404, action, f"no payout exception {case_id!r}", via=via)
     if row["status"] not in APPROVAL_STATUSES:
-        raise Refused(409, f"case is {row['status']}, not awaiting approval")
+        await actions.refuse(caller, case_id, 409, action, f"case is {row['status']}, not awaiting approval",
+                             via=via)
     if body.awaiting is not None and body.awaiting != row["status"]:
         await actions.refuse(caller, case_id, 409, action,
                              f"this verdict was given for the case {body.awaiting.value}; it is now "

@@ -44,20 +44,21 @@ async def decide_on_break(actions: CaseActions, caller: Principal, break_id: int
     """The one rule for a verdict on a break, whichever front end asks (API or console):
     approver roles, the break awaiting approval, then the workflow's update validator.
     Refusals raise the audited `Refused` both front ends answer."""
-    await actions.require(caller, Permission.APPROVE_RECONCILIATION_BREAK, "approving a reconciliation break",
-                          via=via)
+    action = "approving a reconciliation break"
+    await actions.require(caller, Permission.APPROVE_RECONCILIATION_BREAK, action, via=via)
     row = await actions.store.reconciliation.get_break(break_id)
     if row is None:
-        raise Refused(404, f"no reconciliation break {break_id}")
+        await actions.refuse(caller, None, 404, action, f"no reconciliation break {break_id}", via=via)
     if row["state"] != BreakState.AWAITING_APPROVAL:
-        raise Refused(409, f"break is {row['state']}, not awaiting approval")
+        await actions.refuse(caller, row["chain"], 409, action,
+                             f"break is {row['state']}, not awaiting approval", via=via)
     try:
         progress = await _verdict_once_caught_up(actions, break_id,
                                                  new_verdict(caller, body.decision, body.reason))
     except WorkflowUpdateFailedError as exc:
         reason, kind = refusal(exc)
         if kind == NOT_AWAITING_APPROVAL:
-            raise Refused(409, reason) from None
+            await actions.refuse(caller, row["chain"], 409, action, reason, via=via)
         await actions.store.audit.record(row["chain"], caller.user, "reconciliation_approval_refused",
                                          {"break_id": break_id, "decision": body.decision.value,
                                           "refusal": reason})
@@ -104,15 +105,16 @@ async def reopen_break(actions: CaseActions, caller: Principal, break_id: int, b
     """The one rule for reopening a break, whichever front end asks: ops roles, a break
     that ended without moving money, then the same exception case (id and break) runs
     again from the start: handed to its case when that can take it, else approvals."""
-    await actions.require(caller, Permission.REOPEN_RECONCILIATION_BREAK, "reopening a reconciliation break",
-                          via=via)
+    action = "reopening a reconciliation break"
+    await actions.require(caller, Permission.REOPEN_RECONCILIATION_BREAK, action, via=via)
     client, settings = actions.client, actions.settings
     try:
         row = await actions.store.reconciliation.reopen(break_id, caller.user, body.reason)
     except LookupError as exc:
-        raise Refused(404, str(exc)) from None
+        await actions.refuse(caller, None, 404, action, str(exc), via=via)
     except NotReopenable as exc:
-        raise Refused(409, str(exc)) from None
+        found = await actions.store.reconciliation.get_break(break_id)
+        await actions.refuse(caller, found["chain"] if found else None, 409, action, str(exc), via=via)
     workflow_id = break_workflow_id(break_id)
     with suppress(WorkflowFailureError, RPCError):  # the previous run settled; let it close
         await client.get_workflow_handle(workflow_id).result()

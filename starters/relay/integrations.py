@@ -12,6 +12,7 @@ rules as every other approval.
 import hashlib
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from typing import Annotated, Any, Literal, Protocol, TypeVar
 from urllib.parse import parse_qs
@@ -256,7 +257,7 @@ async def signal_approval(door: FrontDoor, stored: StoredReceipt, system: str, e
         return await answer(door, stored, case_id if row else None, code, {"detail": message})
     assert principal is not None and case_id is not None
     signal = ApprovalSignal(approver=principal.user, roles=tuple(sorted(principal.roles)),
-                            decision=decision, reason=reason[:2000])
+                            decision=decision, reason=reason[:2000], verdict_id=uuid.uuid4().hex)
     await door.client.get_workflow_handle(case_id).signal(RefundWorkflow.approve, signal)
     await door.store.audit.record(case_id, principal.user, "approval_signalled",
                                   {"channel": system, "external_user": external_user,

@@ -102,10 +102,10 @@ async def reissue_payout(case_id: str, body: PayoutReissueBody, caller: Caller,
     """Asks to pay the beneficiary again: taken once per remediated case, then it waits
     for its own approval (the requester cannot approve it); refusals are audited."""
     bind_case(case_id)
-    await door.actions.require(caller, Permission.REISSUE_PAYOUT, "requesting a payout reissue", case_id,
-                               via="api")
+    action = "requesting a payout reissue"
+    await door.actions.require(caller, Permission.REISSUE_PAYOUT, action, case_id, via="api")
     if await door.store.payouts.case(case_id) is None:
-        raise HTTPException(404, f"no payout exception {case_id!r}")
+        await door.actions.refuse(caller, None, 404, action, f"no payout exception {case_id!r}", via="api")
     ask = ReissueAsk(requester=caller.user, roles=tuple(sorted(caller.roles)), reason=body.reason)
     try:
         progress = await door.client.get_workflow_handle(case_id).execute_update(

@@ -43,13 +43,14 @@ async def start_backfill(body: BackfillBody, caller: Caller, response: Response,
                          door: Door) -> dict[str, Any]:
     """Starts a backfill over [since, until) (default until: now), or resumes the
     provider's unfinished one from its stored cursor (200, `resumed`)."""
-    await door.actions.require(caller, Permission.START_RECONCILIATION, "starting a reconciliation",
-                               via="api")
+    action = "starting a reconciliation"
+    await door.actions.require(caller, Permission.START_RECONCILIATION, action, via="api")
     if not isinstance(door.providers.get(body.provider), RefundLister):
-        raise HTTPException(422, f"provider {body.provider!r} is not configured or cannot list refunds")
+        await door.actions.refuse(caller, None, 422, action, f"provider {body.provider!r} is not configured "
+                                  "or cannot list refunds", via="api")
     until = body.until or datetime.now(UTC)
     if until <= body.since:
-        raise HTTPException(422, "until must be after since")
+        await door.actions.refuse(caller, None, 422, action, "until must be after since", via="api")
     settings = door.settings
     run, resumed = await door.store.reconciliation.open_backfill(body.provider, body.since, until,
                                                                  caller.user, settings.task_queue)

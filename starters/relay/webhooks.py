@@ -5,7 +5,7 @@ the stored receipts, coverage, replay and re-drive."""
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
@@ -77,13 +77,15 @@ async def coverage(caller: Caller, door: Door, desk: Desk) -> dict[str, Any]:
 @router.post("/v1/webhook-receipts/replay")
 async def replay(body: ReplayBody, caller: Caller, door: Door, desk: Desk) -> list[dict[str, Any]]:
     """Re-feeds stored receipts through the webhook path (idempotent: events act once)."""
-    await door.actions.require(caller, Permission.REPLAY_WEBHOOKS, "replaying webhook receipts", via="api")
+    action = "replaying webhook receipts"
+    await door.actions.require(caller, Permission.REPLAY_WEBHOOKS, action, via="api")
     if (body.receipt_id is None) == (body.since is None):
-        raise HTTPException(422, "give exactly one of receipt_id and since")
+        await door.actions.refuse(caller, None, 422, action, "give exactly one of receipt_id and since",
+                                  via="api")
     if body.receipt_id is not None:
         one = await desk.replay(body.receipt_id)
         if one is None:
-            raise HTTPException(404, f"no receipt {body.receipt_id}")
+            await door.actions.refuse(caller, None, 404, action, f"no receipt {body.receipt_id}", via="api")
         results = [one]
     else:
         assert body.since is not None
