@@ -389,6 +389,9 @@ class PayoutCarry(Frozen):
     unknown_attempts: int = 0
     reissued: PayoutSnapshot | None = None
     runs: int = 1
+    verdict_ids: tuple[str, ...] = Field(default=(), description=(
+        "the sealed verdicts' ids the case has seen: a seal replayed into the next run (its "
+        "nonces are per run) is a resend, never an approval of the round open then"))
 
 
 PayoutCaseInput.model_rebuild()

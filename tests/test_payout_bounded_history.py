@@ -4,13 +4,18 @@ takes hundreds of provider events, each run's history stays near a tiny threshol
 case, its approvals and its audit come through whole to a reissue made once."""
 
 import asyncio
+import dataclasses
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from temporalio import client as temporal_client
 from temporalio.client import Client
+from temporalio.converter import PayloadConverter
 
+from adapters.approval_seal import SEAL_HEADER, approval_keys
 from adapters.db import Store
+from domain.models import ApprovalSignal, Decision
 from domain.payouts import PayoutCaseState, PayoutEvent, ProviderPayout, ProviderPayoutStatus, payout_case_id
 from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
@@ -20,6 +25,7 @@ from tests.payouts_kit import (
     decide,
     move_payout,
     paid_payout,
+    wait_for_actions,
     wait_for_case,
 )
 from tests.test_bounded_history import BATCH, THRESHOLD, _runs, in_batches
@@ -172,3 +178,64 @@ async def test_a_reissue_whose_outcome_stays_unknown_goes_to_ops_after_its_attem
         payout = await rig.stack.store.payouts.payout(row["payout_id"])
         assert payout is not None and payout.status == "on_hold"  # the hold stays for ops
         assert await reissues_of(rig.stack, payout.reissue_id()) == []
+
+
+class _FixedSeal(temporal_client.Interceptor):
+    """A client that sends every `approve` signal with one captured seal: what someone with
+    Temporal write access (and no approval rights) replays."""
+
+    def __init__(self, seal: str) -> None:
+        self.seal = seal
+
+    def intercept_client(self, next: temporal_client.OutboundInterceptor
+                         ) -> temporal_client.OutboundInterceptor:
+        seal = self.seal
+
+        class Replaying(temporal_client.OutboundInterceptor):
+            async def signal_workflow(self, input: temporal_client.SignalWorkflowInput) -> None:
+                header = PayloadConverter.default.to_payloads([seal])[0]
+                await super().signal_workflow(dataclasses.replace(
+                    input, headers={**input.headers, SEAL_HEADER: header}))
+
+        return Replaying(next)
+
+
+async def test_a_sealed_reversal_approval_replayed_into_the_next_run_does_not_approve_the_reissue(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """A seal's nonce counts once per run; the run that follows a continue-as-new carries the
+    verdict ids it saw, so the reversal's sealed approval sent again within its 15 minutes,
+    after the reissue round opened in a new run, is a resend: it approves nothing."""
+    tiny = await open_stack(store, client, temporal_server.address, **TINY)
+    try:
+        await add_payout_approvers(tiny)
+        payout = await paid_payout(tiny, 150_000)
+        await move_payout(tiny, payout.provider_payout_id, "failed", failure_code="account_closed")
+        case_id = payout_case_id("sandbox", payout.provider_payout_id)
+        await wait_for_case(tiny, case_id, "awaiting_approval")
+        verdict = ApprovalSignal(approver="lena", roles=("payments_ops_lead",), decision=Decision.APPROVE,
+                                 reason="captured", verdict_id="v-captured-once")
+        keys = approval_keys(tiny.settings)
+        assert keys is not None
+        config = tiny.client.config()
+        config["interceptors"] = [*config["interceptors"],
+                                  _FixedSeal(keys.seal(case_id, verdict, now=datetime.now(UTC)))]
+        replaying = Client(**config).get_workflow_handle(case_id)
+        await replaying.signal("approve", verdict)  # the relay's own verdict, as it sent it
+        await wait_for_case(tiny, case_id, "remediated")
+        handle = tiny.client.get_workflow_handle(case_id)
+        first_run = (await handle.describe()).run_id
+        await _stale_events(tiny, case_id, payout.provider_payout_id, 150_000)
+        assert (await ask_reissue(tiny, "omar", case_id)).status_code == 202
+        await wait_for_case(tiny, case_id, "awaiting_reissue_approval")
+        assert (await handle.describe()).run_id != first_run  # the round is in a later run
+        await replaying.signal("approve", verdict)  # the same verdict and seal, again
+        await tiny.client.get_workflow_handle(case_id).signal("approve", ApprovalSignal(
+            approver="lena", roles=("payments_ops_lead",), decision=Decision.APPROVE,
+            reason="unsealed marker"))  # refused and recorded, after the replay
+        trail = await wait_for_actions(tiny, case_id, "approval_refused")
+        row = await tiny.store.payouts.case(case_id)
+    finally:
+        await tiny.close()
+    assert row is not None and row["status"] == "awaiting_reissue_approval", row
+    assert [e["detail"].get("refusal") for e in trail if e["action"] == "approval_refused"] == [
+        "approval not sealed by the relay"]

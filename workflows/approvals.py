@@ -9,6 +9,7 @@ through `ApprovalHost`. Deterministic: no I/O, activities only through the host.
 """
 
 import asyncio
+from collections.abc import Iterable
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -94,6 +95,15 @@ class ApprovalRound:
         self._late: list[tuple[ApprovalSignal, str | None]] = []
         self._late_recorder: asyncio.Task[None] | None = None
         self._verdict_ids: set[str] = after._verdict_ids if after is not None else set()
+
+    @property
+    def verdict_ids(self) -> frozenset[str]:
+        """The sealed verdicts' ids seen, for a run that continues as new to carry."""
+        return frozenset(self._verdict_ids)
+
+    def remember(self, verdict_ids: Iterable[str]) -> None:
+        """The ids an earlier run of this case saw: their verdicts, sent again, are resends."""
+        self._verdict_ids.update(verdict_ids)
 
     def resent(self, signal: ApprovalSignal) -> bool:
         """Whether a verdict with this id arrived before (sealed or not: a validator sees no

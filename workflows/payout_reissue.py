@@ -154,7 +154,7 @@ class PayoutReissue(PayoutCase):
             inbox=tuple(self._inbox), events_seen=self._events_seen, deadline=deadline,
             reissue_ask=self._reissue_ask, reissue_refused=self._reissue_refused,
             unknown_attempts=self._unknown_attempts, reissued=self._reissued,
-            runs=carried.runs + 1 if carried else 2)}))
+            runs=carried.runs + 1 if carried else 2, verdict_ids=tuple(sorted(self._round.verdict_ids)))}))
 
     async def _resume(self, carried: PayoutCarry) -> PayoutCaseState:
         """A continued run: the wait it was in (the reissue window, the reissue loop, or the
@@ -177,6 +177,7 @@ class PayoutReissue(PayoutCase):
         self._open_round(REISSUE_STEPS if carried.reissue_round else REVERSAL_STEPS, carried.requester)
         self._round.approvals, self._round.refused = list(carried.approvals), list(carried.refused)
         self._round.decided = True
+        self._round.remember(carried.verdict_ids)
         self._runbook, self._timeline = list(carried.runbook), list(carried.timeline)
         self._events_seen = carried.events_seen
         self._inbox, self._keys = list(carried.inbox), set(carried.keys)
