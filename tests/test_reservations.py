@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adapters.db import Store
-from domain.models import ChargeSnapshot, RefundReason, RefundRequest
+from domain.models import ChargeSnapshot, RefundMethod, RefundReason, RefundRequest
 
 
 async def reserve_all(dsn: str, captured: int, amounts: list[int]) -> tuple[int, int]:
@@ -71,8 +71,39 @@ async def test_holds_the_provider_does_not_count_yet_add_to_what_it_reports_refu
     refused = await store.cases.reserve(second, untracked)
     assert not refused.ok and refused.remaining_before == 200, refused
     await store.database.execute(  # A's refund is made: the provider's 800 now counts it
-        "UPDATE refund_cases SET provider_refund_id = 're_a', provider_status = 'pending'"
-        " WHERE refund_request_id = %s", (first.refund_request_id,))
+        "UPDATE refund_cases SET provider_refund_id = 're_a', provider_status = 'pending',"
+        " submission_started_at = now() WHERE refund_request_id = %s", (first.refund_request_id,))
     counted = untracked.model_copy(update={"amount_refunded": 800})
     fits = await store.cases.reserve(third, counted)
     assert fits.ok and fits.remaining_before == 200, fits
+
+
+async def test_a_made_refund_is_counted_once_and_a_bank_transfer_always(store: Store) -> None:
+    """A's submit began and its answer was lost, but the provider made it and counts it (600
+    refunded): A's hold is that refund, so 400 is left, not 0. A bank transfer's hold is
+    something no provider ever counts: it adds to what the provider reports."""
+    charge_id = f"ch_{uuid.uuid4().hex[:10]}"
+    counted = ChargeSnapshot(provider="prop", charge_id=charge_id, currency="USD", merchant_account="m",
+                             amount=1_000, amount_captured=1_000, amount_refunded=600, captured=True)
+    lost, fits = _request(charge_id, f"{charge_id}-lost", 600), _request(charge_id, f"{charge_id}-fits", 400)
+    for request in (lost, fits):
+        await store.cases.create(request, "prop")
+    assert (await store.cases.reserve(lost, counted.model_copy(update={"amount_refunded": 0}))).ok
+    await store.database.execute("UPDATE refund_cases SET submission_started_at = now()"
+                                 " WHERE refund_request_id = %s", (lost.refund_request_id,))
+    allowed = await store.cases.reserve(fits, counted)
+    assert allowed.ok and allowed.remaining_before == 400, allowed
+
+    other = f"ch_{uuid.uuid4().hex[:10]}"
+    untracked = counted.model_copy(update={"charge_id": other, "amount_refunded": 400})
+    transfer = _request(other, f"{other}-transfer", 500).model_copy(
+        update={"method": RefundMethod.BANK_TRANSFER})
+    more = _request(other, f"{other}-more", 500)
+    for request in (transfer, more):
+        await store.cases.create(request, "prop")
+    assert (await store.cases.reserve(transfer, untracked)).ok
+    await store.database.execute("UPDATE refund_cases SET submission_started_at = now(),"
+                                 " provider_refund_id = 'mr_1' WHERE refund_request_id = %s",
+                                 (transfer.refund_request_id,))
+    refused = await store.cases.reserve(more, untracked)
+    assert not refused.ok and refused.remaining_before == 100, refused

@@ -35,6 +35,7 @@ from domain.models import (
     NoticeInput,
     PolicyDecision,
     ProviderRefund,
+    RefundMethod,
     RefundRequest,
     RequestSource,
     ValidationResult,
@@ -215,22 +216,24 @@ class CaseRepository(Repository):
         await cls._lock_charge(conn, charge.provider, charge.charge_id, charge.currency,
                                 charge.amount_captured)
         cur = await conn.execute(
-            "SELECT refund_request_id, reserved_amount, provider_refund_id IS NULL AS unmade"
+            "SELECT refund_request_id, reserved_amount,"
+            " submission_started_at IS NULL OR method <> %s AS uncounted"
             " FROM refund_cases WHERE provider = %s AND charge_id = %s AND reserved_amount > 0",
-            (charge.provider, charge.charge_id))
+            (RefundMethod.PROVIDER.value, charge.provider, charge.charge_id))
         rows = await cur.fetchall()
         holds = {r["refund_request_id"]: int(r["reserved_amount"]) for r in rows}
-        unmade = sum(int(r["reserved_amount"]) for r in rows if r["unmade"])
+        uncounted = sum(int(r["reserved_amount"]) for r in rows if r["uncounted"])
         prior = len([k for k in holds if k != case_id])
         if case_id in holds:  # a retried activity: the reservation is already ours
             remaining = charge.amount_captured - sum(holds.values()) + holds[case_id]
             return ValidationResult(ok=True, remaining_before=remaining, prior_refund_count=prior,
                                     amount_captured=charge.amount_captured,
                                     dispute_count=charge.dispute_count)
-        # What the provider reports refunded includes the refunds our cases hold (tracking
-        # cases too), but not the holds of cases whose refund is not made yet (awaiting
-        # approval, validating): those add to it. Never less than all our holds.
-        remaining = charge.amount_captured - max(sum(holds.values()), charge.amount_refunded + unmade)
+        # What the provider reports refunded includes the refunds our cases made there
+        # (tracking cases too, and a submit whose answer was lost), but never a hold whose
+        # submit has not begun (awaiting approval, validating) or a bank transfer's: those add
+        # to it. Never less than all our holds.
+        remaining = charge.amount_captured - max(sum(holds.values()), charge.amount_refunded + uncounted)
         if request.amount > remaining:
             result = ValidationResult(
                 ok=False, remaining_before=remaining, prior_refund_count=prior,
