@@ -18,6 +18,9 @@ from domain.models import (
     RefundTimings,
 )
 
+OPS_RESOLUTION = "ops_resolution"
+"""The event type (`ops_resolution.<what ops read>`) of ops resolving a notification wait:
+what ops read at the provider, not the provider's own word."""
 NO_REFUND_PREFIX = "none-"
 """How the refund id starts that an ops resolution ("the provider shows no refund") records
 for a case that knew none: it names no provider refund, so reconciliation never takes a

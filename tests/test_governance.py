@@ -61,9 +61,10 @@ async def test_unanswered_approval_reminds_escalates_then_expires(
         actions = await stack.actions(case_id)
         assert actions.index("approval_reminder") < actions.index("approval_escalated") \
             < actions.index("approval_expired")
+        await stack.client.get_workflow_handle(case_id).result()  # its last notice is written
         kinds = [(n["kind"], n["audience"]) for n in await store.outbox.notices(case_id)]
         assert kinds == [("approval_needed", "approvers"), ("approval_reminder", "approvers"),
-                         ("approval_escalated", "escalation")]
+                         ("approval_escalated", "escalation"), ("approval_expired", "requester")]
         assert not await stack.provider_refunds(charge)
     finally:
         await stack.close()

@@ -14,7 +14,7 @@ import pytest
 from temporalio.client import Client
 
 from adapters.db import Store
-from domain.models import ProviderRefund, ProviderRefundStatus
+from domain.models import CaseStatus, ProviderRefund, ProviderRefundStatus
 from starters.dev.stack import TemporalDevServer
 from starters.relay.webhook_desk import WebhookDesk
 from tests.harness import Stack
@@ -86,6 +86,40 @@ async def test_a_late_success_of_a_refund_the_provider_failed_opens_nothing(stac
     """The provider failed this very refund (the case shows it): a success for it is an
     older delivery than that failure (a failed refund never succeeds)."""
     refund, case_id = await closed_case(stack)
+    await stack.store.database.execute(
+        "UPDATE refund_cases SET status = 'refund_failed', provider_status = 'failed'"
+        " WHERE refund_request_id = %s", (case_id,))
+    await stack.set_provider_status(refund["id"], "succeeded")
+    await settled_deliveries(stack, case_id, 1)
+    assert await breaks_of(stack, str(refund["id"])) == []
+
+
+async def test_a_late_success_for_a_case_ops_cancelled_opens_a_break(stack: Stack) -> None:
+    """Cancelled by ops after a submit whose answer never came, its last lookup finding
+    nothing (Adyen and Cashfree cannot be listed): the case shows no refund and its
+    reservation is released, so the provider's later success is news, not an old delivery."""
+    charge = f"ch_{uuid.uuid4().hex[:8]}"
+    case_id = stack.new_id("cancelled")
+    refund = history(charge, 2_000, days_ago=20, reference=case_id)
+    await seed_provider(stack, [refund])
+    await seed_case(stack, refund, status=CaseStatus.CANCELED_BY_OPS, settled=0)
+    await stack.store.database.execute(  # it never learned the refund's id
+        "UPDATE refund_cases SET provider_refund_id = NULL, provider_status = NULL, reserved_amount = 0"
+        " WHERE refund_request_id = %s", (case_id,))
+    await stack.set_provider_status(refund["id"], "succeeded")
+    [found] = await wait_for_breaks(stack, [str(refund["id"])], "awaiting_approval")
+    assert (found["break_class"], found["refund_request_id"]) == ("provider_succeeded_shown_pending", case_id)
+
+
+async def test_a_late_success_after_the_provider_failed_a_refund_ops_had_resolved_opens_nothing(
+        stack: Stack) -> None:
+    """Ops resolved the wait "refunded"; the provider then failed that refund (a late
+    failure, the case's closing status). A success for it now is older than that failure:
+    ops' earlier reading does not make it news."""
+    refund, case_id = await closed_case(stack)
+    await stack.store.audit.record(case_id, "olga", "provider_wait_resolved", {"provider_shows": "refunded"})
+    await stack.store.audit.record(case_id, "provider:sandbox", "refund_failed_after_success",
+                                   {"source": f"webhook:refund.failed:evt_{uuid.uuid4().hex[:8]}"})
     await stack.store.database.execute(
         "UPDATE refund_cases SET status = 'refund_failed', provider_status = 'failed'"
         " WHERE refund_request_id = %s", (case_id,))

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from adapters.db import Principal
-from domain.events import no_refund_id
+from domain.events import OPS_RESOLUTION, no_refund_id
 from domain.models import EventKind, ProviderEvent, ProviderRefundStatus
 from domain.permissions import Permission
 from starters.actions.cases import CaseActions, behind
@@ -71,7 +71,7 @@ async def resolve_provider_wait(actions: CaseActions, caller: Principal, case_id
                                      {**body.model_dump(), "via": via})
     event = ProviderEvent(
         provider=row["provider"], event_id=f"ops-resolution:{case_id}",
-        event_type=f"ops_resolution.{body.provider_shows}", kind=EventKind.REFUND_STATUS,
+        event_type=f"{OPS_RESOLUTION}.{body.provider_shows}", kind=EventKind.REFUND_STATUS,
         body_sha256=hashlib.sha256(body.model_dump_json().encode()).hexdigest(),
         occurred_at=datetime.now(UTC), refund_id=refund_id or no_refund_id(case_id),
         charge_id=row["charge_id"],

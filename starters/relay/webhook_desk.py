@@ -27,7 +27,7 @@ from adapters.config import Settings
 from adapters.db import CaseCreation, Store, StoredReceipt
 from adapters.providers.base import NotificationRecorder, ProviderAdapter, WebhookRejected
 from adapters.telemetry import bind_case
-from domain.events import tells_nothing_new, tracking_case_id
+from domain.events import OPS_RESOLUTION, tells_nothing_new, tracking_case_id
 from domain.lifecycle import FINAL_PROVIDER_STATUSES
 from domain.models import (
     CaseStatus,
@@ -82,6 +82,14 @@ async def first_delivery_done(store: Store, settings: Settings, provider: str, e
                 " which re-drives it)", duplicate.first_receipt_id, provider, event_id,
                 duplicate.first_age_seconds, duplicate.receipt_id)
     return False
+
+
+SHOWN_UNREFUNDED = SHOWN_FAILED | {CaseStatus.CANCELED_BY_OPS}
+"""Closed cases that show no refund: a success for one is money the books do not hold."""
+ENDING_ACTIONS = frozenset({"refund_failed", "refund_canceled", "refund_failed_after_success"})
+"""The case actions that record a provider refund failing or cancelled (with their source)."""
+OPS_RESOLUTION_SOURCE = f"webhook:{OPS_RESOLUTION}."
+"""How the source of a status ops gave when resolving a notification wait begins."""
 
 
 @dataclass(frozen=True)
@@ -302,18 +310,21 @@ class WebhookDesk:
                               settings.task_queue)
 
     async def _success_shown_failed(self, case_id: str, refund: ProviderRefund) -> bool:
-        """Whether a success is news for a closed case: the case shows no refund, and not
-        because the provider failed this very refund (then the success is older than the
-        failure). A failure ops resolved a wait with is their reading, not the provider's."""
+        """Whether a success is news for a closed case: the case shows no refund (failed,
+        canceled, declined, cancelled by ops), and not because the provider failed this very
+        refund (then the success is older than that failure). A failure that came from ops
+        resolving a wait "no refund" is their reading, not the provider's."""
         if refund.status is not ProviderRefundStatus.SUCCEEDED:
             return False
         case = await self._store.cases.get(case_id)
-        if case is None or CaseStatus(case["status"]) not in SHOWN_FAILED:
+        if case is None or CaseStatus(case["status"]) not in SHOWN_UNREFUNDED:
             return False
-        failed_by_provider = (case["provider_refund_id"] == refund.refund_id
-                              and case["provider_status"] in FINAL_PROVIDER_STATUSES)
-        return not failed_by_provider or "provider_wait_resolved" in {
-            e["action"] for e in await self._store.audit.trail(case_id)}
+        if (case["provider_refund_id"] != refund.refund_id
+                or case["provider_status"] not in FINAL_PROVIDER_STATUSES):
+            return True
+        endings = [e for e in await self._store.audit.trail(case_id) if e["action"] in ENDING_ACTIONS]
+        source = str(endings[-1]["detail"].get("source", "")) if endings else ""
+        return source.startswith(OPS_RESOLUTION_SOURCE)
 
     async def _payout_receipt(self, event: PayoutEvent, stored: StoredReceipt) -> None:
         """Every delivery of a payout event, duplicates too, joins the case's timeline with
