@@ -124,12 +124,22 @@ async def test_terminate_at_each_stage_is_swept_to_ops(quick: Stack, stage: str)
     assert case_id not in await sweep_cases_once(quick.store, quick.client, quick.providers, idle_seconds=0)
 
 
-async def test_a_cancel_waits_out_a_create_that_lands_after_the_client_gave_up(quick: Stack) -> None:
+async def test_a_cancel_waits_out_a_create_that_lands_after_the_client_gave_up(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
     """Cancelled while the create is at the provider: the client gives up (2 s), and the
-    provider acts on it 4.8 s after it arrived, inside the horizon (the call's end plus
-    the margin). The last lookup comes after that horizon, so the refund is found, followed
-    and booked, not left at the provider under a case released as `canceled_by_ops`."""
-    await quick.start_worker()
+    provider acts on it 4.8 s after it arrived, inside the horizon (the call's end plus a
+    3 s margin). The last lookup comes after that horizon (8 s after the cancel; before,
+    after the 3 s submit timeout), so the refund is found, followed and booked, not left at
+    the provider under a case released as `canceled_by_ops`."""
+    quick = await open_stack(store, client, temporal_server.address, submit_timeout_seconds=3,
+                             resubmit_margin_seconds=3)
+    try:
+        await _cancel_while_the_create_lands(quick)
+    finally:
+        await quick.close()
+
+
+async def _cancel_while_the_create_lands(quick: Stack) -> None:
     charge = await quick.charge(20_000)
     await _fault(quick, mode="acts_after_give_up", seconds=4.8)
     case_id = await quick.request_refund("alice", charge, SMALL)
