@@ -18,8 +18,10 @@ from domain.money import MAX_MINOR_AMOUNT, normalise_currency
 
 Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
 
+REISSUE_SUFFIX = r"-r[0-9]+$"
+"""How a reissue's id ends (a refund's `<id>-r<n>`, a payout's `<id>-r1`)."""
 SYSTEM_ID_FORMS = re.compile(
-    r"^(?:recon-break-|reconcile-|servicenow-|[A-Za-z0-9_]+-(?:payout|refund)-)|-r[0-9]+$")
+    r"^(?:recon-break-|reconcile-|servicenow-|[A-Za-z0-9_]+-(?:payout|refund)-)|" + REISSUE_SUFFIX)
 """The ids of cases and workflows the system opens (reconciliation breaks and runs, ServiceNow
 tickets, payout exceptions, provider-made refunds, reissues `<id>-r<n>`): a caller may not
 take one first and squat its case, or be answered 202 for a workflow that is another's. (A

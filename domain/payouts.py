@@ -16,6 +16,7 @@ from typing import Annotated
 from pydantic import AfterValidator, Field, field_validator
 
 from domain.models import (
+    REISSUE_SUFFIX,
     ApprovalRecord,
     Frozen,
     Identifier,
@@ -146,7 +147,7 @@ class PayoutSnapshot(Frozen):
         return f"rfo_{digest[:40]}"
 
 
-REISSUE_ID_FORM = re.compile(r"-r[0-9]+$")
+REISSUE_ID_FORM = re.compile(REISSUE_SUFFIX)
 """How a reissue's id ends (`PayoutSnapshot.reissue_id`): reserved, so no registration
 takes a reissue's id first."""
 

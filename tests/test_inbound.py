@@ -212,6 +212,29 @@ async def test_a_servicenow_ticket_starts_the_case_and_its_opener_cannot_approve
         assert ("POST", "u_refund_request") not in world.servicenow_calls
 
 
+async def test_a_servicenow_denial_on_a_changed_ticket_still_counts(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """A denial moves no money: whatever the ticket shows, it ends the case."""
+    async with connected_stack(store, client, temporal_server, jira_url=None) as (stack, world):
+        sn_opener, sn_manager = f"jdoe.{uuid.uuid4().hex[:6]}", f"mgr.{uuid.uuid4().hex[:6]}"
+        await person(stack, ["requester"], servicenow=sn_opener)
+        manager = await person(stack, ["approver"], servicenow=sn_manager)
+        sys_id = uuid.uuid4().hex
+        world.servicenow["u_refund_request"] = [{"sys_id": sys_id, "number": "RR0002002",
+                                                 "work_notes_history": []}]
+        body = ticket_body(sys_id, sn_opener, charge_id=await stack.charge(20_000))
+        case_id = (await servicenow(stack, "refund-requests", body)).json()["refund_request_id"]
+        await stack.wait_for_status(case_id, "awaiting_approval")
+        changed = await servicenow(stack, "refund-requests", {**body, "amount": 9_500,
+                                                              "sys_updated_on": "2026-11-21 10:06:00"})
+        assert changed.status_code == 409
+        denied = await servicenow(stack, "approvals", {
+            "sys_id": uuid.uuid4().hex, "document_id": sys_id, "state": "rejected",
+            "approver": {"user_name": sn_manager}, "comments": "not like this"})
+        assert denied.status_code == 200 and denied.json()["approver"] == manager, denied.text
+        await stack.wait_for_status(case_id, "denied")
+
+
 async def expire_tokens(stack: Stack, user: str) -> None:
     """Moves every token of `user` past its expiry (create_token refuses a past one)."""
     async with stack.store.database.transaction() as conn:

@@ -416,6 +416,10 @@ async def test_a_payout_booked_under_a_reissue_id_is_not_taken_for_the_reissue(p
                                                      final_status=PayoutStatus.FAILED))
     assert refused.value.type == errors.DECLINED and refused.value.non_retryable
     assert "not a reissue of" in str(refused.value)
+    await move_payout(payouts, payout.provider_payout_id, "failed", failure_code="account_closed")
+    case_id = payout_case_id("sandbox", payout.provider_payout_id)
+    await wait_for_case(payouts, case_id, "awaiting_approval")
+    assert (await view(payouts, case_id))["reissue"] is None  # nor shown as the reissue
 
 
 async def test_a_reissue_the_provider_made_before_a_crash_is_found_not_made_again(payouts: Stack) -> None:

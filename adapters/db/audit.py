@@ -89,6 +89,14 @@ class AuditLog:
             "SELECT id, seq, occurred_at, actor, action, detail, hash FROM audit_events"
             " WHERE chain = %s ORDER BY seq", (case_id,))
 
+    async def has_action(self, case_id: str, action: str) -> bool:
+        """Whether the case's chain records `action` at least once (one indexed lookup, not
+        the whole trail)."""
+        row = await self._db.fetch_one(
+            "SELECT EXISTS (SELECT 1 FROM audit_events WHERE chain = %s AND action = %s) AS found",
+            (case_id, action))
+        return bool(row and row["found"])
+
     async def approvals(self, case_ids: list[str]) -> dict[str, list[ApprovalStep]]:
         """Every approval step per case, in chain order (the projection, not the trail)."""
         steps: dict[str, list[ApprovalStep]] = {c: [] for c in case_ids}

@@ -23,6 +23,8 @@ async def payout_case_view(store: Store, case_id: str) -> dict[str, Any] | None:
                                         (decision.get("decision") or {}).get("requirements", []),
                                         row["status"] in APPROVAL_STATUSES)
     reissue = await store.payouts.payout(payout.reissue_id())
+    if reissue is not None and reissue.reissue_of != payout.id:  # booked under its id, not it
+        reissue = None
     return {
         "case_id": case_id, "status": row["status"], "payout": payout.model_dump(mode="json"),
         "reported_status": row["reported_status"], "failure_code": row["failure_code"],

@@ -112,7 +112,6 @@ class CodecCors(CORSMiddleware):
             await self.app(scope, receive, send)
 
 
-
 async def refused(request: Request, exc: Exception) -> Response:
     """A refusal from the shared case rules (already audited) as an HTTP answer."""
     assert isinstance(exc, Refused)

@@ -244,9 +244,10 @@ async def signal_approval(door: FrontDoor, stored: StoredReceipt, system: str, e
                    f"approving needs one of the roles {sorted(roles_for(Permission.APPROVE_REFUND))}")
     elif row["status"] != "awaiting_approval":
         refusal = (409, "approval_refused", f"case is {row['status']}, not awaiting approval")
-    elif system == "servicenow" and await ticket_diverged(door, case_id):
+    elif decision is Decision.APPROVE and system == "servicenow" and await ticket_diverged(door, case_id):
         refusal = (409, "approval_refused", "the ticket changed after its refund was requested: it no "
-                   "longer shows what the case asks; approve on the case page")
+                   "longer shows what the case asks (for good, even if edited back); approve on the "
+                   "case page")
     if refusal is not None:
         code, action, message = refusal
         actor = principal.user if principal else f"{system}:{external_user}"
@@ -270,8 +271,9 @@ async def signal_approval(door: FrontDoor, stored: StoredReceipt, system: str, e
 async def ticket_diverged(door: FrontDoor, case_id: str) -> bool:
     """Whether the case's ticket was changed after its refund was requested (its update was
     refused as a conflict, `request_conflict`): an approval given on the ticket then approved
-    values the case does not ask for."""
-    return any(e["action"] == "request_conflict" for e in await door.store.audit.trail(case_id))
+    values the case does not ask for (a denial moves nothing and still counts). For good:
+    editing the ticket back does not undo what approvers may have seen meanwhile."""
+    return await door.store.audit.has_action(case_id, "request_conflict")
 
 
 @router.post("/slack/actions")
