@@ -192,6 +192,7 @@ class BreakCase(Frozen):
     chain: str = Field(description="the audit chain: the case id, or the tracking id it would get")
     case_id: str | None
     case_holds_refund: bool = Field(description="the case's provider_refund_id is this object")
+    case_holds_no_refund: bool = Field(default=False, description="the case knew no provider refund")
     case_provider_status: ProviderRefundStatus | None
     truth: ProviderRefund | ProviderPayout = Field(description="the provider's object: a refund or a payout")
     ledger_delta: int | None = Field(description="minor units that bring the ledger to the truth")
@@ -245,6 +246,18 @@ def lifecycle_can_fix(case: BreakCase) -> bool:
         return False
     change = classify_status_change(case.case_provider_status, case.truth.status)
     return change in (StatusChange.ADVANCE, StatusChange.LATE_FAILURE)
+
+
+def case_can_take(case: BreakCase) -> bool:
+    """A status break about a refund carrying the case's reference while the case knows no
+    refund at all (a submit whose answer was lost, the case in ops review still looking):
+    the case's own workflow adopts it as its refund (its rules post and notify); approving
+    a compensation beside it would post the refund twice once the case's lookup finds it."""
+    truth = case.truth
+    return (case.break_class in STATUS_CLASSES and case.case_holds_no_refund
+            and isinstance(truth, ProviderRefund) and case.case_id is not None
+            and truth.reference == case.case_id and truth.status is not ProviderRefundStatus.FAILED
+            and truth.status is not ProviderRefundStatus.CANCELED)
 
 
 def synthetic_event_id(break_id: int) -> str:

@@ -131,3 +131,18 @@ async def another_approver(stack: Stack, user: str = "erin") -> None:
     """A third approver (the harness has bob and carol)."""
     stack.tokens[user] = await stack.store.access.create_token(
         user, ["approver"], token=f"t-{user}-{uuid.uuid4().hex}", by="test")
+
+
+async def landed_unknown_to_its_case(stack: Stack, amount: int) -> tuple[str, dict[str, Any]]:
+    """A case whose every create failed as far as it knew (it is in ops review, only
+    looking), and the refund one of them in fact made, its webhook lost: (case id, refund).
+    The stack's `max_submit_attempts` must be 2."""
+    charge = await stack.charge(10_000)
+    async with stack.sandbox() as sb:
+        await sb.post("/_sandbox/faults", json={"mode": "error_before", "times": 2})
+    case_id = await stack.request_refund("alice", charge, amount)
+    await stack.wait_for_audit(case_id, "resubmits_exhausted")
+    landed = history(charge, amount, days_ago=0.01, reference=case_id)
+    async with stack.sandbox() as sb:
+        (await sb.post("/_sandbox/import", json={"charges": [], "refunds": [landed]})).raise_for_status()
+    return case_id, landed

@@ -61,6 +61,7 @@ from tests.reconciliation_kit import (
     ago,
     backfill,
     history,
+    landed_unknown_to_its_case,
     move_at_provider,
     seed_case,
     seed_provider,
@@ -614,6 +615,15 @@ async def reconciliation_payout_break(rig: Recording) -> str:
     return break_workflow_id(int(handed["id"]))
 
 
+async def reconciliation_unheld_refund(rig: Recording) -> str:
+    """A refund one of a case's failed-looking creates made, found by a backfill while the
+    case (in ops review) knows no refund: the break is handed to the case, which adopts it."""
+    _, landed = await landed_unknown_to_its_case(rig.stack, 1_600)
+    await backfill(rig.stack, since_days=1)
+    [handed] = await wait_for_breaks(rig.stack, [landed["id"]], "handed_to_case")
+    return break_workflow_id(int(handed["id"]))
+
+
 async def reconciliation_run_failed(rig: Recording) -> str:
     """The provider refuses the refund listing (403) for good: the backfill run fails."""
     rig.proxy.refuse_next("GET", "/v1/refunds", 403)
@@ -689,6 +699,8 @@ SCENARIOS: dict[str, Scenario] = {
     "reconciliation_run_failed": Scenario(reconciliation_run_failed, fails=True),
     "reconciliation_break_approved": Scenario(reconciliation_break_approved),
     "reconciliation_payout_break": Scenario(reconciliation_payout_break),
+    "reconciliation_unheld_refund": Scenario(reconciliation_unheld_refund, {
+        "status_poll_interval_seconds": 3_600, "max_submit_attempts": 2, "reconciliation_grace_seconds": 0}),
     "reconciliation_break_dismissed": Scenario(reconciliation_break_dismissed),
     "reconciliation_break_expired": Scenario(reconciliation_break_expired, {"approval_timeout_seconds": 2}),
 }

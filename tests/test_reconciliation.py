@@ -34,6 +34,7 @@ from tests.reconciliation_kit import (
     backfill,
     failed_break_with_a_trigger,
     history,
+    landed_unknown_to_its_case,
     move_at_provider,
     seed_case,
     seed_provider,
@@ -174,6 +175,29 @@ async def test_a_case_whose_own_posting_is_pending_is_no_ledger_break(stack: Sta
     found = await stack.store.database.fetch_all(
         "SELECT break_class FROM reconciliation_breaks WHERE object_id = %s", (refund["id"],))
     assert found == []
+
+
+async def test_a_refund_found_for_a_case_that_knows_none_is_handed_to_it_not_compensated_beside_it(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """Every create failed as far as the case knew, so it went to ops review and only looks
+    (hourly here); one create had in fact landed. The run finds that refund by the case's
+    reference: the case adopts it through its own lifecycle (one entry, its notices), where
+    an approved compensation beside it would have been posted again by the case's next
+    lookup."""
+    stack = await open_stack(store, client, temporal_server.address, status_poll_interval_seconds=3_600,
+                             max_submit_attempts=2, reconciliation_grace_seconds=0)
+    try:
+        case_id, landed = await landed_unknown_to_its_case(stack, 1_600)
+        report = await backfill(stack, since_days=1)
+        assert [(b["object_id"], b["break_class"]) for b in report["breaks"]] == [
+            (landed["id"], "provider_succeeded_shown_pending")]
+        await wait_for_breaks(stack, [landed["id"]], "handed_to_case")
+        row = await stack.wait_for_status(case_id, "succeeded")
+        assert row["provider_refund_id"] == landed["id"]
+        posted = {e["posting_key"] for e in await store.ledger.entries(case_id)}
+        assert posted == {f"{case_id}:refund_settled"}
+    finally:
+        await stack.close()
 
 
 async def test_running_cases_take_the_providers_state_through_their_own_lifecycle(

@@ -35,7 +35,7 @@ from workflows.payout_case import (
     REISSUE_HORIZON_PATCH,
 )
 from workflows.payout_case import BOUNDED_PATCH as PAYOUT_BOUNDED_PATCH
-from workflows.reconciliation import APPROVAL_ROUND_PATCH, PAYOUT_BREAK_PATCH
+from workflows.reconciliation import APPROVAL_ROUND_PATCH, PAYOUT_BREAK_PATCH, UNHELD_REFUND_PATCH
 from workflows.refund_case import (
     ADYEN_WAIT_PATCH,
     BOUNDED_PATCH,
@@ -190,6 +190,8 @@ BRANCHES: dict[str, Branch] = {
     "reconciliation_break_approved": branch("update:submit_approval", "activity:settle_break"),
     "reconciliation_payout_break": branch(f"patch:{PAYOUT_BREAK_PATCH}", "activity:hand_break_to_payout_case",
                                           lacks=["activity:open_break_exception"]),
+    "reconciliation_unheld_refund": branch(f"patch:{UNHELD_REFUND_PATCH}", "activity:settle_break",
+                                           lacks=["activity:open_break_exception", "update:submit_approval"]),
     "reconciliation_break_dismissed": branch(f"patch:{APPROVAL_ROUND_PATCH}", "update:submit_approval",
                                              "activity:settle_break",
                                              "action:reconciliation_approval_denied"),

@@ -33,6 +33,7 @@ with workflow.unsafe.imports_passed_through():
         RunFailure,
         RunSummary,
         RunWindow,
+        case_can_take,
         lifecycle_can_fix,
         truth_event,
     )
@@ -93,6 +94,10 @@ APPROVAL_ROUND_PATCH = "recon-break-approval-round"
 """Breaks wait on the shared ApprovalRound (reminders, escalation); before it, a bare wait."""
 PAYOUT_BREAK_PATCH = "recon-payout-breaks"
 """Payout breaks are handed to the payout's exception case first."""
+UNHELD_REFUND_PATCH = "recon-hand-unheld-refund-1"
+"""A refund carrying the case's reference, found while the case knows none, is handed to the
+running case (`case_can_take`); before, it waited for a compensation's approvals while the
+case's own lookup could post it too (the ledger doubled)."""
 
 
 @workflow.defn
@@ -134,7 +139,8 @@ class ReconciliationBreakWorkflow(ApprovingWorkflow):
         if isinstance(case.truth, ProviderPayout) and workflow.patched(PAYOUT_BREAK_PATCH):
             if await contracts.HAND_BREAK_TO_PAYOUT_CASE(case, **retry.RECONCILE_STEP):
                 return await self._settle(BreakState.HANDED_TO_CASE)
-        elif lifecycle_can_fix(case) and case.case_id is not None:
+        elif case.case_id is not None and (lifecycle_can_fix(case) or (
+                case_can_take(case) and workflow.patched(UNHELD_REFUND_PATCH))):
             try:
                 await workflow.get_external_workflow_handle(case.case_id).signal(
                     "provider_event", truth_event(case, workflow.now()))

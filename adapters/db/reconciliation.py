@@ -149,6 +149,7 @@ def break_case(row: Mapping[str, Any], timings: RefundTimings) -> BreakCase:
         break_id=int(row["id"]), break_class=BreakClass(row["break_class"]), provider=row["provider"],
         object_id=row["object_id"], chain=row["chain"], case_id=row["refund_request_id"],
         case_holds_refund=bool(case.get("holds_refund")),
+        case_holds_no_refund=bool(case) and case.get("provider_refund_id") is None,
         case_provider_status=ProviderRefundStatus(held) if held else None, truth=truth_of(row),
         ledger_delta=None if row["ledger_delta"] is None else int(row["ledger_delta"]),
         conflicted=behind_case(case), timings=timings,
