@@ -77,4 +77,7 @@ class AccessTokenVerifier:
         value = claims[claim]
         if not isinstance(value, str) or not value:
             raise InvalidAccessToken(f"claim {claim!r} is not a non-empty string")
+        if claim == "email" and claims.get("email_verified") is not True:
+            # where people may edit their address, an unverified one names whoever typed it
+            raise InvalidAccessToken("the token's email is not verified by the issuer (email_verified)")
         return value

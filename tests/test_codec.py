@@ -24,7 +24,7 @@ from adapters.codec import CodecError, EncryptionCodec, generate_key_spec, parse
 from adapters.config import Settings
 from adapters.db import Store
 from adapters.http_server import AppServer
-from adapters.oidc import AccessTokenVerifier, KeysUnavailable
+from adapters.oidc import AccessTokenVerifier, InvalidAccessToken, KeysUnavailable
 from domain.models import RefundWorkflowInput
 from starters.dev.stack import TemporalDevServer
 from tests.harness import open_stack
@@ -216,6 +216,14 @@ async def test_the_temporal_ui_access_token_of_a_linked_ops_person_decodes_and_b
                 "Access-Control-Request-Headers": asked})
         assert preflight.status_code == 200, preflight.text
         assert preflight.headers["access-control-allow-origin"] == UI_ORIGIN
+        by_email = AccessTokenVerifier.from_settings(
+            stack.settings.model_copy(update={"oidc_user_claim": "email"}))
+        assert by_email is not None
+        mail = f"{ops}@example.com"
+        assert await by_email.subject(_access_token(key, kid, email=mail, email_verified=True)) == mail
+        for unverified in ({"email_verified": False}, {}):  # an address anyone could have typed
+            with pytest.raises(InvalidAccessToken, match="email_verified"):
+                await by_email.subject(_access_token(key, kid, email=mail, **unverified))
         await jwks.stop()  # the issuer's keys out of reach: nobody can be authenticated
         verifier = AccessTokenVerifier.from_settings(stack.settings)
         assert verifier is not None
