@@ -235,6 +235,30 @@ async def test_a_servicenow_denial_on_a_changed_ticket_still_counts(
         await stack.wait_for_status(case_id, "denied")
 
 
+async def test_servicenow_calls_refused_before_any_case_are_recorded(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """A ticket over the provider's maximum, an approval for a ticket we have no case for:
+    refused, and recorded under who called (the receipt names no case)."""
+    async with connected_stack(store, client, temporal_server, jira_url=None) as (stack, _):
+        sn_opener, sn_manager = f"jdoe.{uuid.uuid4().hex[:6]}", f"mgr.{uuid.uuid4().hex[:6]}"
+        opener = await person(stack, ["requester"], servicenow=sn_opener)
+        manager = await person(stack, ["approver"], servicenow=sn_manager)
+        limit = stack.providers["sandbox"].max_amount.of("USD")
+        huge = await servicenow(stack, "refund-requests", ticket_body(
+            uuid.uuid4().hex, sn_opener, charge_id="ch_never_called", amount=limit + 1))
+        stray = await servicenow(stack, "approvals", {
+            "sys_id": uuid.uuid4().hex, "document_id": uuid.uuid4().hex, "state": "approved",
+            "approver": {"user_name": sn_manager}})
+        assert (huge.status_code, stray.status_code) == (422, 404), (huge.text, stray.text)
+        refused = {e["actor"]: e["detail"]["refusal"] for e in await stack.store.audit.trail("")
+                   if e["action"] == "action_refused" and e["detail"].get("channel") == "servicenow"}
+        assert refused == {opener: huge.json()["detail"], manager: stray.json()["detail"]}, refused
+        for answer in (huge, stray):
+            row = await stack.store.database.fetch_one(
+                "SELECT workflow_id FROM webhook_receipts WHERE id = %s", (answer.json()["receipt_id"],))
+            assert row is not None and row["workflow_id"] is None
+
+
 async def expire_tokens(stack: Stack, user: str) -> None:
     """Moves every token of `user` past its expiry (create_token refuses a past one)."""
     async with stack.store.database.transaction() as conn:

@@ -235,7 +235,7 @@ async def signal_approval(door: FrontDoor, stored: StoredReceipt, system: str, e
     row = await door.store.cases.get(case_id) if case_id else None
     refusal: tuple[int, str, str] | None = None
     if row is None or case_id is None:
-        refusal = (404, "", f"no refund request for this {system} approval")
+        refusal = (404, "action_refused", f"no refund request for this {system} approval")
     elif principal is None:
         refusal = (403, "access_refused",
                    f"{system} user {external_user!r} is not linked to a user with a live token")
@@ -251,10 +251,9 @@ async def signal_approval(door: FrontDoor, stored: StoredReceipt, system: str, e
     if refusal is not None:
         code, action, message = refusal
         actor = principal.user if principal else f"{system}:{external_user}"
-        if action:
-            await door.store.audit.record(case_id, actor, action,
-                                          {"channel": system, "external_user": external_user,
-                                           "decision": decision.value, "refusal": message})
+        await door.store.audit.record(case_id if row else None, actor, action,
+                                      {"channel": system, "external_user": external_user,
+                                       "decision": decision.value, "refusal": message})
         return await answer(door, stored, case_id if row else None, code, {"detail": message})
     assert principal is not None and case_id is not None
     signal = ApprovalSignal(approver=principal.user, roles=tuple(sorted(principal.roles)),
@@ -311,7 +310,9 @@ async def servicenow_refund_request(request: Request, door: Door) -> JSONRespons
                                       {"channel": "servicenow", "ticket": ticket.number, "refusal": message})
         return await answer(door, stored, None, 403, {"detail": message})
     if too_large := over_maximum(door.providers, ticket.provider, ticket.amount, ticket.currency):
-        return await answer(door, stored, case_id, 422, {"detail": too_large})
+        await door.store.audit.record(None, principal.user, "action_refused", {
+            "channel": "servicenow", "ticket": ticket.number, "refusal": too_large})
+        return await answer(door, stored, None, 422, {"detail": too_large})
     refund = ticket.refund_request(principal.user)
     outcome, _ = await door.store.cases.create(refund, principal.user)
     if outcome is CaseCreation.CONFLICT:
