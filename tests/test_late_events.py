@@ -94,6 +94,24 @@ async def test_a_late_success_of_a_refund_the_provider_failed_opens_nothing(stac
     assert await breaks_of(stack, str(refund["id"])) == []
 
 
+async def test_a_second_refund_with_the_case_s_reference_after_close_is_a_duplicate_for_ops(
+        stack: Stack) -> None:
+    """The case closed holding its refund; another refund carrying its reference succeeds
+    (a dashboard retry, a second create): money moved twice, whenever the word comes. It is a
+    `duplicate_refund` break in ops review, announced; nothing is compensated on its own."""
+    refund, case_id = await closed_case(stack)
+    second = history(str(refund["charge"]), 2_000, days_ago=0.01, status="pending", reference=case_id)
+    async with stack.sandbox() as sb:
+        (await sb.post("/_sandbox/import", json={"charges": [], "refunds": [second]})).raise_for_status()
+    await stack.set_provider_status(second["id"], "succeeded")
+    [found] = await wait_for_breaks(stack, [str(second["id"])], "ops_review")
+    assert (found["break_class"], found["refund_request_id"]) == ("duplicate_refund", case_id)
+    notices = await stack.store.database.fetch_all(
+        "SELECT kind, audience FROM notices WHERE refund_request_id = %s", (case_id,))
+    assert {"kind": "reconciliation_break", "audience": "ops"} in notices
+    assert [e["template"] for e in await stack.store.ledger.entries(case_id)] == ["refund_settled"] * 2
+
+
 async def test_a_late_success_for_a_case_ops_cancelled_opens_a_break(stack: Stack) -> None:
     """Cancelled by ops after a submit whose answer never came, its last lookup finding
     nothing (Adyen and Cashfree cannot be listed): the case shows no refund and its

@@ -27,7 +27,7 @@ from adapters.config import Settings
 from adapters.db import CaseCreation, Store, StoredReceipt
 from adapters.providers.base import NotificationRecorder, ProviderAdapter, WebhookRejected
 from adapters.telemetry import bind_case
-from domain.events import OPS_RESOLUTION, tells_nothing_new, tracking_case_id
+from domain.events import NO_REFUND_PREFIX, OPS_RESOLUTION, tells_nothing_new, tracking_case_id
 from domain.lifecycle import FINAL_PROVIDER_STATUSES
 from domain.models import (
     CaseStatus,
@@ -300,7 +300,7 @@ class WebhookDesk:
                                        {"event_id": event.event_id, "event_type": event.event_type})
         refund = event.as_refund()
         if refund is None or not (refund.status in FINAL_PROVIDER_STATUSES
-                                  or await self._success_shown_failed(case_id, refund)):
+                                  or await self._success_is_news(case_id, refund)):
             return
         recon = self._store.reconciliation
         run_id = await recon.reconcile_event(event.provider, event.event_id, refund, event.occurred_at,
@@ -309,15 +309,22 @@ class WebhookDesk:
         await dispatch_breaks(self._client, recon, lambda: recon.undispatched(run_id), settings.timings(),
                               settings.task_queue)
 
-    async def _success_shown_failed(self, case_id: str, refund: ProviderRefund) -> bool:
-        """Whether a success is news for a closed case: the case shows no refund (failed,
-        canceled, declined, cancelled by ops), and not because the provider failed this very
-        refund (then the success is older than that failure). A failure that came from ops
-        resolving a wait "no refund" is their reading, not the provider's."""
+    async def _success_is_news(self, case_id: str, refund: ProviderRefund) -> bool:
+        """Whether a success is news for a closed case: another refund carrying the case's
+        reference beside the one it holds (money moved twice: a duplicate, for ops), or the
+        case shows no refund (failed, canceled, declined, cancelled by ops) and not because
+        the provider failed this very refund (then the success is older than that failure).
+        A failure that came from ops resolving a wait "no refund" is their reading, not the
+        provider's."""
         if refund.status is not ProviderRefundStatus.SUCCEEDED:
             return False
         case = await self._store.cases.get(case_id)
-        if case is None or CaseStatus(case["status"]) not in SHOWN_UNREFUNDED:
+        if case is None:
+            return False
+        held = case["provider_refund_id"]
+        if held is not None and held != refund.refund_id and not held.startswith(NO_REFUND_PREFIX):
+            return True
+        if CaseStatus(case["status"]) not in SHOWN_UNREFUNDED:
             return False
         if (case["provider_refund_id"] != refund.refund_id
                 or case["provider_status"] not in FINAL_PROVIDER_STATUSES):
