@@ -217,7 +217,7 @@ class CaseRepository(Repository):
                                 charge.amount_captured)
         cur = await conn.execute(
             "SELECT refund_request_id, reserved_amount,"
-            " submission_started_at IS NULL OR method <> %s AS uncounted"
+            " (submission_started_at IS NULL AND provider_refund_id IS NULL) OR method <> %s AS uncounted"
             " FROM refund_cases WHERE provider = %s AND charge_id = %s AND reserved_amount > 0",
             (RefundMethod.PROVIDER.value, charge.provider, charge.charge_id))
         rows = await cur.fetchall()
@@ -230,9 +230,9 @@ class CaseRepository(Repository):
                                     amount_captured=charge.amount_captured,
                                     dispute_count=charge.dispute_count)
         # What the provider reports refunded includes the refunds our cases made there
-        # (tracking cases too, and a submit whose answer was lost), but never a hold whose
-        # submit has not begun (awaiting approval, validating) or a bank transfer's: those add
-        # to it. Never less than all our holds.
+        # (a submit whose answer was lost too) and the ones tracking cases follow, but never
+        # a hold with neither a submit begun nor a provider refund (awaiting approval,
+        # validating) or a bank transfer's: those add to it. Never less than all our holds.
         remaining = charge.amount_captured - max(sum(holds.values()), charge.amount_refunded + uncounted)
         if request.amount > remaining:
             result = ValidationResult(
