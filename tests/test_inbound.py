@@ -235,6 +235,33 @@ async def test_a_servicenow_denial_on_a_changed_ticket_still_counts(
         await stack.wait_for_status(case_id, "denied")
 
 
+async def test_a_servicenow_approval_given_again_after_a_refusal_counts(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """The approver was not linked yet: refused. Linked, they approve the record again (a
+    new update of it): that is a new event, not a duplicate of the refused one; the same
+    update delivered twice still acts once."""
+    async with connected_stack(store, client, temporal_server, jira_url=None) as (stack, world):
+        sn_opener, sn_manager = f"jdoe.{uuid.uuid4().hex[:6]}", f"mgr.{uuid.uuid4().hex[:6]}"
+        await person(stack, ["requester"], servicenow=sn_opener)
+        sys_id = uuid.uuid4().hex
+        world.servicenow["u_refund_request"] = [{"sys_id": sys_id, "number": "RR0002003",
+                                                 "work_notes_history": []}]
+        body = ticket_body(sys_id, sn_opener, charge_id=await stack.charge(20_000))
+        case_id = (await servicenow(stack, "refund-requests", body)).json()["refund_request_id"]
+        await stack.wait_for_status(case_id, "awaiting_approval")
+        record = {"sys_id": uuid.uuid4().hex, "document_id": sys_id, "state": "approved",
+                  "approver": {"user_name": sn_manager}, "sys_updated_on": "2026-12-05 10:00:00"}
+        unlinked = await servicenow(stack, "approvals", record)
+        assert unlinked.status_code == 403, unlinked.text
+        manager = await person(stack, ["approver"], servicenow=sn_manager)
+        again = {**record, "sys_updated_on": "2026-12-05 10:05:00"}
+        approved = await servicenow(stack, "approvals", again)
+        assert approved.status_code == 200 and approved.json()["approver"] == manager, approved.text
+        repeated = await servicenow(stack, "approvals", again)
+        assert repeated.status_code == 200 and repeated.json()["verdict"] == "duplicate"
+        await stack.wait_for_status(case_id, "succeeded")
+
+
 async def test_servicenow_calls_refused_before_any_case_are_recorded(
         store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
     """A ticket over the provider's maximum, an approval for a ticket we have no case for:

@@ -152,13 +152,16 @@ class ServiceNowApproval(BaseModel):
     state: Literal["approved", "rejected"]
     approver: ServiceNowUser
     comments: str = Field(default="", max_length=2000)
+    sys_updated_on: str = Field(default="", max_length=40, description=(
+        "when the record last changed: each change is its own event (an approval given again "
+        "after a refused one is not its duplicate); without it, one event per state"))
 
     @classmethod
     def from_body(cls, body: bytes) -> "ServiceNowApproval":
         return cls.model_validate_json(body)
 
     def event_id(self) -> str | None:
-        return f"{self.sys_id}:{self.state}"
+        return f"{self.sys_id}:{self.state}" + (f":{self.sys_updated_on}" if self.sys_updated_on else "")
 
     def event_type(self) -> str:
         return f"approval.{self.state}"
