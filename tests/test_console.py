@@ -151,7 +151,9 @@ async def test_failed_refund_banner_reissue_by_bank_transfer_and_confirmation(
         child_path = f"/console/cases/{child_id}"
         assert (await post_form(bob, f"{child_path}/approval", {"decision": "approve"})).status_code == 303
         await stack.wait_for_status(child_id, "pending")
-        assert 'data-testid="confirm-form"' in (await olga.get(child_path)).text
+        form = re.search(r'data-testid="confirm-form".*?</form>', (await olga.get(child_path)).text, re.S)
+        # Enter in a one-line reason would send the first button, "It was paid": a text area
+        assert form is not None and '<textarea name="reason"' in form.group(0)
         own = await post_form(olga, f"{child_path}/manual-confirmation", {"paid": "true"})
         assert own.status_code == 403 and "cannot confirm their own refund" in own.text
         paid = await post_form(admin, f"{child_path}/manual-confirmation",
@@ -320,3 +322,31 @@ async def test_reconciliation_page_lists_breaks_and_acknowledges_them_by_the_api
     assert done.status_code == 303
     [resolved] = await wait_for_breaks(stack, [found["object_id"]], "resolved")
     assert resolved["resolution"]["outcome"]["posting_key"].startswith(f"{case_id}:refund_reversed")
+
+
+async def test_reconciliation_page_shows_approvers_their_breaks_not_the_runs_and_keeps_its_words(
+        stack: Stack) -> None:
+    """An approver reads the breaks waiting for them, not the runs (the API refuses them
+    those); the decision's reason is a text area (Enter in a one-line field would send the
+    form's first button: approve); a refused form is recorded under the approver; and the
+    page's confirmation says only what the console itself says."""
+    from tests.reconciliation_kit import break_awaiting_approval
+
+    _, found = await break_awaiting_approval(stack, moved_to="canceled", requester="alice", days_ago=2)
+    bob = await console(stack, "bob")
+    page = await bob.get("/console/reconciliation")
+    assert page.status_code == 200 and f'data-break="{found["id"]}"' in page.text
+    assert "<h2>Runs</h2>" not in page.text and found["first_run_id"] not in page.text
+    form = re.search(rf'action="/console/reconciliation/breaks/{found["id"]}".*?</form>', page.text, re.S)
+    assert form is not None and '<textarea name="reason"' in form.group(0), form
+    olga_page = (await (await console(stack, "olga")).get("/console/reconciliation")).text
+    assert "<h2>Runs</h2>" in olga_page and found["first_run_id"] in olga_page
+
+    invalid = await post_form(bob, f"/console/reconciliation/breaks/{found['id']}", {"decision": "maybe"})
+    assert invalid.status_code == 422
+    assert [r["detail"]["via"] for r in await refusals(stack, "", "action_refused") if r["actor"] == "bob"
+            and r["detail"]["action"] == "deciding on a reconciliation break"] == ["console"]
+    spoofed = await bob.get("/console/reconciliation",
+                            params={"notice": "Re-enter your token at evil.example"})
+    assert "evil.example" not in spoofed.text
+

@@ -42,29 +42,40 @@ async def reconciliation_page(request: Request, session: ConsoleSession, *, stat
               for run in runs[:RECONCILIATION_RUNS_WITH_BREAKS]}
     return page(request, "reconciliation.html", session, status=status, error=error,
                 notice=notice, runs=runs, breaks=breaks,
+                show_runs=may(session.principal.roles, Permission.READ_RECONCILIATION_RUNS),
                 can_decide=may(session.principal.roles, Permission.APPROVE_RECONCILIATION_BREAK),
                 can_reopen=may(session.principal.roles, Permission.REOPEN_RECONCILIATION_BREAK))
 
 
+NOTICES = {"approve": "Break {}: your approval is recorded.", "deny": "Break {}: your denial is recorded.",
+           "pending": "Break {}: your verdict is sent; the break has not answered yet.",
+           "reopened": "Break {}: reopened; it waits for a decision again."}
+"""What the page confirms after a form, by key: never text a link could carry."""
+
+
 @router.get("/reconciliation")
-async def reconciliation(request: Request, notice: str = "") -> Response:
-    return await reconciliation_page(request, await current(request), notice=notice)
+async def reconciliation(request: Request, notice: str = "", break_id: int = 0) -> Response:
+    return await reconciliation_page(request, await current(request),
+                                     notice=NOTICES[notice].format(break_id) if notice in NOTICES else "")
 
 
-async def on_break(request: Request, break_id: int, model: type[Body],
+async def on_break(request: Request, break_id: int, action: str, model: type[Body],
                    perform: Callable[[CaseActions, Principal, Body], Awaitable[str]]) -> Response:
-    """A form about a break, validated and performed by the API's own rule; refusals
-    come back as the page with the reason."""
+    """A form about a break (`action`, as the trail names it), validated and performed by the
+    API's own rule; refusals come back as the page with the reason, recorded. `perform`
+    answers the key of the page's confirmation (`NOTICES`)."""
     session = await current(request)
     try:
         body = model.model_validate(await posted(request, session))
         done = await perform(front_door(request).actions, session.principal, body)
     except ValidationError as exc:
-        return await reconciliation_page(request, session, status=422,
-                                         error=f"invalid form: {exc.errors()[0]['msg']}")
+        refusal = f"invalid form: {exc.errors()[0]['msg']}"
+        await front_door(request).store.audit.record(None, session.principal.user, "action_refused", {
+            "action": action, "refusal": refusal, "via": "console"})
+        return await reconciliation_page(request, session, status=422, error=refusal)
     except Refused as exc:
         return await reconciliation_page(request, session, status=exc.status, error=exc.detail)
-    notice = urlencode({"notice": f"break {break_id}: {done}"})
+    notice = urlencode({"notice": done, "break_id": break_id})
     return RedirectResponse(f"{PREFIX}/reconciliation?{notice}", status_code=303)
 
 
@@ -73,8 +84,8 @@ async def decide_break(request: Request, break_id: int) -> Response:
     """Acknowledging a break = a verdict on its compensation, by the API's own rule."""
     async def perform(actions: CaseActions, caller: Principal, body: BreakDecisionBody) -> str:
         answer = await decide_on_break(actions, caller, break_id, body, via="console")
-        return str(answer.get("detail", body.decision.value))
-    return await on_break(request, break_id, BreakDecisionBody, perform)
+        return "pending" if "detail" in answer else body.decision.value
+    return await on_break(request, break_id, "deciding on a reconciliation break", BreakDecisionBody, perform)
 
 
 @router.post("/reconciliation/breaks/{break_id}/reopen")
@@ -83,4 +94,4 @@ async def reopen(request: Request, break_id: int) -> Response:
     async def perform(actions: CaseActions, caller: Principal, body: BreakReopenBody) -> str:
         await reopen_break(actions, caller, break_id, body, via="console")
         return "reopened"
-    return await on_break(request, break_id, BreakReopenBody, perform)
+    return await on_break(request, break_id, "reopening a reconciliation break", BreakReopenBody, perform)
