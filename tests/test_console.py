@@ -346,6 +346,11 @@ async def test_reconciliation_page_shows_approvers_their_breaks_not_the_runs_and
     assert invalid.status_code == 422
     assert [r["detail"]["via"] for r in await refusals(stack, "", "action_refused") if r["actor"] == "bob"
             and r["detail"]["action"] == "deciding on a reconciliation break"] == ["console"]
+    mistyped = await bob.post("/console/reconciliation/breaks/abc", data={"decision": "approve"})
+    assert mistyped.status_code == 422  # FastAPI's own check, before the console's route
+    mistyped_path = "POST /console/reconciliation/breaks/abc"
+    assert "console" in [r["detail"]["via"] for r in await refusals(stack, "", "action_refused")
+                         if r["actor"] == "bob" and r["detail"]["action"] == mistyped_path]
     spoofed = await bob.get("/console/reconciliation",
                             params={"notice": "Re-enter your token at evil.example"})
     assert "evil.example" not in spoofed.text

@@ -28,7 +28,7 @@ from temporalio.client import Client
 from adapters import metrics
 from adapters.approval_seal import approval_keys, sealing_client
 from adapters.config import Settings
-from adapters.db import Store
+from adapters.db import Principal, Store
 from adapters.oidc import AccessTokenVerifier
 from adapters.providers.base import ProviderAdapter
 from adapters.telemetry import server_telemetry
@@ -120,36 +120,42 @@ async def refused(request: Request, exc: Exception) -> Response:
 
 async def invalid(request: Request, exc: Exception) -> Response:
     """Bad input is answered 422 as usual and recorded, under the caller's name when the
-    token is valid (FastAPI validates before our handlers run, so we look it up here)."""
+    token or console session is valid (FastAPI validates before our handlers run, so we look
+    it up here)."""
     assert isinstance(exc, RequestValidationError)
     door = front_door(request)
-    creds = await bearer(request)
-    caller = await door.store.access.authenticate(creds.credentials) if creds else None
+    caller, via = await caller_of(request)
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid"}
     action = f"{request.method} {request.url.path}"
     if caller is None:
-        door.api_refusals.refused("api", "invalid input without a valid token", action)
+        door.api_refusals.refused(via, "invalid input without a valid token", action)
     else:
         await door.store.audit.record(None, caller.user, "action_refused", {
-            "action": action, "via": "api",
+            "action": action, "via": via,
             "refusal": f"invalid {'.'.join(str(p) for p in first['loc'])}: {first['msg']}"})
     return await request_validation_exception_handler(request, exc)
 
 
-async def guard_refused(request: Request, refusal: str) -> None:
-    """A body over its limit, or text the store cannot hold, refused before any route:
-    audited under the caller (bearer token or console session), only logged for
-    someone without credentials (they do not grow the audit chain)."""
+async def caller_of(request: Request) -> tuple[Principal | None, str]:
+    """Who sent a request refused before any route ran (bearer token, else console
+    session), and through which front end."""
     store = front_door(request).store
     creds = await bearer(request)
     caller = await store.access.authenticate(creds.credentials) if creds else None
     cookie = request.cookies.get(SESSION_COOKIE)
     if caller is None and cookie and (session := await store.access.session(cookie)):
         caller = session.principal
+    return caller, "console" if request.url.path.startswith(CONSOLE_PREFIX) else "api"
+
+
+async def guard_refused(request: Request, refusal: str) -> None:
+    """A body over its limit, or text the store cannot hold, refused before any route:
+    audited under the caller (bearer token or console session), only logged for
+    someone without credentials (they do not grow the audit chain)."""
+    caller, via = await caller_of(request)
     action = f"{request.method} {request.url.path.replace(chr(0), '%00')}"  # no NUL in the trail
-    via = "console" if request.url.path.startswith(CONSOLE_PREFIX) else "api"
     if caller is None:
         log.warning("refused %s without credentials: %s", action, refusal)
         return
-    await store.audit.record(None, caller.user, "action_refused",
+    await front_door(request).store.audit.record(None, caller.user, "action_refused",
                              {"action": action, "via": via, "refusal": refusal})
