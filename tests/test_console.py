@@ -147,6 +147,9 @@ async def test_failed_refund_banner_reissue_by_bank_transfer_and_confirmation(
         assert made.headers["location"] == f"/console/cases/{child_id}?notice=reissued"
         again = await post_form(olga, f"{path}/reissue", {"method": "bank_transfer"})  # double click
         assert again.headers["location"] == f"/console/cases/{child_id}?notice=reissue_open"
+        alice = await console(stack, "alice")  # her case's reissue is ops' request: not hers to open
+        link = f'href="/console/cases/{child_id}"'
+        assert link in (await olga.get(path)).text and link not in (await alice.get(path)).text
         await stack.wait_for_status(child_id, "awaiting_approval")
         child_path = f"/console/cases/{child_id}"
         assert (await post_form(bob, f"{child_path}/approval", {"decision": "approve"})).status_code == 303

@@ -127,7 +127,9 @@ async def case_page(request: Request, session: ConsoleSession, case_id: str, *,
     ui = settings.temporal_ui_url
     return page(
         request, "case.html", session, status=status, error=error, notice=notice,
-        case=case_view(row, steps), row=row, trail=trail, children=await store.cases.children(case_id),
+        case=case_view(row, steps), row=row, trail=trail,
+        children=[c for c in await store.cases.children(case_id)  # only the ones they may open
+                  if may(caller.roles, Permission.READ_EVERY_CASE) or c["requester"] == caller.user],
         manual=manual, ledger=await store.ledger.entries(case_id),
         notices=await store.outbox.notices(case_id),
         advice=advice_view(await store.integrations.advice(case_id)),
