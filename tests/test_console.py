@@ -8,10 +8,11 @@ import uuid
 
 import httpx
 import pytest
+from psycopg.types.json import Jsonb
 from temporalio.client import Client
 
 from adapters.db import Store, hash_token
-from domain.models import CaseEventInput, CaseStatus, RefundRequest
+from domain.models import CaseEventInput, CaseStatus, RefundReason, RefundRequest
 from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
 from tests.test_cli import run
@@ -358,3 +359,25 @@ async def test_reconciliation_page_shows_approvers_their_breaks_not_the_runs_and
                             params={"notice": "Re-enter your token at evil.example"})
     assert "evil.example" not in spoofed.text
 
+
+
+async def test_needs_my_approval_finds_an_older_case_behind_a_page_that_needs_others(stack: Stack) -> None:
+    """A full page (200) of newer waiting cases bob may not approve (his own requests) lies
+    before one that needs him: "needs my approval" reads on past them and shows it."""
+    provider = f"p{uuid.uuid4().hex[:6]}"  # this test's cases only, in a shared database
+    ids = [f"rr-mine-{uuid.uuid4().hex[:10]}" for _ in range(202)]
+    for n, case_id in enumerate(ids):
+        request = RefundRequest(refund_request_id=case_id, provider=provider, charge_id="ch_mine",
+                                amount=5_000, currency="USD", merchant_account="acct_1",
+                                reason=RefundReason.OTHER)
+        await stack.store.cases.create(request, "alice" if n == 0 else "bob")
+    await stack.store.database.execute(
+        "UPDATE refund_cases SET status = 'awaiting_approval', decision = %s,"
+        " created_at = now() - make_interval(secs => %s - array_position(%s::text[], refund_request_id))"
+        " WHERE refund_request_id = ANY(%s)",
+        (Jsonb({"requirements": [{"role": "approver", "count": 1}]}), len(ids), ids, ids))
+    bob = await console(stack, "bob")
+    page = await bob.get("/console/cases", params={"mine": "1", "provider": provider})
+    assert page.status_code == 200
+    assert f'data-case="{ids[0]}"' in page.text  # alice's, the oldest: it needs bob
+    assert not any(f'data-case="{case_id}"' in page.text for case_id in ids[1:])

@@ -107,6 +107,8 @@ class CaseFilter:
     search: str | None = None
     requester: str | None = None
     limit: int = 200
+    before: tuple[datetime, str] | None = None
+    """Only cases after this one in the list's order (created_at, id): the next page."""
 
 
 class CaseRepository(Repository):
@@ -509,6 +511,8 @@ class CaseRepository(Repository):
             where("created_at <= now() - %s", wanted.older_than)
         if wanted.newer_than is not None:
             where("created_at >= now() - %s", wanted.newer_than)
+        if wanted.before is not None:
+            where("(created_at, refund_request_id) < (%s, %s)", *wanted.before)
         if wanted.search:
             prefix = wanted.search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
             where("(%s IN (refund_request_id, charge_id, provider_refund_id)"
@@ -518,7 +522,7 @@ class CaseRepository(Repository):
         query = "SELECT * FROM refund_cases"
         if clauses:
             query += " WHERE " + " AND ".join(clauses)
-        query += " ORDER BY created_at DESC, refund_request_id LIMIT %s"
+        query += " ORDER BY created_at DESC, refund_request_id DESC LIMIT %s"
         return self._typed(await self._db.fetch_all(query, [*params, wanted.limit]))
 
     async def providers(self) -> list[str]:

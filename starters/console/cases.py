@@ -4,6 +4,7 @@ advice, tickets) with its buttons, and webhook coverage for ops. Every button ca
 refusals are audited there."""
 
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import TypeVar
 from urllib.parse import quote, urlencode
 
@@ -11,8 +12,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
 from pydantic import BaseModel, ValidationError
 
-from adapters.db import ConsoleSession, Principal
+from adapters.db import ConsoleSession, Principal, Store
 from adapters.db.cases import BANNER_STATUSES, CaseFilter
+from adapters.db.rows import CaseRow
 from domain.models import CLOSED_STATUSES, CaseStatus
 from domain.money import UnknownCurrencyError, normalise_currency, parse_major
 from domain.permissions import Permission, may
@@ -85,6 +87,34 @@ async def case_filter(actions: CaseActions, request: Request,
     return wanted, query
 
 
+Granted = dict[str, list[tuple[str, frozenset[str]]]]
+MINE_PAGES = 25
+"""How many pages of waiting cases "needs my approval" reads at most (5,000 cases)."""
+
+
+async def listed(store: Store, wanted: CaseFilter) -> tuple[list[CaseRow], Granted]:
+    """The newest cases the filter matches, with the approvals the waiting ones hold."""
+    rows = await store.cases.find(wanted)
+    waiting = [r["refund_request_id"] for r in rows if r["status"] == "awaiting_approval"]
+    return rows, {c: granted_in(steps) for c, steps in (await store.audit.approvals(waiting)).items()}
+
+
+async def mine(store: Store, caller: Principal, wanted: CaseFilter) -> tuple[list[CaseRow], Granted]:
+    """The waiting cases the caller may approve, newest first: page after page of waiting
+    cases until a page's worth is found (whoever needs you is not hidden behind the newest
+    200 others need)."""
+    found: list[CaseRow] = []
+    granted: Granted = {}
+    for _ in range(MINE_PAGES):
+        rows, held = await listed(store, wanted)
+        granted.update(held)
+        found += [r for r in rows if approval_verdict(caller, r, held[r["refund_request_id"]]).accepted]
+        if len(found) >= wanted.limit or len(rows) < wanted.limit:
+            break
+        wanted = replace(wanted, before=(rows[-1]["created_at"], rows[-1]["refund_request_id"]))
+    return found[:wanted.limit], granted
+
+
 @router.get("/cases")
 async def cases(request: Request) -> Response:
     session = await current(request)
@@ -98,12 +128,7 @@ async def cases(request: Request) -> Response:
     except Refused as exc:
         return page(request, "message.html", session, status=exc.status, title="Cases",
                     error=exc.detail)
-    rows = await store.cases.find(wanted)
-    waiting = [r["refund_request_id"] for r in rows if r["status"] == "awaiting_approval"]
-    granted = {c: granted_in(steps) for c, steps in (await store.audit.approvals(waiting)).items()}
-    if query["mine"]:
-        rows = [r for r in rows
-                if approval_verdict(caller, r, granted[r["refund_request_id"]]).accepted]
+    rows, granted = await (mine(store, caller, wanted) if query["mine"] else listed(store, wanted))
     items = [{"row": r, "missing": missing_roles(r, granted.get(r["refund_request_id"], []))}
              for r in rows]
     return page(request, "cases.html", session, items=items, query=query, limit=wanted.limit,
