@@ -343,6 +343,12 @@ async def test_reconciliation_page_shows_approvers_their_breaks_not_the_runs_and
     assert "<h2>Runs</h2>" not in page.text and found["first_run_id"] not in page.text
     form = re.search(rf'action="/console/reconciliation/breaks/{found["id"]}".*?</form>', page.text, re.S)
     assert form is not None and '<textarea name="reason"' in form.group(0), form
+    assert '<input type="hidden" name="reopened" value="0">' in form.group(0)
+    stale = await post_form(bob, f"/console/reconciliation/breaks/{found['id']}",
+                            {"decision": "approve", "reopened": "1"})  # a page from another round
+    assert stale.status_code == 409 and "reopened" in stale.text
+    assert any("before the break was reopened" in r["detail"]["refusal"]
+               for r in await refusals(stack, found["chain"], "action_refused") if r["actor"] == "bob")
     olga_page = (await (await console(stack, "olga")).get("/console/reconciliation")).text
     assert "<h2>Runs</h2>" in olga_page and found["first_run_id"] in olga_page
 

@@ -29,9 +29,14 @@ from workflows.reconciliation import ReconciliationBreakWorkflow
 
 
 class BreakDecisionBody(BaseModel):
+    """A verdict on a break. A reopened break is decided again: `reopened` names the round the
+    approver saw (how often it had been reopened; the console's form always sends it), so a
+    page loaded before a reopen does not decide the new round."""
+
     model_config = ConfigDict(extra="forbid")
     decision: Decision
     reason: str = Field(default="", max_length=2000)
+    reopened: int | None = Field(default=None, ge=0)
 
 
 class BreakReopenBody(BaseModel):
@@ -52,6 +57,10 @@ async def decide_on_break(actions: CaseActions, caller: Principal, break_id: int
     if row["state"] != BreakState.AWAITING_APPROVAL:
         await actions.refuse(caller, row["chain"], 409, action,
                              f"break is {row['state']}, not awaiting approval", via=via)
+    if body.reopened is not None and body.reopened != row["reopened"]:
+        await actions.refuse(caller, row["chain"], 409, action,
+                             f"this verdict was given before the break was reopened (round {body.reopened}, "
+                             f"now {row['reopened']}): reload it and decide again", via=via)
     try:
         progress = await _verdict_once_caught_up(actions, break_id,
                                                  new_verdict(caller, body.decision, body.reason))
