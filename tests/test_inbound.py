@@ -262,6 +262,34 @@ async def test_a_servicenow_approval_given_again_after_a_refusal_counts(
         await stack.wait_for_status(case_id, "succeeded")
 
 
+async def test_a_servicenow_approval_is_the_person_who_changed_the_record(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """The requester, as the assigned approver's delegate, approves the manager's approval
+    record: ServiceNow keeps the manager as `approver`, but the verdict is the requester's
+    (who changed the record), so it is refused as their own refund."""
+    async with connected_stack(store, client, temporal_server, jira_url=None) as (stack, world):
+        sn_opener, sn_manager = f"jdoe.{uuid.uuid4().hex[:6]}", f"mgr.{uuid.uuid4().hex[:6]}"
+        opener = await person(stack, ["requester", "approver"], servicenow=sn_opener)
+        await person(stack, ["approver"], servicenow=sn_manager)
+        sys_id = uuid.uuid4().hex
+        world.servicenow["u_refund_request"] = [{"sys_id": sys_id, "number": "RR0002004",
+                                                 "work_notes_history": []}]
+        body = ticket_body(sys_id, sn_opener, charge_id=await stack.charge(20_000))
+        case_id = (await servicenow(stack, "refund-requests", body)).json()["refund_request_id"]
+        await stack.wait_for_status(case_id, "awaiting_approval")
+        delegated = await servicenow(stack, "approvals", {
+            "sys_id": uuid.uuid4().hex, "document_id": sys_id, "state": "approved",
+            "approver": {"user_name": sn_manager}, "sys_updated_by": sn_opener})
+        assert delegated.status_code == 200 and delegated.json()["approver"] == opener, delegated.text
+
+        async def refused() -> list[dict[str, Any]]:
+            return [e for e in await stack.store.audit.trail(case_id) if e["action"] == "approval_refused"]
+
+        [refusal] = await eventually(refused)
+        assert refusal["actor"] == opener and "own refund" in refusal["detail"]["refusal"]
+        assert (await stack.store.cases.get(case_id))["status"] == "awaiting_approval"  # type: ignore[index]
+
+
 async def test_servicenow_calls_refused_before_any_case_are_recorded(
         store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
     """A ticket over the provider's maximum, an approval for a ticket we have no case for:

@@ -155,6 +155,13 @@ class ServiceNowApproval(BaseModel):
     sys_updated_on: str = Field(default="", max_length=40, description=(
         "when the record last changed: each change is its own event (an approval given again "
         "after a refused one is not its duplicate); without it, one event per state"))
+    sys_updated_by: str = Field(default="", max_length=100, description=(
+        "the user_name of whoever changed the record: the person who approved (a delegate "
+        "acting for the assigned approver is who approves); without it, the assigned approver"))
+
+    def acting_user(self) -> str:
+        """Who gave the verdict: who changed the record, else the assigned approver."""
+        return self.sys_updated_by or self.approver.user_name
 
     @classmethod
     def from_body(cls, body: bytes) -> "ServiceNowApproval":
@@ -344,6 +351,6 @@ async def servicenow_approval(request: Request, door: Door) -> JSONResponse:
     approval, stored = received
     case_id = await door.store.integrations.case_for_ticket("servicenow", approval.document_id)
     decision = Decision.APPROVE if approval.state == "approved" else Decision.DENY
-    return await signal_approval(door, stored, "servicenow", approval.approver.user_name, case_id,
+    return await signal_approval(door, stored, "servicenow", approval.acting_user(), case_id,
                                  decision, approval.comments or f"{approval.state} in ServiceNow")
 
