@@ -12,7 +12,14 @@ from psycopg.types.json import Jsonb
 from temporalio.client import Client
 
 from adapters.db import Store, hash_token
-from domain.models import CaseEventInput, CaseStatus, RefundReason, RefundRequest
+from domain.models import (
+    CaseEventInput,
+    CaseStatus,
+    PolicyDecision,
+    RefundReason,
+    RefundRequest,
+    RoleRequirement,
+)
 from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
 from tests.test_cli import run
@@ -381,9 +388,15 @@ async def test_needs_my_approval_finds_an_older_case_behind_a_page_that_needs_ot
         "UPDATE refund_cases SET status = 'awaiting_approval', decision = %s,"
         " created_at = now() - make_interval(secs => %s - array_position(%s::text[], refund_request_id))"
         " WHERE refund_request_id = ANY(%s)",
-        (Jsonb({"requirements": [{"role": "approver", "count": 1}]}), len(ids), ids, ids))
+        (Jsonb(PolicyDecision(auto_approve=False, rules_fired=("amount_over_threshold",), policy_version="t",
+                              tier="approver", requirements=(RoleRequirement(role="approver"),)
+                              ).model_dump(mode="json")), len(ids), ids, ids))
     bob = await console(stack, "bob")
-    page = await bob.get("/console/cases", params={"mine": "1", "provider": provider})
+    try:
+        page = await bob.get("/console/cases", params={"mine": "1", "provider": provider})
+    finally:  # closed, so no other test's sweep or simulation reads rows no workflow runs
+        await stack.store.database.execute(
+            "UPDATE refund_cases SET status = 'expired' WHERE refund_request_id = ANY(%s)", (ids,))
     assert page.status_code == 200
     assert f'data-case="{ids[0]}"' in page.text  # alice's, the oldest: it needs bob
     assert not any(f'data-case="{case_id}"' in page.text for case_id in ids[1:])

@@ -306,7 +306,8 @@ async def test_servicenow_calls_refused_before_any_case_are_recorded(
             "approver": {"user_name": sn_manager}})
         assert (huge.status_code, stray.status_code) == (422, 404), (huge.text, stray.text)
         refused = {e["actor"]: e["detail"]["refusal"] for e in await stack.store.audit.trail("")
-                   if e["action"] == "action_refused" and e["detail"].get("channel") == "servicenow"}
+                   if e["action"] == "action_refused" and e["detail"].get("channel") == "servicenow"
+                   and e["actor"] in (opener, manager)}  # the database is shared with other tests
         assert refused == {opener: huge.json()["detail"], manager: stray.json()["detail"]}, refused
         for answer in (huge, stray):
             row = await stack.store.database.fetch_one(
