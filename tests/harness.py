@@ -281,6 +281,17 @@ def foreign_refund_event(provider: str, case_id: str, charge_id: str, amount: in
 
 
 @asynccontextmanager
+async def stack_with(store: Store, client: Client, temporal_address: str,
+                     **overrides: Any) -> AsyncIterator[Stack]:
+    """A stack with these settings for one test, closed after it."""
+    opened = await open_stack(store, client, temporal_address, **overrides)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+@asynccontextmanager
 async def own_temporal(folder: Path) -> AsyncIterator[tuple[TemporalDevServer, Client]]:
     """A Temporal dev server for one test that restarts it, with the product's client."""
     server = TemporalDevServer(folder / "temporal.db", port=free_port(), ui_port=None)

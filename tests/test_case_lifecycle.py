@@ -12,7 +12,7 @@ from temporalio.client import Client
 
 from adapters.db import Store
 from starters.dev.stack import TemporalDevServer
-from tests.harness import Stack, open_stack
+from tests.harness import Stack, open_stack, stack_with
 from workers.case_sweep import sweep_cases_once
 
 STAGES = ("validating", "awaiting_approval", "executing", "verifying", "succeeded_watching")
@@ -131,15 +131,25 @@ async def test_a_cancel_waits_out_a_create_that_lands_after_the_client_gave_up(
     3 s margin). The last lookup comes after that horizon (8 s after the cancel; before,
     after the 3 s submit timeout), so the refund is found, followed and booked, not left at
     the provider under a case released as `canceled_by_ops`."""
-    quick = await open_stack(store, client, temporal_server.address, submit_timeout_seconds=3,
-                             resubmit_margin_seconds=3)
-    try:
-        await _cancel_while_the_create_lands(quick)
-    finally:
-        await quick.close()
+    async with stack_with(store, client, temporal_server.address, submit_timeout_seconds=3,
+                          resubmit_margin_seconds=3) as quick:
+        charge, case_id = await _cancelled_while_the_create_lands(quick)
+        refunds = await quick.provider_refunds(charge)
+        for _ in range(150):  # the provider acts 4.8 s after the create came, whatever we did
+            if refunds:
+                break
+            await asyncio.sleep(0.1)
+            refunds = await quick.provider_refunds(charge)
+        row = await quick.store.cases.get(case_id)
+        assert row is not None and len(refunds) == 1, (row, refunds)
+        assert (row["status"], row["provider_refund_id"]) == ("succeeded", refunds[0]["id"])
+        assert {e["template"] for e in await quick.store.ledger.entries(case_id)} == {"refund_settled"}
+        assert "cancel_after_provider_refund" in await quick.actions(case_id)
 
 
-async def _cancel_while_the_create_lands(quick: Stack) -> None:
+async def _cancelled_while_the_create_lands(quick: Stack) -> tuple[str, str]:
+    """A create the provider acts on 4.8 s after it came, its case cancelled once the submit
+    began, the workflow ended: (charge, case id)."""
     charge = await quick.charge(20_000)
     await _fault(quick, mode="acts_after_give_up", seconds=4.8)
     case_id = await quick.request_refund("alice", charge, SMALL)
@@ -147,14 +157,4 @@ async def _cancel_while_the_create_lands(quick: Stack) -> None:
     handle = quick.client.get_workflow_handle(case_id)
     await handle.cancel()
     await handle.result()
-    refunds = await quick.provider_refunds(charge)
-    for _ in range(150):  # the provider acts 4.8 s after the create came, whatever we did
-        if refunds:
-            break
-        await asyncio.sleep(0.1)
-        refunds = await quick.provider_refunds(charge)
-    row = await quick.store.cases.get(case_id)
-    assert row is not None and len(refunds) == 1, (row, refunds)
-    assert (row["status"], row["provider_refund_id"]) == ("succeeded", refunds[0]["id"])
-    assert {e["template"] for e in await quick.store.ledger.entries(case_id)} == {"refund_settled"}
-    assert "cancel_after_provider_refund" in await quick.actions(case_id)
+    return charge, case_id

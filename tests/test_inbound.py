@@ -132,6 +132,24 @@ async def servicenow(stack: Stack, path: str, body: dict[str, Any],
                              "servicenow", secret)
 
 
+async def ticket_awaiting_approval(stack: Stack, world: World,
+                                   opener: str) -> tuple[str, str, dict[str, Any]]:
+    """A ServiceNow ticket `opener` opened (90.00), its case waiting for approval: the
+    ticket's sys_id, the case id and the ticket body."""
+    sys_id = uuid.uuid4().hex
+    world.servicenow["u_refund_request"] = [{"sys_id": sys_id, "number": "RR0002002",
+                                             "work_notes_history": []}]
+    body = ticket_body(sys_id, opener, charge_id=await stack.charge(20_000))
+    case_id = (await servicenow(stack, "refund-requests", body)).json()["refund_request_id"]
+    await stack.wait_for_status(case_id, "awaiting_approval")
+    return sys_id, case_id, body
+
+
+async def approval_refusals(stack: Stack, case_id: str) -> list[dict[str, Any]]:
+    """The verdicts the case's workflow refused (polled with `eventually`)."""
+    return [e for e in await stack.store.audit.trail(case_id) if e["action"] == "approval_refused"]
+
+
 async def test_a_servicenow_ticket_starts_the_case_and_its_opener_cannot_approve_it(
         store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
     async with connected_stack(store, client, temporal_server, jira_url=None) as (stack, world):
@@ -173,10 +191,7 @@ async def test_a_servicenow_ticket_starts_the_case_and_its_opener_cannot_approve
         own = await servicenow(stack, "approvals", approval(sn_opener))
         assert own.status_code == 200  # signalled; the workflow refuses it
 
-        async def refused() -> list[dict[str, Any]]:
-            return [e for e in await stack.store.audit.trail(case_id) if e["action"] == "approval_refused"]
-
-        [refusal] = await eventually(refused)
+        [refusal] = await eventually(lambda: approval_refusals(stack, case_id))
         assert refusal["actor"] == opener and "own refund" in refusal["detail"]["refusal"]
         assert (await stack.store.cases.get(case_id))["status"] == "awaiting_approval"  # type: ignore[index]
         assert await stack.provider_refunds(charge) == []
@@ -219,12 +234,7 @@ async def test_a_servicenow_denial_on_a_changed_ticket_still_counts(
         sn_opener, sn_manager = f"jdoe.{uuid.uuid4().hex[:6]}", f"mgr.{uuid.uuid4().hex[:6]}"
         await person(stack, ["requester"], servicenow=sn_opener)
         manager = await person(stack, ["approver"], servicenow=sn_manager)
-        sys_id = uuid.uuid4().hex
-        world.servicenow["u_refund_request"] = [{"sys_id": sys_id, "number": "RR0002002",
-                                                 "work_notes_history": []}]
-        body = ticket_body(sys_id, sn_opener, charge_id=await stack.charge(20_000))
-        case_id = (await servicenow(stack, "refund-requests", body)).json()["refund_request_id"]
-        await stack.wait_for_status(case_id, "awaiting_approval")
+        sys_id, case_id, body = await ticket_awaiting_approval(stack, world, sn_opener)
         changed = await servicenow(stack, "refund-requests", {**body, "amount": 9_500,
                                                               "sys_updated_on": "2026-11-21 10:06:00"})
         assert changed.status_code == 409
@@ -243,12 +253,7 @@ async def test_a_servicenow_approval_given_again_after_a_refusal_counts(
     async with connected_stack(store, client, temporal_server, jira_url=None) as (stack, world):
         sn_opener, sn_manager = f"jdoe.{uuid.uuid4().hex[:6]}", f"mgr.{uuid.uuid4().hex[:6]}"
         await person(stack, ["requester"], servicenow=sn_opener)
-        sys_id = uuid.uuid4().hex
-        world.servicenow["u_refund_request"] = [{"sys_id": sys_id, "number": "RR0002003",
-                                                 "work_notes_history": []}]
-        body = ticket_body(sys_id, sn_opener, charge_id=await stack.charge(20_000))
-        case_id = (await servicenow(stack, "refund-requests", body)).json()["refund_request_id"]
-        await stack.wait_for_status(case_id, "awaiting_approval")
+        sys_id, case_id, _ = await ticket_awaiting_approval(stack, world, sn_opener)
         record = {"sys_id": uuid.uuid4().hex, "document_id": sys_id, "state": "approved",
                   "approver": {"user_name": sn_manager}, "sys_updated_on": "2026-12-05 10:00:00"}
         unlinked = await servicenow(stack, "approvals", record)
@@ -271,21 +276,12 @@ async def test_a_servicenow_approval_is_the_person_who_changed_the_record(
         sn_opener, sn_manager = f"jdoe.{uuid.uuid4().hex[:6]}", f"mgr.{uuid.uuid4().hex[:6]}"
         opener = await person(stack, ["requester", "approver"], servicenow=sn_opener)
         await person(stack, ["approver"], servicenow=sn_manager)
-        sys_id = uuid.uuid4().hex
-        world.servicenow["u_refund_request"] = [{"sys_id": sys_id, "number": "RR0002004",
-                                                 "work_notes_history": []}]
-        body = ticket_body(sys_id, sn_opener, charge_id=await stack.charge(20_000))
-        case_id = (await servicenow(stack, "refund-requests", body)).json()["refund_request_id"]
-        await stack.wait_for_status(case_id, "awaiting_approval")
+        sys_id, case_id, _ = await ticket_awaiting_approval(stack, world, sn_opener)
         delegated = await servicenow(stack, "approvals", {
             "sys_id": uuid.uuid4().hex, "document_id": sys_id, "state": "approved",
             "approver": {"user_name": sn_manager}, "sys_updated_by": sn_opener})
         assert delegated.status_code == 200 and delegated.json()["approver"] == opener, delegated.text
-
-        async def refused() -> list[dict[str, Any]]:
-            return [e for e in await stack.store.audit.trail(case_id) if e["action"] == "approval_refused"]
-
-        [refusal] = await eventually(refused)
+        [refusal] = await eventually(lambda: approval_refusals(stack, case_id))
         assert refusal["actor"] == opener and "own refund" in refusal["detail"]["refusal"]
         assert (await stack.store.cases.get(case_id))["status"] == "awaiting_approval"  # type: ignore[index]
 

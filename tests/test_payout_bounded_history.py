@@ -37,16 +37,23 @@ TINY: dict[str, Any] = {"continue_as_new_after_events": THRESHOLD, "max_submit_a
         "provider_http_timeout_seconds": 0.5, "resubmit_margin_seconds": 0, "submit_timeout_seconds": 3}
 
 
-async def _remediated(stack: Stack, amount: int = 150_000) -> tuple[str, str]:
-    """A failed payout's case, approved, held and reversed: its reissue window is open."""
+async def _awaiting_reversal(stack: Stack, amount: int = 150_000) -> tuple[str, str]:
+    """A paid payout that failed at the provider: its case waits for the reversal's approval.
+    Returns the case id and the provider's payout id."""
     await add_payout_approvers(stack)
     payout = await paid_payout(stack, amount)
     await move_payout(stack, payout.provider_payout_id, "failed", failure_code="account_closed")
     case_id = payout_case_id("sandbox", payout.provider_payout_id)
     await wait_for_case(stack, case_id, "awaiting_approval")
+    return case_id, payout.provider_payout_id
+
+
+async def _remediated(stack: Stack, amount: int = 150_000) -> tuple[str, str]:
+    """A failed payout's case, approved, held and reversed: its reissue window is open."""
+    case_id, provider_payout_id = await _awaiting_reversal(stack, amount)
     assert (await decide(stack, "lena", case_id)).status_code == 202
     await wait_for_case(stack, case_id, "remediated")
-    return case_id, payout.provider_payout_id
+    return case_id, provider_payout_id
 
 
 def _stale_paid(stack: Stack, case_id: str, provider_payout_id: str,
@@ -134,14 +141,10 @@ async def test_events_left_past_the_bound_when_the_remediation_is_denied_still_j
     history bound go through the gate first, in runs that continue as new: none is dropped."""
     tiny = await open_stack(store, client, temporal_server.address, **TINY)
     try:
-        await add_payout_approvers(tiny)
-        payout = await paid_payout(tiny, 150_000)
-        await move_payout(tiny, payout.provider_payout_id, "failed", failure_code="account_closed")
-        case_id = payout_case_id("sandbox", payout.provider_payout_id)
-        await wait_for_case(tiny, case_id, "awaiting_approval")
+        case_id, provider_payout_id = await _awaiting_reversal(tiny)
         handle = tiny.client.get_workflow_handle(case_id, result_type=PayoutCaseState)
         first_run = (await handle.describe()).run_id
-        send = _stale_paid(tiny, case_id, payout.provider_payout_id, 150_000)
+        send = _stale_paid(tiny, case_id, provider_payout_id, 150_000)
         await asyncio.gather(*(send(n) for n in range(BATCH)))
         assert (await decide(tiny, "lena", case_id, "deny")).status_code == 202
         state = await asyncio.wait_for(handle.result(), 60)
@@ -207,11 +210,7 @@ async def test_a_sealed_reversal_approval_replayed_into_the_next_run_does_not_ap
     after the reissue round opened in a new run, is a resend: it approves nothing."""
     tiny = await open_stack(store, client, temporal_server.address, **TINY)
     try:
-        await add_payout_approvers(tiny)
-        payout = await paid_payout(tiny, 150_000)
-        await move_payout(tiny, payout.provider_payout_id, "failed", failure_code="account_closed")
-        case_id = payout_case_id("sandbox", payout.provider_payout_id)
-        await wait_for_case(tiny, case_id, "awaiting_approval")
+        case_id, provider_payout_id = await _awaiting_reversal(tiny)
         verdict = ApprovalSignal(approver="lena", roles=("payments_ops_lead",), decision=Decision.APPROVE,
                                  reason="captured", verdict_id="v-captured-once")
         keys = approval_keys(tiny.settings)
@@ -224,7 +223,7 @@ async def test_a_sealed_reversal_approval_replayed_into_the_next_run_does_not_ap
         await wait_for_case(tiny, case_id, "remediated")
         handle = tiny.client.get_workflow_handle(case_id)
         first_run = (await handle.describe()).run_id
-        await _stale_events(tiny, case_id, payout.provider_payout_id, 150_000)
+        await _stale_events(tiny, case_id, provider_payout_id, 150_000)
         assert (await ask_reissue(tiny, "omar", case_id)).status_code == 202
         await wait_for_case(tiny, case_id, "awaiting_reissue_approval")
         assert (await handle.describe()).run_id != first_run  # the round is in a later run

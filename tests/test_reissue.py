@@ -4,7 +4,7 @@ from temporalio.client import Client
 
 from adapters.db import Store
 from starters.dev.stack import TemporalDevServer
-from tests.harness import Stack, open_stack
+from tests.harness import Stack, stack_with
 
 
 async def failed_case(stack: Stack, amount: int = 2_500, requester: str = "alice",
@@ -99,26 +99,26 @@ async def test_a_bank_transfer_confirmation_moves_the_case_at_once(
     """The confirmation is the manual executor's word on the refund the case follows (the
     reissue keeps its parent's provider): taken when it comes, not at the next status poll
     (an hour here, as by default; the wait below only bounds a hang)."""
-    patient = await open_stack(store, client, temporal_server.address, status_poll_interval_seconds=3_600,
-                               late_failure_window_seconds=3_600)
-    try:
-        await _confirmed_at_once(patient)
-    finally:
-        await patient.close()
+    async with stack_with(store, client, temporal_server.address, status_poll_interval_seconds=3_600,
+                          late_failure_window_seconds=3_600) as patient:
+        child_id = await _transfer_awaiting_confirmation(patient)
+        async with patient.api("admin") as api:
+            confirmed = await api.post(f"/v1/manual-refunds/{child_id}/confirmation",
+                                       json={"paid": True, "reason": "SEPA ref 456"})
+        assert confirmed.status_code == 200, confirmed.text
+        row = await patient.wait_for_status(child_id, "succeeded")
+        assert row["reserved_amount"] == 2_500
 
 
-async def _confirmed_at_once(patient: Stack) -> None:
+async def _transfer_awaiting_confirmation(patient: Stack) -> str:
+    """A failed refund reissued as a bank transfer and approved: the reissue's id."""
     case_id, _ = await failed_case(patient)
     status, child = await reissue(patient, "olga", case_id, method="bank_transfer")
     assert status == 202
-    child_id = child["refund_request_id"]
+    child_id = str(child["refund_request_id"])
     await patient.wait_for_status(child_id, "awaiting_approval")
     async with patient.api("bob") as api:
         assert (await api.post(f"/v1/refund-requests/{child_id}/approvals",
                                json={"decision": "approve"})).status_code == 202
     await patient.wait_for_status(child_id, "pending")
-    async with patient.api("admin") as api:
-        confirmed = await api.post(f"/v1/manual-refunds/{child_id}/confirmation",
-                                   json={"paid": True, "reason": "SEPA ref 456"})
-        assert confirmed.status_code == 200, confirmed.text
-    await patient.wait_for_status(child_id, "succeeded")
+    return child_id
