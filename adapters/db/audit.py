@@ -5,7 +5,7 @@ Approval steps are also written to the `case_approvals` projection in that trans
 the approvals a case shows are read from there, never parsed back out of the trail.
 """
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -88,6 +88,14 @@ class AuditLog:
         return await self._db.fetch_all(
             "SELECT id, seq, occurred_at, actor, action, detail, hash FROM audit_events"
             " WHERE chain = %s ORDER BY seq", (case_id,))
+
+    async def last_of(self, case_id: str, actions: Iterable[str]) -> dict[str, Any] | None:
+        """The detail of the case's latest entry with one of these actions (one indexed
+        lookup, not the whole trail), or None."""
+        row = await self._db.fetch_one(
+            "SELECT detail FROM audit_events WHERE chain = %s AND action = ANY(%s) ORDER BY seq DESC LIMIT 1",
+            (case_id, list(actions)))
+        return dict(row["detail"]) if row else None
 
     async def has_action(self, case_id: str, action: str) -> bool:
         """Whether the case's chain records `action` at least once (one indexed lookup, not

@@ -25,11 +25,13 @@ from adapters import metrics, receipts
 from adapters.break_dispatch import dispatch_breaks
 from adapters.config import Settings
 from adapters.db import CaseCreation, Store, StoredReceipt
+from adapters.db.rows import CaseRow
 from adapters.providers.base import NotificationRecorder, ProviderAdapter, WebhookRejected
 from adapters.telemetry import bind_case
 from domain.events import NO_REFUND_PREFIX, OPS_RESOLUTION, tells_nothing_new, tracking_case_id
 from domain.lifecycle import FINAL_PROVIDER_STATUSES
 from domain.models import (
+    CLOSED_STATUSES,
     CaseStatus,
     EventKind,
     ProviderEvent,
@@ -39,7 +41,6 @@ from domain.models import (
 )
 from domain.payments import PaymentEvent
 from domain.payouts import PayoutEvent, payout_case_id
-from domain.reconciliation import SHOWN_FAILED
 from starters.actions.starting import (
     open_payout_case,
     over_maximum,
@@ -84,8 +85,6 @@ async def first_delivery_done(store: Store, settings: Settings, provider: str, e
     return False
 
 
-SHOWN_UNREFUNDED = SHOWN_FAILED | {CaseStatus.CANCELED_BY_OPS}
-"""Closed cases that show no refund: a success for one is money the books do not hold."""
 ENDING_ACTIONS = frozenset({"refund_failed", "refund_canceled", "refund_failed_after_success"})
 """The case actions that record a provider refund failing or cancelled (with their source)."""
 OPS_RESOLUTION_SOURCE = f"webhook:{OPS_RESOLUTION}."
@@ -283,24 +282,25 @@ class WebhookDesk:
         except RPCError as exc:
             if exc.status != RPCStatusCode.NOT_FOUND:
                 raise
-            await self._after_close(case_id, event)
+            await self._after_close(case_id, event, row)
         return case_id
 
-    async def _after_close(self, case_id: str, event: ProviderEvent) -> None:
+    async def _after_close(self, case_id: str, event: ProviderEvent, row: CaseRow | None = None) -> None:
         """An event for a case whose workflow has closed is audited, and news the case does
         not show is reconciled at once: a final failure (failed, canceled: nothing follows
         either), or a success for a case shown failed that the provider never failed itself
         (ops read "no refund", a cancel, a decline). Each becomes a break for ops and its
         tier's approvers, never a row only a run might read later (a run cannot list Adyen
         or Cashfree, and its window passes). Any other status may be an old delivery arriving
-        late (a success the provider's own failure of that refund followed): audited only."""
+        late (a success the provider's own failure of that refund followed): audited only.
+        `row`: the case as the caller read it (its workflow is closed: nothing moves it)."""
         log.error("case %s is closed; event %s (%s) is reconciled now", case_id, event.event_id,
                   event.event_type)
         await self._store.audit.record(case_id, actor_of(event), "event_after_close",
                                        {"event_id": event.event_id, "event_type": event.event_type})
         refund = event.as_refund()
         if refund is None or not (refund.status in FINAL_PROVIDER_STATUSES
-                                  or await self._success_is_news(case_id, refund)):
+                                  or await self._success_is_news(case_id, refund, row)):
             return
         recon = self._store.reconciliation
         run_id = await recon.reconcile_event(event.provider, event.event_id, refund, event.occurred_at,
@@ -309,7 +309,7 @@ class WebhookDesk:
         await dispatch_breaks(self._client, recon, lambda: recon.undispatched(run_id), settings.timings(),
                               settings.task_queue)
 
-    async def _success_is_news(self, case_id: str, refund: ProviderRefund) -> bool:
+    async def _success_is_news(self, case_id: str, refund: ProviderRefund, case: CaseRow | None) -> bool:
         """Whether a success is news for a closed case: another refund carrying the case's
         reference beside the one it holds (money moved twice: a duplicate, for ops), or the
         case shows no refund (failed, canceled, declined, cancelled by ops) and not because
@@ -318,20 +318,19 @@ class WebhookDesk:
         provider's."""
         if refund.status is not ProviderRefundStatus.SUCCEEDED:
             return False
-        case = await self._store.cases.get(case_id)
+        if case is None:
+            case = await self._store.cases.get(case_id)
         if case is None:
             return False
         held = case["provider_refund_id"]
         if held is not None and held != refund.refund_id and not held.startswith(NO_REFUND_PREFIX):
             return True
-        if CaseStatus(case["status"]) not in SHOWN_UNREFUNDED:
+        if CaseStatus(case["status"]) not in CLOSED_STATUSES:  # it shows no refund
             return False
-        if (case["provider_refund_id"] != refund.refund_id
-                or case["provider_status"] not in FINAL_PROVIDER_STATUSES):
+        if held != refund.refund_id or case["provider_status"] not in FINAL_PROVIDER_STATUSES:
             return True
-        endings = [e for e in await self._store.audit.trail(case_id) if e["action"] in ENDING_ACTIONS]
-        source = str(endings[-1]["detail"].get("source", "")) if endings else ""
-        return source.startswith(OPS_RESOLUTION_SOURCE)
+        ending = await self._store.audit.last_of(case_id, ENDING_ACTIONS)
+        return str((ending or {}).get("source", "")).startswith(OPS_RESOLUTION_SOURCE)
 
     async def _payout_receipt(self, event: PayoutEvent, stored: StoredReceipt) -> None:
         """Every delivery of a payout event, duplicates too, joins the case's timeline with
