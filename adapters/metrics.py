@@ -8,7 +8,6 @@ Labels stay low-cardinality: provider names we configured, verdicts, operations.
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
-from ipaddress import ip_address
 
 from fastapi import HTTPException, Request
 from prometheus_client import (
@@ -23,6 +22,7 @@ from prometheus_client import (
 
 from adapters.config import Settings, secret_list
 from adapters.db import Store
+from adapters.net import is_loopback
 from domain.models import CaseStatus, LedgerKind
 
 log = logging.getLogger("metrics")
@@ -103,20 +103,13 @@ def exposition(*extra: CollectorRegistry) -> tuple[bytes, str]:
     return b"".join(generate_latest(r) for r in (REGISTRY, *extra)), CONTENT_TYPE_LATEST
 
 
-def _loopback(host: str) -> bool:
-    try:
-        return ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 def scrape_guard(settings: Settings) -> Callable[[Request], Awaitable[None]]:
     """The check in front of /metrics (relay and worker): with REFUNDS_METRICS_TOKEN set, a
     scrape presents one of its tokens as a bearer token (compared in constant time); without
     it, only a loopback bind (`refunds dev`, tests) answers, so a production bind never
     serves case counts and provider error rates to whoever reaches the port."""
     tokens = [t.encode() for t in secret_list(settings.metrics_token)] if settings.metrics_token else []
-    open_locally = not tokens and _loopback(settings.bind_host)
+    open_locally = not tokens and is_loopback(settings.bind_host)
     if not tokens and not open_locally:
         log.warning("/metrics refuses every scrape: REFUNDS_BIND_HOST is %s and REFUNDS_METRICS_TOKEN "
                     "is unset", settings.bind_host)

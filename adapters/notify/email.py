@@ -6,13 +6,13 @@ per notice. A server that answers with an error code certainly did not take the 
 """
 
 import asyncio
-import ipaddress
 import re
 import smtplib
 import ssl
 from email.message import EmailMessage
 from email.utils import formatdate
 
+from adapters.net import is_loopback
 from adapters.notify.delivery import DeliveryFailed, DeliveryUncertain
 from adapters.notify.message import Message
 
@@ -24,22 +24,12 @@ def _masked(text: str) -> str:
     return _ADDRESS.sub("<address>", text)
 
 
-def _loopback(host: str) -> bool:
-    """A server on this machine (a local relay): its traffic never crosses a network."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 class SmtpEmail:
     name = "email"
 
     def __init__(self, host: str, port: int, sender: str, *, timeout: float, starttls: bool = False,
                  username: str | None = None, password: str | None = None) -> None:
-        if username and not starttls and not _loopback(host):
+        if username and not starttls and not is_loopback(host):
             raise ValueError(f"SMTP credentials for {host} without REFUNDS_SMTP_STARTTLS=true: the "
                              "login would cross the network in clear")
         self._host, self._port, self._sender = host, port, sender
