@@ -81,11 +81,13 @@ class InputGuard:
         if body is None:
             await self._refuse(scope, receive, send, 413, f"request body exceeds {limit} bytes")
             return
-        unreadable = self._unreadable(scope, body)
+        declared = [v for k, v in scope.get("headers", []) if k.lower() == b"content-type"]
+        media_type, charset = _media_type(declared[0]) if declared else ("", "")
+        unreadable = self._unreadable(len(declared), media_type, charset, body)
         if unreadable is not None:
             await self._refuse(scope, receive, send, *unreadable)
             return
-        form = _media_type(scope)[0] == FORM_TYPE
+        form = media_type == FORM_TYPE
         if ("\x00" in path or carries_nul(scope.get("query_string", b""), url_encoded=True)
                 or carries_nul(body, url_encoded=form)):
             await self._refuse(scope, receive, send, 422, "text may not contain NUL (U+0000) "
@@ -94,17 +96,15 @@ class InputGuard:
         await self.app(scope, _replay(body, receive), send)
 
     @staticmethod
-    def _unreadable(scope: Scope, body: bytes) -> tuple[int, str] | None:
+    def _unreadable(content_types: int, media_type: str, charset: str, body: bytes) -> tuple[int, str] | None:
         """Why a body cannot be checked as its route will parse it, or None: one Content-Type
         (the guard and the parser must read the same one), JSON or a URL-encoded form in
         UTF-8 (another charset or multipart decodes NULs and surrogates the checks cannot
         see), and bytes that are UTF-8 (JSON decodes raw surrogate bytes)."""
-        declared = [v for k, v in scope.get("headers", []) if k.lower() == b"content-type"]
-        if len(declared) > 1:
+        if content_types > 1:
             return 400, "send one Content-Type header"
         if not body:
             return None
-        media_type, charset = _media_type(scope)
         if media_type not in ("", JSON_TYPE, FORM_TYPE) or charset not in ("", "utf-8", "utf8"):
             return 415, "send JSON or a URL-encoded form, in UTF-8"
         try:
@@ -139,12 +139,9 @@ class InputGuard:
         await JSONResponse({"detail": detail}, status_code=status)(scope, receive, send)
 
 
-def _media_type(scope: Scope) -> tuple[str, str]:
-    """The request's media type (JSON for any `+json`) and charset, lower case, read with
+def _media_type(declared: bytes) -> tuple[str, str]:
+    """A Content-Type's media type (JSON for any `+json`) and charset, lower case, read with
     the standard library's header parser as FastAPI reads it ("" when not given)."""
-    declared = dict(scope.get("headers", [])).get(b"content-type")
-    if declared is None:
-        return "", ""
     message = email.message.Message()
     message["content-type"] = declared.decode("latin-1")
     media_type = message.get_content_type()
