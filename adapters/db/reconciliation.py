@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
+from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from adapters.db.audit import AuditLog
@@ -327,16 +328,20 @@ class ReconciliationRepository(Repository):
 
     async def undispatched(self, run_id: str, limit: int = 500) -> list[dict[str, Any]]:
         """Breaks found by the run whose exception workflow was not started yet."""
-        return await self._db.fetch_all(
-            "SELECT * FROM reconciliation_breaks WHERE first_run_id = %s AND dispatched_at IS NULL"
-            " AND state <> 'ops_review' ORDER BY id LIMIT %s", (run_id, limit))
+        return await self._undispatched(sql.SQL("first_run_id = %s"), (run_id,), limit)
 
     async def undispatched_late_events(self, provider: str, limit: int = 500) -> list[dict[str, Any]]:
         """Breaks late events of the provider found whose exception workflow never started
         (Temporal away through every re-drive of the delivery): a run's finish starts them."""
-        return await self._db.fetch_all(
-            "SELECT * FROM reconciliation_breaks WHERE first_run_id LIKE %s AND dispatched_at IS NULL"
-            " AND state <> 'ops_review' ORDER BY id LIMIT %s", (f"{LATE_EVENT_RUN}{provider}-%", limit))
+        return await self._undispatched(sql.SQL("provider = %s AND first_run_id LIKE %s"),
+                                        (provider, f"{LATE_EVENT_RUN}%"), limit)
+
+    async def _undispatched(self, which: sql.SQL, params: tuple[str, ...],
+                            limit: int) -> list[dict[str, Any]]:
+        """Breaks `which` selects, waiting for approval, whose exception workflow was not started."""
+        return await self._db.fetch_all(sql.SQL(
+            "SELECT * FROM reconciliation_breaks WHERE {} AND dispatched_at IS NULL"
+            " AND state <> 'ops_review' ORDER BY id LIMIT %s").format(which), (*params, limit))
 
     async def mark_dispatched(self, break_id: int) -> None:
         await self._db.execute("UPDATE reconciliation_breaks SET dispatched_at = now() WHERE id = %s",
