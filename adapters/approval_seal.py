@@ -2,15 +2,19 @@
 checks the seal before the workflow sees the verdict.
 
 The seal is an HMAC-SHA256 (a key from `REFUNDS_APPROVAL_KEYS`, which only the relay and
-the worker hold) over the workflow id, decision, approver, roles, reason, the time it was
-issued and a nonce. It travels in a Temporal header of the `approve` signal or the
-`submit_approval` update, put there by a client interceptor on the relay's client only.
+the worker hold) over the workflow id, the run chain it was sent to (the chain's first run
+id: a continue-as-new keeps it, a reopened break or a case started again under its id gets
+a new one), decision, approver, roles, reason, the time it was issued and a nonce. It
+travels in a Temporal header of the `approve` signal or the `submit_approval` update, put
+there by a client interceptor on the relay's client only.
 On the worker an interceptor (built outside the sandbox, so it holds the keys and the
 workflow never does) checks it and hands the workflow a `CheckedApproval` that says whether
 the seal held; a payload always converts to a plain `ApprovalSignal`, so no caller can send
 a checked one. Only the seal (never a key) is in history. The check is deterministic on
 replay: it reads the header and `workflow.now()`, and a key stays listed (verify only) as
-long as a case that holds approvals sealed with it may still replay.
+long as a case that holds approvals sealed with it may still replay. Seals made before the
+chain was covered (`v1`, in recorded histories) still verify; the relay makes none now, and
+a captured one is stale after `MAX_AGE`.
 """
 
 import dataclasses
@@ -38,7 +42,9 @@ from domain.models import ApprovalSignal
 from domain.seals import CheckedApproval
 
 SEAL_HEADER = "refunds-approval-seal"
-SEAL_VERSION = "v1"
+SEAL_VERSION = "v2"
+LEGACY_VERSION = "v1"
+"""Seals over no run chain: made before the chain was covered, still verified on replay."""
 APPROVE_SIGNAL = "approve"
 APPROVAL_UPDATE = "submit_approval"
 MAX_AGE = timedelta(minutes=15)
@@ -48,12 +54,17 @@ MAX_SKEW = timedelta(minutes=1)
 _HEADER_CONVERTER = PayloadConverter.default
 
 
-def _message(workflow_id: str, signal: ApprovalSignal, issued_at: int, nonce: str) -> bytes:
+def _message(workflow_id: str, chain: str | None, signal: ApprovalSignal, issued_at: int,
+             nonce: str) -> bytes:
     """What a seal covers, canonical JSON, so no field can move into another. The verdict id
-    only when there is one, so seals made before ids (in recorded histories) still verify."""
-    covered = {"v": SEAL_VERSION, "workflow_id": workflow_id, "decision": signal.decision.value,
-               "approver": signal.approver, "roles": sorted(signal.roles), "reason": signal.reason,
-               "issued_at": issued_at, "nonce": nonce}
+    only when there is one, the chain only in a current seal, so seals made before either
+    (in recorded histories) still verify."""
+    covered: dict[str, object] = {
+        "v": LEGACY_VERSION if chain is None else SEAL_VERSION, "workflow_id": workflow_id,
+        "decision": signal.decision.value, "approver": signal.approver, "roles": sorted(signal.roles),
+        "reason": signal.reason, "issued_at": issued_at, "nonce": nonce}
+    if chain is not None:
+        covered["chain"] = chain
     if signal.verdict_id:
         covered["verdict_id"] = signal.verdict_id
     return json.dumps(covered, sort_keys=True, separators=(",", ":")).encode()
@@ -76,26 +87,31 @@ class ApprovalKeys:
         """How many keys verify (the rotation list's length)."""
         return len(self._keys)
 
-    def seal(self, workflow_id: str, signal: ApprovalSignal, *, now: datetime) -> str:
+    def seal(self, workflow_id: str, signal: ApprovalSignal, *, chain: str, now: datetime) -> str:
+        """A seal for this verdict, sent to this workflow's run chain `chain`."""
         issued_at, nonce = int(now.timestamp()), secrets.token_hex(16)
-        mac = _mac(self._keys[0], _message(workflow_id, signal, issued_at, nonce))
-        return f"{SEAL_VERSION}.{issued_at}.{nonce}.{mac}"
+        mac = _mac(self._keys[0], _message(workflow_id, chain, signal, issued_at, nonce))
+        return f"{SEAL_VERSION}.{issued_at}.{nonce}.{chain}.{mac}"
 
-    def check(self, workflow_id: str, signal: ApprovalSignal, seal: str | None, *,
+    def check(self, workflow_id: str, signal: ApprovalSignal, seal: str | None, *, chain: str,
               now: datetime) -> tuple[str, str]:
         """(refusal, nonce): refusal is "" when one key sealed exactly this verdict for this
-        workflow within the window."""
+        workflow's run chain `chain` within the window."""
         if not seal:
             return "approval not sealed by the relay", ""
         version, _, rest = seal.partition(".")
         issued, _, rest = rest.partition(".")
-        nonce, _, mac = rest.partition(".")
-        if (version != SEAL_VERSION or not (issued.isascii() and issued.isdigit() and len(issued) <= 12)
-                or not nonce or not mac):
+        nonce, _, rest = rest.partition(".")
+        sealed_chain, _, mac = rest.partition(".") if version == SEAL_VERSION else (None, "", rest)
+        if (version not in (SEAL_VERSION, LEGACY_VERSION) or sealed_chain == ""
+                or not (issued.isascii() and issued.isdigit() and len(issued) <= 12) or not nonce or not mac):
             return "approval seal is malformed", ""
-        message = _message(workflow_id, signal, int(issued), nonce)
+        message = _message(workflow_id, sealed_chain, signal, int(issued), nonce)
         if not any(hmac.compare_digest(mac.encode(), _mac(k, message).encode()) for k in self._keys):
             return "approval seal does not match this verdict", ""
+        if sealed_chain is not None and sealed_chain != chain:
+            return ("approval was sealed for an earlier run of this case (a round since closed, "
+                    "before the case was reopened or started again)"), ""
         age = now.timestamp() - int(issued)
         if age > MAX_AGE.total_seconds() or age < -MAX_SKEW.total_seconds():
             return f"approval seal is outside its {int(MAX_AGE.total_seconds())} s window", ""
@@ -118,22 +134,29 @@ class _SealingOutbound(client.OutboundInterceptor):
         super().__init__(next)
         self._keys = keys
 
-    def _sealed(self, workflow_id: str, signal: ApprovalSignal,
-                headers: Mapping[str, Payload]) -> dict[str, Payload]:
-        seal = self._keys.seal(workflow_id, signal, now=datetime.now(UTC))
+    async def _sealed(self, workflow_id: str, run_id: str | None, signal: ApprovalSignal,
+                      headers: Mapping[str, Payload]) -> dict[str, Payload]:
+        """The headers with a seal for the run chain the workflow id names now (one describe:
+        the verdict is for the round that chain holds, never a later one under the same id)."""
+        described = await self.next.describe_workflow(client.DescribeWorkflowInput(
+            id=workflow_id, run_id=run_id, rpc_metadata={}, rpc_timeout=None))
+        chain = described.raw_description.workflow_execution_info.first_run_id
+        seal = self._keys.seal(workflow_id, signal, chain=chain, now=datetime.now(UTC))
         return {**headers, SEAL_HEADER: _HEADER_CONVERTER.to_payloads([seal])[0]}
 
     async def signal_workflow(self, input: client.SignalWorkflowInput) -> None:
         signal = _approval_arg(input.signal, APPROVE_SIGNAL, input.args)
         if signal is not None:
-            input = dataclasses.replace(input, headers=self._sealed(input.id, signal, input.headers))
+            input = dataclasses.replace(input, headers=await self._sealed(input.id, input.run_id, signal,
+                                                                           input.headers))
         await super().signal_workflow(input)
 
     async def start_workflow_update(
             self, input: client.StartWorkflowUpdateInput) -> client.WorkflowUpdateHandle[Any]:
         signal = _approval_arg(input.update, APPROVAL_UPDATE, input.args)
         if signal is not None:
-            input = dataclasses.replace(input, headers=self._sealed(input.id, signal, input.headers))
+            input = dataclasses.replace(input, headers=await self._sealed(input.id, input.run_id, signal,
+                                                                           input.headers))
         return await super().start_workflow_update(input)
 
 
@@ -176,8 +199,10 @@ class _SealCheckingInbound(WorkflowInboundInterceptor):
         if self.keys is None:
             refusal, nonce = "the worker holds no approval keys (REFUNDS_APPROVAL_KEYS)", ""
         else:
-            refusal, nonce = self.keys.check(workflow.info().workflow_id, signal,
-                                             seal if isinstance(seal, str) else None, now=workflow.now())
+            info = workflow.info()
+            refusal, nonce = self.keys.check(
+                info.workflow_id, signal, seal if isinstance(seal, str) else None,
+                chain=info.first_execution_run_id, now=workflow.now())
         if not refusal and nonce in self._used_nonces:
             refusal = "approval seal was already used"
         if not refusal:

@@ -7,11 +7,14 @@ import dataclasses
 import hashlib
 import hmac
 import json
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
 from temporalio import client as temporal
+from temporalio.api.common import v1 as temporal_common
+from temporalio.api.workflowservice import v1 as temporal_service
 from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.converter import PayloadConverter
 from temporalio.exceptions import ApplicationError
@@ -19,8 +22,18 @@ from temporalio.exceptions import ApplicationError
 from adapters.approval_seal import SEAL_HEADER, ApprovalKeys, sealing_client
 from adapters.db import Store
 from domain.models import ApprovalSignal, Decision
+from domain.reconciliation import break_workflow_id
 from starters.dev.stack import TemporalDevServer
 from tests.harness import APPROVAL_KEYS, Stack, open_stack
+from tests.reconciliation_kit import (
+    backfill,
+    history,
+    move_at_provider,
+    seed_case,
+    seed_provider,
+    wait_for_breaks,
+)
+from tests.test_reconciliation import decide
 from workflows.approvals import UNSEALED
 from workflows.refund import RefundWorkflow
 
@@ -98,7 +111,8 @@ async def test_a_seal_over_other_roles_from_another_key_or_used_twice_is_refused
     case_id = await _awaiting_case(stack)
     honest = _verdict("eve", roles=("requester",))
     config = client.config()
-    seal = ApprovalKeys([APPROVAL_KEYS]).seal(case_id, honest, now=datetime.now(UTC))
+    chain = (await client.get_workflow_handle(case_id).describe()).run_id
+    seal = ApprovalKeys([APPROVAL_KEYS]).seal(case_id, honest, chain=chain, now=datetime.now(UTC))
     config["interceptors"] = [*config["interceptors"], _FixedSeal(seal)]
     replaying = Client(**config).get_workflow_handle(case_id)
     await replaying.signal(RefundWorkflow.approve, _verdict("eve"))  # the seal's verdict, other roles
@@ -120,37 +134,54 @@ def test_keys_rotate_the_first_seals_every_one_verifies() -> None:
     now = datetime.now(UTC)
     verdict = _verdict("bob", roles=("approver",))
     old, rotated, retired = ApprovalKeys(["k-old"]), ApprovalKeys(["k-new", "k-old"]), ApprovalKeys(["k-new"])
-    before_rotation = old.seal("rr-1", verdict, now=now)
-    after_rotation = rotated.seal("rr-1", verdict, now=now)
-    assert rotated.check("rr-1", verdict, before_rotation, now=now)[0] == ""
-    assert retired.check("rr-1", verdict, after_rotation, now=now)[0] == ""
+    before_rotation = old.seal("rr-1", verdict, chain="run-a", now=now)
+    after_rotation = rotated.seal("rr-1", verdict, chain="run-a", now=now)
+    assert rotated.check("rr-1", verdict, before_rotation, chain="run-a", now=now)[0] == ""
+    assert retired.check("rr-1", verdict, after_rotation, chain="run-a", now=now)[0] == ""
     mismatch = "approval seal does not match this verdict"
-    assert old.check("rr-1", verdict, after_rotation, now=now)[0] == mismatch
-    assert rotated.check("rr-2", verdict, after_rotation, now=now)[0] == mismatch
-    assert rotated.check("rr-1", verdict, after_rotation,
+    assert old.check("rr-1", verdict, after_rotation, chain="run-a", now=now)[0] == mismatch
+    assert rotated.check("rr-2", verdict, after_rotation, chain="run-a", now=now)[0] == mismatch
+    assert rotated.check("rr-1", verdict, after_rotation, chain="run-a",
                          now=now + timedelta(hours=1))[0].startswith("approval seal is outside")
     unsigned = after_rotation.rsplit(".", 1)[0]
-    for forged in ("v1." + "9" * 5000 + ".n.m", "v2." + after_rotation[3:], unsigned, ""):
-        assert rotated.check("rr-1", verdict, forged, now=now)[0] in (
+    for forged in ("v1." + "9" * 5000 + ".n.m", "v3." + after_rotation[3:], unsigned, "",
+                   after_rotation.replace(".run-a.", "..")):
+        assert rotated.check("rr-1", verdict, forged, chain="run-a", now=now)[0] in (
             "approval seal is malformed", "approval not sealed by the relay")
+
+
+def test_a_seal_is_for_one_run_chain_and_cannot_be_moved_to_another() -> None:
+    """A reopened break or a case started again under its id is a new chain: a seal made
+    for the earlier one is refused there, and its chain cannot be rewritten or dropped."""
+    now, keys, verdict = datetime.now(UTC), ApprovalKeys(["k"]), _verdict("bob", roles=("approver",))
+    sealed = keys.seal("rr-1", verdict, chain="run-a", now=now)
+    assert keys.check("rr-1", verdict, sealed, chain="run-a", now=now)[0] == ""
+    assert keys.check("rr-1", verdict, sealed, chain="run-b", now=now)[0].startswith(
+        "approval was sealed for an earlier run")
+    version, issued, nonce, _, mac = sealed.split(".")
+    for moved in (f"{version}.{issued}.{nonce}.run-b.{mac}", f"v1.{issued}.{nonce}.{mac}"):
+        assert keys.check("rr-1", verdict, moved, chain="run-b", now=now)[0] == (
+            "approval seal does not match this verdict")
 
 
 def test_a_seal_covers_the_verdict_id_and_one_made_before_ids_still_verifies() -> None:
     """The id decides which copy of a verdict counts, so it cannot be swapped under a seal;
-    seals in histories recorded before ids (no id in the message) still verify."""
+    seals in histories recorded before ids or chains (no id, no chain in the message) still
+    verify."""
     now, keys = datetime.now(UTC), ApprovalKeys(["k"])
     with_id = _verdict("bob", roles=("approver",)).model_copy(update={"verdict_id": "a" * 32})
-    sealed = keys.seal("rr-1", with_id, now=now)
-    assert keys.check("rr-1", with_id, sealed, now=now)[0] == ""
+    sealed = keys.seal("rr-1", with_id, chain="run-a", now=now)
+    assert keys.check("rr-1", with_id, sealed, chain="run-a", now=now)[0] == ""
     for swapped in ("b" * 32, ""):
         assert keys.check("rr-1", with_id.model_copy(update={"verdict_id": swapped}), sealed,
-                          now=now)[0] == "approval seal does not match this verdict"
+                          chain="run-a", now=now)[0] == "approval seal does not match this verdict"
     issued, nonce = int(now.timestamp()), "n0nce"
     before_ids = json.dumps({"v": "v1", "workflow_id": "rr-1", "decision": "approve", "approver": "bob",
                              "roles": ["approver"], "reason": "lgtm", "issued_at": issued, "nonce": nonce},
                             sort_keys=True, separators=(",", ":")).encode()
     legacy = f"v1.{issued}.{nonce}.{hmac.new(b'k', before_ids, hashlib.sha256).hexdigest()}"
-    assert keys.check("rr-1", _verdict("bob", roles=("approver",)), legacy, now=now) == ("", nonce)
+    assert keys.check("rr-1", _verdict("bob", roles=("approver",)), legacy, chain="run-a", now=now) == (
+        "", nonce)
 
 
 async def test_a_worker_holding_a_new_and_the_old_key_counts_an_old_seal(
@@ -168,3 +199,64 @@ async def test_a_worker_holding_a_new_and_the_old_key_counts_an_old_seal(
         assert "approval_granted" in actions and "approval_refused" not in actions  # the old seal counted
     finally:
         await rotated.close()
+
+
+async def _sealed_update_in_history(client: Client, workflow_id: str, approver: str
+                                    ) -> tuple[temporal_common.Payloads, temporal_common.Header]:
+    """An approver's verdict exactly as the relay sent it, read from the case's history (what
+    anyone who may read histories, the Temporal UI's users, can capture)."""
+    async for event in client.get_workflow_handle(workflow_id).fetch_history_events():
+        if event.HasField("workflow_execution_update_accepted_event_attributes"):
+            request = event.workflow_execution_update_accepted_event_attributes.accepted_request
+            verdict = (await client.data_converter.decode(request.input.args.payloads, [ApprovalSignal]))[0]
+            if verdict.approver == approver:
+                return request.input.args, request.input.header
+    raise AssertionError(f"no verdict of {approver} in {workflow_id}'s history")
+
+
+async def test_a_sealed_verdict_replayed_into_a_reopened_break_counts_nowhere(stack: Stack) -> None:
+    """A reopened break is a new run under the same workflow id. Carol's approval from the
+    round that was dismissed, replayed from history within its seal's window, must not be
+    one of the reopened round's two approvals: Frank's approval alone leaves it waiting."""
+    refund = history(f"ch_{uuid.uuid4().hex[:8]}", 60_000, days_ago=3)  # approver and finance manager
+    await seed_provider(stack, [refund])
+    case_id = await seed_case(stack, refund, requester="bob")
+    await move_at_provider(stack, refund["id"], "canceled")
+    await backfill(stack, since_days=30)
+    [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    workflow_id = break_workflow_id(found["id"])
+    assert (await decide(stack, "carol", found["id"])).status_code == 202
+    args, header = await _sealed_update_in_history(stack.client, workflow_id, "carol")
+    assert (await decide(stack, "frank", found["id"], "deny")).status_code == 202
+    await wait_for_breaks(stack, [refund["id"]], "dismissed")
+    async with stack.api("olga") as api:
+        reopened = await api.post(f"/v1/reconciliation/breaks/{found['id']}/reopen",
+                                  json={"reason": "the bank confirmed the cancel"})
+    assert reopened.status_code == 202, reopened.text
+    await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+
+    await stack.client.workflow_service.signal_workflow_execution(
+        temporal_service.SignalWorkflowExecutionRequest(
+            namespace=stack.client.namespace, workflow_execution=temporal_common.WorkflowExecution(
+                workflow_id=workflow_id), signal_name="approve", input=args, header=header,
+            identity="replayer"))
+    carol = await _break_verdicts(stack, case_id, "carol", 2)
+    assert carol[0] == "reconciliation_approval_granted" and carol[1] == "reconciliation_approval_refused"
+    second = await decide(stack, "frank", found["id"])
+    assert (second.status_code, second.json()["missing_roles"]) == (202, ["approver"]), second.text
+    [waiting] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    assert waiting["resolution"] is None
+    assert [e["template"] for e in await stack.store.ledger.entries(case_id)] == ["refund_settled"] * 2
+
+
+async def _break_verdicts(stack: Stack, case_id: str, approver: str, count: int) -> list[str]:
+    """An approver's recorded break verdicts (granted or refused), once `count` are recorded
+    (a hang detector of 60 s, not a timing assertion)."""
+    deadline = asyncio.get_running_loop().time() + 60
+    while True:
+        verdicts = [e["action"] for e in await stack.store.audit.trail(case_id) if e["actor"] == approver
+                    and e["action"] in ("reconciliation_approval_granted", "reconciliation_approval_refused")]
+        if len(verdicts) >= count:
+            return verdicts
+        assert asyncio.get_running_loop().time() < deadline, f"{approver}'s verdicts never audited"
+        await asyncio.sleep(0.1)

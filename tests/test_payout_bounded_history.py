@@ -217,7 +217,8 @@ async def test_a_sealed_reversal_approval_replayed_into_the_next_run_does_not_ap
         assert keys is not None
         config = tiny.client.config()
         config["interceptors"] = [*config["interceptors"],
-                                  _FixedSeal(keys.seal(case_id, verdict, now=datetime.now(UTC)))]
+                                  _FixedSeal(keys.seal(case_id, verdict, now=datetime.now(UTC), chain=(
+                                      await tiny.client.get_workflow_handle(case_id).describe()).run_id))]
         replaying = Client(**config).get_workflow_handle(case_id)
         await replaying.signal("approve", verdict)  # the relay's own verdict, as it sent it
         await wait_for_case(tiny, case_id, "remediated")
