@@ -15,8 +15,10 @@ from domain.models import (
     ProviderEvent,
     ProviderRefund,
     ProviderRefundStatus,
+    RefundRequest,
     RefundTimings,
 )
+from domain.money import format_minor
 
 OPS_RESOLUTION = "ops_resolution"
 """The event type (`ops_resolution.<what ops read>`) of ops resolving a notification wait:
@@ -96,6 +98,16 @@ def tells_nothing_new(applied_refund_id: str | None, applied_status: str | None,
     (the trail records it), a pending one (it ends a wait for any event about the refund)."""
     return (applied_refund_id == reported.refund_id and applied_status == reported.status.value
             and reported.status in SETTLED_PROVIDER_STATUSES)
+
+
+def refund_mismatch(request: RefundRequest, reported: ProviderRefund) -> dict[str, str] | None:
+    """What the provider reports moved against what was asked (None when they agree): a
+    refund under our reference for another amount or currency is money moved other than
+    approved, whatever its status says."""
+    if (reported.amount, reported.currency) == (request.amount, request.currency):
+        return None
+    return {"requested": format_minor(request.amount, request.currency),
+            "reported": format_minor(reported.amount, reported.currency)}
 
 
 def observe(current: ProviderRefundStatus | None, reported: ProviderRefund) -> Observation:

@@ -381,6 +381,7 @@ class RefundCarry(Frozen):
     succeeded_at: datetime | None = None
     lookup_escalated: bool = False
     duplicates: tuple[str, ...] = ()
+    mismatched: bool = False
     escalated: str | None = None
     status_before_escalation: CaseStatus = CaseStatus.REQUESTED
     attempt: int = 0

@@ -321,6 +321,20 @@ async def verify_finds_duplicates(rig: Recording) -> str:
     return await rig.stack.request_refund("alice", charge, 1_500, refund_request_id=case_id)
 
 
+async def refund_mismatch(rig: Recording) -> str:
+    """A refund with our reference for another amount exists (its webhook held) when the
+    case's unanswered create is verified: the case books what the provider reports and goes
+    to ops review."""
+    charge = await rig.stack.charge(10_000)
+    case_id = rig.stack.new_id()
+    await sandbox(rig, "/_sandbox/config", hold_webhooks=True)
+    async with rig.stack.sandbox() as sb:
+        (await sb.post("/v1/refunds", json={"charge": charge, "amount": 1_400, "metadata": {
+            "refund_request_id": case_id}})).raise_for_status()
+    await sandbox(rig, "/_sandbox/faults", mode="error_before", charge=charge)
+    return await rig.stack.request_refund("alice", charge, 1_500, refund_request_id=case_id)
+
+
 async def late_failure(rig: Recording) -> str:
     """Succeeded, then failed within the late-failure window: a compensating entry."""
     case_id, _ = await requested(rig, 1_800)
@@ -671,6 +685,7 @@ SCENARIOS: dict[str, Scenario] = {
     "refund_duplicate_provider_refund": Scenario(duplicate_refund, {"late_failure_window_seconds": 6}),
     "refund_foreign_event_ignored": Scenario(foreign_event_ignored, {"late_failure_window_seconds": 6}),
     "refund_verify_finds_duplicates": Scenario(verify_finds_duplicates, {"late_failure_window_seconds": 6}),
+    "refund_provider_refund_mismatch": Scenario(refund_mismatch, {"late_failure_window_seconds": 2}),
     "refund_bank_transfer_confirmed": Scenario(bank_transfer_confirmed, {"status_poll_interval_seconds": 60}),
     "refund_late_failure": Scenario(late_failure, {"late_failure_window_seconds": 60}),
     "refund_cancel_before_submit": Scenario(cancel_before_submit),

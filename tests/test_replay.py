@@ -44,6 +44,7 @@ from workflows.refund_case import (
     EXECUTOR_EVENTS_PATCH,
     FOLLOW_SCOPE_PATCH,
     HORIZON_PATCH,
+    MISMATCH_PATCH,
     PROVIDER_SCOPED_WAIT_PATCH,
     VERIFY_DUPLICATES_PATCH,
 )
@@ -142,6 +143,9 @@ BRANCHES: dict[str, Branch] = {
         SUBMIT, VERIFY, f"patch:{VERIFY_DUPLICATES_PATCH}", "activity:open_duplicate_refund_break",
         "action:duplicate_provider_refund", "action:refund_succeeded", "activity:post_ledger",
         lacks=[f"{SUBMIT}#2", "signal:provider_event"]),
+    "refund_provider_refund_mismatch": branch(
+        SUBMIT, VERIFY, f"patch:{MISMATCH_PATCH}", "action:provider_refund_mismatch",
+        "action:refund_succeeded", "ledger:refund_settled", lacks=[f"{SUBMIT}#2"]),
     "tracking_dashboard_refund": branch("signal:provider_event#2", "action:refund_succeeded",
                                         "activity:post_ledger", lacks=["continued_as_new", SUBMIT]),
     "tracking_continued_as_new": branch("continued_as_new", f"patch:{TRACKING_BOUNDED_PATCH}"),

@@ -17,7 +17,7 @@ from temporalio.client import Client
 from adapters.db import Store, request_from_row
 from adapters.providers.base import ProviderAdapter, ProviderError
 from adapters.temporal_client import workflow_closed
-from domain.models import ProviderRefund, RefundMethod
+from domain.models import CaseStatus, ProviderRefund, RefundMethod
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,10 @@ async def provider_holds(store: Store, providers: Mapping[str, ProviderAdapter],
     return found is not None, found
 
 
+LEFT_TO_OPS = ("COMPLETED", CaseStatus.OPS_REVIEW.value)
+"""A refund workflow that completed with its case in ops review left it there on purpose
+(and told ops): not a workflow that ended under an open case."""
+
 IdlePage = Callable[[tuple[datetime, str] | None], Awaitable[Sequence[Mapping[str, Any]]]]
 
 
@@ -65,6 +69,8 @@ async def sweep_cases_once(store: Store, client: Client, providers: Mapping[str,
     async for row, ended in closed_cases(
             client, lambda after: store.cases.idle_open(idle_seconds, page, after), "refund_request_id"):
         case_id = row["refund_request_id"]
+        if ended == LEFT_TO_OPS[0] and row["status"] == LEFT_TO_OPS[1]:
+            continue  # the workflow handed it to ops itself (a duplicate or mismatched refund)
         holds, found = await provider_holds(store, providers, row)
         if await store.cases.sweep_closed(case_id, workflow_status=ended, provider_holds=holds,
                                           found=found):

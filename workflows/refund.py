@@ -89,6 +89,7 @@ class RefundWorkflow(RefundLifecycle):
         self._provider_scoped = False
         self._lookup_escalated = False
         self._duplicates: set[str] = set()
+        self._mismatched = False  # the provider's refund is not what was asked: ops review
         self._found_duplicates: list[ProviderRefund] = []  # seen by a lookup, not reported yet
         # a provider state being applied (ledger, notices, status), redone if cancelled midway
         self._applying: tuple[Observation, ProviderRefund, dict[str, Any]] | None = None

@@ -55,6 +55,9 @@ HORIZON_PATCH = "resubmit-horizon-1"
 # A verify-state lookup that finds several refunds with our reference raises the duplicate
 # incident; before, the lookup followed one and logged the others.
 VERIFY_DUPLICATES_PATCH = "verify-duplicate-refunds-1"
+# A refund the provider reports for another amount or currency than the request was booked
+# as reported and shown as the request done; since, the case goes to ops review and ops hear.
+MISMATCH_PATCH = "provider-refund-mismatch-1"
 # Fewer round trips per refund (issue 21): validation and the policy's decision in one
 # activity; `execution_started` committed with the submit's intent; the ledger posting, its
 # notices and the status in one transaction; the case's database writes as local
@@ -125,6 +128,7 @@ class RefundCase(ApprovingWorkflow):
     _provider_scoped: bool
     _lookup_escalated: bool
     _duplicates: set[str]
+    _mismatched: bool
     _found_duplicates: list[ProviderRefund]
     _applying: tuple[Observation, ProviderRefund, dict[str, Any]] | None
     _validating: asyncio.Future[Vetted] | None

@@ -16,7 +16,7 @@ from temporalio.exceptions import (
 
 with workflow.unsafe.imports_passed_through():
     from domain import contracts, errors
-    from domain.events import STATUS_NOTICES, Observation, observe
+    from domain.events import STATUS_NOTICES, Observation, observe, refund_mismatch
     from domain.incidents import DuplicateRefundInput
     from domain.lifecycle import FINAL_PROVIDER_STATUSES, StatusChange
     from domain.models import (
@@ -44,6 +44,7 @@ with workflow.unsafe.imports_passed_through():
         FOLLOW_SCOPE_PATCH,
         HORIZON_PATCH,
         INTEGRATIONS_PATCH,
+        MISMATCH_PATCH,
         VERIFY_DUPLICATES_PATCH,
     )
     from workflows.refund_writes import RefundWrites
@@ -334,16 +335,31 @@ class RefundProvider(RefundWrites):
             self._succeeded_at = workflow.now()
         detail = {"source": source, "failure_reason": reported.failure_reason,
                   "provider_refund_id": reported.refund_id}
+        await self._check_mismatch(reported)
         self._applying = (step, reported, detail)
         await self._apply(step, reported, detail)
         self._applying = None
+
+    async def _check_mismatch(self, reported: ProviderRefund) -> None:
+        """Once per case: a refund the provider holds for another amount or currency than
+        the request moved money other than approved. The ledger books what the provider
+        reports; the case stays with ops, whatever its refund does next."""
+        assert self._request is not None
+        if self._mismatched or (found := refund_mismatch(self._request, reported)) is None:
+            return
+        if not workflow.patched(MISMATCH_PATCH):
+            return
+        self._mismatched = True
+        detail = {**found, "provider_refund_id": reported.refund_id}
+        await self._notify("provider_refund_mismatch", "operator", detail)
+        await self._record("provider_refund_mismatch", CaseStatus.OPS_REVIEW, detail=detail)
 
     async def _apply(self, step: Observation, reported: ProviderRefund, detail: dict[str, Any]) -> None:
         """The ledger entry, the notices, then the status; each step idempotent, so a
         cancelled application can run again. In the newest shape all three are one
         transaction."""
-        # After a duplicate refund the case stays with ops, whatever its own refund does.
-        status = CaseStatus.OPS_REVIEW if self._duplicates else step.status
+        # After a duplicate or mismatched refund the case stays with ops, whatever it does.
+        status = CaseStatus.OPS_REVIEW if self._duplicates or self._mismatched else step.status
         if self._trips:
             writes = [CaseWrite(notice=self._notice(kind, audience, detail))
                       for kind, audience in self._status_notices(reported)]

@@ -134,7 +134,7 @@ class RefundWrites(RefundCase):
     def _posting(self, kind: LedgerKind, refund: ProviderRefund) -> LedgerInput:
         assert self._request is not None
         return LedgerInput(refund_request_id=self._request.refund_request_id, kind=kind,
-                           amount=refund.amount, currency=self._request.currency,
+                           amount=refund.amount, currency=refund.currency,
                            provider_refund_id=refund.refund_id)
 
     async def _ledger_pending(self, kind: LedgerKind, refund: ProviderRefund, err: FailureError) -> None:

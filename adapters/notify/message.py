@@ -79,6 +79,11 @@ TEMPLATES: dict[str, Template] = {
         "The provider holds a second refund, {duplicate_refund_id} of {duplicate_amount}, carrying "
         "this case's reference beside {provider_refund_id}. The case is in ops review and a "
         "reconciliation break records it; nothing is reversed automatically.", ticket="incident"),
+    "provider_refund_mismatch": Template(
+        "Incident: refund {case} moved another amount than approved",
+        "The provider holds refund {provider_refund_id} for {reported}; the request was for "
+        "{requested}. The ledger books what the provider reports, the case is in ops review and "
+        "nothing is corrected automatically.", ticket="incident"),
     "provider_configuration_refused": Template(
         "Refund {case}: the provider refused our credentials",
         "The provider refused our API key or its permissions ({error}). This is not a decline: "
