@@ -26,11 +26,13 @@ from adapters.http_server import AppServer
 from adapters.providers import rainforest
 from adapters.providers.base import (
     PayoutLister,
+    ProviderOutcomeUnknown,
     ProviderUnsupported,
     RefundLister,
     UnexpectedProviderStatus,
 )
 from adapters.providers.cashfree import CashfreeApiProvider, CashfreeProvider
+from adapters.providers.http import send
 from adapters.providers.normalise import exact_json, minor_to_major
 from adapters.providers.rainforest import RainforestApiProvider, RainforestProvider
 from adapters.providers.registry import build_providers, close_providers
@@ -390,3 +392,20 @@ async def test_a_cashfree_order_without_a_governance_field_is_an_error_not_zero(
     finally:
         await adapter.aclose()
         await server.stop()
+
+
+@pytest.mark.parametrize(("status", "unknown"), [(200, False), (302, True), (400, False), (404, False),
+                                                 (408, True), (409, True), (429, True), (503, True)])
+async def test_only_a_2xx_or_a_refusing_4xx_is_an_answer(status: int, unknown: bool) -> None:
+    """What `send` hands the adapters: a redirect, a request timeout, a conflicting request
+    in flight, a rate limit or a 5xx may hide a refund made (an unknown outcome)."""
+    http = httpx.AsyncClient(base_url="http://provider.invalid", transport=httpx.MockTransport(
+        lambda request: httpx.Response(status, text="{}")))
+    try:
+        if unknown:
+            with pytest.raises(ProviderOutcomeUnknown):
+                await send(http, "POST", "/refunds")
+        else:
+            assert (await send(http, "POST", "/refunds")).status_code == status
+    finally:
+        await http.aclose()

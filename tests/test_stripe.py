@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 import stripe
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 from temporalio.client import Client
@@ -25,12 +25,13 @@ from adapters.http_server import AppServer
 from adapters.providers import stripe as stripe_adapter
 from adapters.providers.base import (
     PayoutLister,
+    ProviderOutcomeUnknown,
     RefundLister,
     UnexpectedProviderStatus,
     WebhookRejected,
 )
 from adapters.providers.stripe import StripeProvider
-from domain.models import ProviderEvent
+from domain.models import ProviderEvent, RefundReason, RefundRequest
 from domain.reconciliation import ListedPayout, ListedRefund, UnmappedListing
 from starters.dev.stack import TemporalDevServer
 from starters.ports import free_port
@@ -462,6 +463,33 @@ async def test_a_stripe_charge_without_a_governance_field_is_an_error_not_zero(m
     try:
         with pytest.raises(UnexpectedProviderStatus, match=missing):
             await adapter.get_charge(str(STRIPE_CHARGE["id"]))
+    finally:
+        await adapter.aclose()
+        await server.stop()
+
+
+@pytest.mark.parametrize("status", [200, 302, 408])
+async def test_an_answer_to_a_create_that_says_no_refusal_is_an_unknown_outcome(status: int) -> None:
+    """A 2xx the library cannot read (a proxy's page, an emulator's garbage), a redirect or a
+    request timeout may hide a refund the provider made: verify-state, never a decline (a
+    decline releases the reservation and lets the same money be asked again)."""
+    app = FastAPI()
+
+    @app.post("/v1/refunds")
+    async def create() -> Response:
+        return Response("<html>upstream says hello</html>", status_code=status, media_type="text/html",
+                        headers={"Location": "https://elsewhere.invalid/"} if status == 302 else None)
+
+    server = AppServer(app, "127.0.0.1", 0)
+    await server.start()
+    adapter = StripeProvider(API_KEY, webhook_secrets=SECRETS, api_base=server.url,
+                             merchant_account=MERCHANT)
+    request = RefundRequest(refund_request_id="rr-unread", provider="stripe", charge_id="ch_1", amount=500,
+                            currency="USD", merchant_account=MERCHANT,
+                            reason=RefundReason.REQUESTED_BY_CUSTOMER, evidence={"order_id": "o-1"})
+    try:
+        with pytest.raises(ProviderOutcomeUnknown):
+            await adapter.create_refund(request, "idem-1")
     finally:
         await adapter.aclose()
         await server.stop()

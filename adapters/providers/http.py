@@ -1,8 +1,8 @@
 """The one HTTP call every httpx-based adapter makes, sorted by what it says about the money.
 
-A timeout, a dropped connection, a 5xx or a 429 may hide a refund the provider made:
-`ProviderOutcomeUnknown`, so the workflow verifies before it submits again. Every other
-answer is returned for the adapter to read.
+A timeout, a dropped connection, a 5xx, a redirect, a 408 or a 429 may hide a refund the
+provider made: `ProviderOutcomeUnknown`, so the workflow verifies before it submits again.
+Every other answer (a 2xx, a refusing 4xx) is returned for the adapter to read.
 """
 
 import json
@@ -21,6 +21,15 @@ from adapters.providers.base import (
 )
 
 CONFIGURATION_STATUSES = frozenset({401, 403})
+UNKNOWN_4XX = frozenset({408, 409, 429})
+"""4xx answers that refuse nothing: the request timed out on the way in, another request
+with its key is in flight, or we were rate limited."""
+
+
+def outcome_unknown(status: int) -> bool:
+    """Whether an answer leaves the outcome unknown: anything but a 2xx or a refusing 4xx
+    (only a 4xx says the provider did not act; a redirect or an unreadable 2xx does not)."""
+    return not (200 <= status < 300 or 400 <= status < 500) or status in UNKNOWN_4XX
 
 
 def provider_client(**options: Any) -> httpx.AsyncClient:
@@ -40,18 +49,16 @@ async def send(http: httpx.AsyncClient, method: str, path: str, **kwargs: Any) -
         raise ProviderOutcomeUnknown(f"{method} {path}: timed out") from exc
     except httpx.TransportError as exc:
         raise ProviderOutcomeUnknown(f"{method} {path}: {type(exc).__name__}") from exc
-    if response.status_code >= 500 or response.status_code == 429:
+    if outcome_unknown(response.status_code):
         raise ProviderOutcomeUnknown(f"{method} {path}: HTTP {response.status_code}")
     return response
 
 
 def refusal(status: int, what: str) -> ProviderError:
-    """The error a 4xx answer means: 401/403 a configuration to fix, 409 (a conflicting
-    request in flight, a reference already used) an outcome to verify, else a refusal."""
+    """The error a refusing 4xx means (`outcome_unknown` sorted out the others): 401/403 a
+    configuration to fix, else a refusal."""
     if status in CONFIGURATION_STATUSES:
         return ProviderConfigurationRefused(what)
-    if status == 409:
-        return ProviderOutcomeUnknown(what)
     return ProviderDeclined(what)
 
 

@@ -17,7 +17,7 @@ from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
 from stripe.params import PayoutListParams, RefundListParams
 
 from adapters.providers.base import AmountLimit, ProviderDeclined, ProviderOutcomeUnknown, only_refund
-from adapters.providers.http import refusal
+from adapters.providers.http import outcome_unknown, refusal
 from adapters.providers.normalise import (
     REFERENCE_KEY,
     answered_amounts,
@@ -122,8 +122,9 @@ class StripeProvider:
             raise ProviderOutcomeUnknown(f"{what}: key reused: {exc.user_message or exc}") from exc
         except stripe.StripeError as exc:
             status = exc.http_status
-            # 409: the same idempotency key is in flight; 429: rate limited. Neither is a no.
-            if status is None or status >= 500 or status in (409, 429):
+            # Only a refusing 4xx is a no: a 2xx the library could not read or a redirect
+            # may hide a refund made (see `outcome_unknown`).
+            if status is None or status < 400 or outcome_unknown(status):
                 raise ProviderOutcomeUnknown(f"{what}: HTTP {status} {exc.user_message or exc}") from exc
             raise refusal(status, f"{what}: HTTP {status} {exc.user_message or exc}") from exc
 
