@@ -57,7 +57,7 @@ class AdviceContext(Frozen):
     source: str
     amount_captured: int | None = None
     remaining_before: int | None = None
-    dispute_count: int = 0
+    dispute_count: int | None = 0
     prior_refunds_on_charge: tuple[PriorRefund, ...] = ()
     customer_history: tuple[PriorRefund, ...] = ()
     untrusted_text: dict[str, str] = Field(default_factory=dict)
@@ -87,7 +87,9 @@ def offline_advice(context: AdviceContext) -> Advice:
     flags: list[str] = []
     if prior:
         flags.append("prior_refunds_on_charge")
-    if context.dispute_count:
+    if context.dispute_count is None:
+        flags.append("dispute_history_unknown")
+    elif context.dispute_count:
         flags.append("disputed_charge")
     if context.customer_history:
         flags.append("customer_has_earlier_refund_requests")
@@ -100,7 +102,8 @@ def offline_advice(context: AdviceContext) -> Advice:
         f"{context.reason.value} refund of {format_minor(context.amount, context.currency)} on "
         f"{context.provider} charge {context.charge_id}: {len(prior)} prior refund(s) on the charge "
         f"({format_minor(sum(p.amount for p in prior), context.currency)}), "
-        f"{context.dispute_count} dispute(s), {len(context.customer_history)} earlier request(s) "
+        f"{'unknown' if context.dispute_count is None else context.dispute_count} dispute(s), "
+        f"{len(context.customer_history)} earlier request(s) "
         "by this customer.")
     return Advice(summary=summary, suggested_amount=suggested, suggested_reason=context.reason,
                   anomaly_flags=tuple(flags), confidence=round(max(0.2, 0.9 - 0.2 * len(flags)), 2))

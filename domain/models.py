@@ -228,7 +228,8 @@ class ChargeSnapshot(Frozen):
     amount: int
     amount_captured: int
     captured: bool
-    dispute_count: int = 0
+    dispute_count: int | None = 0
+    """None when the provider does not say; the rules read an unknown history as disputed."""
     amount_refunded: int = 0
     """What the provider reports refunded already; validation never lets captured minus
     this be exceeded, whatever our own cases hold."""
@@ -318,7 +319,7 @@ class ValidationResult(Frozen):
     remaining_before: int | None = None
     prior_refund_count: int = 0
     amount_captured: int | None = None
-    dispute_count: int = 0
+    dispute_count: int | None = 0
 
 
 class PolicyInput(Frozen):
@@ -339,7 +340,8 @@ class PolicyContext(Frozen):
     prior_refund_count: int = 0
     prior_partial_refund: bool = False
     is_partial: bool = False
-    prior_dispute_count: int = 0
+    prior_dispute_count: int | None = 0
+    """None: the provider does not tell (its rules read as disputed)."""
 
 
 class PolicyDecision(Frozen):

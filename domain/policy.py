@@ -111,7 +111,7 @@ def charge_problem(request: RefundRequest, charge: ChargeSnapshot | None) -> str
     return None
 
 
-def policy_context(request: RefundRequest, amount_captured: int | None, dispute_count: int,
+def policy_context(request: RefundRequest, amount_captured: int | None, dispute_count: int | None,
                    prior_amounts: Sequence[int]) -> PolicyContext:
     """The facts the rules read: `prior_amounts` are the other refunds holding money on the
     charge (reserved, pending or succeeded)."""
@@ -142,8 +142,8 @@ def decide(policy: Policy, request: RefundRequest, context: PolicyContext) -> Po
     if rules.review_reissues and request.parent_refund_request_id is not None:
         fired.append("reissue_needs_review")
     for rule in rules.high_risk:
-        if request.reason is rule.reason and (not rule.with_prior_disputes
-                                              or context.prior_dispute_count > 0):
+        disputed = context.prior_dispute_count is None or context.prior_dispute_count > 0  # unknown: yes
+        if request.reason is rule.reason and (not rule.with_prior_disputes or disputed):
             fired.append(f"high_risk_reason:{rule.reason.value}")
     common = {"policy_version": policy.version, "policy_hash": policy.fingerprint(),
               "context": context}

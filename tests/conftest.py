@@ -77,8 +77,20 @@ async def patient(store: Store, client: Client, temporal_server: TemporalDevServ
 
 @pytest.fixture(scope="session")
 def localstripe(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The third-party localstripe server (a Stripe API fake) on a loopback port; a start that
-    loses its port to another process is retried on a fresh one."""
+    """The third-party localstripe server (a Stripe API fake) with the fields of Stripe's
+    API it lacks added (see `tests.localstripe_server`)."""
+    yield from _localstripe(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def stock_localstripe(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """localstripe as released: what an outside tester points the product at."""
+    yield from _localstripe(tmp_path_factory, "--stock")
+
+
+def _localstripe(tmp_path_factory: pytest.TempPathFactory, *options: str) -> Iterator[str]:
+    """localstripe on a loopback port; a start that loses its port to another process is
+    retried on a fresh one."""
     import subprocess
     import sys
     import time
@@ -89,8 +101,9 @@ def localstripe(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     for _ in range(3):
         port = free_port()
         with log.open("ab") as out:
-            process = subprocess.Popen([sys.executable, "-m", "tests.localstripe_server", str(port)],
-                                       stdout=out, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(
+                [sys.executable, "-m", "tests.localstripe_server", str(port), *options],
+                stdout=out, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
         while process.poll() is None and time.monotonic() < deadline:

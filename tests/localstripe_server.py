@@ -1,4 +1,6 @@
-"""Runs the third-party localstripe server for the tests: `python -m tests.localstripe_server PORT`.
+"""Runs the third-party localstripe server for the tests: `python -m tests.localstripe_server PORT
+[--stock]`. With `--stock` its API is as released (the two additions below left out): how an
+outside tester's localstripe answers.
 
 Its own `start()` binds every interface and pickles its state to a shared /tmp file; here
 it binds 127.0.0.1 only and keeps its state in memory, so parallel runs cannot mix.
@@ -47,12 +49,17 @@ def _disputed(charge: Any) -> bool:
 def main() -> None:
     resources.Store.dump_to_disk = lambda self: None
     resources.Store.try_load_from_disk = lambda self: None
+    if "--stock" not in sys.argv:
+        _add_documented_fields()
+    web.run_app(server.app, host="127.0.0.1", port=int(sys.argv[1]), print=None)
+
+
+def _add_documented_fields() -> None:
     for listed in (resources.Refund, resources.Payout):
         listed._api_list_all = _list_in_window(listed._api_list_all)
     resources.PaymentMethod._try_get_canonical_test_article = _with_dispute_card(
         resources.PaymentMethod._try_get_canonical_test_article)
     resources.Charge.disputed = property(_disputed)
-    web.run_app(server.app, host="127.0.0.1", port=int(sys.argv[1]), print=None)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,9 @@ def test_offline_advisor_flags_what_the_case_history_shows() -> None:
         "prior_refunds_on_charge": (), "customer_history": (), "dispute_count": 0,
         "remaining_before": 6_000}))
     assert clean.anomaly_flags == () and clean.suggested_amount == 6_000 and clean.confidence == 0.9
+    unknown = offline_advice(context.model_copy(update={
+        "prior_refunds_on_charge": (), "customer_history": (), "dispute_count": None}))
+    assert unknown.anomaly_flags == ("dispute_history_unknown",) and "unknown dispute(s)" in unknown.summary
 
 
 async def test_offline_advice_is_stored_and_shown_to_approvers_as_advisory(stack: Stack) -> None:

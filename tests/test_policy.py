@@ -37,10 +37,12 @@ def test_small_first_evidenced_refund_is_auto_approved_with_version_and_hash() -
     (request(1_000, reason=RefundReason.FRAUDULENT), PolicyContext(), "high_risk_reason:fraudulent"),
     (request(1_000, reason=RefundReason.ITEM_NOT_RECEIVED), PolicyContext(prior_dispute_count=2),
      "high_risk_reason:item_not_received"),
+    (request(1_000, reason=RefundReason.ITEM_NOT_RECEIVED), PolicyContext(prior_dispute_count=None),
+     "high_risk_reason:item_not_received"),
     (request(1_000).model_copy(update={"method": RefundMethod.BANK_TRANSFER}), PolicyContext(),
      "method_needs_review:bank_transfer"),
 ], ids=["threshold", "no-threshold", "prior", "repeat-partial", "evidence", "fraud", "inr-disputes",
-        "bank-transfer"])
+        "inr-disputes-unknown", "bank-transfer"])
 def test_each_rule_sends_the_refund_to_people(req: RefundRequest, context: PolicyContext,
                                               rule: str) -> None:
     decision = decide(POLICY, req, context)

@@ -448,21 +448,30 @@ STRIPE_CHARGE = {  # Stripe's charge object as its API reference shows it (the f
 }
 
 
-@pytest.mark.parametrize("missing", ["amount_refunded", "disputed"])
-async def test_a_stripe_charge_without_a_governance_field_is_an_error_not_zero(missing: str) -> None:
+@pytest.mark.parametrize(("changed", "disputes"), [
+    ({"amount_refunded": None}, UnexpectedProviderStatus), ({"disputed": "no"}, UnexpectedProviderStatus),
+    ({"disputed": None}, None), ({"disputed": True}, 1)])
+async def test_a_stripe_charge_without_its_refunded_amount_is_an_error_and_without_disputed_unknown(
+        changed: dict[str, Any], disputes: int | type[Exception] | None) -> None:
+    """What has been refunded is never assumed zero; a missing `disputed` (emulators) is an
+    unknown history, which the rules read as disputed (test_stripe_stock), never zero."""
     app = FastAPI()
 
     @app.get("/v1/charges/{charge_id}")
     async def charge(charge_id: str) -> dict[str, Any]:
-        return {k: v for k, v in STRIPE_CHARGE.items() if k != missing}
+        return {k: v for k, v in {**STRIPE_CHARGE, **changed}.items() if v is not None}
 
     server = AppServer(app, "127.0.0.1", 0)
     await server.start()
     adapter = StripeProvider(API_KEY, webhook_secrets=SECRETS, api_base=server.url,
                              merchant_account=MERCHANT)
     try:
-        with pytest.raises(UnexpectedProviderStatus, match=missing):
-            await adapter.get_charge(str(STRIPE_CHARGE["id"]))
+        if isinstance(disputes, type):
+            with pytest.raises(disputes, match=next(iter(changed))):
+                await adapter.get_charge(str(STRIPE_CHARGE["id"]))
+        else:
+            snapshot = await adapter.get_charge(str(STRIPE_CHARGE["id"]))
+            assert snapshot is not None and snapshot.dispute_count == disputes
     finally:
         await adapter.aclose()
         await server.stop()

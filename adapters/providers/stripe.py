@@ -16,7 +16,13 @@ import stripe
 from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
 from stripe.params import PayoutListParams, RefundListParams
 
-from adapters.providers.base import AmountLimit, ProviderDeclined, ProviderOutcomeUnknown, only_refund
+from adapters.providers.base import (
+    AmountLimit,
+    ProviderConfigurationRefused,
+    ProviderDeclined,
+    ProviderOutcomeUnknown,
+    only_refund,
+)
 from adapters.providers.http import outcome_unknown, refusal
 from adapters.providers.normalise import (
     REFERENCE_KEY,
@@ -132,9 +138,17 @@ class StripeProvider:
         return stripe_shaped_refund(self.name, _stripe_dict(obj), STATUSES, UNITS)
 
     async def _account_id(self) -> str:
+        """The account our charges belong to: configured, or Stripe's answer. A server
+        without `GET /v1/account` (emulators) leaves it to configuration, so a refusal is
+        ours to fix, never a rejection of the refund."""
         if self._merchant_account is None:
-            account = await self._call("GET /v1/account",
-                                       self._client.v1.accounts.retrieve_current_async())
+            try:
+                account = await self._call("GET /v1/account",
+                                           self._client.v1.accounts.retrieve_current_async())
+            except ProviderDeclined as exc:
+                raise ProviderConfigurationRefused(
+                    f"{exc}: the account our charges belong to cannot be read at the provider; "
+                    "set REFUNDS_STRIPE_MERCHANT_ACCOUNT") from exc
             self._merchant_account = str(account["id"])
         return self._merchant_account
 
@@ -163,7 +177,9 @@ class StripeProvider:
             amount=ours["amount"], amount_captured=ours["amount_captured"], captured=captured,
             amount_refunded=ours["amount_refunded"],
             # A Stripe charge is disputed at most once; `disputed` stays true after it closes.
-            dispute_count=int(required(self.name, charge, "disputed", bool, what)),
+            # Without it (emulators) the history is unknown, which the rules read as disputed.
+            dispute_count=(None if charge.get("disputed") is None
+                           else int(required(self.name, charge, "disputed", bool, what))),
         )
 
     async def create_refund(self, request: RefundRequest, idempotency_key: str) -> ProviderRefund:
