@@ -119,7 +119,7 @@ class Stack:
         request = RefundRequest.model_validate(body)
         outcome, row = await self.store.cases.create(request, user)
         assert outcome is CaseCreation.CREATED, outcome
-        await start_refund(self.client, self.settings, request, row["requester"])
+        await start_refund(self.client, self.settings, request, row["requester"], row["status"])
         return request.refund_request_id
 
     async def actions(self, case_id: str) -> list[str]:

@@ -9,8 +9,10 @@ from typing import Any
 
 import pytest
 from temporalio.client import Client
+from temporalio.service import RPCError
 
-from adapters.db import Store
+from adapters.db import CaseCreation, Store
+from domain.models import RefundRequest
 from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack, stack_with
 from workers.case_sweep import sweep_cases_once
@@ -158,3 +160,28 @@ async def _cancelled_while_the_create_lands(quick: Stack) -> tuple[str, str]:
     await handle.cancel()
     await handle.result()
     return charge, case_id
+
+
+async def test_a_repeat_of_a_request_already_handed_to_ops_starts_nothing(stack: Stack) -> None:
+    """The relay stored a request and died before its workflow started; the sweep handed the
+    case to ops (no workflow, reservation released). The caller's retry, or any later start
+    of the same id, must not run it behind ops' back: only a case no workflow ever moved
+    (`requested`) is started."""
+    charge = await stack.charge(10_000)
+    body = stack.refund_body(charge, 1_500)
+    case_id = body["refund_request_id"]
+    created, _ = await stack.store.cases.create(RefundRequest.model_validate(
+        {**body, "source": "api"}), "alice")
+    assert created is CaseCreation.CREATED
+    await stack.store.database.execute(  # idle since long before the sweep looks
+        "UPDATE refund_cases SET updated_at = now() - interval '1 hour' WHERE refund_request_id = %s",
+        (case_id,))
+    assert case_id in await sweep_cases_once(stack.store, stack.client, stack.providers, idle_seconds=60)
+    async with stack.api("alice") as api:
+        again = await api.post("/v1/refund-requests", json=body)
+    assert again.status_code == 200 and again.json()["status"] == "ops_review", again.text
+    with pytest.raises(RPCError):  # no workflow: ops decide what happens to the request
+        await stack.client.get_workflow_handle(case_id).describe()
+    row = await stack.store.cases.get(case_id)
+    assert row is not None and (row["status"], row["reserved_amount"]) == ("ops_review", 0)
+    assert await stack.provider_refunds(charge) == []

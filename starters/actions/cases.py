@@ -219,7 +219,7 @@ class CaseActions:
         await self.store.audit.record(case_id, caller.user, "reissue_requested",
                                       {"child": request.refund_request_id,
                                        "method": body.method.value, "via": via})
-        await start_refund(self.client, self.settings, request, row["requester"])
+        await start_refund(self.client, self.settings, request, row["requester"], row["status"])
         return True, await self.view(request.refund_request_id)
 
     async def confirm_manual(self, caller: Principal, case_id: str, body: ManualConfirmationBody,

@@ -12,6 +12,7 @@ from adapters.config import Settings
 from adapters.providers.base import ProviderAdapter, amount_refusal
 from domain.events import TrackingInput
 from domain.models import (
+    CaseStatus,
     ProviderEvent,
     RefundReason,
     RefundRequest,
@@ -25,8 +26,13 @@ from workflows.tracking import RefundTrackingWorkflow
 
 
 async def start_refund(client: Client, settings: Settings, request: RefundRequest, requester: str,
-                       trigger: ProviderEvent | None = None) -> WorkflowHandle[Any, Any]:
-    """Starts the case's workflow, or attaches to the one already running or finished."""
+                       status: str, trigger: ProviderEvent | None = None) -> WorkflowHandle[Any, Any]:
+    """Starts the case's workflow, or attaches to the one already running or finished. Only
+    a case no workflow has moved yet (`status` requested) is started: one in any other
+    status had its workflow, and when that is gone (handed to ops by the closed-workflow
+    sweep, or past retention) a repeat of the request must not run it again."""
+    if status != CaseStatus.REQUESTED:
+        return client.get_workflow_handle(request.refund_request_id)
     inp = RefundWorkflowInput(request=request, requester=requester, timings=settings.timings())
     options: dict[str, Any] = {
         "id": request.refund_request_id, "task_queue": settings.task_queue,

@@ -324,7 +324,7 @@ async def servicenow_refund_request(request: Request, door: Door) -> JSONRespons
             "channel": "servicenow", "ticket": ticket.number, "refusal": too_large})
         return await answer(door, stored, None, 422, {"detail": too_large})
     refund = ticket.refund_request(principal.user)
-    outcome, _ = await door.store.cases.create(refund, principal.user)
+    outcome, created = await door.store.cases.create(refund, principal.user)
     if outcome is CaseCreation.CONFLICT:
         return await answer(door, stored, case_id, 409, {
             "detail": f"ticket {ticket.number} changed after its refund was requested; the case "
@@ -334,7 +334,7 @@ async def servicenow_refund_request(request: Request, door: Door) -> JSONRespons
         if settings.servicenow_url else None
     await door.store.integrations.save_ticket(case_id, "servicenow", "request", external_id=ticket.sys_id,
                                               number=ticket.number, url=url, actor=principal.user)
-    await start_refund(door.client, door.settings, refund, principal.user)
+    await start_refund(door.client, door.settings, refund, principal.user, created["status"])
     row = await door.store.cases.get(case_id)
     assert row is not None
     return await answer(door, stored, case_id, 202 if outcome is CaseCreation.CREATED else 200,

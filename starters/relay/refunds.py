@@ -50,7 +50,7 @@ async def request_refund(body: RefundRequestBody, caller: Caller, request: Reque
     if row["requester"] != caller.user:  # a repeat of someone else's request shows nothing
         raise HTTPException(409, f"refund_request_id {body.refund_request_id!r} was already "
                                  "used by another requester")
-    await start_refund(door.client, door.settings, refund, row["requester"])
+    await start_refund(door.client, door.settings, refund, row["requester"], row["status"])
     if outcome is CaseCreation.IDENTICAL:
         response.status_code = 200
     return await actions.view(body.refund_request_id)

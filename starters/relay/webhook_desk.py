@@ -252,7 +252,10 @@ class WebhookDesk:
             if outcome is CaseCreation.CONFLICT:
                 log.error("provider request %s conflicts with an existing case", request.refund_request_id)
                 return None
-            handle = await start_refund(self._client, self._settings, request, requester, trigger=event)
+            case = await self._store.cases.get(request.refund_request_id)
+            assert case is not None
+            handle = await start_refund(self._client, self._settings, request, requester, case["status"],
+                                        trigger=event)
             return handle.id
         if event.refund_id is None:
             log.info("%s %s is a charge-level notice; refund events move the cases",
