@@ -17,7 +17,9 @@ from typing import Any
 import httpx
 import pytest
 from svix.webhooks import Webhook as SvixWebhook
+from temporalio import client as temporal
 from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
 
 from adapters.config import Settings
 from adapters.db import Store
@@ -26,6 +28,7 @@ from adapters.providers.base import WebhookRejected
 from domain.events import tracking_case_id
 from starters.cli.parser import build_parser
 from starters.dev.stack import TemporalDevServer
+from starters.relay.webhook_desk import WebhookDesk
 from tests.harness import Stack, open_stack
 from tests.test_bad_input import receipt, workflow_exists
 
@@ -306,3 +309,39 @@ async def test_redrive_heals_a_receipt_stored_but_never_routed(
     row = await receipt(hooks, "cashfree", crashed.receipt_id)
     assert row["processed_at"] is not None and row["workflow_id"] == case_id
     assert crashed.receipt_id not in [r["replay_of"] for r in await cli(hooks, capsys, "webhooks", "redrive")]
+
+
+class TemporalAway(temporal.Interceptor):
+    """A relay whose Temporal does not answer (an outage): every start and signal fails so."""
+
+    def intercept_client(self, next: temporal.OutboundInterceptor) -> temporal.OutboundInterceptor:
+        class Away(temporal.OutboundInterceptor):
+            async def start_workflow(self, input: temporal.StartWorkflowInput) -> Any:
+                raise RPCError("connection refused", RPCStatusCode.UNAVAILABLE, b"")
+
+            async def signal_workflow(self, input: temporal.SignalWorkflowInput) -> None:
+                raise RPCError("connection refused", RPCStatusCode.UNAVAILABLE, b"")
+
+        return Away(next)
+
+
+async def test_a_temporal_outage_uses_up_no_redrive_tries(hooks: Stack) -> None:
+    """Re-drive gives up on a receipt after `webhook_redrive_max_attempts` tries; passes that
+    found Temporal away tried nothing, so an outage longer than the tries (a few minutes at
+    the defaults) must not give up on every receipt of its window. And the tracking case the
+    first try opened before Temporal failed it gets its workflow when Temporal is back (it
+    was taken for a case whose workflow had closed)."""
+    body, refund_id = recorded("cashfree")
+    crashed = await hooks.store.receipts.store(
+        provider="cashfree", event_id=f"AUTO_REFUND_STATUS_WEBHOOK:{refund_id}:SUCCESS",
+        event_type="AUTO_REFUND_STATUS_WEBHOOK", body=body, body_sha256=hashlib.sha256(body).hexdigest(),
+        headers=sign_cashfree(body), verdict="accepted", error=None)
+    patient = hooks.settings.model_copy(update={"webhook_redrive_max_attempts": 2})
+    config = hooks.client.config()
+    config["interceptors"] = [*config["interceptors"], TemporalAway()]
+    during_outage = WebhookDesk(hooks.store, temporal.Client(**config), hooks.providers, patient)
+    for _ in range(3):
+        assert await during_outage.redrive() == []
+    after = await WebhookDesk(hooks.store, hooks.client, hooks.providers, patient).redrive()
+    assert crashed.receipt_id in [r.replay_of for r in after]
+    await hooks.wait_for_status(tracking_case_id("cashfree", refund_id), "succeeded")

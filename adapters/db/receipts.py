@@ -237,6 +237,13 @@ class ReceiptRepository(Repository):
             (list(providers), older_than_seconds, max_attempts))
         return sorted(int(r["id"]) for r in rows)
 
+    async def untried(self, receipt_ids: Collection[int]) -> None:
+        """Takes back the try `unprocessed` counted for receipts a pass never got to try
+        (Temporal did not answer)."""
+        await self._db.execute(
+            "UPDATE webhook_receipts SET redrive_attempts = greatest(redrive_attempts - 1, 0)"
+            " WHERE id = ANY(%s)", (list(receipt_ids),))
+
     async def given_up(self, receipt_ids: Collection[int], max_attempts: int) -> list[int]:
         """Those of `receipt_ids` that used their last try and are still unprocessed."""
         rows = await self._db.fetch_all(

@@ -115,6 +115,10 @@ class IngestResult:
         return answer
 
 
+TEMPORAL_AWAY = frozenset({RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED})
+"""Temporal not answering: a re-drive pass that meets it tried nothing (no receipt's fault)."""
+
+
 class WebhookDesk:
     """Ingests deliveries for the relay, the replay and re-drive commands alike."""
 
@@ -280,6 +284,8 @@ class WebhookDesk:
             log.debug("%s %s repeats what case %s applied (%s): not signalled", event.provider,
                       event.event_id, case_id, reported.status.value)
             return case_id
+        if case_id == tracking_case_id(event.provider, event.refund_id):
+            return await self._track(event)  # signal-with-start: its first start may have failed
         try:
             await self._client.get_workflow_handle(case_id).signal(RefundWorkflow.provider_event, event)
         except RPCError as exc:
@@ -418,10 +424,15 @@ class WebhookDesk:
         if stale:
             log.warning("re-driving %d accepted but unprocessed receipts: %s", len(stale), stale)
         results: list[IngestResult] = []
-        for receipt_id in stale:
+        for index, receipt_id in enumerate(stale):
             try:
                 result = await self.replay(receipt_id)
-            except Exception:  # one receipt that cannot be routed must not stop the others
+            except Exception as exc:  # one receipt that cannot be routed must not stop the others
+                if isinstance(exc, RPCError) and exc.status in TEMPORAL_AWAY:  # but an outage stops all
+                    await self._store.receipts.untried(stale[index:])
+                    log.warning("re-drive stopped, Temporal does not answer (%s): %d receipts wait for "
+                                "the next pass, no try counted", exc.status.name, len(stale) - index)
+                    break
                 log.exception("re-driving receipt %s failed", receipt_id)
                 continue
             if result is not None:
