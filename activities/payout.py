@@ -47,6 +47,7 @@ from domain.payouts import (
     TicketResult,
     TriageInput,
     TriageReceipt,
+    reissue_problem,
 )
 from domain.policy import Policy, decide_payout_reversal
 from domain.triage import triage_offline
@@ -173,6 +174,8 @@ class PayoutActivities:
         except ProviderError as exc:  # a lookup that failed or was refused: still unknown
             raise ApplicationError(f"lookup failed, outcome unknown: {exc}",
                                    type=errors.OUTCOME_UNKNOWN) from exc
+        if (problem := reissue_problem(original, made)) is not None:
+            raise ApplicationError(problem, type=errors.DECLINED, non_retryable=True)
         return await self._book.record_reissue(inp.case_id, original, made, inp.final_status)
 
     async def _refuse_while_held_elsewhere(self, case_id: str, beneficiary_id: str) -> None:

@@ -24,7 +24,7 @@ from domain.models import (
     PolicyDecision,
     RefundTimings,
 )
-from domain.money import normalise_currency
+from domain.money import format_minor, normalise_currency
 
 
 class ProviderPayoutStatus(StrEnum):
@@ -396,3 +396,19 @@ class PayoutCarry(Frozen):
 
 
 PayoutCaseInput.model_rebuild()
+
+
+def reissue_problem(original: PayoutSnapshot, made: ProviderPayout) -> str | None:
+    """Why the payout the provider holds under the reissue's reference cannot be booked as
+    the reissue paid (None when it can): it failed, was canceled or reversed since (an
+    earlier attempt's create that landed late), or is for another amount or currency."""
+    if made.status in EXCEPTION_STATUSES:
+        return (f"the reissue {made.payout_id} at {made.provider} is {made.status.value}: nothing "
+                "is booked as paid; ops decide")
+    if (made.amount, made.currency) != (original.amount, original.currency):
+        asked = format_minor(original.amount, original.currency)
+        return (f"the reissue {made.payout_id} at {made.provider} is for "
+                f"{format_minor(made.amount, made.currency)}, not {asked}: nothing is booked as paid; "
+                "ops decide")
+    return None
+

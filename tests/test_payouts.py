@@ -433,3 +433,28 @@ async def test_a_reissue_the_provider_made_before_a_crash_is_found_not_made_agai
     async with payouts.sandbox() as sb:
         found = (await sb.get("/v1/payouts", params={"reference": payout.reissue_id()})).json()["data"]
     assert [p["id"] for p in found] == [made.provider_payout_id]
+
+
+@pytest.mark.parametrize(("amount", "status", "why"), [(45_000, "failed", "failed"),
+                                                        (45_000, "reversed", "reversed"),
+                                                        (44_000, None, "440.00 USD")])
+async def test_a_reissue_found_failed_or_for_another_amount_is_not_booked_paid(
+        payouts: Stack, amount: int, status: str | None, why: str) -> None:
+    """An earlier attempt's create landed after its answer was lost, and the provider has
+    since failed (or reversed) that payout, or made it for another amount: the lookup
+    before the next create finds it. Booking it paid would show the beneficiary paid and
+    release their holds; the activity declines for ops instead."""
+    payout = await paid_payout(payouts, 45_000)
+    async with payouts.sandbox() as sb:  # the landed attempt, under the reissue's reference
+        made = await sb.post("/v1/payouts", json={"amount": amount, "currency": "usd", "metadata": {
+            "payout_reference": payout.reissue_id()}})
+    made.raise_for_status()
+    if status is not None:
+        await move_payout(payouts, str(made.json()["id"]), status, failure_code="account_closed")
+    activities = PayoutActivities(payouts.store, payouts.providers, load_policy())
+    with pytest.raises(ApplicationError) as refused:
+        await activities.reissue_payout(ReissueInput(case_id="c-found", original=payout,
+                                                     final_status=PayoutStatus.FAILED))
+    assert refused.value.type == errors.DECLINED and refused.value.non_retryable
+    assert why in str(refused.value)
+    assert await payouts.store.payouts.payout(payout.reissue_id()) is None
