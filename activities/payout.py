@@ -28,6 +28,7 @@ from adapters.providers.base import (
 from domain import contracts, errors
 from domain.models import LedgerResult
 from domain.payouts import (
+    EXCEPTION_STATUSES,
     AdmitInput,
     AdmitResult,
     HoldInput,
@@ -168,6 +169,7 @@ class PayoutActivities:
             made = await provider.find_payout(order.reference)
             if made is None:
                 await self._refuse_while_held_elsewhere(inp.case_id, original.beneficiary_id)
+                await self._refuse_unless_failed_still(provider, original)
                 made = await self._create(provider, order, original.reissue_key())
         except ProviderConfigurationRefused as exc:
             raise configuration_refused(exc) from exc
@@ -188,6 +190,19 @@ class PayoutActivities:
             raise ApplicationError(f"beneficiary {beneficiary_id} is held by {', '.join(holding)}: "
                                    "no reissue while another failure is open", type=errors.DECLINED,
                                    non_retryable=True)
+
+    @staticmethod
+    async def _refuse_unless_failed_still(provider: PayoutExecutor, original: PayoutSnapshot) -> None:
+        """The original as the provider shows it now: a failure it later reported paid (a
+        bank's late correction) makes a reissue a second payment (a decline: ops told,
+        nothing sent). Our books and the case's events may not have caught up."""
+        current = await provider.get_payout(original.provider_payout_id)
+        if current is None or current.status not in EXCEPTION_STATUSES:
+            shown = "unknown" if current is None else current.status.value
+            raise ApplicationError(
+                f"the original payout {original.provider_payout_id} is {shown} at the provider: a "
+                "reissue would pay the beneficiary twice; ops decide", type=errors.DECLINED,
+                non_retryable=True)
 
     @staticmethod
     async def _create(provider: PayoutExecutor, order: PayoutOrder, key: str) -> ProviderPayout:

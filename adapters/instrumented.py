@@ -94,6 +94,9 @@ class InstrumentedProvider:
     async def find_payout(self, reference: str) -> ProviderPayout | None:
         return await self._observe("find_payout", self._payouts().find_payout(reference))
 
+    async def get_payout(self, payout_id: str) -> ProviderPayout | None:
+        return await self._observe("get_payout", self._payouts().get_payout(payout_id))
+
     def parse_webhook(self, headers: Mapping[str, str], body: bytes,
                       now: float) -> ProviderEvent | PayoutEvent | PaymentEvent:
         return self._inner.parse_webhook(headers, body, now)

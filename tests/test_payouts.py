@@ -458,3 +458,25 @@ async def test_a_reissue_found_failed_or_for_another_amount_is_not_booked_paid(
     assert refused.value.type == errors.DECLINED and refused.value.non_retryable
     assert why in str(refused.value)
     assert await payouts.store.payouts.payout(payout.reissue_id()) is None
+
+
+async def test_no_reissue_once_the_provider_shows_the_original_paid(payouts: Stack) -> None:
+    """A payout reported failed, reversed in our books, is later reported paid after all (a
+    bank's late correction): the reissue's approval must not pay the beneficiary twice.
+    The activity reads the original at the provider before any create and declines for ops."""
+    payout = await paid_payout(payouts, 52_000)
+    await move_payout(payouts, payout.provider_payout_id, "failed", failure_code="account_closed")
+    case_id = payout_case_id("sandbox", payout.provider_payout_id)
+    await wait_for_case(payouts, case_id, "awaiting_approval")
+    assert (await decide(payouts, "lena", case_id)).status_code == 202
+    await wait_for_case(payouts, case_id, "remediated")
+    await move_payout(payouts, payout.provider_payout_id, "paid")
+    assert (await ask_reissue(payouts, "omar", case_id)).status_code == 202
+    assert (await decide(payouts, "lena", case_id)).status_code == 202
+    await wait_for_case(payouts, case_id, "reissue_failed")
+    async with payouts.sandbox() as sb:
+        made = (await sb.get("/v1/payouts", params={"reference": payout.reissue_id()})).json()["data"]
+    assert made == []
+    [failed] = [e for e in await payouts.store.audit.trail(case_id) if e["action"] == "reissue_failed"]
+    assert "is paid at the provider" in failed["detail"]["error"]
+    assert await payouts.store.payouts.payout(payout.reissue_id()) is None

@@ -163,6 +163,10 @@ class PayoutExecutor(Protocol):
     async def find_payout(self, reference: str) -> ProviderPayout | None:
         """Looks a payout up by our reference (the check before any create)."""
 
+    async def get_payout(self, payout_id: str) -> ProviderPayout | None:
+        """A payout by the provider's id, as it stands now (None: the provider has none): the
+        original's status, read before a reissue pays the beneficiary again."""
+
 
 @runtime_checkable
 class NotificationRecorder(Protocol):

@@ -165,6 +165,13 @@ class SandboxProvider:
                  for o in response.json()["data"]]
         return found[0] if found else None
 
+    async def get_payout(self, payout_id: str) -> ProviderPayout | None:
+        response = await self._call("GET", f"/v1/payouts/{payout_id}")
+        if response.status_code == 404:
+            return None
+        raise_for_refusal(response)
+        return stripe_shaped_payout(self.name, response.json(), PAYOUT_STATUSES, ISO_UNITS)
+
     def parse_webhook(self, headers: Mapping[str, str], body: bytes,
                       now: float) -> ProviderEvent | PayoutEvent:
         self._verifier.verify(headers, body, now)

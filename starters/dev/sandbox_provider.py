@@ -296,6 +296,11 @@ def create_app(*, db_path: str = ":memory:", webhook_url: str | None = None,
             raise HTTPException(400, f"no such payout {starting_after}") from None
         return {"object": "list", "data": page, "has_more": more}
 
+    @app.get("/v1/payouts/{payout_id}")
+    async def get_payout(payout_id: str, authorization: str | None = Header(None)) -> dict[str, Any]:
+        authorise(authorization)
+        return found(next((p for p in bank.payouts() if p["id"] == payout_id), None), "payout", payout_id)
+
     @app.get("/v1/refunds/{refund_id}")
     async def get_refund(refund_id: str, authorization: str | None = Header(None)) -> dict[str, Any]:
         authorise(authorization)
