@@ -185,3 +185,14 @@ async def test_a_repeat_of_a_request_already_handed_to_ops_starts_nothing(stack:
     row = await stack.store.cases.get(case_id)
     assert row is not None and (row["status"], row["reserved_amount"]) == ("ops_review", 0)
     assert await stack.provider_refunds(charge) == []
+
+
+async def test_a_case_two_workers_sweep_is_handed_to_ops_once(stack: Stack) -> None:
+    """Every worker runs the sweep: the second to reach a closed case (its row lock waits for
+    the first) finds the break already opened and writes nothing more."""
+    body = stack.refund_body(await stack.charge(10_000), 1_000)
+    await stack.store.cases.create(RefundRequest.model_validate({**body, "source": "api"}), "alice")
+    sweeps = [await stack.store.cases.sweep_closed(body["refund_request_id"], workflow_status="TERMINATED",
+                                                   provider_holds=False, found=None) for _ in range(2)]
+    assert sweeps == [True, False]
+    assert (await stack.actions(body["refund_request_id"])).count("workflow_closed_case_swept") == 1

@@ -326,7 +326,7 @@ class CaseRepository(Repository):
         a reconciliation break for ops (its own completed run, `ops_review`, never dispatched
         to a workflow), the audit row and the ops notice; the reservation is released only
         when the provider certainly holds no refund (`provider_holds` False). False when the
-        case reached a final status meanwhile."""
+        case reached a final status meanwhile, or another worker's sweep took it first."""
         async with self._db.transaction() as conn:
             cur = await conn.execute("SELECT * FROM refund_cases WHERE refund_request_id = %s FOR UPDATE",
                                      (case_id,))
@@ -350,9 +350,11 @@ class CaseRepository(Repository):
                  found.raw_status if found else provider_status, row["failure_reason"], row["status"],
                  row["created_at"], jsonb(evidence), run_id))
             opened = await cur.fetchone()
+            if opened is None:  # another worker's sweep handed it over first
+                return False
             release = provider_holds is False
             await self._set_status(conn, case_id, CaseStatus.OPS_REVIEW, release=release)
-            detail = {**evidence, "break_id": opened["id"] if opened else None,
+            detail = {**evidence, "break_id": opened["id"],
                       **({"reservation_released": True} if release else {})}
             await AuditLog.append(conn, case_id, "case-sweep", "workflow_closed_case_swept", detail)
             await OutboxRepository.queue_in(conn, NoticeInput(
