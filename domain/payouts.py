@@ -104,6 +104,9 @@ class Admission(StrEnum):
     ALREADY_HANDLED = "already_handled"
     STALE = "stale"
     SAME = "same"
+    MISMATCH = "mismatch"
+    """A failure that would open the case, for another amount or currency than our books:
+    the case opens in ops review (a break, payments ops told), never to a reversal."""
 
 
 def admit(internal: PayoutStatus, reported: ProviderPayoutStatus, *, case_open: bool) -> Admission:

@@ -17,7 +17,7 @@ from adapters.db import Store
 from adapters.db.rows import LedgerLineRow
 from adapters.policy_file import load_policy
 from domain import errors
-from domain.payouts import PayoutStatus, ReissueInput, payout_case_id
+from domain.payouts import PayoutSnapshot, PayoutStatus, ReissueInput, payout_case_id
 from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
 from tests.payouts_kit import (
@@ -480,3 +480,29 @@ async def test_no_reissue_once_the_provider_shows_the_original_paid(payouts: Sta
     [failed] = [e for e in await payouts.store.audit.trail(case_id) if e["action"] == "reissue_failed"]
     assert "is paid at the provider" in failed["detail"]["error"]
     assert await payouts.store.payouts.payout(payout.reissue_id()) is None
+
+
+async def test_a_failure_for_another_amount_than_booked_goes_to_ops_not_to_a_reversal(payouts: Stack) -> None:
+    """The provider reports our payout failed, for another amount than our books hold (a
+    booking error, an adapter reading the wrong units): reversing what we booked could be
+    wrong either way. The case opens in ops review with a break that shows both amounts,
+    payments ops are told, and nothing is held, reversed or posted."""
+    async with payouts.sandbox() as sb:
+        made = await sb.post("/v1/payouts", json={"amount": 5_000, "currency": "usd"})
+    booked = PayoutSnapshot(id=f"P-{uuid.uuid4().hex[:10]}", provider="sandbox",
+                            provider_payout_id=str(made.json()["id"]), amount=50_000, currency="USD",
+                            beneficiary_id=f"ben-{uuid.uuid4().hex[:8]}", status=PayoutStatus.PAID)
+    assert await payouts.store.payouts.record_payout(booked)
+    await move_payout(payouts, booked.provider_payout_id, "failed", failure_code="account_closed")
+    case_id = payout_case_id("sandbox", booked.provider_payout_id)
+    case = await wait_for_case(payouts, case_id, "ops_review")
+    assert case.decision is None
+    [found] = await payouts.store.database.fetch_all(
+        "SELECT * FROM reconciliation_breaks WHERE refund_request_id = %s", (case_id,))
+    assert (found["break_class"], found["state"], found["object_kind"]) == (
+        "amount_mismatch", "ops_review", "payout")
+    assert (found["evidence"]["booked"], found["evidence"]["reported"]) == ("500.00 USD", "50.00 USD")
+    assert ("payout_amount_mismatch", "payments_ops") in {
+        (n["kind"], n["audience"]) for n in await payouts.store.outbox.notices(case_id)}
+    assert (await payouts.store.payouts.payout(booked.id)).status is PayoutStatus.PAID  # type: ignore[union-attr]
+    assert await payouts.store.ledger.entries(case_id) == []

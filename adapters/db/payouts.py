@@ -19,6 +19,7 @@ from adapters.db.sweep import idle_unswept, open_incident_run
 from domain.audit import canonical_detail
 from domain.integrations import ticket_purpose
 from domain.models import LedgerInput, LedgerKind, LedgerResult, NoticeInput
+from domain.money import format_minor
 from domain.payouts import (
     OPEN_STATUSES,
     Admission,
@@ -42,6 +43,23 @@ TICKET_KIND = "payout_exception_ticket"
 """The notice kind that opens and updates a payout case's ticket."""
 
 
+async def _open_payout_break(conn: Conn, *, provider: str, case_id: str, run_id: str,
+                             break_class: BreakClass, amount: int, currency: str, reported_status: str,
+                             failure_code: str | None, case_status: str, created_at: datetime,
+                             evidence: dict[str, Any]) -> int | None:
+    """A payout case's break for ops (`ops_review`, never dispatched to a workflow), found
+    by the incident run `run_id`; its id, or None when the case has one of that class."""
+    opened = await (await conn.execute(
+        "INSERT INTO reconciliation_breaks (provider, object_kind, object_id, break_class,"
+        " refund_request_id, chain, charge_id, amount, currency, provider_status, raw_status,"
+        " failure_reason, case_status, object_created_at, evidence, first_run_id, state)"
+        " VALUES (%s,'payout',%s,%s,%s,%s,'',%s,%s,%s,%s,%s,%s,%s,%s,%s,'ops_review')"
+        " ON CONFLICT DO NOTHING RETURNING id",
+        (provider, case_id, break_class.value, case_id, case_id, amount, currency, reported_status,
+         reported_status, failure_code, case_status, created_at, jsonb(evidence), run_id))).fetchone()
+    return int(opened["id"]) if opened else None
+
+
 class HoldReleased(RuntimeError):
     """The hold this posting depends on was rolled back: the compensating entry must not land."""
 
@@ -59,6 +77,7 @@ ADMISSION_ACTIONS = {
     Admission.ALREADY_HANDLED: "payout_already_handled",
     Admission.STALE: "payout_status_stale_ignored",
     Admission.SAME: "payout_status_unchanged",
+    Admission.MISMATCH: "payout_amount_mismatch",
 }
 
 
@@ -150,18 +169,49 @@ class PayoutRepository(Repository):
                 raise LookupError(f"no internal payout for {event.provider} {event.payout.payout_id}")
             payout = snapshot(row)
             admission = admit(payout.status, event.payout.status, case_open=case_open)
-            if admission is Admission.OPEN:
+            reported = (event.payout.amount, event.payout.currency)
+            if admission is Admission.OPEN and reported != (payout.amount, payout.currency):
+                admission = Admission.MISMATCH
+            if admission in (Admission.OPEN, Admission.MISMATCH):
+                status = (PayoutCaseStatus.OPENING if admission is Admission.OPEN
+                          else PayoutCaseStatus.OPS_REVIEW)
                 await conn.execute(
                     "INSERT INTO payout_cases (case_id, payout_id, status, reported_status, failure_code)"
                     " VALUES (%s,%s,%s,%s,%s) ON CONFLICT (case_id) DO NOTHING",
-                    (case_id, payout.id, PayoutCaseStatus.OPENING.value, event.payout.status.value,
-                     event.payout.failure_code))
+                    (case_id, payout.id, status.value, event.payout.status.value, event.payout.failure_code))
+            amounts = {"booked": format_minor(payout.amount, payout.currency),
+                       "reported": format_minor(*reported)} if admission is Admission.MISMATCH else {}
             await AuditLog.append(conn, case_id, "workflow", ADMISSION_ACTIONS[admission], {
                 "event_id": event.event_id, "event_type": event.event_type,
                 "idempotency_key": event.idempotency_key(), "reported": event.payout.raw_status,
                 "failure_code": event.payout.failure_code, "payout_exists": True,
-                "internal_status": payout.status.value, "open_case": case_open})
+                "internal_status": payout.status.value, "open_case": case_open, **amounts})
+            if amounts:
+                await self._mismatched(conn, case_id, payout, event, amounts)
             return AdmitResult(admission=admission, payout=payout)
+
+    @staticmethod
+    async def _mismatched(conn: Conn, case_id: str, payout: PayoutSnapshot, event: PayoutEvent,
+                          amounts: dict[str, str]) -> None:
+        """The mismatch's break (ops review, never dispatched) and the payments-ops notice."""
+        run_id = f"payout-admission-{case_id}"
+        await open_incident_run(conn, run_id, payout.provider, "payout-admission")
+        case = await (await conn.execute("SELECT created_at FROM payout_cases WHERE case_id = %s",
+                                         (case_id,))).fetchone()
+        assert case is not None
+        currency_differs = event.payout.currency != payout.currency
+        evidence = {**amounts, "payout_id": payout.id, "provider_payout_id": payout.provider_payout_id,
+                    "event_id": event.event_id}
+        opened = await _open_payout_break(
+            conn, provider=payout.provider, case_id=case_id, run_id=run_id, evidence=evidence,
+            break_class=BreakClass.CURRENCY_MISMATCH if currency_differs else BreakClass.AMOUNT_MISMATCH,
+            amount=payout.amount, currency=payout.currency, reported_status=event.payout.status.value,
+            failure_code=event.payout.failure_code, case_status=PayoutCaseStatus.OPS_REVIEW.value,
+            created_at=case["created_at"])
+        await OutboxRepository.queue_in(conn, NoticeInput(
+            refund_request_id=case_id, kind="payout_amount_mismatch", audience="payments_ops",
+            dedup_key=f"{case_id}:payout_amount_mismatch",
+            detail={**evidence, "break_id": opened, "amount": payout.amount, "currency": payout.currency}))
 
     async def record_event(self, event: PayoutCaseEventInput) -> None:
         async with self._db.transaction() as conn:
@@ -213,18 +263,14 @@ class PayoutRepository(Repository):
                         "payout_id": row["payout_id"], "payout_status": row["payout_status"],
                         "beneficiary_id": row["beneficiary_id"], "beneficiary_held": bool(held and held["n"]),
                         "compensating_entry_posted": row["reversal_entry_id"] is not None}
-            opened = await (await conn.execute(
-                "INSERT INTO reconciliation_breaks (provider, object_kind, object_id, break_class,"
-                " refund_request_id, chain, charge_id, amount, currency, provider_status, raw_status,"
-                " failure_reason, case_status, object_created_at, evidence, first_run_id, state)"
-                " VALUES (%s,'payout',%s,%s,%s,%s,'',%s,%s,%s,%s,%s,%s,%s,%s,%s,'ops_review')"
-                " ON CONFLICT DO NOTHING RETURNING id",
-                (row["provider"], case_id, BreakClass.WORKFLOW_CLOSED.value, case_id, case_id,
-                 row["amount"], row["currency"], row["reported_status"], row["reported_status"],
-                 row["failure_code"], row["status"], row["created_at"], jsonb(evidence), run_id))).fetchone()
+            opened = await _open_payout_break(
+                conn, provider=row["provider"], case_id=case_id, run_id=run_id, evidence=evidence,
+                break_class=BreakClass.WORKFLOW_CLOSED, amount=row["amount"], currency=row["currency"],
+                reported_status=row["reported_status"], failure_code=row["failure_code"],
+                case_status=row["status"], created_at=row["created_at"])
             await conn.execute("UPDATE payout_cases SET status = %s, updated_at = now() WHERE case_id = %s",
                                (PayoutCaseStatus.OPS_REVIEW.value, case_id))
-            detail = {**evidence, "break_id": opened["id"] if opened else None,
+            detail = {**evidence, "break_id": opened,
                       "status": PayoutCaseStatus.OPS_REVIEW.value}
             await AuditLog.append(conn, case_id, "case-sweep", "workflow_closed_case_swept", detail)
             await OutboxRepository.queue_in(conn, NoticeInput(

@@ -124,6 +124,12 @@ TEMPLATES: dict[str, Template] = {
         "{amount} was not posted ({error}). Hold: {outcome}. Next steps: a high-priority ticket is "
         "open; check the ledger, then post the entry by hand or restart the case. No money moved "
         "at the provider.", payout=True),
+    "payout_amount_mismatch": Template(
+        "Payout {payout_id}: reported failed for another amount than booked",
+        "The provider reports payout {provider_payout_id} failed for {reported}; our books hold it "
+        "as {booked}. Nothing was held, reversed or posted: the case waits in ops review with a "
+        "reconciliation break. Next steps: find which side is wrong before any reversal.",
+        payout=True),
     "payout_reissue_failed": Template(
         "Payout {payout_id}: the reissue failed",
         "Decision: reissue approved by {approved_by}, but the provider did not pay {amount} again "
