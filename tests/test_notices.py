@@ -274,3 +274,27 @@ async def test_the_outbox_sweeper_delivers_notices_no_workflow_delivers_once(
         assert len([m for m in world.slack if case_id in json.dumps(m)]) == 1
         rows = await delivered(stack, case_id, "reconciliation_break")
         assert rows["slack"]["status"] == "delivered"
+
+
+async def test_a_notice_the_sweeper_could_not_deliver_is_swept_again(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """Reconciliation breaks' and payout cases' notices reach people through the sweeper
+    only: one whose channel failed (Slack answered 500 to every try) is swept again once its
+    retry delay passed, never given up after a single pass."""
+    from activities.integrations import IntegrationActivities
+    from workers.outbox import sweep_once
+
+    async with connected_stack(store, client, temporal_server) as (stack, world):
+        case_id = f"recon-break-{uuid.uuid4().hex[:8]}"
+        await store.outbox.queue(NoticeInput(
+            refund_request_id=case_id, kind="reconciliation_break", audience="ops",
+            dedup_key=f"{case_id}:reconciliation_break", detail={"break_class": "ledger_missing"}))
+        outbox, delivery = store.outbox, IntegrationActivities(store, stack.settings)
+        world.slack_failures = 1_000
+        await sweep_once(outbox, delivery, older_than_seconds=0, retry_after_seconds=0, limit=1000)
+        assert not [m for m in world.slack if case_id in json.dumps(m)]
+        world.slack_failures = 0
+        await sweep_once(outbox, delivery, older_than_seconds=0, retry_after_seconds=0, limit=1000)
+        assert len([m for m in world.slack if case_id in json.dumps(m)]) == 1
+        rows = await delivered(stack, case_id, "reconciliation_break")
+        assert rows["slack"]["status"] == "delivered"

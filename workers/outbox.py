@@ -36,10 +36,15 @@ SCHEDULE = DELIVER["retry_policy"]
 DISPATCH_LEASE_SECONDS = 2 * DELIVER["start_to_close_timeout"].total_seconds()
 
 
-async def sweep_once(outbox: OutboxRepository, delivery: Deliverer, *,
-                     older_than_seconds: float, limit: int = 100) -> int:
-    """Delivers one batch of unswept notices; returns how many it took."""
-    keys = await outbox.claim_unswept(older_than_seconds, limit)
+SWEEP_RETRY_SECONDS = 300.0
+"""How long a notice the sweeper could not deliver everywhere waits for its next sweep
+(longer than a delivery can take, so one sweep's claim is never taken by another's)."""
+
+
+async def sweep_once(outbox: OutboxRepository, delivery: Deliverer, *, older_than_seconds: float,
+                     retry_after_seconds: float = SWEEP_RETRY_SECONDS, limit: int = 100) -> int:
+    """Delivers one batch of notices due a sweep; returns how many it took."""
+    keys = await outbox.claim_unswept(older_than_seconds, limit, retry_after_seconds=retry_after_seconds)
     for key in keys:
         try:
             await delivery.deliver(key)

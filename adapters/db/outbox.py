@@ -4,6 +4,8 @@ twice but marked uncertain)."""
 
 from typing import Any
 
+from psycopg import sql
+
 from adapters.db.audit import AuditLog
 from adapters.db.database import Conn, Repository, jsonb
 from adapters.db.rows import DeliveryRow, NoticeRow
@@ -88,15 +90,24 @@ class OutboxRepository(Repository):
             " WHERE n.refund_request_id = %s ORDER BY n.id, d.channel", (case_id,))
         return [DeliveryRow.from_row(row) for row in rows]
 
-    async def claim_unswept(self, older_than_seconds: float, limit: int) -> list[str]:
-        """Undelivered notices nobody has swept, oldest first, claimed for this sweep (each
-        is swept once; SKIP LOCKED lets several workers sweep side by side)."""
-        rows = await self._db.fetch_all(
-            "UPDATE notices SET swept_at = now() WHERE id IN (SELECT id FROM notices"
-            " WHERE delivered_at IS NULL AND swept_at IS NULL AND dispatch_queue IS NULL"
+    SWEEP_ATTEMPTS = 8
+    """Sweeps of one notice before it is left undelivered (a channel down for good, or none
+    carries it); migration 0810's index names the same bound."""
+
+    async def claim_unswept(self, older_than_seconds: float, limit: int, *,
+                            retry_after_seconds: float) -> list[str]:
+        """Undelivered notices no dispatcher owns, oldest first, claimed for this sweep: never
+        swept, or swept `retry_after_seconds` ago and not delivered everywhere then, up to
+        `SWEEP_ATTEMPTS` sweeps (SKIP LOCKED lets several workers sweep side by side; the
+        claim is the sweep's lease)."""
+        rows = await self._db.fetch_all(sql.SQL(
+            "UPDATE notices SET swept_at = now(), attempts = attempts + 1 WHERE id IN (SELECT id"
+            " FROM notices WHERE delivered_at IS NULL AND dispatch_queue IS NULL AND attempts < {}"
             " AND created_at < now() - make_interval(secs => %s)"
-            " ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING dedup_key",
-            (older_than_seconds, limit))
+            " AND (swept_at IS NULL OR swept_at < now() - make_interval(secs => %s))"
+            " ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING dedup_key").format(
+                sql.Literal(self.SWEEP_ATTEMPTS)),  # a literal: the partial index's predicate
+            (older_than_seconds, retry_after_seconds, limit))
         return [r["dedup_key"] for r in rows]
 
     async def claim_dispatch(self, queue: str, limit: int,
