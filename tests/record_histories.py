@@ -234,6 +234,16 @@ async def refused_credentials(rig: Recording) -> str:
     return await rig.stack.request_refund("alice", charge, 1_000)
 
 
+async def cancel_while_validation_refused(rig: Recording) -> str:
+    """The provider keeps refusing our key while validating: the case waits in ops review,
+    and ops cancel it there (nothing reserved, `canceled_by_ops`)."""
+    charge = await rig.stack.charge(10_000)
+    rig.proxy.refuse_next("GET", f"/v1/charges/{charge}", *[401] * 1_000)
+    case_id = await rig.stack.request_refund("alice", charge, 1_000)
+    await rig.stack.wait_for_audit(case_id, "provider_configuration_refused")
+    return await cancel(rig, case_id)
+
+
 async def reads_exhausted(rig: Recording) -> str:
     """Validation's and verify-state's reads fail past their bounded retries (503s): ops
     review each time, and the case resumes when the provider answers again."""
@@ -679,6 +689,8 @@ SCENARIOS: dict[str, Scenario] = {
     "refund_ops_review_unexpected_status": Scenario(unexpected_status, {"status_poll_interval_seconds": 0.5}),
     "refund_ops_review_refused_credentials": Scenario(refused_credentials,
                                                       {"status_poll_interval_seconds": 0.5}),
+    "refund_cancel_while_validation_refused": Scenario(cancel_while_validation_refused,
+                                                       {"status_poll_interval_seconds": 60}),
     "refund_ops_review_reads_exhausted": Scenario(reads_exhausted, {"provider_read_attempts": 2,
                                                                     "status_poll_interval_seconds": 0.5}),
     "refund_adyen_wait_resolved_by_ops": Scenario(adyen_wait_resolved, adyen=True),

@@ -40,6 +40,7 @@ from workflows.refund_case import (
     ADYEN_WAIT_PATCH,
     BOUNDED_PATCH,
     CANCEL_PATCH,
+    CANCEL_VALIDATION_PATCH,
     DUPLICATE_PATCH,
     EXECUTOR_EVENTS_PATCH,
     FOLLOW_SCOPE_PATCH,
@@ -115,6 +116,9 @@ BRANCHES: dict[str, Branch] = {
         "action:refund_failed", lacks=[f"{SUBMIT}#2"]),
     "refund_late_failure": branch("action:refund_succeeded", "action:refund_failed_after_success",
                                   "activity:post_ledger#2", "signal:provider_event#2"),
+    "refund_cancel_while_validation_refused": branch(
+        "action:provider_configuration_refused", "cancel_requested", f"patch:{CANCEL_VALIDATION_PATCH}",
+        "action:canceled_by_ops", lacks=[SUBMIT, "action:provider_answering_again"]),
     "refund_cancel_before_submit": branch("cancel_requested", f"patch:{CANCEL_PATCH}",
                                           "action:canceled_by_ops", lacks=[SUBMIT]),
     # Not the cancel patch: an execution of the newest shape holds it without its marker.

@@ -1,7 +1,8 @@
 """The product against localstripe as released (no fields added), as an outside tester runs
 it: its charges carry no `disputed` flag and it has no `GET /v1/account`. A refund still
 moves once; an unknown dispute history counts as disputed for the rules that read it; an
-account it cannot learn is a configuration incident for ops, never a rejected refund."""
+account it cannot learn is a configuration incident for ops, never a rejected refund, and
+ops can cancel the case while it waits."""
 
 from collections.abc import AsyncIterator
 from typing import Any
@@ -87,5 +88,9 @@ async def test_an_account_the_provider_cannot_name_is_a_configuration_incident(
                       if e["action"] == "provider_configuration_refused"]
         assert "REFUNDS_STRIPE_MERCHANT_ACCOUNT" in incident["detail"]["error"]
         assert row["reserved_amount"] == 0 and await _refunds(stock_localstripe, charge) == []
+        # ops can end a case whose validation cannot succeed until they fix the configuration
+        await stack.client.get_workflow_handle(case_id).cancel()
+        row = await stack.wait_for_status(case_id, "canceled_by_ops")
+        assert row["reserved_amount"] == 0 and "canceled_by_ops" in await stack.actions(case_id)
     finally:
         await stack.close()

@@ -44,6 +44,16 @@ CANCEL_PATCH = "refund-cancel-1"
 # provider horizon before its last lookup: a create can land that long after its call ended.
 # Before, the lookup came after the submit timeout alone and a later create went unbooked.
 CANCEL_HORIZON_PATCH = "cancel-provider-horizon-1"
+# Validation that cannot be answered (a refused key, reads exhausted) waits in ops review and
+# asks again; since, a cancel ends that wait (nothing is reserved between attempts) and the
+# case is canceled_by_ops. Before, the cancel waited for a validation that never came.
+CANCEL_VALIDATION_PATCH = "cancel-validation-wait-1"
+
+
+class ValidationAbandoned(Exception):
+    """Ops cancelled the case while its validation waited to be asked again."""
+
+
 # Statuses in which a submit may be at the provider while we do not know its refund yet.
 SUBMITTING = frozenset({CaseStatus.EXECUTING, CaseStatus.VERIFYING, CaseStatus.OPS_REVIEW})
 # Open-ended waits continue as new past `continue_as_new_after_events`, and resubmits stop

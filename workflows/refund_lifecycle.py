@@ -23,6 +23,7 @@ with workflow.unsafe.imports_passed_through():
         CANCEL_HORIZON_PATCH,
         HORIZON_PATCH,
         SUBMITTING,
+        ValidationAbandoned,
     )
     from workflows.refund_provider import RefundProvider
 
@@ -40,7 +41,7 @@ class RefundLifecycle(RefundProvider):
         nothing here is cancelled again."""
         self._cancel_requested, self._holding = True, False
         if self._validating is not None and not self._validating.done():
-            with contextlib.suppress(ActivityError):
+            with contextlib.suppress(ActivityError, ValidationAbandoned):
                 await self._validating
         refund = self._refund
         if refund is None and self._status in CLOSED_STATUSES:  # decided already: only finishing

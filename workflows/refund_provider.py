@@ -38,6 +38,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.refund_case import (
         ADYEN_WAIT_PATCH,
         BOUNDED_PATCH,
+        CANCEL_VALIDATION_PATCH,
         CONFIGURATION_INCIDENT,
         DUPLICATE_PATCH,
         EXECUTOR_EVENTS_PATCH,
@@ -46,6 +47,7 @@ with workflow.unsafe.imports_passed_through():
         INTEGRATIONS_PATCH,
         MISMATCH_PATCH,
         VERIFY_DUPLICATES_PATCH,
+        ValidationAbandoned,
     )
     from workflows.refund_writes import RefundWrites
 
@@ -147,15 +149,17 @@ class RefundProvider(RefundWrites):
                 await self._answered()
                 return vetted
             except FailureError as err:  # a local activity's failure comes unwrapped
-                if not await self._escalated_unanswered("validate", err):
+                if not await self._escalated_unanswered("validate", err, cancellable=True):
                     raise
 
-    async def _escalated_unanswered(self, step: str, err: FailureError) -> bool:
+    async def _escalated_unanswered(self, step: str, err: FailureError, *, cancellable: bool = False) -> bool:
         """For a provider read that cannot succeed by retrying (a refused key) or whose
         bounded retries ran out: escalates, waits a poll interval and says to ask again.
         False for any other failure, which the caller handles. A local activity's failure
         (validation's, since LOCAL_VALIDATION_PATCH) comes unwrapped, without a retry state:
-        reaching the workflow at all, its retries are over."""
+        reaching the workflow at all, its retries are over. `cancellable` (validation, which
+        holds nothing between attempts): a cancel ends the wait, back in the status before
+        the escalation, by raising ValidationAbandoned."""
         if isinstance(err, ActivityError):
             cause = err.cause
             over = err.retry_state in (RetryState.MAXIMUM_ATTEMPTS_REACHED, RetryState.TIMEOUT)
@@ -168,6 +172,14 @@ class RefundProvider(RefundWrites):
         else:
             return False
         await self._escalate(reason, str(cause))
+        if cancellable and workflow.patched(CANCEL_VALIDATION_PATCH):
+            try:
+                await workflow.wait_condition(lambda: self._cancel_requested,
+                                              timeout=self._timings.status_poll_interval)
+            except TimeoutError:
+                return True
+            self._status = self._status_before_escalation
+            raise ValidationAbandoned(reason)
         await workflow.sleep(self._timings.status_poll_interval)
         return True
 
