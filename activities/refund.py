@@ -166,7 +166,18 @@ class RefundActivities:
 
     async def _valid_charge(self, request: RefundRequest, key: str | None) -> ChargeSnapshot | Vetted:
         """The charge at the provider when it can take the refund; otherwise the case is
-        rejected (status and audit row) and the step's answer comes back (see `reject`)."""
+        rejected (status and audit row) and the step's answer comes back (see `reject`).
+        First, the request must be the one a case holds: the relay records a request before
+        it starts its workflow, so a run started straight in Temporal (no case, or other
+        terms than the case of its id) is refused, audited, and changes no case."""
+        recorded = await self._store.cases.get(request.refund_request_id)
+        if recorded is None or recorded["params_hash"] != request.params_hash():
+            reason = ("no case holds this request" if recorded is None else
+                      "the case of this id holds other terms") + ": refunds start only through the relay"
+            await self._store.audit.record(request.refund_request_id, "system", "start_refused",
+                                           {"reason": reason, "params_hash": request.params_hash(),
+                                            "amount": request.amount, "currency": request.currency})
+            return Vetted(validation=ValidationResult(ok=False, reason=reason))
         if request.provider not in self._providers:
             return await self._store.cases.reject(request.refund_request_id,
                                                   f"unknown provider {request.provider!r}", key)
