@@ -62,6 +62,7 @@ class RefundLifecycle(RefundProvider):
         await self._record("cancel_after_provider_refund", actor="ops",
                            detail={"provider_refund_id": refund.refund_id, "stage": self._status.value})
         if self._applying is not None:
+            await self._check_mismatch(self._applying[1])
             await self._apply(*self._applying)
             self._applying = None
         if self._refund is None or self._refund.status not in (

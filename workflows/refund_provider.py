@@ -347,8 +347,8 @@ class RefundProvider(RefundWrites):
             self._succeeded_at = workflow.now()
         detail = {"source": source, "failure_reason": reported.failure_reason,
                   "provider_refund_id": reported.refund_id}
+        self._applying = (step, reported, detail)  # before any await: a cancel applies it
         await self._check_mismatch(reported)
-        self._applying = (step, reported, detail)
         await self._apply(step, reported, detail)
         self._applying = None
 
@@ -361,10 +361,10 @@ class RefundProvider(RefundWrites):
             return
         if not workflow.patched(MISMATCH_PATCH):
             return
-        self._mismatched = True
         detail = {**found, "provider_refund_id": reported.refund_id}
         await self._notify("provider_refund_mismatch", "operator", detail)
         await self._record("provider_refund_mismatch", CaseStatus.OPS_REVIEW, detail=detail)
+        self._mismatched = True  # once both are written: a cancel in between checks again
 
     async def _apply(self, step: Observation, reported: ProviderRefund, detail: dict[str, Any]) -> None:
         """The ledger entry, the notices, then the status; each step idempotent, so a
