@@ -196,3 +196,17 @@ async def test_a_case_two_workers_sweep_is_handed_to_ops_once(stack: Stack) -> N
                                                    provider_holds=False, found=None) for _ in range(2)]
     assert sweeps == [True, False]
     assert (await stack.actions(body["refund_request_id"])).count("workflow_closed_case_swept") == 1
+
+
+async def test_a_case_its_workflow_left_to_ops_stays_unswept_past_retention(stack: Stack) -> None:
+    """A refund workflow that completed with its case in ops review (a duplicate or
+    mismatched refund) left it there on purpose; once Temporal's retention has dropped the
+    workflow, the sweep (which finds none) must not take it for a workflow that ended."""
+    body = stack.refund_body(await stack.charge(10_000), 1_000)
+    case_id = body["refund_request_id"]
+    await stack.store.cases.create(RefundRequest.model_validate({**body, "source": "api"}), "alice")
+    await stack.store.database.execute(  # as its workflow left it, long ago (none in Temporal)
+        "UPDATE refund_cases SET status = 'ops_review', updated_at = now() - interval '1 hour'"
+        " WHERE refund_request_id = %s", (case_id,))
+    assert case_id not in await sweep_cases_once(stack.store, stack.client, stack.providers, idle_seconds=60)
+    assert "workflow_closed_case_swept" not in await stack.actions(case_id)

@@ -43,9 +43,10 @@ async def provider_holds(store: Store, providers: Mapping[str, ProviderAdapter],
     return found is not None, found
 
 
-LEFT_TO_OPS = ("COMPLETED", CaseStatus.OPS_REVIEW.value)
-"""A refund workflow that completed with its case in ops review left it there on purpose
-(and told ops): not a workflow that ended under an open case."""
+LEFT_TO_OPS = frozenset({"COMPLETED", "NOT_FOUND"})
+"""How a refund workflow ended that left its case in ops review on purpose (and told ops):
+completed, or gone past Temporal's retention since (only a running workflow, or the sweep
+itself, puts a case in ops review, and the sweep's cases are not read again)."""
 
 IdlePage = Callable[[tuple[datetime, str] | None], Awaitable[Sequence[Mapping[str, Any]]]]
 
@@ -69,7 +70,7 @@ async def sweep_cases_once(store: Store, client: Client, providers: Mapping[str,
     async for row, ended in closed_cases(
             client, lambda after: store.cases.idle_open(idle_seconds, page, after), "refund_request_id"):
         case_id = row["refund_request_id"]
-        if ended == LEFT_TO_OPS[0] and row["status"] == LEFT_TO_OPS[1]:
+        if ended in LEFT_TO_OPS and row["status"] == CaseStatus.OPS_REVIEW:
             continue  # the workflow handed it to ops itself (a duplicate or mismatched refund)
         holds, found = await provider_holds(store, providers, row)
         if await store.cases.sweep_closed(case_id, workflow_status=ended, provider_holds=holds,
