@@ -1,9 +1,11 @@
 """Notice delivery: every configured channel gets each notice once (Slack, Teams, real SMTP,
 ServiceNow, Jira), also when activities retry; a failing channel never holds up a case."""
 
+import asyncio
 import json
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -280,21 +282,41 @@ async def test_a_notice_the_sweeper_could_not_deliver_is_swept_again(
         store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
     """Reconciliation breaks' and payout cases' notices reach people through the sweeper
     only: one whose channel failed (Slack answered 500 to every try) is swept again once its
-    retry delay passed, never given up after a single pass."""
+    retry delay passed, never given up after a single pass. (The sweeps also take other
+    tests' undelivered notices, oldest first: each loop runs until this one was taken.)"""
     from activities.integrations import IntegrationActivities
     from workers.outbox import sweep_once
 
     async with connected_stack(store, client, temporal_server) as (stack, world):
         case_id = f"recon-break-{uuid.uuid4().hex[:8]}"
-        await store.outbox.queue(NoticeInput(
-            refund_request_id=case_id, kind="reconciliation_break", audience="ops",
-            dedup_key=f"{case_id}:reconciliation_break", detail={"break_class": "ledger_missing"}))
+        key = f"{case_id}:reconciliation_break"
+        await store.outbox.queue(NoticeInput(refund_request_id=case_id, kind="reconciliation_break",
+                                             audience="ops", dedup_key=key,
+                                             detail={"break_class": "ledger_missing"}))
         outbox, delivery = store.outbox, IntegrationActivities(store, stack.settings)
-        world.slack_failures = 1_000
-        await sweep_once(outbox, delivery, older_than_seconds=0, retry_after_seconds=0, limit=1000)
+
+        async def sweeps_until(done: Callable[[], Awaitable[bool]], retry_after: float) -> None:
+            for _ in range(20):  # a bound, not a timing: each sweep takes the oldest due first
+                await sweep_once(outbox, delivery, older_than_seconds=0, retry_after_seconds=retry_after,
+                                 limit=1000)
+                if await done():
+                    return
+            raise AssertionError("the notice was never swept")
+
+        async def tried() -> bool:
+            rows = await store.database.fetch_all("SELECT attempts FROM notices WHERE dedup_key = %s", (key,))
+            return bool(rows[0]["attempts"])
+
+        world.slack_failures = 10**9
+        await sweeps_until(tried, retry_after=3600)  # each notice tried once at most
         assert not [m for m in world.slack if case_id in json.dumps(m)]
         world.slack_failures = 0
-        await sweep_once(outbox, delivery, older_than_seconds=0, retry_after_seconds=0, limit=1000)
+
+        async def slacked() -> bool:
+            return bool([m for m in world.slack if case_id in json.dumps(m)])
+
+        await asyncio.sleep(1.1)  # past the retry delay below
+        await sweeps_until(slacked, retry_after=1)
         assert len([m for m in world.slack if case_id in json.dumps(m)]) == 1
         rows = await delivered(stack, case_id, "reconciliation_break")
         assert rows["slack"]["status"] == "delivered"

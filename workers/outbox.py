@@ -37,20 +37,24 @@ DISPATCH_LEASE_SECONDS = 2 * DELIVER["start_to_close_timeout"].total_seconds()
 
 
 SWEEP_RETRY_SECONDS = 300.0
-"""How long a notice the sweeper could not deliver everywhere waits for its next sweep
-(longer than a delivery can take, so one sweep's claim is never taken by another's)."""
+"""How long a notice the sweeper could not deliver everywhere waits for its next sweep:
+the claim is the sweep's lease on it, longer than one delivery can take (each notice is
+claimed just before it is delivered, so another worker never takes one mid-delivery)."""
 
 
 async def sweep_once(outbox: OutboxRepository, delivery: Deliverer, *, older_than_seconds: float,
                      retry_after_seconds: float = SWEEP_RETRY_SECONDS, limit: int = 100) -> int:
-    """Delivers one batch of notices due a sweep; returns how many it took."""
-    keys = await outbox.claim_unswept(older_than_seconds, limit, retry_after_seconds=retry_after_seconds)
-    for key in keys:
+    """Delivers up to `limit` notices due a sweep, claiming each as it goes; returns how
+    many it took."""
+    taken = 0
+    while taken < limit and (keys := await outbox.claim_unswept(
+            older_than_seconds, 1, retry_after_seconds=retry_after_seconds)):
+        taken += 1
         try:
-            await delivery.deliver(key)
+            await delivery.deliver(keys[0])
         except Exception as exc:  # a failing channel is recorded per channel; go on
-            log.warning("outbox sweep: notice %s not delivered everywhere: %s", key, exc)
-    return len(keys)
+            log.warning("outbox sweep: notice %s not delivered everywhere: %s", keys[0], exc)
+    return taken
 
 
 async def sweep_outbox(outbox: OutboxRepository, delivery: Deliverer,
