@@ -26,6 +26,7 @@ from adapters.db import Store
 from adapters.providers import cashfree
 from adapters.providers.base import WebhookRejected
 from domain.events import tracking_case_id
+from domain.models import EventKind, ProviderEvent, ProviderRefund, ProviderRefundStatus
 from starters.cli.parser import build_parser
 from starters.dev.stack import TemporalDevServer
 from starters.relay.webhook_desk import WebhookDesk
@@ -345,3 +346,25 @@ async def test_a_temporal_outage_uses_up_no_redrive_tries(hooks: Stack) -> None:
     after = await WebhookDesk(hooks.store, hooks.client, hooks.providers, patient).redrive()
     assert crashed.receipt_id in [r.replay_of for r in after]
     await hooks.wait_for_status(tracking_case_id("cashfree", refund_id), "succeeded")
+
+
+async def test_a_tracking_case_past_retention_is_not_followed_again_from_scratch(hooks: Stack) -> None:
+    """A tracking case its workflow followed (it applied the refund's success) whose workflow
+    Temporal's retention has dropped: a later failure must go the closed case's way (audited,
+    reconciled into a break), not start a fresh tracking run that knows nothing of it."""
+    refund = ProviderRefund(provider="sandbox", refund_id=f"re_{uuid.uuid4().hex[:12]}", charge_id="ch_ret",
+                            amount=700, currency="USD", status=ProviderRefundStatus.SUCCEEDED,
+                            raw_status="succeeded")
+    case_id = tracking_case_id("sandbox", refund.refund_id)
+    assert await hooks.store.cases.open_tracking(case_id, refund, None, "refund.updated")
+    await hooks.store.database.execute(  # as its workflow left it before retention dropped it
+        "UPDATE refund_cases SET status = 'succeeded' WHERE refund_request_id = %s", (case_id,))
+    failed = ProviderEvent(
+        provider="sandbox", event_id=f"evt_{uuid.uuid4().hex[:12]}", event_type="refund.updated",
+        kind=EventKind.REFUND_STATUS, body_sha256="0" * 64, occurred_at=datetime.now(UTC),
+        refund_id=refund.refund_id, charge_id=refund.charge_id, amount=700, currency="USD",
+        status=ProviderRefundStatus.FAILED, raw_status="failed", failure_reason="card_account_closed")
+    desk = WebhookDesk(hooks.store, hooks.client, hooks.providers, hooks.settings)
+    assert await desk.route(failed) == case_id
+    assert not await workflow_exists(hooks, case_id)
+    assert "event_after_close" in await hooks.actions(case_id)

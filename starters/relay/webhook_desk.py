@@ -284,8 +284,11 @@ class WebhookDesk:
             log.debug("%s %s repeats what case %s applied (%s): not signalled", event.provider,
                       event.event_id, case_id, reported.status.value)
             return case_id
-        if case_id == tracking_case_id(event.provider, event.refund_id):
-            return await self._track(event)  # signal-with-start: its first start may have failed
+        tracking = case_id == tracking_case_id(event.provider, event.refund_id)
+        if tracking and row["status"] == CaseStatus.TRACKING:
+            # a tracking case its workflow never moved: its first start may have failed, so
+            # signal-with-start; one it moved is signalled (gone past retention: closed)
+            return await self._track(event)
         try:
             await self._client.get_workflow_handle(case_id).signal(RefundWorkflow.provider_event, event)
         except RPCError as exc:
