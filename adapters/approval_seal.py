@@ -141,6 +141,9 @@ class _SealingOutbound(client.OutboundInterceptor):
         described = await self.next.describe_workflow(client.DescribeWorkflowInput(
             id=workflow_id, run_id=run_id, rpc_metadata={}, rpc_timeout=None))
         chain = described.raw_description.workflow_execution_info.first_run_id
+        if not chain:  # a seal over no chain would be refused by every worker, silently
+            raise RuntimeError(f"Temporal names no run chain (first_run_id) for {workflow_id}: "
+                               "approvals cannot be sealed; upgrade the Temporal server")
         seal = self._keys.seal(workflow_id, signal, chain=chain, now=datetime.now(UTC))
         return {**headers, SEAL_HEADER: _HEADER_CONVERTER.to_payloads([seal])[0]}
 

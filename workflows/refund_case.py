@@ -48,12 +48,6 @@ CANCEL_HORIZON_PATCH = "cancel-provider-horizon-1"
 # asks again; since, a cancel ends that wait (nothing is reserved between attempts) and the
 # case is canceled_by_ops. Before, the cancel waited for a validation that never came.
 CANCEL_VALIDATION_PATCH = "cancel-validation-wait-1"
-
-
-class ValidationAbandoned(Exception):
-    """Ops cancelled the case while its validation waited to be asked again."""
-
-
 # Statuses in which a submit may be at the provider while we do not know its refund yet.
 SUBMITTING = frozenset({CaseStatus.EXECUTING, CaseStatus.VERIFYING, CaseStatus.OPS_REVIEW})
 # Open-ended waits continue as new past `continue_as_new_after_events`, and resubmits stop
@@ -107,6 +101,10 @@ FOLLOW_SCOPE_PATCH = "provider-scoped-follow-1"
 EXECUTOR_EVENTS_PATCH = "executor-events-followed-1"
 # The case's action, the ops notice and the metric's reason when a provider refuses our key.
 CONFIGURATION_INCIDENT = "provider_configuration_refused"
+
+
+class ValidationAbandoned(Exception):
+    """Ops cancelled the case while its validation waited to be asked again."""
 
 
 class RefundCase(ApprovingWorkflow):
