@@ -211,6 +211,10 @@ class Settings(BaseSettings):
     public_url: str | None = None  # base of links to cases in notices and tickets
     slack_webhook_url: SecretStr | None = None
     slack_signing_secret: SecretStr | None = None
+    slack_team_id: str | None = Field(
+        default=None, description="the Slack workspace (team id, T…) whose button clicks count; unset: "
+                                  "any workspace whose clicks the signing secret signs (one app "
+                                  "installed in several workspaces signs them all)")
     teams_webhook_url: SecretStr | None = None
     smtp_host: str | None = None
     smtp_port: int = 25

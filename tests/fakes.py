@@ -53,6 +53,7 @@ class World:
         """Settings overrides that point every integration at this world."""
         return {
             "slack_webhook_url": f"{self.url}/slack/T000/B000/secret", "slack_signing_secret": "slack-sign",
+            "slack_team_id": "T000",
             "teams_webhook_url": f"{self.url}/teams/workflows/hook",
             "smtp_host": "127.0.0.1", "smtp_port": smtp_port, "smtp_from": "refunds@example.test",
             "ops_email": "ops@example.test", "approvers_email": "approvers@example.test",

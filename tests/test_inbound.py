@@ -352,3 +352,25 @@ async def test_an_integration_call_keeps_no_credentials_with_its_receipt(stack: 
                                                (answer.json()["receipt_id"],))
     assert row is not None and row["headers"]["x-trace"] == "kept"
     assert not {"authorization", "cookie"} & set(row["headers"]), row["headers"]
+
+
+async def test_a_click_from_another_slack_workspace_approves_nothing(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """One Slack app installed in several workspaces signs every workspace's clicks with one
+    secret, and user ids are a workspace's own: a click from a workspace other than ours
+    (`REFUNDS_SLACK_TEAM_ID`) is refused and recorded, whoever its user id names here."""
+    async with connected_stack(store, client, temporal_server, jira_url=None,
+                               servicenow_url=None) as (stack, world):
+        slack_id = f"U{uuid.uuid4().hex[:10].upper()}"
+        await person(stack, ["approver"], slack=slack_id)
+        charge, case_id = await awaiting_slack_approval(stack, world)
+        elsewhere = slack_click(world, case_id, slack_id).replace(b"T000", b"T999")
+        refused = await click(stack, elsewhere)
+        assert refused.status_code == 403 and "T999" in refused.json()["detail"], refused.text
+        trail = await stack.store.audit.trail(case_id)
+        assert [e["detail"]["external_user"] for e in trail if e["action"] == "access_refused"] == [slack_id]
+        state = await stack.client.get_workflow_handle(case_id).query(RefundWorkflow.state)
+        assert state.approvals == () and state.status == "awaiting_approval"
+        assert await stack.provider_refunds(charge) == []
+        assert (await click(stack, slack_click(world, case_id, slack_id))).status_code == 200
+        await stack.wait_for_status(case_id, "succeeded")

@@ -58,6 +58,12 @@ class Inbound(Protocol):
 class SlackUser(BaseModel):
     model_config = ConfigDict(extra="ignore")
     id: str = Field(min_length=1, max_length=64)
+    team_id: str | None = Field(default=None, max_length=64)
+
+
+class SlackTeam(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str = Field(min_length=1, max_length=64)
 
 
 class SlackAction(BaseModel):
@@ -73,6 +79,7 @@ class SlackInteraction(BaseModel):
 
     type: Literal["block_actions"]
     trigger_id: str | None = None
+    team: SlackTeam | None = None
     user: SlackUser
     actions: list[SlackAction] = Field(min_length=1, max_length=5)
 
@@ -238,13 +245,17 @@ async def answer(door: FrontDoor, stored: StoredReceipt, case_id: str | None, st
 
 
 async def signal_approval(door: FrontDoor, stored: StoredReceipt, system: str, external_user: str,
-                          case_id: str | None, decision: Decision, reason: str) -> JSONResponse:
+                          case_id: str | None, decision: Decision, reason: str, *,
+                          refused: str | None = None) -> JSONResponse:
     """An approval from a channel that cannot wait: the workflow checks it when it
-    processes the signal, exactly like one from the API."""
+    processes the signal, exactly like one from the API. `refused`: why the channel's own
+    check refused the caller (recorded like every other refusal)."""
     principal = await door.store.access.principal_for(system, external_user)
     row = await door.store.cases.get(case_id) if case_id else None
     refusal: tuple[int, str, str] | None = None
-    if row is None or case_id is None:
+    if refused is not None:
+        refusal = (403, "access_refused", refused)
+    elif row is None or case_id is None:
         refusal = (404, "action_refused", f"no refund request for this {system} approval")
     elif principal is None:
         refusal = (403, "access_refused",
@@ -297,8 +308,12 @@ async def slack_actions(request: Request, door: Door) -> JSONResponse:
     decision = {APPROVE_ACTION: Decision.APPROVE, DENY_ACTION: Decision.DENY}.get(action.action_id)
     if decision is None:  # "Open case" and other buttons only open links
         return await answer(door, stored, None, 200, {"ignored": action.action_id})
+    ours = door.settings.slack_team_id
+    team = interaction.team.id if interaction.team else interaction.user.team_id
+    foreign = (f"the click came from Slack workspace {team!r}, not ours ({ours}): user ids are a "
+               "workspace's own" if ours and team != ours else None)
     return await signal_approval(door, stored, "slack", interaction.user.id, action.value, decision,
-                                 f"via Slack ({interaction.user.id})")
+                                 f"via Slack ({interaction.user.id})", refused=foreign)
 
 
 @router.post("/servicenow/refund-requests", status_code=202)
