@@ -506,3 +506,23 @@ async def test_a_failure_for_another_amount_than_booked_goes_to_ops_not_to_a_rev
         (n["kind"], n["audience"]) for n in await payouts.store.outbox.notices(case_id)}
     assert (await payouts.store.payouts.payout(booked.id)).status is PayoutStatus.PAID  # type: ignore[union-attr]
     assert await payouts.store.ledger.entries(case_id) == []
+
+
+async def test_a_failure_reported_before_its_payout_was_booked_opens_the_case_on_registration(
+        payouts: Stack) -> None:
+    """An instant payout fails at the provider seconds after it was made, before the payments
+    system books it here: its failure webhook finds no payout and acts on nothing. Booking the
+    payout afterwards must not leave it paid in our books with nobody told: the failure the
+    relay already received opens its exception case then."""
+    async with payouts.sandbox() as sb:
+        made = await sb.post("/v1/payouts", json={"amount": 30_000, "currency": "usd"})
+    provider_payout_id = str(made.json()["id"])
+    case_id = payout_case_id("sandbox", provider_payout_id)
+    await move_payout(payouts, provider_payout_id, "failed", failure_code="account_closed")
+    await wait_for_actions(payouts, case_id, "payout_unknown")
+    async with payouts.api("olga") as api:
+        booked = await api.post("/v1/payouts", json={
+            "id": f"P-{uuid.uuid4().hex[:10]}", "provider": "sandbox", "amount": 30_000, "currency": "USD",
+            "provider_payout_id": provider_payout_id, "beneficiary_id": f"ben-{uuid.uuid4().hex[:8]}"})
+    assert booked.status_code == 201, booked.text
+    await wait_for_case(payouts, case_id, "awaiting_approval")

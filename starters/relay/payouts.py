@@ -18,6 +18,7 @@ from starters.actions.front import Door
 from starters.actions.payouts import PayoutApprovalBody, decide_on_payout_exception, payout_case_view
 from starters.actions.starting import over_maximum
 from starters.relay.auth import Caller
+from starters.relay.webhooks import Desk
 from workflows.payout import PayoutReversalWorkflow
 
 
@@ -31,7 +32,7 @@ router = APIRouter()
 
 @router.post("/v1/payouts", status_code=201)
 async def register_payout(body: PayoutRegistration, caller: Caller, response: Response,
-                          door: Door) -> dict[str, Any]:
+                          door: Door, desk: Desk) -> dict[str, Any]:
     """Books a payout as paid, once per id: the same registration again is a no-op
     (200), the id or the provider's payout id booked with other data a 409. Refusals
     are audited on the case chain the payout's failure would open."""
@@ -52,6 +53,8 @@ async def register_payout(body: PayoutRegistration, caller: Caller, response: Re
         await refuse(409, f"payout {body.id} (or {body.provider} payout {body.provider_payout_id}) is "
                           "already registered with other data")
     response.status_code = 201 if created else 200
+    if created:  # a failure the relay received before the payout was booked acts now
+        await desk.payout_registered(body.provider, body.provider_payout_id)
     return {"payout": booked.model_dump(mode="json"), "created": created, "case_id": case_id}
 
 

@@ -383,6 +383,30 @@ class WebhookDesk:
         await self._store.audit.record(case_id, actor, "payout_event_without_open_case", detail)
         return case_id
 
+    async def payout_registered(self, provider: str, provider_payout_id: str) -> None:
+        """A payout booked after the relay received its events (an instant payout that failed
+        before the payments system booked it): each event that found no payout then
+        (`payout_unknown` on the chain its failure opens) is routed now, from its stored
+        delivery, so a failure opens the exception case instead of being lost."""
+        adapter = self._providers.get(provider)
+        if adapter is None:
+            return
+        trail = await self._store.audit.trail(payout_case_id(provider, provider_payout_id))
+        for event_id in dict.fromkeys(str(e["detail"]["event_id"]) for e in trail
+                                      if e["action"] == "payout_unknown"):
+            first = next((r.id for r in await self._store.receipts.find(provider, event_id)
+                          if r.verdict == "accepted"), None)
+            stored = await self._store.receipts.delivery(first) if first is not None else None
+            if stored is None or stored.body is None:
+                continue
+            try:  # the booking stands whatever happens here; reconciliation is the net
+                event = adapter.parse_webhook(stored.headers, stored.body, stored.received_at.timestamp())
+                if isinstance(event, PayoutEvent) and event.payout.payout_id == provider_payout_id:
+                    await self._route_payout(event)
+            except (WebhookRejected, RPCError) as exc:
+                log.error("payout %s %s booked, but its earlier event %s could not act: %s", provider,
+                          provider_payout_id, event_id, exc)
+
     async def _track(self, event: ProviderEvent) -> str | None:
         """A refund no case of ours made: open a tracking case and follow it to the ledger."""
         refund = event.as_refund()
