@@ -400,3 +400,36 @@ async def test_needs_my_approval_finds_an_older_case_behind_a_page_that_needs_ot
     assert page.status_code == 200
     assert f'data-case="{ids[0]}"' in page.text  # alice's, the oldest: it needs bob
     assert not any(f'data-case="{case_id}"' in page.text for case_id in ids[1:])
+
+
+async def test_over_https_the_console_cookies_are_host_only_so_no_sibling_host_plants_them(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """Behind TLS the console's cookies carry the `__Host-` prefix (Secure, Path=/, no
+    Domain): a browser takes such a cookie only from the host itself, so another host of the
+    same site cannot plant a sign-in form cookie (signing a victim into its own account) or a
+    session. An unprefixed cookie of the same name is not read."""
+    secure = await open_stack(store, client, temporal_server.address, console_secure_cookie=True)
+    try:
+        http = httpx.AsyncClient(base_url=secure.relay_url, timeout=30)
+        form = await http.get("/console/sign-in")
+        [form_cookie] = [h for h in form.headers.get_list("set-cookie")
+                         if h.startswith("__Host-rfo_sign_in=")]
+        assert "Secure" in form_cookie and "Path=/;" in form_cookie + ";" and "Domain" not in form_cookie
+        form_token = field(form.text, "form_token")
+        planted = await http.post("/console/sign-in", data={"token": secure.tokens["bob"], "form_token": "x"},
+                                  headers={"Cookie": "rfo_sign_in=x"})
+        assert planted.status_code == 403  # a cookie without the prefix is no form cookie
+        signed = await http.post("/console/sign-in",
+                                 data={"token": secure.tokens["bob"], "form_token": form_token},
+                                 headers={"Cookie": f"__Host-rfo_sign_in={form_token}"})
+        assert signed.status_code == 303, signed.text
+        [session] = [h for h in signed.headers.get_list("set-cookie") if h.startswith("__Host-rfo_session=")]
+        assert "Secure" in session and "Path=/;" in session + ";" and "HttpOnly" in session
+        value = session.split(";", 1)[0].split("=", 1)[1]
+        cases = await http.get("/console/cases", headers={"Cookie": f"__Host-rfo_session={value}"})
+        assert cases.status_code == 200 and 'data-testid="user">bob<' in cases.text
+        unprefixed = await http.get("/console/cases", headers={"Cookie": f"rfo_session={value}"})
+        assert unprefixed.status_code == 303
+        await http.aclose()
+    finally:
+        await secure.close()

@@ -20,6 +20,27 @@ from starters.console.pages import page
 SESSION_COOKIE = "rfo_session"
 SIGN_IN_COOKIE = "rfo_sign_in"
 PREFIX = "/console"
+HOST_ONLY = "__Host-"
+"""Behind TLS the cookies' names carry this prefix (with Secure, Path=/ and no Domain): a
+browser then takes them only from this host, so another host of the site cannot plant a
+sign-in form cookie or a session."""
+
+
+def cookie_name(request: Request, name: str) -> str:
+    """The console cookie `name` as this deployment sets and reads it."""
+    return HOST_ONLY + name if front_door(request).settings.console_secure_cookie else name
+
+
+def _set_cookie(request: Request, response: Response, name: str, value: str, max_age: int) -> None:
+    secure = front_door(request).settings.console_secure_cookie
+    response.set_cookie(cookie_name(request, name), value, httponly=True, samesite="strict", secure=secure,
+                        path="/" if secure else PREFIX, max_age=max_age)
+
+
+def _delete_cookie(request: Request, response: Response, name: str) -> None:
+    secure = front_door(request).settings.console_secure_cookie
+    response.delete_cookie(cookie_name(request, name), path="/" if secure else PREFIX, secure=secure,
+                           httponly=True, samesite="strict")
 
 stylesheet = resources.files("starters.console").joinpath("static/console.css").read_bytes()
 router = APIRouter(prefix=PREFIX, include_in_schema=False)
@@ -35,14 +56,12 @@ def sign_in_page(request: Request, status: int = 200, error: str = "") -> Respon
     form_token = secrets.token_urlsafe(24)
     response = page(request, "sign_in.html", None, status=status, form_token=form_token,
                     error=error)
-    response.set_cookie(SIGN_IN_COOKIE, form_token, httponly=True, samesite="strict",
-                        secure=front_door(request).settings.console_secure_cookie, path=PREFIX,
-                        max_age=3600)
+    _set_cookie(request, response, SIGN_IN_COOKIE, form_token, 3600)
     return response
 
 
 async def current(request: Request) -> ConsoleSession:
-    cookie = request.cookies.get(SESSION_COOKIE)
+    cookie = request.cookies.get(cookie_name(request, SESSION_COOKIE))
     session = await front_door(request).store.access.session(cookie) if cookie else None
     if session is None:
         raise SignInRequired
@@ -104,7 +123,7 @@ async def sign_in(request: Request) -> Response:
     door = front_door(request)
     form = await request.form()
     token, sent = str(form.get("token", "")).strip(), str(form.get("form_token", ""))
-    expected = request.cookies.get(SIGN_IN_COOKIE, "")
+    expected = request.cookies.get(cookie_name(request, SIGN_IN_COOKIE), "")
     if not expected or not secrets.compare_digest(sent.encode(), expected.encode()):
         door.console_refusals.refused("console", "sign-in form token does not match its cookie",
                                       "console sign-in")
@@ -116,10 +135,8 @@ async def sign_in(request: Request) -> Response:
                                       "console sign-in", hash_token(token)[:12] if token else None)
         return sign_in_page(request, 401, "That token is not valid (unknown or revoked).")
     response = RedirectResponse(f"{PREFIX}/cases", status_code=303)
-    response.set_cookie(SESSION_COOKIE, session_id, httponly=True, samesite="strict",
-                        secure=door.settings.console_secure_cookie, path=PREFIX,
-                        max_age=int(hours * 3600))
-    response.delete_cookie(SIGN_IN_COOKIE, path=PREFIX)
+    _set_cookie(request, response, SESSION_COOKIE, session_id, int(hours * 3600))
+    _delete_cookie(request, response, SIGN_IN_COOKIE)
     return response
 
 
@@ -133,5 +150,5 @@ async def sign_out(request: Request) -> Response:
                     error=exc.detail)
     await front_door(request).store.access.end_session(session)
     response = RedirectResponse(f"{PREFIX}/sign-in", status_code=303)
-    response.delete_cookie(SESSION_COOKIE, path=PREFIX)
+    _delete_cookie(request, response, SESSION_COOKIE)
     return response
