@@ -133,7 +133,8 @@ async def test_an_approval_delivered_many_times_at_once_is_signalled_once(
         case_id = created.json()["refund_request_id"]
         await stack.wait_for_status(case_id, "awaiting_approval")
         approval = {"sys_id": uuid.uuid4().hex, "document_id": sys_id, "state": "approved",
-                    "approver": {"user_name": sn_manager}, "comments": "fine by me"}
+                    "approver": {"user_name": sn_manager}, "sys_updated_by": sn_manager,
+                    "comments": "fine by me"}
         answers = await asyncio.gather(*(servicenow(stack, "approvals", approval) for _ in range(8)))
 
         assert [a.status_code for a in answers] == [200] * 8

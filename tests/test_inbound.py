@@ -186,7 +186,7 @@ async def test_a_servicenow_ticket_starts_the_case_and_its_opener_cannot_approve
 
         def approval(user: str) -> dict[str, Any]:
             return {"sys_id": uuid.uuid4().hex, "document_id": sys_id, "state": "approved",
-                    "approver": {"user_name": user}, "comments": "fine by me"}
+                    "approver": {"user_name": user}, "sys_updated_by": user, "comments": "fine by me"}
 
         own = await servicenow(stack, "approvals", approval(sn_opener))
         assert own.status_code == 200  # signalled; the workflow refuses it
@@ -255,7 +255,8 @@ async def test_a_servicenow_approval_given_again_after_a_refusal_counts(
         await person(stack, ["requester"], servicenow=sn_opener)
         sys_id, case_id, _ = await ticket_awaiting_approval(stack, world, sn_opener)
         record = {"sys_id": uuid.uuid4().hex, "document_id": sys_id, "state": "approved",
-                  "approver": {"user_name": sn_manager}, "sys_updated_on": "2026-12-05 10:00:00"}
+                  "approver": {"user_name": sn_manager}, "sys_updated_on": "2026-12-05 10:00:00",
+                  "sys_updated_by": sn_manager}
         unlinked = await servicenow(stack, "approvals", record)
         assert unlinked.status_code == 403, unlinked.text
         manager = await person(stack, ["approver"], servicenow=sn_manager)
@@ -299,7 +300,7 @@ async def test_servicenow_calls_refused_before_any_case_are_recorded(
             uuid.uuid4().hex, sn_opener, charge_id="ch_never_called", amount=limit + 1))
         stray = await servicenow(stack, "approvals", {
             "sys_id": uuid.uuid4().hex, "document_id": uuid.uuid4().hex, "state": "approved",
-            "approver": {"user_name": sn_manager}})
+            "approver": {"user_name": sn_manager}, "sys_updated_by": sn_manager})
         assert (huge.status_code, stray.status_code) == (422, 404), (huge.text, stray.text)
         refused = {e["actor"]: e["detail"]["refusal"] for e in await stack.store.audit.trail("")
                    if e["action"] == "action_refused" and e["detail"].get("channel") == "servicenow"
@@ -374,3 +375,25 @@ async def test_a_click_from_another_slack_workspace_approves_nothing(
         assert await stack.provider_refunds(charge) == []
         assert (await click(stack, slack_click(world, case_id, slack_id))).status_code == 200
         await stack.wait_for_status(case_id, "succeeded")
+
+
+async def test_a_servicenow_approval_that_names_no_one_who_acted_is_refused(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """ServiceNow keeps the assigned approver on the record whoever changed it (a delegate,
+    the requester acting as one): an approval without `sys_updated_by` cannot say who
+    approved, so it counts for no one (refused, recorded); a denial still counts."""
+    async with connected_stack(store, client, temporal_server, jira_url=None) as (stack, world):
+        sn_opener, sn_manager = f"jdoe.{uuid.uuid4().hex[:6]}", f"mgr.{uuid.uuid4().hex[:6]}"
+        await person(stack, ["requester"], servicenow=sn_opener)
+        manager = await person(stack, ["approver"], servicenow=sn_manager)
+        sys_id, case_id, _ = await ticket_awaiting_approval(stack, world, sn_opener)
+        record = {"sys_id": uuid.uuid4().hex, "document_id": sys_id, "approver": {"user_name": sn_manager}}
+        unnamed = await servicenow(stack, "approvals", {**record, "state": "approved"})
+        assert unnamed.status_code == 403 and "sys_updated_by" in unnamed.json()["detail"], unnamed.text
+        trail = await stack.store.audit.trail(case_id)
+        refused = [e["detail"]["external_user"] for e in trail if e["action"] == "access_refused"]
+        assert refused == [sn_manager]
+        assert (await stack.store.cases.get(case_id))["status"] == "awaiting_approval"  # type: ignore[index]
+        denied = await servicenow(stack, "approvals", {**record, "state": "rejected"})
+        assert denied.status_code == 200 and denied.json()["approver"] == manager, denied.text
+        await stack.wait_for_status(case_id, "denied")

@@ -164,11 +164,20 @@ class ServiceNowApproval(BaseModel):
         "after a refused one is not its duplicate); without it, one event per state"))
     sys_updated_by: str = Field(default="", max_length=100, description=(
         "the user_name of whoever changed the record: the person who approved (a delegate "
-        "acting for the assigned approver is who approves); without it, the assigned approver"))
+        "acting for the assigned approver is who approves); an approval without it is refused, "
+        "a denial without it is the assigned approver's"))
 
     def acting_user(self) -> str:
         """Who gave the verdict: who changed the record, else the assigned approver."""
         return self.sys_updated_by or self.approver.user_name
+
+    def unattributed(self) -> str | None:
+        """Why an approval cannot count for anyone (None when it can): ServiceNow keeps the
+        assigned approver on the record whoever changed it."""
+        if self.state == "approved" and not self.sys_updated_by:
+            return ("a ServiceNow approval must name who changed the record (sys_updated_by): the "
+                    "assigned approver is not always who approved (a delegate may have)")
+        return None
 
     @classmethod
     def from_body(cls, body: bytes) -> "ServiceNowApproval":
@@ -367,5 +376,6 @@ async def servicenow_approval(request: Request, door: Door) -> JSONResponse:
     case_id = await door.store.integrations.case_for_ticket("servicenow", approval.document_id)
     decision = Decision.APPROVE if approval.state == "approved" else Decision.DENY
     return await signal_approval(door, stored, "servicenow", approval.acting_user(), case_id,
-                                 decision, approval.comments or f"{approval.state} in ServiceNow")
+                                 decision, approval.comments or f"{approval.state} in ServiceNow",
+                                 refused=approval.unattributed())
 
