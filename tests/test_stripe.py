@@ -477,6 +477,13 @@ async def test_a_stripe_charge_without_its_refunded_amount_is_an_error_and_witho
         await server.stop()
 
 
+def stripe_request(case_id: str) -> RefundRequest:
+    """A 5.00 USD refund of charge ch_1 at Stripe, for the adapter's own tests."""
+    return RefundRequest(refund_request_id=case_id, provider="stripe", charge_id="ch_1", amount=500,
+                         currency="USD", merchant_account=MERCHANT,
+                         reason=RefundReason.REQUESTED_BY_CUSTOMER, evidence={"order_id": "o-1"})
+
+
 @pytest.mark.parametrize("status", [200, 302, 408])
 async def test_an_answer_to_a_create_that_says_no_refusal_is_an_unknown_outcome(status: int) -> None:
     """A 2xx the library cannot read (a proxy's page, an emulator's garbage), a redirect or a
@@ -493,12 +500,31 @@ async def test_an_answer_to_a_create_that_says_no_refusal_is_an_unknown_outcome(
     await server.start()
     adapter = StripeProvider(API_KEY, webhook_secrets=SECRETS, api_base=server.url,
                              merchant_account=MERCHANT)
-    request = RefundRequest(refund_request_id="rr-unread", provider="stripe", charge_id="ch_1", amount=500,
-                            currency="USD", merchant_account=MERCHANT,
-                            reason=RefundReason.REQUESTED_BY_CUSTOMER, evidence={"order_id": "o-1"})
+    request = stripe_request("rr-unread")
     try:
         with pytest.raises(ProviderOutcomeUnknown):
             await adapter.create_refund(request, "idem-1")
+    finally:
+        await adapter.aclose()
+        await server.stop()
+
+
+async def test_a_refund_list_that_says_more_but_sends_none_ends_the_lookup() -> None:
+    """An emulator answering `has_more: true` with an empty page: the lookup ends with what
+    it found, instead of failing on a page with no last id (an unknown outcome for ever)."""
+    app = FastAPI()
+
+    @app.get("/v1/refunds")
+    async def refunds() -> dict[str, Any]:
+        return {"object": "list", "data": [], "has_more": True, "url": "/v1/refunds"}
+
+    server = AppServer(app, "127.0.0.1", 0)
+    await server.start()
+    adapter = StripeProvider(API_KEY, webhook_secrets=SECRETS, api_base=server.url,
+                             merchant_account=MERCHANT)
+    request = stripe_request("rr-empty-page")
+    try:
+        assert await adapter.find_refund(request) is None
     finally:
         await adapter.aclose()
         await server.stop()

@@ -199,7 +199,7 @@ class StripeProvider:
             refunds = [_stripe_dict(r) for r in page.data]
             found += [self._refund(r) for r in refunds
                       if (r.get("metadata") or {}).get(REFERENCE_KEY) == request.refund_request_id]
-            if not page.has_more:
+            if not page.has_more or not refunds:  # "more" after an empty page: nothing to go on from
                 break
             page = await self._call("GET /v1/refunds", self._client.v1.refunds.list_async(
                 {"charge": request.charge_id, "limit": 100, "starting_after": refunds[-1]["id"]}))
