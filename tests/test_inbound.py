@@ -369,7 +369,8 @@ async def test_a_click_from_another_slack_workspace_approves_nothing(
         refused = await click(stack, elsewhere)
         assert refused.status_code == 403 and "T999" in refused.json()["detail"], refused.text
         trail = await stack.store.audit.trail(case_id)
-        assert [e["detail"]["external_user"] for e in trail if e["action"] == "access_refused"] == [slack_id]
+        assert [(e["actor"], e["detail"]["external_user"]) for e in trail
+                if e["action"] == "access_refused"] == [(f"slack:{slack_id}", slack_id)]  # not our user's act
         state = await stack.client.get_workflow_handle(case_id).query(RefundWorkflow.state)
         assert state.approvals == () and state.status == "awaiting_approval"
         assert await stack.provider_refunds(charge) == []
@@ -381,7 +382,8 @@ async def test_a_servicenow_approval_that_names_no_one_who_acted_is_refused(
         store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
     """ServiceNow keeps the assigned approver on the record whoever changed it (a delegate,
     the requester acting as one): an approval without `sys_updated_by` cannot say who
-    approved, so it counts for no one (refused, recorded); a denial still counts."""
+    approved, so it counts for no one (refused, recorded, under no one of ours). The record
+    sent again naming who changed it is a new event, and counts."""
     async with connected_stack(store, client, temporal_server, jira_url=None) as (stack, world):
         sn_opener, sn_manager = f"jdoe.{uuid.uuid4().hex[:6]}", f"mgr.{uuid.uuid4().hex[:6]}"
         await person(stack, ["requester"], servicenow=sn_opener)
@@ -391,9 +393,11 @@ async def test_a_servicenow_approval_that_names_no_one_who_acted_is_refused(
         unnamed = await servicenow(stack, "approvals", {**record, "state": "approved"})
         assert unnamed.status_code == 403 and "sys_updated_by" in unnamed.json()["detail"], unnamed.text
         trail = await stack.store.audit.trail(case_id)
-        refused = [e["detail"]["external_user"] for e in trail if e["action"] == "access_refused"]
-        assert refused == [sn_manager]
+        refused = [(e["actor"], e["detail"]["external_user"]) for e in trail
+                   if e["action"] == "access_refused"]
+        assert refused == [(f"servicenow:{sn_manager}", sn_manager)]
         assert (await stack.store.cases.get(case_id))["status"] == "awaiting_approval"  # type: ignore[index]
-        denied = await servicenow(stack, "approvals", {**record, "state": "rejected"})
-        assert denied.status_code == 200 and denied.json()["approver"] == manager, denied.text
-        await stack.wait_for_status(case_id, "denied")
+        named = await servicenow(stack, "approvals",
+                                 {**record, "state": "approved", "sys_updated_by": sn_manager})
+        assert named.status_code == 200 and named.json()["approver"] == manager, named.text
+        await stack.wait_for_status(case_id, "succeeded")

@@ -168,7 +168,8 @@ class ServiceNowApproval(BaseModel):
         "a denial without it is the assigned approver's"))
 
     def acting_user(self) -> str:
-        """Who gave the verdict: who changed the record, else the assigned approver."""
+        """Who gave the verdict: who changed the record, else (a denial only, see
+        `unattributed`) the assigned approver."""
         return self.sys_updated_by or self.approver.user_name
 
     def unattributed(self) -> str | None:
@@ -184,7 +185,8 @@ class ServiceNowApproval(BaseModel):
         return cls.model_validate_json(body)
 
     def event_id(self) -> str | None:
-        return f"{self.sys_id}:{self.state}" + (f":{self.sys_updated_on}" if self.sys_updated_on else "")
+        return (f"{self.sys_id}:{self.state}" + (f":{self.sys_updated_on}" if self.sys_updated_on else "")
+                + (f":{self.sys_updated_by}" if self.sys_updated_by else ""))
 
     def event_type(self) -> str:
         return f"approval.{self.state}"
@@ -280,7 +282,8 @@ async def signal_approval(door: FrontDoor, stored: StoredReceipt, system: str, e
                    "case page")
     if refusal is not None:
         code, action, message = refusal
-        actor = principal.user if principal else f"{system}:{external_user}"
+        # a channel's own refusal names no one of ours: the linked person did nothing
+        actor = principal.user if principal and refused is None else f"{system}:{external_user}"
         await door.store.audit.record(case_id if row else None, actor, action,
                                       {"channel": system, "external_user": external_user,
                                        "decision": decision.value, "refusal": message})
@@ -318,7 +321,9 @@ async def slack_actions(request: Request, door: Door) -> JSONResponse:
     if decision is None:  # "Open case" and other buttons only open links
         return await answer(door, stored, None, 200, {"ignored": action.action_id})
     ours = door.settings.slack_team_id
-    team = interaction.team.id if interaction.team else interaction.user.team_id
+    # the user's own workspace first: it is what a user id belongs to (a shared channel's
+    # click names the channel's workspace as `team`)
+    team = interaction.user.team_id or (interaction.team.id if interaction.team else None)
     foreign = (f"the click came from Slack workspace {team!r}, not ours ({ours}): user ids are a "
                "workspace's own" if ours and team != ours else None)
     return await signal_approval(door, stored, "slack", interaction.user.id, action.value, decision,
