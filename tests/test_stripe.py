@@ -510,8 +510,9 @@ async def test_an_answer_to_a_create_that_says_no_refusal_is_an_unknown_outcome(
 
 
 async def test_a_refund_list_that_says_more_but_sends_none_ends_the_lookup() -> None:
-    """An emulator answering `has_more: true` with an empty page: the lookup ends with what
-    it found, instead of failing on a page with no last id (an unknown outcome for ever)."""
+    """An emulator answering `has_more: true` with an empty page: the lookup and the listing
+    end with what they found, instead of failing on a page with no last id (an unknown
+    outcome for ever; a reconciliation run that never ends)."""
     app = FastAPI()
 
     @app.get("/v1/refunds")
@@ -525,6 +526,9 @@ async def test_a_refund_list_that_says_more_but_sends_none_ends_the_lookup() -> 
     request = stripe_request("rr-empty-page")
     try:
         assert await adapter.find_refund(request) is None
+        now = datetime.now(UTC)
+        listed = [r async for r in adapter.list_refunds(now - timedelta(days=1), now)]
+        assert listed == []  # reconciliation's listing, likewise
     finally:
         await adapter.aclose()
         await server.stop()

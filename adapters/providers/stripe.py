@@ -235,6 +235,8 @@ class StripeProvider:
         """Every object of a list call with the library's auto-paging (pages are fetched as
         the caller reads); errors sorted as for any call."""
         first = await self._call(what, first_page)
+        if not first.data:  # "more" after an empty page would fail in the library's paging
+            return
         objects = first.auto_paging_iter().__aiter__()
         while True:
             try:
