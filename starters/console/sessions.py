@@ -38,9 +38,13 @@ def _set_cookie(request: Request, response: Response, name: str, value: str, max
 
 
 def _delete_cookie(request: Request, response: Response, name: str) -> None:
+    """Deletes the cookie, and behind TLS also the plain one a console before the `__Host-`
+    names set (Path=/console), which would otherwise linger until it expires."""
     secure = front_door(request).settings.console_secure_cookie
     response.delete_cookie(cookie_name(request, name), path="/" if secure else PREFIX, secure=secure,
                            httponly=True, samesite="strict")
+    if secure:
+        response.delete_cookie(name, path=PREFIX, secure=True, httponly=True, samesite="strict")
 
 stylesheet = resources.files("starters.console").joinpath("static/console.css").read_bytes()
 router = APIRouter(prefix=PREFIX, include_in_schema=False)

@@ -357,7 +357,9 @@ class WebhookDesk:
 
     async def _route_payout(self, event: PayoutEvent) -> str | None:
         """A failure of a payout our books hold opens (or joins) its exception case; any
-        other status only reaches a case already open. An unknown payout acts on nothing."""
+        other status only reaches a case already open. An unknown payout acts on nothing now:
+        its events act when it is booked (`payout_registered`; a booking that landed while this
+        one was being recorded is seen by the second look)."""
         case_id = payout_case_id(event.provider, event.payout.payout_id)
         bind_case(case_id)
         actor = actor_of(event)
@@ -366,7 +368,9 @@ class WebhookDesk:
             log.error("NO INTERNAL PAYOUT for %s %s (%s): nothing acts", event.provider,
                       event.payout.payout_id, event.event_type)
             await self._store.audit.record(case_id, actor, "payout_unknown", detail)
-            return None
+            if await self._store.payouts.payout_at_provider(event.provider, event.payout.payout_id) is None:
+                return None  # booked since the first look, its registration may have missed this row
+            return await self._route_payout(event)
         if event.is_exception():
             if await open_payout_case(self._client, self._settings, event) is not None:
                 return case_id
@@ -403,9 +407,10 @@ class WebhookDesk:
                 event = adapter.parse_webhook(stored.headers, stored.body, stored.received_at.timestamp())
                 if isinstance(event, PayoutEvent) and event.payout.payout_id == provider_payout_id:
                     await self._route_payout(event)
-            except (WebhookRejected, RPCError) as exc:
-                log.error("payout %s %s booked, but its earlier event %s could not act: %s", provider,
-                          provider_payout_id, event_id, exc)
+            except Exception:  # the registration is answered whatever this says
+                log.exception("PAYOUT EVENT NOT ACTED ON: payout %s %s is booked, but its earlier event "
+                              "%s could not act; reconciliation or ops must open its case", provider,
+                              provider_payout_id, event_id)
 
     async def _track(self, event: ProviderEvent) -> str | None:
         """A refund no case of ours made: open a tracking case and follow it to the ledger."""
