@@ -112,6 +112,18 @@ class Stack:
         assert response.status_code == 202, response.text
         return str(body["refund_request_id"])
 
+    async def made_elsewhere(self, charge_id: str, case_id: str, *amounts: int) -> list[str]:
+        """Refunds of `amounts` already at the sandbox under the case's reference (its
+        idempotency keys ignored, their webhooks held), with the case's own create set to
+        get no answer: only its verify-state lookup can find them. Their ids."""
+        async with self.sandbox() as sb:
+            (await sb.post("/_sandbox/config", json={"hold_webhooks": True})).raise_for_status()
+            made = [(await sb.post("/v1/refunds", json={"charge": charge_id, "amount": amount, "metadata": {
+                "refund_request_id": case_id}})).json()["id"] for amount in amounts]
+            fault = {"mode": "error_before", "charge": charge_id}
+            (await sb.post("/_sandbox/faults", json=fault)).raise_for_status()
+        return [str(m) for m in made]
+
     async def open_case(self, user: str, charge_id: str, amount: int, **internal: Any) -> str:
         """Opens a case the way a server-side channel does (e.g. a ticket naming its opener
         as a trigger identity): fields the public API refuses come from `internal`."""

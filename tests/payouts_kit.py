@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 
 from adapters.db.rows import PayoutCaseRow
-from domain.payouts import PayoutSnapshot, PayoutStatus
+from domain.payouts import PayoutSnapshot, PayoutStatus, payout_case_id
 from tests.harness import Stack
 
 PAYOUT_APPROVERS = {"lena": ["payments_ops_lead"], "fiona": ["finance_manager"], "cora": ["compliance"],
@@ -59,6 +59,26 @@ async def ask_reissue(stack: Stack, user: str, case_id: str) -> httpx.Response:
     async with stack.api(user) as api:
         return await api.post(f"/v1/payout-exceptions/{case_id}/reissue",
                               json={"reason": "beneficiary confirmed their bank details"})
+
+
+async def remediated(stack: Stack, amount: int, failure_code: str = "account_closed",
+                     **payout: Any) -> tuple[PayoutSnapshot, str]:
+    """A paid payout the provider failed, its reversal approved (by lena) and done: the
+    payout and its case id."""
+    made = await paid_payout(stack, amount, **payout)
+    await move_payout(stack, made.provider_payout_id, "failed", failure_code=failure_code)
+    case_id = payout_case_id("sandbox", made.provider_payout_id)
+    await wait_for_case(stack, case_id, "awaiting_approval")
+    assert (await decide(stack, "lena", case_id)).status_code == 202
+    await wait_for_case(stack, case_id, "remediated")
+    return made, case_id
+
+
+async def reissues_at_provider(stack: Stack, reference: str) -> list[dict[str, Any]]:
+    """The payouts the sandbox holds under a reissue's reference (`PayoutSnapshot.reissue_id`)."""
+    async with stack.sandbox() as sb:
+        response = await sb.get("/v1/payouts", params={"reference": reference})
+    return list(response.json()["data"])
 
 
 async def view(stack: Stack, case_id: str, user: str = "dave") -> dict[str, Any]:

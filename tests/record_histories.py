@@ -322,12 +322,7 @@ async def verify_finds_duplicates(rig: Recording) -> str:
     second refund is a duplicate-refund incident, and the case follows its own to the ledger."""
     charge = await rig.stack.charge(10_000)
     case_id = rig.stack.new_id()
-    await sandbox(rig, "/_sandbox/config", hold_webhooks=True)
-    async with rig.stack.sandbox() as sb:
-        for _ in range(2):
-            (await sb.post("/v1/refunds", json={"charge": charge, "amount": 1_500, "metadata": {
-                "refund_request_id": case_id}})).raise_for_status()
-    await sandbox(rig, "/_sandbox/faults", mode="error_before", charge=charge)
+    await rig.stack.made_elsewhere(charge, case_id, 1_500, 1_500)
     return await rig.stack.request_refund("alice", charge, 1_500, refund_request_id=case_id)
 
 
@@ -337,11 +332,7 @@ async def refund_mismatch(rig: Recording) -> str:
     to ops review."""
     charge = await rig.stack.charge(10_000)
     case_id = rig.stack.new_id()
-    await sandbox(rig, "/_sandbox/config", hold_webhooks=True)
-    async with rig.stack.sandbox() as sb:
-        (await sb.post("/v1/refunds", json={"charge": charge, "amount": 1_400, "metadata": {
-            "refund_request_id": case_id}})).raise_for_status()
-    await sandbox(rig, "/_sandbox/faults", mode="error_before", charge=charge)
+    await rig.stack.made_elsewhere(charge, case_id, 1_400)
     return await rig.stack.request_refund("alice", charge, 1_500, refund_request_id=case_id)
 
 

@@ -71,13 +71,7 @@ async def test_a_lookup_that_finds_two_refunds_with_our_reference_is_an_incident
     charge = await stack.charge(10_000)
     body = stack.refund_body(charge, 1_500)
     case_id = body["refund_request_id"]
-    async with stack.sandbox() as sb:  # their webhooks are held: only the lookup can tell
-        (await sb.post("/_sandbox/config", json={"hold_webhooks": True})).raise_for_status()
-        made = [(await sb.post("/v1/refunds", json={"charge": charge, "amount": 1_500,
-                                                    "metadata": {"refund_request_id": case_id}})).json()["id"]
-                for _ in range(2)]
-        fault = {"mode": "error_before", "charge": charge}  # the case's create gets no answer
-        (await sb.post("/_sandbox/faults", json=fault)).raise_for_status()
+    made = await stack.made_elsewhere(charge, case_id, 1_500, 1_500)  # only the lookup can tell
     async with stack.api("alice") as api:
         assert (await api.post("/v1/refund-requests", json=body)).status_code == 202
     trail = await stack.wait_for_audit(case_id, "duplicate_provider_refund")

@@ -26,7 +26,6 @@ from adapters.config import Settings
 from adapters.db import Store
 from adapters.http_server import AppServer
 from adapters.notify.message import FALLBACK, TEMPLATES
-from domain.payouts import payout_case_id
 from starters.cli.doctor import check_timeouts
 from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
@@ -35,8 +34,8 @@ from tests.payouts_kit import (
     add_payout_approvers,
     ask_reissue,
     decide,
-    move_payout,
-    paid_payout,
+    reissues_at_provider,
+    remediated,
     wait_for_case,
 )
 from tests.rainforest_cashfree_fakes import (
@@ -241,12 +240,7 @@ async def reissue_approved(rig: Rig, arm: Callable[[], None]) -> tuple[str, str]
     before the approval that starts it; returns the case id and the reissue's reference."""
     stack = rig.stack
     await add_payout_approvers(stack)
-    payout = await paid_payout(stack, 150_000)
-    await move_payout(stack, payout.provider_payout_id, "failed", failure_code="insufficient_funds")
-    case_id = payout_case_id("sandbox", payout.provider_payout_id)
-    await wait_for_case(stack, case_id, "awaiting_approval")
-    assert (await decide(stack, "lena", case_id)).status_code == 202
-    await wait_for_case(stack, case_id, "remediated")
+    payout, case_id = await remediated(stack, 150_000, "insufficient_funds")
     assert (await ask_reissue(stack, "omar", case_id)).status_code == 202
     arm()
     assert (await decide(stack, "lena", case_id)).status_code == 202
@@ -255,18 +249,13 @@ async def reissue_approved(rig: Rig, arm: Callable[[], None]) -> tuple[str, str]
     return case_id, payout.reissue_id()
 
 
-async def reissues(rig: Rig, reference: str) -> list[dict[str, Any]]:
-    async with rig.stack.sandbox() as sb:
-        return list((await sb.get("/v1/payouts", params={"reference": reference})).json()["data"])
-
-
 async def test_a_payout_reissue_the_provider_makes_after_we_gave_up_is_made_once(
         store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
     async with rig_for("sandbox", store, client, temporal_server, **HORIZON) as rig:
         _, reference = await reissue_approved(
             rig, lambda: rig.proxy.act_late("POST", "/v1/payouts", after_seconds=LATE_SECONDS))
         await reached_provider(rig.proxy)
-        made = await reissues(rig, reference)
+        made = await reissues_at_provider(rig.stack, reference)
         assert len(made) == 1, made
 
 
@@ -276,7 +265,7 @@ async def test_a_payout_reissue_whose_key_is_refused_tells_ops_and_is_made_once_
         case_id, reference = await reissue_approved(
             rig, lambda: rig.proxy.refuse_next("GET", "/v1/payouts", 401))
         assert [status for *_, status in rig.proxy.refused] == [401]
-        assert len(await reissues(rig, reference)) == 1
+        assert len(await reissues_at_provider(rig.stack, reference)) == 1
         assert ("payout_reissue_configuration_refused", "payments_ops") in {
             (n["kind"], n["audience"]) for n in await store.outbox.notices(case_id)}
         assert "reissue_configuration_refused" in await rig.stack.actions(case_id)

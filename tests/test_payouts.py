@@ -27,6 +27,8 @@ from tests.payouts_kit import (
     move_payout,
     notice_kinds,
     paid_payout,
+    reissues_at_provider,
+    remediated,
     view,
     wait_for_actions,
     wait_for_case,
@@ -341,9 +343,7 @@ async def test_reissue_needs_its_own_approval_and_happens_once(payouts: Stack) -
     await wait_for_case(payouts, case_id, "remediated")
 
     async def at_provider() -> list[dict[str, Any]]:
-        async with payouts.sandbox() as sb:
-            response = await sb.get("/v1/payouts", params={"reference": payout.reissue_id()})
-        return list(response.json()["data"])
+        return await reissues_at_provider(payouts, payout.reissue_id())
 
     assert await at_provider() == []  # never automatic
     assert (await ask_reissue(payouts, "fiona", case_id)).status_code == 403  # not ops
@@ -394,9 +394,7 @@ async def test_a_reissue_waits_while_another_case_holds_the_beneficiary(payouts:
     assert (await ask_reissue(payouts, "omar", case_id)).status_code == 202
     assert (await decide(payouts, "lena", case_id)).status_code == 202
     await wait_for_case(payouts, case_id, "reissue_failed")
-    async with payouts.sandbox() as sb:
-        made = (await sb.get("/v1/payouts", params={"reference": first.reissue_id()})).json()["data"]
-    assert made == []
+    assert await reissues_at_provider(payouts, first.reissue_id()) == []
     trail = await payouts.store.audit.trail(case_id)
     [failed] = [e for e in trail if e["action"] == "reissue_failed"]
     assert other in failed["detail"]["error"]
@@ -430,8 +428,7 @@ async def test_a_reissue_the_provider_made_before_a_crash_is_found_not_made_agai
     activities = PayoutActivities(payouts.store, payouts.providers, load_policy())
     made = await activities.reissue_payout(ReissueInput(case_id="c-crash", original=payout,
                                                         final_status=PayoutStatus.FAILED))
-    async with payouts.sandbox() as sb:
-        found = (await sb.get("/v1/payouts", params={"reference": payout.reissue_id()})).json()["data"]
+    found = await reissues_at_provider(payouts, payout.reissue_id())
     assert [p["id"] for p in found] == [made.provider_payout_id]
 
 
@@ -464,19 +461,12 @@ async def test_no_reissue_once_the_provider_shows_the_original_paid(payouts: Sta
     """A payout reported failed, reversed in our books, is later reported paid after all (a
     bank's late correction): the reissue's approval must not pay the beneficiary twice.
     The activity reads the original at the provider before any create and declines for ops."""
-    payout = await paid_payout(payouts, 52_000)
-    await move_payout(payouts, payout.provider_payout_id, "failed", failure_code="account_closed")
-    case_id = payout_case_id("sandbox", payout.provider_payout_id)
-    await wait_for_case(payouts, case_id, "awaiting_approval")
-    assert (await decide(payouts, "lena", case_id)).status_code == 202
-    await wait_for_case(payouts, case_id, "remediated")
+    payout, case_id = await remediated(payouts, 52_000)
     await move_payout(payouts, payout.provider_payout_id, "paid")
     assert (await ask_reissue(payouts, "omar", case_id)).status_code == 202
     assert (await decide(payouts, "lena", case_id)).status_code == 202
     await wait_for_case(payouts, case_id, "reissue_failed")
-    async with payouts.sandbox() as sb:
-        made = (await sb.get("/v1/payouts", params={"reference": payout.reissue_id()})).json()["data"]
-    assert made == []
+    assert await reissues_at_provider(payouts, payout.reissue_id()) == []
     [failed] = [e for e in await payouts.store.audit.trail(case_id) if e["action"] == "reissue_failed"]
     assert "is paid at the provider" in failed["detail"]["error"]
     assert await payouts.store.payouts.payout(payout.reissue_id()) is None

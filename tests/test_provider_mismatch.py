@@ -12,12 +12,7 @@ async def test_a_refund_found_for_another_amount_goes_to_ops_and_books_what_move
     charge = await stack.charge(10_000)
     body = stack.refund_body(charge, 1_500)
     case_id = body["refund_request_id"]
-    async with stack.sandbox() as sb:  # made elsewhere with our reference; its webhook held
-        (await sb.post("/_sandbox/config", json={"hold_webhooks": True})).raise_for_status()
-        made = (await sb.post("/v1/refunds", json={"charge": charge, "amount": 1_400, "metadata": {
-            "refund_request_id": case_id}})).json()["id"]
-        fault = {"mode": "error_before", "charge": charge}  # the case's create gets no answer
-        (await sb.post("/_sandbox/faults", json=fault)).raise_for_status()
+    [made] = await stack.made_elsewhere(charge, case_id, 1_400)
     async with stack.api("alice") as api:
         assert (await api.post("/v1/refund-requests", json=body)).status_code == 202
     trail = await stack.wait_for_audit(case_id, "provider_refund_mismatch")

@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -441,6 +442,21 @@ async def test_a_disputed_stripe_charge_reaches_the_prior_dispute_rule(rig: Stri
     assert await rig.refunds(charge) == []
 
 
+@asynccontextmanager
+async def stripe_at(app: FastAPI) -> AsyncIterator[StripeProvider]:
+    """The Stripe adapter pointed at `app` (a server answering as an emulator might), both
+    closed after."""
+    server = AppServer(app, "127.0.0.1", 0)
+    await server.start()
+    adapter = StripeProvider(API_KEY, webhook_secrets=SECRETS, api_base=server.url,
+                             merchant_account=MERCHANT)
+    try:
+        yield adapter
+    finally:
+        await adapter.aclose()
+        await server.stop()
+
+
 STRIPE_CHARGE = {  # Stripe's charge object as its API reference shows it (the fields we read)
     "id": "ch_3MmlLrLkdIwHu7ix0snN0B15", "object": "charge", "amount": 1099, "amount_captured": 1099,
     "amount_refunded": 0, "captured": True, "currency": "usd", "disputed": False,
@@ -461,20 +477,13 @@ async def test_a_stripe_charge_without_its_refunded_amount_is_an_error_and_witho
     async def charge(charge_id: str) -> dict[str, Any]:
         return {k: v for k, v in {**STRIPE_CHARGE, **changed}.items() if v is not None}
 
-    server = AppServer(app, "127.0.0.1", 0)
-    await server.start()
-    adapter = StripeProvider(API_KEY, webhook_secrets=SECRETS, api_base=server.url,
-                             merchant_account=MERCHANT)
-    try:
+    async with stripe_at(app) as adapter:
         if isinstance(disputes, type):
             with pytest.raises(disputes, match=next(iter(changed))):
                 await adapter.get_charge(str(STRIPE_CHARGE["id"]))
         else:
             snapshot = await adapter.get_charge(str(STRIPE_CHARGE["id"]))
             assert snapshot is not None and snapshot.dispute_count == disputes
-    finally:
-        await adapter.aclose()
-        await server.stop()
 
 
 def stripe_request(case_id: str) -> RefundRequest:
@@ -496,17 +505,9 @@ async def test_an_answer_to_a_create_that_says_no_refusal_is_an_unknown_outcome(
         return Response("<html>upstream says hello</html>", status_code=status, media_type="text/html",
                         headers={"Location": "https://elsewhere.invalid/"} if status == 302 else None)
 
-    server = AppServer(app, "127.0.0.1", 0)
-    await server.start()
-    adapter = StripeProvider(API_KEY, webhook_secrets=SECRETS, api_base=server.url,
-                             merchant_account=MERCHANT)
-    request = stripe_request("rr-unread")
-    try:
+    async with stripe_at(app) as adapter:
         with pytest.raises(ProviderOutcomeUnknown):
-            await adapter.create_refund(request, "idem-1")
-    finally:
-        await adapter.aclose()
-        await server.stop()
+            await adapter.create_refund(stripe_request("rr-unread"), "idem-1")
 
 
 async def test_a_refund_list_that_says_more_but_sends_none_ends_the_lookup() -> None:
@@ -519,16 +520,8 @@ async def test_a_refund_list_that_says_more_but_sends_none_ends_the_lookup() -> 
     async def refunds() -> dict[str, Any]:
         return {"object": "list", "data": [], "has_more": True, "url": "/v1/refunds"}
 
-    server = AppServer(app, "127.0.0.1", 0)
-    await server.start()
-    adapter = StripeProvider(API_KEY, webhook_secrets=SECRETS, api_base=server.url,
-                             merchant_account=MERCHANT)
-    request = stripe_request("rr-empty-page")
-    try:
-        assert await adapter.find_refund(request) is None
+    async with stripe_at(app) as adapter:
+        assert await adapter.find_refund(stripe_request("rr-empty-page")) is None
         now = datetime.now(UTC)
         listed = [r async for r in adapter.list_refunds(now - timedelta(days=1), now)]
         assert listed == []  # reconciliation's listing, likewise
-    finally:
-        await adapter.aclose()
-        await server.stop()
