@@ -1,19 +1,27 @@
 """`refunds worker` as production runs it: probes, metrics (its own and the Temporal SDK's),
 JSON logs carrying the case id, and a clean exit 0 on SIGTERM within the grace period."""
 
+import asyncio
 import json
 import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
 from temporalio.client import Client
+from temporalio.worker import Worker
 
+import workers.main
+from adapters.config import Settings
 from adapters.db import Store
 from starters.dev.stack import TemporalDevServer
 from starters.ports import free_port
 from tests.harness import PAYLOAD_KEYS, open_stack, process_env, wait_until_ready
+from workers.main import build_worker, run_worker
 
 GRACE_SECONDS = 3
 
@@ -76,3 +84,41 @@ async def test_worker_serves_probes_and_metrics_logs_json_and_exits_0_on_sigterm
     # walked them all, about 110 ms with the event loop stopped).
     [settled] = [r for r in lines if r["logger"] == "refunds.heap"]
     assert int(settled["message"].split(": ")[1].split()[0]) > 50_000, settled
+
+
+async def test_a_stopping_worker_stops_polling_before_its_background_loops_end(
+        store: Store, temporal_server: TemporalDevServer, postgres_dsn: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pass of the outbox or case sweep can take long (a slow channel, many idle cases);
+    while it ends, the stopping worker must not take new tasks the deployment's grace
+    period will then cut off."""
+    built: list[Worker] = []
+    release = asyncio.Event()
+
+    def capturing_build(*args: Any, **kwargs: Any) -> Worker:
+        built.append(build_worker(*args, **kwargs))
+        return built[0]
+
+    async def slow_last_pass(*_: Any, **__: Any) -> None:
+        await release.wait()
+
+    monkeypatch.setattr(workers.main, "build_worker", capturing_build)
+    monkeypatch.setattr(workers.main, "sweep_outbox", slow_last_pass)
+    settings = Settings(temporal_address=temporal_server.address, payload_keys=PAYLOAD_KEYS,
+                        task_queue=f"tq-{uuid.uuid4().hex[:10]}", worker_health_port=0,
+                        temporal_metrics_port=0, outbox_sweep_seconds=1, case_sweep_seconds=0,
+                        webhook_prune_interval_seconds=0, reconciliation_interval_seconds=0)
+    stop = asyncio.Event()
+    running = asyncio.create_task(run_worker(settings, postgres_dsn, stop))
+    try:
+        async with asyncio.timeout(60):  # guards against a hang, not a measured wait
+            while not (built and built[0].is_running):
+                await asyncio.sleep(0.05)
+        stop.set()
+        async with asyncio.timeout(30):
+            while not built[0].is_shutdown:
+                await asyncio.sleep(0.05)
+        assert not running.done()  # the sweep's pass still ends before the process does
+    finally:
+        release.set()
+        await running

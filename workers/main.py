@@ -146,11 +146,12 @@ async def run_worker(settings: Settings, dsn: str, stop: asyncio.Event) -> None:
             log.info("worker polling task queue %s", settings.task_queue)
             settle_startup_heap("worker")
             await stop.wait()
-            for loop in (sweeper, case_sweeper, pruner, checkpointer):
-                if loop is not None:
-                    await loop
             log.info("stopping: waiting up to %ss for running activities",
                      settings.graceful_shutdown_seconds)
+            # Polling stops first: a background pass may take long, and a task taken
+            # meanwhile would be cut off by the deployment's grace period.
+            await asyncio.gather(worker.shutdown(), *(loop for loop in (sweeper, case_sweeper, pruner,
+                                                                          checkpointer) if loop is not None))
     finally:
         if health is not None:
             await health.stop()
