@@ -1,7 +1,7 @@
 """The worker pool's notice dispatcher (issue 21), on the real outbox: each case's notices go
 out in order, one claim at a time across dispatchers, only its own task queue's; a certain
-failure is tried again on the courier activity's old schedule and given up after its
-attempts, a failure for good at once; a dispatcher that died leaves its claims to others."""
+failure is tried again on the courier activity's old schedule, then left to the sweeper;
+a failure for good is given up at once; a dispatcher that died leaves its claims to others."""
 
 import asyncio
 import uuid
@@ -11,7 +11,7 @@ from temporalio.exceptions import ApplicationError
 
 from adapters.db import Store
 from domain.models import NoticeInput
-from workers.outbox import SCHEDULE, dispatch_once, retry_delay
+from workers.outbox import SCHEDULE, dispatch_once, retry_delay, sweep_once
 
 
 class Channel:
@@ -106,6 +106,27 @@ async def test_a_certain_failure_is_tried_again_with_backoff_then_given_up(store
     assert channel.sent == [failing] * attempts
     assert await column(store, failing, "dispatched_at") is not None  # given up
     assert await dispatch_once(store.outbox, channel, queue) == 1 and channel.sent[-1] == after
+
+
+async def test_a_notice_the_dispatcher_gave_up_on_is_swept_later(store: Store) -> None:
+    """A channel down for longer than the dispatcher's few minutes of tries (an approval
+    request to Slack) must not lose the notice: the sweeper takes it on its own schedule."""
+    queue = f"dq-{uuid.uuid4().hex[:8]}"
+    [key] = await queued(store, f"h-{uuid.uuid4().hex[:8]}", ["approval_needed"], queue)
+    down = Channel({key: ApplicationError("slack: 503")})
+    for _ in range(SCHEDULE.maximum_attempts):
+        await due_now(store, [key])
+        assert await dispatch_once(store.outbox, down, queue) == 1
+    assert await dispatch_once(store.outbox, down, queue) == 0  # the dispatcher is done with it
+    back = Channel()
+    await sweep_once(store.outbox, back, older_than_seconds=0, retry_after_seconds=60, limit=1000)
+    assert key not in back.sent  # a sweep's delay after the last try, not at once
+    await store.database.execute("UPDATE notices SET swept_at = swept_at - interval '61 seconds'"
+                                 " WHERE dedup_key = %s", (key,))
+    while await sweep_once(store.outbox, back, older_than_seconds=0, retry_after_seconds=60,
+                           limit=1000):
+        pass
+    assert back.sent.count(key) == 1
 
 
 async def test_a_failure_for_good_is_not_tried_again(store: Store) -> None:

@@ -4,9 +4,10 @@ dedup (`notice_deliveries`) holds whoever sends.
 The dispatcher delivers the notices queued for its task queue (refund cases since
 `notices-dispatched-1`: the case only queues, in its steps' transactions), promptly, in
 order within a case, retrying a certain failure on the courier activity's old schedule
-(`retry.DELIVER`). The sweeper delivers, once, every other notice still undelivered after
-a grace period: payout cases' and reconciliation breaks', and what an older refund
-execution's courier left."""
+(`retry.DELIVER`) and handing it to the sweeper once those tries are spent. The sweeper
+delivers every other notice still undelivered after a grace period (payout cases' and
+reconciliation breaks', and what an older refund execution's courier left), sweeping one
+again while a channel fails, up to `OutboxRepository.SWEEP_ATTEMPTS` sweeps."""
 
 import asyncio
 import contextlib
@@ -80,19 +81,24 @@ async def dispatch_once(outbox: OutboxRepository, delivery: Deliverer, queue: st
                         limit: int = 100) -> int:
     """Delivers the due notices of `queue` (each case's first pending one); returns how many
     it took. A notice is done once delivered, when no channel carries it, or when its
-    failure is for good or its attempts are spent; otherwise it is due again later."""
+    failure is for good; a certain failure is due again later, and once its attempts are
+    spent the sweeper takes it (the case's next notice goes out meanwhile)."""
     claimed = await outbox.claim_dispatch(queue, limit, DISPATCH_LEASE_SECONDS)
     for notice_id, key, attempt in claimed:
         try:
             await delivery.deliver(key)
         except Exception as exc:  # a channel (recorded per channel) or the database; go on
-            final = (isinstance(exc, ApplicationError) and exc.non_retryable) or (
-                0 < SCHEDULE.maximum_attempts <= attempt)
+            for_good = isinstance(exc, ApplicationError) and exc.non_retryable
+            spent = 0 < SCHEDULE.maximum_attempts <= attempt
             log.warning("notice %s not delivered everywhere (attempt %d%s): %s", key, attempt,
-                        ", giving up" if final else "", exc)
-            if not final:
+                        ", giving up" if for_good else ", left to the sweeper" if spent else "", exc)
+            if for_good:
+                await outbox.dispatched(notice_id)
+            elif spent:
+                await outbox.hand_to_sweeper(notice_id)
+            else:
                 await outbox.dispatch_later(notice_id, retry_delay(attempt))
-                continue
+            continue
         await outbox.dispatched(notice_id)
     return len(claimed)
 

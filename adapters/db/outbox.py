@@ -132,6 +132,14 @@ class OutboxRepository(Repository):
         await self._db.execute("UPDATE notices SET dispatched_at = now(), claimed_until = NULL"
                                " WHERE id = %s", (notice_id,))
 
+    async def hand_to_sweeper(self, notice_id: int) -> None:
+        """The dispatcher spent its tries on a certain failure (a channel down for minutes):
+        the sweeper takes the notice on its own, slower schedule, a sweep's delay from now,
+        with its own count of tries."""
+        await self._db.execute(
+            "UPDATE notices SET dispatched_at = now(), claimed_until = NULL, dispatch_queue = NULL,"
+            " attempts = 0, swept_at = now() WHERE id = %s", (notice_id,))
+
     async def dispatch_later(self, notice_id: int, delay_seconds: float) -> None:
         """A certain failure on some channel: the notice is due again after `delay_seconds`."""
         await self._db.execute(
