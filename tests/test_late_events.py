@@ -121,6 +121,30 @@ async def test_a_second_refund_with_the_case_s_reference_after_close_is_a_duplic
     assert [e["template"] for e in await stack.store.ledger.entries(case_id)] == ["refund_settled"] * 2
 
 
+@pytest.mark.parametrize(("final", "found_as", "after"), [
+    ("failed", "stuck_non_terminal", ("refund_failed", [])),
+    ("succeeded", "provider_succeeded_shown_pending", ("succeeded", ["refund_settled"] * 2))])
+async def test_a_final_word_for_a_case_its_workflow_left_pending_opens_a_break(
+        stack: Stack, final: str, found_as: str, after: tuple[str, list[str]]) -> None:
+    """A tracking case ends without a final status after its watch (no event for the whole
+    window): the case shows the refund pending, its amount reserved. Nothing moves it any
+    more, so the provider's later failure or success is news however soon it comes: a break,
+    and once approved the case, its reservation and the ledger follow the provider."""
+    refund = history(f"ch_{uuid.uuid4().hex[:8]}", 2_000, days_ago=0.5, status="pending")
+    await seed_provider(stack, [refund])
+    case_id = await seed_case(stack, refund, status=CaseStatus.PENDING, held=ProviderRefundStatus.PENDING,
+                              settled=0)
+    await stack.set_provider_status(refund["id"], final)
+    [found] = await wait_for_breaks(stack, [str(refund["id"])], "awaiting_approval")
+    assert (found["break_class"], found["refund_request_id"]) == (found_as, case_id)
+    assert (await decide(stack, "carol", int(found["id"]))).status_code == 202
+    await wait_for_breaks(stack, [str(refund["id"])], "resolved")
+    case = await stack.store.cases.get(case_id)
+    assert case is not None and (case["status"], case["provider_status"]) == (after[0], final)
+    assert case["reserved_amount"] == (2_000 if final == "succeeded" else 0)
+    assert [e["template"] for e in await stack.store.ledger.entries(case_id)] == after[1]
+
+
 async def test_a_late_success_for_a_case_ops_cancelled_opens_a_break(stack: Stack) -> None:
     """Cancelled by ops after a submit whose answer never came, its last lookup finding
     nothing (Adyen and Cashfree cannot be listed): the case shows no refund and its

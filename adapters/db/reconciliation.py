@@ -300,8 +300,9 @@ class ReconciliationRepository(Repository):
         """Classifies one refund a provider reported failed or canceled after its case
         closed, as a run would, in an `incident` run of its own (`late-event-<provider>-<event
         id>`); returns the run's id, whose breaks the caller dispatches. No grace: nothing
-        follows a failure or a cancel, so it is not a webhook still in flight. The event's
-        time stands for the object's, which the event does not carry. A redelivery (or
+        follows a failure or a cancel, so it is not a webhook still in flight; and no age
+        before a case shown pending is stuck: its workflow is gone, nothing else moves it. The
+        event's time stands for the object's, which the event does not carry. A redelivery (or
         another relay classifying the same event at once) finds the run and its breaks."""
         run_id = f"{LATE_EVENT_RUN}{provider}-{event_id}"
         async with self._db.transaction() as conn:
@@ -311,7 +312,8 @@ class ReconciliationRepository(Repository):
         created = min(reported_at, run["window_end"] - timedelta(microseconds=1))
         with suppress(RunConflict):  # classified by a concurrent call: its breaks stand
             await self.store_batch(run_id, provider, [ListedRefund(refund=refund, created=created)],
-                                   ReconcileOptions(grace=timedelta(0)), cursor=run["cursor"],
+                                   ReconcileOptions(grace=timedelta(0), stuck_after=timedelta(0)),
+                                   cursor=run["cursor"],
                                    phase=Phase(run["phase"]))
         return run_id
 

@@ -41,6 +41,7 @@ from domain.models import (
 )
 from domain.payments import PaymentEvent
 from domain.payouts import PayoutEvent, payout_case_id
+from domain.reconciliation import SHOWN_PENDING
 from starters.actions.starting import (
     open_payout_case,
     over_maximum,
@@ -301,7 +302,8 @@ class WebhookDesk:
         """An event for a case whose workflow has closed is audited, and news the case does
         not show is reconciled at once: a final failure (failed, canceled: nothing follows
         either), or a success for a case shown failed that the provider never failed itself
-        (ops read "no refund", a cancel, a decline). Each becomes a break for ops and its
+        (ops read "no refund", a cancel, a decline), or either for a case its workflow left
+        pending (nothing else moves it). Each becomes a break for ops and its
         tier's approvers, never a row only a run might read later (a run cannot list Adyen
         or Cashfree, and its window passes). Any other status may be an old delivery arriving
         late (a success the provider's own failure of that refund followed): audited only.
@@ -323,9 +325,10 @@ class WebhookDesk:
 
     async def _success_is_news(self, case_id: str, refund: ProviderRefund, case: CaseRow | None) -> bool:
         """Whether a success is news for a closed case: another refund carrying the case's
-        reference beside the one it holds (money moved twice: a duplicate, for ops), or the
-        case shows no refund (failed, canceled, declined, cancelled by ops) and not because
-        the provider failed this very refund (then the success is older than that failure).
+        reference beside the one it holds (money moved twice: a duplicate, for ops), a case
+        its workflow left pending (a tracking case whose watch ended without a final status),
+        or the case shows no refund (failed, canceled, declined, cancelled by ops) and not
+        because the provider failed this very refund (then the success is older than that failure).
         A failure that came from ops resolving a wait "no refund" is their reading, not the
         provider's."""
         if refund.status is not ProviderRefundStatus.SUCCEEDED:
@@ -337,7 +340,10 @@ class WebhookDesk:
         held = case["provider_refund_id"]
         if held is not None and held != refund.refund_id and not held.startswith(NO_REFUND_PREFIX):
             return True
-        if CaseStatus(case["status"]) not in CLOSED_STATUSES:  # it shows no refund
+        status = CaseStatus(case["status"])
+        if status in SHOWN_PENDING:  # its workflow left it pending: nothing else will move it
+            return True
+        if status not in CLOSED_STATUSES:  # it shows the refund made
             return False
         if held != refund.refund_id or case["provider_status"] not in FINAL_PROVIDER_STATUSES:
             return True
