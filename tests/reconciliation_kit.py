@@ -127,10 +127,10 @@ async def failed_break_with_a_trigger(stack: Stack, *, requester: str = "bob",
     return case_id, found
 
 
-async def another_approver(stack: Stack, user: str = "erin") -> None:
-    """A third approver (the harness has bob and carol)."""
+async def another_approver(stack: Stack, user: str = "erin", *, also: tuple[str, ...] = ()) -> None:
+    """A third approver (the harness has bob and carol), holding `also` roles too."""
     stack.tokens[user] = await stack.store.access.create_token(
-        user, ["approver"], token=f"t-{user}-{uuid.uuid4().hex}", by="test")
+        user, ["approver", *also], token=f"t-{user}-{uuid.uuid4().hex}", by="test")
 
 
 async def landed_unknown_to_its_case(stack: Stack, amount: int) -> tuple[str, dict[str, Any]]:

@@ -246,6 +246,31 @@ async def test_a_reopened_break_excludes_whoever_is_behind_the_case_now(stack: S
     assert [e["template"] for e in await stack.store.ledger.entries(case_id)] == ["refund_settled"] * 2
 
 
+async def test_whoever_reopened_a_break_cannot_approve_it(stack: Stack) -> None:
+    """Reopening undoes a colleague's denial: the one who asks for the money to move again
+    does not also approve it (someone holding ops and approver roles would otherwise
+    override a denial alone, in a one-approver tier)."""
+    refund = history(f"ch_{uuid.uuid4().hex[:8]}", 2_000, days_ago=3)
+    await seed_provider(stack, [refund])
+    case_id = await seed_case(stack, refund, requester="bob")
+    await move_at_provider(stack, refund["id"], "failed")
+    await backfill(stack, since_days=30)
+    [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    await another_approver(stack, "dana", also=("ops",))
+    assert (await decide(stack, "carol", found["id"], "deny")).status_code == 202
+    await wait_for_breaks(stack, [refund["id"]], "dismissed")
+    async with stack.api("dana") as api:
+        reopened = await api.post(f"/v1/reconciliation/breaks/{found['id']}/reopen",
+                                  json={"reason": "I think the bank failed it"})
+    assert reopened.status_code == 202, reopened.text
+    await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    refused = await decide(stack, "dana", found["id"])
+    assert refused.status_code == 403 and "cannot approve" in refused.json()["detail"], refused.text
+    assert [e["template"] for e in await stack.store.ledger.entries(case_id)] == ["refund_settled"] * 2
+    assert (await decide(stack, "carol", found["id"])).status_code == 202
+    await wait_for_breaks(stack, [refund["id"]], "resolved")
+
+
 async def notices_until(store: Store, case_id: str, kind: str, timeout: float = 60) -> list[tuple[str, str]]:
     """The case's notices (kind, audience) once one of `kind` is queued."""
     deadline = asyncio.get_running_loop().time() + timeout

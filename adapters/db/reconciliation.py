@@ -134,12 +134,14 @@ def truth_of(row: Mapping[str, Any]) -> ProviderRefund | ProviderPayout:
         failure_reason=row["failure_reason"], reference=row["evidence"]["provider"].get("reference"))
 
 
-def behind_case(case: Mapping[str, Any]) -> tuple[str, ...]:
+def behind_break(evidence: Mapping[str, Any]) -> tuple[str, ...]:
     """Who may not approve a break's compensation: whoever may not approve the refund (its
     requester and trigger identities; breaks found before identities were kept name the
-    requester alone)."""
+    requester alone), and whoever reopened the break (undoing a colleague's decision)."""
+    case = evidence.get("case") or {}
     people = [case["requester"]] if case.get("requester") else []
-    return tuple(dict.fromkeys([*people, *(case.get("trigger_identities") or ())]))
+    return tuple(dict.fromkeys([*people, *(case.get("trigger_identities") or ()),
+                                *(evidence.get("reopened_by") or ())]))
 
 
 def break_case(row: Mapping[str, Any], timings: RefundTimings) -> BreakCase:
@@ -153,7 +155,7 @@ def break_case(row: Mapping[str, Any], timings: RefundTimings) -> BreakCase:
         case_holds_no_refund=bool(case) and case.get("provider_refund_id") is None,
         case_provider_status=ProviderRefundStatus(held) if held else None, truth=truth_of(row),
         ledger_delta=None if row["ledger_delta"] is None else int(row["ledger_delta"]),
-        conflicted=behind_case(case), timings=timings,
+        conflicted=behind_break(row["evidence"]), timings=timings,
         reopened=int(row["reopened"]))
 
 
@@ -598,16 +600,18 @@ class ReconciliationRepository(Repository):
                 raise LookupError(f"no reconciliation break {break_id}")
             if row["state"] not in REOPENABLE:
                 raise NotReopenable(f"break is {row['state']}; only dismissed or expired breaks reopen")
-            # who is behind the case is read again: a break found before its trigger
-            # identities were kept would otherwise bar the requester alone
+            # who is behind the case is read again (a break found before its trigger
+            # identities were kept would otherwise bar the requester alone), and whoever
+            # reopens it is behind it from now on
             reopened = await (await conn.execute(
                 "UPDATE reconciliation_breaks b SET state = 'new', reopened = reopened + 1,"
                 " resolution = NULL, resolved_at = NULL,"
-                " evidence = CASE WHEN jsonb_typeof(b.evidence->'case') = 'object'"
+                " evidence = jsonb_set(CASE WHEN jsonb_typeof(b.evidence->'case') = 'object'"
                 " THEN jsonb_set(b.evidence, '{case,trigger_identities}', coalesce((SELECT"
                 " to_jsonb(c.trigger_identities) FROM refund_cases c WHERE c.refund_request_id ="
-                " b.refund_request_id), '[]'::jsonb)) ELSE b.evidence END"
-                " WHERE id = %s RETURNING *", (break_id,))).fetchone()
+                " b.refund_request_id), '[]'::jsonb)) ELSE b.evidence END, '{reopened_by}',"
+                " coalesce(b.evidence->'reopened_by', '[]'::jsonb) || to_jsonb(%s::text))"
+                " WHERE id = %s RETURNING *", (actor, break_id))).fetchone()
             assert reopened is not None
             await AuditLog.append(conn, row["chain"], actor, "reconciliation_break_reopened", {
                 "break_id": break_id, "reason": reason, "reopened": reopened["reopened"],
