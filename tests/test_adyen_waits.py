@@ -3,6 +3,7 @@ Idempotency-Key; a notification wait escalates to ops review and ops resolve it 
 API or the console ("Adyen shows refunded / not refunded"), with segregation of duties and
 an audit row, so the reservation is never held for good. Adyen's API is tests/adyen_fake.py."""
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -151,6 +152,24 @@ async def test_ops_resolve_a_wait_adyen_shows_no_refund_for_and_the_reservation_
     row = await rig.stack.wait_for_status(case_id, "refund_failed")
     assert row["reserved_amount"] == 0 and "no refund" in row["failure_reason"]
     assert await rig.stack.store.ledger.entries(case_id) == []
+
+
+async def test_two_ops_resolving_one_wait_at_once_are_told_which_one_counts(rig: AdyenRig) -> None:
+    """Two ops read the dashboard and answer at once (or one submits twice): the case takes
+    one resolution, so only one is recorded and answered 200; the other is refused 409,
+    never told "recorded" while the case follows the other answer."""
+    rig.stack.tokens["otto"] = await rig.stack.store.access.create_token(
+        "otto", ["ops"], token="t-otto-adyen-waits", by="test")
+    case_id, _ = await waiting_case(rig, 800, lose_answer=False)
+    answers = await asyncio.gather(
+        resolve(rig, "olga", case_id, provider_shows="not_refunded", reason="no refund on the payment"),
+        resolve(rig, "otto", case_id, provider_shows="not_refunded", reason="none listed"))
+    assert sorted(a.status_code for a in answers) == [200, 409], [a.text for a in answers]
+    [won] = [user for user, a in zip(("olga", "otto"), answers, strict=True) if a.status_code == 200]
+    await rig.stack.wait_for_status(case_id, "refund_failed")
+    resolved = [e["actor"] for e in await rig.stack.store.audit.trail(case_id)
+                if e["action"] == "provider_wait_resolved"]
+    assert resolved == [won]
 
 
 async def test_ops_resolve_a_wait_from_the_console(rig: AdyenRig) -> None:

@@ -84,6 +84,24 @@ class AuditLog:
         async with self._db.transaction() as conn:
             await self.append(conn, case_id, actor, action, detail)
 
+    async def record_once_opened(self, case_id: str, actor: str, action: str, detail: dict[str, Any], *,
+                                 opened_by: str, closed_by: str) -> dict[str, Any] | None:
+        """Appends `action` only while the chain's latest of `opened_by`, `closed_by` and
+        `action` is `opened_by`, under the chain's lock: two callers never both act on one
+        opening. None when appended; else that latest entry (actor, action, detail), or an
+        empty dict when it never opened."""
+        async with self._db.transaction() as conn:
+            await conn.execute(  # locks the head, as `append` does
+                "INSERT INTO audit_heads (chain, seq, hash) VALUES (%s, 0, %s)"
+                " ON CONFLICT (chain) DO UPDATE SET chain = EXCLUDED.chain", (case_id, GENESIS))
+            latest = await (await conn.execute(
+                "SELECT actor, action, detail FROM audit_events WHERE chain = %s AND action = ANY(%s)"
+                " ORDER BY seq DESC LIMIT 1", (case_id, [opened_by, closed_by, action]))).fetchone()
+            if latest is None or latest["action"] != opened_by:
+                return dict(latest) if latest else {}
+            await self.append(conn, case_id, actor, action, detail)
+            return None
+
     async def trail(self, case_id: str) -> list[dict[str, Any]]:
         return await self._db.fetch_all(
             "SELECT id, seq, occurred_at, actor, action, detail, hash FROM audit_events"

@@ -9,6 +9,7 @@ ledger, "not refunded" fails the case and releases its reservation.
 """
 
 import hashlib
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -22,6 +23,7 @@ from starters.actions.cases import CaseActions, behind
 from workflows.refund import RefundWorkflow
 
 WAIT_OPENED, WAIT_CLOSED = "awaiting_provider_notification", "provider_notification_received"
+WAIT_RESOLVED = "provider_wait_resolved"
 
 
 class ProviderWaitBody(BaseModel):
@@ -57,18 +59,37 @@ async def resolve_provider_wait(actions: CaseActions, caller: Principal, case_id
     action = "resolving a provider notification wait"
     await actions.require(caller, Permission.RESOLVE_PROVIDER_WAIT, action, case_id, via=via)
     row = await actions._case(caller, case_id, action, via)
-    trail = await actions.store.audit.trail(case_id)
     if caller.user in behind(row, await actions.store.audit.approvals_of(case_id)):
         await actions.refuse(caller, case_id, 403, action, "whoever requested or approved a refund "
                              "cannot resolve its wait", via=via, audit_action="access_refused")
-    if not waiting(trail):
+    # the check and the record under the case chain's lock: one resolution per wait
+    latest = await actions.store.audit.record_once_opened(
+        case_id, caller.user, WAIT_RESOLVED, {**body.model_dump(), "via": via},
+        opened_by=WAIT_OPENED, closed_by=WAIT_CLOSED)
+    if latest is not None and latest.get("action") == WAIT_RESOLVED:
+        # sent again (the case takes one resolution per id): a signal lost after the
+        # record would otherwise leave the case waiting on a resolution it never got
+        recorded = ProviderWaitBody.model_validate(
+            {k: latest["detail"].get(k) for k in ("provider_shows", "provider_refund_id", "reason")})
+        await _deliver(actions, row, recorded, str(latest["actor"]))
+        await actions.refuse(caller, case_id, 409, action,
+                             f"{latest['actor']} already resolved this wait (the provider shows "
+                             f"{recorded.provider_shows}); the case follows that", via=via)
+    if latest is not None:
         await actions.refuse(caller, case_id, 409, action,
                              f"case is {row['status']} and not waiting for a provider notification",
                              via=via)
+    await _deliver(actions, row, body, caller.user)
+    return {"refund_request_id": case_id, "provider_shows": body.provider_shows,
+            "resolved_by": caller.user}
+
+
+async def _deliver(actions: CaseActions, row: Mapping[str, Any], body: ProviderWaitBody,
+                   resolver: str) -> None:
+    """The resolution as the event the waiting case takes (one per case: its id)."""
+    case_id = str(row["refund_request_id"])
     refunded = body.provider_shows == "refunded"
     refund_id = body.provider_refund_id if refunded else row["provider_refund_id"]
-    await actions.store.audit.record(case_id, caller.user, "provider_wait_resolved",
-                                     {**body.model_dump(), "via": via})
     event = ProviderEvent(
         provider=row["provider"], event_id=f"ops-resolution:{case_id}",
         event_type=f"{OPS_RESOLUTION}.{body.provider_shows}", kind=EventKind.REFUND_STATUS,
@@ -78,8 +99,6 @@ async def resolve_provider_wait(actions: CaseActions, caller: Principal, case_id
         refund_request_id=case_id, amount=row["amount"], currency=row["currency"],
         status=ProviderRefundStatus.SUCCEEDED if refunded else ProviderRefundStatus.FAILED,
         raw_status=f"ops:{body.provider_shows}",
-        failure_reason=None if refunded else f"ops {caller.user}: the provider shows no refund "
+        failure_reason=None if refunded else f"ops {resolver}: the provider shows no refund "
                                              f"({body.reason})")
     await actions.client.get_workflow_handle(case_id).signal(RefundWorkflow.provider_event, event)
-    return {"refund_request_id": case_id, "provider_shows": body.provider_shows,
-            "resolved_by": caller.user}
