@@ -1,5 +1,7 @@
 """A failed refund is reissued as a new linked request through the same gates."""
 
+import uuid
+
 from temporalio.client import Client
 
 from adapters.db import Store
@@ -55,6 +57,23 @@ async def test_reissue_cannot_exceed_what_is_left_on_the_charge(stack: Stack) ->
     assert row["reserved_amount"] == 0
     assert sum(r["amount"] for r in await stack.provider_refunds(charge)
                if r["status"] != "failed") == 5_000
+    # a reissue that ended (rejected, denied, expired) is not open: the parent is not
+    # blocked behind it for good, and the next one goes through the same gates
+    status, second = await reissue(stack, "olga", case_id)
+    assert status == 202 and second["refund_request_id"] == f"{case_id}-r2", second
+    await stack.wait_for_status(second["refund_request_id"], "rejected")
+
+
+async def test_a_reissue_its_own_rules_refuse_is_refused_before_anything_is_written(stack: Stack) -> None:
+    """The child's id is its parent's with `-r<n>`: a parent id near the length limit would
+    make a child no worker can read (its workflow input fails validation on every try, the
+    case stuck `requested` and every later reissue of the parent pointed at it). The same
+    for a parent at the evidence limit (the child adds its reason)."""
+    case_id, _ = await failed_case(stack, refund_request_id=f"rr-{uuid.uuid4().hex}".ljust(127, "x"))
+    status, refused = await reissue(stack, "olga", case_id)
+    assert status == 422 and "refund_request_id" in refused["detail"], refused
+    assert await stack.store.cases.children(case_id) == []
+    assert "reissue_requested" not in await stack.actions(case_id)
 
 
 async def test_reissue_by_bank_transfer_waits_for_ops_to_confirm(stack: Stack) -> None:

@@ -10,7 +10,7 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from temporalio.client import Client
 from temporalio.service import RPCError
 
@@ -21,6 +21,7 @@ from adapters.providers.manual import manual_refund
 from adapters.temporal_client import workflow_closed
 from domain.lifecycle import check_approval, unfilled
 from domain.models import (
+    CLOSED_STATUSES,
     ApprovalSignal,
     ApprovalVerdict,
     Decision,
@@ -113,7 +114,10 @@ def reissue_request(parent: CaseRow, body: ReissueBody, attempt: int) -> RefundR
     """The child request: same charge and amount, its own id, linked to its parent; the
     parent's requester is behind it, so cannot approve it."""
     original = request_from_row(parent)
-    return original.model_copy(update={
+    # validated as any request is (ValidationError when the child breaks a rule its parent
+    # kept: an id or evidence at the limit), so no worker is handed a request it cannot read
+    return RefundRequest.model_validate({
+        **original.model_dump(),
         "refund_request_id": f"{original.refund_request_id}-r{attempt}",
         "evidence": {**original.evidence, "reissue_reason": body.reason},
         "source": RequestSource.CONSOLE, "method": body.method,
@@ -207,11 +211,18 @@ class CaseActions:
                               f"case is {parent['status']}; only {sorted(REISSUABLE)} refunds can "
                               "be reissued", via=via)
         children = await self.store.cases.children(case_id)
-        open_child = next((c for c in children if c["status"] not in REISSUABLE), None)
+        # a child that ended (failed, rejected, denied, expired) is not open: the next
+        # reissue goes through the same gates
+        open_child = next((c for c in children if c["status"] not in CLOSED_STATUSES), None)
         if open_child is not None:
             return False, case_view(open_child, await self.store.audit.approvals_of(
                 open_child["refund_request_id"]))
-        request = reissue_request(parent, body, attempt=len(children) + 1)
+        try:
+            request = reissue_request(parent, body, attempt=len(children) + 1)
+        except ValidationError as exc:
+            broken = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            await self.refuse(caller, case_id, 422, action,
+                              f"the reissue would break a request's rules: {broken}", via=via)
         outcome, row = await self.store.cases.create(request, caller.user)
         if outcome is CaseCreation.CONFLICT:
             await self.refuse(caller, case_id, 409, action,
