@@ -45,6 +45,16 @@ def format_minor(amount_minor: int, currency: str) -> str:
     return f"{major:.{exponent}f} {currency}"
 
 
+def shown_minor(amount_minor: int, currency: str) -> str:
+    """`format_minor` for display only: an amount in a currency ISO 4217 no longer has (a
+    provider's old object, kept as a break for ops) is shown as sent, in minor units,
+    instead of failing the page or the report that shows it."""
+    try:
+        return format_minor(amount_minor, currency)
+    except UnknownCurrencyError:
+        return f"{amount_minor} {currency} (minor units; currency unknown)"
+
+
 def parse_major(text: str, currency: str) -> int:
     """Parses "30.00" into minor units of `currency`; refuses more digits than it has."""
     exponent = currency_exponent(currency)

@@ -239,6 +239,22 @@ async def test_rainforest_lists_a_window_newest_first_page_by_page_and_resumes(
     assert rest == inside[4:]
 
 
+async def test_a_rainforest_refund_no_rule_can_read_is_a_break_and_the_run_goes_on(rig: Rig) -> None:
+    """A status Rainforest added after our table (or an amount that is no integer): a break
+    for ops, as for Stripe; the refunds listed after it are still read. Before, the run
+    failed for good on it, and every scheduled run after it for as long as it stayed in
+    the window."""
+    payin_id = rig.rainforest.payin(50_000)
+    fine = rig.rainforest.history(payin_id, 1_100, days_ago(5))
+    odd = rig.rainforest.history(payin_id, 1_200, days_ago(4), status="PARTIALLY_RETURNED")
+    report = await backfill(rig.stack, provider="rainforest", since_days=30)
+    assert report["state"] == "completed", report
+    found = {b["object_id"]: b for b in report["breaks"]}
+    assert found[odd]["break_class"] == "unmapped_status"
+    assert found[odd]["evidence"]["provider"]["raw_status"] == "PARTIALLY_RETURNED"
+    assert found[fine]["break_class"] == "unknown_to_us"  # read past the odd one (newer, first)
+
+
 async def test_a_rainforest_backfill_finds_a_refund_unknown_to_us(rig: Rig) -> None:
     payin_id = rig.rainforest.payin(50_000)
     unknown = rig.rainforest.history(payin_id, 4_200, days_ago(4))

@@ -525,3 +525,33 @@ async def test_a_refund_list_that_says_more_but_sends_none_ends_the_lookup() -> 
         now = datetime.now(UTC)
         listed = [r async for r in adapter.list_refunds(now - timedelta(days=1), now)]
         assert listed == []  # reconciliation's listing, likewise
+
+
+async def test_a_listed_refund_no_rule_can_read_is_an_unmapped_object_and_the_list_reads_on() -> None:
+    """A currency ISO 4217 no longer has (a 2022 kuna refund in a backfill), an amount that
+    is no integer, a refund with no charge (Stripe's `charge` is nullable): each is an
+    unmapped object for ops, never an error a run retries for ever (which also skips every
+    later scheduled run of the provider)."""
+    now = int(datetime.now(UTC).timestamp())
+    refund = {"object": "refund", "amount": 1_500, "currency": "usd", "status": "succeeded",
+              "charge": "ch_1", "metadata": {}, "created": now - 60}
+    odd = [{**refund, "id": "re_kuna", "currency": "hrk"}, {**refund, "id": "re_decimal", "amount": "12.50"},
+           {**refund, "id": "re_chargeless", "charge": None}, {**refund, "id": "re_fine"}]
+    app = FastAPI()
+
+    @app.get("/v1/refunds")
+    async def refunds() -> dict[str, Any]:
+        return {"object": "list", "data": odd, "has_more": False, "url": "/v1/refunds"}
+
+    async with stripe_at(app) as adapter:
+        listed = [r async for r in adapter.list_refunds(datetime.now(UTC) - timedelta(days=1),
+                                                        datetime.now(UTC))]
+    unmapped = {x.object_id: x for x in listed if isinstance(x, UnmappedListing)}
+    assert unmapped.keys() == {"re_kuna", "re_decimal", "re_chargeless"}, listed
+    assert (unmapped["re_kuna"].currency, unmapped["re_kuna"].amount) == ("HRK", 1_500)
+    assert "HRK" in unmapped["re_kuna"].error and "12.50" in unmapped["re_decimal"].error
+    assert [x.refund.refund_id for x in listed if isinstance(x, ListedRefund)] == ["re_fine"]
+    odd.append({**refund, "id": "re_timeless", "created": None})  # cannot be placed in a window
+    async with stripe_at(app) as adapter:
+        with pytest.raises(UnexpectedProviderStatus, match="re_timeless"):  # a run fails for good
+            [r async for r in adapter.list_refunds(datetime.now(UTC) - timedelta(days=1), datetime.now(UTC))]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from domain.money import format_minor
+from domain.money import format_minor, shown_minor
 
 TicketPurpose = Literal["request", "incident"]
 
@@ -192,7 +192,7 @@ def _amount(case: Mapping[str, Any] | None, detail: Mapping[str, Any]) -> str:
     source = case if case is not None else detail
     amount, currency = source.get("amount"), source.get("currency")
     if isinstance(amount, int) and isinstance(currency, str):
-        return format_minor(amount, currency)
+        return shown_minor(amount, currency)
     return "n/a"
 
 

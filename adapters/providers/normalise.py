@@ -137,7 +137,9 @@ def stripe_shaped_refund(provider: str, obj: Mapping[str, Any],
     metadata = obj.get("metadata") or {}
     amount, currency = amount_and_currency(obj, units)
     return ProviderRefund(
-        provider=provider, refund_id=str(obj["id"]), charge_id=str(obj["charge"]),
+        provider=provider, refund_id=str(obj["id"]),
+        # nullable at Stripe (a refund of no charge is about nothing we hold): never "None"
+        charge_id=required(provider, obj, "charge", str, "refund"),
         amount=amount, currency=currency,
         status=map_status(provider, statuses, obj["status"]), raw_status=str(obj["status"]),
         failure_reason=obj.get("failure_reason"), reference=metadata.get(REFERENCE_KEY),
@@ -158,23 +160,46 @@ def stripe_shaped_payout(provider: str, obj: Mapping[str, Any],
     )
 
 
+UNREADABLE = (UnexpectedStatus, MalformedAnswer, ValueError, KeyError, TypeError)
+"""What building a listed object raises when no rule can read it."""
+
+
 def listed(provider: str, obj: Mapping[str, Any], units: MinorUnits,
            build: Callable[[Mapping[str, Any], datetime], L]) -> L | UnmappedListing:
     """One object of a Stripe-shaped list call (`created` in unix seconds), built by
-    `build`; an object whose status no table maps is returned as an UnmappedListing, so a
-    reconciliation run records it as a break and reads on instead of stopping."""
-    created = datetime.fromtimestamp(int(obj["created"]), UTC)
+    `build`; an object no rule can read is returned as an UnmappedListing (`unreadable`), so
+    a reconciliation run records it as a break and reads on instead of stopping."""
+    try:
+        created, object_id = datetime.fromtimestamp(int(obj["created"]), UTC), str(obj["id"])
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        # nowhere to place it in the window, or nothing to name it by: the run fails for
+        # good, saying so
+        raise MalformedAnswer(f"{provider}: listed object {obj.get('id')!r} has no usable 'created' "
+                              f"or 'id' ({type(exc).__name__}: {exc})") from None
     try:
         return build(obj, created)
-    except (UnexpectedStatus, MalformedAnswer) as exc:
-        # an amount no amount of ours equals (a fractional krona from before 2023) is as
-        # unreadable as an unmapped status: a break for ops, its amount rounded down
-        log.error("UNMAPPED while listing %s: %s (%s)", provider, exc, obj.get("id"))
-        currency = normalise_currency(str(obj["currency"]))
-        raw = exc.raw if isinstance(exc, UnexpectedStatus) else str(obj.get("status"))
-        return UnmappedListing(object_id=str(obj["id"]), raw_status=raw,
-                               amount=units.largest_ours(minor_units(obj["amount"]), currency),
-                               created=created, error=str(exc), currency=currency)
+    except UNREADABLE as exc:
+        return unreadable(provider, exc, created, units, object_id=object_id, status=obj.get("status"),
+                          amount=obj.get("amount"), currency=obj.get("currency"))
+
+
+def unreadable(provider: str, exc: Exception, created: datetime, units: MinorUnits, *, object_id: str,
+               status: object, amount: object, currency: object) -> UnmappedListing:
+    """A listed object no rule can read: an unmapped status, an amount no amount of ours
+    equals (a fractional krona from before 2023), a currency ISO 4217 no longer has, a field
+    missing or of another type. A break for ops, never a batch retried for ever; its
+    currency and amount ours where they convert (an amount rounded down to one of ours),
+    else as sent (0 for an amount that is no integer: the break's error carries it)."""
+    log.error("UNMAPPED while listing %s: %s (%s)", provider, exc, object_id)
+    raw_status = exc.raw if isinstance(exc, UnexpectedStatus) else str(status)
+    code = str(currency or "").strip().upper()[:16]
+    whole = amount if isinstance(amount, int) and not isinstance(amount, bool) and amount >= 0 else 0
+    try:
+        code, whole = normalise_currency(code), units.largest_ours(minor_units(whole), code)
+    except ValueError:
+        pass  # kept as sent
+    return UnmappedListing(object_id=object_id, raw_status=raw_status, amount=whole, created=created,
+                           error=f"{type(exc).__name__}: {exc}", currency=code)
 
 
 def payout_event(payout: ProviderPayout, env: "StripeEnvelope") -> PayoutEvent:

@@ -21,12 +21,15 @@ from adapters.providers.base import ProviderOutcomeUnknown, WebhookRejected, onl
 from adapters.providers.http import JsonApi, JsonApiAdapter
 from adapters.providers.normalise import (
     REFERENCE_KEY,
+    UNREADABLE,
+    MalformedAnswer,
     load_json,
     map_status,
     normalising,
     refund_event,
     require_known,
     required,
+    unreadable,
 )
 from adapters.providers.signing import (
     VerifiedWebhooksOnly,
@@ -35,7 +38,7 @@ from adapters.providers.signing import (
     require_header,
     unix_time,
 )
-from adapters.providers.units import minor_units
+from adapters.providers.units import ISO_UNITS, minor_units
 from domain.models import (
     ChargeSnapshot,
     ProviderEvent,
@@ -44,7 +47,7 @@ from domain.models import (
     RefundRequest,
 )
 from domain.money import normalise_currency
-from domain.reconciliation import ListedRefund
+from domain.reconciliation import ListedRefund, UnmappedListing
 
 STATUSES = {
     "CREATED": ProviderRefundStatus.PENDING,  # created, waiting for Rainforest's approval
@@ -138,8 +141,18 @@ def _data(answer: Any) -> Any:
     return answer["data"]
 
 
-def _listed(provider: str, obj: Mapping[str, Any]) -> ListedRefund:
-    return ListedRefund(refund=_refund(provider, obj), created=datetime.fromisoformat(str(obj["created_at"])))
+def _listed(provider: str, obj: Mapping[str, Any]) -> ListedRefund | UnmappedListing:
+    """One listed refund; one no rule can read is a break for ops, as for Stripe (`listed`)."""
+    try:
+        created, object_id = datetime.fromisoformat(str(obj["created_at"])), str(obj["refund_id"])
+    except (KeyError, ValueError) as exc:
+        raise MalformedAnswer(f"{provider}: listed refund {obj.get('refund_id')!r} has no usable "
+                              f"'created_at' or 'refund_id' ({type(exc).__name__}: {exc})") from None
+    try:
+        return ListedRefund(refund=_refund(provider, obj), created=created)
+    except UNREADABLE as exc:
+        return unreadable(provider, exc, created, ISO_UNITS, object_id=object_id, status=obj.get("status"),
+                          amount=obj.get("amount"), currency=obj.get("currency_code"))
 
 
 class RainforestApiProvider(JsonApiAdapter, RainforestProvider):
@@ -209,7 +222,8 @@ class RainforestApiProvider(JsonApiAdapter, RainforestProvider):
         return only_refund(self.name, request.refund_request_id, found)
 
     async def list_refunds(self, since: datetime, until: datetime,
-                           starting_after: str | None = None) -> AsyncGenerator[ListedRefund]:
+                           starting_after: str | None = None,
+                           ) -> AsyncGenerator[ListedRefund | UnmappedListing]:
         """Rainforest pages by token, not by object: resuming after `starting_after` reads
         the window from its newest refund and yields only what follows that refund."""
         params: dict[str, Any] = {"created_at_start": since.astimezone(UTC).isoformat(),

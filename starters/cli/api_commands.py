@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 
 from adapters.config import Settings
-from domain.money import format_minor, normalise_currency, parse_major
+from domain.money import format_minor, normalise_currency, parse_major, shown_minor
 from starters.ages import parse_age
 from starters.cli.common import EXIT_OK, EXIT_REFUSED, CommandFailed, api_token, print_json
 
@@ -150,7 +150,7 @@ async def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
     print(f"{report['objects_seen']} objects, {report['new_breaks']} new breaks, "
           f"{report['known_breaks']} already known")
     for name, entry in sorted(report["classes"].items()):
-        amounts = ", ".join(format_minor(v, c) for c, v in sorted(entry["amounts"].items()))
+        amounts = ", ".join(shown_minor(v, c) for c, v in sorted(entry["amounts"].items()))
         print(f"  {name:<36} new {entry['new']:>6}  seen {entry['seen']:>6}  {amounts}")
     unmapped = report["classes"].get("unmapped_status")
     if unmapped:

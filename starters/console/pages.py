@@ -12,7 +12,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from adapters.db import ConsoleSession
 from adapters.db.cases import BANNER_STATUSES
 from domain.models import CLOSED_STATUSES
-from domain.money import format_minor
+from domain.money import shown_minor
 from domain.permissions import Permission, may
 from starters.actions.approving import Refused
 from starters.actions.front import front_door
@@ -45,7 +45,7 @@ def _age(value: datetime) -> str:
 def _templates() -> Jinja2Templates:
     env = Environment(loader=PackageLoader("starters.console", "templates"), autoescape=True,
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(money=format_minor, when=_when, age=_age,
+    env.filters.update(money=shown_minor, when=_when, age=_age,
                        tone=lambda status: STATUS_TONES.get(status, "run"))
     return Jinja2Templates(env=env)
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from adapters.providers import adyen, stripe
 from adapters.providers.base import AmountLimit
 from adapters.providers.units import ISO_UNITS, MinorUnits
-from domain.money import currency_exponent
+from domain.money import currency_exponent, format_minor, shown_minor
 
 TABLES = {"stripe": stripe.UNITS, "adyen": adyen.UNITS, "iso": ISO_UNITS}
 CURRENCIES = ["USD", "JPY", "KWD", "ISK", "MGA", "CLP", "CVE", "IDR", "HUF", "UGX"]
@@ -74,3 +74,13 @@ def test_stripes_three_decimal_currencies_take_amounts_ending_in_zero() -> None:
     assert stripe.UNITS.refusal("stripe", 1_230, "KWD") is None
     assert "multiple of 10" in str(stripe.UNITS.refusal("stripe", 1_234, "KWD"))
     assert ISO_UNITS.refusal("sandbox", 1_234, "KWD") is None
+
+
+def test_an_amount_in_a_currency_iso_no_longer_has_is_shown_as_sent() -> None:
+    """A break keeps a provider's old object as sent (a 2022 kuna refund): the console, the
+    CLI's run summary and ops' notices show it rather than fail on it; money logic still
+    refuses the currency."""
+    assert shown_minor(1_500, "HRK") == "1500 HRK (minor units; currency unknown)"
+    assert shown_minor(1_500, "KWD") == "1.500 KWD"
+    with pytest.raises(ValueError, match="HRK"):
+        format_minor(1_500, "HRK")
