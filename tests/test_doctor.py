@@ -62,6 +62,13 @@ async def test_doctor_names_a_missing_namespace_keys_database_and_provider(
                                           "and the worker counts none, so no case that needs a person can "
                                           "proceed")
 
+    # a provider setting that cannot be read is one finding naming it, the others still made
+    findings = await run_doctor(Settings(temporal_address=temporal_server.address,
+                                         adyen_hmac_keys="not-hex"))
+    detail = {f.check: (f.ok, f.detail) for f in findings}
+    assert detail["providers"][0] is False and "REFUNDS_ADYEN_HMAC_KEYS" in detail["providers"][1]
+    assert detail["postgres"] == (False, "REFUNDS_DATABASE_URL is not set")
+
     findings = await run_doctor(Settings(temporal_address=temporal_server.address, payload_keys=PAYLOAD_KEYS,
                                          temporal_namespace="no-such-namespace"))
     [temporal] = [f for f in findings if f.check == "temporal"]

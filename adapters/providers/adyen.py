@@ -150,8 +150,12 @@ class AdyenHmacVerifier:
     constant time. Unlike the header schemes it reads the signature from the item."""
 
     def __init__(self, hex_keys: Sequence[str]) -> None:
-        for key in hex_keys:
-            bytes.fromhex(key)  # a key that is not hex is a startup error, not a refusal later
+        for key in hex_keys:  # a key that is not hex is a startup error, not a refusal later
+            try:
+                bytes.fromhex(key)
+            except ValueError:
+                raise ValueError("REFUNDS_ADYEN_HMAC_KEYS: each key must be hexadecimal, as Adyen's "
+                                 "Customer Area shows it") from None
         self._keys = list(hex_keys)
 
     def verify_item(self, item: Mapping[str, Any]) -> None:

@@ -94,7 +94,10 @@ async def check_database(settings: Settings) -> Finding:
 
 
 async def check_providers(settings: Settings) -> Finding:
-    providers = build_providers(settings)
+    try:
+        providers = build_providers(settings)
+    except ValueError as exc:  # a setting the adapters cannot read (names itself)
+        return Finding("providers", False, f"cannot be built: {exc}")
     await close_providers(providers)
     if not providers:
         return Finding("providers", False, "no payment provider is configured (set "
