@@ -1,6 +1,7 @@
 """The `refunds` command line: real processes, exit codes, and what they print."""
 
 import asyncio
+import getpass
 import json
 import os
 import subprocess
@@ -115,6 +116,30 @@ async def test_list_and_show_commands_print_json_with_json(stack: Stack, postgre
     assert tokens.returncode == 0, tokens.stderr
     listed = json.loads(tokens.stdout)
     assert "dave" in {t["user_name"] for t in listed} and all("token_hash" not in t for t in listed)
+
+
+async def test_linking_an_identity_names_who_did_it_and_never_re_points_one_silently(
+        store: Store, postgres_dsn: str) -> None:
+    """Who a Slack user approves as is an access grant: the trail names the operator (as
+    `token create` does), and moving an identity from one person to another says so and
+    takes `--replace` (before, it moved silently, audited as "admin")."""
+    slack = f"U{uuid.uuid4().hex[:10].upper()}"
+    env = {"REFUNDS_DATABASE_URL": postgres_dsn}
+    first = await run("integrations", "link", "--user", "alice", "--slack", slack, env=env)
+    assert first.returncode == 0, first.stderr
+    moved = await run("integrations", "link", "--user", "bob", "--slack", slack, env=env)
+    assert moved.returncode == 2 and "alice" in moved.stderr and "--replace" in moved.stderr, moved.stderr
+    linked = await store.database.fetch_one(
+        "SELECT user_name FROM identity_links WHERE system = 'slack' AND external_id = %s", (slack,))
+    assert linked is not None and linked["user_name"] == "alice"
+    replaced = await run("integrations", "link", "--user", "bob", "--slack", slack, "--replace", env=env)
+    assert replaced.returncode == 0, replaced.stderr
+    rows = await store.database.fetch_all(
+        "SELECT actor, detail FROM audit_events WHERE chain = '' AND action = 'identity_linked'"
+        " AND detail->>'external_id' = %s ORDER BY seq", (slack,))
+    assert [(r["detail"]["user"], r["detail"].get("previous_user")) for r in rows] == [
+        ("alice", None), ("bob", "alice")]
+    assert all(r["actor"] == f"cli:{getpass.getuser()}" for r in rows)
 
 
 async def test_exit_codes_usage_2_and_an_unreachable_relay_3_on_stderr() -> None:

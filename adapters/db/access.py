@@ -131,14 +131,26 @@ class AccessRepository(Repository):
             await AuditLog.append(conn, None, session.principal.user, "console_signed_out",
                                   {"session": session.session_id})
 
-    async def link_identity(self, system: str, external_id: str, user: str) -> None:
+    async def link_identity(self, system: str, external_id: str, user: str, *, by: str = "admin",
+                            replace: bool = False) -> str | None:
+        """Links an external identity to a user, audited as `by`. One linked to someone else
+        is moved only with `replace` (the audit row names who it was linked to); returns
+        that previous user, and links nothing when it differs and `replace` is not set."""
         async with self._db.transaction() as conn:
+            found = await (await conn.execute(
+                "SELECT user_name FROM identity_links WHERE system = %s AND external_id = %s FOR UPDATE",
+                (system, external_id))).fetchone()
+            previous = str(found["user_name"]) if found else None
+            if previous not in (None, user) and not replace:
+                return previous
             await conn.execute(
                 "INSERT INTO identity_links (system, external_id, user_name) VALUES (%s,%s,%s)"
                 " ON CONFLICT (system, external_id) DO UPDATE SET user_name = EXCLUDED.user_name",
                 (system, external_id, user))
-            await AuditLog.append(conn, None, "admin", "identity_linked",
-                                  {"system": system, "external_id": external_id, "user": user})
+            await AuditLog.append(conn, None, by, "identity_linked",
+                                  {"system": system, "external_id": external_id, "user": user,
+                                   **({"previous_user": previous} if previous not in (None, user) else {})})
+            return previous
 
     async def principal_for(self, system: str, external_id: str) -> Principal | None:
         """The linked user with the roles of their live tokens (neither revoked nor expired:

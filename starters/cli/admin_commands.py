@@ -124,8 +124,13 @@ async def cmd_integrations_link(args: argparse.Namespace, settings: Settings) ->
                             "--oidc VALUE", EXIT_USAGE)
     async with opened_store(settings) as store:
         for system, external in links:
-            await store.access.link_identity(system, external, args.user)
-            print(f"{system} {external} -> {args.user}")
+            previous = await store.access.link_identity(system, external, args.user, replace=args.replace,
+                                                        by=f"cli:{getpass.getuser()}")
+            if previous not in (None, args.user) and not args.replace:
+                raise CommandFailed(f"{system} {external} is linked to {previous}; it approves as them. "
+                                    "To move it to another person, add --replace", EXIT_USAGE)
+            print(f"{system} {external} -> {args.user}"
+                  + (f" (was {previous})" if previous not in (None, args.user) else ""))
     return 0
 
 

@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     link.add_argument("--slack", help="Slack user id, e.g. U0123ABC")
     link.add_argument("--servicenow", help="ServiceNow user_name")
     link.add_argument("--oidc", help="the Temporal UI's OIDC user claim (REFUNDS_OIDC_USER_CLAIM, e.g. sub)")
+    link.add_argument("--replace", action="store_true",
+                      help="move an identity already linked to someone else (audited with who it was)")
     link.set_defaults(run=admin_commands.cmd_integrations_link)
 
     request = sub.add_parser("request", help="request a refund")
