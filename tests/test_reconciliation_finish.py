@@ -9,19 +9,21 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from temporalio import activity
 from temporalio.client import Client
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import ActivityInboundInterceptor, ExecuteActivityInput, Interceptor, Worker
 
-from adapters.db import Store
+from adapters.db import Principal, Store
 from adapters.policy_file import load_policy
 from domain import contracts
 from domain.payouts import PayoutSnapshot, PayoutStatus, payout_case_id
 from domain.reconciliation import break_workflow_id
+from starters.actions.cases import CaseActions
+from starters.actions.reconciliation import BreakReopenBody, reopen_break
 from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack, pending_verdict_stack
 from tests.payouts_kit import add_payout_approvers, move_payout, paid_payout, wait_for_actions, wait_for_case
@@ -269,6 +271,45 @@ async def test_whoever_reopened_a_break_cannot_approve_it(stack: Stack) -> None:
     assert [e["template"] for e in await stack.store.ledger.entries(case_id)] == ["refund_settled"] * 2
     assert (await decide(stack, "carol", found["id"])).status_code == 202
     await wait_for_breaks(stack, [refund["id"]], "resolved")
+
+
+class StartRefused:
+    """A Temporal client whose every workflow start fails (Temporal away); the rest passes."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    async def start_workflow(self, *_: Any, **__: Any) -> Any:
+        raise RPCError("connection refused", RPCStatusCode.UNAVAILABLE, b"")
+
+
+async def test_a_reopen_whose_case_cannot_start_reopens_nothing(stack: Stack) -> None:
+    """The reopen and the start of its exception case hold together: a start that fails
+    (Temporal away) leaves the break dismissed, so the reopen can be asked again. Before,
+    the break was `new` with no workflow, and every later reopen was refused 409."""
+    refund = history(f"ch_{uuid.uuid4().hex[:8]}", 2_000, days_ago=3)
+    await seed_provider(stack, [refund])
+    await seed_case(stack, refund, requester="bob")
+    await move_at_provider(stack, refund["id"], "failed")
+    await backfill(stack, since_days=30)
+    [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    assert (await decide(stack, "carol", found["id"], "deny")).status_code == 202
+    await wait_for_breaks(stack, [refund["id"]], "dismissed")
+    away = CaseActions(stack.store, cast(Client, StartRefused(stack.client)), stack.settings)
+    olga = Principal("olga", frozenset({"ops"}))
+    with pytest.raises(RPCError):
+        await reopen_break(away, olga, int(found["id"]), BreakReopenBody(reason="the bank failed it"),
+                           via="api")
+    [kept] = await wait_for_breaks(stack, [refund["id"]], "dismissed")
+    assert (kept["reopened"], kept["resolution"]["state"]) == (0, "dismissed")
+    async with stack.api("olga") as api:
+        again = await api.post(f"/v1/reconciliation/breaks/{found['id']}/reopen",
+                               json={"reason": "the bank failed it"})
+    assert again.status_code == 202, again.text
+    await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
 
 
 async def notices_until(store: Store, case_id: str, kind: str, timeout: float = 60) -> list[tuple[str, str]]:

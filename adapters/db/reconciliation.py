@@ -12,7 +12,7 @@ breaks, their audit rows and notices, and the run's cursor commit together.
 """
 
 import secrets
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import suppress
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -588,11 +588,14 @@ class ReconciliationRepository(Repository):
 
     # -- reopening ------------------------------------------------------------------------
 
-    async def reopen(self, break_id: int, actor: str, reason: str) -> BreakRow:
+    async def reopen(self, break_id: int, actor: str, reason: str,
+                     start: Callable[[BreakRow], Awaitable[None]]) -> BreakRow:
         """Sends a dismissed or expired break back to its exception case (the same break and
         case id, `reopened` counted, the case's trigger identities read again), audited with
-        the decision it undoes. Raises
-        LookupError for no such break, NotReopenable when it is in another state."""
+        the decision it undoes; `start` starts that case inside the transaction, so a start
+        that fails reopens nothing (a break `new` with no case would refuse every later
+        reopen). Raises LookupError for no such break, NotReopenable when it is in another
+        state, and what `start` raises."""
         async with self._db.transaction() as conn:
             row = await (await conn.execute("SELECT * FROM reconciliation_breaks WHERE id = %s FOR UPDATE",
                                             (break_id,))).fetchone()
@@ -616,7 +619,9 @@ class ReconciliationRepository(Repository):
             await AuditLog.append(conn, row["chain"], actor, "reconciliation_break_reopened", {
                 "break_id": break_id, "reason": reason, "reopened": reopened["reopened"],
                 "previous_state": row["state"], "previous_resolution": row["resolution"]})
-            return BreakRow.from_row(reopened)
+            opened = BreakRow.from_row(reopened)
+            await start(opened)
+            return opened
 
 
 class NotReopenable(Exception):

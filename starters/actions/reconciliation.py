@@ -2,7 +2,6 @@
 a break's compensation, and ops reopening a dismissed or expired break."""
 
 import asyncio
-from contextlib import suppress
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -12,10 +11,11 @@ from temporalio.service import RPCError
 
 from adapters.db import Principal
 from adapters.db.reconciliation import NotReopenable, break_case, break_view
+from adapters.db.rows import BreakRow
 from domain.errors import ALREADY_DECIDED, NOT_AWAITING_APPROVAL
 from domain.models import ApprovalProgress, ApprovalSignal, Decision
 from domain.permissions import Permission
-from domain.reconciliation import BreakState, break_workflow_id
+from domain.reconciliation import REOPENABLE, BreakState, break_workflow_id
 from starters.actions.approving import (
     VERDICT_PENDING,
     Refused,
@@ -86,6 +86,8 @@ async def decide_on_break(actions: CaseActions, caller: Principal, break_id: int
 
 
 CAUGHT_UP_POLL_SECONDS = 0.2
+PREVIOUS_RUN_CLOSES_SECONDS = 30.0
+"""How long a reopen waits for the break's previous case (which settled it) to close."""
 
 
 async def _verdict_once_caught_up(actions: CaseActions, break_id: int,
@@ -117,17 +119,27 @@ async def reopen_break(actions: CaseActions, caller: Principal, break_id: int, b
     action = "reopening a reconciliation break"
     await actions.require(caller, Permission.REOPEN_RECONCILIATION_BREAK, action, via=via)
     client, settings = actions.client, actions.settings
+    workflow_id = break_workflow_id(break_id)
+    found = await actions.store.reconciliation.get_break(break_id)
+    if found is not None and found["state"] in REOPENABLE:
+        try:  # the previous run settled the break; let it close, for a bounded while
+            async with asyncio.timeout(PREVIOUS_RUN_CLOSES_SECONDS):
+                await client.get_workflow_handle(workflow_id).result()
+        except TimeoutError:
+            await actions.refuse(caller, found["chain"], 409, action, "the break's previous case has not "
+                                 "closed yet (is a worker running?); nothing was reopened", via=via)
+        except (WorkflowFailureError, RPCError):
+            pass  # it ended otherwise, or is gone past retention
+
+    async def start(row: BreakRow) -> None:
+        await client.start_workflow(
+            ReconciliationBreakWorkflow.run, break_case(row, settings.timings()), id=workflow_id,
+            task_queue=settings.task_queue, id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE)
+
     try:
-        row = await actions.store.reconciliation.reopen(break_id, caller.user, body.reason)
+        row = await actions.store.reconciliation.reopen(break_id, caller.user, body.reason, start)
     except LookupError as exc:
         await actions.refuse(caller, None, 404, action, str(exc), via=via)
     except NotReopenable as exc:
-        found = await actions.store.reconciliation.get_break(break_id)
         await actions.refuse(caller, found["chain"] if found else None, 409, action, str(exc), via=via)
-    workflow_id = break_workflow_id(break_id)
-    with suppress(WorkflowFailureError, RPCError):  # the previous run settled; let it close
-        await client.get_workflow_handle(workflow_id).result()
-    await client.start_workflow(
-        ReconciliationBreakWorkflow.run, break_case(row, settings.timings()), id=workflow_id,
-        task_queue=settings.task_queue, id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE)
     return {**break_view(row), "reopened_by": caller.user}
