@@ -41,13 +41,20 @@ class OidcSettings:
     algorithms: tuple[str, ...]
 
 
+REFETCH_COOLDOWN_SECONDS = 30.0
+"""At most one fetch of the issuer's keys per this many seconds for tokens naming a key id
+not in the cached set: anyone can send such a token, and each must not cost a fetch."""
+
+
 class AccessTokenVerifier:
     """Checks access tokens of one issuer; the keys are fetched once and cached (PyJWKClient
-    refetches when a token names a key id it has not seen, as after a key rotation)."""
+    refetches when a token names a key id it has not seen, as after a key rotation, at most
+    once per `REFETCH_COOLDOWN_SECONDS`)."""
 
     def __init__(self, oidc: OidcSettings, *, jwks_timeout: float = 5) -> None:
         self.settings = oidc
-        self._keys = jwt.PyJWKClient(oidc.jwks_url, cache_keys=True, timeout=jwks_timeout)
+        self._keys = jwt.PyJWKClient(oidc.jwks_url, cache_keys=True, timeout=jwks_timeout,
+                                     cooldown_duration=REFETCH_COOLDOWN_SECONDS)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "AccessTokenVerifier | None":

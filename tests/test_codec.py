@@ -161,6 +161,34 @@ def _access_token(key: rsa.RSAPrivateKey, kid: str, **claims: Any) -> str:
                       key, algorithm="RS256", headers={"kid": kid})
 
 
+async def test_tokens_naming_unknown_keys_do_not_make_the_relay_fetch_the_issuer_s_keys_each_time() -> None:
+    """Anyone can send a JWT-shaped token naming a random key id: each may not cost a fetch
+    from the issuer (and a thread for its timeout). After a key rotation one fetch finds
+    the new key; more unknown ids within the cooldown are refused from the cached set."""
+    key, kid = _rsa_key(), f"k-{uuid.uuid4().hex[:6]}"
+    public = {**jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key(), as_dict=True), "kid": kid, "use": "sig"}
+    fetches = 0
+
+    def key_set(_: Any) -> JSONResponse:
+        nonlocal fetches
+        fetches += 1
+        return JSONResponse({"keys": [public]})
+
+    jwks = AppServer(Starlette(routes=[Route("/jwks", key_set)]), "127.0.0.1", 0)
+    await jwks.start()
+    try:
+        verifier = AccessTokenVerifier.from_settings(Settings(
+            oidc_issuer=ISSUER, oidc_audience=AUDIENCE, oidc_jwks_url=f"{jwks.url}/jwks"))
+        assert verifier is not None
+        assert await verifier.subject(_access_token(key, kid, sub="olga")) == "olga"
+        for _ in range(10):
+            with pytest.raises(InvalidAccessToken):
+                await verifier.subject(_access_token(_rsa_key(), f"k-{uuid.uuid4().hex[:6]}", sub="olga"))
+        assert fetches == 1
+    finally:
+        await jwks.stop()
+
+
 async def test_the_temporal_ui_access_token_of_a_linked_ops_person_decodes_and_bad_tokens_are_refused(
         store: Store, client: Client, temporal_server: TemporalDevServer, postgres_dsn: str) -> None:
     key, kid = _rsa_key(), f"k-{uuid.uuid4().hex[:6]}"
