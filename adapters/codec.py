@@ -91,7 +91,7 @@ class EncryptionCodec(PayloadCodec):
         nonce, sealed = payload.data[:NONCE_BYTES], payload.data[NONCE_BYTES:]
         try:
             plain = cipher.decrypt(nonce, sealed, kid.encode())
-        except InvalidTag:
+        except (InvalidTag, ValueError):  # ValueError: shorter than a nonce (a caller's bytes)
             raise CodecError(f"payload sealed with key {kid!r} failed authentication") from None
         opened = Payload()
         opened.ParseFromString(plain)

@@ -62,6 +62,12 @@ async def test_first_key_seals_every_key_opens_and_unknown_keys_are_named() -> N
     tampered.data = tampered.data[:-1] + bytes([tampered.data[-1] ^ 1])
     with pytest.raises(CodecError, match="failed authentication"):
         await rotated.decode([tampered])
+    for cut in (0, 7, 12, 27):  # shorter than a nonce and a tag: refused the same way, never a 500
+        short = Payload()
+        short.CopyFrom(sealed[0])
+        short.data = short.data[:cut]
+        with pytest.raises(CodecError, match="failed authentication"):
+            await rotated.decode([short])
 
 
 @pytest.mark.parametrize(("spec", "complaint"), [
