@@ -66,6 +66,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         message, code = failure(exc, settings)
         if message:
             print(f"error: {message}", file=sys.stderr)
+    except Exception as exc:  # a defect: its trace, and still the clean exit below (sdk-python #300)
+        traceback.print_exception(exc)
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        code = EXIT_REFUSED
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
