@@ -14,6 +14,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from adapters.db import Store
+from adapters.db.cases import SubmissionRefused
 from adapters.metrics import OPS_REVIEW_ESCALATIONS
 from adapters.providers.base import (
     ProviderAdapter,
@@ -236,7 +237,12 @@ class RefundActivities:
         request = inp.request
         provider = self._executor(request)
         case_id = request.refund_request_id
-        if await self._store.cases.begin_submission(case_id, inp.idempotency_key, inp.intent_writes()):
+        try:
+            started = await self._store.cases.begin_submission(case_id, inp.idempotency_key,
+                                                               inp.intent_writes())
+        except SubmissionRefused as exc:
+            raise ApplicationError(str(exc), type=errors.CASE_MOVED_ON, non_retryable=True) from exc
+        if started:
             found = next(iter(await self._find(request, "resubmit after an earlier attempt")), None)
             if found is not None:
                 await self._store.cases.record_provider_refund(case_id, found,

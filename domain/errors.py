@@ -26,6 +26,9 @@ NOT_LISTABLE: Final = "NotListable"
 # Our own state (activities/payout.py, activities/reconciliation.py, activities/integrations.py)
 UNKNOWN_PAYOUT: Final = "UnknownPayout"
 HOLD_RELEASED: Final = "HoldReleased"
+CASE_MOVED_ON: Final = "CaseMovedOn"
+"""A submit attempt that outlived its case (cancelled, denied, its hold released): the
+provider is not called."""
 RUN_CONFLICT: Final = "RunConflict"
 RECONCILIATION_FAILED: Final = "ReconciliationFailed"
 """A reconciliation run gave up for good (stored `failed` with its reason)."""

@@ -8,8 +8,11 @@ written on its own only while no submit began."""
 import dataclasses
 import uuid
 from datetime import timedelta
+from typing import Any, cast
 
+import pytest
 from prometheus_client import REGISTRY
+from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.refund import RefundActivities, step_key
@@ -40,6 +43,17 @@ async def opened(store: Store, amount: int = 1_000) -> tuple[RefundRequest, Char
     await store.cases.create(request, "alice")
     return request, ChargeSnapshot(provider="sandbox", charge_id=charge_id, currency="USD",
                                    merchant_account="m", amount=5_000, amount_captured=5_000, captured=True)
+
+
+def auto_approve(validation: ValidationResult, prior: list[int]) -> PolicyDecision:
+    return PolicyDecision(auto_approve=True, rules_fired=("auto_approve",), policy_version="t")
+
+
+async def held(store: Store) -> RefundRequest:
+    """An opened case whose amount validation reserved: what a submit finds."""
+    request, charge = await opened(store)
+    assert (await store.cases.reserve_and_decide(request, charge, auto_approve)).validation.ok
+    return request
 
 
 async def actions(store: Store, case_id: str) -> list[str]:
@@ -145,7 +159,7 @@ async def test_kept_step_answers_are_pruned_after_their_retention(store: Store) 
 
 
 async def test_the_first_submit_commits_execution_started_with_its_intent_once(store: Store) -> None:
-    request, _ = await opened(store)
+    request = await held(store)
     case_id = request.refund_request_id
     started = CaseEventInput(refund_request_id=case_id, action="execution_started", actor="workflow",
                              status=CaseStatus.EXECUTING)
@@ -166,7 +180,7 @@ def approval_writes(case_id: str) -> tuple[CaseWrite, ...]:
 
 
 async def test_the_first_submit_commits_the_deciding_approval_before_its_intent_once(store: Store) -> None:
-    request, _ = await opened(store)
+    request = await held(store)
     case_id = request.refund_request_id
     started = CaseEventInput(refund_request_id=case_id, action="execution_started", actor="workflow",
                              status=CaseStatus.EXECUTING)
@@ -189,7 +203,7 @@ async def test_a_guarded_write_lands_only_while_no_submit_began(store: Store) ->
     assert (await store.cases.write_case_steps(guarded)).actions == ("approval_granted",)
     assert (await actions(store, case_id))[-2:] == ["approval_granted", "notice_queued"]
 
-    after_one, _ = await opened(store)
+    after_one = await held(store)
     case_id = after_one.refund_request_id
     await store.cases.begin_submission(case_id, "key-1", approval_writes(case_id))
     trail = await actions(store, case_id)
@@ -259,7 +273,7 @@ async def test_an_escalation_whose_step_runs_again_is_counted_once(store: Store)
     """The ops-review escalation metric counts what a step wrote: a run again of the step
     (its workflow task tried again) writes nothing and counts nothing; nor does a guarded
     write once a submit began."""
-    request, _ = await opened(store)
+    request = await held(store)
     reason = f"test_escalation_{uuid.uuid4().hex[:8]}"
     escalate = CaseWrites(refund_request_id=request.refund_request_id, writes=(CaseWrite(event=CaseEventInput(
         refund_request_id=request.refund_request_id, actor="workflow", action=reason,
@@ -273,3 +287,31 @@ async def test_an_escalation_whose_step_runs_again_is_counted_once(store: Store)
     await environment.run(activities.write_case_steps, escalate.model_copy(update={"unless_submitted": True}))
     assert (await actions(store, request.refund_request_id)).count(reason) == 1
     assert REGISTRY.get_sample_value("refunds_ops_review_escalations_total", {"reason": reason}) == 1.0
+
+
+async def test_a_submit_attempt_that_outlived_its_case_calls_no_provider(store: Store) -> None:
+    """An attempt of the submit still running after its timeout (stuck on a connection or
+    a lock) must not call the provider once the case has moved on: ops cancelled it (the
+    workflow waited the submit's timeout, wrote `canceled_by_ops` and released the hold), or
+    it was denied. Its intent write is refused under the case's lock, before any call."""
+    request = await held(store)
+    case_id = request.refund_request_id
+    await store.cases.record_event(CaseEventInput(
+        refund_request_id=case_id, actor="olga", action="canceled_by_ops", status=CaseStatus.CANCELED_BY_OPS,
+        release_reservation=True))
+    calls: list[str] = []
+
+    class Provider:
+        name = "sandbox"
+
+        async def create_refund(self, *_: object) -> None:
+            calls.append("create_refund")
+
+    activities = RefundActivities(store, cast(Any, {"sandbox": Provider()}), load_policy())
+    with pytest.raises(ApplicationError, match="canceled_by_ops"):
+        await ActivityEnvironment().run(activities.submit_provider_refund,
+                                        SubmitInput(request=request, idempotency_key="rfo_late"))
+    assert calls == []
+    row = await store.cases.get(case_id)
+    assert row is not None and (row["status"], row["reserved_amount"]) == ("canceled_by_ops", 0)
+    assert "provider_submit_started" not in await actions(store, case_id)

@@ -87,6 +87,10 @@ def _received(request: RefundRequest, params_hash: str) -> dict[str, Any]:
             "currency": request.currency}
 
 
+class SubmissionRefused(Exception):
+    """A submit attempt that outlived its case: cancelled, denied, or its hold released."""
+
+
 class CaseCreation(StrEnum):
     CREATED = "created"
     IDENTICAL = "identical"
@@ -376,7 +380,13 @@ class CaseRepository(Repository):
         first attempt); returns True when an earlier attempt already started, so the caller
         must look before it leaps."""
         async with self._db.transaction() as conn:
-            started = await self._submission_started(conn, case_id)
+            row = await self._locked_submission(conn, case_id)
+            started = row is not None and row["submission_started_at"] is not None
+            if row is None or row["status"] in CLOSED_STATUSES or row["reserved_amount"] < row["amount"]:
+                # an attempt that outlived its case (stuck past its timeout while ops
+                # cancelled it, or it was denied): it may not call the provider
+                raise SubmissionRefused(f"case {case_id} is {row['status'] if row else 'gone'} with "
+                                        f"{row['reserved_amount'] if row else 0} held: not submitted")
             if not started:
                 await self._write_in(conn, writes)
                 await conn.execute(
@@ -457,11 +467,16 @@ class CaseRepository(Repository):
     @staticmethod
     async def _submission_started(conn: Conn, case_id: str) -> bool:
         """Whether a submit began for the case (its row locked until the transaction ends)."""
-        cur = await conn.execute(
-            "SELECT submission_started_at FROM refund_cases WHERE refund_request_id = %s FOR UPDATE",
-            (case_id,))
-        row = await cur.fetchone()
+        row = await CaseRepository._locked_submission(conn, case_id)
         return row is not None and row["submission_started_at"] is not None
+
+    @staticmethod
+    async def _locked_submission(conn: Conn, case_id: str) -> dict[str, Any] | None:
+        """What a submit decides on, the case row locked until the transaction ends."""
+        cur = await conn.execute(
+            "SELECT submission_started_at, status, amount, reserved_amount FROM refund_cases"
+            " WHERE refund_request_id = %s FOR UPDATE", (case_id,))
+        return await cur.fetchone()
 
     async def record_provider_refund(self, case_id: str, refund: ProviderRefund, action: str,
                                      detail: dict[str, Any] | None = None) -> None:
