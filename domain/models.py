@@ -210,7 +210,7 @@ class ProviderRefund(Frozen):
     provider: str
     refund_id: str
     charge_id: str
-    amount: int
+    amount: MinorAmount  # a provider's word for no refund's amount (0, negative, past 64 bits) is malformed
     currency: str
     status: ProviderRefundStatus
     raw_status: str
@@ -254,7 +254,7 @@ class ProviderEvent(Frozen):
     refund_id: str | None = None
     charge_id: str | None = None
     refund_request_id: str | None = None
-    amount: int | None = None
+    amount: MinorAmount | None = None
     currency: str | None = None
     status: ProviderRefundStatus | None = None
     raw_status: str | None = None
