@@ -23,7 +23,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from adapters.config import Settings
 from adapters.db import Store
-from adapters.providers import cashfree
+from adapters.providers import cashfree, sandbox
 from adapters.providers.base import WebhookRejected
 from domain.events import tracking_case_id
 from domain.models import EventKind, ProviderEvent, ProviderRefund, ProviderRefundStatus
@@ -195,6 +195,27 @@ async def test_source_outside_the_allowlist_is_403(hooks: Stack) -> None:
     assert response.status_code == 403, response.text
     row = await receipt(hooks, "sandbox", response.json()["receipt_id"])
     assert row["verdict"] == "forbidden_source" and "127.0.0.1" in row["error"]
+
+
+async def test_a_replay_never_vouches_for_a_delivery_from_a_source_not_allowed(
+        hooks: Stack, capsys: pytest.CaptureFixture[str]) -> None:
+    """The source allowlist is what stands when a signing secret leaks: a validly signed
+    event from elsewhere is refused 403, and replaying its receipt (by id or in a window)
+    must refuse it again, not accept it as if it had come from the provider."""
+    secret = hooks.settings.sandbox_webhook_secret
+    assert secret is not None
+    refund_id = f"re_{uuid.uuid4().hex[:12]}"
+    leaked = {"id": refund_id, "charge": "ch_leak", "amount": 4_000, "currency": "usd", "status": "succeeded",
+              "metadata": {}}
+    body = json.dumps({"id": f"evt_{uuid.uuid4().hex}", "type": "refund.updated", "created": int(time.time()),
+                       "data": {"object": leaked}}).encode()
+    signed = {"sandbox-signature": sandbox.sign(secret.get_secret_value(), body, int(time.time())),
+              "content-type": "application/json"}
+    refused = await post(hooks, "sandbox", body, signed)
+    assert refused.status_code == 403, refused.text
+    [again] = await cli(hooks, capsys, "webhooks", "replay", "--receipt", str(refused.json()["receipt_id"]))
+    assert again["verdict"] == "forbidden_source", again
+    assert await hooks.store.cases.get(tracking_case_id("sandbox", refund_id)) is None
 
 
 # -- normalisation, without a stack --------------------------------------------------------

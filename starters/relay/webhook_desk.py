@@ -142,10 +142,12 @@ class WebhookDesk:
         return any(address in network for network in networks)
 
     def _parse(self, provider_name: str, headers: Mapping[str, str], body: bytes | None, now: float,
-               peer: str | None
+               peer: str | None, source_refused: bool = False
                ) -> tuple[ProviderEvent | PayoutEvent | PaymentEvent, RefundRequest | None]:
         """Verifies and normalises, or raises WebhookRejected with the receipt's verdict; a
-        provider's refund request comes with the request it asks for, built once here."""
+        provider's refund request comes with the request it asks for, built once here.
+        `source_refused`: a replay of a delivery whose sender was not an allowed source (a
+        replay has no sender to check, and must not vouch for one that was refused)."""
         if body is None:
             raise WebhookRejected("too_large", f"body exceeds {self._settings.webhook_max_body_bytes} bytes")
         provider = self._providers.get(provider_name)
@@ -153,6 +155,9 @@ class WebhookDesk:
             raise WebhookRejected("unknown_provider", f"no provider {provider_name!r}")
         if peer is not None and not self._source_allowed(provider_name, peer):
             raise WebhookRejected("forbidden_source", f"{peer} is not an allowed source for {provider_name}")
+        if source_refused:
+            raise WebhookRejected("forbidden_source", "a replay of a delivery whose sender was not an "
+                                  f"allowed source for {provider_name}")
         event = provider.parse_webhook(headers, body, now)
         if receipts.unstorable(event):
             raise WebhookRejected("malformed", "the event holds text PostgreSQL cannot store (NUL or a "
@@ -171,22 +176,24 @@ class WebhookDesk:
         return event, None
 
     async def ingest(self, provider_name: str, headers: Mapping[str, str], body: bytes | None, *,
-                     now: float, peer: str | None, replay_of: int | None = None) -> IngestResult:
+                     now: float, peer: str | None, replay_of: int | None = None,
+                     source_refused: bool = False) -> IngestResult:
         """Receipt, verdict, dedup, then start or signal; the result says what to answer.
         A provider that requires an acknowledgement text gets it on every 2xx."""
         result = await self._ingest(provider_name, headers, body, now=now, peer=peer,
-                                    replay_of=replay_of)
+                                    replay_of=replay_of, source_refused=source_refused)
         ack = getattr(self._providers.get(provider_name), "acknowledgement", None)
         if ack is not None and 200 <= result.status_code < 300:
             return replace(result, acknowledgement=ack)
         return result
 
     async def _ingest(self, provider_name: str, headers: Mapping[str, str], body: bytes | None, *,
-                      now: float, peer: str | None, replay_of: int | None) -> IngestResult:
+                      now: float, peer: str | None, replay_of: int | None,
+                      source_refused: bool = False) -> IngestResult:
         kept_headers = receipts.storable_headers(headers)
         digest = hashlib.sha256(body or b"").hexdigest()
         try:
-            event, request = self._parse(provider_name, headers, body, now, peer)
+            event, request = self._parse(provider_name, headers, body, now, peer, source_refused)
         except WebhookRejected as rejection:
             stored = await self._store.receipts.store(
                 provider=receipts.storable(provider_name),
@@ -441,7 +448,8 @@ class WebhookDesk:
         if stored is None:
             return None
         return await self.ingest(stored.provider, stored.headers, stored.body,
-                                 now=stored.received_at.timestamp(), peer=None, replay_of=receipt_id)
+                                 now=stored.received_at.timestamp(), peer=None, replay_of=receipt_id,
+                                 source_refused=stored.verdict == "forbidden_source")
 
     async def replay_since(self, since: datetime, *, after_id: int = 0, limit: int) -> list[IngestResult]:
         """Replays one page of original deliveries received since `since`, oldest first: at
