@@ -401,3 +401,22 @@ async def test_a_servicenow_approval_that_names_no_one_who_acted_is_refused(
                                  {**record, "state": "approved", "sys_updated_by": sn_manager})
         assert named.status_code == 200 and named.json()["approver"] == manager, named.text
         await stack.wait_for_status(case_id, "succeeded")
+
+
+async def test_a_click_for_a_case_whose_workflow_ended_is_refused_and_recorded(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """The case row still reads awaiting_approval but its workflow was terminated (before
+    the sweep hands it to ops): a click is an audited 409 the channel does not retry, as on
+    the API, never an unrecorded 500 (ServiceNow retries a 5xx)."""
+    async with connected_stack(store, client, temporal_server, jira_url=None,
+                               servicenow_url=None) as (stack, world):
+        slack_id = f"U{uuid.uuid4().hex[:10].upper()}"
+        approver = await person(stack, ["approver"], slack=slack_id)
+        charge, case_id = await awaiting_slack_approval(stack, world)
+        await stack.client.get_workflow_handle(case_id).terminate("an operator's mistake")
+        refused = await click(stack, slack_click(world, case_id, slack_id))
+        assert refused.status_code == 409 and "terminated" in refused.json()["detail"], refused.text
+        trail = await stack.store.audit.trail(case_id)
+        assert [(e["actor"], e["action"]) for e in trail if e["detail"].get("external_user") == slack_id] == [
+            (approver, "approval_refused")]
+        assert await stack.provider_refunds(charge) == []

@@ -169,6 +169,20 @@ async def test_a_denied_reversal_changes_nothing(payouts: Stack) -> None:
     assert "payout_held" not in [e["action"] for e in await payouts.store.audit.trail(case_id)]
 
 
+async def test_a_verdict_for_a_payout_case_whose_workflow_ended_is_an_audited_409(payouts: Stack) -> None:
+    """The case row still reads awaiting_approval but its workflow was terminated: a clear
+    409, recorded, as for a refund (it was an unrecorded 500)."""
+    payout = await paid_payout(payouts, 95_000)
+    await move_payout(payouts, payout.provider_payout_id, "failed", failure_code="compliance_hold")
+    case_id = payout_case_id("sandbox", payout.provider_payout_id)
+    await wait_for_case(payouts, case_id, "awaiting_approval")
+    await payouts.client.get_workflow_handle(case_id).terminate("an operator's mistake")
+    refused = await decide(payouts, "lena", case_id)
+    assert refused.status_code == 409 and "terminated" in refused.json()["detail"], refused.text
+    assert "action_refused" in [e["action"] for e in await payouts.store.audit.trail(case_id)]
+    assert await payouts.store.ledger.entries(case_id) == []
+
+
 async def approve_while_the_ledger_is_locked(stack: Stack, postgres_dsn: str, status: str) -> str:
     """A failed payout's case approved while the test holds the ledger table, so step B
     times out; returns the case id once the case shows `status` (the lock is then freed)."""

@@ -17,6 +17,7 @@ from temporalio.exceptions import ApplicationError
 from adapters import metrics
 from adapters.db import Principal, Store
 from adapters.db.rows import ApprovalStep
+from adapters.temporal_client import workflow_closed
 from domain.errors import ALREADY_DECIDED, NOT_AWAITING_APPROVAL
 from domain.lifecycle import unfilled
 from domain.models import ApprovalProgress, ApprovalSignal, Decision, RoleRequirement
@@ -141,3 +142,13 @@ def approvals_view(steps: list[ApprovalStep], requirements: list[dict[str, Any]]
     granted = granted_in(steps[starts[-1]:] if starts else steps)
     needs = tuple(RoleRequirement.model_validate(r) for r in requirements)
     return approvals, unfilled(needs, granted)
+
+
+async def ended_while(client: Client, case_id: str, shown: str) -> str | None:
+    """After a verdict's signal or update failed: why it is refused when the case's workflow
+    has ended (the row still `shown`, until the sweep hands it to ops), or None while the
+    workflow runs (Temporal away: the caller re-raises, a 5xx to try again)."""
+    ended = await workflow_closed(client, case_id)
+    if ended is None:
+        return None
+    return f"the case's workflow has ended ({ended.lower()}) while the case is {shown}; it goes to ops review"

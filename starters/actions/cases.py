@@ -18,7 +18,6 @@ from adapters.config import Settings
 from adapters.db import CaseCreation, Principal, Store, request_from_row
 from adapters.db.rows import ApprovalStep, CaseRow
 from adapters.providers.manual import manual_refund
-from adapters.temporal_client import workflow_closed
 from domain.lifecycle import check_approval, unfilled
 from domain.models import (
     CLOSED_STATUSES,
@@ -33,7 +32,14 @@ from domain.models import (
     RoleRequirement,
 )
 from domain.permissions import Permission, may, roles_for
-from starters.actions.approving import ApprovalBody, Refused, approvals_view, ask_for_verdict, granted_in
+from starters.actions.approving import (
+    ApprovalBody,
+    Refused,
+    approvals_view,
+    ask_for_verdict,
+    ended_while,
+    granted_in,
+)
 from starters.actions.starting import start_refund
 from workflows.refund import RefundWorkflow
 
@@ -188,12 +194,9 @@ class CaseActions:
             progress = await ask_for_verdict(self.client, self.store, case_id, body, caller,
                                              answer_within=self.settings.approval_answer_seconds, via=via)
         except RPCError:
-            ended = await workflow_closed(self.client, case_id)
-            if ended is None:
+            if (ended := await ended_while(self.client, case_id, row["status"])) is None:
                 raise
-            await self.refuse(caller, case_id, 409, action,
-                              f"the case's workflow has ended ({ended.lower()}) while the case is "
-                              f"{row['status']}; it goes to ops review", via=via)
+            await self.refuse(caller, case_id, 409, action, ended, via=via)
         return {"refund_request_id": case_id, "decision": body.decision.value,
                 "status": progress.status, "missing_roles": list(progress.missing_roles),
                 **({"detail": progress.reason} if progress.reason else {})}

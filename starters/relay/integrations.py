@@ -20,6 +20,7 @@ from urllib.parse import parse_qs
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from temporalio.service import RPCError
 
 from adapters import receipts, signing
 from adapters.config import secret_list
@@ -35,6 +36,7 @@ from domain.models import (
     RequestSource,
 )
 from domain.permissions import Permission, may, roles_for
+from starters.actions.approving import ended_while
 from starters.actions.front import Door, FrontDoor
 from starters.actions.starting import over_maximum, start_refund
 from starters.relay.limits import read_limited
@@ -280,6 +282,17 @@ async def signal_approval(door: FrontDoor, stored: StoredReceipt, system: str, e
         refusal = (409, "approval_refused", "the ticket changed after its refund was requested: it no "
                    "longer shows what the case asks (for good, even if edited back); approve on the "
                    "case page")
+    if refusal is None:
+        assert principal is not None and case_id is not None
+        signal = ApprovalSignal(approver=principal.user, roles=tuple(sorted(principal.roles)),
+                                decision=decision, reason=reason[:2000], verdict_id=uuid.uuid4().hex)
+        try:
+            await door.client.get_workflow_handle(case_id).signal(RefundWorkflow.approve, signal)
+        except RPCError:
+            assert row is not None
+            if (ended := await ended_while(door.client, case_id, row["status"])) is None:
+                raise  # Temporal away: a 5xx the channel retries
+            refusal = (409, "approval_refused", ended)
     if refusal is not None:
         code, action, message = refusal
         # a channel's own refusal names no one of ours: the linked person did nothing
@@ -289,9 +302,6 @@ async def signal_approval(door: FrontDoor, stored: StoredReceipt, system: str, e
                                        "decision": decision.value, "refusal": message})
         return await answer(door, stored, case_id if row else None, code, {"detail": message})
     assert principal is not None and case_id is not None
-    signal = ApprovalSignal(approver=principal.user, roles=tuple(sorted(principal.roles)),
-                            decision=decision, reason=reason[:2000], verdict_id=uuid.uuid4().hex)
-    await door.client.get_workflow_handle(case_id).signal(RefundWorkflow.approve, signal)
     await door.store.audit.record(case_id, principal.user, "approval_signalled",
                                   {"channel": system, "external_user": external_user,
                                    "decision": decision.value})
