@@ -187,3 +187,24 @@ async def test_an_overlong_path_is_414_before_any_route_or_store(stack: Stack) -
         payout = await api.get(f"/v1/payout-exceptions/{long}")
     assert (webhook.status_code, approval.status_code, payout.status_code) == (414, 414, 414), (
         webhook.text, approval.text, payout.text)
+
+
+async def test_a_json_body_naming_a_field_twice_is_refused(stack: Stack) -> None:
+    """`{"amount": 100, ..., "amount": 900000}`: JSON leaves a repeated name to the reader
+    (ours took the last, a proxy, a log or a WAF may read the first), so what was checked is
+    not surely what is asked. Refused 400 before any route, recorded, nothing opened."""
+    charge = await stack.charge(10_000)
+    body = stack.refund_body(charge, 100)
+    raw = json.dumps(body).encode()[:-1] + b', "amount": 9000}'
+    inner = json.dumps({**body, "evidence": {}}).encode().replace(b'"evidence": {}',
+                                                                  b'"evidence": {"a": "1", "a": "2"}')
+    as_json = {"Content-Type": "application/json"}
+    async with stack.api("alice") as api:
+        doubled = await api.post("/v1/refund-requests", content=raw, headers=as_json)
+        nested = await api.post("/v1/refund-requests", content=inner, headers=as_json)
+    assert doubled.status_code == 400 and "'amount'" in doubled.text, doubled.text
+    assert nested.status_code == 400 and "'a'" in nested.text, nested.text
+    await assert_untouched(stack, body["refund_request_id"], charge)
+    refused = [e["detail"]["refusal"] for e in await stack.store.audit.trail("")
+               if e["actor"] == "alice" and "twice" in str(e["detail"].get("refusal"))]
+    assert len(refused) >= 2

@@ -1,6 +1,7 @@
 """Request body limits and input checks shared by every inbound endpoint of the relay."""
 
 import email.message
+import json
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -88,6 +89,10 @@ class InputGuard:
             await self._refuse(scope, receive, send, *unreadable)
             return
         form = media_type == FORM_TYPE
+        if not form and (twice := _named_twice(body)) is not None:
+            await self._refuse(scope, receive, send, 400, f"the JSON body names {twice!r} twice in one "
+                               "object: which value counts is up to each reader")
+            return
         if ("\x00" in path or carries_nul(scope.get("query_string", b""), url_encoded=True)
                 or carries_nul(body, url_encoded=form)):
             await self._refuse(scope, receive, send, 422, "text may not contain NUL (U+0000) "
@@ -137,6 +142,33 @@ class InputGuard:
                       detail: str) -> None:
         await self.refused(Request(scope), detail)
         await JSONResponse({"detail": detail}, status_code=status)(scope, receive, send)
+
+
+class _NamedTwice(Exception):
+    pass
+
+
+def _unique_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: set[str] = set()
+    for name, _ in pairs:
+        if name in seen:
+            raise _NamedTwice(name)
+        seen.add(name)
+    return dict(pairs)
+
+
+def _named_twice(body: bytes) -> str | None:
+    """A name some object of a JSON body repeats, or None (for a body that is not JSON too:
+    its route refuses that)."""
+    if not body:
+        return None
+    try:
+        json.loads(body, object_pairs_hook=_unique_names)
+    except _NamedTwice as twice:
+        return str(twice.args[0])
+    except (ValueError, RecursionError):
+        return None
+    return None
 
 
 def _media_type(declared: bytes) -> tuple[str, str]:
