@@ -455,8 +455,15 @@ async def test_backfills_need_ops_and_a_provider_that_lists_refunds(stack: Stack
         backwards = await api.post("/v1/reconciliation/runs", json={
             "provider": "sandbox", "since": ago(1).isoformat(), "until": ago(2).isoformat()})
         missing = await api.get("/v1/reconciliation/runs/reconcile-nope")
+        # bounds the database stores but cannot read back in UTC (year 0, year 10000): a 500 before
+        ancient = await api.post("/v1/reconciliation/runs", json={
+            "provider": "sandbox", "since": "0001-01-01T00:00:00+05:00"})
+        far = await api.post("/v1/reconciliation/runs", json={
+            "provider": "sandbox", "since": ago(1).isoformat(), "until": "9999-12-31T23:59:59-05:00"})
     assert (unknown.status_code, backwards.status_code, missing.status_code) == (422, 422, 404)
     assert "cannot list refunds" in unknown.json()["detail"]
+    assert (ancient.status_code, far.status_code) == (422, 422), (ancient.text, far.text)
+    assert "1970" in ancient.json()["detail"] and "future" in far.json()["detail"]
 
 
 async def test_the_sandbox_lists_a_window_newest_first_page_by_page(

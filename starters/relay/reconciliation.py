@@ -3,7 +3,7 @@ reports (ops, auditors, admins), read a break, approve or deny its exception cas
 (approvers, by the refund tiers and segregation-of-duties rules), and reopen a dismissed
 or expired one (ops)."""
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Response
@@ -36,6 +36,7 @@ class BackfillBody(BaseModel):
 
 
 router = APIRouter()
+EARLIEST_SINCE = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @router.post("/v1/reconciliation/runs", status_code=202)
@@ -48,9 +49,16 @@ async def start_backfill(body: BackfillBody, caller: Caller, response: Response,
     if not isinstance(door.providers.get(body.provider), RefundLister):
         await door.actions.refuse(caller, None, 422, action, f"provider {body.provider!r} is not configured "
                                   "or cannot list refunds", via="api")
-    until = body.until or datetime.now(UTC)
+    now = datetime.now(UTC)
+    until = body.until or now
     if until <= body.since:
         await door.actions.refuse(caller, None, 422, action, "until must be after since", via="api")
+    if body.since < EARLIEST_SINCE:
+        await door.actions.refuse(caller, None, 422, action, "since must be after 1970 (no provider "
+                                  "lists refunds older)", via="api")
+    if until > now + timedelta(days=1):
+        await door.actions.refuse(caller, None, 422, action, "until is more than a day in the future",
+                                  via="api")
     settings = door.settings
     run, resumed = await door.store.reconciliation.open_backfill(body.provider, body.since, until,
                                                                  caller.user, settings.task_queue)
