@@ -4,7 +4,7 @@ transfer. Every rule is the shared `CaseActions`, so the console can do no more.
 
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 
 from adapters.db import CaseCreation
@@ -45,11 +45,13 @@ async def request_refund(body: RefundRequestBody, caller: Caller, request: Reque
     refund = body.as_request(RequestSource.CLI if cli else RequestSource.API)
     outcome, row = await door.store.cases.create(refund, caller.user)
     if outcome is CaseCreation.CONFLICT:
-        raise HTTPException(409, f"refund_request_id {body.refund_request_id!r} was already "
-                                 "used with different parameters")
+        await actions.refuse(caller, body.refund_request_id, 409, "requesting a refund",
+                             f"refund_request_id {body.refund_request_id!r} was already used with "
+                             "different parameters", via="api")
     if row["requester"] != caller.user:  # a repeat of someone else's request shows nothing
-        raise HTTPException(409, f"refund_request_id {body.refund_request_id!r} was already "
-                                 "used by another requester")
+        await actions.refuse(caller, body.refund_request_id, 409, "requesting a refund",
+                             f"refund_request_id {body.refund_request_id!r} was already used by "
+                             "another requester", via="api")
     await start_refund(door.client, door.settings, refund, row["requester"], row["status"])
     if outcome is CaseCreation.IDENTICAL:
         response.status_code = 200
