@@ -193,7 +193,8 @@ async def test_a_case_two_workers_sweep_is_handed_to_ops_once(stack: Stack) -> N
     body = stack.refund_body(await stack.charge(10_000), 1_000)
     await stack.store.cases.create(RefundRequest.model_validate({**body, "source": "api"}), "alice")
     sweeps = [await stack.store.cases.sweep_closed(body["refund_request_id"], workflow_status="TERMINATED",
-                                                   provider_holds=False, found=None) for _ in range(2)]
+                                                   provider_holds=False, found=None, submission_seen=None)
+              for _ in range(2)]
     assert sweeps == [True, False]
     assert (await stack.actions(body["refund_request_id"])).count("workflow_closed_case_swept") == 1
 

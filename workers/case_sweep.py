@@ -74,7 +74,7 @@ async def sweep_cases_once(store: Store, client: Client, providers: Mapping[str,
             continue  # the workflow handed it to ops itself (a duplicate or mismatched refund)
         holds, found = await provider_holds(store, providers, row)
         if await store.cases.sweep_closed(case_id, workflow_status=ended, provider_holds=holds,
-                                          found=found):
+                                          found=found, submission_seen=row["submission_started_at"]):
             log.warning("case %s: workflow %s while %s; handed to ops", case_id, ended, row["status"])
             swept.append(case_id)
     async for row, ended in closed_cases(

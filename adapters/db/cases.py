@@ -325,12 +325,14 @@ class CaseRepository(Repository):
         return self._typed(rows)
 
     async def sweep_closed(self, case_id: str, *, workflow_status: str, provider_holds: bool | None,
-                           found: ProviderRefund | None) -> bool:
+                           found: ProviderRefund | None, submission_seen: datetime | None) -> bool:
         """A case whose workflow closed while it was open, in one transaction: `ops_review`,
         a reconciliation break for ops (its own completed run, `ops_review`, never dispatched
         to a workflow), the audit row and the ops notice; the reservation is released only
-        when the provider certainly holds no refund (`provider_holds` False). False when the
-        case reached a final status meanwhile, or another worker's sweep took it first."""
+        when the provider certainly holds no refund (`provider_holds` False) and no submit
+        began since the sweep read the case (`submission_seen`: an attempt still running on
+        a worker may have called the provider since). False when the case reached a final
+        status meanwhile, or another worker's sweep took it first."""
         async with self._db.transaction() as conn:
             cur = await conn.execute("SELECT * FROM refund_cases WHERE refund_request_id = %s FOR UPDATE",
                                      (case_id,))
@@ -356,7 +358,8 @@ class CaseRepository(Repository):
             opened = await cur.fetchone()
             if opened is None:  # another worker's sweep handed it over first
                 return False
-            release = provider_holds is False
+            release = (provider_holds is False and row["submission_started_at"] == submission_seen
+                       and row["provider_refund_id"] is None)
             await self._set_status(conn, case_id, CaseStatus.OPS_REVIEW, release=release)
             detail = {**evidence, "break_id": opened["id"],
                       **({"reservation_released": True} if release else {})}
