@@ -207,3 +207,46 @@ async def test_an_adyen_reversal_after_the_watch_ended_opens_a_break(
         assert found["refund_request_id"] == case_id
         assert found["failure_reason"] == "REFUNDED_REVERSED: Account closed"
         assert {e["template"] for e in await rig.stack.store.ledger.entries(case_id)} == {"refund_settled"}
+
+
+async def settled(stack: Stack, break_id: int) -> str:
+    """The state a break ends in once its exception case has settled it."""
+    async with asyncio.timeout(60):  # guards against a hang, not a measured wait
+        while True:
+            row = await stack.store.reconciliation.get_break(break_id)
+            if row is not None and row["resolution"] is not None:
+                return str(row["state"])
+            await asyncio.sleep(0.1)
+
+
+async def test_an_approval_for_a_provider_word_overtaken_by_a_later_one_moves_no_money(stack: Stack) -> None:
+    """A break waits days for its approvers; meanwhile the provider changes its word on the
+    same refund (a later event or run finds it failed: another break). Approving the first
+    must not post what the provider no longer says: it goes to ops review, nothing posted;
+    the later break decides."""
+    refund = history(f"ch_{uuid.uuid4().hex[:8]}", 2_000, days_ago=0.5, status="pending")
+    await seed_provider(stack, [refund])
+    case_id = await seed_case(stack, refund, status=CaseStatus.PENDING, held=ProviderRefundStatus.PENDING,
+                              settled=0)
+    await stack.set_provider_status(refund["id"], "succeeded")
+    [succeeded] = await wait_for_breaks(stack, [str(refund["id"])], "awaiting_approval")
+    await stack.set_provider_status(refund["id"], "failed", failure_reason="expired_or_canceled_card")
+    both: list[dict[str, Any]] = []
+    async with asyncio.timeout(60):  # guards against a hang, not a measured wait
+        while len(both) < 2:  # the later word's break
+            both = await wait_for_breaks(stack, [str(refund["id"])], "awaiting_approval")
+            await asyncio.sleep(0.1)
+    [failed] = [b for b in both if b["id"] != succeeded["id"]]
+    assert succeeded["break_class"] == "provider_succeeded_shown_pending"
+    assert failed["provider_status"] == "failed"
+
+    assert (await decide(stack, "carol", int(succeeded["id"]))).status_code == 202
+    assert await settled(stack, int(succeeded["id"])) == "ops_review"
+    assert await stack.store.ledger.entries(case_id) == []
+    case = await stack.store.cases.get(case_id)
+    assert case is not None and case["status"] == "pending"
+    assert (await decide(stack, "carol", int(failed["id"]))).status_code == 202
+    assert await settled(stack, int(failed["id"])) == "resolved"
+    case = await stack.store.cases.get(case_id)
+    assert case is not None and (case["status"], case["reserved_amount"]) == ("refund_failed", 0)
+    assert await stack.store.ledger.entries(case_id) == []

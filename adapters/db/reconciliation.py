@@ -452,8 +452,12 @@ class ReconciliationRepository(Repository):
         break_id = settlement.break_id
         found = await self.get_break(break_id)
         assert found is not None
-        if settlement.state is BreakState.RESOLVED and found.refund_request_id is None:
-            await self._adopt(found)
+        checked = settlement.state is BreakState.RESOLVED and found.object_kind == "refund"
+        if checked and found.refund_request_id is None:
+            async with self._db.connection() as conn:
+                overtaken = await self._overtaken_by(conn, found)
+            if overtaken is None:
+                await self._adopt(found)
         async with self._db.transaction() as conn:
             row = await (await conn.execute("SELECT * FROM reconciliation_breaks WHERE id = %s FOR UPDATE",
                                             (break_id,))).fetchone()
@@ -461,19 +465,36 @@ class ReconciliationRepository(Repository):
             if row["resolution"] is not None:  # a retried activity
                 return BreakOutcome.model_validate(row["resolution"]["outcome"])
             outcome = BreakOutcome(break_id=break_id, state=settlement.state)
-            if settlement.state is BreakState.RESOLVED:
+            overtaken = await self._overtaken_by(conn, row) if checked else None
+            if overtaken is not None:
+                outcome = BreakOutcome(break_id=break_id, state=BreakState.OPS_REVIEW)
+            elif settlement.state is BreakState.RESOLVED:
                 compensate = self._compensate_payout if row["object_kind"] == "payout" else self._compensate
                 outcome = await compensate(conn, row, settlement)
-            resolution = {**settlement.model_dump(mode="json"), "outcome": outcome.model_dump(mode="json")}
+            resolution = {**settlement.model_dump(mode="json"), "outcome": outcome.model_dump(mode="json"),
+                          **({"overtaken_by": overtaken} if overtaken else {})}
             await conn.execute(
                 "UPDATE reconciliation_breaks SET state = %s, resolved_at = now(), resolution = %s,"
                 " refund_request_id = coalesce(refund_request_id, %s) WHERE id = %s",
-                (settlement.state.value, Jsonb(resolution),
-                 row["chain"] if settlement.state is BreakState.RESOLVED else None, break_id))
-            action = f"reconciliation_break_{settlement.state}"
+                (outcome.state.value, Jsonb(resolution),
+                 row["chain"] if outcome.state is BreakState.RESOLVED else None, break_id))
+            action = f"reconciliation_break_{outcome.state}"
             await AuditLog.append(conn, row["chain"], "reconciliation", action,
                                   {"break_id": break_id, **resolution})
             return outcome
+
+    @staticmethod
+    async def _overtaken_by(conn: Conn, row: Mapping[str, Any] | BreakRow) -> dict[str, Any] | None:
+        """A later break about the same provider refund that reports another status: the
+        provider changed its word while this one waited for approval, so what was approved
+        is not what the provider says now (the later break decides; this one goes to ops)."""
+        later = await (await conn.execute(
+            "SELECT id, break_class, provider_status FROM reconciliation_breaks WHERE provider = %s"
+            " AND object_kind = 'refund' AND object_id = %s AND id > %s AND provider_status <> %s"
+            " ORDER BY id DESC LIMIT 1",
+            (row["provider"], row["object_id"], row["id"], row["provider_status"]))).fetchone()
+        return None if later is None else {"break_id": later["id"], "break_class": later["break_class"],
+                                           "provider_status": later["provider_status"]}
 
     async def _adopt(self, row: Mapping[str, Any]) -> None:
         """A refund unknown to us becomes a tracking case (holding its amount against the
