@@ -132,6 +132,12 @@ async def test_linking_an_identity_names_who_did_it_and_never_re_points_one_sile
     linked = await store.database.fetch_one(
         "SELECT user_name FROM identity_links WHERE system = 'slack' AND external_id = %s", (slack,))
     assert linked is not None and linked["user_name"] == "alice"
+    servicenow = f"sn-{uuid.uuid4().hex[:8]}"  # all or none: the refused slack link takes this one back
+    both = await run("integrations", "link", "--user", "bob", "--servicenow", servicenow, "--slack", slack,
+                     env=env)
+    assert both.returncode == 2, both.stderr
+    assert await store.database.fetch_one("SELECT 1 AS x FROM identity_links WHERE external_id = %s",
+                                          (servicenow,)) is None
     replaced = await run("integrations", "link", "--user", "bob", "--slack", slack, "--replace", env=env)
     assert replaced.returncode == 0, replaced.stderr
     rows = await store.database.fetch_all(

@@ -536,7 +536,8 @@ async def test_a_listed_refund_no_rule_can_read_is_an_unmapped_object_and_the_li
     refund = {"object": "refund", "amount": 1_500, "currency": "usd", "status": "succeeded",
               "charge": "ch_1", "metadata": {}, "created": now - 60}
     odd = [{**refund, "id": "re_kuna", "currency": "hrk"}, {**refund, "id": "re_decimal", "amount": "12.50"},
-           {**refund, "id": "re_chargeless", "charge": None}, {**refund, "id": "re_fine"}]
+           {**refund, "id": "re_chargeless", "charge": None}, {**refund, "id": "re_huge", "amount": 2**63},
+           {**refund, "id": "re_fine"}]
     app = FastAPI()
 
     @app.get("/v1/refunds")
@@ -547,7 +548,8 @@ async def test_a_listed_refund_no_rule_can_read_is_an_unmapped_object_and_the_li
         listed = [r async for r in adapter.list_refunds(datetime.now(UTC) - timedelta(days=1),
                                                         datetime.now(UTC))]
     unmapped = {x.object_id: x for x in listed if isinstance(x, UnmappedListing)}
-    assert unmapped.keys() == {"re_kuna", "re_decimal", "re_chargeless"}, listed
+    assert unmapped.keys() == {"re_kuna", "re_decimal", "re_chargeless", "re_huge"}, listed
+    assert unmapped["re_huge"].amount == 0 and str(2**63) in unmapped["re_huge"].error  # a BIGINT holds it
     assert (unmapped["re_kuna"].currency, unmapped["re_kuna"].amount) == ("HRK", 1_500)
     assert "HRK" in unmapped["re_kuna"].error and "12.50" in unmapped["re_decimal"].error
     assert [x.refund.refund_id for x in listed if isinstance(x, ListedRefund)] == ["re_fine"]

@@ -13,6 +13,10 @@ from adapters.db.rows import TokenRow
 from domain.models import ROLES
 
 
+class IdentityTaken(Exception):
+    """An external identity is linked to someone else and was not to be moved."""
+
+
 @dataclass(frozen=True)
 class Principal:
     """An authenticated caller of the relay."""
@@ -131,26 +135,36 @@ class AccessRepository(Repository):
             await AuditLog.append(conn, None, session.principal.user, "console_signed_out",
                                   {"session": session.session_id})
 
-    async def link_identity(self, system: str, external_id: str, user: str, *, by: str = "admin",
-                            replace: bool = False) -> str | None:
-        """Links an external identity to a user, audited as `by`. One linked to someone else
-        is moved only with `replace` (the audit row names who it was linked to); returns
-        that previous user, and links nothing when it differs and `replace` is not set."""
+    async def link_identities(self, links: Sequence[tuple[str, str]], user: str, *, by: str = "admin",
+                              replace: bool = False) -> dict[tuple[str, str], str | None]:
+        """Links external identities (system, id) to a user, all or none, each audited as
+        `by`; returns who each was linked to before. One linked to someone else is moved
+        only with `replace` (the audit row names who it was), else IdentityTaken and nothing
+        is linked."""
+        previous: dict[tuple[str, str], str | None] = {}
         async with self._db.transaction() as conn:
-            found = await (await conn.execute(
-                "SELECT user_name FROM identity_links WHERE system = %s AND external_id = %s FOR UPDATE",
-                (system, external_id))).fetchone()
-            previous = str(found["user_name"]) if found else None
-            if previous not in (None, user) and not replace:
-                return previous
-            await conn.execute(
-                "INSERT INTO identity_links (system, external_id, user_name) VALUES (%s,%s,%s)"
-                " ON CONFLICT (system, external_id) DO UPDATE SET user_name = EXCLUDED.user_name",
-                (system, external_id, user))
-            await AuditLog.append(conn, None, by, "identity_linked",
-                                  {"system": system, "external_id": external_id, "user": user,
-                                   **({"previous_user": previous} if previous not in (None, user) else {})})
-            return previous
+            for system, external_id in links:
+                found = await (await conn.execute(
+                    "SELECT user_name FROM identity_links WHERE system = %s AND external_id = %s FOR UPDATE",
+                    (system, external_id))).fetchone()
+                before = str(found["user_name"]) if found else None
+                moved = before not in (None, user)
+                if moved and not replace:
+                    raise IdentityTaken(f"{system} {external_id} is linked to {before}; it approves as "
+                                        "them. To move it to another person, add --replace")
+                await conn.execute(
+                    "INSERT INTO identity_links (system, external_id, user_name) VALUES (%s,%s,%s)"
+                    " ON CONFLICT (system, external_id) DO UPDATE SET user_name = EXCLUDED.user_name",
+                    (system, external_id, user))
+                await AuditLog.append(conn, None, by, "identity_linked",
+                                      {"system": system, "external_id": external_id, "user": user,
+                                       **({"previous_user": before} if moved else {})})
+                previous[(system, external_id)] = before
+        return previous
+
+    async def link_identity(self, system: str, external_id: str, user: str) -> None:
+        """One identity, as an admin (tests, benchmarks); see `link_identities`."""
+        await self.link_identities([(system, external_id)], user)
 
     async def principal_for(self, system: str, external_id: str) -> Principal | None:
         """The linked user with the roles of their live tokens (neither revoked nor expired:

@@ -637,11 +637,11 @@ class ReconciliationRepository(Repository):
                 " coalesce(b.evidence->'reopened_by', '[]'::jsonb) || to_jsonb(%s::text))"
                 " WHERE id = %s RETURNING *", (actor, break_id))).fetchone()
             assert reopened is not None
+            opened = BreakRow.from_row(reopened)
+            await start(opened)  # before the audit row: the case chain's head is not held across it
             await AuditLog.append(conn, row["chain"], actor, "reconciliation_break_reopened", {
                 "break_id": break_id, "reason": reason, "reopened": reopened["reopened"],
                 "previous_state": row["state"], "previous_resolution": row["resolution"]})
-            opened = BreakRow.from_row(reopened)
-            await start(opened)
             return opened
 
 

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from adapters.providers.base import ProviderUnsupported, UnexpectedProviderStatus, WebhookRejected
 from adapters.providers.units import MinorUnits, minor_units
 from domain.models import EventKind, ProviderEvent, ProviderRefund, ProviderRefundStatus
-from domain.money import currency_exponent, normalise_currency
+from domain.money import MAX_MINOR_AMOUNT, currency_exponent, normalise_currency
 from domain.payouts import PayoutEvent, ProviderPayout, ProviderPayoutStatus
 from domain.reconciliation import UnmappedListing
 
@@ -189,16 +189,18 @@ def unreadable(provider: str, exc: Exception, created: datetime, units: MinorUni
     equals (a fractional krona from before 2023), a currency ISO 4217 no longer has, a field
     missing or of another type. A break for ops, never a batch retried for ever; its
     currency and amount ours where they convert (an amount rounded down to one of ours),
-    else as sent (0 for an amount that is no integer: the break's error carries it)."""
+    else as sent (0 for an amount that is no integer, or none a BIGINT column holds: the
+    break's error carries it)."""
     log.error("UNMAPPED while listing %s: %s (%s)", provider, exc, object_id)
     raw_status = exc.raw if isinstance(exc, UnexpectedStatus) else str(status)
     code = str(currency or "").strip().upper()[:16]
-    whole = amount if isinstance(amount, int) and not isinstance(amount, bool) and amount >= 0 else 0
+    whole = amount if isinstance(amount, int) and not isinstance(amount, bool) else 0
     try:
         code, whole = normalise_currency(code), units.largest_ours(minor_units(whole), code)
     except ValueError:
         pass  # kept as sent
-    return UnmappedListing(object_id=object_id, raw_status=raw_status, amount=whole, created=created,
+    return UnmappedListing(object_id=object_id, raw_status=raw_status,
+                           amount=whole if 0 <= whole <= MAX_MINOR_AMOUNT else 0, created=created,
                            error=f"{type(exc).__name__}: {exc}", currency=code)
 
 

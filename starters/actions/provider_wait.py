@@ -10,10 +10,12 @@ ledger, "not refunded" fails the case and releases its reservation.
 
 import hashlib
 from collections.abc import Mapping
+from contextlib import suppress
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from temporalio.service import RPCError
 
 from adapters.db import Principal
 from domain.events import OPS_RESOLUTION, no_refund_id
@@ -48,8 +50,9 @@ class ProviderWaitBody(BaseModel):
 
 
 def waiting(trail: list[dict[str, Any]]) -> bool:
-    """Whether the case's last word on the notification wait opened it."""
-    marks = [e["action"] for e in trail if e["action"] in (WAIT_OPENED, WAIT_CLOSED)]
+    """Whether the case's last word on the notification wait opened it (a resolution
+    recorded and not yet taken answers it too: one per wait)."""
+    marks = [e["action"] for e in trail if e["action"] in (WAIT_OPENED, WAIT_CLOSED, WAIT_RESOLVED)]
     return bool(marks) and marks[-1] == WAIT_OPENED
 
 
@@ -71,7 +74,8 @@ async def resolve_provider_wait(actions: CaseActions, caller: Principal, case_id
         # record would otherwise leave the case waiting on a resolution it never got
         recorded = ProviderWaitBody.model_validate(
             {k: latest["detail"].get(k) for k in ("provider_shows", "provider_refund_id", "reason")})
-        await _deliver(actions, row, recorded, str(latest["actor"]))
+        with suppress(RPCError):  # the refusal below stands whether or not the case takes it now
+            await _deliver(actions, row, recorded, str(latest["actor"]))
         await actions.refuse(caller, case_id, 409, action,
                              f"{latest['actor']} already resolved this wait (the provider shows "
                              f"{recorded.provider_shows}); the case follows that", via=via)

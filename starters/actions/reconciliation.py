@@ -2,6 +2,7 @@
 a break's compensation, and ops reopening a dismissed or expired break."""
 
 import asyncio
+from datetime import timedelta
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -88,6 +89,8 @@ async def decide_on_break(actions: CaseActions, caller: Principal, break_id: int
 CAUGHT_UP_POLL_SECONDS = 0.2
 PREVIOUS_RUN_CLOSES_SECONDS = 30.0
 """How long a reopen waits for the break's previous case (which settled it) to close."""
+START_WITHIN_SECONDS = 5.0
+"""How long the reopen's start of that case may take (inside the reopen's transaction)."""
 
 
 async def _verdict_once_caught_up(actions: CaseActions, break_id: int,
@@ -132,9 +135,12 @@ async def reopen_break(actions: CaseActions, caller: Principal, break_id: int, b
             pass  # it ended otherwise, or is gone past retention
 
     async def start(row: BreakRow) -> None:
+        """Runs inside the reopen's transaction (the break's row locked): bounded, so Temporal
+        away holds that lock for seconds, not the client's minute of retries."""
         await client.start_workflow(
             ReconciliationBreakWorkflow.run, break_case(row, settings.timings()), id=workflow_id,
-            task_queue=settings.task_queue, id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE)
+            task_queue=settings.task_queue, id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+            rpc_timeout=timedelta(seconds=START_WITHIN_SECONDS))
 
     try:
         row = await actions.store.reconciliation.reopen(break_id, caller.user, body.reason, start)

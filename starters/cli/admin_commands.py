@@ -122,15 +122,17 @@ async def cmd_integrations_link(args: argparse.Namespace, settings: Settings) ->
     if not links:
         raise CommandFailed("name at least one identity: --slack USER_ID, --servicenow USER_NAME or "
                             "--oidc VALUE", EXIT_USAGE)
+    from adapters.db.access import IdentityTaken
+
     async with opened_store(settings) as store:
-        for system, external in links:
-            previous = await store.access.link_identity(system, external, args.user, replace=args.replace,
-                                                        by=f"cli:{getpass.getuser()}")
-            if previous not in (None, args.user) and not args.replace:
-                raise CommandFailed(f"{system} {external} is linked to {previous}; it approves as them. "
-                                    "To move it to another person, add --replace", EXIT_USAGE)
-            print(f"{system} {external} -> {args.user}"
-                  + (f" (was {previous})" if previous not in (None, args.user) else ""))
+        try:
+            previous = await store.access.link_identities(links, args.user, replace=args.replace,
+                                                          by=f"cli:{getpass.getuser()}")
+        except IdentityTaken as taken:
+            raise CommandFailed(str(taken), EXIT_USAGE) from None
+    for (system, external), before in previous.items():
+        print(f"{system} {external} -> {args.user}" + (f" (was {before})" if before not in (None, args.user)
+                                                       else ""))
     return 0
 
 
