@@ -199,3 +199,24 @@ async def test_services_run_as_a_role_that_cannot_step_around_the_triggers(
         assert checked > 0 and problems == []
     finally:
         await runtime_store.close()
+
+
+async def test_a_second_posting_under_a_key_with_other_money_is_told_not_dropped(store: Store) -> None:
+    """A posting key is the case and the template: a second settlement of one case for
+    another amount (another refund followed, another currency read) finds the first and
+    posts nothing. Right, since money is posted once, but the books then differ from what
+    the second posting said: ops are told, and the trail says what was not posted."""
+    case_id = f"ledger-{uuid.uuid4().hex[:10]}"
+    first = LedgerInput(refund_request_id=case_id, kind=LedgerKind.REFUND_SETTLED, amount=500, currency="USD",
+                        provider_refund_id="re_1")
+    assert (await store.ledger.post(first)).newly_posted
+    assert not (await store.ledger.post(first)).newly_posted  # a retry: nothing to tell
+    assert "ledger_posting_conflict" not in [e["action"] for e in await store.audit.trail(case_id)]
+    other = first.model_copy(update={"amount": 700, "provider_refund_id": "re_2"})
+    assert not (await store.ledger.post(other)).newly_posted
+    [conflict] = [e["detail"] for e in await store.audit.trail(case_id)
+                  if e["action"] == "ledger_posting_conflict"]
+    assert (conflict["posted"]["amount"], conflict["refused"]["amount"]) == (500, 700)
+    assert [(n["kind"], n["audience"]) for n in await store.outbox.notices(case_id)] == [
+        ("ledger_posting_conflict", "operator")]
+    assert [line["debit"] for line in await store.ledger.entries(case_id)] == [500, 0]

@@ -2,11 +2,16 @@
 of their template (`domain.ledger`). Append-only in the database (migration 0740)."""
 
 
+import logging
+
 from adapters.db.audit import AuditLog
 from adapters.db.database import Conn, Repository
+from adapters.db.outbox import OutboxRepository
 from adapters.db.rows import LedgerLineRow
 from domain.ledger import ledger_lines
-from domain.models import LedgerInput, LedgerResult
+from domain.models import LedgerInput, LedgerResult, NoticeInput
+
+log = logging.getLogger(__name__)
 
 
 class LedgerRepository(Repository):
@@ -32,6 +37,7 @@ class LedgerRepository(Repository):
             cur = await conn.execute("SELECT id FROM ledger_entries WHERE posting_key = %s", (key,))
             existing = await cur.fetchone()
             assert existing is not None
+            await LedgerRepository._told_if_other(conn, posting, int(existing["id"]))
             return LedgerResult(posting_key=key, entry_id=existing["id"], newly_posted=False)
         entry_id = int(row["id"])
         await conn.cursor().executemany(
@@ -45,6 +51,33 @@ class LedgerRepository(Repository):
                                "currency": posting.currency,
                                "provider_refund_id": posting.provider_refund_id})
         return LedgerResult(posting_key=key, entry_id=entry_id, newly_posted=True)
+
+    @staticmethod
+    async def _told_if_other(conn: Conn, posting: LedgerInput, entry_id: int) -> None:
+        """A posting its key already holds is not posted again (money once), but one for
+        other money (another amount or currency: another refund followed, another reading)
+        leaves the books differing from what it said: an audit row and an ops notice, never
+        silence. A retry of the same posting says nothing."""
+        cur = await conn.execute(
+            "SELECT account, debit, credit, currency FROM ledger_lines WHERE entry_id = %s", (entry_id,))
+        posted = sorted((r["account"], r["debit"], r["credit"], r["currency"]) for r in await cur.fetchall())
+        wanted = sorted((line.account, line.debit, line.credit, line.currency)
+                        for line in ledger_lines(posting))
+        if posted == wanted:
+            return
+        key = posting.posting_key()
+        log.error("LEDGER POSTING NOT MADE: %s holds other money than a later posting under its key (%s)",
+                  key, posting.refund_request_id)
+        amount = max(debit for _, debit, _, _ in posted)
+        detail = {"posting_key": key, "entry_id": entry_id,
+                  "posted": {"amount": amount, "currency": posted[0][3]},
+                  "refused": {"amount": posting.amount, "currency": posting.currency,
+                              "provider_refund_id": posting.provider_refund_id}}
+        await AuditLog.append(conn, posting.refund_request_id, "ledger", "ledger_posting_conflict", detail)
+        await OutboxRepository.queue_in(conn, NoticeInput(
+            refund_request_id=posting.refund_request_id, kind="ledger_posting_conflict", audience="operator",
+            dedup_key=f"{posting.refund_request_id}:ledger_posting_conflict:{key}:{posting.amount}"
+                      f":{posting.currency}", detail=detail))
 
     async def entries(self, case_id: str) -> list[LedgerLineRow]:
         """The case's journal, line by line, in posting order."""

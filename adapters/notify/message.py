@@ -65,6 +65,11 @@ TEMPLATES: dict[str, Template] = {
         "the customer's bank details, or the account's balance). The case keeps following it and "
         "moves when the provider does; check the refund in the provider's dashboard.",
         ticket="incident"),
+    "ledger_posting_conflict": Template(
+        "Refund {case}: a ledger posting was not made",
+        "The ledger already holds an entry under this posting key ({posting_key}) for other money "
+        "than a later posting asked; money is posted once, so the later one was not. Check which "
+        "is right against the provider.", ticket="incident"),
     "unexpected_provider_status": Template(
         "Refund {case}: unexpected provider status",
         "The provider reported a status we have no branch for ({error}). The case waits in ops "
