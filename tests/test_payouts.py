@@ -5,20 +5,22 @@ joining events, and a reissue that needs its own approval and happens once."""
 
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import pytest
 from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError
 
 from activities.payout import PayoutActivities
 from adapters.db import Store
 from adapters.db.rows import LedgerLineRow
 from adapters.policy_file import load_policy
 from domain import errors
-from domain.payouts import PayoutSnapshot, PayoutStatus, ReissueInput, payout_case_id
+from domain.payouts import PayoutRegistration, PayoutSnapshot, PayoutStatus, ReissueInput, payout_case_id
 from starters.dev.stack import TemporalDevServer
+from starters.relay.webhook_desk import WebhookDesk
 from tests.harness import Stack, open_stack
 from tests.payouts_kit import (
     add_payout_approvers,
@@ -33,6 +35,7 @@ from tests.payouts_kit import (
     wait_for_actions,
     wait_for_case,
 )
+from tests.test_reconciliation_finish import StartRefused
 
 
 @pytest.fixture
@@ -529,4 +532,29 @@ async def test_a_failure_reported_before_its_payout_was_booked_opens_the_case_on
             "id": f"P-{uuid.uuid4().hex[:10]}", "provider": "sandbox", "amount": 30_000, "currency": "USD",
             "provider_payout_id": provider_payout_id, "beneficiary_id": f"ben-{uuid.uuid4().hex[:8]}"})
     assert booked.status_code == 201, booked.text
+    await wait_for_case(payouts, case_id, "awaiting_approval")
+
+
+async def test_an_earlier_failure_that_cannot_act_at_registration_acts_at_the_next_re_drive(
+        payouts: Stack) -> None:
+    """The booking stands whatever routing the earlier failure does then; if Temporal is
+    away at that moment, the failure must not be lost (it was: a log line, and for a
+    provider reconciliation cannot list, nobody told). Its delivery waits for the relay's
+    re-drive, which opens the case."""
+    async with payouts.sandbox() as sb:
+        made = await sb.post("/v1/payouts", json={"amount": 31_000, "currency": "usd"})
+    provider_payout_id = str(made.json()["id"])
+    case_id = payout_case_id("sandbox", provider_payout_id)
+    await move_payout(payouts, provider_payout_id, "failed", failure_code="account_closed")
+    await wait_for_actions(payouts, case_id, "payout_unknown")
+    booked, created = await payouts.store.payouts.register_payout(PayoutRegistration(
+        id=f"P-{uuid.uuid4().hex[:10]}", provider="sandbox", provider_payout_id=provider_payout_id,
+        beneficiary_id=f"ben-{uuid.uuid4().hex[:8]}", amount=31_000, currency="USD"), "olga")
+    assert booked is not None and created
+    settings = payouts.settings.model_copy(update={"webhook_redrive_after_seconds": 0})
+    away = WebhookDesk(payouts.store, cast(Client, StartRefused(payouts.client)), payouts.providers, settings)
+    await away.payout_registered("sandbox", provider_payout_id)  # Temporal away: nothing opened
+    with pytest.raises(RPCError):
+        await payouts.client.get_workflow_handle(case_id).describe()
+    await WebhookDesk(payouts.store, payouts.client, payouts.providers, settings).redrive()
     await wait_for_case(payouts, case_id, "awaiting_approval")

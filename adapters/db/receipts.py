@@ -163,6 +163,12 @@ class ReceiptRepository(Repository):
             " FROM (SELECT set_config('synchronous_commit', 'off', true)) AS asynchronous_commit"
             " WHERE id = %s", (workflow_id, receipt_id))
 
+    async def to_redrive(self, receipt_id: int) -> None:
+        """An accepted receipt that must act again (a payout event that found no payout,
+        now booked): unprocessed, with its re-drive tries counted afresh, until marked again."""
+        await self._db.execute("UPDATE webhook_receipts SET processed_at = NULL, redrive_attempts = 0"
+                               " WHERE id = %s", (receipt_id,))
+
     async def first_done(self, duplicate: StoredReceipt, wait_seconds: float,
                          in_flight_seconds: float) -> bool:
         """Waits up to `wait_seconds` for a duplicate's first delivery, unprocessed when the

@@ -404,7 +404,8 @@ class WebhookDesk:
         """A payout booked after the relay received its events (an instant payout that failed
         before the payments system booked it): each event that found no payout then
         (`payout_unknown` on the chain its failure opens) is routed now, from its stored
-        delivery, so a failure opens the exception case instead of being lost."""
+        delivery, so a failure opens the exception case instead of being lost. Its receipt is
+        unprocessed again first: if routing fails now (Temporal away), the re-drive routes it."""
         adapter = self._providers.get(provider)
         if adapter is None:
             return
@@ -414,16 +415,16 @@ class WebhookDesk:
             first = next((r.id for r in await self._store.receipts.find(provider, event_id)
                           if r.verdict == "accepted"), None)
             stored = await self._store.receipts.delivery(first) if first is not None else None
-            if stored is None or stored.body is None:
+            if first is None or stored is None or stored.body is None:
                 continue
-            try:  # the booking stands whatever happens here; reconciliation is the net
+            await self._store.receipts.to_redrive(first)
+            try:  # the booking stands whatever happens here
                 event = adapter.parse_webhook(stored.headers, stored.body, stored.received_at.timestamp())
                 if isinstance(event, PayoutEvent) and event.payout.payout_id == provider_payout_id:
-                    await self._route_payout(event)
+                    await self._store.receipts.mark_processed(first, await self._route_payout(event))
             except Exception:  # the registration is answered whatever this says
-                log.exception("PAYOUT EVENT NOT ACTED ON: payout %s %s is booked, but its earlier event "
-                              "%s could not act; reconciliation or ops must open its case", provider,
-                              provider_payout_id, event_id)
+                log.exception("payout %s %s is booked, but its earlier event %s could not act now; the "
+                              "relay's re-drive routes it", provider, provider_payout_id, event_id)
 
     async def _track(self, event: ProviderEvent) -> str | None:
         """A refund no case of ours made: open a tracking case and follow it to the ledger."""
