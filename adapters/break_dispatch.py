@@ -29,7 +29,9 @@ async def dispatch_breaks(client: Client, recon: ReconciliationRepository,
                 await client.start_workflow(
                     BREAK_WORKFLOW, break_case(row, timings), id=break_workflow_id(int(row["id"])),
                     task_queue=task_queue, id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-                    id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE)
+                    # a break raised again (`RAISED_AGAIN`) runs its exception case again
+                    id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE if int(row["reopened"])
+                    else WorkflowIDReusePolicy.REJECT_DUPLICATE)
             except WorkflowAlreadyStartedError:
                 pass  # started earlier and already finished
             await recon.mark_dispatched(int(row["id"]))

@@ -58,6 +58,12 @@ STATUS_CLASSES = frozenset({BreakClass.PROVIDER_FAILED_SHOWN_REFUNDED,
                             BreakClass.STUCK_NON_TERMINAL, BreakClass.UNKNOWN_TO_US})
 """Breaks fixed by taking the provider's state: the case's status follows it."""
 
+RAISED_AGAIN = STATUS_CLASSES | {BreakClass.LEDGER_MISSING, BreakClass.LEDGER_DOUBLED}
+"""Classes a resolved break removes (the case follows the provider, the ledger is brought to
+it): found again later, the difference is new, or what its approval could not cover (a
+compensation capped at the amount approved), and is raised again for its own approval.
+Amount and currency breaks persist until people fix their cause: never raised again."""
+
 SHOWN_REFUNDED = frozenset({CaseStatus.SUCCEEDED, CaseStatus.EXECUTED_LEDGER_PENDING})
 SHOWN_FAILED = frozenset({CaseStatus.REFUND_FAILED, CaseStatus.REFUND_CANCELED, CaseStatus.REJECTED,
                           CaseStatus.DENIED, CaseStatus.EXPIRED})

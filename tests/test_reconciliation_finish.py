@@ -20,6 +20,8 @@ from temporalio.worker import ActivityInboundInterceptor, ExecuteActivityInput, 
 from adapters.db import Principal, Store
 from adapters.policy_file import load_policy
 from domain import contracts
+from domain.ledger import REFUNDED_ACCOUNT
+from domain.models import LedgerInput, LedgerKind
 from domain.payouts import PayoutSnapshot, PayoutStatus, payout_case_id
 from domain.reconciliation import break_workflow_id
 from starters.actions.cases import CaseActions
@@ -217,7 +219,7 @@ async def test_a_dismissed_break_reopens_into_the_same_case(stack: Stack) -> Non
     [resolved] = await wait_for_breaks(stack, [refund["id"]], "resolved")
     assert resolved["resolution"]["approvers"] == ["carol"]
     assert {e["posting_key"] for e in await stack.store.ledger.entries(case_id)} == {
-        f"{case_id}:refund_settled", f"{case_id}:refund_reversed:reconciliation-{break_id}"}
+        f"{case_id}:refund_settled", f"{case_id}:refund_reversed:reconciliation-{break_id}-1"}  # its round
     trail = await stack.store.audit.trail(case_id)
     [undo] = [e for e in trail if e["action"] == "reconciliation_break_reopened"]
     assert (undo["actor"], undo["detail"]["previous_state"]) == ("olga", "dismissed")
@@ -423,3 +425,36 @@ async def test_a_verdict_on_a_break_whose_workflow_lags_its_row_waits_for_the_wo
         await worker.shutdown()
         await running
         await stack.close()
+
+
+async def test_what_an_approval_could_not_cover_is_the_next_run_s_break(stack: Stack) -> None:
+    """A ledger break's approval covers the move it was found with; the ledger moved since
+    (a reversal posted meanwhile), so the compensation is capped and the rest is left to the
+    next run, as the settlement says. That run must raise it again (its own approval, for
+    what is left), not count the resolved break as known and leave the books short."""
+    refund = history(f"ch_{uuid.uuid4().hex[:8]}", 2_000, days_ago=3)
+    await seed_provider(stack, [refund])
+    case_id = await seed_case(stack, refund, settled=0)  # shown refunded, nothing booked
+    await backfill(stack, since_days=30)
+    [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    assert (found["break_class"], found["ledger_delta"]) == ("ledger_missing", 2_000)
+    await stack.store.ledger.post(LedgerInput(refund_request_id=case_id, kind=LedgerKind.REFUND_REVERSED,
+                                              amount=500, currency="USD", reference="a-mistake",
+                                              provider_refund_id=refund["id"]))
+    assert (await decide(stack, "carol", found["id"])).status_code == 202
+    [capped] = await wait_for_breaks(stack, [refund["id"]], "resolved")
+    assert (capped["resolution"]["outcome"]["state"], capped["id"]) == ("resolved", found["id"])
+    net = sum(line["debit"] - line["credit"] for line in await stack.store.ledger.entries(case_id)
+              if line["account"] == REFUNDED_ACCOUNT)
+    assert net == 1_500  # -500 + the approved 2,000: 500 short of the provider's 2,000
+
+    await backfill(stack, since_days=30)
+    [again] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    assert (again["break_class"], again["ledger_delta"], again["reopened"]) == ("ledger_missing", 500, 1)
+    assert (await decide(stack, "carol", again["id"])).status_code == 202
+    await wait_for_breaks(stack, [refund["id"]], "resolved")
+    net = sum(line["debit"] - line["credit"] for line in await stack.store.ledger.entries(case_id)
+              if line["account"] == REFUNDED_ACCOUNT)
+    assert net == 2_000
+    quiet = await backfill(stack, since_days=30)  # the books agree: nothing raised again
+    assert refund["id"] not in {b["object_id"] for b in quiet["breaks"] if b.get("new_in_run")}

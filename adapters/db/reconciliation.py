@@ -51,6 +51,7 @@ from domain.payouts import (
 )
 from domain.reconciliation import (
     NON_TERMINAL_PROVIDER,
+    RAISED_AGAIN,
     REOPENABLE,
     SHOWN_FAILED,
     SHOWN_PENDING,
@@ -132,6 +133,13 @@ def truth_of(row: Mapping[str, Any]) -> ProviderRefund | ProviderPayout:
         amount=int(row["amount"]), currency=row["currency"],
         status=ProviderRefundStatus(row["provider_status"]), raw_status=row["raw_status"],
         failure_reason=row["failure_reason"], reference=row["evidence"]["provider"].get("reference"))
+
+
+def _compensation_reference(row: Mapping[str, Any]) -> str:
+    """The posting reference of a break's compensation: one per round of its exception case
+    (a break raised again for what its first approval could not cover posts under its own
+    key; a settlement retried in one round finds its entry)."""
+    return f"reconciliation-{row['id']}" + (f"-{row['reopened']}" if row["reopened"] else "")
 
 
 def behind_break(evidence: Mapping[str, Any]) -> tuple[str, ...]:
@@ -280,6 +288,7 @@ class ReconciliationRepository(Repository):
                 "no_refund": f"{NO_REFUND_PREFIX}%",
                 "tracking_prefix": tracking_case_id(provider, ""), "unmapped": UNMAPPED,
                 "payout_failed": _names(EXCEPTION_STATUSES), "paid": PayoutStatus.PAID.value,
+                "raised_again": _names(RAISED_AGAIN),
                 "case_prefix": payout_case_id(provider, "")})
             new = list(await cur.fetchall())
             for row in new:
@@ -529,7 +538,7 @@ class ReconciliationRepository(Repository):
                 amount = approved
             posted = await LedgerRepository.post_in(conn, LedgerInput(
                 refund_request_id=case_id, kind=kind, amount=amount, currency=case["currency"],
-                provider_refund_id=truth.refund_id, reference=f"reconciliation-{row['id']}"))
+                provider_refund_id=truth.refund_id, reference=_compensation_reference(row)))
             posting_key = posted.posting_key
         status = corrected_status(BreakClass(row["break_class"]), truth.status)
         if status is not None:

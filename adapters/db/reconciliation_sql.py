@@ -117,7 +117,17 @@ WITH matched AS (
            CASE WHEN status = %(unmapped)s OR break_class = 'duplicate_refund' THEN 'ops_review'
                 ELSE 'new' END
     FROM classified
-    ON CONFLICT (provider, object_id, break_class) DO NOTHING
+    -- a resolved break of a class its resolution removes, found again: raised again, as new
+    -- in this run (`RAISED_AGAIN`); any other break seen again is only linked to the run
+    ON CONFLICT (provider, object_id, break_class) DO UPDATE SET
+        state = 'new', reopened = reconciliation_breaks.reopened + 1, resolution = NULL,
+        resolved_at = NULL, dispatched_at = NULL, first_run_id = EXCLUDED.first_run_id,
+        found_at = now(), ledger_delta = EXCLUDED.ledger_delta, evidence = EXCLUDED.evidence,
+        case_status = EXCLUDED.case_status, provider_status = EXCLUDED.provider_status,
+        raw_status = EXCLUDED.raw_status, failure_reason = EXCLUDED.failure_reason,
+        amount = EXCLUDED.amount
+      WHERE reconciliation_breaks.state = 'resolved'
+        AND reconciliation_breaks.break_class = ANY(%(raised_again)s)
     RETURNING *
 )""" + LINK  # noqa: S608 (constant text)
 
