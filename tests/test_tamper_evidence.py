@@ -86,6 +86,19 @@ async def test_a_cut_tail_with_a_rewound_head_is_caught_by_the_checkpoints(
     assert elsewhere.returncode == 2 and "does not exist" in elsewhere.stderr
 
 
+async def test_a_chain_whose_head_was_deleted_is_reported(store: Store) -> None:
+    """Its rows still hash together, but every later append to it fails (its case records
+    nothing more): verification says so, it does not pass the chain as whole."""
+    chain = f"headless-{uuid.uuid4().hex[:10]}"
+    await append(store, chain, 2)
+    await as_owner(store, ("DELETE FROM audit_heads WHERE chain = %s", (chain,)))
+    problems = about(chain, (await store.audit.verify())[1])
+    assert len(problems) == 1 and "no head" in problems[0], problems
+    # put back: the suite's database is shared
+    await as_owner(store, ("INSERT INTO audit_heads (chain, seq, hash) SELECT chain, seq, hash"
+                           " FROM audit_events WHERE chain = %s ORDER BY seq DESC LIMIT 1", (chain,)))
+
+
 async def test_the_worker_loop_checkpoints_until_stopped(store: Store, tmp_path: Path) -> None:
     chain = f"loop-{uuid.uuid4().hex[:10]}"
     await append(store, chain, 1)
@@ -183,7 +196,11 @@ async def test_services_run_as_a_role_that_cannot_step_around_the_triggers(
                               "ALTER TABLE ledger_lines DISABLE TRIGGER ledger_lines_no_update",
                               "DELETE FROM ledger_lines", "DELETE FROM ledger_entries",
                               "DELETE FROM audit_events", "UPDATE audit_events SET actor = 'x'",
-                              "TRUNCATE audit_events", "DROP TABLE audit_heads"):
+                              "TRUNCATE audit_events", "DROP TABLE audit_heads",
+                              # a head deleted wedges its case; the approvals the duty checks
+                              # read, and the event gate that makes a redelivery act once
+                              "DELETE FROM audit_heads", "UPDATE case_approvals SET approver = 'x'",
+                              "DELETE FROM case_approvals", "DELETE FROM webhook_events"):
                 with pytest.raises(psycopg.errors.InsufficientPrivilege):
                     await app.execute(statement)
 

@@ -188,6 +188,9 @@ class AuditLog:
                             last[chain] = (int(row["seq"]), row["hash"])
             finally:
                 await conn.set_isolation_level(None)
+        for chain in last.keys() - heads.keys():
+            problems.append(f"chain {chain or '(global)'}: rows end at seq {last[chain][0]} but it has no "
+                            "head: the head was deleted (every later append to it fails)")
         for chain, head in heads.items():
             if last.get(chain, (0, GENESIS)) != head:
                 problems.append(f"chain {chain or '(global)'}: head is seq {head[0]} but the rows "

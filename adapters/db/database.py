@@ -135,6 +135,10 @@ class Database:
             "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO {grantee}",
             "GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {schema} TO {grantee}",
             "REVOKE UPDATE, DELETE, TRUNCATE ON audit_events, ledger_entries, ledger_lines FROM {grantee}",
+            # a head deleted wedges its chain; the approvals projection the duty checks read;
+            # the (provider, event id) gate that makes a redelivery act once
+            "REVOKE DELETE, TRUNCATE ON audit_heads, webhook_events FROM {grantee}",
+            "REVOKE UPDATE, DELETE, TRUNCATE ON case_approvals FROM {grantee}",
             "REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON schema_migrations FROM {grantee}",
         ):
             await conn.execute(sql.SQL(statement).format(schema=schema, grantee=grantee))
