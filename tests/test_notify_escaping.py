@@ -63,3 +63,15 @@ def test_an_smtp_login_never_crosses_the_network_in_clear(host: str, starttls: b
             build()
     else:
         build()
+
+
+@pytest.mark.parametrize(("host", "starttls", "refused"), [
+    ("smtp.example.test", False, True), ("smtp.example.test", True, False), ("127.0.0.1", False, False)])
+def test_no_mail_crosses_the_network_in_clear(host: str, starttls: bool, refused: bool) -> None:
+    """Without credentials too: a customer's address, the amount and the case link cross to
+    a server off this machine only with STARTTLS (a local relay stays allowed)."""
+    if refused:
+        with pytest.raises(ValueError, match="REFUNDS_SMTP_STARTTLS"):
+            SmtpEmail(host, 25, "refunds@example.test", timeout=1, starttls=starttls)
+    else:
+        SmtpEmail(host, 25, "refunds@example.test", timeout=1, starttls=starttls)

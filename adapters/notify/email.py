@@ -29,9 +29,10 @@ class SmtpEmail:
 
     def __init__(self, host: str, port: int, sender: str, *, timeout: float, starttls: bool = False,
                  username: str | None = None, password: str | None = None) -> None:
-        if username and not starttls and not is_loopback(host):
-            raise ValueError(f"SMTP credentials for {host} without REFUNDS_SMTP_STARTTLS=true: the "
-                             "login would cross the network in clear")
+        if not starttls and not is_loopback(host):
+            raise ValueError(f"SMTP server {host} without REFUNDS_SMTP_STARTTLS=true: "
+                             + ("the login and " if username else "")
+                             + "customers' addresses and notices would cross the network in clear")
         self._host, self._port, self._sender = host, port, sender
         self._timeout, self._starttls = timeout, starttls
         self._login = (username, password or "") if username else None
