@@ -5,10 +5,12 @@ a failure for good is given up at once; a dispatcher that died leaves its claims
 
 import asyncio
 import uuid
+from datetime import datetime
 
 import pytest
 from temporalio.exceptions import ApplicationError
 
+import workers.outbox
 from adapters.db import Store
 from domain.models import NoticeInput
 from workers.outbox import SCHEDULE, dispatch_once, retry_delay, sweep_once
@@ -71,7 +73,7 @@ async def test_two_dispatchers_never_claim_the_same_notice_or_two_of_one_case(st
     queue, run = f"dq-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex[:8]
     keys = [k for i in range(20) for k in await queued(store, f"{i}-{run}", ["one", "two"], queue)]
     claims = await asyncio.gather(*(store.outbox.claim_dispatch(queue, 100, 60) for _ in range(4)))
-    taken = [key for claim in claims for _, key, _ in claim]
+    taken = [key for claim in claims for _, key, _, _ in claim]
     assert sorted(taken) == sorted(k for k in keys if k.endswith(":one"))  # once each, heads only
     assert await store.outbox.claim_dispatch(queue, 100, 60) == []  # claimed: nobody else takes them
 
@@ -79,7 +81,7 @@ async def test_two_dispatchers_never_claim_the_same_notice_or_two_of_one_case(st
 async def test_a_dispatcher_that_died_leaves_its_claims_to_another_once_the_lease_ends(store: Store) -> None:
     queue = f"dq-{uuid.uuid4().hex[:8]}"
     [key] = await queued(store, f"e-{uuid.uuid4().hex[:8]}", ["refund_succeeded"], queue)
-    [(_, claimed, attempt)] = await store.outbox.claim_dispatch(queue, 100, 60)  # and then it died
+    [(_, claimed, attempt, _)] = await store.outbox.claim_dispatch(queue, 100, 60)  # and then it died
     assert (claimed, attempt) == (key, 1)
     assert await dispatch_once(store.outbox, Channel(), queue) == 0
     await store.database.execute("UPDATE notices SET claimed_until = now() - interval '1 second'"
@@ -140,3 +142,29 @@ async def test_a_failure_for_good_is_not_tried_again(store: Store) -> None:
 @pytest.mark.parametrize(("attempt", "seconds"), [(1, 1.0), (2, 2.0), (4, 8.0), (7, 64.0), (8, 120.0)])
 def test_the_backoff_is_the_courier_activitys(attempt: int, seconds: float) -> None:
     assert retry_delay(attempt) == seconds
+
+
+async def test_a_notice_another_dispatcher_took_after_the_batch_lease_ran_out_is_left_to_it(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch is claimed under one lease; a slow channel can outlast it, and another
+    dispatcher then takes the notices not sent yet. The first must not send them too (nor
+    mark them done while the other's send may still fail): each is claimed again just before
+    its delivery once the batch is no longer fresh."""
+    monkeypatch.setattr(workers.outbox, "DISPATCH_LEASE_SECONDS", 0.4)
+    queue, run = f"dq-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex[:8]
+    [slow] = await queued(store, f"s-{run}", ["refund_failed"], queue)
+    [later] = await queued(store, f"t-{run}", ["refund_failed"], queue)
+    taken_by_other: list[tuple[int, str, int, datetime]] = []
+
+    class SlowThenRacing(Channel):
+        async def deliver(self, dedup_key: str) -> None:
+            await super().deliver(dedup_key)
+            if dedup_key == slow:
+                await asyncio.sleep(0.5)  # the batch's lease runs out meanwhile
+                taken_by_other.extend(await store.outbox.claim_dispatch(queue, 100, 60))
+
+    first = SlowThenRacing()
+    assert await dispatch_once(store.outbox, first, queue) == 2
+    assert later in [key for _, key, _, _ in taken_by_other]
+    assert first.sent == [slow]  # the other dispatcher sends `later`
+    assert await column(store, later, "dispatched_at") is None

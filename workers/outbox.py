@@ -84,7 +84,14 @@ async def dispatch_once(outbox: OutboxRepository, delivery: Deliverer, queue: st
     failure is for good; a certain failure is due again later, and once its attempts are
     spent the sweeper takes it (the case's next notice goes out meanwhile)."""
     claimed = await outbox.claim_dispatch(queue, limit, DISPATCH_LEASE_SECONDS)
-    for notice_id, key, attempt in claimed:
+    loop = asyncio.get_running_loop()
+    since = loop.time()
+    for notice_id, key, attempt, until in claimed:
+        # a slow channel can outlast the batch's lease: past a quarter of it, each notice is
+        # claimed again before its delivery, and one another dispatcher took is left to it
+        if loop.time() - since > DISPATCH_LEASE_SECONDS / 4 and await outbox.claim_again(
+                notice_id, until, DISPATCH_LEASE_SECONDS) is None:
+            continue
         try:
             await delivery.deliver(key)
         except Exception as exc:  # a channel (recorded per channel) or the database; go on

@@ -2,6 +2,7 @@
 and their delivery per channel (claimed before sending, so a crash mid-send is never sent
 twice but marked uncertain)."""
 
+from datetime import datetime
 from typing import Any
 
 from psycopg import sql
@@ -111,11 +112,11 @@ class OutboxRepository(Repository):
         return [r["dedup_key"] for r in rows]
 
     async def claim_dispatch(self, queue: str, limit: int,
-                             lease_seconds: float) -> list[tuple[int, str, int]]:
+                             lease_seconds: float) -> list[tuple[int, str, int, datetime]]:
         """Notices for `queue`'s dispatcher that are due: only the first pending one of each
         case (a case's notices go out in order), each claimed for `lease_seconds` (a
         dispatcher that dies leaves it to another once the lease runs out; SKIP LOCKED lets
-        several claim side by side). (id, dedup key, attempt number) in queue order."""
+        several claim side by side). (id, dedup key, attempt number, lease end) in queue order."""
         rows = await self._db.fetch_all(
             "UPDATE notices SET claimed_until = now() + make_interval(secs => %s), attempts = attempts + 1"
             " WHERE id IN (SELECT n.id FROM notices n WHERE n.dispatch_queue = %s"
@@ -123,9 +124,20 @@ class OutboxRepository(Repository):
             " AND (n.claimed_until IS NULL OR n.claimed_until < now())"
             " AND NOT EXISTS (SELECT 1 FROM notices e WHERE e.refund_request_id = n.refund_request_id"
             " AND e.id < n.id AND e.dispatch_queue IS NOT NULL AND e.dispatched_at IS NULL)"
-            " ORDER BY n.id LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING id, dedup_key, attempts",
+            " ORDER BY n.id LIMIT %s FOR UPDATE SKIP LOCKED)"
+            " RETURNING id, dedup_key, attempts, claimed_until",
             (lease_seconds, queue, limit))
-        return sorted((r["id"], r["dedup_key"], r["attempts"]) for r in rows)
+        return sorted((r["id"], r["dedup_key"], r["attempts"], r["claimed_until"]) for r in rows)
+
+    async def claim_again(self, notice_id: int, claimed_until: datetime,
+                          lease_seconds: float) -> datetime | None:
+        """A fresh lease on one notice of this dispatcher's batch, just before its delivery;
+        None when the batch's lease ran out and another dispatcher took it since."""
+        row = await self._db.fetch_one(
+            "UPDATE notices SET claimed_until = now() + make_interval(secs => %s) WHERE id = %s"
+            " AND claimed_until = %s AND dispatched_at IS NULL RETURNING claimed_until",
+            (lease_seconds, notice_id, claimed_until))
+        return row["claimed_until"] if row else None
 
     async def dispatched(self, notice_id: int) -> None:
         """The dispatcher is done with a notice (delivered, no channel for it, or given up)."""
