@@ -451,6 +451,8 @@ async def test_what_an_approval_could_not_cover_is_the_next_run_s_break(stack: S
     await backfill(stack, since_days=30)
     [again] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
     assert (again["break_class"], again["ledger_delta"], again["reopened"]) == ("ledger_missing", 500, 1)
+    assert [(n["kind"], n["audience"]) for n in await stack.store.outbox.notices(case_id)].count(
+        ("reconciliation_break", "ops")) == 2  # ops hear of it again, not only its approvers
     assert (await decide(stack, "carol", again["id"])).status_code == 202
     await wait_for_breaks(stack, [refund["id"]], "resolved")
     net = sum(line["debit"] - line["credit"] for line in await stack.store.ledger.entries(case_id)

@@ -337,7 +337,7 @@ class ReconciliationRepository(Repository):
         await AuditLog.append(conn, row["chain"], "reconciliation", "reconciliation_break_found", detail)
         await OutboxRepository.queue_in(conn, NoticeInput(
             refund_request_id=row["chain"], kind="reconciliation_break", audience="ops",
-            dedup_key=f"reconciliation_break:{row['id']}", detail=detail))
+            dedup_key=f"reconciliation_break:{row['id']}{_round(row)}", detail=detail))
 
     async def undispatched(self, run_id: str, limit: int = 500) -> list[dict[str, Any]]:
         """Breaks found by the run whose exception workflow was not started yet."""
