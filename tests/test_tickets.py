@@ -1,11 +1,15 @@
 """Tickets: one per case and purpose, also when ServiceNow created a ticket but its answer
 was lost and the activity retried; incidents for cases that need ops."""
 
+import asyncio
+import uuid
+
 from temporalio.client import Client
 
 from adapters.db import Store
 from adapters.db.rows import DeliveryRow
-from adapters.tickets.base import correlation_key
+from adapters.notify.message import Message
+from adapters.tickets.base import TicketChannel, TicketRef, correlation_key
 from starters.dev.stack import TemporalDevServer
 from tests.fakes import connected_stack, eventually
 
@@ -60,3 +64,34 @@ async def test_an_unexpected_provider_status_opens_one_incident_in_each_system(
         [issue] = world.jira
         assert "incident" in issue["fields"]["labels"]
         assert "u_refund_request" not in world.servicenow  # an incident is not a request ticket
+
+
+async def test_two_notices_of_one_case_delivered_at_once_make_one_ticket(store: Store) -> None:
+    """Two deliverers (two workers' sweepers, a dispatcher beside the sweeper) can each take
+    a notice of the same case and purpose; both found no stored ticket and created one,
+    the second orphaned. The find-or-create is serialised per case, system and purpose:
+    one create, the other notice becomes a note on it."""
+    case_id = f"rr-{uuid.uuid4().hex[:10]}"
+    created: list[str] = []
+    noted: list[str] = []
+
+    class SlowSystem:
+        name = "jira"
+
+        async def find(self, incident: bool, correlation: str) -> TicketRef | None:
+            return TicketRef(created[0], "OPS-1", None) if created else None
+
+        async def create(self, incident: bool, correlation: str, message: Message) -> TicketRef:
+            await asyncio.sleep(0.3)  # the other deliverer looks meanwhile
+            created.append(f"issue-{len(created) + 1}")
+            return TicketRef(created[-1], f"OPS-{len(created)}", None)
+
+        async def note(self, incident: bool, ticket: TicketRef, message: Message) -> None:
+            noted.append(ticket.external_id)
+
+    channel = TicketChannel(SlowSystem(), store.integrations)
+    notices = [Message(notice_id=n, kind="ledger_pending", audience="operator", case_id=case_id,
+                       title="ledger pending", text="ledger pending", facts=(), link=None, buttons=False,
+                       ticket="incident", customer=False, email_to=None) for n in (1, 2)]
+    await asyncio.gather(*(channel.send(m) for m in notices))
+    assert created == ["issue-1"] and noted == ["issue-1"]

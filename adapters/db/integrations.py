@@ -2,12 +2,13 @@
 refund histories it reads. Audit rows go into the case's chain in the same transaction as
 the row they describe."""
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from psycopg.types.json import Jsonb
 
 from adapters.db.audit import AuditLog
-from adapters.db.database import Repository
+from adapters.db.database import Conn, Repository
 from adapters.db.rows import AdviceRow, TicketRow
 from domain.advice import Advice
 
@@ -16,29 +17,57 @@ class IntegrationRepository(Repository):
     """Tickets per case and purpose, and the advice kept per case."""
 
     async def ticket(self, case_id: str, system: str, purpose: str) -> TicketRow | None:
-        row = await self._db.fetch_one(
+        async with self._db.connection() as conn:
+            return await self._ticket_in(conn, case_id, system, purpose)
+
+    @staticmethod
+    async def _ticket_in(conn: Conn, case_id: str, system: str, purpose: str) -> TicketRow | None:
+        row = await (await conn.execute(
             "SELECT system, purpose, external_id, number, url FROM case_tickets"
-            " WHERE refund_request_id = %s AND system = %s AND purpose = %s", (case_id, system, purpose))
+            " WHERE refund_request_id = %s AND system = %s AND purpose = %s",
+            (case_id, system, purpose))).fetchone()
         return None if row is None else TicketRow.from_row(row)
 
     async def save_ticket(self, case_id: str, system: str, purpose: str, *, external_id: str,
                           number: str | None, url: str | None, actor: str = "system") -> TicketRow:
         """Stores the case's ticket once; a second save returns the first."""
         async with self._db.transaction() as conn:
-            cur = await conn.execute(
-                "INSERT INTO case_tickets (refund_request_id, system, purpose, external_id, number, url)"
-                " VALUES (%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING"
-                " RETURNING system, purpose, external_id, number, url",
-                (case_id, system, purpose, external_id, number, url))
-            row = await cur.fetchone()
-            if row is not None:
-                await AuditLog.append(conn, case_id, actor, "ticket_linked",
-                                      {"system": system, "purpose": purpose, "external_id": external_id,
-                                       "number": number, "url": url})
-                return TicketRow.from_row(row)
-        found = await self.ticket(case_id, system, purpose)
-        assert found is not None
-        return found
+            return await self._save_in(conn, case_id, system, purpose, external_id, number, url, actor)
+
+    @classmethod
+    async def _save_in(cls, conn: Conn, case_id: str, system: str, purpose: str, external_id: str,
+                       number: str | None, url: str | None, actor: str) -> TicketRow:
+        cur = await conn.execute(
+            "INSERT INTO case_tickets (refund_request_id, system, purpose, external_id, number, url)"
+            " VALUES (%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING"
+            " RETURNING system, purpose, external_id, number, url",
+            (case_id, system, purpose, external_id, number, url))
+        row = await cur.fetchone()
+        if row is None:
+            found = await cls._ticket_in(conn, case_id, system, purpose)
+            assert found is not None
+            return found
+        await AuditLog.append(conn, case_id, actor, "ticket_linked",
+                              {"system": system, "purpose": purpose, "external_id": external_id,
+                               "number": number, "url": url})
+        return TicketRow.from_row(row)
+
+    async def ticket_or_made(self, case_id: str, system: str, purpose: str,
+                             make: Callable[[], Awaitable[tuple[str, str | None, str | None]]],
+                             ) -> tuple[TicketRow, bool]:
+        """The case's stored ticket, or the one `make` finds or creates in the ticket system,
+        stored: one deliverer at a time per case, system and purpose (a transaction-scoped
+        advisory lock, one connection held across `make`), so two notices of a case taken by
+        two deliverers at once never make two tickets. True when `make` ran."""
+        async with self._db.transaction() as conn:
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                               (f"ticket\n{case_id}\n{system}\n{purpose}",))
+            stored = await self._ticket_in(conn, case_id, system, purpose)
+            if stored is not None:
+                return stored, False
+            external_id, number, url = await make()  # (id, number, url) in the ticket system
+            return await self._save_in(conn, case_id, system, purpose, external_id, number, url,
+                                       "system"), True
 
     async def case_for_ticket(self, system: str, external_id: str) -> str | None:
         """The case whose refund-request ticket this is (approvals recorded on it count)."""

@@ -55,17 +55,22 @@ class TicketChannel:
         assert message.case_id is not None and message.ticket is not None
         incident = message.ticket == "incident"
         purpose = ticket_purpose(message.ticket, message.kind)
-        stored = await self._store.ticket(message.case_id, self.name, purpose)
-        if stored is not None:
-            ticket = TicketRef(stored["external_id"], stored["number"], stored["url"])
-            await self._system.note(incident, ticket, message)
-            return ticket.number or ticket.external_id
         correlation = correlation_key(message.case_id, purpose)
-        try:
-            ticket = (await self._system.find(incident, correlation)
-                      or await self._system.create(incident, correlation, message))
-        except DeliveryUncertain as exc:  # the search before the next create makes a retry safe
-            raise DeliveryFailed(str(exc)) from exc
-        await self._store.save_ticket(message.case_id, self.name, purpose, external_id=ticket.external_id,
-                                      number=ticket.number, url=ticket.url)
+
+        async def find_or_create() -> tuple[str, str | None, str | None]:
+            try:
+                made = (await self._system.find(incident, correlation)
+                        or await self._system.create(incident, correlation, message))
+            except DeliveryUncertain as exc:  # the search before the next create makes a retry safe
+                raise DeliveryFailed(str(exc)) from exc
+            return made.external_id, made.number, made.url
+
+        stored = await self._store.ticket(message.case_id, self.name, purpose)
+        if stored is None:  # one deliverer at a time finds or creates it (another may have meanwhile)
+            stored, made = await self._store.ticket_or_made(message.case_id, self.name, purpose,
+                                                            find_or_create)
+            if made:
+                return stored.number or stored.external_id
+        ticket = TicketRef(stored.external_id, stored.number, stored.url)
+        await self._system.note(incident, ticket, message)
         return ticket.number or ticket.external_id
