@@ -4,10 +4,13 @@ was lost and the activity retried; incidents for cases that need ops."""
 import asyncio
 import uuid
 
+import pytest
 from temporalio.client import Client
 
+import adapters.tickets.base as tickets_base
 from adapters.db import Store
 from adapters.db.rows import DeliveryRow
+from adapters.notify.delivery import DeliveryFailed, DeliveryUncertain
 from adapters.notify.message import Message
 from adapters.tickets.base import TicketChannel, TicketRef, correlation_key
 from starters.dev.stack import TemporalDevServer
@@ -95,3 +98,38 @@ async def test_two_notices_of_one_case_delivered_at_once_make_one_ticket(store: 
                        ticket="incident", customer=False, email_to=None) for n in (1, 2)]
     await asyncio.gather(*(channel.send(m) for m in notices))
     assert created == ["issue-1"] and noted == ["issue-1"]
+
+
+async def test_a_create_whose_answer_was_lost_is_looked_for_again_past_the_search_s_lag(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Jira's search lags its creates: a retry searching a second after a create whose
+    answer was lost missed the new issue and made another. The channel looks again itself,
+    past the lag, before it gives the notice back for a retry."""
+    monkeypatch.setattr(tickets_base, "LOST_CREATE_RECHECK_SECONDS", 0.5)
+    case_id = f"rr-{uuid.uuid4().hex[:10]}"
+    issues: list[tuple[str, float]] = []  # (id, searchable from)
+    loop = asyncio.get_running_loop()
+
+    class LaggingJira:
+        name = "jira"
+
+        async def find(self, incident: bool, correlation: str) -> TicketRef | None:
+            seen = [i for i, searchable in issues if searchable <= loop.time()]
+            return TicketRef(seen[0], seen[0], None) if seen else None
+
+        async def create(self, incident: bool, correlation: str, message: Message) -> TicketRef:
+            issues.append((f"OPS-{len(issues) + 1}", loop.time() + 0.3))  # made; the search sees it soon
+            raise DeliveryUncertain("jira: read timeout after the request was sent")
+
+        async def note(self, incident: bool, ticket: TicketRef, message: Message) -> None:
+            pass
+
+    channel = TicketChannel(LaggingJira(), store.integrations)
+    message = Message(notice_id=1, kind="ledger_pending", audience="operator", case_id=case_id,
+                      title="ledger pending", text="ledger pending", facts=(), link=None, buttons=False,
+                      ticket="incident", customer=False, email_to=None)
+    try:
+        assert await channel.send(message) == "OPS-1"
+    except DeliveryFailed:  # given back for a retry, which comes at once here
+        await channel.send(message)
+    assert [i for i, _ in issues] == ["OPS-1"]

@@ -5,6 +5,7 @@ searched for our correlation key, so an attempt whose create succeeded but whose
 was lost is found by the retry instead of creating a second ticket.
 """
 
+import asyncio
 import hashlib
 from dataclasses import dataclass
 from typing import Protocol
@@ -13,6 +14,10 @@ from adapters.db.integrations import IntegrationRepository
 from adapters.notify.delivery import DeliveryFailed, DeliveryUncertain
 from adapters.notify.message import Message
 from domain.integrations import ticket_purpose
+
+LOST_CREATE_RECHECK_SECONDS = 10.0
+"""How long after a create whose answer was lost the channel searches again: longer than a
+ticket system's search takes to see a new ticket (Jira's index lags its creates)."""
 
 
 @dataclass(frozen=True)
@@ -59,8 +64,17 @@ class TicketChannel:
 
         async def find_or_create() -> tuple[str, str | None, str | None]:
             try:
-                made = (await self._system.find(incident, correlation)
-                        or await self._system.create(incident, correlation, message))
+                made = await self._system.find(incident, correlation)
+                if made is None:
+                    try:
+                        made = await self._system.create(incident, correlation, message)
+                    except DeliveryUncertain:
+                        # the create may have landed, and a search lags it (Jira's index):
+                        # look again past the lag, or the retry's search misses it and makes another
+                        await asyncio.sleep(LOST_CREATE_RECHECK_SECONDS)
+                        made = await self._system.find(incident, correlation)
+                        if made is None:
+                            raise
             except DeliveryUncertain as exc:  # the search before the next create makes a retry safe
                 raise DeliveryFailed(str(exc)) from exc
             return made.external_id, made.number, made.url
