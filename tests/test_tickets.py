@@ -3,16 +3,20 @@ was lost and the activity retried; incidents for cases that need ops."""
 
 import asyncio
 import uuid
+from typing import Any
 
 import pytest
+from fastapi import FastAPI
 from temporalio.client import Client
 
 import adapters.tickets.base as tickets_base
 from adapters.db import Store
 from adapters.db.rows import DeliveryRow
+from adapters.http_server import AppServer
 from adapters.notify.delivery import DeliveryFailed, DeliveryUncertain
 from adapters.notify.message import Message
 from adapters.tickets.base import TicketChannel, TicketRef, correlation_key
+from adapters.tickets.servicenow import ServiceNow
 from starters.dev.stack import TemporalDevServer
 from tests.fakes import connected_stack, eventually
 
@@ -133,3 +137,24 @@ async def test_a_create_whose_answer_was_lost_is_looked_for_again_past_the_searc
     except DeliveryFailed:  # given back for a retry, which comes at once here
         await channel.send(message)
     assert [i for i, _ in issues] == ["OPS-1"]
+
+
+async def test_a_search_answered_with_someone_else_s_record_is_not_our_ticket() -> None:
+    """A ServiceNow table without `correlation_id` has the query ignored (ServiceNow's
+    default) and answers with its first record: the case's notices went to someone else's
+    ticket. Only a record carrying our key is ours (none found: the channel creates ours)."""
+    app = FastAPI()
+
+    @app.get("/api/now/table/u_refund_request")
+    async def search() -> dict[str, Any]:
+        return {"result": [{"sys_id": "someone-else", "number": "REQ0001"}]}
+
+    server = AppServer(app, "127.0.0.1", 0)
+    await server.start()
+    try:
+        system = ServiceNow(server.url, "u", "p", request_table="u_refund_request", incident_table="incident",
+                            timeout=5)
+        correlation = correlation_key("rr-1", "request")
+        assert await system.find(False, correlation) is None
+    finally:
+        await server.stop()

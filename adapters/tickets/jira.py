@@ -50,10 +50,11 @@ class Jira:
 
     async def find(self, incident: bool, correlation: str) -> TicketRef | None:
         found = await self._call("GET", "search/jql", params={
-            "jql": f'project = "{self._project}" AND labels = "{correlation}"', "fields": "summary",
+            "jql": f'project = "{self._project}" AND labels = "{correlation}"', "fields": "summary,labels",
             "maxResults": "1"})
-        issues = found.get("issues") or []
-        return self._ref(issues[0]) if issues else None
+        mine = [issue for issue in found.get("issues") or ()  # only an issue carrying our key
+                if correlation in ((issue.get("fields") or {}).get("labels") or ())]
+        return self._ref(mine[0]) if mine else None
 
     async def create(self, incident: bool, correlation: str, message: Message) -> TicketRef:
         labels = ["refund-orchestrator", correlation, *(["incident"] if incident else [])]

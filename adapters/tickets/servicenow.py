@@ -49,9 +49,13 @@ class ServiceNow:
     async def find(self, incident: bool, correlation: str) -> TicketRef | None:
         table = self._tables[incident]
         found = await self._call("GET", table, params={
-            "sysparm_query": f"correlation_id={correlation}", "sysparm_fields": "sys_id,number",
+            "sysparm_query": f"correlation_id={correlation}",
+            "sysparm_fields": "sys_id,number,correlation_id",
             "sysparm_limit": "1"})
-        return self._ref(table, found[0]) if found else None
+        # only a record carrying our key: a table without the field has the query ignored
+        # (ServiceNow's default) and answers with any record, someone else's ticket
+        mine = [record for record in found or () if record.get("correlation_id") == correlation]
+        return self._ref(table, mine[0]) if mine else None
 
     async def create(self, incident: bool, correlation: str, message: Message) -> TicketRef:
         table = self._tables[incident]
