@@ -159,6 +159,16 @@ async def denied(rig: Recording) -> str:
     return case_id
 
 
+async def moved_on_under_the_submit(rig: Recording) -> str:
+    """The case's hold was released under it while it waited (a denial a killed worker left
+    recorded while a retried task approved): the approved submit is refused, nothing moves."""
+    case_id = await awaiting_approval(rig)
+    await rig.stack.store.database.execute(
+        "UPDATE refund_cases SET reserved_amount = 0 WHERE refund_request_id = %s", (case_id,))
+    await approval(rig, "bob", case_id, "approve")
+    return case_id
+
+
 async def expired(rig: Recording) -> str:
     """Nobody answers within the approval timeout: the case expires, released."""
     return await awaiting_approval(rig)
@@ -669,6 +679,7 @@ SCENARIOS: dict[str, Scenario] = {
     SEALED_SCENARIO: Scenario(approval_sealed),
     "refund_verdict_resent": Scenario(verdict_resent),
     "refund_denied": Scenario(denied),
+    "refund_submit_case_moved_on": Scenario(moved_on_under_the_submit),
     "refund_expired": Scenario(expired, {"approval_timeout_seconds": 2}),
     "refund_rejected": Scenario(rejected),
     "refund_declined": Scenario(declined),

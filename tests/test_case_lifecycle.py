@@ -211,3 +211,25 @@ async def test_a_case_its_workflow_left_to_ops_stays_unswept_past_retention(stac
         " WHERE refund_request_id = %s", (case_id,))
     assert case_id not in await sweep_cases_once(stack.store, stack.client, stack.providers, idle_seconds=60)
     assert "workflow_closed_case_swept" not in await stack.actions(case_id)
+
+
+async def test_a_case_that_moved_on_under_its_submit_moves_no_money_and_its_workflow_ends(
+        stack: Stack) -> None:
+    """Its hold was released while it waited (a denial a killed worker left recorded while a
+    retried task approved, as the chaos schedule found): the approved submit is refused, and
+    the workflow ends as the row says, the approval recorded, instead of resubmitting (each
+    refused) until ops review overwrote the row."""
+    charge = await stack.charge(20_000)
+    case_id = await stack.request_refund("alice", charge, 9_000)
+    await stack.wait_for_status(case_id, "awaiting_approval")
+    await stack.store.database.execute(
+        "UPDATE refund_cases SET reserved_amount = 0 WHERE refund_request_id = %s", (case_id,))
+    async with stack.api("bob") as api:
+        assert (await api.post(f"/v1/refund-requests/{case_id}/approvals",
+                               json={"decision": "approve"})).status_code == 202
+    async with asyncio.timeout(60):  # guards against a hang, not a measured wait
+        await stack.client.get_workflow_handle(case_id).result()
+    assert await stack.provider_refunds(charge) == []
+    actions = await stack.actions(case_id)
+    assert {"approval_granted", "submit_refused_case_moved_on"} <= set(actions), actions
+    assert "execution_started" not in actions and "resubmits_exhausted" not in actions

@@ -41,6 +41,7 @@ from workflows.refund_case import (
     BOUNDED_PATCH,
     CANCEL_PATCH,
     CANCEL_VALIDATION_PATCH,
+    CASE_MOVED_ON_PATCH,
     DUPLICATE_PATCH,
     EXECUTOR_EVENTS_PATCH,
     FOLLOW_SCOPE_PATCH,
@@ -90,6 +91,9 @@ BRANCHES: dict[str, Branch] = {
                                     lacks=["action:approval_refused", "action:approval_granted#2"]),
     "refund_denied": branch("update:submit_approval", "action:approval_denied",
                             f"patch:{PROVIDER_SCOPED_WAIT_PATCH}", lacks=[SUBMIT]),
+    "refund_submit_case_moved_on": branch(
+        "update:submit_approval", SUBMIT, f"patch:{CASE_MOVED_ON_PATCH}", "action:approval_granted",
+        "action:submit_refused_case_moved_on", lacks=[VERIFY, f"{SUBMIT}#2", "action:refund_succeeded"]),
     "refund_expired": branch("action:approval_expired", lacks=[SUBMIT, "update:submit_approval"]),
     "refund_rejected": branch("activity:validate_refund", lacks=["activity:decide_policy", SUBMIT]),
     "refund_declined": branch(SUBMIT, "action:refund_declined",

@@ -71,6 +71,7 @@ class RefundWorkflow(RefundLifecycle):
         self._event_ids: set[str] = set()
         self._refund: ProviderRefund | None = None
         self._failure_reason: str | None = None
+        self._moved_on: str | None = None  # why a submit was refused: the case moved on under it
         self._postings: list[str] = []
         self._events_seen = 0
         self._succeeded_at: datetime | None = None
@@ -193,7 +194,13 @@ class RefundWorkflow(RefundLifecycle):
         return await self._submitted(await self._submit_exactly_once(request, started=started))
 
     async def _submitted(self, refund: ProviderRefund | None) -> RefundOutcome:
-        """After the submit: a decline closes the case, a refund is followed."""
+        """After the submit: a decline closes the case, a refund is followed; a case that
+        moved on under the submit (closed, its hold released) ends here as its row says."""
+        if refund is None and self._moved_on is not None:
+            self._holding = False
+            await self._record("submit_refused_case_moved_on", detail={"reason": self._moved_on})
+            await self._notify("submit_refused_case_moved_on", "operator", {"reason": self._moved_on})
+            return await self._finish()
         if refund is None:
             self._holding = False
             await self._record("refund_declined", CaseStatus.REFUND_FAILED, release=True,

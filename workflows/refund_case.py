@@ -99,6 +99,11 @@ FOLLOW_SCOPE_PATCH = "provider-scoped-follow-1"
 # refund's word, taken at once; before, it was ignored as another provider's and the case
 # moved only at its next status poll. Asked only when such an event arrives.
 EXECUTOR_EVENTS_PATCH = "executor-events-followed-1"
+# A submit refused because the case moved on under it (its row closed or its hold released:
+# a denial a worker kill left recorded while a retried task approved, a sweep) ends the
+# execution without moving money or status; before, it was taken for an unknown outcome and
+# resubmitted until ops review. Asked only when such a refusal comes back.
+CASE_MOVED_ON_PATCH = "submit-case-moved-on-1"
 # The case's action, the ops notice and the metric's reason when a provider refuses our key.
 CONFIGURATION_INCIDENT = "provider_configuration_refused"
 
@@ -118,6 +123,7 @@ class RefundCase(ApprovingWorkflow):
     _event_ids: set[str]
     _refund: ProviderRefund | None
     _failure_reason: str | None
+    _moved_on: str | None
     _postings: list[str]
     _events_seen: int
     _succeeded_at: datetime | None

@@ -39,6 +39,7 @@ with workflow.unsafe.imports_passed_through():
         ADYEN_WAIT_PATCH,
         BOUNDED_PATCH,
         CANCEL_VALIDATION_PATCH,
+        CASE_MOVED_ON_PATCH,
         CONFIGURATION_INCIDENT,
         DUPLICATE_PATCH,
         EXECUTOR_EVENTS_PATCH,
@@ -83,6 +84,13 @@ class RefundProvider(RefundWrites):
                     raise
                 started, self._holding = None, False  # committed before the provider was called
                 cause = err.cause
+                if (isinstance(cause, ApplicationError) and cause.type == errors.CASE_MOVED_ON
+                        and workflow.patched(CASE_MOVED_ON_PATCH)):
+                    # nothing was sent; the deciding approval's rows are written (what people
+                    # did), never `execution_started`, which would reopen a closed case
+                    self._moved_on = cause.message
+                    await self._settle_unsubmitted()
+                    return None
                 if isinstance(cause, ApplicationError) and cause.type == errors.DECLINED:
                     self._failure_reason, self._unsubmitted = cause.message, ()  # declined after the intent
                     return None
