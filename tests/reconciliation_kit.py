@@ -4,6 +4,7 @@ waits on exception cases."""
 
 import asyncio
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -125,6 +126,14 @@ async def failed_break_with_a_trigger(stack: Stack, *, requester: str = "bob",
     await backfill(stack, since_days=30)
     [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
     return case_id, found
+
+
+async def reopen(stack: Stack, user: str, found: Mapping[str, Any], reason: str) -> None:
+    """Reopens a dismissed or expired break through the API; returns once its new round waits."""
+    async with stack.api(user) as api:
+        reopened = await api.post(f"/v1/reconciliation/breaks/{found['id']}/reopen", json={"reason": reason})
+    assert reopened.status_code == 202, reopened.text
+    await wait_for_breaks(stack, [found["object_id"]], "awaiting_approval")
 
 
 async def another_approver(stack: Stack, user: str = "erin", *, also: tuple[str, ...] = ()) -> None:

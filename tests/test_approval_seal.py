@@ -29,6 +29,7 @@ from tests.reconciliation_kit import (
     backfill,
     history,
     move_at_provider,
+    reopen,
     seed_case,
     seed_provider,
     wait_for_breaks,
@@ -229,11 +230,7 @@ async def test_a_sealed_verdict_replayed_into_a_reopened_break_counts_nowhere(st
     args, header = await _sealed_update_in_history(stack.client, workflow_id, "carol")
     assert (await decide(stack, "frank", found["id"], "deny")).status_code == 202
     await wait_for_breaks(stack, [refund["id"]], "dismissed")
-    async with stack.api("olga") as api:
-        reopened = await api.post(f"/v1/reconciliation/breaks/{found['id']}/reopen",
-                                  json={"reason": "the bank confirmed the cancel"})
-    assert reopened.status_code == 202, reopened.text
-    await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    await reopen(stack, "olga", found, "the bank confirmed the cancel")
 
     await stack.client.workflow_service.signal_workflow_execution(
         temporal_service.SignalWorkflowExecutionRequest(

@@ -515,18 +515,25 @@ async def test_a_failure_for_another_amount_than_booked_goes_to_ops_not_to_a_rev
     assert await payouts.store.ledger.entries(case_id) == []
 
 
+async def failed_before_booking(payouts: Stack, amount: int) -> tuple[str, str]:
+    """A payout made at the sandbox that failed there before our books held it: its failure
+    webhook found no payout. (provider payout id, case id)"""
+    async with payouts.sandbox() as sb:
+        made = await sb.post("/v1/payouts", json={"amount": amount, "currency": "usd"})
+    provider_payout_id = str(made.json()["id"])
+    case_id = payout_case_id("sandbox", provider_payout_id)
+    await move_payout(payouts, provider_payout_id, "failed", failure_code="account_closed")
+    await wait_for_actions(payouts, case_id, "payout_unknown")
+    return provider_payout_id, case_id
+
+
 async def test_a_failure_reported_before_its_payout_was_booked_opens_the_case_on_registration(
         payouts: Stack) -> None:
     """An instant payout fails at the provider seconds after it was made, before the payments
     system books it here: its failure webhook finds no payout and acts on nothing. Booking the
     payout afterwards must not leave it paid in our books with nobody told: the failure the
     relay already received opens its exception case then."""
-    async with payouts.sandbox() as sb:
-        made = await sb.post("/v1/payouts", json={"amount": 30_000, "currency": "usd"})
-    provider_payout_id = str(made.json()["id"])
-    case_id = payout_case_id("sandbox", provider_payout_id)
-    await move_payout(payouts, provider_payout_id, "failed", failure_code="account_closed")
-    await wait_for_actions(payouts, case_id, "payout_unknown")
+    provider_payout_id, case_id = await failed_before_booking(payouts, 30_000)
     async with payouts.api("olga") as api:
         booked = await api.post("/v1/payouts", json={
             "id": f"P-{uuid.uuid4().hex[:10]}", "provider": "sandbox", "amount": 30_000, "currency": "USD",
@@ -541,12 +548,7 @@ async def test_an_earlier_failure_that_cannot_act_at_registration_acts_at_the_ne
     away at that moment, the failure must not be lost (it was: a log line, and for a
     provider reconciliation cannot list, nobody told). Its delivery waits for the relay's
     re-drive, which opens the case."""
-    async with payouts.sandbox() as sb:
-        made = await sb.post("/v1/payouts", json={"amount": 31_000, "currency": "usd"})
-    provider_payout_id = str(made.json()["id"])
-    case_id = payout_case_id("sandbox", provider_payout_id)
-    await move_payout(payouts, provider_payout_id, "failed", failure_code="account_closed")
-    await wait_for_actions(payouts, case_id, "payout_unknown")
+    provider_payout_id, case_id = await failed_before_booking(payouts, 31_000)
     booked, created = await payouts.store.payouts.register_payout(PayoutRegistration(
         id=f"P-{uuid.uuid4().hex[:10]}", provider="sandbox", provider_payout_id=provider_payout_id,
         beneficiary_id=f"ben-{uuid.uuid4().hex[:8]}", amount=31_000, currency="USD"), "olga")

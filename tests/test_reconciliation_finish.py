@@ -38,6 +38,7 @@ from tests.reconciliation_kit import (
     failed_break_with_a_trigger,
     history,
     move_at_provider,
+    reopen,
     seed_case,
     seed_provider,
     wait_for_breaks,
@@ -199,21 +200,21 @@ async def test_a_dismissed_break_reopens_into_the_same_case(stack: Stack) -> Non
     [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
     break_id = found["id"]
 
-    async def reopen(user: str, reason: str = "the customer's bank confirmed the failure") -> Any:
+    async def ask_reopen(user: str, reason: str = "the customer's bank confirmed the failure") -> Any:
         async with stack.api(user) as api:
             return await api.post(f"/v1/reconciliation/breaks/{break_id}/reopen", json={"reason": reason})
 
-    assert (await reopen("olga")).status_code == 409  # still awaiting a decision
+    assert (await ask_reopen("olga")).status_code == 409  # still awaiting a decision
     assert (await decide(stack, "carol", break_id, "deny")).status_code == 202
     await wait_for_breaks(stack, [refund["id"]], "dismissed")
-    assert (await reopen("carol")).status_code == 403  # approvers decide; ops reopen
-    assert (await reopen("olga", "")).status_code == 422  # a reason is required
-    reopened = await reopen("olga")
+    assert (await ask_reopen("carol")).status_code == 403  # approvers decide; ops reopen
+    assert (await ask_reopen("olga", "")).status_code == 422  # a reason is required
+    reopened = await ask_reopen("olga")
     assert reopened.status_code == 202, reopened.text
     assert (reopened.json()["reopened"], reopened.json()["break_id"]) == (1, break_id)
     [waiting] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
     assert (waiting["id"], waiting["reopened"], waiting["resolution"]) == (break_id, 1, None)
-    assert (await reopen("olga")).status_code == 409  # one reopened case, not two
+    assert (await ask_reopen("olga")).status_code == 409  # one reopened case, not two
 
     assert (await decide(stack, "carol", break_id)).status_code == 202
     [resolved] = await wait_for_breaks(stack, [refund["id"]], "resolved")
@@ -240,11 +241,7 @@ async def test_a_reopened_break_excludes_whoever_is_behind_the_case_now(stack: S
     await stack.store.database.execute(  # as a break found before 330f124 holds it
         "UPDATE reconciliation_breaks SET evidence = evidence #- '{case,trigger_identities}' WHERE id = %s",
         (found["id"],))
-    async with stack.api("olga") as api:
-        reopened = await api.post(f"/v1/reconciliation/breaks/{found['id']}/reopen",
-                                  json={"reason": "the bank confirmed the failure"})
-    assert reopened.status_code == 202, reopened.text
-    await wait_for_breaks(stack, [found["object_id"]], "awaiting_approval")
+    await reopen(stack, "olga", found, "the bank confirmed the failure")
     refused = await decide(stack, "carol", found["id"])
     assert refused.status_code == 403 and "cannot approve" in refused.json()["detail"], refused.text
     assert [e["template"] for e in await stack.store.ledger.entries(case_id)] == ["refund_settled"] * 2
@@ -263,11 +260,7 @@ async def test_whoever_reopened_a_break_cannot_approve_it(stack: Stack) -> None:
     await another_approver(stack, "dana", also=("ops",))
     assert (await decide(stack, "carol", found["id"], "deny")).status_code == 202
     await wait_for_breaks(stack, [refund["id"]], "dismissed")
-    async with stack.api("dana") as api:
-        reopened = await api.post(f"/v1/reconciliation/breaks/{found['id']}/reopen",
-                                  json={"reason": "I think the bank failed it"})
-    assert reopened.status_code == 202, reopened.text
-    await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    await reopen(stack, "dana", found, "I think the bank failed it")
     refused = await decide(stack, "dana", found["id"])
     assert refused.status_code == 403 and "cannot approve" in refused.json()["detail"], refused.text
     assert [e["template"] for e in await stack.store.ledger.entries(case_id)] == ["refund_settled"] * 2

@@ -21,6 +21,7 @@ from adapters.providers.manual import manual_refund
 from domain.lifecycle import check_approval, unfilled
 from domain.models import (
     CLOSED_STATUSES,
+    ApprovalProgress,
     ApprovalSignal,
     ApprovalVerdict,
     Decision,
@@ -190,16 +191,22 @@ class CaseActions:
         if row["status"] != "awaiting_approval":
             await self.refuse(caller, case_id, 409, action,
                               f"case is {row['status']}, not awaiting approval", via=via)
-        try:
-            progress = await ask_for_verdict(self.client, self.store, case_id, body, caller,
-                                             answer_within=self.settings.approval_answer_seconds, via=via)
-        except RPCError:
-            if (ended := await ended_while(self.client, case_id, row["status"])) is None:
-                raise
-            await self.refuse(caller, case_id, 409, action, ended, via=via)
+        progress = await self.verdict(caller, case_id, body, row["status"], action, via=via)
         return {"refund_request_id": case_id, "decision": body.decision.value,
                 "status": progress.status, "missing_roles": list(progress.missing_roles),
                 **({"detail": progress.reason} if progress.reason else {})}
+
+    async def verdict(self, caller: Principal, case_id: str, body: ApprovalBody, shown: str, action: str,
+                      *, via: str) -> ApprovalProgress:
+        """The case's workflow's answer to a verdict (refund or payout case); a workflow that
+        ended while its row still shows `shown` is an audited 409 (it goes to ops review)."""
+        try:
+            return await ask_for_verdict(self.client, self.store, case_id, body, caller,
+                                         answer_within=self.settings.approval_answer_seconds, via=via)
+        except RPCError:
+            if (ended := await ended_while(self.client, case_id, shown)) is None:
+                raise
+            await self.refuse(caller, case_id, 409, action, ended, via=via)
 
     async def reissue(self, caller: Principal, case_id: str, body: ReissueBody, *,
                       via: str) -> tuple[bool, dict[str, Any]]:

@@ -3,12 +3,10 @@ case (the API's answer, the console's page) and a verdict on its current approva
 
 from typing import Any
 
-from temporalio.service import RPCError
-
 from adapters.db import Principal, Store
 from domain.payouts import APPROVAL_STATUSES, PayoutCaseStatus
 from domain.permissions import Permission
-from starters.actions.approving import ApprovalBody, approvals_view, ask_for_verdict, ended_while
+from starters.actions.approving import ApprovalBody, approvals_view
 from starters.actions.cases import CaseActions
 
 
@@ -68,13 +66,7 @@ async def decide_on_payout_exception(actions: CaseActions, caller: Principal, ca
         await actions.refuse(caller, case_id, 409, action,
                              f"this verdict was given for the case {body.awaiting.value}; it is now "
                              f"{row['status']}: reload it and decide again", via=via)
-    try:
-        progress = await ask_for_verdict(actions.client, actions.store, case_id, body, caller,
-                                         answer_within=actions.settings.approval_answer_seconds, via=via)
-    except RPCError:
-        if (ended := await ended_while(actions.client, case_id, row["status"])) is None:
-            raise
-        await actions.refuse(caller, case_id, 409, action, ended, via=via)
+    progress = await actions.verdict(caller, case_id, body, row["status"], action, via=via)
     return {"case_id": case_id, "decision": body.decision.value, "status": progress.status,
             "missing_roles": list(progress.missing_roles),
             **({"detail": progress.reason} if progress.reason else {})}
