@@ -30,13 +30,8 @@ class AuditLog:
         """Appends to the case's hash chain inside the caller's transaction; the head row
         lock serialises one chain only."""
         chain = case_id or ""
-        # Two round trips, not four: the no-op upsert creates the head if needed and locks it.
-        cur = await conn.execute(
-            "INSERT INTO audit_heads (chain, seq, hash) VALUES (%s, 0, %s)"
-            " ON CONFLICT (chain) DO UPDATE SET chain = EXCLUDED.chain RETURNING seq, hash",
-            (chain, GENESIS))
-        head = await cur.fetchone()
-        assert head is not None
+        # Two round trips, not four: the head's upsert locks it, then one statement appends.
+        head = await AuditLog._locked_head(conn, chain)
         seq, occurred_at, stored = int(head["seq"]) + 1, datetime.now(UTC), canonical_detail(detail)
         digest = chain_hash(head["hash"], chain=chain, seq=seq, refund_request_id=case_id,
                             occurred_at=occurred_at, actor=actor, action=action, detail=stored)
@@ -53,6 +48,18 @@ class AuditLog:
                 " VALUES (%s,%s,%s,%s,%s,%s,%s)",
                 (chain, seq, actor, action, [str(r) for r in stored.get("roles") or ()],
                  str(stored.get("reason") or stored.get("refusal") or ""), occurred_at))
+
+    @staticmethod
+    async def _locked_head(conn: Conn, chain: str) -> dict[str, Any]:
+        """The chain's head, created if needed and locked until the transaction ends (a
+        no-op upsert): what serialises one chain's writers."""
+        cur = await conn.execute(
+            "INSERT INTO audit_heads (chain, seq, hash) VALUES (%s, 0, %s)"
+            " ON CONFLICT (chain) DO UPDATE SET chain = EXCLUDED.chain RETURNING seq, hash",
+            (chain, GENESIS))
+        head = await cur.fetchone()
+        assert head is not None
+        return head
 
     @staticmethod
     def opening_entry(source: str) -> sql.Composed:
@@ -91,9 +98,7 @@ class AuditLog:
         opening. None when appended; else that latest entry (actor, action, detail), or an
         empty dict when it never opened."""
         async with self._db.transaction() as conn:
-            await conn.execute(  # locks the head, as `append` does
-                "INSERT INTO audit_heads (chain, seq, hash) VALUES (%s, 0, %s)"
-                " ON CONFLICT (chain) DO UPDATE SET chain = EXCLUDED.chain", (case_id, GENESIS))
+            await self._locked_head(conn, case_id)
             latest = await (await conn.execute(
                 "SELECT actor, action, detail FROM audit_events WHERE chain = %s AND action = ANY(%s)"
                 " ORDER BY seq DESC LIMIT 1", (case_id, [opened_by, closed_by, action]))).fetchone()
