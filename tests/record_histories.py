@@ -159,6 +159,17 @@ async def denied(rig: Recording) -> str:
     return case_id
 
 
+async def verdicts_committed(rig: Recording) -> str:
+    """A verdict without the relay's seal is refused, then an approver denies: each verdict's
+    step written by an activity once its workflow task completed (`verdict-steps-committed-1`)."""
+    case_id = await awaiting_approval(rig)
+    await rig.stack.client.get_workflow_handle(case_id).signal(RefundWorkflow.approve, ApprovalSignal(
+        approver="mallory", roles=("approver",), decision=Decision.APPROVE))
+    await rig.stack.wait_for_audit(case_id, "approval_refused")
+    await approval(rig, "bob", case_id, "deny")
+    return case_id
+
+
 async def moved_on_under_the_submit(rig: Recording) -> str:
     """The case's hold was released under it while it waited (a denial a killed worker left
     recorded while a retried task approved): the approved submit is refused, nothing moves."""
@@ -680,6 +691,7 @@ SCENARIOS: dict[str, Scenario] = {
     "refund_verdict_resent": Scenario(verdict_resent),
     "refund_denied": Scenario(denied),
     "refund_submit_case_moved_on": Scenario(moved_on_under_the_submit),
+    "refund_verdicts_committed": Scenario(verdicts_committed),
     "refund_expired": Scenario(expired, {"approval_timeout_seconds": 2}),
     "refund_rejected": Scenario(rejected),
     "refund_declined": Scenario(declined),

@@ -21,18 +21,21 @@ import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 
+from adapters.approval_seal import ApprovalKeys, sealing_client
 from adapters.db import Store
 from domain.models import (
+    ApprovalSignal,
     CaseStatus,
     CaseWrites,
     CaseWritten,
+    Decision,
     EventKind,
     ProviderEvent,
     RefundOutcome,
     Vetted,
 )
 from starters.dev.stack import TemporalDevServer
-from tests.harness import Stack, open_stack
+from tests.harness import APPROVAL_KEYS, Stack, open_stack
 from workflows.refund import RefundWorkflow
 
 SIGNALLED = EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED
@@ -173,3 +176,56 @@ async def test_a_step_redone_after_a_cancel_writes_nothing_twice(
     entries = await stack.store.database.fetch_all(
         "SELECT posting_key FROM ledger_entries WHERE refund_request_id = %s", (case_id,))
     assert len(entries) == 1
+
+
+async def test_a_denial_whose_task_runs_again_behind_an_approval_stands_alone(
+        closing_stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two approvers race: bob's sealed approval (a signal) lands while carol's denial (an
+    update) is written. Written by a local activity, the denial's task, closing the case,
+    never completed and ran again with the signal in its history ahead of the update Temporal
+    delivered again: bob's approval decided, the denial stayed written (status denied, hold
+    released), the submit was refused, and carol heard "already decided". What a lost task
+    wrote must not stand beside what the retried one decided: one decision, in the workflow,
+    the case row and the trail alike, the other verdict refused, and carol answered as what
+    happened to hers. (Written once the task that took it completed, the denial stands.)"""
+    stack = closing_stack
+    relay = sealing_client(stack.client, ApprovalKeys([APPROVAL_KEYS]))
+    write = stack.store.cases.write_case_steps
+    denials: list[CaseWrites] = []
+
+    async def racing_write(steps: CaseWrites, step_key: str | None = None,
+                           **options: Callable[[CaseWritten], None]) -> CaseWritten:
+        written = await write(steps, step_key, **options)
+        if any(w.event is not None and w.event.action == "approval_denied" for w in steps.writes) \
+                and not denials:
+            denials.append(steps)
+            await relay.get_workflow_handle(steps.refund_request_id).signal(
+                RefundWorkflow.approve, ApprovalSignal(approver="bob", roles=("approver",),
+                                                       decision=Decision.APPROVE,
+                                                       verdict_id=uuid.uuid4().hex))
+        return written
+
+    monkeypatch.setattr(stack.store.cases, "write_case_steps", racing_write)
+    charge = await stack.charge(20_000)
+    case_id = await stack.request_refund("alice", charge, 9_000)
+    await stack.wait_for_status(case_id, "awaiting_approval")
+    async with stack.api("carol") as api:
+        denied = await api.post(f"/v1/refund-requests/{case_id}/approvals", json={"decision": "deny"})
+    outcome = await asyncio.wait_for(
+        stack.client.get_workflow_handle(case_id, result_type=RefundOutcome).result(), 60)
+
+    history = await history_types(stack, case_id)
+    row = await stack.store.cases.get(case_id)
+    assert row is not None
+    decisions = [a for a in await stack.actions(case_id) if a in ("approval_denied", "approval_granted")]
+    refunds = await stack.provider_refunds(charge)
+    trail = await stack.store.audit.trail(case_id)
+    refused = [e["actor"] for e in trail if e["action"] == "approval_refused"]
+    assert denials and SIGNALLED in history  # bob's approval landed while the denial was written
+    assert row["status"] == outcome.state.status.value, (row["status"], outcome.state.status)
+    assert len(decisions) == 1, decisions
+    if decisions == ["approval_denied"]:
+        assert (denied.status_code, refunds, refused) == (202, [], ["bob"]), denied.text
+    else:
+        assert (denied.status_code, len(refunds), refused) == (409, 1, ["carol"]), denied.text
+        assert outcome.state.status is CaseStatus.SUCCEEDED

@@ -48,6 +48,7 @@ from workflows.refund_case import (
     HORIZON_PATCH,
     MISMATCH_PATCH,
     PROVIDER_SCOPED_WAIT_PATCH,
+    VERDICTS_COMMITTED_PATCH,
     VERIFY_DUPLICATES_PATCH,
 )
 from workflows.tracking import BOUNDED_PATCH as TRACKING_BOUNDED_PATCH
@@ -94,6 +95,9 @@ BRANCHES: dict[str, Branch] = {
     "refund_submit_case_moved_on": branch(
         "update:submit_approval", SUBMIT, f"patch:{CASE_MOVED_ON_PATCH}", "action:approval_granted",
         "action:submit_refused_case_moved_on", lacks=[VERIFY, f"{SUBMIT}#2", "action:refund_succeeded"]),
+    "refund_verdicts_committed": branch(
+        "signal:approve", "update:submit_approval", f"patch:{VERDICTS_COMMITTED_PATCH}",
+        "action:approval_refused", "action:approval_denied", lacks=[SUBMIT, "action:approval_granted"]),
     "refund_expired": branch("action:approval_expired", lacks=[SUBMIT, "update:submit_approval"]),
     "refund_rejected": branch("activity:validate_refund", lacks=["activity:decide_policy", SUBMIT]),
     "refund_declined": branch(SUBMIT, "action:refund_declined",
@@ -259,6 +263,10 @@ def _facts(history: WorkflowHistory) -> set[str]:
             given = _payload(scheduled.input)
             if scheduled.activity_type.name in CASE_EVENT_ACTIVITIES:
                 count(f"action:{given['action']}")
+            elif scheduled.activity_type.name == CASE_WRITES:  # a verdict's step (verdict-steps-committed-1)
+                for write in given["writes"]:
+                    if write.get("event"):
+                        count(f"action:{write['event']['action']}")
             elif scheduled.activity_type.name == "post_ledger":
                 count(f"ledger:{given['kind']}")
             elif isinstance(given, dict):  # the submit's own writes: the approval's, its event

@@ -46,6 +46,7 @@ with workflow.unsafe.imports_passed_through():
         LOCAL_VALIDATION_PATCH,
         PROVIDER_SCOPED_WAIT_PATCH,
         TRIPS_PATCH,
+        VERDICTS_COMMITTED_PATCH,
     )
     from workflows.refund_lifecycle import RefundLifecycle
 
@@ -54,6 +55,8 @@ with workflow.unsafe.imports_passed_through():
 APPROVAL_STEPS = {ApprovalOutcome.REQUESTED: (CaseStatus.AWAITING_APPROVAL, False),
                   ApprovalOutcome.DENIED: (CaseStatus.DENIED, True),
                   ApprovalOutcome.EXPIRED: (CaseStatus.EXPIRED, True)}
+# The steps that record a verdict: what they write depends on the order verdicts were taken in.
+VERDICT_STEPS = frozenset({"approval_granted", "approval_denied", "approval_refused"})
 
 
 @workflow.defn
@@ -225,7 +228,9 @@ class RefundWorkflow(RefundLifecycle):
             return
         # the deciding approval queues the requester's notice in its own transaction
         notices = (self._notice(*self._approved_notice()),) if deciding and self._approved_folded else ()
-        await self._record(action, status, actor=actor, release=release, detail=detail, notices=notices)
+        committed = action in VERDICT_STEPS and self._trips and workflow.patched(VERDICTS_COMMITTED_PATCH)
+        await self._record(action, status, actor=actor, release=release, detail=detail, notices=notices,
+                           local=not committed)
 
     def _approved_notice(self) -> tuple[str, str, dict[str, Any]]:
         """The requester's notice that the refund is approved: kind, audience, detail."""

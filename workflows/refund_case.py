@@ -104,6 +104,13 @@ EXECUTOR_EVENTS_PATCH = "executor-events-followed-1"
 # execution without moving money or status; before, it was taken for an unknown outcome and
 # resubmitted until ops review. Asked only when such a refusal comes back.
 CASE_MOVED_ON_PATCH = "submit-case-moved-on-1"
+# A verdict's step (an approval counted, a denial, a refusal) is written by an activity, not a
+# local one: its write runs only once the workflow task that took the verdict has completed,
+# so it always agrees with the history. A local write ran inside that task, and a task that
+# never completed (a worker killed, a signal landing as it closed the case) left its denial
+# written (status denied, hold released) while the task run again took the verdicts in
+# another order and approved. Asked only when a verdict's step is written.
+VERDICTS_COMMITTED_PATCH = "verdict-steps-committed-1"
 # The case's action, the ops notice and the metric's reason when a provider refuses our key.
 CONFIGURATION_INCIDENT = "provider_configuration_refused"
 

@@ -42,15 +42,14 @@ class RefundWrites(RefundCase):
                       actor: str = "workflow", release: bool = False,
                       refund: ProviderRefund | None = None,
                       detail: dict[str, Any] | None = None,
-                      notices: tuple[NoticeInput, ...] = ()) -> None:
-        """Records a case event; `notices` (queued for the dispatcher) in its transaction."""
+                      notices: tuple[NoticeInput, ...] = (), local: bool = True) -> None:
+        """Records a case event; `notices` (queued for the dispatcher) in its transaction.
+        `local=False`: by an activity, written only once this workflow task has completed."""
         if status is not None:
             self._status = status
         event = self._case_event(action, status, actor=actor, release=release, refund=refund, detail=detail)
-        if notices:
-            await self._write(CaseWrite(event=event), *(CaseWrite(notice=n) for n in notices))
-        elif self._trips:
-            await self._write(CaseWrite(event=event))
+        if notices or self._trips:
+            await self._write(CaseWrite(event=event), *(CaseWrite(notice=n) for n in notices), local=local)
         else:
             await contracts.RECORD_CASE_EVENT(event, **retry.CASE_EVENT)
 
@@ -83,12 +82,15 @@ class RefundWrites(RefundCase):
             self._courier = asyncio.create_task(self._deliver_outbox())
 
     async def _write(self, *writes: CaseWrite, posting: LedgerInput | None = None,
-                     unless_submitted: bool = False, **options: Any) -> CaseWritten:
+                     unless_submitted: bool = False, local: bool = True, **options: Any) -> CaseWritten:
         """A case step's database writes in one transaction, as a local activity: short,
-        idempotent (posting and dedup keys) and with nothing outside PostgreSQL. Writes
-        deferred to the case's next write (the deciding approval's) go first."""
+        idempotent (posting and dedup keys) and with nothing outside PostgreSQL. `local=False`
+        for a step whose content a retried workflow task may decide otherwise (a verdict's:
+        `VERDICTS_COMMITTED_PATCH`). Writes deferred to the case's next write (the deciding
+        approval's) go first."""
         writes, self._deferred = (*self._deferred, *writes), ()
-        written: CaseWritten = await contracts.WRITE_CASE_STEPS.local(
+        run = contracts.WRITE_CASE_STEPS.local if local else contracts.WRITE_CASE_STEPS
+        written: CaseWritten = await run(
             CaseWrites(refund_request_id=self._request_id(), posting=posting, writes=writes,
                        unless_submitted=unless_submitted),
             **(options or retry.CASE_EVENT))
