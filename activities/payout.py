@@ -14,7 +14,7 @@ from typing import Any
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.refund import configuration_refused
+from activities.refund import configuration_refused, current_step_key
 from adapters.db import Store
 from adapters.db.payouts import HoldReleased
 from adapters.providers.base import (
@@ -103,14 +103,17 @@ class PayoutActivities:
 
     @activity.defn(name=contracts.RECORD_PAYOUT_CASE_EVENT.name)
     async def record_payout_case_event(self, inp: PayoutCaseEventInput) -> None:
-        """Moves the case's status and appends the audit row in one transaction."""
-        await self._book.record_event(inp)
+        """Moves the case's status and appends the audit row in one transaction, once per
+        step: a stalled attempt waking after its retry writes nothing."""
+        await self._book.record_event(inp, current_step_key(inp))
 
     @activity.defn(name=contracts.HOLD_PAYOUT.name)
     async def hold_payout(self, inp: HoldInput) -> HoldResult:
         """Runbook step A: the payout (and, per policy, the beneficiary's further payouts)
-        on hold, remembering the status to return to. Idempotent: a held payout stays held."""
-        return await self._book.hold(inp.case_id, inp.payout_id, hold_beneficiary=inp.hold_beneficiary)
+        on hold, remembering the status to return to. Idempotent: a held payout stays held,
+        and an attempt woken after its retry (and the rollback) writes nothing."""
+        return await self._book.hold(inp.case_id, inp.payout_id, hold_beneficiary=inp.hold_beneficiary,
+                                     step_key=current_step_key(inp))
 
     @activity.defn(name=contracts.POST_PAYOUT_REVERSAL.name)
     async def post_payout_reversal(self, inp: ReversalInput) -> LedgerResult:

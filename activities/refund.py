@@ -88,7 +88,7 @@ def step_key(run_id: str, activity_id: str, step: BaseModel) -> str:
     return f"{run_id}/{activity_id}/{digest}"
 
 
-def _step_key(step: BaseModel, *, by_content: bool = False) -> str | None:
+def current_step_key(step: BaseModel, *, by_content: bool = False) -> str | None:
     """The running activity's step key (see `step_key`); none outside a workflow. `by_content`:
     keyed by the run and the input alone (see `_redone_after_cancel`)."""
     info = activity.info()
@@ -139,7 +139,7 @@ class RefundActivities:
 
         Idempotent: a retry finds the reservation it already holds.
         """
-        charge = await self._valid_charge(inp.request, _step_key(inp))
+        charge = await self._valid_charge(inp.request, current_step_key(inp))
         if isinstance(charge, Vetted):
             return charge.validation
         return await self._store.cases.reserve(inp.request, charge)
@@ -151,7 +151,7 @@ class RefundActivities:
         Idempotent: a retry finds both, and a run again (as a local activity, its workflow
         task not completed) answers what the first run did, whatever the provider says now."""
         request = inp.request
-        key = _step_key(inp)
+        key = current_step_key(inp)
         charge = await self._valid_charge(request, key)
         if isinstance(charge, Vetted):
             return charge
@@ -208,10 +208,11 @@ class RefundActivities:
 
     @activity.defn(name=contracts.RECORD_CASE_EVENT.name)
     async def record_case_event(self, inp: CaseEventInput) -> None:
-        """Moves the case's status and appends the audit row in one transaction; a case
-        sent to ops review is counted by its reason (the action)."""
-        await self._store.cases.record_event(inp)
-        _count_escalation(inp)
+        """Moves the case's status and appends the audit row in one transaction, once per
+        step (a stalled attempt waking after its retry writes nothing); a case sent to ops
+        review is counted by its reason (the action), when written."""
+        await self._store.cases.record_event(inp, current_step_key(inp),
+                                             after_commit=lambda _: _count_escalation(inp))
 
     @activity.defn(name=contracts.WRITE_CASE_STEPS.name)
     async def write_case_steps(self, inp: CaseWrites) -> CaseWritten:
@@ -227,7 +228,7 @@ class RefundActivities:
                         _count_escalation(write.event)
 
         return await self._store.cases.write_case_steps(
-            inp, _step_key(inp, by_content=_redone_after_cancel(inp)), after_commit=count_escalations)
+            inp, current_step_key(inp, by_content=_redone_after_cancel(inp)), after_commit=count_escalations)
 
     @activity.defn(name=contracts.SUBMIT_PROVIDER_REFUND.name)
     async def submit_provider_refund(self, inp: SubmitInput) -> ProviderRefund:

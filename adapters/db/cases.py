@@ -284,9 +284,18 @@ class CaseRepository(Repository):
             " reserved_amount = CASE WHEN %s THEN 0 ELSE reserved_amount END"
             " WHERE refund_request_id = %s", (status.value, release, case_id))
 
-    async def record_event(self, event: CaseEventInput) -> None:
-        async with self._db.transaction() as conn:
-            await self.record_event_in(conn, event)
+    async def record_event(self, event: CaseEventInput, step_key: str | None = None, *,
+                           after_commit: Callable[[CaseWritten], None] | None = None) -> None:
+        """The event in a transaction of its own. Under a `step_key` (an activity's: the same
+        in every attempt) an attempt that finds its step written writes nothing: a stalled
+        attempt waking after its retry committed would move the status back (`steps.once`)."""
+        await once(self._db, step_key, event.refund_request_id, CaseWritten,
+                   lambda conn: self._event_written(conn, event), after_commit=after_commit)
+
+    @classmethod
+    async def _event_written(cls, conn: Conn, event: CaseEventInput) -> CaseWritten:
+        await cls.record_event_in(conn, event)
+        return CaseWritten(actions=(event.action,))
 
     @classmethod
     async def record_event_in(cls, conn: Conn, event: CaseEventInput, *, applied: bool = False) -> None:

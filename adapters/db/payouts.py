@@ -15,10 +15,11 @@ from adapters.db.database import Conn, Repository, jsonb
 from adapters.db.ledger import LedgerRepository
 from adapters.db.outbox import OutboxRepository
 from adapters.db.rows import HoldRow, PayoutCaseRow, PayoutListRow
+from adapters.db.steps import once
 from adapters.db.sweep import idle_unswept, open_incident_run
 from domain.audit import canonical_detail
 from domain.integrations import ticket_purpose
-from domain.models import LedgerInput, LedgerKind, LedgerResult, NoticeInput
+from domain.models import CaseWritten, LedgerInput, LedgerKind, LedgerResult, NoticeInput
 from domain.money import format_minor
 from domain.payouts import (
     OPEN_STATUSES,
@@ -213,13 +214,18 @@ class PayoutRepository(Repository):
             dedup_key=f"{case_id}:payout_amount_mismatch",
             detail={**evidence, "break_id": opened, "amount": payout.amount, "currency": payout.currency}))
 
-    async def record_event(self, event: PayoutCaseEventInput) -> None:
-        async with self._db.transaction() as conn:
+    async def record_event(self, event: PayoutCaseEventInput, step_key: str | None = None) -> None:
+        """The status and audit row in one transaction, once per `step_key` (see
+        `CaseRepository.record_event`)."""
+        async def write(conn: Conn) -> CaseWritten:
             if event.status is not None:
                 await conn.execute("UPDATE payout_cases SET status = %s, updated_at = now()"
                                    " WHERE case_id = %s", (event.status.value, event.case_id))
             status = {"status": event.status.value} if event.status else {}
             await AuditLog.append(conn, event.case_id, event.actor, event.action, {**event.detail, **status})
+            return CaseWritten(actions=(event.action,))
+
+        await once(self._db, step_key, event.case_id, CaseWritten, write)
 
     async def record_case_field(self, case_id: str, field: Literal["decision", "recommendation"],
                                 value: dict[str, Any], action: str, actor: str) -> None:
@@ -281,10 +287,13 @@ class PayoutRepository(Repository):
 
     # -- the runbook --------------------------------------------------------------------
 
-    async def hold(self, case_id: str, payout_id: str, *, hold_beneficiary: bool) -> HoldResult:
+    async def hold(self, case_id: str, payout_id: str, *, hold_beneficiary: bool,
+                   step_key: str | None = None) -> HoldResult:
         """Step A: the payout goes on hold (remembering its status) and, when asked, the
-        beneficiary's further payouts too. A repeat finds the hold and changes nothing."""
-        async with self._db.transaction() as conn:
+        beneficiary's further payouts too. A repeat finds the hold and changes nothing; an
+        attempt under a `step_key` that was written (its retry's) writes nothing: woken after
+        the rollback, it would hold the payout again."""
+        async def write(conn: Conn) -> HoldResult:
             row = await (await conn.execute("SELECT * FROM payouts WHERE id = %s FOR UPDATE",
                                             (payout_id,))).fetchone()
             assert row is not None
@@ -306,6 +315,8 @@ class PayoutRepository(Repository):
                     "payout_id": payout_id, "held_from": held_from.value,
                     "beneficiary_id": payout.beneficiary_id, "beneficiary_held": hold_beneficiary})
             return HoldResult(held_from=held_from, newly_held=newly, beneficiary_held=hold_beneficiary)
+
+        return await once(self._db, step_key, case_id, HoldResult, write)
 
     async def post_reversal(self, case_id: str, payout: PayoutSnapshot) -> LedgerResult:
         """Step B, fenced by the case row: the entry lands only while the payout is still on
