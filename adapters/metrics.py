@@ -66,6 +66,10 @@ RUNS = Gauge("refunds_reconciliation_runs", "Reconciliation runs by provider and
              "run's reason is in its report)", ["provider", "state"], registry=CASE_REGISTRY)
 BREAKS = Gauge("refunds_reconciliation_breaks", "Reconciliation breaks by class and state",
                ["break_class", "state"], registry=CASE_REGISTRY)
+NOTICES_UNSENT = Gauge("refunds_notice_deliveries_unsent",
+                       "Notice deliveries no one will try again, by channel: failed for good (abandoned) "
+                       "or possibly sent and never resent (uncertain)", ["channel", "state"],
+                       registry=CASE_REGISTRY)
 
 
 async def refresh_case_gauges(store: Store) -> None:
@@ -96,6 +100,9 @@ async def refresh_case_gauges(store: Store) -> None:
     RUNS.clear()
     for row in runs:
         RUNS.labels(row["provider"], row["state"]).set(int(row["n"]))
+    NOTICES_UNSENT.clear()
+    for channel, state, n in await store.outbox.unsent():
+        NOTICES_UNSENT.labels(channel, state).set(n)
 
 
 def exposition(*extra: CollectorRegistry) -> tuple[bytes, str]:

@@ -20,7 +20,9 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from adapters.config import Settings
+from adapters.db.outbox import OutboxRepository
 from adapters.telemetry import CORE_LOGGER, sdk_runtime, span_log, trace_connection, tracer_provider
+from domain.models import NoticeInput
 from starters import relay
 from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack
@@ -216,3 +218,43 @@ async def test_requests_get_server_spans_only_where_spans_are_recorded(
         assert (await http.get("/healthz")).status_code == 200
     spans = [name for name in started if name.startswith(("GET", "fastapi."))]
     assert bool(spans) is recorded, started
+
+
+async def _notice_on(stack: Stack, case_id: str, channel: str, outcome: str, *,
+                     queue: str | None = None) -> int:
+    """A queued notice whose delivery on `channel` ended as `outcome`; its id."""
+    key = f"{case_id}:{uuid.uuid4().hex[:8]}"
+    notice_input = NoticeInput(refund_request_id=case_id, kind="refund_failed", audience="operator",
+                               dedup_key=key, dispatch_queue=queue)
+    assert await stack.store.outbox.queue(notice_input)
+    notice = await stack.store.outbox.notice(key)
+    assert notice is not None
+    assert await stack.store.outbox.claim_delivery(notice["id"], case_id, channel)
+    await stack.store.outbox.finish_delivery(notice["id"], case_id, channel, outcome, error="HTTP 500")
+    return int(notice["id"])
+
+
+async def test_notices_nobody_will_send_again_are_counted_by_channel(stack: Stack) -> None:
+    """A notice whose delivery failed for good (the dispatcher gave up, or the sweeper spent
+    its sweeps) or may have been sent (uncertain: never resent) reaches nobody unless ops
+    look: the relay reports such deliveries by channel. Failures still being retried, and a
+    failure a later try delivered, are not counted."""
+    outbox, case_id = stack.store.outbox, f"rr-{uuid.uuid4().hex[:10]}"
+    channel = f"chat-{uuid.uuid4().hex[:8]}"  # this test's own label in the shared database
+    given_up = await _notice_on(stack, case_id, channel, "failed", queue="q")
+    await outbox.dispatched(given_up)  # a failure for good
+    swept_out = await _notice_on(stack, case_id, channel, "failed")
+    await stack.store.database.execute("UPDATE notices SET attempts = %s WHERE id = %s",
+                                       (OutboxRepository.SWEEP_ATTEMPTS, swept_out))
+    await _notice_on(stack, case_id, channel, "failed")  # the sweeper tries it again
+    await outbox.dispatch_later(await _notice_on(stack, case_id, channel, "failed", queue="q"), 60)
+    await _notice_on(stack, case_id, channel, "uncertain")
+    recovered = await _notice_on(stack, case_id, channel, "failed", queue="q")
+    assert await outbox.claim_delivery(recovered, case_id, channel)
+    await outbox.finish_delivery(recovered, case_id, channel, "delivered")
+    await outbox.mark_delivered(recovered)
+    await outbox.dispatched(recovered)
+
+    samples = await _scrape(stack)
+    assert _value(samples, "refunds_notice_deliveries_unsent", channel=channel, state="abandoned") == 2
+    assert _value(samples, "refunds_notice_deliveries_unsent", channel=channel, state="uncertain") == 1

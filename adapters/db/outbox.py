@@ -91,6 +91,20 @@ class OutboxRepository(Repository):
             " WHERE n.refund_request_id = %s ORDER BY n.id, d.channel", (case_id,))
         return [DeliveryRow.from_row(row) for row in rows]
 
+    async def unsent(self) -> list[tuple[str, str, int]]:
+        """Deliveries no one will try again, by channel: (channel, state, count). `abandoned`:
+        failed, on a notice delivered nowhere that the dispatcher gave up on or the sweeper
+        swept `SWEEP_ATTEMPTS` times; `uncertain`: an attempt that may have sent (never
+        resent). A notice no channel carries has no delivery and is not counted."""
+        rows = await self._db.fetch_all(sql.SQL(
+            "SELECT d.channel, CASE WHEN d.status = 'failed' THEN 'abandoned' ELSE d.status END AS state,"
+            " count(*) AS n FROM notice_deliveries d JOIN notices n ON n.id = d.notice_id"
+            " WHERE d.status = 'uncertain' OR (d.status = 'failed' AND n.delivered_at IS NULL"
+            " AND (CASE WHEN n.dispatch_queue IS NULL THEN n.attempts >= {}"
+            " ELSE n.dispatched_at IS NOT NULL END)) GROUP BY 1, 2").format(
+                sql.Literal(self.SWEEP_ATTEMPTS)))
+        return [(r["channel"], r["state"], int(r["n"])) for r in rows]
+
     SWEEP_ATTEMPTS = 8
     """Sweeps of one notice before it is left undelivered (a channel down for good, or none
     carries it); migration 0810's index names the same bound."""
