@@ -39,7 +39,7 @@ from adapters.codec import data_converter
 from adapters.db import Principal, Store
 from adapters.http_server import AppServer
 from domain.events import tracking_case_id
-from domain.models import ApprovalSignal, Decision
+from domain.models import ApprovalSignal, CaseWrites, CaseWritten, Decision
 from domain.payouts import PayoutSnapshot, PayoutStatus, payout_case_id
 from domain.reconciliation import break_workflow_id
 from starters.actions.approving import new_verdict
@@ -167,6 +167,31 @@ async def verdicts_committed(rig: Recording) -> str:
         approver="mallory", roles=("approver",), decision=Decision.APPROVE))
     await rig.stack.wait_for_audit(case_id, "approval_refused")
     await approval(rig, "bob", case_id, "deny")
+    return case_id
+
+
+async def verdict_after_deadline(rig: Recording) -> str:
+    """A two-approver tier: bob's approval is written while the deadline passes and frank's
+    is queued meanwhile; taken after the deadline, frank's is refused and the round expires
+    (`approval-verdict-taking-1`)."""
+    stack, write = rig.stack, rig.stack.store.cases.write_case_steps
+    held = asyncio.Event()
+
+    async def slow_write(steps: CaseWrites, step_key: str | None = None, **options: Any) -> CaseWritten:
+        if any(w.event is not None and w.event.action == "approval_granted" for w in steps.writes):
+            held.set()
+            await asyncio.sleep(3)  # past the round's deadline
+        return await write(steps, step_key, **options)
+
+    stack.store.cases.write_case_steps = slow_write  # type: ignore[method-assign]
+    case_id, _ = await requested(rig, 60_000, charged=100_000)
+    await stack.wait_for_status(case_id, "awaiting_approval")
+    bob = asyncio.create_task(approval(rig, "bob", case_id, "approve"))
+    await held.wait()
+    async with stack.api("frank") as api:
+        late = await api.post(f"/v1/refund-requests/{case_id}/approvals", json={"decision": "approve"})
+    assert late.status_code == 409, late.text
+    await bob
     return case_id
 
 
@@ -692,6 +717,7 @@ SCENARIOS: dict[str, Scenario] = {
     "refund_denied": Scenario(denied),
     "refund_submit_case_moved_on": Scenario(moved_on_under_the_submit),
     "refund_verdicts_committed": Scenario(verdicts_committed),
+    "refund_verdict_after_deadline": Scenario(verdict_after_deadline, {"approval_timeout_seconds": 2}),
     "refund_expired": Scenario(expired, {"approval_timeout_seconds": 2}),
     "refund_rejected": Scenario(rejected),
     "refund_declined": Scenario(declined),

@@ -4,6 +4,7 @@ and every late verdict is audited (issue 18, item 3). A hundred races on the sha
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -15,7 +16,15 @@ from temporalio.worker import Worker
 
 from adapters.approval_seal import ApprovalKeys, ApprovalSealCheck, sealing_client
 from adapters.db import Store
-from domain.models import ApprovalProgress, ApprovalSignal, Decision
+from domain.models import (
+    ApprovalProgress,
+    ApprovalSignal,
+    CaseStatus,
+    CaseWrites,
+    CaseWritten,
+    Decision,
+    RefundOutcome,
+)
 from starters.dev.stack import TemporalDevServer
 from tests.approval_host import ApprovalHostWorkflow
 from tests.harness import APPROVAL_KEYS, Stack, open_stack, pending_verdict_stack
@@ -235,3 +244,76 @@ async def test_a_verdict_sent_after_the_deadline_never_counts_even_when_the_case
         assert await stack.provider_refunds(charge) == []
     finally:
         await stack.close()
+
+
+def hold_writes_of(stack: Stack, monkeypatch: pytest.MonkeyPatch, action: str,
+                   actor: str) -> tuple[asyncio.Event, asyncio.Event]:
+    """Holds the write of `actor`'s `action` step (a verdict's, run as an activity): (set to
+    release it, set once it waits)."""
+    write = stack.store.cases.write_case_steps
+    release, held = asyncio.Event(), asyncio.Event()
+
+    async def held_write(steps: CaseWrites, step_key: str | None = None,
+                         **options: Callable[[CaseWritten], None]) -> CaseWritten:
+        if any(w.event is not None and (w.event.action, w.event.actor) == (action, actor)
+               for w in steps.writes):
+            held.set()
+            await release.wait()
+        return await write(steps, step_key, **options)
+
+    monkeypatch.setattr(stack.store.cases, "write_case_steps", held_write)
+    return release, held
+
+
+async def test_a_verdict_taken_after_the_deadline_while_another_was_written_never_counts(
+        store: Store, client: Client, temporal_server: TemporalDevServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A two-approver tier: bob's approval is written (an activity) while the deadline
+    passes, and frank's approval is queued meanwhile. Taken after the deadline, frank's
+    verdict is refused as late and the round expires: it must not complete the tier."""
+    stack = await open_stack(store, client, temporal_server.address, approval_timeout_seconds=3)
+    try:
+        release, held = hold_writes_of(stack, monkeypatch, "approval_granted", "bob")
+        charge = await stack.charge(100_000)
+        case_id = await stack.request_refund("alice", charge, 60_000)  # the large tier
+        await stack.wait_for_status(case_id, "awaiting_approval")
+        bob = asyncio.create_task(_decide(stack, "bob", case_id, "approve"))
+        await asyncio.wait_for(held.wait(), HANG)
+        frank = asyncio.create_task(_decide(stack, "frank", case_id, "approve"))
+        await asyncio.sleep(4)  # past the deadline while bob's approval is written
+        release.set()
+        answers = await asyncio.wait_for(asyncio.gather(bob, frank), HANG)
+        row = await stack.wait_for_status(case_id, "expired", "succeeded", "executing", "pending")
+        assert row["status"] == "expired", [a.text for a in answers]
+        assert [a.status_code for a in answers] == [202, 409], [a.text for a in answers]
+        trail = await stack.store.audit.trail(case_id)
+        assert [e["actor"] for e in trail if e["action"] == "approval_refused"] == ["frank"]
+        assert await stack.provider_refunds(charge) == []
+    finally:
+        await stack.close()
+
+
+async def test_a_cancel_while_a_verdict_is_written_answers_it_and_the_case_closes(
+        stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ops cancel the case while bob's approval (not the deciding one) is being written: the
+    write finishes and answers bob (before, his call was never answered and the workflow
+    waited for it for ever), then the case is cancelled; the trail keeps that order."""
+    release, held = hold_writes_of(stack, monkeypatch, "approval_granted", "bob")
+    charge = await stack.charge(100_000)
+    case_id = await stack.request_refund("alice", charge, 60_000)
+    await stack.wait_for_status(case_id, "awaiting_approval")
+    bob = asyncio.create_task(_decide(stack, "bob", case_id, "approve"))
+    await asyncio.wait_for(held.wait(), HANG)
+    handle = stack.client.get_workflow_handle(case_id, result_type=RefundOutcome)
+    await handle.cancel()
+    await asyncio.sleep(1)  # the cancel taken while the write waits
+    release.set()
+    outcome = await asyncio.wait_for(handle.result(), 60)
+    answer = await asyncio.wait_for(bob, HANG)
+    assert outcome.state.status is CaseStatus.CANCELED_BY_OPS
+    assert answer.status_code == 202 and answer.json()["missing_roles"] == ["finance_manager"], answer.text
+    actions = await stack.actions(case_id)
+    assert actions.index("approval_granted") < actions.index("canceled_by_ops"), actions
+    row = await stack.store.cases.get(case_id)
+    assert row is not None and (row["status"], row["reserved_amount"]) == ("canceled_by_ops", 0)
+    assert await stack.provider_refunds(charge) == []

@@ -453,3 +453,31 @@ async def test_what_an_approval_could_not_cover_is_the_next_run_s_break(stack: S
     assert net == 2_000
     quiet = await backfill(stack, since_days=30)  # the books agree: nothing raised again
     assert refund["id"] not in {b["object_id"] for b in quiet["breaks"] if b.get("new_in_run")}
+
+
+async def test_whoever_reopened_a_break_cannot_approve_it_when_it_is_raised_again(stack: Stack) -> None:
+    """The reopened break's approval could not cover all of it (the ledger moved meanwhile),
+    so the next run raises it again for the rest: still the break dana reopened, so dana
+    still may not approve it. Before, the raised-again break's evidence dropped who reopened
+    it, and dana approved the rest alone."""
+    refund = history(f"ch_{uuid.uuid4().hex[:8]}", 2_000, days_ago=3)
+    await seed_provider(stack, [refund])
+    case_id = await seed_case(stack, refund, settled=0, requester="bob")  # shown refunded, nothing booked
+    await backfill(stack, since_days=30)
+    [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    await another_approver(stack, "dana", also=("ops",))
+    assert (await decide(stack, "carol", found["id"], "deny")).status_code == 202
+    await wait_for_breaks(stack, [refund["id"]], "dismissed")
+    await reopen(stack, "dana", found, "the provider did refund it")
+    await stack.store.ledger.post(LedgerInput(refund_request_id=case_id, kind=LedgerKind.REFUND_REVERSED,
+                                              amount=500, currency="USD", reference="a-mistake",
+                                              provider_refund_id=refund["id"]))
+    assert (await decide(stack, "carol", found["id"])).status_code == 202
+    await wait_for_breaks(stack, [refund["id"]], "resolved")
+    await backfill(stack, since_days=30)
+    [again] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    assert (again["id"], again["ledger_delta"]) == (found["id"], 500)
+    refused = await decide(stack, "dana", again["id"])
+    assert refused.status_code == 403 and "cannot approve" in refused.json()["detail"], refused.text
+    assert (await decide(stack, "carol", again["id"])).status_code == 202
+    await wait_for_breaks(stack, [refund["id"]], "resolved")

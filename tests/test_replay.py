@@ -27,7 +27,7 @@ from tests.harness import APPROVAL_KEYS, PAYLOAD_KEYS
 from tests.record_histories import SCENARIOS, SEALED_SCENARIO
 from workers.main import WORKFLOWS, workflow_runner
 from workflows import approvals, payout_case, reconciliation, refund_case, tracking
-from workflows.approvals import SEALED_APPROVALS_PATCH
+from workflows.approvals import SEALED_APPROVALS_PATCH, VERDICT_TAKING_PATCH
 from workflows.payout_case import (
     ADVICE_REFRESH_PATCH,
     DENIED_ROUND_EVENTS_PATCH,
@@ -98,6 +98,9 @@ BRANCHES: dict[str, Branch] = {
     "refund_verdicts_committed": branch(
         "signal:approve", "update:submit_approval", f"patch:{VERDICTS_COMMITTED_PATCH}",
         "action:approval_refused", "action:approval_denied", lacks=[SUBMIT, "action:approval_granted"]),
+    "refund_verdict_after_deadline": branch(
+        f"patch:{VERDICT_TAKING_PATCH}", "update:submit_approval#2", "action:approval_granted",
+        "action:approval_expired", "action:approval_refused", lacks=[SUBMIT, "action:approval_granted#2"]),
     "refund_expired": branch("action:approval_expired", lacks=[SUBMIT, "update:submit_approval"]),
     "refund_rejected": branch("activity:validate_refund", lacks=["activity:decide_policy", SUBMIT]),
     "refund_declined": branch(SUBMIT, "action:refund_declined",

@@ -10,6 +10,7 @@ through `ApprovalHost`. Deterministic: no I/O, activities only through the host.
 
 import asyncio
 from collections.abc import Iterable
+from datetime import datetime
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -44,6 +45,12 @@ late. Before, the inbox came first, and an approval sent after the deadline coul
 EXPIRY_NOTICE_PATCH = "approval-expiry-notice-1"
 """An expired round tells its requester (as a denial does): nothing will happen unless they
 ask again. Before, expiry only wrote the status and nobody heard."""
+VERDICT_TAKING_PATCH = "approval-verdict-taking-1"
+"""Each queued verdict is taken only before the round's deadline, by a task of its own that
+answers it. One queued while an earlier verdict's step was written (an activity: seconds)
+and reached after the deadline is refused as late; before, it counted. A cancel while a
+verdict's step is written lets that step finish and answer its caller; before, the caller
+was never answered and the case waited for its handler for ever."""
 UNSEALED = "ApprovalUnsealed"
 RESENT = "this verdict was already received (the relay's resend); it counted, or was refused, once"
 
@@ -95,6 +102,7 @@ class ApprovalRound:
         self._late: list[tuple[ApprovalSignal, str | None]] = []
         self._late_recorder: asyncio.Task[None] | None = None
         self._verdict_ids: set[str] = after._verdict_ids if after is not None else set()
+        self._taking: asyncio.Future[bool | None] | None = None
 
     @property
     def verdict_ids(self) -> frozenset[str]:
@@ -158,7 +166,7 @@ class ApprovalRound:
             if workflow.now() >= deadline and workflow.patched(DEADLINE_FIRST_PATCH):
                 outcome = await self._expire(host)
                 break
-            outcome = await self._handle_inbox(host)
+            outcome = await self._handle_inbox(host, deadline)
             if outcome is not None:
                 break
             now = workflow.now()
@@ -186,37 +194,55 @@ class ApprovalRound:
             await host.approval_notice("approval_expired", "requester", {"missing_roles": self.missing()})
         return False
 
-    async def _handle_inbox(self, host: ApprovalHost) -> bool | None:
-        """Records each queued verdict; True when the tier is satisfied, False on denial."""
+    async def _handle_inbox(self, host: ApprovalHost, deadline: datetime) -> bool | None:
+        """Records each queued verdict; True when the tier is satisfied, False on denial;
+        None with verdicts still queued once the deadline passed (the round expires)."""
         while self._inbox:
-            position, signal = self._inbox.pop(0)
-            record = ApprovalRecord(approver=signal.approver, decision=signal.decision,
-                                    reason=signal.reason, at=workflow.now())
-            verdict = self.check(signal)
-            if not verdict.accepted:
-                self.refused.append(record)
-                await host.approval_step("approval_refused", actor=signal.approver, detail={
-                    "decision": signal.decision.value, "refusal": verdict.reason})
-                self._verdicts[position] = (False, verdict.reason)
-                continue
-            self.approvals.append(record)
-            if signal.decision is Decision.DENY:
-                self.decided = True
-                await host.approval_step("approval_denied", ApprovalOutcome.DENIED, actor=signal.approver,
-                                         detail={"reason": signal.reason})
-                await host.approval_notice("approval_denied", "requester", {"by": signal.approver})
-                self._verdicts[position] = (True, "")
-                return False
-            self._roles.append((signal.approver, frozenset(signal.roles)))
-            missing = self.missing()
-            self.decided = not missing
-            await host.approval_step("approval_granted", actor=signal.approver,
-                                     detail={"reason": signal.reason, "roles": list(signal.roles),
-                                             "missing_roles": missing})
-            self._verdicts[position] = (True, "")
-            if not missing:
-                return True
+            if not workflow.patched(VERDICT_TAKING_PATCH):
+                outcome = await self._take(host, *self._inbox.pop(0))
+            elif workflow.now() >= deadline:
+                return None
+            else:  # shielded: a cancel meanwhile lets it record and answer its verdict
+                self._taking = asyncio.ensure_future(self._take(host, *self._inbox.pop(0)))
+                outcome = await asyncio.shield(self._taking)
+            if outcome is not None:
+                return outcome
         return None
+
+    async def _take(self, host: ApprovalHost, position: int, signal: ApprovalSignal) -> bool | None:
+        """Records one verdict and answers it: True when the tier is satisfied, False on a
+        denial, None otherwise."""
+        record = ApprovalRecord(approver=signal.approver, decision=signal.decision,
+                                reason=signal.reason, at=workflow.now())
+        verdict = self.check(signal)
+        if not verdict.accepted:
+            self.refused.append(record)
+            await host.approval_step("approval_refused", actor=signal.approver, detail={
+                "decision": signal.decision.value, "refusal": verdict.reason})
+            self._verdicts[position] = (False, verdict.reason)
+            return None
+        self.approvals.append(record)
+        if signal.decision is Decision.DENY:
+            self.decided = True
+            await host.approval_step("approval_denied", ApprovalOutcome.DENIED, actor=signal.approver,
+                                     detail={"reason": signal.reason})
+            await host.approval_notice("approval_denied", "requester", {"by": signal.approver})
+            self._verdicts[position] = (True, "")
+            return False
+        self._roles.append((signal.approver, frozenset(signal.roles)))
+        missing = self.missing()
+        self.decided = not missing
+        await host.approval_step("approval_granted", actor=signal.approver,
+                                 detail={"reason": signal.reason, "roles": list(signal.roles),
+                                         "missing_roles": missing})
+        self._verdicts[position] = (True, "")
+        return None if missing else True
+
+    async def taken(self) -> None:
+        """Waits for the verdict being recorded, if any: a cancel lets it finish first, so
+        the trail shows it before the cancel."""
+        if self._taking is not None:
+            await self._taking
 
     async def close(self, host: ApprovalHost) -> None:
         """Ends a round that never runs (the case needs no approval): verdicts already

@@ -43,6 +43,7 @@ class RefundLifecycle(RefundProvider):
         if self._validating is not None and not self._validating.done():
             with contextlib.suppress(ActivityError, ValidationAbandoned):
                 await self._validating
+        await self._round.taken()
         refund = self._refund
         if refund is None and self._status in CLOSED_STATUSES:  # decided already: only finishing
             return await self._finish()
