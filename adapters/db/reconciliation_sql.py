@@ -122,7 +122,11 @@ WITH matched AS (
     ON CONFLICT (provider, object_id, break_class) DO UPDATE SET
         state = 'new', reopened = reconciliation_breaks.reopened + 1, resolution = NULL,
         resolved_at = NULL, dispatched_at = NULL, first_run_id = EXCLUDED.first_run_id,
-        found_at = now(), ledger_delta = EXCLUDED.ledger_delta, evidence = EXCLUDED.evidence,
+        found_at = now(), ledger_delta = EXCLUDED.ledger_delta,
+        -- whoever reopened the break is still behind it (`behind_break`): the rest of a
+        -- compensation they asked for is not theirs to approve either
+        evidence = CASE WHEN reconciliation_breaks.evidence ? 'reopened_by' THEN jsonb_set(EXCLUDED.evidence,
+            '{reopened_by}', reconciliation_breaks.evidence->'reopened_by') ELSE EXCLUDED.evidence END,
         case_status = EXCLUDED.case_status, provider_status = EXCLUDED.provider_status,
         raw_status = EXCLUDED.raw_status, failure_reason = EXCLUDED.failure_reason,
         amount = EXCLUDED.amount
