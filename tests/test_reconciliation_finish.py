@@ -21,7 +21,14 @@ from adapters.db import Principal, Store
 from adapters.policy_file import load_policy
 from domain import contracts
 from domain.ledger import REFUNDED_ACCOUNT
-from domain.models import LedgerInput, LedgerKind
+from domain.models import (
+    CaseEventInput,
+    CaseStatus,
+    LedgerInput,
+    LedgerKind,
+    ProviderRefund,
+    ProviderRefundStatus,
+)
 from domain.payouts import PayoutSnapshot, PayoutStatus, payout_case_id
 from domain.reconciliation import break_workflow_id
 from starters.actions.cases import CaseActions
@@ -481,3 +488,35 @@ async def test_whoever_reopened_a_break_cannot_approve_it_when_it_is_raised_agai
     assert refused.status_code == 403 and "cannot approve" in refused.json()["detail"], refused.text
     assert (await decide(stack, "carol", again["id"])).status_code == 202
     await wait_for_breaks(stack, [refund["id"]], "resolved")
+
+
+async def test_an_approved_break_moves_nothing_once_its_case_moved_on_by_itself(stack: Stack) -> None:
+    """A refund pending at the provider for days is a stuck break for approvers (its case's
+    workflow still follows it). Meanwhile the provider succeeds and the case applies that
+    itself: status, refund and ledger. The approval was given for a pending refund; settled
+    against the case as it is now it would reverse the refund the provider made and show it
+    pending. It goes to ops review with nothing posted."""
+    refund = history(f"ch_{uuid.uuid4().hex[:8]}", 2_000, days_ago=5, status="pending")
+    await seed_provider(stack, [refund])
+    case_id = await seed_case(stack, refund, status=CaseStatus.PENDING, held=ProviderRefundStatus.PENDING,
+                              settled=0)
+    await backfill(stack, since_days=30)
+    [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    assert found["break_class"] == "stuck_non_terminal"
+    succeeded = ProviderRefund(provider="sandbox", refund_id=refund["id"], charge_id=refund["charge"],
+                               amount=2_000, currency="USD", status=ProviderRefundStatus.SUCCEEDED,
+                               raw_status="succeeded", reference=case_id)
+    await stack.store.cases.record_provider_refund(case_id, succeeded, "refund_status_changed")
+    await stack.store.ledger.post(LedgerInput(refund_request_id=case_id, kind=LedgerKind.REFUND_SETTLED,
+                                              amount=2_000, currency="USD", provider_refund_id=refund["id"]))
+    await stack.store.cases.record_event(CaseEventInput(refund_request_id=case_id, action="refund_succeeded",
+                                                        actor="workflow", status=CaseStatus.SUCCEEDED))
+    assert (await decide(stack, "carol", found["id"])).status_code == 202
+    [settled] = await wait_for_breaks(stack, [refund["id"]], "ops_review", "resolved")
+    assert [e["template"] for e in await stack.store.ledger.entries(case_id)] == ["refund_settled"] * 2
+    case = await stack.store.cases.get(case_id)
+    assert case is not None and (case["status"], case["provider_status"]) == ("succeeded", "succeeded")
+    assert settled["state"] == "ops_review"
+    assert settled["resolution"]["case_moved"]["provider_status"] == "succeeded"
+    assert ("reconciliation_break_case_moved", "ops") in [
+        (n["kind"], n["audience"]) for n in await stack.store.outbox.notices(case_id)]  # ops hear

@@ -475,13 +475,21 @@ class ReconciliationRepository(Repository):
                 return BreakOutcome.model_validate(row["resolution"]["outcome"])
             outcome = BreakOutcome(break_id=break_id, state=settlement.state)
             overtaken = await self._overtaken_by(conn, row) if checked else None
-            if overtaken is not None:
+            moved = await self._case_moved(conn, row) if checked and overtaken is None else None
+            if overtaken is not None or moved is not None:
                 outcome = BreakOutcome(break_id=break_id, state=BreakState.OPS_REVIEW)
             elif settlement.state is BreakState.RESOLVED:
                 compensate = self._compensate_payout if row["object_kind"] == "payout" else self._compensate
                 outcome = await compensate(conn, row, settlement)
             resolution = {**settlement.model_dump(mode="json"), "outcome": outcome.model_dump(mode="json"),
-                          **({"overtaken_by": overtaken} if overtaken else {})}
+                          **({"overtaken_by": overtaken} if overtaken else {}),
+                          **({"case_moved": moved} if moved else {})}
+            if moved is not None:
+                await OutboxRepository.queue_in(conn, NoticeInput(
+                    refund_request_id=row["chain"], kind="reconciliation_break_case_moved", audience="ops",
+                    dedup_key=f"reconciliation_break_case_moved:{break_id}{_round(row)}",
+                    detail={"break_id": break_id, "break_class": row["break_class"],
+                            "approvers": list(settlement.approvers), **moved}))
             await conn.execute(
                 "UPDATE reconciliation_breaks SET state = %s, resolved_at = now(), resolution = %s,"
                 " refund_request_id = coalesce(refund_request_id, %s) WHERE id = %s",
@@ -504,6 +512,24 @@ class ReconciliationRepository(Repository):
             (row["provider"], row["object_id"], row["id"], row["provider_status"]))).fetchone()
         return None if later is None else {"break_id": later["id"], "break_class": later["break_class"],
                                            "provider_status": later["provider_status"]}
+
+    @staticmethod
+    async def _case_moved(conn: Conn, row: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The case's own workflow applied another provider status since the break was found
+        (neither the one the break found it holding nor the break's): the approval was given
+        for a case that is no longer there, and settled against the case as it is now it
+        would undo what the workflow applied (a stuck refund's success reversed). People look
+        again; nothing moves."""
+        found = row["evidence"].get("case") or {}
+        if not found or row["refund_request_id"] is None:
+            return None
+        case = await (await conn.execute(
+            "SELECT status, provider_status FROM refund_cases WHERE refund_request_id = %s",
+            (row["refund_request_id"],))).fetchone()
+        if case is None or case["provider_status"] in (found.get("provider_status"), row["provider_status"]):
+            return None
+        return {"provider_status": case["provider_status"], "status": case["status"],
+                "found_provider_status": found.get("provider_status")}
 
     async def _adopt(self, row: Mapping[str, Any]) -> None:
         """A refund unknown to us becomes a tracking case (holding its amount against the

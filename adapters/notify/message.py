@@ -151,6 +151,13 @@ TEMPLATES: dict[str, Template] = {
         "Decision: reissue approved by {approved_by}. The beneficiary was paid {amount} again as "
         "{reissue_id}; the reissue is posted in the ledger and this case's beneficiary holds are "
         "released. Next steps: none; the case is complete.", payout=True),
+    "reconciliation_break_case_moved": Template(
+        "Reconciliation break {break_id}: approved, but its case moved on",
+        "Approved by {approvers}, the break was found while the case held the provider's status "
+        "{found_provider_status}; the case has since applied {provider_status} itself. Nothing "
+        "was posted or changed: the approval was for a case that is no longer there. Next "
+        "steps: compare the case with the provider; the next reconciliation run raises what "
+        "still disagrees.", ticket="incident"),
     "reconciliation_break": Template(
         "Reconciliation break {case}",
         "Ledger and provider disagree: {difference}. Nothing is corrected automatically.",
