@@ -16,7 +16,7 @@ from activities.payout import PayoutActivities
 from activities.refund import RefundActivities
 from adapters.db import Store
 from adapters.policy_file import load_policy
-from domain.models import CaseEventInput, CaseStatus
+from domain.models import CaseEventInput, CaseStatus, ProviderRefund, ProviderRefundStatus
 from domain.payouts import HoldInput, PayoutCaseEventInput, PayoutCaseStatus, PayoutStatus, ReversalInput
 from tests.test_case_writes import actions, opened
 
@@ -101,3 +101,33 @@ async def test_a_stalled_hold_attempt_leaves_a_payout_rolled_back_after_its_retr
                                            (case_id,))
     assert len(holds) == 1 and holds[0]["released_at"] is not None
     assert await actions(store, case_id) == ["payout_held", "payout_hold_rolled_back"]
+
+
+async def test_a_late_provider_read_never_moves_the_refund_s_status_back(store: Store) -> None:
+    """A verify attempt read the refund pending and stalled (a connection, the pool); its
+    retry read it failed and the case moved on. Woken, the first attempt's read is older
+    than what the case holds: it is recorded in the trail as read, marked stale, and the
+    case keeps the failure (before, the case read pending again without a failure reason,
+    and a replayed old success webhook looked like news)."""
+    request, _ = await opened(store)
+    case_id = request.refund_request_id
+
+    def read(status: ProviderRefundStatus, reason: str | None = None) -> ProviderRefund:
+        return ProviderRefund(provider="sandbox", refund_id=f"re_{case_id}", charge_id=request.charge_id,
+                              amount=1_000, currency="USD", status=status, raw_status=status.value,
+                              failure_reason=reason, reference=case_id)
+
+    await store.cases.record_provider_refund(case_id, read(ProviderRefundStatus.FAILED, "card closed"),
+                                             "verify_state")
+    await store.cases.record_provider_refund(case_id, read(ProviderRefundStatus.PENDING), "verify_state")
+    row = await store.cases.get(case_id)
+    assert row is not None and (row["provider_status"], row["failure_reason"]) == ("failed", "card closed")
+    trail = [e for e in await store.audit.trail(case_id) if e["action"] == "verify_state"]
+    assert [(e["detail"]["status"], e["detail"].get("stale")) for e in trail] == [
+        ("failed", None), ("pending", True)]
+    # another refund found (the case followed none that exists) is taken as reported
+    other = read(ProviderRefundStatus.PENDING).model_copy(update={"refund_id": f"re2_{case_id}"})
+    await store.cases.record_provider_refund(case_id, other, "verify_state")
+    row = await store.cases.get(case_id)
+    assert row is not None and (row["provider_refund_id"], row["provider_status"]) == (
+        other.refund_id, "pending")

@@ -24,6 +24,7 @@ from adapters.db.outbox import OutboxRepository
 from adapters.db.rows import CaseRow
 from adapters.db.steps import once
 from adapters.db.sweep import idle_unswept, open_incident_run
+from domain.lifecycle import StatusChange, classify_status_change
 from domain.models import (
     CLOSED_STATUSES,
     CaseEventInput,
@@ -35,6 +36,7 @@ from domain.models import (
     NoticeInput,
     PolicyDecision,
     ProviderRefund,
+    ProviderRefundStatus,
     RefundMethod,
     RefundRequest,
     RequestSource,
@@ -492,14 +494,27 @@ class CaseRepository(Repository):
 
     async def record_provider_refund(self, case_id: str, refund: ProviderRefund, action: str,
                                      detail: dict[str, Any] | None = None) -> None:
-        """Stores what the provider reported for the case's refund, with its audit row."""
+        """Stores what the provider reported for the case's refund, with its audit row. A
+        read of the refund the case holds that would move its status back (`STALE`,
+        `IMPOSSIBLE`: an attempt that read before its retry and committed after it) is only
+        recorded, marked stale: a provider's older word never overwrites a newer one."""
         async with self._db.transaction() as conn:
-            await conn.execute(
-                "UPDATE refund_cases SET provider_refund_id = %s, provider_status = %s,"
-                " failure_reason = %s, updated_at = now() WHERE refund_request_id = %s",
-                (refund.refund_id, refund.status.value, refund.failure_reason, case_id))
+            cur = await conn.execute(
+                "SELECT provider_refund_id, provider_status FROM refund_cases WHERE refund_request_id = %s"
+                " FOR UPDATE", (case_id,))
+            held = await cur.fetchone()
+            stale = held is not None and held["provider_refund_id"] == refund.refund_id \
+                and held["provider_status"] is not None and classify_status_change(
+                    ProviderRefundStatus(held["provider_status"]), refund.status) in (
+                        StatusChange.STALE, StatusChange.IMPOSSIBLE)
+            if not stale:
+                await conn.execute(
+                    "UPDATE refund_cases SET provider_refund_id = %s, provider_status = %s,"
+                    " failure_reason = %s, updated_at = now() WHERE refund_request_id = %s",
+                    (refund.refund_id, refund.status.value, refund.failure_reason, case_id))
             await AuditLog.append(conn, case_id, f"provider:{refund.provider}", action,
-                                  {**refund.model_dump(mode="json"), **(detail or {})})
+                                  {**refund.model_dump(mode="json"), **(detail or {}),
+                                   **({"stale": True} if stale else {})})
 
     async def decisions_since(self, since: datetime) -> list[CaseRow]:
         """Cases with a stored policy decision, newest last (for policy simulation)."""
