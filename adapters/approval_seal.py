@@ -39,7 +39,8 @@ from temporalio.worker import (
 
 from adapters.config import Settings, secret_list
 from domain.models import ApprovalSignal
-from domain.seals import CheckedApproval
+from domain.payouts import ReissueAsk
+from domain.seals import CheckedApproval, CheckedReissueAsk
 
 SEAL_HEADER = "refunds-approval-seal"
 SEAL_VERSION = "v2"
@@ -47,6 +48,7 @@ LEGACY_VERSION = "v1"
 """Seals over no run chain: made before the chain was covered, still verified on replay."""
 APPROVE_SIGNAL = "approve"
 APPROVAL_UPDATE = "submit_approval"
+REISSUE_UPDATE = "request_reissue"
 MAX_AGE = timedelta(minutes=15)
 """A seal older than this (by the workflow's clock) is refused: a captured one goes stale."""
 MAX_SKEW = timedelta(minutes=1)
@@ -54,19 +56,28 @@ MAX_SKEW = timedelta(minutes=1)
 _HEADER_CONVERTER = PayloadConverter.default
 
 
-def _message(workflow_id: str, chain: str | None, signal: ApprovalSignal, issued_at: int,
+Sealed = ApprovalSignal | ReissueAsk
+"""What the relay seals: a verdict, or a request to reissue a payout (its requester is the
+one person barred from approving that reissue, so the name must be the relay's)."""
+
+
+def _message(workflow_id: str, chain: str | None, sealed: Sealed, issued_at: int,
              nonce: str) -> bytes:
     """What a seal covers, canonical JSON, so no field can move into another. The verdict id
     only when there is one, the chain only in a current seal, so seals made before either
-    (in recorded histories) still verify."""
+    (in recorded histories) still verify. A reissue request's names its kind, so it is never
+    a verdict's (and never a `v1`: those were made before it was sealed)."""
     covered: dict[str, object] = {
         "v": LEGACY_VERSION if chain is None else SEAL_VERSION, "workflow_id": workflow_id,
-        "decision": signal.decision.value, "approver": signal.approver, "roles": sorted(signal.roles),
-        "reason": signal.reason, "issued_at": issued_at, "nonce": nonce}
+        "roles": sorted(sealed.roles), "reason": sealed.reason, "issued_at": issued_at, "nonce": nonce}
+    if isinstance(sealed, ReissueAsk):
+        covered.update(kind=REISSUE_UPDATE, requester=sealed.requester)
+    else:
+        covered.update(decision=sealed.decision.value, approver=sealed.approver)
+        if sealed.verdict_id:
+            covered["verdict_id"] = sealed.verdict_id
     if chain is not None:
         covered["chain"] = chain
-    if signal.verdict_id:
-        covered["verdict_id"] = signal.verdict_id
     return json.dumps(covered, sort_keys=True, separators=(",", ":")).encode()
 
 
@@ -87,13 +98,13 @@ class ApprovalKeys:
         """How many keys verify (the rotation list's length)."""
         return len(self._keys)
 
-    def seal(self, workflow_id: str, signal: ApprovalSignal, *, chain: str, now: datetime) -> str:
-        """A seal for this verdict, sent to this workflow's run chain `chain`."""
+    def seal(self, workflow_id: str, sealed: Sealed, *, chain: str, now: datetime) -> str:
+        """A seal for this verdict (or reissue request), sent to this workflow's run chain `chain`."""
         issued_at, nonce = int(now.timestamp()), secrets.token_hex(16)
-        mac = _mac(self._keys[0], _message(workflow_id, chain, signal, issued_at, nonce))
+        mac = _mac(self._keys[0], _message(workflow_id, chain, sealed, issued_at, nonce))
         return f"{SEAL_VERSION}.{issued_at}.{nonce}.{chain}.{mac}"
 
-    def check(self, workflow_id: str, signal: ApprovalSignal, seal: str | None, *, chain: str,
+    def check(self, workflow_id: str, signal: Sealed, seal: str | None, *, chain: str,
               now: datetime) -> tuple[str, str]:
         """(refusal, nonce): refusal is "" when one key sealed exactly this verdict for this
         workflow's run chain `chain` within the window."""
@@ -104,6 +115,7 @@ class ApprovalKeys:
         nonce, _, rest = rest.partition(".")
         sealed_chain, _, mac = rest.partition(".") if version == SEAL_VERSION else (None, "", rest)
         if (version not in (SEAL_VERSION, LEGACY_VERSION) or sealed_chain == ""
+                or (sealed_chain is None and isinstance(signal, ReissueAsk))
                 or not (issued.isascii() and issued.isdigit() and len(issued) <= 12) or not nonce or not mac):
             return "approval seal is malformed", ""
         message = _message(workflow_id, sealed_chain, signal, int(issued), nonce)
@@ -129,12 +141,19 @@ def _approval_arg(name: str, expected: str, args: Sequence[Any]) -> ApprovalSign
     return None
 
 
+def _sealed_update_arg(name: str, args: Sequence[Any]) -> Sealed | None:
+    """The verdict of a `submit_approval` or the request of a `request_reissue` update."""
+    if name == REISSUE_UPDATE and args and isinstance(args[0], ReissueAsk):
+        return args[0]
+    return _approval_arg(name, APPROVAL_UPDATE, args)
+
+
 class _SealingOutbound(client.OutboundInterceptor):
     def __init__(self, next: client.OutboundInterceptor, keys: ApprovalKeys) -> None:
         super().__init__(next)
         self._keys = keys
 
-    async def _sealed(self, workflow_id: str, run_id: str | None, signal: ApprovalSignal,
+    async def _sealed(self, workflow_id: str, run_id: str | None, signal: Sealed,
                       headers: Mapping[str, Payload]) -> dict[str, Payload]:
         """The headers with a seal for the run chain the workflow id names now (one describe:
         the verdict is for the round that chain holds, never a later one under the same id)."""
@@ -156,7 +175,7 @@ class _SealingOutbound(client.OutboundInterceptor):
 
     async def start_workflow_update(
             self, input: client.StartWorkflowUpdateInput) -> client.WorkflowUpdateHandle[Any]:
-        signal = _approval_arg(input.update, APPROVAL_UPDATE, input.args)
+        signal = _sealed_update_arg(input.update, input.args)
         if signal is not None:
             input = dataclasses.replace(input, headers=await self._sealed(input.id, input.run_id, signal,
                                                                            input.headers))
@@ -193,7 +212,8 @@ class _SealCheckingInbound(WorkflowInboundInterceptor):
         super().__init__(next)
         self._used_nonces: set[str] = set()
 
-    def _checked(self, signal: ApprovalSignal, headers: Mapping[str, Payload]) -> CheckedApproval:
+    def _refusal(self, signal: Sealed, headers: Mapping[str, Payload]) -> str:
+        """Why the seal in `headers` does not hold for `signal` ("" when it does); notes its nonce."""
         header = headers.get(SEAL_HEADER)
         try:
             seal = _HEADER_CONVERTER.from_payloads([header], [str])[0] if header is not None else None
@@ -210,7 +230,11 @@ class _SealCheckingInbound(WorkflowInboundInterceptor):
             refusal = "approval seal was already used"
         if not refusal:
             self._used_nonces.add(nonce)
-        return CheckedApproval.model_validate({**signal.model_dump(), "refusal": refusal})
+        return refusal
+
+    def _checked(self, signal: Sealed, headers: Mapping[str, Payload]) -> CheckedApproval | CheckedReissueAsk:
+        checked = CheckedReissueAsk if isinstance(signal, ReissueAsk) else CheckedApproval
+        return checked.model_validate({**signal.model_dump(), "refusal": self._refusal(signal, headers)})
 
     async def handle_signal(self, input: HandleSignalInput) -> None:
         signal = _approval_arg(input.signal, APPROVE_SIGNAL, input.args)
@@ -219,7 +243,7 @@ class _SealCheckingInbound(WorkflowInboundInterceptor):
         await super().handle_signal(input)
 
     async def handle_update_handler(self, input: HandleUpdateInput) -> Any:
-        signal = _approval_arg(input.update, APPROVAL_UPDATE, input.args)
+        signal = _sealed_update_arg(input.update, input.args)
         if signal is not None:
             input = dataclasses.replace(input, args=[self._checked(signal, input.headers), *input.args[1:]])
         return await super().handle_update_handler(input)

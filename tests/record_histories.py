@@ -31,7 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from temporalio.client import Client, WorkflowFailureError, WorkflowHandle, WorkflowHistory
+from temporalio.client import (
+    Client,
+    WorkflowFailureError,
+    WorkflowHandle,
+    WorkflowHistory,
+    WorkflowUpdateFailedError,
+)
 from temporalio.contrib.opentelemetry import TracingInterceptor
 
 from adapters.approval_seal import ApprovalKeys, sealing_client
@@ -40,7 +46,7 @@ from adapters.db import Principal, Store
 from adapters.http_server import AppServer
 from domain.events import tracking_case_id
 from domain.models import ApprovalSignal, CaseWrites, CaseWritten, Decision
-from domain.payouts import PayoutSnapshot, PayoutStatus, payout_case_id
+from domain.payouts import PayoutSnapshot, PayoutStatus, ReissueAsk, payout_case_id
 from domain.reconciliation import break_workflow_id
 from starters.actions.approving import new_verdict
 from starters.dev.stack import EmbeddedPostgres, TemporalDevServer
@@ -516,6 +522,26 @@ async def payout_reissue_denied(rig: Recording) -> str:
     return await payout_reissued(rig, decision="deny")
 
 
+async def payout_reissue_unsealed(rig: Recording) -> str:
+    """A reissue request sent straight to Temporal (no relay seal, naming someone else) is
+    refused and audited (`payout-reissue-sealed-1`); the relay's request then counts, and the
+    reissue is denied."""
+    case_id = await failed_payout_case(rig)
+    (await decide(rig.stack, "lena", case_id)).raise_for_status()
+    await wait_for_case(rig.stack, case_id, "remediated")
+    forged = ReissueAsk(requester="someone-else", roles=("ops",), reason="recorded scenario")
+    try:
+        await rig.stack.client.get_workflow_handle(case_id).execute_update(
+            PayoutReversalWorkflow.request_reissue, forged)
+    except WorkflowUpdateFailedError:
+        pass
+    else:
+        raise AssertionError("an unsealed reissue request was taken")
+    (await ask_reissue(rig.stack, "omar", case_id)).raise_for_status()
+    (await decide(rig.stack, "lena", case_id, "deny")).raise_for_status()
+    return case_id
+
+
 async def payout_continued_as_new(rig: Recording) -> str:
     """A second failure reported in the reissue window of a case past the (tiny) history
     threshold: the window continues as new carrying the case, and the next run takes the
@@ -753,6 +779,7 @@ SCENARIOS: dict[str, Scenario] = {
     "payout_reversed_and_reissued": Scenario(payout_reversed_and_reissued),
     "payout_reissue_key_refused": Scenario(payout_reissue_key_refused),
     "payout_reissue_denied": Scenario(payout_reissue_denied),
+    "payout_reissue_unsealed": Scenario(payout_reissue_unsealed),
     "payout_continued_as_new": Scenario(payout_continued_as_new, {"continue_as_new_after_events": 20}),
     "payout_ledger_failed": Scenario(payout_ledger_failed, {"ledger_pending_after_seconds": 2}),
     "payout_denied": Scenario(payout_denied),

@@ -22,9 +22,11 @@ from temporalio.exceptions import ApplicationError
 from adapters.approval_seal import SEAL_HEADER, ApprovalKeys, sealing_client
 from adapters.db import Store
 from domain.models import ApprovalSignal, Decision
+from domain.payouts import ReissueAsk
 from domain.reconciliation import break_workflow_id
 from starters.dev.stack import TemporalDevServer
 from tests.harness import APPROVAL_KEYS, Stack, open_stack
+from tests.payouts_kit import add_payout_approvers, ask_reissue, remediated
 from tests.reconciliation_kit import (
     backfill,
     history,
@@ -36,6 +38,7 @@ from tests.reconciliation_kit import (
 )
 from tests.test_reconciliation import decide
 from workflows.approvals import UNSEALED
+from workflows.payout import PayoutReversalWorkflow
 from workflows.refund import RefundWorkflow
 
 CLAIMED_ROLES = ("admin", "approver", "finance_manager", "ops")
@@ -257,3 +260,38 @@ async def _break_verdicts(stack: Stack, case_id: str, approver: str, count: int)
             return verdicts
         assert asyncio.get_running_loop().time() < deadline, f"{approver}'s verdicts never audited"
         await asyncio.sleep(0.1)
+
+
+async def test_a_reissue_request_sent_straight_to_temporal_is_refused_and_audited(stack: Stack) -> None:
+    """Whoever asks for a payout to be paid again may not approve that reissue: the request
+    names its requester, so it carries the relay's authority as a verdict does. Sent straight
+    to Temporal naming someone else, it would let one person both ask and approve; it is
+    refused and audited, and the case still takes the relay's request."""
+    await add_payout_approvers(stack)
+    _, case_id = await remediated(stack, 120_000)
+    forged = ReissueAsk(requester="someone-else", roles=("ops",), reason="pay again")
+    with pytest.raises(WorkflowUpdateFailedError) as refused:
+        await stack.client.get_workflow_handle(case_id).execute_update(
+            PayoutReversalWorkflow.request_reissue, forged)
+    assert isinstance(refused.value.cause, ApplicationError) and refused.value.cause.type == UNSEALED
+    trail = await stack.store.audit.trail(case_id)
+    assert [e["actor"] for e in trail if e["action"] == "reissue_request_refused"] == ["someone-else"]
+    assert [e for e in trail if e["action"] == "reissue_requested"] == []
+    asked = await ask_reissue(stack, "omar", case_id)  # the relay's request still counts
+    assert asked.status_code == 202, asked.text
+    assert [e["actor"] for e in await stack.store.audit.trail(case_id)
+            if e["action"] == "reissue_requested"] == ["omar"]
+
+
+def test_a_reissue_seal_covers_the_requester_and_is_no_verdict_s() -> None:
+    keys, now = ApprovalKeys(["k1"]), datetime.now(UTC)
+    ask = ReissueAsk(requester="omar", roles=("ops",), reason="bank details confirmed")
+    seal = keys.seal("case-1", ask, chain="run-1", now=now)
+    assert keys.check("case-1", ask, seal, chain="run-1", now=now)[0] == ""
+    assert keys.check("case-1", ask.model_copy(update={"requester": "mallory"}), seal, chain="run-1",
+                      now=now)[0] == "approval seal does not match this verdict"
+    verdict = ApprovalSignal(approver="omar", roles=("ops",), decision=Decision.APPROVE,
+                             reason="bank details confirmed")
+    assert keys.check("case-1", verdict, seal, chain="run-1", now=now)[0] != ""  # not a verdict's seal
+    assert keys.check("case-1", ask, keys.seal("case-1", verdict, chain="run-1", now=now), chain="run-1",
+                      now=now)[0] != ""

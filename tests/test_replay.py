@@ -33,6 +33,7 @@ from workflows.payout_case import (
     DENIED_ROUND_EVENTS_PATCH,
     EVENTS_WHILE_APPROVING_PATCH,
     REISSUE_HORIZON_PATCH,
+    SEALED_REISSUE_PATCH,
 )
 from workflows.payout_case import BOUNDED_PATCH as PAYOUT_BOUNDED_PATCH
 from workflows.reconciliation import APPROVAL_ROUND_PATCH, PAYOUT_BREAK_PATCH, UNHELD_REFUND_PATCH
@@ -174,6 +175,9 @@ BRANCHES: dict[str, Branch] = {
                                          "action:reissue_completed"),
     "payout_reissue_denied": branch("update:request_reissue", "action:approval_denied",
                                     "activity:post_payout_reversal", lacks=["activity:reissue_payout"]),
+    "payout_reissue_unsealed": branch(
+        f"patch:{SEALED_REISSUE_PATCH}", "update:request_reissue#2", "action:reissue_request_refused",
+        "action:reissue_requested", "action:approval_denied", lacks=["activity:reissue_payout"]),
     "payout_continued_as_new": branch("activity:post_payout_reversal", "signal:payout_event#2",
                                       f"patch:{PAYOUT_BOUNDED_PATCH}", "continued_as_new",
                                       lacks=["update:request_reissue", "activity:reissue_payout"]),
@@ -223,11 +227,15 @@ horizon); markers the whole workflow records (integrations, late verdicts) need 
 
 
 def _history(path: Path) -> WorkflowHistory:
-    """The recorded history under its workflow's id: a refund's is its request id (in the
-    start input), which the relay's approval seals bind; other workflows' the file's name."""
+    """The recorded history under its workflow's id: a refund's is its request id, a payout
+    case's its case id (in the start input), which the relay's seals bind; other workflows'
+    the file's name."""
     history = WorkflowHistory.from_json(path.stem, path.read_text())
     started = _payload(history.events[0].workflow_execution_started_event_attributes.input)
-    case_id = started.get("request", {}).get("refund_request_id") if isinstance(started, dict) else None
+    case_id = None
+    if isinstance(started, dict):
+        case_id = started.get("request", {}).get("refund_request_id") or (
+            started.get("case_id") if "payout_id" in started else None)
     return WorkflowHistory(case_id, history.events) if case_id else history
 
 

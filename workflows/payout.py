@@ -42,9 +42,15 @@ with workflow.unsafe.imports_passed_through():
         TicketResult,
         TriageInput,
     )
+    from domain.seals import reissue_refusal
     from workflows import retry
-    from workflows.approvals import ApprovalOutcome, ApprovalRound
-    from workflows.payout_case import DENIED_ROUND_EVENTS_PATCH, REVERSAL_STEPS, TICKETS_PATCH
+    from workflows.approvals import UNSEALED, ApprovalOutcome, ApprovalRound
+    from workflows.payout_case import (
+        DENIED_ROUND_EVENTS_PATCH,
+        REVERSAL_STEPS,
+        SEALED_REISSUE_PATCH,
+        TICKETS_PATCH,
+    )
     from workflows.payout_reissue import PayoutReissue
 
 NEXT_STEPS = ("a reissue happens only on an explicit reissue request with its own approval; "
@@ -100,6 +106,11 @@ class PayoutReversalWorkflow(PayoutReissue):
         roles it needs."""
         if self._reissue_ask is not None:  # two requests validated in the same activation
             raise ApplicationError("a reissue was already requested for this case", type=errors.REISSUE_TAKEN)
+        unsealed = reissue_refusal(ask)
+        if unsealed and workflow.patched(SEALED_REISSUE_PATCH):
+            # checked here, not in the validator, so the refusal is audited
+            await self._record("reissue_request_refused", actor=ask.requester, detail={"refusal": unsealed})
+            raise ApplicationError(unsealed, type=UNSEALED)
         self._reissue_ask = ask
         await workflow.wait_condition(lambda: self._status_recorded is self._status
                                       and self._status is not PayoutCaseStatus.REMEDIATED)

@@ -54,6 +54,11 @@ DENIED_ROUND_EVENTS_PATCH = "payout-denied-round-events-1"
 # is made again as a round opens and after each join while the round waits; histories
 # recorded before kept the first one for the whole case.
 ADVICE_REFRESH_PATCH = "payout-advice-refresh-1"
+# A reissue request counts only with the relay's seal (as a verdict does since
+# `approval-relay-seal-1`): its requester is the one person barred from approving the
+# reissue, so a request sent straight to Temporal naming someone else let one person ask and
+# approve. Refused and audited (`reissue_request_refused`). Asked when a request arrives.
+SEALED_REISSUE_PATCH = "payout-reissue-sealed-1"
 
 
 class PayoutCase(ApprovingWorkflow):
