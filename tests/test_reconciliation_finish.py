@@ -520,3 +520,29 @@ async def test_an_approved_break_moves_nothing_once_its_case_moved_on_by_itself(
     assert settled["resolution"]["case_moved"]["provider_status"] == "succeeded"
     assert ("reconciliation_break_case_moved", "ops") in [
         (n["kind"], n["audience"]) for n in await stack.store.outbox.notices(case_id)]  # ops hear
+
+
+async def test_a_payout_failed_for_another_amount_than_booked_is_for_ops_never_a_reversal(
+        payout_stack: Stack, store: Store, client: Client) -> None:
+    """The provider fails a payout for 10.00 that our books hold paid for 6,000.00: the case
+    goes to ops review (no reversal of a mismatch). Reconciliation must not turn it into a
+    reversal of the booked 6,000.00 approved at the 10.00 tier (the ops lead alone): a
+    mismatched payout is an `amount_mismatch` break in ops review, nothing moves."""
+    stack = payout_stack
+    listed = provider_payout(1_000, 0.5, "paid")
+    await seed_payouts(stack, [listed], {listed["id"]: PayoutStatus.PAID})
+    await stack.store.database.execute("UPDATE payouts SET amount = 600000 WHERE provider_payout_id = %s",
+                                       (listed["id"],))
+    await move_payout(stack, listed["id"], "failed", failure_code="account_closed")
+    case_id = payout_case_id("sandbox", listed["id"])
+    await wait_for_case(stack, case_id, "ops_review")
+    await client.get_workflow_handle(case_id).result()
+
+    report = await backfill(stack, since_days=1)
+    assert [(b["break_class"], b["state"]) for b in report["breaks"]] == [("amount_mismatch", "ops_review")]
+    [found] = await wait_for_breaks(stack, [listed["id"]], "ops_review")
+    assert (await decide(stack, "lena", found["id"])).status_code == 409  # nothing to approve
+    assert await store.ledger.entries(case_id) == []
+    row = await store.database.fetch_one("SELECT status FROM payouts WHERE provider_payout_id = %s",
+                                         (listed["id"],))
+    assert row == {"status": "paid"}

@@ -146,6 +146,12 @@ WITH classified AS (
     LEFT JOIN payouts p ON p.provider = %(provider)s AND p.provider_payout_id = b.object_id
     CROSS JOIN LATERAL (SELECT CASE
         WHEN b.status = %(unmapped)s THEN 'unmapped_status'
+        -- failed for another amount or currency than we booked: people look (the payout
+        -- case's own admission sends such a report to ops review too), never a reversal
+        WHEN b.status = ANY(%(payout_failed)s) AND p.status = %(paid)s AND b.currency <> p.currency
+            THEN 'currency_mismatch'
+        WHEN b.status = ANY(%(payout_failed)s) AND p.status = %(paid)s AND b.amount <> p.amount
+            THEN 'amount_mismatch'
         WHEN b.status = ANY(%(payout_failed)s) AND p.status = %(paid)s THEN 'payout_failed_shown_paid'
         END AS break_class) k
     WHERE b.created_at < %(judge_before)s AND k.break_class IS NOT NULL
@@ -165,7 +171,7 @@ WITH classified AS (
                'payout', CASE WHEN payout_id IS NOT NULL THEN jsonb_build_object('id', payout_id,
                    'status', our_status, 'amount', our_amount, 'currency', our_currency,
                    'beneficiary_id', beneficiary_id) END),
-           %(run_id)s, CASE WHEN status = %(unmapped)s THEN 'ops_review' ELSE 'new' END
+           %(run_id)s, CASE WHEN break_class = 'payout_failed_shown_paid' THEN 'new' ELSE 'ops_review' END
     FROM classified
     ON CONFLICT (provider, object_id, break_class) DO NOTHING
     RETURNING *
