@@ -9,8 +9,12 @@ a case; they only tell validation what was captured and what was refunded alread
 from collections.abc import Sequence
 from datetime import datetime
 from enum import StrEnum
+from typing import Annotated
+
+from pydantic import Field
 
 from domain.models import ChargeSnapshot, Frozen
+from domain.money import MAX_MINOR_AMOUNT
 
 
 class PaymentStatus(StrEnum):
@@ -31,6 +35,11 @@ class PaymentStatus(StrEnum):
     every event of one dispute)."""
 
 
+NotifiedAmount = Annotated[int, Field(ge=0, le=MAX_MINOR_AMOUNT, strict=True)]
+"""A payment notification's amount in minor units: zero for a card check's authorisation,
+never negative nor past PostgreSQL's bigint (such a signed body is malformed, not a 500)."""
+
+
 class PaymentEvent(Frozen):
     """A verified payment notification. `psp_reference` is the notification's own object
     (the payment for an authorisation, else the capture or cancellation); `payment_id` is
@@ -44,7 +53,7 @@ class PaymentEvent(Frozen):
     payment_id: str
     psp_reference: str
     status: PaymentStatus
-    amount: int
+    amount: NotifiedAmount
     currency: str
     merchant_account: str
 
