@@ -161,3 +161,16 @@ async def test_an_amount_the_provider_can_express_is_not_refused_for_it(
     async with stack.api("alice") as api:
         response = await api.post("/v1/refund-requests", json=body)
     assert response.status_code == 202, response.text
+
+
+async def test_a_refund_for_a_provider_not_configured_is_422_and_opens_nothing(stack: Stack) -> None:
+    """No adapter can take it: refused where it enters, naming the provider, before a case or
+    workflow exists (before, 202 and a case rejected later under the caller's id)."""
+    body = stack.refund_body("ch_never_called", 1_000, provider="nosuch")
+    async with stack.api("alice") as api:
+        response = await api.post("/v1/refund-requests", json=body)
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["loc"][-1] == "provider" and "'nosuch' is not configured" in error["msg"]
+    assert await stack.store.cases.get(body["refund_request_id"]) is None
+    assert not await workflow_exists(stack, body["refund_request_id"])

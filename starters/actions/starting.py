@@ -94,10 +94,14 @@ def request_from_event(event: ProviderEvent) -> RefundRequest:
     )
 
 
-def over_maximum(providers: Mapping[str, ProviderAdapter], provider: str, amount: int,
-                 currency: str) -> str | None:
-    """Why the provider cannot take the amount at once (more than its limit, or no exact
-    equal in the units its API counts), else None: checked where requests and payouts
+def entry_refusal(providers: Mapping[str, ProviderAdapter], provider: str, amount: int,
+                  currency: str) -> tuple[str, str] | None:
+    """Why a refund or payout cannot enter for this provider, and the field at fault: no
+    such provider is configured, or it cannot take the amount at once (more than its limit,
+    or no exact equal in the units its API counts). Checked where requests and payouts
     enter, before a case or workflow exists."""
     adapter = providers.get(provider)
-    return None if adapter is None else amount_refusal(adapter, amount, currency)
+    if adapter is None:
+        return "provider", f"provider {provider!r} is not configured"
+    why = amount_refusal(adapter, amount, currency)
+    return None if why is None else ("amount", why)

@@ -38,7 +38,7 @@ from domain.models import (
 from domain.permissions import Permission, may, roles_for
 from starters.actions.approving import ended_while
 from starters.actions.front import Door, FrontDoor
-from starters.actions.starting import over_maximum, start_refund
+from starters.actions.starting import entry_refusal, start_refund
 from starters.relay.limits import read_limited
 from starters.relay.webhook_desk import first_delivery_done
 from workflows.refund import RefundWorkflow
@@ -358,10 +358,10 @@ async def servicenow_refund_request(request: Request, door: Door) -> JSONRespons
         await door.store.audit.record(case_id, f"servicenow:{opener}", "access_refused",
                                       {"channel": "servicenow", "ticket": ticket.number, "refusal": message})
         return await answer(door, stored, None, 403, {"detail": message})
-    if too_large := over_maximum(door.providers, ticket.provider, ticket.amount, ticket.currency):
+    if refused := entry_refusal(door.providers, ticket.provider, ticket.amount, ticket.currency):
         await door.store.audit.record(None, principal.user, "action_refused", {
-            "channel": "servicenow", "ticket": ticket.number, "refusal": too_large})
-        return await answer(door, stored, None, 422, {"detail": too_large})
+            "channel": "servicenow", "ticket": ticket.number, "refusal": refused[1]})
+        return await answer(door, stored, None, 422, {"detail": refused[1]})
     refund = ticket.refund_request(principal.user)
     outcome, created = await door.store.cases.create(refund, principal.user)
     if outcome is CaseCreation.CONFLICT:

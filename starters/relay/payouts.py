@@ -16,7 +16,7 @@ from domain.permissions import Permission
 from starters.actions.approving import refusal
 from starters.actions.front import Door
 from starters.actions.payouts import PayoutApprovalBody, decide_on_payout_exception, payout_case_view
-from starters.actions.starting import over_maximum
+from starters.actions.starting import entry_refusal
 from starters.relay.auth import Caller
 from starters.relay.webhooks import Desk
 from workflows.payout import PayoutReversalWorkflow
@@ -44,10 +44,8 @@ async def register_payout(body: PayoutRegistration, caller: Caller, response: Re
                                       {"payout": body.model_dump(mode="json"), "refusal": refusal})
         raise HTTPException(status, refusal)
 
-    if body.provider not in door.providers:
-        await refuse(422, f"provider {body.provider!r} is not configured")
-    if too_large := over_maximum(door.providers, body.provider, body.amount, body.currency):
-        await refuse(422, too_large)
+    if refused := entry_refusal(door.providers, body.provider, body.amount, body.currency):
+        await refuse(422, refused[1])
     booked, created = await door.store.payouts.register_payout(body, caller.user)
     if booked is None:
         await refuse(409, f"payout {body.id} (or {body.provider} payout {body.provider_payout_id}) is "

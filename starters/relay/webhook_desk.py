@@ -43,8 +43,8 @@ from domain.payments import PaymentEvent
 from domain.payouts import PayoutEvent, payout_case_id
 from domain.reconciliation import SHOWN_PENDING
 from starters.actions.starting import (
+    entry_refusal,
     open_payout_case,
-    over_maximum,
     request_from_event,
     start_refund,
     track_refund,
@@ -169,8 +169,8 @@ class WebhookDesk:
             except ValidationError as exc:
                 raise WebhookRejected("malformed", f"invalid refund request: {exc.errors()[0]['msg']}",
                                       event_id=event.event_id, event_type=event.event_type) from None
-            if too_large := over_maximum(self._providers, provider_name, request.amount, request.currency):
-                raise WebhookRejected("malformed", too_large, event_id=event.event_id,
+            if refused := entry_refusal(self._providers, provider_name, request.amount, request.currency):
+                raise WebhookRejected("malformed", refused[1], event_id=event.event_id,
                                       event_type=event.event_type)
             return event, request
         return event, None
