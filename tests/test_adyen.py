@@ -383,3 +383,27 @@ async def test_registry_builds_adyen_from_the_environment_and_it_never_pretends(
         assert provider.parse_webhook({}, notification("REFUND", key=OLD_KEY), 0).event_type == "REFUND"
     finally:
         await close_providers(providers)
+
+
+async def test_a_signed_item_whose_fields_are_split_again_is_refused(rig: AdyenRig) -> None:
+    """Adyen signs its fields joined with ':' unescaped, and our case ids (its
+    merchantReference) may hold a ':'. A copied notification for case `ab:cd`, its fields
+    split again at another ':', keeps its signature but names a new pspReference, so it
+    passed as a new event: a refund that never happened tracked (and booked) against
+    another charge. Adyen's own identifiers never hold a ':': such an item is refused."""
+    psp = unique_psp()
+    genuine = json.loads(notification("REFUND", pspReference=psp, originalReference="PAY1",
+                                      merchantAccountCode=MERCHANT, merchantReference="ab:cd"))
+    item = genuine["notificationItems"][0]["NotificationRequestItem"]
+    moved = {**item, "pspReference": f"{psp}:PAY1", "originalReference": MERCHANT,
+             "merchantAccountCode": "ab", "merchantReference": "cd"}
+    assert adyen.signing_string(moved) == adyen.signing_string(item)  # the same signature holds
+    response = await rig.post(json.dumps(
+        {"live": "false", "notificationItems": [{"NotificationRequestItem": moved}]}).encode())
+    assert response.status_code in (400, 401) and response.text != "[accepted]", response.text
+    assert "':'" in response.json()["detail"]
+    row = await receipt(rig.stack, "adyen", response.json()["receipt_id"])
+    assert row["verdict"] == response.json()["verdict"] and row["processed_at"] is None
+    forged_case = tracking_case_id("adyen", f"{psp}:PAY1")
+    assert await rig.stack.store.cases.get(forged_case) is None
+    assert not await workflow_exists(rig.stack, forged_case)

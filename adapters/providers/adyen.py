@@ -66,6 +66,11 @@ from domain.payouts import PayoutEvent, ProviderPayout, ProviderPayoutStatus
 
 ACKNOWLEDGEMENT = "[accepted]"
 SIGNED_FIELDS = ("pspReference", "originalReference", "merchantAccountCode", "merchantReference")
+UNSPLIT_FIELDS = SIGNED_FIELDS[:3]
+"""Adyen's own identifiers, which never hold a ':'. The signing string joins the signed fields
+with ':' unescaped and our case ids (the merchantReference) may hold one: a copied item split
+again at it keeps its signature under another pspReference (a new event). With a ':' allowed
+only in the merchantReference, no split but Adyen's own passes."""
 API_VERSION = "v71"
 
 # Raw status = eventCode:success[:modification.action]. A combination outside the table
@@ -159,6 +164,10 @@ class AdyenHmacVerifier:
         self._keys = list(hex_keys)
 
     def verify_item(self, item: Mapping[str, Any]) -> None:
+        for field in UNSPLIT_FIELDS:  # see UNSPLIT_FIELDS: the signature cannot tell them apart
+            if ":" in str(item.get(field) or ""):
+                raise WebhookRejected("malformed", f"{field} holds a ':', which no Adyen identifier "
+                                      "does and Adyen's signing string cannot tell apart")
         additional = item.get("additionalData")
         if not isinstance(additional, dict):
             raise WebhookRejected("bad_signature", "additionalData (with the hmacSignature) is not an object")
