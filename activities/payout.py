@@ -154,7 +154,7 @@ class PayoutActivities:
         idempotency key). A failed lookup is never a decline (an unknown outcome; refused
         credentials go to ops). The workflow runs one attempt at a time and, after an
         unknown outcome, the next only past the provider horizon, so its lookup sees a
-        create that landed late."""
+        create that landed late; after the last, a `lookup_only` one that creates nothing."""
         original = inp.original
         done = await self._book.payout(original.reissue_id())
         if done is not None:
@@ -170,6 +170,9 @@ class PayoutActivities:
                             amount=original.amount, currency=original.currency)
         try:
             made = await provider.find_payout(order.reference)
+            if made is None and inp.lookup_only:
+                raise ApplicationError(f"no payout {order.reference} at {original.provider}: no attempt paid",
+                                       type=errors.REISSUE_NOT_MADE, non_retryable=True)
             if made is None:
                 await self._refuse_while_held_elsewhere(inp.case_id, original.beneficiary_id)
                 await self._refuse_unless_failed_still(provider, original)

@@ -37,6 +37,8 @@ NOTICE_DELIVERY_FAILED: Final = "NoticeDeliveryFailed"
 # Refused updates of a payout case (workflows/payout.py)
 REISSUE_TAKEN: Final = "ReissueTaken"
 NOT_REISSUABLE: Final = "NotReissuable"
+REISSUE_NOT_MADE: Final = "ReissueNotMade"
+"""A lookup-only reissue found nothing at the provider: no attempt paid."""
 
 # The approval round's answers to a verdict it refuses (workflows/approvals.py); the
 # front ends tell "too late" (409) from "not yours to give" (403) by them.

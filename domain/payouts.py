@@ -353,6 +353,8 @@ class ReissueInput(Frozen):
     case_id: str
     original: PayoutSnapshot
     final_status: PayoutStatus
+    lookup_only: bool = False
+    """Only look the reissue up (booking it when found): after the last attempt, past the horizon."""
 
 
 class PayoutCaseState(Frozen):

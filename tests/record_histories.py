@@ -517,6 +517,13 @@ async def payout_reissue_key_refused(rig: Recording) -> str:
     return await payout_reissued(rig, lambda: rig.proxy.refuse_next("GET", "/v1/payouts", 401))
 
 
+async def payout_reissue_landed_late(rig: Recording) -> str:
+    """The reissue's one attempt gets no answer and the provider pays after our client gave
+    up: past the horizon the reissue is looked up once more and booked
+    (`payout-reissue-looked-up-late-1`)."""
+    return await payout_reissued(rig, lambda: rig.proxy.act_late("POST", "/v1/payouts", after_seconds=3))
+
+
 async def payout_reissue_denied(rig: Recording) -> str:
     """The reversed payout's reissue is denied: nothing is paid again."""
     return await payout_reissued(rig, decision="deny")
@@ -779,6 +786,8 @@ SCENARIOS: dict[str, Scenario] = {
     "payout_reversed_and_reissued": Scenario(payout_reversed_and_reissued),
     "payout_reissue_key_refused": Scenario(payout_reissue_key_refused),
     "payout_reissue_denied": Scenario(payout_reissue_denied),
+    "payout_reissue_landed_late": Scenario(payout_reissue_landed_late, {"max_submit_attempts": 1,
+                                                                        "resubmit_margin_seconds": 4}),
     "payout_reissue_unsealed": Scenario(payout_reissue_unsealed),
     "payout_continued_as_new": Scenario(payout_continued_as_new, {"continue_as_new_after_events": 20}),
     "payout_ledger_failed": Scenario(payout_ledger_failed, {"ledger_pending_after_seconds": 2}),

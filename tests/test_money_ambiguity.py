@@ -259,6 +259,27 @@ async def test_a_payout_reissue_the_provider_makes_after_we_gave_up_is_made_once
         assert len(made) == 1, made
 
 
+async def test_a_payout_reissue_landing_after_its_last_attempt_gave_up_is_found_and_booked(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """The case's last reissue attempt (one, here) gets no answer, and the provider makes the
+    payout after our client gave up. Sent to ops at once, the case never looked again: the
+    beneficiary was paid, our books showed no reissue and the original on hold, and ops who
+    checked the provider straight away found nothing and paid by hand (twice). The horizon
+    is waited out and the provider asked once more: the late payout is booked as the reissue."""
+    async with rig_for("sandbox", store, client, temporal_server, max_submit_attempts=1, **HORIZON) as rig:
+        stack = rig.stack
+        await add_payout_approvers(stack)
+        payout, case_id = await remediated(stack, 150_000, "insufficient_funds")
+        assert (await ask_reissue(stack, "omar", case_id)).status_code == 202
+        rig.proxy.act_late("POST", "/v1/payouts", after_seconds=LATE_SECONDS)
+        assert (await decide(stack, "lena", case_id)).status_code == 202
+        row = await wait_for_case(stack, case_id, "reissued", "reissue_failed", "ops_review", timeout=90)
+        await reached_provider(rig.proxy)
+        assert len(await reissues_at_provider(stack, payout.reissue_id())) == 1
+        assert row["status"] == "reissued", await stack.actions(case_id)
+        assert [e["template"] for e in await store.ledger.entries(case_id)].count("payout_reissued") == 2
+
+
 async def test_a_payout_reissue_whose_key_is_refused_tells_ops_and_is_made_once_fixed(
         store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
     async with rig_for("sandbox", store, client, temporal_server) as rig:

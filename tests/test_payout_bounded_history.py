@@ -176,6 +176,9 @@ async def test_a_reissue_whose_outcome_stays_unknown_goes_to_ops_after_its_attem
         actions = [e["action"] for e in await rig.stack.store.audit.trail(case_id)]
         assert "reissue_attempts_exhausted" in actions and "reissue_failed" not in actions
         assert [s for *_, s in rig.proxy.refused] == [503] * 3  # three attempts, then ops
+        [spent] = [e for e in await rig.stack.store.audit.trail(case_id)
+                   if e["action"] == "reissue_attempts_exhausted"]
+        assert spent["detail"]["provider_holds_none"] is True  # looked up past the horizon
         assert ("payout_reissue_attempts_exhausted", "payments_ops") in {
             (n["kind"], n["audience"]) for n in await rig.stack.store.outbox.notices(case_id)}
         payout = await rig.stack.store.payouts.payout(row["payout_id"])

@@ -32,6 +32,7 @@ from workflows.payout_case import (
     ADVICE_REFRESH_PATCH,
     DENIED_ROUND_EVENTS_PATCH,
     EVENTS_WHILE_APPROVING_PATCH,
+    LATE_REISSUE_PATCH,
     REISSUE_HORIZON_PATCH,
     SEALED_REISSUE_PATCH,
 )
@@ -175,6 +176,9 @@ BRANCHES: dict[str, Branch] = {
                                          "action:reissue_completed"),
     "payout_reissue_denied": branch("update:request_reissue", "action:approval_denied",
                                     "activity:post_payout_reversal", lacks=["activity:reissue_payout"]),
+    "payout_reissue_landed_late": branch(
+        f"patch:{LATE_REISSUE_PATCH}", "activity:reissue_payout#2", "action:reissue_completed",
+        lacks=["action:reissue_attempts_exhausted", "activity:reissue_payout#3"]),
     "payout_reissue_unsealed": branch(
         f"patch:{SEALED_REISSUE_PATCH}", "update:request_reissue#2", "action:reissue_request_refused",
         "action:reissue_requested", "action:approval_denied", lacks=["activity:reissue_payout"]),

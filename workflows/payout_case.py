@@ -59,6 +59,12 @@ ADVICE_REFRESH_PATCH = "payout-advice-refresh-1"
 # reissue, so a request sent straight to Temporal naming someone else let one person ask and
 # approve. Refused and audited (`reissue_request_refused`). Asked when a request arrives.
 SEALED_REISSUE_PATCH = "payout-reissue-sealed-1"
+# After the last reissue attempt with an unknown outcome the provider horizon is waited out
+# and the reissue looked up once more (creating nothing): a payout that landed late is booked
+# as the reissue. Before, the case went to ops at once and never looked again: the beneficiary
+# paid, our books without the reissue, and ops who checked the provider then found nothing.
+# Asked when the attempts are spent.
+LATE_REISSUE_PATCH = "payout-reissue-looked-up-late-1"
 
 
 class PayoutCase(ApprovingWorkflow):

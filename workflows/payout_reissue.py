@@ -2,6 +2,7 @@
 its bound on unknown outcomes), and continue-as-new, which only its waits need."""
 
 from datetime import datetime, timedelta
+from typing import Any
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
@@ -15,12 +16,14 @@ with workflow.unsafe.imports_passed_through():
         PayoutCaseStatus,
         PayoutDecision,
         PayoutSnapshot,
+        ProviderPayoutStatus,
         ReissueInput,
         final_status,
     )
     from workflows import retry
     from workflows.payout_case import (
         BOUNDED_PATCH,
+        LATE_REISSUE_PATCH,
         REISSUE_HORIZON_PATCH,
         REISSUE_STEPS,
         REVERSAL_STEPS,
@@ -82,8 +85,12 @@ class PayoutReissue(PayoutCase):
                 if one_at_a_time and not (isinstance(cause, ApplicationError) and cause.non_retryable):
                     # The outcome is unknown (or the attempt timed out): its create can land
                     # until the provider horizon, so the next lookup and create wait past it.
-                    if await self._reissue_exhausted():
-                        return
+                    if self._attempts_spent():
+                        landed = await self._landed_late(failure)
+                        if landed is None:
+                            return
+                        made = landed
+                        break
                     await workflow.sleep(self._inp.timings.provider_horizon)
                     await self._bound_history("reissuing")
                     continue
@@ -118,20 +125,39 @@ class PayoutReissue(PayoutCase):
 
     # -- bounded histories (continue-as-new, reissue escalation) --------------------------
 
-    async def _reissue_exhausted(self) -> bool:
-        """After a reissue attempt with an unknown outcome: the `max_submit_attempts`-th
-        sends the case to ops (the hold stays; an attempt may still have paid, which ops
-        check at the provider) and the loop stops creating. False: try again."""
+    def _attempts_spent(self) -> bool:
+        """After a reissue attempt with an unknown outcome: whether it was the
+        `max_submit_attempts`-th, after which the loop stops creating."""
         assert self._inp is not None
         self._unknown_attempts += 1
+        return (self._unknown_attempts >= self._inp.timings.max_submit_attempts
+                and workflow.patched(BOUNDED_PATCH))
+
+    async def _landed_late(self, failure: ProviderPayoutStatus) -> PayoutSnapshot | None:
+        """The attempts are spent: the last one's create can still land until the provider
+        horizon, so (since LATE_REISSUE_PATCH) that is waited out and the reissue looked up
+        once more, creating nothing; found, it is the reissue (booked by the lookup). Else the
+        case goes to ops, the hold kept, told whether the provider was seen to hold none."""
+        assert self._inp is not None and self._payout is not None
+        looked: dict[str, Any] = {}
+        if workflow.patched(LATE_REISSUE_PATCH):
+            await workflow.sleep(self._inp.timings.provider_horizon)
+            try:
+                found: PayoutSnapshot = await contracts.REISSUE_PAYOUT(
+                    ReissueInput(case_id=self._inp.case_id, original=self._payout,
+                                 final_status=final_status(failure), lookup_only=True),
+                    **retry.PAYOUT_REISSUE_LOOKUP)
+                return found
+            except ActivityError as err:
+                cause = err.cause
+                none = isinstance(cause, ApplicationError) and cause.type == errors.REISSUE_NOT_MADE
+                looked = {"provider_holds_none": none, "lookup": str(cause)}
         attempts = self._unknown_attempts
-        if attempts < self._inp.timings.max_submit_attempts or not workflow.patched(BOUNDED_PATCH):
-            return False
         await self._notify("payout_reissue_attempts_exhausted", "payments_ops",
-                           {"attempts": attempts, "approved_by": self._approvers()})
+                           {"attempts": attempts, "approved_by": self._approvers(), **looked})
         await self._record("reissue_attempts_exhausted", PayoutCaseStatus.OPS_REVIEW,
-                           detail={"attempts": attempts})
-        return True
+                           detail={"attempts": attempts, **looked})
+        return None
 
     async def _bound_history(self, phase: str, deadline: datetime | None = None) -> None:
         """Past the history threshold, continues as new carrying the case and the wait it

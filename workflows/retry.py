@@ -86,6 +86,12 @@ PAYOUT_REISSUE: dict[str, Any] = {
 # past the provider horizon after an attempt with an unknown outcome (as for refunds).
 PAYOUT_REISSUE_ONCE: dict[str, Any] = {"start_to_close_timeout": timedelta(seconds=60),
                                        "retry_policy": SUBMIT_RETRY}
+# The lookup after the last attempt: it creates nothing, so it may be asked again, a few times.
+PAYOUT_REISSUE_LOOKUP: dict[str, Any] = {
+    "start_to_close_timeout": timedelta(seconds=60),
+    "retry_policy": RetryPolicy(initial_interval=timedelta(seconds=2), backoff_coefficient=2.0,
+                                maximum_attempts=5),
+}
 
 # Declines, unmapped statuses and run conflicts are raised non-retryable by the activities.
 RECONCILE_BATCH: dict[str, Any] = {"start_to_close_timeout": timedelta(minutes=5), "retry_policy": _PATIENT}

@@ -141,6 +141,13 @@ TEMPLATES: dict[str, Template] = {
         "({error}). The original payout stays on hold and nothing was paid twice. Next steps: "
         "verify the beneficiary's bank details and the provider's dashboard before a new attempt.",
         payout=True),
+    "payout_reissue_attempts_exhausted": Template(
+        "Payout {payout_id}: the reissue's outcome is unknown after {attempts} attempts",
+        "Decision: reissue approved by {approved_by}; no attempt to pay {amount} again got a "
+        "certain answer. Once no attempt could still land, the provider was asked again: it holds "
+        "no reissue = {provider_holds_none} ({lookup}). The original payout stays on hold and "
+        "nothing more is sent. Next steps: check the provider for a payout with this reissue's "
+        "reference before paying by hand.", payout=True),
     "payout_reissue_configuration_refused": Template(
         "Payout {payout_id}: the provider refused our credentials for the reissue",
         "The provider refused our API key or its permissions ({error}). The reissue of {amount} "
