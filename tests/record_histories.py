@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 from temporalio.client import (
     Client,
@@ -73,7 +74,8 @@ from tests.reconciliation_kit import (
     seed_provider,
     wait_for_breaks,
 )
-from tests.test_adyen import MERCHANT, adyen_rig
+from tests.test_adyen import MERCHANT, adyen_rig, unique_psp
+from tests.test_adyen import notification as adyen_notification
 from tests.test_reconciliation_finish import provider_payout, seed_payouts
 from workflows.payout import PayoutReversalWorkflow
 from workflows.refund import RefundWorkflow
@@ -315,6 +317,29 @@ async def adyen_wait_resolved(rig: Recording) -> str:
     case_id = await rig.stack.request_refund("alice", psp, 900, provider="adyen", currency="EUR",
                                              merchant_account=MERCHANT)
     await rig.stack.wait_for_audit(case_id, "no_status_lookup_escalated")
+    await rig.stack.wait_for_status(case_id, "ops_review")
+    async with rig.stack.api("olga") as api:
+        (await api.post(f"/v1/refund-requests/{case_id}/provider-wait",
+                        json={"provider_shows": "not_refunded",
+                              "reason": "recorded scenario"})).raise_for_status()
+    return case_id
+
+
+async def adyen_other_charge_ignored(rig: Recording) -> str:
+    """Waiting for Adyen's notification, the case is sent a refund of another payment that
+    carries its reference: not its refund (`charge-scoped-notification-1`); ops then resolve
+    the wait (Adyen shows no refund)."""
+    assert rig.adyen is not None
+    psp, other = rig.adyen.payment(10_000, "EUR", MERCHANT), rig.adyen.payment(10_000, "EUR", MERCHANT)
+    rig.adyen.unavailable += 1
+    case_id = await rig.stack.request_refund("alice", psp, 900, provider="adyen", currency="EUR",
+                                             merchant_account=MERCHANT)
+    await rig.stack.wait_for_audit(case_id, "awaiting_provider_notification")
+    foreign = adyen_notification("REFUND", pspReference=unique_psp(), originalReference=other,
+                                 merchantReference=case_id, amount={"currency": "EUR", "value": 900})
+    async with httpx.AsyncClient(base_url=rig.stack.relay_url, timeout=30) as http:
+        (await http.post("/webhooks/adyen", content=foreign,
+                         headers={"content-type": "application/json"})).raise_for_status()
     await rig.stack.wait_for_status(case_id, "ops_review")
     async with rig.stack.api("olga") as api:
         (await api.post(f"/v1/refund-requests/{case_id}/provider-wait",
@@ -767,6 +792,7 @@ SCENARIOS: dict[str, Scenario] = {
     "refund_ops_review_reads_exhausted": Scenario(reads_exhausted, {"provider_read_attempts": 2,
                                                                     "status_poll_interval_seconds": 0.5}),
     "refund_adyen_wait_resolved_by_ops": Scenario(adyen_wait_resolved, adyen=True),
+    "refund_adyen_other_charge_ignored": Scenario(adyen_other_charge_ignored, adyen=True),
     "refund_duplicate_provider_refund": Scenario(duplicate_refund, {"late_failure_window_seconds": 6}),
     "refund_foreign_event_ignored": Scenario(foreign_event_ignored, {"late_failure_window_seconds": 6}),
     "refund_verify_finds_duplicates": Scenario(verify_finds_duplicates, {"late_failure_window_seconds": 6}),

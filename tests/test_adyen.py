@@ -407,3 +407,40 @@ async def test_a_signed_item_whose_fields_are_split_again_is_refused(rig: AdyenR
     forged_case = tracking_case_id("adyen", f"{psp}:PAY1")
     assert await rig.stack.store.cases.get(forged_case) is None
     assert not await workflow_exists(rig.stack, forged_case)
+
+
+async def test_a_case_waiting_for_its_notification_takes_no_other_payment_s_refund(rig: AdyenRig) -> None:
+    """The create's answer was lost and the case waits for Adyen's notification. A refund of
+    another payment carrying the case's reference (same amount and currency) arrives first:
+    it is not this case's refund (the customer's payment was never refunded by it), so the
+    case keeps waiting, takes its own when it comes, and the other is raised as a refund
+    carrying the case's reference (an incident: ops review), never booked as the case's."""
+    psp, other = rig.fake.payment(10_000, "EUR", MERCHANT), rig.fake.payment(10_000, "EUR", MERCHANT)
+    rig.proxy.lose_next("POST", f"/v71/payments/{psp}/refunds")
+    case_id = await rig.stack.request_refund("alice", psp, 1800, provider="adyen", currency="EUR",
+                                             merchant_account=MERCHANT)
+    await rig.stack.wait_for_audit(case_id, "awaiting_provider_notification")
+    [made] = rig.fake.refunds_of(psp)
+    stranger = unique_psp()
+    foreign = notification("REFUND", pspReference=stranger, originalReference=other,
+                           merchantReference=case_id, amount={"currency": "EUR", "value": 1800})
+    assert (await rig.post(foreign)).text == "[accepted]"
+    await rig.stack.wait_for_audit(case_id, "no_status_lookup_escalated")
+    case = await rig.stack.store.cases.get(case_id)
+    assert case is not None and case.status == "ops_review", case  # still waiting, not succeeded
+    assert await rig.stack.store.ledger.entries(case_id) == []
+
+    own = notification("REFUND", pspReference=made["pspReference"], originalReference=psp,
+                       merchantReference=case_id, amount={"currency": "EUR", "value": 1800})
+    assert (await rig.post(own)).text == "[accepted]"
+    await rig.stack.wait_for_audit(case_id, "duplicate_provider_refund")
+    actions = await rig.stack.actions(case_id)
+    assert actions.index("refund_succeeded") < actions.index("duplicate_provider_refund")
+    row = await rig.stack.store.cases.get(case_id)
+    assert row is not None and (row["provider_refund_id"], row["provider_status"]) == (
+        made["pspReference"], "succeeded")
+    [incident] = [e for e in await rig.stack.store.audit.trail(case_id)
+                  if e["action"] == "duplicate_provider_refund"]
+    assert incident["detail"]["duplicate_refund_id"] == stranger
+    lines = await rig.stack.store.ledger.entries(case_id)
+    assert [(x["template"], x["debit"]) for x in lines] == [("refund_settled", 1800), ("refund_settled", 0)]

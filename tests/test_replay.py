@@ -44,6 +44,7 @@ from workflows.refund_case import (
     CANCEL_PATCH,
     CANCEL_VALIDATION_PATCH,
     CASE_MOVED_ON_PATCH,
+    CHARGE_SCOPED_WAIT_PATCH,
     DUPLICATE_PATCH,
     EXECUTOR_EVENTS_PATCH,
     FOLLOW_SCOPE_PATCH,
@@ -127,6 +128,10 @@ BRANCHES: dict[str, Branch] = {
         VERIFY, "action:awaiting_provider_notification", "action:no_status_lookup_escalated",
         f"patch:{ADYEN_WAIT_PATCH}", "signal:provider_event", "action:provider_notification_received",
         "action:refund_failed", lacks=[f"{SUBMIT}#2"]),
+    "refund_adyen_other_charge_ignored": branch(
+        "action:awaiting_provider_notification", f"patch:{CHARGE_SCOPED_WAIT_PATCH}",
+        "signal:provider_event#2", "action:provider_notification_received",
+        lacks=[f"{SUBMIT}#2", "action:refund_succeeded"]),
     "refund_late_failure": branch("action:refund_succeeded", "action:refund_failed_after_success",
                                   "activity:post_ledger#2", "signal:provider_event#2"),
     "refund_cancel_while_validation_refused": branch(

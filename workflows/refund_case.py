@@ -111,6 +111,12 @@ CASE_MOVED_ON_PATCH = "submit-case-moved-on-1"
 # written (status denied, hold released) while the task run again took the verdicts in
 # another order and approved. Asked only when a verdict's step is written.
 VERDICTS_COMMITTED_PATCH = "verdict-steps-committed-1"
+# While a case waits for its refund by reference (a provider without a status lookup, or
+# no more submits), an event about a refund of another charge carrying its reference is not
+# its refund: it stays queued (the follow loop raises it as a refund carrying the case's
+# reference). Before, the first such event (same amount and currency) was taken as the case's
+# refund: booked as refunded while the customer's payment was not. Asked when a wait begins.
+CHARGE_SCOPED_WAIT_PATCH = "charge-scoped-notification-1"
 # The case's action, the ops notice and the metric's reason when a provider refuses our key.
 CONFIGURATION_INCIDENT = "provider_configuration_refused"
 
@@ -147,6 +153,7 @@ class RefundCase(ApprovingWorkflow):
     _unsubmitted: tuple[CaseWrite, ...]
     _closing: bool
     _provider_scoped: bool
+    _charge_scoped: bool
     _lookup_escalated: bool
     _duplicates: set[str]
     _mismatched: bool

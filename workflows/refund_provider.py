@@ -40,6 +40,7 @@ with workflow.unsafe.imports_passed_through():
         BOUNDED_PATCH,
         CANCEL_VALIDATION_PATCH,
         CASE_MOVED_ON_PATCH,
+        CHARGE_SCOPED_WAIT_PATCH,
         CONFIGURATION_INCIDENT,
         DUPLICATE_PATCH,
         EXECUTOR_EVENTS_PATCH,
@@ -211,14 +212,18 @@ class RefundProvider(RefundWrites):
                            detail={"escalation": reason})
 
     def _notified(self) -> tuple[ProviderEvent, ProviderRefund] | None:
-        """The first queued event that reports this case's refund (by our reference, or by
-        the provider's refund id once we know it)."""
+        """The first queued event that reports this case's refund (by our reference, on the
+        case's charge since CHARGE_SCOPED_WAIT_PATCH, or by the provider's refund id once we
+        know it)."""
         assert self._request is not None
+        request = self._request
         for event in self._event_inbox:
             reported = event.as_refund()
-            if reported is None or (self._provider_scoped and reported.provider != self._request.provider):
+            if reported is None or (self._provider_scoped and reported.provider != request.provider):
                 continue
-            if reported.reference == self._request.refund_request_id or (
+            other_charge = (self._charge_scoped and bool(reported.charge_id)
+                            and reported.charge_id != request.charge_id)
+            if (reported.reference == request.refund_request_id and not other_charge) or (
                     self._refund is not None and reported.refund_id == self._refund.refund_id):
                 return event, reported
         return None
@@ -229,6 +234,7 @@ class RefundProvider(RefundWrites):
         the first timer runs out, and never resubmit (a resend could refund twice). Ops end
         the wait with what the provider shows (`starters.provider_wait`): the same event."""
         await self._record("awaiting_provider_notification", detail={"reason": reason})
+        self._charge_scoped = workflow.patched(CHARGE_SCOPED_WAIT_PATCH)
         while (notified := self._notified()) is None:
             try:
                 await workflow.wait_condition(lambda: self._notified() is not None,
@@ -425,6 +431,7 @@ class RefundProvider(RefundWrites):
     async def _look_without_submitting(self, reason: str) -> ProviderRefund:
         """After the last allowed submit: no more creates; the provider's lookup and events
         are watched until a refund shows up (or ops cancel the case)."""
+        self._charge_scoped = workflow.patched(CHARGE_SCOPED_WAIT_PATCH)
         while True:
             await self._bound_history("look", reason=reason)
             try:
