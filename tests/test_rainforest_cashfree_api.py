@@ -26,6 +26,7 @@ from adapters.http_server import AppServer
 from adapters.providers import rainforest
 from adapters.providers.base import (
     PayoutLister,
+    ProviderError,
     ProviderOutcomeUnknown,
     ProviderUnsupported,
     RefundLister,
@@ -425,3 +426,22 @@ async def test_only_a_2xx_or_a_refusing_4xx_is_an_answer(status: int, unknown: b
             assert (await send(http, "POST", "/refunds")).status_code == status
     finally:
         await http.aclose()
+
+
+async def test_a_rainforest_lookup_whose_payin_is_not_found_is_no_answer_about_the_refund() -> None:
+    """We only look a refund up on a payin validation read and a submit was made against:
+    its 404 then says nothing about our refund (an outage, a wrong shard, a key that lost
+    the merchant). Read as "no refund", it let a cancelled case release its hold and a
+    resubmit go out while the first create could exist; it is a failed lookup instead."""
+    server = await _serving({})
+    adapter = RainforestApiProvider(api_base=server.url, api_key=RAINFOREST_KEY,
+                                    webhook_secrets=[RAINFOREST_SECRET])
+    request = RefundRequest(refund_request_id="rr-gone", provider="rainforest", charge_id="pyi_gone",
+                            amount=100, currency="USD", merchant_account="mid_1", reason="duplicate")
+    try:
+        assert await adapter.get_charge("pyi_gone") is None  # validation: no such charge, a rejection
+        with pytest.raises(ProviderError, match="pyi_gone"):
+            await adapter.find_refund(request)
+    finally:
+        await adapter.aclose()
+        await server.stop()

@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 from svix.webhooks import Webhook as SvixWebhook
 
-from adapters.providers.base import ProviderOutcomeUnknown, WebhookRejected, only_refund
+from adapters.providers.base import ProviderError, ProviderOutcomeUnknown, WebhookRejected, only_refund
 from adapters.providers.http import JsonApi, JsonApiAdapter
 from adapters.providers.normalise import (
     REFERENCE_KEY,
@@ -215,9 +215,13 @@ class RainforestApiProvider(JsonApiAdapter, RainforestProvider):
         return _refund(self.name, _data(answer))
 
     async def find_refund(self, request: RefundRequest) -> ProviderRefund | None:
+        """Our refund of the payin, found by our reference. The payin was read by validation
+        and submitted against, so its 404 says nothing about the refund: a failed lookup
+        (outcome unknown), never "no refund", which would allow a resubmit or a release."""
         payin = await self._payin(request.charge_id)
         if payin is None:
-            return None
+            raise ProviderError(f"{self.name}: payin {request.charge_id} not found on lookup; "
+                                "the refund's outcome is unknown")
         found = [r for r in self._refunds_of(payin) if r.reference == request.refund_request_id]
         return only_refund(self.name, request.refund_request_id, found)
 
