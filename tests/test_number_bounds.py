@@ -3,9 +3,11 @@
 at once instead of stalling the event loop."""
 
 import asyncio
+from decimal import Decimal
 
 import pytest
 
+from adapters.providers.normalise import major_to_minor
 from domain.money import parse_major
 from tests.harness import Stack
 from tests.test_bad_input import assert_untouched
@@ -59,3 +61,18 @@ async def test_an_age_filter_too_large_for_a_duration_is_422(stack: Stack) -> No
     finally:
         await bob.aclose()
     assert response.status_code == 422 and "duration" in response.text
+
+
+@pytest.mark.parametrize("value", ["100.0000000000000000000000000001", "1E+30", "9223372036854775808"])
+def test_a_major_unit_amount_that_cannot_be_held_exactly_is_refused(value: str) -> None:
+    """A provider's major-unit amount (Cashfree's rupees) past Decimal's 28 digits was rounded
+    to fit and then passed as exact (100.0000…0001 became 100.00); one past 64 bits reached
+    the database. Both are refused as what they are: not an amount we can hold."""
+    with pytest.raises(ValueError):
+        major_to_minor(Decimal(value), "INR")
+
+
+def test_major_unit_amounts_in_range_still_convert_exactly() -> None:
+    assert major_to_minor(Decimal("100.25"), "INR") == 10_025
+    assert major_to_minor(Decimal("92233720368547758.07"), "INR") == 2**63 - 1
+    assert major_to_minor(7, "KWD") == 7_000

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal
+from decimal import Decimal, Inexact, localcontext
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
@@ -68,12 +68,20 @@ def map_status(provider: str, table: Mapping[str, S], raw: object, what: str = "
 
 
 def major_to_minor(value: object, currency: str) -> int:
-    """Amounts that arrive as major units (parsed with Decimal, never float), exactly."""
+    """Amounts that arrive as major units (parsed with Decimal, never float), exactly: one
+    the conversion would round (past Decimal's 28 digits) or past 64 bits is refused."""
     if isinstance(value, bool) or not isinstance(value, int | Decimal):
         raise ValueError(f"amount must be a JSON number, got {value!r}")
-    minor = Decimal(value).scaleb(currency_exponent(currency))
+    with localcontext() as exact:
+        exact.traps[Inexact] = True
+        try:
+            minor = Decimal(value).scaleb(currency_exponent(currency))
+        except Inexact:
+            raise ValueError(f"{value} has more digits than an amount can hold exactly") from None
     if minor != minor.to_integral_value():
         raise ValueError(f"{value} has more decimals than {currency} allows")
+    if abs(minor) > MAX_MINOR_AMOUNT:
+        raise ValueError(f"amount {value} is larger than any we can hold")
     return int(minor)
 
 
