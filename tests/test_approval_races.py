@@ -238,6 +238,7 @@ async def test_a_verdict_sent_after_the_deadline_never_counts_even_when_the_case
         await stack.start_worker()
         row = await stack.wait_for_status(case_id, "expired", "succeeded", "executing", "pending")
         assert row["status"] == "expired"
+        await stack.wait_for_audit(case_id, "approval_refused")  # a verdict's step: written after
         trail = await stack.store.audit.trail(case_id)
         assert [e for e in trail if e["action"] == "approval_granted"] == []
         assert [e["actor"] for e in trail if e["action"] == "approval_refused"] == ["bob"]
@@ -316,4 +317,83 @@ async def test_a_cancel_while_a_verdict_is_written_answers_it_and_the_case_close
     assert actions.index("approval_granted") < actions.index("canceled_by_ops"), actions
     row = await stack.store.cases.get(case_id)
     assert row is not None and (row["status"], row["reserved_amount"]) == ("canceled_by_ops", 0)
+    assert await stack.provider_refunds(charge) == []
+
+
+async def test_a_cancel_while_a_round_expires_answers_the_verdict_queued_behind_it(
+        store: Store, client: Client, temporal_server: TemporalDevServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Frank's approval waits behind bob's (being written) past the deadline, so the round
+    expires with it queued; ops cancel while the expiry is written. The cancel finishes a
+    decided case, and frank's verdict must still be answered and refused, or the case waits
+    for his handler for ever (found by a review of the shielded verdict task)."""
+    stack = await open_stack(store, client, temporal_server.address, approval_timeout_seconds=3)
+    try:
+        release_bob, bob_held = hold_writes_of(stack, monkeypatch, "approval_granted", "bob")
+        release_expiry, expiry_held = hold_writes_of(stack, monkeypatch, "approval_expired", "workflow")
+        charge = await stack.charge(100_000)
+        case_id = await stack.request_refund("alice", charge, 60_000)  # the large tier
+        await stack.wait_for_status(case_id, "awaiting_approval")
+        bob = asyncio.create_task(_decide(stack, "bob", case_id, "approve"))
+        await asyncio.wait_for(bob_held.wait(), HANG)
+        frank = asyncio.create_task(_decide(stack, "frank", case_id, "approve"))
+        await asyncio.sleep(4)  # past the deadline while bob's approval is written
+        release_bob.set()
+        await asyncio.wait_for(expiry_held.wait(), HANG)
+        handle = stack.client.get_workflow_handle(case_id, result_type=RefundOutcome)
+        await handle.cancel()
+        await asyncio.sleep(1)
+        release_expiry.set()
+        outcome = await asyncio.wait_for(handle.result(), 60)
+        answers = await asyncio.wait_for(asyncio.gather(bob, frank), HANG)
+        assert outcome.state.status is CaseStatus.EXPIRED
+        assert [a.status_code for a in answers] == [202, 409], [a.text for a in answers]
+        await stack.wait_for_audit(case_id, "approval_refused")
+        trail = await stack.store.audit.trail(case_id)
+        assert [e["actor"] for e in trail if e["action"] == "approval_refused"] == ["frank"]
+        assert await stack.provider_refunds(charge) == []
+    finally:
+        await stack.close()
+
+
+async def test_a_cancel_while_a_denial_is_written_answers_the_verdict_queued_behind_it(
+        stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Carol's denial and bob's approval reach the case in one activation (its worker was
+    away): carol's is being written, so the case reads denied, with bob's queued behind it,
+    when ops cancel. The cancel finishes a decided case, and bob's verdict must still be
+    refused and answered, or the case waits for his handler for ever (found by a review)."""
+    release, held = hold_writes_of(stack, monkeypatch, "approval_denied", "carol")
+    charge = await stack.charge(20_000)
+    case_id = await stack.request_refund("alice", charge, 9_000)
+    await stack.wait_for_status(case_id, "awaiting_approval")
+    assert stack.worker is not None
+    await stack.worker.shutdown()
+    relay = sealing_client(stack.client, ApprovalKeys([APPROVAL_KEYS])).get_workflow_handle(case_id)
+
+    async def verdict(approver: str, decision: Decision) -> str:
+        try:
+            await relay.execute_update(RefundWorkflow.submit_approval, ApprovalSignal(
+                approver=approver, roles=("approver",), decision=decision, verdict_id=uuid.uuid4().hex))
+        except WorkflowUpdateFailedError as exc:
+            assert isinstance(exc.cause, ApplicationError)
+            return str(exc.cause.type)
+        return "accepted"
+
+    carol = asyncio.create_task(verdict("carol", Decision.DENY))
+    await asyncio.sleep(0.5)
+    bob = asyncio.create_task(verdict("bob", Decision.APPROVE))
+    await asyncio.sleep(0.5)
+    await stack.start_worker()
+    await asyncio.wait_for(held.wait(), HANG)
+    handle = stack.client.get_workflow_handle(case_id, result_type=RefundOutcome)
+    await handle.cancel()
+    await asyncio.sleep(1)
+    release.set()
+    outcome = await asyncio.wait_for(handle.result(), 60)
+    answers = await asyncio.wait_for(asyncio.gather(carol, bob), HANG)
+    assert outcome.state.status is CaseStatus.DENIED
+    assert answers == ["accepted", "AlreadyDecided"], answers
+    await stack.wait_for_audit(case_id, "approval_refused")
+    trail = await stack.store.audit.trail(case_id)
+    assert [e["actor"] for e in trail if e["action"] == "approval_refused"] == ["bob"]
     assert await stack.provider_refunds(charge) == []

@@ -9,7 +9,7 @@ through `ApprovalHost`. Deterministic: no I/O, activities only through the host.
 """
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Protocol
@@ -47,10 +47,11 @@ EXPIRY_NOTICE_PATCH = "approval-expiry-notice-1"
 ask again. Before, expiry only wrote the status and nobody heard."""
 VERDICT_TAKING_PATCH = "approval-verdict-taking-1"
 """Each queued verdict is taken only before the round's deadline, by a task of its own that
-answers it. One queued while an earlier verdict's step was written (an activity: seconds)
-and reached after the deadline is refused as late; before, it counted. A cancel while a
-verdict's step is written lets that step finish and answer its caller; before, the caller
-was never answered and the case waited for its handler for ever."""
+answers it (a verdict refused after the decision too). One queued while an earlier verdict's
+step was written (an activity: seconds) and reached after the deadline is refused as late;
+before, it counted. A cancel while a verdict's step is written lets that step finish and
+answer its caller, and a refund's cancel refuses what is still queued behind a decision;
+before, such callers were never answered and the case waited for their handlers for ever."""
 UNSEALED = "ApprovalUnsealed"
 RESENT = "this verdict was already received (the relay's resend); it counted, or was refused, once"
 
@@ -102,7 +103,7 @@ class ApprovalRound:
         self._late: list[tuple[ApprovalSignal, str | None]] = []
         self._late_recorder: asyncio.Task[None] | None = None
         self._verdict_ids: set[str] = after._verdict_ids if after is not None else set()
-        self._taking: asyncio.Future[bool | None] | None = None
+        self._taking: asyncio.Future[bool | None] | None = None  # the verdict being recorded
 
     @property
     def verdict_ids(self) -> frozenset[str]:
@@ -128,6 +129,11 @@ class ApprovalRound:
             return False
         self._verdict_ids.add(signal.verdict_id)
         return True
+
+    @property
+    def queued(self) -> bool:
+        """Whether verdicts wait in the inbox (taken by no one yet)."""
+        return bool(self._inbox)
 
     def receive(self, signal: ApprovalSignal) -> int:
         """Queues a verdict; its position is how its update finds the answer."""
@@ -202,9 +208,8 @@ class ApprovalRound:
                 outcome = await self._take(host, *self._inbox.pop(0))
             elif workflow.now() >= deadline:
                 return None
-            else:  # shielded: a cancel meanwhile lets it record and answer its verdict
-                self._taking = asyncio.ensure_future(self._take(host, *self._inbox.pop(0)))
-                outcome = await asyncio.shield(self._taking)
+            else:
+                outcome = await self._answering(self._take(host, *self._inbox.pop(0)))
             if outcome is not None:
                 return outcome
         return None
@@ -238,6 +243,12 @@ class ApprovalRound:
         self._verdicts[position] = (True, "")
         return None if missing else True
 
+    async def _answering(self, step: Coroutine[Any, Any, bool | None]) -> bool | None:
+        """Runs a step that records and answers one verdict in a task of its own, shielded:
+        a cancel meanwhile lets it finish and answer its caller (`taken` waits for it)."""
+        self._taking = asyncio.ensure_future(step)
+        return await asyncio.shield(self._taking)
+
     async def taken(self) -> None:
         """Waits for the verdict being recorded, if any: a cancel lets it finish first, so
         the trail shows it before the cancel."""
@@ -254,10 +265,17 @@ class ApprovalRound:
         """Verdicts that arrive after the decision are recorded, never counted."""
         while self._inbox:
             position, signal = self._inbox.pop(0)
-            refusal = f"case is already {host.approval_status()[1]}"
-            await self.record_refusal(host, signal, refusal)
-            self._too_late.add(position)
-            self._verdicts[position] = (False, refusal)
+            if workflow.patched(VERDICT_TAKING_PATCH):
+                await self._answering(self._refuse_late(host, position, signal))
+            else:
+                await self._refuse_late(host, position, signal)
+
+    async def _refuse_late(self, host: ApprovalHost, position: int, signal: ApprovalSignal) -> None:
+        """Records a verdict that came after the decision as refused, then answers it."""
+        refusal = f"case is already {host.approval_status()[1]}"
+        await self.record_refusal(host, signal, refusal)
+        self._too_late.add(position)
+        self._verdicts[position] = (False, refusal)
 
     async def record_refusal(self, host: ApprovalHost, signal: ApprovalSignal, refusal: str) -> None:
         self.refused.append(ApprovalRecord(approver=signal.approver, decision=signal.decision,

@@ -18,6 +18,7 @@ with workflow.unsafe.imports_passed_through():
         RefundOutcome,
     )
     from workflows import history
+    from workflows.approvals import VERDICT_TAKING_PATCH
     from workflows.refund_case import (
         BOUNDED_PATCH,
         CANCEL_HORIZON_PATCH,
@@ -46,6 +47,10 @@ class RefundLifecycle(RefundProvider):
         await self._round.taken()
         refund = self._refund
         if refund is None and self._status in CLOSED_STATUSES:  # decided already: only finishing
+            if self._round.queued and workflow.patched(VERDICT_TAKING_PATCH):
+                # verdicts queued behind a decision the cancel interrupted (a denial or expiry
+                # being written): refused and answered, or their handlers hold the case open
+                await self._round.close(self)
             return await self._finish()
         if refund is None and self._status in SUBMITTING:
             wait = self._timings.submit_timeout
