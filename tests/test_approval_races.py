@@ -392,7 +392,7 @@ async def test_a_cancel_while_a_denial_is_written_answers_the_verdict_queued_beh
     outcome = await asyncio.wait_for(handle.result(), 60)
     answers = await asyncio.wait_for(asyncio.gather(carol, bob), HANG)
     assert outcome.state.status is CaseStatus.DENIED
-    assert answers == ["accepted", "AlreadyDecided"], answers
+    assert list(answers) == ["accepted", "AlreadyDecided"], answers
     await stack.wait_for_audit(case_id, "approval_refused")
     trail = await stack.store.audit.trail(case_id)
     assert [e["actor"] for e in trail if e["action"] == "approval_refused"] == ["bob"]
