@@ -539,10 +539,30 @@ async def test_a_payout_failed_for_another_amount_than_booked_is_for_ops_never_a
     await client.get_workflow_handle(case_id).result()
 
     report = await backfill(stack, since_days=1)
-    assert [(b["break_class"], b["state"]) for b in report["breaks"]] == [("amount_mismatch", "ops_review")]
-    [found] = await wait_for_breaks(stack, [listed["id"]], "ops_review")
+    assert report["breaks"] == []  # the admission's mismatch break is the one, not a second
+    [found] = await store.database.fetch_all(
+        "SELECT id, break_class, state FROM reconciliation_breaks WHERE chain = %s", (case_id,))
+    assert (found["break_class"], found["state"]) == ("amount_mismatch", "ops_review")
     assert (await decide(stack, "lena", found["id"])).status_code == 409  # nothing to approve
     assert await store.ledger.entries(case_id) == []
     row = await store.database.fetch_one("SELECT status FROM payouts WHERE provider_payout_id = %s",
                                          (listed["id"],))
+    assert row == {"status": "paid"}
+
+
+async def test_a_payout_mismatch_found_by_reconciliation_alone_is_for_ops(payout_stack: Stack) -> None:
+    """No webhook came: the provider lists the payout failed for another amount than we
+    booked. An `amount_mismatch` break in ops review, never dispatched, nothing reversed."""
+    stack = payout_stack
+    listed = provider_payout(1_000, 0.5, "failed", failure_code="account_closed")
+    await seed_payouts(stack, [listed], {listed["id"]: PayoutStatus.PAID})
+    await stack.store.database.execute("UPDATE payouts SET amount = 600000 WHERE provider_payout_id = %s",
+                                       (listed["id"],))
+    report = await backfill(stack, since_days=1)
+    assert [(b["break_class"], b["state"]) for b in report["breaks"]] == [("amount_mismatch", "ops_review")]
+    [found] = await wait_for_breaks(stack, [listed["id"]], "ops_review")
+    with pytest.raises(RPCError):  # no exception workflow: ops look first
+        await stack.client.get_workflow_handle(break_workflow_id(found["id"])).describe()
+    row = await stack.store.database.fetch_one("SELECT status FROM payouts WHERE provider_payout_id = %s",
+                                               (listed["id"],))
     assert row == {"status": "paid"}

@@ -155,6 +155,10 @@ WITH classified AS (
         WHEN b.status = ANY(%(payout_failed)s) AND p.status = %(paid)s THEN 'payout_failed_shown_paid'
         END AS break_class) k
     WHERE b.created_at < %(judge_before)s AND k.break_class IS NOT NULL
+      -- a mismatch the payout case's admission raised already (its object is the case) is known
+      AND NOT (k.break_class IN ('amount_mismatch', 'currency_mismatch') AND EXISTS (
+          SELECT 1 FROM reconciliation_breaks r WHERE r.provider = %(provider)s
+          AND r.object_id = %(case_prefix)s || b.object_id AND r.break_class = k.break_class))
 ), inserted AS (
     INSERT INTO reconciliation_breaks (
         provider, object_kind, object_id, break_class, refund_request_id, chain, charge_id, amount,
