@@ -204,12 +204,9 @@ class ApprovalRound:
         """Records each queued verdict; True when the tier is satisfied, False on denial;
         None with verdicts still queued once the deadline passed (the round expires)."""
         while self._inbox:
-            if not workflow.patched(VERDICT_TAKING_PATCH):
-                outcome = await self._take(host, *self._inbox.pop(0))
-            elif workflow.now() >= deadline:
+            if workflow.now() >= deadline and workflow.patched(VERDICT_TAKING_PATCH):
                 return None
-            else:
-                outcome = await self._answering(self._take(host, *self._inbox.pop(0)))
+            outcome = await self._answering(self._take(host, *self._inbox.pop(0)))
             if outcome is not None:
                 return outcome
         return None
@@ -244,8 +241,11 @@ class ApprovalRound:
         return None if missing else True
 
     async def _answering(self, step: Coroutine[Any, Any, bool | None]) -> bool | None:
-        """Runs a step that records and answers one verdict in a task of its own, shielded:
-        a cancel meanwhile lets it finish and answer its caller (`taken` waits for it)."""
+        """Runs a step that records and answers one verdict: since VERDICT_TAKING_PATCH in a
+        task of its own, shielded, so a cancel meanwhile lets it finish and answer its caller
+        (`taken` waits for it); before, inline."""
+        if not workflow.patched(VERDICT_TAKING_PATCH):
+            return await step
         self._taking = asyncio.ensure_future(step)
         return await asyncio.shield(self._taking)
 
@@ -264,11 +264,7 @@ class ApprovalRound:
     async def _refuse_leftovers(self, host: ApprovalHost) -> None:
         """Verdicts that arrive after the decision are recorded, never counted."""
         while self._inbox:
-            position, signal = self._inbox.pop(0)
-            if workflow.patched(VERDICT_TAKING_PATCH):
-                await self._answering(self._refuse_late(host, position, signal))
-            else:
-                await self._refuse_late(host, position, signal)
+            await self._answering(self._refuse_late(host, *self._inbox.pop(0)))
 
     async def _refuse_late(self, host: ApprovalHost, position: int, signal: ApprovalSignal) -> None:
         """Records a verdict that came after the decision as refused, then answers it."""
