@@ -7,7 +7,13 @@ request models.
 
 from datetime import datetime
 
-from domain.lifecycle import FINAL_PROVIDER_STATUSES, StatusChange, case_status_for, classify_status_change
+from domain.lifecycle import (
+    BACKWARDS,
+    FINAL_PROVIDER_STATUSES,
+    StatusChange,
+    case_status_for,
+    classify_status_change,
+)
 from domain.models import (
     CaseStatus,
     Frozen,
@@ -113,7 +119,7 @@ def refund_mismatch(request: RefundRequest, reported: ProviderRefund) -> dict[st
 def observe(current: ProviderRefundStatus | None, reported: ProviderRefund) -> Observation:
     """Never backwards; success posts the settlement, a later failure the reversal."""
     change = classify_status_change(current, reported.status)
-    if change in (StatusChange.SAME, StatusChange.STALE, StatusChange.IMPOSSIBLE):
+    if change is StatusChange.SAME or change in BACKWARDS:
         return Observation(change=change, action=f"provider_status_{change.value}_ignored")
     status = case_status_for(reported.status)
     if change is StatusChange.LATE_FAILURE:

@@ -37,6 +37,10 @@ class StatusChange(StrEnum):
     IMPOSSIBLE = "impossible"
 
 
+BACKWARDS = frozenset({StatusChange.STALE, StatusChange.IMPOSSIBLE})
+"""Reports that would move a held refund's status back: never applied."""
+
+
 def classify_status_change(
     current: ProviderRefundStatus | None, reported: ProviderRefundStatus
 ) -> StatusChange:

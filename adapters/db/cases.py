@@ -24,7 +24,7 @@ from adapters.db.outbox import OutboxRepository
 from adapters.db.rows import CaseRow
 from adapters.db.steps import once
 from adapters.db.sweep import idle_unswept, open_incident_run
-from domain.lifecycle import StatusChange, classify_status_change
+from domain.lifecycle import BACKWARDS, classify_status_change
 from domain.models import (
     CLOSED_STATUSES,
     CaseEventInput,
@@ -505,8 +505,7 @@ class CaseRepository(Repository):
             held = await cur.fetchone()
             stale = held is not None and held["provider_refund_id"] == refund.refund_id \
                 and held["provider_status"] is not None and classify_status_change(
-                    ProviderRefundStatus(held["provider_status"]), refund.status) in (
-                        StatusChange.STALE, StatusChange.IMPOSSIBLE)
+                    ProviderRefundStatus(held["provider_status"]), refund.status) in BACKWARDS
             if not stale:
                 await conn.execute(
                     "UPDATE refund_cases SET provider_refund_id = %s, provider_status = %s,"
