@@ -524,7 +524,7 @@ class ReconciliationRepository(Repository):
         if not found or row["refund_request_id"] is None:
             return None
         case = await (await conn.execute(
-            "SELECT status, provider_status FROM refund_cases WHERE refund_request_id = %s",
+            "SELECT status, provider_status FROM refund_cases WHERE refund_request_id = %s FOR UPDATE",
             (row["refund_request_id"],))).fetchone()
         if case is None or case["provider_status"] in (found.get("provider_status"), row["provider_status"]):
             return None
