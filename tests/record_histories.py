@@ -317,6 +317,12 @@ async def adyen_wait_resolved(rig: Recording) -> str:
     case_id = await rig.stack.request_refund("alice", psp, 900, provider="adyen", currency="EUR",
                                              merchant_account=MERCHANT)
     await rig.stack.wait_for_audit(case_id, "no_status_lookup_escalated")
+    return await resolved_not_refunded(rig, case_id)
+
+
+async def resolved_not_refunded(rig: Recording, case_id: str) -> str:
+    """Ops end a case's wait for its notification once it shows ops review: Adyen's
+    dashboard shows no refund."""
     await rig.stack.wait_for_status(case_id, "ops_review")
     async with rig.stack.api("olga") as api:
         (await api.post(f"/v1/refund-requests/{case_id}/provider-wait",
@@ -340,12 +346,7 @@ async def adyen_other_charge_ignored(rig: Recording) -> str:
     async with httpx.AsyncClient(base_url=rig.stack.relay_url, timeout=30) as http:
         (await http.post("/webhooks/adyen", content=foreign,
                          headers={"content-type": "application/json"})).raise_for_status()
-    await rig.stack.wait_for_status(case_id, "ops_review")
-    async with rig.stack.api("olga") as api:
-        (await api.post(f"/v1/refund-requests/{case_id}/provider-wait",
-                        json={"provider_shows": "not_refunded",
-                              "reason": "recorded scenario"})).raise_for_status()
-    return case_id
+    return await resolved_not_refunded(rig, case_id)
 
 
 async def duplicate_refund(rig: Recording) -> str:

@@ -266,6 +266,23 @@ def hold_writes_of(stack: Stack, monkeypatch: pytest.MonkeyPatch, action: str,
     return release, held
 
 
+async def frank_queued_past_the_deadline(
+        stack: Stack, release: asyncio.Event,
+        held: asyncio.Event) -> tuple[str, str, asyncio.Task[httpx.Response], asyncio.Task[httpx.Response]]:
+    """A large-tier case (approver and finance manager, a 3 s round): bob's approval is
+    written (held until `release`) while frank's is queued and the deadline passes; then
+    bob's write goes on. (charge, case id, bob's call, frank's call)."""
+    charge = await stack.charge(100_000)
+    case_id = await stack.request_refund("alice", charge, 60_000)
+    await stack.wait_for_status(case_id, "awaiting_approval")
+    bob = asyncio.create_task(_decide(stack, "bob", case_id, "approve"))
+    await asyncio.wait_for(held.wait(), HANG)
+    frank = asyncio.create_task(_decide(stack, "frank", case_id, "approve"))
+    await asyncio.sleep(4)  # past the deadline while bob's approval is written
+    release.set()
+    return charge, case_id, bob, frank
+
+
 async def test_a_verdict_taken_after_the_deadline_while_another_was_written_never_counts(
         store: Store, client: Client, temporal_server: TemporalDevServer,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -275,14 +292,7 @@ async def test_a_verdict_taken_after_the_deadline_while_another_was_written_neve
     stack = await open_stack(store, client, temporal_server.address, approval_timeout_seconds=3)
     try:
         release, held = hold_writes_of(stack, monkeypatch, "approval_granted", "bob")
-        charge = await stack.charge(100_000)
-        case_id = await stack.request_refund("alice", charge, 60_000)  # the large tier
-        await stack.wait_for_status(case_id, "awaiting_approval")
-        bob = asyncio.create_task(_decide(stack, "bob", case_id, "approve"))
-        await asyncio.wait_for(held.wait(), HANG)
-        frank = asyncio.create_task(_decide(stack, "frank", case_id, "approve"))
-        await asyncio.sleep(4)  # past the deadline while bob's approval is written
-        release.set()
+        charge, case_id, bob, frank = await frank_queued_past_the_deadline(stack, release, held)
         answers = await asyncio.wait_for(asyncio.gather(bob, frank), HANG)
         row = await stack.wait_for_status(case_id, "expired", "succeeded", "executing", "pending")
         assert row["status"] == "expired", [a.text for a in answers]
@@ -331,14 +341,7 @@ async def test_a_cancel_while_a_round_expires_answers_the_verdict_queued_behind_
     try:
         release_bob, bob_held = hold_writes_of(stack, monkeypatch, "approval_granted", "bob")
         release_expiry, expiry_held = hold_writes_of(stack, monkeypatch, "approval_expired", "workflow")
-        charge = await stack.charge(100_000)
-        case_id = await stack.request_refund("alice", charge, 60_000)  # the large tier
-        await stack.wait_for_status(case_id, "awaiting_approval")
-        bob = asyncio.create_task(_decide(stack, "bob", case_id, "approve"))
-        await asyncio.wait_for(bob_held.wait(), HANG)
-        frank = asyncio.create_task(_decide(stack, "frank", case_id, "approve"))
-        await asyncio.sleep(4)  # past the deadline while bob's approval is written
-        release_bob.set()
+        charge, case_id, bob, frank = await frank_queued_past_the_deadline(stack, release_bob, bob_held)
         await asyncio.wait_for(expiry_held.wait(), HANG)
         handle = stack.client.get_workflow_handle(case_id, result_type=RefundOutcome)
         await handle.cancel()
