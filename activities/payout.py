@@ -187,15 +187,15 @@ class PayoutActivities:
         return await self._book.record_reissue(inp.case_id, original, made, inp.final_status)
 
     async def _refuse_while_held_elsewhere(self, case_id: str, beneficiary_id: str) -> None:
-        """A reissue is one more payout to the beneficiary: while another open case holds
-        their payouts (another failure not yet resolved), none is made (a decline: ops are
-        told, nothing was sent)."""
+        """A reissue is one more payout to the beneficiary: while another case holds their
+        payouts (another failure, until its reissue or ops release that hold), none is made.
+        Not a decline: the workflow waits for the hold to end (the holders in the details)."""
         holding = [h.case_id for h in await self._book.beneficiary_holds(beneficiary_id)
                    if h.released_at is None and h.case_id != case_id]
         if holding:
             raise ApplicationError(f"beneficiary {beneficiary_id} is held by {', '.join(holding)}: "
-                                   "no reissue while another failure is open", type=errors.DECLINED,
-                                   non_retryable=True)
+                                   "no reissue while another case holds their payouts", holding,
+                                   type=errors.BENEFICIARY_HELD, non_retryable=True)
 
     @staticmethod
     async def _refuse_unless_failed_still(provider: PayoutExecutor, original: PayoutSnapshot) -> None:

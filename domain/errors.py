@@ -39,6 +39,9 @@ REISSUE_TAKEN: Final = "ReissueTaken"
 NOT_REISSUABLE: Final = "NotReissuable"
 REISSUE_NOT_MADE: Final = "ReissueNotMade"
 """A lookup-only reissue found nothing at the provider: no attempt paid."""
+BENEFICIARY_HELD: Final = "BeneficiaryHeld"
+"""Another case holds the beneficiary's payouts: the reissue waits (its details: the
+holding case ids) until that hold ends; nothing was sent."""
 
 # The approval round's answers to a verdict it refuses (workflows/approvals.py); the
 # front ends tell "too late" (409) from "not yours to give" (403) by them.

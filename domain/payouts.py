@@ -392,6 +392,8 @@ class PayoutCarry(Frozen):
     deadline: datetime | None = None
     reissue_ask: ReissueAsk | None = None
     reissue_refused: bool = False
+    held_by: tuple[str, ...] = Field(default=(), description=(
+        "the cases holding the beneficiary whose hold ops were told the reissue waits for"))
     unknown_attempts: int = 0
     reissued: PayoutSnapshot | None = None
     runs: int = 1

@@ -30,6 +30,7 @@ class Permission(StrEnum):
     READ_PAYOUTS = "read_payouts"
     APPROVE_PAYOUT_EXCEPTION = "approve_payout_exception"
     REISSUE_PAYOUT = "reissue_payout"
+    RELEASE_BENEFICIARY_HOLD = "release_beneficiary_hold"
     START_RECONCILIATION = "start_reconciliation"
     READ_RECONCILIATION_RUNS = "read_reconciliation_runs"
     READ_RECONCILIATION_BREAKS = "read_reconciliation_breaks"
@@ -61,6 +62,7 @@ PERMISSIONS: Mapping[Permission, frozenset[str]] = MappingProxyType({
     Permission.READ_PAYOUTS: APPROVER_ROLES | _READERS,
     Permission.APPROVE_PAYOUT_EXCEPTION: APPROVER_ROLES,
     Permission.REISSUE_PAYOUT: _OPS,
+    Permission.RELEASE_BENEFICIARY_HOLD: _OPS,
     Permission.START_RECONCILIATION: _OPS,
     Permission.READ_RECONCILIATION_RUNS: _READERS,
     Permission.READ_RECONCILIATION_BREAKS: _READERS | APPROVER_ROLES,  # approvers decide breaks

@@ -24,6 +24,7 @@ import asyncio
 import json
 import sys
 import tempfile
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -61,6 +62,7 @@ from tests.payouts_kit import (
     decide,
     move_payout,
     paid_payout,
+    remediated,
     wait_for_actions,
     wait_for_case,
 )
@@ -509,10 +511,10 @@ async def verdict_resent(rig: Recording) -> str:
 
 # -- payout and reconciliation scenarios -------------------------------------------------------
 
-async def failed_payout_case(rig: Recording) -> str:
+async def failed_payout_case(rig: Recording, beneficiary: str | None = None) -> str:
     """A paid payout the provider reports failed: its exception case awaits approval."""
     await add_payout_approvers(rig.stack)
-    payout = await paid_payout(rig.stack, 150_000)
+    payout = await paid_payout(rig.stack, 150_000, beneficiary=beneficiary)
     await move_payout(rig.stack, payout.provider_payout_id, "failed", failure_code="insufficient_funds")
     case_id = payout_case_id("sandbox", payout.provider_payout_id)
     await wait_for_case(rig.stack, case_id, "awaiting_approval")
@@ -520,11 +522,11 @@ async def failed_payout_case(rig: Recording) -> str:
 
 
 async def payout_reissued(rig: Recording, before_approval: Callable[[], None] = lambda: None,
-                          decision: str = "approve") -> str:
+                          decision: str = "approve", beneficiary: str | None = None) -> str:
     """A paid payout fails at the provider: the case opens, is approved, held, reversed,
     ticketed and announced; then a reissue request is decided (`before_approval` arms a
     fault for the reissue) and, approved, paid once."""
-    case_id = await failed_payout_case(rig)
+    case_id = await failed_payout_case(rig, beneficiary)
     (await decide(rig.stack, "lena", case_id)).raise_for_status()
     await wait_for_case(rig.stack, case_id, "remediated")
     (await ask_reissue(rig.stack, "omar", case_id)).raise_for_status()
@@ -548,6 +550,21 @@ async def payout_reissue_landed_late(rig: Recording) -> str:
     up: past the horizon the reissue is looked up once more and booked
     (`payout-reissue-looked-up-late-1`)."""
     return await payout_reissued(rig, lambda: rig.proxy.act_late("POST", "/v1/payouts", after_seconds=3))
+
+
+async def payout_reissue_waited_for_hold(rig: Recording) -> str:
+    """Another failed payout's case holds the same beneficiary: the approved reissue waits
+    (ops told once) until ops release that case's hold, then pays
+    (`payout-reissue-waits-for-holds-1`)."""
+    await add_payout_approvers(rig.stack)
+    beneficiary = f"ben-{uuid.uuid4().hex[:8]}"
+    _, holder = await remediated(rig.stack, 20_000, beneficiary=beneficiary)
+    case_id = await payout_reissued(rig, beneficiary=beneficiary)
+    await wait_for_actions(rig.stack, case_id, "reissue_waiting_for_beneficiary_hold")
+    async with rig.stack.api("olga") as api:
+        (await api.post(f"/v1/payout-exceptions/{holder}/beneficiary-hold/release",
+                        json={"reason": "recorded scenario"})).raise_for_status()
+    return case_id
 
 
 async def payout_reissue_denied(rig: Recording) -> str:
@@ -816,6 +833,7 @@ SCENARIOS: dict[str, Scenario] = {
     "payout_reissue_landed_late": Scenario(payout_reissue_landed_late, {"max_submit_attempts": 1,
                                                                         "resubmit_margin_seconds": 4}),
     "payout_reissue_unsealed": Scenario(payout_reissue_unsealed),
+    "payout_reissue_waited_for_hold": Scenario(payout_reissue_waited_for_hold),
     "payout_continued_as_new": Scenario(payout_continued_as_new, {"continue_as_new_after_events": 20}),
     "payout_ledger_failed": Scenario(payout_ledger_failed, {"ledger_pending_after_seconds": 2}),
     "payout_denied": Scenario(payout_denied),

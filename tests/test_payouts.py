@@ -3,10 +3,12 @@ pattern (a settlement failure after "paid"; a retry storm of one failure), every
 tier, the rollback branch when the compensating entry cannot be posted, out-of-order and
 joining events, and a reissue that needs its own approval and happens once."""
 
+import asyncio
 import uuid
 from pathlib import Path
 from typing import Any, cast
 
+import httpx
 import psycopg
 import pytest
 from temporalio.client import Client
@@ -394,10 +396,19 @@ async def test_reissue_needs_its_own_approval_and_happens_once(payouts: Stack) -
     assert retried.provider_payout_id == made["id"] and len(await at_provider()) == 1
 
 
+async def release_beneficiary(stack: Stack, user: str, case_id: str) -> httpx.Response:
+    async with stack.api(user) as api:
+        return await api.post(f"/v1/payout-exceptions/{case_id}/beneficiary-hold/release",
+                              json={"reason": "beneficiary's new account verified by phone"})
+
+
 async def test_a_reissue_waits_while_another_case_holds_the_beneficiary(payouts: Stack) -> None:
     """Two payouts to one beneficiary failed: each case holds the beneficiary's further
-    payouts. A reissue is such a payout, so while the other case's hold stands it is
-    refused (reissue_failed, ops told) and nothing is paid."""
+    payouts, and a reissue is such a payout. Both reissues approved, each waits for the
+    other's hold (status reissuing, ops told once who holds, nothing paid) instead of
+    failing for good, which left neither case able to pay. Ops (only ops, with a reason,
+    audited) release one case's hold: the other's reissue pays, which ends its own hold,
+    and then the first pays too. Each exactly once."""
     beneficiary = f"ben_{uuid.uuid4().hex[:8]}"
     first = await paid_payout(payouts, 40_000, beneficiary=beneficiary)
     second = await paid_payout(payouts, 30_000, beneficiary=beneficiary)
@@ -408,15 +419,39 @@ async def test_a_reissue_waits_while_another_case_holds_the_beneficiary(payouts:
         await wait_for_case(payouts, case, "awaiting_approval")
         assert (await decide(payouts, "lena", case)).status_code == 202
         await wait_for_case(payouts, case, "remediated")
-    assert (await ask_reissue(payouts, "omar", case_id)).status_code == 202
-    assert (await decide(payouts, "lena", case_id)).status_code == 202
-    await wait_for_case(payouts, case_id, "reissue_failed")
+    for case, holder in ((case_id, other), (other, case_id)):
+        assert (await ask_reissue(payouts, "omar", case)).status_code == 202
+        assert (await decide(payouts, "lena", case)).status_code == 202
+        trail = await wait_for_actions(payouts, case, "reissue_waiting_for_beneficiary_hold")
+        [waiting] = [e for e in trail if e["action"] == "reissue_waiting_for_beneficiary_hold"]
+        assert waiting["detail"]["held_by"] == [holder]
+        assert notice_kinds(trail).count("payout_reissue_waiting_for_hold") == 1
+    for payout in (first, second):
+        assert await reissues_at_provider(payouts, payout.reissue_id()) == []
+    await asyncio.sleep(5)  # several polls: still waiting, told once, nothing paid
+    for case in (case_id, other):
+        row = await payouts.store.payouts.case(case)
+        assert row is not None and row["status"] == "reissuing"
+        trail = await payouts.store.audit.trail(case)
+        assert notice_kinds(trail).count("payout_reissue_waiting_for_hold") == 1
     assert await reissues_at_provider(payouts, first.reissue_id()) == []
-    trail = await payouts.store.audit.trail(case_id)
-    [failed] = [e for e in trail if e["action"] == "reissue_failed"]
-    assert other in failed["detail"]["error"]
+
+    assert (await release_beneficiary(payouts, "lena", other)).status_code == 403  # an approver, not ops
+    assert (await release_beneficiary(payouts, "olga", other)).status_code == 200
+    assert (await release_beneficiary(payouts, "olga", other)).status_code == 409  # nothing held now
+    for case in (case_id, other):
+        await wait_for_case(payouts, case, "reissued")
+    for payout in (first, second):
+        assert len(await reissues_at_provider(payouts, payout.reissue_id())) == 1
     holds = {h.case_id: h.released_at for h in await payouts.store.payouts.beneficiary_holds(beneficiary)}
-    assert holds[other] is None
+    assert None not in holds.values() and set(holds) == {case_id, other}
+    trail = await payouts.store.audit.trail(other)
+    [released] = [e for e in trail if e["action"] == "beneficiary_hold_released"]
+    assert (released["actor"], released["detail"]["beneficiary_id"]) == ("olga", beneficiary)
+    assert released["detail"]["reason"] == "beneficiary's new account verified by phone"
+    refused = [e for e in trail if e["action"] == "beneficiary_hold_release_refused"]
+    assert [e["actor"] for e in refused] == ["olga"]
+    assert [e["actor"] for e in trail if e["action"] == "access_refused"] == ["lena"]
 
 
 async def test_a_payout_booked_under_a_reissue_id_is_not_taken_for_the_reissue(payouts: Stack) -> None:

@@ -32,6 +32,7 @@ from workflows.payout_case import (
     ADVICE_REFRESH_PATCH,
     DENIED_ROUND_EVENTS_PATCH,
     EVENTS_WHILE_APPROVING_PATCH,
+    HELD_REISSUE_PATCH,
     LATE_REISSUE_PATCH,
     REISSUE_HORIZON_PATCH,
     SEALED_REISSUE_PATCH,
@@ -184,6 +185,9 @@ BRANCHES: dict[str, Branch] = {
     "payout_reissue_landed_late": branch(
         f"patch:{LATE_REISSUE_PATCH}", "activity:reissue_payout#2", "action:reissue_completed",
         lacks=["action:reissue_attempts_exhausted", "activity:reissue_payout#3"]),
+    "payout_reissue_waited_for_hold": branch(
+        f"patch:{HELD_REISSUE_PATCH}", "action:reissue_waiting_for_beneficiary_hold",
+        "activity:reissue_payout#2", "action:reissue_completed", lacks=["action:reissue_failed"]),
     "payout_reissue_unsealed": branch(
         f"patch:{SEALED_REISSUE_PATCH}", "update:request_reissue#2", "action:reissue_request_refused",
         "action:reissue_requested", "action:approval_denied", lacks=["activity:reissue_payout"]),

@@ -83,6 +83,7 @@ class PayoutReversalWorkflow(PayoutReissue):
         self._reissue_ask: ReissueAsk | None = None
         self._reissued: PayoutSnapshot | None = None
         self._reissue_refused = False  # ops told that our key is refused
+        self._held_by: tuple[str, ...] = ()  # the cases whose beneficiary hold ops were told of
         self._unknown_attempts = 0  # reissue attempts with an unknown outcome, across runs
         if inp.carried is not None:
             self._restore(inp.carried)

@@ -65,6 +65,11 @@ SEALED_REISSUE_PATCH = "payout-reissue-sealed-1"
 # paid, our books without the reissue, and ops who checked the provider then found nothing.
 # Asked when the attempts are spent.
 LATE_REISSUE_PATCH = "payout-reissue-looked-up-late-1"
+# A reissue another case's beneficiary hold stops waits for that hold to end (ops told once
+# per set of holders, asked again each `status_poll_interval`). Before, it failed for good:
+# two failed payouts of one beneficiary each held it, so neither case could ever reissue.
+# Asked when the activity answers `BeneficiaryHeld`.
+HELD_REISSUE_PATCH = "payout-reissue-waits-for-holds-1"
 
 
 class PayoutCase(ApprovingWorkflow):
@@ -86,6 +91,7 @@ class PayoutCase(ApprovingWorkflow):
     _reissue_ask: ReissueAsk | None
     _reissued: PayoutSnapshot | None
     _reissue_refused: bool
+    _held_by: tuple[str, ...]
     _unknown_attempts: int
 
     def state(self) -> PayoutCaseState:

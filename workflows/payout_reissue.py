@@ -23,6 +23,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows import retry
     from workflows.payout_case import (
         BOUNDED_PATCH,
+        HELD_REISSUE_PATCH,
         LATE_REISSUE_PATCH,
         REISSUE_HORIZON_PATCH,
         REISSUE_STEPS,
@@ -99,11 +100,23 @@ class PayoutReissue(PayoutCase):
                     # the case stays reissuing (ops told once) and asks again until fixed.
                     if not self._reissue_refused:
                         self._reissue_refused = True
-                        await self._notify("payout_reissue_configuration_refused", "payments_ops",
-                                           {"error": cause.message})
-                        await self._record("reissue_configuration_refused", detail={"error": cause.message})
-                    await workflow.sleep(self._inp.timings.status_poll_interval)
-                    await self._bound_history("reissuing")
+                        await self._tell_ops_of_wait("payout_reissue_configuration_refused",
+                                                     "reissue_configuration_refused",
+                                                     {"error": cause.message})
+                    await self._wait_to_ask_again()
+                    continue
+                if (isinstance(cause, ApplicationError) and cause.type == errors.BENEFICIARY_HELD
+                        and workflow.patched(HELD_REISSUE_PATCH)):
+                    # Another case holds the beneficiary: nothing was sent; asked again until
+                    # its reissue or ops end that hold (ops told whenever the holders change).
+                    held_by = tuple(str(c) for c in cause.details[0]) if cause.details else ()
+                    if held_by != self._held_by:
+                        self._held_by = held_by
+                        await self._tell_ops_of_wait("payout_reissue_waiting_for_hold",
+                                                     "reissue_waiting_for_beneficiary_hold", {
+                                                         "held_by": list(held_by),
+                                                         "beneficiary_id": self._payout.beneficiary_id})
+                    await self._wait_to_ask_again()
                     continue
                 await self._notify("payout_reissue_failed", "payments_ops",
                                    {"error": str(cause), "approved_by": self._approvers()})
@@ -122,6 +135,17 @@ class PayoutReissue(PayoutCase):
             "reissue_id": made.id, "approved_by": [a.approver for a in self._round.approvals],
             "amount": made.amount, "currency": made.currency})
         await self._record("reissue_completed", PayoutCaseStatus.REISSUED, detail={"reissue_id": made.id})
+
+    async def _tell_ops_of_wait(self, kind: str, action: str, detail: dict[str, Any]) -> None:
+        """Why the reissue waits, once: a notice to payments ops and the case's timeline."""
+        await self._notify(kind, "payments_ops", detail)
+        await self._record(action, detail=detail)
+
+    async def _wait_to_ask_again(self) -> None:
+        """The reissue loop's pause before it asks the activity again (may continue as new)."""
+        assert self._inp is not None
+        await workflow.sleep(self._inp.timings.status_poll_interval)
+        await self._bound_history("reissuing")
 
     # -- bounded histories (continue-as-new, reissue escalation) --------------------------
 
@@ -178,7 +202,7 @@ class PayoutReissue(PayoutCase):
             approvals=tuple(self._round.approvals), refused=tuple(self._round.refused),
             runbook=tuple(self._runbook), timeline=tuple(self._timeline), keys=tuple(sorted(self._keys)),
             inbox=tuple(self._inbox), events_seen=self._events_seen, deadline=deadline,
-            reissue_ask=self._reissue_ask, reissue_refused=self._reissue_refused,
+            reissue_ask=self._reissue_ask, reissue_refused=self._reissue_refused, held_by=self._held_by,
             unknown_attempts=self._unknown_attempts, reissued=self._reissued,
             runs=carried.runs + 1 if carried else 2, verdict_ids=tuple(sorted(self._round.verdict_ids)))}))
 
@@ -208,4 +232,5 @@ class PayoutReissue(PayoutCase):
         self._events_seen = carried.events_seen
         self._inbox, self._keys = list(carried.inbox), set(carried.keys)
         self._reissue_ask, self._reissue_refused = carried.reissue_ask, carried.reissue_refused
+        self._held_by = carried.held_by
         self._unknown_attempts, self._reissued = carried.unknown_attempts, carried.reissued

@@ -362,6 +362,25 @@ class PayoutRepository(Repository):
                                    "beneficiary_holds_released": released})
             return ReleaseResult(rolled_back=True, posted=False, restored=status)
 
+    async def release_beneficiary(self, case_id: str, actor: str, reason: str, *, via: str) -> str | None:
+        """Ops end the case's hold on its beneficiary's payouts (their details verified): a
+        reissue another case waits for can then pay. The payout's own hold and the ledger
+        stay. The audit row and the payments-ops notice in the same transaction; None (and
+        nothing written) when the case holds no beneficiary."""
+        async with self._db.transaction() as conn:
+            cur = await conn.execute("UPDATE beneficiary_holds SET released_at = now()"
+                                     " WHERE case_id = %s AND released_at IS NULL RETURNING beneficiary_id",
+                                     (case_id,))
+            released = await cur.fetchone()
+            if released is None:
+                return None
+            detail = {"beneficiary_id": released["beneficiary_id"], "reason": reason, "via": via}
+            await AuditLog.append(conn, case_id, actor, "beneficiary_hold_released", detail)
+            await OutboxRepository.queue_in(conn, NoticeInput(
+                refund_request_id=case_id, kind="beneficiary_hold_released", audience="payments_ops",
+                dedup_key=f"{case_id}:beneficiary_hold_released", detail={**detail, "released_by": actor}))
+            return str(released["beneficiary_id"])
+
     async def open_ticket(self, case_id: str, occasion: str, priority: str,
                           detail: dict[str, Any]) -> tuple[str, bool, str]:
         """Step C: the case's ticket reference (a placeholder until a ticketing system

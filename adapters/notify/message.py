@@ -153,6 +153,17 @@ TEMPLATES: dict[str, Template] = {
         "The provider refused our API key or its permissions ({error}). The reissue of {amount} "
         "is not failed (an earlier attempt may have paid): it is asked again every poll interval "
         "and nothing is paid twice. Fix the key; the reissue resumes by itself.", payout=True),
+    "payout_reissue_waiting_for_hold": Template(
+        "Payout {payout_id}: the approved reissue waits for another case's beneficiary hold",
+        "Decision: reissue approved. Beneficiary {beneficiary_id} is held by {held_by} (another "
+        "failed payout): nothing was paid. The reissue is asked again every poll interval and "
+        "pays once that hold ends (that case's reissue, or ops release its beneficiary hold "
+        "after verifying the beneficiary's details).", payout=True),
+    "beneficiary_hold_released": Template(
+        "Payout case {case}: beneficiary hold released by {released_by}",
+        "Beneficiary {beneficiary_id} is no longer held by this case ({reason}). The payout's own "
+        "hold and the ledger stay as they are; reissues waiting for this hold go ahead.",
+        payout=True),
     "payout_reissued": Template(
         "Payout {payout_id} reissued as {reissue_id}",
         "Decision: reissue approved by {approved_by}. The beneficiary was paid {amount} again as "

@@ -22,7 +22,7 @@ from starters.relay.webhooks import Desk
 from workflows.payout import PayoutReversalWorkflow
 
 
-class PayoutReissueBody(BaseModel):
+class ReasonBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     reason: str = Field(min_length=1, max_length=2000)
 
@@ -98,7 +98,7 @@ async def approve_payout_exception(case_id: str, body: PayoutApprovalBody, calle
 
 
 @router.post("/v1/payout-exceptions/{case_id}/reissue", status_code=202)
-async def reissue_payout(case_id: str, body: PayoutReissueBody, caller: Caller,
+async def reissue_payout(case_id: str, body: ReasonBody, caller: Caller,
                          door: Door) -> dict[str, Any]:
     """Asks to pay the beneficiary again: taken once per remediated case, then it waits
     for its own approval (the requester cannot approve it); refusals are audited."""
@@ -122,3 +122,20 @@ async def reissue_payout(case_id: str, body: PayoutReissueBody, caller: Caller,
                 "missing_roles": list(progress.missing_roles)}
     await door.store.audit.record(case_id, caller.user, "reissue_refused", {"refusal": reason})
     raise HTTPException(409, reason)
+
+
+@router.post("/v1/payout-exceptions/{case_id}/beneficiary-hold/release")
+async def release_beneficiary_hold(case_id: str, body: ReasonBody, caller: Caller,
+                                   door: Door) -> dict[str, Any]:
+    """Ops end the case's hold on the beneficiary's payouts, with a reason (audited, ops
+    told): a reissue of another case that waits for it then pays. 409 when nothing is held."""
+    bind_case(case_id)
+    action = "releasing a beneficiary hold"
+    await door.actions.require(caller, Permission.RELEASE_BENEFICIARY_HOLD, action, case_id, via="api")
+    if await door.store.payouts.case(case_id) is None:
+        await door.actions.refuse(caller, None, 404, action, f"no payout exception {case_id!r}", via="api")
+    released = await door.store.payouts.release_beneficiary(case_id, caller.user, body.reason, via="api")
+    if released is None:
+        await door.actions.refuse(caller, case_id, 409, action, "the case holds no beneficiary",
+                                  via="api", audit_action="beneficiary_hold_release_refused")
+    return {"case_id": case_id, "beneficiary_id": released, "released_by": caller.user}
