@@ -215,6 +215,10 @@ OPEN_STATUSES = frozenset(
     {PayoutCaseStatus.OPENING, PayoutCaseStatus.AWAITING_APPROVAL, PayoutCaseStatus.EXECUTING,
      PayoutCaseStatus.REMEDIATED, PayoutCaseStatus.AWAITING_REISSUE_APPROVAL, PayoutCaseStatus.REISSUING})
 """Statuses only the case's workflow moves on from (what the closed-workflow sweep looks at)."""
+ENDED_UNREVERSED = frozenset(
+    {PayoutCaseStatus.DENIED, PayoutCaseStatus.EXPIRED, PayoutCaseStatus.ROLLED_BACK})
+"""Cases whose workflow ended leaving the payout as it was (paid in our books): a
+reconciliation break handed to one, found again, is raised again for its own approval."""
 ABNORMAL_ENDS = frozenset({"TERMINATED", "FAILED", "TIMED_OUT", "CANCELED"})
 
 

@@ -167,6 +167,40 @@ async def test_a_payout_whose_case_already_ended_is_compensated_only_when_approv
     assert (again["new_breaks"], again["known_breaks"]) == (0, 0)
 
 
+async def test_a_break_handed_to_a_case_that_ended_without_reversing_is_raised_again(
+        payout_stack: Stack, store: Store, client: Client) -> None:
+    """Found while the payout's case awaited approval, the break is handed to that case;
+    the case is then denied (it ends, the payout still paid in our books). The next run
+    finds the same drift: raised again for the break's own approval, as a break found after
+    the case ended is. Before, the handed break was never raised again: books paid, the
+    provider failed, and reconciliation said nothing for ever."""
+    stack = payout_stack
+    payout = await paid_payout(stack, 35_000)
+    await move_payout(stack, payout.provider_payout_id, "failed", failure_code="account_closed")
+    case_id = payout_case_id("sandbox", payout.provider_payout_id)
+    await wait_for_case(stack, case_id, "awaiting_approval")
+    await backfill(stack, since_days=1)
+    [handed] = await wait_for_breaks(stack, [payout.provider_payout_id], "handed_to_case")
+    again = await backfill(stack, since_days=1)  # the case still decides: it stays handed
+    assert (again["new_breaks"], again["known_breaks"]) == (0, 1)
+    assert (await wait_for_breaks(stack, [payout.provider_payout_id], "handed_to_case"))[0]["reopened"] == 0
+
+    assert (await decide_payout(stack, "lena", case_id, "deny")).status_code == 202
+    await wait_for_case(stack, case_id, "denied")
+    await client.get_workflow_handle(case_id).result()
+    raised = await backfill(stack, since_days=1)
+    assert raised["new_breaks"] == 1
+    [waiting] = await wait_for_breaks(stack, [payout.provider_payout_id], "awaiting_approval")
+    assert (waiting["id"], waiting["reopened"]) == (handed["id"], 1)
+    assert (await decide(stack, "lena", waiting["id"])).status_code == 202
+    await wait_for_breaks(stack, [payout.provider_payout_id], "resolved")
+    assert (await store.payouts.payout(payout.id) or payout).status is PayoutStatus.FAILED
+    lines = [e["template"] for e in await store.ledger.entries(case_id)]
+    assert lines.count("payout_reversed") == 2  # one entry: two lines
+    settled = await backfill(stack, since_days=1)
+    assert (settled["new_breaks"], settled["known_breaks"]) == (0, 0)
+
+
 async def test_an_unmapped_status_is_a_break_for_ops_and_the_run_goes_on(
         stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.ERROR)

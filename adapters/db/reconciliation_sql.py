@@ -177,6 +177,18 @@ WITH classified AS (
                    'beneficiary_id', beneficiary_id) END),
            %(run_id)s, CASE WHEN break_class = 'payout_failed_shown_paid' THEN 'new' ELSE 'ops_review' END
     FROM classified
-    ON CONFLICT (provider, object_id, break_class) DO NOTHING
+    -- a break handed to the payout's case, found again once that case ended leaving the
+    -- payout paid (`ENDED_UNREVERSED`): raised again, as new in this run, for its own
+    -- approval; any other break seen again is only linked to the run
+    ON CONFLICT (provider, object_id, break_class) DO UPDATE SET
+        state = 'new', reopened = reconciliation_breaks.reopened + 1, resolution = NULL,
+        resolved_at = NULL, dispatched_at = NULL, first_run_id = EXCLUDED.first_run_id,
+        found_at = now(), evidence = EXCLUDED.evidence, case_status = EXCLUDED.case_status,
+        provider_status = EXCLUDED.provider_status, raw_status = EXCLUDED.raw_status,
+        failure_reason = EXCLUDED.failure_reason
+      WHERE reconciliation_breaks.state = 'handed_to_case'
+        AND reconciliation_breaks.break_class = 'payout_failed_shown_paid'
+        AND EXISTS (SELECT 1 FROM payout_cases c WHERE c.case_id = reconciliation_breaks.chain
+                    AND c.status = ANY(%(case_ended)s))
     RETURNING *
 )""" + LINK  # noqa: S608 (constant text)
