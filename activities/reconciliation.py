@@ -25,10 +25,12 @@ from adapters.break_dispatch import dispatch_breaks
 from adapters.db import Store
 from adapters.db.reconciliation import REPORT_COLUMNS, Listed, Phase, RunConflict
 from adapters.providers.base import (
+    PayoutExecutor,
     PayoutLister,
     ProviderAdapter,
     ProviderConfigurationRefused,
     ProviderDeclined,
+    ProviderError,
     ProviderOutcomeUnknown,
     RefundLister,
     UnexpectedProviderStatus,
@@ -45,6 +47,7 @@ from domain.reconciliation import (
     BreakClass,
     BreakOutcome,
     BreakSettlement,
+    BreakState,
     RunFailure,
     RunSummary,
     RunWindow,
@@ -206,8 +209,28 @@ class ReconciliationActivities:
 
     @activity.defn(name=contracts.SETTLE_BREAK.name)
     async def settle_break(self, settlement: BreakSettlement) -> BreakOutcome:
-        """Ends the exception case; an approved one posts its compensation (see the store)."""
-        return await self._recon.settle(settlement)
+        """Ends the exception case; an approved one posts its compensation (see the store).
+        An approved payout break reads the payout at the provider first: approvals can take
+        days, and a bank's correction to paid meanwhile makes the reversal wrong."""
+        at_provider = await self._payout_at_provider(settlement.break_id) if (
+            settlement.state is BreakState.RESOLVED) else None
+        return await self._recon.settle(settlement, at_provider)
+
+    async def _payout_at_provider(self, break_id: int) -> str | None:
+        """The payout's status at the provider now (`not_found` when it holds none); None for
+        a refund break, a settled one, or a provider without a payout lookup. A failed read
+        is retried (the settlement waits for it), never taken as an answer."""
+        found = await self._recon.get_break(break_id)
+        if found is None or found.object_kind != "payout" or found.resolution is not None:
+            return None
+        provider = self._providers.get(found.provider)
+        if not isinstance(provider, PayoutExecutor):
+            return None
+        try:
+            current = await provider.get_payout(found.object_id)
+        except ProviderError as exc:
+            raise ApplicationError(f"payout lookup failed: {exc}", type=errors.OUTCOME_UNKNOWN) from exc
+        return "not_found" if current is None else current.status.value
 
     def all(self) -> list[Callable[..., Any]]:
         """Every activity, for worker registration."""

@@ -201,6 +201,33 @@ async def test_a_break_handed_to_a_case_that_ended_without_reversing_is_raised_a
     assert (settled["new_breaks"], settled["known_breaks"]) == (0, 0)
 
 
+async def test_an_approved_payout_break_reverses_nothing_once_the_provider_shows_it_paid(
+        payout_stack: Stack, store: Store, client: Client) -> None:
+    """The break waits for approval while the bank corrects the payout to paid at the
+    provider (the closed case drops that report as stale). Approved days later, it would
+    have reversed a payout the beneficiary has: the settlement reads the provider again,
+    and a payout no longer failed there posts nothing and goes to ops with a notice."""
+    stack = payout_stack
+    payout = await paid_payout(stack, 30_000)
+    await move_payout(stack, payout.provider_payout_id, "failed")
+    case_id = payout_case_id("sandbox", payout.provider_payout_id)
+    await wait_for_case(stack, case_id, "awaiting_approval")
+    assert (await decide_payout(stack, "lena", case_id, "deny")).status_code == 202
+    await wait_for_case(stack, case_id, "denied")
+    await client.get_workflow_handle(case_id).result()
+    await backfill(stack, since_days=1)
+    [found] = await wait_for_breaks(stack, [payout.provider_payout_id], "awaiting_approval")
+
+    await move_payout(stack, payout.provider_payout_id, "paid")  # the bank's late correction
+    assert (await decide(stack, "lena", found["id"])).status_code == 202
+    [settled] = await wait_for_breaks(stack, [payout.provider_payout_id], "ops_review")
+    assert settled["resolution"]["provider_moved"]["provider_status"] == "paid"
+    assert [e for e in await store.ledger.entries(case_id) if e["template"] == "payout_reversed"] == []
+    assert (await store.payouts.payout(payout.id) or payout).status is PayoutStatus.PAID
+    kinds = await notices_until(store, case_id, "reconciliation_break_provider_moved")
+    assert ("reconciliation_break_provider_moved", "ops") in kinds
+
+
 async def test_an_unmapped_status_is_a_break_for_ops_and_the_run_goes_on(
         stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.ERROR)

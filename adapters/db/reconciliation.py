@@ -455,10 +455,13 @@ class ReconciliationRepository(Repository):
                 audience="approvers", dedup_key=f"reconciliation_approval:{break_id}{_round(row)}",
                 detail=detail))
 
-    async def settle(self, settlement: BreakSettlement) -> BreakOutcome:
+    async def settle(self, settlement: BreakSettlement,
+                     payout_at_provider: str | None = None) -> BreakOutcome:
         """Ends the exception case once. Only an approved one touches money: it brings the
         case's ledger position to the provider's truth (as it is now, so two breaks of one
-        refund never post twice) and sets the case's status, in one transaction."""
+        refund never post twice) and sets the case's status, in one transaction.
+        `payout_at_provider`: an approved payout break's status at the provider read just
+        before (`not_found` when it holds none), None when it was not read."""
         break_id = settlement.break_id
         found = await self.get_break(break_id)
         assert found is not None
@@ -477,20 +480,25 @@ class ReconciliationRepository(Repository):
             outcome = BreakOutcome(break_id=break_id, state=settlement.state)
             overtaken = await self._overtaken_by(conn, row) if checked else None
             moved = await self._case_moved(conn, row) if checked and overtaken is None else None
-            if overtaken is not None or moved is not None:
+            provider_moved = _payout_moved(row, payout_at_provider) if (
+                settlement.state is BreakState.RESOLVED) else None
+            if overtaken is not None or moved is not None or provider_moved is not None:
                 outcome = BreakOutcome(break_id=break_id, state=BreakState.OPS_REVIEW)
             elif settlement.state is BreakState.RESOLVED:
                 compensate = self._compensate_payout if row["object_kind"] == "payout" else self._compensate
                 outcome = await compensate(conn, row, settlement)
             resolution = {**settlement.model_dump(mode="json"), "outcome": outcome.model_dump(mode="json"),
                           **({"overtaken_by": overtaken} if overtaken else {}),
-                          **({"case_moved": moved} if moved else {})}
-            if moved is not None:
-                await OutboxRepository.queue_in(conn, NoticeInput(
-                    refund_request_id=row["chain"], kind="reconciliation_break_case_moved", audience="ops",
-                    dedup_key=f"reconciliation_break_case_moved:{break_id}{_round(row)}",
-                    detail={"break_id": break_id, "break_class": row["break_class"],
-                            "approvers": list(settlement.approvers), **moved}))
+                          **({"case_moved": moved} if moved else {}),
+                          **({"provider_moved": provider_moved} if provider_moved else {})}
+            for kind, change in (("reconciliation_break_case_moved", moved),
+                                 ("reconciliation_break_provider_moved", provider_moved)):
+                if change is not None:
+                    await OutboxRepository.queue_in(conn, NoticeInput(
+                        refund_request_id=row["chain"], kind=kind, audience="ops",
+                        dedup_key=f"{kind}:{break_id}{_round(row)}",
+                        detail={"break_id": break_id, "break_class": row["break_class"],
+                                "approvers": list(settlement.approvers), **change}))
             await conn.execute(
                 "UPDATE reconciliation_breaks SET state = %s, resolved_at = now(), resolution = %s,"
                 " refund_request_id = coalesce(refund_request_id, %s) WHERE id = %s",
@@ -683,6 +691,15 @@ class ReconciliationRepository(Repository):
 
 class NotReopenable(Exception):
     """Only a break that ended without moving money (dismissed, expired) can be reopened."""
+
+
+def _payout_moved(row: Mapping[str, Any], at_provider: str | None) -> dict[str, Any] | None:
+    """An approved payout break whose payout the provider no longer shows failed, canceled
+    or reversed (a bank's late correction to paid, or none found): its reversal would undo
+    a payout the beneficiary has. People look again; nothing moves."""
+    if row["object_kind"] != "payout" or at_provider is None or at_provider in _names(EXCEPTION_STATUSES):
+        return None
+    return {"provider_status": at_provider, "found_provider_status": row["provider_status"]}
 
 
 def _round(row: dict[str, Any]) -> str:

@@ -176,6 +176,13 @@ TEMPLATES: dict[str, Template] = {
         "was posted or changed: the approval was for a case that is no longer there. Next "
         "steps: compare the case with the provider; the next reconciliation run raises what "
         "still disagrees.", ticket="incident"),
+    "reconciliation_break_provider_moved": Template(
+        "Reconciliation break {break_id}: approved, but the provider no longer shows the payout failed",
+        "Approved by {approvers}, the break was found while the provider showed the payout "
+        "{found_provider_status}; read again before its reversal, the provider shows "
+        "{provider_status}. Nothing was posted or changed: reversing it would undo a payout the "
+        "beneficiary may have. Next steps: confirm with the provider; the next reconciliation "
+        "run raises what still disagrees.", ticket="incident"),
     "reconciliation_break": Template(
         "Reconciliation break {case}",
         "Ledger and provider disagree: {difference}. Nothing is corrected automatically.",
