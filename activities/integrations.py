@@ -16,6 +16,7 @@ from temporalio.exceptions import ApplicationError
 from adapters.advisor import AdvisorUnavailable, build_advisor
 from adapters.config import Settings
 from adapters.db import Store
+from adapters.db.outbox import SendingElsewhere
 from adapters.notify.channels import build_channels, email_recipient
 from adapters.notify.delivery import DeliveryUncertain
 from adapters.notify.message import render, template_for
@@ -66,8 +67,10 @@ class IntegrationActivities:
     async def deliver(self, dedup_key: str) -> None:
         """Sends an outbox notice to every channel that carries it, at most once per channel:
         each send is claimed in `notice_deliveries` first, so a retry skips what was sent
-        (or may have been) and retries only channels that certainly failed. The activity
-        and the worker's outbox sweeper both come here."""
+        (or may have been) and retries only channels that certainly failed, or that another
+        attempt was still sending (a retryable failure: the notice is not delivered until
+        every channel's outcome is known). The activity and the worker's outbox sweeper both
+        come here."""
         notice = await self._outbox.notice(dedup_key)
         if notice is None:
             raise ApplicationError(f"no notice {dedup_key!r} in the outbox", non_retryable=True)
@@ -82,7 +85,11 @@ class IntegrationActivities:
         failed: list[str] = []
         carriers = [c for c in self._channels if c.accepts(message)]
         for channel in carriers:
-            if not await self._outbox.claim_delivery(message.notice_id, case_id, channel.name):
+            try:
+                if not await self._outbox.claim_delivery(message.notice_id, case_id, channel.name):
+                    continue
+            except SendingElsewhere as exc:  # its outcome decides; until then not delivered
+                failed.append(str(exc))
                 continue
             try:
                 external_id = await channel.send(message)

@@ -11,12 +11,15 @@ from typing import Any
 
 import pytest
 from temporalio.client import Client
+from temporalio.exceptions import ApplicationError
 
 from adapters.config import Settings
 from adapters.db import Store
+from adapters.db.outbox import OutboxRepository, SendingElsewhere
 from adapters.db.rows import DeliveryRow
 from adapters.notify.channels import build_channels
-from adapters.notify.message import TEMPLATES, render
+from adapters.notify.delivery import DeliveryFailed
+from adapters.notify.message import TEMPLATES, Message, render
 from adapters.tickets.base import correlation_key
 from domain.models import NoticeInput
 from starters.dev.stack import TemporalDevServer
@@ -204,7 +207,13 @@ async def test_a_send_that_may_have_happened_is_never_repeated(store: Store) -> 
     notice = await store.outbox.notice(f"{case_id}:refund_failed")
     assert notice is not None
     assert await store.outbox.claim_delivery(notice["id"], case_id, "slack")
-    assert not await store.outbox.claim_delivery(notice["id"], case_id, "slack")  # died mid-send
+    with pytest.raises(SendingElsewhere):  # within its lease the claim may still be sending
+        await store.outbox.claim_delivery(notice["id"], case_id, "slack")
+    await store.database.execute(  # the claim's lease ran out: that attempt died mid-send
+        "UPDATE notice_deliveries SET claimed_at = now() - make_interval(secs => %s)"
+        " WHERE notice_id = %s AND channel = 'slack'",
+        (OutboxRepository.SENDING_LEASE_SECONDS + 1, notice["id"]))
+    assert not await store.outbox.claim_delivery(notice["id"], case_id, "slack")
     assert not await store.outbox.claim_delivery(notice["id"], case_id, "slack")
     assert await store.outbox.claim_delivery(notice["id"], case_id, "teams")
     await store.outbox.finish_delivery(notice["id"], case_id, "teams", "failed", error="HTTP 500")
@@ -320,3 +329,53 @@ async def test_a_notice_the_sweeper_could_not_deliver_is_swept_again(
         assert len([m for m in world.slack if case_id in json.dumps(m)]) == 1
         rows = await delivered(stack, case_id, "reconciliation_break")
         assert rows["slack"]["status"] == "delivered"
+
+
+class _HeldChannel:
+    """A channel whose one send waits for the test, then fails for certain (HTTP 500)."""
+
+    name = "held-chat"
+
+    def __init__(self) -> None:
+        self.sending, self.release = asyncio.Event(), asyncio.Event()
+
+    def accepts(self, message: Message) -> bool:
+        return True
+
+    async def send(self, message: Message) -> str | None:
+        self.sending.set()
+        await self.release.wait()
+        raise DeliveryFailed("HTTP 500")
+
+
+async def test_a_send_still_under_way_elsewhere_never_lets_the_notice_count_as_delivered(
+        store: Store, stack: Stack) -> None:
+    """Two deliverers of one notice (an activity's retry beside the attempt that outlived its
+    timeout, or the sweeper beside a dispatcher): the second finds the first's claim still
+    sending. It may not take that for a dead attempt and mark the notice delivered: the
+    first's send then failed, and a notice marked delivered is never tried again nor shown
+    as unsent. The second answers "being sent elsewhere" (a retryable failure); once the
+    first failed for certain, the notice is still undelivered and its channel retried."""
+    from activities.integrations import IntegrationActivities
+
+    case_id = f"rr-{uuid.uuid4().hex[:12]}"
+    key = f"{case_id}:refund_failed"
+    await store.outbox.queue(NoticeInput(refund_request_id=case_id, kind="refund_failed",
+                                         audience="operator", dedup_key=key))
+    first, second = IntegrationActivities(store, stack.settings), IntegrationActivities(store, stack.settings)
+    held = _HeldChannel()
+    first._channels = [held]  # the test's own channel, in place of the configured ones
+    second._channels = [held]
+    sending = asyncio.create_task(first.deliver(key))
+    await held.sending.wait()
+    with pytest.raises(ApplicationError) as busy:
+        await second.deliver(key)
+    assert not busy.value.non_retryable and "held-chat" in str(busy.value)
+    held.release.set()
+    with pytest.raises(ApplicationError):
+        await sending
+    notice = await store.outbox.notice(key)
+    assert notice is not None and notice["delivered_at"] is None
+    [row] = [r for r in await store.outbox.deliveries(case_id) if r.channel == "held-chat"]
+    assert row.status == "failed"
+    assert await store.outbox.claim_delivery(notice["id"], case_id, "held-chat")  # retried: it failed

@@ -13,8 +13,17 @@ from adapters.db.rows import DeliveryRow, NoticeRow
 from domain.models import NoticeInput
 
 
+class SendingElsewhere(RuntimeError):
+    """Another attempt claimed this channel's send within `SENDING_LEASE_SECONDS`: it may be
+    sending right now, so its outcome is not known yet (neither a dead attempt nor a send)."""
+
+
 class OutboxRepository(Repository):
     """The `notices` rows and their `notice_deliveries` per channel."""
+
+    SENDING_LEASE_SECONDS = 300
+    """How long a claim counts as a send under way: past every channel's bounded send (a
+    ticket's search, create and lag recheck included). An older claim is a dead attempt."""
 
     async def queue(self, notice: NoticeInput) -> bool:
         """Puts a notice in the outbox once per dedup key; returns whether it is new."""
@@ -46,8 +55,9 @@ class OutboxRepository(Repository):
         return await self._db.fetch_one("SELECT * FROM notices WHERE dedup_key = %s", (dedup_key,))
 
     async def claim_delivery(self, notice_id: int, case_id: str | None, channel: str) -> bool:
-        """Claims the right to send before sending. A claim still 'sending' means an earlier
-        attempt may have sent: it becomes 'uncertain' and is never sent again."""
+        """Claims the right to send before sending. A claim still 'sending' past its lease
+        means an earlier attempt stopped and may have sent: it becomes 'uncertain' and is
+        never sent again. Within its lease it may still be sending: `SendingElsewhere`."""
         async with self._db.transaction() as conn:
             cur = await conn.execute(
                 "INSERT INTO notice_deliveries (notice_id, channel, status) VALUES (%s,%s,'sending')"
@@ -59,11 +69,17 @@ class OutboxRepository(Repository):
             cur = await conn.execute(
                 "UPDATE notice_deliveries SET status = 'uncertain',"
                 " last_error = 'an earlier attempt stopped while sending'"
-                " WHERE notice_id = %s AND channel = %s AND status = 'sending' RETURNING notice_id",
-                (notice_id, channel))
+                " WHERE notice_id = %s AND channel = %s AND status = 'sending'"
+                " AND claimed_at < now() - make_interval(secs => %s) RETURNING notice_id",
+                (notice_id, channel, self.SENDING_LEASE_SECONDS))
             if await cur.fetchone() is not None:
                 await AuditLog.append(conn, case_id, "system", "notice_delivery_uncertain",
                                       {"notice_id": notice_id, "channel": channel})
+                return False
+            cur = await conn.execute("SELECT 1 FROM notice_deliveries WHERE notice_id = %s AND channel = %s"
+                                     " AND status = 'sending'", (notice_id, channel))
+            if await cur.fetchone() is not None:
+                raise SendingElsewhere(f"{channel}: another attempt is sending notice {notice_id}")
             return False
 
     async def finish_delivery(self, notice_id: int, case_id: str | None, channel: str, status: str, *,
