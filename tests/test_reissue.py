@@ -141,3 +141,38 @@ async def _transfer_awaiting_confirmation(patient: Stack) -> str:
                                json={"decision": "approve"})).status_code == 202
     await patient.wait_for_status(child_id, "pending")
     return child_id
+
+
+async def test_one_request_has_one_open_reissue_across_its_whole_family(stack: Stack) -> None:
+    """A failed reissue is itself reissuable, and so is its parent again: both are the same
+    request's money. Reissuing the child (X-r1-r1) and then the original (X-r2) made two
+    live reissues of one refund, each for the full amount: the customer paid twice. Any
+    member of the family (original, children, their children) not ended blocks a new
+    reissue of any other member, which returns it instead."""
+    case_id, charge = await failed_case(stack)
+    async with stack.sandbox() as sb:
+        await sb.post("/_sandbox/config", json={"refund_initial_status": "pending"})
+    status, child = await reissue(stack, "olga", case_id)
+    assert status == 202
+    row = await stack.wait_for_status(child["refund_request_id"], "pending")
+    await stack.set_provider_status(row["provider_refund_id"], "failed", failure_reason="card_account_closed")
+    await stack.wait_for_status(child["refund_request_id"], "refund_failed")
+
+    status, grandchild = await reissue(stack, "olga", child["refund_request_id"])
+    assert status == 202 and grandchild["refund_request_id"] == f"{case_id}-r1-r1"
+    await stack.wait_for_status(grandchild["refund_request_id"], "pending")
+    status, again = await reissue(stack, "olga", case_id)  # the original again: its family has one
+    assert (status, again["refund_request_id"]) == (200, grandchild["refund_request_id"]), again
+    assert (await stack.store.cases.get(f"{case_id}-r2")) is None
+
+    row = await stack.wait_for_status(grandchild["refund_request_id"], "pending")
+    await stack.set_provider_status(row["provider_refund_id"], "failed", failure_reason="card_account_closed")
+    await stack.wait_for_status(grandchild["refund_request_id"], "refund_failed")
+    status, second = await reissue(stack, "olga", case_id)
+    assert (status, second["refund_request_id"]) == (202, f"{case_id}-r2")
+    status, blocked = await reissue(stack, "olga", grandchild["refund_request_id"])  # and downwards
+    assert (status, blocked["refund_request_id"]) == (200, f"{case_id}-r2"), blocked
+    assert (await stack.store.cases.get(f"{case_id}-r1-r1-r1")) is None
+    await stack.wait_for_status(f"{case_id}-r2", "pending")
+    live = [r for r in await stack.provider_refunds(charge) if r["status"] != "failed"]
+    assert sum(r["amount"] for r in live) == 2_500

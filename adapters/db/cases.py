@@ -72,6 +72,25 @@ _INSERT_CASE = sql.SQL("INSERT INTO refund_cases ({columns}) SELECT {values}").f
 """A new case's row from `_case_values`, once, or once per row of a FROM the caller adds."""
 _CREATE_CASE = (_INSERT_CASE + sql.SQL(" ON CONFLICT (refund_request_id) DO NOTHING RETURNING *")).as_string()
 
+# A reissue family: the original request (no parent) and every reissue below it.
+_FAMILY_ROOT = """
+WITH RECURSIVE up AS (
+    SELECT refund_request_id, parent_refund_request_id FROM refund_cases WHERE refund_request_id = %s
+    UNION ALL
+    SELECT c.refund_request_id, c.parent_refund_request_id
+    FROM refund_cases c JOIN up ON c.refund_request_id = up.parent_refund_request_id
+)
+SELECT refund_request_id FROM up WHERE parent_refund_request_id IS NULL"""
+_FAMILY_OPEN = """
+WITH RECURSIVE down AS (
+    SELECT refund_request_id, status, created_at FROM refund_cases WHERE refund_request_id = %(root)s
+    UNION ALL
+    SELECT c.refund_request_id, c.status, c.created_at
+    FROM refund_cases c JOIN down ON c.parent_refund_request_id = down.refund_request_id
+)
+SELECT c.* FROM down JOIN refund_cases c USING (refund_request_id)
+WHERE down.status <> ALL(%(closed)s) ORDER BY down.created_at LIMIT 1"""
+
 
 def _case_values(request: RefundRequest, requester: str) -> dict[str, Any]:
     return {"refund_request_id": request.refund_request_id, "provider": request.provider,
@@ -122,26 +141,49 @@ class CaseRepository(Repository):
 
     async def create(self, request: RefundRequest, requester: str) -> tuple[CaseCreation, CaseRow]:
         """Inserts the case once; a repeat is identical or a conflict, decided by params hash."""
-        values = _case_values(request, requester)
         async with self._db.transaction() as conn:
-            cur = await conn.execute(_CREATE_CASE, values)
-            row = await cur.fetchone()
-            if row is not None:
-                await AuditLog.append(conn, request.refund_request_id, requester, "request_received",
-                                      _received(request, values["params_hash"]))
-                return CaseCreation.CREATED, CaseRow.from_row(row)
-            cur = await conn.execute(
-                "SELECT * FROM refund_cases WHERE refund_request_id = %s", (request.refund_request_id,))
-            existing = await cur.fetchone()
-            assert existing is not None
-            # the channel says how a request came, not what it asks: a repeat through another
-            # is compared as if it came through the first (a stored hash includes the channel)
-            as_first = request.model_copy(update={"source": RequestSource(existing["source"])})
-            same = existing["params_hash"] == as_first.params_hash()
-            await AuditLog.append(conn, request.refund_request_id, requester,
-                                  "request_repeated" if same else "request_conflict",
-                                  {"source": request.source.value, "params_hash": values["params_hash"]})
-            return (CaseCreation.IDENTICAL if same else CaseCreation.CONFLICT), CaseRow.from_row(existing)
+            return await self._create_in(conn, request, requester)
+
+    async def create_reissue(self, request: RefundRequest,
+                             requester: str) -> tuple[CaseCreation | None, CaseRow]:
+        """A reissue's case, unless a member of its family (the original request, its
+        reissues and theirs: one request's money) has not ended: then (None, that member).
+        Under the original's row lock, so two reissues of one family never both open."""
+        assert request.parent_refund_request_id is not None
+        async with self._db.transaction() as conn:
+            cur = await conn.execute(_FAMILY_ROOT, (request.parent_refund_request_id,))
+            root = await cur.fetchone()
+            assert root is not None
+            await conn.execute("SELECT 1 FROM refund_cases WHERE refund_request_id = %s FOR UPDATE",
+                               (root["refund_request_id"],))
+            cur = await conn.execute(_FAMILY_OPEN, {"root": root["refund_request_id"],
+                                                    "closed": [s.value for s in CLOSED_STATUSES]})
+            member = await cur.fetchone()
+            if member is not None:
+                return None, CaseRow.from_row(member)
+            return await self._create_in(conn, request, requester)
+
+    @staticmethod
+    async def _create_in(conn: Conn, request: RefundRequest, requester: str) -> tuple[CaseCreation, CaseRow]:
+        values = _case_values(request, requester)
+        cur = await conn.execute(_CREATE_CASE, values)
+        row = await cur.fetchone()
+        if row is not None:
+            await AuditLog.append(conn, request.refund_request_id, requester, "request_received",
+                                  _received(request, values["params_hash"]))
+            return CaseCreation.CREATED, CaseRow.from_row(row)
+        cur = await conn.execute(
+            "SELECT * FROM refund_cases WHERE refund_request_id = %s", (request.refund_request_id,))
+        existing = await cur.fetchone()
+        assert existing is not None
+        # the channel says how a request came, not what it asks: a repeat through another
+        # is compared as if it came through the first (a stored hash includes the channel)
+        as_first = request.model_copy(update={"source": RequestSource(existing["source"])})
+        same = existing["params_hash"] == as_first.params_hash()
+        await AuditLog.append(conn, request.refund_request_id, requester,
+                              "request_repeated" if same else "request_conflict",
+                              {"source": request.source.value, "params_hash": values["params_hash"]})
+        return (CaseCreation.IDENTICAL if same else CaseCreation.CONFLICT), CaseRow.from_row(existing)
 
     @staticmethod
     def opening(source: str) -> sql.Composed:

@@ -20,7 +20,6 @@ from adapters.db.rows import ApprovalStep, CaseRow
 from adapters.providers.manual import manual_refund
 from domain.lifecycle import check_approval, unfilled
 from domain.models import (
-    CLOSED_STATUSES,
     ApprovalProgress,
     ApprovalSignal,
     ApprovalVerdict,
@@ -211,8 +210,9 @@ class CaseActions:
     async def reissue(self, caller: Principal, case_id: str, body: ReissueBody, *,
                       via: str) -> tuple[bool, dict[str, Any]]:
         """A failed or canceled refund becomes a new linked request (another method if need
-        be) through the same gates. Returns (created, child view); a repeat returns the open
-        child instead of making another."""
+        be) through the same gates. Returns (created, child view); while any member of its
+        family (the original, every reissue below it) has not ended, that member instead:
+        one request's money has one live reissue, however many times or where it is asked."""
         action = "reissuing a refund"
         await self.require(caller, Permission.REISSUE_REFUND, action, case_id, via=via)
         parent = await self._case(caller, case_id, action, via)
@@ -221,19 +221,17 @@ class CaseActions:
                               f"case is {parent['status']}; only {sorted(REISSUABLE)} refunds can "
                               "be reissued", via=via)
         children = await self.store.cases.children(case_id)
-        # a child that ended (failed, rejected, denied, expired) is not open: the next
-        # reissue goes through the same gates
-        open_child = next((c for c in children if c["status"] not in CLOSED_STATUSES), None)
-        if open_child is not None:
-            return False, case_view(open_child, await self.store.audit.approvals_of(
-                open_child["refund_request_id"]))
         try:
             request = reissue_request(parent, body, attempt=len(children) + 1)
         except ValidationError as exc:
             broken = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
             await self.refuse(caller, case_id, 422, action,
                               f"the reissue would break a request's rules: {broken}", via=via)
-        outcome, row = await self.store.cases.create(request, caller.user)
+        # a member that ended (failed, rejected, denied, expired) is not open: the next
+        # reissue goes through the same gates
+        outcome, row = await self.store.cases.create_reissue(request, caller.user)
+        if outcome is None:
+            return False, case_view(row, await self.store.audit.approvals_of(row["refund_request_id"]))
         if outcome is CaseCreation.CONFLICT:
             await self.refuse(caller, case_id, 409, action,
                               f"{request.refund_request_id} exists with other parameters", via=via)
