@@ -34,6 +34,10 @@ RECONCILIATION_FAILED: Final = "ReconciliationFailed"
 """A reconciliation run gave up for good (stored `failed` with its reason)."""
 NOTICE_DELIVERY_FAILED: Final = "NoticeDeliveryFailed"
 
+FORGED_START: Final = "ForgedStart"
+"""A workflow run that did not begin as its case's workflow begins (another id, or state
+carried into a run Temporal did not continue): it fails at once, acting on nothing."""
+
 # Refused updates of a payout case (workflows/payout.py)
 REISSUE_TAKEN: Final = "ReissueTaken"
 NOT_REISSUABLE: Final = "NotReissuable"

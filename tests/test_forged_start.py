@@ -2,11 +2,16 @@
 access to Temporal (its UI, its CLI) who starts one directly, with a request no case holds
 or with other terms than the case of that id holds, gets a rejected run and no refund."""
 
+import contextlib
 from typing import Any
 
 import pytest
+from temporalio.client import WorkflowFailureError
+from temporalio.common import WorkflowIDReusePolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
 
-from domain.models import RefundRequest, RefundWorkflowInput
+from adapters.db.cases import request_from_row
+from domain.models import CaseStatus, RefundCarry, RefundRequest, RefundWorkflowInput
 from tests.harness import Stack
 from workflows.refund import RefundWorkflow
 
@@ -37,3 +42,63 @@ async def test_a_refund_started_straight_in_temporal_moves_no_money(stack: Stack
     else:
         assert row is None
     assert "start_refused" in [e["action"] for e in await stack.store.audit.trail(request.refund_request_id)]
+
+
+async def _recorded_request(stack: Stack, case_id: str) -> RefundRequest:
+    row = await stack.store.cases.get(case_id)
+    assert row is not None
+    return request_from_row(row)
+
+
+async def test_a_start_carrying_a_continued_run_s_state_moves_no_money(stack: Stack) -> None:
+    """A continued run resumes where its previous run was (submitting, approvals taken):
+    started straight in Temporal with such a `carried` input, a run skipped validation,
+    policy and approvals and submitted the request it named. Only a run Temporal continued
+    may carry state: the forged one fails at once, and the case waiting for its approvers is
+    left as it was."""
+    charge = await stack.charge(20_000)
+    case_id = await stack.request_refund("alice", charge, 9_000)  # above auto-approval: people decide
+    await stack.wait_for_status(case_id, "awaiting_approval")
+    request = await _recorded_request(stack, case_id)
+    carried = RefundCarry(context="submit", phase="", status=CaseStatus.EXECUTING)
+    for workflow_id in (f"forged-{case_id}", case_id):
+        with pytest.raises((WorkflowFailureError, WorkflowAlreadyStartedError)):
+            handle = await stack.client.start_workflow(
+                RefundWorkflow.run, RefundWorkflowInput(request=request, requester="mallory",
+                                                        timings=stack.settings.timings(), carried=carried),
+                id=workflow_id, task_queue=stack.settings.task_queue)
+            await handle.result()
+    assert await stack.provider_refunds(charge) == []
+    row = await stack.wait_for_status(case_id, "awaiting_approval")
+    assert row["reserved_amount"] == 9_000
+
+
+async def test_a_start_of_a_recorded_request_outside_its_own_case_moves_no_money(stack: Stack) -> None:
+    """The request a case recorded, started straight in Temporal under another workflow id,
+    or again under its own once its case ended (a provider's failure), passed validation
+    (same terms), reserved again and, below auto-approval, refunded a second time. A run
+    acts only as its case's one workflow (its id), and only on a case no run has taken yet."""
+    charge = await stack.charge(10_000)
+    async with stack.sandbox() as sb:
+        await sb.post("/_sandbox/config", json={"refund_initial_status": "pending"})
+    case_id = await stack.request_refund("alice", charge, 2_000)
+    row = await stack.wait_for_status(case_id, "pending")
+    await stack.set_provider_status(row["provider_refund_id"], "failed", failure_reason="card_account_closed")
+    await stack.wait_for_status(case_id, "refund_failed")
+    async with stack.sandbox() as sb:
+        await sb.post("/_sandbox/config", json={"refund_initial_status": "succeeded"})
+    request = await _recorded_request(stack, case_id)
+    for workflow_id in (f"forged-{case_id}", case_id):
+        handle = await stack.client.start_workflow(
+            RefundWorkflow.run, RefundWorkflowInput(request=request, requester="mallory",
+                                                    timings=stack.settings.timings()),
+            id=workflow_id, task_queue=stack.settings.task_queue,
+            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE)
+        with contextlib.suppress(WorkflowFailureError):
+            outcome = await handle.result()
+            assert outcome.state.status == "rejected"
+    assert [r["status"] for r in await stack.provider_refunds(charge)] == ["failed"]
+    after = await stack.store.cases.get(case_id)
+    assert after is not None and (after["status"], after["reserved_amount"]) == ("refund_failed", 0)
+    refused = [e for e in await stack.store.audit.trail(case_id) if e["action"] == "start_refused"]
+    assert len(refused) == 1 and "another run took it" in refused[0]["detail"]["reason"]

@@ -241,14 +241,14 @@ horizon); markers the whole workflow records (integrations, late verdicts) need 
 
 def _history(path: Path) -> WorkflowHistory:
     """The recorded history under its workflow's id: a refund's is its request id, a payout
-    case's its case id (in the start input), which the relay's seals bind; other workflows'
-    the file's name."""
+    or tracking case's its case id (in the start input), which the relay's seals and the
+    runs' own start check (`history.forged_start`) bind; other workflows' the file's name."""
     history = WorkflowHistory.from_json(path.stem, path.read_text())
     started = _payload(history.events[0].workflow_execution_started_event_attributes.input)
     case_id = None
     if isinstance(started, dict):
         case_id = started.get("request", {}).get("refund_request_id") or (
-            started.get("case_id") if "payout_id" in started else None)
+            started.get("case_id") if "payout_id" in started or "refund_id" in started else None)
     return WorkflowHistory(case_id, history.events) if case_id else history
 
 

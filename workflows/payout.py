@@ -45,6 +45,7 @@ with workflow.unsafe.imports_passed_through():
     from domain.seals import reissue_refusal
     from workflows import retry
     from workflows.approvals import UNSEALED, ApprovalOutcome, ApprovalRound
+    from workflows.history import forged_start
     from workflows.payout_case import (
         DENIED_ROUND_EVENTS_PATCH,
         REVERSAL_STEPS,
@@ -141,6 +142,8 @@ class PayoutReversalWorkflow(PayoutReissue):
 
     @workflow.run
     async def run(self, inp: PayoutCaseInput) -> PayoutCaseState:
+        if refusal := forged_start(inp.case_id, inp.carried):
+            raise ApplicationError(refusal, type=errors.FORGED_START, non_retryable=True)
         if inp.carried is not None:
             return await self._resume(inp.carried)
         await workflow.wait_condition(lambda: bool(self._inbox))

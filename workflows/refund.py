@@ -11,10 +11,10 @@ from datetime import datetime
 from typing import Any
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, FailureError
+from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 
 with workflow.unsafe.imports_passed_through():
-    from domain import contracts
+    from domain import contracts, errors
     from domain.events import Observation
     from domain.integrations import AdviseInput
     from domain.models import (
@@ -38,6 +38,7 @@ with workflow.unsafe.imports_passed_through():
         ApprovalOutcome,
         ApprovalRound,
     )
+    from workflows.history import forged_start
     from workflows.refund_case import (
         APPROVAL_WITH_SUBMIT_PATCH,
         APPROVED_NOTICE_PATCH,
@@ -139,6 +140,8 @@ class RefundWorkflow(RefundLifecycle):
 
     @workflow.run
     async def run(self, inp: RefundWorkflowInput) -> RefundOutcome:
+        if refusal := forged_start(inp.request.refund_request_id, inp.carried):
+            raise ApplicationError(refusal, type=errors.FORGED_START, non_retryable=True)
         try:
             return await self._run(inp)
         except (asyncio.CancelledError, FailureError) as err:  # FailureError: a local activity's too

@@ -7,9 +7,10 @@ Deterministic: no I/O, no clocks but workflow time; activities are called by nam
 from datetime import datetime, timedelta
 
 from temporalio import workflow
+from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from domain import contracts
+    from domain import contracts, errors
     from domain.events import Observation, TrackingCarry, TrackingInput, observe
     from domain.lifecycle import FINAL_PROVIDER_STATUSES
     from domain.models import (
@@ -70,6 +71,8 @@ class RefundTrackingWorkflow:
 
     @workflow.run
     async def run(self, inp: TrackingInput) -> RefundOutcome:
+        if refusal := history.forged_start(inp.case_id, inp.carried):
+            raise ApplicationError(refusal, type=errors.FORGED_START, non_retryable=True)
         window = inp.timings.late_failure_window
         while True:
             await self._bound_history()

@@ -112,6 +112,22 @@ class SubmissionRefused(Exception):
     """A submit attempt that outlived its case: cancelled, denied, or its hold released."""
 
 
+async def _ended(conn: Conn, case_id: str) -> Vetted | None:
+    """A validation (under a step key: every run since local validation) writes nothing on
+    a case that ended (closed, or succeeded): its one workflow is over, so a run validating
+    it now is a start straight in Temporal of its recorded request (its id reused), which
+    would reserve again and act on the stored decision. The refusal, audited as
+    `start_refused`. (A case in `ops_review` does validate again: its workflow resumes a
+    validation whose reads ran out.)"""
+    cur = await conn.execute("SELECT status FROM refund_cases WHERE refund_request_id = %s", (case_id,))
+    row = await cur.fetchone()
+    if row is None or row["status"] not in {s.value for s in SETTLED_STATUSES}:
+        return None
+    reason = f"the case is {row['status']}: another run took it; refunds start only through the relay"
+    await AuditLog.append(conn, case_id, "system", "start_refused", {"reason": reason})
+    return Vetted(validation=ValidationResult(ok=False, reason=reason))
+
+
 class CaseCreation(StrEnum):
     CREATED = "created"
     IDENTICAL = "identical"
@@ -306,8 +322,11 @@ class CaseRepository(Repository):
     async def reject(self, case_id: str, reason: str, step_key: str | None = None) -> Vetted:
         """Rejects the case (status and audit row); under a `step_key` that answered before
         (see `write_case_steps`), only that answer comes back: a validation run again
-        rejects nothing twice, nor a case the first run took."""
+        rejects nothing twice, nor a case the first run took (nor, see `_ended`, a case
+        whose workflow is over)."""
         async def rejecting(conn: Conn) -> Vetted:
+            if step_key is not None and (ended := await _ended(conn, case_id)) is not None:
+                return ended
             await self._set_status(conn, case_id, CaseStatus.REJECTED, release=True)
             await AuditLog.append(conn, case_id, "system", "validation_rejected", {"reason": reason})
             return Vetted(validation=ValidationResult(ok=False, reason=reason))
@@ -464,6 +483,8 @@ class CaseRepository(Repository):
         case_id = request.refund_request_id
 
         async def reserving_and_deciding(conn: Conn) -> Vetted:
+            if step_key is not None and (ended := await _ended(conn, case_id)) is not None:
+                return ended
             validation = await self._reserve_in(conn, request, charge)
             if not validation.ok:
                 return Vetted(validation=validation)
