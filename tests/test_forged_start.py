@@ -8,9 +8,10 @@ from typing import Any
 import pytest
 from temporalio.client import WorkflowFailureError
 from temporalio.common import WorkflowIDReusePolicy
-from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 
 from adapters.db.cases import request_from_row
+from domain import errors
 from domain.models import CaseStatus, RefundCarry, RefundRequest, RefundWorkflowInput
 from tests.harness import Stack
 from workflows.refund import RefundWorkflow
@@ -50,6 +51,20 @@ async def _recorded_request(stack: Stack, case_id: str) -> RefundRequest:
     return request_from_row(row)
 
 
+async def _failed_case(stack: Stack, charge: str) -> str:
+    """A refund of 20.00 the provider failed after accepting it: its workflow is over."""
+    async with stack.sandbox() as sb:
+        await sb.post("/_sandbox/config", json={"refund_initial_status": "pending"})
+    case_id = await stack.request_refund("alice", charge, 2_000)
+    row = await stack.wait_for_status(case_id, "pending")
+    await stack.set_provider_status(row["provider_refund_id"], "failed", failure_reason="card_account_closed")
+    await stack.wait_for_status(case_id, "refund_failed")
+    async with stack.sandbox() as sb:
+        await sb.post("/_sandbox/config", json={"refund_initial_status": "succeeded"})
+    await stack.client.get_workflow_handle(case_id).result()
+    return case_id
+
+
 async def test_a_start_carrying_a_continued_run_s_state_moves_no_money(stack: Stack) -> None:
     """A continued run resumes where its previous run was (submitting, approvals taken):
     started straight in Temporal with such a `carried` input, a run skipped validation,
@@ -72,6 +87,20 @@ async def test_a_start_carrying_a_continued_run_s_state_moves_no_money(stack: St
     row = await stack.wait_for_status(case_id, "awaiting_approval")
     assert row["reserved_amount"] == 9_000
 
+    # under the case's own id once its workflow is over: the carried state alone is refused
+    other_charge = await stack.charge(20_000)
+    ended = await _failed_case(stack, other_charge)
+    replayed = RefundWorkflowInput(request=await _recorded_request(stack, ended), requester="mallory",
+                                   timings=stack.settings.timings(), carried=carried)
+    handle = await stack.client.start_workflow(
+        RefundWorkflow.run, replayed, id=ended, task_queue=stack.settings.task_queue,
+        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE)
+    with pytest.raises(WorkflowFailureError) as failed:
+        await handle.result()
+    assert isinstance(failed.value.cause, ApplicationError) and failed.value.cause.type == errors.FORGED_START
+    assert "carried" in failed.value.cause.message
+    assert [r["status"] for r in await stack.provider_refunds(other_charge)] == ["failed"]
+
 
 async def test_a_start_of_a_recorded_request_outside_its_own_case_moves_no_money(stack: Stack) -> None:
     """The request a case recorded, started straight in Temporal under another workflow id,
@@ -79,14 +108,7 @@ async def test_a_start_of_a_recorded_request_outside_its_own_case_moves_no_money
     (same terms), reserved again and, below auto-approval, refunded a second time. A run
     acts only as its case's one workflow (its id), and only on a case no run has taken yet."""
     charge = await stack.charge(10_000)
-    async with stack.sandbox() as sb:
-        await sb.post("/_sandbox/config", json={"refund_initial_status": "pending"})
-    case_id = await stack.request_refund("alice", charge, 2_000)
-    row = await stack.wait_for_status(case_id, "pending")
-    await stack.set_provider_status(row["provider_refund_id"], "failed", failure_reason="card_account_closed")
-    await stack.wait_for_status(case_id, "refund_failed")
-    async with stack.sandbox() as sb:
-        await sb.post("/_sandbox/config", json={"refund_initial_status": "succeeded"})
+    case_id = await _failed_case(stack, charge)
     request = await _recorded_request(stack, case_id)
     for workflow_id in (f"forged-{case_id}", case_id):
         handle = await stack.client.start_workflow(
