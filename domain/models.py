@@ -8,7 +8,7 @@ breaking running workflows (new fields always get defaults).
 import hashlib
 import json
 import re
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -50,6 +50,25 @@ MinorAmount = Annotated[int, Field(gt=0, le=MAX_MINOR_AMOUNT, strict=True,
                                    description="integer minor units of `currency`")]
 Currency = Annotated[str, Field(min_length=3, max_length=3), AfterValidator(normalise_currency)]
 Evidence = Annotated[dict[str, str], AfterValidator(_bounded_evidence)]
+
+
+def _instant(value: datetime) -> datetime:
+    """A provider's event time as an instant: one without an offset is UTC (Rainforest
+    documents UTC; the others send an offset), since a naive time cannot be compared with
+    our aware ones. Outside 1970-9998 in UTC it is no real event's time (nor one
+    PostgreSQL and Python both read back): a ValueError, so a malformed delivery."""
+    aware = value if value.utcoffset() is not None else value.replace(tzinfo=UTC)
+    try:
+        year = aware.astimezone(UTC).year
+    except OverflowError as exc:
+        raise ValueError(f"event time {value.isoformat()} is out of range") from exc
+    if not 1970 <= year <= 9998:
+        raise ValueError(f"event time {value.isoformat()} is out of range")
+    return aware
+
+
+EventTime = Annotated[datetime, AfterValidator(_instant)]
+"""When a provider says an event happened."""
 
 
 class Frozen(BaseModel):
@@ -250,7 +269,7 @@ class ProviderEvent(Frozen):
     event_type: str
     kind: EventKind
     body_sha256: str
-    occurred_at: datetime
+    occurred_at: EventTime
     refund_id: str | None = None
     charge_id: str | None = None
     refund_request_id: str | None = None

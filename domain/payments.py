@@ -7,13 +7,12 @@ a case; they only tell validation what was captured and what was refunded alread
 """
 
 from collections.abc import Sequence
-from datetime import datetime
 from enum import StrEnum
 from typing import Annotated
 
 from pydantic import Field
 
-from domain.models import ChargeSnapshot, Frozen
+from domain.models import ChargeSnapshot, EventTime, Frozen
 from domain.money import MAX_MINOR_AMOUNT
 
 
@@ -49,7 +48,7 @@ class PaymentEvent(Frozen):
     event_id: str
     event_type: str
     body_sha256: str
-    occurred_at: datetime
+    occurred_at: EventTime
     payment_id: str
     psp_reference: str
     status: PaymentStatus

@@ -18,6 +18,7 @@ from pydantic import AfterValidator, Field, field_validator
 from domain.models import (
     REISSUE_SUFFIX,
     ApprovalRecord,
+    EventTime,
     Frozen,
     Identifier,
     MinorAmount,
@@ -71,7 +72,7 @@ class PayoutEvent(Frozen):
     event_id: str
     event_type: str
     body_sha256: str
-    occurred_at: datetime
+    occurred_at: EventTime
     payout: ProviderPayout
 
     def idempotency_key(self) -> str:

@@ -209,6 +209,39 @@ async def test_an_adyen_reversal_after_the_watch_ended_opens_a_break(
         assert {e["template"] for e in await rig.stack.store.ledger.entries(case_id)} == {"refund_settled"}
 
 
+@pytest.mark.parametrize("event_date", ["2026-11-30T10:00:00", "0001-01-01T00:00:00+14:00"])
+async def test_an_event_time_without_an_offset_or_out_of_range_is_read_or_refused_never_a_500(
+        store: Store, client: Client, temporal_server: TemporalDevServer, event_date: str) -> None:
+    """eventDate is outside Adyen's HMAC and the adapters read times with `fromisoformat`: one
+    without an offset (naive) met the run window's aware times after the case closed (500,
+    the receipt stuck accepted, the reversal never a break), and one before year 1 in UTC
+    was stored as a BC timestamp psycopg cannot read back. A naive time is UTC (as Rainforest
+    documents its times; the others always send an offset): the reversal is a break. One
+    out of range is a malformed delivery (400), recorded, changing nothing."""
+    async with adyen_rig(store, client, temporal_server, charges_from_fake=True,
+                         late_failure_window_seconds=1) as rig:
+        case_id, fields = await refunded(rig, 1300)
+        await rig.stack.client.get_workflow_handle(case_id).result()  # the watch ended
+        answer = await rig.post(notification("REFUNDED_REVERSED", eventDate=event_date, **fields))
+        psp = fields["pspReference"]
+
+        async def receipt() -> dict[str, Any]:
+            [row] = await rig.stack.store.database.fetch_all(
+                "SELECT verdict, processed_at FROM webhook_receipts WHERE provider = 'adyen'"
+                " AND event_id = %s", (f"REFUNDED_REVERSED:{psp}:true",))
+            return row
+
+        if event_date.endswith("+14:00"):
+            assert answer.status_code == 400, answer.text
+            assert (await receipt())["verdict"] == "malformed" and await breaks_of(rig.stack, psp) == []
+            return
+        assert answer.text == "[accepted]"
+        [found] = await wait_for_breaks(rig.stack, [psp], "awaiting_approval")
+        assert (found["break_class"], found["refund_request_id"]) == ("provider_failed_shown_refunded",
+                                                                      case_id)
+        assert (await receipt())["processed_at"] is not None
+
+
 async def settled(stack: Stack, break_id: int) -> str:
     """The state a break ends in once its exception case has settled it."""
     async with asyncio.timeout(60):  # guards against a hang, not a measured wait
