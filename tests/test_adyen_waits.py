@@ -228,3 +228,28 @@ async def test_a_success_adyen_reports_after_ops_said_not_refunded_opens_a_break
     lines = await rig.stack.store.ledger.entries(case_id)
     assert [(x["template"], x["debit"], x["credit"]) for x in lines] == [
         ("refund_settled", 1_300, 0), ("refund_settled", 0, 1_300)]
+
+
+async def test_a_wait_is_not_resolved_with_a_refund_another_case_holds(rig: AdyenRig) -> None:
+    """Ops name the refund the dashboard shows: naming one another case already holds (a
+    copy-paste from the wrong row) was answered 200, then the case's write of that id broke
+    the unique index and retried for ever, the case stuck with its reservation held and no
+    second resolution allowed. Refused 409 (audited), the case still waiting; its own
+    refund then resolves it."""
+    first, psp = await waiting_case(rig, 1_100)
+    [made] = rig.fake.refunds_of(psp)
+    shows = {"provider_shows": "refunded", "reason": "Customer Area: refund settled"}
+    answer = await resolve(rig, "olga", first, provider_refund_id=made["pspReference"], **shows)
+    assert answer.status_code == 200
+    await rig.stack.wait_for_status(first, "succeeded")
+
+    second, other_psp = await waiting_case(rig, 1_200)
+    taken = await resolve(rig, "olga", second, provider_refund_id=made["pspReference"], **shows)
+    assert taken.status_code == 409 and first in taken.json()["detail"], taken.text
+    refused = [e for e in await rig.stack.store.audit.trail(second) if e["action"] == "action_refused"]
+    assert [e["actor"] for e in refused] == ["olga"]
+    [own] = rig.fake.refunds_of(other_psp)
+    answer = await resolve(rig, "olga", second, provider_refund_id=own["pspReference"], **shows)
+    assert answer.status_code == 200, answer.text
+    row = await rig.stack.wait_for_status(second, "succeeded")
+    assert row["provider_refund_id"] == own["pspReference"]

@@ -65,6 +65,8 @@ async def resolve_provider_wait(actions: CaseActions, caller: Principal, case_id
     if caller.user in behind(row, await actions.store.audit.approvals_of(case_id)):
         await actions.refuse(caller, case_id, 403, action, "whoever requested or approved a refund "
                              "cannot resolve its wait", via=via, audit_action="access_refused")
+    if refused := await _refund_refusal(actions, row, body):
+        await actions.refuse(caller, case_id, 409, action, refused, via=via)
     # the check and the record under the case chain's lock: one resolution per wait
     latest = await actions.store.audit.record_once_opened(
         case_id, caller.user, WAIT_RESOLVED, {**body.model_dump(), "via": via},
@@ -86,6 +88,21 @@ async def resolve_provider_wait(actions: CaseActions, caller: Principal, case_id
     await _deliver(actions, row, body, caller.user)
     return {"refund_request_id": case_id, "provider_shows": body.provider_shows,
             "resolved_by": caller.user}
+
+
+async def _refund_refusal(actions: CaseActions, row: Mapping[str, Any], body: ProviderWaitBody) -> str | None:
+    """Why the refund ops name cannot be this case's: another case holds it (the case's write
+    of it would break the one-case-per-refund index and retry for ever), or the case already
+    holds another one (its create's answer named it)."""
+    named = body.provider_refund_id
+    if body.provider_shows != "refunded" or named is None:
+        return None
+    holder = await actions.store.cases.by_provider_refund(str(row["provider"]), named)
+    if holder is not None and holder["refund_request_id"] != row["refund_request_id"]:
+        return f"refund {named} is case {holder['refund_request_id']}'s: name this case's refund"
+    if row["provider_refund_id"] not in (None, named):
+        return f"this case's refund is {row['provider_refund_id']}, not {named}"
+    return None
 
 
 async def _deliver(actions: CaseActions, row: Mapping[str, Any], body: ProviderWaitBody,
