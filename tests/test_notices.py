@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from aiosmtpd.controller import Controller
 from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 
@@ -19,10 +20,12 @@ from adapters.db.outbox import OutboxRepository, SendingElsewhere
 from adapters.db.rows import DeliveryRow
 from adapters.notify.channels import build_channels
 from adapters.notify.delivery import DeliveryFailed
+from adapters.notify.email import SmtpEmail
 from adapters.notify.message import TEMPLATES, Message, render
 from adapters.tickets.base import correlation_key
 from domain.models import NoticeInput
 from starters.dev.stack import TemporalDevServer
+from starters.ports import free_port
 from tests.fakes import World, connected_stack, eventually
 from tests.harness import Stack
 
@@ -379,3 +382,37 @@ async def test_a_send_still_under_way_elsewhere_never_lets_the_notice_count_as_d
     [row] = [r for r in await store.outbox.deliveries(case_id) if r.channel == "held-chat"]
     assert row.status == "failed"
     assert await store.outbox.claim_delivery(notice["id"], case_id, "held-chat")  # retried: it failed
+
+
+class _AcceptsThenQuitsBadly:
+    """An SMTP server that accepts the message, then answers QUIT with 421 (shutting down)."""
+
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.received.append(envelope.original_content)
+        return "250 Message accepted for delivery"
+
+    async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:
+        return "421 4.3.2 Service shutting down"
+
+
+async def test_a_message_the_smtp_server_accepted_is_delivered_whatever_quit_answers() -> None:
+    """smtplib's `with` sends QUIT after the message and raises unless it hears 221: the
+    message the server had accepted counted as failed, so every retry (dispatcher, then
+    sweeper) mailed it again: a customer got the same "could not be processed" mail up to
+    16 times. Once DATA is accepted the mail is delivered; QUIT's answer is only logged."""
+    handler = _AcceptsThenQuitsBadly()
+    controller = Controller(handler, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    try:
+        mail = SmtpEmail("127.0.0.1", int(controller.port), "refunds@example.test", timeout=5)
+        message = Message(notice_id=7, kind="refund_could_not_be_processed", audience="customer",
+                          case_id="rr-7", title="Your refund could not be processed", text="x", facts=(),
+                          link=None, buttons=False, ticket=None, customer=True,
+                          email_to="jane.customer@example.com")
+        assert await mail.send(message) == "<notice-7@refund-orchestrator>"
+    finally:
+        controller.stop()
+    assert len(handler.received) == 1

@@ -2,10 +2,12 @@
 
 The Message-ID is derived from the notice, so even a receiving system sees one message
 per notice. A server that answers with an error code certainly did not take the message
-(retry); a connection lost mid-transaction may have delivered it (never resent).
+(retry); a connection lost mid-transaction may have delivered it (never resent); a message
+the server took is delivered, whatever it answers to QUIT.
 """
 
 import asyncio
+import logging
 import re
 import smtplib
 import ssl
@@ -16,12 +18,15 @@ from adapters.net import is_loopback
 from adapters.notify.delivery import DeliveryFailed, DeliveryUncertain
 from adapters.notify.message import Message
 
+log = logging.getLogger(__name__)
+
 _ADDRESS = re.compile(r"[^\s<>'\"(){},;:]+@[^\s<>'\"(){},;:]+")
 
 
 def _masked(text: str) -> str:
     """The text with every mail address replaced: what an SMTP error may say of a recipient."""
     return _ADDRESS.sub("<address>", text)
+
 
 
 class SmtpEmail:
@@ -52,7 +57,7 @@ class SmtpEmail:
         return mail
 
     def _send(self, mail: EmailMessage) -> None:
-        handing_over = False
+        handing_over = accepted = False
         try:
             with smtplib.SMTP(self._host, self._port, timeout=self._timeout) as smtp:
                 if self._starttls:
@@ -61,15 +66,27 @@ class SmtpEmail:
                     smtp.login(*self._login)
                 handing_over = True
                 smtp.send_message(mail)
+                accepted = True
         # `from None`, and addresses masked: a server's answer names the recipient (a
         # customer's address), and the error reaches logs, the outbox and workflow failures
-        except (smtplib.SMTPResponseException, smtplib.SMTPRecipientsRefused) as exc:
-            raise DeliveryFailed(f"the SMTP server refused the message: {_masked(repr(exc))}") from None
         except (OSError, smtplib.SMTPException) as exc:
-            if handing_over:
-                raise DeliveryUncertain(f"the SMTP transaction broke off: {_masked(repr(exc))}") from None
-            raise DeliveryFailed(f"no SMTP session with {self._host}:{self._port}: "
-                                 f"{_masked(repr(exc))}") from None
+            if not accepted:
+                raise self._failure(exc, handing_over) from None
+            # the server took the message; only the goodbye (QUIT, answered other than 221,
+            # which smtplib's `with` raises on) went wrong: delivered, never sent again
+            log.warning("SMTP server %s:%s took the message but not the QUIT: %s", self._host, self._port,
+                        _masked(repr(exc)))
+
+    def _failure(self, exc: Exception, handing_over: bool) -> DeliveryFailed | DeliveryUncertain:
+        """What an SMTP error before the server took the message means for a retry: an
+        answer refusing it is a failure; a break once the message was being handed over
+        may have delivered it; no session at all is a failure."""
+        shown = _masked(repr(exc))
+        if isinstance(exc, smtplib.SMTPResponseException | smtplib.SMTPRecipientsRefused):
+            return DeliveryFailed(f"the SMTP server refused the message: {shown}")
+        if handing_over:
+            return DeliveryUncertain(f"the SMTP transaction broke off: {shown}")
+        return DeliveryFailed(f"no SMTP session with {self._host}:{self._port}: {shown}")
 
     async def send(self, message: Message) -> str | None:
         mail = self.compose(message)
