@@ -14,7 +14,13 @@ from adapters.tls import client_tls
 
 
 class DeliveryFailed(Exception):
-    """Certainly not delivered; safe to send again."""
+    """Not delivered as far as the answer says; safe to send again. `status`: the HTTP
+    status that said so, if any (a 5xx from a gateway may follow a backend that acted:
+    where a retry can look first, as a ticket's search can, it looks)."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class DeliveryUncertain(Exception):
@@ -41,5 +47,6 @@ async def send_http(method: str, url: str, *, timeout: float, **kwargs: Any) -> 
     except httpx.TransportError as exc:
         raise DeliveryUncertain(f"the answer was lost: {exc!r}") from exc
     if response.status_code >= 400:
-        raise DeliveryFailed(f"HTTP {response.status_code}: {response.text[:300]}")
+        raise DeliveryFailed(f"HTTP {response.status_code}: {response.text[:300]}",
+                             status=response.status_code)
     return response

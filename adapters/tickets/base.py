@@ -68,9 +68,12 @@ class TicketChannel:
                 if made is None:
                     try:
                         made = await self._system.create(incident, correlation, message)
-                    except DeliveryUncertain:
-                        # the create may have landed, and a search lags it (Jira's index):
-                        # look again past the lag, or the retry's search misses it and makes another
+                    except (DeliveryUncertain, DeliveryFailed) as exc:
+                        if isinstance(exc, DeliveryFailed) and (exc.status or 0) < 500:
+                            raise  # refused: nothing was made
+                        # the create may have landed (answer lost, or a gateway's 5xx after the
+                        # backend made it), and a search lags it (Jira's index): look again past
+                        # the lag, or the retry's search misses it and makes another
                         await asyncio.sleep(LOST_CREATE_RECHECK_SECONDS)
                         made = await self._system.find(incident, correlation)
                         if made is None:
