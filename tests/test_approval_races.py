@@ -359,6 +359,34 @@ async def test_a_cancel_while_a_round_expires_answers_the_verdict_queued_behind_
         await stack.close()
 
 
+async def test_a_cancel_while_the_expiry_is_written_leaves_the_row_as_the_case_ends(
+        store: Store, client: Client, temporal_server: TemporalDevServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nobody decided in time; ops cancel while the expiry (expired, reservation released) is
+    being written. A review feared the cancel would find the workflow's status already
+    `expired` (set before the write) and finish without writing, the row left awaiting
+    approval with the charge's reservation held. It does not: the case ends cancelled, and
+    the row says so with nothing reserved, at once (no sweep needed)."""
+    stack = await open_stack(store, client, temporal_server.address, approval_timeout_seconds=2)
+    try:
+        release, held = hold_writes_of(stack, monkeypatch, "approval_expired", "workflow")
+        charge = await stack.charge(20_000)
+        case_id = await stack.request_refund("alice", charge, 9_000)
+        await stack.wait_for_status(case_id, "awaiting_approval")
+        await asyncio.wait_for(held.wait(), HANG)
+        handle = stack.client.get_workflow_handle(case_id, result_type=RefundOutcome)
+        await handle.cancel()
+        await asyncio.sleep(1)  # the cancel taken while the write waits
+        release.set()
+        outcome = await asyncio.wait_for(handle.result(), 60)
+        assert outcome.state.status is CaseStatus.CANCELED_BY_OPS
+        row = await stack.store.cases.get(case_id)
+        assert row is not None and (row["status"], row["reserved_amount"]) == ("canceled_by_ops", 0), row
+        assert await stack.provider_refunds(charge) == []
+    finally:
+        await stack.close()
+
+
 async def test_a_cancel_while_a_denial_is_written_answers_the_verdict_queued_behind_it(
         stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     """Carol's denial and bob's approval reach the case in one activation (its worker was
