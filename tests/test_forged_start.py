@@ -14,6 +14,7 @@ from adapters.db.cases import request_from_row
 from domain import errors
 from domain.models import CaseStatus, RefundCarry, RefundRequest, RefundWorkflowInput
 from tests.harness import Stack
+from workers.case_sweep import sweep_cases_once
 from workflows.refund import RefundWorkflow
 
 
@@ -124,3 +125,26 @@ async def test_a_start_of_a_recorded_request_outside_its_own_case_moves_no_money
     assert after is not None and (after["status"], after["reserved_amount"]) == ("refund_failed", 0)
     refused = [e for e in await stack.store.audit.trail(case_id) if e["action"] == "start_refused"]
     assert len(refused) == 1 and "another run took it" in refused[0]["detail"]["reason"]
+
+
+async def test_a_start_of_a_swept_case_s_request_moves_no_money(stack: Stack) -> None:
+    """A case whose workflow was terminated is swept to ops review (its reservation released
+    where the provider holds no refund). Started again under its id with its recorded
+    request, the run passed validation (ops review is not an end: a live workflow resumes a
+    validation there), reserved again and acted on the stored decision behind ops' back.
+    A swept case is ended for validation: start_refused, the row as the sweep left it."""
+    charge = await stack.charge(20_000)
+    case_id = await stack.request_refund("alice", charge, 9_000)
+    await stack.wait_for_status(case_id, "awaiting_approval")
+    await stack.client.get_workflow_handle(case_id).terminate("terminated in the Temporal UI")
+    assert case_id in await sweep_cases_once(stack.store, stack.client, stack.providers, idle_seconds=0)
+    handle = await stack.client.start_workflow(
+        RefundWorkflow.run, RefundWorkflowInput(request=await _recorded_request(stack, case_id),
+                                                requester="mallory", timings=stack.settings.timings()),
+        id=case_id, task_queue=stack.settings.task_queue,
+        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE)
+    assert (await handle.result()).state.status == "rejected"
+    row = await stack.store.cases.get(case_id)
+    assert row is not None and (row["status"], row["reserved_amount"]) == ("ops_review", 0)
+    assert "start_refused" in await stack.actions(case_id)
+    assert await stack.provider_refunds(charge) == []

@@ -114,14 +114,18 @@ class SubmissionRefused(Exception):
 
 async def _ended(conn: Conn, case_id: str) -> Vetted | None:
     """A validation (under a step key: every run since local validation) writes nothing on
-    a case that ended (closed, or succeeded): its one workflow is over, so a run validating
-    it now is a start straight in Temporal of its recorded request (its id reused), which
-    would reserve again and act on the stored decision. The refusal, audited as
-    `start_refused`. (A case in `ops_review` does validate again: its workflow resumes a
-    validation whose reads ran out.)"""
-    cur = await conn.execute("SELECT status FROM refund_cases WHERE refund_request_id = %s", (case_id,))
+    a case that ended (closed, or succeeded) or whose workflow ended while it was open (the
+    closed-workflow sweep's `workflow_closed` break: ops handle it): its one workflow is
+    over, so a run validating it now is a start straight in Temporal of its recorded request
+    (its id reused), which would reserve again and act on the stored decision. The refusal,
+    audited as `start_refused`. (A case in `ops_review` otherwise does validate again: its
+    live workflow resumes a validation whose reads ran out.)"""
+    cur = await conn.execute(
+        "SELECT status, EXISTS (SELECT 1 FROM reconciliation_breaks b WHERE b.break_class = %s"
+        " AND b.refund_request_id = c.refund_request_id) AS swept"
+        " FROM refund_cases c WHERE refund_request_id = %s", (BreakClass.WORKFLOW_CLOSED.value, case_id))
     row = await cur.fetchone()
-    if row is None or row["status"] not in {s.value for s in SETTLED_STATUSES}:
+    if row is None or (row["status"] not in {s.value for s in SETTLED_STATUSES} and not row["swept"]):
         return None
     reason = f"the case is {row['status']}: another run took it; refunds start only through the relay"
     await AuditLog.append(conn, case_id, "system", "start_refused", {"reason": reason})
