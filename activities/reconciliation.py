@@ -219,7 +219,8 @@ class ReconciliationActivities:
     async def _payout_at_provider(self, break_id: int) -> str | None:
         """The payout's status at the provider now (`not_found` when it holds none); None for
         a refund break, a settled one, or a provider without a payout lookup. A failed read
-        is retried (the settlement waits for it), never taken as an answer."""
+        is retried (the settlement waits for it), never taken as an answer; one the provider
+        refuses for good (our key, a 4xx, a status we do not map) is `unreadable`, for ops."""
         found = await self._recon.get_break(break_id)
         if found is None or found.object_kind != "payout" or found.resolution is not None:
             return None
@@ -228,6 +229,8 @@ class ReconciliationActivities:
             return None
         try:
             current = await provider.get_payout(found.object_id)
+        except (ProviderConfigurationRefused, ProviderDeclined, UnexpectedProviderStatus) as exc:
+            return f"unreadable ({type(exc).__name__}: {exc})"[:300]
         except ProviderError as exc:
             raise ApplicationError(f"payout lookup failed: {exc}", type=errors.OUTCOME_UNKNOWN) from exc
         return "not_found" if current is None else current.status.value

@@ -19,6 +19,7 @@ from temporalio.worker import ActivityInboundInterceptor, ExecuteActivityInput, 
 
 from adapters.db import Principal, Store
 from adapters.policy_file import load_policy
+from adapters.providers.base import ProviderConfigurationRefused
 from domain import contracts
 from domain.ledger import REFUNDED_ACCOUNT
 from domain.models import (
@@ -201,12 +202,16 @@ async def test_a_break_handed_to_a_case_that_ended_without_reversing_is_raised_a
     assert (settled["new_breaks"], settled["known_breaks"]) == (0, 0)
 
 
+@pytest.mark.parametrize("meanwhile", ["paid", "lookup_refused"])
 async def test_an_approved_payout_break_reverses_nothing_once_the_provider_shows_it_paid(
-        payout_stack: Stack, store: Store, client: Client) -> None:
+        payout_stack: Stack, store: Store, client: Client, monkeypatch: pytest.MonkeyPatch,
+        meanwhile: str) -> None:
     """The break waits for approval while the bank corrects the payout to paid at the
     provider (the closed case drops that report as stale). Approved days later, it would
     have reversed a payout the beneficiary has: the settlement reads the provider again,
-    and a payout no longer failed there posts nothing and goes to ops with a notice."""
+    and a payout no longer failed there posts nothing and goes to ops with a notice. A read
+    the provider refuses for good (our key lost its payout scope) goes to ops the same way,
+    never retried for ever with the break left waiting and nobody told."""
     stack = payout_stack
     payout = await paid_payout(stack, 30_000)
     await move_payout(stack, payout.provider_payout_id, "failed")
@@ -218,10 +223,16 @@ async def test_an_approved_payout_break_reverses_nothing_once_the_provider_shows
     await backfill(stack, since_days=1)
     [found] = await wait_for_breaks(stack, [payout.provider_payout_id], "awaiting_approval")
 
-    await move_payout(stack, payout.provider_payout_id, "paid")  # the bank's late correction
+    if meanwhile == "paid":
+        await move_payout(stack, payout.provider_payout_id, "paid")  # the bank's late correction
+    else:
+        async def refused(payout_id: str) -> None:
+            raise ProviderConfigurationRefused("HTTP 403: the key may not read payouts")
+        monkeypatch.setattr(stack.providers["sandbox"], "get_payout", refused)
     assert (await decide(stack, "lena", found["id"])).status_code == 202
     [settled] = await wait_for_breaks(stack, [payout.provider_payout_id], "ops_review")
-    assert settled["resolution"]["provider_moved"]["provider_status"] == "paid"
+    shown = settled["resolution"]["provider_moved"]["provider_status"]
+    assert shown == "paid" if meanwhile == "paid" else "ProviderConfigurationRefused" in shown, shown
     assert [e for e in await store.ledger.entries(case_id) if e["template"] == "payout_reversed"] == []
     assert (await store.payouts.payout(payout.id) or payout).status is PayoutStatus.PAID
     kinds = await notices_until(store, case_id, "reconciliation_break_provider_moved")
