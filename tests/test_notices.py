@@ -416,3 +416,27 @@ async def test_a_message_the_smtp_server_accepted_is_delivered_whatever_quit_ans
     finally:
         controller.stop()
     assert len(handler.received) == 1
+
+
+@pytest.mark.parametrize(("late", "stays"), [("failed", "uncertain"), ("delivered", "delivered")])
+async def test_a_send_that_outlived_its_lease_never_turns_an_uncertain_claim_failed(
+        store: Store, late: str, stays: str) -> None:
+    """A send slower than the claim's lease (a server dripping its answer) is taken over: the
+    claim turns uncertain and the notice counts as delivered. Its late answer wrote its own
+    outcome over it: 'failed' on a notice already delivered, so never tried again and no
+    longer shown as unsent. A late failure now leaves it uncertain (shown as unsent); a late
+    success may say delivered."""
+    case_id = f"rr-{uuid.uuid4().hex[:12]}"
+    await store.outbox.queue(NoticeInput(refund_request_id=case_id, kind="refund_failed",
+                                         audience="operator", dedup_key=f"{case_id}:refund_failed"))
+    notice = await store.outbox.notice(f"{case_id}:refund_failed")
+    assert notice is not None
+    assert await store.outbox.claim_delivery(notice["id"], case_id, "slack")  # the slow send
+    await store.database.execute(
+        "UPDATE notice_deliveries SET claimed_at = now() - make_interval(secs => %s)"
+        " WHERE notice_id = %s AND channel = 'slack'",
+        (OutboxRepository.SENDING_LEASE_SECONDS + 1, notice["id"]))
+    assert not await store.outbox.claim_delivery(notice["id"], case_id, "slack")  # taken over
+    await store.outbox.finish_delivery(notice["id"], case_id, "slack", late, error="HTTP 500")
+    [row] = [r for r in await store.outbox.deliveries(case_id) if r.channel == "slack"]
+    assert row.status == stays

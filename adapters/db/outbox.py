@@ -21,9 +21,11 @@ class SendingElsewhere(RuntimeError):
 class OutboxRepository(Repository):
     """The `notices` rows and their `notice_deliveries` per channel."""
 
-    SENDING_LEASE_SECONDS = 300
-    """How long a claim counts as a send under way: past every channel's bounded send (a
-    ticket's search, create and lag recheck included). An older claim is a dead attempt."""
+    SENDING_LEASE_SECONDS = 120
+    """How long a claim counts as a send under way: past a delivery attempt's 60 s (a ticket's
+    search, create and lag recheck included) and within its retries' reach (the last ones
+    come about 120 and 190 s after the first), so a dead attempt's claim is settled as
+    uncertain by a retry. A send outliving it cannot undo that (`finish_delivery`)."""
 
     async def queue(self, notice: NoticeInput) -> bool:
         """Puts a notice in the outbox once per dedup key; returns whether it is new."""
@@ -84,12 +86,16 @@ class OutboxRepository(Repository):
 
     async def finish_delivery(self, notice_id: int, case_id: str | None, channel: str, status: str, *,
                               external_id: str | None = None, error: str | None = None) -> None:
+        """The send's outcome on its claim. A claim another attempt took over past its lease
+        (now uncertain, the notice maybe marked delivered) keeps that, unless the late outcome
+        is a delivery: a late failure must not read 'failed' on a notice nobody sends again."""
         async with self._db.transaction() as conn:
             await conn.execute(
                 "UPDATE notice_deliveries SET status = %s, external_id = %s, last_error = %s,"
                 " delivered_at = CASE WHEN %s = 'delivered' THEN now() END"
-                " WHERE notice_id = %s AND channel = %s",
-                (status, external_id, error, status, notice_id, channel))
+                " WHERE notice_id = %s AND channel = %s"
+                " AND (status = 'sending' OR (status = 'uncertain' AND %s = 'delivered'))",
+                (status, external_id, error, status, notice_id, channel, status))
             action = {"delivered": "notice_delivered", "failed": "notice_delivery_failed"}.get(
                 status, "notice_delivery_uncertain")
             await AuditLog.append(conn, case_id, "system", action,
