@@ -454,6 +454,27 @@ async def test_a_reissue_waits_while_another_case_holds_the_beneficiary(payouts:
     assert [e["actor"] for e in trail if e["action"] == "access_refused"] == ["lena"]
 
 
+async def test_ops_are_told_again_when_the_holds_a_reissue_waits_for_change(payouts: Stack) -> None:
+    """A reissue waits for two other cases' holds on its beneficiary; ops release one: the
+    reissue still waits, for the other, and ops hear that (a second notice naming it; the
+    notice's key was per status, so the second was dropped). Released too, it pays."""
+    beneficiary = f"ben_{uuid.uuid4().hex[:8]}"
+    made = [await remediated(payouts, amount, beneficiary=beneficiary) for amount in (40_000, 30_000, 20_000)]
+    (first, case_id), (_, second), (_, third) = made
+    assert (await ask_reissue(payouts, "omar", case_id)).status_code == 202
+    assert (await decide(payouts, "lena", case_id)).status_code == 202
+    await wait_for_actions(payouts, case_id, "reissue_waiting_for_beneficiary_hold")
+    assert (await release_beneficiary(payouts, "olga", second)).status_code == 200
+    trail = await wait_for_actions(payouts, case_id, "reissue_waiting_for_beneficiary_hold", 2)
+    waits = [e["detail"]["held_by"] for e in trail if e["action"] == "reissue_waiting_for_beneficiary_hold"]
+    assert waits == [[second, third], [third]], waits  # holders in the order they held
+    assert notice_kinds(trail).count("payout_reissue_waiting_for_hold") == 2
+    assert await reissues_at_provider(payouts, first.reissue_id()) == []
+    assert (await release_beneficiary(payouts, "olga", third)).status_code == 200
+    await wait_for_case(payouts, case_id, "reissued")
+    assert len(await reissues_at_provider(payouts, first.reissue_id())) == 1
+
+
 async def test_a_payout_booked_under_a_reissue_id_is_not_taken_for_the_reissue(payouts: Stack) -> None:
     """`<id>-r1` is the reissue's id; a payout booked under it before registration refused
     that form (any beneficiary, any amount) is not the reissue: nothing is taken as paid,

@@ -172,14 +172,16 @@ class PayoutCase(ApprovingWorkflow):
         if status is not None:
             self._status_recorded = status
 
-    async def _notify(self, kind: str, audience: str, detail: dict[str, Any]) -> None:
-        """Queues a notice in the outbox once per case, kind, audience and status; it carries
-        the payout and its money, since the templates have no refund case to read them from."""
+    async def _notify(self, kind: str, audience: str, detail: dict[str, Any], occasion: str = "") -> None:
+        """Queues a notice in the outbox once per case, kind, audience, status and `occasion`;
+        it carries the payout and its money, since the templates have no refund case to read
+        them from."""
         assert self._inp is not None
         case_id = self._inp.case_id
         await contracts.QUEUE_NOTICE(
             NoticeInput(refund_request_id=case_id, kind=kind, audience=audience,
-                        dedup_key=f"{case_id}:{kind}:{audience}:{self._status.value}",
+                        dedup_key=f"{case_id}:{kind}:{audience}:{self._status.value}"
+                                  + (f":{occasion}" if occasion else ""),
                         detail={**self._facts(), **detail}),
             **retry.CASE_EVENT)
 

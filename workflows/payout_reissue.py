@@ -115,7 +115,8 @@ class PayoutReissue(PayoutCase):
                         await self._tell_ops_of_wait("payout_reissue_waiting_for_hold",
                                                      "reissue_waiting_for_beneficiary_hold", {
                                                          "held_by": list(held_by),
-                                                         "beneficiary_id": self._payout.beneficiary_id})
+                                                         "beneficiary_id": self._payout.beneficiary_id},
+                                                     occasion=",".join(held_by))
                     await self._wait_to_ask_again()
                     continue
                 await self._notify("payout_reissue_failed", "payments_ops",
@@ -136,9 +137,11 @@ class PayoutReissue(PayoutCase):
             "amount": made.amount, "currency": made.currency})
         await self._record("reissue_completed", PayoutCaseStatus.REISSUED, detail={"reissue_id": made.id})
 
-    async def _tell_ops_of_wait(self, kind: str, action: str, detail: dict[str, Any]) -> None:
-        """Why the reissue waits, once: a notice to payments ops and the case's timeline."""
-        await self._notify(kind, "payments_ops", detail)
+    async def _tell_ops_of_wait(self, kind: str, action: str, detail: dict[str, Any],
+                                occasion: str = "") -> None:
+        """Why the reissue waits, once per `occasion`: a notice to payments ops and the case's
+        timeline."""
+        await self._notify(kind, "payments_ops", detail, occasion)
         await self._record(action, detail=detail)
 
     async def _wait_to_ask_again(self) -> None:
