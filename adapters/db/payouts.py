@@ -362,6 +362,19 @@ class PayoutRepository(Repository):
                                    "beneficiary_holds_released": released})
             return ReleaseResult(rolled_back=True, posted=False, restored=status)
 
+    async def reissues_asked_by(self, case_id: str, user: str) -> list[str]:
+        """Cases of this case's beneficiary whose reissue `user` asked for and that has not
+        ended yet (awaiting its approval, or reissuing): the hold is a check on that payout."""
+        rows = await self._db.fetch_all(
+            "SELECT c.case_id FROM payout_cases c JOIN payouts p ON p.id = c.payout_id"
+            " WHERE p.beneficiary_id = (SELECT b.beneficiary_id FROM payout_cases o"
+            "   JOIN payouts b ON b.id = o.payout_id WHERE o.case_id = %s)"
+            " AND c.status = ANY(%s) AND EXISTS (SELECT 1 FROM audit_events a WHERE a.chain = c.case_id"
+            "   AND a.action = 'reissue_requested' AND a.actor = %s) ORDER BY c.case_id",
+            (case_id, [s.value for s in (PayoutCaseStatus.AWAITING_REISSUE_APPROVAL,
+                                         PayoutCaseStatus.REISSUING)], user))
+        return [r["case_id"] for r in rows]
+
     async def release_beneficiary(self, case_id: str, actor: str, reason: str, *, via: str) -> str | None:
         """Ops end the case's hold on its beneficiary's payouts (their details verified): a
         reissue another case waits for can then pay. The payout's own hold and the ledger

@@ -128,12 +128,19 @@ async def reissue_payout(case_id: str, body: ReasonBody, caller: Caller,
 async def release_beneficiary_hold(case_id: str, body: ReasonBody, caller: Caller,
                                    door: Door) -> dict[str, Any]:
     """Ops end the case's hold on the beneficiary's payouts, with a reason (audited, ops
-    told): a reissue of another case that waits for it then pays. 409 when nothing is held."""
+    told): a reissue of another case that waits for it then pays. Not by whoever asked for
+    a reissue to this beneficiary still under way (403); 409 when nothing is held."""
     bind_case(case_id)
     action = "releasing a beneficiary hold"
     await door.actions.require(caller, Permission.RELEASE_BENEFICIARY_HOLD, action, case_id, via="api")
     if await door.store.payouts.case(case_id) is None:
         await door.actions.refuse(caller, None, 404, action, f"no payout exception {case_id!r}", via="api")
+    if asked := await door.store.payouts.reissues_asked_by(case_id, caller.user):
+        # the hold checks the very payout they asked for: another person lifts it
+        await door.actions.refuse(caller, case_id, 403, action,
+                                  f"{caller.user} asked for the reissue of {', '.join(asked)}, which this "
+                                  "beneficiary's holds check: another person releases them",
+                                  via="api", audit_action="access_refused")
     released = await door.store.payouts.release_beneficiary(case_id, caller.user, body.reason, via="api")
     if released is None:
         await door.actions.refuse(caller, case_id, 409, action, "the case holds no beneficiary",
