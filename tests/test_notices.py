@@ -440,3 +440,6 @@ async def test_a_send_that_outlived_its_lease_never_turns_an_uncertain_claim_fai
     await store.outbox.finish_delivery(notice["id"], case_id, "slack", late, error="HTTP 500")
     [row] = [r for r in await store.outbox.deliveries(case_id) if r.channel == "slack"]
     assert row.status == stays
+    last = (await store.audit.trail(case_id))[-1]
+    assert (last["action"], last["detail"]["outcome"]) == (
+        "notice_delivered" if late == "delivered" else "notice_delivery_outcome_after_takeover", late)

@@ -121,8 +121,8 @@ async def _ended(conn: Conn, case_id: str) -> Vetted | None:
     audited as `start_refused`. (A case in `ops_review` otherwise does validate again: its
     live workflow resumes a validation whose reads ran out.)"""
     cur = await conn.execute(
-        "SELECT status, EXISTS (SELECT 1 FROM reconciliation_breaks b WHERE b.break_class = %s"
-        " AND b.refund_request_id = c.refund_request_id) AS swept"
+        "SELECT status, EXISTS (SELECT 1 FROM reconciliation_breaks b WHERE b.provider = c.provider"
+        " AND b.object_id = c.refund_request_id AND b.break_class = %s) AS swept"  # the sweep's break key
         " FROM refund_cases c WHERE refund_request_id = %s", (BreakClass.WORKFLOW_CLOSED.value, case_id))
     row = await cur.fetchone()
     if row is None or (row["status"] not in {s.value for s in SETTLED_STATUSES} and not row["swept"]):

@@ -21,11 +21,13 @@ class SendingElsewhere(RuntimeError):
 class OutboxRepository(Repository):
     """The `notices` rows and their `notice_deliveries` per channel."""
 
-    SENDING_LEASE_SECONDS = 120
-    """How long a claim counts as a send under way: past a delivery attempt's 60 s (a ticket's
-    search, create and lag recheck included) and within its retries' reach (the last ones
-    come about 120 and 190 s after the first), so a dead attempt's claim is settled as
-    uncertain by a retry. A send outliving it cannot undo that (`finish_delivery`)."""
+    SENDING_LEASE_SECONDS = 300
+    """How long a claim counts as a send under way: past any live send (a ticket's searches,
+    create, lag recheck and lock wait, each call bounded per phase, not in total). Longer
+    than a delivery activity's retries (about 190 s): a dead worker's claim is settled as
+    uncertain by the sweeper, not a retry (the payout ticket records its delivery as
+    incomplete meanwhile); shorter, a slow live send would be taken over and its notice
+    marked delivered unsent. A send outliving it cannot undo the takeover (`finish_delivery`)."""
 
     async def queue(self, notice: NoticeInput) -> bool:
         """Puts a notice in the outbox once per dedup key; returns whether it is new."""
@@ -90,7 +92,7 @@ class OutboxRepository(Repository):
         (now uncertain, the notice maybe marked delivered) keeps that, unless the late outcome
         is a delivery: a late failure must not read 'failed' on a notice nobody sends again."""
         async with self._db.transaction() as conn:
-            await conn.execute(
+            cur = await conn.execute(
                 "UPDATE notice_deliveries SET status = %s, external_id = %s, last_error = %s,"
                 " delivered_at = CASE WHEN %s = 'delivered' THEN now() END"
                 " WHERE notice_id = %s AND channel = %s"
@@ -98,9 +100,11 @@ class OutboxRepository(Repository):
                 (status, external_id, error, status, notice_id, channel, status))
             action = {"delivered": "notice_delivered", "failed": "notice_delivery_failed"}.get(
                 status, "notice_delivery_uncertain")
+            if not cur.rowcount:  # the row keeps the takeover's word; the trail says what came late
+                action = "notice_delivery_outcome_after_takeover"
             await AuditLog.append(conn, case_id, "system", action,
                                   {"notice_id": notice_id, "channel": channel, "external_id": external_id,
-                                   **({"error": error} if error else {})})
+                                   "outcome": status, **({"error": error} if error else {})})
 
     async def mark_delivered(self, notice_id: int) -> None:
         await self._db.execute("UPDATE notices SET delivered_at = now() WHERE id = %s"
