@@ -476,6 +476,26 @@ async def test_ops_are_told_again_when_the_holds_a_reissue_waits_for_change(payo
     assert len(await reissues_at_provider(payouts, first.reissue_id())) == 1
 
 
+async def test_whoever_released_a_beneficiary_s_hold_cannot_ask_for_a_payout_to_them(payouts: Stack) -> None:
+    """The other order of one person lifting the check on a payout they asked for: omar
+    releases case B's hold first, then asks for case A's reissue to the same beneficiary
+    (refused, 403, audited; olga may ask). His release of A's own hold is no such act: a
+    case's own hold never holds its own reissue."""
+    beneficiary = f"ben_{uuid.uuid4().hex[:8]}"
+    (first, case_id), (_, other) = [await remediated(payouts, amount, beneficiary=beneficiary)
+                                    for amount in (40_000, 30_000)]
+    assert (await release_beneficiary(payouts, "omar", other)).status_code == 200
+    refused = await ask_reissue(payouts, "omar", case_id)
+    assert refused.status_code == 403 and other in refused.json()["detail"], refused.text
+    trail = await payouts.store.audit.trail(case_id)
+    assert [e["actor"] for e in trail if e["action"] == "access_refused"] == ["omar"]
+    assert (await ask_reissue(payouts, "olga", case_id)).status_code == 202
+    assert (await release_beneficiary(payouts, "olga", case_id)).status_code == 200  # its own hold
+    assert (await decide(payouts, "lena", case_id)).status_code == 202
+    await wait_for_case(payouts, case_id, "reissued")
+    assert len(await reissues_at_provider(payouts, first.reissue_id())) == 1
+
+
 async def test_a_payout_booked_under_a_reissue_id_is_not_taken_for_the_reissue(payouts: Stack) -> None:
     """`<id>-r1` is the reissue's id; a payout booked under it before registration refused
     that form (any beneficiary, any amount) is not the reissue: nothing is taken as paid,

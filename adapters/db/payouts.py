@@ -4,6 +4,7 @@ transaction as the audit row that describes it, through the audit log, ledger an
 writers.
 """
 
+from collections.abc import Collection
 from datetime import datetime
 from typing import Any, Literal
 
@@ -362,17 +363,19 @@ class PayoutRepository(Repository):
                                    "beneficiary_holds_released": released})
             return ReleaseResult(rolled_back=True, posted=False, restored=status)
 
-    async def reissues_asked_by(self, case_id: str, user: str) -> list[str]:
-        """Cases of this case's beneficiary whose reissue `user` asked for and that has not
-        ended yet (awaiting its approval, or reissuing): the hold is a check on that payout."""
+    async def acted_on_beneficiary(self, case_id: str, user: str, action: str,
+                                   statuses: Collection[PayoutCaseStatus] = ()) -> list[str]:
+        """The other cases of this case's beneficiary (in `statuses`, when named) on whose
+        trail `user` did `action`: one person may not both lift a beneficiary hold and ask for
+        a payout it checks (a case's own hold never holds its own reissue)."""
         rows = await self._db.fetch_all(
             "SELECT c.case_id FROM payout_cases c JOIN payouts p ON p.id = c.payout_id"
             " WHERE p.beneficiary_id = (SELECT b.beneficiary_id FROM payout_cases o"
-            "   JOIN payouts b ON b.id = o.payout_id WHERE o.case_id = %s)"
-            " AND c.status = ANY(%s) AND EXISTS (SELECT 1 FROM audit_events a WHERE a.chain = c.case_id"
-            "   AND a.action = 'reissue_requested' AND a.actor = %s) ORDER BY c.case_id",
-            (case_id, [s.value for s in (PayoutCaseStatus.AWAITING_REISSUE_APPROVAL,
-                                         PayoutCaseStatus.REISSUING)], user))
+            "   JOIN payouts b ON b.id = o.payout_id WHERE o.case_id = %(case)s) AND c.case_id <> %(case)s"
+            " AND (cardinality(%(statuses)s::text[]) = 0 OR c.status = ANY(%(statuses)s))"
+            " AND EXISTS (SELECT 1 FROM audit_events a WHERE a.chain = c.case_id"
+            "   AND a.action = %(action)s AND a.actor = %(user)s) ORDER BY c.case_id",
+            {"case": case_id, "statuses": [s.value for s in statuses], "action": action, "user": user})
         return [r["case_id"] for r in rows]
 
     async def release_beneficiary(self, case_id: str, actor: str, reason: str, *, via: str) -> str | None:

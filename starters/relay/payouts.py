@@ -11,7 +11,7 @@ from temporalio.client import WorkflowUpdateFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from adapters.telemetry import bind_case
-from domain.payouts import PayoutRegistration, ReissueAsk, payout_case_id
+from domain.payouts import PayoutCaseStatus, PayoutRegistration, ReissueAsk, payout_case_id
 from domain.permissions import Permission
 from starters.actions.approving import refusal
 from starters.actions.front import Door
@@ -107,6 +107,12 @@ async def reissue_payout(case_id: str, body: ReasonBody, caller: Caller,
     await door.actions.require(caller, Permission.REISSUE_PAYOUT, action, case_id, via="api")
     if await door.store.payouts.case(case_id) is None:
         await door.actions.refuse(caller, None, 404, action, f"no payout exception {case_id!r}", via="api")
+    if released := await door.store.payouts.acted_on_beneficiary(
+            case_id, caller.user, "beneficiary_hold_released"):
+        await door.actions.refuse(caller, case_id, 403, action,
+                                  f"{caller.user} released this beneficiary's hold on {', '.join(released)}: "
+                                  "another person asks for a payout to them", via="api",
+                                  audit_action="access_refused")
     ask = ReissueAsk(requester=caller.user, roles=tuple(sorted(caller.roles)), reason=body.reason)
     try:
         progress = await door.client.get_workflow_handle(case_id).execute_update(
@@ -135,7 +141,9 @@ async def release_beneficiary_hold(case_id: str, body: ReasonBody, caller: Calle
     await door.actions.require(caller, Permission.RELEASE_BENEFICIARY_HOLD, action, case_id, via="api")
     if await door.store.payouts.case(case_id) is None:
         await door.actions.refuse(caller, None, 404, action, f"no payout exception {case_id!r}", via="api")
-    if asked := await door.store.payouts.reissues_asked_by(case_id, caller.user):
+    if asked := await door.store.payouts.acted_on_beneficiary(
+            case_id, caller.user, "reissue_requested",
+            (PayoutCaseStatus.AWAITING_REISSUE_APPROVAL, PayoutCaseStatus.REISSUING)):
         # the hold checks the very payout they asked for: another person lifts it
         await door.actions.refuse(caller, case_id, 403, action,
                                   f"{caller.user} asked for the reissue of {', '.join(asked)}, which this "
