@@ -62,6 +62,15 @@ async def _open_payout_break(conn: Conn, *, provider: str, case_id: str, run_id:
     return int(opened["id"]) if opened else None
 
 
+async def _end_beneficiary_holds(conn: Conn, case_id: str) -> list[str]:
+    """Ends the case's active beneficiary holds (a rollback, a reissue, an ops release): the
+    beneficiaries they held."""
+    cur = await conn.execute("UPDATE beneficiary_holds SET released_at = now()"
+                             " WHERE case_id = %s AND released_at IS NULL RETURNING beneficiary_id",
+                             (case_id,))
+    return [str(r["beneficiary_id"]) for r in await cur.fetchall()]
+
+
 class HoldReleased(RuntimeError):
     """The hold this posting depends on was rolled back: the compensating entry must not land."""
 
@@ -353,10 +362,7 @@ class PayoutRepository(Repository):
                 "UPDATE payouts SET status = held_from_status, held_from_status = NULL, updated_at = now()"
                 " WHERE id = %s AND status = 'on_hold' RETURNING status", (payout_id,))
             restored = await cur.fetchone()
-            cur = await conn.execute("UPDATE beneficiary_holds SET released_at = now()"
-                                     " WHERE case_id = %s AND released_at IS NULL RETURNING beneficiary_id",
-                                     (case_id,))
-            released = [r["beneficiary_id"] for r in await cur.fetchall()]
+            released = await _end_beneficiary_holds(conn, case_id)
             status = PayoutStatus(restored["status"]) if restored else None
             await AuditLog.append(conn, case_id, "system", "payout_hold_rolled_back",
                                   {"payout_id": payout_id, "restored": status.value if status else None,
@@ -384,18 +390,15 @@ class PayoutRepository(Repository):
         stay. The audit row and the payments-ops notice in the same transaction; None (and
         nothing written) when the case holds no beneficiary."""
         async with self._db.transaction() as conn:
-            cur = await conn.execute("UPDATE beneficiary_holds SET released_at = now()"
-                                     " WHERE case_id = %s AND released_at IS NULL RETURNING beneficiary_id",
-                                     (case_id,))
-            released = await cur.fetchone()
-            if released is None:
+            released = await _end_beneficiary_holds(conn, case_id)
+            if not released:
                 return None
-            detail = {"beneficiary_id": released["beneficiary_id"], "reason": reason, "via": via}
+            detail = {"beneficiary_id": released[0], "reason": reason, "via": via}
             await AuditLog.append(conn, case_id, actor, "beneficiary_hold_released", detail)
             await OutboxRepository.queue_in(conn, NoticeInput(
                 refund_request_id=case_id, kind="beneficiary_hold_released", audience="payments_ops",
                 dedup_key=f"{case_id}:beneficiary_hold_released", detail={**detail, "released_by": actor}))
-            return str(released["beneficiary_id"])
+            return released[0]
 
     async def open_ticket(self, case_id: str, occasion: str, priority: str,
                           detail: dict[str, Any]) -> tuple[str, bool, str]:
@@ -469,8 +472,7 @@ class PayoutRepository(Repository):
                 await conn.execute(
                     "UPDATE payouts SET status = %s, held_from_status = NULL, updated_at = now()"
                     " WHERE id = %s AND status = 'on_hold'", (final.value, original.id))
-                await conn.execute("UPDATE beneficiary_holds SET released_at = now()"
-                                   " WHERE case_id = %s AND released_at IS NULL", (case_id,))
+                await _end_beneficiary_holds(conn, case_id)
                 await AuditLog.append(conn, case_id, f"provider:{made.provider}", "payout_reissued", {
                     "reissue_id": reissue.id, "provider_payout_id": made.payout_id,
                     "amount": made.amount, "currency": made.currency, "original_final_status": final.value})

@@ -97,16 +97,23 @@ async def approve_payout_exception(case_id: str, body: PayoutApprovalBody, calle
     return await decide_on_payout_exception(door.actions, caller, case_id, body, via="api")
 
 
+async def _existing_case(door: Door, caller: Caller, case_id: str, permission: Permission,
+                         action: str) -> None:
+    """An action on a payout case: the caller's role, then the case (404 when none), both
+    refusals audited."""
+    bind_case(case_id)
+    await door.actions.require(caller, permission, action, case_id, via="api")
+    if await door.store.payouts.case(case_id) is None:
+        await door.actions.refuse(caller, None, 404, action, f"no payout exception {case_id!r}", via="api")
+
+
 @router.post("/v1/payout-exceptions/{case_id}/reissue", status_code=202)
 async def reissue_payout(case_id: str, body: ReasonBody, caller: Caller,
                          door: Door) -> dict[str, Any]:
     """Asks to pay the beneficiary again: taken once per remediated case, then it waits
     for its own approval (the requester cannot approve it); refusals are audited."""
-    bind_case(case_id)
     action = "requesting a payout reissue"
-    await door.actions.require(caller, Permission.REISSUE_PAYOUT, action, case_id, via="api")
-    if await door.store.payouts.case(case_id) is None:
-        await door.actions.refuse(caller, None, 404, action, f"no payout exception {case_id!r}", via="api")
+    await _existing_case(door, caller, case_id, Permission.REISSUE_PAYOUT, action)
     if released := await door.store.payouts.acted_on_beneficiary(
             case_id, caller.user, "beneficiary_hold_released"):
         await door.actions.refuse(caller, case_id, 403, action,
@@ -136,11 +143,8 @@ async def release_beneficiary_hold(case_id: str, body: ReasonBody, caller: Calle
     """Ops end the case's hold on the beneficiary's payouts, with a reason (audited, ops
     told): a reissue of another case that waits for it then pays. Not by whoever asked for
     a reissue to this beneficiary still under way (403); 409 when nothing is held."""
-    bind_case(case_id)
     action = "releasing a beneficiary hold"
-    await door.actions.require(caller, Permission.RELEASE_BENEFICIARY_HOLD, action, case_id, via="api")
-    if await door.store.payouts.case(case_id) is None:
-        await door.actions.refuse(caller, None, 404, action, f"no payout exception {case_id!r}", via="api")
+    await _existing_case(door, caller, case_id, Permission.RELEASE_BENEFICIARY_HOLD, action)
     if asked := await door.store.payouts.acted_on_beneficiary(
             case_id, caller.user, "reissue_requested",
             (PayoutCaseStatus.AWAITING_REISSUE_APPROVAL, PayoutCaseStatus.REISSUING)):
