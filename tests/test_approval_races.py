@@ -266,6 +266,18 @@ def hold_writes_of(stack: Stack, monkeypatch: pytest.MonkeyPatch, action: str,
     return release, held
 
 
+async def cancelled_while_held(stack: Stack, case_id: str, release: asyncio.Event,
+                               held: asyncio.Event) -> RefundOutcome:
+    """Ops cancel the case once a held write waits, the cancel is taken meanwhile, then the
+    write goes on: the case's outcome."""
+    await asyncio.wait_for(held.wait(), HANG)
+    handle = stack.client.get_workflow_handle(case_id, result_type=RefundOutcome)
+    await handle.cancel()
+    await asyncio.sleep(1)  # the cancel taken while the write waits
+    release.set()
+    return await asyncio.wait_for(handle.result(), 60)
+
+
 async def frank_queued_past_the_deadline(
         stack: Stack, release: asyncio.Event,
         held: asyncio.Event) -> tuple[str, str, asyncio.Task[httpx.Response], asyncio.Task[httpx.Response]]:
@@ -314,12 +326,7 @@ async def test_a_cancel_while_a_verdict_is_written_answers_it_and_the_case_close
     case_id = await stack.request_refund("alice", charge, 60_000)
     await stack.wait_for_status(case_id, "awaiting_approval")
     bob = asyncio.create_task(_decide(stack, "bob", case_id, "approve"))
-    await asyncio.wait_for(held.wait(), HANG)
-    handle = stack.client.get_workflow_handle(case_id, result_type=RefundOutcome)
-    await handle.cancel()
-    await asyncio.sleep(1)  # the cancel taken while the write waits
-    release.set()
-    outcome = await asyncio.wait_for(handle.result(), 60)
+    outcome = await cancelled_while_held(stack, case_id, release, held)
     answer = await asyncio.wait_for(bob, HANG)
     assert outcome.state.status is CaseStatus.CANCELED_BY_OPS
     assert answer.status_code == 202 and answer.json()["missing_roles"] == ["finance_manager"], answer.text
@@ -342,12 +349,7 @@ async def test_a_cancel_while_a_round_expires_answers_the_verdict_queued_behind_
         release_bob, bob_held = hold_writes_of(stack, monkeypatch, "approval_granted", "bob")
         release_expiry, expiry_held = hold_writes_of(stack, monkeypatch, "approval_expired", "workflow")
         charge, case_id, bob, frank = await frank_queued_past_the_deadline(stack, release_bob, bob_held)
-        await asyncio.wait_for(expiry_held.wait(), HANG)
-        handle = stack.client.get_workflow_handle(case_id, result_type=RefundOutcome)
-        await handle.cancel()
-        await asyncio.sleep(1)
-        release_expiry.set()
-        outcome = await asyncio.wait_for(handle.result(), 60)
+        outcome = await cancelled_while_held(stack, case_id, release_expiry, expiry_held)
         answers = await asyncio.wait_for(asyncio.gather(bob, frank), HANG)
         assert outcome.state.status is CaseStatus.EXPIRED
         assert [a.status_code for a in answers] == [202, 409], [a.text for a in answers]
@@ -373,12 +375,7 @@ async def test_a_cancel_while_the_expiry_is_written_leaves_the_row_as_the_case_e
         charge = await stack.charge(20_000)
         case_id = await stack.request_refund("alice", charge, 9_000)
         await stack.wait_for_status(case_id, "awaiting_approval")
-        await asyncio.wait_for(held.wait(), HANG)
-        handle = stack.client.get_workflow_handle(case_id, result_type=RefundOutcome)
-        await handle.cancel()
-        await asyncio.sleep(1)  # the cancel taken while the write waits
-        release.set()
-        outcome = await asyncio.wait_for(handle.result(), 60)
+        outcome = await cancelled_while_held(stack, case_id, release, held)
         assert outcome.state.status is CaseStatus.CANCELED_BY_OPS
         row = await stack.store.cases.get(case_id)
         assert row is not None and (row["status"], row["reserved_amount"]) == ("canceled_by_ops", 0), row
@@ -415,12 +412,7 @@ async def test_a_cancel_while_a_denial_is_written_answers_the_verdict_queued_beh
     bob = asyncio.create_task(verdict("bob", Decision.APPROVE))
     await asyncio.sleep(0.5)
     await stack.start_worker()
-    await asyncio.wait_for(held.wait(), HANG)
-    handle = stack.client.get_workflow_handle(case_id, result_type=RefundOutcome)
-    await handle.cancel()
-    await asyncio.sleep(1)
-    release.set()
-    outcome = await asyncio.wait_for(handle.result(), 60)
+    outcome = await cancelled_while_held(stack, case_id, release, held)
     answers = await asyncio.wait_for(asyncio.gather(carol, bob), HANG)
     assert outcome.state.status is CaseStatus.DENIED
     assert list(answers) == ["accepted", "AlreadyDecided"], answers

@@ -144,9 +144,9 @@ async def test_a_break_found_after_the_webhook_joins_the_open_payout_case(
     assert (again["new_breaks"], again["known_breaks"]) == (0, 0)
 
 
-async def test_a_payout_whose_case_already_ended_is_compensated_only_when_approved(
-        payout_stack: Stack, store: Store, client: Client) -> None:
-    stack = payout_stack
+async def break_of_a_denied_case(stack: Stack, client: Client) -> tuple[PayoutSnapshot, str, dict[str, Any]]:
+    """A paid payout the provider failed, its case denied and ended; the run after finds the
+    break, which the case can no longer take: (payout, case id, the break awaiting approval)."""
     payout = await paid_payout(stack, 30_000)
     await move_payout(stack, payout.provider_payout_id, "failed")
     case_id = payout_case_id("sandbox", payout.provider_payout_id)
@@ -154,9 +154,15 @@ async def test_a_payout_whose_case_already_ended_is_compensated_only_when_approv
     assert (await decide_payout(stack, "lena", case_id, "deny")).status_code == 202
     await wait_for_case(stack, case_id, "denied")
     await client.get_workflow_handle(case_id).result()
-
     await backfill(stack, since_days=1)  # the payout case cannot take it: people decide
     [found] = await wait_for_breaks(stack, [payout.provider_payout_id], "awaiting_approval")
+    return payout, case_id, found
+
+
+async def test_a_payout_whose_case_already_ended_is_compensated_only_when_approved(
+        payout_stack: Stack, store: Store, client: Client) -> None:
+    stack = payout_stack
+    payout, case_id, found = await break_of_a_denied_case(stack, client)
     assert (await decide(stack, "carol", found["id"])).status_code == 403  # not a payout approver
     assert (await decide(stack, "lena", found["id"])).status_code == 202
     [resolved] = await wait_for_breaks(stack, [payout.provider_payout_id], "resolved")
@@ -213,15 +219,7 @@ async def test_an_approved_payout_break_reverses_nothing_once_the_provider_shows
     the provider refuses for good (our key lost its payout scope) goes to ops the same way,
     never retried for ever with the break left waiting and nobody told."""
     stack = payout_stack
-    payout = await paid_payout(stack, 30_000)
-    await move_payout(stack, payout.provider_payout_id, "failed")
-    case_id = payout_case_id("sandbox", payout.provider_payout_id)
-    await wait_for_case(stack, case_id, "awaiting_approval")
-    assert (await decide_payout(stack, "lena", case_id, "deny")).status_code == 202
-    await wait_for_case(stack, case_id, "denied")
-    await client.get_workflow_handle(case_id).result()
-    await backfill(stack, since_days=1)
-    [found] = await wait_for_breaks(stack, [payout.provider_payout_id], "awaiting_approval")
+    payout, case_id, found = await break_of_a_denied_case(stack, client)
 
     if meanwhile == "paid":
         await move_payout(stack, payout.provider_payout_id, "paid")  # the bank's late correction
