@@ -18,8 +18,9 @@ def forged_start(case_id: str, carried: object | None) -> str | None:
     run under another id (started straight in Temporal) would be a second workflow of the
     case; and only a run Temporal continued as new carries its predecessor's state (a start
     carrying it would skip validation, policy and approvals; not a retry's or a cron run's,
-    which have a continued_run_id too: no case workflow is started with either). Reads only `workflow.info()`:
-    the same on replay, and no command, so a legitimate run's history is unchanged."""
+    which have a continued_run_id too: no case workflow is started with either). Reads only
+    `workflow.info()`: the same on replay, and no command, so a legitimate run's history is
+    unchanged."""
     info = workflow.info()
     if info.workflow_id != case_id:
         return f"workflow id {info.workflow_id!r} is not its case's id {case_id!r}"
