@@ -20,6 +20,7 @@ from temporalio import activity
 from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
 
 from adapters.break_dispatch import dispatch_breaks
 from adapters.db import Store
@@ -212,9 +213,28 @@ class ReconciliationActivities:
         """Ends the exception case; an approved one posts its compensation (see the store).
         An approved payout break reads the payout at the provider first: approvals can take
         days, and a bank's correction to paid meanwhile makes the reversal wrong."""
-        at_provider = await self._payout_at_provider(settlement.break_id) if (
-            settlement.state is BreakState.RESOLVED) else None
+        approved = settlement.state is BreakState.RESOLVED
+        at_provider = await self._payout_at_provider(settlement.break_id) if approved else None
+        if approved and await self._handed_to_running_case(settlement.break_id):
+            settlement = settlement.model_copy(update={"state": BreakState.HANDED_TO_CASE})
         return await self._recon.settle(settlement, at_provider)
+
+    async def _handed_to_running_case(self, break_id: int) -> bool:
+        """An approved refund break whose case's workflow still runs and would take the
+        provider's word itself is handed to it, never compensated: the case posts its own
+        entry for that word (its mismatch check, its notices), so an entry beside it would
+        book the refund twice. A closed workflow takes nothing: the approval compensates."""
+        event = await self._recon.truth_for_its_case(break_id, datetime.now(UTC))
+        if event is None:
+            return False
+        assert event.refund_request_id is not None
+        try:
+            await self._client.get_workflow_handle(event.refund_request_id).signal("provider_event", event)
+        except RPCError as err:
+            if err.status is RPCStatusCode.NOT_FOUND:
+                return False
+            raise
+        return True
 
     async def _payout_at_provider(self, break_id: int) -> str | None:
         """The payout's status at the provider now (`not_found` when it holds none); None for

@@ -243,27 +243,37 @@ def expected_net(truth: ProviderRefund) -> int:
     return truth.amount if truth.status is ProviderRefundStatus.SUCCEEDED else 0
 
 
-def lifecycle_can_fix(case: BreakCase) -> bool:
-    """The case workflow can take the provider's truth itself (its own rules post and
-    notify) when the break is about status, the case holds this very refund, and the
-    lifecycle accepts the move; anything else needs an approved exception."""
-    if (case.break_class not in STATUS_CLASSES or not case.case_holds_refund
-            or not isinstance(case.truth, ProviderRefund)):
+def lifecycle_takes(truth: ProviderRefund | ProviderPayout, case_id: str | None, *, holds_refund: bool,
+                    holds_no_refund: bool, held_status: ProviderRefundStatus | None) -> bool:
+    """Whether a refund case's own workflow would take the provider's word for this refund
+    (its rules post and notify): the case holds this very refund and the lifecycle accepts
+    the move, or it holds no refund at all and this one carries its reference and did not
+    fail (a submit whose answer was lost: the case adopts it)."""
+    if not isinstance(truth, ProviderRefund) or case_id is None:
         return False
-    change = classify_status_change(case.case_provider_status, case.truth.status)
-    return change in (StatusChange.ADVANCE, StatusChange.LATE_FAILURE)
+    if holds_refund:
+        return classify_status_change(held_status, truth.status) in (StatusChange.ADVANCE,
+                                                                      StatusChange.LATE_FAILURE)
+    return (holds_no_refund and truth.reference == case_id
+            and truth.status not in (ProviderRefundStatus.FAILED, ProviderRefundStatus.CANCELED))
+
+
+def lifecycle_can_fix(case: BreakCase) -> bool:
+    """A status break about the refund the case holds, a move its lifecycle accepts: the case
+    workflow takes the provider's truth itself; anything else needs an approved exception."""
+    return (case.break_class in STATUS_CLASSES and case.case_holds_refund
+            and lifecycle_takes(case.truth, case.case_id, holds_refund=True, holds_no_refund=False,
+                                held_status=case.case_provider_status))
 
 
 def case_can_take(case: BreakCase) -> bool:
     """A status break about a refund carrying the case's reference while the case knows no
-    refund at all (a submit whose answer was lost, the case in ops review still looking):
-    the case's own workflow adopts it as its refund (its rules post and notify); approving
-    a compensation beside it would post the refund twice once the case's lookup finds it."""
-    truth = case.truth
+    refund at all (the case in ops review still looking): the case's own workflow adopts it;
+    approving a compensation beside it would post the refund twice once the case's lookup
+    finds it."""
     return (case.break_class in STATUS_CLASSES and case.case_holds_no_refund
-            and isinstance(truth, ProviderRefund) and case.case_id is not None
-            and truth.reference == case.case_id and truth.status is not ProviderRefundStatus.FAILED
-            and truth.status is not ProviderRefundStatus.CANCELED)
+            and lifecycle_takes(case.truth, case.case_id, holds_refund=False, holds_no_refund=True,
+                                held_status=case.case_provider_status))
 
 
 def synthetic_event_id(break_id: int) -> str:

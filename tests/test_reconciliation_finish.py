@@ -51,6 +51,7 @@ from tests.reconciliation_kit import (
     seed_provider,
     wait_for_breaks,
 )
+from tests.test_approval_races import hold_writes_of
 from tests.test_reconciliation import decide
 from workers.main import build_worker
 
@@ -636,3 +637,43 @@ async def test_a_payout_mismatch_found_by_reconciliation_alone_is_for_ops(payout
     row = await stack.store.database.fetch_one("SELECT status FROM payouts WHERE provider_payout_id = %s",
                                                (listed["id"],))
     assert row == {"status": "paid"}
+
+
+async def test_an_approved_amount_break_leaves_a_running_case_to_book_the_refund_once(
+        store: Store, client: Client, temporal_server: TemporalDevServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The provider refunded another amount than asked and its webhook was lost; the run
+    hands the status to the running case and raises the amount break for approvers. The
+    case takes the status (its mismatch check, then its own entry for the provider's
+    amount) while the break is approved. Before, the approved settlement posted the
+    provider's amount beside the case's own entry: refunded once, booked twice."""
+    stack = await open_stack(store, client, temporal_server.address, status_poll_interval_seconds=300,
+                             reconciliation_grace_seconds=0)
+    try:
+        async with stack.sandbox() as sb:
+            await sb.post("/_sandbox/config", json={"refund_initial_status": "pending"})
+        charge = await stack.charge(10_000)
+        case_id = await stack.request_refund("alice", charge, 1_800)
+        refund_id = (await stack.wait_for_status(case_id, "pending"))["provider_refund_id"]
+        moved = {**history(charge, 1_500, days_ago=0.01, reference=case_id), "id": refund_id}
+        async with stack.sandbox() as sb:  # the provider refunded 15.00, its webhook lost
+            (await sb.post("/_sandbox/import", json={"charges": [], "refunds": [moved]})).raise_for_status()
+        release, held = hold_writes_of(stack, monkeypatch, "provider_refund_mismatch", "workflow")
+        await backfill(stack, since_days=1)
+        await asyncio.wait_for(held.wait(), 60)  # the case is taking the provider's word
+        breaks = await wait_for_breaks(stack, [refund_id], "awaiting_approval", "handed_to_case")
+        [amount_break] = [b for b in breaks if b["break_class"] == "amount_mismatch"]
+        assert (await decide(stack, "carol", amount_break["id"])).status_code == 202
+        settled_states = ("resolved", "handed_to_case", "ops_review")
+        [settled] = [b for b in await wait_for_breaks(stack, [refund_id], *settled_states)
+                     if b["id"] == amount_break["id"]]
+        release.set()
+        await stack.wait_for_audit(case_id, "refund_succeeded")
+        net = sum(line["debit"] - line["credit"] for line in await store.ledger.entries(case_id)
+                  if line["account"] == REFUNDED_ACCOUNT)
+        assert net == 1_500, (net, settled["state"], settled["resolution"])
+        case = await store.cases.get(case_id)
+        assert case is not None and case["status"] == "ops_review"
+        assert (settled["state"], settled["resolution"]["approvers"]) == ("handed_to_case", ["carol"])
+    finally:
+        await stack.close()

@@ -37,6 +37,7 @@ from domain.models import (
     LedgerInput,
     LedgerKind,
     NoticeInput,
+    ProviderEvent,
     ProviderRefund,
     ProviderRefundStatus,
     RefundTimings,
@@ -73,6 +74,8 @@ from domain.reconciliation import (
     compensation,
     corrected_status,
     expected_net,
+    lifecycle_takes,
+    truth_event,
 )
 
 Listed = ListedRefund | ListedPayout | UnmappedListing
@@ -436,6 +439,24 @@ class ReconciliationRepository(Repository):
         return None if row is None else BreakRow.from_row(row)
 
     # -- the exception case -------------------------------------------------------------
+
+    async def truth_for_its_case(self, break_id: int, at: datetime) -> ProviderEvent | None:
+        """The provider event an approved refund break's case would take through its own
+        lifecycle, judged by the case as it is now (`lifecycle_takes`); None when it would
+        not, or the break is settled already (then the settlement decides)."""
+        found = await self.get_break(break_id)
+        if (found is None or found.object_kind != "refund" or found.resolution is not None
+                or found.refund_request_id is None):
+            return None
+        case = await self._cases.get(found.refund_request_id)
+        truth = truth_of(found)
+        if case is None or not lifecycle_takes(
+                truth, case.refund_request_id, holds_refund=case.provider_refund_id == found.object_id,
+                holds_no_refund=case.provider_refund_id is None,
+                held_status=ProviderRefundStatus(case.provider_status) if case.provider_status else None):
+            return None
+        return truth_event(break_case(found, RefundTimings()), at)
+
 
     async def open_exception(self, break_id: int, approval: BreakApproval) -> None:
         """The break now waits for people: audited on its chain, approvers told once."""
