@@ -24,7 +24,8 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from adapters.break_dispatch import dispatch_breaks
 from adapters.db import Store
-from adapters.db.reconciliation import REPORT_COLUMNS, Listed, Phase, RunConflict
+from adapters.db.reconciliation import REPORT_COLUMNS, Listed, Phase, RunConflict, provider_moved
+from adapters.db.rows import BreakRow
 from adapters.providers.base import (
     PayoutExecutor,
     PayoutLister,
@@ -37,7 +38,7 @@ from adapters.providers.base import (
     UnexpectedProviderStatus,
 )
 from domain import contracts, errors
-from domain.models import RefundTimings
+from domain.models import ProviderRefund, RefundTimings
 from domain.payouts import PayoutCaseInput, ProviderPayout, payout_case_id
 from domain.policy import Policy
 from domain.reconciliation import (
@@ -211,20 +212,24 @@ class ReconciliationActivities:
     @activity.defn(name=contracts.SETTLE_BREAK.name)
     async def settle_break(self, settlement: BreakSettlement) -> BreakOutcome:
         """Ends the exception case; an approved one posts its compensation (see the store).
-        An approved payout break reads the payout at the provider first: approvals can take
-        days, and a bank's correction to paid meanwhile makes the reversal wrong."""
-        approved = settlement.state is BreakState.RESOLVED
-        at_provider = await self._payout_at_provider(settlement.break_id) if approved else None
-        if approved and await self._handed_to_running_case(settlement.break_id):
+        An approved break reads its refund or payout at the provider first: approvals can
+        take days, and what the provider says now may no longer be what was approved (a
+        refund failed after all, a bank's correction to paid)."""
+        found = await self._recon.get_break(settlement.break_id)
+        assert found is not None
+        approved = settlement.state is BreakState.RESOLVED and found.resolution is None
+        at_provider = await self._at_provider(found) if approved else None
+        unmoved = approved and provider_moved(found, at_provider) is None
+        if unmoved and await self._handed_to_running_case(found):
             settlement = settlement.model_copy(update={"state": BreakState.HANDED_TO_CASE})
         return await self._recon.settle(settlement, at_provider)
 
-    async def _handed_to_running_case(self, break_id: int) -> bool:
+    async def _handed_to_running_case(self, found: BreakRow) -> bool:
         """An approved refund break whose case's workflow still runs and would take the
         provider's word itself is handed to it, never compensated: the case posts its own
         entry for that word (its mismatch check, its notices), so an entry beside it would
         book the refund twice. A closed workflow takes nothing: the approval compensates."""
-        event = await self._recon.truth_for_its_case(break_id, datetime.now(UTC))
+        event = await self._recon.truth_for_its_case(found, datetime.now(UTC))
         if event is None:
             return False
         assert event.refund_request_id is not None
@@ -236,23 +241,27 @@ class ReconciliationActivities:
             raise
         return True
 
-    async def _payout_at_provider(self, break_id: int) -> str | None:
-        """The payout's status at the provider now (`not_found` when it holds none); None for
-        a refund break, a settled one, or a provider without a payout lookup. A failed read
-        is retried (the settlement waits for it), never taken as an answer; one the provider
-        refuses for good (our key, a 4xx, a status we do not map) is `unreadable`, for ops."""
-        found = await self._recon.get_break(break_id)
-        if found is None or found.object_kind != "payout" or found.resolution is not None:
-            return None
+    async def _at_provider(self, found: BreakRow) -> str | None:
+        """The break's refund or payout status at the provider now (`not_found` when it
+        holds none); None for a provider that cannot read one. A failed read is retried
+        (the settlement waits for it), never taken as an answer; one the provider refuses
+        for good (our key, a 4xx, a status we do not map) is `unreadable`, for ops."""
         provider = self._providers.get(found.provider)
-        if not isinstance(provider, PayoutExecutor):
-            return None
+        current: ProviderRefund | ProviderPayout | None
         try:
-            current = await provider.get_payout(found.object_id)
+            if found.object_kind == "payout":
+                if not isinstance(provider, PayoutExecutor):
+                    return None
+                current = await provider.get_payout(found.object_id)
+            else:
+                if not isinstance(provider, RefundLister):
+                    return None
+                current = await provider.get_refund(found.object_id, found.charge_id)
         except (ProviderConfigurationRefused, ProviderDeclined, UnexpectedProviderStatus) as exc:
             return f"unreadable ({type(exc).__name__}: {exc})"[:300]
         except ProviderError as exc:
-            raise ApplicationError(f"payout lookup failed: {exc}", type=errors.OUTCOME_UNKNOWN) from exc
+            raise ApplicationError(f"{found.object_kind} lookup failed: {exc}",
+                                   type=errors.OUTCOME_UNKNOWN) from exc
         return "not_found" if current is None else current.status.value
 
     def all(self) -> list[Callable[..., Any]]:

@@ -50,7 +50,7 @@ from tests.rainforest_cashfree_fakes import (
     FakeRainforest,
     days_ago,
 )
-from tests.reconciliation_kit import backfill
+from tests.reconciliation_kit import backfill, wait_for_breaks
 from tests.test_provider_webhooks import (
     CASHFREE_SECRET,
     PAYLOADS,
@@ -58,6 +58,7 @@ from tests.test_provider_webhooks import (
     sign_cashfree,
     sign_rainforest,
 )
+from tests.test_reconciliation import decide
 
 
 @dataclass
@@ -265,6 +266,21 @@ async def test_a_rainforest_backfill_finds_a_refund_unknown_to_us(rig: Rig) -> N
     assert found[unknown]["evidence"]["provider"]["status"] == "succeeded"
     again = await backfill(rig.stack, provider="rainforest", since_days=30)
     assert again["new_breaks"] == 0 and unknown in {b["object_id"] for b in again["breaks"]}
+
+
+async def test_an_approved_rainforest_break_is_read_again_at_rainforest_before_money_moves(rig: Rig) -> None:
+    """The settlement reads the refund through its payin (Rainforest lists a payin's refunds):
+    a refund found succeeded and failed since posts nothing once approved; ops look."""
+    payin_id = rig.rainforest.payin(50_000)
+    unknown = rig.rainforest.history(payin_id, 4_200, days_ago(4))
+    await backfill(rig.stack, provider="rainforest", since_days=30)
+    [found] = await wait_for_breaks(rig.stack, [unknown], "awaiting_approval")
+    next(r for r in rig.rainforest.refunds if r["refund_id"] == unknown)["status"] = "FAILED"
+    assert (await decide(rig.stack, "carol", found["id"])).status_code == 202
+    [settled] = await wait_for_breaks(rig.stack, [unknown], "ops_review", "resolved")
+    assert (settled["state"], settled["resolution"]["provider_moved"]) == (
+        "ops_review", {"provider_status": "failed", "found_provider_status": "succeeded"})
+    assert await rig.stack.store.ledger.entries(found["chain"]) == []
 
 
 # -- the registry and money conversion, without a stack --------------------------------------

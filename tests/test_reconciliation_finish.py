@@ -677,3 +677,49 @@ async def test_an_approved_amount_break_leaves_a_running_case_to_book_the_refund
         assert (settled["state"], settled["resolution"]["approvers"]) == ("handed_to_case", ["carol"])
     finally:
         await stack.close()
+
+
+async def test_an_approved_refund_break_moves_nothing_once_the_provider_changed_its_word(
+        stack: Stack) -> None:
+    """A case shows the refund failed; the provider shows it succeeded: a break for
+    approvers. While it waits, the provider fails the refund after all (its webhook agrees
+    with the case, so no newer break). The approval was given for a success; settled on
+    the stored word it posted a refund the provider never made and showed the case
+    refunded. It goes to ops review with nothing posted."""
+    refund = history(f"ch_{uuid.uuid4().hex[:8]}", 2_000, days_ago=3)
+    await seed_provider(stack, [refund])
+    case_id = await seed_case(stack, refund, status=CaseStatus.REFUND_FAILED,
+                              held=ProviderRefundStatus.FAILED, settled=0)
+    await backfill(stack, since_days=30)
+    [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    assert found["break_class"] == "provider_succeeded_shown_failed"
+    await move_at_provider(stack, refund["id"], "failed", "card_account_closed")
+    assert (await decide(stack, "carol", found["id"])).status_code == 202
+    [settled] = await wait_for_breaks(stack, [refund["id"]], "ops_review", "resolved")
+    assert await stack.store.ledger.entries(case_id) == []
+    case = await stack.store.cases.get(case_id)
+    assert case is not None and (case["status"], case["reserved_amount"]) == ("refund_failed", 0)
+    assert (settled["state"], settled["resolution"]["provider_moved"]) == (
+        "ops_review", {"provider_status": "failed", "found_provider_status": "succeeded"})
+    assert ("reconciliation_break_provider_moved", "ops") in [
+        (n["kind"], n["audience"]) for n in await stack.store.outbox.notices(case_id)]
+
+
+async def test_an_approved_unknown_refund_reverses_nothing_its_tracking_case_booked(stack: Stack) -> None:
+    """A refund made outside us, pending at the provider: an unknown_to_us break for
+    approvers, nothing to book yet. It then succeeds and its webhook opens its tracking
+    case, which books it. The approval, settled on the stored 'pending', reversed that
+    entry: the books showed nothing for a refund the provider paid."""
+    charge = await stack.charge(10_000)
+    refund = history(charge, 1_200, days_ago=0.5, status="pending")
+    await seed_provider(stack, [refund])
+    await backfill(stack, since_days=1)
+    [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    assert found["break_class"] == "unknown_to_us"
+    await stack.set_provider_status(refund["id"], "succeeded")  # its webhook arrives
+    tracking = found["chain"]
+    await stack.wait_for_audit(tracking, "ledger_posted")
+    assert (await decide(stack, "carol", found["id"])).status_code == 202
+    [settled] = await wait_for_breaks(stack, [refund["id"]], "ops_review", "resolved")
+    assert [e["template"] for e in await stack.store.ledger.entries(tracking)] == ["refund_settled"] * 2
+    assert settled["state"] == "ops_review"

@@ -32,7 +32,7 @@ from adapters.providers.base import (
     WebhookRejected,
 )
 from adapters.providers.stripe import StripeProvider
-from domain.models import ProviderEvent, RefundReason, RefundRequest
+from domain.models import ProviderEvent, ProviderRefundStatus, RefundReason, RefundRequest
 from domain.reconciliation import ListedPayout, ListedRefund, UnmappedListing
 from starters.dev.stack import TemporalDevServer
 from starters.ports import free_port
@@ -314,6 +314,23 @@ async def stripe_refund(rig: StripeRig, charge: str, amount: int) -> str:
         response = await http.post("/v1/refunds", data={"charge": charge, "amount": amount})
     response.raise_for_status()
     return str(response.json()["id"])
+
+
+async def test_a_stripe_refund_is_read_by_its_id_as_it_stands_and_an_unknown_id_is_none(
+        rig: StripeRig) -> None:
+    """What an approved break reads again before it moves money."""
+    charge = await rig.charge(5_000)
+    refund_id = await stripe_refund(rig, charge, 1_500)
+    await age_at_stripe(rig, refund_id, 1, status="failed")
+    provider = StripeProvider(API_KEY, webhook_secrets=SECRETS, api_base=rig.localstripe,
+                              merchant_account=MERCHANT)
+    try:
+        read = await provider.get_refund(refund_id, charge)
+        assert read is not None
+        assert (read.refund_id, read.amount, read.status) == (refund_id, 1_500, ProviderRefundStatus.FAILED)
+        assert await provider.get_refund("re_nothing_here", charge) is None
+    finally:
+        await provider.aclose()
 
 
 async def test_a_refund_in_fractional_krona_is_a_break_for_ops_not_a_stalled_run(rig: StripeRig) -> None:

@@ -440,13 +440,11 @@ class ReconciliationRepository(Repository):
 
     # -- the exception case -------------------------------------------------------------
 
-    async def truth_for_its_case(self, break_id: int, at: datetime) -> ProviderEvent | None:
+    async def truth_for_its_case(self, found: BreakRow, at: datetime) -> ProviderEvent | None:
         """The provider event an approved refund break's case would take through its own
         lifecycle, judged by the case as it is now (`lifecycle_takes`); None when it would
-        not, or the break is settled already (then the settlement decides)."""
-        found = await self.get_break(break_id)
-        if (found is None or found.object_kind != "refund" or found.resolution is not None
-                or found.refund_request_id is None):
+        not (then the settlement decides)."""
+        if found.object_kind != "refund" or found.refund_request_id is None:
             return None
         case = await self._cases.get(found.refund_request_id)
         truth = truth_of(found)
@@ -476,12 +474,11 @@ class ReconciliationRepository(Repository):
                 audience="approvers", dedup_key=f"reconciliation_approval:{break_id}{_round(row)}",
                 detail=detail))
 
-    async def settle(self, settlement: BreakSettlement,
-                     payout_at_provider: str | None = None) -> BreakOutcome:
+    async def settle(self, settlement: BreakSettlement, at_provider: str | None = None) -> BreakOutcome:
         """Ends the exception case once. Only an approved one touches money: it brings the
         case's ledger position to the provider's truth (as it is now, so two breaks of one
         refund never post twice) and sets the case's status, in one transaction.
-        `payout_at_provider`: an approved payout break's status at the provider read just
+        `at_provider`: an approved break's refund or payout status at the provider read just
         before (`not_found` when it holds none), None when it was not read."""
         break_id = settlement.break_id
         found = await self.get_break(break_id)
@@ -501,9 +498,9 @@ class ReconciliationRepository(Repository):
             outcome = BreakOutcome(break_id=break_id, state=settlement.state)
             overtaken = await self._overtaken_by(conn, row) if checked else None
             moved = await self._case_moved(conn, row) if checked and overtaken is None else None
-            provider_moved = _payout_moved(row, payout_at_provider) if (
+            moved_at_provider = provider_moved(row, at_provider) if (
                 settlement.state is BreakState.RESOLVED) else None
-            if overtaken is not None or moved is not None or provider_moved is not None:
+            if overtaken is not None or moved is not None or moved_at_provider is not None:
                 outcome = BreakOutcome(break_id=break_id, state=BreakState.OPS_REVIEW)
             elif settlement.state is BreakState.RESOLVED:
                 compensate = self._compensate_payout if row["object_kind"] == "payout" else self._compensate
@@ -511,9 +508,9 @@ class ReconciliationRepository(Repository):
             resolution = {**settlement.model_dump(mode="json"), "outcome": outcome.model_dump(mode="json"),
                           **({"overtaken_by": overtaken} if overtaken else {}),
                           **({"case_moved": moved} if moved else {}),
-                          **({"provider_moved": provider_moved} if provider_moved else {})}
+                          **({"provider_moved": moved_at_provider} if moved_at_provider else {})}
             for kind, change in (("reconciliation_break_case_moved", moved),
-                                 ("reconciliation_break_provider_moved", provider_moved)):
+                                 ("reconciliation_break_provider_moved", moved_at_provider)):
                 if change is not None:
                     await OutboxRepository.queue_in(conn, NoticeInput(
                         refund_request_id=row["chain"], kind=kind, audience="ops",
@@ -714,11 +711,16 @@ class NotReopenable(Exception):
     """Only a break that ended without moving money (dismissed, expired) can be reopened."""
 
 
-def _payout_moved(row: Mapping[str, Any], at_provider: str | None) -> dict[str, Any] | None:
-    """An approved payout break whose payout the provider no longer shows failed, canceled
-    or reversed (a bank's late correction to paid, or none found): its reversal would undo
-    a payout the beneficiary has. People look again; nothing moves."""
-    if row["object_kind"] != "payout" or at_provider is None or at_provider in _names(EXCEPTION_STATUSES):
+def provider_moved(row: Mapping[str, Any], at_provider: str | None) -> dict[str, Any] | None:
+    """An approved break whose object the provider no longer shows as found: a refund in
+    another status (failed after all, succeeded since, gone), a payout no longer failed,
+    canceled or reversed (a bank's late correction to paid). What was approved is not
+    what the provider says now: people look again; nothing moves."""
+    if at_provider is None:
+        return None
+    if row["object_kind"] == "payout" and at_provider in _names(EXCEPTION_STATUSES):
+        return None
+    if row["object_kind"] != "payout" and at_provider == row["provider_status"]:
         return None
     return {"provider_status": at_provider, "found_provider_status": row["provider_status"]}
 

@@ -189,6 +189,11 @@ class RefundLister(Protocol):
         reads; `starting_after` (an object id) resumes after that object. A refund whose
         status the adapter cannot map may come as an UnmappedListing (a break, not a stop)."""
 
+    async def get_refund(self, refund_id: str, charge_id: str) -> ProviderRefund | None:
+        """One refund by the provider's id as it stands now (`charge_id`: its charge, for
+        providers that read refunds through it); None when the provider has none: what an
+        approved break re-reads before it moves money on a word found days before."""
+
 
 @runtime_checkable
 class PayoutLister(Protocol):

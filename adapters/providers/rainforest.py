@@ -225,6 +225,12 @@ class RainforestApiProvider(JsonApiAdapter, RainforestProvider):
         found = [r for r in self._refunds_of(payin) if r.reference == request.refund_request_id]
         return only_refund(self.name, request.refund_request_id, found)
 
+    async def get_refund(self, refund_id: str, charge_id: str) -> ProviderRefund | None:
+        """Read through its payin, as the payin lists its refunds."""
+        payin = await self._payin(charge_id)
+        return None if payin is None else next(
+            (r for r in self._refunds_of(payin) if r.refund_id == refund_id), None)
+
     async def list_refunds(self, since: datetime, until: datetime,
                            starting_after: str | None = None,
                            ) -> AsyncGenerator[ListedRefund | UnmappedListing]:

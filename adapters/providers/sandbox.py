@@ -115,6 +115,13 @@ class SandboxProvider:
         found = [refund_from_object(self.name, o) for o in response.json()["data"]]
         return only_refund(self.name, request.refund_request_id, found)
 
+    async def get_refund(self, refund_id: str, charge_id: str) -> ProviderRefund | None:
+        response = await self._call("GET", f"/v1/refunds/{refund_id}")
+        if response.status_code == 404:
+            return None
+        raise_for_refusal(response)
+        return refund_from_object(self.name, response.json())
+
     async def list_refunds(self, since: datetime, until: datetime,
                            starting_after: str | None = None,
                            ) -> AsyncGenerator[ListedRefund | UnmappedListing]:

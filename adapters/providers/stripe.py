@@ -134,6 +134,15 @@ class StripeProvider:
                 raise ProviderOutcomeUnknown(f"{what}: HTTP {status} {exc.user_message or exc}") from exc
             raise refusal(status, f"{what}: HTTP {status} {exc.user_message or exc}") from exc
 
+    async def _found(self, what: str, call: Awaitable[T]) -> T | None:
+        """`_call` reading one object: None when Stripe has no such object (its 404)."""
+        try:
+            return await self._call(what, call)
+        except ProviderDeclined as exc:
+            if isinstance(exc.__cause__, stripe.StripeError) and exc.__cause__.http_status == 404:
+                return None
+            raise
+
     def _refund(self, obj: Any) -> ProviderRefund:
         return stripe_shaped_refund(self.name, _stripe_dict(obj), STATUSES, UNITS)
 
@@ -153,13 +162,11 @@ class StripeProvider:
         return self._merchant_account
 
     async def get_charge(self, charge_id: str) -> ChargeSnapshot | None:
-        try:
-            charge = _stripe_dict(await self._call(
-                f"GET /v1/charges/{charge_id}", self._client.v1.charges.retrieve_async(charge_id)))
-        except ProviderDeclined as exc:
-            if isinstance(exc.__cause__, stripe.StripeError) and exc.__cause__.http_status == 404:
-                return None
-            raise
+        found = await self._found(f"GET /v1/charges/{charge_id}",
+                                  self._client.v1.charges.retrieve_async(charge_id))
+        if found is None:
+            return None
+        charge = _stripe_dict(found)
         captured = bool(charge.get("captured"))
         what = f"charge {charge_id}"
         currency = normalise_currency(str(charge["currency"]))
@@ -204,6 +211,11 @@ class StripeProvider:
             page = await self._call("GET /v1/refunds", self._client.v1.refunds.list_async(
                 {"charge": request.charge_id, "limit": 100, "starting_after": refunds[-1]["id"]}))
         return only_refund(self.name, request.refund_request_id, found[::-1])  # oldest first
+
+    async def get_refund(self, refund_id: str, charge_id: str) -> ProviderRefund | None:
+        refund = await self._found(f"GET /v1/refunds/{refund_id}",
+                                   self._client.v1.refunds.retrieve_async(refund_id))
+        return None if refund is None else self._refund(refund)
 
     async def list_refunds(self, since: datetime, until: datetime,
                            starting_after: str | None = None
