@@ -217,7 +217,8 @@ class ReconciliationActivities:
         refund failed after all, a bank's correction to paid)."""
         found = await self._recon.get_break(settlement.break_id)
         assert found is not None
-        approved = settlement.state is BreakState.RESOLVED and found.resolution is None
+        approved = (settlement.state is BreakState.RESOLVED and found.resolution is None
+                    and settlement.round in (None, found.reopened))
         at_provider = await self._at_provider(found) if approved else None
         unmoved = approved and provider_moved(found, at_provider) is None
         if unmoved and await self._handed_to_running_case(found):

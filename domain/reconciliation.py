@@ -221,6 +221,8 @@ class BreakSettlement(Frozen):
     state: BreakState
     approvers: tuple[str, ...] = ()
     reason: str = ""
+    round: int | None = Field(default=None, description="the round (`reopened`) the exception case ran "
+                              "for; None from cases started before it was carried")
 
 
 class BreakOutcome(Frozen):

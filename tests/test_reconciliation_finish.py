@@ -31,7 +31,7 @@ from domain.models import (
     ProviderRefundStatus,
 )
 from domain.payouts import PayoutSnapshot, PayoutStatus, payout_case_id
-from domain.reconciliation import break_workflow_id
+from domain.reconciliation import BreakSettlement, BreakState, break_workflow_id
 from starters.actions.cases import CaseActions
 from starters.actions.reconciliation import BreakReopenBody, reopen_break
 from starters.dev.stack import TemporalDevServer
@@ -531,6 +531,64 @@ async def test_what_an_approval_could_not_cover_is_the_next_run_s_break(stack: S
     assert net == 2_000
     quiet = await backfill(stack, since_days=30)  # the books agree: nothing raised again
     assert refund["id"] not in {b["object_id"] for b in quiet["breaks"] if b.get("new_in_run")}
+
+
+async def test_a_settlement_retried_after_its_break_was_raised_again_moves_nothing(stack: Stack) -> None:
+    """A settlement's attempt that committed but never reported (its worker died) is
+    retried; meanwhile the next run raised the break again for what the approval could
+    not cover. The retry found no resolution (the new round cleared it) and posted the
+    rest under the first round's approvers: the new round's own approval stepped around.
+    A settlement acts only on the round it was approved for."""
+    refund = history(f"ch_{uuid.uuid4().hex[:8]}", 2_000, days_ago=3)
+    await seed_provider(stack, [refund])
+    case_id = await seed_case(stack, refund, settled=0)
+    await backfill(stack, since_days=30)
+    [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    await stack.store.ledger.post(LedgerInput(refund_request_id=case_id, kind=LedgerKind.REFUND_REVERSED,
+                                              amount=500, currency="USD", reference="a-mistake",
+                                              provider_refund_id=refund["id"]))
+    assert (await decide(stack, "carol", found["id"])).status_code == 202
+    await wait_for_breaks(stack, [refund["id"]], "resolved")
+    await backfill(stack, since_days=30)
+    [again] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    assert again["reopened"] == 1
+
+    retried = await stack.store.reconciliation.settle(BreakSettlement(
+        break_id=found["id"], state=BreakState.RESOLVED, approvers=("carol",), round=0))
+    assert retried.posting_key is None
+    net = sum(line["debit"] - line["credit"] for line in await stack.store.ledger.entries(case_id)
+              if line["account"] == REFUNDED_ACCOUNT)
+    assert net == 1_500  # the rest waits for its own approval
+    [still] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    assert still["resolution"] is None
+    assert (await decide(stack, "carol", again["id"])).status_code == 202
+    await wait_for_breaks(stack, [refund["id"]], "resolved")
+
+
+async def test_a_break_raised_again_while_its_last_round_was_ending_gets_its_own_round(stack: Stack) -> None:
+    """The run raised the break again while its approved round's case was still ending (its
+    settlement retried): the dispatch attached to that case and marked the break
+    dispatched, so the new round never had an exception case and stayed `new` for good.
+    The earlier round's settlement hands it back to the next run's dispatch."""
+    refund = history(f"ch_{uuid.uuid4().hex[:8]}", 2_000, days_ago=3)
+    await seed_provider(stack, [refund])
+    case_id = await seed_case(stack, refund, settled=0)
+    await backfill(stack, since_days=30)
+    [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    assert (await decide(stack, "carol", found["id"])).status_code == 202
+    await wait_for_breaks(stack, [refund["id"]], "resolved")
+    await stack.store.database.execute(  # raised again, its dispatch attached to the ending case
+        "UPDATE reconciliation_breaks SET state = 'new', reopened = 1, resolution = NULL,"
+        " dispatched_at = now() WHERE id = %s", (found["id"],))
+    await stack.store.reconciliation.settle(BreakSettlement(
+        break_id=found["id"], state=BreakState.RESOLVED, approvers=("carol",), round=0))
+    assert "reconciliation_settlement_of_an_earlier_round" in await stack.actions(case_id)
+    await stack.store.ledger.post(LedgerInput(refund_request_id=case_id, kind=LedgerKind.REFUND_REVERSED,
+                                              amount=500, currency="USD", reference="a-mistake",
+                                              provider_refund_id=refund["id"]))
+    await backfill(stack, since_days=30)
+    [again] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval", timeout=30)
+    assert again["reopened"] == 1
 
 
 async def test_whoever_reopened_a_break_cannot_approve_it_when_it_is_raised_again(stack: Stack) -> None:

@@ -215,7 +215,7 @@ class ReconciliationBreakWorkflow(ApprovingWorkflow):
         self._state = state
         outcome: BreakOutcome = await contracts.SETTLE_BREAK(
             BreakSettlement(break_id=self._case.break_id, state=state, approvers=approvers,
-                            reason=reason),
+                            reason=reason, round=self._case.reopened),
             **retry.RECONCILE_STEP)
         await self.approvals_settled()
         await workflow.wait_condition(workflow.all_handlers_finished)

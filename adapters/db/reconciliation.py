@@ -344,8 +344,10 @@ class ReconciliationRepository(Repository):
             dedup_key=f"reconciliation_break:{row['id']}{_round(row)}", detail=detail))
 
     async def undispatched(self, run_id: str, limit: int = 500) -> list[dict[str, Any]]:
-        """Breaks found by the run whose exception workflow was not started yet."""
-        return await self._undispatched(sql.SQL("first_run_id = %s"), (run_id,), limit)
+        """Breaks the run found or saw again whose exception workflow was not started yet
+        (one raised again while its last round's case was ending waits for the next run)."""
+        return await self._undispatched(sql.SQL(
+            "id IN (SELECT break_id FROM reconciliation_run_breaks WHERE run_id = %s)"), (run_id,), limit)
 
     async def undispatched_late_events(self, provider: str, limit: int = 500) -> list[dict[str, Any]]:
         """Breaks late events of the provider found whose exception workflow never started
@@ -495,6 +497,8 @@ class ReconciliationRepository(Repository):
             assert row is not None
             if row["resolution"] is not None:  # a retried activity
                 return BreakOutcome.model_validate(row["resolution"]["outcome"])
+            if settlement.round not in (None, row["reopened"]):
+                return await self._of_an_earlier_round(conn, row, settlement)
             outcome = BreakOutcome(break_id=break_id, state=settlement.state)
             overtaken = await self._overtaken_by(conn, row) if checked else None
             moved = await self._case_moved(conn, row) if checked and overtaken is None else None
@@ -526,6 +530,21 @@ class ReconciliationRepository(Repository):
             await AuditLog.append(conn, row["chain"], "reconciliation", action,
                                   {"break_id": break_id, **resolution})
             return outcome
+
+    @staticmethod
+    async def _of_an_earlier_round(conn: Conn, row: Mapping[str, Any],
+                                   settlement: BreakSettlement) -> BreakOutcome:
+        """A settlement of a round the break has left: an attempt retried after the next run
+        raised the break again. Its round settled once already; the new one waits for its
+        own approval, never this one's. A new round that found this case still ending (its
+        dispatch attached to it) is started again by the next run's dispatch."""
+        await conn.execute("UPDATE reconciliation_breaks SET dispatched_at = NULL WHERE id = %s"
+                           " AND state = 'new'", (row["id"],))
+        await AuditLog.append(
+            conn, row["chain"], "reconciliation", "reconciliation_settlement_of_an_earlier_round",
+            {"break_id": row["id"], "round": settlement.round, "break_round": row["reopened"],
+             "state": settlement.state.value, "approvers": list(settlement.approvers)})
+        return BreakOutcome(break_id=row["id"], state=settlement.state)
 
     @staticmethod
     async def _overtaken_by(conn: Conn, row: Mapping[str, Any] | BreakRow) -> dict[str, Any] | None:
