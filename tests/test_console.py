@@ -374,6 +374,22 @@ async def test_reconciliation_page_shows_approvers_their_breaks_not_the_runs_and
 
 
 
+async def test_a_break_waiting_for_approval_stays_on_the_page_behind_newer_runs(stack: Stack) -> None:
+    """The page showed the breaks of the five newest runs only: every late event's incident
+    run and every backfill pushed a waiting break off it, and approvers could no longer see
+    or decide it there. Breaks waiting for a decision are listed whatever run found them,
+    with one decision form each."""
+    from tests.reconciliation_kit import backfill, break_awaiting_approval
+
+    _, found = await break_awaiting_approval(stack, moved_to="canceled", requester="alice", days_ago=2)
+    for _ in range(6):
+        await backfill(stack, since_days=0.01)
+    page = (await (await console(stack, "bob")).get("/console/reconciliation")).text
+    waiting = page.split('data-testid="waiting-breaks"', 1)
+    assert len(waiting) == 2 and f'data-break="{found["id"]}"' in waiting[1].split("</section>", 1)[0]
+    assert page.count(f'action="/console/reconciliation/breaks/{found["id"]}"') == 1
+
+
 async def test_needs_my_approval_finds_an_older_case_behind_a_page_that_needs_others(stack: Stack) -> None:
     """A full page (200) of newer waiting cases bob may not approve (his own requests) lies
     before one that needs him: "needs my approval" reads on past them and shows it."""

@@ -435,6 +435,13 @@ class ReconciliationRepository(Repository):
         async for row in self.run_breaks(run_id, limit):
             yield RunBreakRow.from_row(row)
 
+    async def waiting_breaks(self, limit: int) -> list[BreakRow]:
+        """Breaks waiting for approval, longest waiting first, whatever run found them: the
+        console's newest runs alone would hide the older ones from their approvers."""
+        return [BreakRow.from_row(r) for r in await self._db.fetch_all(
+            "SELECT * FROM reconciliation_breaks WHERE state = 'awaiting_approval'"
+            " ORDER BY found_at, id LIMIT %s", (limit,))]
+
     async def get_break(self, break_id: int) -> BreakRow | None:
         row = await self._db.fetch_one("SELECT * FROM reconciliation_breaks WHERE id = %s",
                                        (break_id,))

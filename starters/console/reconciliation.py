@@ -26,6 +26,7 @@ from starters.console.sessions import PREFIX, current, posted
 
 RECONCILIATION_RUNS = 20
 RECONCILIATION_RUNS_WITH_BREAKS = 5
+WAITING_BREAKS = 500
 Body = TypeVar("Body", bound=BaseModel)
 
 router = APIRouter(prefix=PREFIX, include_in_schema=False)
@@ -40,8 +41,9 @@ async def reconciliation_page(request: Request, session: ConsoleSession, *, stat
     runs = [run_view(r) for r in await recon.runs(RECONCILIATION_RUNS)]
     breaks = {run["run_id"]: [break_view(b) async for b in recon.breaks(run["run_id"], 200)]
               for run in runs[:RECONCILIATION_RUNS_WITH_BREAKS]}
+    waiting = [break_view(b) for b in await recon.waiting_breaks(WAITING_BREAKS)]
     return page(request, "reconciliation.html", session, status=status, error=error,
-                notice=notice, runs=runs, breaks=breaks,
+                notice=notice, runs=runs, breaks=breaks, waiting=waiting,
                 show_runs=may(session.principal.roles, Permission.READ_RECONCILIATION_RUNS),
                 can_decide=may(session.principal.roles, Permission.APPROVE_RECONCILIATION_BREAK),
                 can_reopen=may(session.principal.roles, Permission.REOPEN_RECONCILIATION_BREAK))
