@@ -107,3 +107,28 @@ async def test_a_made_refund_is_counted_once_and_a_bank_transfer_always(store: S
                                  (transfer.refund_request_id,))
     refused = await store.cases.reserve(more, untracked)
     assert not refused.ok and refused.remaining_before == 100, refused
+
+
+async def test_a_bank_transfer_counts_a_submit_whose_answer_is_unknown_beside_what_the_provider_reports(
+        store: Store) -> None:
+    """The provider reports 500 refunded by a refund none of our cases holds (its webhook has
+    not come); our case A's submit of 500 began and its answer is unknown. A provider refund
+    may take the larger of the two as A's (the provider refuses an over-refund itself when
+    A's lands), but a bank transfer is guarded by nobody else: granted the 500 the larger
+    leaves, it paid out 1,500 on a 1,000 charge once A's refund landed."""
+    charge_id = f"ch_{uuid.uuid4().hex[:10]}"
+    untracked = ChargeSnapshot(provider="prop", charge_id=charge_id, currency="USD", merchant_account="m",
+                               amount=1_000, amount_captured=1_000, amount_refunded=500, captured=True)
+    in_flight = _request(charge_id, f"{charge_id}-a", 500)
+    transfer = _request(charge_id, f"{charge_id}-transfer", 500).model_copy(
+        update={"method": RefundMethod.BANK_TRANSFER})
+    by_provider = _request(charge_id, f"{charge_id}-provider", 500)
+    for request in (in_flight, transfer, by_provider):
+        await store.cases.create(request, "prop")
+    assert (await store.cases.reserve(in_flight, untracked.model_copy(update={"amount_refunded": 0}))).ok
+    await store.database.execute("UPDATE refund_cases SET submission_started_at = now()"
+                                 " WHERE refund_request_id = %s", (in_flight.refund_request_id,))
+    refused = await store.cases.reserve(transfer, untracked)
+    assert not refused.ok and refused.remaining_before == 0, refused
+    allowed = await store.cases.reserve(by_provider, untracked)  # the provider guards the rest
+    assert allowed.ok and allowed.remaining_before == 500, allowed

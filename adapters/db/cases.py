@@ -287,12 +287,18 @@ class CaseRepository(Repository):
                                 charge.amount_captured)
         cur = await conn.execute(
             "SELECT refund_request_id, reserved_amount,"
-            " (submission_started_at IS NULL AND provider_refund_id IS NULL) OR method <> %s AS uncounted"
-            " FROM refund_cases WHERE provider = %s AND charge_id = %s AND reserved_amount > 0",
-            (RefundMethod.PROVIDER.value, charge.provider, charge.charge_id))
+            " (submission_started_at IS NULL AND provider_refund_id IS NULL) OR method <> %(provider)s"
+            " AS uncounted, method = %(provider)s AND submission_started_at IS NOT NULL"
+            " AND provider_refund_id IS NULL AS unanswered"
+            " FROM refund_cases WHERE provider = %(name)s AND charge_id = %(charge)s AND reserved_amount > 0",
+            {"provider": RefundMethod.PROVIDER.value, "name": charge.provider, "charge": charge.charge_id})
         rows = await cur.fetchall()
         holds = {r["refund_request_id"]: int(r["reserved_amount"]) for r in rows}
         uncounted = sum(int(r["reserved_amount"]) for r in rows if r["uncounted"])
+        if request.method is not RefundMethod.PROVIDER:
+            # nobody else guards a bank transfer: a submit whose answer is unknown may not be
+            # in what the provider reports yet, and may land beside it
+            uncounted += sum(int(r["reserved_amount"]) for r in rows if r["unanswered"])
         prior = len([k for k in holds if k != case_id])
         if case_id in holds:  # a retried activity: the reservation is already ours
             remaining = charge.amount_captured - sum(holds.values()) + holds[case_id]
@@ -300,9 +306,10 @@ class CaseRepository(Repository):
                                     amount_captured=charge.amount_captured,
                                     dispute_count=charge.dispute_count)
         # What the provider reports refunded includes the refunds our cases made there
-        # (a submit whose answer was lost too) and the ones tracking cases follow, but never
-        # a hold with neither a submit begun nor a provider refund (awaiting approval,
-        # validating) or a bank transfer's: those add to it. Never less than all our holds.
+        # (a submit whose answer was lost too, for a provider refund: the provider refuses
+        # an over-refund itself) and the ones tracking cases follow, but never a hold with
+        # neither a submit begun nor a provider refund (awaiting approval, validating) or a
+        # bank transfer's: those add to it. Never less than all our holds.
         remaining = charge.amount_captured - max(sum(holds.values()), charge.amount_refunded + uncounted)
         if request.amount > remaining:
             result = ValidationResult(
