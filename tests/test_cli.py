@@ -266,3 +266,49 @@ for fault in (ApplicationError("POST /v1/refunds: timed out", type="ProviderOutc
         else:
             assert "Traceback" in classified and "read timed out" in classified
         assert "Traceback" in defect and "KeyError: 'defect'" in defect
+
+
+async def test_reconcile_rides_out_a_relay_restart_and_a_refusal_mid_run_is_a_refusal() -> None:
+    """Following a run, a relay that answers 503 for a moment (a restart behind its proxy)
+    was a usage error (exit 2) and the run's report was lost to the terminal; the run goes
+    on, so the CLI polls on. An answer that refuses for good (403: the token revoked
+    meanwhile) exits 1, as every refusal does."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+
+    from adapters.http_server import AppServer
+
+    polls: dict[str, int] = {}
+    report = {"run_id": "r1", "provider": "sandbox", "state": "completed", "objects_seen": 3, "new_breaks": 0,
+              "known_breaks": 0, "classes": {}, "cursor_created": None, "oldest_break": None, "warnings": [],
+              "report_files": [],
+              "window": {"since": "2026-01-01T00:00:00+00:00", "until": "2026-01-02T00:00:00+00:00"}}
+    app = FastAPI()
+
+    @app.post("/v1/reconciliation/runs")
+    async def start() -> JSONResponse:
+        run_id = "r1" if not polls.get("started") else "r2"
+        polls["started"] = 1
+        return JSONResponse({**report, "run_id": run_id, "resumed": False}, 202)
+
+    @app.get("/v1/reconciliation/runs/{run_id}")
+    async def follow(run_id: str) -> JSONResponse:
+        polls[run_id] = polls.get(run_id, 0) + 1
+        if run_id == "r2":
+            return JSONResponse({"detail": "token revoked"}, 403)
+        if polls[run_id] <= 2:
+            return JSONResponse({"detail": "upstream restarting"}, 503)
+        return JSONResponse({**report, "run_id": run_id})
+
+    server = AppServer(app, "127.0.0.1", free_port())
+    await server.start()
+    try:
+        env = {"REFUNDS_RELAY_URL": server.url, "REFUNDS_TOKEN": "t"}
+        rode = await run("reconcile", "--provider", "sandbox", "--no-progress", env=env)
+        assert rode.returncode == 0, rode.stdout + rode.stderr
+        assert polls["r1"] == 3 and "3 objects" in rode.stdout
+        refused = await run("reconcile", "--provider", "sandbox", "--no-progress", env=env)
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert "403" in refused.stderr and "token revoked" in refused.stderr
+    finally:
+        await server.stop()

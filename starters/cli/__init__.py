@@ -36,6 +36,10 @@ def failure(exc: BaseException, settings: Settings | None) -> tuple[str, int]:
         return str(exc), exc.code
     if isinstance(exc, StackUnavailable):
         return str(exc), EXIT_UNREACHABLE
+    if isinstance(exc, httpx.HTTPStatusError):
+        status = exc.response.status_code
+        return (f"the relay answered {status} to {exc.request.method} {exc.request.url.path}: "
+                f"{exc.response.text[:300]}", EXIT_UNREACHABLE if status >= 500 else EXIT_REFUSED)
     if isinstance(exc, httpx.TransportError):
         relay = settings.relay_base_url() if settings else "the relay"
         return f"cannot reach the relay at {relay} ({exc or type(exc).__name__}): is it running? " \
