@@ -95,8 +95,12 @@ async def test_reissue_by_bank_transfer_waits_for_ops_to_confirm(stack: Stack) -
         assert confirmed.status_code == 200, confirmed.text
     await stack.wait_for_status(child_id, "succeeded")
     assert len(await stack.provider_refunds(charge)) == 1  # the provider was not asked again
-    assert {e["posting_key"] for e in await stack.store.ledger.entries(child_id)} == {
-        f"{child_id}:refund_settled"}
+    # paid from our bank, not from the provider's balance: provider clearing stays what the
+    # provider's statement shows
+    assert {(e["posting_key"], e["account"], e["debit"], e["credit"])
+            for e in await stack.store.ledger.entries(child_id)} == {
+        (f"{child_id}:refund_settled", "refunds_contra_revenue", 2_500, 0),
+        (f"{child_id}:refund_settled", "bank_clearing", 0, 2_500)}
 
 
 async def test_people_barred_from_the_original_stay_barred_from_its_reissue(stack: Stack) -> None:

@@ -9,7 +9,7 @@ from adapters.db.database import Conn, Repository
 from adapters.db.outbox import OutboxRepository
 from adapters.db.rows import LedgerLineRow
 from domain.ledger import ledger_lines
-from domain.models import LedgerInput, LedgerResult, NoticeInput
+from domain.models import LedgerInput, LedgerResult, NoticeInput, RefundMethod
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +40,28 @@ class LedgerRepository(Repository):
             await LedgerRepository._told_if_other(conn, posting, int(existing["id"]))
             return LedgerResult(posting_key=key, entry_id=existing["id"], newly_posted=False)
         entry_id = int(row["id"])
+        by_bank = await LedgerRepository._by_bank(conn, posting)
         await conn.cursor().executemany(
             "INSERT INTO ledger_lines (entry_id, account, debit, credit, currency)"
             " VALUES (%s,%s,%s,%s,%s)",
             [(entry_id, line.account, line.debit, line.credit, line.currency)
-             for line in ledger_lines(posting)])
+             for line in ledger_lines(posting, by_bank=by_bank)])
         await AuditLog.append(conn, posting.refund_request_id, "ledger", "ledger_posted",
                               {"posting_key": key, "entry_id": entry_id,
                                "template": posting.kind.value, "amount": posting.amount,
                                "currency": posting.currency,
                                "provider_refund_id": posting.provider_refund_id})
         return LedgerResult(posting_key=key, entry_id=entry_id, newly_posted=True)
+
+    @staticmethod
+    async def _by_bank(conn: Conn, posting: LedgerInput) -> bool:
+        """Whether the posting's case is a refund paid by bank transfer (a payout case, or a
+        provider refund, moves the provider's balance)."""
+        cur = await conn.execute(
+            "SELECT method <> %s AS by_bank FROM refund_cases WHERE refund_request_id = %s",
+            (RefundMethod.PROVIDER.value, posting.refund_request_id))
+        row = await cur.fetchone()
+        return bool(row and row["by_bank"])
 
     @staticmethod
     async def _told_if_other(conn: Conn, posting: LedgerInput, entry_id: int) -> None:
@@ -61,8 +72,9 @@ class LedgerRepository(Repository):
         cur = await conn.execute(
             "SELECT account, debit, credit, currency FROM ledger_lines WHERE entry_id = %s", (entry_id,))
         posted = sorted((r["account"], r["debit"], r["credit"], r["currency"]) for r in await cur.fetchall())
+        by_bank = await LedgerRepository._by_bank(conn, posting)
         wanted = sorted((line.account, line.debit, line.credit, line.currency)
-                        for line in ledger_lines(posting))
+                        for line in ledger_lines(posting, by_bank=by_bank))
         if posted == wanted:
             return
         key = posting.posting_key()

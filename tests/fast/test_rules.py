@@ -29,6 +29,16 @@ def test_each_template_is_one_balanced_pair(kind: LedgerKind, debit: str, credit
                                            LedgerLine(credit, 0, 2500, "EUR"))
 
 
+@pytest.mark.parametrize(("kind", "debit", "credit"), [
+    (LedgerKind.REFUND_SETTLED, "refunds_contra_revenue", "bank_clearing"),
+    (LedgerKind.REFUND_REVERSED, "bank_clearing", "refunds_contra_revenue"),
+])
+def test_a_refund_paid_by_bank_transfer_moves_the_bank_s_cash_not_the_provider_s(
+        kind: LedgerKind, debit: str, credit: str) -> None:
+    assert ledger_lines(posting(kind), by_bank=True) == (LedgerLine(debit, 2500, 0, "EUR"),
+                                                         LedgerLine(credit, 0, 2500, "EUR"))
+
+
 def test_a_settled_refund_is_booked_where_reconciliation_reads_it() -> None:
     assert ledger_lines(posting(LedgerKind.REFUND_SETTLED))[0].account == REFUNDED_ACCOUNT
 
