@@ -1,9 +1,11 @@
 """Reconciliation schedules: one Temporal Schedule per provider whose refunds can be listed,
 starting ReconciliationWorkflow every `reconciliation_interval_seconds` over the trailing
 `reconciliation_window_seconds`. Workers and the dev stack ensure them at start: create, or
-update to the current settings, so any number of starts leaves one schedule per provider.
+update to the current settings (keeping a pause ops set), so any number of starts leaves one
+schedule per provider; one the settings no longer ask for is deleted.
 """
 
+import dataclasses
 from collections.abc import Mapping
 from datetime import timedelta
 
@@ -44,21 +46,31 @@ def reconciliation_schedule(settings: Settings, provider: str) -> Schedule:
 
 async def ensure_reconciliation_schedules(client: Client, settings: Settings,
                                           providers: Mapping[str, ProviderAdapter]) -> list[str]:
-    """Creates or updates the schedule of every listable provider; returns their ids."""
-    if settings.reconciliation_interval_seconds <= 0:
-        return []
+    """Creates or updates the schedule of every listable provider, keeping the state ops gave
+    it (a pause and its note survive every worker start), and deletes this task queue's
+    schedules the settings no longer ask for (the interval turned off, a provider removed);
+    returns the ids ensured."""
     ensured = []
     for name, provider in providers.items():
-        if not isinstance(provider, RefundLister):
+        if settings.reconciliation_interval_seconds <= 0 or not isinstance(provider, RefundLister):
             continue
         schedule = reconciliation_schedule(settings, name)
 
-        def replace(_: ScheduleUpdateInput, schedule: Schedule = schedule) -> ScheduleUpdate:
-            return ScheduleUpdate(schedule=schedule)
+        def replace(current: ScheduleUpdateInput, schedule: Schedule = schedule) -> ScheduleUpdate:
+            kept = current.description.schedule.state
+            return ScheduleUpdate(schedule=dataclasses.replace(schedule, state=kept))
 
         try:
             await client.create_schedule(schedule_id(settings, name), schedule)
         except ScheduleAlreadyRunningError:
             await client.get_schedule_handle(schedule_id(settings, name)).update(replace)
         ensured.append(schedule_id(settings, name))
+    async for listed in await client.list_schedules():
+        if not listed.id.startswith(schedule_id(settings, "")) or listed.id in ensured:
+            continue
+        handle = client.get_schedule_handle(listed.id)
+        action = (await handle.describe()).schedule.action
+        # the id's prefix alone would match another queue whose name extends this one's
+        if isinstance(action, ScheduleActionStartWorkflow) and action.task_queue == settings.task_queue:
+            await handle.delete()
     return ensured

@@ -4,6 +4,7 @@ by one backfill and opens nine exception cases, once; every class of break is cl
 breaks are resolved only through the governed path."""
 
 import asyncio
+import contextlib
 import csv
 import json
 import os
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 from temporalio.client import Client
+from temporalio.service import RPCError
 from temporalio.testing import ActivityEnvironment
 
 from activities.reconciliation import ReconciliationActivities
@@ -442,6 +444,31 @@ async def test_the_schedule_is_ensured_once_and_its_runs_reconcile_a_trailing_wi
         assert until - since == timedelta(days=14)
     finally:
         await handle.delete()
+
+
+async def test_a_restart_keeps_ops_pause_and_a_schedule_turned_off_is_removed(stack: Stack) -> None:
+    """Ops paused the schedule during a provider incident; every worker start sent the whole
+    schedule again, its default state included, and the pause was gone. And with the
+    interval set to 0 ("none") the schedule went on starting runs: nothing removed it."""
+    hourly = stack.settings.model_copy(update={"reconciliation_interval_seconds": 3600})
+    [ensured] = await ensure_reconciliation_schedules(stack.client, hourly, stack.providers)
+    handle = stack.client.get_schedule_handle(ensured)
+    try:
+        await handle.pause(note="provider incident INC-42")
+        await ensure_reconciliation_schedules(stack.client, hourly, stack.providers)  # a worker restart
+        state = (await handle.describe()).schedule.state
+        assert (state.paused, state.note) == (True, "provider incident INC-42")
+        longer = hourly.model_copy(update={"task_queue": f"{hourly.task_queue}-2"})  # another queue's
+        [neighbour] = await ensure_reconciliation_schedules(stack.client, longer, stack.providers)
+        off = hourly.model_copy(update={"reconciliation_interval_seconds": 0})
+        assert await ensure_reconciliation_schedules(stack.client, off, stack.providers) == []
+        with pytest.raises(RPCError):
+            await handle.describe()
+        assert (await stack.client.get_schedule_handle(neighbour).describe()).id == neighbour
+        await stack.client.get_schedule_handle(neighbour).delete()
+    finally:
+        with contextlib.suppress(RPCError):
+            await handle.delete()
 
 
 async def test_backfills_need_ops_and_a_provider_that_lists_refunds(stack: Stack) -> None:
