@@ -5,9 +5,12 @@ beneficiary hold stays: the sweep never releases money state on its own (issue 1
 from typing import Any
 
 import pytest
+from temporalio.client import Client
 
+from adapters.db import Store
 from domain.payouts import payout_case_id
-from tests.harness import Stack
+from starters.dev.stack import TemporalDevServer
+from tests.harness import Stack, open_stack
 from tests.payouts_kit import add_payout_approvers, decide, move_payout, paid_payout, wait_for_case
 from workers.case_sweep import sweep_cases_once
 
@@ -50,3 +53,25 @@ async def test_a_terminated_payout_case_goes_to_ops_with_its_hold_kept(stack: St
     else:
         assert held == [] and held_payout.status == "paid"
     assert case_id not in await sweep_cases_once(stack.store, stack.client, stack.providers, idle_seconds=0)
+
+
+async def test_a_case_remediated_past_its_reissue_window_is_asked_about_once(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """A remediated case's workflow completes when its reissue window closes; the case stays
+    remediated, as it should. The sweep hands it to nobody, and no longer asks Temporal
+    about it on every pass for good (every such case was described on every pass)."""
+    stack = await open_stack(store, client, temporal_server.address, payout_reissue_window_seconds=1)
+    try:
+        await add_payout_approvers(stack)
+        payout = await paid_payout(stack, 300_000)
+        await move_payout(stack, payout.provider_payout_id, "failed", failure_code="account_closed")
+        case_id = payout_case_id("sandbox", payout.provider_payout_id)
+        await wait_for_case(stack, case_id, "awaiting_approval")
+        assert (await decide(stack, "lena", case_id)).status_code == 202
+        await wait_for_case(stack, case_id, "remediated")
+        await stack.client.get_workflow_handle(case_id).result()  # the window closed
+        swept = await sweep_cases_once(stack.store, stack.client, stack.providers, idle_seconds=0)
+        assert case_id not in swept and await _break(stack, case_id) is None
+        assert case_id not in {r["case_id"] for r in await stack.store.payouts.idle_open(0, 10_000)}
+    finally:
+        await stack.close()

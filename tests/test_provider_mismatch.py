@@ -29,6 +29,12 @@ async def test_a_refund_found_for_another_amount_goes_to_ops_and_books_what_move
     await stack.client.get_workflow_handle(case_id).result()
     assert case_id not in await sweep_cases_once(stack.store, stack.client, stack.providers, idle_seconds=0)
     assert "workflow_closed_case_swept" not in await stack.actions(case_id)
+    # and it is not asked about again on every pass (each pass asked Temporal about every
+    # such case, for good), until something moves it
+    assert case_id not in {r["refund_request_id"] for r in await stack.store.cases.idle_open(0, 10_000)}
+    await stack.store.database.execute(
+        "UPDATE refund_cases SET updated_at = now() WHERE refund_request_id = %s", (case_id,))
+    assert case_id in {r["refund_request_id"] for r in await stack.store.cases.idle_open(0, 10_000)}
 
 
 def _request(amount: int = 1_500, currency: str = "USD") -> RefundRequest:

@@ -71,7 +71,9 @@ async def sweep_cases_once(store: Store, client: Client, providers: Mapping[str,
             client, lambda after: store.cases.idle_open(idle_seconds, page, after), "refund_request_id"):
         case_id = row["refund_request_id"]
         if ended in LEFT_TO_OPS and row["status"] == CaseStatus.OPS_REVIEW:
-            continue  # the workflow handed it to ops itself (a duplicate or mismatched refund)
+            # the workflow handed it to ops itself (a duplicate or mismatched refund)
+            await store.cases.mark_end_seen(case_id)
+            continue
         holds, found = await provider_holds(store, providers, row)
         if await store.cases.sweep_closed(case_id, workflow_status=ended, provider_holds=holds,
                                           found=found, submission_seen=row["submission_started_at"]):
@@ -83,6 +85,8 @@ async def sweep_cases_once(store: Store, client: Client, providers: Mapping[str,
             log.warning("payout case %s: workflow %s while %s; handed to ops", row["case_id"], ended,
                         row["status"])
             swept.append(row["case_id"])
+        else:  # left as it should be (remediated past its reissue window)
+            await store.payouts.mark_end_seen(row["case_id"])
     return swept
 
 

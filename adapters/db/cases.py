@@ -23,7 +23,7 @@ from adapters.db.ledger import LedgerRepository
 from adapters.db.outbox import OutboxRepository
 from adapters.db.rows import CaseRow
 from adapters.db.steps import once
-from adapters.db.sweep import idle_unswept, open_incident_run
+from adapters.db.sweep import idle_unswept, mark_end_seen, open_incident_run
 from domain.lifecycle import BACKWARDS, classify_status_change
 from domain.models import (
     CLOSED_STATUSES,
@@ -406,6 +406,11 @@ class CaseRepository(Repository):
                 open_values=[s.value for s in SETTLED_STATUSES],
                 idle_seconds=idle_seconds, limit=limit, after=after)
         return self._typed(rows)
+
+    async def mark_end_seen(self, case_id: str) -> None:
+        """See `sweep.mark_end_seen`."""
+        async with self._db.connection() as conn:
+            await mark_end_seen(conn, table="refund_cases", key="refund_request_id", case_id=case_id)
 
     async def sweep_closed(self, case_id: str, *, workflow_status: str, provider_holds: bool | None,
                            found: ProviderRefund | None, submission_seen: datetime | None) -> bool:

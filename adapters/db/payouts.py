@@ -17,7 +17,7 @@ from adapters.db.ledger import LedgerRepository
 from adapters.db.outbox import OutboxRepository
 from adapters.db.rows import HoldRow, PayoutCaseRow, PayoutListRow
 from adapters.db.steps import once
-from adapters.db.sweep import idle_unswept, open_incident_run
+from adapters.db.sweep import idle_unswept, mark_end_seen, open_incident_run
 from domain.audit import canonical_detail
 from domain.integrations import ticket_purpose
 from domain.models import CaseWritten, LedgerInput, LedgerKind, LedgerResult, NoticeInput
@@ -257,6 +257,11 @@ class PayoutRepository(Repository):
                 conn, table="payout_cases", key="case_id", still_open=sql.SQL("status = ANY(%s)"),
                 open_values=[s.value for s in OPEN_STATUSES],
                 idle_seconds=idle_seconds, limit=limit, after=after)
+
+    async def mark_end_seen(self, case_id: str) -> None:
+        """See `sweep.mark_end_seen`."""
+        async with self._db.connection() as conn:
+            await mark_end_seen(conn, table="payout_cases", key="case_id", case_id=case_id)
 
     async def sweep_closed(self, case_id: str, *, workflow_status: str) -> bool:
         """A payout case whose workflow ended while it was open, in one transaction:

@@ -66,6 +66,7 @@ class CaseRow(Row):
     trigger_identities: list[str]
     applied_refund_id: str | None
     applied_status: str | None
+    workflow_end_seen_at: datetime | None
 
 
 @dataclass(frozen=True, eq=False)
@@ -123,6 +124,7 @@ class PayoutCaseRow(Row):
     reversal_entry_id: int | None
     created_at: datetime
     updated_at: datetime
+    workflow_end_seen_at: datetime | None
 
 
 @dataclass(frozen=True, eq=False)

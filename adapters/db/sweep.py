@@ -15,11 +15,13 @@ async def idle_unswept(conn: Conn, *, table: str, key: str, still_open: sql.Comp
                        open_values: list[str], idle_seconds: float, limit: int,
                        after: tuple[datetime, str] | None) -> list[dict[str, Any]]:
     """Rows of `table` that `still_open` (its `%s` is `open_values`) keeps open, untouched for
-    `idle_seconds` and without a `workflow_closed` break yet, by last update then `key`,
-    from `after` on (the sweep's page cursor)."""
+    `idle_seconds`, without a `workflow_closed` break yet and not seen left as they should be
+    since they last moved (`mark_end_seen`), by last update then `key`, from `after` on (the
+    sweep's page cursor)."""
     query = sql.SQL(
         "SELECT * FROM {table} c WHERE {still_open}"
         " AND updated_at < now() - make_interval(secs => %s)"
+        " AND (workflow_end_seen_at IS NULL OR updated_at > workflow_end_seen_at)"
         " AND NOT EXISTS (SELECT 1 FROM reconciliation_breaks b"
         "                 WHERE b.refund_request_id = c.{key} AND b.break_class = %s)"
         " AND (updated_at, {key}) > (%s, %s)"
@@ -28,6 +30,13 @@ async def idle_unswept(conn: Conn, *, table: str, key: str, still_open: sql.Comp
     cur = await conn.execute(query, (open_values, idle_seconds, BreakClass.WORKFLOW_CLOSED.value,
                                      *(after or (datetime.min.replace(tzinfo=UTC), "")), limit))
     return list(await cur.fetchall())
+
+
+async def mark_end_seen(conn: Conn, *, table: str, key: str, case_id: str) -> None:
+    """The case's workflow ended leaving it as it should be: the sweep does not ask about it
+    again until it moves (its `updated_at`, left as it is here, passes the mark)."""
+    await conn.execute(sql.SQL("UPDATE {table} SET workflow_end_seen_at = now() WHERE {key} = %s").format(
+        table=sql.Identifier(table), key=sql.Identifier(key)), (case_id,))
 
 
 async def open_incident_run(conn: Conn, run_id: str, provider: str, requested_by: str) -> None:
