@@ -192,8 +192,11 @@ async def test_a_case_two_workers_sweep_is_handed_to_ops_once(stack: Stack) -> N
     the first) finds the break already opened and writes nothing more."""
     body = stack.refund_body(await stack.charge(10_000), 1_000)
     await stack.store.cases.create(RefundRequest.model_validate({**body, "source": "api"}), "alice")
+    seen = await stack.store.cases.get(body["refund_request_id"])
+    assert seen is not None
     sweeps = [await stack.store.cases.sweep_closed(body["refund_request_id"], workflow_status="TERMINATED",
-                                                   provider_holds=False, found=None, submission_seen=None)
+                                                   provider_holds=False, found=None,
+                                                   seen_updated_at=seen["updated_at"])
               for _ in range(2)]
     assert sweeps == [True, False]
     assert (await stack.actions(body["refund_request_id"])).count("workflow_closed_case_swept") == 1

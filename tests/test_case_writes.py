@@ -317,16 +317,19 @@ async def test_a_submit_attempt_that_outlived_its_case_calls_no_provider(store: 
     assert "provider_submit_started" not in await actions(store, case_id)
 
 
-async def test_the_sweep_keeps_a_hold_whose_submit_began_after_it_looked(store: Store) -> None:
+async def test_the_sweep_acts_on_nothing_that_moved_after_it_looked(store: Store) -> None:
     """The sweep read the case before any submit (so the provider was not asked: it holds
     nothing); an attempt still running on a worker then began its submit. Released on that
-    stale reading, the hold would be gone while the refund may land."""
+    stale reading, the hold would be gone while the refund may land; and a case whose
+    workflow a re-drive started after the sweep found none was taken over from a live run.
+    A case that moved since the sweep read it is left for the next pass to read again."""
     request = await held(store)
     case_id = request.refund_request_id
     seen = await store.cases.get(case_id)
     assert seen is not None and seen["submission_started_at"] is None
     assert await store.cases.begin_submission(case_id, "rfo_stray") is False  # after the sweep's read
-    assert await store.cases.sweep_closed(case_id, workflow_status="TERMINATED", provider_holds=False,
-                                          found=None, submission_seen=seen["submission_started_at"])
+    assert not await store.cases.sweep_closed(case_id, workflow_status="TERMINATED", provider_holds=False,
+                                              found=None, seen_updated_at=seen["updated_at"])
     row = await store.cases.get(case_id)
-    assert row is not None and (row["status"], row["reserved_amount"]) == ("ops_review", request.amount)
+    assert row is not None and (row["status"], row["reserved_amount"]) == ("executing", request.amount)
+    assert "workflow_closed_case_swept" not in await actions(store, case_id)

@@ -18,6 +18,7 @@ from adapters.db import Store, request_from_row
 from adapters.providers.base import ProviderAdapter, ProviderError
 from adapters.temporal_client import workflow_closed
 from domain.models import CaseStatus, ProviderRefund, RefundMethod
+from domain.payouts import PayoutCaseStatus, left_open
 
 log = logging.getLogger(__name__)
 
@@ -72,21 +73,22 @@ async def sweep_cases_once(store: Store, client: Client, providers: Mapping[str,
         case_id = row["refund_request_id"]
         if ended in LEFT_TO_OPS and row["status"] == CaseStatus.OPS_REVIEW:
             # the workflow handed it to ops itself (a duplicate or mismatched refund)
-            await store.cases.mark_end_seen(case_id)
+            await store.cases.mark_end_seen(case_id, row["updated_at"])
             continue
         holds, found = await provider_holds(store, providers, row)
         if await store.cases.sweep_closed(case_id, workflow_status=ended, provider_holds=holds,
-                                          found=found, submission_seen=row["submission_started_at"]):
+                                          found=found, seen_updated_at=row["updated_at"]):
             log.warning("case %s: workflow %s while %s; handed to ops", case_id, ended, row["status"])
             swept.append(case_id)
     async for row, ended in closed_cases(
             client, lambda after: store.payouts.idle_open(idle_seconds, page, after), "case_id"):
-        if await store.payouts.sweep_closed(row["case_id"], workflow_status=ended):
+        if not left_open(PayoutCaseStatus(row["status"]), ended):  # remediated past its reissue window
+            await store.payouts.mark_end_seen(row["case_id"], row["updated_at"])
+        elif await store.payouts.sweep_closed(row["case_id"], workflow_status=ended,
+                                              seen_updated_at=row["updated_at"]):
             log.warning("payout case %s: workflow %s while %s; handed to ops", row["case_id"], ended,
                         row["status"])
             swept.append(row["case_id"])
-        else:  # left as it should be (remediated past its reissue window)
-            await store.payouts.mark_end_seen(row["case_id"])
     return swept
 
 

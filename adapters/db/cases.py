@@ -407,25 +407,28 @@ class CaseRepository(Repository):
                 idle_seconds=idle_seconds, limit=limit, after=after)
         return self._typed(rows)
 
-    async def mark_end_seen(self, case_id: str) -> None:
+    async def mark_end_seen(self, case_id: str, seen_updated_at: datetime) -> None:
         """See `sweep.mark_end_seen`."""
         async with self._db.connection() as conn:
-            await mark_end_seen(conn, table="refund_cases", key="refund_request_id", case_id=case_id)
+            await mark_end_seen(conn, table="refund_cases", key="refund_request_id", case_id=case_id,
+                                seen_updated_at=seen_updated_at)
 
     async def sweep_closed(self, case_id: str, *, workflow_status: str, provider_holds: bool | None,
-                           found: ProviderRefund | None, submission_seen: datetime | None) -> bool:
+                           found: ProviderRefund | None, seen_updated_at: datetime) -> bool:
         """A case whose workflow closed while it was open, in one transaction: `ops_review`,
         a reconciliation break for ops (its own completed run, `ops_review`, never dispatched
         to a workflow), the audit row and the ops notice; the reservation is released only
-        when the provider certainly holds no refund (`provider_holds` False) and no submit
-        began since the sweep read the case (`submission_seen`: an attempt still running on
-        a worker may have called the provider since). False when the case reached a final
-        status meanwhile, or another worker's sweep took it first."""
+        when the provider certainly holds no refund (`provider_holds` False). False when the
+        case moved since the sweep read it (`seen_updated_at`: a workflow started since, or an
+        attempt still running on a worker began a submit: what the sweep asked Temporal and
+        the provider is stale, and the next pass reads it again), reached a final status, or
+        another worker's sweep took it first."""
         async with self._db.transaction() as conn:
             cur = await conn.execute("SELECT * FROM refund_cases WHERE refund_request_id = %s FOR UPDATE",
                                      (case_id,))
             row = await cur.fetchone()
-            if row is None or row["status"] in {s.value for s in SETTLED_STATUSES}:
+            if (row is None or row["status"] in {s.value for s in SETTLED_STATUSES}
+                    or row["updated_at"] != seen_updated_at):
                 return False
             run_id = f"case-sweep-{case_id}"
             await open_incident_run(conn, run_id, row["provider"], "case-sweep")
@@ -446,8 +449,7 @@ class CaseRepository(Repository):
             opened = await cur.fetchone()
             if opened is None:  # another worker's sweep handed it over first
                 return False
-            release = (provider_holds is False and row["submission_started_at"] == submission_seen
-                       and row["provider_refund_id"] is None)
+            release = provider_holds is False and row["provider_refund_id"] is None
             await self._set_status(conn, case_id, CaseStatus.OPS_REVIEW, release=release)
             detail = {**evidence, "break_id": opened["id"],
                       **({"reservation_released": True} if release else {})}

@@ -258,22 +258,25 @@ class PayoutRepository(Repository):
                 open_values=[s.value for s in OPEN_STATUSES],
                 idle_seconds=idle_seconds, limit=limit, after=after)
 
-    async def mark_end_seen(self, case_id: str) -> None:
+    async def mark_end_seen(self, case_id: str, seen_updated_at: datetime) -> None:
         """See `sweep.mark_end_seen`."""
         async with self._db.connection() as conn:
-            await mark_end_seen(conn, table="payout_cases", key="case_id", case_id=case_id)
+            await mark_end_seen(conn, table="payout_cases", key="case_id", case_id=case_id,
+                                seen_updated_at=seen_updated_at)
 
-    async def sweep_closed(self, case_id: str, *, workflow_status: str) -> bool:
+    async def sweep_closed(self, case_id: str, *, workflow_status: str, seen_updated_at: datetime) -> bool:
         """A payout case whose workflow ended while it was open, in one transaction:
         `ops_review`, a reconciliation break for ops (never dispatched), the audit row and
         the payments-ops notice. Holds, the payout's status and the ledger stay as they are:
-        a hold is money state, and only ops release it. False when the case was not open."""
+        a hold is money state, and only ops release it. False when the case was not open, or
+        moved since the sweep read it (`seen_updated_at`; the next pass reads it again)."""
         async with self._db.transaction() as conn:
             row = await (await conn.execute(
                 "SELECT c.*, p.provider, p.provider_payout_id, p.beneficiary_id, p.amount, p.currency,"
                 " p.status AS payout_status FROM payout_cases c JOIN payouts p ON p.id = c.payout_id"
                 " WHERE c.case_id = %s FOR UPDATE OF c", (case_id,))).fetchone()
-            if row is None or not left_open(PayoutCaseStatus(row["status"]), workflow_status):
+            if (row is None or not left_open(PayoutCaseStatus(row["status"]), workflow_status)
+                    or row["updated_at"] != seen_updated_at):
                 return False
             run_id = f"case-sweep-{case_id}"
             await open_incident_run(conn, run_id, row["provider"], "case-sweep")

@@ -32,11 +32,13 @@ async def idle_unswept(conn: Conn, *, table: str, key: str, still_open: sql.Comp
     return list(await cur.fetchall())
 
 
-async def mark_end_seen(conn: Conn, *, table: str, key: str, case_id: str) -> None:
+async def mark_end_seen(conn: Conn, *, table: str, key: str, case_id: str, seen_updated_at: datetime) -> None:
     """The case's workflow ended leaving it as it should be: the sweep does not ask about it
-    again until it moves (its `updated_at`, left as it is here, passes the mark)."""
-    await conn.execute(sql.SQL("UPDATE {table} SET workflow_end_seen_at = now() WHERE {key} = %s").format(
-        table=sql.Identifier(table), key=sql.Identifier(key)), (case_id,))
+    again until it moves (its `updated_at`, left as it is here, passes the mark). Not marked
+    when it moved since the sweep read it (`seen_updated_at`)."""
+    await conn.execute(sql.SQL(
+        "UPDATE {table} SET workflow_end_seen_at = now() WHERE {key} = %s AND updated_at = %s").format(
+            table=sql.Identifier(table), key=sql.Identifier(key)), (case_id, seen_updated_at))
 
 
 async def open_incident_run(conn: Conn, run_id: str, provider: str, requested_by: str) -> None:
