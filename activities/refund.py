@@ -7,6 +7,7 @@ Each activity is idempotent: a retry after a crash finds what the first attempt 
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel
@@ -55,6 +56,14 @@ from domain.policy import Policy, charge_problem, decide, policy_context
 
 log = logging.getLogger(__name__)
 
+
+
+def _past_start_to_close() -> bool:
+    """Whether this activity attempt runs past its start-to-close timeout: Temporal has
+    timed it out (and may have scheduled a retry, or the workflow moved on without it)."""
+    info = activity.info()
+    timeout = info.start_to_close_timeout
+    return timeout is not None and datetime.now(UTC) >= info.started_time + timeout
 
 
 def _unexpected(exc: UnexpectedProviderStatus) -> ApplicationError:
@@ -249,6 +258,14 @@ class RefundActivities:
                 await self._store.cases.record_provider_refund(case_id, found,
                                                                "provider_refund_found_before_resubmit")
                 return found
+        if _past_start_to_close():
+            # Temporal gave up on this attempt (a cancel waits exactly that long before it
+            # looks at the provider and releases the hold): a create now would land after
+            # that look. A retry, if any, records its intent and looks first.
+            await self._store.audit.record(case_id, "system", "provider_submit_abandoned",
+                                           {"idempotency_key": inp.idempotency_key})
+            raise ApplicationError("the submit attempt woke past its start-to-close: the provider is not "
+                                   "called", type=errors.OUTCOME_UNKNOWN)
         try:
             refund = await provider.create_refund(request, inp.idempotency_key)
         except UnexpectedProviderStatus as exc:

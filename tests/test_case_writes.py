@@ -7,7 +7,7 @@ written on its own only while no submit began."""
 
 import dataclasses
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import pytest
@@ -287,6 +287,31 @@ async def test_an_escalation_whose_step_runs_again_is_counted_once(store: Store)
     await environment.run(activities.write_case_steps, escalate.model_copy(update={"unless_submitted": True}))
     assert (await actions(store, request.refund_request_id)).count(reason) == 1
     assert REGISTRY.get_sample_value("refunds_ops_review_escalations_total", {"reason": reason}) == 1.0
+
+
+async def test_a_submit_attempt_past_its_timeout_calls_no_provider(store: Store) -> None:
+    """An attempt that stalled (a paused VM, a long GC, a slow lookup before a resubmit) and
+    wakes past its start-to-close: Temporal has given up on it, and a cancel waits exactly
+    that long before it looks at the provider and releases the hold. Calling the provider
+    now would make a refund after that look: it stops before the call instead."""
+    request = await held(store)
+    calls: list[str] = []
+
+    class Provider:
+        name = "sandbox"
+
+        async def create_refund(self, *_: object) -> None:
+            calls.append("create_refund")
+
+    activities = RefundActivities(store, cast(Any, {"sandbox": Provider()}), load_policy())
+    environment = ActivityEnvironment()
+    environment.info = dataclasses.replace(
+        environment.info, started_time=datetime.now(UTC) - timedelta(minutes=10),
+        start_to_close_timeout=timedelta(seconds=5))
+    with pytest.raises(ApplicationError, match="past its start-to-close") as raised:
+        await environment.run(activities.submit_provider_refund,
+                              SubmitInput(request=request, idempotency_key="rfo_stalled"))
+    assert calls == [] and not raised.value.non_retryable
 
 
 async def test_a_submit_attempt_that_outlived_its_case_calls_no_provider(store: Store) -> None:
