@@ -781,3 +781,20 @@ async def test_an_approved_unknown_refund_reverses_nothing_its_tracking_case_boo
     [settled] = await wait_for_breaks(stack, [refund["id"]], "ops_review", "resolved")
     assert [e["template"] for e in await stack.store.ledger.entries(tracking)] == ["refund_settled"] * 2
     assert settled["state"] == "ops_review"
+
+
+async def test_an_approved_unknown_refund_the_provider_failed_since_opens_no_tracking_case(
+        stack: Stack) -> None:
+    """An unknown refund found succeeded; the provider failed it while the break waited (its
+    webhook lost). The approval goes to ops with nothing posted, and adopts nothing either:
+    a tracking case opened for it held the refund's amount against the charge for good."""
+    charge = await stack.charge(10_000)
+    refund = history(charge, 1_200, days_ago=0.5)
+    await seed_provider(stack, [refund])
+    await backfill(stack, since_days=1)
+    [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    await move_at_provider(stack, refund["id"], "failed", "card_account_closed")
+    assert (await decide(stack, "carol", found["id"])).status_code == 202
+    [settled] = await wait_for_breaks(stack, [refund["id"]], "ops_review", "resolved")
+    assert settled["state"] == "ops_review"
+    assert await stack.store.cases.get(found["chain"]) is None

@@ -493,7 +493,7 @@ class ReconciliationRepository(Repository):
         found = await self.get_break(break_id)
         assert found is not None
         checked = settlement.state is BreakState.RESOLVED and found.object_kind == "refund"
-        if checked and found.refund_request_id is None:
+        if checked and found.refund_request_id is None and provider_moved(found, at_provider) is None:
             async with self._db.connection() as conn:
                 overtaken = await self._overtaken_by(conn, found)
             if overtaken is None:
