@@ -145,15 +145,15 @@ class ReconciliationActivities:
 
     @activity.defn(name=contracts.FINISH_RECONCILIATION_RUN.name)
     async def finish_reconciliation_run(self, run_id: str) -> RunSummary:
-        """Dispatches any break left undispatched (the run's, and the provider's late
-        events' whose start failed), writes the report (JSON and CSV) and marks the run
-        completed; a retry rewrites the same files."""
+        """Dispatches any break left undispatched (the run's, and any other of the provider's
+        whose start failed or was handed back), writes the report (JSON and CSV) and marks
+        the run completed; a retry rewrites the same files."""
         await self._dispatch(run_id)
         report = await self._recon.report(run_id)
         assert report is not None
         provider = str(report["provider"])
         await dispatch_breaks(self._client, self._recon,
-                              lambda: self._recon.undispatched_late_events(provider),
+                              lambda: self._recon.undispatched_of(provider),
                               self._timings, activity.info().task_queue)
         self._reports_dir.mkdir(parents=True, exist_ok=True)
         json_path, csv_path = (self._reports_dir / f"{run_id}.{ext}" for ext in ("json", "csv"))

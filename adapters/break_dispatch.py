@@ -16,6 +16,8 @@ from domain.models import RefundTimings
 from domain.reconciliation import break_workflow_id
 
 BREAK_WORKFLOW = "ReconciliationBreakWorkflow"
+ROUND = "round"
+"""The memo naming the round (`reopened`) an exception workflow was started for."""
 
 
 async def dispatch_breaks(client: Client, recon: ReconciliationRepository,
@@ -24,14 +26,23 @@ async def dispatch_breaks(client: Client, recon: ReconciliationRepository,
     """Starts one exception workflow per undispatched break `pending_of` returns (a run's,
     or every late event's of a provider), then marks it."""
     while pending := await pending_of():
+        handed_back = []
         for row in pending:
+            round_ = int(row["reopened"])
             try:
-                await client.start_workflow(
+                handle = await client.start_workflow(
                     BREAK_WORKFLOW, break_case(row, timings), id=break_workflow_id(int(row["id"])),
                     task_queue=task_queue, id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
                     # a break raised again (`RAISED_AGAIN`) runs its exception case again
-                    id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE if int(row["reopened"])
-                    else WorkflowIDReusePolicy.REJECT_DUPLICATE)
+                    id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE if round_
+                    else WorkflowIDReusePolicy.REJECT_DUPLICATE, memo={ROUND: round_})
             except WorkflowAlreadyStartedError:
                 pass  # started earlier and already finished
+            else:
+                if round_ and await (await handle.describe()).memo_value(ROUND, None) != round_:
+                    # attached to the last round's case, still ending: a later dispatch starts this one
+                    handed_back.append(row["id"])
+                    continue
             await recon.mark_dispatched(int(row["id"]))
+        if len(handed_back) == len(pending):
+            return

@@ -569,7 +569,8 @@ async def test_a_break_raised_again_while_its_last_round_was_ending_gets_its_own
     """The run raised the break again while its approved round's case was still ending (its
     settlement retried): the dispatch attached to that case and marked the break
     dispatched, so the new round never had an exception case and stayed `new` for good.
-    The earlier round's settlement hands it back to the next run's dispatch."""
+    The earlier round's settlement hands it back to the next run's dispatch, even a run
+    whose window no longer lists the refund (a scheduled run reads the last 14 days)."""
     refund = history(f"ch_{uuid.uuid4().hex[:8]}", 2_000, days_ago=3)
     await seed_provider(stack, [refund])
     case_id = await seed_case(stack, refund, settled=0)
@@ -583,12 +584,55 @@ async def test_a_break_raised_again_while_its_last_round_was_ending_gets_its_own
     await stack.store.reconciliation.settle(BreakSettlement(
         break_id=found["id"], state=BreakState.RESOLVED, approvers=("carol",), round=0))
     assert "reconciliation_settlement_of_an_earlier_round" in await stack.actions(case_id)
-    await stack.store.ledger.post(LedgerInput(refund_request_id=case_id, kind=LedgerKind.REFUND_REVERSED,
-                                              amount=500, currency="USD", reference="a-mistake",
-                                              provider_refund_id=refund["id"]))
-    await backfill(stack, since_days=30)
+    await backfill(stack, since_days=1)  # the refund is 3 days old: this run does not list it
     [again] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval", timeout=30)
     assert again["reopened"] == 1
+
+
+async def test_a_round_whose_dispatch_found_the_last_round_still_running_is_started_later(
+        stack: Stack) -> None:
+    """The run raised the break again while its last round's case had not ended yet (its
+    settlement committed, the workflow not closed): the dispatch attached to that case and
+    marked the new round dispatched, so it never had a case of its own. The attach is seen
+    (the case's round, in its memo) and the round is started by a later run's dispatch once
+    the last round's case has ended."""
+    refund = history(f"ch_{uuid.uuid4().hex[:8]}", 2_000, days_ago=3)
+    await seed_provider(stack, [refund])
+    await seed_case(stack, refund, settled=0)
+    await backfill(stack, since_days=30)
+    [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    await stack.store.database.execute(  # raised again while round 0's case still runs
+        "UPDATE reconciliation_breaks SET state = 'new', reopened = 1, dispatched_at = NULL WHERE id = %s",
+        (found["id"],))
+    await backfill(stack, since_days=1)
+    [attached] = await wait_for_breaks(stack, [refund["id"]], "new")
+    assert attached["dispatched_at"] is None
+    await stack.client.get_workflow_handle(break_workflow_id(found["id"])).terminate("round 0 ends")
+    await backfill(stack, since_days=1)
+    [started] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval", timeout=30)
+    assert started["reopened"] == 1 and started["dispatched_at"] is not None
+
+
+async def test_a_settled_break_is_never_dispatched_again(stack: Stack) -> None:
+    """A break whose exception case ended must not get another one, whatever its dispatch
+    mark says (a stray earlier-round settlement handed a new round back to dispatch just
+    before that round's own case opened it): a second case for a resolved break would
+    ask approvers again for what was decided."""
+    refund = history(f"ch_{uuid.uuid4().hex[:8]}", 2_000, days_ago=3)
+    await seed_provider(stack, [refund])
+    await seed_case(stack, refund, amount=2_500)  # seen again by every run: people fix its cause
+    await backfill(stack, since_days=30)
+    [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    assert found["break_class"] == "amount_mismatch"
+    assert (await decide(stack, "carol", found["id"])).status_code == 202
+    await wait_for_breaks(stack, [refund["id"]], "resolved")
+    handle = stack.client.get_workflow_handle(break_workflow_id(found["id"]))
+    await handle.result()
+    ended = (await handle.describe()).run_id
+    await stack.store.database.execute(  # as a raised-again round left it, its mark cleared
+        "UPDATE reconciliation_breaks SET dispatched_at = NULL, reopened = 1 WHERE id = %s", (found["id"],))
+    await backfill(stack, since_days=30)
+    assert (await handle.describe()).run_id == ended
 
 
 async def test_whoever_reopened_a_break_cannot_approve_it_when_it_is_raised_again(stack: Stack) -> None:

@@ -349,18 +349,20 @@ class ReconciliationRepository(Repository):
         return await self._undispatched(sql.SQL(
             "id IN (SELECT break_id FROM reconciliation_run_breaks WHERE run_id = %s)"), (run_id,), limit)
 
-    async def undispatched_late_events(self, provider: str, limit: int = 500) -> list[dict[str, Any]]:
-        """Breaks late events of the provider found whose exception workflow never started
-        (Temporal away through every re-drive of the delivery): a run's finish starts them."""
-        return await self._undispatched(sql.SQL("provider = %s AND first_run_id LIKE %s"),
-                                        (provider, f"{LATE_EVENT_RUN}%"), limit)
+    async def undispatched_of(self, provider: str, limit: int = 500) -> list[dict[str, Any]]:
+        """The provider's breaks whose exception workflow never started, whatever found them:
+        a late event's (Temporal away through every re-drive of the delivery), one raised
+        again while its last round's case was ending (its object may lie outside every later
+        run's window). A run's finish starts them."""
+        return await self._undispatched(sql.SQL("provider = %s"), (provider,), limit)
 
     async def _undispatched(self, which: sql.SQL, params: tuple[str, ...],
                             limit: int) -> list[dict[str, Any]]:
-        """Breaks `which` selects, waiting for approval, whose exception workflow was not started."""
+        """Breaks `which` selects whose exception workflow was not started: new ones only (a
+        break its case opened or settled never gets another, whatever its mark says)."""
         return await self._db.fetch_all(sql.SQL(
             "SELECT * FROM reconciliation_breaks WHERE {} AND dispatched_at IS NULL"
-            " AND state <> 'ops_review' ORDER BY id LIMIT %s").format(which), (*params, limit))
+            " AND state = 'new' ORDER BY id LIMIT %s").format(which), (*params, limit))
 
     async def mark_dispatched(self, break_id: int) -> None:
         await self._db.execute("UPDATE reconciliation_breaks SET dispatched_at = now() WHERE id = %s",
