@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adapters.db import Store
-from domain.models import ChargeSnapshot, RefundMethod, RefundReason, RefundRequest
+from domain.models import ChargeSnapshot, LedgerInput, LedgerKind, RefundMethod, RefundReason, RefundRequest
 
 
 async def reserve_all(dsn: str, captured: int, amounts: list[int]) -> tuple[int, int]:
@@ -132,3 +132,27 @@ async def test_a_bank_transfer_counts_a_submit_whose_answer_is_unknown_beside_wh
     assert not refused.ok and refused.remaining_before == 0, refused
     allowed = await store.cases.reserve(by_provider, untracked)  # the provider guards the rest
     assert allowed.ok and allowed.remaining_before == 500, allowed
+
+
+async def test_a_bank_transfer_booked_on_provider_clearing_before_is_reversed_there(store: Store) -> None:
+    """Bank transfers settled before their cash moved through `bank_clearing` were booked
+    on `provider_clearing`; the reversal of such a refund must undo that entry's account,
+    or both accounts stay off for good."""
+    charge_id = f"ch_{uuid.uuid4().hex[:10]}"
+    transfer = _request(charge_id, f"{charge_id}-transfer", 700).model_copy(
+        update={"method": RefundMethod.BANK_TRANSFER})
+    await store.cases.create(transfer, "prop")
+    case_id = transfer.refund_request_id
+    async with store.database.transaction() as conn:  # as posted before bank_clearing existed
+        entry = await (await conn.execute(
+            "INSERT INTO ledger_entries (posting_key, refund_request_id, template) VALUES (%s,%s,%s)"
+            " RETURNING id", (f"{case_id}:refund_settled", case_id, "refund_settled"))).fetchone()
+        assert entry is not None
+        for account, debit, credit in (("refunds_contra_revenue", 700, 0), ("provider_clearing", 0, 700)):
+            await conn.execute("INSERT INTO ledger_lines (entry_id, account, debit, credit, currency)"
+                               " VALUES (%s,%s,%s,%s,'USD')", (entry["id"], account, debit, credit))
+    await store.ledger.post(LedgerInput(refund_request_id=case_id, kind=LedgerKind.REFUND_REVERSED,
+                                        amount=700, currency="USD", provider_refund_id="mr_1"))
+    lines = [(line["template"], line["account"], line["debit"], line["credit"])
+             for line in await store.ledger.entries(case_id)]
+    assert ("refund_reversed", "provider_clearing", 700, 0) in lines, lines

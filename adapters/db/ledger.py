@@ -8,7 +8,7 @@ from adapters.db.audit import AuditLog
 from adapters.db.database import Conn, Repository
 from adapters.db.outbox import OutboxRepository
 from adapters.db.rows import LedgerLineRow
-from domain.ledger import ledger_lines
+from domain.ledger import PROVIDER_ACCOUNT, ledger_lines
 from domain.models import LedgerInput, LedgerResult, NoticeInput, RefundMethod
 
 log = logging.getLogger(__name__)
@@ -56,10 +56,13 @@ class LedgerRepository(Repository):
     @staticmethod
     async def _by_bank(conn: Conn, posting: LedgerInput) -> bool:
         """Whether the posting's case is a refund paid by bank transfer (a payout case, or a
-        provider refund, moves the provider's balance)."""
+        provider refund, moves the provider's balance), unless its entries already moved
+        the provider's (posted before `bank_clearing`): a reversal undoes the same account."""
         cur = await conn.execute(
-            "SELECT method <> %s AS by_bank FROM refund_cases WHERE refund_request_id = %s",
-            (RefundMethod.PROVIDER.value, posting.refund_request_id))
+            "SELECT method <> %s AND NOT EXISTS (SELECT 1 FROM ledger_entries e JOIN ledger_lines l"
+            " ON l.entry_id = e.id WHERE e.refund_request_id = c.refund_request_id AND l.account = %s)"
+            " AS by_bank FROM refund_cases c WHERE refund_request_id = %s",
+            (RefundMethod.PROVIDER.value, PROVIDER_ACCOUNT, posting.refund_request_id))
         row = await cur.fetchone()
         return bool(row and row["by_bank"])
 
