@@ -21,7 +21,7 @@ async def idle_unswept(conn: Conn, *, table: str, key: str, still_open: sql.Comp
     query = sql.SQL(
         "SELECT * FROM {table} c WHERE {still_open}"
         " AND updated_at < now() - make_interval(secs => %s)"
-        " AND (workflow_end_seen_at IS NULL OR updated_at > workflow_end_seen_at)"
+        " AND workflow_end_seen_at IS DISTINCT FROM updated_at"
         " AND NOT EXISTS (SELECT 1 FROM reconciliation_breaks b"
         "                 WHERE b.refund_request_id = c.{key} AND b.break_class = %s)"
         " AND (updated_at, {key}) > (%s, %s)"
@@ -34,10 +34,11 @@ async def idle_unswept(conn: Conn, *, table: str, key: str, still_open: sql.Comp
 
 async def mark_end_seen(conn: Conn, *, table: str, key: str, case_id: str, seen_updated_at: datetime) -> None:
     """The case's workflow ended leaving it as it should be: the sweep does not ask about it
-    again until it moves (its `updated_at`, left as it is here, passes the mark). Not marked
-    when it moved since the sweep read it (`seen_updated_at`)."""
+    again until it moves. The mark is the `updated_at` the sweep saw (not a time: a write
+    that began before the mark and commits after it stamps an earlier `now()`, yet differs);
+    not marked when the case moved since the sweep read it."""
     await conn.execute(sql.SQL(
-        "UPDATE {table} SET workflow_end_seen_at = now() WHERE {key} = %s AND updated_at = %s").format(
+        "UPDATE {table} SET workflow_end_seen_at = updated_at WHERE {key} = %s AND updated_at = %s").format(
             table=sql.Identifier(table), key=sql.Identifier(key)), (case_id, seen_updated_at))
 
 
