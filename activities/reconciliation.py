@@ -220,7 +220,8 @@ class ReconciliationActivities:
         approved = (settlement.state is BreakState.RESOLVED and found.resolution is None
                     and settlement.round in (None, found.reopened))
         at_provider = await self._at_provider(found) if approved else None
-        unmoved = approved and provider_moved(found, at_provider) is None
+        # handed only on a fresh read: a stored word alone goes through the settlement's checks
+        unmoved = approved and at_provider is not None and provider_moved(found, at_provider) is None
         if unmoved and await self._handed_to_running_case(found):
             settlement = settlement.model_copy(update={"state": BreakState.HANDED_TO_CASE})
         return await self._recon.settle(settlement, at_provider)

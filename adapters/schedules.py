@@ -21,6 +21,7 @@ from temporalio.client import (
     ScheduleUpdate,
     ScheduleUpdateInput,
 )
+from temporalio.service import RPCError, RPCStatusCode
 
 from adapters.config import Settings
 from adapters.providers.base import ProviderAdapter, RefundLister
@@ -69,8 +70,12 @@ async def ensure_reconciliation_schedules(client: Client, settings: Settings,
         if not listed.id.startswith(schedule_id(settings, "")) or listed.id in ensured:
             continue
         handle = client.get_schedule_handle(listed.id)
-        action = (await handle.describe()).schedule.action
-        # the id's prefix alone would match another queue whose name extends this one's
-        if isinstance(action, ScheduleActionStartWorkflow) and action.task_queue == settings.task_queue:
-            await handle.delete()
+        try:
+            action = (await handle.describe()).schedule.action
+            # the id's prefix alone would match another queue whose name extends this one's
+            if isinstance(action, ScheduleActionStartWorkflow) and action.task_queue == settings.task_queue:
+                await handle.delete()
+        except RPCError as err:  # another worker starting beside this one deleted it first
+            if err.status is not RPCStatusCode.NOT_FOUND:
+                raise
     return ensured
