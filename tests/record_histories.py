@@ -78,6 +78,7 @@ from tests.reconciliation_kit import (
 )
 from tests.test_adyen import MERCHANT, adyen_rig, unique_psp
 from tests.test_adyen import notification as adyen_notification
+from tests.test_duplicate_refunds import duplicate_heard_with_a_cancel
 from tests.test_reconciliation_finish import provider_payout, seed_payouts
 from workflows.payout import PayoutReversalWorkflow
 from workflows.refund import RefundWorkflow
@@ -359,6 +360,13 @@ async def duplicate_refund(rig: Recording) -> str:
     async with rig.stack.sandbox() as sb:
         (await sb.post("/v1/refunds", json={"charge": charge, "amount": 2_000, "metadata": {
             "refund_request_id": case_id}})).raise_for_status()
+    return case_id
+
+
+async def cancel_reads_news(rig: Recording) -> str:
+    """A succeeded case hears of a second refund with its reference and is cancelled in the
+    same task (its worker was down): the cancel reports the duplicate before the run ends."""
+    case_id, _ = await duplicate_heard_with_a_cancel(rig.stack)
     return case_id
 
 
@@ -820,6 +828,7 @@ SCENARIOS: dict[str, Scenario] = {
     "refund_cancel_before_submit": Scenario(cancel_before_submit),
     "refund_cancel_while_submitting": Scenario(cancel_while_submitting, {"submit_timeout_seconds": 3}),
     "refund_cancel_after_success": Scenario(cancel_after_success, {"late_failure_window_seconds": 60}),
+    "refund_cancel_reads_news": Scenario(cancel_reads_news, {"late_failure_window_seconds": 300}),
     "refund_continued_as_new": Scenario(continued_as_new, {"continue_as_new_after_events": 40,
                                                            "status_poll_interval_seconds": 60}),
     "refund_resubmits_exhausted": Scenario(resubmits_exhausted, {

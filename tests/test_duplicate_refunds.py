@@ -5,9 +5,12 @@ hold is a reservation like any other, taken under the charge's lock."""
 import asyncio
 from typing import Any
 
+from temporalio.client import Client
+
 from adapters.db import Store
 from domain.models import ProviderRefund, ProviderRefundStatus
-from tests.harness import Stack
+from starters.dev.stack import TemporalDevServer
+from tests.harness import Stack, open_stack
 
 
 async def test_a_second_provider_refund_with_our_reference_is_an_incident(stack: Stack) -> None:
@@ -32,6 +35,51 @@ async def test_a_second_provider_refund_with_our_reference_is_an_incident(stack:
     assert {("duplicate_provider_refund", "operator"), ("reconciliation_break", "ops")} <= kinds
     # Only the case's own refund reaches the ledger; the duplicate waits for ops.
     assert [x["debit"] for x in await stack.store.ledger.entries(case_id)] == [2_000, 0]
+
+
+async def duplicate_heard_with_a_cancel(stack: Stack) -> tuple[str, str]:
+    """A succeeded case watching for a late failure hears of a second refund with its
+    reference and is cancelled by ops, both before its worker takes either (the worker was
+    down: they reach the workflow in one task): (case id, the duplicate's id)."""
+    charge = await stack.charge(10_000)
+    case_id = await stack.request_refund("alice", charge, 2_000)
+    await stack.wait_for_status(case_id, "succeeded")
+    assert stack.worker is not None
+    handle = stack.client.get_workflow_handle(case_id)
+
+    async def signals() -> int:
+        return len([e async for e in handle.fetch_history_events()
+                    if e.HasField("workflow_execution_signaled_event_attributes")])
+
+    await asyncio.sleep(1)  # the case's own refund's webhooks taken
+    await stack.worker.shutdown()
+    before = await signals()
+    async with stack.sandbox() as sb:
+        made = await sb.post("/v1/refunds", json={"charge": charge, "amount": 2_000,
+                                                  "metadata": {"refund_request_id": case_id}})
+    made.raise_for_status()
+    while await signals() == before:  # the relay signalled the duplicate
+        await asyncio.sleep(0.1)
+    await handle.cancel()
+    await stack.start_worker()
+    await handle.result()
+    return case_id, str(made.json()["id"])
+
+
+async def test_a_duplicate_heard_as_ops_cancel_is_still_an_incident(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """The cancel found the case's refund succeeded and ended the run: the duplicate in its
+    inbox was never read (money moved twice; no break, no notice, the case shown
+    succeeded). A cancel takes the news it already holds before it ends."""
+    stack = await open_stack(store, client, temporal_server.address, late_failure_window_seconds=300)
+    try:
+        case_id, duplicate = await duplicate_heard_with_a_cancel(stack)
+        actions = await stack.actions(case_id)
+        assert {"cancel_after_provider_refund", "duplicate_provider_refund"} <= set(actions), actions[-4:]
+        [incident] = await _breaks(store, case_id)
+        assert (incident["object_id"], incident["break_class"]) == (duplicate, "duplicate_refund")
+    finally:
+        await stack.close()
 
 
 async def _breaks(store: Store, case_id: str) -> list[dict[str, Any]]:

@@ -42,6 +42,7 @@ from workflows.reconciliation import APPROVAL_ROUND_PATCH, PAYOUT_BREAK_PATCH, U
 from workflows.refund_case import (
     ADYEN_WAIT_PATCH,
     BOUNDED_PATCH,
+    CANCEL_NEWS_PATCH,
     CANCEL_PATCH,
     CANCEL_VALIDATION_PATCH,
     CASE_MOVED_ON_PATCH,
@@ -147,6 +148,10 @@ BRANCHES: dict[str, Branch] = {
     "refund_cancel_after_success": branch("cancel_requested", f"patch:{CANCEL_PATCH}",
                                           "action:refund_succeeded", "action:cancel_after_provider_refund",
                                           lacks=[VERIFY]),
+    "refund_cancel_reads_news": branch("cancel_requested", f"patch:{CANCEL_NEWS_PATCH}",
+                                       "action:cancel_after_provider_refund",
+                                       "action:duplicate_provider_refund",
+                                       "activity:open_duplicate_refund_break"),
     "refund_continued_as_new": branch(SUBMIT, f"patch:{BOUNDED_PATCH}", "continued_as_new"),
     "refund_continued_as_new_run2": branch("carried:follow", "action:refund_succeeded",
                                            "activity:post_ledger", lacks=[SUBMIT, "continued_as_new"]),

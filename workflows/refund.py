@@ -97,6 +97,7 @@ class RefundWorkflow(RefundLifecycle):
         self._duplicates: set[str] = set()
         self._mismatched = False  # the provider's refund is not what was asked: ops review
         self._found_duplicates: list[ProviderRefund] = []  # seen by a lookup, not reported yet
+        self._reporting: list[tuple[ProviderRefund, str]] = []  # duplicates being reported (source)
         # a provider state being applied (ledger, notices, status), redone if cancelled midway
         self._applying: tuple[Observation, ProviderRefund, dict[str, Any]] | None = None
         self._validating: asyncio.Future[Vetted] | None = None

@@ -117,6 +117,13 @@ VERDICTS_COMMITTED_PATCH = "verdict-steps-committed-1"
 # reference). Before, the first such event (same amount and currency) was taken as the case's
 # refund: booked as refunded while the customer's payment was not. Asked when a wait begins.
 CHARGE_SCOPED_WAIT_PATCH = "charge-scoped-notification-1"
+# A cancel reads what the case had heard and not yet acted on before the run ends: a
+# duplicate refund whose report it interrupted (reported again: the break and the notice are
+# idempotent), and, when the refund is succeeded or final, events in its inbox and refunds a
+# lookup found beside its own. Before, a signal and a cancel in one task lost a second refund
+# with the case's reference (money moved twice: no break, no notice, the case shown
+# succeeded); a late failure heard then went unbooked. Asked only when such news waits.
+CANCEL_NEWS_PATCH = "cancel-reads-pending-news-1"
 # The case's action, the ops notice and the metric's reason when a provider refuses our key.
 CONFIGURATION_INCIDENT = "provider_configuration_refused"
 
@@ -158,6 +165,7 @@ class RefundCase(ApprovingWorkflow):
     _duplicates: set[str]
     _mismatched: bool
     _found_duplicates: list[ProviderRefund]
+    _reporting: list[tuple[ProviderRefund, str]]
     _applying: tuple[Observation, ProviderRefund, dict[str, Any]] | None
     _validating: asyncio.Future[Vetted] | None
     _cancel_requested: bool

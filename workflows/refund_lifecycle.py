@@ -22,6 +22,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.refund_case import (
         BOUNDED_PATCH,
         CANCEL_HORIZON_PATCH,
+        CANCEL_NEWS_PATCH,
         HORIZON_PATCH,
         SUBMITTING,
         ValidationAbandoned,
@@ -71,9 +72,16 @@ class RefundLifecycle(RefundProvider):
             await self._check_mismatch(self._applying[1])
             await self._apply(*self._applying)
             self._applying = None
+        news = bool(self._reporting or self._event_inbox or self._found_duplicates) and workflow.patched(
+            CANCEL_NEWS_PATCH)
+        while news and self._reporting:  # a report the cancel interrupted
+            await self._report_duplicate(*self._reporting[0])
+            self._reporting.pop(0)
         if self._refund is None or self._refund.status not in (
                 *FINAL_PROVIDER_STATUSES, ProviderRefundStatus.SUCCEEDED):
             await self._follow_provider(refund)
+        elif news:
+            await self._follow_provider(self._refund)  # reads the rest, then ends (cancelled)
         return await self._finish()
 
     # -- bookkeeping -------------------------------------------------------------------

@@ -329,10 +329,16 @@ class RefundProvider(RefundWrites):
         """A second provider refund carrying our reference moved money twice: an incident.
         The case goes to ops review (and stays there while it follows its own refund to the
         ledger), ops hear of it and a reconciliation break records it; once per refund."""
-        assert self._refund is not None
         if duplicate.refund_id in self._duplicates:
             return
         self._duplicates.add(duplicate.refund_id)
+        self._reporting.append((duplicate, source))  # a cancel meanwhile reports it again
+        await self._report_duplicate(duplicate, source)
+        self._reporting.remove((duplicate, source))
+
+    async def _report_duplicate(self, duplicate: ProviderRefund, source: str) -> None:
+        """The duplicate's incident: its break, the ops notice, the case to ops review."""
+        assert self._refund is not None
         detail = {"duplicate_refund_id": duplicate.refund_id,
                   "duplicate_amount": format_minor(duplicate.amount, duplicate.currency),
                   "duplicate_status": duplicate.status.value,
