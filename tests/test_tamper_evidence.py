@@ -237,3 +237,28 @@ async def test_a_second_posting_under_a_key_with_other_money_is_told_not_dropped
     assert [(n["kind"], n["audience"]) for n in await store.outbox.notices(case_id)] == [
         ("ledger_posting_conflict", "operator")]
     assert [line["debit"] for line in await store.ledger.entries(case_id)] == [500, 0]
+
+
+async def test_an_approval_shown_that_the_trail_does_not_hold_is_reported(store: Store) -> None:
+    """The runtime role may insert into the approvals projection: a row naming alice as an
+    approver, pointing at a trail row that is no approval, shows an approval nobody gave;
+    verification passed it. It reports it, and an approval step the projection lacks."""
+    chain = f"projection-{uuid.uuid4().hex[:10]}"
+    await append(store, chain, 1)
+    forged = ("INSERT INTO case_approvals (chain, seq, approver, action, roles, reason, occurred_at)"
+              " VALUES (%s, 1, 'alice', 'approval_granted', '{approver}', 'looks fine', now())", (chain,))
+    await as_owner(store, forged)
+    try:
+        problems = about(chain, (await store.audit.verify())[1])
+        assert len(problems) == 1 and "approval approval_granted by alice (seq 1)" in problems[0], problems
+    finally:  # the suite's database is shared
+        await as_owner(store, ("DELETE FROM case_approvals WHERE chain = %s", (chain,)))
+    await store.audit.record(chain, "bob", "approval_granted", {"roles": ["approver"]})
+    await as_owner(store, ("DELETE FROM case_approvals WHERE chain = %s", (chain,)))  # lost
+    problems = about(chain, (await store.audit.verify())[1])
+    assert len(problems) == 1 and "approval approval_granted by bob (seq 2)" in problems[0], problems
+    await as_owner(store, (  # put back
+        "INSERT INTO case_approvals (chain, seq, approver, action, roles, reason, occurred_at)"
+        " SELECT chain, seq, actor, action, '{approver}', '', occurred_at FROM audit_events"
+        " WHERE chain = %s AND seq = 2", (chain,)))
+    assert about(chain, (await store.audit.verify())[1]) == []

@@ -150,6 +150,26 @@ class AuditLog:
             return {r["chain"]: (int(r["seq"]), r["hash"]) for r in await (await conn.execute(
                 "SELECT chain, seq, hash FROM audit_heads")).fetchall()}
 
+    @staticmethod
+    async def _projection_problems(conn: Conn) -> list[str]:
+        """Approval projection rows (what cases show as their approvals) that their trail
+        does not hold as such (another action, approver or roles, or no row: inserted on
+        their own; the runtime role may insert), and approval steps of the trail the
+        projection lacks."""
+        rows = await (await conn.execute(
+            "SELECT p.chain, p.seq, p.approver, p.action FROM case_approvals p"
+            " LEFT JOIN audit_events e ON e.chain = p.chain AND e.seq = p.seq"
+            " WHERE e.id IS NULL OR e.action <> p.action OR e.actor <> p.approver"
+            " OR p.roles IS DISTINCT FROM ARRAY(SELECT jsonb_array_elements_text(CASE"
+            "   WHEN jsonb_typeof(e.detail->'roles') = 'array' THEN e.detail->'roles' ELSE '[]' END))"
+            " UNION ALL SELECT e.chain, e.seq, e.actor, e.action FROM audit_events e"
+            " WHERE starts_with(e.action, 'approval_') AND NOT EXISTS (SELECT 1 FROM case_approvals p"
+            "   WHERE p.chain = e.chain AND p.seq = e.seq)"
+            " ORDER BY 1, 2")).fetchall()
+        return [f"chain {r['chain'] or '(global)'} approval {r['action']} by {r['approver']} "
+                f"(seq {r['seq']}): the approvals shown and the trail disagree (a projection row "
+                "added, changed or lost)" for r in rows]
+
     async def verify(
             self, checkpoints: Mapping[str, Mapping[int, str]] | None = None) -> tuple[int, list[str]]:
         """Recomputes every chain; returns rows checked and the problems found.
@@ -191,6 +211,7 @@ class AuditLog:
                                 problems.append(f"{where}: differs from the checkpointed hash "
                                                 "(chain rewritten)")
                             last[chain] = (int(row["seq"]), row["hash"])
+                    problems += await self._projection_problems(conn)
             finally:
                 await conn.set_isolation_level(None)
         for chain in last.keys() - heads.keys():
