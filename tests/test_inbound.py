@@ -7,7 +7,7 @@ import json
 import time
 import uuid
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qs, urlencode
 
 import httpx
 from temporalio.client import Client
@@ -29,15 +29,24 @@ async def person(stack: Stack, roles: list[str], **links: str) -> str:
     return user
 
 
-def slack_click(world: World, case_id: str, slack_user: str, action: str = "refund_approve") -> bytes:
-    """The form body Slack posts when someone clicks a button of the notice we sent."""
+def slack_click(world: World, case_id: str, slack_user: str, action: str = "refund_approve", *,
+                shown: dict[str, Any] | None = None) -> bytes:
+    """The form body Slack posts when someone clicks a button of the notice we sent: the
+    action with its block's id, and the message it sits in as Slack shows it (`shown`: a
+    message someone else posted through the webhook with that button in it)."""
     [notice] = [m for m in world.slack if m["text"] == f"Refund {case_id} needs approval"]
-    button = next(e for e in notice["blocks"][2]["elements"] if e["action_id"] == action)
+    actions = notice["blocks"][2]
+    button = next(e for e in actions["elements"] if e["action_id"] == action)
+    message = shown or notice
     payload = {"type": "block_actions", "trigger_id": f"trg.{uuid.uuid4().hex}", "api_app_id": "A1",
                "team": {"id": "T000"}, "user": {"id": slack_user, "username": "someone", "team_id": "T000"},
                "response_url": "https://hooks.slack.invalid/actions/T000/1/x",
-               "actions": [{"type": "button", "action_id": button["action_id"], "block_id": "b",
-                            "value": button["value"], "action_ts": f"{time.time():.6f}"}]}
+               "container": {"type": "message", "message_ts": "1700000000.000100", "channel_id": "C1"},
+               "message": {"type": "message", "ts": "1700000000.000100", "text": message["text"],
+                           "blocks": message["blocks"]},
+               "actions": [{"type": "button", "action_id": button["action_id"],
+                            "block_id": actions["block_id"], "value": button["value"],
+                            "action_ts": f"{time.time():.6f}"}]}
     return urlencode({"payload": json.dumps(payload)}).encode()
 
 
@@ -114,6 +123,36 @@ async def test_a_signed_slack_click_approves_as_the_linked_user_and_forgeries_ch
         late = await click(stack, slack_click(world, case_id, slack_id))  # a new click, decided case
         assert late.status_code == 409 and "succeeded" in late.json()["detail"]
         assert len(await stack.provider_refunds(charge)) == 1
+
+
+async def test_a_slack_button_approves_only_the_case_its_message_shows(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """Anyone holding the incoming webhook's URL can post a message whose text shows one
+    case (a small refund) with a genuine Approve button of another (a large one) copied into
+    it; Slack signs the click on it like any other. The click approved the case the button
+    named, which the approver never saw. A click counts only on the message we sent for
+    that case's approval notice, as we sent it."""
+    async with connected_stack(store, client, temporal_server, jira_url=None,
+                               servicenow_url=None) as (stack, world):
+        slack_id = f"U{uuid.uuid4().hex[:10].upper()}"
+        await person(stack, ["approver"], slack=slack_id)
+        _, small = await awaiting_slack_approval(stack, world)
+        _, big = await awaiting_slack_approval(stack, world)
+        [small_notice] = [m for m in world.slack if m["text"] == f"Refund {small} needs approval"]
+        [big_notice] = [m for m in world.slack if m["text"] == f"Refund {big} needs approval"]
+        forged = {**small_notice, "blocks": [*small_notice["blocks"][:2], big_notice["blocks"][2]]}
+        refused = await click(stack, slack_click(world, big, slack_id, shown=forged))
+        assert refused.status_code == 403 and "does not show" in refused.json()["detail"], refused.text
+        elsewhere = json.loads(parse_qs(slack_click(world, big, slack_id).decode())["payload"][0])
+        elsewhere["actions"][0]["block_id"] = small_notice["blocks"][2]["block_id"]  # another notice's
+        moved = await click(stack, urlencode({"payload": json.dumps(elsewhere)}).encode())
+        assert moved.status_code == 403 and "not on" in moved.json()["detail"], moved.text
+        state = await stack.client.get_workflow_handle(big).query(RefundWorkflow.state)
+        assert state.approvals == () and state.status == "awaiting_approval"
+        assert [e["detail"]["channel"] for e in await stack.store.audit.trail(big)
+                if e["action"] == "access_refused"] == ["slack", "slack"]
+        accepted = await click(stack, slack_click(world, big, slack_id))  # the notice as sent
+        assert accepted.status_code == 200, accepted.text
 
 
 def ticket_body(sys_id: str, opener: str, **overrides: Any) -> dict[str, Any]:

@@ -58,6 +58,9 @@ class OutboxRepository(Repository):
     async def notice(self, dedup_key: str) -> dict[str, Any] | None:
         return await self._db.fetch_one("SELECT * FROM notices WHERE dedup_key = %s", (dedup_key,))
 
+    async def notice_by_id(self, notice_id: int) -> dict[str, Any] | None:
+        return await self._db.fetch_one("SELECT * FROM notices WHERE id = %s", (notice_id,))
+
     async def claim_delivery(self, notice_id: int, case_id: str | None, channel: str) -> bool:
         """Claims the right to send before sending. A claim still 'sending' past its lease
         means an earlier attempt stopped and may have sent: it becomes 'uncertain' and is

@@ -13,7 +13,7 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal, Protocol, TypeVar
 from urllib.parse import parse_qs
 
@@ -25,7 +25,8 @@ from temporalio.service import RPCError
 from adapters import receipts, signing
 from adapters.config import secret_list
 from adapters.db import CaseCreation, StoredReceipt
-from adapters.notify.chat import APPROVE_ACTION, DENY_ACTION
+from adapters.notify.chat import APPROVE_ACTION, DENY_ACTION, slack_payload
+from adapters.notify.message import render
 from adapters.providers.base import WebhookRejected
 from adapters.tickets.servicenow import record_url
 from domain.models import (
@@ -71,7 +72,15 @@ class SlackTeam(BaseModel):
 class SlackAction(BaseModel):
     model_config = ConfigDict(extra="ignore")
     action_id: str
+    block_id: str = Field(default="", max_length=255)
     value: str = ""
+
+
+class SlackMessage(BaseModel):
+    """The message the clicked button sits in, as Slack shows it (its blocks)."""
+
+    model_config = ConfigDict(extra="ignore")
+    blocks: list[dict[str, Any]] = Field(default_factory=list, max_length=50)
 
 
 class SlackInteraction(BaseModel):
@@ -84,6 +93,7 @@ class SlackInteraction(BaseModel):
     team: SlackTeam | None = None
     user: SlackUser
     actions: list[SlackAction] = Field(min_length=1, max_length=5)
+    message: SlackMessage | None = None
 
     @classmethod
     def from_body(cls, body: bytes) -> "SlackInteraction":
@@ -337,7 +347,33 @@ async def slack_actions(request: Request, door: Door) -> JSONResponse:
     foreign = (f"the click came from Slack workspace {team!r}, not ours ({ours}): user ids are a "
                "workspace's own" if ours and team != ours else None)
     return await signal_approval(door, stored, "slack", interaction.user.id, action.value, decision,
-                                 f"via Slack ({interaction.user.id})", refused=foreign)
+                                 f"via Slack ({interaction.user.id})",
+                                 refused=foreign or await unlike_the_notice(door, interaction, action))
+
+
+async def unlike_the_notice(door: FrontDoor, interaction: SlackInteraction,
+                            action: SlackAction) -> str | None:
+    """Why a click does not stand for the case its button names: the button is not on that
+    case's approval notice, or the message around it does not show that notice as we sent
+    it. Anyone holding the incoming webhook's URL can post a message showing one case with
+    another case's genuine button in it, and Slack signs the click like any other."""
+    kind, _, notice_id = action.block_id.partition(":")
+    notice = await door.store.outbox.notice_by_id(int(notice_id)) if (
+        kind == "refund" and notice_id.isdigit()) else None
+    if notice is None or notice["kind"] != "approval_needed" or notice["refund_request_id"] != action.value:
+        return f"the button is not on the approval notice of {action.value!r}"
+    case = await door.store.cases.get(action.value)
+    sent = slack_payload(render(notice, case, None, case_url=None, email_to=None))["blocks"][:2]
+    shown = interaction.message.blocks[:2] if interaction.message else []
+    if [_text(b) for b in shown] != [_text(b) for b in sent]:
+        return f"the message clicked does not show the approval notice of {action.value!r} as it was sent"
+    return None
+
+
+def _text(block: Mapping[str, Any]) -> object:
+    """A header's or a section's text (what the approver read)."""
+    text = block.get("text")
+    return text.get("text") if isinstance(text, Mapping) else None
 
 
 @router.post("/servicenow/refund-requests", status_code=202)
