@@ -30,6 +30,7 @@ from adapters.providers.base import (
 )
 from adapters.providers.manual import ManualRefunds
 from domain import contracts, errors
+from domain.incidents import DUPLICATE_REPORTED
 from domain.integrations import AdviceReceipt, AdviseInput
 from domain.models import (
     CaseEventInput,
@@ -109,11 +110,14 @@ def current_step_key(step: BaseModel, *, by_content: bool = False) -> str | None
 def _redone_after_cancel(steps: CaseWrites) -> bool:
     """Whether the workflow runs this step again, as a new local activity with the same input,
     when a cancel interrupts it (possibly after its commit): applying a provider status (its
-    event carries the refund) and the guarded write of what a submit carried. Each is unique
-    in its run by its input (a status is applied once per refund, the guarded write once), so
-    it is keyed by its input, and the redo gets the first run's answer."""
+    event carries the refund), the guarded write of what a submit carried, and a duplicate
+    refund's report (its event names the duplicate). Each is unique in its run by its input
+    (a status is applied once per refund, the guarded write once, a duplicate reported once),
+    so it is keyed by its input, and the redo gets the first run's answer."""
     return steps.unless_submitted or any(
-        write.event is not None and write.event.provider_refund is not None for write in steps.writes)
+        write.event is not None and (write.event.provider_refund is not None
+                                     or write.event.action == DUPLICATE_REPORTED)
+        for write in steps.writes)
 
 
 class RefundActivities:

@@ -4,6 +4,10 @@ apart from `models.py` so the workflow's input types stay as recorded histories 
 
 from domain.models import Frozen, ProviderRefund
 
+DUPLICATE_REPORTED = "duplicate_provider_refund"
+"""The case's action (and its ops notice's kind) reporting a duplicate refund: once per
+duplicate, so a report a cancel interrupted and made again writes it once."""
+
 
 class DuplicateRefundInput(Frozen):
     """A second provider refund carrying a case's reference: the case already follows

@@ -269,6 +269,22 @@ async def test_a_step_redone_after_a_cancel_finds_its_first_answer(store: Store)
     assert trail.count("approval_granted") == 1 and trail.count("provider_answering_again") == 2
 
 
+async def test_a_duplicate_report_redone_after_a_cancel_is_written_once(store: Store) -> None:
+    """A cancel that interrupts a duplicate refund's report makes it again: its break and
+    notice are idempotent, and its case event (once per duplicate refund: its id in the
+    detail) is keyed by its input too, so a first write that committed is not written twice."""
+    request, _ = await opened(store)
+    case_id = request.refund_request_id
+    activities = RefundActivities(store, {}, load_policy())
+    run = f"run-{uuid.uuid4().hex}"
+    report = CaseWrites(refund_request_id=case_id, writes=(CaseWrite(event=CaseEventInput(
+        refund_request_id=case_id, actor="workflow", action="duplicate_provider_refund",
+        status=CaseStatus.OPS_REVIEW, detail={"duplicate_refund_id": "re_dup"})),))
+    for activity_id in ("5", "11"):
+        await activity_run(activity_id, run).run(activities.write_case_steps, report)
+    assert (await actions(store, case_id)).count("duplicate_provider_refund") == 1
+
+
 async def test_an_escalation_whose_step_runs_again_is_counted_once(store: Store) -> None:
     """The ops-review escalation metric counts what a step wrote: a run again of the step
     (its workflow task tried again) writes nothing and counts nothing; nor does a guarded

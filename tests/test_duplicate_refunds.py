@@ -8,7 +8,7 @@ from typing import Any
 from temporalio.client import Client
 
 from adapters.db import Store
-from domain.models import ProviderRefund, ProviderRefundStatus
+from domain.models import ProviderEvent, ProviderRefund, ProviderRefundStatus
 from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
 
@@ -46,24 +46,29 @@ async def duplicate_heard_with_a_cancel(stack: Stack) -> tuple[str, str]:
     await stack.wait_for_status(case_id, "succeeded")
     assert stack.worker is not None
     handle = stack.client.get_workflow_handle(case_id)
-
-    async def signals() -> int:
-        return len([e async for e in handle.fetch_history_events()
-                    if e.HasField("workflow_execution_signaled_event_attributes")])
-
-    await asyncio.sleep(1)  # the case's own refund's webhooks taken
     await stack.worker.shutdown()
-    before = await signals()
     async with stack.sandbox() as sb:
         made = await sb.post("/v1/refunds", json={"charge": charge, "amount": 2_000,
                                                   "metadata": {"refund_request_id": case_id}})
     made.raise_for_status()
-    while await signals() == before:  # the relay signalled the duplicate
+    duplicate = str(made.json()["id"])
+
+    async def signalled() -> set[str]:
+        """The refunds the events signalled to the workflow name."""
+        named = set()
+        async for event in handle.fetch_history_events():
+            if event.HasField("workflow_execution_signaled_event_attributes"):
+                payloads = event.workflow_execution_signaled_event_attributes.input.payloads
+                [sent] = await stack.client.data_converter.decode(payloads, [ProviderEvent])
+                named.add(str(sent.refund_id))
+        return named
+
+    while duplicate not in await signalled():  # the relay signalled the duplicate's event
         await asyncio.sleep(0.1)
     await handle.cancel()
     await stack.start_worker()
     await handle.result()
-    return case_id, str(made.json()["id"])
+    return case_id, duplicate
 
 
 async def test_a_duplicate_heard_as_ops_cancel_is_still_an_incident(
@@ -78,6 +83,8 @@ async def test_a_duplicate_heard_as_ops_cancel_is_still_an_incident(
         assert {"cancel_after_provider_refund", "duplicate_provider_refund"} <= set(actions), actions[-4:]
         [incident] = await _breaks(store, case_id)
         assert (incident["object_id"], incident["break_class"]) == (duplicate, "duplicate_refund")
+        row = await store.cases.get(case_id)
+        assert row is not None and row["status"] == "ops_review"
     finally:
         await stack.close()
 

@@ -17,7 +17,7 @@ from temporalio.exceptions import (
 with workflow.unsafe.imports_passed_through():
     from domain import contracts, errors
     from domain.events import STATUS_NOTICES, Observation, observe, refund_mismatch
-    from domain.incidents import DuplicateRefundInput
+    from domain.incidents import DUPLICATE_REPORTED, DuplicateRefundInput
     from domain.lifecycle import FINAL_PROVIDER_STATUSES, StatusChange
     from domain.models import (
         CaseEventInput,
@@ -347,8 +347,8 @@ class RefundProvider(RefundWrites):
             DuplicateRefundInput(case_id=self._request_id(), followed_refund_id=self._refund.refund_id,
                                  duplicate=duplicate, source=source),
             **retry.CASE_EVENT)
-        await self._notify("duplicate_provider_refund", "operator", detail)
-        await self._record("duplicate_provider_refund", CaseStatus.OPS_REVIEW, detail=detail)
+        await self._notify(DUPLICATE_REPORTED, "operator", detail)
+        await self._record(DUPLICATE_REPORTED, CaseStatus.OPS_REVIEW, detail=detail)
 
     async def _observe(self, reported: ProviderRefund, source: str) -> None:
         """Moves the case forward for a reported status; never backwards. The ledger entry
