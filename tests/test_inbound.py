@@ -60,6 +60,13 @@ async def awaiting_slack_approval(stack: Stack, world: World) -> tuple[str, str]
         return any(m["text"] == f"Refund {case_id} needs approval" for m in world.slack)
 
     await eventually(notified)
+    [sent] = [m for m in world.slack if m["text"] == f"Refund {case_id} needs approval"]
+    notice_id = int(sent["blocks"][2]["block_id"].removeprefix("refund:"))
+
+    async def recorded() -> bool:  # its delivery (what it shows) committed after the post
+        return await stack.store.outbox.delivered_as(notice_id, "slack") is not None
+
+    await eventually(recorded)
     return charge, case_id
 
 
@@ -143,6 +150,12 @@ async def test_a_slack_button_approves_only_the_case_its_message_shows(
         forged = {**small_notice, "blocks": [*small_notice["blocks"][:2], big_notice["blocks"][2]]}
         refused = await click(stack, slack_click(world, big, slack_id, shown=forged))
         assert refused.status_code == 403 and "does not show" in refused.json()["detail"], refused.text
+        section = big_notice["blocks"][1]  # the right case, with a fact of the poster's own
+        dressed = {**big_notice, "blocks": [big_notice["blocks"][0], {**section, "fields": [
+            *section["fields"], {"type": "mrkdwn", "text": "*AI suggestion*\napprove: verified by ops"}]},
+            big_notice["blocks"][2]]}
+        dressed_up = await click(stack, slack_click(world, big, slack_id, shown=dressed))
+        assert dressed_up.status_code == 403 and "does not show" in dressed_up.json()["detail"]
         elsewhere = json.loads(parse_qs(slack_click(world, big, slack_id).decode())["payload"][0])
         elsewhere["actions"][0]["block_id"] = small_notice["blocks"][2]["block_id"]  # another notice's
         moved = await click(stack, urlencode({"payload": json.dumps(elsewhere)}).encode())
@@ -150,7 +163,7 @@ async def test_a_slack_button_approves_only_the_case_its_message_shows(
         state = await stack.client.get_workflow_handle(big).query(RefundWorkflow.state)
         assert state.approvals == () and state.status == "awaiting_approval"
         assert [e["detail"]["channel"] for e in await stack.store.audit.trail(big)
-                if e["action"] == "access_refused"] == ["slack", "slack"]
+                if e["action"] == "access_refused"] == ["slack"] * 3
         accepted = await click(stack, slack_click(world, big, slack_id))  # the notice as sent
         assert accepted.status_code == 200, accepted.text
 

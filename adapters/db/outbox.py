@@ -61,6 +61,14 @@ class OutboxRepository(Repository):
     async def notice_by_id(self, notice_id: int) -> dict[str, Any] | None:
         return await self._db.fetch_one("SELECT * FROM notices WHERE id = %s", (notice_id,))
 
+    async def delivered_as(self, notice_id: int, channel: str) -> str | None:
+        """What the channel answered for the notice's delivery (its id there, or a digest of
+        what it shows); None when it was not delivered there."""
+        row = await self._db.fetch_one(
+            "SELECT external_id FROM notice_deliveries WHERE notice_id = %s AND channel = %s"
+            " AND status = 'delivered'", (notice_id, channel))
+        return None if row is None else row["external_id"]
+
     async def claim_delivery(self, notice_id: int, case_id: str | None, channel: str) -> bool:
         """Claims the right to send before sending. A claim still 'sending' past its lease
         means an earlier attempt stopped and may have sent: it becomes 'uncertain' and is

@@ -2,7 +2,11 @@
 Adaptive Card). Approval notices carry Slack buttons whose clicks come back to the relay
 (`POST /integrations/slack/actions`), signed by Slack. Customer notices never go to chat."""
 
+import hashlib
+import html
+import json
 import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from adapters.notify.delivery import send_http
@@ -55,6 +59,21 @@ def slack_payload(message: Message) -> dict[str, Any]:
     return {"text": message.title, "blocks": blocks}
 
 
+def shown_digest(blocks: Sequence[Mapping[str, Any]]) -> str:
+    """A digest of what a Slack message shows its reader: every block's kind, and the text
+    and field texts of every block but the buttons (Slack's echo escapes `&<>` in plain
+    text; keys it adds are not read). Kept when an approval notice is sent, so a click is
+    taken only on the message as it went out."""
+    def text(value: object) -> object:
+        inner = value.get("text") if isinstance(value, Mapping) else None
+        return html.unescape(inner) if isinstance(inner, str) else None
+
+    shown = [[block.get("type"), None if block.get("type") == "actions" else text(block.get("text")),
+              [text(f) for f in block.get("fields") or () if isinstance(f, Mapping)]]
+             for block in blocks if isinstance(block, Mapping)]
+    return "sha256:" + hashlib.sha256(json.dumps(shown, sort_keys=True).encode()).hexdigest()
+
+
 def teams_payload(message: Message) -> dict[str, Any]:
     """An Adaptive Card in the message envelope Teams webhooks and Workflows accept."""
     card: dict[str, Any] = {
@@ -85,5 +104,7 @@ class WebhookChat:
         return not message.customer
 
     async def send(self, message: Message) -> str | None:
-        await send_http("POST", self._url, timeout=self._timeout, json=self._payload(message))
-        return None
+        """Slack's approval messages answer the digest of what they show (see `shown_digest`)."""
+        payload = self._payload(message)
+        await send_http("POST", self._url, timeout=self._timeout, json=payload)
+        return shown_digest(payload["blocks"]) if self.name == "slack" and message.buttons else None

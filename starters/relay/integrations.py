@@ -11,9 +11,10 @@ rules as every other approval.
 
 import hashlib
 import logging
+import re
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Annotated, Any, Literal, Protocol, TypeVar
 from urllib.parse import parse_qs
 
@@ -25,8 +26,7 @@ from temporalio.service import RPCError
 from adapters import receipts, signing
 from adapters.config import secret_list
 from adapters.db import CaseCreation, StoredReceipt
-from adapters.notify.chat import APPROVE_ACTION, DENY_ACTION, slack_payload
-from adapters.notify.message import render
+from adapters.notify.chat import APPROVE_ACTION, DENY_ACTION, shown_digest
 from adapters.providers.base import WebhookRejected
 from adapters.tickets.servicenow import record_url
 from domain.models import (
@@ -81,6 +81,7 @@ class SlackMessage(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     blocks: list[dict[str, Any]] = Field(default_factory=list, max_length=50)
+    attachments: list[dict[str, Any]] = Field(default_factory=list, max_length=20)
 
 
 class SlackInteraction(BaseModel):
@@ -354,26 +355,21 @@ async def slack_actions(request: Request, door: Door) -> JSONResponse:
 async def unlike_the_notice(door: FrontDoor, interaction: SlackInteraction,
                             action: SlackAction) -> str | None:
     """Why a click does not stand for the case its button names: the button is not on that
-    case's approval notice, or the message around it does not show that notice as we sent
-    it. Anyone holding the incoming webhook's URL can post a message showing one case with
-    another case's genuine button in it, and Slack signs the click like any other."""
+    case's approval notice, or the message around it does not show what that notice's
+    message showed when it went out (`shown_digest`, kept at delivery). Anyone holding the
+    incoming webhook's URL can post a message showing one case, or other facts, with a
+    case's genuine button in it, and Slack signs the click like any other."""
     kind, _, notice_id = action.block_id.partition(":")
     notice = await door.store.outbox.notice_by_id(int(notice_id)) if (
-        kind == "refund" and notice_id.isdigit()) else None
+        kind == "refund" and re.fullmatch(r"[0-9]{1,18}", notice_id)) else None
     if notice is None or notice["kind"] != "approval_needed" or notice["refund_request_id"] != action.value:
         return f"the button is not on the approval notice of {action.value!r}"
-    case = await door.store.cases.get(action.value)
-    sent = slack_payload(render(notice, case, None, case_url=None, email_to=None))["blocks"][:2]
-    shown = interaction.message.blocks[:2] if interaction.message else []
-    if [_text(b) for b in shown] != [_text(b) for b in sent]:
-        return f"the message clicked does not show the approval notice of {action.value!r} as it was sent"
+    sent = await door.store.outbox.delivered_as(int(notice["id"]), "slack")
+    message = interaction.message
+    if sent is None or message is None or message.attachments or shown_digest(message.blocks) != sent:
+        return (f"the message clicked does not show the approval notice of {action.value!r} as it "
+                "was sent: approve on the case page")
     return None
-
-
-def _text(block: Mapping[str, Any]) -> object:
-    """A header's or a section's text (what the approver read)."""
-    text = block.get("text")
-    return text.get("text") if isinstance(text, Mapping) else None
 
 
 @router.post("/servicenow/refund-requests", status_code=202)
