@@ -253,6 +253,14 @@ async def test_an_approval_shown_that_the_trail_does_not_hold_is_reported(store:
         assert len(problems) == 1 and "approval approval_granted by alice (seq 1)" in problems[0], problems
     finally:  # the suite's database is shared
         await as_owner(store, ("DELETE FROM case_approvals WHERE chain = %s", (chain,)))
+    copied = ("INSERT INTO case_approvals (chain, seq, approver, action, roles, reason, occurred_at)"
+              " VALUES (%s, 1, 'tester', 'step', '{}', 'approved after a call', now())", (chain,))
+    await as_owner(store, copied)  # a copy of a trail row that is no approval step, shown as one
+    try:
+        problems = about(chain, (await store.audit.verify())[1])
+        assert len(problems) == 1 and "approval step by tester (seq 1)" in problems[0], problems
+    finally:
+        await as_owner(store, ("DELETE FROM case_approvals WHERE chain = %s", (chain,)))
     await store.audit.record(chain, "bob", "approval_granted", {"roles": ["approver"]})
     await as_owner(store, ("DELETE FROM case_approvals WHERE chain = %s", (chain,)))  # lost
     problems = about(chain, (await store.audit.verify())[1])

@@ -153,13 +153,15 @@ class AuditLog:
     @staticmethod
     async def _projection_problems(conn: Conn) -> list[str]:
         """Approval projection rows (what cases show as their approvals) that their trail
-        does not hold as such (another action, approver or roles, or no row: inserted on
-        their own; the runtime role may insert), and approval steps of the trail the
-        projection lacks."""
+        does not hold as an approval step (no row, or another action, approver or roles:
+        inserted on their own; the runtime role may insert), and approval steps of the trail
+        the projection lacks. Every approval step has its row (one per chain and seq), so a
+        forged row can only sit on a trail row that is no approval step: reported."""
         rows = await (await conn.execute(
             "SELECT p.chain, p.seq, p.approver, p.action FROM case_approvals p"
             " LEFT JOIN audit_events e ON e.chain = p.chain AND e.seq = p.seq"
-            " WHERE e.id IS NULL OR e.action <> p.action OR e.actor <> p.approver"
+            " WHERE e.id IS NULL OR NOT starts_with(p.action, 'approval_') OR e.action <> p.action"
+            " OR e.actor <> p.approver"
             " OR p.roles IS DISTINCT FROM ARRAY(SELECT jsonb_array_elements_text(CASE"
             "   WHEN jsonb_typeof(e.detail->'roles') = 'array' THEN e.detail->'roles' ELSE '[]' END))"
             " UNION ALL SELECT e.chain, e.seq, e.actor, e.action FROM audit_events e"
