@@ -142,3 +142,28 @@ async def test_a_lookup_that_finds_two_refunds_with_our_reference_is_an_incident
     assert incident["evidence"]["source"] == "verify_state"
     kinds = {(n["kind"], n["audience"]) for n in await stack.store.outbox.notices(case_id)}
     assert ("duplicate_provider_refund", "operator") in kinds
+
+
+async def test_each_duplicate_refund_gets_its_own_ops_notice(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """Two more refunds with the case's reference, one after the other, while the case's
+    own refund stays succeeded: each moved money once more. The second's ops notice took
+    the first's dedup key (case, kind, audience, the followed refund's status) and was
+    never queued: ops heard of one duplicate of two."""
+    stack = await open_stack(store, client, temporal_server.address, late_failure_window_seconds=300)
+    try:
+        charge = await stack.charge(10_000)
+        case_id = await stack.request_refund("alice", charge, 2_000)
+        await stack.wait_for_status(case_id, "succeeded")
+        for amount in (2_000, 1_500):
+            async with stack.sandbox() as sb:
+                (await sb.post("/v1/refunds", json={"charge": charge, "amount": amount, "metadata": {
+                    "refund_request_id": case_id}})).raise_for_status()
+            await stack.wait_for_audit(case_id, "duplicate_provider_refund")
+        while (await stack.actions(case_id)).count("duplicate_provider_refund") < 2:
+            await asyncio.sleep(0.1)
+        notices = [n for n in await store.outbox.notices(case_id) if n["kind"] == "duplicate_provider_refund"]
+        assert len(notices) == 2, notices
+        assert len(await _breaks(store, case_id)) == 2
+    finally:
+        await stack.close()

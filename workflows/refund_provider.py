@@ -347,7 +347,7 @@ class RefundProvider(RefundWrites):
             DuplicateRefundInput(case_id=self._request_id(), followed_refund_id=self._refund.refund_id,
                                  duplicate=duplicate, source=source),
             **retry.CASE_EVENT)
-        await self._notify(DUPLICATE_REPORTED, "operator", detail)
+        await self._notify(DUPLICATE_REPORTED, "operator", detail, occasion=duplicate.refund_id)
         await self._record(DUPLICATE_REPORTED, CaseStatus.OPS_REVIEW, detail=detail)
 
     async def _observe(self, reported: ProviderRefund, source: str) -> None:

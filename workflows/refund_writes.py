@@ -53,18 +53,21 @@ class RefundWrites(RefundCase):
         else:
             await contracts.RECORD_CASE_EVENT(event, **retry.CASE_EVENT)
 
-    def _notice(self, kind: str, audience: str, detail: dict[str, Any]) -> NoticeInput:
-        """A notice, once per case, kind, audience and occasion (its dedup key)."""
+    def _notice(self, kind: str, audience: str, detail: dict[str, Any],
+                occasion: str | None = None) -> NoticeInput:
+        """A notice, once per case, kind, audience and occasion (its dedup key): the refund's
+        status, else the case's, unless the caller names one (a duplicate refund: its id)."""
         case_id = self._request_id()
-        occasion = self._refund.status.value if self._refund else self._status.value
+        occasion = occasion or (self._refund.status.value if self._refund else self._status.value)
         return NoticeInput(refund_request_id=case_id, kind=kind, audience=audience,
                            dedup_key=f"{case_id}:{kind}:{audience}:{occasion}", detail=detail,
                            dispatch_queue=workflow.info().task_queue if self._dispatched else None)
 
-    async def _notify(self, kind: str, audience: str, detail: dict[str, Any]) -> None:
+    async def _notify(self, kind: str, audience: str, detail: dict[str, Any],
+                      occasion: str | None = None) -> None:
         """Queues a notice in the outbox: for the worker pool's dispatcher, or (executions
         before DISPATCH_PATCH) handed to the courier that delivers it beside the case."""
-        notice = self._notice(kind, audience, detail)
+        notice = self._notice(kind, audience, detail, occasion)
         if self._trips:
             await self._write(CaseWrite(notice=notice))
         else:
