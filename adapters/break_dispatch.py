@@ -26,7 +26,7 @@ async def dispatch_breaks(client: Client, recon: ReconciliationRepository,
     """Starts one exception workflow per undispatched break `pending_of` returns (a run's,
     or every late event's of a provider), then marks it."""
     while pending := await pending_of():
-        handed_back = []
+        handed_back = 0
         for row in pending:
             round_ = int(row["reopened"])
             try:
@@ -41,8 +41,8 @@ async def dispatch_breaks(client: Client, recon: ReconciliationRepository,
             else:
                 if round_ and await (await handle.describe()).memo_value(ROUND, None) != round_:
                     # attached to the last round's case, still ending: a later dispatch starts this one
-                    handed_back.append(row["id"])
+                    handed_back += 1
                     continue
             await recon.mark_dispatched(int(row["id"]))
-        if len(handed_back) == len(pending):
+        if handed_back == len(pending):
             return

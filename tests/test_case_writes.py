@@ -305,12 +305,8 @@ async def test_an_escalation_whose_step_runs_again_is_counted_once(store: Store)
     assert REGISTRY.get_sample_value("refunds_ops_review_escalations_total", {"reason": reason}) == 1.0
 
 
-async def test_a_submit_attempt_past_its_timeout_calls_no_provider(store: Store) -> None:
-    """An attempt that stalled (a paused VM, a long GC, a slow lookup before a resubmit) and
-    wakes past its start-to-close: Temporal has given up on it, and a cancel waits exactly
-    that long before it looks at the provider and releases the hold. Calling the provider
-    now would make a refund after that look: it stops before the call instead."""
-    request = await held(store)
+def counting_provider(store: Store) -> tuple[RefundActivities, list[str]]:
+    """Refund activities whose provider only counts the creates asked of it."""
     calls: list[str] = []
 
     class Provider:
@@ -319,7 +315,16 @@ async def test_a_submit_attempt_past_its_timeout_calls_no_provider(store: Store)
         async def create_refund(self, *_: object) -> None:
             calls.append("create_refund")
 
-    activities = RefundActivities(store, cast(Any, {"sandbox": Provider()}), load_policy())
+    return RefundActivities(store, cast(Any, {"sandbox": Provider()}), load_policy()), calls
+
+
+async def test_a_submit_attempt_past_its_timeout_calls_no_provider(store: Store) -> None:
+    """An attempt that stalled (a paused VM, a long GC, a slow lookup before a resubmit) and
+    wakes past its start-to-close: Temporal has given up on it, and a cancel waits exactly
+    that long before it looks at the provider and releases the hold. Calling the provider
+    now would make a refund after that look: it stops before the call instead."""
+    request = await held(store)
+    activities, calls = counting_provider(store)
     environment = ActivityEnvironment()
     environment.info = dataclasses.replace(
         environment.info, started_time=datetime.now(UTC) - timedelta(minutes=10),
@@ -340,15 +345,7 @@ async def test_a_submit_attempt_that_outlived_its_case_calls_no_provider(store: 
     await store.cases.record_event(CaseEventInput(
         refund_request_id=case_id, actor="olga", action="canceled_by_ops", status=CaseStatus.CANCELED_BY_OPS,
         release_reservation=True))
-    calls: list[str] = []
-
-    class Provider:
-        name = "sandbox"
-
-        async def create_refund(self, *_: object) -> None:
-            calls.append("create_refund")
-
-    activities = RefundActivities(store, cast(Any, {"sandbox": Provider()}), load_policy())
+    activities, calls = counting_provider(store)
     with pytest.raises(ApplicationError, match="canceled_by_ops"):
         await ActivityEnvironment().run(activities.submit_provider_refund,
                                         SubmitInput(request=request, idempotency_key="rfo_late"))

@@ -64,7 +64,8 @@ async def awaiting_slack_approval(stack: Stack, world: World) -> tuple[str, str]
     notice_id = int(sent["blocks"][2]["block_id"].removeprefix("refund:"))
 
     async def recorded() -> bool:  # its delivery (what it shows) committed after the post
-        return await stack.store.outbox.delivered_as(notice_id, "slack") is not None
+        sent = await stack.store.outbox.sent_notice(notice_id, "slack")
+        return sent is not None and sent["external_id"] is not None
 
     await eventually(recorded)
     return charge, case_id

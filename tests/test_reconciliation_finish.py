@@ -498,6 +498,14 @@ async def test_a_verdict_on_a_break_whose_workflow_lags_its_row_waits_for_the_wo
         await stack.close()
 
 
+async def reversed_by_mistake(stack: Stack, case_id: str, refund_id: str) -> None:
+    """A 500 reversal someone posted on the case by mistake: the ledger moved after a break
+    about it was found, so that break's approval cannot cover all of what is missing."""
+    await stack.store.ledger.post(LedgerInput(refund_request_id=case_id, kind=LedgerKind.REFUND_REVERSED,
+                                              amount=500, currency="USD", reference="a-mistake",
+                                              provider_refund_id=refund_id))
+
+
 async def test_what_an_approval_could_not_cover_is_the_next_run_s_break(stack: Stack) -> None:
     """A ledger break's approval covers the move it was found with; the ledger moved since
     (a reversal posted meanwhile), so the compensation is capped and the rest is left to the
@@ -509,9 +517,7 @@ async def test_what_an_approval_could_not_cover_is_the_next_run_s_break(stack: S
     await backfill(stack, since_days=30)
     [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
     assert (found["break_class"], found["ledger_delta"]) == ("ledger_missing", 2_000)
-    await stack.store.ledger.post(LedgerInput(refund_request_id=case_id, kind=LedgerKind.REFUND_REVERSED,
-                                              amount=500, currency="USD", reference="a-mistake",
-                                              provider_refund_id=refund["id"]))
+    await reversed_by_mistake(stack, case_id, refund["id"])
     assert (await decide(stack, "carol", found["id"])).status_code == 202
     [capped] = await wait_for_breaks(stack, [refund["id"]], "resolved")
     assert (capped["resolution"]["outcome"]["state"], capped["id"]) == ("resolved", found["id"])
@@ -544,9 +550,7 @@ async def test_a_settlement_retried_after_its_break_was_raised_again_moves_nothi
     case_id = await seed_case(stack, refund, settled=0)
     await backfill(stack, since_days=30)
     [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
-    await stack.store.ledger.post(LedgerInput(refund_request_id=case_id, kind=LedgerKind.REFUND_REVERSED,
-                                              amount=500, currency="USD", reference="a-mistake",
-                                              provider_refund_id=refund["id"]))
+    await reversed_by_mistake(stack, case_id, refund["id"])
     assert (await decide(stack, "carol", found["id"])).status_code == 202
     await wait_for_breaks(stack, [refund["id"]], "resolved")
     await backfill(stack, since_days=30)
@@ -649,9 +653,7 @@ async def test_whoever_reopened_a_break_cannot_approve_it_when_it_is_raised_agai
     assert (await decide(stack, "carol", found["id"], "deny")).status_code == 202
     await wait_for_breaks(stack, [refund["id"]], "dismissed")
     await reopen(stack, "dana", found, "the provider did refund it")
-    await stack.store.ledger.post(LedgerInput(refund_request_id=case_id, kind=LedgerKind.REFUND_REVERSED,
-                                              amount=500, currency="USD", reference="a-mistake",
-                                              provider_refund_id=refund["id"]))
+    await reversed_by_mistake(stack, case_id, refund["id"])
     assert (await decide(stack, "carol", found["id"])).status_code == 202
     await wait_for_breaks(stack, [refund["id"]], "resolved")
     await backfill(stack, since_days=30)

@@ -58,16 +58,12 @@ class OutboxRepository(Repository):
     async def notice(self, dedup_key: str) -> dict[str, Any] | None:
         return await self._db.fetch_one("SELECT * FROM notices WHERE dedup_key = %s", (dedup_key,))
 
-    async def notice_by_id(self, notice_id: int) -> dict[str, Any] | None:
-        return await self._db.fetch_one("SELECT * FROM notices WHERE id = %s", (notice_id,))
-
-    async def delivered_as(self, notice_id: int, channel: str) -> str | None:
-        """What the channel answered for the notice's delivery (its id there, or a digest of
-        what it shows); None when it was not delivered there."""
-        row = await self._db.fetch_one(
-            "SELECT external_id FROM notice_deliveries WHERE notice_id = %s AND channel = %s"
-            " AND status = 'delivered'", (notice_id, channel))
-        return None if row is None else row["external_id"]
+    async def sent_notice(self, notice_id: int, channel: str) -> dict[str, Any] | None:
+        """A notice with what `channel` answered for its delivery (`external_id`: its id there,
+        or a digest of what it shows; None when not delivered there); None when no such notice."""
+        return await self._db.fetch_one(
+            "SELECT n.*, d.external_id FROM notices n LEFT JOIN notice_deliveries d ON d.notice_id = n.id"
+            " AND d.channel = %s AND d.status = 'delivered' WHERE n.id = %s", (channel, notice_id))
 
     async def claim_delivery(self, notice_id: int, case_id: str | None, channel: str) -> bool:
         """Claims the right to send before sending. A claim still 'sending' past its lease

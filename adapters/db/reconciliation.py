@@ -466,7 +466,6 @@ class ReconciliationRepository(Repository):
             return None
         return truth_event(break_case(found, RefundTimings()), at)
 
-
     async def open_exception(self, break_id: int, approval: BreakApproval) -> None:
         """The break now waits for people: audited on its chain, approvers told once."""
         async with self._db.transaction() as conn:

@@ -360,13 +360,13 @@ async def unlike_the_notice(door: FrontDoor, interaction: SlackInteraction,
     incoming webhook's URL can post a message showing one case, or other facts, with a
     case's genuine button in it, and Slack signs the click like any other."""
     kind, _, notice_id = action.block_id.partition(":")
-    notice = await door.store.outbox.notice_by_id(int(notice_id)) if (
+    notice = await door.store.outbox.sent_notice(int(notice_id), "slack") if (
         kind == "refund" and re.fullmatch(r"[0-9]{1,18}", notice_id)) else None
     if notice is None or notice["kind"] != "approval_needed" or notice["refund_request_id"] != action.value:
         return f"the button is not on the approval notice of {action.value!r}"
-    sent = await door.store.outbox.delivered_as(int(notice["id"]), "slack")
     message = interaction.message
-    if sent is None or message is None or message.attachments or shown_digest(message.blocks) != sent:
+    if (notice["external_id"] is None or message is None or message.attachments
+            or shown_digest(message.blocks) != notice["external_id"]):
         return (f"the message clicked does not show the approval notice of {action.value!r} as it "
                 "was sent: approve on the case page")
     return None
