@@ -90,6 +90,17 @@ a person (Stripe: the customer's details; Cashfree ONHOLD: the merchant's balanc
 time, so ops hear of it."""
 
 
+CONTRADICTED = "provider_status_contradicted"
+"""The action and the ops notice of a provider contradicting a refund it reported succeeded."""
+
+
+def contradicts_booked(held: ProviderRefundStatus | None, reported: ProviderRefund) -> bool:
+    """Whether a report says a refund the ledger booked as succeeded never moved money
+    (canceled): never applied backwards, never reversed on that word alone; ops read the
+    refund at the provider. (A failure after success is real and compensated.)"""
+    return held is ProviderRefundStatus.SUCCEEDED and reported.status is ProviderRefundStatus.CANCELED
+
+
 SETTLED_PROVIDER_STATUSES = FINAL_PROVIDER_STATUSES | {ProviderRefundStatus.SUCCEEDED}
 """Statuses after which an event repeating them changes nothing in a refund workflow: a
 final one ends its watch, a success's late-failure window runs from when it was applied."""

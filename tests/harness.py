@@ -149,12 +149,14 @@ class Stack:
                                      f"wanted {statuses}")
             await asyncio.sleep(0.1)
 
-    async def wait_for_audit(self, case_id: str, action: str, timeout: float = 60) -> list[str]:
-        """Polls the case's audit trail until `action` appears; returns the trail's actions."""
+    async def wait_for_audit(self, case_id: str, action: str, timeout: float = 60,
+                             count: int = 1) -> list[str]:
+        """Polls the case's audit trail until `action` appears (`count` times); returns the
+        trail's actions."""
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             actions = [e["action"] for e in await self.store.audit.trail(case_id)]
-            if action in actions:
+            if actions.count(action) >= count:
                 return actions
             if asyncio.get_running_loop().time() > deadline:
                 raise AssertionError(f"{case_id} never recorded {action}: {actions}")

@@ -432,6 +432,16 @@ async def late_failure(rig: Recording) -> str:
     return case_id
 
 
+async def provider_contradicts(rig: Recording) -> str:
+    """Succeeded, then reported canceled within the late-failure window: ops review and a
+    notice, nothing reversed."""
+    case_id, _ = await requested(rig, 1_800)
+    refund_id = await provider_refund_id(rig, case_id, "succeeded")
+    await rig.stack.set_provider_status(refund_id, "canceled")
+    await rig.stack.wait_for_status(case_id, "ops_review")
+    return case_id
+
+
 async def cancel_before_submit(rig: Recording) -> str:
     """Cancelled while awaiting approval: released, `canceled_by_ops`."""
     return await cancel(rig, await awaiting_approval(rig))
@@ -825,6 +835,7 @@ SCENARIOS: dict[str, Scenario] = {
     "refund_provider_refund_mismatch": Scenario(refund_mismatch, {"late_failure_window_seconds": 2}),
     "refund_bank_transfer_confirmed": Scenario(bank_transfer_confirmed, {"status_poll_interval_seconds": 60}),
     "refund_late_failure": Scenario(late_failure, {"late_failure_window_seconds": 60}),
+    "refund_provider_contradicts": Scenario(provider_contradicts, {"late_failure_window_seconds": 4}),
     "refund_cancel_before_submit": Scenario(cancel_before_submit),
     "refund_cancel_while_submitting": Scenario(cancel_while_submitting, {"submit_timeout_seconds": 3}),
     "refund_cancel_after_success": Scenario(cancel_after_success, {"late_failure_window_seconds": 60}),

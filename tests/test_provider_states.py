@@ -131,3 +131,30 @@ async def test_ledger_down_then_up_shows_pending_and_posts_exactly_once(
         assert actions.count("provider_submit_started") == 1 and "ledger_recovered" in actions
     finally:
         await stack.close()
+
+
+async def test_a_cancel_reported_for_a_refund_booked_succeeded_goes_to_ops(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """A provider that says `canceled` about a refund it reported succeeded (and the ledger
+    booked) contradicts itself: never applied backwards, never reversed on its word alone,
+    and never left as an audit row nobody reads. The case goes to ops review and ops hear
+    of it once, however often the word comes; a real failure after it is still compensated."""
+    stack = await open_stack(store, client, temporal_server.address, late_failure_window_seconds=120)
+    try:
+        charge = await stack.charge(10_000)
+        case_id = await stack.request_refund("alice", charge, 1_800)
+        row = await stack.wait_for_status(case_id, "succeeded")
+        await stack.set_provider_status(row["provider_refund_id"], "canceled")
+        row = await stack.wait_for_status(case_id, "ops_review")
+        assert row["provider_status"] == "succeeded"
+        await stack.set_provider_status(row["provider_refund_id"], "canceled")  # the word again
+        await stack.wait_for_audit(case_id, "provider_status_contradicted", count=2)
+        await stack.set_provider_status(row["provider_refund_id"], "failed",
+                                        failure_reason="expired_or_canceled_card")
+        await stack.wait_for_status(case_id, "refund_failed")  # a failure is news: compensated
+        assert [line["posting_key"] for line in await store.ledger.entries(case_id)
+                if line["debit"]] == [f"{case_id}:refund_settled", f"{case_id}:refund_reversed"]
+        kinds = [(n["kind"], n["audience"]) for n in await store.outbox.notices(case_id)]
+        assert kinds.count(("provider_status_contradicted", "operator")) == 1, kinds
+    finally:
+        await stack.close()

@@ -47,6 +47,7 @@ from workflows.refund_case import (
     CANCEL_VALIDATION_PATCH,
     CASE_MOVED_ON_PATCH,
     CHARGE_SCOPED_WAIT_PATCH,
+    CONTRADICTION_PATCH,
     DUPLICATE_PATCH,
     EXECUTOR_EVENTS_PATCH,
     FOLLOW_SCOPE_PATCH,
@@ -136,6 +137,10 @@ BRANCHES: dict[str, Branch] = {
         lacks=[f"{SUBMIT}#2", "action:refund_succeeded"]),
     "refund_late_failure": branch("action:refund_succeeded", "action:refund_failed_after_success",
                                   "activity:post_ledger#2", "signal:provider_event#2"),
+    "refund_provider_contradicts": branch(
+        "action:refund_succeeded", "signal:provider_event#2", f"patch:{CONTRADICTION_PATCH}",
+        "action:provider_status_contradicted",
+        lacks=["action:refund_canceled", "action:refund_failed_after_success"]),
     "refund_cancel_while_validation_refused": branch(
         "action:provider_configuration_refused", "cancel_requested", f"patch:{CANCEL_VALIDATION_PATCH}",
         "action:canceled_by_ops", lacks=[SUBMIT, "action:provider_answering_again"]),

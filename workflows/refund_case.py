@@ -124,6 +124,12 @@ CHARGE_SCOPED_WAIT_PATCH = "charge-scoped-notification-1"
 # with the case's reference (money moved twice: no break, no notice, the case shown
 # succeeded); a late failure heard then went unbooked. Asked only when such news waits.
 CANCEL_NEWS_PATCH = "cancel-reads-pending-news-1"
+# A provider that reports `canceled` for a refund it reported succeeded (and the ledger
+# booked) contradicts itself: the case goes to ops review and ops hear of it once. Before, the
+# report was only audited (`provider_status_impossible_ignored`) while the case watched for a
+# late failure, though the relay makes a break of it once the workflow has closed. Asked only
+# when such a report comes.
+CONTRADICTION_PATCH = "provider-contradiction-to-ops-1"
 # The case's action, the ops notice and the metric's reason when a provider refuses our key.
 CONFIGURATION_INCIDENT = "provider_configuration_refused"
 

@@ -16,7 +16,14 @@ from temporalio.exceptions import (
 
 with workflow.unsafe.imports_passed_through():
     from domain import contracts, errors
-    from domain.events import STATUS_NOTICES, Observation, observe, refund_mismatch
+    from domain.events import (
+        CONTRADICTED,
+        STATUS_NOTICES,
+        Observation,
+        contradicts_booked,
+        observe,
+        refund_mismatch,
+    )
     from domain.incidents import DUPLICATE_REPORTED, DuplicateRefundInput
     from domain.lifecycle import FINAL_PROVIDER_STATUSES, StatusChange
     from domain.models import (
@@ -42,6 +49,7 @@ with workflow.unsafe.imports_passed_through():
         CASE_MOVED_ON_PATCH,
         CHARGE_SCOPED_WAIT_PATCH,
         CONFIGURATION_INCIDENT,
+        CONTRADICTION_PATCH,
         DUPLICATE_PATCH,
         EXECUTOR_EVENTS_PATCH,
         FOLLOW_SCOPE_PATCH,
@@ -356,10 +364,14 @@ class RefundProvider(RefundWrites):
         held = self._refund.status if self._refund else None
         step = observe(held, reported)
         if step.status is None:
-            if step.change is not StatusChange.SAME:
-                await self._record(step.action, detail={"reported": reported.status.value,
-                                                        "source": source,
-                                                        "held": held.value if held else None})
+            detail = {"reported": reported.status.value, "source": source,
+                      "held": held.value if held else None}
+            if contradicts_booked(held, reported) and workflow.patched(CONTRADICTION_PATCH):
+                notice = self._notice(CONTRADICTED, "operator", detail)
+                await self._record(CONTRADICTED, CaseStatus.OPS_REVIEW, detail=detail, notices=(notice,))
+                self._deliver_later(notice.dedup_key)
+            elif step.change is not StatusChange.SAME:
+                await self._record(step.action, detail=detail)
             return
         self._refund = reported
         self._failure_reason = reported.failure_reason

@@ -89,6 +89,11 @@ TEMPLATES: dict[str, Template] = {
         "The provider holds refund {provider_refund_id} for {reported}; the request was for "
         "{requested}. The ledger books what the provider reports, the case is in ops review and "
         "nothing is corrected automatically.", ticket="incident"),
+    "provider_status_contradicted": Template(
+        "Incident: the provider contradicts refund {case}",
+        "The provider now reports the refund as {reported}; it reported it succeeded before and "
+        "the ledger booked it ({source}). Nothing is reversed on this word alone: the case is in "
+        "ops review; check the refund in the provider's dashboard.", ticket="incident"),
     "provider_configuration_refused": Template(
         "Refund {case}: the provider refused our credentials",
         "The provider refused our API key or its permissions ({error}). This is not a decline: "
