@@ -49,6 +49,7 @@ class TrackingCarry(Frozen):
 
     status: CaseStatus
     refund: ProviderRefund | None = None
+    mismatched: bool = False
     postings: tuple[str, ...] = ()
     events_seen: int = 0
     event_ids: tuple[str, ...] = ()
@@ -117,10 +118,12 @@ def tells_nothing_new(applied_refund_id: str | None, applied_status: str | None,
             and reported.status in SETTLED_PROVIDER_STATUSES)
 
 
-def refund_mismatch(request: RefundRequest, reported: ProviderRefund) -> dict[str, str] | None:
-    """What the provider reports moved against what was asked (None when they agree): a
-    refund under our reference for another amount or currency is money moved other than
-    approved, whatever its status says."""
+def refund_mismatch(request: RefundRequest | ProviderRefund,
+                    reported: ProviderRefund) -> dict[str, str] | None:
+    """What the provider reports moved against what was asked, or against what it reported
+    of the same refund before (None when they agree): a refund under our reference for
+    another amount or currency is money moved other than approved, whatever its status says;
+    a refund reported for other money than before is one the ledger cannot follow alone."""
     if (reported.amount, reported.currency) == (request.amount, request.currency):
         return None
     return {"requested": format_minor(request.amount, request.currency),

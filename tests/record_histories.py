@@ -80,6 +80,7 @@ from tests.test_adyen import MERCHANT, adyen_rig, unique_psp
 from tests.test_adyen import notification as adyen_notification
 from tests.test_duplicate_refunds import duplicate_heard_with_a_cancel
 from tests.test_reconciliation_finish import provider_payout, seed_payouts
+from tests.test_tracking import Dashboard, heard_while_the_watch_ends
 from workflows.payout import PayoutReversalWorkflow
 from workflows.refund import RefundWorkflow
 
@@ -497,6 +498,23 @@ async def tracked_dashboard_refund(rig: Recording) -> str:
     return case_id
 
 
+async def tracked_refund_reported_otherwise(rig: Recording) -> str:
+    """A dashboard refund succeeded, then reported failed for another amount: reversed as
+    reported, ops told of the change and of the failure, the case in ops review."""
+    refund = Dashboard(rig.stack)
+    await refund.reports("succeeded")
+    await rig.stack.wait_for_status(refund.case_id, "succeeded")
+    await refund.reports("failed", amount=400, failure_reason="card_account_closed")
+    await rig.stack.wait_for_audit(refund.case_id, "refund_failed_after_success")
+    return refund.case_id
+
+
+async def tracked_refund_heard_at_watch_end(rig: Recording) -> str:
+    """A pending dashboard refund's watch ends; its success, heard while that end is
+    recorded, is applied and posted."""
+    return (await heard_while_the_watch_ends(rig.stack)).case_id
+
+
 async def approval_sealed(rig: Recording) -> str:
     """An approval sent straight to Temporal (no relay seal) is refused and audited; the
     relay's sealed approval then counts (`approval-relay-seal-1`). The case id is the
@@ -847,6 +865,10 @@ SCENARIOS: dict[str, Scenario] = {
         "status_poll_interval_seconds": 0.5}),
     "tracking_dashboard_refund": Scenario(tracked_dashboard_refund),
     "tracking_continued_as_new": Scenario(tracked_dashboard_refund, {"continue_as_new_after_events": 12}),
+    "tracking_reported_otherwise": Scenario(tracked_refund_reported_otherwise,
+                                            {"late_failure_window_seconds": 4}),
+    "tracking_heard_at_watch_end": Scenario(tracked_refund_heard_at_watch_end,
+                                            {"late_failure_window_seconds": 3}),
     "payout_reversed_and_reissued": Scenario(payout_reversed_and_reissued),
     "payout_reissue_key_refused": Scenario(payout_reissue_key_refused),
     "payout_reissue_denied": Scenario(payout_reissue_denied),

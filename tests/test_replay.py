@@ -58,6 +58,8 @@ from workflows.refund_case import (
     VERIFY_DUPLICATES_PATCH,
 )
 from workflows.tracking import BOUNDED_PATCH as TRACKING_BOUNDED_PATCH
+from workflows.tracking import NEWS_PATCH as TRACKING_NEWS_PATCH
+from workflows.tracking import WATCH_END_PATCH as TRACKING_WATCH_END_PATCH
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 CASE_EVENT_ACTIVITIES = {"record_case_event", "record_payout_case_event"}
@@ -184,6 +186,12 @@ BRANCHES: dict[str, Branch] = {
     "tracking_continued_as_new": branch("continued_as_new", f"patch:{TRACKING_BOUNDED_PATCH}"),
     "tracking_continued_as_new_run2": branch("carried:watch", "action:refund_succeeded",
                                              lacks=["continued_as_new"]),
+    "tracking_reported_otherwise": branch(
+        "action:refund_succeeded", f"patch:{TRACKING_NEWS_PATCH}", "action:provider_refund_changed",
+        "activity:queue_notice#2", "action:refund_failed_after_success", "activity:post_ledger#2"),
+    "tracking_heard_at_watch_end": branch(
+        "action:tracking_ended_without_final_status", f"patch:{TRACKING_WATCH_END_PATCH}",
+        "action:refund_succeeded", "activity:post_ledger"),
     "payout_reversed_and_reissued": branch("signal:payout_event", "update:request_reissue",
                                            "activity:post_payout_reversal", "activity:reissue_payout",
                                            "action:reissue_completed"),

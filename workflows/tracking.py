@@ -5,19 +5,30 @@ Deterministic: no I/O, no clocks but workflow time; activities are called by nam
 """
 
 from datetime import datetime, timedelta
+from typing import Any
 
 from temporalio import workflow
 from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from domain import contracts, errors
-    from domain.events import Observation, TrackingCarry, TrackingInput, observe
+    from domain.events import (
+        CONTRADICTED,
+        STATUS_NOTICES,
+        Observation,
+        TrackingCarry,
+        TrackingInput,
+        contradicts_booked,
+        observe,
+        refund_mismatch,
+    )
     from domain.lifecycle import FINAL_PROVIDER_STATUSES
     from domain.models import (
         CaseEventInput,
         CaseState,
         CaseStatus,
         LedgerInput,
+        NoticeInput,
         ProviderEvent,
         ProviderRefund,
         ProviderRefundStatus,
@@ -28,6 +39,17 @@ with workflow.unsafe.imports_passed_through():
 # The watch continues as new past `continue_as_new_after_events`, carrying the case; before,
 # a refund with many events could reach Temporal's history limit.
 BOUNDED_PATCH = "tracking-bounded-history-1"
+# A tracking case tells ops what a refund case would: a failure (late or not), a cancel, a
+# refund waiting on someone; the provider reporting other money for the refund than before
+# (`provider_refund_changed`: the case stays in ops review) or a cancel of a refund it
+# reported succeeded (`provider_status_contradicted`). Before, a dashboard refund that failed
+# (the incident the product exists for) was booked and recorded and nobody was told. Asked
+# only when a step has something to tell.
+NEWS_PATCH = "tracking-news-to-ops-1"
+# An event heard while the watch's end is recorded is applied and the watch goes on. Before,
+# the run ended with it unread (the relay had signalled it: nothing else would apply it).
+WATCH_END_PATCH = "tracking-watch-end-reads-inbox-1"
+CHANGED = "provider_refund_changed"
 
 
 @workflow.defn
@@ -46,6 +68,7 @@ class RefundTrackingWorkflow:
         self._postings: list[str] = []
         self._events_seen = 0
         self._succeeded_at: datetime | None = None
+        self._mismatched = False
         if inp.carried is not None:
             self._restore(inp.carried)
 
@@ -62,7 +85,8 @@ class RefundTrackingWorkflow:
         refund = self._refund
         return CaseState(
             refund_request_id=workflow.info().workflow_id, status=self._status,
-            amount=refund.amount if refund else 0, currency=self._inp.currency if self._inp else "",
+            amount=refund.amount if refund else 0,
+            currency=refund.currency if refund else self._inp.currency if self._inp else "",
             provider_refund_id=refund.refund_id if refund else None,
             provider_status=refund.status if refund else None,
             failure_reason=refund.failure_reason if refund else None,
@@ -101,6 +125,8 @@ class RefundTrackingWorkflow:
                 if status is not ProviderRefundStatus.SUCCEEDED:
                     await self._record("tracking_ended_without_final_status", None,
                                        {"last_status": status.value if status else None})
+                if self._inbox and workflow.patched(WATCH_END_PATCH):
+                    continue  # heard as the watch ended: applied, and watched from there
                 break
         await workflow.wait_condition(workflow.all_handlers_finished)
         return RefundOutcome(state=self.state())
@@ -113,42 +139,73 @@ class RefundTrackingWorkflow:
             return
         await workflow.wait_condition(workflow.all_handlers_finished)
         workflow.continue_as_new(self._inp.model_copy(update={"carried": TrackingCarry(
-            status=self._status, refund=self._refund, postings=tuple(self._postings),
+            status=self._status, refund=self._refund, mismatched=self._mismatched,
+            postings=tuple(self._postings),
             events_seen=self._events_seen, event_ids=tuple(sorted(self._event_ids)),
             inbox=tuple(self._inbox), succeeded_at=self._succeeded_at)}))
 
     def _restore(self, carried: TrackingCarry) -> None:
         """The carried case, from `__init__`: before any handler of the new run, so an early
         event meets the case it belongs to. Only state: no command, so no patch is needed."""
-        self._status, self._refund = carried.status, carried.refund
+        self._status, self._refund, self._mismatched = carried.status, carried.refund, carried.mismatched
         self._postings, self._succeeded_at = list(carried.postings), carried.succeeded_at
         self._events_seen = carried.events_seen
         self._inbox, self._event_ids = list(carried.inbox), set(carried.event_ids)
 
     async def _apply(self, step: Observation, reported: ProviderRefund, source: str) -> None:
+        held = self._refund
         if step.status is None:
-            await self._record(step.action, None, {"reported": reported.status.value, "source": source,
-                                                   "held": self._refund.status.value if self._refund
-                                                   else None})
+            detail = {"reported": reported.status.value, "source": source,
+                      "held": held.status.value if held else None}
+            if (held is not None and contradicts_booked(held.status, reported)
+                    and workflow.patched(NEWS_PATCH)):
+                await self._record(CONTRADICTED, None, detail, status=CaseStatus.OPS_REVIEW,
+                                   notices=(self._notice(CONTRADICTED, detail, held),))
+            else:
+                await self._record(step.action, None, detail)
             return
+        if held is not None and not self._mismatched and (found := refund_mismatch(held, reported)) \
+                and workflow.patched(NEWS_PATCH):
+            detail = {"before": found["requested"], "reported": found["reported"],
+                      "provider_refund_id": reported.refund_id, "source": source}
+            self._mismatched = True
+            await self._record(CHANGED, None, detail, status=CaseStatus.OPS_REVIEW,
+                               notices=(self._notice(CHANGED, detail, held),))
         self._refund = reported
-        self._status = step.status
+        self._status = CaseStatus.OPS_REVIEW if self._mismatched else step.status
         if reported.status is ProviderRefundStatus.SUCCEEDED:
             self._succeeded_at = workflow.now()
         if step.ledger is not None:
             assert self._inp is not None
             posted = await contracts.POST_LEDGER(
                 LedgerInput(refund_request_id=self._inp.case_id, kind=step.ledger, amount=reported.amount,
-                            currency=self._inp.currency, provider_refund_id=reported.refund_id),
+                            currency=reported.currency, provider_refund_id=reported.refund_id),
                 **retry.LEDGER)
             self._postings.append(posted.posting_key)
-        await self._record(step.action, reported, {"source": source,
-                                                   "failure_reason": reported.failure_reason},
-                           status=step.status, release=step.release)
+        detail = {"source": source, "failure_reason": reported.failure_reason}
+        notices = tuple(self._notice(kind, detail, reported) for kind, audience
+                        in STATUS_NOTICES.get(reported.status, ()) if audience == "operator")
+        await self._record(step.action, reported, detail, status=self._status, release=step.release,
+                           notices=notices)
 
-    async def _record(self, action: str, refund: ProviderRefund | None, detail: dict[str, object], *,
-                      status: CaseStatus | None = None, release: bool = False) -> None:
+    def _notice(self, kind: str, detail: dict[str, Any], refund: ProviderRefund) -> NoticeInput:
+        """An ops notice, once per case, kind and the refund's status (a customer's notice
+        needs a contact a refund made without us does not give us)."""
         assert self._inp is not None
+        case_id = self._inp.case_id
+        return NoticeInput(refund_request_id=case_id, kind=kind, audience="operator",
+                           dedup_key=f"{case_id}:{kind}:operator:{refund.status.value}", detail=detail,
+                           dispatch_queue=workflow.info().task_queue)
+
+    async def _record(self, action: str, refund: ProviderRefund | None, detail: dict[str, Any], *,
+                      status: CaseStatus | None = None, release: bool = False,
+                      notices: tuple[NoticeInput, ...] = ()) -> None:
+        """The case event; the notices it announces queued first (for the worker pool's
+        dispatcher), in executions since NEWS_PATCH."""
+        assert self._inp is not None
+        if notices and workflow.patched(NEWS_PATCH):
+            for notice in notices:
+                await contracts.QUEUE_NOTICE(notice, **retry.CASE_EVENT)
         await contracts.RECORD_CASE_EVENT(
             CaseEventInput(refund_request_id=self._inp.case_id, action=action,
                            actor=f"provider:{self._inp.provider}", status=status,

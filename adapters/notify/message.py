@@ -94,6 +94,11 @@ TEMPLATES: dict[str, Template] = {
         "The provider now reports the refund as {reported}; it reported it succeeded before and "
         "the ledger booked it ({source}). Nothing is reversed on this word alone: the case is in "
         "ops review; check the refund in the provider's dashboard.", ticket="incident"),
+    "provider_refund_changed": Template(
+        "Incident: the provider reports other money for refund {case}",
+        "The provider now reports refund {provider_refund_id} for {reported}; it reported it for "
+        "{before} before. The ledger books each entry as the provider reports it, the case is in "
+        "ops review and nothing is corrected automatically.", ticket="incident"),
     "provider_configuration_refused": Template(
         "Refund {case}: the provider refused our credentials",
         "The provider refused our API key or its permissions ({error}). This is not a decline: "

@@ -1,0 +1,150 @@
+"""A refund the provider made without us (a dashboard refund, an auto-refund) is followed by
+a tracking case like our own: its failure reaches ops (the incident the product exists for,
+a refund shown refunded that never reached the customer), the provider contradicting itself
+or reporting other money for the same refund goes to ops, the ledger books each entry in the
+currency the provider reports, and no event is dropped as the watch ends."""
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from temporalio.client import Client
+
+from adapters.db import Store
+from domain.events import tracking_case_id
+from domain.models import CaseEventInput, EventKind, ProviderEvent, ProviderRefundStatus
+from starters.dev.stack import TemporalDevServer
+from starters.relay.webhook_desk import WebhookDesk
+from tests.harness import Stack, open_stack
+
+
+@pytest.fixture(scope="module")
+async def watching(store: Store, client: Client, temporal_server: TemporalDevServer) -> AsyncIterator[Stack]:
+    """A stack whose late-failure window (the tracking watch) is two minutes."""
+    stack = await open_stack(store, client, temporal_server.address, late_failure_window_seconds=120)
+    yield stack
+    await stack.close()
+
+
+class Dashboard:
+    """One provider refund made in the dashboard, reported to the relay event by event."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.refund_id = f"re_{uuid.uuid4().hex[:12]}"
+        self.case_id = tracking_case_id("sandbox", self.refund_id)
+        self._desk = WebhookDesk(stack.store, stack.client, stack.providers, stack.settings)
+
+    async def reports(self, status: str, amount: int = 700, currency: str = "USD",
+                      failure_reason: str | None = None) -> None:
+        await self._desk.route(ProviderEvent(
+            provider="sandbox", event_id=f"evt_{uuid.uuid4().hex[:12]}", event_type="refund.updated",
+            kind=EventKind.REFUND_STATUS, body_sha256="0" * 64, occurred_at=datetime.now(UTC),
+            refund_id=self.refund_id, charge_id="ch_dashboard", amount=amount, currency=currency,
+            status=ProviderRefundStatus(status), raw_status=status, failure_reason=failure_reason))
+
+    async def notices(self) -> list[tuple[str, str]]:
+        return [(n["kind"], n["audience"]) for n in await self.stack.store.outbox.notices(self.case_id)]
+
+    async def postings(self) -> list[tuple[str, int, str]]:
+        """(template, amount, currency) of each entry, by its debit line."""
+        return [(line["template"], line["debit"], line["currency"])
+                for line in await self.stack.store.ledger.entries(self.case_id) if line["debit"]]
+
+
+async def test_a_dashboard_refund_that_fails_is_told_to_ops(watching: Stack) -> None:
+    refund = Dashboard(watching)
+    await refund.reports("pending")
+    await watching.wait_for_status(refund.case_id, "pending")
+    await refund.reports("failed", failure_reason="card_account_closed")
+    row = await watching.wait_for_status(refund.case_id, "refund_failed")
+    assert row["reserved_amount"] == 0
+    assert ("refund_failed", "operator") in await refund.notices()
+    assert await refund.postings() == []
+
+
+async def test_a_dashboard_refund_failing_after_success_is_reversed_and_told_to_ops(watching: Stack) -> None:
+    refund = Dashboard(watching)
+    await refund.reports("succeeded")
+    await watching.wait_for_status(refund.case_id, "succeeded")
+    await refund.reports("failed", failure_reason="card_account_closed")
+    await watching.wait_for_status(refund.case_id, "refund_failed")
+    assert await refund.postings() == [("refund_settled", 700, "USD"), ("refund_reversed", 700, "USD")]
+    assert ("refund_failed", "operator") in await refund.notices()
+
+
+@pytest.mark.parametrize(("amount", "currency"), [(400, "USD"), (700, "EUR")], ids=["amount", "currency"])
+async def test_other_money_reported_for_the_same_refund_goes_to_ops(watching: Stack, amount: int,
+                                                                      currency: str) -> None:
+    """The same refund reported for other money than it was followed with: booked as the
+    provider reports it (each entry in its own currency), the case with ops from then on."""
+    refund = Dashboard(watching)
+    await refund.reports("succeeded")
+    await watching.wait_for_status(refund.case_id, "succeeded")
+    await refund.reports("failed", amount=amount, currency=currency, failure_reason="card_account_closed")
+    await watching.wait_for_audit(refund.case_id, "refund_failed_after_success")
+    row = await watching.wait_for_status(refund.case_id, "ops_review")
+    assert row["provider_status"] == "failed"
+    assert await refund.postings() == [("refund_settled", 700, "USD"), ("refund_reversed", amount, currency)]
+    notices = await refund.notices()
+    assert ("provider_refund_changed", "operator") in notices and ("refund_failed", "operator") in notices
+
+
+async def test_a_cancel_reported_after_success_goes_to_ops(watching: Stack) -> None:
+    refund = Dashboard(watching)
+    await refund.reports("succeeded")
+    await watching.wait_for_status(refund.case_id, "succeeded")
+    await refund.reports("canceled")
+    row = await watching.wait_for_status(refund.case_id, "ops_review")
+    assert row["provider_status"] == "succeeded"
+    assert await refund.postings() == [("refund_settled", 700, "USD")]
+    assert ("provider_status_contradicted", "operator") in await refund.notices()
+
+
+@asynccontextmanager
+async def holding_records_of(stack: Stack, action: str) -> AsyncIterator[tuple[asyncio.Event, asyncio.Event]]:
+    """Holds the recording of a case event `action` while the block runs: (set to release
+    it, set once it waits)."""
+    cases = stack.store.cases
+    record, release, held = cases.record_event, asyncio.Event(), asyncio.Event()
+
+    async def held_record(inp: CaseEventInput, step_key: str | None = None, **options: Any) -> None:
+        if inp.action == action:
+            held.set()
+            await release.wait()
+        await record(inp, step_key, **options)
+
+    cases.record_event = held_record  # type: ignore[method-assign,assignment]
+    try:
+        yield release, held
+    finally:
+        cases.record_event = record  # type: ignore[method-assign]
+
+
+async def heard_while_the_watch_ends(stack: Stack) -> Dashboard:
+    """A pending dashboard refund whose watch ends without news; its success is heard while
+    that end is recorded."""
+    async with holding_records_of(stack, "tracking_ended_without_final_status") as (release, held):
+        refund = Dashboard(stack)
+        await refund.reports("pending")
+        await asyncio.wait_for(held.wait(), 60)
+        await refund.reports("succeeded")
+        release.set()
+        await stack.wait_for_status(refund.case_id, "succeeded")
+    return refund
+
+
+async def test_an_event_heard_while_the_watch_ends_is_applied(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """The success is taken by the workflow (the signal was accepted: nothing else would
+    apply it) and posted."""
+    stack = await open_stack(store, client, temporal_server.address, late_failure_window_seconds=3)
+    try:
+        refund = await heard_while_the_watch_ends(stack)
+        assert await refund.postings() == [("refund_settled", 700, "USD")]
+    finally:
+        await stack.close()
