@@ -53,6 +53,7 @@ from tests.reconciliation_kit import (
 )
 from tests.test_approval_races import hold_writes_of
 from tests.test_reconciliation import decide
+from tests.test_tracking import Dashboard
 from workers.main import build_worker
 
 
@@ -827,6 +828,36 @@ async def test_an_approved_unknown_refund_reverses_nothing_its_tracking_case_boo
     [settled] = await wait_for_breaks(stack, [refund["id"]], "ops_review", "resolved")
     assert [e["template"] for e in await stack.store.ledger.entries(tracking)] == ["refund_settled"] * 2
     assert settled["state"] == "ops_review"
+
+
+async def test_an_approved_unknown_refund_leaves_its_tracking_case_opened_since_to_book_it_once(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """A run lists a refund made outside us, succeeded, before any webhook: an unknown_to_us
+    break for approvers. Its delayed webhooks then arrive, `pending` first: a tracking case
+    opens and its workflow follows the refund. The approval hands the provider's word to
+    that workflow, which books the refund once. Before, the approval compensated beside it
+    (the break named no case) and the workflow then booked the success again: twice."""
+    stack = await open_stack(store, client, temporal_server.address, late_failure_window_seconds=120)
+    try:
+        charge = await stack.charge(10_000)
+        refund = history(charge, 1_200, days_ago=0.5)
+        await seed_provider(stack, [refund])
+        await backfill(stack, since_days=1)
+        [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+        assert found["break_class"] == "unknown_to_us"
+        delayed = Dashboard(stack, refund["id"], charge)
+        await delayed.reports("pending", amount=1_200)
+        await stack.wait_for_status(found["chain"], "pending")
+        assert (await decide(stack, "carol", found["id"])).status_code == 202
+        [settled] = await wait_for_breaks(stack, [refund["id"]], "handed_to_case", "resolved", "ops_review")
+        await delayed.reports("succeeded", amount=1_200)
+        await stack.wait_for_status(found["chain"], "succeeded")
+        await stack.wait_for_audit(found["chain"], "refund_succeeded")
+        net = sum(line["debit"] - line["credit"] for line in await store.ledger.entries(found["chain"])
+                  if line["account"] == REFUNDED_ACCOUNT)
+        assert (net, settled["state"]) == (1_200, "handed_to_case")
+    finally:
+        await stack.close()
 
 
 async def test_an_approved_unknown_refund_the_provider_failed_since_opens_no_tracking_case(

@@ -33,9 +33,10 @@ async def watching(store: Store, client: Client, temporal_server: TemporalDevSer
 class Dashboard:
     """One provider refund made in the dashboard, reported to the relay event by event."""
 
-    def __init__(self, stack: Stack) -> None:
+    def __init__(self, stack: Stack, refund_id: str | None = None, charge_id: str = "ch_dashboard") -> None:
         self.stack = stack
-        self.refund_id = f"re_{uuid.uuid4().hex[:12]}"
+        self.refund_id = refund_id or f"re_{uuid.uuid4().hex[:12]}"
+        self.charge_id = charge_id
         self.case_id = tracking_case_id("sandbox", self.refund_id)
         self._desk = WebhookDesk(stack.store, stack.client, stack.providers, stack.settings)
 
@@ -44,7 +45,7 @@ class Dashboard:
         await self._desk.route(ProviderEvent(
             provider="sandbox", event_id=f"evt_{uuid.uuid4().hex[:12]}", event_type="refund.updated",
             kind=EventKind.REFUND_STATUS, body_sha256="0" * 64, occurred_at=datetime.now(UTC),
-            refund_id=self.refund_id, charge_id="ch_dashboard", amount=amount, currency=currency,
+            refund_id=self.refund_id, charge_id=self.charge_id, amount=amount, currency=currency,
             status=ProviderRefundStatus(status), raw_status=status, failure_reason=failure_reason))
 
     async def notices(self) -> list[tuple[str, str]]:

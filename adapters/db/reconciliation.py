@@ -454,17 +454,20 @@ class ReconciliationRepository(Repository):
     async def truth_for_its_case(self, found: BreakRow, at: datetime) -> ProviderEvent | None:
         """The provider event an approved refund break's case would take through its own
         lifecycle, judged by the case as it is now (`lifecycle_takes`); None when it would
-        not (then the settlement decides)."""
-        if found.object_kind != "refund" or found.refund_request_id is None:
+        not (then the settlement decides). A refund unknown to us when found has the case
+        its chain names if a webhook has opened its tracking case since: that case's
+        workflow books the refund when its word comes, so it takes the approved word too."""
+        if found.object_kind != "refund":
             return None
-        case = await self._cases.get(found.refund_request_id)
+        case = await self._cases.get(found.refund_request_id or found.chain)
         truth = truth_of(found)
         if case is None or not lifecycle_takes(
                 truth, case.refund_request_id, holds_refund=case.provider_refund_id == found.object_id,
                 holds_no_refund=case.provider_refund_id is None,
                 held_status=ProviderRefundStatus(case.provider_status) if case.provider_status else None):
             return None
-        return truth_event(break_case(found, RefundTimings()), at)
+        handed = break_case(found, RefundTimings()).model_copy(update={"case_id": case.refund_request_id})
+        return truth_event(handed, at)
 
     async def open_exception(self, break_id: int, approval: BreakApproval) -> None:
         """The break now waits for people: audited on its chain, approvers told once."""
