@@ -361,6 +361,27 @@ async def test_provider_reads_that_keep_failing_go_to_ops_then_resume(
         assert made["id"] == row["provider_refund_id"]
 
 
+async def test_each_outage_a_case_goes_through_is_announced(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """The provider stops answering lookups, answers again, and stops again while the case
+    follows a pending refund: two incidents, two notices. Before, the second had the first's
+    key (kind and the refund's unchanged status) and was never queued: ops saw the case back
+    in ops review with nothing said."""
+    async with rig_for("sandbox", store, client, temporal_server, provider_read_attempts=2) as rig:
+        async with rig.stack.sandbox() as sb:
+            await sb.post("/_sandbox/config", json={"refund_initial_status": "pending"})
+        charge = await rig.charge(10_000)
+        case_id = await rig.request(charge, 1_500)
+        row = await rig.stack.wait_for_status(case_id, "pending")
+        for outage in (1, 2):
+            rig.proxy.refuse_next("GET", "/v1/refunds", 503, 503)
+            await rig.stack.wait_for_audit(case_id, "provider_answering_again", count=outage)
+        kinds = [n["kind"] for n in await store.outbox.notices(case_id)]
+        assert kinds.count("verify_retries_exhausted") == 2, kinds
+        await rig.stack.set_provider_status(row["provider_refund_id"], "succeeded")
+        await rig.stack.wait_for_status(case_id, "succeeded")
+
+
 def test_every_escalation_has_its_own_notice_template() -> None:
     for kind in ("provider_configuration_refused", "validate_retries_exhausted",
                  "verify_retries_exhausted", "payout_reissue_configuration_refused"):
