@@ -31,6 +31,12 @@ class AdviceReceipt(Frozen):
     source: str
 
 
+TICKETING_AUDIENCE = "ticketing"
+"""The audience of a notice that files or updates a ticket and nothing else (a payout
+case's runbook step C): only the ticketing systems take it; people hear through the
+case's own notices."""
+
+
 def ticket_purpose(message_ticket: str, kind: str) -> str:
     """Which of a case's tickets a notice belongs in: the case's request ticket, or one
     incident per notice kind."""

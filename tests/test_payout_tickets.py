@@ -87,6 +87,8 @@ async def test_p10492_files_one_ticket_in_order_records_its_reference_and_the_re
         deliveries = {d["channel"]: d for d in await stack.store.outbox.deliveries(case_id)
                       if d["kind"] == "payout_exception_ticket"}
         assert deliveries["servicenow"]["attempts"] == 1  # its own search past the lag found it
+        # the ticket's filing is the ticketing systems' alone: chat and mail carry step D's notice
+        assert set(deliveries) == {"servicenow", "jira"}
         completed = next(e for e in trail if e["action"] == "runbook_completed")
         assert completed["detail"]["ticket_ref"] == row["ticket_ref"]
         remediated = next(n for n in await stack.store.outbox.notices(case_id)

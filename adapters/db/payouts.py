@@ -19,7 +19,7 @@ from adapters.db.rows import HoldRow, PayoutCaseRow, PayoutListRow
 from adapters.db.steps import once
 from adapters.db.sweep import idle_unswept, mark_end_seen, open_incident_run
 from domain.audit import canonical_detail
-from domain.integrations import ticket_purpose
+from domain.integrations import TICKETING_AUDIENCE, ticket_purpose
 from domain.models import CaseWritten, LedgerInput, LedgerKind, LedgerResult, NoticeInput
 from domain.money import format_minor
 from domain.payouts import (
@@ -423,7 +423,7 @@ class PayoutRepository(Repository):
                 await conn.execute("UPDATE payout_cases SET ticket_ref = %s, updated_at = now()"
                                    " WHERE case_id = %s", (ref, case_id))
             notice = NoticeInput(
-                refund_request_id=case_id, kind=TICKET_KIND, audience="ticketing",
+                refund_request_id=case_id, kind=TICKET_KIND, audience=TICKETING_AUDIENCE,
                 dedup_key=f"{case_id}:{TICKET_KIND}:{occasion}",
                 detail={**detail, "ticket_ref": ref, "action": "open" if opening else "update",
                         "priority": priority, "occasion": occasion})

@@ -14,6 +14,7 @@ from adapters.notify.email import SmtpEmail
 from adapters.tickets.base import TicketChannel
 from adapters.tickets.jira import Jira
 from adapters.tickets.servicenow import ServiceNow
+from domain.integrations import TICKETING_AUDIENCE
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,9 @@ def customer_address(value: str) -> str | None:
 
 def email_recipient(settings: Settings, audience: str, evidence: dict[str, str] | None) -> str | None:
     """Customers get mail at the address their request carried (when it is a valid one);
-    people here at a mailbox."""
+    people here at a mailbox; a notice for the ticketing systems alone, nobody."""
+    if audience == TICKETING_AUDIENCE:
+        return None
     if audience == "customer":
         given = (evidence or {}).get("customer_email")
         address = customer_address(given) if given is not None else None

@@ -11,6 +11,7 @@ from typing import Any
 
 from adapters.notify.delivery import send_http
 from adapters.notify.message import Message
+from domain.integrations import TICKETING_AUDIENCE
 
 APPROVE_ACTION = "refund_approve"
 DENY_ACTION = "refund_deny"
@@ -101,7 +102,7 @@ class WebhookChat:
         self._payload = slack_payload if name == "slack" else teams_payload
 
     def accepts(self, message: Message) -> bool:
-        return not message.customer
+        return not message.customer and message.audience != TICKETING_AUDIENCE
 
     async def send(self, message: Message) -> str | None:
         """Slack's approval messages answer the digest of what they show (see `shown_digest`)."""
