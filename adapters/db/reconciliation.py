@@ -333,12 +333,15 @@ class ReconciliationRepository(Repository):
         return run_id
 
     @staticmethod
-    async def _announce(conn: Conn, row: dict[str, Any]) -> None:
-        """The break's audit row on its case's chain and its notice to ops."""
+    async def _announce(conn: Conn, row: dict[str, Any], *, notify: bool = True) -> None:
+        """The break's audit row on its case's chain and (unless the case tells ops itself)
+        its notice to ops."""
         detail = {"break_id": row["id"], "break_class": row["break_class"], "object_id": row["object_id"],
                   "run_id": row["first_run_id"], "ledger_delta": row["ledger_delta"],
                   "evidence": row["evidence"]}
         await AuditLog.append(conn, row["chain"], "reconciliation", "reconciliation_break_found", detail)
+        if not notify:
+            return
         await OutboxRepository.queue_in(conn, NoticeInput(
             refund_request_id=row["chain"], kind="reconciliation_break", audience="ops",
             dedup_key=f"reconciliation_break:{row['id']}{_round(row)}", detail=detail))
@@ -696,7 +699,9 @@ class ReconciliationRepository(Repository):
                 return None
             await conn.execute("INSERT INTO reconciliation_run_breaks (run_id, break_id) VALUES (%s,%s)",
                                (run_id, row["id"]))
-            await self._announce(conn, row)
+            # the case's own `duplicate_provider_refund` notice is ops' one incident (a second
+            # notice filed a second ticket in each system for the same money)
+            await self._announce(conn, row, notify=False)
             return dict(row)
 
     # -- reopening ------------------------------------------------------------------------
