@@ -168,3 +168,41 @@ async def test_a_notice_another_dispatcher_took_after_the_batch_lease_ran_out_is
     assert later in [key for _, key, _, _ in taken_by_other]
     assert first.sent == [slow]  # the other dispatcher sends `later`
     assert await column(store, later, "dispatched_at") is None
+
+
+class StoppedWhileSending(Channel):
+    """A delivery during which the worker is told to stop (SIGTERM mid-batch)."""
+
+    def __init__(self, stop: asyncio.Event) -> None:
+        super().__init__()
+        self.stop = stop
+
+    async def deliver(self, dedup_key: str) -> None:
+        await super().deliver(dedup_key)
+        self.stop.set()
+
+
+async def test_a_stopping_dispatcher_sends_nothing_more_and_hands_its_batch_back(store: Store) -> None:
+    """Stopped mid-batch, the dispatcher finishes the notice it is sending and no other: a
+    slow channel would otherwise run the batch past the pod's grace, and a send killed
+    mid-way is never sent again (its delivery left uncertain). The rest of its batch is
+    unclaimed, as untried, for the next dispatcher now, not after the lease."""
+    queue, run = f"dq-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex[:8]
+    keys = [k for i in range(3) for k in await queued(store, f"{i}-{run}", ["refund_failed"], queue)]
+    stop = asyncio.Event()
+    channel = StoppedWhileSending(stop)
+    await dispatch_once(store.outbox, channel, queue, stop=stop)
+    assert channel.sent == keys[:1]
+    assert [await column(store, key, "claimed_until") for key in keys[1:]] == [None, None]
+    assert [await column(store, key, "attempts") for key in keys[1:]] == [0, 0]
+    after = Channel()
+    assert await dispatch_once(store.outbox, after, queue) == 2 and after.sent == keys[1:]
+
+
+async def test_a_stopping_sweeper_takes_no_further_notice(store: Store) -> None:
+    run = uuid.uuid4().hex[:8]
+    keys = [k for i in range(3) for k in await queued(store, f"{i}-{run}", ["refund_failed"], None)]
+    stop = asyncio.Event()
+    channel = StoppedWhileSending(stop)
+    await sweep_once(store.outbox, channel, older_than_seconds=0, stop=stop)
+    assert len(channel.sent) == 1 and [await column(store, key, "swept_at") for key in keys].count(None) >= 2

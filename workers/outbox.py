@@ -44,11 +44,13 @@ claimed just before it is delivered, so another worker never takes one mid-deliv
 
 
 async def sweep_once(outbox: OutboxRepository, delivery: Deliverer, *, older_than_seconds: float,
-                     retry_after_seconds: float = SWEEP_RETRY_SECONDS, limit: int = 100) -> int:
-    """Delivers up to `limit` notices due a sweep, claiming each as it goes; returns how
-    many it took."""
+                     retry_after_seconds: float = SWEEP_RETRY_SECONDS, limit: int = 100,
+                     stop: asyncio.Event | None = None) -> int:
+    """Delivers up to `limit` notices due a sweep, claiming each as it goes, until `stop` is
+    set (a worker shutting down sends nothing it could be killed in the middle of); returns
+    how many it took."""
     taken = 0
-    while taken < limit and (keys := await outbox.claim_unswept(
+    while taken < limit and not (stop and stop.is_set()) and (keys := await outbox.claim_unswept(
             older_than_seconds, 1, retry_after_seconds=retry_after_seconds)):
         taken += 1
         try:
@@ -63,7 +65,7 @@ async def sweep_outbox(outbox: OutboxRepository, delivery: Deliverer,
     """Sweeps until `stop` is set."""
     while not stop.is_set():
         try:
-            await sweep_once(outbox, delivery, older_than_seconds=older_than_seconds)
+            await sweep_once(outbox, delivery, older_than_seconds=older_than_seconds, stop=stop)
         except Exception:  # the database may be restarting; the next round tries again
             log.exception("outbox sweep failed")
         with contextlib.suppress(TimeoutError):
@@ -78,15 +80,20 @@ def retry_delay(attempt: int) -> float:
 
 
 async def dispatch_once(outbox: OutboxRepository, delivery: Deliverer, queue: str, *,
-                        limit: int = 100) -> int:
+                        limit: int = 100, stop: asyncio.Event | None = None) -> int:
     """Delivers the due notices of `queue` (each case's first pending one); returns how many
     it took. A notice is done once delivered, when no channel carries it, or when its
     failure is for good; a certain failure is due again later, and once its attempts are
-    spent the sweeper takes it (the case's next notice goes out meanwhile)."""
+    spent the sweeper takes it (the case's next notice goes out meanwhile). Once `stop` is
+    set, the rest of the batch is handed back untried: a worker shutting down finishes the
+    send it is in and starts none it could be killed in the middle of (never sent again)."""
     claimed = await outbox.claim_dispatch(queue, limit, DISPATCH_LEASE_SECONDS)
     loop = asyncio.get_running_loop()
     since = loop.time()
     for notice_id, key, attempt, until in claimed:
+        if stop is not None and stop.is_set():
+            await outbox.unclaim(notice_id, until)
+            continue
         # a slow channel can outlast the batch's lease: past a quarter of it, each notice is
         # claimed again before its delivery, and one another dispatcher took is left to it
         if loop.time() - since > DISPATCH_LEASE_SECONDS / 4 and await outbox.claim_again(
@@ -115,7 +122,7 @@ async def dispatch_notices(outbox: OutboxRepository, delivery: Deliverer, queue:
     """Dispatches until `stop` is set; looks again at once while there was work."""
     while not stop.is_set():
         try:
-            if await dispatch_once(outbox, delivery, queue):
+            if await dispatch_once(outbox, delivery, queue, stop=stop):
                 continue
         except Exception:  # the database may be restarting; the next round tries again
             log.exception("notice dispatch failed")

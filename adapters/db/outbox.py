@@ -186,6 +186,13 @@ class OutboxRepository(Repository):
             (lease_seconds, notice_id, claimed_until))
         return row["claimed_until"] if row else None
 
+    async def unclaim(self, notice_id: int, claimed_until: datetime) -> None:
+        """A claimed notice handed back untried (its dispatcher is stopping): due to the next
+        dispatcher at once, its attempt not counted."""
+        await self._db.execute(
+            "UPDATE notices SET claimed_until = NULL, attempts = attempts - 1 WHERE id = %s"
+            " AND claimed_until = %s AND dispatched_at IS NULL", (notice_id, claimed_until))
+
     async def dispatched(self, notice_id: int) -> None:
         """The dispatcher is done with a notice (delivered, no channel for it, or given up)."""
         await self._db.execute("UPDATE notices SET dispatched_at = now(), claimed_until = NULL"
