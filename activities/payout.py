@@ -130,6 +130,12 @@ class PayoutActivities:
         Idempotent: a released hold is not released again; a late posting keeps the hold."""
         return await self._book.release_hold(inp.case_id, inp.payout.id)
 
+    @activity.defn(name=contracts.GIVE_UP_PAYOUT_REVERSAL.name)
+    async def give_up_payout_reversal(self, inp: ReversalInput) -> ReleaseResult:
+        """Step B failed where policy keeps the hold: the entry landed after all (`posted`),
+        or it never will (an attempt still running is fenced off)."""
+        return await self._book.give_up_reversal(inp.case_id)
+
     @activity.defn(name=contracts.OPEN_PAYOUT_TICKET.name)
     async def open_payout_ticket(self, inp: TicketInput) -> TicketResult:
         """Runbook step C, first half: queues the `payout_exception_ticket` notice that opens
@@ -223,5 +229,6 @@ class PayoutActivities:
         """Every activity, for worker registration."""
         return [self.admit_payout_event, self.triage_payout_exception, self.decide_payout_reversal,
                 self.record_payout_case_event, self.hold_payout, self.post_payout_reversal,
-                self.release_payout_hold, self.open_payout_ticket, self.link_payout_ticket,
+                self.release_payout_hold, self.give_up_payout_reversal, self.open_payout_ticket,
+                self.link_payout_ticket,
                 self.reissue_payout]

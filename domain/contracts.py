@@ -120,6 +120,7 @@ RECORD_PAYOUT_CASE_EVENT = Activity("record_payout_case_event", PayoutCaseEventI
 HOLD_PAYOUT = Activity("hold_payout", HoldInput, HoldResult)
 POST_PAYOUT_REVERSAL = Activity("post_payout_reversal", ReversalInput, LedgerResult)
 RELEASE_PAYOUT_HOLD = Activity("release_payout_hold", ReversalInput, ReleaseResult)
+GIVE_UP_PAYOUT_REVERSAL = Activity("give_up_payout_reversal", ReversalInput, ReleaseResult)
 OPEN_PAYOUT_TICKET = Activity("open_payout_ticket", TicketInput, TicketResult)
 LINK_PAYOUT_TICKET = Activity("link_payout_ticket", LinkTicketInput, LinkedTicket)
 REISSUE_PAYOUT = Activity("reissue_payout", ReissueInput, PayoutSnapshot)

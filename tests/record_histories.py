@@ -79,6 +79,7 @@ from tests.reconciliation_kit import (
 from tests.test_adyen import MERCHANT, adyen_rig, unique_psp
 from tests.test_adyen import notification as adyen_notification
 from tests.test_duplicate_refunds import duplicate_heard_with_a_cancel
+from tests.test_payouts import keep_holds_policy, reversal_answered_late
 from tests.test_reconciliation_finish import provider_payout, seed_payouts
 from tests.test_tracking import Dashboard, heard_while_the_watch_ends
 from workflows.payout import PayoutReversalWorkflow
@@ -738,6 +739,21 @@ async def payout_ledger_failed(rig: Recording) -> str:
     return case_id
 
 
+async def payout_reversal_landed_late(rig: Recording) -> str:
+    """Policy keeps the hold when step B fails; its entry commits but answers after the
+    case's deadline: the case finds it landed and the runbook goes on."""
+    stack = rig.stack
+    assert stack.worker is not None
+    await stack.worker.shutdown()
+    stack.settings = stack.settings.model_copy(
+        update={"policy_file": keep_holds_policy(Path(tempfile.mkdtemp(prefix="keep-holds-")))})
+    await stack.start_worker()
+    await add_payout_approvers(stack)
+    async with reversal_answered_late(stack) as case_id:
+        await wait_for_case(stack, case_id, "remediated", timeout=60)
+    return case_id
+
+
 async def payout_denied(rig: Recording) -> str:
     """The failed payout's remediation is denied: nothing is held or reversed."""
     case_id = await failed_payout_case(rig)
@@ -878,6 +894,8 @@ SCENARIOS: dict[str, Scenario] = {
     "payout_reissue_waited_for_hold": Scenario(payout_reissue_waited_for_hold),
     "payout_continued_as_new": Scenario(payout_continued_as_new, {"continue_as_new_after_events": 20}),
     "payout_ledger_failed": Scenario(payout_ledger_failed, {"ledger_pending_after_seconds": 2}),
+    "payout_reversal_landed_late": Scenario(payout_reversal_landed_late, {
+        "ledger_pending_after_seconds": 2, "payout_reissue_window_seconds": 1}),
     "payout_denied": Scenario(payout_denied),
     "payout_events_while_approving": Scenario(payout_events_while_approving),
     "payout_events_at_bound_while_approving": Scenario(payout_events_at_bound_while_approving,

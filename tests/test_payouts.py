@@ -4,7 +4,9 @@ tier, the rollback branch when the compensating entry cannot be posted, out-of-o
 joining events, and a reissue that needs its own approval and happens once."""
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -20,6 +22,7 @@ from adapters.db import Store
 from adapters.db.rows import LedgerLineRow
 from adapters.policy_file import load_policy
 from domain import errors
+from domain.models import LedgerResult
 from domain.payouts import PayoutRegistration, PayoutSnapshot, PayoutStatus, ReissueInput, payout_case_id
 from starters.dev.stack import TemporalDevServer
 from starters.relay.webhook_desk import WebhookDesk
@@ -203,6 +206,39 @@ async def approve_while_the_ledger_is_locked(stack: Stack, postgres_dsn: str, st
     return case_id
 
 
+def keep_holds_policy(folder: Path) -> Path:
+    """The default policy, but a failed compensating entry keeps the hold (no rollback)."""
+    text = (Path(__file__).parents[1] / "adapters/policies/default.toml").read_text()
+    strict = folder / "keep-holds.toml"
+    strict.write_text(text.replace("rollback_hold_on_ledger_failure = true",
+                                   "rollback_hold_on_ledger_failure = false"))
+    return strict
+
+
+@contextlib.asynccontextmanager
+async def reversal_answered_late(stack: Stack) -> AsyncIterator[str]:
+    """A failed payout's case approved whose step B commits but answers after the case's
+    `ledger_pending_after` (2 s), while the block runs: yields the case id once approved."""
+    payouts = stack.store.payouts
+    post = payouts.post_reversal
+
+    async def answered_late(case_id: str, payout: PayoutSnapshot) -> LedgerResult:
+        posted = await post(case_id, payout)
+        await asyncio.sleep(4)
+        return posted
+
+    payouts.post_reversal = answered_late  # type: ignore[method-assign]
+    try:
+        payout = await paid_payout(stack, 300_000)
+        await move_payout(stack, payout.provider_payout_id, "failed", failure_code="account_closed")
+        case_id = payout_case_id("sandbox", payout.provider_payout_id)
+        await wait_for_case(stack, case_id, "awaiting_approval")
+        assert (await decide(stack, "lena", case_id)).status_code == 202
+        yield case_id
+    finally:
+        payouts.post_reversal = post  # type: ignore[method-assign]
+
+
 async def test_ledger_failure_after_the_hold_rolls_it_back_and_raises_a_high_priority_ticket(
         store: Store, client: Client, temporal_server: TemporalDevServer, postgres_dsn: str) -> None:
     stack = await ledger_stuck(store, client, temporal_server)
@@ -228,10 +264,7 @@ async def test_ledger_failure_after_the_hold_rolls_it_back_and_raises_a_high_pri
 async def test_ledger_failure_keeps_the_hold_where_policy_forbids_the_rollback(
         store: Store, client: Client, temporal_server: TemporalDevServer, postgres_dsn: str,
         tmp_path: Path) -> None:
-    text = (Path(__file__).parents[1] / "adapters/policies/default.toml").read_text()
-    strict = tmp_path / "keep-holds.toml"
-    strict.write_text(text.replace("rollback_hold_on_ledger_failure = true",
-                                   "rollback_hold_on_ledger_failure = false"))
+    strict = keep_holds_policy(tmp_path)
     assert not load_policy(strict).payout_reversal.rollback_hold_on_ledger_failure
     stack = await ledger_stuck(store, client, temporal_server, policy_file=strict)
     try:
@@ -239,9 +272,29 @@ async def test_ledger_failure_keeps_the_hold_where_policy_forbids_the_rollback(
         case = await view(stack, case_id)
         assert case["payout"]["status"] == "on_hold"
         assert [h["released_at"] for h in case["beneficiary_holds"]] == [None]
-        assert "payout_hold_rolled_back" not in [e["action"] for e in await store.audit.trail(case_id)]
+        actions = [e["action"] for e in await store.audit.trail(case_id)]
+        assert "payout_hold_rolled_back" not in actions and "payout_reversal_given_up" in actions
         assert ("payout_ledger_failed", "payments_ops") in {
             (n["kind"], n["audience"]) for n in await store.outbox.notices(case_id)}
+    finally:
+        await stack.close()
+
+
+async def test_an_entry_that_landed_as_its_deadline_passed_is_not_reported_failed_where_the_hold_stays(
+        store: Store, client: Client, temporal_server: TemporalDevServer, tmp_path: Path) -> None:
+    """Step B commits, but its answer reaches the case after `ledger_pending_after` (a slow
+    worker, one that died after the commit). Where policy keeps the hold, the case asked
+    nothing and reported `ledger_failed`: finance, told the entry failed, would post it by
+    hand a second time, and no reissue was ever offered. It finds the entry and goes on."""
+    stack = await ledger_stuck(store, client, temporal_server, policy_file=keep_holds_policy(tmp_path))
+    try:
+        async with reversal_answered_late(stack) as case_id:
+            row = await wait_for_case(stack, case_id, "remediated", "ledger_failed", timeout=60)
+        assert row["status"] == "remediated"
+        assert "payout_reversal_landed_late" in [e["action"] for e in await store.audit.trail(case_id)]
+        assert [e.template for e in await store.ledger.entries(case_id) if e.debit] == ["payout_reversed"]
+        kinds = [n["kind"] for n in await store.outbox.notices(case_id)]
+        assert "payout_ledger_failed" not in kinds and "payout_exception_remediated" in kinds
     finally:
         await stack.close()
 

@@ -32,6 +32,7 @@ from workflows.payout_case import (
     ADVICE_REFRESH_PATCH,
     DENIED_ROUND_EVENTS_PATCH,
     EVENTS_WHILE_APPROVING_PATCH,
+    GIVE_UP_PATCH,
     HELD_REISSUE_PATCH,
     LATE_REISSUE_PATCH,
     REISSUE_HORIZON_PATCH,
@@ -218,6 +219,8 @@ BRANCHES: dict[str, Branch] = {
                                            lacks=["activity:post_payout_reversal", "continued_as_new"]),
     "payout_ledger_failed": branch("action:ledger_failed", "activity:release_payout_hold",
                                    lacks=["action:runbook_completed", "activity:reissue_payout"]),
+    "payout_reversal_landed_late": branch(f"patch:{GIVE_UP_PATCH}", "activity:give_up_payout_reversal",
+                                          "action:runbook_completed", lacks=["action:ledger_failed"]),
     "payout_events_while_approving": branch(
         f"patch:{EVENTS_WHILE_APPROVING_PATCH}", "signal:payout_event#4", "activity:admit_payout_event#4",
         "update:submit_approval#2", "update:request_reissue", "action:approval_denied",

@@ -48,6 +48,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.history import forged_start
     from workflows.payout_case import (
         DENIED_ROUND_EVENTS_PATCH,
+        GIVE_UP_PATCH,
         REVERSAL_STEPS,
         SEALED_REISSUE_PATCH,
         TICKETS_PATCH,
@@ -274,15 +275,19 @@ class PayoutReversalWorkflow(PayoutReissue):
         True when the entry turns out to have landed after all (the runbook goes on)."""
         assert self._inp is not None and self._payout is not None
         outcome = "hold_kept"
+        reversal = ReversalInput(case_id=self._inp.case_id, payout=self._payout)
         if decision.rollback_hold_on_ledger_failure:
-            released: ReleaseResult = await contracts.RELEASE_PAYOUT_HOLD(
-                ReversalInput(case_id=self._inp.case_id, payout=self._payout),
-                **retry.PAYOUT_HOLD)
+            released: ReleaseResult = await contracts.RELEASE_PAYOUT_HOLD(reversal, **retry.PAYOUT_HOLD)
             if released.posted:
                 self._runbook.append("compensating_entry")
                 return True
             outcome = "hold_rolled_back"
             self._runbook.append("rollback")
+        elif workflow.patched(GIVE_UP_PATCH):
+            given_up: ReleaseResult = await contracts.GIVE_UP_PAYOUT_REVERSAL(reversal, **retry.PAYOUT_HOLD)
+            if given_up.posted:
+                self._runbook.append("compensating_entry")
+                return True
         detail = {"error": error, "outcome": outcome, "priority": "high", "approved_by": self._approvers()}
         for audience in ("finance", "payments_ops"):
             await self._notify("payout_ledger_failed", audience, detail)

@@ -70,6 +70,11 @@ LATE_REISSUE_PATCH = "payout-reissue-looked-up-late-1"
 # two failed payouts of one beneficiary each held it, so neither case could ever reissue.
 # Asked when the activity answers `BeneficiaryHeld`.
 HELD_REISSUE_PATCH = "payout-reissue-waits-for-holds-1"
+# Step B failed where policy keeps the hold: the case asks whether the entry landed after all
+# (then the runbook goes on) and fences off any attempt still running. Before, it reported
+# `ledger_failed` unasked: an entry committed as the deadline passed stood in the ledger while
+# finance were told to post it by hand. Asked when that branch is taken.
+GIVE_UP_PATCH = "payout-reversal-given-up-1"
 
 
 class PayoutCase(ApprovingWorkflow):

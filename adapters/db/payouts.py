@@ -341,7 +341,11 @@ class PayoutRepository(Repository):
         hold, and the case row records it in the same transaction (see `release_hold`)."""
         async with self._db.transaction() as conn:
             await conn.execute("SET LOCAL lock_timeout = '5s'")  # fail fast, let Temporal retry
-            await conn.execute("SELECT 1 FROM payout_cases WHERE case_id = %s FOR UPDATE", (case_id,))
+            case = await (await conn.execute(
+                "SELECT reversal_given_up_at FROM payout_cases WHERE case_id = %s FOR UPDATE",
+                (case_id,))).fetchone()
+            if case is not None and case["reversal_given_up_at"] is not None:
+                raise HoldReleased(f"case {case_id} gave its compensating entry up")
             status = await self._status(conn, payout.id)
             if status is not PayoutStatus.ON_HOLD:
                 raise HoldReleased(f"payout {payout.id} is {status.value}, no longer on hold")
@@ -376,6 +380,24 @@ class PayoutRepository(Repository):
                                   {"payout_id": payout_id, "restored": status.value if status else None,
                                    "beneficiary_holds_released": released})
             return ReleaseResult(rolled_back=True, posted=False, restored=status)
+
+    async def give_up_reversal(self, case_id: str) -> ReleaseResult:
+        """Step B failed where policy keeps the hold: under the case row's lock, an entry that
+        landed after all is reported (the runbook goes on), or none can land any more (see
+        `post_reversal`), so the case's word that it failed stays true."""
+        async with self._db.transaction() as conn:
+            case = await (await conn.execute(
+                "SELECT reversal_entry_id FROM payout_cases WHERE case_id = %s FOR UPDATE",
+                (case_id,))).fetchone()
+            assert case is not None
+            if case["reversal_entry_id"] is not None:
+                await AuditLog.append(conn, case_id, "system", "payout_reversal_landed_late",
+                                      {"entry_id": case["reversal_entry_id"]})
+                return ReleaseResult(rolled_back=False, posted=True)
+            await conn.execute("UPDATE payout_cases SET reversal_given_up_at = coalesce(reversal_given_up_at,"
+                               " now()), updated_at = now() WHERE case_id = %s", (case_id,))
+            await AuditLog.append(conn, case_id, "system", "payout_reversal_given_up", {"hold": "kept"})
+            return ReleaseResult(rolled_back=False, posted=False)
 
     async def acted_on_beneficiary(self, case_id: str, user: str, action: str,
                                    statuses: Collection[PayoutCaseStatus] = ()) -> list[str]:

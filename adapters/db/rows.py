@@ -125,6 +125,7 @@ class PayoutCaseRow(Row):
     created_at: datetime
     updated_at: datetime
     workflow_end_seen_at: datetime | None
+    reversal_given_up_at: datetime | None
 
 
 @dataclass(frozen=True, eq=False)
