@@ -19,7 +19,7 @@ class LossyProxy:
         self.target = target
         self.armed: Counter[tuple[str, str]] = Counter()
         self.lost: list[bytes] = []
-        self.refusals: defaultdict[tuple[str, str], list[tuple[int, str]]] = defaultdict(list)
+        self.refusals: defaultdict[tuple[str, str], list[tuple[int, str, str | None]]] = defaultdict(list)
         self.refused: list[tuple[str, str, int]] = []
         self.late: dict[tuple[str, str], float] = {}
 
@@ -27,10 +27,10 @@ class LossyProxy:
         self.armed[(method, path)] += 1
 
     def refuse_next(self, method: str, path: str, *statuses: int,
-                    error_type: str = "invalid_request_error") -> None:
+                    error_type: str = "invalid_request_error", code: str | None = None) -> None:
         """The next requests to `path` are answered with these statuses, one each, unforwarded,
-        with a Stripe-shaped error of `error_type`."""
-        self.refusals[(method, path)].extend((status, error_type) for status in statuses)
+        with a Stripe-shaped error of `error_type` (and `code`, when given)."""
+        self.refusals[(method, path)].extend((status, error_type, code) for status in statuses)
 
     def act_late(self, method: str, path: str, after_seconds: float) -> None:
         """The next request to `path` reaches the server only `after_seconds` after the
@@ -46,12 +46,14 @@ class LossyProxy:
             more = message.get("more_body", False)
         key = (scope["method"], scope["path"])
         if self.refusals[key]:
-            status, error_type = self.refusals[key].pop(0)
+            status, error_type, code = self.refusals[key].pop(0)
             self.refused.append((*key, status))
             await send({"type": "http.response.start", "status": status,
                         "headers": [(b"content-type", b"application/json")]})
-            await send({"type": "http.response.body", "body": json.dumps(
-                {"error": {"type": error_type, "message": f"refused with {status}"}}).encode()})
+            error = {"type": error_type, "message": f"refused with {status}"}
+            if code:
+                error["code"] = code
+            await send({"type": "http.response.body", "body": json.dumps({"error": error}).encode()})
             return
         late = self.late.pop(key, None)
         if late is not None:

@@ -186,13 +186,18 @@ async def test_lost_response_is_verified_at_stripe_not_resubmitted(rig: StripeRi
     assert "provider_outcome_unknown" in trail and "verify_state" in trail
 
 
-async def test_an_idempotency_error_is_no_decline_the_case_verifies_and_refunds_once(rig: StripeRig) -> None:
+@pytest.mark.parametrize(("error_type", "code"), [("idempotency_error", None),
+                                                   ("invalid_request_error", "rate_limit")],
+                         ids=["idempotency_error", "legacy_rate_limit"])
+async def test_an_idempotency_error_is_no_decline_the_case_verifies_and_refunds_once(
+        rig: StripeRig, error_type: str, code: str | None) -> None:
     """Stripe answers 400 `idempotency_error` when the key was used before with other
     parameters: that earlier request may have made the refund, so it is an outcome to
-    verify, never "nothing was created" (a failed case someone would reissue)."""
+    verify, never "nothing was created" (a failed case someone would reissue). A 400 coded
+    `rate_limit` (how Stripe once answered a rate limit) is no decline either."""
     charge = await rig.charge(10_000)
     body = rig.body(charge, 2_000)
-    rig.proxy.refuse_next("POST", "/v1/refunds", 400, error_type="idempotency_error")
+    rig.proxy.refuse_next("POST", "/v1/refunds", 400, error_type=error_type, code=code)
     async with rig.stack.api("alice") as api:
         assert (await api.post("/v1/refund-requests", json=body)).status_code == 202
     row = await rig.stack.wait_for_status(body["refund_request_id"], "succeeded", "refund_failed")

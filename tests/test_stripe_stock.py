@@ -5,6 +5,7 @@ account it cannot learn is a configuration incident for ops, never a rejected re
 ops can cancel the case while it waits."""
 
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -12,8 +13,11 @@ import pytest
 from temporalio.client import Client
 
 from adapters.db import Store
+from adapters.providers.base import RefundLister
+from domain.reconciliation import ListedRefund
 from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
+from tests.reconciliation_kit import backfill
 
 API_KEY = "sk_test_stock"
 SECRET = "whsec_stock_test_secret"
@@ -92,5 +96,30 @@ async def test_an_account_the_provider_cannot_name_is_a_configuration_incident(
         await stack.client.get_workflow_handle(case_id).cancel()
         row = await stack.wait_for_status(case_id, "canceled_by_ops")
         assert row["reserved_amount"] == 0 and "canceled_by_ops" in await stack.actions(case_id)
+    finally:
+        await stack.close()
+
+
+async def test_refunds_are_listed_by_window_though_its_lists_take_no_created_filter(
+        store: Store, client: Client, temporal_server: TemporalDevServer, stock_localstripe: str) -> None:
+    """Released localstripe answers a list with Stripe's `created` filter with a 500: every
+    reconciliation batch failed and was retried for good, finding nothing. The adapter reads
+    such a list whole and keeps the window itself; a backfill finds a refund made outside us."""
+    stack = await _stack(store, client, temporal_server, stock_localstripe, stripe_merchant_account=MERCHANT,
+                         reconciliation_grace_seconds=0)
+    try:
+        charge = await _charge(stock_localstripe, 10_000)
+        async with httpx.AsyncClient(base_url=stock_localstripe, auth=(API_KEY, ""), timeout=30) as http:
+            made = await http.post("/v1/refunds", data={"charge": charge, "amount": 1_500})  # the dashboard's
+        dashboard = str(made.raise_for_status().json()["id"])
+        adapter = stack.providers["stripe"]
+        assert isinstance(adapter, RefundLister)
+        now = datetime.now(UTC)
+        inside = [r async for r in adapter.list_refunds(now - timedelta(hours=1), now + timedelta(hours=1))]
+        assert dashboard in [r.refund.refund_id for r in inside if isinstance(r, ListedRefund)]
+        later = now + timedelta(hours=1)
+        assert [r async for r in adapter.list_refunds(later, later + timedelta(hours=1))] == []
+        report = await backfill(stack, provider="stripe", since_days=1)
+        assert (dashboard, "unknown_to_us") in {(b["object_id"], b["break_class"]) for b in report["breaks"]}
     finally:
         await stack.close()
