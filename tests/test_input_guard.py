@@ -126,6 +126,36 @@ async def test_a_lone_surrogate_is_422_and_a_pair_is_text(stack: Stack) -> None:
     assert await post("x\\udc00") == 422
     assert await post("\\\\ud800 is text") == 202
     assert await post("smile \\ud83d\\ude00") == 202
+    # an escaped backslash, then text that reads like a high half, then a real low half: the
+    # low half is alone (it was stored as a 500)
+    assert await post("\\\\ud800\\udc00") == 422
+
+
+async def test_json_past_what_a_parser_reads_is_refused_and_recorded(stack: Stack) -> None:
+    """A number of more digits than Python parses (4,300), or arrays nested past its
+    recursion limit: the route's parser failed with a bare 400 nobody recorded."""
+    charge = await stack.charge(10_000)
+    body = json.dumps(stack.refund_body(charge, 1_000))
+    huge = body.replace('"amount": 1000', '"amount": ' + "9" * 5_000)
+    deep = "[" * 100_000 + "]" * 100_000
+    async with stack.api("alice") as api:
+        for raw in (huge, deep):
+            refused = await api.post("/v1/refund-requests", content=raw.encode(),
+                                     headers={"Content-Type": "application/json"})
+            assert refused.status_code == 422 and "JSON" in refused.json()["detail"], refused.text
+    assert len([e for e in await stack.store.audit.trail("") if e["actor"] == "alice"
+                and e["detail"].get("action") == "POST /v1/refund-requests"
+                and "JSON" in str(e["detail"].get("refusal"))]) >= 2
+
+
+async def test_only_the_codec_endpoints_take_the_codec_s_allowances(stack: Stack) -> None:
+    """A case whose id is `codec` is no codec endpoint: its approvals are checked as any
+    JSON body (a name given twice refused: which value counts is up to each reader)."""
+    twice = b'{"decision": "deny", "reason": "x", "decision": "approve"}'
+    async with stack.api("bob") as api:
+        refused = await api.post("/v1/refund-requests/codec/approvals", content=twice,
+                                 headers={"Content-Type": "application/json"})
+    assert refused.status_code == 400 and "twice" in refused.text, refused.text
 
 
 async def test_a_body_is_checked_as_its_parser_reads_it(stack: Stack) -> None:

@@ -88,7 +88,7 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
     app.state.scrape_guard = metrics.scrape_guard(settings)
     app.add_exception_handler(Refused, refused)
     app.add_exception_handler(RequestValidationError, invalid)
-    app.add_middleware(InputGuard, refused=guard_refused)
+    app.add_middleware(InputGuard, refused=guard_refused, codec_paths=CODEC_PATHS)
     for router in (integration_routes, ops_routes, refund_routes, webhook_routes, payout_routes,
                    reconciliation_routes):
         app.include_router(router)

@@ -22,13 +22,11 @@ OWN_LIMITS = ("/webhooks/", "/integrations/")
 """Signed deliveries read their body under their own limit and keep a receipt of every
 refusal, so they pass through untouched."""
 
-# What JSON may escape but PostgreSQL cannot store: a NUL, or half of a surrogate pair (an
-# escape counts after an even run of backslashes: `\\u0000` is text). A form writes a NUL
-# as %00; raw, it is a NUL byte.
-_HIGH, _LOW = rb"\\u[dD][89abAB][0-9a-fA-F]{2}", rb"\\u[dD][c-fC-F][0-9a-fA-F]{2}"
-_JSON_UNSTORABLE = re.compile(
-    rb"(?<!\\)(?:\\\\)*(?:\\u0000|" + _HIGH + rb"(?!" + _LOW + rb")|(?<!" + _HIGH + rb")" + _LOW + rb")")
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+"""What a decoded string may hold but PostgreSQL cannot store: a NUL, or half of a surrogate
+pair (JSON can escape one; a whole escaped pair decodes to one character)."""
 _FORM_NUL = b"%00"
+UNSTORABLE_TEXT = "text may not contain NUL (U+0000) characters or half of a surrogate pair"
 FORM_TYPE = "application/x-www-form-urlencoded"
 JSON_TYPE = "application/json"
 
@@ -51,11 +49,9 @@ async def read_limited(request: Request, limit: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def carries_nul(data: bytes, *, url_encoded: bool) -> bool:
-    """Text PostgreSQL cannot store, raw or as the request's encoding writes it (%00 in a
-    query or form, \\u0000 or a lone surrogate in JSON)."""
-    escaped = _FORM_NUL in data if url_encoded else _JSON_UNSTORABLE.search(data) is not None
-    return b"\x00" in data or escaped
+def carries_nul(data: bytes) -> bool:
+    """A NUL PostgreSQL cannot store, raw or as a query or form writes it (%00)."""
+    return b"\x00" in data or _FORM_NUL in data
 
 
 class InputGuard:
@@ -65,9 +61,10 @@ class InputGuard:
     store (a NUL in the path, query or body, a lone surrogate in JSON) a 422, so no handler,
     store or workflow sees any of them. `refused` records each refusal."""
 
-    def __init__(self, app: ASGIApp, refused: Refusal) -> None:
+    def __init__(self, app: ASGIApp, refused: Refusal, codec_paths: tuple[str, ...] = ()) -> None:
         self.app = app
         self.refused = refused
+        self.codec_paths = codec_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = str(scope.get("path", ""))
@@ -77,7 +74,8 @@ class InputGuard:
         if scope["type"] != "http" or path.startswith(OWN_LIMITS):
             await self.app(scope, receive, send)
             return
-        limit = CODEC_MAX_BODY_BYTES if "/codec/" in path else API_MAX_BODY_BYTES
+        codec = bool(self.codec_paths) and path.startswith(self.codec_paths)
+        limit = CODEC_MAX_BODY_BYTES if codec else API_MAX_BODY_BYTES
         body = await self._body(scope, receive, limit)
         if body is None:
             await self._refuse(scope, receive, send, 413, f"request body exceeds {limit} bytes")
@@ -89,15 +87,14 @@ class InputGuard:
             await self._refuse(scope, receive, send, *unreadable)
             return
         form = media_type == FORM_TYPE
-        # the codec's protobuf JSON (up to 4 MiB) comes from the Temporal UI and moves no money
-        if not form and limit != CODEC_MAX_BODY_BYTES and (twice := _named_twice(body)) is not None:
-            await self._refuse(scope, receive, send, 400, f"the JSON body names {twice[:64]!r} twice in "
-                               "one object: which value counts is up to each reader")
+        if ("\x00" in path or carries_nul(scope.get("query_string", b""))
+                or (form and carries_nul(body))):
+            await self._refuse(scope, receive, send, 422, UNSTORABLE_TEXT)
             return
-        if ("\x00" in path or carries_nul(scope.get("query_string", b""), url_encoded=True)
-                or carries_nul(body, url_encoded=form)):
-            await self._refuse(scope, receive, send, 422, "text may not contain NUL (U+0000) "
-                               "characters or half of a surrogate pair")
+        # the codec's protobuf JSON (up to 4 MiB) comes from the Temporal UI and moves no money
+        problem = None if form or not body else _json_problem(body, names_once=not codec)
+        if problem is not None:
+            await self._refuse(scope, receive, send, *problem)
             return
         await self.app(scope, _replay(body, receive), send)
 
@@ -158,18 +155,39 @@ def _unique_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
-def _named_twice(body: bytes) -> str | None:
-    """A name some object of a JSON body repeats, or None (for a body that is not JSON too:
-    its route refuses that)."""
-    if not body:
-        return None
+def _json_problem(body: bytes, *, names_once: bool) -> tuple[int, str] | None:
+    """Why a JSON body is refused before its route parses it, or None (for a body that is
+    not JSON at all too: its route refuses that, naming where): a name given twice in one
+    object (`names_once`: which value counts is up to each reader), a string PostgreSQL
+    cannot store, or JSON no parser here reads (a number of more than 4,300 digits, nesting
+    past the recursion limit: the route's parser failed with a bare, unrecorded 400)."""
     try:
-        json.loads(body, object_pairs_hook=_unique_names)
+        parsed = json.loads(body, object_pairs_hook=_unique_names if names_once else None)
     except _NamedTwice as twice:
-        return str(twice.args[0])
-    except (ValueError, RecursionError):
+        return 400, (f"the JSON body names {str(twice.args[0])[:64]!r} twice in one object: which "
+                     "value counts is up to each reader")
+    except json.JSONDecodeError:
         return None
+    except (ValueError, RecursionError) as unreadable:
+        return 422, f"the JSON body cannot be read: {str(unreadable)[:120]}"
+    if _holds_unstorable(parsed):
+        return 422, UNSTORABLE_TEXT
     return None
+
+
+def _holds_unstorable(parsed: Any) -> bool:
+    """Whether any string (name or value) of parsed JSON holds text PostgreSQL cannot store."""
+    pending = [parsed]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, str):
+            if _UNSTORABLE.search(value):
+                return True
+        elif isinstance(value, dict):
+            pending += [*value.keys(), *value.values()]
+        elif isinstance(value, list):
+            pending += value
+    return False
 
 
 def _media_type(declared: bytes) -> tuple[str, str]:
