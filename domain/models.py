@@ -16,7 +16,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 
 from domain.money import MAX_MINOR_AMOUNT, normalise_currency
 
-Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
+CASE_ID_MAX = 128
+"""The longest id of ours: a case's, its workflow's, a caller's."""
+Identifier = Annotated[str, Field(min_length=1, max_length=CASE_ID_MAX,
+                                  pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
 
 REISSUE_SUFFIX = r"-r[0-9]+$"
 """How a reissue's id ends (a refund's `<id>-r<n>`, a payout's `<id>-r1`)."""

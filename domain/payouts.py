@@ -13,9 +13,10 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import AfterValidator, Field, field_validator
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator
 
 from domain.models import (
+    CASE_ID_MAX,
     REISSUE_SUFFIX,
     ApprovalRecord,
     EventTime,
@@ -178,6 +179,17 @@ class PayoutRegistration(Frozen):
     @classmethod
     def _known_currency(cls, value: str) -> str:
         return normalise_currency(value)
+
+    @field_validator("provider_payout_id")
+    @classmethod
+    def _case_id_fits(cls, value: str, info: ValidationInfo) -> str:
+        """The exception case its failure opens is named after it: a case id past the limit
+        would fail that case's start when the failure comes (a 500, the payout never
+        reversed), so the payout is refused now."""
+        provider = info.data.get("provider")
+        if provider is not None and len(payout_case_id(provider, value)) > CASE_ID_MAX:
+            raise ValueError(f"too long: its exception case id would pass {CASE_ID_MAX} characters")
+        return value
 
     def snapshot(self) -> PayoutSnapshot:
         return PayoutSnapshot(**self.model_dump(), status=PayoutStatus.PAID)

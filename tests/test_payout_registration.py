@@ -66,8 +66,9 @@ async def test_the_same_payout_with_other_data_is_a_409_and_changes_nothing(
     ({"amount": 0}, "amount"), ({"amount": -5}, "amount"), ({"amount": 12.5}, "amount"),
     ({"amount": "1250"}, "amount"), ({"currency": "XYZ"}, "currency"), ({"currency": "XAU"}, "currency"),
     ({"status": "failed"}, "status"), ({"id": "has space"}, "id"), ({"id": "P-77-r1"}, "id"),
+    ({"provider_payout_id": "po_" + "7" * 125}, "provider_payout_id"),
 ], ids=["zero", "negative", "float", "string", "unknown-currency", "no-minor-unit", "unknown-field",
-        "bad-id", "a-reissue-id"])
+        "bad-id", "a-reissue-id", "case-id-past-its-limit"])
 async def test_bad_input_is_a_recorded_422_that_books_nothing(stack: Stack, change: dict[str, Any],
                                                              where: str) -> None:
     body = registration(**change)
