@@ -30,8 +30,9 @@ async def test_same_id_with_other_parameters_is_409_and_changes_nothing(stack: S
 
 
 async def test_someone_else_repeating_a_request_is_refused_and_recorded_as_theirs(stack: Stack) -> None:
-    """Another requester sending the same id and terms learns nothing of the case, and the
-    trail says that they were refused, not only that the request came again."""
+    """Another requester sending the same id learns nothing of the case (not even whether
+    their terms match it), and the trail says that they were refused, not only that the
+    request came again."""
     stack.tokens["ravi"] = await stack.store.access.create_token("ravi", ["requester"], by="test")
     charge = await stack.charge(10_000)
     body = stack.refund_body(charge, 2_000)
@@ -39,10 +40,13 @@ async def test_someone_else_repeating_a_request_is_refused_and_recorded_as_their
         assert (await api.post("/v1/refund-requests", json=body)).status_code == 202
     async with stack.api("ravi") as api:
         foreign = await api.post("/v1/refund-requests", json=body)
+        # nor whether a guess of its terms was right: the answer is the same either way
+        guessed = await api.post("/v1/refund-requests", json={**body, "amount": 2_500})
     assert foreign.status_code == 409 and "another requester" in foreign.json()["detail"]
+    assert (guessed.status_code, guessed.json()["detail"]) == (409, foreign.json()["detail"])
     trail = await stack.store.audit.trail(body["refund_request_id"])
     assert [(e["actor"], e["detail"]["refusal"]) for e in trail if e["action"] == "action_refused"] == [
-        ("ravi", foreign.json()["detail"])]
+        ("ravi", foreign.json()["detail"])] * 2
 
 
 async def test_worker_killed_after_provider_accepted_still_one_refund(

@@ -45,14 +45,14 @@ async def request_refund(body: RefundRequestBody, caller: Caller, request: Reque
     cli = request.headers.get(CHANNEL_HEADER, "").lower() == RequestSource.CLI.value
     refund = body.as_request(RequestSource.CLI if cli else RequestSource.API)
     outcome, row = await door.store.cases.create(refund, caller.user)
+    if row["requester"] != caller.user:  # someone else's id shows nothing, not even whether the terms match
+        await actions.refuse(caller, body.refund_request_id, 409, "requesting a refund",
+                             f"refund_request_id {body.refund_request_id!r} was already used by "
+                             "another requester", via="api")
     if outcome is CaseCreation.CONFLICT:
         await actions.refuse(caller, body.refund_request_id, 409, "requesting a refund",
                              f"refund_request_id {body.refund_request_id!r} was already used with "
                              "different parameters", via="api")
-    if row["requester"] != caller.user:  # a repeat of someone else's request shows nothing
-        await actions.refuse(caller, body.refund_request_id, 409, "requesting a refund",
-                             f"refund_request_id {body.refund_request_id!r} was already used by "
-                             "another requester", via="api")
     await start_refund(door.client, door.settings, refund, row["requester"], row["status"])
     if outcome is CaseCreation.IDENTICAL:
         response.status_code = 200
