@@ -284,6 +284,16 @@ def test_a_webhook_amount_no_iso_minor_unit_can_hold_is_refused_as_malformed() -
     assert "4010" in refused.value.message and "ISK" in refused.value.message
 
 
+@pytest.mark.parametrize("event_type", ["refund.created", "refund.updated"])
+def test_a_refund_of_no_charge_is_a_notice_about_nothing_we_hold(event_type: str) -> None:
+    """Since API version 2024-10-28 refund.* events also come for refunds of no charge (a
+    customer balance's): nothing of ours, so accepted and acted on by nobody. It was refused
+    as malformed, and Stripe retried it for three days."""
+    headers, raw = _signed_event(event_type, charge=None, payment_intent=None)
+    event = _refund_event(headers, raw)
+    assert (event.refund_id, event.charge_id, event.as_refund()) == (None, None, None)
+
+
 def test_unexpected_status_is_refused_loudly_not_defaulted() -> None:
     headers, raw = _signed_event("refund.updated", status="teleported")
     with pytest.raises(WebhookRejected) as refused:

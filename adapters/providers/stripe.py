@@ -65,7 +65,9 @@ STATUSES = {
 REFUND_EVENTS = frozenset({"refund.created", "refund.updated", "refund.failed", "charge.refund.updated"})
 CHARGE_EVENTS = frozenset({"charge.refunded"})
 """Charge-level notices: current API versions carry no refund list, so the refund.* events
-that accompany them are what moves a case."""
+that accompany them (since API version 2024-10-28 for card refunds too; before it,
+`charge.refund.updated` on a refund's later changes) are what moves a case. An account on an
+older version announces a dashboard refund by this event alone: reconciliation finds it."""
 PAYOUT_EVENTS = frozenset({"payout.paid", "payout.failed", "payout.canceled", "payout.updated"})
 """A Stripe payout may show paid and turn failed up to five business days later."""
 PAYOUT_STATUSES = {
@@ -287,11 +289,14 @@ class StripeProvider:
         with normalising(env.event_id, env.event_type):
             if env.event_type in PAYOUT_EVENTS:
                 return payout_event(stripe_shaped_payout(self.name, env.obj, PAYOUT_STATUSES, UNITS), env)
-            if env.event_type in CHARGE_EVENTS:
+            if env.event_type in CHARGE_EVENTS or env.obj.get("charge", "") is None:
+                # a charge's own notice, or a refund of no charge (a customer balance's, sent
+                # since API version 2024-10-28): nothing a case of ours holds
                 return ProviderEvent(
                     provider=self.name, event_id=env.event_id, event_type=env.event_type,
                     kind=EventKind.REFUND_STATUS, body_sha256=env.body_sha256,
-                    occurred_at=env.occurred_at, charge_id=str(env.obj["id"]),
+                    occurred_at=env.occurred_at,
+                    charge_id=str(env.obj["id"]) if env.event_type in CHARGE_EVENTS else None,
                     currency=normalise_currency(str(env.obj["currency"])), merchant_account=account)
             return refund_event(self._refund(env.obj), event_id=env.event_id, event_type=env.event_type,
                                 body_sha256=env.body_sha256, occurred_at=env.occurred_at,
