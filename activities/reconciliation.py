@@ -252,7 +252,7 @@ class ReconciliationActivities:
         current: ProviderRefund | ProviderPayout | None
         try:
             if found.object_kind == "payout":
-                if not isinstance(provider, PayoutExecutor):
+                if not isinstance(provider, PayoutExecutor | PayoutLister):
                     return None
                 current = await provider.get_payout(found.object_id)
             else:

@@ -6,6 +6,7 @@ Stripe's dedup, is what keeps it single). Webhooks: Stripe-signed, rotated secre
 import asyncio
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -429,6 +430,18 @@ async def test_a_stripe_backfill_finds_a_silent_failure_and_a_dashboard_refund(r
         (row["provider_refund_id"], "provider_failed_shown_refunded", body["refund_request_id"]),
         (dashboard, "unknown_to_us", None)}
     assert {b["ledger_delta"] for b in report["breaks"]} == {-2_000, 1_500}
+
+
+async def test_a_stripe_payout_is_read_back_by_its_id(rig: StripeRig) -> None:
+    """An approved payout break reads its payout at the provider before it reverses anything
+    (approvals take days; a bank may correct a failure to paid meanwhile). Stripe's adapter
+    could not read one, so the approval posted the reversal on the stored word alone."""
+    made = await stripe_payout(rig, 700, "failed", 1)
+    adapter = rig.stack.providers["stripe"]
+    assert isinstance(adapter, PayoutLister)
+    found = await adapter.get_payout(made)
+    assert found is not None and (found.payout_id, found.status.value, found.amount) == (made, "failed", 700)
+    assert await adapter.get_payout(f"po_{uuid.uuid4().hex[:14]}") is None
 
 
 async def test_a_payout_status_we_cannot_map_is_listed_as_unmapped_and_the_list_reads_on(

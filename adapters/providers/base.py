@@ -207,6 +207,10 @@ class PayoutLister(Protocol):
         reads; `starting_after` (an object id) resumes after that object. As for refunds,
         an unmappable status may come as an UnmappedListing."""
 
+    async def get_payout(self, payout_id: str) -> ProviderPayout | None:
+        """One payout by the provider's id as it stands now (None: the provider has none):
+        an approved payout break reads it before it reverses anything."""
+
 
 class WebhooksOnly:
     """Base of adapters whose provider API is not reachable here: every API call is refused

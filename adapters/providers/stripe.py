@@ -50,7 +50,7 @@ from domain.models import (
     RefundRequest,
 )
 from domain.money import normalise_currency
-from domain.payouts import PayoutEvent, ProviderPayoutStatus
+from domain.payouts import PayoutEvent, ProviderPayout, ProviderPayoutStatus
 from domain.reconciliation import ListedPayout, ListedRefund, UnmappedListing
 
 log = logging.getLogger(__name__)
@@ -243,6 +243,12 @@ class StripeProvider:
                                          since, until, starting_after):
             yield listed(self.name, obj, UNITS, lambda o, created: ListedPayout(
                 payout=stripe_shaped_payout(self.name, o, PAYOUT_STATUSES, UNITS), created=created))
+
+    async def get_payout(self, payout_id: str) -> ProviderPayout | None:
+        payout = await self._found(f"GET /v1/payouts/{payout_id}",
+                                   self._client.v1.payouts.retrieve_async(payout_id))
+        return None if payout is None else stripe_shaped_payout(self.name, _stripe_dict(payout),
+                                                                PAYOUT_STATUSES, UNITS)
 
     async def _in_window(self, what: str, list_call: Callable[[Any], Awaitable[Any]], since: datetime,
                          until: datetime, starting_after: str | None) -> AsyncGenerator[dict[str, Any]]:
