@@ -743,6 +743,17 @@ async def test_a_payout_mismatch_found_by_reconciliation_alone_is_for_ops(payout
                                                (listed["id"],))
     assert row == {"status": "paid"}
 
+    # its webhook comes after all: the case goes to ops review, beside the run's break, not
+    # with a second break of its own for the same payout
+    await move_payout(stack, listed["id"], "failed", failure_code="account_closed")
+    case_id = payout_case_id("sandbox", listed["id"])
+    await wait_for_case(stack, case_id, "ops_review")
+    breaks = await stack.store.database.fetch_all(
+        "SELECT id, break_class FROM reconciliation_breaks WHERE chain = %s", (case_id,))
+    assert breaks == [{"id": found["id"], "break_class": "amount_mismatch"}]
+    [notice] = [n for n in await stack.store.outbox.notices(case_id) if n["kind"] == "payout_amount_mismatch"]
+    assert notice["detail"]["break_id"] == found["id"]
+
 
 async def test_an_approved_amount_break_leaves_a_running_case_to_book_the_refund_once(
         store: Store, client: Client, temporal_server: TemporalDevServer,

@@ -204,21 +204,30 @@ class PayoutRepository(Repository):
     @staticmethod
     async def _mismatched(conn: Conn, case_id: str, payout: PayoutSnapshot, event: PayoutEvent,
                           amounts: dict[str, str]) -> None:
-        """The mismatch's break (ops review, never dispatched) and the payments-ops notice."""
-        run_id = f"payout-admission-{case_id}"
-        await open_incident_run(conn, run_id, payout.provider, "payout-admission")
-        case = await (await conn.execute("SELECT created_at FROM payout_cases WHERE case_id = %s",
-                                         (case_id,))).fetchone()
-        assert case is not None
-        currency_differs = event.payout.currency != payout.currency
+        """The mismatch's break (ops review, never dispatched) and the payments-ops notice. A
+        reconciliation run that listed the payout first raised the break already (under the
+        provider's payout id): the notice names that one, no second break is opened."""
         evidence = {**amounts, "payout_id": payout.id, "provider_payout_id": payout.provider_payout_id,
                     "event_id": event.event_id}
-        opened = await _open_payout_break(
-            conn, provider=payout.provider, case_id=case_id, run_id=run_id, evidence=evidence,
-            break_class=BreakClass.CURRENCY_MISMATCH if currency_differs else BreakClass.AMOUNT_MISMATCH,
-            amount=payout.amount, currency=payout.currency, reported_status=event.payout.status.value,
-            failure_code=event.payout.failure_code, case_status=PayoutCaseStatus.OPS_REVIEW.value,
-            created_at=case["created_at"])
+        listed = await (await conn.execute(
+            "SELECT id FROM reconciliation_breaks WHERE provider = %s AND object_kind = 'payout'"
+            " AND object_id = %s AND break_class IN ('amount_mismatch', 'currency_mismatch')"
+            " ORDER BY id LIMIT 1", (payout.provider, payout.provider_payout_id))).fetchone()
+        if listed is not None:
+            opened: int | None = int(listed["id"])
+        else:
+            run_id = f"payout-admission-{case_id}"
+            await open_incident_run(conn, run_id, payout.provider, "payout-admission")
+            case = await (await conn.execute("SELECT created_at FROM payout_cases WHERE case_id = %s",
+                                             (case_id,))).fetchone()
+            assert case is not None
+            currency_differs = event.payout.currency != payout.currency
+            opened = await _open_payout_break(
+                conn, provider=payout.provider, case_id=case_id, run_id=run_id, evidence=evidence,
+                break_class=BreakClass.CURRENCY_MISMATCH if currency_differs else BreakClass.AMOUNT_MISMATCH,
+                amount=payout.amount, currency=payout.currency, reported_status=event.payout.status.value,
+                failure_code=event.payout.failure_code, case_status=PayoutCaseStatus.OPS_REVIEW.value,
+                created_at=case["created_at"])
         await OutboxRepository.queue_in(conn, NoticeInput(
             refund_request_id=case_id, kind="payout_amount_mismatch", audience="payments_ops",
             dedup_key=f"{case_id}:payout_amount_mismatch",
