@@ -432,6 +432,26 @@ async def test_a_stripe_backfill_finds_a_silent_failure_and_a_dashboard_refund(r
     assert {b["ledger_delta"] for b in report["breaks"]} == {-2_000, 1_500}
 
 
+async def test_a_list_that_fails_for_a_moment_is_never_read_whole(
+        rig: StripeRig, caplog: pytest.LogCaptureFixture) -> None:
+    """Only a server that answers the `created` filter with a 500 twice, while the same list
+    without it answers, has its list read whole (localstripe as released): a 429 or a timeout
+    is the batch's failure (retried, backing off), and one 500 is asked again with the
+    window; reading a large account's whole history on a passing error would page it all."""
+    made = await stripe_refund(rig, await rig.charge(5_000), 700)
+    adapter = rig.stack.providers["stripe"]
+    assert isinstance(adapter, RefundLister)
+    now = datetime.now(UTC)
+    since, until = now - timedelta(hours=1), now + timedelta(hours=1)
+    rig.proxy.refuse_next("GET", "/v1/refunds", 429)
+    with pytest.raises(ProviderOutcomeUnknown):
+        [r async for r in adapter.list_refunds(since, until)]
+    rig.proxy.refuse_next("GET", "/v1/refunds", 500)
+    listed = [r async for r in adapter.list_refunds(since, until)]
+    assert made in [r.refund.refund_id for r in listed if isinstance(r, ListedRefund)]
+    assert "read whole" not in caplog.text
+
+
 async def test_a_stripe_payout_is_read_back_by_its_id(rig: StripeRig) -> None:
     """An approved payout break reads its payout at the provider before it reverses anything
     (approvals take days; a bank may correct a failure to paid meanwhile). Stripe's adapter

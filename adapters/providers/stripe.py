@@ -89,6 +89,11 @@ UNITS = MinorUnits(
 T = TypeVar("T")
 
 
+def _server_error(exc: ProviderOutcomeUnknown) -> bool:
+    """Whether an unknown outcome was Stripe's (or a server's) own 500."""
+    return isinstance(exc.__cause__, stripe.StripeError) and exc.__cause__.http_status == 500
+
+
 def _stripe_dict(obj: Any) -> dict[str, Any]:
     """A StripeObject (or a webhook's plain dict) as plain JSON values."""
     return obj.to_dict() if hasattr(obj, "to_dict") else dict(obj)
@@ -253,26 +258,35 @@ class StripeProvider:
     async def _in_window(self, what: str, list_call: Callable[[Any], Awaitable[Any]], since: datetime,
                          until: datetime, starting_after: str | None) -> AsyncGenerator[dict[str, Any]]:
         """Every object a list call holds created in [since, until), by Stripe's `created`
-        filter. A server whose list refuses that filter (localstripe as released answers a
-        500) is read whole, the window kept here: slower, never a run retried for good."""
+        filter. A server whose list answers that filter with a 500 twice while the same list
+        without it answers (localstripe as released) is read whole, the window kept here:
+        slower, never a run retried for good. Any other failure (a timeout, a 429, a 5xx that
+        passes) is the batch's, retried as before."""
         params: dict[str, Any] = {"limit": LIST_PAGE}
         if starting_after is not None:
             params["starting_after"] = starting_after
         window = {"gte": unix_bound(since), "lt": unix_bound(until)}
-        try:
-            first = await self._call(what, list_call({**params, "created": window}))
-        except ProviderOutcomeUnknown as refused:
+        refused: ProviderOutcomeUnknown | None = None
+        for _ in range(2):
             try:
-                first = await self._call(f"{what} (no created filter)", list_call(params))
-            except ProviderError:
-                raise refused from None
-            log.warning("%s refused its created filter (%s): the list is read whole", what, refused)
+                first = await self._call(what, list_call({**params, "created": window}))
+            except ProviderOutcomeUnknown as exc:
+                if not _server_error(exc):
+                    raise
+                refused = exc
+                continue
             async for obj in self._pages(what, first):
-                if window["gte"] <= int(obj["created"]) < window["lt"]:
-                    yield obj
+                yield obj
             return
+        assert refused is not None
+        try:
+            first = await self._call(f"{what} (no created filter)", list_call(params))
+        except ProviderError:
+            raise refused from None
+        log.warning("%s refused its created filter (%s): the list is read whole", what, refused)
         async for obj in self._pages(what, first):
-            yield obj
+            if window["gte"] <= required(self.name, obj, "created", int, "a listed object") < window["lt"]:
+                yield obj
 
     async def _pages(self, what: str, first: Any) -> AsyncGenerator[dict[str, Any]]:
         """Every object of a list from its first page, with the library's auto-paging (pages
