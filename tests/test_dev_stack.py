@@ -221,8 +221,12 @@ async def test_a_port_the_server_chose_taken_before_it_bound_starts_it_again(
         server.stop()
 
 
-async def test_the_address_asked_for_taken_is_named_not_moved(tmp_path: Path, taken: socket.socket) -> None:
-    server = TemporalDevServer(tmp_path / "temporal.db", port=taken.getsockname()[1], ui_port=None)
+@pytest.mark.parametrize("which", ["frontend", "ui"])
+async def test_the_address_asked_for_taken_is_named_not_moved(tmp_path: Path, taken: socket.socket,
+                                                                which: str) -> None:
+    held = taken.getsockname()[1]
+    server = TemporalDevServer(tmp_path / "temporal.db", port=held if which == "frontend" else free_port(),
+                               ui_port=held if which == "ui" else None)
     with pytest.raises(StackUnavailable, match="exited while starting"):
         await server.start()
     assert server.log_file.read_text().count("address already in use") == 1  # started once

@@ -139,12 +139,14 @@ class TemporalDevServer:
 
     def _lost_a_port_race(self, began: int) -> bool:
         """Whether this start's log says a port the server chose itself was taken (the
-        address asked for, `--port`, is the caller's: taken, it is not ours to change)."""
+        addresses asked for, `--port` and the UI's, are the caller's: taken, they are not ours
+        to change)."""
         with self.log_file.open("rb") as log_file:
             log_file.seek(began)
             written = log_file.read().decode(errors="replace")
         taken = [line for line in written.splitlines() if "address already in use" in line]
-        return bool(taken) and not any(f"{self.host}:{self.port}:" in line for line in taken)
+        asked = [f"{self.host}:{port}:" for port in (self.port, self.ui_port) if port]
+        return bool(taken) and not any(address in line for line in taken for address in asked)
 
     def kill(self) -> None:
         """Stops without ceremony (chaos tests restart on the same SQLite file)."""
