@@ -755,6 +755,27 @@ async def test_a_payout_mismatch_found_by_reconciliation_alone_is_for_ops(payout
     assert notice["detail"]["break_id"] == found["id"]
 
 
+async def test_a_mismatch_ops_closed_is_raised_again_when_its_webhook_comes(payout_stack: Stack) -> None:
+    """The run's mismatch break was closed by ops before the webhook came: the case's
+    admission opens its own break (the notice names an open one, never a closed one)."""
+    stack = payout_stack
+    listed = provider_payout(1_000, 0.5, "failed", failure_code="account_closed")
+    await seed_payouts(stack, [listed], {listed["id"]: PayoutStatus.PAID})
+    await stack.store.database.execute("UPDATE payouts SET amount = 600000 WHERE provider_payout_id = %s",
+                                       (listed["id"],))
+    await backfill(stack, since_days=1)
+    [found] = await wait_for_breaks(stack, [listed["id"]], "ops_review")
+    await stack.store.database.execute("UPDATE reconciliation_breaks SET state = 'dismissed' WHERE id = %s",
+                                       (found["id"],))
+    await move_payout(stack, listed["id"], "failed", failure_code="account_closed")
+    case_id = payout_case_id("sandbox", listed["id"])
+    await wait_for_case(stack, case_id, "ops_review")
+    [notice] = [n for n in await stack.store.outbox.notices(case_id) if n["kind"] == "payout_amount_mismatch"]
+    opened = await stack.store.database.fetch_one("SELECT state FROM reconciliation_breaks WHERE id = %s",
+                                                  (notice["detail"]["break_id"],))
+    assert notice["detail"]["break_id"] != found["id"] and opened == {"state": "ops_review"}
+
+
 async def test_an_approved_amount_break_leaves_a_running_case_to_book_the_refund_once(
         store: Store, client: Client, temporal_server: TemporalDevServer,
         monkeypatch: pytest.MonkeyPatch) -> None:
