@@ -178,6 +178,7 @@ class RefundCase(ApprovingWorkflow):
     _input: RefundWorkflowInput | None
     _context: str
     _escalated: str | None
+    _escalations: int
     _status_before_escalation: CaseStatus
     _attempt: int
     _submit_ended: datetime | None
