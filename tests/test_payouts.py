@@ -19,10 +19,11 @@ from temporalio.service import RPCError
 
 from activities.payout import PayoutActivities
 from adapters.db import Store
+from adapters.db.ledger import LedgerRepository
 from adapters.db.rows import LedgerLineRow
 from adapters.policy_file import load_policy
 from domain import errors
-from domain.models import LedgerResult
+from domain.models import LedgerInput, LedgerKind, LedgerResult
 from domain.payouts import PayoutRegistration, PayoutSnapshot, PayoutStatus, ReissueInput, payout_case_id
 from starters.dev.stack import TemporalDevServer
 from starters.relay.webhook_desk import WebhookDesk
@@ -297,6 +298,28 @@ async def test_an_entry_that_landed_as_its_deadline_passed_is_not_reported_faile
         assert "payout_ledger_failed" not in kinds and "payout_exception_remediated" in kinds
     finally:
         await stack.close()
+
+
+async def test_a_payout_a_break_reversed_is_not_reversed_again_by_its_case(payouts: Stack) -> None:
+    """A reconciliation break's approved settlement reversed the payout (under the break's
+    key) after its case had ended; a case for the same payout opened later (its history gone
+    past retention, a redelivered failure starting it afresh) runs the runbook: its step B
+    finds the payout reversed and posts nothing. It posted `<case>:payout_reversed` beside
+    the break's entry: reversed twice."""
+    payout = await paid_payout(payouts, 40_000)
+    case_id = payout_case_id("sandbox", payout.provider_payout_id)
+    async with payouts.store.database.transaction() as conn:  # as the break's settlement leaves it
+        await LedgerRepository.post_in(conn, LedgerInput(
+            refund_request_id=case_id, kind=LedgerKind.PAYOUT_REVERSED, amount=40_000, currency="USD",
+            provider_refund_id=payout.provider_payout_id, reference="reconciliation-7"))
+        await conn.execute("UPDATE payouts SET status = 'failed' WHERE id = %s", (payout.id,))
+    book = payouts.store.payouts
+    await book.hold(case_id, payout.id, hold_beneficiary=False)
+    held = await book.payout(payout.id)
+    assert held is not None
+    again = await book.post_reversal(case_id, held)
+    reversals = [e.posting_key for e in await payouts.store.ledger.entries(case_id) if e.debit]
+    assert reversals == [f"{case_id}:payout_reversed:reconciliation-7"] and not again.newly_posted
 
 
 async def test_paid_after_failed_never_marks_the_payout_paid_and_a_second_failure_joins(

@@ -349,7 +349,9 @@ class PayoutRepository(Repository):
 
     async def post_reversal(self, case_id: str, payout: PayoutSnapshot) -> LedgerResult:
         """Step B, fenced by the case row: the entry lands only while the payout is still on
-        hold, and the case row records it in the same transaction (see `release_hold`)."""
+        hold, and the case row records it in the same transaction (see `release_hold`); once
+        per case whatever its key: a payout a reconciliation break reversed (under the
+        break's key) is not reversed again by a case opened for it later."""
         async with self._db.transaction() as conn:
             await conn.execute("SET LOCAL lock_timeout = '5s'")  # fail fast, let Temporal retry
             case = await (await conn.execute(
@@ -360,6 +362,14 @@ class PayoutRepository(Repository):
             status = await self._status(conn, payout.id)
             if status is not PayoutStatus.ON_HOLD:
                 raise HoldReleased(f"payout {payout.id} is {status.value}, no longer on hold")
+            reversed_before = await (await conn.execute(
+                "SELECT id, posting_key FROM ledger_entries WHERE refund_request_id = %s AND template = %s"
+                " ORDER BY id LIMIT 1", (case_id, LedgerKind.PAYOUT_REVERSED.value))).fetchone()
+            if reversed_before is not None:  # by this step before, or by a break's settlement
+                await conn.execute("UPDATE payout_cases SET reversal_entry_id = %s, updated_at = now()"
+                                   " WHERE case_id = %s", (reversed_before["id"], case_id))
+                return LedgerResult(posting_key=reversed_before["posting_key"],
+                                    entry_id=reversed_before["id"], newly_posted=False)
             result = await LedgerRepository.post_in(conn, LedgerInput(
                 refund_request_id=case_id, kind=LedgerKind.PAYOUT_REVERSED, amount=payout.amount,
                 currency=payout.currency, provider_refund_id=payout.provider_payout_id))
