@@ -8,6 +8,7 @@ The client never retries on its own (`max_network_retries=0`): after an unknown 
 only the workflow decides, and it verifies state first.
 """
 
+import asyncio
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
@@ -80,6 +81,8 @@ PAYOUT_STATUSES = {
 KNOWN_EVENT_TYPES = REFUND_EVENTS | CHARGE_EVENTS | PAYOUT_EVENTS
 LIST_PAGE = 100
 """Stripe's largest page."""
+FILTER_RETRY_SECONDS = 2.0
+"""The pause before a list whose `created` filter got a 500 is asked again with it."""
 UNITS = MinorUnits(
     decimals={"ISK": 2, "MGA": 0},
     multiple_of={currency: 10 for currency in ("BHD", "JOD", "KWD", "OMR", "TND")},
@@ -267,7 +270,9 @@ class StripeProvider:
             params["starting_after"] = starting_after
         window = {"gte": unix_bound(since), "lt": unix_bound(until)}
         refused: ProviderOutcomeUnknown | None = None
-        for _ in range(2):
+        for attempt in range(2):
+            if attempt:
+                await asyncio.sleep(FILTER_RETRY_SECONDS)  # a burst of 500s passes; a refusal stays
             try:
                 first = await self._call(what, list_call({**params, "created": window}))
             except ProviderOutcomeUnknown as exc:
