@@ -206,14 +206,15 @@ class PayoutRepository(Repository):
                           amounts: dict[str, str]) -> None:
         """The mismatch's break (ops review, never dispatched) and the payments-ops notice. A
         reconciliation run that listed the payout first raised the break already (under the
-        provider's payout id) and ops have not closed it: the notice names that one, no second
+        provider's payout id) and it is not closed (resolved, dismissed, expired; one reopened
+        is open): the notice names that one, no second
         break is opened."""
         evidence = {**amounts, "payout_id": payout.id, "provider_payout_id": payout.provider_payout_id,
                     "event_id": event.event_id}
         listed = await (await conn.execute(
             "SELECT id FROM reconciliation_breaks WHERE provider = %s AND object_kind = 'payout'"
             " AND object_id = %s AND break_class IN ('amount_mismatch', 'currency_mismatch')"
-            " AND state = 'ops_review' ORDER BY id LIMIT 1",
+            " AND state NOT IN ('resolved', 'dismissed', 'expired') ORDER BY id LIMIT 1",
             (payout.provider, payout.provider_payout_id))).fetchone()
         if listed is not None:
             opened: int | None = int(listed["id"])
