@@ -407,7 +407,6 @@ class RefundCarry(Frozen):
     duplicates: tuple[str, ...] = ()
     mismatched: bool = False
     escalated: str | None = None
-    escalations: int = 0
     status_before_escalation: CaseStatus = CaseStatus.REQUESTED
     attempt: int = 0
     submit_ended_at: datetime | None = None

@@ -105,7 +105,7 @@ class RefundWorkflow(RefundLifecycle):
         self._input: RefundWorkflowInput | None = inp
         self._context = "submit"  # or "follow": where a continued run picks up
         self._escalated: str | None = None
-        self._escalations = 0  # provider incidents so far, across continued runs: each its own notice
+        self._escalations = 0  # provider incidents in this run: each its own notice
         self._status_before_escalation = CaseStatus.REQUESTED
         self._attempt = 0  # submits made, across continued runs
         self._submit_ended: datetime | None = None  # when the last unanswered submit ended

@@ -121,8 +121,7 @@ class RefundLifecycle(RefundProvider):
             inbox=tuple(self._event_inbox), succeeded_at=self._succeeded_at,
             lookup_escalated=self._lookup_escalated, duplicates=tuple(sorted(self._duplicates)),
             mismatched=self._mismatched,
-            escalated=self._escalated, escalations=self._escalations,
-            status_before_escalation=self._status_before_escalation,
+            escalated=self._escalated, status_before_escalation=self._status_before_escalation,
             attempt=self._attempt, submit_ended_at=self._submit_ended, reason=reason,
             runs=carried.runs + 1 if carried else 2)}))
 
@@ -167,5 +166,4 @@ class RefundLifecycle(RefundProvider):
         self._succeeded_at, self._lookup_escalated = carried.succeeded_at, carried.lookup_escalated
         self._duplicates, self._mismatched = set(carried.duplicates), carried.mismatched
         self._escalated, self._status_before_escalation = carried.escalated, carried.status_before_escalation
-        self._escalations = carried.escalations
         self._attempt, self._submit_ended = carried.attempt, carried.submit_ended_at

@@ -203,15 +203,18 @@ class RefundProvider(RefundWrites):
     async def _escalate(self, reason: str, error: str) -> None:
         """Once per incident: ops get a notice and the case shows ops review (the
         reservation stays; the metric counts it) while the workflow keeps asking. Each
-        incident is its own occasion (counted, carried across continue-as-new; the same in a
-        workflow task tried again): a second outage is told too."""
+        incident is its own occasion, its run's id and its count in that run: the same in a
+        workflow task tried again, another after continue-as-new or a reset (a new run), so a
+        second outage is told too, and nothing is carried a worker of an older version cannot
+        read."""
         if self._escalated == reason:
             return
         if self._escalated is None:
             self._status_before_escalation = self._status
         self._escalated = reason
         self._escalations += 1
-        await self._notify(reason, "operator", {"error": error}, occasion=f"incident-{self._escalations}")
+        await self._notify(reason, "operator", {"error": error},
+                           occasion=f"{workflow.info().run_id}:{self._escalations}")
         await self._record(reason, CaseStatus.OPS_REVIEW, detail={"error": error})
 
     async def _answered(self) -> None:
