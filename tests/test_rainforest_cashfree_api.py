@@ -170,6 +170,23 @@ async def test_cashfree_unpaid_or_unknown_order_is_rejected_before_any_call(rig:
     assert rig.cashfree.refunds_of(unpaid) == []
 
 
+@pytest.mark.parametrize("refund_request_id", ["acme:ord.2024-0001", "r" * 41],
+                         ids=["not-cashfree-characters", "past-40-characters"])
+async def test_an_id_cashfree_cannot_take_as_its_refund_id_is_refused_at_once(
+        rig: Rig, refund_request_id: str) -> None:
+    """Cashfree takes our request id as its refund_id: 3 to 40 letters, digits, `-` and `_`.
+    One it cannot take was accepted (202), went through validation and approvals, and was
+    declined at the create; it is a 422 naming the field before any case exists."""
+    order_id = rig.cashfree.order(Decimal("100.00"))
+    body = rig.stack.refund_body(order_id, 2_000, provider="cashfree", currency="INR",
+                                 merchant_account=CASHFREE_ID, refund_request_id=refund_request_id)
+    async with rig.stack.api("alice") as api:
+        refused = await api.post("/v1/refund-requests", json=body)
+    assert refused.status_code == 422, refused.text
+    assert "refund_request_id" in str(refused.json()["detail"][0]["loc"])
+    assert await rig.stack.store.cases.get(refund_request_id) is None
+
+
 # -- Rainforest ------------------------------------------------------------------------------
 
 async def test_rainforest_refund_through_the_api_is_made_once_and_settled_by_its_webhook(rig: Rig) -> None:

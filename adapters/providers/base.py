@@ -169,6 +169,16 @@ class PayoutExecutor(Protocol):
 
 
 @runtime_checkable
+class ReferenceRules(Protocol):
+    """A provider that takes our refund_request_id as its own refund's id, under rules of
+    its own: a request id it cannot take is refused where requests enter, not declined at
+    the create after approvals."""
+
+    def reference_refusal(self, reference: str) -> str | None:
+        """Why the provider cannot take `reference` as a refund's id, or None."""
+
+
+@runtime_checkable
 class NotificationRecorder(Protocol):
     """A provider with no payment lookup, whose payment and refund notifications the relay
     records (before routing) as the source of its charges."""

@@ -13,6 +13,7 @@ type + cf_refund_id + status.
 import base64
 import hashlib
 import hmac
+import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal
@@ -129,6 +130,10 @@ class CashfreeProvider(VerifiedWebhooksOnly):
                                 occurred_at=datetime.fromisoformat(str(payload["event_time"])))
 
 
+REFUND_ID = re.compile(r"[A-Za-z0-9_-]{3,40}")
+"""The merchant's refund id Cashfree takes (ours: the refund_request_id)."""
+
+
 class CashfreeApiProvider(JsonApiAdapter, CashfreeProvider):
     """Cashfree PG's refund API (x-api-version 2025-01-01), where a charge is an order.
 
@@ -151,6 +156,12 @@ class CashfreeApiProvider(JsonApiAdapter, CashfreeProvider):
     Refunds made here carry the order id as their charge; the webhooks carry Cashfree's
     payment id (`cf_payment_id`), and cases are found by our reference either way.
     """
+
+    def reference_refusal(self, reference: str) -> str | None:
+        if REFUND_ID.fullmatch(reference):
+            return None
+        return ("cashfree takes 3 to 40 letters, digits, '-' and '_' as a refund's id, and the "
+                "refund_request_id is that id")
 
     def __init__(self, *, api_base: str, client_id: str, client_secret: str,
                  webhook_secrets: Sequence[str], merchant_account: str | None = None,

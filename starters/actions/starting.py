@@ -9,7 +9,7 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from adapters.config import Settings
-from adapters.providers.base import ProviderAdapter, amount_refusal
+from adapters.providers.base import ProviderAdapter, ReferenceRules, amount_refusal
 from domain.events import TrackingInput
 from domain.models import (
     CaseStatus,
@@ -95,13 +95,18 @@ def request_from_event(event: ProviderEvent) -> RefundRequest:
 
 
 def entry_refusal(providers: Mapping[str, ProviderAdapter], provider: str, amount: int,
-                  currency: str) -> tuple[str, str] | None:
+                  currency: str, reference: str | None = None) -> tuple[str, str] | None:
     """Why a refund or payout cannot enter for this provider, and the field at fault: no
-    such provider is configured, or it cannot take the amount at once (more than its limit,
-    or no exact equal in the units its API counts). Checked where requests and payouts
-    enter, before a case or workflow exists."""
+    such provider is configured, it cannot take the amount at once (more than its limit,
+    or no exact equal in the units its API counts), or it cannot take the request id as its
+    refund's id (`reference`). Checked where requests and payouts enter, before a case or
+    workflow exists."""
     adapter = providers.get(provider)
     if adapter is None:
         return "provider", f"provider {provider!r} is not configured"
-    why = amount_refusal(adapter, amount, currency)
-    return None if why is None else ("amount", why)
+    if why := amount_refusal(adapter, amount, currency):
+        return "amount", why
+    if reference is not None and isinstance(adapter, ReferenceRules) and (
+            why := adapter.reference_refusal(reference)):
+        return "refund_request_id", why
+    return None

@@ -38,7 +38,7 @@ async def request_refund(body: RefundRequestBody, caller: Caller, request: Reque
             "type": "value_error", "loc": ("body", "refund_request_id"),
             "input": body.refund_request_id,
             "msg": "ids starting <provider>- are reserved for the provider's own requests"}])
-    if refused := entry_refusal(providers, body.provider, body.amount, body.currency):
+    if refused := entry_refusal(providers, body.provider, body.amount, body.currency, body.refund_request_id):
         field, why = refused
         raise RequestValidationError([{"type": "value_error", "loc": ("body", field),
                                        "input": getattr(body, field), "msg": why}])
