@@ -128,13 +128,13 @@ class PayoutActivities:
     async def release_payout_hold(self, inp: ReversalInput) -> ReleaseResult:
         """The rollback after step B failed (where policy allows): hold → previous status.
         Idempotent: a released hold is not released again; a late posting keeps the hold."""
-        return await self._book.release_hold(inp.case_id, inp.payout.id)
+        return await self._book.after_failed_reversal(inp.case_id, inp.payout.id, keep_hold=False)
 
     @activity.defn(name=contracts.GIVE_UP_PAYOUT_REVERSAL.name)
     async def give_up_payout_reversal(self, inp: ReversalInput) -> ReleaseResult:
         """Step B failed where policy keeps the hold: the entry landed after all (`posted`),
         or it never will (an attempt still running is fenced off)."""
-        return await self._book.give_up_reversal(inp.case_id)
+        return await self._book.after_failed_reversal(inp.case_id, inp.payout.id, keep_hold=True)
 
     @activity.defn(name=contracts.OPEN_PAYOUT_TICKET.name)
     async def open_payout_ticket(self, inp: TicketInput) -> TicketResult:

@@ -350,7 +350,7 @@ class PayoutRepository(Repository):
 
     async def post_reversal(self, case_id: str, payout: PayoutSnapshot) -> LedgerResult:
         """Step B, fenced by the case row: the entry lands only while the payout is still on
-        hold, and the case row records it in the same transaction (see `release_hold`); once
+        hold, and the case row records it in the same transaction (see `after_failed_reversal`); once
         per case whatever its key: a payout a reconciliation break reversed (under the
         break's key) is not reversed again by a case opened for it later."""
         async with self._db.transaction() as conn:
@@ -378,20 +378,29 @@ class PayoutRepository(Repository):
                                " WHERE case_id = %s", (result.entry_id, case_id))
             return result
 
-    async def release_hold(self, case_id: str, payout_id: str) -> ReleaseResult:
-        """The rollback after step B failed: the payout returns to the status it was held
-        from and the case's beneficiary holds end. Under the case row's lock, so a posting
-        still in flight either landed first (then the hold stays) or can no longer land."""
+    async def after_failed_reversal(self, case_id: str, payout_id: str, *, keep_hold: bool) -> ReleaseResult:
+        """Step B failed: under the case row's lock, so a posting still in flight either
+        landed first (reported `posted`: the hold stays, the runbook goes on) or can no longer
+        land. Then the rollback (the payout back to the status it was held from, the case's
+        beneficiary holds ended), or where policy keeps the hold (`keep_hold`) the entry given
+        up (see `post_reversal`), so the case's word that it failed stays true."""
         async with self._db.transaction() as conn:
             case = await (await conn.execute(
                 "SELECT reversal_entry_id FROM payout_cases WHERE case_id = %s FOR UPDATE",
                 (case_id,))).fetchone()
             assert case is not None
             if case["reversal_entry_id"] is not None:
-                await AuditLog.append(conn, case_id, "system", "payout_hold_kept",
+                await AuditLog.append(conn, case_id, "system",
+                                      "payout_reversal_landed_late" if keep_hold else "payout_hold_kept",
                                       {"reason": "the compensating entry was posted after all",
                                        "entry_id": case["reversal_entry_id"]})
                 return ReleaseResult(rolled_back=False, posted=True)
+            if keep_hold:
+                await conn.execute(
+                    "UPDATE payout_cases SET reversal_given_up_at = coalesce(reversal_given_up_at, now()),"
+                    " updated_at = now() WHERE case_id = %s", (case_id,))
+                await AuditLog.append(conn, case_id, "system", "payout_reversal_given_up", {"hold": "kept"})
+                return ReleaseResult(rolled_back=False, posted=False)
             cur = await conn.execute(
                 "UPDATE payouts SET status = held_from_status, held_from_status = NULL, updated_at = now()"
                 " WHERE id = %s AND status = 'on_hold' RETURNING status", (payout_id,))
@@ -402,24 +411,6 @@ class PayoutRepository(Repository):
                                   {"payout_id": payout_id, "restored": status.value if status else None,
                                    "beneficiary_holds_released": released})
             return ReleaseResult(rolled_back=True, posted=False, restored=status)
-
-    async def give_up_reversal(self, case_id: str) -> ReleaseResult:
-        """Step B failed where policy keeps the hold: under the case row's lock, an entry that
-        landed after all is reported (the runbook goes on), or none can land any more (see
-        `post_reversal`), so the case's word that it failed stays true."""
-        async with self._db.transaction() as conn:
-            case = await (await conn.execute(
-                "SELECT reversal_entry_id FROM payout_cases WHERE case_id = %s FOR UPDATE",
-                (case_id,))).fetchone()
-            assert case is not None
-            if case["reversal_entry_id"] is not None:
-                await AuditLog.append(conn, case_id, "system", "payout_reversal_landed_late",
-                                      {"entry_id": case["reversal_entry_id"]})
-                return ReleaseResult(rolled_back=False, posted=True)
-            await conn.execute("UPDATE payout_cases SET reversal_given_up_at = coalesce(reversal_given_up_at,"
-                               " now()), updated_at = now() WHERE case_id = %s", (case_id,))
-            await AuditLog.append(conn, case_id, "system", "payout_reversal_given_up", {"hold": "kept"})
-            return ReleaseResult(rolled_back=False, posted=False)
 
     async def acted_on_beneficiary(self, case_id: str, user: str, action: str,
                                    statuses: Collection[PayoutCaseStatus] = ()) -> list[str]:
