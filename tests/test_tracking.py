@@ -20,6 +20,7 @@ from domain.models import CaseEventInput, EventKind, ProviderEvent, ProviderRefu
 from starters.dev.stack import TemporalDevServer
 from starters.relay.webhook_desk import WebhookDesk
 from tests.harness import Stack, open_stack
+from workflows.tracking import RefundTrackingWorkflow
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +105,9 @@ async def test_a_cancel_reported_after_success_goes_to_ops(watching: Stack) -> N
     assert row["provider_status"] == "succeeded"
     assert await refund.postings() == [("refund_settled", 700, "USD")]
     assert ("provider_status_contradicted", "operator") in await refund.notices()
+    # the workflow's own word (its query, and what it would carry across continue-as-new) agrees
+    shown = await watching.client.get_workflow_handle(refund.case_id).query(RefundTrackingWorkflow.state)
+    assert shown.status == "ops_review"
 
 
 @asynccontextmanager

@@ -159,6 +159,7 @@ class RefundTrackingWorkflow:
                       "held": held.status.value if held else None}
             if (held is not None and contradicts_booked(held.status, reported)
                     and workflow.patched(NEWS_PATCH)):
+                self._status = CaseStatus.OPS_REVIEW
                 await self._record(CONTRADICTED, None, detail, status=CaseStatus.OPS_REVIEW,
                                    notices=(self._notice(CONTRADICTED, detail, held),))
             else:
