@@ -9,7 +9,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from adapters.notify.delivery import send_http
+from adapters.notify.delivery import DeliveryFailed, send_http
 from adapters.notify.message import Message
 from domain.integrations import TICKETING_AUDIENCE
 
@@ -92,6 +92,11 @@ def teams_payload(message: Message) -> dict[str, Any]:
         {"contentType": "application/vnd.microsoft.card.adaptive", "contentUrl": None, "content": card}]}
 
 
+LEGACY_CONNECTOR_PATH = "/IncomingWebhook/"
+"""In an Office 365 connector's webhook URL. Such a connector answers 200 to a message it
+dropped (throttled, too large) with the error as text, and `1` to one it posted."""
+
+
 class WebhookChat:
     """A chat channel reached by POSTing JSON to a secret webhook URL."""
 
@@ -107,5 +112,8 @@ class WebhookChat:
     async def send(self, message: Message) -> str | None:
         """Slack's approval messages answer the digest of what they show (see `shown_digest`)."""
         payload = self._payload(message)
-        await send_http("POST", self._url, timeout=self._timeout, json=payload)
+        response = await send_http("POST", self._url, timeout=self._timeout, json=payload)
+        if LEGACY_CONNECTOR_PATH in self._url and response.text.strip() != "1":
+            raise DeliveryFailed(f"the connector dropped it: {response.text[:300]}",
+                                 status=response.status_code)
         return shown_digest(payload["blocks"]) if self.name == "slack" and message.buttons else None

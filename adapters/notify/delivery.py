@@ -46,7 +46,7 @@ async def send_http(method: str, url: str, *, timeout: float, **kwargs: Any) -> 
         raise DeliveryFailed(f"could not connect: {exc!r}") from exc
     except httpx.TransportError as exc:
         raise DeliveryUncertain(f"the answer was lost: {exc!r}") from exc
-    if response.status_code >= 400:
+    if not response.is_success:  # a 3xx too: redirects are not followed, so nothing was posted
         raise DeliveryFailed(f"HTTP {response.status_code}: {response.text[:300]}",
                              status=response.status_code)
     return response
