@@ -1,8 +1,9 @@
 """Loopback stand-ins for Rainforest's and Cashfree's refund APIs, answering in the shapes
 their docs and webhook payloads show. Like localstripe, neither honours idempotency (keys
-are recorded, never used; Cashfree's refund_id is not even checked for reuse), so a test
-that sees one refund here proves our own exactly-once path. Outcomes arrive as webhooks
-the test sends."""
+are recorded, never used), so a test that sees one refund here proves our own exactly-once
+path. Cashfree refuses a refund_id it holds (per merchant, as it does), so a test of a
+resend counts the creates it was sent (`creates`). Outcomes arrive as webhooks the test
+sends."""
 
 import json
 import secrets
@@ -141,6 +142,11 @@ class FakeCashfree:
     disputes: list[dict[str, Any]] = field(default_factory=list)
     declined: set[str] = field(default_factory=set)
     """Orders whose refunds Cashfree refuses (e.g. past its six-month window)."""
+    creates: list[str] = field(default_factory=list)
+    """The refund_id of every create sent, refused or not."""
+    lookup_misses: int = 0
+    """The next lookups of a refund by its refund_id that answer 404 although it was made
+    (a read that lags the write)."""
 
     def order(self, amount: Decimal, status: str = "PAID") -> str:
         order_id = f"order_{secrets.token_hex(10)}"
@@ -225,9 +231,12 @@ class FakeCashfree:
         @app.post("/pg/orders/{order_id}/refunds")
         async def create(order_id: str, request: Request) -> Response:
             body = json.loads(await request.body(), parse_float=Decimal)
+            self.creates.append(body["refund_id"])
             order = self.orders.get(order_id)
             if order is None or order_id in self.declined:
                 return error(400, "refund_invalid_request", "refund cannot be initiated for this order")
+            if any(r["refund_id"] == body["refund_id"] for r in self.refunds):  # per merchant
+                return error(400, "refund_id_invalid", "Duplicate Merchant Refund Id")
             refunded = sum((r["refund_amount"] for r in self.refunds_of(order_id)), Decimal(0))
             if body["refund_amount"] > order["order_amount"] - refunded:
                 return error(400, "refund_amount_invalid", "refund_amount : invalid value provided")
@@ -237,6 +246,9 @@ class FakeCashfree:
 
         @app.get("/pg/orders/{order_id}/refunds/{refund_id}")
         async def get_refund(order_id: str, refund_id: str) -> Response:
+            if self.lookup_misses > 0:
+                self.lookup_misses -= 1
+                return error(404, "refund_not_found", "refund does not exist")
             for refund in self.refunds_of(order_id):
                 if refund["refund_id"] == refund_id:
                     return answer({k: v for k, v in refund.items() if k != "x_idempotency_key"})

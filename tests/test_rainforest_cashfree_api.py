@@ -9,6 +9,7 @@ Rainforest's refund list pages, resumes, and feeds a reconciliation backfill.
 """
 
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -37,7 +38,8 @@ from adapters.providers.http import send
 from adapters.providers.normalise import exact_json, minor_to_major
 from adapters.providers.rainforest import RainforestApiProvider, RainforestProvider
 from adapters.providers.registry import build_providers, close_providers
-from domain.models import RefundRequest
+from domain.events import tracking_case_id
+from domain.models import ProviderEvent, RefundRequest
 from domain.reconciliation import ListedRefund
 from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
@@ -158,7 +160,46 @@ async def test_cashfree_lost_create_answer_is_verified_not_resent(rig: Rig) -> N
     assert "provider_outcome_unknown" in await rig.stack.actions(case_id)
     await rig.webhook("cashfree", cashfree_webhook(made))
     await rig.stack.wait_for_status(case_id, "succeeded")
-    assert len(rig.cashfree.refunds_of(order_id)) == 1
+    assert len(rig.cashfree.refunds_of(order_id)) == 1 and rig.cashfree.creates.count(case_id) == 1
+
+
+async def test_a_cashfree_refusal_of_an_id_it_holds_is_our_refund_not_a_decline(rig: Rig) -> None:
+    """The create's answer is lost and the lookups before the resubmit (the verify, the
+    submit's own) miss it (a read that lags the write): Cashfree refuses the resubmit as a
+    refund_id it holds. That refusal names our refund, made: the case follows it; it is no
+    decline with the money gone."""
+    order_id = rig.cashfree.order(Decimal("300.00"))
+    rig.cashfree_proxy.lose_next("POST", f"/pg/orders/{order_id}/refunds")
+    rig.cashfree.lookup_misses = 2
+    case_id = await rig.cashfree_refund(order_id, 4_200)
+    row = await rig.stack.wait_for_status(case_id, "pending")
+    [made] = rig.cashfree.refunds_of(order_id)
+    assert rig.cashfree.creates.count(case_id) == 2 and row["provider_refund_id"] == made["cf_refund_id"]
+    assert row["reserved_amount"] == 4_200
+    await rig.webhook("cashfree", cashfree_webhook(made))
+    await rig.stack.wait_for_status(case_id, "succeeded")
+    assert "provider_refund_declined" not in await rig.stack.actions(case_id)
+
+
+async def test_a_cashfree_refund_webhook_names_the_order_our_create_names(rig: Rig) -> None:
+    """A charge is an order here: our case, Cashfree's refund webhook and a dashboard
+    refund's tracking case hold it under one key, so a wait on the case's charge hears its
+    webhook and every hold on the order is counted together (not under `cf_payment_id`)."""
+    order_id = rig.cashfree.order(Decimal("90.00"))
+    case_id = await rig.cashfree_refund(order_id, 1_000)
+    await rig.stack.wait_for_status(case_id, "pending")
+    [made] = rig.cashfree.refunds_of(order_id)
+    body = cashfree_webhook(made)
+    event = rig.stack.providers["cashfree"].parse_webhook(sign_cashfree(body), body, time.time())
+    heard = event.as_refund() if isinstance(event, ProviderEvent) else None
+    assert heard is not None and (heard.reference, heard.charge_id) == (case_id, order_id)
+
+    dashboard = rig.cashfree.history(order_id, Decimal("15.00"), status="PENDING")
+    [theirs] = [r for r in rig.cashfree.refunds_of(order_id) if r["cf_refund_id"] == dashboard]
+    answer = await rig.webhook("cashfree", cashfree_webhook(theirs, status="PENDING"))
+    assert answer.json()["verdict"] == "accepted", answer.text
+    tracking = await rig.stack.wait_for_status(tracking_case_id("cashfree", dashboard), "tracking")
+    assert (tracking["charge_id"], tracking["reserved_amount"]) == (order_id, 1_500)
 
 
 async def test_cashfree_unpaid_or_unknown_order_is_rejected_before_any_call(rig: Rig) -> None:

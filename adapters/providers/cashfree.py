@@ -20,7 +20,7 @@ from decimal import Decimal
 from typing import Any
 from urllib.parse import quote
 
-from adapters.providers.base import WebhookRejected
+from adapters.providers.base import ProviderDeclined, WebhookRejected
 from adapters.providers.http import JsonApi, JsonApiAdapter
 from adapters.providers.normalise import (
     MalformedAnswer,
@@ -122,9 +122,12 @@ class CashfreeProvider(VerifiedWebhooksOnly):
             obj = payload["data"][PAYLOAD_KEYS[event_type]]
             event_id = f"{event_type}:{obj['cf_refund_id']}:{obj['refund_status']}"
         with normalising(event_id, event_type):
-            # A merchant-initiated refund's refund_id is the id we gave it; auto-refunds have none.
-            refund = _refund(self.name, obj, charge_id=str(obj["cf_payment_id"]),
-                             ours=event_type == "REFUND_STATUS_WEBHOOK")
+            # A merchant-initiated refund's refund_id is the id we gave it, and its charge the
+            # order (as our create names it); an auto-refund gives back a payment the order
+            # did not keep (a second payment, one after its expiry): that payment, no id of ours.
+            merchant = event_type == "REFUND_STATUS_WEBHOOK"
+            refund = _refund(self.name, obj, charge_id=str(obj["order_id" if merchant else "cf_payment_id"]),
+                             ours=merchant)
             return refund_event(refund, event_id=event_id,
                                 event_type=event_type, body_sha256=hashlib.sha256(body).hexdigest(),
                                 occurred_at=datetime.fromisoformat(str(payload["event_time"])))
@@ -143,7 +146,9 @@ class CashfreeApiProvider(JsonApiAdapter, CashfreeProvider):
       /orders/{order_id}/disputes` (an answer without them is malformed, never zero).
     - `create_refund`: `POST /orders/{order_id}/refunds` with `refund_id` = our
       refund_request_id (Cashfree takes the merchant's id, 3-40 characters of letters,
-      digits, `-` and `_`; others are a 400, a decline) and `x-idempotency-key`.
+      digits, `-` and `_`; others are a 400, a decline) and `x-idempotency-key`. A refused
+      create is looked up first: a refund under our id on the order is the answer (Cashfree
+      refuses a refund_id it holds; the earlier create landed unseen), never a decline.
     - `find_refund`: `GET /orders/{order_id}/refunds/{refund_id}`: our reference is
       Cashfree's key, so the lookup is exact; 404 means no refund was made.
 
@@ -153,8 +158,8 @@ class CashfreeApiProvider(JsonApiAdapter, CashfreeProvider):
     reconciliation cannot read it as refunds without guessing. Nor a `PayoutLister`: PG
     settlements are Cashfree paying us, not payouts we made.
 
-    Refunds made here carry the order id as their charge; the webhooks carry Cashfree's
-    payment id (`cf_payment_id`), and cases are found by our reference either way.
+    A refund's charge is its order, made here or heard of by its webhook (`order_id`); an
+    auto-refund's is the payment it gives back (`cf_payment_id`), which the order never kept.
     """
 
     def reference_refusal(self, reference: str) -> str | None:
@@ -205,9 +210,17 @@ class CashfreeApiProvider(JsonApiAdapter, CashfreeProvider):
         body = {"refund_amount": minor_to_major(request.amount, request.currency),
                 "refund_id": request.refund_request_id, "refund_note": request.reason.value,
                 "refund_speed": "STANDARD"}
-        refund = await self._api.call(
-            "POST", f"/orders/{quote(request.charge_id, safe='')}/refunds", content=exact_json(body),
-            headers={"x-idempotency-key": idempotency_key, "content-type": "application/json"})
+        try:
+            refund = await self._api.call(
+                "POST", f"/orders/{quote(request.charge_id, safe='')}/refunds", content=exact_json(body),
+                headers={"x-idempotency-key": idempotency_key, "content-type": "application/json"})
+        except ProviderDeclined:
+            # Cashfree refuses a refund_id it holds ("Duplicate Merchant Refund Id"), and an
+            # amount past what is left: after an earlier create landed unseen, either refusal
+            # is about our own refund. Where it stands on the order, it is the answer.
+            if (made := await self.find_refund(request)) is not None:
+                return made
+            raise
         return _refund(self.name, refund, charge_id=request.charge_id, ours=True)
 
     async def find_refund(self, request: RefundRequest) -> ProviderRefund | None:
