@@ -371,3 +371,21 @@ async def test_the_sweep_acts_on_nothing_that_moved_after_it_looked(store: Store
     row = await store.cases.get(case_id)
     assert row is not None and (row["status"], row["reserved_amount"]) == ("executing", request.amount)
     assert "workflow_closed_case_swept" not in await actions(store, case_id)
+
+
+async def test_a_resubmit_begun_after_the_sweep_looked_keeps_the_case_from_it(store: Store) -> None:
+    """A later submit attempt (its case long executing, the provider asked by the sweep and
+    holding nothing yet) begins after the sweep read the case: its create may land, so the
+    sweep's reading is stale, as for a first submit. Before, only the first marked the case
+    moved: a case resubmitting for minutes read as idle and its hold was released."""
+    request = await held(store)
+    case_id = request.refund_request_id
+    assert await store.cases.begin_submission(case_id, "rfo_first") is False
+    seen = await store.cases.get(case_id)
+    assert seen is not None and seen["submission_started_at"] is not None
+    assert await store.cases.begin_submission(case_id, "rfo_first") is True  # after the sweep's read
+    assert not await store.cases.sweep_closed(case_id, workflow_status="TERMINATED", provider_holds=False,
+                                              found=None, seen_updated_at=seen["updated_at"])
+    row = await store.cases.get(case_id)
+    assert row is not None and (row["status"], row["reserved_amount"]) == ("executing", request.amount)
+    assert "workflow_closed_case_swept" not in await actions(store, case_id)

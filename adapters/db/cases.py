@@ -486,6 +486,9 @@ class CaseRepository(Repository):
                     "UPDATE refund_cases SET submission_started_at = now(), status = %s,"
                     " updated_at = now() WHERE refund_request_id = %s",
                     (CaseStatus.EXECUTING.value, case_id))
+            else:  # a resubmit's create may land too: the case is not idle (the sweep's read is stale)
+                await conn.execute("UPDATE refund_cases SET updated_at = now() WHERE refund_request_id = %s",
+                                   (case_id,))
             await AuditLog.append(conn, case_id, "system", "provider_submit_started",
                                   {"idempotency_key": idempotency_key, "earlier_attempt": started})
             return started
