@@ -90,6 +90,24 @@ async def test_sign_in_makes_a_strict_http_only_session_and_sign_out_ends_it(sta
     assert (await replay.get("/console/cases")).status_code == 303  # dead on the server, not just forgotten
 
 
+async def test_an_identity_behind_a_case_is_not_offered_its_approval(stack: Stack) -> None:
+    """Bob opened the ticket this case came from (a trigger identity): the workflow refuses
+    his approval, so the console neither lists the case as his to approve nor tells him his
+    approval would count; Carol, an approver apart from it, is offered it."""
+    charge = await stack.charge(20_000)
+    case_id = await stack.open_case("alice", charge, 9_000, trigger_identities=("bob",))
+    await stack.wait_for_status(case_id, "awaiting_approval")
+    bob = await console(stack, "bob")
+    assert case_id not in (await bob.get("/console/cases", params={"mine": "1"})).text
+    page = await bob.get(f"/console/cases/{case_id}")
+    assert ("Your approval would not count: an identity behind the triggering event cannot approve"
+            in page.text)
+    refused = await post_form(bob, f"/console/cases/{case_id}/approval", {"decision": "approve"})
+    assert refused.status_code == 403 and "triggering event" in refused.text
+    carol = await console(stack, "carol")
+    assert case_id in (await carol.get("/console/cases", params={"mine": "1"})).text
+
+
 async def test_requester_is_refused_csrf_is_checked_and_a_second_user_approves(stack: Stack) -> None:
     stack.tokens["rita"] = await stack.store.access.create_token(
         "rita", ["requester", "approver"], token=f"t-rita-{uuid.uuid4().hex}", by="test")

@@ -75,10 +75,11 @@ def missing_roles(row: Mapping[str, Any], granted: list[tuple[str, frozenset[str
 def approval_verdict(caller: Principal, row: Mapping[str, Any],
                      granted: list[tuple[str, frozenset[str]]]) -> ApprovalVerdict:
     """Would this person's approval count now? The workflow's own rule, asked in advance
-    (trigger identities live in the workflow, so it may still refuse)."""
+    of the case row (its requester and trigger identities, as the workflow was started)."""
     signal = ApprovalSignal(approver=caller.user, roles=tuple(sorted(caller.roles)),
                             decision=Decision.APPROVE)
-    return check_approval(signal, requester=row["requester"], conflicted=frozenset(),
+    return check_approval(signal, requester=row["requester"],
+                          conflicted=frozenset(row["trigger_identities"] or ()),
                           requirements=requirements_of(row), approved=granted)
 
 
