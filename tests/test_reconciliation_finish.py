@@ -31,7 +31,7 @@ from domain.models import (
     ProviderRefundStatus,
 )
 from domain.payouts import PayoutSnapshot, PayoutStatus, payout_case_id
-from domain.reconciliation import BreakSettlement, BreakState, break_workflow_id
+from domain.reconciliation import BreakOutcome, BreakSettlement, BreakState, break_workflow_id
 from starters.actions.cases import CaseActions
 from starters.actions.reconciliation import BreakReopenBody, reopen_break
 from starters.dev.stack import TemporalDevServer
@@ -299,7 +299,7 @@ async def test_a_dismissed_break_reopens_into_the_same_case(stack: Stack) -> Non
     [resolved] = await wait_for_breaks(stack, [refund["id"]], "resolved")
     assert resolved["resolution"]["approvers"] == ["carol"]
     assert {e["posting_key"] for e in await stack.store.ledger.entries(case_id)} == {
-        f"{case_id}:refund_settled", f"{case_id}:refund_reversed:reconciliation-{break_id}-1"}  # its round
+        f"{case_id}:refund_settled", f"{case_id}:refund_reversed"}  # the case's first reversal
     trail = await stack.store.audit.trail(case_id)
     [undo] = [e for e in trail if e["action"] == "reconciliation_break_reopened"]
     assert (undo["actor"], undo["detail"]["previous_state"]) == ("olga", "dismissed")
@@ -890,6 +890,38 @@ async def test_an_approved_unknown_refund_leaves_its_tracking_case_opened_since_
         assert (net, settled["state"]) == (1_200, "handed_to_case")
     finally:
         await stack.close()
+
+
+async def test_an_unknown_refund_whose_webhook_comes_while_its_approval_settles_is_booked_once(
+        stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An approved unknown_to_us break finds no case to hand the provider's word to; its
+    delayed `pending` webhook then opens the tracking case (its workflow follows the refund)
+    before the settlement adopts it and books the success. The `succeeded` webhook that
+    follows makes the workflow book the same success: it lands on the settlement's entry
+    (one per case and template), never beside it (2,600 for a 1,300 refund before)."""
+    charge = await stack.charge(10_000)
+    refund = history(charge, 1_300, days_ago=0.5)
+    await seed_provider(stack, [refund])
+    await backfill(stack, since_days=1)
+    [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    delayed = Dashboard(stack, refund["id"], charge)
+    settle = stack.store.reconciliation.settle
+
+    async def webhook_first(settlement: BreakSettlement, at_provider: str | None = None) -> BreakOutcome:
+        if settlement.break_id == found["id"]:  # after the hand-over check, before the settlement
+            await delayed.reports("pending", amount=1_300)
+            await stack.wait_for_status(found["chain"], "pending")
+        return await settle(settlement, at_provider)
+
+    monkeypatch.setattr(stack.store.reconciliation, "settle", webhook_first)
+    assert (await decide(stack, "carol", found["id"])).status_code == 202
+    [settled] = await wait_for_breaks(stack, [refund["id"]], "resolved", "ops_review")
+    monkeypatch.undo()
+    await delayed.reports("succeeded", amount=1_300)
+    await stack.wait_for_audit(found["chain"], "refund_succeeded")
+    net = sum(line["debit"] - line["credit"] for line in await stack.store.ledger.entries(found["chain"])
+              if line["account"] == REFUNDED_ACCOUNT)
+    assert (net, settled["state"]) == (1_300, "resolved")
 
 
 async def test_an_approved_unknown_refund_the_provider_failed_since_opens_no_tracking_case(

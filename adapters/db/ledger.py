@@ -54,6 +54,12 @@ class LedgerRepository(Repository):
         return LedgerResult(posting_key=key, entry_id=entry_id, newly_posted=True)
 
     @staticmethod
+    async def posted_in(conn: Conn, posting_key: str) -> bool:
+        """Whether an entry holds this key (in the caller's transaction)."""
+        cur = await conn.execute("SELECT 1 FROM ledger_entries WHERE posting_key = %s", (posting_key,))
+        return await cur.fetchone() is not None
+
+    @staticmethod
     async def _by_bank(conn: Conn, posting: LedgerInput) -> bool:
         """Whether the posting's case is a refund paid by bank transfer (a payout case, or a
         provider refund, moves the provider's balance), unless its entries already moved

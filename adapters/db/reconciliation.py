@@ -622,9 +622,14 @@ class ReconciliationRepository(Repository):
             if amount > approved:
                 limits = {"needed": amount, "approved": approved}
                 amount = approved
-            posted = await LedgerRepository.post_in(conn, LedgerInput(
-                refund_request_id=case_id, kind=kind, amount=amount, currency=case["currency"],
-                provider_refund_id=truth.refund_id, reference=_compensation_reference(row)))
+            entry = LedgerInput(refund_request_id=case_id, kind=kind, amount=amount,
+                                currency=case["currency"], provider_refund_id=truth.refund_id)
+            if await LedgerRepository.posted_in(conn, entry.posting_key()):
+                entry = entry.model_copy(update={"reference": _compensation_reference(row)})
+            # else the case's first entry of its kind, under the key its workflow books it by:
+            # a workflow that hears the same word later (a tracking case a webhook started
+            # while this settled) finds it booked, never books it beside this one
+            posted = await LedgerRepository.post_in(conn, entry)
             posting_key = posted.posting_key
         status = corrected_status(BreakClass(row["break_class"]), truth.status)
         if status is not None:
