@@ -5,14 +5,15 @@ break, and released only where the provider holds no refund."""
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from temporalio.client import Client
 from temporalio.service import RPCError
 
 from adapters.db import CaseCreation, Store
-from domain.models import RefundRequest
+from adapters.providers.base import ProviderAdapter
+from domain.models import ProviderRefund, RefundRequest
 from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack, stack_with
 from workers.case_sweep import sweep_cases_once
@@ -185,6 +186,42 @@ async def test_a_repeat_of_a_request_already_handed_to_ops_starts_nothing(stack:
     row = await stack.store.cases.get(case_id)
     assert row is not None and (row["status"], row["reserved_amount"]) == ("ops_review", 0)
     assert await stack.provider_refunds(charge) == []
+
+
+class LookupBreaksOn:
+    """The sandbox adapter, whose lookup of one charge's refund fails in a way no adapter
+    names (a bug, an unreadable answer)."""
+
+    def __init__(self, provider: ProviderAdapter, charge_id: str) -> None:
+        self._provider, self._charge_id = provider, charge_id
+
+    async def find_refund(self, request: RefundRequest) -> ProviderRefund | None:
+        if request.charge_id == self._charge_id:
+            raise RuntimeError("unexpected answer")
+        return await self._provider.find_refund(request)
+
+
+async def test_a_case_the_sweep_cannot_read_holds_up_no_other(stack: Stack) -> None:
+    """Two executing cases whose workflows are gone; the provider's lookup of the first fails
+    unexpectedly. The second is still handed to ops in that pass (before, the pass ended at
+    the first, and every pass after it again: no case behind it was ever swept)."""
+    cases = []
+    for hours in (3, 2):
+        body = stack.refund_body(await stack.charge(10_000), 1_000)
+        await stack.store.cases.create(RefundRequest.model_validate({**body, "source": "api"}), "alice")
+        await stack.store.database.execute(
+            "UPDATE refund_cases SET status = 'executing',"
+            " submission_started_at = now() - %s * interval '1 hour',"
+            " updated_at = now() - %s * interval '1 hour' WHERE refund_request_id = %s",
+            (hours, hours, body["refund_request_id"]))
+        cases.append(body)
+    broken, readable = cases
+    providers = {**stack.providers, "sandbox": cast(ProviderAdapter, LookupBreaksOn(
+        stack.providers["sandbox"], broken["charge_id"]))}
+    swept = await sweep_cases_once(stack.store, stack.client, providers, idle_seconds=60)
+    assert readable["refund_request_id"] in swept and broken["refund_request_id"] not in swept
+    row = await stack.store.cases.get(broken["refund_request_id"])
+    assert row is not None and row["status"] == "executing"  # left for a later pass
 
 
 async def test_a_case_two_workers_sweep_is_handed_to_ops_once(stack: Stack) -> None:

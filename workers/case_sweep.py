@@ -8,7 +8,7 @@ cases are handed over the same way, their holds kept: only ops release money sta
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -70,26 +70,52 @@ async def sweep_cases_once(store: Store, client: Client, providers: Mapping[str,
     swept: list[str] = []
     async for row, ended in closed_cases(
             client, lambda after: store.cases.idle_open(idle_seconds, page, after), "refund_request_id"):
-        case_id = row["refund_request_id"]
-        if ended in LEFT_TO_OPS and row["status"] == CaseStatus.OPS_REVIEW:
-            # the workflow handed it to ops itself (a duplicate or mismatched refund)
-            await store.cases.mark_end_seen(case_id, row["updated_at"])
-            continue
-        holds, found = await provider_holds(store, providers, row)
-        if await store.cases.sweep_closed(case_id, workflow_status=ended, provider_holds=holds,
-                                          found=found, seen_updated_at=row["updated_at"]):
-            log.warning("case %s: workflow %s while %s; handed to ops", case_id, ended, row["status"])
-            swept.append(case_id)
+        with _alone(row["refund_request_id"]):
+            if await _sweep_refund_case(store, providers, row, ended):
+                swept.append(row["refund_request_id"])
     async for row, ended in closed_cases(
             client, lambda after: store.payouts.idle_open(idle_seconds, page, after), "case_id"):
-        if not left_open(PayoutCaseStatus(row["status"]), ended):  # remediated past its reissue window
-            await store.payouts.mark_end_seen(row["case_id"], row["updated_at"])
-        elif await store.payouts.sweep_closed(row["case_id"], workflow_status=ended,
-                                              seen_updated_at=row["updated_at"]):
-            log.warning("payout case %s: workflow %s while %s; handed to ops", row["case_id"], ended,
-                        row["status"])
-            swept.append(row["case_id"])
+        with _alone(row["case_id"]):
+            if await _sweep_payout_case(store, row, ended):
+                swept.append(row["case_id"])
     return swept
+
+
+@contextlib.contextmanager
+def _alone(case_id: str) -> Iterator[None]:
+    """One case's failure (an answer no adapter names, a database error on its row) is that
+    case's: logged, the case read again next pass, and the pass goes on to the cases behind
+    it (else the same case would end every pass before they were reached)."""
+    try:
+        yield
+    except Exception:
+        log.exception("case sweep: case %s left for the next pass", case_id)
+
+
+async def _sweep_refund_case(store: Store, providers: Mapping[str, ProviderAdapter],
+                             row: Mapping[str, Any], ended: str) -> bool:
+    case_id = row["refund_request_id"]
+    if ended in LEFT_TO_OPS and row["status"] == CaseStatus.OPS_REVIEW:
+        # the workflow handed it to ops itself (a duplicate or mismatched refund)
+        await store.cases.mark_end_seen(case_id, row["updated_at"])
+        return False
+    holds, found = await provider_holds(store, providers, row)
+    if not await store.cases.sweep_closed(case_id, workflow_status=ended, provider_holds=holds,
+                                          found=found, seen_updated_at=row["updated_at"]):
+        return False
+    log.warning("case %s: workflow %s while %s; handed to ops", case_id, ended, row["status"])
+    return True
+
+
+async def _sweep_payout_case(store: Store, row: Mapping[str, Any], ended: str) -> bool:
+    if not left_open(PayoutCaseStatus(row["status"]), ended):  # remediated past its reissue window
+        await store.payouts.mark_end_seen(row["case_id"], row["updated_at"])
+        return False
+    if not await store.payouts.sweep_closed(row["case_id"], workflow_status=ended,
+                                            seen_updated_at=row["updated_at"]):
+        return False
+    log.warning("payout case %s: workflow %s while %s; handed to ops", row["case_id"], ended, row["status"])
+    return True
 
 
 async def sweep_closed_cases(store: Store, client: Client, providers: Mapping[str, ProviderAdapter],
