@@ -5,6 +5,7 @@ that run as a role which cannot disable the triggers."""
 import asyncio
 import json
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
@@ -84,6 +85,30 @@ async def test_a_cut_tail_with_a_rewound_head_is_caught_by_the_checkpoints(
     typo = {**env, "REFUNDS_AUDIT_CHECKPOINT_DIR": str(tmp_path / "typo")}
     elsewhere = await run("audit", "verify", env=typo)
     assert elsewhere.returncode == 2 and "does not exist" in elsewhere.stderr
+
+
+async def test_verification_vouches_for_no_row_the_checkpointer_has_not_recorded(
+        store: Store, tmp_path: Path, postgres_dsn: str) -> None:
+    """The checkpointer stopped (its folder unwritable, no worker running it): rows written
+    since are in no checkpoint, and a cut of them with a rewound head could not be told.
+    Verification says so and fails, instead of passing them as checked."""
+    chain = f"lapse-{uuid.uuid4().hex[:10]}"
+    await append(store, chain, 2)
+    book = CheckpointBook(tmp_path / "checkpoints", [b"checkpoint-key"])
+    book.folder.mkdir()
+    env = {"REFUNDS_DATABASE_URL": postgres_dsn, "REFUNDS_AUDIT_CHECKPOINT_DIR": str(book.folder),
+           "REFUNDS_AUDIT_CHECKPOINT_KEYS": "checkpoint-key", "REFUNDS_AUDIT_CHECKPOINT_SECONDS": "0.001"}
+    lapsed = await run("audit", "verify", env=env)
+    assert lapsed.returncode == 1 and "NOT CHECKPOINTED: chain" in lapsed.stdout, lapsed.stdout
+    assert "is the worker's checkpointer running" in lapsed.stderr
+    later = datetime.now(UTC) + timedelta(seconds=1)
+    assert (chain, 2) in [(c, seq) for c, seq, _ in await store.audit.uncheckpointed({}, later)]
+    await checkpoint_once(store, book, {})
+    points, _ = book.read()
+    assert chain not in [c for c, _, _ in await store.audit.uncheckpointed(points, later)]
+    await append(store, chain, 1)  # written after the round: the next one records it
+    assert (chain, 3) in [(c, seq) for c, seq, _ in await store.audit.uncheckpointed(
+        points, datetime.now(UTC) + timedelta(seconds=1))]
 
 
 async def test_a_chain_whose_head_was_deleted_is_reported(store: Store) -> None:

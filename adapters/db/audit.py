@@ -150,6 +150,18 @@ class AuditLog:
             return {r["chain"]: (int(r["seq"]), r["hash"]) for r in await (await conn.execute(
                 "SELECT chain, seq, hash FROM audit_heads")).fetchall()}
 
+    async def uncheckpointed(self, checkpoints: Mapping[str, Mapping[int, str]],
+                             written_before: datetime) -> list[tuple[str, int, datetime]]:
+        """Chains with a row written before `written_before` past every checkpoint of the
+        chain (chain, that row's seq, when it was written): a checkpointer that stopped (it
+        cannot write its folder, no worker runs it) leaves every later cut undetectable, and
+        verification would otherwise vouch for them."""
+        rows = await self._db.fetch_all(
+            "SELECT chain, max(seq) AS seq, max(occurred_at) AS at FROM audit_events"
+            " WHERE occurred_at < %s GROUP BY chain ORDER BY chain", (written_before,))
+        return [(r["chain"], int(r["seq"]), r["at"]) for r in rows
+                if int(r["seq"]) > max(checkpoints.get(r["chain"], {0: ""}), default=0)]
+
     @staticmethod
     async def _projection_problems(conn: Conn) -> list[str]:
         """Approval projection rows (what cases show as their approvals) that their trail

@@ -8,7 +8,7 @@ import dataclasses
 import getpass
 import sys
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -136,6 +136,10 @@ async def cmd_integrations_link(args: argparse.Namespace, settings: Settings) ->
     return 0
 
 
+LAPSES_SHOWN = 20
+"""Chains named one by one when the checkpointer lapsed (every chain written since is one)."""
+
+
 async def cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
     from adapters.audit_checkpoints import checkpoint_book
 
@@ -146,18 +150,32 @@ async def cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
     if book is not None and not book.folder.is_dir():  # a wrong path must not pass as "no checkpoints"
         raise CommandFailed(f"audit checkpoint folder {book.folder} does not exist", EXIT_USAGE)
     points, problems = book.read() if book is not None else ({}, [])
+    # three rounds of the checkpointer: a row older than that is in a checkpoint, or the
+    # checkpointer has stopped and a cut of it could not be told
+    written_before = datetime.now(UTC) - timedelta(seconds=3 * settings.audit_checkpoint_seconds)
     async with opened_store(settings) as store:
         checked, chain_problems = await store.audit.verify(points)
+        lapsed = await store.audit.uncheckpointed(points, written_before) if book is not None else []
     problems += chain_problems
     for problem in problems:
         print(f"TAMPERED: {problem}")
+    for chain, seq, at in lapsed[:LAPSES_SHOWN]:
+        print(f"NOT CHECKPOINTED: chain {chain or '(global)'} up to seq {seq} (written {at:%Y-%m-%d %H:%M:%S}"
+              " UTC): in no checkpoint, so a cut of it cannot be told")
+    if len(lapsed) > LAPSES_SHOWN:
+        print(f"NOT CHECKPOINTED: {len(lapsed) - LAPSES_SHOWN} more chains")
     if book is None:
         print("no audit checkpoints (REFUNDS_AUDIT_CHECKPOINT_DIR unset): a cut tail with a rewound "
               "head cannot be detected", file=sys.stderr)
     else:
         print(f"checked against {book.count()} checkpoints in {book.folder}")
-    print(f"{checked} audit rows checked, {len(problems)} problems")
-    return 1 if problems else 0
+        if lapsed:
+            print(f"{len(lapsed)} chains have rows older than {written_before:%Y-%m-%d %H:%M:%S} UTC in no "
+                  "checkpoint: is the worker's checkpointer running, and can it write the folder?",
+                  file=sys.stderr)
+    print(f"{checked} audit rows checked, {len(problems)} problems, {len(lapsed)} chains not checkpointed")
+    return 1 if problems or lapsed else 0
+
 
 
 async def cmd_policy_check(args: argparse.Namespace, settings: Settings) -> int:
