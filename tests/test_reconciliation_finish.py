@@ -193,6 +193,9 @@ async def test_a_break_handed_to_a_case_that_ended_without_reversing_is_raised_a
     again = await backfill(stack, since_days=1)  # the case still decides: it stays handed
     assert (again["new_breaks"], again["known_breaks"]) == (0, 1)
     assert (await wait_for_breaks(stack, [payout.provider_payout_id], "handed_to_case"))[0]["reopened"] == 0
+    await stack.store.database.execute(  # as if omar (ops and an approver) had reopened it before
+        "UPDATE reconciliation_breaks SET evidence = jsonb_set(evidence, '{reopened_by}', '[\"omar\"]')"
+        " WHERE id = %s", (handed["id"],))
 
     assert (await decide_payout(stack, "lena", case_id, "deny")).status_code == 202
     await wait_for_case(stack, case_id, "denied")
@@ -201,6 +204,10 @@ async def test_a_break_handed_to_a_case_that_ended_without_reversing_is_raised_a
     assert raised["new_breaks"] == 1
     [waiting] = await wait_for_breaks(stack, [payout.provider_payout_id], "awaiting_approval")
     assert (waiting["id"], waiting["reopened"]) == (handed["id"], 1)
+    # who reopened it stays barred from approving it, in every round (as for a refund's break)
+    assert waiting["evidence"]["reopened_by"] == ["omar"]
+    refused = await decide(stack, "omar", waiting["id"])
+    assert refused.status_code == 403 and "cannot approve" in refused.text, refused.text
     assert (await decide(stack, "lena", waiting["id"])).status_code == 202
     await wait_for_breaks(stack, [payout.provider_payout_id], "resolved")
     assert (await store.payouts.payout(payout.id) or payout).status is PayoutStatus.FAILED

@@ -30,6 +30,13 @@ SELECT * FROM inserted ORDER BY id
 # recorded, else by our reference in the provider's metadata) and to that case's ledger
 # position, flag every class of difference, insert the breaks not seen before, and link every
 # break seen to this run (LINK).
+NEW_EVIDENCE_KEEPING_REOPENERS = """CASE WHEN reconciliation_breaks.evidence ? 'reopened_by'
+        THEN jsonb_set(EXCLUDED.evidence, '{reopened_by}', reconciliation_breaks.evidence->'reopened_by')
+        ELSE EXCLUDED.evidence END"""
+"""A break raised again takes the new finding's evidence, but whoever reopened it is still
+behind it (`behind_break`): the rest of a compensation they asked for, or a payout's next
+round, is not theirs to approve either."""
+
 CLASSIFY = """
 WITH matched AS (
     SELECT b.*, c.refund_request_id AS case_id, c.status AS case_status, c.amount AS case_amount,
@@ -123,10 +130,7 @@ WITH matched AS (
         state = 'new', reopened = reconciliation_breaks.reopened + 1, resolution = NULL,
         resolved_at = NULL, dispatched_at = NULL, first_run_id = EXCLUDED.first_run_id,
         found_at = now(), ledger_delta = EXCLUDED.ledger_delta,
-        -- whoever reopened the break is still behind it (`behind_break`): the rest of a
-        -- compensation they asked for is not theirs to approve either
-        evidence = CASE WHEN reconciliation_breaks.evidence ? 'reopened_by' THEN jsonb_set(EXCLUDED.evidence,
-            '{reopened_by}', reconciliation_breaks.evidence->'reopened_by') ELSE EXCLUDED.evidence END,
+        evidence = """ + NEW_EVIDENCE_KEEPING_REOPENERS + """,
         case_status = EXCLUDED.case_status, provider_status = EXCLUDED.provider_status,
         raw_status = EXCLUDED.raw_status, failure_reason = EXCLUDED.failure_reason,
         amount = EXCLUDED.amount
@@ -183,7 +187,8 @@ WITH classified AS (
     ON CONFLICT (provider, object_id, break_class) DO UPDATE SET
         state = 'new', reopened = reconciliation_breaks.reopened + 1, resolution = NULL,
         resolved_at = NULL, dispatched_at = NULL, first_run_id = EXCLUDED.first_run_id,
-        found_at = now(), evidence = EXCLUDED.evidence, case_status = EXCLUDED.case_status,
+        found_at = now(), case_status = EXCLUDED.case_status,
+        evidence = """ + NEW_EVIDENCE_KEEPING_REOPENERS + """,
         provider_status = EXCLUDED.provider_status, raw_status = EXCLUDED.raw_status,
         failure_reason = EXCLUDED.failure_reason
       WHERE reconciliation_breaks.state = 'handed_to_case'
