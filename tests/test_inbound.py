@@ -157,6 +157,13 @@ async def test_a_slack_button_approves_only_the_case_its_message_shows(
             big_notice["blocks"][2]]}
         dressed_up = await click(stack, slack_click(world, big, slack_id, shown=dressed))
         assert dressed_up.status_code == 403 and "does not show" in dressed_up.json()["detail"]
+        buttons = big_notice["blocks"][2]  # the notice as sent, but its Approve reads "Deny", in red
+        relabelled = {**big_notice, "blocks": [*big_notice["blocks"][:2], {**buttons, "elements": [
+            {**e, "text": {**e["text"], "text": "Deny"}, "style": "danger"}
+            if e["action_id"] == "refund_approve" else e
+            for e in buttons["elements"] if e["action_id"] != "refund_deny"]}]}
+        disguised = await click(stack, slack_click(world, big, slack_id, shown=relabelled))
+        assert disguised.status_code == 403 and "does not show" in disguised.json()["detail"]
         elsewhere = json.loads(parse_qs(slack_click(world, big, slack_id).decode())["payload"][0])
         elsewhere["actions"][0]["block_id"] = small_notice["blocks"][2]["block_id"]  # another notice's
         moved = await click(stack, urlencode({"payload": json.dumps(elsewhere)}).encode())
@@ -164,7 +171,7 @@ async def test_a_slack_button_approves_only_the_case_its_message_shows(
         state = await stack.client.get_workflow_handle(big).query(RefundWorkflow.state)
         assert state.approvals == () and state.status == "awaiting_approval"
         assert [e["detail"]["channel"] for e in await stack.store.audit.trail(big)
-                if e["action"] == "access_refused"] == ["slack"] * 3
+                if e["action"] == "access_refused"] == ["slack"] * 4
         accepted = await click(stack, slack_click(world, big, slack_id))  # the notice as sent
         assert accepted.status_code == 200, accepted.text
 

@@ -60,19 +60,32 @@ def slack_payload(message: Message) -> dict[str, Any]:
     return {"text": message.title, "blocks": blocks}
 
 
+SHOWN_KEYS = ("type", "action_id", "value", "url", "style", "image_url", "alt_text")
+"""What a button, link, image or context element shows or does, beside its text."""
+
+
 def shown_digest(blocks: Sequence[Mapping[str, Any]]) -> str:
-    """A digest of what a Slack message shows its reader: every block's kind, and the text
-    and field texts of every block but the buttons (Slack's echo escapes `&<>` in plain
-    text; keys it adds are not read). Kept when an approval notice is sent, so a click is
-    taken only on the message as it went out."""
+    """A digest of what a Slack message shows its reader and what its buttons do: every
+    block's kind, text and field texts, the element beside a text (`accessory`) and every
+    element of an actions or context block (text, action, value, link, style, image), as
+    read by `SHOWN_KEYS` (Slack's echo escapes `&<>` in plain text; keys it adds are not
+    read). Kept when an approval notice is sent, so a click is taken only on the message as
+    it went out: not on a copy whose red "Deny" approves. `v2`: the buttons are covered
+    (a `sha256:` digest, kept before, matches no click)."""
     def text(value: object) -> object:
-        inner = value.get("text") if isinstance(value, Mapping) else None
+        inner = value.get("text") if isinstance(value, Mapping) else value
         return html.unescape(inner) if isinstance(inner, str) else None
 
-    shown = [[block.get("type"), None if block.get("type") == "actions" else text(block.get("text")),
-              [text(f) for f in block.get("fields") or () if isinstance(f, Mapping)]]
+    def element(value: object) -> object:
+        if not isinstance(value, Mapping):
+            return None
+        return [text(value.get("text")), *(value.get(key) for key in SHOWN_KEYS)]
+
+    shown = [[block.get("type"), text(block.get("text")),
+              [text(f) for f in block.get("fields") or () if isinstance(f, Mapping)],
+              element(block.get("accessory")), [element(e) for e in block.get("elements") or ()]]
              for block in blocks if isinstance(block, Mapping)]
-    return "sha256:" + hashlib.sha256(json.dumps(shown, sort_keys=True).encode()).hexdigest()
+    return "sha256v2:" + hashlib.sha256(json.dumps(shown, sort_keys=True).encode()).hexdigest()
 
 
 def teams_payload(message: Message) -> dict[str, Any]:
