@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode
 
 import httpx
+import pytest
 from temporalio.client import Client
 
 from adapters import signing
@@ -303,6 +304,33 @@ async def test_a_servicenow_denial_on_a_changed_ticket_still_counts(
             "approver": {"user_name": sn_manager}, "comments": "not like this"})
         assert denied.status_code == 200 and denied.json()["approver"] == manager, denied.text
         await stack.wait_for_status(case_id, "denied")
+
+
+@pytest.mark.parametrize("refused_update", ["malformed", "outside_the_provider_s_rules"])
+async def test_a_ticket_update_refused_on_its_own_hides_no_change_from_its_approvers(
+        store: Store, client: Client, temporal_server: TemporalDevServer, refused_update: str) -> None:
+    """The opener edits the ticket to show 10.00 and, in the same edit, makes it unreadable
+    (a description past its length) or unacceptable (an amount no provider takes): the
+    update is refused before it is compared with the case, so no conflict was recorded and
+    an approver who read 10.00 on the ticket approved the case's 90.00. A refused update of
+    a ticket that has a case marks the ticket as no longer showing the case."""
+    async with connected_stack(store, client, temporal_server, jira_url=None) as (stack, world):
+        sn_opener, sn_manager = f"jdoe.{uuid.uuid4().hex[:6]}", f"mgr.{uuid.uuid4().hex[:6]}"
+        await person(stack, ["requester"], servicenow=sn_opener)
+        await person(stack, ["approver"], servicenow=sn_manager)
+        sys_id, case_id, body = await ticket_awaiting_approval(stack, world, sn_opener)
+        edit = ({"description": "x" * 1_801} if refused_update == "malformed"
+                else {"currency": "XTS"})
+        refused = await servicenow(stack, "refund-requests", {
+            **body, "amount": 1_000, "sys_updated_on": "2026-11-21 10:06:00", **edit})
+        assert refused.status_code in (400, 422), refused.text
+        approved = await servicenow(stack, "approvals", {
+            "sys_id": uuid.uuid4().hex, "document_id": sys_id, "state": "approved",
+            "approver": {"user_name": sn_manager}, "sys_updated_on": "2026-11-21 10:10:00",
+            "sys_updated_by": sn_manager})
+        assert approved.status_code == 409 and "changed" in approved.json()["detail"], approved.text
+        state = await stack.client.get_workflow_handle(case_id).query(RefundWorkflow.state)
+        assert state.approvals == () and state.status == "awaiting_approval"
 
 
 async def test_a_servicenow_approval_given_again_after_a_refusal_counts(

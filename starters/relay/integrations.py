@@ -10,11 +10,12 @@ rules as every other approval.
 """
 
 import hashlib
+import json
 import logging
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal, Protocol, TypeVar
 from urllib.parse import parse_qs
 
@@ -219,13 +220,17 @@ router = APIRouter(prefix="/integrations", tags=["integrations"])
 
 
 async def receive(door: FrontDoor, request: Request, provider: str, secret: SecretStr | None,
-                  parse: Callable[[bytes], M]) -> tuple[M, StoredReceipt] | JSONResponse:
-    """Limit, verify, parse and store the receipt; a rejection is stored and answered."""
+                  parse: Callable[[bytes], M], *,
+                  unreadable: Callable[[bytes, str], Awaitable[None]] | None = None,
+                  ) -> tuple[M, StoredReceipt] | JSONResponse:
+    """Limit, verify, parse and store the receipt; a rejection is stored and answered.
+    `unreadable`: told of a signed body refused as malformed (with the reason)."""
     headers = receipts.storable_headers({k.lower(): v for k, v in request.headers.items()})
     body = await read_limited(request, door.settings.webhook_max_body_bytes)
     prefix = "x-slack" if provider == "slack" else "x-refunds"
     parsed: M | None = None
     rejection: WebhookRejected | None = None
+    signed = False
     try:
         if body is None:
             raise WebhookRejected("too_large", f"body exceeds {door.settings.webhook_max_body_bytes} bytes")
@@ -235,6 +240,7 @@ async def receive(door: FrontDoor, request: Request, provider: str, secret: Secr
                        timestamp_header=headers.get(f"{prefix}-request-timestamp"), body=body,
                        secrets=secret_list(secret), now=time.time(),
                        tolerance_seconds=door.settings.webhook_tolerance_seconds)
+        signed = True
         candidate = parse(body)
         if isinstance(candidate, BaseModel) and receipts.unstorable(candidate):
             raise WebhookRejected("malformed", "the call holds text PostgreSQL cannot store "
@@ -252,6 +258,8 @@ async def receive(door: FrontDoor, request: Request, provider: str, secret: Secr
         error=receipts.storable(rejection.message) if rejection else None)
     if rejection is not None:
         log.warning("%s call rejected (%s): %s", provider, rejection.verdict, rejection.message)
+        if signed and body is not None and unreadable is not None:
+            await unreadable(body, rejection.message)
         return JSONResponse({"receipt_id": stored.receipt_id, "verdict": rejection.verdict,
                              "detail": rejection.message},
                             status_code=REJECTION_STATUS.get(rejection.verdict, 401))
@@ -321,12 +329,38 @@ async def signal_approval(door: FrontDoor, stored: StoredReceipt, system: str, e
         "status": "signalled"})
 
 
+TICKET_UPDATE_REFUSED = "ticket_update_refused"
+
+
 async def ticket_diverged(door: FrontDoor, case_id: str) -> bool:
     """Whether the case's ticket was changed after its refund was requested (its update was
-    refused as a conflict, `request_conflict`): an approval given on the ticket then approved
-    values the case does not ask for (a denial moves nothing and still counts). For good:
-    editing the ticket back does not undo what approvers may have seen meanwhile."""
-    return await door.store.audit.has_action(case_id, "request_conflict")
+    refused as a conflict, `request_conflict`, or refused before it could be compared,
+    `ticket_update_refused`): an approval given on the ticket then approved values the case
+    does not ask for (a denial moves nothing and still counts). For good: editing the ticket
+    back does not undo what approvers may have seen meanwhile."""
+    return (await door.store.audit.has_action(case_id, "request_conflict")
+            or await door.store.audit.has_action(case_id, TICKET_UPDATE_REFUSED))
+
+
+async def ticket_update_refused(door: FrontDoor, sys_id: object, refusal: str) -> None:
+    """A signed update of a ticket that has a case, refused on its own (unreadable, its
+    opener not allowed, values no provider takes) before it was compared with the case: the
+    ticket may show other values than the case asks for now, as after a conflict."""
+    if not (isinstance(sys_id, str) and re.fullmatch(r"[0-9a-f]{32}", sys_id)):
+        return
+    case_id = f"servicenow-{sys_id}"
+    if await door.store.cases.get(case_id) is not None:
+        await door.store.audit.record(case_id, "servicenow", TICKET_UPDATE_REFUSED, {"refusal": refusal})
+
+
+async def unreadable_ticket(door: FrontDoor, body: bytes, refusal: str) -> None:
+    """`ticket_update_refused` for a signed ticket body refused as malformed: its sys_id, if
+    it names one, read from the body as it is."""
+    try:
+        sent = json.loads(body)
+    except ValueError:
+        return
+    await ticket_update_refused(door, sent.get("sys_id") if isinstance(sent, dict) else None, refusal)
 
 
 @router.post("/slack/actions")
@@ -377,7 +411,8 @@ async def servicenow_refund_request(request: Request, door: Door) -> JSONRespons
     """A "Refund Request" ticket created or updated: starts (or attaches to) its case. The
     opener must be linked to a user who may request refunds."""
     received = await receive(door, request, "servicenow", door.settings.servicenow_inbound_secret,
-                             ServiceNowRefundTicket.from_body)
+                             ServiceNowRefundTicket.from_body,
+                             unreadable=lambda body, refusal: unreadable_ticket(door, body, refusal))
     if isinstance(received, JSONResponse):
         return received
     ticket, stored = received
@@ -389,10 +424,12 @@ async def servicenow_refund_request(request: Request, door: Door) -> JSONRespons
                    f"(roles {sorted(roles_for(Permission.REQUEST_REFUND))})")
         await door.store.audit.record(case_id, f"servicenow:{opener}", "access_refused",
                                       {"channel": "servicenow", "ticket": ticket.number, "refusal": message})
+        await ticket_update_refused(door, ticket.sys_id, message)
         return await answer(door, stored, None, 403, {"detail": message})
     if refused := entry_refusal(door.providers, ticket.provider, ticket.amount, ticket.currency):
         await door.store.audit.record(None, principal.user, "action_refused", {
             "channel": "servicenow", "ticket": ticket.number, "refusal": refused[1]})
+        await ticket_update_refused(door, ticket.sys_id, refused[1])
         return await answer(door, stored, None, 422, {"detail": refused[1]})
     refund = ticket.refund_request(principal.user)
     outcome, created = await door.store.cases.create(refund, principal.user)
