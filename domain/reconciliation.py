@@ -41,6 +41,9 @@ class BreakClass(StrEnum):
     LEDGER_MISSING = "ledger_missing"
     LEDGER_DOUBLED = "ledger_doubled"
     PAYOUT_FAILED_SHOWN_PAID = "payout_failed_shown_paid"
+    PAYOUT_PAID_SHOWN_FAILED = "payout_paid_shown_failed"
+    """The provider paid a payout our books reversed (a bank's correction after a failure):
+    for ops, who undo the reversal or recover a reissue's second payment."""
     UNMAPPED_STATUS = "unmapped_status"
     DUPLICATE_REFUND = "duplicate_refund"
     """A second provider refund carrying a case's reference (raised by the case, for ops)."""

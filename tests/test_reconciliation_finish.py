@@ -36,7 +36,14 @@ from starters.actions.cases import CaseActions
 from starters.actions.reconciliation import BreakReopenBody, reopen_break
 from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack, pending_verdict_stack
-from tests.payouts_kit import add_payout_approvers, move_payout, paid_payout, wait_for_actions, wait_for_case
+from tests.payouts_kit import (
+    add_payout_approvers,
+    move_payout,
+    paid_payout,
+    remediated,
+    wait_for_actions,
+    wait_for_case,
+)
 from tests.payouts_kit import decide as decide_payout
 from tests.reconciliation_kit import (
     ago,
@@ -215,6 +222,28 @@ async def test_a_break_handed_to_a_case_that_ended_without_reversing_is_raised_a
     assert lines.count("payout_reversed") == 2  # one entry: two lines
     settled = await backfill(stack, since_days=1)
     assert (settled["new_breaks"], settled["known_breaks"]) == (0, 0)
+
+
+async def test_a_payout_the_provider_paid_after_all_is_a_break_for_ops(
+        payout_stack: Stack, store: Store) -> None:
+    """Our books reversed a failed payout; the bank then corrects it to paid (its webhook,
+    the case past its failure, is only audited). The money left after all while the books
+    say it came back, and after a reissue the beneficiary is paid twice: reconciliation
+    raises it for ops (`payout_paid_shown_failed`, no money moved by it), where before it had
+    no class for it and said nothing."""
+    stack = payout_stack
+    made, case_id = await remediated(stack, 30_000)
+    await move_payout(stack, made.provider_payout_id, "paid")
+    before = await store.ledger.entries(case_id)
+    await backfill(stack, since_days=1)
+    [found] = await wait_for_breaks(stack, [made.provider_payout_id], "ops_review")
+    assert (found["break_class"], found["chain"], found["amount"]) == (
+        "payout_paid_shown_failed", case_id, 30_000)
+    assert ("reconciliation_break", "ops") in [(n["kind"], n["audience"])
+                                              for n in await store.outbox.notices(case_id)]
+    assert await store.ledger.entries(case_id) == before
+    again = await backfill(stack, since_days=1)
+    assert (again["new_breaks"], again["known_breaks"]) == (0, 1)
 
 
 @pytest.mark.parametrize("meanwhile", ["paid", "lookup_refused"])

@@ -292,6 +292,7 @@ class ReconciliationRepository(Repository):
                 "no_refund": f"{NO_REFUND_PREFIX}%",
                 "tracking_prefix": tracking_case_id(provider, ""), "unmapped": UNMAPPED,
                 "payout_failed": _names(EXCEPTION_STATUSES), "paid": PayoutStatus.PAID.value,
+                "payout_reversed": LedgerKind.PAYOUT_REVERSED.value,
                 "raised_again": _names(RAISED_AGAIN), "case_ended": _names(ENDED_UNREVERSED),
                 "case_prefix": payout_case_id(provider, "")})
             new = list(await cur.fetchall())

@@ -157,6 +157,11 @@ WITH classified AS (
         WHEN b.status = ANY(%(payout_failed)s) AND p.status = %(paid)s AND b.amount <> p.amount
             THEN 'amount_mismatch'
         WHEN b.status = ANY(%(payout_failed)s) AND p.status = %(paid)s THEN 'payout_failed_shown_paid'
+        -- paid after all (a bank's correction) where our books took the money back: people
+        -- look (a reissue may have paid the beneficiary twice), nothing moves by itself
+        WHEN b.status = %(paid)s AND p.status <> %(paid)s AND EXISTS (
+            SELECT 1 FROM ledger_entries e WHERE e.refund_request_id = %(case_prefix)s || b.object_id
+            AND e.template = %(payout_reversed)s) THEN 'payout_paid_shown_failed'
         END AS break_class) k
     WHERE b.created_at < %(judge_before)s AND k.break_class IS NOT NULL
       -- a mismatch the payout case's admission raised already (its object is the case) is known
