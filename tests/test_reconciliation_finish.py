@@ -226,14 +226,18 @@ async def test_a_break_handed_to_a_case_that_ended_without_reversing_is_raised_a
 
 async def test_a_payout_the_provider_paid_after_all_is_a_break_for_ops(
         payout_stack: Stack, store: Store) -> None:
-    """Our books reversed a failed payout; the bank then corrects it to paid (its webhook,
-    the case past its failure, is only audited). The money left after all while the books
-    say it came back, and after a reissue the beneficiary is paid twice: reconciliation
-    raises it for ops (`payout_paid_shown_failed`, no money moved by it), where before it had
-    no class for it and said nothing."""
+    """Our books reversed a failed payout; the bank then corrects it to paid. The money left
+    after all while the books say it came back, and after a reissue the beneficiary is paid
+    twice: its webhook tells ops, and reconciliation raises it for ops
+    (`payout_paid_shown_failed`, no money moved by either), where before the webhook was
+    only audited (the case past its failure) and reconciliation had no class for it."""
     stack = payout_stack
     made, case_id = await remediated(stack, 30_000)
-    await move_payout(stack, made.provider_payout_id, "paid")
+    await move_payout(stack, made.provider_payout_id, "paid", copies=2)
+    # its webhook tells ops at once (once, however often it comes), the run raises the break
+    await wait_for_actions(stack, case_id, "payout_paid_after_reversal")
+    assert [(n["kind"], n["audience"]) for n in await store.outbox.notices(case_id)].count(
+        ("payout_paid_after_reversal", "ops")) == 1
     before = await store.ledger.entries(case_id)
     await backfill(stack, since_days=1)
     [found] = await wait_for_breaks(stack, [made.provider_payout_id], "ops_review")

@@ -174,6 +174,12 @@ TEMPLATES: dict[str, Template] = {
         "Beneficiary {beneficiary_id} is no longer held by this case ({reason}). The payout's own "
         "hold and the ledger stay as they are; reissues waiting for this hold go ahead.",
         payout=True),
+    "payout_paid_after_reversal": Template(
+        "Payout {payout_id} was paid after all: our books reversed it",
+        "The provider now reports payout {payout_id} of {amount} paid; our books took it back "
+        "after its failure (and a reissue may have paid the beneficiary again). Nothing moved by "
+        "this report. Next steps: confirm with the provider or bank, then undo the reversal, or "
+        "recover the second payment.", ticket="incident", payout=True),
     "payout_reissued": Template(
         "Payout {payout_id} reissued as {reissue_id}",
         "Decision: reissue approved by {approved_by}. The beneficiary was paid {amount} again as "

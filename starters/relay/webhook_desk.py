@@ -34,13 +34,15 @@ from domain.models import (
     CLOSED_STATUSES,
     CaseStatus,
     EventKind,
+    LedgerKind,
+    NoticeInput,
     ProviderEvent,
     ProviderRefund,
     ProviderRefundStatus,
     RefundRequest,
 )
 from domain.payments import PaymentEvent
-from domain.payouts import PayoutEvent, payout_case_id
+from domain.payouts import PayoutEvent, ProviderPayoutStatus, payout_case_id
 from domain.reconciliation import SHOWN_PENDING
 from starters.actions.starting import (
     entry_refusal,
@@ -117,6 +119,7 @@ class IngestResult:
 
 
 TEMPORAL_AWAY = frozenset({RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED})
+PAID_AFTER_REVERSAL = "payout_paid_after_reversal"
 """Temporal not answering: a re-drive pass that meets it tried nothing (no receipt's fault)."""
 
 
@@ -388,6 +391,7 @@ class WebhookDesk:
             if await open_payout_case(self._client, self._settings, event) is not None:
                 return case_id
         else:
+            await self._paid_after_reversal(event, case_id)
             try:
                 await self._client.get_workflow_handle(case_id).signal(PayoutReversalWorkflow.payout_event,
                                                                        event)
@@ -399,6 +403,25 @@ class WebhookDesk:
                     event.payout.payout_id, event.event_type, event.event_id)
         await self._store.audit.record(case_id, actor, "payout_event_without_open_case", detail)
         return case_id
+
+    async def _paid_after_reversal(self, event: PayoutEvent, case_id: str) -> None:
+        """A payout reported paid whose reversal our books posted: the money left after all
+        (a bank's correction after the failure; after a reissue, paid twice). The case reads
+        the report as stale and nothing moves by it, so ops are told here, once per case
+        (reconciliation raises it too, `payout_paid_shown_failed`)."""
+        if event.payout.status is not ProviderPayoutStatus.PAID:
+            return
+        posted = {line["template"] for line in await self._store.ledger.entries(case_id)}
+        if LedgerKind.PAYOUT_REVERSED.value not in posted:
+            return
+        detail = {"event_id": event.event_id, "payout_id": event.payout.payout_id,
+                  "amount": event.payout.amount, "currency": event.payout.currency}
+        log.error("PAYOUT PAID AFTER ITS REVERSAL: %s %s (%s)", event.provider, event.payout.payout_id,
+                  case_id)
+        if await self._store.outbox.queue(NoticeInput(
+                refund_request_id=case_id, kind=PAID_AFTER_REVERSAL, audience="ops",
+                dedup_key=f"{case_id}:{PAID_AFTER_REVERSAL}", detail=detail)):
+            await self._store.audit.record(case_id, actor_of(event), PAID_AFTER_REVERSAL, detail)
 
     async def payout_registered(self, provider: str, provider_payout_id: str) -> None:
         """A payout booked after the relay received its events (an instant payout that failed
