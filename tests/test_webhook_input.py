@@ -9,6 +9,7 @@ timestamp in Unicode digits, NUL in the URL path or a header, a secret list `s1,
 The relay app runs in-process (ASGI) on the session's PostgreSQL and Temporal: no worker,
 since nothing here may reach a workflow it could act on."""
 
+import hashlib
 import json
 import time
 import uuid
@@ -314,3 +315,30 @@ async def test_a_secret_list_ending_in_a_comma_does_not_let_an_empty_key_sign(
                "x-slack-signature": signing.signature("slack", SECRETS["slack"], stamp, body)}
     response = await post(relay_http, "/integrations/slack/actions", body, genuine)
     assert response.status_code == 200 and await assert_receipted(store, response) == "accepted"
+
+
+async def test_an_unsigned_call_to_an_integration_is_kept_in_part(relay_http: httpx.AsyncClient,
+                                                                   store: Store) -> None:
+    """Anyone can post to the Slack and ServiceNow endpoints: what fails the signature is
+    stored by its digest and its first bytes only (kept 30 days, a full body each call
+    filled the disk at the caller's pace); nothing replays those calls. A signed call that
+    is refused afterwards (malformed) is kept whole."""
+    body = b'{"pad": "' + b"x" * 200_000 + b'"}'
+    stamp = str(int(time.time()))
+    for path, prefix in (("/integrations/slack/actions", "x-slack"),
+                         ("/integrations/servicenow/approvals", "x-refunds")):
+        response = await post(relay_http, path, body, {f"{prefix}-request-timestamp": stamp,
+                                                        f"{prefix}-signature": "v0=" + "0" * 64})
+        assert response.status_code == 401 and await assert_receipted(store, response) == "bad_signature"
+        kept = await store.receipts.delivery(response.json()["receipt_id"])
+        assert kept is not None and kept.body is not None
+        assert len(kept.body) == 4_096 and body.startswith(kept.body)
+        row = await store.database.fetch_one("SELECT body_sha256 FROM webhook_receipts WHERE id = %s",
+                                             (response.json()["receipt_id"],))
+        assert row is not None and row["body_sha256"] == hashlib.sha256(body).hexdigest()
+    signed = {"x-refunds-request-timestamp": stamp,
+              "x-refunds-signature": signing.signature("servicenow", SECRETS["servicenow"], stamp, body)}
+    malformed = await post(relay_http, "/integrations/servicenow/approvals", body, signed)
+    assert malformed.status_code == 400
+    whole = await store.receipts.delivery(malformed.json()["receipt_id"])
+    assert whole is not None and whole.body == body

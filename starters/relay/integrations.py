@@ -217,6 +217,10 @@ def _explain(exc: ValueError) -> str:
 
 
 router = APIRouter(prefix="/integrations", tags=["integrations"])
+UNSIGNED_BODY_KEPT = 4_096
+"""Bytes kept of a call that fails the signature (with the whole body's digest): anyone can
+send one, nothing replays it, and a whole body per call would fill the disk at the sender's
+pace for the 30 days refused receipts are kept."""
 
 
 async def receive(door: FrontDoor, request: Request, provider: str, secret: SecretStr | None,
@@ -252,7 +256,8 @@ async def receive(door: FrontDoor, request: Request, provider: str, secret: Secr
         rejection = WebhookRejected("malformed", _explain(exc))
     stored = await door.store.receipts.store(
         provider=provider, event_id=parsed.event_id() if parsed else None,
-        event_type=parsed.event_type() if parsed else None, body=body,
+        event_type=parsed.event_type() if parsed else None,
+        body=body if signed or body is None else body[:UNSIGNED_BODY_KEPT],
         body_sha256=hashlib.sha256(body or b"").hexdigest(), headers=headers,
         verdict="accepted" if rejection is None else rejection.verdict,
         error=receipts.storable(rejection.message) if rejection else None)
