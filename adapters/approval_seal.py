@@ -15,6 +15,15 @@ replay: it reads the header and `workflow.now()`, and a key stays listed (verify
 long as a case that holds approvals sealed with it may still replay. Seals made before the
 chain was covered (`v1`, in recorded histories) still verify; the relay makes none now, and
 a captured one is stale after `MAX_AGE`.
+
+Provider news is sealed too (`news-sealed-1`): a refund or payout event signalled to a case
+(`provider_event`, `payout_event`, signal-with-start included) moves money state (a late
+failure reverses a booked refund and opens its reissue), so only the holders of the keys,
+relay and workers, may report it. Every product client built by `connect` seals the news it
+sends (`NewsSealing`), a workflow's signal to another case too (the worker's outbound
+interceptor); the seal is an HMAC over the workflow id, the signal and the event. It has no
+window and no nonce: an event is a fact deduplicated by its id, so its seal holds whenever
+it is handled, however long the worker was away.
 """
 
 import dataclasses
@@ -22,7 +31,7 @@ import hashlib
 import hmac
 import json
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -33,14 +42,22 @@ from temporalio.worker import (
     HandleSignalInput,
     HandleUpdateInput,
     Interceptor,
+    SignalExternalWorkflowInput,
     WorkflowInboundInterceptor,
     WorkflowInterceptorClassInput,
+    WorkflowOutboundInterceptor,
 )
 
 from adapters.config import Settings, secret_list
-from domain.models import ApprovalSignal
-from domain.payouts import ReissueAsk
-from domain.seals import CheckedApproval, CheckedReissueAsk
+from domain.models import ApprovalSignal, ProviderEvent
+from domain.payouts import PayoutEvent, ReissueAsk
+from domain.seals import (
+    CheckedApproval,
+    CheckedPayoutEvent,
+    CheckedProviderEvent,
+    CheckedReissueAsk,
+    unchecked,
+)
 
 SEAL_HEADER = "refunds-approval-seal"
 SEAL_VERSION = "v2"
@@ -54,6 +71,9 @@ MAX_AGE = timedelta(minutes=15)
 MAX_SKEW = timedelta(minutes=1)
 """How far ahead of the workflow's clock the relay's clock may be."""
 _HEADER_CONVERTER = PayloadConverter.default
+NEWS_SIGNALS = frozenset({"provider_event", "payout_event"})
+NEWS_HEADER = "refunds-news-seal"
+NEWS_VERSION = "n1"
 
 
 Sealed = ApprovalSignal | ReissueAsk
@@ -78,6 +98,14 @@ def _message(workflow_id: str, chain: str | None, sealed: Sealed, issued_at: int
             covered["verdict_id"] = sealed.verdict_id
     if chain is not None:
         covered["chain"] = chain
+    return json.dumps(covered, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _news_message(workflow_id: str, signal: str, event: ProviderEvent | PayoutEvent) -> bytes:
+    """What a news seal covers: the case, the signal and the event as canonical JSON (fields
+    at their defaults left out, so a field added with a default later reads the same)."""
+    covered = {"v": NEWS_VERSION, "workflow_id": workflow_id, "signal": signal,
+               "event": unchecked(event).model_dump(mode="json", exclude_defaults=True)}
     return json.dumps(covered, sort_keys=True, separators=(",", ":")).encode()
 
 
@@ -130,6 +158,22 @@ class ApprovalKeys:
         return "", nonce
 
 
+    def seal_news(self, workflow_id: str, signal: str, event: ProviderEvent | PayoutEvent) -> str:
+        return f"{NEWS_VERSION}.{_mac(self._keys[0], _news_message(workflow_id, signal, event))}"
+
+    def check_news(self, workflow_id: str, signal: str, event: ProviderEvent | PayoutEvent,
+                   seal: str | None) -> str:
+        """Why `seal` does not hold for this event sent to this case ("" when it does)."""
+        if not seal:
+            return "provider news not sealed by the relay or a worker"
+        version, _, mac = seal.partition(".")
+        message = _news_message(workflow_id, signal, event)
+        if version != NEWS_VERSION or not any(
+                hmac.compare_digest(mac.encode(), _mac(k, message).encode()) for k in self._keys):
+            return "provider news seal does not match this event"
+        return ""
+
+
 def approval_keys(settings: Settings) -> ApprovalKeys | None:
     """The configured keys, or None: then the relay seals nothing and the worker counts nothing."""
     return ApprovalKeys(secret_list(settings.approval_keys)) if settings.approval_keys else None
@@ -139,6 +183,22 @@ def _approval_arg(name: str, expected: str, args: Sequence[Any]) -> ApprovalSign
     if name == expected and args and isinstance(args[0], ApprovalSignal):
         return args[0]
     return None
+
+
+def _news_arg(name: str | None, args: Sequence[Any]) -> ProviderEvent | PayoutEvent | None:
+    if name in NEWS_SIGNALS and args and isinstance(args[0], ProviderEvent | PayoutEvent):
+        return args[0]
+    return None
+
+
+def _with_news_seal(keys: ApprovalKeys, workflow_id: str, signal: str | None, args: Sequence[Any],
+                    headers: Mapping[str, Payload]) -> Mapping[str, Payload]:
+    """`headers` with the seal of the news `args` carry, if `signal` is a news signal."""
+    event = _news_arg(signal, args)
+    if event is None or signal is None:
+        return headers
+    seal = keys.seal_news(workflow_id, signal, event)
+    return {**headers, NEWS_HEADER: _HEADER_CONVERTER.to_payloads([seal])[0]}
 
 
 def _sealed_update_arg(name: str, args: Sequence[Any]) -> Sealed | None:
@@ -182,6 +242,32 @@ class _SealingOutbound(client.OutboundInterceptor):
         return await super().start_workflow_update(input)
 
 
+class _NewsSealingOutbound(client.OutboundInterceptor):
+    def __init__(self, next: client.OutboundInterceptor, keys: ApprovalKeys) -> None:
+        super().__init__(next)
+        self._keys = keys
+
+    async def signal_workflow(self, input: client.SignalWorkflowInput) -> None:
+        headers = _with_news_seal(self._keys, input.id, input.signal, input.args, input.headers)
+        await super().signal_workflow(dataclasses.replace(input, headers=headers))
+
+    async def start_workflow(self, input: client.StartWorkflowInput) -> client.WorkflowHandle[Any, Any]:
+        """A signal-with-start: the start's headers are the signal's too."""
+        headers = _with_news_seal(self._keys, input.id, input.start_signal, input.start_signal_args,
+                                  input.headers)
+        return await super().start_workflow(dataclasses.replace(input, headers=headers))
+
+
+class NewsSealing(client.Interceptor):
+    """On every product client holding the keys: seals the provider news it signals."""
+
+    def __init__(self, keys: ApprovalKeys) -> None:
+        self._keys = keys
+
+    def intercept_client(self, next: client.OutboundInterceptor) -> client.OutboundInterceptor:
+        return _NewsSealingOutbound(next, self._keys)
+
+
 class ApprovalSealing(client.Interceptor):
     """On the relay's client: seals every approval it sends."""
 
@@ -193,24 +279,59 @@ class ApprovalSealing(client.Interceptor):
 
 
 def sealing_client(base: client.Client, keys: ApprovalKeys | None) -> client.Client:
-    """The relay's client: the same connection and converter, plus the sealing interceptor
-    (unchanged without keys: its approvals then count nowhere)."""
+    """The relay's client: the same connection and converter, plus the sealing interceptors,
+    approvals' and (unless `connect` gave it already) news' (unchanged without keys: its
+    approvals then count nowhere)."""
     if keys is None:
         return base
     config = base.config()
-    config["interceptors"] = [*config["interceptors"], ApprovalSealing(keys)]
+    news = [] if any(isinstance(i, NewsSealing) for i in config["interceptors"]) else [NewsSealing(keys)]
+    config["interceptors"] = [*config["interceptors"], *news, ApprovalSealing(keys)]
     return client.Client(**config)
+
+
+class _NewsSealingWorkflowOutbound(WorkflowOutboundInterceptor):
+    """Seals the news a workflow signals to another case (a reconciliation break handing
+    the provider's word to its case): deterministic, the seal is over the event alone."""
+
+    def __init__(self, next: WorkflowOutboundInterceptor, keys: ApprovalKeys) -> None:
+        super().__init__(next)
+        self._keys = keys
+
+    def signal_external_workflow(self, input: SignalExternalWorkflowInput) -> Coroutine[Any, Any, None]:
+        headers = _with_news_seal(self._keys, input.workflow_id, input.signal, input.args, input.headers)
+        return super().signal_external_workflow(dataclasses.replace(input, headers=headers))
 
 
 class _SealCheckingInbound(WorkflowInboundInterceptor):
     """Replaces the verdict of an `approve` signal or a `submit_approval` update with a
-    `CheckedApproval`. A nonce counts once per run (a resent sealed verdict is refused)."""
+    `CheckedApproval`, and the event of a news signal with a `CheckedProviderEvent` or
+    `CheckedPayoutEvent`. A nonce counts once per run (a resent sealed verdict is refused)."""
 
     keys: ApprovalKeys | None = None
 
     def __init__(self, next: WorkflowInboundInterceptor) -> None:
         super().__init__(next)
         self._used_nonces: set[str] = set()
+
+    def init(self, outbound: WorkflowOutboundInterceptor) -> None:
+        super().init(outbound if self.keys is None else _NewsSealingWorkflowOutbound(outbound, self.keys))
+
+    def _checked_news(self, signal: str, event: ProviderEvent | PayoutEvent,
+                      headers: Mapping[str, Payload]) -> CheckedProviderEvent | CheckedPayoutEvent:
+        """The event with why its seal does not hold ("" when it does). A worker without keys
+        checks nothing: its relay seals nothing either (and approves nothing)."""
+        refusal = ""
+        if self.keys is not None:
+            header = headers.get(NEWS_HEADER)
+            try:
+                seal = _HEADER_CONVERTER.from_payloads([header], [str])[0] if header is not None else None
+            except Exception:  # whatever a sender put there, it is no seal
+                seal = "unreadable"
+            refusal = self.keys.check_news(workflow.info().workflow_id, signal, event,
+                                           seal if isinstance(seal, str) else None)
+        checked = CheckedProviderEvent if isinstance(event, ProviderEvent) else CheckedPayoutEvent
+        return checked.model_validate({**event.model_dump(), "refusal": refusal})
 
     def _refusal(self, signal: Sealed, headers: Mapping[str, Payload]) -> str:
         """Why the seal in `headers` does not hold for `signal` ("" when it does); notes its nonce."""
@@ -240,6 +361,9 @@ class _SealCheckingInbound(WorkflowInboundInterceptor):
         signal = _approval_arg(input.signal, APPROVE_SIGNAL, input.args)
         if signal is not None:
             input = dataclasses.replace(input, args=[self._checked(signal, input.headers), *input.args[1:]])
+        elif (event := _news_arg(input.signal, input.args)) is not None:
+            input = dataclasses.replace(
+                input, args=[self._checked_news(input.signal, event, input.headers), *input.args[1:]])
         await super().handle_signal(input)
 
     async def handle_update_handler(self, input: HandleUpdateInput) -> Any:

@@ -17,6 +17,7 @@ from temporalio.envconfig import ClientConfigProfile
 from temporalio.runtime import Runtime
 from temporalio.service import RPCError, RPCStatusCode
 
+from adapters.approval_seal import NewsSealing, approval_keys
 from adapters.codec import CodecError, EncryptionCodec, data_converter, parse_keys
 from adapters.config import Settings
 
@@ -45,11 +46,13 @@ def connect_options(settings: Settings) -> dict[str, Any]:
 
 async def connect(settings: Settings, *, runtime: Runtime | None = None,
                   connect_timeout: timedelta | None = None) -> Client:
-    """A client with the product's converter and tracing; workers built on it inherit both."""
+    """A client with the product's converter and tracing (workers built on it inherit both),
+    sealing the provider news it signals when it holds the keys (`NewsSealing`)."""
+    keys = approval_keys(settings)
     return await Client.connect(**connect_options(settings),
                                 data_converter=data_converter(payload_codec(settings)),
-                                interceptors=[TracingInterceptor()], runtime=runtime,
-                                connect_timeout=connect_timeout)
+                                interceptors=[TracingInterceptor(), *([NewsSealing(keys)] if keys else [])],
+                                runtime=runtime, connect_timeout=connect_timeout)
 
 
 async def workflow_closed(client: Client, case_id: str) -> str | None:

@@ -119,8 +119,9 @@ async def bare_load(args: argparse.Namespace) -> dict[str, object]:
     )
     from workflows.refund import RefundWorkflow
 
-    client = await connect(Settings(temporal_address=args.temporal,
-                                    payload_keys=os.environ["REFUNDS_PAYLOAD_KEYS"]))
+    client = await connect(Settings(temporal_address=args.temporal,  # seals its news, as the relay does
+                                    payload_keys=os.environ["REFUNDS_PAYLOAD_KEYS"],
+                                    approval_keys=os.environ["REFUNDS_APPROVAL_KEYS"]))
     tag = uuid.uuid4().hex[:8]
 
     def start(i: int) -> Callable[[], Awaitable[None]]:

@@ -38,7 +38,7 @@ from bench.common import (
     run,
     summary,
 )
-from tests.harness import PAYLOAD_KEYS
+from tests.harness import APPROVAL_KEYS, PAYLOAD_KEYS
 
 MEASURED = "rrq"
 """The measured relay deliveries' request id prefix; the warm-up's are counted apart."""
@@ -47,7 +47,7 @@ RACING = "race"
 
 
 async def load(*args: str) -> dict[str, Any]:
-    env = {**os.environ, "REFUNDS_PAYLOAD_KEYS": PAYLOAD_KEYS}
+    env = {**os.environ, "REFUNDS_PAYLOAD_KEYS": PAYLOAD_KEYS, "REFUNDS_APPROVAL_KEYS": APPROVAL_KEYS}
     done = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "bench.load_client", *args],
                                    capture_output=True, text=True, env=env, timeout=1800)
     if done.returncode != 0:

@@ -1,11 +1,14 @@
 """What a workflow knows of an approval's seal: the worker's seal check
 (`adapters.approval_seal`, outside the sandbox, where the keys are) hands each verdict over
-as a `CheckedApproval`, each payout reissue request as a `CheckedReissueAsk`; the workflow
-reads only whether the seal held. Pure, so workflows may
-import it and the sandbox passes it through (the check and the workflow see one class)."""
+as a `CheckedApproval`, each payout reissue request as a `CheckedReissueAsk`, each piece of
+provider news as a `CheckedProviderEvent` or `CheckedPayoutEvent`; the workflow reads only
+whether the seal held. Pure, so workflows may import it and the sandbox passes it through
+(the check and the workflow see one class)."""
 
-from domain.models import ApprovalSignal
-from domain.payouts import ReissueAsk
+from typing import overload
+
+from domain.models import ApprovalSignal, ProviderEvent
+from domain.payouts import PayoutEvent, ReissueAsk
 
 
 class CheckedApproval(ApprovalSignal):
@@ -33,3 +36,45 @@ def reissue_refusal(ask: ReissueAsk) -> str:
     if not isinstance(ask, CheckedReissueAsk):
         return "reissue request not checked for the relay's seal (worker without the seal check)"
     return ask.refusal
+
+
+class CheckedProviderEvent(ProviderEvent):
+    """A refund event as the seal check hands it over (`refusal` as above): only the relay
+    and the workers, which hold the keys, report a provider's news to a case."""
+
+    refusal: str = ""
+
+
+class CheckedPayoutEvent(PayoutEvent):
+    """A payout event as the seal check hands it over (`refusal` as above)."""
+
+    refusal: str = ""
+
+
+NOT_CHECKED = "news not checked for the seal (worker without the seal check)"
+
+
+def news_refusal(event: ProviderEvent | PayoutEvent) -> str:
+    """Why a provider event does not carry the relay's or a worker's authority ("" when it
+    does)."""
+    if not isinstance(event, CheckedProviderEvent | CheckedPayoutEvent):
+        return NOT_CHECKED
+    return event.refusal
+
+
+@overload
+def unchecked(event: ProviderEvent) -> ProviderEvent: ...
+@overload
+def unchecked(event: PayoutEvent) -> PayoutEvent: ...
+@overload
+def unchecked(event: ProviderEvent | PayoutEvent) -> ProviderEvent | PayoutEvent: ...
+
+
+def unchecked(event: ProviderEvent | PayoutEvent) -> ProviderEvent | PayoutEvent:
+    """The event as its own model (the check's answer dropped): what a workflow keeps,
+    carries and passes to activities, which know no `refusal`."""
+    if isinstance(event, CheckedProviderEvent):
+        return ProviderEvent.model_validate(event.model_dump(exclude={"refusal"}))
+    if isinstance(event, CheckedPayoutEvent):
+        return PayoutEvent.model_validate(event.model_dump(exclude={"refusal"}))
+    return event

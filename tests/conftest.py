@@ -14,7 +14,7 @@ from adapters.telemetry import configure_tracing
 from adapters.temporal_client import connect
 from starters.dev.stack import EmbeddedPostgres, TemporalDevServer
 from starters.ports import free_port
-from tests.harness import PAYLOAD_KEYS, Stack, open_stack
+from tests.harness import APPROVAL_KEYS, PAYLOAD_KEYS, Stack, open_stack
 
 
 @pytest.fixture(scope="session")
@@ -36,8 +36,10 @@ def spans() -> InMemorySpanExporter:
 
 @pytest.fixture(scope="session")
 async def client(temporal_server: TemporalDevServer, spans: InMemorySpanExporter) -> Client:
-    """The product's own client (encrypting codec, tracing), as worker and relay build it."""
-    return await connect(Settings(temporal_address=temporal_server.address, payload_keys=PAYLOAD_KEYS))
+    """The product's own client (encrypting codec, tracing, provider news sealed), as worker
+    and relay build it."""
+    return await connect(Settings(temporal_address=temporal_server.address, payload_keys=PAYLOAD_KEYS,
+                                  approval_keys=APPROVAL_KEYS))
 
 
 @pytest.fixture(scope="session")

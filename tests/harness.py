@@ -23,6 +23,7 @@ from psycopg.conninfo import make_conninfo
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from adapters.approval_seal import NewsSealing
 from adapters.codec import generate_key_spec
 from adapters.config import Settings
 from adapters.db import CaseCreation, Store
@@ -292,6 +293,14 @@ def foreign_refund_event(provider: str, case_id: str, charge_id: str, amount: in
         kind=EventKind.REFUND_STATUS, body_sha256="0" * 64, occurred_at=datetime.now(UTC),
         refund_id="re_foreign", charge_id=charge_id, refund_request_id=case_id, amount=amount,
         currency=currency, status=ProviderRefundStatus.SUCCEEDED, raw_status="succeeded")
+
+
+def unsealing(client: Client) -> Client:
+    """The same connection without the news seal: a caller straight to Temporal (its UI or
+    CLI) who holds no key."""
+    config = client.config()
+    config["interceptors"] = [i for i in config["interceptors"] if not isinstance(i, NewsSealing)]
+    return Client(**config)
 
 
 @asynccontextmanager

@@ -42,19 +42,19 @@ from temporalio.client import (
 )
 from temporalio.contrib.opentelemetry import TracingInterceptor
 
-from adapters.approval_seal import ApprovalKeys, sealing_client
+from adapters.approval_seal import ApprovalKeys, NewsSealing, sealing_client
 from adapters.codec import data_converter
 from adapters.db import Principal, Store
 from adapters.http_server import AppServer
 from domain.events import tracking_case_id
-from domain.models import ApprovalSignal, CaseWrites, CaseWritten, Decision
+from domain.models import ApprovalSignal, CaseWrites, CaseWritten, Decision, ProviderRefundStatus
 from domain.payouts import PayoutSnapshot, PayoutStatus, ReissueAsk, payout_case_id
 from domain.reconciliation import break_workflow_id
 from starters.actions.approving import new_verdict
 from starters.dev.stack import EmbeddedPostgres, TemporalDevServer
 from starters.ports import free_port
 from tests.adyen_fake import FakeAdyen
-from tests.harness import APPROVAL_KEYS, Stack, foreign_refund_event, open_stack
+from tests.harness import APPROVAL_KEYS, Stack, foreign_refund_event, open_stack, unsealing
 from tests.lossy_proxy import LossyProxy
 from tests.payouts_kit import (
     add_payout_approvers,
@@ -441,6 +441,20 @@ async def provider_contradicts(rig: Recording) -> str:
     refund_id = await provider_refund_id(rig, case_id, "succeeded")
     await rig.stack.set_provider_status(refund_id, "canceled")
     await rig.stack.wait_for_status(case_id, "ops_review")
+    return case_id
+
+
+async def news_unsealed(rig: Recording) -> str:
+    """Succeeded; a failure signalled straight to Temporal without the seal is refused and
+    recorded (nothing reversed), and the watch ends with the refund succeeded."""
+    case_id, charge = await requested(rig, 1_300)
+    refund_id = await provider_refund_id(rig, case_id, "succeeded")
+    forged = foreign_refund_event("sandbox", case_id, charge, 1_300, "USD").model_copy(
+        update={"refund_id": refund_id, "status": ProviderRefundStatus.FAILED, "raw_status": "failed",
+                "failure_reason": "card_account_closed"})
+    handle = unsealing(rig.stack.client).get_workflow_handle(case_id)
+    await handle.signal(RefundWorkflow.provider_event, forged)
+    await rig.stack.wait_for_audit(case_id, "provider_event_refused")
     return case_id
 
 
@@ -870,6 +884,7 @@ SCENARIOS: dict[str, Scenario] = {
     "refund_bank_transfer_confirmed": Scenario(bank_transfer_confirmed, {"status_poll_interval_seconds": 60}),
     "refund_late_failure": Scenario(late_failure, {"late_failure_window_seconds": 60}),
     "refund_provider_contradicts": Scenario(provider_contradicts, {"late_failure_window_seconds": 4}),
+    "refund_news_unsealed": Scenario(news_unsealed, {"late_failure_window_seconds": 4}),
     "refund_cancel_before_submit": Scenario(cancel_before_submit),
     "refund_cancel_while_submitting": Scenario(cancel_while_submitting, {"submit_timeout_seconds": 3}),
     "refund_cancel_after_success": Scenario(cancel_after_success, {"late_failure_window_seconds": 60}),
@@ -1012,7 +1027,8 @@ async def record(folder: Path, names: list[str]) -> list[Path]:
         store = await Store.open(dsn)
         await store.database.migrate()
         client = await Client.connect(temporal.address, data_converter=data_converter(None),
-                                      interceptors=[TracingInterceptor()])
+                                      interceptors=[TracingInterceptor(),
+                                                    NewsSealing(ApprovalKeys([APPROVAL_KEYS]))])
         written = []
         try:
             HISTORIES.mkdir(exist_ok=True)

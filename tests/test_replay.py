@@ -26,8 +26,9 @@ from adapters.codec import EncryptionCodec, data_converter, parse_keys
 from tests.harness import APPROVAL_KEYS, PAYLOAD_KEYS
 from tests.record_histories import SCENARIOS, SEALED_SCENARIO
 from workers.main import WORKFLOWS, workflow_runner
-from workflows import approvals, payout_case, reconciliation, refund_case, tracking
+from workflows import approvals, news, payout_case, reconciliation, refund_case, tracking
 from workflows.approvals import SEALED_APPROVALS_PATCH, VERDICT_TAKING_PATCH
+from workflows.news import NEWS_SEALED_PATCH
 from workflows.payout_case import (
     ADVICE_REFRESH_PATCH,
     DENIED_ROUND_EVENTS_PATCH,
@@ -144,6 +145,11 @@ BRANCHES: dict[str, Branch] = {
         "action:refund_succeeded", "signal:provider_event#2", f"patch:{CONTRADICTION_PATCH}",
         "action:provider_status_contradicted",
         lacks=["action:refund_canceled", "action:refund_failed_after_success"]),
+    "refund_news_unsealed": branch(
+        "action:refund_succeeded", "signal:provider_event#2", f"patch:{NEWS_SEALED_PATCH}",
+        "action:provider_event_refused",
+        lacks=["action:refund_failed_after_success", "activity:post_ledger#2",
+               "action:provider_event_refused#2"]),
     "refund_cancel_while_validation_refused": branch(
         "action:provider_configuration_refused", "cancel_requested", f"patch:{CANCEL_VALIDATION_PATCH}",
         "action:canceled_by_ops", lacks=[SUBMIT, "action:provider_answering_again"]),
@@ -375,7 +381,7 @@ def test_recorded_history_holds_its_branch(path: Path) -> None:
 
 def test_every_patch_in_force_is_reached_by_a_recording() -> None:
     """A new `workflow.patched` branch needs a history that takes it."""
-    in_force = {value for module in (approvals, payout_case, reconciliation, refund_case, tracking)
+    in_force = {value for module in (approvals, news, payout_case, reconciliation, refund_case, tracking)
                 for name, value in vars(module).items() if name.endswith("_PATCH")}
     reached = {fact.removeprefix("patch:") for path in HISTORIES for fact in _facts(_history(path))
                if fact.startswith("patch:") and "#" not in fact}

@@ -46,6 +46,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows import retry
     from workflows.approvals import UNSEALED, ApprovalOutcome, ApprovalRound
     from workflows.history import forged_start
+    from workflows.news import NewsGate
     from workflows.payout_case import (
         DENIED_ROUND_EVENTS_PATCH,
         GIVE_UP_PATCH,
@@ -79,6 +80,7 @@ class PayoutReversalWorkflow(PayoutReissue):
         self._payout: PayoutSnapshot | None = None
         self._decision: PayoutDecision | None = None
         self._round = ApprovalRound()
+        self._news = NewsGate()
         self._steps = REVERSAL_STEPS
         self._runbook: list[str] = []
         self._reissue_closed = False
@@ -94,13 +96,20 @@ class PayoutReversalWorkflow(PayoutReissue):
 
     @workflow.signal
     def payout_event(self, event: PayoutEvent) -> None:
-        """A verified payout webhook (may be late, duplicated or out of order); a repeat of
-        an idempotency key already taken is counted and dropped."""
+        """A verified payout webhook (may be late, duplicated or out of order), taken only
+        under the relay's or a worker's seal (`NewsGate`); a repeat of an idempotency key
+        already taken is counted and dropped."""
         self._events_seen += 1
+        if (admitted := self._news.admit_payout(event, self._record_refused_news)) is None:
+            return
+        event = admitted
         key = event.idempotency_key()
         if key not in self._keys:
             self._keys.add(key)
             self._inbox.append(event)
+
+    async def _record_refused_news(self, action: str, detail: dict[str, Any]) -> None:
+        await self._record(action, actor="temporal", detail=detail)
 
     @workflow.update
     async def request_reissue(self, ask: ReissueAsk) -> ApprovalProgress:

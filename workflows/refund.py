@@ -39,6 +39,7 @@ with workflow.unsafe.imports_passed_through():
         ApprovalRound,
     )
     from workflows.history import forged_start
+    from workflows.news import NewsGate
     from workflows.refund_case import (
         APPROVAL_WITH_SUBMIT_PATCH,
         APPROVED_NOTICE_PATCH,
@@ -111,6 +112,7 @@ class RefundWorkflow(RefundLifecycle):
         self._submit_ended: datetime | None = None  # when the last unanswered submit ended
         self._round.requester = inp.requester
         self._round.conflicted = frozenset(inp.request.trigger_identities)
+        self._news = NewsGate()
         if inp.carried is not None:
             self._restore(inp.carried)
 
@@ -118,12 +120,20 @@ class RefundWorkflow(RefundLifecycle):
 
     @workflow.signal
     def provider_event(self, event: ProviderEvent) -> None:
-        """A verified webhook about this case (may be late, duplicated or out of order)."""
+        """A verified webhook about this case (may be late, duplicated or out of order),
+        taken only under the relay's or a worker's seal (`NewsGate`)."""
         self._events_seen += 1
+        if (admitted := self._news.admit_refund(event, self._record_refused_news)) is None:
+            return
+        event = admitted
         if event.event_id in self._event_ids:  # a re-driven delivery acts once
             return
         self._event_ids.add(event.event_id)
         self._event_inbox.append(event)
+
+    async def _record_refused_news(self, action: str, detail: dict[str, Any]) -> None:
+        await contracts.RECORD_CASE_EVENT(self._case_event(action, actor="temporal", detail=detail),
+                                          **retry.CASE_EVENT)
 
     @workflow.query
     def state(self) -> CaseState:

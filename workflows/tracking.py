@@ -35,6 +35,7 @@ with workflow.unsafe.imports_passed_through():
         RefundOutcome,
     )
     from workflows import history, retry
+    from workflows.news import NewsGate
 
 # The watch continues as new past `continue_as_new_after_events`, carrying the case; before,
 # a refund with many events could reach Temporal's history limit.
@@ -69,13 +70,18 @@ class RefundTrackingWorkflow:
         self._events_seen = 0
         self._succeeded_at: datetime | None = None
         self._mismatched = False
+        self._news = NewsGate()
         if inp.carried is not None:
             self._restore(inp.carried)
 
     @workflow.signal
     def provider_event(self, event: ProviderEvent) -> None:
-        """A verified webhook about this refund (may be late, duplicated or out of order)."""
+        """A verified webhook about this refund (may be late, duplicated or out of order),
+        taken only under the relay's or a worker's seal (`NewsGate`)."""
         self._events_seen += 1
+        if (admitted := self._news.admit_refund(event, self._record_refused_news)) is None:
+            return
+        event = admitted
         if event.event_id not in self._event_ids:
             self._event_ids.add(event.event_id)
             self._inbox.append(event)
@@ -188,6 +194,9 @@ class RefundTrackingWorkflow:
                         in STATUS_NOTICES.get(reported.status, ()) if audience == "operator")
         await self._record(step.action, reported, detail, status=self._status, release=step.release,
                            notices=notices)
+
+    async def _record_refused_news(self, action: str, detail: dict[str, Any]) -> None:
+        await self._record(action, None, detail)
 
     def _notice(self, kind: str, detail: dict[str, Any], refund: ProviderRefund) -> NoticeInput:
         """An ops notice, once per case, kind and the refund's status (a customer's notice

@@ -1,0 +1,61 @@
+"""Provider news moves a case only from the relay or a worker. Someone who can signal
+Temporal (its UI or CLI) but holds no key could otherwise report a succeeded refund failed:
+the ledger reversed, the case `refund_failed`, its reissue offered, while the customer was
+paid; or report a payout paid back. Sealed news (every product client seals what it
+sends) is taken as before; unsealed news is refused, recorded, and leaves its event id
+free for the provider's own delivery."""
+
+import uuid
+from datetime import UTC, datetime
+
+from domain.models import EventKind, ProviderEvent, ProviderRefundStatus
+from domain.payouts import PayoutEvent, PayoutStatus, ProviderPayout, ProviderPayoutStatus, payout_case_id
+from starters.actions.starting import open_payout_case
+from tests.harness import Stack, unsealing
+from tests.payouts_kit import add_payout_approvers, paid_payout, wait_for_actions, wait_for_case
+from workflows.refund import RefundWorkflow
+
+
+async def test_a_late_failure_sent_straight_to_temporal_moves_nothing(stack: Stack) -> None:
+    charge = await stack.charge(10_000)
+    case_id = await stack.request_refund("alice", charge, 1_500)  # auto-approved
+    row = await stack.wait_for_status(case_id, "succeeded")
+    booked = await stack.store.ledger.entries(case_id)
+    failure = ProviderEvent(
+        provider="sandbox", event_id=f"evt_{uuid.uuid4().hex[:12]}", event_type="refund.failed",
+        kind=EventKind.REFUND_STATUS, body_sha256="0" * 64, occurred_at=datetime.now(UTC),
+        refund_id=row["provider_refund_id"], charge_id=charge, refund_request_id=case_id, amount=1_500,
+        currency="USD", status=ProviderRefundStatus.FAILED, raw_status="failed",
+        failure_reason="card_account_closed")
+    await unsealing(stack.client).get_workflow_handle(case_id).signal(RefundWorkflow.provider_event, failure)
+    await stack.wait_for_audit(case_id, "provider_event_refused")
+    [refused] = [e for e in await stack.store.audit.trail(case_id) if e["action"] == "provider_event_refused"]
+    assert (refused["actor"], refused["detail"]["event_id"]) == ("temporal", failure.event_id)
+    assert "not sealed" in refused["detail"]["refusal"]
+    assert (await stack.store.cases.get(case_id))["status"] == "succeeded"  # type: ignore[index]
+    assert await stack.store.ledger.entries(case_id) == booked
+
+    # the provider's own delivery of that failure, sealed, is taken: its event id was left free
+    await stack.client.get_workflow_handle(case_id).signal(RefundWorkflow.provider_event, failure)
+    await stack.wait_for_status(case_id, "refund_failed")
+    assert "refund_reversed" in {e["template"] for e in await stack.store.ledger.entries(case_id)}
+
+
+async def test_a_payout_failure_sent_straight_to_temporal_opens_no_exception(stack: Stack) -> None:
+    await add_payout_approvers(stack)
+    payout = await paid_payout(stack, 12_000)
+    case_id = payout_case_id("sandbox", payout.provider_payout_id)
+    failure = PayoutEvent(
+        provider="sandbox", event_id=f"evt_{uuid.uuid4().hex[:12]}", event_type="payout.failed",
+        body_sha256="0" * 64, occurred_at=datetime.now(UTC),
+        payout=ProviderPayout(provider="sandbox", payout_id=payout.provider_payout_id, amount=12_000,
+                              currency="USD", status=ProviderPayoutStatus.FAILED,
+                              raw_status="failed", failure_code="account_closed"))
+    await open_payout_case(unsealing(stack.client), stack.settings, failure)  # signal-with-start
+    await wait_for_actions(stack, case_id, "provider_event_refused")
+    assert await stack.store.payouts.case(case_id) is None  # no exception opened, nothing held
+    held = await stack.store.payouts.payout(payout.id)
+    assert held is not None and held.status is PayoutStatus.PAID
+
+    await open_payout_case(stack.client, stack.settings, failure)  # the relay's, sealed
+    await wait_for_case(stack, case_id, "awaiting_approval")
