@@ -320,8 +320,8 @@ class _SealCheckingInbound(WorkflowInboundInterceptor):
     def _checked_news(self, signal: str, event: ProviderEvent | PayoutEvent,
                       headers: Mapping[str, Payload]) -> CheckedProviderEvent | CheckedPayoutEvent:
         """The event with why its seal does not hold ("" when it does). A worker without keys
-        checks nothing: its relay seals nothing either (and approves nothing)."""
-        refusal = ""
+        takes none, as it counts no approval: news it cannot check could be anyone's."""
+        refusal = "the worker holds no approval keys (REFUNDS_APPROVAL_KEYS): it takes no provider news"
         if self.keys is not None:
             header = headers.get(NEWS_HEADER)
             try:

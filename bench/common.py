@@ -28,7 +28,7 @@ from adapters.temporal_client import connect
 from bench.baseline import BareWorkflow, noop
 from starters.dev.stack import EmbeddedPostgres, TemporalDevServer
 from starters.ports import free_port
-from tests.harness import PAYLOAD_KEYS, Stack, open_stack
+from tests.harness import APPROVAL_KEYS, PAYLOAD_KEYS, Stack, open_stack
 from workers.main import workflow_runner
 
 T = TypeVar("T")
@@ -109,7 +109,8 @@ async def embedded_stack() -> AsyncIterator[Embedded]:
         await temporal.start()
         store = await Store.open(dsn, max_size=20)
         await store.database.migrate()
-        client = await connect(Settings(temporal_address=temporal.address, payload_keys=PAYLOAD_KEYS))
+        client = await connect(Settings(temporal_address=temporal.address, payload_keys=PAYLOAD_KEYS,
+                                        approval_keys=APPROVAL_KEYS))  # the worker's: seals its news
         try:
             yield Embedded(temporal, client, store, dsn, pg)
         finally:

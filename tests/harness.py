@@ -320,7 +320,8 @@ async def own_temporal(folder: Path) -> AsyncIterator[tuple[TemporalDevServer, C
     server = TemporalDevServer(folder / "temporal.db", port=free_port(), ui_port=None)
     await server.start()
     try:
-        yield server, await connect(Settings(temporal_address=server.address, payload_keys=PAYLOAD_KEYS))
+        yield server, await connect(Settings(temporal_address=server.address, payload_keys=PAYLOAD_KEYS,
+                                             approval_keys=APPROVAL_KEYS))
     finally:
         server.stop()
 

@@ -20,7 +20,7 @@ from adapters.config import Settings
 from adapters.db import Store
 from starters.dev.stack import TemporalDevServer
 from starters.ports import free_port
-from tests.harness import PAYLOAD_KEYS, open_stack, process_env, wait_until_ready
+from tests.harness import APPROVAL_KEYS, PAYLOAD_KEYS, open_stack, process_env, wait_until_ready
 from workers.main import build_worker, run_worker
 
 GRACE_SECONDS = 3
@@ -35,7 +35,8 @@ async def test_worker_serves_probes_and_metrics_logs_json_and_exits_0_on_sigterm
     health_port, sdk_port = free_port(), free_port()
     env = process_env(
         REFUNDS_DATABASE_URL=postgres_dsn, TEMPORAL_ADDRESS=temporal_server.address,
-        REFUNDS_PAYLOAD_KEYS=PAYLOAD_KEYS, REFUNDS_TASK_QUEUE=stack.settings.task_queue,
+        REFUNDS_PAYLOAD_KEYS=PAYLOAD_KEYS, REFUNDS_APPROVAL_KEYS=APPROVAL_KEYS,
+        REFUNDS_TASK_QUEUE=stack.settings.task_queue,
         REFUNDS_SANDBOX_API_BASE=stack.sandbox_url,
         REFUNDS_SANDBOX_WEBHOOK_SECRET=secret.get_secret_value(),
         REFUNDS_WORKER_HEALTH_PORT=str(health_port), REFUNDS_TEMPORAL_METRICS_PORT=str(sdk_port),

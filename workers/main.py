@@ -73,7 +73,8 @@ def build_worker(client: Client, task_queue: str, store: Store,
     settings = settings or Settings()
     keys = approval_keys(settings)
     if keys is None:
-        log.warning("REFUNDS_APPROVAL_KEYS is not set: this worker counts no approval")
+        log.warning("REFUNDS_APPROVAL_KEYS is not set: this worker counts no approval and takes no "
+                    "provider news")
     observed = instrument(providers)
     integrations = IntegrationActivities(store, settings)
     activities = [*RefundActivities(store, observed, policy, advise=integrations.advise_in_process).all(),

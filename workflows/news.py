@@ -16,6 +16,9 @@ with workflow.unsafe.imports_passed_through():
     from domain.seals import news_refusal, unchecked
 
 NEWS_SEALED_PATCH = "news-sealed-1"
+"""Each unsealed event of a run asks its own marker (`news-sealed-1/<k>`, k counting them): a
+run that took unsealed news before the deploy replays that acceptance, and a patch asked
+once would answer every later one of the run the same (the SDK keeps the first answer)."""
 REFUSED = "provider_event_refused"
 
 Recorder = Callable[[str, dict[str, Any]], Awaitable[None]]
@@ -30,6 +33,7 @@ class NewsGate:
     def __init__(self) -> None:
         self._refused: list[dict[str, Any]] = []
         self._recorder: asyncio.Task[None] | None = None
+        self._unsealed = 0
 
     def admit_refund(self, event: ProviderEvent, record: Recorder) -> ProviderEvent | None:
         return unchecked(event) if self._sealed(event, record) else None
@@ -39,7 +43,10 @@ class NewsGate:
 
     def _sealed(self, event: ProviderEvent | PayoutEvent, record: Recorder) -> bool:
         refusal = news_refusal(event)
-        if not refusal or not workflow.patched(NEWS_SEALED_PATCH):
+        if not refusal:
+            return True
+        self._unsealed += 1
+        if not workflow.patched(f"{NEWS_SEALED_PATCH}/{self._unsealed}"):
             return True
         workflow.logger.warning("provider news refused (%s): %s %s", refusal, event.event_type,
                                 event.event_id)
@@ -52,3 +59,10 @@ class NewsGate:
     async def _record_all(self, record: Recorder) -> None:
         while self._refused:
             await record(REFUSED, self._refused.pop(0))
+
+    async def settled(self) -> None:
+        """Waits until every refusal is recorded: a run ends or continues as new only then
+        (the record is the one trace of the attempt)."""
+        if self._recorder is not None:
+            await workflow.wait_condition(
+                lambda: not self._refused and self._recorder is not None and self._recorder.done())

@@ -27,6 +27,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from workflows import history, retry
     from workflows.approvals import ApprovalOutcome, ApprovingWorkflow
+    from workflows.news import NewsGate
 
 # What each approval step does to the case, in the reversal round and the reissue round.
 REVERSAL_STEPS = {ApprovalOutcome.REQUESTED: PayoutCaseStatus.AWAITING_APPROVAL,
@@ -81,6 +82,7 @@ class PayoutCase(ApprovingWorkflow):
     """What every part of the payout workflow shares; `PayoutReversalWorkflow.__init__` sets it."""
 
     _inp: PayoutCaseInput | None
+    _news: NewsGate
     _status: PayoutCaseStatus
     _status_recorded: PayoutCaseStatus
     _inbox: list[PayoutEvent]
@@ -162,6 +164,7 @@ class PayoutCase(ApprovingWorkflow):
 
     async def _finish(self) -> PayoutCaseState:
         await self.approvals_settled()
+        await self._news.settled()
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self.state()
 

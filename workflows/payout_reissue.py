@@ -193,6 +193,7 @@ class PayoutReissue(PayoutCase):
         if not self._history_at_bound() or not workflow.patched(BOUNDED_PATCH):
             return
         await self.approvals_settled()
+        await self._news.settled()
         asked = phase == "reissue_window"
         await workflow.wait_condition(lambda: workflow.all_handlers_finished()
                                       or (asked and self._reissue_ask is not None))

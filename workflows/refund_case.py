@@ -28,6 +28,7 @@ with workflow.unsafe.imports_passed_through():
         Vetted,
     )
     from workflows.approvals import ApprovingWorkflow
+    from workflows.news import NewsGate
 
 PROVIDER_SCOPED_WAIT_PATCH = "provider-scoped-notification-1"
 """From this patch on, the wait for a notification takes only the case's provider's events."""
@@ -161,6 +162,7 @@ class RefundCase(ApprovingWorkflow):
     _dispatched: bool
     _local_validation: bool
     _approved_folded: bool
+    _news: NewsGate
     _approval_with_submit: bool
     _deferred: tuple[CaseWrite, ...]
     _unsubmitted: tuple[CaseWrite, ...]

@@ -96,6 +96,7 @@ class RefundLifecycle(RefundProvider):
         if self._advising is not None:
             await self._advising
         await self.approvals_settled()
+        await self._news.settled()
         await workflow.wait_condition(workflow.all_handlers_finished)
         if self._courier is not None:
             self._closing = True

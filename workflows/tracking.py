@@ -134,6 +134,7 @@ class RefundTrackingWorkflow:
                 if self._inbox and workflow.patched(WATCH_END_PATCH):
                     continue  # heard as the watch ended: applied, and watched from there
                 break
+        await self._news.settled()
         await workflow.wait_condition(workflow.all_handlers_finished)
         return RefundOutcome(state=self.state())
 
@@ -143,6 +144,7 @@ class RefundTrackingWorkflow:
         long = history.at_bound(self._inp.timings.continue_as_new_after_events)
         if not long or not workflow.patched(BOUNDED_PATCH):
             return
+        await self._news.settled()
         await workflow.wait_condition(workflow.all_handlers_finished)
         workflow.continue_as_new(self._inp.model_copy(update={"carried": TrackingCarry(
             status=self._status, refund=self._refund, mismatched=self._mismatched,
