@@ -35,7 +35,7 @@ from domain.reconciliation import BreakOutcome, BreakSettlement, BreakState, bre
 from starters.actions.cases import CaseActions
 from starters.actions.reconciliation import BreakReopenBody, reopen_break
 from starters.dev.stack import TemporalDevServer
-from tests.harness import Stack, open_stack, pending_verdict_stack
+from tests.harness import Stack, open_stack, pending_verdict_stack, stack_with
 from tests.payouts_kit import (
     add_payout_approvers,
     move_payout,
@@ -962,6 +962,33 @@ async def test_an_unknown_refund_whose_webhook_comes_while_its_approval_settles_
     net = sum(line["debit"] - line["credit"] for line in await stack.store.ledger.entries(found["chain"])
               if line["account"] == REFUNDED_ACCOUNT)
     assert (net, settled["state"]) == (1_300, "resolved")
+
+
+async def test_a_doubled_ledger_s_reversal_leaves_the_case_s_own_late_failure_reversal_its_key(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """A succeeded refund (its workflow watching for a late failure) booked twice: the
+    approved `ledger_doubled` break reverses the extra booking. The provider then fails the
+    refund: the workflow reverses the booking it made, under its own key. The compensation
+    took that key (it was the case's first reversal), and the workflow's reversal was read
+    as already posted: the case failed, the ledger still said refunded."""
+    async with stack_with(store, client, temporal_server.address, reconciliation_grace_seconds=0) as stack:
+        charge = await stack.charge(10_000)
+        case_id = await stack.request_refund("alice", charge, 1_300)
+        row = await stack.wait_for_status(case_id, "succeeded")
+        await stack.store.ledger.post(LedgerInput(
+            refund_request_id=case_id, kind=LedgerKind.REFUND_SETTLED, amount=1_300, currency="USD",
+            provider_refund_id=row["provider_refund_id"], reference="stray"))
+        await backfill(stack, since_days=1)
+        [found] = await wait_for_breaks(stack, [row["provider_refund_id"]], "awaiting_approval")
+        assert found["break_class"] == "ledger_doubled"
+        assert (await decide(stack, "carol", found["id"])).status_code == 202
+        await wait_for_breaks(stack, [row["provider_refund_id"]], "resolved")
+        await stack.set_provider_status(row["provider_refund_id"], "failed",
+                                        failure_reason="card_account_closed")
+        await stack.wait_for_status(case_id, "refund_failed")
+        net = sum(line["debit"] - line["credit"] for line in await stack.store.ledger.entries(case_id)
+                  if line["account"] == REFUNDED_ACCOUNT)
+        assert net == 0
 
 
 async def test_an_approved_unknown_refund_the_provider_failed_since_opens_no_tracking_case(

@@ -139,6 +139,13 @@ def truth_of(row: Mapping[str, Any]) -> ProviderRefund | ProviderPayout:
         failure_reason=row["failure_reason"], reference=row["evidence"]["provider"].get("reference"))
 
 
+BOOKS = {ProviderRefundStatus.SUCCEEDED: LedgerKind.REFUND_SETTLED,
+         ProviderRefundStatus.FAILED: LedgerKind.REFUND_REVERSED,
+         ProviderRefundStatus.CANCELED: LedgerKind.REFUND_REVERSED}
+"""What a case's workflow books for the provider's word: a compensation that books the same
+word takes the workflow's key (see `_compensate`)."""
+
+
 def _compensation_reference(row: Mapping[str, Any]) -> str:
     """The posting reference of a break's compensation: one per round of its exception case
     (a break raised again for what its first approval could not cover posts under its own
@@ -625,11 +632,15 @@ class ReconciliationRepository(Repository):
                 amount = approved
             entry = LedgerInput(refund_request_id=case_id, kind=kind, amount=amount,
                                 currency=case["currency"], provider_refund_id=truth.refund_id)
-            if await LedgerRepository.posted_in(conn, entry.posting_key()):
+            booked = await LedgerRepository.posted_in(conn, entry.posting_key())
+            if kind is not BOOKS.get(truth.status) or booked:
                 entry = entry.model_copy(update={"reference": _compensation_reference(row)})
-            # else the case's first entry of its kind, under the key its workflow books it by:
-            # a workflow that hears the same word later (a tracking case a webhook started
-            # while this settled) finds it booked, never books it beside this one
+            # else it books the provider's word as the case's workflow would (the case's first
+            # entry of that template, under the key the workflow books it by): a workflow that
+            # hears the same word later (a tracking case a webhook started while this settled)
+            # finds it booked, never books it beside this one. Any other move (a doubled
+            # booking undone) is no word of the provider's: its own key, so a later word the
+            # workflow books (a late failure's reversal) is booked
             posted = await LedgerRepository.post_in(conn, entry)
             posting_key = posted.posting_key
         status = corrected_status(BreakClass(row["break_class"]), truth.status)
