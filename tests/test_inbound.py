@@ -333,6 +333,27 @@ async def test_a_ticket_update_refused_on_its_own_hides_no_change_from_its_appro
         assert state.approvals == () and state.status == "awaiting_approval"
 
 
+async def test_a_ticket_resent_as_it_was_after_its_opener_lost_access_changes_nothing(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """The opener's token is revoked after the case opened; ServiceNow sends the ticket again
+    on a work note, its values as they were: refused (403), but it asks what the case asks,
+    so its approvers' verdicts still count."""
+    async with connected_stack(store, client, temporal_server, jira_url=None) as (stack, world):
+        sn_opener, sn_manager = f"jdoe.{uuid.uuid4().hex[:6]}", f"mgr.{uuid.uuid4().hex[:6]}"
+        opener = await person(stack, ["requester"], servicenow=sn_opener)
+        await person(stack, ["approver"], servicenow=sn_manager)
+        sys_id, case_id, body = await ticket_awaiting_approval(stack, world, sn_opener)
+        await stack.store.access.revoke_tokens(by="test", user=opener)
+        resent = await servicenow(stack, "refund-requests", {**body, "sys_updated_on": "2026-11-21 10:06:00"})
+        assert resent.status_code == 403, resent.text
+        approved = await servicenow(stack, "approvals", {
+            "sys_id": uuid.uuid4().hex, "document_id": sys_id, "state": "approved",
+            "approver": {"user_name": sn_manager}, "sys_updated_on": "2026-11-21 10:10:00",
+            "sys_updated_by": sn_manager})
+        assert approved.status_code == 200, approved.text
+        await stack.wait_for_status(case_id, "succeeded")
+
+
 async def test_a_servicenow_approval_given_again_after_a_refusal_counts(
         store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
     """The approver was not linked yet: refused. Linked, they approve the record again (a

@@ -347,15 +347,25 @@ async def ticket_diverged(door: FrontDoor, case_id: str) -> bool:
             or await door.store.audit.has_action(case_id, TICKET_UPDATE_REFUSED))
 
 
-async def ticket_update_refused(door: FrontDoor, sys_id: object, refusal: str) -> None:
+async def ticket_update_refused(door: FrontDoor, sys_id: object, refusal: str,
+                                ticket: "ServiceNowRefundTicket | None" = None) -> None:
     """A signed update of a ticket that has a case, refused on its own (unreadable, its
     opener not allowed, values no provider takes) before it was compared with the case: the
-    ticket may show other values than the case asks for now, as after a conflict."""
+    ticket may show other values than the case asks for now, as after a conflict. One read
+    (`ticket`) that asks what the case asks (a work note, its opener's token expired since)
+    changes nothing."""
     if not (isinstance(sys_id, str) and re.fullmatch(r"[0-9a-f]{32}", sys_id)):
         return
     case_id = f"servicenow-{sys_id}"
-    if await door.store.cases.get(case_id) is not None:
-        await door.store.audit.record(case_id, "servicenow", TICKET_UPDATE_REFUSED, {"refusal": refusal})
+    case = await door.store.cases.get(case_id)
+    if case is None:
+        return
+    if ticket is not None:
+        asked = ticket.refund_request(ticket.opened_by.user_name).model_copy(
+            update={"trigger_identities": tuple(case.trigger_identities)})
+        if asked.params_hash() == case.params_hash:
+            return
+    await door.store.audit.record(case_id, "servicenow", TICKET_UPDATE_REFUSED, {"refusal": refusal})
 
 
 async def unreadable_ticket(door: FrontDoor, body: bytes, refusal: str) -> None:
@@ -429,12 +439,12 @@ async def servicenow_refund_request(request: Request, door: Door) -> JSONRespons
                    f"(roles {sorted(roles_for(Permission.REQUEST_REFUND))})")
         await door.store.audit.record(case_id, f"servicenow:{opener}", "access_refused",
                                       {"channel": "servicenow", "ticket": ticket.number, "refusal": message})
-        await ticket_update_refused(door, ticket.sys_id, message)
+        await ticket_update_refused(door, ticket.sys_id, message, ticket)
         return await answer(door, stored, None, 403, {"detail": message})
     if refused := entry_refusal(door.providers, ticket.provider, ticket.amount, ticket.currency):
         await door.store.audit.record(None, principal.user, "action_refused", {
             "channel": "servicenow", "ticket": ticket.number, "refusal": refused[1]})
-        await ticket_update_refused(door, ticket.sys_id, refused[1])
+        await ticket_update_refused(door, ticket.sys_id, refused[1], ticket)
         return await answer(door, stored, None, 422, {"detail": refused[1]})
     refund = ticket.refund_request(principal.user)
     outcome, created = await door.store.cases.create(refund, principal.user)
