@@ -8,6 +8,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
@@ -30,11 +31,19 @@ from domain.models import (
     ProviderRefund,
     ProviderRefundStatus,
 )
-from domain.payouts import PayoutSnapshot, PayoutStatus, payout_case_id
+from domain.payouts import (
+    PayoutEvent,
+    PayoutSnapshot,
+    PayoutStatus,
+    ProviderPayout,
+    ProviderPayoutStatus,
+    payout_case_id,
+)
 from domain.reconciliation import BreakOutcome, BreakSettlement, BreakState, break_workflow_id
 from starters.actions.cases import CaseActions
 from starters.actions.reconciliation import BreakReopenBody, reopen_break
 from starters.dev.stack import TemporalDevServer
+from starters.relay.webhook_desk import WebhookDesk
 from tests.harness import Stack, open_stack, pending_verdict_stack, stack_with
 from tests.payouts_kit import (
     add_payout_approvers,
@@ -233,6 +242,13 @@ async def test_a_payout_the_provider_paid_after_all_is_a_break_for_ops(
     only audited (the case past its failure) and reconciliation had no class for it."""
     stack = payout_stack
     made, case_id = await remediated(stack, 30_000)
+    desk = WebhookDesk(stack.store, stack.client, stack.providers, stack.settings)
+    await desk.route(PayoutEvent(  # the payout's own paid, from before its failure, arriving late
+        provider="sandbox", event_id=f"evt_{uuid.uuid4().hex[:12]}", event_type="payout.paid",
+        body_sha256="0" * 64, occurred_at=datetime.now(UTC) - timedelta(days=2),
+        payout=ProviderPayout(provider="sandbox", payout_id=made.provider_payout_id, amount=30_000,
+                              currency="USD", status=ProviderPayoutStatus.PAID, raw_status="paid")))
+    assert "payout_paid_after_reversal" not in [e["action"] for e in await store.audit.trail(case_id)]
     await move_payout(stack, made.provider_payout_id, "paid", copies=2)
     # its webhook tells ops at once (once, however often it comes), the run raises the break
     await wait_for_actions(stack, case_id, "payout_paid_after_reversal")

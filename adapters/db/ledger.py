@@ -3,13 +3,14 @@ of their template (`domain.ledger`). Append-only in the database (migration 0740
 
 
 import logging
+from datetime import datetime
 
 from adapters.db.audit import AuditLog
 from adapters.db.database import Conn, Repository
 from adapters.db.outbox import OutboxRepository
 from adapters.db.rows import LedgerLineRow
 from domain.ledger import PROVIDER_ACCOUNT, ledger_lines
-from domain.models import LedgerInput, LedgerResult, NoticeInput, RefundMethod
+from domain.models import LedgerInput, LedgerKind, LedgerResult, NoticeInput, RefundMethod
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,13 @@ class LedgerRepository(Repository):
             refund_request_id=posting.refund_request_id, kind="ledger_posting_conflict", audience="operator",
             dedup_key=f"{posting.refund_request_id}:ledger_posting_conflict:{key}:{posting.amount}"
                       f":{posting.currency}", detail=detail))
+
+    async def first_posted(self, case_id: str, template: LedgerKind) -> datetime | None:
+        """When the case's first entry of `template` was posted (None: it has none)."""
+        row = await self._db.fetch_one(
+            "SELECT min(posted_at) AS at FROM ledger_entries WHERE refund_request_id = %s AND template = %s",
+            (case_id, template.value))
+        return row["at"] if row else None
 
     async def entries(self, case_id: str) -> list[LedgerLineRow]:
         """The case's journal, line by line, in posting order."""

@@ -119,8 +119,8 @@ class IngestResult:
 
 
 TEMPORAL_AWAY = frozenset({RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED})
-PAID_AFTER_REVERSAL = "payout_paid_after_reversal"
 """Temporal not answering: a re-drive pass that meets it tried nothing (no receipt's fault)."""
+PAID_AFTER_REVERSAL = "payout_paid_after_reversal"
 
 
 class WebhookDesk:
@@ -405,15 +405,17 @@ class WebhookDesk:
         return case_id
 
     async def _paid_after_reversal(self, event: PayoutEvent, case_id: str) -> None:
-        """A payout reported paid whose reversal our books posted: the money left after all
-        (a bank's correction after the failure; after a reissue, paid twice). The case reads
-        the report as stale and nothing moves by it, so ops are told here, once per case
-        (reconciliation raises it too, `payout_paid_shown_failed`)."""
+        """A payout reported paid, by an event that happened after our books reversed it: the
+        money left after all (a bank's correction after the failure; after a reissue, paid
+        twice). The case reads the report as stale and nothing moves by it, so ops are told
+        here, once per case (reconciliation raises it too, `payout_paid_shown_failed`, and a
+        correction made before the reversal was posted)."""
         if event.payout.status is not ProviderPayoutStatus.PAID:
             return
-        posted = {line["template"] for line in await self._store.ledger.entries(case_id)}
-        if LedgerKind.PAYOUT_REVERSED.value not in posted:
-            return
+        reversed_at = await self._store.ledger.first_posted(case_id, LedgerKind.PAYOUT_REVERSED)
+        # a provider stamps its events to the second: one in the reversal's second is after it
+        if reversed_at is None or event.occurred_at < reversed_at.replace(microsecond=0):
+            return  # the payout's own paid, arriving late or again: older than our reversal
         detail = {"event_id": event.event_id, "payout_id": event.payout.payout_id,
                   "amount": event.payout.amount, "currency": event.payout.currency}
         log.error("PAYOUT PAID AFTER ITS REVERSAL: %s %s (%s)", event.provider, event.payout.payout_id,
