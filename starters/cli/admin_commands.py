@@ -150,9 +150,10 @@ async def cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
     if book is not None and not book.folder.is_dir():  # a wrong path must not pass as "no checkpoints"
         raise CommandFailed(f"audit checkpoint folder {book.folder} does not exist", EXIT_USAGE)
     points, problems = book.read() if book is not None else ({}, [])
-    # three rounds of the checkpointer: a row older than that is in a checkpoint, or the
-    # checkpointer has stopped and a cut of it could not be told
-    written_before = datetime.now(UTC) - timedelta(seconds=3 * settings.audit_checkpoint_seconds)
+    # three rounds of the checkpointer (the workers' REFUNDS_AUDIT_CHECKPOINT_SECONDS), and a
+    # fourth for a round's own length and the hosts' clocks: a row older than that is in a
+    # checkpoint, or the checkpointer has stopped and a cut of it could not be told
+    written_before = datetime.now(UTC) - timedelta(seconds=4 * settings.audit_checkpoint_seconds)
     async with opened_store(settings) as store:
         checked, chain_problems = await store.audit.verify(points)
         lapsed = await store.audit.uncheckpointed(points, written_before) if book is not None else []
