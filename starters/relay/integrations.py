@@ -373,7 +373,7 @@ async def unreadable_ticket(door: FrontDoor, body: bytes, refusal: str) -> None:
     it names one, read from the body as it is."""
     try:
         sent = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # no JSON, or nested past what the parser takes
         return
     await ticket_update_refused(door, sent.get("sys_id") if isinstance(sent, dict) else None, refusal)
 
