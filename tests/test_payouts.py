@@ -478,6 +478,37 @@ async def release_beneficiary(stack: Stack, user: str, case_id: str) -> httpx.Re
                               json={"reason": "beneficiary's new account verified by phone"})
 
 
+class ListsPayoutsOnly:
+    """A provider that reads payouts but makes none (Stripe here: a `PayoutLister`)."""
+
+    def __init__(self, provider: Any) -> None:
+        self.name = provider.name
+        self._provider = provider
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("create_payout", "find_payout"):
+            raise AttributeError(name)
+        return getattr(self._provider, name)
+
+
+async def test_a_reissue_its_provider_cannot_make_is_refused_when_asked(payouts: Stack) -> None:
+    """A payout of a provider that makes no payouts: its reissue request was taken and ran
+    a whole approval round before it failed with "cannot make payouts". It is refused when
+    asked (audited), the case staying remediated, nothing asked of approvers."""
+    made, case_id = await remediated(payouts, 40_000)
+    sandbox = payouts.providers["sandbox"]
+    payouts.providers["sandbox"] = cast(Any, ListsPayoutsOnly(sandbox))
+    try:
+        asked = await ask_reissue(payouts, "omar", case_id)
+    finally:
+        payouts.providers["sandbox"] = sandbox
+    assert asked.status_code == 409 and "cannot make payouts" in asked.json()["detail"], asked.text
+    assert "reissue_refused" in [e["action"] for e in await payouts.store.audit.trail(case_id)]
+    row = await payouts.store.payouts.case(case_id)
+    assert row is not None and row["status"] == "remediated"
+    assert await reissues_at_provider(payouts, made.reissue_id()) == []
+
+
 async def test_a_reissue_waits_while_another_case_holds_the_beneficiary(payouts: Stack) -> None:
     """Two payouts to one beneficiary failed: each case holds the beneficiary's further
     payouts, and a reissue is such a payout. Both reissues approved, each waits for the

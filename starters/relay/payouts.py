@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from temporalio.client import WorkflowUpdateFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from adapters.providers.base import PayoutExecutor
 from adapters.telemetry import bind_case
 from domain.payouts import PayoutCaseStatus, PayoutRegistration, ReissueAsk, payout_case_id
 from domain.permissions import Permission
@@ -121,18 +122,26 @@ async def reissue_payout(case_id: str, body: ReasonBody, caller: Caller,
                                   "another person asks for a payout to them", via="api",
                                   audit_action="access_refused")
     ask = ReissueAsk(requester=caller.user, roles=tuple(sorted(caller.roles)), reason=body.reason)
-    try:
-        progress = await door.client.get_workflow_handle(case_id).execute_update(
-            PayoutReversalWorkflow.request_reissue, ask)
-    except WorkflowUpdateFailedError as exc:
-        reason, _ = refusal(exc)
-    except RPCError as exc:
-        if exc.status != RPCStatusCode.NOT_FOUND:
-            raise
-        reason = "the case is closed"
+    case = await door.store.payouts.case(case_id)
+    payout = await door.store.payouts.payout(case.payout_id) if case is not None else None
+    assert payout is not None  # `_existing_case` refused a case that is not there
+    if not isinstance(door.providers.get(payout.provider), PayoutExecutor):
+        # asked of approvers, it would fail only once approved: refused now, the case as it is
+        reason = (f"{payout.provider} cannot make payouts: pay the beneficiary again at the provider "
+                  "or by bank, outside this case")
     else:
-        return {"case_id": case_id, "status": progress.status,
-                "missing_roles": list(progress.missing_roles)}
+        try:
+            progress = await door.client.get_workflow_handle(case_id).execute_update(
+                PayoutReversalWorkflow.request_reissue, ask)
+        except WorkflowUpdateFailedError as exc:
+            reason, _ = refusal(exc)
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:
+                raise
+            reason = "the case is closed"
+        else:
+            return {"case_id": case_id, "status": progress.status,
+                    "missing_roles": list(progress.missing_roles)}
     await door.store.audit.record(case_id, caller.user, "reissue_refused", {"refusal": reason})
     raise HTTPException(409, reason)
 
