@@ -12,6 +12,7 @@ import httpx
 import pytest
 from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
 from adapters.approval_seal import ApprovalKeys, ApprovalSealCheck, sealing_client
@@ -47,6 +48,10 @@ async def _verdict(client: Client, workflow_id: str, approver: str, decision: De
     except WorkflowUpdateFailedError as exc:
         assert isinstance(exc.cause, ApplicationError)
         return str(exc.cause.type)
+    except RPCError as exc:  # admitted as the decided workflow closed: the server answers (the relay a 409)
+        if exc.status is not RPCStatusCode.NOT_FOUND or "closing workflow" not in exc.message:
+            raise
+        return "WorkflowClosed"
     return "accepted" if progress.accepted else progress.reason
 
 
@@ -82,7 +87,8 @@ async def test_a_deny_racing_the_last_approval_is_always_answered(client: Client
         answers = await asyncio.gather(*(_race_on_round(relay, task_queue, gate, at_once=i % 2 == 0)
                                          for i in range(RACES)))
     # one verdict decides; the other is answered at once, "already decided" (or "not awaiting")
-    answered = (["AlreadyDecided", "accepted"], ["NotAwaitingApproval", "accepted"])
+    answered = (["AlreadyDecided", "accepted"], ["NotAwaitingApproval", "accepted"],
+                ["WorkflowClosed", "accepted"])  # seen once in CI: the update aborted by the close
     assert all(sorted(pair) in answered for pair in answers), answers
 
 
