@@ -355,6 +355,16 @@ async def test_a_submit_attempt_that_outlived_its_case_calls_no_provider(store: 
     assert "provider_submit_started" not in await actions(store, case_id)
 
 
+async def _left_to_the_next_pass(store: Store, request: RefundRequest, seen_updated_at: datetime) -> None:
+    """The sweep, acting on the row as it read it, hands nothing over: executing, held, unswept."""
+    case_id = request.refund_request_id
+    assert not await store.cases.sweep_closed(case_id, workflow_status="TERMINATED", provider_holds=False,
+                                              found=None, seen_updated_at=seen_updated_at)
+    row = await store.cases.get(case_id)
+    assert row is not None and (row["status"], row["reserved_amount"]) == ("executing", request.amount)
+    assert "workflow_closed_case_swept" not in await actions(store, case_id)
+
+
 async def test_the_sweep_acts_on_nothing_that_moved_after_it_looked(store: Store) -> None:
     """The sweep read the case before any submit (so the provider was not asked: it holds
     nothing); an attempt still running on a worker then began its submit. Released on that
@@ -366,11 +376,7 @@ async def test_the_sweep_acts_on_nothing_that_moved_after_it_looked(store: Store
     seen = await store.cases.get(case_id)
     assert seen is not None and seen["submission_started_at"] is None
     assert await store.cases.begin_submission(case_id, "rfo_stray") is False  # after the sweep's read
-    assert not await store.cases.sweep_closed(case_id, workflow_status="TERMINATED", provider_holds=False,
-                                              found=None, seen_updated_at=seen["updated_at"])
-    row = await store.cases.get(case_id)
-    assert row is not None and (row["status"], row["reserved_amount"]) == ("executing", request.amount)
-    assert "workflow_closed_case_swept" not in await actions(store, case_id)
+    await _left_to_the_next_pass(store, request, seen["updated_at"])
 
 
 async def test_a_resubmit_begun_after_the_sweep_looked_keeps_the_case_from_it(store: Store) -> None:
@@ -384,8 +390,4 @@ async def test_a_resubmit_begun_after_the_sweep_looked_keeps_the_case_from_it(st
     seen = await store.cases.get(case_id)
     assert seen is not None and seen["submission_started_at"] is not None
     assert await store.cases.begin_submission(case_id, "rfo_first") is True  # after the sweep's read
-    assert not await store.cases.sweep_closed(case_id, workflow_status="TERMINATED", provider_holds=False,
-                                              found=None, seen_updated_at=seen["updated_at"])
-    row = await store.cases.get(case_id)
-    assert row is not None and (row["status"], row["reserved_amount"]) == ("executing", request.amount)
-    assert "workflow_closed_case_swept" not in await actions(store, case_id)
+    await _left_to_the_next_pass(store, request, seen["updated_at"])
