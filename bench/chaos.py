@@ -721,7 +721,8 @@ async def concurrency(env: Embedded, requests: int, amount: int = 1_500) -> Outc
             sys_id = uuid.uuid4().hex
             body = json.dumps({
                 "sys_id": sys_id, "number": f"RR{sys_id[:7]}", "sys_updated_on": "2026-12-01 10:00:00",
-                "opened_by": {"user_name": f"sn-{stack.settings.task_queue}"}, "provider": "sandbox",
+                "opened_by": {"user_name": f"sn-{stack.settings.task_queue}"},
+                "sys_created_by": f"sn-{stack.settings.task_queue}", "provider": "sandbox",
                 "charge_id": charge, "amount": amount, "currency": "USD", "merchant_account": "acct_1",
                 "evidence": {"order_id": "o"}}).encode()
             stamp = str(int(time.time()))

@@ -126,6 +126,9 @@ class ServiceNowRefundTicket(BaseModel):
     number: str = Field(min_length=1, max_length=40)
     sys_updated_on: str = Field(min_length=1, max_length=40)
     opened_by: ServiceNowUser
+    sys_created_by: str = Field(min_length=1, max_length=100, description=(
+        "the user_name of whoever created the record, kept by ServiceNow: `opened_by` is a "
+        "field the creator may set to someone else, so both are behind the request"))
     short_description: str = Field(default="", max_length=160)
     description: str = Field(default="", max_length=1800)
     provider: str
@@ -139,20 +142,25 @@ class ServiceNowRefundTicket(BaseModel):
     @classmethod
     def from_body(cls, body: bytes) -> "ServiceNowRefundTicket":
         ticket = cls.model_validate_json(body)
-        ticket.refund_request(ticket.opened_by.user_name)  # refuse now what could never be a request
+        ticket.refund_request(ticket.behind())  # refuse now what could never be a request
         return ticket
+
+    def behind(self) -> tuple[str, ...]:
+        """The ServiceNow users behind the request: its opener, then who created the ticket
+        if someone else did (they chose the opener)."""
+        return tuple(dict.fromkeys((self.opened_by.user_name, self.sys_created_by)))
 
     def case_id(self) -> str:
         return f"servicenow-{self.sys_id}"
 
-    def refund_request(self, opener: str) -> RefundRequest:
-        """The ticket as a request; its opener is behind it, so cannot approve it. The ticket
-        text is evidence the advisor reads as untrusted data."""
+    def refund_request(self, behind: tuple[str, ...]) -> RefundRequest:
+        """The ticket as a request; who is `behind` it (our users) cannot approve it. The
+        ticket text is evidence the advisor reads as untrusted data."""
         text = "\n".join(t for t in (self.short_description, self.description) if t)
         return RefundRequest(
             refund_request_id=self.case_id(), provider=self.provider, charge_id=self.charge_id,
             amount=self.amount, currency=self.currency, merchant_account=self.merchant_account,
-            reason=self.reason, source=RequestSource.TICKET, trigger_identities=(opener,),
+            reason=self.reason, source=RequestSource.TICKET, trigger_identities=behind,
             evidence={**self.evidence, "ticket_number": self.number,
                       **({"ticket_text": text} if text else {})})
 
@@ -361,8 +369,7 @@ async def ticket_update_refused(door: FrontDoor, sys_id: object, refusal: str,
     if case is None:
         return
     if ticket is not None:
-        asked = ticket.refund_request(ticket.opened_by.user_name).model_copy(
-            update={"trigger_identities": tuple(case.trigger_identities)})
+        asked = ticket.refund_request(tuple(case.trigger_identities))
         if asked.params_hash() == case.params_hash:
             return
     await door.store.audit.record(case_id, "servicenow", TICKET_UPDATE_REFUSED, {"refusal": refusal})
@@ -432,22 +439,26 @@ async def servicenow_refund_request(request: Request, door: Door) -> JSONRespons
         return received
     ticket, stored = received
     case_id = ticket.case_id()
-    opener = ticket.opened_by.user_name
-    principal = await door.store.access.principal_for("servicenow", opener)
-    if principal is None or not may(principal.roles, Permission.REQUEST_REFUND):
-        message = (f"ServiceNow user {opener!r} is not linked to a user who may request refunds "
-                   f"(roles {sorted(roles_for(Permission.REQUEST_REFUND))})")
-        await door.store.audit.record(case_id, f"servicenow:{opener}", "access_refused",
-                                      {"channel": "servicenow", "ticket": ticket.number, "refusal": message})
-        await ticket_update_refused(door, ticket.sys_id, message, ticket)
-        return await answer(door, stored, None, 403, {"detail": message})
+    behind: list[str] = []
+    for sn_user in ticket.behind():  # the opener first: the case's requester
+        principal = await door.store.access.principal_for("servicenow", sn_user)
+        if principal is None or not may(principal.roles, Permission.REQUEST_REFUND):
+            message = (f"ServiceNow user {sn_user!r} ({'opened' if not behind else 'created'} the "
+                       "ticket) is not linked to a user who may request refunds "
+                       f"(roles {sorted(roles_for(Permission.REQUEST_REFUND))})")
+            await door.store.audit.record(case_id, f"servicenow:{sn_user}", "access_refused", {
+                "channel": "servicenow", "ticket": ticket.number, "refusal": message})
+            await ticket_update_refused(door, ticket.sys_id, message, ticket)
+            return await answer(door, stored, None, 403, {"detail": message})
+        behind.append(principal.user)
+    requester = behind[0]
     if refused := entry_refusal(door.providers, ticket.provider, ticket.amount, ticket.currency):
-        await door.store.audit.record(None, principal.user, "action_refused", {
+        await door.store.audit.record(None, requester, "action_refused", {
             "channel": "servicenow", "ticket": ticket.number, "refusal": refused[1]})
         await ticket_update_refused(door, ticket.sys_id, refused[1], ticket)
         return await answer(door, stored, None, 422, {"detail": refused[1]})
-    refund = ticket.refund_request(principal.user)
-    outcome, created = await door.store.cases.create(refund, principal.user)
+    refund = ticket.refund_request(tuple(dict.fromkeys(behind)))
+    outcome, created = await door.store.cases.create(refund, requester)
     if outcome is CaseCreation.CONFLICT:
         return await answer(door, stored, case_id, 409, {
             "detail": f"ticket {ticket.number} changed after its refund was requested; the case "
@@ -456,8 +467,8 @@ async def servicenow_refund_request(request: Request, door: Door) -> JSONRespons
     url = record_url(settings.servicenow_url, settings.servicenow_request_table, ticket.sys_id) \
         if settings.servicenow_url else None
     await door.store.integrations.save_ticket(case_id, "servicenow", "request", external_id=ticket.sys_id,
-                                              number=ticket.number, url=url, actor=principal.user)
-    await start_refund(door.client, door.settings, refund, principal.user, created["status"])
+                                              number=ticket.number, url=url, actor=requester)
+    await start_refund(door.client, door.settings, refund, requester, created["status"])
     row = await door.store.cases.get(case_id)
     assert row is not None
     return await answer(door, stored, case_id, 202 if outcome is CaseCreation.CREATED else 200,
