@@ -303,6 +303,19 @@ class _NewsSealingWorkflowOutbound(WorkflowOutboundInterceptor):
         return super().signal_external_workflow(dataclasses.replace(input, headers=headers))
 
 
+def _header_seal(headers: Mapping[str, Payload], name: str) -> str | None:
+    """The seal a caller put in header `name` (None when there is none); whatever else a
+    caller put there is read as a seal that holds nothing."""
+    header = headers.get(name)
+    if header is None:
+        return None
+    try:
+        seal = _HEADER_CONVERTER.from_payloads([header], [str])[0]
+    except Exception:  # whatever a caller put there, it is no seal
+        return "unreadable"
+    return seal if isinstance(seal, str) else None
+
+
 class _SealCheckingInbound(WorkflowInboundInterceptor):
     """Replaces the verdict of an `approve` signal or a `submit_approval` update with a
     `CheckedApproval`, and the event of a news signal with a `CheckedProviderEvent` or
@@ -323,29 +336,19 @@ class _SealCheckingInbound(WorkflowInboundInterceptor):
         takes none, as it counts no approval: news it cannot check could be anyone's."""
         refusal = "the worker holds no approval keys (REFUNDS_APPROVAL_KEYS): it takes no provider news"
         if self.keys is not None:
-            header = headers.get(NEWS_HEADER)
-            try:
-                seal = _HEADER_CONVERTER.from_payloads([header], [str])[0] if header is not None else None
-            except Exception:  # whatever a sender put there, it is no seal
-                seal = "unreadable"
             refusal = self.keys.check_news(workflow.info().workflow_id, signal, event,
-                                           seal if isinstance(seal, str) else None)
+                                           _header_seal(headers, NEWS_HEADER))
         checked = CheckedProviderEvent if isinstance(event, ProviderEvent) else CheckedPayoutEvent
         return checked.model_validate({**event.model_dump(), "refusal": refusal})
 
     def _refusal(self, signal: Sealed, headers: Mapping[str, Payload]) -> str:
         """Why the seal in `headers` does not hold for `signal` ("" when it does); notes its nonce."""
-        header = headers.get(SEAL_HEADER)
-        try:
-            seal = _HEADER_CONVERTER.from_payloads([header], [str])[0] if header is not None else None
-        except Exception:  # whatever a caller put there, it is no seal
-            seal = "unreadable"
         if self.keys is None:
             refusal, nonce = "the worker holds no approval keys (REFUNDS_APPROVAL_KEYS)", ""
         else:
             info = workflow.info()
             refusal, nonce = self.keys.check(
-                info.workflow_id, signal, seal if isinstance(seal, str) else None,
+                info.workflow_id, signal, _header_seal(headers, SEAL_HEADER),
                 chain=info.first_execution_run_id, now=workflow.now())
         if not refusal and nonce in self._used_nonces:
             refusal = "approval seal was already used"
