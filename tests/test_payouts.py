@@ -726,6 +726,29 @@ async def test_a_failure_reported_before_its_payout_was_booked_opens_the_case_on
     await wait_for_case(payouts, case_id, "awaiting_approval")
 
 
+async def test_a_registration_resent_after_its_booking_committed_routes_the_earlier_failure(
+        payouts: Stack) -> None:
+    """The booking commits, then the relay dies (or its next read fails: a 500) before the
+    earlier failure is routed: the payments system sends the registration again, which is
+    the same booking (200). That repeat must route the failure; it did nothing (only a new
+    booking did), and the receipt stayed processed, so the failure was lost for good. A
+    repeat once the failure acted routes nothing again."""
+    provider_payout_id, case_id = await failed_before_booking(payouts, 32_000)
+    body = {"id": f"P-{uuid.uuid4().hex[:10]}", "provider": "sandbox", "amount": 32_000, "currency": "USD",
+            "provider_payout_id": provider_payout_id, "beneficiary_id": f"ben-{uuid.uuid4().hex[:8]}"}
+    booked, created = await payouts.store.payouts.register_payout(PayoutRegistration(**body), "olga")
+    assert booked is not None and created  # ...and the relay is gone before it routed anything
+    async with payouts.api("olga") as api:
+        resent = await api.post("/v1/payouts", json=body)
+        assert resent.status_code == 200 and resent.json()["created"] is False, resent.text
+        await wait_for_case(payouts, case_id, "awaiting_approval")
+        [routed] = [r for r in await payouts.store.receipts.find("sandbox") if r.workflow_id == case_id]
+        again = await api.post("/v1/payouts", json=body)
+        assert again.status_code == 200, again.text
+    [still] = [r for r in await payouts.store.receipts.find("sandbox") if r.workflow_id == case_id]
+    assert (still.id, still.processed_at) == (routed.id, routed.processed_at)
+
+
 async def test_an_earlier_failure_that_cannot_act_at_registration_acts_at_the_next_re_drive(
         payouts: Stack) -> None:
     """The booking stands whatever routing the earlier failure does then; if Temporal is

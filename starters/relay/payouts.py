@@ -52,8 +52,9 @@ async def register_payout(body: PayoutRegistration, caller: Caller, response: Re
         await refuse(409, f"payout {body.id} (or {body.provider} payout {body.provider_payout_id}) is "
                           "already registered with other data")
     response.status_code = 201 if created else 200
-    if created:  # a failure the relay received before the payout was booked acts now
-        await desk.payout_registered(body.provider, body.provider_payout_id)
+    # A failure the relay received before the payout was booked acts now; on a repeat too:
+    # the first call's booking may have committed with the relay gone before this step.
+    await desk.payout_registered(body.provider, body.provider_payout_id)
     return {"payout": booked.model_dump(mode="json"), "created": created, "case_id": case_id}
 
 

@@ -430,23 +430,27 @@ class WebhookDesk:
         before the payments system booked it): each event that found no payout then
         (`payout_unknown` on the chain its failure opens) is routed now, from its stored
         delivery, so a failure opens the exception case instead of being lost. Its receipt is
-        unprocessed again first: if routing fails now (Temporal away), the re-drive routes it."""
+        unprocessed again first: if routing fails now (Temporal away), the re-drive routes it.
+        Each registration call asks (a repeat finds what a call that died left), and a
+        receipt already routed to a workflow is left as it is."""
         adapter = self._providers.get(provider)
         if adapter is None:
             return
         trail = await self._store.audit.trail(payout_case_id(provider, provider_payout_id))
         for event_id in dict.fromkeys(str(e["detail"]["event_id"]) for e in trail
                                       if e["action"] == "payout_unknown"):
-            first = next((r.id for r in await self._store.receipts.find(provider, event_id)
+            first = next((r for r in await self._store.receipts.find(provider, event_id)
                           if r.verdict == "accepted"), None)
-            stored = await self._store.receipts.delivery(first) if first is not None else None
-            if first is None or stored is None or stored.body is None:
+            if first is None or first.workflow_id is not None:
                 continue
-            await self._store.receipts.to_redrive(first)
+            stored = await self._store.receipts.delivery(first.id)
+            if stored is None or stored.body is None:
+                continue
+            await self._store.receipts.to_redrive(first.id)
             try:  # the booking stands whatever happens here
                 event = adapter.parse_webhook(stored.headers, stored.body, stored.received_at.timestamp())
                 if isinstance(event, PayoutEvent) and event.payout.payout_id == provider_payout_id:
-                    await self._store.receipts.mark_processed(first, await self._route_payout(event))
+                    await self._store.receipts.mark_processed(first.id, await self._route_payout(event))
             except Exception:  # the registration is answered whatever this says
                 log.exception("payout %s %s is booked, but its earlier event %s could not act now; the "
                               "relay's re-drive routes it", provider, provider_payout_id, event_id)
