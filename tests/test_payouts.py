@@ -749,6 +749,20 @@ async def test_a_registration_resent_after_its_booking_committed_routes_the_earl
     assert (still.id, still.processed_at) == (routed.id, routed.processed_at)
 
 
+async def test_a_booking_whose_relay_died_before_routing_is_routed_by_the_re_drive(
+        payouts: Stack) -> None:
+    """As above, and the payments system never sends the registration again: the booking's
+    own transaction leaves the earlier failure for the relay's re-drive."""
+    provider_payout_id, case_id = await failed_before_booking(payouts, 33_000)
+    booked, created = await payouts.store.payouts.register_payout(PayoutRegistration(
+        id=f"P-{uuid.uuid4().hex[:10]}", provider="sandbox", provider_payout_id=provider_payout_id,
+        beneficiary_id=f"ben-{uuid.uuid4().hex[:8]}", amount=33_000, currency="USD"), "olga")
+    assert booked is not None and created  # ...and the relay is gone before it routed anything
+    settings = payouts.settings.model_copy(update={"webhook_redrive_after_seconds": 0})
+    await WebhookDesk(payouts.store, payouts.client, payouts.providers, settings).redrive()
+    await wait_for_case(payouts, case_id, "awaiting_approval")
+
+
 async def test_an_earlier_failure_that_cannot_act_at_registration_acts_at_the_next_re_drive(
         payouts: Stack) -> None:
     """The booking stands whatever routing the earlier failure does then; if Temporal is

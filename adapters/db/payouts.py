@@ -105,13 +105,20 @@ class PayoutRepository(Repository):
         """Books a registered payout once, with its audit row on the case chain its failure
         would open (so the case's timeline starts with it). Returns the booked payout (None
         when the id or the provider's payout id is already booked with other data) and
-        whether this call booked it (False: the same registration again, a no-op)."""
+        whether this call booked it (False: the same registration again, a no-op). The
+        events that found no payout before (`payout_unknown` on that chain) are unprocessed
+        in the same transaction: if the relay dies before it routes them, its re-drive does."""
         payout = registration.snapshot()
         case_id = payout_case_id(payout.provider, payout.provider_payout_id)
         async with self._db.transaction() as conn:
             if await self._insert_payout(conn, payout):
                 await AuditLog.append(conn, case_id, actor, "payout_registered",
                                       registration.model_dump(mode="json"))
+                await conn.execute(
+                    "UPDATE webhook_receipts SET processed_at = NULL, redrive_attempts = 0"
+                    " WHERE provider = %s AND verdict = 'accepted' AND workflow_id IS NULL"
+                    " AND event_id IN (SELECT detail->>'event_id' FROM audit_events"
+                    " WHERE chain = %s AND action = 'payout_unknown')", (payout.provider, case_id))
                 return payout, True
         booked = (await self.payout(payout.id)
                   or await self.payout_at_provider(payout.provider, payout.provider_payout_id))
