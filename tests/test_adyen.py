@@ -350,6 +350,7 @@ def test_amount_must_be_integer_minor_units() -> None:
     ("PAYOUT_THIRDPARTY", {}, "8816178952380553", "paid"),
     ("PAYOUT_THIRDPARTY", {"success": "false"}, "8816178952380553", "failed"),
     ("PAYOUT_DECLINE", {}, "8816178914025441", "canceled"),
+    ("PAYOUT_EXPIRE", {}, "8816178914025441", "canceled"),  # not confirmed in time: never paid
     ("PAIDOUT_REVERSED", {}, "8816178914025441", "reversed"),
 ])
 def test_payout_events_become_payout_events(code: str, fields: dict[str, Any], payout_id: str,

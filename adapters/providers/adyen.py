@@ -92,6 +92,7 @@ PAYOUT_STATUSES = {
     "PAYOUT_THIRDPARTY:true": ProviderPayoutStatus.PAID,
     "PAYOUT_THIRDPARTY:false": ProviderPayoutStatus.FAILED,
     "PAYOUT_DECLINE:true": ProviderPayoutStatus.CANCELED,  # declined in review: never paid
+    "PAYOUT_EXPIRE:true": ProviderPayoutStatus.CANCELED,  # not confirmed in time: never paid
     "PAIDOUT_REVERSED:true": ProviderPayoutStatus.REVERSED,
 }
 PAYMENT_STATUSES = {
