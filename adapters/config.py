@@ -20,6 +20,11 @@ def _seconds(value: float | None) -> timedelta | None:
     return None if value is None else timedelta(seconds=value)
 
 
+def comma_list(value: str | None) -> list[str]:
+    """A comma-separated setting's entries, stripped, empty ones dropped (unset: none)."""
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
 def secret_list(secret: SecretStr) -> list[str]:
     """Comma-separated secrets (the new one and the old ones during a rotation), stripped,
     empty entries dropped: `s1,` is one secret, never `s1` and an empty HMAC key that
@@ -130,6 +135,12 @@ class Settings(BaseSettings):
     adyen_api_base: str | None = Field(
         default=None, description="Adyen Checkout API base, e.g. https://checkout-test.adyen.com")
     adyen_api_key: SecretStr | None = Field(default=None, description="Adyen API key (X-API-Key)")
+    adyen_merchant_accounts: str | None = Field(
+        default=None, description=(
+            "the Adyen merchant accounts this deployment serves, comma-separated: a company-level "
+            "webhook's one HMAC key signs every account's notifications, and those of another "
+            "account are stored (`foreign_account`) and act on nothing; a refund on another account "
+            "is never sent. Unset: every account the HMAC key signs"))
     adyen_auto_capture: bool = Field(
         default=False, description="the merchant account captures automatically (Adyen's default, "
                                    "which sends no CAPTURE notification): a successful AUTHORISATION "

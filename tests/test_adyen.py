@@ -19,12 +19,13 @@ import httpx
 import pytest
 from temporalio.client import Client
 
-from adapters.config import Settings
+from adapters.config import Settings, comma_list
 from adapters.db import Store
 from adapters.http_server import AppServer
 from adapters.providers import adyen
 from adapters.providers.adyen import AdyenProvider
 from adapters.providers.base import (
+    ProviderDeclined,
     ProviderLookupUnsupported,
     ProviderUnsupported,
     WebhookRejected,
@@ -84,8 +85,8 @@ class AdyenRig:
 
 @contextlib.asynccontextmanager
 async def adyen_rig(store: Store, client: Client, temporal_server: TemporalDevServer, *,
-                    charges_from_fake: bool,
-                    late_failure_window_seconds: float = 600) -> AsyncIterator[AdyenRig]:
+                    charges_from_fake: bool, late_failure_window_seconds: float = 600,
+                    merchant_accounts: str | None = None) -> AsyncIterator[AdyenRig]:
     """A stack with Adyen's Checkout API faked behind a lossy proxy. Its charges come from
     the fake's payments, or (production wiring) from the notifications the relay records."""
     fake = FakeAdyen(API_KEY)
@@ -96,7 +97,8 @@ async def adyen_rig(store: Store, client: Client, temporal_server: TemporalDevSe
     await proxy_server.start()
     stack = await open_stack(store, client, temporal_server.address, worker=False,
                              adyen_hmac_keys=f"{TEST_KEY},{OLD_KEY}", adyen_api_base=proxy_server.url,
-                             adyen_api_key=API_KEY, late_failure_window_seconds=late_failure_window_seconds)
+                             adyen_api_key=API_KEY, late_failure_window_seconds=late_failure_window_seconds,
+                             adyen_merchant_accounts=merchant_accounts)
     if charges_from_fake:
         built = stack.providers["adyen"]
         assert isinstance(built, AdyenProvider)
@@ -104,7 +106,8 @@ async def adyen_rig(store: Store, client: Client, temporal_server: TemporalDevSe
         # The relay and the worker share this mapping; the charge record is the fake's.
         stack.providers["adyen"] = AdyenProvider(
             hmac_keys=[TEST_KEY, OLD_KEY], api_base=proxy_server.url, api_key=API_KEY,
-            timeout_seconds=stack.settings.provider_http_timeout_seconds, charges=fake.charge)
+            timeout_seconds=stack.settings.provider_http_timeout_seconds, charges=fake.charge,
+            merchant_accounts=comma_list(merchant_accounts))
     await stack.start_worker()
     try:
         yield AdyenRig(stack, fake, proxy)
@@ -116,7 +119,8 @@ async def adyen_rig(store: Store, client: Client, temporal_server: TemporalDevSe
 
 @pytest.fixture(scope="module")
 async def rig(store: Store, client: Client, temporal_server: TemporalDevServer) -> AsyncIterator[AdyenRig]:
-    async with adyen_rig(store, client, temporal_server, charges_from_fake=True) as rigged:
+    async with adyen_rig(store, client, temporal_server, charges_from_fake=True,
+                         merchant_accounts=f"{MERCHANT}, OUR_OTHER_ACCOUNT") as rigged:
         yield rigged
 
 
@@ -156,6 +160,52 @@ async def test_unknown_event_code_is_stored_loudly_and_still_acknowledged(rig: A
     row = await receipt(rig.stack, "adyen", int(response.headers["x-receipt-id"]))
     assert (row["verdict"], row["event_type"]) == ("unknown_type", "SECOND_CHARGEBACK")
     assert not await workflow_exists(rig.stack, tracking_case_id("adyen", psp))
+
+
+async def test_a_notification_of_a_merchant_account_we_do_not_serve_acts_on_nothing(rig: AdyenRig) -> None:
+    """One HMAC key signs every merchant account of a company-level webhook: a refund made
+    on another account must not open a tracking case and book its money in our ledger, and
+    that account's payments must not become charges our API key refunds. Acknowledged (else
+    Adyen retries for 30 days), stored loudly, acts on nothing."""
+    psp, payment = unique_psp(), unique_psp()
+    refund = await rig.post(notification("REFUND", pspReference=psp, merchantAccountCode="NOT_OURS"))
+    paid = await rig.post(notification("AUTHORISATION", pspReference=payment, merchantAccountCode="NOT_OURS"))
+    for response in (refund, paid):
+        assert (response.status_code, response.text) == (202, "[accepted]"), response.text
+        row = await receipt(rig.stack, "adyen", int(response.headers["x-receipt-id"]))
+        assert row["verdict"] == "foreign_account" and row["processed_at"] is None
+    assert await rig.stack.store.cases.get(tracking_case_id("adyen", psp)) is None
+    assert not await workflow_exists(rig.stack, tracking_case_id("adyen", psp))
+    assert await rig.stack.store.ledger.entries(tracking_case_id("adyen", psp)) == []
+    ours = await rig.post(notification("REFUND", pspReference=unique_psp(),
+                                       merchantAccountCode="OUR_OTHER_ACCOUNT"))
+    assert ours.headers["x-webhook-verdict"] == "accepted", ours.text
+
+
+async def test_a_refund_on_a_merchant_account_we_do_not_serve_is_never_sent(rig: AdyenRig) -> None:
+    psp = rig.fake.payment(10_000, "EUR", "NOT_OURS")
+    case_id = await rig.stack.request_refund("alice", psp, 2_500, provider="adyen", currency="EUR",
+                                             merchant_account="NOT_OURS")
+    await rig.stack.wait_for_status(case_id, "rejected")
+    [rejected] = [e for e in await rig.stack.store.audit.trail(case_id)
+                  if e["action"] == "validation_rejected"]
+    assert "'NOT_OURS' is not one this deployment serves" in rejected["detail"]["reason"], rejected
+    assert rig.fake.refunds_of(psp) == []
+
+
+async def test_a_refund_validated_before_its_account_was_left_out_is_still_not_sent() -> None:
+    """A case validated before the list left its account out reaches the create: refused
+    there too, before any connection (the API base here answers nothing)."""
+    provider = AdyenProvider(hmac_keys=[TEST_KEY], api_base="http://127.0.0.1:9", api_key=API_KEY,
+                             merchant_accounts=[MERCHANT])
+    request = RefundRequest(refund_request_id="rr-adyen-2", provider="adyen", charge_id="PSP1",
+                            amount=100, currency="EUR", merchant_account="NOT_OURS",
+                            reason="requested_by_customer")
+    try:
+        with pytest.raises(ProviderDeclined, match="not one this deployment serves"):
+            await provider.create_refund(request, request.idempotency_key())
+    finally:
+        await provider.aclose()
 
 
 def tampered(psp: str) -> bytes:

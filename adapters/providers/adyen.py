@@ -264,8 +264,9 @@ class AdyenProvider:
                  api_key: str | None = None, timeout_seconds: float = 10.0,
                  charges: ChargeSource | None = None, record: NotificationSink | None = None,
                  connect_attempts: int = 3, connect_backoff_seconds: float = 0.5,
-                 name: str = "adyen") -> None:
+                 merchant_accounts: Sequence[str] = (), name: str = "adyen") -> None:
         self.name = name
+        self._merchant_accounts = frozenset(merchant_accounts)
         self._connect_attempts = max(1, connect_attempts)
         self._connect_backoff = connect_backoff_seconds
         self._verifier = AdyenHmacVerifier(hmac_keys)
@@ -275,6 +276,14 @@ class AdyenProvider:
                                        headers={"X-API-Key": api_key})
                       if api_base and api_key else None)
 
+    def _not_served(self, account: object) -> str | None:
+        """Why `account` is not one this deployment serves (None when it is, or when no
+        list is configured): one HMAC key signs every account of a company-level webhook."""
+        if not self._merchant_accounts or account in self._merchant_accounts:
+            return None
+        return (f"merchant account {account!r} is not one this deployment serves "
+                "(REFUNDS_ADYEN_MERCHANT_ACCOUNTS)")
+
     async def aclose(self) -> None:
         if self._http is not None:
             await self._http.aclose()
@@ -283,7 +292,10 @@ class AdyenProvider:
         if self._charges is None:
             raise ProviderUnsupported(f"{self.name}: Adyen has no payment lookup and no charge "
                                       "source is configured")
-        return await self._charges(charge_id)
+        charge = await self._charges(charge_id)
+        if charge is not None and (refusal := self._not_served(charge.merchant_account)):
+            raise ProviderDeclined(f"{self.name}: the payment's {refusal}")
+        return charge
 
     async def record_notification(self, event: PaymentEvent | ProviderEvent) -> None:
         """Keeps what a verified notification said about a payment: the only source
@@ -296,6 +308,8 @@ class AdyenProvider:
         if self._http is None:
             raise ProviderUnsupported(f"{self.name}: creating a refund needs REFUNDS_ADYEN_API_BASE "
                                       "and REFUNDS_ADYEN_API_KEY")
+        if refusal := self._not_served(request.merchant_account):
+            raise ProviderDeclined(f"{self.name}: {refusal}; nothing was sent")
         path = f"/{API_VERSION}/payments/{request.charge_id}/refunds"
         body = {"merchantAccount": request.merchant_account,
                 "amount": {"value": outgoing_amount(self.name, UNITS, request.amount, request.currency),
@@ -336,6 +350,8 @@ class AdyenProvider:
             event_type = str(item["eventCode"])
             event_id = f"{event_type}:{item['pspReference']}:{item['success']}"
         require_known(event_type, KNOWN_EVENT_TYPES, event_id)
+        if refusal := self._not_served(item.get("merchantAccountCode")):
+            raise WebhookRejected("foreign_account", refusal, event_id=event_id, event_type=event_type)
         digest = hashlib.sha256(body).hexdigest()
         with normalising(event_id, event_type):
             occurred = datetime.fromisoformat(str(item["eventDate"]))

@@ -1,6 +1,6 @@
 """Builds the provider adapters that the settings configure."""
 
-from adapters.config import Settings, secret_list
+from adapters.config import Settings, comma_list, secret_list
 from adapters.db import Store
 from adapters.db.payments import PaymentNotificationRepository
 from adapters.providers.adyen import AdyenProvider
@@ -59,7 +59,8 @@ def build_providers(settings: Settings, store: Store | None = None) -> dict[str,
             hmac_keys=secret_list(settings.adyen_hmac_keys), api_base=settings.adyen_api_base,
             api_key=settings.adyen_api_key.get_secret_value() if settings.adyen_api_key else None,
             timeout_seconds=settings.provider_http_timeout_seconds,
-            charges=book.charge if book else None, record=book.record if book else None)
+            charges=book.charge if book else None, record=book.record if book else None,
+            merchant_accounts=comma_list(settings.adyen_merchant_accounts))
     return providers
 
 
