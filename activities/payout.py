@@ -195,13 +195,23 @@ class PayoutActivities:
     async def _refuse_while_held_elsewhere(self, case_id: str, beneficiary_id: str) -> None:
         """A reissue is one more payout to the beneficiary: while another case holds their
         payouts (another failure, until its reissue or ops release that hold), none is made.
-        Not a decline: the workflow waits for the hold to end (the holders in the details)."""
+        Not a decline: the workflow waits for the hold to end (the holders in the details).
+        A hold its own requester released is a decline: the release cannot be undone."""
         holding = [h.case_id for h in await self._book.beneficiary_holds(beneficiary_id)
                    if h.released_at is None and h.case_id != case_id]
         if holding:
             raise ApplicationError(f"beneficiary {beneficiary_id} is held by {', '.join(holding)}: "
                                    "no reissue while another case holds their payouts", holding,
                                    type=errors.BENEFICIARY_HELD, non_retryable=True)
+        # The relay refuses either act by whoever did the other, but each check can pass
+        # before the other's row exists (sent at once): the payout is where both are known.
+        requester = await self._book.reissue_requester(case_id)
+        if requester is not None and (released := await self._book.acted_on_beneficiary(
+                case_id, requester, "beneficiary_hold_released")):
+            raise ApplicationError(
+                f"{requester} asked for this reissue and released beneficiary {beneficiary_id}'s hold "
+                f"on {', '.join(released)}, which it checks: no payout is made; another person asks "
+                "for it, or ops pay outside this case", type=errors.DECLINED, non_retryable=True)
 
     @staticmethod
     async def _refuse_unless_failed_still(provider: PayoutExecutor, original: PayoutSnapshot) -> None:

@@ -509,6 +509,33 @@ async def test_a_reissue_its_provider_cannot_make_is_refused_when_asked(payouts:
     assert await reissues_at_provider(payouts, made.reissue_id()) == []
 
 
+async def test_who_asked_for_a_reissue_cannot_have_released_the_hold_it_waits_for(payouts: Stack) -> None:
+    """The relay refuses a release by whoever asked for a reissue to the beneficiary, and a
+    reissue asked by whoever released: two checks, each before the other's row exists. Sent
+    at once (or the reissue's answer lost and the release sent next), both pass and one
+    person both asks for a payout and lifts the hold meant to stop it. The reissue itself
+    refuses to pay then: nothing is sent, ops are told."""
+    beneficiary = f"ben_{uuid.uuid4().hex[:8]}"
+    first = await paid_payout(payouts, 41_000, beneficiary=beneficiary)
+    second = await paid_payout(payouts, 31_000, beneficiary=beneficiary)
+    for payout in (first, second):
+        await move_payout(payouts, payout.provider_payout_id, "failed", failure_code="account_closed")
+    case_id, other = (payout_case_id("sandbox", p.provider_payout_id) for p in (first, second))
+    for case in (case_id, other):
+        await wait_for_case(payouts, case, "awaiting_approval")
+        assert (await decide(payouts, "lena", case)).status_code == 202
+        await wait_for_case(payouts, case, "remediated")
+    assert (await ask_reissue(payouts, "omar", case_id)).status_code == 202
+    # the release as it passed the relay's check in the race: written as the endpoint writes it
+    released = await payouts.store.payouts.release_beneficiary(other, "omar", "verified", via="api")
+    assert released == beneficiary
+    assert (await decide(payouts, "lena", case_id)).status_code == 202
+    await wait_for_case(payouts, case_id, "reissue_failed")
+    assert await reissues_at_provider(payouts, first.reissue_id()) == []
+    [failed] = [e for e in await payouts.store.audit.trail(case_id) if e["action"] == "reissue_failed"]
+    assert "omar" in failed["detail"]["error"] and other in failed["detail"]["error"], failed
+
+
 async def test_a_reissue_waits_while_another_case_holds_the_beneficiary(payouts: Stack) -> None:
     """Two payouts to one beneficiary failed: each case holds the beneficiary's further
     payouts, and a reissue is such a payout. Both reissues approved, each waits for the

@@ -434,6 +434,13 @@ class PayoutRepository(Repository):
             {"case": case_id, "statuses": [s.value for s in statuses], "action": action, "user": user})
         return [r["case_id"] for r in rows]
 
+    async def reissue_requester(self, case_id: str) -> str | None:
+        """Who asked for the case's reissue (its latest `reissue_requested`), if anyone."""
+        row = await self._db.fetch_one(
+            "SELECT actor FROM audit_events WHERE chain = %s AND action = 'reissue_requested'"
+            " ORDER BY seq DESC LIMIT 1", (case_id,))
+        return str(row["actor"]) if row is not None else None
+
     async def release_beneficiary(self, case_id: str, actor: str, reason: str, *, via: str) -> str | None:
         """Ops end the case's hold on its beneficiary's payouts (their details verified): a
         reissue another case waits for can then pay. The payout's own hold and the ledger
