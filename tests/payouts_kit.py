@@ -50,9 +50,12 @@ async def move_payout(stack: Stack, provider_payout_id: str, status: str, *,
 
 
 async def decide(stack: Stack, user: str, case_id: str, decision: str = "approve") -> httpx.Response:
+    """A verdict on the round the case shows now, as an approver who just read it gives it."""
     async with stack.api(user) as api:
-        return await api.post(f"/v1/payout-exceptions/{case_id}/approvals",
-                              json={"decision": decision, "reason": f"{user} checked the payout"})
+        shown = (await api.get(f"/v1/payout-exceptions/{case_id}")).json()
+        return await api.post(f"/v1/payout-exceptions/{case_id}/approvals", json={
+            "decision": decision, "reason": f"{user} checked the payout",
+            "awaiting": shown.get("status", "awaiting_approval")})
 
 
 async def ask_reissue(stack: Stack, user: str, case_id: str) -> httpx.Response:

@@ -21,7 +21,8 @@ async def refusals_of(stack: Stack, user: str, action: str) -> list[dict[str, An
 
 CALLS = {
     "payout_verdict": ("lena", "/v1/payout-exceptions/sandbox-payout-po_nope/approvals",
-                       {"decision": "approve"}, 404, "approving a payout exception"),
+                       {"decision": "approve", "awaiting": "awaiting_approval"}, 404,
+                       "approving a payout exception"),
     "payout_reissue": ("omar", "/v1/payout-exceptions/sandbox-payout-po_nope/reissue",
                        {"reason": "again"}, 404, "requesting a payout reissue"),
     "break_verdict": ("carol", f"/v1/reconciliation/breaks/{MISSING_BREAK}/approvals",

@@ -42,10 +42,11 @@ async def payout_case_view(store: Store, case_id: str) -> dict[str, Any] | None:
 
 class PayoutApprovalBody(ApprovalBody):
     """A verdict on a payout case. Its two rounds (the reversal, then a reissue) can need
-    the same role, so a verdict may name the round it was given for: `awaiting`, the status
-    the approver was shown (the console's form always sends it)."""
+    the same role, so a verdict names the round it was given for: `awaiting`, the status
+    the approver was shown. Optional, a verdict read for the reversal counted in the reissue
+    (a second payment) when the case moved on before it arrived."""
 
-    awaiting: PayoutCaseStatus | None = None
+    awaiting: PayoutCaseStatus
 
 
 async def decide_on_payout_exception(actions: CaseActions, caller: Principal, case_id: str,
@@ -62,7 +63,7 @@ async def decide_on_payout_exception(actions: CaseActions, caller: Principal, ca
     if row["status"] not in APPROVAL_STATUSES:
         await actions.refuse(caller, case_id, 409, action, f"case is {row['status']}, not awaiting approval",
                              via=via)
-    if body.awaiting is not None and body.awaiting != row["status"]:
+    if body.awaiting != row["status"]:
         await actions.refuse(caller, case_id, 409, action,
                              f"this verdict was given for the case {body.awaiting.value}; it is now "
                              f"{row['status']}: reload it and decide again", via=via)
