@@ -27,12 +27,15 @@ class RefuseConnections(httpx.AsyncBaseTransport):
     """The first `times` requests fail to connect (nothing is sent), as a refused or
     unreachable host does; the rest go through."""
 
-    def __init__(self, inner: httpx.AsyncBaseTransport, times: int) -> None:
-        self.inner, self.times, self.refused = inner, times, 0
+    def __init__(self, inner: httpx.AsyncBaseTransport, times: int, *, after_seconds: float = 0) -> None:
+        self.inner, self.times, self.refused, self.after = inner, times, 0, after_seconds
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if self.refused < self.times:
             self.refused += 1
+            if self.after:  # a host that drops the connection attempt: the connect times out
+                await asyncio.sleep(self.after)
+                raise httpx.ConnectTimeout("timed out connecting", request=request)
             raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
         return await self.inner.handle_async_request(request)
 
@@ -46,11 +49,12 @@ async def fake() -> AsyncIterator[tuple[FakeAdyen, str]]:
     await server.stop()
 
 
-def _refusing(url: str, times: int) -> tuple[AdyenProvider, RefuseConnections]:
+def _refusing(url: str, times: int, *, after_seconds: float = 0,
+              **settings: Any) -> tuple[AdyenProvider, RefuseConnections]:
     provider = AdyenProvider(hmac_keys=[TEST_KEY], api_base=url, api_key=API_KEY,
-                             connect_backoff_seconds=0.01)
+                             connect_backoff_seconds=0.01, **settings)
     assert provider._http is not None
-    gate = RefuseConnections(provider._http._transport, times)
+    gate = RefuseConnections(provider._http._transport, times, after_seconds=after_seconds)
     provider._http._transport = gate
     return provider, gate
 
@@ -85,6 +89,24 @@ async def test_a_create_that_never_connected_at_all_is_a_definite_no(fake: tuple
     finally:
         await provider.aclose()
     assert gate.refused == 3 and adyen.refunds_of(psp) == []
+
+
+async def test_no_create_goes_again_once_it_could_outlive_the_submit_attempt(
+        fake: tuple[FakeAdyen, str]) -> None:
+    """Each connect timed out after the request timeout: a third try could connect and send
+    after the activity's start-to-close (30 s against 3 x 10 s and the backoffs), when the
+    case has moved on to waiting for the notification. A try that could end past the submit
+    attempt's time is not made: nothing was sent."""
+    adyen, url = fake
+    psp = adyen.payment(10_000, "EUR", MERCHANT)
+    provider, gate = _refusing(url, times=3, after_seconds=0.4, timeout_seconds=0.4,
+                               submit_deadline_seconds=1.0)
+    try:
+        with pytest.raises(ProviderNotReached, match="nothing was sent"):
+            await provider.create_refund(_request(psp), "rfo_same_key")
+    finally:
+        await provider.aclose()
+    assert gate.refused in (1, 2) and adyen.refunds_of(psp) == []  # a third try: past 1.2 s
 
 
 # -- ops resolve a notification wait -------------------------------------------------------

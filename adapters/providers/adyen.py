@@ -264,8 +264,11 @@ class AdyenProvider:
                  api_key: str | None = None, timeout_seconds: float = 10.0,
                  charges: ChargeSource | None = None, record: NotificationSink | None = None,
                  connect_attempts: int = 3, connect_backoff_seconds: float = 0.5,
-                 merchant_accounts: Sequence[str] = (), name: str = "adyen") -> None:
+                 merchant_accounts: Sequence[str] = (), submit_deadline_seconds: float | None = None,
+                 name: str = "adyen") -> None:
         self.name = name
+        self._timeout = timeout_seconds
+        self._submit_deadline = submit_deadline_seconds
         self._merchant_accounts = frozenset(merchant_accounts)
         self._connect_attempts = max(1, connect_attempts)
         self._connect_backoff = connect_backoff_seconds
@@ -275,6 +278,14 @@ class AdyenProvider:
         self._http = (provider_client(base_url=api_base, timeout=timeout_seconds,
                                        headers={"X-API-Key": api_key})
                       if api_base and api_key else None)
+
+    def _time_for_another(self, started: float, backoff: float) -> bool:
+        """Whether one more try, after `backoff`, ends within the submit attempt's time: a try
+        that connects after it would create a refund the case has stopped waiting for."""
+        if self._submit_deadline is None:
+            return True
+        ends = asyncio.get_running_loop().time() - started + backoff + self._timeout
+        return ends < self._submit_deadline
 
     def _not_served(self, account: object) -> str | None:
         """Why `account` is not one this deployment serves (None when it is, or when no
@@ -316,6 +327,7 @@ class AdyenProvider:
                            "currency": request.currency},
                 # Comes back as merchantReference on the notifications: how they find the case.
                 "reference": request.refund_request_id}
+        started = asyncio.get_running_loop().time()
         for attempt in range(1, self._connect_attempts + 1):
             try:
                 response = await send(self._http, "POST", path,
@@ -326,10 +338,11 @@ class AdyenProvider:
                 # A connection never made sent nothing, so the same request goes again.
                 if not isinstance(exc.__cause__, NEVER_SENT):
                     raise
-                if attempt == self._connect_attempts:
+                backoff = self._connect_backoff * 2 ** (attempt - 1)
+                if attempt == self._connect_attempts or not self._time_for_another(started, backoff):
                     raise ProviderNotReached(f"POST {path}: Adyen not reached in {attempt} attempts "
                                              f"({type(exc.__cause__).__name__}); nothing was sent") from exc
-                await asyncio.sleep(self._connect_backoff * 2 ** (attempt - 1))
+                await asyncio.sleep(backoff)
         raise_for_refusal(response)
         body = response.json()
         return ProviderRefund(

@@ -60,7 +60,8 @@ def build_providers(settings: Settings, store: Store | None = None) -> dict[str,
             api_key=settings.adyen_api_key.get_secret_value() if settings.adyen_api_key else None,
             timeout_seconds=settings.provider_http_timeout_seconds,
             charges=book.charge if book else None, record=book.record if book else None,
-            merchant_accounts=comma_list(settings.adyen_merchant_accounts))
+            merchant_accounts=comma_list(settings.adyen_merchant_accounts),
+            submit_deadline_seconds=settings.submit_timeout_seconds)
     return providers
 
 
