@@ -2,6 +2,7 @@
 and only authorised users can decode through the relay's codec endpoint."""
 
 import base64
+import json
 import time
 import uuid
 from typing import Any
@@ -145,6 +146,22 @@ async def test_history_holds_no_canary_in_clear_and_decodes_with_the_codec(
             via_cookie.json(), Payloads()).payloads[0].data
         requester_ui = await console(stack, "alice")
         assert (await requester_ui.post("/console/codec/decode", json=wire)).status_code == 403
+        # a page of another port of the site can send the cookie with a body no preflight
+        # checks (no Content-Type, or text/plain): not read as JSON, so refused before any
+        # role check could record a refusal under the signed-in person's name
+        async def refused_decodes() -> int:
+            row = await stack.store.database.fetch_one(
+                "SELECT count(*) AS n FROM audit_events WHERE chain = '' AND actor = 'alice'"
+                " AND action = 'access_refused' AND detail->>'action' = 'decoding payloads'")
+            assert row is not None
+            return int(row["n"])
+
+        refused_before = await refused_decodes()
+        for headers in ({}, {"Content-Type": "text/plain"}):
+            simple = await requester_ui.post("/console/codec/decode", content=json.dumps(wire).encode(),
+                                             headers=headers)
+            assert simple.status_code in (415, 422), (headers, simple.text)
+        assert await refused_decodes() == refused_before
         # the UI's origin may call the codec, nothing else: its scripts cannot read a console
         # page (and its CSRF token) or the API with the session's cookie
         for path in ("/console/cases", "/v1/refund-requests"):
