@@ -10,7 +10,7 @@ import json
 import os
 import subprocess
 import sys
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from adapters.providers.base import RefundLister
 from adapters.schedules import ensure_reconciliation_schedules, schedule_id
 from domain.models import CaseStatus, LedgerInput, LedgerKind, ProviderRefundStatus
 from domain.reconciliation import BatchInput, ListedRefund
+from starters.cli.progress import follow_run
 from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
 from tests.reconciliation_kit import (
@@ -162,6 +163,22 @@ async def test_each_class_of_break_is_found_alone(stack: Stack, break_class: str
     chain = case_id or f"sandbox-refund-{diverging['id']}"
     assert opened["chain"] == chain
     assert "reconciliation_break_found" in await stack.actions(chain)
+
+
+async def test_a_backfill_of_an_old_window_judges_what_was_made_just_before_its_end(stack: Stack) -> None:
+    """A refund made minutes before an old window's end was skipped as still in flight (the
+    grace measured from the window's end, not from the run), and no later run lists it:
+    a refund nobody asked for, months old, never judged. Backfilled month by month, every
+    month's last quarter hour was left out."""
+    made = history(f"ch_{os.urandom(4).hex()}", 1_000, days_ago=20)  # no case of ours
+    await seed_provider(stack, [made])
+    until = datetime.fromtimestamp(made["created"], UTC) + timedelta(minutes=5)
+    async with stack.api("olga") as api:
+        started = await api.post("/v1/reconciliation/runs", json={
+            "provider": "sandbox", "since": ago(21).isoformat(), "until": until.isoformat()})
+        assert started.status_code == 202, started.text
+        report = await follow_run(api, started.json()["run_id"], show_progress=False, poll_seconds=0.1)
+    assert [b["break_class"] for b in report["breaks"] if b["object_id"] == made["id"]] == ["unknown_to_us"]
 
 
 async def test_a_case_whose_own_posting_is_pending_is_no_ledger_break(stack: Stack) -> None:

@@ -14,7 +14,7 @@ breaks, their audit rows and notices, and the run's cursor commit together.
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import suppress
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -280,7 +280,7 @@ class ReconciliationRepository(Repository):
         and `phase` are where the batch was read: a run moved on by someone else fails."""
         run = await self.run(run_id)
         assert run is not None
-        until: datetime = run["window_end"]
+        now = datetime.now(UTC)
         unique = {_object_id(listed): listed for listed in batch}
         async with self._db.transaction() as conn:
             await conn.execute(STAGE)
@@ -292,7 +292,9 @@ class ReconciliationRepository(Repository):
             statement = CLASSIFY if phase is Phase.REFUNDS else CLASSIFY_PAYOUTS
             cur = await conn.execute(statement, {
                 "provider": provider, "run_id": run_id, "account": REFUNDED_ACCOUNT,
-                "judge_before": until - options.grace, "stuck_before": until - options.stuck_after,
+                # from now, not the window's end: a backfill of an old window judges what was
+                # made in its last minutes (no later run lists it), and "stuck" is stuck today
+                "judge_before": now - options.grace, "stuck_before": now - options.stuck_after,
                 "shown_refunded": _names(SHOWN_REFUNDED), "shown_pending": _names(SHOWN_PENDING),
                 "shown_failed": _names(SHOWN_FAILED), "non_terminal": _names(NON_TERMINAL_PROVIDER),
                 "ledger_pending": CaseStatus.EXECUTED_LEDGER_PENDING.value,
