@@ -472,6 +472,17 @@ async def cancel_while_submitting(rig: Recording) -> str:
     return await cancel(rig, case_id)
 
 
+async def cancel_takes_notified(rig: Recording) -> str:
+    """As above, but the lookup after the horizon misses the refund: the one its webhook
+    reported while the cancel waited is followed to the ledger."""
+    charge = await rig.stack.charge(10_000)
+    await sandbox(rig, "/_sandbox/faults", mode="timeout_after_success", seconds=2.5)
+    await sandbox(rig, "/_sandbox/faults", mode="lookup_empty", times=50, charge=charge)
+    case_id = await rig.stack.request_refund("alice", charge, 1_050)
+    await rig.stack.wait_for_audit(case_id, "provider_submit_started")
+    return await cancel(rig, case_id)
+
+
 async def cancel_after_success(rig: Recording) -> str:
     """Cancelled while watching a succeeded refund for a late failure: it stays followed."""
     case_id, _ = await requested(rig, 1_100)
@@ -887,6 +898,7 @@ SCENARIOS: dict[str, Scenario] = {
     "refund_news_unsealed": Scenario(news_unsealed, {"late_failure_window_seconds": 4}),
     "refund_cancel_before_submit": Scenario(cancel_before_submit),
     "refund_cancel_while_submitting": Scenario(cancel_while_submitting, {"submit_timeout_seconds": 3}),
+    "refund_cancel_takes_notified": Scenario(cancel_takes_notified, {"submit_timeout_seconds": 3}),
     "refund_cancel_after_success": Scenario(cancel_after_success, {"late_failure_window_seconds": 60}),
     "refund_cancel_reads_news": Scenario(cancel_reads_news, {"late_failure_window_seconds": 300}),
     "refund_continued_as_new": Scenario(continued_as_new, {"continue_as_new_after_events": 40,

@@ -150,6 +150,31 @@ async def test_a_cancel_waits_out_a_create_that_lands_after_the_client_gave_up(
         assert "cancel_after_provider_refund" in await quick.actions(case_id)
 
 
+async def test_a_cancel_follows_the_refund_its_webhook_reported_when_the_lookup_misses_it(
+        quick: Stack) -> None:
+    """Cancelled while the create is at the provider: the provider made the refund and its
+    webhook reached the case while it waited out the horizon, but the one lookup after it
+    missed the refund (a list that lags the write). The case was released as
+    `canceled_by_ops` with the money gone and nothing booked, the event in hand unread.
+    The refund the case was told of is followed and booked."""
+    charge = await quick.charge(20_000)
+    await quick.start_worker()
+    await _fault(quick, mode="timeout_after_success", seconds=2.5)
+    await _fault(quick, mode="lookup_empty", times=50, charge=charge)
+    case_id = await quick.request_refund("alice", charge, SMALL)
+    await quick.wait_for_audit(case_id, "provider_submit_started")
+    handle = quick.client.get_workflow_handle(case_id)
+    await handle.cancel()
+    await handle.result()
+    row = await quick.store.cases.get(case_id)
+    refunds = await quick.provider_refunds(charge)
+    assert row is not None and len(refunds) == 1, (row, refunds)
+    assert (row["status"], row["provider_refund_id"]) == ("succeeded", refunds[0]["id"])
+    assert {e["template"] for e in await quick.store.ledger.entries(case_id)} == {"refund_settled"}
+    actions = await quick.actions(case_id)
+    assert "provider_notification_received" in actions and "canceled_by_ops" not in actions, actions
+
+
 async def _cancelled_while_the_create_lands(quick: Stack) -> tuple[str, str]:
     """A create the provider acts on 4.8 s after it came, its case cancelled once the submit
     began, the workflow ended: (charge, case id)."""

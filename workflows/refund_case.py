@@ -125,6 +125,11 @@ CHARGE_SCOPED_WAIT_PATCH = "charge-scoped-notification-1"
 # with the case's reference (money moved twice: no break, no notice, the case shown
 # succeeded); a late failure heard then went unbooked. Asked only when such news waits.
 CANCEL_NEWS_PATCH = "cancel-reads-pending-news-1"
+# A cancel after a submit whose lookup misses the refund takes the refund a queued event
+# reports (its webhook came while the cancel waited out the horizon; the provider's list lags
+# its write). Before, the case was released as `canceled_by_ops` with the money gone, nothing
+# booked and the event unread. Asked only when such an event waits.
+CANCEL_NOTIFIED_PATCH = "cancel-takes-notified-refund-1"
 # A provider that reports `canceled` for a refund it reported succeeded (and the ledger
 # booked) contradicts itself: the case goes to ops review and ops hear of it once. Before, the
 # report was only audited (`provider_status_impossible_ignored`) while the case watched for a

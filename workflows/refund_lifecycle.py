@@ -23,6 +23,8 @@ with workflow.unsafe.imports_passed_through():
         BOUNDED_PATCH,
         CANCEL_HORIZON_PATCH,
         CANCEL_NEWS_PATCH,
+        CANCEL_NOTIFIED_PATCH,
+        CHARGE_SCOPED_WAIT_PATCH,
         HORIZON_PATCH,
         SUBMITTING,
         ValidationAbandoned,
@@ -59,7 +61,7 @@ class RefundLifecycle(RefundProvider):
                 wait += self._timings.provider_horizon
             await workflow.sleep(wait)
             await self._settle_unsubmitted()  # the approval, where the cancelled submit did not write it
-            refund = await self._verify("case cancelled after a submit")
+            refund = await self._verify("case cancelled after a submit") or await self._told_of_refund()
         if refund is None:
             await self._record("canceled_by_ops", CaseStatus.CANCELED_BY_OPS, actor="ops", release=True,
                                detail={"stage": self._status.value})
@@ -83,6 +85,15 @@ class RefundLifecycle(RefundProvider):
         elif news:
             await self._follow_provider(self._refund)  # reads the rest, then ends (cancelled)
         return await self._finish()
+
+    async def _told_of_refund(self) -> ProviderRefund | None:
+        """The refund a queued event reports, when the lookup after a cancel missed it: its
+        webhook came while the cancel waited out the horizon (a list lagging the write)."""
+        if self._notified() is None or not workflow.patched(CANCEL_NOTIFIED_PATCH):
+            return None
+        self._charge_scoped = workflow.patched(CHARGE_SCOPED_WAIT_PATCH)
+        notified = self._notified()
+        return await self._take_notification(notified) if notified is not None else None
 
     # -- bookkeeping -------------------------------------------------------------------
 

@@ -7,9 +7,11 @@ from pydantic import BaseModel, Field
 
 FaultMode = Literal["timeout_after_success", "error_before", "error_after", "timeout_before",
                     "acts_after_give_up", "late_failure", "lookup_status", "lookup_slow",
-                    "webhook_lost", "webhook_duplicated", "webhook_late"]
+                    "lookup_empty", "webhook_lost", "webhook_duplicated", "webhook_late"]
 # Which call a fault is for: the create, the lookup (GET /v1/refunds), or a refund's webhooks.
-LOOKUP_FAULTS = frozenset({"lookup_status", "lookup_slow"})
+# `lookup_empty`: a lookup by our reference that lists nothing although the refund exists (a
+# list that lags the write).
+LOOKUP_FAULTS = frozenset({"lookup_status", "lookup_slow", "lookup_empty"})
 WEBHOOK_FAULTS = frozenset({"webhook_lost", "webhook_duplicated", "webhook_late"})
 
 

@@ -254,6 +254,8 @@ def create_app(*, db_path: str = ":memory:", webhook_url: str | None = None,
         if reference is not None and (fault := take_fault(LOOKUP_FAULTS.__contains__, charge)):
             if fault.mode == "lookup_status":
                 raise HTTPException(fault.status, f"scripted refusal of the lookup (HTTP {fault.status})")
+            if fault.mode == "lookup_empty":
+                return {"object": "list", "data": [], "has_more": False}
             await stall("lookup", charge, fault.seconds)
         try:
             page, more = bank.page("refunds", since=created_gte, until=created_lt,
