@@ -277,6 +277,8 @@ class RefundActivities:
         except ProviderDeclined as exc:
             await self._store.audit.record(case_id, f"provider:{provider.name}",
                                            "provider_refund_declined", {"error": str(exc)})
+            if started:
+                return await self._landed_before(request, exc)
             raise ApplicationError(str(exc), type=errors.DECLINED, non_retryable=True) from exc
         except ProviderConfigurationRefused as exc:
             await self._store.audit.record(case_id, f"provider:{provider.name}",
@@ -289,6 +291,20 @@ class RefundActivities:
         await self._store.cases.record_provider_refund(
             case_id, refund, "provider_refund_created", {"idempotency_key": inp.idempotency_key})
         return refund
+
+    async def _landed_before(self, request: RefundRequest, declined: ProviderDeclined) -> ProviderRefund:
+        """A resubmit declined: the provider may be refusing a second refund because an
+        earlier attempt's landed (a key it no longer honours; "already refunded"), which
+        the lookups had missed. Looked up again; still missing, the outcome stays unknown
+        (the workflow looks again past the horizon, then resubmits or goes to ops), never
+        a decline that releases the hold while the money may be gone."""
+        found = next(iter(await self._find(request, "decline after an earlier attempt")), None)
+        if found is None:
+            raise ApplicationError(f"declined after an earlier attempt that may have landed: {declined}",
+                                   type=errors.OUTCOME_UNKNOWN) from declined
+        await self._store.cases.record_provider_refund(request.refund_request_id, found,
+                                                       "provider_refund_found_after_decline")
+        return found
 
     async def _find(self, request: RefundRequest, reason: str) -> list[ProviderRefund]:
         """Looks our refund up: every refund carrying our reference, the one to follow

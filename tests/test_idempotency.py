@@ -8,7 +8,7 @@ from temporalio.client import Client
 from adapters.db import Store
 from bench.chaos import worker_process
 from starters.dev.stack import TemporalDevServer
-from tests.harness import Stack, open_stack
+from tests.harness import Stack, open_stack, stack_with
 
 
 async def test_same_id_with_other_parameters_is_409_and_changes_nothing(stack: Stack) -> None:
@@ -81,3 +81,27 @@ async def test_worker_killed_after_provider_accepted_still_one_refund(
         if worker is not None and worker.poll() is None:
             worker.kill()
         await stack.close()
+
+
+async def test_a_resubmit_declined_because_the_first_create_landed_follows_that_refund(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """The first create lands but its answer is lost, and the lookups miss it (a list that
+    lags the write). The resubmit (this provider ignores the key, as Stripe does a day on)
+    is declined: the charge is refunded already, by that first create. Taken as final, the
+    case was `refund_failed` with its hold released and nothing booked while the provider
+    held the refund (and a reissue could pay again). A decline after an earlier attempt
+    proves nothing about that attempt: looked up again, the refund is followed."""
+    async with stack_with(store, client, temporal_server.address, provider_http_timeout_seconds=1,
+                          submit_timeout_seconds=3, resubmit_margin_seconds=0.5) as quick:
+        charge = await quick.charge(1_000)
+        async with quick.sandbox() as sb:
+            await sb.post("/_sandbox/faults", json={"mode": "timeout_after_success", "seconds": 5})
+            await sb.post("/_sandbox/faults", json={"mode": "lookup_empty", "times": 2, "charge": charge})
+        case_id = await quick.request_refund("alice", charge, 1_000)
+        row = await quick.wait_for_status(case_id, "succeeded", "refund_failed", timeout=60)
+        refunds = await quick.provider_refunds(charge)
+        assert len(refunds) == 1 and (row["status"], row["provider_refund_id"]) == (
+            "succeeded", refunds[0]["id"]), (row, refunds)
+        actions = await quick.actions(case_id)
+        assert "provider_refund_declined" in actions and "refund_failed" not in actions, actions
+        assert {e["template"] for e in await quick.store.ledger.entries(case_id)} == {"refund_settled"}
