@@ -626,6 +626,27 @@ async def test_a_settlement_retried_after_its_break_was_raised_again_moves_nothi
     await wait_for_breaks(stack, [refund["id"]], "resolved")
 
 
+async def test_a_settlement_retried_after_it_ended_in_ops_review_adopts_nothing(stack: Stack) -> None:
+    """An approved break of a refund unknown to us: the settlement read the refund failed at
+    the provider (moved since the approval) and ended in ops review, adopting nothing; its
+    attempt committed but never reported (the worker died). The retry reads nothing (the
+    break has its resolution) and adopted the refund as a tracking case before it found
+    that resolution: a case nobody approved, holding the amount against the charge."""
+    refund = history(f"ch_{uuid.uuid4().hex[:8]}", 2_000, days_ago=3)
+    await seed_provider(stack, [refund])
+    await backfill(stack, since_days=30)
+    [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    assert found["break_class"] == "unknown_to_us"
+    settlement = BreakSettlement(break_id=found["id"], state=BreakState.RESOLVED, approvers=("carol",),
+                                 round=0)
+    first = await stack.store.reconciliation.settle(settlement, "failed")
+    assert first.state is BreakState.OPS_REVIEW
+    assert await stack.store.cases.get(found["chain"]) is None
+    retried = await stack.store.reconciliation.settle(settlement)
+    assert retried.state is BreakState.OPS_REVIEW
+    assert await stack.store.cases.get(found["chain"]) is None
+
+
 async def test_a_break_raised_again_while_its_last_round_was_ending_gets_its_own_round(stack: Stack) -> None:
     """The run raised the break again while its approved round's case was still ending (its
     settlement retried): the dispatch attached to that case and marked the break

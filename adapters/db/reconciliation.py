@@ -510,7 +510,11 @@ class ReconciliationRepository(Repository):
         found = await self.get_break(break_id)
         assert found is not None
         checked = settlement.state is BreakState.RESOLVED and found.object_kind == "refund"
-        if checked and found.refund_request_id is None and provider_moved(found, at_provider) is None:
+        # a retried attempt (the break has its resolution) or an earlier round's adopts nothing:
+        # the transaction below answers what was decided, and a moved refund was never adopted
+        current = found.resolution is None and settlement.round in (None, found.reopened)
+        if (checked and current and found.refund_request_id is None
+                and provider_moved(found, at_provider) is None):
             async with self._db.connection() as conn:
                 overtaken = await self._overtaken_by(conn, found)
             if overtaken is None:
