@@ -44,6 +44,7 @@ from domain.models import (
     PolicyDecision,
     PolicyInput,
     ProviderRefund,
+    ProviderRefundStatus,
     RefundMethod,
     RefundRequest,
     SubmitInput,
@@ -118,6 +119,10 @@ def _redone_after_cancel(steps: CaseWrites) -> bool:
         write.event is not None and (write.event.provider_refund is not None
                                      or write.event.action == DUPLICATE_REPORTED)
         for write in steps.writes)
+
+
+MOVED_NO_MONEY = frozenset({ProviderRefundStatus.FAILED, ProviderRefundStatus.CANCELED})
+"""Refund states that paid nobody: of several refunds under one reference, followed last."""
 
 
 class RefundActivities:
@@ -308,7 +313,9 @@ class RefundActivities:
 
     async def _find(self, request: RefundRequest, reason: str) -> list[ProviderRefund]:
         """Looks our refund up: every refund carrying our reference, the one to follow
-        first (more than one is an incident). A failed lookup says nothing about the money:
+        first (more than one is an incident): of several, one that moved or may move money
+        before a failed or canceled one (followed, a failure released the hold while the
+        other refund had paid, its success never booked). A failed lookup says nothing about the money:
         refused credentials are a case for ops, any other failure or refusal (a 404
         included) an outcome still unknown, asked again; never a decline."""
         case_id = request.refund_request_id
@@ -316,7 +323,7 @@ class RefundActivities:
             found = await self._executor(request).find_refund(request)
             return [found] if found is not None else []
         except RefundsDuplicated as exc:
-            return exc.refunds
+            return sorted(exc.refunds, key=lambda r: r.status in MOVED_NO_MONEY)
         except ProviderLookupUnsupported as exc:  # an earlier attempt may have made it: no resend
             await self._store.audit.record(case_id, "system", "verify_state",
                                            {"lookup": "unsupported", "reason": reason})

@@ -3,8 +3,10 @@ ops review, ops get a notice and a reconciliation break records it. And a tracki
 hold is a reservation like any other, taken under the charge's lock."""
 
 import asyncio
+import uuid
 from typing import Any
 
+import pytest
 from temporalio.client import Client
 
 from adapters.db import Store
@@ -98,25 +100,34 @@ async def _breaks(store: Store, case_id: str) -> list[dict[str, Any]]:
 
 
 async def test_a_tracking_case_takes_the_charge_lock(store: Store) -> None:
-    refund = ProviderRefund(provider="sandbox", refund_id="re_lock_1", charge_id="ch_lock_1", amount=700,
+    # ids of this run only: a database kept from an earlier run holds that run's case and charge
+    suffix = uuid.uuid4().hex[:10]
+    refund_id, charge_id = f"re_lock_{suffix}", f"ch_lock_{suffix}"
+    refund = ProviderRefund(provider="sandbox", refund_id=refund_id, charge_id=charge_id, amount=700,
                             currency="USD", status=ProviderRefundStatus.SUCCEEDED, raw_status="succeeded")
     async with store.database.transaction() as holder:  # a reservation in progress on the same charge
         await holder.execute("INSERT INTO charges (provider, charge_id, currency, amount_captured)"
-                             " VALUES ('sandbox', 'ch_lock_1', 'USD', 1000) ON CONFLICT DO NOTHING")
-        await holder.execute("SELECT 1 FROM charges WHERE provider = 'sandbox' AND charge_id = 'ch_lock_1'"
-                             " FOR UPDATE")
+                             " VALUES ('sandbox', %s, 'USD', 1000) ON CONFLICT DO NOTHING", (charge_id,))
+        await holder.execute("SELECT 1 FROM charges WHERE provider = 'sandbox' AND charge_id = %s"
+                             " FOR UPDATE", (charge_id,))
         pid = (await (await holder.execute("SELECT pg_backend_pid() AS pid")).fetchone() or {})["pid"]
-        opening = asyncio.create_task(store.cases.open_tracking("sandbox-refund-re_lock_1", refund, None,
+        opening = asyncio.create_task(store.cases.open_tracking(f"sandbox-refund-{refund_id}", refund, None,
                                                                 "refund.updated"))
-        while not opening.done():  # until it either finished or queued behind our lock
+        for _ in range(3_000):  # until it either finished or queued behind our lock (30 s at most)
             cur = await holder.execute(
                 "SELECT count(*) AS n FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))", (pid,))
-            if (await cur.fetchone() or {})["n"]:
+            if opening.done() or (await cur.fetchone() or {})["n"]:
                 break
             await asyncio.sleep(0.01)
+        else:
+            cur = await holder.execute(
+                "SELECT pid, state, wait_event, pg_blocking_pids(pid) AS blocked_by FROM pg_stat_activity"
+                " WHERE pid <> %s AND datname = current_database()", (pid,))
+            raise AssertionError("the tracking case neither took its hold nor waited for the charge's lock "
+                                 f"in 30 s; other sessions: {await cur.fetchall()}")
         assert not opening.done(), "the tracking case took its hold without the charge's lock"
     assert await opening
-    row = await store.cases.get("sandbox-refund-re_lock_1")
+    row = await store.cases.get(f"sandbox-refund-{refund_id}")
     assert row is not None and (row["status"], row["reserved_amount"]) == ("tracking", 700)
 
 
@@ -143,6 +154,28 @@ async def test_a_lookup_that_finds_two_refunds_with_our_reference_is_an_incident
     assert incident["evidence"]["source"] == "verify_state"
     kinds = {(n["kind"], n["audience"]) for n in await stack.store.outbox.notices(case_id)}
     assert ("duplicate_provider_refund", "operator") in kinds
+
+
+@pytest.mark.parametrize("failed", [0, 1])
+async def test_of_two_refunds_with_our_reference_the_case_follows_the_one_that_moved_money(
+        stack: Stack, failed: int) -> None:
+    """The lookup finds two refunds under the case's reference, one failed: the case
+    followed whichever the provider listed first, and when that was the failed one it
+    booked a failure and released its hold while the other refund had paid (the duplicate
+    then went to ops, the success never booked). The refund holding money is followed."""
+    charge = await stack.charge(10_000)
+    body = stack.refund_body(charge, 1_500)
+    case_id = body["refund_request_id"]
+    made = await stack.made_elsewhere(charge, case_id, 1_500, 1_500)
+    await stack.set_provider_status(made[failed], "failed", failure_reason="lost_or_stolen_card",
+                                    send_webhook=False)
+    async with stack.api("alice") as api:
+        assert (await api.post("/v1/refund-requests", json=body)).status_code == 202
+    await stack.wait_for_audit(case_id, "duplicate_provider_refund")
+    row = await stack.wait_for_status(case_id, "ops_review")
+    assert row["provider_refund_id"] == made[1 - failed], (row, made)
+    assert row["reserved_amount"] == 1_500
+    assert "refund_failed" not in await stack.actions(case_id)
 
 
 async def test_each_duplicate_refund_gets_its_own_ops_notice(
