@@ -300,13 +300,13 @@ class RefundActivities:
     async def _landed_before(self, request: RefundRequest, declined: ProviderDeclined) -> ProviderRefund:
         """A resubmit declined: the provider may be refusing a second refund because an
         earlier attempt's landed (a key it no longer honours; "already refunded"), which
-        the lookups had missed. Looked up again; still missing, the outcome stays unknown
-        (the workflow looks again past the horizon, then resubmits or goes to ops), never
-        a decline that releases the hold while the money may be gone."""
+        the lookup before the create had missed. Looked up once more: found, it is the
+        case's refund; still missing, the decline stands (a genuine one, a closed card, must
+        fail the case, not resubmit for hours; a refund every lookup missed is
+        reconciliation's `provider_succeeded_shown_failed`)."""
         found = next(iter(await self._find(request, "decline after an earlier attempt")), None)
         if found is None:
-            raise ApplicationError(f"declined after an earlier attempt that may have landed: {declined}",
-                                   type=errors.OUTCOME_UNKNOWN) from declined
+            raise ApplicationError(str(declined), type=errors.DECLINED, non_retryable=True) from declined
         await self._store.cases.record_provider_refund(request.refund_request_id, found,
                                                        "provider_refund_found_after_decline")
         return found

@@ -137,7 +137,8 @@ class Settings(BaseSettings):
     adyen_api_key: SecretStr | None = Field(default=None, description="Adyen API key (X-API-Key)")
     adyen_merchant_accounts: str | None = Field(
         default=None, description=(
-            "the Adyen merchant accounts this deployment serves, comma-separated: a company-level "
+            "the Adyen merchant accounts this deployment serves (payment and payout accounts), "
+            "comma-separated: a company-level "
             "webhook's one HMAC key signs every account's notifications, and those of another "
             "account are stored (`foreign_account`) and act on nothing; a refund on another account "
             "is never sent. Unset: every account the HMAC key signs"))

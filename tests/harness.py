@@ -163,6 +163,17 @@ class Stack:
                 raise AssertionError(f"{case_id} never recorded {action}: {actions}")
             await asyncio.sleep(0.1)
 
+    async def wait_for_signalled(self, case_id: str, timeout: float = 60) -> None:
+        """Polls until a provider webhook was signalled to the case's workflow (its receipt
+        marked processed for it)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not await self.store.database.fetch_one(
+                "SELECT 1 FROM webhook_receipts WHERE workflow_id = %s AND processed_at IS NOT NULL",
+                (case_id,)):
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"no webhook signalled to {case_id}")
+            await asyncio.sleep(0.1)
+
     async def start_worker(self) -> Worker:
         worker = build_worker(self.client, self.settings.task_queue, self.store, self.providers,
                               load_policy(self.settings.policy_file), settings=self.settings)

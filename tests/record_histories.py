@@ -480,6 +480,7 @@ async def cancel_takes_notified(rig: Recording) -> str:
     await sandbox(rig, "/_sandbox/faults", mode="lookup_empty", times=50, charge=charge)
     case_id = await rig.stack.request_refund("alice", charge, 1_050)
     await rig.stack.wait_for_audit(case_id, "provider_submit_started")
+    await rig.stack.wait_for_signalled(case_id)
     return await cancel(rig, case_id)
 
 

@@ -163,6 +163,7 @@ async def test_a_cancel_follows_the_refund_its_webhook_reported_when_the_lookup_
     await _fault(quick, mode="lookup_empty", times=50, charge=charge)
     case_id = await quick.request_refund("alice", charge, SMALL)
     await quick.wait_for_audit(case_id, "provider_submit_started")
+    await quick.wait_for_signalled(case_id)  # the webhook is in the case's inbox before the cancel
     handle = quick.client.get_workflow_handle(case_id)
     await handle.cancel()
     await handle.result()

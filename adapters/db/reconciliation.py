@@ -280,7 +280,8 @@ class ReconciliationRepository(Repository):
         and `phase` are where the batch was read: a run moved on by someone else fails."""
         run = await self.run(run_id)
         assert run is not None
-        now = datetime.now(UTC)
+        # judged as of now (or the window's end, if a clock runs behind the database's)
+        now = max(datetime.now(UTC), run["window_end"])
         unique = {_object_id(listed): listed for listed in batch}
         async with self._db.transaction() as conn:
             await conn.execute(STAGE)
