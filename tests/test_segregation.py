@@ -47,6 +47,22 @@ async def test_nobody_behind_a_refund_confirms_its_bank_transfer(stack: Stack) -
     await stack.wait_for_status(child_id, "succeeded")
 
 
+async def test_a_confirmation_for_a_case_whose_workflow_ended_moves_nothing(stack: Stack) -> None:
+    """The bank transfer's workflow was terminated (the closed-workflow sweep hands such a
+    case to ops); a confirmation then was committed and its signal found no workflow: a 500,
+    the instruction marked paid, and nobody to book it or release the hold. Refused before
+    anything is written (409, audited); the instruction stays pending for ops."""
+    approver = await person(stack, "approver")
+    child_id = await approved_bank_transfer(stack, "alice", approver)
+    await stack.client.get_workflow_handle(child_id).terminate("terminated in the Temporal UI")
+    async with stack.api("admin") as api:
+        late = await api.post(f"/v1/manual-refunds/{child_id}/confirmation", json={"paid": True})
+    assert late.status_code == 409 and "TERMINATED" in late.json()["detail"], late.text
+    manual = await stack.store.manual_refunds.get(child_id)
+    assert manual is not None and manual["status"] == "pending"
+    assert "manual_refund_confirmed" not in await stack.actions(child_id)
+
+
 async def test_requesters_read_only_their_own_cases(stack: Stack) -> None:
     charge = await stack.charge(10_000)
     theirs = await stack.request_refund("alice", charge, 1_000)

@@ -18,6 +18,7 @@ from adapters.config import Settings
 from adapters.db import CaseCreation, Principal, Store, request_from_row
 from adapters.db.rows import ApprovalStep, CaseRow
 from adapters.providers.manual import manual_refund
+from adapters.temporal_client import workflow_closed
 from domain.lifecycle import check_approval, unfilled
 from domain.models import (
     ApprovalProgress,
@@ -256,6 +257,10 @@ class CaseActions:
                               if case["requester"] == caller.user else
                               "a person behind the refund's trigger or an approver of it cannot "
                               "confirm it", via=via, audit_action="access_refused")
+        if ended := await workflow_closed(self.client, case_id):
+            # nobody would book it or release the hold: the instruction stays pending for ops
+            await self.refuse(caller, case_id, 409, action,
+                              f"the case's workflow has ended ({ended}): ops review the case", via=via)
         row = await self.store.manual_refunds.confirm(case_id, succeeded=body.paid, by=caller.user,
                                                       reason=body.reason)
         if row is None:
