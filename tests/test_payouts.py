@@ -509,15 +509,12 @@ async def test_a_reissue_its_provider_cannot_make_is_refused_when_asked(payouts:
     assert await reissues_at_provider(payouts, made.reissue_id()) == []
 
 
-async def test_who_asked_for_a_reissue_cannot_have_released_the_hold_it_waits_for(payouts: Stack) -> None:
-    """The relay refuses a release by whoever asked for a reissue to the beneficiary, and a
-    reissue asked by whoever released: two checks, each before the other's row exists. Sent
-    at once (or the reissue's answer lost and the release sent next), both pass and one
-    person both asks for a payout and lifts the hold meant to stop it. The reissue itself
-    refuses to pay then: nothing is sent, ops are told."""
+async def two_remediated_of_one_beneficiary(payouts: Stack, *amounts: int
+                                            ) -> tuple[str, PayoutSnapshot, PayoutSnapshot, str, str]:
+    """Two paid payouts to one beneficiary that failed, each reversal approved (its runbook
+    holds the beneficiary): (beneficiary, first payout, second payout, their case ids)."""
     beneficiary = f"ben_{uuid.uuid4().hex[:8]}"
-    first = await paid_payout(payouts, 41_000, beneficiary=beneficiary)
-    second = await paid_payout(payouts, 31_000, beneficiary=beneficiary)
+    first, second = [await paid_payout(payouts, amount, beneficiary=beneficiary) for amount in amounts]
     for payout in (first, second):
         await move_payout(payouts, payout.provider_payout_id, "failed", failure_code="account_closed")
     case_id, other = (payout_case_id("sandbox", p.provider_payout_id) for p in (first, second))
@@ -525,6 +522,16 @@ async def test_who_asked_for_a_reissue_cannot_have_released_the_hold_it_waits_fo
         await wait_for_case(payouts, case, "awaiting_approval")
         assert (await decide(payouts, "lena", case)).status_code == 202
         await wait_for_case(payouts, case, "remediated")
+    return beneficiary, first, second, case_id, other
+
+
+async def test_who_asked_for_a_reissue_cannot_have_released_the_hold_it_waits_for(payouts: Stack) -> None:
+    """The relay refuses a release by whoever asked for a reissue to the beneficiary, and a
+    reissue asked by whoever released: two checks, each before the other's row exists. Sent
+    at once (or the reissue's answer lost and the release sent next), both pass and one
+    person both asks for a payout and lifts the hold meant to stop it. The reissue itself
+    refuses to pay then: nothing is sent, ops are told."""
+    beneficiary, first, _, case_id, other = await two_remediated_of_one_beneficiary(payouts, 41_000, 31_000)
     assert (await ask_reissue(payouts, "omar", case_id)).status_code == 202
     # the release as it passed the relay's check in the race: written as the endpoint writes it
     released = await payouts.store.payouts.release_beneficiary(other, "omar", "verified", via="api")
@@ -543,16 +550,8 @@ async def test_a_reissue_waits_while_another_case_holds_the_beneficiary(payouts:
     failing for good, which left neither case able to pay. Ops (only ops, with a reason,
     audited) release one case's hold: the other's reissue pays, which ends its own hold,
     and then the first pays too. Each exactly once."""
-    beneficiary = f"ben_{uuid.uuid4().hex[:8]}"
-    first = await paid_payout(payouts, 40_000, beneficiary=beneficiary)
-    second = await paid_payout(payouts, 30_000, beneficiary=beneficiary)
-    for payout in (first, second):
-        await move_payout(payouts, payout.provider_payout_id, "failed", failure_code="account_closed")
-    case_id, other = (payout_case_id("sandbox", p.provider_payout_id) for p in (first, second))
-    for case in (case_id, other):  # each reversal approved: its runbook holds the beneficiary
-        await wait_for_case(payouts, case, "awaiting_approval")
-        assert (await decide(payouts, "lena", case)).status_code == 202
-        await wait_for_case(payouts, case, "remediated")
+    beneficiary, first, second, case_id, other = await two_remediated_of_one_beneficiary(
+        payouts, 40_000, 30_000)
     for case, holder in ((case_id, other), (other, case_id)):
         assert (await ask_reissue(payouts, "omar", case)).status_code == 202
         assert (await decide(payouts, "lena", case)).status_code == 202

@@ -280,7 +280,9 @@ class ReconciliationRepository(Repository):
         and `phase` are where the batch was read: a run moved on by someone else fails."""
         run = await self.run(run_id)
         assert run is not None
-        # judged as of now (or the window's end, if a clock runs behind the database's)
+        # judged as of now, not the window's end: a backfill of an old window judges what was
+        # made in its last minutes (no later run lists it), and "stuck" is stuck today; the
+        # window's end when later (a clock behind the database's)
         now = max(datetime.now(UTC), run["window_end"])
         unique = {_object_id(listed): listed for listed in batch}
         async with self._db.transaction() as conn:
@@ -293,8 +295,6 @@ class ReconciliationRepository(Repository):
             statement = CLASSIFY if phase is Phase.REFUNDS else CLASSIFY_PAYOUTS
             cur = await conn.execute(statement, {
                 "provider": provider, "run_id": run_id, "account": REFUNDED_ACCOUNT,
-                # from now, not the window's end: a backfill of an old window judges what was
-                # made in its last minutes (no later run lists it), and "stuck" is stuck today
                 "judge_before": now - options.grace, "stuck_before": now - options.stuck_after,
                 "shown_refunded": _names(SHOWN_REFUNDED), "shown_pending": _names(SHOWN_PENDING),
                 "shown_failed": _names(SHOWN_FAILED), "non_terminal": _names(NON_TERMINAL_PROVIDER),

@@ -43,8 +43,8 @@ async def payout_case_view(store: Store, case_id: str) -> dict[str, Any] | None:
 class PayoutApprovalBody(ApprovalBody):
     """A verdict on a payout case. Its two rounds (the reversal, then a reissue) can need
     the same role, so a verdict names the round it was given for: `awaiting`, the status
-    the approver was shown. Optional, a verdict read for the reversal counted in the reissue
-    (a second payment) when the case moved on before it arrived."""
+    the approver was shown. Required: a verdict naming none counted in whatever round was
+    open, so one read for the reversal could complete the reissue (a second payment)."""
 
     awaiting: PayoutCaseStatus
 
