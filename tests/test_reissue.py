@@ -1,8 +1,11 @@
 """A failed refund is reissued as a new linked request through the same gates."""
 
 import uuid
+from typing import Any
 
+from temporalio import client as temporal
 from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
 
 from adapters.db import Store
 from starters.dev.stack import TemporalDevServer
@@ -180,3 +183,45 @@ async def test_one_request_has_one_open_reissue_across_its_whole_family(stack: S
     await stack.wait_for_status(f"{case_id}-r2", "pending")
     live = [r for r in await stack.provider_refunds(charge) if r["status"] != "failed"]
     assert sum(r["amount"] for r in live) == 2_500
+
+
+class FirstReissueStartFails(temporal.Interceptor):
+    """A relay whose Temporal does not answer the first start of a reissue's workflow (an
+    outage, or the relay dying there): the child's row is committed, its workflow is not."""
+
+    def __init__(self) -> None:
+        self.refused: list[str] = []
+
+    def intercept_client(self, next: temporal.OutboundInterceptor) -> temporal.OutboundInterceptor:
+        refused = self.refused
+
+        class Failing(temporal.OutboundInterceptor):
+            async def start_workflow(self, input: temporal.StartWorkflowInput) -> Any:
+                if input.id.endswith("-r1") and not refused:
+                    refused.append(input.id)
+                    raise RPCError("connection refused", RPCStatusCode.UNAVAILABLE, b"")
+                return await super().start_workflow(input)
+
+        return Failing(next)
+
+
+async def test_a_reissue_whose_start_failed_is_started_when_asked_again(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """Asked again, the open reissue is the answer: one whose workflow never started (its
+    row `requested`) is started then, as a repeated refund request starts its case. Before,
+    the repeat answered 200 with a child no workflow would ever run (the sweep later handed
+    it to ops, and every further reissue pointed at it: the customer never paid back)."""
+    refusing = FirstReissueStartFails()
+    config = client.config()
+    config["interceptors"] = [*config["interceptors"], refusing]
+    async with stack_with(store, temporal.Client(**config), temporal_server.address) as stack:
+        case_id, charge = await failed_case(stack)
+        status, _ = await reissue(stack, "olga", case_id)
+        assert status >= 500 and refusing.refused == [f"{case_id}-r1"]
+        row = await stack.store.cases.get(f"{case_id}-r1")
+        assert row is not None and row["status"] == "requested"
+        again_status, again = await reissue(stack, "olga", case_id)
+        assert again_status == 200 and again["refund_request_id"] == f"{case_id}-r1", again
+        await stack.wait_for_status(f"{case_id}-r1", "succeeded")
+        statuses = sorted(r["status"] for r in await stack.provider_refunds(charge))
+    assert statuses == ["failed", "succeeded"]

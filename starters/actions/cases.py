@@ -233,6 +233,9 @@ class CaseActions:
         # reissue goes through the same gates
         outcome, row = await self.store.cases.create_reissue(request, caller.user)
         if outcome is None:
+            if row["parent_refund_request_id"] is not None:  # a reissue whose start may have failed
+                await start_refund(self.client, self.settings, request_from_row(row), row["requester"],
+                                   row["status"])
             return False, case_view(row, await self.store.audit.approvals_of(row["refund_request_id"]))
         if outcome is CaseCreation.CONFLICT:
             await self.refuse(caller, case_id, 409, action,

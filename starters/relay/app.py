@@ -24,6 +24,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 from temporalio.client import Client
+from temporalio.service import RPCError
 
 from adapters import metrics
 from adapters.approval_seal import approval_keys, sealing_client
@@ -88,6 +89,7 @@ def create_app(store: Store, client: Client, providers: Mapping[str, ProviderAda
     app.state.scrape_guard = metrics.scrape_guard(settings)
     app.add_exception_handler(Refused, refused)
     app.add_exception_handler(RequestValidationError, invalid)
+    app.add_exception_handler(RPCError, temporal_unavailable)
     app.add_middleware(InputGuard, refused=guard_refused, codec_paths=CODEC_PATHS)
     for router in (integration_routes, ops_routes, refund_routes, webhook_routes, payout_routes,
                    reconciliation_routes):
@@ -116,6 +118,15 @@ async def refused(request: Request, exc: Exception) -> Response:
     """A refusal from the shared case rules (already audited) as an HTTP answer."""
     assert isinstance(exc, Refused)
     return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+
+
+async def temporal_unavailable(request: Request, exc: Exception) -> Response:
+    """Temporal did not answer a call a route made: a 503 the caller may send again (what was
+    written stays, and a repeat is answered as the same request), not a bare 500."""
+    assert isinstance(exc, RPCError)
+    log.error("%s %s: Temporal did not answer: %s", request.method, request.url.path, exc)
+    return JSONResponse({"detail": "the workflow service did not answer; send the same request again"},
+                        status_code=503, headers={"Retry-After": "5"})
 
 
 async def invalid(request: Request, exc: Exception) -> Response:
