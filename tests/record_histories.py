@@ -129,7 +129,8 @@ async def sandbox(rig: Recording, path: str, **body: Any) -> None:
 async def approval(rig: Recording, user: str, case_id: str, decision: str) -> None:
     async with rig.stack.api(user) as api:
         (await api.post(f"/v1/refund-requests/{case_id}/approvals",
-                        json={"decision": decision, "reason": "recorded scenario"})).raise_for_status()
+                        json={"decision": decision, "reason": "recorded scenario",
+                              "reopened": 0})).raise_for_status()
 
 
 async def awaiting_approval(rig: Recording) -> str:

@@ -347,7 +347,7 @@ async def test_reconciliation_page_lists_breaks_and_acknowledges_them_by_the_api
     assert forged.status_code == 403
     done = await bob.post(f"/console/reconciliation/breaks/{found['id']}",
                           data={"decision": "approve", "reason": "provider canceled it",
-                                "csrf": csrf.group(1)})
+                                "reopened": "0", "csrf": csrf.group(1)})
     assert done.status_code == 303
     [resolved] = await wait_for_breaks(stack, [found["object_id"]], "resolved")
     assert resolved["resolution"]["outcome"]["posting_key"].startswith(f"{case_id}:refund_reversed")

@@ -258,9 +258,13 @@ async def test_running_cases_take_the_providers_state_through_their_own_lifecycl
 
 
 async def decide(stack: Stack, user: str, break_id: int, decision: str = "approve") -> Any:
+    """A verdict on the round `user` sees now (read from the break as an API client does)."""
     async with stack.api(user) as api:
+        shown = await api.get(f"/v1/reconciliation/breaks/{break_id}")
+        round_ = shown.json()["reopened"] if shown.status_code == 200 else 0
         return await api.post(f"/v1/reconciliation/breaks/{break_id}/approvals",
-                              json={"decision": decision, "reason": f"{user} checked the provider"})
+                              json={"decision": decision, "reason": f"{user} checked the provider",
+                                    "reopened": round_})
 
 
 async def test_a_closed_case_is_compensated_only_after_the_tiers_approvals(stack: Stack) -> None:

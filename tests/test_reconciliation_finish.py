@@ -587,6 +587,16 @@ async def test_what_an_approval_could_not_cover_is_the_next_run_s_break(stack: S
     assert (again["break_class"], again["ledger_delta"], again["reopened"]) == ("ledger_missing", 500, 1)
     assert [(n["kind"], n["audience"]) for n in await stack.store.outbox.notices(case_id)].count(
         ("reconciliation_break", "ops")) == 2  # ops hear of it again, not only its approvers
+    # a verdict must name the round its approver saw: one naming none, or the first round's
+    # (2,000 was approved there; 500 is asked now), decides nothing
+    async with stack.api("carol") as api:
+        unnamed = await api.post(f"/v1/reconciliation/breaks/{again['id']}/approvals",
+                                 json={"decision": "approve", "reason": "seen at 2,000"})
+        stale = await api.post(f"/v1/reconciliation/breaks/{again['id']}/approvals",
+                               json={"decision": "approve", "reason": "seen at 2,000", "reopened": 0})
+    assert (unnamed.status_code, stale.status_code) == (422, 409), (unnamed.text, stale.text)
+    still = await stack.store.reconciliation.get_break(again["id"])
+    assert still is not None and still["state"] == "awaiting_approval"
     assert (await decide(stack, "carol", again["id"])).status_code == 202
     await wait_for_breaks(stack, [refund["id"]], "resolved")
     net = sum(line["debit"] - line["credit"] for line in await stack.store.ledger.entries(case_id)

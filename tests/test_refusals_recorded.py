@@ -26,7 +26,7 @@ CALLS = {
     "payout_reissue": ("omar", "/v1/payout-exceptions/sandbox-payout-po_nope/reissue",
                        {"reason": "again"}, 404, "requesting a payout reissue"),
     "break_verdict": ("carol", f"/v1/reconciliation/breaks/{MISSING_BREAK}/approvals",
-                      {"decision": "approve"}, 404, "approving a reconciliation break"),
+                      {"decision": "approve", "reopened": 0}, 404, "approving a reconciliation break"),
     "break_reopen": ("olga", f"/v1/reconciliation/breaks/{MISSING_BREAK}/reopen",
                      {"reason": "look again"}, 404, "reopening a reconciliation break"),
     "replay": ("olga", "/v1/webhook-receipts/replay", {"receipt_id": 1, "since": "2026-01-01T00:00:00Z"},

@@ -31,13 +31,15 @@ from workflows.reconciliation import ReconciliationBreakWorkflow
 
 class BreakDecisionBody(BaseModel):
     """A verdict on a break. A reopened break is decided again: `reopened` names the round the
-    approver saw (how often it had been reopened; the console's form always sends it), so a
-    page loaded before a reopen does not decide the new round."""
+    approver saw (how often it had been reopened, as the break shows it), so a page or a
+    read made before a reopen (or before the next run raised it again for another amount)
+    does not decide the new round. Required: a verdict naming none counted in whatever
+    round was open."""
 
     model_config = ConfigDict(extra="forbid")
     decision: Decision
     reason: str = Field(default="", max_length=2000)
-    reopened: int | None = Field(default=None, ge=0)
+    reopened: int = Field(ge=0)
 
 
 class BreakReopenBody(BaseModel):
@@ -58,7 +60,7 @@ async def decide_on_break(actions: CaseActions, caller: Principal, break_id: int
     if row["state"] != BreakState.AWAITING_APPROVAL:
         await actions.refuse(caller, row["chain"], 409, action,
                              f"break is {row['state']}, not awaiting approval", via=via)
-    if body.reopened is not None and body.reopened != row["reopened"]:
+    if body.reopened != row["reopened"]:
         await actions.refuse(caller, row["chain"], 409, action,
                              f"this verdict was given before the break was reopened (round {body.reopened}, "
                              f"now {row['reopened']}): reload it and decide again", via=via)
