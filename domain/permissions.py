@@ -6,6 +6,7 @@ own. A person holding any one of an action's roles may take it; who is behind a 
 walks every guarded route and page against this table, so a route without an entry fails.
 """
 
+import re
 from collections.abc import Iterable, Mapping
 from enum import StrEnum
 from types import MappingProxyType
@@ -88,3 +89,21 @@ def may(roles: Iterable[str], permission: Permission) -> bool:
 def unknown_roles(roles: Iterable[str]) -> list[str]:
     """The roles no entry of the table names (a token with them could do nothing)."""
     return sorted(set(roles) - ROLES)
+
+
+USER_NAME = re.compile(r"[a-z0-9](?:[a-z0-9._@+-]{0,126}[a-z0-9])?")
+"""A person's one spelling: lower-case ASCII letters and digits, with `. _ @ + -` inside."""
+SYSTEM_ACTORS = frozenset({"workflow", "system", "temporal", "ops"})
+"""Names the product itself acts under in the audit trail: no person's."""
+
+
+def user_name_refusal(user: str) -> str | None:
+    """Why `user` cannot name a person, None when it can. Approvals compare names exactly
+    (the requester may not approve, one person counts once), so one person must have one
+    spelling: `Alice`, `alice ` or a look-alike letter would be a second identity of alice."""
+    if not USER_NAME.fullmatch(user):
+        return (f"user name {user!r} is not one spelling: use lower-case letters and digits, "
+                "with . _ @ + - inside (at most 128)")
+    if user in SYSTEM_ACTORS:
+        return f"user name {user!r} is the product's own in the audit trail"
+    return None

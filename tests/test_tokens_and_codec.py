@@ -6,6 +6,8 @@ import getpass
 import uuid
 from datetime import timedelta
 
+import pytest
+
 from tests.harness import Stack
 from tests.test_cli import run
 from tests.test_console import console, refusals
@@ -59,3 +61,32 @@ async def test_an_expired_token_is_refused_by_the_api_and_the_console(stack: Sta
         await browser.aclose()
     listed = await stack.store.access.tokens()
     assert [t.expires_at is not None for t in listed if t.user_name == user] == [True]
+
+
+async def test_one_person_has_one_spelling_so_approvals_count_them_once(
+        stack: Stack, postgres_dsn: str) -> None:
+    """Approvals compare user names exactly (the requester may not approve; one person
+    counts once), so a second spelling of a person is refused wherever a name is granted:
+    a token for `Alice` while alice requests would let her approve her own refund, and
+    `bob`/`Bob` would fill two slots of a tier."""
+    person = f"alice-{uuid.uuid4().hex[:6]}"
+    for spelling in (person.capitalize(), f"{person} ", f"\uff41{person[1:]}", f"servicenow:{person}",
+                     "workflow", ""):
+        with pytest.raises(ValueError, match="user name"):
+            await stack.store.access.create_token(spelling, ["approver"], by="test")
+        with pytest.raises(ValueError, match="user name"):
+            await stack.store.access.link_identities([("slack", f"U{uuid.uuid4().hex[:8]}")], spelling)
+        refused = await run("token", "create", "--user", spelling, "--roles", "approver",
+                            env={"REFUNDS_DATABASE_URL": postgres_dsn})
+        assert refused.returncode == 2 and "user name" in refused.stderr and not refused.stdout, refused
+    assert await stack.store.database.fetch_all(
+        "SELECT user_name FROM api_tokens WHERE lower(user_name) LIKE %s", (f"%{person[1:]}%",)) == []
+    # a name granted before names had one spelling still bars its other spellings
+    await stack.store.database.execute(
+        "INSERT INTO api_tokens (user_name, roles, token_hash) VALUES (%s, %s, %s)",
+        (f"{person.upper()} ", ["requester"], uuid.uuid4().hex))
+    with pytest.raises(ValueError, match="second identity"):
+        await stack.store.access.create_token(person, ["approver"], by="test")
+    with pytest.raises(ValueError, match="second identity"):
+        await stack.store.access.link_identities([("slack", f"U{uuid.uuid4().hex[:8]}")], person)
+    assert await stack.store.access.create_token(f"{person}.smith@corp.example", ["approver"], by="test")

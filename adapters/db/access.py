@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from adapters.db.audit import AuditLog
-from adapters.db.database import Repository
+from adapters.db.database import Conn, Repository
 from adapters.db.rows import TokenRow
 from domain.models import ROLES
+from domain.permissions import user_name_refusal
 
 
 class IdentityTaken(Exception):
@@ -39,6 +40,17 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+async def _one_spelling(conn: Conn, user: str) -> None:
+    """Refuses `user` when a token names the same person spelled otherwise (made before user
+    names had one spelling): the two would be two approvers."""
+    cur = await conn.execute("SELECT DISTINCT user_name FROM api_tokens WHERE"
+                             " lower(normalize(btrim(user_name), NFKC)) = %s AND user_name <> %s",
+                             (user, user))
+    if other := await cur.fetchone():
+        raise ValueError(f"user {other['user_name']!r} has tokens: {user!r} would be a second identity "
+                         "of the same person")
+
+
 class AccessRepository(Repository):
     """Who may call: tokens, the console sessions made from them, linked identities."""
 
@@ -51,8 +63,11 @@ class AccessRepository(Repository):
             raise ValueError(f"unknown roles {sorted(unknown)}; known: {sorted(ROLES)}")
         if expires_in is not None and expires_in <= timedelta(0):
             raise ValueError("a token's lifetime must be positive")
+        if refusal := user_name_refusal(user):
+            raise ValueError(refusal)
         plaintext = token or f"rfo_{secrets.token_urlsafe(32)}"
         async with self._db.transaction() as conn:
+            await _one_spelling(conn, user)
             await conn.execute(
                 "INSERT INTO api_tokens (user_name, roles, token_hash, expires_at)"
                 " VALUES (%s, %s, %s, now() + %s) ON CONFLICT (token_hash) DO NOTHING",
@@ -141,8 +156,11 @@ class AccessRepository(Repository):
         `by`; returns who each was linked to before. One linked to someone else is moved
         only with `replace` (the audit row names who it was), else IdentityTaken and nothing
         is linked."""
+        if refusal := user_name_refusal(user):
+            raise ValueError(refusal)
         previous: dict[tuple[str, str], str | None] = {}
         async with self._db.transaction() as conn:
+            await _one_spelling(conn, user)
             for system, external_id in links:
                 found = await (await conn.execute(
                     "SELECT user_name FROM identity_links WHERE system = %s AND external_id = %s FOR UPDATE",
