@@ -6,6 +6,7 @@ resend counts the creates it was sent (`creates`). Outcomes arrive as webhooks t
 sends."""
 
 import json
+import re
 import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -235,6 +236,8 @@ class FakeCashfree:
             order = self.orders.get(order_id)
             if order is None or order_id in self.declined:
                 return error(400, "refund_invalid_request", "refund cannot be initiated for this order")
+            if not re.fullmatch(r"[A-Za-z0-9_-]{3,40}", str(body["refund_id"])):  # as Cashfree documents
+                return error(400, "refund_id_invalid", "refund_id : invalid value provided")
             if any(r["refund_id"] == body["refund_id"] for r in self.refunds):  # per merchant
                 return error(400, "refund_id_invalid", "Duplicate Merchant Refund Id")
             refunded = sum((r["refund_amount"] for r in self.refunds_of(order_id)), Decimal(0))

@@ -16,6 +16,7 @@ from temporalio.client import Client
 from adapters import signing
 from adapters.db import Store
 from starters.dev.stack import TemporalDevServer
+from starters.ports import free_port
 from tests.fakes import World, connected_stack, eventually
 from tests.harness import Stack
 from workflows.refund import RefundWorkflow
@@ -469,6 +470,27 @@ async def test_servicenow_calls_refused_before_any_case_are_recorded(
             row = await stack.store.database.fetch_one(
                 "SELECT workflow_id FROM webhook_receipts WHERE id = %s", (answer.json()["receipt_id"],))
             assert row is not None and row["workflow_id"] is None
+
+
+async def test_a_ticket_whose_case_id_its_provider_cannot_take_is_refused_at_entry(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """Cashfree takes our case id as its refund's id (3 to 40 characters); a ticket's case id
+    is `servicenow-` and its 32-character sys_id: 43. It was accepted, went through
+    validation and approvals, and Cashfree declined the create (`refund_failed`, the
+    approvals spent); it is refused where it enters, before any case exists."""
+    cashfree: dict[str, Any] = {
+        "cashfree_webhook_secret": "cf-sign", "cashfree_api_base": f"http://127.0.0.1:{free_port()}/pg",
+        "cashfree_client_id": "CF_ID", "cashfree_client_secret": "cf-secret"}
+    async with connected_stack(store, client, temporal_server, jira_url=None, **cashfree) as (stack, _):
+        sn_opener = f"jdoe.{uuid.uuid4().hex[:6]}"
+        await person(stack, ["requester"], servicenow=sn_opener)
+        sys_id = uuid.uuid4().hex
+        refused = await servicenow(stack, "refund-requests", ticket_body(
+            sys_id, sn_opener, provider="cashfree", charge_id="order_1", currency="INR",
+            merchant_account="CF_ID"))
+        assert refused.status_code == 422, refused.text
+        assert "cashfree takes 3 to 40" in refused.json()["detail"]
+        assert await stack.store.cases.get(f"servicenow-{sys_id}") is None
 
 
 async def expire_tokens(stack: Stack, user: str) -> None:

@@ -10,6 +10,7 @@ Rainforest's refund list pages, resumes, and feeds a reconciliation backfill.
 
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -226,6 +227,29 @@ async def test_an_id_cashfree_cannot_take_as_its_refund_id_is_refused_at_once(
     assert refused.status_code == 422, refused.text
     assert "refund_request_id" in str(refused.json()["detail"][0]["loc"])
     assert await rig.stack.store.cases.get(refund_request_id) is None
+
+
+async def test_a_reissue_whose_id_cashfree_cannot_take_is_refused_before_it_exists(rig: Rig) -> None:
+    """A reissue's id is its parent's with `-r<n>`: a Cashfree case near the id limit has a
+    reissue Cashfree would decline at the create, after its approvals (the case failed,
+    the customer still unpaid). It is refused where it enters, nothing written."""
+    order_id = rig.cashfree.order(Decimal("100.00"))
+    case_id = f"rr-{uuid.uuid4().hex}-0000"  # 39: Cashfree takes 40; its reissue id is 42
+    await rig.stack.request_refund("alice", order_id, 2_000, provider="cashfree", currency="INR",
+                                   merchant_account=CASHFREE_ID, refund_request_id=case_id)
+    await rig.stack.wait_for_status(case_id, "pending")
+    [made] = rig.cashfree.refunds_of(order_id)
+    assert (await rig.webhook("cashfree", cashfree_webhook(made, "FAILED"))).status_code == 200
+    await rig.stack.wait_for_status(case_id, "refund_failed")
+    async with rig.stack.api("olga") as api:
+        refused = await api.post(f"/v1/refund-requests/{case_id}/reissue",
+                                 json={"method": "provider", "reason": "customer asked again"})
+        by_transfer = await api.post(f"/v1/refund-requests/{case_id}/reissue",
+                                     json={"method": "bank_transfer", "reason": "paid by ops instead"})
+    assert refused.status_code == 422 and "cashfree" in refused.json()["detail"], refused.text
+    assert by_transfer.status_code == 202, by_transfer.text  # no Cashfree id: ops pay it
+    assert [c["method"] for c in await rig.stack.store.cases.children(case_id)] == ["bank_transfer"]
+    assert rig.cashfree.creates.count(f"{case_id}-r1") == 0
 
 
 # -- Rainforest ------------------------------------------------------------------------------

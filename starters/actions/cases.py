@@ -17,6 +17,7 @@ from temporalio.service import RPCError
 from adapters.config import Settings
 from adapters.db import CaseCreation, Principal, Store, request_from_row
 from adapters.db.rows import ApprovalStep, CaseRow
+from adapters.providers.base import ProviderAdapter
 from adapters.providers.manual import manual_refund
 from adapters.temporal_client import workflow_closed
 from domain.lifecycle import check_approval, unfilled
@@ -41,7 +42,7 @@ from starters.actions.approving import (
     ended_while,
     granted_in,
 )
-from starters.actions.starting import start_refund
+from starters.actions.starting import entry_refusal, start_refund
 from workflows.refund import RefundWorkflow
 
 REISSUABLE = frozenset({"refund_failed", "refund_canceled"})
@@ -209,12 +210,15 @@ class CaseActions:
                 raise
             await self.refuse(caller, case_id, 409, action, ended, via=via)
 
-    async def reissue(self, caller: Principal, case_id: str, body: ReissueBody, *,
-                      via: str) -> tuple[bool, dict[str, Any]]:
+    async def reissue(self, caller: Principal, case_id: str, body: ReissueBody, *, via: str,
+                      providers: Mapping[str, ProviderAdapter]) -> tuple[bool, dict[str, Any]]:
         """A failed or canceled refund becomes a new linked request (another method if need
         be) through the same gates. Returns (created, child view); while any member of its
         family (the original, every reissue below it) has not ended, that member instead:
-        one request's money has one live reissue, however many times or where it is asked."""
+        one request's money has one live reissue, however many times or where it is asked.
+        A reissue through the provider enters as a request does (`entry_refusal`): its id
+        is longer than its parent's, and a provider that takes our id as its refund's
+        (Cashfree: 40 characters) would decline it only at the create, after approvals."""
         action = "reissuing a refund"
         await self.require(caller, Permission.REISSUE_REFUND, action, case_id, via=via)
         parent = await self._case(caller, case_id, action, via)
@@ -229,6 +233,11 @@ class CaseActions:
             broken = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
             await self.refuse(caller, case_id, 422, action,
                               f"the reissue would break a request's rules: {broken}", via=via)
+        if body.method is RefundMethod.PROVIDER and (refused := entry_refusal(
+                providers, request.provider, request.amount, request.currency, request.refund_request_id)):
+            await self.refuse(caller, case_id, 422, action,
+                              f"the reissue's {refused[0]} {request.refund_request_id!r}: {refused[1]}; "
+                              "reissue it by bank transfer, or request a new refund", via=via)
         # a member that ended (failed, rejected, denied, expired) is not open: the next
         # reissue goes through the same gates
         outcome, row = await self.store.cases.create_reissue(request, caller.user)

@@ -213,8 +213,10 @@ async def decide(request: Request, case_id: str) -> Response:
 
 @router.post("/cases/{case_id}/reissue")
 async def reissue(request: Request, case_id: str) -> Response:
+    providers = front_door(request).providers
+
     async def perform(actions: CaseActions, caller: Principal, body: ReissueBody) -> tuple[str, str]:
-        created, child = await actions.reissue(caller, case_id, body, via="console")
+        created, child = await actions.reissue(caller, case_id, body, via="console", providers=providers)
         return child["refund_request_id"], "reissued" if created else "reissue_open"
     return await act(request, case_id, ReissueBody, "reissuing a refund", perform)
 

@@ -452,7 +452,8 @@ async def servicenow_refund_request(request: Request, door: Door) -> JSONRespons
             return await answer(door, stored, None, 403, {"detail": message})
         behind.append(principal.user)
     requester = behind[0]
-    if refused := entry_refusal(door.providers, ticket.provider, ticket.amount, ticket.currency):
+    if refused := entry_refusal(door.providers, ticket.provider, ticket.amount, ticket.currency,
+                                case_id):
         await door.store.audit.record(None, requester, "action_refused", {
             "channel": "servicenow", "ticket": ticket.number, "refusal": refused[1]})
         await ticket_update_refused(door, ticket.sys_id, refused[1], ticket)

@@ -90,7 +90,8 @@ async def reissue(refund_request_id: str, body: ReissueBody, caller: Caller,
                   response: Response, door: Door) -> dict[str, Any]:
     """A failed or canceled refund is reissued as a new linked request (another method
     if need be) that passes the same gates; it never exceeds the original amount."""
-    created, child = await door.actions.reissue(caller, refund_request_id, body, via="api")
+    created, child = await door.actions.reissue(caller, refund_request_id, body, via="api",
+                                                providers=door.providers)
     if not created:
         response.status_code = 200
     return child

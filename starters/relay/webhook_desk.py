@@ -172,7 +172,8 @@ class WebhookDesk:
             except ValidationError as exc:
                 raise WebhookRejected("malformed", f"invalid refund request: {exc.errors()[0]['msg']}",
                                       event_id=event.event_id, event_type=event.event_type) from None
-            if refused := entry_refusal(self._providers, provider_name, request.amount, request.currency):
+            if refused := entry_refusal(self._providers, provider_name, request.amount, request.currency,
+                                        request.refund_request_id):
                 raise WebhookRejected("malformed", refused[1], event_id=event.event_id,
                                       event_type=event.event_type)
             return event, request
