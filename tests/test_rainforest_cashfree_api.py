@@ -36,7 +36,7 @@ from adapters.providers.base import (
 )
 from adapters.providers.cashfree import CashfreeApiProvider, CashfreeProvider
 from adapters.providers.http import send
-from adapters.providers.normalise import exact_json, minor_to_major
+from adapters.providers.normalise import REFERENCE_KEY, exact_json, minor_to_major
 from adapters.providers.rainforest import RainforestApiProvider, RainforestProvider
 from adapters.providers.registry import build_providers, close_providers
 from domain.events import tracking_case_id
@@ -524,6 +524,28 @@ async def test_only_a_2xx_or_a_refusing_4xx_is_an_answer(status: int, unknown: b
             assert (await send(http, "POST", "/refunds")).status_code == status
     finally:
         await http.aclose()
+
+
+async def test_a_rainforest_lookup_reads_only_our_refund_of_the_payin(rig: Rig) -> None:
+    """Our refund is found on its payin by our reference; another refund of the payin (a
+    dashboard refund) in a status we have no branch for is not ours to read. Mapped before
+    the filter, it made every lookup of our refund fail (`unexpected_provider_status`, the
+    case in ops review for good after a lost create answer)."""
+    payin_id = rig.rainforest.payin(5_000)
+    rig.rainforest.history(payin_id, 100, days_ago(1), status="RETURNED")  # a status not mapped
+    case_id = f"rr-{uuid.uuid4().hex[:12]}"
+    ours = rig.rainforest._refund(payin_id, 1_500, "k-ours", {REFERENCE_KEY: case_id}, days_ago(0))
+    adapter = rig.stack.providers["rainforest"]
+    assert isinstance(adapter, RainforestApiProvider)
+    request = RefundRequest(refund_request_id=case_id, provider="rainforest", charge_id=payin_id,
+                            amount=1_500, currency="USD", merchant_account=rig.rainforest.merchant_id,
+                            reason="duplicate")
+    found = await adapter.find_refund(request)
+    assert found is not None and (found.refund_id, found.reference) == (ours["refund_id"], case_id)
+    got = await adapter.get_refund(ours["refund_id"], payin_id)
+    assert got is not None and got.amount == 1_500
+    with pytest.raises(UnexpectedProviderStatus):  # the payin's refunded total is unknown
+        await adapter.get_charge(payin_id)
 
 
 async def test_a_rainforest_lookup_whose_payin_is_not_found_is_no_answer_about_the_refund() -> None:

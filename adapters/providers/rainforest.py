@@ -10,7 +10,7 @@ deliveries use (`svix-id`, `svix-timestamp`, `svix-signature`).
 
 import hashlib
 import hmac
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
@@ -105,8 +105,14 @@ def _refund(provider: str, data: Mapping[str, Any]) -> ProviderRefund:
         provider=provider, refund_id=str(data["refund_id"]), charge_id=str(data["payin_id"]),
         amount=minor_units(data["amount"]), currency=normalise_currency(str(data["currency_code"])),
         status=status, raw_status=str(data["status"]), failure_reason=failure or None,
-        reference=(data.get("metadata") or {}).get(REFERENCE_KEY),
+        reference=_reference(data),
     )
+
+
+def _reference(data: Mapping[str, Any]) -> str | None:
+    """Our refund_request_id, kept in a refund's metadata when we made it."""
+    metadata = data.get("metadata")
+    return metadata.get(REFERENCE_KEY) if isinstance(metadata, Mapping) else None
 
 
 class RainforestProvider(VerifiedWebhooksOnly):
@@ -186,10 +192,14 @@ class RainforestApiProvider(JsonApiAdapter, RainforestProvider):
         answer = await self._api.call("GET", f"/v1/payins/{quote(payin_id, safe='')}", missing_ok=True)
         return None if answer is None else dict(_data(answer))
 
-    def _refunds_of(self, payin: Mapping[str, Any]) -> list[ProviderRefund]:
-        """The payin's refunds; a payin without its `refunds` list is an unreadable answer."""
+    def _refunds_of(self, payin: Mapping[str, Any],
+                    which: Callable[[Mapping[str, Any]], bool] = lambda _: True) -> list[ProviderRefund]:
+        """The payin's refunds (those `which` picks from the raw entries, before they are
+        read: another refund's unmapped status says nothing about ours); a payin without
+        its `refunds` list is an unreadable answer."""
         what = f"payin {payin.get('payin_id')}"
-        return [_refund(self.name, r) for r in required(self.name, payin, "refunds", list, what)]
+        return [_refund(self.name, r) for r in required(self.name, payin, "refunds", list, what)
+                if which(r)]
 
     async def get_charge(self, charge_id: str) -> ChargeSnapshot | None:
         payin = await self._payin(charge_id)
@@ -222,14 +232,14 @@ class RainforestApiProvider(JsonApiAdapter, RainforestProvider):
         if payin is None:
             raise ProviderError(f"{self.name}: payin {request.charge_id} not found on lookup; "
                                 "the refund's outcome is unknown")
-        found = [r for r in self._refunds_of(payin) if r.reference == request.refund_request_id]
+        found = self._refunds_of(payin, lambda r: _reference(r) == request.refund_request_id)
         return only_refund(self.name, request.refund_request_id, found)
 
     async def get_refund(self, refund_id: str, charge_id: str) -> ProviderRefund | None:
         """Read through its payin, as the payin lists its refunds."""
         payin = await self._payin(charge_id)
         return None if payin is None else next(
-            (r for r in self._refunds_of(payin) if r.refund_id == refund_id), None)
+            iter(self._refunds_of(payin, lambda r: str(r.get("refund_id")) == refund_id)), None)
 
     async def list_refunds(self, since: datetime, until: datetime,
                            starting_after: str | None = None,
