@@ -79,6 +79,7 @@ from tests.reconciliation_kit import (
 from tests.test_adyen import MERCHANT, adyen_rig, unique_psp
 from tests.test_adyen import notification as adyen_notification
 from tests.test_duplicate_refunds import duplicate_heard_with_a_cancel
+from tests.test_news_seal import failure_heard_while_finishing
 from tests.test_payouts import keep_holds_policy, reversal_answered_late
 from tests.test_reconciliation_finish import provider_payout, seed_payouts
 from tests.test_tracking import Dashboard, heard_while_the_watch_ends
@@ -471,6 +472,14 @@ async def cancel_while_submitting(rig: Recording) -> str:
     case_id, _ = await requested(rig, 1_000)
     await rig.stack.wait_for_audit(case_id, "provider_submit_started")
     return await cancel(rig, case_id)
+
+
+async def finish_reads_news(rig: Recording) -> str:
+    """A late failure the relay signals while the finished watch waits for a refused
+    forgery's record: read before the run ends (the reversal posted, the case failed)."""
+    case_id, charge = await requested(rig, 1_500)
+    await failure_heard_while_finishing(rig.stack, case_id, charge)
+    return case_id
 
 
 async def cancel_takes_notified(rig: Recording) -> str:
@@ -901,6 +910,7 @@ SCENARIOS: dict[str, Scenario] = {
     "refund_cancel_before_submit": Scenario(cancel_before_submit),
     "refund_cancel_while_submitting": Scenario(cancel_while_submitting, {"submit_timeout_seconds": 3}),
     "refund_cancel_takes_notified": Scenario(cancel_takes_notified, {"submit_timeout_seconds": 3}),
+    "refund_finish_reads_news": Scenario(finish_reads_news, {"late_failure_window_seconds": 3}),
     "refund_cancel_after_success": Scenario(cancel_after_success, {"late_failure_window_seconds": 60}),
     "refund_cancel_reads_news": Scenario(cancel_reads_news, {"late_failure_window_seconds": 300}),
     "refund_continued_as_new": Scenario(continued_as_new, {"continue_as_new_after_events": 40,

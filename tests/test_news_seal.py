@@ -8,6 +8,7 @@ free for the provider's own delivery."""
 import asyncio
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from temporalio.client import Client
@@ -19,6 +20,7 @@ from starters.actions.starting import open_payout_case
 from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, stack_with, unsealing
 from tests.payouts_kit import add_payout_approvers, paid_payout, wait_for_actions, wait_for_case
+from tests.test_tracking import holding_records_of
 from workflows.news import NewsGate
 from workflows.refund import RefundWorkflow
 
@@ -114,3 +116,56 @@ async def test_a_worker_without_keys_takes_no_news(
         refused = [e["detail"]["refusal"] for e in await keyless.store.audit.trail(case_id)
                    if e["action"] == "provider_event_refused"]
         assert refused and all("holds no approval keys" in r for r in refused), refused
+
+
+async def test_a_late_failure_heard_while_the_run_finishes_is_applied(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """A run past its late-failure window waits, before it ends, for what it still writes
+    (here the record of a refused forgery; also a late verdict's, advice). A failure the
+    relay signals meanwhile is accepted (the workflow is running: no after-close handling)
+    and was never read: the case stayed `succeeded`, nothing reversed, nobody told. It is
+    applied as any late failure is."""
+    async with stack_with(store, client, temporal_server.address, late_failure_window_seconds=3) as stack:
+        charge = await stack.charge(10_000)
+        case_id = await stack.request_refund("alice", charge, 1_500)  # auto-approved
+        await failure_heard_while_finishing(stack, case_id, charge)
+        ended = await stack.store.cases.get(case_id)
+        templates = sorted(e["template"] for e in await stack.store.ledger.entries(case_id))
+    assert ended is not None and ended["status"] == "refund_failed", ended
+    assert templates == ["refund_reversed"] * 2 + ["refund_settled"] * 2
+
+
+async def failure_heard_while_finishing(stack: Stack, case_id: str, charge: str) -> None:
+    """Once the case succeeded, a forgery's refused record is held while the run's watch
+    times out (the run waits for it before it ends); the provider fails the refund and the
+    relay signals it meanwhile; then the record is let go and the run ends."""
+    row = await stack.wait_for_status(case_id, "succeeded")
+    refund_id = row["provider_refund_id"]
+    async with holding_records_of(stack, "provider_event_refused") as (release, held):
+        forged = refund_event(case_id, charge, refund_id, ProviderRefundStatus.SUCCEEDED)
+        forger = unsealing(stack.client).get_workflow_handle(case_id)
+        await forger.signal(RefundWorkflow.provider_event, forged)
+        await asyncio.wait_for(held.wait(), 30)
+        await window_passed(stack, case_id)
+        before = len(await processed_deliveries(stack, case_id))
+        await stack.set_provider_status(refund_id, "failed", failure_reason="card_account_closed")
+        while len(await processed_deliveries(stack, case_id)) <= before:  # signalled: it runs
+            await asyncio.sleep(0.1)
+        release.set()
+        await asyncio.wait_for(stack.client.get_workflow_handle(case_id).result(), 60)
+
+
+async def window_passed(stack: Stack, case_id: str) -> None:
+    """Waits until the run's late-failure watch timed out (its timer fired)."""
+    handle = stack.client.get_workflow_handle(case_id)
+    for _ in range(600):
+        if any(e.HasField("timer_fired_event_attributes") for e in (await handle.fetch_history()).events):
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{case_id}'s late-failure watch never timed out")
+
+
+async def processed_deliveries(stack: Stack, case_id: str) -> list[dict[str, Any]]:
+    """The deliveries the relay routed to the case and finished with (signalled)."""
+    return await stack.store.database.fetch_all(
+        "SELECT id FROM webhook_receipts WHERE workflow_id = %s AND processed_at IS NOT NULL", (case_id,))

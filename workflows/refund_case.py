@@ -136,6 +136,12 @@ CANCEL_NOTIFIED_PATCH = "cancel-takes-notified-refund-1"
 # late failure, though the relay makes a break of it once the workflow has closed. Asked only
 # when such a report comes.
 CONTRADICTION_PATCH = "provider-contradiction-to-ops-1"
+# A run whose watch is over still waits for its last writes before it ends (a late verdict's,
+# a refused forgery's record, advice); an event the relay signals meanwhile is accepted (the
+# workflow runs, so the relay's after-close handling does not apply) and is now read as in
+# the watch. Before, it was never read: a late failure then reversed nothing and told nobody.
+# Asked only when such an event waits for a run with a refund.
+FINISH_NEWS_PATCH = "finish-reads-queued-news-1"
 # The case's action, the ops notice and the metric's reason when a provider refuses our key.
 CONFIGURATION_INCIDENT = "provider_configuration_refused"
 

@@ -25,6 +25,7 @@ with workflow.unsafe.imports_passed_through():
         CANCEL_NEWS_PATCH,
         CANCEL_NOTIFIED_PATCH,
         CHARGE_SCOPED_WAIT_PATCH,
+        FINISH_NEWS_PATCH,
         HORIZON_PATCH,
         SUBMITTING,
         ValidationAbandoned,
@@ -99,6 +100,9 @@ class RefundLifecycle(RefundProvider):
 
     async def _finish(self) -> RefundOutcome:
         await self._drain()
+        while self._event_inbox and self._refund is not None and workflow.patched(FINISH_NEWS_PATCH):
+            await self._watch()  # news that came while the run waited for its last writes
+            await self._drain()
         return RefundOutcome(state=self.state())
 
     async def _drain(self) -> None:

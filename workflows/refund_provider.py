@@ -278,6 +278,11 @@ class RefundProvider(RefundWrites):
         self._context = "follow"
         await self._observe(refund, "provider_status")
         self._holding = False
+        await self._watch()
+
+    async def _watch(self) -> None:
+        """Reads the queued events and waits for more until the refund is final, or its late
+        failure window (from its success) has passed."""
         while True:
             while self._found_duplicates:  # before any continue-as-new, which would lose them
                 await self._duplicate_refund(self._found_duplicates.pop(0), "verify_state")
