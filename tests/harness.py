@@ -34,7 +34,7 @@ from adapters.providers.base import ProviderAdapter
 from adapters.providers.registry import build_providers, close_providers
 from adapters.temporal_client import connect
 from adapters.tls import client_tls
-from domain.models import EventKind, ProviderEvent, ProviderRefundStatus, RefundRequest
+from domain.models import CaseEventInput, EventKind, ProviderEvent, ProviderRefundStatus, RefundRequest
 from starters import relay
 from starters.actions.starting import start_refund
 from starters.dev import sandbox_provider
@@ -350,3 +350,33 @@ async def pending_verdict_stack(scope: AsyncExitStack, store: Store, client: Cli
                              approval_timeout_seconds=3600)
     scope.push_async_callback(stack.close)
     return stack, server
+
+
+@asynccontextmanager
+async def holding_records_of(stack: Stack, action: str) -> AsyncIterator[tuple[asyncio.Event, asyncio.Event]]:
+    """Holds the recording of a case event `action` while the block runs: (set to release
+    it, set once it waits)."""
+    cases = stack.store.cases
+    record, release, held = cases.record_event, asyncio.Event(), asyncio.Event()
+
+    async def held_record(inp: CaseEventInput, step_key: str | None = None, **options: Any) -> None:
+        if inp.action == action:
+            held.set()
+            await release.wait()
+        await record(inp, step_key, **options)
+
+    cases.record_event = held_record  # type: ignore[method-assign,assignment]
+    try:
+        yield release, held
+    finally:
+        cases.record_event = record  # type: ignore[method-assign]
+
+
+async def window_passed(stack: Stack, case_id: str) -> None:
+    """Waits until the run's late-failure watch timed out (its timer fired)."""
+    handle = stack.client.get_workflow_handle(case_id)
+    for _ in range(600):
+        if any(e.HasField("timer_fired_event_attributes") for e in (await handle.fetch_history()).events):
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{case_id}'s late-failure watch never timed out")

@@ -82,7 +82,11 @@ from tests.test_duplicate_refunds import duplicate_heard_with_a_cancel
 from tests.test_news_seal import failure_heard_while_finishing
 from tests.test_payouts import keep_holds_policy, reversal_answered_late
 from tests.test_reconciliation_finish import provider_payout, seed_payouts
-from tests.test_tracking import Dashboard, heard_while_the_watch_ends
+from tests.test_tracking import (
+    Dashboard,
+    failure_heard_while_the_tracking_run_ends,
+    heard_while_the_watch_ends,
+)
 from workflows.payout import PayoutReversalWorkflow
 from workflows.refund import RefundWorkflow
 
@@ -552,6 +556,20 @@ async def tracked_refund_heard_at_watch_end(rig: Recording) -> str:
     return (await heard_while_the_watch_ends(rig.stack)).case_id
 
 
+async def tracked_refund_left_pending(rig: Recording) -> str:
+    """A dashboard refund reported pending and never again: its watch ends, ops are told."""
+    refund = Dashboard(rig.stack)
+    await refund.reports("pending")
+    await rig.stack.client.get_workflow_handle(refund.case_id).result()
+    return refund.case_id
+
+
+async def tracked_failure_heard_at_finish(rig: Recording) -> str:
+    """A dashboard refund's failure signalled while the finished watch waits for a refused
+    forgery's record: read before the run ends (reversed, ops told)."""
+    return (await failure_heard_while_the_tracking_run_ends(rig.stack)).case_id
+
+
 async def approval_sealed(rig: Recording) -> str:
     """An approval sent straight to Temporal (no relay seal) is refused and audited; the
     relay's sealed approval then counts (`approval-relay-seal-1`). The case id is the
@@ -924,6 +942,9 @@ SCENARIOS: dict[str, Scenario] = {
                                             {"late_failure_window_seconds": 4}),
     "tracking_heard_at_watch_end": Scenario(tracked_refund_heard_at_watch_end,
                                             {"late_failure_window_seconds": 3}),
+    "tracking_left_pending": Scenario(tracked_refund_left_pending, {"late_failure_window_seconds": 2}),
+    "tracking_finish_reads_news": Scenario(tracked_failure_heard_at_finish,
+                                           {"late_failure_window_seconds": 3}),
     "payout_reversed_and_reissued": Scenario(payout_reversed_and_reissued),
     "payout_reissue_key_refused": Scenario(payout_reissue_key_refused),
     "payout_reissue_denied": Scenario(payout_reissue_denied),

@@ -12,6 +12,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError
 
 from adapters.db import CaseCreation, Store
+from adapters.notify.message import render
 from adapters.providers.base import ProviderAdapter
 from domain.models import ProviderRefund, RefundRequest
 from starters.dev.stack import TemporalDevServer
@@ -120,6 +121,12 @@ async def test_terminate_at_each_stage_is_swept_to_ops(quick: Stack, stage: str)
     else:
         assert refunds == [] and row["reserved_amount"] == 0
     assert "workflow_closed_case_swept" in await quick.actions(case_id)
+    notice = await quick.store.outbox.notice(f"{case_id}:workflow_closed")
+    assert notice is not None
+    told = render(notice, row, None, case_url=None, email_to=None)  # what ops read: the facts
+    assert ("TERMINATED" in told.text and f"break {found['id']}" in told.text
+            and told.ticket == "incident"), told
+    assert ("provider holds" in told.text) and str(found["evidence"]["provider_holds_refund"]) in told.text
     for user, path, body in (("bob", f"/v1/refund-requests/{case_id}/approvals", {"decision": "approve"}),
                              ("olga", f"/v1/refund-requests/{case_id}/reissue", {"reason": "retry"})):
         status, text = await _answer(quick, user, path, body)

@@ -18,9 +18,8 @@ from domain.models import EventKind, ProviderEvent, ProviderRefundStatus
 from domain.payouts import PayoutEvent, PayoutStatus, ProviderPayout, ProviderPayoutStatus, payout_case_id
 from starters.actions.starting import open_payout_case
 from starters.dev.stack import TemporalDevServer
-from tests.harness import Stack, stack_with, unsealing
+from tests.harness import Stack, holding_records_of, stack_with, unsealing, window_passed
 from tests.payouts_kit import add_payout_approvers, paid_payout, wait_for_actions, wait_for_case
-from tests.test_tracking import holding_records_of
 from workflows.news import NewsGate
 from workflows.refund import RefundWorkflow
 
@@ -153,16 +152,6 @@ async def failure_heard_while_finishing(stack: Stack, case_id: str, charge: str)
             await asyncio.sleep(0.1)
         release.set()
         await asyncio.wait_for(stack.client.get_workflow_handle(case_id).result(), 60)
-
-
-async def window_passed(stack: Stack, case_id: str) -> None:
-    """Waits until the run's late-failure watch timed out (its timer fired)."""
-    handle = stack.client.get_workflow_handle(case_id)
-    for _ in range(600):
-        if any(e.HasField("timer_fired_event_attributes") for e in (await handle.fetch_history()).events):
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{case_id}'s late-failure watch never timed out")
 
 
 async def processed_deliveries(stack: Stack, case_id: str) -> list[dict[str, Any]]:

@@ -8,6 +8,7 @@ import pytest
 from temporalio.client import Client
 
 from adapters.db import Store
+from adapters.notify.message import render
 from domain.payouts import payout_case_id
 from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
@@ -45,6 +46,12 @@ async def test_a_terminated_payout_case_goes_to_ops_with_its_hold_kept(stack: St
     assert "workflow_closed_case_swept" in [e["action"] for e in trail]
     notices = [(n["kind"], n["audience"]) for n in await stack.store.outbox.notices(case_id)]
     assert ("workflow_closed", "payments_ops") in notices
+    notice = await stack.store.outbox.notice(f"{case_id}:workflow_closed")
+    assert notice is not None
+    told = render(notice, None, None, case_url=None, email_to=None)
+    shown = notice["detail"]["payout_id"]
+    assert told.title.startswith(f"Payout {shown}") and "TERMINATED" in told.text, told
+    assert ("Payout", shown) in told.facts and told.ticket == "incident"
     held = [h["released_at"] for h in await stack.store.payouts.beneficiary_holds(payout.beneficiary_id)]
     held_payout = await stack.store.payouts.payout(payout.id)
     assert held_payout is not None

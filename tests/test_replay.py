@@ -62,7 +62,9 @@ from workflows.refund_case import (
     VERIFY_DUPLICATES_PATCH,
 )
 from workflows.tracking import BOUNDED_PATCH as TRACKING_BOUNDED_PATCH
+from workflows.tracking import FINISH_NEWS_PATCH as TRACKING_FINISH_NEWS_PATCH
 from workflows.tracking import NEWS_PATCH as TRACKING_NEWS_PATCH
+from workflows.tracking import PENDING_END_PATCH as TRACKING_PENDING_END_PATCH
 from workflows.tracking import WATCH_END_PATCH as TRACKING_WATCH_END_PATCH
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
@@ -208,6 +210,12 @@ BRANCHES: dict[str, Branch] = {
     "tracking_heard_at_watch_end": branch(
         "action:tracking_ended_without_final_status", f"patch:{TRACKING_WATCH_END_PATCH}",
         "action:refund_succeeded", "activity:post_ledger"),
+    "tracking_left_pending": branch(f"patch:{TRACKING_PENDING_END_PATCH}", "activity:queue_notice",
+                                    "action:tracking_ended_without_final_status",
+                                    lacks=["activity:post_ledger"]),
+    "tracking_finish_reads_news": branch("action:refund_succeeded", "action:provider_event_refused",
+                                         f"patch:{TRACKING_FINISH_NEWS_PATCH}",
+                                         "action:refund_failed_after_success", "activity:post_ledger#2"),
     "payout_reversed_and_reissued": branch("signal:payout_event", "update:request_reissue",
                                            "activity:post_payout_reversal", "activity:reissue_payout",
                                            "action:reissue_completed"),

@@ -7,19 +7,18 @@ currency the provider reports, and no event is dropped as the watch ends."""
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any
 
 import pytest
 from temporalio.client import Client
 
 from adapters.db import Store
+from adapters.notify.message import render
 from domain.events import tracking_case_id
-from domain.models import CaseEventInput, EventKind, ProviderEvent, ProviderRefundStatus
+from domain.models import EventKind, ProviderEvent, ProviderRefundStatus
 from starters.dev.stack import TemporalDevServer
 from starters.relay.webhook_desk import WebhookDesk
-from tests.harness import Stack, open_stack
+from tests.harness import Stack, holding_records_of, open_stack, unsealing, window_passed
 from workflows.tracking import RefundTrackingWorkflow
 
 
@@ -110,26 +109,6 @@ async def test_a_cancel_reported_after_success_goes_to_ops(watching: Stack) -> N
     assert shown.status == "ops_review"
 
 
-@asynccontextmanager
-async def holding_records_of(stack: Stack, action: str) -> AsyncIterator[tuple[asyncio.Event, asyncio.Event]]:
-    """Holds the recording of a case event `action` while the block runs: (set to release
-    it, set once it waits)."""
-    cases = stack.store.cases
-    record, release, held = cases.record_event, asyncio.Event(), asyncio.Event()
-
-    async def held_record(inp: CaseEventInput, step_key: str | None = None, **options: Any) -> None:
-        if inp.action == action:
-            held.set()
-            await release.wait()
-        await record(inp, step_key, **options)
-
-    cases.record_event = held_record  # type: ignore[method-assign,assignment]
-    try:
-        yield release, held
-    finally:
-        cases.record_event = record  # type: ignore[method-assign]
-
-
 async def heard_while_the_watch_ends(stack: Stack) -> Dashboard:
     """A pending dashboard refund whose watch ends without news; its success is heard while
     that end is recorded."""
@@ -151,5 +130,66 @@ async def test_an_event_heard_while_the_watch_ends_is_applied(
     try:
         refund = await heard_while_the_watch_ends(stack)
         assert await refund.postings() == [("refund_settled", 700, "USD")]
+    finally:
+        await stack.close()
+
+
+async def failure_heard_while_the_tracking_run_ends(stack: Stack) -> Dashboard:
+    """A dashboard refund that succeeded; once its watch is over, the run waits for a
+    forgery's refused record (held); the provider's failure is signalled meanwhile."""
+    refund = Dashboard(stack)
+    await refund.reports("succeeded")
+    await stack.wait_for_status(refund.case_id, "succeeded")
+    async with holding_records_of(stack, "provider_event_refused") as (release, held):
+        forged = ProviderEvent(
+            provider="sandbox", event_id=f"evt_{uuid.uuid4().hex[:12]}", event_type="refund.updated",
+            kind=EventKind.REFUND_STATUS, body_sha256="0" * 64, occurred_at=datetime.now(UTC),
+            refund_id=refund.refund_id, charge_id=refund.charge_id, amount=700, currency="USD",
+            status=ProviderRefundStatus.SUCCEEDED, raw_status="succeeded")
+        handle = unsealing(stack.client).get_workflow_handle(refund.case_id)
+        await handle.signal(RefundTrackingWorkflow.provider_event, forged)
+        await asyncio.wait_for(held.wait(), 30)
+        await window_passed(stack, refund.case_id)
+        await refund.reports("failed", failure_reason="card_account_closed")  # signalled: it runs
+        release.set()
+        await asyncio.wait_for(stack.client.get_workflow_handle(refund.case_id).result(), 60)
+    return refund
+
+
+async def test_a_failure_heard_while_the_tracking_run_ends_is_applied(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """As for our own refunds: the run waits for its last writes before it ends, and an
+    event signalled meanwhile was accepted and never read (the dashboard refund stayed
+    settled in our books while the provider had failed it)."""
+    stack = await open_stack(store, client, temporal_server.address, late_failure_window_seconds=3)
+    try:
+        refund = await failure_heard_while_the_tracking_run_ends(stack)
+        row = await stack.store.cases.get(refund.case_id)
+        assert row is not None and row["status"] == "refund_failed", row
+        assert await refund.postings() == [("refund_settled", 700, "USD"), ("refund_reversed", 700, "USD")]
+        assert ("refund_failed", "operator") in await refund.notices()
+    finally:
+        await stack.close()
+
+
+async def test_a_watch_that_ends_without_a_final_status_tells_ops(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """A dashboard refund left pending past the watch keeps its hold on the charge (it may
+    still pay) and nothing else follows it (no sweep; Cashfree and Adyen cannot be listed
+    by a reconciliation run): ops are told once, with what the provider last said."""
+    stack = await open_stack(store, client, temporal_server.address, late_failure_window_seconds=2)
+    try:
+        refund = Dashboard(stack)
+        await refund.reports("pending")
+        await asyncio.wait_for(stack.client.get_workflow_handle(refund.case_id).result(), 60)
+        row = await stack.store.cases.get(refund.case_id)
+        assert row is not None and (row["status"], row["reserved_amount"]) == ("pending", 700), row
+        assert await refund.notices() == [("tracking_ended_without_final_status", "operator")]
+        notice = await stack.store.outbox.notice(
+            f"{refund.case_id}:tracking_ended_without_final_status:operator:pending")
+        assert notice is not None
+        message = render(notice, row, None, case_url=None, email_to=None)
+        assert "pending" in message.text and refund.refund_id in message.text, message
+        assert message.ticket == "incident"
     finally:
         await stack.close()

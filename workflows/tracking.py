@@ -50,6 +50,14 @@ NEWS_PATCH = "tracking-news-to-ops-1"
 # An event heard while the watch's end is recorded is applied and the watch goes on. Before,
 # the run ended with it unread (the relay had signalled it: nothing else would apply it).
 WATCH_END_PATCH = "tracking-watch-end-reads-inbox-1"
+# A run whose watch is over reads the events signalled while it waited for its last writes (a
+# refused forgery's record) before it ends; before, they were accepted and never read (a
+# failure after success left the refund settled in our books). Asked only when one waits.
+FINISH_NEWS_PATCH = "tracking-finish-reads-inbox-1"
+# A watch that ends without a final status tells ops (the refund keeps its hold and may still
+# pay; nothing else follows a tracking case). Before, only the audit row said so.
+PENDING_END_PATCH = "tracking-pending-end-told-1"
+ENDED_PENDING = "tracking_ended_without_final_status"
 CHANGED = "provider_refund_changed"
 
 
@@ -103,6 +111,18 @@ class RefundTrackingWorkflow:
     async def run(self, inp: TrackingInput) -> RefundOutcome:
         if refusal := history.forged_start(inp.case_id, inp.carried):
             raise ApplicationError(refusal, type=errors.FORGED_START, non_retryable=True)
+        await self._watch(inp)
+        await self._news.settled()
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        while self._inbox and workflow.patched(FINISH_NEWS_PATCH):
+            await self._watch(inp)  # news that came while the run waited for its last writes
+            await self._news.settled()
+            await workflow.wait_condition(workflow.all_handlers_finished)
+        return RefundOutcome(state=self.state())
+
+    async def _watch(self, inp: TrackingInput) -> None:
+        """Applies the refund's events until it is final, or its watch passes without one
+        (the late-failure window from its success, or from its last event)."""
         window = inp.timings.late_failure_window
         while True:
             await self._bound_history()
@@ -129,14 +149,18 @@ class RefundTrackingWorkflow:
                 await workflow.wait_condition(lambda: bool(self._inbox), timeout=wait)
             except TimeoutError:
                 if status is not ProviderRefundStatus.SUCCEEDED:
-                    await self._record("tracking_ended_without_final_status", None,
-                                       {"last_status": status.value if status else None})
+                    await self._ended_pending(status)
                 if self._inbox and workflow.patched(WATCH_END_PATCH):
                     continue  # heard as the watch ended: applied, and watched from there
                 break
-        await self._news.settled()
-        await workflow.wait_condition(workflow.all_handlers_finished)
-        return RefundOutcome(state=self.state())
+
+    async def _ended_pending(self, status: ProviderRefundStatus | None) -> None:
+        detail = {"last_status": status.value if status else None}
+        notices: tuple[NoticeInput, ...] = ()
+        if self._refund is not None and workflow.patched(PENDING_END_PATCH):
+            notices = (self._notice(ENDED_PENDING, {**detail, "provider_refund_id": self._refund.refund_id},
+                                    self._refund),)
+        await self._record(ENDED_PENDING, None, detail, notices=notices)
 
     async def _bound_history(self) -> None:
         """Past the history threshold, continues as new with the case carried."""

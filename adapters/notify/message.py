@@ -199,6 +199,20 @@ TEMPLATES: dict[str, Template] = {
         "{provider_status}. Nothing was posted or changed: reversing it would undo a payout the "
         "beneficiary may have. Next steps: confirm with the provider; the next reconciliation "
         "run raises what still disagrees.", ticket="incident"),
+    "tracking_ended_without_final_status": Template(
+        "Refund {case}: the provider gave its refund no final status",
+        "Refund {provider_refund_id}, made at the provider without us (its dashboard or an "
+        "automatic refund), was last reported {last_status} and no final word came within the "
+        "watch. Its {amount} stays held against the charge and nothing is booked: it may still "
+        "pay. Next steps: look the refund up at the provider; a final event that still comes is "
+        "reconciled into a break for ops.", ticket="incident"),
+    "workflow_closed": Template(
+        "Refund {case}: its workflow ended while the case was open",
+        "The case showed {case_status} when its workflow was found {workflow_status}; nothing moves "
+        "it now. It is in ops review with break {break_id}. Whether the provider holds a refund "
+        "for it (None: it could not be asked): {provider_holds_refund} ({provider_refund_id}). "
+        "The reservation is released only when the provider holds none. Next steps: read the "
+        "workflow's history and the provider, then settle the break.", ticket="incident"),
     "reconciliation_break": Template(
         "Reconciliation break {case}",
         "Ledger and provider disagree: {difference}. Nothing is corrected automatically.",
@@ -259,6 +273,14 @@ def _advice_line(advice: Mapping[str, Any] | None, currency: str) -> str | None:
 
 
 PAYOUT_APPROVAL_TEMPLATES: dict[str, Template] = {
+    "workflow_closed": Template(
+        "Payout {payout_id}: its case's workflow ended while the case was open",
+        "The payout case showed {case_status} when its workflow was found {workflow_status}; "
+        "nothing moves it now. It is in ops review with break {break_id}. The payout is "
+        "{payout_status}; the beneficiary is held: {beneficiary_held}; the compensating entry is "
+        "posted: {compensating_entry_posted}. Holds stay until ops decide. Next steps: read the "
+        "workflow's history and the provider, then settle the break.", ticket="incident",
+        payout=True),
     "approval_needed": Template(
         "Payout case {case} needs approval",
         "Payout {payout_id} of {amount} came back failed after it was marked paid; its reversal waits "
@@ -282,7 +304,7 @@ not a refund's words, and no Slack approve buttons (those answer refund cases on
 
 def template_for(notice: Mapping[str, Any], case: Mapping[str, Any] | None) -> Template:
     """The notice's template; a payout case (no refund case, a payout in the detail) has its
-    own words for the approval round's kinds."""
+    own words for the approval round's kinds and the closed-workflow sweep's."""
     kind = str(notice["kind"])
     if case is None and "payout_id" in (notice["detail"] or {}) and kind in PAYOUT_APPROVAL_TEMPLATES:
         return PAYOUT_APPROVAL_TEMPLATES[kind]
