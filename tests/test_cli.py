@@ -12,12 +12,16 @@ from typing import IO
 
 import httpx
 import psycopg
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from psycopg.conninfo import make_conninfo
+from temporalio.client import Client
 
 from adapters.db import Store
+from adapters.http_server import AppServer
 from starters.dev.stack import TemporalDevServer
 from starters.ports import free_port
-from tests.harness import PAYLOAD_KEYS, Stack
+from tests.harness import PAYLOAD_KEYS, Stack, stack_with
 
 REFUNDS = str(Path(sys.executable).parent / "refunds")
 
@@ -312,3 +316,71 @@ async def test_reconcile_rides_out_a_relay_restart_and_a_refusal_mid_run_is_a_re
         assert "403" in refused.stderr and "token revoked" in refused.stderr
     finally:
         await server.stop()
+
+
+async def test_an_approval_no_worker_has_counted_yet_is_not_exit_0(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """`refunds approve` answered `verdict_pending` (no worker took the case in time: the
+    verdict is resent and may still be refused, e.g. past its seal's age, or as the
+    requester's own) exits 4, so `approve && next-step` never goes on as if it counted; a
+    relay that failed is exit 3 (send it again), as the README says."""
+    async with stack_with(store, client, temporal_server.address, approval_answer_seconds=1,
+                          approval_timeout_seconds=3600) as stack:
+        charge = await stack.charge(20_000)
+        case_id = await stack.request_refund("alice", charge, 9_000)
+        await stack.wait_for_status(case_id, "awaiting_approval")
+        assert stack.worker is not None
+        await stack.worker.shutdown()
+        env = {"REFUNDS_RELAY_URL": stack.relay_url}
+        pending = await run("--token", stack.tokens["bob"], "approve", case_id, "--reason", "ok", env=env)
+        own = await run("--token", stack.tokens["alice"], "approve", case_id, env=env)
+        assert pending.returncode == 4, pending.stdout + pending.stderr
+        assert json.loads(pending.stdout)["status"] == "verdict_pending"
+        assert own.returncode in (1, 4), own.stdout + own.stderr  # refused by role, or pending
+        assert own.returncode != 0
+        await stack.start_worker()
+        await stack.wait_for_status(case_id, "succeeded")
+
+    failing = FastAPI()
+    failing.add_api_route("/v1/refund-requests/{case_id}", lambda case_id: JSONResponse(
+        {"detail": "the workflow service did not answer"}, status_code=503))
+    server = AppServer(failing, "127.0.0.1", 0)
+    await server.start()
+    try:
+        answered = await run("--token", "t", "status", "r-1", env={"REFUNDS_RELAY_URL": server.url})
+    finally:
+        await server.stop()
+    assert answered.returncode == 3 and "did not answer" in answered.stderr, answered
+
+
+async def test_the_dev_admin_token_is_used_only_for_the_local_dev_stack(tmp_path: Path) -> None:
+    """Without --token and REFUNDS_TOKEN the CLI acts with the dev stack's admin token (its
+    data folder's dev-secrets.json) against a loopback relay. A REFUNDS_TOKEN set empty (a
+    script whose secret is missing) or another relay never gets it: it sent the admin token
+    to whatever REFUNDS_RELAY_URL named, and acted as admin where that token existed."""
+    (tmp_path / "dev-secrets.json").write_text(json.dumps({"admin_token": "dev-admin-token"}))
+    seen: list[str | None] = []
+    relay = FastAPI()
+
+    @relay.get("/v1/refund-requests/{case_id}")
+    async def status(case_id: str, request: Request) -> JSONResponse:
+        seen.append(request.headers.get("authorization"))
+        return JSONResponse({"refund_request_id": case_id, "status": "succeeded"})
+
+    server = AppServer(relay, "127.0.0.1", 0)
+    await server.start()
+    try:
+        base = {"REFUNDS_DATA_DIR": str(tmp_path), "REFUNDS_RELAY_URL": server.url}
+        unset = {k: v for k, v in os.environ.items() if k != "REFUNDS_TOKEN"}
+        local = await asyncio.to_thread(subprocess.run, [REFUNDS, "status", "r-1"], capture_output=True,
+                                        text=True, timeout=120, env={**unset, **base})
+        empty = await run("status", "r-1", env={**base, "REFUNDS_TOKEN": ""})
+        elsewhere = await asyncio.to_thread(
+            subprocess.run, [REFUNDS, "status", "r-1"], capture_output=True, text=True, timeout=120,
+            env={**unset, **base, "REFUNDS_RELAY_URL": "https://refunds.example.invalid"})
+    finally:
+        await server.stop()
+    assert local.returncode == 0, local.stderr
+    assert (empty.returncode, elsewhere.returncode) == (2, 2), (empty.stderr, elsewhere.stderr)
+    assert "no token" in empty.stderr and "no token" in elsewhere.stderr
+    assert seen == ["Bearer dev-admin-token"]

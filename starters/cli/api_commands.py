@@ -13,8 +13,17 @@ import httpx
 
 from adapters.config import Settings
 from domain.money import format_minor, normalise_currency, parse_major, shown_minor
+from starters.actions.approving import VERDICT_PENDING
 from starters.ages import parse_age
-from starters.cli.common import EXIT_OK, EXIT_REFUSED, CommandFailed, api_token, print_json
+from starters.cli.common import (
+    EXIT_OK,
+    EXIT_PENDING,
+    EXIT_REFUSED,
+    EXIT_UNREACHABLE,
+    CommandFailed,
+    api_token,
+    print_json,
+)
 
 
 def api_client(args: argparse.Namespace, settings: Settings) -> httpx.AsyncClient:
@@ -23,13 +32,23 @@ def api_client(args: argparse.Namespace, settings: Settings) -> httpx.AsyncClien
 
 
 def show(response: httpx.Response) -> int:
-    """The API's answer: JSON on stdout when it succeeded, on stderr (exit 1) when refused."""
+    """The API's answer: JSON on stdout when it succeeded, on stderr when refused (exit 1)
+    or when the relay failed (exit 3: send it again). A verdict the relay took but no worker
+    has counted yet (`verdict_pending`: it may still be refused, e.g. past its seal's age) is
+    exit 4, so a script never goes on as if it counted."""
     out = sys.stdout if response.is_success else sys.stderr
     try:
-        print(json.dumps(response.json(), indent=2), file=out)
+        body = response.json()
+        print(json.dumps(body, indent=2), file=out)
     except ValueError:
+        body = None
         print(response.text, file=out)
-    return EXIT_OK if response.is_success else EXIT_REFUSED
+    if response.status_code >= 500:
+        return EXIT_UNREACHABLE
+    if not response.is_success:
+        return EXIT_REFUSED
+    pending = isinstance(body, dict) and body.get("status") == VERDICT_PENDING
+    return EXIT_PENDING if pending else EXIT_OK
 
 
 async def cmd_request(args: argparse.Namespace, settings: Settings) -> int:

@@ -4,15 +4,18 @@ database (configured, else the dev stack's embedded PostgreSQL)."""
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from adapters.config import Settings
 
-EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_PENDING = 0, 1, 2, 3, 4
 DEV_INSTALL = "a development install (from a checkout: pip install -e '.[embedded]')"
 
 
@@ -25,13 +28,28 @@ class CommandFailed(Exception):
 
 
 def api_token(args: argparse.Namespace, settings: Settings) -> str:
-    token = args.token or os.environ.get("REFUNDS_TOKEN")
+    """--token, else REFUNDS_TOKEN; the dev stack's admin token only when neither is given
+    at all (a variable set empty is a script whose secret is missing, not a wish to act as
+    admin) and the relay is this machine's (the dev stack's): never against another relay."""
+    given = os.environ.get("REFUNDS_TOKEN")
+    token = args.token or given
     if token:
         return str(token)
     secrets_file = Path(settings.data_dir) / "dev-secrets.json"
-    if secrets_file.exists():
+    dev_stack = _loopback(settings.relay_base_url()) and secrets_file.exists()
+    if args.token is None and given is None and dev_stack:
         return str(json.loads(secrets_file.read_text())["admin_token"])
-    raise SystemExit("no token: pass --token or set REFUNDS_TOKEN")
+    raise CommandFailed("no token: pass --token or set REFUNDS_TOKEN", EXIT_USAGE)
+
+
+def _loopback(url: str) -> bool:
+    host = httpx.URL(url).host
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def print_json(value: Any) -> int:
