@@ -225,3 +225,57 @@ async def test_a_reissue_whose_start_failed_is_started_when_asked_again(
         await stack.wait_for_status(f"{case_id}-r1", "succeeded")
         statuses = sorted(r["status"] for r in await stack.provider_refunds(charge))
     assert statuses == ["failed", "succeeded"]
+
+
+class FirstSignalFails(temporal.Interceptor):
+    """A relay whose Temporal does not answer the first signal to workflow `to` once it is
+    set (an outage)."""
+
+    def __init__(self) -> None:
+        self.to: str | None = None
+        self.refused: list[str] = []
+
+    def intercept_client(self, next: temporal.OutboundInterceptor) -> temporal.OutboundInterceptor:
+        outage = self
+
+        class Failing(temporal.OutboundInterceptor):
+            async def signal_workflow(self, input: temporal.SignalWorkflowInput) -> None:
+                if input.id == outage.to and not outage.refused:
+                    outage.refused.append(input.id)
+                    raise RPCError("connection refused", RPCStatusCode.UNAVAILABLE, b"")
+                await super().signal_workflow(input)
+
+        return Failing(next)
+
+
+async def test_a_confirmation_sent_again_after_temporal_was_away_moves_the_case(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """The confirmation is committed before its signal; when Temporal does not answer, the
+    caller hears 503 and sends it again. The repeat, by the same person with the same
+    outcome, is the same confirmation: signalled again (the case takes it once). Before, it
+    was a 409 ("no pending manual refund") and the case waited for its next status poll (an
+    hour by default) with the money already paid. Another outcome, or another person, is
+    still a 409."""
+    refusing = FirstSignalFails()
+    config = client.config()
+    config["interceptors"] = [*config["interceptors"], refusing]
+    async with stack_with(store, temporal.Client(**config), temporal_server.address,
+                          status_poll_interval_seconds=3_600, late_failure_window_seconds=3_600) as patient:
+        child_id = refusing.to = await _transfer_awaiting_confirmation(patient)
+        body = {"paid": True, "reason": "SEPA ref 789"}
+        async with patient.api("admin") as api:
+            away = await api.post(f"/v1/manual-refunds/{child_id}/confirmation", json=body)
+            assert (away.status_code, refusing.refused) == (503, [child_id]), away.text
+            other = await api.post(f"/v1/manual-refunds/{child_id}/confirmation",
+                                   json={"paid": False, "reason": "bounced"})
+            again = await api.post(f"/v1/manual-refunds/{child_id}/confirmation", json=body)
+        async with patient.api("olga") as api:
+            stranger = await api.post(f"/v1/manual-refunds/{child_id}/confirmation", json=body)
+        assert other.status_code == 409 and "succeeded" in other.json()["detail"], other.text
+        assert again.status_code == 200, again.text
+        assert stranger.status_code in (403, 409), stranger.text
+        row = await patient.wait_for_status(child_id, "succeeded")
+        assert row["reserved_amount"] == 2_500
+        confirmed = [e for e in await patient.store.audit.trail(child_id)
+                     if e["action"] == "manual_refund_confirmed"]
+        assert len(confirmed) == 1

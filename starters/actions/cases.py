@@ -16,7 +16,7 @@ from temporalio.service import RPCError
 
 from adapters.config import Settings
 from adapters.db import CaseCreation, Principal, Store, request_from_row
-from adapters.db.rows import ApprovalStep, CaseRow
+from adapters.db.rows import ApprovalStep, CaseRow, ManualRefundRow
 from adapters.providers.base import ProviderAdapter
 from adapters.providers.manual import manual_refund
 from adapters.temporal_client import workflow_closed
@@ -255,6 +255,20 @@ class CaseActions:
         await start_refund(self.client, self.settings, request, row["requester"], row["status"])
         return True, await self.view(request.refund_request_id)
 
+    async def _confirmed_again(self, caller: Principal, case_id: str, body: ManualConfirmationBody,
+                               action: str, *, via: str) -> ManualRefundRow:
+        """The same person's same confirmation sent again (the first's signal may have found
+        Temporal away: the caller heard 503): the row it committed, to signal again (the case
+        takes its event once). Anything else is a 409 naming what stands."""
+        done = await self.store.manual_refunds.get(case_id)
+        if done is None:
+            await self.refuse(caller, case_id, 409, action, "no pending manual refund for this case", via=via)
+        if (done["status"], done["confirmed_by"]) != ("succeeded" if body.paid else "failed", caller.user):
+            await self.refuse(caller, case_id, 409, action,
+                              f"the manual refund was already confirmed {done['status']} by "
+                              f"{done['confirmed_by']}", via=via)
+        return done
+
     async def confirm_manual(self, caller: Principal, case_id: str, body: ManualConfirmationBody,
                              *, via: str) -> dict[str, Any]:
         """Ops confirm a bank transfer they made (or could not make); the case follows.
@@ -274,10 +288,8 @@ class CaseActions:
             await self.refuse(caller, case_id, 409, action,
                               f"the case's workflow has ended ({ended}): ops review the case", via=via)
         row = await self.store.manual_refunds.confirm(case_id, succeeded=body.paid, by=caller.user,
-                                                      reason=body.reason)
-        if row is None:
-            await self.refuse(caller, case_id, 409, action, "no pending manual refund for this case",
-                              via=via)
+                                                      reason=body.reason) or await self._confirmed_again(
+            caller, case_id, body, action, via=via)
         refund = manual_refund(row)
         event = ProviderEvent(
             provider=refund.provider, event_id=f"{row['id']}:{row['status']}",
