@@ -357,24 +357,27 @@ async def test_a_servicenow_denial_on_a_changed_ticket_still_counts(
         await stack.wait_for_status(case_id, "denied")
 
 
-@pytest.mark.parametrize("refused_update", ["malformed", "outside_the_provider_s_rules"])
+@pytest.mark.parametrize("refused_update", ["malformed", "outside_the_provider_s_rules", "same_second"])
 async def test_a_ticket_update_refused_on_its_own_hides_no_change_from_its_approvers(
         store: Store, client: Client, temporal_server: TemporalDevServer, refused_update: str) -> None:
     """The opener edits the ticket to show 10.00 and, in the same edit, makes it unreadable
     (a description past its length) or unacceptable (an amount no provider takes): the
     update is refused before it is compared with the case, so no conflict was recorded and
     an approver who read 10.00 on the ticket approved the case's 90.00. A refused update of
-    a ticket that has a case marks the ticket as no longer showing the case."""
+    a ticket that has a case marks the ticket as no longer showing the case. The same for
+    an edit within the second of the delivery before it (ServiceNow's `sys_updated_on`
+    counts seconds): it was taken for that delivery's duplicate and never compared."""
     async with connected_stack(store, client, temporal_server, jira_url=None) as (stack, world):
         sn_opener, sn_manager = f"jdoe.{uuid.uuid4().hex[:6]}", f"mgr.{uuid.uuid4().hex[:6]}"
         await person(stack, ["requester"], servicenow=sn_opener)
         await person(stack, ["approver"], servicenow=sn_manager)
         sys_id, case_id, body = await ticket_awaiting_approval(stack, world, sn_opener)
-        edit = ({"description": "x" * 1_801} if refused_update == "malformed"
-                else {"currency": "XTS"})
+        edit = {"malformed": {"description": "x" * 1_801},
+                "outside_the_provider_s_rules": {"currency": "XTS"},
+                "same_second": {"sys_updated_on": body["sys_updated_on"]}}[refused_update]
         refused = await servicenow(stack, "refund-requests", {
             **body, "amount": 1_000, "sys_updated_on": "2026-11-21 10:06:00", **edit})
-        assert refused.status_code in (400, 422), refused.text
+        assert refused.status_code in (400, 409, 422), refused.text
         approved = await servicenow(stack, "approvals", {
             "sys_id": uuid.uuid4().hex, "document_id": sys_id, "state": "approved",
             "approver": {"user_name": sn_manager}, "sys_updated_on": "2026-11-21 10:10:00",

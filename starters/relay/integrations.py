@@ -165,7 +165,12 @@ class ServiceNowRefundTicket(BaseModel):
                       **({"ticket_text": text} if text else {})})
 
     def event_id(self) -> str | None:
-        return f"{self.sys_id}:{self.sys_updated_on}"
+        """Each version of the ticket: `sys_updated_on` counts seconds, so an edit within the
+        second of the delivery before it carries the same stamp (taken for its duplicate, it
+        was never compared with the case); the content's digest tells them apart, and a
+        resend as it was stays a duplicate."""
+        digest = hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+        return f"{self.sys_id}:{self.sys_updated_on}:{digest}"
 
     def event_type(self) -> str:
         return "refund_request"
