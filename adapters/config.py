@@ -113,7 +113,8 @@ class Settings(BaseSettings):
         default=None,
         validation_alias=AliasChoices("STRIPE_WEBHOOK_SECRET", "REFUNDS_STRIPE_WEBHOOK_SECRET"))
     stripe_merchant_account: str | None = Field(
-        default=None, description="the merchant account our charges belong to; default: GET /v1/account")
+        default=None, description="the merchant account our charges belong to; default: GET /v1/account. "
+                                  "A Connect endpoint's event naming another `account` is foreign_account")
     rainforest_webhook_secret: SecretStr | None = Field(
         default=None, description="Svix-style `whsec_…` signing secret(s), comma-separated")
     cashfree_webhook_secret: SecretStr | None = Field(

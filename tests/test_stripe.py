@@ -295,6 +295,33 @@ def test_a_refund_of_no_charge_is_a_notice_about_nothing_we_hold(event_type: str
     assert (event.refund_id, event.charge_id, event.as_refund()) == (None, None, None)
 
 
+def test_an_event_of_another_connected_account_is_foreign() -> None:
+    """A Connect endpoint sends events of the platform's connected accounts (the `account`
+    field); this deployment's adapter makes and reads refunds on its own account only. Such
+    an event opened a tracking case that held and booked another account's refund in our
+    ledger: it is `foreign_account` (acknowledged, acts on nothing). The platform's own
+    events carry no `account`; one naming the configured account is ours."""
+    event = json.loads((PAYLOADS / "stripe_charge.refund.updated.json").read_bytes())
+    for account, foreign in (("acct_connected", True), ("acct_ours", False), (None, False)):
+        event["account"] = account
+        raw = json.dumps(event).encode()
+        headers = {"stripe-signature": stripe.WebhookSignature.generate_signature_header(
+            raw.decode(), SECRETS[0])}
+        adapter = StripeProvider(API_KEY, webhook_secrets=SECRETS, api_base="http://127.0.0.1:9",
+                                 merchant_account="acct_ours")
+        if foreign:
+            with pytest.raises(WebhookRejected) as refused:
+                adapter.parse_webhook(headers, raw, time.time())
+            assert refused.value.verdict == "foreign_account" and "acct_connected" in refused.value.message
+        else:
+            assert isinstance(adapter.parse_webhook(headers, raw, time.time()), ProviderEvent)
+    event["account"] = "acct_connected"  # no account configured: the platform's own events only
+    raw = json.dumps(event).encode()
+    with pytest.raises(WebhookRejected, match="acct_connected"):
+        _adapter().parse_webhook({"stripe-signature": stripe.WebhookSignature.generate_signature_header(
+            raw.decode(), SECRETS[0])}, raw, time.time())
+
+
 def test_unexpected_status_is_refused_loudly_not_defaulted() -> None:
     headers, raw = _signed_event("refund.updated", status="teleported")
     with pytest.raises(WebhookRejected) as refused:

@@ -23,6 +23,7 @@ from adapters.providers.base import (
     ProviderDeclined,
     ProviderError,
     ProviderOutcomeUnknown,
+    WebhookRejected,
     only_refund,
 )
 from adapters.providers.http import outcome_unknown, refusal
@@ -116,7 +117,7 @@ class StripeProvider:
                  tolerance_seconds: int = 300, verifier: WebhookVerifier | None = None,
                  name: str = "stripe") -> None:
         self.name = name
-        self._merchant_account = merchant_account
+        self._configured_account = self._merchant_account = merchant_account
         self._http = stripe.HTTPXClient(timeout=timeout_seconds)
         # stripe builds its own httpx client: traced like every provider client (a span per
         # request, `traceparent` sent), through the one attribute that holds it
@@ -311,6 +312,12 @@ class StripeProvider:
         self._verifier.verify(headers, body, now)
         env = stripe_envelope(body, KNOWN_EVENT_TYPES)
         account = env.payload.get("account")
+        if account is not None and account != self._configured_account:
+            # a Connect endpoint's event of a connected account: refunds there are not ours
+            raise WebhookRejected("foreign_account", f"connected account {account!r} is not the account "
+                                  "this deployment serves (REFUNDS_STRIPE_MERCHANT_ACCOUNT; the "
+                                  "platform's own events name none)", event_id=env.event_id,
+                                  event_type=env.event_type)
         with normalising(env.event_id, env.event_type):
             if env.event_type in PAYOUT_EVENTS:
                 return payout_event(stripe_shaped_payout(self.name, env.obj, PAYOUT_STATUSES, UNITS), env)
