@@ -171,6 +171,7 @@ class RefundLifecycle(RefundProvider):
         signal or update is judged against the case (and a late verdict meets a decided
         round), not the fresh run's state. Only state: no command, so no patch is needed."""
         self._status, self._decision = carried.status, carried.decision
+        self._context = carried.context  # carried on by this run's own continue-as-new
         if carried.decision is not None:
             self._round.requirements, self._round.tier = carried.decision.requirements, carried.decision.tier
         self._round.approvals, self._round.refused = list(carried.approvals), list(carried.refused)

@@ -210,6 +210,43 @@ async def test_unexpected_status_goes_to_ops_review_and_keeps_asking(client: Cli
     assert fakes.names(SUBMIT, VERIFY) == [SUBMIT.name, VERIFY.name, VERIFY.name]
 
 
+async def test_a_run_continued_twice_while_following_its_refund_never_submits_again(client: Client) -> None:
+    """The provider's status read fails for a long time while the case follows its pending
+    refund: the run continues as new, and the next run (resuming the read) continues as new
+    again. That second run carried "submit" as where it was (a continued run never took the
+    context it was given), so once a read answered "no refund" (a list missing it) the third
+    run sent a second create for a case whose refund existed."""
+    case_id = new_case()
+    fakes = refund_fakes(case_id)
+    fakes.script(SUBMIT, refund(case_id, ProviderRefundStatus.PENDING))
+    weird = ApplicationError("status 'weird'", type=errors.UNEXPECTED_STATUS, non_retryable=True)
+    fakes.script(VERIFY, *[weird] * 16, VerifyResult(refund=None), VerifyResult(refund=refund(case_id)))
+    timings = TIMINGS.model_copy(update={"continue_as_new_after_events": 40,
+                                         "status_poll_interval": timedelta(milliseconds=20)})
+    async with fake_worker(client, fakes) as queue:
+        handle = await start(client, queue, case_id, timings)
+        state = (await handle.result()).state
+        assert handle.first_execution_run_id is not None
+        carried = await carried_contexts(client, case_id, handle.first_execution_run_id)
+    assert state.status is CaseStatus.SUCCEEDED
+    assert fakes.names(SUBMIT) == [SUBMIT.name]
+    assert len(carried) >= 3 and carried[1:] == ["follow"] * (len(carried) - 1), carried
+
+
+async def carried_contexts(client: Client, case_id: str, run_id: str | None) -> list[str | None]:
+    """Where each run of the case says it was (its carried context; None for the first)."""
+    contexts: list[str | None] = []
+    while run_id is not None:
+        events = (await client.get_workflow_handle(case_id, run_id=run_id).fetch_history()).events
+        started = events[0].workflow_execution_started_event_attributes
+        [inp] = await client.data_converter.decode(started.input.payloads, [RefundWorkflowInput])
+        contexts.append(inp.carried.context if inp.carried else None)
+        last = events[-1]
+        run_id = (last.workflow_execution_continued_as_new_event_attributes.new_execution_run_id
+                  if last.HasField("workflow_execution_continued_as_new_event_attributes") else None)
+    return contexts
+
+
 async def test_refused_credentials_go_to_ops_review_until_the_provider_answers(client: Client) -> None:
     case_id = new_case()
     fakes = refund_fakes(case_id)
