@@ -48,6 +48,7 @@ from domain.payouts import (
     TicketResult,
     TriageInput,
     TriageReceipt,
+    not_the_reissue,
     reissue_problem,
 )
 from domain.policy import Policy, decide_payout_reversal
@@ -176,11 +177,13 @@ class PayoutActivities:
                             amount=original.amount, currency=original.currency)
         try:
             made = await provider.find_payout(order.reference)
+            if made is not None and (foreign := not_the_reissue(original, made)):
+                raise ApplicationError(foreign, type=errors.DECLINED, non_retryable=True)
             if made is None and inp.lookup_only:
                 raise ApplicationError(f"no payout {order.reference} at {original.provider}: no attempt paid",
                                        type=errors.REISSUE_NOT_MADE, non_retryable=True)
             if made is None:
-                await self._refuse_while_held_elsewhere(inp.case_id, original.beneficiary_id)
+                await self._refuse_while_held_elsewhere(inp.case_id, original.beneficiary_id, inp.approvers)
                 await self._refuse_unless_failed_still(provider, original)
                 made = await self._create(provider, order, original.reissue_key())
         except ProviderConfigurationRefused as exc:
@@ -192,11 +195,14 @@ class PayoutActivities:
             raise ApplicationError(problem, type=errors.DECLINED, non_retryable=True)
         return await self._book.record_reissue(inp.case_id, original, made, inp.final_status)
 
-    async def _refuse_while_held_elsewhere(self, case_id: str, beneficiary_id: str) -> None:
+    async def _refuse_while_held_elsewhere(self, case_id: str, beneficiary_id: str,
+                                           approvers: tuple[str, ...]) -> None:
         """A reissue is one more payout to the beneficiary: while another case holds their
         payouts (another failure, until its reissue or ops release that hold), none is made.
         Not a decline: the workflow waits for the hold to end (the holders in the details).
-        A hold its own requester released is a decline: the release cannot be undone."""
+        A hold its own requester or one of its approvers released is a decline: the release
+        cannot be undone, and one person would have both lifted the check and asked for (or
+        authorised) the payout it guards."""
         holding = [h.case_id for h in await self._book.beneficiary_holds(beneficiary_id)
                    if h.released_at is None and h.case_id != case_id]
         if holding:
@@ -206,12 +212,14 @@ class PayoutActivities:
         # The relay refuses either act by whoever did the other, but each check can pass
         # before the other's row exists (sent at once): the payout is where both are known.
         requester = await self._book.reissue_requester(case_id)
-        if requester is not None and (released := await self._book.acted_on_beneficiary(
-                case_id, requester, "beneficiary_hold_released")):
-            raise ApplicationError(
-                f"{requester} asked for this reissue and released beneficiary {beneficiary_id}'s hold "
-                f"on {', '.join(released)}, which it checks: no payout is made; another person asks "
-                "for it, or ops pay outside this case", type=errors.DECLINED, non_retryable=True)
+        for person, did in ((requester, "asked for"), *((a, "approved") for a in approvers)):
+            if person is not None and (released := await self._book.acted_on_beneficiary(
+                    case_id, person, "beneficiary_hold_released")):
+                raise ApplicationError(
+                    f"{person} {did} this reissue and released beneficiary {beneficiary_id}'s hold "
+                    f"on {', '.join(released)}, which it checks: no payout is made; other people ask "
+                    "for and approve it, or ops pay outside this case", type=errors.DECLINED,
+                    non_retryable=True)
 
     @staticmethod
     async def _refuse_unless_failed_still(provider: PayoutExecutor, original: PayoutSnapshot) -> None:

@@ -372,6 +372,8 @@ class ReissueInput(Frozen):
     final_status: PayoutStatus
     lookup_only: bool = False
     """Only look the reissue up (booking it when found): after the last attempt, past the horizon."""
+    approvers: tuple[str, ...] = ()
+    """Who approved the reissue: none of them may have released a hold it checks."""
 
 
 class PayoutCaseState(Frozen):
@@ -420,6 +422,16 @@ class PayoutCarry(Frozen):
 
 
 PayoutCaseInput.model_rebuild()
+
+
+def not_the_reissue(original: PayoutSnapshot, found: ProviderPayout) -> str | None:
+    """Why a payout the lookup returned for the reissue's reference is not the reissue (None
+    when it is): one carrying another reference (a provider or emulator that ignored the
+    filter) would be booked as paid while the beneficiary never was."""
+    if found.reference == original.reissue_id():
+        return None
+    return (f"the payout {found.payout_id} the provider returned for {original.reissue_id()} carries "
+            f"the reference {found.reference!r}: it is not the reissue; nothing is booked; ops decide")
 
 
 def reissue_problem(original: PayoutSnapshot, made: ProviderPayout) -> str | None:

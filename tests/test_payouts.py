@@ -543,6 +543,23 @@ async def test_who_asked_for_a_reissue_cannot_have_released_the_hold_it_waits_fo
     assert "omar" in failed["detail"]["error"] and other in failed["detail"]["error"], failed
 
 
+async def test_who_approved_a_reissue_cannot_have_released_the_hold_it_waits_for(payouts: Stack) -> None:
+    """As for whoever asked: one person approving a payout to the beneficiary and lifting
+    the hold meant to stop it (omar is ops and a payout approver). The reissue approved,
+    waiting for the other case's hold, omar released that hold: it paid. It refuses to pay
+    then: nothing is sent, ops are told."""
+    beneficiary, first, _, case_id, other = await two_remediated_of_one_beneficiary(payouts, 42_000, 32_000)
+    assert (await ask_reissue(payouts, "olga", case_id)).status_code == 202
+    assert (await decide(payouts, "omar", case_id)).status_code == 202
+    await wait_for_actions(payouts, case_id, "reissue_waiting_for_beneficiary_hold")
+    released = await payouts.store.payouts.release_beneficiary(other, "omar", "verified", via="api")
+    assert released == beneficiary
+    await wait_for_case(payouts, case_id, "reissue_failed")
+    assert await reissues_at_provider(payouts, first.reissue_id()) == []
+    [failed] = [e for e in await payouts.store.audit.trail(case_id) if e["action"] == "reissue_failed"]
+    assert "omar approved" in failed["detail"]["error"] and other in failed["detail"]["error"], failed
+
+
 async def test_a_reissue_waits_while_another_case_holds_the_beneficiary(payouts: Stack) -> None:
     """Two payouts to one beneficiary failed: each case holds the beneficiary's further
     payouts, and a reissue is such a payout. Both reissues approved, each waits for the

@@ -77,8 +77,8 @@ class PayoutReissue(PayoutCase):
         while True:
             try:
                 made: PayoutSnapshot = await contracts.REISSUE_PAYOUT(
-                    ReissueInput(case_id=case_id, original=self._payout,
-                                 final_status=final_status(failure)),
+                    ReissueInput(case_id=case_id, original=self._payout, final_status=final_status(failure),
+                                 approvers=tuple(a.approver for a in self._round.approvals)),
                     **(retry.PAYOUT_REISSUE_ONCE if one_at_a_time else retry.PAYOUT_REISSUE))
                 break
             except ActivityError as err:

@@ -7,7 +7,13 @@ from adapters.policy_file import load_policy
 from domain.integrations import ticket_purpose
 from domain.ledger import REFUNDED_ACCOUNT, LedgerLine, ledger_lines
 from domain.models import LedgerInput, LedgerKind, ProviderRefund, ProviderRefundStatus
-from domain.payouts import ProviderPayout, ProviderPayoutStatus
+from domain.payouts import (
+    PayoutSnapshot,
+    PayoutStatus,
+    ProviderPayout,
+    ProviderPayoutStatus,
+    not_the_reissue,
+)
 from domain.reconciliation import BreakCase, BreakClass, break_approval
 
 POLICY = load_policy()
@@ -74,3 +80,18 @@ def test_a_notice_goes_to_the_request_ticket_or_one_incident_per_kind() -> None:
     assert ticket_purpose("request", "approval_needed") == "request"
     assert ticket_purpose("incident", "ops_review") == "incident:ops_review"
     assert ticket_purpose("incident", "ledger_failed") != ticket_purpose("incident", "ops_review")
+
+
+def test_a_payout_the_lookup_returns_is_the_reissue_only_under_its_reference() -> None:
+    """A provider (or emulator) that ignores the lookup's reference filter returns some
+    payout: one of the same amount, paid, was booked as the reissue (the beneficiary never
+    paid, the case's holds ended). Only a payout carrying the reissue's id is it."""
+    original = PayoutSnapshot(id="P-1", provider="sandbox", provider_payout_id="po_1", beneficiary_id="b",
+                              amount=5_000, currency="EUR", status=PayoutStatus.ON_HOLD)
+    def found(reference: str | None) -> ProviderPayout:
+        return ProviderPayout(provider="sandbox", payout_id="po_x", amount=5_000, currency="EUR",
+                              status=ProviderPayoutStatus.PAID, raw_status="paid", reference=reference)
+    assert not_the_reissue(original, found("P-1-r1")) is None
+    for other in (None, "P-2-r1"):
+        problem = not_the_reissue(original, found(other))
+        assert problem is not None and "P-1-r1" in problem, other
