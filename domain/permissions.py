@@ -93,7 +93,8 @@ def unknown_roles(roles: Iterable[str]) -> list[str]:
 
 USER_NAME = re.compile(r"[a-z0-9](?:[a-z0-9._@+-]{0,126}[a-z0-9])?")
 """A person's one spelling: lower-case ASCII letters and digits, with `. _ @ + -` inside."""
-SYSTEM_ACTORS = frozenset({"workflow", "system", "temporal", "ops"})
+SYSTEM_ACTORS = frozenset({"workflow", "system", "temporal", "ops", "reconciliation", "ledger", "policy",
+                           "case-sweep", "advisor", "servicenow", "slack", "relay", "chain"})
 """Names the product itself acts under in the audit trail: no person's."""
 
 

@@ -373,10 +373,15 @@ async def holding_records_of(stack: Stack, action: str) -> AsyncIterator[tuple[a
 
 
 async def window_passed(stack: Stack, case_id: str) -> None:
-    """Waits until the run's late-failure watch timed out (its timer fired)."""
+    """Waits until the run's late-failure watch timed out and a worker took it (a workflow
+    task completed after the timer fired): an event signalled from then on comes after the
+    watch, not with the timer in one task that the watch itself would read."""
     handle = stack.client.get_workflow_handle(case_id)
     for _ in range(600):
-        if any(e.HasField("timer_fired_event_attributes") for e in (await handle.fetch_history()).events):
+        events = (await handle.fetch_history()).events
+        fired = [e.event_id for e in events if e.HasField("timer_fired_event_attributes")]
+        if fired and any(e.event_id > fired[0] and e.HasField("workflow_task_completed_event_attributes")
+                         for e in events):
             return
         await asyncio.sleep(0.1)
     raise AssertionError(f"{case_id}'s late-failure watch never timed out")

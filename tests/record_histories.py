@@ -134,8 +134,7 @@ async def sandbox(rig: Recording, path: str, **body: Any) -> None:
 async def approval(rig: Recording, user: str, case_id: str, decision: str) -> None:
     async with rig.stack.api(user) as api:
         (await api.post(f"/v1/refund-requests/{case_id}/approvals",
-                        json={"decision": decision, "reason": "recorded scenario",
-                              "reopened": 0})).raise_for_status()
+                        json={"decision": decision, "reason": "recorded scenario"})).raise_for_status()
 
 
 async def awaiting_approval(rig: Recording) -> str:
@@ -843,7 +842,8 @@ async def break_decision(rig: Recording, decision: str) -> str:
     break_id = await canceled_refund_break(rig)
     async with rig.stack.api("carol") as api:
         (await api.post(f"/v1/reconciliation/breaks/{break_id}/approvals",
-                        json={"decision": decision, "reason": "recorded scenario"})).raise_for_status()
+                        json={"decision": decision, "reason": "recorded scenario",
+                              "reopened": 0})).raise_for_status()
     return break_workflow_id(int(break_id))
 
 

@@ -374,13 +374,16 @@ async def test_the_dev_admin_token_is_used_only_for_the_local_dev_stack(tmp_path
         unset = {k: v for k, v in os.environ.items() if k != "REFUNDS_TOKEN"}
         local = await asyncio.to_thread(subprocess.run, [REFUNDS, "status", "r-1"], capture_output=True,
                                         text=True, timeout=120, env={**unset, **base})
+        bound_everywhere = await asyncio.to_thread(  # a dev stack bound to 0.0.0.0 (its image's)
+            subprocess.run, [REFUNDS, "status", "r-1"], capture_output=True, text=True, timeout=120,
+            env={**unset, **base, "REFUNDS_RELAY_URL": server.url.replace("127.0.0.1", "0.0.0.0")})
         empty = await run("status", "r-1", env={**base, "REFUNDS_TOKEN": ""})
         elsewhere = await asyncio.to_thread(
             subprocess.run, [REFUNDS, "status", "r-1"], capture_output=True, text=True, timeout=120,
             env={**unset, **base, "REFUNDS_RELAY_URL": "https://refunds.example.invalid"})
     finally:
         await server.stop()
-    assert local.returncode == 0, local.stderr
+    assert (local.returncode, bound_everywhere.returncode) == (0, 0), local.stderr + bound_everywhere.stderr
     assert (empty.returncode, elsewhere.returncode) == (2, 2), (empty.stderr, elsewhere.stderr)
     assert "no token" in empty.stderr and "no token" in elsewhere.stderr
-    assert seen == ["Bearer dev-admin-token"]
+    assert seen == ["Bearer dev-admin-token"] * 2

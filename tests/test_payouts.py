@@ -560,6 +560,19 @@ async def test_who_approved_a_reissue_cannot_have_released_the_hold_it_waits_for
     assert "omar approved" in failed["detail"]["error"] and other in failed["detail"]["error"], failed
 
 
+async def test_who_released_a_hold_is_refused_as_an_approver_of_the_reissue_it_checks(payouts: Stack) -> None:
+    """Released first, then asked to approve: refused up front (403, audited), so another
+    approver fills the slot and the reissue pays; counted, it would only decline later."""
+    _, first, _, case_id, other = await two_remediated_of_one_beneficiary(payouts, 43_000, 33_000)
+    assert (await ask_reissue(payouts, "olga", case_id)).status_code == 202
+    assert (await release_beneficiary(payouts, "omar", other)).status_code == 200
+    refused = await decide(payouts, "omar", case_id)
+    assert refused.status_code == 403 and "released this beneficiary's hold" in refused.text, refused.text
+    assert (await decide(payouts, "lena", case_id)).status_code == 202
+    await wait_for_case(payouts, case_id, "reissued")
+    assert len(await reissues_at_provider(payouts, first.reissue_id())) == 1
+
+
 async def test_a_reissue_waits_while_another_case_holds_the_beneficiary(payouts: Stack) -> None:
     """Two payouts to one beneficiary failed: each case holds the beneficiary's further
     payouts, and a reissue is such a payout. Both reissues approved, each waits for the

@@ -189,17 +189,18 @@ class FirstReissueStartFails(temporal.Interceptor):
     """A relay whose Temporal does not answer the first start of a reissue's workflow (an
     outage, or the relay dying there): the child's row is committed, its workflow is not."""
 
-    def __init__(self) -> None:
+    def __init__(self, status: RPCStatusCode = RPCStatusCode.UNAVAILABLE) -> None:
+        self.status = status
         self.refused: list[str] = []
 
     def intercept_client(self, next: temporal.OutboundInterceptor) -> temporal.OutboundInterceptor:
-        refused = self.refused
+        refused, status = self.refused, self.status
 
         class Failing(temporal.OutboundInterceptor):
             async def start_workflow(self, input: temporal.StartWorkflowInput) -> Any:
                 if input.id.endswith("-r1") and not refused:
                     refused.append(input.id)
-                    raise RPCError("connection refused", RPCStatusCode.UNAVAILABLE, b"")
+                    raise RPCError("refused", status, b"")
                 return await super().start_workflow(input)
 
         return Failing(next)
@@ -216,8 +217,9 @@ async def test_a_reissue_whose_start_failed_is_started_when_asked_again(
     config["interceptors"] = [*config["interceptors"], refusing]
     async with stack_with(store, temporal.Client(**config), temporal_server.address) as stack:
         case_id, charge = await failed_case(stack)
-        status, _ = await reissue(stack, "olga", case_id)
-        assert status >= 500 and refusing.refused == [f"{case_id}-r1"]
+        status, away = await reissue(stack, "olga", case_id)
+        assert (status, refusing.refused) == (503, [f"{case_id}-r1"]), away
+        assert "send the same request again" in away["detail"]
         row = await stack.store.cases.get(f"{case_id}-r1")
         assert row is not None and row["status"] == "requested"
         again_status, again = await reissue(stack, "olga", case_id)
@@ -279,3 +281,18 @@ async def test_a_confirmation_sent_again_after_temporal_was_away_moves_the_case(
         confirmed = [e for e in await patient.store.audit.trail(child_id)
                      if e["action"] == "manual_refund_confirmed"]
         assert len(confirmed) == 1
+
+
+async def test_a_call_temporal_refuses_is_no_outage_to_send_again(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """Only Temporal not answering is a 503 to send again; a refusal (here an invalid
+    argument, as for a payload over its limit) is a 500 that names it: a caller retrying it
+    would be refused forever."""
+    refusing = FirstReissueStartFails(RPCStatusCode.INVALID_ARGUMENT)
+    config = client.config()
+    config["interceptors"] = [*config["interceptors"], refusing]
+    async with stack_with(store, temporal.Client(**config), temporal_server.address) as stack:
+        case_id, _ = await failed_case(stack)
+        status, refused = await reissue(stack, "olga", case_id)
+    assert (status, refusing.refused) == (500, [f"{case_id}-r1"]), refused
+    assert "INVALID_ARGUMENT" in refused["detail"] and "again" not in refused["detail"]

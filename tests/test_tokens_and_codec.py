@@ -81,12 +81,17 @@ async def test_one_person_has_one_spelling_so_approvals_count_them_once(
         assert refused.returncode == 2 and "user name" in refused.stderr and not refused.stdout, refused
     assert await stack.store.database.fetch_all(
         "SELECT user_name FROM api_tokens WHERE lower(user_name) LIKE %s", (f"%{person[1:]}%",)) == []
-    # a name granted before names had one spelling still bars its other spellings
+    # a name granted before names had one spelling keeps it (its tokens renewed, even once
+    # all are revoked) and still bars its other spellings: cases and approvals hold the old one
+    legacy = f"{person.upper()} "
     await stack.store.database.execute(
-        "INSERT INTO api_tokens (user_name, roles, token_hash) VALUES (%s, %s, %s)",
-        (f"{person.upper()} ", ["requester"], uuid.uuid4().hex))
-    with pytest.raises(ValueError, match="second identity"):
-        await stack.store.access.create_token(person, ["approver"], by="test")
-    with pytest.raises(ValueError, match="second identity"):
-        await stack.store.access.link_identities([("slack", f"U{uuid.uuid4().hex[:8]}")], person)
+        "INSERT INTO api_tokens (user_name, roles, token_hash, revoked_at) VALUES (%s, %s, %s, now())",
+        (legacy, ["requester"], uuid.uuid4().hex))
+    for spelling in (person, person.capitalize()):
+        with pytest.raises(ValueError, match=r"second identity|user name"):
+            await stack.store.access.create_token(spelling, ["approver"], by="test")
+        with pytest.raises(ValueError, match=r"second identity|user name"):
+            await stack.store.access.link_identities([("slack", f"U{uuid.uuid4().hex[:8]}")], spelling)
+    assert await stack.store.access.create_token(legacy, ["requester"], by="test")
+    await stack.store.access.link_identities([("slack", f"U{uuid.uuid4().hex[:8]}")], legacy)
     assert await stack.store.access.create_token(f"{person}.smith@corp.example", ["approver"], by="test")

@@ -41,13 +41,18 @@ def hash_token(token: str) -> str:
 
 
 async def _one_spelling(conn: Conn, user: str) -> None:
-    """Refuses `user` when a token names the same person spelled otherwise (made before user
-    names had one spelling): the two would be two approvers."""
-    cur = await conn.execute("SELECT DISTINCT user_name FROM api_tokens WHERE"
-                             " lower(normalize(btrim(user_name), NFKC)) = %s AND user_name <> %s",
-                             (user, user))
-    if other := await cur.fetchone():
-        raise ValueError(f"user {other['user_name']!r} has tokens: {user!r} would be a second identity "
+    """Refuses a name that is not one spelling (`user_name_refusal`), unless tokens were made
+    for it as spelled before the rule (its person keeps that spelling: tokens renewed, links
+    made), and a name whose person has tokens under another spelling, revoked ones included
+    (cases and approvals keep the old name: the two would be two people to them)."""
+    cur = await conn.execute(
+        "SELECT DISTINCT user_name FROM api_tokens WHERE lower(normalize(btrim(user_name), NFKC))"
+        " = lower(normalize(btrim(%s), NFKC))", (user,))
+    spellings = {str(r["user_name"]) for r in await cur.fetchall()}
+    if (refusal := user_name_refusal(user)) and user not in spellings:
+        raise ValueError(refusal)
+    if others := sorted(spellings - {user}):
+        raise ValueError(f"user {others[0]!r} has tokens: {user!r} would be a second identity "
                          "of the same person")
 
 
@@ -63,8 +68,6 @@ class AccessRepository(Repository):
             raise ValueError(f"unknown roles {sorted(unknown)}; known: {sorted(ROLES)}")
         if expires_in is not None and expires_in <= timedelta(0):
             raise ValueError("a token's lifetime must be positive")
-        if refusal := user_name_refusal(user):
-            raise ValueError(refusal)
         plaintext = token or f"rfo_{secrets.token_urlsafe(32)}"
         async with self._db.transaction() as conn:
             await _one_spelling(conn, user)
@@ -156,8 +159,6 @@ class AccessRepository(Repository):
         `by`; returns who each was linked to before. One linked to someone else is moved
         only with `replace` (the audit row names who it was), else IdentityTaken and nothing
         is linked."""
-        if refusal := user_name_refusal(user):
-            raise ValueError(refusal)
         previous: dict[tuple[str, str], str | None] = {}
         async with self._db.transaction() as conn:
             await _one_spelling(conn, user)

@@ -168,8 +168,9 @@ class SandboxProvider:
     async def find_payout(self, reference: str) -> ProviderPayout | None:
         response = await self._call("GET", "/v1/payouts", params={"reference": reference})
         raise_for_refusal(response)
-        found = [stripe_shaped_payout(self.name, o, PAYOUT_STATUSES, ISO_UNITS)
-                 for o in response.json()["data"]]
+        found = [payout for o in response.json()["data"]  # an emulator may ignore the filter
+                 if (payout := stripe_shaped_payout(self.name, o, PAYOUT_STATUSES, ISO_UNITS)).reference
+                 == reference]
         return found[0] if found else None
 
     async def get_payout(self, payout_id: str) -> ProviderPayout | None:

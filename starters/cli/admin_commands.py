@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from adapters.config import Settings
-from domain.permissions import ROLES, unknown_roles, user_name_refusal
+from domain.permissions import ROLES, unknown_roles
 from starters.ages import parse_age
 from starters.cli.common import EXIT_UNREACHABLE, EXIT_USAGE, CommandFailed, open_database, print_json
 
@@ -78,8 +78,6 @@ async def cmd_token_create(args: argparse.Namespace, settings: Settings) -> int:
     roles = [r.strip() for r in args.roles.split(",") if r.strip()]
     if unknown := unknown_roles(roles):
         raise CommandFailed(f"unknown roles {unknown}; known: {sorted(ROLES)}", EXIT_USAGE)
-    if refusal := user_name_refusal(args.user):
-        raise CommandFailed(refusal, EXIT_USAGE)
     async with opened_store(settings) as store:
         try:
             token = await store.access.create_token(
@@ -127,8 +125,6 @@ async def cmd_integrations_link(args: argparse.Namespace, settings: Settings) ->
     if not links:
         raise CommandFailed("name at least one identity: --slack USER_ID, --servicenow USER_NAME or "
                             "--oidc VALUE", EXIT_USAGE)
-    if refusal := user_name_refusal(args.user):
-        raise CommandFailed(refusal, EXIT_USAGE)
     from adapters.db.access import IdentityTaken
 
     async with opened_store(settings) as store:

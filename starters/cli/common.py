@@ -46,10 +46,11 @@ def _loopback(url: str) -> bool:
     host = httpx.URL(url).host
     if host == "localhost":
         return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
+    try:  # an unspecified address (a dev stack bound to 0.0.0.0) is this machine's too
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False
+    return address.is_loopback or address.is_unspecified
 
 
 def print_json(value: Any) -> int:

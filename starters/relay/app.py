@@ -46,7 +46,7 @@ from starters.relay.ops import router as ops_routes
 from starters.relay.payouts import router as payout_routes
 from starters.relay.reconciliation import router as reconciliation_routes
 from starters.relay.refunds import router as refund_routes
-from starters.relay.webhook_desk import WebhookDesk
+from starters.relay.webhook_desk import TEMPORAL_AWAY, WebhookDesk
 from starters.relay.webhooks import router as webhook_routes
 
 log = logging.getLogger("relay")
@@ -122,9 +122,15 @@ async def refused(request: Request, exc: Exception) -> Response:
 
 async def temporal_unavailable(request: Request, exc: Exception) -> Response:
     """Temporal did not answer a call a route made: a 503 the caller may send again (what was
-    written stays, and a repeat is answered as the same request), not a bare 500."""
+    written stays, and a repeat is answered as the same request), not a bare 500. Any other
+    refusal by Temporal (a payload too large, a wrong namespace, no permission) is no outage:
+    a 500 that says so, never "send it again"."""
     assert isinstance(exc, RPCError)
-    log.error("%s %s: Temporal did not answer: %s", request.method, request.url.path, exc)
+    log.error("%s %s: Temporal refused or did not answer (%s): %s", request.method, request.url.path,
+              exc.status.name, exc)
+    if exc.status not in TEMPORAL_AWAY:
+        return JSONResponse({"detail": f"the workflow service refused the call ({exc.status.name})"},
+                            status_code=500)
     return JSONResponse({"detail": "the workflow service did not answer; send the same request again"},
                         status_code=503, headers={"Retry-After": "5"})
 
