@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 
 from adapters.config import Settings
+from adapters.net import is_loopback
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_PENDING = 0, 1, 2, 3, 4
 DEV_INSTALL = "a development install (from a checkout: pip install -e '.[embedded]')"
@@ -36,21 +37,21 @@ def api_token(args: argparse.Namespace, settings: Settings) -> str:
     if token:
         return str(token)
     secrets_file = Path(settings.data_dir) / "dev-secrets.json"
-    dev_stack = _loopback(settings.relay_base_url()) and secrets_file.exists()
+    dev_stack = _this_machine(settings.relay_base_url()) and secrets_file.exists()
     if args.token is None and given is None and dev_stack:
         return str(json.loads(secrets_file.read_text())["admin_token"])
     raise CommandFailed("no token: pass --token or set REFUNDS_TOKEN", EXIT_USAGE)
 
 
-def _loopback(url: str) -> bool:
+def _this_machine(url: str) -> bool:
+    """The relay's address is this machine's: a loopback address, or an unspecified one (a
+    dev stack bound to 0.0.0.0, its image's default, is reached on this machine too)."""
     host = httpx.URL(url).host
-    if host == "localhost":
-        return True
-    try:  # an unspecified address (a dev stack bound to 0.0.0.0) is this machine's too
-        address = ipaddress.ip_address(host)
+    try:
+        unspecified = ipaddress.ip_address(host).is_unspecified
     except ValueError:
-        return False
-    return address.is_loopback or address.is_unspecified
+        unspecified = False
+    return is_loopback(host) or unspecified
 
 
 def print_json(value: Any) -> int:
