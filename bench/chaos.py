@@ -407,7 +407,7 @@ def named_bad_inputs(stack: Stack, token: str) -> list[BadInput]:
         BadInput("nul_in_a_header_value_on_the_wire", "/webhooks/sandbox", unknown,
                  sandbox_signed(unknown, **{"x-note": "a\x00b"}), 400),
         BadInput("signed_event_id_with_nul", "/webhooks/sandbox", nul_id, sandbox_signed(nul_id), 400,
-                 "malformed"),
+                 "unreadable"),
         BadInput("slack_signed_with_an_empty_key", "/integrations/slack/actions", slack,
                  {"Content-Type": "application/x-www-form-urlencoded", "x-slack-request-timestamp": str(now),
                   "x-slack-signature": signing.signature("slack", "", str(now), slack)},

@@ -393,7 +393,7 @@ def test_unknown_event_code_is_stored_as_unknown_type() -> None:
 def test_amount_must_be_integer_minor_units() -> None:
     with pytest.raises(WebhookRejected) as refused:
         parse(notification("REFUND", amount={"currency": "EUR", "value": 10.5}))
-    assert refused.value.verdict == "malformed" and "minor units" in refused.value.message
+    assert refused.value.verdict == "unreadable" and "minor units" in refused.value.message
 
 
 @pytest.mark.parametrize(("code", "fields", "payout_id", "status"), [

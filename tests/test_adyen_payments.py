@@ -285,15 +285,15 @@ async def test_notifications_recorded_in_adyens_units_are_migrated_to_ours(rig: 
 
 
 @pytest.mark.parametrize("value", [-1, 2**63])
-async def test_a_signed_payment_notification_with_an_impossible_amount_is_malformed(
+async def test_a_signed_payment_notification_with_an_impossible_amount_is_unreadable(
         rig: AdyenRig, value: int) -> None:
     """Signed, but no payment is negative or past what PostgreSQL can hold: refused as
-    malformed with its receipt (a refund event with such an amount is too), never a 500 that
+    unreadable with its receipt (kept: signed) (a refund event with such an amount is too), never a 500 that
     leaves an accepted receipt Adyen retries and the re-drive gives up on."""
     psp = unique_psp()
     response = await rig.post(notification("AUTHORISATION", pspReference=psp,
                                            amount={"currency": "EUR", "value": value}))
-    assert response.status_code == 400 and response.json()["verdict"] == "malformed", response.text
+    assert response.status_code == 400 and response.json()["verdict"] == "unreadable", response.text
     row = await receipt(rig.stack, "adyen", response.json()["receipt_id"])
-    assert row["verdict"] == "malformed"
+    assert row["verdict"] == "unreadable"
     assert await recorded_rows(rig, psp) == []

@@ -233,7 +233,7 @@ async def test_an_event_time_without_an_offset_or_out_of_range_is_read_or_refuse
 
         if event_date.endswith("+14:00"):
             assert answer.status_code == 400, answer.text
-            assert (await receipt())["verdict"] == "malformed" and await breaks_of(rig.stack, psp) == []
+            assert (await receipt())["verdict"] == "unreadable" and await breaks_of(rig.stack, psp) == []
             return
         assert answer.text == "[accepted]"
         [found] = await wait_for_breaks(rig.stack, [psp], "awaiting_approval")

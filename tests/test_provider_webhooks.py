@@ -232,12 +232,14 @@ def test_cashfree_refund_status_webhook_maps_every_status(raw: str, status: str)
     assert (event.failure_reason is not None) == (status in ("failed", "canceled"))
 
 
-def test_cashfree_amount_with_more_decimals_than_the_currency_is_malformed() -> None:
+def test_cashfree_amount_with_more_decimals_than_the_currency_is_unreadable() -> None:
+    """Signed, so the provider's own word that no rule can read: `unreadable` (kept, loud),
+    not `malformed` (pruned after the refused retention like unsigned traffic)."""
     body = (PAYLOADS / "cashfree_refund_status.json").read_bytes().replace(b"2.00", b"2.005")
     adapter = cashfree.CashfreeProvider(webhook_secrets=[CASHFREE_SECRET])
     with pytest.raises(WebhookRejected) as refused:
         adapter.parse_webhook(sign_cashfree(body), body, time.time())
-    assert refused.value.verdict == "malformed" and "decimals" in refused.value.message
+    assert refused.value.verdict == "unreadable" and "decimals" in refused.value.message
 
 
 # -- coverage, replay, re-drive ------------------------------------------------------------

@@ -275,13 +275,13 @@ def test_a_webhook_amount_is_read_in_iso_minor_units(currency: str, at_stripe: i
     assert (event.amount, event.currency) == (ours, currency.upper())
 
 
-def test_a_webhook_amount_no_iso_minor_unit_can_hold_is_refused_as_malformed() -> None:
+def test_a_webhook_amount_no_iso_minor_unit_can_hold_is_refused_as_unreadable() -> None:
     """40.10 ISK (fractional krona, which Stripe stopped taking in 2023) has no ISO 4217
     minor-unit amount: refused and named, never rounded into a different refund."""
     headers, raw = _signed_event("refund.updated", amount=4_010, currency="isk")
     with pytest.raises(WebhookRejected) as refused:
         _adapter().parse_webhook(headers, raw, time.time())
-    assert refused.value.verdict == "malformed"
+    assert refused.value.verdict == "unreadable"
     assert "4010" in refused.value.message and "ISK" in refused.value.message
 
 

@@ -125,11 +125,15 @@ async def test_refused_receipts_are_pruned_by_the_worker_after_their_retention(
         provider=provider, event_id="evt_unknown", event_type="refund.teleported", body=body,
         body_sha256=hashlib.sha256(body).hexdigest(), headers={}, verdict="unknown_type",
         error="no handler")).receipt_id
+    signed_unreadable = (await store.receipts.store(
+        provider=provider, event_id=None, event_type="refund.updated", body=body,
+        body_sha256=hashlib.sha256(body).hexdigest(), headers={}, verdict="unreadable",
+        error="refund.updated: ValueError: 2.005 INR has more decimals than INR")).receipt_id
     replay = (await store.receipts.store(
         provider=provider, event_id=None, event_type=None, body=body,
         body_sha256=hashlib.sha256(body).hexdigest(), headers={}, verdict="bad_signature",
         error="still forged", replay_of=old_forgery)).receipt_id
-    for receipt_id in (old_forgery, signed_unknown):
+    for receipt_id in (old_forgery, signed_unknown, signed_unreadable):
         await backdate(store, receipt_id, 31)
 
     stop = asyncio.Event()
@@ -145,6 +149,7 @@ async def test_refused_receipts_are_pruned_by_the_worker_after_their_retention(
         await loop
     assert await receipt_row(store, fresh_forgery) is not None  # inside its retention
     assert await receipt_row(store, signed_unknown) is not None  # signed: kept for coverage
+    assert await receipt_row(store, signed_unreadable) is not None  # the provider's word: kept
     kept = await receipt_row(store, replay)
     assert kept is not None and kept["replay_of"] is None  # the replay outlives its original
 

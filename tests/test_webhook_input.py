@@ -260,14 +260,14 @@ NAMED: dict[str, tuple[str, bytes, dict[str, str], str]] = {
     "stripe_created_past_time_t": ("/webhooks/stripe", json.dumps(
         {"id": "evt_far", "type": "refund.updated", "created": 67768036191676800,
          "data": {"object": {"id": "re_far", "charge": "ch_far", "amount": 100, "currency": "usd",
-                             "status": "failed"}}}).encode(), {"stripe-signature": "{fresh}"}, "malformed"),
+                             "status": "failed"}}}).encode(), {"stripe-signature": "{fresh}"}, "unreadable"),
     # a signed refund event no case holds, for an amount no refund has: it opened a tracking
     # case, whose row refused it (a 500 on every retry of the provider's for days)
     **{f"refund_amount_{name}": ("/webhooks/sandbox", json.dumps(
         {"id": f"evt_{uuid.uuid4().hex}", "type": "refund.updated", "created": int(time.time()),
          "data": {"object": {"id": f"re_{uuid.uuid4().hex[:12]}", "charge": "ch_amt", "amount": amount,
                              "currency": "usd", "status": "succeeded", "metadata": {}}}}).encode(),
-        {"sandbox-signature": "{fresh}"}, "malformed")
+        {"sandbox-signature": "{fresh}"}, "unreadable")
        for name, amount in (("zero", 0), ("negative", -1), ("past_64_bits", 2**63))},
     "nul_in_header": ("/webhooks/sandbox", b"{}", {"sandbox-signature": "t=1,v1=00", "x-note": "a\x00b"},
                       "bad_signature"),

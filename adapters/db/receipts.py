@@ -193,9 +193,10 @@ class ReceiptRepository(Repository):
 
     async def prune_refused(self, older_than: timedelta, limit: int = 1000) -> int:
         """Deletes up to `limit` receipts older than `older_than` that were refused without
-        proof of who sent them; returns how many. Accepted, duplicate, unknown_type and
-        unexpected_status receipts (signed deliveries) stay. The verdict list is the
-        predicate of the partial index webhook_receipts_prunable (migration 0730)."""
+        proof of who sent them; returns how many. Accepted, duplicate, unknown_type,
+        unexpected_status, foreign_account and unreadable receipts (signed deliveries) stay.
+        The verdict list is the predicate of the partial index webhook_receipts_prunable
+        (migration 0730)."""
         return await self._db.execute(
             "DELETE FROM webhook_receipts WHERE id IN (SELECT id FROM webhook_receipts"
             " WHERE verdict IN ('bad_signature', 'stale', 'malformed', 'too_large',"

@@ -181,8 +181,9 @@ class AdyenHmacVerifier:
 
 
 def only_item(payload: Any) -> dict[str, Any]:
-    """The notification's single item; a batch is refused whole (see the module notes)."""
-    with normalising(None, None):
+    """The notification's single item; a batch is refused whole (see the module notes). Read
+    before its signature is checked (the HMAC is inside the item): `malformed`."""
+    with normalising(None, None, signed=False):
         items = payload["notificationItems"]
         if not isinstance(items, list) or not items:
             raise ValueError("notificationItems is empty")

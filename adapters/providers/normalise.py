@@ -267,8 +267,10 @@ def stripe_envelope(body: bytes, known: frozenset[str]) -> StripeEnvelope:
 
 
 @contextmanager
-def normalising(event_id: str | None, event_type: str | None) -> Iterator[None]:
-    """Turns a payload that does not fit into a refused delivery that names the problem."""
+def normalising(event_id: str | None, event_type: str | None, *, signed: bool = True) -> Iterator[None]:
+    """Turns a payload that does not fit into a refused delivery that names the problem:
+    `unreadable` once its signature held (the provider's word: kept and loud), else
+    `malformed` (anyone's bytes: pruned after the refused retention)."""
     try:
         yield
     except UnexpectedStatus as exc:
@@ -279,7 +281,8 @@ def normalising(event_id: str | None, event_type: str | None) -> Iterator[None]:
         # AttributeError: a list or string where an object belongs; ArithmeticError: a time
         # or number out of range; OSError: a time past what the platform's time_t holds
         # (EOVERFLOW from fromtimestamp); RecursionError: nesting too deep to turn into text.
-        raise WebhookRejected("malformed", f"{event_type}: {type(exc).__name__}: {exc!s}"[:500],
+        raise WebhookRejected("unreadable" if signed else "malformed",
+                              f"{event_type}: {type(exc).__name__}: {exc!s}"[:500],
                               event_id=event_id, event_type=event_type) from None
 
 

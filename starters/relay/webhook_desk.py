@@ -58,9 +58,9 @@ from workflows.refund import RefundWorkflow
 log = logging.getLogger("relay")
 
 REJECTION_STATUS = {"too_large": 413, "unknown_provider": 404, "unknown_type": 202, "malformed": 400,
-                    "unexpected_status": 422, "forbidden_source": 403, "bad_signature": 401,
-                    "stale": 401, "foreign_account": 202}
-LOUD_VERDICTS = frozenset({"unknown_type", "unexpected_status", "foreign_account"})
+                    "unreadable": 400, "unexpected_status": 422, "forbidden_source": 403,
+                    "bad_signature": 401, "stale": 401, "foreign_account": 202}
+LOUD_VERDICTS = frozenset({"unknown_type", "unexpected_status", "foreign_account", "unreadable"})
 
 
 def _coverage_entry(handled: frozenset[str]) -> dict[str, Any]:
@@ -163,7 +163,7 @@ class WebhookDesk:
                                   f"allowed source for {provider_name}")
         event = provider.parse_webhook(headers, body, now)
         if receipts.unstorable(event):
-            raise WebhookRejected("malformed", "the event holds text PostgreSQL cannot store (NUL or a "
+            raise WebhookRejected("unreadable", "the event holds text PostgreSQL cannot store (NUL or a "
                                   "lone surrogate)", event_id=receipts.storable(event.event_id),
                                   event_type=receipts.storable(event.event_type))
         if isinstance(event, ProviderEvent) and event.kind is EventKind.REFUND_REQUESTED:
