@@ -123,6 +123,12 @@ class Settings(BaseSettings):
         default=None, description="Rainforest API base, e.g. https://api.sandbox.rainforestpay.com; "
                                   "unset: webhooks only")
     rainforest_api_key: SecretStr | None = Field(default=None, description="Rainforest API key (Bearer)")
+    rainforest_merchant_ids: str | None = Field(
+        default=None, description=(
+            "the Rainforest merchants this deployment serves, comma-separated: a platform's webhooks "
+            "and API key cover every merchant on it, and another merchant's events are stored "
+            "(`foreign_account`) and act on nothing, its payins are no charge of ours and a refund "
+            "on it is never sent. Unset: every merchant"))
     cashfree_api_base: str | None = Field(
         default=None, description="Cashfree PG API base, e.g. https://sandbox.cashfree.com/pg; "
                                   "unset: webhooks only")

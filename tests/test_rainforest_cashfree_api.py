@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -28,11 +29,13 @@ from adapters.http_server import AppServer
 from adapters.providers import rainforest
 from adapters.providers.base import (
     PayoutLister,
+    ProviderDeclined,
     ProviderError,
     ProviderOutcomeUnknown,
     ProviderUnsupported,
     RefundLister,
     UnexpectedProviderStatus,
+    WebhookRejected,
 )
 from adapters.providers.cashfree import CashfreeApiProvider, CashfreeProvider
 from adapters.providers.http import send
@@ -463,6 +466,50 @@ async def _serving(routes: dict[str, Any]) -> AppServer:
 
 RAINFOREST_PAYIN = {"payin_id": "pyi_1", "merchant_id": "mid_1", "amount": 5_000, "currency_code": "USD",
                     "status": "SUCCEEDED", "refundable_amount": 5_000, "refunds": [], "chargebacks": []}
+
+
+async def test_another_rainforest_merchant_is_not_ours() -> None:
+    """A platform's webhooks and API key cover every merchant on it; this deployment serves
+    REFUNDS_RAINFOREST_MERCHANT_IDS. Another merchant's signed refund event opened a tracking
+    case that held and booked its refund in our ledger: it is `foreign_account`. Its payin is
+    no charge of ours (validation refuses it) and a refund on it is never sent."""
+    doc = json.loads((PAYLOADS / "rainforest_refund.processing.json").read_bytes())
+    payin = {**RAINFOREST_PAYIN, "merchant_id": "mid_other"}
+    listed: list[dict[str, Any]] = [
+        {"refund_id": f"rfd_{m}", "payin_id": "pyi_1", "merchant_id": m, "amount": 100,
+         "currency_code": "USD", "status": "SUCCEEDED", "metadata": {},
+         "created_at": "2026-12-01T10:00:00+00:00"}
+        for m in ("mid_other", "mid_1")]
+    server = await _serving({"/v1/payins/pyi_1": {"status": "SUCCESS", "data": payin},
+                             "/v1/refunds": {"status": "SUCCESS", "data": {"results": listed}}})
+    adapter = RainforestApiProvider(api_base=server.url, api_key=RAINFOREST_KEY,
+                                    webhook_secrets=[RAINFOREST_SECRET], merchant_ids=["mid_1"])
+    request = RefundRequest(refund_request_id="rr-other", provider="rainforest", charge_id="pyi_1",
+                            amount=100, currency="USD", merchant_account="mid_other", reason="duplicate")
+    try:
+        for merchant, foreign in (("mid_other", True), ("mid_1", False)):
+            doc["data"]["merchant_id"] = merchant
+            body = json.dumps(doc).encode()
+            if foreign:
+                with pytest.raises(WebhookRejected) as refused:
+                    adapter.parse_webhook(sign_rainforest(body), body, time.time())
+                assert refused.value.verdict == "foreign_account" and "mid_other" in refused.value.message
+            else:
+                event = adapter.parse_webhook(sign_rainforest(body), body, time.time())
+                assert event.merchant_account == "mid_1"
+        with pytest.raises(ProviderDeclined, match="mid_other"):
+            await adapter.get_charge("pyi_1")
+        with pytest.raises(ProviderDeclined, match="nothing was sent"):
+            await adapter.create_refund(request, "key-1")
+        window = (datetime(2026, 11, 30, tzinfo=UTC), datetime(2026, 12, 2, tzinfo=UTC))
+        seen = [item async for item in adapter.list_refunds(*window)]
+        assert [i.refund.refund_id for i in seen if isinstance(i, ListedRefund)] == ["rfd_mid_1"]
+    finally:
+        await adapter.aclose()
+        await server.stop()
+    unset = RainforestProvider(webhook_secrets=[RAINFOREST_SECRET])  # no list: every merchant
+    body = json.dumps(doc | {"data": doc["data"] | {"merchant_id": "mid_any"}}).encode()
+    assert unset.parse_webhook(sign_rainforest(body), body, time.time()).provider == "rainforest"
 
 
 @pytest.mark.parametrize("missing", ["refunds", "chargebacks"])

@@ -10,14 +10,20 @@ deliveries use (`svix-id`, `svix-timestamp`, `svix-signature`).
 
 import hashlib
 import hmac
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
 from svix.webhooks import Webhook as SvixWebhook
 
-from adapters.providers.base import ProviderError, ProviderOutcomeUnknown, WebhookRejected, only_refund
+from adapters.providers.base import (
+    ProviderDeclined,
+    ProviderError,
+    ProviderOutcomeUnknown,
+    WebhookRejected,
+    only_refund,
+)
 from adapters.providers.http import JsonApi, JsonApiAdapter
 from adapters.providers.normalise import (
     REFERENCE_KEY,
@@ -121,8 +127,23 @@ class RainforestProvider(VerifiedWebhooksOnly):
     name = "rainforest"
     event_types = KNOWN_EVENT_TYPES
 
+    def __init__(self, *, webhook_secrets: Sequence[str], tolerance_seconds: int = 300,
+                 verifier: WebhookVerifier | None = None, name: str | None = None,
+                 merchant_ids: Collection[str] = ()) -> None:
+        super().__init__(webhook_secrets=webhook_secrets, tolerance_seconds=tolerance_seconds,
+                         verifier=verifier, name=name)
+        self._merchant_ids = frozenset(merchant_ids)
+
     def _own_verifier(self, secrets: Sequence[str], tolerance_seconds: int) -> WebhookVerifier:
         return SvixVerifier(secrets, tolerance_seconds=tolerance_seconds)
+
+    def _not_served(self, merchant_id: object) -> str | None:
+        """Why `merchant_id` is not one this deployment serves (None when it is, or when no
+        list is configured): a platform's webhooks and API key cover every merchant on it."""
+        if not self._merchant_ids or merchant_id in self._merchant_ids:
+            return None
+        return (f"merchant {merchant_id!r} is not one this deployment serves "
+                "(REFUNDS_RAINFOREST_MERCHANT_IDS)")
 
     def parse_webhook(self, headers: Mapping[str, str], body: bytes, now: float) -> ProviderEvent:
         self._verifier.verify(headers, body, now)
@@ -132,12 +153,16 @@ class RainforestProvider(VerifiedWebhooksOnly):
             event_type, data = str(payload["event_type"]), payload["data"]
         require_known(event_type, KNOWN_EVENT_TYPES, event_id)
         with normalising(event_id, event_type):
+            merchant_id = data.get("merchant_id")
+        if refusal := self._not_served(merchant_id):
+            raise WebhookRejected("foreign_account", refusal, event_id=event_id, event_type=event_type)
+        with normalising(event_id, event_type):
             stamp = data.get("updated_at") or data.get("created_at")
             occurred = (datetime.fromisoformat(stamp) if stamp
                         else datetime.fromtimestamp(int(_header(headers, "timestamp")), UTC))
             return refund_event(_refund(self.name, data), event_id=event_id, event_type=event_type,
                                 body_sha256=hashlib.sha256(body).hexdigest(), occurred_at=occurred,
-                                merchant_account=data.get("merchant_id"))
+                                merchant_account=merchant_id)
 
 
 def _data(answer: Any) -> Any:
@@ -183,8 +208,9 @@ class RainforestApiProvider(JsonApiAdapter, RainforestProvider):
 
     def __init__(self, *, api_base: str, api_key: str, webhook_secrets: Sequence[str],
                  timeout_seconds: float = 10.0, tolerance_seconds: int = 300,
-                 name: str = "rainforest") -> None:
-        super().__init__(webhook_secrets=webhook_secrets, tolerance_seconds=tolerance_seconds, name=name)
+                 name: str = "rainforest", merchant_ids: Collection[str] = ()) -> None:
+        super().__init__(webhook_secrets=webhook_secrets, tolerance_seconds=tolerance_seconds, name=name,
+                         merchant_ids=merchant_ids)
         self._api = JsonApi(api_base, timeout_seconds=timeout_seconds, headers={
             "Authorization": f"Bearer {api_key}", "Rainforest-Api-Version": API_VERSION})
 
@@ -205,6 +231,8 @@ class RainforestApiProvider(JsonApiAdapter, RainforestProvider):
         payin = await self._payin(charge_id)
         if payin is None:
             return None
+        if refusal := self._not_served(payin.get("merchant_id")):
+            raise ProviderDeclined(f"{self.name}: the payin's {refusal}")
         amount = minor_units(payin["amount"])
         captured = payin["status"] == "SUCCEEDED"
         chargebacks = required(self.name, payin, "chargebacks", list, f"payin {charge_id}")
@@ -217,6 +245,8 @@ class RainforestApiProvider(JsonApiAdapter, RainforestProvider):
                               dispute_count=len(chargebacks))
 
     async def create_refund(self, request: RefundRequest, idempotency_key: str) -> ProviderRefund:
+        if refusal := self._not_served(request.merchant_account):
+            raise ProviderDeclined(f"{self.name}: {refusal}; nothing was sent")
         answer = await self._api.call(
             "POST", f"/v1/payins/{quote(request.charge_id, safe='')}/refund",
             json={"amount": request.amount, "idempotency_key": idempotency_key,
@@ -255,7 +285,8 @@ class RainforestApiProvider(JsonApiAdapter, RainforestProvider):
                 if skipping:
                     skipping = str(obj["refund_id"]) != starting_after
                     continue
-                yield _listed(self.name, obj)
+                if self._not_served(obj.get("merchant_id")) is None:  # the platform lists them all
+                    yield _listed(self.name, obj)
             if not page.get("next_page_token") or not page["results"]:
                 return
             params["page_token"] = page["next_page_token"]

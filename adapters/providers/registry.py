@@ -33,14 +33,16 @@ def build_providers(settings: Settings, store: Store | None = None) -> dict[str,
     timeout = settings.provider_http_timeout_seconds
     if settings.rainforest_webhook_secret is not None:
         rainforest_secrets = secret_list(settings.rainforest_webhook_secret)
+        merchant_ids = comma_list(settings.rainforest_merchant_ids)
         # Without API settings the adapter stays webhooks-only (API calls refused, not guessed).
         providers["rainforest"] = (
             RainforestApiProvider(api_base=settings.rainforest_api_base,
                                   api_key=settings.rainforest_api_key.get_secret_value(),
                                   webhook_secrets=rainforest_secrets, timeout_seconds=timeout,
-                                  tolerance_seconds=tolerance)
+                                  tolerance_seconds=tolerance, merchant_ids=merchant_ids)
             if settings.rainforest_api_base and settings.rainforest_api_key
-            else RainforestProvider(webhook_secrets=rainforest_secrets, tolerance_seconds=tolerance))
+            else RainforestProvider(webhook_secrets=rainforest_secrets, tolerance_seconds=tolerance,
+                                    merchant_ids=merchant_ids))
     if settings.cashfree_webhook_secret is not None:
         cashfree_secrets = secret_list(settings.cashfree_webhook_secret)
         providers["cashfree"] = (
