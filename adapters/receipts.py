@@ -14,6 +14,9 @@ def storable(text: str) -> str:
 
 
 CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
+INTEGRATION_SENDERS = frozenset({"slack", "servicenow"})
+"""Receipts of integration calls (not provider webhooks): the webhook path cannot replay
+them (each was taken as `unknown_provider`); their sender sends a call again itself."""
 """Never kept with a receipt (a ServiceNow outbound REST call commonly carries Basic auth)."""
 
 

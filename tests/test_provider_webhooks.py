@@ -324,6 +324,28 @@ async def test_a_replay_window_is_paged_so_no_call_outlives_its_client(
     assert set(firsts) <= {r["replay_of"] for r in walked}
 
 
+async def test_integration_calls_are_not_replayed_through_the_webhook_path(hooks: Stack) -> None:
+    """A Slack or ServiceNow call's receipt went through the webhook path on a replay: no
+    such provider, so a new `unknown_provider` receipt was stored for each (a window's replay
+    did it for every integration call in it, and coverage counted them). Their sender sends
+    a call again itself: a single replay is a 404 that says so, a window skips them."""
+    body = b'{"sys_id": "abc"}'
+    call = (await hooks.store.receipts.store(
+        provider="servicenow", event_id=f"sn-{uuid.uuid4().hex}", event_type="ticket", body=body,
+        body_sha256=hashlib.sha256(body).hexdigest(), headers={}, verdict="accepted", error=None)).receipt_id
+    stored = await hooks.store.receipts.delivery(call)
+    assert stored is not None
+    async with hooks.api("olga") as api:
+        one = await api.post("/v1/webhook-receipts/replay", json={"receipt_id": call})
+        window = await api.post("/v1/webhook-receipts/replay",
+                                json={"since": stored.received_at.isoformat(), "limit": 1000})
+    assert one.status_code == 404 and "ServiceNow" in one.json()["detail"], one.text
+    assert window.status_code == 200 and call not in [r["replay_of"] for r in window.json()], window.text
+    made = await hooks.store.database.fetch_all(
+        "SELECT verdict FROM webhook_receipts WHERE replay_of = %s", (call,))
+    assert made == []
+
+
 async def test_redrive_heals_a_receipt_stored_but_never_routed(
         hooks: Stack, capsys: pytest.CaptureFixture[str]) -> None:
     body, refund_id = recorded("cashfree")

@@ -15,6 +15,7 @@ from psycopg import sql
 from adapters.db.cases import CaseCreation, CaseRepository
 from adapters.db.database import Repository, jsonb
 from adapters.db.rows import ReceiptRow
+from adapters.receipts import INTEGRATION_SENDERS
 from domain.models import RefundRequest
 
 log = logging.getLogger("store")
@@ -222,11 +223,13 @@ class ReceiptRepository(Repository):
                               received_at=row["received_at"], verdict=row["verdict"])
 
     async def deliveries_since(self, since: datetime, *, after_id: int, limit: int) -> list[int]:
-        """Original deliveries (not earlier replays) received at or after `since`, oldest first,
-        past receipt `after_id`: at most `limit` of them (a page; the caller goes on from the last)."""
+        """Original webhook deliveries (not earlier replays, not integration calls) received at
+        or after `since`, oldest first, past receipt `after_id`: at most `limit` of them (a
+        page; the caller goes on from the last)."""
         rows = await self._db.fetch_all(
             "SELECT id FROM webhook_receipts WHERE received_at >= %s AND replay_of IS NULL"
-            " AND id > %s ORDER BY id LIMIT %s", (since, after_id, limit))
+            " AND provider <> ALL(%s) AND id > %s ORDER BY id LIMIT %s",
+            (since, sorted(INTEGRATION_SENDERS), after_id, limit))
         return [int(r["id"]) for r in rows]
 
     async def unprocessed(self, older_than_seconds: float, providers: Collection[str],

@@ -476,7 +476,7 @@ class WebhookDesk:
     async def replay(self, receipt_id: int) -> IngestResult | None:
         """Re-feeds one stored delivery through `ingest`, as of its reception time."""
         stored = await self._store.receipts.delivery(receipt_id)
-        if stored is None:
+        if stored is None or stored.provider in receipts.INTEGRATION_SENDERS:
             return None
         return await self.ingest(stored.provider, stored.headers, stored.body,
                                  now=stored.received_at.timestamp(), peer=None, replay_of=receipt_id,

@@ -85,7 +85,9 @@ async def replay(body: ReplayBody, caller: Caller, door: Door, desk: Desk) -> li
     if body.receipt_id is not None:
         one = await desk.replay(body.receipt_id)
         if one is None:
-            await door.actions.refuse(caller, None, 404, action, f"no receipt {body.receipt_id}", via="api")
+            await door.actions.refuse(caller, None, 404, action,
+                                      f"no webhook receipt {body.receipt_id} (Slack and ServiceNow calls are "
+                                      "not replayed: their sender sends them again)", via="api")
         results = [one]
     else:
         assert body.since is not None
