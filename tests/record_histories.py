@@ -78,6 +78,7 @@ from tests.reconciliation_kit import (
 )
 from tests.test_adyen import MERCHANT, adyen_rig, unique_psp
 from tests.test_adyen import notification as adyen_notification
+from tests.test_case_lifecycle import reported_as_the_cancelled_run_ends
 from tests.test_duplicate_refunds import duplicate_heard_with_a_cancel
 from tests.test_news_seal import failure_heard_while_finishing
 from tests.test_payouts import keep_holds_policy, reversal_answered_late
@@ -483,6 +484,12 @@ async def finish_reads_news(rig: Recording) -> str:
     case_id, charge = await requested(rig, 1_500)
     await failure_heard_while_finishing(rig.stack, case_id, charge)
     return case_id
+
+
+async def cancel_finish_takes_notified(rig: Recording) -> str:
+    """A refund reported once `canceled_by_ops` was written, while the run waited for a
+    forgery's refused record: taken and followed before the run ends."""
+    return (await reported_as_the_cancelled_run_ends(rig.stack))[0]
 
 
 async def cancel_takes_notified(rig: Recording) -> str:
@@ -929,6 +936,9 @@ SCENARIOS: dict[str, Scenario] = {
     "refund_cancel_while_submitting": Scenario(cancel_while_submitting, {"submit_timeout_seconds": 3}),
     "refund_cancel_takes_notified": Scenario(cancel_takes_notified, {"submit_timeout_seconds": 3}),
     "refund_finish_reads_news": Scenario(finish_reads_news, {"late_failure_window_seconds": 3}),
+    "refund_cancel_finish_takes_notified": Scenario(cancel_finish_takes_notified,
+                                                    {"submit_timeout_seconds": 3,
+                                                     "late_failure_window_seconds": 60}),
     "refund_cancel_after_success": Scenario(cancel_after_success, {"late_failure_window_seconds": 60}),
     "refund_cancel_reads_news": Scenario(cancel_reads_news, {"late_failure_window_seconds": 300}),
     "refund_continued_as_new": Scenario(continued_as_new, {"continue_as_new_after_events": 40,

@@ -16,8 +16,9 @@ from adapters.notify.message import render
 from adapters.providers.base import ProviderAdapter
 from domain.models import ProviderRefund, RefundRequest
 from starters.dev.stack import TemporalDevServer
-from tests.harness import Stack, open_stack, stack_with
+from tests.harness import Stack, foreign_refund_event, holding_records_of, open_stack, stack_with, unsealing
 from workers.case_sweep import sweep_cases_once
+from workflows.refund import RefundWorkflow
 
 STAGES = ("validating", "awaiting_approval", "executing", "verifying", "succeeded_watching")
 SMALL, LARGE = 1_000, 9_000  # auto-approved; needs an approver
@@ -181,6 +182,53 @@ async def test_a_cancel_follows_the_refund_its_webhook_reported_when_the_lookup_
     assert {e["template"] for e in await quick.store.ledger.entries(case_id)} == {"refund_settled"}
     actions = await quick.actions(case_id)
     assert "provider_notification_received" in actions and "canceled_by_ops" not in actions, actions
+
+
+async def test_a_refund_reported_as_the_cancelled_run_ends_is_followed(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """As above, but the refund's webhook comes once `canceled_by_ops` is written, while the
+    run waits for its last writes before it ends (here a refused forgery's record): the
+    workflow is running, so the relay signals it, and the run ended with the event unread:
+    released, nothing booked, the money gone. A run that ends without a refund after a
+    submit takes a refund its inbox reports and follows it."""
+    async with stack_with(store, client, temporal_server.address, submit_timeout_seconds=3,
+                          late_failure_window_seconds=60) as stack:
+        case_id, charge = await reported_as_the_cancelled_run_ends(stack)
+        row = await stack.store.cases.get(case_id)
+        refunds = await stack.provider_refunds(charge)
+        entries = {e["template"] for e in await stack.store.ledger.entries(case_id)}
+    assert row is not None and len(refunds) == 1, (row, refunds)
+    assert (row["status"], row["provider_refund_id"]) == ("succeeded", refunds[0]["id"]), row
+    assert entries == {"refund_settled"}
+
+
+async def reported_as_the_cancelled_run_ends(stack: Stack) -> tuple[str, str]:
+    """A create the provider makes while its answer is lost and the lookups miss it; the case
+    cancelled; its webhook held until `canceled_by_ops` is written and delivered while the
+    run waits for a forgery's refused record; the run ended: (case id, charge)."""
+    charge = await stack.charge(20_000)
+    await _fault(stack, mode="timeout_after_success", seconds=2.5)
+    await _fault(stack, mode="lookup_empty", times=50, charge=charge)
+    async with stack.sandbox() as sb:
+        (await sb.post("/_sandbox/config", json={"hold_webhooks": True})).raise_for_status()
+    case_id = await stack.request_refund("alice", charge, SMALL)
+    await stack.wait_for_audit(case_id, "provider_submit_started")
+    handle = stack.client.get_workflow_handle(case_id)
+    async with holding_records_of(stack, "provider_event_refused") as (release, held):
+        forged = foreign_refund_event("sandbox", case_id, charge, SMALL, "USD")
+        forger = unsealing(stack.client).get_workflow_handle(case_id)
+        await forger.signal(RefundWorkflow.provider_event, forged)
+        await asyncio.wait_for(held.wait(), 60)
+        await handle.cancel()
+        await stack.wait_for_audit(case_id, "canceled_by_ops")
+        async with stack.sandbox() as sb:
+            assert (await sb.post("/_sandbox/release-webhooks")).json()["released"] >= 1
+        await stack.wait_for_signalled(case_id)
+        release.set()
+        await asyncio.wait_for(handle.result(), 60)
+    async with stack.sandbox() as sb:
+        (await sb.post("/_sandbox/config", json={"hold_webhooks": False})).raise_for_status()
+    return case_id, charge
 
 
 async def _cancelled_while_the_create_lands(quick: Stack) -> tuple[str, str]:

@@ -54,6 +54,7 @@ from workflows.refund_case import (
     DUPLICATE_PATCH,
     EXECUTOR_EVENTS_PATCH,
     FINISH_NEWS_PATCH,
+    FINISH_NOTIFIED_PATCH,
     FOLLOW_SCOPE_PATCH,
     HORIZON_PATCH,
     MISMATCH_PATCH,
@@ -173,6 +174,10 @@ BRANCHES: dict[str, Branch] = {
     "refund_finish_reads_news": branch("action:refund_succeeded", "action:provider_event_refused",
                                        f"patch:{FINISH_NEWS_PATCH}", "action:refund_failed_after_success",
                                        "ledger:refund_reversed"),
+    "refund_cancel_finish_takes_notified": branch(
+        "cancel_requested", "action:canceled_by_ops", "action:provider_event_refused",
+        f"patch:{FINISH_NOTIFIED_PATCH}", "action:provider_notification_received",
+        "action:refund_succeeded", "ledger:refund_settled"),
     "refund_cancel_reads_news": branch("cancel_requested", f"patch:{CANCEL_NEWS_PATCH}",
                                        "action:cancel_after_provider_refund",
                                        "action:duplicate_provider_refund",

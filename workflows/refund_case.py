@@ -142,6 +142,11 @@ CONTRADICTION_PATCH = "provider-contradiction-to-ops-1"
 # the watch. Before, it was never read: a late failure then reversed nothing and told nobody.
 # Asked only when such an event waits for a run with a refund.
 FINISH_NEWS_PATCH = "finish-reads-queued-news-1"
+# The same for a run that ends without a refund after a submit (a cancel or a decline whose
+# lookup missed it): a queued event reporting the case's refund is taken and followed, as the
+# cancel takes one it already holds. Before, the run ended with it unread: the case released,
+# nothing booked, the money gone. Asked only when such an event waits.
+FINISH_NOTIFIED_PATCH = "finish-takes-notified-refund-1"
 # The case's action, the ops notice and the metric's reason when a provider refuses our key.
 CONFIGURATION_INCIDENT = "provider_configuration_refused"
 

@@ -26,6 +26,7 @@ with workflow.unsafe.imports_passed_through():
         CANCEL_NOTIFIED_PATCH,
         CHARGE_SCOPED_WAIT_PATCH,
         FINISH_NEWS_PATCH,
+        FINISH_NOTIFIED_PATCH,
         HORIZON_PATCH,
         SUBMITTING,
         ValidationAbandoned,
@@ -100,10 +101,27 @@ class RefundLifecycle(RefundProvider):
 
     async def _finish(self) -> RefundOutcome:
         await self._drain()
-        while self._event_inbox and self._refund is not None and workflow.patched(FINISH_NEWS_PATCH):
-            await self._watch()  # news that came while the run waited for its last writes
+        while self._event_inbox and await self._read_late_news():
             await self._drain()
         return RefundOutcome(state=self.state())
+
+    async def _read_late_news(self) -> bool:
+        """News that came while the run waited for its last writes: read as in the watch when
+        the case follows a refund; after a submit without one, a refund it reports is taken
+        and followed. False when nothing here reads it (the run ends)."""
+        if self._refund is not None:
+            if not workflow.patched(FINISH_NEWS_PATCH):
+                return False
+            await self._watch()
+            return True
+        if not self._attempt or self._notified() is None or not workflow.patched(FINISH_NOTIFIED_PATCH):
+            return False
+        self._charge_scoped = workflow.patched(CHARGE_SCOPED_WAIT_PATCH)
+        notified = self._notified()
+        if notified is None:
+            return False
+        await self._follow_provider(await self._take_notification(notified))
+        return True
 
     async def _drain(self) -> None:
         """Late verdicts recorded, handlers finished, queued notices delivered: what a run
