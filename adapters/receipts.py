@@ -14,10 +14,10 @@ def storable(text: str) -> str:
 
 
 CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
+"""Never kept with a receipt (a ServiceNow outbound REST call commonly carries Basic auth)."""
 INTEGRATION_SENDERS = frozenset({"slack", "servicenow"})
 """Receipts of integration calls (not provider webhooks): the webhook path cannot replay
 them (each was taken as `unknown_provider`); their sender sends a call again itself."""
-"""Never kept with a receipt (a ServiceNow outbound REST call commonly carries Basic auth)."""
 
 
 def storable_headers(headers: Mapping[str, str]) -> dict[str, str]:

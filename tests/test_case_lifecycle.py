@@ -199,6 +199,7 @@ async def test_a_refund_reported_as_the_cancelled_run_ends_is_followed(
         entries = {e["template"] for e in await stack.store.ledger.entries(case_id)}
     assert row is not None and len(refunds) == 1, (row, refunds)
     assert (row["status"], row["provider_refund_id"]) == ("succeeded", refunds[0]["id"]), row
+    assert row["reserved_amount"] == SMALL  # the cancel released it: the refund holds it again
     assert entries == {"refund_settled"}
 
 

@@ -24,7 +24,7 @@ from adapters.db.outbox import OutboxRepository
 from adapters.db.rows import CaseRow
 from adapters.db.steps import once
 from adapters.db.sweep import idle_unswept, mark_end_seen, open_incident_run
-from domain.lifecycle import BACKWARDS, classify_status_change
+from domain.lifecycle import BACKWARDS, FINAL_PROVIDER_STATUSES, classify_status_change
 from domain.models import (
     CLOSED_STATUSES,
     CaseEventInput,
@@ -375,17 +375,23 @@ class CaseRepository(Repository):
     async def record_event_in(cls, conn: Conn, event: CaseEventInput, *, applied: bool = False) -> None:
         """`record_event` inside the caller's transaction. `applied`: the event is the refund
         workflow's own step, so its refund is what the workflow holds (`applied_*`, which the
-        relay reads to leave out events that tell the workflow nothing new)."""
+        relay reads to leave out events that tell the workflow nothing new). A refund that moved
+        or may move money holds the case's amount again where a cancel or a decline had
+        released it (a refund heard only after: it counts against the charge, as
+        reconciliation's correction sets it)."""
         refund = event.provider_refund
         if refund is not None:
             await conn.execute(
                 "UPDATE refund_cases SET provider_refund_id = %(id)s, provider_status = %(status)s,"
                 " failure_reason = %(reason)s, updated_at = now(),"
+                " reserved_amount = CASE WHEN %(holds)s AND reserved_amount = 0 THEN amount"
+                " ELSE reserved_amount END,"
                 " applied_refund_id = CASE WHEN %(applied)s THEN %(id)s ELSE applied_refund_id END,"
                 " applied_status = CASE WHEN %(applied)s THEN %(status)s ELSE applied_status END"
                 " WHERE refund_request_id = %(case)s",
                 {"id": refund.refund_id, "status": refund.status.value, "reason": refund.failure_reason,
-                 "applied": applied, "case": event.refund_request_id})
+                 "applied": applied, "case": event.refund_request_id,
+                 "holds": refund.status not in FINAL_PROVIDER_STATUSES})
         if event.status is not None:
             await cls._set_status(conn, event.refund_request_id, event.status,
                                    event.release_reservation)
