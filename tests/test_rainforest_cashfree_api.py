@@ -507,6 +507,10 @@ async def test_another_rainforest_merchant_is_not_ours() -> None:
     finally:
         await adapter.aclose()
         await server.stop()
+    doc["data"]["merchant_id"] = ["mid_1"]  # not a merchant id at all: foreign, never a 500
+    body = json.dumps(doc).encode()
+    with pytest.raises(WebhookRejected, match="not one this deployment serves"):
+        adapter.parse_webhook(sign_rainforest(body), body, time.time())
     unset = RainforestProvider(webhook_secrets=[RAINFOREST_SECRET])  # no list: every merchant
     body = json.dumps(doc | {"data": doc["data"] | {"merchant_id": "mid_any"}}).encode()
     assert unset.parse_webhook(sign_rainforest(body), body, time.time()).provider == "rainforest"
