@@ -32,6 +32,7 @@ from adapters.providers.manual import ManualRefunds
 from domain import contracts, errors
 from domain.incidents import DUPLICATE_REPORTED
 from domain.integrations import AdviceReceipt, AdviseInput
+from domain.lifecycle import FINAL_PROVIDER_STATUSES
 from domain.models import (
     CaseEventInput,
     CaseStatus,
@@ -44,7 +45,6 @@ from domain.models import (
     PolicyDecision,
     PolicyInput,
     ProviderRefund,
-    ProviderRefundStatus,
     RefundMethod,
     RefundRequest,
     SubmitInput,
@@ -119,10 +119,6 @@ def _redone_after_cancel(steps: CaseWrites) -> bool:
         write.event is not None and (write.event.provider_refund is not None
                                      or write.event.action == DUPLICATE_REPORTED)
         for write in steps.writes)
-
-
-MOVED_NO_MONEY = frozenset({ProviderRefundStatus.FAILED, ProviderRefundStatus.CANCELED})
-"""Refund states that paid nobody: of several refunds under one reference, followed last."""
 
 
 class RefundActivities:
@@ -323,7 +319,7 @@ class RefundActivities:
             found = await self._executor(request).find_refund(request)
             return [found] if found is not None else []
         except RefundsDuplicated as exc:
-            return sorted(exc.refunds, key=lambda r: r.status in MOVED_NO_MONEY)
+            return sorted(exc.refunds, key=lambda r: r.status in FINAL_PROVIDER_STATUSES)  # paid nobody: last
         except ProviderLookupUnsupported as exc:  # an earlier attempt may have made it: no resend
             await self._store.audit.record(case_id, "system", "verify_state",
                                            {"lookup": "unsupported", "reason": reason})

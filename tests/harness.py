@@ -20,7 +20,7 @@ import httpx
 import psutil
 import psycopg
 from psycopg.conninfo import make_conninfo
-from temporalio.client import Client
+from temporalio.client import Client, Interceptor
 from temporalio.worker import Worker
 
 from adapters.approval_seal import NewsSealing
@@ -304,6 +304,13 @@ def foreign_refund_event(provider: str, case_id: str, charge_id: str, amount: in
         kind=EventKind.REFUND_STATUS, body_sha256="0" * 64, occurred_at=datetime.now(UTC),
         refund_id="re_foreign", charge_id=charge_id, refund_request_id=case_id, amount=amount,
         currency=currency, status=ProviderRefundStatus.SUCCEEDED, raw_status="succeeded")
+
+
+def intercepted(client: Client, interceptor: Interceptor) -> Client:
+    """The same connection with one more client interceptor (an outage, a counter)."""
+    config = client.config()
+    config["interceptors"] = [*config["interceptors"], interceptor]
+    return Client(**config)
 
 
 def unsealing(client: Client) -> Client:

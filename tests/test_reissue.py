@@ -9,7 +9,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from adapters.db import Store
 from starters.dev.stack import TemporalDevServer
-from tests.harness import Stack, stack_with
+from tests.harness import Stack, intercepted, stack_with
 
 
 async def failed_case(stack: Stack, amount: int = 2_500, requester: str = "alice",
@@ -213,9 +213,7 @@ async def test_a_reissue_whose_start_failed_is_started_when_asked_again(
     the repeat answered 200 with a child no workflow would ever run (the sweep later handed
     it to ops, and every further reissue pointed at it: the customer never paid back)."""
     refusing = FirstReissueStartFails()
-    config = client.config()
-    config["interceptors"] = [*config["interceptors"], refusing]
-    async with stack_with(store, temporal.Client(**config), temporal_server.address) as stack:
+    async with stack_with(store, intercepted(client, refusing), temporal_server.address) as stack:
         case_id, charge = await failed_case(stack)
         status, away = await reissue(stack, "olga", case_id)
         assert (status, refusing.refused) == (503, [f"{case_id}-r1"]), away
@@ -259,9 +257,7 @@ async def test_a_confirmation_sent_again_after_temporal_was_away_moves_the_case(
     hour by default) with the money already paid. Another outcome, or another person, is
     still a 409."""
     refusing = FirstSignalFails()
-    config = client.config()
-    config["interceptors"] = [*config["interceptors"], refusing]
-    async with stack_with(store, temporal.Client(**config), temporal_server.address,
+    async with stack_with(store, intercepted(client, refusing), temporal_server.address,
                           status_poll_interval_seconds=3_600, late_failure_window_seconds=3_600) as patient:
         child_id = refusing.to = await _transfer_awaiting_confirmation(patient)
         body = {"paid": True, "reason": "SEPA ref 789"}
@@ -289,9 +285,7 @@ async def test_a_call_temporal_refuses_is_no_outage_to_send_again(
     argument, as for a payload over its limit) is a 500 that names it: a caller retrying it
     would be refused forever."""
     refusing = FirstReissueStartFails(RPCStatusCode.INVALID_ARGUMENT)
-    config = client.config()
-    config["interceptors"] = [*config["interceptors"], refusing]
-    async with stack_with(store, temporal.Client(**config), temporal_server.address) as stack:
+    async with stack_with(store, intercepted(client, refusing), temporal_server.address) as stack:
         case_id, _ = await failed_case(stack)
         status, refused = await reissue(stack, "olga", case_id)
     assert (status, refusing.refused) == (500, [f"{case_id}-r1"]), refused

@@ -88,10 +88,11 @@ class RefundLifecycle(RefundProvider):
             await self._follow_provider(self._refund)  # reads the rest, then ends (cancelled)
         return await self._finish()
 
-    async def _told_of_refund(self) -> ProviderRefund | None:
+    async def _told_of_refund(self, patch: str = CANCEL_NOTIFIED_PATCH) -> ProviderRefund | None:
         """The refund a queued event reports, when the lookup after a cancel missed it: its
-        webhook came while the cancel waited out the horizon (a list lagging the write)."""
-        if self._notified() is None or not workflow.patched(CANCEL_NOTIFIED_PATCH):
+        webhook came while the cancel waited out the horizon (a list lagging the write), or
+        while the run waited for its last writes (`patch`: the branch's own marker)."""
+        if self._notified() is None or not workflow.patched(patch):
             return None
         self._charge_scoped = workflow.patched(CHARGE_SCOPED_WAIT_PATCH)
         notified = self._notified()
@@ -114,13 +115,10 @@ class RefundLifecycle(RefundProvider):
                 return False
             await self._watch()
             return True
-        if not self._attempt or self._notified() is None or not workflow.patched(FINISH_NOTIFIED_PATCH):
+        refund = await self._told_of_refund(FINISH_NOTIFIED_PATCH) if self._attempt else None
+        if refund is None:
             return False
-        self._charge_scoped = workflow.patched(CHARGE_SCOPED_WAIT_PATCH)
-        notified = self._notified()
-        if notified is None:
-            return False
-        await self._follow_provider(await self._take_notification(notified))
+        await self._follow_provider(refund)
         return True
 
     async def _drain(self) -> None:

@@ -112,13 +112,17 @@ class RefundTrackingWorkflow:
         if refusal := history.forged_start(inp.case_id, inp.carried):
             raise ApplicationError(refusal, type=errors.FORGED_START, non_retryable=True)
         await self._watch(inp)
-        await self._news.settled()
-        await workflow.wait_condition(workflow.all_handlers_finished)
+        await self._settled()
         while self._inbox and workflow.patched(FINISH_NEWS_PATCH):
             await self._watch(inp)  # news that came while the run waited for its last writes
-            await self._news.settled()
-            await workflow.wait_condition(workflow.all_handlers_finished)
+            await self._settled()
         return RefundOutcome(state=self.state())
+
+    async def _settled(self) -> None:
+        """What a run waits for before it ends or continues as new: refused news recorded,
+        handlers finished."""
+        await self._news.settled()
+        await workflow.wait_condition(workflow.all_handlers_finished)
 
     async def _watch(self, inp: TrackingInput) -> None:
         """Applies the refund's events until it is final, or its watch passes without one
@@ -168,8 +172,7 @@ class RefundTrackingWorkflow:
         long = history.at_bound(self._inp.timings.continue_as_new_after_events)
         if not long or not workflow.patched(BOUNDED_PATCH):
             return
-        await self._news.settled()
-        await workflow.wait_condition(workflow.all_handlers_finished)
+        await self._settled()
         workflow.continue_as_new(self._inp.model_copy(update={"carried": TrackingCarry(
             status=self._status, refund=self._refund, mismatched=self._mismatched,
             postings=tuple(self._postings),

@@ -42,6 +42,7 @@ from adapters.providers.base import (
     ProviderOutcomeUnknown,
     ProviderUnsupported,
     WebhookRejected,
+    not_served,
 )
 from adapters.providers.http import provider_client, raise_for_refusal, send
 from adapters.providers.normalise import (
@@ -291,10 +292,8 @@ class AdyenProvider:
     def _not_served(self, account: object) -> str | None:
         """Why `account` is not one this deployment serves (None when it is, or when no
         list is configured): one HMAC key signs every account of a company-level webhook."""
-        if not self._merchant_accounts or account in self._merchant_accounts:
-            return None
-        return (f"merchant account {account!r} is not one this deployment serves "
-                "(REFUNDS_ADYEN_MERCHANT_ACCOUNTS)")
+        return not_served(self._merchant_accounts, account, "merchant account",
+                          "REFUNDS_ADYEN_MERCHANT_ACCOUNTS")
 
     async def aclose(self) -> None:
         if self._http is not None:

@@ -68,6 +68,16 @@ class RefundsDuplicated(ProviderError):
         self.refunds = refunds
 
 
+def not_served(served: frozenset[str], account: object, what: str, setting: str) -> str | None:
+    """Why `account` is not one this deployment serves (None when it is, or when `served` is
+    empty: unset, every account): one provider key or webhook secret covers several accounts
+    (Adyen's company-level webhook, a Rainforest platform). Anything but a listed string,
+    a list or an object included, is not served."""
+    if not served or (isinstance(account, str) and account in served):
+        return None
+    return f"{what} {account!r} is not one this deployment serves ({setting})"
+
+
 def only_refund(provider: str, reference: str, found: list[ProviderRefund]) -> ProviderRefund | None:
     """A lookup's answer: the one refund with our reference, None, or `RefundsDuplicated`
     (`found` in the order the adapter prefers, the one a case follows first)."""

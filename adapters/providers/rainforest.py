@@ -22,6 +22,7 @@ from adapters.providers.base import (
     ProviderError,
     ProviderOutcomeUnknown,
     WebhookRejected,
+    not_served,
     only_refund,
 )
 from adapters.providers.http import JsonApi, JsonApiAdapter
@@ -140,10 +141,7 @@ class RainforestProvider(VerifiedWebhooksOnly):
     def _not_served(self, merchant_id: object) -> str | None:
         """Why `merchant_id` is not one this deployment serves (None when it is, or when no
         list is configured): a platform's webhooks and API key cover every merchant on it."""
-        if not self._merchant_ids or (isinstance(merchant_id, str) and merchant_id in self._merchant_ids):
-            return None
-        return (f"merchant {merchant_id!r} is not one this deployment serves "
-                "(REFUNDS_RAINFOREST_MERCHANT_IDS)")
+        return not_served(self._merchant_ids, merchant_id, "merchant", "REFUNDS_RAINFOREST_MERCHANT_IDS")
 
     def parse_webhook(self, headers: Mapping[str, str], body: bytes, now: float) -> ProviderEvent:
         self._verifier.verify(headers, body, now)
