@@ -129,9 +129,12 @@ async def failed_break_with_a_trigger(stack: Stack, *, requester: str = "bob",
 
 
 async def reopen(stack: Stack, user: str, found: Mapping[str, Any], reason: str) -> None:
-    """Reopens a dismissed or expired break through the API; returns once its new round waits."""
+    """Reopens a dismissed or expired break through the API (naming the round it shows now);
+    returns once its new round waits."""
     async with stack.api(user) as api:
-        reopened = await api.post(f"/v1/reconciliation/breaks/{found['id']}/reopen", json={"reason": reason})
+        shown = (await api.get(f"/v1/reconciliation/breaks/{found['id']}")).json()
+        reopened = await api.post(f"/v1/reconciliation/breaks/{found['id']}/reopen",
+                                  json={"reason": reason, "reopened": shown["reopened"]})
     assert reopened.status_code == 202, reopened.text
     await wait_for_breaks(stack, [found["object_id"]], "awaiting_approval")
 

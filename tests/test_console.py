@@ -392,6 +392,33 @@ async def test_reconciliation_page_shows_approvers_their_breaks_not_the_runs_and
 
 
 
+async def test_the_reopen_form_takes_back_the_round_its_page_showed(stack: Stack) -> None:
+    """The console's Reopen form names the round it shows: posted, it reopens the break;
+    the same page posted again once that round was dismissed too is refused (409), the
+    second dismissal stands."""
+    from tests.reconciliation_kit import break_awaiting_approval, wait_for_breaks
+    from tests.test_reconciliation import decide
+
+    _, found = await break_awaiting_approval(stack, moved_to="canceled", requester="alice", days_ago=2)
+    assert (await decide(stack, "bob", found["id"], "deny")).status_code == 202
+    await wait_for_breaks(stack, [found["object_id"]], "dismissed")
+    olga = await console(stack, "olga")
+    page = (await olga.get("/console/reconciliation")).text
+    form = re.search(rf'action="/console/reconciliation/breaks/{found["id"]}/reopen".*?</form>', page, re.S)
+    assert form is not None, page
+    fields = dict(re.findall(r'<input type="hidden" name="(\w+)" value="([^"]*)"', form.group(0)))
+    assert fields.get("reopened") == "0", form.group(0)
+    posted = {**fields, "reason": "the provider shows it settled"}
+    reopened = await olga.post(f"/console/reconciliation/breaks/{found['id']}/reopen", data=posted)
+    assert reopened.status_code == 303, reopened.text
+    await wait_for_breaks(stack, [found["object_id"]], "awaiting_approval")
+    assert (await decide(stack, "bob", found["id"], "deny")).status_code == 202
+    await wait_for_breaks(stack, [found["object_id"]], "dismissed")
+    stale = await olga.post(f"/console/reconciliation/breaks/{found['id']}/reopen", data=posted)
+    assert stale.status_code == 409 and "decided again since" in html.unescape(stale.text), stale.text
+    [kept] = await wait_for_breaks(stack, [found["object_id"]], "dismissed")
+    assert kept["reopened"] == 1
+
 async def test_a_break_waiting_for_approval_stays_on_the_page_behind_newer_runs(stack: Stack) -> None:
     """The page showed the breaks of the five newest runs only: every late event's incident
     run and every backfill pushed a waiting break off it, and approvers could no longer see

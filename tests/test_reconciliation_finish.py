@@ -335,21 +335,25 @@ async def test_a_dismissed_break_reopens_into_the_same_case(stack: Stack) -> Non
     [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
     break_id = found["id"]
 
-    async def ask_reopen(user: str, reason: str = "the customer's bank confirmed the failure") -> Any:
+    async def ask_reopen(user: str, reason: str = "the customer's bank confirmed the failure",
+                         seen: int | None = 0) -> Any:
+        body: dict[str, Any] = {"reason": reason} if seen is None else {"reason": reason, "reopened": seen}
         async with stack.api(user) as api:
-            return await api.post(f"/v1/reconciliation/breaks/{break_id}/reopen", json={"reason": reason})
+            return await api.post(f"/v1/reconciliation/breaks/{break_id}/reopen", json=body)
 
     assert (await ask_reopen("olga")).status_code == 409  # still awaiting a decision
     assert (await decide(stack, "carol", break_id, "deny")).status_code == 202
     await wait_for_breaks(stack, [refund["id"]], "dismissed")
     assert (await ask_reopen("carol")).status_code == 403  # approvers decide; ops reopen
     assert (await ask_reopen("olga", "")).status_code == 422  # a reason is required
+    assert (await ask_reopen("olga", seen=None)).status_code == 422  # and the round it undoes
     reopened = await ask_reopen("olga")
     assert reopened.status_code == 202, reopened.text
     assert (reopened.json()["reopened"], reopened.json()["break_id"]) == (1, break_id)
     [waiting] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
     assert (waiting["id"], waiting["reopened"], waiting["resolution"]) == (break_id, 1, None)
     assert (await ask_reopen("olga")).status_code == 409  # one reopened case, not two
+    assert (await ask_reopen("olga", seen=1)).status_code == 409
 
     assert (await decide(stack, "carol", break_id)).status_code == 202
     [resolved] = await wait_for_breaks(stack, [refund["id"]], "resolved")
@@ -364,6 +368,29 @@ async def test_a_dismissed_break_reopens_into_the_same_case(stack: Stack) -> Non
         ("reconciliation_approval_needed", "approvers")) == 2  # each round told its approvers
     again = await backfill(stack, since_days=30)
     assert (again["new_breaks"], again["known_breaks"]) == (0, 0)
+
+
+async def test_a_reopen_names_the_round_it_undoes(stack: Stack) -> None:
+    """A reopen read from a page loaded before the break was reopened and decided again
+    does not undo that later decision: it names the round it saw (`reopened`), and the
+    break's round has moved on (409, audited; the break stays dismissed). Before, such a
+    stale form reopened the second round's dismissal (202, `reopened` 2)."""
+    case_id, found = await failed_break_with_a_trigger(stack)
+    stale = int(found["reopened"])  # what olga's page showed
+    await another_approver(stack)
+    assert (await decide(stack, "erin", found["id"], "deny")).status_code == 202
+    await wait_for_breaks(stack, [found["object_id"]], "dismissed")
+    await reopen(stack, "olga", found, "the bank may have failed it")  # in another tab
+    assert (await decide(stack, "erin", found["id"], "deny")).status_code == 202
+    await wait_for_breaks(stack, [found["object_id"]], "dismissed")
+    async with stack.api("olga") as api:
+        late = await api.post(f"/v1/reconciliation/breaks/{found['id']}/reopen",
+                              json={"reason": "the bank failed it", "reopened": stale})
+    assert late.status_code == 409 and "round" in late.json()["detail"], late.text
+    [kept] = await wait_for_breaks(stack, [found["object_id"]], "dismissed")
+    assert (kept["reopened"], kept["resolution"]["state"]) == (1, "dismissed")
+    refused = [e for e in await stack.store.audit.trail(case_id) if e["action"] == "action_refused"]
+    assert refused and refused[-1]["actor"] == "olga", refused
 
 
 async def test_a_reopened_break_excludes_whoever_is_behind_the_case_now(stack: Stack) -> None:
@@ -431,13 +458,13 @@ async def test_a_reopen_whose_case_cannot_start_reopens_nothing(stack: Stack) ->
     away = CaseActions(stack.store, cast(Client, StartRefused(stack.client)), stack.settings)
     olga = Principal("olga", frozenset({"ops"}))
     with pytest.raises(RPCError):
-        await reopen_break(away, olga, int(found["id"]), BreakReopenBody(reason="the bank failed it"),
-                           via="api")
+        await reopen_break(away, olga, int(found["id"]),
+                           BreakReopenBody(reason="the bank failed it", reopened=0), via="api")
     [kept] = await wait_for_breaks(stack, [refund["id"]], "dismissed")
     assert (kept["reopened"], kept["resolution"]["state"]) == (0, "dismissed")
     async with stack.api("olga") as api:
         again = await api.post(f"/v1/reconciliation/breaks/{found['id']}/reopen",
-                               json={"reason": "the bank failed it"})
+                               json={"reason": "the bank failed it", "reopened": 0})
     assert again.status_code == 202, again.text
     await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
 

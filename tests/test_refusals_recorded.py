@@ -28,7 +28,7 @@ CALLS = {
     "break_verdict": ("carol", f"/v1/reconciliation/breaks/{MISSING_BREAK}/approvals",
                       {"decision": "approve", "reopened": 0}, 404, "approving a reconciliation break"),
     "break_reopen": ("olga", f"/v1/reconciliation/breaks/{MISSING_BREAK}/reopen",
-                     {"reason": "look again"}, 404, "reopening a reconciliation break"),
+                     {"reason": "look again", "reopened": 0}, 404, "reopening a reconciliation break"),
     "replay": ("olga", "/v1/webhook-receipts/replay", {"receipt_id": 1, "since": "2026-01-01T00:00:00Z"},
                422, "replaying webhook receipts"),
     "backfill": ("olga", "/v1/reconciliation/runs", {"provider": "nowhere", "since": "2026-01-01T00:00:00Z",

@@ -730,14 +730,15 @@ class ReconciliationRepository(Repository):
 
     # -- reopening ------------------------------------------------------------------------
 
-    async def reopen(self, break_id: int, actor: str, reason: str,
+    async def reopen(self, break_id: int, actor: str, reason: str, seen_round: int,
                      start: Callable[[BreakRow], Awaitable[None]]) -> BreakRow:
         """Sends a dismissed or expired break back to its exception case (the same break and
         case id, `reopened` counted, the case's trigger identities read again), audited with
         the decision it undoes; `start` starts that case inside the transaction, so a start
         that fails reopens nothing (a break `new` with no case would refuse every later
         reopen). Raises LookupError for no such break, NotReopenable when it is in another
-        state, and what `start` raises."""
+        state or its round is not `seen_round` (the decision its reader saw was reopened and
+        decided again since), and what `start` raises."""
         async with self._db.transaction() as conn:
             row = await (await conn.execute("SELECT * FROM reconciliation_breaks WHERE id = %s FOR UPDATE",
                                             (break_id,))).fetchone()
@@ -745,6 +746,9 @@ class ReconciliationRepository(Repository):
                 raise LookupError(f"no reconciliation break {break_id}")
             if row["state"] not in REOPENABLE:
                 raise NotReopenable(f"break is {row['state']}; only dismissed or expired breaks reopen")
+            if row["reopened"] != seen_round:
+                raise NotReopenable(f"the break was reopened and decided again since (round {seen_round}, "
+                                    f"now {row['reopened']}): reload it and look at that decision")
             # who is behind the case is read again (a break found before its trigger
             # identities were kept would otherwise bar the requester alone), and whoever
             # reopens it is behind it from now on

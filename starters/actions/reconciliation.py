@@ -43,8 +43,13 @@ class BreakDecisionBody(BaseModel):
 
 
 class BreakReopenBody(BaseModel):
+    """Taking a decision back names the round it undoes (`reopened` as the break showed it),
+    as a verdict names the round it decides: a page read before the break was reopened and
+    decided again would otherwise undo a decision its reader never saw."""
+
     model_config = ConfigDict(extra="forbid")
     reason: str = Field(min_length=1, max_length=2000, description="why the decision is taken back")
+    reopened: int = Field(ge=0)
 
 
 async def decide_on_break(actions: CaseActions, caller: Principal, break_id: int, body: BreakDecisionBody,
@@ -145,7 +150,8 @@ async def reopen_break(actions: CaseActions, caller: Principal, break_id: int, b
             rpc_timeout=timedelta(seconds=START_WITHIN_SECONDS))
 
     try:
-        row = await actions.store.reconciliation.reopen(break_id, caller.user, body.reason, start)
+        row = await actions.store.reconciliation.reopen(break_id, caller.user, body.reason, body.reopened,
+                                                        start)
     except LookupError as exc:
         await actions.refuse(caller, None, 404, action, str(exc), via=via)
     except NotReopenable as exc:
