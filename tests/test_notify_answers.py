@@ -2,6 +2,7 @@
 login page) is not a delivery: the notice was posted nowhere. A legacy Office 365 connector
 answers 200 to a message it dropped (throttled, too large) and `1` only to one it posted."""
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -10,8 +11,10 @@ from fastapi.responses import PlainTextResponse, RedirectResponse
 
 from adapters.http_server import AppServer
 from adapters.notify.chat import WebhookChat
-from adapters.notify.delivery import DeliveryFailed
+from adapters.notify.delivery import DeliveryFailed, DeliveryUncertain
 from adapters.notify.message import Message
+from adapters.tickets.jira import Jira
+from adapters.tickets.servicenow import ServiceNow
 
 LEGACY_TEAMS = "/webhookb2/0000@1111/IncomingWebhook/2222/3333"
 
@@ -73,3 +76,78 @@ async def test_a_legacy_teams_connector_delivers_only_what_it_answers_1_to(
     await WebhookChat("teams", f"{url}{LEGACY_TEAMS}/posted", 5.0).send(notice())
     await WebhookChat("teams", f"{url}/workflows/hook", 5.0).send(notice())  # Workflows: 202, no body
     assert len(posted) == 2 and all("Refund rr-7 failed" in body for body in posted)
+
+
+async def answering_raw(answer: bytes) -> tuple[asyncio.Server, list[bytes]]:
+    """A loopback peer that reads one request head and answers `answer` verbatim (an egress
+    proxy refusing a tunnel, a hook whose 200 carries a broken body)."""
+    heads: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0), heads
+
+
+PROXY_REFUSALS = {"407": b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n",
+                  "502": b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n"}
+
+
+@pytest.mark.parametrize("refusal", list(PROXY_REFUSALS.values()), ids=list(PROXY_REFUSALS))
+async def test_a_proxy_refusing_the_tunnel_is_a_failure_to_send_again(
+        monkeypatch: pytest.MonkeyPatch, refusal: bytes) -> None:
+    """Behind an egress proxy (`HTTPS_PROXY`, honoured as httpx does), a proxy refusing the
+    CONNECT means nothing reached the chat: the notice is sent again. It was taken as an
+    answer lost after sending (`DeliveryUncertain`): marked delivered, never resent."""
+    proxy, heads = await answering_raw(refusal)
+    port = proxy.sockets[0].getsockname()[1]
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{port}")
+    try:
+        with pytest.raises(DeliveryFailed):
+            await WebhookChat("slack", "https://hooks.slack.example/services/T0/B0/x", 5.0).send(notice())
+    finally:
+        proxy.close()
+    assert heads and heads[0].startswith(b"CONNECT hooks.slack.example:443 "), heads
+
+
+async def test_a_success_whose_body_cannot_be_read_is_not_sent_again() -> None:
+    """A 2xx whose body fails to decode (a broken gzip) was posted: never resent (before, the
+    raw decoding error counted as a failure and the message was posted again)."""
+    broken = (b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 9\r\n"
+              b"Connection: close\r\n\r\nnot gzip!")
+    hook, heads = await answering_raw(broken)
+    port = hook.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(DeliveryUncertain):
+            await WebhookChat("slack", f"http://127.0.0.1:{port}/services/T0/B0/x", 5.0).send(notice())
+    finally:
+        hook.close()
+    assert len(heads) == 1
+
+
+@pytest.mark.parametrize("system", ["jira", "servicenow"])
+async def test_a_ticket_create_answered_2xx_without_its_record_may_have_made_it(system: str) -> None:
+    """A create answered 201 with a body that is not the record (an HTML page from a proxy,
+    a record without `result`) made the ticket as far as the status says: uncertain, so the
+    channel looks for it past the search's lag before another create. It was a refusal
+    (`DeliveryFailed` without a status, read as 'nothing was made'): the retry's search could
+    miss the new ticket and make a second one."""
+    answer = (b"HTTP/1.1 201 Created\r\nContent-Type: text/html\r\nContent-Length: 13\r\n"
+              b"Connection: close\r\n\r\n<html></html>")
+    peer, heads = await answering_raw(answer)
+    url = f"http://127.0.0.1:{peer.sockets[0].getsockname()[1]}"
+    made = (Jira(url, "ops@example.com", "token", project="OPS", issue_type="Task", timeout=5.0)
+            if system == "jira" else
+            ServiceNow(url, "ops", "secret", request_table="sc_request", incident_table="incident",
+                       timeout=5.0))
+    try:
+        with pytest.raises(DeliveryUncertain):
+            await made.create(True, "refund-orchestrator-rr-7-incident", notice())
+    finally:
+        peer.close()
+    assert len(heads) == 1 and heads[0].startswith(b"POST ")

@@ -37,15 +37,23 @@ class Channel(Protocol):
         """Delivers once; returns the channel's id for it (message id, ticket number)."""
 
 
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.ProxyError,
+            httpx.UnsupportedProtocol)
+"""Transport errors raised before any of the request reached the peer: no connection, an
+egress proxy (`HTTPS_PROXY`) refusing the tunnel, a URL no transport serves."""
+
+
 async def send_http(method: str, url: str, *, timeout: float, **kwargs: Any) -> httpx.Response:
     """One HTTP call whose failure is classified for the retry decision."""
     try:
         async with httpx.AsyncClient(timeout=timeout, verify=client_tls()) as http:
             response = await http.request(method, url, **kwargs)
-    except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+    except NOT_SENT as exc:
         raise DeliveryFailed(f"could not connect: {exc!r}") from exc
     except httpx.TransportError as exc:
         raise DeliveryUncertain(f"the answer was lost: {exc!r}") from exc
+    except httpx.DecodingError as exc:  # a status came, its body unreadable: posted, maybe
+        raise DeliveryUncertain(f"the answer could not be read: {exc!r}") from exc
     if not response.is_success:  # a 3xx too: redirects are not followed, so nothing was posted
         raise DeliveryFailed(f"HTTP {response.status_code}: {response.text[:300]}",
                              status=response.status_code)
