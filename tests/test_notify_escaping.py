@@ -75,3 +75,18 @@ def test_no_mail_crosses_the_network_in_clear(host: str, starttls: bool, refused
             SmtpEmail(host, 25, "refunds@example.test", timeout=1, starttls=starttls)
     else:
         SmtpEmail(host, 25, "refunds@example.test", timeout=1, starttls=starttls)
+
+
+def test_a_message_id_is_one_notice_s_not_one_database_counter_s() -> None:
+    """Mail servers drop a message whose Message-ID they have seen (Gmail does, silently):
+    two deployments sharing an ops mailbox, or one deployment after its database was
+    rebuilt, count notice ids from 1 again. The id names the case and notice too, so only a
+    resend of the same notice repeats it."""
+    email = SmtpEmail("127.0.0.1", 25, "refunds@example.test", timeout=1)
+    first = notice("hello", email_to="ops@example.test")
+    other_case = Message(**{**vars(first), "case_id": "rr-2"})
+    other_kind = Message(**{**vars(first), "kind": "refund_failed"})
+    ids = [str(email.compose(m)["Message-ID"]) for m in (first, other_case, other_kind)]
+    assert len(set(ids)) == 3, ids
+    assert str(email.compose(first)["Message-ID"]) == ids[0]  # a resend is recognisable
+    assert ids[0].startswith("<notice-1.") and ids[0].endswith("@example.test>"), ids[0]

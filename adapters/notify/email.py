@@ -1,18 +1,19 @@
 """Email over SMTP (standard library `smtplib`, run in a thread).
 
-The Message-ID is derived from the notice, so even a receiving system sees one message
-per notice. A server that answers with an error code certainly did not take the message
+The Message-ID is derived from the notice (`message_id`), so even a receiving system sees
+one message per notice. A server that answers with an error code certainly did not take the message
 (retry); a connection lost mid-transaction may have delivered it (never resent); a message
 the server took is delivered, whatever it answers to QUIT.
 """
 
 import asyncio
+import hashlib
 import logging
 import re
 import smtplib
 import ssl
 from email.message import EmailMessage
-from email.utils import formatdate
+from email.utils import formatdate, parseaddr
 
 from adapters.net import is_loopback
 from adapters.notify.delivery import DeliveryFailed, DeliveryUncertain
@@ -27,6 +28,15 @@ def _masked(text: str) -> str:
     """The text with every mail address replaced: what an SMTP error may say of a recipient."""
     return _ADDRESS.sub("<address>", text)
 
+
+
+def message_id(message: Message, sender: str) -> str:
+    """The notice's Message-ID: its id, a digest of its case, kind and audience, at the
+    sender's domain. Notice ids alone repeat across deployments sharing a mailbox and after a
+    database is rebuilt, and a mail server drops a message whose id it has seen."""
+    named = hashlib.sha256(f"{message.case_id}\x00{message.kind}\x00{message.audience}".encode()).hexdigest()
+    domain = parseaddr(sender)[1].rpartition("@")[2] or "refund-orchestrator"
+    return f"<notice-{message.notice_id}.{named[:20]}@{domain}>"
 
 
 class SmtpEmail:
@@ -52,7 +62,7 @@ class SmtpEmail:
         mail["To"] = message.email_to
         mail["Subject"] = " ".join(message.title.split())  # a line break in a header is refused
         mail["Date"] = formatdate(localtime=False, usegmt=True)
-        mail["Message-ID"] = f"<notice-{message.notice_id}@refund-orchestrator>"
+        mail["Message-ID"] = message_id(message, self._sender)
         mail.set_content(message.plain())
         return mail
 
