@@ -1080,3 +1080,30 @@ async def test_an_approved_unknown_refund_the_provider_failed_since_opens_no_tra
     [settled] = await wait_for_breaks(stack, [refund["id"]], "ops_review", "resolved")
     assert settled["state"] == "ops_review"
     assert await stack.store.cases.get(found["chain"]) is None
+
+
+async def test_an_approved_break_on_a_refund_in_another_currency_moves_nothing(stack: Stack) -> None:
+    """The provider succeeded a refund in USD that our case holds pending in EUR: the run
+    raises the status break and the currency break. The ledger cannot follow a refund in
+    another currency, so neither approval changes anything: both end in ops review, the case
+    stays as it was. Before, the status break's approval marked the case succeeded with its
+    amount held, posting nothing (the ledger classes are off while a currency break is open:
+    no break was left for the unbooked money), and the currency break's ended `resolved` though
+    nothing moved."""
+    refund = history(f"ch_{uuid.uuid4().hex[:8]}", 1_000, days_ago=2)
+    await seed_provider(stack, [refund])
+    case_id = await seed_case(stack, refund, status=CaseStatus.PENDING, held=ProviderRefundStatus.PENDING,
+                              settled=0, currency="EUR")
+    await backfill(stack, since_days=30)
+    found = {b["break_class"]: b for b in await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")}
+    assert set(found) == {"provider_succeeded_shown_pending", "currency_mismatch"}, found
+    for row in found.values():
+        assert (await decide(stack, "carol", row["id"])).status_code == 202
+    ended = await wait_for_breaks(stack, [refund["id"]], "ops_review", "resolved")
+    assert {(b["break_class"], b["state"]) for b in ended} == {(c, "ops_review") for c in found}, ended
+    case = await stack.store.cases.get(case_id)
+    assert case is not None and (case["status"], case["provider_status"]) == ("pending", "pending")
+    assert await stack.store.ledger.entries(case_id) == []
+    told = [n for n in await stack.store.outbox.notices(case_id)
+            if n["kind"] == "reconciliation_break_currency_differs"]
+    assert [(n["audience"], n["detail"]["provider_currency"]) for n in told] == [("ops", "USD")] * 2, told

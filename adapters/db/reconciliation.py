@@ -533,7 +533,8 @@ class ReconciliationRepository(Repository):
             moved = await self._case_moved(conn, row) if checked and overtaken is None else None
             moved_at_provider = provider_moved(row, at_provider) if (
                 settlement.state is BreakState.RESOLVED) else None
-            if overtaken is not None or moved is not None or moved_at_provider is not None:
+            other_money = await self._other_currency(conn, row) if checked else None
+            if any(found is not None for found in (overtaken, moved, moved_at_provider, other_money)):
                 outcome = BreakOutcome(break_id=break_id, state=BreakState.OPS_REVIEW)
             elif settlement.state is BreakState.RESOLVED:
                 compensate = self._compensate_payout if row["object_kind"] == "payout" else self._compensate
@@ -541,9 +542,11 @@ class ReconciliationRepository(Repository):
             resolution = {**settlement.model_dump(mode="json"), "outcome": outcome.model_dump(mode="json"),
                           **({"overtaken_by": overtaken} if overtaken else {}),
                           **({"case_moved": moved} if moved else {}),
-                          **({"provider_moved": moved_at_provider} if moved_at_provider else {})}
+                          **({"provider_moved": moved_at_provider} if moved_at_provider else {}),
+                          **({"currency_differs": other_money} if other_money else {})}
             for kind, change in (("reconciliation_break_case_moved", moved),
-                                 ("reconciliation_break_provider_moved", moved_at_provider)):
+                                 ("reconciliation_break_provider_moved", moved_at_provider),
+                                 ("reconciliation_break_currency_differs", other_money)):
                 if change is not None:
                     await OutboxRepository.queue_in(conn, NoticeInput(
                         refund_request_id=row["chain"], kind=kind, audience="ops",
@@ -606,6 +609,18 @@ class ReconciliationRepository(Repository):
         return {"provider_status": case["provider_status"], "status": case["status"],
                 "found_provider_status": found.get("provider_status")}
 
+    @staticmethod
+    async def _other_currency(conn: Conn, row: Mapping[str, Any]) -> dict[str, Any] | None:
+        """A refund the provider holds in another currency than its case: the ledger books in
+        the case's currency and cannot follow it, and taking the provider's status would mark
+        the case refunded with nothing booked (no ledger break is raised while the currency
+        break is open). People fix the cause; nothing moves, whichever of its breaks is approved."""
+        case = await (await conn.execute("SELECT currency FROM refund_cases WHERE refund_request_id = %s",
+                                          (row["chain"],))).fetchone()
+        if case is None or case["currency"] == row["currency"]:
+            return None
+        return {"case_currency": case["currency"], "provider_currency": row["currency"]}
+
     async def _adopt(self, row: Mapping[str, Any]) -> None:
         """A refund unknown to us becomes a tracking case (holding its amount against the
         charge), so the approved entry has a case to land on."""
@@ -626,8 +641,7 @@ class ReconciliationRepository(Repository):
             " JOIN ledger_lines li ON li.entry_id = e.id WHERE e.refund_request_id = %s AND li.account = %s",
             (case_id, REFUNDED_ACCOUNT))).fetchone()
         assert net is not None
-        same_currency = case["currency"] == truth.currency
-        move = compensation(expected_net(truth) - int(net["net"])) if same_currency else None
+        move = compensation(expected_net(truth) - int(net["net"]))  # in the case's currency (settle)
         posting_key, limits = None, {}
         if move is not None:
             kind, amount = move

@@ -192,6 +192,13 @@ TEMPLATES: dict[str, Template] = {
         "was posted or changed: the approval was for a case that is no longer there. Next "
         "steps: compare the case with the provider; the next reconciliation run raises what "
         "still disagrees.", ticket="incident"),
+    "reconciliation_break_currency_differs": Template(
+        "Reconciliation break {break_id}: approved, but the refund is in another currency",
+        "Approved by {approvers}, the break is about a refund the provider holds in "
+        "{provider_currency} for a case in {case_currency}. Nothing was posted or changed: the "
+        "ledger books in the case's currency and cannot follow it. Next steps: find out with "
+        "the provider how a refund in another currency was made, then correct the case and the "
+        "ledger by hand.", ticket="incident"),
     "reconciliation_break_provider_moved": Template(
         "Reconciliation break {break_id}: approved, but the provider no longer shows the payout failed",
         "Approved by {approvers}, the break was found while the provider showed the payout "
