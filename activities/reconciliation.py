@@ -127,7 +127,12 @@ class ReconciliationActivities:
                                                 warning=refused)
         except ProviderOutcomeUnknown as exc:
             raise ApplicationError(str(exc), type=errors.OUTCOME_UNKNOWN) from exc
-        except (ProviderDeclined, ProviderConfigurationRefused, UnexpectedProviderStatus, RunConflict) as exc:
+        except RunConflict as exc:
+            # another attempt of this batch (its retry, while this one outlived its timeout)
+            # stored the cursor's batch first: dropped here, the run goes on from its cursor
+            log.warning("reconciliation run %s: %s", inp.run_id, exc)
+            return BatchResult(objects=0, new_breaks=0, has_more=True)
+        except (ProviderDeclined, ProviderConfigurationRefused, UnexpectedProviderStatus) as exc:
             raise ApplicationError(str(exc), type=type(exc).__name__, non_retryable=True) from exc
         if refused is not None:
             log.warning("reconciliation run %s: %s", inp.run_id, refused)

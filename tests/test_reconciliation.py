@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -440,6 +441,63 @@ async def test_a_long_run_continues_as_new_and_a_stopped_run_resumes_at_its_curs
         history_events = (await client.get_workflow_handle(run["id"]).fetch_history()).events
         started = history_events[0].workflow_execution_started_event_attributes
         assert started.continued_execution_run_id  # the last run of a chain that continued as new
+    finally:
+        await stack.close()
+
+
+class GatedLister:
+    """The provider's lister whose listing waits for `gate` (a listing slower than the batch
+    activity's timeout: the attempt runs on while Temporal retries it)."""
+
+    def __init__(self, inner: RefundLister, gate: asyncio.Event) -> None:
+        self._inner, self._gate, self.waiting = inner, gate, asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def list_refunds(self, *window: Any) -> AsyncIterator[Any]:
+        self.waiting.set()
+        await self._gate.wait()
+        async for item in self._inner.list_refunds(*window):
+            yield item
+
+
+async def test_a_batch_attempt_overtaken_by_its_retry_lets_the_run_go_on(
+        store: Store, client: Client, temporal_server: TemporalDevServer, tmp_path: Path) -> None:
+    """A batch attempt that outlived its timeout stores its batch after its retry stored the
+    same cursor's: the run has moved on, so that attempt's batch is dropped and the run goes on
+    from its cursor. It failed the whole run (`RunConflict`, non-retryable), so the rest of
+    the window was never reconciled, and a backfill cannot resume a failed run."""
+    stack = await open_stack(store, client, temporal_server.address, reconciliation_batch_size=2)
+    try:
+        refunds = [history(f"ch_{os.urandom(4).hex()}", 1_000 + i, days_ago=1 + i) for i in range(3)]
+        await seed_provider(stack, refunds)
+        for refund in refunds:
+            await seed_case(stack, refund, settled=0 if refund is refunds[2] else 1)
+        run, _ = await store.reconciliation.open_backfill("sandbox", ago(30), ago(0), "olga",
+                                                          stack.settings.task_queue)
+        sandbox = stack.providers["sandbox"]
+        assert isinstance(sandbox, RefundLister)
+        gate = asyncio.Event()
+        slow = GatedLister(sandbox, gate)
+
+        def batch(providers: dict[str, Any]) -> Any:
+            activities = ReconciliationActivities(store, providers, client, load_policy(None),
+                                                  timings=stack.settings.timings(), reports_dir=tmp_path)
+            return ActivityEnvironment().run(activities.reconcile_batch, BatchInput(
+                run_id=run["id"], provider="sandbox", options=stack.settings.reconcile_options()))
+
+        first_attempt = asyncio.create_task(batch({"sandbox": slow}))
+        await asyncio.wait_for(slow.waiting.wait(), 30)
+        retried = await batch(dict(stack.providers))
+        assert (retried.objects, retried.has_more) == (2, True)
+        gate.set()
+        late = await first_attempt
+        assert (late.objects, late.new_breaks, late.has_more) == (0, 0, True)
+        rest = await batch(dict(stack.providers))
+        assert (rest.objects, rest.new_breaks) == (1, 1)
+        [kept] = [r for r in await store.reconciliation.runs() if r.id == run["id"]]
+        assert (kept.objects_seen, kept.state) == (3, "running")
     finally:
         await stack.close()
 
