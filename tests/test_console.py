@@ -149,6 +149,28 @@ async def test_requester_is_refused_csrf_is_checked_and_a_second_user_approves(s
     assert [r["amount"] for r in await stack.provider_refunds(charge)] == [9_000]
 
 
+async def test_a_refusal_for_a_case_nobody_made_begins_no_trail_of_it(stack: Stack) -> None:
+    """Anyone signed in could post a form or read a page naming any id: the refusal was
+    recorded under that id's chain before the case was looked up, so an invented id began
+    an audit chain (a future refund's id would then open on a trail someone else began) and
+    a requester's refusals joined cases they may not even read. A refusal naming no case we
+    hold goes to the global trail, naming the id it asked for."""
+    invented = f"rr-nobody-{uuid.uuid4().hex[:8]}"
+    rita = await console(stack, "alice")  # a requester: no payout role
+    invalid = await post_form(rita, f"/console/cases/{invented}/approval", {"decision": "x"})
+    assert invalid.status_code in (404, 422), invalid.text
+    read = await rita.get(f"/console/payouts/{invented}")
+    assert read.status_code == 403, read.text
+    async with stack.api("alice") as api:
+        approved = await api.post(f"/v1/refund-requests/{invented}/approvals", json={"decision": "approve"})
+    assert approved.status_code in (403, 404), approved.text
+    begun = "SELECT 1 FROM audit_heads WHERE chain = %s"
+    assert await stack.store.database.fetch_all(begun, (invented,)) == []
+    named = [r for action in ("action_refused", "access_refused") for r in await refusals(stack, "", action)
+             if r["actor"] == "alice" and r["detail"].get("case_id") == invented]
+    assert len(named) >= 3, named
+
+
 async def test_failed_refund_banner_reissue_by_bank_transfer_and_confirmation(
         store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
     stack = await open_stack(store, client, temporal_server.address,

@@ -91,6 +91,17 @@ class AuditLog:
         async with self._db.transaction() as conn:
             await self.append(conn, case_id, actor, action, detail)
 
+    async def record_refusal(self, chain: str | None, actor: str, action: str,
+                             detail: dict[str, Any]) -> None:
+        """A refusal on the trail it names when that trail was begun; one naming a chain nobody
+        began (an invented or mistyped id, a case not made yet) goes to the global trail,
+        naming it (`case_id`): a request someone may not make never begins a case's trail."""
+        async with self._db.transaction() as conn:
+            if chain and await (await conn.execute("SELECT 1 FROM audit_heads WHERE chain = %s",
+                                                   (chain,))).fetchone() is None:
+                chain, detail = None, {**detail, "case_id": chain}
+            await self.append(conn, chain, actor, action, detail)
+
     async def record_once_opened(self, case_id: str, actor: str, action: str, detail: dict[str, Any], *,
                                  opened_by: str, closed_by: str) -> dict[str, Any] | None:
         """Appends `action` only while the chain's latest of `opened_by`, `closed_by` and

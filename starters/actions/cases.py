@@ -146,7 +146,7 @@ class CaseActions:
     async def refuse(self, caller: Principal, case_id: str | None, status: int, action: str,
                      refusal: str, *, via: str, audit_action: str = "action_refused") -> NoReturn:
         """Records the refusal in the case's trail (or the global one), then raises it."""
-        await self.store.audit.record(case_id, caller.user, audit_action,
+        await self.store.audit.record_refusal(case_id, caller.user, audit_action,
                                       {"action": action, "refusal": refusal, "via": via})
         raise Refused(status, refusal)
 
@@ -156,7 +156,7 @@ class CaseActions:
         with the roles it needs and what the caller has."""
         if not may(caller.roles, permission):
             roles = roles_for(permission)
-            await self.store.audit.record(case_id, caller.user, "access_refused",
+            await self.store.audit.record_refusal(case_id, caller.user, "access_refused",
                                           {"action": action, "needs_one_of": sorted(roles),
                                            "has": sorted(caller.roles), "via": via})
             raise Refused(403, f"{action} needs one of the roles {sorted(roles)}")
