@@ -21,7 +21,7 @@ from adapters.notify.channels import build_channels, email_recipient
 from adapters.notify.delivery import DeliveryUncertain
 from adapters.notify.message import render, template_for
 from domain import contracts, errors
-from domain.advice import AdviceContext, PriorRefund, TimelineEntry, guarded
+from domain.advice import AdviceContext, PriorRefund, TimelineEntry, guarded, untrusted_for_model
 from domain.integrations import AdviceReceipt, AdviseInput, DeliverNoticeInput, DeliverNoticesInput
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class IntegrationActivities:
             method=request.method.value, source=request.source.value,
             amount_captured=validation.amount_captured, remaining_before=validation.remaining_before,
             dispute_count=validation.dispute_count, prior_refunds_on_charge=_priors(charge),
-            customer_history=_priors(customer), untrusted_text=dict(request.evidence),
+            customer_history=_priors(customer), untrusted_text=untrusted_for_model(request.evidence),
             timeline=tuple(TimelineEntry(at=e["occurred_at"], actor=e["actor"], action=e["action"])
                            for e in trail[-50:]))
 

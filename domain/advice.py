@@ -7,6 +7,7 @@ the product works without a model endpoint.
 
 import hashlib
 import json
+import re
 from datetime import datetime
 from typing import Annotated
 
@@ -69,9 +70,43 @@ class AdviceContext(Frozen):
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+PERSONAL_FIELDS = frozenset({"customer_email", "email", "customer_phone", "phone", "customer_name", "name",
+                             "address", "billing_address", "shipping_address"})
+"""Evidence fields that hold a person's contact data: withheld from the model whole."""
+WITHHELD = "[withheld]"
+_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
+_PHONE = re.compile(r"\+\d[\d ().-]{7,}\d")
+_CARD = re.compile(r"\b\d(?:[ -]?\d){12,18}\b")
+
+
+def _luhn(digits: str) -> bool:
+    total = sum(int(d) if i % 2 == 0 else (2 * int(d) - 9 if int(d) > 4 else 2 * int(d))
+                for i, d in enumerate(reversed(digits)))
+    return total % 10 == 0
+
+
+def masked(text: str) -> str:
+    """`text` with email addresses, international phone numbers and card numbers (digit runs
+    that pass the Luhn check) replaced: what may go to the model, and what of its answer
+    reaches notices and tickets (it may echo what a customer wrote)."""
+    text = _EMAIL.sub("[email]", text)
+    text = _PHONE.sub("[phone]", text)
+    return _CARD.sub(lambda m: "[card number]" if _luhn(re.sub(r"\D", "", m.group(0))) else m.group(0), text)
+
+
+def untrusted_for_model(evidence: dict[str, str]) -> dict[str, str]:
+    """The case's free-form evidence as the model may see it: contact fields withheld, personal
+    data masked in the rest."""
+    return {key: WITHHELD if key.lower() in PERSONAL_FIELDS else masked(str(value))
+            for key, value in evidence.items()}
+
+
 def guarded(advice: Advice, context: AdviceContext) -> Advice:
     """Adds our own flags where a suggestion goes beyond the request (whatever produced it),
-    so an approver sees at a glance that the suggestion is not to be taken literally."""
+    so an approver sees at a glance that the suggestion is not to be taken literally; masks
+    personal data the answer echoes (`masked`)."""
+    advice = advice.model_copy(update={"summary": masked(advice.summary),
+                                       "anomaly_flags": tuple(masked(f) for f in advice.anomaly_flags)})
     flags = list(advice.anomaly_flags)
     if advice.suggested_amount > context.amount:
         flags.append("suggestion_exceeds_requested_amount")

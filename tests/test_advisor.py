@@ -180,3 +180,44 @@ async def test_the_advice_context_takes_a_charges_latest_fifty_refunds_oldest_fi
             merchant_account="acct_1", reason=RefundReason.DUPLICATE, evidence={"order_id": "o"}), "test")
     history = await store.integrations.charge_history("sandbox", charge, exclude=ids[-1])
     assert [row["refund_request_id"] for row in history] == ids[5:55]
+
+
+PERSONAL = {"customer_email": "jane.customer@example.com", "phone": "+44 20 7946 0958",
+            "ticket_text": "Jane (jane.customer@example.com, +44 20 7946 0958) paid with 4242 4242 4242 4242"}
+
+
+async def test_personal_data_never_reaches_the_model_nor_comes_back_from_it(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """The model is a third party: a customer's email address, phone number and card number
+    (in named fields or free text) are withheld from what it is sent, and whatever it echoes
+    is masked before the advice is stored (the approval notice carries it to Slack, mail and
+    tickets). Its answer is bounded (`max_tokens`); a failed call keeps only its status, not
+    the body an endpoint or proxy answered (which may echo the prompt)."""
+    async with connected_stack(store, client, temporal_server, with_llm=True, jira_url=None,
+                               servicenow_url=None) as (llm, world):
+        world.llm_answer = llm_advice(
+            summary="Customer jane.customer@example.com (+44 20 7946 0958, card 4242-4242-4242-4242) "
+                    "asks for order o-77.", suggested_amount=1_000, suggested_reason="requested_by_customer",
+            anomaly_flags=["mail_jane.customer@example.com"], confidence=0.5)
+        charge = await llm.charge(10_000)
+        case_id = await llm.request_refund("alice", charge, 1_000, evidence={"order_id": "o-77", **PERSONAL})
+        await llm.wait_for_audit(case_id, "advice_recorded")
+        [asked] = world.llm_requests
+        sent = json.dumps(asked)
+        for personal in ("jane.customer@example.com", "7946 0958", "4242 4242 4242 4242"):
+            assert personal not in sent, personal
+        assert asked["max_tokens"] > 0
+        quoted = json.loads(asked["messages"][1]["content"].split(BEGIN, 1)[1].rsplit(END, 1)[0])
+        assert quoted["untrusted_text"]["order_id"] == "o-77"  # what is not personal stays
+        advice = (await case_view(llm, case_id))["advice"]
+        shown = json.dumps(advice)
+        for personal in ("jane.customer@example.com", "7946 0958", "4242-4242-4242-4242"):
+            assert personal not in shown, (personal, advice)
+        assert "order o-77" in advice["summary"]
+
+        world.llm_mode = "error"
+        charge = await llm.charge(10_000)
+        failed = await llm.request_refund("alice", charge, 1_000)
+        await llm.client.get_workflow_handle(failed).result()
+        error = (await case_view(llm, failed))["advice"]["error"]
+        assert "HTTP 503" in error and "overloaded" not in error, error
