@@ -58,6 +58,11 @@ async def test_each_notice_reaches_every_channel_once_and_tickets_follow_the_cas
         section = slack["blocks"][1]
         assert "90.00 USD" in section["text"]["text"]
         assert any("AI suggestion (advisory only)" in f["text"] for f in section["fields"])
+        # the policy's own reading sits beside the model's (which reads customer-supplied text)
+        row = await stack.store.cases.get(case_id)
+        assert row is not None and row["decision"]["tier"]
+        [policy] = [f["text"] for f in section["fields"] if f["text"].startswith("*Policy*")]
+        assert row["decision"]["tier"] in policy and row["decision"]["rules_fired"][0] in policy, policy
         buttons = {e["action_id"]: e for e in slack["blocks"][2]["elements"]}
         assert buttons["refund_approve"]["value"] == case_id == buttons["refund_deny"]["value"]
         assert buttons["refund_open"]["url"] == stack.settings.case_url(case_id)

@@ -270,6 +270,15 @@ def _amount(case: Mapping[str, Any] | None, detail: Mapping[str, Any]) -> str:
     return "n/a"
 
 
+def _policy_line(decision: Mapping[str, Any] | None) -> str | None:
+    """The policy's decision as approvers read it: its tier and the rules that fired."""
+    if not decision:
+        return None
+    rules = ", ".join(decision.get("rules_fired") or ()) or "none"
+    tier, version = decision.get("tier") or "n/a", decision.get("policy_version")
+    return f"tier {tier}; rules fired: {rules} (policy {version})"
+
+
 def _advice_line(advice: Mapping[str, Any] | None, currency: str) -> str | None:
     if not advice or not advice.get("advice"):
         return None
@@ -346,6 +355,8 @@ def render(notice: Mapping[str, Any], case: Mapping[str, Any] | None,
             facts.append(("Payout", values["payout_id"]))
         facts.append(("At", created.isoformat(timespec="seconds")))
         if kind == "approval_needed" and case is not None:
+            if policy := _policy_line(case.get("decision")):
+                facts.append(("Policy", policy))  # what decided, beside a model's reading of customer text
             line = _advice_line(advice, case["currency"])
             facts.append(("AI suggestion (advisory only)", line or "no advice"))
     # A request ticket is a refund request's: a notice of another kind of case (a payout
