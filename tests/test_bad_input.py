@@ -4,6 +4,7 @@ no case is created or moved, no workflow starts, no refund reaches the provider.
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -103,6 +104,16 @@ def unknown_type(secret: str, body: bytes) -> Delivery:
     return renamed, signed(secret, renamed)
 
 
+def negative_amount(secret: str, body: bytes) -> Delivery:
+    changed = re.sub(rb'"amount": \d+', b'"amount": -1000', body, count=1)
+    return changed, signed(secret, changed)
+
+
+def wrong_currency(secret: str, body: bytes) -> Delivery:
+    changed = body.replace(b'"currency": "usd"', b'"currency": "xyz"', 1)
+    return changed, signed(secret, changed)
+
+
 WEBHOOK_CASES: dict[str, tuple[Callable[[str, bytes], Delivery], int, str]] = {
     "tampered_byte": (tampered, 401, "bad_signature"),
     "wrong_secret": (wrong_secret, 401, "bad_signature"),
@@ -110,6 +121,11 @@ WEBHOOK_CASES: dict[str, tuple[Callable[[str, bytes], Delivery], int, str]] = {
     "stale_timestamp": (stale, 401, "stale"),
     "malformed_json": (malformed_json, 400, "malformed"),
     "unknown_event_type": (unknown_type, 202, "unknown_type"),
+    # signed, so kept like every signed receipt: an amount no rule reads (the adapter's), and
+    # a request our rules refuse (an unknown currency; it was `malformed`, pruned after 30
+    # days with the forged traffic)
+    "negative_amount": (negative_amount, 400, "unreadable"),
+    "wrong_currency": (wrong_currency, 400, "invalid_request"),
 }
 
 
@@ -319,9 +335,11 @@ async def test_auditor_cannot_request_a_refund(stack: Stack) -> None:
     async with stack.api("dave") as api:
         response = await api.post("/v1/refund-requests", json=body)
     assert response.status_code == 403, response.text
-    trail = await stack.store.audit.trail(body["refund_request_id"])
-    assert [(e["actor"], e["action"]) for e in trail] == [("dave", "access_refused")]
-    assert trail[0]["detail"]["has"] == ["auditor"]
+    # no case, so no trail of it begins: the global trail names the id it asked for
+    assert await stack.store.audit.trail(body["refund_request_id"]) == []
+    [refused] = [e for e in await stack.store.audit.trail("") if e["action"] == "access_refused"
+                 and e["detail"].get("case_id") == body["refund_request_id"]]
+    assert (refused["actor"], refused["detail"]["has"]) == ("dave", ["auditor"])
     await assert_untouched(stack, body["refund_request_id"], charge)
 
 

@@ -88,7 +88,7 @@ async def test_a_payout_beyond_the_providers_maximum_is_422_naming_it(
     assert not await workflow_exists(stack, payout_case_id(provider, body["provider_payout_id"]))
 
 
-async def test_a_provider_request_beyond_its_maximum_is_refused_as_malformed(stack: Stack) -> None:
+async def test_a_provider_request_beyond_its_maximum_is_refused_as_invalid(stack: Stack) -> None:
     charge = await stack.charge(10_000)
     limit = stack.providers["sandbox"].max_amount.of("USD")
     rrq = f"rrq_{int(time.time() * 1000)}"
@@ -98,7 +98,7 @@ async def test_a_provider_request_beyond_its_maximum_is_refused_as_malformed(sta
     async with httpx.AsyncClient(base_url=stack.relay_url) as http:
         response = await http.post("/webhooks/sandbox", content=body, headers=signed(secret, body))
     assert response.status_code == 400, response.text
-    assert response.json()["verdict"] == "malformed" and str(limit) in response.json()["detail"]
+    assert response.json()["verdict"] == "invalid_request" and str(limit) in response.json()["detail"]
     await assert_untouched(stack, f"sandbox-{rrq}", charge)
 
 

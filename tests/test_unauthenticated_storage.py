@@ -129,11 +129,15 @@ async def test_refused_receipts_are_pruned_by_the_worker_after_their_retention(
         provider=provider, event_id=None, event_type="refund.updated", body=body,
         body_sha256=hashlib.sha256(body).hexdigest(), headers={}, verdict="unreadable",
         error="refund.updated: ValueError: 2.005 INR has more decimals than INR")).receipt_id
+    signed_invalid = (await store.receipts.store(
+        provider=provider, event_id="evt_invalid", event_type="refund.requested", body=body,
+        body_sha256=hashlib.sha256(body).hexdigest(), headers={}, verdict="invalid_request",
+        error="invalid refund request: currency XYZ is not an ISO 4217 currency")).receipt_id
     replay = (await store.receipts.store(
         provider=provider, event_id=None, event_type=None, body=body,
         body_sha256=hashlib.sha256(body).hexdigest(), headers={}, verdict="bad_signature",
         error="still forged", replay_of=old_forgery)).receipt_id
-    for receipt_id in (old_forgery, signed_unknown, signed_unreadable):
+    for receipt_id in (old_forgery, signed_unknown, signed_unreadable, signed_invalid):
         await backdate(store, receipt_id, 31)
 
     stop = asyncio.Event()
@@ -150,6 +154,7 @@ async def test_refused_receipts_are_pruned_by_the_worker_after_their_retention(
     assert await receipt_row(store, fresh_forgery) is not None  # inside its retention
     assert await receipt_row(store, signed_unknown) is not None  # signed: kept for coverage
     assert await receipt_row(store, signed_unreadable) is not None  # the provider's word: kept
+    assert await receipt_row(store, signed_invalid) is not None  # a signed request refused: kept
     kept = await receipt_row(store, replay)
     assert kept is not None and kept["replay_of"] is None  # the replay outlives its original
 

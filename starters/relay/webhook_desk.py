@@ -58,8 +58,8 @@ from workflows.refund import RefundWorkflow
 log = logging.getLogger("relay")
 
 REJECTION_STATUS = {"too_large": 413, "unknown_provider": 404, "unknown_type": 202, "malformed": 400,
-                    "unreadable": 400, "unexpected_status": 422, "forbidden_source": 403,
-                    "bad_signature": 401, "stale": 401, "foreign_account": 202}
+                    "unreadable": 400, "invalid_request": 400, "unexpected_status": 422,
+                    "forbidden_source": 403, "bad_signature": 401, "stale": 401, "foreign_account": 202}
 LOUD_VERDICTS = frozenset({"unknown_type", "unexpected_status", "foreign_account", "unreadable"})
 
 
@@ -170,11 +170,11 @@ class WebhookDesk:
             try:
                 request = request_from_event(event)
             except ValidationError as exc:
-                raise WebhookRejected("malformed", f"invalid refund request: {exc.errors()[0]['msg']}",
+                raise WebhookRejected("invalid_request", f"invalid refund request: {exc.errors()[0]['msg']}",
                                       event_id=event.event_id, event_type=event.event_type) from None
             if refused := entry_refusal(self._providers, provider_name, request.amount, request.currency,
                                         request.refund_request_id):
-                raise WebhookRejected("malformed", refused[1], event_id=event.event_id,
+                raise WebhookRejected("invalid_request", refused[1], event_id=event.event_id,
                                       event_type=event.event_type)
             return event, request
         return event, None
