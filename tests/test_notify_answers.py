@@ -13,6 +13,7 @@ from adapters.http_server import AppServer
 from adapters.notify.chat import WebhookChat
 from adapters.notify.delivery import DeliveryFailed, DeliveryUncertain
 from adapters.notify.message import Message
+from adapters.tickets.base import TicketRef, refused_outright
 from adapters.tickets.jira import Jira
 from adapters.tickets.servicenow import ServiceNow
 
@@ -115,39 +116,51 @@ async def test_a_proxy_refusing_the_tunnel_is_a_failure_to_send_again(
     assert heads and heads[0].startswith(b"CONNECT hooks.slack.example:443 "), heads
 
 
-async def test_a_success_whose_body_cannot_be_read_is_not_sent_again() -> None:
+@pytest.mark.parametrize(("status", "uncertain"), [(b"200 OK", True), (b"502 Bad Gateway", False)])
+async def test_a_body_that_cannot_be_decoded_leaves_the_status_to_decide(
+        status: bytes, uncertain: bool) -> None:
     """A 2xx whose body fails to decode (a broken gzip) was posted: never resent (before, the
-    raw decoding error counted as a failure and the message was posted again)."""
-    broken = (b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 9\r\n"
+    raw decoding error counted as a failure and the message was posted again); an error
+    status with such a body is still a failure to send again."""
+    broken = (b"HTTP/1.1 " + status + b"\r\nContent-Encoding: gzip\r\nContent-Length: 9\r\n"
               b"Connection: close\r\n\r\nnot gzip!")
     hook, heads = await answering_raw(broken)
     port = hook.sockets[0].getsockname()[1]
     try:
-        with pytest.raises(DeliveryUncertain):
+        with pytest.raises(DeliveryUncertain if uncertain else DeliveryFailed):
             await WebhookChat("slack", f"http://127.0.0.1:{port}/services/T0/B0/x", 5.0).send(notice())
     finally:
         hook.close()
     assert len(heads) == 1
 
 
+def ticket_system(system: str, url: str) -> Jira | ServiceNow:
+    if system == "jira":
+        return Jira(url, "ops@example.com", "token", project="OPS", issue_type="Task", timeout=5.0)
+    return ServiceNow(url, "ops", "secret", request_table="sc_request", incident_table="incident",
+                      timeout=5.0)
+
+
 @pytest.mark.parametrize("system", ["jira", "servicenow"])
-async def test_a_ticket_create_answered_2xx_without_its_record_may_have_made_it(system: str) -> None:
-    """A create answered 201 with a body that is not the record (an HTML page from a proxy,
-    a record without `result`) made the ticket as far as the status says: uncertain, so the
-    channel looks for it past the search's lag before another create. It was a refusal
-    (`DeliveryFailed` without a status, read as 'nothing was made'): the retry's search could
-    miss the new ticket and make a second one."""
+async def test_a_ticket_call_answered_2xx_without_its_record_is_a_failure_a_create_looks_for(
+        system: str) -> None:
+    """A 2xx whose body is not the record (an SSO proxy's or a hibernating instance's HTML
+    page, a record without `result`) is a failure carrying its status: a note is sent again
+    (nothing may have reached the system), and a create's status is one the ticket channel
+    looks for again past the search's lag before another create (`refused_outright`); it was
+    a failure without a status, read as "nothing was made", so the retry's search could miss
+    a ticket the create had made and make a second."""
     answer = (b"HTTP/1.1 201 Created\r\nContent-Type: text/html\r\nContent-Length: 13\r\n"
               b"Connection: close\r\n\r\n<html></html>")
     peer, heads = await answering_raw(answer)
-    url = f"http://127.0.0.1:{peer.sockets[0].getsockname()[1]}"
-    made = (Jira(url, "ops@example.com", "token", project="OPS", issue_type="Task", timeout=5.0)
-            if system == "jira" else
-            ServiceNow(url, "ops", "secret", request_table="sc_request", incident_table="incident",
-                       timeout=5.0))
+    made = ticket_system(system, f"http://127.0.0.1:{peer.sockets[0].getsockname()[1]}")
     try:
-        with pytest.raises(DeliveryUncertain):
+        with pytest.raises(DeliveryFailed) as create:
             await made.create(True, "refund-orchestrator-rr-7-incident", notice())
+        with pytest.raises(DeliveryFailed) as note:
+            await made.note(True, TicketRef("abc", "INC0001", None), notice())
     finally:
         peer.close()
-    assert len(heads) == 1 and heads[0].startswith(b"POST ")
+    assert create.value.status == note.value.status == 201
+    assert not refused_outright(create.value.status)
+    assert len(heads) == 2 and all(head.split(b" ")[0] in (b"POST", b"PATCH") for head in heads), heads

@@ -110,7 +110,8 @@ async def test_two_notices_of_one_case_delivered_at_once_make_one_ticket(store: 
 
 @pytest.mark.parametrize("answer", [DeliveryUncertain("jira: read timeout after the request was sent"),
                                     DeliveryFailed("HTTP 502: Bad Gateway", status=502),
-                                    DeliveryFailed("HTTP 504: Gateway Timeout", status=504)])
+                                    DeliveryFailed("HTTP 504: Gateway Timeout", status=504),
+                                    DeliveryFailed("Jira answered without JSON: <html>", status=201)])
 async def test_a_create_whose_answer_was_lost_is_looked_for_again_past_the_search_s_lag(
         store: Store, monkeypatch: pytest.MonkeyPatch, answer: Exception) -> None:
     """Jira's search lags its creates: a retry searching a second after a create whose

@@ -43,17 +43,27 @@ NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.P
 egress proxy (`HTTPS_PROXY`) refusing the tunnel, a URL no transport serves."""
 
 
-async def send_http(method: str, url: str, *, timeout: float, **kwargs: Any) -> httpx.Response:
-    """One HTTP call whose failure is classified for the retry decision."""
+async def send_http(method: str, url: str, *, timeout: float, auth: httpx.Auth | None = None,
+                    **kwargs: Any) -> httpx.Response:
+    """One HTTP call whose failure is classified for the retry decision. The status is read
+    before the body: a body that cannot be decoded (a broken gzip) leaves an error status a
+    failure, and makes a success uncertain (it was done, its answer unread)."""
     try:
-        async with httpx.AsyncClient(timeout=timeout, verify=client_tls()) as http:
-            response = await http.request(method, url, **kwargs)
+        async with httpx.AsyncClient(timeout=timeout, verify=client_tls(), auth=auth) as http:
+            response = await http.send(http.build_request(method, url, **kwargs), stream=True)
+            try:
+                await response.aread()
+            except httpx.DecodingError as exc:
+                if response.is_success:
+                    raise DeliveryUncertain(f"the answer could not be read: {exc!r}") from exc
+                raise DeliveryFailed(f"HTTP {response.status_code} (its body unreadable)",
+                                     status=response.status_code) from exc
+            finally:
+                await response.aclose()
     except NOT_SENT as exc:
         raise DeliveryFailed(f"could not connect: {exc!r}") from exc
     except httpx.TransportError as exc:
         raise DeliveryUncertain(f"the answer was lost: {exc!r}") from exc
-    except httpx.DecodingError as exc:  # a status came, its body unreadable: posted, maybe
-        raise DeliveryUncertain(f"the answer could not be read: {exc!r}") from exc
     if not response.is_success:  # a 3xx too: redirects are not followed, so nothing was posted
         raise DeliveryFailed(f"HTTP {response.status_code}: {response.text[:300]}",
                              status=response.status_code)

@@ -27,6 +27,13 @@ class TicketRef:
     url: str | None
 
 
+def refused_outright(status: int | None) -> bool:
+    """Whether a create's failure says nothing was made: no connection (no status), a redirect
+    or a 4xx. A 5xx may follow a backend that made it, and a 2xx without the record may be
+    the record's answer garbled: both are looked for again."""
+    return status is None or 300 <= status < 500
+
+
 class TicketSystem(Protocol):
     name: str
 
@@ -69,11 +76,12 @@ class TicketChannel:
                     try:
                         made = await self._system.create(incident, correlation, message)
                     except (DeliveryUncertain, DeliveryFailed) as exc:
-                        if isinstance(exc, DeliveryFailed) and (exc.status or 0) < 500:
+                        if isinstance(exc, DeliveryFailed) and refused_outright(exc.status):
                             raise  # refused: nothing was made
-                        # the create may have landed (answer lost, or a gateway's 5xx after the
-                        # backend made it), and a search lags it (Jira's index): look again past
-                        # the lag, or the retry's search misses it and makes another
+                        # the create may have landed (answer lost, a gateway's 5xx after the
+                        # backend made it, a 2xx without the record), and a search lags it
+                        # (Jira's index): look again past the lag, or the retry's search
+                        # misses it and makes another
                         await asyncio.sleep(LOST_CREATE_RECHECK_SECONDS)
                         made = await self._system.find(incident, correlation)
                         if made is None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from adapters.notify.delivery import DeliveryUncertain, send_http
+from adapters.notify.delivery import DeliveryFailed, send_http
 from adapters.notify.message import Message
 from adapters.tickets.base import TicketRef
 
@@ -42,8 +42,9 @@ class Jira:
                                     auth=self._auth, headers={"Accept": "application/json"}, **kwargs)
         try:
             return response.json()
-        except ValueError as exc:  # a 2xx: what it asked for happened, as far as the status says
-            raise DeliveryUncertain(f"Jira answered without JSON: {response.text[:200]}") from exc
+        except ValueError as exc:  # a 2xx from Jira, or from a proxy or login page before it
+            raise DeliveryFailed(f"Jira answered without JSON: {response.text[:200]}",
+                                 status=response.status_code) from exc
 
     def _ref(self, issue: dict[str, Any]) -> TicketRef:
         return TicketRef(str(issue["id"]), issue["key"], f"{self._base}/browse/{issue['key']}")

@@ -10,7 +10,7 @@ from urllib.parse import quote
 
 import httpx
 
-from adapters.notify.delivery import DeliveryUncertain, send_http
+from adapters.notify.delivery import DeliveryFailed, send_http
 from adapters.notify.message import Message
 from adapters.tickets.base import TicketRef
 
@@ -43,8 +43,10 @@ class ServiceNow:
                                    auth=self._auth, headers={"Accept": "application/json"}, **kwargs)
         try:
             return response.json()["result"]
-        except (ValueError, KeyError) as exc:  # a 2xx: done, as far as the status says
-            raise DeliveryUncertain(f"ServiceNow answered without a result: {response.text[:200]}") from exc
+        except (ValueError, KeyError) as exc:  # a 2xx from ServiceNow, or a proxy's or a hibernating
+            # instance's page before it
+            raise DeliveryFailed(f"ServiceNow answered without a result: {response.text[:200]}",
+                                 status=response.status_code) from exc
 
     async def find(self, incident: bool, correlation: str) -> TicketRef | None:
         table = self._tables[incident]
