@@ -261,6 +261,9 @@ class Settings(BaseSettings):
     llm_model: str = "gpt-4o-mini"
     llm_api_key: SecretStr | None = None
     llm_timeout_seconds: float = 20
+    llm_max_tokens: int = Field(default=1500, ge=100, description=(
+        "bounds each answer's length and cost; a model that reasons before it answers counts "
+        "that too, so raise it for one"))
     advice_timeout_seconds: float = 30
 
     reconciliation_interval_seconds: float = Field(

@@ -75,8 +75,8 @@ PERSONAL_FIELDS = frozenset({"customer_email", "email", "customer_phone", "phone
 """Evidence fields that hold a person's contact data: withheld from the model whole."""
 WITHHELD = "[withheld]"
 _EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
-_PHONE = re.compile(r"\+\d[\d ().-]{7,}\d")
-_CARD = re.compile(r"\b\d(?:[ -]?\d){12,18}\b")
+_PHONE = re.compile(r"\+\d[\d ()-]{7,}\d")
+_CARD = re.compile(r"\b[2-6](?:[ -]?\d){12,18}\b")  # card brands' first digits: 2 to 6
 
 
 def _luhn(digits: str) -> bool:
@@ -101,12 +101,16 @@ def untrusted_for_model(evidence: dict[str, str]) -> dict[str, str]:
             for key, value in evidence.items()}
 
 
+def told_without_personal_data(advice: Advice) -> Advice:
+    """A model's answer with what it echoes of personal data masked (`masked`): the summary
+    and flags reach notices, tickets and the console."""
+    return advice.model_copy(update={"summary": masked(advice.summary),
+                                     "anomaly_flags": tuple(masked(f) for f in advice.anomaly_flags)})
+
+
 def guarded(advice: Advice, context: AdviceContext) -> Advice:
     """Adds our own flags where a suggestion goes beyond the request (whatever produced it),
-    so an approver sees at a glance that the suggestion is not to be taken literally; masks
-    personal data the answer echoes (`masked`)."""
-    advice = advice.model_copy(update={"summary": masked(advice.summary),
-                                       "anomaly_flags": tuple(masked(f) for f in advice.anomaly_flags)})
+    so an approver sees at a glance that the suggestion is not to be taken literally."""
     flags = list(advice.anomaly_flags)
     if advice.suggested_amount > context.amount:
         flags.append("suggestion_exceeds_requested_amount")
