@@ -89,4 +89,6 @@ def test_a_message_id_is_one_notice_s_not_one_database_counter_s() -> None:
     ids = [str(email.compose(m)["Message-ID"]) for m in (first, other_case, other_kind)]
     assert len(set(ids)) == 3, ids
     assert str(email.compose(first)["Message-ID"]) == ids[0]  # a resend is recognisable
-    assert ids[0].startswith("<notice-1.") and ids[0].endswith("@example.test>"), ids[0]
+    assert ids[0].startswith("<notice-1.") and ids[0].endswith("@refund-orchestrator>"), ids[0]
+    other_sender = SmtpEmail("127.0.0.1", 25, "Refunds <ops@other.example>", timeout=1)
+    assert str(other_sender.compose(first)["Message-ID"]) == ids[0]  # settings changed, a resend

@@ -97,8 +97,10 @@ async def test_registration_needs_a_token_and_the_role(stack: Stack) -> None:
         api.headers["Authorization"] = "Bearer nope"
         assert (await api.post("/v1/payouts", json=body)).status_code == 401
     assert await stack.store.payouts.payout(body["id"]) is None
-    trail = await stack.store.audit.trail(payout_case_id("sandbox", body["provider_payout_id"]))
-    assert [e["action"] for e in trail] == ["access_refused"]
+    case_id = payout_case_id("sandbox", body["provider_payout_id"])
+    assert await stack.store.audit.trail(case_id) == []  # no case: bob begins no trail of it
+    assert [e["actor"] for e in await stack.store.audit.trail("")
+            if e["action"] == "access_refused" and e["detail"].get("case_id") == case_id] == ["bob"]
 
 
 async def test_the_cli_registers_lists_and_shows_and_a_registered_payout_opens_a_case(stack: Stack) -> None:

@@ -13,7 +13,7 @@ import re
 import smtplib
 import ssl
 from email.message import EmailMessage
-from email.utils import formatdate, parseaddr
+from email.utils import formatdate
 
 from adapters.net import is_loopback
 from adapters.notify.delivery import DeliveryFailed, DeliveryUncertain
@@ -30,13 +30,13 @@ def _masked(text: str) -> str:
 
 
 
-def message_id(message: Message, sender: str) -> str:
-    """The notice's Message-ID: its id, a digest of its case, kind and audience, at the
-    sender's domain. Notice ids alone repeat across deployments sharing a mailbox and after a
-    database is rebuilt, and a mail server drops a message whose id it has seen."""
+def message_id(message: Message) -> str:
+    """The notice's Message-ID: its id and a digest of its case, kind and audience. Notice
+    ids alone repeat across deployments sharing a mailbox and after a database is rebuilt,
+    and a mail server drops a message whose id it has seen. Nothing of the settings in it, so
+    a resend after the sender was changed keeps the id."""
     named = hashlib.sha256(f"{message.case_id}\x00{message.kind}\x00{message.audience}".encode()).hexdigest()
-    domain = parseaddr(sender)[1].rpartition("@")[2] or "refund-orchestrator"
-    return f"<notice-{message.notice_id}.{named[:20]}@{domain}>"
+    return f"<notice-{message.notice_id}.{named[:20]}@refund-orchestrator>"
 
 
 class SmtpEmail:
@@ -62,7 +62,7 @@ class SmtpEmail:
         mail["To"] = message.email_to
         mail["Subject"] = " ".join(message.title.split())  # a line break in a header is refused
         mail["Date"] = formatdate(localtime=False, usegmt=True)
-        mail["Message-ID"] = message_id(message, self._sender)
+        mail["Message-ID"] = message_id(message)
         mail.set_content(message.plain())
         return mail
 

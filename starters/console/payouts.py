@@ -101,7 +101,7 @@ async def decide(request: Request, case_id: str) -> Response:
     except ValidationError as exc:
         first = exc.errors()[0]
         refusal = f"invalid {'.'.join(str(p) for p in first['loc']) or 'form'}: {first['msg']}"
-        await actions.store.audit.record(case_id, session.principal.user, "action_refused", {
+        await actions.store.audit.record_refusal(case_id, session.principal.user, "action_refused", {
             "action": "approving a payout exception", "refusal": refusal, "via": "console"})
         return await case_page(request, session, case_id, status=422, error=refusal)
     except Refused as exc:

@@ -35,8 +35,9 @@ router = APIRouter()
 async def register_payout(body: PayoutRegistration, caller: Caller, response: Response,
                           door: Door, desk: Desk) -> dict[str, Any]:
     """Books a payout as paid, once per id: the same registration again is a no-op
-    (200), the id or the provider's payout id booked with other data a 409. Refusals
-    are audited on the case chain the payout's failure would open."""
+    (200), the id or the provider's payout id booked with other data a 409. A registrar's
+    refusals are audited on the case chain the payout's failure would open; a caller who may
+    not register begins no chain (the global trail names it)."""
     case_id = payout_case_id(body.provider, body.provider_payout_id)
     await door.actions.require(caller, Permission.REGISTER_PAYOUT, "registering a payout", case_id, via="api")
 
