@@ -6,7 +6,7 @@ break approvals remind and escalate like every other approval."""
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,6 +18,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import ActivityInboundInterceptor, ExecuteActivityInput, Interceptor, Worker
 
+from adapters.approval_seal import approval_keys, sealing_client
 from adapters.db import Principal, Store
 from adapters.policy_file import load_policy
 from adapters.providers.base import ProviderConfigurationRefused
@@ -26,6 +27,7 @@ from domain.ledger import REFUNDED_ACCOUNT
 from domain.models import (
     CaseEventInput,
     CaseStatus,
+    Decision,
     LedgerInput,
     LedgerKind,
     ProviderRefund,
@@ -40,8 +42,14 @@ from domain.payouts import (
     payout_case_id,
 )
 from domain.reconciliation import BreakOutcome, BreakSettlement, BreakState, break_workflow_id
+from starters.actions.approving import Refused
 from starters.actions.cases import CaseActions
-from starters.actions.reconciliation import BreakReopenBody, reopen_break
+from starters.actions.reconciliation import (
+    BreakDecisionBody,
+    BreakReopenBody,
+    decide_on_break,
+    reopen_break,
+)
 from starters.dev.stack import TemporalDevServer
 from starters.relay.webhook_desk import WebhookDesk
 from tests.harness import Stack, open_stack, pending_verdict_stack, stack_with
@@ -1107,3 +1115,65 @@ async def test_an_approved_break_on_a_refund_in_another_currency_moves_nothing(s
     told = [n for n in await stack.store.outbox.notices(case_id)
             if n["kind"] == "reconciliation_break_currency_differs"]
     assert [(n["audience"], n["detail"]["provider_currency"]) for n in told] == [("ops", "USD")] * 2, told
+
+
+class RoundEndsFirst:
+    """A Temporal client whose first verdict update to a break waits for `meanwhile` (the
+    round it was given for denied and the break reopened) before it goes out."""
+
+    def __init__(self, client: Client, meanwhile: Callable[[], Awaitable[None]]) -> None:
+        self._client, self._meanwhile = client, meanwhile
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def get_workflow_handle(self, *args: Any, **kwargs: Any) -> Any:
+        return _LateUpdates(self._client.get_workflow_handle(*args, **kwargs), self)
+
+
+class _LateUpdates:
+    def __init__(self, handle: Any, client: RoundEndsFirst) -> None:
+        self._handle, self._client = handle, client
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handle, name)
+
+    async def execute_update(self, *args: Any, **kwargs: Any) -> Any:
+        meanwhile, self._client._meanwhile = self._client._meanwhile, _nothing
+        await meanwhile()
+        return await self._handle.execute_update(*args, **kwargs)
+
+
+async def _nothing() -> None:
+    return None
+
+
+async def test_a_verdict_checked_for_one_round_never_counts_in_the_next(stack: Stack) -> None:
+    """A verdict is checked against the round its approver saw, then sent to the break's
+    case. If that round ends (denied) and ops reopen the break in between, the verdict went
+    to the new round's case, the latest run under the same workflow id, and counted there:
+    an approval given for a round that was dismissed approved the round opened after it
+    (reproduced: accepted, no refusal). It goes to the run of the round it was checked
+    against, so it finds that round ended: 409, nothing counted."""
+    case_id, found = await failed_break_with_a_trigger(stack)  # bob requested, carol triggered
+    await another_approver(stack)
+    await another_approver(stack, "dana")
+
+    async def denied_and_reopened() -> None:
+        assert (await decide(stack, "erin", found["id"], "deny")).status_code == 202
+        await wait_for_breaks(stack, [found["object_id"]], "dismissed")
+        await reopen(stack, "olga", found, "the bank may have failed it after all")
+
+    relays = sealing_client(stack.client, approval_keys(stack.settings))  # as the relay's client seals
+    late = CaseActions(stack.store, cast(Client, RoundEndsFirst(relays, denied_and_reopened)), stack.settings)
+    dana = Principal("dana", frozenset({"approver"}))
+    with pytest.raises(Refused) as refused:
+        await decide_on_break(late, dana, int(found["id"]),
+                              BreakDecisionBody(decision=Decision.APPROVE, reason="checked", reopened=0),
+                              via="api")
+    assert refused.value.status == 409, refused.value.detail
+    [waiting] = await wait_for_breaks(stack, [found["object_id"]], "awaiting_approval", "resolved")
+    assert (waiting["state"], waiting["reopened"]) == ("awaiting_approval", 1)
+    assert [e["template"] for e in await stack.store.ledger.entries(case_id)] == ["refund_settled"] * 2
+    assert "reconciliation_approval_approve" not in [
+        e["action"] for e in await stack.store.audit.trail(waiting["chain"]) if e["actor"] == "dana"]

@@ -56,13 +56,14 @@ def new_verdict(caller: Principal, decision: Decision, reason: str) -> ApprovalS
 
 
 async def deliver_verdict(client: Client, workflow_id: str, verdict: ApprovalSignal,
-                          seconds: float) -> ApprovalProgress | None:
+                          seconds: float, run_id: str | None = None) -> ApprovalProgress | None:
     """The workflow's answer to the verdict as an update, or None past `seconds`: the same
     verdict (same id) then goes again as the `approve` signal. Temporal keeps an update that
     no worker has accepted only in memory, and drops it when it restarts or evicts the
     workflow's state under load, with no one left polling to send it again; a signal is
-    durable once sent. The workflow takes one verdict id once, whichever arrives first."""
-    handle = client.get_workflow_handle(workflow_id)
+    durable once sent. The workflow takes one verdict id once, whichever arrives first.
+    `run_id`: the run the verdict is for (a break's round), else the workflow's latest."""
+    handle = client.get_workflow_handle(workflow_id, run_id=run_id)
     try:
         return await asyncio.wait_for(handle.execute_update(ApprovingWorkflow.submit_approval, verdict),
                                       timeout=seconds)

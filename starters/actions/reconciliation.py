@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
 from temporalio.common import WorkflowIDReusePolicy
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
 from adapters.db import Principal
 from adapters.db.reconciliation import NotReopenable, break_case, break_view
@@ -69,9 +69,17 @@ async def decide_on_break(actions: CaseActions, caller: Principal, break_id: int
         await actions.refuse(caller, row["chain"], 409, action,
                              f"this verdict was given before the break was reopened (round {body.reopened}, "
                              f"now {row['reopened']}): reload it and decide again", via=via)
+    round_ended = (f"round {body.reopened} of the break ended before this verdict reached it: "
+                   "reload it and decide again")
+    if (run_id := await _run_of_round(actions, break_id, body.reopened)) is None:
+        await actions.refuse(caller, row["chain"], 409, action, round_ended, via=via)
     try:
-        progress = await _verdict_once_caught_up(actions, break_id,
+        progress = await _verdict_once_caught_up(actions, break_id, run_id, body.reopened,
                                                  new_verdict(caller, body.decision, body.reason))
+    except RPCError as exc:
+        if exc.status != RPCStatusCode.NOT_FOUND:
+            raise
+        await actions.refuse(caller, row["chain"], 409, action, round_ended, via=via)
     except WorkflowUpdateFailedError as exc:
         reason, kind = refusal(exc)
         if kind == NOT_AWAITING_APPROVAL:
@@ -100,23 +108,42 @@ START_WITHIN_SECONDS = 5.0
 """How long the reopen's start of that case may take (inside the reopen's transaction)."""
 
 
-async def _verdict_once_caught_up(actions: CaseActions, break_id: int,
+async def _run_of_round(actions: CaseActions, break_id: int, round_: int) -> str | None:
+    """The run of the break's exception case that decides round `round_`, or None when the
+    round has ended. Every round runs under the same workflow id, so a verdict sent to "the
+    workflow" went to the latest run: a round denied and reopened after the verdict was
+    checked took it in the next round. The run is described, then the row read again: still
+    awaiting that round, no reopen has begun (one needs the round ended first), so the run
+    described is that round's."""
+    try:
+        described = await actions.client.get_workflow_handle(break_workflow_id(break_id)).describe()
+    except RPCError as exc:
+        if exc.status != RPCStatusCode.NOT_FOUND:
+            raise
+        return None
+    row = await actions.store.reconciliation.get_break(break_id)
+    if row is None or row["state"] != BreakState.AWAITING_APPROVAL or row["reopened"] != round_:
+        return None
+    return described.run_id
+
+
+async def _verdict_once_caught_up(actions: CaseActions, break_id: int, run_id: str, round_: int,
                                   verdict: ApprovalSignal) -> ApprovalProgress | None:
-    """`deliver_verdict`, asked again while the workflow answers "not awaiting approval" but
-    the break's row still says it is: opening the exception commits the row before the
-    workflow hears of it, and a verdict in between was refused 409 for a break that waits.
-    Past the answer time the workflow's answer stands."""
+    """`deliver_verdict` to the round's run, asked again while it answers "not awaiting
+    approval" but the break's row still says that round waits: opening the exception commits
+    the row before the workflow hears of it, and a verdict in between was refused 409 for a
+    break that waits. Past the answer time the workflow's answer stands."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + actions.settings.approval_answer_seconds
     while True:
         try:
             return await deliver_verdict(actions.client, break_workflow_id(break_id), verdict,
-                                         max(deadline - loop.time(), CAUGHT_UP_POLL_SECONDS))
+                                         max(deadline - loop.time(), CAUGHT_UP_POLL_SECONDS), run_id)
         except WorkflowUpdateFailedError as exc:
             if refusal(exc)[1] != NOT_AWAITING_APPROVAL or loop.time() >= deadline:
                 raise
             row = await actions.store.reconciliation.get_break(break_id)
-            if row is None or row["state"] != BreakState.AWAITING_APPROVAL:
+            if row is None or row["state"] != BreakState.AWAITING_APPROVAL or row["reopened"] != round_:
                 raise
         await asyncio.sleep(CAUGHT_UP_POLL_SECONDS)
 
