@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 
 from domain.events import tracking_case_id
-from domain.models import RefundRequestBody
+from domain.models import RefundRequestBody, RequestSource
 from domain.payouts import payout_case_id
 from domain.reconciliation import break_workflow_id
 from tests.harness import Stack
@@ -60,6 +60,23 @@ async def test_a_repeat_through_another_channel_is_the_same_request(stack: Stack
         other = await api.post("/v1/refund-requests", json={**body, "amount": 1_001})
     assert (first.status_code, again.status_code, other.status_code) == (202, 200, 409), again.text
     assert again.json()["source"] == "cli"
+
+
+async def test_a_repeat_through_another_channel_starts_the_case_as_it_was_stored(stack: Stack) -> None:
+    """The first request's row was committed but its workflow never started (Temporal away:
+    503, "send the same request again"); the caller sends it again through another channel.
+    The repeat starts the workflow with the stored request: started with the repeat's own
+    copy (another channel, so another fingerprint than the row's), validation refused it as
+    not the stored request and the case stayed `requested` with no refund (reproduced)."""
+    charge = await stack.charge(10_000)
+    body = stack.refund_body(charge, 1_000)
+    stored = RefundRequestBody.model_validate(body).as_request(RequestSource.CLI)
+    await stack.store.cases.create(stored, "alice")  # the CLI's request; its start never happened
+    async with stack.api("alice") as api:
+        again = await api.post("/v1/refund-requests", json=body)
+    assert again.status_code == 200, again.text
+    await stack.wait_for_status(body["refund_request_id"], "succeeded")
+    assert [r["amount"] for r in await stack.provider_refunds(charge)] == [1_000]
 
 
 SYSTEM_IDS = {

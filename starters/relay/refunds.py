@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 
-from adapters.db import CaseCreation
+from adapters.db import CaseCreation, request_from_row
 from adapters.telemetry import bind_case
 from domain.models import RefundRequestBody, RequestSource
 from domain.permissions import Permission
@@ -53,7 +53,9 @@ async def request_refund(body: RefundRequestBody, caller: Caller, request: Reque
         await actions.refuse(caller, body.refund_request_id, 409, "requesting a refund",
                              f"refund_request_id {body.refund_request_id!r} was already used with "
                              "different parameters", via="api")
-    await start_refund(door.client, door.settings, refund, row["requester"], row["status"])
+    # the stored request: a repeat through another channel is the same request, but its own
+    # copy (another channel, another fingerprint) is not the row validation checks against
+    await start_refund(door.client, door.settings, request_from_row(row), row["requester"], row["status"])
     if outcome is CaseCreation.IDENTICAL:
         response.status_code = 200
     return await actions.view(body.refund_request_id)
