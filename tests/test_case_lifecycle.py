@@ -4,12 +4,13 @@ whose workflow was terminated is found by the sweep, handed to ops with a reconc
 break, and released only where the provider holds no refund."""
 
 import asyncio
+import copy
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import pytest
 from temporalio.client import Client
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
 from adapters.db import CaseCreation, Store
 from adapters.notify.message import render
@@ -257,7 +258,7 @@ async def test_a_repeat_of_a_request_already_handed_to_ops_starts_nothing(stack:
         {**body, "source": "api"}), "alice")
     assert created is CaseCreation.CREATED
     await stack.store.database.execute(  # idle since long before the sweep looks
-        "UPDATE refund_cases SET updated_at = now() - interval '1 hour' WHERE refund_request_id = %s",
+        "UPDATE refund_cases SET updated_at = now() - interval '2 hours' WHERE refund_request_id = %s",
         (case_id,))
     assert case_id in await sweep_cases_once(stack.store, stack.client, stack.providers, idle_seconds=60)
     async with stack.api("alice") as api:
@@ -268,6 +269,27 @@ async def test_a_repeat_of_a_request_already_handed_to_ops_starts_nothing(stack:
     row = await stack.store.cases.get(case_id)
     assert row is not None and (row["status"], row["reserved_amount"]) == ("ops_review", 0)
     assert await stack.provider_refunds(charge) == []
+
+
+async def test_a_request_whose_start_found_temporal_away_waits_for_its_retry(stack: Stack) -> None:
+    """The relay stored a request, its start found Temporal away (503: "send the same request
+    again"). Once Temporal answers, the sweep found the case idle past its five minutes with
+    no workflow and handed it to ops, so the caller's retry started nothing (every request
+    of the outage became an ops ticket; reproduced). A case no workflow ever moved waits an
+    hour for its retry; the retry starts it."""
+    charge = await stack.charge(10_000)
+    body = stack.refund_body(charge, 1_500)
+    case_id = body["refund_request_id"]
+    await stack.store.cases.create(RefundRequest.model_validate({**body, "source": "api"}), "alice")
+    await stack.store.database.execute(  # the outage lasted ten minutes
+        "UPDATE refund_cases SET updated_at = now() - interval '10 minutes' WHERE refund_request_id = %s",
+        (case_id,))
+    assert case_id not in await sweep_cases_once(stack.store, stack.client, stack.providers, idle_seconds=60)
+    async with stack.api("alice") as api:
+        again = await api.post("/v1/refund-requests", json=body)
+    assert again.status_code == 200, again.text
+    await stack.wait_for_status(case_id, "succeeded")
+    assert [r["amount"] for r in await stack.provider_refunds(charge)] == [1_500]
 
 
 class LookupBreaksOn:
@@ -303,6 +325,49 @@ async def test_a_case_the_sweep_cannot_read_holds_up_no_other(stack: Stack) -> N
     swept = await sweep_cases_once(stack.store, stack.client, providers, idle_seconds=60)
     assert readable["refund_request_id"] in swept and broken["refund_request_id"] not in swept
     row = await stack.store.cases.get(broken["refund_request_id"])
+    assert row is not None and row["status"] == "executing"  # left for a later pass
+
+
+class DescribeFailsFor:
+    """A Temporal client whose describe of one workflow fails (rate limited, a deadline)."""
+
+    def __init__(self, client: Client, workflow_id: str) -> None:
+        self._client, self._workflow_id = client, workflow_id
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def get_workflow_handle(self, workflow_id: str, **kwargs: Any) -> Any:
+        handle = self._client.get_workflow_handle(workflow_id, **kwargs)
+        if workflow_id != self._workflow_id:
+            return handle
+        failing = copy.copy(handle)
+
+        async def describe(*_: Any, **__: Any) -> Any:
+            raise RPCError("rate limited", RPCStatusCode.RESOURCE_EXHAUSTED, b"")
+
+        failing.describe = describe  # type: ignore[method-assign]
+        return failing
+
+
+async def test_a_case_temporal_cannot_describe_holds_up_no_other(stack: Stack) -> None:
+    """Temporal refuses one case's describe (rate limited): that case waits for the next pass,
+    the cases behind it are still swept. The failure left the generator and ended the pass
+    (payout cases were then never reached; reproduced: the readable case was not swept)."""
+    cases = []
+    for hours in (3, 2):
+        body = stack.refund_body(await stack.charge(10_000), 1_000)
+        await stack.store.cases.create(RefundRequest.model_validate({**body, "source": "api"}), "alice")
+        await stack.store.database.execute(
+            "UPDATE refund_cases SET status = 'executing', submission_started_at = NULL,"
+            " updated_at = now() - %s * interval '1 hour' WHERE refund_request_id = %s",
+            (hours, body["refund_request_id"]))
+        cases.append(body["refund_request_id"])
+    refused, readable = cases
+    swept = await sweep_cases_once(stack.store, cast(Client, DescribeFailsFor(stack.client, refused)),
+                                   stack.providers, idle_seconds=60)
+    assert readable in swept and refused not in swept
+    row = await stack.store.cases.get(refused)
     assert row is not None and row["status"] == "executing"  # left for a later pass
 
 

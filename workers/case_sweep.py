@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from temporalio.client import Client
@@ -44,6 +44,13 @@ async def provider_holds(store: Store, providers: Mapping[str, ProviderAdapter],
     return found is not None, found
 
 
+NEVER_STARTED_GRACE = timedelta(hours=1)
+"""How long a case no workflow ever moved (`requested`, none in Temporal) waits for its
+caller's retry before it is handed to ops: its start found Temporal away (503, "send the same
+request again") or the relay died before it, and only a retry or a re-drive starts it. Past
+the sweep's idle time alone, every request of an outage went to ops as Temporal came back,
+racing the retries it had asked for."""
+
 LEFT_TO_OPS = frozenset({"COMPLETED", "NOT_FOUND"})
 """How a refund workflow ended that left its case in ops review on purpose (and told ops):
 completed, or gone past Temporal's retention since (only a running workflow, or the sweep
@@ -55,11 +62,15 @@ IdlePage = Callable[[tuple[datetime, str] | None], Awaitable[Sequence[Mapping[st
 async def closed_cases(client: Client, pages: IdlePage, key: str
                        ) -> AsyncIterator[tuple[Mapping[str, Any], str]]:
     """Each idle open case (`key`: its id column) whose workflow has ended, with how it
-    ended, a page at a time (cases whose workflow still runs never hide the others)."""
+    ended, a page at a time (cases whose workflow still runs never hide the others; one
+    Temporal cannot describe now, rate limited or past a deadline, waits for the next pass)."""
     after: tuple[datetime, str] | None = None
     while rows := await pages(after):
         for row in rows:
-            if (ended := await workflow_closed(client, row[key])) is not None:
+            ended: str | None = None
+            with _alone(row[key]):
+                ended = await workflow_closed(client, row[key])
+            if ended is not None:
                 yield row, ended
         after = rows[-1]["updated_at"], rows[-1][key]
 
@@ -95,6 +106,9 @@ def _alone(case_id: str) -> Iterator[None]:
 async def _sweep_refund_case(store: Store, providers: Mapping[str, ProviderAdapter],
                              row: Mapping[str, Any], ended: str) -> bool:
     case_id = row["refund_request_id"]
+    if (ended == "NOT_FOUND" and row["status"] == CaseStatus.REQUESTED
+            and datetime.now(UTC) - row["updated_at"] < NEVER_STARTED_GRACE):
+        return False  # never started: its retry may still come
     if ended in LEFT_TO_OPS and row["status"] == CaseStatus.OPS_REVIEW:
         # the workflow handed it to ops itself (a duplicate or mismatched refund)
         await store.cases.mark_end_seen(case_id, row["updated_at"])
