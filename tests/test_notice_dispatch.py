@@ -13,7 +13,7 @@ from temporalio.exceptions import ApplicationError
 import workers.outbox
 from adapters.db import Store
 from domain.models import NoticeInput
-from workers.outbox import SCHEDULE, dispatch_once, retry_delay, sweep_once
+from workers.outbox import SCHEDULE, dispatch_once, notice_dispatcher, retry_delay, sweep_once
 
 
 class Channel:
@@ -206,3 +206,30 @@ async def test_a_stopping_sweeper_takes_no_further_notice(store: Store) -> None:
     channel = StoppedWhileSending(stop)
     await sweep_once(store.outbox, channel, older_than_seconds=0, stop=stop)
     assert len(channel.sent) == 1 and [await column(store, key, "swept_at") for key in keys].count(None) >= 2
+
+
+async def test_a_stopping_worker_s_dispatcher_claims_nothing_more(store: Store) -> None:
+    """The worker stops (SIGTERM): its dispatcher finishes the send in hand and claims no
+    more. It had its own stop, set only after the worker's other loops were awaited, so it
+    went on claiming and sending through the shutdown, and the deployment's grace period
+    could kill it mid-send: that channel's claim then read as `uncertain`, never resent."""
+    queue, run = f"dq-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex[:8]
+    first = await queued(store, f"a-{run}", ["refund_failed"], queue)
+    later = await queued(store, f"b-{run}", ["refund_failed"], queue)
+    release = asyncio.Event()
+
+    class Slow(Channel):
+        async def deliver(self, dedup_key: str) -> None:
+            await super().deliver(dedup_key)
+            await release.wait()
+
+    channel, stopping = Slow(), asyncio.Event()
+    async with notice_dispatcher(store.outbox, channel, queue, every_seconds=0.05, stopping=stopping):
+        while not channel.sent:
+            await asyncio.sleep(0.01)
+        stopping.set()  # the worker's stop, with one send in hand
+        release.set()
+        await asyncio.sleep(0.5)  # what it would claim next, it would claim now
+        assert len(channel.sent) == 1, channel.sent
+    assert set(channel.sent) <= {*first, *later}
+    assert len(channel.sent) == 1

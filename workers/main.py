@@ -140,7 +140,7 @@ async def run_worker(settings: Settings, dsn: str, stop: asyncio.Event) -> None:
         idle_seconds=settings.case_sweep_after_seconds))
         if settings.case_sweep_seconds > 0 else None)
     try:
-        async with worker, pool_dispatcher(store, settings, delivery=delivery):
+        async with worker, pool_dispatcher(store, settings, delivery=delivery, stopping=stop):
             if health is not None:
                 await health.start()
                 log.info("worker health and metrics on %s", health.url)

@@ -132,27 +132,40 @@ async def dispatch_notices(outbox: OutboxRepository, delivery: Deliverer, queue:
 
 @contextlib.asynccontextmanager
 async def notice_dispatcher(outbox: OutboxRepository, delivery: Deliverer, queue: str, *,
-                            every_seconds: float) -> AsyncIterator[None]:
+                            every_seconds: float,
+                            stopping: asyncio.Event | None = None) -> AsyncIterator[None]:
     """The dispatcher for `queue` while the block runs (off when `every_seconds` is 0: another
-    pool of the same queue delivers). Stopped and awaited on the way out."""
+    pool of the same queue delivers). Stopped and awaited on the way out, and it claims
+    nothing more once `stopping` (the worker's stop) is set: a send begun in a shutdown may
+    be cut off by the deployment's grace period, and a claim so cut reads as `uncertain`."""
     if every_seconds <= 0:
         yield
         return
     stop = asyncio.Event()
     task = asyncio.create_task(dispatch_notices(outbox, delivery, queue, stop, every_seconds=every_seconds))
+    watch = asyncio.create_task(_set_when(stopping, stop)) if stopping is not None else None
     try:
         yield
     finally:
         stop.set()
         await task
+        if watch is not None:
+            watch.cancel()
+
+
+async def _set_when(source: asyncio.Event, target: asyncio.Event) -> None:
+    await source.wait()
+    target.set()
 
 
 def pool_dispatcher(store: Store, settings: Settings, *, delivery: Deliverer | None = None,
-                    every_seconds: float | None = None) -> AbstractAsyncContextManager[None]:
+                    every_seconds: float | None = None,
+                    stopping: asyncio.Event | None = None) -> AbstractAsyncContextManager[None]:
     """The dispatcher a worker pool runs beside its worker, for the pool's task queue: one
     wiring for `refunds worker`, `refunds dev`, the tests' stacks and the benchmarks' workers.
-    `every_seconds` overrides the setting (the dev stack keeps it on)."""
+    `every_seconds` overrides the setting (the dev stack keeps it on); `stopping`: the
+    worker's stop (`notice_dispatcher`)."""
     return notice_dispatcher(store.outbox, delivery or IntegrationActivities(store, settings),
                              settings.task_queue,
                              every_seconds=settings.notice_dispatch_seconds if every_seconds is None
-                             else every_seconds)
+                             else every_seconds, stopping=stopping)
