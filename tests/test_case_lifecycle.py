@@ -12,6 +12,7 @@ import pytest
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
+import workers.case_sweep
 from adapters.db import CaseCreation, Store
 from adapters.notify.message import render
 from adapters.providers.base import ProviderAdapter
@@ -329,9 +330,10 @@ async def test_a_case_the_sweep_cannot_read_holds_up_no_other(stack: Stack) -> N
 
 
 class DescribeFailsFor:
-    """A Temporal client whose describe of one workflow fails (rate limited, a deadline)."""
+    """A Temporal client whose describe of one workflow (None: every one) fails (rate
+    limited, a deadline)."""
 
-    def __init__(self, client: Client, workflow_id: str) -> None:
+    def __init__(self, client: Client, workflow_id: str | None) -> None:
         self._client, self._workflow_id = client, workflow_id
 
     def __getattr__(self, name: str) -> Any:
@@ -339,7 +341,7 @@ class DescribeFailsFor:
 
     def get_workflow_handle(self, workflow_id: str, **kwargs: Any) -> Any:
         handle = self._client.get_workflow_handle(workflow_id, **kwargs)
-        if workflow_id != self._workflow_id:
+        if self._workflow_id not in (None, workflow_id):
             return handle
         failing = copy.copy(handle)
 
@@ -350,7 +352,8 @@ class DescribeFailsFor:
         return failing
 
 
-async def test_a_case_temporal_cannot_describe_holds_up_no_other(stack: Stack) -> None:
+async def test_a_case_temporal_cannot_describe_holds_up_no_other(
+        stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     """Temporal refuses one case's describe (rate limited): that case waits for the next pass,
     the cases behind it are still swept. The failure left the generator and ended the pass
     (payout cases were then never reached; reproduced: the readable case was not swept)."""
@@ -369,6 +372,11 @@ async def test_a_case_temporal_cannot_describe_holds_up_no_other(stack: Stack) -
     assert readable in swept and refused not in swept
     row = await stack.store.cases.get(refused)
     assert row is not None and row["status"] == "executing"  # left for a later pass
+    # describes failing in a row say Temporal is away: the pass ends (one case is left here)
+    monkeypatch.setattr(workers.case_sweep, "FAILED_DESCRIBES_END_A_PASS", 1)
+    with pytest.raises(RPCError):
+        await sweep_cases_once(stack.store, cast(Client, DescribeFailsFor(stack.client, None)),
+                               stack.providers, idle_seconds=60)
 
 
 async def test_a_case_two_workers_sweep_is_handed_to_ops_once(stack: Stack) -> None:

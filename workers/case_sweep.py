@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from temporalio.client import Client
+from temporalio.service import RPCError
 
 from adapters.db import Store, request_from_row
 from adapters.providers.base import ProviderAdapter, ProviderError
@@ -56,20 +57,34 @@ LEFT_TO_OPS = frozenset({"COMPLETED", "NOT_FOUND"})
 completed, or gone past Temporal's retention since (only a running workflow, or the sweep
 itself, puts a case in ops review, and the sweep's cases are not read again)."""
 
+FAILED_DESCRIBES_END_A_PASS = 3
+"""Describes failing in a row that end a sweep pass: Temporal is away or limiting us, and
+asking about every other idle case would only add to its load (and hold up a shutdown)."""
+
 IdlePage = Callable[[tuple[datetime, str] | None], Awaitable[Sequence[Mapping[str, Any]]]]
 
 
 async def closed_cases(client: Client, pages: IdlePage, key: str
                        ) -> AsyncIterator[tuple[Mapping[str, Any], str]]:
     """Each idle open case (`key`: its id column) whose workflow has ended, with how it
-    ended, a page at a time (cases whose workflow still runs never hide the others; one
-    Temporal cannot describe now, rate limited or past a deadline, waits for the next pass)."""
+    ended, a page at a time (cases whose workflow still runs never hide the others). A case
+    Temporal cannot describe now (a deadline, rate limited) waits for the next pass, and the
+    pass goes on; `FAILED_DESCRIBES_END_A_PASS` in a row say Temporal is away: the pass ends
+    (one error no longer ends it, so a pass over many cases reaches the payout cases behind)."""
     after: tuple[datetime, str] | None = None
+    failed_in_a_row = 0
     while rows := await pages(after):
         for row in rows:
-            ended: str | None = None
-            with _alone(row[key]):
+            try:
                 ended = await workflow_closed(client, row[key])
+            except RPCError as exc:
+                failed_in_a_row += 1
+                if failed_in_a_row >= FAILED_DESCRIBES_END_A_PASS:
+                    raise
+                log.warning("case sweep: Temporal cannot describe %s now (%s); left for the next pass",
+                            row[key], exc)
+                continue
+            failed_in_a_row = 0
             if ended is not None:
                 yield row, ended
         after = rows[-1]["updated_at"], rows[-1][key]

@@ -148,9 +148,11 @@ async def notice_dispatcher(outbox: OutboxRepository, delivery: Deliverer, queue
         yield
     finally:
         stop.set()
-        await task
-        if watch is not None:
-            watch.cancel()
+        try:
+            await task
+        finally:
+            if watch is not None:
+                watch.cancel()
 
 
 async def _set_when(source: asyncio.Event, target: asyncio.Event) -> None:

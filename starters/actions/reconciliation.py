@@ -69,8 +69,8 @@ async def decide_on_break(actions: CaseActions, caller: Principal, break_id: int
         await actions.refuse(caller, row["chain"], 409, action,
                              f"this verdict was given before the break was reopened (round {body.reopened}, "
                              f"now {row['reopened']}): reload it and decide again", via=via)
-    round_ended = (f"round {body.reopened} of the break ended before this verdict reached it: "
-                   "reload it and decide again")
+    round_ended = (f"round {body.reopened} of the break is no longer open (it ended, or its case "
+                   "was stopped): read the break to see how it stands")
     if (run_id := await _run_of_round(actions, break_id, body.reopened)) is None:
         await actions.refuse(caller, row["chain"], 409, action, round_ended, via=via)
     try:

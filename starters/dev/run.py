@@ -177,7 +177,8 @@ async def run_dev(settings: Settings, *, play_demo: bool = True) -> None:
         dispatching = contextlib.AsyncExitStack()
         try:
             await dispatching.enter_async_context(pool_dispatcher(
-                store, settings, delivery=delivery, every_seconds=settings.notice_dispatch_seconds or 1))
+                store, settings, delivery=delivery, every_seconds=settings.notice_dispatch_seconds or 1,
+                stopping=stop))
             await sandbox.start()
             await front.start()
             await relay_app.state.webhooks.redrive()
