@@ -182,6 +182,20 @@ async def test_the_advice_context_takes_a_charges_latest_fifty_refunds_oldest_fi
     assert [row["refund_request_id"] for row in history] == ids[5:55]
 
 
+async def test_the_advice_context_takes_a_customers_latest_fifty_requests_oldest_first(store: Store) -> None:
+    """A customer's history was their first 50 requests: a customer with many showed the
+    advisor only the oldest, never what they asked for lately (reproduced)."""
+    customer = f"cus_{uuid.uuid4().hex[:8]}"
+    ids = [f"cust-{customer}-{i:02d}" for i in range(56)]
+    for case_id in ids:
+        await store.cases.create(RefundRequest(
+            refund_request_id=case_id, provider="sandbox", charge_id=f"ch_{case_id}", amount=100,
+            currency="USD", merchant_account="acct_1", reason=RefundReason.DUPLICATE,
+            evidence={"order_id": "o", "customer_id": customer}), "test")
+    history = await store.integrations.customer_history(customer, exclude=ids[-1])
+    assert [row["refund_request_id"] for row in history] == ids[5:55]
+
+
 PERSONAL = {"customer_email": "jane.customer@example.com", "phone": "+44 20 7946 0958",
             "ticket_text": "Jane (jane.customer@example.com, +44 20 7946 0958) paid with 4242 4242 4242 4242"}
 

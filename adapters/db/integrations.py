@@ -93,10 +93,11 @@ class IntegrationRepository(Repository):
             (provider, charge_id, exclude))
 
     async def customer_history(self, customer_id: str, exclude: str) -> list[dict[str, Any]]:
+        """The customer's latest 50 other requests, oldest first (as `charge_history`)."""
         return await self._db.fetch_all(
-            "SELECT refund_request_id, amount, status FROM refund_cases"
-            " WHERE evidence->>'customer_id' = %s AND refund_request_id <> %s"
-            " ORDER BY created_at LIMIT 50", (customer_id, exclude))
+            "SELECT refund_request_id, amount, status FROM (SELECT refund_request_id, amount, status,"
+            " created_at FROM refund_cases WHERE evidence->>'customer_id' = %s AND refund_request_id <> %s"
+            " ORDER BY created_at DESC LIMIT 50) latest ORDER BY created_at", (customer_id, exclude))
 
     async def save_advice(self, case_id: str, *, source: str, advice: Advice | None, error: str | None,
                           context_sha256: str) -> AdviceRow:
