@@ -379,6 +379,24 @@ async def test_a_case_temporal_cannot_describe_holds_up_no_other(
                                stack.providers, idle_seconds=60)
 
 
+async def test_a_stopping_worker_s_sweep_hands_over_no_more_cases(stack: Stack) -> None:
+    """The worker was told to stop: the pass in hand ends before its next case (a long pass
+    ran on, holding up the worker's shutdown past its grace period)."""
+    body = stack.refund_body(await stack.charge(10_000), 1_000)
+    await stack.store.cases.create(RefundRequest.model_validate({**body, "source": "api"}), "alice")
+    await stack.store.database.execute(
+        "UPDATE refund_cases SET status = 'executing', updated_at = now() - interval '2 hours'"
+        " WHERE refund_request_id = %s", (body["refund_request_id"],))
+    stop = asyncio.Event()
+    stop.set()
+    stopped = await sweep_cases_once(stack.store, stack.client, stack.providers, idle_seconds=60, stop=stop)
+    assert stopped == []
+    row = await stack.store.cases.get(body["refund_request_id"])
+    assert row is not None and row["status"] == "executing"
+    assert body["refund_request_id"] in await sweep_cases_once(stack.store, stack.client, stack.providers,
+                                                               idle_seconds=60)
+
+
 async def test_a_case_two_workers_sweep_is_handed_to_ops_once(stack: Stack) -> None:
     """Every worker runs the sweep: the second to reach a closed case (its row lock waits for
     the first) finds the break already opened and writes nothing more."""

@@ -64,17 +64,20 @@ asking about every other idle case would only add to its load (and hold up a shu
 IdlePage = Callable[[tuple[datetime, str] | None], Awaitable[Sequence[Mapping[str, Any]]]]
 
 
-async def closed_cases(client: Client, pages: IdlePage, key: str
+async def closed_cases(client: Client, pages: IdlePage, key: str, stop: asyncio.Event
                        ) -> AsyncIterator[tuple[Mapping[str, Any], str]]:
     """Each idle open case (`key`: its id column) whose workflow has ended, with how it
     ended, a page at a time (cases whose workflow still runs never hide the others). A case
     Temporal cannot describe now (a deadline, rate limited) waits for the next pass, and the
     pass goes on; `FAILED_DESCRIBES_END_A_PASS` in a row say Temporal is away: the pass ends
-    (one error no longer ends it, so a pass over many cases reaches the payout cases behind)."""
+    (one error no longer ends it, so a pass over many cases reaches the payout cases behind).
+    None more once `stop` is set."""
     after: tuple[datetime, str] | None = None
     failed_in_a_row = 0
     while rows := await pages(after):
         for row in rows:
+            if stop.is_set():
+                return
             try:
                 ended = await workflow_closed(client, row[key])
             except RPCError as exc:
@@ -91,16 +94,21 @@ async def closed_cases(client: Client, pages: IdlePage, key: str
 
 
 async def sweep_cases_once(store: Store, client: Client, providers: Mapping[str, ProviderAdapter], *,
-                           idle_seconds: float, page: int = 100) -> list[str]:
-    """One pass over every idle open refund and payout case; returns the cases handed to ops."""
+                           idle_seconds: float, page: int = 100,
+                           stop: asyncio.Event | None = None) -> list[str]:
+    """One pass over every idle open refund and payout case; returns the cases handed to ops.
+    Ends early once `stop` (the worker's) is set: a long pass held up the worker's shutdown
+    past its grace period."""
     swept: list[str] = []
+    stopping = stop or asyncio.Event()
     async for row, ended in closed_cases(
-            client, lambda after: store.cases.idle_open(idle_seconds, page, after), "refund_request_id"):
+            client, lambda after: store.cases.idle_open(idle_seconds, page, after), "refund_request_id",
+            stopping):
         with _alone(row["refund_request_id"]):
             if await _sweep_refund_case(store, providers, row, ended):
                 swept.append(row["refund_request_id"])
     async for row, ended in closed_cases(
-            client, lambda after: store.payouts.idle_open(idle_seconds, page, after), "case_id"):
+            client, lambda after: store.payouts.idle_open(idle_seconds, page, after), "case_id", stopping):
         with _alone(row["case_id"]):
             if await _sweep_payout_case(store, row, ended):
                 swept.append(row["case_id"])
@@ -152,7 +160,7 @@ async def sweep_closed_cases(store: Store, client: Client, providers: Mapping[st
     """Sweeps until `stop` is set."""
     while not stop.is_set():
         try:
-            await sweep_cases_once(store, client, providers, idle_seconds=idle_seconds)
+            await sweep_cases_once(store, client, providers, idle_seconds=idle_seconds, stop=stop)
         except Exception:  # Temporal or the database may be restarting; the next pass tries again
             log.exception("case sweep failed")
         with contextlib.suppress(TimeoutError):
