@@ -51,6 +51,11 @@ REDRIVE_PASSES = Counter("refunds_webhook_redrive_passes",
                          "The relay's periodic re-drive passes, by outcome (ok, failed)", ["outcome"])
 REDRIVE_GAVE_UP = Counter("refunds_webhook_redrive_gave_up",
                           "Accepted receipts re-drive stopped trying after its bounded tries")
+CHECKPOINT_ROUNDS = Counter("refunds_audit_checkpoint_rounds",
+                            "The audit checkpointer's rounds, by outcome (ok, failed)", ["outcome"])
+CHECKPOINT_LAST_OK = Gauge("refunds_audit_checkpoint_last_ok_timestamp_seconds",
+                           "When the audit checkpointer last completed a round (alert on its age: "
+                           "rows written since a stopped checkpointer can be cut undetectably)")
 VERIFY_OUTCOMES = Counter("refunds_verify_state", "Verify-state lookups at the provider, by outcome",
                           ["provider", "outcome"])
 OPS_REVIEW_ESCALATIONS = Counter(

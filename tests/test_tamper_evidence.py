@@ -10,6 +10,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from prometheus_client import REGISTRY
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from temporalio.client import Client
@@ -136,6 +137,28 @@ async def test_the_worker_loop_checkpoints_until_stopped(store: Store, tmp_path:
     stop.set()
     await loop  # the last round on the way out records the second row
     assert book.read()[0][chain].keys() == {1, 2}
+
+
+async def test_the_checkpointer_s_rounds_are_counted_so_a_stopped_one_can_be_alerted_on(
+        store: Store, tmp_path: Path) -> None:
+    """A round that fails (the folder unwritable, the database away) was a log line only:
+    nothing an alert could read, while every later cut went undetectable. Rounds are counted
+    by outcome, and the time of the last good one is a gauge (alert on its age)."""
+    def sample(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels or None) or 0.0
+
+    rounds = "refunds_audit_checkpoint_rounds_total"
+    failed_before, ok_before = (sample(rounds, outcome=o) for o in ("failed", "ok"))
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the folder should be")
+    stop = asyncio.Event()
+    stop.set()  # one round, then out
+    await checkpoint_audit_heads(store, CheckpointBook(blocked, [b"k"]), stop, every_seconds=0.05)
+    assert sample("refunds_audit_checkpoint_rounds_total", outcome="failed") == failed_before + 1
+    started = datetime.now(UTC).timestamp()
+    await checkpoint_audit_heads(store, CheckpointBook(tmp_path / "ok", [b"k"]), stop, every_seconds=0.05)
+    assert sample("refunds_audit_checkpoint_rounds_total", outcome="ok") == ok_before + 1
+    assert sample("refunds_audit_checkpoint_last_ok_timestamp_seconds") >= started
 
 
 async def test_the_worker_process_runs_the_checkpointer_when_configured(

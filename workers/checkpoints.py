@@ -6,6 +6,7 @@ import contextlib
 import logging
 from datetime import UTC, datetime
 
+from adapters import metrics
 from adapters.audit_checkpoints import CheckpointBook, Heads
 from adapters.db import Store
 
@@ -32,6 +33,10 @@ async def checkpoint_audit_heads(store: Store, book: CheckpointBook, stop: async
             known = await checkpoint_once(store, book, known)
         except Exception:  # the database or the folder may be briefly away; try next round
             log.exception("audit checkpoint failed")
+            metrics.CHECKPOINT_ROUNDS.labels("failed").inc()
+        else:
+            metrics.CHECKPOINT_ROUNDS.labels("ok").inc()
+            metrics.CHECKPOINT_LAST_OK.set_to_current_time()
         if stop.is_set():
             return
         with contextlib.suppress(TimeoutError):
