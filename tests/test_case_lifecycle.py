@@ -306,21 +306,24 @@ class LookupBreaksOn:
         return await self._provider.find_refund(request)
 
 
+async def executing_case(stack: Stack, hours_idle: int, *, submitted: bool) -> dict[str, Any]:
+    """A case left `executing` `hours_idle` ago with no workflow (its submit started then, or
+    none): what the sweep hands to ops. Returns its request body."""
+    body = stack.refund_body(await stack.charge(10_000), 1_000)
+    await stack.store.cases.create(RefundRequest.model_validate({**body, "source": "api"}), "alice")
+    await stack.store.database.execute(
+        "UPDATE refund_cases SET status = 'executing',"
+        " submission_started_at = CASE WHEN %s THEN now() - %s * interval '1 hour' END,"
+        " updated_at = now() - %s * interval '1 hour' WHERE refund_request_id = %s",
+        (submitted, hours_idle, hours_idle, body["refund_request_id"]))
+    return body
+
+
 async def test_a_case_the_sweep_cannot_read_holds_up_no_other(stack: Stack) -> None:
     """Two executing cases whose workflows are gone; the provider's lookup of the first fails
     unexpectedly. The second is still handed to ops in that pass (before, the pass ended at
     the first, and every pass after it again: no case behind it was ever swept)."""
-    cases = []
-    for hours in (3, 2):
-        body = stack.refund_body(await stack.charge(10_000), 1_000)
-        await stack.store.cases.create(RefundRequest.model_validate({**body, "source": "api"}), "alice")
-        await stack.store.database.execute(
-            "UPDATE refund_cases SET status = 'executing',"
-            " submission_started_at = now() - %s * interval '1 hour',"
-            " updated_at = now() - %s * interval '1 hour' WHERE refund_request_id = %s",
-            (hours, hours, body["refund_request_id"]))
-        cases.append(body)
-    broken, readable = cases
+    broken, readable = [await executing_case(stack, hours, submitted=True) for hours in (3, 2)]
     providers = {**stack.providers, "sandbox": cast(ProviderAdapter, LookupBreaksOn(
         stack.providers["sandbox"], broken["charge_id"]))}
     swept = await sweep_cases_once(stack.store, stack.client, providers, idle_seconds=60)
@@ -357,16 +360,8 @@ async def test_a_case_temporal_cannot_describe_holds_up_no_other(
     """Temporal refuses one case's describe (rate limited): that case waits for the next pass,
     the cases behind it are still swept. The failure left the generator and ended the pass
     (payout cases were then never reached; reproduced: the readable case was not swept)."""
-    cases = []
-    for hours in (3, 2):
-        body = stack.refund_body(await stack.charge(10_000), 1_000)
-        await stack.store.cases.create(RefundRequest.model_validate({**body, "source": "api"}), "alice")
-        await stack.store.database.execute(
-            "UPDATE refund_cases SET status = 'executing', submission_started_at = NULL,"
-            " updated_at = now() - %s * interval '1 hour' WHERE refund_request_id = %s",
-            (hours, body["refund_request_id"]))
-        cases.append(body["refund_request_id"])
-    refused, readable = cases
+    refused, readable = [(await executing_case(stack, hours, submitted=False))["refund_request_id"]
+                         for hours in (3, 2)]
     swept = await sweep_cases_once(stack.store, cast(Client, DescribeFailsFor(stack.client, refused)),
                                    stack.providers, idle_seconds=60)
     assert readable in swept and refused not in swept
@@ -382,11 +377,7 @@ async def test_a_case_temporal_cannot_describe_holds_up_no_other(
 async def test_a_stopping_worker_s_sweep_hands_over_no_more_cases(stack: Stack) -> None:
     """The worker was told to stop: the pass in hand ends before its next case (a long pass
     ran on, holding up the worker's shutdown past its grace period)."""
-    body = stack.refund_body(await stack.charge(10_000), 1_000)
-    await stack.store.cases.create(RefundRequest.model_validate({**body, "source": "api"}), "alice")
-    await stack.store.database.execute(
-        "UPDATE refund_cases SET status = 'executing', updated_at = now() - interval '2 hours'"
-        " WHERE refund_request_id = %s", (body["refund_request_id"],))
+    body = await executing_case(stack, 2, submitted=False)
     stop = asyncio.Event()
     stop.set()
     stopped = await sweep_cases_once(stack.store, stack.client, stack.providers, idle_seconds=60, stop=stop)

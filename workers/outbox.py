@@ -136,28 +136,19 @@ async def notice_dispatcher(outbox: OutboxRepository, delivery: Deliverer, queue
                             stopping: asyncio.Event | None = None) -> AsyncIterator[None]:
     """The dispatcher for `queue` while the block runs (off when `every_seconds` is 0: another
     pool of the same queue delivers). Stopped and awaited on the way out, and it claims
-    nothing more once `stopping` (the worker's stop) is set: a send begun in a shutdown may
-    be cut off by the deployment's grace period, and a claim so cut reads as `uncertain`."""
+    nothing more once `stopping` (the worker's stop, which is its own stop then, and set on
+    the way out too) is set: a send begun in a shutdown may be cut off by the deployment's
+    grace period, and a claim so cut reads as `uncertain`."""
     if every_seconds <= 0:
         yield
         return
-    stop = asyncio.Event()
+    stop = stopping or asyncio.Event()
     task = asyncio.create_task(dispatch_notices(outbox, delivery, queue, stop, every_seconds=every_seconds))
-    watch = asyncio.create_task(_set_when(stopping, stop)) if stopping is not None else None
     try:
         yield
     finally:
         stop.set()
-        try:
-            await task
-        finally:
-            if watch is not None:
-                watch.cancel()
-
-
-async def _set_when(source: asyncio.Event, target: asyncio.Event) -> None:
-    await source.wait()
-    target.set()
+        await task
 
 
 def pool_dispatcher(store: Store, settings: Settings, *, delivery: Deliverer | None = None,

@@ -530,10 +530,13 @@ class ReconciliationRepository(Repository):
                 return await self._of_an_earlier_round(conn, row, settlement)
             outcome = BreakOutcome(break_id=break_id, state=settlement.state)
             overtaken = await self._overtaken_by(conn, row) if checked else None
-            moved = await self._case_moved(conn, row) if checked and overtaken is None else None
+            case = await (await conn.execute(
+                "SELECT status, provider_status, currency FROM refund_cases WHERE refund_request_id = %s"
+                " FOR UPDATE", (row["chain"],))).fetchone() if checked else None
+            moved = _case_moved(row, case) if overtaken is None else None
             moved_at_provider = provider_moved(row, at_provider) if (
                 settlement.state is BreakState.RESOLVED) else None
-            other_money = await self._other_currency(conn, row) if checked else None
+            other_money = _other_currency(row, case)
             if any(found is not None for found in (overtaken, moved, moved_at_provider, other_money)):
                 outcome = BreakOutcome(break_id=break_id, state=BreakState.OPS_REVIEW)
             elif settlement.state is BreakState.RESOLVED:
@@ -590,36 +593,6 @@ class ReconciliationRepository(Repository):
             (row["provider"], row["object_id"], row["id"], row["provider_status"]))).fetchone()
         return None if later is None else {"break_id": later["id"], "break_class": later["break_class"],
                                            "provider_status": later["provider_status"]}
-
-    @staticmethod
-    async def _case_moved(conn: Conn, row: Mapping[str, Any]) -> dict[str, Any] | None:
-        """The case's own workflow applied another provider status since the break was found
-        (neither the one the break found it holding nor the break's): the approval was given
-        for a case that is no longer there, and settled against the case as it is now it
-        would undo what the workflow applied (a stuck refund's success reversed). People look
-        again; nothing moves."""
-        found = row["evidence"].get("case") or {}
-        if not found or row["refund_request_id"] is None:
-            return None
-        case = await (await conn.execute(
-            "SELECT status, provider_status FROM refund_cases WHERE refund_request_id = %s FOR UPDATE",
-            (row["refund_request_id"],))).fetchone()
-        if case is None or case["provider_status"] in (found.get("provider_status"), row["provider_status"]):
-            return None
-        return {"provider_status": case["provider_status"], "status": case["status"],
-                "found_provider_status": found.get("provider_status")}
-
-    @staticmethod
-    async def _other_currency(conn: Conn, row: Mapping[str, Any]) -> dict[str, Any] | None:
-        """A refund the provider holds in another currency than its case: the ledger books in
-        the case's currency and cannot follow it, and taking the provider's status would mark
-        the case refunded with nothing booked (no ledger break is raised while the currency
-        break is open). People fix the cause; nothing moves, whichever of its breaks is approved."""
-        case = await (await conn.execute("SELECT currency FROM refund_cases WHERE refund_request_id = %s",
-                                          (row["chain"],))).fetchone()
-        if case is None or case["currency"] == row["currency"]:
-            return None
-        return {"case_currency": case["currency"], "provider_currency": row["currency"]}
 
     async def _adopt(self, row: Mapping[str, Any]) -> None:
         """A refund unknown to us becomes a tracking case (holding its amount against the
@@ -782,6 +755,31 @@ class ReconciliationRepository(Repository):
                 "break_id": break_id, "reason": reason, "reopened": reopened["reopened"],
                 "previous_state": row["state"], "previous_resolution": row["resolution"]})
             return opened
+
+
+def _case_moved(row: Mapping[str, Any], case: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The case's own workflow applied another provider status since the break was found
+    (neither the one the break found it holding nor the break's): the approval was given
+    for a case that is no longer there, and settled against the case as it is now it
+    would undo what the workflow applied (a stuck refund's success reversed). People look
+    again; nothing moves. `case`: the break's case as the settlement locked it."""
+    found = row["evidence"].get("case") or {}
+    if not found or row["refund_request_id"] is None or case is None:
+        return None
+    if case["provider_status"] in (found.get("provider_status"), row["provider_status"]):
+        return None
+    return {"provider_status": case["provider_status"], "status": case["status"],
+            "found_provider_status": found.get("provider_status")}
+
+
+def _other_currency(row: Mapping[str, Any], case: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A refund the provider holds in another currency than its case: the ledger books in
+    the case's currency and cannot follow it, and taking the provider's status would mark
+    the case refunded with nothing booked (no ledger break is raised while the currency
+    break is open). People fix the cause; nothing moves, whichever of its breaks is approved."""
+    if case is None or case["currency"] == row["currency"]:
+        return None
+    return {"case_currency": case["currency"], "provider_currency": row["currency"]}
 
 
 class NotReopenable(Exception):

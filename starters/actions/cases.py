@@ -147,7 +147,7 @@ class CaseActions:
                      refusal: str, *, via: str, audit_action: str = "action_refused") -> NoReturn:
         """Records the refusal in the case's trail (or the global one), then raises it."""
         await self.store.audit.record_refusal(case_id, caller.user, audit_action,
-                                      {"action": action, "refusal": refusal, "via": via})
+                                              {"action": action, "refusal": refusal, "via": via})
         raise Refused(status, refusal)
 
     async def require(self, caller: Principal, permission: Permission, action: str,
@@ -157,8 +157,8 @@ class CaseActions:
         if not may(caller.roles, permission):
             roles = roles_for(permission)
             await self.store.audit.record_refusal(case_id, caller.user, "access_refused",
-                                          {"action": action, "needs_one_of": sorted(roles),
-                                           "has": sorted(caller.roles), "via": via})
+                                                  {"action": action, "needs_one_of": sorted(roles),
+                                                   "has": sorted(caller.roles), "via": via})
             raise Refused(403, f"{action} needs one of the roles {sorted(roles)}")
 
     async def _case(self, caller: Principal, case_id: str, action: str, via: str) -> CaseRow:

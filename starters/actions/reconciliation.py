@@ -121,10 +121,13 @@ async def _run_of_round(actions: CaseActions, break_id: int, round_: int) -> str
         if exc.status != RPCStatusCode.NOT_FOUND:
             raise
         return None
-    row = await actions.store.reconciliation.get_break(break_id)
-    if row is None or row["state"] != BreakState.AWAITING_APPROVAL or row["reopened"] != round_:
-        return None
-    return described.run_id
+    awaits = _awaits(await actions.store.reconciliation.get_break(break_id), round_)
+    return described.run_id if awaits else None
+
+
+def _awaits(row: BreakRow | None, round_: int) -> bool:
+    """Whether the break (as just read) still waits for a verdict in round `round_`."""
+    return row is not None and row["state"] == BreakState.AWAITING_APPROVAL and row["reopened"] == round_
 
 
 async def _verdict_once_caught_up(actions: CaseActions, break_id: int, run_id: str, round_: int,
@@ -142,8 +145,7 @@ async def _verdict_once_caught_up(actions: CaseActions, break_id: int, run_id: s
         except WorkflowUpdateFailedError as exc:
             if refusal(exc)[1] != NOT_AWAITING_APPROVAL or loop.time() >= deadline:
                 raise
-            row = await actions.store.reconciliation.get_break(break_id)
-            if row is None or row["state"] != BreakState.AWAITING_APPROVAL or row["reopened"] != round_:
+            if not _awaits(await actions.store.reconciliation.get_break(break_id), round_):
                 raise
         await asyncio.sleep(CAUGHT_UP_POLL_SECONDS)
 
