@@ -13,6 +13,7 @@ from temporalio.client import Client
 
 from adapters.config import Settings
 from adapters.db import Store
+from adapters.providers.base import AmountLimit
 from adapters.providers.registry import build_providers
 from domain.money import MAX_MINOR_AMOUNT
 from domain.payouts import payout_case_id
@@ -130,6 +131,31 @@ async def test_a_servicenow_ticket_beyond_the_providers_maximum_is_422_naming_it
         await stack.close()
 
 
+async def test_a_ticket_sent_again_after_the_maximum_was_lowered_still_names_its_case(
+        store: Store, client: Client, temporal_server: TemporalDevServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """ServiceNow sends a ticket again on every work note: once its case is open, the entry
+    rules of the day do not judge it again (it was answered 422 and the ticket told "refused"
+    while its case went on to refund)."""
+    stack = await open_stack(store, client, temporal_server.address, worker=False,
+                             servicenow_inbound_secret="sn-sign")
+    try:
+        opener = f"jdoe.{uuid.uuid4().hex[:6]}"
+        requester = await person(stack, ["requester"], servicenow=opener)
+        sys_id = uuid.uuid4().hex
+        body = ticket_body(sys_id, opener, charge_id="ch_x", amount=5_000)
+        first = await servicenow(stack, "refund-requests", body)
+        assert first.status_code == 202, first.text
+        monkeypatch.setattr(stack.providers["sandbox"], "max_amount", AmountLimit(100, "lowered"))
+        resent = await servicenow(stack, "refund-requests", {**body, "sys_updated_on": "2026-11-21 10:06:00"})
+        assert resent.status_code == 200, resent.text
+        assert resent.json()["refund_request_id"] == f"servicenow-{sys_id}"
+        assert not [e for e in await stack.store.audit.trail("")
+                    if e["action"] == "action_refused" and e["actor"] == requester]
+    finally:
+        await stack.close()
+
+
 @pytest.mark.parametrize(("provider", "currency", "amount", "named"), [
     ("stripe", "MGA", 12_345, "whole"),  # 123.45 MGA: Stripe counts ariary without decimals
     ("stripe", "KWD", 1_234, "multiple of 10"),  # Stripe takes three-decimal amounts ending in 0
@@ -174,3 +200,29 @@ async def test_a_refund_for_a_provider_not_configured_is_422_and_opens_nothing(s
     assert error["loc"][-1] == "provider" and "'nosuch' is not configured" in error["msg"]
     assert await stack.store.cases.get(body["refund_request_id"]) is None
     assert not await workflow_exists(stack, body["refund_request_id"])
+
+
+@pytest.mark.parametrize("change", ["provider_removed", "maximum_lowered"])
+async def test_a_repeat_of_an_accepted_request_gets_its_case_whatever_the_entry_rules_say_now(
+        every_provider: Stack, monkeypatch: pytest.MonkeyPatch, change: str) -> None:
+    """The entry rules judge a request that opens a case, not a repeat of one that did: after
+    a deploy removed the provider or lowered its maximum, a client re-sending "to be safe"
+    was answered 422 (refused) while its case was open and could still refund: a reason to
+    pay the customer by hand a second time."""
+    stack = every_provider
+    body = stack.refund_body("ch_accepted_before", 5_000, provider="stripe")
+    async with stack.api("alice") as api:
+        first = await api.post("/v1/refund-requests", json=body)
+        assert first.status_code == 202, first.text
+        if change == "provider_removed":
+            monkeypatch.delitem(stack.providers, "stripe")
+        else:
+            monkeypatch.setattr(stack.providers["stripe"], "max_amount", AmountLimit(100, "lowered"))
+        repeat = await api.post("/v1/refund-requests", json=body)
+        assert repeat.status_code == 200, repeat.text
+        assert repeat.json()["refund_request_id"] == body["refund_request_id"]
+        other = await api.post("/v1/refund-requests", json={**body, "amount": 4_000})
+        assert other.status_code == 409, other.text
+        fresh = await api.post("/v1/refund-requests", json={
+            **body, "refund_request_id": f"{body['refund_request_id']}-new"})
+        assert fresh.status_code == 422, fresh.text

@@ -9,6 +9,7 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from adapters.config import Settings
+from adapters.db.cases import CaseRepository
 from adapters.providers.base import ProviderAdapter, ReferenceRules, amount_refusal
 from domain.events import TrackingInput
 from domain.models import (
@@ -110,3 +111,14 @@ def entry_refusal(providers: Mapping[str, ProviderAdapter], provider: str, amoun
             why := adapter.reference_refusal(reference)):
         return "refund_request_id", why
     return None
+
+
+async def new_request_refusal(cases: CaseRepository, providers: Mapping[str, ProviderAdapter],
+                              request: RefundRequest) -> tuple[str, str] | None:
+    """`entry_refusal` for a request that would open a case. A repeat of one that did gets
+    its case (or its conflict) whatever a later deploy made of the provider or its limits:
+    a client re-sending "to be safe" must not read "refused" while its case can refund."""
+    if await cases.get(request.refund_request_id) is not None:
+        return None
+    return entry_refusal(providers, request.provider, request.amount, request.currency,
+                         request.refund_request_id)

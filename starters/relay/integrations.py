@@ -40,7 +40,7 @@ from domain.models import (
 from domain.permissions import Permission, may, roles_for
 from starters.actions.approving import ended_while
 from starters.actions.front import Door, FrontDoor
-from starters.actions.starting import entry_refusal, start_refund
+from starters.actions.starting import new_request_refusal, start_refund
 from starters.relay.limits import read_limited
 from starters.relay.webhook_desk import first_delivery_done
 from workflows.refund import RefundWorkflow
@@ -457,13 +457,12 @@ async def servicenow_refund_request(request: Request, door: Door) -> JSONRespons
             return await answer(door, stored, None, 403, {"detail": message})
         behind.append(principal.user)
     requester = behind[0]
-    if refused := entry_refusal(door.providers, ticket.provider, ticket.amount, ticket.currency,
-                                case_id):
+    refund = ticket.refund_request(tuple(dict.fromkeys(behind)))
+    if refused := await new_request_refusal(door.store.cases, door.providers, refund):
         await door.store.audit.record(None, requester, "action_refused", {
             "channel": "servicenow", "ticket": ticket.number, "refusal": refused[1]})
         await ticket_update_refused(door, ticket.sys_id, refused[1], ticket)
         return await answer(door, stored, None, 422, {"detail": refused[1]})
-    refund = ticket.refund_request(tuple(dict.fromkeys(behind)))
     outcome, created = await door.store.cases.create(refund, requester)
     if outcome is CaseCreation.CONFLICT:
         return await answer(door, stored, case_id, 409, {

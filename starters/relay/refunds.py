@@ -15,7 +15,7 @@ from starters.actions.approving import ApprovalBody
 from starters.actions.cases import ManualConfirmationBody, ReissueBody, advice_view
 from starters.actions.front import Door
 from starters.actions.provider_wait import ProviderWaitBody, resolve_provider_wait
-from starters.actions.starting import entry_refusal, start_refund
+from starters.actions.starting import new_request_refusal, start_refund
 from starters.relay.auth import Caller
 
 CHANNEL_HEADER = "x-refund-channel"
@@ -38,12 +38,12 @@ async def request_refund(body: RefundRequestBody, caller: Caller, request: Reque
             "type": "value_error", "loc": ("body", "refund_request_id"),
             "input": body.refund_request_id,
             "msg": "ids starting <provider>- are reserved for the provider's own requests"}])
-    if refused := entry_refusal(providers, body.provider, body.amount, body.currency, body.refund_request_id):
+    cli = request.headers.get(CHANNEL_HEADER, "").lower() == RequestSource.CLI.value
+    refund = body.as_request(RequestSource.CLI if cli else RequestSource.API)
+    if refused := await new_request_refusal(door.store.cases, providers, refund):
         field, why = refused
         raise RequestValidationError([{"type": "value_error", "loc": ("body", field),
                                        "input": getattr(body, field), "msg": why}])
-    cli = request.headers.get(CHANNEL_HEADER, "").lower() == RequestSource.CLI.value
-    refund = body.as_request(RequestSource.CLI if cli else RequestSource.API)
     outcome, row = await door.store.cases.create(refund, caller.user)
     if row["requester"] != caller.user:  # someone else's id shows nothing, not even whether the terms match
         await actions.refuse(caller, body.refund_request_id, 409, "requesting a refund",
