@@ -76,6 +76,9 @@ PERSONAL_FIELDS = frozenset({"customer_email", "email", "customer_phone", "phone
 WITHHELD = "[withheld]"
 _EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
 _PHONE = re.compile(r"\+\d[\d ()-]{7,}\d")
+_NATIONAL_PHONE = re.compile(  # written with a phone's grouping: (415) 555-0132, 020 7946 0958
+    r"(?<![\w.-])(?:\(\d{3}\) ?|\d{3}[-. ])\d{3}[-. ]\d{4}(?![\w-])"
+    r"|(?<![\w.-])0\d{2,4}[ -]\d{3,4}(?:[ -]?\d{3,4})?(?![\w-])")
 _CARD = re.compile(r"\b[2-6](?:[ -]?\d){12,18}\b")  # card brands' first digits: 2 to 6
 
 
@@ -86,11 +89,12 @@ def _luhn(digits: str) -> bool:
 
 
 def masked(text: str) -> str:
-    """`text` with email addresses, international phone numbers and card numbers (digit runs
+    """`text` with email addresses, phone numbers (international, or national written in a
+    phone's grouping; a bare digit run may be an order id) and card numbers (digit runs
     that pass the Luhn check) replaced: what may go to the model, and what of its answer
     reaches notices and tickets (it may echo what a customer wrote)."""
     text = _EMAIL.sub("[email]", text)
-    text = _PHONE.sub("[phone]", text)
+    text = _NATIONAL_PHONE.sub("[phone]", _PHONE.sub("[phone]", text))
     return _CARD.sub(lambda m: "[card number]" if _luhn(re.sub(r"\D", "", m.group(0))) else m.group(0), text)
 
 

@@ -240,6 +240,9 @@ async def test_personal_data_never_reaches_the_model_nor_comes_back_from_it(
 @pytest.mark.parametrize(("text", "shown"), [
     ("jane.customer@example.com wrote", "[email] wrote"),
     ("call +44 20 7946 0958 today", "call [phone] today"),
+    # national numbers, as customers write them (they reached the model verbatim)
+    ("ring (415) 555-0132 or 415.555.0132", "ring [phone] or [phone]"),
+    ("mobile 07700 900123, home 020 7946 0958", "mobile [phone], home [phone]"),
     ("paid with 4242 4242 4242 4242.", "paid with [card number]."),
     ("card 5555-5555-5555-4444", "card [card number]"),
     ("card 378282246310005 (amex)", "card [card number] (amex)"),
