@@ -107,6 +107,31 @@ def test_dev_stack_plays_demo_stops_cleanly_and_resumes_after_restart(tmp_path: 
         assert _stop(second) == 0
 
 
+@pytest.mark.slow
+def test_ctrl_c_in_the_terminal_during_the_demo_stops_the_stack_at_once_in_order(tmp_path: Path) -> None:
+    """Ctrl-C in a terminal reaches its whole process group: the Temporal dev server went down
+    at once, ahead of the worker's graceful stop, and the demo went on calling a relay with
+    no Temporal until its own timeouts ("demo failed", a traceback, then "The stack is
+    running"); a second Ctrl-C did nothing."""
+    ports = {name: str(free_port()) for name in ("REFUNDS_RELAY_PORT", "REFUNDS_SANDBOX_PORT",
+                                                 "REFUNDS_TEMPORAL_PORT", "REFUNDS_TEMPORAL_UI_PORT")}
+    log = tmp_path / "dev.log"
+    with log.open("ab") as out:
+        dev = subprocess.Popen([REFUNDS, "dev"], env=_clean_env(tmp_path, **ports), stdout=out,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for(log, "Example 1", dev)
+        os.killpg(dev.pid, signal.SIGINT)  # as the terminal sends it
+        assert dev.wait(timeout=30) == 0, log.read_text()[-4000:]
+    finally:
+        if dev.poll() is None:
+            os.killpg(dev.pid, signal.SIGKILL)
+    output = log.read_text()
+    assert "demo failed" not in output and "Traceback" not in output, output[-4000:]
+    assert "The stack is running" not in output
+    assert _processes_under(tmp_path) == []
+
+
 def _clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return {**{k: v for k, v in os.environ.items() if not k.startswith(("REFUNDS_", "TEMPORAL_"))},
             "REFUNDS_DATA_DIR": str(tmp_path / "data"), **extra}

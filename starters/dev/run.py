@@ -11,10 +11,11 @@ import json
 import logging
 import secrets
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from pydantic import SecretStr
 from temporalio.client import Client
@@ -185,12 +186,11 @@ async def run_dev(settings: Settings, *, play_demo: bool = True) -> None:
             settle_startup_heap("dev stack")
             print_banner(settings, front.url, sandbox.url, ui_url, dev.admin_token)
             if play_demo:
-                try:
-                    await run_demo(front.url, sandbox.url, dev.admin_token,
-                                   fault_seconds=settings.provider_http_timeout_seconds + 5)
-                except Exception as exc:  # the stack stays up for a look even if the demo fails
-                    log.exception("demo failed: %s", exc)
-            print("\nThe stack is running. Press Ctrl-C to stop.", flush=True)
+                await _demo_unless_stopped(stop, run_demo(
+                    front.url, sandbox.url, dev.admin_token,
+                    fault_seconds=settings.provider_http_timeout_seconds + 5))
+            if not stop.is_set():
+                print("\nThe stack is running. Press Ctrl-C to stop.", flush=True)
             await stop.wait()
         finally:
             print("\nStopping…", flush=True)
@@ -205,6 +205,21 @@ async def run_dev(settings: Settings, *, play_demo: bool = True) -> None:
             await sandbox.stop()
             await close_providers(providers)
             await store.close()
+
+
+async def _demo_unless_stopped(stop: asyncio.Event, demo: Coroutine[Any, Any, object]) -> None:
+    """Plays the demo until it ends or Ctrl-C: stopping ends it where it is (it went on calling
+    the relay until its own timeouts, and reported that as the demo failing)."""
+    playing = asyncio.create_task(demo)
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait((playing, stopped), return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if not playing.done():
+        playing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await playing
+    elif (failure := playing.exception()) is not None:  # the stack stays up for a look
+        log.error("demo failed: %s", failure, exc_info=failure)
 
 
 def print_banner(settings: Settings, relay_url: str, sandbox_url: str, ui_url: str | None,

@@ -118,8 +118,10 @@ class TemporalDevServer:
             ui += ["--ui-codec-endpoint", self.codec_endpoint]
         args += ui
         with self.log_file.open("ab") as out:
+            # its own session: a terminal's Ctrl-C reaches the whole process group, and the
+            # server went down ahead of the worker's graceful stop; its owner stops it, last
             self._process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL)
+                                             stdin=subprocess.DEVNULL, start_new_session=True)
 
     async def _until_answering(self, timeout: float) -> None:
         assert self._process is not None
