@@ -226,3 +226,24 @@ async def test_a_repeat_of_an_accepted_request_gets_its_case_whatever_the_entry_
         fresh = await api.post("/v1/refund-requests", json={
             **body, "refund_request_id": f"{body['refund_request_id']}-new"})
         assert fresh.status_code == 422, fresh.text
+
+
+async def test_an_id_longer_than_adyen_takes_as_its_reference_is_refused_at_entry(
+        every_provider: Stack) -> None:
+    """Adyen takes a refund's `reference` (our request id, how its notifications find the case)
+    up to 80 characters; ids may be 128. A longer one was accepted, went through approvals
+    and met Adyen's refusal at the create: a 422 naming the field before any case exists."""
+    stack = every_provider
+    stem = f"rr-{uuid.uuid4().hex}-"
+    async with stack.api("alice") as api:
+        too_long = stack.refund_body("psp_never_called", 1_000, provider="adyen",
+                                     refund_request_id=stem.ljust(81, "x"))
+        refused = await api.post("/v1/refund-requests", json=too_long)
+        assert refused.status_code == 422, refused.text
+        [error] = refused.json()["detail"]
+        assert error["loc"][-1] == "refund_request_id" and "80" in error["msg"], error
+        assert await stack.store.cases.get(too_long["refund_request_id"]) is None
+        longest = stack.refund_body("psp_never_called", 1_000, provider="adyen",
+                                    refund_request_id=stem.ljust(80, "x"))
+        accepted = await api.post("/v1/refund-requests", json=longest)
+        assert accepted.status_code == 202, accepted.text

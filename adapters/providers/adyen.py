@@ -254,6 +254,10 @@ def _payment(provider: str, item: Mapping[str, Any], **envelope: Any) -> Payment
         amount=amount, currency=currency, merchant_account=str(item["merchantAccountCode"]), **envelope)
 
 
+REFERENCE_MAX = 80
+"""Adyen's maximum for a refund's `reference` (Checkout API, PaymentRefundRequest)."""
+
+
 class AdyenProvider:
     """Adyen notifications, and refunds through the Checkout API (`POST /payments/{psp}/refunds`)."""
 
@@ -261,6 +265,14 @@ class AdyenProvider:
     max_amount = UNDOCUMENTED_MAXIMUM
     units = UNITS
     acknowledgement = ACKNOWLEDGEMENT
+
+    def reference_refusal(self, reference: str) -> str | None:
+        """Adyen takes a refund's `reference` (our request id: how its notifications find the
+        case) up to 80 characters; a longer one would meet its refusal after the approvals."""
+        if len(reference) <= REFERENCE_MAX:
+            return None
+        return (f"adyen takes at most {REFERENCE_MAX} characters as a refund's reference, and "
+                "the refund_request_id is that reference")
 
     def __init__(self, *, hmac_keys: Sequence[str], api_base: str | None = None,
                  api_key: str | None = None, timeout_seconds: float = 10.0,
