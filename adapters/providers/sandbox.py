@@ -108,12 +108,19 @@ class SandboxProvider:
         return refund_from_object(self.name, response.json())
 
     async def find_refund(self, request: RefundRequest) -> ProviderRefund | None:
-        response = await self._call(
-            "GET", "/v1/refunds",
-            params={"charge": request.charge_id, "reference": request.refund_request_id})
-        raise_for_refusal(response)
-        found = [refund_from_object(self.name, o) for o in response.json()["data"]]
-        return only_refund(self.name, request.refund_request_id, found)
+        """Every page of the answer, ours by the reference in metadata (a Stripe-shaped server
+        may ignore the filter and list the charge's every refund), oldest first."""
+        params = {"charge": request.charge_id, "reference": request.refund_request_id}
+        found: list[ProviderRefund] = []
+        while True:
+            response = await self._call("GET", "/v1/refunds", params=params)
+            raise_for_refusal(response)
+            page = response.json()
+            found += [refund for o in page["data"]
+                      if (refund := refund_from_object(self.name, o)).reference == request.refund_request_id]
+            if not page.get("has_more") or not page["data"]:
+                return only_refund(self.name, request.refund_request_id, found[::-1])
+            params["starting_after"] = str(page["data"][-1]["id"])
 
     async def get_refund(self, refund_id: str, charge_id: str) -> ProviderRefund | None:
         response = await self._call("GET", f"/v1/refunds/{refund_id}")

@@ -249,7 +249,8 @@ def create_app(*, db_path: str = ":memory:", webhook_url: str | None = None,
             limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = MAX_PAGE,
             authorization: str | None = Header(None)) -> dict[str, Any]:
         """Stripe's list shape: newest first, `created` filters, `starting_after` cursor;
-        `reference` (our request id in metadata) narrows the page for verify-state."""
+        `reference` with `charge` (verify-state): every refund of the charge with our request
+        id in metadata, on one page (filtering a page of the newest missed an older one)."""
         authorise(authorization)
         if reference is not None and (fault := take_fault(LOOKUP_FAULTS.__contains__, charge)):
             if fault.mode == "lookup_status":
@@ -257,14 +258,16 @@ def create_app(*, db_path: str = ":memory:", webhook_url: str | None = None,
             if fault.mode == "lookup_empty":
                 return {"object": "list", "data": [], "has_more": False}
             await stall("lookup", charge, fault.seconds)
+        if reference is not None and charge is not None:  # every refund of the charge, not a page
+            found = [r for r in reversed(bank.refunds(charge))
+                     if r["metadata"].get("refund_request_id") == reference]
+            return {"object": "list", "data": found, "has_more": False}
         try:
             page, more = bank.page("refunds", since=created_gte, until=created_lt,
                                    starting_after=starting_after, limit=limit, charge=charge)
         except KeyError:
             raise HTTPException(400, f"no such refund {starting_after}") from None
-        found = [r for r in page
-                 if reference is None or r["metadata"].get("refund_request_id") == reference]
-        return {"object": "list", "data": found, "has_more": more}
+        return {"object": "list", "data": page, "has_more": more}
 
     @app.post("/v1/payouts")
     async def create_payout(body: PayoutIn, authorization: str | None = Header(None)) -> dict[str, Any]:
