@@ -275,3 +275,29 @@ async def test_a_wait_is_not_resolved_with_a_refund_another_case_holds(rig: Adye
     assert answer.status_code == 200, answer.text
     row = await rig.stack.wait_for_status(second, "succeeded")
     assert row["provider_refund_id"] == own["pspReference"]
+
+
+async def test_a_success_after_ops_said_not_refunded_of_a_refund_the_case_followed_opens_a_break(
+        rig: AdyenRig) -> None:
+    """The create was answered (the case holds Adyen's refund, pending), its notification
+    never came, the wait escalated and ops read "no refund": the case closed failed, its
+    reservation released, the customer told it failed. Adyen's REFUND:true for that very
+    refund was only audited: the failure the case shows was taken from the wait (source
+    `verify_state`), so it read as Adyen's own word, older news than the success."""
+    psp = rig.fake.payment(10_000, "EUR", MERCHANT)
+    case_id = await rig.stack.request_refund("alice", psp, 1_400, provider="adyen", currency="EUR",
+                                             merchant_account=MERCHANT)
+    await rig.stack.wait_for_audit(case_id, "no_status_lookup_escalated")
+    [made] = rig.fake.refunds_of(psp)
+    row = await rig.stack.store.cases.get(case_id)
+    assert row is not None and row["provider_refund_id"] == made["pspReference"]
+    answer = await resolve(rig, "olga", case_id, provider_shows="not_refunded",
+                           reason="Customer Area: nothing shown yet")
+    assert answer.status_code == 200, answer.text
+    await rig.stack.wait_for_status(case_id, "refund_failed")
+    await rig.stack.client.get_workflow_handle(case_id).result()
+    body = notification("REFUND", pspReference=made["pspReference"], originalReference=psp,
+                        merchantReference=case_id, amount={"currency": "EUR", "value": 1_400})
+    assert (await rig.post(body)).text == "[accepted]"
+    [found] = await wait_for_breaks(rig.stack, [made["pspReference"]], "awaiting_approval")
+    assert (found["break_class"], found["refund_request_id"]) == ("provider_succeeded_shown_failed", case_id)

@@ -44,6 +44,7 @@ from domain.models import (
 from domain.payments import PaymentEvent
 from domain.payouts import PayoutEvent, ProviderPayoutStatus, payout_case_id
 from domain.reconciliation import SHOWN_PENDING
+from starters.actions.provider_wait import WAIT_CLOSED
 from starters.actions.starting import (
     entry_refusal,
     open_payout_case,
@@ -122,6 +123,22 @@ class IngestResult:
 TEMPORAL_AWAY = frozenset({RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED})
 """Temporal not answering: a re-drive pass that meets it tried nothing (no receipt's fault)."""
 PAID_AFTER_REVERSAL = "payout_paid_after_reversal"
+
+
+def failure_read_by_ops(trail: list[dict[str, Any]]) -> bool:
+    """Whether the failure a case's trail ends on was ops' reading of the provider, not the
+    provider's word: an ops resolution the follow loop applied (its source names it), or one
+    a notification wait took (then the failure's source is the wait's read, `verify_state`
+    or `provider_status`, never a webhook), with no provider notification taken since."""
+    taken_from_ops = read_by_ops = False
+    for entry in trail:
+        if entry["action"] == WAIT_CLOSED:  # the wait took the event that ends it
+            taken_from_ops = str(entry["detail"].get("event_type", "")).startswith(f"{OPS_RESOLUTION}.")
+        elif entry["action"] in ENDING_ACTIONS:
+            source = str(entry["detail"].get("source", ""))
+            read_by_ops = source.startswith(OPS_RESOLUTION_SOURCE) or (
+                taken_from_ops and not source.startswith("webhook:"))
+    return read_by_ops
 
 
 class WebhookDesk:
@@ -359,8 +376,7 @@ class WebhookDesk:
             return False
         if held != refund.refund_id or case["provider_status"] not in FINAL_PROVIDER_STATUSES:
             return True
-        ending = await self._store.audit.last_of(case_id, ENDING_ACTIONS)
-        return str((ending or {}).get("source", "")).startswith(OPS_RESOLUTION_SOURCE)
+        return failure_read_by_ops(await self._store.audit.trail(case_id))
 
     async def _payout_receipt(self, event: PayoutEvent, stored: StoredReceipt) -> None:
         """Every delivery of a payout event, duplicates too, joins the case's timeline with
