@@ -184,7 +184,8 @@ class PayoutActivities:
                                        type=errors.REISSUE_NOT_MADE, non_retryable=True)
             if made is None:
                 await self._refuse_while_held_elsewhere(inp.case_id, original.beneficiary_id, inp.approvers)
-                await self._refuse_unless_failed_still(provider, original)
+                for replaced in await self._replaced_by(original):
+                    await self._refuse_unless_failed_still(provider, replaced)
                 made = await self._create(provider, order, original.reissue_key())
         except ProviderConfigurationRefused as exc:
             raise configuration_refused(exc) from exc
@@ -221,11 +222,22 @@ class PayoutActivities:
                     "for and approve it, or ops pay outside this case", type=errors.DECLINED,
                     non_retryable=True)
 
+    async def _replaced_by(self, original: PayoutSnapshot) -> list[PayoutSnapshot]:
+        """Every payout a reissue of `original` stands in for: it, and the ones it reissued
+        in turn (one debt: any of them paid after all, and a reissue pays it twice)."""
+        chain = [original]
+        while chain[-1].reissue_of is not None:
+            earlier = await self._book.payout(chain[-1].reissue_of)
+            if earlier is None or earlier in chain:
+                break
+            chain.append(earlier)
+        return chain
+
     @staticmethod
     async def _refuse_unless_failed_still(provider: PayoutExecutor, original: PayoutSnapshot) -> None:
-        """The original as the provider shows it now: a failure it later reported paid (a
-        bank's late correction) makes a reissue a second payment (a decline: ops told,
-        nothing sent). Our books and the case's events may not have caught up."""
+        """A payout the reissue replaces as the provider shows it now: a failure it later
+        reported paid (a bank's late correction) makes a reissue a second payment (a decline:
+        ops told, nothing sent). Our books and the case's events may not have caught up."""
         current = await provider.get_payout(original.provider_payout_id)
         if current is None or current.status not in EXCEPTION_STATUSES:
             shown = "unknown" if current is None else current.status.value

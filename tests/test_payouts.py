@@ -729,6 +729,30 @@ async def test_no_reissue_once_the_provider_shows_the_original_paid(payouts: Sta
     assert await payouts.store.payouts.payout(payout.reissue_id()) is None
 
 
+async def test_no_reissue_of_a_reissue_once_the_provider_shows_the_first_payout_paid(payouts: Stack) -> None:
+    """X failed and was reissued as X-r1, which failed too: its case asks for X-r1-r1. The
+    bank then corrects X to paid. The check read only X-r1 at the provider (failed) and
+    paid the one debt twice (X, and X-r1-r1); every payout the reissue replaces is read."""
+    first, first_case = await remediated(payouts, 61_000)
+    assert (await ask_reissue(payouts, "omar", first_case)).status_code == 202
+    assert (await decide(payouts, "lena", first_case)).status_code == 202
+    await wait_for_case(payouts, first_case, "reissued")
+    second = await payouts.store.payouts.payout(first.reissue_id())
+    assert second is not None and second.reissue_of == first.id
+    await move_payout(payouts, second.provider_payout_id, "failed", failure_code="account_closed")
+    second_case = payout_case_id("sandbox", second.provider_payout_id)
+    await wait_for_case(payouts, second_case, "awaiting_approval")
+    assert (await decide(payouts, "lena", second_case)).status_code == 202
+    await wait_for_case(payouts, second_case, "remediated")
+    await move_payout(payouts, first.provider_payout_id, "paid")
+    assert (await ask_reissue(payouts, "omar", second_case)).status_code == 202
+    assert (await decide(payouts, "lena", second_case)).status_code == 202
+    await wait_for_case(payouts, second_case, "reissue_failed", "reissued")
+    assert await reissues_at_provider(payouts, second.reissue_id()) == []
+    [failed] = [e for e in await payouts.store.audit.trail(second_case) if e["action"] == "reissue_failed"]
+    assert f"{first.provider_payout_id} is paid at the provider" in failed["detail"]["error"]
+
+
 async def test_a_failure_for_another_amount_than_booked_goes_to_ops_not_to_a_reversal(payouts: Stack) -> None:
     """The provider reports our payout failed, for another amount than our books hold (a
     booking error, an adapter reading the wrong units): reversing what we booked could be
