@@ -1,6 +1,7 @@
 """`refunds dev` (what `make run` starts) as a user runs it: the demo plays, Ctrl-C stops
 everything with exit code 0, and a restart keeps data and in-flight workflows."""
 
+import base64
 import json
 import os
 import re
@@ -229,6 +230,22 @@ def test_postgresql_stops_after_a_command_even_when_an_earlier_one_died_holding_
     again = subprocess.run([REFUNDS, "migrate"], env=_clean_env(tmp_path), capture_output=True,
                            text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert again.returncode == 0, again.stdout + again.stderr
+    assert _processes_under(tmp_path) == []
+
+
+def test_a_relay_that_cannot_reach_temporal_ends_with_postgresql_stopped(tmp_path: Path) -> None:
+    """The relay opened the embedded PostgreSQL, then failed to connect to Temporal: it ended
+    with a message but left PostgreSQL running on the data folder."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        nowhere = f"127.0.0.1:{closed.getsockname()[1]}"
+    done = subprocess.run([REFUNDS, "relay"], capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL,
+                          env=_clean_env(tmp_path, TEMPORAL_ADDRESS=nowhere,
+                                         REFUNDS_RELAY_PORT=str(free_port()),
+                                         REFUNDS_PAYLOAD_KEYS="k1:" + base64.b64encode(bytes(32)).decode()))
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "Temporal" in done.stderr, done.stderr
     assert _processes_under(tmp_path) == []
 
 

@@ -3,6 +3,7 @@ checks, and the dev stack with its demo (development installs only)."""
 
 import argparse
 import asyncio
+import contextlib
 
 from adapters.config import Settings
 from starters.cli.common import api_token, needs_dev_install, open_database
@@ -68,28 +69,29 @@ async def cmd_relay(args: argparse.Namespace, settings: Settings) -> int:
 
     configure_observability(settings, "refunds-relay")
     ensure_ports_free(settings.bind_host, {"REFUNDS_RELAY_PORT": settings.relay_port})
-    dsn, pg = await open_database(settings)
-    store = await Store.open(dsn)
-    providers = build_providers(settings, store)
-    app = create_app(store, await connect(settings), providers, settings)
-    server = AppServer(app, settings.bind_host, settings.relay_port,
-                       forwarded_allow_ips=args.forwarded_allow_ips)
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    await server.start()
-    print(f"relay on {server.url}", flush=True)
-    await app.state.webhooks.redrive()  # heal receipts a crash left between receipt and signal
-    settle_startup_heap("relay")
-    try:
-        await stop.wait()
-    finally:
-        await server.stop()
-        await close_providers(providers)
-        await store.close()
-        shutdown_tracing()
+    # each part is closed however the start ends (Temporal away, a port taken): the embedded
+    # PostgreSQL was left running when the relay could not connect
+    async with contextlib.AsyncExitStack() as opened:
+        opened.callback(shutdown_tracing)
+        dsn, pg = await open_database(settings)
         if pg is not None:
-            pg.stop()
+            opened.callback(pg.stop)
+        store = await Store.open(dsn)
+        opened.push_async_callback(store.close)
+        providers = build_providers(settings, store)
+        opened.push_async_callback(close_providers, providers)
+        app = create_app(store, await connect(settings), providers, settings)
+        server = AppServer(app, settings.bind_host, settings.relay_port,
+                           forwarded_allow_ips=args.forwarded_allow_ips)
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        await server.start()
+        opened.push_async_callback(server.stop)
+        print(f"relay on {server.url}", flush=True)
+        await app.state.webhooks.redrive()  # heal receipts a crash left between receipt and signal
+        settle_startup_heap("relay")
+        await stop.wait()
     return 0
 
 
