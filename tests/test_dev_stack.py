@@ -290,3 +290,45 @@ async def test_the_address_asked_for_taken_is_named_not_moved(tmp_path: Path, ta
     with pytest.raises(StackUnavailable, match="exited while starting"):
         await server.start()
     assert server.log_file.read_text().count("address already in use") == 1  # started once
+
+
+def test_a_first_run_keeps_the_secrets_another_process_wrote_first(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two first runs on one folder (make run and a CLI command at once): each generated its
+    own secrets and the later write replaced the earlier, so the first process encrypted
+    payloads with a key the folder no longer holds. The first file written is the folder's."""
+    from adapters import codec
+    from starters.dev import run
+
+    theirs = {"sandbox_webhook_secret": "s", "admin_token": "rfo_admin_theirs",
+              "payload_keys": "dev1:" + base64.b64encode(bytes(32)).decode(), "approval_keys": "a" * 64}
+    real = codec.generate_key_spec
+
+    def another_process_writes_first(name: str) -> str:
+        (tmp_path / "dev-secrets.json").write_text(json.dumps(theirs))
+        return real(name)
+
+    monkeypatch.setattr(run, "generate_key_spec", another_process_writes_first)
+    assert run.load_dev_secrets(tmp_path).payload_keys == theirs["payload_keys"]
+    assert json.loads((tmp_path / "dev-secrets.json").read_text()) == theirs
+    assert [p.name for p in tmp_path.iterdir()] == ["dev-secrets.json"]
+    monkeypatch.undo()
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    assert run.load_dev_secrets(alone) == run.load_dev_secrets(alone)
+    assert (alone / "dev-secrets.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_secrets_that_cannot_be_written_leave_no_empty_file(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file was created, then written: a crash in between left it empty, and every later
+    run failed reading it."""
+    from starters.dev import run
+
+    def fails(value: object) -> str:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(json, "dumps", fails)
+    with pytest.raises(OSError):
+        run.load_dev_secrets(tmp_path)
+    assert list(tmp_path.iterdir()) == []

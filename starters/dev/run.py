@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import secrets
 import signal
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -68,9 +69,27 @@ def load_dev_secrets(data_dir: Path) -> DevSecrets:
         "approval_keys": lambda: secrets.token_hex(32)}
     missing = {name: make() for name, make in generators.items() if name not in values}
     if missing:
-        path.touch(mode=0o600)
-        path.write_text(json.dumps({**values, **missing}))
+        _write_whole(path, json.dumps({**values, **missing}), replace=bool(values))
     return DevSecrets(**json.loads(path.read_text()))
+
+
+def _write_whole(path: Path, text: str, *, replace: bool) -> None:
+    """Writes the file whole or not at all (created then written, a crash between left it
+    empty and every later run failed). A first file goes in only if none is there yet: two
+    first runs at once each made secrets, and the later write replaced the key the other
+    was already encrypting with."""
+    made = path.with_name(f".{path.name}.{os.getpid()}")
+    made.unlink(missing_ok=True)  # a crashed run's with this pid
+    try:
+        with os.fdopen(os.open(made, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+            out.write(text)
+        if replace:
+            os.replace(made, path)
+        else:
+            with contextlib.suppress(FileExistsError):  # another run's came first: it stands
+                os.link(made, path)
+    finally:
+        made.unlink(missing_ok=True)
 
 
 def dev_settings(settings: Settings) -> tuple[Settings, DevSecrets]:
