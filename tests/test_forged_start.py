@@ -148,3 +148,34 @@ async def test_a_start_of_a_swept_case_s_request_moves_no_money(stack: Stack) ->
     assert row is not None and (row["status"], row["reserved_amount"]) == ("ops_review", 0)
     assert "start_refused" in await stack.actions(case_id)
     assert await stack.provider_refunds(charge) == []
+
+
+async def test_a_run_started_again_under_another_requester_lets_no_one_approve_their_own_refund(
+        stack: Stack) -> None:
+    """The case's workflow is terminated and started again in Temporal with its recorded
+    request but another requester: validation passed (the terms match), the round barred the
+    requester the start named, so the real requester (also an approver) approved her own
+    refund and the provider paid it. The submission's transaction reads who is behind the
+    case from its row: no refund, whoever the run believes asked."""
+    stack.tokens["rita"] = await stack.store.access.create_token(
+        "rita", ["requester", "approver"], token="t-rita-forged-start", by="test")
+    charge = await stack.charge(20_000)
+    case_id = await stack.request_refund("rita", charge, 9_000)
+    await stack.wait_for_status(case_id, "awaiting_approval")
+    await stack.client.get_workflow_handle(case_id).terminate("terminated in the Temporal UI")
+    handle = await stack.client.start_workflow(
+        RefundWorkflow.run, RefundWorkflowInput(request=await _recorded_request(stack, case_id),
+                                                requester="mallory", timings=stack.settings.timings()),
+        id=case_id, task_queue=stack.settings.task_queue,
+        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE)
+    await stack.wait_for_audit(case_id, "approval_requested", count=2)
+    async with stack.api("rita") as api:
+        await api.post(f"/v1/refund-requests/{case_id}/approvals",
+                       json={"decision": "approve", "reason": "my own"})
+    with contextlib.suppress(WorkflowFailureError):
+        await handle.result()
+    assert await stack.provider_refunds(charge) == []
+    row = await stack.store.cases.get(case_id)
+    assert row is not None and row["status"] == "ops_review"
+    [refused] = [e for e in await stack.store.audit.trail(case_id) if e["action"] == "submission_refused"]
+    assert "rita asked for" in refused["detail"]["reason"]

@@ -45,6 +45,9 @@ from domain.models import (
 )
 from domain.reconciliation import BreakClass
 
+APPROVAL_GRANTED = "approval_granted"
+"""The audit action of an approval that counts (the round records it)."""
+
 SETTLED_STATUSES = CLOSED_STATUSES | {CaseStatus.SUCCEEDED}
 """Statuses no workflow moves any more; a case in any other one needs its workflow."""
 
@@ -478,6 +481,7 @@ class CaseRepository(Repository):
         `SubmitInput.intent_writes`: the deciding approval's and `execution_started`, on the
         first attempt); returns True when an earlier attempt already started, so the caller
         must look before it leaps."""
+        refusal = None
         async with self._db.transaction() as conn:
             row = await self._locked_submission(conn, case_id)
             started = row is not None and row["submission_started_at"] is not None
@@ -486,7 +490,12 @@ class CaseRepository(Repository):
                 # cancelled it, or it was denied): it may not call the provider
                 raise SubmissionRefused(f"case {case_id} is {row['status'] if row else 'gone'} with "
                                         f"{row['reserved_amount'] if row else 0} held: not submitted")
-            if not started:
+            if own := await self._approved_by_whoever_asked(conn, case_id, row, writes):
+                refusal = (f"{', '.join(own)} asked for case {case_id} (its requester or trigger "
+                           "identity) and approved it: not submitted")
+                await self._set_status(conn, case_id, CaseStatus.OPS_REVIEW)
+                await AuditLog.append(conn, case_id, "system", "submission_refused", {"reason": refusal})
+            elif not started:
                 await self._write_in(conn, writes)
                 await conn.execute(
                     "UPDATE refund_cases SET submission_started_at = now(), status = %s,"
@@ -495,9 +504,12 @@ class CaseRepository(Repository):
             else:  # a resubmit's create may land too: the case is not idle (the sweep's read is stale)
                 await conn.execute("UPDATE refund_cases SET updated_at = now() WHERE refund_request_id = %s",
                                    (case_id,))
-            await AuditLog.append(conn, case_id, "system", "provider_submit_started",
-                                  {"idempotency_key": idempotency_key, "earlier_attempt": started})
-            return started
+            if refusal is None:
+                await AuditLog.append(conn, case_id, "system", "provider_submit_started",
+                                      {"idempotency_key": idempotency_key, "earlier_attempt": started})
+        if refusal is not None:  # after the commit: the case waits in ops review, audited
+            raise SubmissionRefused(refusal)
+        return started
 
     async def reserve_and_decide(
             self, request: RefundRequest, charge: ChargeSnapshot,
@@ -578,9 +590,25 @@ class CaseRepository(Repository):
     async def _locked_submission(conn: Conn, case_id: str) -> dict[str, Any] | None:
         """What a submit decides on, the case row locked until the transaction ends."""
         cur = await conn.execute(
-            "SELECT submission_started_at, status, amount, reserved_amount FROM refund_cases"
-            " WHERE refund_request_id = %s FOR UPDATE", (case_id,))
+            "SELECT submission_started_at, status, amount, reserved_amount, requester,"
+            " trigger_identities FROM refund_cases WHERE refund_request_id = %s FOR UPDATE", (case_id,))
         return await cur.fetchone()
+
+    @staticmethod
+    async def _approved_by_whoever_asked(conn: Conn, case_id: str, row: Mapping[str, Any],
+                                         writes: tuple[CaseWrite, ...]) -> list[str]:
+        """Who is behind the case (its row's requester and trigger identities) and granted it
+        an approval, recorded or among the deciding writes. The round bars them too, but it
+        believes the requester its run was started with: a run started again in Temporal
+        naming another let the real requester approve her own refund. Read here, at the
+        money's gate, from the case as the relay recorded it."""
+        behind = [row["requester"], *(row["trigger_identities"] or ())]
+        deciding = [w.event.actor for w in writes
+                    if w.event is not None and w.event.action == APPROVAL_GRANTED and w.event.actor in behind]
+        cur = await conn.execute(
+            "SELECT DISTINCT approver FROM case_approvals WHERE chain = %s AND action = %s"
+            " AND approver = ANY(%s)", (case_id, APPROVAL_GRANTED, behind))
+        return sorted({*deciding, *(r["approver"] for r in await cur.fetchall())})
 
     async def record_provider_refund(self, case_id: str, refund: ProviderRefund, action: str,
                                      detail: dict[str, Any] | None = None) -> None:
