@@ -16,12 +16,14 @@ from temporalio import client as temporal
 from temporalio.api.common import v1 as temporal_common
 from temporalio.api.workflowservice import v1 as temporal_service
 from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.common import WorkflowIDReusePolicy
 from temporalio.converter import PayloadConverter
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
 from adapters.approval_seal import SEAL_HEADER, ApprovalKeys, sealing_client
 from adapters.db import Store
+from adapters.db.reconciliation import break_case
 from domain.models import ApprovalSignal, Decision
 from domain.payouts import ReissueAsk
 from domain.reconciliation import break_workflow_id
@@ -40,6 +42,7 @@ from tests.reconciliation_kit import (
 from tests.test_reconciliation import decide
 from workflows.approvals import UNSEALED
 from workflows.payout import PayoutReversalWorkflow
+from workflows.reconciliation import ReconciliationBreakWorkflow
 from workflows.refund import RefundWorkflow
 
 CLAIMED_ROLES = ("admin", "approver", "finance_manager", "ops")
@@ -302,3 +305,34 @@ def test_a_reissue_seal_covers_the_requester_and_is_no_verdict_s() -> None:
     assert keys.check("case-1", verdict, seal, chain="run-1", now=now)[0] != ""  # not a verdict's seal
     assert keys.check("case-1", ask, keys.seal("case-1", verdict, chain="run-1", now=now), chain="run-1",
                       now=now)[0] != ""
+
+
+async def test_a_break_workflow_started_again_with_forged_terms_settles_nothing(stack: Stack) -> None:
+    """With Temporal write access but no approval keys: the break's workflow terminated and
+    started again under its id with nobody barred and a one-cent delta (one approver's tier).
+    Bob, the refund's requester, approved alone, under his own seal, and the full amount was
+    compensated. The settlement checks who approved against the break as stored: who is
+    behind it, and the requirements its exception opened with."""
+    refund = history(f"ch_{uuid.uuid4().hex[:8]}", 60_000, days_ago=3)  # approver and finance manager
+    await seed_provider(stack, [refund])
+    case_id = await seed_case(stack, refund, requester="bob")
+    await move_at_provider(stack, refund["id"], "canceled")
+    await backfill(stack, since_days=30)
+    [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    workflow_id = break_workflow_id(found["id"])
+    await stack.client.get_workflow_handle(workflow_id).terminate("terminated in the Temporal UI")
+    row = await stack.store.reconciliation.get_break(found["id"])
+    assert row is not None
+    forged = break_case(row, stack.settings.timings()).model_copy(
+        update={"conflicted": (), "ledger_delta": 1})
+    handle = await stack.client.start_workflow(ReconciliationBreakWorkflow.run, forged, id=workflow_id,
+                                               task_queue=stack.settings.task_queue,
+                                               id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE)
+    approved = await decide(stack, "bob", found["id"])
+    assert approved.status_code == 202, approved.text
+    outcome = await handle.result()
+    assert outcome.state.value == "ops_review"
+    [settled] = await wait_for_breaks(stack, [refund["id"]], "ops_review")
+    assert settled["resolution"]["approval_unmet"] == {"behind_the_break": ["bob"],
+                                                       "missing_roles": ["approver", "finance_manager"]}
+    assert [e["template"] for e in await stack.store.ledger.entries(case_id)] == ["refund_settled"] * 2

@@ -32,6 +32,7 @@ from adapters.db.sweep import open_incident_run
 from domain.events import NO_REFUND_PREFIX, tracking_case_id
 from domain.incidents import DuplicateRefundInput
 from domain.ledger import REFUNDED_ACCOUNT
+from domain.lifecycle import unfilled
 from domain.models import (
     CaseStatus,
     LedgerInput,
@@ -41,6 +42,7 @@ from domain.models import (
     ProviderRefund,
     ProviderRefundStatus,
     RefundTimings,
+    RoleRequirement,
 )
 from domain.payouts import (
     ENDED_UNREVERSED,
@@ -151,6 +153,11 @@ def _compensation_reference(row: Mapping[str, Any]) -> str:
     (a break raised again for what its first approval could not cover posts under its own
     key; a settlement retried in one round finds its entry)."""
     return f"reconciliation-{row['id']}" + (f"-{row['reopened']}" if row["reopened"] else "")
+
+
+BREAK_GRANTS = ("reconciliation_approval_granted", "reconciliation_approval_approve")
+"""The audit actions of an approval a break's round counted (the second: breaks opened
+before the approval round)."""
 
 
 def behind_break(evidence: Mapping[str, Any]) -> tuple[str, ...]:
@@ -537,7 +544,9 @@ class ReconciliationRepository(Repository):
             moved_at_provider = provider_moved(row, at_provider) if (
                 settlement.state is BreakState.RESOLVED) else None
             other_money = _other_currency(row, case)
-            if any(found is not None for found in (overtaken, moved, moved_at_provider, other_money)):
+            unmet = await self._approval_unmet(conn, row, settlement) if (
+                settlement.state is BreakState.RESOLVED) else None
+            if any(found is not None for found in (overtaken, moved, moved_at_provider, other_money, unmet)):
                 outcome = BreakOutcome(break_id=break_id, state=BreakState.OPS_REVIEW)
             elif settlement.state is BreakState.RESOLVED:
                 compensate = self._compensate_payout if row["object_kind"] == "payout" else self._compensate
@@ -546,10 +555,12 @@ class ReconciliationRepository(Repository):
                           **({"overtaken_by": overtaken} if overtaken else {}),
                           **({"case_moved": moved} if moved else {}),
                           **({"provider_moved": moved_at_provider} if moved_at_provider else {}),
-                          **({"currency_differs": other_money} if other_money else {})}
+                          **({"currency_differs": other_money} if other_money else {}),
+                          **({"approval_unmet": unmet} if unmet else {})}
             for kind, change in (("reconciliation_break_case_moved", moved),
                                  ("reconciliation_break_provider_moved", moved_at_provider),
-                                 ("reconciliation_break_currency_differs", other_money)):
+                                 ("reconciliation_break_currency_differs", other_money),
+                                 ("reconciliation_break_approval_unmet", unmet)):
                 if change is not None:
                     await OutboxRepository.queue_in(conn, NoticeInput(
                         refund_request_id=row["chain"], kind=kind, audience="ops",
@@ -565,6 +576,34 @@ class ReconciliationRepository(Repository):
             await AuditLog.append(conn, row["chain"], "reconciliation", action,
                                   {"break_id": break_id, **resolution})
             return outcome
+
+    @staticmethod
+    async def _approval_unmet(conn: Conn, row: Mapping[str, Any],
+                              settlement: BreakSettlement) -> dict[str, Any] | None:
+        """Why the approvals a settlement names do not meet the break as stored, or None.
+        The round checks them against its run's input; a run started again in Temporal
+        with other terms (nobody barred, a smaller delta's tier) let the refund's requester
+        approve its compensation alone. Read here from the break's row and trail: nobody
+        behind it approved, and the grants of this round (since its exception opened) fill
+        the requirements it opened with."""
+        behind = [person for person in settlement.approvers if person in behind_break(row["evidence"])]
+        opened = await (await conn.execute(
+            "SELECT seq, detail FROM audit_events WHERE chain = %s"
+            " AND action = 'reconciliation_exception_opened' AND detail->>'break_id' = %s"
+            " ORDER BY seq DESC LIMIT 1", (row["chain"], str(row["id"])))).fetchone()
+        missing: list[str] = []
+        if opened is not None:
+            grants = await (await conn.execute(
+                "SELECT actor, detail FROM audit_events WHERE chain = %s AND seq > %s AND action = ANY(%s)"
+                " AND detail->>'break_id' = %s",
+                (row["chain"], opened["seq"], list(BREAK_GRANTS), str(row["id"])))).fetchall()
+            granted = [(g["actor"], frozenset(g["detail"].get("roles") or ())) for g in grants
+                       if g["actor"] in settlement.approvers and g["actor"] not in behind]
+            missing = unfilled(tuple(RoleRequirement.model_validate(r)
+                                     for r in opened["detail"].get("requirements", [])), granted)
+        if not behind and not missing:
+            return None
+        return {"behind_the_break": behind, "missing_roles": missing}
 
     @staticmethod
     async def _of_an_earlier_round(conn: Conn, row: Mapping[str, Any],
