@@ -24,6 +24,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from adapters.approval_seal import SEAL_HEADER, ApprovalKeys, sealing_client
 from adapters.db import Store
 from adapters.db.reconciliation import break_case
+from adapters.notify.message import render
 from domain.models import ApprovalSignal, Decision
 from domain.payouts import ReissueAsk
 from domain.reconciliation import break_workflow_id
@@ -336,3 +337,8 @@ async def test_a_break_workflow_started_again_with_forged_terms_settles_nothing(
     assert settled["resolution"]["approval_unmet"] == {"behind_the_break": ["bob"],
                                                        "missing_roles": ["approver", "finance_manager"]}
     assert [e["template"] for e in await stack.store.ledger.entries(case_id)] == ["refund_settled"] * 2
+    [notice] = await stack.store.database.fetch_all(
+        "SELECT * FROM notices WHERE refund_request_id = %s AND kind = 'reconciliation_break_approval_unmet'",
+        (case_id,))
+    message = render(notice, await stack.store.cases.get(case_id), None, case_url=None, email_to=None)
+    assert "behind the break" in message.text and "bob" in message.text and "finance_manager" in message.text

@@ -199,6 +199,14 @@ TEMPLATES: dict[str, Template] = {
         "ledger books in the case's currency and cannot follow it. Next steps: find out with "
         "the provider how a refund in another currency was made, then correct the case and the "
         "ledger by hand.", ticket="incident"),
+    "reconciliation_break_approval_unmet": Template(
+        "Reconciliation break {break_id}: approved, but not by whom it needs",
+        "The break's workflow settled it as approved by {approvers}, but as the break is stored "
+        "those approvals do not count: behind the break (its requester, a trigger identity or "
+        "whoever reopened it): {behind_the_break}; still missing: {missing_roles}. Nothing was "
+        "posted or changed. Next steps: find out who started or changed the break's workflow "
+        "in Temporal (its run was not the one the break opened), then reopen the break for "
+        "approvers who may decide it.", ticket="incident"),
     "reconciliation_break_provider_moved": Template(
         "Reconciliation break {break_id}: approved, but the provider no longer shows the payout failed",
         "Approved by {approvers}, the break was found while the provider showed the payout "
