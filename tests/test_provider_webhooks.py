@@ -197,6 +197,18 @@ async def test_source_outside_the_allowlist_is_403(hooks: Stack) -> None:
     assert row["verdict"] == "forbidden_source" and "127.0.0.1" in row["error"]
 
 
+@pytest.mark.parametrize(("peer", "allowed"), [
+    ("::ffff:10.1.2.3", True), ("10.1.2.3", True), ("::ffff:11.1.2.3", False), ("::1", False)])
+async def test_an_allowed_ipv4_source_seen_through_a_dual_stack_socket_is_allowed(
+        hooks: Stack, peer: str, allowed: bool) -> None:
+    """A relay bound to `::` sees IPv4 peers as IPv4-mapped IPv6 addresses (::ffff:a.b.c.d),
+    which no IPv4 network contains: every genuine delivery from an allowed source was 403."""
+    desk = WebhookDesk(hooks.store, hooks.client, hooks.providers, hooks.settings)
+    result = await desk.ingest("sandbox", {"content-type": "application/json"}, b"{}", now=time.time(),
+                               peer=peer)
+    assert (result.status_code == 403) is not allowed, result
+
+
 async def test_a_replay_never_vouches_for_a_delivery_from_a_source_not_allowed(
         hooks: Stack, capsys: pytest.CaptureFixture[str]) -> None:
     """The source allowlist is what stands when a signing secret leaks: a validly signed

@@ -160,7 +160,10 @@ class WebhookDesk:
             address = ip_address(peer)
         except ValueError:
             return False
-        return any(address in network for network in networks)
+        # a dual-stack socket (bound to ::) sees an IPv4 peer as ::ffff:a.b.c.d, which no
+        # IPv4 network contains: every delivery from an allowed IPv4 source was refused
+        mapped = getattr(address, "ipv4_mapped", None)
+        return any((mapped or address) in network for network in networks)
 
     def _parse(self, provider_name: str, headers: Mapping[str, str], body: bytes | None, now: float,
                peer: str | None, source_refused: bool = False
