@@ -57,7 +57,7 @@ class ProviderPayout(Frozen):
 
     provider: str
     payout_id: str
-    amount: int
+    amount: MinorAmount  # zero, negative or past 64 bits: no payout's (unreadable, as for refunds)
     currency: str
     status: ProviderPayoutStatus
     raw_status: str

@@ -17,7 +17,9 @@ from temporalio.service import RPCError, RPCStatusCode
 from adapters.db.rows import ReceiptRow
 from adapters.providers.sandbox import sign
 from domain.models import RefundOutcome
+from domain.payouts import payout_case_id
 from tests.harness import Stack
+from tests.payouts_kit import paid_payout
 
 Delivery = tuple[bytes, dict[str, str]]
 
@@ -358,3 +360,20 @@ async def test_currency_other_than_the_charges_is_rejected_by_the_workflow(stack
     assert "validation_rejected" in trail and "provider_submit_started" not in trail
     assert await stack.provider_refunds(charge) == []
     assert await stack.store.ledger.entries(body["refund_request_id"]) == []
+
+
+@pytest.mark.parametrize("amount", [-500, 0, 2**63])
+async def test_a_payout_event_with_an_impossible_amount_is_unreadable_and_starts_nothing(
+        stack: Stack, amount: int) -> None:
+    """Refund and payment events refuse an amount no money has (zero, negative, past 64
+    bits) as unreadable; a payout event took it and opened an exception case for it."""
+    payout = await paid_payout(stack, 5_000)
+    body = event_body("payout.failed", {"id": payout.provider_payout_id, "object": "payout",
+                                        "amount": amount, "currency": "usd", "status": "failed",
+                                        "failure_code": "account_closed", "metadata": {}})
+    async with httpx.AsyncClient(base_url=stack.relay_url, timeout=30) as http:
+        response = await http.post("/webhooks/sandbox", content=body,
+                                   headers=signed(sandbox_secret(stack), body))
+    assert response.status_code == 400, response.text
+    assert response.json()["verdict"] == "unreadable"
+    assert not await workflow_exists(stack, payout_case_id("sandbox", payout.provider_payout_id))
