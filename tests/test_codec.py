@@ -28,7 +28,7 @@ from adapters.http_server import AppServer
 from adapters.oidc import AccessTokenVerifier, InvalidAccessToken, KeysUnavailable
 from domain.models import RefundWorkflowInput
 from starters.dev.stack import TemporalDevServer
-from tests.harness import open_stack
+from tests.harness import Stack, open_stack
 from tests.test_cli import run
 from tests.test_console import console
 from tests.test_deploy_manifests import compose, container_env, of_kind
@@ -310,3 +310,22 @@ def test_compose_and_kubernetes_uis_pass_the_oidc_access_token_to_a_relay_that_c
     oidc = {k.removeprefix("REFUNDS_").lower(): v for k, v in k8s_relay.items()
             if k.startswith("REFUNDS_OIDC")}
     assert AccessTokenVerifier.from_settings(Settings(**oidc)) is not None
+
+
+@pytest.mark.parametrize("path", ["/codec/decode", "/console/codec/decode"])
+async def test_a_codec_call_is_refused_for_want_of_credentials_before_its_body_is_read(
+        stack: Stack, path: str) -> None:
+    """The codec takes bodies up to 4 MiB (a history's payloads) and read them as JSON before
+    asking who sent them: anyone could make the relay parse 4 MiB twice (a list of empty
+    objects is ~100 MB in memory) per request. A body no parser here reads (nested past the
+    recursion limit) shows the order: 401, not the 422 the body's reading answers."""
+    nested = b"[" * 100_000 + b"]" * 100_000
+    as_json = {"Content-Type": "application/json"}
+    async with httpx.AsyncClient(base_url=stack.relay_url, timeout=30) as anonymous:
+        response = await anonymous.post(path, content=nested, headers=as_json)
+    assert response.status_code == 401, response.text
+    async with stack.api("dave") as auditor:
+        read = await auditor.post("/codec/decode", content=nested, headers=as_json)
+        not_an_object = await auditor.post("/codec/decode", json=[{"payloads": []}])
+    assert read.status_code in (400, 422), read.text
+    assert not_an_object.status_code in (400, 422), not_an_object.text

@@ -9,9 +9,10 @@ either way only auditors, ops and admins see decrypted history, and only ops and
 encode (an encoded payload is what a workflow would accept as ours).
 """
 
+import json
 from typing import Any, Literal
 
-from fastapi import HTTPException
+from fastapi import HTTPException, Request
 from google.protobuf import json_format
 from temporalio.api.common.v1 import Payloads
 from temporalio.client import Client
@@ -43,12 +44,30 @@ async def transcode(codec: PayloadCodec, direction: Direction, body: dict[str, A
     return json_format.MessageToDict(result)
 
 
-async def answer(client: Client, direction: Direction, body: dict[str, Any]) -> dict[str, Any]:
-    """The endpoint's answer with the client's codec: 404 without one, 400 for a body that
-    is not Payloads or a payload sealed with a key we do not hold."""
+def sent_as_json(request: Request) -> None:
+    """Refuses (415) a body not declared JSON before anything else: a page of another port of
+    the site can send the console's cookie with a body no preflight checks (no Content-Type,
+    or text/plain), and its role check would record a refusal under the person's name."""
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        raise HTTPException(415, "send the payloads as application/json")
+
+
+async def answer(client: Client, direction: Direction, request: Request) -> dict[str, Any]:
+    """The endpoint's answer with the client's codec, for a caller already let in: its body
+    is read only now (up to 4 MiB of JSON: read before asking who sent it, anyone could make
+    the relay parse it). 404 without a codec, 400 for a body that is not a Payloads object or
+    a payload sealed with a key we do not hold, 422 for JSON no parser here reads."""
     payload_codec = client.data_converter.payload_codec
     if payload_codec is None:
         raise HTTPException(404, "this relay has no payload codec")
+    try:
+        body = json.loads(await request.body())
+    except json.JSONDecodeError as exc:
+        raise HTTPException(400, f"the body is not JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        raise HTTPException(422, f"the JSON body cannot be read: {str(exc)[:120]}") from None
+    if not isinstance(body, dict):
+        raise HTTPException(400, "not a Payloads message: the body is not a JSON object")
     try:
         return await transcode(payload_codec, direction, body)
     except CodecError as exc:

@@ -13,7 +13,7 @@ from fastapi.responses import RedirectResponse, Response
 
 from adapters.db import ConsoleSession, hash_token
 from starters.actions.approving import Refused
-from starters.actions.codec import CODEC_USES, Direction, answer
+from starters.actions.codec import CODEC_USES, Direction, answer, sent_as_json
 from starters.actions.front import front_door
 from starters.console.pages import page
 
@@ -97,13 +97,15 @@ async def posted(request: Request, session: ConsoleSession) -> dict[str, str]:
 
 
 @router.post("/codec/{direction}")
-async def codec(request: Request, direction: Direction, body: dict[str, Any]) -> dict[str, Any]:
+async def codec(request: Request, direction: Direction) -> dict[str, Any]:
     """The Temporal UI's remote codec for people signed in here: the UI sends the session
-    cookie when its codec setting includes credentials (same site, another port)."""
+    cookie when its codec setting includes credentials (same site, another port); the body
+    is read once the session is let in."""
+    sent_as_json(request)
     session = await current(request)
     actions = front_door(request).actions
     await actions.require(session.principal, *CODEC_USES[direction], via="console")
-    return await answer(actions.client, direction, body)
+    return await answer(actions.client, direction, request)
 
 
 @router.get("")

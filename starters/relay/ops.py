@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse
 
 from adapters import metrics
 from adapters.health import readiness
-from starters.actions.codec import CODEC_USES, Direction, answer
+from starters.actions.codec import CODEC_USES, Direction, answer, sent_as_json
 from starters.actions.front import Door
 from starters.relay.auth import CodecCaller
 
@@ -41,8 +41,10 @@ async def prometheus_metrics(door: Door) -> Response:
 
 
 @router.post("/codec/{direction}")
-async def codec(direction: Direction, body: dict[str, Any], caller: CodecCaller,
+async def codec(direction: Direction, request: Request, caller: CodecCaller,
                 door: Door) -> dict[str, Any]:
-    """Temporal's remote codec protocol, for the UI and `temporal --codec-endpoint`."""
+    """Temporal's remote codec protocol, for the UI and `temporal --codec-endpoint`; the
+    body is read once the caller is let in."""
+    sent_as_json(request)
     await door.actions.require(caller, *CODEC_USES[direction], via="api")
-    return await answer(door.client, direction, body)
+    return await answer(door.client, direction, request)
