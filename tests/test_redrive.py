@@ -5,6 +5,7 @@ loop ends with the relay."""
 
 import asyncio
 import hashlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -24,6 +25,8 @@ from starters.dev.stack import TemporalDevServer
 from starters.ports import free_port
 from starters.relay.webhook_desk import WebhookDesk
 from tests.harness import Stack, open_stack
+from tests.test_bad_input import signed
+from tests.test_known_duplicates import desk_of, requested_event
 from tests.test_provider_webhooks import CASHFREE_SECRET, recorded, sign_cashfree
 
 
@@ -157,3 +160,24 @@ async def test_the_loop_ends_with_the_relay(stack: Stack) -> None:
     await server.start()
     assert off.state.redrive is None  # interval 0: only at start and on demand
     await server.stop()
+
+
+async def test_a_replay_of_a_replay_is_read_as_of_the_original_delivery(stack: Stack) -> None:
+    """A replay reads a delivery as of its reception (a signature's age counts from then).
+    Re-drive replays every accepted receipt that never reached its workflow, replays among
+    them, and a replay receipt was read as of the replay: past the tolerance after the
+    original, always `stale`, and the event was never acted on (re-drive gave up)."""
+    _, body, _ = await requested_event(stack)
+    secret = stack.settings.sandbox_webhook_secret
+    assert secret is not None
+    then = time.time() - 3_600
+    headers = {k.lower(): v for k, v in signed(secret.get_secret_value(), body, int(then)).items()}
+    desk = desk_of(stack)
+    original = await desk.ingest("sandbox", headers, body, now=then, peer="127.0.0.1")
+    assert original.verdict == "accepted", original
+    await stack.store.database.execute("UPDATE webhook_receipts SET received_at = to_timestamp(%s)"
+                                       " WHERE id = %s", (then, original.receipt_id))
+    first = await desk.replay(original.receipt_id)
+    assert first is not None and first.verdict != "stale", first
+    again = await desk.replay(first.receipt_id)
+    assert again is not None and again.verdict not in ("stale", "bad_signature"), again

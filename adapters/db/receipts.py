@@ -214,9 +214,16 @@ class ReceiptRepository(Repository):
         return [ReceiptRow.from_row(row) for row in rows]
 
     async def delivery(self, receipt_id: int) -> StoredDelivery | None:
+        """The receipt as a replay reads it: its delivery, received when the original was (a
+        replay of a replay, as re-drive makes, read as of its own replay found every
+        signature past the tolerance: `stale`, the event never acted on)."""
         row = await self._db.fetch_one(
-            "SELECT id, provider, headers, body, received_at, verdict FROM webhook_receipts"
-            " WHERE id = %s", (receipt_id,))
+            "WITH RECURSIVE back AS (SELECT id, replay_of, received_at FROM webhook_receipts WHERE id = %s"
+            " UNION ALL SELECT r.id, r.replay_of, r.received_at FROM webhook_receipts r"
+            " JOIN back ON r.id = back.replay_of)"
+            " SELECT w.id, w.provider, w.headers, w.body, w.verdict,"
+            " coalesce((SELECT received_at FROM back WHERE replay_of IS NULL), w.received_at) AS received_at"
+            " FROM webhook_receipts w WHERE w.id = %s", (receipt_id, receipt_id))
         if row is None:
             return None
         return StoredDelivery(receipt_id=int(row["id"]), provider=row["provider"], headers=row["headers"],
