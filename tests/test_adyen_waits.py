@@ -301,3 +301,19 @@ async def test_a_success_after_ops_said_not_refunded_of_a_refund_the_case_follow
     assert (await rig.post(body)).text == "[accepted]"
     [found] = await wait_for_breaks(rig.stack, [made["pspReference"]], "awaiting_approval")
     assert (found["break_class"], found["refund_request_id"]) == ("provider_succeeded_shown_failed", case_id)
+    # the break approved books the refund; Adyen reversing it later is news again (the case's
+    # record of what its workflow applied still said "failed": the reversal was dropped unheard)
+    assert (await decide(rig.stack, "carol", int(found["id"]))).status_code == 202
+    await wait_for_breaks(rig.stack, [made["pspReference"]], "resolved")
+    await rig.stack.wait_for_status(case_id, "succeeded")
+    reversed_ = notification("REFUNDED_REVERSED", pspReference=made["pspReference"], originalReference=psp,
+                             merchantReference=case_id, amount={"currency": "EUR", "value": 1_400})
+    assert (await rig.post(reversed_)).text == "[accepted]"
+    deadline = asyncio.get_running_loop().time() + 60  # a hang detector, not a timing assertion
+    while len(breaks := await wait_for_breaks(rig.stack, [made["pspReference"]], "resolved",
+                                              "awaiting_approval")) < 2:
+        assert asyncio.get_running_loop().time() < deadline, breaks
+        await asyncio.sleep(0.2)
+    late = breaks[-1]
+    assert (late["break_class"], late["refund_request_id"], late["state"]) == (
+        "provider_failed_shown_refunded", case_id, "awaiting_approval")

@@ -342,3 +342,33 @@ async def test_a_break_workflow_started_again_with_forged_terms_settles_nothing(
         (case_id,))
     message = render(notice, await stack.store.cases.get(case_id), None, case_url=None, email_to=None)
     assert "behind the break" in message.text and "bob" in message.text and "finance_manager" in message.text
+
+
+async def test_one_approver_approving_in_two_runs_of_a_break_counts_once(stack: Stack) -> None:
+    """Max holds both roles a large break needs and approves: one of its two slots. With
+    Temporal access, the run is started again with a one-cent delta (one approver's tier)
+    and he approves again: the settlement read both of his grants since the break opened
+    and let them fill both slots. One person counts once there as in the round."""
+    stack.tokens["max"] = await stack.store.access.create_token(
+        "max", ["approver", "finance_manager"], token=f"t-max-{uuid.uuid4().hex}", by="test")
+    refund = history(f"ch_{uuid.uuid4().hex[:8]}", 60_000, days_ago=3)
+    await seed_provider(stack, [refund])
+    case_id = await seed_case(stack, refund, requester="alice")
+    await move_at_provider(stack, refund["id"], "canceled")
+    await backfill(stack, since_days=30)
+    [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    first = await decide(stack, "max", found["id"])
+    assert (first.status_code, len(first.json()["missing_roles"])) == (202, 1), first.text
+    workflow_id = break_workflow_id(found["id"])
+    await stack.client.get_workflow_handle(workflow_id).terminate("terminated in the Temporal UI")
+    row = await stack.store.reconciliation.get_break(found["id"])
+    assert row is not None
+    handle = await stack.client.start_workflow(
+        ReconciliationBreakWorkflow.run, break_case(row, stack.settings.timings()).model_copy(
+            update={"ledger_delta": 1}), id=workflow_id, task_queue=stack.settings.task_queue,
+        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE)
+    assert (await decide(stack, "max", found["id"])).status_code == 202
+    assert (await handle.result()).state.value == "ops_review"
+    [settled] = await wait_for_breaks(stack, [refund["id"]], "ops_review")
+    assert len(settled["resolution"]["approval_unmet"]["missing_roles"]) == 1
+    assert [e["template"] for e in await stack.store.ledger.entries(case_id)] == ["refund_settled"] * 2

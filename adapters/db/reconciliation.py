@@ -597,8 +597,9 @@ class ReconciliationRepository(Repository):
                 "SELECT actor, detail FROM audit_events WHERE chain = %s AND seq > %s AND action = ANY(%s)"
                 " AND detail->>'break_id' = %s",
                 (row["chain"], opened["seq"], list(BREAK_GRANTS), str(row["id"])))).fetchall()
-            granted = [(g["actor"], frozenset(g["detail"].get("roles") or ())) for g in grants
-                       if g["actor"] in settlement.approvers and g["actor"] not in behind]
+            latest = {g["actor"]: frozenset(g["detail"].get("roles") or ()) for g in grants  # one per person
+                      if g["actor"] in settlement.approvers and g["actor"] not in behind}
+            granted = list(latest.items())
             missing = unfilled(tuple(RoleRequirement.model_validate(r)
                                      for r in opened["detail"].get("requirements", [])), granted)
         if not behind and not missing:
@@ -684,7 +685,11 @@ class ReconciliationRepository(Repository):
                 " WHEN %s IN ('failed', 'canceled') THEN 0 ELSE reserved_amount END, updated_at = now(),"
                 # a case that held no refund (none, or an ops "no refund") now holds the provider's
                 " provider_refund_id = CASE WHEN provider_refund_id IS NULL OR provider_refund_id LIKE %s"
-                " THEN %s ELSE provider_refund_id END WHERE refund_request_id = %s",
+                " THEN %s ELSE provider_refund_id END,"
+                # what its workflow applied no longer says where the case stands: forgotten, so
+                # the relay takes every later word as news (a reversal of the refund just booked
+                # repeated what the workflow had applied, "failed", and was dropped unheard)
+                " applied_refund_id = NULL, applied_status = NULL WHERE refund_request_id = %s",
                 (status.value, truth.status.value, truth.failure_reason, truth.status.value,
                  truth.status.value, f"{NO_REFUND_PREFIX}%", truth.refund_id, case_id))
         await _compensated(conn, row, settlement, posting_key, status=status.value if status else None,
