@@ -490,7 +490,8 @@ class CaseRepository(Repository):
                 # cancelled it, or it was denied): it may not call the provider
                 raise SubmissionRefused(f"case {case_id} is {row['status'] if row else 'gone'} with "
                                         f"{row['reserved_amount'] if row else 0} held: not submitted")
-            if own := await self._approved_by_whoever_asked(conn, case_id, row, writes):
+            # on the first attempt: a later one follows what an earlier may have made
+            if not started and (own := await self._approved_by_whoever_asked(conn, case_id, row, writes)):
                 refusal = (f"{', '.join(own)} asked for case {case_id} (its requester or trigger "
                            "identity) and approved it: not submitted")
                 await self._set_status(conn, case_id, CaseStatus.OPS_REVIEW)
