@@ -94,8 +94,9 @@ def masked(text: str) -> str:
     that pass the Luhn check) replaced: what may go to the model, and what of its answer
     reaches notices and tickets (it may echo what a customer wrote)."""
     text = _EMAIL.sub("[email]", text)
-    text = _NATIONAL_PHONE.sub("[phone]", _PHONE.sub("[phone]", text))
-    return _CARD.sub(lambda m: "[card number]" if _luhn(re.sub(r"\D", "", m.group(0))) else m.group(0), text)
+    # cards first: a card's groups after the first may read as a national phone number
+    text = _CARD.sub(lambda m: "[card number]" if _luhn(re.sub(r"\D", "", m.group(0))) else m.group(0), text)
+    return _NATIONAL_PHONE.sub("[phone]", _PHONE.sub("[phone]", text))
 
 
 def untrusted_for_model(evidence: dict[str, str]) -> dict[str, str]:
