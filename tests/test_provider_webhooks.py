@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
+from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +208,11 @@ async def test_an_allowed_ipv4_source_seen_through_a_dual_stack_socket_is_allowe
     result = await desk.ingest("sandbox", {"content-type": "application/json"}, b"{}", now=time.time(),
                                peer=peer)
     assert (result.status_code == 403) is not allowed, result
+    # an allowlist written in the mapped form (what worked on a dual-stack socket) still holds
+    mapped_form = hooks.settings.model_copy(update={"webhook_allowed_sources": {
+        "sandbox": [ip_network("::ffff:10.0.0.0/104")]}})
+    assert WebhookDesk(hooks.store, hooks.client, hooks.providers, mapped_form)._source_allowed(
+        "sandbox", peer) is allowed
 
 
 async def test_a_replay_never_vouches_for_a_delivery_from_a_source_not_allowed(

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
-from ipaddress import ip_address
+from ipaddress import IPv6Address, ip_address
 from typing import Any
 
 from pydantic import ValidationError
@@ -161,9 +161,10 @@ class WebhookDesk:
         except ValueError:
             return False
         # a dual-stack socket (bound to ::) sees an IPv4 peer as ::ffff:a.b.c.d, which no
-        # IPv4 network contains: every delivery from an allowed IPv4 source was refused
-        mapped = getattr(address, "ipv4_mapped", None)
-        return any((mapped or address) in network for network in networks)
+        # IPv4 network contains: an IPv4 address and its mapped form are one peer, whichever
+        # form the allowlist names
+        other = address.ipv4_mapped if isinstance(address, IPv6Address) else IPv6Address(f"::ffff:{address}")
+        return any(form in network for form in (address, other) if form is not None for network in networks)
 
     def _parse(self, provider_name: str, headers: Mapping[str, str], body: bytes | None, now: float,
                peer: str | None, source_refused: bool = False
