@@ -332,3 +332,43 @@ def test_secrets_that_cannot_be_written_leave_no_empty_file(tmp_path: Path,
     with pytest.raises(OSError):
         run.load_dev_secrets(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_secrets_file_is_written_anew_and_a_folder_without_hard_links_still_works(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty file (left by the earlier create-then-write) held no key: every run failed
+    reading it. And a file system without hard links (some FUSE and bind mounts) must still
+    take a first run's secrets."""
+    from starters.dev import run
+
+    (tmp_path / "dev-secrets.json").write_text("")
+    assert run.load_dev_secrets(tmp_path).payload_keys.startswith("dev1:")
+
+    def no_hard_links(source: object, target: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    fresh = tmp_path / "no-links"
+    fresh.mkdir()
+    made = run.load_dev_secrets(fresh)
+    assert run.load_dev_secrets(fresh) == made
+    assert [p.name for p in fresh.iterdir()] == ["dev-secrets.json"]
+
+
+@pytest.mark.slow
+def test_a_closed_terminal_stops_the_stack_and_leaves_nothing_running(tmp_path: Path) -> None:
+    """SIGHUP (the terminal closed) ended the Python process at once: the Temporal dev server,
+    in its own session since Ctrl-C no longer reaches it first, and PostgreSQL outlived it,
+    holding the ports and the data folder for the next make run."""
+    ports = {name: str(free_port()) for name in ("REFUNDS_RELAY_PORT", "REFUNDS_SANDBOX_PORT",
+                                                 "REFUNDS_TEMPORAL_PORT", "REFUNDS_TEMPORAL_UI_PORT")}
+    log = tmp_path / "dev.log"
+    dev = _start(_clean_env(tmp_path, **ports), log, "--no-demo")
+    try:
+        _wait_for(log, "The stack is running", dev)
+        dev.send_signal(signal.SIGHUP)
+        dev.wait(timeout=60)
+    finally:
+        if dev.poll() is None:
+            dev.kill()
+    assert _processes_under(tmp_path) == [], log.read_text()[-3000:]

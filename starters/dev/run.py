@@ -61,7 +61,9 @@ class DevSecrets:
 def load_dev_secrets(data_dir: Path) -> DevSecrets:
     """Reads the folder's secrets, generating any that are missing (older folders lack some)."""
     path = data_dir / "dev-secrets.json"
-    values = json.loads(path.read_text()) if path.exists() else {}
+    existed = path.exists()
+    text = path.read_text() if existed else ""
+    values = json.loads(text) if text.strip() else {}  # an empty file (a crash) never held a key
     generators: dict[str, Callable[[], str]] = {
         "sandbox_webhook_secret": lambda: secrets.token_hex(24),
         "admin_token": lambda: f"rfo_admin_{secrets.token_urlsafe(24)}",
@@ -69,7 +71,7 @@ def load_dev_secrets(data_dir: Path) -> DevSecrets:
         "approval_keys": lambda: secrets.token_hex(32)}
     missing = {name: make() for name, make in generators.items() if name not in values}
     if missing:
-        _write_whole(path, json.dumps({**values, **missing}), replace=bool(values))
+        _write_whole(path, json.dumps({**values, **missing}), replace=existed)
     return DevSecrets(**json.loads(path.read_text()))
 
 
@@ -87,9 +89,21 @@ def _write_whole(path: Path, text: str, *, replace: bool) -> None:
             os.replace(made, path)
         else:
             with contextlib.suppress(FileExistsError):  # another run's came first: it stands
-                os.link(made, path)
+                _link_or_create(made, path)
     finally:
         made.unlink(missing_ok=True)
+
+
+def _link_or_create(made: Path, path: Path) -> None:
+    """`path` as a hard link to `made`, or where the file system has none (some FUSE and bind
+    mounts), created exclusively and written; FileExistsError when there is one already."""
+    try:
+        os.link(made, path)
+    except FileExistsError:
+        raise
+    except OSError:
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+            out.write(made.read_text())
 
 
 def dev_settings(settings: Settings) -> tuple[Settings, DevSecrets]:
@@ -162,7 +176,9 @@ async def run_dev(settings: Settings, *, play_demo: bool = True) -> None:
     settings, dev = dev_settings(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # a closed terminal (SIGHUP) stops the stack as Ctrl-C does: the Temporal dev server runs
+    # in its own session and would outlive this process, holding its ports and database
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
     async with embedded_services(settings) as (dsn, ui_url):
         settings = settings.model_copy(update={"temporal_ui_url": ui_url})
