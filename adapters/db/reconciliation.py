@@ -584,8 +584,9 @@ class ReconciliationRepository(Repository):
         The round checks them against its run's input; a run started again in Temporal
         with other terms (nobody barred, a smaller delta's tier) let the refund's requester
         approve its compensation alone. Read here from the break's row and trail: nobody
-        behind it approved, and the grants of this round (since its exception opened) fill
-        the requirements it opened with."""
+        behind it approved, and the grants of this round (since its exception opened), one
+        per person (a run started again takes the same approval twice), fill the
+        requirements it opened with."""
         behind = [person for person in settlement.approvers if person in behind_break(row["evidence"])]
         opened = await (await conn.execute(
             "SELECT seq, detail FROM audit_events WHERE chain = %s"

@@ -249,8 +249,8 @@ def create_app(*, db_path: str = ":memory:", webhook_url: str | None = None,
             limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = MAX_PAGE,
             authorization: str | None = Header(None)) -> dict[str, Any]:
         """Stripe's list shape: newest first, `created` filters, `starting_after` cursor;
-        `reference` with `charge` (verify-state): every refund of the charge with our request
-        id in metadata, on one page (filtering a page of the newest missed an older one)."""
+        `reference` (verify-state, with the charge): every refund with our request id in
+        metadata, on one page (filtering a page of the newest missed an older one)."""
         authorise(authorization)
         if reference is not None and (fault := take_fault(LOOKUP_FAULTS.__contains__, charge)):
             if fault.mode == "lookup_status":
@@ -258,7 +258,7 @@ def create_app(*, db_path: str = ":memory:", webhook_url: str | None = None,
             if fault.mode == "lookup_empty":
                 return {"object": "list", "data": [], "has_more": False}
             await stall("lookup", charge, fault.seconds)
-        if reference is not None and charge is not None:  # every refund of the charge, not a page
+        if reference is not None:  # every refund (of the charge) carrying it, not a page
             found = [r for r in reversed(bank.refunds(charge))
                      if r["metadata"].get("refund_request_id") == reference]
             return {"object": "list", "data": found, "has_more": False}
