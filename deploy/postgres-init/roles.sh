@@ -1,11 +1,14 @@
 #!/bin/sh
 # Runs once, on the first start of an empty data directory (the postgres image's
 # /docker-entrypoint-initdb.d), as the superuser. Creates the three roles and the product's
-# database; the passwords come from the container's environment (deploy/.env).
+# database; the passwords come from the container's environment (deploy/.env), read by
+# psql itself (\getenv), never on its command line, where `ps` would show them.
 set -eu
-psql -v ON_ERROR_STOP=1 --username "$POSTGRES_USER" --dbname postgres \
-    -v migration_pw="$MIGRATION_DB_PASSWORD" -v runtime_pw="$RUNTIME_DB_PASSWORD" \
-    -v temporal_pw="$TEMPORAL_DB_PASSWORD" <<'SQL'
+: "${MIGRATION_DB_PASSWORD:?}" "${RUNTIME_DB_PASSWORD:?}" "${TEMPORAL_DB_PASSWORD:?}"
+psql -v ON_ERROR_STOP=1 --username "$POSTGRES_USER" --dbname postgres <<'SQL'
+\getenv migration_pw MIGRATION_DB_PASSWORD
+\getenv runtime_pw RUNTIME_DB_PASSWORD
+\getenv temporal_pw TEMPORAL_DB_PASSWORD
 -- Owns the product's schema; only `refunds migrate` connects as it.
 CREATE ROLE refunds_owner LOGIN PASSWORD :'migration_pw';
 -- Relay and worker: rows only (granted by `refunds migrate`); no DDL, no trigger control.
