@@ -372,3 +372,15 @@ def test_a_closed_terminal_stops_the_stack_and_leaves_nothing_running(tmp_path: 
         if dev.poll() is None:
             dev.kill()
     assert _processes_under(tmp_path) == [], log.read_text()[-3000:]
+
+
+def test_dev_refuses_the_timeouts_the_worker_refuses(tmp_path: Path) -> None:
+    """`refunds worker` refuses a submit timeout within the provider's HTTP timeout (a submit
+    could end while its create is in flight); `make run`'s worker took it."""
+    done = subprocess.run([REFUNDS, "dev", "--no-demo"], capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL,
+                          env=_clean_env(tmp_path, REFUNDS_SUBMIT_TIMEOUT_SECONDS="5",
+                                         REFUNDS_PROVIDER_HTTP_TIMEOUT_SECONDS="10"))
+    assert done.returncode != 0, done.stdout + done.stderr
+    assert "refusing to start" in done.stderr and "REFUNDS_SUBMIT_TIMEOUT_SECONDS" in done.stderr
+    assert _processes_under(tmp_path) == []

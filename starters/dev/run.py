@@ -42,7 +42,7 @@ from starters.dev.stack import (
 )
 from starters.ports import ensure_ports_free, free_port
 from workers.case_sweep import sweep_closed_cases
-from workers.main import build_worker
+from workers.main import build_worker, refuse_bad_settings
 from workers.outbox import pool_dispatcher, sweep_outbox
 
 log = logging.getLogger("dev")
@@ -172,7 +172,9 @@ async def embedded_services(settings: Settings) -> AsyncIterator[tuple[str, str 
 
 
 async def run_dev(settings: Settings, *, play_demo: bool = True) -> None:
-    """Starts the stack, prints where everything is, plays the demo, waits for Ctrl-C."""
+    """Starts the stack, prints where everything is, plays the demo, waits for Ctrl-C. Its
+    worker refuses the settings `refunds worker` refuses (they could let money move twice)."""
+    refuse_bad_settings(settings)
     settings, dev = dev_settings(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
