@@ -100,10 +100,10 @@ async def wait_for_breaks(stack: Stack, object_ids: list[str], *states: str,
 
 
 async def break_awaiting_approval(stack: Stack, *, moved_to: str, requester: str,
-                                  days_ago: float = 3) -> tuple[str, dict[str, Any]]:
+                                  days_ago: float = 3, amount: int = 2_000) -> tuple[str, dict[str, Any]]:
     """A refund our case holds as succeeded that the provider then moved (`moved_to`),
     backfilled into a break waiting for its approval: (case id, the break's row)."""
-    refund = history(f"ch_{uuid.uuid4().hex[:8]}", 2_000, days_ago=days_ago)
+    refund = history(f"ch_{uuid.uuid4().hex[:8]}", amount, days_ago=days_ago)
     await seed_provider(stack, [refund])
     case_id = await seed_case(stack, refund, requester=requester)
     await move_at_provider(stack, refund["id"], moved_to)

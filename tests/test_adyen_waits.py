@@ -220,6 +220,23 @@ async def test_ops_resolve_a_wait_from_the_console(rig: AdyenRig) -> None:
         await dave.aclose()
 
 
+async def success_after_not_refunded(rig: AdyenRig, case_id: str, psp: str, made: dict[str, Any],
+                                     amount: int) -> dict[str, Any]:
+    """Ops resolve the case's wait "not refunded", its run closes failed, then Adyen reports
+    `made` refunded: the break that opens (asserted a `provider_succeeded_shown_failed`)."""
+    answer = await resolve(rig, "olga", case_id, provider_shows="not_refunded",
+                           reason="Customer Area: nothing shown yet")
+    assert answer.status_code == 200, answer.text
+    await rig.stack.wait_for_status(case_id, "refund_failed")
+    await rig.stack.client.get_workflow_handle(case_id).result()
+    body = notification("REFUND", pspReference=made["pspReference"], originalReference=psp,
+                        merchantReference=case_id, amount={"currency": "EUR", "value": amount})
+    assert (await rig.post(body)).text == "[accepted]"
+    [found] = await wait_for_breaks(rig.stack, [made["pspReference"]], "awaiting_approval")
+    assert (found["break_class"], found["refund_request_id"]) == ("provider_succeeded_shown_failed", case_id)
+    return found
+
+
 async def test_a_success_adyen_reports_after_ops_said_not_refunded_opens_a_break(rig: AdyenRig) -> None:
     """Ops read "no refund" while Adyen still processed the create whose answer was lost;
     the case closed failed and released its reservation. Adyen's REFUND:true arriving then
@@ -227,16 +244,7 @@ async def test_a_success_adyen_reports_after_ops_said_not_refunded_opens_a_break
     find it in: it becomes a break for ops and its tier's approvers, never an audit row."""
     case_id, psp = await waiting_case(rig, 1_300)
     [made] = rig.fake.refunds_of(psp)
-    answer = await resolve(rig, "olga", case_id, provider_shows="not_refunded",
-                           reason="Customer Area: nothing shown yet")
-    assert answer.status_code == 200, answer.text
-    await rig.stack.wait_for_status(case_id, "refund_failed")
-    await rig.stack.client.get_workflow_handle(case_id).result()
-    body = notification("REFUND", pspReference=made["pspReference"], originalReference=psp,
-                        merchantReference=case_id, amount={"currency": "EUR", "value": 1_300})
-    assert (await rig.post(body)).text == "[accepted]"
-    [found] = await wait_for_breaks(rig.stack, [made["pspReference"]], "awaiting_approval")
-    assert (found["break_class"], found["refund_request_id"]) == ("provider_succeeded_shown_failed", case_id)
+    found = await success_after_not_refunded(rig, case_id, psp, made, 1_300)
     assert await rig.stack.store.ledger.entries(case_id) == []  # nothing posted before approval
     notices = await rig.stack.store.database.fetch_all(
         "SELECT kind, audience FROM notices WHERE refund_request_id = %s", (case_id,))
@@ -291,16 +299,7 @@ async def test_a_success_after_ops_said_not_refunded_of_a_refund_the_case_follow
     [made] = rig.fake.refunds_of(psp)
     row = await rig.stack.store.cases.get(case_id)
     assert row is not None and row["provider_refund_id"] == made["pspReference"]
-    answer = await resolve(rig, "olga", case_id, provider_shows="not_refunded",
-                           reason="Customer Area: nothing shown yet")
-    assert answer.status_code == 200, answer.text
-    await rig.stack.wait_for_status(case_id, "refund_failed")
-    await rig.stack.client.get_workflow_handle(case_id).result()
-    body = notification("REFUND", pspReference=made["pspReference"], originalReference=psp,
-                        merchantReference=case_id, amount={"currency": "EUR", "value": 1_400})
-    assert (await rig.post(body)).text == "[accepted]"
-    [found] = await wait_for_breaks(rig.stack, [made["pspReference"]], "awaiting_approval")
-    assert (found["break_class"], found["refund_request_id"]) == ("provider_succeeded_shown_failed", case_id)
+    found = await success_after_not_refunded(rig, case_id, psp, made, 1_400)
     # the break approved books the refund; Adyen reversing it later is news again (the case's
     # record of what its workflow applied still said "failed": the reversal was dropped unheard)
     assert (await decide(rig.stack, "carol", int(found["id"]))).status_code == 202

@@ -9,6 +9,7 @@ import hmac
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import httpx
 import pytest
@@ -27,12 +28,13 @@ from adapters.db.reconciliation import break_case
 from adapters.notify.message import render
 from domain.models import ApprovalSignal, Decision
 from domain.payouts import ReissueAsk
-from domain.reconciliation import break_workflow_id
+from domain.reconciliation import BreakOutcome, break_workflow_id
 from starters.dev.stack import TemporalDevServer
 from tests.harness import APPROVAL_KEYS, Stack, open_stack
 from tests.payouts_kit import add_payout_approvers, ask_reissue, remediated
 from tests.reconciliation_kit import (
     backfill,
+    break_awaiting_approval,
     history,
     move_at_provider,
     reopen,
@@ -308,32 +310,34 @@ def test_a_reissue_seal_covers_the_requester_and_is_no_verdict_s() -> None:
                       now=now)[0] != ""
 
 
+async def _run_again(stack: Stack, found: dict[str, Any],
+                     **forged: Any) -> temporal.WorkflowHandle[Any, BreakOutcome]:
+    """The break's exception workflow terminated and started again under its id, as someone
+    with Temporal write access (no approval keys) would, its input changed by `forged`."""
+    workflow_id = break_workflow_id(found["id"])
+    await stack.client.get_workflow_handle(workflow_id).terminate("terminated in the Temporal UI")
+    row = await stack.store.reconciliation.get_break(found["id"])
+    assert row is not None
+    return await stack.client.start_workflow(
+        ReconciliationBreakWorkflow.run, break_case(row, stack.settings.timings()).model_copy(update=forged),
+        id=workflow_id, task_queue=stack.settings.task_queue,
+        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE)
+
+
 async def test_a_break_workflow_started_again_with_forged_terms_settles_nothing(stack: Stack) -> None:
     """With Temporal write access but no approval keys: the break's workflow terminated and
     started again under its id with nobody barred and a one-cent delta (one approver's tier).
     Bob, the refund's requester, approved alone, under his own seal, and the full amount was
     compensated. The settlement checks who approved against the break as stored: who is
     behind it, and the requirements its exception opened with."""
-    refund = history(f"ch_{uuid.uuid4().hex[:8]}", 60_000, days_ago=3)  # approver and finance manager
-    await seed_provider(stack, [refund])
-    case_id = await seed_case(stack, refund, requester="bob")
-    await move_at_provider(stack, refund["id"], "canceled")
-    await backfill(stack, since_days=30)
-    [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
-    workflow_id = break_workflow_id(found["id"])
-    await stack.client.get_workflow_handle(workflow_id).terminate("terminated in the Temporal UI")
-    row = await stack.store.reconciliation.get_break(found["id"])
-    assert row is not None
-    forged = break_case(row, stack.settings.timings()).model_copy(
-        update={"conflicted": (), "ledger_delta": 1})
-    handle = await stack.client.start_workflow(ReconciliationBreakWorkflow.run, forged, id=workflow_id,
-                                               task_queue=stack.settings.task_queue,
-                                               id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE)
+    # approver and finance manager
+    case_id, found = await break_awaiting_approval(stack, moved_to="canceled", requester="bob", amount=60_000)
+    handle = await _run_again(stack, found, conflicted=(), ledger_delta=1)
     approved = await decide(stack, "bob", found["id"])
     assert approved.status_code == 202, approved.text
     outcome = await handle.result()
     assert outcome.state.value == "ops_review"
-    [settled] = await wait_for_breaks(stack, [refund["id"]], "ops_review")
+    [settled] = await wait_for_breaks(stack, [found["object_id"]], "ops_review")
     assert settled["resolution"]["approval_unmet"] == {"behind_the_break": ["bob"],
                                                        "missing_roles": ["approver", "finance_manager"]}
     assert [e["template"] for e in await stack.store.ledger.entries(case_id)] == ["refund_settled"] * 2
@@ -351,24 +355,13 @@ async def test_one_approver_approving_in_two_runs_of_a_break_counts_once(stack: 
     and let them fill both slots. One person counts once there as in the round."""
     stack.tokens["max"] = await stack.store.access.create_token(
         "max", ["approver", "finance_manager"], token=f"t-max-{uuid.uuid4().hex}", by="test")
-    refund = history(f"ch_{uuid.uuid4().hex[:8]}", 60_000, days_ago=3)
-    await seed_provider(stack, [refund])
-    case_id = await seed_case(stack, refund, requester="alice")
-    await move_at_provider(stack, refund["id"], "canceled")
-    await backfill(stack, since_days=30)
-    [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    case_id, found = await break_awaiting_approval(stack, moved_to="canceled", requester="alice",
+                                                   amount=60_000)
     first = await decide(stack, "max", found["id"])
     assert (first.status_code, len(first.json()["missing_roles"])) == (202, 1), first.text
-    workflow_id = break_workflow_id(found["id"])
-    await stack.client.get_workflow_handle(workflow_id).terminate("terminated in the Temporal UI")
-    row = await stack.store.reconciliation.get_break(found["id"])
-    assert row is not None
-    handle = await stack.client.start_workflow(
-        ReconciliationBreakWorkflow.run, break_case(row, stack.settings.timings()).model_copy(
-            update={"ledger_delta": 1}), id=workflow_id, task_queue=stack.settings.task_queue,
-        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE)
+    handle = await _run_again(stack, found, ledger_delta=1)
     assert (await decide(stack, "max", found["id"])).status_code == 202
     assert (await handle.result()).state.value == "ops_review"
-    [settled] = await wait_for_breaks(stack, [refund["id"]], "ops_review")
+    [settled] = await wait_for_breaks(stack, [found["object_id"]], "ops_review")
     assert len(settled["resolution"]["approval_unmet"]["missing_roles"]) == 1
     assert [e["template"] for e in await stack.store.ledger.entries(case_id)] == ["refund_settled"] * 2

@@ -118,7 +118,8 @@ async def new_request_refusal(cases: CaseRepository, providers: Mapping[str, Pro
     """`entry_refusal` for a request that would open a case. A repeat of one that did gets
     its case (or its conflict) whatever a later deploy made of the provider or its limits:
     a client re-sending "to be safe" must not read "refused" while its case can refund."""
-    if await cases.get(request.refund_request_id) is not None:
-        return None
-    return entry_refusal(providers, request.provider, request.amount, request.currency,
-                         request.refund_request_id)
+    refused = entry_refusal(providers, request.provider, request.amount, request.currency,
+                            request.refund_request_id)
+    if refused is None or await cases.get(request.refund_request_id) is not None:
+        return None  # the case is read only for a refusal: an accepted request costs no read
+    return refused
