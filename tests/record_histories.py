@@ -76,7 +76,7 @@ from tests.reconciliation_kit import (
     seed_provider,
     wait_for_breaks,
 )
-from tests.test_adyen import MERCHANT, adyen_rig, unique_psp
+from tests.test_adyen import MERCHANT, adyen_rig, other_refund_while_following, post_notification, unique_psp
 from tests.test_adyen import notification as adyen_notification
 from tests.test_case_lifecycle import reported_as_the_cancelled_run_ends
 from tests.test_duplicate_refunds import duplicate_heard_with_a_cancel
@@ -109,8 +109,8 @@ class Recording:
 @dataclass(frozen=True)
 class Scenario:
     """A scenario: how to play it (returns its workflow's id), the stack it needs
-    (`settings` for a sandbox stack, or `adyen` for the Adyen rig, which has its own) and
-    whether its workflow ends failed."""
+    (`settings` for a sandbox stack, or `adyen` for the Adyen rig, which takes only the rig's
+    own settings) and whether its workflow ends failed."""
 
     play: Callable[[Recording], Awaitable[str]]
     settings: dict[str, Any] = field(default_factory=dict)
@@ -358,6 +358,20 @@ async def adyen_other_charge_ignored(rig: Recording) -> str:
         (await http.post("/webhooks/adyen", content=foreign,
                          headers={"content-type": "application/json"})).raise_for_status()
     return await resolved_not_refunded(rig, case_id)
+
+
+async def adyen_follow_other_refund(rig: Recording) -> str:
+    """Following its refund, the case waits at its poll for Adyen's notification and hears of
+    another refund carrying its reference, failed: a duplicate, not its refund's word
+    (`follow-wait-takes-followed-refund-1`); its own refund's success is then booked."""
+    assert rig.adyen is not None
+    case_id, followed, _ = await other_refund_while_following(rig.stack, rig.adyen, 900)
+    row = await rig.stack.store.cases.get(case_id)
+    assert row is not None
+    own = adyen_notification("REFUND", pspReference=followed, originalReference=row["charge_id"],
+                             merchantReference=case_id, amount={"currency": "EUR", "value": 900})
+    (await post_notification(rig.stack, own)).raise_for_status()
+    return case_id
 
 
 async def duplicate_refund(rig: Recording) -> str:
@@ -924,6 +938,8 @@ SCENARIOS: dict[str, Scenario] = {
                                                                     "status_poll_interval_seconds": 0.5}),
     "refund_adyen_wait_resolved_by_ops": Scenario(adyen_wait_resolved, adyen=True),
     "refund_adyen_other_charge_ignored": Scenario(adyen_other_charge_ignored, adyen=True),
+    "refund_adyen_follow_other_refund": Scenario(adyen_follow_other_refund,
+                                                 {"late_failure_window_seconds": 3}, adyen=True),
     "refund_duplicate_provider_refund": Scenario(duplicate_refund, {"late_failure_window_seconds": 6}),
     "refund_foreign_event_ignored": Scenario(foreign_event_ignored, {"late_failure_window_seconds": 6}),
     "refund_verify_finds_duplicates": Scenario(verify_finds_duplicates, {"late_failure_window_seconds": 6}),
@@ -991,7 +1007,7 @@ async def recording(scenario: Scenario, store: Store, client: Client, temporal: 
                     dsn: str) -> AsyncIterator[Recording]:
     """A stack of the scenario's own, its provider's API behind a lossy proxy."""
     if scenario.adyen:
-        async with adyen_rig(store, client, temporal, charges_from_fake=True) as rigged:
+        async with adyen_rig(store, client, temporal, charges_from_fake=True, **scenario.settings) as rigged:
             yield Recording(rigged.stack, rigged.proxy, dsn, rigged.fake)
         return
     proxy = LossyProxy("")

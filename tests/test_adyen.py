@@ -71,9 +71,7 @@ class AdyenRig:
         self.stack, self.fake, self.proxy = stack, fake, proxy
 
     async def post(self, body: bytes) -> httpx.Response:
-        async with httpx.AsyncClient(base_url=self.stack.relay_url, timeout=30) as http:
-            return await http.post("/webhooks/adyen", content=body,
-                                   headers={"content-type": "application/json"})
+        return await post_notification(self.stack, body)
 
     async def request(self, amount: int = 2500) -> tuple[str, str]:
         """A payment at the fake and a refund of it requested through our API."""
@@ -81,6 +79,11 @@ class AdyenRig:
         case_id = await self.stack.request_refund("alice", psp, amount, provider="adyen",
                                                   currency="EUR", merchant_account=MERCHANT)
         return case_id, psp
+
+
+async def post_notification(stack: Stack, body: bytes) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=stack.relay_url, timeout=30) as http:
+        return await http.post("/webhooks/adyen", content=body, headers={"content-type": "application/json"})
 
 
 @contextlib.asynccontextmanager
@@ -495,3 +498,50 @@ async def test_a_case_waiting_for_its_notification_takes_no_other_payment_s_refu
     assert incident["detail"]["duplicate_refund_id"] == stranger
     lines = await rig.stack.store.ledger.entries(case_id)
     assert [(x["template"], x["debit"]) for x in lines] == [("refund_settled", 1800), ("refund_settled", 0)]
+
+
+
+async def other_refund_while_following(stack: Stack, fake: FakeAdyen, amount: int) -> tuple[str, str, str]:
+    """A case following its refund (Adyen answered the create: pending) waits at its poll for
+    the refund's notification (Adyen has no lookup) and hears first of another refund of the
+    payment carrying its reference, failed: (case, its refund, the other refund)."""
+    psp = fake.payment(10_000, "EUR", MERCHANT)
+    case_id = await stack.request_refund("alice", psp, amount, provider="adyen", currency="EUR",
+                                         merchant_account=MERCHANT)
+    await stack.wait_for_audit(case_id, "awaiting_provider_notification")
+    [made] = fake.refunds_of(psp)
+    stranger = unique_psp()
+    other = notification("REFUND", success="false", reason="Transaction not permitted",
+                         pspReference=stranger, originalReference=psp, merchantReference=case_id,
+                         amount={"currency": "EUR", "value": amount})
+    assert (await post_notification(stack, other)).text == "[accepted]"
+    await stack.wait_for_audit(case_id, "duplicate_provider_refund")
+    return case_id, made["pspReference"], stranger
+
+
+async def test_a_case_following_its_refund_takes_no_other_refund_s_word_for_it(rig: AdyenRig) -> None:
+    """Adyen answered the create (the case follows that refund, pending) and has no lookup:
+    at the poll the case waits for the refund's notification. A failure of another refund of
+    the same payment carrying the case's reference arrives first. It is not the followed
+    refund's word: the case does not fail (its reservation kept while its refund may still
+    pay), the other refund is raised as one carrying the case's reference, and the followed
+    refund's success is booked when it comes."""
+    case_id, followed, stranger = await other_refund_while_following(rig.stack, rig.fake, 1_600)
+    row = await rig.stack.store.cases.get(case_id)
+    assert row is not None
+    assert (row["status"], row["provider_refund_id"], row["reserved_amount"]) == (
+        "ops_review", followed, 1_600)
+    [incident] = [e for e in await rig.stack.store.audit.trail(case_id)
+                  if e["action"] == "duplicate_provider_refund"]
+    assert (incident["detail"]["duplicate_refund_id"], incident["detail"]["duplicate_status"]) == (
+        stranger, "failed")
+
+    own = notification("REFUND", pspReference=followed, originalReference=row["charge_id"],
+                       merchantReference=case_id, amount={"currency": "EUR", "value": 1_600})
+    assert (await rig.post(own)).text == "[accepted]"
+    await rig.stack.wait_for_audit(case_id, "refund_succeeded")
+    row = await rig.stack.store.cases.get(case_id)
+    assert row is not None and (row["provider_refund_id"], row["provider_status"]) == (
+        followed, "succeeded")
+    lines = await rig.stack.store.ledger.entries(case_id)
+    assert [(x["template"], x["debit"]) for x in lines] == [("refund_settled", 1_600), ("refund_settled", 0)]

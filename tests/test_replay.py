@@ -56,6 +56,7 @@ from workflows.refund_case import (
     FINISH_NEWS_PATCH,
     FINISH_NOTIFIED_PATCH,
     FOLLOW_SCOPE_PATCH,
+    FOLLOWED_WAIT_PATCH,
     HORIZON_PATCH,
     MISMATCH_PATCH,
     PROVIDER_SCOPED_WAIT_PATCH,
@@ -144,6 +145,11 @@ BRANCHES: dict[str, Branch] = {
         "action:awaiting_provider_notification", f"patch:{CHARGE_SCOPED_WAIT_PATCH}",
         "signal:provider_event#2", "action:provider_notification_received",
         lacks=[f"{SUBMIT}#2", "action:refund_succeeded"]),
+    "refund_adyen_follow_other_refund": branch(
+        "action:provider_status_changed", "action:awaiting_provider_notification",
+        f"patch:{FOLLOWED_WAIT_PATCH}", "action:duplicate_provider_refund", "action:refund_succeeded",
+        "ledger:refund_settled",
+        lacks=[f"{SUBMIT}#2", "action:refund_failed", "action:provider_notification_received#2"]),
     "refund_late_failure": branch("action:refund_succeeded", "action:refund_failed_after_success",
                                   "activity:post_ledger#2", "signal:provider_event#2"),
     "refund_provider_contradicts": branch(

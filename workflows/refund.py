@@ -94,6 +94,7 @@ class RefundWorkflow(RefundLifecycle):
         self._closing = False
         self._provider_scoped = False
         self._charge_scoped = False  # a wait by reference takes only the case's charge's refunds
+        self._follow_scoped = False  # a wait while following takes only the followed refund's word
         self._lookup_escalated = False
         self._duplicates: set[str] = set()
         self._mismatched = False  # the provider's refund is not what was asked: ops review

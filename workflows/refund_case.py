@@ -147,6 +147,12 @@ FINISH_NEWS_PATCH = "finish-reads-queued-news-1"
 # cancel takes one it already holds. Before, the run ended with it unread: the case released,
 # nothing booked, the money gone. Asked only when such an event waits.
 FINISH_NOTIFIED_PATCH = "finish-takes-notified-refund-1"
+# While a case following its refund waits for word of it by reference (a provider without a
+# status lookup: Adyen), an event about another refund carrying its reference is not its
+# refund's word: it is raised as a refund carrying the case's reference and the wait goes on.
+# Before, it was taken as the followed refund's: another refund's failure failed the case and
+# released its reservation while its own refund was pending. Asked when such a wait begins.
+FOLLOWED_WAIT_PATCH = "follow-wait-takes-followed-refund-1"
 # The case's action, the ops notice and the metric's reason when a provider refuses our key.
 CONFIGURATION_INCIDENT = "provider_configuration_refused"
 
@@ -185,6 +191,7 @@ class RefundCase(ApprovingWorkflow):
     _closing: bool
     _provider_scoped: bool
     _charge_scoped: bool
+    _follow_scoped: bool
     _lookup_escalated: bool
     _duplicates: set[str]
     _mismatched: bool

@@ -53,6 +53,7 @@ with workflow.unsafe.imports_passed_through():
         DUPLICATE_PATCH,
         EXECUTOR_EVENTS_PATCH,
         FOLLOW_SCOPE_PATCH,
+        FOLLOWED_WAIT_PATCH,
         HORIZON_PATCH,
         INTEGRATIONS_PATCH,
         MISMATCH_PATCH,
@@ -248,27 +249,42 @@ class RefundProvider(RefundWrites):
         the first timer runs out, and never resubmit (a resend could refund twice). Ops end
         the wait with what the provider shows (`starters.provider_wait`): the same event."""
         await self._record("awaiting_provider_notification", detail={"reason": reason})
-        self._charge_scoped = workflow.patched(CHARGE_SCOPED_WAIT_PATCH)
-        while (notified := self._notified()) is None:
-            try:
-                await workflow.wait_condition(lambda: self._notified() is not None,
-                                              timeout=self._timings.status_poll_interval)
-            except TimeoutError:
-                if not self._lookup_escalated:
-                    self._lookup_escalated = True
-                    await self._notify("no_status_lookup_escalation", "operator", {"reason": reason})
-                    # The case waits in ops review, where ops resolve it with what the
-                    # provider's dashboard shows (an event like the notification).
-                    await self._record("no_status_lookup_escalated",
-                                       CaseStatus.OPS_REVIEW if self.since(ADYEN_WAIT_PATCH)
-                                       else None, detail={"reason": reason})
-                await self._bound_history("notification", reason=reason)
-        return await self._take_notification(notified)
+        self._scope_wait()
+        while True:
+            while (notified := self._notified()) is None:
+                try:
+                    await workflow.wait_condition(lambda: self._notified() is not None,
+                                                  timeout=self._timings.status_poll_interval)
+                except TimeoutError:
+                    if not self._lookup_escalated:
+                        self._lookup_escalated = True
+                        await self._notify("no_status_lookup_escalation", "operator", {"reason": reason})
+                        # The case waits in ops review, where ops resolve it with what the
+                        # provider's dashboard shows (an event like the notification).
+                        await self._record("no_status_lookup_escalated",
+                                           CaseStatus.OPS_REVIEW if self.since(ADYEN_WAIT_PATCH)
+                                           else None, detail={"reason": reason})
+                    await self._bound_history("notification", reason=reason)
+            if (refund := await self._take_notification(notified)) is not None:
+                return refund
 
-    async def _take_notification(self, notified: tuple[ProviderEvent, ProviderRefund]) -> ProviderRefund:
-        """Takes a queued event that reports this case's refund off the inbox, with its row."""
+    def _scope_wait(self) -> None:
+        """What a wait by reference takes: the case's charge's refunds, and while the case
+        follows a refund, only that refund's word."""
+        self._charge_scoped = workflow.patched(CHARGE_SCOPED_WAIT_PATCH)
+        self._follow_scoped = (self._context == "follow" and self._refund is not None
+                               and workflow.patched(FOLLOWED_WAIT_PATCH))
+
+    async def _take_notification(
+            self, notified: tuple[ProviderEvent, ProviderRefund]) -> ProviderRefund | None:
+        """Takes a queued event that reports this case's refund off the inbox, with its row;
+        another refund carrying our reference while the case follows its own is raised as a
+        duplicate instead (None: the wait goes on)."""
         event, refund = notified
         self._event_inbox.remove(event)
+        if self._follow_scoped and self._refund is not None and refund.refund_id != self._refund.refund_id:
+            await self._duplicate_refund(refund, f"webhook:{event.event_type}:{event.event_id}")
+            return None
         await self._record("provider_notification_received",
                            detail={"event_id": event.event_id, "event_type": event.event_type})
         return refund
@@ -460,7 +476,7 @@ class RefundProvider(RefundWrites):
     async def _look_without_submitting(self, reason: str) -> ProviderRefund:
         """After the last allowed submit: no more creates; the provider's lookup and events
         are watched until a refund shows up (or ops cancel the case)."""
-        self._charge_scoped = workflow.patched(CHARGE_SCOPED_WAIT_PATCH)
+        self._scope_wait()
         while True:
             await self._bound_history("look", reason=reason)
             try:
@@ -472,4 +488,5 @@ class RefundProvider(RefundWrites):
                 continue
             notified = self._notified()
             assert notified is not None
-            return await self._take_notification(notified)
+            if (refund := await self._take_notification(notified)) is not None:
+                return refund
