@@ -316,3 +316,20 @@ async def test_a_success_after_ops_said_not_refunded_of_a_refund_the_case_follow
     late = breaks[-1]
     assert (late["break_class"], late["refund_request_id"], late["state"]) == (
         "provider_failed_shown_refunded", case_id, "awaiting_approval")
+
+
+async def test_a_wait_whose_workflow_has_ended_is_not_resolved(rig: AdyenRig) -> None:
+    """The case's workflow ended while it waited (terminated from the Temporal UI): nobody
+    would take a resolution. Ops are told so (409) before anything is recorded; the trail
+    never says the wait was resolved while nothing followed it (it answered 500 after
+    recording, and every retry was told "already resolved; the case follows that")."""
+    case_id, _ = await waiting_case(rig, 700, lose_answer=False)
+    await rig.stack.client.get_workflow_handle(case_id).terminate(reason="test: ended under the wait")
+    for _ in range(2):
+        answer = await resolve(rig, "olga", case_id, provider_shows="not_refunded",
+                               reason="Customer Area: no refund on the payment")
+        assert answer.status_code == 409 and "workflow has ended" in answer.json()["detail"], answer.text
+    trail = [e["action"] for e in await rig.stack.store.audit.trail(case_id)]
+    assert "provider_wait_resolved" not in trail and trail.count("action_refused") == 2
+    row = await rig.stack.store.cases.get(case_id)
+    assert row is not None and row["reserved_amount"] == 700

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from temporalio.service import RPCError
 
 from adapters.db import Principal
+from adapters.temporal_client import workflow_closed
 from domain.events import OPS_RESOLUTION, no_refund_id
 from domain.models import EventKind, ProviderEvent, ProviderRefundStatus
 from domain.permissions import Permission
@@ -67,6 +68,10 @@ async def resolve_provider_wait(actions: CaseActions, caller: Principal, case_id
                              "cannot resolve its wait", via=via, audit_action="access_refused")
     if refused := await _refund_refusal(actions, row, body):
         await actions.refuse(caller, case_id, 409, action, refused, via=via)
+    if ended := await workflow_closed(actions.client, case_id):
+        # nobody would take the resolution: recorded, it would read as followed
+        await actions.refuse(caller, case_id, 409, action,
+                             f"the case's workflow has ended ({ended}): ops review the case", via=via)
     # the check and the record under the case chain's lock: one resolution per wait
     latest = await actions.store.audit.record_once_opened(
         case_id, caller.user, WAIT_RESOLVED, {**body.model_dump(), "via": via},
