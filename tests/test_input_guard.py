@@ -238,3 +238,31 @@ async def test_a_json_body_naming_a_field_twice_is_refused(stack: Stack) -> None
     refused = [e["detail"]["refusal"] for e in await stack.store.audit.trail("")
                if e["actor"] == "alice" and "twice" in str(e["detail"].get("refusal"))]
     assert len(refused) >= 2
+
+
+async def test_a_console_session_is_no_one_s_name_for_refusals_outside_the_console(stack: Stack) -> None:
+    """Behind TLS the session cookie is `Path=/` and goes with any same-site request: a page on
+    another port of the site could make a signed-in person's browser send refused input to the
+    API as often as it likes. The API never took the session as a caller, so such refusals are
+    not recorded under the person's name; inside the console they are."""
+    bob = await console(stack, "bob")
+    unique = f"rr-{secrets.token_hex(6)}"
+
+    async def refused() -> list[str]:
+        return [e["detail"]["action"] for e in await stack.store.audit.trail("")
+                if e["actor"] == "bob" and e["action"] == "action_refused"]
+
+    in_console = (await refused()).count("GET /console/cases")
+    try:
+        [session] = [c.value for c in bob.cookies.jar]
+        async with httpx.AsyncClient(base_url=stack.relay_url, timeout=30) as browser:
+            cookie = {"cookie": f"rfo_session={session}"}
+            assert (await browser.get(f"/v1/refund-requests/{unique}%00x", headers=cookie)).status_code == 422
+            assert (await browser.post(f"/v1/refund-requests/{unique}/approvals", json={"decision": "maybe"},
+                                       headers=cookie)).status_code in (401, 422)
+        assert (await bob.get("/console/cases", params={"q": "rr\x00"})).status_code == 422
+    finally:
+        await bob.aclose()
+    actions = await refused()
+    assert not [a for a in actions if unique in a], actions
+    assert actions.count("GET /console/cases") > in_console

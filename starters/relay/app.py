@@ -137,7 +137,7 @@ async def temporal_unavailable(request: Request, exc: Exception) -> Response:
 
 async def invalid(request: Request, exc: Exception) -> Response:
     """Bad input is answered 422 as usual and recorded, under the caller's name when the
-    token or console session is valid (FastAPI validates before our handlers run, so we look
+    token (or, in the console, its session) is valid (FastAPI validates before our handlers run, so we look
     it up here)."""
     assert isinstance(exc, RequestValidationError)
     door = front_door(request)
@@ -154,20 +154,23 @@ async def invalid(request: Request, exc: Exception) -> Response:
 
 
 async def caller_of(request: Request) -> tuple[Principal | None, str]:
-    """Who sent a request refused before any route ran (bearer token, else console
-    session), and through which front end."""
+    """Who sent a request refused before any route ran (bearer token, else, on the console's
+    own paths, its session), and through which front end. Elsewhere a session names nobody:
+    behind TLS its cookie goes with every same-site request, so a page on another port could
+    have a signed-in person's browser grow the trail under their name."""
     store = front_door(request).store
+    via = "console" if request.url.path.startswith(CONSOLE_PREFIX) else "api"
     creds = await bearer(request)
     caller = await store.access.authenticate(creds.credentials) if creds else None
-    cookie = request.cookies.get(cookie_name(request, SESSION_COOKIE))
+    cookie = request.cookies.get(cookie_name(request, SESSION_COOKIE)) if via == "console" else None
     if caller is None and cookie and (session := await store.access.session(cookie)):
         caller = session.principal
-    return caller, "console" if request.url.path.startswith(CONSOLE_PREFIX) else "api"
+    return caller, via
 
 
 async def guard_refused(request: Request, refusal: str) -> None:
     """A body over its limit, or text the store cannot hold, refused before any route:
-    audited under the caller (bearer token or console session), only logged for
+    audited under the caller (bearer token, or the console's session), only logged for
     someone without credentials (they do not grow the audit chain)."""
     caller, via = await caller_of(request)
     action = f"{request.method} {request.url.path.replace(chr(0), '%00')}"  # no NUL in the trail
