@@ -321,11 +321,20 @@ class Settings(BaseSettings):
         )
 
     def timeout_problem(self) -> str | None:
-        """Why the timeouts would let a submit activity end while its create is still in
-        flight (the provider could then act after we decided what happened), or None."""
+        """Why the timeouts would let a submit activity end, or the case sweep act, while a
+        create is still in flight (the provider could then act after we decided what
+        happened), or None."""
         if self.submit_timeout_seconds <= self.provider_http_timeout_seconds:
             return (f"REFUNDS_SUBMIT_TIMEOUT_SECONDS ({self.submit_timeout_seconds:g}) must exceed "
                     f"REFUNDS_PROVIDER_HTTP_TIMEOUT_SECONDS ({self.provider_http_timeout_seconds:g})")
+        # a case's submit stamps it: idle for less, a create may be in flight after a terminate
+        # and the sweep's one lookup would release the reservation the refund then lands on
+        settled = (self.submit_timeout_seconds + self.provider_http_timeout_seconds
+                   + self.resubmit_margin_seconds)
+        if self.case_sweep_seconds and self.case_sweep_after_seconds <= settled:
+            return (f"REFUNDS_CASE_SWEEP_AFTER_SECONDS ({self.case_sweep_after_seconds:g}) must exceed "
+                    f"{settled:g}: REFUNDS_SUBMIT_TIMEOUT_SECONDS + REFUNDS_PROVIDER_HTTP_TIMEOUT_SECONDS "
+                    f"+ REFUNDS_RESUBMIT_MARGIN_SECONDS (a submit attempt and the provider's horizon)")
         return None
 
     def relay_base_url(self) -> str:

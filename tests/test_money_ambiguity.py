@@ -303,6 +303,20 @@ def test_a_submit_timeout_within_the_provider_http_timeout_is_refused() -> None:
     refuse_bad_settings(good)
 
 
+def test_a_case_sweep_that_could_outrun_a_create_in_flight_is_refused() -> None:
+    """The sweep hands a case whose workflow ended to ops and releases its reservation when
+    one lookup finds no refund. A case idle for less than a submit attempt plus the provider's
+    horizon may still have a create in flight (the attempt runs on after a terminate): the
+    refund would land after the release."""
+    bad = Settings(submit_timeout_seconds=30, provider_http_timeout_seconds=10, resubmit_margin_seconds=60,
+                   case_sweep_after_seconds=60)
+    with pytest.raises(SystemExit, match="REFUNDS_CASE_SWEEP_AFTER_SECONDS \\(60\\) must exceed 100"):
+        refuse_bad_settings(bad)
+    assert not check_timeouts(bad).ok
+    refuse_bad_settings(bad.model_copy(update={"case_sweep_seconds": 0}))  # no sweep: nothing to outrun
+    refuse_bad_settings(bad.model_copy(update={"case_sweep_after_seconds": 101}))
+
+
 def test_the_worker_process_refuses_to_start_with_such_settings() -> None:
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("REFUNDS_", "TEMPORAL_"))},
            "REFUNDS_DATABASE_URL": "postgresql://127.0.0.1:1/never", "REFUNDS_SUBMIT_TIMEOUT_SECONDS": "5",
