@@ -18,7 +18,7 @@ from domain.models import RefundReason, RefundRequest
 from starters.dev.stack import TemporalDevServer
 from tests.adyen_fake import FakeAdyen
 from tests.reconciliation_kit import wait_for_breaks
-from tests.test_adyen import API_KEY, MERCHANT, TEST_KEY, AdyenRig, adyen_rig, notification
+from tests.test_adyen import API_KEY, MERCHANT, TEST_KEY, AdyenRig, adyen_rig, notification, refunded
 from tests.test_console import console, post_form
 from tests.test_reconciliation import decide
 
@@ -333,3 +333,22 @@ async def test_a_wait_whose_workflow_has_ended_is_not_resolved(rig: AdyenRig) ->
     assert "provider_wait_resolved" not in trail and trail.count("action_refused") == 2
     row = await rig.stack.store.cases.get(case_id)
     assert row is not None and row["reserved_amount"] == 700
+
+
+async def test_a_refund_named_with_a_stray_space_or_control_character_is_refused(rig: AdyenRig) -> None:
+    """Ops paste the refund's pspReference from the dashboard with a space or a newline: it
+    would name no refund we know, so the one-case-per-refund check let another case's refund
+    be booked as this one's too (one refund, two cases settled). Refused 422, nothing recorded
+    as resolved."""
+    held_by_other, _ = await refunded(rig, 500)
+    other = await rig.stack.store.cases.get(held_by_other)
+    assert other is not None and other["provider_refund_id"]
+    case_id, _ = await waiting_case(rig, 500, lose_answer=False)
+    for pasted in (f" {other['provider_refund_id']}", f"{other['provider_refund_id']}\n"):
+        answer = await resolve(rig, "olga", case_id, provider_shows="refunded", provider_refund_id=pasted,
+                               reason="Customer Area: refund settled")
+        assert answer.status_code == 422, answer.text
+    trail = [e["action"] for e in await rig.stack.store.audit.trail(case_id)]
+    assert "provider_wait_resolved" not in trail
+    row = await rig.stack.store.cases.get(case_id)
+    assert row is not None and (row["status"], row["provider_refund_id"]) == ("ops_review", None)

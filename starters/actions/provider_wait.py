@@ -34,8 +34,11 @@ class ProviderWaitBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     provider_shows: Literal["refunded", "not_refunded"]
-    provider_refund_id: str | None = Field(default=None, min_length=1, max_length=64)
-    """The refund's id there (Adyen's pspReference): required when it shows refunded."""
+    provider_refund_id: str | None = Field(default=None, min_length=1, max_length=64,
+                                           pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
+    """The refund's id there (Adyen's pspReference): required when it shows refunded. As the
+    provider writes it: a pasted space or newline would name no refund we know, and the check
+    that no other case holds it would pass."""
     reason: str = Field(min_length=1, max_length=2000)
 
     @field_validator("provider_refund_id", mode="before")
