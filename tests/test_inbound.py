@@ -190,9 +190,9 @@ def ticket_body(sys_id: str, opener: str, **overrides: Any) -> dict[str, Any]:
 
 
 async def servicenow(stack: Stack, path: str, body: dict[str, Any],
-                     secret: str = "sn-sign") -> httpx.Response:
+                     secret: str = "sn-sign", at: int | None = None) -> httpx.Response:
     return await post_signed(stack, f"/integrations/servicenow/{path}", json.dumps(body).encode(),
-                             "servicenow", secret)
+                             "servicenow", secret, at=at)
 
 
 async def ticket_awaiting_approval(stack: Stack, world: World,
@@ -357,7 +357,8 @@ async def test_a_servicenow_denial_on_a_changed_ticket_still_counts(
         await stack.wait_for_status(case_id, "denied")
 
 
-@pytest.mark.parametrize("refused_update", ["malformed", "outside_the_provider_s_rules", "same_second"])
+@pytest.mark.parametrize("refused_update", ["malformed", "outside_the_provider_s_rules", "same_second",
+                                            "signed_but_late"])
 async def test_a_ticket_update_refused_on_its_own_hides_no_change_from_its_approvers(
         store: Store, client: Client, temporal_server: TemporalDevServer, refused_update: str) -> None:
     """The opener edits the ticket to show 10.00 and, in the same edit, makes it unreadable
@@ -366,7 +367,9 @@ async def test_a_ticket_update_refused_on_its_own_hides_no_change_from_its_appro
     an approver who read 10.00 on the ticket approved the case's 90.00. A refused update of
     a ticket that has a case marks the ticket as no longer showing the case. The same for
     an edit within the second of the delivery before it (ServiceNow's `sys_updated_on`
-    counts seconds): it was taken for that delivery's duplicate and never compared."""
+    counts seconds): it was taken for that delivery's duplicate and never compared. And for
+    one ServiceNow signed and delivered past the timestamp tolerance (a retry after an outage):
+    refused as stale, it was never recorded at all."""
     async with connected_stack(store, client, temporal_server, jira_url=None) as (stack, world):
         sn_opener, sn_manager = f"jdoe.{uuid.uuid4().hex[:6]}", f"mgr.{uuid.uuid4().hex[:6]}"
         await person(stack, ["requester"], servicenow=sn_opener)
@@ -374,10 +377,11 @@ async def test_a_ticket_update_refused_on_its_own_hides_no_change_from_its_appro
         sys_id, case_id, body = await ticket_awaiting_approval(stack, world, sn_opener)
         edit = {"malformed": {"description": "x" * 1_801},
                 "outside_the_provider_s_rules": {"currency": "XTS"},
-                "same_second": {"sys_updated_on": body["sys_updated_on"]}}[refused_update]
+                "same_second": {"sys_updated_on": body["sys_updated_on"]}}.get(refused_update, {})
+        late = int(time.time()) - 3_600 if refused_update == "signed_but_late" else None
         refused = await servicenow(stack, "refund-requests", {
-            **body, "amount": 1_000, "sys_updated_on": "2026-11-21 10:06:00", **edit})
-        assert refused.status_code in (400, 409, 422), refused.text
+            **body, "amount": 1_000, "sys_updated_on": "2026-11-21 10:06:00", **edit}, at=late)
+        assert refused.status_code in (400, 401, 409, 422), refused.text
         approved = await servicenow(stack, "approvals", {
             "sys_id": uuid.uuid4().hex, "document_id": sys_id, "state": "approved",
             "approver": {"user_name": sn_manager}, "sys_updated_on": "2026-11-21 10:10:00",
@@ -387,19 +391,24 @@ async def test_a_ticket_update_refused_on_its_own_hides_no_change_from_its_appro
         assert state.approvals == () and state.status == "awaiting_approval"
 
 
-async def test_a_ticket_resent_as_it_was_after_its_opener_lost_access_changes_nothing(
-        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
-    """The opener's token is revoked after the case opened; ServiceNow sends the ticket again
-    on a work note, its values as they were: refused (403), but it asks what the case asks,
-    so its approvers' verdicts still count."""
+@pytest.mark.parametrize("refused_as", ["opener_without_access", "signed_but_late"])
+async def test_a_ticket_resent_as_it_was_and_refused_changes_nothing(
+        store: Store, client: Client, temporal_server: TemporalDevServer, refused_as: str) -> None:
+    """ServiceNow sends the ticket again on a work note, its values as they were, and it is
+    refused: its opener's token was revoked since (403), or it was signed past the timestamp
+    tolerance (a retry after an outage). It asks what the case asks, so its approvers'
+    verdicts still count."""
     async with connected_stack(store, client, temporal_server, jira_url=None) as (stack, world):
         sn_opener, sn_manager = f"jdoe.{uuid.uuid4().hex[:6]}", f"mgr.{uuid.uuid4().hex[:6]}"
         opener = await person(stack, ["requester"], servicenow=sn_opener)
         await person(stack, ["approver"], servicenow=sn_manager)
         sys_id, case_id, body = await ticket_awaiting_approval(stack, world, sn_opener)
-        await stack.store.access.revoke_tokens(by="test", user=opener)
-        resent = await servicenow(stack, "refund-requests", {**body, "sys_updated_on": "2026-11-21 10:06:00"})
-        assert resent.status_code == 403, resent.text
+        late = int(time.time()) - 3_600 if refused_as == "signed_but_late" else None
+        if late is None:
+            await stack.store.access.revoke_tokens(by="test", user=opener)
+        resent = await servicenow(stack, "refund-requests", {**body, "sys_updated_on": "2026-11-21 10:06:00"},
+                                  at=late)
+        assert resent.status_code == (401 if late else 403), resent.text
         approved = await servicenow(stack, "approvals", {
             "sys_id": uuid.uuid4().hex, "document_id": sys_id, "state": "approved",
             "approver": {"user_name": sn_manager}, "sys_updated_on": "2026-11-21 10:10:00",

@@ -241,7 +241,8 @@ async def receive(door: FrontDoor, request: Request, provider: str, secret: Secr
                   unreadable: Callable[[bytes, str], Awaitable[None]] | None = None,
                   ) -> tuple[M, StoredReceipt] | JSONResponse:
     """Limit, verify, parse and store the receipt; a rejection is stored and answered.
-    `unreadable`: told of a signed body refused as malformed (with the reason)."""
+    `unreadable`: told of a signed body refused (malformed, or signed too long ago), with the
+    reason."""
     headers = receipts.storable_headers({k.lower(): v for k, v in request.headers.items()})
     body = await read_limited(request, door.settings.webhook_max_body_bytes)
     prefix = "x-slack" if provider == "slack" else "x-refunds"
@@ -265,6 +266,7 @@ async def receive(door: FrontDoor, request: Request, provider: str, secret: Secr
         parsed = candidate
     except WebhookRejected as exc:
         rejection = exc
+        signed = signed or exc.verdict == "stale"  # the window is checked once the signature matched
     except ValueError as exc:
         rejection = WebhookRejected("malformed", _explain(exc))
     stored = await door.store.receipts.store(
@@ -381,13 +383,20 @@ async def ticket_update_refused(door: FrontDoor, sys_id: object, refusal: str,
 
 
 async def unreadable_ticket(door: FrontDoor, body: bytes, refusal: str) -> None:
-    """`ticket_update_refused` for a signed ticket body refused as malformed: its sys_id, if
-    it names one, read from the body as it is."""
+    """`ticket_update_refused` for a signed ticket body refused before it was compared with
+    its case: its sys_id, if it names one, read from the body as it is. A body that reads as
+    a ticket (one signed too long ago: a retry after an outage) is compared: as it was asked,
+    it changes nothing."""
     try:
         sent = json.loads(body)
     except (ValueError, RecursionError):  # no JSON, or nested past what the parser takes
         return
-    await ticket_update_refused(door, sent.get("sys_id") if isinstance(sent, dict) else None, refusal)
+    try:
+        ticket: ServiceNowRefundTicket | None = ServiceNowRefundTicket.from_body(body)
+    except ValueError:
+        ticket = None
+    await ticket_update_refused(door, sent.get("sys_id") if isinstance(sent, dict) else None, refusal,
+                                ticket)
 
 
 @router.post("/slack/actions")
