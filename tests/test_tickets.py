@@ -167,3 +167,40 @@ async def test_a_search_answered_with_someone_else_s_record_is_not_our_ticket() 
         assert await system.find(False, correlation) is None
     finally:
         await server.stop()
+
+
+async def test_a_notice_that_finds_a_ticket_another_notice_made_adds_itself_to_it(store: Store) -> None:
+    """Notice 1 created the case's ticket but its answer was lost (and the look past the lag
+    missed it); notice 2 of the same purpose is delivered first. It finds the ticket and
+    stores it: its text goes on the ticket as a note. It was marked delivered while its text
+    (a reissue, an approval) never reached the ticket. A notice whose own create made the
+    ticket adds no note: the ticket carries it."""
+    case_id = f"rr-{uuid.uuid4().hex[:10]}"
+    made: list[str] = [f"{case_id}-OPS-1"]  # notice 1's create, answer lost
+    noted: list[int | None] = []
+
+    class Jira:
+        name = "jira"
+
+        async def find(self, incident: bool, correlation: str) -> TicketRef | None:
+            return TicketRef(made[0], made[0], None) if made else None
+
+        async def create(self, incident: bool, correlation: str, message: Message) -> TicketRef:
+            made.append(f"{message.case_id}-OPS-{len(made) + 1}")
+            return TicketRef(made[-1], made[-1], None)
+
+        async def note(self, incident: bool, ticket: TicketRef, message: Message) -> None:
+            noted.append(message.notice_id)
+
+    def notice(notice_id: int, case: str) -> Message:
+        return Message(notice_id=notice_id, kind="ledger_pending", audience="operator", case_id=case,
+                       title="ledger pending", text="ledger pending", facts=(), link=None, buttons=False,
+                       ticket="incident", customer=False, email_to=None)
+
+    channel = TicketChannel(Jira(), store.integrations)
+    assert await channel.send(notice(2, case_id)) == f"{case_id}-OPS-1"
+    assert noted == [2] and made == [f"{case_id}-OPS-1"]
+    made.clear()
+    other = f"rr-{uuid.uuid4().hex[:10]}"
+    await channel.send(notice(3, other))  # finds none: creates it, carrying its text
+    assert noted == [2] and len(made) == 1

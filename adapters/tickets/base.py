@@ -69,10 +69,14 @@ class TicketChannel:
         purpose = ticket_purpose(message.ticket, message.kind)
         correlation = correlation_key(message.case_id, purpose)
 
+        created = False  # by this notice's create: the ticket carries its text
+
         async def find_or_create() -> tuple[str, str | None, str | None]:
+            nonlocal created
             try:
                 made = await self._system.find(incident, correlation)
                 if made is None:
+                    created = True  # also when the create's lost answer is found below
                     try:
                         made = await self._system.create(incident, correlation, message)
                     except (DeliveryUncertain, DeliveryFailed) as exc:
@@ -94,8 +98,10 @@ class TicketChannel:
         if stored is None:  # one deliverer at a time finds or creates it (another may have meanwhile)
             stored, made = await self._store.ticket_or_made(message.case_id, self.name, purpose,
                                                             find_or_create)
-            if made:
+            if made and created:
                 return stored.number or stored.external_id
+            # found: another notice's create made it (its answer lost), so this one's text
+            # goes on it as a note, or it was marked delivered and never shown
         ticket = TicketRef(stored.external_id, stored.number, stored.url)
         await self._system.note(incident, ticket, message)
         return ticket.number or ticket.external_id
