@@ -102,6 +102,9 @@ def charge_problem(request: RefundRequest, charge: ChargeSnapshot | None) -> str
     """Why the charge cannot take this refund, or None when it can."""
     if charge is None:
         return f"charge {request.charge_id} not found at {request.provider}"
+    if charge.charge_id != request.charge_id:  # holds on a charge are counted under one id
+        return (f"{request.provider} knows charge {request.charge_id} as {charge.charge_id}: "
+                "request the refund under that id")
     if not charge.captured or charge.amount_captured <= 0:
         return "charge is not captured"
     if charge.currency != request.currency:

@@ -4,11 +4,13 @@ held on a charge never exceed what was captured (invariant 2)."""
 import asyncio
 import uuid
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adapters.db import Store
 from domain.models import ChargeSnapshot, LedgerInput, LedgerKind, RefundMethod, RefundReason, RefundRequest
+from tests.harness import Stack
 
 
 async def reserve_all(dsn: str, captured: int, amounts: list[int]) -> tuple[int, int]:
@@ -156,3 +158,28 @@ async def test_a_bank_transfer_booked_on_provider_clearing_before_is_reversed_th
     lines = [(line["template"], line["account"], line["debit"], line["credit"])
              for line in await store.ledger.entries(case_id)]
     assert ("refund_reversed", "provider_clearing", 700, 0) in lines, lines
+
+
+async def test_a_charge_the_provider_knows_by_another_id_takes_no_refund_under_it(
+        stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A provider that resolves another spelling of a charge id to the charge (an alias, a
+    case-insensitive lookup) answers with the charge's own id. A request under the other
+    spelling held its reservation under that spelling, beside the charge's own: two holds of
+    60.00 on a 100.00 charge, both approvable. It is rejected, naming the id the provider
+    knows the charge by."""
+    charge = await stack.charge(10_000)
+    alias = f"alias-{charge}"
+    provider = stack.providers["sandbox"]
+    read = provider.get_charge
+
+    async def resolving(charge_id: str) -> ChargeSnapshot | None:
+        return await read(charge if charge_id == alias else charge_id)
+
+    monkeypatch.setattr(provider, "get_charge", resolving)
+    aliased = await stack.request_refund("alice", alias, 6_000)
+    row = await stack.wait_for_status(aliased, "rejected", "awaiting_approval")
+    assert (row["status"], row["reserved_amount"]) == ("rejected", 0), row
+    [rejected] = [e for e in await stack.store.audit.trail(aliased) if e["action"] == "validation_rejected"]
+    assert f"as {charge}" in rejected["detail"]["reason"], rejected
+    own = await stack.request_refund("alice", charge, 6_000)
+    assert (await stack.wait_for_status(own, "awaiting_approval"))["reserved_amount"] == 6_000
