@@ -179,3 +179,6 @@ async def test_a_run_started_again_under_another_requester_lets_no_one_approve_t
     assert row is not None and row["status"] == "ops_review"
     [refused] = [e for e in await stack.store.audit.trail(case_id) if e["action"] == "submission_refused"]
     assert "rita asked for" in refused["detail"]["reason"]
+    # her approval is on record (what people did); nobody is told the refund goes ahead
+    assert "approval_granted" in await stack.actions(case_id)
+    assert "refund_approved" not in [n["kind"] for n in await stack.store.outbox.notices(case_id)]

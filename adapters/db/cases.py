@@ -550,7 +550,8 @@ class CaseRepository(Repository):
                                after_commit: Callable[[CaseWritten], None] | None = None) -> CaseWritten:
         """A case step's writes in one transaction: the ledger posting (once per posting
         key), then each notice (once per dedup key) and event (status and audit row) in
-        order; none of it when `unless_submitted` and a submit began. Under a `step_key`
+        order; none of it when `unless_submitted` and a submit began, and no notice when
+        the case has moved on to ops review or closed. Under a `step_key`
         (a local activity's, the same in each run of the step) a step that ran before answers
         as it did and writes nothing (`steps.once`): events carry no key of their own.
         `after_commit` gets the answer of a run that wrote (not of one answering as before)."""
@@ -558,13 +559,20 @@ class CaseRepository(Repository):
                           lambda conn: self._write_steps_in(conn, steps), after_commit=after_commit)
 
     async def _write_steps_in(self, conn: Conn, steps: CaseWrites) -> CaseWritten:
-        if steps.unless_submitted and await self._submission_started(conn, steps.refund_request_id):
-            return CaseWritten()
+        writes = steps.writes
+        if steps.unless_submitted:
+            row = await self._locked_submission(conn, steps.refund_request_id)
+            if row is not None and row["submission_started_at"] is not None:
+                return CaseWritten()
+            if row is not None and row["status"] in CLOSED_STATUSES | {CaseStatus.OPS_REVIEW}:
+                # the case moved on under the submit (refused, swept): the deciding approval
+                # is on record, and nobody is told the refund goes ahead
+                writes = tuple(write for write in writes if write.notice is None)
         posting = None
         if steps.posting is not None:
             await conn.execute("SET LOCAL lock_timeout = '5s'")  # fail fast, let Temporal retry
             posting = await LedgerRepository.post_in(conn, steps.posting)
-        actions = await self._write_in(conn, steps.writes)
+        actions = await self._write_in(conn, writes)
         return CaseWritten(posting=posting, posted=steps.posting.kind if steps.posting else None,
                            actions=actions)
 
@@ -580,12 +588,6 @@ class CaseRepository(Repository):
                 await cls.record_event_in(conn, write.event, applied=True)
                 actions.append(write.event.action)
         return tuple(actions)
-
-    @staticmethod
-    async def _submission_started(conn: Conn, case_id: str) -> bool:
-        """Whether a submit began for the case (its row locked until the transaction ends)."""
-        row = await CaseRepository._locked_submission(conn, case_id)
-        return row is not None and row["submission_started_at"] is not None
 
     @staticmethod
     async def _locked_submission(conn: Conn, case_id: str) -> dict[str, Any] | None:
