@@ -1,6 +1,12 @@
 """The two worked examples of the refund-orchestration pattern, as `refunds demo` plays them."""
 
-from starters.dev.demo import run_demo
+import argparse
+
+import pytest
+
+from starters.cli.servers import cmd_demo
+from starters.dev import demo
+from starters.dev.demo import DemoReport, run_demo
 from tests.harness import Stack
 
 
@@ -25,3 +31,25 @@ async def test_demo_duplicate_webhook_and_timeout_then_resubmit(stack: Stack) ->
     assert "verify_state" in report.timeout_trail
     assert report.timeout_trail.count("provider_submit_started") == 1
     assert report.timeout_trail.count("ledger_posted") == 1
+    assert report.problems() == []
+
+
+async def test_refunds_demo_exits_0_when_it_saw_the_pattern_and_1_when_it_did_not(
+        stack: Stack, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`refunds demo` said what it saw and exited 0 whatever that was: two refunds at the
+    provider for one request printed and a success to the script that ran it."""
+    settings = stack.settings.model_copy(update={"relay_url": stack.relay_url,
+                                                 "sandbox_api_base": stack.sandbox_url})
+    args = argparse.Namespace(token=stack.tokens["admin"])
+    assert await cmd_demo(args, settings) == 0
+    seen_twice = DemoReport(duplicate_case={"status": "succeeded"},
+                            duplicate_receipts=[{"verdict": "accepted"}, {"verdict": "duplicate"}],
+                            duplicate_provider_refunds=2, timeout_case={"status": "succeeded"},
+                            timeout_statuses=(202, 200), timeout_provider_refunds=1)
+
+    async def played(*_: object, **__: object) -> DemoReport:
+        return seen_twice
+
+    monkeypatch.setattr(demo, "run_demo", played)
+    assert await cmd_demo(args, settings) == 1
+    assert "demo: example 1 refunds at the provider: 2, expected 1" in capsys.readouterr().err

@@ -4,6 +4,7 @@ checks, and the dev stack with its demo (development installs only)."""
 import argparse
 import asyncio
 import contextlib
+import sys
 
 from adapters.config import Settings
 from starters.cli.common import api_token, needs_dev_install, open_database
@@ -27,9 +28,11 @@ async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     with needs_dev_install("`refunds demo`"):
         from starters.dev.demo import run_demo
 
-    await run_demo(settings.relay_base_url(), settings.sandbox_base_url(), api_token(args, settings),
-                   fault_seconds=settings.provider_http_timeout_seconds + 5)
-    return 0
+    report = await run_demo(settings.relay_base_url(), settings.sandbox_base_url(), api_token(args, settings),
+                            fault_seconds=settings.provider_http_timeout_seconds + 5)
+    for problem in report.problems():
+        print(f"demo: {problem}", file=sys.stderr, flush=True)
+    return 1 if report.problems() else 0
 
 
 async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:

@@ -33,6 +33,21 @@ class DemoReport:
         self.lines.append(line)
         print(line, flush=True)
 
+    def problems(self) -> list[str]:
+        """What the demo saw that the pattern promises otherwise: a demo that printed "refunds
+        at the provider: 2" was a success to its caller."""
+        seen = {
+            "example 1 receipts (accepted, duplicate)": (
+                sorted(str(r.get("verdict")) for r in self.duplicate_receipts), ["accepted", "duplicate"]),
+            "example 1 case status": (self.duplicate_case.get("status"), "succeeded"),
+            "example 1 refunds at the provider": (self.duplicate_provider_refunds, 1),
+            "example 2 answers to the two submits": (self.timeout_statuses, (202, 200)),
+            "example 2 case status": (self.timeout_case.get("status"), "succeeded"),
+            "example 2 refunds at the provider": (self.timeout_provider_refunds, 1),
+        }
+        return [f"{what}: {got!r}, expected {wanted!r}"
+                for what, (got, wanted) in seen.items() if got != wanted]
+
 
 async def _wait_case(api: httpx.AsyncClient, case_id: str, statuses: set[str],
                      timeout: float) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from adapters.schedules import ensure_reconciliation_schedules
 from adapters.temporal_client import connect
 from starters import relay
 from starters.dev import sandbox_provider, temporal_ui
-from starters.dev.demo import run_demo
+from starters.dev.demo import DemoReport, run_demo
 from starters.dev.stack import (
     EmbeddedPostgres,
     TemporalDevServer,
@@ -244,7 +244,7 @@ async def run_dev(settings: Settings, *, play_demo: bool = True) -> None:
             await store.close()
 
 
-async def _demo_unless_stopped(stop: asyncio.Event, demo: Coroutine[Any, Any, object]) -> None:
+async def _demo_unless_stopped(stop: asyncio.Event, demo: Coroutine[Any, Any, DemoReport]) -> None:
     """Plays the demo until it ends or Ctrl-C: stopping ends it where it is (it went on calling
     the relay until its own timeouts, and reported that as the demo failing)."""
     playing = asyncio.create_task(demo)
@@ -257,6 +257,9 @@ async def _demo_unless_stopped(stop: asyncio.Event, demo: Coroutine[Any, Any, ob
             await playing
     elif (failure := playing.exception()) is not None:  # the stack stays up for a look
         log.error("demo failed: %s", failure, exc_info=failure)
+    else:
+        for problem in playing.result().problems():  # the pattern broken: said, as a failure
+            log.error("demo: %s", problem)
 
 
 def print_banner(settings: Settings, relay_url: str, sandbox_url: str, ui_url: str | None,
