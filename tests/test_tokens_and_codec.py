@@ -2,12 +2,14 @@
 read histories), token creation is audited under whoever made the token, and a token may
 carry an expiry after which neither the API nor a console session accepts it."""
 
+import asyncio
 import getpass
 import uuid
 from datetime import timedelta
 
 import pytest
 
+from adapters.db.access import IdentityTaken
 from tests.harness import Stack
 from tests.test_cli import run
 from tests.test_console import console, refusals
@@ -95,3 +97,22 @@ async def test_one_person_has_one_spelling_so_approvals_count_them_once(
     assert await stack.store.access.create_token(legacy, ["requester"], by="test")
     await stack.store.access.link_identities([("slack", f"U{uuid.uuid4().hex[:8]}")], legacy)
     assert await stack.store.access.create_token(f"{person}.smith@corp.example", ["approver"], by="test")
+
+
+async def test_two_links_of_one_new_identity_at_once_move_it_only_with_replace(stack: Stack) -> None:
+    """Two admins link the same new Slack id to two people at once: the second read "not
+    linked" before the first committed, then overwrote it, so the id approved as the second
+    person with no `previous_user` on record. The second finds it taken."""
+    slack = f"U{uuid.uuid4().hex[:8]}"
+    first, second = f"ann-{uuid.uuid4().hex[:6]}", f"ben-{uuid.uuid4().hex[:6]}"
+    async with stack.store.database.transaction() as conn:  # the first admin's link, not yet committed
+        await conn.execute("INSERT INTO identity_links (system, external_id, user_name) VALUES (%s,%s,%s)",
+                           ("slack", slack, first))
+        racing = asyncio.create_task(stack.store.access.link_identities([("slack", slack)], second))
+        await asyncio.sleep(0.5)
+        assert not racing.done()  # it waits on the first link's row
+    with pytest.raises(IdentityTaken, match=first):
+        await racing
+    held = await stack.store.database.fetch_one(
+        "SELECT user_name FROM identity_links WHERE system = 'slack' AND external_id = %s", (slack,))
+    assert held is not None and held["user_name"] == first

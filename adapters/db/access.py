@@ -163,7 +163,13 @@ class AccessRepository(Repository):
         async with self._db.transaction() as conn:
             await _one_spelling(conn, user)
             for system, external_id in links:
-                found = await (await conn.execute(
+                # insert first: a link another admin is making at once holds its row, and this
+                # one then reads it (a read first found none and overwrote it on insert)
+                made = await (await conn.execute(
+                    "INSERT INTO identity_links (system, external_id, user_name) VALUES (%s,%s,%s)"
+                    " ON CONFLICT (system, external_id) DO NOTHING RETURNING user_name",
+                    (system, external_id, user))).fetchone()
+                found = None if made else await (await conn.execute(
                     "SELECT user_name FROM identity_links WHERE system = %s AND external_id = %s FOR UPDATE",
                     (system, external_id))).fetchone()
                 before = str(found["user_name"]) if found else None
@@ -171,10 +177,9 @@ class AccessRepository(Repository):
                 if moved and not replace:
                     raise IdentityTaken(f"{system} {external_id} is linked to {before}; it approves as "
                                         "them. To move it to another person, add --replace")
-                await conn.execute(
-                    "INSERT INTO identity_links (system, external_id, user_name) VALUES (%s,%s,%s)"
-                    " ON CONFLICT (system, external_id) DO UPDATE SET user_name = EXCLUDED.user_name",
-                    (system, external_id, user))
+                if moved:
+                    await conn.execute("UPDATE identity_links SET user_name = %s"
+                                       " WHERE system = %s AND external_id = %s", (user, system, external_id))
                 await AuditLog.append(conn, None, by, "identity_linked",
                                       {"system": system, "external_id": external_id, "user": user,
                                        **({"previous_user": before} if moved else {})})
