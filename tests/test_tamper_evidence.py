@@ -201,6 +201,38 @@ async def test_the_ledger_refuses_update_and_delete(store: Store) -> None:
     assert sorted((line["debit"], line["credit"]) for line in lines) == [(0, 500), (500, 0)]
 
 
+async def test_a_posted_entry_takes_no_more_lines_and_no_table_shadows_its_check(store: Store) -> None:
+    """An entry is two balanced lines, written with it. Lines inserted later for an old entry
+    (balanced between themselves) changed its money while its posting key and time stayed:
+    an UPDATE by another name. And the balance check read `ledger_lines` by the session's
+    search path: a temporary table of that name (the runtime role may create them) hid an
+    unbalanced entry from it. Both are refused at commit."""
+    case_id = f"ledger-{uuid.uuid4().hex[:10]}"
+    posted = await store.ledger.post(LedgerInput(refund_request_id=case_id, kind=LedgerKind.REFUND_SETTLED,
+                                                 amount=500, currency="USD", provider_refund_id="re_1"))
+    grown = ("INSERT INTO ledger_lines (entry_id, account, debit, credit, currency) VALUES"
+             " (%s, 'refunds_contra_revenue', 1000000, 0, 'USD'),"
+             " (%s, 'provider_clearing', 0, 1000000, 'USD')")
+    with pytest.raises(psycopg.errors.RaiseException, match="two balanced lines"):
+        async with store.database.transaction() as conn:
+            await conn.execute(grown, (posted.entry_id, posted.entry_id))
+    with pytest.raises(psycopg.errors.RaiseException, match="two balanced lines"):
+        async with store.database.transaction() as conn:
+            schema = await (await conn.execute("SELECT current_schema() AS name")).fetchone()
+            assert schema is not None
+            await conn.execute("CREATE TEMP TABLE ledger_lines (entry_id bigint, currency text, debit bigint,"
+                               " credit bigint) ON COMMIT DROP")
+            entry = await (await conn.execute(
+                "INSERT INTO ledger_entries (posting_key, refund_request_id, template)"
+                " VALUES (%s, %s, 'refund_settled') RETURNING id", (f"{case_id}:shadow", case_id))).fetchone()
+            assert entry is not None
+            await conn.execute(f'INSERT INTO "{schema["name"]}".ledger_lines'
+                               " (entry_id, account, debit, credit, currency)"
+                               " VALUES (%s, 'provider_clearing', 0, 700, 'USD')", (entry["id"],))
+    lines = await store.ledger.entries(case_id)
+    assert sorted((line["debit"], line["credit"]) for line in lines) == [(0, 500), (500, 0)]
+
+
 async def test_verification_reads_heads_and_rows_in_one_snapshot(store: Store, postgres_dsn: str) -> None:
     """An append that commits after verification read the heads and before it read the rows
     is not a deletion. The writer holds the audit table's lock until verification has read
