@@ -76,8 +76,16 @@ from tests.reconciliation_kit import (
     seed_provider,
     wait_for_breaks,
 )
-from tests.test_adyen import MERCHANT, adyen_rig, other_refund_while_following, post_notification, unique_psp
+from tests.test_adyen import (
+    MERCHANT,
+    AdyenRig,
+    adyen_rig,
+    other_refund_while_following,
+    post_notification,
+    unique_psp,
+)
 from tests.test_adyen import notification as adyen_notification
+from tests.test_adyen_waits import notification_taken_under_a_cancel
 from tests.test_case_lifecycle import reported_as_the_cancelled_run_ends
 from tests.test_duplicate_refunds import duplicate_heard_with_a_cancel
 from tests.test_news_seal import failure_heard_while_finishing
@@ -371,6 +379,16 @@ async def adyen_follow_other_refund(rig: Recording) -> str:
     own = adyen_notification("REFUND", pspReference=followed, originalReference=row["charge_id"],
                              merchantReference=case_id, amount={"currency": "EUR", "value": 900})
     (await post_notification(rig.stack, own)).raise_for_status()
+    return case_id
+
+
+async def adyen_taken_under_cancel(rig: Recording) -> str:
+    """Ops cancel while the case records the notification it took: the event goes back on the
+    inbox and the cancel's look takes it (`cancel-keeps-taken-notification-1`): the refund
+    is followed and booked."""
+    assert rig.adyen is not None
+    case_id, _ = await notification_taken_under_a_cancel(AdyenRig(rig.stack, rig.adyen, rig.proxy), 700)
+    await rig.stack.wait_for_status(case_id, "succeeded")
     return case_id
 
 
@@ -938,6 +956,8 @@ SCENARIOS: dict[str, Scenario] = {
                                                                     "status_poll_interval_seconds": 0.5}),
     "refund_adyen_wait_resolved_by_ops": Scenario(adyen_wait_resolved, adyen=True),
     "refund_adyen_other_charge_ignored": Scenario(adyen_other_charge_ignored, adyen=True),
+    "refund_adyen_taken_under_cancel": Scenario(adyen_taken_under_cancel, {"late_failure_window_seconds": 3},
+                                                adyen=True),
     "refund_adyen_follow_other_refund": Scenario(adyen_follow_other_refund,
                                                  {"late_failure_window_seconds": 3}, adyen=True),
     "refund_duplicate_provider_refund": Scenario(duplicate_refund, {"late_failure_window_seconds": 6}),

@@ -14,7 +14,7 @@ from temporalio.client import Client
 from adapters.db import Store
 from adapters.http_server import AppServer
 from adapters.providers.adyen import AdyenProvider, ProviderNotReached
-from domain.models import RefundReason, RefundRequest
+from domain.models import CaseWrites, CaseWritten, RefundReason, RefundRequest
 from starters.dev.stack import TemporalDevServer
 from tests.adyen_fake import FakeAdyen
 from tests.reconciliation_kit import wait_for_breaks
@@ -352,3 +352,42 @@ async def test_a_refund_named_with_a_stray_space_or_control_character_is_refused
     assert "provider_wait_resolved" not in trail
     row = await rig.stack.store.cases.get(case_id)
     assert row is not None and (row["status"], row["provider_refund_id"]) == ("ops_review", None)
+
+
+async def notification_taken_under_a_cancel(rig: AdyenRig, amount: int) -> tuple[str, dict[str, Any]]:
+    """A case waiting for Adyen's notification takes it, and ops cancel the case while the
+    write recording the take runs: (case, the refund Adyen made)."""
+    case_id, psp = await waiting_case(rig, amount)
+    [made] = rig.fake.refunds_of(psp)
+    write, held = rig.stack.store.cases.write_case_steps, asyncio.Event()
+
+    async def held_once(steps: CaseWrites, step_key: str | None = None, **options: Any) -> CaseWritten:
+        taking = any(w.event is not None and w.event.action == "provider_notification_received"
+                     for w in steps.writes)
+        if taking and not held.is_set():
+            held.set()
+            await asyncio.sleep(30)  # the cancel comes meanwhile
+        return await write(steps, step_key, **options)
+
+    rig.stack.store.cases.write_case_steps = held_once  # type: ignore[method-assign]
+    try:
+        own = notification("REFUND", pspReference=made["pspReference"], originalReference=psp,
+                           merchantReference=case_id, amount={"currency": "EUR", "value": amount})
+        assert (await rig.post(own)).text == "[accepted]"
+        await asyncio.wait_for(held.wait(), 60)
+        await rig.stack.client.get_workflow_handle(case_id).cancel()
+    finally:
+        rig.stack.store.cases.write_case_steps = write  # type: ignore[method-assign]
+    return case_id, made
+
+
+async def test_a_notification_taken_as_ops_cancel_is_still_the_case_s_refund(rig: AdyenRig) -> None:
+    """The case took Adyen's notification off its inbox and was recording it when ops
+    cancelled: the cancel's look at the provider (Adyen has none) waited for a notification
+    already taken, and Adyen's redelivery is the same event, dropped. The refund Adyen made
+    was never booked. The cancel takes it as the case's refund and follows it to the ledger."""
+    case_id, made = await notification_taken_under_a_cancel(rig, 1_100)
+    row = await rig.stack.wait_for_status(case_id, "succeeded", timeout=60)
+    assert (row["provider_refund_id"], row["reserved_amount"]) == (made["pspReference"], 1_100)
+    lines = await rig.stack.store.ledger.entries(case_id)
+    assert [(x["template"], x["debit"]) for x in lines] == [("refund_settled", 1_100), ("refund_settled", 0)]

@@ -60,6 +60,7 @@ from workflows.refund_case import (
     HORIZON_PATCH,
     MISMATCH_PATCH,
     PROVIDER_SCOPED_WAIT_PATCH,
+    TAKEN_NOTIFICATION_PATCH,
     VERDICTS_COMMITTED_PATCH,
     VERIFY_DUPLICATES_PATCH,
 )
@@ -145,6 +146,10 @@ BRANCHES: dict[str, Branch] = {
         "action:awaiting_provider_notification", f"patch:{CHARGE_SCOPED_WAIT_PATCH}",
         "signal:provider_event#2", "action:provider_notification_received",
         lacks=[f"{SUBMIT}#2", "action:refund_succeeded"]),
+    "refund_adyen_taken_under_cancel": branch(
+        "cancel_requested", f"patch:{TAKEN_NOTIFICATION_PATCH}", "action:awaiting_provider_notification#2",
+        "action:cancel_after_provider_refund", "action:refund_succeeded", "ledger:refund_settled",
+        lacks=[f"{SUBMIT}#2", "action:canceled_by_ops"]),
     "refund_adyen_follow_other_refund": branch(
         "action:provider_status_changed", "action:awaiting_provider_notification",
         f"patch:{FOLLOWED_WAIT_PATCH}", "action:duplicate_provider_refund", "action:refund_succeeded",

@@ -153,6 +153,12 @@ FINISH_NOTIFIED_PATCH = "finish-takes-notified-refund-1"
 # Before, it was taken as the followed refund's: another refund's failure failed the case and
 # released its reservation while its own refund was pending. Asked when such a wait begins.
 FOLLOWED_WAIT_PATCH = "follow-wait-takes-followed-refund-1"
+# A cancel that interrupts the record of a notification the case took off its inbox puts the
+# event back, so the cancel's look at the provider takes it again (Adyen has no lookup: the
+# notification is its only answer, and its redelivery is the same event, dropped). Before,
+# the cancel waited for a notification already taken: the refund never booked, the case left
+# in ops review. Asked only when such a cancel comes.
+TAKEN_NOTIFICATION_PATCH = "cancel-keeps-taken-notification-1"
 # The case's action, the ops notice and the metric's reason when a provider refuses our key.
 CONFIGURATION_INCIDENT = "provider_configuration_refused"
 

@@ -2,6 +2,7 @@
 the resubmit horizon and bound, and following the provider's notifications and lookups
 to a final state (with a second refund under our reference as an incident)."""
 
+import asyncio
 from datetime import timedelta
 from typing import Any
 
@@ -57,6 +58,7 @@ with workflow.unsafe.imports_passed_through():
         HORIZON_PATCH,
         INTEGRATIONS_PATCH,
         MISMATCH_PATCH,
+        TAKEN_NOTIFICATION_PATCH,
         VERIFY_DUPLICATES_PATCH,
         ValidationAbandoned,
     )
@@ -285,8 +287,13 @@ class RefundProvider(RefundWrites):
         if self._follow_scoped and self._refund is not None and refund.refund_id != self._refund.refund_id:
             await self._duplicate_refund(refund, f"webhook:{event.event_type}:{event.event_id}")
             return None
-        await self._record("provider_notification_received",
-                           detail={"event_id": event.event_id, "event_type": event.event_type})
+        try:
+            await self._record("provider_notification_received",
+                               detail={"event_id": event.event_id, "event_type": event.event_type})
+        except (asyncio.CancelledError, FailureError) as err:
+            if self._cancelled(err) and workflow.patched(TAKEN_NOTIFICATION_PATCH):
+                self._event_inbox.insert(0, event)  # the cancel's look takes it again
+            raise
         return refund
 
     async def _follow_provider(self, refund: ProviderRefund) -> None:
