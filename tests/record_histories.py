@@ -86,7 +86,7 @@ from tests.test_adyen import (
 )
 from tests.test_adyen import notification as adyen_notification
 from tests.test_adyen_waits import notification_taken_under_a_cancel
-from tests.test_case_lifecycle import reported_as_the_cancelled_run_ends
+from tests.test_case_lifecycle import expiry_under_a_cancel, reported_as_the_cancelled_run_ends
 from tests.test_duplicate_refunds import duplicate_heard_with_a_cancel
 from tests.test_news_seal import failure_heard_while_finishing
 from tests.test_payouts import keep_holds_policy, reversal_answered_late
@@ -389,6 +389,13 @@ async def adyen_taken_under_cancel(rig: Recording) -> str:
     assert rig.adyen is not None
     case_id, _ = await notification_taken_under_a_cancel(AdyenRig(rig.stack, rig.adyen, rig.proxy), 700)
     await rig.stack.wait_for_status(case_id, "succeeded")
+    return case_id
+
+
+async def expiry_under_cancel(rig: Recording) -> str:
+    """Ops cancel while the case writes its expiry: the cancel writes it again
+    (`cancel-rewrites-closing-step-1`): expired, released."""
+    case_id, _ = await expiry_under_a_cancel(rig.stack)
     return case_id
 
 
@@ -940,6 +947,7 @@ SCENARIOS: dict[str, Scenario] = {
     "refund_verdicts_committed": Scenario(verdicts_committed),
     "refund_verdict_after_deadline": Scenario(verdict_after_deadline, {"approval_timeout_seconds": 2}),
     "refund_expired": Scenario(expired, {"approval_timeout_seconds": 2}),
+    "refund_expiry_under_cancel": Scenario(expiry_under_cancel, {"approval_timeout_seconds": 2}),
     "refund_rejected": Scenario(rejected),
     "refund_declined": Scenario(declined),
     "refund_failed_at_provider": Scenario(failed_at_provider),

@@ -50,6 +50,7 @@ from workflows.refund_case import (
     CANCEL_VALIDATION_PATCH,
     CASE_MOVED_ON_PATCH,
     CHARGE_SCOPED_WAIT_PATCH,
+    CLOSING_STEP_PATCH,
     CONTRADICTION_PATCH,
     DUPLICATE_PATCH,
     EXECUTOR_EVENTS_PATCH,
@@ -146,6 +147,9 @@ BRANCHES: dict[str, Branch] = {
         "action:awaiting_provider_notification", f"patch:{CHARGE_SCOPED_WAIT_PATCH}",
         "signal:provider_event#2", "action:provider_notification_received",
         lacks=[f"{SUBMIT}#2", "action:refund_succeeded"]),
+    "refund_expiry_under_cancel": branch(
+        "cancel_requested", f"patch:{CLOSING_STEP_PATCH}", "action:approval_expired",
+        lacks=[SUBMIT, "action:canceled_by_ops"]),
     "refund_adyen_taken_under_cancel": branch(
         "cancel_requested", f"patch:{TAKEN_NOTIFICATION_PATCH}", "action:awaiting_provider_notification#2",
         "action:cancel_after_provider_refund", "action:refund_succeeded", "ledger:refund_settled",

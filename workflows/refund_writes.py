@@ -12,6 +12,7 @@ with workflow.unsafe.imports_passed_through():
     from domain import contracts
     from domain.integrations import DeliverNoticeInput, DeliverNoticesInput
     from domain.models import (
+        CLOSED_STATUSES,
         CaseEventInput,
         CaseStatus,
         CaseWrite,
@@ -49,7 +50,11 @@ class RefundWrites(RefundCase):
             self._status = status
         event = self._case_event(action, status, actor=actor, release=release, refund=refund, detail=detail)
         if notices or self._trips:
-            await self._write(CaseWrite(event=event), *(CaseWrite(notice=n) for n in notices), local=local)
+            writes = (CaseWrite(event=event), *(CaseWrite(notice=n) for n in notices))
+            if status in CLOSED_STATUSES:
+                self._closing_step = writes  # a cancel meanwhile writes it again
+            await self._write(*writes, local=local)
+            self._closing_step = None
         else:
             await contracts.RECORD_CASE_EVENT(event, **retry.CASE_EVENT)
 
