@@ -90,6 +90,7 @@ from tests.test_case_lifecycle import expiry_under_a_cancel, reported_as_the_can
 from tests.test_duplicate_refunds import duplicate_heard_with_a_cancel
 from tests.test_news_seal import failure_heard_while_finishing
 from tests.test_payouts import keep_holds_policy, reversal_answered_late
+from tests.test_provider_states import contradiction_under_a_cancel
 from tests.test_reconciliation_finish import provider_payout, seed_payouts
 from tests.test_tracking import (
     Dashboard,
@@ -397,6 +398,12 @@ async def expiry_under_cancel(rig: Recording) -> str:
     (`cancel-rewrites-closing-step-1`): expired, released."""
     case_id, _ = await expiry_under_a_cancel(rig.stack)
     return case_id
+
+
+async def contradiction_under_cancel(rig: Recording) -> str:
+    """Ops cancel while the case writes its provider's contradiction: the cancel writes it
+    again (`cancel-rewrites-interrupted-step-1`): ops review, ops told."""
+    return await contradiction_under_a_cancel(rig.stack)
 
 
 async def duplicate_refund(rig: Recording) -> str:
@@ -975,6 +982,8 @@ SCENARIOS: dict[str, Scenario] = {
     "refund_bank_transfer_confirmed": Scenario(bank_transfer_confirmed, {"status_poll_interval_seconds": 60}),
     "refund_late_failure": Scenario(late_failure, {"late_failure_window_seconds": 60}),
     "refund_provider_contradicts": Scenario(provider_contradicts, {"late_failure_window_seconds": 4}),
+    "refund_contradiction_under_cancel": Scenario(contradiction_under_cancel,
+                                                  {"late_failure_window_seconds": 120}),
     "refund_news_unsealed": Scenario(news_unsealed, {"late_failure_window_seconds": 4}),
     "refund_cancel_before_submit": Scenario(cancel_before_submit),
     "refund_cancel_while_submitting": Scenario(cancel_while_submitting, {"submit_timeout_seconds": 3}),

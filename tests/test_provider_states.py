@@ -1,9 +1,13 @@
 """Every provider refund state has a branch; late and out-of-order reports never move a
 case backwards; a refund that succeeded and later failed is compensated and announced."""
 
+import asyncio
+from typing import Any
+
 from temporalio.client import Client
 
 from adapters.db import Store
+from domain.models import CaseWrites, CaseWritten
 from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
 
@@ -154,6 +158,51 @@ async def test_a_cancel_reported_for_a_refund_booked_succeeded_goes_to_ops(
         await stack.wait_for_status(case_id, "refund_failed")  # a failure is news: compensated
         assert [line["posting_key"] for line in await store.ledger.entries(case_id)
                 if line["debit"]] == [f"{case_id}:refund_settled", f"{case_id}:refund_reversed"]
+        kinds = [(n["kind"], n["audience"]) for n in await store.outbox.notices(case_id)]
+        assert kinds.count(("provider_status_contradicted", "operator")) == 1, kinds
+    finally:
+        await stack.close()
+
+
+async def contradiction_under_a_cancel(stack: Stack) -> str:
+    """A refund booked succeeded that its provider then reports canceled, and ops cancel the
+    case while its contradiction is being written; the run ends: the case."""
+    write, held = stack.store.cases.write_case_steps, asyncio.Event()
+
+    async def held_once(steps: CaseWrites, step_key: str | None = None, **options: Any) -> CaseWritten:
+        told = any(w.event is not None and w.event.action == "provider_status_contradicted"
+                   for w in steps.writes)
+        if told and not held.is_set():
+            held.set()
+            await asyncio.sleep(30)  # the cancel comes meanwhile
+        return await write(steps, step_key, **options)
+
+    charge = await stack.charge(10_000)
+    case_id = await stack.request_refund("alice", charge, 1_800)
+    row = await stack.wait_for_status(case_id, "succeeded")
+    stack.store.cases.write_case_steps = held_once  # type: ignore[method-assign]
+    try:
+        await stack.set_provider_status(row["provider_refund_id"], "canceled")
+        await asyncio.wait_for(held.wait(), 60)
+        handle = stack.client.get_workflow_handle(case_id)
+        await handle.cancel()
+    finally:
+        stack.store.cases.write_case_steps = write  # type: ignore[method-assign]
+    await handle.result()
+    return case_id
+
+
+async def test_a_contradiction_a_cancel_interrupts_still_reaches_ops(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """The provider said `canceled` about a refund booked succeeded, and ops cancelled the
+    case while its contradiction (ops review, the ops notice) was being written: the run
+    followed the refund it held, succeeded, and ended with the case shown succeeded and
+    nobody told. The cancel writes the step it interrupted."""
+    stack = await open_stack(store, client, temporal_server.address, late_failure_window_seconds=120)
+    try:
+        case_id = await contradiction_under_a_cancel(stack)
+        row = await stack.wait_for_status(case_id, "ops_review", timeout=10)
+        assert row["provider_status"] == "succeeded"
         kinds = [(n["kind"], n["audience"]) for n in await store.outbox.notices(case_id)]
         assert kinds.count(("provider_status_contradicted", "operator")) == 1, kinds
     finally:

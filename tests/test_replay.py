@@ -50,7 +50,6 @@ from workflows.refund_case import (
     CANCEL_VALIDATION_PATCH,
     CASE_MOVED_ON_PATCH,
     CHARGE_SCOPED_WAIT_PATCH,
-    CLOSING_STEP_PATCH,
     CONTRADICTION_PATCH,
     DUPLICATE_PATCH,
     EXECUTOR_EVENTS_PATCH,
@@ -59,6 +58,7 @@ from workflows.refund_case import (
     FOLLOW_SCOPE_PATCH,
     FOLLOWED_WAIT_PATCH,
     HORIZON_PATCH,
+    INTERRUPTED_STEP_PATCH,
     MISMATCH_PATCH,
     PROVIDER_SCOPED_WAIT_PATCH,
     TAKEN_NOTIFICATION_PATCH,
@@ -148,8 +148,11 @@ BRANCHES: dict[str, Branch] = {
         "signal:provider_event#2", "action:provider_notification_received",
         lacks=[f"{SUBMIT}#2", "action:refund_succeeded"]),
     "refund_expiry_under_cancel": branch(
-        "cancel_requested", f"patch:{CLOSING_STEP_PATCH}", "action:approval_expired",
+        "cancel_requested", f"patch:{INTERRUPTED_STEP_PATCH}", "action:approval_expired",
         lacks=[SUBMIT, "action:canceled_by_ops"]),
+    "refund_contradiction_under_cancel": branch(
+        "cancel_requested", f"patch:{INTERRUPTED_STEP_PATCH}", f"patch:{CONTRADICTION_PATCH}",
+        "action:provider_status_contradicted", "action:cancel_after_provider_refund", lacks=[f"{SUBMIT}#2"]),
     "refund_adyen_taken_under_cancel": branch(
         "cancel_requested", f"patch:{TAKEN_NOTIFICATION_PATCH}", "action:awaiting_provider_notification#2",
         "action:cancel_after_provider_refund", "action:refund_succeeded", "ledger:refund_settled",

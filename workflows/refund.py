@@ -91,7 +91,7 @@ class RefundWorkflow(RefundLifecycle):
         self._approval_with_submit = False  # ... with the submit's intent (APPROVAL_WITH_SUBMIT_PATCH)
         self._deferred = ()  # written with the case's next write
         self._unsubmitted = ()  # handed to a submit, not known written
-        self._closing_step = None  # a write closing the case, until it is done
+        self._rewritten_on_cancel = None  # a write a cancel must not lose, until it is done
         self._closing = False
         self._provider_scoped = False
         self._charge_scoped = False  # a wait by reference takes only the case's charge's refunds

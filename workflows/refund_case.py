@@ -159,11 +159,13 @@ FOLLOWED_WAIT_PATCH = "follow-wait-takes-followed-refund-1"
 # the cancel waited for a notification already taken: the refund never booked, the case left
 # in ops review. Asked only when such a cancel comes.
 TAKEN_NOTIFICATION_PATCH = "cancel-keeps-taken-notification-1"
-# A cancel that interrupts the write closing the case (an expiry, a decline: its status and
-# released hold) writes it again before the run ends. Before, the run took it as done (the
-# status is set before the write) and ended: the row kept its status and reservation with no
-# workflow left to move it. Asked only when such a cancel comes.
-CLOSING_STEP_PATCH = "cancel-rewrites-closing-step-1"
+# A cancel that interrupts a write the case cannot lose writes it again before the run ends:
+# one closing the case (an expiry, a decline: its status and released hold), or a provider's
+# contradiction (ops review and the ops notice). Before, the run took it as done (the status
+# is set before the write) and ended: the row kept its status and reservation with no
+# workflow left to move it, or the case stayed shown succeeded with nobody told. Asked only
+# when such a cancel comes.
+INTERRUPTED_STEP_PATCH = "cancel-rewrites-interrupted-step-1"
 # The case's action, the ops notice and the metric's reason when a provider refuses our key.
 CONFIGURATION_INCIDENT = "provider_configuration_refused"
 
@@ -200,7 +202,7 @@ class RefundCase(ApprovingWorkflow):
     _deferred: tuple[CaseWrite, ...]
     _unsubmitted: tuple[CaseWrite, ...]
     _closing: bool
-    _closing_step: tuple[CaseWrite, ...] | None
+    _rewritten_on_cancel: tuple[CaseWrite, ...] | None
     _provider_scoped: bool
     _charge_scoped: bool
     _follow_scoped: bool

@@ -25,10 +25,10 @@ with workflow.unsafe.imports_passed_through():
         CANCEL_NEWS_PATCH,
         CANCEL_NOTIFIED_PATCH,
         CHARGE_SCOPED_WAIT_PATCH,
-        CLOSING_STEP_PATCH,
         FINISH_NEWS_PATCH,
         FINISH_NOTIFIED_PATCH,
         HORIZON_PATCH,
+        INTERRUPTED_STEP_PATCH,
         SUBMITTING,
         ValidationAbandoned,
     )
@@ -51,10 +51,10 @@ class RefundLifecycle(RefundProvider):
             with contextlib.suppress(ActivityError, ValidationAbandoned):
                 await self._validating
         await self._round.taken()
+        if self._rewritten_on_cancel is not None and workflow.patched(INTERRUPTED_STEP_PATCH):
+            await self._write(*self._rewritten_on_cancel)  # interrupted (its audit row may repeat)
         refund = self._refund
         if refund is None and self._status in CLOSED_STATUSES:  # decided already: only finishing
-            if self._closing_step is not None and workflow.patched(CLOSING_STEP_PATCH):
-                await self._write(*self._closing_step)  # interrupted (its audit row may repeat)
             if self._round.queued and workflow.patched(VERDICT_TAKING_PATCH):
                 # verdicts queued behind a decision the cancel interrupted (a denial or expiry
                 # being written): refused and answered, or their handlers hold the case open

@@ -402,7 +402,8 @@ class RefundProvider(RefundWrites):
                       "held": held.value if held else None}
             if contradicts_booked(held, reported) and workflow.patched(CONTRADICTION_PATCH):
                 notice = self._notice(CONTRADICTED, "operator", detail)
-                await self._record(CONTRADICTED, CaseStatus.OPS_REVIEW, detail=detail, notices=(notice,))
+                await self._record(CONTRADICTED, CaseStatus.OPS_REVIEW, detail=detail, notices=(notice,),
+                                   kept=True)
                 self._deliver_later(notice.dedup_key)
             elif step.change is not StatusChange.SAME:
                 await self._record(step.action, detail=detail)

@@ -43,18 +43,20 @@ class RefundWrites(RefundCase):
                       actor: str = "workflow", release: bool = False,
                       refund: ProviderRefund | None = None,
                       detail: dict[str, Any] | None = None,
-                      notices: tuple[NoticeInput, ...] = (), local: bool = True) -> None:
+                      notices: tuple[NoticeInput, ...] = (), local: bool = True,
+                      kept: bool = False) -> None:
         """Records a case event; `notices` (queued for the dispatcher) in its transaction.
-        `local=False`: by an activity, written only once this workflow task has completed."""
+        `local=False`: by an activity, written only once this workflow task has completed.
+        `kept` (implied by a closing status): a cancel that interrupts it writes it again."""
         if status is not None:
             self._status = status
         event = self._case_event(action, status, actor=actor, release=release, refund=refund, detail=detail)
         if notices or self._trips:
             writes = (CaseWrite(event=event), *(CaseWrite(notice=n) for n in notices))
-            if status in CLOSED_STATUSES:
-                self._closing_step = writes  # a cancel meanwhile writes it again
+            if kept or status in CLOSED_STATUSES:
+                self._rewritten_on_cancel = writes
             await self._write(*writes, local=local)
-            self._closing_step = None
+            self._rewritten_on_cancel = None
         else:
             await contracts.RECORD_CASE_EVENT(event, **retry.CASE_EVENT)
 
