@@ -478,8 +478,13 @@ class LedgerInput(Frozen):
     def posting_key(self) -> str:
         """Posting is idempotent by this key: one entry per case and template (and, for a
         compensating entry, per thing it resolves)."""
-        key = f"{self.refund_request_id}:{self.kind.value}"
+        key = self.key_of(self.refund_request_id, self.kind)
         return f"{key}:{self.reference}" if self.reference else key
+
+    @staticmethod
+    def key_of(case_id: str, kind: "LedgerKind") -> str:
+        """The key of the case's entry of a template (no reference): its workflow's."""
+        return f"{case_id}:{kind.value}"
 
 
 class LedgerResult(Frozen):

@@ -22,11 +22,13 @@ from temporalio.testing import ActivityEnvironment
 
 from activities.reconciliation import ReconciliationActivities
 from adapters.db import Store
+from adapters.db.ledger import LedgerRepository
 from adapters.db.rows import BreakRow, RunBreakRow, RunRow
 from adapters.policy_file import load_policy
 from adapters.providers import sandbox as sandbox_adapter
 from adapters.providers.base import RefundLister
 from adapters.schedules import ensure_reconciliation_schedules, schedule_id
+from domain.ledger import REFUNDED_ACCOUNT
 from domain.models import CaseStatus, LedgerInput, LedgerKind, ProviderRefundStatus
 from domain.reconciliation import BatchInput, ListedRefund
 from starters.cli.progress import follow_run
@@ -36,6 +38,7 @@ from tests.reconciliation_kit import (
     ago,
     another_approver,
     backfill,
+    break_awaiting_approval,
     failed_break_with_a_trigger,
     history,
     landed_unknown_to_its_case,
@@ -585,3 +588,32 @@ async def test_the_sandbox_lists_a_window_newest_first_page_by_page(
     rest = [r.refund.refund_id async for r in sandbox.list_refunds(ago(10), ago(0.5), inside[3]["id"])
             if isinstance(r, ListedRefund)]
     assert rest == [r["id"] for r in inside[4:]]
+
+
+async def test_a_reversal_the_case_books_while_its_compensation_settles_is_posted_once(
+        stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The provider failed a refund the case holds as succeeded; while the approved
+    compensation settles, the case's own workflow books the same reversal (a tracking case a
+    webhook started). The settlement read the ledger before the workflow's entry committed
+    and asked whether that entry existed after: found, it posted its reversal beside it under
+    a reference of its own (the refund reversed twice, net -20.00). It asks first."""
+    case_id, found = await break_awaiting_approval(stack, moved_to="failed", requester="bob")
+    row = await stack.store.cases.get(case_id)
+    assert row is not None and row["provider_refund_id"]
+    real, raced = LedgerRepository.posted_in, asyncio.Event()
+
+    async def booked_meanwhile(conn: Any, posting_key: str) -> bool:
+        if not raced.is_set():
+            raced.set()
+            await stack.store.ledger.post(LedgerInput(
+                refund_request_id=case_id, kind=LedgerKind.REFUND_REVERSED, amount=2_000, currency="USD",
+                provider_refund_id=row["provider_refund_id"]))
+        return await real(conn, posting_key)
+
+    monkeypatch.setattr(LedgerRepository, "posted_in", staticmethod(booked_meanwhile))
+    assert (await decide(stack, "carol", int(found["id"]))).status_code == 202
+    await wait_for_breaks(stack, [found["object_id"]], "resolved")
+    assert raced.is_set()
+    lines = await stack.store.ledger.entries(case_id)
+    refunded = [(x["template"], x["debit"], x["credit"]) for x in lines if x["account"] == REFUNDED_ACCOUNT]
+    assert sorted(refunded) == [("refund_reversed", 0, 2_000), ("refund_settled", 2_000, 0)]

@@ -650,6 +650,12 @@ class ReconciliationRepository(Repository):
         assert case is not None
         truth = truth_of(row)
         assert isinstance(truth, ProviderRefund)
+        # whether the case's workflow booked the provider's word, asked before the ledger is
+        # read: its entry committing in between is then in what is read (asked after, it was
+        # found booked and this one posted beside it under a reference: the word booked twice)
+        words_kind = BOOKS.get(truth.status)
+        booked = words_kind is not None and await LedgerRepository.posted_in(
+            conn, LedgerInput.key_of(case_id, words_kind))
         net = await (await conn.execute(
             "SELECT coalesce(sum(li.debit - li.credit), 0) AS net FROM ledger_entries e"
             " JOIN ledger_lines li ON li.entry_id = e.id WHERE e.refund_request_id = %s AND li.account = %s",
@@ -667,8 +673,7 @@ class ReconciliationRepository(Repository):
                 amount = approved
             entry = LedgerInput(refund_request_id=case_id, kind=kind, amount=amount,
                                 currency=case["currency"], provider_refund_id=truth.refund_id)
-            booked = await LedgerRepository.posted_in(conn, entry.posting_key())
-            if kind is not BOOKS.get(truth.status) or booked:
+            if kind is not words_kind or booked:
                 entry = entry.model_copy(update={"reference": _compensation_reference(row)})
             # else it books the provider's word as the case's workflow would (the case's first
             # entry of that template, under the key the workflow books it by): a workflow that
