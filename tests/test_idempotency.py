@@ -56,7 +56,8 @@ async def test_worker_killed_after_provider_accepted_still_one_refund(
     try:
         worker = worker_process(stack, postgres_dsn, temporal_server.address,  # its call left hanging
                                 REFUNDS_PROVIDER_HTTP_TIMEOUT_SECONDS="120",
-                                REFUNDS_SUBMIT_TIMEOUT_SECONDS="130")
+                                REFUNDS_SUBMIT_TIMEOUT_SECONDS="130",
+                                REFUNDS_CASE_SWEEP_AFTER_SECONDS="400")  # past submit and horizon
         charge = await stack.charge(10_000)
         async with stack.sandbox() as sb:  # the provider makes the refund, then never answers
             await sb.post("/_sandbox/faults", json={"mode": "timeout_after_success", "seconds": 120})
