@@ -365,3 +365,21 @@ async def test_one_approver_approving_in_two_runs_of_a_break_counts_once(stack: 
     [settled] = await wait_for_breaks(stack, [found["object_id"]], "ops_review")
     assert len(settled["resolution"]["approval_unmet"]["missing_roles"]) == 1
     assert [e["template"] for e in await stack.store.ledger.entries(case_id)] == ["refund_settled"] * 2
+
+
+async def test_an_unknown_refund_is_adopted_only_with_approvals_that_meet_its_break(stack: Stack) -> None:
+    """A refund unknown to us, large enough for two roles: its break's workflow started again
+    with a one-cent delta (one approver's tier) and carol approved alone. The settlement went
+    to ops review, but the refund had already been adopted: a tracking case holding 600.00
+    against the charge that nobody validly approved. Adoption waits for approvals that meet
+    the break as stored."""
+    unknown = history(f"ch_{uuid.uuid4().hex[:8]}", 60_000, days_ago=4)
+    await seed_provider(stack, [unknown])
+    await backfill(stack, since_days=30)
+    [found] = await wait_for_breaks(stack, [unknown["id"]], "awaiting_approval")
+    handle = await _run_again(stack, found, ledger_delta=1)
+    assert (await decide(stack, "carol", found["id"])).status_code == 202
+    assert (await handle.result()).state.value == "ops_review"
+    [settled] = await wait_for_breaks(stack, [unknown["id"]], "ops_review")
+    assert len(settled["resolution"]["approval_unmet"]["missing_roles"]) == 1
+    assert await stack.store.cases.get(f"sandbox-refund-{unknown['id']}") is None

@@ -523,9 +523,10 @@ class ReconciliationRepository(Repository):
         current = found.resolution is None and settlement.round in (None, found.reopened)
         if (checked and current and found.refund_request_id is None
                 and provider_moved(found, at_provider) is None):
-            async with self._db.connection() as conn:
+            async with self._db.connection() as conn:  # adopted only for a settlement that stands
                 overtaken = await self._overtaken_by(conn, found)
-            if overtaken is None:
+                unmet = await self._approval_unmet(conn, found, settlement)
+            if overtaken is None and unmet is None:
                 await self._adopt(found)
         async with self._db.transaction() as conn:
             row = await (await conn.execute("SELECT * FROM reconciliation_breaks WHERE id = %s FOR UPDATE",
