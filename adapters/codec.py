@@ -23,6 +23,8 @@ from temporalio.converter import DataConverter, DefaultFailureConverterWithEncod
 ENCODING = b"binary/encrypted"
 KEY_ID_METADATA = "encryption-key-id"
 NONCE_BYTES = 12
+KEY_ID_SHOWN = 20
+"""The longest key id a refusal names: shorter than any key's base64 (24 characters)."""
 _KEY_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
@@ -33,21 +35,26 @@ class CodecError(ValueError):
 def parse_keys(spec: str) -> dict[str, bytes]:
     """`kid:base64key,…` into an ordered {kid: key}; the first entry is the sealing key."""
     keys: dict[str, bytes] = {}
-    for item in (part.strip() for part in spec.split(",")):
+    for number, item in enumerate((part.strip() for part in spec.split(",")), start=1):
         if not item:
             continue
         kid, sep, encoded = item.partition(":")
-        if not sep or not kid or not set(kid) <= _KEY_ID_CHARS:
-            raise CodecError(f"payload key entry {kid or item[:8]!r}: expected 'kid:base64key' "
-                             "with a key id of letters, digits, '.', '_' or '-'")
+        valid_id = bool(kid) and set(kid) <= _KEY_ID_CHARS
+        # named by position, and by id only when it is short: an entry written the wrong way
+        # round has the key where its id should be, and a refusal must never print a key
+        shown = f" ({kid!r})" if valid_id and len(kid) <= KEY_ID_SHOWN else ""
+        entry = f"payload key entry {number}{shown}"
+        if not sep or not valid_id:
+            raise CodecError(f"{entry}: expected 'kid:base64key' with a key id of letters, digits, "
+                             "'.', '_' or '-'")
         try:
             key = base64.b64decode(encoded, validate=True)
         except binascii.Error:
-            raise CodecError(f"payload key {kid!r} is not valid base64") from None
+            raise CodecError(f"{entry}: the key is not valid base64") from None
         if len(key) not in (16, 24, 32):
-            raise CodecError(f"payload key {kid!r} is {len(key)} bytes; AES-GCM needs 16, 24 or 32")
+            raise CodecError(f"{entry}: the key is {len(key)} bytes; AES-GCM needs 16, 24 or 32")
         if kid in keys:
-            raise CodecError(f"payload key id {kid!r} appears twice")
+            raise CodecError(f"{entry}: its key id appears twice")
         keys[kid] = key
     if not keys:
         raise CodecError("no payload keys: set REFUNDS_PAYLOAD_KEYS='kid:<base64 32-byte key>'")

@@ -82,6 +82,17 @@ def test_bad_key_specs_say_what_is_wrong(spec: str, complaint: str) -> None:
         parse_keys(spec)
 
 
+def test_a_key_entry_without_its_id_is_refused_without_the_key() -> None:
+    """An entry written as the key alone (or `key:kid`, the wrong way round) took the whole
+    key for its id, and the refusal printed it: to `refunds doctor`'s output and every
+    service's log, where it opens every history."""
+    key = base64.b64encode(bytes(range(32))).decode()
+    for spec in (key, f"{key}:k1", f"k1:{key},{key}"):
+        with pytest.raises(CodecError, match="expected 'kid:base64key'") as refused:
+            parse_keys(spec)
+        assert key[:12] not in str(refused.value) and key[-12:] not in str(refused.value), refused.value
+
+
 async def test_history_holds_no_canary_in_clear_and_decodes_with_the_codec(
         store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
     stack = await open_stack(store, client, temporal_server.address, codec_cors_origins=[UI_ORIGIN])
