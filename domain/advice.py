@@ -80,6 +80,7 @@ _NATIONAL_PHONE = re.compile(  # written with a phone's grouping: (415) 555-0132
     r"(?<![\w.-])(?:\(\d{3}\) ?|\d{3}[-. ])\d{3}[-. ]\d{4}(?![\w-])"
     r"|(?<![\w.-])0\d{2,4}[ -]\d{3,4}(?:[ -]?\d{3,4})?(?![\w-])")
 _CARD = re.compile(r"\b[2-6](?:[ -]?\d){12,18}\b")  # card brands' first digits: 2 to 6
+_IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b")
 
 
 def _luhn(digits: str) -> bool:
@@ -88,12 +89,21 @@ def _luhn(digits: str) -> bool:
     return total % 10 == 0
 
 
+def _iban(candidate: str) -> bool:
+    """ISO 13616's check: the country and check digits moved to the end, letters as 10-35,
+    the number is 1 modulo 97."""
+    compact = candidate.replace(" ", "")
+    return int("".join(str(int(c, 36)) for c in compact[4:] + compact[:4])) % 97 == 1
+
+
 def masked(text: str) -> str:
-    """`text` with email addresses, phone numbers (international, or national written in a
-    phone's grouping; a bare digit run may be an order id) and card numbers (digit runs
-    that pass the Luhn check) replaced: what may go to the model, and what of its answer
-    reaches notices and tickets (it may echo what a customer wrote)."""
+    """`text` with email addresses, bank accounts (IBANs that pass their check), phone numbers
+    (international, or national written in a phone's grouping; a bare digit run may be an
+    order id) and card numbers (digit runs that pass the Luhn check) replaced: what may go to
+    the model, and what of its answer reaches notices and tickets (it may echo what a
+    customer wrote)."""
     text = _EMAIL.sub("[email]", text)
+    text = _IBAN.sub(lambda m: "[iban]" if _iban(m.group(0)) else m.group(0), text)
     # cards first: a card's groups after the first may read as a national phone number
     text = _CARD.sub(lambda m: "[card number]" if _luhn(re.sub(r"\D", "", m.group(0))) else m.group(0), text)
     return _NATIONAL_PHONE.sub("[phone]", _PHONE.sub("[phone]", text))

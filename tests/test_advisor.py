@@ -248,6 +248,10 @@ async def test_personal_data_never_reaches_the_model_nor_comes_back_from_it(
     ("paid with 4242 4242 4242 4242.", "paid with [card number]."),
     ("card 5555-5555-5555-4444", "card [card number]"),
     ("card 378282246310005 (amex)", "card [card number] (amex)"),
+    # bank accounts (IBANs pass their mod-97 check), run together or in groups of four
+    ("iban DE89370400440532013000 please", "iban [iban] please"),
+    ("to GB29 NWBK 6016 1331 9268 19.", "to [iban]."),
+    ("ref DE00370400440532013000", "ref DE00370400440532013000"),  # fails the check: no IBAN
     # what is no personal data stays: order ids, provider references, amounts, dates
     ("order 112-1234567-1234565", "order 112-1234567-1234565"),
     ("psp 8835511210681368 settled", "psp 8835511210681368 settled"),
