@@ -4,6 +4,7 @@ Only addresses, credentials and durations change between the embedded default an
 production; nothing here has a secret as its default.
 """
 
+import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Literal
@@ -281,6 +282,18 @@ class Settings(BaseSettings):
     approval_keys: SecretStr | None = Field(
         default=None, description="relay and worker only: HMAC keys sealing approvals; the first seals, "
                                   "all verify (adapters.approval_seal)")
+
+    @field_validator("codec_cors_origins")
+    @classmethod
+    def _single_origins(cls, origins: list[str]) -> list[str]:
+        """Each an origin (scheme and host, an optional port): the codec answers it with
+        credentials, and `*` (or a pattern) would let any page read decoded histories with a
+        signed-in person's session."""
+        for origin in origins:
+            if not re.fullmatch(r"https?://(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?", origin):
+                raise ValueError(f"REFUNDS_CODEC_CORS_ORIGINS: {origin!r} is no origin "
+                                 "(scheme://host[:port], no wildcard, no path)")
+        return origins
 
     @field_validator(*SECRET_LISTS)
     @classmethod

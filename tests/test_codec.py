@@ -340,3 +340,14 @@ async def test_a_codec_call_is_refused_for_want_of_credentials_before_its_body_i
         not_an_object = await auditor.post("/codec/decode", json=[{"payloads": []}])
     assert read.status_code in (400, 422), read.text
     assert not_an_object.status_code in (400, 422), not_an_object.text
+
+
+@pytest.mark.parametrize("origin", ["*", "null", "https://ui.example/path", "temporal-ui"])
+def test_a_codec_origin_that_is_no_single_origin_is_refused_at_start(origin: str) -> None:
+    """The codec answers the Temporal UI with credentials (the console's session): `*` made
+    the CORS layer reflect any origin with credentials allowed, so any page of the site read
+    decoded histories with a signed-in person's cookie. An origin is a scheme and a host."""
+    with pytest.raises(ValueError, match="REFUNDS_CODEC_CORS_ORIGINS"):
+        Settings(codec_cors_origins=[origin])
+    assert Settings(codec_cors_origins=["https://temporal.example.com", "http://127.0.0.1:8233",
+                                        "http://[::1]:8233"])
