@@ -84,6 +84,7 @@ async def test_sign_in_makes_a_strict_http_only_session_and_sign_out_ends_it(sta
     assert cases.status_code == 200 and 'data-testid="user">bob<' in cases.text
     assert cases.headers["x-frame-options"] == "DENY"
     assert "form-action 'self'" in cases.headers["content-security-policy"]
+    assert "strict-transport-security" not in cases.headers  # plain http: the loopback dev stack
     out = await post_form(bob, "/console/sign-out", {})
     assert out.status_code == 303
     replay = httpx.AsyncClient(base_url=stack.relay_url, timeout=30, cookies={"rfo_session": cookie})
@@ -500,6 +501,8 @@ async def test_over_https_the_console_cookies_are_host_only_so_no_sibling_host_p
         [form_cookie] = [h for h in form.headers.get_list("set-cookie")
                          if h.startswith("__Host-rfo_sign_in=")]
         assert "Secure" in form_cookie and "Path=/;" in form_cookie + ";" and "Domain" not in form_cookie
+        # browsers keep to TLS for the host from then on: no plain-http sign-in form to fake
+        assert form.headers["strict-transport-security"] == "max-age=31536000"
         form_token = field(form.text, "form_token")
         planted = await http.post("/console/sign-in", data={"token": secure.tokens["bob"], "form_token": "x"},
                                   headers={"Cookie": "rfo_sign_in=x"})

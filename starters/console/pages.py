@@ -61,6 +61,8 @@ def page(request: Request, name: str, session: ConsoleSession | None, status: in
         "can_see_ops": bool(session and may(session.principal.roles, Permission.READ_WEBHOOKS)),
         **context}, status_code=status)
     response.headers.update(SECURITY_HEADERS)
+    if front_door(request).settings.console_secure_cookie:  # behind TLS: only ever over TLS
+        response.headers["Strict-Transport-Security"] = "max-age=31536000"
     return response
 
 
