@@ -348,6 +348,32 @@ async def test_a_second_refund_with_a_cases_reference_never_reverses_the_one_it_
     assert case is not None and case["status"] == "succeeded"
 
 
+async def test_a_duplicate_first_seen_pending_is_raised_again_once_it_moves_money(stack: Stack) -> None:
+    """A second refund carrying a case's reference, first listed while pending (a bank debit
+    still clearing): a duplicate break for ops with nothing moved yet. It then succeeded: the
+    customer was refunded twice, and every later run only linked the break, which kept
+    "pending" and a delta of 0. It is raised again with the money it moved, and ops are told."""
+    held = history(f"ch_{os.urandom(4).hex()}", 2_000, days_ago=3)
+    await seed_provider(stack, [held])
+    case_id = await seed_case(stack, held)
+    twice = history(str(held["charge"]), 2_000, days_ago=3, status="pending", reference=case_id)
+    await seed_provider(stack, [twice])
+    await backfill(stack, since_days=30)
+    [first] = await wait_for_breaks(stack, [twice["id"]], "ops_review")
+    assert (first["break_class"], first["provider_status"], first["ledger_delta"]) == (
+        "duplicate_refund", "pending", 0)
+    await move_at_provider(stack, twice["id"], "succeeded")
+    await backfill(stack, since_days=30)
+    [moved] = await wait_for_breaks(stack, [twice["id"]], "ops_review")
+    assert (moved["id"], moved["provider_status"], moved["ledger_delta"]) == (first["id"], "succeeded", 2_000)
+    notices = await stack.store.database.fetch_all(
+        "SELECT dedup_key FROM notices WHERE refund_request_id = %s AND kind = 'reconciliation_break'",
+        (case_id,))
+    assert len(notices) == 2, notices
+    again = await backfill(stack, since_days=30)  # no news: nothing raised
+    assert again["new_breaks"] == 0
+
+
 async def test_a_compensation_never_posts_more_than_its_approvals_covered(stack: Stack) -> None:
     """The tier was chosen for the ledger move found (100.00 over on a 900.00 refund: one
     approver); the ledger moved again before the approval (89,800 more). The approved

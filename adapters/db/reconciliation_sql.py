@@ -125,17 +125,23 @@ WITH matched AS (
                 ELSE 'new' END
     FROM classified
     -- a resolved break of a class its resolution removes, found again: raised again, as new
-    -- in this run (`RAISED_AGAIN`); any other break seen again is only linked to the run
+    -- in this run (`RAISED_AGAIN`); a duplicate refund whose status moved (first seen
+    -- pending, since succeeded: money moved twice) raised again for ops with what it moved;
+    -- any other break seen again is only linked to the run
     ON CONFLICT (provider, object_id, break_class) DO UPDATE SET
-        state = 'new', reopened = reconciliation_breaks.reopened + 1, resolution = NULL,
+        state = CASE WHEN reconciliation_breaks.break_class = 'duplicate_refund' THEN 'ops_review'
+                     ELSE 'new' END,
+        reopened = reconciliation_breaks.reopened + 1, resolution = NULL,
         resolved_at = NULL, dispatched_at = NULL, first_run_id = EXCLUDED.first_run_id,
         found_at = now(), ledger_delta = EXCLUDED.ledger_delta,
         evidence = """ + NEW_EVIDENCE_KEEPING_REOPENERS + """,
         case_status = EXCLUDED.case_status, provider_status = EXCLUDED.provider_status,
         raw_status = EXCLUDED.raw_status, failure_reason = EXCLUDED.failure_reason,
         amount = EXCLUDED.amount
-      WHERE reconciliation_breaks.state = 'resolved'
-        AND reconciliation_breaks.break_class = ANY(%(raised_again)s)
+      WHERE (reconciliation_breaks.state = 'resolved'
+             AND reconciliation_breaks.break_class = ANY(%(raised_again)s))
+         OR (reconciliation_breaks.break_class = 'duplicate_refund'
+             AND reconciliation_breaks.provider_status IS DISTINCT FROM EXCLUDED.provider_status)
     RETURNING *
 )""" + LINK  # noqa: S608 (constant text)
 
