@@ -24,6 +24,7 @@ from activities.reconciliation import ReconciliationActivities
 from adapters.db import Store
 from adapters.db.ledger import LedgerRepository
 from adapters.db.rows import BreakRow, RunBreakRow, RunRow
+from adapters.notify.message import render
 from adapters.policy_file import load_policy
 from adapters.providers import sandbox as sandbox_adapter
 from adapters.providers.base import RefundLister
@@ -372,6 +373,27 @@ async def test_a_duplicate_first_seen_pending_is_raised_again_once_it_moves_mone
     assert len(notices) == 2, notices
     again = await backfill(stack, since_days=30)  # no news: nothing raised
     assert again["new_breaks"] == 0
+
+
+async def test_an_approved_break_a_later_word_overtook_tells_ops(stack: Stack) -> None:
+    """The provider canceled a refund the case holds as succeeded; while that break waited
+    for approval, the provider's word on the refund became one we cannot read. Approved, the
+    break moves nothing (the provider no longer says what was approved) and goes to ops
+    review: nobody was told, and nothing raises it again, so the approved compensation sat
+    there for good. Ops hear of it."""
+    case_id, found = await break_awaiting_approval(stack, moved_to="canceled", requester="bob")
+    await move_at_provider(stack, found["object_id"], "partially_reversed_v2")
+    await backfill(stack, since_days=30)
+    assert (await decide(stack, "carol", int(found["id"]))).status_code == 202
+    [settled] = [b for b in await wait_for_breaks(stack, [found["object_id"]], "ops_review")
+                 if b["id"] == found["id"]]
+    assert settled["resolution"]["overtaken_by"]["provider_status"] == "unmapped"
+    notices = await stack.store.database.fetch_all(
+        "SELECT * FROM notices WHERE refund_request_id = %s AND kind = 'reconciliation_break_overtaken'",
+        (case_id,))
+    assert [(n["audience"], n["detail"]["break_id"]) for n in notices] == [("ops", found["id"])], notices
+    message = render(notices[0], await stack.store.cases.get(case_id), None, case_url=None, email_to=None)
+    assert "unmapped" in message.text and "carol" in message.text
 
 
 async def test_a_compensation_never_posts_more_than_its_approvals_covered(stack: Stack) -> None:

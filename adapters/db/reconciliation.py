@@ -558,7 +558,10 @@ class ReconciliationRepository(Repository):
                           **({"provider_moved": moved_at_provider} if moved_at_provider else {}),
                           **({"currency_differs": other_money} if other_money else {}),
                           **({"approval_unmet": unmet} if unmet else {})}
-            for kind, change in (("reconciliation_break_case_moved", moved),
+            later = {"later_break_id": overtaken["break_id"], "later_break_class": overtaken["break_class"],
+                     "provider_status": overtaken["provider_status"]} if overtaken else None
+            for kind, change in (("reconciliation_break_overtaken", later),
+                                 ("reconciliation_break_case_moved", moved),
                                  ("reconciliation_break_provider_moved", moved_at_provider),
                                  ("reconciliation_break_currency_differs", other_money),
                                  ("reconciliation_break_approval_unmet", unmet)):

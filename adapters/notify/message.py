@@ -185,6 +185,13 @@ TEMPLATES: dict[str, Template] = {
         "Decision: reissue approved by {approved_by}. The beneficiary was paid {amount} again as "
         "{reissue_id}; the reissue is posted in the ledger and this case's beneficiary holds are "
         "released. Next steps: none; the case is complete.", payout=True),
+    "reconciliation_break_overtaken": Template(
+        "Reconciliation break {break_id}: approved, but the provider has said otherwise since",
+        "Approved by {approvers}, the break was found on one word of the provider's about the "
+        "refund; break {later_break_id} ({later_break_class}) has since found it "
+        "{provider_status}. Nothing was posted or changed: the approval was for a word the "
+        "provider no longer says. Next steps: read the refund at the provider and decide break "
+        "{later_break_id}; what still disagrees is raised by the next run.", ticket="incident"),
     "reconciliation_break_case_moved": Template(
         "Reconciliation break {break_id}: approved, but its case moved on",
         "Approved by {approvers}, the break was found while the case held the provider's status "
