@@ -30,7 +30,15 @@ from adapters.providers import sandbox as sandbox_adapter
 from adapters.providers.base import RefundLister
 from adapters.schedules import ensure_reconciliation_schedules, schedule_id
 from domain.ledger import REFUNDED_ACCOUNT
-from domain.models import CaseStatus, LedgerInput, LedgerKind, ProviderRefundStatus
+from domain.models import (
+    CaseEventInput,
+    CaseStatus,
+    LedgerInput,
+    LedgerKind,
+    ProviderRefundStatus,
+    RefundReason,
+    RefundRequest,
+)
 from domain.reconciliation import BatchInput, ListedRefund
 from starters.cli.progress import follow_run
 from starters.dev.stack import TemporalDevServer
@@ -394,6 +402,35 @@ async def test_an_approved_break_a_later_word_overtook_tells_ops(stack: Stack) -
     assert [(n["audience"], n["detail"]["break_id"]) for n in notices] == [("ops", found["id"])], notices
     message = render(notices[0], await stack.store.cases.get(case_id), None, case_url=None, email_to=None)
     assert "unmapped" in message.text and "carol" in message.text
+
+
+async def test_an_approved_break_whose_case_came_to_hold_another_refund_moves_nothing(stack: Stack) -> None:
+    """A case closed failed holding no refund; the provider shows two refunds carrying its
+    reference, each a break for approval. The second's approval made the case hold it. The
+    first's approval then found the case's status agreeing with its own and compensated
+    against the whole ledger, the other refund's entry included: nothing booked for the
+    second 15.00 paid out and the break resolved (other amounts: a move against the other
+    refund's entry). The case holds another refund than when the break was found: people
+    look again."""
+    charge = f"ch_{os.urandom(4).hex()}"
+    case_id = stack.new_id("two")
+    first, second = (history(charge, 1_500, days_ago=3, reference=case_id) for _ in range(2))
+    await seed_provider(stack, [first, second])
+    await stack.store.cases.create(RefundRequest(
+        refund_request_id=case_id, provider="sandbox", charge_id=charge, amount=1_500, currency="USD",
+        merchant_account="acct_1", reason=RefundReason.REQUESTED_BY_CUSTOMER), "alice")
+    await stack.store.cases.record_event(CaseEventInput(
+        refund_request_id=case_id, action="seeded", actor="test", status=CaseStatus.REFUND_FAILED))
+    await backfill(stack, since_days=30)
+    found = {b["object_id"]: b for b in await wait_for_breaks(stack, [first["id"], second["id"]],
+                                                              "awaiting_approval")}
+    assert (await decide(stack, "carol", int(found[second["id"]]["id"]))).status_code == 202
+    await wait_for_breaks(stack, [second["id"]], "resolved")
+    assert (await decide(stack, "carol", int(found[first["id"]]["id"]))).status_code == 202
+    [settled] = await wait_for_breaks(stack, [first["id"]], "ops_review")
+    assert settled["resolution"]["case_moved"]["provider_refund_id"] == second["id"]
+    lines = await stack.store.ledger.entries(case_id)
+    assert [(x["debit"], x["credit"]) for x in lines if x["account"] == REFUNDED_ACCOUNT] == [(1_500, 0)]
 
 
 async def test_a_compensation_never_posts_more_than_its_approvals_covered(stack: Stack) -> None:

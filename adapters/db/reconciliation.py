@@ -539,8 +539,8 @@ class ReconciliationRepository(Repository):
             outcome = BreakOutcome(break_id=break_id, state=settlement.state)
             overtaken = await self._overtaken_by(conn, row) if checked else None
             case = await (await conn.execute(
-                "SELECT status, provider_status, currency FROM refund_cases WHERE refund_request_id = %s"
-                " FOR UPDATE", (row["chain"],))).fetchone() if checked else None
+                "SELECT status, provider_status, provider_refund_id, currency FROM refund_cases"
+                " WHERE refund_request_id = %s FOR UPDATE", (row["chain"],))).fetchone() if checked else None
             moved = _case_moved(row, case) if overtaken is None else None
             moved_at_provider = provider_moved(row, at_provider) if (
                 settlement.state is BreakState.RESOLVED) else None
@@ -813,17 +813,24 @@ class ReconciliationRepository(Repository):
 
 def _case_moved(row: Mapping[str, Any], case: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """The case's own workflow applied another provider status since the break was found
-    (neither the one the break found it holding nor the break's): the approval was given
+    (neither the one the break found it holding nor the break's), or the case holds another
+    refund than it did then (nor the break's): the approval was given
     for a case that is no longer there, and settled against the case as it is now it
     would undo what the workflow applied (a stuck refund's success reversed). People look
     again; nothing moves. `case`: the break's case as the settlement locked it."""
     found = row["evidence"].get("case") or {}
     if not found or row["refund_request_id"] is None or case is None:
         return None
-    if case["provider_status"] in (found.get("provider_status"), row["provider_status"]):
+    # or it came to hold another refund (another break's approval, its own lookup): settled
+    # against its ledger, the break would count that refund's entry as this one's
+    held_then = found.get("provider_refund_id")
+    other_refund = ("provider_refund_id" in found and case["provider_refund_id"] != held_then
+                    and case["provider_refund_id"] != row["object_id"])
+    if not other_refund and case["provider_status"] in (found.get("provider_status"), row["provider_status"]):
         return None
     return {"provider_status": case["provider_status"], "status": case["status"],
-            "found_provider_status": found.get("provider_status")}
+            "found_provider_status": found.get("provider_status"),
+            "provider_refund_id": case["provider_refund_id"], "found_provider_refund_id": held_then}
 
 
 def _other_currency(row: Mapping[str, Any], case: Mapping[str, Any] | None) -> dict[str, Any] | None:
