@@ -433,6 +433,21 @@ async def test_an_approved_break_whose_case_came_to_hold_another_refund_moves_no
     assert [(x["debit"], x["credit"]) for x in lines if x["account"] == REFUNDED_ACCOUNT] == [(1_500, 0)]
 
 
+async def test_a_case_kept_in_ops_review_after_booking_its_refund_is_no_status_break(stack: Stack) -> None:
+    """A case its workflow keeps in ops review after booking its refund's success (a second
+    refund with its reference, another amount than asked, a contradiction): the provider's
+    "succeeded" is what the case holds and booked. It read as a refund shown pending: a
+    break for approvers at the refund's tier, whose approval moved nothing and set the case
+    `succeeded`, off the ops list with its incident still open."""
+    held = history(f"ch_{os.urandom(4).hex()}", 2_000, days_ago=3)
+    await seed_provider(stack, [held])
+    case_id = await seed_case(stack, held, status=CaseStatus.OPS_REVIEW)
+    report = await backfill(stack, since_days=30)
+    assert [b for b in report["breaks"] if b["object_id"] == held["id"]] == [], report["breaks"]
+    case = await stack.store.cases.get(case_id)
+    assert case is not None and case["status"] == "ops_review"
+
+
 async def test_a_compensation_never_posts_more_than_its_approvals_covered(stack: Stack) -> None:
     """The tier was chosen for the ledger move found (100.00 over on a 900.00 refund: one
     approver); the ledger moved again before the approval (89,800 more). The approved

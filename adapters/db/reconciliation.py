@@ -306,6 +306,7 @@ class ReconciliationRepository(Repository):
                 "shown_refunded": _names(SHOWN_REFUNDED), "shown_pending": _names(SHOWN_PENDING),
                 "shown_failed": _names(SHOWN_FAILED), "non_terminal": _names(NON_TERMINAL_PROVIDER),
                 "ledger_pending": CaseStatus.EXECUTED_LEDGER_PENDING.value,
+                "in_review": CaseStatus.OPS_REVIEW.value,
                 "no_refund": f"{NO_REFUND_PREFIX}%",
                 "tracking_prefix": tracking_case_id(provider, ""), "unmapped": UNMAPPED,
                 "payout_failed": _names(EXCEPTION_STATUSES), "paid": PayoutStatus.PAID.value,

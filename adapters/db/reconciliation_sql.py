@@ -61,6 +61,12 @@ WITH matched AS (
         FROM ledger_entries e JOIN ledger_lines li ON li.entry_id = e.id
         WHERE e.refund_request_id = c.refund_request_id AND li.account = %(account)s) l ON true
     WHERE b.created_at < %(judge_before)s
+), reviewed AS (
+    -- a case its workflow keeps in ops review after it applied (and booked) its refund's
+    -- success (a duplicate, a mismatch, a contradiction): it shows what the provider says
+    SELECT m.*, coalesce(m.case_status = %(in_review)s AND m.case_holds_refund
+                         AND m.case_provider_status = 'succeeded', false) AS reviewed_success
+    FROM matched m
 ), flagged AS (
     SELECT m.*,
            m.case_id IS NULL AS unknown,
@@ -68,6 +74,7 @@ WITH matched AS (
                 WHEN m.status IN ('failed', 'canceled') AND m.case_status = ANY(%(shown_refunded)s)
                     THEN 'provider_failed_shown_refunded'
                 WHEN m.status = 'succeeded' AND m.case_status = ANY(%(shown_pending)s)
+                     AND NOT m.reviewed_success
                     THEN 'provider_succeeded_shown_pending'
                 WHEN m.status = 'succeeded' AND m.case_status = ANY(%(shown_failed)s)
                     THEN 'provider_succeeded_shown_failed' END AS status_break,
@@ -79,11 +86,11 @@ WITH matched AS (
                AS stuck,
            -- ledger breaks only where the case's status agrees with the provider's
            m.case_id IS NOT NULL AND NOT m.duplicate AND (
-               (m.status = 'succeeded' AND m.case_status = ANY(%(shown_refunded)s))
+               (m.status = 'succeeded' AND (m.case_status = ANY(%(shown_refunded)s) OR m.reviewed_success))
                OR (m.status IN ('failed', 'canceled') AND m.case_status = ANY(%(shown_failed)s))
                OR (m.status = ANY(%(non_terminal)s) AND m.case_status = ANY(%(shown_pending)s)))
                AS statuses_agree
-    FROM matched m
+    FROM reviewed m
 ), classified AS (
     SELECT f.*, k.break_class FROM flagged f CROSS JOIN LATERAL unnest(
         CASE WHEN f.status = %(unmapped)s THEN ARRAY['unmapped_status'] ELSE array_remove(ARRAY[
