@@ -439,11 +439,14 @@ async def test_a_case_kept_in_ops_review_after_booking_its_refund_is_no_status_b
     "succeeded" is what the case holds and booked. It read as a refund shown pending: a
     break for approvers at the refund's tier, whose approval moved nothing and set the case
     `succeeded`, off the ops list with its incident still open."""
-    held = history(f"ch_{os.urandom(4).hex()}", 2_000, days_ago=3)
-    await seed_provider(stack, [held])
+    held, doubled = (history(f"ch_{os.urandom(4).hex()}", 2_000, days_ago=3) for _ in range(2))
+    await seed_provider(stack, [held, doubled])
     case_id = await seed_case(stack, held, status=CaseStatus.OPS_REVIEW)
+    await seed_case(stack, doubled, status=CaseStatus.OPS_REVIEW, settled=2)  # its ledger still judged
     report = await backfill(stack, since_days=30)
-    assert [b for b in report["breaks"] if b["object_id"] == held["id"]] == [], report["breaks"]
+    found = [(b["object_id"], b["break_class"]) for b in report["breaks"]
+             if b["object_id"] in (held["id"], doubled["id"])]
+    assert found == [(doubled["id"], "ledger_doubled")], report["breaks"]
     case = await stack.store.cases.get(case_id)
     assert case is not None and case["status"] == "ops_review"
 
