@@ -21,7 +21,8 @@ from adapters.notify.message import Message
 
 log = logging.getLogger(__name__)
 
-_ADDRESS = re.compile(r"[^\s<>'\"(){},;:]+@[^\s<>'\"(){},;:]+")
+_ADDRESS = re.compile(  # a quoted local part, or one with apostrophes inside it (o'neil@)
+    r"(?:\"[^\"\r\n]*\"|[^\s<>'\"(){},;:@]+(?:'[^\s<>'\"(){},;:@]+)*)@[^\s<>'\"(){},;:]+")
 
 
 def _masked(text: str) -> str:
