@@ -9,7 +9,7 @@ import pytest
 
 from domain.payouts import payout_case_id
 from tests.harness import Stack
-from tests.payouts_kit import move_payout, wait_for_case
+from tests.payouts_kit import add_payout_approvers, ask_reissue, decide, move_payout, wait_for_case
 from tests.test_cli import run
 
 
@@ -132,3 +132,27 @@ async def test_the_cli_registers_lists_and_shows_and_a_registered_payout_opens_a
     assert actions[0] == "payout_registered" and "payout_exception_opened" in actions
     missing = await run("payouts", "show", "P-missing", env=env)
     assert missing.returncode == 1 and "no payout" in missing.stderr
+
+
+async def test_whoever_registered_a_payout_does_not_ask_for_its_reissue(stack: Stack) -> None:
+    """The registration names the beneficiary; a reissue pays that beneficiary again, and
+    only one approver of the tier decides it. The same ops person registering a payout to an
+    account of their choosing and asking for its reissue was one person choosing where money
+    goes and asking for it to go: another person asks."""
+    await add_payout_approvers(stack)
+    stack.tokens["otis"] = await stack.store.access.create_token(
+        "otis", ["ops"], by="test", token=f"t-otis-{uuid.uuid4().hex}")
+    async with stack.sandbox() as sb:
+        made = (await sb.post("/v1/payouts", json={"amount": 4_000, "currency": "USD"})).json()
+    body = registration(provider_payout_id=made["id"], amount=4_000, beneficiary_id="ben-chosen")
+    assert (await register(stack, body)).status_code == 201  # olga registers it
+    await move_payout(stack, made["id"], "failed", failure_code="account_closed")
+    case_id = payout_case_id("sandbox", made["id"])
+    await wait_for_case(stack, case_id, "awaiting_approval")
+    assert (await decide(stack, "lena", case_id)).status_code == 202
+    await wait_for_case(stack, case_id, "remediated")
+    refused = await ask_reissue(stack, "olga", case_id)
+    assert refused.status_code == 403 and "registered" in refused.json()["detail"], refused.text
+    assert [e["actor"] for e in await stack.store.audit.trail(case_id)
+            if e["action"] == "reissue_requested"] == []
+    assert (await ask_reissue(stack, "otis", case_id)).status_code == 202

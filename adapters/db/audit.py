@@ -131,12 +131,12 @@ class AuditLog:
             (case_id, list(actions)))
         return dict(row["detail"]) if row else None
 
-    async def has_action(self, case_id: str, action: str) -> bool:
-        """Whether the case's chain records `action` at least once (one indexed lookup, not
-        the whole trail)."""
+    async def has_action(self, case_id: str, action: str, actor: str | None = None) -> bool:
+        """Whether the case's chain records `action` at least once (by `actor`, when named;
+        one indexed lookup, not the whole trail)."""
         row = await self._db.fetch_one(
-            "SELECT EXISTS (SELECT 1 FROM audit_events WHERE chain = %s AND action = %s) AS found",
-            (case_id, action))
+            "SELECT EXISTS (SELECT 1 FROM audit_events WHERE chain = %s AND action = %s"
+            " AND (%s::text IS NULL OR actor = %s)) AS found", (case_id, action, actor, actor))
         return bool(row and row["found"])
 
     async def approvals(self, case_ids: list[str]) -> dict[str, list[ApprovalStep]]:

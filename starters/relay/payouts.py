@@ -114,7 +114,8 @@ async def _existing_case(door: Door, caller: Caller, case_id: str, permission: P
 async def reissue_payout(case_id: str, body: ReasonBody, caller: Caller,
                          door: Door) -> dict[str, Any]:
     """Asks to pay the beneficiary again: taken once per remediated case, then it waits
-    for its own approval (the requester cannot approve it); refusals are audited."""
+    for its own approval (the requester cannot approve it); refusals are audited. Whoever
+    registered the payout (and so named the beneficiary) does not ask."""
     action = "requesting a payout reissue"
     await _existing_case(door, caller, case_id, Permission.REISSUE_PAYOUT, action)
     if released := await door.store.payouts.acted_on_beneficiary(
@@ -122,6 +123,11 @@ async def reissue_payout(case_id: str, body: ReasonBody, caller: Caller,
         await door.actions.refuse(caller, case_id, 403, action,
                                   f"{caller.user} released this beneficiary's hold on {', '.join(released)}: "
                                   "another person asks for a payout to them", via="api",
+                                  audit_action="access_refused")
+    if await door.store.audit.has_action(case_id, "payout_registered", caller.user):
+        await door.actions.refuse(caller, case_id, 403, action,
+                                  f"{caller.user} registered this payout (and named its beneficiary): "
+                                  "another person asks for it to be paid again", via="api",
                                   audit_action="access_refused")
     ask = ReissueAsk(requester=caller.user, roles=tuple(sorted(caller.roles)), reason=body.reason)
     case = await door.store.payouts.case(case_id)
