@@ -116,3 +116,25 @@ async def test_two_links_of_one_new_identity_at_once_move_it_only_with_replace(s
     held = await stack.store.database.fetch_one(
         "SELECT user_name FROM identity_links WHERE system = 'slack' AND external_id = %s", (slack,))
     assert held is not None and held["user_name"] == first
+
+
+async def test_a_token_made_again_is_recorded_once_and_never_given_to_another(stack: Stack) -> None:
+    """`refunds dev` makes its admin token at every start with the same plaintext: nothing new
+    was inserted and a `token_created` row was written each time, naming no token. The row
+    names the token (its id and fingerprint) and is written when one is made; the same
+    plaintext asked for another person or other roles is refused (it would authenticate as
+    the first)."""
+    plaintext, user = f"t-{uuid.uuid4().hex}", f"ida-{uuid.uuid4().hex[:6]}"
+    for _ in range(2):
+        made_again = await stack.store.access.create_token(user, ["auditor"], token=plaintext, by="test")
+        assert made_again == plaintext
+    made = [e for e in await stack.store.audit.trail("")
+            if e["action"] == "token_created" and e["detail"]["user"] == user]
+    [token] = [t for t in await stack.store.access.tokens() if t.user_name == user]
+    assert [(e["detail"]["token_id"], e["detail"]["token_fingerprint"]) for e in made] == [
+        (token.id, token.fingerprint)]
+    for other_user, roles in ((f"eve-{uuid.uuid4().hex[:6]}", ["auditor"]), (user, ["admin"])):
+        with pytest.raises(ValueError, match="already"):
+            await stack.store.access.create_token(other_user, roles, token=plaintext, by="test")
+    principal = await stack.store.access.authenticate(plaintext)
+    assert principal is not None and (principal.user, principal.roles) == (user, frozenset({"auditor"}))

@@ -62,21 +62,30 @@ class AccessRepository(Repository):
     async def create_token(self, user: str, roles: Sequence[str], token: str | None = None, *,
                            by: str, expires_in: timedelta | None = None) -> str:
         """Makes a bearer token; only its hash is stored, the plaintext is shown once. `by`
-        is whoever made it (the audit names them), `expires_in` an optional lifetime."""
+        is whoever made it (the audit names them and the token), `expires_in` an optional
+        lifetime. A given `token` made before for the same person and roles is left as it is."""
         unknown = set(roles) - ROLES
         if unknown or not roles:
             raise ValueError(f"unknown roles {sorted(unknown)}; known: {sorted(ROLES)}")
         if expires_in is not None and expires_in <= timedelta(0):
             raise ValueError("a token's lifetime must be positive")
         plaintext = token or f"rfo_{secrets.token_urlsafe(32)}"
+        hashed = hash_token(plaintext)
         async with self._db.transaction() as conn:
             await _one_spelling(conn, user)
-            await conn.execute(
+            made = await (await conn.execute(
                 "INSERT INTO api_tokens (user_name, roles, token_hash, expires_at)"
-                " VALUES (%s, %s, %s, now() + %s) ON CONFLICT (token_hash) DO NOTHING",
-                (user, sorted(set(roles)), hash_token(plaintext), expires_in))
+                " VALUES (%s, %s, %s, now() + %s) ON CONFLICT (token_hash) DO NOTHING RETURNING id",
+                (user, sorted(set(roles)), hashed, expires_in))).fetchone()
+            if made is None:  # the same plaintext again (the dev stack's admin token at each start)
+                held = await (await conn.execute(
+                    "SELECT user_name, roles FROM api_tokens WHERE token_hash = %s", (hashed,))).fetchone()
+                if held is None or (held["user_name"], sorted(held["roles"])) != (user, sorted(set(roles))):
+                    raise ValueError("that token is already issued to another user or with other roles")
+                return plaintext  # made before: nothing new to record
             await AuditLog.append(conn, None, by, "token_created",
-                                  {"user": user, "roles": sorted(set(roles)),
+                                  {"user": user, "roles": sorted(set(roles)), "token_id": made["id"],
+                                   "token_fingerprint": hashed[:12],
                                    "expires_in_seconds": expires_in.total_seconds() if expires_in else None})
         return plaintext
 
