@@ -80,7 +80,20 @@ _NATIONAL_PHONE = re.compile(  # written with a phone's grouping: (415) 555-0132
     r"(?<![\w.-])(?:\(\d{3}\) ?|\d{3}[-. ])\d{3}[-. ]\d{4}(?![\w-])"
     r"|(?<![\w.-])0\d{2,4}[ -]\d{3,4}(?:[ -]?\d{3,4})?(?![\w-])")
 _CARD = re.compile(r"\b[2-6](?:[ -]?\d){12,18}\b")  # card brands' first digits: 2 to 6
-_IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b")
+_IBAN = re.compile(r"\b([A-Z]{2})\d{2}(?: ?[A-Z0-9])+")
+"""A run that may start an IBAN; how much of it is one, its country's length says."""
+IBAN_LENGTHS = {
+    "AD": 24, "AE": 23, "AL": 28, "AT": 20, "AZ": 28, "BA": 20, "BE": 16, "BG": 22, "BH": 22,
+    "BR": 29, "BY": 28, "CH": 21, "CR": 22, "CY": 28, "CZ": 24, "DE": 22, "DK": 18, "DO": 28,
+    "EE": 20, "EG": 29, "ES": 24, "FI": 18, "FO": 18, "FR": 27, "GB": 22, "GE": 22, "GI": 23,
+    "GL": 18, "GR": 27, "GT": 28, "HR": 21, "HU": 28, "IE": 22, "IL": 23, "IQ": 23, "IS": 26,
+    "IT": 27, "JO": 30, "KW": 30, "KZ": 20, "LB": 28, "LC": 32, "LI": 21, "LT": 20, "LU": 20,
+    "LV": 21, "MC": 27, "MD": 24, "ME": 22, "MK": 19, "MR": 27, "MT": 31, "MU": 30, "NL": 18,
+    "NO": 15, "PK": 24, "PL": 28, "PS": 29, "PT": 25, "QA": 29, "RO": 24, "RS": 22, "SA": 24,
+    "SC": 31, "SE": 24, "SI": 19, "SK": 24, "SM": 27, "ST": 25, "SV": 28, "TL": 23, "TN": 24,
+    "TR": 26, "UA": 29, "VA": 22, "VG": 24, "XK": 20,
+}
+"""ISO 13616's IBAN length per country."""
 
 
 def _luhn(digits: str) -> bool:
@@ -89,11 +102,24 @@ def _luhn(digits: str) -> bool:
     return total % 10 == 0
 
 
-def _iban(candidate: str) -> bool:
-    """ISO 13616's check: the country and check digits moved to the end, letters as 10-35,
-    the number is 1 modulo 97."""
-    compact = candidate.replace(" ", "")
-    return int("".join(str(int(c, 36)) for c in compact[4:] + compact[:4])) % 97 == 1
+def _iban(run: re.Match[str]) -> str:
+    """The run with the IBAN it starts with masked: as many characters as its country's IBAN
+    has (a currency or reference after it is no part of it), ending where a group ends, and
+    passing ISO 13616's check (the first four moved to the end, letters as 10-35, the number
+    1 modulo 97); else the run as it was."""
+    text, length = run.group(0), IBAN_LENGTHS.get(run.group(1))
+    if length is None:
+        return text
+    taken = end = 0
+    while end < len(text) and taken < length:
+        taken += text[end] != " "
+        end += 1
+    compact = text[:end].replace(" ", "")
+    if taken < length or (end < len(text) and text[end] != " "):
+        return text
+    if int("".join(str(int(c, 36)) for c in compact[4:] + compact[:4])) % 97 != 1:
+        return text
+    return "[iban]" + text[end:]
 
 
 def masked(text: str) -> str:
@@ -103,7 +129,7 @@ def masked(text: str) -> str:
     the model, and what of its answer reaches notices and tickets (it may echo what a
     customer wrote)."""
     text = _EMAIL.sub("[email]", text)
-    text = _IBAN.sub(lambda m: "[iban]" if _iban(m.group(0)) else m.group(0), text)
+    text = _IBAN.sub(_iban, text)
     # cards first: a card's groups after the first may read as a national phone number
     text = _CARD.sub(lambda m: "[card number]" if _luhn(re.sub(r"\D", "", m.group(0))) else m.group(0), text)
     return _NATIONAL_PHONE.sub("[phone]", _PHONE.sub("[phone]", text))

@@ -395,7 +395,7 @@ async def adyen_taken_under_cancel(rig: Recording) -> str:
 
 async def expiry_under_cancel(rig: Recording) -> str:
     """Ops cancel while the case writes its expiry: the cancel writes it again
-    (`cancel-rewrites-closing-step-1`): expired, released."""
+    (`cancel-rewrites-interrupted-step-1`): expired, released."""
     case_id, _ = await expiry_under_a_cancel(rig.stack)
     return case_id
 

@@ -252,6 +252,10 @@ async def test_personal_data_never_reaches_the_model_nor_comes_back_from_it(
     ("iban DE89370400440532013000 please", "iban [iban] please"),
     ("to GB29 NWBK 6016 1331 9268 19.", "to [iban]."),
     ("ref DE00370400440532013000", "ref DE00370400440532013000"),  # fails the check: no IBAN
+    # what follows it (a currency, a reference) is no part of it: the country's length says
+    ("IBAN DE89 3704 0044 0532 0130 00 EUR 600.00", "IBAN [iban] EUR 600.00"),
+    ("GB82WEST12345698765432 X", "[iban] X"),
+    ("psp QFQTPCQ8HXSKGK82 settled", "psp QFQTPCQ8HXSKGK82 settled"),  # an Adyen reference
     # what is no personal data stays: order ids, provider references, amounts, dates
     ("order 112-1234567-1234565", "order 112-1234567-1234565"),
     ("psp 8835511210681368 settled", "psp 8835511210681368 settled"),

@@ -109,8 +109,12 @@ async def test_two_links_of_one_new_identity_at_once_move_it_only_with_replace(s
         await conn.execute("INSERT INTO identity_links (system, external_id, user_name) VALUES (%s,%s,%s)",
                            ("slack", slack, first))
         racing = asyncio.create_task(stack.store.access.link_identities([("slack", slack)], second))
-        await asyncio.sleep(0.5)
-        assert not racing.done()  # it waits on the first link's row
+        async with asyncio.timeout(60):  # a guard against a hang: it waits on the first link's row
+            while not await stack.store.database.fetch_one(
+                    "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND query LIKE '%%identity_links%%' AND pid <> pg_backend_pid()"):
+                await asyncio.sleep(0.02)
+        assert not racing.done()
     with pytest.raises(IdentityTaken, match=first):
         await racing
     held = await stack.store.database.fetch_one(

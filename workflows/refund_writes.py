@@ -53,10 +53,17 @@ class RefundWrites(RefundCase):
         event = self._case_event(action, status, actor=actor, release=release, refund=refund, detail=detail)
         if notices or self._trips:
             writes = (CaseWrite(event=event), *(CaseWrite(notice=n) for n in notices))
-            if kept or status in CLOSED_STATUSES:
+            kept = kept or status in CLOSED_STATUSES
+            if kept:
                 self._rewritten_on_cancel = writes
-            await self._write(*writes, local=local)
-            self._rewritten_on_cancel = None
+            try:
+                await self._write(*writes, local=local)
+            except (asyncio.CancelledError, FailureError) as err:
+                if kept and not self._cancelled(err):  # only a cancel's interruption is redone
+                    self._rewritten_on_cancel = None
+                raise
+            if kept:
+                self._rewritten_on_cancel = None
         else:
             await contracts.RECORD_CASE_EVENT(event, **retry.CASE_EVENT)
 

@@ -132,8 +132,8 @@ WITH matched AS (
                 ELSE 'new' END
     FROM classified
     -- a resolved break of a class its resolution removes, found again: raised again, as new
-    -- in this run (`RAISED_AGAIN`); a duplicate refund whose status moved (first seen
-    -- pending, since succeeded: money moved twice) raised again for ops with what it moved;
+    -- in this run (`RAISED_AGAIN`); a duplicate refund that has since succeeded (first seen
+    -- pending: money moved twice now) raised again for ops with what it moved;
     -- any other break seen again is only linked to the run
     ON CONFLICT (provider, object_id, break_class) DO UPDATE SET
         state = CASE WHEN reconciliation_breaks.break_class = 'duplicate_refund' THEN 'ops_review'
@@ -147,8 +147,8 @@ WITH matched AS (
         amount = EXCLUDED.amount
       WHERE (reconciliation_breaks.state = 'resolved'
              AND reconciliation_breaks.break_class = ANY(%(raised_again)s))
-         OR (reconciliation_breaks.break_class = 'duplicate_refund'
-             AND reconciliation_breaks.provider_status IS DISTINCT FROM EXCLUDED.provider_status)
+         OR (reconciliation_breaks.break_class = 'duplicate_refund' AND EXCLUDED.provider_status = 'succeeded'
+             AND reconciliation_breaks.provider_status IS DISTINCT FROM 'succeeded')
     RETURNING *
 )""" + LINK  # noqa: S608 (constant text)
 
