@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -34,7 +34,15 @@ from adapters.providers.base import ProviderAdapter
 from adapters.providers.registry import build_providers, close_providers
 from adapters.temporal_client import connect
 from adapters.tls import client_tls
-from domain.models import CaseEventInput, EventKind, ProviderEvent, ProviderRefundStatus, RefundRequest
+from domain.models import (
+    CaseEventInput,
+    CaseWrites,
+    CaseWritten,
+    EventKind,
+    ProviderEvent,
+    ProviderRefundStatus,
+    RefundRequest,
+)
 from starters import relay
 from starters.actions.starting import start_refund
 from starters.dev import sandbox_provider
@@ -319,6 +327,25 @@ def unsealing(client: Client) -> Client:
     config = client.config()
     config["interceptors"] = [i for i in config["interceptors"] if not isinstance(i, NewsSealing)]
     return Client(**config)
+
+
+@contextlib.contextmanager
+def write_held(store: Store, action: str) -> Iterator[asyncio.Event]:
+    """The first case write recording `action` is held (30 s, or until its workflow's cancel
+    cuts it short): the event is set once it is, for a test to cancel the case meanwhile."""
+    write, held = store.cases.write_case_steps, asyncio.Event()
+
+    async def held_once(steps: CaseWrites, step_key: str | None = None, **options: Any) -> CaseWritten:
+        if not held.is_set() and any(w.event is not None and w.event.action == action for w in steps.writes):
+            held.set()
+            await asyncio.sleep(30)
+        return await write(steps, step_key, **options)
+
+    store.cases.write_case_steps = held_once  # type: ignore[method-assign]
+    try:
+        yield held
+    finally:
+        store.cases.write_case_steps = write  # type: ignore[method-assign]
 
 
 @asynccontextmanager

@@ -14,9 +14,10 @@ from temporalio.client import Client
 from adapters.db import Store
 from adapters.http_server import AppServer
 from adapters.providers.adyen import AdyenProvider, ProviderNotReached
-from domain.models import CaseWrites, CaseWritten, RefundReason, RefundRequest
+from domain.models import RefundReason, RefundRequest
 from starters.dev.stack import TemporalDevServer
 from tests.adyen_fake import FakeAdyen
+from tests.harness import write_held
 from tests.reconciliation_kit import wait_for_breaks
 from tests.test_adyen import API_KEY, MERCHANT, TEST_KEY, AdyenRig, adyen_rig, notification, refunded
 from tests.test_console import console, post_form
@@ -359,25 +360,12 @@ async def notification_taken_under_a_cancel(rig: AdyenRig, amount: int) -> tuple
     write recording the take runs: (case, the refund Adyen made)."""
     case_id, psp = await waiting_case(rig, amount)
     [made] = rig.fake.refunds_of(psp)
-    write, held = rig.stack.store.cases.write_case_steps, asyncio.Event()
-
-    async def held_once(steps: CaseWrites, step_key: str | None = None, **options: Any) -> CaseWritten:
-        taking = any(w.event is not None and w.event.action == "provider_notification_received"
-                     for w in steps.writes)
-        if taking and not held.is_set():
-            held.set()
-            await asyncio.sleep(30)  # the cancel comes meanwhile
-        return await write(steps, step_key, **options)
-
-    rig.stack.store.cases.write_case_steps = held_once  # type: ignore[method-assign]
-    try:
+    with write_held(rig.stack.store, "provider_notification_received") as held:
         own = notification("REFUND", pspReference=made["pspReference"], originalReference=psp,
                            merchantReference=case_id, amount={"currency": "EUR", "value": amount})
         assert (await rig.post(own)).text == "[accepted]"
         await asyncio.wait_for(held.wait(), 60)
         await rig.stack.client.get_workflow_handle(case_id).cancel()
-    finally:
-        rig.stack.store.cases.write_case_steps = write  # type: ignore[method-assign]
     return case_id, made
 
 

@@ -16,9 +16,17 @@ import workers.case_sweep
 from adapters.db import CaseCreation, Store
 from adapters.notify.message import render
 from adapters.providers.base import ProviderAdapter
-from domain.models import CaseWrites, CaseWritten, ProviderRefund, RefundRequest
+from domain.models import ProviderRefund, RefundRequest
 from starters.dev.stack import TemporalDevServer
-from tests.harness import Stack, foreign_refund_event, holding_records_of, open_stack, stack_with, unsealing
+from tests.harness import (
+    Stack,
+    foreign_refund_event,
+    holding_records_of,
+    open_stack,
+    stack_with,
+    unsealing,
+    write_held,
+)
 from workers.case_sweep import sweep_cases_once
 from workflows.refund import RefundWorkflow
 
@@ -442,24 +450,12 @@ async def test_a_case_that_moved_on_under_its_submit_moves_no_money_and_its_work
 async def expiry_under_a_cancel(stack: Stack) -> tuple[str, str]:
     """A case that needs an approver expires, and ops cancel it while the expiry is being
     written; the run ends: (case, charge)."""
-    write, held = stack.store.cases.write_case_steps, asyncio.Event()
-
-    async def held_once(steps: CaseWrites, step_key: str | None = None, **options: Any) -> CaseWritten:
-        expiring = any(w.event is not None and w.event.action == "approval_expired" for w in steps.writes)
-        if expiring and not held.is_set():
-            held.set()
-            await asyncio.sleep(30)  # the cancel comes meanwhile
-        return await write(steps, step_key, **options)
-
-    stack.store.cases.write_case_steps = held_once  # type: ignore[method-assign]
-    try:
+    with write_held(stack.store, "approval_expired") as held:
         charge = await stack.charge(20_000)
         case_id = await stack.request_refund("alice", charge, 9_000)  # above 50.00: one approver
         await asyncio.wait_for(held.wait(), 60)
         handle = stack.client.get_workflow_handle(case_id)
         await handle.cancel()
-    finally:
-        stack.store.cases.write_case_steps = write  # type: ignore[method-assign]
     await handle.result()
     return case_id, charge
 

@@ -2,14 +2,12 @@
 case backwards; a refund that succeeded and later failed is compensated and announced."""
 
 import asyncio
-from typing import Any
 
 from temporalio.client import Client
 
 from adapters.db import Store
-from domain.models import CaseWrites, CaseWritten
 from starters.dev.stack import TemporalDevServer
-from tests.harness import Stack, open_stack
+from tests.harness import Stack, open_stack, write_held
 
 
 async def pending_refund(stack: Stack, amount: int = 2_000) -> tuple[str, str, str]:
@@ -167,27 +165,14 @@ async def test_a_cancel_reported_for_a_refund_booked_succeeded_goes_to_ops(
 async def contradiction_under_a_cancel(stack: Stack) -> str:
     """A refund booked succeeded that its provider then reports canceled, and ops cancel the
     case while its contradiction is being written; the run ends: the case."""
-    write, held = stack.store.cases.write_case_steps, asyncio.Event()
-
-    async def held_once(steps: CaseWrites, step_key: str | None = None, **options: Any) -> CaseWritten:
-        told = any(w.event is not None and w.event.action == "provider_status_contradicted"
-                   for w in steps.writes)
-        if told and not held.is_set():
-            held.set()
-            await asyncio.sleep(30)  # the cancel comes meanwhile
-        return await write(steps, step_key, **options)
-
     charge = await stack.charge(10_000)
     case_id = await stack.request_refund("alice", charge, 1_800)
     row = await stack.wait_for_status(case_id, "succeeded")
-    stack.store.cases.write_case_steps = held_once  # type: ignore[method-assign]
-    try:
+    with write_held(stack.store, "provider_status_contradicted") as held:
         await stack.set_provider_status(row["provider_refund_id"], "canceled")
         await asyncio.wait_for(held.wait(), 60)
         handle = stack.client.get_workflow_handle(case_id)
         await handle.cancel()
-    finally:
-        stack.store.cases.write_case_steps = write  # type: ignore[method-assign]
     await handle.result()
     return case_id
 
