@@ -9,12 +9,23 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
+import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from pydantic import AliasChoices, Field, IPvAnyNetwork, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from domain.models import RefundTimings
 from domain.reconciliation import ReconcileOptions
+
+
+def connection_parts(dsn: str, setting: str) -> dict[str, object]:
+    """The parts of a PostgreSQL connection string; one psycopg cannot read is refused
+    without its text (psycopg quotes the token it stopped at: a password, often)."""
+    try:
+        return dict(conninfo_to_dict(dsn))
+    except psycopg.ProgrammingError:
+        raise ValueError(f"{setting} is not a connection string PostgreSQL reads (not shown: it may "
+                         "hold a password; percent-encode special characters in a URL's password)") from None
 
 
 def _seconds(value: float | None) -> timedelta | None:
@@ -386,7 +397,7 @@ class Settings(BaseSettings):
         migrations use their own DSN (one DSN for both: nothing to grant)."""
         if self.runtime_role or self.migration_database_url is None or self.database_url is None:
             return self.runtime_role
-        user = conninfo_to_dict(self.database_url.get_secret_value()).get("user")
+        user = connection_parts(self.database_url.get_secret_value(), "REFUNDS_DATABASE_URL").get("user")
         return None if user is None else str(user)
 
     # The Temporal UI's OIDC access token at /codec (the UI passes it with

@@ -387,3 +387,24 @@ async def test_the_dev_admin_token_is_used_only_for_the_local_dev_stack(tmp_path
     assert (empty.returncode, elsewhere.returncode) == (2, 2), (empty.stderr, elsewhere.stderr)
     assert "no token" in empty.stderr and "no token" in elsewhere.stderr
     assert seen == ["Bearer dev-admin-token"] * 2
+
+
+async def test_a_setting_refused_or_unread_never_prints_a_secret() -> None:
+    """A settings error printed pydantic's message, which quotes what it was given: the
+    tail of the metrics token when the OIDC settings were incomplete, the whole database URL
+    (password included) when any database setting was refused. A connection string psycopg
+    cannot read was printed as psycopg quotes it, password and all."""
+    token, password = "metrics-token-VERY-SECRET-TAIL-0123456789", "pw%zzSECRETpass"
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("REFUNDS_", "TEMPORAL_"))}
+    incomplete = await asyncio.to_thread(subprocess.run, [REFUNDS, "doctor"], capture_output=True, text=True,
+                                         timeout=120, env={**base, "REFUNDS_METRICS_TOKEN": token,
+                                                           "REFUNDS_OIDC_ISSUER": "https://idp.example"})
+    assert incomplete.returncode == 2 and "OIDC" in incomplete.stderr, incomplete.stderr
+    unread = await asyncio.to_thread(subprocess.run, [REFUNDS, "migrate"], capture_output=True, text=True,
+                                     timeout=120, env={**base,
+                                                       "REFUNDS_DATABASE_URL": f"postgresql://app:{password}@h/db",
+                                                       "REFUNDS_MIGRATION_DATABASE_URL": "postgresql://own@h/db"})
+    assert unread.returncode != 0 and "REFUNDS_DATABASE_URL" in unread.stderr, unread.stderr
+    for done in (incomplete, unread):
+        shown = done.stdout + done.stderr
+        assert "SECRET" not in shown and "0123456789" not in shown, shown

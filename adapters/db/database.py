@@ -17,6 +17,7 @@ from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+from adapters.config import connection_parts
 from adapters.telemetry import trace_connection
 from domain.audit import canonical_detail
 
@@ -49,6 +50,7 @@ class Database:
 
     @classmethod
     async def open(cls, dsn: str, *, min_size: int = 1, max_size: int = 10) -> "Database":
+        connection_parts(dsn, "the database URL")  # unreadable: refused here, never quoted by the pool's log
         pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
             dsn, min_size=min_size, max_size=max_size, open=False,
             kwargs={"row_factory": dict_row, "autocommit": True},

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import httpx
 import psycopg
 from psycopg_pool import PoolTimeout
+from pydantic import ValidationError
 
 from adapters import event_loop
 from adapters.config import Settings
@@ -50,6 +51,11 @@ def failure(exc: BaseException, settings: Settings | None) -> tuple[str, int]:
         return f"cannot reach Temporal ({exc}): check TEMPORAL_ADDRESS", EXIT_UNREACHABLE
     if isinstance(exc, SystemExit) and exc.code in (None, 0):
         return "", EXIT_OK
+    if isinstance(exc, ValidationError):  # its own text quotes what it was given: secrets too
+        errors = exc.errors(include_url=False, include_input=False, include_context=False)
+        return "settings refused: " + "; ".join(
+            f"{'.'.join(str(part) for part in error['loc']) or 'settings'}: {error['msg']}"
+            for error in errors), EXIT_USAGE
     if isinstance(exc, RuntimeError | psycopg.Error):  # a defect, not the user's input: the trace helps
         traceback.print_exception(exc)
         return str(exc), EXIT_REFUSED
