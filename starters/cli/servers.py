@@ -30,9 +30,10 @@ async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
     report = await run_demo(settings.relay_base_url(), settings.sandbox_base_url(), api_token(args, settings),
                             fault_seconds=settings.provider_http_timeout_seconds + 5)
-    for problem in report.problems():
+    problems = report.problems()
+    for problem in problems:
         print(f"demo: {problem}", file=sys.stderr, flush=True)
-    return 1 if report.problems() else 0
+    return 1 if problems else 0
 
 
 async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:

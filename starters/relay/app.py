@@ -137,8 +137,8 @@ async def temporal_unavailable(request: Request, exc: Exception) -> Response:
 
 async def invalid(request: Request, exc: Exception) -> Response:
     """Bad input is answered 422 as usual and recorded, under the caller's name when the
-    token (or, in the console, its session) is valid (FastAPI validates before our handlers run, so we look
-    it up here)."""
+    token (or, in the console, its session) is valid (FastAPI validates before our handlers
+    run, so we look it up here)."""
     assert isinstance(exc, RequestValidationError)
     door = front_door(request)
     caller, via = await caller_of(request)
