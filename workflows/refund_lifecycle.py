@@ -28,7 +28,6 @@ with workflow.unsafe.imports_passed_through():
         FINISH_NEWS_PATCH,
         FINISH_NOTIFIED_PATCH,
         HORIZON_PATCH,
-        INTERRUPTED_STEP_PATCH,
         SUBMITTING,
         ValidationAbandoned,
     )
@@ -51,8 +50,7 @@ class RefundLifecycle(RefundProvider):
             with contextlib.suppress(ActivityError, ValidationAbandoned):
                 await self._validating
         await self._round.taken()
-        if self._rewritten_on_cancel is not None and workflow.patched(INTERRUPTED_STEP_PATCH):
-            await self._write(*self._rewritten_on_cancel)  # interrupted (its audit row may repeat)
+        await self._settle_interrupted()
         refund = self._refund
         if refund is None and self._status in CLOSED_STATUSES:  # decided already: only finishing
             if self._round.queued and workflow.patched(VERDICT_TAKING_PATCH):

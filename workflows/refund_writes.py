@@ -25,7 +25,7 @@ with workflow.unsafe.imports_passed_through():
         ProviderRefund,
     )
     from workflows import retry
-    from workflows.refund_case import INTEGRATIONS_PATCH, RefundCase
+    from workflows.refund_case import INTEGRATIONS_PATCH, INTERRUPTED_STEP_PATCH, RefundCase
 
 
 class RefundWrites(RefundCase):
@@ -112,6 +112,12 @@ class RefundWrites(RefundCase):
                        unless_submitted=unless_submitted),
             **(options or retry.CASE_EVENT))
         return written
+
+    async def _settle_interrupted(self) -> None:
+        """Writes again a write the case cannot lose (`_record`'s `kept`) that a cancel
+        interrupted, possibly after its commit (its audit row may then repeat)."""
+        if self._rewritten_on_cancel is not None and workflow.patched(INTERRUPTED_STEP_PATCH):
+            await self._write(*self._rewritten_on_cancel)
 
     async def _settle_unsubmitted(self) -> None:
         """Writes what a submit carried (the deciding approval's row and notice) when its

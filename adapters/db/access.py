@@ -40,6 +40,14 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+FINGERPRINT_CHARS = 12
+"""A token's fingerprint: its hash's first characters, named in refusals and audit rows."""
+
+
+def token_fingerprint(token: str) -> str:
+    return hash_token(token)[:FINGERPRINT_CHARS]
+
+
 async def _one_spelling(conn: Conn, user: str) -> None:
     """Refuses a name that is not one spelling (`user_name_refusal`), unless tokens were made
     for it as spelled before the rule (its person keeps that spelling: tokens renewed, links
@@ -85,7 +93,7 @@ class AccessRepository(Repository):
                 return plaintext  # made before: nothing new to record
             await AuditLog.append(conn, None, by, "token_created",
                                   {"user": user, "roles": sorted(set(roles)), "token_id": made["id"],
-                                   "token_fingerprint": hashed[:12],
+                                   "token_fingerprint": hashed[:FINGERPRINT_CHARS],
                                    "expires_in_seconds": expires_in.total_seconds() if expires_in else None})
         return plaintext
 
@@ -100,7 +108,7 @@ class AccessRepository(Repository):
         apart (it matches `token_fingerprint` in refusals) and never the secret itself."""
         rows = await self._db.fetch_all(
             "SELECT id, user_name, roles, created_at, revoked_at, expires_at,"
-            " substr(token_hash, 1, 12) AS fingerprint FROM api_tokens ORDER BY id")
+            " substr(token_hash, 1, %s) AS fingerprint FROM api_tokens ORDER BY id", (FINGERPRINT_CHARS,))
         return [TokenRow.from_row(row) for row in rows]
 
     async def revoke_tokens(self, *, by: str, token_id: int | None = None,

@@ -526,7 +526,7 @@ class ReconciliationRepository(Repository):
                 and provider_moved(found, at_provider) is None):
             async with self._db.connection() as conn:  # adopted only for a settlement that stands
                 overtaken = await self._overtaken_by(conn, found)
-                unmet = await self._approval_unmet(conn, found, settlement)
+                unmet = None if overtaken else await self._approval_unmet(conn, found, settlement)
             if overtaken is None and unmet is None:
                 await self._adopt(found)
         async with self._db.transaction() as conn:

@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
 
-from adapters.db import ConsoleSession, hash_token
+from adapters.db import ConsoleSession, token_fingerprint
 from starters.actions.approving import Refused
 from starters.actions.codec import CODEC_USES, Direction, answer, sent_as_json
 from starters.actions.front import front_door
@@ -138,7 +138,7 @@ async def sign_in(request: Request) -> Response:
     session_id = await door.store.access.open_session(token, timedelta(hours=hours)) if token else None
     if session_id is None:
         door.console_refusals.refused("console", "missing token" if not token else "invalid or revoked token",
-                                      "console sign-in", hash_token(token)[:12] if token else None)
+                                      "console sign-in", token_fingerprint(token) if token else None)
         return sign_in_page(request, 401, "That token is not valid (unknown or revoked).")
     response = RedirectResponse(f"{PREFIX}/cases", status_code=303)
     _set_cookie(request, response, SESSION_COOKIE, session_id, int(hours * 3600))

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from adapters.db import Principal, hash_token
+from adapters.db import Principal, token_fingerprint
 from adapters.oidc import AccessTokenVerifier, looks_like_jwt
 from starters.actions.codec import oidc_principal
 from starters.actions.front import Door
@@ -22,7 +22,7 @@ async def principal(request: Request, creds: Credentials, door: Door) -> Princip
     if found is None:
         refusal = "missing bearer token" if creds is None else "invalid or revoked token"
         door.api_refusals.refused("api", refusal, f"{request.method} {request.url.path}",
-                                  hash_token(creds.credentials)[:12] if creds else None)
+                                  token_fingerprint(creds.credentials) if creds else None)
         raise HTTPException(401, refusal, headers={"WWW-Authenticate": "Bearer"})
     return found
 
