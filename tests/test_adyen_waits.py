@@ -5,16 +5,19 @@ an audit row, so the reservation is never held for good. Adyen's API is tests/ad
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
 from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
 
-from adapters.db import Store
+from adapters.db import Principal, Store
 from adapters.http_server import AppServer
 from adapters.providers.adyen import AdyenProvider, ProviderNotReached
 from domain.models import RefundReason, RefundRequest
+from starters.actions.cases import CaseActions
+from starters.actions.provider_wait import ProviderWaitBody, resolve_provider_wait
 from starters.dev.stack import TemporalDevServer
 from tests.adyen_fake import FakeAdyen
 from tests.harness import write_held
@@ -379,3 +382,62 @@ async def test_a_notification_taken_as_ops_cancel_is_still_the_case_s_refund(rig
     assert (row["provider_refund_id"], row["reserved_amount"]) == (made["pspReference"], 1_100)
     lines = await rig.stack.store.ledger.entries(case_id)
     assert [(x["template"], x["debit"]) for x in lines] == [("refund_settled", 1_100), ("refund_settled", 0)]
+
+
+class SignalsLost:
+    """A Temporal client whose signals fail (Temporal away after the case was read); the
+    rest passes."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def get_workflow_handle(self, workflow_id: str, **kwargs: Any) -> Any:
+        handle = self._client.get_workflow_handle(workflow_id, **kwargs)
+
+        class Handle:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(handle, name)
+
+            async def signal(self, *_: Any, **__: Any) -> None:
+                raise RPCError("connection refused", RPCStatusCode.UNAVAILABLE, b"")
+
+        return Handle()
+
+
+async def test_a_resolution_whose_signal_was_lost_is_sent_again_by_whoever_resolved_it(
+        rig: AdyenRig) -> None:
+    """Ops resolve a wait, the record commits and the signal finds Temporal away (503: send
+    the same request again). The same request sent again delivers it and is answered as the
+    first would have been, and a retry that again finds Temporal away is told so (a 503),
+    never "already resolved; the case follows that" while the case still waits. The console
+    keeps the form until the case takes the resolution. Before, every retry was a 409 (the
+    resend's failure swallowed) and the form was gone: the case sat in ops review, its
+    reservation held."""
+    case_id, psp = await waiting_case(rig, 650, lose_answer=False)
+    body = ProviderWaitBody(provider_shows="not_refunded", reason="Customer Area: nothing on the payment")
+    olga = Principal("olga", frozenset({"ops"}))
+    away = CaseActions(rig.stack.store, cast(Client, SignalsLost(rig.stack.client)), rig.stack.settings)
+    for _ in range(2):  # the first try and its retry, both while Temporal is away
+        with pytest.raises(RPCError):
+            await resolve_provider_wait(away, olga, case_id, body, via="console")
+    path = f"/console/cases/{case_id}"
+    page = await console(rig.stack, "olga")
+    try:
+        assert 'data-testid="provider-wait-form"' in (await page.get(path)).text
+    finally:
+        await page.aclose()
+    with pytest.raises(RPCError):  # another person, Temporal away: a 503, not "olga's counts"
+        await resolve_provider_wait(away, Principal("oona", frozenset({"ops"})), case_id, body, via="api")
+    again = await resolve(rig, "olga", case_id, **body.model_dump())
+    assert again.status_code == 200, again.text
+    assert again.json() == {"refund_request_id": case_id, "provider_shows": "not_refunded",
+                            "resolved_by": "olga"}
+    row = await rig.stack.wait_for_status(case_id, "refund_failed")
+    assert row["reserved_amount"] == 0 and rig.fake.refunds_of(psp) == []
+    assert (await resolve(rig, "olga", case_id, **body.model_dump())).status_code == 409  # taken
+    resolved = [e["actor"] for e in await rig.stack.store.audit.trail(case_id)
+                if e["action"] == "provider_wait_resolved"]
+    assert resolved == ["olga"]

@@ -10,12 +10,10 @@ ledger, "not refunded" fails the case and releases its reservation.
 
 import hashlib
 from collections.abc import Mapping
-from contextlib import suppress
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from temporalio.service import RPCError
 
 from adapters.db import Principal
 from adapters.temporal_client import workflow_closed
@@ -54,10 +52,11 @@ class ProviderWaitBody(BaseModel):
 
 
 def waiting(trail: list[dict[str, Any]]) -> bool:
-    """Whether the case's last word on the notification wait opened it (a resolution
-    recorded and not yet taken answers it too: one per wait)."""
+    """Whether the case still waits for its notification: the last word on the wait opened
+    it, or recorded a resolution the case has not taken (its signal lost: whoever resolved
+    it sends it again from the same form)."""
     marks = [e["action"] for e in trail if e["action"] in (WAIT_OPENED, WAIT_CLOSED, WAIT_RESOLVED)]
-    return bool(marks) and marks[-1] == WAIT_OPENED
+    return bool(marks) and marks[-1] != WAIT_CLOSED
 
 
 async def resolve_provider_wait(actions: CaseActions, caller: Principal, case_id: str,
@@ -80,12 +79,14 @@ async def resolve_provider_wait(actions: CaseActions, caller: Principal, case_id
         case_id, caller.user, WAIT_RESOLVED, {**body.model_dump(), "via": via},
         opened_by=WAIT_OPENED, closed_by=WAIT_CLOSED)
     if latest is not None and latest.get("action") == WAIT_RESOLVED:
-        # sent again (the case takes one resolution per id): a signal lost after the
-        # record would otherwise leave the case waiting on a resolution it never got
+        # sent again (the case takes one resolution per id): a signal lost after the record
+        # would otherwise leave the case waiting on a resolution it never got. Temporal
+        # still away is a 503 to send again, never "the case follows that"
         recorded = ProviderWaitBody.model_validate(
             {k: latest["detail"].get(k) for k in ("provider_shows", "provider_refund_id", "reason")})
-        with suppress(RPCError):  # the refusal below stands whether or not the case takes it now
-            await _deliver(actions, row, recorded, str(latest["actor"]))
+        await _deliver(actions, row, recorded, str(latest["actor"]))
+        if (latest["actor"], recorded) == (caller.user, body):  # the same request: its answer
+            return _resolved(case_id, body, caller.user)
         await actions.refuse(caller, case_id, 409, action,
                              f"{latest['actor']} already resolved this wait (the provider shows "
                              f"{recorded.provider_shows}); the case follows that", via=via)
@@ -94,8 +95,11 @@ async def resolve_provider_wait(actions: CaseActions, caller: Principal, case_id
                              f"case is {row['status']} and not waiting for a provider notification",
                              via=via)
     await _deliver(actions, row, body, caller.user)
-    return {"refund_request_id": case_id, "provider_shows": body.provider_shows,
-            "resolved_by": caller.user}
+    return _resolved(case_id, body, caller.user)
+
+
+def _resolved(case_id: str, body: ProviderWaitBody, resolver: str) -> dict[str, Any]:
+    return {"refund_request_id": case_id, "provider_shows": body.provider_shows, "resolved_by": resolver}
 
 
 async def _refund_refusal(actions: CaseActions, row: Mapping[str, Any], body: ProviderWaitBody) -> str | None:
