@@ -184,7 +184,7 @@ class PayoutActivities:
                                        type=errors.REISSUE_NOT_MADE, non_retryable=True)
             if made is None:
                 await self._refuse_while_held_elsewhere(inp.case_id, original.beneficiary_id, inp.approvers)
-                for replaced in await self._replaced_by(original):
+                for replaced in await self._book.lineage(original):
                     await self._refuse_unless_failed_still(provider, replaced)
                 made = await self._create(provider, order, original.reissue_key())
         except ProviderConfigurationRefused as exc:
@@ -221,17 +221,6 @@ class PayoutActivities:
                     f"on {', '.join(released)}, which it checks: no payout is made; other people ask "
                     "for and approve it, or ops pay outside this case", type=errors.DECLINED,
                     non_retryable=True)
-
-    async def _replaced_by(self, original: PayoutSnapshot) -> list[PayoutSnapshot]:
-        """Every payout a reissue of `original` stands in for: it, and the ones it reissued
-        in turn (one debt: any of them paid after all, and a reissue pays it twice)."""
-        chain = [original]
-        while chain[-1].reissue_of is not None:
-            earlier = await self._book.payout(chain[-1].reissue_of)
-            if earlier is None or earlier in chain:
-                break
-            chain.append(earlier)
-        return chain
 
     @staticmethod
     async def _refuse_unless_failed_still(provider: PayoutExecutor, original: PayoutSnapshot) -> None:

@@ -156,3 +156,39 @@ async def test_whoever_registered_a_payout_does_not_ask_for_its_reissue(stack: S
     assert [e["actor"] for e in await stack.store.audit.trail(case_id)
             if e["action"] == "reissue_requested"] == []
     assert (await ask_reissue(stack, "otis", case_id)).status_code == 202
+
+
+async def test_whoever_registered_a_payout_does_not_ask_for_a_reissue_of_its_reissue(stack: Stack) -> None:
+    """The payout olga registered failed and was paid again (someone else asked); that
+    reissue, to the beneficiary she named, failed too. Its case is another chain, where she
+    registered nothing: she was let ask for the third payment to her beneficiary (202;
+    reproduced). Every payout the reissue stands in for is read for its registrar."""
+    await add_payout_approvers(stack)
+    stack.tokens["otis"] = await stack.store.access.create_token(
+        "otis", ["ops"], by="test", token=f"t-otis-{uuid.uuid4().hex}")
+    async with stack.sandbox() as sb:
+        made = (await sb.post("/v1/payouts", json={"amount": 3_000, "currency": "USD"})).json()
+    body = registration(provider_payout_id=made["id"], amount=3_000, beneficiary_id="ben-chosen-again")
+    assert (await register(stack, body)).status_code == 201  # olga registers it
+    await move_payout(stack, made["id"], "failed", failure_code="account_closed")
+    first_case = payout_case_id("sandbox", made["id"])
+    await wait_for_case(stack, first_case, "awaiting_approval")
+    assert (await decide(stack, "lena", first_case)).status_code == 202
+    await wait_for_case(stack, first_case, "remediated")
+    assert (await ask_reissue(stack, "otis", first_case)).status_code == 202
+    assert (await decide(stack, "lena", first_case)).status_code == 202
+    await wait_for_case(stack, first_case, "reissued")
+    first = await stack.store.payouts.payout(body["id"])
+    assert first is not None
+    second = await stack.store.payouts.payout(first.reissue_id())
+    assert second is not None and second.reissue_of == first.id
+    await move_payout(stack, second.provider_payout_id, "failed", failure_code="account_closed")
+    second_case = payout_case_id("sandbox", second.provider_payout_id)
+    await wait_for_case(stack, second_case, "awaiting_approval")
+    assert (await decide(stack, "lena", second_case)).status_code == 202
+    await wait_for_case(stack, second_case, "remediated")
+    refused = await ask_reissue(stack, "olga", second_case)
+    assert refused.status_code == 403 and "registered" in refused.json()["detail"], refused.text
+    assert [e["actor"] for e in await stack.store.audit.trail(second_case)
+            if e["action"] in ("reissue_requested", "access_refused")] == ["olga"]
+    assert (await ask_reissue(stack, "otis", second_case)).status_code == 202

@@ -145,6 +145,18 @@ class PayoutRepository(Repository):
         row = await self._db.fetch_one("SELECT * FROM payouts WHERE id = %s", (payout_id,))
         return snapshot(row) if row else None
 
+    async def lineage(self, payout: PayoutSnapshot) -> list[PayoutSnapshot]:
+        """The payout and every one it reissued in turn, newest first: one debt (any of them
+        paid after all, and a reissue pays it twice; whoever registered any of them chose
+        the beneficiary a reissue pays)."""
+        chain = [payout]
+        while chain[-1].reissue_of is not None:
+            earlier = await self.payout(chain[-1].reissue_of)
+            if earlier is None or earlier in chain:
+                break
+            chain.append(earlier)
+        return chain
+
     async def payout_at_provider(self, provider: str, provider_payout_id: str) -> PayoutSnapshot | None:
         row = await self._db.fetch_one(
             "SELECT * FROM payouts WHERE provider = %s AND provider_payout_id = %s",

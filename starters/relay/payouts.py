@@ -115,7 +115,7 @@ async def reissue_payout(case_id: str, body: ReasonBody, caller: Caller,
                          door: Door) -> dict[str, Any]:
     """Asks to pay the beneficiary again: taken once per remediated case, then it waits
     for its own approval (the requester cannot approve it); refusals are audited. Whoever
-    registered the payout (and so named the beneficiary) does not ask."""
+    registered the payout or one it reissues (and so named the beneficiary) does not ask."""
     action = "requesting a payout reissue"
     await _existing_case(door, caller, case_id, Permission.REISSUE_PAYOUT, action)
     if released := await door.store.payouts.acted_on_beneficiary(
@@ -124,15 +124,17 @@ async def reissue_payout(case_id: str, body: ReasonBody, caller: Caller,
                                   f"{caller.user} released this beneficiary's hold on {', '.join(released)}: "
                                   "another person asks for a payout to them", via="api",
                                   audit_action="access_refused")
-    if await door.store.audit.has_action(case_id, "payout_registered", caller.user):
-        await door.actions.refuse(caller, case_id, 403, action,
-                                  f"{caller.user} registered this payout (and named its beneficiary): "
-                                  "another person asks for it to be paid again", via="api",
-                                  audit_action="access_refused")
-    ask = ReissueAsk(requester=caller.user, roles=tuple(sorted(caller.roles)), reason=body.reason)
     case = await door.store.payouts.case(case_id)
     payout = await door.store.payouts.payout(case.payout_id) if case is not None else None
     assert payout is not None  # `_existing_case` refused a case that is not there
+    for replaced in await door.store.payouts.lineage(payout):  # a reissue's registrar is the original's
+        if await door.store.audit.has_action(payout_case_id(replaced.provider, replaced.provider_payout_id),
+                                             "payout_registered", caller.user):
+            await door.actions.refuse(caller, case_id, 403, action,
+                                      f"{caller.user} registered payout {replaced.id} (and named its "
+                                      "beneficiary): another person asks for it to be paid again",
+                                      via="api", audit_action="access_refused")
+    ask = ReissueAsk(requester=caller.user, roles=tuple(sorted(caller.roles)), reason=body.reason)
     if not isinstance(door.providers.get(payout.provider), PayoutExecutor):
         # asked of approvers, it would fail only once approved: refused now, the case as it is
         reason = (f"{payout.provider} cannot make payouts: pay the beneficiary again at the provider "
