@@ -185,6 +185,34 @@ async def test_a_notification_of_a_merchant_account_we_do_not_serve_acts_on_noth
     assert ours.headers["x-webhook-verdict"] == "accepted", ours.text
 
 
+@pytest.mark.parametrize(("code", "like", "success", "currency"), [
+    ("REFUND_WITH_DATA", "REFUND", "true", "EUR"), ("REFUND_WITH_DATA", "REFUND", "false", "GBP"),
+    ("REFUNDED_REVERSED", "REFUNDED_REVERSED", "true", "EUR"),
+    ("AUTHORISATION", "AUTHORISATION", "true", "GBP"),
+    ("PAYOUT_THIRDPARTY", "REFUND", "false", "EUR"), ("REPORT_AVAILABLE", "REFUND", "true", "EUR")])
+async def test_adyen_s_webhook_test_is_acknowledged_and_acts_on_nothing(
+        rig: AdyenRig, code: str, like: str, success: str, currency: str) -> None:
+    """Adyen's "test webhook" (Customer Area, or the Management API's `…/webhooks/{id}/test`)
+    sends sample notifications signed with the webhook's real key for a real merchant account,
+    pspReference `test_<eventCode>_<n>`: it passes when answered `[accepted]`. They were taken
+    for the provider's word: a sample refund opened a tracking case that booked money that
+    never moved, a sample failure told ops, a sample authorisation became a charge we could
+    refund (reproduced). Stored as `sample`, acknowledged, acting on nothing."""
+    psp = f"test_{code}_{secrets.randbelow(4) + 1}"
+    body = notification(like, eventCode=code, pspReference=psp, merchantReference="testMerchantRef1",
+                        success=success, amount={"currency": currency, "value": 10_100})
+    response = await rig.post(body)
+    assert (response.status_code, response.text) == (202, "[accepted]"), response.text
+    row = await receipt(rig.stack, "adyen", int(response.headers["x-receipt-id"]))
+    assert (row["verdict"], row["processed_at"]) == ("sample", None), row
+    case_id = tracking_case_id("adyen", psp)
+    assert await rig.stack.store.cases.get(case_id) is None
+    assert not await workflow_exists(rig.stack, case_id)
+    assert await rig.stack.store.database.fetch_all(
+        "SELECT 1 FROM payment_notifications WHERE provider = 'adyen' AND payment_id = %s", (psp,)) == []
+    assert await rig.stack.store.payouts.payout_at_provider("adyen", psp) is None
+
+
 async def test_a_refund_on_a_merchant_account_we_do_not_serve_is_never_sent(rig: AdyenRig) -> None:
     psp = rig.fake.payment(10_000, "EUR", "NOT_OURS")
     case_id = await rig.stack.request_refund("alice", psp, 2_500, provider="adyen", currency="EUR",

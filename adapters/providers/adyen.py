@@ -73,6 +73,9 @@ with ':' unescaped and our case ids (the merchantReference) may hold one: a copi
 again at it keeps its signature under another pspReference (a new event). With a ':' allowed
 only in the merchantReference, no split but Adyen's own passes."""
 API_VERSION = "v71"
+SAMPLE_PREFIX = "test_"
+"""How the pspReference of Adyen's sample notifications (its webhook test) begins; Adyen's
+own are 16 letters and digits."""
 
 # Raw status = eventCode:success[:modification.action]. A combination outside the table
 # (e.g. CANCEL_OR_REFUND without its action) is refused loudly, never defaulted.
@@ -374,6 +377,9 @@ class AdyenProvider:
         with normalising(None, None):
             event_type = str(item["eventCode"])
             event_id = f"{event_type}:{item['pspReference']}:{item['success']}"
+        if str(item["pspReference"]).startswith(SAMPLE_PREFIX):
+            raise WebhookRejected("sample", "a sample notification (Adyen's webhook test): acknowledged, "
+                                  "acts on nothing", event_id=event_id, event_type=event_type)
         require_known(event_type, KNOWN_EVENT_TYPES, event_id)
         if refusal := self._not_served(item.get("merchantAccountCode")):
             raise WebhookRejected("foreign_account", refusal, event_id=event_id, event_type=event_type)

@@ -60,7 +60,8 @@ log = logging.getLogger("relay")
 
 REJECTION_STATUS = {"too_large": 413, "unknown_provider": 404, "unknown_type": 202, "malformed": 400,
                     "unreadable": 400, "invalid_request": 400, "unexpected_status": 422,
-                    "forbidden_source": 403, "bad_signature": 401, "stale": 401, "foreign_account": 202}
+                    "forbidden_source": 403, "bad_signature": 401, "stale": 401, "foreign_account": 202,
+                    "sample": 202}
 LOUD_VERDICTS = frozenset({"unknown_type", "unexpected_status", "foreign_account", "unreadable",
                            "invalid_request"})
 
