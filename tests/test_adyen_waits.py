@@ -441,3 +441,58 @@ async def test_a_resolution_whose_signal_was_lost_is_sent_again_by_whoever_resol
     resolved = [e["actor"] for e in await rig.stack.store.audit.trail(case_id)
                 if e["action"] == "provider_wait_resolved"]
     assert resolved == ["olga"]
+
+
+async def test_a_refund_another_resolution_named_first_is_not_named_again(rig: AdyenRig) -> None:
+    """Ops resolve one case with the refund the dashboard shows and, before that case has
+    written it (its signal lost, or its worker busy), resolve another with the same refund, or
+    with it pasted in lower case: one refund was booked for two cases (reproduced). The first
+    resolution claims the refund for its case as it is recorded; the second is refused 409
+    naming that case, its case still waiting."""
+    first, psp = await waiting_case(rig, 1_050)
+    [made] = rig.fake.refunds_of(psp)
+    named = {"provider_shows": "refunded", "provider_refund_id": made["pspReference"],
+             "reason": "Customer Area: refund settled"}
+    away = CaseActions(rig.stack.store, cast(Client, SignalsLost(rig.stack.client)), rig.stack.settings)
+    with pytest.raises(RPCError):
+        await resolve_provider_wait(away, Principal("olga", frozenset({"ops"})), first,
+                                    ProviderWaitBody.model_validate(named), via="api")
+    second, _ = await waiting_case(rig, 1_150)
+    for refund_id in (made["pspReference"], made["pspReference"].lower()):
+        taken = await resolve(rig, "olga", second, **{**named, "provider_refund_id": refund_id})
+        assert taken.status_code == 409 and first in taken.json()["detail"], taken.text
+    row = await rig.stack.store.cases.get(second)
+    assert row is not None and (row["status"], row["provider_refund_id"]) == ("ops_review", None)
+    assert (await resolve(rig, "olga", first, **named)).status_code == 200  # sent again: it counts
+    done = await rig.stack.wait_for_status(first, "succeeded")
+    assert done["provider_refund_id"] == made["pspReference"]
+
+
+async def test_a_claim_made_between_the_check_and_the_record_still_refuses(
+        rig: AdyenRig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two resolutions of two cases naming one refund at once: both checks find no holder
+    (forced here: the check reads before the other's claim commits). The claim recorded with
+    the resolution breaks the one-case-per-refund index, so the second is refused 409,
+    nothing recorded, never both booked."""
+    first, psp = await waiting_case(rig, 1_250)
+    [made] = rig.fake.refunds_of(psp)
+    named = {"provider_shows": "refunded", "provider_refund_id": made["pspReference"],
+             "reason": "Customer Area: refund settled"}
+    away = CaseActions(rig.stack.store, cast(Client, SignalsLost(rig.stack.client)), rig.stack.settings)
+    with pytest.raises(RPCError):
+        await resolve_provider_wait(away, Principal("olga", frozenset({"ops"})), first,
+                                    ProviderWaitBody.model_validate(named), via="api")
+    second, _ = await waiting_case(rig, 1_350)
+    looked_up, calls = rig.stack.store.cases.by_provider_refund, []
+
+    async def unseen_once(provider: str, refund_id: str, **kwargs: Any) -> Any:
+        calls.append(refund_id)
+        return None if len(calls) == 1 else await looked_up(provider, refund_id, **kwargs)
+
+    monkeypatch.setattr(rig.stack.store.cases, "by_provider_refund", unseen_once)
+    taken = await resolve(rig, "olga", second, **named)
+    assert taken.status_code == 409 and first in taken.json()["detail"], taken.text
+    assert [e["action"] for e in await rig.stack.store.audit.trail(second)
+            if e["action"] in ("provider_wait_resolved", "action_refused")] == ["action_refused"]
+    row = await rig.stack.store.cases.get(second)
+    assert row is not None and row["provider_refund_id"] is None and len(calls) == 2

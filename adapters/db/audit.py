@@ -5,7 +5,7 @@ Approval steps are also written to the `case_approvals` projection in that trans
 the approvals a case shows are read from there, never parsed back out of the trail.
 """
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -103,11 +103,13 @@ class AuditLog:
             await self.append(conn, chain, actor, action, detail)
 
     async def record_once_opened(self, case_id: str, actor: str, action: str, detail: dict[str, Any], *,
-                                 opened_by: str, closed_by: str) -> dict[str, Any] | None:
+                                 opened_by: str, closed_by: str,
+                                 also: Callable[[Conn], Awaitable[None]] | None = None
+                                 ) -> dict[str, Any] | None:
         """Appends `action` only while the chain's latest of `opened_by`, `closed_by` and
         `action` is `opened_by`, under the chain's lock: two callers never both act on one
-        opening. None when appended; else that latest entry (actor, action, detail), or an
-        empty dict when it never opened."""
+        opening. `also` writes with it, in its transaction. None when appended; else that
+        latest entry (actor, action, detail), or an empty dict when it never opened."""
         async with self._db.transaction() as conn:
             await self._locked_head(conn, case_id)
             latest = await (await conn.execute(
@@ -115,6 +117,8 @@ class AuditLog:
                 " ORDER BY seq DESC LIMIT 1", (case_id, [opened_by, closed_by, action]))).fetchone()
             if latest is None or latest["action"] != opened_by:
                 return dict(latest) if latest else {}
+            if also is not None:
+                await also(conn)
             await self.append(conn, case_id, actor, action, detail)
             return None
 

@@ -232,11 +232,25 @@ class CaseRepository(Repository):
         row = await self._db.fetch_one("SELECT * FROM refund_cases WHERE refund_request_id = %s", (case_id,))
         return CaseRow.from_row(row) if row else None
 
-    async def by_provider_refund(self, provider: str, refund_id: str) -> CaseRow | None:
+    async def by_provider_refund(self, provider: str, refund_id: str, *,
+                                 any_case: bool = False) -> CaseRow | None:
+        """The case holding the provider's refund; `any_case`: its id written in any letter
+        case too (a person's paste; not indexed, so not on the webhook path)."""
         row = await self._db.fetch_one(
+            "SELECT * FROM refund_cases WHERE provider = %s AND upper(provider_refund_id) = upper(%s)"
+            " ORDER BY provider_refund_id = %s DESC LIMIT 1" if any_case else
             "SELECT * FROM refund_cases WHERE provider = %s AND provider_refund_id = %s",
-            (provider, refund_id))
+            (provider, refund_id, refund_id) if any_case else (provider, refund_id))
         return CaseRow.from_row(row) if row else None
+
+    @staticmethod
+    async def claim_refund_in(conn: Conn, case_id: str, refund_id: str) -> None:
+        """Names the case's refund before its workflow writes it (ops read it at the provider),
+        in the caller's transaction: another case naming it then breaks the one-case-per-refund
+        index (`psycopg.errors.UniqueViolation`) instead of booking one refund twice."""
+        await conn.execute("UPDATE refund_cases SET provider_refund_id = %s"
+                           " WHERE refund_request_id = %s AND provider_refund_id IS NULL",
+                           (refund_id, case_id))
 
     async def open_tracking(self, case_id: str, refund: ProviderRefund,
                             merchant_account: str | None, event_type: str) -> bool:

@@ -11,11 +11,14 @@ ledger, "not refunded" fails the case and releases its reservation.
 import hashlib
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Literal
 
+from psycopg.errors import UniqueViolation
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from adapters.db import Principal
+from adapters.db.cases import CaseRepository
 from adapters.temporal_client import workflow_closed
 from domain.events import OPS_RESOLUTION, no_refund_id
 from domain.models import EventKind, ProviderEvent, ProviderRefundStatus
@@ -74,10 +77,18 @@ async def resolve_provider_wait(actions: CaseActions, caller: Principal, case_id
         # nobody would take the resolution: recorded, it would read as followed
         await actions.refuse(caller, case_id, 409, action,
                              f"the case's workflow has ended ({ended}): ops review the case", via=via)
-    # the check and the record under the case chain's lock: one resolution per wait
-    latest = await actions.store.audit.record_once_opened(
-        case_id, caller.user, WAIT_RESOLVED, {**body.model_dump(), "via": via},
-        opened_by=WAIT_OPENED, closed_by=WAIT_CLOSED)
+    # the check and the record under the case chain's lock: one resolution per wait; the
+    # refund it names claimed for the case with it, so no other case's resolution names it
+    named = body.provider_refund_id if body.provider_shows == "refunded" else None
+    try:
+        latest = await actions.store.audit.record_once_opened(
+            case_id, caller.user, WAIT_RESOLVED, {**body.model_dump(), "via": via},
+            opened_by=WAIT_OPENED, closed_by=WAIT_CLOSED,
+            also=None if named is None else partial(CaseRepository.claim_refund_in, case_id=case_id,
+                                                     refund_id=named))
+    except UniqueViolation:  # another case's resolution claimed it since the check above
+        await actions.refuse(caller, case_id, 409, action, await _refund_refusal(actions, row, body)
+                             or f"refund {named} is another case's", via=via)
     if latest is not None and latest.get("action") == WAIT_RESOLVED:
         # sent again (the case takes one resolution per id): a signal lost after the record
         # would otherwise leave the case waiting on a resolution it never got. Temporal
@@ -103,13 +114,13 @@ def _resolved(case_id: str, body: ProviderWaitBody, resolver: str) -> dict[str, 
 
 
 async def _refund_refusal(actions: CaseActions, row: Mapping[str, Any], body: ProviderWaitBody) -> str | None:
-    """Why the refund ops name cannot be this case's: another case holds it (the case's write
-    of it would break the one-case-per-refund index and retry for ever), or the case already
-    holds another one (its create's answer named it)."""
+    """Why the refund ops name cannot be this case's: another case holds it, in any letter case
+    (its own write, or another resolution's claim), or the case already holds another one (its
+    create's answer named it)."""
     named = body.provider_refund_id
     if body.provider_shows != "refunded" or named is None:
         return None
-    holder = await actions.store.cases.by_provider_refund(str(row["provider"]), named)
+    holder = await actions.store.cases.by_provider_refund(str(row["provider"]), named, any_case=True)
     if holder is not None and holder["refund_request_id"] != row["refund_request_id"]:
         return f"refund {named} is case {holder['refund_request_id']}'s: name this case's refund"
     if row["provider_refund_id"] not in (None, named):
