@@ -189,8 +189,9 @@ async def reached(stack: Stack, point: str, charge: str, timeout: float) -> bool
 async def restart_services(env: Embedded, refunds: int) -> Outcome:
     """Restarts Temporal, then PostgreSQL, while cases are in flight: half wait for an
     approver (decided only after both restarts), half meet a provider that holds its answer
-    past the client's timeout. The count in flight at each restart is reported, and a
-    restart that strikes nothing is a violation."""
+    past the client's timeout. The count in flight at each restart (cases still moving; the
+    parked ones do nothing a restart could break) is reported, and a restart that strikes
+    nothing is a violation."""
     outcome = Outcome("restart", cases=refunds)
     stack = await open_stack(env.store, env.client, env.temporal.address)
     since = datetime.now(UTC)

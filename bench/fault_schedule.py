@@ -24,8 +24,9 @@ from typing import Any
 import httpx
 import psycopg
 
-from bench.checker import Outcome, Sent, check
+from bench.checker import FINAL, WAITS_FOR_PERSON, Outcome, Sent, check
 from bench.common import Embedded
+from starters.actions.approving import VERDICT_PENDING
 from tests.harness import Stack, open_stack
 
 # How long the worker's provider client waits for an answer, and the submit activity's
@@ -124,6 +125,7 @@ async def run(env: Embedded, cases: int, seed: int, *, concurrency: int = 10,
     sent: list[Sent] = []
     races: list[asyncio.Task[None]] = []
     raced: list[str] = []
+    counted: dict[str, str] = {}
     disruptions = sorted([(at, "worker_kill") for at in schedule.worker_kills]
                          + [(at, "temporal_restart") for at in schedule.temporal_restarts]
                          + [(at, "postgres_restart") for at in schedule.postgres_restarts])
@@ -142,7 +144,7 @@ async def run(env: Embedded, cases: int, seed: int, *, concurrency: int = 10,
                 if plan.approval_race and answered == 202:
                     raced.append(body["refund_request_id"])
                     races.append(asyncio.create_task(race_approvals(
-                        stack, outcome, body["refund_request_id"], timeout=60 + cases)))
+                        stack, outcome, body["refund_request_id"], timeout=60 + cases, counted=counted)))
 
         tasks = [asyncio.create_task(one(i, plan)) for i, plan in enumerate(schedule.cases)]
         for at, what in disruptions:
@@ -167,6 +169,10 @@ async def run(env: Embedded, cases: int, seed: int, *, concurrency: int = 10,
             if row is not None and row["status"] == "awaiting_approval":
                 outcome.violation(f"{case_id} approval race", "decided by one of its approvers",
                                   "still awaiting_approval")
+            elif row is not None and case_id in counted and (row["status"] == "denied") != (
+                    counted[case_id] == "deny"):
+                outcome.violation(f"{case_id} approval race", f"the end its counted verdict "
+                                  f"({counted[case_id]}) decides", row["status"])
         outcome.counts["succeeded"] = await count_status(stack, sent, "succeeded")
     finally:
         process.kill()
@@ -230,14 +236,17 @@ async def reaches(stack: Stack, case_id: str, status: str, timeout: float) -> bo
     return False
 
 
-async def race_approvals(stack: Stack, outcome: Outcome, case_id: str, timeout: float) -> None:
+async def race_approvals(stack: Stack, outcome: Outcome, case_id: str, timeout: float,
+                         counted: dict[str, str]) -> None:
     """Once the case waits for approval, two approvers decide at once, opposite ways: one
-    wins, the other is refused; neither call may hang."""
+    wins, the other is refused; neither call may hang. The verdict answered as counted goes
+    into `counted` (case id: approve or deny), for the case's end to be held to it; two
+    answered as counted is a violation."""
     if not await reaches(stack, case_id, "awaiting_approval", timeout=timeout):
         outcome.violation(case_id, f"awaiting_approval within {timeout} s", "never")
         return
 
-    async def decide(user: str, decision: str) -> int | str:
+    async def decide(user: str, decision: str) -> tuple[int, str] | str:
         async with stack.api(user) as api:
             try:
                 response = await asyncio.wait_for(api.post(
@@ -245,23 +254,29 @@ async def race_approvals(stack: Stack, outcome: Outcome, case_id: str, timeout: 
                     json={"decision": decision, "reason": "chaos race"}), timeout=30)
             except TimeoutError:
                 return "no answer in 30 s"
-            return response.status_code
+            return response.status_code, str(response.json().get("status", "")) if response.is_success else ""
 
     answers = await asyncio.gather(decide("bob", "approve"), decide("carol", "deny"))
     for answer in answers:
-        if not isinstance(answer, int) or answer >= 500:
+        if not isinstance(answer, tuple) or answer[0] >= 500:
             outcome.violation(f"{case_id} approval race", "an answer (2xx, 403 or 409)", answers)
             return
+    won = [decision for decision, answer in zip(("approve", "deny"), answers, strict=True)
+           if isinstance(answer, tuple) and answer[0] < 300 and answer[1] != VERDICT_PENDING]
+    if len(won) > 1:
+        outcome.violation(f"{case_id} approval race", "one verdict answered as counted", answers)
+    elif won:
+        counted[case_id] = won[0]
 
 
 async def count_in_flight(stack: Stack, sent: list[Sent]) -> int:
-    """Accepted cases not yet final: what a disruption strikes."""
+    """Accepted cases still moving (not final, not parked waiting for a person, whose
+    workflow does nothing until that person acts): what a disruption strikes."""
     ids = [s.case_id for s in sent if s.answered == 202]
     async with stack.store.database.transaction() as conn:
         row = await (await conn.execute(
             "SELECT count(*) AS n FROM refund_cases WHERE refund_request_id = ANY(%s)"
-            " AND status NOT IN ('succeeded', 'refund_failed', 'refund_canceled', 'rejected',"
-            " 'denied', 'expired')", (ids,))).fetchone()
+            " AND status <> ALL(%s)", (ids, sorted(FINAL | WAITS_FOR_PERSON)))).fetchone()
     return int(row["n"]) if row else 0
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from psycopg.types.json import Jsonb
 from temporalio.client import Client
 
 from adapters.db import Store
@@ -244,20 +245,29 @@ async def bare(store: Store, client: Client, temporal_server: TemporalDevServer)
     await opened.close()
 
 
-async def plant(stack: Stack, status: str, *, reserved: int = 0,
-                provider_refund: str | None = None) -> Sent:
-    """A case in `status` holding `reserved`, with (optionally) a provider refund in the
-    given status made for it at the sandbox, as if a run had ended there."""
+AUTO = {"auto_approve": True, "rules_fired": ["auto_approve"], "policy_version": "planted",
+        "requirements": []}
+TWO_PEOPLE = {"auto_approve": False, "rules_fired": ["amount_over_auto_limit"], "policy_version": "planted",
+              "tier": "two", "requirements": [{"role": "approver", "count": 2}]}
+
+
+async def plant(stack: Stack, status: str, *, reserved: int = 0, provider_refund: str | None = None,
+                refund_amount: int = 1_000, decision: dict[str, Any] | None = AUTO) -> Sent:
+    """A case of 1,000 in `status` holding `reserved`, decided by `decision`, with
+    (optionally) a provider refund of `refund_amount` in the given status made for it at the
+    sandbox, as if a run had ended there."""
     charge = await stack.charge(10_000)
     body = stack.refund_body(charge, 1_000)
     await stack.store.cases.create(RefundRequest.model_validate(body), "alice")
     async with stack.store.database.transaction() as conn:
-        await conn.execute("UPDATE refund_cases SET status = %s, reserved_amount = %s"
-                           " WHERE refund_request_id = %s", (status, reserved, body["refund_request_id"]))
+        await conn.execute("UPDATE refund_cases SET status = %s, reserved_amount = %s, decision = %s"
+                           " WHERE refund_request_id = %s",
+                           (status, reserved, Jsonb(decision) if decision else None,
+                            body["refund_request_id"]))
     if provider_refund is not None:
         async with stack.sandbox() as sb:
             made = await sb.post("/v1/refunds", json={
-                "charge": charge, "amount": 1_000,
+                "charge": charge, "amount": refund_amount,
                 "metadata": {"refund_request_id": body["refund_request_id"]}})
         await stack.set_provider_status(made.json()["id"], provider_refund, send_webhook=False)
     return Sent(body["refund_request_id"], charge, 202)
@@ -295,6 +305,86 @@ async def test_the_checker_reports_a_planted_bad_case(bare: Stack, status: str, 
     outcome = await checked(bare, [sent], since)
     assert any(v.startswith(f"[seed 42] {sent.case_id}: ") and reported in v
                for v in outcome.violations), outcome.violations
+
+
+async def test_the_checker_reports_a_refund_of_another_amount_than_the_case_s(bare: Stack) -> None:
+    """A units bug sends 900 for a case of 1,000: the ledger posts the provider's figure, so
+    only the case's own amount shows it."""
+    since = datetime.now(UTC)
+    sent = await plant(bare, "succeeded", provider_refund="succeeded", refund_amount=900)
+    async with bare.store.database.transaction() as conn:
+        await LedgerRepository.post_in(conn, LedgerInput(
+            refund_request_id=sent.case_id, kind=LedgerKind.REFUND_SETTLED, amount=900,
+            currency="USD", provider_refund_id="re_planted"))
+    outcome = await checked(bare, [sent], since)
+    assert [v for v in outcome.violations if sent.case_id in v] == [
+        f"[seed 42] {sent.case_id}: expected a refund of 1000 USD (the case's), observed refund "
+        f"{(await bare.provider_refunds(sent.charge))[0]['id']} of 900 usd"]
+
+
+async def test_the_checker_reports_a_case_waiting_for_a_person_with_no_workflow_or_with_a_refund(
+        bare: Stack) -> None:
+    """Waiting for an approver is open by design, but only with a workflow to take the
+    approval; and money moved while it waits stepped around the approvers."""
+    since = datetime.now(UTC)
+    orphan = await plant(bare, "awaiting_approval", reserved=1_000, decision=TWO_PEOPLE)
+    paid = await plant(bare, "awaiting_approval", reserved=1_000, provider_refund="succeeded",
+                       decision=TWO_PEOPLE)
+    outcome = await checked(bare, [orphan, paid], since)
+    text = "\n".join(outcome.violations)
+    for case_id in (orphan.case_id, paid.case_id):
+        assert (f"{case_id}: expected a running workflow to take a person's word (awaiting_approval), "
+                "observed no workflow") in text
+    assert f"{paid.case_id}: expected no refund while it waits for an approver" in text
+    assert f"{paid.case_id}: expected money moved only as its policy decision allowed, observed " \
+           "approvals by [] before the execution started" in text
+    assert f"{orphan.case_id}: expected money moved" not in text  # no money: nothing stepped around
+
+
+@pytest.mark.parametrize(("approvers", "reported"), [
+    (["alice", "bob"], "approvals by ['bob'] before the execution started; the tier asks for 2 people"),
+    (["bob", "erin"], "short of ['approver x2']"),
+    (["bob", "carol"], None)])
+async def test_the_checker_holds_money_moved_to_the_approvals_its_decision_asked_for(
+        bare: Stack, approvers: list[str], reported: str | None) -> None:
+    """A case of two approvers' tier that moved money: the requester's own approval and an
+    approver without the tier's role do not count; two approvers with it do. Read from the
+    trail, before the execution started."""
+    since = datetime.now(UTC)
+    sent = await plant(bare, "succeeded", provider_refund="succeeded", decision=TWO_PEOPLE)
+    roles = {"alice": ["approver"], "bob": ["approver"], "carol": ["approver"], "erin": ["auditor"]}
+    for approver in approvers:
+        await bare.store.audit.record(sent.case_id, approver, "approval_granted",
+                                      {"reason": "planted", "roles": roles[approver]})
+    await bare.store.audit.record(sent.case_id, "workflow", "execution_started", {})
+    async with bare.store.database.transaction() as conn:
+        await LedgerRepository.post_in(conn, LedgerInput(
+            refund_request_id=sent.case_id, kind=LedgerKind.REFUND_SETTLED, amount=1_000,
+            currency="USD", provider_refund_id="re_planted"))
+    outcome = await checked(bare, [sent], since)
+    mine = [v for v in outcome.violations if sent.case_id in v]
+    if reported is None:
+        assert mine == []
+    else:
+        assert len(mine) == 1 and "money moved only as its policy decision allowed" in mine[0] \
+            and reported in mine[0], mine
+
+
+async def test_the_checker_reports_a_chain_whose_head_is_past_its_rows(bare: Stack) -> None:
+    """The chain's rows end before its head (rows deleted): `verify` says so as
+    "chain <id>: head is …", which the checker's filter on the scenario's chains dropped."""
+    since = datetime.now(UTC)
+    sent = await plant(bare, "rejected")
+    await bare.store.audit.record(sent.case_id, "system", "validation_rejected", {"reason": "planted"})
+    async with bare.store.database.transaction() as conn:
+        await conn.execute("UPDATE audit_heads SET seq = seq + 1 WHERE chain = %s", (sent.case_id,))
+    try:
+        outcome = await checked(bare, [sent], since)
+    finally:
+        async with bare.store.database.transaction() as conn:
+            await conn.execute("UPDATE audit_heads SET seq = seq - 1 WHERE chain = %s", (sent.case_id,))
+    head = f"[seed 42] audit chain: expected verifies, observed chain {sent.case_id}: head is"
+    assert any(v.startswith(head) for v in outcome.violations), outcome.violations
 
 
 async def test_the_checker_reports_a_one_time_row_written_twice(bare: Stack) -> None:
