@@ -3,7 +3,9 @@ two bare workflows of no-op activities in the same run: today's shape before iss
 activities; target >= 1.5x) and the product's new shape (as many activities and local
 activities as a real refund's history holds; target >= 0.85); and the workflow sandbox with
 our pure modules passed through vs the default sandbox. Also the history events of a real
-auto-approved refund and of one with an approval (targets <= 35 and <= 55).
+auto-approved refund and of one with an approval (targets <= 35 and <= 55), each counted
+from a refund run with the product's timings and a late-failure watch (1 s: the waves run
+without one, so that their workflows end with their refunds).
 
     python -m bench.refund_throughput [--refunds 200] [--rounds 4] [--quick]
 
@@ -29,6 +31,7 @@ from temporalio.client import Client, WorkflowHandle
 
 from adapters.approval_seal import approval_keys, sealing_client
 from bench.common import (
+    PRODUCT_TIMINGS,
     Begin,
     CpuMeter,
     announce,
@@ -40,7 +43,14 @@ from bench.common import (
     timed_wave,
 )
 from bench.worker_process import worker_process
-from domain.models import ApprovalSignal, Decision, RefundReason, RefundRequest, RefundWorkflowInput
+from domain.models import (
+    ApprovalSignal,
+    Decision,
+    RefundReason,
+    RefundRequest,
+    RefundTimings,
+    RefundWorkflowInput,
+)
 from tests.harness import Stack
 from workflows.refund import RefundWorkflow
 
@@ -52,6 +62,7 @@ BASELINE_ACTIVITIES = 9
 ACTIVITIES = EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
 WORKFLOW_TASKS = EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED
 MARKERS = EventType.EVENT_TYPE_MARKER_RECORDED
+TIMERS = EventType.EVENT_TYPE_TIMER_STARTED
 LOCAL_ACTIVITY_MARKER = "core_local_activity"
 
 
@@ -69,7 +80,8 @@ async def history_shape(client: Client, workflow_id: str, *,
             "activities": sum(e.event_type == ACTIVITIES for e in events),
             "local_activities": sum(e.event_type == MARKERS and e.marker_recorded_event_attributes.marker_name
                                     == LOCAL_ACTIVITY_MARKER for e in events),
-            "workflow_tasks": sum(e.event_type == WORKFLOW_TASKS for e in events)}
+            "workflow_tasks": sum(e.event_type == WORKFLOW_TASKS for e in events),
+            "timers": sum(e.event_type == TIMERS for e in events)}
 
 
 def provider_events() -> dict[str, float]:
@@ -81,10 +93,11 @@ def provider_events() -> dict[str, float]:
             "not_signalled": sample("refunds_webhook_events_without_news_total")}
 
 
-async def refund_starter(stack: Stack, queue: str, count: int, amount: int = 1_000) -> tuple[Begin, str]:
+async def refund_starter(stack: Stack, queue: str, count: int, amount: int = 1_000,
+                         timings: RefundTimings | None = None) -> tuple[Begin, str]:
     """Starts the i-th of `count` refunds of `amount` (1,000: auto-approved) on `queue` as the
-    relay does (the case row, then the workflow); charges made beforehand. Also one of the
-    workflow ids."""
+    relay does (the case row, then the workflow, with the stack's `timings` unless others are
+    given); charges made beforehand. Also one of the workflow ids."""
     charges = [await stack.charge(10_000) for _ in range(count)]
     tag = uuid.uuid4().hex[:6]
 
@@ -96,20 +109,32 @@ async def refund_starter(stack: Stack, queue: str, count: int, amount: int = 1_0
         await stack.store.cases.create(request, "bench")
         return await stack.client.start_workflow(
             RefundWorkflow.run, RefundWorkflowInput(request=request, requester="bench",
-                                                    timings=stack.settings.timings()),
+                                                    timings=timings or stack.settings.timings()),
             id=request.refund_request_id, task_queue=queue)
     return start, f"bench-{tag}-0"
 
 
-async def approved_once(stack: Stack, queue: str) -> dict[str, int]:
-    """The history of one refund that needs an approval (above the policy's threshold),
-    approved by a sealed update as the relay sends it."""
-    start, case_id = await refund_starter(stack, queue, 1, amount=9_000)
+SAMPLE_TIMINGS = {**PRODUCT_TIMINGS, "late_failure_window_seconds": 1}
+"""The product's timings for the refunds whose histories are counted, with a late-failure
+watch (a timer after the success, its window shortened to 1 s so the workflow ends): the
+timed waves run without one (`late_failure_window_seconds=0`, so a wave's workflows end with
+their refund), and their histories lack the watch and the webhooks it takes."""
+
+
+async def history_of_one(stack: Stack, queue: str, *, approval: bool) -> dict[str, int]:
+    """The whole history of one refund with the product's timings and a late-failure watch:
+    auto-approved, or one that needs an approval (above the policy's threshold), approved by
+    a sealed update as the relay sends it."""
+    timings = stack.settings.model_copy(update=SAMPLE_TIMINGS).timings()
+    start, case_id = await refund_starter(stack, queue, 1, amount=9_000 if approval else 1_000,
+                                          timings=timings)
     handle = await start(0)
-    relay = sealing_client(stack.client, approval_keys(stack.settings))
-    await stack.wait_for_status(case_id, "awaiting_approval")
-    await relay.get_workflow_handle(case_id).execute_update(RefundWorkflow.submit_approval, ApprovalSignal(
-        approver="bench-approver", roles=("approver",), decision=Decision.APPROVE))
+    if approval:
+        relay = sealing_client(stack.client, approval_keys(stack.settings))
+        await stack.wait_for_status(case_id, "awaiting_approval")
+        await relay.get_workflow_handle(case_id).execute_update(
+            RefundWorkflow.submit_approval,
+            ApprovalSignal(approver="bench-approver", roles=("approver",), decision=Decision.APPROVE))
     await handle.result()
     return await history_shape(stack.client, case_id)
 
@@ -147,7 +172,8 @@ async def main(count: int, concurrency: int, rounds: int) -> dict[str, Any]:
             warm_up[variant] = await timed_wave(start, range(warm), concurrency, hold=False)
             if variant == "passthrough":
                 auto = await history_shape(env.client, sample)
-        approval = await approved_once(stack, queues["passthrough"])
+        counted = {"auto_approved": await history_of_one(stack, queues["passthrough"], approval=False),
+                   "one_approval": await history_of_one(stack, queues["passthrough"], approval=True)}
         per_round_seconds: dict[str, list[float]] = {v: [] for v in VARIANTS}
         cpu_seconds: dict[str, Counter[str]] = {v: Counter() for v in VARIANTS}
         orders = []
@@ -181,10 +207,14 @@ async def main(count: int, concurrency: int, rounds: int) -> dict[str, Any]:
               "cpu_per_refund_vs_new_shape": sum(cpu_seconds["passthrough"].values())
               / sum(cpu_seconds["bare_new"].values()),
               "passthrough_vs_default": ours / default_sandbox,
-              "events_per_refund": {"auto_approved": auto["events"], "one_approval": approval["events"]},
+              "events_per_refund": {kind: shape["events"] for kind, shape in counted.items()},
+              "events_per_refund_in_waves": {"auto_approved": auto["events"]},
               "provider_webhooks_in_rounds": {part: int(events_after[part] - events_before[part])
                                               for part in events_after},
-              "auto_approved_history": auto, "one_approval_history": approval}
+              "auto_approved_history": counted["auto_approved"],
+              "one_approval_history": counted["one_approval"],
+              "counted_with": f"the product's timings and a late-failure watch of 1 s ({SAMPLE_TIMINGS})",
+              "wave_history": auto}
     report("refund_throughput", rows, {
         "refunds": per_round * rounds, "rounds": rounds, "per_round": per_round, "concurrency": concurrency,
         "warm_up_runs": {v: warm for v in warm_up}, "warm_up_seconds": warm_up, "round_orders": orders,

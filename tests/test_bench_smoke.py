@@ -38,6 +38,10 @@ def test_refund_throughput_smoke_warms_every_variant_and_rotates_the_order(tmp_p
     # ran end to end: validated (local), submitted, settled (the local write that queues the notice)
     assert auto["activities"] >= 1 and auto["local_activities"] >= 2
     assert approval["events"] > auto["events"] == result["events_per_refund"]["auto_approved"]
+    # counted with the late-failure watch the product holds after a success (a timer); the
+    # waves' refunds run without it, and their histories were what was counted
+    assert auto["timers"] >= 1 and approval["timers"] >= 1 and result["wave_history"]["timers"] == 0
+    assert auto["events"] > result["events_per_refund_in_waves"]["auto_approved"]
     assert all(row["per_second"] > 0 for row in result["rows"])
     assert set(result["warm_up_seconds"]) == {"bare", "bare_new", "passthrough", "default"}
     assert [order[0] for order in result["round_orders"]] == ["bare", "bare_new"]
