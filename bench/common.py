@@ -29,7 +29,7 @@ from bench.baseline import BareWorkflow, noop
 from starters.dev.stack import EmbeddedPostgres, TemporalDevServer
 from starters.ports import free_port
 from tests.harness import APPROVAL_KEYS, PAYLOAD_KEYS, Stack, open_stack
-from workers.main import workflow_runner
+from workers.main import worker_tuning, workflow_runner
 
 T = TypeVar("T")
 
@@ -207,14 +207,14 @@ Begin = Callable[[int], Awaitable[WorkflowHandle[Any, Any]]]
 
 
 @asynccontextmanager
-async def bare_worker(client: Client, queue: str | None = None) -> AsyncIterator[str]:
+async def bare_worker(client: Client, settings: Settings, queue: str | None = None) -> AsyncIterator[str]:
     """A worker for bare workflows on its own queue (a new one unless given), kept for the
-    whole run (warmed once, as the product's worker is) and with the product's sandbox runner
-    (passthrough modules), so the two sides differ only in what their workflows do. Yields
-    the queue."""
+    whole run (warmed once, as the product's worker is), with the product's sandbox runner
+    (passthrough modules) and its cache, slots and sticky timeout from `settings`, so the two
+    sides differ only in what their workflows do. Yields the queue."""
     queue = queue or f"bench-bare-{uuid.uuid4().hex[:6]}"
     async with Worker(client, task_queue=queue, workflows=[BareWorkflow], activities=[noop],
-                      workflow_runner=workflow_runner()):
+                      workflow_runner=workflow_runner(), **worker_tuning(settings)):
         yield queue
 
 

@@ -225,7 +225,8 @@ async def main(count: int, concurrency: int, rounds: int) -> dict[str, Any]:
         "round_ratios_vs_new_shape": [
             round(b / p, 3) for b, p in zip(per_round_seconds["bare_new"], per_round_seconds["passthrough"],
                                             strict=True)],
-        "bare_runner": "workers.main.workflow_runner() (the product's)",
+        "bare_runner": "workers.main.workflow_runner() and worker_tuning() (the product's sandbox, "
+                       "cache, slots and sticky timeout)",
         "workers": "one process per variant (bench.worker_process); the bare variants share one",
         "targets": {"vs_9_activity_baseline": 1.5, "vs_new_shape": 0.85, "events_auto_approved": 35,
                     "events_one_approval": 55}, **result})

@@ -53,7 +53,7 @@ async def serve(dsn: str, bare_queue: str | None, default_sandbox: bool) -> None
     client = await connect(settings)
     async with AsyncExitStack() as running:
         if bare_queue is not None:
-            await running.enter_async_context(bare_worker(client, bare_queue))
+            await running.enter_async_context(bare_worker(client, settings, bare_queue))
         else:
             store = await Store.open(dsn, max_size=20)
             running.push_async_callback(store.close)

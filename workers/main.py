@@ -15,6 +15,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import Any
 
 from temporalio.client import Client
 from temporalio.worker import Worker, WorkerTuner, WorkflowRunner
@@ -88,14 +89,22 @@ def build_worker(client: Client, task_queue: str, store: Store,
     return Worker(
         client, task_queue=task_queue, workflows=list(WORKFLOWS), activities=activities,
         workflow_runner=runner or workflow_runner(), graceful_shutdown_timeout=graceful_shutdown,
-        interceptors=[ApprovalSealCheck(keys)],
-        max_cached_workflows=settings.worker_max_cached_workflows,
+        interceptors=[ApprovalSealCheck(keys)], **worker_tuning(settings))
+
+
+def worker_tuning(settings: Settings) -> dict[str, Any]:
+    """The worker's cache, task slots and sticky timeout, as `Worker` arguments: the
+    product's, and the benchmarks' bare baseline's (the two differ only in what their
+    workflows do)."""
+    return {
+        "max_cached_workflows": settings.worker_max_cached_workflows,
         # the slots as a tuner (not max_concurrent_*), so a caller may swap in its own tuner
-        tuner=WorkerTuner.create_fixed(workflow_slots=settings.worker_max_concurrent_workflow_tasks,
-                                       activity_slots=settings.worker_max_concurrent_activities,
-                                       local_activity_slots=settings.worker_max_concurrent_local_activities),
-        sticky_queue_schedule_to_start_timeout=timedelta(seconds=settings.worker_sticky_queue_timeout_seconds),
-    )
+        "tuner": WorkerTuner.create_fixed(
+            workflow_slots=settings.worker_max_concurrent_workflow_tasks,
+            activity_slots=settings.worker_max_concurrent_activities,
+            local_activity_slots=settings.worker_max_concurrent_local_activities),
+        "sticky_queue_schedule_to_start_timeout":
+            timedelta(seconds=settings.worker_sticky_queue_timeout_seconds)}
 
 
 def refuse_bad_settings(settings: Settings) -> None:
