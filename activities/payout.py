@@ -14,7 +14,7 @@ from typing import Any
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.refund import configuration_refused, current_step_key
+from activities.refund import configuration_refused, current_step_key, past_start_to_close
 from adapters.db import Store
 from adapters.db.payouts import HoldReleased
 from adapters.providers.base import (
@@ -62,7 +62,7 @@ class PayoutActivities:
     """Holds the process-wide store, provider clients and policy the activities share."""
 
     def __init__(self, store: Store, providers: Mapping[str, ProviderAdapter], policy: Policy) -> None:
-        self._book = store.payouts
+        self._book, self._audit = store.payouts, store.audit
         self._providers = providers
         self._policy = policy
 
@@ -186,6 +186,13 @@ class PayoutActivities:
                 await self._refuse_while_held_elsewhere(inp.case_id, original.beneficiary_id, inp.approvers)
                 for replaced in await self._book.lineage(original):
                     await self._refuse_unless_failed_still(provider, replaced)
+                if past_start_to_close():
+                    # Temporal gave up on this attempt: the next one, past the provider's
+                    # horizon, looks up and creates; a create now could land beside it
+                    await self._audit.record(inp.case_id, "system", "reissue_create_abandoned",
+                                             {"reference": order.reference})
+                    raise ApplicationError("the reissue attempt woke past its start-to-close: the "
+                                           "provider is not called", type=errors.OUTCOME_UNKNOWN)
                 made = await self._create(provider, order, original.reissue_key())
         except ProviderConfigurationRefused as exc:
             raise configuration_refused(exc) from exc

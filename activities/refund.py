@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 
 
 
-def _past_start_to_close() -> bool:
+def past_start_to_close() -> bool:
     """Whether this activity attempt runs past its start-to-close timeout: Temporal has
     timed it out (and may have scheduled a retry, or the workflow moved on without it)."""
     info = activity.info()
@@ -263,7 +263,7 @@ class RefundActivities:
                 await self._store.cases.record_provider_refund(case_id, found,
                                                                "provider_refund_found_before_resubmit")
                 return found
-        if _past_start_to_close():
+        if past_start_to_close():
             # Temporal gave up on this attempt (a cancel waits exactly that long before it
             # looks at the provider and releases the hold): a create now would land after
             # that look. A retry, if any, records its intent and looks first.

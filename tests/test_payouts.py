@@ -5,8 +5,10 @@ joining events, and a reissue that needs its own approval and happens once."""
 
 import asyncio
 import contextlib
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
@@ -16,6 +18,7 @@ import pytest
 from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
+from temporalio.testing import ActivityEnvironment
 
 from activities.payout import PayoutActivities
 from adapters.db import Store
@@ -861,3 +864,23 @@ async def test_an_earlier_failure_that_cannot_act_at_registration_acts_at_the_ne
         await payouts.client.get_workflow_handle(case_id).describe()
     await WebhookDesk(payouts.store, payouts.client, payouts.providers, settings).redrive()
     await wait_for_case(payouts, case_id, "awaiting_approval")
+
+
+async def test_a_reissue_attempt_that_wakes_past_its_time_creates_nothing(payouts: Stack) -> None:
+    """An attempt paused past its start-to-close (a VM pause, a long GC): Temporal has timed
+    it out and the workflow's next attempt, past the provider's horizon, looks up and creates.
+    This one woke and created too, a second payout to the beneficiary where the provider
+    keeps no idempotency key (reproduced). It creates nothing, audited, an unknown outcome."""
+    payout = await paid_payout(payouts, 47_000)
+    await move_payout(payouts, payout.provider_payout_id, "failed", failure_code="account_closed")
+    case_id = payout_case_id("sandbox", payout.provider_payout_id)
+    late = ActivityEnvironment()
+    late.info = dataclasses.replace(late.info, start_to_close_timeout=timedelta(seconds=60),
+                                    started_time=datetime.now(UTC) - timedelta(seconds=61))
+    activities = PayoutActivities(payouts.store, payouts.providers, load_policy())
+    with pytest.raises(ApplicationError) as unknown:
+        await late.run(activities.reissue_payout, ReissueInput(case_id=case_id, original=payout,
+                                                               final_status=PayoutStatus.FAILED))
+    assert unknown.value.type == errors.OUTCOME_UNKNOWN and not unknown.value.non_retryable
+    assert await reissues_at_provider(payouts, payout.reissue_id()) == []
+    assert "reissue_create_abandoned" in [e["action"] for e in await payouts.store.audit.trail(case_id)]

@@ -69,7 +69,8 @@ RESUBMIT_BACKOFF_CAP = timedelta(minutes=10)
 # writes and must land; advice is optional (bounded, its failure tolerated); the
 # compensating entry uses LEDGER under the case's `ledger_pending_after` deadline, after
 # which the rollback branch runs. A reissue looks up before it creates, and its
-# start-to-close outlasts an attempt's two provider calls, so attempts never overlap.
+# start-to-close outlasts an attempt's provider calls, and an attempt that wakes past it
+# creates nothing, so attempts never overlap.
 PAYOUT_ADMIT: dict[str, Any] = {"start_to_close_timeout": timedelta(seconds=30), "retry_policy": _PATIENT}
 PAYOUT_TRIAGE: dict[str, Any] = {
     "start_to_close_timeout": timedelta(seconds=30),
