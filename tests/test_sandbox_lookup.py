@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
+from adapters.providers.base import ProviderOutcomeUnknown
 from adapters.providers.sandbox import SandboxProvider
 from domain.models import RefundReason, RefundRequest
 from tests.harness import Stack
@@ -65,3 +66,67 @@ async def test_a_server_ignoring_the_reference_filter_gives_no_other_requests_re
         assert await provider.find_refund(request_for("ch_1", "nobody")) is None
     finally:
         await provider._http.aclose()
+
+
+def paged(objects: list[dict[str, Any]], per_page: int, *,
+          empty_with_more: bool = False) -> httpx.MockTransport:
+    """A Stripe-shaped list that ignores every filter and pages `per_page` at a time (after
+    the last page, optionally, an empty page that still says "more")."""
+    def answer(request: httpx.Request) -> httpx.Response:
+        after = request.url.params.get("starting_after")
+        start = 0 if after is None else [o["id"] for o in objects].index(after) + 1
+        page = objects[start:start + per_page]
+        return httpx.Response(200, json={"object": "list", "data": page,
+                                         "has_more": empty_with_more or start + per_page < len(objects)})
+    return httpx.MockTransport(answer)
+
+
+def provider_on(transport: httpx.MockTransport) -> SandboxProvider:
+    provider = SandboxProvider("http://sandbox.invalid", webhook_secrets=["s"])
+    provider._http = httpx.AsyncClient(base_url="http://sandbox.invalid", transport=transport)
+    return provider
+
+
+def payout(n: int, reference: str | None) -> dict[str, Any]:
+    return {"id": f"po_{n}", "object": "payout", "amount": 4_000, "currency": "usd", "status": "paid",
+            "created": 1_700_000_000 - n, "metadata": {"payout_reference": reference} if reference else {}}
+
+
+async def test_a_reissue_past_the_first_page_of_a_server_ignoring_the_filter_is_found() -> None:
+    """The reissue's lookup before any create read one page: on a server that lists every
+    payout, a reissue older than the newest page was "not there", and the next attempt paid
+    the beneficiary again (reproduced). Every page is read, and two payouts under one
+    reference are never taken for one."""
+    payouts = [payout(n, None) for n in range(5)] + [payout(9, "P-1-r1")]
+    provider = provider_on(paged(payouts, 2))
+    try:
+        found = await provider.find_payout("P-1-r1")
+        assert found is not None and found.payout_id == "po_9"
+        assert await provider.find_payout("P-2-r1") is None
+    finally:
+        await provider._http.aclose()
+    twice = provider_on(paged([payout(1, "P-1-r1"), *payouts[:3], payout(2, "P-1-r1")], 2))
+    try:
+        with pytest.raises(ProviderOutcomeUnknown, match="2 payouts"):
+            await twice.find_payout("P-1-r1")
+    finally:
+        await twice._http.aclose()
+
+
+async def test_a_list_that_says_more_after_an_empty_page_is_no_answer() -> None:
+    """"More" with nothing to go on from: what was read is not all there is, so "ours is not
+    there" would be a guess (a resubmit, or a reservation released, on it)."""
+    refunds = [{"id": "re_1", "object": "refund", "amount": 1, "currency": "usd", "charge": "ch_1",
+                "status": "succeeded", "created": 1_700_000_000, "failure_reason": None,
+                "metadata": {"refund_request_id": "other"}}]
+    for lookup in ("refund", "payout"):
+        provider = provider_on(paged(refunds if lookup == "refund" else [payout(1, None)], 1,
+                                     empty_with_more=True))
+        try:
+            with pytest.raises(ProviderOutcomeUnknown, match="more"):
+                if lookup == "refund":
+                    await provider.find_refund(request_for("ch_1", "ours"))
+                else:
+                    await provider.find_payout("P-1-r1")
+        finally:
+            await provider._http.aclose()

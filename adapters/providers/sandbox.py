@@ -12,7 +12,13 @@ from typing import Any
 
 import httpx
 
-from adapters.providers.base import UNDOCUMENTED_MAXIMUM, ProviderDeclined, only_refund
+from adapters.providers.base import (
+    UNDOCUMENTED_MAXIMUM,
+    ProviderDeclined,
+    ProviderOutcomeUnknown,
+    more_after_empty_page,
+    only_refund,
+)
 from adapters.providers.http import provider_client, raise_for_refusal, send
 from adapters.providers.normalise import (
     IDENTITY_STATUSES,
@@ -108,19 +114,27 @@ class SandboxProvider:
         return refund_from_object(self.name, response.json())
 
     async def find_refund(self, request: RefundRequest) -> ProviderRefund | None:
-        """Every page of the answer, ours by the reference in metadata (a Stripe-shaped server
-        may ignore the filter and list the charge's every refund), oldest first."""
-        params = {"charge": request.charge_id, "reference": request.refund_request_id}
-        found: list[ProviderRefund] = []
+        """Ours by the reference in metadata, oldest first."""
+        found = [refund for o in await self._every_page("/v1/refunds", {
+                     "charge": request.charge_id, "reference": request.refund_request_id})
+                 if (refund := refund_from_object(self.name, o)).reference == request.refund_request_id]
+        return only_refund(self.name, request.refund_request_id, found[::-1])
+
+    async def _every_page(self, path: str, params: dict[str, str]) -> list[dict[str, Any]]:
+        """Every object of a filtered lookup, page after page: a Stripe-shaped server may
+        ignore the filter and list everything, so the caller matches. "More" after an empty
+        page is no answer (what was read is not all there is)."""
+        objects: list[dict[str, Any]] = []
         while True:
-            response = await self._call("GET", "/v1/refunds", params=params)
+            response = await self._call("GET", path, params=params)
             raise_for_refusal(response)
             page = response.json()
-            found += [refund for o in page["data"]
-                      if (refund := refund_from_object(self.name, o)).reference == request.refund_request_id]
-            if not page.get("has_more") or not page["data"]:
-                return only_refund(self.name, request.refund_request_id, found[::-1])
-            params["starting_after"] = str(page["data"][-1]["id"])
+            objects += page["data"]
+            if not page.get("has_more"):
+                return objects
+            if not page["data"]:
+                raise more_after_empty_page(f"GET {path}")
+            params = {**params, "starting_after": str(page["data"][-1]["id"])}
 
     async def get_refund(self, refund_id: str, charge_id: str) -> ProviderRefund | None:
         response = await self._call("GET", f"/v1/refunds/{refund_id}")
@@ -159,8 +173,10 @@ class SandboxProvider:
             page = response.json()
             for obj in page["data"]:
                 yield obj
-            if not page["has_more"] or not page["data"]:
+            if not page["has_more"]:
                 return
+            if not page["data"]:
+                raise more_after_empty_page(f"listing {path}")
             cursor = str(page["data"][-1]["id"])
 
     async def create_payout(self, order: PayoutOrder, idempotency_key: str) -> ProviderPayout:
@@ -173,11 +189,13 @@ class SandboxProvider:
         return stripe_shaped_payout(self.name, response.json(), PAYOUT_STATUSES, ISO_UNITS)
 
     async def find_payout(self, reference: str) -> ProviderPayout | None:
-        response = await self._call("GET", "/v1/payouts", params={"reference": reference})
-        raise_for_refusal(response)
-        found = [payout for o in response.json()["data"]  # an emulator may ignore the filter
+        """The payout with our reference; two are no answer (one debt paid twice: ops)."""
+        found = [payout for o in await self._every_page("/v1/payouts", {"reference": reference})
                  if (payout := stripe_shaped_payout(self.name, o, PAYOUT_STATUSES, ISO_UNITS)).reference
                  == reference]
+        if len(found) > 1:
+            raise ProviderOutcomeUnknown(f"{len(found)} payouts carry the reference {reference}: "
+                                         f"{', '.join(p.payout_id for p in found)}")
         return found[0] if found else None
 
     async def get_payout(self, payout_id: str) -> ProviderPayout | None:
