@@ -317,6 +317,12 @@ class RefundActivities:
         case_id = request.refund_request_id
         try:
             found = await self._executor(request).find_refund(request)
+            if found is not None and found.reference != case_id:
+                # answered under another reference (a provider matching ids loosely): taken for
+                # ours, the case would book another case's refund; ours may or may not exist
+                raise ApplicationError(
+                    f"lookup answered refund {found.refund_id} under the reference {found.reference!r}, "
+                    "not ours: outcome unknown", type=errors.OUTCOME_UNKNOWN)
             return [found] if found is not None else []
         except RefundsDuplicated as exc:
             return sorted(exc.refunds, key=lambda r: r.status in FINAL_PROVIDER_STATUSES)  # paid nobody: last

@@ -148,6 +148,8 @@ class FakeCashfree:
     lookup_misses: int = 0
     """The next lookups of a refund by its refund_id that answer 404 although it was made
     (a read that lags the write)."""
+    lookup_ignores_case: bool = False
+    """Whether a lookup matches refund_ids without regard to case (not known of Cashfree)."""
 
     def order(self, amount: Decimal, status: str = "PAID") -> str:
         order_id = f"order_{secrets.token_hex(10)}"
@@ -253,7 +255,8 @@ class FakeCashfree:
                 self.lookup_misses -= 1
                 return error(404, "refund_not_found", "refund does not exist")
             for refund in self.refunds_of(order_id):
-                if refund["refund_id"] == refund_id:
+                if refund["refund_id"] == refund_id or (
+                        self.lookup_ignores_case and refund["refund_id"].lower() == refund_id.lower()):
                     return answer({k: v for k, v in refund.items() if k != "x_idempotency_key"})
             return error(404, "refund_not_found", "refund does not exist")
 

@@ -22,10 +22,14 @@ import pytest
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from temporalio.client import Client
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
 
+from activities.refund import RefundActivities
 from adapters.config import Settings
 from adapters.db import Store
 from adapters.http_server import AppServer
+from adapters.policy_file import load_policy
 from adapters.providers import rainforest
 from adapters.providers.base import (
     PayoutLister,
@@ -42,8 +46,9 @@ from adapters.providers.http import send
 from adapters.providers.normalise import REFERENCE_KEY, exact_json, minor_to_major
 from adapters.providers.rainforest import RainforestApiProvider, RainforestProvider
 from adapters.providers.registry import build_providers, close_providers
+from domain import errors
 from domain.events import tracking_case_id
-from domain.models import ProviderEvent, RefundRequest
+from domain.models import ProviderEvent, RefundReason, RefundRequest, VerifyInput
 from domain.reconciliation import ListedRefund
 from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
@@ -616,3 +621,25 @@ async def test_a_rainforest_lookup_whose_payin_is_not_found_is_no_answer_about_t
     finally:
         await adapter.aclose()
         await server.stop()
+
+
+async def test_a_lookup_answering_another_reference_is_no_answer_about_ours(rig: Rig) -> None:
+    """A provider's lookup by our id answers a refund under another one (here a Cashfree that
+    matched refund ids without regard to case: `rr-Case-X` for `rr-case-x`). Taken as ours, a
+    case was booked succeeded on another case's refund, its customer never paid (reproduced).
+    The lookup is no answer: an unknown outcome, asked again."""
+    order_id = rig.cashfree.order(Decimal("500.00"))
+    theirs = f"rr-Case-{uuid.uuid4().hex[:8]}"
+    rig.cashfree._refund(order_id, Decimal("10.00"), theirs, None, None)
+    ours = RefundRequest(refund_request_id=theirs.lower(), provider="cashfree", charge_id=order_id,
+                         amount=1_000, currency="INR", merchant_account=CASHFREE_ID,
+                         reason=RefundReason.DUPLICATE)
+    activities = RefundActivities(rig.stack.store, rig.stack.providers, load_policy())
+    rig.cashfree.lookup_ignores_case = True
+    try:
+        with pytest.raises(ApplicationError) as unknown:
+            await ActivityEnvironment().run(activities.verify_provider_refund,
+                                            VerifyInput(request=ours, reason="an earlier attempt"))
+    finally:
+        rig.cashfree.lookup_ignores_case = False
+    assert unknown.value.type == errors.OUTCOME_UNKNOWN and theirs in str(unknown.value)
