@@ -174,6 +174,9 @@ async def run(env: Embedded, cases: int, seed: int, *, concurrency: int = 10,
                 outcome.violation(f"{case_id} approval race", f"the end its counted verdict "
                                   f"({counted[case_id]}) decides", row["status"])
         outcome.counts["succeeded"] = await count_status(stack, sent, "succeeded")
+        async with stack.sandbox() as sb:  # what struck, beside what was drawn (a lookup fault
+            fired = (await sb.get("/_sandbox/faults/fired")).json()  # strikes only a verify)
+        outcome.counts.update({f"fired_{kind}": int(n) for kind, n in fired.items()})
     finally:
         process.kill()
         process.wait()

@@ -70,6 +70,9 @@ async def test_the_randomised_fault_schedule_keeps_every_refund_exact(env: Embed
     assert outcome.violations == [], "\n".join(outcome.violations)
     assert outcome.counts["temporal_restarts"] == 1 and outcome.counts["worker_kills"] == 1
     assert outcome.counts["in_flight_at_disruptions_min"] > 0
+    drawn = {k: v for k, v in outcome.counts.items() if k in fault_schedule.CREATE_FAULTS}
+    fired = {k.removeprefix("fired_"): v for k, v in outcome.counts.items() if k.startswith("fired_")}
+    assert drawn and all(fired.get(kind, 0) > 0 for kind in drawn), (drawn, fired)  # injected, not only drawn
     # every race was decided: the worker process verifies the relay's approval seals
     assert outcome.counts["approval_race"] > 0 and outcome.waiting_for_person == []
 

@@ -56,6 +56,9 @@ class SandboxState:
     held: list[bytes] = field(default_factory=list)
     stalled: Counter[str] = field(default_factory=Counter)
     """Calls a fault holds right now, as `<point>:<charge>`: the suite kills a worker there."""
+    fired: Counter[str] = field(default_factory=Counter)
+    """How many calls each fault kind struck (a lookup refusal as `lookup_<status>`): what a
+    suite injected, not what it queued."""
     slow_creates: dict[str, tuple[asyncio.Event, asyncio.Event]] = field(default_factory=dict)
     """Per charge with a slow create: (the next create arrived, the slow one has acted)."""
 
@@ -128,6 +131,7 @@ def create_app(*, db_path: str = ":memory:", webhook_url: str | None = None,
                       if kinds(f.mode) and f.charge in (None, charge)), None)
         if fault is None:
             return None
+        state.fired[f"lookup_{fault.status}" if fault.mode == "lookup_status" else fault.mode] += 1
         fault.times -= 1
         if fault.times <= 0:
             state.faults.remove(fault)
@@ -318,6 +322,11 @@ def create_app(*, db_path: str = ":memory:", webhook_url: str | None = None,
     async def add_fault(body: FaultIn) -> dict[str, int]:
         state.faults.append(body)
         return {"queued": len(state.faults)}
+
+    @app.get("/_sandbox/faults/fired")
+    async def fired() -> dict[str, int]:
+        """How many calls each fault kind struck so far."""
+        return dict(state.fired)
 
     @app.get("/_sandbox/stalled")
     async def stalled() -> dict[str, list[str]]:
