@@ -121,6 +121,14 @@ timed waves run without one (`late_failure_window_seconds=0`, so a wave's workfl
 their refund), and their histories lack the watch and the webhooks it takes."""
 
 
+async def refund_statuses(stack: Stack) -> dict[str, int]:
+    """How many of the run's refunds (every case in the bench's own database) end in each
+    status."""
+    rows = await stack.store.database.fetch_all(
+        "SELECT status, count(*) AS n FROM refund_cases GROUP BY status ORDER BY status")
+    return {str(r["status"]): int(r["n"]) for r in rows}
+
+
 async def history_of_one(stack: Stack, queue: str, *, approval: bool) -> dict[str, int]:
     """The whole history of one refund with the product's timings and a late-failure watch:
     auto-approved, or one that needs an approval (above the policy's threshold), approved by
@@ -190,6 +198,9 @@ async def main(count: int, concurrency: int, rounds: int) -> dict[str, Any]:
                 after = meter.read()
                 cpu_seconds[variant].update({part: after[part] - before[part] for part in after})
         events_after = provider_events()
+        statuses = await refund_statuses(stack)
+    if set(statuses) != {"succeeded"}:  # a wave of refunds that failed fast is no rate of refunds
+        raise SystemExit(f"refund_throughput: every timed refund must succeed: {statuses}")
     rate = {v: per_round * rounds / sum(s) for v, s in per_round_seconds.items()}
     bare, bare_new = rate["bare"], rate["bare_new"]
     ours, default_sandbox = rate["passthrough"], rate["default"]
@@ -207,6 +218,7 @@ async def main(count: int, concurrency: int, rounds: int) -> dict[str, Any]:
               "cpu_per_refund_vs_new_shape": sum(cpu_seconds["passthrough"].values())
               / sum(cpu_seconds["bare_new"].values()),
               "passthrough_vs_default": ours / default_sandbox,
+              "refund_statuses": statuses,
               "events_per_refund": {kind: shape["events"] for kind, shape in counted.items()},
               "events_per_refund_in_waves": {"auto_approved": auto["events"]},
               "provider_webhooks_in_rounds": {part: int(events_after[part] - events_before[part])
