@@ -286,8 +286,9 @@ async def order(env: Embedded,
     provider ended (the last status of the real sequence)."""
     permutations = list(itertools.permutations(sequence))
     outcome = Outcome("order", cases=len(permutations))
+    # the poll comes after the check's wait: only the webhooks can bring a case to its end
     stack = await open_stack(env.store, env.client, env.temporal.address, late_failure_window_seconds=5,
-                             status_poll_interval_seconds=60)
+                             status_poll_interval_seconds=600)
     since = datetime.now(UTC)
     sent: list[Sent] = []
     try:
@@ -304,7 +305,8 @@ async def order(env: Embedded,
                 await stack.set_provider_status(refund_id, status)
             bodies = await take_held(stack)
             for index in (sequence.index(s) for s in perm):
-                await stack_deliver(stack, bodies[index])
+                if (answer := await stack_deliver(stack, bodies[index])) != 200:
+                    outcome.violation(f"{'>'.join(perm)} {case_id} delivery", "HTTP 200", f"HTTP {answer}")
         await check_requests(stack, outcome, sent, since)
         for perm, request in zip(permutations, sent, strict=True):
             ended = await stack.store.cases.get(request.case_id)
@@ -324,13 +326,14 @@ async def take_held(stack: Stack) -> list[bytes]:
     return [b for b in bodies if json.loads(b)["type"] != "refund.created"]
 
 
-async def stack_deliver(stack: Stack, body: bytes) -> None:
+async def stack_deliver(stack: Stack, body: bytes) -> int:
+    """Delivers a held webhook, signed now; the relay's answer."""
     secret = stack.settings.sandbox_webhook_secret
     assert secret is not None
     async with httpx.AsyncClient(base_url=stack.relay_url, timeout=30) as http:
-        await http.post("/webhooks/sandbox", content=body, headers={
+        return (await http.post("/webhooks/sandbox", content=body, headers={
             "Content-Type": "application/json",
-            "Sandbox-Signature": sign(secret.get_secret_value(), body, int(time.time()))})
+            "Sandbox-Signature": sign(secret.get_secret_value(), body, int(time.time()))})).status_code
 
 
 BAD_INPUT_SECRETS: dict[str, Any] = {"stripe_webhook_secret": "whsec_chaos",
