@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -49,7 +50,7 @@ from typing import Any
 
 import httpx
 import psutil
-from temporalio.api.enums.v1 import EventType
+from temporalio.api.enums.v1 import EventType, WorkflowTaskFailedCause
 from temporalio.client import WorkflowFailureError
 
 from adapters import signing
@@ -64,6 +65,7 @@ from tests.adyen_fake import refund_notification
 from tests.harness import PAYLOAD_KEYS, Stack, open_stack
 
 SERVICENOW_SECRET = "chaos-servicenow"
+UNHANDLED_COMMAND = WorkflowTaskFailedCause.WORKFLOW_TASK_FAILED_CAUSE_UNHANDLED_COMMAND
 CONTENDED_CAPTURE = 10_000
 # The schema fuzz runs as each role that can change something.
 FUZZ_USERS = ("alice", "bob", "olga")
@@ -787,7 +789,7 @@ async def close_race(env: Embedded, cases: int, at_once: int = 2, rounds: int = 
     stack = await open_stack(env.store, env.client, env.temporal.address, late_failure_window_seconds=0)
     since = datetime.now(UTC)
     sent: list[Sent] = []
-    failed, run_again = EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED, 0
+    failed, run_again, other_failures = EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED, 0, Counter[str]()
     try:
         async def request() -> None:
             charge = await stack.charge(10_000)
@@ -804,13 +806,19 @@ async def close_race(env: Embedded, cases: int, at_once: int = 2, rounds: int = 
                     handle = stack.client.get_workflow_handle(case.case_id)
                     with contextlib.suppress(WorkflowFailureError):  # the checker reports the case
                         await asyncio.wait_for(handle.result(), 60)
-                    history = await handle.fetch_history()
-                    run_again += any(e.event_type == failed for e in history.events)
+                    causes = [e.workflow_task_failed_event_attributes.cause
+                              for e in (await handle.fetch_history()).events if e.event_type == failed]
+                    # the race is Temporal refusing the closing completion (a new event came);
+                    # a task failing for any other cause is no race, and is told apart
+                    run_again += UNHANDLED_COMMAND in causes
+                    other_failures.update(WorkflowTaskFailedCause.Name(c) for c in causes
+                                          if c != UNHANDLED_COMMAND)
             if run_again:
                 break
         outcome.cases = len(sent)
         await check_requests(stack, outcome, sent, since)
         outcome.counts["tasks_run_again"] = run_again
+        outcome.counts.update({f"other_task_failures_{cause}": n for cause, n in other_failures.items()})
         if run_again == 0:
             outcome.violation("close race", "a closing task run again (a webhook at the close)", "none")
     finally:
