@@ -92,9 +92,18 @@ class Stack:
             return str(response.json()["id"])
 
     async def provider_refunds(self, charge_id: str) -> list[dict[str, Any]]:
+        """Every refund the sandbox holds on the charge, page after page (the checker's
+        truth: a refund past the first page is still money moved)."""
+        refunds: list[dict[str, Any]] = []
         async with self.sandbox() as sb:
-            response = await sb.get("/v1/refunds", params={"charge": charge_id})
-            return list(response.json()["data"])
+            while True:
+                response = await sb.get("/v1/refunds", params={
+                    "charge": charge_id, **({"starting_after": refunds[-1]["id"]} if refunds else {})})
+                response.raise_for_status()
+                page = response.json()
+                refunds += page["data"]
+                if not page["has_more"] or not page["data"]:
+                    return refunds
 
     def refund_body(self, charge_id: str, amount: int, **overrides: Any) -> dict[str, Any]:
         body: dict[str, Any] = {

@@ -36,6 +36,7 @@ async def test_a_refund_below_a_hundred_newer_ones_on_its_charge_is_found(stack:
             assert later.status_code == 200, later.text
     found = await stack.providers["sandbox"].find_refund(request_for(charge, ours))
     assert found is not None and found.refund_id == made.json()["id"]
+    assert len(await stack.provider_refunds(charge)) == 101  # the checker's truth reads every page
 
 
 @pytest.mark.parametrize("pages", [1, 2])
