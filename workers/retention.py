@@ -1,7 +1,8 @@
 """The worker's pruner: rows kept for a retention, then deleted in batches.
 
-- Webhook receipts refused before their sender was known (anyone can send those, up to the
-  body limit each), so forged traffic cannot grow the database without bound.
+- Webhook receipts refused before their sender was known, or stale (a replay of a captured
+  delivery): anyone can send those, up to the body limit each, so that traffic cannot grow
+  the database without bound.
 - Case steps' kept answers (`adapters.db.steps`): needed only while a local activity can run
   again, i.e. while its workflow task is retried."""
 
