@@ -78,12 +78,6 @@ def not_served(served: frozenset[str], account: object, what: str, setting: str)
     return f"{what} {account!r} is not one this deployment serves ({setting})"
 
 
-def more_after_empty_page(call: str) -> ProviderOutcomeUnknown:
-    """A list that says "more" after a page with nothing to go on from: what was read is not
-    all there is, so "ours is not there" would be a guess (a second create, a release, on it)."""
-    return ProviderOutcomeUnknown(f"{call}: more after an empty page, nothing to go on from")
-
-
 def only_refund(provider: str, reference: str, found: list[ProviderRefund]) -> ProviderRefund | None:
     """A lookup's answer: the one refund with our reference, None, or `RefundsDuplicated`
     (`found` in the order the adapter prefers, the one a case follows first)."""

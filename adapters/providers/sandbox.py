@@ -16,7 +16,6 @@ from adapters.providers.base import (
     UNDOCUMENTED_MAXIMUM,
     ProviderDeclined,
     ProviderOutcomeUnknown,
-    more_after_empty_page,
     only_refund,
 )
 from adapters.providers.http import provider_client, raise_for_refusal, send
@@ -130,10 +129,8 @@ class SandboxProvider:
             raise_for_refusal(response)
             page = response.json()
             objects += page["data"]
-            if not page.get("has_more"):
+            if not page.get("has_more") or not page["data"]:  # "more" after an empty page: no last id
                 return objects
-            if not page["data"]:
-                raise more_after_empty_page(f"GET {path}")
             params = {**params, "starting_after": str(page["data"][-1]["id"])}
 
     async def get_refund(self, refund_id: str, charge_id: str) -> ProviderRefund | None:
@@ -173,10 +170,8 @@ class SandboxProvider:
             page = response.json()
             for obj in page["data"]:
                 yield obj
-            if not page["has_more"]:
+            if not page["has_more"] or not page["data"]:
                 return
-            if not page["data"]:
-                raise more_after_empty_page(f"listing {path}")
             cursor = str(page["data"][-1]["id"])
 
     async def create_payout(self, order: PayoutOrder, idempotency_key: str) -> ProviderPayout:

@@ -24,7 +24,6 @@ from adapters.providers.base import (
     ProviderError,
     ProviderOutcomeUnknown,
     WebhookRejected,
-    more_after_empty_page,
     only_refund,
 )
 from adapters.providers.http import outcome_unknown, refusal
@@ -224,10 +223,8 @@ class StripeProvider:
             refunds = [_stripe_dict(r) for r in page.data]
             found += [self._refund(r) for r in refunds
                       if (r.get("metadata") or {}).get(REFERENCE_KEY) == request.refund_request_id]
-            if not page.has_more:
+            if not page.has_more or not refunds:  # "more" after an empty page: nothing to go on from
                 break
-            if not refunds:
-                raise more_after_empty_page("GET /v1/refunds")
             page = await self._call("GET /v1/refunds", self._client.v1.refunds.list_async(
                 {"charge": request.charge_id, "limit": 100, "starting_after": refunds[-1]["id"]}))
         return only_refund(self.name, request.refund_request_id, found[::-1])  # oldest first
