@@ -34,6 +34,8 @@ class FakeAdyen:
     refunds: list[dict[str, Any]] = field(default_factory=list)
     unavailable: int = 0
     """The next creates Adyen answers with a 500 before acting (its documented error shape)."""
+    next_psp: str | None = None
+    """The pspReference the next refund gets (a new one otherwise)."""
 
     def payment(self, amount: int, currency: str, merchant: str, psp: str | None = None) -> str:
         """A payment Adyen holds (its pspReference, new unless given)."""
@@ -71,8 +73,9 @@ class FakeAdyen:
                                      "pspReference required for this operation",
                                      "errorType": "validation"}, 422)
             answer = {"merchantAccount": body["merchantAccount"], "paymentPspReference": psp,
-                      "pspReference": secrets.token_hex(8).upper(), "reference": body["reference"],
-                      "status": "received", "amount": body["amount"]}
+                      "pspReference": self.next_psp or secrets.token_hex(8).upper(),
+                      "reference": body["reference"], "status": "received", "amount": body["amount"]}
+            self.next_psp = None
             self.refunds.append({**answer, "idempotencyKey": request.headers.get("idempotency-key")})
             return JSONResponse(answer, 201)
 

@@ -22,7 +22,16 @@ from starters.dev.stack import TemporalDevServer
 from tests.adyen_fake import FakeAdyen
 from tests.harness import write_held
 from tests.reconciliation_kit import wait_for_breaks
-from tests.test_adyen import API_KEY, MERCHANT, TEST_KEY, AdyenRig, adyen_rig, notification, refunded
+from tests.test_adyen import (
+    API_KEY,
+    MERCHANT,
+    TEST_KEY,
+    AdyenRig,
+    adyen_rig,
+    notification,
+    refunded,
+    unique_psp,
+)
 from tests.test_console import console, post_form
 from tests.test_reconciliation import decide
 
@@ -483,16 +492,39 @@ async def test_a_claim_made_between_the_check_and_the_record_still_refuses(
         await resolve_provider_wait(away, Principal("olga", frozenset({"ops"})), first,
                                     ProviderWaitBody.model_validate(named), via="api")
     second, _ = await waiting_case(rig, 1_350)
-    looked_up, calls = rig.stack.store.cases.by_provider_refund, []
+    looked_up, calls = rig.stack.store.cases.refund_held_elsewhere, []
 
-    async def unseen_once(provider: str, refund_id: str, **kwargs: Any) -> Any:
+    async def unseen_once(provider: str, refund_id: str, case_id: str) -> Any:
         calls.append(refund_id)
-        return None if len(calls) == 1 else await looked_up(provider, refund_id, **kwargs)
+        return None if len(calls) == 1 else await looked_up(provider, refund_id, case_id)
 
-    monkeypatch.setattr(rig.stack.store.cases, "by_provider_refund", unseen_once)
+    monkeypatch.setattr(rig.stack.store.cases, "refund_held_elsewhere", unseen_once)
     taken = await resolve(rig, "olga", second, **named)
     assert taken.status_code == 409 and first in taken.json()["detail"], taken.text
     assert [e["action"] for e in await rig.stack.store.audit.trail(second)
             if e["action"] in ("provider_wait_resolved", "action_refused")] == ["action_refused"]
     row = await rig.stack.store.cases.get(second)
     assert row is not None and row["provider_refund_id"] is None and len(calls) == 2
+
+
+async def test_a_resend_naming_a_refund_another_case_came_to_hold_is_refused(rig: AdyenRig) -> None:
+    """A resolution named a refund in lower case before the case it belongs to held it (the
+    claim commits: the index tells letter cases apart); that case then wrote it as Adyen does.
+    The resend found the resolving case's own claim first and delivered it: one refund booked
+    for two cases. Another case holding it, in any letter case, refuses the resend."""
+    first, _ = await waiting_case(rig, 1_450)
+    psp = rig.fake.payment(10_000, "EUR", MERCHANT)
+    named = {"provider_shows": "refunded", "reason": "Customer Area: refund settled"}
+    pasted = unique_psp().lower()
+    away = CaseActions(rig.stack.store, cast(Client, SignalsLost(rig.stack.client)), rig.stack.settings)
+    olga = Principal("olga", frozenset({"ops"}))
+    rig.fake.next_psp = pasted.upper()  # the refund the other case's create is answered with
+    with pytest.raises(RPCError):
+        await resolve_provider_wait(away, olga, first, ProviderWaitBody.model_validate(
+            {**named, "provider_refund_id": pasted}), via="api")
+    second = await rig.stack.request_refund("alice", psp, 1_550, provider="adyen", currency="EUR",
+                                            merchant_account=MERCHANT)
+    held = await rig.stack.wait_for_status(second, "pending")
+    assert held["provider_refund_id"] == pasted.upper()
+    again = await resolve(rig, "olga", first, **named, provider_refund_id=pasted)
+    assert again.status_code == 409 and second in again.json()["detail"], again.text

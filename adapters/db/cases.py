@@ -232,15 +232,18 @@ class CaseRepository(Repository):
         row = await self._db.fetch_one("SELECT * FROM refund_cases WHERE refund_request_id = %s", (case_id,))
         return CaseRow.from_row(row) if row else None
 
-    async def by_provider_refund(self, provider: str, refund_id: str, *,
-                                 any_case: bool = False) -> CaseRow | None:
-        """The case holding the provider's refund; `any_case`: its id written in any letter
-        case too (a person's paste; not indexed, so not on the webhook path)."""
+    async def by_provider_refund(self, provider: str, refund_id: str) -> CaseRow | None:
+        row = await self._db.fetch_one(
+            "SELECT * FROM refund_cases WHERE provider = %s AND provider_refund_id = %s",
+            (provider, refund_id))
+        return CaseRow.from_row(row) if row else None
+
+    async def refund_held_elsewhere(self, provider: str, refund_id: str, case_id: str) -> CaseRow | None:
+        """Another case than `case_id` holding the provider's refund, its id written in any
+        letter case (a person's paste; not indexed, so not for the webhook path)."""
         row = await self._db.fetch_one(
             "SELECT * FROM refund_cases WHERE provider = %s AND upper(provider_refund_id) = upper(%s)"
-            " ORDER BY provider_refund_id = %s DESC LIMIT 1" if any_case else
-            "SELECT * FROM refund_cases WHERE provider = %s AND provider_refund_id = %s",
-            (provider, refund_id, refund_id) if any_case else (provider, refund_id))
+            " AND refund_request_id <> %s LIMIT 1", (provider, refund_id, case_id))
         return CaseRow.from_row(row) if row else None
 
     @staticmethod

@@ -120,8 +120,9 @@ async def _refund_refusal(actions: CaseActions, row: Mapping[str, Any], body: Pr
     named = body.provider_refund_id
     if body.provider_shows != "refunded" or named is None:
         return None
-    holder = await actions.store.cases.by_provider_refund(str(row["provider"]), named, any_case=True)
-    if holder is not None and holder["refund_request_id"] != row["refund_request_id"]:
+    holder = await actions.store.cases.refund_held_elsewhere(str(row["provider"]), named,
+                                                             str(row["refund_request_id"]))
+    if holder is not None:
         return f"refund {named} is case {holder['refund_request_id']}'s: name this case's refund"
     if row["provider_refund_id"] not in (None, named):
         return f"this case's refund is {row['provider_refund_id']}, not {named}"
