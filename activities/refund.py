@@ -68,6 +68,14 @@ def past_start_to_close() -> bool:
     return timeout is not None and datetime.now(UTC) >= info.started_time + timeout
 
 
+def foreign_answer(refund: ProviderRefund) -> ApplicationError:
+    """A provider answering a refund under another reference than ours (one matching ids
+    loosely): taken for ours, the case would book another case's refund, and ours may or may
+    not exist. An unknown outcome, asked again."""
+    return ApplicationError(f"the provider answered refund {refund.refund_id} under the reference "
+                            f"{refund.reference!r}, not ours: outcome unknown", type=errors.OUTCOME_UNKNOWN)
+
+
 def _unexpected(exc: UnexpectedProviderStatus) -> ApplicationError:
     return ApplicationError(str(exc), type=errors.UNEXPECTED_STATUS, non_retryable=True)
 
@@ -289,6 +297,10 @@ class RefundActivities:
             await self._store.audit.record(case_id, f"provider:{provider.name}",
                                            "provider_outcome_unknown", {"error": str(exc)})
             raise ApplicationError(str(exc), type=errors.OUTCOME_UNKNOWN) from exc
+        if refund.reference not in (None, case_id):  # a create answer that does not echo ours is silent
+            await self._store.audit.record(case_id, f"provider:{provider.name}", "provider_outcome_unknown",
+                                           {"error": str(foreign_answer(refund))})
+            raise foreign_answer(refund)
         await self._store.cases.record_provider_refund(
             case_id, refund, "provider_refund_created", {"idempotency_key": inp.idempotency_key})
         return refund
@@ -318,11 +330,7 @@ class RefundActivities:
         try:
             found = await self._executor(request).find_refund(request)
             if found is not None and found.reference != case_id:
-                # answered under another reference (a provider matching ids loosely): taken for
-                # ours, the case would book another case's refund; ours may or may not exist
-                raise ApplicationError(
-                    f"lookup answered refund {found.refund_id} under the reference {found.reference!r}, "
-                    "not ours: outcome unknown", type=errors.OUTCOME_UNKNOWN)
+                raise foreign_answer(found)
             return [found] if found is not None else []
         except RefundsDuplicated as exc:
             return sorted(exc.refunds, key=lambda r: r.status in FINAL_PROVIDER_STATUSES)  # paid nobody: last

@@ -148,8 +148,9 @@ class FakeCashfree:
     lookup_misses: int = 0
     """The next lookups of a refund by its refund_id that answer 404 although it was made
     (a read that lags the write)."""
-    lookup_ignores_case: bool = False
-    """Whether a lookup matches refund_ids without regard to case (not known of Cashfree)."""
+    ids_ignore_case: bool = False
+    """Whether lookups and the duplicate check match refund_ids without regard to case (not
+    known of Cashfree)."""
 
     def order(self, amount: Decimal, status: str = "PAID") -> str:
         order_id = f"order_{secrets.token_hex(10)}"
@@ -161,6 +162,9 @@ class FakeCashfree:
 
     def refunds_of(self, order_id: str) -> list[dict[str, Any]]:
         return [r for r in self.refunds if r["order_id"] == order_id]
+
+    def _same_id(self, held: str, asked: str) -> bool:
+        return held == asked or (self.ids_ignore_case and held.lower() == asked.lower())
 
     def _refund(self, order_id: str, amount: Decimal, refund_id: str, note: str | None,
                 key: str | None) -> dict[str, Any]:
@@ -240,7 +244,7 @@ class FakeCashfree:
                 return error(400, "refund_invalid_request", "refund cannot be initiated for this order")
             if not re.fullmatch(r"[A-Za-z0-9_-]{3,40}", str(body["refund_id"])):  # as Cashfree documents
                 return error(400, "refund_id_invalid", "refund_id : invalid value provided")
-            if any(r["refund_id"] == body["refund_id"] for r in self.refunds):  # per merchant
+            if any(self._same_id(r["refund_id"], body["refund_id"]) for r in self.refunds):  # per merchant
                 return error(400, "refund_id_invalid", "Duplicate Merchant Refund Id")
             refunded = sum((r["refund_amount"] for r in self.refunds_of(order_id)), Decimal(0))
             if body["refund_amount"] > order["order_amount"] - refunded:
@@ -255,8 +259,7 @@ class FakeCashfree:
                 self.lookup_misses -= 1
                 return error(404, "refund_not_found", "refund does not exist")
             for refund in self.refunds_of(order_id):
-                if refund["refund_id"] == refund_id or (
-                        self.lookup_ignores_case and refund["refund_id"].lower() == refund_id.lower()):
+                if self._same_id(refund["refund_id"], refund_id):
                     return answer({k: v for k, v in refund.items() if k != "x_idempotency_key"})
             return error(404, "refund_not_found", "refund does not exist")
 

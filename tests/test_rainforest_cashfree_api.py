@@ -635,11 +635,34 @@ async def test_a_lookup_answering_another_reference_is_no_answer_about_ours(rig:
                          amount=1_000, currency="INR", merchant_account=CASHFREE_ID,
                          reason=RefundReason.DUPLICATE)
     activities = RefundActivities(rig.stack.store, rig.stack.providers, load_policy())
-    rig.cashfree.lookup_ignores_case = True
+    rig.cashfree.ids_ignore_case = True
     try:
         with pytest.raises(ApplicationError) as unknown:
             await ActivityEnvironment().run(activities.verify_provider_refund,
                                             VerifyInput(request=ours, reason="an earlier attempt"))
     finally:
-        rig.cashfree.lookup_ignores_case = False
+        rig.cashfree.ids_ignore_case = False
     assert unknown.value.type == errors.OUTCOME_UNKNOWN and theirs in str(unknown.value)
+
+
+async def test_a_create_refused_as_a_duplicate_of_another_reference_books_nothing(rig: Rig) -> None:
+    """The same loose provider refuses our create as a duplicate of `rr-Case-X` and the
+    adapter's own look after that refusal answers `rr-Case-X`'s refund: it was recorded as
+    created for `rr-case-x` (reproduced). An unknown outcome instead; the case books its own
+    refund once the provider takes its id."""
+    order_id = rig.cashfree.order(Decimal("500.00"))
+    theirs = f"rr-Case-{uuid.uuid4().hex[:8]}"
+    made = rig.cashfree._refund(order_id, Decimal("10.00"), theirs, None, None)
+    rig.cashfree.ids_ignore_case = True
+    try:
+        case_id = await rig.stack.request_refund(
+            "alice", order_id, 1_000, provider="cashfree", currency="INR", merchant_account=CASHFREE_ID,
+            refund_request_id=theirs.lower())
+        await rig.stack.wait_for_audit(case_id, "provider_outcome_unknown")
+        row = await rig.stack.store.cases.get(case_id)
+        assert row is not None and row["provider_refund_id"] is None
+        assert "provider_refund_created" not in await rig.stack.actions(case_id)
+    finally:
+        rig.cashfree.ids_ignore_case = False
+    row = await rig.stack.wait_for_status(case_id, "pending", timeout=90)
+    assert row["provider_refund_id"] not in (None, made["cf_refund_id"])
