@@ -191,9 +191,9 @@ async def reached(stack: Stack, point: str, charge: str, timeout: float) -> bool
 async def restart_services(env: Embedded, refunds: int) -> Outcome:
     """Restarts Temporal, then PostgreSQL, while cases are in flight: half wait for an
     approver (decided only after both restarts), half meet a provider that holds its answer
-    past the client's timeout. The count in flight at each restart (cases still moving; the
-    parked ones do nothing a restart could break) is reported, and a restart that strikes
-    nothing is a violation."""
+    past the client's timeout and then refuses its lookups a few times. The count in flight
+    at each restart (cases still moving; the parked ones do nothing a restart could break)
+    is reported, and a restart that strikes nothing is a violation."""
     outcome = Outcome("restart", cases=refunds)
     stack = await open_stack(env.store, env.client, env.temporal.address)
     since = datetime.now(UTC)
@@ -202,7 +202,11 @@ async def restart_services(env: Embedded, refunds: int) -> Outcome:
         for i in range(refunds):
             charge = await stack.charge(fault_schedule.CAPTURED)
             if i % 2:
-                await fault_schedule.arm(stack, charge, [{"mode": "timeout_after_success", "seconds": 3}])
+                # the answer held past the client's timeout, then the lookups refused a few
+                # times: still moving when both restarts strike
+                await fault_schedule.arm(stack, charge, [
+                    {"mode": "timeout_after_success", "seconds": 3},
+                    {"mode": "lookup_status", "status": 503, "times": 3}])
             amount = fault_schedule.AUTO_AMOUNT if i % 2 else fault_schedule.APPROVAL_AMOUNT
             body = stack.refund_body(charge, amount)
             sent.append(Sent(body["refund_request_id"], charge,
@@ -765,7 +769,8 @@ async def approve_until_settled(stack: Stack, sent: list[Sent], timeout: float) 
     a person), until no case is in flight or the time is up."""
     approved: set[str] = set()
     deadline = asyncio.get_running_loop().time() + timeout
-    while await fault_schedule.count_in_flight(stack, sent) and asyncio.get_running_loop().time() < deadline:
+    while (await fault_schedule.count_in_flight(stack, sent, parked=True)
+           and asyncio.get_running_loop().time() < deadline):
         async with stack.store.database.transaction() as conn:
             waiting = [r["refund_request_id"] for r in await (await conn.execute(
                 "SELECT refund_request_id FROM refund_cases WHERE refund_request_id = ANY(%s)"

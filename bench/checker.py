@@ -106,9 +106,10 @@ async def _settled(stack: Stack, accepted: list[str], since: datetime) -> bool:
         if row is None or row["status"] not in FINAL | WAITS_FOR_PERSON:
             return False
         try:
-            if row["status"] in FINAL and await _workflow_status(stack, case_id) == RUNNING:
-                return False
+            status = await _workflow_status(stack, case_id)
         except RPCError:  # Temporal not answering yet (a restart): not settled as far as we know
+            return False
+        if row["status"] in FINAL and status == RUNNING:
             return False
     return not await _unprocessed_receipts(stack, since)
 
@@ -164,14 +165,14 @@ async def _check_case(stack: Stack, outcome: Outcome, request: Sent,
     refunds = [r for r in charge_refunds if r["metadata"].get("refund_request_id") == case_id]
     refunded = sum(int(r["amount"]) for r in refunds if r["status"] == "succeeded")
     try:
-        workflow_status = await _workflow_status(stack, case_id)
+        workflow_status, known = await _workflow_status(stack, case_id), True
     except RPCError as exc:
         outcome.violation(case_id, "its workflow's status", f"Temporal did not answer ({exc})")
-        workflow_status = None
+        workflow_status, known = None, False
     if status in WAITS_FOR_PERSON:
         outcome.waiting_for_person.append(f"{case_id} ({status})")
-        if workflow_status != RUNNING and not (status == CaseStatus.OPS_REVIEW.value
-                                               and workflow_status == COMPLETED):
+        if known and workflow_status != RUNNING and not (status == CaseStatus.OPS_REVIEW.value
+                                                         and workflow_status == COMPLETED):
             outcome.violation(case_id, f"a running workflow to take a person's word ({status})",
                               workflow_status.name if workflow_status else "no workflow")
         if status == CaseStatus.AWAITING_APPROVAL.value and refunds:

@@ -272,14 +272,16 @@ async def race_approvals(stack: Stack, outcome: Outcome, case_id: str, timeout: 
         counted[case_id] = won[0]
 
 
-async def count_in_flight(stack: Stack, sent: list[Sent]) -> int:
-    """Accepted cases still moving (not final, not parked waiting for a person, whose
-    workflow does nothing until that person acts): what a disruption strikes."""
+async def count_in_flight(stack: Stack, sent: list[Sent], *, parked: bool = False) -> int:
+    """Accepted cases still moving: not final and, unless `parked`, not waiting for a person
+    (a parked workflow does nothing until that person acts: it is not what a disruption
+    strikes, though it is what an approver still has to settle)."""
     ids = [s.case_id for s in sent if s.answered == 202]
     async with stack.store.database.transaction() as conn:
         row = await (await conn.execute(
             "SELECT count(*) AS n FROM refund_cases WHERE refund_request_id = ANY(%s)"
-            " AND status <> ALL(%s)", (ids, sorted(FINAL | WAITS_FOR_PERSON)))).fetchone()
+            " AND status <> ALL(%s)", (ids, sorted(FINAL if parked else FINAL | WAITS_FOR_PERSON)))
+        ).fetchone()
     return int(row["n"]) if row else 0
 
 

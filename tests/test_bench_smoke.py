@@ -42,7 +42,6 @@ def test_refund_throughput_smoke_warms_every_variant_and_rotates_the_order(tmp_p
     # waves' refunds run without it, and their histories were what was counted
     assert auto["timers"] >= 1 and approval["timers"] >= 1 and result["wave_history"]["timers"] == 0
     assert auto["events"] > result["events_per_refund_in_waves"]["auto_approved"]
-    assert list(result["refund_statuses"]) == ["succeeded"]  # the rate is one of refunds made
     assert all(row["per_second"] > 0 for row in result["rows"])
     assert set(result["warm_up_seconds"]) == {"bare", "bare_new", "passthrough", "default"}
     assert [order[0] for order in result["round_orders"]] == ["bare", "bare_new"]

@@ -194,9 +194,9 @@ class ReceiptRepository(Repository):
 
     async def prune_refused(self, older_than: timedelta, limit: int = 1000) -> int:
         """Deletes up to `limit` receipts older than `older_than` that were refused without
-        proof of who sent them; returns how many. Accepted, duplicate, unknown_type,
-        unexpected_status, foreign_account, unreadable and invalid_request receipts (signed
-        deliveries) stay.
+        proof of who sent them, or stale (a replay of a captured delivery); returns how many.
+        Accepted, duplicate, unknown_type, unexpected_status, foreign_account, sample,
+        unreadable and invalid_request receipts (signed deliveries) stay.
         The verdict list is the predicate of the partial index webhook_receipts_prunable
         (migration 0730)."""
         return await self._db.execute(
