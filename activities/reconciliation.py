@@ -24,7 +24,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from adapters.break_dispatch import dispatch_breaks
 from adapters.db import Store
-from adapters.db.reconciliation import REPORT_COLUMNS, Listed, Phase, RunConflict, provider_moved
+from adapters.db.reconciliation import REPORT_COLUMNS, Listed, Phase, RunConflict, break_case, provider_moved
 from adapters.db.rows import BreakRow
 from adapters.providers.base import (
     PayoutExecutor,
@@ -185,6 +185,18 @@ class ReconciliationActivities:
         await self._recon.fail(failure.run_id, failure.reason)
         log.error("reconciliation run %s failed: %s", failure.run_id, failure.reason)
 
+    @activity.defn(name=contracts.LOAD_BREAK_CASE.name)
+    async def load_break_case(self, case: BreakCase) -> BreakCase:
+        """The break as stored (with the start's timings), which its workflow acts on rather
+        than on its start input: a run started straight in Temporal with made-up facts would
+        hand them to a case as provider news under this worker's seal. No such break: refused
+        for good."""
+        row = await self._recon.get_break(case.break_id)
+        if row is None:
+            raise ApplicationError(f"no break {case.break_id}: its workflow starts only for a stored break",
+                                   type=errors.FORGED_START, non_retryable=True)
+        return break_case(row, case.timings)
+
     @activity.defn(name=contracts.OPEN_BREAK_EXCEPTION.name)
     async def open_break_exception(self, case: BreakCase) -> BreakApproval:
         """Decides who must approve (the refund tier for the amount at stake), records it
@@ -274,8 +286,8 @@ class ReconciliationActivities:
     def all(self) -> list[Callable[..., Any]]:
         """Every activity, for worker registration."""
         return [self.open_reconciliation_run, self.reconcile_batch, self.finish_reconciliation_run,
-                self.fail_reconciliation_run, self.open_break_exception, self.hand_break_to_payout_case,
-                self.settle_break]
+                self.fail_reconciliation_run, self.load_break_case, self.open_break_exception,
+                self.hand_break_to_payout_case, self.settle_break]
 
 
 def _listing(source: RefundLister, phase: Phase, run: dict[str, Any]) -> AsyncGenerator[Any]:

@@ -130,6 +130,7 @@ OPEN_RECONCILIATION_RUN = Activity("open_reconciliation_run", RunWindow, type(No
 RECONCILE_BATCH = Activity("reconcile_batch", BatchInput, BatchResult)
 FINISH_RECONCILIATION_RUN = Activity("finish_reconciliation_run", str, RunSummary)
 FAIL_RECONCILIATION_RUN = Activity("fail_reconciliation_run", RunFailure, type(None))
+LOAD_BREAK_CASE = Activity("load_break_case", BreakCase, BreakCase)
 OPEN_BREAK_EXCEPTION = Activity("open_break_exception", BreakCase, BreakApproval)
 HAND_BREAK_TO_PAYOUT_CASE = Activity("hand_break_to_payout_case", BreakCase, bool)
 SETTLE_BREAK = Activity("settle_break", BreakSettlement, BreakOutcome)

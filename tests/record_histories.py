@@ -1032,6 +1032,8 @@ SCENARIOS: dict[str, Scenario] = {
     "reconciliation_payout_break": Scenario(reconciliation_payout_break),
     "reconciliation_unheld_refund": Scenario(reconciliation_unheld_refund, {
         "status_poll_interval_seconds": 3_600, "max_submit_attempts": 2, "reconciliation_grace_seconds": 0}),
+    "reconciliation_break_acts_on_its_row": Scenario(reconciliation_unheld_refund, {
+        "status_poll_interval_seconds": 3_600, "max_submit_attempts": 2, "reconciliation_grace_seconds": 0}),
     "reconciliation_break_dismissed": Scenario(reconciliation_break_dismissed),
     "reconciliation_break_expired": Scenario(reconciliation_break_expired, {"approval_timeout_seconds": 2}),
 }

@@ -23,6 +23,7 @@ from temporalio.worker import Replayer
 
 from adapters.approval_seal import ApprovalKeys, ApprovalSealCheck
 from adapters.codec import EncryptionCodec, data_converter, parse_keys
+from domain.reconciliation import break_workflow_id
 from tests.harness import APPROVAL_KEYS, PAYLOAD_KEYS
 from tests.record_histories import SCENARIOS, SEALED_SCENARIO
 from workers.main import WORKFLOWS, workflow_runner
@@ -40,7 +41,12 @@ from workflows.payout_case import (
     SEALED_REISSUE_PATCH,
 )
 from workflows.payout_case import BOUNDED_PATCH as PAYOUT_BOUNDED_PATCH
-from workflows.reconciliation import APPROVAL_ROUND_PATCH, PAYOUT_BREAK_PATCH, UNHELD_REFUND_PATCH
+from workflows.reconciliation import (
+    APPROVAL_ROUND_PATCH,
+    PAYOUT_BREAK_PATCH,
+    STORED_CASE_PATCH,
+    UNHELD_REFUND_PATCH,
+)
 from workflows.refund_case import (
     ADYEN_WAIT_PATCH,
     BOUNDED_PATCH,
@@ -295,6 +301,9 @@ BRANCHES: dict[str, Branch] = {
                                           lacks=["activity:open_break_exception"]),
     "reconciliation_unheld_refund": branch(f"patch:{UNHELD_REFUND_PATCH}", "activity:settle_break",
                                            lacks=["activity:open_break_exception", "update:submit_approval"]),
+    "reconciliation_break_acts_on_its_row": branch(f"patch:{STORED_CASE_PATCH}", "activity:load_break_case",
+                                                   f"patch:{UNHELD_REFUND_PATCH}", "activity:settle_break",
+                                                   lacks=["activity:open_break_exception"]),
     "reconciliation_break_dismissed": branch(f"patch:{APPROVAL_ROUND_PATCH}", "update:submit_approval",
                                              "activity:settle_break",
                                              "action:reconciliation_approval_denied"),
@@ -309,13 +318,15 @@ horizon); markers the whole workflow records (integrations, late verdicts) need 
 def _history(path: Path) -> WorkflowHistory:
     """The recorded history under its workflow's id: a refund's is its request id, a payout
     or tracking case's its case id (in the start input), which the relay's seals and the
-    runs' own start check (`history.forged_start`) bind; other workflows' the file's name."""
+    runs' own start check (`history.forged_start`) bind, a break's `recon-break-<id>` (its own
+    start check); other workflows' the file's name."""
     history = WorkflowHistory.from_json(path.stem, path.read_text())
     started = _payload(history.events[0].workflow_execution_started_event_attributes.input)
     case_id = None
     if isinstance(started, dict):
         case_id = started.get("request", {}).get("refund_request_id") or (
-            started.get("case_id") if "payout_id" in started or "refund_id" in started else None)
+            started.get("case_id") if "payout_id" in started or "refund_id" in started else None) or (
+            break_workflow_id(int(started["break_id"])) if "break_class" in started else None)
     return WorkflowHistory(case_id, history.events) if case_id else history
 
 

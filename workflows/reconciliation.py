@@ -33,6 +33,7 @@ with workflow.unsafe.imports_passed_through():
         RunFailure,
         RunSummary,
         RunWindow,
+        break_workflow_id,
         case_can_take,
         lifecycle_can_fix,
         truth_event,
@@ -94,6 +95,11 @@ APPROVAL_ROUND_PATCH = "recon-break-approval-round"
 """Breaks wait on the shared ApprovalRound (reminders, escalation); before it, a bare wait."""
 PAYOUT_BREAK_PATCH = "recon-payout-breaks"
 """Payout breaks are handed to the payout's exception case first."""
+STORED_CASE_PATCH = "break-acts-on-its-row-1"
+"""The run acts on its break as stored, under the break's own workflow id: a run started
+straight in Temporal with made-up facts (a refund "failed" that succeeded) handed them to the
+case as provider news, which this worker's seal made good; before, the start input was
+taken as true."""
 UNHELD_REFUND_PATCH = "recon-hand-unheld-refund-1"
 """A refund carrying the case's reference, found while the case knows none, is handed to the
 running case (`case_can_take`); before, it waited for a compensation's approvals while the
@@ -135,6 +141,11 @@ class ReconciliationBreakWorkflow(ApprovingWorkflow):
 
     @workflow.run
     async def run(self, case: BreakCase) -> BreakOutcome:
+        if workflow.patched(STORED_CASE_PATCH):
+            if (found := workflow.info().workflow_id) != break_workflow_id(case.break_id):
+                raise ApplicationError(f"workflow id {found!r} is not break {case.break_id}'s",
+                                       type=errors.FORGED_START, non_retryable=True)
+            case = await contracts.LOAD_BREAK_CASE(case, **retry.RECONCILE_STEP)
         self._case = case
         if isinstance(case.truth, ProviderPayout) and workflow.patched(PAYOUT_BREAK_PATCH):
             if await contracts.HAND_BREAK_TO_PAYOUT_CASE(case, **retry.RECONCILE_STEP):
