@@ -22,13 +22,15 @@ from temporalio.converter import PayloadConverter
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
+from activities.reconciliation import ReconciliationActivities
 from adapters.approval_seal import SEAL_HEADER, ApprovalKeys, sealing_client
 from adapters.db import Store
 from adapters.db.reconciliation import break_case
 from adapters.notify.message import render
+from adapters.policy_file import load_policy
 from domain.models import ApprovalSignal, Decision
 from domain.payouts import ReissueAsk
-from domain.reconciliation import BreakOutcome, break_workflow_id
+from domain.reconciliation import BreakOutcome, BreakSettlement, BreakState, break_workflow_id
 from starters.dev.stack import TemporalDevServer
 from tests.harness import APPROVAL_KEYS, Stack, open_stack
 from tests.payouts_kit import add_payout_approvers, ask_reissue, remediated
@@ -324,18 +326,40 @@ async def _run_again(stack: Stack, found: dict[str, Any],
         id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE)
 
 
-async def test_a_break_workflow_started_again_with_forged_terms_settles_nothing(stack: Stack) -> None:
+async def test_a_break_workflow_started_again_with_forged_terms_acts_on_the_break_as_stored(
+        stack: Stack) -> None:
     """With Temporal write access but no approval keys: the break's workflow terminated and
     started again under its id with nobody barred and a one-cent delta (one approver's tier).
     Bob, the refund's requester, approved alone, under his own seal, and the full amount was
-    compensated. The settlement checks who approved against the break as stored: who is
-    behind it, and the requirements its exception opened with."""
-    # approver and finance manager
+    compensated (the settlement's check then caught it, below). Since
+    `break-acts-on-its-row-1` the run reads its break as stored: bob is barred, and the tier
+    is the full amount's (approver and finance manager)."""
     case_id, found = await break_awaiting_approval(stack, moved_to="canceled", requester="bob", amount=60_000)
     handle = await _run_again(stack, found, conflicted=(), ledger_delta=1)
-    approved = await decide(stack, "bob", found["id"])
-    assert approved.status_code == 202, approved.text
-    outcome = await handle.result()
+    refused = await decide(stack, "bob", found["id"])
+    assert refused.status_code == 403 and "behind" in refused.json()["detail"], refused.text
+    approved = await decide(stack, "carol", found["id"])
+    assert (approved.status_code, approved.json()["missing_roles"]) == (202, ["finance_manager"]), \
+        approved.text
+    assert [e["template"] for e in await stack.store.ledger.entries(case_id)] == ["refund_settled"] * 2
+    await handle.terminate("test over")
+
+
+async def test_a_settlement_whose_approvals_miss_the_break_as_stored_settles_nothing(stack: Stack) -> None:
+    """The settlement's own check, for runs that still take their start input as true (those
+    started before `break-acts-on-its-row-1`): an approved settlement naming bob, the refund's
+    requester, whose grant a forged run counted, goes to ops review, nothing posted, ops told
+    who is behind the break and which roles are missing."""
+    case_id, found = await break_awaiting_approval(stack, moved_to="canceled", requester="bob", amount=60_000)
+    await stack.client.get_workflow_handle(break_workflow_id(found["id"])).terminate("a forged run's turn")
+    await stack.store.audit.record(found["chain"], "bob", "reconciliation_approval_granted",
+                                   {"break_id": found["id"], "roles": ["approver"], "reason": "forged run"})
+    activities = ReconciliationActivities(stack.store, stack.providers, stack.client, load_policy(),
+                                          timings=stack.settings.timings(),
+                                          reports_dir=stack.settings.reports_folder(),
+                                          reissue_window=timedelta(days=30))
+    outcome = await activities.settle_break(BreakSettlement(break_id=found["id"], state=BreakState.RESOLVED,
+                                                            approvers=("bob",), round=found["reopened"]))
     assert outcome.state.value == "ops_review"
     [settled] = await wait_for_breaks(stack, [found["object_id"]], "ops_review")
     assert settled["resolution"]["approval_unmet"] == {"behind_the_break": ["bob"],
@@ -351,8 +375,8 @@ async def test_a_break_workflow_started_again_with_forged_terms_settles_nothing(
 async def test_one_approver_approving_in_two_runs_of_a_break_counts_once(stack: Stack) -> None:
     """Max holds both roles a large break needs and approves: one of its two slots. With
     Temporal access, the run is started again with a one-cent delta (one approver's tier)
-    and he approves again: the settlement read both of his grants since the break opened
-    and let them fill both slots. One person counts once there as in the round."""
+    and he approves again: the second run reads the break as stored (two slots), and he
+    fills one of them, never both."""
     stack.tokens["max"] = await stack.store.access.create_token(
         "max", ["approver", "finance_manager"], token=f"t-max-{uuid.uuid4().hex}", by="test")
     case_id, found = await break_awaiting_approval(stack, moved_to="canceled", requester="alice",
@@ -360,26 +384,24 @@ async def test_one_approver_approving_in_two_runs_of_a_break_counts_once(stack: 
     first = await decide(stack, "max", found["id"])
     assert (first.status_code, len(first.json()["missing_roles"])) == (202, 1), first.text
     handle = await _run_again(stack, found, ledger_delta=1)
-    assert (await decide(stack, "max", found["id"])).status_code == 202
-    assert (await handle.result()).state.value == "ops_review"
-    [settled] = await wait_for_breaks(stack, [found["object_id"]], "ops_review")
-    assert len(settled["resolution"]["approval_unmet"]["missing_roles"]) == 1
+    again = await decide(stack, "max", found["id"])
+    assert (again.status_code, len(again.json()["missing_roles"])) == (202, 1), again.text
     assert [e["template"] for e in await stack.store.ledger.entries(case_id)] == ["refund_settled"] * 2
+    await handle.terminate("test over")
 
 
 async def test_an_unknown_refund_is_adopted_only_with_approvals_that_meet_its_break(stack: Stack) -> None:
     """A refund unknown to us, large enough for two roles: its break's workflow started again
-    with a one-cent delta (one approver's tier) and carol approved alone. The settlement went
-    to ops review, but the refund had already been adopted: a tracking case holding 600.00
-    against the charge that nobody validly approved. Adoption waits for approvals that meet
-    the break as stored."""
+    with a one-cent delta (one approver's tier) and carol approved alone: the refund was
+    adopted (a tracking case holding 600.00 against the charge) though nobody validly
+    approved it. The run reads the break as stored: carol's approval leaves a role missing,
+    and nothing is adopted."""
     unknown = history(f"ch_{uuid.uuid4().hex[:8]}", 60_000, days_ago=4)
     await seed_provider(stack, [unknown])
     await backfill(stack, since_days=30)
     [found] = await wait_for_breaks(stack, [unknown["id"]], "awaiting_approval")
     handle = await _run_again(stack, found, ledger_delta=1)
-    assert (await decide(stack, "carol", found["id"])).status_code == 202
-    assert (await handle.result()).state.value == "ops_review"
-    [settled] = await wait_for_breaks(stack, [unknown["id"]], "ops_review")
-    assert len(settled["resolution"]["approval_unmet"]["missing_roles"]) == 1
+    approved = await decide(stack, "carol", found["id"])
+    assert (approved.status_code, len(approved.json()["missing_roles"])) == (202, 1), approved.text
     assert await stack.store.cases.get(f"sandbox-refund-{unknown['id']}") is None
+    await handle.terminate("test over")

@@ -24,6 +24,7 @@ from adapters.approval_seal import ApprovalKeys, ApprovalSealCheck
 from domain import contracts
 from domain.contracts import Activity
 from domain.models import CaseWrite, CaseWrites, CaseWritten, PolicyInput, SubmitInput, ValidateInput, Vetted
+from domain.reconciliation import BreakCase
 from tests.harness import APPROVAL_KEYS
 from workers.main import WORKFLOWS, workflow_runner
 
@@ -78,7 +79,8 @@ class FakeActivities:
     def registered(self) -> list[Callable[..., Any]]:
         folded: dict[str, Answer] = {contracts.VALIDATE_AND_DECIDE.name: self._vet,
                                      contracts.WRITE_CASE_STEPS.name: self._write,
-                                     contracts.SUBMIT_PROVIDER_REFUND.name: self._submit}
+                                     contracts.SUBMIT_PROVIDER_REFUND.name: self._submit,
+                                     contracts.LOAD_BREAK_CASE.name: self._stored_break}
         return [self._fake(contract, folded.get(contract.name)) for contract in contracts.ALL]
 
     async def _answer(self, name: str, inp: Any) -> Any:
@@ -108,6 +110,11 @@ class FakeActivities:
                 await self._answer(contracts.QUEUE_NOTICE.name, write.notice)
             elif write.event is not None:
                 await self._answer(contracts.RECORD_CASE_EVENT.name, write.event)
+
+    @staticmethod
+    async def _stored_break(inp: BreakCase) -> BreakCase:
+        """The break as stored: the one the test started its workflow with."""
+        return inp
 
     async def _submit(self, inp: SubmitInput) -> Any:
         # committed with the intent, before the provider answers
