@@ -298,9 +298,10 @@ class RefundActivities:
                                            "provider_outcome_unknown", {"error": str(exc)})
             raise ApplicationError(str(exc), type=errors.OUTCOME_UNKNOWN) from exc
         if refund.reference not in (None, case_id):  # a create answer that does not echo ours is silent
+            foreign = foreign_answer(refund)
             await self._store.audit.record(case_id, f"provider:{provider.name}", "provider_outcome_unknown",
-                                           {"error": str(foreign_answer(refund))})
-            raise foreign_answer(refund)
+                                           {"error": str(foreign)})
+            raise foreign
         await self._store.cases.record_provider_refund(
             case_id, refund, "provider_refund_created", {"idempotency_key": inp.idempotency_key})
         return refund

@@ -110,6 +110,7 @@ async def resolve_provider_wait(actions: CaseActions, caller: Principal, case_id
 
 
 def _resolved(case_id: str, body: ProviderWaitBody, resolver: str) -> dict[str, Any]:
+    """The answer to a resolution the case was sent: the first time, or sent again alike."""
     return {"refund_request_id": case_id, "provider_shows": body.provider_shows, "resolved_by": resolver}
 
 
