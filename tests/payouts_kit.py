@@ -69,12 +69,17 @@ async def remediated(stack: Stack, amount: int, failure_code: str = "account_clo
     """A paid payout the provider failed, its reversal approved (by lena) and done: the
     payout and its case id."""
     made = await paid_payout(stack, amount, **payout)
-    await move_payout(stack, made.provider_payout_id, "failed", failure_code=failure_code)
-    case_id = payout_case_id("sandbox", made.provider_payout_id)
+    return made, await remediate(stack, made.provider_payout_id, failure_code)
+
+
+async def remediate(stack: Stack, provider_payout_id: str, failure_code: str = "account_closed") -> str:
+    """The provider fails the payout; its reversal is approved (by lena) and done: its case id."""
+    await move_payout(stack, provider_payout_id, "failed", failure_code=failure_code)
+    case_id = payout_case_id("sandbox", provider_payout_id)
     await wait_for_case(stack, case_id, "awaiting_approval")
     assert (await decide(stack, "lena", case_id)).status_code == 202
     await wait_for_case(stack, case_id, "remediated")
-    return made, case_id
+    return case_id
 
 
 async def reissues_at_provider(stack: Stack, reference: str) -> list[dict[str, Any]]:

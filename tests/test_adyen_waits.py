@@ -452,29 +452,36 @@ async def test_a_resolution_whose_signal_was_lost_is_sent_again_by_whoever_resol
     assert resolved == ["olga"]
 
 
+async def resolved_unsent(rig: AdyenRig, amount: int) -> tuple[str, str, dict[str, Any]]:
+    """A waiting case olga resolved with the refund Adyen made for it, recorded and claimed,
+    its signal lost (Temporal away): (the case, its pspReference, the resolution's body)."""
+    case_id, psp = await waiting_case(rig, amount)
+    [made] = rig.fake.refunds_of(psp)
+    named = {"provider_shows": "refunded", "provider_refund_id": made["pspReference"],
+             "reason": "Customer Area: refund settled"}
+    away = CaseActions(rig.stack.store, cast(Client, SignalsLost(rig.stack.client)), rig.stack.settings)
+    with pytest.raises(RPCError):
+        await resolve_provider_wait(away, Principal("olga", frozenset({"ops"})), case_id,
+                                    ProviderWaitBody.model_validate(named), via="api")
+    return case_id, str(made["pspReference"]), named
+
+
 async def test_a_refund_another_resolution_named_first_is_not_named_again(rig: AdyenRig) -> None:
     """Ops resolve one case with the refund the dashboard shows and, before that case has
     written it (its signal lost, or its worker busy), resolve another with the same refund, or
     with it pasted in lower case: one refund was booked for two cases (reproduced). The first
     resolution claims the refund for its case as it is recorded; the second is refused 409
     naming that case, its case still waiting."""
-    first, psp = await waiting_case(rig, 1_050)
-    [made] = rig.fake.refunds_of(psp)
-    named = {"provider_shows": "refunded", "provider_refund_id": made["pspReference"],
-             "reason": "Customer Area: refund settled"}
-    away = CaseActions(rig.stack.store, cast(Client, SignalsLost(rig.stack.client)), rig.stack.settings)
-    with pytest.raises(RPCError):
-        await resolve_provider_wait(away, Principal("olga", frozenset({"ops"})), first,
-                                    ProviderWaitBody.model_validate(named), via="api")
+    first, made, named = await resolved_unsent(rig, 1_050)
     second, _ = await waiting_case(rig, 1_150)
-    for refund_id in (made["pspReference"], made["pspReference"].lower()):
+    for refund_id in (made, made.lower()):
         taken = await resolve(rig, "olga", second, **{**named, "provider_refund_id": refund_id})
         assert taken.status_code == 409 and first in taken.json()["detail"], taken.text
     row = await rig.stack.store.cases.get(second)
     assert row is not None and (row["status"], row["provider_refund_id"]) == ("ops_review", None)
     assert (await resolve(rig, "olga", first, **named)).status_code == 200  # sent again: it counts
     done = await rig.stack.wait_for_status(first, "succeeded")
-    assert done["provider_refund_id"] == made["pspReference"]
+    assert done["provider_refund_id"] == made
 
 
 async def test_a_claim_made_between_the_check_and_the_record_still_refuses(
@@ -483,14 +490,7 @@ async def test_a_claim_made_between_the_check_and_the_record_still_refuses(
     (forced here: the check reads before the other's claim commits). The claim recorded with
     the resolution breaks the one-case-per-refund index, so the second is refused 409,
     nothing recorded, never both booked."""
-    first, psp = await waiting_case(rig, 1_250)
-    [made] = rig.fake.refunds_of(psp)
-    named = {"provider_shows": "refunded", "provider_refund_id": made["pspReference"],
-             "reason": "Customer Area: refund settled"}
-    away = CaseActions(rig.stack.store, cast(Client, SignalsLost(rig.stack.client)), rig.stack.settings)
-    with pytest.raises(RPCError):
-        await resolve_provider_wait(away, Principal("olga", frozenset({"ops"})), first,
-                                    ProviderWaitBody.model_validate(named), via="api")
+    first, _, named = await resolved_unsent(rig, 1_250)
     second, _ = await waiting_case(rig, 1_350)
     looked_up, calls = rig.stack.store.cases.refund_held_elsewhere, []
 

@@ -9,7 +9,7 @@ import pytest
 
 from domain.payouts import payout_case_id
 from tests.harness import Stack
-from tests.payouts_kit import add_payout_approvers, ask_reissue, decide, move_payout, wait_for_case
+from tests.payouts_kit import add_payout_approvers, ask_reissue, decide, move_payout, remediate, wait_for_case
 from tests.test_cli import run
 
 
@@ -134,23 +134,27 @@ async def test_the_cli_registers_lists_and_shows_and_a_registered_payout_opens_a
     assert missing.returncode == 1 and "no payout" in missing.stderr
 
 
+async def registered_by_olga_and_remediated(stack: Stack, amount: int,
+                                            beneficiary: str) -> tuple[dict[str, Any], str]:
+    """A payout made at the sandbox that olga registers (naming `beneficiary`), then the
+    provider fails and lena approves its reversal; payout approvers and otis (ops) have
+    tokens: (its registration, its case id)."""
+    await add_payout_approvers(stack)
+    stack.tokens["otis"] = await stack.store.access.create_token(
+        "otis", ["ops"], by="test", token=f"t-otis-{uuid.uuid4().hex}")
+    async with stack.sandbox() as sb:
+        made = (await sb.post("/v1/payouts", json={"amount": amount, "currency": "USD"})).json()
+    body = registration(provider_payout_id=made["id"], amount=amount, beneficiary_id=beneficiary)
+    assert (await register(stack, body)).status_code == 201
+    return body, await remediate(stack, made["id"])
+
+
 async def test_whoever_registered_a_payout_does_not_ask_for_its_reissue(stack: Stack) -> None:
     """The registration names the beneficiary; a reissue pays that beneficiary again, and
     only one approver of the tier decides it. The same ops person registering a payout to an
     account of their choosing and asking for its reissue was one person choosing where money
     goes and asking for it to go: another person asks."""
-    await add_payout_approvers(stack)
-    stack.tokens["otis"] = await stack.store.access.create_token(
-        "otis", ["ops"], by="test", token=f"t-otis-{uuid.uuid4().hex}")
-    async with stack.sandbox() as sb:
-        made = (await sb.post("/v1/payouts", json={"amount": 4_000, "currency": "USD"})).json()
-    body = registration(provider_payout_id=made["id"], amount=4_000, beneficiary_id="ben-chosen")
-    assert (await register(stack, body)).status_code == 201  # olga registers it
-    await move_payout(stack, made["id"], "failed", failure_code="account_closed")
-    case_id = payout_case_id("sandbox", made["id"])
-    await wait_for_case(stack, case_id, "awaiting_approval")
-    assert (await decide(stack, "lena", case_id)).status_code == 202
-    await wait_for_case(stack, case_id, "remediated")
+    _, case_id = await registered_by_olga_and_remediated(stack, 4_000, "ben-chosen")
     refused = await ask_reissue(stack, "olga", case_id)
     assert refused.status_code == 403 and "registered" in refused.json()["detail"], refused.text
     assert [e["actor"] for e in await stack.store.audit.trail(case_id)
@@ -163,18 +167,7 @@ async def test_whoever_registered_a_payout_does_not_ask_for_a_reissue_of_its_rei
     reissue, to the beneficiary she named, failed too. Its case is another chain, where she
     registered nothing: she was let ask for the third payment to her beneficiary (202;
     reproduced). Every payout the reissue stands in for is read for its registrar."""
-    await add_payout_approvers(stack)
-    stack.tokens["otis"] = await stack.store.access.create_token(
-        "otis", ["ops"], by="test", token=f"t-otis-{uuid.uuid4().hex}")
-    async with stack.sandbox() as sb:
-        made = (await sb.post("/v1/payouts", json={"amount": 3_000, "currency": "USD"})).json()
-    body = registration(provider_payout_id=made["id"], amount=3_000, beneficiary_id="ben-chosen-again")
-    assert (await register(stack, body)).status_code == 201  # olga registers it
-    await move_payout(stack, made["id"], "failed", failure_code="account_closed")
-    first_case = payout_case_id("sandbox", made["id"])
-    await wait_for_case(stack, first_case, "awaiting_approval")
-    assert (await decide(stack, "lena", first_case)).status_code == 202
-    await wait_for_case(stack, first_case, "remediated")
+    body, first_case = await registered_by_olga_and_remediated(stack, 3_000, "ben-chosen-again")
     assert (await ask_reissue(stack, "otis", first_case)).status_code == 202
     assert (await decide(stack, "lena", first_case)).status_code == 202
     await wait_for_case(stack, first_case, "reissued")
@@ -182,11 +175,7 @@ async def test_whoever_registered_a_payout_does_not_ask_for_a_reissue_of_its_rei
     assert first is not None
     second = await stack.store.payouts.payout(first.reissue_id())
     assert second is not None and second.reissue_of == first.id
-    await move_payout(stack, second.provider_payout_id, "failed", failure_code="account_closed")
-    second_case = payout_case_id("sandbox", second.provider_payout_id)
-    await wait_for_case(stack, second_case, "awaiting_approval")
-    assert (await decide(stack, "lena", second_case)).status_code == 202
-    await wait_for_case(stack, second_case, "remediated")
+    second_case = await remediate(stack, second.provider_payout_id)
     refused = await ask_reissue(stack, "olga", second_case)
     assert refused.status_code == 403 and "registered" in refused.json()["detail"], refused.text
     assert [e["actor"] for e in await stack.store.audit.trail(second_case)

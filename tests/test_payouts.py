@@ -39,6 +39,7 @@ from tests.payouts_kit import (
     notice_kinds,
     paid_payout,
     reissues_at_provider,
+    remediate,
     remediated,
     view,
     wait_for_actions,
@@ -742,11 +743,7 @@ async def test_no_reissue_of_a_reissue_once_the_provider_shows_the_first_payout_
     await wait_for_case(payouts, first_case, "reissued")
     second = await payouts.store.payouts.payout(first.reissue_id())
     assert second is not None and second.reissue_of == first.id
-    await move_payout(payouts, second.provider_payout_id, "failed", failure_code="account_closed")
-    second_case = payout_case_id("sandbox", second.provider_payout_id)
-    await wait_for_case(payouts, second_case, "awaiting_approval")
-    assert (await decide(payouts, "lena", second_case)).status_code == 202
-    await wait_for_case(payouts, second_case, "remediated")
+    second_case = await remediate(payouts, second.provider_payout_id)
     await move_payout(payouts, first.provider_payout_id, "paid")
     assert (await ask_reissue(payouts, "omar", second_case)).status_code == 202
     assert (await decide(payouts, "lena", second_case)).status_code == 202

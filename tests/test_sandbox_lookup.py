@@ -39,36 +39,6 @@ async def test_a_refund_below_a_hundred_newer_ones_on_its_charge_is_found(stack:
     assert len(await stack.provider_refunds(charge)) == 101  # the checker's truth reads every page
 
 
-@pytest.mark.parametrize("pages", [1, 2])
-async def test_a_server_ignoring_the_reference_filter_gives_no_other_requests_refund(pages: int) -> None:
-    """A Stripe-shaped server that ignores `reference` answers every refund of the charge: the
-    other request's was taken for ours (booked succeeded, our customer never refunded)."""
-    def refund(n: int, reference: str) -> dict[str, Any]:
-        return {"id": f"re_{n}", "object": "refund", "amount": 1, "currency": "usd", "charge": "ch_1",
-                "status": "succeeded", "created": 1_700_000_000 - n, "failure_reason": None,
-                "metadata": {"refund_request_id": reference}}
-
-    everyone = [refund(n, f"other-{n}") for n in range(3)] + [refund(9, "ours")]
-    per_page = len(everyone) if pages == 1 else 2
-
-    def answer(request: httpx.Request) -> httpx.Response:
-        after = request.url.params.get("starting_after")
-        start = 0 if after is None else [r["id"] for r in everyone].index(after) + 1
-        page = everyone[start:start + per_page]
-        return httpx.Response(200, json={"object": "list", "data": page,
-                                         "has_more": start + per_page < len(everyone)})
-
-    provider = SandboxProvider("http://sandbox.invalid", webhook_secrets=["s"])
-    provider._http = httpx.AsyncClient(base_url="http://sandbox.invalid",
-                                       transport=httpx.MockTransport(answer))
-    try:
-        found = await provider.find_refund(request_for("ch_1", "ours"))
-        assert found is not None and found.refund_id == "re_9"
-        assert await provider.find_refund(request_for("ch_1", "nobody")) is None
-    finally:
-        await provider._http.aclose()
-
-
 def paged(objects: list[dict[str, Any]], per_page: int) -> httpx.MockTransport:
     """A Stripe-shaped list that ignores every filter and pages `per_page` at a time."""
     def answer(request: httpx.Request) -> httpx.Response:
@@ -84,6 +54,27 @@ def provider_on(transport: httpx.MockTransport) -> SandboxProvider:
     provider = SandboxProvider("http://sandbox.invalid", webhook_secrets=["s"])
     provider._http = httpx.AsyncClient(base_url="http://sandbox.invalid", transport=transport)
     return provider
+
+
+@pytest.mark.parametrize("pages", [1, 2])
+async def test_a_server_ignoring_the_reference_filter_gives_no_other_requests_refund(pages: int) -> None:
+    """A Stripe-shaped server that ignores `reference` answers every refund of the charge: the
+    other request's was taken for ours (booked succeeded, our customer never refunded)."""
+    def refund(n: int, reference: str) -> dict[str, Any]:
+        return {"id": f"re_{n}", "object": "refund", "amount": 1, "currency": "usd", "charge": "ch_1",
+                "status": "succeeded", "created": 1_700_000_000 - n, "failure_reason": None,
+                "metadata": {"refund_request_id": reference}}
+
+    everyone = [refund(n, f"other-{n}") for n in range(3)] + [refund(9, "ours")]
+    per_page = len(everyone) if pages == 1 else 2
+
+    provider = provider_on(paged(everyone, per_page))
+    try:
+        found = await provider.find_refund(request_for("ch_1", "ours"))
+        assert found is not None and found.refund_id == "re_9"
+        assert await provider.find_refund(request_for("ch_1", "nobody")) is None
+    finally:
+        await provider._http.aclose()
 
 
 def payout(n: int, reference: str | None) -> dict[str, Any]:
