@@ -4,7 +4,7 @@ API or the console ("Adyen shows refunded / not refunded"), with segregation of 
 an audit row, so the reservation is never held for good. Adyen's API is tests/adyen_fake.py."""
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
 import httpx
@@ -13,6 +13,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
 from adapters.db import Principal, Store
+from adapters.db.cases import CaseRepository, RefundHeldElsewhere
 from adapters.http_server import AppServer
 from adapters.providers.adyen import AdyenProvider, ProviderNotReached
 from domain.models import RefundReason, RefundRequest
@@ -484,13 +485,16 @@ async def test_a_refund_another_resolution_named_first_is_not_named_again(rig: A
     assert done["provider_refund_id"] == made
 
 
+@pytest.mark.parametrize("pasted", [str, str.lower], ids=["as_adyen_writes_it", "lower_case"])
 async def test_a_claim_made_between_the_check_and_the_record_still_refuses(
-        rig: AdyenRig, monkeypatch: pytest.MonkeyPatch) -> None:
+        rig: AdyenRig, monkeypatch: pytest.MonkeyPatch, pasted: Callable[[str], str]) -> None:
     """Two resolutions of two cases naming one refund at once: both checks find no holder
     (forced here: the check reads before the other's claim commits). The claim recorded with
-    the resolution breaks the one-case-per-refund index, so the second is refused 409,
-    nothing recorded, never both booked."""
-    first, _, named = await resolved_unsent(rig, 1_250)
+    the resolution is checked again under a lock on the refund's id in any letter case (the
+    index tells letter cases apart: the lower-case claim committed and one refund was booked
+    for two cases, reproduced), so the second is refused 409, nothing recorded."""
+    first, made, named = await resolved_unsent(rig, 1_250)
+    named = {**named, "provider_refund_id": pasted(made)}
     second, _ = await waiting_case(rig, 1_350)
     looked_up, calls = rig.stack.store.cases.refund_held_elsewhere, []
 
@@ -505,6 +509,29 @@ async def test_a_claim_made_between_the_check_and_the_record_still_refuses(
             if e["action"] in ("provider_wait_resolved", "action_refused")] == ["action_refused"]
     row = await rig.stack.store.cases.get(second)
     assert row is not None and row["provider_refund_id"] is None and len(calls) == 2
+
+
+async def test_claims_of_one_refund_in_two_letter_cases_at_once_take_turns(rig: AdyenRig) -> None:
+    """Two resolutions claiming one refund, in two letter cases, at the same moment: neither
+    check sees the other's uncommitted claim and the index tells letter cases apart, so both
+    would commit. Claims of one id take turns: the second waits for the first's transaction
+    and is refused, naming the case that holds it."""
+    first, _ = await waiting_case(rig, 1_650)
+    second, _ = await waiting_case(rig, 1_750)
+    made, database = unique_psp(), rig.stack.store.database
+
+    async def claim(case_id: str, refund_id: str) -> None:
+        async with database.transaction() as conn:
+            await CaseRepository.claim_refund_in(conn, case_id, refund_id)
+
+    async with database.transaction() as conn:
+        await CaseRepository.claim_refund_in(conn, first, made)
+        other = asyncio.create_task(claim(second, made.lower()))
+        await asyncio.sleep(1)  # the second claim runs while the first is open
+    with pytest.raises(RefundHeldElsewhere, match=first):
+        await other
+    held = {case_id: (await rig.stack.store.cases.get(case_id)) for case_id in (first, second)}
+    assert {k: v and v["provider_refund_id"] for k, v in held.items()} == {first: made, second: None}
 
 
 async def test_a_resend_naming_a_refund_another_case_came_to_hold_is_refused(rig: AdyenRig) -> None:

@@ -115,6 +115,10 @@ class SubmissionRefused(Exception):
     """A submit attempt that outlived its case: cancelled, denied, or its hold released."""
 
 
+class RefundHeldElsewhere(Exception):
+    """A refund a person names for a case that another case holds (its id: the message)."""
+
+
 async def _ended(conn: Conn, case_id: str) -> Vetted | None:
     """A validation (under a step key: every run since local validation) writes nothing on
     a case that ended (closed, or succeeded) or whose workflow ended while it was open (the
@@ -249,8 +253,19 @@ class CaseRepository(Repository):
     @staticmethod
     async def claim_refund_in(conn: Conn, case_id: str, refund_id: str) -> None:
         """Names the case's refund before its workflow writes it (ops read it at the provider),
-        in the caller's transaction: another case naming it then breaks the one-case-per-refund
-        index (`psycopg.errors.UniqueViolation`) instead of booking one refund twice."""
+        in the caller's transaction. Claims of one id in any letter case take turns (the index
+        tells letter cases apart, a person's paste does not), and another case holding it by
+        then is `RefundHeldElsewhere`; the one-case-per-refund index
+        (`psycopg.errors.UniqueViolation`) stays the guard against the workflow's own write."""
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                           (f"refund-claim:{refund_id.upper()}",))
+        holder = await (await conn.execute(
+            "SELECT other.refund_request_id FROM refund_cases own JOIN refund_cases other"
+            " ON other.provider = own.provider AND upper(other.provider_refund_id) = upper(%s)"
+            " AND other.refund_request_id <> own.refund_request_id"
+            " WHERE own.refund_request_id = %s LIMIT 1", (refund_id, case_id))).fetchone()
+        if holder is not None:
+            raise RefundHeldElsewhere(str(holder["refund_request_id"]))
         await conn.execute("UPDATE refund_cases SET provider_refund_id = %s"
                            " WHERE refund_request_id = %s AND provider_refund_id IS NULL",
                            (refund_id, case_id))

@@ -18,7 +18,7 @@ from psycopg.errors import UniqueViolation
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from adapters.db import Principal
-from adapters.db.cases import CaseRepository
+from adapters.db.cases import CaseRepository, RefundHeldElsewhere
 from adapters.temporal_client import workflow_closed
 from domain.events import OPS_RESOLUTION, no_refund_id
 from domain.models import EventKind, ProviderEvent, ProviderRefundStatus
@@ -86,7 +86,7 @@ async def resolve_provider_wait(actions: CaseActions, caller: Principal, case_id
             opened_by=WAIT_OPENED, closed_by=WAIT_CLOSED,
             also=None if named is None else partial(CaseRepository.claim_refund_in, case_id=case_id,
                                                      refund_id=named))
-    except UniqueViolation:  # another case's resolution claimed it since the check above
+    except (UniqueViolation, RefundHeldElsewhere):  # another case came to hold it since the check
         await actions.refuse(caller, case_id, 409, action, await _refund_refusal(actions, row, body)
                              or f"refund {named} is another case's", via=via)
     if latest is not None and latest.get("action") == WAIT_RESOLVED:
