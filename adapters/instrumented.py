@@ -9,12 +9,12 @@ made here are their parents and say what the requests meant: which case, and wha
 
 import contextlib
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from opentelemetry import trace
 
 from adapters.metrics import PROVIDER_CALL_ERRORS, PROVIDER_CALL_SECONDS, VERIFY_OUTCOMES
-from adapters.providers.base import PayoutExecutor, ProviderAdapter, ProviderUnsupported
+from adapters.providers.base import PayoutExecutor, ProviderAdapter
 from domain.models import ChargeSnapshot, ProviderEvent, ProviderRefund, RefundRequest
 from domain.payments import PaymentEvent
 from domain.payouts import PayoutEvent, PayoutOrder, ProviderPayout
@@ -83,26 +83,31 @@ class InstrumentedProvider:
         VERIFY_OUTCOMES.labels(self.name, "found" if found is not None else "not_found").inc()
         return found
 
-    def _payouts(self) -> PayoutExecutor:
-        if not isinstance(self._inner, PayoutExecutor):
-            raise ProviderUnsupported(f"{self.name}: making payouts is not supported")
-        return self._inner
-
-    async def create_payout(self, order: PayoutOrder, idempotency_key: str) -> ProviderPayout:
-        return await self._observe("create_payout", self._payouts().create_payout(order, idempotency_key))
-
-    async def find_payout(self, reference: str) -> ProviderPayout | None:
-        return await self._observe("find_payout", self._payouts().find_payout(reference))
-
-    async def get_payout(self, payout_id: str) -> ProviderPayout | None:
-        return await self._observe("get_payout", self._payouts().get_payout(payout_id))
-
     def parse_webhook(self, headers: Mapping[str, str], body: bytes,
                       now: float) -> ProviderEvent | PayoutEvent | PaymentEvent:
         return self._inner.parse_webhook(headers, body, now)
 
 
+class InstrumentedPayouts(InstrumentedProvider):
+    """An instrumented provider that makes payouts: only these pass as `PayoutExecutor`, so
+    the reissue's "cannot make payouts" decline holds behind the wrapper too."""
+
+    def __init__(self, inner: PayoutExecutor) -> None:
+        super().__init__(cast(ProviderAdapter, inner))
+        self._payouts = inner
+
+    async def create_payout(self, order: PayoutOrder, idempotency_key: str) -> ProviderPayout:
+        return await self._observe("create_payout", self._payouts.create_payout(order, idempotency_key))
+
+    async def find_payout(self, reference: str) -> ProviderPayout | None:
+        return await self._observe("find_payout", self._payouts.find_payout(reference))
+
+    async def get_payout(self, payout_id: str) -> ProviderPayout | None:
+        return await self._observe("get_payout", self._payouts.get_payout(payout_id))
+
+
 def instrument(providers: Mapping[str, ProviderAdapter]) -> dict[str, ProviderAdapter]:
     """Wraps every adapter for the worker (the relay only parses webhooks); the caller
     keeps closing the originals."""
-    return {name: InstrumentedProvider(p) for name, p in providers.items()}
+    return {name: InstrumentedPayouts(p) if isinstance(p, PayoutExecutor) else InstrumentedProvider(p)
+            for name, p in providers.items()}

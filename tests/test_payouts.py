@@ -24,7 +24,9 @@ from activities.payout import PayoutActivities
 from adapters.db import Store
 from adapters.db.ledger import LedgerRepository
 from adapters.db.rows import LedgerLineRow
+from adapters.instrumented import instrument
 from adapters.policy_file import load_policy
+from adapters.providers.stripe import StripeProvider
 from domain import errors
 from domain.models import LedgerInput, LedgerKind, LedgerResult
 from domain.payouts import PayoutRegistration, PayoutSnapshot, PayoutStatus, ReissueInput, payout_case_id
@@ -881,3 +883,22 @@ async def test_a_reissue_attempt_that_wakes_past_its_time_creates_nothing(payout
     assert unknown.value.type == errors.OUTCOME_UNKNOWN and not unknown.value.non_retryable
     assert await reissues_at_provider(payouts, payout.reissue_id()) == []
     assert "reissue_create_abandoned" in [e["action"] for e in await payouts.store.audit.trail(case_id)]
+
+
+async def test_a_reissue_at_a_provider_that_makes_no_payouts_is_declined(payouts: Stack) -> None:
+    """The worker's providers are instrumented, and the wrapper answered as a payout maker
+    for every provider: a reissue at one that makes none (a case started straight in
+    Temporal; the relay refuses such registrations) was an unknown outcome, retried for ever
+    (reproduced). It is the decline the activity means, nothing asked of the provider."""
+    payout = await paid_payout(payouts, 48_000)
+    stripe = StripeProvider("sk_test_unused", webhook_secrets=["whsec_unused"], api_base="http://127.0.0.1:9")
+    try:
+        activities = PayoutActivities(payouts.store, instrument({"sandbox": stripe}), load_policy())
+        with pytest.raises(ApplicationError) as declined:
+            await ActivityEnvironment().run(activities.reissue_payout, ReissueInput(
+                case_id=payout_case_id("sandbox", payout.provider_payout_id), original=payout,
+                final_status=PayoutStatus.FAILED))
+    finally:
+        await stripe.aclose()
+    assert declined.value.type == errors.DECLINED and declined.value.non_retryable, declined.value
+    assert "cannot make payouts" in str(declined.value)
