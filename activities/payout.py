@@ -183,7 +183,7 @@ class PayoutActivities:
                 raise ApplicationError(f"no payout {order.reference} at {original.provider}: no attempt paid",
                                        type=errors.REISSUE_NOT_MADE, non_retryable=True)
             if made is None:
-                await self._refuse_while_held_elsewhere(inp.case_id, original.beneficiary_id, inp.approvers)
+                await self._refuse_while_held_elsewhere(inp.case_id, original, inp.approvers)
                 for replaced in await self._book.lineage(original):
                     await self._refuse_unless_failed_still(provider, replaced)
                 if past_start_to_close():
@@ -203,14 +203,16 @@ class PayoutActivities:
             raise ApplicationError(problem, type=errors.DECLINED, non_retryable=True)
         return await self._book.record_reissue(inp.case_id, original, made, inp.final_status)
 
-    async def _refuse_while_held_elsewhere(self, case_id: str, beneficiary_id: str,
+    async def _refuse_while_held_elsewhere(self, case_id: str, original: PayoutSnapshot,
                                            approvers: tuple[str, ...]) -> None:
         """A reissue is one more payout to the beneficiary: while another case holds their
         payouts (another failure, until its reissue or ops release that hold), none is made.
         Not a decline: the workflow waits for the hold to end (the holders in the details).
         A hold its own requester or one of its approvers released is a decline: the release
         cannot be undone, and one person would have both lifted the check and asked for (or
-        authorised) the payout it guards."""
+        authorised) the payout it guards. So is one asked for or approved by whoever
+        registered a payout it stands in for (and named the beneficiary it pays)."""
+        beneficiary_id = original.beneficiary_id
         holding = [h.case_id for h in await self._book.beneficiary_holds(beneficiary_id)
                    if h.released_at is None and h.case_id != case_id]
         if holding:
@@ -228,6 +230,12 @@ class PayoutActivities:
                     f"on {', '.join(released)}, which it checks: no payout is made; other people ask "
                     "for and approve it, or ops pay outside this case", type=errors.DECLINED,
                     non_retryable=True)
+            registered = person and await self._book.registered_in_lineage(original, person)
+            if registered:
+                raise ApplicationError(
+                    f"{person} {did} this reissue and registered payout {registered}, naming its "
+                    "beneficiary: no payout is made; other people ask for and approve it",
+                    type=errors.DECLINED, non_retryable=True)
 
     @staticmethod
     async def _refuse_unless_failed_still(provider: PayoutExecutor, original: PayoutSnapshot) -> None:

@@ -6,10 +6,23 @@ import uuid
 from typing import Any
 
 import pytest
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
 
-from domain.payouts import payout_case_id
+from activities.payout import PayoutActivities
+from adapters.policy_file import load_policy
+from domain import errors
+from domain.payouts import PayoutStatus, ReissueInput, payout_case_id
 from tests.harness import Stack
-from tests.payouts_kit import add_payout_approvers, ask_reissue, decide, move_payout, remediate, wait_for_case
+from tests.payouts_kit import (
+    add_payout_approvers,
+    ask_reissue,
+    decide,
+    move_payout,
+    reissues_at_provider,
+    remediate,
+    wait_for_case,
+)
 from tests.test_cli import run
 
 
@@ -134,10 +147,10 @@ async def test_the_cli_registers_lists_and_shows_and_a_registered_payout_opens_a
     assert missing.returncode == 1 and "no payout" in missing.stderr
 
 
-async def registered_by_olga_and_remediated(stack: Stack, amount: int,
-                                            beneficiary: str) -> tuple[dict[str, Any], str]:
-    """A payout made at the sandbox that olga registers (naming `beneficiary`), then the
-    provider fails and lena approves its reversal; payout approvers and otis (ops) have
+async def registered_and_remediated(stack: Stack, amount: int, beneficiary: str,
+                                    registrar: str = "olga") -> tuple[dict[str, Any], str]:
+    """A payout made at the sandbox that `registrar` registers (naming `beneficiary`), then
+    the provider fails and lena approves its reversal; payout approvers and otis (ops) have
     tokens: (its registration, its case id)."""
     await add_payout_approvers(stack)
     stack.tokens["otis"] = await stack.store.access.create_token(
@@ -145,7 +158,7 @@ async def registered_by_olga_and_remediated(stack: Stack, amount: int,
     async with stack.sandbox() as sb:
         made = (await sb.post("/v1/payouts", json={"amount": amount, "currency": "USD"})).json()
     body = registration(provider_payout_id=made["id"], amount=amount, beneficiary_id=beneficiary)
-    assert (await register(stack, body)).status_code == 201
+    assert (await register(stack, body, registrar)).status_code == 201
     return body, await remediate(stack, made["id"])
 
 
@@ -154,7 +167,7 @@ async def test_whoever_registered_a_payout_does_not_ask_for_its_reissue(stack: S
     only one approver of the tier decides it. The same ops person registering a payout to an
     account of their choosing and asking for its reissue was one person choosing where money
     goes and asking for it to go: another person asks."""
-    _, case_id = await registered_by_olga_and_remediated(stack, 4_000, "ben-chosen")
+    _, case_id = await registered_and_remediated(stack, 4_000, "ben-chosen")
     refused = await ask_reissue(stack, "olga", case_id)
     assert refused.status_code == 403 and "registered" in refused.json()["detail"], refused.text
     assert [e["actor"] for e in await stack.store.audit.trail(case_id)
@@ -162,12 +175,39 @@ async def test_whoever_registered_a_payout_does_not_ask_for_its_reissue(stack: S
     assert (await ask_reissue(stack, "otis", case_id)).status_code == 202
 
 
+async def test_whoever_registered_a_payout_does_not_approve_its_reissue(stack: Stack) -> None:
+    """omar (ops and payments-ops lead) registered a payout to a beneficiary he named; it
+    failed, otis asked for its reissue and omar's approval alone filled the tier: a payout to
+    the account he chose, decided by him (reproduced). Whoever registered a payout the
+    reissue stands in for does not approve it (403, audited); another approver does."""
+    body, case_id = await registered_and_remediated(stack, 4_500, "ben-chosen-by-omar", "omar")
+    assert (await ask_reissue(stack, "otis", case_id)).status_code == 202
+    await wait_for_case(stack, case_id, "awaiting_reissue_approval")
+    refused = await decide(stack, "omar", case_id)
+    assert refused.status_code == 403 and "registered" in refused.json()["detail"], refused.text
+    trail = await stack.store.audit.trail(case_id)
+    assert [e["actor"] for e in trail if e["action"] == "access_refused"] == ["omar"]
+    row = await stack.store.payouts.case(case_id)
+    assert row is not None and row["status"] == "awaiting_reissue_approval"
+    # where the payout is made, his approval declines it, whatever path counted it
+    original = await stack.store.payouts.payout(body["id"])
+    assert original is not None
+    activities = PayoutActivities(stack.store, stack.providers, load_policy())
+    with pytest.raises(ApplicationError) as declined:
+        await ActivityEnvironment().run(activities.reissue_payout, ReissueInput(
+            case_id=case_id, original=original, final_status=PayoutStatus.FAILED, approvers=("omar",)))
+    assert declined.value.type == errors.DECLINED and "registered" in str(declined.value)
+    assert await reissues_at_provider(stack, original.reissue_id()) == []
+    assert (await decide(stack, "lena", case_id)).status_code == 202
+    await wait_for_case(stack, case_id, "reissued")
+
+
 async def test_whoever_registered_a_payout_does_not_ask_for_a_reissue_of_its_reissue(stack: Stack) -> None:
     """The payout olga registered failed and was paid again (someone else asked); that
     reissue, to the beneficiary she named, failed too. Its case is another chain, where she
     registered nothing: she was let ask for the third payment to her beneficiary (202;
     reproduced). Every payout the reissue stands in for is read for its registrar."""
-    body, first_case = await registered_by_olga_and_remediated(stack, 3_000, "ben-chosen-again")
+    body, first_case = await registered_and_remediated(stack, 3_000, "ben-chosen-again")
     assert (await ask_reissue(stack, "otis", first_case)).status_code == 202
     assert (await decide(stack, "lena", first_case)).status_code == 202
     await wait_for_case(stack, first_case, "reissued")

@@ -157,6 +157,17 @@ class PayoutRepository(Repository):
             chain.append(earlier)
         return chain
 
+    async def registered_in_lineage(self, payout: PayoutSnapshot, user: str) -> str | None:
+        """A payout of `payout`'s lineage that `user` registered (its id), if any: the
+        registration names the beneficiary a reissue pays, so its registrar neither asks for
+        nor approves paying them again."""
+        for replaced in await self.lineage(payout):
+            chain = payout_case_id(replaced.provider, replaced.provider_payout_id)
+            if await self._db.fetch_one("SELECT 1 FROM audit_events WHERE chain = %s AND actor = %s"
+                                        " AND action = 'payout_registered' LIMIT 1", (chain, user)):
+                return replaced.id
+        return None
+
     async def payout_at_provider(self, provider: str, provider_payout_id: str) -> PayoutSnapshot | None:
         row = await self._db.fetch_one(
             "SELECT * FROM payouts WHERE provider = %s AND provider_payout_id = %s",

@@ -68,14 +68,21 @@ async def decide_on_payout_exception(actions: CaseActions, caller: Principal, ca
         await actions.refuse(caller, case_id, 409, action,
                              f"this verdict was given for the case {body.awaiting.value}; it is now "
                              f"{row['status']}: reload it and decide again", via=via)
-    if (row["status"] == PayoutCaseStatus.AWAITING_REISSUE_APPROVAL and body.decision is Decision.APPROVE
-            and (released := await actions.store.payouts.acted_on_beneficiary(
-                case_id, caller.user, "beneficiary_hold_released"))):
-        # the reissue would decline for it before it pays: another approver fills the slot
-        await actions.refuse(caller, case_id, 403, action,
-                             f"{caller.user} released this beneficiary's hold on {', '.join(released)}: "
-                             "another person approves a payout to them", via=via,
-                             audit_action="access_refused")
+    if row["status"] == PayoutCaseStatus.AWAITING_REISSUE_APPROVAL and body.decision is Decision.APPROVE:
+        # the reissue would decline for either before it pays: another approver fills the slot
+        if released := await actions.store.payouts.acted_on_beneficiary(
+                case_id, caller.user, "beneficiary_hold_released"):
+            await actions.refuse(caller, case_id, 403, action,
+                                 f"{caller.user} released this beneficiary's hold on {', '.join(released)}: "
+                                 "another person approves a payout to them", via=via,
+                                 audit_action="access_refused")
+        payout = await actions.store.payouts.payout(row["payout_id"])
+        if payout is not None and (registered := await actions.store.payouts.registered_in_lineage(
+                payout, caller.user)):
+            await actions.refuse(caller, case_id, 403, action,
+                                 f"{caller.user} registered payout {registered} (and named its "
+                                 "beneficiary): another person approves paying it again", via=via,
+                                 audit_action="access_refused")
     progress = await actions.verdict(caller, case_id, body, row["status"], action, via=via)
     return {"case_id": case_id, "decision": body.decision.value, "status": progress.status,
             "missing_roles": list(progress.missing_roles),

@@ -127,13 +127,11 @@ async def reissue_payout(case_id: str, body: ReasonBody, caller: Caller,
     case = await door.store.payouts.case(case_id)
     payout = await door.store.payouts.payout(case.payout_id) if case is not None else None
     assert payout is not None  # `_existing_case` refused a case that is not there
-    for replaced in await door.store.payouts.lineage(payout):  # a reissue's registrar is the original's
-        if await door.store.audit.has_action(payout_case_id(replaced.provider, replaced.provider_payout_id),
-                                             "payout_registered", caller.user):
-            await door.actions.refuse(caller, case_id, 403, action,
-                                      f"{caller.user} registered payout {replaced.id} (and named its "
-                                      "beneficiary): another person asks for it to be paid again",
-                                      via="api", audit_action="access_refused")
+    if registered := await door.store.payouts.registered_in_lineage(payout, caller.user):
+        await door.actions.refuse(caller, case_id, 403, action,
+                                  f"{caller.user} registered payout {registered} (and named its "
+                                  "beneficiary): another person asks for it to be paid again",
+                                  via="api", audit_action="access_refused")
     ask = ReissueAsk(requester=caller.user, roles=tuple(sorted(caller.roles)), reason=body.reason)
     if not isinstance(door.providers.get(payout.provider), PayoutExecutor):
         # asked of approvers, it would fail only once approved: refused now, the case as it is
