@@ -97,3 +97,29 @@ async def test_repeating_someone_elses_request_does_not_show_their_case(stack: S
     assert "requester" not in repeated.json()
     async with stack.api("alice") as api:
         assert (await api.post("/v1/refund-requests", json=body)).status_code == 200
+
+
+async def test_whoever_declared_a_refund_unpaid_does_not_approve_its_reissue(stack: Stack) -> None:
+    """Vic (ops and approver) confirmed a bank transfer was not paid; the case failed, its
+    reservation released, and olga reissued it. Vic's approval of the reissue counted: one
+    person's word that the money never went, and their own approval to send it again
+    (reproduced). Whoever said what the refund's money did stands behind its reissue: 403,
+    as for its requester; another approver does."""
+    vic = await person(stack, "approver", "ops")
+    child_id = await approved_bank_transfer(stack, await person(stack, "requester"), "bob")
+    async with stack.api(vic) as api:
+        unpaid = await api.post(f"/v1/manual-refunds/{child_id}/confirmation",
+                                json={"paid": False, "reason": "the transfer bounced"})
+    assert unpaid.status_code == 200, unpaid.text
+    await stack.wait_for_status(child_id, "refund_failed")
+    status, again = await reissue(stack, "olga", child_id, method="bank_transfer")
+    assert status == 202, again
+    again_id = str(again["refund_request_id"])
+    await stack.wait_for_status(again_id, "awaiting_approval")
+    async with stack.api(vic) as api:
+        refused = await api.post(f"/v1/refund-requests/{again_id}/approvals", json={"decision": "approve"})
+    assert refused.status_code == 403, refused.text
+    assert (await stack.store.cases.get(again_id))["status"] == "awaiting_approval"  # type: ignore[index]
+    async with stack.api("carol") as api:
+        approved = await api.post(f"/v1/refund-requests/{again_id}/approvals", json={"decision": "approve"})
+    assert approved.status_code == 202, approved.text

@@ -135,6 +135,13 @@ class AuditLog:
             (case_id, list(actions)))
         return dict(row["detail"]) if row else None
 
+    async def actors_of(self, case_id: str, actions: Iterable[str]) -> list[str]:
+        """Who did any of `actions` on the case's chain, once each, earliest first."""
+        rows = await self._db.fetch_all(
+            "SELECT actor FROM audit_events WHERE chain = %s AND action = ANY(%s) ORDER BY seq",
+            (case_id, list(actions)))
+        return list(dict.fromkeys(str(r["actor"]) for r in rows))
+
     async def has_action(self, case_id: str, action: str, actor: str | None = None) -> bool:
         """Whether the case's chain records `action` at least once (by `actor`, when named;
         one indexed lookup, not the whole trail)."""

@@ -7,7 +7,7 @@ to the audit trail here, before the caller turns it into an HTTP answer or a pag
 """
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, NoReturn
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -119,9 +119,16 @@ def advice_view(row: Mapping[str, Any] | None) -> dict[str, Any]:
             "created_at": row["created_at"].isoformat()}
 
 
-def reissue_request(parent: CaseRow, body: ReissueBody, attempt: int) -> RefundRequest:
+SAID_WHAT_THE_MONEY_DID = ("manual_refund_confirmed", "provider_wait_resolved")
+"""A case's actions that say whether its refund's money moved: whoever did one on a failed
+refund stands behind its reissue (their word that nothing went is why it goes again)."""
+
+
+def reissue_request(parent: CaseRow, body: ReissueBody, attempt: int,
+                    witnesses: Iterable[str] = ()) -> RefundRequest:
     """The child request: same charge and amount, its own id, linked to its parent; the
-    parent's requester is behind it, so cannot approve it."""
+    parent's requester and `witnesses` (who said what its money did) are behind it, so
+    cannot approve it."""
     original = request_from_row(parent)
     # validated as any request is (ValidationError when the child breaks a rule its parent
     # kept: an id or evidence at the limit), so no worker is handed a request it cannot read
@@ -131,7 +138,8 @@ def reissue_request(parent: CaseRow, body: ReissueBody, attempt: int) -> RefundR
         "evidence": {**original.evidence, "reissue_reason": body.reason},
         "source": RequestSource.CONSOLE, "method": body.method,
         "parent_refund_request_id": original.refund_request_id,
-        "trigger_identities": tuple(dict.fromkeys([*original.trigger_identities, parent.requester]))})
+        "trigger_identities": tuple(dict.fromkeys([*original.trigger_identities, parent.requester,
+                                                   *witnesses]))})
 
 
 class CaseActions:
@@ -227,8 +235,9 @@ class CaseActions:
                               f"case is {parent['status']}; only {sorted(REISSUABLE)} refunds can "
                               "be reissued", via=via)
         children = await self.store.cases.children(case_id)
+        witnesses = await self.store.audit.actors_of(case_id, SAID_WHAT_THE_MONEY_DID)
         try:
-            request = reissue_request(parent, body, attempt=len(children) + 1)
+            request = reissue_request(parent, body, attempt=len(children) + 1, witnesses=witnesses)
         except ValidationError as exc:
             broken = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
             await self.refuse(caller, case_id, 422, action,
