@@ -357,6 +357,35 @@ async def test_a_servicenow_denial_on_a_changed_ticket_still_counts(
         await stack.wait_for_status(case_id, "denied")
 
 
+async def test_a_servicenow_denial_given_before_the_case_asks_still_counts(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """ServiceNow sends a rejection once (the approval record's state is final). One given
+    before the case asked for approval (its worker busy, or its validation waiting on the
+    provider) was refused 409 and lost: the case then asked, another approver approved, and
+    the money moved while ServiceNow showed the refund rejected (reproduced). A denial moves
+    no money, so the case takes it when it asks: denied, nothing sent."""
+    async with connected_stack(store, client, temporal_server, jira_url=None) as (stack, world):
+        sn_opener, sn_manager = f"jdoe.{uuid.uuid4().hex[:6]}", f"mgr.{uuid.uuid4().hex[:6]}"
+        await person(stack, ["requester"], servicenow=sn_opener)
+        manager = await person(stack, ["approver"], servicenow=sn_manager)
+        sys_id, charge = uuid.uuid4().hex, await stack.charge(20_000)
+        world.servicenow["u_refund_request"] = [{"sys_id": sys_id, "number": "RR0002003",
+                                                 "work_notes_history": []}]
+        assert stack.worker is not None
+        await stack.worker.shutdown()
+        created = await servicenow(stack, "refund-requests", ticket_body(sys_id, sn_opener, charge_id=charge))
+        assert created.status_code == 202, created.text
+        case_id = created.json()["refund_request_id"]
+        assert (await stack.store.cases.get(case_id))["status"] == "requested"  # type: ignore[index]
+        denied = await servicenow(stack, "approvals", {
+            "sys_id": uuid.uuid4().hex, "document_id": sys_id, "state": "rejected",
+            "approver": {"user_name": sn_manager}, "sys_updated_by": sn_manager, "comments": "not like this"})
+        assert denied.status_code == 200 and denied.json()["approver"] == manager, denied.text
+        await stack.start_worker()
+        await stack.wait_for_status(case_id, "denied")
+        assert await stack.provider_refunds(charge) == []
+
+
 @pytest.mark.parametrize("refused_update", ["malformed", "outside_the_provider_s_rules", "same_second",
                                             "signed_but_late"])
 async def test_a_ticket_update_refused_on_its_own_hides_no_change_from_its_approvers(

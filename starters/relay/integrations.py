@@ -32,6 +32,7 @@ from adapters.providers.base import WebhookRejected
 from adapters.tickets.servicenow import record_url
 from domain.models import (
     ApprovalSignal,
+    CaseStatus,
     Decision,
     RefundReason,
     RefundRequest,
@@ -49,6 +50,11 @@ log = logging.getLogger("relay.integrations")
 
 SysId = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
 REJECTION_STATUS = {"too_large": 413, "unknown_provider": 404, "malformed": 400}
+DENIED_BEFORE_ITS_ROUND = frozenset({CaseStatus.REQUESTED, CaseStatus.VALIDATING, CaseStatus.OPS_REVIEW})
+"""Where a channel's denial still goes to the case: a channel that cannot wait (a ServiceNow
+rejection is sent once) would lose one given before the case asked, and the case would then
+be approved elsewhere. A denial moves no money: the round takes it when it starts, and a
+round already decided records it as refused."""
 
 
 class Inbound(Protocol):
@@ -315,7 +321,8 @@ async def signal_approval(door: FrontDoor, stored: StoredReceipt, system: str, e
     elif not may(principal.roles, Permission.APPROVE_REFUND):
         refusal = (403, "access_refused",
                    f"approving needs one of the roles {sorted(roles_for(Permission.APPROVE_REFUND))}")
-    elif row["status"] != "awaiting_approval":
+    elif row["status"] != "awaiting_approval" and not (
+            decision is Decision.DENY and row["status"] in DENIED_BEFORE_ITS_ROUND):
         refusal = (409, "approval_refused", f"case is {row['status']}, not awaiting approval")
     elif decision is Decision.APPROVE and system == "servicenow" and await ticket_diverged(door, case_id):
         refusal = (409, "approval_refused", "the ticket changed after its refund was requested: it no "
