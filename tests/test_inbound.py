@@ -490,8 +490,9 @@ async def test_a_servicenow_approval_is_the_person_who_changed_the_record(
 
 async def test_servicenow_calls_refused_before_any_case_are_recorded(
         store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
-    """A ticket over the provider's maximum, an approval for a ticket we have no case for:
-    refused, and recorded under who called (the receipt names no case)."""
+    """A ticket over the provider's maximum, an approval for a ticket we have no case for,
+    a ticket its opener may not make: refused, and recorded under who called (the receipt
+    names no case; the last one began the trail of a case nobody made, reproduced)."""
     async with connected_stack(store, client, temporal_server, jira_url=None) as (stack, _):
         sn_opener, sn_manager = f"jdoe.{uuid.uuid4().hex[:6]}", f"mgr.{uuid.uuid4().hex[:6]}"
         opener = await person(stack, ["requester"], servicenow=sn_opener)
@@ -507,7 +508,15 @@ async def test_servicenow_calls_refused_before_any_case_are_recorded(
                    if e["action"] == "action_refused" and e["detail"].get("channel") == "servicenow"
                    and e["actor"] in (opener, manager)}  # the database is shared with other tests
         assert refused == {opener: huge.json()["detail"], manager: stray.json()["detail"]}, refused
-        for answer in (huge, stray):
+        nobody_s = uuid.uuid4().hex
+        unlinked = await servicenow(stack, "refund-requests", ticket_body(
+            nobody_s, f"nobody.{nobody_s[:6]}", charge_id="ch_never_called"))
+        assert unlinked.status_code == 403, unlinked.text
+        assert await stack.store.audit.trail(f"servicenow-{nobody_s}") == []
+        assert [e["actor"] for e in await stack.store.audit.trail("")
+                if e["action"] == "access_refused" and e["detail"].get("case_id") == f"servicenow-{nobody_s}"
+                ] == [f"servicenow:nobody.{nobody_s[:6]}"]
+        for answer in (huge, stray, unlinked):
             row = await stack.store.database.fetch_one(
                 "SELECT workflow_id FROM webhook_receipts WHERE id = %s", (answer.json()["receipt_id"],))
             assert row is not None and row["workflow_id"] is None

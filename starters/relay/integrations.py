@@ -467,7 +467,7 @@ async def servicenow_refund_request(request: Request, door: Door) -> JSONRespons
             message = (f"ServiceNow user {sn_user!r} ({'opened' if not behind else 'created'} the "
                        "ticket) is not linked to a user who may request refunds "
                        f"(roles {sorted(roles_for(Permission.REQUEST_REFUND))})")
-            await door.store.audit.record(case_id, f"servicenow:{sn_user}", "access_refused", {
+            await door.store.audit.record_refusal(case_id, f"servicenow:{sn_user}", "access_refused", {
                 "channel": "servicenow", "ticket": ticket.number, "refusal": message})
             await ticket_update_refused(door, ticket.sys_id, message, ticket)
             return await answer(door, stored, None, 403, {"detail": message})
