@@ -9,11 +9,13 @@ live in the same file.
 import hashlib
 import json
 from collections.abc import Sequence
+from typing import Annotated, Any
 
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 
 from domain.models import (
     ChargeSnapshot,
+    Currency,
     Frozen,
     PolicyContext,
     PolicyDecision,
@@ -22,13 +24,34 @@ from domain.models import (
     RefundRequest,
     RoleRequirement,
 )
+from domain.money import MAX_MINOR_AMOUNT
+
+
+def _each_currency_once(value: Any) -> Any:
+    """`usd` and `USD` both read as USD: a file naming one currency twice is refused, not
+    read as whichever came last."""
+    if isinstance(value, dict):
+        seen: dict[str, str] = {}
+        for key in value:
+            named = str(key).strip().upper()
+            if named in seen:
+                raise ValueError(f"{seen[named]!r} and {key!r} name one currency")
+            seen[named] = str(key)
+    return value
+
+
+CurrencyAmounts = Annotated[
+    dict[Currency, Annotated[int, Field(ge=0, le=MAX_MINOR_AMOUNT, strict=True)]],
+    BeforeValidator(_each_currency_once)]
+"""Whole minor units per ISO 4217 currency, named in any letter case (a quoted, fractional,
+negative or yes/no amount, or an unknown currency, refuses the file)."""
 
 
 class ApprovalTier(Frozen):
     """Applies up to `max_amount` (minor units per currency; none = every amount)."""
 
     name: str
-    max_amount: dict[str, int] | None = None
+    max_amount: CurrencyAmounts | None = None
     approvals: tuple[RoleRequirement, ...] = Field(min_length=1)
 
     def covers(self, amount: int, currency: str) -> bool:
@@ -52,7 +75,7 @@ def _has_catch_all(tiers: tuple[ApprovalTier, ...], what: str) -> tuple[Approval
 
 
 class RefundRules(Frozen):
-    auto_approve_max: dict[str, int] = Field(default_factory=dict)
+    auto_approve_max: CurrencyAmounts = Field(default_factory=dict)
     required_evidence: tuple[str, ...] = ()
     high_risk: tuple[HighRiskRule, ...] = ()
     review_methods: tuple[RefundMethod, ...] = (RefundMethod.BANK_TRANSFER,)

@@ -100,3 +100,38 @@ def test_reformatting_a_policy_keeps_its_hash(tmp_path: Path) -> None:
     changed = tmp_path / "changed.toml"
     changed.write_text(text.replace("USD = 5000", "USD = 6000"))
     assert load_policy(changed).fingerprint() != POLICY.fingerprint()
+
+
+POLICY_WITH = ('version = "x"\n[refunds]\nauto_approve_max = {{ {auto} }}\n'
+               '[[refunds.tiers]]\nname = "small"\nmax_amount = {{ {tier} }}\n'
+               'approvals = [{{ role = "approver" }}]\n'
+               '[[refunds.tiers]]\nname = "rest"\napprovals = [{{ role = "finance_manager" }}]\n')
+
+
+def test_a_policy_names_currencies_in_any_letter_case(tmp_path: Path) -> None:
+    """`usd = 5000` was kept as written and never matched a request's USD: the refund went to
+    a stricter tier than its author meant, and `refunds policy check` passed the file."""
+    lower = tmp_path / "lower.toml"
+    lower.write_text(POLICY_WITH.format(auto="usd = 5000", tier="usd = 20000"))
+    policy = load_policy(lower)
+    assert decide(policy, request(5_000), PolicyContext()).auto_approve
+    needs = decide(policy, request(20_000), PolicyContext())
+    assert (needs.tier, needs.auto_approve) == ("small", False)
+
+
+@pytest.mark.parametrize(("auto", "tier", "refused"), [
+    ('USD = "5000"', "USD = 20000", "auto_approve_max"),
+    ("USD = 5000.0", "USD = 20000", "auto_approve_max"),
+    ("USD = -1", "USD = 20000", "auto_approve_max"),
+    ("USD = 5000", "USD = true", "max_amount"),
+    ("USD = 5000", "XYZ = 20000", "max_amount"),
+    ("USD = 5000", "usd = 20000, USD = 30000", "max_amount"),
+])
+def test_a_policy_amount_is_a_whole_number_of_minor_units_of_a_known_currency(
+        tmp_path: Path, auto: str, tier: str, refused: str) -> None:
+    """A quoted, fractional, negative or yes/no amount, an unknown currency, one currency
+    named twice: the file is refused, naming the field, never read as something else."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text(POLICY_WITH.format(auto=auto, tier=tier))
+    with pytest.raises(PolicyFileError, match=refused):
+        load_policy(bad)
