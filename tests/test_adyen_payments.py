@@ -15,6 +15,7 @@ import pytest
 from temporalio.client import Client
 
 from adapters.db import Store
+from adapters.db.payments import PaymentNotificationRepository
 from domain.events import tracking_case_id
 from domain.models import ChargeSnapshot
 from domain.payments import PaymentStatus, RecordedNotification, charge_from_notifications
@@ -207,6 +208,26 @@ async def test_failed_capture_and_cancellation_leave_nothing_captured(rig: Adyen
                  amount={"currency": "EUR", "value": 5_000})
     charge = await rig.stack.providers["adyen"].get_charge(cancelled)
     assert charge is not None and (charge.captured, charge.amount_captured) == (False, 0)
+
+
+async def test_a_payment_adyen_cancelled_for_a_cancel_or_refund_has_nothing_captured(rig: AdyenRig) -> None:
+    """With automatic capture an authorisation counts as captured until told otherwise. A
+    CANCEL_OR_REFUND that Adyen carried out as a cancel (the payment was never captured) was
+    recorded as a failed refund, so the payment still read captured: a bank-transfer refund
+    of it would validate against money never taken (reproduced). It is the payment's
+    cancellation; one carried out as a refund stays a refund."""
+    cancelled, refunded = await paid(rig, 5_000), await paid(rig, 5_000)
+    for psp, action in ((cancelled, "cancel"), (refunded, "refund")):
+        await notify(rig, "CANCEL_OR_REFUND", pspReference=unique_psp(), originalReference=psp,
+                     merchantReference="", merchantAccountCode=MERCHANT,
+                     amount={"currency": "EUR", "value": 5_000},
+                     additionalData={"modification.action": action})
+    payments = PaymentNotificationRepository(rig.stack.store.database, "adyen", auto_capture=True)
+    charge = await payments.charge(cancelled)
+    assert charge is not None and (charge.captured, charge.amount_captured, charge.amount_refunded) == (
+        False, 0, 0), charge
+    charge = await payments.charge(refunded)
+    assert charge is not None and (charge.amount_captured, charge.amount_refunded) == (5_000, 5_000), charge
 
 
 async def test_a_disputed_payment_reaches_the_prior_dispute_rule(rig: AdyenRig) -> None:

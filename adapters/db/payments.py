@@ -21,6 +21,10 @@ REFUND_EFFECT = {
     ProviderRefundStatus.CANCELED: PaymentStatus.REFUND_FAILED,
 }
 """A refund notification's effect on its payment; any other status leaves it pending."""
+CANCELLED_INSTEAD = "CANCEL_OR_REFUND:true:cancel"
+"""Adyen's raw status of a cancel-or-refund it carried out as a cancel (`adapters.providers
+.adyen`): the payment was never captured, so it is the payment's cancellation, not a failed
+refund (with automatic capture the authorisation would read captured still)."""
 
 
 class PaymentNotificationRepository:
@@ -38,7 +42,8 @@ class PaymentNotificationRepository:
             payment_id, reference, status = event.payment_id, event.psp_reference, event.status
         elif event.refund_id is not None and event.charge_id is not None and event.status is not None:
             payment_id, reference = event.charge_id, event.refund_id
-            status = REFUND_EFFECT.get(event.status, PaymentStatus.REFUND_PENDING)
+            status = (PaymentStatus.CANCELLED if event.raw_status == CANCELLED_INSTEAD
+                      else REFUND_EFFECT.get(event.status, PaymentStatus.REFUND_PENDING))
         else:
             return
         await self._db.execute(
