@@ -11,6 +11,7 @@ from temporalio.testing import ActivityEnvironment
 
 from activities.payout import PayoutActivities
 from adapters.policy_file import load_policy
+from adapters.providers.base import AmountLimit
 from domain import errors
 from domain.payouts import PayoutStatus, ReissueInput, payout_case_id
 from tests.harness import Stack
@@ -53,6 +54,29 @@ async def test_a_registration_books_once_and_the_same_again_is_a_no_op(stack: St
     trail = await stack.store.audit.trail(case_id)
     [registered] = [e for e in trail if e["action"] == "payout_registered"]
     assert registered["actor"] == "olga" and registered["detail"]["amount"] == 1_250_000
+
+
+@pytest.mark.parametrize("change", ["provider_removed", "maximum_lowered"])
+async def test_a_registration_sent_again_gets_its_booking_whatever_the_entry_rules_say_now(
+        stack: Stack, monkeypatch: pytest.MonkeyPatch, change: str) -> None:
+    """After a deploy removed the provider or lowered its maximum, the payments system's
+    resend of a booked payout was answered 422 and audited as refused (reproduced): it would
+    take the payout for unregistered while its failure still opens a case. The entry rules
+    judge a payout not booked yet."""
+    body = registration(amount=5_000)
+    assert (await register(stack, body)).status_code == 201
+    if change == "provider_removed":
+        monkeypatch.delitem(stack.providers, "sandbox")
+    else:
+        monkeypatch.setattr(stack.providers["sandbox"], "max_amount", AmountLimit(100, "lowered"))
+    again = await register(stack, body)
+    assert (again.status_code, again.json().get("created")) == (200, False), again.text
+    assert (await register(stack, {**body, "amount": 5_001})).status_code == 409
+    fresh = await register(stack, registration(amount=5_000))
+    assert fresh.status_code == 422, fresh.text
+    refused = [e for e in await stack.store.audit.trail(payout_case_id("sandbox", body["provider_payout_id"]))
+               if e["action"] == "payout_registration_refused"]
+    assert [e["detail"]["refusal"].startswith("payout") for e in refused] == [True]  # the 409 only
 
 
 @pytest.mark.parametrize("change", [{"amount": 1_250_001}, {"beneficiary_id": "ben-other"},

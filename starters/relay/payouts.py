@@ -46,7 +46,11 @@ async def register_payout(body: PayoutRegistration, caller: Caller, response: Re
                                       {"payout": body.model_dump(mode="json"), "refusal": refusal})
         raise HTTPException(status, refusal)
 
-    if refused := entry_refusal(door.providers, body.provider, body.amount, body.currency):
+    # judged for a payout not booked yet: a resend of one that is gets its booking (or its
+    # conflict) whatever a later deploy made of the provider or its limits
+    if (refused := entry_refusal(door.providers, body.provider, body.amount, body.currency)) and (
+            await door.store.payouts.payout(body.id) is None
+            and await door.store.payouts.payout_at_provider(body.provider, body.provider_payout_id) is None):
         await refuse(422, refused[1])
     booked, created = await door.store.payouts.register_payout(body, caller.user)
     if booked is None:
