@@ -55,6 +55,12 @@ async def connect(settings: Settings, *, runtime: Runtime | None = None,
                                 runtime=runtime, connect_timeout=connect_timeout)
 
 
+ENDED = frozenset({WorkflowExecutionStatus.COMPLETED, WorkflowExecutionStatus.FAILED,
+                   WorkflowExecutionStatus.CANCELED, WorkflowExecutionStatus.TERMINATED,
+                   WorkflowExecutionStatus.CONTINUED_AS_NEW, WorkflowExecutionStatus.TIMED_OUT})
+"""The statuses of a workflow that will not move its case again."""
+
+
 async def workflow_closed(client: Client, case_id: str) -> str | None:
     """How the case's workflow ended (its status name), or None while it runs."""
     try:
@@ -63,6 +69,6 @@ async def workflow_closed(client: Client, case_id: str) -> str | None:
         if exc.status is RPCStatusCode.NOT_FOUND:  # never started, or past retention
             return "NOT_FOUND"
         raise
-    if described.status in (None, WorkflowExecutionStatus.RUNNING):
+    if described.status not in ENDED:  # running, or a status that may resume (paused)
         return None
     return described.status.name

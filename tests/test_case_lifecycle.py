@@ -8,6 +8,7 @@ import copy
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
+import psycopg
 import pytest
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
@@ -327,25 +328,57 @@ async def executing_case(stack: Stack, hours_idle: int, *, submitted: bool) -> d
     return body
 
 
-async def test_a_case_the_sweep_cannot_read_holds_up_no_other(stack: Stack) -> None:
+async def test_a_lookup_that_fails_unexpectedly_hands_the_case_to_ops_as_cannot_tell(stack: Stack) -> None:
     """Two executing cases whose workflows are gone; the provider's lookup of the first fails
-    unexpectedly. The second is still handed to ops in that pass (before, the pass ended at
-    the first, and every pass after it again: no case behind it was ever swept)."""
+    in a way no adapter names (a bug, an unreadable answer). It was left for the next pass,
+    every pass: a dead case holding its reservation, no break, no notice (reproduced). Its
+    workflow is gone either way: ops get it, the provider's word unknown, the hold kept."""
     broken, readable = [await executing_case(stack, hours, submitted=True) for hours in (3, 2)]
+    await stack.store.database.execute(  # its hold, as its validation took it
+        "UPDATE refund_cases SET reserved_amount = amount WHERE refund_request_id = %s",
+        (broken["refund_request_id"],))
     providers = {**stack.providers, "sandbox": cast(ProviderAdapter, LookupBreaksOn(
         stack.providers["sandbox"], broken["charge_id"]))}
     swept = await sweep_cases_once(stack.store, stack.client, providers, idle_seconds=60)
-    assert readable["refund_request_id"] in swept and broken["refund_request_id"] not in swept
+    assert {broken["refund_request_id"], readable["refund_request_id"]} <= set(swept)
     row = await stack.store.cases.get(broken["refund_request_id"])
+    assert row is not None and (row["status"], row["reserved_amount"]) == ("ops_review", 1_000)
+    found = await _break(stack, broken["refund_request_id"])
+    assert found is not None and found["evidence"]["provider_holds_refund"] is None
+
+
+async def test_a_case_the_sweep_cannot_write_holds_up_no_other(
+        stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two executing cases whose workflows are gone; handing the first to ops fails (a
+    database error on its row). The second is still handed to ops in that pass (before, the
+    pass ended at the first, and every pass after it again: no case behind it was swept)."""
+    broken, readable = [(await executing_case(stack, hours, submitted=False))["refund_request_id"]
+                        for hours in (3, 2)]
+    sweep_closed = stack.store.cases.sweep_closed
+
+    async def fails_for_broken(case_id: str, **kwargs: Any) -> bool:
+        if case_id == broken:
+            raise psycopg.errors.QueryCanceled("canceling statement due to statement timeout")
+        return await sweep_closed(case_id, **kwargs)
+
+    monkeypatch.setattr(stack.store.cases, "sweep_closed", fails_for_broken)
+    swept = await sweep_cases_once(stack.store, stack.client, stack.providers, idle_seconds=60)
+    assert readable in swept and broken not in swept
+    row = await stack.store.cases.get(broken)
     assert row is not None and row["status"] == "executing"  # left for a later pass
 
 
-class DescribeFailsFor:
-    """A Temporal client whose describe of one workflow (None: every one) fails (rate
-    limited, a deadline)."""
+RATE_LIMITED = RPCError("rate limited", RPCStatusCode.RESOURCE_EXHAUSTED, b"")
 
-    def __init__(self, client: Client, workflow_id: str | None) -> None:
-        self._client, self._workflow_id = client, workflow_id
+
+class DescribeFailsFor:
+    """A Temporal client whose describe of one workflow (None: every one) fails: rate
+    limited (by default), or with an answer the SDK cannot read (a status newer than it,
+    such as a paused workflow's)."""
+
+    def __init__(self, client: Client, workflow_id: str | None,
+                 error: Exception = RATE_LIMITED) -> None:
+        self._client, self._workflow_id, self._error = client, workflow_id, error
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._client, name)
@@ -357,20 +390,24 @@ class DescribeFailsFor:
         failing = copy.copy(handle)
 
         async def describe(*_: Any, **__: Any) -> Any:
-            raise RPCError("rate limited", RPCStatusCode.RESOURCE_EXHAUSTED, b"")
+            raise self._error
 
         failing.describe = describe  # type: ignore[method-assign]
         return failing
 
 
+@pytest.mark.parametrize("error", [RATE_LIMITED, ValueError("8 is not a valid WorkflowExecutionStatus")],
+                         ids=["rate_limited", "status_the_sdk_cannot_read"])
 async def test_a_case_temporal_cannot_describe_holds_up_no_other(
-        stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Temporal refuses one case's describe (rate limited): that case waits for the next pass,
-    the cases behind it are still swept. The failure left the generator and ended the pass
-    (payout cases were then never reached; reproduced: the readable case was not swept)."""
+        stack: Stack, monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
+    """Temporal refuses one case's describe (rate limited), or answers with a status the SDK
+    cannot read (a paused workflow, newer than it): that case waits for the next pass, the
+    cases behind it are still swept. The failure left the generator and ended the pass, every
+    pass (payout cases were then never reached; reproduced for both: the readable case was
+    not swept)."""
     refused, readable = [(await executing_case(stack, hours, submitted=False))["refund_request_id"]
                          for hours in (3, 2)]
-    swept = await sweep_cases_once(stack.store, cast(Client, DescribeFailsFor(stack.client, refused)),
+    swept = await sweep_cases_once(stack.store, cast(Client, DescribeFailsFor(stack.client, refused, error)),
                                    stack.providers, idle_seconds=60)
     assert readable in swept and refused not in swept
     row = await stack.store.cases.get(refused)
