@@ -190,8 +190,8 @@ class ReconciliationActivities:
         """The break as stored (with the start's timings), which its workflow acts on rather
         than on its start input: a run started straight in Temporal with made-up facts would
         hand them to a case as provider news under this worker's seal. No such break: refused
-        for good."""
-        row = await self._recon.get_break(case.break_id)
+        for good. Read once a reopen starting this run has committed: its round, its reopener."""
+        row = await self._recon.get_break(case.break_id, settled_write=True)
         if row is None:
             raise ApplicationError(f"no break {case.break_id}: its workflow starts only for a stored break",
                                    type=errors.FORGED_START, non_retryable=True)

@@ -372,6 +372,28 @@ async def test_a_settlement_whose_approvals_miss_the_break_as_stored_settles_not
     assert "behind the break" in message.text and "bob" in message.text and "finance_manager" in message.text
 
 
+async def test_a_break_run_a_reopen_starts_reads_the_break_as_the_reopen_commits_it(stack: Stack) -> None:
+    """A reopen starts the break's next run inside its transaction, before the commit (so a
+    start that fails reopens nothing). The run's read of the break took the row as committed
+    before: the earlier round, its reopener not barred; it then settled as a round past,
+    writing nothing, and the break stayed awaiting approval for good (reproduced at the
+    read). The read waits for the reopen's commit."""
+    _, found = await break_awaiting_approval(stack, moved_to="canceled", requester="bob")
+    row = await stack.store.reconciliation.get_break(found["id"])
+    assert row is not None
+    activities = ReconciliationActivities(stack.store, stack.providers, stack.client, load_policy(),
+                                          timings=stack.settings.timings(),
+                                          reports_dir=stack.settings.reports_folder(),
+                                          reissue_window=timedelta(days=30))
+    async with stack.store.database.transaction() as conn:  # the reopen, its start in flight
+        await conn.execute("UPDATE reconciliation_breaks SET reopened = reopened + 1, evidence = jsonb_set("
+                           "evidence, '{reopened_by}', '[\"rhea\"]'::jsonb) WHERE id = %s", (found["id"],))
+        read = asyncio.create_task(activities.load_break_case(break_case(row, stack.settings.timings())))
+        await asyncio.sleep(1)
+    loaded = await read
+    assert (loaded.reopened, "rhea" in loaded.conflicted) == (found["reopened"] + 1, True), loaded
+
+
 async def test_one_approver_approving_in_two_runs_of_a_break_counts_once(stack: Stack) -> None:
     """Max holds both roles a large break needs and approves: one of its two slots. With
     Temporal access, the run is started again with a one-cent delta (one approver's tier)

@@ -466,9 +466,12 @@ class ReconciliationRepository(Repository):
             "SELECT * FROM reconciliation_breaks WHERE state = 'awaiting_approval'"
             " ORDER BY found_at, id LIMIT %s", (limit,))]
 
-    async def get_break(self, break_id: int) -> BreakRow | None:
-        row = await self._db.fetch_one("SELECT * FROM reconciliation_breaks WHERE id = %s",
-                                       (break_id,))
+    async def get_break(self, break_id: int, *, settled_write: bool = False) -> BreakRow | None:
+        """The break; `settled_write`: once a transaction writing it now (a reopen, which
+        starts the break's next run before it commits) has ended, so that run reads its round."""
+        row = await self._db.fetch_one(
+            "SELECT * FROM reconciliation_breaks WHERE id = %s FOR SHARE" if settled_write
+            else "SELECT * FROM reconciliation_breaks WHERE id = %s", (break_id,))
         return None if row is None else BreakRow.from_row(row)
 
     # -- the exception case -------------------------------------------------------------
