@@ -1177,3 +1177,29 @@ async def test_a_verdict_checked_for_one_round_never_counts_in_the_next(stack: S
     assert [e["template"] for e in await stack.store.ledger.entries(case_id)] == ["refund_settled"] * 2
     assert "reconciliation_approval_approve" not in [
         e["action"] for e in await stack.store.audit.trail(waiting["chain"]) if e["actor"] == "dana"]
+
+
+async def test_a_break_people_must_look_at_again_is_raised_again_by_the_next_run(stack: Stack) -> None:
+    """A refund made outside us, pending, webhook missed: an unknown_to_us break for
+    approvers. It succeeds at the provider before they approve, so the settlement sends it
+    to ops review (approved for "pending", nothing booked). Every later run only linked it
+    there, and no action acts on a break in ops review: money moved with no case holding it
+    and no ledger entry, for good (reproduced). The next run finding it raises it again for
+    its own approval, and that one books it."""
+    charge = await stack.charge(10_000)
+    refund = history(charge, 1_300, days_ago=0.5, status="pending")
+    await seed_provider(stack, [refund])
+    await backfill(stack, since_days=1)
+    [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    assert found["break_class"] == "unknown_to_us"
+    await move_at_provider(stack, refund["id"], "succeeded")
+    assert (await decide(stack, "carol", found["id"])).status_code == 202
+    [settled] = await wait_for_breaks(stack, [refund["id"]], "ops_review", "resolved")
+    assert settled["state"] == "ops_review" and "provider_moved" in settled["resolution"]
+    await backfill(stack, since_days=1)
+    [again] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    assert (again["id"], again["reopened"], again["provider_status"]) == (found["id"], 1, "succeeded")
+    assert (await decide(stack, "carol", again["id"])).status_code == 202
+    [booked] = await wait_for_breaks(stack, [refund["id"]], "resolved")
+    lines = await stack.store.ledger.entries(booked["chain"])
+    assert [e["template"] for e in lines] == ["refund_settled"] * 2

@@ -54,6 +54,7 @@ from domain.payouts import (
     payout_case_id,
 )
 from domain.reconciliation import (
+    LOOK_AGAIN,
     NON_TERMINAL_PROVIDER,
     RAISED_AGAIN,
     REOPENABLE,
@@ -311,7 +312,8 @@ class ReconciliationRepository(Repository):
                 "tracking_prefix": tracking_case_id(provider, ""), "unmapped": UNMAPPED,
                 "payout_failed": _names(EXCEPTION_STATUSES), "paid": PayoutStatus.PAID.value,
                 "payout_reversed": LedgerKind.PAYOUT_REVERSED.value,
-                "raised_again": _names(RAISED_AGAIN), "case_ended": _names(ENDED_UNREVERSED),
+                "raised_again": _names(RAISED_AGAIN), "look_again": list(LOOK_AGAIN),
+                "case_ended": _names(ENDED_UNREVERSED),
                 "case_prefix": payout_case_id(provider, "")})
             new = list(await cur.fetchall())
             for row in new:

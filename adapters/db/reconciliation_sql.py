@@ -132,8 +132,10 @@ WITH matched AS (
                 ELSE 'new' END
     FROM classified
     -- a resolved break of a class its resolution removes, found again: raised again, as new
-    -- in this run (`RAISED_AGAIN`); a duplicate refund that has since succeeded (first seen
-    -- pending: money moved twice now) raised again for ops with what it moved;
+    -- in this run (`RAISED_AGAIN`); so is one its settlement sent to ops review for people
+    -- to look again (`LOOK_AGAIN`: nothing acts on a break in ops review); a duplicate
+    -- refund that has since succeeded (first seen pending: money moved twice now) raised
+    -- again for ops with what it moved;
     -- any other break seen again is only linked to the run
     ON CONFLICT (provider, object_id, break_class) DO UPDATE SET
         state = CASE WHEN reconciliation_breaks.break_class = 'duplicate_refund' THEN 'ops_review'
@@ -145,8 +147,10 @@ WITH matched AS (
         case_status = EXCLUDED.case_status, provider_status = EXCLUDED.provider_status,
         raw_status = EXCLUDED.raw_status, failure_reason = EXCLUDED.failure_reason,
         amount = EXCLUDED.amount
-      WHERE (reconciliation_breaks.state = 'resolved'
-             AND reconciliation_breaks.break_class = ANY(%(raised_again)s))
+      WHERE (reconciliation_breaks.break_class = ANY(%(raised_again)s)
+             AND (reconciliation_breaks.state = 'resolved'
+                  OR (reconciliation_breaks.state = 'ops_review'
+                      AND reconciliation_breaks.resolution ?| %(look_again)s)))
          OR (reconciliation_breaks.break_class = 'duplicate_refund' AND EXCLUDED.provider_status = 'succeeded'
              AND reconciliation_breaks.provider_status IS DISTINCT FROM 'succeeded')
     RETURNING *
