@@ -69,6 +69,7 @@ REISSUE_UPDATE = "request_reissue"
 MAX_AGE = timedelta(minutes=15)
 """A seal older than this (by the workflow's clock) is refused: a captured one goes stale."""
 MAX_SKEW = timedelta(minutes=1)
+OUTSIDE_WINDOW = f"approval seal is outside its {int(MAX_AGE.total_seconds())} s window"
 """How far ahead of the workflow's clock the relay's clock may be."""
 _HEADER_CONVERTER = PayloadConverter.default
 NEWS_SIGNALS = frozenset({"provider_event", "payout_event"})
@@ -153,8 +154,10 @@ class ApprovalKeys:
             return ("approval was sealed for an earlier run of this case (a round since closed, "
                     "before the case was reopened or started again)"), ""
         age = now.timestamp() - int(issued)
-        if age > MAX_AGE.total_seconds() or age < -MAX_SKEW.total_seconds():
-            return f"approval seal is outside its {int(MAX_AGE.total_seconds())} s window", ""
+        if age < -MAX_SKEW.total_seconds():
+            return OUTSIDE_WINDOW, ""
+        if age > MAX_AGE.total_seconds():
+            return OUTSIDE_WINDOW, nonce  # past it: the nonce still counts once (a late denial)
         return "", nonce
 
 
@@ -341,8 +344,9 @@ class _SealCheckingInbound(WorkflowInboundInterceptor):
         checked = CheckedProviderEvent if isinstance(event, ProviderEvent) else CheckedPayoutEvent
         return checked.model_validate({**event.model_dump(), "refusal": refusal})
 
-    def _refusal(self, signal: Sealed, headers: Mapping[str, Payload]) -> str:
-        """Why the seal in `headers` does not hold for `signal` ("" when it does); notes its nonce."""
+    def _refusal(self, signal: Sealed, headers: Mapping[str, Payload]) -> tuple[str, bool]:
+        """Why the seal in `headers` does not hold for `signal` ("" when it does), and whether
+        it held but past its window (`late`); notes its nonce."""
         if self.keys is None:
             refusal, nonce = "the worker holds no approval keys (REFUNDS_APPROVAL_KEYS)", ""
         else:
@@ -350,15 +354,18 @@ class _SealCheckingInbound(WorkflowInboundInterceptor):
             refusal, nonce = self.keys.check(
                 info.workflow_id, signal, _header_seal(headers, SEAL_HEADER),
                 chain=info.first_execution_run_id, now=workflow.now())
-        if not refusal and nonce in self._used_nonces:
-            refusal = "approval seal was already used"
-        if not refusal:
+        late = refusal == OUTSIDE_WINDOW and bool(nonce)
+        if (late or not refusal) and nonce in self._used_nonces:
+            return "approval seal was already used", False
+        if late or not refusal:
             self._used_nonces.add(nonce)
-        return refusal
+        return refusal, late
 
     def _checked(self, signal: Sealed, headers: Mapping[str, Payload]) -> CheckedApproval | CheckedReissueAsk:
-        checked = CheckedReissueAsk if isinstance(signal, ReissueAsk) else CheckedApproval
-        return checked.model_validate({**signal.model_dump(), "refusal": self._refusal(signal, headers)})
+        refusal, late = self._refusal(signal, headers)
+        if isinstance(signal, ReissueAsk):
+            return CheckedReissueAsk.model_validate({**signal.model_dump(), "refusal": refusal})
+        return CheckedApproval.model_validate({**signal.model_dump(), "refusal": refusal, "late": late})
 
     async def handle_signal(self, input: HandleSignalInput) -> None:
         signal = _approval_arg(input.signal, APPROVE_SIGNAL, input.args)

@@ -7,7 +7,7 @@ whether the seal held. Pure, so workflows may import it and the sandbox passes i
 
 from typing import overload
 
-from domain.models import ApprovalSignal, ProviderEvent
+from domain.models import ApprovalSignal, Decision, ProviderEvent
 from domain.payouts import PayoutEvent, ReissueAsk
 
 
@@ -16,6 +16,9 @@ class CheckedApproval(ApprovalSignal):
     when the relay's seal held. Only the interceptor builds one."""
 
     refusal: str = ""
+    late: bool = False
+    """The seal held but its window had passed when the workflow took the verdict (a
+    worker away longer than the window): refused as an approval, still a denial."""
 
 
 def seal_refusal(signal: ApprovalSignal) -> str:
@@ -23,6 +26,13 @@ def seal_refusal(signal: ApprovalSignal) -> str:
     if not isinstance(signal, CheckedApproval):
         return "approval not checked for the relay's seal (worker without the seal check)"
     return signal.refusal
+
+
+def late_denial(signal: ApprovalSignal) -> bool:
+    """A denial the relay sealed that reached the workflow past its seal's window: the
+    channel answered "signalled" (a ServiceNow rejection is sent once), and a denial moves no
+    money, so it still denies; a late approval counts for nothing."""
+    return isinstance(signal, CheckedApproval) and signal.late and signal.decision is Decision.DENY
 
 
 class CheckedReissueAsk(ReissueAsk):

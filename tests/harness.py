@@ -3,6 +3,7 @@ sandbox provider, relay and in-process worker, plus helpers to drive and inspect
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import secrets
 import shutil
@@ -20,10 +21,11 @@ import httpx
 import psutil
 import psycopg
 from psycopg.conninfo import make_conninfo
-from temporalio.client import Client, Interceptor
+from temporalio.client import Client, Interceptor, OutboundInterceptor, SignalWorkflowInput
+from temporalio.converter import PayloadConverter
 from temporalio.worker import Worker
 
-from adapters.approval_seal import NewsSealing
+from adapters.approval_seal import SEAL_HEADER, ApprovalKeys, NewsSealing
 from adapters.codec import generate_key_spec
 from adapters.config import Settings
 from adapters.db import CaseCreation, Store
@@ -35,6 +37,7 @@ from adapters.providers.registry import build_providers, close_providers
 from adapters.temporal_client import connect
 from adapters.tls import client_tls
 from domain.models import (
+    ApprovalSignal,
     CaseEventInput,
     CaseWrites,
     CaseWritten,
@@ -58,6 +61,41 @@ PAYLOAD_KEYS = generate_key_spec("test")
 # sends is what an outsider with Temporal access sends). Fixed, so recorded histories with
 # sealed approvals replay in any session.
 APPROVAL_KEYS = "test-approval-key-not-secret"
+
+
+class FixedSeal(Interceptor):
+    """A client interceptor that sends every signal with one seal: what someone who captured
+    a genuine seal (and holds Temporal write access) replays, or a verdict the relay sealed
+    long ago (a worker away past the seal's window)."""
+
+    def __init__(self, seal: str) -> None:
+        self.header = PayloadConverter.default.to_payloads([seal])[0]
+
+    def intercept_client(self, next: OutboundInterceptor) -> OutboundInterceptor:
+        header = self.header
+
+        class Sealing(OutboundInterceptor):
+            async def signal_workflow(self, input: SignalWorkflowInput) -> None:
+                await super().signal_workflow(dataclasses.replace(
+                    input, headers={**input.headers, SEAL_HEADER: header}))
+
+        return Sealing(next)
+
+
+def with_seal(client: Client, seal: str) -> Client:
+    """`client`, its signals sent with `seal`."""
+    config = client.config()
+    config["interceptors"] = [*config["interceptors"], FixedSeal(seal)]
+    return Client(**config)
+
+
+async def sealed_signal(client: Client, case_id: str, verdict: ApprovalSignal, *,
+                        issued_at: datetime) -> None:
+    """`verdict` signalled to the case's workflow as the relay would seal it at `issued_at`
+    (with the tests' approval key, for the case's run chain)."""
+    chain = (await client.get_workflow_handle(case_id).describe()).run_id
+    seal = ApprovalKeys([APPROVAL_KEYS]).seal(case_id, verdict, chain=chain, now=issued_at)
+    await with_seal(client, seal).get_workflow_handle(case_id).signal("approve", verdict)
 
 
 @dataclass

@@ -28,6 +28,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,7 @@ from starters.actions.approving import new_verdict
 from starters.dev.stack import EmbeddedPostgres, TemporalDevServer
 from starters.ports import free_port
 from tests.adyen_fake import FakeAdyen
-from tests.harness import APPROVAL_KEYS, Stack, foreign_refund_event, open_stack, unsealing
+from tests.harness import APPROVAL_KEYS, Stack, foreign_refund_event, open_stack, sealed_signal, unsealing
 from tests.lossy_proxy import LossyProxy
 from tests.payouts_kit import (
     add_payout_approvers,
@@ -195,6 +196,17 @@ async def verdicts_committed(rig: Recording) -> str:
         approver="mallory", roles=("approver",), decision=Decision.APPROVE))
     await rig.stack.wait_for_audit(case_id, "approval_refused")
     await approval(rig, "bob", case_id, "deny")
+    return case_id
+
+
+async def late_denial(rig: Recording) -> str:
+    """A denial the relay sealed 20 minutes before the workflow took it (a worker away past
+    the seal's window): it still denies (`approval-late-denials-1`)."""
+    case_id = await awaiting_approval(rig)
+    await sealed_signal(rig.stack.client, case_id, ApprovalSignal(
+        approver="bob", roles=("approver",), decision=Decision.DENY, reason="not like this",
+        verdict_id="v-late-denial"), issued_at=datetime.now(UTC) - timedelta(minutes=20))
+    await rig.stack.wait_for_status(case_id, "denied")
     return case_id
 
 
@@ -952,6 +964,7 @@ SCENARIOS: dict[str, Scenario] = {
     "refund_denied": Scenario(denied),
     "refund_submit_case_moved_on": Scenario(moved_on_under_the_submit),
     "refund_verdicts_committed": Scenario(verdicts_committed),
+    "refund_late_denial": Scenario(late_denial),
     "refund_verdict_after_deadline": Scenario(verdict_after_deadline, {"approval_timeout_seconds": 2}),
     "refund_expired": Scenario(expired, {"approval_timeout_seconds": 2}),
     "refund_expiry_under_cancel": Scenario(expiry_under_cancel, {"approval_timeout_seconds": 2}),

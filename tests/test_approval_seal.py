@@ -3,7 +3,6 @@ Temporal, however many roles it claims, or with a seal that does not match it, i
 and audited and the case keeps waiting; the relay's own path still approves; keys rotate."""
 
 import asyncio
-import dataclasses
 import hashlib
 import hmac
 import json
@@ -18,12 +17,11 @@ from temporalio.api.common import v1 as temporal_common
 from temporalio.api.workflowservice import v1 as temporal_service
 from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.common import WorkflowIDReusePolicy
-from temporalio.converter import PayloadConverter
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.reconciliation import ReconciliationActivities
-from adapters.approval_seal import SEAL_HEADER, ApprovalKeys, sealing_client
+from adapters.approval_seal import ApprovalKeys, sealing_client
 from adapters.db import Store
 from adapters.db.reconciliation import break_case
 from adapters.notify.message import render
@@ -32,7 +30,7 @@ from domain.models import ApprovalSignal, Decision
 from domain.payouts import ReissueAsk
 from domain.reconciliation import BreakOutcome, BreakSettlement, BreakState, break_workflow_id
 from starters.dev.stack import TemporalDevServer
-from tests.harness import APPROVAL_KEYS, Stack, open_stack
+from tests.harness import APPROVAL_KEYS, Stack, open_stack, sealed_signal, with_seal
 from tests.payouts_kit import add_payout_approvers, ask_reissue, remediated
 from tests.reconciliation_kit import (
     backfill,
@@ -103,31 +101,13 @@ async def test_an_approval_sent_straight_to_temporal_is_refused_and_audited(
             if e["action"] == "approval_granted"] == ["bob"]
 
 
-class _FixedSeal(temporal.Interceptor):
-    """A caller who captured a genuine seal and sends it with whatever verdict they like."""
-
-    def __init__(self, seal: str) -> None:
-        self.header = PayloadConverter.default.to_payloads([seal])[0]
-
-    def intercept_client(self, next: temporal.OutboundInterceptor) -> temporal.OutboundInterceptor:
-        header = self.header
-
-        class Resend(temporal.OutboundInterceptor):
-            async def signal_workflow(self, input: temporal.SignalWorkflowInput) -> None:
-                await super().signal_workflow(dataclasses.replace(input, headers={SEAL_HEADER: header}))
-
-        return Resend(next)
-
-
 async def test_a_seal_over_other_roles_from_another_key_or_used_twice_is_refused(
         stack: Stack, client: Client) -> None:
     case_id = await _awaiting_case(stack)
     honest = _verdict("eve", roles=("requester",))
-    config = client.config()
     chain = (await client.get_workflow_handle(case_id).describe()).run_id
     seal = ApprovalKeys([APPROVAL_KEYS]).seal(case_id, honest, chain=chain, now=datetime.now(UTC))
-    config["interceptors"] = [*config["interceptors"], _FixedSeal(seal)]
-    replaying = Client(**config).get_workflow_handle(case_id)
+    replaying = with_seal(client, seal).get_workflow_handle(case_id)
     await replaying.signal(RefundWorkflow.approve, _verdict("eve"))  # the seal's verdict, other roles
     await replaying.signal(RefundWorkflow.approve, honest)  # sealed, refused for its role only
     await replaying.signal(RefundWorkflow.approve, honest)  # the same seal again
@@ -141,6 +121,27 @@ async def test_a_seal_over_other_roles_from_another_key_or_used_twice_is_refused
     assert await _refusals(stack, case_id, "oscar", 1) == ["approval seal does not match this verdict"]
     row = await stack.store.cases.get(case_id)
     assert row is not None and row["status"] == "awaiting_approval"
+
+
+async def test_a_sealed_denial_taken_past_its_window_still_denies(stack: Stack) -> None:
+    """A worker away longer than a seal's window (15 minutes): a ServiceNow rejection the
+    relay sealed and signalled (answered "signalled"; ServiceNow sends it once) waited in
+    history and was refused as stale when the worker came back; another approver's approval
+    then moved the money against it (reproduced with seals made 20 minutes before). A denial
+    moves no money: taken late, it still denies. A late approval still counts for nothing."""
+    case_id = await _awaiting_case(stack)
+    long_ago = datetime.now(UTC) - timedelta(minutes=20)
+    approval = ApprovalSignal(approver="bob", roles=("approver",), decision=Decision.APPROVE,
+                              reason="looked fine", verdict_id=uuid.uuid4().hex)
+    await sealed_signal(stack.client, case_id, approval, issued_at=long_ago)
+    assert await _refusals(stack, case_id, "bob", 1) == ["approval seal is outside its 900 s window"]
+    denial = ApprovalSignal(approver="carol", roles=("approver",), decision=Decision.DENY,
+                            reason="not like this", verdict_id=uuid.uuid4().hex)
+    await sealed_signal(stack.client, case_id, denial, issued_at=long_ago)
+    row = await stack.wait_for_status(case_id, "denied")
+    assert row["reserved_amount"] == 0 and await stack.provider_refunds(row["charge_id"]) == []
+    trail = await stack.store.audit.trail(case_id)
+    assert [e["actor"] for e in trail if e["action"] == "approval_denied"] == ["carol"]
 
 
 def test_keys_rotate_the_first_seals_every_one_verifies() -> None:

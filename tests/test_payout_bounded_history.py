@@ -4,22 +4,19 @@ takes hundreds of provider events, each run's history stays near a tiny threshol
 case, its approvals and its audit come through whole to a reissue made once."""
 
 import asyncio
-import dataclasses
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from temporalio import client as temporal_client
 from temporalio.client import Client
-from temporalio.converter import PayloadConverter
 
-from adapters.approval_seal import SEAL_HEADER, approval_keys
+from adapters.approval_seal import approval_keys
 from adapters.db import Store
 from domain import contracts
 from domain.models import ApprovalSignal, Decision
 from domain.payouts import PayoutCaseState, PayoutEvent, ProviderPayout, ProviderPayoutStatus, payout_case_id
 from starters.dev.stack import TemporalDevServer
-from tests.harness import Stack, open_stack
+from tests.harness import Stack, open_stack, with_seal
 from tests.payouts_kit import (
     add_payout_approvers,
     ask_reissue,
@@ -216,26 +213,6 @@ async def test_a_reissue_whose_outcome_stays_unknown_goes_to_ops_after_its_attem
         assert await reissues_of(rig.stack, payout.reissue_id()) == []
 
 
-class _FixedSeal(temporal_client.Interceptor):
-    """A client that sends every `approve` signal with one captured seal: what someone with
-    Temporal write access (and no approval rights) replays."""
-
-    def __init__(self, seal: str) -> None:
-        self.seal = seal
-
-    def intercept_client(self, next: temporal_client.OutboundInterceptor
-                         ) -> temporal_client.OutboundInterceptor:
-        seal = self.seal
-
-        class Replaying(temporal_client.OutboundInterceptor):
-            async def signal_workflow(self, input: temporal_client.SignalWorkflowInput) -> None:
-                header = PayloadConverter.default.to_payloads([seal])[0]
-                await super().signal_workflow(dataclasses.replace(
-                    input, headers={**input.headers, SEAL_HEADER: header}))
-
-        return Replaying(next)
-
-
 async def test_a_sealed_reversal_approval_replayed_into_the_next_run_does_not_approve_the_reissue(
         store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
     """A seal's nonce counts once per run; the run that follows a continue-as-new carries the
@@ -248,11 +225,8 @@ async def test_a_sealed_reversal_approval_replayed_into_the_next_run_does_not_ap
                                  reason="captured", verdict_id="v-captured-once")
         keys = approval_keys(tiny.settings)
         assert keys is not None
-        config = tiny.client.config()
-        config["interceptors"] = [*config["interceptors"],
-                                  _FixedSeal(keys.seal(case_id, verdict, now=datetime.now(UTC), chain=(
-                                      await tiny.client.get_workflow_handle(case_id).describe()).run_id))]
-        replaying = Client(**config).get_workflow_handle(case_id)
+        replaying = with_seal(tiny.client, keys.seal(case_id, verdict, now=datetime.now(UTC), chain=(
+            await tiny.client.get_workflow_handle(case_id).describe()).run_id)).get_workflow_handle(case_id)
         await replaying.signal("approve", verdict)  # the relay's own verdict, as it sent it
         await wait_for_case(tiny, case_id, "remediated")
         handle = tiny.client.get_workflow_handle(case_id)

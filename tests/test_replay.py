@@ -28,7 +28,7 @@ from tests.harness import APPROVAL_KEYS, PAYLOAD_KEYS
 from tests.record_histories import SCENARIOS, SEALED_SCENARIO
 from workers.main import WORKFLOWS, workflow_runner
 from workflows import approvals, news, payout_case, reconciliation, refund_case, tracking
-from workflows.approvals import SEALED_APPROVALS_PATCH, VERDICT_TAKING_PATCH
+from workflows.approvals import LATE_DENIALS_PATCH, SEALED_APPROVALS_PATCH, VERDICT_TAKING_PATCH
 from workflows.news import NEWS_SEALED_PATCH
 from workflows.payout_case import (
     ADVICE_REFRESH_PATCH,
@@ -122,6 +122,8 @@ BRANCHES: dict[str, Branch] = {
     "refund_verdicts_committed": branch(
         "signal:approve", "update:submit_approval", f"patch:{VERDICTS_COMMITTED_PATCH}",
         "action:approval_refused", "action:approval_denied", lacks=[SUBMIT, "action:approval_granted"]),
+    "refund_late_denial": branch(f"patch:{LATE_DENIALS_PATCH}", "signal:approve", "action:approval_denied",
+                                 lacks=[SUBMIT, "action:approval_refused", "update:submit_approval"]),
     "refund_verdict_after_deadline": branch(
         f"patch:{VERDICT_TAKING_PATCH}", "update:submit_approval#2", "action:approval_granted",
         "action:approval_expired", "action:approval_refused", lacks=[SUBMIT, "action:approval_granted#2"]),

@@ -29,7 +29,7 @@ with workflow.unsafe.imports_passed_through():
         RefundTimings,
         RoleRequirement,
     )
-    from domain.seals import seal_refusal
+    from domain.seals import late_denial, seal_refusal
 
 LATE_VERDICTS_PATCH = "approval-late-verdicts-1"
 """Verdicts that arrive once a round is decided are answered at once and audited; before,
@@ -52,6 +52,11 @@ step was written (an activity: seconds) and reached after the deadline is refuse
 before, it counted. A cancel while a verdict's step is written lets that step finish and
 answer its caller, and a refund's cancel refuses what is still queued behind a decision;
 before, such callers were never answered and the case waited for their handlers for ever."""
+LATE_DENIALS_PATCH = "approval-late-denials-1"
+"""A denial the relay sealed that the workflow took past its seal's window (a worker away
+longer than it) still denies: a denial moves no money. Before, it was refused as stale, the
+channel had answered "signalled" (ServiceNow sends a rejection once), and another approver's
+approval then moved the money against it."""
 UNSEALED = "ApprovalUnsealed"
 RESENT = "this verdict was already received (the relay's resend); it counted, or was refused, once"
 
@@ -333,6 +338,10 @@ class ApprovingWorkflow:
             self._round.refuse_signalled(self, signal, None)
             return
         unsealed = seal_refusal(signal)
+        if unsealed and late_denial(signal) and workflow.patched(LATE_DENIALS_PATCH):
+            # a denial moves no money: taken however late it came (asked of Temporal, never
+            # implied by a host's newest shape: runs of that shape refused it before)
+            unsealed = ""
         if unsealed and self.since(SEALED_APPROVALS_PATCH):
             self._round.refuse_signalled(self, signal, unsealed)
             return
