@@ -160,18 +160,21 @@ class ReconciliationActivities:
         await dispatch_breaks(self._client, self._recon,
                               lambda: self._recon.undispatched_of(provider),
                               self._timings, activity.info().task_queue)
-        self._reports_dir.mkdir(parents=True, exist_ok=True)
         json_path, csv_path = (self._reports_dir / f"{run_id}.{ext}" for ext in ("json", "csv"))
-        rows = 0
-        with csv_path.open("w", newline="") as out:
-            writer = csv.writer(out)
-            writer.writerow(REPORT_COLUMNS)
-            async for row in self._recon.run_breaks(run_id):
-                writer.writerow([_cell(row, column) for column in REPORT_COLUMNS])
-                rows += 1
         files = (str(json_path), str(csv_path))
-        json_path.write_text(json.dumps({**report, "state": "completed", "report_files": files},
-                                        indent=2, default=str))
+        try:
+            self._reports_dir.mkdir(parents=True, exist_ok=True)
+            with csv_path.open("w", newline="") as out:
+                writer = csv.writer(out)
+                writer.writerow(REPORT_COLUMNS)
+                async for row in self._recon.run_breaks(run_id):
+                    writer.writerow([_cell(row, column) for column in REPORT_COLUMNS])
+            json_path.write_text(json.dumps({**report, "state": "completed", "report_files": files},
+                                            indent=2, default=str))
+        except OSError as exc:  # a folder the worker may not write: retried, the run never ended
+            raise ApplicationError(f"the report could not be written to {self._reports_dir} "
+                                   f"(REFUNDS_REPORTS_DIR): {exc}", type=errors.REPORT_NOT_WRITTEN,
+                                   non_retryable=True) from exc
         await self._recon.finish(run_id, files)
         log.info("reconciliation run %s: %d objects, %d new breaks, %d seen again", run_id,
                  report["objects_seen"], report["new_breaks"], report["known_breaks"])

@@ -204,6 +204,13 @@ def test_migrations_run_as_the_schema_owner_and_services_as_the_runtime_role() -
         assert "REFUNDS_DATABASE_URL" in env and "REFUNDS_MIGRATION_DATABASE_URL" not in env
 
 
+def owned_by_the_service_user(folder: str) -> bool:
+    """Whether the image makes `folder` and gives it to its service user (uid 10001)."""
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    made = re.search(r"mkdir -p ([^&]+)&& chown -R 10001 /var/lib/refunds\b", dockerfile)
+    return made is not None and folder in made.group(1).split() and folder.startswith("/var/lib/refunds/")
+
+
 def test_workers_checkpoint_audit_heads_to_a_volume_outside_the_database() -> None:
     services = compose()["services"]
     worker = services["worker"]
@@ -212,7 +219,7 @@ def test_workers_checkpoint_audit_heads_to_a_volume_outside_the_database() -> No
     assert any(target == folder and source in compose()["volumes"] for source, target in mounts)
     assert str(worker["environment"]["REFUNDS_AUDIT_CHECKPOINT_KEYS"]).startswith("${")
     assert "REFUNDS_AUDIT_CHECKPOINT_KEYS" not in services["postgresql"]["environment"]
-    assert f"mkdir -p {folder} && chown -R 10001" in (DEPLOY / "Dockerfile").read_text()
+    assert owned_by_the_service_user(folder)
     pod = of_kind("Deployment")["refunds-worker"]["spec"]["template"]["spec"]
     env = container_env(pod["containers"][0])
     [mount] = [m for m in pod["containers"][0]["volumeMounts"]
@@ -222,6 +229,25 @@ def test_workers_checkpoint_audit_heads_to_a_volume_outside_the_database() -> No
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # every worker replica writes there
     assert pod["securityContext"]["fsGroup"] == 10001
     assert "secretKeyRef" in env["REFUNDS_AUDIT_CHECKPOINT_KEYS"]
+
+
+def test_workers_write_reconciliation_reports_where_the_service_user_may() -> None:
+    """The image's working directory (/app) is root's, and the reports folder defaulted to
+    it: a run's report could not be written and the run never ended (its schedule skipping
+    every later run). The image names a folder its user owns; compose and k8s keep it on a
+    volume every worker replica writes."""
+    [folder] = re.findall(r"REFUNDS_REPORTS_DIR=(\S+)", (DEPLOY / "Dockerfile").read_text())
+    assert owned_by_the_service_user(folder)
+    worker = compose()["services"]["worker"]
+    assert worker["environment"]["REFUNDS_REPORTS_DIR"] == folder
+    mounts = [v.split(":") for v in worker["volumes"]]
+    assert any(target == folder and source in compose()["volumes"] for source, target in mounts)
+    pod = of_kind("Deployment")["refunds-worker"]["spec"]["template"]["spec"]
+    assert container_env(pod["containers"][0])["REFUNDS_REPORTS_DIR"] == folder
+    [mount] = [m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == folder]
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    claim = of_kind("PersistentVolumeClaim")[volume["persistentVolumeClaim"]["claimName"]]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
 
 
 def test_compose_healthchecks_use_tools_their_images_ship() -> None:

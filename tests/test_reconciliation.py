@@ -720,3 +720,24 @@ async def test_a_reversal_the_case_books_while_its_compensation_settles_is_poste
     lines = await stack.store.ledger.entries(case_id)
     refunded = [(x["template"], x["debit"], x["credit"]) for x in lines if x["account"] == REFUNDED_ACCOUNT]
     assert sorted(refunded) == [("refund_reversed", 0, 2_000), ("refund_settled", 2_000, 0)]
+
+
+async def test_a_run_whose_report_cannot_be_written_ends_failed(
+        store: Store, client: Client, temporal_server: TemporalDevServer, tmp_path: Path) -> None:
+    """The image's working directory is not its service user's: the report's folder could
+    not be made, and the finishing step was retried every minute for good, so the run never
+    ended and its schedule (overlap: skip) skipped every later run (reproduced: the run was
+    still running). It ends failed, naming the folder, and the next run goes ahead."""
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    stack = await open_stack(store, client, temporal_server.address, reports_dir=blocked / "reports")
+    try:
+        try:
+            report = await asyncio.wait_for(backfill(stack, since_days=1), 60)
+        except TimeoutError:
+            raise AssertionError("the run did not end while its report could not be written") from None
+        assert report["state"] == "failed" and "reports" in str(report["failure"]), report
+        again = await asyncio.wait_for(backfill(stack, since_days=1), 60)
+        assert again["run_id"] != report["run_id"] and again["state"] == "failed"
+    finally:
+        await stack.close()
