@@ -166,14 +166,20 @@ async def test_exit_codes_usage_2_and_an_unreachable_relay_3_on_stderr() -> None
 
 
 async def test_only_migrate_migrates_every_other_command_refuses_an_unmigrated_database(
-        postgres_dsn: str) -> None:
+        postgres_dsn: str, temporal_server: TemporalDevServer) -> None:
+    """The relay and the worker too: a release rolled out before its migrations ran new code
+    against the old schema (they started and took tasks; reproduced: both kept running)."""
     name = f"unmigrated_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(postgres_dsn, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
-    env = {"REFUNDS_DATABASE_URL": make_conninfo(postgres_dsn, dbname=name)}
+    env = {"REFUNDS_DATABASE_URL": make_conninfo(postgres_dsn, dbname=name),
+           "TEMPORAL_ADDRESS": temporal_server.address, "REFUNDS_PAYLOAD_KEYS": PAYLOAD_KEYS,
+           "REFUNDS_APPROVAL_KEYS": "k-unmigrated", "REFUNDS_RELAY_PORT": str(free_port()),
+           "REFUNDS_WORKER_HEALTH_PORT": "0", "REFUNDS_TEMPORAL_METRICS_PORT": "0",
+           "REFUNDS_TASK_QUEUE": f"tq-unmigrated-{uuid.uuid4().hex[:8]}"}
     for command in (["token", "create", "--user", "x", "--roles", "admin"], ["token", "list"],
                     ["token", "revoke", "--user", "x"], ["audit", "verify"],
-                    ["integrations", "link", "--user", "x", "--slack", "U1"]):
+                    ["integrations", "link", "--user", "x", "--slack", "U1"], ["relay"], ["worker"]):
         refused = await run(*command, env=env)
         assert refused.returncode == 3, (command, refused.stdout, refused.stderr)
         assert "run `refunds migrate`" in refused.stderr and not refused.stdout, command

@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING
 from adapters.config import Settings
 from domain.permissions import ROLES, unknown_roles
 from starters.ages import parse_age
-from starters.cli.common import EXIT_UNREACHABLE, EXIT_USAGE, CommandFailed, open_database, print_json
+from starters.cli.common import (
+    EXIT_USAGE,
+    CommandFailed,
+    open_database,
+    print_json,
+    require_migrated,
+)
 
 if TYPE_CHECKING:
     from adapters.db import Store
@@ -55,15 +61,12 @@ async def opened_store(settings: Settings) -> AsyncIterator["Store"]:
     but `migrate` refuses a database that lacks migrations instead of changing its schema:
     which database a shell points at is easy to get wrong."""
     from adapters.db import Store
-    from adapters.health import database_problem
 
     dsn, pg = await open_database(settings)
     try:
         store = await Store.open(dsn)
         try:
-            problem = await database_problem(store)
-            if problem is not None:
-                raise CommandFailed(problem, EXIT_UNREACHABLE)
+            await require_migrated(store)
             yield store
         finally:
             await store.close()

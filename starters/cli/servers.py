@@ -7,7 +7,7 @@ import contextlib
 import sys
 
 from adapters.config import Settings
-from starters.cli.common import api_token, needs_dev_install, open_database
+from starters.cli.common import api_token, needs_dev_install, open_database, require_migrated
 
 
 async def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
@@ -39,6 +39,7 @@ async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     import signal
 
+    from adapters.db import Store
     from adapters.telemetry import configure_observability, shutdown_tracing
     from starters.ports import ensure_ports_free
     from workers.main import run_worker
@@ -51,6 +52,11 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     try:
+        checked = await Store.open(dsn, max_size=1)
+        try:
+            await require_migrated(checked)
+        finally:
+            await checked.close()
         await run_worker(settings, dsn, stop)
     finally:
         shutdown_tracing()
@@ -82,6 +88,7 @@ async def cmd_relay(args: argparse.Namespace, settings: Settings) -> int:
             opened.callback(pg.stop)
         store = await Store.open(dsn)
         opened.push_async_callback(store.close)
+        await require_migrated(store)
         providers = build_providers(settings, store)
         opened.push_async_callback(close_providers, providers)
         app = create_app(store, await connect(settings), providers, settings)
