@@ -29,7 +29,15 @@ from adapters.policy_file import load_policy
 from adapters.providers.stripe import StripeProvider
 from domain import errors
 from domain.models import LedgerInput, LedgerKind, LedgerResult
-from domain.payouts import PayoutRegistration, PayoutSnapshot, PayoutStatus, ReissueInput, payout_case_id
+from domain.payouts import (
+    PayoutRegistration,
+    PayoutSnapshot,
+    PayoutStatus,
+    ProviderPayout,
+    ProviderPayoutStatus,
+    ReissueInput,
+    payout_case_id,
+)
 from starters.dev.stack import TemporalDevServer
 from starters.relay.webhook_desk import WebhookDesk
 from tests.harness import Stack, open_stack
@@ -861,6 +869,25 @@ async def test_an_earlier_failure_that_cannot_act_at_registration_acts_at_the_ne
     await away.payout_registered("sandbox", provider_payout_id)  # Temporal away: nothing opened
     with pytest.raises(RPCError):
         await payouts.client.get_workflow_handle(case_id).describe()
+    await WebhookDesk(payouts.store, payouts.client, payouts.providers, settings).redrive()
+    await wait_for_case(payouts, case_id, "awaiting_approval")
+
+
+async def test_a_reissue_s_failure_heard_before_its_booking_is_routed_by_the_re_drive(
+        payouts: Stack) -> None:
+    """The reissue's payout fails at the provider and its webhook reaches the relay before
+    the reissue's booking commits: no payout of ours, so it acts on nothing. The booking
+    then showed the beneficiary paid, the holds released, and nobody routed the failure
+    (reproduced: no case for it). The booking leaves it for the relay's re-drive, as a
+    registration does."""
+    original = await paid_payout(payouts, 34_000)
+    provider_payout_id, case_id = await failed_before_booking(payouts, 34_000)
+    made = ProviderPayout(provider="sandbox", payout_id=provider_payout_id, amount=34_000, currency="USD",
+                          status=ProviderPayoutStatus.PENDING, raw_status="pending",
+                          reference=original.reissue_id())
+    await payouts.store.payouts.record_reissue(payout_case_id("sandbox", original.provider_payout_id),
+                                               original, made, PayoutStatus.FAILED)
+    settings = payouts.settings.model_copy(update={"webhook_redrive_after_seconds": 0})
     await WebhookDesk(payouts.store, payouts.client, payouts.providers, settings).redrive()
     await wait_for_case(payouts, case_id, "awaiting_approval")
 

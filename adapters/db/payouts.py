@@ -62,6 +62,18 @@ async def _open_payout_break(conn: Conn, *, provider: str, case_id: str, run_id:
     return int(opened["id"]) if opened else None
 
 
+async def _reroute_events_before_booking(conn: Conn, provider: str, case_id: str) -> None:
+    """The events that found no payout before it was booked (`payout_unknown` on the chain
+    its case would have) are unprocessed, in the booking's transaction, so the relay's
+    re-drive routes them whoever booked it (a registration's caller routes them at once):
+    a failure heard first would otherwise be lost."""
+    await conn.execute(
+        "UPDATE webhook_receipts SET processed_at = NULL, redrive_attempts = 0"
+        " WHERE provider = %s AND verdict = 'accepted' AND workflow_id IS NULL"
+        " AND event_id IN (SELECT detail->>'event_id' FROM audit_events"
+        " WHERE chain = %s AND action = 'payout_unknown')", (provider, case_id))
+
+
 async def _end_beneficiary_holds(conn: Conn, case_id: str) -> list[str]:
     """Ends the case's active beneficiary holds (a rollback, a reissue, an ops release): the
     beneficiaries they held."""
@@ -114,11 +126,7 @@ class PayoutRepository(Repository):
             if await self._insert_payout(conn, payout):
                 await AuditLog.append(conn, case_id, actor, "payout_registered",
                                       registration.model_dump(mode="json"))
-                await conn.execute(
-                    "UPDATE webhook_receipts SET processed_at = NULL, redrive_attempts = 0"
-                    " WHERE provider = %s AND verdict = 'accepted' AND workflow_id IS NULL"
-                    " AND event_id IN (SELECT detail->>'event_id' FROM audit_events"
-                    " WHERE chain = %s AND action = 'payout_unknown')", (payout.provider, case_id))
+                await _reroute_events_before_booking(conn, payout.provider, case_id)
                 return payout, True
         booked = (await self.payout(payout.id)
                   or await self.payout_at_provider(payout.provider, payout.provider_payout_id))
@@ -537,7 +545,8 @@ class PayoutRepository(Repository):
                              final: PayoutStatus) -> PayoutSnapshot:
         """The reissue in our books, once (a unique index allows one per payout): the new
         payout is paid, the original ends failed or reversed, the case's beneficiary holds
-        end (approving the reissue is the verification they waited for)."""
+        end (approving the reissue is the verification they waited for). Events about the
+        new payout that came before this booking are left for the relay's re-drive."""
         reissue = PayoutSnapshot(
             id=original.reissue_id(), provider=made.provider, provider_payout_id=made.payout_id,
             beneficiary_id=original.beneficiary_id, amount=made.amount, currency=made.currency,
@@ -553,6 +562,8 @@ class PayoutRepository(Repository):
                     "UPDATE payouts SET status = %s, held_from_status = NULL, updated_at = now()"
                     " WHERE id = %s AND status = 'on_hold'", (final.value, original.id))
                 await _end_beneficiary_holds(conn, case_id)
+                await _reroute_events_before_booking(conn, made.provider, payout_case_id(made.provider,
+                                                                                         made.payout_id))
                 await AuditLog.append(conn, case_id, f"provider:{made.provider}", "payout_reissued", {
                     "reissue_id": reissue.id, "provider_payout_id": made.payout_id,
                     "amount": made.amount, "currency": made.currency, "original_final_status": final.value})
