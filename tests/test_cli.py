@@ -165,6 +165,23 @@ async def test_exit_codes_usage_2_and_an_unreachable_relay_3_on_stderr() -> None
     assert f"cannot reach the relay at {nowhere}" in unreachable.stderr
 
 
+async def test_a_command_whose_reader_is_gone_still_exits_with_its_code() -> None:
+    """A closed terminal (SIGHUP) or a reader gone: writing the error line failed, and that
+    failure skipped the clean exit (sdk-python #300's path) and ended with another code
+    (reproduced). The command's own code comes back, whatever its output met."""
+    nowhere = f"http://127.0.0.1:{free_port()}"
+
+    def with_reader_gone() -> int:
+        process = subprocess.Popen([REFUNDS, "status", "any"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   env={**os.environ, "REFUNDS_RELAY_URL": nowhere, "REFUNDS_TOKEN": "t"})
+        assert process.stdout is not None and process.stderr is not None
+        process.stdout.close()
+        process.stderr.close()
+        return process.wait(timeout=120)
+
+    assert await asyncio.to_thread(with_reader_gone) == 3
+
+
 async def test_only_migrate_migrates_every_other_command_refuses_an_unmigrated_database(
         postgres_dsn: str, temporal_server: TemporalDevServer) -> None:
     """The relay and the worker too: a release rolled out before its migrations ran new code

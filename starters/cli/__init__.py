@@ -14,6 +14,7 @@ Every command ends with os._exit after flushing, because temporalio's native run
 crash at interpreter exit in short-lived processes (sdk-python #300).
 """
 
+import contextlib
 import os
 import sys
 import traceback
@@ -57,7 +58,8 @@ def failure(exc: BaseException, settings: Settings | None) -> tuple[str, int]:
             f"{'.'.join(str(part) for part in error['loc']) or 'settings'}: {error['msg']}"
             for error in errors), EXIT_USAGE
     if isinstance(exc, RuntimeError | psycopg.Error):  # a defect, not the user's input: the trace helps
-        traceback.print_exception(exc)
+        with contextlib.suppress(OSError):
+            traceback.print_exception(exc)
         return str(exc), EXIT_REFUSED
     return str(exc), EXIT_USAGE
 
@@ -75,12 +77,21 @@ def main(argv: Sequence[str] | None = None) -> None:
             ValueError, OSError, SystemExit) as exc:
         message, code = failure(exc, settings)
         if message:
-            print(f"error: {message}", file=sys.stderr)
+            _tell(f"error: {message}")
     except Exception as exc:  # a defect: its trace, and still the clean exit below (sdk-python #300)
-        traceback.print_exception(exc)
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        with contextlib.suppress(OSError):
+            traceback.print_exception(exc)
+        _tell(f"error: {type(exc).__name__}: {exc}")
         code = EXIT_REFUSED
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError):
+                stream.flush()
     os._exit(code)
+
+
+def _tell(line: str) -> None:
+    """A line on stderr, if it can still be written: a closed terminal (SIGHUP) or a reader
+    gone (a broken pipe) must not skip the clean exit after it."""
+    with contextlib.suppress(OSError):
+        print(line, file=sys.stderr)

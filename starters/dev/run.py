@@ -230,7 +230,8 @@ async def run_dev(settings: Settings, *, play_demo: bool = True) -> None:
                 print("\nThe stack is running. Press Ctrl-C to stop.", flush=True)
             await stop.wait()
         finally:
-            print("\nStopping…", flush=True)
+            with contextlib.suppress(OSError):  # a closed terminal (SIGHUP) stops the stack all the same
+                print("\nStopping…", flush=True)
             stop.set()
             with contextlib.suppress(Exception):
                 await asyncio.gather(sweeper, case_sweeper)
