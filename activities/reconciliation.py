@@ -167,10 +167,12 @@ class ReconciliationActivities:
             with csv_path.open("w", newline="") as out:
                 writer = csv.writer(out)
                 writer.writerow(REPORT_COLUMNS)
-                async for row in self._recon.run_breaks(run_id):
+                async for row in self._recon.run_breaks(run_id):  # streamed: a run may be large
                     writer.writerow([_cell(row, column) for column in REPORT_COLUMNS])
             json_path.write_text(json.dumps({**report, "state": "completed", "report_files": files},
                                             indent=2, default=str))
+        except (TimeoutError, ConnectionError):  # the database's, while the rows stream: retried
+            raise
         except OSError as exc:  # a folder the worker may not write: retried, the run never ended
             raise ApplicationError(f"the report could not be written to {self._reports_dir} "
                                    f"(REFUNDS_REPORTS_DIR): {exc}", type=errors.REPORT_NOT_WRITTEN,

@@ -69,8 +69,8 @@ REISSUE_UPDATE = "request_reissue"
 MAX_AGE = timedelta(minutes=15)
 """A seal older than this (by the workflow's clock) is refused: a captured one goes stale."""
 MAX_SKEW = timedelta(minutes=1)
-OUTSIDE_WINDOW = f"approval seal is outside its {int(MAX_AGE.total_seconds())} s window"
 """How far ahead of the workflow's clock the relay's clock may be."""
+OUTSIDE_WINDOW = f"approval seal is outside its {int(MAX_AGE.total_seconds())} s window"
 _HEADER_CONVERTER = PayloadConverter.default
 NEWS_SIGNALS = frozenset({"provider_event", "payout_event"})
 NEWS_HEADER = "refunds-news-seal"

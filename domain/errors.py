@@ -31,10 +31,10 @@ CASE_MOVED_ON: Final = "CaseMovedOn"
 provider is not called."""
 RUN_CONFLICT: Final = "RunConflict"
 RECONCILIATION_FAILED: Final = "ReconciliationFailed"
+"""A reconciliation run gave up for good (stored `failed` with its reason)."""
 REPORT_NOT_WRITTEN: Final = "ReportNotWritten"
 """A run's report could not be written (the folder's permissions, a full disk): the run ends
 failed, naming the folder, so its schedule's next run goes ahead."""
-"""A reconciliation run gave up for good (stored `failed` with its reason)."""
 NOTICE_DELIVERY_FAILED: Final = "NoticeDeliveryFailed"
 
 FORGED_START: Final = "ForgedStart"

@@ -386,6 +386,24 @@ async def test_a_servicenow_denial_given_before_the_case_asks_still_counts(
         assert await stack.provider_refunds(charge) == []
 
 
+async def test_a_servicenow_denial_for_a_case_past_its_policy_decision_is_refused_when_not_asked(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """Ops review after the policy decision (an escalation after its round) is no case that
+    has not asked yet: a denial then is refused 409 as before, not answered "signalled" for a
+    round that was decided."""
+    async with connected_stack(store, client, temporal_server, jira_url=None) as (stack, world):
+        sn_opener, sn_manager = f"jdoe.{uuid.uuid4().hex[:6]}", f"mgr.{uuid.uuid4().hex[:6]}"
+        await person(stack, ["requester"], servicenow=sn_opener)
+        await person(stack, ["approver"], servicenow=sn_manager)
+        sys_id, case_id, _ = await ticket_awaiting_approval(stack, world, sn_opener)
+        await stack.store.database.execute(  # as an escalation after the round leaves it
+            "UPDATE refund_cases SET status = 'ops_review' WHERE refund_request_id = %s", (case_id,))
+        denied = await servicenow(stack, "approvals", {
+            "sys_id": uuid.uuid4().hex, "document_id": sys_id, "state": "rejected",
+            "approver": {"user_name": sn_manager}, "sys_updated_by": sn_manager, "comments": "no"})
+        assert denied.status_code == 409 and "not awaiting approval" in denied.text, denied.text
+
+
 @pytest.mark.parametrize("refused_update", ["malformed", "outside_the_provider_s_rules", "same_second",
                                             "signed_but_late"])
 async def test_a_ticket_update_refused_on_its_own_hides_no_change_from_its_approvers(

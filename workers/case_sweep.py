@@ -126,9 +126,9 @@ async def sweep_cases_once(store: Store, client: Client, providers: Mapping[str,
 
 @contextlib.contextmanager
 def _alone(case_id: str) -> Iterator[None]:
-    """One case's failure (an answer no adapter names, a database error on its row) is that
-    case's: logged, the case read again next pass, and the pass goes on to the cases behind
-    it (else the same case would end every pass before they were reached)."""
+    """One case's failure (a database error on its row, a row no model reads) is that case's:
+    logged, the case read again next pass, and the pass goes on to the cases behind it (else
+    the same case would end every pass before they were reached)."""
     try:
         yield
     except Exception:

@@ -255,8 +255,9 @@ class CaseRepository(Repository):
         """Names the case's refund before its workflow writes it (ops read it at the provider),
         in the caller's transaction. Claims of one id in any letter case take turns (the index
         tells letter cases apart, a person's paste does not), and another case holding it by
-        then is `RefundHeldElsewhere`; the one-case-per-refund index
-        (`psycopg.errors.UniqueViolation`) stays the guard against the workflow's own write."""
+        then is `RefundHeldElsewhere`. The workflow's own write of the provider's id takes no
+        such lock: the one-case-per-refund index (`psycopg.errors.UniqueViolation`, letter
+        cases apart) is its only guard."""
         await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
                            (f"refund-claim:{refund_id.upper()}",))
         holder = await (await conn.execute(

@@ -51,10 +51,11 @@ log = logging.getLogger("relay.integrations")
 SysId = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
 REJECTION_STATUS = {"too_large": 413, "unknown_provider": 404, "malformed": 400}
 DENIED_BEFORE_ITS_ROUND = frozenset({CaseStatus.REQUESTED, CaseStatus.VALIDATING, CaseStatus.OPS_REVIEW})
-"""Where a channel's denial still goes to the case: a channel that cannot wait (a ServiceNow
-rejection is sent once) would lose one given before the case asked, and the case would then
-be approved elsewhere. A denial moves no money: the round takes it when it starts, and a
-round already decided records it as refused."""
+"""Where a channel's denial still goes to a case with no policy decision yet (its round not
+begun; ops review before it: validation's reads ran out): a channel that cannot wait (a
+ServiceNow rejection is sent once) would lose one given before the case asked, and the case
+would then be approved elsewhere. A denial moves no money: the round takes it when it starts
+(a round that never runs, the case needing no approval, records it as refused)."""
 
 
 class Inbound(Protocol):
@@ -322,7 +323,8 @@ async def signal_approval(door: FrontDoor, stored: StoredReceipt, system: str, e
         refusal = (403, "access_refused",
                    f"approving needs one of the roles {sorted(roles_for(Permission.APPROVE_REFUND))}")
     elif row["status"] != "awaiting_approval" and not (
-            decision is Decision.DENY and row["status"] in DENIED_BEFORE_ITS_ROUND):
+            decision is Decision.DENY and row["status"] in DENIED_BEFORE_ITS_ROUND
+            and row["decision"] is None):
         refusal = (409, "approval_refused", f"case is {row['status']}, not awaiting approval")
     elif decision is Decision.APPROVE and system == "servicenow" and await ticket_diverged(door, case_id):
         refusal = (409, "approval_refused", "the ticket changed after its refund was requested: it no "
