@@ -384,3 +384,15 @@ def test_dev_refuses_the_timeouts_the_worker_refuses(tmp_path: Path) -> None:
     assert done.returncode != 0, done.stdout + done.stderr
     assert "refusing to start" in done.stderr and "REFUNDS_SUBMIT_TIMEOUT_SECONDS" in done.stderr
     assert _processes_under(tmp_path) == []
+
+
+def test_dev_binds_this_machine_only_unless_told_to_expose_it(tmp_path: Path) -> None:
+    """The dev stack serves Temporal (no auth, reset and terminate on), the sandbox (it signs
+    provider webhooks with the real secret) and the console over plain http. On
+    REFUNDS_BIND_HOST=0.0.0.0 all of it listened on every interface (reproduced: it started).
+    It refuses, naming `--expose`, before anything starts."""
+    done = subprocess.run([REFUNDS, "dev", "--no-demo"], capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL, env=_clean_env(tmp_path, REFUNDS_BIND_HOST="0.0.0.0"))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "--expose" in done.stderr and "0.0.0.0" in done.stderr
+    assert _processes_under(tmp_path) == [] and not (tmp_path / "data" / "pg").exists()

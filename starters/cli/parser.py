@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     dev = sub.add_parser("dev", help="start the whole stack on the embedded default")
     dev.add_argument("--no-demo", action="store_true", help="do not play the demo at start")
+    dev.add_argument("--expose", action="store_true",
+                     help="serve on REFUNDS_BIND_HOST even when it is not this machine's loopback (the "
+                          "dev stack has no auth on Temporal or the sandbox)")
     dev.set_defaults(run=servers.cmd_dev)
     sub.add_parser("demo", help="play the two worked examples against a running stack").set_defaults(
         run=servers.cmd_demo)

@@ -7,7 +7,15 @@ import contextlib
 import sys
 
 from adapters.config import Settings
-from starters.cli.common import api_token, needs_dev_install, open_database, require_migrated
+from adapters.net import is_loopback
+from starters.cli.common import (
+    EXIT_USAGE,
+    CommandFailed,
+    api_token,
+    needs_dev_install,
+    open_database,
+    require_migrated,
+)
 
 
 async def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
@@ -16,6 +24,11 @@ async def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
     with needs_dev_install("`refunds dev`"):
         from starters.dev.run import run_dev
 
+    if not is_loopback(settings.bind_host) and not args.expose:
+        raise CommandFailed(
+            f"refunds dev serves Temporal (no auth; reset and terminate on), the sandbox (it signs "
+            f"provider webhooks) and the console over plain http: it binds this machine only, not "
+            f"REFUNDS_BIND_HOST={settings.bind_host}; pass --expose to serve there anyway", EXIT_USAGE)
     configure_observability(settings, "refunds-dev", text_logs="log_format" not in settings.model_fields_set)
     try:
         await run_dev(settings, play_demo=not args.no_demo)
