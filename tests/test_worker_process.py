@@ -123,3 +123,34 @@ async def test_a_stopping_worker_stops_polling_before_its_background_loops_end(
     finally:
         release.set()
         await running
+
+
+async def test_a_worker_that_fails_stops_its_loops_before_closing_the_database(
+        temporal_server: TemporalDevServer, postgres_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Temporal worker fails (a fatal poll error): the process closed the database while
+    its outbox sweeper still ran, and a send cut off there stays `sending`, then `uncertain`,
+    never sent again (reproduced: the sweeper was still running when the worker's run
+    ended). Its loops are told to stop and are awaited first."""
+    ended = asyncio.Event()
+
+    async def sweeper(_outbox: Any, _delivery: Any, stop: asyncio.Event, **_: Any) -> None:
+        await stop.wait()
+        await asyncio.sleep(0.2)  # the send in hand finishes
+        ended.set()
+
+    class FailingWorker:
+        async def __aenter__(self) -> None:
+            raise RuntimeError("worker failed: a fatal poll error")
+
+        async def __aexit__(self, *_: object) -> None:
+            return None
+
+    monkeypatch.setattr(workers.main, "build_worker", lambda *_, **__: FailingWorker())
+    monkeypatch.setattr(workers.main, "sweep_outbox", sweeper)
+    settings = Settings(temporal_address=temporal_server.address, payload_keys=PAYLOAD_KEYS,
+                        task_queue=f"tq-{uuid.uuid4().hex[:10]}", worker_health_port=0,
+                        temporal_metrics_port=0, outbox_sweep_seconds=1, case_sweep_seconds=0,
+                        webhook_prune_interval_seconds=0, reconciliation_interval_seconds=0)
+    with pytest.raises(RuntimeError, match="fatal poll error"):
+        await run_worker(settings, postgres_dsn, asyncio.Event())
+    assert ended.is_set()

@@ -148,6 +148,7 @@ async def run_worker(settings: Settings, dsn: str, stop: asyncio.Event) -> None:
         store, client, providers, stop, every_seconds=settings.case_sweep_seconds,
         idle_seconds=settings.case_sweep_after_seconds))
         if settings.case_sweep_seconds > 0 else None)
+    loops = [loop for loop in (sweeper, case_sweeper, pruner, checkpointer) if loop is not None]
     try:
         async with worker, pool_dispatcher(store, settings, delivery=delivery, stopping=stop):
             if health is not None:
@@ -160,9 +161,12 @@ async def run_worker(settings: Settings, dsn: str, stop: asyncio.Event) -> None:
                      settings.graceful_shutdown_seconds)
             # Polling stops first: a background pass may take long, and a task taken
             # meanwhile would be cut off by the deployment's grace period.
-            await asyncio.gather(worker.shutdown(), *(loop for loop in (sweeper, case_sweeper, pruner,
-                                                                          checkpointer) if loop is not None))
+            await asyncio.gather(worker.shutdown(), *loops)
     finally:
+        # however the worker ended (a fatal error too): the loops stop before the database
+        # closes under them (a send cut off there would be `uncertain`, never sent again)
+        stop.set()
+        await asyncio.gather(*loops, return_exceptions=True)
         if health is not None:
             await health.stop()
         await close_providers(providers)
