@@ -235,10 +235,14 @@ def test_postgresql_stops_after_a_command_even_when_an_earlier_one_died_holding_
 
 def test_a_relay_that_cannot_reach_temporal_ends_with_postgresql_stopped(tmp_path: Path) -> None:
     """The relay opened the embedded PostgreSQL, then failed to connect to Temporal: it ended
-    with a message but left PostgreSQL running on the data folder."""
+    with a message but left PostgreSQL running on the data folder. (Migrated first: on an
+    unmigrated one it refuses before it connects, PostgreSQL stopped too.)"""
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         nowhere = f"127.0.0.1:{closed.getsockname()[1]}"
+    migrated = subprocess.run([REFUNDS, "migrate"], env=_clean_env(tmp_path), capture_output=True,
+                              text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert migrated.returncode == 0, migrated.stdout + migrated.stderr
     done = subprocess.run([REFUNDS, "relay"], capture_output=True, text=True, timeout=120,
                           stdin=subprocess.DEVNULL,
                           env=_clean_env(tmp_path, TEMPORAL_ADDRESS=nowhere,

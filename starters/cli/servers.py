@@ -55,11 +55,12 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from adapters.db import Store
     from adapters.telemetry import configure_observability, shutdown_tracing
     from starters.ports import ensure_ports_free
-    from workers.main import run_worker
+    from workers.main import refuse_bad_settings, run_worker
 
     configure_observability(settings, "refunds-worker")
     ensure_ports_free(settings.bind_host, {"REFUNDS_WORKER_HEALTH_PORT": settings.worker_health_port,
                                            "REFUNDS_TEMPORAL_METRICS_PORT": settings.temporal_metrics_port})
+    refuse_bad_settings(settings)  # before any database: settings that could move money twice
     dsn, pg = await open_database(settings)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
