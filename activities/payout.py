@@ -183,7 +183,7 @@ class PayoutActivities:
                 raise ApplicationError(f"no payout {order.reference} at {original.provider}: no attempt paid",
                                        type=errors.REISSUE_NOT_MADE, non_retryable=True)
             if made is None:
-                await self._refuse_while_held_elsewhere(inp.case_id, original, inp.approvers)
+                await self._refuse_while_held_or_conflicted(inp.case_id, original, inp.approvers)
                 for replaced in await self._book.lineage(original):
                     await self._refuse_unless_failed_still(provider, replaced)
                 if past_start_to_close():
@@ -203,7 +203,7 @@ class PayoutActivities:
             raise ApplicationError(problem, type=errors.DECLINED, non_retryable=True)
         return await self._book.record_reissue(inp.case_id, original, made, inp.final_status)
 
-    async def _refuse_while_held_elsewhere(self, case_id: str, original: PayoutSnapshot,
+    async def _refuse_while_held_or_conflicted(self, case_id: str, original: PayoutSnapshot,
                                            approvers: tuple[str, ...]) -> None:
         """A reissue is one more payout to the beneficiary: while another case holds their
         payouts (another failure, until its reissue or ops release that hold), none is made.

@@ -76,6 +76,18 @@ async def database_problem(store: Store) -> str | None:
     return None
 
 
+class DatabaseNotReady(RuntimeError):
+    """The database lacks a migration of this release, or does not answer: a process refuses
+    to start on it (the CLI exits 3 with the message)."""
+
+
+async def require_migrated(store: Store) -> None:
+    """Every command but `migrate` refuses such a database, the relay and the worker too: a
+    release rolled out before its migrations would run new code against the old schema."""
+    if (problem := await database_problem(store)) is not None:
+        raise DatabaseNotReady(problem)
+
+
 async def readiness(client: Client, store: Store, *extra: str) -> JSONResponse:
     """A /readyz answer: 200 when nothing is wrong, 503 otherwise, every problem logged. The two
     checks run at once, so the answer comes within one CHECK_SECONDS, inside a probe's timeout."""

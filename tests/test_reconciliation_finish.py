@@ -964,17 +964,24 @@ async def test_an_approved_refund_break_moves_nothing_once_the_provider_changed_
         (n["kind"], n["audience"]) for n in await stack.store.outbox.notices(case_id)]
 
 
+async def pending_refund_unknown_to_us(stack: Stack, amount: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A refund made outside us, pending at the provider, its webhook missed: backfilled into
+    an unknown_to_us break waiting for approval. (the refund, the break's row)"""
+    charge = await stack.charge(10_000)
+    refund = history(charge, amount, days_ago=0.5, status="pending")
+    await seed_provider(stack, [refund])
+    await backfill(stack, since_days=1)
+    [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    assert found["break_class"] == "unknown_to_us"
+    return refund, found
+
+
 async def test_an_approved_unknown_refund_reverses_nothing_its_tracking_case_booked(stack: Stack) -> None:
     """A refund made outside us, pending at the provider: an unknown_to_us break for
     approvers, nothing to book yet. It then succeeds and its webhook opens its tracking
     case, which books it. The approval, settled on the stored 'pending', reversed that
     entry: the books showed nothing for a refund the provider paid."""
-    charge = await stack.charge(10_000)
-    refund = history(charge, 1_200, days_ago=0.5, status="pending")
-    await seed_provider(stack, [refund])
-    await backfill(stack, since_days=1)
-    [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
-    assert found["break_class"] == "unknown_to_us"
+    refund, found = await pending_refund_unknown_to_us(stack, 1_200)
     await stack.set_provider_status(refund["id"], "succeeded")  # its webhook arrives
     tracking = found["chain"]
     await stack.wait_for_audit(tracking, "ledger_posted")
@@ -1186,12 +1193,7 @@ async def test_a_break_people_must_look_at_again_is_raised_again_by_the_next_run
     there, and no action acts on a break in ops review: money moved with no case holding it
     and no ledger entry, for good (reproduced). The next run finding it raises it again for
     its own approval, and that one books it."""
-    charge = await stack.charge(10_000)
-    refund = history(charge, 1_300, days_ago=0.5, status="pending")
-    await seed_provider(stack, [refund])
-    await backfill(stack, since_days=1)
-    [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
-    assert found["break_class"] == "unknown_to_us"
+    refund, found = await pending_refund_unknown_to_us(stack, 1_300)
     await move_at_provider(stack, refund["id"], "succeeded")
     assert (await decide(stack, "carol", found["id"])).status_code == 202
     [settled] = await wait_for_breaks(stack, [refund["id"]], "ops_review", "resolved")

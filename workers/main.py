@@ -30,6 +30,7 @@ from adapters.approval_seal import ApprovalSealCheck, approval_keys
 from adapters.audit_checkpoints import checkpoint_book
 from adapters.config import Settings
 from adapters.db import Store
+from adapters.health import require_migrated
 from adapters.heap import settle_startup_heap
 from adapters.http_server import AppServer
 from adapters.instrumented import instrument
@@ -120,8 +121,9 @@ async def run_worker(settings: Settings, dsn: str, stop: asyncio.Event) -> None:
     retried elsewhere by Temporal). Refuses settings that could let money move twice."""
     refuse_bad_settings(settings)
     book = checkpoint_book(settings.audit_checkpoint_dir, settings.audit_checkpoint_keys)
-    client = await connect(settings, runtime=sdk_runtime(settings))
     store = await Store.open(dsn)
+    await require_migrated(store)
+    client = await connect(settings, runtime=sdk_runtime(settings))
     providers = build_providers(settings, store)
     worker = build_worker(client, settings.task_queue, store, providers,
                           load_policy(settings.policy_file),

@@ -27,6 +27,7 @@ from pydantic import ValidationError
 
 from adapters import event_loop
 from adapters.config import Settings
+from adapters.health import DatabaseNotReady
 from starters.cli.common import EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_USAGE, CommandFailed
 from starters.cli.parser import build_parser
 from starters.ports import StackUnavailable
@@ -36,7 +37,7 @@ def failure(exc: BaseException, settings: Settings | None) -> tuple[str, int]:
     """The one line and exit code for an exception that ends a command."""
     if isinstance(exc, CommandFailed):
         return str(exc), exc.code
-    if isinstance(exc, StackUnavailable):
+    if isinstance(exc, StackUnavailable | DatabaseNotReady):
         return str(exc), EXIT_UNREACHABLE
     if isinstance(exc, httpx.HTTPStatusError):
         status = exc.response.status_code

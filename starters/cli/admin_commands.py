@@ -20,7 +20,6 @@ from starters.cli.common import (
     CommandFailed,
     open_database,
     print_json,
-    require_migrated,
 )
 
 if TYPE_CHECKING:
@@ -61,6 +60,7 @@ async def opened_store(settings: Settings) -> AsyncIterator["Store"]:
     but `migrate` refuses a database that lacks migrations instead of changing its schema:
     which database a shell points at is easy to get wrong."""
     from adapters.db import Store
+    from adapters.health import require_migrated
 
     dsn, pg = await open_database(settings)
     try:

@@ -9,15 +9,12 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 
 from adapters.config import Settings
 from adapters.net import is_loopback
-
-if TYPE_CHECKING:
-    from adapters.db import Store
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_PENDING = 0, 1, 2, 3, 4
 DEV_INSTALL = "a development install (from a checkout: pip install -e '.[embedded]')"
@@ -71,16 +68,6 @@ async def open_database(settings: Settings) -> tuple[str, Any]:
 
     pg = EmbeddedPostgres(Path(settings.data_dir) / "pg")
     return await asyncio.to_thread(pg.start), pg
-
-
-async def require_migrated(store: "Store") -> None:
-    """Refuses (exit 3) a database that lacks migrations or does not answer: every command
-    but `migrate`, the relay and the worker too (a release rolled out before its migrations
-    would run new code against the old schema)."""
-    from adapters.health import database_problem
-
-    if (problem := await database_problem(store)) is not None:
-        raise CommandFailed(problem, EXIT_UNREACHABLE)
 
 
 @contextlib.contextmanager

@@ -14,7 +14,6 @@ from starters.cli.common import (
     api_token,
     needs_dev_install,
     open_database,
-    require_migrated,
 )
 
 
@@ -52,25 +51,18 @@ async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     import signal
 
-    from adapters.db import Store
     from adapters.telemetry import configure_observability, shutdown_tracing
     from starters.ports import ensure_ports_free
-    from workers.main import refuse_bad_settings, run_worker
+    from workers.main import run_worker
 
     configure_observability(settings, "refunds-worker")
     ensure_ports_free(settings.bind_host, {"REFUNDS_WORKER_HEALTH_PORT": settings.worker_health_port,
                                            "REFUNDS_TEMPORAL_METRICS_PORT": settings.temporal_metrics_port})
-    refuse_bad_settings(settings)  # before any database: settings that could move money twice
     dsn, pg = await open_database(settings)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     try:
-        checked = await Store.open(dsn, max_size=1)
-        try:
-            await require_migrated(checked)
-        finally:
-            await checked.close()
         await run_worker(settings, dsn, stop)
     finally:
         shutdown_tracing()
@@ -83,6 +75,7 @@ async def cmd_relay(args: argparse.Namespace, settings: Settings) -> int:
     import signal
 
     from adapters.db import Store
+    from adapters.health import require_migrated
     from adapters.heap import settle_startup_heap
     from adapters.http_server import AppServer
     from adapters.providers.registry import build_providers, close_providers
