@@ -8,14 +8,16 @@ Connection settings follow Temporal's own environment configuration
 given to Settings explicitly wins; with no address anywhere, the embedded dev server is used.
 """
 
+import asyncio
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
-from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.envconfig import ClientConfigProfile
 from temporalio.runtime import Runtime
 from temporalio.service import RPCError, RPCStatusCode
+from temporalio.workflow import UpdateMethodMultiParam
 
 from adapters.approval_seal import NewsSealing, approval_keys
 from adapters.codec import CodecError, EncryptionCodec, data_converter, parse_keys
@@ -72,3 +74,26 @@ async def workflow_closed(client: Client, case_id: str) -> str | None:
     if described.status not in ENDED:  # running, or a status that may resume (paused)
         return None
     return described.status.name
+
+
+UPDATE_DROPPED_POLL_SECONDS = 0.2
+
+
+Owner = TypeVar("Owner")
+Arg = TypeVar("Arg")
+Result = TypeVar("Result")
+
+
+async def update_until_taken(handle: WorkflowHandle[Owner, Any],
+                             update: UpdateMethodMultiParam[[Owner, Arg], Result], arg: Arg) -> Result:
+    """`execute_update`, sent again while Temporal answers that it dropped the update with the
+    workflow task carrying it (FAILED_PRECONDITION, its WorkflowNotReady: no worker took it,
+    nothing was applied). Seen as a verdict raced the workflow task that decided its round.
+    The caller bounds the wait; the arguments must be safe to take twice (a verdict's id)."""
+    while True:
+        try:
+            return await handle.execute_update(update, arg)
+        except RPCError as exc:
+            if exc.status is not RPCStatusCode.FAILED_PRECONDITION:
+                raise
+        await asyncio.sleep(UPDATE_DROPPED_POLL_SECONDS)

@@ -21,8 +21,15 @@ import httpx
 import psutil
 import psycopg
 from psycopg.conninfo import make_conninfo
-from temporalio.client import Client, Interceptor, OutboundInterceptor, SignalWorkflowInput
+from temporalio.client import (
+    Client,
+    Interceptor,
+    OutboundInterceptor,
+    SignalWorkflowInput,
+    StartWorkflowUpdateInput,
+)
 from temporalio.converter import PayloadConverter
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
 from adapters.approval_seal import SEAL_HEADER, ApprovalKeys, NewsSealing
@@ -366,6 +373,34 @@ def intercepted(client: Client, interceptor: Interceptor) -> Client:
     config = client.config()
     config["interceptors"] = [*config["interceptors"], interceptor]
     return Client(**config)
+
+
+WORKFLOW_TASK_FAILED = ("Unable to perform workflow execution update due to unexpected workflow task "
+                        "failure.")
+"""Temporal's refusal of an update whose workflow task it failed (WorkflowNotReady): the
+update was dropped, never taken. Seen in CI as a deny raced the deciding approval."""
+
+
+class UpdatesAborted(Interceptor):
+    """A relay whose first `times` verdict updates to workflow `to` Temporal aborts as it
+    fails their workflow task (the race of CI's 500), before any worker sees them."""
+
+    def __init__(self, times: int) -> None:
+        self.times = times
+        self.to: str | None = None
+        self.aborted = 0
+
+    def intercept_client(self, next: OutboundInterceptor) -> OutboundInterceptor:
+        outer = self
+
+        class Aborting(OutboundInterceptor):
+            async def start_workflow_update(self, input: StartWorkflowUpdateInput) -> Any:
+                if input.id == outer.to and outer.aborted < outer.times:
+                    outer.aborted += 1
+                    raise RPCError(WORKFLOW_TASK_FAILED, RPCStatusCode.FAILED_PRECONDITION, b"")
+                return await super().start_workflow_update(input)
+
+        return Aborting(next)
 
 
 def unsealing(client: Client) -> Client:

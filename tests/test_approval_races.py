@@ -28,7 +28,15 @@ from domain.models import (
 )
 from starters.dev.stack import TemporalDevServer
 from tests.approval_host import ApprovalHostWorkflow
-from tests.harness import APPROVAL_KEYS, Stack, open_stack, pending_verdict_stack
+from tests.harness import (
+    APPROVAL_KEYS,
+    Stack,
+    UpdatesAborted,
+    intercepted,
+    open_stack,
+    pending_verdict_stack,
+    stack_with,
+)
 from workers.main import workflow_runner
 from workflows.approvals import ApprovingWorkflow
 from workflows.refund import RefundWorkflow
@@ -426,3 +434,30 @@ async def test_a_cancel_while_a_denial_is_written_answers_the_verdict_queued_beh
     trail = await stack.store.audit.trail(case_id)
     assert [e["actor"] for e in trail if e["action"] == "approval_refused"] == ["bob"]
     assert await stack.provider_refunds(charge) == []
+
+
+
+@pytest.mark.parametrize(("aborts", "pending"), [(1, False), (1_000, True)],
+                         ids=["aborted-once", "aborted-every-time"])
+async def test_a_verdict_temporal_aborts_with_its_workflow_task_is_sent_again(
+        store: Store, client: Client, temporal_server: TemporalDevServer, aborts: int, pending: bool) -> None:
+    """Temporal may abort an update when it fails the workflow task carrying it: the update
+    was never taken, so the relay sends the same verdict again (an update while the answer
+    window lasts, then the durable signal) instead of answering 500 for a verdict that is
+    then lost. Before, the approver heard "the workflow service refused the call"."""
+    aborting = UpdatesAborted(aborts)
+    async with stack_with(store, intercepted(client, aborting), temporal_server.address,
+                          approval_answer_seconds=2) as stack:
+        charge = await stack.charge(20_000)
+        case_id = await stack.request_refund("alice", charge, 9_000)
+        await stack.wait_for_status(case_id, "awaiting_approval")
+        aborting.to = case_id
+        response = await asyncio.wait_for(_decide(stack, "bob", case_id, "approve"), HANG)
+        assert response.status_code == 202, response.text
+        assert (response.json()["status"] == "verdict_pending") is pending, response.text
+        await stack.wait_for_status(case_id, "succeeded")
+        trail = await stack.store.audit.trail(case_id)
+        refunds = await stack.provider_refunds(charge)
+    assert aborting.aborted >= 1
+    assert [e["actor"] for e in trail if e["action"] == "approval_granted"] == ["bob"]
+    assert len(refunds) == 1

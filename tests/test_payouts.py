@@ -40,7 +40,7 @@ from domain.payouts import (
 )
 from starters.dev.stack import TemporalDevServer
 from starters.relay.webhook_desk import WebhookDesk
-from tests.harness import Stack, open_stack
+from tests.harness import Stack, UpdatesAborted, intercepted, open_stack, stack_with
 from tests.payouts_kit import (
     add_payout_approvers,
     ask_reissue,
@@ -929,3 +929,25 @@ async def test_a_reissue_at_a_provider_that_makes_no_payouts_is_declined(payouts
         await stripe.aclose()
     assert declined.value.type == errors.DECLINED and declined.value.non_retryable, declined.value
     assert "cannot make payouts" in str(declined.value)
+
+
+@pytest.mark.parametrize(("aborts", "answer"), [(1, 202), (1_000, 503)],
+                         ids=["aborted-once", "aborted-every-time"])
+async def test_a_reissue_request_temporal_aborts_with_its_workflow_task_is_sent_again(
+        store: Store, client: Client, temporal_server: TemporalDevServer, aborts: int, answer: int) -> None:
+    """Temporal may drop the update asking for a reissue with the workflow task carrying it
+    (never taken): the relay asks again while the answer window lasts, then answers 503,
+    "send it again". Before, the caller heard 500 ("the workflow service refused the call")."""
+    aborting = UpdatesAborted(aborts)
+    async with stack_with(store, intercepted(client, aborting), temporal_server.address,
+                          approval_answer_seconds=2) as stack:
+        await add_payout_approvers(stack)
+        _, case_id = await remediated(stack, 200_000)
+        aborting.to = case_id
+        response = await ask_reissue(stack, "omar", case_id)
+        assert response.status_code == answer, response.text
+        taken = "awaiting_reissue_approval" if answer == 202 else "remediated"
+        row = await wait_for_case(stack, case_id, taken)
+        trail = [e["action"] for e in await stack.store.audit.trail(case_id)]
+    assert aborting.aborted >= 1 and row["status"] == taken
+    assert trail.count("reissue_requested") == (1 if answer == 202 else 0), trail

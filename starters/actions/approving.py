@@ -17,7 +17,7 @@ from temporalio.exceptions import ApplicationError
 from adapters import metrics
 from adapters.db import Principal, Store
 from adapters.db.rows import ApprovalStep
-from adapters.temporal_client import workflow_closed
+from adapters.temporal_client import update_until_taken, workflow_closed
 from domain.errors import ALREADY_DECIDED, NOT_AWAITING_APPROVAL
 from domain.lifecycle import unfilled
 from domain.models import ApprovalProgress, ApprovalSignal, Decision, RoleRequirement
@@ -61,11 +61,12 @@ async def deliver_verdict(client: Client, workflow_id: str, verdict: ApprovalSig
     verdict (same id) then goes again as the `approve` signal. Temporal keeps an update that
     no worker has accepted only in memory, and drops it when it restarts or evicts the
     workflow's state under load, with no one left polling to send it again; a signal is
-    durable once sent. The workflow takes one verdict id once, whichever arrives first.
+    durable once sent. The workflow takes one verdict id once, whichever arrives first, so an
+    update Temporal dropped with its workflow task goes again (`update_until_taken`).
     `run_id`: the run the verdict is for (a break's round), else the workflow's latest."""
     handle = client.get_workflow_handle(workflow_id, run_id=run_id)
     try:
-        return await asyncio.wait_for(handle.execute_update(ApprovingWorkflow.submit_approval, verdict),
+        return await asyncio.wait_for(update_until_taken(handle, ApprovingWorkflow.submit_approval, verdict),
                                       timeout=seconds)
     except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):  # the SDK's word for the cancel
         await handle.signal(ApprovingWorkflow.approve, verdict)

@@ -3,6 +3,7 @@ read the booked payouts); read a payout exception case with its timeline, approv
 its current approval round, and ask for a reissue (which then needs its own approval).
 Identity comes from the bearer token, as everywhere in the relay."""
 
+import asyncio
 from typing import Any, NoReturn
 
 from fastapi import APIRouter, HTTPException, Response
@@ -12,6 +13,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from adapters.providers.base import PayoutExecutor
 from adapters.telemetry import bind_case
+from adapters.temporal_client import update_until_taken
 from domain.payouts import PayoutCaseStatus, PayoutRegistration, ReissueAsk, payout_case_id
 from domain.permissions import Permission
 from starters.actions.approving import refusal
@@ -143,8 +145,12 @@ async def reissue_payout(case_id: str, body: ReasonBody, caller: Caller,
                   "or by bank, outside this case")
     else:
         try:
-            progress = await door.client.get_workflow_handle(case_id).execute_update(
-                PayoutReversalWorkflow.request_reissue, ask)
+            async with asyncio.timeout(door.settings.approval_answer_seconds):
+                progress = await update_until_taken(door.client.get_workflow_handle(case_id),
+                                                    PayoutReversalWorkflow.request_reissue, ask)
+        except TimeoutError:  # dropped every time, or no worker answers: nothing is asked yet
+            raise HTTPException(503, "the case has not taken the request; read the case, or send the "
+                                "same request again", headers={"Retry-After": "5"}) from None
         except WorkflowUpdateFailedError as exc:
             reason, _ = refusal(exc)
         except RPCError as exc:
