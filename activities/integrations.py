@@ -18,7 +18,7 @@ from adapters.config import Settings
 from adapters.db import Store
 from adapters.db.outbox import SendingElsewhere
 from adapters.notify.channels import build_channels, email_recipient
-from adapters.notify.delivery import DeliveryUncertain
+from adapters.notify.delivery import DeliveryFailed, DeliveryUncertain
 from adapters.notify.message import render, template_for
 from domain import contracts, errors
 from domain.advice import AdviceContext, PriorRefund, TimelineEntry, guarded, untrusted_for_model
@@ -83,6 +83,7 @@ class IntegrationActivities:
                          email_to=email_recipient(self._settings, notice["audience"],
                                                   case["evidence"] if case else None))
         failed: list[str] = []
+        refused = 0  # failures that only the sweeper's slower schedule tries again
         carriers = [c for c in self._channels if c.accepts(message)]
         for channel in carriers:
             try:
@@ -103,11 +104,13 @@ class IntegrationActivities:
                 await self._outbox.finish_delivery(message.notice_id, case_id, channel.name,
                                                    "failed", error=str(exc)[:1000])
                 failed.append(f"{channel.name}: {exc}")
+                refused += isinstance(exc, DeliveryFailed) and exc.refused
             else:
                 await self._outbox.finish_delivery(message.notice_id, case_id, channel.name,
                                                    "delivered", external_id=external_id)
         if failed:
-            raise ApplicationError("; ".join(failed), type=errors.NOTICE_DELIVERY_FAILED)
+            raise ApplicationError("; ".join(failed), type=errors.NOTICE_CHANNEL_REFUSED
+                                   if refused == len(failed) else errors.NOTICE_DELIVERY_FAILED)
         if carriers:  # with no channel for it, the notice stays undelivered in the outbox
             await self._outbox.mark_delivered(message.notice_id)
 

@@ -36,6 +36,9 @@ REPORT_NOT_WRITTEN: Final = "ReportNotWritten"
 """A run's report could not be written (the folder's permissions, a full disk): the run ends
 failed, naming the folder, so its schedule's next run goes ahead."""
 NOTICE_DELIVERY_FAILED: Final = "NoticeDeliveryFailed"
+NOTICE_CHANNEL_REFUSED: Final = "NoticeChannelRefused"
+"""Every channel that failed a notice refused it in a way a retry within minutes will not
+change (`DeliveryFailed.refused`): the dispatcher leaves it to the sweeper at once."""
 
 FORGED_START: Final = "ForgedStart"
 """A workflow run that did not begin as its case's workflow begins (another id, or state

@@ -38,6 +38,9 @@ class World:
     slack: list[dict[str, Any]] = field(default_factory=list)
     teams: list[dict[str, Any]] = field(default_factory=list)
     slack_failures: int = 0
+    slack_failure: tuple[int, str] = (500, "rollup_error")
+    """What Slack answers while it fails: a hiccup by default; (404, "no_service") for a
+    webhook that was revoked."""
     servicenow: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     servicenow_calls: list[tuple[str, str]] = field(default_factory=list)
     servicenow_lost_creates: int = 0
@@ -77,7 +80,8 @@ def outside_app(world: World) -> FastAPI:
         payload = await request.json()
         if world.slack_failures > 0:
             world.slack_failures -= 1
-            return PlainTextResponse("rollup_error", status_code=500)
+            status, text = world.slack_failure
+            return PlainTextResponse(text, status_code=status)
         if not payload.get("text") and not payload.get("blocks"):
             return PlainTextResponse("no_text", status_code=400)
         world.slack.append(payload)

@@ -12,6 +12,7 @@ from temporalio.exceptions import ApplicationError
 
 import workers.outbox
 from adapters.db import Store
+from domain.errors import NOTICE_CHANNEL_REFUSED
 from domain.models import NoticeInput
 from workers.outbox import SCHEDULE, dispatch_once, notice_dispatcher, retry_delay, sweep_once
 
@@ -129,6 +130,17 @@ async def test_a_notice_the_dispatcher_gave_up_on_is_swept_later(store: Store) -
                            limit=1000):
         pass
     assert back.sent.count(key) == 1
+
+
+async def test_a_refusal_that_minutes_will_not_change_is_left_to_the_sweeper_at_once(store: Store) -> None:
+    queue, case_id = f"dq-{uuid.uuid4().hex[:8]}", f"r-{uuid.uuid4().hex[:8]}"
+    refused, after = await queued(store, case_id, ["approval_needed", "refund_succeeded"], queue)
+    channel = Channel({refused: ApplicationError("slack: HTTP 404: no_service", type=NOTICE_CHANNEL_REFUSED)})
+    assert await dispatch_once(store.outbox, channel, queue) == 1
+    assert await dispatch_once(store.outbox, channel, queue) == 1  # the case's next, at once
+    assert channel.sent == [refused, after]
+    assert await column(store, refused, "dispatch_queue") is None  # the sweeper's now
+    assert await column(store, refused, "swept_at") is not None
 
 
 async def test_a_failure_for_good_is_not_tried_again(store: Store) -> None:

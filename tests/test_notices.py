@@ -148,6 +148,41 @@ async def test_a_failing_channel_is_retried_alone_and_never_holds_up_the_case(
         assert rows["teams"]["status"] == "delivered" and len(world.teams) == 2
 
 
+async def test_a_channel_that_refuses_for_good_holds_up_no_later_notice_of_the_case(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """A revoked Slack webhook answers 404 `no_service` to every post: retrying it within
+    minutes changes nothing, so the dispatcher tries it once and leaves the notice to the
+    sweeper's slower schedule, and the case's next notice goes out at once on every channel.
+    Before, each notice was tried 8 times (about 4 minutes of backoff) while the case's
+    later notices waited, on Teams and email too."""
+    async with connected_stack(store, client, temporal_server, jira_url=None,
+                               servicenow_url=None) as (stack, world):
+        world.slack_failures, world.slack_failure = 10**9, (404, "no_service")
+        charge = await stack.charge(20_000)
+        case_id = await stack.request_refund("alice", charge, 9_000)
+        await stack.wait_for_status(case_id, "awaiting_approval")
+        async with stack.api("bob") as api:
+            assert (await api.post(f"/v1/refund-requests/{case_id}/approvals",
+                                   json={"decision": "approve"})).status_code == 202
+        await stack.wait_for_status(case_id, "succeeded")
+
+        async def on_teams() -> list[dict[str, DeliveryRow]] | None:
+            notices = await stack.store.outbox.notices(case_id)
+            rows = [await delivered(stack, case_id, n.kind) for n in notices]
+            done = ({"approval_needed", "refund_succeeded"} <= {n.kind for n in notices}
+                    and all(r.get("teams") is not None and r["teams"].status == "delivered" for r in rows))
+            return rows if done else None
+
+        rows = await eventually(on_teams)
+        assert all(r["slack"].status == "failed" and r["slack"]["attempts"] == 1 for r in rows), rows
+        handed = await store.database.fetch_all(
+            "SELECT dispatch_queue, dispatched_at FROM notices WHERE refund_request_id = %s", (case_id,))
+        assert all(n["dispatch_queue"] is None and n["dispatched_at"] is not None for n in handed)
+        refusals = [e["detail"]["channel"] for e in await stack.store.audit.trail(case_id)
+                    if e["action"] == "notice_delivery_failed"]
+        assert refusals == ["slack"] * len(rows)
+
+
 async def test_a_refunds_notices_go_out_through_the_workers_dispatcher_not_an_activity_of_the_case(
         store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
     """Issue 21: delivery beside the case cost each refund an activity and a workflow task.
@@ -422,6 +457,36 @@ async def test_a_message_the_smtp_server_accepted_is_delivered_whatever_quit_ans
     finally:
         controller.stop()
     assert len(handler.received) == 1
+
+
+class _RefusesRecipients:
+    """An SMTP server that answers every recipient with `answer`."""
+
+    def __init__(self, answer: str) -> None:
+        self.answer = answer
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
+                          rcpt_options: list[str]) -> str:
+        return self.answer
+
+
+@pytest.mark.parametrize(("answer", "refused"), [("550 5.1.1 No such user", True),
+                                                 ("451 4.3.0 Try again later", False)])
+async def test_an_smtp_refusal_for_good_is_told_apart_from_one_for_now(answer: str, refused: bool) -> None:
+    """A 5xx is the server's final word (the dispatcher leaves the notice to the sweeper at
+    once); a 4xx asks to be tried again soon (the dispatcher's own backoff)."""
+    controller = Controller(_RefusesRecipients(answer), hostname="127.0.0.1", port=free_port())
+    controller.start()
+    try:
+        mail = SmtpEmail("127.0.0.1", int(controller.port), "refunds@example.test", timeout=5)
+        message = Message(notice_id=8, kind="refund_failed", audience="ops", case_id="rr-8",
+                          title="Refund failed", text="x", facts=(), link=None, buttons=False, ticket=None,
+                          customer=False, email_to="ops@example.test")
+        with pytest.raises(DeliveryFailed) as failed:
+            await mail.send(message)
+    finally:
+        controller.stop()
+    assert failed.value.refused is refused
 
 
 @pytest.mark.parametrize(("late", "stays"), [("failed", "uncertain"), ("delivered", "delivered")])

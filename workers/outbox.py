@@ -22,6 +22,7 @@ from activities.integrations import IntegrationActivities
 from adapters.config import Settings
 from adapters.db.outbox import OutboxRepository
 from adapters.db.store import Store
+from domain import errors
 from workflows.retry import DELIVER
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,9 @@ async def dispatch_once(outbox: OutboxRepository, delivery: Deliverer, queue: st
             await delivery.deliver(key)
         except Exception as exc:  # a channel (recorded per channel) or the database; go on
             for_good = isinstance(exc, ApplicationError) and exc.non_retryable
-            spent = 0 < SCHEDULE.maximum_attempts <= attempt
+            # tries spent, or refused where minutes will not change it: the case's next goes now
+            spent = (0 < SCHEDULE.maximum_attempts <= attempt
+                     or (isinstance(exc, ApplicationError) and exc.type == errors.NOTICE_CHANNEL_REFUSED))
             log.warning("notice %s not delivered everywhere (attempt %d%s): %s", key, attempt,
                         ", giving up" if for_good else ", left to the sweeper" if spent else "", exc)
             if for_good:

@@ -12,15 +12,24 @@ import httpx
 from adapters.notify.message import Message
 from adapters.tls import client_tls
 
+RETRY_SOON = frozenset({408, 409, 423, 425, 429})
+"""4xx answers that a retry within minutes may well see otherwise (timeout, conflict,
+locked, too early, rate limited)."""
+
 
 class DeliveryFailed(Exception):
     """Not delivered as far as the answer says; safe to send again. `status`: the HTTP
     status that said so, if any (a 5xx from a gateway may follow a backend that acted:
-    where a retry can look first, as a ticket's search can, it looks)."""
+    where a retry can look first, as a ticket's search can, it looks). `refused`: the peer
+    refused it in a way the next minutes will not change (a revoked webhook's 404 or 410,
+    credentials 401/403, a payload it rejects; an SMTP 5xx): tried again only on the
+    sweeper's slower schedule, so one broken channel holds up no later notice of a case."""
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    def __init__(self, message: str, *, status: int | None = None, refused: bool | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.refused = (status is not None and 400 <= status < 500 and status not in RETRY_SOON
+                        if refused is None else refused)
 
 
 class DeliveryUncertain(Exception):

@@ -93,8 +93,13 @@ class SmtpEmail:
         answer refusing it is a failure; a break once the message was being handed over
         may have delivered it; no session at all is a failure."""
         shown = _masked(repr(exc))
-        if isinstance(exc, smtplib.SMTPResponseException | smtplib.SMTPRecipientsRefused):
-            return DeliveryFailed(f"the SMTP server refused the message: {shown}")
+        if isinstance(exc, smtplib.SMTPResponseException):  # 5xx: for good; 4xx: try again soon
+            return DeliveryFailed(f"the SMTP server refused the message: {shown}",
+                                  refused=exc.smtp_code >= 500)
+        if isinstance(exc, smtplib.SMTPRecipientsRefused):
+            codes = [code for code, _ in exc.recipients.values()]
+            return DeliveryFailed(f"the SMTP server refused the message: {shown}",
+                                  refused=bool(codes) and min(codes) >= 500)
         if handing_over:
             return DeliveryUncertain(f"the SMTP transaction broke off: {shown}")
         return DeliveryFailed(f"no SMTP session with {self._host}:{self._port}: {shown}")
