@@ -86,7 +86,7 @@ from tests.test_adyen import (
     unique_psp,
 )
 from tests.test_adyen import notification as adyen_notification
-from tests.test_adyen_waits import notification_taken_under_a_cancel
+from tests.test_adyen_waits import notification_taken_under_a_cancel, resolution_after_adyen_s_word
 from tests.test_case_lifecycle import expiry_under_a_cancel, reported_as_the_cancelled_run_ends
 from tests.test_duplicate_refunds import duplicate_heard_with_a_cancel
 from tests.test_news_seal import failure_heard_while_finishing
@@ -402,6 +402,15 @@ async def adyen_taken_under_cancel(rig: Recording) -> str:
     assert rig.adyen is not None
     case_id, _ = await notification_taken_under_a_cancel(AdyenRig(rig.stack, rig.adyen, rig.proxy), 700)
     await rig.stack.wait_for_status(case_id, "succeeded")
+    return case_id
+
+
+async def adyen_resolution_superseded(rig: Recording) -> str:
+    """Ops' "not refunded" reaches the case after Adyen's own success ended the wait: recorded
+    as superseded, not applied (`ops-resolution-superseded-1`); the window then ends."""
+    assert rig.adyen is not None
+    case_id, _ = await resolution_after_adyen_s_word(AdyenRig(rig.stack, rig.adyen, rig.proxy), 800,
+                                                     refund_known=True)
     return case_id
 
 
@@ -986,6 +995,8 @@ SCENARIOS: dict[str, Scenario] = {
     "refund_adyen_other_charge_ignored": Scenario(adyen_other_charge_ignored, adyen=True),
     "refund_adyen_taken_under_cancel": Scenario(adyen_taken_under_cancel, {"late_failure_window_seconds": 3},
                                                 adyen=True),
+    "refund_adyen_resolution_superseded": Scenario(adyen_resolution_superseded,
+                                                   {"late_failure_window_seconds": 20}, adyen=True),
     "refund_adyen_follow_other_refund": Scenario(adyen_follow_other_refund,
                                                  {"late_failure_window_seconds": 3}, adyen=True),
     "refund_duplicate_provider_refund": Scenario(duplicate_refund, {"late_failure_window_seconds": 6}),

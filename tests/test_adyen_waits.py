@@ -19,6 +19,7 @@ from adapters.providers.adyen import AdyenProvider, ProviderNotReached
 from domain.models import RefundReason, RefundRequest
 from starters.actions.cases import CaseActions
 from starters.actions.provider_wait import ProviderWaitBody, resolve_provider_wait
+from starters.actions.provider_wait import _deliver as deliver_resolution
 from starters.dev.stack import TemporalDevServer
 from tests.adyen_fake import FakeAdyen
 from tests.harness import write_held
@@ -555,3 +556,52 @@ async def test_a_resend_naming_a_refund_another_case_came_to_hold_is_refused(rig
     assert held["provider_refund_id"] == pasted.upper()
     again = await resolve(rig, "olga", first, **named, provider_refund_id=pasted)
     assert again.status_code == 409 and second in again.json()["detail"], again.text
+
+
+async def resolution_after_adyen_s_word(rig: AdyenRig, amount: int, *, refund_known: bool) -> tuple[str, str]:
+    """Ops resolve a waiting case "not refunded" while Adyen's REFUND:true is on its way: both
+    pass the relay while the wait is open, the case takes Adyen's word first (succeeded,
+    booked), then the resolution's signal lands and the case records it superseded: (the
+    case, Adyen's refund). `refund_known`: the create was answered (the case holds the
+    refund), else its answer was lost."""
+    psp = rig.fake.payment(10_000, "EUR", MERCHANT)
+    if not refund_known:
+        rig.proxy.lose_next("POST", f"/v71/payments/{psp}/refunds")
+    case_id = await rig.stack.request_refund("alice", psp, amount, provider="adyen", currency="EUR",
+                                             merchant_account=MERCHANT)
+    await rig.stack.wait_for_audit(case_id, "no_status_lookup_escalated")
+    waiting_row = await rig.stack.wait_for_status(case_id, "ops_review")
+    [made] = rig.fake.refunds_of(psp)
+    assert (waiting_row["provider_refund_id"] == made["pspReference"]) is refund_known
+    body = ProviderWaitBody(provider_shows="not_refunded", reason="Customer Area: nothing shown yet")
+    olga = Principal("olga", frozenset({"ops"}))
+    away = CaseActions(rig.stack.store, cast(Client, SignalsLost(rig.stack.client)), rig.stack.settings)
+    with pytest.raises(RPCError):  # recorded while the wait is open; its signal still on its way
+        await resolve_provider_wait(away, olga, case_id, body, via="api")
+    success = notification("REFUND", pspReference=made["pspReference"], originalReference=psp,
+                           merchantReference=case_id, amount={"currency": "EUR", "value": amount})
+    assert (await rig.post(success)).text == "[accepted]"
+    await rig.stack.wait_for_status(case_id, "succeeded")
+    actions = CaseActions(rig.stack.store, rig.stack.client, rig.stack.settings)
+    await deliver_resolution(actions, waiting_row, body, "olga")  # the resolution's signal lands now
+    await rig.stack.wait_for_audit(case_id, "provider_wait_resolution_superseded")
+    return case_id, str(made["pspReference"])
+
+
+@pytest.mark.parametrize("refund_known", [True, False], ids=["case-holds-the-refund", "create-unanswered"])
+async def test_a_resolution_that_reaches_the_case_after_adyen_s_own_word_changes_nothing(
+        rig: AdyenRig, refund_known: bool) -> None:
+    """The resolution, a reading of the dashboard older than Adyen's word, changes nothing
+    and is recorded as superseded (`resolution_after_adyen_s_word`). Before, it was applied
+    as Adyen's late failure of the refund (a reversal booked, the hold released, the case
+    failed and reissuable while the money had moved), or, naming no refund, raised as a
+    duplicate."""
+    case_id, psp = await resolution_after_adyen_s_word(rig, 1_400, refund_known=refund_known)
+    row = await rig.stack.store.cases.get(case_id)
+    assert row is not None
+    assert (row["status"], row["provider_refund_id"], row["reserved_amount"]) == ("succeeded", psp, 1_400)
+    lines = await rig.stack.store.ledger.entries(case_id)
+    assert [(x["template"], x["debit"], x["credit"]) for x in lines] == [
+        ("refund_settled", 1_400, 0), ("refund_settled", 0, 1_400)]
+    trail = [e["action"] for e in await rig.stack.store.audit.trail(case_id)]
+    assert not {"refund_failed_after_success", "duplicate_provider_refund"} & set(trail), trail

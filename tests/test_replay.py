@@ -67,6 +67,8 @@ from workflows.refund_case import (
     INTERRUPTED_STEP_PATCH,
     MISMATCH_PATCH,
     PROVIDER_SCOPED_WAIT_PATCH,
+    SUPERSEDED_RESOLUTION,
+    SUPERSEDED_RESOLUTION_PATCH,
     TAKEN_NOTIFICATION_PATCH,
     VERDICTS_COMMITTED_PATCH,
     VERIFY_DUPLICATES_PATCH,
@@ -165,6 +167,11 @@ BRANCHES: dict[str, Branch] = {
         "cancel_requested", f"patch:{TAKEN_NOTIFICATION_PATCH}", "action:awaiting_provider_notification#2",
         "action:cancel_after_provider_refund", "action:refund_succeeded", "ledger:refund_settled",
         lacks=[f"{SUBMIT}#2", "action:canceled_by_ops"]),
+    "refund_adyen_resolution_superseded": branch(
+        "action:provider_notification_received", "action:refund_succeeded", "ledger:refund_settled",
+        f"patch:{SUPERSEDED_RESOLUTION_PATCH}", "signal:provider_event#2", f"action:{SUPERSEDED_RESOLUTION}",
+        lacks=["action:refund_failed_after_success", "action:duplicate_provider_refund",
+               "ledger:refund_reversed"]),
     "refund_adyen_follow_other_refund": branch(
         "action:provider_status_changed", "action:awaiting_provider_notification",
         f"patch:{FOLLOWED_WAIT_PATCH}", "action:duplicate_provider_refund", "action:refund_succeeded",

@@ -19,6 +19,7 @@ with workflow.unsafe.imports_passed_through():
     from domain import contracts, errors
     from domain.events import (
         CONTRADICTED,
+        OPS_RESOLUTION,
         STATUS_NOTICES,
         Observation,
         contradicts_booked,
@@ -58,6 +59,8 @@ with workflow.unsafe.imports_passed_through():
         HORIZON_PATCH,
         INTEGRATIONS_PATCH,
         MISMATCH_PATCH,
+        SUPERSEDED_RESOLUTION,
+        SUPERSEDED_RESOLUTION_PATCH,
         TAKEN_NOTIFICATION_PATCH,
         VERIFY_DUPLICATES_PATCH,
         ValidationAbandoned,
@@ -317,6 +320,8 @@ class RefundProvider(RefundWrites):
                 if reported is None:  # the trigger itself, or a request repeated
                     continue
                 assert self._refund is not None and self._request is not None
+                if await self._superseded(event, reported):
+                    continue
                 foreign = reported.provider != self._request.provider
                 if (foreign and reported.provider == self._refund.provider
                         and workflow.patched(EXECUTOR_EVENTS_PATCH)):
@@ -354,6 +359,21 @@ class RefundProvider(RefundWrites):
                 found = await self._verify(f"no terminal event within {wait}")
                 if found is not None:
                     await self._observe(found, "verify_state")
+
+    async def _superseded(self, event: ProviderEvent, reported: ProviderRefund) -> bool:
+        """Whether `event` is an ops resolution of the notification wait that came after the
+        provider's own word had ended it (the relay lets one through only while the wait is
+        open, so here it raced that word): ops' older reading of the dashboard, recorded and
+        not applied. One that agrees with what the case holds is read as any repeat."""
+        assert self._refund is not None
+        agrees = (reported.refund_id, reported.status) == (self._refund.refund_id, self._refund.status)
+        if (not event.event_type.startswith(f"{OPS_RESOLUTION}.") or agrees
+                or not workflow.patched(SUPERSEDED_RESOLUTION_PATCH)):
+            return False
+        await self._record(SUPERSEDED_RESOLUTION, detail={
+            "event_id": event.event_id, "resolution": event.raw_status, "reason": reported.failure_reason,
+            "provider_refund_id": self._refund.refund_id, "provider_status": self._refund.status.value})
+        return True
 
     def _followed(self, verified: VerifyResult) -> ProviderRefund | None:
         """The refund a lookup found for the case: the one it follows, or the lookup's
