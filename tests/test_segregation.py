@@ -123,3 +123,24 @@ async def test_whoever_declared_a_refund_unpaid_does_not_approve_its_reissue(sta
     async with stack.api("carol") as api:
         approved = await api.post(f"/v1/refund-requests/{again_id}/approvals", json={"decision": "approve"})
     assert approved.status_code == 202, approved.text
+
+
+async def test_whoever_declared_a_refund_unpaid_does_not_ask_for_it_to_be_paid_again(stack: Stack) -> None:
+    """Vic (ops) confirmed a bank transfer was not paid, then asked for its reissue himself:
+    a small reissue is auto-approved, so his word that the money never went and his request
+    to send it again moved money with nobody else involved (the payout side refuses the
+    same). Refused 403, audited; another ops person asks for it."""
+    vic = await person(stack, "approver", "ops")
+    child_id = await approved_bank_transfer(stack, await person(stack, "requester"), "bob")
+    async with stack.api(vic) as api:
+        unpaid = await api.post(f"/v1/manual-refunds/{child_id}/confirmation",
+                                json={"paid": False, "reason": "the transfer bounced"})
+    assert unpaid.status_code == 200, unpaid.text
+    await stack.wait_for_status(child_id, "refund_failed")
+    status, refused = await reissue(stack, vic, child_id, method="provider")
+    assert status == 403, refused
+    assert await stack.store.cases.children(child_id) == []
+    trail = [(e["actor"], e["action"]) for e in await stack.store.audit.trail(child_id)]
+    assert (vic, "access_refused") in trail
+    status, again = await reissue(stack, "olga", child_id, method="provider")
+    assert status == 202, again

@@ -236,6 +236,11 @@ class CaseActions:
                               "be reissued", via=via)
         children = await self.store.cases.children(case_id)
         witnesses = await self.store.audit.actors_of(case_id, SAID_WHAT_THE_MONEY_DID)
+        if caller.user in witnesses:  # a small reissue is auto-approved: nobody else would act
+            await self.refuse(caller, case_id, 403, action,
+                              f"{caller.user} said what this refund's money did (its transfer or its "
+                              "provider wait): another person asks for it to be paid again",
+                              via=via, audit_action="access_refused")
         try:
             request = reissue_request(parent, body, attempt=len(children) + 1, witnesses=witnesses)
         except ValidationError as exc:
