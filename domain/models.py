@@ -364,6 +364,10 @@ class PolicyContext(Frozen):
     is_partial: bool = False
     prior_dispute_count: int | None = 0
     """None: the provider does not tell (its rules read as disputed)."""
+    prior_refund_total: int = 0
+    """What the other refunds holding money on the charge add up to, in the request's minor
+    units: the tier is chosen on it plus the request (a refund asked in parts needs the
+    approvals of the whole). 0 in decisions made before it was counted."""
 
 
 class PolicyDecision(Frozen):

@@ -144,7 +144,8 @@ def policy_context(request: RefundRequest, amount_captured: int | None, dispute_
     captured = amount_captured or request.amount
     return PolicyContext(prior_refund_count=len(prior_amounts),
                          prior_partial_refund=any(amount < captured for amount in prior_amounts),
-                         is_partial=request.amount < captured, prior_dispute_count=dispute_count)
+                         is_partial=request.amount < captured, prior_dispute_count=dispute_count,
+                         prior_refund_total=sum(prior_amounts))
 
 
 def decide(policy: Policy, request: RefundRequest, context: PolicyContext) -> PolicyDecision:
@@ -175,7 +176,8 @@ def decide(policy: Policy, request: RefundRequest, context: PolicyContext) -> Po
               "context": context}
     if not fired:
         return PolicyDecision(auto_approve=True, rules_fired=("auto_approve",), **common)
-    tier = tier_for(rules.tiers, request.amount, request.currency)
+    # on what leaves the charge: a refund asked in parts needs the approvals of the whole
+    tier = tier_for(rules.tiers, request.amount + context.prior_refund_total, request.currency)
     return PolicyDecision(auto_approve=False, rules_fired=tuple(fired), tier=tier.name,
                           requirements=tier.approvals, **common)
 

@@ -72,6 +72,12 @@ def test_large_refunds_need_an_approver_and_a_finance_manager() -> None:
     assert {r.role for r in decision.requirements} == {"approver", "finance_manager"}
 
 
+def test_the_tier_is_chosen_on_the_request_and_what_other_refunds_hold_on_its_charge() -> None:
+    parts = PolicyContext(prior_refund_count=2, prior_refund_total=30_000)
+    assert decide(POLICY, request(20_000), parts).tier == "standard"  # 500.00 in all
+    assert decide(POLICY, request(20_001), parts).tier == "large"
+
+
 def test_matching_counts_each_person_once_whatever_the_order() -> None:
     needs = (RoleRequirement(role="approver"), RoleRequirement(role="finance_manager"))
     both = frozenset({"approver", "finance_manager"})

@@ -144,3 +144,25 @@ async def test_whoever_declared_a_refund_unpaid_does_not_ask_for_it_to_be_paid_a
     assert (vic, "access_refused") in trail
     status, again = await reissue(stack, "olga", child_id, method="provider")
     assert status == 202, again
+
+
+async def test_a_refund_split_into_parts_needs_the_approvals_of_the_whole(stack: Stack) -> None:
+    """The tier is chosen on what leaves the charge: this request and the other refunds still
+    holding money on it. Before, a 2,000.00 refund asked as four of 500.00 each needed one
+    approver (the standard tier, up to 500.00) four times, never the large tier's finance
+    manager, and one approver could sign all four."""
+    charge = await stack.charge(200_000)
+    needs: list[list[str]] = []
+    for part in range(3):
+        case_id = await stack.request_refund("alice", charge, 50_000)
+        await stack.wait_for_status(case_id, "awaiting_approval")
+        async with stack.api("bob") as api:
+            needs.append(sorted((await api.get(f"/v1/refund-requests/{case_id}")).json()["missing_roles"]))
+            if part < 2:
+                answer = await api.post(f"/v1/refund-requests/{case_id}/approvals",
+                                        json={"decision": "approve"})
+                assert answer.status_code == 202, answer.text
+        if part < 2:
+            await stack.wait_for_status(case_id, "succeeded", "awaiting_approval")
+    assert needs[0] == ["approver"]
+    assert needs[1:] == [["approver", "finance_manager"]] * 2, needs
