@@ -373,6 +373,29 @@ def parse(body: bytes) -> ProviderEvent | PayoutEvent | PaymentEvent:
     return ADAPTER.parse_webhook({}, body, time.time())
 
 
+@pytest.mark.parametrize(("api_base", "live", "ours"), [
+    ("https://checkout-test.adyen.com", "false", True), ("https://checkout-test.adyen.com", "true", False),
+    ("https://1797a841fbb37ca7-AdyenDemo-checkout-live.adyenpayments.com/checkout", "true", True),
+    ("https://1797a841fbb37ca7-AdyenDemo-checkout-live.adyenpayments.com/checkout", "false", False),
+    ("http://127.0.0.1:9", "true", True), (None, "true", True)])
+def test_a_notification_of_the_other_environment_than_the_api_s_is_foreign(
+        api_base: str | None, live: str, ours: bool) -> None:
+    """A test webhook's notification at a live deployment (its HMAC key kept beside the live
+    one) opened a tracking case that held and booked a test refund in the live ledger. One
+    whose `live` is not the environment of the Checkout API we call (Adyen's live or test
+    host) is `foreign_account`; another API base (an emulator's), or none, says nothing."""
+    body = json.loads(notification("REFUND", pspReference=unique_psp()))
+    body["live"] = live
+    adapter = AdyenProvider(hmac_keys=[TEST_KEY], api_base=api_base, api_key=API_KEY if api_base else None)
+    raw = json.dumps(body).encode()
+    if ours:
+        assert isinstance(adapter.parse_webhook({}, raw, time.time()), ProviderEvent)
+        return
+    with pytest.raises(WebhookRejected) as refused:
+        adapter.parse_webhook({}, raw, time.time())
+    assert refused.value.verdict == "foreign_account" and "environment" in refused.value.message
+
+
 def test_recorded_payloads_verify_as_stored() -> None:
     for name in ("REFUND", "REFUND_FAILED", "REFUNDED_REVERSED", "CANCEL_OR_REFUND", "PAIDOUT_REVERSED",
                  "AUTHORISATION", "CAPTURE", "CAPTURE_FAILED", "CANCELLATION",

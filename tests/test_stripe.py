@@ -322,6 +322,34 @@ def test_an_event_of_another_connected_account_is_foreign() -> None:
             raw.decode(), SECRETS[0])}, raw, time.time())
 
 
+@pytest.mark.parametrize(("api_key", "livemode", "ours"), [
+    ("sk_test_a", False, True), ("sk_test_a", True, False), ("sk_live_a", True, True),
+    ("sk_live_a", False, False), ("rk_live_a", False, False), ("rk_test_a", True, False),
+    ("emulator-key", True, True), ("sk_test_a", None, True)])
+def test_an_event_of_the_other_mode_than_the_key_s_is_foreign(api_key: str, livemode: bool | None,
+                                                              ours: bool) -> None:
+    """A test-mode event reaching a live deployment (a test endpoint's secret kept beside the
+    live one, a shared URL) opened a tracking case that held and booked a test dashboard's
+    refund in the live ledger. An event of the other mode than the API key's (`sk_live_`,
+    `rk_live_`: live; `_test_`: test) is `foreign_account`; a key naming no mode (an
+    emulator's) or an event without `livemode` is read as before."""
+    event = json.loads((PAYLOADS / "stripe_charge.refund.updated.json").read_bytes())
+    if livemode is None:
+        del event["livemode"]
+    else:
+        event["livemode"] = livemode
+    raw = json.dumps(event).encode()
+    headers = {"stripe-signature": stripe.WebhookSignature.generate_signature_header(raw.decode(),
+                                                                                     SECRETS[0])}
+    adapter = StripeProvider(api_key, webhook_secrets=SECRETS, api_base="http://127.0.0.1:9")
+    if ours:
+        assert isinstance(adapter.parse_webhook(headers, raw, time.time()), ProviderEvent)
+        return
+    with pytest.raises(WebhookRejected) as refused:
+        adapter.parse_webhook(headers, raw, time.time())
+    assert refused.value.verdict == "foreign_account" and "mode" in refused.value.message
+
+
 def test_unexpected_status_is_refused_loudly_not_defaulted() -> None:
     headers, raw = _signed_event("refund.updated", status="teleported")
     with pytest.raises(WebhookRejected) as refused:

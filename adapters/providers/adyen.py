@@ -32,6 +32,7 @@ import hmac
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -184,6 +185,17 @@ class AdyenHmacVerifier:
             raise WebhookRejected("bad_signature", "hmacSignature does not match this notification item")
 
 
+def api_environment(api_base: str | None) -> bool | None:
+    """Whether a Checkout API base is Adyen's live one (`…-checkout-live.adyenpayments.com`),
+    its test one (`checkout-test.adyen.com`), or None for another (an emulator's)."""
+    host = urlsplit(api_base).hostname if api_base else None
+    if host is None:
+        return None
+    if host.endswith("-checkout-live.adyenpayments.com"):
+        return True
+    return False if host == "checkout-test.adyen.com" else None
+
+
 def only_item(payload: Any) -> dict[str, Any]:
     """The notification's single item; a batch is refused whole (see the module notes). Read
     before its signature is checked (the HMAC is inside the item): `malformed`."""
@@ -287,6 +299,7 @@ class AdyenProvider:
         self._timeout = timeout_seconds
         self._submit_deadline = submit_deadline_seconds
         self._merchant_accounts = frozenset(merchant_accounts)
+        self._live = api_environment(api_base)
         self._connect_attempts = max(1, connect_attempts)
         self._connect_backoff = connect_backoff_seconds
         self._verifier = AdyenHmacVerifier(hmac_keys)
@@ -295,6 +308,16 @@ class AdyenProvider:
         self._http = (provider_client(base_url=api_base, timeout=timeout_seconds,
                                        headers={"X-API-Key": api_key})
                       if api_base and api_key else None)
+
+    def _other_environment(self, payload: Mapping[str, Any]) -> str | None:
+        """Why a notification is of the other environment than the API we call (a test
+        webhook's at a live deployment, or the reverse), or None. `live` is outside the
+        HMAC: this catches a misconfigured key, not a forger holding a test key."""
+        live = payload.get("live")
+        if self._live is None or live not in ("true", "false") or (live == "true") is self._live:
+            return None
+        return (f"a {'live' if live == 'true' else 'test'} environment's notification, and this "
+                f"deployment calls Adyen's {'live' if self._live else 'test'} Checkout API")
 
     def _time_for_another(self, started: float, backoff: float) -> bool:
         """Whether one more try, after `backoff`, ends within the submit attempt's time: a try
@@ -372,7 +395,8 @@ class AdyenProvider:
 
     def parse_webhook(self, headers: Mapping[str, str], body: bytes,
                       now: float) -> ProviderEvent | PayoutEvent | PaymentEvent:
-        item = only_item(load_json(body))
+        payload = load_json(body)
+        item = only_item(payload)
         self._verifier.verify_item(item)
         with normalising(None, None):
             event_type = str(item["eventCode"])
@@ -381,7 +405,7 @@ class AdyenProvider:
             raise WebhookRejected("sample", "a sample notification (Adyen's webhook test): acknowledged, "
                                   "acts on nothing", event_id=event_id, event_type=event_type)
         require_known(event_type, KNOWN_EVENT_TYPES, event_id)
-        if refusal := self._not_served(item.get("merchantAccountCode")):
+        if refusal := self._not_served(item.get("merchantAccountCode")) or self._other_environment(payload):
             raise WebhookRejected("foreign_account", refusal, event_id=event_id, event_type=event_type)
         digest = hashlib.sha256(body).hexdigest()
         with normalising(event_id, event_type):

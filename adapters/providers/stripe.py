@@ -103,6 +103,20 @@ def _stripe_dict(obj: Any) -> dict[str, Any]:
     return obj.to_dict() if hasattr(obj, "to_dict") else dict(obj)
 
 
+def key_mode(api_key: str) -> bool | None:
+    """Whether a Stripe API key is a live-mode one (`sk_live_`, `rk_live_`), a test-mode one
+    (`_test_`), or None when its prefix says neither (an emulator's key)."""
+    kind, _, rest = api_key.partition("_")
+    mode = rest.partition("_")[0]
+    if kind not in ("sk", "rk") or mode not in ("live", "test"):
+        return None
+    return mode == "live"
+
+
+def _mode(live: bool) -> str:
+    return "live" if live else "test"
+
+
 class StripeProvider:
     """Stripe's refund and charge API, and its webhooks."""
 
@@ -118,6 +132,7 @@ class StripeProvider:
                  name: str = "stripe") -> None:
         self.name = name
         self._configured_account = self._merchant_account = merchant_account
+        self._livemode = key_mode(api_key)
         self._http = stripe.HTTPXClient(timeout=timeout_seconds)
         # stripe builds its own httpx client: traced like every provider client (a span per
         # request, `traceparent` sent), through the one attribute that holds it
@@ -318,6 +333,12 @@ class StripeProvider:
                                   "this deployment serves (REFUNDS_STRIPE_MERCHANT_ACCOUNT; the "
                                   "platform's own events name none)", event_id=env.event_id,
                                   event_type=env.event_type)
+        livemode = env.payload.get("livemode")
+        if isinstance(livemode, bool) and self._livemode is not None and livemode is not self._livemode:
+            # a test endpoint's event at a live deployment (or the reverse): not these books
+            raise WebhookRejected("foreign_account", f"a {_mode(livemode)}-mode event, and this "
+                                  f"deployment's API key is a {_mode(self._livemode)}-mode key",
+                                  event_id=env.event_id, event_type=env.event_type)
         with normalising(env.event_id, env.event_type):
             if env.event_type in PAYOUT_EVENTS:
                 return payout_event(stripe_shaped_payout(self.name, env.obj, PAYOUT_STATUSES, UNITS), env)
