@@ -30,6 +30,7 @@ from adapters.providers.stripe import StripeProvider
 from domain import errors
 from domain.models import LedgerInput, LedgerKind, LedgerResult
 from domain.payouts import (
+    PayoutEvent,
     PayoutRegistration,
     PayoutSnapshot,
     PayoutStatus,
@@ -951,3 +952,30 @@ async def test_a_reissue_request_temporal_aborts_with_its_workflow_task_is_sent_
         trail = [e["action"] for e in await stack.store.audit.trail(case_id)]
     assert aborting.aborted >= 1 and row["status"] == taken
     assert trail.count("reissue_requested") == (1 if answer == 202 else 0), trail
+
+
+async def test_a_payout_the_provider_corrects_to_paid_while_approvers_decide_tells_ops(
+        payouts: Stack) -> None:
+    """The bank corrects a failed payout to paid while its reversal waits for approval: the
+    money left after all, and an approval would book it back. The case reads the report as
+    stale (nothing moves by it); ops hear at once, once, and the timeline shows it. Before,
+    only a report after the reversal was booked told anyone (reconciliation, later)."""
+    payout = await paid_payout(payouts, 70_000)
+    provider_id = payout.provider_payout_id
+    case_id = payout_case_id("sandbox", provider_id)
+    await move_payout(payouts, provider_id, "failed", failure_code="account_closed")
+    await wait_for_case(payouts, case_id, "awaiting_approval")
+    desk = WebhookDesk(payouts.store, payouts.client, payouts.providers, payouts.settings)
+    await desk.route(PayoutEvent(  # the payout's own paid, from before its failure, arriving late
+        provider="sandbox", event_id=f"evt_{uuid.uuid4().hex[:12]}", event_type="payout.paid",
+        body_sha256="0" * 64, occurred_at=datetime.now(UTC) - timedelta(days=2),
+        payout=ProviderPayout(provider="sandbox", payout_id=provider_id, amount=70_000, currency="USD",
+                              status=ProviderPayoutStatus.PAID, raw_status="paid")))
+    assert "payout_paid_after_failure" not in [e["action"] for e in await payouts.store.audit.trail(case_id)]
+    await move_payout(payouts, provider_id, "paid", copies=2)
+    trail = await wait_for_actions(payouts, case_id, "payout_paid_after_failure")
+    assert [(n["kind"], n["audience"]) for n in await payouts.store.outbox.notices(case_id)].count(
+        ("payout_paid_after_failure", "ops")) == 1
+    assert "approval_granted" not in [e["action"] for e in trail]
+    assert (await payouts.store.payouts.case(case_id))["status"] == "awaiting_approval"  # type: ignore[index]
+    assert await payouts.store.ledger.entries(case_id) == []

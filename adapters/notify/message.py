@@ -180,6 +180,12 @@ TEMPLATES: dict[str, Template] = {
         "after its failure (and a reissue may have paid the beneficiary again). Nothing moved by "
         "this report. Next steps: confirm with the provider or bank, then undo the reversal, or "
         "recover the second payment.", ticket="incident", payout=True),
+    "payout_paid_after_failure": Template(
+        "Payout {payout_id} was paid after its failure: its reversal waits for approval",
+        "The provider now reports payout {payout_id} of {amount} paid, after the failure that "
+        "opened this case. Nothing moved by this report; approving the reversal would book back "
+        "money that left. Next steps: confirm with the provider or bank, then deny the reversal "
+        "(or approve it if the correction is wrong).", ticket="incident", payout=True),
     "payout_reissued": Template(
         "Payout {payout_id} reissued as {reissue_id}",
         "Decision: reissue approved by {approved_by}. The beneficiary was paid {amount} again as "

@@ -124,6 +124,7 @@ class IngestResult:
 TEMPORAL_AWAY = frozenset({RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED})
 """Temporal not answering: a re-drive pass that meets it tried nothing (no receipt's fault)."""
 PAID_AFTER_REVERSAL = "payout_paid_after_reversal"
+PAID_AFTER_FAILURE = "payout_paid_after_failure"
 
 
 def failure_read_by_ops(trail: list[dict[str, Any]]) -> bool:
@@ -431,22 +432,26 @@ class WebhookDesk:
         """A payout reported paid, by an event that happened after our books reversed it: the
         money left after all (a bank's correction after the failure; after a reissue, paid
         twice). The case reads the report as stale and nothing moves by it, so ops are told
-        here, once per case (reconciliation raises it too, `payout_paid_shown_failed`, and a
-        correction made before the reversal was posted)."""
+        here, once per case (reconciliation raises it too, `payout_paid_shown_failed`). One
+        that happened after the case opened, its reversal not booked yet (approvers deciding),
+        tells ops too: an approval would book back money that left."""
         if event.payout.status is not ProviderPayoutStatus.PAID:
             return
         reversed_at = await self._store.ledger.first_posted(case_id, LedgerKind.PAYOUT_REVERSED)
+        case = None if reversed_at is not None else await self._store.payouts.case(case_id)
+        since = reversed_at or (case["created_at"] if case is not None else None)
         # a provider stamps its events to the second: one in the reversal's second is after it
-        if reversed_at is None or event.occurred_at < reversed_at.replace(microsecond=0):
+        if since is None or event.occurred_at < since.replace(microsecond=0):
             return  # the payout's own paid, arriving late or again: older than our reversal
+        kind = PAID_AFTER_REVERSAL if reversed_at is not None else PAID_AFTER_FAILURE
         detail = {"event_id": event.event_id, "payout_id": event.payout.payout_id,
                   "amount": event.payout.amount, "currency": event.payout.currency}
-        log.error("PAYOUT PAID AFTER ITS REVERSAL: %s %s (%s)", event.provider, event.payout.payout_id,
-                  case_id)
+        log.error("PAYOUT PAID AFTER ITS %s: %s %s (%s)", "REVERSAL" if reversed_at else "FAILURE",
+                  event.provider, event.payout.payout_id, case_id)
         if await self._store.outbox.queue(NoticeInput(
-                refund_request_id=case_id, kind=PAID_AFTER_REVERSAL, audience="ops",
-                dedup_key=f"{case_id}:{PAID_AFTER_REVERSAL}", detail=detail)):
-            await self._store.audit.record(case_id, actor_of(event), PAID_AFTER_REVERSAL, detail)
+                refund_request_id=case_id, kind=kind, audience="ops", dedup_key=f"{case_id}:{kind}",
+                detail=detail)):
+            await self._store.audit.record(case_id, actor_of(event), kind, detail)
 
     async def payout_registered(self, provider: str, provider_payout_id: str) -> None:
         """A payout booked after the relay received its events (an instant payout that failed
