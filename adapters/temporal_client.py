@@ -9,9 +9,11 @@ given to Settings explicitly wins; with no address anywhere, the embedded dev se
 """
 
 import asyncio
+import uuid
 from datetime import timedelta
 from typing import Any, TypeVar
 
+from temporalio.api.errordetails.v1 import WorkflowNotReadyFailure
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.envconfig import ClientConfigProfile
@@ -76,24 +78,34 @@ async def workflow_closed(client: Client, case_id: str) -> str | None:
     return described.status.name
 
 
-UPDATE_DROPPED_POLL_SECONDS = 0.2
-
+UPDATE_DROPPED_BACKOFF_SECONDS = (0.2, 2.0)
+"""The first wait before an update Temporal dropped is sent again, and the longest."""
 
 Owner = TypeVar("Owner")
 Arg = TypeVar("Arg")
 Result = TypeVar("Result")
 
 
+def dropped_with_its_task(exc: RPCError) -> bool:
+    """Whether Temporal refused an update as WorkflowNotReady (FAILED_PRECONDITION with that
+    detail): it failed the workflow task carrying it, and the update was never applied."""
+    return exc.status is RPCStatusCode.FAILED_PRECONDITION and any(
+        detail.Is(WorkflowNotReadyFailure.DESCRIPTOR) for detail in exc.grpc_status.details)
+
+
 async def update_until_taken(handle: WorkflowHandle[Owner, Any],
                              update: UpdateMethodMultiParam[[Owner, Arg], Result], arg: Arg) -> Result:
-    """`execute_update`, sent again while Temporal answers that it dropped the update with the
-    workflow task carrying it (FAILED_PRECONDITION, its WorkflowNotReady: no worker took it,
-    nothing was applied). Seen as a verdict raced the workflow task that decided its round.
-    The caller bounds the wait; the arguments must be safe to take twice (a verdict's id)."""
+    """`execute_update`, sent again (the same update id, backing off) while Temporal answers
+    that it dropped the update with the workflow task carrying it (`dropped_with_its_task`).
+    Seen as a verdict raced the workflow task that decided its round. A workflow whose tasks
+    keep failing answers so for as long as they do: the caller bounds the wait."""
+    update_id = uuid.uuid4().hex
+    wait, longest = UPDATE_DROPPED_BACKOFF_SECONDS
     while True:
         try:
-            return await handle.execute_update(update, arg)
+            return await handle.execute_update(update, arg, id=update_id)
         except RPCError as exc:
-            if exc.status is not RPCStatusCode.FAILED_PRECONDITION:
+            if not dropped_with_its_task(exc):
                 raise
-        await asyncio.sleep(UPDATE_DROPPED_POLL_SECONDS)
+        await asyncio.sleep(wait)
+        wait = min(wait * 2, longest)

@@ -20,7 +20,11 @@ from typing import Any
 import httpx
 import psutil
 import psycopg
+from google.protobuf.any_pb2 import Any as AnyProto
+from google.protobuf.message import Message
 from psycopg.conninfo import make_conninfo
+from temporalio.api.common.v1 import GrpcStatus
+from temporalio.api.errordetails.v1 import WorkflowNotReadyFailure
 from temporalio.client import (
     Client,
     Interceptor,
@@ -381,6 +385,17 @@ WORKFLOW_TASK_FAILED = ("Unable to perform workflow execution update due to unex
 update was dropped, never taken. Seen in CI as a deny raced the deciding approval."""
 
 
+def any_of(detail: Message) -> AnyProto:
+    packed = AnyProto()
+    packed.Pack(detail)
+    return packed
+
+
+NOT_READY = GrpcStatus(code=RPCStatusCode.FAILED_PRECONDITION, message=WORKFLOW_TASK_FAILED,
+                       details=[any_of(WorkflowNotReadyFailure())]).SerializeToString()
+"""That refusal's gRPC status as the server sends it: FAILED_PRECONDITION, WorkflowNotReady."""
+
+
 class UpdatesAborted(Interceptor):
     """A relay whose first `times` verdict updates to workflow `to` Temporal aborts as it
     fails their workflow task (the race of CI's 500), before any worker sees them."""
@@ -397,7 +412,7 @@ class UpdatesAborted(Interceptor):
             async def start_workflow_update(self, input: StartWorkflowUpdateInput) -> Any:
                 if input.id == outer.to and outer.aborted < outer.times:
                     outer.aborted += 1
-                    raise RPCError(WORKFLOW_TASK_FAILED, RPCStatusCode.FAILED_PRECONDITION, b"")
+                    raise RPCError(WORKFLOW_TASK_FAILED, RPCStatusCode.FAILED_PRECONDITION, NOT_READY)
                 return await super().start_workflow_update(input)
 
         return Aborting(next)

@@ -411,6 +411,7 @@ async def adyen_resolution_superseded(rig: Recording) -> str:
     assert rig.adyen is not None
     case_id, _ = await resolution_after_adyen_s_word(AdyenRig(rig.stack, rig.adyen, rig.proxy), 800,
                                                      refund_known=True)
+    await rig.stack.wait_for_audit(case_id, "provider_wait_resolution_superseded")
     return case_id
 
 

@@ -377,6 +377,8 @@ def parse(body: bytes) -> ProviderEvent | PayoutEvent | PaymentEvent:
     ("https://checkout-test.adyen.com", "false", True), ("https://checkout-test.adyen.com", "true", False),
     ("https://1797a841fbb37ca7-AdyenDemo-checkout-live.adyenpayments.com/checkout", "true", True),
     ("https://1797a841fbb37ca7-AdyenDemo-checkout-live.adyenpayments.com/checkout", "false", False),
+    ("https://1797a841fbb37ca7-AdyenDemo-checkout-live-us.adyenpayments.com/checkout", "false", False),
+    ("https://1797a841fbb37ca7-AdyenDemo-checkout-live-apse.adyenpayments.com/checkout", "true", True),
     ("http://127.0.0.1:9", "true", True), (None, "true", True)])
 def test_a_notification_of_the_other_environment_than_the_api_s_is_foreign(
         api_base: str | None, live: str, ours: bool) -> None:

@@ -558,12 +558,13 @@ async def test_a_resend_naming_a_refund_another_case_came_to_hold_is_refused(rig
     assert again.status_code == 409 and second in again.json()["detail"], again.text
 
 
-async def resolution_after_adyen_s_word(rig: AdyenRig, amount: int, *, refund_known: bool) -> tuple[str, str]:
-    """Ops resolve a waiting case "not refunded" while Adyen's REFUND:true is on its way: both
-    pass the relay while the wait is open, the case takes Adyen's word first (succeeded,
-    booked), then the resolution's signal lands and the case records it superseded: (the
-    case, Adyen's refund). `refund_known`: the create was answered (the case holds the
-    refund), else its answer was lost."""
+async def resolution_after_adyen_s_word(rig: AdyenRig, amount: int, *, refund_known: bool,
+                                        names: str | None = None) -> tuple[str, str]:
+    """Ops resolve a waiting case "not refunded" (or "refunded" naming `names`) while Adyen's
+    REFUND:true is on its way: both pass the relay while the wait is open, the case takes
+    Adyen's word first (succeeded, booked), then the resolution's signal lands: (the case,
+    Adyen's refund). `refund_known`: the create was answered (the case holds the refund),
+    else its answer was lost."""
     psp = rig.fake.payment(10_000, "EUR", MERCHANT)
     if not refund_known:
         rig.proxy.lose_next("POST", f"/v71/payments/{psp}/refunds")
@@ -573,7 +574,8 @@ async def resolution_after_adyen_s_word(rig: AdyenRig, amount: int, *, refund_kn
     waiting_row = await rig.stack.wait_for_status(case_id, "ops_review")
     [made] = rig.fake.refunds_of(psp)
     assert (waiting_row["provider_refund_id"] == made["pspReference"]) is refund_known
-    body = ProviderWaitBody(provider_shows="not_refunded", reason="Customer Area: nothing shown yet")
+    body = ProviderWaitBody(provider_shows="not_refunded" if names is None else "refunded",
+                            provider_refund_id=names, reason="Customer Area: as read then")
     olga = Principal("olga", frozenset({"ops"}))
     away = CaseActions(rig.stack.store, cast(Client, SignalsLost(rig.stack.client)), rig.stack.settings)
     with pytest.raises(RPCError):  # recorded while the wait is open; its signal still on its way
@@ -581,10 +583,9 @@ async def resolution_after_adyen_s_word(rig: AdyenRig, amount: int, *, refund_kn
     success = notification("REFUND", pspReference=made["pspReference"], originalReference=psp,
                            merchantReference=case_id, amount={"currency": "EUR", "value": amount})
     assert (await rig.post(success)).text == "[accepted]"
-    await rig.stack.wait_for_status(case_id, "succeeded")
+    await rig.stack.wait_for_status(case_id, "succeeded", "ops_review")
     actions = CaseActions(rig.stack.store, rig.stack.client, rig.stack.settings)
     await deliver_resolution(actions, waiting_row, body, "olga")  # the resolution's signal lands now
-    await rig.stack.wait_for_audit(case_id, "provider_wait_resolution_superseded")
     return case_id, str(made["pspReference"])
 
 
@@ -597,6 +598,7 @@ async def test_a_resolution_that_reaches_the_case_after_adyen_s_own_word_changes
     failed and reissuable while the money had moved), or, naming no refund, raised as a
     duplicate."""
     case_id, psp = await resolution_after_adyen_s_word(rig, 1_400, refund_known=refund_known)
+    await rig.stack.wait_for_audit(case_id, "provider_wait_resolution_superseded")
     row = await rig.stack.store.cases.get(case_id)
     assert row is not None
     assert (row["status"], row["provider_refund_id"], row["reserved_amount"]) == ("succeeded", psp, 1_400)
@@ -605,3 +607,14 @@ async def test_a_resolution_that_reaches_the_case_after_adyen_s_own_word_changes
         ("refund_settled", 1_400, 0), ("refund_settled", 0, 1_400)]
     trail = [e["action"] for e in await rig.stack.store.audit.trail(case_id)]
     assert not {"refund_failed_after_success", "duplicate_provider_refund"} & set(trail), trail
+    told = [(n["kind"], n["audience"]) for n in await rig.stack.store.outbox.notices(case_id)]
+    assert told.count(("provider_wait_resolution_superseded", "operator")) == 1, told
+
+
+async def test_a_late_resolution_naming_another_refund_is_still_a_second_refund(rig: AdyenRig) -> None:
+    """Ops named refund Y as the case's while Adyen reported X for it first: Y, named by ops
+    as a refund under the case, is a second refund carrying its reference (a duplicate for
+    ops), not a reading to set aside."""
+    case_id, _ = await resolution_after_adyen_s_word(rig, 1_500, refund_known=False, names=unique_psp())
+    trail = await rig.stack.wait_for_audit(case_id, "duplicate_provider_refund")
+    assert "provider_wait_resolution_superseded" not in trail

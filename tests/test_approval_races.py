@@ -17,6 +17,7 @@ from temporalio.worker import Worker
 
 from adapters.approval_seal import ApprovalKeys, ApprovalSealCheck, sealing_client
 from adapters.db import Store
+from adapters.temporal_client import dropped_with_its_task
 from domain.models import (
     ApprovalProgress,
     ApprovalSignal,
@@ -30,6 +31,8 @@ from starters.dev.stack import TemporalDevServer
 from tests.approval_host import ApprovalHostWorkflow
 from tests.harness import (
     APPROVAL_KEYS,
+    NOT_READY,
+    WORKFLOW_TASK_FAILED,
     Stack,
     UpdatesAborted,
     intercepted,
@@ -461,3 +464,12 @@ async def test_a_verdict_temporal_aborts_with_its_workflow_task_is_sent_again(
     assert aborting.aborted >= 1
     assert [e["actor"] for e in trail if e["action"] == "approval_granted"] == ["bob"]
     assert len(refunds) == 1
+
+
+def test_only_an_update_temporal_dropped_with_its_task_is_sent_again() -> None:
+    """FAILED_PRECONDITION also names refusals that sending again never mends (a namespace's
+    state, an unsupported client): only its WorkflowNotReady detail says the update was
+    dropped unapplied."""
+    assert dropped_with_its_task(RPCError(WORKFLOW_TASK_FAILED, RPCStatusCode.FAILED_PRECONDITION, NOT_READY))
+    assert not dropped_with_its_task(RPCError("not active", RPCStatusCode.FAILED_PRECONDITION, b""))
+    assert not dropped_with_its_task(RPCError(WORKFLOW_TASK_FAILED, RPCStatusCode.UNAVAILABLE, NOT_READY))

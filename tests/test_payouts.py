@@ -979,3 +979,51 @@ async def test_a_payout_the_provider_corrects_to_paid_while_approvers_decide_tel
     assert "approval_granted" not in [e["action"] for e in trail]
     assert (await payouts.store.payouts.case(case_id))["status"] == "awaiting_approval"  # type: ignore[index]
     assert await payouts.store.ledger.entries(case_id) == []
+
+
+async def test_a_reissue_ask_no_worker_takes_in_time_is_503_then_answered_as_taken(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """No worker answers the reissue ask within the answer time: 503, send it again (before,
+    the SDK's cancel escaped as a 500). Temporal holds the ask; once a worker takes it, the
+    same person sending it again hears the case's answer (202), not "already requested"."""
+    async with stack_with(store, client, temporal_server.address, approval_answer_seconds=2) as stack:
+        await add_payout_approvers(stack)
+        _, case_id = await remediated(stack, 200_000)
+        assert stack.worker is not None
+        await stack.worker.shutdown()
+        away = await ask_reissue(stack, "omar", case_id)
+        assert away.status_code == 503, away.text
+        await stack.start_worker()
+        await wait_for_actions(stack, case_id, "reissue_requested")
+        again = await ask_reissue(stack, "omar", case_id)
+        assert again.status_code == 202, again.text
+        assert again.json()["status"] == "awaiting_reissue_approval"
+        other = await ask_reissue(stack, "lena", case_id)
+        assert other.status_code in (403, 409), other.text
+        trail = [e["action"] for e in await stack.store.audit.trail(case_id)]
+    assert trail.count("reissue_requested") == 1
+
+
+async def test_a_correction_made_before_the_case_opened_but_after_the_failure_tells_ops(
+        payouts: Stack) -> None:
+    """The failure happened at the provider ten minutes before the case opened (a delivery
+    retried late) and the bank corrected it to paid five minutes before: after the failure,
+    so ops hear; the time compared is the failure's at the provider, not our case's opening."""
+    payout = await paid_payout(payouts, 70_000)
+    provider_id, now = payout.provider_payout_id, datetime.now(UTC)
+    case_id = payout_case_id("sandbox", provider_id)
+    desk = WebhookDesk(payouts.store, payouts.client, payouts.providers, payouts.settings)
+
+    def reported(status: ProviderPayoutStatus, minutes_ago: int) -> PayoutEvent:
+        return PayoutEvent(
+            provider="sandbox", event_id=f"evt_{uuid.uuid4().hex[:12]}", event_type=f"payout.{status.value}",
+            body_sha256="0" * 64, occurred_at=now - timedelta(minutes=minutes_ago),
+            payout=ProviderPayout(provider="sandbox", payout_id=provider_id, amount=70_000, currency="USD",
+                                  status=status, raw_status=status.value,
+                                  failure_code="account_closed" if status is ProviderPayoutStatus.FAILED
+                                  else None))
+
+    await desk.route(reported(ProviderPayoutStatus.FAILED, 10))
+    await wait_for_case(payouts, case_id, "awaiting_approval")
+    await desk.route(reported(ProviderPayoutStatus.PAID, 5))
+    await wait_for_actions(payouts, case_id, "payout_paid_after_failure")

@@ -23,6 +23,7 @@ with workflow.unsafe.imports_passed_through():
         STATUS_NOTICES,
         Observation,
         contradicts_booked,
+        no_refund_id,
         observe,
         refund_mismatch,
     )
@@ -363,16 +364,22 @@ class RefundProvider(RefundWrites):
     async def _superseded(self, event: ProviderEvent, reported: ProviderRefund) -> bool:
         """Whether `event` is an ops resolution of the notification wait that came after the
         provider's own word had ended it (the relay lets one through only while the wait is
-        open, so here it raced that word): ops' older reading of the dashboard, recorded and
-        not applied. One that agrees with what the case holds is read as any repeat."""
+        open, so here it raced that word) about the refund the case follows, or naming none:
+        ops' older reading of the dashboard, recorded and not applied, and ops told (they
+        were answered "resolved"). One that agrees with what the case holds is read as any
+        repeat; one naming another refund goes on to the duplicate check."""
         assert self._refund is not None
         agrees = (reported.refund_id, reported.status) == (self._refund.refund_id, self._refund.status)
         if (not event.event_type.startswith(f"{OPS_RESOLUTION}.") or agrees
+                or reported.refund_id not in (self._refund.refund_id, no_refund_id(self._request_id()))
                 or not workflow.patched(SUPERSEDED_RESOLUTION_PATCH)):
             return False
-        await self._record(SUPERSEDED_RESOLUTION, detail={
-            "event_id": event.event_id, "resolution": event.raw_status, "reason": reported.failure_reason,
-            "provider_refund_id": self._refund.refund_id, "provider_status": self._refund.status.value})
+        detail = {"event_id": event.event_id, "resolution": event.raw_status,
+                  "reason": reported.failure_reason, "provider_refund_id": self._refund.refund_id,
+                  "provider_status": self._refund.status.value}
+        notice = self._notice(SUPERSEDED_RESOLUTION, "operator", detail, occasion=event.event_id)
+        await self._record(SUPERSEDED_RESOLUTION, detail=detail, notices=(notice,))
+        self._deliver_later(notice.dedup_key)
         return True
 
     def _followed(self, verified: VerifyResult) -> ProviderRefund | None:

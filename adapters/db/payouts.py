@@ -232,6 +232,7 @@ class PayoutRepository(Repository):
                        "reported": format_minor(*reported)} if admission is Admission.MISMATCH else {}
             await AuditLog.append(conn, case_id, "workflow", ADMISSION_ACTIONS[admission], {
                 "event_id": event.event_id, "event_type": event.event_type,
+                "occurred_at": event.occurred_at.isoformat(),
                 "idempotency_key": event.idempotency_key(), "reported": event.payout.raw_status,
                 "failure_code": event.payout.failure_code, "payout_exists": True,
                 "internal_status": payout.status.value, "open_case": case_open, **amounts})
@@ -464,6 +465,14 @@ class PayoutRepository(Repository):
             "   AND a.action = %(action)s AND a.actor = %(user)s) ORDER BY c.case_id",
             {"case": case_id, "statuses": [s.value for s in statuses], "action": action, "user": user})
         return [r["case_id"] for r in rows]
+
+    async def opened_at_provider(self, case_id: str) -> datetime | None:
+        """When, by the provider's clock, the failure that opened the case happened (its
+        admission's `occurred_at`; None for a case opened before that was recorded)."""
+        row = await self._db.fetch_one(
+            "SELECT detail->>'occurred_at' AS at FROM audit_events WHERE chain = %s"
+            " AND action = %s ORDER BY seq LIMIT 1", (case_id, ADMISSION_ACTIONS[Admission.OPEN]))
+        return datetime.fromisoformat(row["at"]) if row is not None and row["at"] else None
 
     async def reissue_requester(self, case_id: str) -> str | None:
         """Who asked for the case's reissue (its latest `reissue_requested`), if anyone."""

@@ -94,6 +94,12 @@ TEMPLATES: dict[str, Template] = {
         "The provider now reports the refund as {reported}; it reported it succeeded before and "
         "the ledger booked it ({source}). Nothing is reversed on this word alone: the case is in "
         "ops review; check the refund in the provider's dashboard.", ticket="incident"),
+    "provider_wait_resolution_superseded": Template(
+        "Refund {case}: the provider's own word came before your resolution",
+        "The provider reported refund {provider_refund_id} as {provider_status} before your "
+        "resolution of the case's wait ({resolution}) reached the case, so the case follows the "
+        "provider and your resolution changed nothing. Check the refund in the provider's "
+        "dashboard; if it still shows otherwise, raise it with the provider.", ticket="incident"),
     "provider_refund_changed": Template(
         "Incident: the provider reports other money for refund {case}",
         "The provider now reports refund {provider_refund_id} for {reported}; it reported it for "
@@ -181,11 +187,12 @@ TEMPLATES: dict[str, Template] = {
         "this report. Next steps: confirm with the provider or bank, then undo the reversal, or "
         "recover the second payment.", ticket="incident", payout=True),
     "payout_paid_after_failure": Template(
-        "Payout {payout_id} was paid after its failure: its reversal waits for approval",
+        "Payout {payout_id} was paid after its failure: its reversal is not booked yet",
         "The provider now reports payout {payout_id} of {amount} paid, after the failure that "
-        "opened this case. Nothing moved by this report; approving the reversal would book back "
-        "money that left. Next steps: confirm with the provider or bank, then deny the reversal "
-        "(or approve it if the correction is wrong).", ticket="incident", payout=True),
+        "opened this case. Nothing moved by this report; the reversal, once approved and run, "
+        "would book back money that left. Next steps: confirm with the provider or bank, then "
+        "deny the reversal (or approve it if the correction is wrong).", ticket="incident",
+        payout=True),
     "payout_reissued": Template(
         "Payout {payout_id} reissued as {reissue_id}",
         "Decision: reissue approved by {approved_by}. The beneficiary was paid {amount} again as "

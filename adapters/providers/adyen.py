@@ -29,6 +29,7 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -185,13 +186,18 @@ class AdyenHmacVerifier:
             raise WebhookRejected("bad_signature", "hmacSignature does not match this notification item")
 
 
+LIVE_HOST = re.compile(r"-checkout-live(-[a-z]+)?\.adyenpayments\.com$")
+"""Adyen's live Checkout hosts: `<prefix>-checkout-live.adyenpayments.com`, and the regional
+ones (`-checkout-live-us`, `-au`, `-apse`, `-in`, `-nea`)."""
+
+
 def api_environment(api_base: str | None) -> bool | None:
-    """Whether a Checkout API base is Adyen's live one (`…-checkout-live.adyenpayments.com`),
-    its test one (`checkout-test.adyen.com`), or None for another (an emulator's)."""
+    """Whether a Checkout API base is one of Adyen's live hosts, its test one
+    (`checkout-test.adyen.com`), or None for another (an emulator's)."""
     host = urlsplit(api_base).hostname if api_base else None
     if host is None:
         return None
-    if host.endswith("-checkout-live.adyenpayments.com"):
+    if LIVE_HOST.search(host):
         return True
     return False if host == "checkout-test.adyen.com" else None
 

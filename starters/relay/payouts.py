@@ -8,12 +8,14 @@ from typing import Any, NoReturn
 
 from fastapi import APIRouter, HTTPException, Response
 from pydantic import BaseModel, ConfigDict, Field
-from temporalio.client import WorkflowUpdateFailedError
+from temporalio.client import WorkflowUpdateFailedError, WorkflowUpdateRPCTimeoutOrCancelledError
 from temporalio.service import RPCError, RPCStatusCode
 
+from adapters.db import Principal
 from adapters.providers.base import PayoutExecutor
 from adapters.telemetry import bind_case
 from adapters.temporal_client import update_until_taken
+from domain import errors
 from domain.payouts import PayoutCaseStatus, PayoutRegistration, ReissueAsk, payout_case_id
 from domain.permissions import Permission
 from starters.actions.approving import refusal
@@ -148,11 +150,14 @@ async def reissue_payout(case_id: str, body: ReasonBody, caller: Caller,
             async with asyncio.timeout(door.settings.approval_answer_seconds):
                 progress = await update_until_taken(door.client.get_workflow_handle(case_id),
                                                     PayoutReversalWorkflow.request_reissue, ask)
-        except TimeoutError:  # dropped every time, or no worker answers: nothing is asked yet
-            raise HTTPException(503, "the case has not taken the request; read the case, or send the "
-                                "same request again", headers={"Retry-After": "5"}) from None
+        except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):  # dropped, or no worker
+            return await _asked_already(door, case_id, caller)
         except WorkflowUpdateFailedError as exc:
-            reason, _ = refusal(exc)
+            reason, kind = refusal(exc)
+            payouts = door.store.payouts
+            if kind == errors.REISSUE_TAKEN and await payouts.reissue_requester(case_id) == caller.user:
+                # their own ask, sent again: its answer
+                return await _asked_already(door, case_id, caller)
         except RPCError as exc:
             if exc.status != RPCStatusCode.NOT_FOUND:
                 raise
@@ -162,6 +167,18 @@ async def reissue_payout(case_id: str, body: ReasonBody, caller: Caller,
                     "missing_roles": list(progress.missing_roles)}
     await door.store.audit.record(case_id, caller.user, "reissue_refused", {"refusal": reason})
     raise HTTPException(409, reason)
+
+
+async def _asked_already(door: Door, case_id: str, caller: Principal) -> dict[str, Any]:
+    """The answer to a reissue ask that got none in time, or was sent again: the case's own
+    when it took the caller's ask (its round on record), else a 503 to send it again (an ask
+    Temporal holds may still be taken; sent again, it is then answered this way)."""
+    if await door.store.payouts.reissue_requester(case_id) == caller.user:
+        view = await payout_case_view(door.store, case_id)
+        assert view is not None  # `_existing_case` found it
+        return {"case_id": case_id, "status": view["status"], "missing_roles": view["missing_roles"]}
+    raise HTTPException(503, "the case has not taken the request yet; read the case, or send the same "
+                        "request again", headers={"Retry-After": "5"})
 
 
 @router.post("/v1/payout-exceptions/{case_id}/beneficiary-hold/release")

@@ -42,7 +42,7 @@ from domain.models import (
     RefundRequest,
 )
 from domain.payments import PaymentEvent
-from domain.payouts import PayoutEvent, ProviderPayoutStatus, payout_case_id
+from domain.payouts import PayoutCaseStatus, PayoutEvent, ProviderPayoutStatus, payout_case_id
 from domain.reconciliation import SHOWN_PENDING
 from starters.actions.provider_wait import WAIT_CLOSED
 from starters.actions.starting import (
@@ -125,6 +125,9 @@ TEMPORAL_AWAY = frozenset({RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXC
 """Temporal not answering: a re-drive pass that meets it tried nothing (no receipt's fault)."""
 PAID_AFTER_REVERSAL = "payout_paid_after_reversal"
 PAID_AFTER_FAILURE = "payout_paid_after_failure"
+UNBOOKED = frozenset({PayoutCaseStatus.OPENING, PayoutCaseStatus.AWAITING_APPROVAL,
+                      PayoutCaseStatus.EXECUTING})
+"""A payout case's statuses before its reversal is booked, where it still may be."""
 
 
 def failure_read_by_ops(trail: list[dict[str, Any]]) -> bool:
@@ -438,8 +441,7 @@ class WebhookDesk:
         if event.payout.status is not ProviderPayoutStatus.PAID:
             return
         reversed_at = await self._store.ledger.first_posted(case_id, LedgerKind.PAYOUT_REVERSED)
-        case = None if reversed_at is not None else await self._store.payouts.case(case_id)
-        since = reversed_at or (case["created_at"] if case is not None else None)
+        since = reversed_at or await self._failed_while_unbooked(case_id)
         # a provider stamps its events to the second: one in the reversal's second is after it
         if since is None or event.occurred_at < since.replace(microsecond=0):
             return  # the payout's own paid, arriving late or again: older than our reversal
@@ -452,6 +454,16 @@ class WebhookDesk:
                 refund_request_id=case_id, kind=kind, audience="ops", dedup_key=f"{case_id}:{kind}",
                 detail=detail)):
             await self._store.audit.record(case_id, actor_of(event), kind, detail)
+
+    async def _failed_while_unbooked(self, case_id: str) -> datetime | None:
+        """When the failure that opened the case happened (the provider's clock; else when we
+        opened it), while its reversal is not booked yet and may still be (approvers
+        deciding, the runbook running); None otherwise (no case yet, or it ended)."""
+        payouts = self._store.payouts
+        case = await payouts.case(case_id)
+        if case is None or case["status"] not in UNBOOKED:
+            return None
+        return await payouts.opened_at_provider(case_id) or case["created_at"]
 
     async def payout_registered(self, provider: str, provider_payout_id: str) -> None:
         """A payout booked after the relay received its events (an instant payout that failed
