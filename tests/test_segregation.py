@@ -142,8 +142,22 @@ async def test_whoever_declared_a_refund_unpaid_does_not_ask_for_it_to_be_paid_a
     assert await stack.store.cases.children(child_id) == []
     trail = [(e["actor"], e["action"]) for e in await stack.store.audit.trail(child_id)]
     assert (vic, "access_refused") in trail
-    status, again = await reissue(stack, "olga", child_id, method="provider")
+    status, again = await reissue(stack, "olga", child_id, method="bank_transfer")
     assert status == 202, again
+    grandchild = str(again["refund_request_id"])
+    await stack.wait_for_status(grandchild, "awaiting_approval")
+    async with stack.api("carol") as api:
+        assert (await api.post(f"/v1/refund-requests/{grandchild}/approvals",
+                               json={"decision": "approve"})).status_code == 202
+    await stack.wait_for_status(grandchild, "pending")
+    async with stack.api(await person(stack, "ops")) as api:  # another ops person: unpaid again
+        assert (await api.post(f"/v1/manual-refunds/{grandchild}/confirmation",
+                               json={"paid": False, "reason": "bounced again"})).status_code == 200
+    await stack.wait_for_status(grandchild, "refund_failed")
+    # vic's word is on this refund's money too, one reissue up: he does not ask again either
+    status, refused = await reissue(stack, vic, grandchild, method="provider")
+    assert status == 403, refused
+    assert await stack.store.cases.children(grandchild) == []
 
 
 async def test_a_refund_split_into_parts_needs_the_approvals_of_the_whole(stack: Stack) -> None:

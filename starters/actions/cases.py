@@ -236,11 +236,12 @@ class CaseActions:
                               "be reissued", via=via)
         children = await self.store.cases.children(case_id)
         witnesses = await self.store.audit.actors_of(case_id, SAID_WHAT_THE_MONEY_DID)
-        if caller.user in witnesses:  # a small reissue is auto-approved: nobody else would act
+        if caller.user in witnesses or caller.user in await self._witnesses_above(parent):
+            # a small reissue is auto-approved: nobody else would act
             await self.refuse(caller, case_id, 403, action,
                               f"{caller.user} said what this refund's money did (its transfer or its "
-                              "provider wait): another person asks for it to be paid again",
-                              via=via, audit_action="access_refused")
+                              "provider wait, or those of a refund it reissues): another person asks "
+                              "for it to be paid again", via=via, audit_action="access_refused")
         try:
             request = reissue_request(parent, body, attempt=len(children) + 1, witnesses=witnesses)
         except ValidationError as exc:
@@ -268,6 +269,16 @@ class CaseActions:
                                        "method": body.method.value, "via": via})
         await start_refund(self.client, self.settings, request, row["requester"], row["status"])
         return True, await self.view(request.refund_request_id)
+
+    async def _witnesses_above(self, case: CaseRow) -> set[str]:
+        """Who said what the money of the refunds `case` reissues did (its parent, and theirs):
+        the same request's money, whichever reissue of it is asked again."""
+        found: set[str] = set()
+        parent_id = case["parent_refund_request_id"]
+        while parent_id is not None and (parent := await self.store.cases.get(parent_id)) is not None:
+            found |= set(await self.store.audit.actors_of(parent_id, SAID_WHAT_THE_MONEY_DID))
+            parent_id = parent["parent_refund_request_id"]
+        return found
 
     async def _confirmed_again(self, caller: Principal, case_id: str, body: ManualConfirmationBody,
                                action: str, *, via: str) -> ManualRefundRow:
