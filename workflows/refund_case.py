@@ -167,10 +167,11 @@ TAKEN_NOTIFICATION_PATCH = "cancel-keeps-taken-notification-1"
 # when such a cancel comes.
 INTERRUPTED_STEP_PATCH = "cancel-rewrites-interrupted-step-1"
 # An ops resolution of a notification wait that reaches the case after the provider's own
-# word ended the wait (both passed the relay while the wait was open) changes nothing: it is
-# recorded as superseded. Before, "not refunded" after Adyen's success was applied as the
-# refund's late failure (a reversal, the hold released, the case reissuable while the money
-# had moved), or, naming no refund, raised as a duplicate. Asked only when such an event comes.
+# word ended the wait (both passed the relay while the wait was open), about the refund the
+# case follows or naming none, changes nothing: recorded as superseded, ops told. Before,
+# "not refunded" after Adyen's success was applied as the refund's late failure (a reversal,
+# the hold released, the case reissuable while the money had moved), or, naming no refund,
+# raised as a duplicate. Asked only when such an event comes.
 SUPERSEDED_RESOLUTION_PATCH = "ops-resolution-superseded-1"
 SUPERSEDED_RESOLUTION = "provider_wait_resolution_superseded"
 # The case's action, the ops notice and the metric's reason when a provider refuses our key.
