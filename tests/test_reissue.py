@@ -139,14 +139,20 @@ async def test_a_bank_transfer_confirmation_moves_the_case_at_once(
 async def _transfer_awaiting_confirmation(patient: Stack) -> str:
     """A failed refund reissued as a bank transfer and approved: the reissue's id."""
     case_id, _ = await failed_case(patient)
-    status, child = await reissue(patient, "olga", case_id, method="bank_transfer")
-    assert status == 202
+    return await reissued_as_transfer(patient, case_id, "bob")
+
+
+async def reissued_as_transfer(stack: Stack, case_id: str, approver: str) -> str:
+    """The failed refund `case_id` reissued by olga as a bank transfer that `approver`
+    approved: the reissue's id, waiting for ops to confirm the payment."""
+    status, child = await reissue(stack, "olga", case_id, method="bank_transfer")
+    assert status == 202, child
     child_id = str(child["refund_request_id"])
-    await patient.wait_for_status(child_id, "awaiting_approval")
-    async with patient.api("bob") as api:
+    await stack.wait_for_status(child_id, "awaiting_approval")
+    async with stack.api(approver) as api:
         assert (await api.post(f"/v1/refund-requests/{child_id}/approvals",
                                json={"decision": "approve"})).status_code == 202
-    await patient.wait_for_status(child_id, "pending")
+    await stack.wait_for_status(child_id, "pending")
     return child_id
 
 

@@ -6,7 +6,7 @@ import uuid
 
 from tests.harness import Stack
 from tests.test_console import console, refusals
-from tests.test_reissue import failed_case, reissue
+from tests.test_reissue import failed_case, reissue, reissued_as_transfer
 
 
 async def person(stack: Stack, *roles: str) -> str:
@@ -19,16 +19,16 @@ async def approved_bank_transfer(stack: Stack, original_requester: str, approver
     """A failed refund of `original_requester`, reissued by olga as a bank transfer that
     `approver` approved: it waits for ops to confirm the payment."""
     case_id, _ = await failed_case(stack, requester=original_requester)
-    status, child = await reissue(stack, "olga", case_id, method="bank_transfer")
-    assert status == 202, child
-    child_id = str(child["refund_request_id"])
-    await stack.wait_for_status(child_id, "awaiting_approval")
-    async with stack.api(approver) as api:
-        approved = await api.post(f"/v1/refund-requests/{child_id}/approvals",
-                                  json={"decision": "approve"})
-        assert approved.status_code == 202, approved.text
-    await stack.wait_for_status(child_id, "pending")
-    return child_id
+    return await reissued_as_transfer(stack, case_id, approver)
+
+
+async def declared_unpaid(stack: Stack, user: str, case_id: str) -> None:
+    """`user` confirms the case's bank transfer was not paid; the case fails."""
+    async with stack.api(user) as api:
+        unpaid = await api.post(f"/v1/manual-refunds/{case_id}/confirmation",
+                                json={"paid": False, "reason": "the transfer bounced"})
+    assert unpaid.status_code == 200, unpaid.text
+    await stack.wait_for_status(case_id, "refund_failed")
 
 
 async def test_nobody_behind_a_refund_confirms_its_bank_transfer(stack: Stack) -> None:
@@ -107,11 +107,7 @@ async def test_whoever_declared_a_refund_unpaid_does_not_approve_its_reissue(sta
     as for its requester; another approver does."""
     vic = await person(stack, "approver", "ops")
     child_id = await approved_bank_transfer(stack, await person(stack, "requester"), "bob")
-    async with stack.api(vic) as api:
-        unpaid = await api.post(f"/v1/manual-refunds/{child_id}/confirmation",
-                                json={"paid": False, "reason": "the transfer bounced"})
-    assert unpaid.status_code == 200, unpaid.text
-    await stack.wait_for_status(child_id, "refund_failed")
+    await declared_unpaid(stack, vic, child_id)
     status, again = await reissue(stack, "olga", child_id, method="bank_transfer")
     assert status == 202, again
     again_id = str(again["refund_request_id"])
@@ -132,28 +128,14 @@ async def test_whoever_declared_a_refund_unpaid_does_not_ask_for_it_to_be_paid_a
     same). Refused 403, audited; another ops person asks for it."""
     vic = await person(stack, "approver", "ops")
     child_id = await approved_bank_transfer(stack, await person(stack, "requester"), "bob")
-    async with stack.api(vic) as api:
-        unpaid = await api.post(f"/v1/manual-refunds/{child_id}/confirmation",
-                                json={"paid": False, "reason": "the transfer bounced"})
-    assert unpaid.status_code == 200, unpaid.text
-    await stack.wait_for_status(child_id, "refund_failed")
+    await declared_unpaid(stack, vic, child_id)
     status, refused = await reissue(stack, vic, child_id, method="provider")
     assert status == 403, refused
     assert await stack.store.cases.children(child_id) == []
     trail = [(e["actor"], e["action"]) for e in await stack.store.audit.trail(child_id)]
     assert (vic, "access_refused") in trail
-    status, again = await reissue(stack, "olga", child_id, method="bank_transfer")
-    assert status == 202, again
-    grandchild = str(again["refund_request_id"])
-    await stack.wait_for_status(grandchild, "awaiting_approval")
-    async with stack.api("carol") as api:
-        assert (await api.post(f"/v1/refund-requests/{grandchild}/approvals",
-                               json={"decision": "approve"})).status_code == 202
-    await stack.wait_for_status(grandchild, "pending")
-    async with stack.api(await person(stack, "ops")) as api:  # another ops person: unpaid again
-        assert (await api.post(f"/v1/manual-refunds/{grandchild}/confirmation",
-                               json={"paid": False, "reason": "bounced again"})).status_code == 200
-    await stack.wait_for_status(grandchild, "refund_failed")
+    grandchild = await reissued_as_transfer(stack, child_id, "carol")
+    await declared_unpaid(stack, await person(stack, "ops"), grandchild)  # another ops person
     # vic's word is on this refund's money too, one reissue up: he does not ask again either
     status, refused = await reissue(stack, vic, grandchild, method="provider")
     assert status == 403, refused

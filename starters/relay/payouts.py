@@ -151,13 +151,15 @@ async def reissue_payout(case_id: str, body: ReasonBody, caller: Caller,
                 progress = await update_until_taken(door.client.get_workflow_handle(case_id),
                                                     PayoutReversalWorkflow.request_reissue, ask)
         except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):  # dropped, or no worker
-            return await _asked_already(door, case_id, caller)
+            if (taken := await _taken_ask(door, case_id, caller)) is not None:
+                return taken
+            raise HTTPException(503, "the case has not taken the request yet; read the case, or send the "
+                                "same request again", headers={"Retry-After": "5"}) from None
         except WorkflowUpdateFailedError as exc:
             reason, kind = refusal(exc)
-            payouts = door.store.payouts
-            if kind == errors.REISSUE_TAKEN and await payouts.reissue_requester(case_id) == caller.user:
-                # their own ask, sent again: its answer
-                return await _asked_already(door, case_id, caller)
+            taken = await _taken_ask(door, case_id, caller) if kind == errors.REISSUE_TAKEN else None
+            if taken is not None:  # their own ask, sent again: its answer
+                return taken
         except RPCError as exc:
             if exc.status != RPCStatusCode.NOT_FOUND:
                 raise
@@ -169,16 +171,15 @@ async def reissue_payout(case_id: str, body: ReasonBody, caller: Caller,
     raise HTTPException(409, reason)
 
 
-async def _asked_already(door: Door, case_id: str, caller: Principal) -> dict[str, Any]:
-    """The answer to a reissue ask that got none in time, or was sent again: the case's own
-    when it took the caller's ask (its round on record), else a 503 to send it again (an ask
-    Temporal holds may still be taken; sent again, it is then answered this way)."""
-    if await door.store.payouts.reissue_requester(case_id) == caller.user:
-        view = await payout_case_view(door.store, case_id)
-        assert view is not None  # `_existing_case` found it
-        return {"case_id": case_id, "status": view["status"], "missing_roles": view["missing_roles"]}
-    raise HTTPException(503, "the case has not taken the request yet; read the case, or send the same "
-                        "request again", headers={"Retry-After": "5"})
+async def _taken_ask(door: Door, case_id: str, caller: Principal) -> dict[str, Any] | None:
+    """The answer to a reissue ask that got none in time, or was sent again, when the case
+    took the caller's ask (its round on record): the case's own; None when it took none of
+    theirs (an ask Temporal holds may still be taken: sent again, it is answered this way)."""
+    if await door.store.payouts.reissue_requester(case_id) != caller.user:
+        return None
+    view = await payout_case_view(door.store, case_id)
+    assert view is not None  # `_existing_case` found it
+    return {"case_id": case_id, "status": view["status"], "missing_roles": view["missing_roles"]}
 
 
 @router.post("/v1/payout-exceptions/{case_id}/beneficiary-hold/release")
