@@ -19,11 +19,13 @@ from adapters.db import Store
 from adapters.db.payouts import HoldReleased
 from adapters.providers.base import (
     PayoutExecutor,
+    PayoutLister,
     ProviderAdapter,
     ProviderConfigurationRefused,
     ProviderDeclined,
     ProviderError,
     ProviderOutcomeUnknown,
+    UnexpectedProviderStatus,
 )
 from domain import contracts, errors
 from domain.models import LedgerResult
@@ -35,6 +37,7 @@ from domain.payouts import (
     HoldResult,
     LinkedTicket,
     LinkTicketInput,
+    PayoutAtProvider,
     PayoutCaseEventInput,
     PayoutDecision,
     PayoutOrder,
@@ -107,6 +110,27 @@ class PayoutActivities:
         """Moves the case's status and appends the audit row in one transaction, once per
         step: a stalled attempt waking after its retry writes nothing."""
         await self._book.record_event(inp, current_step_key(inp))
+
+    @activity.defn(name=contracts.READ_PAYOUT_AT_PROVIDER.name)
+    async def read_payout_at_provider(self, inp: ReversalInput) -> PayoutAtProvider:
+        """Before runbook step A: the payout as its provider shows it now. The bank may have
+        corrected the failure since the case opened (its webhook late or lost), and a payout
+        that left must not be held and booked back. A failed read is retried; one the
+        provider cannot answer (no payout lookup, none held, our key refused) is `unread`.
+        Idempotent: a read."""
+        payout = inp.payout
+        provider = self._providers.get(payout.provider)
+        if not isinstance(provider, PayoutExecutor | PayoutLister):
+            return PayoutAtProvider(unread=f"{payout.provider} has no payout lookup")
+        try:
+            shown = await provider.get_payout(payout.provider_payout_id)
+        except (ProviderConfigurationRefused, ProviderDeclined, UnexpectedProviderStatus) as exc:
+            return PayoutAtProvider(unread=f"unreadable ({type(exc).__name__}: {exc})"[:300])
+        except ProviderError as exc:
+            raise ApplicationError(f"payout lookup failed: {exc}", type=errors.OUTCOME_UNKNOWN) from exc
+        if shown is None:
+            return PayoutAtProvider(unread=f"{payout.provider} holds no payout {payout.provider_payout_id}")
+        return PayoutAtProvider(status=shown.status)
 
     @activity.defn(name=contracts.HOLD_PAYOUT.name)
     async def hold_payout(self, inp: HoldInput) -> HoldResult:
@@ -262,7 +286,6 @@ class PayoutActivities:
     def all(self) -> list[Callable[..., Any]]:
         """Every activity, for worker registration."""
         return [self.admit_payout_event, self.triage_payout_exception, self.decide_payout_reversal,
-                self.record_payout_case_event, self.hold_payout, self.post_payout_reversal,
-                self.release_payout_hold, self.give_up_payout_reversal, self.open_payout_ticket,
-                self.link_payout_ticket,
-                self.reissue_payout]
+                self.record_payout_case_event, self.read_payout_at_provider, self.hold_payout,
+                self.post_payout_reversal, self.release_payout_hold, self.give_up_payout_reversal,
+                self.open_payout_ticket, self.link_payout_ticket, self.reissue_payout]

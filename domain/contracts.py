@@ -40,6 +40,7 @@ from domain.payouts import (
     HoldResult,
     LinkedTicket,
     LinkTicketInput,
+    PayoutAtProvider,
     PayoutCaseEventInput,
     PayoutDecision,
     PayoutPolicyInput,
@@ -117,6 +118,7 @@ ADMIT_PAYOUT_EVENT = Activity("admit_payout_event", AdmitInput, AdmitResult)
 TRIAGE_PAYOUT_EXCEPTION = Activity("triage_payout_exception", TriageInput, TriageReceipt)
 DECIDE_PAYOUT_REVERSAL = Activity("decide_payout_reversal", PayoutPolicyInput, PayoutDecision)
 RECORD_PAYOUT_CASE_EVENT = Activity("record_payout_case_event", PayoutCaseEventInput, type(None))
+READ_PAYOUT_AT_PROVIDER = Activity("read_payout_at_provider", ReversalInput, PayoutAtProvider)
 HOLD_PAYOUT = Activity("hold_payout", HoldInput, HoldResult)
 POST_PAYOUT_REVERSAL = Activity("post_payout_reversal", ReversalInput, LedgerResult)
 RELEASE_PAYOUT_HOLD = Activity("release_payout_hold", ReversalInput, ReleaseResult)

@@ -314,6 +314,14 @@ class ReversalInput(Frozen):
     payout: PayoutSnapshot
 
 
+class PayoutAtProvider(Frozen):
+    """A payout as its provider shows it now, read before the runbook holds it: `status`
+    None when it could not be read (`unread` says why)."""
+
+    status: ProviderPayoutStatus | None = None
+    unread: str | None = None
+
+
 class ReleaseResult(Frozen):
     """`rolled_back` False with `posted` True: the reversal landed after all (the hold stays)."""
 

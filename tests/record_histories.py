@@ -889,6 +889,16 @@ async def payout_denied(rig: Recording) -> str:
     return case_id
 
 
+async def payout_paid_at_provider(rig: Recording) -> str:
+    """The bank corrects the failed payout to paid before its reversal is approved: the
+    approved runbook reads it at the provider and goes to ops review, nothing held or booked
+    back (`payout-read-before-reversal-1`)."""
+    case_id = await failed_payout_case(rig)
+    await move_payout(rig.stack, case_id.removeprefix("sandbox-payout-"), "paid")
+    (await decide(rig.stack, "lena", case_id)).raise_for_status()
+    return case_id
+
+
 async def backfilled_cancellation(rig: Recording) -> tuple[str, str]:
     """A refund shown refunded that the provider canceled, its case long closed, and a
     backfill that finds it: (the backfill's run id, the refund's id)."""
@@ -1045,6 +1055,7 @@ SCENARIOS: dict[str, Scenario] = {
     "payout_reversal_landed_late": Scenario(payout_reversal_landed_late, {
         "ledger_pending_after_seconds": 2, "payout_reissue_window_seconds": 1}),
     "payout_denied": Scenario(payout_denied),
+    "payout_paid_at_provider": Scenario(payout_paid_at_provider),
     "payout_events_while_approving": Scenario(payout_events_while_approving),
     "payout_events_at_bound_while_approving": Scenario(payout_events_at_bound_while_approving,
                                                        {"continue_as_new_after_events": 20}),

@@ -378,8 +378,8 @@ async def test_events_that_land_while_approvers_decide_join_the_case_before_any_
     case_id = payout_case_id("sandbox", provider_id)
     await move_payout(payouts, provider_id, "failed", failure_code="insufficient_funds")
     await wait_for_case(payouts, case_id, "awaiting_approval")
-    await move_payout(payouts, provider_id, "reversed", failure_code="account_closed")
     await move_payout(payouts, provider_id, "paid")
+    await move_payout(payouts, provider_id, "reversed", failure_code="account_closed")  # failed still
     trail = await wait_for_actions(payouts, case_id, "payout_status_stale_ignored")
     trail = await wait_for_actions(payouts, case_id, "payout_event_joined")
     actions = [e["action"] for e in trail]
@@ -1027,3 +1027,66 @@ async def test_a_correction_made_before_the_case_opened_but_after_the_failure_te
     await wait_for_case(payouts, case_id, "awaiting_approval")
     await desk.route(reported(ProviderPayoutStatus.PAID, 5))
     await wait_for_actions(payouts, case_id, "payout_paid_after_failure")
+
+
+@pytest.mark.parametrize("heard", [True, False], ids=["correction_heard", "correction_lost"])
+async def test_an_approved_reversal_of_a_payout_the_provider_now_shows_paid_books_nothing(
+        payouts: Stack, heard: bool) -> None:
+    """The bank corrected the failed payout to paid before approvers approved its reversal:
+    the money left after all. The runbook reads the payout at the provider before step A and
+    goes to ops review: no hold, no compensating entry, ops and finance told. So whether or
+    not the correction's webhook ever reached us (a lost one is the provider's word all the
+    same). Before, the approval held the payout and booked `payout_reversed` for money gone."""
+    payout = await paid_payout(payouts, 70_000)
+    provider_id = payout.provider_payout_id
+    case_id = payout_case_id("sandbox", provider_id)
+    await move_payout(payouts, provider_id, "failed", failure_code="account_closed")
+    await wait_for_case(payouts, case_id, "awaiting_approval")
+    async with payouts.sandbox() as sb:
+        await sb.post("/_sandbox/config", json={"hold_webhooks": not heard})
+        await move_payout(payouts, provider_id, "paid")
+        if not heard:
+            assert (await sb.post("/_sandbox/discard-held")).json() == {"discarded": 1}
+            await sb.post("/_sandbox/config", json={"hold_webhooks": False})
+    if heard:
+        await wait_for_actions(payouts, case_id, "payout_paid_after_failure")
+    assert (await decide(payouts, "lena", case_id)).status_code == 202
+    row = await wait_for_case(payouts, case_id, "ops_review", "remediated")
+    trail = await payouts.store.audit.trail(case_id)
+    actions = [e["action"] for e in trail]
+    assert row["status"] == "ops_review", actions
+    assert await payouts.store.ledger.entries(case_id) == []
+    assert "payout_held" not in actions and "runbook_started" not in actions
+    [seen] = [e["detail"] for e in trail if e["action"] == "payout_paid_at_provider"]
+    assert seen["provider_status"] == "paid" and seen["approved_by"] == "lena"
+    assert (await payouts.store.payouts.payout(payout.id)).status is not PayoutStatus.ON_HOLD  # type: ignore[union-attr]
+    told = [(n["kind"], n["audience"]) for n in await payouts.store.outbox.notices(case_id)]
+    assert {("payout_paid_at_provider", "payments_ops"), ("payout_paid_at_provider", "finance")} <= set(told)
+    assert "payout_exception_remediated" not in [kind for kind, _ in told]
+
+
+async def test_a_reversal_whose_payout_the_provider_does_not_show_is_booked_and_says_so(
+        payouts: Stack) -> None:
+    """The provider answers that it holds no such payout: its signed failure stands, so the
+    approved reversal is booked as before, and the timeline says the provider's status was
+    not confirmed (ops can see the runbook acted on the webhook alone)."""
+    provider_id = f"po_{uuid.uuid4().hex[:12]}"  # booked by us, unknown to the sandbox's API
+    payout = PayoutSnapshot(id=f"P-{uuid.uuid4().hex[:10]}", provider="sandbox",
+                            provider_payout_id=provider_id, beneficiary_id=f"ben-{uuid.uuid4().hex[:8]}",
+                            amount=40_000, currency="USD", status=PayoutStatus.PAID)
+    assert await payouts.store.payouts.record_payout(payout)
+    case_id = payout_case_id("sandbox", provider_id)
+    desk = WebhookDesk(payouts.store, payouts.client, payouts.providers, payouts.settings)
+    await desk.route(PayoutEvent(
+        provider="sandbox", event_id=f"evt_{uuid.uuid4().hex[:12]}", event_type="payout.failed",
+        body_sha256="0" * 64, occurred_at=datetime.now(UTC),
+        payout=ProviderPayout(provider="sandbox", payout_id=provider_id, amount=40_000, currency="USD",
+                              status=ProviderPayoutStatus.FAILED, raw_status="failed",
+                              failure_code="account_closed")))
+    await wait_for_case(payouts, case_id, "awaiting_approval")
+    assert (await decide(payouts, "lena", case_id)).status_code == 202
+    await wait_for_case(payouts, case_id, "remediated")
+    trail = await payouts.store.audit.trail(case_id)
+    [unconfirmed] = [e["detail"] for e in trail if e["action"] == "payout_status_unconfirmed"]
+    assert provider_id in unconfirmed["reason"]
+    assert len(await payouts.store.ledger.entries(case_id)) == 2

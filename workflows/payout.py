@@ -21,6 +21,7 @@ with workflow.unsafe.imports_passed_through():
     from domain.models import ApprovalProgress
     from domain.payouts import (
         APPROVAL_STATUSES,
+        EXCEPTION_STATUSES,
         Admission,
         AdmitInput,
         AdmitResult,
@@ -28,6 +29,7 @@ with workflow.unsafe.imports_passed_through():
         HoldResult,
         LinkedTicket,
         LinkTicketInput,
+        PayoutAtProvider,
         PayoutCaseInput,
         PayoutCaseState,
         PayoutCaseStatus,
@@ -50,6 +52,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.payout_case import (
         DENIED_ROUND_EVENTS_PATCH,
         GIVE_UP_PATCH,
+        PAID_AT_PROVIDER_PATCH,
         REVERSAL_STEPS,
         SEALED_REISSUE_PATCH,
         TICKETS_PATCH,
@@ -175,6 +178,8 @@ class PayoutReversalWorkflow(PayoutReissue):
                 await self._take_events("closing")
             return await self._finish()
         await self._take_events()
+        if workflow.patched(PAID_AT_PROVIDER_PATCH) and await self._paid_at_provider():
+            return await self._finish()
         if await self._remediate(decision):
             await self._offer_reissue(decision)
         return await self._finish()
@@ -240,6 +245,34 @@ class PayoutReversalWorkflow(PayoutReissue):
         await self._notify(kind, audience, detail)
 
     # -- the runbook -------------------------------------------------------------------
+
+    async def _paid_at_provider(self) -> bool:
+        """Before step A: whether the provider now shows the payout anything but failed (the
+        bank corrected it, its webhook late, lost, or heard while approvers decided). Then
+        nothing is held or booked back: the case goes to ops review, ops and finance told, a
+        high-priority ticket. Unread (no lookup, none held, an outage past its retries), the
+        signed failure stands and the timeline says the status was not confirmed."""
+        assert self._inp is not None and self._payout is not None
+        payout = self._payout
+        try:
+            shown: PayoutAtProvider = await contracts.READ_PAYOUT_AT_PROVIDER(
+                ReversalInput(case_id=self._inp.case_id, payout=payout),
+                **retry.provider_read(self._inp.timings.provider_read_attempts))
+        except ActivityError as err:
+            shown = PayoutAtProvider(unread=f"lookup failed: {err.cause}")
+        if shown.status is None:
+            await self._record("payout_status_unconfirmed", detail={"reason": shown.unread})
+            return False
+        if shown.status in EXCEPTION_STATUSES:
+            return False
+        detail = {"provider_status": shown.status.value, "approved_by": self._approvers()}
+        for audience in ("payments_ops", "finance"):
+            await self._notify("payout_paid_at_provider", audience, detail)
+        await self._ticket("paid_at_provider", "high", {
+            "summary": f"payout {payout.id}, approved for reversal, is {shown.status.value} at "
+                       f"{payout.provider}: nothing held or booked back"})
+        await self._record("payout_paid_at_provider", PayoutCaseStatus.OPS_REVIEW, detail=detail)
+        return True
 
     async def _remediate(self, decision: PayoutDecision) -> bool:
         """The fixed runbook, each step once: A hold, B compensating entry, C ticket, D

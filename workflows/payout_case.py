@@ -76,6 +76,11 @@ HELD_REISSUE_PATCH = "payout-reissue-waits-for-holds-1"
 # `ledger_failed` unasked: an entry committed as the deadline passed stood in the ledger while
 # finance were told to post it by hand. Asked when that branch is taken.
 GIVE_UP_PATCH = "payout-reversal-given-up-1"
+# After the reversal's approval, the payout is read at its provider before step A: one the
+# bank corrected to paid (or sent again) since the failure goes to ops review, neither held
+# nor booked back. Before, an approval held it and booked `payout_reversed` for money that
+# had left, whether or not the correction's webhook had reached the case.
+PAID_AT_PROVIDER_PATCH = "payout-read-before-reversal-1"
 
 
 class PayoutCase(ApprovingWorkflow):

@@ -193,6 +193,12 @@ TEMPLATES: dict[str, Template] = {
         "would book back money that left. Next steps: confirm with the provider or bank, then "
         "deny the reversal (or approve it if the correction is wrong).", ticket="incident",
         payout=True),
+    "payout_paid_at_provider": Template(
+        "High priority: payout {payout_id}, approved for reversal, is {provider_status} at the provider",
+        "Decision: reversal approved by {approved_by}, but the provider now shows payout {payout_id} "
+        "of {amount} {provider_status}, not failed: the bank corrected it, or it was sent again. "
+        "Nothing was held or booked back. Next steps: confirm with the provider or bank; if the "
+        "money came back after all, post the reversal by hand.", payout=True),
     "payout_reissued": Template(
         "Payout {payout_id} reissued as {reissue_id}",
         "Decision: reissue approved by {approved_by}. The beneficiary was paid {amount} again as "
