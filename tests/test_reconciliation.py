@@ -741,3 +741,24 @@ async def test_a_run_whose_report_cannot_be_written_ends_failed(
         assert again["run_id"] != report["run_id"] and again["state"] == "failed"
     finally:
         await stack.close()
+
+
+async def test_a_released_case_corrected_to_a_refund_still_in_flight_holds_its_amount_again(
+        stack: Stack) -> None:
+    """A closed case shown failed (its amount released) whose refund the provider still
+    shows pending days later: the approved stuck break moves it to pending, and a refund in
+    flight counts against its charge again, as the case's own workflow would hold it. Before,
+    the case stayed released at 0: the charge took another refund for money that may leave."""
+    refund = history(f"ch_{os.urandom(4).hex()}", 1_000, days_ago=5, status="pending")
+    await seed_provider(stack, [refund])
+    case_id = await seed_case(stack, refund, status=CaseStatus.REFUND_FAILED,
+                              held=ProviderRefundStatus.FAILED, settled=0)
+    await stack.store.database.execute(
+        "UPDATE refund_cases SET reserved_amount = 0 WHERE refund_request_id = %s", (case_id,))
+    await backfill(stack, since_days=30)
+    [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    assert found["break_class"] == "stuck_non_terminal"
+    assert (await decide(stack, "carol", found["id"])).status_code == 202
+    await wait_for_breaks(stack, [refund["id"]], "resolved")
+    case = await stack.store.cases.get(case_id)
+    assert case is not None and (case["status"], case["reserved_amount"]) == ("pending", 1_000)

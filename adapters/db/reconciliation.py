@@ -697,8 +697,10 @@ class ReconciliationRepository(Repository):
         if status is not None:
             await conn.execute(
                 "UPDATE refund_cases SET status = %s, provider_status = %s, failure_reason = %s,"
-                " reserved_amount = CASE WHEN %s = 'succeeded' THEN amount"
-                " WHEN %s IN ('failed', 'canceled') THEN 0 ELSE reserved_amount END, updated_at = now(),"
+                # a refund that moved or may move money holds the case's amount (as the case's
+                # own workflow holds it again for a refund heard after a release)
+                " reserved_amount = CASE WHEN %s IN ('failed', 'canceled') THEN 0 ELSE amount END,"
+                " updated_at = now(),"
                 # a case that held no refund (none, or an ops "no refund") now holds the provider's
                 " provider_refund_id = CASE WHEN provider_refund_id IS NULL OR provider_refund_id LIKE %s"
                 " THEN %s ELSE provider_refund_id END,"
@@ -707,7 +709,7 @@ class ReconciliationRepository(Repository):
                 # repeated what the workflow had applied, "failed", and was dropped unheard)
                 " applied_refund_id = NULL, applied_status = NULL WHERE refund_request_id = %s",
                 (status.value, truth.status.value, truth.failure_reason, truth.status.value,
-                 truth.status.value, f"{NO_REFUND_PREFIX}%", truth.refund_id, case_id))
+                 f"{NO_REFUND_PREFIX}%", truth.refund_id, case_id))
         await _compensated(conn, row, settlement, posting_key, status=status.value if status else None,
                            ledger_net_before=int(net["net"]), provider_status=truth.status.value, **limits)
         return BreakOutcome(break_id=row["id"], state=BreakState.RESOLVED, posting_key=posting_key,
