@@ -3,11 +3,14 @@
 import uuid
 from typing import Any
 
+import pytest
 from temporalio import client as temporal
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
 from adapters.db import Store
+from domain.incidents import DuplicateRefundInput
+from domain.models import ProviderRefund, ProviderRefundStatus
 from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, intercepted, stack_with
 
@@ -296,3 +299,39 @@ async def test_a_call_temporal_refuses_is_no_outage_to_send_again(
         status, refused = await reissue(stack, "olga", case_id)
     assert (status, refusing.refused) == (500, [f"{case_id}-r1"]), refused
     assert "INVALID_ARGUMENT" in refused["detail"] and "again" not in refused["detail"]
+
+
+@pytest.mark.parametrize("asked_of", ["the_case", "its_reissue"])
+async def test_no_reissue_while_a_duplicate_of_the_request_holds_its_money(stack: Stack,
+                                                                          asked_of: str) -> None:
+    """A second refund carrying the request's reference succeeded (a duplicate, raised to ops)
+    and the case's own refund failed: the request's money went back once all the same. A
+    reissue of the case, or of a reissue of it, would pay it again: 409 (audited), nothing
+    created. Before, a case a stuck break had moved to `refund_failed` was reissued and paid."""
+    case_id, charge = await failed_case(stack)
+    asked = case_id
+    if asked_of == "its_reissue":
+        async with stack.sandbox() as sb:
+            await sb.post("/_sandbox/config", json={"refund_initial_status": "pending"})
+        status, child = await reissue(stack, "olga", case_id)
+        assert status == 202
+        asked = child["refund_request_id"]
+        pending = await stack.wait_for_status(asked, "pending")
+        async with stack.sandbox() as sb:
+            await sb.post("/_sandbox/config", json={"refund_initial_status": "succeeded"})
+        await stack.set_provider_status(pending["provider_refund_id"], "failed",
+                                        failure_reason="card_account_closed")
+        await stack.wait_for_status(asked, "refund_failed")
+    row = await stack.store.cases.get(case_id)
+    assert row is not None and row["provider_refund_id"] is not None
+    duplicate = ProviderRefund(provider="sandbox", refund_id=f"re_{uuid.uuid4().hex[:14]}", charge_id=charge,
+                               amount=2_500, currency="USD", status=ProviderRefundStatus.SUCCEEDED,
+                               raw_status="succeeded", reference=case_id)
+    assert await stack.store.reconciliation.open_duplicate_refund_break(DuplicateRefundInput(
+        case_id=case_id, followed_refund_id=row["provider_refund_id"], duplicate=duplicate, source="test"))
+    before = await stack.store.cases.children(asked)
+    status, refused = await reissue(stack, "olga", asked)
+    assert status == 409 and duplicate.refund_id in refused["detail"], refused
+    assert await stack.store.cases.children(asked) == before
+    trail = await stack.store.audit.trail(asked)
+    assert [e["detail"]["refusal"] for e in trail if e["action"] == "action_refused"] == [refused["detail"]]

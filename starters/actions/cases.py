@@ -234,9 +234,15 @@ class CaseActions:
             await self.refuse(caller, case_id, 409, action,
                               f"case is {parent['status']}; only {sorted(REISSUABLE)} refunds can "
                               "be reissued", via=via)
+        above = await self._above(parent)
+        if duplicates := await self.store.reconciliation.duplicates_holding_money([case_id, *above]):
+            await self.refuse(caller, case_id, 409, action,
+                              f"refund {', '.join(duplicates)} at the provider, a duplicate of this request "
+                              "(raised to ops), moved its money: a reissue would pay it again; ops "
+                              "settle the duplicate first", via=via)
         children = await self.store.cases.children(case_id)
         witnesses = await self.store.audit.actors_of(case_id, SAID_WHAT_THE_MONEY_DID)
-        if caller.user in witnesses or caller.user in await self._witnesses_above(parent):
+        if caller.user in witnesses or caller.user in await self._witnesses_of(above):
             # a small reissue is auto-approved: nobody else would act
             await self.refuse(caller, case_id, 403, action,
                               f"{caller.user} said what this refund's money did (its transfer or its "
@@ -270,15 +276,20 @@ class CaseActions:
         await start_refund(self.client, self.settings, request, row["requester"], row["status"])
         return True, await self.view(request.refund_request_id)
 
-    async def _witnesses_above(self, case: CaseRow) -> set[str]:
-        """Who said what the money of the refunds `case` reissues did (its parent, and theirs):
-        the same request's money, whichever reissue of it is asked again."""
-        found: set[str] = set()
+    async def _above(self, case: CaseRow) -> list[str]:
+        """The refunds `case` reissues (its parent, and theirs): the same request's money,
+        whichever reissue of it is asked again."""
+        found: list[str] = []
         parent_id = case["parent_refund_request_id"]
         while parent_id is not None and (parent := await self.store.cases.get(parent_id)) is not None:
-            found |= set(await self.store.audit.actors_of(parent_id, SAID_WHAT_THE_MONEY_DID))
+            found.append(parent_id)
             parent_id = parent["parent_refund_request_id"]
         return found
+
+    async def _witnesses_of(self, case_ids: list[str]) -> set[str]:
+        """Who said what the money of these refunds did."""
+        return {actor for case_id in case_ids
+                for actor in await self.store.audit.actors_of(case_id, SAID_WHAT_THE_MONEY_DID)}
 
     async def _confirmed_again(self, caller: Principal, case_id: str, body: ManualConfirmationBody,
                                action: str, *, via: str) -> ManualRefundRow:
