@@ -116,12 +116,12 @@ class PayoutActivities:
         """Before runbook step A: the payout as its provider shows it now. The bank may have
         corrected the failure since the case opened (its webhook late or lost), and a payout
         that left must not be held and booked back. A failed read is retried; one the
-        provider cannot answer (no payout lookup, none held, our key refused) is `unread`.
-        Idempotent: a read."""
+        provider answers without a status we map (none held, our key refused, a 4xx, an
+        unknown status) is `unread`. Idempotent: a read."""
         payout = inp.payout
         provider = self._providers.get(payout.provider)
         if not isinstance(provider, PayoutExecutor | PayoutLister):
-            return PayoutAtProvider(unread=f"{payout.provider} has no payout lookup")
+            return PayoutAtProvider(unread=f"{payout.provider} has no payout lookup", lookup=False)
         try:
             shown = await provider.get_payout(payout.provider_payout_id)
         except (ProviderConfigurationRefused, ProviderDeclined, UnexpectedProviderStatus) as exc:

@@ -218,7 +218,9 @@ class PayoutCaseStatus(StrEnum):
     REISSUED = "reissued"
     REISSUE_FAILED = "reissue_failed"
     OPS_REVIEW = "ops_review"
-    """Its workflow ended while the case was open (the closed-workflow sweep): ops decide."""
+    """Ops decide: its workflow ended while the case was open (the closed-workflow sweep), its
+    reissue attempts are spent, or the approved reversal found the payout not failed at the
+    provider (nothing held or booked)."""
 
 
 APPROVAL_STATUSES = frozenset(
@@ -229,9 +231,11 @@ OPEN_STATUSES = frozenset(
      PayoutCaseStatus.REMEDIATED, PayoutCaseStatus.AWAITING_REISSUE_APPROVAL, PayoutCaseStatus.REISSUING})
 """Statuses only the case's workflow moves on from (what the closed-workflow sweep looks at)."""
 ENDED_UNREVERSED = frozenset(
-    {PayoutCaseStatus.DENIED, PayoutCaseStatus.EXPIRED, PayoutCaseStatus.ROLLED_BACK})
-"""Cases whose workflow ended leaving the payout as it was (paid in our books): a
-reconciliation break handed to one, found again, is raised again for its own approval."""
+    {PayoutCaseStatus.DENIED, PayoutCaseStatus.EXPIRED, PayoutCaseStatus.ROLLED_BACK,
+     PayoutCaseStatus.OPS_REVIEW})
+"""Cases whose workflow may have ended leaving the payout as it was: a reconciliation break
+handed to one and found again (so the payout is still paid in our books: an ops-review case
+that held or reversed it is never found again) is raised again for its own approval."""
 ABNORMAL_ENDS = frozenset({"TERMINATED", "FAILED", "TIMED_OUT", "CANCELED"})
 
 
@@ -316,10 +320,20 @@ class ReversalInput(Frozen):
 
 class PayoutAtProvider(Frozen):
     """A payout as its provider shows it now, read before the runbook holds it: `status`
-    None when it could not be read (`unread` says why)."""
+    None when it could not be read (`unread` says why: none held, our key refused, a status
+    we do not map); `lookup` False for a provider with no payout lookup (its signed webhook
+    is all there is)."""
 
     status: ProviderPayoutStatus | None = None
     unread: str | None = None
+    lookup: bool = True
+
+    def confirmed_failed(self) -> bool:
+        return self.status in EXCEPTION_STATUSES
+
+    def shown(self) -> str:
+        """What the provider showed, for ops: its status, or why none was read."""
+        return self.status.value if self.status is not None else self.unread or "unread"
 
 
 class ReleaseResult(Frozen):

@@ -891,7 +891,7 @@ async def payout_denied(rig: Recording) -> str:
 
 async def payout_paid_at_provider(rig: Recording) -> str:
     """The bank corrects the failed payout to paid before its reversal is approved: the
-    approved runbook reads it at the provider and goes to ops review, nothing held or booked
+    approved case reads it at the provider and goes to ops review, nothing held or booked
     back (`payout-read-before-reversal-1`)."""
     case_id = await failed_payout_case(rig)
     await move_payout(rig.stack, case_id.removeprefix("sandbox-payout-"), "paid")

@@ -1057,19 +1057,20 @@ async def test_an_approved_reversal_of_a_payout_the_provider_now_shows_paid_book
     assert row["status"] == "ops_review", actions
     assert await payouts.store.ledger.entries(case_id) == []
     assert "payout_held" not in actions and "runbook_started" not in actions
-    [seen] = [e["detail"] for e in trail if e["action"] == "payout_paid_at_provider"]
+    [seen] = [e["detail"] for e in trail if e["action"] == "payout_not_failed_at_provider"]
     assert seen["provider_status"] == "paid" and seen["approved_by"] == "lena"
     assert (await payouts.store.payouts.payout(payout.id)).status is not PayoutStatus.ON_HOLD  # type: ignore[union-attr]
     told = [(n["kind"], n["audience"]) for n in await payouts.store.outbox.notices(case_id)]
-    assert {("payout_paid_at_provider", "payments_ops"), ("payout_paid_at_provider", "finance")} <= set(told)
+    assert {("payout_not_failed_at_provider", "payments_ops"),
+            ("payout_not_failed_at_provider", "finance")} <= set(told)
     assert "payout_exception_remediated" not in [kind for kind, _ in told]
 
 
-async def test_a_reversal_whose_payout_the_provider_does_not_show_is_booked_and_says_so(
+async def test_a_reversal_whose_payout_the_provider_does_not_hold_goes_to_ops_not_to_the_ledger(
         payouts: Stack) -> None:
-    """The provider answers that it holds no such payout: its signed failure stands, so the
-    approved reversal is booked as before, and the timeline says the provider's status was
-    not confirmed (ops can see the runbook acted on the webhook alone)."""
+    """The provider answers that it holds no such payout: nothing confirms the money came
+    back, so the approved reversal holds and books nothing; ops review it, told what the
+    provider answered. The payout stays paid in our books for reconciliation to raise."""
     provider_id = f"po_{uuid.uuid4().hex[:12]}"  # booked by us, unknown to the sandbox's API
     payout = PayoutSnapshot(id=f"P-{uuid.uuid4().hex[:10]}", provider="sandbox",
                             provider_payout_id=provider_id, beneficiary_id=f"ben-{uuid.uuid4().hex[:8]}",
@@ -1085,8 +1086,9 @@ async def test_a_reversal_whose_payout_the_provider_does_not_show_is_booked_and_
                               failure_code="account_closed")))
     await wait_for_case(payouts, case_id, "awaiting_approval")
     assert (await decide(payouts, "lena", case_id)).status_code == 202
-    await wait_for_case(payouts, case_id, "remediated")
+    await wait_for_case(payouts, case_id, "ops_review")
     trail = await payouts.store.audit.trail(case_id)
-    [unconfirmed] = [e["detail"] for e in trail if e["action"] == "payout_status_unconfirmed"]
-    assert provider_id in unconfirmed["reason"]
-    assert len(await payouts.store.ledger.entries(case_id)) == 2
+    [seen] = [e["detail"] for e in trail if e["action"] == "payout_not_failed_at_provider"]
+    assert provider_id in seen["provider_status"] and "holds no payout" in seen["provider_status"]
+    assert await payouts.store.ledger.entries(case_id) == []
+    assert (await payouts.store.payouts.payout(payout.id)).status is PayoutStatus.PAID  # type: ignore[union-attr]

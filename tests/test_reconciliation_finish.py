@@ -200,6 +200,36 @@ async def test_a_payout_whose_case_already_ended_is_compensated_only_when_approv
     assert (again["new_breaks"], again["known_breaks"]) == (0, 0)
 
 
+async def test_a_break_handed_to_a_case_that_found_the_payout_paid_is_raised_again_once_it_fails(
+        payout_stack: Stack, store: Store, client: Client) -> None:
+    """Found while the payout's case awaited approval, the break is handed to that case. The
+    bank then corrects the payout to paid, so the approved case holds and books nothing (ops
+    review), and later fails it after all: the case ended with the payout paid in our books,
+    and the next run raises the break again for its own approval. Before, a handed break
+    came back only from denied, expired or rolled-back cases: books paid, provider failed."""
+    stack = payout_stack
+    payout = await paid_payout(stack, 35_000)
+    provider_id = payout.provider_payout_id
+    await move_payout(stack, provider_id, "failed", failure_code="account_closed")
+    case_id = payout_case_id("sandbox", provider_id)
+    await wait_for_case(stack, case_id, "awaiting_approval")
+    await backfill(stack, since_days=1)
+    [handed] = await wait_for_breaks(stack, [provider_id], "handed_to_case")
+    await move_payout(stack, provider_id, "paid")
+    assert (await decide_payout(stack, "lena", case_id)).status_code == 202
+    await wait_for_case(stack, case_id, "ops_review")
+    await client.get_workflow_handle(case_id).result()
+    await move_payout(stack, provider_id, "failed", failure_code="account_closed")
+    raised = await backfill(stack, since_days=1)
+    assert raised["new_breaks"] == 1
+    [waiting] = await wait_for_breaks(stack, [provider_id], "awaiting_approval")
+    assert (waiting["id"], waiting["reopened"]) == (handed["id"], 1)
+    assert (await decide(stack, "lena", waiting["id"])).status_code == 202
+    await wait_for_breaks(stack, [provider_id], "resolved")
+    assert (await store.payouts.payout(payout.id) or payout).status is PayoutStatus.FAILED
+    assert [e["template"] for e in await store.ledger.entries(case_id)].count("payout_reversed") == 2
+
+
 async def test_a_break_handed_to_a_case_that_ended_without_reversing_is_raised_again(
         payout_stack: Stack, store: Store, client: Client) -> None:
     """Found while the payout's case awaited approval, the break is handed to that case;

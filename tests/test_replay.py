@@ -302,9 +302,10 @@ BRANCHES: dict[str, Branch] = {
         "action:approval_denied", lacks=["activity:triage_payout_exception#4", "activity:reissue_payout"]),
     "payout_denied": branch("signal:payout_event", "update:submit_approval", "action:approval_denied",
                             lacks=["activity:hold_payout", "activity:reissue_payout"]),
-    "payout_paid_at_provider": branch(f"patch:{PAID_AT_PROVIDER_PATCH}", "update:submit_approval",
-                                      "activity:read_payout_at_provider", "action:payout_paid_at_provider",
-                                      lacks=["activity:hold_payout", "activity:post_payout_reversal"]),
+    "payout_paid_at_provider": branch(
+        f"patch:{PAID_AT_PROVIDER_PATCH}", "update:submit_approval", "activity:read_payout_at_provider",
+        "action:payout_not_failed_at_provider",
+        lacks=["activity:hold_payout", "activity:post_payout_reversal"]),
     "reconciliation_backfill": branch("activity:open_reconciliation_run", "activity:reconcile_batch",
                                       "activity:finish_reconciliation_run"),
     "reconciliation_run_failed": branch("activity:reconcile_batch", "failed",

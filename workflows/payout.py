@@ -21,7 +21,6 @@ with workflow.unsafe.imports_passed_through():
     from domain.models import ApprovalProgress
     from domain.payouts import (
         APPROVAL_STATUSES,
-        EXCEPTION_STATUSES,
         Admission,
         AdmitInput,
         AdmitResult,
@@ -178,7 +177,8 @@ class PayoutReversalWorkflow(PayoutReissue):
                 await self._take_events("closing")
             return await self._finish()
         await self._take_events()
-        if workflow.patched(PAID_AT_PROVIDER_PATCH) and await self._paid_at_provider():
+        if workflow.patched(PAID_AT_PROVIDER_PATCH) and not await self._failed_at_provider():
+            await self._take_events("closing")
             return await self._finish()
         if await self._remediate(decision):
             await self._offer_reissue(decision)
@@ -246,12 +246,15 @@ class PayoutReversalWorkflow(PayoutReissue):
 
     # -- the runbook -------------------------------------------------------------------
 
-    async def _paid_at_provider(self) -> bool:
-        """Before step A: whether the provider now shows the payout anything but failed (the
-        bank corrected it, its webhook late, lost, or heard while approvers decided). Then
-        nothing is held or booked back: the case goes to ops review, ops and finance told, a
-        high-priority ticket. Unread (no lookup, none held, an outage past its retries), the
-        signed failure stands and the timeline says the status was not confirmed."""
+    async def _failed_at_provider(self) -> bool:
+        """Before step A: whether the provider still shows the payout failed. The bank may
+        have corrected it (its webhook late, lost, or heard while approvers decided), or sent
+        it again: then nothing is held or booked back, the case goes to ops review (ops and
+        finance told, a high-priority ticket) and the payout stays paid in our books, where a
+        reconciliation run raises it for approval once the provider shows it failed. So for
+        a payout the provider cannot show failed (none held, unreadable, an outage past its
+        reads). A provider with no payout lookup: the signed failure stands, and the timeline
+        says the status was not confirmed."""
         assert self._inp is not None and self._payout is not None
         payout = self._payout
         try:
@@ -260,19 +263,19 @@ class PayoutReversalWorkflow(PayoutReissue):
                 **retry.provider_read(self._inp.timings.provider_read_attempts))
         except ActivityError as err:
             shown = PayoutAtProvider(unread=f"lookup failed: {err.cause}")
-        if shown.status is None:
+        if shown.confirmed_failed():
+            return True
+        if not shown.lookup:
             await self._record("payout_status_unconfirmed", detail={"reason": shown.unread})
-            return False
-        if shown.status in EXCEPTION_STATUSES:
-            return False
-        detail = {"provider_status": shown.status.value, "approved_by": self._approvers()}
+            return True
+        detail = {"provider_status": shown.shown(), "approved_by": self._approvers()}
         for audience in ("payments_ops", "finance"):
-            await self._notify("payout_paid_at_provider", audience, detail)
-        await self._ticket("paid_at_provider", "high", {
-            "summary": f"payout {payout.id}, approved for reversal, is {shown.status.value} at "
-                       f"{payout.provider}: nothing held or booked back"})
-        await self._record("payout_paid_at_provider", PayoutCaseStatus.OPS_REVIEW, detail=detail)
-        return True
+            await self._notify("payout_not_failed_at_provider", audience, detail)
+        await self._ticket("not_failed_at_provider", "high", {
+            "summary": f"payout {payout.id}, approved for reversal, is not failed at {payout.provider} "
+                       f"({shown.shown()}): nothing held or booked back"})
+        await self._record("payout_not_failed_at_provider", PayoutCaseStatus.OPS_REVIEW, detail=detail)
+        return False
 
     async def _remediate(self, decision: PayoutDecision) -> bool:
         """The fixed runbook, each step once: A hold, B compensating entry, C ticket, D

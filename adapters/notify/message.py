@@ -189,16 +189,17 @@ TEMPLATES: dict[str, Template] = {
     "payout_paid_after_failure": Template(
         "Payout {payout_id} was paid after its failure: its reversal is not booked yet",
         "The provider now reports payout {payout_id} of {amount} paid, after the failure that "
-        "opened this case. Nothing moved by this report; the reversal, once approved and run, "
-        "would book back money that left. Next steps: confirm with the provider or bank, then "
-        "deny the reversal (or approve it if the correction is wrong).", ticket="incident",
+        "opened this case. Nothing moved by this report; an approved reversal reads the payout "
+        "at the provider first and books nothing back while it is not failed there. Next steps: "
+        "confirm with the provider or bank, then deny the reversal.", ticket="incident",
         payout=True),
-    "payout_paid_at_provider": Template(
-        "High priority: payout {payout_id}, approved for reversal, is {provider_status} at the provider",
-        "Decision: reversal approved by {approved_by}, but the provider now shows payout {payout_id} "
-        "of {amount} {provider_status}, not failed: the bank corrected it, or it was sent again. "
-        "Nothing was held or booked back. Next steps: confirm with the provider or bank; if the "
-        "money came back after all, post the reversal by hand.", payout=True),
+    "payout_not_failed_at_provider": Template(
+        "High priority: payout {payout_id}, approved for reversal, is not failed at the provider",
+        "Decision: reversal approved by {approved_by}, but the provider does not show payout "
+        "{payout_id} of {amount} failed now ({provider_status}): the bank corrected it, it was sent "
+        "again, or it could not be read. Nothing was held or booked back; the payout stays paid in "
+        "our books. Next steps: confirm with the provider or bank; once it shows the payout failed, "
+        "a reconciliation run raises it for approval.", payout=True),
     "payout_reissued": Template(
         "Payout {payout_id} reissued as {reissue_id}",
         "Decision: reissue approved by {approved_by}. The beneficiary was paid {amount} again as "

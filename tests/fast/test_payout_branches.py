@@ -5,6 +5,7 @@ import asyncio
 import uuid
 from datetime import timedelta
 
+import pytest
 from temporalio.client import Client, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 
@@ -15,6 +16,7 @@ from domain.payouts import (
     AdmitResult,
     HoldResult,
     LinkedTicket,
+    PayoutAtProvider,
     PayoutCaseInput,
     PayoutCaseState,
     PayoutCaseStatus,
@@ -54,6 +56,7 @@ def payout_fakes() -> FakeActivities:
         contracts.TRIAGE_PAYOUT_EXCEPTION.name: TriageReceipt(recorded=True, source="fake"),
         contracts.DECIDE_PAYOUT_REVERSAL.name: PayoutDecision(
             decision=decision, hold_beneficiary_payouts=False, rollback_hold_on_ledger_failure=True),
+        contracts.READ_PAYOUT_AT_PROVIDER.name: PayoutAtProvider(status=ProviderPayoutStatus.FAILED),
         HOLD.name: HoldResult(held_from=PayoutStatus.PAID, newly_held=True, beneficiary_held=False),
         REVERSAL.name: LedgerResult(posting_key="payout_reversed:po-1", entry_id=1, newly_posted=True),
         RELEASE.name: ReleaseResult(rolled_back=True, posted=False, restored=PayoutStatus.PAID),
@@ -98,6 +101,66 @@ async def test_approved_runbook_holds_reverses_tickets_and_notifies(client: Clie
     assert fakes.names(*RUNBOOK) == [HOLD.name, REVERSAL.name, TICKET.name]
     assert fakes.recorded()[-1] == "reissue_window_closed"
     assert [i.kind for i in fakes.inputs(contracts.QUEUE_NOTICE)][-1] == "payout_exception_remediated"
+
+
+@pytest.mark.parametrize("shown", [PayoutAtProvider(status=ProviderPayoutStatus.PAID),
+                                   PayoutAtProvider(unread="sandbox holds no payout po_1")],
+                         ids=["paid", "none_held"])
+async def test_an_approved_reversal_the_provider_does_not_show_failed_holds_and_books_nothing(
+        client: Client, shown: PayoutAtProvider) -> None:
+    fakes = payout_fakes()
+    fakes.script(contracts.READ_PAYOUT_AT_PROVIDER, shown)
+    async with fake_worker(client, fakes) as queue:
+        handle = await start(client, queue, reissue_window=timedelta(milliseconds=200))
+        await fakes.seen("approval_requested")
+        await handle.signal(PayoutReversalWorkflow.approve, APPROVE)
+        state = await handle.result()
+    assert state.status is PayoutCaseStatus.OPS_REVIEW and state.runbook == ()
+    assert fakes.names(HOLD, REVERSAL) == []
+    assert fakes.recorded()[-1] == "payout_not_failed_at_provider"
+    told = [(i.kind, i.audience) for i in fakes.inputs(contracts.QUEUE_NOTICE)]
+    assert {("payout_not_failed_at_provider", "payments_ops"),
+            ("payout_not_failed_at_provider", "finance")} <= set(told)
+
+
+async def test_an_event_that_lands_while_the_case_reads_the_provider_is_taken_before_it_ends(
+        client: Client) -> None:
+    """The case found the payout not failed and ends in ops review: a failure the relay
+    signalled meanwhile goes through the gate (onto the timeline), never left in the inbox."""
+    fakes = payout_fakes()
+    signalled = asyncio.Event()
+
+    async def paid_once_signalled(_: object) -> PayoutAtProvider:
+        await signalled.wait()
+        return PayoutAtProvider(status=ProviderPayoutStatus.PAID)
+
+    fakes.script(contracts.READ_PAYOUT_AT_PROVIDER, paid_once_signalled)
+    async with fake_worker(client, fakes) as queue:
+        handle = await start(client, queue, reissue_window=timedelta(milliseconds=200))
+        await fakes.seen("approval_requested")
+        await handle.signal(PayoutReversalWorkflow.approve, APPROVE)
+        while not fakes.inputs(contracts.READ_PAYOUT_AT_PROVIDER):
+            await asyncio.sleep(0.05)
+        await handle.signal(PayoutReversalWorkflow.payout_event,
+                            payout_event("evt_2", ProviderPayoutStatus.FAILED))
+        signalled.set()
+        state = await handle.result()
+    assert state.status is PayoutCaseStatus.OPS_REVIEW
+    admitted = [(i.event.event_id, i.case_open) for i in fakes.inputs(contracts.ADMIT_PAYOUT_EVENT)]
+    assert admitted == [("evt_1", False), ("evt_2", True)]
+
+
+async def test_a_provider_with_no_payout_lookup_leaves_the_signed_failure_standing(client: Client) -> None:
+    fakes = payout_fakes()
+    fakes.script(contracts.READ_PAYOUT_AT_PROVIDER, PayoutAtProvider(unread="no lookup", lookup=False))
+    async with fake_worker(client, fakes) as queue:
+        handle = await start(client, queue, reissue_window=timedelta(milliseconds=200))
+        await fakes.seen("approval_requested")
+        await handle.signal(PayoutReversalWorkflow.approve, APPROVE)
+        state = await handle.result()
+    assert state.status is PayoutCaseStatus.REMEDIATED
+    assert fakes.names(HOLD, REVERSAL) == [HOLD.name, REVERSAL.name]
+    assert "payout_status_unconfirmed" in fakes.recorded()
 
 
 async def test_an_event_that_lands_while_approvers_decide_goes_through_the_gate_at_once(
