@@ -86,7 +86,11 @@ from tests.test_adyen import (
     unique_psp,
 )
 from tests.test_adyen import notification as adyen_notification
-from tests.test_adyen_waits import notification_taken_under_a_cancel, resolution_after_adyen_s_word
+from tests.test_adyen_waits import (
+    notification_taken_under_a_cancel,
+    ops_read_then_adyen_says,
+    resolution_after_adyen_s_word,
+)
 from tests.test_case_lifecycle import expiry_under_a_cancel, reported_as_the_cancelled_run_ends
 from tests.test_duplicate_refunds import duplicate_heard_with_a_cancel
 from tests.test_news_seal import failure_heard_while_finishing
@@ -412,6 +416,15 @@ async def adyen_resolution_superseded(rig: Recording) -> str:
     case_id, _ = await resolution_after_adyen_s_word(AdyenRig(rig.stack, rig.adyen, rig.proxy), 800,
                                                      refund_known=True)
     await rig.stack.wait_for_audit(case_id, "provider_wait_resolution_superseded")
+    return case_id
+
+
+async def adyen_other_money_than_ops_read(rig: Recording) -> str:
+    """Ops read Adyen's refund for the case's amount; Adyen's own REFUND for it names another
+    amount: the mismatch check, ops review (`held-refund-other-money-1`)."""
+    assert rig.adyen is not None
+    case_id, _ = await ops_read_then_adyen_says(AdyenRig(rig.stack, rig.adyen, rig.proxy), 800, 600)
+    await rig.stack.wait_for_audit(case_id, "provider_refund_mismatch")
     return case_id
 
 
@@ -1008,6 +1021,8 @@ SCENARIOS: dict[str, Scenario] = {
                                                 adyen=True),
     "refund_adyen_resolution_superseded": Scenario(adyen_resolution_superseded,
                                                    {"late_failure_window_seconds": 20}, adyen=True),
+    "refund_adyen_other_money_than_ops_read": Scenario(adyen_other_money_than_ops_read,
+                                                       {"late_failure_window_seconds": 20}, adyen=True),
     "refund_adyen_follow_other_refund": Scenario(adyen_follow_other_refund,
                                                  {"late_failure_window_seconds": 3}, adyen=True),
     "refund_duplicate_provider_refund": Scenario(duplicate_refund, {"late_failure_window_seconds": 6}),

@@ -618,3 +618,34 @@ async def test_a_late_resolution_naming_another_refund_is_still_a_second_refund(
     case_id, _ = await resolution_after_adyen_s_word(rig, 1_500, refund_known=False, names=unique_psp())
     trail = await rig.stack.wait_for_audit(case_id, "duplicate_provider_refund")
     assert "provider_wait_resolution_superseded" not in trail
+
+
+async def ops_read_then_adyen_says(rig: AdyenRig, amount: int, reported: int) -> tuple[str, str]:
+    """Ops resolve a wait "refunded" naming Adyen's refund (the case books `amount`), then
+    Adyen's REFUND for it says `reported` moved: (case id, the refund's pspReference)."""
+    case_id, psp = await waiting_case(rig, amount)
+    [made] = rig.fake.refunds_of(psp)
+    answer = await resolve(rig, "olga", case_id, provider_shows="refunded",
+                           provider_refund_id=made["pspReference"], reason="Customer Area: refund settled")
+    assert answer.status_code == 200, answer.text
+    await rig.stack.wait_for_status(case_id, "succeeded")
+    body = notification("REFUND", pspReference=made["pspReference"], originalReference=psp,
+                        merchantReference=case_id, amount={"currency": "EUR", "value": reported})
+    assert (await rig.post(body)).text == "[accepted]"
+    return case_id, str(made["pspReference"])
+
+
+async def test_adyen_s_word_for_other_money_than_ops_read_goes_to_ops(rig: AdyenRig) -> None:
+    """Ops resolve the wait "refunded" naming Adyen's refund: the case books its own amount.
+    Adyen's REFUND for that pspReference then says another amount moved: money other than
+    booked, which Adyen cannot be listed for. The case goes to ops review and ops hear, once.
+    Before, the relay dropped it as repeating what the case applied (same refund, same
+    status), and the case would have too: the ledger kept the amount ops read."""
+    case_id, refund_id = await ops_read_then_adyen_says(rig, 1_700, 1_200)
+    row = await rig.stack.wait_for_status(case_id, "ops_review")
+    [mismatch] = [e["detail"] for e in await rig.stack.store.audit.trail(case_id)
+                  if e["action"] == "provider_refund_mismatch"]
+    assert (mismatch["provider_refund_id"], mismatch["reported"]) == (refund_id, "12.00 EUR")
+    assert row["provider_refund_id"] == refund_id
+    notices = [(n["kind"], n["audience"]) for n in await rig.stack.store.outbox.notices(case_id)]
+    assert notices.count(("provider_refund_mismatch", "operator")) == 1

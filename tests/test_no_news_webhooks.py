@@ -134,4 +134,11 @@ def _refund(refund_id: str, status: ProviderRefundStatus) -> ProviderRefund:
 ])
 def test_what_counts_as_nothing_new(applied_id: str | None, applied: str | None, reported_id: str,
                                     reported: ProviderRefundStatus, no_news: bool) -> None:
-    assert tells_nothing_new(applied_id, applied, _refund(reported_id, reported)) is no_news
+    assert tells_nothing_new(applied_id, applied, _refund(reported_id, reported), (100, "USD")) is no_news
+
+
+@pytest.mark.parametrize("booked", [(120, "USD"), (100, "EUR")])
+def test_the_applied_refund_for_other_money_than_the_case_booked_is_news(booked: tuple[int, str]) -> None:
+    """Ops' reading of a wait booked the case's money; the provider's own word for the same
+    refund in the same status names other money: the case must hear it."""
+    assert not tells_nothing_new("re_1", "succeeded", _refund("re_1", ProviderRefundStatus.SUCCEEDED), booked)

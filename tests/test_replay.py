@@ -64,6 +64,7 @@ from workflows.refund_case import (
     FINISH_NOTIFIED_PATCH,
     FOLLOW_SCOPE_PATCH,
     FOLLOWED_WAIT_PATCH,
+    HELD_MONEY_PATCH,
     HORIZON_PATCH,
     INTERRUPTED_STEP_PATCH,
     MISMATCH_PATCH,
@@ -168,6 +169,9 @@ BRANCHES: dict[str, Branch] = {
         "cancel_requested", f"patch:{TAKEN_NOTIFICATION_PATCH}", "action:awaiting_provider_notification#2",
         "action:cancel_after_provider_refund", "action:refund_succeeded", "ledger:refund_settled",
         lacks=[f"{SUBMIT}#2", "action:canceled_by_ops"]),
+    "refund_adyen_other_money_than_ops_read": branch(
+        "action:provider_notification_received", "action:refund_succeeded", f"patch:{HELD_MONEY_PATCH}",
+        "signal:provider_event#2", "action:provider_refund_mismatch", lacks=["ledger:refund_reversed"]),
     "refund_adyen_resolution_superseded": branch(
         "action:provider_notification_received", "action:refund_succeeded", "ledger:refund_settled",
         f"patch:{SUPERSEDED_RESOLUTION_PATCH}", "signal:provider_event#2", f"action:{SUPERSEDED_RESOLUTION}",

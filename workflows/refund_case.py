@@ -173,6 +173,11 @@ INTERRUPTED_STEP_PATCH = "cancel-rewrites-interrupted-step-1"
 # the hold released, the case reissuable while the money had moved), or, naming no refund,
 # raised as a duplicate. Asked only when such an event comes.
 SUPERSEDED_RESOLUTION_PATCH = "ops-resolution-superseded-1"
+# The refund the case holds, reported again in the same status for other money (the case
+# booked ops' reading of a notification wait; the provider's own word names another amount),
+# goes to the mismatch check: ops review, ops told. Before, it was taken as a repeat and the
+# ledger kept the amount ops read. Asked only when such an event comes.
+HELD_MONEY_PATCH = "held-refund-other-money-1"
 SUPERSEDED_RESOLUTION = "provider_wait_resolution_superseded"
 # The case's action, the ops notice and the metric's reason when a provider refuses our key.
 CONFIGURATION_INCIDENT = "provider_configuration_refused"

@@ -57,6 +57,7 @@ with workflow.unsafe.imports_passed_through():
         EXECUTOR_EVENTS_PATCH,
         FOLLOW_SCOPE_PATCH,
         FOLLOWED_WAIT_PATCH,
+        HELD_MONEY_PATCH,
         HORIZON_PATCH,
         INTEGRATIONS_PATCH,
         MISMATCH_PATCH,
@@ -434,6 +435,8 @@ class RefundProvider(RefundWrites):
                 self._deliver_later(notice.dedup_key)
             elif step.change is not StatusChange.SAME:
                 await self._record(step.action, detail=detail)
+            elif self._held_for_other_money(reported):
+                await self._check_mismatch(reported)
             return
         self._refund = reported
         self._failure_reason = reported.failure_reason
@@ -445,6 +448,14 @@ class RefundProvider(RefundWrites):
         await self._check_mismatch(reported)
         await self._apply(step, reported, detail)
         self._applying = None
+
+    def _held_for_other_money(self, reported: ProviderRefund) -> bool:
+        """The refund the case holds, reported in the same status for other money than it
+        booked (ops' reading of a wait booked the request's amount): the provider's word is
+        news the ledger did not follow."""
+        held = self._refund
+        return (held is not None and held.refund_id == reported.refund_id
+                and refund_mismatch(held, reported) is not None and workflow.patched(HELD_MONEY_PATCH))
 
     async def _check_mismatch(self, reported: ProviderRefund) -> None:
         """Once per case: a refund the provider holds for another amount or currency than

@@ -318,7 +318,7 @@ class WebhookDesk:
         bind_case(case_id)
         reported = event.as_refund()
         if reported is not None and tells_nothing_new(row["applied_refund_id"], row["applied_status"],
-                                                      reported):
+                                                      reported, (row["amount"], row["currency"])):
             metrics.EVENTS_WITHOUT_NEWS.labels(event.provider).inc()
             log.debug("%s %s repeats what case %s applied (%s): not signalled", event.provider,
                       event.event_id, case_id, reported.status.value)
