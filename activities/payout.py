@@ -19,7 +19,7 @@ from adapters.db import Store
 from adapters.db.payouts import HoldReleased
 from adapters.providers.base import (
     PayoutExecutor,
-    PayoutLister,
+    PayoutReader,
     ProviderAdapter,
     ProviderConfigurationRefused,
     ProviderDeclined,
@@ -120,7 +120,7 @@ class PayoutActivities:
         unknown status) is `unread`. Idempotent: a read."""
         payout = inp.payout
         provider = self._providers.get(payout.provider)
-        if not isinstance(provider, PayoutExecutor | PayoutLister):
+        if not isinstance(provider, PayoutReader):
             return PayoutAtProvider(unread=f"{payout.provider} has no payout lookup", lookup=False)
         try:
             shown = await provider.get_payout(payout.provider_payout_id)

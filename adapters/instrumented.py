@@ -14,7 +14,7 @@ from typing import TypeVar, cast
 from opentelemetry import trace
 
 from adapters.metrics import PROVIDER_CALL_ERRORS, PROVIDER_CALL_SECONDS, VERIFY_OUTCOMES
-from adapters.providers.base import PayoutExecutor, ProviderAdapter
+from adapters.providers.base import PayoutExecutor, PayoutReader, ProviderAdapter
 from domain.models import ChargeSnapshot, ProviderEvent, ProviderRefund, RefundRequest
 from domain.payments import PaymentEvent
 from domain.payouts import PayoutEvent, PayoutOrder, ProviderPayout
@@ -88,12 +88,24 @@ class InstrumentedProvider:
         return self._inner.parse_webhook(headers, body, now)
 
 
-class InstrumentedPayouts(InstrumentedProvider):
+class InstrumentedPayoutReads(InstrumentedProvider):
+    """An instrumented provider whose payouts can be read (`PayoutReader`): the runbook's
+    read before a reversal reaches a lister (Stripe) behind the wrapper too."""
+
+    def __init__(self, inner: PayoutReader) -> None:
+        super().__init__(cast(ProviderAdapter, inner))
+        self._reads = inner
+
+    async def get_payout(self, payout_id: str) -> ProviderPayout | None:
+        return await self._observe("get_payout", self._reads.get_payout(payout_id))
+
+
+class InstrumentedPayouts(InstrumentedPayoutReads):
     """An instrumented provider that makes payouts: only these pass as `PayoutExecutor`, so
     the reissue's "cannot make payouts" decline holds behind the wrapper too."""
 
     def __init__(self, inner: PayoutExecutor) -> None:
-        super().__init__(cast(ProviderAdapter, inner))
+        super().__init__(inner)
         self._payouts = inner
 
     async def create_payout(self, order: PayoutOrder, idempotency_key: str) -> ProviderPayout:
@@ -102,12 +114,10 @@ class InstrumentedPayouts(InstrumentedProvider):
     async def find_payout(self, reference: str) -> ProviderPayout | None:
         return await self._observe("find_payout", self._payouts.find_payout(reference))
 
-    async def get_payout(self, payout_id: str) -> ProviderPayout | None:
-        return await self._observe("get_payout", self._payouts.get_payout(payout_id))
-
 
 def instrument(providers: Mapping[str, ProviderAdapter]) -> dict[str, ProviderAdapter]:
     """Wraps every adapter for the worker (the relay only parses webhooks); the caller
     keeps closing the originals."""
-    return {name: InstrumentedPayouts(p) if isinstance(p, PayoutExecutor) else InstrumentedProvider(p)
+    return {name: InstrumentedPayouts(p) if isinstance(p, PayoutExecutor)
+            else InstrumentedPayoutReads(p) if isinstance(p, PayoutReader) else InstrumentedProvider(p)
             for name, p in providers.items()}

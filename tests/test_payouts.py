@@ -30,6 +30,7 @@ from adapters.providers.stripe import StripeProvider
 from domain import errors
 from domain.models import LedgerInput, LedgerKind, LedgerResult
 from domain.payouts import (
+    PayoutAtProvider,
     PayoutEvent,
     PayoutRegistration,
     PayoutSnapshot,
@@ -37,6 +38,7 @@ from domain.payouts import (
     ProviderPayout,
     ProviderPayoutStatus,
     ReissueInput,
+    ReversalInput,
     payout_case_id,
 )
 from starters.dev.stack import TemporalDevServer
@@ -1092,3 +1094,20 @@ async def test_a_reversal_whose_payout_the_provider_does_not_hold_goes_to_ops_no
     assert provider_id in seen["provider_status"] and "holds no payout" in seen["provider_status"]
     assert await payouts.store.ledger.entries(case_id) == []
     assert (await payouts.store.payouts.payout(payout.id)).status is PayoutStatus.PAID  # type: ignore[union-attr]
+
+
+async def test_the_read_before_a_reversal_reaches_a_payout_lister_behind_the_worker_s_wrapper(
+        payouts: Stack) -> None:
+    """The worker's providers are instrumented; Stripe lists and reads payouts but makes
+    none. The wrapper hid its `get_payout`, so the read answered "no payout lookup" and an
+    approved reversal of a payout Stripe shows paid was held and booked on the webhook alone.
+    The read goes through the wrapper (here to the sandbox, which answers as Stripe does)."""
+    payout = await paid_payout(payouts, 30_000)
+    stripe = StripeProvider("sk_test_unused", webhook_secrets=["whsec_unused"], api_base=payouts.sandbox_url)
+    try:
+        activities = PayoutActivities(payouts.store, instrument({"sandbox": stripe}), load_policy())
+        shown = await ActivityEnvironment().run(activities.read_payout_at_provider, ReversalInput(
+            case_id=payout_case_id("sandbox", payout.provider_payout_id), payout=payout))
+    finally:
+        await stripe.aclose()
+    assert shown == PayoutAtProvider(status=ProviderPayoutStatus.PAID)

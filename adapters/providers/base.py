@@ -162,6 +162,16 @@ def amount_refusal(adapter: ProviderAdapter, amount: int, currency: str) -> str 
 
 
 @runtime_checkable
+class PayoutReader(Protocol):
+    """A provider whose payouts can be read by id (every payout maker and lister)."""
+
+    name: str
+
+    async def get_payout(self, payout_id: str) -> ProviderPayout | None:
+        """A payout by the provider's id, as it stands now (None: the provider has none)."""
+
+
+@runtime_checkable
 class PayoutExecutor(Protocol):
     """A provider that can make a payout (a reissue) and find one by our reference."""
 
