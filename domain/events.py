@@ -108,17 +108,18 @@ final one ends its watch, a success's late-failure window runs from when it was 
 
 
 def tells_nothing_new(applied_refund_id: str | None, applied_status: str | None,
-                      reported: ProviderRefund, booked: tuple[int, str]) -> bool:
+                      reported: ProviderRefund, booked: tuple[int, str] | None) -> bool:
     """Whether an event about a case's refund would be a no-op for its workflow, judged from
     what the workflow itself applied (`refund_cases.applied_*`, written only by its own steps):
     the same refund in the same settled status for the case's money (`booked`: amount and
-    currency; `observe` says SAME and records nothing). Anything else is news: another refund
-    with our reference, a late failure, a stale status (the trail records it), a pending one
-    (it ends a wait for any event about the refund), other money than the case booked (ops
-    read the refund for the case's amount; the provider says another moved)."""
+    currency; None for a case in ops review, whose money ops already look at: a mismatch
+    took it there). Anything else is news: another refund with our reference, a late
+    failure, a stale status (the trail records it), a pending one (it ends a wait for any
+    event about the refund), other money than the case booked (ops read the refund for the
+    case's amount; the provider says another moved)."""
     return (applied_refund_id == reported.refund_id and applied_status == reported.status.value
             and reported.status in SETTLED_PROVIDER_STATUSES
-            and (reported.amount, reported.currency) == booked)
+            and (booked is None or (reported.amount, reported.currency) == booked))
 
 
 def refund_mismatch(request: RefundRequest | ProviderRefund,

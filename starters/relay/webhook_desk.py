@@ -317,8 +317,9 @@ class WebhookDesk:
         case_id = str(row["refund_request_id"])
         bind_case(case_id)
         reported = event.as_refund()
+        booked = None if row["status"] == CaseStatus.OPS_REVIEW else (row["amount"], row["currency"])
         if reported is not None and tells_nothing_new(row["applied_refund_id"], row["applied_status"],
-                                                      reported, (row["amount"], row["currency"])):
+                                                      reported, booked):
             metrics.EVENTS_WITHOUT_NEWS.labels(event.provider).inc()
             log.debug("%s %s repeats what case %s applied (%s): not signalled", event.provider,
                       event.event_id, case_id, reported.status.value)
