@@ -10,9 +10,10 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from adapters.db import Store
 from domain.incidents import DuplicateRefundInput
-from domain.models import ProviderRefund, ProviderRefundStatus
+from domain.models import CaseStatus, ProviderRefund, ProviderRefundStatus
 from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, intercepted, stack_with
+from tests.reconciliation_kit import backfill, history, seed_case, seed_provider, wait_for_breaks
 
 
 async def failed_case(stack: Stack, amount: int = 2_500, requester: str = "alice",
@@ -301,37 +302,87 @@ async def test_a_call_temporal_refuses_is_no_outage_to_send_again(
     assert "INVALID_ARGUMENT" in refused["detail"] and "again" not in refused["detail"]
 
 
-@pytest.mark.parametrize("asked_of", ["the_case", "its_reissue"])
-async def test_no_reissue_while_a_duplicate_of_the_request_holds_its_money(stack: Stack,
+async def failed_reissue(stack: Stack, case_id: str) -> str:
+    """The failed refund `case_id` reissued through the provider by olga, and that reissue
+    failed too: its id."""
+    async with stack.sandbox() as sb:
+        await sb.post("/_sandbox/config", json={"refund_initial_status": "pending"})
+    status, child = await reissue(stack, "olga", case_id)
+    assert status == 202
+    child_id = str(child["refund_request_id"])
+    pending = await stack.wait_for_status(child_id, "pending")
+    async with stack.sandbox() as sb:
+        await sb.post("/_sandbox/config", json={"refund_initial_status": "succeeded"})
+    await stack.set_provider_status(pending["provider_refund_id"], "failed",
+                                    failure_reason="card_account_closed")
+    await stack.wait_for_status(child_id, "refund_failed")
+    return child_id
+
+
+@pytest.mark.parametrize(("raised_on", "asked_of"), [("original", "original"), ("original", "reissue"),
+                                                     ("reissue", "original")])
+async def test_no_reissue_while_a_duplicate_of_the_request_holds_its_money(stack: Stack, raised_on: str,
                                                                           asked_of: str) -> None:
-    """A second refund carrying the request's reference succeeded (a duplicate, raised to ops)
-    and the case's own refund failed: the request's money went back once all the same. A
-    reissue of the case, or of a reissue of it, would pay it again: 409 (audited), nothing
-    created. Before, a case a stuck break had moved to `refund_failed` was reissued and paid."""
+    """A second refund carrying a reference of the request succeeded (a duplicate, raised to
+    ops) and the case's own refund failed: the request's money went back once all the same.
+    A reissue of any refund of the request, the original or a reissue, above or below the
+    duplicate, would pay it again: 409 (audited), nothing created. Before, a case a stuck
+    break had moved to `refund_failed` was reissued and paid."""
     case_id, charge = await failed_case(stack)
-    asked = case_id
-    if asked_of == "its_reissue":
-        async with stack.sandbox() as sb:
-            await sb.post("/_sandbox/config", json={"refund_initial_status": "pending"})
-        status, child = await reissue(stack, "olga", case_id)
-        assert status == 202
-        asked = child["refund_request_id"]
-        pending = await stack.wait_for_status(asked, "pending")
-        async with stack.sandbox() as sb:
-            await sb.post("/_sandbox/config", json={"refund_initial_status": "succeeded"})
-        await stack.set_provider_status(pending["provider_refund_id"], "failed",
-                                        failure_reason="card_account_closed")
-        await stack.wait_for_status(asked, "refund_failed")
-    row = await stack.store.cases.get(case_id)
+    child_id = await failed_reissue(stack, case_id)
+    holder = case_id if raised_on == "original" else child_id
+    asked = case_id if asked_of == "original" else child_id
+    row = await stack.store.cases.get(holder)
     assert row is not None and row["provider_refund_id"] is not None
     duplicate = ProviderRefund(provider="sandbox", refund_id=f"re_{uuid.uuid4().hex[:14]}", charge_id=charge,
                                amount=2_500, currency="USD", status=ProviderRefundStatus.SUCCEEDED,
-                               raw_status="succeeded", reference=case_id)
+                               raw_status="succeeded", reference=holder)
     assert await stack.store.reconciliation.open_duplicate_refund_break(DuplicateRefundInput(
-        case_id=case_id, followed_refund_id=row["provider_refund_id"], duplicate=duplicate, source="test"))
+        case_id=holder, followed_refund_id=row["provider_refund_id"], duplicate=duplicate, source="test"))
     before = await stack.store.cases.children(asked)
     status, refused = await reissue(stack, "olga", asked)
     assert status == 409 and duplicate.refund_id in refused["detail"], refused
     assert await stack.store.cases.children(asked) == before
     trail = await stack.store.audit.trail(asked)
     assert [e["detail"]["refusal"] for e in trail if e["action"] == "action_refused"] == [refused["detail"]]
+
+
+async def test_no_reissue_while_the_provider_shows_the_failed_refund_succeeded(stack: Stack) -> None:
+    """A closed case shows its refund failed; a reconciliation run finds it succeeded at the
+    provider (a bank's correction, its webhook lost) and raises a break for approval, the case
+    still `refund_failed`. A reissue now would pay the request twice once the break is
+    approved: 409 (audited) while the break is unsettled."""
+    refund = history(f"ch_{uuid.uuid4().hex[:8]}", 2_000, days_ago=3)
+    await seed_provider(stack, [refund])
+    case_id = await seed_case(stack, refund, status=CaseStatus.REFUND_FAILED,
+                              held=ProviderRefundStatus.FAILED, settled=0)
+    await backfill(stack, since_days=30)
+    [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    assert found["break_class"] == "provider_succeeded_shown_failed"
+    status, refused = await reissue(stack, "olga", case_id)
+    assert status == 409 and refund["id"] in refused["detail"], refused
+    assert await stack.store.cases.children(case_id) == []
+
+
+@pytest.mark.parametrize("running", ["itself", "its_reissue"])
+async def test_no_reissue_while_a_failed_case_s_workflow_still_runs(stack: Stack, running: str) -> None:
+    """A case row shows `refund_failed` while its run still goes on (it finishes: a
+    notification about its refund that came meanwhile is still taken and followed). A
+    reissue then, of it or of another refund of the same request, could pay beside the refund
+    the run books: 409 (audited) once the answer time passed with the run still going."""
+    charge = await stack.charge(10_000)
+    if running == "itself":
+        asked = running_id = await stack.request_refund("alice", charge, 6_000)  # an approver: it waits
+        await stack.wait_for_status(running_id, "awaiting_approval")
+    else:
+        asked, _ = await failed_case(stack)
+        status, child = await reissue(stack, "olga", asked, method="bank_transfer")  # waits for approval
+        assert status == 202
+        running_id = child["refund_request_id"]
+        await stack.wait_for_status(running_id, "awaiting_approval")
+    await stack.store.database.execute(
+        "UPDATE refund_cases SET status = 'refund_failed' WHERE refund_request_id = %s", (running_id,))
+    before = await stack.store.cases.children(asked)
+    status, refused = await reissue(stack, "olga", asked)
+    assert status == 409 and f"case {running_id}'s workflow is still running" in refused["detail"], refused
+    assert await stack.store.cases.children(asked) == before

@@ -142,6 +142,26 @@ async def test_whoever_declared_a_refund_unpaid_does_not_ask_for_it_to_be_paid_a
     assert await stack.store.cases.children(grandchild) == []
 
 
+async def test_whoever_declared_a_reissue_unpaid_does_not_ask_for_the_original_to_be_paid_again(
+        stack: Stack) -> None:
+    """Vic declared the reissue's transfer unpaid and asked for the original (failed too) to
+    be reissued instead: the same request's money, so the same 403 (audited). The reissue
+    another ops person asks for names him among its trigger identities: he does not approve
+    it either. Before, only the reissued case and those above it were read."""
+    vic = await person(stack, "approver", "ops")
+    child_id = await approved_bank_transfer(stack, await person(stack, "requester"), "bob")
+    await declared_unpaid(stack, vic, child_id)
+    original = (await stack.store.cases.get(child_id))["parent_refund_request_id"]  # type: ignore[index]
+    status, refused = await reissue(stack, vic, original, method="bank_transfer")
+    assert status == 403, refused
+    assert [c["refund_request_id"] for c in await stack.store.cases.children(original)] == [child_id]
+    trail = [(e["actor"], e["action"]) for e in await stack.store.audit.trail(original)]
+    assert (vic, "access_refused") in trail
+    status, second = await reissue(stack, "olga", original, method="bank_transfer")
+    assert status == 202, second
+    assert vic in (await stack.store.cases.get(second["refund_request_id"]))["trigger_identities"]  # type: ignore[index]
+
+
 async def test_a_refund_split_into_parts_needs_the_approvals_of_the_whole(stack: Stack) -> None:
     """The tier is chosen on what leaves the charge: this request and the other refunds still
     holding money on it. Before, a 2,000.00 refund asked as four of 500.00 each needed one

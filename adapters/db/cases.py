@@ -94,6 +94,31 @@ WITH RECURSIVE down AS (
 SELECT c.* FROM down JOIN refund_cases c USING (refund_request_id)
 WHERE down.status <> ALL(%(closed)s) ORDER BY down.created_at LIMIT 1"""
 
+_FAMILY = """
+WITH RECURSIVE down AS (
+    SELECT refund_request_id FROM refund_cases WHERE refund_request_id = %s
+    UNION ALL
+    SELECT c.refund_request_id
+    FROM refund_cases c JOIN down ON c.parent_refund_request_id = down.refund_request_id
+)
+SELECT refund_request_id FROM down"""
+# Breaks on a family's cases saying money of the request moved or may move outside the case
+# that would be reissued: a duplicate refund not failed or canceled (whatever ops did with
+# its break, the money moved), and a refund of a case shown failed that the provider shows
+# succeeded or still pending, not settled yet.
+_MONEY_MOVED_ELSEWHERE = """
+SELECT DISTINCT ON (object_id) object_id, break_class FROM reconciliation_breaks
+WHERE chain = ANY(%(family)s) AND provider_status NOT IN ('failed', 'canceled')
+  AND (break_class = 'duplicate_refund'
+       OR (break_class IN ('provider_succeeded_shown_failed', 'stuck_non_terminal')
+           AND state NOT IN ('resolved', 'dismissed')))
+ORDER BY object_id, id DESC"""
+
+
+class MoneyMovedElsewhere(Exception):
+    """A reissue refused: a refund outside the reissued case moved (or may move) the
+    request's money (the refunds and their breaks' classes: the message)."""
+
 
 def _case_values(request: RefundRequest, requester: str) -> dict[str, Any]:
     return {"refund_request_id": request.refund_request_id, "provider": request.provider,
@@ -175,7 +200,9 @@ class CaseRepository(Repository):
                              requester: str) -> tuple[CaseCreation | None, CaseRow]:
         """A reissue's case, unless a member of its family (the original request, its
         reissues and theirs: one request's money) has not ended: then (None, that member).
-        Under the original's row lock, so two reissues of one family never both open."""
+        Under the original's row lock, so two reissues of one family never both open.
+        Raises MoneyMovedElsewhere when a break on any member says a refund paid (or may
+        pay) the request's money (`_MONEY_MOVED_ELSEWHERE`): the reissue would pay again."""
         assert request.parent_refund_request_id is not None
         async with self._db.transaction() as conn:
             cur = await conn.execute(_FAMILY_ROOT, (request.parent_refund_request_id,))
@@ -188,7 +215,21 @@ class CaseRepository(Repository):
             member = await cur.fetchone()
             if member is not None:
                 return None, CaseRow.from_row(member)
+            family = [r["refund_request_id"] for r in await (await conn.execute(
+                _FAMILY, (root["refund_request_id"],))).fetchall()]
+            moved = await (await conn.execute(_MONEY_MOVED_ELSEWHERE, {"family": family})).fetchall()
+            if moved:
+                raise MoneyMovedElsewhere(", ".join(f"{m['object_id']} ({m['break_class']})" for m in moved))
             return await self._create_in(conn, request, requester)
+
+    async def family(self, case_id: str) -> list[str]:
+        """Every case of `case_id`'s reissue family: the original request and all below it."""
+        async with self._db.transaction() as conn:
+            root = await (await conn.execute(_FAMILY_ROOT, (case_id,))).fetchone()
+            if root is None:
+                return []
+            rows = await (await conn.execute(_FAMILY, (root["refund_request_id"],))).fetchall()
+        return [r["refund_request_id"] for r in rows]
 
     @staticmethod
     async def _create_in(conn: Conn, request: RefundRequest, requester: str) -> tuple[CaseCreation, CaseRow]:

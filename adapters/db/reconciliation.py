@@ -777,16 +777,6 @@ class ReconciliationRepository(Repository):
             await self._announce(conn, row, notify=False)
             return dict(row)
 
-    async def duplicates_holding_money(self, case_ids: Sequence[str]) -> list[str]:
-        """The duplicate refunds raised on these cases whose last word at the provider was no
-        failure or cancel: each paid (or may pay) the request's money, so a reissue of it
-        would pay again. Conservative: a duplicate that failed later, unheard, still counts."""
-        rows = await self._db.fetch_all(
-            "SELECT DISTINCT ON (object_id) object_id, provider_status FROM reconciliation_breaks"
-            " WHERE break_class = 'duplicate_refund' AND chain = ANY(%s) ORDER BY object_id, id DESC",
-            (list(case_ids),))
-        return [r["object_id"] for r in rows if r["provider_status"] not in ("failed", "canceled")]
-
     # -- reopening ------------------------------------------------------------------------
 
     async def reopen(self, break_id: int, actor: str, reason: str, seen_round: int,

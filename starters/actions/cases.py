@@ -6,6 +6,7 @@ duties and the same state checks whichever door it came through. Every refusal i
 to the audit trail here, before the caller turns it into an HTTP answer or a page.
 """
 
+import asyncio
 import hashlib
 from collections.abc import Iterable, Mapping
 from typing import Any, NoReturn
@@ -16,12 +17,14 @@ from temporalio.service import RPCError
 
 from adapters.config import Settings
 from adapters.db import CaseCreation, Principal, Store, request_from_row
+from adapters.db.cases import MoneyMovedElsewhere
 from adapters.db.rows import ApprovalStep, CaseRow, ManualRefundRow
 from adapters.providers.base import ProviderAdapter
 from adapters.providers.manual import manual_refund
 from adapters.temporal_client import workflow_closed
 from domain.lifecycle import check_approval, unfilled
 from domain.models import (
+    CLOSED_STATUSES,
     ApprovalProgress,
     ApprovalSignal,
     ApprovalVerdict,
@@ -127,8 +130,8 @@ refund stands behind its reissue (their word that nothing went is why it goes ag
 def reissue_request(parent: CaseRow, body: ReissueBody, attempt: int,
                     witnesses: Iterable[str] = ()) -> RefundRequest:
     """The child request: same charge and amount, its own id, linked to its parent; the
-    parent's requester and `witnesses` (who said what its money did) are behind it, so
-    cannot approve it."""
+    parent's requester and `witnesses` (who said what the request's money did) are behind
+    it, so cannot approve it."""
     original = request_from_row(parent)
     # validated as any request is (ValidationError when the child breaks a rule its parent
     # kept: an id or evidence at the limit), so no worker is handed a request it cannot read
@@ -139,7 +142,7 @@ def reissue_request(parent: CaseRow, body: ReissueBody, attempt: int,
         "source": RequestSource.CONSOLE, "method": body.method,
         "parent_refund_request_id": original.refund_request_id,
         "trigger_identities": tuple(dict.fromkeys([*original.trigger_identities, parent.requester,
-                                                   *witnesses]))})
+                                                   *sorted(witnesses)]))})
 
 
 class CaseActions:
@@ -234,20 +237,21 @@ class CaseActions:
             await self.refuse(caller, case_id, 409, action,
                               f"case is {parent['status']}; only {sorted(REISSUABLE)} refunds can "
                               "be reissued", via=via)
-        above = await self._above(parent)
-        if duplicates := await self.store.reconciliation.duplicates_holding_money([case_id, *above]):
+        # every refund of the request counts: the original, its reissues and theirs
+        family = await self.store.cases.family(case_id)
+        if running := await self._still_running(family):
             await self.refuse(caller, case_id, 409, action,
-                              f"refund {', '.join(duplicates)} at the provider, a duplicate of this request "
-                              "(raised to ops), moved its money: a reissue would pay it again; ops "
-                              "settle the duplicate first", via=via)
+                              f"case {running}'s workflow is still running: it may yet take news of its "
+                              "refund (and book it); ask again once it has ended", via=via)
         children = await self.store.cases.children(case_id)
-        witnesses = await self.store.audit.actors_of(case_id, SAID_WHAT_THE_MONEY_DID)
-        if caller.user in witnesses or caller.user in await self._witnesses_of(above):
+        witnesses = {actor for member in family
+                     for actor in await self.store.audit.actors_of(member, SAID_WHAT_THE_MONEY_DID)}
+        if caller.user in witnesses:
             # a small reissue is auto-approved: nobody else would act
             await self.refuse(caller, case_id, 403, action,
-                              f"{caller.user} said what this refund's money did (its transfer or its "
-                              "provider wait, or those of a refund it reissues): another person asks "
-                              "for it to be paid again", via=via, audit_action="access_refused")
+                              f"{caller.user} said what this request's money did (a transfer or a "
+                              "provider wait of one of its refunds): another person asks for it to be "
+                              "paid again", via=via, audit_action="access_refused")
         try:
             request = reissue_request(parent, body, attempt=len(children) + 1, witnesses=witnesses)
         except ValidationError as exc:
@@ -261,7 +265,13 @@ class CaseActions:
                               "reissue it by bank transfer, or request a new refund", via=via)
         # a member that ended (failed, rejected, denied, expired) is not open: the next
         # reissue goes through the same gates
-        outcome, row = await self.store.cases.create_reissue(request, caller.user)
+        try:
+            outcome, row = await self.store.cases.create_reissue(request, caller.user)
+        except MoneyMovedElsewhere as moved:
+            await self.refuse(caller, case_id, 409, action,
+                              f"another refund of this request moved or may move its money ({moved}; "
+                              "raised to ops): a reissue would pay it again; ops settle that first",
+                              via=via)
         if outcome is None:
             if row["parent_refund_request_id"] is not None:  # a reissue whose start may have failed
                 await start_refund(self.client, self.settings, request_from_row(row), row["requester"],
@@ -276,20 +286,21 @@ class CaseActions:
         await start_refund(self.client, self.settings, request, row["requester"], row["status"])
         return True, await self.view(request.refund_request_id)
 
-    async def _above(self, case: CaseRow) -> list[str]:
-        """The refunds `case` reissues (its parent, and theirs): the same request's money,
-        whichever reissue of it is asked again."""
-        found: list[str] = []
-        parent_id = case["parent_refund_request_id"]
-        while parent_id is not None and (parent := await self.store.cases.get(parent_id)) is not None:
-            found.append(parent_id)
-            parent_id = parent["parent_refund_request_id"]
-        return found
-
-    async def _witnesses_of(self, case_ids: list[str]) -> set[str]:
-        """Who said what the money of these refunds did."""
-        return {actor for case_id in case_ids
-                for actor in await self.store.audit.actors_of(case_id, SAID_WHAT_THE_MONEY_DID)}
+    async def _still_running(self, family: list[str]) -> str | None:
+        """A family member whose workflow still runs after the answer time (waited for),
+        else None: a case shows `refund_failed` as its run finishes, and the run still takes
+        a notification about its refund that came meanwhile (and follows it), so a reissue
+        before its end could pay beside it. (The family's open members are `create_reissue`'s.)"""
+        deadline = asyncio.get_running_loop().time() + self.settings.approval_answer_seconds
+        for member in family:
+            row = await self.store.cases.get(member)
+            if row is None or row["status"] not in CLOSED_STATUSES:
+                continue
+            while await workflow_closed(self.client, member) is None:
+                if asyncio.get_running_loop().time() >= deadline:
+                    return member
+                await asyncio.sleep(0.2)
+        return None
 
     async def _confirmed_again(self, caller: Principal, case_id: str, body: ManualConfirmationBody,
                                action: str, *, via: str) -> ManualRefundRow:
