@@ -329,6 +329,7 @@ class PayoutAtProvider(Frozen):
     lookup: bool = True
 
     def confirmed_failed(self) -> bool:
+        """Whether the provider shows the money back (failed, canceled, reversed)."""
         return self.status in EXCEPTION_STATUSES
 
     def shown(self) -> str:
