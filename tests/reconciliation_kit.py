@@ -112,6 +112,20 @@ async def break_awaiting_approval(stack: Stack, *, moved_to: str, requester: str
     return case_id, found
 
 
+async def success_shown_failed(stack: Stack) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """A closed case showing its refund failed, which the provider shows succeeded (a bank's
+    correction, its webhook lost), backfilled into a `provider_succeeded_shown_failed` break
+    waiting for approval: (case id, the provider's refund, the break's row)."""
+    refund = history(f"ch_{uuid.uuid4().hex[:8]}", 2_000, days_ago=3)
+    await seed_provider(stack, [refund])
+    case_id = await seed_case(stack, refund, status=CaseStatus.REFUND_FAILED,
+                              held=ProviderRefundStatus.FAILED, settled=0)
+    await backfill(stack, since_days=30)
+    [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    assert found["break_class"] == "provider_succeeded_shown_failed"
+    return case_id, refund, found
+
+
 async def failed_break_with_a_trigger(stack: Stack, *, requester: str = "bob",
                                       trigger: str = "carol") -> tuple[str, dict[str, Any]]:
     """A case shown refunded whose refund the provider failed, with `trigger` among the

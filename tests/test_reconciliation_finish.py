@@ -73,6 +73,7 @@ from tests.reconciliation_kit import (
     reopen,
     seed_case,
     seed_provider,
+    success_shown_failed,
     wait_for_breaks,
 )
 from tests.test_approval_races import hold_writes_of
@@ -975,13 +976,7 @@ async def test_an_approved_refund_break_moves_nothing_once_the_provider_changed_
     with the case, so no newer break). The approval was given for a success; settled on
     the stored word it posted a refund the provider never made and showed the case
     refunded. It goes to ops review with nothing posted."""
-    refund = history(f"ch_{uuid.uuid4().hex[:8]}", 2_000, days_ago=3)
-    await seed_provider(stack, [refund])
-    case_id = await seed_case(stack, refund, status=CaseStatus.REFUND_FAILED,
-                              held=ProviderRefundStatus.FAILED, settled=0)
-    await backfill(stack, since_days=30)
-    [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
-    assert found["break_class"] == "provider_succeeded_shown_failed"
+    case_id, refund, found = await success_shown_failed(stack)
     await move_at_provider(stack, refund["id"], "failed", "card_account_closed")
     assert (await decide(stack, "carol", found["id"])).status_code == 202
     [settled] = await wait_for_breaks(stack, [refund["id"]], "ops_review", "resolved")

@@ -10,10 +10,10 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from adapters.db import Store
 from domain.incidents import DuplicateRefundInput
-from domain.models import CaseStatus, ProviderRefund, ProviderRefundStatus
+from domain.models import ProviderRefund, ProviderRefundStatus
 from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, intercepted, stack_with
-from tests.reconciliation_kit import backfill, history, seed_case, seed_provider, wait_for_breaks
+from tests.reconciliation_kit import success_shown_failed
 
 
 async def failed_case(stack: Stack, amount: int = 2_500, requester: str = "alice",
@@ -352,13 +352,7 @@ async def test_no_reissue_while_the_provider_shows_the_failed_refund_succeeded(s
     provider (a bank's correction, its webhook lost) and raises a break for approval, the case
     still `refund_failed`. A reissue now would pay the request twice once the break is
     approved: 409 (audited) while the break is unsettled."""
-    refund = history(f"ch_{uuid.uuid4().hex[:8]}", 2_000, days_ago=3)
-    await seed_provider(stack, [refund])
-    case_id = await seed_case(stack, refund, status=CaseStatus.REFUND_FAILED,
-                              held=ProviderRefundStatus.FAILED, settled=0)
-    await backfill(stack, since_days=30)
-    [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
-    assert found["break_class"] == "provider_succeeded_shown_failed"
+    case_id, refund, _ = await success_shown_failed(stack)
     status, refused = await reissue(stack, "olga", case_id)
     assert status == 409 and refund["id"] in refused["detail"], refused
     assert await stack.store.cases.children(case_id) == []

@@ -88,6 +88,16 @@ async def start(client: Client, task_queue: str, *,
         start_signal_args=[payout_event("evt_1", ProviderPayoutStatus.FAILED)])
 
 
+async def approved(client: Client, fakes: FakeActivities,
+                   reissue_window: timedelta = timedelta(milliseconds=200)) -> PayoutCaseState:
+    """A case opened and its reversal approved as soon as asked, run to its end."""
+    async with fake_worker(client, fakes) as queue:
+        handle = await start(client, queue, reissue_window=reissue_window)
+        await fakes.seen("approval_requested")
+        await handle.signal(PayoutReversalWorkflow.approve, APPROVE)
+        return await handle.result()
+
+
 async def test_approved_runbook_holds_reverses_tickets_and_notifies(client: Client) -> None:
     fakes = payout_fakes()
     async with fake_worker(client, fakes) as queue:
@@ -110,11 +120,7 @@ async def test_an_approved_reversal_the_provider_does_not_show_failed_holds_and_
         client: Client, shown: PayoutAtProvider) -> None:
     fakes = payout_fakes()
     fakes.script(contracts.READ_PAYOUT_AT_PROVIDER, shown)
-    async with fake_worker(client, fakes) as queue:
-        handle = await start(client, queue, reissue_window=timedelta(milliseconds=200))
-        await fakes.seen("approval_requested")
-        await handle.signal(PayoutReversalWorkflow.approve, APPROVE)
-        state = await handle.result()
+    state = await approved(client, fakes)
     assert state.status is PayoutCaseStatus.OPS_REVIEW and state.runbook == ()
     assert fakes.names(HOLD, REVERSAL) == []
     assert fakes.recorded()[-1] == "payout_not_failed_at_provider"
@@ -153,11 +159,7 @@ async def test_an_event_that_lands_while_the_case_reads_the_provider_is_taken_be
 async def test_a_provider_with_no_payout_lookup_leaves_the_signed_failure_standing(client: Client) -> None:
     fakes = payout_fakes()
     fakes.script(contracts.READ_PAYOUT_AT_PROVIDER, PayoutAtProvider(unread="no lookup", lookup=False))
-    async with fake_worker(client, fakes) as queue:
-        handle = await start(client, queue, reissue_window=timedelta(milliseconds=200))
-        await fakes.seen("approval_requested")
-        await handle.signal(PayoutReversalWorkflow.approve, APPROVE)
-        state = await handle.result()
+    state = await approved(client, fakes)
     assert state.status is PayoutCaseStatus.REMEDIATED
     assert fakes.names(HOLD, REVERSAL) == [HOLD.name, REVERSAL.name]
     assert "payout_status_unconfirmed" in fakes.recorded()
@@ -201,11 +203,7 @@ async def test_denied_case_holds_nothing(client: Client) -> None:
 async def test_compensating_entry_not_posted_rolls_the_hold_back(client: Client) -> None:
     fakes = payout_fakes()
     fakes.script(REVERSAL, ApplicationError("ledger unavailable"))
-    async with fake_worker(client, fakes) as queue:
-        handle = await start(client, queue, reissue_window=timedelta(minutes=5))
-        await fakes.seen("approval_requested")
-        await handle.signal(PayoutReversalWorkflow.approve, APPROVE)
-        state = await handle.result()
+    state = await approved(client, fakes, reissue_window=timedelta(minutes=5))
     assert state.status is PayoutCaseStatus.ROLLED_BACK
     assert state.runbook == ("hold", "rollback")
     assert fakes.names(HOLD, RELEASE, TICKET) == [HOLD.name, RELEASE.name, TICKET.name]
