@@ -13,7 +13,7 @@ from domain.incidents import DuplicateRefundInput
 from domain.models import ProviderRefund, ProviderRefundStatus
 from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, intercepted, stack_with
-from tests.reconciliation_kit import success_shown_failed
+from tests.reconciliation_kit import backfill, history, move_at_provider, success_shown_failed, wait_for_breaks
 
 
 async def failed_case(stack: Stack, amount: int = 2_500, requester: str = "alice",
@@ -345,6 +345,33 @@ async def test_no_reissue_while_a_duplicate_of_the_request_holds_its_money(stack
     assert await stack.store.cases.children(asked) == before
     trail = await stack.store.audit.trail(asked)
     assert [e["detail"]["refusal"] for e in trail if e["action"] == "action_refused"] == [refused["detail"]]
+
+
+async def test_a_duplicate_that_failed_since_leaves_the_request_reissuable(stack: Stack) -> None:
+    """A second refund carrying the request's reference, listed while still pending, was
+    raised as a duplicate and refused the reissue (it might yet pay). It then failed at the
+    provider: it moved no money, and the next run that lists it says so on its break. The
+    request's failed refund is reissued; before, the break kept "pending" and refused every
+    reissue of the request for good."""
+    case_id, charge = await failed_case(stack)
+    twice = history(charge, 2_500, days_ago=1, status="pending", reference=case_id)
+    async with stack.sandbox() as sb:
+        (await sb.post("/_sandbox/import", json={"charges": [], "refunds": [twice]})).raise_for_status()
+    await backfill(stack, since_days=30)
+    [raised] = await wait_for_breaks(stack, [twice["id"]], "ops_review")
+    assert (raised["break_class"], raised["provider_status"]) == ("duplicate_refund", "pending")
+    status, refused = await reissue(stack, "olga", case_id)
+    assert status == 409 and twice["id"] in refused["detail"], refused
+    await move_at_provider(stack, twice["id"], "failed", "card_account_closed")
+    await backfill(stack, since_days=30)
+    [settled] = await wait_for_breaks(stack, [twice["id"]], "ops_review")
+    assert (settled["id"], settled["provider_status"], settled["failure_reason"], settled["ledger_delta"]) == (
+        raised["id"], "failed", "card_account_closed", 0)
+    assert settled["evidence"]["provider"]["status"] == "failed"
+    status, made = await reissue(stack, "olga", case_id)
+    assert status == 202, made
+    assert [c["refund_request_id"] for c in await stack.store.cases.children(case_id)] == [
+        made["refund_request_id"]]
 
 
 async def test_no_reissue_while_the_provider_shows_the_failed_refund_succeeded(stack: Stack) -> None:

@@ -106,6 +106,18 @@ WITH matched AS (
                  WHEN f.ledger_net <> f.expected_net AND f.case_status <> %(ledger_pending)s
                      THEN 'ledger_missing' END END
     ], NULL) END) AS k(break_class)
+), unmoved AS (
+    -- a duplicate raised while it might still pay that failed or was canceled since moved no
+    -- money: its break says so (a reissue of the request reads it) and stays with ops
+    UPDATE reconciliation_breaks r SET provider_status = f.status, raw_status = f.raw_status,
+        failure_reason = f.failure_reason, ledger_delta = f.expected_net,
+        evidence = jsonb_set(r.evidence, '{provider}', coalesce(r.evidence->'provider', '{}')
+            || jsonb_build_object('status', f.status, 'raw_status', f.raw_status,
+                                  'failure_reason', f.failure_reason))
+    FROM flagged f
+    WHERE f.duplicate AND f.status IN ('failed', 'canceled') AND r.provider = %(provider)s
+      AND r.object_id = f.object_id AND r.break_class = 'duplicate_refund'
+      AND r.provider_status IS DISTINCT FROM f.status
 ), inserted AS (
     INSERT INTO reconciliation_breaks (
         provider, object_id, break_class, refund_request_id, chain, charge_id, amount, currency,
