@@ -148,6 +148,23 @@ async def test_json_past_what_a_parser_reads_is_refused_and_recorded(stack: Stac
                 and "JSON" in str(e["detail"].get("refusal"))]) >= 2
 
 
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e400"])
+async def test_a_number_json_does_not_have_is_refused_and_recorded(stack: Stack, number: str) -> None:
+    """Python's parser reads NaN and Infinity (no JSON numbers) and a number past a float's
+    range as infinity: validation refused the value, but its error, which quotes it, could
+    not be written as JSON, and the caller got a 500 the trail called a 422."""
+    charge = await stack.charge(10_000)
+    sent = stack.refund_body(charge, 1_000)
+    body = json.dumps(sent).replace('"amount": 1000', f'"amount": {number}')
+    async with stack.api("alice") as api:
+        refused = await api.post("/v1/refund-requests", content=body.encode(),
+                                 headers={"Content-Type": "application/json"})
+    assert refused.status_code == 422 and number.lstrip("-") in refused.json()["detail"], refused.text
+    assert [e for e in await stack.store.audit.trail("") if e["actor"] == "alice"
+            and e["detail"].get("refusal") == refused.json()["detail"]]
+    await assert_untouched(stack, sent["refund_request_id"], charge)
+
+
 async def test_only_the_codec_endpoints_take_the_codec_s_allowances(stack: Stack) -> None:
     """A case whose id is `codec` is no codec endpoint: its approvals are checked as any
     JSON body (a name given twice refused: which value counts is up to each reader)."""

@@ -2,6 +2,7 @@
 
 import email.message
 import json
+import math
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -156,14 +157,34 @@ def _unique_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
+class _NoJsonNumber(Exception):
+    pass
+
+
+def _no_constant(name: str) -> Any:
+    raise _NoJsonNumber(name)
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise _NoJsonNumber(text[:64])
+    return number
+
+
 def _json_problem(body: bytes, *, names_once: bool) -> tuple[int, str] | None:
     """Why a JSON body is refused before its route parses it, or None (for a body that is
     not JSON at all too: its route refuses that, naming where): a name given twice in one
     object (`names_once`: which value counts is up to each reader), a string PostgreSQL
-    cannot store, or JSON no parser here reads (a number of more than 4,300 digits, nesting
-    past the recursion limit: the route's parser failed with a bare, unrecorded 400)."""
+    cannot store, JSON no parser here reads (a number of more than 4,300 digits, nesting
+    past the recursion limit: the route's parser failed with a bare, unrecorded 400), or
+    NaN, Infinity or a number past a float's range, which Python's parser reads but no JSON
+    answer can quote (the route's refusal of one became a 500)."""
     try:
-        parsed = json.loads(body, object_pairs_hook=_unique_names if names_once else None)
+        parsed = json.loads(body, object_pairs_hook=_unique_names if names_once else None,
+                            parse_constant=_no_constant, parse_float=_finite)
+    except _NoJsonNumber as number:
+        return 422, f"the JSON body holds {number.args[0]}, which is no JSON number"
     except _NamedTwice as twice:
         return 400, (f"the JSON body names {str(twice.args[0])[:64]!r} twice in one object: which "
                      "value counts is up to each reader")
