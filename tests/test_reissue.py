@@ -14,6 +14,7 @@ from domain.models import ProviderRefund, ProviderRefundStatus
 from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, intercepted, stack_with
 from tests.reconciliation_kit import backfill, history, move_at_provider, success_shown_failed, wait_for_breaks
+from tests.test_reconciliation import decide
 
 
 async def failed_case(stack: Stack, amount: int = 2_500, requester: str = "alice",
@@ -374,12 +375,17 @@ async def test_a_duplicate_that_failed_since_leaves_the_request_reissuable(stack
         made["refund_request_id"]]
 
 
-async def test_no_reissue_while_the_provider_shows_the_failed_refund_succeeded(stack: Stack) -> None:
+@pytest.mark.parametrize("denied", [False, True])
+async def test_no_reissue_while_the_provider_shows_the_failed_refund_succeeded(stack: Stack, denied: bool) -> None:
     """A closed case shows its refund failed; a reconciliation run finds it succeeded at the
     provider (a bank's correction, its webhook lost) and raises a break for approval, the case
     still `refund_failed`. A reissue now would pay the request twice once the break is
-    approved: 409 (audited) while the break is unsettled."""
-    case_id, refund, _ = await success_shown_failed(stack)
+    approved: 409 (audited) while the break is unsettled, and after one person denied it
+    (the provider still says the money went back; before, a denial let the reissue pay)."""
+    case_id, refund, found = await success_shown_failed(stack)
+    if denied:
+        assert (await decide(stack, "bob", int(found["id"]), "deny")).status_code == 202
+        await wait_for_breaks(stack, [refund["id"]], "dismissed")
     status, refused = await reissue(stack, "olga", case_id)
     assert status == 409 and refund["id"] in refused["detail"], refused
     assert await stack.store.cases.children(case_id) == []

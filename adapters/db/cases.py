@@ -105,13 +105,14 @@ SELECT refund_request_id FROM down"""
 # Breaks on a family's cases saying money of the request moved or may move outside the case
 # that would be reissued: a duplicate refund not failed or canceled (whatever ops did with
 # its break, the money moved), and a refund of a case shown failed that the provider shows
-# succeeded or still pending, not settled yet.
+# succeeded or still pending, its break not resolved (a denial or an expiry corrects nothing:
+# the provider's word stands).
 _MONEY_MOVED_ELSEWHERE = """
 SELECT DISTINCT ON (object_id) object_id, break_class FROM reconciliation_breaks
 WHERE chain = ANY(%(family)s) AND provider_status NOT IN ('failed', 'canceled')
   AND (break_class = 'duplicate_refund'
        OR (break_class IN ('provider_succeeded_shown_failed', 'stuck_non_terminal')
-           AND state NOT IN ('resolved', 'dismissed')))
+           AND state <> 'resolved'))
 ORDER BY object_id, id DESC"""
 
 
