@@ -195,10 +195,13 @@ async def test_a_body_is_checked_as_its_parser_reads_it(stack: Stack) -> None:
         assert utf7.status_code == 415, utf7.text
         plain = await api.post(path, content=b"approve", headers={"Content-Type": "text/plain"})
         assert plain.status_code == 415, plain.text
+        # no Content-Type: the route read the JSON as bytes and answered "not an object"
+        unnamed = await api.post(path, content=b'{"decision": "approve", "reason": "ok"}')
+        assert unnamed.status_code == 415 and "Content-Type" in unnamed.json()["detail"], unnamed.text
     assert (await stack.store.cases.get(case_id))["status"] == "awaiting_approval"  # type: ignore[index]
     refused = [e["detail"]["refusal"] for e in await stack.store.audit.trail("")
                if e["actor"] == "bob" and e["detail"].get("action") == f"POST {path}"]
-    assert len(refused) == 3, refused
+    assert len(refused) == 4 and "Content-Type" in refused[-1], refused
 
     charge = await stack.charge(10_000)
     body = stack.refund_body(charge, 1_000, evidence={"note": "SURROGATE"})

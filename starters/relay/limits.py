@@ -105,12 +105,16 @@ class InputGuard:
         """Why a body cannot be checked as its route will parse it, or None: one Content-Type
         (the guard and the parser must read the same one), JSON or a URL-encoded form in
         UTF-8 (another charset or multipart decodes NULs and surrogates the checks cannot
-        see), and bytes that are UTF-8 (JSON decodes raw surrogate bytes)."""
+        see), and bytes that are UTF-8 (JSON decodes raw surrogate bytes). A body with no
+        Content-Type is refused too: the routes read it as bytes, not JSON, and answered
+        "not an object" for well-formed JSON."""
         if content_types > 1:
             return 400, "send one Content-Type header"
         if not body:
             return None
-        if media_type not in ("", JSON_TYPE, FORM_TYPE) or charset not in ("", "utf-8", "utf8"):
+        if not content_types:
+            return 415, "send Content-Type: application/json with a JSON body"
+        if media_type not in (JSON_TYPE, FORM_TYPE) or charset not in ("", "utf-8", "utf8"):
             return 415, "send JSON or a URL-encoded form, in UTF-8"
         try:
             body.decode("utf-8")
