@@ -165,6 +165,23 @@ async def test_a_number_json_does_not_have_is_refused_and_recorded(stack: Stack,
     await assert_untouched(stack, sent["refund_request_id"], charge)
 
 
+async def test_a_refusal_records_the_caller_s_field_names_cut_short(stack: Stack) -> None:
+    """A name the caller chose (an unknown field, an evidence key) is where validation
+    failed: the refusal quoted it whole, so each request could grow the shared trail by
+    the body's limit. It is cut as the guard cuts names (64 characters)."""
+    charge = await stack.charge(10_000)
+    long_name = "x" * 200_000
+    for sent in (stack.refund_body(charge, 1_000, **{long_name: 1}),
+                 stack.refund_body(charge, 1_000, evidence={long_name: {"a": [1]}})):
+        async with stack.api("alice") as api:
+            refused = await api.post("/v1/refund-requests", json=sent)
+        assert refused.status_code == 422, refused.text[:200]
+        await assert_untouched(stack, sent["refund_request_id"], charge)
+    recorded = [str(e["detail"]["refusal"]) for e in await stack.store.audit.trail("")
+                if e["actor"] == "alice" and "x" * 64 in str(e["detail"].get("refusal"))]
+    assert len(recorded) == 2 and all(len(r) < 1_000 for r in recorded), [r[:120] for r in recorded]
+
+
 async def test_only_the_codec_endpoints_take_the_codec_s_allowances(stack: Stack) -> None:
     """A case whose id is `codec` is no codec endpoint: its approvals are checked as any
     JSON body (a name given twice refused: which value counts is up to each reader)."""

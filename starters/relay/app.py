@@ -138,7 +138,8 @@ async def temporal_unavailable(request: Request, exc: Exception) -> Response:
 async def invalid(request: Request, exc: Exception) -> Response:
     """Bad input is answered 422 as usual and recorded, under the caller's name when the
     token (or, in the console, its session) is valid (FastAPI validates before our handlers
-    run, so we look it up here)."""
+    run, so we look it up here). Where it failed is cut as the guard cuts names: a field
+    name is the caller's to choose, and the trail is everyone's."""
     assert isinstance(exc, RequestValidationError)
     door = front_door(request)
     caller, via = await caller_of(request)
@@ -149,7 +150,7 @@ async def invalid(request: Request, exc: Exception) -> Response:
     else:
         await door.store.audit.record(None, caller.user, "action_refused", {
             "action": action, "via": via,
-            "refusal": f"invalid {'.'.join(str(p) for p in first['loc'])}: {first['msg']}"})
+            "refusal": f"invalid {'.'.join(str(p)[:64] for p in first['loc'])}: {str(first['msg'])[:200]}"})
     return await request_validation_exception_handler(request, exc)
 
 
