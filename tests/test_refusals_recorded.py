@@ -46,3 +46,24 @@ async def test_a_refused_action_is_recorded_under_the_caller(stack: Stack, call:
     assert answer.status_code == status, answer.text
     refused = await refusals_of(stack, user, action)
     assert refused and refused[-1]["refusal"] == answer.json()["detail"], refused
+
+
+READS = {
+    "payout": ("/v1/payouts/po_nope", "reading a payout"),
+    "payout_exception": ("/v1/payout-exceptions/sandbox-payout-po_nope", "reading a payout exception"),
+    "reconciliation_run": ("/v1/reconciliation/runs/run-nope", "reading a reconciliation run"),
+    "reconciliation_break": (f"/v1/reconciliation/breaks/{MISSING_BREAK}", "reading a reconciliation break"),
+}
+
+
+@pytest.mark.parametrize("read", list(READS))
+async def test_a_read_of_nothing_is_recorded_under_the_caller(stack: Stack, read: str) -> None:
+    """A read of a payout, payout exception, run or break that does not exist is refused
+    404 and recorded, as a read of a refund request that does not exist is (before, these
+    answered 404 and the trail said nothing)."""
+    path, action = READS[read]
+    async with stack.api("olga") as api:
+        answer = await api.get(path)
+    assert answer.status_code == 404, answer.text
+    refused = await refusals_of(stack, "olga", action)
+    assert refused and refused[-1]["refusal"] == answer.json()["detail"], refused

@@ -80,7 +80,8 @@ async def get_payout(payout_id: str, caller: Caller, door: Door) -> dict[str, An
     await door.actions.require(caller, Permission.READ_PAYOUTS, "reading a payout", None, via="api")
     payout = await door.store.payouts.payout(payout_id)
     if payout is None:
-        raise HTTPException(404, f"no payout {payout_id!r}")
+        await door.actions.refuse(caller, None, 404, "reading a payout", f"no payout {payout_id!r}",
+                                  via="api")
     case_id = payout_case_id(payout.provider, payout.provider_payout_id)
     case = await door.store.payouts.case(case_id)
     return {"payout": payout.model_dump(mode="json"), "case_id": case_id,
@@ -95,7 +96,8 @@ async def get_payout_exception(case_id: str, caller: Caller, door: Door) -> dict
                                via="api")
     view = await payout_case_view(door.store, case_id)
     if view is None:
-        raise HTTPException(404, f"no payout exception {case_id!r}")
+        await door.actions.refuse(caller, None, 404, "reading a payout exception",
+                                  f"no payout exception {case_id!r}", via="api")
     return view
 
 

@@ -6,7 +6,7 @@ or expired one (ops)."""
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Response
+from fastapi import APIRouter, Response
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 
@@ -90,7 +90,8 @@ async def get_run(run_id: str, caller: Caller, door: Door) -> dict[str, Any]:
                                via="api")
     report = await door.store.reconciliation.report(run_id)
     if report is None:
-        raise HTTPException(404, f"no reconciliation run {run_id!r}")
+        await door.actions.refuse(caller, None, 404, "reading a reconciliation run",
+                                  f"no reconciliation run {run_id!r}", via="api")
     breaks = door.store.reconciliation.breaks(run_id, REPORT_BREAKS)
     return {**report, "breaks": [break_view(b) async for b in breaks]}
 
@@ -102,7 +103,8 @@ async def get_break(break_id: int, caller: Caller, door: Door) -> dict[str, Any]
                                via="api")
     row = await door.store.reconciliation.get_break(break_id)
     if row is None:
-        raise HTTPException(404, f"no reconciliation break {break_id}")
+        await door.actions.refuse(caller, None, 404, "reading a reconciliation break",
+                                  f"no reconciliation break {break_id}", via="api")
     return break_view(row)
 
 
