@@ -196,6 +196,24 @@ async def test_webhook_for_unknown_provider_is_404_and_recorded(stack: Stack) ->
     await assert_untouched(stack, f"sandbox-{rrq}", charge)
 
 
+async def test_the_receipts_list_is_read_a_page_at_a_time(stack: Stack) -> None:
+    """Receipts that moved something are kept for good, and anyone may add refused ones: the
+    list read every receipt of a provider into memory on each call. It answers pages (at
+    most 500, after the receipt id given), oldest first."""
+    name = f"nopay{uuid.uuid4().hex[:8]}"
+    async with httpx.AsyncClient(base_url=stack.relay_url, timeout=30) as http:
+        ids = [(await http.post(f"/webhooks/{name}", content=b"{}")).json()["receipt_id"] for _ in range(3)]
+    async with stack.api("olga") as api:
+        async def page(**params: int) -> list[int]:
+            answer = await api.get("/v1/webhook-receipts", params={"provider": name, **params})
+            assert answer.status_code == 200, answer.text
+            return [r["id"] for r in answer.json()]
+        assert await page(limit=2) == ids[:2]
+        assert await page(limit=2, after=ids[1]) == ids[2:]
+        assert await page(limit=-5) == ids[:1]
+        assert await page() == ids
+
+
 async def test_forged_late_failure_does_not_move_a_succeeded_case(stack: Stack) -> None:
     charge = await stack.charge(10_000)
     body = stack.refund_body(charge, 3_000)

@@ -205,12 +205,14 @@ class ReceiptRepository(Repository):
             " 'unknown_provider', 'forbidden_source') AND received_at < now() - %s"
             " ORDER BY received_at LIMIT %s)", (older_than, limit))
 
-    async def find(self, provider: str, event_id: str | None = None) -> list[ReceiptRow]:
-        """A provider's stored deliveries (of one event, when named), oldest first."""
+    async def find(self, provider: str, event_id: str | None = None, *, after: int = 0,
+                   limit: int | None = None) -> list[ReceiptRow]:
+        """A provider's stored deliveries (of one event, when named), oldest first: after
+        receipt `after`, up to `limit` of them (None: all)."""
         rows = await self._db.fetch_all(
             "SELECT id, provider, event_id, event_type, verdict, error, workflow_id, processed_at"
             " FROM webhook_receipts WHERE provider = %s AND (%s::text IS NULL OR event_id = %s)"
-            " ORDER BY id", (provider, event_id, event_id))
+            " AND id > %s ORDER BY id LIMIT %s", (provider, event_id, event_id, after, limit))
         return [ReceiptRow.from_row(row) for row in rows]
 
     async def delivery(self, receipt_id: int) -> StoredDelivery | None:

@@ -45,12 +45,15 @@ router = APIRouter()
 
 
 @router.get("/v1/webhook-receipts")
-async def list_receipts(provider: str, caller: Caller, door: Door,
-                        event_id: str | None = None) -> list[dict[str, Any]]:
-    """Every stored delivery of a provider's event (duplicates and rejections included)."""
+async def list_receipts(provider: str, caller: Caller, door: Door, event_id: str | None = None,
+                        after: int = 0, limit: int = 500) -> list[dict[str, Any]]:
+    """A provider's stored deliveries (of one event, when named; duplicates and rejections
+    included), oldest first, a page at a time: up to `limit` (1 to 500) after receipt
+    `after` (kept receipts grow for good, and anyone may add refused ones)."""
     await door.actions.require(caller, Permission.READ_WEBHOOKS, "reading webhook receipts", via="api")
     return [{**r, "processed_at": r.processed_at.isoformat() if r.processed_at else None}
-            for r in await door.store.receipts.find(provider, event_id)]
+            for r in await door.store.receipts.find(provider, event_id, after=after,
+                                                    limit=min(max(limit, 1), 500))]
 
 
 @router.post("/webhooks/{provider_name}", response_model=WebhookAck)
