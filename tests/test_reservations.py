@@ -136,6 +136,32 @@ async def test_a_bank_transfer_counts_a_submit_whose_answer_is_unknown_beside_wh
     assert allowed.ok and allowed.remaining_before == 500, allowed
 
 
+async def test_a_bank_transfer_counts_a_provider_refund_not_yet_succeeded_beside_what_the_provider_reports(
+        store: Store) -> None:
+    """Adyen's refunded figure counts only refunds it notified as succeeded. A's 300 and a
+    duplicate's 300 succeeded (600 reported; the duplicate is held by nobody); C's 200 was
+    answered and is still pending, not in the 600. A provider refund may rely on the
+    provider refusing an over-refund, but a bank transfer of 400 was granted the 400 the
+    larger of our holds (500) and the 600 leaves, and paid out 1,200 on a 1,000 charge once
+    C's refund landed: only 200 is left."""
+    charge_id = f"ch_{uuid.uuid4().hex[:10]}"
+    reported = ChargeSnapshot(provider="prop", charge_id=charge_id, currency="USD", merchant_account="m",
+                              amount=1_000, amount_captured=1_000, amount_refunded=0, captured=True)
+    succeeded, pending = _request(charge_id, f"{charge_id}-a", 300), _request(charge_id, f"{charge_id}-c", 200)
+    transfer = _request(charge_id, f"{charge_id}-transfer", 400).model_copy(
+        update={"method": RefundMethod.BANK_TRANSFER})
+    for request in (succeeded, pending, transfer):
+        await store.cases.create(request, "prop")
+    for made, status in ((succeeded, "succeeded"), (pending, "pending")):
+        assert (await store.cases.reserve(made, reported)).ok
+        await store.database.execute(
+            "UPDATE refund_cases SET submission_started_at = now(), provider_refund_id = %s,"
+            " provider_status = %s WHERE refund_request_id = %s",
+            (f"psp_{status}", status, made.refund_request_id))
+    refused = await store.cases.reserve(transfer, reported.model_copy(update={"amount_refunded": 600}))
+    assert not refused.ok and refused.remaining_before == 200, refused
+
+
 async def test_a_bank_transfer_booked_on_provider_clearing_before_is_reversed_there(store: Store) -> None:
     """Bank transfers settled before their cash moved through `bank_clearing` were booked
     on `provider_clearing`; the reversal of such a refund must undo that entry's account,
