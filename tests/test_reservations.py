@@ -147,7 +147,8 @@ async def test_a_bank_transfer_counts_a_provider_refund_not_yet_succeeded_beside
     charge_id = f"ch_{uuid.uuid4().hex[:10]}"
     reported = ChargeSnapshot(provider="prop", charge_id=charge_id, currency="USD", merchant_account="m",
                               amount=1_000, amount_captured=1_000, amount_refunded=0, captured=True)
-    succeeded, pending = _request(charge_id, f"{charge_id}-a", 300), _request(charge_id, f"{charge_id}-c", 200)
+    succeeded = _request(charge_id, f"{charge_id}-a", 300)
+    pending = _request(charge_id, f"{charge_id}-c", 200)
     transfer = _request(charge_id, f"{charge_id}-transfer", 400).model_copy(
         update={"method": RefundMethod.BANK_TRANSFER})
     for request in (succeeded, pending, transfer):
