@@ -305,6 +305,36 @@ async def test_a_payout_the_provider_paid_after_all_is_a_break_for_ops(
     assert (again["new_breaks"], again["known_breaks"]) == (0, 1)
 
 
+async def test_a_payout_paid_after_its_failure_but_heard_after_its_reversal_tells_ops(
+        payout_stack: Stack, store: Store) -> None:
+    """The bank corrected a failed payout to paid while approvers decided; its paid report
+    reached us only after the reversal was booked (the provider retried a delivery). The
+    money left after the failure: ops are told. Before, the report was measured against the
+    time we booked the reversal, read as the payout's own paid arriving late, and nobody
+    heard (a provider the case cannot read, Adyen, left the books reversed for good)."""
+    stack = payout_stack
+    made = await paid_payout(stack, 30_000)
+    await move_payout(stack, made.provider_payout_id, "failed", failure_code="account_closed")
+    case_id = payout_case_id("sandbox", made.provider_payout_id)
+    await wait_for_case(stack, case_id, "awaiting_approval")
+    await asyncio.sleep(1.1)  # the reversal is booked in a later second than the failure
+    assert (await decide_payout(stack, "lena", case_id)).status_code == 202
+    await wait_for_case(stack, case_id, "remediated")
+    failed_at = await store.payouts.opened_at_provider(case_id)
+    reversed_at = await store.ledger.first_posted(case_id, LedgerKind.PAYOUT_REVERSED)
+    assert failed_at is not None and reversed_at is not None
+    paid_at = reversed_at.replace(microsecond=0) - timedelta(milliseconds=1)
+    assert paid_at > failed_at, (failed_at, reversed_at)
+    desk = WebhookDesk(stack.store, stack.client, stack.providers, stack.settings)
+    await desk.route(PayoutEvent(
+        provider="sandbox", event_id=f"evt_{uuid.uuid4().hex[:12]}", event_type="payout.paid",
+        body_sha256="0" * 64, occurred_at=paid_at,
+        payout=ProviderPayout(provider="sandbox", payout_id=made.provider_payout_id, amount=30_000,
+                              currency="USD", status=ProviderPayoutStatus.PAID, raw_status="paid")))
+    assert [(n["kind"], n["audience"]) for n in await store.outbox.notices(case_id)].count(
+        ("payout_paid_after_reversal", "ops")) == 1
+
+
 @pytest.mark.parametrize("meanwhile", ["paid", "lookup_refused"])
 async def test_an_approved_payout_break_reverses_nothing_once_the_provider_shows_it_paid(
         payout_stack: Stack, store: Store, client: Client, monkeypatch: pytest.MonkeyPatch,

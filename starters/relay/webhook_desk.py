@@ -438,11 +438,14 @@ class WebhookDesk:
         twice). The case reads the report as stale and nothing moves by it, so ops are told
         here, once per case (reconciliation raises it too, `payout_paid_shown_failed`). One
         that happened after the case opened, its reversal not booked yet (approvers deciding),
-        tells ops too: an approval would book back money that left."""
+        tells ops too: an approval would book back money that left. Either is measured from
+        the failure (the provider's clock), not from our booking: a correction made while
+        approvers decided may be heard only after the reversal was booked."""
         if event.payout.status is not ProviderPayoutStatus.PAID:
             return
         reversed_at = await self._store.ledger.first_posted(case_id, LedgerKind.PAYOUT_REVERSED)
-        since = reversed_at or await self._failed_while_unbooked(case_id)
+        since = ((await self._store.payouts.opened_at_provider(case_id) or reversed_at) if reversed_at
+                 else await self._failed_while_unbooked(case_id))
         # a provider stamps its events to the second: one in the reversal's second is after it
         if since is None or event.occurred_at < since.replace(microsecond=0):
             return  # the payout's own paid, arriving late or again: older than our reversal
