@@ -2,6 +2,7 @@
 banners, filters, coverage, and token revocation reaching console sessions at once."""
 
 import html
+import json
 import logging
 import re
 import uuid
@@ -521,3 +522,34 @@ async def test_over_https_the_console_cookies_are_host_only_so_no_sibling_host_p
         await http.aclose()
     finally:
         await secure.close()
+
+
+SIBLING_IMAGE = {"Sec-Fetch-Site": "same-site", "Sec-Fetch-Mode": "no-cors", "Sec-Fetch-Dest": "image"}
+"""What a browser sends with an <img> that a page on another host or port of the site loads."""
+
+
+async def test_a_request_another_host_of_the_site_makes_writes_nothing_under_the_signed_in_name(
+        stack: Stack) -> None:
+    """The session cookie is SameSite=Strict, which another host or port of the same site
+    still gets sent: its page could make a signed-in browser write text it chose into the
+    trail under that person's name (an unknown status, a case id, a NUL the input guard
+    refuses, a form without the CSRF token). Such a request is served as no session's (sent
+    to sign in, counted, nobody named); the person's own navigation, a link they click on
+    another host included, still is theirs."""
+    olga = await console(stack, "olga")
+    marker = f"planted-{uuid.uuid4().hex[:8]}"
+    for path in (f"/console/cases?status={marker}", f"/console/cases/{marker}",
+                 f"/console/payouts?status={marker}", f"/console/cases?q={marker}%00"):
+        planted = await olga.get(path, headers=SIBLING_IMAGE)
+        assert planted.status_code in (303, 422) and marker not in planted.text, (path, planted.status_code)
+    posted = await olga.post("/console/sign-out", data={"note": marker}, headers={
+        "Sec-Fetch-Site": "same-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"})
+    assert posted.status_code == 401, posted.text
+    written = [e for e in await stack.store.audit.trail("") if e["actor"] == "olga"
+               and (marker in json.dumps(e["detail"]) or e["action"] == "csrf_refused")]
+    assert written == [], written
+    clicked = await olga.get(f"/console/cases?status={marker}", headers={
+        "Sec-Fetch-Site": "same-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document",
+        "Sec-Fetch-User": "?1"})
+    assert clicked.status_code == 422 and marker in clicked.text, clicked.status_code
+    assert (await olga.get("/console/cases", headers={"Sec-Fetch-Site": "same-origin"})).status_code == 200

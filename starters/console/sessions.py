@@ -64,8 +64,22 @@ def sign_in_page(request: Request, status: int = 200, error: str = "") -> Respon
     return response
 
 
+def session_cookie(request: Request) -> str | None:
+    """The session cookie, unless another host or port of the site made the request (the
+    browser says so in `Sec-Fetch-Site`; SameSite=Strict still sends the cookie there): a
+    page there could otherwise have a signed-in browser write text it chose into the trail
+    under that person's name. A link the person clicks (a GET navigation they started) is
+    theirs; so is the codec, which the Temporal UI calls from its own port by design."""
+    elsewhere = request.headers.get("sec-fetch-site") in ("same-site", "cross-site")
+    clicked = (request.method == "GET" and request.headers.get("sec-fetch-mode") == "navigate"
+               and request.headers.get("sec-fetch-user") == "?1")
+    if elsewhere and not clicked and not request.url.path.startswith(f"{PREFIX}/codec/"):
+        return None
+    return request.cookies.get(cookie_name(request, SESSION_COOKIE))
+
+
 async def current(request: Request) -> ConsoleSession:
-    cookie = request.cookies.get(cookie_name(request, SESSION_COOKIE))
+    cookie = session_cookie(request)
     session = await front_door(request).store.access.session(cookie) if cookie else None
     if session is None:
         raise SignInRequired

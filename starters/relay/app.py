@@ -38,7 +38,7 @@ from starters.actions.cases import CaseActions
 from starters.actions.front import FrontDoor, front_door
 from starters.console import mount_console
 from starters.console.sessions import PREFIX as CONSOLE_PREFIX
-from starters.console.sessions import SESSION_COOKIE, cookie_name
+from starters.console.sessions import session_cookie
 from starters.relay.auth import bearer
 from starters.relay.integrations import router as integration_routes
 from starters.relay.limits import InputGuard
@@ -163,7 +163,7 @@ async def caller_of(request: Request) -> tuple[Principal | None, str]:
     via = "console" if request.url.path.startswith(CONSOLE_PREFIX) else "api"
     creds = await bearer(request)
     caller = await store.access.authenticate(creds.credentials) if creds else None
-    cookie = request.cookies.get(cookie_name(request, SESSION_COOKIE)) if via == "console" else None
+    cookie = session_cookie(request) if via == "console" else None
     if caller is None and cookie and (session := await store.access.session(cookie)):
         caller = session.principal
     return caller, via
