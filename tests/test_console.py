@@ -553,3 +553,19 @@ async def test_a_request_another_host_of_the_site_makes_writes_nothing_under_the
         "Sec-Fetch-User": "?1"})
     assert clicked.status_code == 422 and marker in clicked.text, clicked.status_code
     assert (await olga.get("/console/cases", headers={"Sec-Fetch-Site": "same-origin"})).status_code == 200
+
+
+async def test_signing_in_again_ends_the_session_the_browser_held(stack: Stack) -> None:
+    """A browser signed in again (as the same person or another) gets a new session; the one
+    its cookie named before ends then, rather than living on to its expiry for whoever
+    copied that cookie."""
+    browser = await console(stack, "olga")
+    name = next(iter(browser.cookies.keys()))
+    before = browser.cookies[name]
+    form = await browser.get("/console/sign-in")
+    again = await browser.post("/console/sign-in", data={"token": stack.tokens["dave"],
+                                                        "form_token": field(form.text, "form_token")})
+    assert again.status_code == 303 and browser.cookies[name] != before
+    assert (await browser.get("/console/cases")).status_code == 200
+    async with httpx.AsyncClient(base_url=stack.relay_url, cookies={name: before}) as copied:
+        assert (await copied.get("/console/cases")).status_code == 303

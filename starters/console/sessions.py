@@ -154,6 +154,10 @@ async def sign_in(request: Request) -> Response:
         door.console_refusals.refused("console", "missing token" if not token else "invalid or revoked token",
                                       "console sign-in", token_fingerprint(token) if token else None)
         return sign_in_page(request, 401, "That token is not valid (unknown or revoked).")
+    # the session this browser held ends: else it lived on to its expiry for whoever copied it
+    held = request.cookies.get(cookie_name(request, SESSION_COOKIE))
+    if held and (previous := await door.store.access.session(held)) is not None:
+        await door.store.access.end_session(previous)
     response = RedirectResponse(f"{PREFIX}/cases", status_code=303)
     _set_cookie(request, response, SESSION_COOKIE, session_id, int(hours * 3600))
     _delete_cookie(request, response, SIGN_IN_COOKIE)
