@@ -38,6 +38,7 @@ from adapters.providers.base import (
     UnexpectedProviderStatus,
 )
 from domain import contracts, errors
+from domain.incidents import ProviderWordInput
 from domain.models import ProviderRefund, RefundTimings
 from domain.payouts import PayoutCaseInput, ProviderPayout, payout_case_id
 from domain.policy import Policy
@@ -288,11 +289,21 @@ class ReconciliationActivities:
                                    type=errors.OUTCOME_UNKNOWN) from exc
         return "not_found" if current is None else current.status.value
 
+    @activity.defn(name=contracts.RECONCILE_PROVIDER_WORD.name)
+    async def reconcile_provider_word(self, inp: ProviderWordInput) -> None:
+        """A provider's word its running case cannot apply, reconciled as the relay
+        reconciles an event after a case closed: an incident run of its own (a retry finds
+        it), its breaks' exception workflows started."""
+        refund = inp.refund
+        run_id = await self._recon.reconcile_event(refund.provider, inp.event_id, refund, inp.occurred_at,
+                                                   f"provider:{refund.provider}")
+        await self._dispatch(run_id)
+
     def all(self) -> list[Callable[..., Any]]:
         """Every activity, for worker registration."""
         return [self.open_reconciliation_run, self.reconcile_batch, self.finish_reconciliation_run,
                 self.fail_reconciliation_run, self.load_break_case, self.open_break_exception,
-                self.hand_break_to_payout_case, self.settle_break]
+                self.hand_break_to_payout_case, self.settle_break, self.reconcile_provider_word]
 
 
 def _listing(source: RefundLister, phase: Phase, run: dict[str, Any]) -> AsyncGenerator[Any]:

@@ -14,7 +14,7 @@ from typing import Any, Generic, TypeVar
 
 from temporalio import workflow
 
-from domain.incidents import DuplicateRefundInput
+from domain.incidents import DuplicateRefundInput, ProviderWordInput
 from domain.integrations import AdviceReceipt, AdviseInput, DeliverNoticeInput, DeliverNoticesInput
 from domain.models import (
     CaseEventInput,
@@ -136,6 +136,7 @@ LOAD_BREAK_CASE = Activity("load_break_case", BreakCase, BreakCase)
 OPEN_BREAK_EXCEPTION = Activity("open_break_exception", BreakCase, BreakApproval)
 HAND_BREAK_TO_PAYOUT_CASE = Activity("hand_break_to_payout_case", BreakCase, bool)
 SETTLE_BREAK = Activity("settle_break", BreakSettlement, BreakOutcome)
+RECONCILE_PROVIDER_WORD = Activity("reconcile_provider_word", ProviderWordInput, type(None))
 
 ALL: tuple[Activity[Any, Any], ...] = tuple(
     value for value in list(globals().values()) if isinstance(value, Activity))

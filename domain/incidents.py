@@ -2,6 +2,8 @@
 apart from `models.py` so the workflow's input types stay as recorded histories know them.
 """
 
+from pydantic import AwareDatetime
+
 from domain.models import Frozen, ProviderRefund
 
 DUPLICATE_REPORTED = "duplicate_provider_refund"
@@ -17,3 +19,13 @@ class DuplicateRefundInput(Frozen):
     followed_refund_id: str
     duplicate: ProviderRefund
     source: str
+
+
+class ProviderWordInput(Frozen):
+    """The provider's own word on a refund its case holds that the case cannot apply: a
+    success for a refund the case ended failed on ops' reading of a wait. Reconciled as the
+    relay reconciles an event after a case closed (an incident run, a break for approval)."""
+
+    event_id: str
+    refund: ProviderRefund
+    occurred_at: AwareDatetime

@@ -87,6 +87,7 @@ from tests.test_adyen import (
 )
 from tests.test_adyen import notification as adyen_notification
 from tests.test_adyen_waits import (
+    not_refunded_heard_with_adyen_s_success,
     notification_taken_under_a_cancel,
     ops_read_then_adyen_says,
     resolution_after_adyen_s_word,
@@ -425,6 +426,15 @@ async def adyen_other_money_than_ops_read(rig: Recording) -> str:
     assert rig.adyen is not None
     case_id, _ = await ops_read_then_adyen_says(AdyenRig(rig.stack, rig.adyen, rig.proxy), 800, 600)
     await rig.stack.wait_for_audit(case_id, "provider_refund_mismatch")
+    return case_id
+
+
+async def adyen_success_after_ops_not_refunded(rig: Recording) -> str:
+    """Ops read "no refund" for the refund the case follows and Adyen's REFUND:true for it
+    reaches the case before its run ends: reconciled as after the close, a break
+    (`ops-read-contradicted-1`)."""
+    assert rig.adyen is not None
+    case_id, _ = await not_refunded_heard_with_adyen_s_success(AdyenRig(rig.stack, rig.adyen, rig.proxy), 900)
     return case_id
 
 
@@ -1023,6 +1033,8 @@ SCENARIOS: dict[str, Scenario] = {
                                                    {"late_failure_window_seconds": 20}, adyen=True),
     "refund_adyen_other_money_than_ops_read": Scenario(adyen_other_money_than_ops_read,
                                                        {"late_failure_window_seconds": 20}, adyen=True),
+    "refund_adyen_success_after_ops_not_refunded": Scenario(adyen_success_after_ops_not_refunded,
+                                                            {"late_failure_window_seconds": 20}, adyen=True),
     "refund_adyen_follow_other_refund": Scenario(adyen_follow_other_refund,
                                                  {"late_failure_window_seconds": 3}, adyen=True),
     "refund_duplicate_provider_refund": Scenario(duplicate_refund, {"late_failure_window_seconds": 6}),

@@ -300,6 +300,19 @@ async def test_a_wait_is_not_resolved_with_a_refund_another_case_holds(rig: Adye
     assert row["provider_refund_id"] == own["pspReference"]
 
 
+async def answered_then_unheard(rig: AdyenRig, amount: int) -> tuple[str, str, dict[str, Any]]:
+    """A create Adyen answered (the case holds its refund, pending) whose notification never
+    came, escalated to ops review: (case id, payment, the refund Adyen made)."""
+    psp = rig.fake.payment(10_000, "EUR", MERCHANT)
+    case_id = await rig.stack.request_refund("alice", psp, amount, provider="adyen", currency="EUR",
+                                             merchant_account=MERCHANT)
+    await rig.stack.wait_for_audit(case_id, "no_status_lookup_escalated")
+    [made] = rig.fake.refunds_of(psp)
+    row = await rig.stack.store.cases.get(case_id)
+    assert row is not None and row["provider_refund_id"] == made["pspReference"]
+    return case_id, psp, made
+
+
 async def test_a_success_after_ops_said_not_refunded_of_a_refund_the_case_followed_opens_a_break(
         rig: AdyenRig) -> None:
     """The create was answered (the case holds Adyen's refund, pending), its notification
@@ -307,13 +320,7 @@ async def test_a_success_after_ops_said_not_refunded_of_a_refund_the_case_follow
     reservation released, the customer told it failed. Adyen's REFUND:true for that very
     refund was only audited: the failure the case shows was taken from the wait (source
     `verify_state`), so it read as Adyen's own word, older news than the success."""
-    psp = rig.fake.payment(10_000, "EUR", MERCHANT)
-    case_id = await rig.stack.request_refund("alice", psp, 1_400, provider="adyen", currency="EUR",
-                                             merchant_account=MERCHANT)
-    await rig.stack.wait_for_audit(case_id, "no_status_lookup_escalated")
-    [made] = rig.fake.refunds_of(psp)
-    row = await rig.stack.store.cases.get(case_id)
-    assert row is not None and row["provider_refund_id"] == made["pspReference"]
+    case_id, psp, made = await answered_then_unheard(rig, 1_400)
     found = await success_after_not_refunded(rig, case_id, psp, made, 1_400)
     # the break approved books the refund; Adyen reversing it later is news again (the case's
     # record of what its workflow applied still said "failed": the reversal was dropped unheard)
@@ -331,6 +338,44 @@ async def test_a_success_after_ops_said_not_refunded_of_a_refund_the_case_follow
     late = breaks[-1]
     assert (late["break_class"], late["refund_request_id"], late["state"]) == (
         "provider_failed_shown_refunded", case_id, "awaiting_approval")
+
+
+async def not_refunded_heard_with_adyen_s_success(rig: AdyenRig, amount: int) -> tuple[str, str]:
+    """Ops read "no refund" for the refund the case follows, and Adyen's REFUND:true for it
+    reaches the case before its run ends (both in its inbox: the worker was away); returns
+    once the run ended: (case id, the refund's pspReference)."""
+    case_id, psp, made = await answered_then_unheard(rig, amount)
+    assert rig.stack.worker is not None
+    await rig.stack.worker.shutdown()
+    try:
+        answer = await resolve(rig, "olga", case_id, provider_shows="not_refunded",
+                               reason="Customer Area: nothing shown yet")
+        assert answer.status_code == 200, answer.text
+        body = notification("REFUND", pspReference=made["pspReference"], originalReference=psp,
+                            merchantReference=case_id, amount={"currency": "EUR", "value": amount})
+        assert (await rig.post(body)).text == "[accepted]"
+    finally:
+        await rig.stack.start_worker()
+    await rig.stack.client.get_workflow_handle(case_id).result()
+    return case_id, str(made["pspReference"])
+
+
+async def test_adyen_s_success_the_case_hears_as_it_applies_ops_not_refunded_opens_a_break(
+        rig: AdyenRig) -> None:
+    """The case applied ops' reading (failed, reservation released), then read Adyen's word
+    for the same refund as older news than that failure: audited only, no break (the relay
+    had signalled a running case, so its after-close path never ran), and Adyen has no
+    listing a run could find it in: the case showed refund_failed for money that moved. It is
+    reconciled as after the close: a break for ops and its tier's approvers."""
+    case_id, refund_id = await not_refunded_heard_with_adyen_s_success(rig, 1_500)
+    trail = [e["action"] for e in await rig.stack.store.audit.trail(case_id)]
+    assert "event_after_close" not in trail, trail  # the case itself heard it
+    [found] = await wait_for_breaks(rig.stack, [refund_id], "awaiting_approval")
+    assert (found["break_class"], found["refund_request_id"]) == ("provider_succeeded_shown_failed", case_id)
+    assert (await decide(rig.stack, "carol", int(found["id"]))).status_code == 202
+    await wait_for_breaks(rig.stack, [refund_id], "resolved")
+    row = await rig.stack.wait_for_status(case_id, "succeeded")
+    assert (row["provider_refund_id"], row["reserved_amount"]) == (refund_id, 1_500)
 
 
 async def test_a_wait_whose_workflow_has_ended_is_not_resolved(rig: AdyenRig) -> None:

@@ -68,6 +68,7 @@ from workflows.refund_case import (
     HORIZON_PATCH,
     INTERRUPTED_STEP_PATCH,
     MISMATCH_PATCH,
+    OPS_READ_CONTRADICTED_PATCH,
     PROVIDER_SCOPED_WAIT_PATCH,
     SUPERSEDED_RESOLUTION,
     SUPERSEDED_RESOLUTION_PATCH,
@@ -169,6 +170,10 @@ BRANCHES: dict[str, Branch] = {
         "cancel_requested", f"patch:{TAKEN_NOTIFICATION_PATCH}", "action:awaiting_provider_notification#2",
         "action:cancel_after_provider_refund", "action:refund_succeeded", "ledger:refund_settled",
         lacks=[f"{SUBMIT}#2", "action:canceled_by_ops"]),
+    "refund_adyen_success_after_ops_not_refunded": branch(
+        "action:provider_notification_received", "action:refund_failed",
+        f"patch:{OPS_READ_CONTRADICTED_PATCH}", "signal:provider_event#2", "activity:reconcile_provider_word",
+        lacks=["ledger:refund_settled", "action:refund_succeeded"]),
     "refund_adyen_other_money_than_ops_read": branch(
         "action:provider_notification_received", "action:refund_succeeded", f"patch:{HELD_MONEY_PATCH}",
         "signal:provider_event#2", "action:provider_refund_mismatch", lacks=["ledger:refund_reversed"]),

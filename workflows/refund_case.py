@@ -178,6 +178,11 @@ SUPERSEDED_RESOLUTION_PATCH = "ops-resolution-superseded-1"
 # goes to the mismatch check: ops review, ops told. Before, it was taken as a repeat and the
 # ledger kept the amount ops read. Asked only when such an event comes.
 HELD_MONEY_PATCH = "held-refund-other-money-1"
+# The provider's own success for the refund the case ended failed on ops' reading of a wait
+# ("no refund"), heard before the run ended: reconciled as after the close (a break for
+# approval). Before, it read as older news than that failure (audited only) and, Adyen having
+# no listing, the case showed refund_failed for money that moved. Asked only when one comes.
+OPS_READ_CONTRADICTED_PATCH = "ops-read-contradicted-1"
 SUPERSEDED_RESOLUTION = "provider_wait_resolution_superseded"
 # The case's action, the ops notice and the metric's reason when a provider refuses our key.
 CONFIGURATION_INCIDENT = "provider_configuration_refused"

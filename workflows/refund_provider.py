@@ -27,7 +27,7 @@ with workflow.unsafe.imports_passed_through():
         observe,
         refund_mismatch,
     )
-    from domain.incidents import DUPLICATE_REPORTED, DuplicateRefundInput
+    from domain.incidents import DUPLICATE_REPORTED, DuplicateRefundInput, ProviderWordInput
     from domain.lifecycle import FINAL_PROVIDER_STATUSES, StatusChange
     from domain.models import (
         CaseEventInput,
@@ -61,6 +61,7 @@ with workflow.unsafe.imports_passed_through():
         HORIZON_PATCH,
         INTEGRATIONS_PATCH,
         MISMATCH_PATCH,
+        OPS_READ_CONTRADICTED_PATCH,
         SUPERSEDED_RESOLUTION,
         SUPERSEDED_RESOLUTION_PATCH,
         TAKEN_NOTIFICATION_PATCH,
@@ -339,6 +340,7 @@ class RefundProvider(RefundWrites):
                         workflow.logger.warning("ignoring event %s for refund %s", event.event_id,
                                                 reported.refund_id)
                     continue
+                await self._reconcile_ops_read_contradicted(event, reported)
                 await self._observe(reported, f"webhook:{event.event_type}:{event.event_id}")
             assert self._refund is not None
             status = self._refund.status
@@ -361,6 +363,22 @@ class RefundProvider(RefundWrites):
                 found = await self._verify(f"no terminal event within {wait}")
                 if found is not None:
                     await self._observe(found, "verify_state")
+
+    async def _reconcile_ops_read_contradicted(self, event: ProviderEvent, reported: ProviderRefund) -> None:
+        """The provider's own success for the refund the case holds failed on ops' reading of
+        a wait ("no refund": its raw status `ops:`): the case never moves backwards, so it is
+        reconciled as the relay reconciles such a word after the close (a break for ops and
+        its tier's approvers, who correct the case and book the refund)."""
+        held = self._refund
+        if (held is None or held.status not in FINAL_PROVIDER_STATUSES
+                or not held.raw_status.startswith("ops:")
+                or reported.status is not ProviderRefundStatus.SUCCEEDED
+                or event.event_type.startswith(f"{OPS_RESOLUTION}.")
+                or not workflow.patched(OPS_READ_CONTRADICTED_PATCH)):
+            return
+        await contracts.RECONCILE_PROVIDER_WORD(
+            ProviderWordInput(event_id=event.event_id, refund=reported, occurred_at=event.occurred_at),
+            **retry.CASE_EVENT)
 
     async def _superseded(self, event: ProviderEvent, reported: ProviderRefund) -> bool:
         """Whether `event` is an ops resolution of the notification wait that came after the
