@@ -14,6 +14,7 @@ from typing import Annotated, Any
 from pydantic import BeforeValidator, Field, model_validator
 
 from domain.models import (
+    APPROVER_ROLES,
     ChargeSnapshot,
     Currency,
     Frozen,
@@ -68,9 +69,28 @@ class HighRiskRule(Frozen):
     with_prior_disputes: bool = False
 
 
-def _has_catch_all(tiers: tuple[ApprovalTier, ...], what: str) -> tuple[ApprovalTier, ...]:
-    if tiers and tiers[-1].max_amount is not None:
+def _tiers_that_apply(tiers: tuple[ApprovalTier, ...], what: str) -> tuple[ApprovalTier, ...]:
+    """The tiers as written, each able to apply: the first covering an amount takes it, so a
+    tier after one with no limit, or with a limit at or below an earlier one's in a currency,
+    never would; a role no approver can hold is a slot nobody fills (its refunds expire); the
+    last tier catches the rest."""
+    if not tiers:
+        raise ValueError(f"no {what} tiers: at least one, the last with no max_amount (it catches the rest)")
+    if tiers[-1].max_amount is not None:
         raise ValueError(f"the last {what} tier must have no max_amount (it catches the rest)")
+    for earlier, tier in enumerate(tiers):
+        if tier.max_amount is None and tier is not tiers[-1]:
+            raise ValueError(f"{what} tier {tier.name} has no max_amount but is not the last: the tiers "
+                             "after it could never apply")
+        for before in tiers[:earlier]:
+            assert before.max_amount is not None
+            for currency, limit in (tier.max_amount or {}).items():
+                if limit <= before.max_amount.get(currency, -1):
+                    raise ValueError(f"{what} tier {tier.name}'s {currency} limit {limit} is not above "
+                                     f"{before.name}'s: it could never apply for {currency}")
+        if unknown := sorted({r.role for r in tier.approvals} - APPROVER_ROLES):
+            raise ValueError(f"{what} tier {tier.name} names {', '.join(unknown)}, which no approver holds "
+                             f"(approver roles: {', '.join(sorted(APPROVER_ROLES))})")
     return tiers
 
 
@@ -84,7 +104,7 @@ class RefundRules(Frozen):
 
     @model_validator(mode="after")
     def _tiers_end_with_catch_all(self) -> "RefundRules":
-        _has_catch_all(self.tiers, "refund")
+        _tiers_that_apply(self.tiers, "refund")
         return self
 
 
@@ -93,13 +113,13 @@ class PayoutReversalRules(Frozen):
     further payouts are held with the payout, and whether a hold may return to the payout's
     previous state when the compensating ledger entry cannot be posted."""
 
-    tiers: tuple[ApprovalTier, ...] = ()
+    tiers: tuple[ApprovalTier, ...]
     hold_beneficiary_payouts: bool = True
     rollback_hold_on_ledger_failure: bool = False
 
     @model_validator(mode="after")
     def _tiers_end_with_catch_all(self) -> "PayoutReversalRules":
-        _has_catch_all(self.tiers, "payout reversal")
+        _tiers_that_apply(self.tiers, "payout_reversal")
         return self
 
 
@@ -108,7 +128,7 @@ class Policy(Frozen):
 
     version: str = Field(min_length=1)
     refunds: RefundRules
-    payout_reversal: PayoutReversalRules = PayoutReversalRules()
+    payout_reversal: PayoutReversalRules
 
     def fingerprint(self) -> str:
         """SHA-256 of the validated content: formatting changes do not change it."""

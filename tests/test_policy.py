@@ -96,6 +96,40 @@ def test_a_policy_file_without_a_catch_all_tier_is_refused(tmp_path: Path) -> No
         load_policy(bad)
 
 
+REFUND_TIERS = '[[refunds.tiers]]\nname = "catch_all"\napprovals = [{ role = "approver" }]\n'
+PAYOUT_TIERS = '[[payout_reversal.tiers]]\nname = "treasury"\napprovals = [{ role = "treasury" }]\n'
+
+
+@pytest.mark.parametrize(("tiers", "refusal"), [
+    # a tier with no limit before others: every amount stops there, the rest never apply
+    ('[[refunds.tiers]]\nname = "standard"\napprovals = [{ role = "approver" }]\n'
+     '[[refunds.tiers]]\nname = "large"\napprovals = [{ role = "finance_manager" }]\n' + PAYOUT_TIERS,
+     "standard has no max_amount"),
+    # a later tier's limit at or below an earlier one's in the same currency never applies
+    ('[[refunds.tiers]]\nname = "strict"\nmax_amount = { USD = 90000 }\napprovals = [{ role = "approver" }]\n'
+     '[[refunds.tiers]]\nname = "small"\nmax_amount = { USD = 50000 }\napprovals = [{ role = "approver" }]\n'
+     + REFUND_TIERS + PAYOUT_TIERS, "small's USD limit"),
+    # a role nobody can hold: the tier's refunds could only expire
+    ('[[refunds.tiers]]\nname = "large"\napprovals = [{ role = "finance_manger" }]\n' + PAYOUT_TIERS,
+     "finance_manger"),
+    # no payout reversal tiers: every payout case retried its decision until the file changed
+    (REFUND_TIERS, "payout_reversal"),
+])
+def test_a_policy_whose_tiers_could_never_apply_as_written_is_refused(tmp_path: Path, tiers: str,
+                                                                      refusal: str) -> None:
+    """Refused at load (and by `refunds policy check`) rather than found at run time: a
+    tier after one with no limit, or under a lower limit in the same currency, could never
+    apply; a role no approver can hold could never be filled; no payout reversal tiers left
+    every payout case retrying its decision."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text('version = "x"\n[refunds]\n' + tiers)
+    with pytest.raises(PolicyFileError, match=refusal):
+        load_policy(bad)
+    good = tmp_path / "good.toml"
+    good.write_text('version = "x"\n[refunds]\n' + REFUND_TIERS + PAYOUT_TIERS)
+    assert load_policy(good).version == "x"
+
+
 def test_reformatting_a_policy_keeps_its_hash(tmp_path: Path) -> None:
     from importlib import resources
 
@@ -111,7 +145,8 @@ def test_reformatting_a_policy_keeps_its_hash(tmp_path: Path) -> None:
 POLICY_WITH = ('version = "x"\n[refunds]\nauto_approve_max = {{ {auto} }}\n'
                '[[refunds.tiers]]\nname = "small"\nmax_amount = {{ {tier} }}\n'
                'approvals = [{{ role = "approver" }}]\n'
-               '[[refunds.tiers]]\nname = "rest"\napprovals = [{{ role = "finance_manager" }}]\n')
+               '[[refunds.tiers]]\nname = "rest"\napprovals = [{{ role = "finance_manager" }}]\n'
+               '[[payout_reversal.tiers]]\nname = "treasury"\napprovals = [{{ role = "treasury" }}]\n')
 
 
 def test_a_policy_names_currencies_in_any_letter_case(tmp_path: Path) -> None:
