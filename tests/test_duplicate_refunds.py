@@ -10,6 +10,7 @@ import pytest
 from temporalio.client import Client
 
 from adapters.db import Store
+from domain.events import tracking_case_id
 from domain.models import ProviderEvent, ProviderRefund, ProviderRefundStatus
 from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
@@ -38,6 +39,30 @@ async def test_a_second_provider_refund_with_our_reference_is_an_incident(stack:
     assert kinds.count("duplicate_provider_refund") == 1 and "reconciliation_break" not in kinds, kinds
     # Only the case's own refund reaches the ledger; the duplicate waits for ops.
     assert [x["debit"] for x in await stack.store.ledger.entries(case_id)] == [2_000, 0]
+
+
+async def test_a_refund_on_another_charge_naming_a_case_is_that_charge_s_not_the_case_s(
+        stack: Stack) -> None:
+    """A refund made at the provider on another charge whose metadata names our case (a
+    dashboard refund, a script, a reference pasted where it does not belong) moved money off
+    that other charge, not the case's. It is followed as that charge's own refund (a tracking
+    case), and the case keeps its state. Before, the relay routed it to the case by its
+    reference alone: a duplicate incident (ops review for good, a break that refused every
+    reissue of the request), and after the case closed a break whose approval booked the
+    other charge's refund as the case's."""
+    charge, other = await stack.charge(10_000), await stack.charge(10_000)
+    case_id = await stack.request_refund("alice", charge, 2_000)
+    await stack.wait_for_status(case_id, "succeeded")
+    async with stack.sandbox() as sb:
+        made = await sb.post("/v1/refunds", json={"charge": other, "amount": 1_500,
+                                                  "metadata": {"refund_request_id": case_id}})
+    made.raise_for_status()
+    tracking = tracking_case_id("sandbox", made.json()["id"])
+    await stack.wait_for_status(tracking, "succeeded")
+    row = await stack.store.cases.get(case_id)
+    assert row is not None and row["status"] == "succeeded"
+    assert await _breaks(stack.store, case_id) == []
+    assert "duplicate_provider_refund" not in [e["action"] for e in await stack.store.audit.trail(case_id)]
 
 
 async def duplicate_heard_with_a_cancel(stack: Stack) -> tuple[str, str]:

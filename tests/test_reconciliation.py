@@ -357,6 +357,21 @@ async def test_a_second_refund_with_a_cases_reference_never_reverses_the_one_it_
     assert case is not None and case["status"] == "succeeded"
 
 
+async def test_a_refund_of_another_charge_naming_a_case_is_no_duplicate_of_it(stack: Stack) -> None:
+    """A refund of another charge carrying a case's reference moved that charge's money: it
+    is unknown to us (no case holds it), not the case's duplicate (a break that kept every
+    reissue of the request refused) nor, for a case holding none, the case's own refund."""
+    held = history(f"ch_{os.urandom(4).hex()}", 2_000, days_ago=3)
+    await seed_provider(stack, [held])
+    case_id = await seed_case(stack, held)
+    elsewhere = history(f"ch_{os.urandom(4).hex()}", 2_000, days_ago=3, reference=case_id)
+    await seed_provider(stack, [elsewhere])
+    await backfill(stack, since_days=30)
+    [found] = await wait_for_breaks(stack, [elsewhere["id"]], "new", "awaiting_approval", "ops_review",
+                                    "handed_to_case")
+    assert (found["break_class"], found["refund_request_id"]) == ("unknown_to_us", None), found
+
+
 async def test_a_duplicate_first_seen_pending_is_raised_again_once_it_moves_money(stack: Stack) -> None:
     """A second refund carrying a case's reference, first listed while pending (a bank debit
     still clearing): a duplicate break for ops with nothing moved yet. It then succeeded: the

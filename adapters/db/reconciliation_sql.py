@@ -54,7 +54,10 @@ WITH matched AS (
     LEFT JOIN LATERAL (
         SELECT * FROM refund_cases c
         WHERE c.provider = %(provider)s
-          AND (c.provider_refund_id = b.object_id OR c.refund_request_id = b.reference)
+          -- by our reference only on the case's own charge: a refund off another charge
+          -- moved that charge's money, whatever reference it carries
+          AND (c.provider_refund_id = b.object_id
+               OR (c.refund_request_id = b.reference AND c.charge_id = b.charge_id))
         ORDER BY c.provider_refund_id = b.object_id DESC NULLS LAST LIMIT 1) c ON true
     LEFT JOIN LATERAL (
         SELECT sum(li.debit - li.credit) AS net

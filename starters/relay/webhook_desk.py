@@ -310,6 +310,12 @@ class WebhookDesk:
             log.warning("%s event %s names %s, a %s case: it reaches only %s's cases",
                         event.provider, event.event_id, case_id, row["provider"], event.provider)
             row = None
+        if row is not None and event.charge_id and event.charge_id != row["charge_id"]:
+            # a refund off another charge moved that charge's money, whatever its reference says
+            log.warning("%s event %s names case %s but is about a refund of charge %s, not the case's %s: "
+                        "followed as that charge's own", event.provider, event.event_id, case_id,
+                        event.charge_id, row["charge_id"])
+            row = None
         if row is None:
             row = await self._store.cases.by_provider_refund(event.provider, event.refund_id)
         if row is None:
