@@ -4,6 +4,7 @@ hold is a reservation like any other, taken under the charge's lock."""
 
 import asyncio
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -11,8 +12,9 @@ from temporalio.client import Client
 
 from adapters.db import Store
 from domain.events import tracking_case_id
-from domain.models import ProviderEvent, ProviderRefund, ProviderRefundStatus
+from domain.models import EventKind, ProviderEvent, ProviderRefund, ProviderRefundStatus
 from starters.dev.stack import TemporalDevServer
+from starters.relay.webhook_desk import WebhookDesk
 from tests.harness import Stack, open_stack
 
 
@@ -63,6 +65,31 @@ async def test_a_refund_on_another_charge_naming_a_case_is_that_charge_s_not_the
     assert row is not None and row["status"] == "succeeded"
     assert await _breaks(stack.store, case_id) == []
     assert "duplicate_provider_refund" not in [e["action"] for e in await stack.store.audit.trail(case_id)]
+
+
+async def test_a_refund_another_case_holds_reaches_that_case_whatever_reference_it_carries(
+        stack: Stack) -> None:
+    """Case `holder` holds refund R (succeeded, its late-failure watch open). R's metadata
+    was then edited to name case `named` on the same charge, and R failed: the failure is the
+    holder's (its money came back), not the named case's duplicate. Before, the relay routed
+    by the reference first: the named case went to ops review with a duplicate incident, and
+    the holder never heard its refund failed."""
+    charge = await stack.charge(10_000)
+    holder = await stack.request_refund("alice", charge, 2_000)
+    named = await stack.request_refund("alice", charge, 3_000)
+    held = await stack.wait_for_status(holder, "succeeded")
+    await stack.wait_for_status(named, "awaiting_approval")  # another refund holds money on the charge
+    desk = WebhookDesk(stack.store, stack.client, stack.providers, stack.settings)
+    assert await desk.route(ProviderEvent(
+        provider="sandbox", event_id=f"evt_{uuid.uuid4().hex[:12]}", event_type="refund.failed",
+        kind=EventKind.REFUND_STATUS, body_sha256="0" * 64, occurred_at=datetime.now(UTC),
+        refund_id=held["provider_refund_id"], charge_id=charge, refund_request_id=named, amount=2_000,
+        currency="USD", status=ProviderRefundStatus.FAILED, raw_status="failed",
+        failure_reason="card_account_closed")) == holder
+    await stack.wait_for_audit(holder, "refund_failed_after_success")
+    assert "duplicate_provider_refund" not in [e["action"] for e in await stack.store.audit.trail(named)]
+    row = await stack.store.cases.get(named)
+    assert row is not None and row["status"] == "awaiting_approval"
 
 
 async def duplicate_heard_with_a_cancel(stack: Stack) -> tuple[str, str]:

@@ -304,8 +304,12 @@ class WebhookDesk:
             log.info("%s %s is a charge-level notice; refund events move the cases",
                      event.provider, event.event_type)
             return None
+        # the case holding the refund hears of it whatever reference the refund carries (its
+        # metadata can be edited); by reference only a refund no case holds yet
+        row = await self._store.cases.by_provider_refund(event.provider, event.refund_id)
         case_id = event.refund_request_id
-        row = await self._store.cases.get(case_id) if case_id else None
+        if row is None and case_id:
+            row = await self._store.cases.get(case_id)
         if row is not None and row["provider"] != event.provider:
             log.warning("%s event %s names %s, a %s case: it reaches only %s's cases",
                         event.provider, event.event_id, case_id, row["provider"], event.provider)
@@ -316,8 +320,6 @@ class WebhookDesk:
                         "followed as that charge's own", event.provider, event.event_id, case_id,
                         event.charge_id, row["charge_id"])
             row = None
-        if row is None:
-            row = await self._store.cases.by_provider_refund(event.provider, event.refund_id)
         if row is None:
             return await self._track(event)
         case_id = str(row["refund_request_id"])
