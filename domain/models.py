@@ -255,6 +255,9 @@ class ChargeSnapshot(Frozen):
     amount_refunded: int = 0
     """What the provider reports refunded already; validation never lets captured minus
     this be exceeded, whatever our own cases hold."""
+    refunded_counts_pending: bool = True
+    """Whether `amount_refunded` counts refunds still in flight (Stripe, Rainforest and
+    Cashfree do; Adyen's, read from its notifications, counts only successes)."""
 
 
 class EventKind(StrEnum):

@@ -100,4 +100,5 @@ def charge_from_notifications(provider: str, payment_id: str, notes: Sequence[Re
         merchant_account=first.merchant_account, amount=max(authorised, captured),
         amount_captured=captured, captured=captured > 0,
         amount_refunded=_standing(notes, PaymentStatus.REFUNDED, PaymentStatus.REFUND_FAILED),
+        refunded_counts_pending=False,
         dispute_count=len({n.psp_reference for n in notes if n.status is PaymentStatus.DISPUTED}))

@@ -262,7 +262,7 @@ def test_charge_rule() -> None:
     assert charge(note(PaymentStatus.REFUNDED, 100, "R1")) is None  # a refund alone names no payment
     assert charge(authorised) == ChargeSnapshot(
         provider="adyen", charge_id="P1", currency="EUR", merchant_account=MERCHANT, amount=9_000,
-        amount_captured=0, captured=False)
+        amount_captured=0, captured=False, refunded_counts_pending=False)
     auto = charge(authorised, auto_capture=True)
     assert auto is not None and (auto.captured, auto.amount_captured) == (True, 9_000)
     two_captures = charge(authorised, note(PaymentStatus.CAPTURED, 3_000, "C1"),

@@ -43,7 +43,7 @@ from domain.models import (
     ValidationResult,
     Vetted,
 )
-from domain.reconciliation import BreakClass
+from domain.reconciliation import NON_TERMINAL_PROVIDER, BreakClass
 
 APPROVAL_GRANTED = "approval_granted"
 """The audit action of an approval that counts (the round records it)."""
@@ -366,20 +366,21 @@ class CaseRepository(Repository):
         cur = await conn.execute(
             "SELECT refund_request_id, reserved_amount,"
             " (submission_started_at IS NULL AND provider_refund_id IS NULL) OR method <> %(provider)s"
-            " AS uncounted, method = %(provider)s"
-            " AND (submission_started_at IS NOT NULL OR provider_refund_id IS NOT NULL)"
-            " AND provider_status IS DISTINCT FROM 'succeeded' AS unconfirmed"
+            " AS uncounted, method = %(provider)s AND submission_started_at IS NOT NULL"
+            " AND provider_refund_id IS NULL AS unanswered,"
+            " method = %(provider)s AND provider_status = ANY(%(in_flight)s) AS in_flight"
             " FROM refund_cases WHERE provider = %(name)s AND charge_id = %(charge)s AND reserved_amount > 0",
-            {"provider": RefundMethod.PROVIDER.value, "name": charge.provider, "charge": charge.charge_id})
+            {"provider": RefundMethod.PROVIDER.value, "name": charge.provider, "charge": charge.charge_id,
+             "in_flight": [s.value for s in NON_TERMINAL_PROVIDER]})
         rows = await cur.fetchall()
         holds = {r["refund_request_id"]: int(r["reserved_amount"]) for r in rows}
         uncounted = sum(int(r["reserved_amount"]) for r in rows if r["uncounted"])
         if request.method is not RefundMethod.PROVIDER:
-            # nobody else guards a bank transfer: a submit whose answer is unknown, or a refund
-            # not succeeded yet (Adyen's figure counts only notified successes), may not be in
-            # what the provider reports yet, and may land beside it (where the provider counts
-            # it already, as Stripe a pending one, the transfer waits: counted twice meanwhile)
-            uncounted += sum(int(r["reserved_amount"]) for r in rows if r["unconfirmed"])
+            # nobody else guards a bank transfer: a submit whose answer is unknown may not be
+            # in what the provider reports yet, nor a refund still in flight where its figure
+            # counts only successes (Adyen's), and either may land beside it
+            uncounted += sum(int(r["reserved_amount"]) for r in rows
+                             if r["unanswered"] or (r["in_flight"] and not charge.refunded_counts_pending))
         prior = len([k for k in holds if k != case_id])
         if case_id in holds:  # a retried activity: the reservation is already ours
             remaining = charge.amount_captured - sum(holds.values()) + holds[case_id]
