@@ -399,6 +399,24 @@ async def test_no_reissue_while_the_provider_shows_the_failed_refund_succeeded(s
     assert await stack.store.cases.children(case_id) == []
 
 
+async def test_a_denied_break_whose_refund_failed_since_leaves_the_request_reissuable(stack: Stack) -> None:
+    """The break of a case shown failed that the provider showed succeeded was denied: the
+    reissue stays refused while the provider's word stands. The provider then failed that
+    refund (the bank's correction undone): the next run says so on the dismissed break, and
+    the reissue goes ahead. Nothing else raises a denied break again, so it refused every
+    reissue of the request for good."""
+    case_id, refund, found = await success_shown_failed(stack)
+    assert (await decide(stack, "bob", int(found["id"]), "deny")).status_code == 202
+    await wait_for_breaks(stack, [refund["id"]], "dismissed")
+    assert (await reissue(stack, "olga", case_id))[0] == 409
+    await move_at_provider(stack, refund["id"], "failed", "card_account_closed")
+    await backfill(stack, since_days=30)
+    [dismissed] = await wait_for_breaks(stack, [refund["id"]], "dismissed")
+    assert (dismissed["id"], dismissed["provider_status"]) == (found["id"], "failed")
+    status, made = await reissue(stack, "olga", case_id)
+    assert status == 202, made
+
+
 @pytest.mark.parametrize("running", ["itself", "its_reissue"])
 async def test_no_reissue_while_a_failed_case_s_workflow_still_runs(stack: Stack, running: str) -> None:
     """A case row shows `refund_failed` while its run still goes on (it finishes: a

@@ -110,17 +110,23 @@ WITH matched AS (
                      THEN 'ledger_missing' END END
     ], NULL) END) AS k(break_class)
 ), unmoved AS (
-    -- a duplicate raised while it might still pay that failed or was canceled since moved no
-    -- money: its break says so (a reissue of the request reads it) and stays with ops
+    -- a refund a break said moved or might move money outside its case that failed or was
+    -- canceled since moved none: its break says so (a reissue of the request reads it) and
+    -- keeps its state. A duplicate raised while it might still pay (it stays with ops), and a
+    -- refund of a case shown failed whose break was denied or expired (nothing else raises
+    -- it again)
     UPDATE reconciliation_breaks r SET provider_status = f.status, raw_status = f.raw_status,
-        failure_reason = f.failure_reason, ledger_delta = f.expected_net,
+        failure_reason = f.failure_reason,
+        ledger_delta = CASE WHEN f.duplicate THEN f.expected_net ELSE r.ledger_delta END,
         evidence = jsonb_set(r.evidence, '{provider}', coalesce(r.evidence->'provider', '{}')
             || jsonb_build_object('status', f.status, 'raw_status', f.raw_status,
                                   'failure_reason', f.failure_reason))
     FROM flagged f
-    WHERE f.duplicate AND f.status IN ('failed', 'canceled') AND r.provider = %(provider)s
-      AND r.object_id = f.object_id AND r.break_class = 'duplicate_refund'
+    WHERE f.status IN ('failed', 'canceled') AND r.provider = %(provider)s AND r.object_id = f.object_id
       AND r.provider_status IS DISTINCT FROM f.status
+      AND ((f.duplicate AND r.break_class = 'duplicate_refund')
+           OR (NOT f.duplicate AND r.break_class IN ('provider_succeeded_shown_failed', 'stuck_non_terminal')
+               AND r.state IN ('dismissed', 'expired')))
 ), inserted AS (
     INSERT INTO reconciliation_breaks (
         provider, object_id, break_class, refund_request_id, chain, charge_id, amount, currency,
