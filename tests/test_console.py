@@ -569,3 +569,6 @@ async def test_signing_in_again_ends_the_session_the_browser_held(stack: Stack) 
     assert (await browser.get("/console/cases")).status_code == 200
     async with httpx.AsyncClient(base_url=stack.relay_url, cookies={name: before}) as copied:
         assert (await copied.get("/console/cases")).status_code == 303
+    ended = [e["action"] for e in await stack.store.audit.trail("") if e["actor"] == "olga"
+             and e["action"].startswith("console_s")]
+    assert ended[-1:] == ["console_session_replaced"], ended

@@ -163,11 +163,13 @@ class AccessRepository(Repository):
         return ConsoleSession(int(row["id"]), Principal(row["user_name"], frozenset(row["roles"])),
                               row["csrf_token"])
 
-    async def end_session(self, session: ConsoleSession) -> None:
+    async def end_session(self, session: ConsoleSession, action: str = "console_signed_out") -> None:
+        """Ends the session, audited under its person as `action` (signed out, or replaced
+        by a sign-in on the same browser)."""
         async with self._db.transaction() as conn:
             await conn.execute("UPDATE console_sessions SET ended_at = now()"
                                " WHERE id = %s AND ended_at IS NULL", (session.session_id,))
-            await AuditLog.append(conn, None, session.principal.user, "console_signed_out",
+            await AuditLog.append(conn, None, session.principal.user, action,
                                   {"session": session.session_id})
 
     async def link_identities(self, links: Sequence[tuple[str, str]], user: str, *, by: str = "admin",

@@ -157,7 +157,7 @@ async def sign_in(request: Request) -> Response:
     # the session this browser held ends: else it lived on to its expiry for whoever copied it
     held = request.cookies.get(cookie_name(request, SESSION_COOKIE))
     if held and (previous := await door.store.access.session(held)) is not None:
-        await door.store.access.end_session(previous)
+        await door.store.access.end_session(previous, "console_session_replaced")
     response = RedirectResponse(f"{PREFIX}/cases", status_code=303)
     _set_cookie(request, response, SESSION_COOKIE, session_id, int(hours * 3600))
     _delete_cookie(request, response, SIGN_IN_COOKIE)
