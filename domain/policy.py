@@ -78,11 +78,11 @@ def _tiers_that_apply(tiers: tuple[ApprovalTier, ...], what: str) -> tuple[Appro
         raise ValueError(f"no {what} tiers: at least one, the last with no max_amount (it catches the rest)")
     if tiers[-1].max_amount is not None:
         raise ValueError(f"the last {what} tier must have no max_amount (it catches the rest)")
-    for earlier, tier in enumerate(tiers):
-        if tier.max_amount is None and tier is not tiers[-1]:
+    for index, tier in enumerate(tiers):
+        if tier.max_amount is None and index < len(tiers) - 1:
             raise ValueError(f"{what} tier {tier.name} has no max_amount but is not the last: the tiers "
                              "after it could never apply")
-        for before in tiers[:earlier]:
+        for before in tiers[:index]:
             assert before.max_amount is not None
             for currency, limit in (tier.max_amount or {}).items():
                 if limit <= before.max_amount.get(currency, -1):
@@ -119,7 +119,7 @@ class PayoutReversalRules(Frozen):
 
     @model_validator(mode="after")
     def _tiers_end_with_catch_all(self) -> "PayoutReversalRules":
-        _tiers_that_apply(self.tiers, "payout_reversal")
+        _tiers_that_apply(self.tiers, "payout reversal")
         return self
 
 

@@ -333,9 +333,11 @@ class ReconciliationRepository(Repository):
 
     async def reconcile_event(self, provider: str, event_id: str, refund: ProviderRefund,
                               reported_at: datetime, requested_by: str) -> str:
-        """Classifies one refund a provider reported failed or canceled after its case
-        closed, as a run would, in an `incident` run of its own (`late-event-<provider>-<event
-        id>`); returns the run's id, whose breaks the caller dispatches. No grace: nothing
+        """Classifies one refund a provider reported after its case closed (failed or
+        canceled, or a success the case cannot show), or that its running case cannot apply
+        (a success for a refund it ended failed on ops' reading), as a run would, in an
+        `incident` run of its own (`late-event-<provider>-<event id>`); returns the run's id,
+        whose breaks the caller dispatches. No grace: nothing
         follows a failure or a cancel, so it is not a webhook still in flight; and no age
         before a case shown pending is stuck: its workflow is gone, nothing else moves it. The
         event's time stands for the object's, which the event does not carry. A redelivery (or

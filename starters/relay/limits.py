@@ -188,7 +188,8 @@ def _json_problem(body: bytes, *, names_once: bool) -> tuple[int, str] | None:
         parsed = json.loads(body, object_pairs_hook=_unique_names if names_once else None,
                             parse_constant=_no_constant, parse_float=_finite)
     except _NoJsonNumber as number:
-        return 422, f"the JSON body holds {number.args[0]}, which is no JSON number"
+        return 422, (f"the JSON body holds {number.args[0]}: no number a double holds (NaN, Infinity "
+                     "or past its range)")
     except _NamedTwice as twice:
         return 400, (f"the JSON body names {str(twice.args[0])[:64]!r} twice in one object: which "
                      "value counts is up to each reader")

@@ -307,19 +307,8 @@ class WebhookDesk:
         # the case holding the refund hears of it whatever reference the refund carries (its
         # metadata can be edited); by reference only a refund no case holds yet
         row = await self._store.cases.by_provider_refund(event.provider, event.refund_id)
-        case_id = event.refund_request_id
-        if row is None and case_id:
-            row = await self._store.cases.get(case_id)
-        if row is not None and row["provider"] != event.provider:
-            log.warning("%s event %s names %s, a %s case: it reaches only %s's cases",
-                        event.provider, event.event_id, case_id, row["provider"], event.provider)
-            row = None
-        if row is not None and event.charge_id and event.charge_id != row["charge_id"]:
-            # a refund off another charge moved that charge's money, whatever its reference says
-            log.warning("%s event %s names case %s but is about a refund of charge %s, not the case's %s: "
-                        "followed as that charge's own", event.provider, event.event_id, case_id,
-                        event.charge_id, row["charge_id"])
-            row = None
+        if row is None and event.refund_request_id:
+            row = await self._by_reference(event, event.refund_request_id)
         if row is None:
             return await self._track(event)
         case_id = str(row["refund_request_id"])
@@ -344,6 +333,24 @@ class WebhookDesk:
                 raise
             await self._after_close(case_id, event, row)
         return case_id
+
+    async def _by_reference(self, event: ProviderEvent, case_id: str) -> CaseRow | None:
+        """The case an event's reference names, when the refund is one it may have made: of
+        the same provider and charge (a refund off another charge moved that charge's money,
+        whatever reference it carries)."""
+        row = await self._store.cases.get(case_id)
+        if row is None:
+            return None
+        if row["provider"] != event.provider:
+            log.warning("%s event %s names %s, a %s case: it reaches only %s's cases",
+                        event.provider, event.event_id, case_id, row["provider"], event.provider)
+            return None
+        if event.charge_id and event.charge_id != row["charge_id"]:
+            log.warning("%s event %s names case %s but is about a refund of charge %s, not the case's %s: "
+                        "followed as that charge's own", event.provider, event.event_id, case_id,
+                        event.charge_id, row["charge_id"])
+            return None
+        return row
 
     async def _after_close(self, case_id: str, event: ProviderEvent, row: CaseRow | None = None) -> None:
         """An event for a case whose workflow has closed is audited, and news the case does
@@ -441,22 +448,23 @@ class WebhookDesk:
         return case_id
 
     async def _paid_after_reversal(self, event: PayoutEvent, case_id: str) -> None:
-        """A payout reported paid, by an event that happened after our books reversed it: the
-        money left after all (a bank's correction after the failure; after a reissue, paid
-        twice). The case reads the report as stale and nothing moves by it, so ops are told
-        here, once per case (reconciliation raises it too, `payout_paid_shown_failed`). One
-        that happened after the case opened, its reversal not booked yet (approvers deciding),
-        tells ops too: an approval would book back money that left. Either is measured from
-        the failure (the provider's clock), not from our booking: a correction made while
-        approvers decided may be heard only after the reversal was booked."""
+        """A payout reported paid, by an event that happened after the failure our books
+        reversed it for: the money left after all (a bank's correction after the failure;
+        after a reissue, paid twice). The case reads the report as stale and nothing moves by
+        it, so ops are told here, once per case (reconciliation raises it too,
+        `payout_paid_shown_failed`). One that happened after the case opened, its reversal not
+        booked yet (approvers deciding), tells ops too: an approval would book back money that
+        left. Either is measured from the failure (the provider's clock), not from our
+        booking: a correction made while approvers decided may be heard only after the
+        reversal was booked."""
         if event.payout.status is not ProviderPayoutStatus.PAID:
             return
         reversed_at = await self._store.ledger.first_posted(case_id, LedgerKind.PAYOUT_REVERSED)
         since = ((await self._store.payouts.opened_at_provider(case_id) or reversed_at) if reversed_at
                  else await self._failed_while_unbooked(case_id))
-        # a provider stamps its events to the second: one in the reversal's second is after it
+        # a provider stamps its events to the second: one in the failure's second is after it
         if since is None or event.occurred_at < since.replace(microsecond=0):
-            return  # the payout's own paid, arriving late or again: older than our reversal
+            return  # the payout's own paid, arriving late or again: older than its failure
         kind = PAID_AFTER_REVERSAL if reversed_at is not None else PAID_AFTER_FAILURE
         detail = {"event_id": event.event_id, "payout_id": event.payout.payout_id,
                   "amount": event.payout.amount, "currency": event.payout.currency}
