@@ -27,8 +27,8 @@ from adapters.db import Store
 from adapters.db.reconciliation import REPORT_COLUMNS, Listed, Phase, RunConflict, break_case, provider_moved
 from adapters.db.rows import BreakRow
 from adapters.providers.base import (
-    PayoutExecutor,
     PayoutLister,
+    PayoutReader,
     ProviderAdapter,
     ProviderConfigurationRefused,
     ProviderDeclined,
@@ -275,7 +275,7 @@ class ReconciliationActivities:
         current: ProviderRefund | ProviderPayout | None
         try:
             if found.object_kind == "payout":
-                if not isinstance(provider, PayoutExecutor | PayoutLister):
+                if not isinstance(provider, PayoutReader):
                     return None
                 current = await provider.get_payout(found.object_id)
             else:

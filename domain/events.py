@@ -29,6 +29,9 @@ from domain.money import format_minor
 OPS_RESOLUTION = "ops_resolution"
 """The event type (`ops_resolution.<what ops read>`) of ops resolving a notification wait:
 what ops read at the provider, not the provider's own word."""
+OPS_READ_PREFIX = "ops:"
+"""How the raw status of ops' resolution begins (`ops:<what ops read>`): a refund a case
+holds with it is ops' reading of the provider, not the provider's own word."""
 NO_REFUND_PREFIX = "none-"
 """How the refund id starts that an ops resolution ("the provider shows no refund") records
 for a case that knew none: it names no provider refund, so reconciliation never takes a

@@ -2,7 +2,7 @@
 says who tried what and why it was refused), the not-found and not-now ones included:
 a verdict on a payout case or a break that does not exist or does not wait, a reissue of
 a case that does not exist, a reopen of a break that cannot reopen, a replay or backfill
-asked wrongly."""
+asked wrongly, a read of a payout, payout exception, run or break that does not exist."""
 
 from typing import Any
 
@@ -34,6 +34,14 @@ CALLS = {
     "backfill": ("olga", "/v1/reconciliation/runs", {"provider": "nowhere", "since": "2026-01-01T00:00:00Z",
                                                       "until": "2026-01-02T00:00:00Z"},
                  422, "starting a reconciliation"),
+    # reads of nothing (a GET: no body), recorded as a read of a missing refund request is
+    "payout": ("olga", "/v1/payouts/po_nope", None, 404, "reading a payout"),
+    "payout_exception": ("olga", "/v1/payout-exceptions/sandbox-payout-po_nope", None, 404,
+                         "reading a payout exception"),
+    "reconciliation_run": ("olga", "/v1/reconciliation/runs/run-nope", None, 404,
+                           "reading a reconciliation run"),
+    "reconciliation_break": ("olga", f"/v1/reconciliation/breaks/{MISSING_BREAK}", None, 404,
+                             "reading a reconciliation break"),
 }
 
 
@@ -42,28 +50,8 @@ async def test_a_refused_action_is_recorded_under_the_caller(stack: Stack, call:
     user, path, body, status, action = CALLS[call]
     await add_payout_approvers(stack)
     async with stack.api(user) as api:
-        answer = await api.post(path, json=body)
+        answer = await (api.get(path) if body is None else api.post(path, json=body))
     assert answer.status_code == status, answer.text
     refused = await refusals_of(stack, user, action)
     assert refused and refused[-1]["refusal"] == answer.json()["detail"], refused
 
-
-READS = {
-    "payout": ("/v1/payouts/po_nope", "reading a payout"),
-    "payout_exception": ("/v1/payout-exceptions/sandbox-payout-po_nope", "reading a payout exception"),
-    "reconciliation_run": ("/v1/reconciliation/runs/run-nope", "reading a reconciliation run"),
-    "reconciliation_break": (f"/v1/reconciliation/breaks/{MISSING_BREAK}", "reading a reconciliation break"),
-}
-
-
-@pytest.mark.parametrize("read", list(READS))
-async def test_a_read_of_nothing_is_recorded_under_the_caller(stack: Stack, read: str) -> None:
-    """A read of a payout, payout exception, run or break that does not exist is refused
-    404 and recorded, as a read of a refund request that does not exist is (before, these
-    answered 404 and the trail said nothing)."""
-    path, action = READS[read]
-    async with stack.api("olga") as api:
-        answer = await api.get(path)
-    assert answer.status_code == 404, answer.text
-    refused = await refusals_of(stack, "olga", action)
-    assert refused and refused[-1]["refusal"] == answer.json()["detail"], refused

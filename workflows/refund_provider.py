@@ -19,6 +19,7 @@ with workflow.unsafe.imports_passed_through():
     from domain import contracts, errors
     from domain.events import (
         CONTRADICTED,
+        OPS_READ_PREFIX,
         OPS_RESOLUTION,
         STATUS_NOTICES,
         Observation,
@@ -371,7 +372,7 @@ class RefundProvider(RefundWrites):
         its tier's approvers, who correct the case and book the refund)."""
         held = self._refund
         if (held is None or held.status not in FINAL_PROVIDER_STATUSES
-                or not held.raw_status.startswith("ops:")
+                or not held.raw_status.startswith(OPS_READ_PREFIX)
                 or reported.status is not ProviderRefundStatus.SUCCEEDED
                 or event.event_type.startswith(f"{OPS_RESOLUTION}.")
                 or not workflow.patched(OPS_READ_CONTRADICTED_PATCH)):

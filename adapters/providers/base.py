@@ -172,20 +172,15 @@ class PayoutReader(Protocol):
 
 
 @runtime_checkable
-class PayoutExecutor(Protocol):
-    """A provider that can make a payout (a reissue) and find one by our reference."""
-
-    name: str
+class PayoutExecutor(PayoutReader, Protocol):
+    """A provider that can make a payout (a reissue) and find one by our reference; it reads
+    the original's status (`get_payout`) before a reissue pays the beneficiary again."""
 
     async def create_payout(self, order: PayoutOrder, idempotency_key: str) -> ProviderPayout:
         """Asks for the payout, carrying our idempotency key and our payout id as reference."""
 
     async def find_payout(self, reference: str) -> ProviderPayout | None:
         """Looks a payout up by our reference (the check before any create)."""
-
-    async def get_payout(self, payout_id: str) -> ProviderPayout | None:
-        """A payout by the provider's id, as it stands now (None: the provider has none): the
-        original's status, read before a reissue pays the beneficiary again."""
 
 
 @runtime_checkable
@@ -226,20 +221,15 @@ class RefundLister(Protocol):
 
 
 @runtime_checkable
-class PayoutLister(Protocol):
-    """Providers whose payouts can be listed, for reconciliation's payout breaks."""
-
-    name: str
+class PayoutLister(PayoutReader, Protocol):
+    """Providers whose payouts can be listed, for reconciliation's payout breaks; an approved
+    payout break reads the payout (`get_payout`) before it reverses anything."""
 
     def list_payouts(self, since: datetime, until: datetime,
                      starting_after: str | None = None) -> AsyncGenerator[ListedPayout | UnmappedListing]:
         """Every payout created in [since, until), newest first, page by page as the caller
         reads; `starting_after` (an object id) resumes after that object. As for refunds,
         an unmappable status may come as an UnmappedListing."""
-
-    async def get_payout(self, payout_id: str) -> ProviderPayout | None:
-        """One payout by the provider's id as it stands now (None: the provider has none):
-        an approved payout break reads it before it reverses anything."""
 
 
 class WebhooksOnly:

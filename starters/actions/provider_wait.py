@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from adapters.db import Principal
 from adapters.db.cases import CaseRepository, RefundHeldElsewhere
 from adapters.temporal_client import workflow_closed
-from domain.events import OPS_RESOLUTION, no_refund_id
+from domain.events import OPS_READ_PREFIX, OPS_RESOLUTION, no_refund_id
 from domain.models import EventKind, ProviderEvent, ProviderRefundStatus
 from domain.permissions import Permission
 from starters.actions.cases import CaseActions, behind
@@ -144,7 +144,7 @@ async def _deliver(actions: CaseActions, row: Mapping[str, Any], body: ProviderW
         charge_id=row["charge_id"],
         refund_request_id=case_id, amount=row["amount"], currency=row["currency"],
         status=ProviderRefundStatus.SUCCEEDED if refunded else ProviderRefundStatus.FAILED,
-        raw_status=f"ops:{body.provider_shows}",
+        raw_status=f"{OPS_READ_PREFIX}{body.provider_shows}",
         failure_reason=None if refunded else f"ops {resolver}: the provider shows no refund "
                                              f"({body.reason})")
     await actions.client.get_workflow_handle(case_id).signal(RefundWorkflow.provider_event, event)
