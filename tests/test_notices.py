@@ -166,18 +166,22 @@ async def test_a_channel_that_refuses_for_good_holds_up_no_later_notice_of_the_c
                                    json={"decision": "approve"})).status_code == 202
         await stack.wait_for_status(case_id, "succeeded")
 
-        async def on_teams() -> list[dict[str, DeliveryRow]] | None:
+        async def on_teams_and_handed() -> list[dict[str, DeliveryRow]] | None:
             notices = await stack.store.outbox.notices(case_id)
             rows = [await delivered(stack, case_id, n.kind) for n in notices]
+            # the dispatcher hands a notice to the sweeper just after its channels' rows are
+            # written: wait for both, or the last notice is read between the two
+            handed = await store.database.fetch_all(
+                "SELECT dispatch_queue, dispatched_at FROM notices WHERE refund_request_id = %s",
+                (case_id,))
             done = ({"approval_needed", "refund_succeeded"} <= {n.kind for n in notices}
-                    and all(r.get("teams") is not None and r["teams"].status == "delivered" for r in rows))
+                    and all(r.get("teams") is not None and r["teams"].status == "delivered" for r in rows)
+                    and all(n["dispatch_queue"] is None and n["dispatched_at"] is not None
+                            for n in handed))
             return rows if done else None
 
-        rows = await eventually(on_teams)
+        rows = await eventually(on_teams_and_handed)
         assert all(r["slack"].status == "failed" and r["slack"]["attempts"] == 1 for r in rows), rows
-        handed = await store.database.fetch_all(
-            "SELECT dispatch_queue, dispatched_at FROM notices WHERE refund_request_id = %s", (case_id,))
-        assert all(n["dispatch_queue"] is None and n["dispatched_at"] is not None for n in handed)
         refusals = [e["detail"]["channel"] for e in await stack.store.audit.trail(case_id)
                     if e["action"] == "notice_delivery_failed"]
         assert refusals == ["slack"] * len(rows)
