@@ -12,6 +12,7 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
+from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from domain.models import ProviderEvent, RefundRequest
 from domain.payments import PaymentEvent
 from domain.payouts import PayoutEvent
 from starters.dev.stack import TemporalDevServer
+from starters.relay.webhook_desk import WebhookDesk
 from tests.adyen_fake import FakeAdyen
 from tests.harness import Stack, open_stack
 from tests.lossy_proxy import LossyProxy
@@ -253,12 +255,6 @@ def missing_signature(psp: str) -> bytes:
     return json.dumps(doc).encode()
 
 
-def two_items(psp: str) -> bytes:
-    doc = json.loads(notification("REFUND", pspReference=psp))
-    doc["notificationItems"] *= 2
-    return json.dumps(doc).encode()
-
-
 def surrogate_signature(psp: str) -> bytes:
     """JSON may escape half a surrogate pair, which no UTF-8 text (and no signature) holds."""
     signature = b'"hmacSignature": "'
@@ -275,7 +271,6 @@ REFUSALS: dict[str, tuple[Callable[[str], bytes], int, str, str]] = {
     "missing_signature": (missing_signature, 401, "bad_signature", "missing"),
     "surrogate_signature": (surrogate_signature, 401, "bad_signature", "does not match"),
     "surrogate_reference": (surrogate_reference, 401, "bad_signature", "does not match"),
-    "batch": (two_items, 400, "malformed", "2 notification items"),
 }
 
 
@@ -292,6 +287,68 @@ async def test_refused_notification_has_a_receipt_and_touches_nothing(rig: Adyen
     case_id = tracking_case_id("adyen", psp)
     assert await rig.stack.store.cases.get(case_id) is None
     assert not await workflow_exists(rig.stack, case_id)
+
+
+def batch(*bodies: bytes) -> bytes:
+    """One request carrying the items of single-item notifications, as Adyen may batch them."""
+    items = [json.loads(b)["notificationItems"][0] for b in bodies]
+    return json.dumps({"live": "false", "notificationItems": items}).encode()
+
+
+async def test_each_item_of_a_batch_is_its_own_event_acted_on_once(rig: AdyenRig) -> None:
+    """Adyen's notification is a list of items, each signed on its own. Before, a request
+    with two was refused whole as malformed: Adyen retried it for days and neither refund
+    reached the books."""
+    first, second = unique_psp(), unique_psp()
+    body = batch(notification("REFUND", pspReference=first),
+                 notification("REFUND", pspReference=second, amount={"currency": "EUR", "value": 700}))
+    response = await rig.post(body)
+    assert (response.status_code, response.text) == (200, "[accepted]")
+    for psp, amount in ((first, 1000), (second, 700)):
+        [row] = await rig.stack.store.receipts.find("adyen", f"REFUND:{psp}:true")
+        assert row["verdict"] == "accepted"
+        case = await rig.stack.wait_for_status(tracking_case_id("adyen", psp), "succeeded")
+        assert case["amount"] == amount
+    again = await rig.post(body)  # Adyen's retry of the whole request
+    assert (again.status_code, again.text) == (200, "[accepted]")
+    for psp in (first, second):
+        rows = await rig.stack.store.receipts.find("adyen", f"REFUND:{psp}:true")
+        assert [r["verdict"] for r in rows] == ["accepted", "duplicate"]
+        assert len(await rig.stack.store.ledger.entries(tracking_case_id("adyen", psp))) == 2
+
+
+async def test_a_batch_with_one_bad_item_is_retried_and_its_good_items_act_once(rig: AdyenRig) -> None:
+    """A refused item is not acknowledged (Adyen sends the request again, so it is not
+    lost); the items that verified act now, and once however often the request comes."""
+    good, bad = unique_psp(), unique_psp()
+    body = batch(notification("REFUND", pspReference=good), tampered(bad))
+    for _ in range(2):
+        response = await rig.post(body)
+        assert response.status_code == 401 and response.text != "[accepted]"
+        assert response.json()["verdict"] == "bad_signature"
+        [refused] = [r for r in await rig.stack.store.receipts.find("adyen")
+                     if r["id"] == response.json()["receipt_id"]]
+        assert refused["verdict"] == "bad_signature" and refused["processed_at"] is None
+    rows = await rig.stack.store.receipts.find("adyen", f"REFUND:{good}:true")
+    assert [r["verdict"] for r in rows] == ["accepted", "duplicate"]
+    await rig.stack.wait_for_status(tracking_case_id("adyen", good), "succeeded")
+    assert len(await rig.stack.store.ledger.entries(tracking_case_id("adyen", good))) == 2
+    assert await rig.stack.store.cases.get(tracking_case_id("adyen", bad)) is None
+
+
+async def test_a_batch_from_a_source_not_allowed_is_one_refusal(rig: AdyenRig) -> None:
+    """Split only what may be read: a stranger's request of many items is one receipt."""
+    walled = rig.stack.settings.model_copy(update={"webhook_allowed_sources": {
+        "adyen": [ip_network("10.0.0.0/8")]}})
+    desk = WebhookDesk(rig.stack.store, rig.stack.client, rig.stack.providers, walled)
+    psps = [unique_psp() for _ in range(3)]
+    before = await rig.stack.store.receipts.find("adyen")
+    result = await desk.ingest("adyen", {"content-type": "application/json"},
+                               batch(*(notification("REFUND", pspReference=p) for p in psps)),
+                               now=time.time(), peer="127.0.0.1")
+    assert (result.status_code, result.verdict) == (403, "forbidden_source")
+    after = await rig.stack.store.receipts.find("adyen", after=before[-1]["id"] if before else 0)
+    assert [r["id"] for r in after] == [result.receipt_id]
 
 
 # -- refunds through our API -----------------------------------------------------------------

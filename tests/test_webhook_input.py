@@ -195,6 +195,8 @@ def adyen_delivery(draw: st.DrawFn) -> tuple[bytes, dict[str, str]]:
     item["additionalData"] = additional
     payload = draw(st.sampled_from([
         {"live": "false", "notificationItems": [{"NotificationRequestItem": item}]},
+        {"live": "false", "notificationItems": [{"NotificationRequestItem": item}, extra,
+                                                {"NotificationRequestItem": item}]},
         {"notificationItems": item}, item]))
     return draw(bodies(st.just(payload))), {"content-type": "application/json"}
 

@@ -7,9 +7,11 @@ eventCode:success, base64 in `additionalData.hmacSignature`. The signature carri
 time, so there is no `stale` verdict: the dedup key (eventCode + pspReference + success,
 kept forever in `webhook_events`) is what stops a replay from acting twice.
 
-A request with several items is refused as malformed (Adyen sends one item per standard
-notification); acting on part of a batch, or signing one receipt for many events, would
-hide an event. The relay answers `[accepted]`, which Adyen requires, on every 2xx.
+A request may carry several items (`notificationItems` is a list, each item signed on its
+own): `split_batch` gives the relay one single-item notification per item, each then its own
+delivery with its own receipt, verdict and dedup key. The relay answers `[accepted]`, which
+Adyen requires, only when every item got a 2xx; otherwise Adyen sends the whole request
+again, and the items that acted already are duplicates.
 
 Adyen has no refund-status lookup: `find_refund` raises `ProviderLookupUnsupported` and
 the workflow waits for the notification (escalating on a timer to ops review, where ops
@@ -29,6 +31,7 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import json
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
@@ -74,6 +77,9 @@ UNSPLIT_FIELDS = SIGNED_FIELDS[:3]
 with ':' unescaped and our case ids (the merchantReference) may hold one: a copied item split
 again at it keeps its signature under another pspReference (a new event). With a ':' allowed
 only in the merchantReference, no split but Adyen's own passes."""
+MAX_BATCH_ITEMS = 100
+"""The most items one request is split into: each is a receipt and a transaction of its own,
+and a stranger's body of thousands of tiny items should cost one refusal, not thousands."""
 API_VERSION = "v71"
 SAMPLE_PREFIX = "test_"
 """How the pspReference of Adyen's sample notifications (its webhook test) begins; Adyen's
@@ -203,7 +209,7 @@ def api_environment(api_base: str | None) -> bool | None:
 
 
 def only_item(payload: Any) -> dict[str, Any]:
-    """The notification's single item; a batch is refused whole (see the module notes). Read
+    """The notification's single item (the relay splits a batch first: `AdyenProvider.split_batch`). Read
     before its signature is checked (the HMAC is inside the item): `malformed`."""
     with normalising(None, None, signed=False):
         items = payload["notificationItems"]
@@ -286,6 +292,21 @@ class AdyenProvider:
     max_amount = UNDOCUMENTED_MAXIMUM
     units = UNITS
     acknowledgement = ACKNOWLEDGEMENT
+
+    def split_batch(self, body: bytes) -> list[bytes] | None:
+        """Each item of a notification that carries several, as a notification of its own (the
+        request's other fields, `live`, with it); None for any other body, which
+        `parse_webhook` reads or refuses whole (one of more than MAX_BATCH_ITEMS items, too).
+        An item's signature covers its fields, not the bytes, so it verifies as sent."""
+        try:
+            payload = json.loads(body)
+            items = payload["notificationItems"]
+            if not isinstance(items, list) or not 1 < len(items) <= MAX_BATCH_ITEMS:
+                return None
+            return [json.dumps(dict(payload, notificationItems=[item]), allow_nan=False).encode()
+                    for item in items]
+        except (ValueError, TypeError, KeyError, RecursionError):
+            return None
 
     def reference_refusal(self, reference: str) -> str | None:
         """Adyen takes a refund's `reference` (our request id: how its notifications find the

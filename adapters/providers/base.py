@@ -203,6 +203,15 @@ class NotificationRecorder(Protocol):
 
 
 @runtime_checkable
+class BatchedNotifications(Protocol):
+    """A provider whose one request may carry several events, each signed on its own (Adyen):
+    the relay takes each as a delivery of its own."""
+
+    def split_batch(self, body: bytes) -> list[bytes] | None:
+        """One body per event when `body` carries several; None otherwise (read whole)."""
+
+
+@runtime_checkable
 class RefundLister(Protocol):
     """Providers whose refunds can be listed, for reconciliation (webhooks-only ones cannot)."""
 

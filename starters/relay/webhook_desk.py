@@ -26,7 +26,12 @@ from adapters.break_dispatch import dispatch_breaks
 from adapters.config import Settings
 from adapters.db import CaseCreation, Store, StoredReceipt
 from adapters.db.rows import CaseRow
-from adapters.providers.base import NotificationRecorder, ProviderAdapter, WebhookRejected
+from adapters.providers.base import (
+    BatchedNotifications,
+    NotificationRecorder,
+    ProviderAdapter,
+    WebhookRejected,
+)
 from adapters.telemetry import bind_case
 from domain.events import NO_REFUND_PREFIX, OPS_RESOLUTION, tells_nothing_new, tracking_case_id
 from domain.lifecycle import FINAL_PROVIDER_STATUSES
@@ -210,10 +215,19 @@ class WebhookDesk:
                      now: float, peer: str | None, replay_of: int | None = None,
                      source_refused: bool = False) -> IngestResult:
         """Receipt, verdict, dedup, then start or signal; the result says what to answer.
-        A provider that requires an acknowledgement text gets it on every 2xx."""
-        result = await self._ingest(provider_name, headers, body, now=now, peer=peer,
-                                    replay_of=replay_of, source_refused=source_refused)
-        ack = getattr(self._providers.get(provider_name), "acknowledgement", None)
+        A provider that requires an acknowledgement text gets it on every 2xx. A body that
+        carries several events is taken as one delivery per event (each its own receipt); the
+        answer is the first refused one's (the provider sends the whole body again, and the
+        events that acted are duplicates then), else the first one's."""
+        provider = self._providers.get(provider_name)
+        allowed = not source_refused and (peer is None or self._source_allowed(provider_name, peer))
+        parts = (provider.split_batch(body) if isinstance(provider, BatchedNotifications) and body
+                 and allowed else None)  # a stranger's batch is one refusal
+        results = [await self._ingest(provider_name, headers, part, now=now, peer=peer,
+                                      replay_of=replay_of, source_refused=source_refused)
+                   for part in parts or [body]]
+        result = next((r for r in results if not 200 <= r.status_code < 300), results[0])
+        ack = getattr(provider, "acknowledgement", None)
         if ack is not None and 200 <= result.status_code < 300:
             return replace(result, acknowledgement=ack)
         return result
