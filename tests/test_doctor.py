@@ -69,6 +69,17 @@ async def test_doctor_names_a_missing_namespace_keys_database_and_provider(
     assert detail["providers"][0] is False and "REFUNDS_ADYEN_HMAC_KEYS" in detail["providers"][1]
     assert detail["postgres"] == (False, "REFUNDS_DATABASE_URL is not set")
 
+    # a key that signs every merchant's events is named when no filter narrows it
+    hmac = "AB" * 32
+    findings = await run_doctor(Settings(temporal_address=temporal_server.address, adyen_hmac_keys=hmac))
+    [providers] = [f for f in findings if f.check == "providers"]
+    assert providers.ok and providers.detail == (
+        "configured: adyen; adyen acts for every merchant account its HMAC key signs "
+        "(REFUNDS_ADYEN_MERCHANT_ACCOUNTS unset)")
+    findings = await run_doctor(Settings(temporal_address=temporal_server.address, adyen_hmac_keys=hmac,
+                                         adyen_merchant_accounts="OURS"))
+    assert [f.detail for f in findings if f.check == "providers"] == ["configured: adyen"]
+
     findings = await run_doctor(Settings(temporal_address=temporal_server.address, payload_keys=PAYLOAD_KEYS,
                                          temporal_namespace="no-such-namespace"))
     [temporal] = [f for f in findings if f.check == "temporal"]

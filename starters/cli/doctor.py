@@ -102,7 +102,19 @@ async def check_providers(settings: Settings) -> Finding:
     if not providers:
         return Finding("providers", False, "no payment provider is configured (set "
                        "REFUNDS_SANDBOX_WEBHOOK_SECRET or another provider's secrets)")
-    return Finding("providers", True, "configured: " + ", ".join(sorted(providers)))
+    unscoped = [f"{name} acts for {whom} ({variable} unset)"
+                for name, variable, whom, scope in UNSCOPED
+                if name in providers and not getattr(settings, scope)]
+    return Finding("providers", True, "; ".join(["configured: " + ", ".join(sorted(providers)), *unscoped]))
+
+
+UNSCOPED = (
+    ("adyen", "REFUNDS_ADYEN_MERCHANT_ACCOUNTS", "every merchant account its HMAC key signs",
+     "adyen_merchant_accounts"),
+    ("rainforest", "REFUNDS_RAINFOREST_MERCHANT_IDS", "every merchant on the platform",
+     "rainforest_merchant_ids"))
+"""Providers whose one key covers many merchants: unset, their filter lets every merchant's
+events move our books, which is a choice an operator should see made."""
 
 
 async def run_doctor(settings: Settings) -> list[Finding]:
