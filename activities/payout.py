@@ -217,7 +217,7 @@ class PayoutActivities:
                                              {"reference": order.reference})
                     raise ApplicationError("the reissue attempt woke past its start-to-close: the "
                                            "provider is not called", type=errors.OUTCOME_UNKNOWN)
-                made = await self._create(provider, order, original.reissue_key())
+                made = await self._create(inp.case_id, provider, order, original)
         except ProviderConfigurationRefused as exc:
             raise configuration_refused(exc) from exc
         except ProviderError as exc:  # a lookup that failed or was refused: still unknown
@@ -274,12 +274,20 @@ class PayoutActivities:
                 "reissue would pay the beneficiary twice; ops decide", type=errors.DECLINED,
                 non_retryable=True)
 
-    @staticmethod
-    async def _create(provider: PayoutExecutor, order: PayoutOrder, key: str) -> ProviderPayout:
+    async def _create(self, case_id: str, provider: PayoutExecutor, order: PayoutOrder,
+                      original: PayoutSnapshot) -> ProviderPayout:
+        """The create; a decline is looked up once more, as a refund's is: the provider may be
+        refusing a second payout under our reference because an earlier attempt's landed
+        after the lookup before this create. Found, it is the reissue; else the decline stands."""
         try:
-            return await provider.create_payout(order, key)
+            return await provider.create_payout(order, original.reissue_key())
         except ProviderDeclined as exc:
-            raise ApplicationError(str(exc), type=errors.DECLINED, non_retryable=True) from exc
+            landed = await provider.find_payout(order.reference)
+            if landed is None or not_the_reissue(original, landed):
+                raise ApplicationError(str(exc), type=errors.DECLINED, non_retryable=True) from exc
+            await self._audit.record(case_id, f"provider:{provider.name}", "reissue_found_after_decline",
+                                     {"provider_payout_id": landed.payout_id, "declined": str(exc)})
+            return landed
         except ProviderOutcomeUnknown as exc:
             raise ApplicationError(str(exc), type=errors.OUTCOME_UNKNOWN) from exc
 

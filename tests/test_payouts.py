@@ -26,12 +26,14 @@ from adapters.db.ledger import LedgerRepository
 from adapters.db.rows import LedgerLineRow
 from adapters.instrumented import instrument
 from adapters.policy_file import load_policy
+from adapters.providers.base import PayoutExecutor, ProviderDeclined
 from adapters.providers.stripe import StripeProvider
 from domain import errors
 from domain.models import LedgerInput, LedgerKind, LedgerResult
 from domain.payouts import (
     PayoutAtProvider,
     PayoutEvent,
+    PayoutOrder,
     PayoutRegistration,
     PayoutSnapshot,
     PayoutStatus,
@@ -506,6 +508,57 @@ class ListsPayoutsOnly:
         if name in ("create_payout", "find_payout"):
             raise AttributeError(name)
         return getattr(self._provider, name)
+
+
+class LandedThenDeclines:
+    """The provider once an earlier attempt's create landed late: its listing has not caught
+    up (the lookup before the create misses the payout), and the create, a second payout
+    under one reference, is refused."""
+
+    def __init__(self, provider: Any) -> None:
+        self.name = provider.name
+        self._provider = provider
+        self.lookups = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._provider, name)
+
+    async def find_payout(self, reference: str) -> Any:
+        self.lookups += 1
+        return None if self.lookups == 1 else await self._provider.find_payout(reference)
+
+    async def create_payout(self, order: PayoutOrder, idempotency_key: str) -> Any:
+        raise ProviderDeclined(f"a payout with reference {order.reference} exists")
+
+
+async def test_a_reissue_create_declined_for_one_that_landed_is_that_reissue_booked(payouts: Stack) -> None:
+    """As for refunds: a decline may be the provider refusing a second payout because an
+    earlier attempt's landed, which the lookup before the create missed. Declined for good,
+    the case showed the reissue failed while the beneficiary had been paid (books short, a
+    second reissue asked for). It is looked up once more and booked."""
+    made, case_id = await remediated(payouts, 44_000)
+    sandbox = payouts.providers["sandbox"]
+    assert isinstance(sandbox, PayoutExecutor)
+    order = PayoutOrder(reference=made.reissue_id(), beneficiary_id=made.beneficiary_id,
+                        amount=made.amount, currency=made.currency)
+    landed = await sandbox.create_payout(order, made.reissue_key())  # the earlier attempt's
+    provider = LandedThenDeclines(sandbox)
+    activities = PayoutActivities(payouts.store, {"sandbox": cast(Any, provider)}, load_policy())
+    now = ActivityEnvironment()
+    now.info = dataclasses.replace(now.info, started_time=datetime.now(UTC))
+    booked = await now.run(activities.reissue_payout, ReissueInput(
+        case_id=case_id, original=made, final_status=PayoutStatus.FAILED))
+    assert booked.provider_payout_id == landed.payout_id and provider.lookups == 2
+    assert [p["id"] for p in await reissues_at_provider(payouts, made.reissue_id())] == [landed.payout_id]
+    trail = await payouts.store.audit.trail(case_id)
+    assert "reissue_found_after_decline" in [e["action"] for e in trail]
+
+    # a decline with nothing under the reference stands
+    other, other_case = await remediated(payouts, 45_000)
+    with pytest.raises(ApplicationError) as declined:
+        await now.run(activities.reissue_payout, ReissueInput(
+            case_id=other_case, original=other, final_status=PayoutStatus.FAILED))
+    assert declined.value.type == errors.DECLINED and declined.value.non_retryable
 
 
 async def test_a_reissue_its_provider_cannot_make_is_refused_when_asked(payouts: Stack) -> None:
