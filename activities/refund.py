@@ -54,7 +54,7 @@ from domain.models import (
     VerifyResult,
     Vetted,
 )
-from domain.policy import Policy, charge_problem, decide, policy_context
+from domain.policy import ChargePriors, Policy, charge_problem, decide, policy_context
 
 log = logging.getLogger(__name__)
 
@@ -178,9 +178,9 @@ class RefundActivities:
         if isinstance(charge, Vetted):
             return charge
 
-        def decided(validation: ValidationResult, prior_amounts: list[int]) -> PolicyDecision:
+        def decided(validation: ValidationResult, prior: ChargePriors) -> PolicyDecision:
             return decide(self._policy, request, policy_context(
-                request, validation.amount_captured, validation.dispute_count, prior_amounts))
+                request, validation.amount_captured, validation.dispute_count, prior))
         vetted = await self._store.cases.reserve_and_decide(request, charge, decided, key)
         if self._advise is None or not vetted.validation.ok:
             return vetted
@@ -220,10 +220,9 @@ class RefundActivities:
     async def decide_policy(self, inp: PolicyInput) -> PolicyDecision:
         """Evaluates the deterministic policy and stores the decision with its rules."""
         request = inp.request
-        prior = await self._store.cases.prior_refunds(request.provider, request.charge_id,
+        prior = await self._store.cases.charge_priors(request.provider, request.charge_id,
                                                       request.refund_request_id)
-        context = policy_context(request, inp.validation.amount_captured, inp.validation.dispute_count,
-                                 [int(p["amount"]) for p in prior])
+        context = policy_context(request, inp.validation.amount_captured, inp.validation.dispute_count, prior)
         decision = decide(self._policy, request, context)
         await self._store.cases.record_decision(request.refund_request_id, decision.model_dump(mode="json"))
         return decision

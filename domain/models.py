@@ -371,6 +371,10 @@ class PolicyContext(Frozen):
     """What the other refunds holding money on the charge add up to, in the request's minor
     units: the tier is chosen on it plus the request (a refund asked in parts needs the
     approvals of the whole). 0 in decisions made before it was counted."""
+    prior_refusal_count: int = 0
+    """The charge's other requests that people denied or let expire: a request asked again
+    after a refusal is for people, however the requester words it. 0 in decisions made
+    before it was counted."""
 
 
 class PolicyDecision(Frozen):

@@ -9,6 +9,7 @@ live in the same file.
 import hashlib
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field, model_validator
@@ -136,6 +137,16 @@ class Policy(Frozen):
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class ChargePriors:
+    """The charge's other requests as the rules read them: the amounts of the refunds holding
+    money on it (reserved, pending or succeeded), and how many requests people refused
+    (denied, or let expire)."""
+
+    amounts: Sequence[int] = ()
+    refusals: int = 0
+
+
 def tier_for(tiers: tuple[ApprovalTier, ...], amount: int, currency: str) -> ApprovalTier:
     """The first tier that covers the amount (the last one covers everything)."""
     return next(t for t in tiers if t.covers(amount, currency))
@@ -158,14 +169,13 @@ def charge_problem(request: RefundRequest, charge: ChargeSnapshot | None) -> str
 
 
 def policy_context(request: RefundRequest, amount_captured: int | None, dispute_count: int | None,
-                   prior_amounts: Sequence[int]) -> PolicyContext:
-    """The facts the rules read: `prior_amounts` are the other refunds holding money on the
-    charge (reserved, pending or succeeded)."""
+                   prior: ChargePriors) -> PolicyContext:
+    """The facts the rules read, from the charge's other requests (`ChargePriors`)."""
     captured = amount_captured or request.amount
-    return PolicyContext(prior_refund_count=len(prior_amounts),
-                         prior_partial_refund=any(amount < captured for amount in prior_amounts),
+    return PolicyContext(prior_refund_count=len(prior.amounts),
+                         prior_partial_refund=any(amount < captured for amount in prior.amounts),
                          is_partial=request.amount < captured, prior_dispute_count=dispute_count,
-                         prior_refund_total=sum(prior_amounts))
+                         prior_refund_total=sum(prior.amounts), prior_refusal_count=prior.refusals)
 
 
 def decide(policy: Policy, request: RefundRequest, context: PolicyContext) -> PolicyDecision:
@@ -181,6 +191,8 @@ def decide(policy: Policy, request: RefundRequest, context: PolicyContext) -> Po
         fired.append("prior_refunds_on_charge")
     if context.is_partial and context.prior_partial_refund:
         fired.append("repeat_partial_refund")
+    if context.prior_refusal_count > 0:
+        fired.append("prior_refusal_on_charge")
     missing = [name for name in rules.required_evidence if not request.evidence.get(name)]
     if missing:
         fired.append("missing_evidence:" + ",".join(missing))

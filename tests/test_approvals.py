@@ -128,6 +128,11 @@ async def test_unanswered_approval_expires_and_releases_the_reservation(
         await stack.client.get_workflow_handle(case_id).result()
         notices = {(n["kind"], n["audience"]) for n in await stack.store.outbox.notices(case_id)}
         assert ("approval_expired", "requester") in notices, notices  # as a denial tells them
+        # asked again small, it still goes to people (then expires too, here)
+        again = await request_refund(stack, charge, 1_000)
+        row = await stack.wait_for_status(again, "expired")
+        assert row["decision"]["rules_fired"] == ["prior_refusal_on_charge"], row["decision"]
+        assert await stack.provider_refunds(charge) == []
     finally:
         await stack.close()
 
@@ -146,6 +151,32 @@ async def test_small_refund_without_order_id_needs_approval(stack: Stack) -> Non
     assert [r["amount"] for r in refunds] == [1_000]
     view = await case_view(stack, case_id, user="alice")
     assert [(a["approver"], a["action"]) for a in view["approvals"]] == [("carol", "approval_granted")]
+
+
+async def test_a_refused_refund_asked_again_on_its_charge_goes_to_people(stack: Stack) -> None:
+    """A denial is people's answer about the money on this charge. Asked again under a new
+    id, with the evidence added that made the first need approval (alice's choice), the
+    small refund was auto-approved and paid minutes after bob refused it. Every later
+    request on the charge now goes to people, the earlier refusal among its rules."""
+    charge = await stack.charge(20_000)
+    first = await request_refund(stack, charge, 1_000, evidence={})
+    await stack.wait_for_status(first, "awaiting_approval")
+    assert (await decide(stack, "bob", first, "deny", "the customer kept the goods")).status_code == 202
+    await stack.wait_for_status(first, "denied")
+
+    again = await request_refund(stack, charge, 1_000)
+    row = await stack.wait_for_status(again, "awaiting_approval")
+    assert row["decision"]["rules_fired"] == ["prior_refusal_on_charge"], row["decision"]
+    assert row["decision"]["context"]["prior_refusal_count"] == 1
+    assert await stack.provider_refunds(charge) == []
+    assert (await decide(stack, "carol", again, "approve")).status_code == 202
+    await stack.wait_for_status(again, "succeeded")
+    assert [r["amount"] for r in await stack.provider_refunds(charge)] == [1_000]
+
+    # another charge's refusal says nothing about this one
+    other = await stack.charge(20_000)
+    fresh = await request_refund(stack, other, 1_000)
+    await stack.wait_for_status(fresh, "succeeded")
 
 
 async def test_approval_of_unknown_case_is_404(stack: Stack) -> None:

@@ -33,6 +33,7 @@ from domain.models import (
     SubmitInput,
     ValidationResult,
 )
+from domain.policy import ChargePriors
 from workers.retention import prune_once
 
 
@@ -45,7 +46,7 @@ async def opened(store: Store, amount: int = 1_000) -> tuple[RefundRequest, Char
                                    merchant_account="m", amount=5_000, amount_captured=5_000, captured=True)
 
 
-def auto_approve(validation: ValidationResult, prior: list[int]) -> PolicyDecision:
+def auto_approve(validation: ValidationResult, prior: ChargePriors) -> PolicyDecision:
     return PolicyDecision(auto_approve=True, rules_fired=("auto_approve",), policy_version="t")
 
 
@@ -62,16 +63,16 @@ async def actions(store: Store, case_id: str) -> list[str]:
 
 async def test_a_retried_validation_finds_its_reservation_and_its_decision(store: Store) -> None:
     request, charge = await opened(store)
-    seen: list[list[int]] = []
+    seen: list[ChargePriors] = []
 
-    def decide(validation: ValidationResult, prior: list[int]) -> PolicyDecision:
+    def decide(validation: ValidationResult, prior: ChargePriors) -> PolicyDecision:
         seen.append(prior)
         return PolicyDecision(auto_approve=True, rules_fired=("auto_approve",), policy_version="t")
 
     first = await store.cases.reserve_and_decide(request, charge, decide)
     again = await store.cases.reserve_and_decide(request, charge, decide)
     assert first == again and first.validation.ok and first.decision is not None
-    assert seen == [[]]  # decided once; the retry read the stored decision
+    assert seen == [ChargePriors()]  # decided once; the retry read the stored decision
     assert await actions(store, request.refund_request_id) == [
         "request_received", "validation_passed", "policy_decision"]
     row = await store.cases.get(request.refund_request_id)
@@ -80,7 +81,7 @@ async def test_a_retried_validation_finds_its_reservation_and_its_decision(store
 
 async def test_a_refused_validation_decides_nothing(store: Store) -> None:
     request, charge = await opened(store, amount=6_000)
-    def never(validation: ValidationResult, prior: list[int]) -> PolicyDecision:
+    def never(validation: ValidationResult, prior: ChargePriors) -> PolicyDecision:
         raise AssertionError("a rejected request has no decision")
 
     vetted = await store.cases.reserve_and_decide(request, charge, never)
@@ -121,7 +122,7 @@ async def test_a_settlement_posts_queues_and_records_in_one_write_once(store: St
 async def test_a_validation_run_again_answers_as_its_first_run(store: Store) -> None:
     """Whatever the provider says on the second run: the first run's rejection, or its
     reservation and decision, is the answer, and nothing is written again."""
-    def approve(validation: ValidationResult, prior: list[int]) -> PolicyDecision:
+    def approve(validation: ValidationResult, prior: ChargePriors) -> PolicyDecision:
         return PolicyDecision(auto_approve=True, rules_fired=("auto_approve",), policy_version="t")
 
     rejected, charge = await opened(store)

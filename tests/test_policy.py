@@ -41,8 +41,9 @@ def test_small_first_evidenced_refund_is_auto_approved_with_version_and_hash() -
      "high_risk_reason:item_not_received"),
     (request(1_000).model_copy(update={"method": RefundMethod.BANK_TRANSFER}), PolicyContext(),
      "method_needs_review:bank_transfer"),
+    (request(1_000), PolicyContext(prior_refusal_count=1), "prior_refusal_on_charge"),
 ], ids=["threshold", "no-threshold", "prior", "repeat-partial", "evidence", "fraud", "inr-disputes",
-        "inr-disputes-unknown", "bank-transfer"])
+        "inr-disputes-unknown", "bank-transfer", "refused-before"])
 def test_each_rule_sends_the_refund_to_people(req: RefundRequest, context: PolicyContext,
                                               rule: str) -> None:
     decision = decide(POLICY, req, context)

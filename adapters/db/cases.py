@@ -43,6 +43,7 @@ from domain.models import (
     ValidationResult,
     Vetted,
 )
+from domain.policy import ChargePriors
 from domain.reconciliation import NON_TERMINAL_PROVIDER, BreakClass
 
 APPROVAL_GRANTED = "approval_granted"
@@ -143,6 +144,21 @@ class SubmissionRefused(Exception):
 
 class RefundHeldElsewhere(Exception):
     """A refund a person names for a case that another case holds (its id: the message)."""
+
+
+async def _charge_priors(conn: Conn, provider: str, charge_id: str, exclude: str) -> ChargePriors:
+    cur = await conn.execute(
+        "SELECT coalesce(array_agg(amount ORDER BY refund_request_id) FILTER (WHERE reserved_amount > 0),"
+        " '{}') AS amounts, count(*) FILTER (WHERE status = ANY(%s)) AS refusals FROM refund_cases"
+        " WHERE provider = %s AND charge_id = %s AND refund_request_id <> %s",
+        ([s.value for s in REFUSED_STATUSES], provider, charge_id, exclude))
+    row = await cur.fetchone()
+    assert row is not None  # an aggregate answers one row
+    return ChargePriors(amounts=tuple(int(a) for a in row["amounts"]), refusals=int(row["refusals"]))
+
+
+REFUSED_STATUSES = frozenset({CaseStatus.DENIED, CaseStatus.EXPIRED})
+"""A request people refused: denied, or let expire."""
 
 
 async def _ended(conn: Conn, case_id: str) -> Vetted | None:
@@ -425,12 +441,10 @@ class CaseRepository(Repository):
             return Vetted(validation=ValidationResult(ok=False, reason=reason))
         return await once(self._db, step_key, case_id, Vetted, rejecting)
 
-    async def prior_refunds(self, provider: str, charge_id: str, exclude: str) -> list[dict[str, Any]]:
-        """Refunds on the charge that hold money (reserved, pending or succeeded)."""
-        return await self._db.fetch_all(
-            "SELECT refund_request_id, amount, status FROM refund_cases"
-            " WHERE provider = %s AND charge_id = %s AND refund_request_id <> %s"
-            " AND reserved_amount > 0", (provider, charge_id, exclude))
+    async def charge_priors(self, provider: str, charge_id: str, exclude: str) -> ChargePriors:
+        """The charge's other requests as the policy reads them (`ChargePriors`)."""
+        async with self._db.connection() as conn:
+            return await _charge_priors(conn, provider, charge_id, exclude)
 
     @staticmethod
     async def _set_status(conn: Conn, case_id: str, status: CaseStatus,
@@ -593,11 +607,11 @@ class CaseRepository(Repository):
 
     async def reserve_and_decide(
             self, request: RefundRequest, charge: ChargeSnapshot,
-            decide: Callable[[ValidationResult, list[int]], PolicyDecision],
+            decide: Callable[[ValidationResult, ChargePriors], PolicyDecision],
             step_key: str | None = None) -> Vetted:
         """Validation's reservation and, when it holds, the policy's decision with its audit
         row, in one transaction. `decide` is the pure policy: it gets the validation and the
-        amounts of the charge's other refunds holding money. A retry finds both stored; a
+        charge's other requests as it reads them (`ChargePriors`). A retry finds both stored; a
         run again under a `step_key` that answered before gets that answer (see `reject`)."""
         case_id = request.refund_request_id
 
@@ -612,11 +626,8 @@ class CaseRepository(Repository):
             row = await cur.fetchone()
             if row is not None and row["decision"] is not None:
                 return Vetted(validation=validation, decision=PolicyDecision.model_validate(row["decision"]))
-            cur = await conn.execute(
-                "SELECT amount FROM refund_cases WHERE provider = %s AND charge_id = %s"
-                " AND refund_request_id <> %s AND reserved_amount > 0",
-                (request.provider, request.charge_id, case_id))
-            decision = decide(validation, [int(r["amount"]) for r in await cur.fetchall()])
+            decision = decide(validation, await _charge_priors(conn, request.provider, request.charge_id,
+                                                               case_id))
             stored = decision.model_dump(mode="json")
             await conn.execute(
                 "UPDATE refund_cases SET decision = %s, updated_at = now() WHERE refund_request_id = %s",
