@@ -31,6 +31,7 @@ from domain import contracts, errors
 from domain.models import LedgerResult
 from domain.payouts import (
     EXCEPTION_STATUSES,
+    PAID_REPORTS,
     AdmitInput,
     AdmitResult,
     HoldInput,
@@ -52,6 +53,7 @@ from domain.payouts import (
     TriageInput,
     TriageReceipt,
     not_the_reissue,
+    payout_case_id,
     reissue_problem,
 )
 from domain.policy import Policy, decide_payout_reversal
@@ -210,6 +212,7 @@ class PayoutActivities:
                 await self._refuse_while_held_or_conflicted(inp.case_id, original, inp.approvers)
                 for replaced in await self._book.lineage(original):
                     await self._refuse_unless_failed_still(provider, replaced)
+                    await self._refuse_after_paid_report(replaced)
                 if past_start_to_close():
                     # Temporal gave up on this attempt: the next one, past the provider's
                     # horizon, looks up and creates; a create now could land beside it
@@ -273,6 +276,18 @@ class PayoutActivities:
                 f"the original payout {original.provider_payout_id} is {shown} at the provider: a "
                 "reissue would pay the beneficiary twice; ops decide", type=errors.DECLINED,
                 non_retryable=True)
+
+    async def _refuse_after_paid_report(self, replaced: PayoutSnapshot) -> None:
+        """A payout the provider's own notice reported paid after its failure (the relay's
+        record on its case): a reissue would pay twice, whatever a lookup that lags shows
+        now (a decline: ops told, nothing sent)."""
+        report = await self._audit.last_of(payout_case_id(replaced.provider, replaced.provider_payout_id),
+                                           PAID_REPORTS)
+        if report is not None:
+            raise ApplicationError(
+                f"the provider reported payout {replaced.provider_payout_id} paid after its failure "
+                f"(event {report.get('event_id')}): a reissue would pay the beneficiary twice; "
+                "ops decide", type=errors.DECLINED, non_retryable=True)
 
     async def _create(self, case_id: str, provider: PayoutExecutor, order: PayoutOrder,
                       original: PayoutSnapshot) -> ProviderPayout:

@@ -64,6 +64,7 @@ class ProviderPayout(Frozen):
     failure_code: str | None = None
     failure_message: str | None = None
     reference: str | None = Field(default=None, description="our payout id, on payouts we made")
+    destination: str | None = Field(default=None, description="where it pays, when the provider says")
 
 
 class PayoutEvent(Frozen):
@@ -230,6 +231,13 @@ OPEN_STATUSES = frozenset(
     {PayoutCaseStatus.OPENING, PayoutCaseStatus.AWAITING_APPROVAL, PayoutCaseStatus.EXECUTING,
      PayoutCaseStatus.REMEDIATED, PayoutCaseStatus.AWAITING_REISSUE_APPROVAL, PayoutCaseStatus.REISSUING})
 """Statuses only the case's workflow moves on from (what the closed-workflow sweep looks at)."""
+PAID_AFTER_REVERSAL = "payout_paid_after_reversal"
+PAID_AFTER_FAILURE = "payout_paid_after_failure"
+PAID_REPORTS = (PAID_AFTER_REVERSAL, PAID_AFTER_FAILURE)
+"""What the relay records on a payout's case when the provider reports it paid after the
+failure the case opened for (a bank's correction; the case itself reads the report as stale):
+the provider's signed word, which a reissue reads whatever a later lookup shows."""
+
 ENDED_UNREVERSED = frozenset(
     {PayoutCaseStatus.DENIED, PayoutCaseStatus.EXPIRED, PayoutCaseStatus.ROLLED_BACK,
      PayoutCaseStatus.OPS_REVIEW})
@@ -450,11 +458,16 @@ PayoutCaseInput.model_rebuild()
 def not_the_reissue(original: PayoutSnapshot, found: ProviderPayout) -> str | None:
     """Why a payout the lookup returned for the reissue's reference is not the reissue (None
     when it is): one carrying another reference (a provider or emulator that ignored the
-    filter) would be booked as paid while the beneficiary never was."""
-    if found.reference == original.reissue_id():
-        return None
-    return (f"the payout {found.payout_id} the provider returned for {original.reissue_id()} carries "
-            f"the reference {found.reference!r}: it is not the reissue; nothing is booked; ops decide")
+    filter) would be booked as paid while the beneficiary never was; so would one paying
+    elsewhere (made under our reference by someone else at the provider)."""
+    if found.reference != original.reissue_id():
+        return (f"the payout {found.payout_id} the provider returned for {original.reissue_id()} carries "
+                f"the reference {found.reference!r}: it is not the reissue; nothing is booked; ops decide")
+    if found.destination is not None and found.destination != original.beneficiary_id:
+        return (f"the payout {found.payout_id} under the reissue's reference {original.reissue_id()} pays "
+                f"{found.destination!r}, not beneficiary {original.beneficiary_id!r}: it is not the "
+                "reissue; nothing is booked; ops decide")
+    return None
 
 
 def reissue_problem(original: PayoutSnapshot, made: ProviderPayout) -> str | None:

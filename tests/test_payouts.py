@@ -6,6 +6,7 @@ joining events, and a reissue that needs its own approval and happens once."""
 import asyncio
 import contextlib
 import dataclasses
+import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -195,6 +196,31 @@ async def test_a_denied_reversal_changes_nothing(payouts: Stack) -> None:
     assert (await view(payouts, case_id))["payout"]["status"] == "paid"
     assert await payouts.store.ledger.entries(case_id) == []
     assert "payout_held" not in [e["action"] for e in await payouts.store.audit.trail(case_id)]
+
+
+async def test_a_failure_heard_after_its_case_ended_with_the_payout_paid_is_a_break_now(
+        payouts: Stack) -> None:
+    """A denied reversal leaves the payout paid in our books and its case ended. The bank's
+    next failure of it found no case to join: audited only (`payout_event_without_open_case`),
+    no break, nobody told, and no run lists a payout made before its window. It is
+    reconciled at once, as a refund's event after its case closed: a break for people."""
+    payout = await paid_payout(payouts, 91_000)
+    provider_id = payout.provider_payout_id
+    await move_payout(payouts, provider_id, "failed", failure_code="compliance_hold")
+    case_id = payout_case_id("sandbox", provider_id)
+    await wait_for_case(payouts, case_id, "awaiting_approval")
+    assert (await decide(payouts, "lena", case_id, "deny")).status_code == 202
+    await wait_for_case(payouts, case_id, "denied")
+    await payouts.client.get_workflow_handle(case_id).result()
+
+    await move_payout(payouts, provider_id, "failed", failure_code="account_closed")
+    trail = await wait_for_actions(payouts, case_id, "reconciliation_break_found")
+    [found] = [e["detail"] for e in trail if e["action"] == "reconciliation_break_found"]
+    assert (found["break_class"], found["object_id"]) == ("payout_failed_shown_paid", provider_id)
+    assert "payout_event_without_open_case" in [e["action"] for e in trail]
+    assert "reconciliation_break" in [n.kind for n in await payouts.store.outbox.notices(case_id)]
+    assert (await view(payouts, case_id))["payout"]["status"] == "paid"  # people decide
+    assert await payouts.store.ledger.entries(case_id) == []
 
 
 async def test_a_verdict_for_a_payout_case_whose_workflow_ended_is_an_audited_409(payouts: Stack) -> None:
@@ -545,7 +571,8 @@ async def test_a_reissue_create_declined_for_one_that_landed_is_that_reissue_boo
     provider = LandedThenDeclines(sandbox)
     activities = PayoutActivities(payouts.store, {"sandbox": cast(Any, provider)}, load_policy())
     now = ActivityEnvironment()
-    now.info = dataclasses.replace(now.info, started_time=datetime.now(UTC))
+    now.info = dataclasses.replace(now.info, started_time=datetime.now(UTC),  # the default: 1 s
+                                   start_to_close_timeout=timedelta(minutes=5))
     booked = await now.run(activities.reissue_payout, ReissueInput(
         case_id=case_id, original=made, final_status=PayoutStatus.FAILED))
     assert booked.provider_payout_id == landed.payout_id and provider.lookups == 2
@@ -559,6 +586,28 @@ async def test_a_reissue_create_declined_for_one_that_landed_is_that_reissue_boo
         await now.run(activities.reissue_payout, ReissueInput(
             case_id=other_case, original=other, final_status=PayoutStatus.FAILED))
     assert declined.value.type == errors.DECLINED and declined.value.non_retryable
+
+
+async def test_a_payout_its_provider_reported_paid_after_the_failure_is_never_reissued(
+        payouts: Stack) -> None:
+    """The bank corrected the failure: the provider's signed `payout.paid` came after the
+    reversal (ops told, the case reads it as stale). The reissue's only guard was a live
+    read of the original, and a read that lags (here: the sandbox shows it failed again,
+    no webhook) let it pay the beneficiary twice. The provider's word on record declines it."""
+    payout, case_id = await remediated(payouts, 52_000)
+    await move_payout(payouts, payout.provider_payout_id, "paid")
+    await wait_for_actions(payouts, case_id, "payout_paid_after_reversal")
+    stale = {"id": payout.provider_payout_id, "amount": payout.amount, "currency": payout.currency.lower(),
+             "destination": payout.beneficiary_id, "status": "failed", "failure_code": "account_closed",
+             "created": int(time.time()) - 60}
+    async with payouts.sandbox() as sb:
+        (await sb.post("/_sandbox/import", json={"payouts": [stale]})).raise_for_status()
+    assert (await ask_reissue(payouts, "omar", case_id)).status_code == 202
+    assert (await decide(payouts, "lena", case_id)).status_code == 202
+    await wait_for_case(payouts, case_id, "reissue_failed")
+    assert await reissues_at_provider(payouts, payout.reissue_id()) == []
+    [failed] = [e for e in await payouts.store.audit.trail(case_id) if e["action"] == "reissue_failed"]
+    assert "paid after its failure" in failed["detail"]["error"], failed
 
 
 async def test_a_reissue_its_provider_cannot_make_is_refused_when_asked(payouts: Stack) -> None:
@@ -751,12 +800,30 @@ async def test_a_reissue_the_provider_made_before_a_crash_is_found_not_made_agai
     payout = await paid_payout(payouts, 80_000)
     async with payouts.sandbox() as sb:  # what the provider holds after a crash mid-activity
         await sb.post("/v1/payouts", json={"amount": 80_000, "currency": "USD",
+                                           "destination": payout.beneficiary_id,
                                            "metadata": {"payout_reference": payout.reissue_id()}})
     activities = PayoutActivities(payouts.store, payouts.providers, load_policy())
     made = await activities.reissue_payout(ReissueInput(case_id="c-crash", original=payout,
                                                         final_status=PayoutStatus.FAILED))
     found = await reissues_at_provider(payouts, payout.reissue_id())
     assert [p["id"] for p in found] == [made.provider_payout_id]
+
+
+async def test_a_payout_under_the_reissue_s_reference_paying_elsewhere_is_not_booked(payouts: Stack) -> None:
+    """Anyone with access to the provider account can make a payout of the amount to their
+    own account under the reissue's reference: found by the lookup, it was booked as the
+    reissue paid, the beneficiary's holds ended and nobody was paid. Its destination is read."""
+    payout = await paid_payout(payouts, 46_000)
+    async with payouts.sandbox() as sb:
+        (await sb.post("/v1/payouts", json={"amount": 46_000, "currency": "usd", "destination": "ba_mallory",
+                                            "metadata": {"payout_reference": payout.reissue_id()}})
+         ).raise_for_status()
+    activities = PayoutActivities(payouts.store, payouts.providers, load_policy())
+    with pytest.raises(ApplicationError) as declined:
+        await activities.reissue_payout(ReissueInput(case_id="c-elsewhere", original=payout,
+                                                     final_status=PayoutStatus.FAILED))
+    assert declined.value.type == errors.DECLINED and "ba_mallory" in declined.value.message
+    assert await payouts.store.payouts.payout(payout.reissue_id()) is None
 
 
 @pytest.mark.parametrize(("amount", "status", "why"), [(45_000, "failed", "failed"),
@@ -770,7 +837,8 @@ async def test_a_reissue_found_failed_or_for_another_amount_is_not_booked_paid(
     release their holds; the activity declines for ops instead."""
     payout = await paid_payout(payouts, 45_000)
     async with payouts.sandbox() as sb:  # the landed attempt, under the reissue's reference
-        made = await sb.post("/v1/payouts", json={"amount": amount, "currency": "usd", "metadata": {
+        made = await sb.post("/v1/payouts", json={"amount": amount, "currency": "usd",
+                                                  "destination": payout.beneficiary_id, "metadata": {
             "payout_reference": payout.reissue_id()}})
     made.raise_for_status()
     if status is not None:

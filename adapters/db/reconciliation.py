@@ -331,11 +331,12 @@ class ReconciliationRepository(Repository):
                 raise RunConflict(f"run {run_id} moved past {phase}:{cursor} elsewhere: the batch is dropped")
         return new
 
-    async def reconcile_event(self, provider: str, event_id: str, refund: ProviderRefund,
+    async def reconcile_event(self, provider: str, event_id: str, reported: ProviderRefund | ProviderPayout,
                               reported_at: datetime, requested_by: str) -> str:
         """Classifies one refund a provider reported after its case closed (failed or
         canceled, or a success the case cannot show), or that its running case cannot apply
-        (a success for a refund it ended failed on ops' reading), as a run would, in an
+        (a success for a refund it ended failed on ops' reading), or one payout's failure
+        after its exception case ended (the books may still hold it paid), as a run would, in an
         `incident` run of its own (`late-event-<provider>-<event id>`); returns the run's id,
         whose breaks the caller dispatches. No grace: nothing
         follows a failure or a cancel, so it is not a webhook still in flight; and no age
@@ -348,11 +349,17 @@ class ReconciliationRepository(Repository):
         run = await self.run(run_id)
         assert run is not None
         created = min(reported_at, run["window_end"] - timedelta(microseconds=1))
+        listed, phase = ((ListedRefund(refund=reported, created=created), Phase.REFUNDS)
+                         if isinstance(reported, ProviderRefund)
+                         else (ListedPayout(payout=reported, created=created), Phase.PAYOUTS))
+        options = ReconcileOptions(grace=timedelta(0), stuck_after=timedelta(0))
+        cursor = run["cursor"]
         with suppress(RunConflict):  # classified by a concurrent call: its breaks stand
-            await self.store_batch(run_id, provider, [ListedRefund(refund=refund, created=created)],
-                                   ReconcileOptions(grace=timedelta(0), stuck_after=timedelta(0)),
-                                   cursor=run["cursor"],
-                                   phase=Phase(run["phase"]))
+            if Phase(run["phase"]) is not phase:  # a run opens on refunds: a payout's moves on first
+                await self.store_batch(run_id, provider, [], options, cursor=cursor,
+                                       phase=Phase(run["phase"]), next_phase=phase)
+                cursor = None
+            await self.store_batch(run_id, provider, [listed], options, cursor=cursor, phase=phase)
         return run_id
 
     @staticmethod

@@ -164,8 +164,15 @@ def stripe_shaped_payout(provider: str, obj: Mapping[str, Any],
         provider=provider, payout_id=str(obj["id"]), amount=amount, currency=currency,
         status=map_status(provider, statuses, obj["status"], "payout"), raw_status=str(obj["status"]),
         failure_code=obj.get("failure_code"), failure_message=obj.get("failure_message"),
-        reference=metadata.get(PAYOUT_REFERENCE_KEY),
+        reference=metadata.get(PAYOUT_REFERENCE_KEY), destination=_destination(obj.get("destination")),
     )
+
+
+def _destination(value: Any) -> str | None:
+    """A payout's `destination`: an id, or (expanded) the object holding it."""
+    if isinstance(value, dict):
+        value = value.get("id")
+    return str(value) if value else None
 
 
 UNREADABLE = (UnexpectedStatus, MalformedAnswer, ValueError, KeyError, TypeError)

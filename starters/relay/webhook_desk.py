@@ -47,7 +47,15 @@ from domain.models import (
     RefundRequest,
 )
 from domain.payments import PaymentEvent
-from domain.payouts import PayoutCaseStatus, PayoutEvent, ProviderPayoutStatus, payout_case_id
+from domain.payouts import (
+    PAID_AFTER_FAILURE,
+    PAID_AFTER_REVERSAL,
+    PayoutCaseStatus,
+    PayoutEvent,
+    ProviderPayout,
+    ProviderPayoutStatus,
+    payout_case_id,
+)
 from domain.reconciliation import SHOWN_PENDING
 from starters.actions.provider_wait import WAIT_CLOSED
 from starters.actions.starting import (
@@ -128,8 +136,6 @@ class IngestResult:
 
 TEMPORAL_AWAY = frozenset({RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED})
 """Temporal not answering: a re-drive pass that meets it tried nothing (no receipt's fault)."""
-PAID_AFTER_REVERSAL = "payout_paid_after_reversal"
-PAID_AFTER_FAILURE = "payout_paid_after_failure"
 UNBOOKED = frozenset({PayoutCaseStatus.OPENING, PayoutCaseStatus.AWAITING_APPROVAL,
                       PayoutCaseStatus.EXECUTING})
 """A payout case's statuses before its reversal is booked, where it still may be."""
@@ -384,8 +390,14 @@ class WebhookDesk:
         if refund is None or not (refund.status in FINAL_PROVIDER_STATUSES
                                   or await self._success_is_news(case_id, refund, row)):
             return
+        await self._reconcile_now(event, refund)
+
+    async def _reconcile_now(self, event: ProviderEvent | PayoutEvent,
+                             reported: ProviderRefund | ProviderPayout) -> None:
+        """What an event reported about an object whose case cannot take it, classified now
+        in an incident run of its own, its breaks' exception workflows started."""
         recon = self._store.reconciliation
-        run_id = await recon.reconcile_event(event.provider, event.event_id, refund, event.occurred_at,
+        run_id = await recon.reconcile_event(event.provider, event.event_id, reported, event.occurred_at,
                                              actor_of(event))
         settings = self._settings
         await dispatch_breaks(self._client, recon, lambda: recon.undispatched(run_id), settings.timings(),
@@ -447,6 +459,10 @@ class WebhookDesk:
         if event.is_exception():
             if await open_payout_case(self._client, self._settings, event) is not None:
                 return case_id
+            # its case ended (the reversal denied, expired, or left to ops) with the payout as
+            # it was: a failure our books still show paid is a break now, for people (a run
+            # lists only payouts made in its window, and says nothing till it runs)
+            await self._reconcile_now(event, event.payout)
         else:
             await self._paid_after_reversal(event, case_id)
             try:
