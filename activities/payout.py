@@ -298,8 +298,10 @@ class PayoutActivities:
             return await provider.create_payout(order, original.reissue_key())
         except ProviderDeclined as exc:
             landed = await provider.find_payout(order.reference)
-            if landed is None or not_the_reissue(original, landed):
+            if landed is None:
                 raise ApplicationError(str(exc), type=errors.DECLINED, non_retryable=True) from exc
+            if foreign := not_the_reissue(original, landed):
+                raise ApplicationError(foreign, type=errors.DECLINED, non_retryable=True) from exc
             await self._audit.record(case_id, f"provider:{provider.name}", "reissue_found_after_decline",
                                      {"provider_payout_id": landed.payout_id, "declined": str(exc)})
             return landed

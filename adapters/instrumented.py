@@ -17,7 +17,7 @@ from adapters.metrics import PROVIDER_CALL_ERRORS, PROVIDER_CALL_SECONDS, VERIFY
 from adapters.providers.base import PayoutExecutor, PayoutReader, ProviderAdapter
 from domain.models import ChargeSnapshot, ProviderEvent, ProviderRefund, RefundRequest
 from domain.payments import PaymentEvent
-from domain.payouts import PayoutEvent, PayoutOrder, ProviderPayout
+from domain.payouts import FoundPayout, PayoutEvent, PayoutOrder, ProviderPayout
 
 T = TypeVar("T")
 tracer = trace.get_tracer(__name__)
@@ -111,7 +111,7 @@ class InstrumentedPayouts(InstrumentedPayoutReads):
     async def create_payout(self, order: PayoutOrder, idempotency_key: str) -> ProviderPayout:
         return await self._observe("create_payout", self._payouts.create_payout(order, idempotency_key))
 
-    async def find_payout(self, reference: str) -> ProviderPayout | None:
+    async def find_payout(self, reference: str) -> FoundPayout | None:
         return await self._observe("find_payout", self._payouts.find_payout(reference))
 
 

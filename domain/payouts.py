@@ -64,7 +64,14 @@ class ProviderPayout(Frozen):
     failure_code: str | None = None
     failure_message: str | None = None
     reference: str | None = Field(default=None, description="our payout id, on payouts we made")
-    destination: str | None = Field(default=None, description="where it pays, when the provider says")
+
+
+class FoundPayout(ProviderPayout):
+    """A payout a lookup by our reference returned, with where it pays (when the provider
+    says). Only the reissue reads it: never carried in an event or a workflow's history,
+    so a worker from before the field reads every event a relay sends it."""
+
+    destination: str | None = None
 
 
 class PayoutEvent(Frozen):
@@ -455,7 +462,7 @@ class PayoutCarry(Frozen):
 PayoutCaseInput.model_rebuild()
 
 
-def not_the_reissue(original: PayoutSnapshot, found: ProviderPayout) -> str | None:
+def not_the_reissue(original: PayoutSnapshot, found: FoundPayout) -> str | None:
     """Why a payout the lookup returned for the reissue's reference is not the reissue (None
     when it is): one carrying another reference (a provider or emulator that ignored the
     filter) would be booked as paid while the beneficiary never was; so would one paying

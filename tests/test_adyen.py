@@ -351,6 +351,16 @@ async def test_a_batch_from_a_source_not_allowed_is_one_refusal(rig: AdyenRig) -
     assert [r["id"] for r in after] == [result.receipt_id]
 
 
+async def test_a_batch_none_of_whose_items_adyen_signed_is_one_refusal(rig: AdyenRig) -> None:
+    """Split before any signature was checked, a stranger's 100 unsigned items were 100
+    refusals stored (and logged) for one request; only a batch with a signed item is split."""
+    before = await rig.stack.store.receipts.find("adyen")
+    response = await rig.post(batch(*(tampered(unique_psp()) for _ in range(5))))
+    assert response.status_code == 400 and response.json()["verdict"] == "malformed"
+    after = await rig.stack.store.receipts.find("adyen", after=before[-1]["id"] if before else 0)
+    assert [r["id"] for r in after] == [response.json()["receipt_id"]]
+
+
 # -- refunds through our API -----------------------------------------------------------------
 
 async def test_refund_requested_through_api_succeeds_on_its_notification(rig: AdyenRig) -> None:

@@ -79,6 +79,9 @@ async def test_doctor_names_a_missing_namespace_keys_database_and_provider(
     findings = await run_doctor(Settings(temporal_address=temporal_server.address, adyen_hmac_keys=hmac,
                                          adyen_merchant_accounts="OURS"))
     assert [f.detail for f in findings if f.check == "providers"] == ["configured: adyen"]
+    findings = await run_doctor(Settings(temporal_address=temporal_server.address, adyen_hmac_keys=hmac,
+                                         adyen_merchant_accounts=" , "))  # read as no account: all
+    assert [f.detail for f in findings if f.check == "providers"] == [providers.detail]
 
     findings = await run_doctor(Settings(temporal_address=temporal_server.address, payload_keys=PAYLOAD_KEYS,
                                          temporal_namespace="no-such-namespace"))

@@ -587,6 +587,17 @@ async def test_a_reissue_create_declined_for_one_that_landed_is_that_reissue_boo
             case_id=other_case, original=other, final_status=PayoutStatus.FAILED))
     assert declined.value.type == errors.DECLINED and declined.value.non_retryable
 
+    # one found paying elsewhere is not the reissue, and the decline says where it pays
+    third, third_case = await remediated(payouts, 46_000)
+    await sandbox.create_payout(PayoutOrder(reference=third.reissue_id(), beneficiary_id="ba_mallory",
+                                            amount=third.amount, currency=third.currency), "someone-else")
+    activities = PayoutActivities(payouts.store, {"sandbox": cast(Any, LandedThenDeclines(sandbox))},
+                                  load_policy())
+    with pytest.raises(ApplicationError) as elsewhere:
+        await now.run(activities.reissue_payout, ReissueInput(
+            case_id=third_case, original=third, final_status=PayoutStatus.FAILED))
+    assert elsewhere.value.type == errors.DECLINED and "ba_mallory" in elsewhere.value.message
+
 
 async def test_a_payout_its_provider_reported_paid_after_the_failure_is_never_reissued(
         payouts: Stack) -> None:

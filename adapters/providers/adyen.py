@@ -296,17 +296,30 @@ class AdyenProvider:
     def split_batch(self, body: bytes) -> list[bytes] | None:
         """Each item of a notification that carries several, as a notification of its own (the
         request's other fields, `live`, with it); None for any other body, which
-        `parse_webhook` reads or refuses whole (one of more than MAX_BATCH_ITEMS items, too).
-        An item's signature covers its fields, not the bytes, so it verifies as sent."""
+        `parse_webhook` reads or refuses whole: one of more than MAX_BATCH_ITEMS items, or
+        none of whose items Adyen signed (a stranger's batch is one refusal, not one per
+        item). An item's signature covers its fields, not the bytes, so it verifies as sent."""
         try:
             payload = json.loads(body)
             items = payload["notificationItems"]
             if not isinstance(items, list) or not 1 < len(items) <= MAX_BATCH_ITEMS:
                 return None
+            if not any(self._signed(item) for item in items):
+                return None
             return [json.dumps(dict(payload, notificationItems=[item]), allow_nan=False).encode()
                     for item in items]
         except (ValueError, TypeError, KeyError, RecursionError):
             return None
+
+    def _signed(self, wrapped: Any) -> bool:
+        item = wrapped.get("NotificationRequestItem") if isinstance(wrapped, dict) else None
+        if not isinstance(item, dict):
+            return False
+        try:
+            self._verifier.verify_item(item)
+        except WebhookRejected:
+            return False
+        return True
 
     def reference_refusal(self, reference: str) -> str | None:
         """Adyen takes a refund's `reference` (our request id: how its notifications find the

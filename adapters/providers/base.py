@@ -16,7 +16,7 @@ from adapters.providers.units import ISO_UNITS, MinorUnits
 from domain.models import ChargeSnapshot, ProviderEvent, ProviderRefund, RefundRequest
 from domain.money import format_minor
 from domain.payments import PaymentEvent
-from domain.payouts import PayoutEvent, PayoutOrder, ProviderPayout
+from domain.payouts import FoundPayout, PayoutEvent, PayoutOrder, ProviderPayout
 from domain.reconciliation import ListedPayout, ListedRefund, UnmappedListing
 
 
@@ -179,7 +179,7 @@ class PayoutExecutor(PayoutReader, Protocol):
     async def create_payout(self, order: PayoutOrder, idempotency_key: str) -> ProviderPayout:
         """Asks for the payout, carrying our idempotency key and our payout id as reference."""
 
-    async def find_payout(self, reference: str) -> ProviderPayout | None:
+    async def find_payout(self, reference: str) -> FoundPayout | None:
         """Looks a payout up by our reference (the check before any create)."""
 
 

@@ -22,7 +22,7 @@ from adapters.providers.base import ProviderUnsupported, UnexpectedProviderStatu
 from adapters.providers.units import MinorUnits, minor_units
 from domain.models import EventKind, ProviderEvent, ProviderRefund, ProviderRefundStatus
 from domain.money import MAX_MINOR_AMOUNT, currency_exponent, normalise_currency
-from domain.payouts import PayoutEvent, ProviderPayout, ProviderPayoutStatus
+from domain.payouts import FoundPayout, PayoutEvent, ProviderPayout, ProviderPayoutStatus
 from domain.reconciliation import UnmappedListing
 
 log = logging.getLogger(__name__)
@@ -164,15 +164,20 @@ def stripe_shaped_payout(provider: str, obj: Mapping[str, Any],
         provider=provider, payout_id=str(obj["id"]), amount=amount, currency=currency,
         status=map_status(provider, statuses, obj["status"], "payout"), raw_status=str(obj["status"]),
         failure_code=obj.get("failure_code"), failure_message=obj.get("failure_message"),
-        reference=metadata.get(PAYOUT_REFERENCE_KEY), destination=_destination(obj.get("destination")),
+        reference=metadata.get(PAYOUT_REFERENCE_KEY),
     )
 
 
-def _destination(value: Any) -> str | None:
-    """A payout's `destination`: an id, or (expanded) the object holding it."""
-    if isinstance(value, dict):
-        value = value.get("id")
-    return str(value) if value else None
+def stripe_shaped_found_payout(provider: str, obj: Mapping[str, Any],
+                               statuses: Mapping[str, ProviderPayoutStatus],
+                               units: MinorUnits) -> FoundPayout:
+    """A Stripe-shaped payout a lookup returned, with its `destination` (an id, or the
+    expanded object holding it)."""
+    destination = obj.get("destination")
+    if isinstance(destination, dict):
+        destination = destination.get("id")
+    return FoundPayout(**dict(stripe_shaped_payout(provider, obj, statuses, units)),
+                       destination=str(destination) if destination else None)
 
 
 UNREADABLE = (UnexpectedStatus, MalformedAnswer, ValueError, KeyError, TypeError)

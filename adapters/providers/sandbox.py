@@ -27,6 +27,7 @@ from adapters.providers.normalise import (
     payout_event,
     refund_event,
     stripe_envelope,
+    stripe_shaped_found_payout,
     stripe_shaped_payout,
     stripe_shaped_refund,
     unix_bound,
@@ -41,7 +42,7 @@ from domain.models import (
     RefundReason,
     RefundRequest,
 )
-from domain.payouts import PayoutEvent, PayoutOrder, ProviderPayout, ProviderPayoutStatus
+from domain.payouts import FoundPayout, PayoutEvent, PayoutOrder, ProviderPayout, ProviderPayoutStatus
 from domain.reconciliation import ListedPayout, ListedRefund, UnmappedListing
 
 SIGNATURE_HEADER = "sandbox-signature"
@@ -183,10 +184,10 @@ class SandboxProvider:
         raise_for_refusal(response)
         return stripe_shaped_payout(self.name, response.json(), PAYOUT_STATUSES, ISO_UNITS)
 
-    async def find_payout(self, reference: str) -> ProviderPayout | None:
+    async def find_payout(self, reference: str) -> FoundPayout | None:
         """The payout with our reference; two are no answer (one debt paid twice: ops)."""
         found = [payout for o in await self._every_page("/v1/payouts", {"reference": reference})
-                 if (payout := stripe_shaped_payout(self.name, o, PAYOUT_STATUSES, ISO_UNITS)).reference
+                 if (payout := stripe_shaped_found_payout(self.name, o, PAYOUT_STATUSES, ISO_UNITS)).reference
                  == reference]
         if len(found) > 1:
             raise ProviderOutcomeUnknown(f"{len(found)} payouts carry the reference {reference}: "

@@ -11,7 +11,7 @@ from datetime import timedelta
 
 from adapters.approval_seal import approval_keys
 from adapters.codec import CodecError
-from adapters.config import Settings
+from adapters.config import Settings, comma_list
 from adapters.db import Store
 from adapters.health import database_problem, temporal_problem
 from adapters.providers.registry import build_providers, close_providers
@@ -104,7 +104,7 @@ async def check_providers(settings: Settings) -> Finding:
                        "REFUNDS_SANDBOX_WEBHOOK_SECRET or another provider's secrets)")
     unscoped = [f"{name} acts for {whom} ({variable} unset)"
                 for name, variable, whom, scope in UNSCOPED
-                if name in providers and not getattr(settings, scope)]
+                if name in providers and not comma_list(getattr(settings, scope))]
     return Finding("providers", True, "; ".join(["configured: " + ", ".join(sorted(providers)), *unscoped]))
 
 

@@ -459,10 +459,6 @@ class WebhookDesk:
         if event.is_exception():
             if await open_payout_case(self._client, self._settings, event) is not None:
                 return case_id
-            # its case ended (the reversal denied, expired, or left to ops) with the payout as
-            # it was: a failure our books still show paid is a break now, for people (a run
-            # lists only payouts made in its window, and says nothing till it runs)
-            await self._reconcile_now(event, event.payout)
         else:
             await self._paid_after_reversal(event, case_id)
             try:
@@ -472,9 +468,15 @@ class WebhookDesk:
             except RPCError as exc:
                 if exc.status != RPCStatusCode.NOT_FOUND:
                     raise
-        log.warning("no open exception case for payout %s; %s %s stays on its timeline only",
-                    event.payout.payout_id, event.event_type, event.event_id)
+        log.warning("no open exception case for payout %s; %s %s is on its timeline%s",
+                    event.payout.payout_id, event.event_type, event.event_id,
+                    " and reconciled now" if event.is_exception() else " only")
         await self._store.audit.record(case_id, actor, "payout_event_without_open_case", detail)
+        if event.is_exception():
+            # its case ended (the reversal denied, expired, or left to ops) with the payout as
+            # it was: a failure our books still show paid is a break now, for people (a run
+            # lists only payouts made in its window, and says nothing till it runs)
+            await self._reconcile_now(event, event.payout)
         return case_id
 
     async def _paid_after_reversal(self, event: PayoutEvent, case_id: str) -> None:

@@ -8,6 +8,7 @@ from domain.integrations import ticket_purpose
 from domain.ledger import REFUNDED_ACCOUNT, LedgerLine, ledger_lines
 from domain.models import LedgerInput, LedgerKind, ProviderRefund, ProviderRefundStatus
 from domain.payouts import (
+    FoundPayout,
     PayoutSnapshot,
     PayoutStatus,
     ProviderPayout,
@@ -88,10 +89,14 @@ def test_a_payout_the_lookup_returns_is_the_reissue_only_under_its_reference() -
     paid, the case's holds ended). Only a payout carrying the reissue's id is it."""
     original = PayoutSnapshot(id="P-1", provider="sandbox", provider_payout_id="po_1", beneficiary_id="b",
                               amount=5_000, currency="EUR", status=PayoutStatus.ON_HOLD)
-    def found(reference: str | None) -> ProviderPayout:
-        return ProviderPayout(provider="sandbox", payout_id="po_x", amount=5_000, currency="EUR",
-                              status=ProviderPayoutStatus.PAID, raw_status="paid", reference=reference)
+    def found(reference: str | None, destination: str | None = None) -> FoundPayout:
+        return FoundPayout(provider="sandbox", payout_id="po_x", amount=5_000, currency="EUR",
+                           status=ProviderPayoutStatus.PAID, raw_status="paid", reference=reference,
+                           destination=destination)
     assert not_the_reissue(original, found("P-1-r1")) is None
+    assert not_the_reissue(original, found("P-1-r1", "b")) is None
     for other in (None, "P-2-r1"):
         problem = not_the_reissue(original, found(other))
         assert problem is not None and "P-1-r1" in problem, other
+    elsewhere = not_the_reissue(original, found("P-1-r1", "ba_other"))
+    assert elsewhere is not None and "ba_other" in elsewhere
