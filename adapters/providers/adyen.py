@@ -8,10 +8,11 @@ time, so there is no `stale` verdict: the dedup key (eventCode + pspReference + 
 kept forever in `webhook_events`) is what stops a replay from acting twice.
 
 A request may carry several items (`notificationItems` is a list, each item signed on its
-own): `split_batch` gives the relay one single-item notification per item, each then its own
-delivery with its own receipt, verdict and dedup key. The relay answers `[accepted]`, which
-Adyen requires, only when every item got a 2xx; otherwise Adyen sends the whole request
-again, and the items that acted already are duplicates.
+own): `split_batch` gives the relay one single-item notification per item (when one of them
+at least is Adyen's), each then its own delivery with its own receipt, verdict and dedup
+key. The relay answers `[accepted]`, which Adyen requires, only when every item got a 2xx;
+otherwise Adyen sends the whole request again, and the items that acted already are
+duplicates.
 
 Adyen has no refund-status lookup: `find_refund` raises `ProviderLookupUnsupported` and
 the workflow waits for the notification (escalating on a timer to ops review, where ops
@@ -209,8 +210,9 @@ def api_environment(api_base: str | None) -> bool | None:
 
 
 def only_item(payload: Any) -> dict[str, Any]:
-    """The notification's single item (the relay splits a batch first: `AdyenProvider.split_batch`). Read
-    before its signature is checked (the HMAC is inside the item): `malformed`."""
+    """The notification's single item (the relay splits a batch first, see
+    `AdyenProvider.split_batch`). Read before its signature is checked (the HMAC is inside
+    the item): `malformed`."""
     with normalising(None, None, signed=False):
         items = payload["notificationItems"]
         if not isinstance(items, list) or not items:
@@ -312,6 +314,7 @@ class AdyenProvider:
             return None
 
     def _signed(self, wrapped: Any) -> bool:
+        """Whether a batch's item carries Adyen's signature under one of our keys."""
         item = wrapped.get("NotificationRequestItem") if isinstance(wrapped, dict) else None
         if not isinstance(item, dict):
             return False
