@@ -22,7 +22,7 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from adapters.break_dispatch import dispatch_breaks
+from adapters.break_dispatch import dispatch_breaks, reconcile_at_once
 from adapters.db import Store
 from adapters.db.reconciliation import REPORT_COLUMNS, Listed, Phase, RunConflict, break_case, provider_moved
 from adapters.db.rows import BreakRow
@@ -294,10 +294,8 @@ class ReconciliationActivities:
         """A provider's word its running case cannot apply, reconciled as the relay
         reconciles an event after a case closed: an incident run of its own (a retry finds
         it), its breaks' exception workflows started."""
-        refund = inp.refund
-        run_id = await self._recon.reconcile_event(refund.provider, inp.event_id, refund, inp.occurred_at,
-                                                   f"provider:{refund.provider}")
-        await self._dispatch(run_id)
+        await reconcile_at_once(self._client, self._recon, self._timings, activity.info().task_queue,
+                                inp.event_id, inp.refund, inp.occurred_at, f"provider:{inp.refund.provider}")
 
     def all(self) -> list[Callable[..., Any]]:
         """Every activity, for worker registration."""

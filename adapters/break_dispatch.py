@@ -5,6 +5,7 @@ between its row and its workflow) is started by the next call: a re-drive of the
 delivery, or, for late events, the provider's next reconciliation run."""
 
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 from temporalio.client import Client
@@ -12,7 +13,8 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from adapters.db.reconciliation import ReconciliationRepository, break_case
-from domain.models import RefundTimings
+from domain.models import ProviderRefund, RefundTimings
+from domain.payouts import ProviderPayout
 from domain.reconciliation import break_workflow_id
 
 BREAK_WORKFLOW = "ReconciliationBreakWorkflow"
@@ -46,3 +48,13 @@ async def dispatch_breaks(client: Client, recon: ReconciliationRepository,
             await recon.mark_dispatched(int(row["id"]))
         if handed_back == len(pending):
             return
+
+
+async def reconcile_at_once(client: Client, recon: ReconciliationRepository, timings: RefundTimings,
+                            task_queue: str, event_id: str, reported: ProviderRefund | ProviderPayout,
+                            at: datetime, by: str) -> None:
+    """One provider report no case can take, classified now in an incident run of its own
+    (`reconcile_event`), its breaks' exception workflows started: the relay's after a case
+    ended, and a running case's for a word it cannot apply."""
+    run_id = await recon.reconcile_event(reported.provider, event_id, reported, at, by)
+    await dispatch_breaks(client, recon, lambda: recon.undispatched(run_id), timings, task_queue)

@@ -22,7 +22,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
 from adapters import metrics, receipts
-from adapters.break_dispatch import dispatch_breaks
+from adapters.break_dispatch import reconcile_at_once
 from adapters.config import Settings
 from adapters.db import CaseCreation, Store, StoredReceipt
 from adapters.db.rows import CaseRow
@@ -226,9 +226,10 @@ class WebhookDesk:
         answer is the first refused one's (the provider sends the whole body again, and the
         events that acted are duplicates then), else the first one's."""
         provider = self._providers.get(provider_name)
-        allowed = not source_refused and (peer is None or self._source_allowed(provider_name, peer))
-        parts = (provider.split_batch(body) if isinstance(provider, BatchedNotifications) and body
-                 and allowed else None)  # a stranger's batch is one refusal
+        parts = None
+        if (isinstance(provider, BatchedNotifications) and body and not source_refused
+                and (peer is None or self._source_allowed(provider_name, peer))):
+            parts = provider.split_batch(body)  # a stranger's batch is one refusal
         results = [await self._ingest(provider_name, headers, part, now=now, peer=peer,
                                       replay_of=replay_of, source_refused=source_refused)
                    for part in parts or [body]]
@@ -396,12 +397,9 @@ class WebhookDesk:
                              reported: ProviderRefund | ProviderPayout) -> None:
         """What an event reported about an object whose case cannot take it, classified now
         in an incident run of its own, its breaks' exception workflows started."""
-        recon = self._store.reconciliation
-        run_id = await recon.reconcile_event(event.provider, event.event_id, reported, event.occurred_at,
-                                             actor_of(event))
-        settings = self._settings
-        await dispatch_breaks(self._client, recon, lambda: recon.undispatched(run_id), settings.timings(),
-                              settings.task_queue)
+        await reconcile_at_once(self._client, self._store.reconciliation, self._settings.timings(),
+                                self._settings.task_queue, event.event_id, reported, event.occurred_at,
+                                actor_of(event))
 
     async def _success_is_news(self, case_id: str, refund: ProviderRefund, case: CaseRow | None) -> bool:
         """Whether a success is news for a closed case: another refund carrying the case's
