@@ -322,6 +322,14 @@ async def test_ledger_failure_keeps_the_hold_where_policy_forbids_the_rollback(
         assert "payout_hold_rolled_back" not in actions and "payout_reversal_given_up" in actions
         assert ("payout_ledger_failed", "payments_ops") in {
             (n["kind"], n["audience"]) for n in await store.outbox.notices(case_id)}
+        # the bank corrects the payout to paid: finance, told to post the failed entry by
+        # hand, would book back money that left; ops hear at once (before: nobody, as a
+        # `ledger_failed` case was neither booked nor still deciding)
+        await move_payout(stack, case["payout"]["provider_payout_id"], "paid")
+        await wait_for_actions(stack, case_id, "payout_paid_after_failure")
+        assert ("payout_paid_after_failure", "ops") in {
+            (n["kind"], n["audience"]) for n in await store.outbox.notices(case_id)}
+        assert await store.ledger.entries(case_id) == []
     finally:
         await stack.close()
 

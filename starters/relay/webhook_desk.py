@@ -137,8 +137,9 @@ class IngestResult:
 TEMPORAL_AWAY = frozenset({RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED})
 """Temporal not answering: a re-drive pass that meets it tried nothing (no receipt's fault)."""
 UNBOOKED = frozenset({PayoutCaseStatus.OPENING, PayoutCaseStatus.AWAITING_APPROVAL,
-                      PayoutCaseStatus.EXECUTING})
-"""A payout case's statuses before its reversal is booked, where it still may be."""
+                      PayoutCaseStatus.EXECUTING, PayoutCaseStatus.LEDGER_FAILED})
+"""A payout case's statuses before its reversal is booked, where it still may be: by the
+runbook, or by finance's hand after its entry failed (`ledger_failed`, the hold kept)."""
 
 
 def failure_read_by_ops(trail: list[dict[str, Any]]) -> bool:
