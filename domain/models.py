@@ -375,6 +375,10 @@ class PolicyContext(Frozen):
     """The charge's other requests that people denied or let expire: a request asked again
     after a refusal is for people, however the requester words it. 0 in decisions made
     before it was counted."""
+    prior_refunded_outside: int = 0
+    """What the provider reports refunded on the charge beyond the refunds our cases made
+    there (a dashboard refund, one from before we ran, one whose webhook never came): in the
+    count (as one) and the total above. 0 in decisions made before it was counted."""
 
 
 class PolicyDecision(Frozen):

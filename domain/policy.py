@@ -140,11 +140,13 @@ class Policy(Frozen):
 @dataclass(frozen=True)
 class ChargePriors:
     """The charge's other requests as the rules read them: the amounts of the refunds holding
-    money on it (reserved, pending or succeeded), and how many requests people refused
-    (denied, or let expire)."""
+    money on it (reserved, pending or succeeded), how many requests people refused
+    (denied, or let expire), and what the provider reports refunded beyond the refunds our
+    cases made there (`outside`)."""
 
     amounts: Sequence[int] = ()
     refusals: int = 0
+    outside: int = 0
 
 
 def tier_for(tiers: tuple[ApprovalTier, ...], amount: int, currency: str) -> ApprovalTier:
@@ -170,12 +172,15 @@ def charge_problem(request: RefundRequest, charge: ChargeSnapshot | None) -> str
 
 def policy_context(request: RefundRequest, amount_captured: int | None, dispute_count: int | None,
                    prior: ChargePriors) -> PolicyContext:
-    """The facts the rules read, from the charge's other requests (`ChargePriors`)."""
+    """The facts the rules read, from the charge's other requests (`ChargePriors`); money
+    refunded outside our cases counts as one more prior refund, of that amount."""
     captured = amount_captured or request.amount
-    return PolicyContext(prior_refund_count=len(prior.amounts),
-                         prior_partial_refund=any(amount < captured for amount in prior.amounts),
+    amounts = (*prior.amounts, prior.outside) if prior.outside > 0 else tuple(prior.amounts)
+    return PolicyContext(prior_refund_count=len(amounts),
+                         prior_partial_refund=any(amount < captured for amount in amounts),
                          is_partial=request.amount < captured, prior_dispute_count=dispute_count,
-                         prior_refund_total=sum(prior.amounts), prior_refusal_count=prior.refusals)
+                         prior_refund_total=sum(amounts), prior_refusal_count=prior.refusals,
+                         prior_refunded_outside=prior.outside)
 
 
 def decide(policy: Policy, request: RefundRequest, context: PolicyContext) -> PolicyDecision:
@@ -189,6 +194,8 @@ def decide(policy: Policy, request: RefundRequest, context: PolicyContext) -> Po
         fired.append("amount_above_threshold")
     if context.prior_refund_count > 0:
         fired.append("prior_refunds_on_charge")
+    if context.prior_refunded_outside > 0:
+        fired.append("refunded_outside_cases")
     if context.is_partial and context.prior_partial_refund:
         fired.append("repeat_partial_refund")
     if context.prior_refusal_count > 0:

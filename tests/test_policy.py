@@ -7,7 +7,7 @@ import pytest
 from adapters.policy_file import PolicyFileError, load_policy
 from domain.lifecycle import unfilled
 from domain.models import PolicyContext, RefundMethod, RefundReason, RefundRequest, RoleRequirement
-from domain.policy import decide
+from domain.policy import ChargePriors, decide, policy_context
 
 POLICY = load_policy()
 
@@ -77,6 +77,20 @@ def test_the_tier_is_chosen_on_the_request_and_what_other_refunds_hold_on_its_ch
     parts = PolicyContext(prior_refund_count=2, prior_refund_total=30_000)
     assert decide(POLICY, request(20_000), parts).tier == "standard"  # 500.00 in all
     assert decide(POLICY, request(20_001), parts).tier == "large"
+
+
+def test_money_refunded_outside_our_cases_is_a_prior_refund_its_tier_counts() -> None:
+    """A dashboard refund the provider reports (none of our cases made it) fires its own
+    rule, is one more prior refund, and counts toward the tier like our own refunds."""
+    context = policy_context(request(1_000), 100_000, 0, ChargePriors(amounts=(500,), outside=30_000))
+    assert (context.prior_refund_count, context.prior_refund_total, context.prior_partial_refund) == (
+        2, 30_500, True)
+    decision = decide(POLICY, request(1_000), context)
+    assert "refunded_outside_cases" in decision.rules_fired and decision.tier == "standard"
+    assert decide(POLICY, request(20_000), context).tier == "large"  # 515.00 in all
+    ours_only = policy_context(request(1_000), 100_000, 0, ChargePriors(amounts=(500,)))
+    alone = decide(POLICY, request(1_000), ours_only)
+    assert "refunded_outside_cases" not in alone.rules_fired
 
 
 def test_matching_counts_each_person_once_whatever_the_order() -> None:

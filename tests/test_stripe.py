@@ -551,6 +551,34 @@ async def test_a_charge_refunded_at_stripe_outside_us_refuses_an_over_refund(rig
     assert [r["amount"] for r in await rig.refunds(charge)] == [8_000]
 
 
+async def test_a_refund_made_at_stripe_outside_us_sends_the_next_request_to_people(rig: StripeRig) -> None:
+    """The reference's incident: support refunds in the dashboard (its webhook lost, or
+    from before we ran), then the CRM asks for the same refund. The charge's refunded
+    amount said so, but the rules counted only our cases: the small request was
+    auto-approved and the customer refunded twice (reproduced). What Stripe reports beyond
+    our own refunds is a prior refund, named as made outside us; ours are counted once."""
+    charge = await rig.charge(10_000)
+    await stripe_refund(rig, charge, 2_000)  # a dashboard refund: no webhook, no case of ours
+    case_id = await rig.stack.request_refund("alice", charge, 500, provider="stripe",
+                                             merchant_account=MERCHANT)
+    row = await rig.stack.wait_for_status(case_id, "awaiting_approval", "succeeded")
+    assert row["status"] == "awaiting_approval"
+    assert row["decision"]["rules_fired"] == [
+        "prior_refunds_on_charge", "refunded_outside_cases", "repeat_partial_refund"]
+    assert (row["decision"]["context"]["prior_refund_count"],
+            row["decision"]["context"]["prior_refund_total"]) == (1, 2_000)
+    assert [r["amount"] for r in await rig.refunds(charge)] == [2_000]
+
+    assert (await approve(rig.stack, "bob", case_id)).status_code == 202
+    await rig.stack.wait_for_status(case_id, "succeeded")
+    later = await rig.stack.request_refund("alice", charge, 300, provider="stripe",
+                                           merchant_account=MERCHANT)
+    row = await rig.stack.wait_for_status(later, "awaiting_approval", "succeeded")
+    assert "refunded_outside_cases" in row["decision"]["rules_fired"]  # Stripe's 2,500 holds our 500
+    assert (row["decision"]["context"]["prior_refund_count"],
+            row["decision"]["context"]["prior_refund_total"]) == (2, 2_500)
+
+
 async def test_a_disputed_stripe_charge_reaches_the_prior_dispute_rule(rig: StripeRig) -> None:
     # Stripe's documented test card for a charge that gets disputed.
     charge = await rig.charge(10_000, source="pm_card_createDispute")

@@ -146,15 +146,22 @@ class RefundHeldElsewhere(Exception):
     """A refund a person names for a case that another case holds (its id: the message)."""
 
 
-async def _charge_priors(conn: Conn, provider: str, charge_id: str, exclude: str) -> ChargePriors:
+async def _charge_priors(conn: Conn, provider: str, charge_id: str, exclude: str,
+                         refunded: int = 0) -> ChargePriors:
+    """`ChargePriors`; `refunded`: what the provider reports refunded on the charge, of which
+    the holds of our refunds made there (a submit begun, or a provider refund followed) are
+    ours: the rest was refunded outside our cases. Never more than the provider reports."""
     cur = await conn.execute(
         "SELECT coalesce(array_agg(amount ORDER BY refund_request_id) FILTER (WHERE reserved_amount > 0),"
-        " '{}') AS amounts, count(*) FILTER (WHERE status = ANY(%s)) AS refusals FROM refund_cases"
-        " WHERE provider = %s AND charge_id = %s AND refund_request_id <> %s",
-        ([s.value for s in REFUSED_STATUSES], provider, charge_id, exclude))
+        " '{}') AS amounts, count(*) FILTER (WHERE status = ANY(%s)) AS refusals,"
+        " coalesce(sum(reserved_amount) FILTER (WHERE method = %s"
+        " AND (submission_started_at IS NOT NULL OR provider_refund_id IS NOT NULL)), 0) AS made_there"
+        " FROM refund_cases WHERE provider = %s AND charge_id = %s AND refund_request_id <> %s",
+        ([s.value for s in REFUSED_STATUSES], RefundMethod.PROVIDER.value, provider, charge_id, exclude))
     row = await cur.fetchone()
     assert row is not None  # an aggregate answers one row
-    return ChargePriors(amounts=tuple(int(a) for a in row["amounts"]), refusals=int(row["refusals"]))
+    return ChargePriors(amounts=tuple(int(a) for a in row["amounts"]), refusals=int(row["refusals"]),
+                        outside=max(0, refunded - int(row["made_there"])))
 
 
 REFUSED_STATUSES = frozenset({CaseStatus.DENIED, CaseStatus.EXPIRED})
@@ -627,7 +634,7 @@ class CaseRepository(Repository):
             if row is not None and row["decision"] is not None:
                 return Vetted(validation=validation, decision=PolicyDecision.model_validate(row["decision"]))
             decision = decide(validation, await _charge_priors(conn, request.provider, request.charge_id,
-                                                               case_id))
+                                                               case_id, charge.amount_refunded))
             stored = decision.model_dump(mode="json")
             await conn.execute(
                 "UPDATE refund_cases SET decision = %s, updated_at = now() WHERE refund_request_id = %s",
