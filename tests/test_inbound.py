@@ -15,6 +15,7 @@ from temporalio.client import Client
 
 from adapters import signing
 from adapters.db import Store
+from adapters.tickets.base import correlation_key
 from starters.dev.stack import TemporalDevServer
 from starters.ports import free_port
 from tests.fakes import World, connected_stack, eventually
@@ -485,6 +486,42 @@ async def test_a_servicenow_approval_given_again_after_a_refusal_counts(
         repeated = await servicenow(stack, "approvals", again)
         assert repeated.status_code == 200 and repeated.json()["verdict"] == "duplicate"
         await stack.wait_for_status(case_id, "succeeded")
+
+
+async def test_a_servicenow_approval_on_the_ticket_we_wrote_for_an_api_request_is_refused(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """A refund asked through the API: its approval notice becomes a Refund Request ticket
+    we write. Anyone may edit that ticket (say, its amount) and no edit of it ever reaches
+    the case (its updates are not a request's), so an approval recorded on it counted for
+    whatever the case asks, not what the approver read there (reproduced: 90.00 paid on an
+    approval of the ticket). It is refused and recorded; a denial still counts."""
+    async with connected_stack(store, client, temporal_server, jira_url=None) as (stack, world):
+        sn_manager = f"mgr.{uuid.uuid4().hex[:6]}"
+        manager = await person(stack, ["approver"], servicenow=sn_manager)
+        charge = await stack.charge(20_000)
+        case_id = await stack.request_refund("alice", charge, 9_000)
+        await stack.wait_for_status(case_id, "awaiting_approval")
+        correlation = correlation_key(case_id, "request")
+
+        async def written() -> list[dict[str, Any]]:
+            return [r for r in world.servicenow.get("u_refund_request", [])
+                    if r.get("correlation_id") == correlation]
+
+        [ticket] = await eventually(written)
+
+        def verdict(state: str) -> dict[str, Any]:
+            return {"sys_id": uuid.uuid4().hex, "document_id": ticket["sys_id"], "state": state,
+                    "approver": {"user_name": sn_manager}, "sys_updated_by": sn_manager}
+
+        approved = await servicenow(stack, "approvals", verdict("approved"))
+        assert approved.status_code == 409 and "case page" in approved.json()["detail"], approved.text
+        refused = [e for e in await stack.store.audit.trail(case_id) if e["action"] == "approval_refused"]
+        assert [(e["actor"], e["detail"].get("channel")) for e in refused] == [(manager, "servicenow")]
+        assert (await stack.store.cases.get(case_id))["status"] == "awaiting_approval"  # type: ignore[index]
+        denied = await servicenow(stack, "approvals", verdict("rejected"))
+        assert denied.status_code == 200, denied.text
+        await stack.wait_for_status(case_id, "denied")
+        assert await stack.provider_refunds(charge) == []
 
 
 async def test_a_servicenow_approval_is_the_person_who_changed_the_record(

@@ -16,7 +16,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, Literal, Protocol, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, Protocol, TypeVar
 from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Request
@@ -128,6 +128,8 @@ class ServiceNowRefundTicket(BaseModel):
     """What the "Refund Request" ticket's outbound REST message sends on insert/update."""
 
     model_config = ConfigDict(extra="forbid")
+    CASE_PREFIX: ClassVar[str] = "servicenow-"
+    """A ticket's case is this and its sys_id (an id the API refuses to anyone else)."""
 
     sys_id: SysId
     number: str = Field(min_length=1, max_length=40)
@@ -158,7 +160,7 @@ class ServiceNowRefundTicket(BaseModel):
         return tuple(dict.fromkeys((self.opened_by.user_name, self.sys_created_by)))
 
     def case_id(self) -> str:
-        return f"servicenow-{self.sys_id}"
+        return f"{self.CASE_PREFIX}{self.sys_id}"
 
     def refund_request(self, behind: tuple[str, ...]) -> RefundRequest:
         """The ticket as a request; who is `behind` it (our users) cannot approve it. The
@@ -326,10 +328,9 @@ async def signal_approval(door: FrontDoor, stored: StoredReceipt, system: str, e
             decision is Decision.DENY and row["status"] in DENIED_BEFORE_ITS_ROUND
             and row["decision"] is None):
         refusal = (409, "approval_refused", f"case is {row['status']}, not awaiting approval")
-    elif decision is Decision.APPROVE and system == "servicenow" and await ticket_diverged(door, case_id):
-        refusal = (409, "approval_refused", "the ticket changed after its refund was requested: it no "
-                   "longer shows what the case asks (for good, even if edited back); approve on the "
-                   "case page")
+    elif decision is Decision.APPROVE and system == "servicenow" and (
+            unlike := await ticket_unlike_the_case(door, case_id)):
+        refusal = (409, "approval_refused", unlike)
     if refusal is None:
         assert principal is not None and case_id is not None
         signal = ApprovalSignal(approver=principal.user, roles=tuple(sorted(principal.roles)),
@@ -361,6 +362,21 @@ async def signal_approval(door: FrontDoor, stored: StoredReceipt, system: str, e
 TICKET_UPDATE_REFUSED = "ticket_update_refused"
 
 
+async def ticket_unlike_the_case(door: FrontDoor, case_id: str) -> str | None:
+    """Why an approval recorded on the case's ServiceNow ticket cannot stand for what the
+    case asks (None when it can): the ticket is one we wrote from a request made elsewhere
+    (its approval notice), whose edits never reach the case, or a request's ticket that
+    changed since (`ticket_diverged`). Approving on the case page shows the case's own
+    values; a denial moves nothing and counts either way."""
+    if not case_id.startswith(ServiceNowRefundTicket.CASE_PREFIX):
+        return ("the ticket was written from a refund requested elsewhere: edits to it never reach "
+                "the case, so it may not show what the case asks; approve on the case page")
+    if await ticket_diverged(door, case_id):
+        return ("the ticket changed after its refund was requested: it no longer shows what the "
+                "case asks (for good, even if edited back); approve on the case page")
+    return None
+
+
 async def ticket_diverged(door: FrontDoor, case_id: str) -> bool:
     """Whether the case's ticket was changed after its refund was requested (its update was
     refused as a conflict, `request_conflict`, or refused before it could be compared,
@@ -380,7 +396,7 @@ async def ticket_update_refused(door: FrontDoor, sys_id: object, refusal: str,
     changes nothing."""
     if not (isinstance(sys_id, str) and re.fullmatch(r"[0-9a-f]{32}", sys_id)):
         return
-    case_id = f"servicenow-{sys_id}"
+    case_id = f"{ServiceNowRefundTicket.CASE_PREFIX}{sys_id}"
     case = await door.store.cases.get(case_id)
     if case is None:
         return
