@@ -10,13 +10,15 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from adapters.db import Store
 from domain.incidents import DuplicateRefundInput
-from domain.models import ProviderRefund, ProviderRefundStatus
+from domain.models import CaseStatus, ProviderRefund, ProviderRefundStatus
 from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, intercepted, stack_with
 from tests.reconciliation_kit import (
     backfill,
     history,
     move_at_provider,
+    seed_case,
+    seed_provider,
     success_shown_failed,
     wait_for_breaks,
 )
@@ -397,6 +399,40 @@ async def test_no_reissue_while_the_provider_shows_the_failed_refund_succeeded(s
     status, refused = await reissue(stack, "olga", case_id)
     assert status == 409 and refund["id"] in refused["detail"], refused
     assert await stack.store.cases.children(case_id) == []
+
+
+@pytest.mark.parametrize("method", ["bank_transfer", "provider"])
+async def test_a_reissue_whose_original_shows_paid_while_approvers_decide_is_never_paid(
+        stack: Stack, method: str) -> None:
+    """The reissue's family is read when it opens; news that the original paid after all
+    (a bank's correction found by reconciliation) can come while approvers decide. The
+    approved reissue went ahead (the bank transfer's instruction made for ops to pay, the
+    provider refund made): the customer paid twice (reproduced). At the money's gate the
+    family is read again: refused, nothing made, the case with ops, ops told."""
+    refund = history(f"ch_{uuid.uuid4().hex[:8]}", 6_000, days_ago=3, status="failed",
+                     failure_reason="card_account_closed")  # above the threshold: approvers decide
+    await seed_provider(stack, [refund])
+    case_id = await seed_case(stack, refund, status=CaseStatus.REFUND_FAILED,
+                              held=ProviderRefundStatus.FAILED, settled=0)
+    status, child = await reissue(stack, "olga", case_id, method=method)
+    assert status == 202, child
+    child_id = str(child["refund_request_id"])
+    await stack.wait_for_status(child_id, "awaiting_approval")
+    await move_at_provider(stack, refund["id"], "succeeded")  # a bank's correction, its webhook lost
+    await backfill(stack, since_days=30)
+    await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+
+    async with stack.api("bob") as api:
+        assert (await api.post(f"/v1/refund-requests/{child_id}/approvals",
+                               json={"decision": "approve"})).status_code == 202
+    row = await stack.wait_for_status(child_id, "ops_review", "pending", "succeeded")
+    assert row["status"] == "ops_review" and row["provider_refund_id"] is None
+    [refused] = [e for e in await stack.store.audit.trail(child_id) if e["action"] == "submission_refused"]
+    assert refund["id"] in refused["detail"]["reason"]
+    assert await stack.store.manual_refunds.get(child_id) is None
+    assert [r["status"] for r in await stack.provider_refunds(refund["charge"])] == ["succeeded"]
+    notices = {n["kind"] for n in await stack.store.outbox.notices(child_id)}
+    assert "submit_refused_case_moved_on" in notices
 
 
 async def test_a_denied_break_whose_refund_failed_since_leaves_the_request_reissuable(stack: Stack) -> None:

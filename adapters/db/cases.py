@@ -117,6 +117,34 @@ WHERE chain = ANY(%(family)s) AND provider_status NOT IN ('failed', 'canceled')
 ORDER BY object_id, id DESC"""
 
 
+async def _family_below(conn: Conn, root: str) -> list[str]:
+    """The reissue family under `root` (the original request), `root` included."""
+    return [r["refund_request_id"] for r in await (await conn.execute(_FAMILY, (root,))).fetchall()]
+
+
+async def _moved_elsewhere(conn: Conn, family: list[str]) -> str | None:
+    """The refunds whose breaks say the family's money moved or may move outside the case
+    to be paid (`_MONEY_MOVED_ELSEWHERE`), with their classes; None when none do."""
+    moved = await (await conn.execute(_MONEY_MOVED_ELSEWHERE, {"family": family})).fetchall()
+    return ", ".join(f"{m['object_id']} ({m['break_class']})" for m in moved) or None
+
+
+async def _reissue_paid_elsewhere(conn: Conn, case_id: str) -> str | None:
+    """Why a reissue may not pay now, read at its submit (its family was read when it
+    opened, and news comes while approvers decide): a break says a refund of the family
+    moved the money (`_moved_elsewhere`), or another member holds it again (a break
+    approved, the original corrected to succeeded). None when nothing says so."""
+    root = await (await conn.execute(_FAMILY_ROOT, (case_id,))).fetchone()
+    assert root is not None  # the case's own row is on its way up
+    family = await _family_below(conn, root["refund_request_id"])
+    if moved := await _moved_elsewhere(conn, family):
+        return moved
+    cur = await conn.execute(
+        "SELECT refund_request_id, status FROM refund_cases WHERE refund_request_id = ANY(%s)"
+        " AND refund_request_id <> %s AND reserved_amount > 0", (family, case_id))
+    return ", ".join(f"{r['refund_request_id']} ({r['status']})" for r in await cur.fetchall()) or None
+
+
 class MoneyMovedElsewhere(Exception):
     """A reissue refused: a refund outside the reissued case moved (or may move) the
     request's money (the refunds and their breaks' classes: the message)."""
@@ -239,21 +267,15 @@ class CaseRepository(Repository):
             member = await cur.fetchone()
             if member is not None:
                 return None, CaseRow.from_row(member)
-            family = [r["refund_request_id"] for r in await (await conn.execute(
-                _FAMILY, (root["refund_request_id"],))).fetchall()]
-            moved = await (await conn.execute(_MONEY_MOVED_ELSEWHERE, {"family": family})).fetchall()
-            if moved:
-                raise MoneyMovedElsewhere(", ".join(f"{m['object_id']} ({m['break_class']})" for m in moved))
+            if moved := await _moved_elsewhere(conn, await _family_below(conn, root["refund_request_id"])):
+                raise MoneyMovedElsewhere(moved)
             return await self._create_in(conn, request, requester)
 
     async def family(self, case_id: str) -> list[str]:
         """Every case of `case_id`'s reissue family: the original request and all below it."""
         async with self._db.transaction() as conn:
             root = await (await conn.execute(_FAMILY_ROOT, (case_id,))).fetchone()
-            if root is None:
-                return []
-            rows = await (await conn.execute(_FAMILY, (root["refund_request_id"],))).fetchall()
-        return [r["refund_request_id"] for r in rows]
+            return [] if root is None else await _family_below(conn, root["refund_request_id"])
 
     @staticmethod
     async def _create_in(conn: Conn, request: RefundRequest, requester: str) -> tuple[CaseCreation, CaseRow]:
@@ -594,6 +616,11 @@ class CaseRepository(Repository):
             if not started and (own := await self._approved_by_whoever_asked(conn, case_id, row, writes)):
                 refusal = (f"{', '.join(own)} asked for case {case_id} (its requester or trigger "
                            "identity) and approved it: not submitted")
+            elif not started and row["parent_refund_request_id"] is not None and (
+                    elsewhere := await _reissue_paid_elsewhere(conn, case_id)):
+                refusal = (f"the request's money moved since this reissue was asked: {elsewhere}; "
+                           "not submitted (the reissue would pay it again)")
+            if refusal is not None:
                 await self._set_status(conn, case_id, CaseStatus.OPS_REVIEW)
                 await AuditLog.append(conn, case_id, "system", "submission_refused", {"reason": refusal})
             elif not started:
@@ -691,7 +718,8 @@ class CaseRepository(Repository):
         """What a submit decides on, the case row locked until the transaction ends."""
         cur = await conn.execute(
             "SELECT submission_started_at, status, amount, reserved_amount, requester,"
-            " trigger_identities FROM refund_cases WHERE refund_request_id = %s FOR UPDATE", (case_id,))
+            " trigger_identities, parent_refund_request_id FROM refund_cases"
+            " WHERE refund_request_id = %s FOR UPDATE", (case_id,))
         return await cur.fetchone()
 
     @staticmethod
