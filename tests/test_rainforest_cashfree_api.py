@@ -62,6 +62,7 @@ from tests.rainforest_cashfree_fakes import (
     days_ago,
 )
 from tests.reconciliation_kit import backfill, wait_for_breaks
+from tests.test_governance import approve
 from tests.test_provider_webhooks import (
     CASHFREE_SECRET,
     PAYLOADS,
@@ -658,6 +659,10 @@ async def test_a_create_refused_as_a_duplicate_of_another_reference_books_nothin
         case_id = await rig.stack.request_refund(
             "alice", order_id, 1_000, provider="cashfree", currency="INR", merchant_account=CASHFREE_ID,
             refund_request_id=theirs.lower())
+        # the order's other refund is none of our cases': people decide (`refunded_outside_cases`)
+        row = await rig.stack.wait_for_status(case_id, "awaiting_approval")
+        assert "refunded_outside_cases" in row["decision"]["rules_fired"]
+        assert (await approve(rig.stack, "bob", case_id)).status_code == 202
         await rig.stack.wait_for_audit(case_id, "provider_outcome_unknown")
         row = await rig.stack.store.cases.get(case_id)
         assert row is not None and row["provider_refund_id"] is None
