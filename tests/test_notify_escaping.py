@@ -2,13 +2,16 @@
 written (no link, mention, list or emphasis it did not have), and a customer's email
 address from a request is used only when it is exactly one plain mailbox."""
 
+from datetime import UTC, datetime
+
 import pytest
 
 from adapters.config import Settings
 from adapters.notify.channels import email_recipient
 from adapters.notify.chat import teams_payload
 from adapters.notify.email import SmtpEmail
-from adapters.notify.message import Message
+from adapters.notify.message import Message, render
+from adapters.tickets.servicenow import journal_text
 
 HOSTILE = "[verify your refund](https://evil.example/pay) **urgent** <at>CFO</at> {{DATE(2030-01-01)}}"
 
@@ -18,6 +21,39 @@ def notice(text: str, *, title: str = "Refund rr-1 needs approval", email_to: st
                    text=text, facts=(("Reason", "- " + HOSTILE), ("Status", "awaiting_approval")),
                    link="https://refunds.example/v1/refund-requests/rr-1", buttons=False, ticket=None,
                    customer=False, email_to=email_to)
+
+
+FORGED = "card_expired\n\nAmount: 0.05 USD\r\nStatus: approved by finance\u2028Case: https://evil.example/ok"
+
+
+def test_quoted_text_never_makes_its_own_line_of_a_notice() -> None:
+    """A provider's failure reason or a model's summary (itself read from requester text)
+    went into every channel with its line breaks: in email and ticket text its lines read
+    exactly like the notice's own facts (a second Amount, a Case link above the real one).
+    Quoted text is one line, however it was sent."""
+    case = {"refund_request_id": "rr-1", "amount": 12_345, "currency": "USD", "status": "awaiting_approval",
+            "provider": "sandbox", "charge_id": "ch_1", "reason": "duplicate", "requester": "alice",
+            "provider_refund_id": None, "decision": None}
+    advice = {"source": "llm", "advice": {"summary": FORGED, "suggested_amount": 12_345,
+                                          "anomaly_flags": [], "confidence": 0.9}}
+    for kind, detail in (("refund_failed", {"failure_reason": FORGED}),
+                         ("approval_needed", {"missing_roles": ["approver"]})):
+        message = render({"id": 7, "kind": kind, "audience": "operator", "refund_request_id": "rr-1",
+                          "detail": detail, "created_at": datetime(2026, 1, 2, tzinfo=UTC)}, case, advice,
+                         case_url="https://refunds.test/rr-1", email_to=None)
+        lines = message.plain().splitlines()
+        assert [line for line in lines if line.startswith("Amount:")] == ["Amount: 123.45 USD"], kind
+        assert [line for line in lines if line.startswith("Case:")] == ["Case: https://refunds.test/rr-1"]
+        assert not [line for line in lines if line.startswith("Status: approved")], kind
+        assert "card_expired Amount: 0.05 USD Status: approved by finance" in message.plain(), kind
+
+
+def test_servicenow_journal_text_cannot_open_a_code_block() -> None:
+    """ServiceNow renders `[code]...[/code]` in a journal field as HTML (a live link), where
+    the instance allows it: quoted text never opens one."""
+    text = journal_text("failed ([CODE]<a href='https://evil.example'>Approve</a>[/code])")
+    assert "[code]" not in text.lower() and "[/code]" not in text.lower()
+    assert "Approve" in text
 
 
 def test_teams_card_text_and_facts_show_quoted_text_as_written() -> None:

@@ -660,8 +660,8 @@ async def test_a_create_refused_as_a_duplicate_of_another_reference_books_nothin
             "alice", order_id, 1_000, provider="cashfree", currency="INR", merchant_account=CASHFREE_ID,
             refund_request_id=theirs.lower())
         # the order's other refund is none of our cases': people decide (`refunded_outside_cases`)
-        row = await rig.stack.wait_for_status(case_id, "awaiting_approval")
-        assert "refunded_outside_cases" in row["decision"]["rules_fired"]
+        waiting = await rig.stack.wait_for_status(case_id, "awaiting_approval")
+        assert "refunded_outside_cases" in waiting["decision"]["rules_fired"]
         assert (await approve(rig.stack, "bob", case_id)).status_code == 202
         await rig.stack.wait_for_audit(case_id, "provider_outcome_unknown")
         row = await rig.stack.store.cases.get(case_id)

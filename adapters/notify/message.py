@@ -297,6 +297,14 @@ class Message:
         return "\n".join(lines)
 
 
+def one_line(text: str) -> str:
+    """Quoted text (a provider's failure reason, an approver's words, a model's summary of
+    requester text) as one line: its line breaks would otherwise read, in email and ticket
+    text, exactly like the notice's own facts (a second "Amount:", a "Case:" link above the
+    real one). Every whitespace run, Unicode line separators included, is one space."""
+    return " ".join(text.split())
+
+
 def _amount(case: Mapping[str, Any] | None, detail: Mapping[str, Any]) -> str:
     source = case if case is not None else detail
     amount, currency = source.get("amount"), source.get("currency")
@@ -319,7 +327,8 @@ def _advice_line(advice: Mapping[str, Any] | None, currency: str) -> str | None:
         return None
     body = advice["advice"]
     flags = ", ".join(body.get("anomaly_flags") or []) or "none"
-    return (f"{body['summary']} Suggested amount {format_minor(body['suggested_amount'], currency)}; "
+    suggested = format_minor(body["suggested_amount"], currency)
+    return (f"{one_line(str(body['summary']))} Suggested amount {suggested}; "
             f"flags: {flags}; confidence {body['confidence']} ({advice['source']}).")
 
 
@@ -371,10 +380,11 @@ def render(notice: Mapping[str, Any], case: Mapping[str, Any] | None,
     template = template_for(notice, case)
     case_id = notice["refund_request_id"]
     missing = detail.get("missing_roles")
-    values = _Lenient({k: ", ".join(map(str, v)) if isinstance(v, list) else str(v)
+    values = _Lenient({k: one_line(", ".join(map(str, v)) if isinstance(v, list) else str(v))
                        for k, v in detail.items()})
     failure = detail.get("failure_reason") or detail.get("reason") or (case or {}).get("failure_reason")
-    values.update(case=case_id or str(detail.get("case", "n/a")), kind=kind, failure=str(failure or "n/a"),
+    values.update(case=case_id or str(detail.get("case", "n/a")), kind=kind,
+                  failure=one_line(str(failure or "n/a")),
                   audience=str(notice["audience"]), amount=_amount(case, detail),
                   missing_roles=", ".join(missing) if isinstance(missing, list) else "n/a")
     created: datetime = notice["created_at"]

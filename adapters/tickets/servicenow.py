@@ -5,6 +5,7 @@ a custom "Refund Request" table by default), incidents in `incident`. Our correl
 goes into the task's standard `correlation_id` field; updates become work notes.
 """
 
+import re
 from typing import Any
 from urllib.parse import quote
 
@@ -22,6 +23,16 @@ HIGH_PRIORITY = {"impact": "1", "urgency": "2"}
 def record_url(base_url: str, table: str, sys_id: str) -> str:
     """Where a person opens the record in the ServiceNow UI."""
     return f"{base_url.rstrip('/')}/nav_to.do?uri={quote(f'{table}.do?sys_id={sys_id}', safe='')}"
+
+
+CODE_TAG = re.compile(r"\[(/?)code\]", re.IGNORECASE)
+
+
+def journal_text(text: str) -> str:
+    """Text for a ServiceNow description or work note: `[code]...[/code]` there is rendered
+    as HTML where the instance allows it (a live link in quoted provider or model text), so
+    the tag is broken up; everything else reads as written."""
+    return CODE_TAG.sub(r"[\1 code]", text)
 
 
 class ServiceNow:
@@ -62,11 +73,11 @@ class ServiceNow:
     async def create(self, incident: bool, correlation: str, message: Message) -> TicketRef:
         table = self._tables[incident]
         record = await self._call("POST", table, json={
-            "short_description": message.title[:160], "description": message.plain(),
+            "short_description": message.title[:160], "description": journal_text(message.plain()),
             "correlation_id": correlation, "correlation_display": "Refund Orchestrator",
             **(HIGH_PRIORITY if message.high_priority else {})})
         return self._ref(table, record)
 
     async def note(self, incident: bool, ticket: TicketRef, message: Message) -> None:
         await self._call("PATCH", f"{self._tables[incident]}/{ticket.external_id}",
-                         json={"work_notes": f"{message.title}\n{message.plain()}"})
+                         json={"work_notes": journal_text(f"{message.title}\n{message.plain()}")})
