@@ -365,6 +365,11 @@ async def test_reconciliation_page_lists_breaks_and_acknowledges_them_by_the_api
     assert listing.status_code == 200
     assert f'data-break="{found["id"]}"' in listing.text and case_id in listing.text
     assert "needs an approver" in listing.text  # ops read; they cannot approve money
+    # what an approval books, beside the button: the provider's amount alone did not say
+    # which way the ledger moves, nor by how much (the provider canceled a refund we booked)
+    row = listing.text.split(f'data-break="{found["id"]}"', 1)[1].split("</tr>", 1)[0]
+    entry = re.search(r'data-testid="entry">([^<]*)<', row)
+    assert entry is not None and entry.group(1).strip() == "refund reversed 20.00 USD", row
     page = await bob.get("/console/reconciliation")
     csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
     assert csrf is not None

@@ -203,6 +203,14 @@ def run_view(row: RunRow) -> dict[str, Any]:
 CASE_ROUTES = {"refund": "refund-requests", "payout": "payout-exceptions"}
 
 
+def proposed_entry(ledger_delta: int | None, currency: str) -> dict[str, Any] | None:
+    """The journal entry an approval books (at most: it brings the ledger to the provider as
+    it is then, never past the move found), for the approver to read beside the button;
+    None when it books none."""
+    move = compensation(ledger_delta or 0)
+    return None if move is None else {"template": move[0].value, "amount": move[1], "currency": currency}
+
+
 def break_view(row: BreakRow) -> dict[str, Any]:
     """The public shape of a break, with links to its case and exception workflow."""
     case_id = row.refund_request_id
@@ -211,7 +219,8 @@ def break_view(row: BreakRow) -> dict[str, Any]:
         "object_id": row.object_id, "case_id": case_id, "amount": row.amount,
         "currency": row.currency, "provider_status": row.provider_status,
         "failure_reason": row.failure_reason, "case_status": row.case_status,
-        "ledger_delta": row.ledger_delta, "object_created_at": row.object_created_at.isoformat(),
+        "ledger_delta": row.ledger_delta, "entry": proposed_entry(row.ledger_delta, row.currency),
+        "object_created_at": row.object_created_at.isoformat(),
         "state": row.state, "found_at": row.found_at.isoformat(), "evidence": row.evidence,
         "resolution": row.resolution,
         "object_kind": row.object_kind, "reopened": row.reopened,
