@@ -90,6 +90,7 @@ from tests.test_adyen_waits import (
     not_refunded_heard_with_adyen_s_success,
     notification_taken_under_a_cancel,
     ops_read_then_adyen_says,
+    past_the_create_s_horizon,
     resolution_after_adyen_s_word,
 )
 from tests.test_case_lifecycle import expiry_under_a_cancel, reported_as_the_cancelled_run_ends
@@ -361,6 +362,7 @@ async def resolved_not_refunded(rig: Recording, case_id: str) -> str:
     """Ops end a case's wait for its notification once it shows ops review: Adyen's
     dashboard shows no refund."""
     await rig.stack.wait_for_status(case_id, "ops_review")
+    await past_the_create_s_horizon(rig.stack, case_id)
     async with rig.stack.api("olga") as api:
         (await api.post(f"/v1/refund-requests/{case_id}/provider-wait",
                         json={"provider_shows": "not_refunded",

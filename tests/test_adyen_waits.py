@@ -5,6 +5,7 @@ an audit row, so the reservation is never held for good. Adyen's API is tests/ad
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from typing import Any, cast
 
 import httpx
@@ -22,7 +23,7 @@ from starters.actions.provider_wait import ProviderWaitBody, resolve_provider_wa
 from starters.actions.provider_wait import _deliver as deliver_resolution
 from starters.dev.stack import TemporalDevServer
 from tests.adyen_fake import FakeAdyen
-from tests.harness import write_held
+from tests.harness import Stack, write_held
 from tests.reconciliation_kit import wait_for_breaks
 from tests.test_adyen import (
     API_KEY,
@@ -133,8 +134,10 @@ async def rig(store: Store, client: Client, temporal_server: TemporalDevServer) 
 
 
 async def waiting_case(rig: AdyenRig, amount: int, requester: str = "alice", *,
-                       lose_answer: bool = True) -> tuple[str, str]:
-    """A refund whose create answer never came back, escalated to ops review: (case, payment)."""
+                       lose_answer: bool = True, settled: bool = True) -> tuple[str, str]:
+    """A refund whose create answer never came back, escalated to ops review: (case, payment).
+    `settled`: returns once a create its submit sent can no longer land (ops may say what
+    the dashboard shows)."""
     psp = rig.fake.payment(10_000, "EUR", MERCHANT)
     if lose_answer:
         rig.proxy.lose_next("POST", f"/v71/payments/{psp}/refunds")
@@ -145,7 +148,20 @@ async def waiting_case(rig: AdyenRig, amount: int, requester: str = "alice", *,
     await rig.stack.wait_for_audit(case_id, "no_status_lookup_escalated")
     row = await rig.stack.wait_for_status(case_id, "ops_review")
     assert row["reserved_amount"] == amount
+    if settled:
+        await past_the_create_s_horizon(rig.stack, case_id)
     return case_id, psp
+
+
+async def past_the_create_s_horizon(stack: Stack, case_id: str) -> None:
+    """Waits until a create the case's last submit sent can no longer land at the provider
+    (the submit's timeout and the provider horizon after it started): ops' "not refunded"
+    is taken from then on."""
+    trail = await stack.store.audit.trail(case_id)
+    started = max(e["occurred_at"] for e in trail if e["action"] == "provider_submit_started")
+    timings = stack.settings.timings()
+    left = started + timings.submit_timeout + timings.provider_horizon - datetime.now(UTC)
+    await asyncio.sleep(max(0.0, left.total_seconds()) + 0.2)
 
 
 async def resolve(rig: AdyenRig, user: str, case_id: str, **body: Any) -> httpx.Response:
@@ -189,6 +205,28 @@ async def test_ops_resolve_a_wait_adyen_shows_no_refund_for_and_the_reservation_
     row = await rig.stack.wait_for_status(case_id, "refund_failed")
     assert row["reserved_amount"] == 0 and "no refund" in row["failure_reason"]
     assert await rig.stack.store.ledger.entries(case_id) == []
+
+
+async def test_no_refund_is_not_taken_while_the_lost_create_can_still_land(rig: AdyenRig) -> None:
+    """Adyen's create answered 500 and the wait opens at once: ops looking seconds later
+    see no refund while the create may still land (until its submit's timeout and the
+    provider horizon have passed), and "not refunded" released the hold; a reissue could
+    then pay beside the refund that lands. Refused until then (409, recorded); after it,
+    taken."""
+    case_id, psp = await waiting_case(rig, 950, lose_answer=False, settled=False)  # a 500
+    early = await resolve(rig, "olga", case_id, provider_shows="not_refunded",
+                          reason="Customer Area: nothing yet")
+    assert early.status_code == 409 and "may still land" in early.json()["detail"], early.text
+    refused = [e for e in await rig.stack.store.audit.trail(case_id) if e["action"] == "action_refused"]
+    assert [e["actor"] for e in refused] == ["olga"]
+    row = await rig.stack.store.cases.get(case_id)
+    assert row is not None and (row["status"], row["reserved_amount"]) == ("ops_review", 950)
+    await past_the_create_s_horizon(rig.stack, case_id)
+    assert rig.fake.refunds_of(psp) == []
+    later = await resolve(rig, "olga", case_id, provider_shows="not_refunded",
+                          reason="Customer Area: no refund on the payment")
+    assert later.status_code == 200, later.text
+    await rig.stack.wait_for_status(case_id, "refund_failed")
 
 
 async def test_two_ops_resolving_one_wait_at_once_are_told_which_one_counts(rig: AdyenRig) -> None:
@@ -617,6 +655,7 @@ async def resolution_after_adyen_s_word(rig: AdyenRig, amount: int, *, refund_kn
                                              merchant_account=MERCHANT)
     await rig.stack.wait_for_audit(case_id, "no_status_lookup_escalated")
     waiting_row = await rig.stack.wait_for_status(case_id, "ops_review")
+    await past_the_create_s_horizon(rig.stack, case_id)
     [made] = rig.fake.refunds_of(psp)
     assert (waiting_row["provider_refund_id"] == made["pspReference"]) is refund_known
     body = ProviderWaitBody(provider_shows="not_refunded" if names is None else "refunded",

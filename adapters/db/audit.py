@@ -135,6 +135,13 @@ class AuditLog:
             (case_id, list(actions)))
         return dict(row["detail"]) if row else None
 
+    async def last_at(self, case_id: str, action: str) -> datetime | None:
+        """When the case's latest entry with `action` was written (one indexed lookup), or None."""
+        row = await self._db.fetch_one(
+            "SELECT occurred_at FROM audit_events WHERE chain = %s AND action = %s ORDER BY seq DESC LIMIT 1",
+            (case_id, action))
+        return row["occurred_at"] if row else None
+
     async def actors_of(self, case_id: str, actions: Iterable[str]) -> list[str]:
         """Who did any of `actions` on the case's chain, once each, earliest first."""
         rows = await self._db.fetch_all(

@@ -192,6 +192,8 @@ async def _charge_priors(conn: Conn, provider: str, charge_id: str, exclude: str
                         outside=max(0, refunded - int(row["made_there"])))
 
 
+SUBMIT_STARTED = "provider_submit_started"
+"""Each submit attempt's entry, written as it records its intent, before the provider call."""
 REFUSED_STATUSES = frozenset({CaseStatus.DENIED, CaseStatus.EXPIRED})
 """A request people refused: denied, or let expire."""
 
@@ -633,7 +635,7 @@ class CaseRepository(Repository):
                 await conn.execute("UPDATE refund_cases SET updated_at = now() WHERE refund_request_id = %s",
                                    (case_id,))
             if refusal is None:
-                await AuditLog.append(conn, case_id, "system", "provider_submit_started",
+                await AuditLog.append(conn, case_id, "system", SUBMIT_STARTED,
                                       {"idempotency_key": idempotency_key, "earlier_attempt": started})
         if refusal is not None:  # after the commit: the case waits in ops review, audited
             raise SubmissionRefused(refusal)

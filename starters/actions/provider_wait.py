@@ -18,7 +18,7 @@ from psycopg.errors import UniqueViolation
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from adapters.db import Principal
-from adapters.db.cases import CaseRepository, RefundHeldElsewhere
+from adapters.db.cases import SUBMIT_STARTED, CaseRepository, RefundHeldElsewhere
 from adapters.temporal_client import workflow_closed
 from domain.events import OPS_READ_PREFIX, OPS_RESOLUTION, no_refund_id
 from domain.models import EventKind, ProviderEvent, ProviderRefundStatus
@@ -73,6 +73,11 @@ async def resolve_provider_wait(actions: CaseActions, caller: Principal, case_id
                              "cannot resolve its wait", via=via, audit_action="access_refused")
     if refused := await _refund_refusal(actions, row, body):
         await actions.refuse(caller, case_id, 409, action, refused, via=via)
+    if body.provider_shows == "not_refunded" and (until := await _create_may_land_until(actions, row)):
+        await actions.refuse(caller, case_id, 409, action,
+                             "a create the case sent may still land at the provider until "
+                             f"{until.isoformat(timespec='seconds')}: read the dashboard again after then",
+                             via=via)
     if ended := await workflow_closed(actions.client, case_id):
         # nobody would take the resolution: recorded, it would read as followed
         await actions.refuse(caller, case_id, 409, action,
@@ -112,6 +117,22 @@ async def resolve_provider_wait(actions: CaseActions, caller: Principal, case_id
 def _resolved(case_id: str, body: ProviderWaitBody, resolver: str) -> dict[str, Any]:
     """The answer to a resolution the case was sent: the first time, or sent again alike."""
     return {"refund_request_id": case_id, "provider_shows": body.provider_shows, "resolved_by": resolver}
+
+
+async def _create_may_land_until(actions: CaseActions, row: Mapping[str, Any]) -> datetime | None:
+    """Until when a create the case's last submit sent may still land at the provider, while
+    that is still to come (None otherwise): its submit's timeout and the provider horizon
+    after it started, as a cancel waits. Ops' "not refunded" read before then says nothing of
+    a create landing after it: the hold would be released and a reissue pay beside it. A case
+    holding its refund (the provider answered the create) sends none any more."""
+    if row["provider_refund_id"] is not None:
+        return None
+    started = await actions.store.audit.last_at(str(row["refund_request_id"]), SUBMIT_STARTED)
+    if started is None:
+        return None
+    timings = actions.settings.timings()
+    until = started + timings.submit_timeout + timings.provider_horizon
+    return until if until > datetime.now(UTC) else None
 
 
 async def _refund_refusal(actions: CaseActions, row: Mapping[str, Any], body: ProviderWaitBody) -> str | None:
