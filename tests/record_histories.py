@@ -440,6 +440,16 @@ async def adyen_success_after_ops_not_refunded(rig: Recording) -> str:
     return case_id
 
 
+async def adyen_success_after_ops_none(rig: Recording) -> str:
+    """Ops read "no refund" for the case whose create answer was lost (the create landed)
+    and Adyen's REFUND:true for that create's refund reaches the case before its run ends:
+    reconciled as after the close, a break, not a second refund (`ops-none-contradicted-1`)."""
+    assert rig.adyen is not None
+    case_id, _ = await not_refunded_heard_with_adyen_s_success(AdyenRig(rig.stack, rig.adyen, rig.proxy), 900,
+                                                               answered=False)
+    return case_id
+
+
 async def expiry_under_cancel(rig: Recording) -> str:
     """Ops cancel while the case writes its expiry: the cancel writes it again
     (`cancel-rewrites-interrupted-step-1`): expired, released."""
@@ -1037,6 +1047,8 @@ SCENARIOS: dict[str, Scenario] = {
                                                        {"late_failure_window_seconds": 20}, adyen=True),
     "refund_adyen_success_after_ops_not_refunded": Scenario(adyen_success_after_ops_not_refunded,
                                                             {"late_failure_window_seconds": 20}, adyen=True),
+    "refund_adyen_success_after_ops_none": Scenario(adyen_success_after_ops_none,
+                                                    {"late_failure_window_seconds": 20}, adyen=True),
     "refund_adyen_follow_other_refund": Scenario(adyen_follow_other_refund,
                                                  {"late_failure_window_seconds": 3}, adyen=True),
     "refund_duplicate_provider_refund": Scenario(duplicate_refund, {"late_failure_window_seconds": 6}),

@@ -378,11 +378,17 @@ async def test_a_success_after_ops_said_not_refunded_of_a_refund_the_case_follow
         "provider_failed_shown_refunded", case_id, "awaiting_approval")
 
 
-async def not_refunded_heard_with_adyen_s_success(rig: AdyenRig, amount: int) -> tuple[str, str]:
-    """Ops read "no refund" for the refund the case follows, and Adyen's REFUND:true for it
+async def not_refunded_heard_with_adyen_s_success(rig: AdyenRig, amount: int, *,
+                                                   answered: bool = True) -> tuple[str, str]:
+    """Ops read "no refund" for the refund the case follows (`answered`; else for the case
+    whose create answer was lost, the create having landed), and Adyen's REFUND:true for it
     reaches the case before its run ends (both in its inbox: the worker was away); returns
     once the run ended: (case id, the refund's pspReference)."""
-    case_id, psp, made = await answered_then_unheard(rig, amount)
+    if answered:
+        case_id, psp, made = await answered_then_unheard(rig, amount)
+    else:
+        case_id, psp = await waiting_case(rig, amount)
+        [made] = rig.fake.refunds_of(psp)
     assert rig.stack.worker is not None
     await rig.stack.worker.shutdown()
     try:
@@ -398,16 +404,20 @@ async def not_refunded_heard_with_adyen_s_success(rig: AdyenRig, amount: int) ->
     return case_id, str(made["pspReference"])
 
 
+@pytest.mark.parametrize("answered", [True, False], ids=["create-answered", "create-unanswered"])
 async def test_adyen_s_success_the_case_hears_as_it_applies_ops_not_refunded_opens_a_break(
-        rig: AdyenRig) -> None:
+        rig: AdyenRig, answered: bool) -> None:
     """The case applied ops' reading (failed, reservation released), then read Adyen's word
     for the same refund as older news than that failure: audited only, no break (the relay
     had signalled a running case, so its after-close path never ran), and Adyen has no
     listing a run could find it in: the case showed refund_failed for money that moved. It is
-    reconciled as after the close: a break for ops and its tier's approvers."""
-    case_id, refund_id = await not_refunded_heard_with_adyen_s_success(rig, 1_500)
+    reconciled as after the close: a break for ops and its tier's approvers. So is the
+    success of a create whose answer was lost (the case holding ops' "none"): it was raised
+    as a second refund, a duplicate for ops that no approval books, the hold left released."""
+    case_id, refund_id = await not_refunded_heard_with_adyen_s_success(rig, 1_500, answered=answered)
     trail = [e["action"] for e in await rig.stack.store.audit.trail(case_id)]
     assert "event_after_close" not in trail, trail  # the case itself heard it
+    assert "duplicate_provider_refund" not in trail, trail
     [found] = await wait_for_breaks(rig.stack, [refund_id], "awaiting_approval")
     assert (found["break_class"], found["refund_request_id"]) == ("provider_succeeded_shown_failed", case_id)
     assert (await decide(rig.stack, "carol", int(found["id"]))).status_code == 202

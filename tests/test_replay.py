@@ -68,6 +68,7 @@ from workflows.refund_case import (
     HORIZON_PATCH,
     INTERRUPTED_STEP_PATCH,
     MISMATCH_PATCH,
+    OPS_NONE_CONTRADICTED_PATCH,
     OPS_READ_CONTRADICTED_PATCH,
     PROVIDER_SCOPED_WAIT_PATCH,
     SUPERSEDED_RESOLUTION,
@@ -174,6 +175,11 @@ BRANCHES: dict[str, Branch] = {
         "action:provider_notification_received", "action:refund_failed",
         f"patch:{OPS_READ_CONTRADICTED_PATCH}", "signal:provider_event#2", "activity:reconcile_provider_word",
         lacks=["ledger:refund_settled", "action:refund_succeeded"]),
+    "refund_adyen_success_after_ops_none": branch(
+        "action:provider_notification_received", "action:refund_failed",
+        f"patch:{OPS_NONE_CONTRADICTED_PATCH}", "activity:reconcile_provider_word",
+        lacks=["ledger:refund_settled", "action:refund_succeeded", "action:duplicate_provider_refund",
+               f"patch:{OPS_READ_CONTRADICTED_PATCH}"]),
     "refund_adyen_other_money_than_ops_read": branch(
         "action:provider_notification_received", "action:refund_succeeded", f"patch:{HELD_MONEY_PATCH}",
         "signal:provider_event#2", "action:provider_refund_mismatch", lacks=["ledger:refund_reversed"]),

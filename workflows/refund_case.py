@@ -183,6 +183,12 @@ HELD_MONEY_PATCH = "held-refund-other-money-1"
 # approval). Before, it read as older news than that failure (audited only) and, Adyen having
 # no listing, the case showed refund_failed for money that moved. Asked only when one comes.
 OPS_READ_CONTRADICTED_PATCH = "ops-read-contradicted-1"
+# The same, for the case whose create answer was lost: it holds ops' "no refund" (`none-<id>`)
+# and the provider's success names the refund that create made, under our reference.
+# Before, it was raised as a second refund (a duplicate for ops, which no approval books:
+# the hold stayed released and the ledger never booked the money that moved). Asked only
+# when one comes.
+OPS_NONE_CONTRADICTED_PATCH = "ops-none-contradicted-1"
 SUPERSEDED_RESOLUTION = "provider_wait_resolution_superseded"
 # The case's action, the ops notice and the metric's reason when a provider refuses our key.
 CONFIGURATION_INCIDENT = "provider_configuration_refused"

@@ -62,6 +62,7 @@ with workflow.unsafe.imports_passed_through():
         HORIZON_PATCH,
         INTEGRATIONS_PATCH,
         MISMATCH_PATCH,
+        OPS_NONE_CONTRADICTED_PATCH,
         OPS_READ_CONTRADICTED_PATCH,
         SUPERSEDED_RESOLUTION,
         SUPERSEDED_RESOLUTION_PATCH,
@@ -335,6 +336,8 @@ class RefundProvider(RefundWrites):
                                             reported.provider)
                     continue
                 if reported.refund_id != self._refund.refund_id:
+                    if await self._reconcile_ops_read_contradicted(event, reported):
+                        continue
                     if reported.reference == self._request_id() and self.since(DUPLICATE_PATCH):
                         await self._duplicate_refund(reported, f"webhook:{event.event_type}:{event.event_id}")
                     else:
@@ -365,21 +368,31 @@ class RefundProvider(RefundWrites):
                 if found is not None:
                     await self._observe(found, "verify_state")
 
-    async def _reconcile_ops_read_contradicted(self, event: ProviderEvent, reported: ProviderRefund) -> None:
+    async def _reconcile_ops_read_contradicted(self, event: ProviderEvent, reported: ProviderRefund) -> bool:
         """The provider's own success for the refund the case holds failed on ops' reading of
-        a wait ("no refund": its raw status `ops:`): the case never moves backwards, so it is
-        reconciled as the relay reconciles such a word after the close (a break for ops and
-        its tier's approvers, who correct the case and book the refund)."""
-        held = self._refund
-        if (held is None or held.status not in FINAL_PROVIDER_STATUSES
+        a wait ("no refund": its raw status `ops:`), or, the case holding ops' "none" (its
+        create answer lost), for a refund under our reference on its charge (the one that
+        create made): the case never moves backwards, so it is reconciled as the relay
+        reconciles such a word after the close (a break for ops and its tier's approvers, who
+        correct the case and book the refund). True when it was."""
+        held, request = self._refund, self._request
+        if (held is None or request is None or held.status not in FINAL_PROVIDER_STATUSES
                 or not held.raw_status.startswith(OPS_READ_PREFIX)
                 or reported.status is not ProviderRefundStatus.SUCCEEDED
-                or event.event_type.startswith(f"{OPS_RESOLUTION}.")
-                or not workflow.patched(OPS_READ_CONTRADICTED_PATCH)):
-            return
+                or event.event_type.startswith(f"{OPS_RESOLUTION}.")):
+            return False
+        if reported.refund_id == held.refund_id:
+            if not workflow.patched(OPS_READ_CONTRADICTED_PATCH):
+                return False
+        elif (held.refund_id != no_refund_id(request.refund_request_id)
+              or reported.reference != request.refund_request_id
+              or reported.charge_id not in ("", request.charge_id)
+              or not workflow.patched(OPS_NONE_CONTRADICTED_PATCH)):
+            return False
         await contracts.RECONCILE_PROVIDER_WORD(
             ProviderWordInput(event_id=event.event_id, refund=reported, occurred_at=event.occurred_at),
             **retry.CASE_EVENT)
+        return True
 
     async def _superseded(self, event: ProviderEvent, reported: ProviderRefund) -> bool:
         """Whether `event` is an ops resolution of the notification wait that came after the
