@@ -35,7 +35,7 @@ def test_quoted_text_never_makes_its_own_line_of_a_notice() -> None:
             "provider": "sandbox", "charge_id": "ch_1", "reason": "duplicate", "requester": "alice",
             "provider_refund_id": None, "decision": None}
     advice = {"source": "llm", "advice": {"summary": FORGED, "suggested_amount": 12_345,
-                                          "anomaly_flags": [], "confidence": 0.9}}
+                                          "anomaly_flags": ["x\nAmount: 0.01 USD"], "confidence": 0.9}}
     for kind, detail in (("refund_failed", {"failure_reason": FORGED}),
                          ("approval_needed", {"missing_roles": ["approver"]})):
         message = render({"id": 7, "kind": kind, "audience": "operator", "refund_request_id": "rr-1",

@@ -155,6 +155,8 @@ async def test_a_break_found_after_the_webhook_joins_the_open_payout_case(
     report = await backfill(stack, since_days=1)
     [found] = report["breaks"]
     assert (found["break_class"], found["case_id"]) == ("payout_failed_shown_paid", case_id)
+    # what an approval of it books, as the console shows it (it showed "no ledger entry")
+    assert (found["entry"]["template"], found["entry"]["amount"]) == ("payout_reversed", 25_000)
     await wait_for_breaks(stack, [payout.provider_payout_id], "handed_to_case")
     assert (await decide_payout(stack, "lena", case_id)).status_code == 202
     await wait_for_case(stack, case_id, "remediated")

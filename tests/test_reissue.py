@@ -401,14 +401,16 @@ async def test_no_reissue_while_the_provider_shows_the_failed_refund_succeeded(s
     assert await stack.store.cases.children(case_id) == []
 
 
-@pytest.mark.parametrize("method", ["bank_transfer", "provider"])
+@pytest.mark.parametrize(("method", "break_approved"), [
+    ("bank_transfer", False), ("provider", False), ("provider", True)])
 async def test_a_reissue_whose_original_shows_paid_while_approvers_decide_is_never_paid(
-        stack: Stack, method: str) -> None:
+        stack: Stack, method: str, break_approved: bool) -> None:
     """The reissue's family is read when it opens; news that the original paid after all
     (a bank's correction found by reconciliation) can come while approvers decide. The
     approved reissue went ahead (the bank transfer's instruction made for ops to pay, the
     provider refund made): the customer paid twice (reproduced). At the money's gate the
-    family is read again: refused, nothing made, the case with ops, ops told."""
+    family is read again: refused, nothing made, the case with ops, ops told; so when the
+    break was approved meanwhile (the original corrected to succeeded, holding the money)."""
     refund = history(f"ch_{uuid.uuid4().hex[:8]}", 6_000, days_ago=3, status="failed",
                      failure_reason="card_account_closed")  # above the threshold: approvers decide
     await seed_provider(stack, [refund])
@@ -421,6 +423,11 @@ async def test_a_reissue_whose_original_shows_paid_while_approvers_decide_is_nev
     await move_at_provider(stack, refund["id"], "succeeded")  # a bank's correction, its webhook lost
     await backfill(stack, since_days=30)
     await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    if break_approved:
+        [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+        assert (await decide(stack, "carol", int(found["id"]))).status_code == 202
+        await wait_for_breaks(stack, [refund["id"]], "resolved")
+        await stack.wait_for_status(case_id, "succeeded")
 
     async with stack.api("bob") as api:
         assert (await api.post(f"/v1/refund-requests/{child_id}/approvals",
@@ -428,7 +435,7 @@ async def test_a_reissue_whose_original_shows_paid_while_approvers_decide_is_nev
     row = await stack.wait_for_status(child_id, "ops_review", "pending", "succeeded")
     assert row["status"] == "ops_review" and row["provider_refund_id"] is None
     [refused] = [e for e in await stack.store.audit.trail(child_id) if e["action"] == "submission_refused"]
-    assert refund["id"] in refused["detail"]["reason"]
+    assert (case_id if break_approved else refund["id"]) in refused["detail"]["reason"]
     assert await stack.store.manual_refunds.get(child_id) is None
     assert [r["status"] for r in await stack.provider_refunds(refund["charge"])] == ["succeeded"]
     notices = {n["kind"] for n in await stack.store.outbox.notices(child_id)}

@@ -133,10 +133,14 @@ async def _reissue_paid_elsewhere(conn: Conn, case_id: str) -> str | None:
     """Why a reissue may not pay now, read at its submit (its family was read when it
     opened, and news comes while approvers decide): a break says a refund of the family
     moved the money (`_moved_elsewhere`), or another member holds it again (a break
-    approved, the original corrected to succeeded). None when nothing says so."""
+    approved, the original corrected to succeeded). None when nothing says so. The other
+    members' rows are locked (shared) first: an approval committing under one of them is
+    read whole."""
     root = await (await conn.execute(_FAMILY_ROOT, (case_id,))).fetchone()
     assert root is not None  # the case's own row is on its way up
     family = await _family_below(conn, root["refund_request_id"])
+    await conn.execute("SELECT 1 FROM refund_cases WHERE refund_request_id = ANY(%s) AND refund_request_id <> %s"
+                       " ORDER BY refund_request_id FOR SHARE", (family, case_id))
     if moved := await _moved_elsewhere(conn, family):
         return moved
     cur = await conn.execute(

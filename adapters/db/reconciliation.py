@@ -203,12 +203,16 @@ def run_view(row: RunRow) -> dict[str, Any]:
 CASE_ROUTES = {"refund": "refund-requests", "payout": "payout-exceptions"}
 
 
-def proposed_entry(ledger_delta: int | None, currency: str) -> dict[str, Any] | None:
-    """The journal entry an approval books (at most: it brings the ledger to the provider as
-    it is then, never past the move found), for the approver to read beside the button;
-    None when it books none."""
-    move = compensation(ledger_delta or 0)
-    return None if move is None else {"template": move[0].value, "amount": move[1], "currency": currency}
+def proposed_entry(row: BreakRow) -> dict[str, Any] | None:
+    """The journal entry an approval books, for the approver to read beside the button: a
+    payout's reversal (`_compensate_payout`), or the move that brings a refund's ledger to
+    the provider (at most: it is the provider as it is then, never past the move found).
+    None when it books none (a duplicate waits for ops, never for an approval)."""
+    if row.object_kind == "payout":
+        return ({"template": LedgerKind.PAYOUT_REVERSED.value, "amount": row.amount, "currency": row.currency}
+                if row.break_class == BreakClass.PAYOUT_FAILED_SHOWN_PAID else None)
+    move = None if row.break_class == BreakClass.DUPLICATE_REFUND else compensation(row.ledger_delta or 0)
+    return None if move is None else {"template": move[0].value, "amount": move[1], "currency": row.currency}
 
 
 def break_view(row: BreakRow) -> dict[str, Any]:
@@ -219,7 +223,7 @@ def break_view(row: BreakRow) -> dict[str, Any]:
         "object_id": row.object_id, "case_id": case_id, "amount": row.amount,
         "currency": row.currency, "provider_status": row.provider_status,
         "failure_reason": row.failure_reason, "case_status": row.case_status,
-        "ledger_delta": row.ledger_delta, "entry": proposed_entry(row.ledger_delta, row.currency),
+        "ledger_delta": row.ledger_delta, "entry": proposed_entry(row),
         "object_created_at": row.object_created_at.isoformat(),
         "state": row.state, "found_at": row.found_at.isoformat(), "evidence": row.evidence,
         "resolution": row.resolution,

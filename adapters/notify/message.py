@@ -326,7 +326,7 @@ def _advice_line(advice: Mapping[str, Any] | None, currency: str) -> str | None:
     if not advice or not advice.get("advice"):
         return None
     body = advice["advice"]
-    flags = ", ".join(body.get("anomaly_flags") or []) or "none"
+    flags = one_line(", ".join(map(str, body.get("anomaly_flags") or []))) or "none"
     suggested = format_minor(body["suggested_amount"], currency)
     return (f"{one_line(str(body['summary']))} Suggested amount {suggested}; "
             f"flags: {flags}; confidence {body['confidence']} ({advice['source']}).")
@@ -383,7 +383,7 @@ def render(notice: Mapping[str, Any], case: Mapping[str, Any] | None,
     values = _Lenient({k: one_line(", ".join(map(str, v)) if isinstance(v, list) else str(v))
                        for k, v in detail.items()})
     failure = detail.get("failure_reason") or detail.get("reason") or (case or {}).get("failure_reason")
-    values.update(case=case_id or str(detail.get("case", "n/a")), kind=kind,
+    values.update(case=case_id or one_line(str(detail.get("case", "n/a"))), kind=kind,
                   failure=one_line(str(failure or "n/a")),
                   audience=str(notice["audience"]), amount=_amount(case, detail),
                   missing_roles=", ".join(missing) if isinstance(missing, list) else "n/a")

@@ -307,10 +307,11 @@ async def answer(door: FrontDoor, stored: StoredReceipt, case_id: str | None, st
 
 async def signal_approval(door: FrontDoor, stored: StoredReceipt, system: str, external_user: str,
                           case_id: str | None, decision: Decision, reason: str, *,
-                          refused: str | None = None) -> JSONResponse:
+                          refused: str | None = None, ticket: str | None = None) -> JSONResponse:
     """An approval from a channel that cannot wait: the workflow checks it when it
     processes the signal, exactly like one from the API. `refused`: why the channel's own
-    check refused the caller (recorded like every other refusal)."""
+    check refused the caller (recorded like every other refusal); `ticket`: the ServiceNow
+    record an approval was given on (`ticket_unlike_the_case`)."""
     principal = await door.store.access.principal_for(system, external_user)
     row = await door.store.cases.get(case_id) if case_id else None
     refusal: tuple[int, str, str] | None = None
@@ -328,8 +329,8 @@ async def signal_approval(door: FrontDoor, stored: StoredReceipt, system: str, e
             decision is Decision.DENY and row["status"] in DENIED_BEFORE_ITS_ROUND
             and row["decision"] is None):
         refusal = (409, "approval_refused", f"case is {row['status']}, not awaiting approval")
-    elif decision is Decision.APPROVE and system == "servicenow" and (
-            unlike := await ticket_unlike_the_case(door, case_id)):
+    elif decision is Decision.APPROVE and ticket is not None and (
+            unlike := await ticket_unlike_the_case(door, case_id, ticket)):
         refusal = (409, "approval_refused", unlike)
     if refusal is None:
         assert principal is not None and case_id is not None
@@ -362,13 +363,14 @@ async def signal_approval(door: FrontDoor, stored: StoredReceipt, system: str, e
 TICKET_UPDATE_REFUSED = "ticket_update_refused"
 
 
-async def ticket_unlike_the_case(door: FrontDoor, case_id: str) -> str | None:
-    """Why an approval recorded on the case's ServiceNow ticket cannot stand for what the
-    case asks (None when it can): the ticket is one we wrote from a request made elsewhere
-    (its approval notice), whose edits never reach the case, or a request's ticket that
-    changed since (`ticket_diverged`). Approving on the case page shows the case's own
-    values; a denial moves nothing and counts either way."""
-    if not case_id.startswith(ServiceNowRefundTicket.CASE_PREFIX):
+async def ticket_unlike_the_case(door: FrontDoor, case_id: str, ticket: str) -> str | None:
+    """Why an approval recorded on the case's ServiceNow `ticket` (its sys_id) cannot stand
+    for what the case asks (None when it can): the ticket is one we wrote from a request
+    made elsewhere (its approval notice: a reissue's of a ticket's case too), whose edits
+    never reach the case, or a request's ticket that changed since (`ticket_diverged`).
+    Approving on the case page shows the case's own values; a denial moves nothing and
+    counts either way."""
+    if case_id != f"{ServiceNowRefundTicket.CASE_PREFIX}{ticket}":
         return ("the ticket was written from a refund requested elsewhere: edits to it never reach "
                 "the case, so it may not show what the case asks; approve on the case page")
     if await ticket_diverged(door, case_id):
@@ -526,5 +528,5 @@ async def servicenow_approval(request: Request, door: Door) -> JSONResponse:
     decision = Decision.APPROVE if approval.state == "approved" else Decision.DENY
     return await signal_approval(door, stored, "servicenow", approval.acting_user(), case_id,
                                  decision, approval.comments or f"{approval.state} in ServiceNow",
-                                 refused=approval.unattributed())
+                                 refused=approval.unattributed(), ticket=approval.document_id)
 

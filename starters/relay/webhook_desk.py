@@ -509,7 +509,8 @@ class WebhookDesk:
     async def _failed_while_unbooked(self, case_id: str) -> datetime | None:
         """When the failure that opened the case happened (the provider's clock; else when we
         opened it), while its reversal is not booked yet and may still be (approvers
-        deciding, the runbook running); None otherwise (no case yet, or it ended)."""
+        deciding, the runbook running, or finance by hand after its entry failed: `UNBOOKED`);
+        None otherwise (no case yet, or it ended otherwise)."""
         payouts = self._store.payouts
         case = await payouts.case(case_id)
         if case is None or case["status"] not in UNBOOKED:
