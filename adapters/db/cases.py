@@ -139,8 +139,8 @@ async def _reissue_paid_elsewhere(conn: Conn, case_id: str) -> str | None:
     root = await (await conn.execute(_FAMILY_ROOT, (case_id,))).fetchone()
     assert root is not None  # the case's own row is on its way up
     family = await _family_below(conn, root["refund_request_id"])
-    await conn.execute("SELECT 1 FROM refund_cases WHERE refund_request_id = ANY(%s) AND refund_request_id <> %s"
-                       " ORDER BY refund_request_id FOR SHARE", (family, case_id))
+    await conn.execute("SELECT 1 FROM refund_cases WHERE refund_request_id = ANY(%s)"
+                       " AND refund_request_id <> %s ORDER BY refund_request_id FOR SHARE", (family, case_id))
     if moved := await _moved_elsewhere(conn, family):
         return moved
     cur = await conn.execute(
