@@ -353,8 +353,7 @@ class Settings(BaseSettings):
                     f"REFUNDS_PROVIDER_HTTP_TIMEOUT_SECONDS ({self.provider_http_timeout_seconds:g})")
         # a case's submit stamps it: idle for less, a create may be in flight after a terminate
         # and the sweep's one lookup would release the reservation the refund then lands on
-        settled = (self.submit_timeout_seconds + self.provider_http_timeout_seconds
-                   + self.resubmit_margin_seconds)
+        settled = self.timings().create_lands_within().total_seconds()
         if self.case_sweep_seconds and self.case_sweep_after_seconds <= settled:
             return (f"REFUNDS_CASE_SWEEP_AFTER_SECONDS ({self.case_sweep_after_seconds:g}) must exceed "
                     f"{settled:g}: REFUNDS_SUBMIT_TIMEOUT_SECONDS + REFUNDS_PROVIDER_HTTP_TIMEOUT_SECONDS "

@@ -185,6 +185,11 @@ class RefundTimings(Frozen):
     provider_read_attempts: int = 8
     """Attempts of a provider read (validation, verify-state) before ops are told."""
 
+    def create_lands_within(self) -> timedelta:
+        """How long after a submit attempt started a create it sent may still land: the
+        attempt's timeout, then the provider horizon."""
+        return self.submit_timeout + self.provider_horizon
+
 
 class CaseStatus(StrEnum):
     """The refund case state machine (see the architecture notes)."""

@@ -159,8 +159,7 @@ async def past_the_create_s_horizon(stack: Stack, case_id: str) -> None:
     is taken from then on."""
     trail = await stack.store.audit.trail(case_id)
     started = max(e["occurred_at"] for e in trail if e["action"] == "provider_submit_started")
-    timings = stack.settings.timings()
-    left = started + timings.submit_timeout + timings.provider_horizon - datetime.now(UTC)
+    left = started + stack.settings.timings().create_lands_within() - datetime.now(UTC)
     await asyncio.sleep(max(0.0, left.total_seconds()) + 0.2)
 
 

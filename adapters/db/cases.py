@@ -139,14 +139,14 @@ async def _reissue_paid_elsewhere(conn: Conn, case_id: str) -> str | None:
     root = await (await conn.execute(_FAMILY_ROOT, (case_id,))).fetchone()
     assert root is not None  # the case's own row is on its way up
     family = await _family_below(conn, root["refund_request_id"])
-    await conn.execute("SELECT 1 FROM refund_cases WHERE refund_request_id = ANY(%s)"
-                       " AND refund_request_id <> %s ORDER BY refund_request_id FOR SHARE", (family, case_id))
+    others = await (await conn.execute(
+        "SELECT refund_request_id, status, reserved_amount FROM refund_cases"
+        " WHERE refund_request_id = ANY(%s) AND refund_request_id <> %s"
+        " ORDER BY refund_request_id FOR SHARE", (family, case_id))).fetchall()
     if moved := await _moved_elsewhere(conn, family):
         return moved
-    cur = await conn.execute(
-        "SELECT refund_request_id, status FROM refund_cases WHERE refund_request_id = ANY(%s)"
-        " AND refund_request_id <> %s AND reserved_amount > 0", (family, case_id))
-    return ", ".join(f"{r['refund_request_id']} ({r['status']})" for r in await cur.fetchall()) or None
+    return ", ".join(f"{r['refund_request_id']} ({r['status']})" for r in others
+                     if r["reserved_amount"] > 0) or None
 
 
 class MoneyMovedElsewhere(Exception):

@@ -130,8 +130,7 @@ async def _create_may_land_until(actions: CaseActions, row: Mapping[str, Any]) -
     started = await actions.store.audit.last_at(str(row["refund_request_id"]), SUBMIT_STARTED)
     if started is None:
         return None
-    timings = actions.settings.timings()
-    until = started + timings.submit_timeout + timings.provider_horizon
+    until = started + actions.settings.timings().create_lands_within()
     return until if until > datetime.now(UTC) else None
 
 
