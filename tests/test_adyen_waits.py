@@ -461,6 +461,33 @@ async def test_a_refund_named_with_a_stray_space_or_control_character_is_refused
     assert row is not None and (row["status"], row["provider_refund_id"]) == ("ops_review", None)
 
 
+@pytest.mark.parametrize("reference", ["case", "none"], ids=["ours", "customer_area"])
+async def test_a_refund_named_in_lower_case_is_the_one_adyen_then_notifies(rig: AdyenRig,
+                                                                         reference: str) -> None:
+    """Ops type the pspReference the dashboard shows in lower case. The case held it as typed,
+    and Adyen's notification of that refund (as Adyen writes it) named no refund we know:
+    without our reference (a Customer Area refund) it opened a tracking case that held and
+    booked the same money again (reproduced); with it, the case raised a duplicate. The id is
+    taken as Adyen writes it (upper case), so its notification is the case's own."""
+    case_id, psp = await waiting_case(rig, 1_450)
+    [made] = rig.fake.refunds_of(psp)
+    answer = await resolve(rig, "olga", case_id, provider_shows="refunded",
+                           provider_refund_id=str(made["pspReference"]).lower(),
+                           reason="Customer Area: refund settled")
+    assert answer.status_code == 200, answer.text
+    row = await rig.stack.wait_for_status(case_id, "succeeded")
+    assert row["provider_refund_id"] == made["pspReference"]
+    heard = notification("REFUND", pspReference=made["pspReference"], originalReference=psp,
+                         merchantReference=case_id if reference == "case" else "",
+                         amount={"currency": "EUR", "value": 1_450})
+    assert (await rig.post(heard)).text == "[accepted]"
+    holder = await rig.stack.store.cases.by_provider_refund("adyen", str(made["pspReference"]))
+    assert holder is not None and holder["refund_request_id"] == case_id
+    assert await rig.stack.store.cases.refund_held_elsewhere("adyen", str(made["pspReference"]),
+                                                             case_id) is None
+    assert [x["debit"] for x in await rig.stack.store.ledger.entries(case_id)] == [1_450, 0]
+
+
 async def notification_taken_under_a_cancel(rig: AdyenRig, amount: int) -> tuple[str, dict[str, Any]]:
     """A case waiting for Adyen's notification takes it, and ops cancel the case while the
     write recording the take runs: (case, the refund Adyen made)."""

@@ -1,5 +1,7 @@
 """Builds the provider adapters that the settings configure."""
 
+from collections.abc import Callable, Mapping
+
 from adapters.config import Settings, comma_list, secret_list
 from adapters.db import Store
 from adapters.db.payments import PaymentNotificationRepository
@@ -9,6 +11,16 @@ from adapters.providers.cashfree import CashfreeApiProvider, CashfreeProvider
 from adapters.providers.rainforest import RainforestApiProvider, RainforestProvider
 from adapters.providers.sandbox import SandboxProvider
 from adapters.providers.stripe import StripeProvider
+
+REFUND_IDS_AS_WRITTEN: Mapping[str, Callable[[str], str]] = {"adyen": str.upper}
+"""How a provider writes its refund ids, where a person's paste in another letter case names
+the same refund: Adyen's pspReference is upper-case letters and digits."""
+
+
+def refund_id_as_written(provider: str, typed: str) -> str:
+    """A refund id a person typed, as `provider` writes it (so its notifications match it)."""
+    written = REFUND_IDS_AS_WRITTEN.get(provider)
+    return typed if written is None else written(typed)
 
 
 def build_providers(settings: Settings, store: Store | None = None) -> dict[str, ProviderAdapter]:

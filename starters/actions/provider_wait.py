@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from adapters.db import Principal
 from adapters.db.cases import SUBMIT_STARTED, CaseRepository, RefundHeldElsewhere
+from adapters.providers.registry import refund_id_as_written
 from adapters.temporal_client import workflow_closed
 from domain.events import OPS_READ_PREFIX, OPS_RESOLUTION, no_refund_id
 from domain.models import EventKind, ProviderEvent, ProviderRefundStatus
@@ -68,6 +69,9 @@ async def resolve_provider_wait(actions: CaseActions, caller: Principal, case_id
     action = "resolving a provider notification wait"
     await actions.require(caller, Permission.RESOLVE_PROVIDER_WAIT, action, case_id, via=via)
     row = await actions._case(caller, case_id, action, via)
+    if body.provider_refund_id is not None:  # typed in another letter case, it names no refund Adyen notifies
+        body = body.model_copy(update={"provider_refund_id": refund_id_as_written(
+            str(row["provider"]), body.provider_refund_id)})
     if caller.user in behind(row, await actions.store.audit.approvals_of(case_id)):
         await actions.refuse(caller, case_id, 403, action, "whoever requested or approved a refund "
                              "cannot resolve its wait", via=via, audit_action="access_refused")
