@@ -45,6 +45,7 @@ from domain.payouts import (
     PayoutPolicyInput,
     PayoutSnapshot,
     ProviderPayout,
+    ProviderPayoutStatus,
     ReissueInput,
     ReleaseResult,
     ReversalInput,
@@ -119,10 +120,15 @@ class PayoutActivities:
         corrected the failure since the case opened (its webhook late or lost), and a payout
         that left must not be held and booked back. A failed read is retried; one the
         provider answers without a status we map (none held, our key refused, a 4xx, an
-        unknown status) is `unread`. Idempotent: a read."""
+        unknown status) is `unread`. A provider with no payout lookup (Adyen) has one reading
+        besides the failure: its signed report of the payout paid after it. Idempotent: a read."""
         payout = inp.payout
         provider = self._providers.get(payout.provider)
         if not isinstance(provider, PayoutReader):
+            if await self._audit.last_of(inp.case_id, PAID_REPORTS) is not None:
+                # its signed report of the payout paid after the failure (the relay's record):
+                # the one reading there is, and the money left after all
+                return PayoutAtProvider(status=ProviderPayoutStatus.PAID)
             return PayoutAtProvider(unread=f"{payout.provider} has no payout lookup", lookup=False)
         try:
             shown = await provider.get_payout(payout.provider_payout_id)

@@ -336,8 +336,8 @@ class ReversalInput(Frozen):
 class PayoutAtProvider(Frozen):
     """A payout as its provider shows it now, read before the runbook holds it: `status`
     None when it could not be read (`unread` says why: none held, our key refused, a status
-    we do not map); `lookup` False for a provider with no payout lookup (its signed webhook
-    is all there is)."""
+    we do not map); `lookup` False for a provider with no payout lookup that has said
+    nothing since the failure (its signed webhook is all there is)."""
 
     status: ProviderPayoutStatus | None = None
     unread: str | None = None

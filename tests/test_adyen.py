@@ -11,7 +11,9 @@ import copy
 import json
 import secrets
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
@@ -35,12 +37,13 @@ from adapters.providers.registry import build_providers, close_providers
 from domain.events import tracking_case_id
 from domain.models import ProviderEvent, RefundRequest
 from domain.payments import PaymentEvent
-from domain.payouts import PayoutEvent
+from domain.payouts import PayoutEvent, PayoutSnapshot, PayoutStatus, payout_case_id
 from starters.dev.stack import TemporalDevServer
 from starters.relay.webhook_desk import WebhookDesk
 from tests.adyen_fake import FakeAdyen
 from tests.harness import Stack, open_stack
 from tests.lossy_proxy import LossyProxy
+from tests.payouts_kit import add_payout_approvers, decide, wait_for_actions, wait_for_case
 from tests.test_bad_input import receipt, workflow_exists
 
 PAYLOADS = Path(__file__).parent / "payloads"
@@ -532,6 +535,37 @@ def test_payout_events_become_payout_events(code: str, fields: dict[str, Any], p
     assert isinstance(event, PayoutEvent)
     assert (event.payout.payout_id, event.payout.status, event.payout.amount) == (payout_id, status, 1000)
     assert event.payout.reference == "YOUR_PAYOUT_REFERENCE"
+
+
+async def test_a_reversal_of_a_payout_adyen_reported_paid_after_its_failure_books_nothing(
+        rig: AdyenRig) -> None:
+    """Adyen has no payout lookup, so the read before runbook step A answered "no lookup" and
+    the signed failure stood: an approval held the payout and booked it back although Adyen
+    had since reported it paid (recorded on the case, ops told). Reproduced. That signed
+    report is the provider's word: the approved reversal holds and books nothing (ops review)."""
+    await add_payout_approvers(rig.stack)
+    psp = unique_psp()
+    payout = PayoutSnapshot(id=f"P-{uuid.uuid4().hex[:10]}", provider="adyen", provider_payout_id=psp,
+                            beneficiary_id=f"ben-{uuid.uuid4().hex[:8]}", amount=1000, currency="EUR",
+                            status=PayoutStatus.PAID)
+    assert await rig.stack.store.payouts.record_payout(payout)
+    case_id = payout_case_id("adyen", psp)
+    now = datetime.now(UTC)
+
+    def reported(success: str, minutes_ago: int) -> bytes:
+        return notification("PAIDOUT_REVERSED", eventCode="PAYOUT_THIRDPARTY", pspReference=psp,
+                            success=success, eventDate=(now - timedelta(minutes=minutes_ago)).isoformat())
+
+    assert (await rig.post(reported("false", 10))).text == "[accepted]"
+    await wait_for_case(rig.stack, case_id, "awaiting_approval")
+    assert (await rig.post(reported("true", 5))).text == "[accepted]"
+    await wait_for_actions(rig.stack, case_id, "payout_paid_after_failure")
+    assert (await decide(rig.stack, "lena", case_id)).status_code == 202
+    row = await wait_for_case(rig.stack, case_id, "ops_review", "remediated")
+    actions = [e["action"] for e in await rig.stack.store.audit.trail(case_id)]
+    assert row["status"] == "ops_review" and "payout_held" not in actions, actions
+    assert await rig.stack.store.ledger.entries(case_id) == []
+    assert (await rig.stack.store.payouts.payout(payout.id)).status is PayoutStatus.PAID  # type: ignore[union-attr]
 
 
 def test_rotated_out_key_still_verifies_and_a_non_hex_key_fails_at_start() -> None:

@@ -253,8 +253,8 @@ class PayoutReversalWorkflow(PayoutReissue):
         finance told, a high-priority ticket) and the payout stays paid in our books, where a
         reconciliation run raises it for approval once the provider shows it failed. The same
         for a payout the provider cannot show failed (none held, unreadable, an outage past
-        its reads). A provider with no payout lookup: the signed failure stands, and the
-        timeline says the status was not confirmed."""
+        its reads). A provider with no payout lookup: the signed failure stands (unless it
+        reported the payout paid since), and the timeline says the status was not confirmed."""
         assert self._inp is not None and self._payout is not None
         payout = self._payout
         try:
