@@ -1,6 +1,7 @@
 """Approval paths through the relay: who may approve, what approve, deny and expiry do to
 the case, its reservation and the money at the provider."""
 
+import uuid
 from typing import Any
 
 import httpx
@@ -87,6 +88,29 @@ async def test_requester_cannot_approve_their_own_refund(stack: Stack) -> None:
     assert await stack.provider_refunds(charge) == []
     view = await case_view(stack, case_id, user="bob")
     assert [(a["approver"], a["action"]) for a in view["approvals"]] == [("alice", "approval_refused")]
+
+
+async def test_an_approval_whose_approver_s_access_was_revoked_before_the_money_moves_does_not_count(
+        stack: Stack) -> None:
+    """A stolen token approves one half of a two-approver refund; the admin revokes it; hours
+    later the second approver approves, and the refund paid on the revoked approval
+    (reproduced). At the money's gate an approver whose token was revoked after the case
+    asked for approvals counts no more: nothing is submitted, the case goes to ops review
+    with the reason recorded, ops told."""
+    approver = f"bea-{uuid.uuid4().hex[:6]}"
+    token = await stack.store.access.create_token(approver, ["approver"], by="test")
+    charge = await stack.charge(100_000)
+    case_id = await request_refund(stack, charge, 60_000)
+    row = await stack.wait_for_status(case_id, "awaiting_approval")
+    assert (await decide(stack, approver, case_id, "approve", "looks fine", token=token)).status_code == 202
+    assert await stack.store.access.revoke_tokens(by="admin", user=approver)
+    assert (await decide(stack, "frank", case_id, "approve", "finance checked")).status_code == 202
+    row = await stack.wait_for_status(case_id, "ops_review")
+    assert await stack.provider_refunds(charge) == []
+    [refused] = [e["detail"]["reason"] for e in await stack.store.audit.trail(case_id)
+                 if e["action"] == "submission_refused"]
+    assert approver in refused and "revoked" in refused, refused
+    assert row["provider_refund_id"] is None and await stack.store.ledger.entries(case_id) == []
 
 
 async def test_denial_releases_the_reservation_and_moves_no_money(stack: Stack) -> None:

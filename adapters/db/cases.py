@@ -129,6 +129,22 @@ async def _moved_elsewhere(conn: Conn, family: list[str]) -> str | None:
     return ", ".join(f"{m['object_id']} ({m['break_class']})" for m in moved) or None
 
 
+async def _approvers_revoked(conn: Conn, case_id: str, writes: tuple[CaseWrite, ...]) -> list[str]:
+    """Who approved the case's latest round (recorded, or among the deciding writes) and had a
+    token revoked since the round opened: a revocation (a stolen token, a person leaving) ends
+    what the token did in a round still open, and the round itself cannot know of it."""
+    deciding = [w.event.actor for w in writes if w.event is not None and w.event.action == APPROVAL_GRANTED]
+    cur = await conn.execute(
+        "WITH round AS (SELECT max(occurred_at) AS opened FROM audit_events"
+        "  WHERE chain = %s AND action = 'approval_requested'),"
+        " approvers AS (SELECT approver FROM case_approvals, round WHERE chain = %s AND action = %s"
+        "  AND occurred_at >= round.opened UNION SELECT unnest(%s::text[]))"
+        " SELECT DISTINCT t.user_name FROM api_tokens t, round"
+        " WHERE t.user_name IN (SELECT approver FROM approvers) AND t.revoked_at >= round.opened"
+        " ORDER BY t.user_name", (case_id, case_id, APPROVAL_GRANTED, deciding))
+    return [str(r["user_name"]) for r in await cur.fetchall()]
+
+
 async def _reissue_paid_elsewhere(conn: Conn, case_id: str) -> str | None:
     """Why a reissue may not pay now, read at its submit (its family was read when it
     opened, and news comes while approvers decide): a break says a refund of the family
@@ -622,6 +638,9 @@ class CaseRepository(Repository):
             if not started and (own := await self._approved_by_whoever_asked(conn, case_id, row, writes)):
                 refusal = (f"{', '.join(own)} asked for case {case_id} (its requester or trigger "
                            "identity) and approved it: not submitted")
+            elif not started and (revoked := await _approvers_revoked(conn, case_id, writes)):
+                refusal = (f"the access of {', '.join(revoked)}, who approved case {case_id}, was revoked "
+                           "since the case asked for approvals: their approval counts no more; not submitted")
             elif not started and row["parent_refund_request_id"] is not None and (
                     elsewhere := await _reissue_paid_elsewhere(conn, case_id)):
                 refusal = (f"the request's money moved since this reissue was asked: {elsewhere}; "
