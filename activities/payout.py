@@ -68,7 +68,7 @@ class PayoutActivities:
     """Holds the process-wide store, provider clients and policy the activities share."""
 
     def __init__(self, store: Store, providers: Mapping[str, ProviderAdapter], policy: Policy) -> None:
-        self._book, self._audit = store.payouts, store.audit
+        self._book, self._audit, self._access = store.payouts, store.audit, store.access
         self._providers = providers
         self._policy = policy
 
@@ -215,6 +215,7 @@ class PayoutActivities:
                 raise ApplicationError(f"no payout {order.reference} at {original.provider}: no attempt paid",
                                        type=errors.REISSUE_NOT_MADE, non_retryable=True)
             if made is None:
+                await self._refuse_after_revoked_approval(inp.case_id, inp.approvers)
                 await self._refuse_while_held_or_conflicted(inp.case_id, original, inp.approvers)
                 for replaced in await self._book.lineage(original):
                     await self._refuse_unless_failed_still(provider, replaced)
@@ -235,6 +236,17 @@ class PayoutActivities:
         if (problem := reissue_problem(original, made)) is not None:
             raise ApplicationError(problem, type=errors.DECLINED, non_retryable=True)
         return await self._book.record_reissue(inp.case_id, original, made, inp.final_status)
+
+    async def _refuse_after_revoked_approval(self, case_id: str, approvers: tuple[str, ...]) -> None:
+        """An approver whose token was revoked since the reissue was asked for: their
+        approval counts no more, and the round that counted it cannot know (a decline: ops
+        told, nothing sent; `AccessRepository.revoked_in`)."""
+        asked = await self._audit.last_at(case_id, "reissue_requested")
+        if asked is not None and (revoked := await self._access.revoked_since(approvers, asked)):
+            raise ApplicationError(
+                f"the access of {', '.join(revoked)}, who approved this reissue, was revoked since it "
+                "was asked for: their approval counts no more; no payout is made",
+                type=errors.DECLINED, non_retryable=True)
 
     async def _refuse_while_held_or_conflicted(self, case_id: str, original: PayoutSnapshot,
                                            approvers: tuple[str, ...]) -> None:

@@ -1,6 +1,7 @@
 """Approval paths through the relay: who may approve, what approve, deny and expiry do to
 the case, its reservation and the money at the provider."""
 
+import json
 import uuid
 from typing import Any
 
@@ -111,6 +112,10 @@ async def test_an_approval_whose_approver_s_access_was_revoked_before_the_money_
                  if e["action"] == "submission_refused"]
     assert approver in refused and "revoked" in refused, refused
     assert row["provider_refund_id"] is None and await stack.store.ledger.entries(case_id) == []
+    await stack.wait_for_audit(case_id, "submit_refused_case_moved_on")
+    [told] = [n for n in await stack.store.outbox.notices(case_id)
+              if n["kind"] == "submit_refused_case_moved_on"]
+    assert told["audience"] == "operator" and approver in json.dumps(told["detail"]), told
 
 
 async def test_denial_releases_the_reservation_and_moves_no_money(stack: Stack) -> None:

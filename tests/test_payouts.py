@@ -629,6 +629,30 @@ async def test_a_payout_its_provider_reported_paid_after_the_failure_is_never_re
     assert "paid after its failure" in failed["detail"]["error"], failed
 
 
+async def test_a_reissue_approved_by_someone_whose_access_was_then_revoked_is_not_made(
+        payouts: Stack) -> None:
+    """Half of a two-approver reissue comes from a token the admin then revokes (stolen, or
+    its person left); the second approval completed the round and the reissue paid the
+    beneficiary on it (reproduced). Declined at the payout's gate: nothing made, ops told."""
+    finance = f"fay-{uuid.uuid4().hex[:6]}"
+    payouts.tokens[finance] = await payouts.store.access.create_token(finance, ["finance_manager"], by="test")
+    payout = await paid_payout(payouts, 600_000)
+    await move_payout(payouts, payout.provider_payout_id, "failed", failure_code="account_closed")
+    case_id = payout_case_id("sandbox", payout.provider_payout_id)
+    await wait_for_case(payouts, case_id, "awaiting_approval")
+    for approver in ("fiona", "cora"):
+        assert (await decide(payouts, approver, case_id)).status_code == 202
+    await wait_for_case(payouts, case_id, "remediated")
+    assert (await ask_reissue(payouts, "omar", case_id)).status_code == 202
+    assert (await decide(payouts, finance, case_id)).status_code == 202
+    assert await payouts.store.access.revoke_tokens(by="admin", user=finance)
+    assert (await decide(payouts, "cora", case_id)).status_code == 202
+    await wait_for_case(payouts, case_id, "reissue_failed")
+    assert await reissues_at_provider(payouts, payout.reissue_id()) == []
+    [failed] = [e for e in await payouts.store.audit.trail(case_id) if e["action"] == "reissue_failed"]
+    assert finance in failed["detail"]["error"] and "revoked" in failed["detail"]["error"], failed
+
+
 async def test_a_reissue_its_provider_cannot_make_is_refused_when_asked(payouts: Stack) -> None:
     """A payout of a provider that makes no payouts: its reissue request was taken and ran
     a whole approval round before it failed with "cannot make payouts". It is refused when

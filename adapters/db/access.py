@@ -5,7 +5,7 @@ import hashlib
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from adapters.db.audit import AuditLog
 from adapters.db.database import Conn, Repository
@@ -129,6 +129,21 @@ class AccessRepository(Repository):
                 await AuditLog.append(conn, None, by, "token_revoked",
                                       {"token_ids": ids, "users": sorted({r["user_name"] for r in revoked})})
         return ids
+
+    @staticmethod
+    async def revoked_in(conn: Conn, users: Sequence[str], since: datetime) -> list[str]:
+        """Which of `users` had a token revoked at or after `since` (in the caller's
+        transaction): an approval they gave since is no longer theirs to have given (a stolen
+        token, a person leaving), and the round that counted it cannot hear of a revocation."""
+        cur = await conn.execute(
+            "SELECT DISTINCT user_name FROM api_tokens WHERE user_name = ANY(%s) AND revoked_at >= %s"
+            " ORDER BY user_name", (list(users), since))
+        return [str(r["user_name"]) for r in await cur.fetchall()]
+
+    async def revoked_since(self, users: Sequence[str], since: datetime) -> list[str]:
+        """`revoked_in`, on a connection of its own."""
+        async with self._db.connection() as conn:
+            return await self.revoked_in(conn, users, since)
 
     async def open_session(self, token: str, lifetime: timedelta) -> str | None:
         """Exchanges a valid API token for a console session; returns the session id (shown

@@ -17,6 +17,7 @@ from typing import Any
 
 from psycopg import sql
 
+from adapters.db.access import AccessRepository
 from adapters.db.audit import AuditLog
 from adapters.db.database import Conn, Repository, jsonb
 from adapters.db.ledger import LedgerRepository
@@ -131,18 +132,17 @@ async def _moved_elsewhere(conn: Conn, family: list[str]) -> str | None:
 
 async def _approvers_revoked(conn: Conn, case_id: str, writes: tuple[CaseWrite, ...]) -> list[str]:
     """Who approved the case's latest round (recorded, or among the deciding writes) and had a
-    token revoked since the round opened: a revocation (a stolen token, a person leaving) ends
-    what the token did in a round still open, and the round itself cannot know of it."""
-    deciding = [w.event.actor for w in writes if w.event is not None and w.event.action == APPROVAL_GRANTED]
-    cur = await conn.execute(
-        "WITH round AS (SELECT max(occurred_at) AS opened FROM audit_events"
-        "  WHERE chain = %s AND action = 'approval_requested'),"
-        " approvers AS (SELECT approver FROM case_approvals, round WHERE chain = %s AND action = %s"
-        "  AND occurred_at >= round.opened UNION SELECT unnest(%s::text[]))"
-        " SELECT DISTINCT t.user_name FROM api_tokens t, round"
-        " WHERE t.user_name IN (SELECT approver FROM approvers) AND t.revoked_at >= round.opened"
-        " ORDER BY t.user_name", (case_id, case_id, APPROVAL_GRANTED, deciding))
-    return [str(r["user_name"]) for r in await cur.fetchall()]
+    token revoked since the round opened (`AccessRepository.revoked_in`)."""
+    cur = await conn.execute("SELECT max(occurred_at) AS opened FROM audit_events"
+                             " WHERE chain = %s AND action = 'approval_requested'", (case_id,))
+    opened = (await cur.fetchone() or {}).get("opened")
+    if opened is None:  # decided by policy: nobody approved
+        return []
+    cur = await conn.execute("SELECT approver FROM case_approvals WHERE chain = %s AND action = %s"
+                             " AND occurred_at >= %s", (case_id, APPROVAL_GRANTED, opened))
+    approvers = {str(r["approver"]) for r in await cur.fetchall()} | {
+        w.event.actor for w in writes if w.event is not None and w.event.action == APPROVAL_GRANTED}
+    return await AccessRepository.revoked_in(conn, sorted(approvers), opened)
 
 
 async def _reissue_paid_elsewhere(conn: Conn, case_id: str) -> str | None:
