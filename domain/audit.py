@@ -15,6 +15,22 @@ def canonical_detail(detail: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+REFUSED_TEXT_LIMIT = 500
+"""How much of one text a refusal's row keeps of what a caller sent (an id, a filter, the
+refusal quoting it): enough to name it, never a caller-sized row each time it is sent."""
+
+
+def bounded(value: Any) -> Any:
+    """`value` with every text in it clipped to `REFUSED_TEXT_LIMIT`, saying how long it was."""
+    if isinstance(value, str) and len(value) > REFUSED_TEXT_LIMIT:
+        return f"{value[:REFUSED_TEXT_LIMIT]}… ({len(value)} characters)"
+    if isinstance(value, dict):
+        return {key: bounded(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [bounded(item) for item in value]
+    return value
+
+
 def chain_hash(prev_hash: str, *, chain: str, seq: int, refund_request_id: str | None,
                occurred_at: datetime, actor: str, action: str, detail: dict[str, Any]) -> str:
     """SHA-256 over the previous hash and a canonical encoding of the row."""

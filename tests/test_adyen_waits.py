@@ -655,10 +655,12 @@ async def test_claims_of_one_refund_in_two_letter_cases_at_once_take_turns(rig: 
 
 
 async def test_a_resend_naming_a_refund_another_case_came_to_hold_is_refused(rig: AdyenRig) -> None:
-    """A resolution named a refund in lower case before the case it belongs to held it (the
-    claim commits: the index tells letter cases apart); that case then wrote it as Adyen does.
-    The resend found the resolving case's own claim first and delivered it: one refund booked
-    for two cases. Another case holding it, in any letter case, refuses the resend."""
+    """A resolution named a refund in lower case before the case it belongs to held it; the
+    claim committed as typed (the index tells letter cases apart), that case then wrote it as
+    Adyen does, and the resend found the resolving case's own claim and delivered it: one
+    refund booked for two cases. The claim now holds it as Adyen writes it, so the case whose
+    create Adyen answers with it cannot write it too: it waits in ops review with its money
+    held and nothing booked, and the refund is booked once, for the case ops named."""
     first, _ = await waiting_case(rig, 1_450)
     psp = rig.fake.payment(10_000, "EUR", MERCHANT)
     named = {"provider_shows": "refunded", "reason": "Customer Area: refund settled"}
@@ -671,10 +673,14 @@ async def test_a_resend_naming_a_refund_another_case_came_to_hold_is_refused(rig
             {**named, "provider_refund_id": pasted}), via="api")
     second = await rig.stack.request_refund("alice", psp, 1_550, provider="adyen", currency="EUR",
                                             merchant_account=MERCHANT)
-    held = await rig.stack.wait_for_status(second, "pending")
-    assert held["provider_refund_id"] == pasted.upper()
+    held = await rig.stack.wait_for_status(second, "ops_review")
+    assert (held["provider_refund_id"], held["reserved_amount"]) == (None, 1_550)
     again = await resolve(rig, "olga", first, **named, provider_refund_id=pasted)
-    assert again.status_code == 409 and second in again.json()["detail"], again.text
+    assert again.status_code == 200, again.text
+    booked = await rig.stack.wait_for_status(first, "succeeded")
+    assert booked["provider_refund_id"] == pasted.upper()
+    assert await rig.stack.store.ledger.entries(second) == []
+    assert [x["debit"] for x in await rig.stack.store.ledger.entries(first)] == [1_450, 0]
 
 
 async def resolution_after_adyen_s_word(rig: AdyenRig, amount: int, *, refund_known: bool,

@@ -258,6 +258,22 @@ async def test_case_list_filters_search_and_bad_filters(stack: Stack) -> None:
                 if r["actor"] == "bob" and r["detail"]["action"] == "filtering cases"]) >= 4
 
 
+async def test_a_refusal_records_what_was_asked_for_within_bounds(stack: Stack) -> None:
+    """What a person sends (a filter in the query, which no path limit bounds) is written into
+    the refusal's audit row under their name: a 12,000-character status was written whole,
+    twice over (the value and the refusal quoting it), each time it was sent. Clipped in the
+    row, saying how long it was; the refusal still names what was asked for."""
+    bob = await console(stack, "bob")
+    marker = f"long-{uuid.uuid4().hex[:8]}"
+    asked = marker + "x" * 12_000
+    response = await bob.get("/console/cases", params={"status": asked})
+    assert response.status_code == 422, response.text
+    [refused] = [e for e in await stack.store.audit.trail("") if e["actor"] == "bob"
+                 and marker in str(e["detail"].get("refusal", ""))]
+    assert len(json.dumps(refused["detail"])) < 1_500, len(json.dumps(refused["detail"]))
+    assert refused["detail"]["refusal"].endswith(f"({len(f'unknown status {asked!r}')} characters)")
+
+
 async def test_revoking_a_token_ends_its_api_access_and_console_session_at_once(
         stack: Stack, postgres_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
     user = f"tess-{uuid.uuid4().hex[:6]}"

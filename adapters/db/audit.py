@@ -15,7 +15,7 @@ from psycopg.types.json import Jsonb
 
 from adapters.db.database import Conn, Database
 from adapters.db.rows import ApprovalStep
-from domain.audit import GENESIS, canonical_detail, chain_hash, is_approval_step
+from domain.audit import GENESIS, bounded, canonical_detail, chain_hash, is_approval_step
 
 
 class AuditLog:
@@ -95,12 +95,13 @@ class AuditLog:
                              detail: dict[str, Any]) -> None:
         """A refusal on the trail it names when that trail was begun; one naming a chain nobody
         began (an invented or mistyped id, a case not made yet) goes to the global trail,
-        naming it (`case_id`): a request someone may not make never begins a case's trail."""
+        naming it (`case_id`): a request someone may not make never begins a case's trail.
+        What the caller sent is kept `bounded`."""
         async with self._db.transaction() as conn:
             if chain and await (await conn.execute("SELECT 1 FROM audit_heads WHERE chain = %s",
                                                    (chain,))).fetchone() is None:
                 chain, detail = None, {**detail, "case_id": chain}
-            await self.append(conn, chain, actor, action, detail)
+            await self.append(conn, chain, actor, action, bounded(detail))
 
     async def record_once_opened(self, case_id: str, actor: str, action: str, detail: dict[str, Any], *,
                                  opened_by: str, closed_by: str,
