@@ -752,6 +752,18 @@ async def payout_reissue_landed_late(rig: Recording) -> str:
     return await payout_reissued(rig, lambda: rig.proxy.act_late("POST", "/v1/payouts", after_seconds=3))
 
 
+async def payout_reissue_canceled(rig: Recording) -> str:
+    """Ops cancel the case while the approved reissue's attempt looks the payout up (nothing
+    sent): past the horizon the reissue is looked up once, creating nothing, and the case goes
+    to ops review (`payout-reissue-cancel-1`)."""
+    case_id = await payout_reissued(rig, lambda: rig.proxy.lose_next("GET", "/v1/payouts"))
+    await wait_for_actions(rig.stack, case_id, "reissue_started")
+    await asyncio.sleep(1)
+    await rig.stack.client.get_workflow_handle(case_id).cancel()
+    await wait_for_case(rig.stack, case_id, "ops_review")
+    return case_id
+
+
 async def payout_reissue_waited_for_hold(rig: Recording) -> str:
     """Another failed payout's case holds the same beneficiary: the approved reissue waits
     (ops told once) until ops release that case's hold, then pays
@@ -1090,6 +1102,8 @@ SCENARIOS: dict[str, Scenario] = {
     "payout_reissue_landed_late": Scenario(payout_reissue_landed_late, {"max_submit_attempts": 1,
                                                                         "resubmit_margin_seconds": 4}),
     "payout_reissue_unsealed": Scenario(payout_reissue_unsealed),
+    "payout_reissue_canceled": Scenario(payout_reissue_canceled, {"provider_http_timeout_seconds": 3,
+                                                                  "submit_timeout_seconds": 10}),
     "payout_reissue_waited_for_hold": Scenario(payout_reissue_waited_for_hold),
     "payout_continued_as_new": Scenario(payout_continued_as_new, {"continue_as_new_after_events": 20}),
     "payout_ledger_failed": Scenario(payout_ledger_failed, {"ledger_pending_after_seconds": 2}),

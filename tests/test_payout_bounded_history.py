@@ -246,3 +246,31 @@ async def test_a_sealed_reversal_approval_replayed_into_the_next_run_does_not_ap
     assert row is not None and row["status"] == "awaiting_reissue_approval", row
     assert [e["detail"].get("refusal") for e in trail if e["action"] == "approval_refused"] == [
         "approval not sealed by the relay"]
+
+
+async def test_a_reissue_cancelled_while_its_attempt_runs_makes_nothing_more(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """Ops cancel the case while the approved reissue's attempt is looking the payout up
+    (nothing sent yet): the cancel read as an attempt with an unknown outcome, and the next
+    attempt paid the beneficiary ops had stopped (reproduced). No create after a cancel: past
+    the horizon the reissue is looked up once, creating nothing, and the case goes to ops
+    review with the hold kept, payments ops told."""
+    slow = {**TINY, "provider_http_timeout_seconds": 3, "submit_timeout_seconds": 10}
+    async with rig_for("sandbox", store, client, temporal_server, **slow) as rig:
+        case_id, _ = await _remediated(rig.stack)
+        rig.proxy.lose_next("GET", "/v1/payouts")  # the attempt's lookup: its answer held 3 s
+        assert (await ask_reissue(rig.stack, "omar", case_id)).status_code == 202
+        assert (await decide(rig.stack, "lena", case_id)).status_code == 202
+        await wait_for_actions(rig.stack, case_id, "reissue_started")
+        await asyncio.sleep(1)
+        await rig.stack.client.get_workflow_handle(case_id).cancel()
+        row = await wait_for_case(rig.stack, case_id, "ops_review", "reissued", "reissue_failed")
+        actions = [e["action"] for e in await rig.stack.store.audit.trail(case_id)]
+        payout = await rig.stack.store.payouts.payout(row["payout_id"])
+        assert payout is not None
+        assert row["status"] == "ops_review", actions
+        assert "reissue_cancel_taken" in actions and "reissue_canceled" in actions
+        assert await reissues_of(rig.stack, payout.reissue_id()) == []
+        assert payout.status == "on_hold"  # the hold stays for ops
+        assert ("payout_reissue_canceled", "payments_ops") in {
+            (n["kind"], n["audience"]) for n in await rig.stack.store.outbox.notices(case_id)}

@@ -38,6 +38,7 @@ from workflows.payout_case import (
     HELD_REISSUE_PATCH,
     LATE_REISSUE_PATCH,
     PAID_AT_PROVIDER_PATCH,
+    REISSUE_CANCEL_PATCH,
     REISSUE_HORIZON_PATCH,
     SEALED_REISSUE_PATCH,
 )
@@ -281,6 +282,9 @@ BRANCHES: dict[str, Branch] = {
     "payout_reissue_landed_late": branch(
         f"patch:{LATE_REISSUE_PATCH}", "activity:reissue_payout#2", "action:reissue_completed",
         lacks=["action:reissue_attempts_exhausted", "activity:reissue_payout#3"]),
+    "payout_reissue_canceled": branch(
+        f"patch:{REISSUE_CANCEL_PATCH}", "action:reissue_cancel_taken", "activity:reissue_payout#2",
+        "action:reissue_canceled", lacks=["action:reissue_completed", "activity:reissue_payout#3"]),
     "payout_reissue_waited_for_hold": branch(
         f"patch:{HELD_REISSUE_PATCH}", "action:reissue_waiting_for_beneficiary_hold",
         "activity:reissue_payout#2", "action:reissue_completed", lacks=["action:reissue_failed"]),

@@ -5,7 +5,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
     from domain import contracts, errors
@@ -25,6 +25,7 @@ with workflow.unsafe.imports_passed_through():
         BOUNDED_PATCH,
         HELD_REISSUE_PATCH,
         LATE_REISSUE_PATCH,
+        REISSUE_CANCEL_PATCH,
         REISSUE_HORIZON_PATCH,
         REISSUE_STEPS,
         REVERSAL_STEPS,
@@ -83,6 +84,14 @@ class PayoutReissue(PayoutCase):
                 break
             except ActivityError as err:
                 cause = err.cause
+                if is_cancelled_exception(err) and workflow.patched(REISSUE_CANCEL_PATCH):
+                    # ops cancelled the case: nothing more is created; what the attempt may
+                    # have made is looked up past the horizon (and booked), else ops decide
+                    landed = await self._landed_late(failure, canceled=True)
+                    if landed is None:
+                        return
+                    made = landed
+                    break
                 if one_at_a_time and not (isinstance(cause, ApplicationError) and cause.non_retryable):
                     # The outcome is unknown (or the attempt timed out): its create can land
                     # until the provider horizon, so the next lookup and create wait past it.
@@ -160,14 +169,18 @@ class PayoutReissue(PayoutCase):
         return (self._unknown_attempts >= self._inp.timings.max_submit_attempts
                 and workflow.patched(BOUNDED_PATCH))
 
-    async def _landed_late(self, failure: ProviderPayoutStatus) -> PayoutSnapshot | None:
-        """The attempts are spent: the last one's create can still land until the provider
-        horizon, so (since LATE_REISSUE_PATCH) that is waited out and the reissue looked up
-        once more, creating nothing; found, it is the reissue (booked by the lookup). Else the
-        case goes to ops, the hold kept, told whether the provider was seen to hold none."""
+    async def _landed_late(self, failure: ProviderPayoutStatus, *,
+                           canceled: bool = False) -> PayoutSnapshot | None:
+        """The attempts are spent (or `canceled`: ops cancelled the case under one): the last
+        one's create can still land until the provider horizon, so (since LATE_REISSUE_PATCH)
+        that is waited out and the reissue looked up once more, creating nothing; found, it
+        is the reissue (booked by the lookup). Else the case goes to ops, the hold kept, told
+        whether the provider was seen to hold none."""
         assert self._inp is not None and self._payout is not None
         looked: dict[str, Any] = {}
-        if workflow.patched(LATE_REISSUE_PATCH):
+        if canceled:
+            await self._record("reissue_cancel_taken", detail={"attempts": self._unknown_attempts})
+        if canceled or workflow.patched(LATE_REISSUE_PATCH):
             await workflow.sleep(self._inp.timings.provider_horizon)
             try:
                 found: PayoutSnapshot = await contracts.REISSUE_PAYOUT(
@@ -180,9 +193,10 @@ class PayoutReissue(PayoutCase):
                 none = isinstance(cause, ApplicationError) and cause.type == errors.REISSUE_NOT_MADE
                 looked = {"provider_holds_none": none, "lookup": str(cause)}
         attempts = self._unknown_attempts
-        await self._notify("payout_reissue_attempts_exhausted", "payments_ops",
+        ended = "canceled" if canceled else "attempts_exhausted"
+        await self._notify(f"payout_reissue_{ended}", "payments_ops",
                            {"attempts": attempts, "approved_by": self._approvers(), **looked})
-        await self._record("reissue_attempts_exhausted", PayoutCaseStatus.OPS_REVIEW,
+        await self._record(f"reissue_{ended}", PayoutCaseStatus.OPS_REVIEW,
                            detail={"attempts": attempts, **looked})
         return None
 

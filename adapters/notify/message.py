@@ -164,6 +164,13 @@ TEMPLATES: dict[str, Template] = {
         "no reissue = {provider_holds_none} ({lookup}). The original payout stays on hold and "
         "nothing more is sent. Next steps: check the provider for a payout with this reissue's "
         "reference before paying by hand.", payout=True),
+    "payout_reissue_canceled": Template(
+        "Payout {payout_id}: the case was cancelled during its reissue",
+        "Decision: reissue approved by {approved_by}; the case was cancelled while an attempt to "
+        "pay {amount} again ran, so nothing more is sent. Once that attempt could no longer land, "
+        "the provider was asked: it holds no reissue = {provider_holds_none} ({lookup}). The "
+        "original payout stays on hold. Next steps: decide whether to pay the beneficiary by "
+        "hand; check the provider for this reissue's reference first.", payout=True),
     "payout_reissue_configuration_refused": Template(
         "Payout {payout_id}: the provider refused our credentials for the reissue",
         "The provider refused our API key or its permissions ({error}). The reissue of {amount} "
