@@ -238,14 +238,16 @@ class PayoutActivities:
         return await self._book.record_reissue(inp.case_id, original, made, inp.final_status)
 
     async def _refuse_after_revoked_approval(self, case_id: str, approvers: tuple[str, ...]) -> None:
-        """An approver whose token was revoked since the reissue was asked for: their
-        approval counts no more, and the round that counted it cannot know (a decline: ops
-        told, nothing sent; `AccessRepository.revoked_in`)."""
+        """An approver of the reissue with a token revoked since their approval: it counts no
+        more, and the round that counted it cannot know (a decline: ops told, nothing sent;
+        `AccessRepository.approvals_revoked_in`, as a refund's money gate asks)."""
         asked = await self._audit.last_at(case_id, "reissue_requested")
-        if asked is not None and (revoked := await self._access.revoked_since(approvers, asked)):
+        revoked = [] if asked is None else [person for person in await self._access.approvals_revoked(
+            case_id, asked) if person in approvers]
+        if revoked:
             raise ApplicationError(
-                f"the access of {', '.join(revoked)}, who approved this reissue, was revoked since it "
-                "was asked for: their approval counts no more; no payout is made",
+                f"the access of {', '.join(revoked)}, who approved this reissue, was revoked since: "
+                "their approval counts no more; no payout is made",
                 type=errors.DECLINED, non_retryable=True)
 
     async def _refuse_while_held_or_conflicted(self, case_id: str, original: PayoutSnapshot,

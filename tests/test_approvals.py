@@ -118,6 +118,24 @@ async def test_an_approval_whose_approver_s_access_was_revoked_before_the_money_
     assert told["audience"] == "operator" and approver in json.dumps(told["detail"]), told
 
 
+async def test_an_approval_given_with_a_token_made_after_the_old_one_was_revoked_counts(
+        stack: Stack) -> None:
+    """A person replaces their token (the old one revoked) while the case waits, then
+    approves with the new one: their approval counts (the refund pays). Only a token live
+    when the approval was given and revoked since voids it."""
+    approver = f"cy-{uuid.uuid4().hex[:6]}"
+    await stack.store.access.create_token(approver, ["approver"], by="test")
+    charge = await stack.charge(100_000)
+    case_id = await request_refund(stack, charge, 60_000)
+    await stack.wait_for_status(case_id, "awaiting_approval")
+    assert await stack.store.access.revoke_tokens(by="admin", user=approver)
+    replaced = await stack.store.access.create_token(approver, ["approver"], by="test")
+    assert (await decide(stack, approver, case_id, "approve", "fine", token=replaced)).status_code == 202
+    assert (await decide(stack, "frank", case_id, "approve", "finance checked")).status_code == 202
+    await stack.wait_for_status(case_id, "succeeded")
+    assert [r["amount"] for r in await stack.provider_refunds(charge)] == [60_000]
+
+
 async def test_denial_releases_the_reservation_and_moves_no_money(stack: Stack) -> None:
     charge = await stack.charge(20_000)
     case_id = await request_refund(stack, charge, 9_000)

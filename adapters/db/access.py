@@ -131,19 +131,24 @@ class AccessRepository(Repository):
         return ids
 
     @staticmethod
-    async def revoked_in(conn: Conn, users: Sequence[str], since: datetime) -> list[str]:
-        """Which of `users` had a token revoked at or after `since` (in the caller's
-        transaction): an approval they gave since is no longer theirs to have given (a stolen
-        token, a person leaving), and the round that counted it cannot hear of a revocation."""
+    async def approvals_revoked_in(conn: Conn, chain: str, since: datetime) -> list[str]:
+        """Who granted an approval on `chain` at or after `since` with a token revoked after
+        it (in the caller's transaction): a token live when the approval was given (made
+        before it, not expired then) and revoked since, so the approval may have been that
+        token's (a stolen token, a person leaving), and the round that counted it cannot hear
+        of a revocation. Which token gave an approval is not recorded: a person who replaced
+        their token after approving is among them too (ops decide)."""
         cur = await conn.execute(
-            "SELECT DISTINCT user_name FROM api_tokens WHERE user_name = ANY(%s) AND revoked_at >= %s"
-            " ORDER BY user_name", (list(users), since))
-        return [str(r["user_name"]) for r in await cur.fetchall()]
+            "SELECT DISTINCT a.approver FROM case_approvals a JOIN api_tokens t ON t.user_name = a.approver"
+            " WHERE a.chain = %s AND a.action = 'approval_granted' AND a.occurred_at >= %s"
+            " AND t.created_at <= a.occurred_at AND (t.expires_at IS NULL OR t.expires_at > a.occurred_at)"
+            " AND t.revoked_at >= a.occurred_at ORDER BY a.approver", (chain, since))
+        return [str(r["approver"]) for r in await cur.fetchall()]
 
-    async def revoked_since(self, users: Sequence[str], since: datetime) -> list[str]:
-        """`revoked_in`, on a connection of its own."""
+    async def approvals_revoked(self, chain: str, since: datetime) -> list[str]:
+        """`approvals_revoked_in`, on a connection of its own."""
         async with self._db.connection() as conn:
-            return await self.revoked_in(conn, users, since)
+            return await self.approvals_revoked_in(conn, chain, since)
 
     async def open_session(self, token: str, lifetime: timedelta) -> str | None:
         """Exchanges a valid API token for a console session; returns the session id (shown

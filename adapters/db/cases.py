@@ -130,19 +130,14 @@ async def _moved_elsewhere(conn: Conn, family: list[str]) -> str | None:
     return ", ".join(f"{m['object_id']} ({m['break_class']})" for m in moved) or None
 
 
-async def _approvers_revoked(conn: Conn, case_id: str, writes: tuple[CaseWrite, ...]) -> list[str]:
-    """Who approved the case's latest round (recorded, or among the deciding writes) and had a
-    token revoked since the round opened (`AccessRepository.revoked_in`)."""
+async def _approvers_revoked(conn: Conn, case_id: str) -> list[str]:
+    """Who approved the case's round with a token revoked since (`AccessRepository.
+    approvals_revoked_in`). The deciding approval is not among them: it was given moments ago,
+    with a token live then (its seal is minutes old at most)."""
     cur = await conn.execute("SELECT max(occurred_at) AS opened FROM audit_events"
                              " WHERE chain = %s AND action = 'approval_requested'", (case_id,))
     opened = (await cur.fetchone() or {}).get("opened")
-    if opened is None:  # decided by policy: nobody approved
-        return []
-    cur = await conn.execute("SELECT approver FROM case_approvals WHERE chain = %s AND action = %s"
-                             " AND occurred_at >= %s", (case_id, APPROVAL_GRANTED, opened))
-    approvers = {str(r["approver"]) for r in await cur.fetchall()} | {
-        w.event.actor for w in writes if w.event is not None and w.event.action == APPROVAL_GRANTED}
-    return await AccessRepository.revoked_in(conn, sorted(approvers), opened)
+    return [] if opened is None else await AccessRepository.approvals_revoked_in(conn, case_id, opened)
 
 
 async def _reissue_paid_elsewhere(conn: Conn, case_id: str) -> str | None:
@@ -638,7 +633,7 @@ class CaseRepository(Repository):
             if not started and (own := await self._approved_by_whoever_asked(conn, case_id, row, writes)):
                 refusal = (f"{', '.join(own)} asked for case {case_id} (its requester or trigger "
                            "identity) and approved it: not submitted")
-            elif not started and (revoked := await _approvers_revoked(conn, case_id, writes)):
+            elif not started and (revoked := await _approvers_revoked(conn, case_id)):
                 refusal = (f"the access of {', '.join(revoked)}, who approved case {case_id}, was revoked "
                            "since the case asked for approvals: their approval counts no more; not submitted")
             elif not started and row["parent_refund_request_id"] is not None and (
