@@ -754,13 +754,14 @@ async def payout_reissue_landed_late(rig: Recording) -> str:
 
 async def payout_reissue_canceled(rig: Recording) -> str:
     """Ops cancel the case while the approved reissue's attempt looks the payout up (nothing
-    sent): past the horizon the reissue is looked up once, creating nothing, and the case goes
-    to ops review (`payout-reissue-cancel-1`)."""
+    sent): once the attempt could no longer land (its start-to-close and the horizon) the
+    reissue is looked up once, creating nothing, and the case goes to ops review
+    (`payout-reissue-cancel-1`)."""
     case_id = await payout_reissued(rig, lambda: rig.proxy.lose_next("GET", "/v1/payouts"))
     await wait_for_actions(rig.stack, case_id, "reissue_started")
     await asyncio.sleep(1)
     await rig.stack.client.get_workflow_handle(case_id).cancel()
-    await wait_for_case(rig.stack, case_id, "ops_review")
+    await wait_for_case(rig.stack, case_id, "ops_review", timeout=120)  # the attempt's 60 s, the horizon
     return case_id
 
 

@@ -5,9 +5,10 @@ case, its approvals and its audit come through whole to a reissue made once."""
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from temporalio.client import Client
 
 from adapters.approval_seal import approval_keys
@@ -28,6 +29,7 @@ from tests.payouts_kit import (
 )
 from tests.test_bounded_history import BATCH, THRESHOLD, _runs, in_batches
 from tests.test_money_ambiguity import rig_for
+from workflows import retry
 from workflows.payout import PayoutReversalWorkflow
 
 TURNS = 300
@@ -248,17 +250,25 @@ async def test_a_sealed_reversal_approval_replayed_into_the_next_run_does_not_ap
         "approval not sealed by the relay"]
 
 
+@pytest.mark.parametrize("in_flight", ["lookup", "create"])
 async def test_a_reissue_cancelled_while_its_attempt_runs_makes_nothing_more(
-        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
-    """Ops cancel the case while the approved reissue's attempt is looking the payout up
-    (nothing sent yet): the cancel read as an attempt with an unknown outcome, and the next
-    attempt paid the beneficiary ops had stopped (reproduced). No create after a cancel: past
-    the horizon the reissue is looked up once, creating nothing, and the case goes to ops
-    review with the hold kept, payments ops told."""
+        store: Store, client: Client, temporal_server: TemporalDevServer,
+        monkeypatch: pytest.MonkeyPatch, in_flight: str) -> None:
+    """Ops cancel the case while the approved reissue's attempt runs. Its lookup held (nothing
+    sent yet): the cancel read as an attempt with an unknown outcome, and the next attempt
+    paid the beneficiary ops had stopped (reproduced). No attempt after a cancel; the one it
+    came under runs on (a cancel does not reach it) and may create until its start-to-close,
+    landing within the horizon after: that is waited out and the reissue looked up once,
+    creating nothing. Found (its create landed late), it is booked; else ops review with the
+    hold kept, payments ops told."""
+    monkeypatch.setitem(retry.PAYOUT_REISSUE_ONCE, "start_to_close_timeout", timedelta(seconds=6))
     slow = {**TINY, "provider_http_timeout_seconds": 3, "submit_timeout_seconds": 10}
     async with rig_for("sandbox", store, client, temporal_server, **slow) as rig:
         case_id, _ = await _remediated(rig.stack)
-        rig.proxy.lose_next("GET", "/v1/payouts")  # the attempt's lookup: its answer held 3 s
+        if in_flight == "lookup":
+            rig.proxy.lose_next("GET", "/v1/payouts")  # the attempt's lookup: its answer held 3 s
+        else:  # the create reaches the provider 2 s after the client gave up on it
+            rig.proxy.act_late("POST", "/v1/payouts", after_seconds=2)
         assert (await ask_reissue(rig.stack, "omar", case_id)).status_code == 202
         assert (await decide(rig.stack, "lena", case_id)).status_code == 202
         await wait_for_actions(rig.stack, case_id, "reissue_started")
@@ -267,10 +277,14 @@ async def test_a_reissue_cancelled_while_its_attempt_runs_makes_nothing_more(
         row = await wait_for_case(rig.stack, case_id, "ops_review", "reissued", "reissue_failed")
         actions = [e["action"] for e in await rig.stack.store.audit.trail(case_id)]
         payout = await rig.stack.store.payouts.payout(row["payout_id"])
-        assert payout is not None
-        assert row["status"] == "ops_review", actions
-        assert "reissue_cancel_taken" in actions and "reissue_canceled" in actions
-        assert await reissues_of(rig.stack, payout.reissue_id()) == []
-        assert payout.status == "on_hold"  # the hold stays for ops
-        assert ("payout_reissue_canceled", "payments_ops") in {
-            (n["kind"], n["audience"]) for n in await rig.stack.store.outbox.notices(case_id)}
+        assert payout is not None and "reissue_cancel_taken" in actions, actions
+        made = await reissues_of(rig.stack, payout.reissue_id())
+        if in_flight == "lookup":
+            assert row["status"] == "ops_review" and "reissue_canceled" in actions, actions
+            assert made == [] and payout.status == "on_hold"  # the hold stays for ops
+            assert ("payout_reissue_canceled", "payments_ops") in {
+                (n["kind"], n["audience"]) for n in await rig.stack.store.outbox.notices(case_id)}
+        else:
+            assert row["status"] == "reissued" and len(made) == 1, (row["status"], actions)
+            assert [x["template"] for x in await rig.stack.store.ledger.entries(case_id)].count(
+                "payout_reissued") == 2  # its two lines

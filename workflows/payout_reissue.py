@@ -85,8 +85,8 @@ class PayoutReissue(PayoutCase):
             except ActivityError as err:
                 cause = err.cause
                 if is_cancelled_exception(err) and workflow.patched(REISSUE_CANCEL_PATCH):
-                    # ops cancelled the case: nothing more is created; what the attempt may
-                    # have made is looked up past the horizon (and booked), else ops decide
+                    # ops cancelled the case: no attempt after this one; what it may still make
+                    # is looked up once it can no longer land (and booked), else ops decide
                     landed = await self._landed_late(failure, canceled=True)
                     if landed is None:
                         return
@@ -171,17 +171,21 @@ class PayoutReissue(PayoutCase):
 
     async def _landed_late(self, failure: ProviderPayoutStatus, *,
                            canceled: bool = False) -> PayoutSnapshot | None:
-        """The attempts are spent (or `canceled`: ops cancelled the case under one): the last
-        one's create can still land until the provider horizon, so (since LATE_REISSUE_PATCH)
-        that is waited out and the reissue looked up once more, creating nothing; found, it
-        is the reissue (booked by the lookup). Else the case goes to ops, the hold kept, told
-        whether the provider was seen to hold none."""
+        """The attempts are spent (or `canceled`: ops cancelled the case under one, which runs
+        on to its start-to-close): the last one's create can still land until the provider
+        horizon, so (since LATE_REISSUE_PATCH) that is waited out and the reissue looked up
+        once more, creating nothing; found, it is the reissue (booked by the lookup). Else the
+        case goes to ops, the hold kept, told whether the provider was seen to hold none."""
         assert self._inp is not None and self._payout is not None
         looked: dict[str, Any] = {}
         if canceled:
             await self._record("reissue_cancel_taken", detail={"attempts": self._unknown_attempts})
         if canceled or workflow.patched(LATE_REISSUE_PATCH):
-            await workflow.sleep(self._inp.timings.provider_horizon)
+            # a cancel does not reach the attempt it came under: it may still create until its
+            # start-to-close, and what it creates lands within the horizon after
+            running: timedelta = (retry.PAYOUT_REISSUE_ONCE["start_to_close_timeout"] if canceled
+                                  else timedelta(0))
+            await workflow.sleep(running + self._inp.timings.provider_horizon)
             try:
                 found: PayoutSnapshot = await contracts.REISSUE_PAYOUT(
                     ReissueInput(case_id=self._inp.case_id, original=self._payout,
