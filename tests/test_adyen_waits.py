@@ -6,6 +6,7 @@ an audit row, so the reservation is never held for good. Adyen's API is tests/ad
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, cast
 
 import httpx
@@ -486,6 +487,24 @@ async def test_a_refund_named_in_lower_case_is_the_one_adyen_then_notifies(rig: 
     assert await rig.stack.store.cases.refund_held_elsewhere("adyen", str(made["pspReference"]),
                                                              case_id) is None
     assert [x["debit"] for x in await rig.stack.store.ledger.entries(case_id)] == [1_450, 0]
+
+
+async def test_a_resolution_recorded_in_lower_case_before_is_delivered_when_sent_again(rig: AdyenRig) -> None:
+    """A resolution recorded (and its refund claimed) as typed, in lower case, before ids were
+    taken as Adyen writes them, its signal lost: sent again as it was, it is delivered (the
+    case takes the refund as Adyen writes it), not refused as naming another refund."""
+    case_id, psp = await waiting_case(rig, 1_650)
+    [made] = rig.fake.refunds_of(psp)
+    typed = str(made["pspReference"]).lower()
+    named = {"provider_shows": "refunded", "provider_refund_id": typed, "reason": "Customer Area: settled"}
+    assert await rig.stack.store.audit.record_once_opened(
+        case_id, "olga", "provider_wait_resolved", {**named, "via": "api"},
+        opened_by="awaiting_provider_notification", closed_by="provider_notification_received",
+        also=partial(CaseRepository.claim_refund_in, case_id=case_id, refund_id=typed)) is None
+    again = await resolve(rig, "olga", case_id, **named)
+    assert again.status_code == 200, again.text
+    row = await rig.stack.wait_for_status(case_id, "succeeded")
+    assert row["provider_refund_id"] == made["pspReference"]
 
 
 async def notification_taken_under_a_cancel(rig: AdyenRig, amount: int) -> tuple[str, dict[str, Any]]:

@@ -69,9 +69,7 @@ async def resolve_provider_wait(actions: CaseActions, caller: Principal, case_id
     action = "resolving a provider notification wait"
     await actions.require(caller, Permission.RESOLVE_PROVIDER_WAIT, action, case_id, via=via)
     row = await actions._case(caller, case_id, action, via)
-    if body.provider_refund_id is not None:  # typed in another letter case, it names no refund Adyen notifies
-        body = body.model_copy(update={"provider_refund_id": refund_id_as_written(
-            str(row["provider"]), body.provider_refund_id)})
+    body = as_written(body, str(row["provider"]))
     if caller.user in behind(row, await actions.store.audit.approvals_of(case_id)):
         await actions.refuse(caller, case_id, 403, action, "whoever requested or approved a refund "
                              "cannot resolve its wait", via=via, audit_action="access_refused")
@@ -102,8 +100,9 @@ async def resolve_provider_wait(actions: CaseActions, caller: Principal, case_id
         # sent again (the case takes one resolution per id): a signal lost after the record
         # would otherwise leave the case waiting on a resolution it never got. Temporal
         # still away is a 503 to send again, never "the case follows that"
-        recorded = ProviderWaitBody.model_validate(
-            {k: latest["detail"].get(k) for k in ("provider_shows", "provider_refund_id", "reason")})
+        recorded = as_written(ProviderWaitBody.model_validate(
+            {k: latest["detail"].get(k) for k in ("provider_shows", "provider_refund_id", "reason")}),
+            str(row["provider"]))
         await _deliver(actions, row, recorded, str(latest["actor"]))
         if (latest["actor"], recorded) == (caller.user, body):  # the same request: its answer
             return _resolved(case_id, body, caller.user)
@@ -116,6 +115,16 @@ async def resolve_provider_wait(actions: CaseActions, caller: Principal, case_id
                              via=via)
     await _deliver(actions, row, body, caller.user)
     return _resolved(case_id, body, caller.user)
+
+
+def as_written(body: ProviderWaitBody, provider: str) -> ProviderWaitBody:
+    """The resolution with the refund it names as the provider writes it: typed in another
+    letter case, it named no refund Adyen then notifies (a resolution recorded before this
+    was kept as typed)."""
+    if body.provider_refund_id is None:
+        return body
+    written = refund_id_as_written(provider, body.provider_refund_id)
+    return body.model_copy(update={"provider_refund_id": written})
 
 
 def _resolved(case_id: str, body: ProviderWaitBody, resolver: str) -> dict[str, Any]:
@@ -149,8 +158,9 @@ async def _refund_refusal(actions: CaseActions, row: Mapping[str, Any], body: Pr
                                                              str(row["refund_request_id"]))
     if holder is not None:
         return f"refund {named} is case {holder['refund_request_id']}'s: name this case's refund"
-    if row["provider_refund_id"] not in (None, named):
-        return f"this case's refund is {row['provider_refund_id']}, not {named}"
+    held = row["provider_refund_id"]
+    if held is not None and refund_id_as_written(str(row["provider"]), str(held)) != named:
+        return f"this case's refund is {held}, not {named}"
     return None
 
 
