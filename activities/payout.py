@@ -246,8 +246,8 @@ class PayoutActivities:
             case_id, asked) if person in approvers]
         if revoked:
             raise ApplicationError(
-                f"the access of {', '.join(revoked)}, who approved this reissue, was revoked since: "
-                "their approval counts no more; no payout is made",
+                f"a token of {', '.join(revoked)}, live when they approved this reissue, was revoked "
+                "since: their approval counts no more; no payout is made",
                 type=errors.DECLINED, non_retryable=True)
 
     async def _refuse_while_held_or_conflicted(self, case_id: str, original: PayoutSnapshot,

@@ -81,9 +81,10 @@ GIVE_UP_PATCH = "payout-reversal-given-up-1"
 # nor booked back. Before, an approval held it and booked `payout_reversed` for money that
 # had left, whether or not the correction's webhook had reached the case.
 PAID_AT_PROVIDER_PATCH = "payout-read-before-reversal-1"
-# Ops cancel the case while a reissue attempt runs: no create after it; past the provider
-# horizon the reissue is looked up once (creating nothing) and booked if the attempt made it,
-# else the case goes to ops review, the hold kept. Before, the cancel read as an attempt with
+# Ops cancel the case while a reissue attempt runs: no attempt after it; once the one it came
+# under can no longer land (its start-to-close, then the provider horizon) the reissue is looked
+# up once (creating nothing) and booked if that attempt made it, else the case goes to ops
+# review, the hold kept. Before, the cancel read as an attempt with
 # an unknown outcome and the next attempt made the reissue ops had stopped. Asked when an
 # attempt fails with the cancel.
 REISSUE_CANCEL_PATCH = "payout-reissue-cancel-1"

@@ -634,8 +634,8 @@ class CaseRepository(Repository):
                 refusal = (f"{', '.join(own)} asked for case {case_id} (its requester or trigger "
                            "identity) and approved it: not submitted")
             elif not started and (revoked := await _approvers_revoked(conn, case_id)):
-                refusal = (f"the access of {', '.join(revoked)}, who approved case {case_id}, was revoked "
-                           "since the case asked for approvals: their approval counts no more; not submitted")
+                refusal = (f"a token of {', '.join(revoked)}, live when they approved case {case_id}, was "
+                           "revoked since: their approval counts no more; not submitted")
             elif not started and row["parent_refund_request_id"] is not None and (
                     elsewhere := await _reissue_paid_elsewhere(conn, case_id)):
                 refusal = (f"the request's money moved since this reissue was asked: {elsewhere}; "
