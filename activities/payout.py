@@ -241,9 +241,8 @@ class PayoutActivities:
         """An approver of the reissue with a token revoked since their approval: it counts no
         more, and the round that counted it cannot know (a decline: ops told, nothing sent;
         `AccessRepository.approvals_revoked_in`, as a refund's money gate asks)."""
-        asked = await self._audit.last_at(case_id, "reissue_requested")
-        revoked = [] if asked is None else [person for person in await self._access.approvals_revoked(
-            case_id, asked) if person in approvers]
+        revoked = [person for person in await self._access.approvals_revoked(case_id, "reissue_requested")
+                   if person in approvers]
         if revoked:
             raise ApplicationError(
                 f"a token of {', '.join(revoked)}, live when they approved this reissue, was revoked "

@@ -5,7 +5,7 @@ import hashlib
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from adapters.db.audit import AuditLog
 from adapters.db.database import Conn, Repository
@@ -131,24 +131,26 @@ class AccessRepository(Repository):
         return ids
 
     @staticmethod
-    async def approvals_revoked_in(conn: Conn, chain: str, since: datetime) -> list[str]:
-        """Who granted an approval on `chain` at or after `since` with a token revoked after
-        it (in the caller's transaction): a token live when the approval was given (made
-        before it, not expired then) and revoked since, so the approval may have been that
-        token's (a stolen token, a person leaving), and the round that counted it cannot hear
-        of a revocation. Which token gave an approval is not recorded: a person who replaced
-        their token after approving is among them too (ops decide)."""
+    async def approvals_revoked_in(conn: Conn, chain: str, opened_by: str) -> list[str]:
+        """Who granted an approval on `chain` since its round opened (its latest `opened_by`
+        entry) with a token revoked after it (in the caller's transaction): a token live when
+        the approval was given (made before it, not expired then) and revoked since, so the
+        approval may have been that token's (a stolen token, a person leaving), and the round
+        that counted it cannot hear of a revocation. Which token gave an approval is not
+        recorded: a person who replaced their token after approving is among them too (ops
+        decide). None before the round opened."""
         cur = await conn.execute(
             "SELECT DISTINCT a.approver FROM case_approvals a JOIN api_tokens t ON t.user_name = a.approver"
-            " WHERE a.chain = %s AND a.action = 'approval_granted' AND a.occurred_at >= %s"
+            " WHERE a.chain = %s AND a.action = 'approval_granted' AND a.occurred_at >= ("
+            "  SELECT max(occurred_at) FROM audit_events WHERE chain = %s AND action = %s)"
             " AND t.created_at <= a.occurred_at AND (t.expires_at IS NULL OR t.expires_at > a.occurred_at)"
-            " AND t.revoked_at >= a.occurred_at ORDER BY a.approver", (chain, since))
+            " AND t.revoked_at >= a.occurred_at ORDER BY a.approver", (chain, chain, opened_by))
         return [str(r["approver"]) for r in await cur.fetchall()]
 
-    async def approvals_revoked(self, chain: str, since: datetime) -> list[str]:
+    async def approvals_revoked(self, chain: str, opened_by: str) -> list[str]:
         """`approvals_revoked_in`, on a connection of its own."""
         async with self._db.connection() as conn:
-            return await self.approvals_revoked_in(conn, chain, since)
+            return await self.approvals_revoked_in(conn, chain, opened_by)
 
     async def open_session(self, token: str, lifetime: timedelta) -> str | None:
         """Exchanges a valid API token for a console session; returns the session id (shown

@@ -130,16 +130,6 @@ async def _moved_elsewhere(conn: Conn, family: list[str]) -> str | None:
     return ", ".join(f"{m['object_id']} ({m['break_class']})" for m in moved) or None
 
 
-async def _approvers_revoked(conn: Conn, case_id: str) -> list[str]:
-    """Who approved the case's round with a token revoked since (`AccessRepository.
-    approvals_revoked_in`). The deciding approval is not among them: it was given moments ago,
-    with a token live then (its seal is minutes old at most)."""
-    cur = await conn.execute("SELECT max(occurred_at) AS opened FROM audit_events"
-                             " WHERE chain = %s AND action = 'approval_requested'", (case_id,))
-    opened = (await cur.fetchone() or {}).get("opened")
-    return [] if opened is None else await AccessRepository.approvals_revoked_in(conn, case_id, opened)
-
-
 async def _reissue_paid_elsewhere(conn: Conn, case_id: str) -> str | None:
     """Why a reissue may not pay now, read at its submit (its family was read when it
     opened, and news comes while approvers decide): a break says a refund of the family
@@ -633,7 +623,9 @@ class CaseRepository(Repository):
             if not started and (own := await self._approved_by_whoever_asked(conn, case_id, row, writes)):
                 refusal = (f"{', '.join(own)} asked for case {case_id} (its requester or trigger "
                            "identity) and approved it: not submitted")
-            elif not started and (revoked := await _approvers_revoked(conn, case_id)):
+            elif not started and (revoked := await AccessRepository.approvals_revoked_in(
+                    conn, case_id, opened_by="approval_requested")):
+                # the deciding approval, given moments ago with a token live then, is not asked about
                 refusal = (f"a token of {', '.join(revoked)}, live when they approved case {case_id}, was "
                            "revoked since: their approval counts no more; not submitted")
             elif not started and row["parent_refund_request_id"] is not None and (
