@@ -1179,6 +1179,27 @@ async def test_a_reissue_ask_no_worker_takes_in_time_is_503_then_answered_as_tak
     assert trail.count("reissue_requested") == 1
 
 
+async def test_the_same_reissue_ask_sent_again_before_its_round_is_on_record_is_answered(
+        payouts: Stack) -> None:
+    """A double click: the same person's ask sent again after the case took the first, and
+    before its round is on record (its audit write held here by a lock on the case's chain).
+    The resend is refused as taken; it is their own ask, so it is answered as the first
+    (202), not "already requested" (409)."""
+    _, case_id = await remediated(payouts, 210_000)
+    async with payouts.store.database.transaction() as conn:
+        await conn.execute("SELECT 1 FROM audit_heads WHERE chain = %s FOR UPDATE", (case_id,))
+        first = asyncio.create_task(ask_reissue(payouts, "omar", case_id))
+        await asyncio.sleep(1.0)  # the case takes it; its `reissue_requested` waits for the lock
+        assert not first.done()
+        again = asyncio.create_task(ask_reissue(payouts, "omar", case_id))
+        await asyncio.sleep(1.0)  # the resend is refused as taken meanwhile
+    answers = [await first, await again]
+    assert [a.status_code for a in answers] == [202, 202], [a.text for a in answers]
+    trail = [e["action"] for e in await payouts.store.audit.trail(case_id)]
+    assert trail.count("reissue_requested") == 1
+    assert "reissue_refused" not in trail
+
+
 async def test_a_correction_made_before_the_case_opened_but_after_the_failure_tells_ops(
         payouts: Stack) -> None:
     """The failure happened at the provider ten minutes before the case opened (a delivery

@@ -159,9 +159,15 @@ async def reissue_payout(case_id: str, body: ReasonBody, caller: Caller,
                                 "same request again", headers={"Retry-After": "5"}) from None
         except WorkflowUpdateFailedError as exc:
             reason, kind = refusal(exc)
-            taken = await _taken_ask(door, case_id, caller) if kind == errors.REISSUE_TAKEN else None
-            if taken is not None:  # their own ask, sent again: its answer
-                return taken
+            if kind == errors.REISSUE_TAKEN:
+                # the case took an ask: its round lands on record a write later
+                requester = await _reissue_requester_on_record(door, case_id)
+                if requester is None:
+                    raise HTTPException(503, "the case took a reissue request that is not on record yet; "
+                                        "read the case, or send the same request again",
+                                        headers={"Retry-After": "5"}) from None
+                if requester == caller.user:  # their own ask, sent again: its answer
+                    return await _case_answer(door, case_id)
         except RPCError as exc:
             if exc.status != RPCStatusCode.NOT_FOUND:
                 raise
@@ -174,11 +180,29 @@ async def reissue_payout(case_id: str, body: ReasonBody, caller: Caller,
 
 
 async def _taken_ask(door: Door, case_id: str, caller: Principal) -> dict[str, Any] | None:
-    """The answer to a reissue ask that got none in time, or was sent again, when the case
-    took the caller's ask (its round on record): the case's own; None when it took none of
-    theirs (an ask Temporal holds may still be taken: sent again, it is answered this way)."""
+    """The answer to a reissue ask that got none in time, when the case took the caller's
+    ask (its round on record): the case's own; None when it took none of theirs (an ask
+    Temporal holds may still be taken: sent again, it is answered as taken)."""
     if await door.store.payouts.reissue_requester(case_id) != caller.user:
         return None
+    return await _case_answer(door, case_id)
+
+
+async def _reissue_requester_on_record(door: Door, case_id: str) -> str | None:
+    """Who asked for the reissue the case took, once its round is on record (waited for up
+    to the answer time: the case takes an ask in memory, its `reissue_requested` row comes
+    a write later), else None. Without the wait, the same person's ask sent twice at once
+    heard "already requested" for their own."""
+    deadline = asyncio.get_running_loop().time() + door.settings.approval_answer_seconds
+    while (requester := await door.store.payouts.reissue_requester(case_id)) is None:
+        if asyncio.get_running_loop().time() >= deadline:
+            return None
+        await asyncio.sleep(0.1)
+    return requester
+
+
+async def _case_answer(door: Door, case_id: str) -> dict[str, Any]:
+    """A reissue ask's answer as the case row shows it."""
     view = await payout_case_view(door.store, case_id)
     assert view is not None  # `_existing_case` found it
     return {"case_id": case_id, "status": view["status"], "missing_roles": view["missing_roles"]}
