@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import pytest
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowFailureError
 
 from adapters.db import Store
 from adapters.notify.message import render
@@ -19,6 +19,7 @@ from domain.models import EventKind, ProviderEvent, ProviderRefundStatus
 from starters.dev.stack import TemporalDevServer
 from starters.relay.webhook_desk import WebhookDesk
 from tests.harness import Stack, holding_records_of, open_stack, unsealing, window_passed
+from workers.case_sweep import sweep_cases_once
 from workflows.tracking import RefundTrackingWorkflow
 
 
@@ -175,8 +176,9 @@ async def test_a_failure_heard_while_the_tracking_run_ends_is_applied(
 async def test_a_watch_that_ends_without_a_final_status_tells_ops(
         store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
     """A dashboard refund left pending past the watch keeps its hold on the charge (it may
-    still pay) and nothing else follows it (no sweep; Cashfree and Adyen cannot be listed
-    by a reconciliation run): ops are told once, with what the provider last said."""
+    still pay) and nothing else follows it (the closed-workflow sweep leaves a watch that
+    completed; Cashfree and Adyen cannot be listed by a reconciliation run): ops are told
+    once, with what the provider last said."""
     stack = await open_stack(store, client, temporal_server.address, late_failure_window_seconds=2)
     try:
         refund = Dashboard(stack)
@@ -191,5 +193,27 @@ async def test_a_watch_that_ends_without_a_final_status_tells_ops(
         message = render(notice, row, None, case_url=None, email_to=None)
         assert "pending" in message.text and refund.refund_id in message.text, message
         assert message.ticket == "incident"
+        # its workflow told ops itself: the closed-workflow sweep has nothing to add
+        assert refund.case_id not in await sweep_cases_once(stack.store, stack.client, stack.providers,
+                                                            idle_seconds=0)
     finally:
         await stack.close()
+
+
+async def test_a_tracking_case_whose_workflow_was_cancelled_goes_to_ops(watching: Stack) -> None:
+    """A dashboard refund still pending when someone cancels (or terminates) its tracking
+    workflow in Temporal: nothing follows it any more (its success would never be booked),
+    so the closed-workflow sweep hands it to ops with a break, its hold kept, like our own
+    cases. Before, tracking cases were outside the sweep."""
+    refund = Dashboard(watching)
+    await refund.reports("pending")
+    await watching.wait_for_status(refund.case_id, "pending")
+    handle = watching.client.get_workflow_handle(refund.case_id)
+    await handle.cancel()
+    with pytest.raises(WorkflowFailureError):
+        await asyncio.wait_for(handle.result(), 60)
+    assert refund.case_id in await sweep_cases_once(watching.store, watching.client, watching.providers,
+                                                    idle_seconds=0)
+    row = await watching.store.cases.get(refund.case_id)
+    assert row is not None and (row["status"], row["reserved_amount"]) == ("ops_review", 700), row
+    assert "workflow_closed_case_swept" in await watching.actions(refund.case_id)

@@ -1,5 +1,6 @@
 """The closed-workflow sweep: a case whose workflow ended while the case was still open
-(terminated or failed in Temporal, timed out, or gone) has nobody left to move it. The sweep
+(terminated, cancelled or failed in Temporal, timed out, or gone) has nobody left to move it
+(a case we follow for a refund the provider made without us too). The sweep
 finds such cases, asks the provider whether it holds their refund, and hands them to ops:
 `ops_review`, a reconciliation break and a notice; the reservation is released only where
 the provider certainly holds no refund (a refund it holds, or cannot tell, keeps it). Payout
@@ -18,6 +19,7 @@ from temporalio.service import RPCError
 from adapters.db import Store, request_from_row
 from adapters.providers.base import ProviderAdapter, ProviderError
 from adapters.temporal_client import workflow_closed
+from domain.events import tracking_case_id
 from domain.models import CaseStatus, ProviderRefund, RefundMethod
 from domain.payouts import PayoutCaseStatus, left_open
 
@@ -141,8 +143,11 @@ async def _sweep_refund_case(store: Store, providers: Mapping[str, ProviderAdapt
     if (ended == "NOT_FOUND" and row["status"] == CaseStatus.REQUESTED
             and datetime.now(UTC) - row["updated_at"] < NEVER_STARTED_GRACE):
         return False  # never started: its retry may still come
-    if ended in LEFT_TO_OPS and row["status"] == CaseStatus.OPS_REVIEW:
-        # the workflow handed it to ops itself (a duplicate or mismatched refund)
+    if (ended in LEFT_TO_OPS and row["status"] == CaseStatus.OPS_REVIEW) or (
+            ended == "COMPLETED" and row["provider_refund_id"] is not None
+            and case_id == tracking_case_id(row["provider"], row["provider_refund_id"])):
+        # the workflow handed it to ops itself (a duplicate or mismatched refund), or a
+        # tracking watch ended without a final status (ops told)
         await store.cases.mark_end_seen(case_id, row["updated_at"])
         return False
     holds, found = await provider_holds(store, providers, row)

@@ -533,14 +533,12 @@ class CaseRepository(Repository):
 
     async def idle_open(self, idle_seconds: float, limit: int,
                         after: tuple[datetime, str] | None = None) -> list[CaseRow]:
-        """Cases whose workflow still has to move them, untouched for `idle_seconds` and not
-        swept yet (refunds the provider made without us are left to reconciliation), by last
-        update then id, from `after` on: what the closed-workflow sweep asks Temporal about."""
+        """Cases whose workflow still has to move them (tracking cases too), untouched for
+        `idle_seconds` and not swept yet, by last update then id, from `after` on: what the
+        closed-workflow sweep asks Temporal about."""
         async with self._db.connection() as conn:
             rows = await idle_unswept(
-                conn, table="refund_cases", key="refund_request_id",
-                still_open=sql.SQL("status <> ALL(%s) AND NOT (provider_refund_id IS NOT NULL"
-                                   " AND refund_request_id = provider || '-refund-' || provider_refund_id)"),
+                conn, table="refund_cases", key="refund_request_id", still_open=sql.SQL("status <> ALL(%s)"),
                 open_values=[s.value for s in SETTLED_STATUSES],
                 idle_seconds=idle_seconds, limit=limit, after=after)
         return self._typed(rows)
