@@ -15,7 +15,7 @@ from temporalio.client import Client, WorkflowFailureError
 from adapters.db import Store
 from adapters.notify.message import render
 from domain.events import tracking_case_id
-from domain.models import EventKind, ProviderEvent, ProviderRefundStatus
+from domain.models import EventKind, ProviderEvent, ProviderRefund, ProviderRefundStatus
 from starters.dev.stack import TemporalDevServer
 from starters.relay.webhook_desk import WebhookDesk
 from tests.harness import Stack, holding_records_of, open_stack, unsealing, window_passed
@@ -217,3 +217,18 @@ async def test_a_tracking_case_whose_workflow_was_cancelled_goes_to_ops(watching
     row = await watching.store.cases.get(refund.case_id)
     assert row is not None and (row["status"], row["reserved_amount"]) == ("ops_review", 700), row
     assert "workflow_closed_case_swept" in await watching.actions(refund.case_id)
+
+
+async def test_a_tracking_case_whose_workflow_never_started_is_left_to_the_redrive(watching: Stack) -> None:
+    """A tracking case recorded whose workflow Temporal never started (it was away; the
+    relay's re-drive starts it): not handed to ops as if its workflow had ended, which would
+    leave the re-drive signalling a case no workflow follows."""
+    refund = ProviderRefund(provider="sandbox", refund_id=f"re_{uuid.uuid4().hex[:12]}",
+                            charge_id="ch_redrive", amount=700, currency="USD",
+                            status=ProviderRefundStatus.PENDING, raw_status="pending")
+    case_id = tracking_case_id("sandbox", refund.refund_id)
+    assert await watching.store.cases.open_tracking(case_id, refund, None, "refund.updated")
+    assert case_id not in await sweep_cases_once(watching.store, watching.client, watching.providers,
+                                                 idle_seconds=0)
+    row = await watching.store.cases.get(case_id)
+    assert row is not None and row["status"] == "tracking", row

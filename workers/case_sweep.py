@@ -143,11 +143,12 @@ async def _sweep_refund_case(store: Store, providers: Mapping[str, ProviderAdapt
     if (ended == "NOT_FOUND" and row["status"] == CaseStatus.REQUESTED
             and datetime.now(UTC) - row["updated_at"] < NEVER_STARTED_GRACE):
         return False  # never started: its retry may still come
-    if (ended in LEFT_TO_OPS and row["status"] == CaseStatus.OPS_REVIEW) or (
-            ended == "COMPLETED" and row["provider_refund_id"] is not None
-            and case_id == tracking_case_id(row["provider"], row["provider_refund_id"])):
+    tracking = row["provider_refund_id"] is not None and case_id == tracking_case_id(
+        row["provider"], row["provider_refund_id"])
+    if ended in LEFT_TO_OPS and (row["status"] == CaseStatus.OPS_REVIEW or tracking):
         # the workflow handed it to ops itself (a duplicate or mismatched refund), or a
-        # tracking watch ended without a final status (ops told)
+        # tracking watch ended without a final status (ops told), or never started (the
+        # relay's re-drive starts it)
         await store.cases.mark_end_seen(case_id, row["updated_at"])
         return False
     holds, found = await provider_holds(store, providers, row)
