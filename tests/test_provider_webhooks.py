@@ -122,6 +122,20 @@ async def test_cashfree_auto_refund_reaches_the_ledger_in_exact_minor_units(hook
     assert len(await hooks.store.ledger.entries(case_id)) == 2
 
 
+@pytest.mark.parametrize("reason", ["Refunded to customer for Dispute.", "A reason Cashfree added later"])
+async def test_a_cashfree_auto_refund_of_the_order_s_own_money_is_held_on_the_order(
+        hooks: Stack, reason: str) -> None:
+    """A dispute's auto-refund gives back the money the order kept (so may one whose reason
+    Cashfree has not listed): its hold is on the order, the charge our refunds of that order
+    count against. Held on the payment (as a second payment's is), a refund of the same
+    order saw the full amount refundable and paid the customer again."""
+    body, refund_id = recorded("cashfree")
+    body = body.replace(b"Multiple payments were performed against same order.", reason.encode())
+    assert (await post(hooks, "cashfree", body, sign_cashfree(body))).status_code == 200
+    row = await hooks.wait_for_status(tracking_case_id("cashfree", refund_id), "succeeded")
+    assert (row["charge_id"], row["amount"]) == ("order_1944392Tpba8y2fHcHVx0SwREojp51Jgr", 3900)
+
+
 # -- refused -------------------------------------------------------------------------------
 
 AMOUNT_KEYS = {"rainforest": b'"amount": ', "cashfree": b'"refund_amount": '}

@@ -88,6 +88,25 @@ class CashfreeVerifier:
         check_window(stamp / 1000, now, self._tolerance)
 
 
+PAYMENTS_NOT_KEPT = ("credit was received for an incomplete payment",
+                     "payment made directly to your vpa",
+                     "multiple payments were performed against same order",
+                     "payment details (amount, bank, etc.) do not match")
+"""The auto-refund reasons Cashfree lists that give back a payment its order did not keep."""
+
+
+def _auto_refunded(obj: Mapping[str, Any]) -> str:
+    """The charge an auto-refund's hold is on: the payment it gives back when the order
+    did not keep it (`PAYMENTS_NOT_KEPT`), else the order (a dispute's refund is of the
+    order's own money, and so is one whose reason is not listed: the guard's side, so our
+    refunds of that order see less refundable). Before, a dispute's was held on the payment,
+    and a refund of the same order could pay the customer again."""
+    reason = str(obj.get("refund_reason") or "").strip().lower()
+    if obj.get("order_id") and not reason.startswith(PAYMENTS_NOT_KEPT):
+        return str(obj["order_id"])
+    return str(obj["cf_payment_id"])
+
+
 def _refund(provider: str, obj: Mapping[str, Any], *, charge_id: str, ours: bool) -> ProviderRefund:
     """A Cashfree refund entity (webhook or API); `ours` when its refund_id is a
     refund_request_id we chose (merchant-initiated), not Cashfree's auto-refund."""
@@ -123,11 +142,11 @@ class CashfreeProvider(VerifiedWebhooksOnly):
             event_id = f"{event_type}:{obj['cf_refund_id']}:{obj['refund_status']}"
         with normalising(event_id, event_type):
             # A merchant-initiated refund's refund_id is the id we gave it, and its charge the
-            # order (as our create names it); an auto-refund gives back a payment the order
-            # did not keep (a second payment, one after its expiry): that payment, no id of ours.
+            # order (as our create names it); an auto-refund carries no id of ours, and its
+            # charge is the payment it gives back or the order (`_auto_refunded`).
             merchant = event_type == "REFUND_STATUS_WEBHOOK"
-            refund = _refund(self.name, obj, charge_id=str(obj["order_id" if merchant else "cf_payment_id"]),
-                             ours=merchant)
+            charge_id = str(obj["order_id"]) if merchant else _auto_refunded(obj)
+            refund = _refund(self.name, obj, charge_id=charge_id, ours=merchant)
             return refund_event(refund, event_id=event_id,
                                 event_type=event_type, body_sha256=hashlib.sha256(body).hexdigest(),
                                 occurred_at=datetime.fromisoformat(str(payload["event_time"])))
@@ -159,7 +178,8 @@ class CashfreeApiProvider(JsonApiAdapter, CashfreeProvider):
     settlements are Cashfree paying us, not payouts we made.
 
     A refund's charge is its order, made here or heard of by its webhook (`order_id`); an
-    auto-refund's is the payment it gives back (`cf_payment_id`), which the order never kept.
+    auto-refund's is the payment it gives back (`cf_payment_id`) when the order never kept
+    it, else the order (a dispute's: `_auto_refunded`).
     """
 
     def reference_refusal(self, reference: str) -> str | None:
