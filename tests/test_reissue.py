@@ -384,6 +384,24 @@ async def test_a_duplicate_that_failed_since_leaves_the_request_reissuable(stack
         made["refund_request_id"]]
 
 
+async def test_no_reissue_while_a_refund_under_the_request_s_reference_is_in_flight(stack: Stack) -> None:
+    """The case failed, its workflow closed; another refund carrying its reference (an
+    earlier attempt's the case never learned of) is still pending at the provider, and its
+    webhook says so. It may yet pay: that word is news for the closed case (a break, for
+    ops), and a reissue waits for it (409). Before, it was audited only, the reissue paid,
+    and the pending refund's success later paid the customer twice."""
+    case_id, charge = await failed_case(stack)
+    await stack.client.get_workflow_handle(case_id).result()  # its watch ended with the failure
+    hidden = history(charge, 2_500, days_ago=0.01, status="pending", reference=case_id)
+    async with stack.sandbox() as sb:
+        (await sb.post("/_sandbox/import", json={"charges": [], "refunds": [hidden]})).raise_for_status()
+    await stack.set_provider_status(hidden["id"], "pending")
+    await wait_for_breaks(stack, [hidden["id"]], "ops_review")
+    status, refused = await reissue(stack, "olga", case_id)
+    assert status == 409 and hidden["id"] in refused["detail"], refused
+    assert await stack.store.cases.children(case_id) == []
+
+
 @pytest.mark.parametrize("denied", [False, True])
 async def test_no_reissue_while_the_provider_shows_the_failed_refund_succeeded(stack: Stack,
                                                                              denied: bool) -> None:

@@ -379,10 +379,11 @@ class WebhookDesk:
         not show is reconciled at once: a final failure (failed, canceled: nothing follows
         either), or a success for a case shown failed that the provider never failed itself
         (ops read "no refund", a cancel, a decline), or either for a case its workflow left
-        pending (nothing else moves it). Each becomes a break for ops and its
-        tier's approvers, never a row only a run might read later (a run cannot list Adyen
-        or Cashfree, and its window passes). Any other status may be an old delivery arriving
-        late (a success the provider's own failure of that refund followed): audited only.
+        pending (nothing else moves it), or a refund in flight the case does not hold. Each
+        becomes a break for ops and its tier's approvers, never a row only a run might read
+        later (a run cannot list Adyen or Cashfree, and its window passes). Any other status
+        may be an old delivery arriving late (a success the provider's own failure of that
+        refund followed): audited only.
         `row`: the case as the caller read it (its workflow is closed: nothing moves it)."""
         log.error("case %s is closed; event %s (%s) is reconciled now", case_id, event.event_id,
                   event.event_type)
@@ -390,7 +391,8 @@ class WebhookDesk:
                                        {"event_id": event.event_id, "event_type": event.event_type})
         refund = event.as_refund()
         if refund is None or not (refund.status in FINAL_PROVIDER_STATUSES
-                                  or await self._success_is_news(case_id, refund, row)):
+                                  or await self._success_is_news(case_id, refund, row)
+                                  or await self._in_flight_unheld(case_id, refund, row)):
             return
         await self._reconcile_now(event, refund)
 
@@ -427,6 +429,18 @@ class WebhookDesk:
         if held != refund.refund_id or case["provider_status"] not in FINAL_PROVIDER_STATUSES:
             return True
         return failure_read_by_ops(await self._store.audit.trail(case_id))
+
+    async def _in_flight_unheld(self, case_id: str, refund: ProviderRefund, case: CaseRow | None) -> bool:
+        """Whether a refund still in flight (pending, waiting on someone) is one the closed
+        case does not hold: it may yet move the request's money (an earlier attempt's refund
+        the case never learned of, a second one), so it is news (a break: a reissue waits
+        for it). Before, it was audited only; a reissue paid, then so did this refund. One
+        the case holds may be an old delivery: audited only."""
+        if refund.status is ProviderRefundStatus.SUCCEEDED or refund.status in FINAL_PROVIDER_STATUSES:
+            return False
+        if case is None:
+            case = await self._store.cases.get(case_id)
+        return case is not None and case["provider_refund_id"] != refund.refund_id
 
     async def _payout_receipt(self, event: PayoutEvent, stored: StoredReceipt) -> None:
         """Every delivery of a payout event, duplicates too, joins the case's timeline with
