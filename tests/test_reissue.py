@@ -12,6 +12,7 @@ from adapters.db import Store
 from domain.incidents import DuplicateRefundInput
 from domain.models import CaseStatus, ProviderRefund, ProviderRefundStatus
 from starters.dev.stack import TemporalDevServer
+from tests.fakes import eventually
 from tests.harness import Stack, intercepted, stack_with
 from tests.reconciliation_kit import (
     backfill,
@@ -456,8 +457,11 @@ async def test_a_reissue_whose_original_shows_paid_while_approvers_decide_is_nev
     assert (case_id if break_approved else refund["id"]) in refused["detail"]["reason"]
     assert await stack.store.manual_refunds.get(child_id) is None
     assert [r["status"] for r in await stack.provider_refunds(refund["charge"])] == ["succeeded"]
-    notices = {n["kind"] for n in await stack.store.outbox.notices(child_id)}
-    assert "submit_refused_case_moved_on" in notices
+
+    async def ops_told() -> bool:  # queued by the workflow after the refusal it read
+        kinds = {n["kind"] for n in await stack.store.outbox.notices(child_id)}
+        return "submit_refused_case_moved_on" in kinds
+    await eventually(ops_told)
 
 
 async def test_a_denied_break_whose_refund_failed_since_leaves_the_request_reissuable(stack: Stack) -> None:
