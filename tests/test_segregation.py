@@ -162,6 +162,34 @@ async def test_whoever_declared_a_reissue_unpaid_does_not_ask_for_the_original_t
     assert vic in (await stack.store.cases.get(second["refund_request_id"]))["trigger_identities"]  # type: ignore[index]
 
 
+async def test_whoever_asked_for_an_earlier_reissue_does_not_approve_the_next(stack: Stack) -> None:
+    """Oscar (ops and approver) asked for a failed refund's reissue; it was denied. Olga asks
+    again: the same request's money, which oscar asked to pay once already, so his approval
+    would count his own ask. He is among the new reissue's trigger identities: 403; another
+    approver does. Before, only the requesters up the chain were named, never a sibling's."""
+    oscar = await person(stack, "approver", "ops")
+    case_id, _ = await failed_case(stack)
+    status, first = await reissue(stack, oscar, case_id, method="bank_transfer")
+    assert status == 202, first
+    first_id = str(first["refund_request_id"])
+    await stack.wait_for_status(first_id, "awaiting_approval")
+    async with stack.api("carol") as api:
+        denied = await api.post(f"/v1/refund-requests/{first_id}/approvals", json={"decision": "deny"})
+    assert denied.status_code == 202, denied.text
+    await stack.wait_for_status(first_id, "denied")
+    await stack.client.get_workflow_handle(first_id).result()
+    status, second = await reissue(stack, "olga", case_id, method="bank_transfer")
+    assert status == 202, second
+    second_id = str(second["refund_request_id"])
+    await stack.wait_for_status(second_id, "awaiting_approval")
+    async with stack.api(oscar) as api:
+        refused = await api.post(f"/v1/refund-requests/{second_id}/approvals", json={"decision": "approve"})
+    assert refused.status_code == 403, refused.text
+    async with stack.api("carol") as api:
+        approved = await api.post(f"/v1/refund-requests/{second_id}/approvals", json={"decision": "approve"})
+    assert approved.status_code == 202, approved.text
+
+
 async def test_a_refund_split_into_parts_needs_the_approvals_of_the_whole(stack: Stack) -> None:
     """The tier is chosen on what leaves the charge: this request and the other refunds still
     holding money on it. Before, a 2,000.00 refund asked as four of 500.00 each needed one

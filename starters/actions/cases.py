@@ -128,10 +128,10 @@ refund stands behind its reissue (their word that nothing went is why it goes ag
 
 
 def reissue_request(parent: CaseRow, body: ReissueBody, attempt: int,
-                    witnesses: Iterable[str] = ()) -> RefundRequest:
+                    behind: Iterable[str] = ()) -> RefundRequest:
     """The child request: same charge and amount, its own id, linked to its parent; the
-    parent's requester and `witnesses` (who said what the request's money did) are behind
-    it, so cannot approve it."""
+    parent's requester and `behind` (who said what the request's money did, who asked for
+    any refund of it) are behind it, so cannot approve it."""
     original = request_from_row(parent)
     # validated as any request is (ValidationError when the child breaks a rule its parent
     # kept: an id or evidence at the limit), so no worker is handed a request it cannot read
@@ -142,7 +142,7 @@ def reissue_request(parent: CaseRow, body: ReissueBody, attempt: int,
         "source": RequestSource.CONSOLE, "method": body.method,
         "parent_refund_request_id": original.refund_request_id,
         "trigger_identities": tuple(dict.fromkeys([*original.trigger_identities, parent.requester,
-                                                   *sorted(witnesses)]))})
+                                                   *sorted(behind)]))})
 
 
 class CaseActions:
@@ -252,8 +252,11 @@ class CaseActions:
                               f"{caller.user} said what this request's money did (a transfer or a "
                               "provider wait of one of its refunds): another person asks for it to be "
                               "paid again", via=via, audit_action="access_refused")
+        # whoever asked for any refund of the request (an earlier reissue, denied or failed,
+        # a sibling of this one) asked to pay this money: they do not approve it either
+        asked = {row["requester"] for member in family if (row := await self.store.cases.get(member))}
         try:
-            request = reissue_request(parent, body, attempt=len(children) + 1, witnesses=witnesses)
+            request = reissue_request(parent, body, attempt=len(children) + 1, behind=witnesses | asked)
         except ValidationError as exc:
             broken = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
             await self.refuse(caller, case_id, 422, action,
