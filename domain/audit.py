@@ -15,6 +15,11 @@ def canonical_detail(detail: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+SAID_WHAT_THE_MONEY_DID = ("manual_refund_confirmed", "provider_wait_resolved")
+"""A case's actions that say whether its refund's money moved: whoever did one on a failed
+refund stands behind its reissue (their word that nothing went is why it goes again)."""
+
+
 REFUSED_TEXT_LIMIT = 500
 """How much of one text a refusal's row keeps of what a caller sent (an id, a filter, the
 refusal quoting it): enough to name it, never a caller-sized row each time it is sent."""

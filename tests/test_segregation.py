@@ -190,6 +190,30 @@ async def test_whoever_asked_for_an_earlier_reissue_does_not_approve_the_next(st
     assert approved.status_code == 202, approved.text
 
 
+async def test_a_witness_recorded_as_a_reissue_opened_does_not_approve_it(stack: Stack) -> None:
+    """Vic (ops and approver) said what the request's money did (he resolved a provider
+    wait of the original) in a transaction that committed just as olga's reissue opened: the
+    reissue read the family's witnesses before his row, so its trigger identities miss him
+    and the approval round takes his approval. The money's gate reads the family again:
+    not submitted, the case with ops. Before, only the row's trigger identities were read."""
+    vic = await person(stack, "approver", "ops")
+    case_id, _ = await failed_case(stack)
+    status, child = await reissue(stack, "olga", case_id, method="bank_transfer")
+    assert status == 202, child
+    child_id = str(child["refund_request_id"])
+    await stack.wait_for_status(child_id, "awaiting_approval")
+    assert vic not in (await stack.store.cases.get(child_id))["trigger_identities"]  # type: ignore[index]
+    await stack.store.audit.record(case_id, vic, "provider_wait_resolved", {"provider_shows": "no_refund"})
+    async with stack.api(vic) as api:
+        approved = await api.post(f"/v1/refund-requests/{child_id}/approvals", json={"decision": "approve"})
+    assert approved.status_code == 202, approved.text  # the round knows only the trigger identities
+    row = await stack.wait_for_status(child_id, "ops_review", "pending")
+    assert row["status"] == "ops_review", row
+    [refused] = [e for e in await stack.store.audit.trail(child_id) if e["action"] == "submission_refused"]
+    assert vic in refused["detail"]["reason"]
+    assert await stack.store.manual_refunds.get(child_id) is None
+
+
 async def test_a_refund_split_into_parts_needs_the_approvals_of_the_whole(stack: Stack) -> None:
     """The tier is chosen on what leaves the charge: this request and the other refunds still
     holding money on it. Before, a 2,000.00 refund asked as four of 500.00 each needed one

@@ -25,6 +25,7 @@ from adapters.db.outbox import OutboxRepository
 from adapters.db.rows import CaseRow
 from adapters.db.steps import once
 from adapters.db.sweep import idle_unswept, mark_end_seen, open_incident_run
+from domain.audit import SAID_WHAT_THE_MONEY_DID
 from domain.lifecycle import BACKWARDS, FINAL_PROVIDER_STATUSES, classify_status_change
 from domain.models import (
     CLOSED_STATUSES,
@@ -148,6 +149,21 @@ async def _reissue_paid_elsewhere(conn: Conn, case_id: str) -> str | None:
         return moved
     return ", ".join(f"{r['refund_request_id']} ({r['status']})" for r in others
                      if r["reserved_amount"] > 0) or None
+
+
+async def _family_behind(conn: Conn, case_id: str) -> list[str]:
+    """Who stands behind a reissue's request, read again at its money's gate: the requester
+    of each refund of the family and whoever said what one's money did
+    (`SAID_WHAT_THE_MONEY_DID`). The reissue named them among its trigger identities when it
+    opened; one whose word committed as it opened is read only here."""
+    root = await (await conn.execute(_FAMILY_ROOT, (case_id,))).fetchone()
+    assert root is not None  # the case's own row is on its way up
+    family = await _family_below(conn, root["refund_request_id"])
+    cur = await conn.execute(
+        "SELECT requester AS person FROM refund_cases WHERE refund_request_id = ANY(%(family)s)"
+        " UNION SELECT actor FROM audit_events WHERE chain = ANY(%(family)s) AND action = ANY(%(said)s)",
+        {"family": family, "said": list(SAID_WHAT_THE_MONEY_DID)})
+    return [str(r["person"]) for r in await cur.fetchall()]
 
 
 class MoneyMovedElsewhere(Exception):
@@ -735,12 +751,15 @@ class CaseRepository(Repository):
     @staticmethod
     async def _approved_by_whoever_asked(conn: Conn, case_id: str, row: Mapping[str, Any],
                                          writes: tuple[CaseWrite, ...]) -> list[str]:
-        """Who is behind the case (its row's requester and trigger identities) and granted it
-        an approval, recorded or among the deciding writes. The round bars them too, but it
-        believes the requester its run was started with: a run started again in Temporal
-        naming another let the real requester approve her own refund. Read here, at the
-        money's gate, from the case as the relay recorded it."""
+        """Who is behind the case (its row's requester and trigger identities; for a reissue,
+        its family's too, read again: `_family_behind`) and granted it an approval, recorded
+        or among the deciding writes. The round bars them too, but it believes the requester
+        its run was started with: a run started again in Temporal naming another let the
+        real requester approve her own refund. Read here, at the money's gate, from the case
+        as the relay recorded it."""
         behind = [row["requester"], *(row["trigger_identities"] or ())]
+        if row["parent_refund_request_id"] is not None:
+            behind += await _family_behind(conn, case_id)
         deciding = [w.event.actor for w in writes
                     if w.event is not None and w.event.action == APPROVAL_GRANTED and w.event.actor in behind]
         cur = await conn.execute(

@@ -22,6 +22,7 @@ from adapters.db.rows import ApprovalStep, CaseRow, ManualRefundRow
 from adapters.providers.base import ProviderAdapter
 from adapters.providers.manual import manual_refund
 from adapters.temporal_client import workflow_closed
+from domain.audit import SAID_WHAT_THE_MONEY_DID
 from domain.lifecycle import check_approval, unfilled
 from domain.models import (
     CLOSED_STATUSES,
@@ -120,11 +121,6 @@ def advice_view(row: Mapping[str, Any] | None) -> dict[str, Any]:
                 "error": row["error"] if row else None, "source": row["source"] if row else None}
     return {**view, "available": True, "source": row["source"], **row["advice"],
             "created_at": row["created_at"].isoformat()}
-
-
-SAID_WHAT_THE_MONEY_DID = ("manual_refund_confirmed", "provider_wait_resolved")
-"""A case's actions that say whether its refund's money moved: whoever did one on a failed
-refund stands behind its reissue (their word that nothing went is why it goes again)."""
 
 
 def reissue_request(parent: CaseRow, body: ReissueBody, attempt: int,
