@@ -28,6 +28,17 @@ def seal_refusal(signal: ApprovalSignal) -> str:
     return signal.refusal
 
 
+UNSEALED_SENDER = "temporal"
+"""Who a refusal of an unsealed verdict or request is written as: whoever reached Temporal
+without the relay's seal. The person it names is only its sender's word (kept as `named`)."""
+
+
+def named_by_relay(signal: ApprovalSignal) -> bool:
+    """Whether the verdict's approver is one the relay authenticated: its seal held, within
+    its window or past it (`late`). Replayed, moved or missing seals name nobody."""
+    return not seal_refusal(signal) or (isinstance(signal, CheckedApproval) and signal.late)
+
+
 def late_denial(signal: ApprovalSignal) -> bool:
     """A denial the relay sealed that reached the workflow past its seal's window: the
     channel answered "signalled" (a ServiceNow rejection is sent once), and a denial moves no

@@ -697,6 +697,17 @@ async def approval_sealed(rig: Recording) -> str:
     return case_id
 
 
+async def approval_unsealed_unnamed(rig: Recording) -> str:
+    """An approval sent straight to Temporal naming someone is refused and written as
+    `temporal`'s, naming them (`approval-unsealed-unnamed-1`); nobody else answers, and the
+    round expires (no sealed verdict: the case id may be any)."""
+    case_id = await awaiting_approval(rig)
+    await rig.stack.client.get_workflow_handle(case_id).signal(RefundWorkflow.approve, ApprovalSignal(
+        approver="mallory", roles=("admin", "approver"), decision=Decision.APPROVE))
+    await rig.stack.wait_for_audit(case_id, "approval_refused")
+    return case_id
+
+
 async def verdict_resent(rig: Recording) -> str:
     """The relay stopped waiting for an update the case then took, and sent the same verdict
     (same id) again as the `approve` signal: the copy is dropped, neither counted nor refused.
@@ -787,8 +798,9 @@ async def payout_reissue_denied(rig: Recording) -> str:
 
 async def payout_reissue_unsealed(rig: Recording) -> str:
     """A reissue request sent straight to Temporal (no relay seal, naming someone else) is
-    refused and audited (`payout-reissue-sealed-1`); the relay's request then counts, and the
-    reissue is denied."""
+    refused and audited (`payout-reissue-sealed-1`; written as `temporal`'s, naming them, since
+    `payout-reissue-unsealed-unnamed-1`); the relay's request then counts, and the reissue is
+    denied."""
     case_id = await failed_payout_case(rig)
     (await decide(rig.stack, "lena", case_id)).raise_for_status()
     await wait_for_case(rig.stack, case_id, "remediated")
@@ -1029,6 +1041,7 @@ SCENARIOS: dict[str, Scenario] = {
     "refund_with_approval": Scenario(with_approval),
     SEALED_SCENARIO: Scenario(approval_sealed),
     "refund_verdict_resent": Scenario(verdict_resent),
+    "refund_unsealed_unnamed": Scenario(approval_unsealed_unnamed, {"approval_timeout_seconds": 5}),
     "refund_denied": Scenario(denied),
     "refund_submit_case_moved_on": Scenario(moved_on_under_the_submit),
     "refund_verdicts_committed": Scenario(verdicts_committed),
@@ -1103,6 +1116,7 @@ SCENARIOS: dict[str, Scenario] = {
     "payout_reissue_landed_late": Scenario(payout_reissue_landed_late, {"max_submit_attempts": 1,
                                                                         "resubmit_margin_seconds": 4}),
     "payout_reissue_unsealed": Scenario(payout_reissue_unsealed),
+    "payout_reissue_unsealed_unnamed": Scenario(payout_reissue_unsealed),
     "payout_reissue_canceled": Scenario(payout_reissue_canceled, {"provider_http_timeout_seconds": 3,
                                                                   "submit_timeout_seconds": 10}),
     "payout_reissue_waited_for_hold": Scenario(payout_reissue_waited_for_hold),

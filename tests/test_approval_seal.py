@@ -57,12 +57,14 @@ def _verdict(approver: str, roles: tuple[str, ...] = CLAIMED_ROLES) -> ApprovalS
 
 
 async def _refusals(stack: Stack, case_id: str, approver: str, count: int) -> list[str]:
-    """The audited refusals of one approver, once `count` of them are recorded (a hang
-    detector of 60 s, not a timing assertion)."""
+    """The audited refusals of verdicts naming one approver, once `count` of them are
+    recorded (a hang detector of 60 s, not a timing assertion). One whose seal did not hold
+    is written by `temporal`, the name it gave as `named`: nobody authenticated that person."""
     deadline = asyncio.get_running_loop().time() + 60
     while True:
         refused = [e["detail"]["refusal"] for e in await stack.store.audit.trail(case_id)
-                   if e["action"] == "approval_refused" and e["actor"] == approver]
+                   if e["action"] == "approval_refused"
+                   and approver in (e["actor"], e["detail"].get("named"))]
         if len(refused) >= count:
             return refused
         assert asyncio.get_running_loop().time() < deadline, f"{approver}'s verdict never audited"
@@ -91,6 +93,10 @@ async def test_an_approval_sent_straight_to_temporal_is_refused_and_audited(
     assert isinstance(refused.value.cause, ApplicationError) and refused.value.cause.type == UNSEALED
     assert await _refusals(stack, case_id, "mallory", 1) == ["approval not sealed by the relay"]
     assert await _refusals(stack, case_id, "trudy", 1) == ["approval not sealed by the relay"]
+    # the names an unsealed verdict gives are its sender's word: no row is written as theirs
+    written = [e for e in await stack.store.audit.trail(case_id) if e["action"] == "approval_refused"]
+    assert sorted((e["actor"], e["detail"]["named"]) for e in written) == [
+        ("temporal", "mallory"), ("temporal", "trudy")]
     row = await stack.store.cases.get(case_id)
     assert row is not None and row["status"] == "awaiting_approval"
     assert "approval_granted" not in await stack.actions(case_id)
@@ -266,11 +272,13 @@ async def test_a_sealed_verdict_replayed_into_a_reopened_break_counts_nowhere(st
 
 
 async def _break_verdicts(stack: Stack, case_id: str, approver: str, count: int) -> list[str]:
-    """An approver's recorded break verdicts (granted or refused), once `count` are recorded
+    """The recorded break verdicts naming an approver (granted or refused; a refused one
+    whose seal did not hold written as `temporal`'s, naming them), once `count` are recorded
     (a hang detector of 60 s, not a timing assertion)."""
     deadline = asyncio.get_running_loop().time() + 60
     while True:
-        verdicts = [e["action"] for e in await stack.store.audit.trail(case_id) if e["actor"] == approver
+        verdicts = [e["action"] for e in await stack.store.audit.trail(case_id)
+                    if approver in (e["actor"], e["detail"].get("named"))
                     and e["action"] in ("reconciliation_approval_granted", "reconciliation_approval_refused")]
         if len(verdicts) >= count:
             return verdicts
@@ -291,7 +299,9 @@ async def test_a_reissue_request_sent_straight_to_temporal_is_refused_and_audite
             PayoutReversalWorkflow.request_reissue, forged)
     assert isinstance(refused.value.cause, ApplicationError) and refused.value.cause.type == UNSEALED
     trail = await stack.store.audit.trail(case_id)
-    assert [e["actor"] for e in trail if e["action"] == "reissue_request_refused"] == ["someone-else"]
+    # the requester it names is its sender's word: the row is not written as theirs
+    assert [(e["actor"], e["detail"]["named"]) for e in trail
+            if e["action"] == "reissue_request_refused"] == [("temporal", "someone-else")]
     assert [e for e in trail if e["action"] == "reissue_requested"] == []
     asked = await ask_reissue(stack, "omar", case_id)  # the relay's request still counts
     assert asked.status_code == 202, asked.text

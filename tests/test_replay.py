@@ -28,7 +28,12 @@ from tests.harness import APPROVAL_KEYS, PAYLOAD_KEYS
 from tests.record_histories import SCENARIOS, SEALED_SCENARIO
 from workers.main import WORKFLOWS, workflow_runner
 from workflows import approvals, news, payout_case, reconciliation, refund_case, tracking
-from workflows.approvals import LATE_DENIALS_PATCH, SEALED_APPROVALS_PATCH, VERDICT_TAKING_PATCH
+from workflows.approvals import (
+    LATE_DENIALS_PATCH,
+    SEALED_APPROVALS_PATCH,
+    UNSEALED_UNNAMED_PATCH,
+    VERDICT_TAKING_PATCH,
+)
 from workflows.news import NEWS_SEALED_PATCH
 from workflows.payout_case import (
     ADVICE_REFRESH_PATCH,
@@ -41,6 +46,7 @@ from workflows.payout_case import (
     REISSUE_CANCEL_PATCH,
     REISSUE_HORIZON_PATCH,
     SEALED_REISSUE_PATCH,
+    UNSEALED_REISSUE_UNNAMED_PATCH,
 )
 from workflows.payout_case import BOUNDED_PATCH as PAYOUT_BOUNDED_PATCH
 from workflows.reconciliation import (
@@ -118,6 +124,9 @@ BRANCHES: dict[str, Branch] = {
                                    "action:refund_succeeded"),
     SEALED_SCENARIO: branch(f"patch:{SEALED_APPROVALS_PATCH}", "signal:approve", "action:approval_refused",
                             "update:submit_approval", "action:approval_granted", SUBMIT),
+    "refund_unsealed_unnamed": branch(f"patch:{UNSEALED_UNNAMED_PATCH}", "signal:approve",
+                                      "action:approval_refused", "action:approval_expired",
+                                      lacks=["action:approval_granted", SUBMIT]),
     "refund_verdict_resent": branch("update:submit_approval", "signal:approve", "action:approval_granted",
                                     SUBMIT, "action:refund_succeeded",
                                     lacks=["action:approval_refused", "action:approval_granted#2"]),
@@ -288,6 +297,10 @@ BRANCHES: dict[str, Branch] = {
     "payout_reissue_waited_for_hold": branch(
         f"patch:{HELD_REISSUE_PATCH}", "action:reissue_waiting_for_beneficiary_hold",
         "activity:reissue_payout#2", "action:reissue_completed", lacks=["action:reissue_failed"]),
+    "payout_reissue_unsealed_unnamed": branch(
+        f"patch:{UNSEALED_REISSUE_UNNAMED_PATCH}", "update:request_reissue#2",
+        "action:reissue_request_refused", "action:reissue_requested", "action:approval_denied",
+        lacks=["activity:reissue_payout"]),
     "payout_reissue_unsealed": branch(
         f"patch:{SEALED_REISSUE_PATCH}", "update:request_reissue#2", "action:reissue_request_refused",
         "action:reissue_requested", "action:approval_denied", lacks=["activity:reissue_payout"]),

@@ -29,7 +29,7 @@ with workflow.unsafe.imports_passed_through():
         RefundTimings,
         RoleRequirement,
     )
-    from domain.seals import late_denial, seal_refusal
+    from domain.seals import UNSEALED_SENDER, late_denial, named_by_relay, seal_refusal
 
 LATE_VERDICTS_PATCH = "approval-late-verdicts-1"
 """Verdicts that arrive once a round is decided are answered at once and audited; before,
@@ -57,6 +57,10 @@ LATE_DENIALS_PATCH = "approval-late-denials-1"
 longer than it) still denies: a denial moves no money. Before, it was refused as stale, the
 channel had answered "signalled" (ServiceNow sends a rejection once), and another approver's
 approval then moved the money against it."""
+UNSEALED_UNNAMED_PATCH = "approval-unsealed-unnamed-1"
+"""A refused verdict the relay did not seal is written as `temporal`'s, the name it gave as
+`named`; before, as that person's (anyone reaching Temporal could put rows under any name in
+a case's audit trail)."""
 UNSEALED = "ApprovalUnsealed"
 RESENT = "this verdict was already received (the relay's resend); it counted, or was refused, once"
 
@@ -281,7 +285,10 @@ class ApprovalRound:
     async def record_refusal(self, host: ApprovalHost, signal: ApprovalSignal, refusal: str) -> None:
         self.refused.append(ApprovalRecord(approver=signal.approver, decision=signal.decision,
                                            reason=signal.reason, at=workflow.now()))
-        await host.approval_step("approval_refused", actor=signal.approver, detail={"refusal": refusal})
+        actor, detail = signal.approver, {"refusal": refusal}
+        if not named_by_relay(signal) and workflow.patched(UNSEALED_UNNAMED_PATCH):
+            actor, detail = UNSEALED_SENDER, {**detail, "named": signal.approver}
+        await host.approval_step("approval_refused", actor=actor, detail=detail)
 
     def refuse_signalled(self, host: ApprovalHost, signal: ApprovalSignal, refusal: str | None) -> None:
         """A signalled verdict refused (`None`: after the decision, with the case's status

@@ -43,7 +43,7 @@ with workflow.unsafe.imports_passed_through():
         TicketResult,
         TriageInput,
     )
-    from domain.seals import reissue_refusal
+    from domain.seals import UNSEALED_SENDER, reissue_refusal
     from workflows import retry
     from workflows.approvals import UNSEALED, ApprovalOutcome, ApprovalRound
     from workflows.history import forged_start
@@ -55,6 +55,7 @@ with workflow.unsafe.imports_passed_through():
         REVERSAL_STEPS,
         SEALED_REISSUE_PATCH,
         TICKETS_PATCH,
+        UNSEALED_REISSUE_UNNAMED_PATCH,
     )
     from workflows.payout_reissue import PayoutReissue
 
@@ -123,7 +124,10 @@ class PayoutReversalWorkflow(PayoutReissue):
         unsealed = reissue_refusal(ask)
         if unsealed and workflow.patched(SEALED_REISSUE_PATCH):
             # checked here, not in the validator, so the refusal is audited
-            await self._record("reissue_request_refused", actor=ask.requester, detail={"refusal": unsealed})
+            actor, detail = ask.requester, {"refusal": unsealed}
+            if workflow.patched(UNSEALED_REISSUE_UNNAMED_PATCH):
+                actor, detail = UNSEALED_SENDER, {**detail, "named": ask.requester}
+            await self._record("reissue_request_refused", actor=actor, detail=detail)
             raise ApplicationError(unsealed, type=UNSEALED)
         self._reissue_ask = ask
         await workflow.wait_condition(lambda: self._status_recorded is self._status

@@ -88,6 +88,9 @@ PAID_AT_PROVIDER_PATCH = "payout-read-before-reversal-1"
 # an unknown outcome and the next attempt made the reissue ops had stopped. Asked when an
 # attempt fails with the cancel.
 REISSUE_CANCEL_PATCH = "payout-reissue-cancel-1"
+# A refused unsealed reissue request is written as `temporal`'s, the requester it gave as
+# `named`; before, as that person's (anyone reaching Temporal wrote rows under any name).
+UNSEALED_REISSUE_UNNAMED_PATCH = "payout-reissue-unsealed-unnamed-1"
 
 
 class PayoutCase(ApprovingWorkflow):
