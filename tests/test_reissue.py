@@ -1,6 +1,7 @@
 """A failed refund is reissued as a new linked request through the same gates."""
 
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -401,6 +402,34 @@ async def test_no_reissue_while_a_refund_under_the_request_s_reference_is_in_fli
     status, refused = await reissue(stack, "olga", case_id)
     assert status == 409 and hidden["id"] in refused["detail"], refused
     assert await stack.store.cases.children(case_id) == []
+
+
+async def test_a_pending_delivered_after_the_same_refund_was_heard_failed_opens_nothing(stack: Stack) -> None:
+    """The refund under the request's reference was heard failed after the case closed; a
+    pending delivery of it arriving after that (providers do not keep their order, ops
+    replay deliveries) is older than that word: audited only, no break, and a reissue goes
+    ahead. (A pending heard first is news: the test above.)"""
+    case_id, charge = await failed_case(stack)
+    await stack.client.get_workflow_handle(case_id).result()
+    hidden = history(charge, 2_500, days_ago=0.01, status="pending", reference=case_id)
+    async with stack.sandbox() as sb:
+        (await sb.post("/_sandbox/import", json={"charges": [], "refunds": [hidden]})).raise_for_status()
+    failed_at = datetime.now(UTC)
+    await stack.set_provider_status(hidden["id"], "failed", failure_reason="card_account_closed")
+    await stack.wait_for_audit(case_id, "event_after_close")
+    await stack.set_provider_status(hidden["id"], "pending")
+    await stack.wait_for_audit(case_id, "event_after_close", count=2)
+
+    async def all_done() -> bool:  # every delivery since the failure's has been acted on
+        waiting = await stack.store.database.fetch_one(
+            "SELECT count(*) AS n FROM webhook_receipts WHERE verdict = 'accepted'"
+            " AND processed_at IS NULL AND received_at >= %s", (failed_at,))
+        return waiting is not None and waiting["n"] == 0
+    await eventually(all_done)
+    assert await stack.store.database.fetch_all(
+        "SELECT id FROM reconciliation_breaks WHERE object_id = %s", (hidden["id"],)) == []
+    status, made = await reissue(stack, "olga", case_id)
+    assert status == 202, made
 
 
 @pytest.mark.parametrize("denied", [False, True])

@@ -150,12 +150,16 @@ class AuditLog:
             (case_id, list(actions)))
         return list(dict.fromkeys(str(r["actor"]) for r in rows))
 
-    async def has_action(self, case_id: str, action: str, actor: str | None = None) -> bool:
+    async def has_action(self, case_id: str, action: str, actor: str | None = None,
+                         detail: Mapping[str, Any] | None = None) -> bool:
         """Whether the case's chain records `action` at least once (by `actor`, when named;
-        one indexed lookup, not the whole trail)."""
+        its detail holding `detail`'s fields, when given; one indexed lookup, not the whole
+        trail)."""
+        holding = Jsonb(dict(detail)) if detail is not None else None
         row = await self._db.fetch_one(
             "SELECT EXISTS (SELECT 1 FROM audit_events WHERE chain = %s AND action = %s"
-            " AND (%s::text IS NULL OR actor = %s)) AS found", (case_id, action, actor, actor))
+            " AND (%s::text IS NULL OR actor = %s) AND (%s::jsonb IS NULL OR detail @> %s::jsonb)) AS found",
+            (case_id, action, actor, actor, holding, holding))
         return bool(row and row["found"])
 
     async def approvals(self, case_ids: list[str]) -> dict[str, list[ApprovalStep]]:

@@ -387,9 +387,10 @@ class WebhookDesk:
         `row`: the case as the caller read it (its workflow is closed: nothing moves it)."""
         log.error("case %s is closed; event %s (%s) is reconciled now", case_id, event.event_id,
                   event.event_type)
-        await self._store.audit.record(case_id, actor_of(event), "event_after_close",
-                                       {"event_id": event.event_id, "event_type": event.event_type})
         refund = event.as_refund()
+        await self._store.audit.record(case_id, actor_of(event), "event_after_close", {
+            "event_id": event.event_id, "event_type": event.event_type,
+            **({"refund_id": refund.refund_id, "status": refund.status.value} if refund else {})})
         if refund is None or not (refund.status in FINAL_PROVIDER_STATUSES
                                   or await self._success_is_news(case_id, refund, row)
                                   or await self._in_flight_unheld(case_id, refund, row)):
@@ -435,12 +436,19 @@ class WebhookDesk:
         case does not hold: it may yet move the request's money (an earlier attempt's refund
         the case never learned of, a second one), so it is news (a break: a reissue waits
         for it). Before, it was audited only; a reissue paid, then so did this refund. One
-        the case holds may be an old delivery: audited only."""
+        the case holds, or one heard failed or canceled after the close (this delivery is
+        older than that word), may be an old delivery: audited only."""
         if refund.status is ProviderRefundStatus.SUCCEEDED or refund.status in FINAL_PROVIDER_STATUSES:
             return False
         if case is None:
             case = await self._store.cases.get(case_id)
-        return case is not None and case["provider_refund_id"] != refund.refund_id
+        if case is None or case["provider_refund_id"] == refund.refund_id:
+            return False
+        for final in FINAL_PROVIDER_STATUSES:
+            heard = {"refund_id": refund.refund_id, "status": final.value}
+            if await self._store.audit.has_action(case_id, "event_after_close", detail=heard):
+                return False
+        return True
 
     async def _payout_receipt(self, event: PayoutEvent, stored: StoredReceipt) -> None:
         """Every delivery of a payout event, duplicates too, joins the case's timeline with
