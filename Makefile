@@ -45,8 +45,8 @@ run: $(STAMP)
 # own session Temporal dev server and PostgreSQL; a test file stays on one worker, so its
 # module fixtures start once) and mypy beside them share the two cores: a fresh clone's
 # `make test` took 19.5 to 21.4 minutes in one process on this machine, 8 to 13.5 with two
-# when the suite was smaller; with today's suite two took 17 to 19.5, three 13.5 in a working
-# copy (its speed varies by the day). Either failing fails the target.
+# when the suite was smaller; with today's suite two took 17 to 19.5, three 14.5 (a fresh
+# clone; its speed varies by the day). Either failing fails the target.
 test: $(STAMP) browser-deps
 	$(BIN)/ruff check .
 	$(BIN)/mypy . > $(VENV)/mypy.out 2>&1 & typing=$$!; \

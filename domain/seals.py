@@ -29,8 +29,9 @@ def seal_refusal(signal: ApprovalSignal) -> str:
 
 
 UNSEALED_SENDER = "temporal"
-"""Who a refusal of an unsealed verdict or request is written as: whoever reached Temporal
-without the relay's seal. The person it names is only its sender's word (kept as `named`)."""
+"""Who the refusal of unsealed news, a verdict or a request is written as: whoever reached
+Temporal without the relay's seal. A person a verdict or request names is only its sender's
+word (kept as `named`)."""
 
 
 def named_by_relay(signal: ApprovalSignal) -> bool:

@@ -1192,7 +1192,9 @@ async def test_the_same_reissue_ask_sent_again_before_its_round_is_on_record_is_
         await asyncio.sleep(1.0)  # the case takes it; its `reissue_requested` waits for the lock
         assert not first.done()
         again = asyncio.create_task(ask_reissue(payouts, "omar", case_id))
-        await asyncio.sleep(1.0)  # the resend is refused as taken meanwhile
+        # the resend is refused as taken meanwhile (held 3 s: on a loaded machine, a resend that
+        # reached the case only after the lock went would find the round on record either way)
+        await asyncio.sleep(3.0)
     answers = [await first, await again]
     assert [a.status_code for a in answers] == [202, 202], [a.text for a in answers]
     trail = [e["action"] for e in await payouts.store.audit.trail(case_id)]

@@ -112,7 +112,7 @@ class PayoutReversalWorkflow(PayoutReissue):
             self._inbox.append(event)
 
     async def _record_refused_news(self, action: str, detail: dict[str, Any]) -> None:
-        await self._record(action, actor="temporal", detail=detail)
+        await self._record(action, actor=UNSEALED_SENDER, detail=detail)
 
     @workflow.update
     async def request_reissue(self, ask: ReissueAsk) -> ApprovalProgress:

@@ -32,6 +32,7 @@ with workflow.unsafe.imports_passed_through():
         ValidationResult,
         Vetted,
     )
+    from domain.seals import UNSEALED_SENDER
     from workflows import retry
     from workflows.approvals import (
         LATE_VERDICTS_PATCH,
@@ -134,7 +135,7 @@ class RefundWorkflow(RefundLifecycle):
         self._event_inbox.append(event)
 
     async def _record_refused_news(self, action: str, detail: dict[str, Any]) -> None:
-        await contracts.RECORD_CASE_EVENT(self._case_event(action, actor="temporal", detail=detail),
+        await contracts.RECORD_CASE_EVENT(self._case_event(action, actor=UNSEALED_SENDER, detail=detail),
                                           **retry.CASE_EVENT)
 
     @workflow.query
