@@ -147,8 +147,8 @@ async def _sweep_refund_case(store: Store, providers: Mapping[str, ProviderAdapt
         row["provider"], row["provider_refund_id"])
     if ended in LEFT_TO_OPS and (row["status"] == CaseStatus.OPS_REVIEW or tracking):
         # the workflow handed it to ops itself (a duplicate or mismatched refund), or a
-        # tracking watch ended without a final status (ops told), or never started (the
-        # relay's re-drive starts it)
+        # tracking watch its run ended (telling ops when no final status came), or one
+        # Temporal does not know (never started: the relay's re-drive starts it)
         await store.cases.mark_end_seen(case_id, row["updated_at"])
         return False
     holds, found = await provider_holds(store, providers, row)
