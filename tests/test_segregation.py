@@ -4,6 +4,8 @@ read only their own cases, through the API and the console alike."""
 
 import uuid
 
+import httpx
+
 from tests.harness import Stack
 from tests.test_console import console, refusals
 from tests.test_reissue import failed_case, reissue, reissued_as_transfer
@@ -29,6 +31,20 @@ async def declared_unpaid(stack: Stack, user: str, case_id: str) -> None:
                                 json={"paid": False, "reason": "the transfer bounced"})
     assert unpaid.status_code == 200, unpaid.text
     await stack.wait_for_status(case_id, "refund_failed")
+
+
+async def transfer_awaiting_approval(stack: Stack, user: str, case_id: str) -> str:
+    """`user` asks for the case's reissue by bank transfer; it waits for approval: its id."""
+    status, made = await reissue(stack, user, case_id, method="bank_transfer")
+    assert status == 202, made
+    made_id = str(made["refund_request_id"])
+    await stack.wait_for_status(made_id, "awaiting_approval")
+    return made_id
+
+
+async def verdict(stack: Stack, user: str, case_id: str, decision: str = "approve") -> httpx.Response:
+    async with stack.api(user) as api:
+        return await api.post(f"/v1/refund-requests/{case_id}/approvals", json={"decision": decision})
 
 
 async def test_nobody_behind_a_refund_confirms_its_bank_transfer(stack: Stack) -> None:
@@ -108,16 +124,11 @@ async def test_whoever_declared_a_refund_unpaid_does_not_approve_its_reissue(sta
     vic = await person(stack, "approver", "ops")
     child_id = await approved_bank_transfer(stack, await person(stack, "requester"), "bob")
     await declared_unpaid(stack, vic, child_id)
-    status, again = await reissue(stack, "olga", child_id, method="bank_transfer")
-    assert status == 202, again
-    again_id = str(again["refund_request_id"])
-    await stack.wait_for_status(again_id, "awaiting_approval")
-    async with stack.api(vic) as api:
-        refused = await api.post(f"/v1/refund-requests/{again_id}/approvals", json={"decision": "approve"})
+    again_id = await transfer_awaiting_approval(stack, "olga", child_id)
+    refused = await verdict(stack, vic, again_id)
     assert refused.status_code == 403, refused.text
     assert (await stack.store.cases.get(again_id))["status"] == "awaiting_approval"  # type: ignore[index]
-    async with stack.api("carol") as api:
-        approved = await api.post(f"/v1/refund-requests/{again_id}/approvals", json={"decision": "approve"})
+    approved = await verdict(stack, "carol", again_id)
     assert approved.status_code == 202, approved.text
 
 
@@ -169,24 +180,15 @@ async def test_whoever_asked_for_an_earlier_reissue_does_not_approve_the_next(st
     approver does. Before, only the requesters up the chain were named, never a sibling's."""
     oscar = await person(stack, "approver", "ops")
     case_id, _ = await failed_case(stack)
-    status, first = await reissue(stack, oscar, case_id, method="bank_transfer")
-    assert status == 202, first
-    first_id = str(first["refund_request_id"])
-    await stack.wait_for_status(first_id, "awaiting_approval")
-    async with stack.api("carol") as api:
-        denied = await api.post(f"/v1/refund-requests/{first_id}/approvals", json={"decision": "deny"})
+    first_id = await transfer_awaiting_approval(stack, oscar, case_id)
+    denied = await verdict(stack, "carol", first_id, "deny")
     assert denied.status_code == 202, denied.text
     await stack.wait_for_status(first_id, "denied")
     await stack.client.get_workflow_handle(first_id).result()
-    status, second = await reissue(stack, "olga", case_id, method="bank_transfer")
-    assert status == 202, second
-    second_id = str(second["refund_request_id"])
-    await stack.wait_for_status(second_id, "awaiting_approval")
-    async with stack.api(oscar) as api:
-        refused = await api.post(f"/v1/refund-requests/{second_id}/approvals", json={"decision": "approve"})
+    second_id = await transfer_awaiting_approval(stack, "olga", case_id)
+    refused = await verdict(stack, oscar, second_id)
     assert refused.status_code == 403, refused.text
-    async with stack.api("carol") as api:
-        approved = await api.post(f"/v1/refund-requests/{second_id}/approvals", json={"decision": "approve"})
+    approved = await verdict(stack, "carol", second_id)
     assert approved.status_code == 202, approved.text
 
 
@@ -198,14 +200,10 @@ async def test_a_witness_recorded_as_a_reissue_opened_does_not_approve_it(stack:
     not submitted, the case with ops. Before, only the row's trigger identities were read."""
     vic = await person(stack, "approver", "ops")
     case_id, _ = await failed_case(stack)
-    status, child = await reissue(stack, "olga", case_id, method="bank_transfer")
-    assert status == 202, child
-    child_id = str(child["refund_request_id"])
-    await stack.wait_for_status(child_id, "awaiting_approval")
+    child_id = await transfer_awaiting_approval(stack, "olga", case_id)
     assert vic not in (await stack.store.cases.get(child_id))["trigger_identities"]  # type: ignore[index]
     await stack.store.audit.record(case_id, vic, "provider_wait_resolved", {"provider_shows": "no_refund"})
-    async with stack.api(vic) as api:
-        approved = await api.post(f"/v1/refund-requests/{child_id}/approvals", json={"decision": "approve"})
+    approved = await verdict(stack, vic, child_id)
     assert approved.status_code == 202, approved.text  # the round knows only the trigger identities
     row = await stack.wait_for_status(child_id, "ops_review", "pending")
     assert row["status"] == "ops_review", row

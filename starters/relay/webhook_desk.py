@@ -384,10 +384,13 @@ class WebhookDesk:
         later (a run cannot list Adyen or Cashfree, and its window passes). Any other status
         may be an old delivery arriving late (a success the provider's own failure of that
         refund followed): audited only.
-        `row`: the case as the caller read it (its workflow is closed: nothing moves it)."""
+        `row`: the case as the caller read it (its workflow is closed: nothing moves it),
+        else read here once."""
         log.error("case %s is closed; event %s (%s) is reconciled now", case_id, event.event_id,
                   event.event_type)
         refund = event.as_refund()
+        if row is None:
+            row = await self._store.cases.get(case_id)
         await self._store.audit.record(case_id, actor_of(event), "event_after_close", {
             "event_id": event.event_id, "event_type": event.event_type,
             **({"refund_id": refund.refund_id, "status": refund.status.value} if refund else {})})
@@ -416,8 +419,6 @@ class WebhookDesk:
         if refund.status is not ProviderRefundStatus.SUCCEEDED:
             return False
         if case is None:
-            case = await self._store.cases.get(case_id)
-        if case is None:
             return False
         held = case["provider_refund_id"]
         if held is not None and held != refund.refund_id and not held.startswith(NO_REFUND_PREFIX):
@@ -440,8 +441,6 @@ class WebhookDesk:
         older than that word), may be an old delivery: audited only."""
         if refund.status is ProviderRefundStatus.SUCCEEDED or refund.status in FINAL_PROVIDER_STATUSES:
             return False
-        if case is None:
-            case = await self._store.cases.get(case_id)
         if case is None or case["provider_refund_id"] == refund.refund_id:
             return False
         for final in FINAL_PROVIDER_STATUSES:
