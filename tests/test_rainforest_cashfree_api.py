@@ -48,7 +48,7 @@ from adapters.providers.rainforest import RainforestApiProvider, RainforestProvi
 from adapters.providers.registry import build_providers, close_providers
 from domain import errors
 from domain.events import tracking_case_id
-from domain.models import ProviderEvent, RefundReason, RefundRequest, VerifyInput
+from domain.models import ProviderEvent, ProviderRefundStatus, RefundReason, RefundRequest, VerifyInput
 from domain.reconciliation import ListedRefund
 from starters.dev.stack import TemporalDevServer
 from tests.harness import Stack, open_stack
@@ -522,6 +522,27 @@ async def test_another_rainforest_merchant_is_not_ours() -> None:
     assert unset.parse_webhook(sign_rainforest(body), body, time.time()).provider == "rainforest"
 
 
+def test_a_rainforest_event_naming_only_its_refund_is_read_beside_a_merchant_list() -> None:
+    """An event as Rainforest tabulates a status change (no merchant, payin or amount) is
+    read, for the case holding its refund; one carrying a whole refund still needs its
+    merchant to be served here (it could open a tracking case), and a part of one is not read."""
+    adapter = RainforestProvider(webhook_secrets=[RAINFOREST_SECRET], merchant_ids=["mid_1"])
+    body = rainforest_status_only("rfd_1", "FAILED")
+    event = adapter.parse_webhook(sign_rainforest(body), body, time.time())
+    assert (event.refund_id, event.status, event.charge_id, event.amount, event.merchant_account) == (
+        "rfd_1", ProviderRefundStatus.FAILED, None, None, None)
+    assert event.failure_reason == "account_closed: The card account is closed"
+    assert event.as_refund() is None
+    doc = json.loads((PAYLOADS / "rainforest_refund.processing.json").read_bytes())
+    del doc["data"]["merchant_id"]
+    part = {"refund_id": "rfd_2", "status": "SUCCEEDED", "payin_id": "pyi_1", "merchant_id": "mid_1"}
+    for data, verdict in ((doc["data"], "foreign_account"), (part, "unreadable")):
+        body = json.dumps({"data": data, "event_type": "refund.succeeded"}).encode()
+        with pytest.raises(WebhookRejected) as refused:
+            adapter.parse_webhook(sign_rainforest(body), body, time.time())
+        assert refused.value.verdict == verdict
+
+
 @pytest.mark.parametrize("missing", ["refunds", "chargebacks"])
 async def test_a_rainforest_payin_without_a_governance_field_is_an_error_not_zero(missing: str) -> None:
     payin = {k: v for k, v in RAINFOREST_PAYIN.items() if k != missing}
@@ -671,3 +692,49 @@ async def test_a_create_refused_as_a_duplicate_of_another_reference_books_nothin
         rig.cashfree.ids_ignore_case = False
     row = await rig.stack.wait_for_status(case_id, "pending", timeout=90)
     assert row["provider_refund_id"] not in (None, made["cf_refund_id"])
+
+
+@pytest.mark.parametrize("status", ["SUCCEEDED", "FAILED"])
+async def test_a_rainforest_event_with_only_its_documented_fields_moves_the_case_holding_it(
+        rig: Rig, status: str) -> None:
+    """Rainforest's docs list for refund.succeeded/failed/canceled only refund_id, status,
+    updated_at (and the refusal's code and text): no payin, amount or merchant. Such an event
+    was unreadable (400, retried until Rainforest gave up) and the case never heard its end.
+    The case holding the refund hears it, as of what that case asked for."""
+    payin_id = rig.rainforest.payin(6_000)
+    case_id = await rig.rainforest_refund(payin_id, 1_700)
+    await rig.stack.wait_for_status(case_id, "pending")
+    [made] = rig.rainforest.refunds_of(payin_id)
+    answer = await rig.webhook("rainforest", rainforest_status_only(made["refund_id"], status))
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["workflow_id"] == case_id
+    if status == "SUCCEEDED":
+        await rig.stack.wait_for_status(case_id, "succeeded")
+        assert [x["debit"] for x in await rig.stack.store.ledger.entries(case_id)] == [1_700, 0]
+    else:
+        row = await rig.stack.wait_for_status(case_id, "refund_failed")
+        assert row["reserved_amount"] == 0
+        assert "account_closed" in json.dumps(await rig.stack.store.audit.trail(case_id), default=str)
+
+
+async def test_a_rainforest_failure_naming_only_its_refund_after_the_case_closed_is_a_break(rig: Rig) -> None:
+    """The refund a closed case shows refunded fails later (a closed card account), and the
+    word names only the refund: a break for ops, as a whole failure event opens."""
+    payin_id = rig.rainforest.payin(6_000)
+    case_id = await rig.rainforest_refund(payin_id, 1_300)
+    await rig.stack.wait_for_status(case_id, "pending")
+    [made] = rig.rainforest.refunds_of(payin_id)
+    await rig.webhook("rainforest", rainforest_webhook(made))
+    await rig.stack.wait_for_status(case_id, "succeeded")
+    await rig.stack.client.get_workflow_handle(case_id).terminate("its watch long over")
+    await rig.webhook("rainforest", rainforest_status_only(made["refund_id"], "FAILED"))
+    [found] = await wait_for_breaks(rig.stack, [made["refund_id"]], "awaiting_approval")
+    assert (found["break_class"], found["refund_request_id"]) == ("provider_failed_shown_refunded", case_id)
+
+
+def rainforest_status_only(refund_id: str, status: str) -> bytes:
+    """A refund status event with only the fields Rainforest's docs tabulate for it."""
+    data = {"refund_id": refund_id, "status": status, "updated_at": "2026-12-07T10:00:00Z"}
+    if status == "FAILED":
+        data |= {"refusal_code": "account_closed", "refusal_desc": "The card account is closed"}
+    return json.dumps({"data": data, "event_type": f"refund.{status.lower()}"}).encode()

@@ -48,6 +48,7 @@ from adapters.providers.signing import (
 from adapters.providers.units import ISO_UNITS, minor_units
 from domain.models import (
     ChargeSnapshot,
+    EventKind,
     ProviderEvent,
     ProviderRefund,
     ProviderRefundStatus,
@@ -65,6 +66,9 @@ STATUSES = {
     "CANCELED": ProviderRefundStatus.CANCELED,
 }
 KNOWN_EVENT_TYPES = frozenset(f"refund.{s.lower()}" for s in STATUSES)
+WHOLE_REFUND = ("payin_id", "amount", "currency_code")
+"""The fields of a whole refund object (refund.created's table, the API's answers): an event
+carrying any of them is read as one, and needs them all."""
 UNDONE = frozenset({ProviderRefundStatus.FAILED, ProviderRefundStatus.CANCELED})
 """Refunds that hold no money: every other status counts as refunded (the guard's side)."""
 API_VERSION = "2024-10-16"
@@ -105,15 +109,30 @@ class SvixVerifier:
 
 def _refund(provider: str, data: Mapping[str, Any]) -> ProviderRefund:
     status = map_status(provider, STATUSES, data["status"])
-    failure = None
-    if status is ProviderRefundStatus.FAILED:
-        failure = ": ".join(str(data[k]) for k in ("refusal_code", "refusal_desc") if data.get(k))
     return ProviderRefund(
         provider=provider, refund_id=str(data["refund_id"]), charge_id=str(data["payin_id"]),
         amount=minor_units(data["amount"]), currency=normalise_currency(str(data["currency_code"])),
-        status=status, raw_status=str(data["status"]), failure_reason=failure or None,
+        status=status, raw_status=str(data["status"]), failure_reason=_refusal(status, data),
         reference=_reference(data),
     )
+
+
+def _refusal(status: ProviderRefundStatus, data: Mapping[str, Any]) -> str | None:
+    """A failed refund's refusal code and text, as one reason."""
+    if status is not ProviderRefundStatus.FAILED:
+        return None
+    return ": ".join(str(data[k]) for k in ("refusal_code", "refusal_desc") if data.get(k)) or None
+
+
+def _status_only(provider: str, data: Mapping[str, Any], **envelope: Any) -> ProviderEvent:
+    """A status change as Rainforest's docs tabulate refund.processing, .succeeded, .failed,
+    .canceled and .in_review: the refund's id and status (a failure's refusal), without its
+    payin, amount or currency. Only the case holding that refund can read it (the relay
+    completes it from that case); no case is opened from it."""
+    status = map_status(provider, STATUSES, data["status"])
+    return ProviderEvent(provider=provider, kind=EventKind.REFUND_STATUS, refund_id=str(data["refund_id"]),
+                         status=status, raw_status=str(data["status"]), failure_reason=_refusal(status, data),
+                         refund_request_id=_reference(data), **envelope)
 
 
 def _reference(data: Mapping[str, Any]) -> str | None:
@@ -152,15 +171,21 @@ class RainforestProvider(VerifiedWebhooksOnly):
         require_known(event_type, KNOWN_EVENT_TYPES, event_id)
         with normalising(event_id, event_type):
             merchant_id = data.get("merchant_id")
-        if refusal := self._not_served(merchant_id):
+            whole = any(key in data for key in WHOLE_REFUND)
+        # an event naming only its refund moves only the case holding that refund, one made
+        # for a merchant served here: the merchant check is for what could open a case
+        if (whole or merchant_id is not None) and (refusal := self._not_served(merchant_id)):
             raise WebhookRejected("foreign_account", refusal, event_id=event_id, event_type=event_type)
         with normalising(event_id, event_type):
             stamp = data.get("updated_at") or data.get("created_at")
             occurred = (datetime.fromisoformat(stamp) if stamp
                         else datetime.fromtimestamp(int(_header(headers, "timestamp")), UTC))
+            digest = hashlib.sha256(body).hexdigest()
+            if not whole:
+                return _status_only(self.name, data, event_id=event_id, event_type=event_type,
+                                    body_sha256=digest, occurred_at=occurred, merchant_account=merchant_id)
             return refund_event(_refund(self.name, data), event_id=event_id, event_type=event_type,
-                                body_sha256=hashlib.sha256(body).hexdigest(), occurred_at=occurred,
-                                merchant_account=merchant_id)
+                                body_sha256=digest, occurred_at=occurred, merchant_account=merchant_id)
 
 
 def _data(answer: Any) -> Any:

@@ -142,6 +142,18 @@ UNBOOKED = frozenset({PayoutCaseStatus.OPENING, PayoutCaseStatus.AWAITING_APPROV
 runbook, or by finance's hand after its entry failed (`ledger_failed`, the hold kept)."""
 
 
+def as_held(event: ProviderEvent, holder: CaseRow) -> ProviderEvent:
+    """A status event naming only its refund (Rainforest tabulates refund.succeeded, .failed
+    and .canceled as its id, status and time), read as of the case holding that refund: the
+    charge, amount and currency that case asked the refund for, as an ops resolution reads
+    them. Before, such an event was unreadable and the case never heard its refund end."""
+    if event.kind is not EventKind.REFUND_STATUS or event.status is None or event.as_refund() is not None:
+        return event
+    return event.model_copy(update={
+        "charge_id": holder["charge_id"], "amount": holder["amount"], "currency": holder["currency"],
+        "merchant_account": event.merchant_account or holder["merchant_account"]})
+
+
 def failure_read_by_ops(trail: list[dict[str, Any]]) -> bool:
     """Whether the failure a case's trail ends on was ops' reading of the provider, not the
     provider's word: an ops resolution the follow loop applied (its source names it), or one
@@ -322,14 +334,17 @@ class WebhookDesk:
             handle = await start_refund(self._client, self._settings, request, requester, case["status"],
                                         trigger=event)
             return handle.id
-        if event.refund_id is None:
+        refund_id = event.refund_id
+        if refund_id is None:
             log.info("%s %s is a charge-level notice; refund events move the cases",
                      event.provider, event.event_type)
             return None
         # the case holding the refund hears of it whatever reference the refund carries (its
         # metadata can be edited); by reference only a refund no case holds yet
-        row = await self._store.cases.by_provider_refund(event.provider, event.refund_id)
-        if row is None and event.refund_request_id:
+        row = await self._store.cases.by_provider_refund(event.provider, refund_id)
+        if row is not None:
+            event = as_held(event, row)
+        elif event.refund_request_id:
             row = await self._by_reference(event, event.refund_request_id)
         if row is None:
             return await self._track(event)
@@ -343,7 +358,7 @@ class WebhookDesk:
             log.debug("%s %s repeats what case %s applied (%s): not signalled", event.provider,
                       event.event_id, case_id, reported.status.value)
             return case_id
-        tracking = case_id == tracking_case_id(event.provider, event.refund_id)
+        tracking = case_id == tracking_case_id(event.provider, refund_id)
         if tracking and row["status"] == CaseStatus.TRACKING:
             # a tracking case its workflow never moved: its first start may have failed, so
             # signal-with-start; one it moved is signalled (gone past retention: closed)
