@@ -55,8 +55,18 @@ def test_the_internal_state_gate(internal: PayoutStatus, reported: ProviderPayou
     (499_999, "USD", "ops_lead", ["payments_ops_lead"]),  # 4,999.99
     (500_000, "USD", "finance_and_compliance", ["compliance", "finance_manager"]),  # 5,000.00
     (5_000_000, "EUR", "finance_and_compliance", ["compliance", "finance_manager"]),  # 50,000.00
-    (5_000_001, "GBP", "treasury", ["treasury"]),  # 50,000.01
-    (100, "JPY", "treasury", ["treasury"]),  # a currency no tier names: the strictest
+    (5_000_001, "EUR", "treasury", ["treasury"]),  # 50,000.01
+    # the runbook's dollars in each currency, as the refund tiers convert them: GBP 4,500.00
+    # was the ops lead's alone, GBP 45,000.00 finance's and compliance's (both over $50k)
+    (399_999, "GBP", "ops_lead", ["payments_ops_lead"]),
+    (450_000, "GBP", "finance_and_compliance", ["compliance", "finance_manager"]),
+    (4_500_000, "GBP", "treasury", ["treasury"]),
+    (699_999, "JPY", "ops_lead", ["payments_ops_lead"]),  # no decimals
+    (7_000_000, "JPY", "finance_and_compliance", ["compliance", "finance_manager"]),
+    (1_499_997, "KWD", "ops_lead", ["payments_ops_lead"]),  # three decimals: 1,499.997
+    (1_500_000, "KWD", "finance_and_compliance", ["compliance", "finance_manager"]),
+    (15_000_001, "KWD", "treasury", ["treasury"]),
+    (100, "CHF", "treasury", ["treasury"]),  # a currency no tier names: the strictest
 ])
 def test_payout_tiers_at_their_boundaries(amount: int, currency: str, tier: str, roles: list[str]) -> None:
     decision = decide_payout_reversal(POLICY, amount, currency)
