@@ -4,9 +4,10 @@ checks the seal before the workflow sees the verdict.
 The seal is an HMAC-SHA256 (a key from `REFUNDS_APPROVAL_KEYS`, which only the relay and
 the worker hold) over the workflow id, the run chain it was sent to (the chain's first run
 id: a continue-as-new keeps it, a reopened break or a case started again under its id gets
-a new one), decision, approver, roles, reason, the time it was issued and a nonce. It
-travels in a Temporal header of the `approve` signal or the `submit_approval` update, put
-there by a client interceptor on the relay's client only.
+a new one), decision, approver, roles, reason, the time it was issued (to the millisecond:
+the money gate judges the approver's token as of it) and a nonce. It travels in a Temporal
+header of the `approve` signal or the `submit_approval` update, put there by a client
+interceptor on the relay's client only.
 On the worker an interceptor (built outside the sandbox, so it holds the keys and the
 workflow never does) checks it and hands the workflow a `CheckedApproval` that says whether
 the seal held; a payload always converts to a plain `ApprovalSignal`, so no caller can send
@@ -60,9 +61,13 @@ from domain.seals import (
 )
 
 SEAL_HEADER = "refunds-approval-seal"
-SEAL_VERSION = "v2"
+SEAL_VERSION = "v3"
+"""Issued to the millisecond: a verdict's token is judged as of its seal (`sealed_at`)."""
+SECONDS_VERSION = "v2"
+"""Issued to the second: made before `v3`, still verified on replay."""
 LEGACY_VERSION = "v1"
 """Seals over no run chain: made before the chain was covered, still verified on replay."""
+TICKS_PER_SECOND = {SEAL_VERSION: 1000, SECONDS_VERSION: 1, LEGACY_VERSION: 1}
 APPROVE_SIGNAL = "approve"
 APPROVAL_UPDATE = "submit_approval"
 REISSUE_UPDATE = "request_reissue"
@@ -82,14 +87,14 @@ Sealed = ApprovalSignal | ReissueAsk
 one person barred from approving that reissue, so the name must be the relay's)."""
 
 
-def _message(workflow_id: str, chain: str | None, sealed: Sealed, issued_at: int,
+def _message(version: str, workflow_id: str, chain: str | None, sealed: Sealed, issued_at: int,
              nonce: str) -> bytes:
     """What a seal covers, canonical JSON, so no field can move into another. The verdict id
     only when there is one, the chain only in a current seal, so seals made before either
     (in recorded histories) still verify. A reissue request's names its kind, so it is never
     a verdict's (and never a `v1`: those were made before it was sealed)."""
     covered: dict[str, object] = {
-        "v": LEGACY_VERSION if chain is None else SEAL_VERSION, "workflow_id": workflow_id,
+        "v": version, "workflow_id": workflow_id,
         "roles": sorted(sealed.roles), "reason": sealed.reason, "issued_at": issued_at, "nonce": nonce}
     if isinstance(sealed, ReissueAsk):
         covered.update(kind=REISSUE_UPDATE, requester=sealed.requester)
@@ -114,6 +119,13 @@ def _mac(key: str, message: bytes) -> str:
     return hmac.new(key.encode(), message, hashlib.sha256).hexdigest()
 
 
+def sealed_at(seal: str) -> datetime:
+    """When the relay sealed a verdict (`check` has held it): when its approver's access was
+    last read. A `v3` seal says it to the millisecond, an older one to the second."""
+    version, issued = seal.split(".", 2)[:2]
+    return datetime.fromtimestamp(int(issued) / TICKS_PER_SECOND[version], UTC)
+
+
 class ApprovalKeys:
     """The rotation list: the first key seals, every key verifies."""
 
@@ -129,8 +141,8 @@ class ApprovalKeys:
 
     def seal(self, workflow_id: str, sealed: Sealed, *, chain: str, now: datetime) -> str:
         """A seal for this verdict (or reissue request), sent to this workflow's run chain `chain`."""
-        issued_at, nonce = int(now.timestamp()), secrets.token_hex(16)
-        mac = _mac(self._keys[0], _message(workflow_id, chain, sealed, issued_at, nonce))
+        issued_at, nonce = int(now.timestamp() * TICKS_PER_SECOND[SEAL_VERSION]), secrets.token_hex(16)
+        mac = _mac(self._keys[0], _message(SEAL_VERSION, workflow_id, chain, sealed, issued_at, nonce))
         return f"{SEAL_VERSION}.{issued_at}.{nonce}.{chain}.{mac}"
 
     def check(self, workflow_id: str, signal: Sealed, seal: str | None, *, chain: str,
@@ -142,18 +154,18 @@ class ApprovalKeys:
         version, _, rest = seal.partition(".")
         issued, _, rest = rest.partition(".")
         nonce, _, rest = rest.partition(".")
-        sealed_chain, _, mac = rest.partition(".") if version == SEAL_VERSION else (None, "", rest)
-        if (version not in (SEAL_VERSION, LEGACY_VERSION) or sealed_chain == ""
+        sealed_chain, _, mac = rest.partition(".") if version != LEGACY_VERSION else (None, "", rest)
+        if (version not in TICKS_PER_SECOND or sealed_chain == ""
                 or (sealed_chain is None and isinstance(signal, ReissueAsk))
-                or not (issued.isascii() and issued.isdigit() and len(issued) <= 12) or not nonce or not mac):
+                or not (issued.isascii() and issued.isdigit() and len(issued) <= 15) or not nonce or not mac):
             return "approval seal is malformed", ""
-        message = _message(workflow_id, sealed_chain, signal, int(issued), nonce)
+        message = _message(version, workflow_id, sealed_chain, signal, int(issued), nonce)
         if not any(hmac.compare_digest(mac.encode(), _mac(k, message).encode()) for k in self._keys):
             return "approval seal does not match this verdict", ""
         if sealed_chain is not None and sealed_chain != chain:
             return ("approval was sealed for an earlier run of this case (a round since closed, "
                     "before the case was reopened or started again)"), ""
-        age = now.timestamp() - int(issued)
+        age = now.timestamp() - int(issued) / TICKS_PER_SECOND[version]
         if age < -MAX_SKEW.total_seconds():
             return OUTSIDE_WINDOW, ""
         if age > MAX_AGE.total_seconds():
@@ -365,7 +377,9 @@ class _SealCheckingInbound(WorkflowInboundInterceptor):
         refusal, late = self._refusal(signal, headers)
         if isinstance(signal, ReissueAsk):
             return CheckedReissueAsk.model_validate({**signal.model_dump(), "refusal": refusal})
-        return CheckedApproval.model_validate({**signal.model_dump(), "refusal": refusal, "late": late})
+        held = _header_seal(headers, SEAL_HEADER) if not refusal else None
+        return CheckedApproval.model_validate({**signal.model_dump(), "refusal": refusal, "late": late,
+                                               "sealed_at": sealed_at(held) if held else None})
 
     async def handle_signal(self, input: HandleSignalInput) -> None:
         signal = _approval_arg(input.signal, APPROVE_SIGNAL, input.args)

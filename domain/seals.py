@@ -5,6 +5,7 @@ provider news as a `CheckedProviderEvent` or `CheckedPayoutEvent`; the workflow 
 whether the seal held. Pure, so workflows may import it and the sandbox passes it through
 (the check and the workflow see one class)."""
 
+from datetime import datetime
 from typing import overload
 
 from domain.models import ApprovalSignal, Decision, ProviderEvent
@@ -19,6 +20,14 @@ class CheckedApproval(ApprovalSignal):
     late: bool = False
     """The seal held but its window had passed when the workflow took the verdict (a
     worker away longer than the window): refused as an approval, still a denial."""
+    sealed_at: datetime | None = None
+    """When the relay sealed it (the seal held): its approver's access was read then, so a
+    token revoked since voids it however late the workflow took it."""
+
+
+def verdict_sealed_at(signal: ApprovalSignal) -> datetime | None:
+    """When the relay sealed a verdict whose seal held (None otherwise)."""
+    return signal.sealed_at if isinstance(signal, CheckedApproval) else None
 
 
 def seal_refusal(signal: ApprovalSignal) -> str:

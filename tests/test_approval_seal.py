@@ -21,7 +21,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.reconciliation import ReconciliationActivities
-from adapters.approval_seal import ApprovalKeys, sealing_client
+from adapters.approval_seal import ApprovalKeys, sealed_at, sealing_client
 from adapters.db import Store
 from adapters.db.reconciliation import break_case
 from adapters.notify.message import render
@@ -164,7 +164,7 @@ def test_keys_rotate_the_first_seals_every_one_verifies() -> None:
     assert rotated.check("rr-1", verdict, after_rotation, chain="run-a",
                          now=now + timedelta(hours=1))[0].startswith("approval seal is outside")
     unsigned = after_rotation.rsplit(".", 1)[0]
-    for forged in ("v1." + "9" * 5000 + ".n.m", "v3." + after_rotation[3:], unsigned, "",
+    for forged in ("v1." + "9" * 5000 + ".n.m", "v9." + after_rotation[3:], unsigned, "",
                    after_rotation.replace(".run-a.", "..")):
         assert rotated.check("rr-1", verdict, forged, chain="run-a", now=now)[0] in (
             "approval seal is malformed", "approval not sealed by the relay")
@@ -202,6 +202,26 @@ def test_a_seal_covers_the_verdict_id_and_one_made_before_ids_still_verifies() -
     legacy = f"v1.{issued}.{nonce}.{hmac.new(b'k', before_ids, hashlib.sha256).hexdigest()}"
     assert keys.check("rr-1", _verdict("bob", roles=("approver",)), legacy, chain="run-a", now=now) == (
         "", nonce)
+
+
+def test_a_seal_says_when_it_was_made_and_one_made_to_the_second_still_verifies() -> None:
+    """The money gate judges an approver's token as of the seal (`sealed_at`): a seal says it
+    to the millisecond; `v2` seals, in histories recorded before, said it to the second and
+    still verify."""
+    now, keys = datetime(2026, 12, 7, 10, 0, 0, 123_456, tzinfo=UTC), ApprovalKeys(["k"])
+    verdict = _verdict("bob", roles=("approver",))
+    sealed = keys.seal("rr-1", verdict, chain="run-a", now=now)
+    assert sealed.startswith("v3.") and sealed_at(sealed) == now.replace(microsecond=123_000)
+    assert keys.check("rr-1", verdict, sealed, chain="run-a", now=now)[0] == ""
+    issued, nonce = int(now.timestamp()), "n0nce"
+    covered = json.dumps({"v": "v2", "workflow_id": "rr-1", "decision": "approve", "approver": "bob",
+                          "roles": ["approver"], "reason": "lgtm", "issued_at": issued, "nonce": nonce,
+                          "chain": "run-a"}, sort_keys=True, separators=(",", ":")).encode()
+    in_seconds = f"v2.{issued}.{nonce}.run-a.{hmac.new(b'k', covered, hashlib.sha256).hexdigest()}"
+    assert keys.check("rr-1", verdict, in_seconds, chain="run-a", now=now) == ("", nonce)
+    assert sealed_at(in_seconds) == now.replace(microsecond=0)
+    assert keys.check("rr-1", verdict, in_seconds.replace("v2.", "v3.", 1), chain="run-a", now=now)[0] == (
+        "approval seal does not match this verdict")
 
 
 async def test_a_worker_holding_a_new_and_the_old_key_counts_an_old_seal(

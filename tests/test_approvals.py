@@ -3,16 +3,20 @@ the case, its reservation and the money at the provider."""
 
 import json
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+import pytest
 from temporalio.client import Client
 
+from adapters.approval_seal import ApprovalKeys
 from adapters.db import Store
 from adapters.db.rows import NoticeRow
+from domain.models import ApprovalSignal, Decision
 from starters.dev.stack import TemporalDevServer
 from tests.fakes import eventually
-from tests.harness import Stack, open_stack
+from tests.harness import APPROVAL_KEYS, Stack, open_stack, with_seal
 from workflows.refund import RefundWorkflow
 
 
@@ -120,6 +124,39 @@ async def test_an_approval_whose_approver_s_access_was_revoked_before_the_money_
         return [n for n in notices if n["kind"] == "submit_refused_case_moved_on"]
     [told] = await eventually(ops_told)
     assert told["audience"] == "operator" and approver in json.dumps(told["detail"]), told
+
+
+@pytest.mark.parametrize("deciding", [False, True])
+async def test_a_verdict_sealed_before_its_token_was_revoked_and_taken_after_does_not_count(
+        stack: Stack, client: Client, deciding: bool) -> None:
+    """The relay sealed bea's approval while her token was live, and the worker took it only
+    after the admin revoked that token (the relay's durable signal after a worker slow to
+    answer, up to the seal's 15 minutes). Recorded after the revocation, the approval was
+    never matched by the money gate (it asked for tokens revoked after an approval was
+    recorded), nor asked about at all as the deciding one: the refund paid (reproduced). A
+    verdict is the token's as of its seal: revoked since, it counts no more."""
+    approver = f"bea-{uuid.uuid4().hex[:6]}"
+    await stack.store.access.create_token(approver, ["approver"], by="test")
+    charge = await stack.charge(100_000)
+    case_id = await request_refund(stack, charge, 60_000)
+    await stack.wait_for_status(case_id, "awaiting_approval")
+    if deciding:
+        assert (await decide(stack, "frank", case_id, "approve", "finance checked")).status_code == 202
+        await stack.wait_for_audit(case_id, "approval_granted")
+    verdict = ApprovalSignal(approver=approver, roles=("approver",), decision=Decision.APPROVE,
+                             reason="looks fine")
+    chain = (await client.get_workflow_handle(case_id).describe()).run_id
+    seal = ApprovalKeys([APPROVAL_KEYS]).seal(case_id, verdict, chain=chain, now=datetime.now(UTC))
+    assert await stack.store.access.revoke_tokens(by="admin", user=approver)
+    await with_seal(client, seal).get_workflow_handle(case_id).signal(RefundWorkflow.approve, verdict)
+    if not deciding:
+        await stack.wait_for_audit(case_id, "approval_granted")
+        assert (await decide(stack, "frank", case_id, "approve", "finance checked")).status_code == 202
+    row = await stack.wait_for_status(case_id, "ops_review")
+    assert await stack.provider_refunds(charge) == [] and row["provider_refund_id"] is None
+    [refused] = [e["detail"]["reason"] for e in await stack.store.audit.trail(case_id)
+                 if e["action"] == "submission_refused"]
+    assert approver in refused and "revoked" in refused, refused
 
 
 async def test_an_approval_given_with_a_token_made_after_the_old_one_was_revoked_counts(

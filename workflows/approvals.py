@@ -29,7 +29,7 @@ with workflow.unsafe.imports_passed_through():
         RefundTimings,
         RoleRequirement,
     )
-    from domain.seals import UNSEALED_SENDER, late_denial, named_by_relay, seal_refusal
+    from domain.seals import UNSEALED_SENDER, late_denial, named_by_relay, seal_refusal, verdict_sealed_at
 
 LATE_VERDICTS_PATCH = "approval-late-verdicts-1"
 """Verdicts that arrive once a round is decided are answered at once and audited; before,
@@ -243,9 +243,11 @@ class ApprovalRound:
         self._roles.append((signal.approver, frozenset(signal.roles)))
         missing = self.missing()
         self.decided = not missing
+        sealed = verdict_sealed_at(signal)  # the money gate judges the approver's token as of it
         await host.approval_step("approval_granted", actor=signal.approver,
                                  detail={"reason": signal.reason, "roles": list(signal.roles),
-                                         "missing_roles": missing})
+                                         "missing_roles": missing,
+                                         **({"sealed_at": sealed.isoformat()} if sealed else {})})
         self._verdicts[position] = (True, "")
         return None if missing else True
 

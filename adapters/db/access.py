@@ -5,7 +5,7 @@ import hashlib
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from adapters.db.audit import AuditLog
 from adapters.db.database import Conn, Repository
@@ -131,20 +131,30 @@ class AccessRepository(Repository):
         return ids
 
     @staticmethod
-    async def approvals_revoked_in(conn: Conn, chain: str, opened_by: str) -> list[str]:
+    async def approvals_revoked_in(conn: Conn, chain: str, opened_by: str,
+                                   deciding: Sequence[tuple[str, datetime]] = ()) -> list[str]:
         """Who granted an approval on `chain` since its round opened (its latest `opened_by`
-        entry) with a token revoked after it (in the caller's transaction): a token live when
-        the approval was given (made before it, not expired then) and revoked since, so the
-        approval may have been that token's (a stolen token, a person leaving), and the round
-        that counted it cannot hear of a revocation. Which token gave an approval is not
-        recorded: a person who replaced their token after approving is among them too (ops
-        decide). None before the round opened."""
+        entry), or gives the `deciding` one (approver, when sealed) not yet written, with a
+        token revoked since the verdict was sealed (in the caller's transaction): a token
+        live then (made before it, not expired) and revoked since, so the approval may have
+        been that token's (a stolen token, a person leaving), and the round that counted it
+        cannot hear of a revocation. A verdict is judged as of its seal (`sealed_at`, when
+        the relay read the approver's access), not of when the workflow took it: a verdict
+        sealed before the revocation and taken after it counted (reproduced). One recorded
+        without it (before seals carried it) as of its record. Which token gave an approval
+        is not recorded: a person who replaced their token after approving is among them
+        too (ops decide). None before the round opened."""
         cur = await conn.execute(
-            "SELECT DISTINCT a.approver FROM case_approvals a JOIN api_tokens t ON t.user_name = a.approver"
+            "WITH verdicts AS ("
+            " SELECT a.approver, coalesce((e.detail->>'sealed_at')::timestamptz, a.occurred_at) AS given"
+            " FROM case_approvals a JOIN audit_events e ON e.chain = a.chain AND e.seq = a.seq"
             " WHERE a.chain = %s AND a.action = 'approval_granted' AND a.occurred_at >= ("
             "  SELECT max(occurred_at) FROM audit_events WHERE chain = %s AND action = %s)"
-            " AND t.created_at <= a.occurred_at AND (t.expires_at IS NULL OR t.expires_at > a.occurred_at)"
-            " AND t.revoked_at >= a.occurred_at ORDER BY a.approver", (chain, chain, opened_by))
+            " UNION ALL SELECT * FROM unnest(%s::text[], %s::timestamptz[]))"
+            " SELECT DISTINCT v.approver FROM verdicts v JOIN api_tokens t ON t.user_name = v.approver"
+            " WHERE t.created_at <= v.given AND (t.expires_at IS NULL OR t.expires_at > v.given)"
+            " AND t.revoked_at >= v.given ORDER BY v.approver",
+            (chain, chain, opened_by, [who for who, _ in deciding], [when for _, when in deciding]))
         return [str(r["approver"]) for r in await cur.fetchall()]
 
     async def approvals_revoked(self, chain: str, opened_by: str) -> list[str]:

@@ -9,7 +9,7 @@ the closed-workflow sweep, and the console's case search.
 Every change is written with its audit row in one transaction.
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -129,6 +129,13 @@ async def _moved_elsewhere(conn: Conn, family: list[str]) -> str | None:
     to be paid (`_MONEY_MOVED_ELSEWHERE`), with their classes; None when none do."""
     moved = await (await conn.execute(_MONEY_MOVED_ELSEWHERE, {"family": family})).fetchall()
     return ", ".join(f"{m['object_id']} ({m['break_class']})" for m in moved) or None
+
+
+def _sealed_grants(writes: Sequence[CaseWrite]) -> list[tuple[str, datetime]]:
+    """The approvals among a step's writes, each with when the relay sealed it: the deciding
+    approval, written with the submit (its token may have been revoked while it waited)."""
+    return [(w.event.actor, datetime.fromisoformat(w.event.detail["sealed_at"])) for w in writes
+            if w.event is not None and w.event.action == APPROVAL_GRANTED and "sealed_at" in w.event.detail]
 
 
 async def _reissue_paid_elsewhere(conn: Conn, case_id: str) -> str | None:
@@ -638,8 +645,7 @@ class CaseRepository(Repository):
                 refusal = (f"{', '.join(own)} asked for case {case_id} (its requester or trigger "
                            "identity) and approved it: not submitted")
             elif not started and (revoked := await AccessRepository.approvals_revoked_in(
-                    conn, case_id, opened_by="approval_requested")):
-                # the deciding approval, given moments ago with a token live then, is not asked about
+                    conn, case_id, opened_by="approval_requested", deciding=_sealed_grants(writes))):
                 refusal = (f"a token of {', '.join(revoked)}, live when they approved case {case_id}, was "
                            "revoked since: their approval counts no more; not submitted")
             elif not started and row["parent_refund_request_id"] is not None and (
