@@ -23,6 +23,7 @@ from temporalio.testing import ActivityEnvironment
 
 from activities.payout import PayoutActivities
 from adapters.db import Store
+from adapters.db.audit import AuditLog
 from adapters.db.ledger import LedgerRepository
 from adapters.db.rows import LedgerLineRow
 from adapters.instrumented import instrument
@@ -1145,6 +1146,42 @@ async def test_a_payout_the_provider_corrects_to_paid_while_approvers_decide_tel
     assert "approval_granted" not in [e["action"] for e in trail]
     assert (await payouts.store.payouts.case(case_id))["status"] == "awaiting_approval"  # type: ignore[index]
     assert await payouts.store.ledger.entries(case_id) == []
+
+
+async def test_a_paid_report_whose_audit_row_failed_is_written_when_delivered_again(
+        payouts: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The relay queued ops' notice of a paid-after-failure report, then failed before its
+    audit row (a crash, the database gone): the delivery stays unprocessed, but when it came
+    again the notice's dedup key was taken, so the row was never written, and the lookups
+    that read it (a provider without a payout lookup before its reversal is booked, a
+    reissue) never saw the money had left (reproduced). Both are written together or not."""
+    payout = await paid_payout(payouts, 70_000)
+    provider_id = payout.provider_payout_id
+    case_id = payout_case_id("sandbox", provider_id)
+    await move_payout(payouts, provider_id, "failed", failure_code="account_closed")
+    await wait_for_case(payouts, case_id, "awaiting_approval")
+    desk = WebhookDesk(payouts.store, payouts.client, payouts.providers, payouts.settings)
+    paid = PayoutEvent(
+        provider="sandbox", event_id=f"evt_{uuid.uuid4().hex[:12]}", event_type="payout.paid",
+        body_sha256="0" * 64, occurred_at=datetime.now(UTC) + timedelta(seconds=1),
+        payout=ProviderPayout(provider="sandbox", payout_id=provider_id, amount=70_000, currency="USD",
+                              status=ProviderPayoutStatus.PAID, raw_status="paid"))
+    append = AuditLog.append
+
+    async def failing_once(conn: Any, chain: str | None, actor: str, action: str,
+                           detail: dict[str, Any]) -> None:
+        if action == "payout_paid_after_failure":
+            monkeypatch.setattr(AuditLog, "append", staticmethod(append))
+            raise psycopg.OperationalError("the connection was lost")
+        await append(conn, chain, actor, action, detail)
+    monkeypatch.setattr(AuditLog, "append", staticmethod(failing_once))
+    with pytest.raises(psycopg.OperationalError):
+        await desk.route(paid)
+    await desk.route(paid)  # the re-drive, or the provider's retry
+    trail = [e["action"] for e in await payouts.store.audit.trail(case_id)]
+    assert trail.count("payout_paid_after_failure") == 1, trail
+    assert [n["kind"] for n in await payouts.store.outbox.notices(case_id)].count(
+        "payout_paid_after_failure") == 1
 
 
 async def test_a_reissue_ask_no_worker_takes_in_time_is_503_then_answered_as_taken(

@@ -34,6 +34,17 @@ class OutboxRepository(Repository):
         async with self._db.transaction() as conn:
             return await OutboxRepository.queue_in(conn, notice)
 
+    async def queue_recorded(self, notice: NoticeInput, actor: str, action: str,
+                             detail: dict[str, Any]) -> bool:
+        """A notice and the case's audit row saying why, together, once per dedup key;
+        returns whether they are new. Apart, a failure between them left the key taken
+        and the row never written: a delivery again found the notice and wrote nothing."""
+        async with self._db.transaction() as conn:
+            if not await OutboxRepository.queue_in(conn, notice):
+                return False
+            await AuditLog.append(conn, notice.refund_request_id, actor, action, detail)
+            return True
+
     @staticmethod
     async def queue_in(conn: Conn, notice: NoticeInput) -> bool:
         """`queue` inside the caller's transaction."""

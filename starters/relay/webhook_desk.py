@@ -537,10 +537,9 @@ class WebhookDesk:
                   "amount": event.payout.amount, "currency": event.payout.currency}
         log.error("PAYOUT PAID AFTER ITS %s: %s %s (%s)", "REVERSAL" if reversed_at else "FAILURE",
                   event.provider, event.payout.payout_id, case_id)
-        if await self._store.outbox.queue(NoticeInput(
-                refund_request_id=case_id, kind=kind, audience="ops", dedup_key=f"{case_id}:{kind}",
-                detail=detail)):
-            await self._store.audit.record(case_id, actor_of(event), kind, detail)
+        await self._store.outbox.queue_recorded(NoticeInput(
+            refund_request_id=case_id, kind=kind, audience="ops", dedup_key=f"{case_id}:{kind}",
+            detail=detail), actor_of(event), kind, detail)
 
     async def _failed_while_unbooked(self, case_id: str) -> datetime | None:
         """When the failure that opened the case happened (the provider's clock; else when we
