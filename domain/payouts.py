@@ -11,7 +11,7 @@ import hashlib
 import re
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, Field, ValidationInfo, field_validator
 
@@ -23,6 +23,7 @@ from domain.models import (
     Frozen,
     Identifier,
     MinorAmount,
+    NoticeInput,
     PolicyDecision,
     RefundTimings,
 )
@@ -241,6 +242,18 @@ OPEN_STATUSES = frozenset(
 PAID_AFTER_REVERSAL = "payout_paid_after_reversal"
 PAID_AFTER_FAILURE = "payout_paid_after_failure"
 PAID_REPORTS = (PAID_AFTER_REVERSAL, PAID_AFTER_FAILURE)
+PAID_REPORT_FIELDS = ("event_id", "payout_id", "amount", "currency")
+"""What a paid report's notice and audit row say of its event (`paid_report`)."""
+WITHOUT_OPEN_CASE = "payout_event_without_open_case"
+"""An event no open case took, kept on the case's chain (a paid one with its status and
+time: the failure that opens the case later reads it)."""
+
+
+def paid_report_notice(case_id: str, kind: str, detail: dict[str, Any]) -> NoticeInput:
+    """Ops' notice of a payout reported paid after its failure (`kind`: one of
+    `PAID_REPORTS`), once per case."""
+    return NoticeInput(refund_request_id=case_id, kind=kind, audience="ops",
+                       dedup_key=f"{case_id}:{kind}", detail=detail)
 """What the relay records on a payout's case when the provider reports it paid after the
 failure the case opened for (a bank's correction; the case itself reads the report as stale):
 the provider's signed word, which a reissue reads whatever a later lookup shows."""
@@ -491,3 +504,9 @@ def reissue_problem(original: PayoutSnapshot, made: ProviderPayout) -> str | Non
                 "ops decide")
     return None
 
+
+
+def paid_report(event: PayoutEvent) -> dict[str, Any]:
+    """What a paid report's notice and audit row say of its event."""
+    return dict(zip(PAID_REPORT_FIELDS, (event.event_id, event.payout.payout_id, event.payout.amount,
+                                         event.payout.currency), strict=True))

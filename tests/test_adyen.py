@@ -537,12 +537,16 @@ def test_payout_events_become_payout_events(code: str, fields: dict[str, Any], p
     assert event.payout.reference == "YOUR_PAYOUT_REFERENCE"
 
 
+@pytest.mark.parametrize("paid_heard_first", [False, True])
 async def test_a_reversal_of_a_payout_adyen_reported_paid_after_its_failure_books_nothing(
-        rig: AdyenRig) -> None:
+        rig: AdyenRig, paid_heard_first: bool) -> None:
     """Adyen has no payout lookup, so the read before runbook step A answered "no lookup" and
     the signed failure stood: an approval held the payout and booked it back although Adyen
     had since reported it paid (recorded on the case, ops told). Reproduced. That signed
-    report is the provider's word: the approved reversal holds and books nothing (ops review)."""
+    report is the provider's word: the approved reversal holds and books nothing (ops review).
+    Also when the paid report is delivered before the failure (Adyen's notifications come in
+    any order): it found no case and was kept on the timeline only, the case the failure
+    opened next never read it, and the reversal was booked (reproduced)."""
     await add_payout_approvers(rig.stack)
     psp = unique_psp()
     payout = PayoutSnapshot(id=f"P-{uuid.uuid4().hex[:10]}", provider="adyen", provider_payout_id=psp,
@@ -556,16 +560,41 @@ async def test_a_reversal_of_a_payout_adyen_reported_paid_after_its_failure_book
         return notification("PAIDOUT_REVERSED", eventCode="PAYOUT_THIRDPARTY", pspReference=psp,
                             success=success, eventDate=(now - timedelta(minutes=minutes_ago)).isoformat())
 
+    if paid_heard_first:
+        assert (await rig.post(reported("true", 5))).text == "[accepted]"
     assert (await rig.post(reported("false", 10))).text == "[accepted]"
     await wait_for_case(rig.stack, case_id, "awaiting_approval")
-    assert (await rig.post(reported("true", 5))).text == "[accepted]"
+    if not paid_heard_first:
+        assert (await rig.post(reported("true", 5))).text == "[accepted]"
     await wait_for_actions(rig.stack, case_id, "payout_paid_after_failure")
+    assert [n["kind"] for n in await rig.stack.store.outbox.notices(case_id)].count(
+        "payout_paid_after_failure") == 1
     assert (await decide(rig.stack, "lena", case_id)).status_code == 202
     row = await wait_for_case(rig.stack, case_id, "ops_review", "remediated")
     actions = [e["action"] for e in await rig.stack.store.audit.trail(case_id)]
     assert row["status"] == "ops_review" and "payout_held" not in actions, actions
     assert await rig.stack.store.ledger.entries(case_id) == []
     assert (await rig.stack.store.payouts.payout(payout.id)).status is PayoutStatus.PAID  # type: ignore[union-attr]
+
+
+async def test_an_adyen_payout_s_own_paid_heard_before_its_failure_is_no_news(rig: AdyenRig) -> None:
+    """The payout's paid from before its failure, delivered first: older than the failure,
+    it says nothing of the money since, and the case the failure opens reads no paid report."""
+    psp = unique_psp()
+    payout = PayoutSnapshot(id=f"P-{uuid.uuid4().hex[:10]}", provider="adyen", provider_payout_id=psp,
+                            beneficiary_id=f"ben-{uuid.uuid4().hex[:8]}", amount=1000, currency="EUR",
+                            status=PayoutStatus.PAID)
+    assert await rig.stack.store.payouts.record_payout(payout)
+    case_id = payout_case_id("adyen", psp)
+    now = datetime.now(UTC)
+    for success, minutes_ago in (("true", 20), ("false", 10)):
+        assert (await rig.post(notification(
+            "PAIDOUT_REVERSED", eventCode="PAYOUT_THIRDPARTY", pspReference=psp, success=success,
+            eventDate=(now - timedelta(minutes=minutes_ago)).isoformat()))).text == "[accepted]"
+    actions = [e["action"] for e in await wait_for_actions(rig.stack, case_id, "approval_requested")]
+    assert "payout_event_without_open_case" in actions and "payout_paid_after_failure" not in actions
+    notices = await rig.stack.store.outbox.notices(case_id)
+    assert "payout_paid_after_failure" not in [n["kind"] for n in notices]
 
 
 def test_rotated_out_key_still_verifies_and_a_non_hex_key_fails_at_start() -> None:

@@ -40,10 +40,16 @@ class OutboxRepository(Repository):
         returns whether they are new. Apart, a failure between them left the key taken
         and the row never written: a delivery again found the notice and wrote nothing."""
         async with self._db.transaction() as conn:
-            if not await OutboxRepository.queue_in(conn, notice):
-                return False
-            await AuditLog.append(conn, notice.refund_request_id, actor, action, detail)
-            return True
+            return await OutboxRepository.queue_recorded_in(conn, notice, actor, action, detail)
+
+    @staticmethod
+    async def queue_recorded_in(conn: Conn, notice: NoticeInput, actor: str, action: str,
+                                detail: dict[str, Any]) -> bool:
+        """`queue_recorded` inside the caller's transaction."""
+        if not await OutboxRepository.queue_in(conn, notice):
+            return False
+        await AuditLog.append(conn, notice.refund_request_id, actor, action, detail)
+        return True
 
     @staticmethod
     async def queue_in(conn: Conn, notice: NoticeInput) -> bool:

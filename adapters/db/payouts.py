@@ -24,6 +24,9 @@ from domain.models import CaseWritten, LedgerInput, LedgerKind, LedgerResult, No
 from domain.money import format_minor
 from domain.payouts import (
     OPEN_STATUSES,
+    PAID_AFTER_FAILURE,
+    PAID_REPORT_FIELDS,
+    WITHOUT_OPEN_CASE,
     Admission,
     AdmitResult,
     HoldResult,
@@ -34,9 +37,11 @@ from domain.payouts import (
     PayoutSnapshot,
     PayoutStatus,
     ProviderPayout,
+    ProviderPayoutStatus,
     ReleaseResult,
     admit,
     left_open,
+    paid_report_notice,
     payout_case_id,
 )
 from domain.reconciliation import BreakClass
@@ -238,7 +243,28 @@ class PayoutRepository(Repository):
                 "internal_status": payout.status.value, "open_case": case_open, **amounts})
             if amounts:
                 await self._mismatched(conn, case_id, payout, event, amounts)
+            elif admission is Admission.OPEN:
+                await self._paid_heard_first(conn, case_id, event)
             return AdmitResult(admission=admission, payout=payout)
+
+    @staticmethod
+    async def _paid_heard_first(conn: Conn, case_id: str, failure: PayoutEvent) -> None:
+        """A paid report delivered before the failure that opens the case, made after it
+        (Adyen's notifications come in any order; a provider stamps its events to the
+        second: one in the failure's second is after it): the money left after all, as the
+        relay tells of one heard once the case is open. It found no case and was kept on the
+        chain only (`WITHOUT_OPEN_CASE`); the case never read it, and with no payout lookup
+        an approval booked back money that had left (reproduced)."""
+        heard = await (await conn.execute(
+            "SELECT actor, detail FROM audit_events WHERE chain = %s AND action = %s"
+            " AND detail->>'status' = %s AND (detail->>'occurred_at')::timestamptz >= %s"
+            " ORDER BY seq LIMIT 1",
+            (case_id, WITHOUT_OPEN_CASE, ProviderPayoutStatus.PAID.value,
+             failure.occurred_at.replace(microsecond=0)))).fetchone()
+        if heard is not None:
+            detail = {k: heard["detail"][k] for k in PAID_REPORT_FIELDS}
+            await OutboxRepository.queue_recorded_in(conn, paid_report_notice(
+                case_id, PAID_AFTER_FAILURE, detail), heard["actor"], PAID_AFTER_FAILURE, detail)
 
     @staticmethod
     async def _mismatched(conn: Conn, case_id: str, payout: PayoutSnapshot, event: PayoutEvent,

@@ -40,7 +40,6 @@ from domain.models import (
     CaseStatus,
     EventKind,
     LedgerKind,
-    NoticeInput,
     ProviderEvent,
     ProviderRefund,
     ProviderRefundStatus,
@@ -50,10 +49,13 @@ from domain.payments import PaymentEvent
 from domain.payouts import (
     PAID_AFTER_FAILURE,
     PAID_AFTER_REVERSAL,
+    WITHOUT_OPEN_CASE,
     PayoutCaseStatus,
     PayoutEvent,
     ProviderPayout,
     ProviderPayoutStatus,
+    paid_report,
+    paid_report_notice,
     payout_case_id,
 )
 from domain.reconciliation import SHOWN_PENDING
@@ -506,7 +508,12 @@ class WebhookDesk:
         log.warning("no open exception case for payout %s; %s %s is on its timeline%s",
                     event.payout.payout_id, event.event_type, event.event_id,
                     " and reconciled now" if event.is_exception() else " only")
-        await self._store.audit.record(case_id, actor, "payout_event_without_open_case", detail)
+        # a paid report heard before the failure that opens the case: that case reads it
+        # (`PayoutRepository.admit`), as Adyen's notifications come in any order
+        heard = ({**paid_report(event), "status": event.payout.status.value,
+                  "occurred_at": event.occurred_at.isoformat()}
+                 if event.payout.status is ProviderPayoutStatus.PAID else {})
+        await self._store.audit.record(case_id, actor, WITHOUT_OPEN_CASE, detail | heard)
         if event.is_exception():
             # its case ended (the reversal denied, expired, or left to ops) with the payout as
             # it was: a failure our books still show paid is a break now, for people (a run
@@ -533,13 +540,11 @@ class WebhookDesk:
         if since is None or event.occurred_at < since.replace(microsecond=0):
             return  # the payout's own paid, arriving late or again: older than its failure
         kind = PAID_AFTER_REVERSAL if reversed_at is not None else PAID_AFTER_FAILURE
-        detail = {"event_id": event.event_id, "payout_id": event.payout.payout_id,
-                  "amount": event.payout.amount, "currency": event.payout.currency}
         log.error("PAYOUT PAID AFTER ITS %s: %s %s (%s)", "REVERSAL" if reversed_at else "FAILURE",
                   event.provider, event.payout.payout_id, case_id)
-        await self._store.outbox.queue_recorded(NoticeInput(
-            refund_request_id=case_id, kind=kind, audience="ops", dedup_key=f"{case_id}:{kind}",
-            detail=detail), actor_of(event), kind, detail)
+        detail = paid_report(event)
+        await self._store.outbox.queue_recorded(paid_report_notice(case_id, kind, detail),
+                                                actor_of(event), kind, detail)
 
     async def _failed_while_unbooked(self, case_id: str) -> datetime | None:
         """When the failure that opened the case happened (the provider's clock; else when we
