@@ -533,3 +533,16 @@ async def test_no_reissue_while_a_failed_case_s_workflow_still_runs(stack: Stack
     status, refused = await reissue(stack, "olga", asked)
     assert status == 409 and f"case {running_id}'s workflow is still running" in refused["detail"], refused
     assert await stack.store.cases.children(asked) == before
+
+
+async def test_a_request_with_many_people_behind_it_can_still_be_reissued(stack: Stack) -> None:
+    """Each reissue adds its parent's requester, and whoever said what the money did, to the
+    people who cannot approve it: a ticket naming ten (its opener, watchers) was refused a
+    reissue at once (422: more than ten trigger identities), and any family grew past ten in
+    a few rounds. Every one of them stays barred from approving it."""
+    behind = [f"watcher-{i}" for i in range(10)]
+    case_id, _ = await failed_case(stack, trigger_identities=behind)
+    status, child = await reissue(stack, "olga", case_id)
+    assert status == 202, child
+    row = await stack.store.cases.get(child["refund_request_id"])
+    assert row is not None and set(row["trigger_identities"]) >= {*behind, "alice"}
