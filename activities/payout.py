@@ -16,7 +16,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.refund import configuration_refused, current_step_key, past_start_to_close
 from adapters.db import Store
-from adapters.db.payouts import HoldReleased
+from adapters.db.payouts import ApprovalRevoked, HoldReleased
 from adapters.providers.base import (
     PayoutExecutor,
     PayoutReader,
@@ -156,6 +156,8 @@ class PayoutActivities:
             return await self._book.post_reversal(inp.case_id, inp.payout)
         except HoldReleased as exc:
             raise ApplicationError(str(exc), type=errors.HOLD_RELEASED, non_retryable=True) from exc
+        except ApprovalRevoked as exc:  # the failure branch: the hold rolled back, finance told why
+            raise ApplicationError(str(exc), type=errors.APPROVAL_REVOKED, non_retryable=True) from exc
 
     @activity.defn(name=contracts.RELEASE_PAYOUT_HOLD.name)
     async def release_payout_hold(self, inp: ReversalInput) -> ReleaseResult:

@@ -20,6 +20,10 @@ SAID_WHAT_THE_MONEY_DID = ("manual_refund_confirmed", "provider_wait_resolved")
 refund stands behind its reissue (their word that nothing went is why it goes again)."""
 
 
+APPROVAL_REQUESTED = "approval_requested"
+"""The row that opens a case's (or a payout reversal's) approval round: the money gates ask
+about the approvals given since it."""
+
 REFUSED_TEXT_LIMIT = 500
 """How much of one text a refusal's row keeps of what a caller sent (an id, a filter, the
 refusal quoting it): enough to name it, never a caller-sized row each time it is sent."""

@@ -26,6 +26,9 @@ NOT_LISTABLE: Final = "NotListable"
 # Our own state (activities/payout.py, activities/reconciliation.py, activities/integrations.py)
 UNKNOWN_PAYOUT: Final = "UnknownPayout"
 HOLD_RELEASED: Final = "HoldReleased"
+APPROVAL_REVOKED: Final = "ApprovalRevoked"
+"""An approval the round counted was given with a token revoked since: the step it
+authorised does not run (the round cannot hear of a revocation)."""
 CASE_MOVED_ON: Final = "CaseMovedOn"
 """A submit attempt that outlived its case (cancelled, denied, its hold released): the
 provider is not called."""

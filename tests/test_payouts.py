@@ -654,6 +654,29 @@ async def test_a_reissue_approved_by_someone_whose_access_was_then_revoked_is_no
     assert finance in failed["detail"]["error"] and "revoked" in failed["detail"]["error"], failed
 
 
+async def test_a_reversal_approved_by_someone_whose_access_was_then_revoked_is_not_booked(
+        payouts: Stack) -> None:
+    """Half of a two-approver reversal comes from a token the admin then revokes; the second
+    approval completed the round and the runbook held the payout and booked it back on it
+    (reproduced: only a refund's and a reissue's gates asked). The compensating entry is
+    refused at its step: nothing booked, the hold rolled back, finance and ops told why."""
+    finance = f"fin-{uuid.uuid4().hex[:6]}"
+    payouts.tokens[finance] = await payouts.store.access.create_token(finance, ["finance_manager"], by="test")
+    payout = await paid_payout(payouts, 600_000)
+    await move_payout(payouts, payout.provider_payout_id, "failed", failure_code="account_closed")
+    case_id = payout_case_id("sandbox", payout.provider_payout_id)
+    await wait_for_case(payouts, case_id, "awaiting_approval")
+    assert (await decide(payouts, finance, case_id)).status_code == 202
+    assert await payouts.store.access.revoke_tokens(by="admin", user=finance)
+    assert (await decide(payouts, "cora", case_id)).status_code == 202
+    await wait_for_case(payouts, case_id, "rolled_back", "remediated")
+    assert [e.template for e in await payouts.store.ledger.entries(case_id)] == []
+    [failed] = [e for e in await payouts.store.audit.trail(case_id) if e["action"] == "ledger_failed"]
+    assert finance in failed["detail"]["error"] and "revoked" in failed["detail"]["error"], failed
+    # the books as before the hold: the payout paid, nothing booked back
+    assert (await payouts.store.payouts.payout(payout.id)).status is PayoutStatus.PAID  # type: ignore[union-attr]
+
+
 async def test_a_reissue_its_provider_cannot_make_is_refused_when_asked(payouts: Stack) -> None:
     """A payout of a provider that makes no payouts: its reissue request was taken and ran
     a whole approval round before it failed with "cannot make payouts". It is refused when

@@ -25,7 +25,7 @@ from adapters.db.outbox import OutboxRepository
 from adapters.db.rows import CaseRow
 from adapters.db.steps import once
 from adapters.db.sweep import idle_unswept, mark_end_seen, open_incident_run
-from domain.audit import SAID_WHAT_THE_MONEY_DID
+from domain.audit import APPROVAL_REQUESTED, SAID_WHAT_THE_MONEY_DID
 from domain.lifecycle import BACKWARDS, FINAL_PROVIDER_STATUSES, classify_status_change
 from domain.models import (
     CLOSED_STATUSES,
@@ -646,7 +646,7 @@ class CaseRepository(Repository):
                 refusal = (f"{', '.join(own)} asked for case {case_id} (its requester or trigger "
                            "identity) and approved it: not submitted")
             elif not started and (revoked := await AccessRepository.approvals_revoked_in(
-                    conn, case_id, opened_by="approval_requested", deciding=_sealed_grants(writes))):
+                    conn, case_id, opened_by=APPROVAL_REQUESTED, deciding=_sealed_grants(writes))):
                 refusal = (f"a token of {', '.join(revoked)}, live when they approved case {case_id}, was "
                            "revoked since: their approval counts no more; not submitted")
             elif not started and row["parent_refund_request_id"] is not None and (

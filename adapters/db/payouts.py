@@ -11,6 +11,7 @@ from typing import Any, Literal
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from adapters.db.access import AccessRepository
 from adapters.db.audit import AuditLog
 from adapters.db.database import Conn, Repository, jsonb
 from adapters.db.ledger import LedgerRepository
@@ -18,7 +19,7 @@ from adapters.db.outbox import OutboxRepository
 from adapters.db.rows import HoldRow, PayoutCaseRow, PayoutListRow
 from adapters.db.steps import once
 from adapters.db.sweep import idle_unswept, mark_end_seen, open_incident_run
-from domain.audit import canonical_detail
+from domain.audit import APPROVAL_REQUESTED, canonical_detail
 from domain.integrations import TICKETING_AUDIENCE, ticket_purpose
 from domain.models import CaseWritten, LedgerInput, LedgerKind, LedgerResult, NoticeInput
 from domain.money import format_minor
@@ -90,6 +91,10 @@ async def _end_beneficiary_holds(conn: Conn, case_id: str) -> list[str]:
 
 class HoldReleased(RuntimeError):
     """The hold this posting depends on was rolled back: the compensating entry must not land."""
+
+
+class ApprovalRevoked(RuntimeError):
+    """An approval of the reversal was given with a token revoked since: the entry must not land."""
 
 
 def snapshot(row: dict[str, Any]) -> PayoutSnapshot:
@@ -436,6 +441,11 @@ class PayoutRepository(Repository):
                                    " WHERE case_id = %s", (reversed_before["id"], case_id))
                 return LedgerResult(posting_key=reversed_before["posting_key"],
                                     entry_id=reversed_before["id"], newly_posted=False)
+            # as a refund's money gate asks: the round counted it and cannot hear of a revocation
+            if revoked := await AccessRepository.approvals_revoked_in(conn, case_id, APPROVAL_REQUESTED):
+                raise ApprovalRevoked(f"a token of {', '.join(revoked)}, live when they approved this "
+                                      "reversal, was revoked since: their approval counts no more; "
+                                      "nothing is booked back")
             result = await LedgerRepository.post_in(conn, LedgerInput(
                 refund_request_id=case_id, kind=LedgerKind.PAYOUT_REVERSED, amount=payout.amount,
                 currency=payout.currency, provider_refund_id=payout.provider_payout_id))
