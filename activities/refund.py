@@ -30,7 +30,7 @@ from adapters.providers.base import (
 )
 from adapters.providers.manual import ManualRefunds
 from domain import contracts, errors
-from domain.incidents import DUPLICATE_REPORTED
+from domain.incidents import DUPLICATE_REPORTED, DuplicateRefundInput, duplicate_detail
 from domain.integrations import AdviceReceipt, AdviseInput
 from domain.lifecycle import FINAL_PROVIDER_STATUSES
 from domain.models import (
@@ -45,6 +45,7 @@ from domain.models import (
     PolicyDecision,
     PolicyInput,
     ProviderRefund,
+    ProviderRefundStatus,
     RefundMethod,
     RefundRequest,
     SubmitInput,
@@ -265,10 +266,9 @@ class RefundActivities:
         except SubmissionRefused as exc:
             raise ApplicationError(str(exc), type=errors.CASE_MOVED_ON, non_retryable=True) from exc
         if started:
-            found = next(iter(await self._find(request, "resubmit after an earlier attempt")), None)
+            found = await self._found_before(request, "resubmit after an earlier attempt",
+                                             "provider_refund_found_before_resubmit")
             if found is not None:
-                await self._store.cases.record_provider_refund(case_id, found,
-                                                               "provider_refund_found_before_resubmit")
                 return found
         if past_start_to_close():
             # Temporal gave up on this attempt (a cancel waits exactly that long before it
@@ -312,11 +312,33 @@ class RefundActivities:
         case's refund; still missing, the decline stands (a genuine one, a closed card, must
         fail the case, not resubmit for hours; a refund every lookup missed is
         reconciliation's `provider_succeeded_shown_failed`)."""
-        found = next(iter(await self._find(request, "decline after an earlier attempt")), None)
+        found = await self._found_before(request, "decline after an earlier attempt",
+                                         "provider_refund_found_after_decline")
         if found is None:
             raise ApplicationError(str(declined), type=errors.DECLINED, non_retryable=True) from declined
-        await self._store.cases.record_provider_refund(request.refund_request_id, found,
-                                                       "provider_refund_found_after_decline")
+        return found
+
+    async def _found_before(self, request: RefundRequest, reason: str, action: str) -> ProviderRefund | None:
+        """The refund an earlier attempt made, recorded on the case (`action`), or None. Any
+        other carrying our reference moved money a second time: its `duplicate_refund` break
+        (which holds a reissue) and ops' notice, as verify-state's duplicates get. Before,
+        only the first was kept: when it failed, the case showed no refund beside one that
+        had paid, and a reissue paid again."""
+        refunds = await self._find(request, reason)
+        if not refunds:
+            return None
+        found, *duplicates = refunds
+        case_id = request.refund_request_id
+        await self._store.cases.record_provider_refund(
+            case_id, found, action, {"also_found": [d.refund_id for d in duplicates]} if duplicates else None)
+        for duplicate in duplicates:
+            if await self._store.reconciliation.open_duplicate_refund_break(DuplicateRefundInput(
+                    case_id=case_id, followed_refund_id=found.refund_id, duplicate=duplicate, source=reason)):
+                await self._store.outbox.queue(NoticeInput(
+                    refund_request_id=case_id, kind=DUPLICATE_REPORTED, audience="operator",
+                    dedup_key=f"{case_id}:{DUPLICATE_REPORTED}:operator:{duplicate.refund_id}",
+                    detail=duplicate_detail(found.refund_id, duplicate, reason),
+                    dispatch_queue=activity.info().task_queue))
         return found
 
     async def _find(self, request: RefundRequest, reason: str) -> list[ProviderRefund]:
@@ -332,8 +354,9 @@ class RefundActivities:
             if found is not None and found.reference != case_id:
                 raise foreign_answer(found)
             return [found] if found is not None else []
-        except RefundsDuplicated as exc:
-            return sorted(exc.refunds, key=lambda r: r.status in FINAL_PROVIDER_STATUSES)  # paid nobody: last
+        except RefundsDuplicated as exc:  # a paid one first, then one that may pay, then the rest
+            return sorted(exc.refunds, key=lambda r: (r.status in FINAL_PROVIDER_STATUSES,
+                                                      r.status is not ProviderRefundStatus.SUCCEEDED))
         except ProviderLookupUnsupported as exc:  # an earlier attempt may have made it: no resend
             await self._store.audit.record(case_id, "system", "verify_state",
                                            {"lookup": "unsupported", "reason": reason})

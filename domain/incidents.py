@@ -5,6 +5,7 @@ apart from `models.py` so the workflow's input types stay as recorded histories 
 from pydantic import AwareDatetime
 
 from domain.models import Frozen, ProviderRefund
+from domain.money import format_minor
 
 DUPLICATE_REPORTED = "duplicate_provider_refund"
 """The case's action (and its ops notice's kind) reporting a duplicate refund: once per
@@ -29,3 +30,11 @@ class ProviderWordInput(Frozen):
     event_id: str
     refund: ProviderRefund
     occurred_at: AwareDatetime
+
+
+def duplicate_detail(followed_refund_id: str, duplicate: ProviderRefund, source: str) -> dict[str, str]:
+    """What ops are told of a duplicate refund (its notice and the case's audit row)."""
+    return {"duplicate_refund_id": duplicate.refund_id,
+            "duplicate_amount": format_minor(duplicate.amount, duplicate.currency),
+            "duplicate_status": duplicate.status.value, "provider_refund_id": followed_refund_id,
+            "source": source}

@@ -18,6 +18,7 @@ from temporalio.testing import ActivityEnvironment
 from activities.refund import RefundActivities, step_key
 from adapters.db import Store
 from adapters.policy_file import load_policy
+from adapters.providers.base import ProviderDeclined, RefundsDuplicated
 from domain.models import (
     CaseEventInput,
     CaseStatus,
@@ -28,6 +29,8 @@ from domain.models import (
     LedgerKind,
     NoticeInput,
     PolicyDecision,
+    ProviderRefund,
+    ProviderRefundStatus,
     RefundReason,
     RefundRequest,
     SubmitInput,
@@ -334,6 +337,61 @@ async def test_a_submit_attempt_past_its_timeout_calls_no_provider(store: Store)
         await environment.run(activities.submit_provider_refund,
                               SubmitInput(request=request, idempotency_key="rfo_stalled"))
     assert calls == [] and not raised.value.non_retryable
+
+
+@pytest.mark.parametrize("lookup_before", ["resubmit", "decline"])
+async def test_a_submit_s_lookup_finding_two_refunds_follows_the_paid_one_and_raises_the_other(
+        store: Store, lookup_before: str) -> None:
+    """A resubmit's lookup (or the one after its decline) finds two refunds carrying our
+    reference (a provider that ignored the key, a lookup that missed the first): it followed
+    the older, pending one and dropped the other, which had paid. When the followed one
+    failed, the case showed no refund, its hold released, and nothing stood in a reissue's
+    way (reproduced: no break). The paid one is followed; the other is a `duplicate_refund`
+    break (which holds any reissue) and ops are told, as when verify-state finds two."""
+    request = await held(store)
+    case_id = request.refund_request_id
+
+    def refund(status: ProviderRefundStatus) -> ProviderRefund:
+        return ProviderRefund(provider="sandbox", refund_id=f"re_{uuid.uuid4().hex[:12]}",
+                              charge_id=request.charge_id, amount=request.amount, currency=request.currency,
+                              status=status, raw_status=status.value, reference=case_id)
+    pending, paid = refund(ProviderRefundStatus.PENDING), refund(ProviderRefundStatus.SUCCEEDED)
+
+    class Provider:
+        name = "sandbox"
+
+        async def create_refund(self, *_: object) -> ProviderRefund:
+            raise ProviderDeclined("sandbox: the charge is already refunded")
+
+        async def find_refund(self, *_: object) -> ProviderRefund:
+            raise RefundsDuplicated("sandbox", case_id, [pending, paid])
+
+    activities = RefundActivities(store, cast(Any, {"sandbox": Provider()}), load_policy())
+    if lookup_before == "resubmit":
+        assert not await store.cases.begin_submission(case_id, "rfo_first")
+    else:  # the resubmit's first lookup found nothing; its create is declined
+        class Declining(Provider):
+            lookups = 0
+
+            async def find_refund(self, *args: object) -> ProviderRefund:
+                self.lookups += 1
+                if self.lookups == 1:
+                    return None  # type: ignore[return-value]
+                return await super().find_refund(*args)
+        activities = RefundActivities(store, cast(Any, {"sandbox": Declining()}), load_policy())
+        assert not await store.cases.begin_submission(case_id, "rfo_first")
+    environment = ActivityEnvironment()  # an attempt within its start-to-close
+    environment.info = dataclasses.replace(environment.info, started_time=datetime.now(UTC),
+                                           start_to_close_timeout=timedelta(minutes=5))
+    followed = await environment.run(activities.submit_provider_refund,
+                                     SubmitInput(request=request, idempotency_key="rfo_again"))
+    assert followed.refund_id == paid.refund_id
+    breaks = await store.database.fetch_all(
+        "SELECT object_id, break_class, refund_request_id FROM reconciliation_breaks"
+        " WHERE object_id = ANY(%s)", ([pending.refund_id, paid.refund_id],))
+    assert [(b["object_id"], b["break_class"], b["refund_request_id"]) for b in breaks] == [
+        (pending.refund_id, "duplicate_refund", case_id)]
+    assert "duplicate_provider_refund" in [n["kind"] for n in await store.outbox.notices(case_id)]
 
 
 async def test_a_submit_attempt_that_outlived_its_case_calls_no_provider(store: Store) -> None:

@@ -28,7 +28,7 @@ with workflow.unsafe.imports_passed_through():
         observe,
         refund_mismatch,
     )
-    from domain.incidents import DUPLICATE_REPORTED, DuplicateRefundInput, ProviderWordInput
+    from domain.incidents import DUPLICATE_REPORTED, DuplicateRefundInput, ProviderWordInput, duplicate_detail
     from domain.lifecycle import FINAL_PROVIDER_STATUSES, StatusChange
     from domain.models import (
         CaseEventInput,
@@ -44,7 +44,6 @@ with workflow.unsafe.imports_passed_through():
         VerifyResult,
         Vetted,
     )
-    from domain.money import format_minor
     from workflows import retry
     from workflows.refund_case import (
         ADYEN_WAIT_PATCH,
@@ -441,10 +440,7 @@ class RefundProvider(RefundWrites):
     async def _report_duplicate(self, duplicate: ProviderRefund, source: str) -> None:
         """The duplicate's incident: its break, the ops notice, the case to ops review."""
         assert self._refund is not None
-        detail = {"duplicate_refund_id": duplicate.refund_id,
-                  "duplicate_amount": format_minor(duplicate.amount, duplicate.currency),
-                  "duplicate_status": duplicate.status.value,
-                  "provider_refund_id": self._refund.refund_id, "source": source}
+        detail = duplicate_detail(self._refund.refund_id, duplicate, source)
         await contracts.OPEN_DUPLICATE_REFUND_BREAK(
             DuplicateRefundInput(case_id=self._request_id(), followed_refund_id=self._refund.refund_id,
                                  duplicate=duplicate, source=source),
