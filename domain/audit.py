@@ -15,9 +15,15 @@ def canonical_detail(detail: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-SAID_WHAT_THE_MONEY_DID = ("manual_refund_confirmed", "provider_wait_resolved")
+BREAK_GRANTS = ("reconciliation_approval_granted", "reconciliation_approval_approve")
+"""The audit actions of an approval a break's round counted (the second: breaks opened
+before the approval round)."""
+
+SAID_WHAT_THE_MONEY_DID = ("manual_refund_confirmed", "provider_wait_resolved", *BREAK_GRANTS)
 """A case's actions that say whether its refund's money moved: whoever did one on a failed
-refund stands behind its reissue (their word that nothing went is why it goes again)."""
+refund stands behind its reissue (their word that nothing went is why it goes again). A
+break's approval is one: approving a late failure's compensation says the money stayed
+(before, that person reissued it alone, or approved another's reissue)."""
 
 
 APPROVAL_REQUESTED = "approval_requested"

@@ -57,6 +57,31 @@ async def test_a_failure_after_the_case_closed_opens_a_break_that_compensates_on
     assert sorted(templates) == ["refund_reversed"] * 2 + ["refund_settled"] * 2
 
 
+async def test_whoever_approved_the_failure_s_compensation_does_not_reissue_it(stack: Stack) -> None:
+    """Approving a late failure's break says the refund's money did not move (the case
+    goes to refund_failed): as a wait's resolution or a transfer's confirmation does. That
+    person then reissued it alone (auto-approved), or approved another's reissue (reproduced):
+    one person said the money stayed and paid it again. They stand behind the reissue."""
+    refund, case_id = await closed_case(stack)
+    both = f"ana-{uuid.uuid4().hex[:6]}"
+    stack.tokens[both] = await stack.store.access.create_token(both, ["approver", "ops"], by="test")
+    await stack.set_provider_status(refund["id"], "failed", failure_reason="expired_or_canceled_card")
+    [found] = await wait_for_breaks(stack, [str(refund["id"])], "awaiting_approval")
+    assert (await decide(stack, both, int(found["id"]))).status_code == 202
+    await wait_for_breaks(stack, [str(refund["id"])], "resolved")
+    await stack.wait_for_status(case_id, "refund_failed")
+    async with stack.api(both) as api:
+        own = await api.post(f"/v1/refund-requests/{case_id}/reissue",
+                             json={"method": "provider", "reason": "customer has a new card"})
+    assert own.status_code == 403 and "said what this request's money did" in own.json()["detail"], own.text
+    async with stack.api("olga") as api:
+        asked = await api.post(f"/v1/refund-requests/{case_id}/reissue",
+                               json={"method": "provider", "reason": "customer has a new card"})
+    assert asked.status_code == 202, asked.text
+    child = await stack.store.cases.get(asked.json()["refund_request_id"])
+    assert child is not None and both in child["trigger_identities"]
+
+
 async def settled_deliveries(stack: Stack, case_id: str, count: int) -> list[int]:
     """Waits until `count` deliveries routed to the case are processed (the relay has done
     all it does with them); returns their receipt ids."""

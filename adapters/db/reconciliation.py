@@ -29,6 +29,7 @@ from adapters.db.outbox import OutboxRepository
 from adapters.db.reconciliation_sql import CLASSIFY, CLASSIFY_PAYOUTS, STAGE
 from adapters.db.rows import BreakRow, RunBreakRow, RunRow
 from adapters.db.sweep import open_incident_run
+from domain.audit import BREAK_GRANTS
 from domain.events import NO_REFUND_PREFIX, tracking_case_id
 from domain.incidents import DuplicateRefundInput
 from domain.ledger import REFUNDED_ACCOUNT
@@ -155,10 +156,6 @@ def _compensation_reference(row: Mapping[str, Any]) -> str:
     key; a settlement retried in one round finds its entry)."""
     return f"reconciliation-{row['id']}" + (f"-{row['reopened']}" if row["reopened"] else "")
 
-
-BREAK_GRANTS = ("reconciliation_approval_granted", "reconciliation_approval_approve")
-"""The audit actions of an approval a break's round counted (the second: breaks opened
-before the approval round)."""
 
 
 def behind_break(evidence: Mapping[str, Any]) -> tuple[str, ...]:

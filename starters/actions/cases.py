@@ -245,9 +245,9 @@ class CaseActions:
         if caller.user in witnesses:
             # a small reissue is auto-approved: nobody else would act
             await self.refuse(caller, case_id, 403, action,
-                              f"{caller.user} said what this request's money did (a transfer or a "
-                              "provider wait of one of its refunds): another person asks for it to be "
-                              "paid again", via=via, audit_action="access_refused")
+                              f"{caller.user} said what this request's money did (a transfer, a provider "
+                              "wait or a break's approval on one of its refunds): another person asks "
+                              "for it to be paid again", via=via, audit_action="access_refused")
         # whoever asked for any refund of the request (an earlier reissue, denied or failed,
         # a sibling of this one) asked to pay this money: they do not approve it either
         asked = {row["requester"] for member in family if (row := await self.store.cases.get(member))}
