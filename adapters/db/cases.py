@@ -324,10 +324,9 @@ class CaseRepository(Repository):
         # is compared as if it came through the first (a stored hash includes the channel)
         as_first = request.model_copy(update={"source": RequestSource(existing["source"])})
         same = existing["params_hash"] == as_first.params_hash()
-        if existing["requester"] == requester:  # another's use of the id is their refusal, not the case's
-            await AuditLog.append(conn, request.refund_request_id, requester,
-                                  "request_repeated" if same else "request_conflict",
-                                  {"source": request.source.value, "params_hash": values["params_hash"]})
+        await AuditLog.append(conn, request.refund_request_id, requester,
+                              "request_repeated" if same else "request_conflict",
+                              {"source": request.source.value, "params_hash": values["params_hash"]})
         return (CaseCreation.IDENTICAL if same else CaseCreation.CONFLICT), CaseRow.from_row(existing)
 
     @staticmethod
