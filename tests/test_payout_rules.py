@@ -63,7 +63,7 @@ def test_the_internal_state_gate(internal: PayoutStatus, reported: ProviderPayou
     (4_500_000, "GBP", "treasury", ["treasury"]),
     (699_999, "JPY", "ops_lead", ["payments_ops_lead"]),  # no decimals
     (7_000_000, "JPY", "finance_and_compliance", ["compliance", "finance_manager"]),
-    (1_499_997, "KWD", "ops_lead", ["payments_ops_lead"]),  # three decimals: 1,499.997
+    (1_499_999, "KWD", "ops_lead", ["payments_ops_lead"]),  # three decimals: 1,499.999
     (1_500_000, "KWD", "finance_and_compliance", ["compliance", "finance_manager"]),
     (15_000_001, "KWD", "treasury", ["treasury"]),
     (100, "CHF", "treasury", ["treasury"]),  # a currency no tier names: the strictest
