@@ -405,6 +405,31 @@ async def test_a_servicenow_denial_for_a_case_past_its_policy_decision_is_refuse
         assert denied.status_code == 409 and "not awaiting approval" in denied.text, denied.text
 
 
+async def test_a_ticket_edited_to_another_opener_is_a_changed_ticket(
+        store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
+    """The ticket's opener and amount are edited together: the update names another
+    requester, and its conflict with the case (recorded under that requester) is what marks
+    the ticket as no longer showing the case. Without it an approval given on the ticket,
+    the new opener's too, counted for values the approver never saw (a regression of a
+    change that wrote no conflict for a different requester, caught by review)."""
+    async with connected_stack(store, client, temporal_server, jira_url=None) as (stack, world):
+        sn_opener, sn_other = f"jdoe.{uuid.uuid4().hex[:6]}", f"kim.{uuid.uuid4().hex[:6]}"
+        await person(stack, ["requester"], servicenow=sn_opener)
+        await person(stack, ["requester", "approver"], servicenow=sn_other)
+        sys_id, case_id, body = await ticket_awaiting_approval(stack, world, sn_opener)
+        edited = await servicenow(stack, "refund-requests", {
+            **body, "opened_by": {"user_name": sn_other}, "amount": 9_500,
+            "sys_updated_on": "2026-11-21 10:06:00"})
+        assert edited.status_code == 409, edited.text
+        approved = await servicenow(stack, "approvals", {
+            "sys_id": uuid.uuid4().hex, "document_id": sys_id, "state": "approved",
+            "approver": {"user_name": sn_other}, "sys_updated_on": "2026-11-21 10:10:00",
+            "sys_updated_by": sn_other})
+        assert approved.status_code == 409 and "changed" in approved.json()["detail"], approved.text
+        state = await stack.client.get_workflow_handle(case_id).query(RefundWorkflow.state)
+        assert state.approvals == () and state.status == "awaiting_approval"
+
+
 @pytest.mark.parametrize("refused_update", ["malformed", "outside_the_provider_s_rules", "same_second",
                                             "signed_but_late"])
 async def test_a_ticket_update_refused_on_its_own_hides_no_change_from_its_approvers(
