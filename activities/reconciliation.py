@@ -40,7 +40,7 @@ from adapters.providers.base import (
 from domain import contracts, errors
 from domain.incidents import ProviderWordInput
 from domain.models import ProviderRefund, RefundTimings
-from domain.payouts import PayoutCaseInput, ProviderPayout, payout_case_id
+from domain.payouts import PAID_REPORTS, PayoutCaseInput, ProviderPayout, ProviderPayoutStatus, payout_case_id
 from domain.policy import Policy
 from domain.reconciliation import (
     BatchInput,
@@ -80,6 +80,7 @@ class ReconciliationActivities:
                  policy: Policy, *, timings: RefundTimings, reports_dir: Path,
                  reissue_window: timedelta = PayoutCaseInput.model_fields["reissue_window"].default) -> None:
         self._recon = store.reconciliation
+        self._audit = store.audit
         self._providers = providers
         self._client = client
         self._policy = policy
@@ -270,13 +271,17 @@ class ReconciliationActivities:
         """The break's refund or payout status at the provider now (`not_found` when it
         holds none); None for a provider that cannot read one. A failed read is retried
         (the settlement waits for it), never taken as an answer; one the provider refuses
-        for good (our key, a 4xx, a status we do not map) is `unreadable`, for ops."""
+        for good (our key, a 4xx, a status we do not map) is `unreadable`, for ops. A
+        payout its provider cannot read (Adyen) has one reading besides the failure: its
+        signed report of the payout paid after it (the relay's record on the case), as the
+        case's own runbook reads it; before, the settlement reversed such a payout."""
         provider = self._providers.get(found.provider)
         current: ProviderRefund | ProviderPayout | None
         try:
             if found.object_kind == "payout":
                 if not isinstance(provider, PayoutReader):
-                    return None
+                    paid = await self._audit.last_of(found.chain, PAID_REPORTS)
+                    return None if paid is None else ProviderPayoutStatus.PAID.value
                 current = await provider.get_payout(found.object_id)
             else:
                 if not isinstance(provider, RefundLister):

@@ -366,6 +366,38 @@ async def test_an_approved_payout_break_reverses_nothing_once_the_provider_shows
     assert ("reconciliation_break_provider_moved", "ops") in kinds
 
 
+class WithoutPayoutLookup:
+    """A provider that cannot read a payout by id (Adyen): every other call is the sandbox's."""
+
+    def __init__(self, provider: Any) -> None:
+        self.name = provider.name
+        self._provider = provider
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "get_payout":
+            raise AttributeError(name)
+        return getattr(self._provider, name)
+
+
+async def test_a_payout_break_without_a_lookup_reads_the_paid_report_after_the_failure(
+        payout_stack: Stack, store: Store, client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A provider with no payout lookup (Adyen): the settlement of an approved break read
+    nothing but the failure it was raised for. The bank's correction to paid came after the
+    case was denied, so the relay kept it only as an event for an ended case, and the
+    approval reversed a payout the beneficiary has (reproduced). A paid report after the
+    failure is recorded for any case whose reversal is not booked (ops told), and the
+    settlement takes it as the provider's word: nothing posted, the break to ops."""
+    stack = payout_stack
+    payout, case_id, found = await break_of_a_denied_case(stack, client)
+    await move_payout(stack, payout.provider_payout_id, "paid")  # the bank's late correction
+    await wait_for_actions(stack, case_id, "payout_paid_after_failure")
+    monkeypatch.setitem(stack.providers, "sandbox", WithoutPayoutLookup(stack.providers["sandbox"]))
+    assert (await decide(stack, "lena", found["id"])).status_code == 202
+    [settled] = await wait_for_breaks(stack, [payout.provider_payout_id], "ops_review")
+    assert settled["resolution"]["provider_moved"]["provider_status"] == "paid", settled["resolution"]
+    assert [e for e in await store.ledger.entries(case_id) if e["template"] == "payout_reversed"] == []
+
+
 async def test_an_unmapped_status_is_a_break_for_ops_and_the_run_goes_on(
         stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.ERROR)

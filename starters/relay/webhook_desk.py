@@ -50,7 +50,6 @@ from domain.payouts import (
     PAID_AFTER_FAILURE,
     PAID_AFTER_REVERSAL,
     WITHOUT_OPEN_CASE,
-    PayoutCaseStatus,
     PayoutEvent,
     ProviderPayout,
     ProviderPayoutStatus,
@@ -138,12 +137,6 @@ class IngestResult:
 
 TEMPORAL_AWAY = frozenset({RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED})
 """Temporal not answering: a re-drive pass that meets it tried nothing (no receipt's fault)."""
-UNBOOKED = frozenset({PayoutCaseStatus.OPENING, PayoutCaseStatus.AWAITING_APPROVAL,
-                      PayoutCaseStatus.EXECUTING, PayoutCaseStatus.LEDGER_FAILED})
-"""A payout case's statuses before its reversal is booked, where it still may be: by the
-runbook, or by finance's hand after its entry failed (`ledger_failed`, the hold kept)."""
-
-
 def as_held(event: ProviderEvent, holder: CaseRow) -> ProviderEvent:
     """A status event naming only its refund (Rainforest tabulates refund.succeeded, .failed
     and .canceled as its id, status and time), read as of the case holding that refund: the
@@ -527,10 +520,10 @@ class WebhookDesk:
         after a reissue, paid twice). The case reads the report as stale and nothing moves by
         it, so ops are told here, once per case (reconciliation raises it too,
         `payout_paid_shown_failed`). One that happened after the case opened, its reversal not
-        booked yet (approvers deciding), tells ops too: an approval would book back money that
-        left. Either is measured from the failure (the provider's clock), not from our
-        booking: a correction made while approvers decided may be heard only after the
-        reversal was booked."""
+        booked (approvers deciding, or the case ended without it), tells ops too: an approval
+        (the case's, or a break's) would book back money that left. Either is measured from
+        the failure (the provider's clock), not from our booking: a correction made while
+        approvers decided may be heard only after the reversal was booked."""
         if event.payout.status is not ProviderPayoutStatus.PAID:
             return
         reversed_at = await self._store.ledger.first_posted(case_id, LedgerKind.PAYOUT_REVERSED)
@@ -548,14 +541,16 @@ class WebhookDesk:
 
     async def _failed_while_unbooked(self, case_id: str) -> datetime | None:
         """When the failure that opened the case happened (the provider's clock; else when we
-        opened it), while its reversal is not booked yet and may still be (approvers
-        deciding, the runbook running, or finance by hand after its entry failed: `UNBOOKED`);
-        None otherwise (no case yet, or it ended otherwise)."""
-        payouts = self._store.payouts
-        case = await payouts.case(case_id)
-        if case is None or case["status"] not in UNBOOKED:
+        opened it), for a case whose reversal is not booked (its caller found no entry):
+        approvers deciding, the runbook running, finance by hand after its entry failed, or
+        the case ended without it (denied, expired, rolled back), where a reconciliation
+        break may still book it and, for a provider without a payout lookup, reads this
+        report (before, one for an ended case was kept as an event only, and the break's
+        approval reversed a payout that had left). None with no case yet."""
+        case = await self._store.payouts.case(case_id)
+        if case is None:
             return None
-        return await payouts.opened_at_provider(case_id) or case["created_at"]
+        return await self._store.payouts.opened_at_provider(case_id) or case["created_at"]
 
     async def payout_registered(self, provider: str, provider_payout_id: str) -> None:
         """A payout booked after the relay received its events (an instant payout that failed
