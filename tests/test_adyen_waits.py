@@ -4,6 +4,7 @@ API or the console ("Adyen shows refunded / not refunded"), with segregation of 
 an audit row, so the reservation is never held for good. Adyen's API is tests/adyen_fake.py."""
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from functools import partial
@@ -18,7 +19,8 @@ from adapters.db import Principal, Store
 from adapters.db.cases import CaseRepository, RefundHeldElsewhere
 from adapters.http_server import AppServer
 from adapters.providers.adyen import AdyenProvider, ProviderNotReached
-from domain.models import RefundReason, RefundRequest
+from domain.incidents import DuplicateRefundInput
+from domain.models import ProviderRefund, ProviderRefundStatus, RefundReason, RefundRequest
 from starters.actions.cases import CaseActions
 from starters.actions.provider_wait import ProviderWaitBody, resolve_provider_wait
 from starters.actions.provider_wait import _deliver as deliver_resolution
@@ -336,6 +338,28 @@ async def test_a_wait_is_not_resolved_with_a_refund_another_case_holds(rig: Adye
     assert answer.status_code == 200, answer.text
     row = await rig.stack.wait_for_status(second, "succeeded")
     assert row["provider_refund_id"] == own["pspReference"]
+
+
+async def test_a_wait_is_not_resolved_with_a_refund_another_case_s_break_names(rig: AdyenRig) -> None:
+    """A refund no case holds but another case's break does (a duplicate of that case's
+    refund, in ops review): naming it for this wait claimed it here, its money then counted
+    on that break and in this case's ledger. Refused 409 (audited), the case still waiting."""
+    first, psp = await waiting_case(rig, 1_300)
+    [made] = rig.fake.refunds_of(psp)
+    shows = {"provider_shows": "refunded", "reason": "Customer Area: refund settled"}
+    answer = await resolve(rig, "olga", first, provider_refund_id=made["pspReference"], **shows)
+    assert answer.status_code == 200, answer.text
+    await rig.stack.wait_for_status(first, "succeeded")
+    duplicate = ProviderRefund(provider="adyen", refund_id=f"DUP{uuid.uuid4().hex[:13].upper()}",
+                               charge_id=psp, amount=1_300, currency="EUR",
+                               status=ProviderRefundStatus.SUCCEEDED, raw_status="REFUND", reference=first)
+    assert await rig.stack.store.reconciliation.open_duplicate_refund_break(DuplicateRefundInput(
+        case_id=first, followed_refund_id=made["pspReference"], duplicate=duplicate, source="test"))
+    second, _ = await waiting_case(rig, 1_300)
+    taken = await resolve(rig, "olga", second, provider_refund_id=duplicate.refund_id.lower(), **shows)
+    assert taken.status_code == 409 and first in taken.json()["detail"], taken.text
+    row = await rig.stack.store.cases.get(second)
+    assert row is not None and (row["status"], row["provider_refund_id"]) == ("ops_review", None)
 
 
 async def answered_then_unheard(rig: AdyenRig, amount: int) -> tuple[str, str, dict[str, Any]]:

@@ -761,6 +761,16 @@ class ReconciliationRepository(Repository):
 
     # -- incidents a case raises ----------------------------------------------------------
 
+    async def refund_broken_elsewhere(self, provider: str, refund_id: str, chain: str) -> str | None:
+        """The case (chain) whose break names the provider's refund `refund_id`, in any letter
+        case, other than `chain`'s: a duplicate of that case's refund, or one no case made
+        (the tracking case it would open). None when no other break names it."""
+        row = await self._db.fetch_one(
+            "SELECT chain FROM reconciliation_breaks WHERE provider = %s AND object_kind = 'refund'"
+            " AND upper(object_id) = upper(%s) AND chain <> %s ORDER BY id LIMIT 1",
+            (provider, refund_id, chain))
+        return str(row["chain"]) if row else None
+
     async def open_duplicate_refund_break(self, inp: DuplicateRefundInput) -> dict[str, Any] | None:
         """Records the duplicate as a `duplicate_refund` break in `ops_review` on the case's
         chain, found by an `incident` run; None when it was recorded already (a retry, or the

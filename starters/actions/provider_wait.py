@@ -158,6 +158,11 @@ async def _refund_refusal(actions: CaseActions, row: Mapping[str, Any], body: Pr
                                                              str(row["refund_request_id"]))
     if holder is not None:
         return f"refund {named} is case {holder['refund_request_id']}'s: name this case's refund"
+    if broken := await actions.store.reconciliation.refund_broken_elsewhere(
+            str(row["provider"]), named, str(row["refund_request_id"])):
+        # claimed here, its money would count on that break and in this case's ledger
+        return (f"refund {named} is named by a break of case {broken} (a duplicate, or a refund no "
+                "case made): ops settle it there; name this case's refund")
     held = row["provider_refund_id"]
     if held is not None and refund_id_as_written(str(row["provider"]), str(held)) != named:
         return f"this case's refund is {held}, not {named}"
