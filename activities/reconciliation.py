@@ -267,6 +267,16 @@ class ReconciliationActivities:
             raise
         return True
 
+    async def _paid_since(self, found: BreakRow) -> bool:
+        """Whether the case's chain holds a signed report of the payout paid at or after the
+        failure this break was raised for (a provider stamps its events to the second). One
+        older (paid, then returned: the return raised the break) says nothing of the money
+        now; one recorded without its time is not read."""
+        since = found.object_created_at.replace(microsecond=0)
+        return any(e["action"] in PAID_REPORTS and e["detail"].get("occurred_at")
+                   and datetime.fromisoformat(e["detail"]["occurred_at"]) >= since
+                   for e in await self._audit.trail(found.chain))
+
     async def _at_provider(self, found: BreakRow) -> str | None:
         """The break's refund or payout status at the provider now (`not_found` when it
         holds none); None for a provider that cannot read one. A failed read is retried
@@ -280,8 +290,7 @@ class ReconciliationActivities:
         try:
             if found.object_kind == "payout":
                 if not isinstance(provider, PayoutReader):
-                    paid = await self._audit.last_of(found.chain, PAID_REPORTS)
-                    return None if paid is None else ProviderPayoutStatus.PAID.value
+                    return ProviderPayoutStatus.PAID.value if await self._paid_since(found) else None
                 current = await provider.get_payout(found.object_id)
             else:
                 if not isinstance(provider, RefundLister):

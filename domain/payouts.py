@@ -242,8 +242,9 @@ OPEN_STATUSES = frozenset(
 PAID_AFTER_REVERSAL = "payout_paid_after_reversal"
 PAID_AFTER_FAILURE = "payout_paid_after_failure"
 PAID_REPORTS = (PAID_AFTER_REVERSAL, PAID_AFTER_FAILURE)
-PAID_REPORT_FIELDS = ("event_id", "payout_id", "amount", "currency")
-"""What a paid report's notice and audit row say of its event (`paid_report`)."""
+PAID_REPORT_FIELDS = ("event_id", "payout_id", "amount", "currency", "occurred_at")
+"""What a paid report's notice and audit row say of its event (`paid_report`): when it was
+paid (the provider's clock) too, so a later failure or return is not read as paid."""
 WITHOUT_OPEN_CASE = "payout_event_without_open_case"
 """An event no open case took, kept on the case's chain (a paid one with its status and
 time: the failure that opens the case later reads it)."""
@@ -509,4 +510,4 @@ def reissue_problem(original: PayoutSnapshot, made: ProviderPayout) -> str | Non
 def paid_report(event: PayoutEvent) -> dict[str, Any]:
     """What a paid report's notice and audit row say of its event."""
     return dict(zip(PAID_REPORT_FIELDS, (event.event_id, event.payout.payout_id, event.payout.amount,
-                                         event.payout.currency), strict=True))
+                                         event.payout.currency, event.occurred_at.isoformat()), strict=True))

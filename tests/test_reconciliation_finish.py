@@ -398,6 +398,32 @@ async def test_a_payout_break_without_a_lookup_reads_the_paid_report_after_the_f
     assert [e for e in await store.ledger.entries(case_id) if e["template"] == "payout_reversed"] == []
 
 
+async def test_a_payout_paid_then_returned_again_is_compensated_by_its_break_without_a_lookup(
+        payout_stack: Stack, store: Store, client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bank corrected the failed payout to paid (reported, the case denied), then the
+    money came back again: the second failure raises a break. Its settlement read the older
+    paid report as the provider's word and booked nothing, the payout left paid in our books
+    for good (found by review). A paid report counts only from the failure the break was
+    raised for: this one reverses the payout once approved."""
+    stack = payout_stack
+    payout = await paid_payout(stack, 30_000)
+    case_id = payout_case_id("sandbox", payout.provider_payout_id)
+    await move_payout(stack, payout.provider_payout_id, "failed")
+    await wait_for_case(stack, case_id, "awaiting_approval")
+    assert (await decide_payout(stack, "lena", case_id, "deny")).status_code == 202
+    await wait_for_case(stack, case_id, "denied")
+    await client.get_workflow_handle(case_id).result()
+    await move_payout(stack, payout.provider_payout_id, "paid")  # the bank's correction
+    await wait_for_actions(stack, case_id, "payout_paid_after_failure")
+    await asyncio.sleep(1.1)  # the provider stamps to the second: the return comes a second later
+    await move_payout(stack, payout.provider_payout_id, "failed")  # and the money comes back
+    [found] = await wait_for_breaks(stack, [payout.provider_payout_id], "awaiting_approval")
+    monkeypatch.setitem(stack.providers, "sandbox", WithoutPayoutLookup(stack.providers["sandbox"]))
+    assert (await decide(stack, "lena", found["id"])).status_code == 202
+    [resolved] = await wait_for_breaks(stack, [payout.provider_payout_id], "resolved")
+    assert [e["template"] for e in await store.ledger.entries(case_id)] == ["payout_reversed"] * 2, resolved
+
+
 async def test_an_unmapped_status_is_a_break_for_ops_and_the_run_goes_on(
         stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.ERROR)

@@ -503,8 +503,7 @@ class WebhookDesk:
                     " and reconciled now" if event.is_exception() else " only")
         # a paid report heard before the failure that opens the case: that case reads it
         # (`PayoutRepository.admit`), as Adyen's notifications come in any order
-        heard = ({**paid_report(event), "status": event.payout.status.value,
-                  "occurred_at": event.occurred_at.isoformat()}
+        heard = ({**paid_report(event), "status": event.payout.status.value}
                  if event.payout.status is ProviderPayoutStatus.PAID else {})
         await self._store.audit.record(case_id, actor, WITHOUT_OPEN_CASE, detail | heard)
         if event.is_exception():
