@@ -537,6 +537,15 @@ def test_payout_events_become_payout_events(code: str, fields: dict[str, Any], p
     assert event.payout.reference == "YOUR_PAYOUT_REFERENCE"
 
 
+async def paid_adyen_payout(rig: AdyenRig) -> tuple[PayoutSnapshot, str]:
+    """An Adyen payout of 10.00 EUR our books show paid, and its case id."""
+    payout = PayoutSnapshot(id=f"P-{uuid.uuid4().hex[:10]}", provider="adyen",
+                            provider_payout_id=unique_psp(), beneficiary_id=f"ben-{uuid.uuid4().hex[:8]}",
+                            amount=1000, currency="EUR", status=PayoutStatus.PAID)
+    assert await rig.stack.store.payouts.record_payout(payout)
+    return payout, payout_case_id("adyen", payout.provider_payout_id)
+
+
 @pytest.mark.parametrize("paid_heard_first", [False, True])
 async def test_a_reversal_of_a_payout_adyen_reported_paid_after_its_failure_books_nothing(
         rig: AdyenRig, paid_heard_first: bool) -> None:
@@ -548,12 +557,8 @@ async def test_a_reversal_of_a_payout_adyen_reported_paid_after_its_failure_book
     any order): it found no case and was kept on the timeline only, the case the failure
     opened next never read it, and the reversal was booked (reproduced)."""
     await add_payout_approvers(rig.stack)
-    psp = unique_psp()
-    payout = PayoutSnapshot(id=f"P-{uuid.uuid4().hex[:10]}", provider="adyen", provider_payout_id=psp,
-                            beneficiary_id=f"ben-{uuid.uuid4().hex[:8]}", amount=1000, currency="EUR",
-                            status=PayoutStatus.PAID)
-    assert await rig.stack.store.payouts.record_payout(payout)
-    case_id = payout_case_id("adyen", psp)
+    payout, case_id = await paid_adyen_payout(rig)
+    psp = payout.provider_payout_id
     now = datetime.now(UTC)
 
     def reported(success: str, minutes_ago: int) -> bytes:
@@ -580,12 +585,8 @@ async def test_a_reversal_of_a_payout_adyen_reported_paid_after_its_failure_book
 async def test_an_adyen_payout_s_own_paid_heard_before_its_failure_is_no_news(rig: AdyenRig) -> None:
     """The payout's paid from before its failure, delivered first: older than the failure,
     it says nothing of the money since, and the case the failure opens reads no paid report."""
-    psp = unique_psp()
-    payout = PayoutSnapshot(id=f"P-{uuid.uuid4().hex[:10]}", provider="adyen", provider_payout_id=psp,
-                            beneficiary_id=f"ben-{uuid.uuid4().hex[:8]}", amount=1000, currency="EUR",
-                            status=PayoutStatus.PAID)
-    assert await rig.stack.store.payouts.record_payout(payout)
-    case_id = payout_case_id("adyen", psp)
+    payout, case_id = await paid_adyen_payout(rig)
+    psp = payout.provider_payout_id
     now = datetime.now(UTC)
     for success, minutes_ago in (("true", 20), ("false", 10)):
         assert (await rig.post(notification(

@@ -405,6 +405,18 @@ async def test_a_servicenow_denial_for_a_case_past_its_policy_decision_is_refuse
         assert denied.status_code == 409 and "not awaiting approval" in denied.text, denied.text
 
 
+async def refused_as_changed(stack: Stack, sys_id: str, case_id: str, approver: str) -> None:
+    """`approver`'s approval given on the ticket is refused as given on a changed ticket,
+    and the case counts no approval."""
+    approved = await servicenow(stack, "approvals", {
+        "sys_id": uuid.uuid4().hex, "document_id": sys_id, "state": "approved",
+        "approver": {"user_name": approver}, "sys_updated_on": "2026-11-21 10:10:00",
+        "sys_updated_by": approver})
+    assert approved.status_code == 409 and "changed" in approved.json()["detail"], approved.text
+    state = await stack.client.get_workflow_handle(case_id).query(RefundWorkflow.state)
+    assert state.approvals == () and state.status == "awaiting_approval"
+
+
 async def test_a_ticket_edited_to_another_opener_is_a_changed_ticket(
         store: Store, client: Client, temporal_server: TemporalDevServer) -> None:
     """The ticket's opener and amount are edited together: the update names another
@@ -421,13 +433,7 @@ async def test_a_ticket_edited_to_another_opener_is_a_changed_ticket(
             **body, "opened_by": {"user_name": sn_other}, "amount": 9_500,
             "sys_updated_on": "2026-11-21 10:06:00"})
         assert edited.status_code == 409, edited.text
-        approved = await servicenow(stack, "approvals", {
-            "sys_id": uuid.uuid4().hex, "document_id": sys_id, "state": "approved",
-            "approver": {"user_name": sn_other}, "sys_updated_on": "2026-11-21 10:10:00",
-            "sys_updated_by": sn_other})
-        assert approved.status_code == 409 and "changed" in approved.json()["detail"], approved.text
-        state = await stack.client.get_workflow_handle(case_id).query(RefundWorkflow.state)
-        assert state.approvals == () and state.status == "awaiting_approval"
+        await refused_as_changed(stack, sys_id, case_id, sn_other)
 
 
 @pytest.mark.parametrize("refused_update", ["malformed", "outside_the_provider_s_rules", "same_second",
@@ -455,13 +461,7 @@ async def test_a_ticket_update_refused_on_its_own_hides_no_change_from_its_appro
         refused = await servicenow(stack, "refund-requests", {
             **body, "amount": 1_000, "sys_updated_on": "2026-11-21 10:06:00", **edit}, at=late)
         assert refused.status_code in (400, 401, 409, 422), refused.text
-        approved = await servicenow(stack, "approvals", {
-            "sys_id": uuid.uuid4().hex, "document_id": sys_id, "state": "approved",
-            "approver": {"user_name": sn_manager}, "sys_updated_on": "2026-11-21 10:10:00",
-            "sys_updated_by": sn_manager})
-        assert approved.status_code == 409 and "changed" in approved.json()["detail"], approved.text
-        state = await stack.client.get_workflow_handle(case_id).query(RefundWorkflow.state)
-        assert state.approvals == () and state.status == "awaiting_approval"
+        await refused_as_changed(stack, sys_id, case_id, sn_manager)
 
 
 @pytest.mark.parametrize("refused_as", ["opener_without_access", "signed_but_late"])

@@ -630,17 +630,24 @@ async def test_a_payout_its_provider_reported_paid_after_the_failure_is_never_re
     assert "paid after its failure" in failed["detail"]["error"], failed
 
 
-async def test_a_reissue_approved_by_someone_whose_access_was_then_revoked_is_not_made(
-        payouts: Stack) -> None:
-    """Half of a two-approver reissue comes from a token the admin then revokes (stolen, or
-    its person left); the second approval completed the round and the reissue paid the
-    beneficiary on it (reproduced). Declined at the payout's gate: nothing made, ops told."""
-    finance = f"fay-{uuid.uuid4().hex[:6]}"
+async def awaiting_with_a_finance_manager(payouts: Stack) -> tuple[str, PayoutSnapshot, str]:
+    """A new finance manager (their token made here) and a 6,000.00 payout failed after it
+    was paid, its case awaiting approval: (the manager, the payout, the case id)."""
+    finance = f"fin-{uuid.uuid4().hex[:6]}"
     payouts.tokens[finance] = await payouts.store.access.create_token(finance, ["finance_manager"], by="test")
     payout = await paid_payout(payouts, 600_000)
     await move_payout(payouts, payout.provider_payout_id, "failed", failure_code="account_closed")
     case_id = payout_case_id("sandbox", payout.provider_payout_id)
     await wait_for_case(payouts, case_id, "awaiting_approval")
+    return finance, payout, case_id
+
+
+async def test_a_reissue_approved_by_someone_whose_access_was_then_revoked_is_not_made(
+        payouts: Stack) -> None:
+    """Half of a two-approver reissue comes from a token the admin then revokes (stolen, or
+    its person left); the second approval completed the round and the reissue paid the
+    beneficiary on it (reproduced). Declined at the payout's gate: nothing made, ops told."""
+    finance, payout, case_id = await awaiting_with_a_finance_manager(payouts)
     for approver in ("fiona", "cora"):
         assert (await decide(payouts, approver, case_id)).status_code == 202
     await wait_for_case(payouts, case_id, "remediated")
@@ -660,12 +667,7 @@ async def test_a_reversal_approved_by_someone_whose_access_was_then_revoked_is_n
     approval completed the round and the runbook held the payout and booked it back on it
     (reproduced: only a refund's and a reissue's gates asked). The compensating entry is
     refused at its step: nothing booked, the hold rolled back, finance and ops told why."""
-    finance = f"fin-{uuid.uuid4().hex[:6]}"
-    payouts.tokens[finance] = await payouts.store.access.create_token(finance, ["finance_manager"], by="test")
-    payout = await paid_payout(payouts, 600_000)
-    await move_payout(payouts, payout.provider_payout_id, "failed", failure_code="account_closed")
-    case_id = payout_case_id("sandbox", payout.provider_payout_id)
-    await wait_for_case(payouts, case_id, "awaiting_approval")
+    finance, payout, case_id = await awaiting_with_a_finance_manager(payouts)
     assert (await decide(payouts, finance, case_id)).status_code == 202
     assert await payouts.store.access.revoke_tokens(by="admin", user=finance)
     assert (await decide(payouts, "cora", case_id)).status_code == 202

@@ -18,6 +18,7 @@ from temporalio import workflow
 from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    from domain.audit import APPROVAL_REQUESTED
     from domain.errors import ALREADY_DECIDED, ALREADY_RECEIVED, APPROVAL_REFUSED, NOT_AWAITING_APPROVAL
     from domain.lifecycle import check_approval, unfilled
     from domain.models import (
@@ -166,7 +167,7 @@ class ApprovalRound:
     async def collect(self, host: ApprovalHost, timings: RefundTimings) -> bool:
         """Waits durably for the tier's distinct, authorised approvals, a denial, or expiry;
         reminds and escalates on the way. True when approved."""
-        await host.approval_step("approval_requested", ApprovalOutcome.REQUESTED,
+        await host.approval_step(APPROVAL_REQUESTED, ApprovalOutcome.REQUESTED,
                                  detail={"tier": self.tier, "missing_roles": self.missing()})
         await host.approval_notice("approval_needed", "approvers", {"missing_roles": self.missing()})
         started = workflow.now()

@@ -18,6 +18,7 @@ from adapters import metrics
 from adapters.db import Principal, Store
 from adapters.db.rows import ApprovalStep
 from adapters.temporal_client import update_until_taken, workflow_closed
+from domain.audit import APPROVAL_REQUESTED
 from domain.errors import ALREADY_DECIDED, NOT_AWAITING_APPROVAL
 from domain.lifecycle import unfilled
 from domain.models import ApprovalProgress, ApprovalSignal, Decision, RoleRequirement
@@ -121,7 +122,7 @@ def refusal(exc: WorkflowUpdateFailedError) -> tuple[str, str | None]:
 
 def observe_approval_wait(steps: list[ApprovalStep], decision: Decision) -> None:
     """Time since the case started waiting for approval, sampled at each decision."""
-    asked = [s.occurred_at for s in steps if s.action == "approval_requested"]
+    asked = [s.occurred_at for s in steps if s.action == APPROVAL_REQUESTED]
     if asked:
         waited = (datetime.now(UTC) - asked[-1]).total_seconds()
         metrics.APPROVAL_WAIT.labels(decision.value).observe(max(waited, 0.0))
@@ -137,10 +138,10 @@ def approvals_view(steps: list[ApprovalStep], requirements: list[dict[str, Any]]
     """Every approval step with who and when, and the roles the current round still needs
     (counted from its `approval_requested` on, so a second round starts empty)."""
     approvals = [{"approver": s.approver, "action": s.action, "at": s.occurred_at.isoformat(),
-                  "reason": s.reason} for s in steps if s.action != "approval_requested"]
+                  "reason": s.reason} for s in steps if s.action != APPROVAL_REQUESTED]
     if not awaiting:
         return approvals, []
-    starts = [i for i, s in enumerate(steps) if s.action == "approval_requested"]
+    starts = [i for i, s in enumerate(steps) if s.action == APPROVAL_REQUESTED]
     granted = granted_in(steps[starts[-1]:] if starts else steps)
     needs = tuple(RoleRequirement.model_validate(r) for r in requirements)
     return approvals, unfilled(needs, granted)
