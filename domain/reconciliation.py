@@ -67,9 +67,10 @@ it): found again later, the difference is new, or what its approval could not co
 compensation capped at the amount approved), and is raised again for its own approval.
 Amount and currency breaks persist until people fix their cause: never raised again."""
 
-LOOK_AGAIN = ("provider_moved", "case_moved", "approval_unmet", "overtaken_by")
+LOOK_AGAIN = ("provider_moved", "case_moved", "approval_unmet", "approval_revoked", "overtaken_by")
 """What a settlement that went to ops review found (its resolution's keys): the provider or
-the case moved since the approval, or the approvals do not meet the break as stored. Nothing
+the case moved since the approval, or the approvals do not meet the break as stored (or one
+was given with a token revoked since). Nothing
 acts on a break in ops review, so a run finding it again raises it again for its own
 approval, as for a resolved one (`RAISED_AGAIN`); before, its money stayed unbooked for good."""
 

@@ -144,17 +144,26 @@ class AccessRepository(Repository):
         without it (before seals carried it) as of its record. Which token gave an approval
         is not recorded: a person who replaced their token after approving is among them
         too (ops decide). None before the round opened."""
-        cur = await conn.execute(
-            "WITH verdicts AS ("
-            " SELECT a.approver, coalesce((e.detail->>'sealed_at')::timestamptz, a.occurred_at) AS given"
+        recorded = await (await conn.execute(
+            "SELECT a.approver, coalesce((e.detail->>'sealed_at')::timestamptz, a.occurred_at) AS given"
             " FROM case_approvals a JOIN audit_events e ON e.chain = a.chain AND e.seq = a.seq"
             " WHERE a.chain = %s AND a.action = 'approval_granted' AND a.occurred_at >= ("
-            "  SELECT max(occurred_at) FROM audit_events WHERE chain = %s AND action = %s)"
-            " UNION ALL SELECT * FROM unnest(%s::text[], %s::timestamptz[]))"
-            " SELECT DISTINCT v.approver FROM verdicts v JOIN api_tokens t ON t.user_name = v.approver"
+            "  SELECT max(occurred_at) FROM audit_events WHERE chain = %s AND action = %s)",
+            (chain, chain, opened_by))).fetchall()
+        return await AccessRepository.revoked_since_given(
+            conn, [(str(r["approver"]), r["given"]) for r in recorded] + list(deciding))
+
+    @staticmethod
+    async def revoked_since_given(conn: Conn, verdicts: Sequence[tuple[str, datetime]]) -> list[str]:
+        """Who of the (approver, given at) `verdicts` had a token live then (made before it,
+        not expired) and revoked since: the approval may have been that token's, so it counts
+        no more (see `approvals_revoked_in`). Sorted, each once."""
+        cur = await conn.execute(
+            "SELECT DISTINCT v.approver FROM unnest(%s::text[], %s::timestamptz[]) AS v(approver, given)"
+            " JOIN api_tokens t ON t.user_name = v.approver"
             " WHERE t.created_at <= v.given AND (t.expires_at IS NULL OR t.expires_at > v.given)"
             " AND t.revoked_at >= v.given ORDER BY v.approver",
-            (chain, chain, opened_by, [who for who, _ in deciding], [when for _, when in deciding]))
+            ([who for who, _ in verdicts], [when for _, when in verdicts]))
         return [str(r["approver"]) for r in await cur.fetchall()]
 
     async def approvals_revoked(self, chain: str, opened_by: str) -> list[str]:

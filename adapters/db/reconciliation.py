@@ -21,6 +21,7 @@ from typing import Any
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from adapters.db.access import AccessRepository
 from adapters.db.audit import AuditLog
 from adapters.db.cases import CaseRepository
 from adapters.db.database import Conn, Database, Repository, jsonb
@@ -551,7 +552,9 @@ class ReconciliationRepository(Repository):
             async with self._db.connection() as conn:  # adopted only for a settlement that stands
                 overtaken = await self._overtaken_by(conn, found)
                 unmet = None if overtaken else await self._approval_unmet(conn, found, settlement)
-            if overtaken is None and unmet is None:
+                revoked = None if overtaken or unmet else await self._approval_revoked(
+                    conn, found, settlement)
+            if overtaken is None and unmet is None and revoked is None:
                 await self._adopt(found)
         async with self._db.transaction() as conn:
             row = await (await conn.execute("SELECT * FROM reconciliation_breaks WHERE id = %s FOR UPDATE",
@@ -570,9 +573,11 @@ class ReconciliationRepository(Repository):
             moved_at_provider = provider_moved(row, at_provider) if (
                 settlement.state is BreakState.RESOLVED) else None
             other_money = _other_currency(row, case)
-            unmet = await self._approval_unmet(conn, row, settlement) if (
-                settlement.state is BreakState.RESOLVED) else None
-            if any(found is not None for found in (overtaken, moved, moved_at_provider, other_money, unmet)):
+            unmet, revoked = (await self._approval_unmet(conn, row, settlement),
+                              await self._approval_revoked(conn, row, settlement)) if (
+                settlement.state is BreakState.RESOLVED) else (None, None)
+            if any(found is not None for found in (overtaken, moved, moved_at_provider, other_money, unmet,
+                                                   revoked)):
                 outcome = BreakOutcome(break_id=break_id, state=BreakState.OPS_REVIEW)
             elif settlement.state is BreakState.RESOLVED:
                 compensate = self._compensate_payout if row["object_kind"] == "payout" else self._compensate
@@ -582,14 +587,16 @@ class ReconciliationRepository(Repository):
                           **({"case_moved": moved} if moved else {}),
                           **({"provider_moved": moved_at_provider} if moved_at_provider else {}),
                           **({"currency_differs": other_money} if other_money else {}),
-                          **({"approval_unmet": unmet} if unmet else {})}
+                          **({"approval_unmet": unmet} if unmet else {}),
+                          **({"approval_revoked": revoked} if revoked else {})}
             later = {"later_break_id": overtaken["break_id"], "later_break_class": overtaken["break_class"],
                      "provider_status": overtaken["provider_status"]} if overtaken else None
             for kind, change in (("reconciliation_break_overtaken", later),
                                  ("reconciliation_break_case_moved", moved),
                                  ("reconciliation_break_provider_moved", moved_at_provider),
                                  ("reconciliation_break_currency_differs", other_money),
-                                 ("reconciliation_break_approval_unmet", unmet)):
+                                 ("reconciliation_break_approval_unmet", unmet),
+                                 ("reconciliation_break_approval_revoked", revoked)):
                 if change is not None:
                     await OutboxRepository.queue_in(conn, NoticeInput(
                         refund_request_id=row["chain"], kind=kind, audience="ops",
@@ -617,24 +624,48 @@ class ReconciliationRepository(Repository):
         per person (a run started again takes the same approval twice), fill the
         requirements it opened with."""
         behind = [person for person in settlement.approvers if person in behind_break(row["evidence"])]
-        opened = await (await conn.execute(
-            "SELECT seq, detail FROM audit_events WHERE chain = %s"
-            " AND action = 'reconciliation_exception_opened' AND detail->>'break_id' = %s"
-            " ORDER BY seq DESC LIMIT 1", (row["chain"], str(row["id"])))).fetchone()
+        opened, grants = await ReconciliationRepository._round_grants(conn, row, settlement)
         missing: list[str] = []
         if opened is not None:
-            grants = await (await conn.execute(
-                "SELECT actor, detail FROM audit_events WHERE chain = %s AND seq > %s AND action = ANY(%s)"
-                " AND detail->>'break_id' = %s",
-                (row["chain"], opened["seq"], list(BREAK_GRANTS), str(row["id"])))).fetchall()
             latest = {g["actor"]: frozenset(g["detail"].get("roles") or ()) for g in grants  # one per person
-                      if g["actor"] in settlement.approvers and g["actor"] not in behind}
+                      if g["actor"] not in behind}
             granted = list(latest.items())
             missing = unfilled(tuple(RoleRequirement.model_validate(r)
                                      for r in opened["detail"].get("requirements", [])), granted)
         if not behind and not missing:
             return None
         return {"behind_the_break": behind, "missing_roles": missing}
+
+    @staticmethod
+    async def _approval_revoked(conn: Conn, row: Mapping[str, Any],
+                                settlement: BreakSettlement) -> dict[str, Any] | None:
+        """Who of the settlement's approvers gave their grant with a token revoked since (as
+        of its seal, as a refund's money gate judges), or None: the round counted it and
+        cannot hear of a revocation, so the compensation was posted on a stolen token's or a
+        departed person's word (reproduced: breaks alone did not ask)."""
+        _, grants = await ReconciliationRepository._round_grants(conn, row, settlement)
+        revoked = await AccessRepository.revoked_since_given(conn, [
+            (g["actor"], datetime.fromisoformat(g["detail"]["sealed_at"]) if g["detail"].get("sealed_at")
+             else g["occurred_at"]) for g in grants])
+        return {"revoked": revoked} if revoked else None
+
+    @staticmethod
+    async def _round_grants(conn: Conn, row: Mapping[str, Any], settlement: BreakSettlement
+                            ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+        """The break's latest exception opening and the grants since it by the settlement's
+        approvers (none when it never opened)."""
+        opened = await (await conn.execute(
+            "SELECT seq, detail FROM audit_events WHERE chain = %s"
+            " AND action = 'reconciliation_exception_opened' AND detail->>'break_id' = %s"
+            " ORDER BY seq DESC LIMIT 1", (row["chain"], str(row["id"])))).fetchone()
+        if opened is None:
+            return None, []
+        grants = await (await conn.execute(
+            "SELECT actor, detail, occurred_at FROM audit_events WHERE chain = %s AND seq > %s"
+            " AND action = ANY(%s) AND detail->>'break_id' = %s AND actor = ANY(%s) ORDER BY seq",
+            (row["chain"], opened["seq"], list(BREAK_GRANTS), str(row["id"]),
+             list(settlement.approvers)))).fetchall()
+        return opened, list(grants)
 
     @staticmethod
     async def _of_an_earlier_round(conn: Conn, row: Mapping[str, Any],

@@ -241,6 +241,13 @@ TEMPLATES: dict[str, Template] = {
         "posted or changed. Next steps: find out who started or changed the break's workflow "
         "in Temporal (its run was not the one the break opened), then reopen the break for "
         "approvers who may decide it.", ticket="incident"),
+    "reconciliation_break_approval_revoked": Template(
+        "Reconciliation break {break_id}: approved, but on a token revoked since",
+        "Approved by {approvers}, the break's round counted an approval given with a token "
+        "revoked since: {revoked}. Their approval counts no more (the token may have been "
+        "stolen, or its person has left), so nothing was posted or changed. Next steps: ask "
+        "the admin who revoked it why; the next reconciliation run raises the break again for "
+        "approvers who may decide it.", ticket="incident"),
     "reconciliation_break_provider_moved": Template(
         "Reconciliation break {break_id}: approved, but the provider no longer shows the payout failed",
         "Approved by {approvers}, the break was found while the provider showed the payout "
