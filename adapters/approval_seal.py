@@ -4,7 +4,8 @@ checks the seal before the workflow sees the verdict.
 The seal is an HMAC-SHA256 (a key from `REFUNDS_APPROVAL_KEYS`, which only the relay and
 the worker hold) over the workflow id, the run chain it was sent to (the chain's first run
 id: a continue-as-new keeps it, a reopened break or a case started again under its id gets
-a new one), decision, approver, roles, reason, the time it was issued (to the millisecond:
+a new one), decision, approver, roles, reason, the round it was given for (`awaiting`, when
+named), the time it was issued (to the millisecond:
 the money gate judges the approver's token as of it) and a nonce. It travels in a Temporal
 header of the `approve` signal or the `submit_approval` update, put there by a client
 interceptor on the relay's client only.
@@ -102,6 +103,8 @@ def _message(version: str, workflow_id: str, chain: str | None, sealed: Sealed, 
         covered.update(decision=sealed.decision.value, approver=sealed.approver)
         if sealed.verdict_id:
             covered["verdict_id"] = sealed.verdict_id
+        if sealed.awaiting:
+            covered["awaiting"] = sealed.awaiting
     if chain is not None:
         covered["chain"] = chain
     return json.dumps(covered, sort_keys=True, separators=(",", ":")).encode()

@@ -326,6 +326,10 @@ class ApprovalSignal(Frozen):
     decision: Decision
     reason: str = ""
     verdict_id: str = Field(default="", max_length=64)
+    awaiting: str = Field(default="", max_length=64)
+    """The case's status its approver was shown: a payout case's two rounds (the reversal,
+    then a reissue) can need the same role, so a verdict counts only in the round it was
+    given for. Empty (other channels, histories recorded before) means any."""
 
 
 class RefundWorkflowInput(Frozen):

@@ -796,6 +796,24 @@ async def payout_reissue_denied(rig: Recording) -> str:
     return await payout_reissued(rig, decision="deny")
 
 
+async def payout_reissue_verdict_for_the_reversal(rig: Recording) -> str:
+    """A verdict the relay sealed for the reversal's round reaches the case as a signal once
+    the reissue round is open: refused there (`approval-verdict-round-1`); the approver's
+    verdict on the reissue then pays it once."""
+    case_id = await failed_payout_case(rig)
+    (await decide(rig.stack, "lena", case_id)).raise_for_status()
+    await wait_for_case(rig.stack, case_id, "remediated")
+    (await ask_reissue(rig.stack, "omar", case_id)).raise_for_status()
+    await wait_for_case(rig.stack, case_id, "awaiting_reissue_approval")
+    await sealed_signal(rig.stack.client, case_id, ApprovalSignal(
+        approver="lena", roles=("payments_ops_lead",), decision=Decision.APPROVE, reason="recorded scenario",
+        verdict_id=uuid.uuid4().hex, awaiting="awaiting_approval"), issued_at=datetime.now(UTC))
+    await wait_for_actions(rig.stack, case_id, "approval_refused")
+    (await decide(rig.stack, "lena", case_id)).raise_for_status()
+    await wait_for_case(rig.stack, case_id, "reissued")
+    return case_id
+
+
 async def payout_reissue_unsealed(rig: Recording) -> str:
     """A reissue request sent straight to Temporal (no relay seal, naming someone else) is
     refused and audited (`payout-reissue-sealed-1`; written as `temporal`'s, naming them, since
@@ -1113,6 +1131,7 @@ SCENARIOS: dict[str, Scenario] = {
     "payout_reversed_and_reissued": Scenario(payout_reversed_and_reissued),
     "payout_reissue_key_refused": Scenario(payout_reissue_key_refused),
     "payout_reissue_denied": Scenario(payout_reissue_denied),
+    "payout_reissue_verdict_for_the_reversal": Scenario(payout_reissue_verdict_for_the_reversal),
     "payout_reissue_landed_late": Scenario(payout_reissue_landed_late, {"max_submit_attempts": 1,
                                                                         "resubmit_margin_seconds": 4}),
     "payout_reissue_unsealed": Scenario(payout_reissue_unsealed),

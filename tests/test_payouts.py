@@ -31,7 +31,7 @@ from adapters.policy_file import load_policy
 from adapters.providers.base import PayoutExecutor, ProviderDeclined
 from adapters.providers.stripe import StripeProvider
 from domain import errors
-from domain.models import LedgerInput, LedgerKind, LedgerResult
+from domain.models import ApprovalSignal, Decision, LedgerInput, LedgerKind, LedgerResult
 from domain.payouts import (
     PayoutAtProvider,
     PayoutEvent,
@@ -47,7 +47,7 @@ from domain.payouts import (
 )
 from starters.dev.stack import TemporalDevServer
 from starters.relay.webhook_desk import WebhookDesk
-from tests.harness import Stack, UpdatesAborted, intercepted, open_stack, stack_with
+from tests.harness import Stack, UpdatesAborted, intercepted, open_stack, sealed_signal, stack_with
 from tests.payouts_kit import (
     add_payout_approvers,
     ask_reissue,
@@ -524,6 +524,56 @@ async def test_reissue_needs_its_own_approval_and_happens_once(payouts: Stack) -
     retried = await activities.reissue_payout(ReissueInput(case_id=case_id, original=original,
                                                            final_status=PayoutStatus.FAILED))
     assert retried.provider_payout_id == made["id"] and len(await at_provider()) == 1
+
+
+async def reissue_awaiting(payouts: Stack, amount: int) -> tuple[PayoutSnapshot, str]:
+    """A remediated payout (its reversal approved by lena) whose reissue omar asked for:
+    the payout and its case, awaiting the reissue's approval (one payments ops lead)."""
+    made, case_id = await remediated(payouts, amount)
+    assert (await ask_reissue(payouts, "omar", case_id)).status_code == 202
+    await wait_for_case(payouts, case_id, "awaiting_reissue_approval")
+    return made, case_id
+
+
+async def test_a_verdict_given_for_the_reversal_never_counts_in_the_reissue_round(
+        payouts: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The relay read the case awaiting the reversal's approval, and its update reached the
+    workflow only once the reissue round had opened (a relay stalled between its read and
+    its send): the round took it, and the reversal approver's verdict paid the beneficiary
+    again (reproduced). A verdict names the round it was given for; the workflow refuses it
+    in another (409, audited), and the approver's verdict on the reissue then counts."""
+    made, case_id = await reissue_awaiting(payouts, 150_000)
+    current = payouts.store.payouts.case
+    row = await current(case_id)
+    assert row is not None
+
+    async def read_before_the_reissue_round(found: str) -> Any:
+        return {**row, "status": "awaiting_approval"} if found == case_id else await current(found)
+
+    monkeypatch.setattr(payouts.store.payouts, "case", read_before_the_reissue_round)
+    stale = await decide(payouts, "lena", case_id)
+    monkeypatch.undo()
+    assert stale.status_code == 409 and "awaiting_approval" in stale.json()["detail"], stale.text
+    assert (await payouts.store.payouts.case(case_id)).status == "awaiting_reissue_approval"  # type: ignore[union-attr]
+    assert await reissues_at_provider(payouts, made.reissue_id()) == []
+    assert (await decide(payouts, "lena", case_id)).status_code == 202
+    await wait_for_case(payouts, case_id, "reissued")
+    assert len(await reissues_at_provider(payouts, made.reissue_id())) == 1
+
+
+async def test_a_signalled_verdict_for_the_reversal_is_refused_in_the_reissue_round(payouts: Stack) -> None:
+    """The same verdict as a durable signal (the relay stopped waiting for the update): the
+    round it names is over, so it is recorded as refused and pays nothing."""
+    made, case_id = await reissue_awaiting(payouts, 150_000)
+    verdict = ApprovalSignal(approver="lena", roles=("payments_ops_lead",), decision=Decision.APPROVE,
+                             reason="read for the reversal", verdict_id=uuid.uuid4().hex,
+                             awaiting="awaiting_approval")
+    await sealed_signal(payouts.client, case_id, verdict, issued_at=datetime.now(UTC))
+    [refused] = [e for e in await wait_for_actions(payouts, case_id, "approval_refused")
+                 if e["action"] == "approval_refused"]
+    assert refused["actor"] == "lena" and "awaiting_approval" in refused["detail"]["refusal"], refused
+    assert (await payouts.store.payouts.case(case_id)).status == "awaiting_reissue_approval"  # type: ignore[union-attr]
+    assert await reissues_at_provider(payouts, made.reissue_id()) == []
 
 
 async def release_beneficiary(stack: Stack, user: str, case_id: str) -> httpx.Response:

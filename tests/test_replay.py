@@ -32,6 +32,7 @@ from workflows.approvals import (
     LATE_DENIALS_PATCH,
     SEALED_APPROVALS_PATCH,
     UNSEALED_UNNAMED_PATCH,
+    VERDICT_ROUND_PATCH,
     VERDICT_TAKING_PATCH,
 )
 from workflows.news import NEWS_SEALED_PATCH
@@ -288,6 +289,9 @@ BRANCHES: dict[str, Branch] = {
                                          "action:reissue_completed"),
     "payout_reissue_denied": branch("update:request_reissue", "action:approval_denied",
                                     "activity:post_payout_reversal", lacks=["activity:reissue_payout"]),
+    "payout_reissue_verdict_for_the_reversal": branch(
+        "update:request_reissue", "signal:approve", f"patch:{VERDICT_ROUND_PATCH}", "action:approval_refused",
+        "activity:reissue_payout", "action:reissue_completed"),
     "payout_reissue_landed_late": branch(
         f"patch:{LATE_REISSUE_PATCH}", "activity:reissue_payout#2", "action:reissue_completed",
         lacks=["action:reissue_attempts_exhausted", "activity:reissue_payout#3"]),

@@ -62,6 +62,12 @@ UNSEALED_UNNAMED_PATCH = "approval-unsealed-unnamed-1"
 """A refused verdict the relay did not seal is written as `temporal`'s, the name it gave as
 `named`; before, as that person's (anyone reaching Temporal could put rows under any name in
 a case's audit trail)."""
+VERDICT_ROUND_PATCH = "approval-verdict-round-1"
+"""A verdict naming the round it was given for (`ApprovalSignal.awaiting`: the status its
+approver was shown) is refused in another round of the case (a payout's reversal, then its
+reissue, can need the same role). Before, a reversal approver's verdict that reached the
+workflow once the reissue round had opened (a stalled relay, a durable resend) counted there
+and paid the beneficiary again."""
 UNSEALED = "ApprovalUnsealed"
 RESENT = "this verdict was already received (the relay's resend); it counted, or was refused, once"
 
@@ -102,6 +108,8 @@ class ApprovalRound:
         self.tier: str | None = None
         self.requester = ""
         self.conflicted: frozenset[str] = frozenset()
+        self.awaiting = ""
+        """The case status this round is, for a host with more than one round; empty: any."""
         self.approvals: list[ApprovalRecord] = []
         self.refused: list[ApprovalRecord] = []
         self._roles: list[tuple[str, frozenset[str]]] = []
@@ -163,6 +171,14 @@ class ApprovalRound:
     def check(self, signal: ApprovalSignal) -> ApprovalVerdict:
         return check_approval(signal, requester=self.requester, conflicted=self.conflicted,
                               requirements=self.requirements, approved=self._roles)
+
+    def given_elsewhere(self, signal: ApprovalSignal) -> str:
+        """Why a verdict was given for another round of the case ("" when not): it names
+        the status its approver was shown, and this round is another."""
+        if signal.awaiting and self.awaiting and signal.awaiting != self.awaiting:
+            return (f"this verdict was given for the case {signal.awaiting}; it is now "
+                    f"{self.awaiting}: reload it and decide again")
+        return ""
 
     async def collect(self, host: ApprovalHost, timings: RefundTimings) -> bool:
         """Waits durably for the tier's distinct, authorised approvals, a denial, or expiry;
@@ -227,6 +243,9 @@ class ApprovalRound:
         record = ApprovalRecord(approver=signal.approver, decision=signal.decision,
                                 reason=signal.reason, at=workflow.now())
         verdict = self.check(signal)
+        if verdict.accepted and (elsewhere := self.given_elsewhere(signal)) and workflow.patched(
+                VERDICT_ROUND_PATCH):
+            verdict = ApprovalVerdict(accepted=False, reason=elsewhere)
         if not verdict.accepted:
             self.refused.append(record)
             await host.approval_step("approval_refused", actor=signal.approver, detail={
@@ -399,6 +418,8 @@ class ApprovingWorkflow:
             raise ApplicationError(f"case is {status}, not awaiting approval", type=NOT_AWAITING_APPROVAL)
         if self._round.decided:
             raise ApplicationError(f"already decided: case is {status}", type=ALREADY_DECIDED)
+        if elsewhere := self._round.given_elsewhere(signal):  # refused here, nothing is recorded
+            raise ApplicationError(elsewhere, type=NOT_AWAITING_APPROVAL)
         verdict = self._round.check(signal)
         if not verdict.accepted:
             raise ApplicationError(verdict.reason, type=APPROVAL_REFUSED)

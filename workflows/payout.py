@@ -237,6 +237,7 @@ class PayoutReversalWorkflow(PayoutReissue):
         self._round.requirements = self._decision.decision.requirements
         self._round.tier = self._decision.decision.tier
         self._round.requester = requester
+        self._round.awaiting = steps[ApprovalOutcome.REQUESTED].value
 
     def approval_status(self) -> tuple[bool, str]:
         return self._status in APPROVAL_STATUSES, self._status.value

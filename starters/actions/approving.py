@@ -50,10 +50,11 @@ PENDING_NOTICE = ("The case has not taken your verdict yet (its worker is busy o
 """What the console shows an approver answered `verdict_pending`."""
 
 
-def new_verdict(caller: Principal, decision: Decision, reason: str) -> ApprovalSignal:
-    """The caller's verdict with a fresh id: the token's user and roles, never the body's."""
+def new_verdict(caller: Principal, decision: Decision, reason: str, awaiting: str = "") -> ApprovalSignal:
+    """The caller's verdict with a fresh id: the token's user and roles, never the body's;
+    `awaiting`, the case status the caller decided on (the round it counts in)."""
     return ApprovalSignal(approver=caller.user, roles=tuple(sorted(caller.roles)), decision=decision,
-                          reason=reason, verdict_id=uuid.uuid4().hex)
+                          reason=reason, verdict_id=uuid.uuid4().hex, awaiting=awaiting)
 
 
 async def deliver_verdict(client: Client, workflow_id: str, verdict: ApprovalSignal,
@@ -85,16 +86,19 @@ def verdict_notice(answer: dict[str, Any], body: ApprovalBody) -> str:
 
 
 async def ask_for_verdict(client: Client, store: Store, case_id: str, body: ApprovalBody,
-                          caller: Principal, *, answer_within: float, via: str = "api") -> ApprovalProgress:
+                          caller: Principal, *, answer_within: float, via: str = "api",
+                          awaiting: str = "") -> ApprovalProgress:
     """Sends the caller's verdict as an update; 409 when the case takes none, 403 when it is
-    refused (both audited). The approver is the token's user, with the token's roles.
+    refused (both audited). The approver is the token's user, with the token's roles; the
+    verdict names the case status the approver decided on (`awaiting`): a relay's read and
+    its send are apart, and the round may have changed between them.
 
     Past `answer_within` seconds the call stops waiting and answers `verdict_pending`
     (audited as `approval_unanswered`): the verdict is resent durably (`deliver_verdict`),
     and the workflow counts it (or refuses it, audited) when a worker takes the case."""
     try:
-        progress = await deliver_verdict(client, case_id, new_verdict(caller, body.decision, body.reason),
-                                         answer_within)
+        verdict = new_verdict(caller, body.decision, body.reason, awaiting)
+        progress = await deliver_verdict(client, case_id, verdict, answer_within)
     except WorkflowUpdateFailedError as exc:
         reason, kind = refusal(exc)
         too_late = kind in (NOT_AWAITING_APPROVAL, ALREADY_DECIDED)

@@ -211,7 +211,8 @@ class CaseActions:
         ended while its row still shows `shown` is an audited 409 (it goes to ops review)."""
         try:
             return await ask_for_verdict(self.client, self.store, case_id, body, caller,
-                                         answer_within=self.settings.approval_answer_seconds, via=via)
+                                         answer_within=self.settings.approval_answer_seconds, via=via,
+                                         awaiting=shown)
         except RPCError:
             if (ended := await ended_while(self.client, case_id, shown)) is None:
                 raise
