@@ -54,6 +54,7 @@ from domain.payouts import (
     TriageInput,
     TriageReceipt,
     not_the_reissue,
+    paid_since,
     payout_case_id,
     reissue_problem,
 )
@@ -121,11 +122,13 @@ class PayoutActivities:
         that left must not be held and booked back. A failed read is retried; one the
         provider answers without a status we map (none held, our key refused, a 4xx, an
         unknown status) is `unread`. A provider with no payout lookup (Adyen) has one reading
-        besides the failure: its signed report of the payout paid after it. Idempotent: a read."""
+        besides the failure: its signed report of the payout paid after it, and after any
+        failure or return the case took since (paid, then returned again: the money is back;
+        before, the older report held the reversal back). Idempotent: a read."""
         payout = inp.payout
         provider = self._providers.get(payout.provider)
         if not isinstance(provider, PayoutReader):
-            if await self._audit.last_of(inp.case_id, PAID_REPORTS) is not None:
+            if paid_since(await self._audit.trail(inp.case_id), await self._book.failed_last_at(inp.case_id)):
                 # its signed report of the payout paid after the failure (the relay's record):
                 # the one reading there is, and the money left after all
                 return PayoutAtProvider(status=ProviderPayoutStatus.PAID)

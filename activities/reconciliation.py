@@ -40,7 +40,7 @@ from adapters.providers.base import (
 from domain import contracts, errors
 from domain.incidents import ProviderWordInput
 from domain.models import ProviderRefund, RefundTimings
-from domain.payouts import PAID_REPORTS, PayoutCaseInput, ProviderPayout, ProviderPayoutStatus, payout_case_id
+from domain.payouts import PayoutCaseInput, ProviderPayout, ProviderPayoutStatus, paid_since, payout_case_id
 from domain.policy import Policy
 from domain.reconciliation import (
     BatchInput,
@@ -269,13 +269,9 @@ class ReconciliationActivities:
 
     async def _paid_since(self, found: BreakRow) -> bool:
         """Whether the case's chain holds a signed report of the payout paid at or after the
-        failure this break was raised for (a provider stamps its events to the second). One
-        older (paid, then returned: the return raised the break) says nothing of the money
-        now; one recorded without its time is not read."""
-        since = found.object_created_at.replace(microsecond=0)
-        return any(e["action"] in PAID_REPORTS and e["detail"].get("occurred_at")
-                   and datetime.fromisoformat(e["detail"]["occurred_at"]) >= since
-                   for e in await self._audit.trail(found.chain))
+        failure this break was raised for (`paid_since`: one older, paid then returned, the
+        return raising the break, says nothing of the money now)."""
+        return paid_since(await self._audit.trail(found.chain), found.object_created_at)
 
     async def _at_provider(self, found: BreakRow) -> str | None:
         """The break's refund or payout status at the provider now (`not_found` when it

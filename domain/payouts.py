@@ -245,6 +245,20 @@ PAID_REPORTS = (PAID_AFTER_REVERSAL, PAID_AFTER_FAILURE)
 PAID_REPORT_FIELDS = ("event_id", "payout_id", "amount", "currency", "occurred_at")
 """What a paid report's notice and audit row say of its event (`paid_report`): when it was
 paid (the provider's clock) too, so a later failure or return is not read as paid."""
+
+
+def paid_since(trail: list[dict[str, Any]], since: datetime | None) -> bool:
+    """Whether a payout case's trail holds a signed report of the payout paid at or after
+    `since` (a failure's or return's time by the provider's clock, which stamps to the
+    second; None: any report). One older (paid, then failed or returned again) says
+    nothing of the money now; one recorded without its time counts only for `since` None."""
+    if since is None:
+        return any(e["action"] in PAID_REPORTS for e in trail)
+    since = since.replace(microsecond=0)
+    return any(e["action"] in PAID_REPORTS and e["detail"].get("occurred_at")
+               and datetime.fromisoformat(e["detail"]["occurred_at"]) >= since for e in trail)
+
+
 WITHOUT_OPEN_CASE = "payout_event_without_open_case"
 """An event no open case took, kept on the case's chain (a paid one with its status and
 time: the failure that opens the case later reads it)."""

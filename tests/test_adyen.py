@@ -582,6 +582,33 @@ async def test_a_reversal_of_a_payout_adyen_reported_paid_after_its_failure_book
     assert (await rig.stack.store.payouts.payout(payout.id)).status is PayoutStatus.PAID  # type: ignore[union-attr]
 
 
+async def test_a_payout_returned_after_adyen_reported_it_paid_is_booked_back(rig: AdyenRig) -> None:
+    """Failed, corrected to paid (Adyen's report, recorded on the case), then returned again:
+    the money is back with us. The read before runbook step A took any paid report as the
+    provider's word, the older one too, and the approved reversal held and booked nothing
+    (reproduced: ops review, the books showing a payout the beneficiary no longer has). A
+    paid report counts only when no failure or return the case took came after it."""
+    await add_payout_approvers(rig.stack)
+    payout, case_id = await paid_adyen_payout(rig)
+    psp = payout.provider_payout_id
+    now = datetime.now(UTC)
+    for code, success, minutes_ago in (("PAYOUT_THIRDPARTY", "false", 10), ("PAYOUT_THIRDPARTY", "true", 5),
+                                       ("PAIDOUT_REVERSED", "true", 2)):
+        named = {"pspReference": psp} if code == "PAYOUT_THIRDPARTY" else {
+            "pspReference": unique_psp(), "originalReference": psp}  # a reversal names its payout so
+        assert (await rig.post(notification(
+            "PAIDOUT_REVERSED", eventCode=code, success=success,
+            eventDate=(now - timedelta(minutes=minutes_ago)).isoformat(), **named))).text == "[accepted]"
+        if minutes_ago == 10:
+            await wait_for_case(rig.stack, case_id, "awaiting_approval")
+    await wait_for_actions(rig.stack, case_id, "payout_paid_after_failure")
+    await wait_for_actions(rig.stack, case_id, "payout_event_joined")
+    assert (await decide(rig.stack, "lena", case_id)).status_code == 202
+    row = await wait_for_case(rig.stack, case_id, "ops_review", "remediated")
+    assert row["status"] == "remediated", [e["action"] for e in await rig.stack.store.audit.trail(case_id)]
+    assert [e.template for e in await rig.stack.store.ledger.entries(case_id)] == ["payout_reversed"] * 2
+
+
 async def test_an_adyen_payout_s_own_paid_heard_before_its_failure_is_no_news(rig: AdyenRig) -> None:
     """The payout's paid from before its failure, delivered first: older than the failure,
     it says nothing of the money since, and the case the failure opens reads no paid report."""
