@@ -261,8 +261,8 @@ class RefundActivities:
         provider = self._executor(request)
         case_id = request.refund_request_id
         try:
-            started = await self._store.cases.begin_submission(case_id, inp.idempotency_key,
-                                                               inp.intent_writes())
+            started = await self._store.cases.begin_submission(
+                case_id, inp.idempotency_key, inp.intent_writes(), charge_now=await self._charge_now(request))
         except SubmissionRefused as exc:
             raise ApplicationError(str(exc), type=errors.CASE_MOVED_ON, non_retryable=True) from exc
         if started:
@@ -304,6 +304,25 @@ class RefundActivities:
         await self._store.cases.record_provider_refund(
             case_id, refund, "provider_refund_created", {"idempotency_key": inp.idempotency_key})
         return refund
+
+    async def _charge_now(self, request: RefundRequest) -> ChargeSnapshot | None:
+        """A bank transfer's charge as its provider shows it now, for its submission to check
+        the amount against once more (None for a provider refund: the provider refuses an
+        over-refund itself). A failed read is retried; one the provider refuses for good, or
+        a charge it no longer shows as this one (gone, not captured), reads as nothing left."""
+        if request.method is RefundMethod.PROVIDER:
+            return None
+        try:
+            charge = await self._provider(request.provider).get_charge(request.charge_id)
+        except ProviderDeclined:
+            charge = None
+        except ProviderConfigurationRefused as exc:
+            raise configuration_refused(exc) from exc
+        if charge is None or charge_problem(request, charge) is not None:
+            return ChargeSnapshot(provider=request.provider, charge_id=request.charge_id,
+                                  currency=request.currency, merchant_account=request.merchant_account,
+                                  amount=0, amount_captured=0, amount_refunded=0, captured=False)
+        return charge
 
     async def _landed_before(self, request: RefundRequest, declined: ProviderDeclined) -> ProviderRefund:
         """A resubmit declined: the provider may be refusing a second refund because an

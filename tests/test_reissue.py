@@ -121,6 +121,28 @@ async def test_reissue_by_bank_transfer_waits_for_ops_to_confirm(stack: Stack) -
         (f"{child_id}:refund_settled", "bank_clearing", 0, 2_500)}
 
 
+async def test_a_bank_transfer_is_checked_against_the_charge_again_before_it_is_paid(stack: Stack) -> None:
+    """A bank-transfer reissue waited for approval; meanwhile the whole charge was refunded in
+    the provider's dashboard (the provider cannot see our hold, and nobody but us guards a
+    bank transfer). Approved, its instruction was made and ops paid the money a second time
+    (reproduced). Before its instruction the charge is read again: the transfer no longer
+    fits, so the case goes to ops review with its reason and no instruction is made."""
+    case_id, charge = await failed_case(stack)
+    status, child = await reissue(stack, "olga", case_id, method="bank_transfer")
+    assert status == 202, child
+    child_id = child["refund_request_id"]
+    await stack.wait_for_status(child_id, "awaiting_approval")
+    async with stack.sandbox() as sb:  # the dashboard's refund of everything the charge captured
+        assert (await sb.post("/v1/refunds", json={"charge": charge, "amount": 10_000})).status_code == 200
+    async with stack.api("bob") as api:
+        assert (await api.post(f"/v1/refund-requests/{child_id}/approvals",
+                               json={"decision": "approve"})).status_code == 202
+    row = await stack.wait_for_status(child_id, "ops_review", "pending")
+    assert row["status"] == "ops_review" and row["provider_refund_id"] is None, row
+    [refused] = [e for e in await stack.store.audit.trail(child_id) if e["action"] == "submission_refused"]
+    assert "remaining refundable" in refused["detail"]["reason"], refused
+
+
 async def test_people_barred_from_the_original_stay_barred_from_its_reissue(stack: Stack) -> None:
     case_id, _ = await failed_case(stack, trigger_identities=["bob"])
     status, child = await reissue(stack, "olga", case_id, method="bank_transfer")

@@ -436,38 +436,14 @@ class CaseRepository(Repository):
                           charge: ChargeSnapshot) -> ValidationResult:
         """`reserve` inside the caller's transaction."""
         case_id = request.refund_request_id
-        await cls._lock_charge(conn, charge.provider, charge.charge_id, charge.currency,
-                                charge.amount_captured)
-        cur = await conn.execute(
-            "SELECT refund_request_id, reserved_amount,"
-            " (submission_started_at IS NULL AND provider_refund_id IS NULL) OR method <> %(provider)s"
-            " AS uncounted, method = %(provider)s AND submission_started_at IS NOT NULL"
-            " AND provider_refund_id IS NULL AS unanswered,"
-            " method = %(provider)s AND provider_status = ANY(%(in_flight)s) AS in_flight"
-            " FROM refund_cases WHERE provider = %(name)s AND charge_id = %(charge)s AND reserved_amount > 0",
-            {"provider": RefundMethod.PROVIDER.value, "name": charge.provider, "charge": charge.charge_id,
-             "in_flight": [s.value for s in NON_TERMINAL_PROVIDER]})
-        rows = await cur.fetchall()
-        holds = {r["refund_request_id"]: int(r["reserved_amount"]) for r in rows}
-        uncounted = sum(int(r["reserved_amount"]) for r in rows if r["uncounted"])
-        if request.method is not RefundMethod.PROVIDER:
-            # nobody else guards a bank transfer: a submit whose answer is unknown may not be
-            # in what the provider reports yet, nor a refund still in flight where its figure
-            # counts only successes (Adyen's), and either may land beside it
-            uncounted += sum(int(r["reserved_amount"]) for r in rows
-                             if r["unanswered"] or (r["in_flight"] and not charge.refunded_counts_pending))
+        holds, uncounted = await cls._charge_holds(conn, charge, request.method)
         prior = len([k for k in holds if k != case_id])
         if case_id in holds:  # a retried activity: the reservation is already ours
             remaining = charge.amount_captured - sum(holds.values()) + holds[case_id]
             return ValidationResult(ok=True, remaining_before=remaining, prior_refund_count=prior,
                                     amount_captured=charge.amount_captured,
                                     dispute_count=charge.dispute_count)
-        # What the provider reports refunded includes the refunds our cases made there
-        # (a submit whose answer was lost too, for a provider refund: the provider refuses
-        # an over-refund itself) and the ones tracking cases follow, but never a hold with
-        # neither a submit begun nor a provider refund (awaiting approval, validating) or a
-        # bank transfer's: those add to it. Never less than all our holds.
-        remaining = charge.amount_captured - max(sum(holds.values()), charge.amount_refunded + uncounted)
+        remaining = _remaining(charge, holds, uncounted)
         if request.amount > remaining:
             result = ValidationResult(
                 ok=False, remaining_before=remaining, prior_refund_count=prior,
@@ -486,6 +462,34 @@ class CaseRepository(Repository):
         await AuditLog.append(conn, case_id, "system", "validation_passed",
                               {**result.model_dump(), "reserved": request.amount})
         return result
+
+    @classmethod
+    async def _charge_holds(cls, conn: Conn, charge: ChargeSnapshot,
+                            method: RefundMethod) -> tuple[dict[str, int], int]:
+        """Locks the charge's row (see `_lock_charge`); every hold on it, by case, and how
+        much of them the provider's refunded figure leaves out, as a request of `method`
+        reads them."""
+        await cls._lock_charge(conn, charge.provider, charge.charge_id, charge.currency,
+                                charge.amount_captured or None)
+        cur = await conn.execute(
+            "SELECT refund_request_id, reserved_amount,"
+            " (submission_started_at IS NULL AND provider_refund_id IS NULL) OR method <> %(provider)s"
+            " AS uncounted, method = %(provider)s AND submission_started_at IS NOT NULL"
+            " AND provider_refund_id IS NULL AS unanswered,"
+            " method = %(provider)s AND provider_status = ANY(%(in_flight)s) AS in_flight"
+            " FROM refund_cases WHERE provider = %(name)s AND charge_id = %(charge)s AND reserved_amount > 0",
+            {"provider": RefundMethod.PROVIDER.value, "name": charge.provider, "charge": charge.charge_id,
+             "in_flight": [s.value for s in NON_TERMINAL_PROVIDER]})
+        rows = await cur.fetchall()
+        holds = {r["refund_request_id"]: int(r["reserved_amount"]) for r in rows}
+        uncounted = sum(int(r["reserved_amount"]) for r in rows if r["uncounted"])
+        if method is not RefundMethod.PROVIDER:
+            # nobody else guards a bank transfer: a submit whose answer is unknown may not be
+            # in what the provider reports yet, nor a refund still in flight where its figure
+            # counts only successes (Adyen's), and either may land beside it
+            uncounted += sum(int(r["reserved_amount"]) for r in rows
+                             if r["unanswered"] or (r["in_flight"] and not charge.refunded_counts_pending))
+        return holds, uncounted
 
     async def reject(self, case_id: str, reason: str, step_key: str | None = None) -> Vetted:
         """Rejects the case (status and audit row); under a `step_key` that answered before
@@ -626,13 +630,20 @@ class CaseRepository(Repository):
             await AuditLog.append(conn, case_id, "policy", "policy_decision", decision)
 
     async def begin_submission(self, case_id: str, idempotency_key: str,
-                               writes: tuple[CaseWrite, ...] = ()) -> bool:
+                               writes: tuple[CaseWrite, ...] = (), *,
+                               charge_now: ChargeSnapshot | None = None) -> bool:
         """Records the intent to call the provider before the call (with the case's `writes`,
         `SubmitInput.intent_writes`: the deciding approval's and `execution_started`, on the
         first attempt); returns True when an earlier attempt already started, so the caller
-        must look before it leaps."""
+        must look before it leaps. `charge_now`: a bank transfer's charge read again, its
+        amount checked once more against what is left (nobody but us guards one; the charge
+        may have been refunded elsewhere while it waited for approval)."""
         refusal = None
         async with self._db.transaction() as conn:
+            left = None
+            if charge_now is not None:  # the charge's lock first, as every reservation takes it
+                left = _remaining(charge_now, *_without(case_id, *await self._charge_holds(
+                    conn, charge_now, RefundMethod.BANK_TRANSFER)))
             row = await self._locked_submission(conn, case_id)
             started = row is not None and row["submission_started_at"] is not None
             if row is None or row["status"] in CLOSED_STATUSES or row["reserved_amount"] < row["amount"]:
@@ -652,6 +663,10 @@ class CaseRepository(Repository):
                     elsewhere := await _reissue_paid_elsewhere(conn, case_id)):
                 refusal = (f"the request's money moved since this reissue was asked: {elsewhere}; "
                            "not submitted (the reissue would pay it again)")
+            elif not started and left is not None and row["amount"] > left:
+                refusal = (f"amount {row['amount']} exceeds remaining refundable {left} as the provider "
+                           "shows the charge now (refunded elsewhere, or no longer refundable, since this "
+                           "was validated): not submitted")
             if refusal is not None:
                 await self._set_status(conn, case_id, CaseStatus.OPS_REVIEW)
                 await AuditLog.append(conn, case_id, "system", "submission_refused", {"reason": refusal})
@@ -856,3 +871,18 @@ class CaseRepository(Repository):
     @staticmethod
     def _typed(rows: list[dict[str, Any]]) -> list[CaseRow]:
         return [CaseRow.from_row(row) for row in rows]
+
+
+def _remaining(charge: ChargeSnapshot, holds: Mapping[str, int], uncounted: int) -> int:
+    """What the charge can still refund. What the provider reports refunded includes the
+    refunds our cases made there (a submit whose answer was lost too, for a provider refund:
+    the provider refuses an over-refund itself) and the ones tracking cases follow, but never
+    a hold with neither a submit begun nor a provider refund (awaiting approval, validating)
+    or a bank transfer's: those add to it. Never less than all our holds."""
+    return charge.amount_captured - max(sum(holds.values()), charge.amount_refunded + uncounted)
+
+
+def _without(case_id: str, holds: Mapping[str, int], uncounted: int) -> tuple[dict[str, int], int]:
+    """The charge's holds and uncounted sum but a bank transfer's own (which is uncounted)."""
+    own = holds.get(case_id, 0)
+    return {k: v for k, v in holds.items() if k != case_id}, uncounted - own
