@@ -339,6 +339,22 @@ async def test_a_batch_with_one_bad_item_is_retried_and_its_good_items_act_once(
     assert await rig.stack.store.cases.get(tracking_case_id("adyen", bad)) is None
 
 
+async def test_each_item_of_a_batch_is_stored_with_only_what_adyen_sends_beside_it(rig: AdyenRig) -> None:
+    """Each item became a notification of its own carrying every other top-level field of
+    the request: a captured signed item sent many times in one request padded with an
+    unsigned field stored that field once per item (a 256 KB request, 25 MB of receipts,
+    for good: duplicates are kept). A part carries the item and `live`, as Adyen sends it."""
+    first, second = unique_psp(), unique_psp()
+    padded = dict(json.loads(batch(notification("REFUND", pspReference=first),
+                                   notification("REFUND", pspReference=second))), pad="x" * 100_000)
+    response = await rig.post(json.dumps(padded).encode())
+    assert (response.status_code, response.text) == (200, "[accepted]")
+    rows = await rig.stack.store.database.fetch_all(
+        "SELECT body FROM webhook_receipts WHERE provider = 'adyen' AND event_id = ANY(%s)",
+        ([f"REFUND:{first}:true", f"REFUND:{second}:true"],))
+    assert len(rows) == 2 and all(set(json.loads(r["body"])) == {"live", "notificationItems"} for r in rows)
+
+
 async def test_a_batch_from_a_source_not_allowed_is_one_refusal(rig: AdyenRig) -> None:
     """Split only what may be read: a stranger's request of many items is one receipt."""
     walled = rig.stack.settings.model_copy(update={"webhook_allowed_sources": {

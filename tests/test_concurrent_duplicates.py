@@ -5,6 +5,8 @@ never reach Temporal. Only a first delivery that stays unprocessed (its relay cr
 is re-driven by a later delivery, after the wait."""
 
 import asyncio
+import hashlib
+import json
 import logging
 import uuid
 from typing import Any
@@ -20,6 +22,7 @@ from starters.dev.stack import TemporalDevServer
 from starters.relay.webhook_desk import IngestResult, WebhookDesk
 from tests.fakes import connected_stack
 from tests.harness import Stack
+from tests.test_bad_input import event_body, request_object, sandbox_secret, signed
 from tests.test_inbound import person, servicenow, ticket_body
 from tests.test_known_duplicates import deliver, requested_event, signals_of
 
@@ -75,7 +78,8 @@ async def crashed_first_delivery(stack: Stack, tag: str, body: bytes,
     receipt, never processed."""
     return await stack.store.receipts.store(
         provider="sandbox", event_id=f"evt_{tag}", event_type="refund.requested", body=body,
-        body_sha256="", headers=headers, verdict="accepted", error=None)
+        body_sha256=hashlib.sha256(body).hexdigest(), headers={k.lower(): v for k, v in headers.items()},
+        verdict="accepted", error=None)
 
 
 def redrives_counted() -> float:
@@ -100,6 +104,27 @@ async def test_a_duplicate_re_drives_a_first_delivery_that_stays_unprocessed(
     assert await signals_of(stack, f"sandbox-rrq_{tag}") == 1
     [first, _] = await stack.store.receipts.find("sandbox", f"evt_{tag}")
     assert first.id == crashed.receipt_id and first.processed_at is not None
+
+
+async def test_a_duplicate_unlike_its_first_delivery_re_drives_the_first(stack: Stack) -> None:
+    """A delivery under a claimed event id whose body differs from the first's (Adyen signs
+    an item's fields, not all of them: a captured item sent again with its unsigned
+    `modification.action` flipped reads as the other status) re-drove a first delivery that
+    stayed unprocessed with its own content (reproduced: the case opened for the copy's
+    amount). The event is what was first received: the first receipt's body is re-driven."""
+    tag, body, headers = await requested_event(stack)
+    await crashed_first_delivery(stack, tag, body, headers)
+    charge = json.loads(body)["data"]["object"]["charge"]
+    unlike = event_body("refund.requested", request_object(charge, f"rrq_{tag}", amount=9_000),
+                        event_id=f"evt_{tag}")
+    impatient = stack.settings.model_copy(update={"webhook_duplicate_wait_seconds": 0.2})
+    again = await deliver(WebhookDesk(stack.store, stack.client, stack.providers, impatient),
+                          unlike, signed(sandbox_secret(stack), unlike), f"unlike-{tag}")
+
+    assert (again.status_code, again.verdict, again.workflow_id) == (200, "duplicate", f"sandbox-rrq_{tag}")
+    case = await stack.store.cases.get(f"sandbox-rrq_{tag}")
+    assert case is not None and case["amount"] == 1000, case
+    assert await signals_of(stack, f"sandbox-rrq_{tag}") == 1
 
 
 async def test_a_first_delivery_older_than_the_re_drive_age_is_re_driven_without_waiting(

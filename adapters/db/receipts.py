@@ -33,7 +33,7 @@ _KNOWN_DUPLICATE = (
 """A duplicate's receipt as the gated statement writes one (processed when stored)."""
 
 _FIRST_RECEIPT = (
-    "SELECT r.id AS first_id, r.processed_at AS first_processed_at,"
+    "SELECT r.id AS first_id, r.processed_at AS first_processed_at, r.body_sha256 AS first_sha256,"
     " extract(epoch FROM now() - r.received_at)::float8 AS first_age FROM webhook_events e"
     " JOIN webhook_receipts r ON r.id = e.first_receipt_id"
     " WHERE e.provider = %(provider)s AND e.event_id = %(event_id)s")
@@ -52,6 +52,7 @@ _GATED_RECEIPT = sql.SQL(
     " FROM receipt_id, (SELECT EXISTS (SELECT FROM claim) AS claimed) AS gate RETURNING id, verdict)"
     "{opening}"
     " SELECT receipt.id, receipt.verdict, earlier.first_id, earlier.first_processed_at, earlier.first_age,"
+    " earlier.first_sha256,"
     " {opened} AS opened"
     " FROM receipt LEFT JOIN earlier ON true")
 """An accepted delivery's one statement: its claim, its receipt with the claim's verdict,
@@ -75,6 +76,8 @@ class StoredReceipt:
     first_processed: bool = True
     first_age_seconds: float = 0.0
     """How long before this delivery the first receipt was stored (a duplicate's)."""
+    first_sha256: str = ""
+    """The first receipt's body digest (a duplicate's): a copy unlike it never acts."""
     case_creation: CaseCreation | None = None
     """CREATED when the first delivery of a refund request opened its case in the
     receipt's own statement; None leaves it to routing."""
@@ -140,7 +143,7 @@ class ReceiptRepository(Repository):
             assert row is not None
         return StoredReceipt(receipt_id, "duplicate", int(row["first_id"]),
                              first_processed=row["first_processed_at"] is not None,
-                             first_age_seconds=float(row["first_age"]))
+                             first_age_seconds=float(row["first_age"]), first_sha256=str(row["first_sha256"]))
 
     async def store_known_duplicate(self, *, provider: str, event_id: str, event_type: str,
                                     body: bytes | None, body_sha256: str, headers: dict[str, str],

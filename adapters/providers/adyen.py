@@ -283,6 +283,8 @@ def _payment(provider: str, item: Mapping[str, Any], **envelope: Any) -> Payment
         amount=amount, currency=currency, merchant_account=str(item["merchantAccountCode"]), **envelope)
 
 
+BATCH_FIELDS = ("live",)
+"""A notification's top-level fields besides its items (Adyen's webhook reference)."""
 REFERENCE_MAX = 80
 """Adyen's maximum for a refund's `reference` (Checkout API, PaymentRefundRequest)."""
 
@@ -296,8 +298,8 @@ class AdyenProvider:
     acknowledgement = ACKNOWLEDGEMENT
 
     def split_batch(self, body: bytes) -> list[bytes] | None:
-        """Each item of a notification that carries several, as a notification of its own (the
-        request's other fields, `live`, with it); None for any other body, which
+        """Each item of a notification that carries several, as a notification of its own (with
+        the request's `live`, nothing else of it); None for any other body, which
         `parse_webhook` reads or refuses whole: one of more than MAX_BATCH_ITEMS items, or
         none of whose items Adyen signed (a stranger's batch is one refusal, not one per
         item). An item's signature covers its fields, not the bytes, so it verifies as sent."""
@@ -308,7 +310,10 @@ class AdyenProvider:
                 return None
             if not any(self._signed(item) for item in items):
                 return None
-            return [json.dumps(dict(payload, notificationItems=[item]), allow_nan=False).encode()
+            # only what Adyen sends beside its items: an unsigned field copied into each part
+            # was stored once per item (a padded request of one captured item, many times)
+            beside = {key: payload[key] for key in BATCH_FIELDS if key in payload}
+            return [json.dumps({**beside, "notificationItems": [item]}, allow_nan=False).encode()
                     for item in items]
         except (ValueError, TypeError, KeyError, RecursionError):
             return None

@@ -295,6 +295,13 @@ class WebhookDesk:
                     self._store, self._settings, provider_name, event.event_id, stored)):
                 self._processed.add(provider_name, event.event_id, stored.first_receipt_id)
                 return IngestResult(200, stored.receipt_id, "duplicate", replay_of=replay_of)
+            if stored.first_sha256 != digest:
+                # a copy unlike the first (fields a signature leaves out: Adyen's item, re-sent
+                # with its unsigned `modification.action` flipped): the event is what was first
+                # received, so the first's stored body is re-driven, never this one
+                redriven = await self.replay(stored.first_receipt_id)
+                return IngestResult(200, stored.receipt_id, "duplicate", replay_of=replay_of,
+                                    workflow_id=redriven.workflow_id if redriven is not None else None)
         provider = self._providers[provider_name]
         if isinstance(provider, NotificationRecorder) and not isinstance(event, PayoutEvent):
             await provider.record_notification(event)
