@@ -101,6 +101,9 @@ class RefundRules(Frozen):
     high_risk: tuple[HighRiskRule, ...] = ()
     review_methods: tuple[RefundMethod, ...] = (RefundMethod.BANK_TRANSFER,)
     review_reissues: bool = False
+    review_disputed: bool = True
+    """A refund of a charge its cardholder disputed goes to people (`charge_disputed`): the
+    chargeback may already return the money, and a refund beside it pays twice."""
     tiers: tuple[ApprovalTier, ...] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -207,6 +210,8 @@ def decide(policy: Policy, request: RefundRequest, context: PolicyContext) -> Po
         fired.append(f"method_needs_review:{request.method.value}")
     if rules.review_reissues and request.parent_refund_request_id is not None:
         fired.append("reissue_needs_review")
+    if rules.review_disputed and context.prior_dispute_count:  # unknown (None) is no reason alone
+        fired.append("charge_disputed")
     for rule in rules.high_risk:
         disputed = context.prior_dispute_count is None or context.prior_dispute_count > 0  # unknown: yes
         if request.reason is rule.reason and (not rule.with_prior_disputes or disputed):

@@ -63,7 +63,7 @@ async def test_policy_simulate_lists_decisions_a_candidate_would_change(
     text = Path("adapters/policies/default.toml").read_text()
     candidate = tmp_path / "stricter.toml"
     candidate.write_text(text.replace("USD = 5000", "USD = 1000").replace(
-        'version = "2026-12-07.1"', 'version = "stricter"'))
+        'version = "2026-12-08.1"', 'version = "stricter"'))
     result = await run("policy", "simulate", str(candidate), "--since", "1h",
                        env={"REFUNDS_DATABASE_URL": postgres_dsn})
     assert result.returncode == 0, result.stderr

@@ -42,8 +42,11 @@ def test_small_first_evidenced_refund_is_auto_approved_with_version_and_hash() -
     (request(1_000).model_copy(update={"method": RefundMethod.BANK_TRANSFER}), PolicyContext(),
      "method_needs_review:bank_transfer"),
     (request(1_000), PolicyContext(prior_refusal_count=1), "prior_refusal_on_charge"),
+    (request(1_000), PolicyContext(prior_dispute_count=1), "charge_disputed"),
+    (request(1_000).model_copy(update={"method": RefundMethod.BANK_TRANSFER}),
+     PolicyContext(prior_dispute_count=1), "charge_disputed"),
 ], ids=["threshold", "no-threshold", "prior", "repeat-partial", "evidence", "fraud", "inr-disputes",
-        "inr-disputes-unknown", "bank-transfer", "refused-before"])
+        "inr-disputes-unknown", "bank-transfer", "refused-before", "disputed", "disputed-transfer"])
 def test_each_rule_sends_the_refund_to_people(req: RefundRequest, context: PolicyContext,
                                               rule: str) -> None:
     decision = decide(POLICY, req, context)
@@ -54,6 +57,15 @@ def test_each_rule_sends_the_refund_to_people(req: RefundRequest, context: Polic
     else:
         assert decision.tier == "standard"
         assert decision.requirements == (RoleRequirement(role="approver", count=1),)
+
+
+def test_a_charge_whose_disputes_are_unknown_is_not_held_as_disputed() -> None:
+    """A refund of a disputed charge goes to people: the chargeback may return the money
+    already, and a refund beside it pays twice (before, only two reasons' high-risk rules
+    read disputes: a small refund of a charged-back charge was auto-approved, a bank
+    transfer of it approved with nothing saying so). A provider that does not say is no
+    reason on its own (every emulator's refund would wait for people)."""
+    assert decide(POLICY, request(1_000), PolicyContext(prior_dispute_count=None)).auto_approve
 
 
 def test_item_not_received_without_prior_disputes_is_not_high_risk() -> None:
