@@ -270,7 +270,7 @@ class ReconciliationActivities:
     async def _paid_since(self, found: BreakRow) -> bool:
         """Whether the case's chain holds a signed report of the payout paid at or after the
         failure this break was raised for (`paid_since`: one older, paid then returned, the
-        return raising the break, says nothing of the money now)."""
+        return raising the break, says nothing of the money now; one without its time counts)."""
         return paid_since(await self._audit.trail(found.chain), found.object_created_at)
 
     async def _at_provider(self, found: BreakRow) -> str | None:

@@ -251,12 +251,13 @@ def paid_since(trail: list[dict[str, Any]], since: datetime | None) -> bool:
     """Whether a payout case's trail holds a signed report of the payout paid at or after
     `since` (a failure's or return's time by the provider's clock, which stamps to the
     second; None: any report). One older (paid, then failed or returned again) says
-    nothing of the money now; one recorded without its time counts only for `since` None."""
-    if since is None:
-        return any(e["action"] in PAID_REPORTS for e in trail)
-    since = since.replace(microsecond=0)
-    return any(e["action"] in PAID_REPORTS and e["detail"].get("occurred_at")
-               and datetime.fromisoformat(e["detail"]["occurred_at"]) >= since for e in trail)
+    nothing of the money now. One recorded without its time (before reports kept it) is
+    read as paid: the safe side, where ops decide (ignored, a reversal booked back money
+    that had left)."""
+    floor = since.replace(microsecond=0) if since is not None else None
+    return any(e["action"] in PAID_REPORTS and (
+        floor is None or not e["detail"].get("occurred_at")
+        or datetime.fromisoformat(e["detail"]["occurred_at"]) >= floor) for e in trail)
 
 
 WITHOUT_OPEN_CASE = "payout_event_without_open_case"

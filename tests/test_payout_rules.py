@@ -14,6 +14,7 @@ from adapters.providers.base import WebhookRejected
 from adapters.providers.sandbox import SandboxProvider, sign
 from adapters.providers.stripe import StripeProvider
 from domain.payouts import (
+    PAID_AFTER_FAILURE,
     Admission,
     PayoutEvent,
     PayoutSnapshot,
@@ -21,6 +22,7 @@ from domain.payouts import (
     ProviderPayout,
     ProviderPayoutStatus,
     admit,
+    paid_since,
     payout_case_id,
 )
 from domain.policy import decide_payout_reversal
@@ -179,3 +181,16 @@ def test_sandbox_settlement_failure_is_a_failure_with_its_raw_status_kept() -> N
         adapter.parse_webhook({"sandbox-signature": sign("forger", body, int(time.time()))}, body,
                               time.time())
     assert forged.value.verdict == "bad_signature"
+
+
+def test_a_paid_report_is_read_after_the_latest_failure_and_an_untimed_one_always() -> None:
+    """A paid report counts from the latest failure or return on: one older (paid, then
+    returned again) says nothing of the money now. One recorded before reports kept their
+    time is read as paid (ops decide): dropping it let an approved reversal book back money
+    that had left (found reviewing `paid_since`)."""
+    failed = datetime(2026, 12, 8, 10, 0, 5, 400_000, tzinfo=UTC)
+    timed = [{"action": PAID_AFTER_FAILURE, "detail": {"occurred_at": "2026-12-08T10:00:05+00:00"}}]
+    assert paid_since(timed, failed)  # the failure's own second: after it
+    assert not paid_since(timed, failed.replace(second=6))
+    assert paid_since([{"action": PAID_AFTER_FAILURE, "detail": {}}], failed)
+    assert not paid_since([{"action": "payout_event_joined", "detail": {}}], failed)
