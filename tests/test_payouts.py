@@ -1196,18 +1196,24 @@ async def test_a_reissue_request_temporal_aborts_with_its_workflow_task_is_sent_
     assert trail.count("reissue_requested") == (1 if answer == 202 else 0), trail
 
 
+async def failed_awaiting_approval(payouts: Stack) -> tuple[str, str, WebhookDesk]:
+    """A 700.00 payout failed after it was paid (account closed), its case awaiting approval,
+    and a relay's webhook desk: (the provider's payout id, the case id, the desk)."""
+    payout = await paid_payout(payouts, 70_000)
+    case_id = payout_case_id("sandbox", payout.provider_payout_id)
+    await move_payout(payouts, payout.provider_payout_id, "failed", failure_code="account_closed")
+    await wait_for_case(payouts, case_id, "awaiting_approval")
+    return payout.provider_payout_id, case_id, WebhookDesk(payouts.store, payouts.client, payouts.providers,
+                                                           payouts.settings)
+
+
 async def test_a_payout_the_provider_corrects_to_paid_while_approvers_decide_tells_ops(
         payouts: Stack) -> None:
     """The bank corrects a failed payout to paid while its reversal waits for approval: the
     money left after all, and an approval would book it back. The case reads the report as
     stale (nothing moves by it); ops hear at once, once, and the timeline shows it. Before,
     only a report after the reversal was booked told anyone (reconciliation, later)."""
-    payout = await paid_payout(payouts, 70_000)
-    provider_id = payout.provider_payout_id
-    case_id = payout_case_id("sandbox", provider_id)
-    await move_payout(payouts, provider_id, "failed", failure_code="account_closed")
-    await wait_for_case(payouts, case_id, "awaiting_approval")
-    desk = WebhookDesk(payouts.store, payouts.client, payouts.providers, payouts.settings)
+    provider_id, case_id, desk = await failed_awaiting_approval(payouts)
     await desk.route(PayoutEvent(  # the payout's own paid, from before its failure, arriving late
         provider="sandbox", event_id=f"evt_{uuid.uuid4().hex[:12]}", event_type="payout.paid",
         body_sha256="0" * 64, occurred_at=datetime.now(UTC) - timedelta(days=2),
@@ -1230,12 +1236,7 @@ async def test_a_paid_report_whose_audit_row_failed_is_written_when_delivered_ag
     again the notice's dedup key was taken, so the row was never written, and the lookups
     that read it (a provider without a payout lookup before its reversal is booked, a
     reissue) never saw the money had left (reproduced). Both are written together or not."""
-    payout = await paid_payout(payouts, 70_000)
-    provider_id = payout.provider_payout_id
-    case_id = payout_case_id("sandbox", provider_id)
-    await move_payout(payouts, provider_id, "failed", failure_code="account_closed")
-    await wait_for_case(payouts, case_id, "awaiting_approval")
-    desk = WebhookDesk(payouts.store, payouts.client, payouts.providers, payouts.settings)
+    provider_id, case_id, desk = await failed_awaiting_approval(payouts)
     paid = PayoutEvent(
         provider="sandbox", event_id=f"evt_{uuid.uuid4().hex[:12]}", event_type="payout.paid",
         body_sha256="0" * 64, occurred_at=datetime.now(UTC) + timedelta(seconds=1),

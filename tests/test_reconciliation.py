@@ -326,18 +326,13 @@ async def test_a_break_approved_by_someone_whose_access_was_then_revoked_compens
     person left); the second approval completed the round and the compensation was posted
     on it (reproduced: refunds, reissues and payout reversals asked, breaks did not). The
     settlement goes to ops review: nothing posted, ops told who, a later run raises it again."""
-    refund = history(f"ch_{os.urandom(4).hex()}", 60_000, days_ago=3)
-    await seed_provider(stack, [refund])
-    case_id = await seed_case(stack, refund, requester="bob")
-    await move_at_provider(stack, refund["id"], "canceled")
-    await backfill(stack, since_days=30)
-    [found] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    case_id, found = await break_awaiting_approval(stack, moved_to="canceled", requester="bob", amount=60_000)
     leaving = f"erin-{os.urandom(3).hex()}"
     await another_approver(stack, leaving)
     assert (await decide(stack, leaving, found["id"])).status_code == 202
     assert await stack.store.access.revoke_tokens(by="admin", user=leaving)
     assert (await decide(stack, "frank", found["id"])).status_code == 202
-    [settled] = await wait_for_breaks(stack, [refund["id"]], "ops_review")
+    [settled] = await wait_for_breaks(stack, [found["object_id"]], "ops_review")
     assert settled["resolution"]["approval_revoked"] == {"revoked": [leaving]}, settled["resolution"]
     assert [e["template"] for e in await stack.store.ledger.entries(case_id)] == ["refund_settled"] * 2
     [notice] = await stack.store.database.fetch_all(
@@ -346,7 +341,7 @@ async def test_a_break_approved_by_someone_whose_access_was_then_revoked_compens
     message = render(notice, await stack.store.cases.get(case_id), None, case_url=None, email_to=None)
     assert leaving in message.text and "revoked" in message.text
     await backfill(stack, since_days=30)  # raised again, for approvers who may decide it
-    [again] = await wait_for_breaks(stack, [refund["id"]], "awaiting_approval")
+    [again] = await wait_for_breaks(stack, [found["object_id"]], "awaiting_approval")
     assert (again["id"], again["reopened"]) == (found["id"], found["reopened"] + 1)
 
 
