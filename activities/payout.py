@@ -16,7 +16,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.refund import configuration_refused, current_step_key, past_start_to_close
 from adapters.db import Store
-from adapters.db.payouts import ApprovalRevoked, HoldReleased
+from adapters.db.payouts import FAILURES_TAKEN, ApprovalRevoked, HoldReleased
 from adapters.providers.base import (
     PayoutExecutor,
     PayoutReader,
@@ -53,6 +53,7 @@ from domain.payouts import (
     TicketResult,
     TriageInput,
     TriageReceipt,
+    latest_at,
     not_the_reissue,
     paid_since,
     payout_case_id,
@@ -128,7 +129,8 @@ class PayoutActivities:
         payout = inp.payout
         provider = self._providers.get(payout.provider)
         if not isinstance(provider, PayoutReader):
-            if paid_since(await self._audit.trail(inp.case_id), await self._book.failed_last_at(inp.case_id)):
+            trail = await self._audit.trail(inp.case_id)
+            if paid_since(trail, latest_at(trail, FAILURES_TAKEN)):
                 # its signed report of the payout paid after the failure (the relay's record):
                 # the one reading there is, and the money left after all
                 return PayoutAtProvider(status=ProviderPayoutStatus.PAID)

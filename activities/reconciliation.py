@@ -267,12 +267,6 @@ class ReconciliationActivities:
             raise
         return True
 
-    async def _paid_since(self, found: BreakRow) -> bool:
-        """Whether the case's chain holds a signed report of the payout paid at or after the
-        failure this break was raised for (`paid_since`: one older, paid then returned, the
-        return raising the break, says nothing of the money now; one without its time counts)."""
-        return paid_since(await self._audit.trail(found.chain), found.object_created_at)
-
     async def _at_provider(self, found: BreakRow) -> str | None:
         """The break's refund or payout status at the provider now (`not_found` when it
         holds none); None for a provider that cannot read one. A failed read is retried
@@ -286,7 +280,9 @@ class ReconciliationActivities:
         try:
             if found.object_kind == "payout":
                 if not isinstance(provider, PayoutReader):
-                    return ProviderPayoutStatus.PAID.value if await self._paid_since(found) else None
+                    # paid at or after the failure this break was raised for (`paid_since`)
+                    paid = paid_since(await self._audit.trail(found.chain), found.object_created_at)
+                    return ProviderPayoutStatus.PAID.value if paid else None
                 current = await provider.get_payout(found.object_id)
             else:
                 if not isinstance(provider, RefundLister):

@@ -260,6 +260,13 @@ def paid_since(trail: list[dict[str, Any]], since: datetime | None) -> bool:
         or datetime.fromisoformat(e["detail"]["occurred_at"]) >= floor) for e in trail)
 
 
+def latest_at(trail: list[dict[str, Any]], actions: tuple[str, ...]) -> datetime | None:
+    """When, by the provider's clock (`occurred_at`), the latest of a trail's `actions`
+    happened; None when none recorded it."""
+    return max((datetime.fromisoformat(e["detail"]["occurred_at"]) for e in trail
+                if e["action"] in actions and e["detail"].get("occurred_at")), default=None)
+
+
 WITHOUT_OPEN_CASE = "payout_event_without_open_case"
 """An event no open case took, kept on the case's chain (a paid one with its status and
 time: the failure that opens the case later reads it)."""

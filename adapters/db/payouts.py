@@ -114,6 +114,10 @@ ADMISSION_ACTIONS = {
 }
 
 
+FAILURES_TAKEN = (ADMISSION_ACTIONS[Admission.OPEN], ADMISSION_ACTIONS[Admission.JOIN])
+"""A case's rows of a failure or return it took (its opening, a joined event)."""
+
+
 class PayoutRepository(Repository):
     """Payouts, payout cases and beneficiary holds, fenced by the case row's lock."""
 
@@ -509,15 +513,6 @@ class PayoutRepository(Repository):
             "SELECT detail->>'occurred_at' AS at FROM audit_events WHERE chain = %s"
             " AND action = %s ORDER BY seq LIMIT 1", (case_id, ADMISSION_ACTIONS[Admission.OPEN]))
         return datetime.fromisoformat(row["at"]) if row is not None and row["at"] else None
-
-    async def failed_last_at(self, case_id: str) -> datetime | None:
-        """When, by the provider's clock, the latest failure or return the case took happened
-        (its opening's or a joined event's `occurred_at`; None when none recorded it)."""
-        row = await self._db.fetch_one(
-            "SELECT max((detail->>'occurred_at')::timestamptz) AS at FROM audit_events WHERE chain = %s"
-            " AND action = ANY(%s)",
-            (case_id, [ADMISSION_ACTIONS[Admission.OPEN], ADMISSION_ACTIONS[Admission.JOIN]]))
-        return row["at"] if row is not None else None
 
     async def reissue_requester(self, case_id: str) -> str | None:
         """Who asked for the case's reissue (its latest `reissue_requested`), if anyone."""
